@@ -1,0 +1,24 @@
+"""lomar: efficient self-supervised ViT pretraining by local masked reconstruction."""
+
+__version__ = "0.1.0"
+
+from .checkpoint import load_original, lomar_from_original, lomar_to_original, safe_load
+from .masking import MaskingPlan, sample_plan
+from .methods import MAE, LoMaR
+from .vit import ViTConfig, VisionTransformer, list_models, model_config
+
+__all__ = [
+    "__version__",
+    "LoMaR",
+    "MAE",
+    "MaskingPlan",
+    "ViTConfig",
+    "VisionTransformer",
+    "list_models",
+    "load_original",
+    "lomar_from_original",
+    "lomar_to_original",
+    "model_config",
+    "safe_load",
+    "sample_plan",
+]

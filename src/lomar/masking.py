@@ -1,0 +1,175 @@
+"""Window sampling and in-window masking: the *masking plan*.
+
+A plan says, for every image of a batch, which K×K windows of patches are cut out
+(their top-left patch coordinates) and which tokens inside each window are replaced
+by the mask token. It is a plain value: sample one with :func:`sample_plan`, or build
+one by hand and give it to the model, so any masking can be reproduced exactly.
+
+Windows are drawn independently per image (the paper's description; the original code
+shares one draw across the batch, see SPEC §6.1). Everything random comes from one
+``torch.Generator``: the same seed gives the same plan.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "MaskingPlan",
+    "grid_size",
+    "num_masked",
+    "window_positions",
+    "check_window_request",
+    "sample_plan",
+    "window_token_index",
+]
+
+
+def grid_size(img_size: int | tuple[int, int], patch_size: int) -> tuple[int, int]:
+    """Patch grid (Hg, Wg) of an image; raises if the image does not tile into patches."""
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    if patch_size <= 0:
+        raise ValueError(f"patch size must be positive, got {patch_size}")
+    if h % patch_size or w % patch_size:
+        raise ValueError(
+            f"image size {h}x{w} is not divisible by the patch size {patch_size}; "
+            f"use a multiple of {patch_size} (e.g. {max(1, h // patch_size) * patch_size})"
+        )
+    return h // patch_size, w // patch_size
+
+
+def num_masked(window_size: int, mask_ratio: float) -> int:
+    """Masked tokens per window, floor(K·K·ratio); raises unless 0 < M < K·K."""
+    if window_size <= 0:
+        raise ValueError(f"window size must be positive, got {window_size}")
+    tokens = window_size * window_size
+    masked = int(math.floor(tokens * mask_ratio + 1e-9))
+    if not 0 < masked < tokens:
+        raise ValueError(
+            f"mask ratio {mask_ratio} masks {masked} of the {tokens} tokens of a "
+            f"{window_size}x{window_size} window; choose a ratio in "
+            f"[{1 / tokens:.3f}, {(tokens - 1) / tokens:.3f}] so that some but not all are masked"
+        )
+    return masked
+
+
+def window_positions(grid: tuple[int, int], window_size: int) -> tuple[int, int]:
+    """Number of valid top-left rows and columns for a K×K window on the grid."""
+    hg, wg = grid
+    if window_size > hg or window_size > wg:
+        raise ValueError(
+            f"a {window_size}x{window_size} window does not fit the {hg}x{wg} patch grid; "
+            f"use --window-size <= {min(hg, wg)} or a larger image"
+        )
+    return hg - window_size + 1, wg - window_size + 1
+
+
+def check_window_request(grid: tuple[int, int], window_size: int, num_windows: int,
+                         mask_ratio: float) -> int:
+    """Validate a sampling request; returns the number of masked tokens per window."""
+    rows, cols = window_positions(grid, window_size)
+    if num_windows <= 0:
+        raise ValueError(f"number of windows must be positive, got {num_windows}")
+    if num_windows > rows * cols:
+        raise ValueError(
+            f"{num_windows} distinct {window_size}x{window_size} windows requested but the "
+            f"{grid[0]}x{grid[1]} patch grid has only {rows * cols} window positions; "
+            f"use --windows <= {rows * cols} or a larger image"
+        )
+    return num_masked(window_size, mask_ratio)
+
+
+@dataclass(frozen=True)
+class MaskingPlan:
+    """Which windows each image contributes and which of their tokens are masked.
+
+    Attributes:
+        top_left: (N, n, 2) int64, (row, col) of each window's top-left patch.
+        mask: (N, n, K·K) bool, True where the token is replaced by the mask token;
+            tokens in raster order inside the window.
+        window_size: K.
+    """
+
+    top_left: torch.Tensor
+    mask: torch.Tensor
+    window_size: int
+
+    @property
+    def num_images(self) -> int:
+        return self.top_left.shape[0]
+
+    @property
+    def num_windows(self) -> int:
+        return self.top_left.shape[1]
+
+    def to(self, device: torch.device | str) -> "MaskingPlan":
+        return MaskingPlan(self.top_left.to(device), self.mask.to(device), self.window_size)
+
+    def validate(self, grid: tuple[int, int]) -> None:
+        """Raise ValueError unless the plan is well formed for this patch grid."""
+        k = self.window_size
+        n_img, n_win = self.top_left.shape[:2]
+        if self.top_left.shape != (n_img, n_win, 2):
+            raise ValueError(f"plan.top_left must have shape (N, n, 2), got {tuple(self.top_left.shape)}")
+        if self.mask.shape != (n_img, n_win, k * k):
+            raise ValueError(
+                f"plan.mask must have shape (N, n, {k * k}) = {(n_img, n_win, k * k)}, "
+                f"got {tuple(self.mask.shape)}"
+            )
+        rows, cols = window_positions(grid, k)
+        tl = self.top_left
+        if bool((tl < 0).any()) or bool((tl[..., 0] >= rows).any()) or bool((tl[..., 1] >= cols).any()):
+            raise ValueError(
+                f"plan has windows outside the {grid[0]}x{grid[1]} grid: top-left rows must be in "
+                f"[0, {rows - 1}] and columns in [0, {cols - 1}] for {k}x{k} windows"
+            )
+
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One row per (image, window): image index (R,), top-left (R, 2), mask (R, K·K)."""
+        n_img, n_win = self.top_left.shape[:2]
+        image = torch.arange(n_img, device=self.top_left.device).repeat_interleave(n_win)
+        return image, self.top_left.reshape(-1, 2), self.mask.reshape(n_img * n_win, -1)
+
+
+def window_token_index(top_left: torch.Tensor, window_size: int, grid_width: int) -> torch.Tensor:
+    """Raster grid index of every window token: (..., 2) top-left -> (..., K·K)."""
+    offs = torch.arange(window_size, device=top_left.device)
+    rows = top_left[..., 0, None, None] + offs[:, None]  # (..., K, 1)
+    cols = top_left[..., 1, None, None] + offs[None, :]  # (..., 1, K)
+    return (rows * grid_width + cols).flatten(-2)
+
+
+def sample_plan(
+    num_images: int,
+    grid: tuple[int, int],
+    window_size: int = 7,
+    num_windows: int = 4,
+    mask_ratio: float = 0.8,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> MaskingPlan:
+    """Sample n distinct windows per image (uniform over positions) and M masked tokens each.
+
+    The draw happens on the generator's device (CPU when none is given) and the plan is
+    then moved to ``device``.
+    """
+    if num_images <= 0:
+        raise ValueError(f"number of images must be positive, got {num_images}")
+    masked = check_window_request(grid, window_size, num_windows, mask_ratio)
+    rows, cols = window_positions(grid, window_size)
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    # n distinct positions per image: the n smallest of i.i.d. uniform keys.
+    keys = torch.rand(num_images, rows * cols, generator=generator, device=gen_device)
+    pos = keys.topk(num_windows, dim=1, largest=False).indices  # (N, n)
+    top_left = torch.stack((pos // cols, pos % cols), dim=-1)
+    # Exactly M masked tokens per window: the M smallest of K·K uniform keys.
+    tokens = window_size * window_size
+    keys = torch.rand(num_images, num_windows, tokens, generator=generator, device=gen_device)
+    chosen = keys.topk(masked, dim=-1, largest=False).indices
+    mask = torch.zeros(num_images, num_windows, tokens, dtype=torch.bool, device=gen_device)
+    mask.scatter_(-1, chosen, True)
+    plan = MaskingPlan(top_left, mask, window_size)
+    return plan.to(device) if device is not None else plan
