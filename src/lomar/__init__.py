@@ -2,13 +2,17 @@
 
 __version__ = "0.1.0"
 
-from .checkpoint import load_original, lomar_from_original, lomar_to_original, safe_load
+from .checkpoint import atomic_save, load_original, lomar_from_original, lomar_to_original, safe_load
+from .export import create_encoder, export_encoder
 from .masking import MaskingPlan, sample_plan
 from .methods import MAE, LoMaR
 from .vit import ViTConfig, VisionTransformer, list_models, model_config
 
 __all__ = [
     "__version__",
+    "atomic_save",
+    "create_encoder",
+    "export_encoder",
     "LoMaR",
     "MAE",
     "MaskingPlan",

@@ -8,6 +8,7 @@ saved with ``torch.save``. They are read with ``weights_only=True`` and only
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -19,11 +20,31 @@ from .methods import MAE, LoMaR
 from .masking import grid_size, window_positions
 from .vit import MODEL_SIZES, ViTConfig, VisionTransformer
 
-__all__ = ["safe_load", "lomar_to_original", "lomar_from_original", "load_original", "infer_original_config"]
+__all__ = ["atomic_save", "safe_load", "lomar_to_original", "lomar_from_original", "load_original", "infer_original_config"]
 
 _RPE_ORIGINAL = re.compile(r"^blocks\.(\d+)\.attn\.rpe_k\.lookup_table_weight$")
 _RPE_OURS = re.compile(r"^encoder\.blocks\.(\d+)\.attn\.rpe\.table$")
 _ENCODER_KEYS = ("patch_embed.", "cls_token", "blocks.", "norm.", "pos_embed")
+
+
+def atomic_save(obj, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over it.
+
+    A crash at any moment leaves either the old file or the new one, never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
 
 
 def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
