@@ -1,0 +1,28 @@
+# Set-up and the two everyday commands. `make demo` and `make test` install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lomar-installed
+
+.PHONY: install demo test bench digits
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned to the build this project is tested with (on x86_64 it comes from local disk here).
+	$(BIN)/python -m pip install torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lomar pretrain
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/lomar bench --model vit_base_patch16 --batch-size 4 --sizes 224 448 --json benchmarks/cpu-vitb16.json --plot benchmarks/cpu-vitb16.png
+
+digits: $(STAMP)
+	$(BIN)/python benchmarks/digits.py
