@@ -1,0 +1,163 @@
+"""Data: discovery, robust decoding of odd files, reproducible augmentation, collation."""
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from lomar.data import (BadDataTracker, PretrainTransform, build_image_list, build_pretrain_dataset,
+                        collate_pretrain, demo_image_paths, denormalize, load_image)
+
+
+def _save(img: Image.Image, path, **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, **kw)
+    return path
+
+
+def _rgb(size=(40, 30), seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def odd_folder(tmp_path):
+    root = tmp_path / "imgs"
+    _save(_rgb(), root / "a" / "rgb.jpg")
+    _save(_rgb().convert("L"), root / "gray.png")
+    _save(_rgb().convert("RGBA"), root / "b" / "rgba.png")
+    _save(_rgb().convert("CMYK"), root / "cmyk.jpg")
+    _save(Image.fromarray((np.arange(30 * 40).reshape(30, 40) * 50).astype(np.uint16)), root / "deep16.png")
+    _save(_rgb().convert("P"), root / "palette.png")
+    _save(_rgb((5, 4)), root / "tiny.png")
+    (root / "zero.jpg").write_bytes(b"")
+    (root / "garbage.png").write_bytes(b"this is not an image at all")
+    full = io.BytesIO()
+    _rgb((200, 200)).save(full, format="PNG")
+    (root / "truncated.png").write_bytes(full.getvalue()[:300])
+    (root / "notes.txt").write_text("ignored: not an image extension")
+    return root
+
+
+GOOD = {"rgb.jpg", "gray.png", "rgba.png", "cmyk.jpg", "deep16.png", "palette.png", "tiny.png"}
+BAD = {"zero.jpg", "garbage.png", "truncated.png"}
+
+
+def test_folder_discovery_is_recursive_and_sorted(odd_folder):
+    paths = build_image_list(odd_folder)
+    assert {p.name for p in paths} == GOOD | BAD
+    assert paths == sorted(paths)
+
+
+def test_odd_images_convert_and_bad_ones_raise(odd_folder):
+    for name in GOOD:
+        image = load_image(next(odd_folder.rglob(name)))
+        assert image.dtype == torch.uint8 and image.shape[0] == 3, name
+    assert load_image(odd_folder / "deep16.png").max() > 100  # scaled, not clipped to 0/255 garbage
+    for name in BAD:
+        with pytest.raises(ValueError, match=name):
+            load_image(odd_folder / name)
+
+
+def test_dataset_skips_bad_files_and_collates(odd_folder):
+    ds = build_pretrain_dataset(str(odd_folder), 32, seed=0)
+    items = [ds[(i, 0)] for i in range(len(ds))]
+    bad = {item["path"].split("/")[-1] for item in items if item["image"] is None}
+    assert bad == BAD
+    batch = collate_pretrain(items)
+    assert batch["images"].shape == (len(GOOD), 3, 32, 32) and batch["images"].dtype == torch.float32
+    assert {p.split("/")[-1] for p in batch["bad"]} == BAD
+    empty = collate_pretrain([items[i] for i, it in enumerate(items) if it["image"] is None])
+    assert empty["images"].numel() == 0
+
+
+def test_text_list_and_errors(tmp_path, odd_folder):
+    listing = tmp_path / "list.txt"
+    listing.write_text("# my images\nimgs/a/rgb.jpg\n\n" + str(odd_folder / "gray.png") + "\n")
+    assert [p.name for p in build_image_list(listing)] == ["rgb.jpg", "gray.png"]
+    with pytest.raises(ValueError, match="does not exist"):
+        build_pretrain_dataset(str(tmp_path / "missing"), 32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images found"):
+        build_pretrain_dataset(str(tmp_path / "empty"), 32)
+    with pytest.raises(ValueError, match="no tar shards"):
+        build_pretrain_dataset(str(tmp_path / "shard-{000..002}.tar"), 32)
+
+
+def test_augmentation_is_pure_function_of_seed_epoch_index(odd_folder):
+    ds = build_pretrain_dataset(str(odd_folder), 32, seed=3)
+    a, b = ds[(0, 1)]["image"], ds[(0, 1)]["image"]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, ds[(0, 2)]["image"])
+    other_seed = build_pretrain_dataset(str(odd_folder), 32, seed=4)
+    assert not torch.equal(a, other_seed[(0, 1)]["image"])
+
+
+def test_crop_box_stays_inside_and_matches_scale():
+    transform = PretrainTransform(64)
+    gen = torch.Generator().manual_seed(0)
+    areas = []
+    for _ in range(300):
+        top, left, h, w = transform.crop_box(100, 150, gen)
+        assert 0 <= top and top + h <= 100 and 0 <= left and left + w <= 150
+        areas.append(h * w / 15000)
+    assert 0.15 < min(areas) and max(areas) <= 1.0 and 0.45 < np.mean(areas) < 0.75
+
+
+def test_masker_output_is_collated(odd_folder):
+    masker = lambda gen: {"noise": torch.rand(4, generator=gen)}  # noqa: E731
+    ds = build_pretrain_dataset(str(odd_folder), 32, masker=masker)
+    batch = collate_pretrain([ds[(i, 0)] for i in range(3)])
+    assert batch["noise"].shape == (batch["images"].shape[0], 4)
+
+
+def test_tar_shards(tmp_path):
+    for s in range(2):
+        with tarfile.open(tmp_path / f"shard-{s:03d}.tar", "w") as tar:
+            for i in range(3):
+                buf = io.BytesIO()
+                _rgb(seed=s * 10 + i).save(buf, format="JPEG")
+                info = tarfile.TarInfo(f"{i:05d}.jpg")
+                info.size = len(buf.getvalue())
+                tar.addfile(info, io.BytesIO(buf.getvalue()))
+            bad = tarfile.TarInfo("99999.png")
+            bad.size = 3
+            tar.addfile(bad, io.BytesIO(b"bad"))
+    ds = build_pretrain_dataset(str(tmp_path / "shard-{000..001}.tar"), 32)
+    items = list(ds)
+    assert sum(it["image"] is not None for it in items) == 6 and sum(it["image"] is None for it in items) == 2
+    rank1 = build_pretrain_dataset(str(tmp_path / "shard-*.tar"), 32, rank=1, world_size=2)
+    assert {it["path"].split(":")[0] for it in rank1} == {str(tmp_path / "shard-001.tar")}
+
+
+def test_loader_with_workers(odd_folder):
+    ds = build_pretrain_dataset(str(odd_folder), 32)
+    keys = [(i, 0) for i in range(len(ds))]
+    loader = DataLoader(ds, batch_size=4, sampler=keys, num_workers=2, persistent_workers=True,
+                        collate_fn=collate_pretrain)
+    batches = list(loader)
+    assert sum(b["images"].shape[0] for b in batches if b["images"].numel()) == len(GOOD)
+    inline = collate_pretrain([ds[k] for k in keys[:4]])
+    assert torch.equal(batches[0]["images"], inline["images"])
+
+
+def test_bad_data_tracker():
+    tracker = BadDataTracker(min_seen=10)
+    tracker.update(["x.jpg"], 5)
+    tracker.check()  # too few seen to judge
+    tracker.update(["x.jpg", "y.jpg"], 10)
+    assert tracker.count == 2 and tracker.failures == 3
+    with pytest.raises(ValueError, match=r"3 of 15 images \(20%\) could not be read, e.g. x.jpg"):
+        tracker.check(0.1)
+
+
+def test_demo_images_and_denormalize():
+    paths = demo_image_paths()
+    assert len(paths) >= 8
+    sizes = [load_image(p).shape for p in paths]
+    assert max(max(s[1:]) for s in sizes) > 1000
+    x = torch.zeros(1, 3, 2, 2)
+    assert torch.allclose(denormalize(x)[0, :, 0, 0], torch.tensor([0.485, 0.456, 0.406]))
