@@ -11,6 +11,8 @@ from . import __version__
 
 # (name, module, one-line help). Modules are imported when the parser is built.
 SUBCOMMANDS: list[tuple[str, str, str]] = [
+    ("bench", "lomar.bench", "time LoMaR vs MAE training steps across image sizes on this machine"),
+    ("pretrain", "lomar.pretrain", "pretrain an encoder with LoMaR or MAE (no arguments: a demo on CPU)"),
 ]
 
 

@@ -1,0 +1,412 @@
+"""The pretraining loop: schedule, AMP, accumulation, logging, checkpoints, resume, DDP.
+
+A run is fully described by its config; the data order is a permutation seeded by
+(seed, epoch) and every sample's crop and masking by (seed, epoch, index), so a run
+resumed from a checkpoint (model, optimizer, scaler, step, epoch, batches consumed)
+continues exactly as if it had never stopped, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, IterableDataset, Sampler
+
+from .checkpoint import atomic_save, safe_load
+from .config import PretrainConfig, build_model, dump_config
+from .data import BadDataTracker, build_pretrain_dataset, collate_pretrain
+from .distributed import DistInfo, cleanup_distributed, init_distributed
+from .export import export_encoder
+from .masking import grid_size, sample_plan
+
+__all__ = ["EpochSampler", "lr_at", "param_groups", "train", "TrainingError"]
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, too many unreadable images)."""
+
+
+class EpochSampler(Sampler):
+    """Yields ``(index, epoch)`` keys: a (seed, epoch) permutation, this rank's share of it.
+
+    Rank r takes positions r, r+W, r+2W, ... so that batch b of every rank together holds
+    exactly the items of batch b of a single process with a W times larger batch.
+    """
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.size, self.seed, self.rank, self.world = size, seed, rank, world_size
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """``skip``: items of this rank's share already consumed (resume mid-epoch)."""
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self) -> int:
+        return self.size // self.world - self.skip
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        mine = order[self.rank:self.size - self.size % self.world:self.world]
+        for index in mine[self.skip:].tolist():
+            yield index, self.epoch
+
+
+def lr_at(step: float, steps_per_epoch: int, config: PretrainConfig, base_lr: float) -> float:
+    """Per-iteration linear warm-up, then half-cycle cosine to min_lr."""
+    epoch = step / steps_per_epoch
+    if epoch < config.warmup_epochs:
+        return base_lr * epoch / config.warmup_epochs
+    span = max(config.epochs - config.warmup_epochs, 1e-12)
+    progress = min(1.0, (epoch - config.warmup_epochs) / span)
+    return config.min_lr + (base_lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The original decay rule: no decay for biases and 1-D parameters, decay for the rest
+    (so the 3-D cls/mask tokens and RPE tables are decayed, SPEC §4)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim == 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def _lomar_masker(gen: torch.Generator, grid, window_size, windows, mask_ratio) -> dict:
+    plan = sample_plan(1, grid, window_size, windows, mask_ratio, generator=gen)
+    return {"top_left": plan.top_left[0], "mask": plan.mask[0]}
+
+
+def _mae_masker(gen: torch.Generator, length: int) -> dict:
+    return {"noise": torch.rand(length, generator=gen)}
+
+
+def make_masker(config: PretrainConfig, patch_size: int):
+    """Per-sample masking drawn in the data workers, seeded with the sample's augmentation."""
+    grid = grid_size(config.img_size, patch_size)
+    if config.method == "lomar":
+        return functools.partial(_lomar_masker, grid=grid, window_size=config.window_size,
+                                 windows=config.windows, mask_ratio=config.mask_ratio)
+    return functools.partial(_mae_masker, length=grid[0] * grid[1])
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_pos": int(np_state[2]), "python": list(py_state[1]), "python_version": py_state[0]}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((state["python_version"], tuple(state["python"]), None))
+
+
+class _StopFlag:
+    """Set by SIGTERM / SIGUSR1: finish the step, checkpoint, exit 0."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+
+class Trainer:
+    def __init__(self, config: PretrainConfig, info: DistInfo, device: torch.device):
+        self.config, self.info, self.device = config, info, device
+        self.out = Path(config.out)
+        torch.manual_seed(config.seed)
+        self.model = build_model(config).to(device)
+        self.patch = self.model.config.patch_size
+        self.precision = config.precision
+        if self.precision == "auto":
+            self.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        self.dataset = build_pretrain_dataset(config.data, config.img_size, config.seed,
+                                              masker=make_masker(config, self.patch),
+                                              rank=info.rank, world_size=info.world_size)
+        self.iterable = isinstance(self.dataset, IterableDataset)
+        size = self._dataset_size()
+        per_rank = size // info.world_size
+        self.steps_per_epoch = per_rank // config.batch_size // config.accum_steps
+        if self.steps_per_epoch == 0:
+            raise TrainingError(f"{size} images cannot fill one step of batch {config.batch_size} x accum "
+                                f"{config.accum_steps} x {info.world_size} process(es); lower --batch-size")
+        self.sampler = None if self.iterable else EpochSampler(size, config.seed, info.rank, info.world_size)
+        self.loader = DataLoader(self.dataset, batch_size=config.batch_size, sampler=self.sampler,
+                                 num_workers=config.workers, collate_fn=collate_pretrain, drop_last=True,
+                                 pin_memory=device.type == "cuda", persistent_workers=config.workers > 0)
+        effective = config.batch_size * config.accum_steps * info.world_size
+        self.base_lr = config.lr if config.lr is not None else config.blr * effective / 256
+        fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, config.weight_decay), lr=self.base_lr,
+                                           betas=(0.9, 0.95), **fused)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.net = self.model
+        if config.compile:
+            self.net = torch.compile(self.net)
+        if info.enabled:
+            self.net = DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None)
+        self.step, self.epoch, self.batches_done = 0, 0, 0
+        self.tracker = BadDataTracker()
+        self.stop = _StopFlag()
+
+    def _dataset_size(self) -> int:
+        if not self.iterable:
+            return len(self.dataset)
+        import tarfile
+
+        count = 0
+        for shard in self.dataset.shards:  # headers only; WebDataset shards are small tars
+            with tarfile.open(shard) as archive:
+                count += sum(1 for m in archive if m.isfile())
+        return count
+
+    # ---- checkpoints -------------------------------------------------------------
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
+                "batches_done": self.batches_done, "config": self.config.to_dict(), "rng": _rng_state(),
+                "format": "lomar-pretrain-1"}
+
+    def load(self, path: Path) -> None:
+        ckpt = safe_load(path, map_location=self.device)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.step, self.epoch, self.batches_done = ckpt["step"], ckpt["epoch"], ckpt["batches_done"]
+        _set_rng_state(ckpt["rng"])
+        if self.batches_done >= self.steps_per_epoch * self.config.accum_steps:
+            self.epoch, self.batches_done = self.epoch + 1, 0
+
+    def save(self, figure: bool = True) -> Path | None:
+        if not self.info.is_main:
+            return None
+        state = self.state()
+        path = atomic_save(state, self.out / f"checkpoint-{self.step:06d}.pt")
+        atomic_save(state, self.out / "last.pt")
+        for old in sorted(self.out.glob("checkpoint-*.pt"))[:-self.config.keep_last]:
+            old.unlink()
+        if figure:
+            self.figure()
+        return path
+
+    def figure(self) -> None:
+        from .figures import reconstruction_figure
+
+        try:
+            images = self.fixed_images()
+            reconstruction_figure(self.model, images, self.out / "reconstruction.png", seed=self.config.seed,
+                                  title=f"{self.config.method} step {self.step}")
+        except Exception as exc:  # a figure must never kill a run
+            print(f"lomar: could not draw the reconstruction figure: {exc}", file=sys.stderr)
+
+    def fixed_images(self) -> torch.Tensor:
+        items = []
+        source = iter(self.dataset) if self.iterable else (self.dataset[(i, 0)] for i in range(len(self.dataset)))
+        for item in source:
+            if item["image"] is not None:
+                items.append(item["image"])
+            if len(items) == self.config.figure_images:
+                break
+        return torch.stack(items).to(self.device)
+
+    # ---- training ---------------------------------------------------------------
+    def forward(self, batch: dict) -> torch.Tensor:
+        images = batch["images"].to(self.device, non_blocking=True)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        with autocast:
+            if self.config.method == "lomar":
+                from .masking import MaskingPlan
+
+                plan = MaskingPlan(batch["top_left"].to(self.device), batch["mask"].to(self.device),
+                                   self.config.window_size)
+                return self.net(images, plan=plan).loss
+            return self.net(images, noise=batch["noise"].to(self.device)).loss
+
+    def run(self) -> int:
+        cfg = self.config
+        total = cfg.epochs * self.steps_per_epoch
+        last_step = min(total, cfg.max_steps) if cfg.max_steps else total
+        log = _Logger(self.out, self.info.is_main, last_step, cfg)
+        if self.step >= last_step:
+            log.close()
+            print(f"lomar: nothing to do, the run is at step {self.step} of {last_step}")
+            return 0
+        self.stop.install()
+        accum, bs = cfg.accum_steps, cfg.batch_size
+        while self.epoch < cfg.epochs:
+            if self.sampler is not None:
+                self.sampler.set_epoch(self.epoch, skip=self.batches_done * bs)
+            else:
+                self.dataset.set_epoch(self.epoch)
+            losses, micro = [], 0
+            tick, seen = time.perf_counter(), 0
+            # Stop at whole optimizer steps: a tail that cannot fill `accum` batches is left out.
+            limit = self.steps_per_epoch * accum - self.batches_done
+            for batch in self.loader:
+                if micro == limit:
+                    break
+                n = batch["images"].shape[0] if batch["images"].numel() else 0
+                self.tracker.update(batch["bad"], n + len(batch["bad"]))
+                try:
+                    self.tracker.check()
+                except ValueError as exc:
+                    raise TrainingError(str(exc)) from None
+                micro += 1
+                if n:
+                    sync = micro % accum == 0 or not self.info.enabled
+                    with contextlib.nullcontext() if sync else self.net.no_sync():
+                        loss = self.forward(batch)
+                        self.scaler.scale(loss / accum).backward()
+                    losses.append(loss.detach())
+                    seen += n
+                if micro % accum:
+                    continue
+                self.batches_done += accum
+                lr = lr_at(self.step, self.steps_per_epoch, cfg, self.base_lr)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                if cfg.clip_grad:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                mean_loss = torch.stack(losses).float().mean() if losses else torch.tensor(float("nan"))
+                if self.info.enabled:
+                    mean_loss = mean_loss.to(self.device)
+                    dist.all_reduce(mean_loss)  # gloo has no AVG
+                    mean_loss /= self.info.world_size
+                value = float(mean_loss)
+                if not math.isfinite(value):
+                    raise TrainingError(
+                        f"loss is {value} at step {self.step} (epoch {self.epoch}); the last good checkpoint "
+                        f"is {self.out / 'last.pt'}; lower --blr/--lr, set --clip-grad or use --precision fp32")
+                elapsed = time.perf_counter() - tick
+                log.step(self.step, self.epoch, value, lr, seen * self.info.world_size / max(elapsed, 1e-9))
+                tick, seen, losses = time.perf_counter(), 0, []
+                if self._should_stop(last_step):
+                    return self._finish(log, preempted=self.step < last_step)
+            self.epoch, self.batches_done = self.epoch + 1, 0
+            if self.epoch % cfg.save_every == 0 and self.epoch < cfg.epochs:
+                self.save()
+        return self._finish(log, preempted=False)
+
+    def _should_stop(self, last_step: int) -> bool:
+        flag = torch.tensor(float(self.stop.signal is not None), device=self.device)
+        if self.info.enabled:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag) or self.step >= last_step
+
+    def _finish(self, log: "_Logger", preempted: bool) -> int:
+        path = self.save()
+        log.close()
+        if self.info.is_main:
+            if preempted:
+                print(f"lomar: stopped by signal at step {self.step}; checkpoint {path}. Resume with: "
+                      f"lomar pretrain --out {self.out} --resume auto")
+            else:
+                export_encoder(self.model.encoder, self.out, weights_name="encoder.safetensors",
+                               metadata={"method": self.config.method, "step": self.step})
+                print(f"lomar: done at step {self.step}; checkpoint {path}, encoder "
+                      f"{self.out / 'encoder.safetensors'}, figure {self.out / 'reconstruction.png'}")
+            print(f"lomar: {self.tracker.count} unreadable image(s) skipped"
+                  + (f", e.g. {next(iter(self.tracker.bad))}" if self.tracker.count else ""))
+        return 0
+
+
+class _Logger:
+    """metrics.jsonl + TensorBoard + a progress bar (or plain lines when not on a terminal)."""
+
+    def __init__(self, out: Path, active: bool, total: int, config: PretrainConfig):
+        self.active, self.every, self.total = active, config.log_every, total
+        self.bar = self.writer = self.file = None
+        if not active:
+            return
+        self.file = open(out / "metrics.jsonl", "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out / "tb"))
+        except ImportError:  # tensorboard is a dependency, but a run must not die for a log
+            self.writer = None
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="pretrain", dynamic_ncols=True)
+
+    def step(self, step: int, epoch: int, loss: float, lr: float, ips: float) -> None:
+        if not self.active:
+            return
+        record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "img_s": round(ips, 2)}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key in ("loss", "lr", "img_s"):
+                self.writer.add_scalar(f"train/{key}", record[key], step)
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
+        elif step % self.every == 0 or step == self.total:
+            print(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.2e} "
+                  f"img/s {ips:.1f}", flush=True)
+
+    def close(self) -> None:
+        for thing in (self.bar, self.writer, self.file):
+            if thing is not None:
+                thing.close()
+
+
+def _truncate_metrics(out: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (a crash between the two)."""
+    path = out / "metrics.jsonl"
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in lines))
+        tmp.replace(path)
+
+
+def train(config: PretrainConfig) -> int:
+    """Run (or resume) a pretraining; returns the process exit code."""
+    info, device = init_distributed(config.device)
+    try:
+        out = Path(config.out)
+        trainer = Trainer(config, info, device)
+        resume = out / "last.pt" if config.resume == "auto" else Path(config.resume) if config.resume else None
+        if resume is not None and resume.exists():
+            trainer.load(resume)
+            if info.is_main:
+                _truncate_metrics(out, trainer.step)
+                print(f"lomar: resumed from {resume} at step {trainer.step}")
+        elif info.is_main:
+            if config.overwrite:
+                for stale in ("last.pt", "metrics.jsonl", "config.yaml"):
+                    (out / stale).unlink(missing_ok=True)
+                for stale in out.glob("checkpoint-*.pt"):
+                    stale.unlink()
+            out.mkdir(parents=True, exist_ok=True)
+        if info.is_main:
+            (out / "config.yaml").write_text(dump_config(config))
+        return trainer.run()
+    finally:
+        cleanup_distributed()
