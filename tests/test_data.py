@@ -33,6 +33,7 @@ def odd_folder(tmp_path):
     _save(Image.fromarray((np.arange(30 * 40).reshape(30, 40) * 50).astype(np.uint16)), root / "deep16.png")
     _save(_rgb().convert("P"), root / "palette.png")
     _save(_rgb((5, 4)), root / "tiny.png")
+    _save(_rgb().convert("P"), root / "anim.GIF", save_all=True, append_images=[_rgb(seed=1).convert("P")])
     (root / "zero.jpg").write_bytes(b"")
     (root / "garbage.png").write_bytes(b"this is not an image at all")
     full = io.BytesIO()
@@ -42,7 +43,7 @@ def odd_folder(tmp_path):
     return root
 
 
-GOOD = {"rgb.jpg", "gray.png", "rgba.png", "cmyk.jpg", "deep16.png", "palette.png", "tiny.png"}
+GOOD = {"rgb.jpg", "gray.png", "rgba.png", "cmyk.jpg", "deep16.png", "palette.png", "tiny.png", "anim.GIF"}
 BAD = {"zero.jpg", "garbage.png", "truncated.png"}
 
 
@@ -60,6 +61,19 @@ def test_odd_images_convert_and_bad_ones_raise(odd_folder):
     for name in BAD:
         with pytest.raises(ValueError, match=name):
             load_image(odd_folder / name)
+
+
+def test_truncated_jpeg_decodes_partially_or_is_skipped(tmp_path):
+    full = io.BytesIO()
+    _rgb((64, 64)).save(full, format="JPEG")
+    _save(_rgb(), tmp_path / "ok.jpg")
+    (tmp_path / "cut.jpg").write_bytes(full.getvalue()[: len(full.getvalue()) // 2])
+    try:
+        assert load_image(tmp_path / "cut.jpg").shape == (3, 64, 64)  # libjpeg pads the missing rows
+    except ValueError as exc:
+        assert "cut.jpg" in str(exc)
+    ds = build_pretrain_dataset(str(tmp_path), 16)
+    assert all(ds[(i, 0)]["image"] is None or ds[(i, 0)]["image"].shape == (3, 16, 16) for i in range(2))
 
 
 def test_dataset_skips_bad_files_and_collates(odd_folder):
@@ -129,8 +143,32 @@ def test_tar_shards(tmp_path):
     ds = build_pretrain_dataset(str(tmp_path / "shard-{000..001}.tar"), 32)
     items = list(ds)
     assert sum(it["image"] is not None for it in items) == 6 and sum(it["image"] is None for it in items) == 2
+    assert ds.count_samples() == 8
     rank1 = build_pretrain_dataset(str(tmp_path / "shard-*.tar"), 32, rank=1, world_size=2)
     assert {it["path"].split(":")[0] for it in rank1} == {str(tmp_path / "shard-001.tar")}
+    # Fewer shards (2) than readers (3 ranks): samples are dealt out, every rank gets some.
+    shares = [[it["path"] for it in build_pretrain_dataset(str(tmp_path / "shard-*.tar"), 32, rank=r,
+                                                           world_size=3)] for r in range(3)]
+    assert all(shares) and sorted(sum(shares, [])) == sorted(it["path"] for it in items)
+
+
+def test_tar_epoch_reaches_persistent_workers(tmp_path):
+    with tarfile.open(tmp_path / "one.tar", "w") as tar:
+        for i in range(4):
+            buf = io.BytesIO()
+            _rgb(seed=i).save(buf, format="PNG")
+            info = tarfile.TarInfo(f"{i}.png")
+            info.size = len(buf.getvalue())
+            tar.addfile(info, io.BytesIO(buf.getvalue()))
+    ds = build_pretrain_dataset(str(tmp_path / "one.tar"), 16)
+    loader = DataLoader(ds, batch_size=2, num_workers=2, persistent_workers=True, collate_fn=collate_pretrain)
+    epochs = []
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        batches = list(loader)
+        epochs.append({p: img for b in batches for p, img in zip(b["paths"], b["images"])})
+    assert len(epochs[0]) == len(epochs[1]) == 4  # 1 shard, 2 workers: each sample once
+    assert all(not torch.equal(epochs[0][p], epochs[1][p]) for p in epochs[0])
 
 
 def test_loader_with_workers(odd_folder):
@@ -157,7 +195,12 @@ def test_bad_data_tracker():
 def test_demo_images_and_denormalize():
     paths = demo_image_paths()
     assert len(paths) >= 8
-    sizes = [load_image(p).shape for p in paths]
-    assert max(max(s[1:]) for s in sizes) > 1000
+    sizes = []
+    for path in paths:
+        with Image.open(path) as img:  # reads the header only
+            sizes.append(img.size)
+    assert max(max(s) for s in sizes) > 1000
+    smallest = min(paths, key=lambda p: p.stat().st_size)
+    assert load_image(smallest).shape[0] == 3
     x = torch.zeros(1, 3, 2, 2)
     assert torch.allclose(denormalize(x)[0, :, 0, 0], torch.tensor([0.485, 0.456, 0.406]))

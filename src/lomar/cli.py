@@ -9,10 +9,17 @@ import sys
 
 from . import __version__
 
-# (name, module, one-line help). Modules are imported when the parser is built.
+# (name, "module" or "module:prefix", one-line help): the module provides add_arguments/run,
+# or <prefix>_add_arguments/<prefix>_run when one module serves several commands.
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("bench", "lomar.bench", "time LoMaR vs MAE training steps across image sizes on this machine"),
     ("pretrain", "lomar.pretrain", "pretrain an encoder with LoMaR or MAE (no arguments: a demo on CPU)"),
+    ("finetune", "lomar.finetune", "finetune a pretrained encoder for classification (original recipe)"),
+    ("linprobe", "lomar.probe:linprobe", "linear probe (BatchNorm + linear) on frozen features"),
+    ("knn", "lomar.probe:knn", "cosine k-NN accuracy of frozen features"),
+    ("export", "lomar.export_cli", "write a checkpoint's encoder as model.safetensors + config.json (timm-ready)"),
+    ("visualize", "lomar.visualize", "reconstruction and attention figures of a pretrained model"),
+    ("load-original", "lomar.convert", "convert an original LoMaR / MAE checkpoint into ours"),
 ]
 
 
@@ -27,11 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lomar {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module_name, help_text in SUBCOMMANDS:
+    for name, target, help_text in SUBCOMMANDS:
+        module_name, _, prefix = target.partition(":")
         module = importlib.import_module(module_name)
+        prefix = f"{prefix}_" if prefix else ""
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(sub_parser)
-        sub_parser.set_defaults(_run=module.run)
+        getattr(module, f"{prefix}add_arguments")(sub_parser)
+        sub_parser.set_defaults(_run=getattr(module, f"{prefix}run"))
     return parser
 
 

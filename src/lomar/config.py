@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -62,6 +63,7 @@ class PretrainConfig:
     compile: bool = False
     # running
     workers: int = 8
+    threads: int | None = None  # torch CPU threads per process; None = torch's default
     seed: int = 0
     device: str = "auto"
     save_every: int = 20  # epochs
@@ -78,7 +80,7 @@ class PretrainConfig:
 # A tiny model on small crops of the bundled photographs: finishes in a few minutes on 2 CPU cores.
 DEMO_PRESET: dict[str, Any] = dict(
     model="vit_small_patch8", embed_dim=128, depth=4, num_heads=4, img_size=96, windows=4,
-    batch_size=16, epochs=12, lr=1e-3, warmup_epochs=1, save_every=6, workers=2, log_every=5,
+    batch_size=16, epochs=4, lr=1e-3, warmup_epochs=1, save_every=2, workers=1, threads=1, log_every=5,
     device="cpu",
 )
 
@@ -90,7 +92,8 @@ _HELP = {
     "out": "output folder (default runs/<timestamp>)", "windows": "windows per image",
     "resume": "checkpoint path, or 'auto' for OUT/last.pt", "max_steps": "stop after N optimizer steps",
     "batch_size": "images per device per step", "blr": "base lr: lr = blr * effective batch / 256",
-    "save_every": "write a checkpoint every N epochs", "keep_last": "checkpoints to keep",
+    "save_every": "write a checkpoint every N epochs",
+    "threads": "CPU threads per process (1 is fastest for tiny models on a busy machine)", "keep_last": "checkpoints to keep",
 }
 
 
@@ -163,6 +166,8 @@ def validate(config: PretrainConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
     if config.max_steps is not None and config.max_steps <= 0:
         raise ConfigError(f"--max-steps must be positive, got {config.max_steps}")
+    if config.threads is not None and config.threads <= 0:
+        raise ConfigError(f"--threads must be positive, got {config.threads}")
     if config.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {config.workers}")
     for name, choices in _CHOICES.items():
@@ -187,7 +192,8 @@ def validate(config: PretrainConfig) -> None:
                           f"or a tar shard pattern, or omit --data for the demo")
     out = Path(config.out)
     holds_run = (out / "last.pt").exists() or (out / "config.yaml").exists()
-    if holds_run and not config.resume and not config.overwrite:
+    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 may already have started
+    if holds_run and is_main and not config.resume and not config.overwrite:
         raise ConfigError(f"--out {out} already holds a run; pass --resume auto to continue it, "
                           f"--overwrite to replace it, or another --out")
     if config.resume and config.resume != "auto" and not Path(config.resume).is_file():

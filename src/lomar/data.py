@@ -65,7 +65,11 @@ def demo_image_paths() -> list[Path]:
 
 
 def _is_shard_pattern(data: str) -> bool:
-    return data.endswith(".tar") and any(c in data for c in "*?[{")
+    return data.lower().endswith(".tar") and any(c in data for c in "*?[{")
+
+
+def _is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
 def _expand_braces(pattern: str) -> list[str]:
@@ -103,9 +107,12 @@ def build_image_list(data: str | Path) -> list[Path]:
         images = [Path(ln) if Path(ln).is_absolute() else path.parent / ln
                   for ln in lines if ln and not ln.startswith("#")]
     else:
-        images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        images = sorted(p for p in path.rglob("*") if _is_image_name(p.name) and p.is_file())
     if not images:
-        raise ValueError(f"no images found in {path}; supported extensions: {', '.join(IMAGE_EXTENSIONS)}")
+        shards = path.is_dir() and any(path.glob("*.tar"))
+        hint = (f"for tar shards pass a pattern such as {path / '*.tar'}" if shards
+                else f"supported extensions: {', '.join(IMAGE_EXTENSIONS)}")
+        raise ValueError(f"no images found in {path}; {hint}")
     return images
 
 
@@ -128,7 +135,9 @@ def decode_bytes(data: bytes, name: str = "<bytes>") -> torch.Tensor:
     if not data:
         raise ValueError(f"{name} is empty (0 bytes)")
     try:
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        with warnings.catch_warnings():  # pytest and `-W` reset the module-level filter above
+            warnings.simplefilter("ignore", DeprecationWarning)
+            image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         if image.dtype != torch.uint8:  # 16-bit PNG
             image = (image.to(torch.int32) >> 8).to(torch.uint8)
         if image.ndim == 4:  # animated GIF: first frame
@@ -242,47 +251,87 @@ class TarShardDataset(IterableDataset):
     """WebDataset-style tar shards, split across distributed ranks and loader workers.
 
     Samples are the image members of the shards, in shard order; each one's randomness is
-    seeded by (seed, epoch, shard, member). Resuming mid-epoch restarts the epoch: exact
-    resume is best effort for shard data.
+    seeded by (seed, epoch, shard member name). With at least as many shards as
+    ranks x workers, each reader takes whole shards; with fewer, every reader walks all the
+    shards and keeps every n-th sample, so that no rank ends up without data. Resuming
+    mid-epoch restarts the epoch: exact resume is best effort for shard data.
     """
 
     def __init__(self, shards: list[Path], transform: PretrainTransform, seed: int = 0,
-                 masker: Masker | None = None, rank: int = 0, world_size: int = 1):
+                 masker: Masker | None = None, rank: int | None = None, world_size: int | None = None):
         self.shards, self.transform, self.seed, self.masker = shards, transform, seed, masker
-        self.rank, self.world_size, self.epoch = rank, world_size, 0
+        self.rank, self.world_size = rank, world_size  # None: ask torch.distributed when iterating
+        # Shared memory, so that set_epoch in the main process reaches persistent workers,
+        # which otherwise keep the copy of the dataset they were started with.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
-    def __iter__(self) -> Iterator[dict]:
+    def count_samples(self) -> int:
+        """Image members in all shards (reads tar headers only)."""
+        count = 0
+        for shard in self.shards:
+            with tarfile.open(shard) as archive:
+                count += sum(1 for m in archive if m.isfile() and _is_image_name(m.name))
+        return count
+
+    def _slot(self) -> tuple[int, int]:
+        """(this reader's index, number of readers) over ranks x loader workers."""
+        rank, world = self.rank, self.world_size
+        if rank is None or world is None:
+            dist = torch.distributed
+            on = dist.is_available() and dist.is_initialized()
+            rank, world = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        mine = self.shards[self.rank * workers + worker::self.world_size * workers]
-        for shard_id, shard in enumerate(mine):
+        return rank * workers + worker, world * workers
+
+    def _members(self, shards: list[Path]) -> Iterator[tuple[str, bytes]]:
+        for shard in shards:
             try:
                 archive = tarfile.open(shard)
             except (OSError, tarfile.TarError) as exc:
                 log.warning("skipping unreadable shard %s: %s", shard, exc)
                 continue
             with archive:
-                for member_id, member in enumerate(archive):
-                    if not member.isfile() or Path(member.name).suffix.lower() not in IMAGE_EXTENSIONS:
-                        continue
-                    name = f"{shard}:{member.name}"
-                    handle = archive.extractfile(member)
-                    data = handle.read() if handle else b""
-                    gen = sample_generator(self.seed, self.epoch, zlib.crc32(name.encode()))
-                    yield _make_item(name, lambda: decode_bytes(data, name), self.transform, gen, self.masker)
+                try:
+                    for member in archive:
+                        if member.isfile() and _is_image_name(member.name):
+                            handle = archive.extractfile(member)
+                            yield f"{shard}:{member.name}", handle.read() if handle else b""
+                except (OSError, tarfile.TarError) as exc:  # a truncated shard: keep what was read
+                    log.warning("shard %s is damaged after some samples: %s", shard, exc)
+
+    def __iter__(self) -> Iterator[dict]:
+        slot, slots = self._slot()
+        epoch = self.epoch
+        if len(self.shards) >= slots:
+            members = self._members(self.shards[slot::slots])
+        else:
+            members = (m for i, m in enumerate(self._members(self.shards)) if i % slots == slot)
+        for name, data in members:
+            gen = sample_generator(self.seed, epoch, zlib.crc32(name.encode()))
+            yield _make_item(name, lambda: decode_bytes(data, name), self.transform, gen, self.masker)
 
 
 def build_pretrain_dataset(data: str | None, img_size: int, seed: int = 0,
                            scale: tuple[float, float] = (0.2, 1.0), masker: Masker | None = None,
-                           rank: int = 0, world_size: int = 1, demo_repeats: int = 8) -> Dataset:
-    """The pretraining dataset for ``--data`` (None: the built-in demo photographs)."""
+                           rank: int | None = None, world_size: int | None = None,
+                           demo_repeats: int = 8) -> Dataset:
+    """The pretraining dataset for ``--data`` (None: the built-in demo photographs).
+
+    ``rank``/``world_size`` split tar shards between processes (None: from torch.distributed);
+    map-style datasets are split by the engine's sampler instead.
+    """
     transform = PretrainTransform(img_size, scale)
     if data is None:
         return ImageListDataset(demo_image_paths(), transform, seed, masker, repeats=demo_repeats)
-    if _is_shard_pattern(str(data)) or (str(data).endswith(".tar") and Path(data).is_file()):
+    if _is_shard_pattern(str(data)) or (str(data).lower().endswith(".tar") and Path(data).is_file()):
         return TarShardDataset(_shard_paths(str(data)), transform, seed, masker, rank, world_size)
     return ImageListDataset(build_image_list(data), transform, seed, masker)
 

@@ -15,6 +15,7 @@ import math
 import random
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,65 +23,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+from torch.utils.data import DataLoader, IterableDataset
 
 from .checkpoint import atomic_save, safe_load
 from .config import PretrainConfig, build_model, dump_config
 from .data import BadDataTracker, build_pretrain_dataset, collate_pretrain
 from .distributed import DistInfo, cleanup_distributed, init_distributed
 from .export import export_encoder
-from .masking import grid_size, sample_plan
+from .masking import MaskingPlan, grid_size, sample_plan
+from .monitor import Monitor
+from .sampler import EpochSampler
+from .schedule import lr_at, param_groups
 
-__all__ = ["EpochSampler", "lr_at", "param_groups", "train", "TrainingError"]
+__all__ = ["Trainer", "TrainingError", "make_masker", "train"]
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, too many unreadable images)."""
-
-
-class EpochSampler(Sampler):
-    """Yields ``(index, epoch)`` keys: a (seed, epoch) permutation, this rank's share of it.
-
-    Rank r takes positions r, r+W, r+2W, ... so that batch b of every rank together holds
-    exactly the items of batch b of a single process with a W times larger batch.
-    """
-
-    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.size, self.seed, self.rank, self.world = size, seed, rank, world_size
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """``skip``: items of this rank's share already consumed (resume mid-epoch)."""
-        self.epoch, self.skip = epoch, skip
-
-    def __len__(self) -> int:
-        return self.size // self.world - self.skip
-
-    def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        mine = order[self.rank:self.size - self.size % self.world:self.world]
-        for index in mine[self.skip:].tolist():
-            yield index, self.epoch
-
-
-def lr_at(step: float, steps_per_epoch: int, config: PretrainConfig, base_lr: float) -> float:
-    """Per-iteration linear warm-up, then half-cycle cosine to min_lr."""
-    epoch = step / steps_per_epoch
-    if epoch < config.warmup_epochs:
-        return base_lr * epoch / config.warmup_epochs
-    span = max(config.epochs - config.warmup_epochs, 1e-12)
-    progress = min(1.0, (epoch - config.warmup_epochs) / span)
-    return config.min_lr + (base_lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """The original decay rule: no decay for biases and 1-D parameters, decay for the rest
-    (so the 3-D cls/mask tokens and RPE tables are decayed, SPEC §4)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim == 1 or name.endswith(".bias") else decay).append(param)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
 def _lomar_masker(gen: torch.Generator, grid, window_size, windows, mask_ratio) -> dict:
@@ -119,10 +78,23 @@ class _StopFlag:
 
     def __init__(self):
         self.signal: int | None = None
+        self.previous: dict = {}
 
     def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set handlers (e.g. a run started from a thread)
         for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        """Give the handlers back, so an in-process caller's own handling resumes."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal).name if self.signal else "a signal on another rank"
 
     def _handle(self, signum, frame) -> None:
         self.signal = signum
@@ -132,6 +104,8 @@ class Trainer:
     def __init__(self, config: PretrainConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, device
         self.out = Path(config.out)
+        if config.threads:
+            torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
         self.model = build_model(config).to(device)
         self.patch = self.model.config.patch_size
@@ -234,8 +208,6 @@ class Trainer:
         autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with autocast:
             if self.config.method == "lomar":
-                from .masking import MaskingPlan
-
                 plan = MaskingPlan(batch["top_left"].to(self.device), batch["mask"].to(self.device),
                                    self.config.window_size)
                 return self.net(images, plan=plan).loss
@@ -245,7 +217,7 @@ class Trainer:
         cfg = self.config
         total = cfg.epochs * self.steps_per_epoch
         last_step = min(total, cfg.max_steps) if cfg.max_steps else total
-        log = _Logger(self.out, self.info.is_main, last_step, cfg)
+        log = Monitor(self.out, self.info.is_main, last_step, cfg.log_every)
         if self.step >= last_step:
             log.close()
             print(f"lomar: nothing to do, the run is at step {self.step} of {last_step}")
@@ -281,7 +253,7 @@ class Trainer:
                 if micro % accum:
                     continue
                 self.batches_done += accum
-                lr = lr_at(self.step, self.steps_per_epoch, cfg, self.base_lr)
+                lr = lr_at(self.step, self.steps_per_epoch, self.base_lr, cfg.warmup_epochs, cfg.epochs, cfg.min_lr)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 if cfg.clip_grad:
@@ -317,12 +289,12 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag) or self.step >= last_step
 
-    def _finish(self, log: "_Logger", preempted: bool) -> int:
+    def _finish(self, log: Monitor, preempted: bool) -> int:
         path = self.save()
         log.close()
         if self.info.is_main:
             if preempted:
-                print(f"lomar: stopped by signal at step {self.step}; checkpoint {path}. Resume with: "
+                print(f"lomar: stopped by {self.stop.name} at step {self.step}; checkpoint {path}. Resume with: "
                       f"lomar pretrain --out {self.out} --resume auto")
             else:
                 export_encoder(self.model.encoder, self.out, weights_name="encoder.safetensors",
@@ -332,48 +304,6 @@ class Trainer:
             print(f"lomar: {self.tracker.count} unreadable image(s) skipped"
                   + (f", e.g. {next(iter(self.tracker.bad))}" if self.tracker.count else ""))
         return 0
-
-
-class _Logger:
-    """metrics.jsonl + TensorBoard + a progress bar (or plain lines when not on a terminal)."""
-
-    def __init__(self, out: Path, active: bool, total: int, config: PretrainConfig):
-        self.active, self.every, self.total = active, config.log_every, total
-        self.bar = self.writer = self.file = None
-        if not active:
-            return
-        self.file = open(out / "metrics.jsonl", "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(out / "tb"))
-        except ImportError:  # tensorboard is a dependency, but a run must not die for a log
-            self.writer = None
-        if sys.stdout.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc="pretrain", dynamic_ncols=True)
-
-    def step(self, step: int, epoch: int, loss: float, lr: float, ips: float) -> None:
-        if not self.active:
-            return
-        record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "img_s": round(ips, 2)}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.writer is not None:
-            for key in ("loss", "lr", "img_s"):
-                self.writer.add_scalar(f"train/{key}", record[key], step)
-        if self.bar is not None:
-            self.bar.n = step
-            self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
-        elif step % self.every == 0 or step == self.total:
-            print(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.2e} "
-                  f"img/s {ips:.1f}", flush=True)
-
-    def close(self) -> None:
-        for thing in (self.bar, self.writer, self.file):
-            if thing is not None:
-                thing.close()
 
 
 def _truncate_metrics(out: Path, step: int) -> None:
@@ -407,6 +337,9 @@ def train(config: PretrainConfig) -> int:
             out.mkdir(parents=True, exist_ok=True)
         if info.is_main:
             (out / "config.yaml").write_text(dump_config(config))
-        return trainer.run()
+        try:
+            return trainer.run()
+        finally:
+            trainer.stop.restore()
     finally:
         cleanup_distributed()

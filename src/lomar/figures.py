@@ -56,11 +56,15 @@ def reconstruct(model, images: torch.Tensor, seed: int = 0) -> dict[str, torch.T
         image, top_left, mask = plan.flat()
         index = window_token_index(top_left, plan.window_size, grid[1])  # (R, K·K)
         pixels = _unnormalize_pred(result.pred.float(), target[image[:, None], index], model.norm_pix_loss)
+        visible = torch.zeros_like(coverage)
         for r in range(index.shape[0]):  # windows may overlap: later ones paint over earlier ones
             i, tok, m = image[r], index[r], mask[r]
             coverage[i, tok] = True
-            masked[i, tok] |= m
+            visible[i, tok[~m]] = True
             painted[i, tok[m]] = pixels[r, m].to(painted.dtype)
+        # A patch the model saw in any window is shown as seen, not as predicted.
+        masked = coverage & ~visible
+        painted[visible] = target[visible]
         out["plan"] = plan
     elif isinstance(model, MAE):
         noise = torch.rand(n, grid[0] * grid[1], generator=gen, device=images.device)

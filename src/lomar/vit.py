@@ -226,6 +226,15 @@ class VisionTransformer(nn.Module):
     def embed_dim(self) -> int:
         return self.config.embed_dim
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's layer grouping (stem, one group per block, final norm/head last): drives
+        timm's layer-wise lr decay (``param_groups_layer_decay``)."""
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
+                    blocks=r"^blocks\.(\d+)" if coarse else [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "pos_embed"}
+
     def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
         """Absolute table (1, 1+Hg·Wg, D) for a grid, bicubically interpolated if needed."""
         table = self.pos_embed

@@ -1,0 +1,204 @@
+"""The pretraining engine: schedule, decay groups, sampler, exact resume, atomic checkpoints,
+non-finite loss, bad data, figures. Tiny models on tiny images, CPU, in-process."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lomar.checkpoint import safe_load
+from lomar.cli import main
+from lomar.methods import MAE, LoMaR
+from lomar.sampler import EpochSampler
+from lomar.schedule import lr_at, param_groups
+from lomar.vit import model_config
+
+# A 2-block, 32-wide ViT on 32 px crops: 4x4 patch grid, 3x3 windows, 2 per image.
+TINY = ["--model", "vit_tiny_patch8", "--embed-dim", "32", "--depth", "2", "--num-heads", "2",
+        "--img-size", "32", "--window-size", "3", "--windows", "2", "--batch-size", "4", "--epochs", "2",
+        "--workers", "0", "--threads", "1", "--log-every", "1", "--device", "cpu", "--lr", "1e-3",
+        "--warmup-epochs", "0.5", "--precision", "fp32"]
+
+
+def write_images(folder: Path, count: int, size: tuple[int, int] = (40, 48)) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        pixels = (np.random.RandomState(i).rand(*size, 3) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> Path:
+    return write_images(tmp_path_factory.mktemp("images"), 16)
+
+
+def pretrain(*args: str) -> int:
+    return main(["pretrain", *TINY, *args])
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedule_warmup_then_cosine():
+    kw = dict(steps_per_epoch=10, base_lr=1.0, warmup_epochs=2, epochs=10, min_lr=0.1)
+    assert lr_at(0, **kw) == 0.0
+    assert lr_at(10, **kw) == pytest.approx(0.5)  # half-way through warm-up
+    assert lr_at(20, **kw) == pytest.approx(1.0)  # peak
+    assert lr_at(60, **kw) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert lr_at(100, **kw) == pytest.approx(0.1)
+    assert lr_at(1000, **kw) == pytest.approx(0.1)  # past the end: stays at min_lr
+    values = [lr_at(s, **kw) for s in range(20, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_decay_groups_follow_the_original_rule():
+    model = LoMaR(model_config("vit_tiny_patch16", depth=1, img_size=112), 7, 1)
+    no_decay, decay = param_groups(model, 0.05)
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert {"mask_token", "encoder.cls_token", "encoder.blocks.0.attn.rpe.table"} <= decayed
+    assert all(n.endswith(".bias") or model.get_parameter(n).ndim == 1 for n in skipped)
+    assert "encoder.blocks.0.norm1.weight" in skipped and "head.bias" in skipped
+    assert len(decayed) + len(skipped) == len(names)
+
+
+def test_sampler_ranks_together_form_the_single_process_batches():
+    size, batch = 37, 3
+    single = list(EpochSampler(size, seed=5))
+    ranks = [list(EpochSampler(size, seed=5, rank=r, world_size=2)) for r in range(2)]
+    for b in range(len(ranks[0]) // batch):
+        together = {k for r in ranks for k in r[b * batch:(b + 1) * batch]}
+        assert together == set(single[b * 2 * batch:(b + 1) * 2 * batch])
+    assert not set(ranks[0]) & set(ranks[1])
+    assert all(epoch == 0 for _, epoch in single)
+    sampler = EpochSampler(size, seed=5)
+    sampler.set_epoch(3)
+    epoch3 = list(sampler)
+    assert epoch3 != single and {e for _, e in epoch3} == {3}
+    sampler.set_epoch(3, skip=6)
+    assert list(sampler) == epoch3[6:] and len(sampler) == size - 6
+
+
+def test_exact_resume_matches_an_uninterrupted_run(tmp_path, image_dir):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert pretrain("--data", str(image_dir), "--out", str(straight), "--max-steps", "4") == 0
+    assert pretrain("--data", str(image_dir), "--out", str(resumed), "--max-steps", "2") == 0
+    assert safe_load(resumed / "last.pt")["step"] == 2
+    assert pretrain("--data", str(image_dir), "--out", str(resumed), "--max-steps", "4", "--resume", "auto") == 0
+    a, b = safe_load(straight / "last.pt"), safe_load(resumed / "last.pt")
+    assert a["step"] == b["step"] == 4
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-7)
+    assert losses(straight) == losses(resumed)
+    assert len(losses(resumed)) == 4
+
+
+def test_checkpoint_contents_load_weights_only(tmp_path, image_dir):
+    out = tmp_path / "run"
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "1") == 0
+    ckpt = safe_load(out / "last.pt")  # weights_only=True: nothing but tensors and plain data
+    assert {"model", "optimizer", "scaler", "step", "epoch", "batches_done", "config", "rng"} <= set(ckpt)
+    assert ckpt["config"]["window_size"] == 3 and isinstance(ckpt["config"], dict)
+    assert {"torch", "numpy", "python"} <= set(ckpt["rng"])
+    assert (out / "encoder.safetensors").is_file() and (out / "config.json").is_file()
+    assert (out / "reconstruction.png").stat().st_size > 1000
+    assert list(out.glob("checkpoint-*.pt"))
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"step", "epoch", "loss", "lr", "img_s"} <= set(record)
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path, image_dir):
+    out = tmp_path / "run"
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--epochs", "3", "--save-every", "1",
+                    "--keep-last", "2") == 0
+    assert len(list(out.glob("checkpoint-*.pt"))) == 2
+
+
+def test_failed_save_leaves_the_previous_last_pt_intact(tmp_path, image_dir, monkeypatch):
+    out = tmp_path / "run"
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "2") == 0
+    before = (out / "last.pt").read_bytes()
+
+    def dying_save(obj, handle, *args, **kwargs):
+        handle.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("lomar.checkpoint.torch.save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "3", "--resume", "auto")
+    assert (out / "last.pt").read_bytes() == before
+    assert safe_load(out / "last.pt")["step"] == 2
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_last_checkpoint(tmp_path, image_dir, monkeypatch,
+                                                                        capsys):
+    out = tmp_path / "run"
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "2") == 0
+    capsys.readouterr()
+    real = LoMaR.forward_windows
+
+    def exploding(self, *args):
+        loss, pred = real(self, *args)
+        return loss * float("nan"), pred
+
+    monkeypatch.setattr(LoMaR, "forward_windows", exploding)
+    code = pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "4", "--resume", "auto")
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "step 3" in err and "nan" in err and "last.pt" in err
+    assert safe_load(out / "last.pt")["step"] == 2
+
+
+def test_bad_files_are_skipped_and_counted(tmp_path, capsys):
+    data = write_images(tmp_path / "data", 20)
+    (data / "empty.png").write_bytes(b"")
+    (data / "garbage.jpg").write_bytes(b"not an image at all")
+    assert pretrain("--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1") == 0
+    assert "2 unreadable image(s) skipped" in capsys.readouterr().out
+
+
+def test_too_many_bad_files_is_a_clear_error(tmp_path, capsys):
+    data = write_images(tmp_path / "data", 16)
+    for i in range(8):
+        (data / f"broken{i}.png").write_bytes(b"\x89PNG truncated")
+    code = pretrain("--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "2")
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "could not be read" in err and "broken" in err
+
+
+def test_mae_method_trains(tmp_path, image_dir):
+    out = tmp_path / "mae"
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--method", "mae", "--decoder-embed-dim", "16",
+                    "--decoder-depth", "1", "--decoder-num-heads", "2", "--max-steps", "2") == 0
+    assert all(math.isfinite(v) for v in losses(out))
+    assert (out / "reconstruction.png").is_file()
+
+
+@pytest.mark.parametrize("method", ["lomar", "mae"])
+def test_reconstruction_figure_is_written(tmp_path, method):
+    from lomar.figures import reconstruct, reconstruction_figure
+
+    if method == "lomar":
+        model = LoMaR(model_config("vit_tiny_patch8", depth=1, img_size=48), 3, 2)
+    else:
+        model = MAE(model_config("vit_tiny_patch8", depth=1, img_size=48, pos="abs"), 16, 1, 2)
+    images = torch.randn(2, 3, 48, 48)
+    parts = reconstruct(model, images, seed=0)
+    for key in ("original", "masked", "reconstruction"):
+        assert parts[key].shape == images.shape
+        assert 0 <= float(parts[key].min()) and float(parts[key].max()) <= 1
+    path = reconstruction_figure(model, images, tmp_path / "fig.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
