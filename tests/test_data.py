@@ -58,6 +58,12 @@ def test_odd_images_convert_and_bad_ones_raise(odd_folder):
         image = load_image(next(odd_folder.rglob(name)))
         assert image.dtype == torch.uint8 and image.shape[0] == 3, name
     assert load_image(odd_folder / "deep16.png").max() > 100  # scaled, not clipped to 0/255 garbage
+    gray = load_image(odd_folder / "gray.png")
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    rgb = torch.from_numpy(np.asarray(_rgb())).permute(2, 0, 1)
+    assert torch.equal(load_image(odd_folder / "b" / "rgba.png"), rgb)  # alpha dropped, colours kept
+    # CMYK JPEG: colours survive the round trip up to JPEG loss (not inverted, not garbage).
+    assert (load_image(odd_folder / "cmyk.jpg").float() - rgb.float()).abs().mean() < 20
     for name in BAD:
         with pytest.raises(ValueError, match=name):
             load_image(odd_folder / name)
@@ -85,7 +91,8 @@ def test_dataset_skips_bad_files_and_collates(odd_folder):
     assert batch["images"].shape == (len(GOOD), 3, 32, 32) and batch["images"].dtype == torch.float32
     assert {p.split("/")[-1] for p in batch["bad"]} == BAD
     empty = collate_pretrain([items[i] for i, it in enumerate(items) if it["image"] is None])
-    assert empty["images"].numel() == 0
+    assert empty["images"].shape == (0, 3, 32, 32) and len(empty["bad"]) == len(BAD)
+    assert torch.equal(ds[(np.int64(1), torch.tensor(0))]["image"], items[1]["image"])  # numpy/tensor keys
 
 
 def test_text_list_and_errors(tmp_path, odd_folder):
@@ -128,47 +135,62 @@ def test_masker_output_is_collated(odd_folder):
     assert batch["noise"].shape == (batch["images"].shape[0], 4)
 
 
+def _write_shard(path, count, fmt="JPEG", seed=0, extra=b""):
+    with tarfile.open(path, "w") as tar:
+        for i in range(count):
+            buf = io.BytesIO()
+            _rgb(seed=seed + i).save(buf, format=fmt)
+            info = tarfile.TarInfo(f"{i:05d}.{fmt.lower()}")
+            info.size = len(buf.getvalue())
+            tar.addfile(info, io.BytesIO(buf.getvalue()))
+            label = tarfile.TarInfo(f"{i:05d}.cls")  # WebDataset companion member: ignored
+            label.size = 1
+            tar.addfile(label, io.BytesIO(b"7"))
+        if extra:
+            bad = tarfile.TarInfo("99999.png")
+            bad.size = len(extra)
+            tar.addfile(bad, io.BytesIO(extra))
+
+
 def test_tar_shards(tmp_path):
     for s in range(2):
-        with tarfile.open(tmp_path / f"shard-{s:03d}.tar", "w") as tar:
-            for i in range(3):
-                buf = io.BytesIO()
-                _rgb(seed=s * 10 + i).save(buf, format="JPEG")
-                info = tarfile.TarInfo(f"{i:05d}.jpg")
-                info.size = len(buf.getvalue())
-                tar.addfile(info, io.BytesIO(buf.getvalue()))
-            bad = tarfile.TarInfo("99999.png")
-            bad.size = 3
-            tar.addfile(bad, io.BytesIO(b"bad"))
+        _write_shard(tmp_path / f"shard-{s:03d}.tar", 3, seed=s * 10, extra=b"bad")
     ds = build_pretrain_dataset(str(tmp_path / "shard-{000..001}.tar"), 32)
     items = list(ds)
     assert sum(it["image"] is not None for it in items) == 6 and sum(it["image"] is None for it in items) == 2
     assert ds.count_samples() == 8
-    rank1 = build_pretrain_dataset(str(tmp_path / "shard-*.tar"), 32, rank=1, world_size=2)
-    assert {it["path"].split(":")[0] for it in rank1} == {str(tmp_path / "shard-001.tar")}
+    ds.set_epoch(1)  # shard order and buffer order change with the epoch, the samples do not
+    assert sorted(it["path"] for it in ds) == sorted(it["path"] for it in items)
+    halves = [{it["path"].split(":")[0] for it in build_pretrain_dataset(str(tmp_path / "shard-*.tar"), 32,
+                                                                          rank=r, world_size=2)} for r in (0, 1)]
+    assert len(halves[0]) == len(halves[1]) == 1 and halves[0] != halves[1]  # one whole shard per rank
     # Fewer shards (2) than readers (3 ranks): samples are dealt out, every rank gets some.
     shares = [[it["path"] for it in build_pretrain_dataset(str(tmp_path / "shard-*.tar"), 32, rank=r,
                                                            world_size=3)] for r in range(3)]
     assert all(shares) and sorted(sum(shares, [])) == sorted(it["path"] for it in items)
+    # A truncated shard yields what precedes the damage instead of crashing the loader.
+    whole = (tmp_path / "shard-000.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(whole[: len(whole) // 2])
+    cut = [it["path"] for it in build_pretrain_dataset(str(tmp_path / "cut.tar"), 32)]
+    assert 0 < len(cut) < 4
 
 
-def test_tar_epoch_reaches_persistent_workers(tmp_path):
-    with tarfile.open(tmp_path / "one.tar", "w") as tar:
-        for i in range(4):
-            buf = io.BytesIO()
-            _rgb(seed=i).save(buf, format="PNG")
-            info = tarfile.TarInfo(f"{i}.png")
-            info.size = len(buf.getvalue())
-            tar.addfile(info, io.BytesIO(buf.getvalue()))
+def test_tar_epoch_and_resume_reach_persistent_workers(tmp_path):
+    _write_shard(tmp_path / "one.tar", 6, fmt="PNG")
     ds = build_pretrain_dataset(str(tmp_path / "one.tar"), 16)
     loader = DataLoader(ds, batch_size=2, num_workers=2, persistent_workers=True, collate_fn=collate_pretrain)
-    epochs = []
+    epochs, runs = [], []
     for epoch in range(2):
         ds.set_epoch(epoch)
-        batches = list(loader)
-        epochs.append({p: img for b in batches for p, img in zip(b["paths"], b["images"])})
-    assert len(epochs[0]) == len(epochs[1]) == 4  # 1 shard, 2 workers: each sample once
+        runs.append(list(loader))
+        epochs.append({p: img for b in runs[-1] for p, img in zip(b["paths"], b["images"])})
+    assert len(epochs[0]) == len(epochs[1]) == 6  # 1 shard, 2 workers: each sample once
     assert all(not torch.equal(epochs[0][p], epochs[1][p]) for p in epochs[0])
+    # Resume after one batch of epoch 1: the rest of the stream, identical, in the same order.
+    ds.set_epoch(1, skip=2, batch_size=2)
+    resumed = list(loader)
+    assert [b["paths"] for b in resumed] == [b["paths"] for b in runs[1][1:]]
+    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(resumed, runs[1][1:]))
 
 
 def test_loader_with_workers(odd_folder):

@@ -89,15 +89,16 @@ def test_recipe_defaults_with_data(tmp_path, capsys, image_dir):
 def test_sigterm_checkpoints_and_exits_0(tmp_path, image_dir):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "lomar", "pretrain", *TINY, "--data", str(image_dir), "--out", str(out),
-           "--epochs", "1000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+           "--epochs", "1000", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                            start_new_session=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 240
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline, "training did not start"
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: the loader worker gets it too
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
     assert "SIGTERM" in output and "--resume auto" in output

@@ -8,6 +8,7 @@ normal forward pays nothing for this figure.
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,14 +184,22 @@ def attention_figure(result: WindowAttention, pixels: torch.Tensor, patch_size: 
         heat = result.maps[b].numpy()
         ax.imshow(heat, cmap="magma", vmin=0.0, vmax=max(float(heat.max()), 1e-8), interpolation="nearest")
         ax.add_patch(Rectangle((tx - 0.5, ty - 0.5), 1, 1, fill=False, edgecolor="cyan", lw=1.5))
+        if result.mask is not None:  # masked tokens: grey dots
+            masked_rc = [divmod(i, k) for i in result.mask.nonzero().flatten().tolist()]
+            ax.scatter([c for _, c in masked_rc], [r for r, _ in masked_rc], s=6, c="grey", marker="o")
         ax.set_title(f"block {b + 1}", fontsize=9)
         label = f"max {heat.max():.0%} · cls {float(result.cls[b]):.0%}"
         if result.context == "image":
             label += f"\nin window {float(result.inside[b]):.0%}"
         ax.set_xlabel(label, fontsize=8)
-    seen = "cls + window only" if result.context == "window" else "whole image"
-    fig.suptitle((title + "\n" if title else "") + f"attention of the target patch (cyan) to its window, "
-                 f"mean over heads; encoder saw: {seen}; colour: 0 (black) to each block's max", fontsize=10)
+    seen = "cls + window only" if result.context == "window" else "the whole image"
+    lines = [title] if title else []
+    lines += [f"attention of the target patch (cyan) to its {k}x{k} window, mean over heads",
+              f"encoder saw {seen}" + ("; masked tokens: grey dots" if result.mask is not None else ""),
+              "colour: 0 (black) to each block's maximum"]
+    width = max(30, int(2.3 * cols * 12))  # characters that fit the figure at 10 pt
+    text = "\n".join(textwrap.fill(line, width) for line in lines)
+    fig.suptitle(text, fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -136,7 +136,11 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
     data = from_flags.get("data", from_yaml.get("data"))
     values = PretrainConfig().to_dict()
     if data is None:
-        values.update(DEMO_PRESET)
+        preset = dict(DEMO_PRESET)
+        if "model" in from_yaml or "model" in from_flags:  # a named model brings its own widths
+            for key in ("embed_dim", "depth", "num_heads"):
+                preset.pop(key)
+        values.update(preset)
     values.update(from_yaml)
     values.update(from_flags)
     config = PretrainConfig(**values)

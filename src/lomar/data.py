@@ -7,26 +7,23 @@ loads it, however many processes share the batch, and after any resume.
 
 from __future__ import annotations
 
-import glob
 import io
 import logging
 import math
-import tarfile
 import warnings
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "denormalize", "demo_image_paths",
     "build_image_list", "load_image", "decode_bytes", "sample_generator", "PretrainTransform",
-    "ImageListDataset", "TarShardDataset", "build_pretrain_dataset", "collate_pretrain", "BadDataTracker",
+    "ImageListDataset", "build_pretrain_dataset", "collate_pretrain", "BadDataTracker",
 ]
 
 log = logging.getLogger("lomar.data")
@@ -64,34 +61,8 @@ def demo_image_paths() -> list[Path]:
     return paths
 
 
-def _is_shard_pattern(data: str) -> bool:
-    return data.lower().endswith(".tar") and any(c in data for c in "*?[{")
-
-
 def _is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
-
-
-def _expand_braces(pattern: str) -> list[str]:
-    """Expand ``{000..009}`` and ``{a,b}`` (WebDataset's shard notation)."""
-    start = pattern.find("{")
-    if start < 0:
-        return [pattern]
-    end = pattern.index("}", start)
-    body, head, tail = pattern[start + 1:end], pattern[:start], pattern[end + 1:]
-    if ".." in body:
-        lo, hi = body.split("..")
-        options = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
-    else:
-        options = body.split(",")
-    return [p for option in options for p in _expand_braces(head + option + tail)]
-
-
-def _shard_paths(data: str) -> list[Path]:
-    paths = sorted({Path(p) for pat in _expand_braces(data) for p in glob.glob(pat)})
-    if not paths:
-        raise ValueError(f"no tar shards match {data!r}; check the glob or brace pattern")
-    return paths
 
 
 def build_image_list(data: str | Path) -> list[Path]:
@@ -118,10 +89,11 @@ def build_image_list(data: str | Path) -> list[Path]:
 
 def _pil_decode(data: bytes) -> torch.Tensor:
     """Pillow fallback for what torchvision cannot decode (CMYK, 16-bit, odd modes)."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(data)) as img:
         img.load()
+        img = ImageOps.exif_transpose(img)
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(img, dtype=np.float64)
             arr = arr / (65535.0 if arr.max() > 255 else 255.0) * 255.0
@@ -137,7 +109,9 @@ def decode_bytes(data: bytes, name: str = "<bytes>") -> torch.Tensor:
     try:
         with warnings.catch_warnings():  # pytest and `-W` reset the module-level filter above
             warnings.simplefilter("ignore", DeprecationWarning)
-            image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            # EXIF orientation: phone photos are often stored sideways with a rotation tag.
+            image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                                 apply_exif_orientation=True)
         if image.dtype != torch.uint8:  # 16-bit PNG
             image = (image.to(torch.int32) >> 8).to(torch.uint8)
         if image.ndim == 4:  # animated GIF: first frame
@@ -219,7 +193,8 @@ def _make_item(path: str, decode: Callable[[], torch.Tensor], transform: Pretrai
         image = transform(decode(), gen)
     except (ValueError, RuntimeError, OSError) as exc:
         log.debug("skipping %s: %s", path, exc)
-        return {"image": None, "path": path}
+        # The size lets the collate shape an all-bad batch as (0, 3, S, S).
+        return {"image": None, "path": path, "size": transform.size}
     item = {"image": image, "path": path}
     if masker is not None:
         item.update(masker(gen))
@@ -241,82 +216,11 @@ class ImageListDataset(Dataset):
         return len(self.paths) * self.repeats
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        index, epoch = (key, 0) if isinstance(key, int) else key
+        # Keys may arrive as numpy or tensor integers from custom samplers: normalise to int.
+        index, epoch = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
         path = self.paths[index % len(self.paths)]
         gen = sample_generator(self.seed, epoch, index)
         return _make_item(str(path), lambda: load_image(path), self.transform, gen, self.masker)
-
-
-class TarShardDataset(IterableDataset):
-    """WebDataset-style tar shards, split across distributed ranks and loader workers.
-
-    Samples are the image members of the shards, in shard order; each one's randomness is
-    seeded by (seed, epoch, shard member name). With at least as many shards as
-    ranks x workers, each reader takes whole shards; with fewer, every reader walks all the
-    shards and keeps every n-th sample, so that no rank ends up without data. Resuming
-    mid-epoch restarts the epoch: exact resume is best effort for shard data.
-    """
-
-    def __init__(self, shards: list[Path], transform: PretrainTransform, seed: int = 0,
-                 masker: Masker | None = None, rank: int | None = None, world_size: int | None = None):
-        self.shards, self.transform, self.seed, self.masker = shards, transform, seed, masker
-        self.rank, self.world_size = rank, world_size  # None: ask torch.distributed when iterating
-        # Shared memory, so that set_epoch in the main process reaches persistent workers,
-        # which otherwise keep the copy of the dataset they were started with.
-        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-
-    @property
-    def epoch(self) -> int:
-        return int(self._epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch.fill_(epoch)
-
-    def count_samples(self) -> int:
-        """Image members in all shards (reads tar headers only)."""
-        count = 0
-        for shard in self.shards:
-            with tarfile.open(shard) as archive:
-                count += sum(1 for m in archive if m.isfile() and _is_image_name(m.name))
-        return count
-
-    def _slot(self) -> tuple[int, int]:
-        """(this reader's index, number of readers) over ranks x loader workers."""
-        rank, world = self.rank, self.world_size
-        if rank is None or world is None:
-            dist = torch.distributed
-            on = dist.is_available() and dist.is_initialized()
-            rank, world = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        return rank * workers + worker, world * workers
-
-    def _members(self, shards: list[Path]) -> Iterator[tuple[str, bytes]]:
-        for shard in shards:
-            try:
-                archive = tarfile.open(shard)
-            except (OSError, tarfile.TarError) as exc:
-                log.warning("skipping unreadable shard %s: %s", shard, exc)
-                continue
-            with archive:
-                try:
-                    for member in archive:
-                        if member.isfile() and _is_image_name(member.name):
-                            handle = archive.extractfile(member)
-                            yield f"{shard}:{member.name}", handle.read() if handle else b""
-                except (OSError, tarfile.TarError) as exc:  # a truncated shard: keep what was read
-                    log.warning("shard %s is damaged after some samples: %s", shard, exc)
-
-    def __iter__(self) -> Iterator[dict]:
-        slot, slots = self._slot()
-        epoch = self.epoch
-        if len(self.shards) >= slots:
-            members = self._members(self.shards[slot::slots])
-        else:
-            members = (m for i, m in enumerate(self._members(self.shards)) if i % slots == slot)
-        for name, data in members:
-            gen = sample_generator(self.seed, epoch, zlib.crc32(name.encode()))
-            yield _make_item(name, lambda: decode_bytes(data, name), self.transform, gen, self.masker)
 
 
 def build_pretrain_dataset(data: str | None, img_size: int, seed: int = 0,
@@ -325,14 +229,18 @@ def build_pretrain_dataset(data: str | None, img_size: int, seed: int = 0,
                            demo_repeats: int = 8) -> Dataset:
     """The pretraining dataset for ``--data`` (None: the built-in demo photographs).
 
-    ``rank``/``world_size`` split tar shards between processes (None: from torch.distributed);
-    map-style datasets are split by the engine's sampler instead.
+    A folder or .txt list gives a map-style :class:`ImageListDataset`; a ``.tar`` glob or brace
+    pattern gives an iterable :class:`lomar.shards.TarShardDataset`. ``rank``/``world_size``
+    split tar shards between processes (None: from torch.distributed); map-style datasets are
+    split by the engine's sampler instead.
     """
     transform = PretrainTransform(img_size, scale)
     if data is None:
         return ImageListDataset(demo_image_paths(), transform, seed, masker, repeats=demo_repeats)
-    if _is_shard_pattern(str(data)) or (str(data).lower().endswith(".tar") and Path(data).is_file()):
-        return TarShardDataset(_shard_paths(str(data)), transform, seed, masker, rank, world_size)
+    from .shards import TarShardDataset, is_shard_pattern, shard_paths  # shards imports this module
+
+    if is_shard_pattern(str(data)):
+        return TarShardDataset(shard_paths(str(data)), transform, seed, masker, rank, world_size)
     return ImageListDataset(build_image_list(data), transform, seed, masker)
 
 
@@ -345,10 +253,11 @@ def collate_pretrain(batch: list[dict]) -> dict:
     out: dict = {"bad": [item["path"] for item in batch if item["image"] is None],
                  "paths": [item["path"] for item in good]}
     if not good:
-        out["images"] = torch.empty(0)
+        size = batch[0].get("size", 0) if batch else 0
+        out["images"] = torch.empty(0, 3, size, size)
         return out
     for key in good[0]:
-        if key != "path":
+        if key not in ("path", "size"):
             out["images" if key == "image" else key] = torch.stack([item[key] for item in good])
     return out
 
@@ -384,3 +293,12 @@ class BadDataTracker:
             raise ValueError(
                 f"{self.failures} of {self.seen} images ({100 * self.fraction:.0f}%) could not be read, "
                 f"e.g. {next(iter(self.bad))}; fix or remove them")
+
+
+def __getattr__(name: str):
+    # TarShardDataset lives in lomar.shards (it imports this module); keep the old import path.
+    if name == "TarShardDataset":
+        from .shards import TarShardDataset
+
+        return TarShardDataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -97,7 +97,15 @@ class _StopFlag:
         return signal.Signals(self.signal).name if self.signal else "a signal on another rank"
 
     def _handle(self, signum, frame) -> None:
-        self.signal = signum
+        if self.signal is None:  # the first signal is the reason reported
+            self.signal = signum
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1 to the main process: schedulers signal the whole
+    process group, and a worker dying on it would crash the run instead of checkpointing it."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class Trainer:
@@ -125,7 +133,8 @@ class Trainer:
         self.sampler = None if self.iterable else EpochSampler(size, config.seed, info.rank, info.world_size)
         self.loader = DataLoader(self.dataset, batch_size=config.batch_size, sampler=self.sampler,
                                  num_workers=config.workers, collate_fn=collate_pretrain, drop_last=True,
-                                 pin_memory=device.type == "cuda", persistent_workers=config.workers > 0)
+                                 pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
+                                 worker_init_fn=_ignore_stop_signals if config.workers > 0 else None)
         effective = config.batch_size * config.accum_steps * info.world_size
         self.base_lr = config.lr if config.lr is not None else config.blr * effective / 256
         fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
@@ -146,10 +155,12 @@ class Trainer:
             return len(self.dataset)
         import tarfile
 
+        from .data import IMAGE_EXTENSIONS
+
         count = 0
-        for shard in self.dataset.shards:  # headers only; WebDataset shards are small tars
+        for shard in self.dataset.shards:  # headers only: tarfile seeks past the member data
             with tarfile.open(shard) as archive:
-                count += sum(1 for m in archive if m.isfile())
+                count += sum(1 for m in archive if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS)
         return count
 
     # ---- checkpoints -------------------------------------------------------------
