@@ -60,7 +60,7 @@ def test_odd_images_convert_and_bad_ones_raise(odd_folder):
     assert load_image(odd_folder / "deep16.png").max() > 100  # scaled, not clipped to 0/255 garbage
     gray = load_image(odd_folder / "gray.png")
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
-    rgb = torch.from_numpy(np.asarray(_rgb())).permute(2, 0, 1)
+    rgb = torch.from_numpy(np.array(_rgb())).permute(2, 0, 1)
     assert torch.equal(load_image(odd_folder / "b" / "rgba.png"), rgb)  # alpha dropped, colours kept
     # CMYK JPEG: colours survive the round trip up to JPEG loss (not inverted, not garbage).
     assert (load_image(odd_folder / "cmyk.jpg").float() - rgb.float()).abs().mean() < 20
@@ -169,10 +169,11 @@ def test_tar_shards(tmp_path):
                                                            world_size=3)] for r in range(3)]
     assert all(shares) and sorted(sum(shares, [])) == sorted(it["path"] for it in items)
     # A truncated shard yields what precedes the damage instead of crashing the loader.
-    whole = (tmp_path / "shard-000.tar").read_bytes()
-    (tmp_path / "cut.tar").write_bytes(whole[: len(whole) // 2])
+    with tarfile.open(tmp_path / "shard-000.tar") as tar:
+        end = tar.getmember("00001.jpeg").offset_data + 100  # inside the second image
+    (tmp_path / "cut.tar").write_bytes((tmp_path / "shard-000.tar").read_bytes()[:end])
     cut = [it["path"] for it in build_pretrain_dataset(str(tmp_path / "cut.tar"), 32)]
-    assert 0 < len(cut) < 4
+    assert cut == [f"{tmp_path / 'cut.tar'}:00000.jpeg"]
 
 
 def test_tar_epoch_and_resume_reach_persistent_workers(tmp_path):

@@ -202,3 +202,49 @@ def test_reconstruction_figure_is_written(tmp_path, method):
         assert 0 <= float(parts[key].min()) and float(parts[key].max()) <= 1
     path = reconstruction_figure(model, images, tmp_path / "fig.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reconstruction_figure_uses_a_given_plan(tmp_path):
+    from lomar.figures import reconstruct, reconstruction_figure
+    from lomar.masking import sample_plan
+
+    model = LoMaR(model_config("vit_tiny_patch8", depth=1, img_size=48), 3, 2)
+    images = torch.randn(2, 3, 48, 48)
+    plan = sample_plan(2, (6, 6), 3, 2, 0.8, generator=torch.Generator().manual_seed(7))
+    parts = reconstruct(model, images, seed=123, plan=plan)
+    assert torch.equal(parts["plan"].top_left, plan.top_left) and torch.equal(parts["plan"].mask, plan.mask)
+    assert reconstruction_figure(model, images, tmp_path / "fig.png", plan=plan).is_file()
+
+
+def test_an_accumulation_window_without_readable_images_is_skipped(tmp_path, image_dir, monkeypatch, capsys):
+    import lomar.engine
+    from lomar.data import BadDataTracker, collate_pretrain
+
+    calls = []
+
+    def collate_some_unreadable(items):  # the 3rd and 4th batches (the 2nd optimizer step) fail to decode
+        calls.append(1)
+        if len(calls) in (3, 4):
+            items = [dict(item, image=None) for item in items]
+        return collate_pretrain(items)
+
+    monkeypatch.setattr(lomar.engine, "collate_pretrain", collate_some_unreadable)
+    monkeypatch.setattr(BadDataTracker, "check", lambda self, threshold=0.1: None)  # 50 % bad is the point
+    out = tmp_path / "run"
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--epochs", "1", "--accum-steps", "2") == 0
+    assert len(losses(out)) == 1 and math.isfinite(losses(out)[0])  # one real step, the empty one skipped
+    assert "8 unreadable image(s) skipped" in capsys.readouterr().out
+
+
+def test_knn_every_epoch(tmp_path, image_dir, capsys):
+    root = tmp_path / "knn"
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            write_images(root / split / label, 3, size=(32, 32))
+    out = tmp_path / "run"
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--knn-every", "1", "--knn-data", str(root)) == 0
+    records = [json.loads(line) for line in (out / "knn.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and all(0 <= r["knn_top1"] <= 1 for r in records)
+    assert "k-NN top-1" in capsys.readouterr().out
+    assert pretrain("--data", str(image_dir), "--out", str(tmp_path / "r2"), "--knn-every", "1") == 2
+    assert "--knn-data" in capsys.readouterr().err

@@ -93,7 +93,7 @@ def test_sigterm_checkpoints_and_exits_0(tmp_path, image_dir):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
                             start_new_session=True)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 240
+    deadline = time.time() + 600  # imports alone take minutes when the shared machine is busy
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline, "training did not start"
@@ -149,3 +149,8 @@ def test_torchrun_two_processes_match_one_process_with_the_global_batch(tmp_path
         torch.testing.assert_close(other, value, rtol=0, atol=2e-6, msg=key)
     # Only rank 0 writes: one metrics line per step.
     assert len((ddp_out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_bare_resume_means_auto(tmp_path, capsys):
+    assert main(["pretrain", "--out", str(tmp_path / "r"), "--resume", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["resume"] == "auto"

@@ -72,6 +72,8 @@ class PretrainConfig:
     resume: str | None = None  # PATH or 'auto'
     overwrite: bool = False
     figure_images: int = 4
+    knn_every: int = 0  # epochs; 0 = never
+    knn_data: str | None = None  # ImageFolder root with train/ and val/, for --knn-every
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -93,6 +95,8 @@ _HELP = {
     "resume": "checkpoint path, or 'auto' for OUT/last.pt", "max_steps": "stop after N optimizer steps",
     "batch_size": "images per device per step", "blr": "base lr: lr = blr * effective batch / 256",
     "save_every": "write a checkpoint every N epochs",
+    "knn_every": "every N epochs, print and log the k-NN top-1 of the encoder on --knn-data (0 = never)",
+    "knn_data": "ImageFolder root with train/ and val/ class folders, for --knn-every",
     "threads": "CPU threads per process (1 is fastest for tiny models on a busy machine)", "keep_last": "checkpoints to keep",
 }
 
@@ -110,6 +114,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         base = kind.split(" | ")[0]
         convert = {"int": int, "float": float, "str": str}[base]
+        if field.name == "resume":  # a bare --resume means --resume auto
+            common.update(nargs="?", const="auto", metavar="PATH|auto")
         parser.add_argument(flag, type=convert, choices=_CHOICES.get(field.name), **common)
 
 
@@ -200,6 +206,12 @@ def validate(config: PretrainConfig) -> None:
     if holds_run and is_main and not config.resume and not config.overwrite:
         raise ConfigError(f"--out {out} already holds a run; pass --resume auto to continue it, "
                           f"--overwrite to replace it, or another --out")
+    if config.knn_every < 0:
+        raise ConfigError(f"--knn-every must be >= 0, got {config.knn_every}")
+    if config.knn_every and not (config.knn_data and (Path(config.knn_data) / "train").is_dir()
+                                 and (Path(config.knn_data) / "val").is_dir()):
+        raise ConfigError(f"--knn-every needs --knn-data ROOT holding train/ and val/ class folders, "
+                          f"got {config.knn_data!r}")
     if config.resume and config.resume != "auto" and not Path(config.resume).is_file():
         raise ConfigError(f"--resume {config.resume} does not exist; pass a checkpoint file or 'auto'")
 

@@ -17,8 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms.v2 import functional as TF
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "denormalize", "demo_image_paths",
@@ -109,6 +107,8 @@ def decode_bytes(data: bytes, name: str = "<bytes>") -> torch.Tensor:
     try:
         with warnings.catch_warnings():  # pytest and `-W` reset the module-level filter above
             warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import ImageReadMode, decode_image  # lazy: torchvision costs ~20 s to import
+
             # EXIF orientation: phone photos are often stored sideways with a rotation tag.
             image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
                                  apply_exif_orientation=True)
@@ -180,6 +180,8 @@ class PretrainTransform:
     def __call__(self, image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """uint8 (3, H, W) -> float32 (3, size, size), normalised."""
         top, left, h, w = self.crop_box(image.shape[-2], image.shape[-1], gen)
+        from torchvision.transforms.v2 import functional as TF
+
         crop = TF.resized_crop(image, top, left, h, w, [self.size, self.size],
                                interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         if self.flip and bool(torch.rand(1, generator=gen) < 0.5):

@@ -149,19 +149,15 @@ class Trainer:
         self.step, self.epoch, self.batches_done = 0, 0, 0
         self.tracker = BadDataTracker()
         self.stop = _StopFlag()
+        self.spare: dict | None = None  # the last batch with readable images (see run)
+        self.knn, self.knn_step = None, -1
+        if config.knn_every and info.is_main:
+            from .evaluate import KnnMonitor
+
+            self.knn = KnnMonitor(config.knn_data, img_size=config.img_size, workers=min(config.workers, 4))
 
     def _dataset_size(self) -> int:
-        if not self.iterable:
-            return len(self.dataset)
-        import tarfile
-
-        from .data import IMAGE_EXTENSIONS
-
-        count = 0
-        for shard in self.dataset.shards:  # headers only: tarfile seeks past the member data
-            with tarfile.open(shard) as archive:
-                count += sum(1 for m in archive if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTENSIONS)
-        return count
+        return self.dataset.count_samples() if self.iterable else len(self.dataset)
 
     # ---- checkpoints -------------------------------------------------------------
     def state(self) -> dict:
@@ -255,15 +251,32 @@ class Trainer:
                     raise TrainingError(str(exc)) from None
                 micro += 1
                 if n:
+                    self.spare = batch
+                elif self.info.enabled and self.spare is not None:
+                    # Every image of this batch was unreadable, but DDP needs every rank in each
+                    # backward: run a readable batch with zero weight.
+                    batch = dict(self.spare, zero_weight=True)
+                if n or "zero_weight" in batch:
                     sync = micro % accum == 0 or not self.info.enabled
                     with contextlib.nullcontext() if sync else self.net.no_sync():
                         loss = self.forward(batch)
-                        self.scaler.scale(loss / accum).backward()
-                    losses.append(loss.detach())
+                        weight = 0.0 if "zero_weight" in batch else 1.0 / accum
+                        self.scaler.scale(loss * weight).backward()
+                    if n:
+                        losses.append(loss.detach())
                     seen += n
                 if micro % accum:
                     continue
                 self.batches_done += accum
+                # Mean loss over every rank's batches; no batch with a readable image -> no update.
+                loss_sum = torch.stack(losses).float().sum() if losses else torch.zeros((), device=self.device)
+                totals = torch.stack([loss_sum, torch.tensor(float(len(losses)), device=self.device)])
+                if self.info.enabled:
+                    dist.all_reduce(totals)
+                if totals[1] == 0:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    losses = []
+                    continue
                 lr = lr_at(self.step, self.steps_per_epoch, self.base_lr, cfg.warmup_epochs, cfg.epochs, cfg.min_lr)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
@@ -274,12 +287,7 @@ class Trainer:
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                mean_loss = torch.stack(losses).float().mean() if losses else torch.tensor(float("nan"))
-                if self.info.enabled:
-                    mean_loss = mean_loss.to(self.device)
-                    dist.all_reduce(mean_loss)  # gloo has no AVG
-                    mean_loss /= self.info.world_size
-                value = float(mean_loss)
+                value = float(totals[0] / totals[1])
                 if not math.isfinite(value):
                     raise TrainingError(
                         f"loss is {value} at step {self.step} (epoch {self.epoch}); the last good checkpoint "
@@ -290,9 +298,18 @@ class Trainer:
                 if self._should_stop(last_step):
                     return self._finish(log, preempted=self.step < last_step)
             self.epoch, self.batches_done = self.epoch + 1, 0
+            if cfg.knn_every and self.epoch % cfg.knn_every == 0:
+                self._knn(log)
             if self.epoch % cfg.save_every == 0 and self.epoch < cfg.epochs:
                 self.save()
         return self._finish(log, preempted=False)
+
+    def _knn(self, log: Monitor) -> None:
+        """k-NN top-1 on --knn-data (main process; the others wait at their next collective)."""
+        if self.knn is not None and self.step != self.knn_step:
+            finished = self.epoch + int(self.batches_done >= self.steps_per_epoch * self.config.accum_steps)
+            log.knn(self.step, finished, self.knn(self.model.encoder, self.device))
+            self.knn_step = self.step
 
     def _should_stop(self, last_step: int) -> bool:
         flag = torch.tensor(float(self.stop.signal is not None), device=self.device)
@@ -302,6 +319,8 @@ class Trainer:
 
     def _finish(self, log: Monitor, preempted: bool) -> int:
         path = self.save()
+        if not preempted:
+            self._knn(log)  # the final score, whatever --knn-every
         log.close()
         if self.info.is_main:
             if preempted:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from .vit import ViTConfig, VisionTransformer
 
 __all__ = ["LoadReport", "load_pretrained_encoder", "eval_transform", "knn_loaders", "extract_features",
-           "knn_predict", "knn_accuracy", "LinearProbe", "train_linear_probe"]
+           "knn_predict", "knn_accuracy", "KnnMonitor", "LinearProbe", "train_linear_probe", "write_json"]
 
 Pool = Literal["mean", "cls"]
 # Keys of a classifier on top of the encoder: new (and randomly initialised) when finetuning.
@@ -252,6 +252,22 @@ def knn_accuracy(encoder: VisionTransformer, train_loader, val_loader, k: int = 
     dev = torch.device(device)
     pred = knn_predict(train_x.to(dev), train_y, val_x, classes, k, temperature).argmax(dim=1).cpu()
     return float((pred == val_y).float().mean())
+
+
+class KnnMonitor:
+    """k-NN top-1 of an encoder on a fixed ImageFolder root, for ``pretrain --knn-every N``.
+
+    Build it once (on the main process; it checks the folders at once and raises ValueError
+    naming what is wrong), then call it with the encoder whenever a score is wanted.
+    """
+
+    def __init__(self, root: str | Path, img_size: int, batch_size: int = 128, workers: int = 2,
+                 k: int = 20, temperature: float = 0.07):
+        self.loaders = knn_loaders(root, img_size=img_size, batch_size=batch_size, workers=workers)
+        self.k, self.temperature = k, temperature
+
+    def __call__(self, encoder: VisionTransformer, device: torch.device | str = "cpu") -> float:
+        return knn_accuracy(encoder, *self.loaders, k=self.k, temperature=self.temperature, device=device)
 
 
 # ---- linear probe ------------------------------------------------------------------

@@ -30,12 +30,14 @@ def _unnormalize_pred(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool) 
 
 
 @torch.no_grad()
-def reconstruct(model, images: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+def reconstruct(model, images: torch.Tensor, seed: int = 0,
+                plan: MaskingPlan | None = None) -> dict[str, torch.Tensor]:
     """Run a LoMaR or MAE model once and paint its output back into pixel space.
 
     images (N, 3, H, W) normalised -> dict of (N, 3, H, W) pixels in [0, 1]:
     ``original``, ``masked`` (masked patches grey, uncovered area dimmed), ``reconstruction``
     (visible patches from the input, masked ones predicted); LoMaR also gives ``plan``.
+    ``plan`` (LoMaR only) fixes the windows and masks; otherwise they are drawn from ``seed``.
     """
     from .methods import MAE, LoMaR
 
@@ -51,8 +53,8 @@ def reconstruct(model, images: torch.Tensor, seed: int = 0) -> dict[str, torch.T
     painted = target.clone()
     out: dict = {}
     if isinstance(model, LoMaR):
-        result = model(images, generator=gen)
-        plan: MaskingPlan = result.plan
+        result = model(images, plan=plan.to(images.device) if plan is not None else None, generator=gen)
+        plan = result.plan
         image, top_left, mask = plan.flat()
         index = window_token_index(top_left, plan.window_size, grid[1])  # (R, K·K)
         pixels = _unnormalize_pred(result.pred.float(), target[image[:, None], index], model.norm_pix_loss)
@@ -92,9 +94,12 @@ def reconstruct(model, images: torch.Tensor, seed: int = 0) -> dict[str, torch.T
 
 
 def reconstruction_figure(model, images: torch.Tensor, path: str | Path, seed: int = 0,
-                          title: str | None = None) -> Path:
-    """Write a PNG, one row per image: original | windows | masked input | reconstruction."""
-    parts = reconstruct(model, images, seed)
+                          title: str | None = None, plan: MaskingPlan | None = None) -> Path:
+    """Write a PNG, one row per image: original | windows | masked input | reconstruction.
+
+    images: (N, 3, H, W) normalised; ``plan``: optional fixed LoMaR windows/masks for them.
+    """
+    parts = reconstruct(model, images, seed, plan=plan)
     n = images.shape[0]
     p = model.config.patch_size
     columns = ["original", "sampled windows", "masked input", "reconstruction"]

@@ -13,7 +13,7 @@ class Monitor:
     """metrics.jsonl + TensorBoard + a progress bar (or plain lines when not on a terminal)."""
 
     def __init__(self, out: Path, active: bool, total: int, log_every: int):
-        self.active, self.every, self.total = active, log_every, total
+        self.active, self.every, self.total, self.out = active, log_every, total, out
         self.bar = self.writer = self.file = None
         if not active:
             return
@@ -44,6 +44,20 @@ class Monitor:
         elif step % self.every == 0 or step == self.total:
             print(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.2e} "
                   f"img/s {ips:.1f}", flush=True)
+
+    def knn(self, step: int, epoch: int, top1: float) -> None:
+        """A k-NN evaluation (``--knn-every``): knn.jsonl, TensorBoard and one printed line."""
+        if not self.active:
+            return
+        with open(self.out / "knn.jsonl", "a") as file:
+            file.write(json.dumps({"step": step, "epoch": epoch, "knn_top1": top1}) + "\n")
+        if self.writer is not None:
+            self.writer.add_scalar("eval/knn_top1", top1, step)
+        message = f"epoch {epoch} step {step}: k-NN top-1 {100 * top1:.2f}%"
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
 
     def close(self) -> None:
         for thing in (self.bar, self.writer, self.file):

@@ -36,13 +36,16 @@ def piecewise_index(offset: torch.Tensor) -> torch.Tensor:
 
 @lru_cache(maxsize=64)
 def _bucket_table_cpu(height: int, width: int) -> torch.Tensor:
-    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    ys, xs = ys.flatten(), xs.flatten()
-    dy = piecewise_index(ys[:, None] - ys[None, :]) + int(_BETA)
-    dx = piecewise_index(xs[:, None] - xs[None, :]) + int(_BETA)
-    spatial = dy * _SIDE + dx
+    # Quantise each axis's (n, n) offsets once, then combine them by broadcasting: the same values
+    # as quantising every (H·W)² pair, but cheap for large grids (64x64 at 1024 px for detection).
+    def axis(n: int) -> torch.Tensor:
+        pos = torch.arange(n)
+        return piecewise_index(pos[:, None] - pos[None, :]) + int(_BETA)  # (n, n)
+
+    dy, dx = axis(height), axis(width)
+    spatial = dy[:, None, :, None] * _SIDE + dx[None, :, None, :]  # (H, W, H, W)
     table = torch.full((height * width + 1, height * width + 1), CLS_BUCKET, dtype=torch.int64)
-    table[1:, 1:] = spatial
+    table[1:, 1:] = spatial.reshape(height * width, height * width)
     return table
 
 
