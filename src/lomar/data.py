@@ -210,9 +210,12 @@ class ImageListDataset(Dataset):
     """
 
     def __init__(self, paths: list[Path], transform: PretrainTransform, seed: int = 0,
-                 masker: Masker | None = None, repeats: int = 1):
+                 masker: Masker | None = None, repeats: int = 1, cache_decoded: bool = False):
         self.paths, self.transform, self.seed, self.masker = list(paths), transform, seed, masker
         self.repeats = repeats  # the tiny demo set shows each photo several times per epoch
+        # Decoded uint8 images kept per process (each loader worker fills its own): only for
+        # small sets such as the demo, where decoding the same photos again dominates a step.
+        self.decoded: dict[int, torch.Tensor] | None = {} if cache_decoded else None
 
     def __len__(self) -> int:
         return len(self.paths) * self.repeats
@@ -222,7 +225,14 @@ class ImageListDataset(Dataset):
         index, epoch = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
         path = self.paths[index % len(self.paths)]
         gen = sample_generator(self.seed, epoch, index)
-        return _make_item(str(path), lambda: load_image(path), self.transform, gen, self.masker)
+        return _make_item(str(path), lambda: self._load(index % len(self.paths)), self.transform, gen, self.masker)
+
+    def _load(self, i: int) -> torch.Tensor:
+        if self.decoded is None:
+            return load_image(self.paths[i])
+        if i not in self.decoded:
+            self.decoded[i] = load_image(self.paths[i])
+        return self.decoded[i]
 
 
 def build_pretrain_dataset(data: str | None, img_size: int, seed: int = 0,
@@ -238,7 +248,8 @@ def build_pretrain_dataset(data: str | None, img_size: int, seed: int = 0,
     """
     transform = PretrainTransform(img_size, scale)
     if data is None:
-        return ImageListDataset(demo_image_paths(), transform, seed, masker, repeats=demo_repeats)
+        return ImageListDataset(demo_image_paths(), transform, seed, masker, repeats=demo_repeats,
+                                cache_decoded=True)
     from .shards import TarShardDataset, is_shard_pattern, shard_paths  # shards imports this module
 
     if is_shard_pattern(str(data)):
