@@ -58,6 +58,8 @@ def test_bench_smoke_writes_json_and_plot(tmp_path, capsys):
     for rec in records:
         assert REQUIRED_KEYS <= rec.keys()
         assert rec["step_s"] > 0 and rec["flops"] > 0 and rec["mfu"] > 0
+        # the memory step is untimed: exactly --steps timings per configuration
+        assert len(rec["step_times_s"]) == 2 and rec["peak_mem_kind"] == "cpu_rss_growth"
     assert {c["window_setting"] for c in data["comparisons"]} == {"paper", "fixed"}
     assert data["meta"]["gemm_flops"] > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

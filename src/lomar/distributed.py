@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .runtime import retain_freed_memory
+
 __all__ = ["DistInfo", "init_distributed", "cleanup_distributed"]
 
 
@@ -29,7 +31,8 @@ class DistInfo:
 def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); pick the device.
 
-    ``device``: 'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'.
+    ``device``: 'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'. On CPU the
+    C allocator is also told to keep freed memory (:func:`lomar.runtime.retain_freed_memory`).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -43,6 +46,8 @@ def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
         if dev.index is None:
             dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
         torch.cuda.set_device(dev)
+    else:
+        retain_freed_memory()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return DistInfo(rank, world, local), dev

@@ -32,6 +32,7 @@ from .distributed import DistInfo, cleanup_distributed, init_distributed
 from .export import export_encoder
 from .masking import MaskingPlan, grid_size, sample_plan
 from .monitor import Monitor
+from .runtime import fast_adamw
 from .sampler import EpochSampler
 from .schedule import lr_at, param_groups
 
@@ -137,9 +138,8 @@ class Trainer:
                                  worker_init_fn=_ignore_stop_signals if config.workers > 0 else None)
         effective = config.batch_size * config.accum_steps * info.world_size
         self.base_lr = config.lr if config.lr is not None else config.blr * effective / 256
-        fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, config.weight_decay), lr=self.base_lr,
-                                           betas=(0.9, 0.95), **fused)
+        self.optimizer = fast_adamw(param_groups(self.model, config.weight_decay), lr=self.base_lr,
+                                    betas=(0.9, 0.95))
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.net = self.model
         if config.compile:

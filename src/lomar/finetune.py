@@ -29,6 +29,7 @@ from .checkpoint import atomic_save, safe_load
 from .cli import UsageError
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .distributed import cleanup_distributed, init_distributed
+from .runtime import fast_adamw
 from .schedule import lr_at
 
 
@@ -199,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         base_lr = args.blr * args.batch_size * info.world_size / 256
         groups = param_groups_layer_decay(model, args.weight_decay, model.no_weight_decay(),
                                           layer_decay=args.layer_decay)
-        optimizer = torch.optim.AdamW(groups, lr=base_lr)
+        optimizer = fast_adamw(groups, lr=base_lr)
         mixup = None
         if args.mixup > 0 or args.cutmix > 0:
             mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .methods import MAE, LoMaR
+from .runtime import fast_adamw
 from .vit import model_config
 
 __all__ = ["StepRunner", "build_runner", "gemm_ceiling", "interleaved_times", "median", "DTYPES"]
@@ -54,15 +55,6 @@ _register_cpu_sdpa_flops()
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _make_optimizer(params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with the pretraining recipe's betas; the fused kernel where torch has one."""
-    kwargs = dict(lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
-    try:
-        return torch.optim.AdamW(params, fused=True, **kwargs)
-    except (RuntimeError, ValueError):  # no fused kernel for this device/dtype
-        return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
 @dataclass
@@ -116,34 +108,38 @@ class StepRunner:
         self.flops = int(counter.get_total_flops())
         return self.flops
 
-    def timed_step(self, track_memory: bool = False) -> float:
-        """One step, timed; with ``track_memory`` also records ``peak_mem_bytes``.
-
-        Peak memory — CUDA: ``torch.cuda.max_memory_allocated`` over the step (everything
-        live, weights and optimizer state included). CPU: growth of the process's resident
-        set over its level just before the step, sampled every 2 ms from /proc after freed
-        heap is handed back to the OS (malloc_trim): activations, gradients and temporaries,
-        NOT the weights and optimizer state already resident. Approximate by nature.
-        """
-        sampler = None
-        if track_memory and self.device.type == "cuda":
-            _sync(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif track_memory:
-            _malloc_trim()
-            sampler = _RssSampler()
+    def timed_step(self) -> float:
+        """One step, timed from the host (device synchronised before and after)."""
         _sync(self.device)
-        with sampler if sampler is not None else contextlib.nullcontext():
-            start = time.perf_counter()
+        start = time.perf_counter()
+        self.step()
+        _sync(self.device)
+        elapsed = time.perf_counter() - start
+        self.times.append(elapsed)
+        return elapsed
+
+    def measure_memory(self) -> tuple[int, str]:
+        """One untimed step that records ``peak_mem`` (bytes, kind).
+
+        CUDA: ``torch.cuda.max_memory_allocated`` over the step (everything live, weights
+        and optimizer state included). CPU: growth of the process's resident set over its
+        level just before the step, sampled every 2 ms from /proc after freed heap is handed
+        back to the OS (malloc_trim): activations, gradients and temporaries, NOT the weights
+        and optimizer state already resident. Approximate by nature. Kept out of the timed
+        steps because handing memory back makes the next step fault it in again.
+        """
+        _sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
             self.step()
             _sync(self.device)
-            elapsed = time.perf_counter() - start
-        self.times.append(elapsed)
-        if track_memory and sampler is None:
             self.peak_mem = int(torch.cuda.max_memory_allocated(self.device)), "cuda_max_allocated"
-        elif sampler is not None:
+        else:
+            _malloc_trim()
+            with _RssSampler() as sampler:
+                self.step()
             self.peak_mem = sampler.peak - sampler.start, "cpu_rss_growth"
-        return elapsed
+        return self.peak_mem
 
 
 def _malloc_trim() -> None:
@@ -203,7 +199,8 @@ def build_runner(method: str, model_name: str, img_size: int, windows: int | Non
     else:
         raise ValueError(f"unknown method {method!r}")
     model.to(device).train()
-    optimizer = _make_optimizer([p for p in model.parameters() if p.requires_grad], device)
+    optimizer = fast_adamw([p for p in model.parameters() if p.requires_grad],
+                           lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
     images = torch.randn(batch_size, 3, img_size, img_size, device=device)
     fn = torch.compile(model) if compile else model
 
@@ -245,14 +242,17 @@ def interleaved_times(runners: list[StepRunner], steps: int, warmup: int,
                       progress: Callable[[str], None] | None = None) -> list[float]:
     """Warm every runner up, then run ``steps`` rounds of one step each, A B A B …
 
-    The first warm-up step counts FLOPs; the first timed round records peak memory.
+    Untimed first, per runner: one step that counts FLOPs, one that records peak memory,
+    then ``warmup`` plain steps.
 
     Interleaving makes slow drifts of the machine (other load, clocks) hit every
     configuration alike. Returns the GEMM rates measured once per round (if ``gemm``).
     """
     for r in runners:
-        r.count_flops()  # the first warm-up step, counted (or an extra one without warm-up)
-        for _ in range(warmup - 1):
+        r.count_flops()
+        r.measure_memory()
+    for r in runners:  # after every runner's memory step, so that timed steps reuse the heap
+        for _ in range(warmup):
             r.step()
         _sync(r.device)
         if progress:
@@ -262,7 +262,7 @@ def interleaved_times(runners: list[StepRunner], steps: int, warmup: int,
         if gemm is not None:
             rates.append(gemm())
         for r in runners:
-            r.timed_step(track_memory=i == 0)
+            r.timed_step()
         if progress:
             progress(f"round {i + 1}/{steps}: " + ", ".join(f"{r.times[-1]:.2f}s" for r in runners))
     return rates

@@ -1,0 +1,63 @@
+"""Fast settings for the machine we train on: the C allocator, the optimizer kernel.
+
+PyTorch's CPU allocator is the C library's malloc. glibc serves blocks above its mmap
+threshold (at most 32 MiB) with fresh ``mmap`` calls and unmaps them on free, so a ViT-B
+training step that allocates activations of 50-100 MiB gets them as new zero pages every
+step: a quarter of a million page faults, about 10 % of the step time on a 2-core machine
+(measured: LoMaR 448 px / 9 windows, 6.0 -> 5.4 s/step). Training repeats the same
+allocations every step, so keeping freed memory in the heap costs nothing but holding on
+to the peak, which the next step needs anyway.
+
+AdamW: torch's fused kernel exists for CPU as well as CUDA and is 7x faster than the
+foreach loop on CPU (ViT-B/16, 2 threads: 44 vs 317 ms per update).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+from typing import Any, Iterable
+
+__all__ = ["retain_freed_memory", "fast_adamw"]
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_ONE_GIB = 1 << 30
+_applied = False
+
+
+def retain_freed_memory() -> bool:
+    """Tell glibc malloc to serve large blocks from the heap and keep freed memory.
+
+    Returns True when the setting is in effect (Linux with glibc), False otherwise. Set
+    ``LOMAR_DEFAULT_MALLOC=1`` to leave the allocator alone (e.g. to use jemalloc or tcmalloc
+    through ``LD_PRELOAD``, which solve the same problem). Idempotent; only the process that
+    calls it (not DataLoader workers started before) is affected.
+    """
+    global _applied
+    if _applied:
+        return True
+    if not sys.platform.startswith("linux") or os.environ.get("LOMAR_DEFAULT_MALLOC") == "1":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # Blocks up to 1 GiB come from the heap; the heap top is never returned while in use.
+    _applied = bool(mallopt(_M_MMAP_THRESHOLD, _ONE_GIB)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return _applied
+
+
+def fast_adamw(params: Iterable[Any], **kwargs: Any):
+    """``torch.optim.AdamW`` with the fused kernel, or the foreach one where fused is missing."""
+    import torch
+
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError):  # no fused kernel for this device / dtype
+        return torch.optim.AdamW(params, foreach=True, **kwargs)
