@@ -22,7 +22,8 @@ test: $(STAMP)
 	$(BIN)/pytest -q
 
 bench: $(STAMP)
-	$(BIN)/lomar bench --model vit_base_patch16 --batch-size 4 --sizes 224 448 --json benchmarks/cpu-vitb16.json --plot benchmarks/cpu-vitb16.png
+	$(BIN)/lomar bench --model vit_base_patch16 --batch-size 4 --windows paper 4 --steps 3 --warmup 1 \
+	    --threads 2 --json benchmarks/cpu-vitb16.json --plot benchmarks/cpu-vitb16.png
 
 digits: $(STAMP)
 	$(BIN)/python benchmarks/digits.py

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lomar import MAE, LoMaR, ViTConfig, VisionTransformer
 from lomar.evaluate import extract_features, knn_predict, train_linear_probe
+from lomar.runtime import fast_adamw, retain_freed_memory
 
 # Encoder: ViT with patch 4 on 32x32 -> an 8x8 grid of 64 tokens, width 64, 4 blocks, 4 heads.
 ENCODER = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4)
@@ -90,7 +91,7 @@ class Pretraining:
     def __init__(self, model: torch.nn.Module, train_x: torch.Tensor, seed: int):
         self.model, self.train_x = model.train(), train_x
         self.gen = torch.Generator().manual_seed(seed)
-        self.opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY)
+        self.opt = fast_adamw(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY)
         self.steps, self.seconds, self.losses = 0, 0.0, []
 
     def step(self) -> None:
@@ -102,7 +103,7 @@ class Pretraining:
         loss.backward()
         self.opt.step()
         self.steps += 1
-        self.losses.append(float(loss))
+        self.losses.append(float(loss.detach()))
 
     def info(self) -> dict:
         tail = self.losses[-20:]
@@ -193,8 +194,9 @@ def write_report(out: Path, args, results: dict, runs: list[dict], extra: dict, 
         f"- Seeds {', '.join(map(str, args.seeds))}: each seeds the model initialisation, the batches, masks "
         f"and shifts, and the probe.",
         f"- Machine: {meta['machine']}; torch {torch.__version__}, fp32, {args.threads} thread(s); load average "
-        f"{meta['load_start']} at the start and {meta['load_end']} at the end (shared with other developers' "
-        f"jobs, so absolute step counts are low and vary; both methods of a seed saw the same conditions).",
+        f"{meta['load_start']} at the start and {meta['load_end']} at the end (1-minute averages; this run "
+        f"itself keeps {args.threads} thread(s) busy, more than that is other load, which the alternating "
+        f"slices share between the methods; the step counts reached depend on it).",
         "", "## Per-run details", "", "```",
         *[json.dumps(r) for r in runs], "```", "",
     ]
@@ -210,6 +212,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent), help="folder for digits.md / digits.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    retain_freed_memory()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train_x, train_y, val_x, val_y = load_data()
