@@ -149,6 +149,8 @@ def attention_figure(result: WindowAttention, pixels: torch.Tensor, patch_size: 
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
+    from .figures import save_figure
+
     k, p = result.window_size, patch_size
     (top, left), (ty, tx) = result.top_left, result.target_in_window
     depth = result.maps.shape[0]
@@ -200,11 +202,4 @@ def attention_figure(result: WindowAttention, pixels: torch.Tensor, patch_size: 
     width = max(30, int(2.3 * cols * 12))  # characters that fit the figure at 10 pt
     text = "\n".join(textwrap.fill(line, width) for line in lines)
     fig.suptitle(text, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=90)

@@ -238,6 +238,8 @@ def plot_times(records: list[dict], path: Path, subtitle: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .figures import save_figure
+
     series: dict[str, list[tuple[int, float]]] = {}
     fixed = {r["windows"] for r in records if r["window_setting"] == "fixed"}
     for r in records:
@@ -268,7 +270,4 @@ def plot_times(records: list[dict], path: Path, subtitle: str = "") -> None:
     ax.set_title("Training step time vs image size" + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

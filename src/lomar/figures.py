@@ -15,7 +15,7 @@ from .data import denormalize  # noqa: E402
 from .masking import MaskingPlan, window_token_index  # noqa: E402
 from .objective import patchify, unpatchify  # noqa: E402
 
-__all__ = ["reconstruct", "reconstruction_figure"]
+__all__ = ["reconstruct", "reconstruction_figure", "save_figure"]
 
 _DIM = 0.35  # brightness of the parts of the image no window covers
 
@@ -120,11 +120,18 @@ def reconstruction_figure(model, images: torch.Tensor, path: str | Path, seed: i
                     ax.add_patch(Rectangle((l * p - 0.5, t * p - 0.5), k * p, k * p, fill=False,
                                            edgecolor="yellow", linewidth=1.5))
     fig.suptitle(title or f"{type(model).__name__} reconstruction (loss {parts['loss']:.3f})")
+    return save_figure(fig, path, dpi=80)
+
+
+def save_figure(fig, path: str | Path, dpi: int) -> Path:
+    """Lay out, write to a temporary file, rename (a reader never sees half a PNG), close."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
     tmp.replace(path)
     return path
