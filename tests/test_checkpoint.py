@@ -75,6 +75,33 @@ def test_missing_file():
         load_original("/nonexistent/ckpt.pth")
 
 
+def test_load_original_finetuned_lomar_classifier(tmp_path):
+    # the original finetuned model: RPE tables under their original names, fc_norm + head, and
+    # no final `norm` (deleted when pooling patch tokens)
+    model = lomar.VisionTransformer(model_config("vit_tiny_patch16", img_size=64, **TINY), num_classes=7).eval()
+    state = {k.replace("attn.rpe.table", "attn.rpe_k.lookup_table_weight"): v
+             for k, v in model.state_dict().items() if not k.startswith("norm.")}
+    path = tmp_path / "finetuned.pth"
+    torch.save({"model": state, "args": argparse.Namespace(model="vit_base_patch16", input_size=64)}, path)
+    loaded = load_original(path, num_heads=4).eval()
+    assert loaded.num_classes == 7 and loaded.config.pos == "rpe"
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_load_original_rejects_unknown_overrides_and_names_mismatched_keys(tmp_path):
+    model = LoMaR(model_config("vit_tiny_patch16", **TINY))
+    path = tmp_path / "orig.pth"
+    torch.save({"model": _original_lomar_state(model)}, path)
+    with pytest.raises(ValueError, match="unknown override.*num_head;? .*accepted: .*num_heads"):
+        load_original(path, num_head=4)
+    state = _original_lomar_state(model)
+    del state["blocks.1.attn.proj.bias"]
+    torch.save({"model": state}, path)
+    with pytest.raises(ValueError, match="blocks.1.attn.proj.bias"):
+        load_original(path, num_heads=4)
+
+
 def test_mae_needs_heads_for_nonstandard_width(tmp_path):
     model = MAE(model_config("vit_tiny_patch16", img_size=64, pos="abs", **TINY),
                 decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)

@@ -14,6 +14,7 @@ from lomar.cli import main
 from lomar.convert import load_model, pretrain_checkpoint
 
 timm = pytest.importorskip("timm")
+import timm.optim  # noqa: E402  (not imported by `import timm`)
 import lomar.timm_models  # noqa: E402,F401  (registers lomar_vit_* in timm)
 
 TINY = ViTConfig(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2)

@@ -124,9 +124,27 @@ def test_sample_plan_rejects_bad_counts():
 
 def test_validate_rejects_outside_and_bad_shapes():
     k = 7
-    plan = MaskingPlan(torch.tensor([[[8, 0]]]), torch.zeros(1, 1, 49, dtype=torch.bool), k)
+    some = torch.zeros(1, 1, 49, dtype=torch.bool)
+    some[..., :39] = True
+    plan = MaskingPlan(torch.tensor([[[8, 0]]]), some, k)
     with pytest.raises(ValueError, match="outside the 14x14 grid"):
         plan.validate((14, 14))
+    with pytest.raises(ValueError, match="must hold integers"):
+        MaskingPlan(torch.tensor([[[0.0, 0.0]]]), some, k).validate((14, 14))
+    with pytest.raises(ValueError, match="must be a bool tensor"):
+        MaskingPlan(torch.tensor([[[0, 0]]]), some.float(), k).validate((14, 14))
+    with pytest.raises(ValueError, match="masks no token"):
+        MaskingPlan(torch.tensor([[[0, 0]]]), torch.zeros_like(some), k).validate((14, 14))
     plan = MaskingPlan(torch.tensor([[[0, 0]]]), torch.zeros(1, 1, 48, dtype=torch.bool), k)
     with pytest.raises(ValueError, match="plan.mask must have shape"):
         plan.validate((14, 14))
+
+
+def test_ratio_errors_print_bounds_that_are_valid():
+    with pytest.raises(ValueError, match="must be a number") as nan_error:
+        num_masked(7, float("nan"))
+    with pytest.raises(ValueError, match=r"choose a ratio in \[") as error:
+        num_masked(7, 0.01)
+    for message in (str(nan_error.value), str(error.value)):
+        low, high = (float(x) for x in message.rsplit("[", 1)[1].split("]")[0].split(","))
+        assert 0 < num_masked(7, low) and num_masked(7, high) < 49

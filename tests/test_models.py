@@ -30,7 +30,9 @@ SHAPE_CASES = ([(f"vit_{s}_patch16", img, pos) for s in MODEL_SIZES for img in (
 
 @pytest.mark.parametrize("name, img, pos", SHAPE_CASES)
 def test_encoder_shapes(name, img, pos):
-    cfg = model_config(name, img_size=img, pos=pos, **TINY)
+    # the named size's own head count (width 8 per head, one block), so sizes stay distinct
+    heads = model_config(name).num_heads
+    cfg = model_config(name, img_size=img, pos=pos, embed_dim=8 * heads, depth=1)
     if img % cfg.patch_size:
         with pytest.raises(ValueError, match="not divisible by the patch size"):
             VisionTransformer(cfg)
@@ -38,8 +40,9 @@ def test_encoder_shapes(name, img, pos):
     model = VisionTransformer(cfg)
     x = torch.randn(1, 3, img, img)
     tokens = model.forward_features(x)
-    assert tokens.shape == (1, 1 + (img // cfg.patch_size) ** 2, 24)
-    assert model(x).shape == (1, 24)
+    assert tokens.shape == (1, 1 + (img // cfg.patch_size) ** 2, 8 * heads)
+    assert model.blocks[0].attn.num_heads == heads
+    assert model(x).shape == (1, 8 * heads)
 
 
 @pytest.mark.parametrize("patch, img, windows", [(16, 224, 4), (16, 384, 6), (16, 448, 9), (8, 224, 4), (14, 448, 9)])
@@ -112,6 +115,10 @@ def test_lomar_plan_errors():
         LoMaR(model_config("vit_tiny_patch16", img_size=128, **TINY), num_windows=5)
     with pytest.raises(ValueError, match="not divisible by the patch size"):
         model(torch.randn(1, 3, 230, 224))
+    with pytest.raises(ValueError, match=r"expected images of shape \(N, 3, H, W\), got \(1, 1, 224, 224\)"):
+        model(torch.randn(1, 1, 224, 224))
+    with pytest.raises(ValueError, match="expected images of shape"):
+        model(torch.randn(3, 224, 224))
 
 
 def test_mae_noise_reproduces_mask_and_backward():

@@ -5,6 +5,7 @@ format (see its README). Each folder is one parametrised case, named in the test
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -26,6 +27,16 @@ def _cases(meta_name: str):
     found = sorted(p.parent for p in root.glob(f"*/{meta_name}"))
     return [pytest.param(p, id=p.name) for p in found] or [
         pytest.param(None, marks=pytest.mark.skip(reason=f"no {meta_name} case under {root}"))]
+
+
+def test_an_explicit_reference_dir_holds_cases():
+    """A mistyped LOMAR_REFERENCE_DIR must not pass as 'all cases skipped'."""
+    if "LOMAR_REFERENCE_DIR" not in os.environ:
+        pytest.skip("LOMAR_REFERENCE_DIR not set; the default folder's cases are checked below")
+    root = reference_dir()
+    assert root.is_dir(), f"LOMAR_REFERENCE_DIR={root} is not a folder"
+    assert any(root.glob("*/*meta.json")), (f"no case folders (with meta.json, mae_meta.json or "
+                                            f"rpe_meta.json) under {root}")
 
 
 def _lomar_cases():

@@ -91,9 +91,9 @@ def test_load_original_output_is_our_pretrain_checkpoint(converted):
 def test_load_original_mae_needs_and_takes_overrides(tmp_path, capsys):
     # A non-standard width: the encoder's heads are asked for first, then the decoder's.
     assert main(["load-original", str(ORIGINAL_MAE), "--to", str(tmp_path / "m.pt")]) == 2
-    assert "num_heads" in capsys.readouterr().err
+    assert "pass --num-heads" in capsys.readouterr().err
     assert main(["load-original", str(ORIGINAL_MAE), "--to", str(tmp_path / "m.pt"), "--num-heads", "4"]) == 2
-    assert "decoder" in capsys.readouterr().err
+    assert "pass --decoder-num-heads" in capsys.readouterr().err
     assert main(["load-original", str(ORIGINAL_MAE), "--to", str(tmp_path / "m.pt"),
                  "--num-heads", "4", "--decoder-num-heads", "4"]) == 0
     assert isinstance(load_model(tmp_path / "m.pt"), MAE)

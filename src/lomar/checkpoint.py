@@ -8,6 +8,7 @@ saved with ``torch.save``. They are read with ``weights_only=True`` and only
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 from dataclasses import replace
@@ -174,7 +175,16 @@ def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
     config_overrides = {k: overrides.pop(k) for k in list(overrides) if k in ViTConfig.__dataclass_fields__}
     if config_overrides:
         settings["config"] = replace(config, **config_overrides)
-    settings.update(overrides)
+    # Settings of another method (a window size for an MAE checkpoint, say) are hints from
+    # callers that cannot know the method beforehand: ignored. Names no model takes are typos.
+    accepted = {name: set(inspect.signature(cls.__init__).parameters) - {"self", "config"}
+                for name, cls in (("lomar", LoMaR), ("mae", MAE), ("classifier", VisionTransformer))}
+    unknown = sorted(set(overrides) - set().union(*accepted.values()))
+    if unknown:
+        known = set().union(*accepted.values(), ViTConfig.__dataclass_fields__)
+        raise ValueError(f"unknown override(s) {', '.join(unknown)} for load_original; "
+                         f"accepted: {', '.join(sorted(known))}")
+    settings.update({k: v for k, v in overrides.items() if k in accepted[method]})
     return method, settings
 
 
@@ -195,10 +205,29 @@ def load_original(path: str | Path, **overrides) -> nn.Module:
         converted = _mae_from_original(state)
     else:
         model = VisionTransformer(settings.pop("config"), **settings)
-        converted = {k: v for k, v in state.items() if not (k == "pos_embed" and model.pos_embed is None)}
+        converted = classifier_from_original(state, model)
     try:
         model.load_state_dict(converted, strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"checkpoint {path} does not match the inferred {method} model: "
-                         f"{str(exc).splitlines()[0]} ...; pass overrides to load_original") from exc
+        details = " ".join(line.strip() for line in str(exc).splitlines()[1:])
+        raise ValueError(f"checkpoint {path} does not match the inferred {method} model: {details[:400]}; "
+                         f"pass overrides to load_original") from exc
     return model
+
+
+def classifier_from_original(state: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
+    """An original finetuned model's keys -> our classifier's.
+
+    The RPE tables are renamed; the final ``norm``, which the original deletes when it pools
+    patch tokens (its classifier uses ``fc_norm``), is filled with the model's own (unused by
+    the classifier's forward); an unused ``pos_embed`` is dropped.
+    """
+    out = {}
+    for key, value in state.items():
+        if key == "pos_embed" and model.pos_embed is None:
+            continue
+        match = _RPE_ORIGINAL.match(key)
+        out[f"blocks.{match[1]}.attn.rpe.table" if match else key] = value
+    if "norm.weight" not in out:
+        out.update({f"norm.{name}": t for name, t in model.norm.state_dict().items()})
+    return out

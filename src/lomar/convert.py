@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import torch
@@ -185,7 +186,12 @@ def load_for_cli(path: str, args: argparse.Namespace) -> nn.Module:
     try:
         return load_model(path, **overrides_from_args(args))
     except (ValueError, FileNotFoundError, TypeError) as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(_as_flags(str(exc))) from None
+
+
+def _as_flags(message: str) -> str:
+    """The library's "pass num_heads=... to load_original" becomes the command line's "pass --num-heads"."""
+    return re.sub(r"pass (\w+)=\.\.\. to load_original", lambda m: f"pass --{m[1].replace('_', '-')}", message)
 
 
 # ---- lomar load-original ---------------------------------------------------------------------
@@ -211,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_original(args.path, **overrides_from_args(args))
         ckpt = pretrain_checkpoint(model, source=str(args.path))
     except (ValueError, FileNotFoundError, TypeError) as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(_as_flags(str(exc))) from None
     atomic_save(ckpt, out)
     vit = encoder_of(model).config
     params = sum(p.numel() for p in model.parameters())

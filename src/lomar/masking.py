@@ -46,12 +46,16 @@ def num_masked(window_size: int, mask_ratio: float) -> int:
     if window_size <= 0:
         raise ValueError(f"window size must be positive, got {window_size}")
     tokens = window_size * window_size
+    # the printed bounds are rounded inwards, so that both ends really are valid ratios
+    lowest, highest = math.ceil(1000 / tokens) / 1000, math.floor(1000 * (tokens - 1) / tokens) / 1000
+    if not math.isfinite(mask_ratio):
+        raise ValueError(f"mask ratio must be a number in [{lowest:.3f}, {highest:.3f}], got {mask_ratio}")
     masked = int(math.floor(tokens * mask_ratio + 1e-9))
     if not 0 < masked < tokens:
         raise ValueError(
             f"mask ratio {mask_ratio} masks {masked} of the {tokens} tokens of a "
             f"{window_size}x{window_size} window; choose a ratio in "
-            f"[{1 / tokens:.3f}, {(tokens - 1) / tokens:.3f}] so that some but not all are masked"
+            f"[{lowest:.3f}, {highest:.3f}] so that some but not all are masked"
         )
     return masked
 
@@ -62,7 +66,7 @@ def window_positions(grid: tuple[int, int], window_size: int) -> tuple[int, int]
     if window_size > hg or window_size > wg:
         raise ValueError(
             f"a {window_size}x{window_size} window does not fit the {hg}x{wg} patch grid; "
-            f"use --window-size <= {min(hg, wg)} or a larger image"
+            f"use a window size of at most {min(hg, wg)} (--window-size) or a larger image"
         )
     return hg - window_size + 1, wg - window_size + 1
 
@@ -77,7 +81,7 @@ def check_window_request(grid: tuple[int, int], window_size: int, num_windows: i
         raise ValueError(
             f"{num_windows} distinct {window_size}x{window_size} windows requested but the "
             f"{grid[0]}x{grid[1]} patch grid has only {rows * cols} window positions; "
-            f"use --windows <= {rows * cols} or a larger image"
+            f"ask for at most {rows * cols} (--windows) or use a larger image"
         )
     return num_masked(window_size, mask_ratio)
 
@@ -119,6 +123,13 @@ class MaskingPlan:
                 f"plan.mask must have shape (N, n, {k * k}) = {(n_img, n_win, k * k)}, "
                 f"got {tuple(self.mask.shape)}"
             )
+        if self.top_left.dtype.is_floating_point or self.top_left.dtype == torch.bool:
+            raise ValueError(f"plan.top_left must hold integers (torch.long), got {self.top_left.dtype}")
+        if self.mask.dtype != torch.bool:
+            raise ValueError(f"plan.mask must be a bool tensor (True = masked), got {self.mask.dtype}; "
+                             f"convert it with mask.bool()")
+        if self.mask.numel() and not bool(self.mask.any()):
+            raise ValueError("plan.mask masks no token at all: the loss (over masked tokens) is undefined")
         rows, cols = window_positions(grid, k)
         tl = self.top_left
         if bool((tl < 0).any()) or bool((tl[..., 0] >= rows).any()) or bool((tl[..., 1] >= cols).any()):

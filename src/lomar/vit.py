@@ -252,9 +252,16 @@ class VisionTransformer(nn.Module):
             x = block(x, buckets)
         return x
 
+    def image_grid(self, images: torch.Tensor) -> tuple[int, int]:
+        """Patch grid of a batch (N, C, H, W); ValueError for a wrong rank, channels or size."""
+        if images.ndim != 4 or images.shape[1] != self.config.in_chans:
+            raise ValueError(f"expected images of shape (N, {self.config.in_chans}, H, W), got "
+                             f"{tuple(images.shape)}")
+        return grid_size(tuple(images.shape[-2:]), self.config.patch_size)
+
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, C, H, W) -> [cls]+patch tokens (B, 1+Hg·Wg, D) with APE added, and the grid."""
-        grid = grid_size(tuple(images.shape[-2:]), self.config.patch_size)
+        grid = self.image_grid(images)
         x = self.patch_embed(images)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         if self.pos_embed is not None:

@@ -59,7 +59,7 @@ class LoMaR(nn.Module):
         return self.encoder.config
 
     def sample_plan(self, images: torch.Tensor, generator: torch.Generator | None = None) -> MaskingPlan:
-        grid = grid_size(tuple(images.shape[-2:]), self.config.patch_size)
+        grid = self.encoder.image_grid(images)
         return sample_plan(images.shape[0], grid, self.window_size, self.num_windows,
                            self.mask_ratio, generator=generator, device=images.device)
 
@@ -74,7 +74,7 @@ class LoMaR(nn.Module):
                                  f"model uses {self.window_size}x{self.window_size}")
             if plan.num_images != images.shape[0]:
                 raise ValueError(f"plan is for {plan.num_images} images but the batch has {images.shape[0]}")
-            plan.validate(grid_size(tuple(images.shape[-2:]), self.config.patch_size))
+            plan.validate(self.encoder.image_grid(images))
             plan = plan.to(images.device)
         image_index, top_left, mask = plan.flat()
         loss, pred = self.forward_windows(images, image_index, top_left, mask)

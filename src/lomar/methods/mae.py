@@ -7,7 +7,6 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..masking import grid_size
 from ..objective import masked_mse, normalize_targets, patchify
 from ..vit import Block, ViTConfig, VisionTransformer, init_weights, sincos_pos_embed_2d
 
@@ -59,7 +58,7 @@ class MAE(nn.Module):
                 generator: torch.Generator | None = None) -> MAEOutput:
         """images (N, C, H, W); noise (N, L) uniform decides the mask (argsort, keep lowest)."""
         enc, p = self.encoder, self.config.patch_size
-        grid = grid_size(tuple(images.shape[-2:]), p)
+        grid = enc.image_grid(images)
         if grid != enc.grid:
             raise ValueError(f"MAE was built for {enc.config.img_size}px images, got "
                              f"{images.shape[-2]}x{images.shape[-1]}; build it with that img_size")
