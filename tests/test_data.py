@@ -205,6 +205,17 @@ def test_loader_with_workers(odd_folder):
     assert torch.equal(batches[0]["images"], inline["images"])
 
 
+def test_bad_data_tracker_counts_distinct_files_against_the_dataset():
+    tracker = BadDataTracker(total=20)
+    tracker.update(["a.jpg", "b.jpg"], 4)  # 2 bad in the first 4: a running share would be 50%
+    tracker.check()
+    tracker.update(["a.jpg"], 16)  # seen again in a later epoch: still 2 distinct files
+    tracker.check()
+    tracker.update(["c.jpg"], 4)
+    with pytest.raises(ValueError, match=r"3 of 20 images \(over 10%\) could not be read, e.g. a.jpg"):
+        tracker.check(0.1)
+
+
 def test_bad_data_tracker():
     tracker = BadDataTracker(min_seen=10)
     tracker.update(["x.jpg"], 5)

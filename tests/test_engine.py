@@ -90,12 +90,27 @@ def test_sampler_ranks_together_form_the_single_process_batches():
     assert list(sampler) == epoch3[6:] and len(sampler) == size - 6
 
 
-def test_exact_resume_matches_an_uninterrupted_run(tmp_path, image_dir):
+@pytest.fixture(scope="module")
+def image_shard(image_dir, tmp_path_factory) -> Path:
+    """The same 16 images as one WebDataset-style tar shard."""
+    import tarfile
+
+    path = tmp_path_factory.mktemp("shards") / "shard-000.tar"
+    with tarfile.open(path, "w") as tar:
+        for image in sorted(image_dir.iterdir()):
+            tar.add(image, arcname=image.name)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["folder", "tar"])
+def test_exact_resume_matches_an_uninterrupted_run(tmp_path, image_dir, image_shard, kind):
+    # 16 images, batch 4: the resume at step 2 is in the middle of epoch 0
+    data = str(image_dir if kind == "folder" else image_shard)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert pretrain("--data", str(image_dir), "--out", str(straight), "--max-steps", "4") == 0
-    assert pretrain("--data", str(image_dir), "--out", str(resumed), "--max-steps", "2") == 0
+    assert pretrain("--data", data, "--out", str(straight), "--max-steps", "4") == 0
+    assert pretrain("--data", data, "--out", str(resumed), "--max-steps", "2") == 0
     assert safe_load(resumed / "last.pt")["step"] == 2
-    assert pretrain("--data", str(image_dir), "--out", str(resumed), "--max-steps", "4", "--resume", "auto") == 0
+    assert pretrain("--data", data, "--out", str(resumed), "--max-steps", "4", "--resume", "auto") == 0
     a, b = safe_load(straight / "last.pt"), safe_load(resumed / "last.pt")
     assert a["step"] == b["step"] == 4
     for key, value in a["model"].items():

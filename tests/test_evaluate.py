@@ -157,8 +157,7 @@ def test_layer_decay_groups_follow_depth():
     assert scale[id(named["cls_token"])] == 0.5 ** (depth + 1)
     for i in range(depth):
         assert scale[id(named[f"blocks.{i}.attn.qkv.weight"])] == 0.5 ** (depth - i)
-    # (``norm`` is unused by the classifier, which pools un-normed tokens into fc_norm, as timm
-    # groups it with the last block; its scale does not matter.)
+    assert not any(name.startswith("norm.") for name in named)  # pools into fc_norm instead
     for name in ("fc_norm.weight", "head.weight"):
         assert scale[id(named[name])] == 1.0
     assert decay[id(named["cls_token"])] == 0 and decay[id(named["blocks.0.norm1.bias"])] == 0
@@ -234,3 +233,21 @@ def test_probe_bad_flags(pretrained, command, args, words, capsys):
     assert main([command, str(pretrained), *args]) == 2
     err = capsys.readouterr().err
     assert words in err and len(err.strip().splitlines()) == 1
+
+
+def test_finetune_under_torchrun_with_two_processes(pretrained, folder, tmp_path):
+    """Every classifier parameter gets a gradient, so DDP's reducer does not stall (it did when the
+    unused final norm was kept)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "lomar",
+           "finetune", "--pretrained", str(pretrained), "--data", str(folder), "--img-size", "32",
+           "--batch-size", "2", "--workers", "0", "--out", str(out), "--device", "cpu", "--epochs", "1",
+           "--max-steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert safe_load(out / "last.pt")["step"] == 2

@@ -48,6 +48,28 @@ def test_bad_configuration_is_one_line_and_exit_2(tmp_path, capsys, image_dir, f
     assert not out.exists()  # nothing was done
 
 
+@pytest.mark.parametrize("case", ["device", "empty folder", "too few images", "decoder heads", "corrupt resume"])
+def test_set_up_failures_are_one_line_and_exit_2(tmp_path, capsys, image_dir, case):
+    out, empty = tmp_path / "run", tmp_path / "empty"
+    empty.mkdir()
+    flags, message = {
+        "device": (["--device", "tpu"], "--device tpu"),
+        "empty folder": (["--data", str(empty)], "no images found"),
+        "too few images": (["--batch-size", "32"], "cannot fill one step"),
+        "decoder heads": (["--method", "mae", "--pos", "abs", "--mask-ratio", "0.75", "--decoder-embed-dim", "16",
+                           "--decoder-num-heads", "5"], "not divisible by 5 heads"),
+        "corrupt resume": (["--resume", str(out / "last.pt")], "cannot read checkpoint"),
+    }[case]
+    if case == "corrupt resume":
+        out.mkdir()
+        (out / "last.pt").write_bytes(b"not a checkpoint")
+    data = [] if "--data" in flags else ["--data", str(image_dir)]
+    code = main(["pretrain", *TINY, *data, "--out", str(out), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert err.count("\n") == 1 and err.startswith("lomar pretrain: error:")
+
+
 def test_out_holding_another_run_needs_resume_or_overwrite(tmp_path, capsys, image_dir):
     out = tmp_path / "run"
     out.mkdir()

@@ -218,16 +218,13 @@ def load_original(path: str | Path, **overrides) -> nn.Module:
 def classifier_from_original(state: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
     """An original finetuned model's keys -> our classifier's.
 
-    The RPE tables are renamed; the final ``norm``, which the original deletes when it pools
-    patch tokens (its classifier uses ``fc_norm``), is filled with the model's own (unused by
-    the classifier's forward); an unused ``pos_embed`` is dropped.
+    The RPE tables are renamed; an unused ``pos_embed`` is dropped, and so is a final
+    ``norm`` if present (the classifier pools un-normed tokens into ``fc_norm``).
     """
     out = {}
     for key, value in state.items():
-        if key == "pos_embed" and model.pos_embed is None:
+        if (key == "pos_embed" and model.pos_embed is None) or key.startswith("norm."):
             continue
         match = _RPE_ORIGINAL.match(key)
         out[f"blocks.{match[1]}.attn.rpe.table" if match else key] = value
-    if "norm.weight" not in out:
-        out.update({f"norm.{name}": t for name, t in model.norm.state_dict().items()})
     return out

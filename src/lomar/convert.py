@@ -74,10 +74,10 @@ def _vit_from_state(state: dict, hints: dict, overrides: dict) -> VisionTransfor
     model = VisionTransformer(config, num_classes=num_classes)
     if pos == "abs" and "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
         state = {k: v for k, v in state.items() if k != "pos_embed"}  # fixed sin-cos: ours is equal
+    if num_classes:  # a classifier pools un-normed tokens into fc_norm: it has no final norm
+        state = {k: v for k, v in state.items() if not k.startswith("norm.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    # MAE-style classifiers pool before a fresh fc_norm and may not keep the (unused) final norm.
-    unused = {"pos_embed"} | ({"norm.weight", "norm.bias"} if num_classes else set())
-    if unexpected or set(missing) - unused:
+    if unexpected or set(missing) - {"pos_embed"}:
         raise ValueError(f"weights do not fit the inferred {dim}-wide, {depth}-deep encoder: "
                          f"missing {missing}, unexpected {unexpected}")
     return model

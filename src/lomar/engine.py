@@ -129,7 +129,7 @@ class Trainer:
         per_rank = size // info.world_size
         self.steps_per_epoch = per_rank // config.batch_size // config.accum_steps
         if self.steps_per_epoch == 0:
-            raise TrainingError(f"{size} images cannot fill one step of batch {config.batch_size} x accum "
+            raise ValueError(f"{size} images cannot fill one step of batch {config.batch_size} x accum "
                                 f"{config.accum_steps} x {info.world_size} process(es); lower --batch-size")
         self.sampler = None if self.iterable else EpochSampler(size, config.seed, info.rank, info.world_size)
         self.loader = DataLoader(self.dataset, batch_size=config.batch_size, sampler=self.sampler,
@@ -147,7 +147,7 @@ class Trainer:
         if info.enabled:
             self.net = DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None)
         self.step, self.epoch, self.batches_done = 0, 0, 0
-        self.tracker = BadDataTracker()
+        self.tracker = BadDataTracker(total=per_rank)
         self.stop = _StopFlag()
         self.spare: dict | None = None  # the last batch with readable images (see run)
         self.knn, self.knn_step = None, -1
@@ -235,7 +235,7 @@ class Trainer:
             if self.sampler is not None:
                 self.sampler.set_epoch(self.epoch, skip=self.batches_done * bs)
             else:
-                self.dataset.set_epoch(self.epoch)
+                self.dataset.set_epoch(self.epoch, skip=self.batches_done * bs, batch_size=bs)
             losses, micro = [], 0
             tick, seen = time.perf_counter(), 0
             # Stop at whole optimizer steps: a tail that cannot fill `accum` batches is left out.
@@ -348,13 +348,23 @@ def _truncate_metrics(out: Path, step: int) -> None:
 
 def train(config: PretrainConfig) -> int:
     """Run (or resume) a pretraining; returns the process exit code."""
-    info, device = init_distributed(config.device)
+    from .cli import UsageError
+
+    try:  # what fails before the first step is the set-up's fault: a one-line error, exit 2
+        info, device = init_distributed(config.device)
+    except (ValueError, RuntimeError) as exc:
+        message = str(exc).splitlines()[0]
+        raise UsageError(message if "--device" in message else f"--device {config.device}: {message}") from None
     try:
         out = Path(config.out)
-        trainer = Trainer(config, info, device)
         resume = out / "last.pt" if config.resume == "auto" else Path(config.resume) if config.resume else None
+        try:
+            trainer = Trainer(config, info, device)
+            if resume is not None and resume.exists():
+                trainer.load(resume)
+        except (ValueError, FileNotFoundError) as exc:
+            raise UsageError(str(exc)) from None
         if resume is not None and resume.exists():
-            trainer.load(resume)
             if info.is_main:
                 _truncate_metrics(out, trainer.step)
                 print(f"lomar: resumed from {resume} at step {trainer.step}")

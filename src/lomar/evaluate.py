@@ -136,8 +136,15 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, **overrides)
     report = LoadReport(source, str(path), dropped=list(dropped))
     own = model.state_dict()
     state = dict(state)
+    # A finetuned classifier has no final norm (it pools into fc_norm): as a plain encoder
+    # it gets a fresh, identity-initialised one.
+    from_classifier = any(k.startswith("fc_norm.") for k in state)
     for key in [k for k in state if k.startswith(_CLASSIFIER)]:
         if key not in own or own[key].shape != state[key].shape:  # another task's head
+            report.dropped.append(key)
+            del state[key]
+    if num_classes:  # a classifier pools un-normed tokens into fc_norm: the final norm goes unused
+        for key in [k for k in state if k.startswith("norm.")]:
             report.dropped.append(key)
             del state[key]
     if "pos_embed" in state:
@@ -153,7 +160,8 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, **overrides)
         raise ValueError(f"{path}: {k} has shape {tuple(state[k].shape)} but the encoder expects "
                          f"{tuple(own[k].shape)}; the overrides do not fit these weights")
     missing, unexpected = model.load_state_dict(state, strict=False)
-    not_classifier = [k for k in missing if not k.startswith(_CLASSIFIER)]
+    not_classifier = [k for k in missing if not k.startswith(_CLASSIFIER)
+                      and not (from_classifier and k.startswith("norm."))]
     if not_classifier or unexpected:
         raise ValueError(f"{path} does not hold a complete encoder for {config}: missing "
                          f"{not_classifier or 'nothing'}, unexpected {unexpected or 'nothing'}")

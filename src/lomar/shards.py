@@ -106,11 +106,15 @@ class TarShardDataset(IterableDataset):
         self._state.copy_(torch.tensor([epoch, skip, max(1, batch_size)]))
 
     def count_samples(self) -> int:
-        """Image members in all shards (reads tar headers only)."""
+        """Image members in all readable shards (reads tar headers only; unreadable ones count 0,
+        as iteration skips them too)."""
         count = 0
         for shard in self.shards:
-            with tarfile.open(shard) as archive:
-                count += sum(1 for m in archive if m.isfile() and _is_image_name(m.name))
+            try:
+                with tarfile.open(shard) as archive:
+                    count += sum(1 for m in archive if m.isfile() and _is_image_name(m.name))
+            except (tarfile.TarError, OSError):
+                continue
         return count
 
     def _readers(self) -> tuple[int, int, int, int]:

@@ -212,7 +212,9 @@ class VisionTransformer(nn.Module):
             Block(c.embed_dim, c.num_heads, c.mlp_ratio, rpe=c.pos == "rpe", drop_path=r)
             for r in rates
         )
-        self.norm = nn.LayerNorm(c.embed_dim, eps=1e-6)
+        # A classifier pools un-normed patch tokens into fc_norm (SPEC §3), as the original, which
+        # deletes this norm; a parameter without gradient would also break DDP.
+        self.norm = nn.LayerNorm(c.embed_dim, eps=1e-6) if not num_classes else nn.Identity()
         self.num_classes = num_classes
         if num_classes:
             self.fc_norm = nn.LayerNorm(c.embed_dim, eps=1e-6)
