@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from lomar.checkpoint import safe_load
@@ -48,3 +49,28 @@ def test_resume_across_epoch_boundary_with_accumulation(data, tmp_path):
     assert _losses(one) == _losses(two) and len(_losses(one)) == 5
     assert torch.equal(safe_load(one / "last.pt")["model"]["head.weight"],
                        safe_load(two / "last.pt")["model"]["head.weight"])
+
+
+def test_resume_auto_alone_continues_with_the_saved_settings(data, tmp_path, capsys):
+    # Non-default data, model and batch size; the resume names only --out and --max-steps.
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = ("--data", data, "--batch-size", "4")
+    assert _run(*args, "--out", straight, "--max-steps", "4") == 0
+    assert _run(*args, "--out", resumed, "--max-steps", "2") == 0
+    assert main(["pretrain", "--out", str(resumed), "--resume", "auto", "--max-steps", "4"]) == 0
+    assert safe_load(resumed / "last.pt")["step"] == 4
+    assert _losses(resumed) == _losses(straight)  # the same run, as if never stopped
+    capsys.readouterr()
+    code = main(["pretrain", "--out", str(resumed), "--resume", "auto", "--max-steps", "6", "--batch-size", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--batch-size 2 differs from 4" in err and err.count("\n") == 1
+    assert safe_load(resumed / "last.pt")["step"] == 4  # nothing was done
+
+
+def test_resume_from_a_checkpoint_path_uses_its_out(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run("--data", data, "--out", out, "--max-steps", "1") == 0
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(out / "last.pt"), "--print-config"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["out"] == str(out) and resolved["data"] == str(data) and resolved["embed_dim"] == 32

@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -289,9 +290,11 @@ class Trainer:
                 self.step += 1
                 value = float(totals[0] / totals[1])
                 if not math.isfinite(value):
+                    last = self.out / "last.pt"
+                    kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
                     raise TrainingError(
-                        f"loss is {value} at step {self.step} (epoch {self.epoch}); the last good checkpoint "
-                        f"is {self.out / 'last.pt'}; lower --blr/--lr, set --clip-grad or use --precision fp32")
+                        f"loss is {value} at step {self.step} (epoch {self.epoch}); {kept}; lower --blr/--lr, "
+                        f"set --clip-grad or use --precision fp32")
                 elapsed = time.perf_counter() - tick
                 log.step(self.step, self.epoch, value, lr, seen * self.info.world_size / max(elapsed, 1e-9))
                 tick, seen, losses = time.perf_counter(), 0, []
@@ -369,14 +372,18 @@ def train(config: PretrainConfig) -> int:
                 _truncate_metrics(out, trainer.step)
                 print(f"lomar: resumed from {resume} at step {trainer.step}")
         elif info.is_main:
-            if config.overwrite:
-                for stale in ("last.pt", "metrics.jsonl", "config.yaml"):
+            if config.overwrite:  # everything a run writes, so that nothing of the old one lingers
+                for stale in ("last.pt", "metrics.jsonl", "config.yaml", "knn.jsonl", "encoder.safetensors",
+                              "config.json", "reconstruction.png"):
                     (out / stale).unlink(missing_ok=True)
                 for stale in out.glob("checkpoint-*.pt"):
                     stale.unlink()
+                shutil.rmtree(out / "tb", ignore_errors=True)
             out.mkdir(parents=True, exist_ok=True)
         if info.is_main:
-            (out / "config.yaml").write_text(dump_config(config))
+            tmp = out / ".config.yaml.tmp"
+            tmp.write_text(dump_config(config))
+            tmp.replace(out / "config.yaml")
         try:
             return trainer.run()
         finally:

@@ -216,7 +216,13 @@ def run(args: argparse.Namespace) -> int:
         epoch, skip, step, best = 0, 0, 0, 0.0
         resume = out / "last.pt" if args.resume == "auto" else Path(args.resume) if args.resume else None
         if resume is not None and resume.exists():
-            ckpt = safe_load(resume, map_location=device)
+            try:
+                ckpt = safe_load(resume, map_location=device)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            if not {"optimizer", "batches_done", "best_top1"} <= set(ckpt):
+                raise UsageError(f"--resume {resume} is not a `lomar finetune` checkpoint; to start from "
+                                 f"pretrained weights pass them as --pretrained")
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             epoch, skip, step, best = ckpt["epoch"], ckpt["batches_done"], ckpt["step"], ckpt["best_top1"]
@@ -292,7 +298,10 @@ def run(args: argparse.Namespace) -> int:
         if log:
             log.close()
         if info.is_main:
-            print(f"lomar finetune: done at step {step}; best top-1 {100 * best:.2f}%, {out / 'best.pt'}")
+            best_path = out / "best.pt"
+            print(f"lomar finetune: done at step {step}; " + (
+                f"best top-1 {100 * best:.2f}%, {best_path}" if best_path.exists()
+                else f"no full epoch evaluated yet, so no best.pt; checkpoint {out / 'last.pt'}"))
         return 0
     except RuntimeError as exc:
         print(f"lomar finetune: error: {exc}", file=sys.stderr)

@@ -27,7 +27,7 @@ class Monitor:
         if sys.stdout.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc="pretrain", dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc="pretrain", dynamic_ncols=True, file=sys.stdout)
 
     def step(self, step: int, epoch: int, loss: float, lr: float, ips: float) -> None:
         if not self.active:
