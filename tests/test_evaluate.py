@@ -251,3 +251,33 @@ def test_finetune_under_torchrun_with_two_processes(pretrained, folder, tmp_path
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert safe_load(out / "last.pt")["step"] == 2
+
+
+def test_finetune_sigusr1_checkpoints_mid_epoch_and_resumes(pretrained, folder, tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    import lomar.finetune as finetune
+
+    real, calls = finetune.any_rank_stopping, []
+
+    def signal_during_step_2(stop, device):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(stop, device)
+
+    out = tmp_path / "ft"
+    args = ["finetune", "--pretrained", str(pretrained), "--data", str(folder), "--img-size", "32",
+            "--batch-size", "4", "--workers", "0", "--out", str(out), "--device", "cpu", "--epochs", "2"]
+    before = signal.getsignal(signal.SIGUSR1)
+    monkeypatch.setattr(finetune, "any_rank_stopping", signal_during_step_2)
+    assert main(args) == 0
+    monkeypatch.undo()
+    assert "stopped by SIGUSR1 at step 2" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGUSR1) == before  # handlers given back
+    ckpt = safe_load(out / "last.pt")
+    assert (ckpt["step"], ckpt["epoch"], ckpt["batches_done"]) == (2, 0, 2)
+    assert main([*args, "--resume", "auto"]) == 0  # the rest: 1 step of epoch 0, 3 of epoch 1
+    last = safe_load(out / "last.pt")
+    assert (last["step"], last["epoch"]) == (6, 2) and (out / "best.pt").is_file()

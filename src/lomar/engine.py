@@ -14,9 +14,7 @@ import json
 import math
 import random
 import shutil
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from .distributed import DistInfo, cleanup_distributed, init_distributed
 from .export import export_encoder
 from .masking import MaskingPlan, grid_size, sample_plan
 from .monitor import Monitor
+from .preemption import StopFlag, any_rank_stopping, ignore_stop_signals
 from .runtime import fast_adamw
 from .sampler import EpochSampler
 from .schedule import lr_at, param_groups
@@ -75,41 +74,6 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((state["python_version"], tuple(state["python"]), None))
 
 
-class _StopFlag:
-    """Set by SIGTERM / SIGUSR1: finish the step, checkpoint, exit 0."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self.previous: dict = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # only the main thread may set handlers (e.g. a run started from a thread)
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self.previous[sig] = signal.signal(sig, self._handle)
-
-    def restore(self) -> None:
-        """Give the handlers back, so an in-process caller's own handling resumes."""
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signal).name if self.signal else "a signal on another rank"
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is None:  # the first signal is the reason reported
-            self.signal = signum
-
-
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers leave SIGTERM/SIGUSR1 to the main process: schedulers signal the whole
-    process group, and a worker dying on it would crash the run instead of checkpointing it."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-
-
 class Trainer:
     def __init__(self, config: PretrainConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, device
@@ -136,7 +100,7 @@ class Trainer:
         self.loader = DataLoader(self.dataset, batch_size=config.batch_size, sampler=self.sampler,
                                  num_workers=config.workers, collate_fn=collate_pretrain, drop_last=True,
                                  pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
-                                 worker_init_fn=_ignore_stop_signals if config.workers > 0 else None)
+                                 worker_init_fn=ignore_stop_signals if config.workers > 0 else None)
         effective = config.batch_size * config.accum_steps * info.world_size
         self.base_lr = config.lr if config.lr is not None else config.blr * effective / 256
         self.optimizer = fast_adamw(param_groups(self.model, config.weight_decay), lr=self.base_lr,
@@ -149,7 +113,7 @@ class Trainer:
             self.net = DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None)
         self.step, self.epoch, self.batches_done = 0, 0, 0
         self.tracker = BadDataTracker(total=per_rank)
-        self.stop = _StopFlag()
+        self.stop = StopFlag()
         self.spare: dict | None = None  # the last batch with readable images (see run)
         self.knn, self.knn_step = None, -1
         if config.knn_every and info.is_main:
@@ -315,10 +279,7 @@ class Trainer:
             self.knn_step = self.step
 
     def _should_stop(self, last_step: int) -> bool:
-        flag = torch.tensor(float(self.stop.signal is not None), device=self.device)
-        if self.info.enabled:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag) or self.step >= last_step
+        return any_rank_stopping(self.stop, self.device) or self.step >= last_step
 
     def _finish(self, log: Monitor, preempted: bool) -> int:
         path = self.save()

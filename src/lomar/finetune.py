@@ -29,6 +29,7 @@ from .checkpoint import atomic_save, safe_load
 from .cli import UsageError
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .distributed import cleanup_distributed, init_distributed
+from .preemption import StopFlag, any_rank_stopping
 from .runtime import fast_adamw
 from .schedule import lr_at
 
@@ -181,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
         info, device = init_distributed(args.device)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    stop = StopFlag()
     try:
         # Per-rank streams for augmentation and mixup (timm draws from numpy / random); DDP
         # broadcasts rank 0's initial weights, so the new head is the same everywhere.
@@ -250,7 +252,8 @@ def run(args: argparse.Namespace) -> int:
                                                    "step", "format")} | {"metrics": metrics}, out / "best.pt")
             atomic_save(state, out / "last.pt")
 
-        stopped = False
+        stopped = preempted = False
+        stop.install()
         while epoch < args.epochs and not stopped:
             train_loader.sampler.set_epoch(epoch)
             train_loader.sampler.skip = skip * args.batch_size
@@ -274,12 +277,21 @@ def run(args: argparse.Namespace) -> int:
                 step += 1
                 if log and (step % args.log_every == 0 or step == 1):
                     log.write(json.dumps({"step": step, "epoch": epoch, "loss": value, "lr": lr}) + "\n")
+                if any_rank_stopping(stop, device):
+                    # Checkpoint where we are and leave; a resume re-enters this epoch (and evaluates
+                    # it if it was complete), so no time goes to evaluation now.
+                    stopped = preempted = True
+                    skip = batch_index + 1
+                    break
                 if args.max_steps and step >= args.max_steps:
                     stopped = batch_index + 1 < steps_per_epoch  # a part-done epoch: resume inside it
                     skip = batch_index + 1
                     break
             else:
                 skip = steps_per_epoch
+            if preempted:
+                save(epoch, skip, None)
+                break
             if stopped:
                 metrics = evaluate(model, val_loader, device, info, autocast)
                 save(epoch, skip, None)  # not a finished epoch: never "best"
@@ -297,7 +309,10 @@ def run(args: argparse.Namespace) -> int:
                 break
         if log:
             log.close()
-        if info.is_main:
+        if info.is_main and preempted:
+            print(f"lomar finetune: stopped by {stop.name} at step {step}; checkpoint {out / 'last.pt'}. Resume "
+                  f"with the same command plus --resume auto", flush=True)
+        elif info.is_main:
             best_path = out / "best.pt"
             print(f"lomar finetune: done at step {step}; " + (
                 f"best top-1 {100 * best:.2f}%, {best_path}" if best_path.exists()
@@ -307,4 +322,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"lomar finetune: error: {exc}", file=sys.stderr)
         return 1
     finally:
+        stop.restore()
         cleanup_distributed()
