@@ -13,6 +13,7 @@ import torch
 
 from lomar.checkpoint import safe_load
 from lomar.cli import main
+from lomar.engine import checkpoints_to_prune
 from lomar.methods import MAE, LoMaR
 from lomar.sampler import EpochSampler
 from lomar.schedule import lr_at, param_groups
@@ -138,6 +139,12 @@ def test_keep_last_prunes_old_checkpoints(tmp_path, image_dir):
     assert pretrain("--data", str(image_dir), "--out", str(out), "--epochs", "3", "--save-every", "1",
                     "--keep-last", "2") == 0
     assert len(list(out.glob("checkpoint-*.pt"))) == 2
+
+
+def test_pruning_goes_by_step_number_and_spares_other_files():
+    names = ["checkpoint-999998.pt", "checkpoint-999999.pt", "checkpoint-1000000.pt", "checkpoint-best.pt"]
+    pruned = checkpoints_to_prune([Path(n) for n in names], keep=2)
+    assert [p.name for p in pruned] == ["checkpoint-999998.pt"]
 
 
 def test_failed_save_leaves_the_previous_last_pt_intact(tmp_path, image_dir, monkeypatch):

@@ -74,6 +74,13 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((state["python_version"], tuple(state["python"]), None))
 
 
+def checkpoints_to_prune(paths: list[Path], keep: int) -> list[Path]:
+    """All but the ``keep`` newest ``checkpoint-<step>.pt``, by step number (past 999,999 steps the
+    names outgrow their zero padding and no longer sort by age); other names are left alone."""
+    ours = [f for f in paths if f.stem.removeprefix("checkpoint-").isdigit()]
+    return sorted(ours, key=lambda f: int(f.stem.removeprefix("checkpoint-")))[:-keep]
+
+
 class Trainer:
     def __init__(self, config: PretrainConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, device
@@ -147,7 +154,7 @@ class Trainer:
         state = self.state()
         path = atomic_save(state, self.out / f"checkpoint-{self.step:06d}.pt")
         atomic_save(state, self.out / "last.pt")
-        for old in sorted(self.out.glob("checkpoint-*.pt"))[:-self.config.keep_last]:
+        for old in checkpoints_to_prune(list(self.out.glob("checkpoint-*.pt")), self.config.keep_last):
             old.unlink()
         if figure:
             self.figure()
