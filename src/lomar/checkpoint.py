@@ -48,14 +48,17 @@ def atomic_save(obj, path: str | Path) -> Path:
     return path
 
 
-def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """``torch.load`` with ``weights_only=True``; argparse.Namespace is the one allowed class."""
+def safe_load(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """``torch.load`` with ``weights_only=True``; argparse.Namespace is the one allowed class.
+
+    ``mmap=True`` maps the tensors instead of reading them: cheap when only the small entries
+    (config, step) are wanted."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; check the path")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            data = torch.load(path, map_location=map_location, weights_only=True)
+            data = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # corrupt, truncated, or holds disallowed objects
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"cannot read checkpoint {path}: {first}; is it a complete PyTorch "

@@ -265,7 +265,7 @@ def _checkpoint_config(path: Path) -> tuple[dict[str, Any], str]:
     from .checkpoint import safe_load
 
     try:
-        ckpt = safe_load(path)
+        ckpt = safe_load(path, mmap=True)  # only the config is read here; the engine loads the rest
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--resume: {exc}") from None
     if not isinstance(ckpt.get("config"), dict) or "optimizer" not in ckpt:
