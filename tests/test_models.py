@@ -179,3 +179,16 @@ def test_unknown_model_and_heads():
         VisionTransformer(ViTConfig(embed_dim=24, depth=1, num_heads=5))
     with pytest.raises(ValueError, match="position encoding"):
         VisionTransformer(ViTConfig(embed_dim=24, depth=1, num_heads=2, pos="learned"))
+
+
+def test_compiled_models_sample_masks_at_a_second_image_size():
+    """Dynamo marks shapes dynamic at the second size; random draws must stay out of the graph
+    (``torch.rand`` with symbolic sizes failed). backend='eager': tracing only, no compiler."""
+    torch._dynamo.reset()
+    for size in (32, 48):
+        model = LoMaR(model_config("vit_tiny_patch8", img_size=size, **TINY), window_size=3, num_windows=2)
+        compiled = torch.compile(model, backend="eager")
+        assert torch.isfinite(compiled(torch.randn(2, 3, size, size)).loss)
+        mae = MAE(model_config("vit_tiny_patch8", img_size=size, pos="abs", **TINY),
+                  decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+        assert torch.isfinite(torch.compile(mae, backend="eager")(torch.randn(2, 3, size, size)).loss)

@@ -153,6 +153,9 @@ def window_token_index(top_left: torch.Tensor, window_size: int, grid_width: int
     return (rows * grid_width + cols).flatten(-2)
 
 
+# Random draws with a generator cannot be traced with symbolic shapes (torch.compile recompiles
+# dynamically once a model sees a second image size): sampling always runs eagerly.
+@torch.compiler.disable
 def sample_plan(
     num_images: int,
     grid: tuple[int, int],

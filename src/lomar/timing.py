@@ -202,7 +202,7 @@ def build_runner(method: str, model_name: str, img_size: int, windows: int | Non
     optimizer = fast_adamw([p for p in model.parameters() if p.requires_grad],
                            lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
     images = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    fn = torch.compile(model) if compile else model
+    fn = torch.compile(model, dynamic=False) if compile else model  # one fixed shape per runner
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         return fn(x).loss

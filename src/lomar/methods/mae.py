@@ -64,8 +64,7 @@ class MAE(nn.Module):
                              f"{images.shape[-2]}x{images.shape[-1]}; build it with that img_size")
         n, length = images.shape[0], grid[0] * grid[1]
         if noise is None:
-            gen_device = generator.device if generator is not None else images.device
-            noise = torch.rand(n, length, generator=generator, device=gen_device).to(images.device)
+            noise = _uniform_noise(n, length, generator, images.device)
         elif noise.shape != (n, length):
             raise ValueError(f"noise must have shape (N, L) = {(n, length)}, got {tuple(noise.shape)}")
         keep = int(length * (1 - self.mask_ratio))
@@ -93,3 +92,10 @@ class MAE(nn.Module):
         mask = mask.gather(1, ids_restore)
         target = normalize_targets(patchify(images, p).float(), self.norm_pix_loss)
         return MAEOutput(masked_mse(pred, target, mask), pred, mask)
+
+
+@torch.compiler.disable  # as lomar.masking.sample_plan: random draws run eagerly under torch.compile
+def _uniform_noise(n: int, length: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """(n, length) U(0, 1) noise, drawn on the generator's device, returned on ``device``."""
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(n, length, generator=generator, device=gen_device).to(device)
