@@ -31,7 +31,7 @@ from .distributed import DistInfo, cleanup_distributed, init_distributed
 from .export import export_encoder
 from .masking import MaskingPlan, grid_size, sample_plan
 from .monitor import Monitor
-from .preemption import StopFlag, any_rank_stopping, ignore_stop_signals
+from .preemption import StopFlag, any_rank_stopping, ignore_stop_signals, shut_down_workers
 from .runtime import fast_adamw
 from .sampler import EpochSampler
 from .schedule import lr_at, param_groups
@@ -356,5 +356,6 @@ def train(config: PretrainConfig) -> int:
             return trainer.run()
         finally:
             trainer.stop.restore()
+            shut_down_workers(trainer.loader)
     finally:
         cleanup_distributed()

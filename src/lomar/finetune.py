@@ -29,7 +29,7 @@ from .checkpoint import atomic_save, safe_load
 from .cli import UsageError
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .distributed import cleanup_distributed, init_distributed
-from .preemption import StopFlag, any_rank_stopping
+from .preemption import StopFlag, any_rank_stopping, ignore_stop_signals, shut_down_workers
 from .runtime import fast_adamw
 from .schedule import lr_at
 
@@ -124,7 +124,8 @@ def _loaders(args, train_root: Path, val_root: Path, info) -> tuple[DataLoader, 
     sampler = ResumableSampler(train_set, info.world_size, info.rank, shuffle=True, seed=args.seed, drop_last=True)
     # Each rank scores a disjoint slice of val (no padding duplicates), counts are summed.
     val_part = Subset(val_set, range(info.rank, len(val_set), info.world_size))
-    common = dict(num_workers=args.workers, persistent_workers=args.workers > 0)
+    common = dict(num_workers=args.workers, persistent_workers=args.workers > 0,
+                  worker_init_fn=ignore_stop_signals if args.workers > 0 else None)
     train = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, **common)
     val = DataLoader(val_part, args.batch_size, **common)
     if len(train) == 0:
@@ -182,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         info, device = init_distributed(args.device)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    stop = StopFlag()
+    stop, loaders = StopFlag(), []
     try:
         # Per-rank streams for augmentation and mixup (timm draws from numpy / random); DDP
         # broadcasts rank 0's initial weights, so the new head is the same everywhere.
@@ -190,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         np.random.seed(args.seed + info.rank)
         random.seed(args.seed + info.rank)
         train_loader, val_loader, classes = _loaders(args, train_root, val_root, info)
+        loaders = [train_loader, val_loader]
         try:
             model = load_pretrained_encoder(args.pretrained, num_classes=len(classes), img_size=args.img_size,
                                             drop_path=args.drop_path)
@@ -323,4 +325,5 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         stop.restore()
+        shut_down_workers(*loaders)
         cleanup_distributed()
