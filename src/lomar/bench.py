@@ -64,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median)")
-    parser.add_argument("--warmup", type=int, default=1, help="plain untimed steps per configuration before timing (after one FLOP-counting and one memory step)")
+    parser.add_argument("--warmup", type=int, default=1, help="plain untimed steps per configuration before "
+                        "timing (after one FLOP-counting and one memory step)")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write results as JSON")
     parser.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
                         help="plot time per step against image size")
@@ -154,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
     meta = dict(model=args.model, batch_size=args.batch_size, precision=args.precision,
                 compile=args.compile, device=str(device), threads=torch.get_num_threads(),
                 steps=args.steps, warmup=args.warmup, torch=torch.__version__,
-                machine=_machine(device), malloc_retains_memory=retained, gemm_flops=ceiling, gemm_flops_all=rates,
+                machine=_machine(device), malloc_retains_memory=retained, gemm_flops=ceiling,
+                gemm_flops_all=rates,
                 wall_s=time.perf_counter() - started, command="lomar bench " + " ".join(sys.argv[2:])
                 if len(sys.argv) > 1 and sys.argv[1] == "bench" else None)
     if args.json:

@@ -329,13 +329,14 @@ def train(config: PretrainConfig) -> int:
     try:
         out = Path(config.out)
         resume = out / "last.pt" if config.resume == "auto" else Path(config.resume) if config.resume else None
+        resuming = resume is not None and resume.exists()
         try:
             trainer = Trainer(config, info, device)
-            if resume is not None and resume.exists():
+            if resuming:
                 trainer.load(resume)
         except (ValueError, FileNotFoundError) as exc:
             raise UsageError(str(exc)) from None
-        if resume is not None and resume.exists():
+        if resuming:
             if info.is_main:
                 _truncate_metrics(out, trainer.step)
                 print(f"lomar: resumed from {resume} at step {trainer.step}")

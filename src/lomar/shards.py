@@ -106,16 +106,8 @@ class TarShardDataset(IterableDataset):
         self._state.copy_(torch.tensor([epoch, skip, max(1, batch_size)]))
 
     def count_samples(self) -> int:
-        """Image members in all readable shards (reads tar headers only; unreadable ones count 0,
-        as iteration skips them too)."""
-        count = 0
-        for shard in self.shards:
-            try:
-                with tarfile.open(shard) as archive:
-                    count += sum(1 for m in archive if m.isfile() and _is_image_name(m.name))
-            except (tarfile.TarError, OSError):
-                continue
-        return count
+        """Image members in all readable shards (tar headers only)."""
+        return sum(1 for shard in self.shards for _ in _image_members(shard, read=False))
 
     def _readers(self) -> tuple[int, int, int, int]:
         """(rank, world size, worker id, workers in this rank's loader)."""
@@ -130,19 +122,7 @@ class TarShardDataset(IterableDataset):
 
     def _members(self, shards: list[Path]) -> Iterator[tuple[str, bytes]]:
         for shard in shards:
-            try:
-                archive = tarfile.open(shard)
-            except (OSError, tarfile.TarError) as exc:
-                log.warning("skipping unreadable shard %s: %s", shard, exc)
-                continue
-            with archive:
-                try:
-                    for member in archive:
-                        if member.isfile() and _is_image_name(member.name):
-                            handle = archive.extractfile(member)
-                            yield f"{shard}:{member.name}", handle.read() if handle else b""
-                except (OSError, tarfile.TarError) as exc:  # a truncated shard: keep what was read
-                    log.warning("shard %s is damaged after some samples: %s", shard, exc)
+            yield from _image_members(shard)
 
     def __iter__(self) -> Iterator[dict]:
         rank, world, worker, workers = self._readers()
@@ -168,3 +148,30 @@ class TarShardDataset(IterableDataset):
                 continue  # consumed before the resume: not decoded again
             gen = sample_generator(self.seed, epoch, zlib.crc32(name.encode()))
             yield _make_item(name, lambda: decode_bytes(data, name), self.transform, gen, self.masker)
+
+
+def _image_members(shard: Path, read: bool = True) -> Iterator[tuple[str, bytes | None]]:
+    """("shard:member", bytes, or None unless ``read``) for the image members of one shard.
+
+    An unreadable shard yields nothing and a truncated one what precedes the damage, with a
+    warning. Without ``read`` only headers are read, so a member whose data is cut off still
+    counts (the epoch length is an estimate for damaged shards; its bad samples are skipped).
+    """
+    try:
+        archive = tarfile.open(shard)
+    except (OSError, tarfile.TarError) as exc:
+        log.warning("skipping unreadable shard %s: %s", shard, exc)
+        return
+    with archive:
+        try:
+            for member in archive:
+                if not (member.isfile() and _is_image_name(member.name)):
+                    continue
+                name = f"{shard}:{member.name}"
+                if not read:
+                    yield name, None
+                    continue
+                handle = archive.extractfile(member)
+                yield name, handle.read() if handle else b""
+        except (OSError, tarfile.TarError) as exc:  # a truncated shard: keep what was read
+            log.warning("shard %s is damaged after some samples: %s", shard, exc)
