@@ -109,15 +109,45 @@ class ResumableSampler(DistributedSampler):
         return super().__len__() - self.skip
 
 
-def _loaders(args, train_root: Path, val_root: Path, info) -> tuple[DataLoader, DataLoader, list[str]]:
+def _posterize_any_bits(img, bits_to_keep, **_):
+    """timm's posterize, also for ``bits_to_keep <= 0`` (every bit dropped: a black image).
+
+    RandAugment's ``PosterizeIncreasing`` asks for 0 bits whenever the noisy magnitude
+    (``mstd0.5``) reaches 10; Pillow 13 refuses ``ImageOps.posterize(img, 0)`` where older
+    Pillow returned the black image the recipe was tuned with.
+    """
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def classification_transforms(img_size: int, aa: str = "rand-m9-mstd0.5-inc1", reprob: float = 0.25):
+    """(train, eval) transforms of the finetune recipe: timm's RandAugment + random erasing,
+    bicubic resize, centre crop 0.875 for evaluation. The train transform's posterize ops are
+    the guarded ones above, so every RandAugment policy works with every Pillow we allow."""
     from timm.data import create_transform
+    from timm.data.auto_augment import AugmentOp
+
+    train_tf = create_transform(img_size, is_training=True, color_jitter=None,
+                                auto_augment=None if aa == "none" else aa, interpolation="bicubic",
+                                re_prob=reprob, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    for t in getattr(train_tf, "transforms", ()):
+        for op in getattr(t, "ops", ()):
+            if isinstance(op, AugmentOp) and op.name.startswith("Posterize"):
+                op.aug_fn = _posterize_any_bits
+    val_tf = create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=0.875,
+                              mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return train_tf, val_tf
+
+
+def _loaders(args, train_root: Path, val_root: Path, info) -> tuple[DataLoader, DataLoader, list[str]]:
     from torchvision.datasets import ImageFolder
 
-    train_tf = create_transform(args.img_size, is_training=True, color_jitter=None,
-                                auto_augment=None if args.aa == "none" else args.aa, interpolation="bicubic",
-                                re_prob=args.reprob, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    val_tf = create_transform(args.img_size, is_training=False, interpolation="bicubic", crop_pct=0.875,
-                              mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    train_tf, val_tf = classification_transforms(args.img_size, args.aa, args.reprob)
     train_set, val_set = ImageFolder(str(train_root), train_tf), ImageFolder(str(val_root), val_tf)
     if train_set.classes != val_set.classes:
         raise UsageError(f"train and val class folders differ: {train_set.classes} vs {val_set.classes}")
