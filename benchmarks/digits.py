@@ -36,8 +36,8 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
 
 from lomar import MAE, LoMaR, ViTConfig, VisionTransformer
-from lomar.evaluate import extract_features, knn_predict, train_linear_probe
-from lomar.runtime import fast_adamw, retain_freed_memory
+from lomar.eval.evaluate import extract_features, knn_predict, train_linear_probe
+from lomar.train.runtime import fast_adamw, retain_freed_memory
 
 # Encoder: ViT with patch 4 on 32x32 -> an 8x8 grid of 64 tokens, width 64, 4 blocks, 4 heads.
 ENCODER = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4)

@@ -4,15 +4,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import write_images
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-_DEFAULT_REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-
-
-def reference_dir() -> Path:
-    return Path(os.environ.get("LOMAR_REFERENCE_DIR", _DEFAULT_REFERENCE))
 
 
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> Path:
+    """16 small random PNGs (40x48) in one folder."""
+    return write_images(tmp_path_factory.mktemp("images"), 16)

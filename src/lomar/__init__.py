@@ -2,11 +2,11 @@
 
 __version__ = "0.1.0"
 
-from .checkpoint import atomic_save, load_original, lomar_from_original, lomar_to_original, safe_load
-from .export import create_encoder, export_encoder
-from .masking import MaskingPlan, sample_plan
-from .methods import MAE, LoMaR
-from .vit import ViTConfig, VisionTransformer, list_models, model_config
+from lomar.checkpoints.io import atomic_save, load_original, lomar_from_original, lomar_to_original, safe_load
+from lomar.checkpoints.export import create_encoder, export_encoder
+from lomar.models.masking import MaskingPlan, sample_plan
+from lomar.models import MAE, LoMaR
+from lomar.models.vit import ViTConfig, VisionTransformer, list_models, model_config
 
 __all__ = [
     "__version__",

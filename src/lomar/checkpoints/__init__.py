@@ -1,0 +1,1 @@
+"""Checkpoints: atomic saving, safe loading, original formats, export."""

@@ -1,0 +1,47 @@
+"""``lomar export CKPT --to DIR``: the encoder of any checkpoint -> model.safetensors + config.json."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lomar.checkpoints.convert import add_override_arguments, encoder_of, load_for_cli
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("CKPT: our pretraining checkpoint (last.pt), a finetuned classifier checkpoint, a "
+                     "checkpoint from `lomar load-original`, or an original LoMaR / MAE checkpoint. Load the "
+                     "result with lomar.create_encoder(DIR), or in timm after `import lomar.models.timm`: "
+                     "timm.create_model('local-dir:DIR', pretrained=True).")
+    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint file (or an exported folder)")
+    parser.add_argument("--to", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--drop-head", action="store_true", help="export a classifier's encoder without its head")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing export in DIR")
+    add_override_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lomar.errors import UsageError
+    from lomar.checkpoints.export import CONFIG_NAME, ENCODER_WEIGHTS, export_encoder
+    from lomar.models.vit import VisionTransformer
+
+    out = Path(args.to)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--to {out} is a file; pass a folder")
+    if (out / ENCODER_WEIGHTS).exists() and not args.overwrite:
+        raise UsageError(f"{out / ENCODER_WEIGHTS} already exists; pass --overwrite to replace it")
+    model = load_for_cli(args.checkpoint, args)
+    encoder = encoder_of(model)
+    if args.drop_head and encoder.num_classes:
+        plain = VisionTransformer(encoder.config)
+        plain.load_state_dict(encoder.state_dict(), strict=False)
+        encoder = plain
+    method = type(model).__name__ if model is not encoder else ("classifier" if encoder.num_classes else "encoder")
+    export_encoder(encoder, out, metadata={"source": str(args.checkpoint), "method": method.lower()})
+    c = encoder.config
+    head = f", head of {encoder.num_classes} classes" if encoder.num_classes else ""
+    print(f"lomar: exported the {c.embed_dim}-wide, {c.depth}-block encoder of {args.checkpoint} "
+          f"({method.lower()}{head}) -> {out / ENCODER_WEIGHTS}, {out / CONFIG_NAME}")
+    print(f"lomar: load with lomar.create_encoder('{out}') or, after `import lomar.models.timm`, "
+          f"timm.create_model('local-dir:{out}', pretrained=True)")
+    return 0

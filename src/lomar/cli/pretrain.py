@@ -1,0 +1,32 @@
+"""``lomar pretrain``: flags and YAML -> config -> engine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lomar.errors import UsageError
+from lomar.train.config import ConfigError, add_config_arguments, dump_config, resolve_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("With no --data, pretrains a tiny model on the photographs bundled with scikit-image "
+                     "(a few minutes on a CPU). Multi-GPU: torchrun --nproc_per_node G -m lomar pretrain ...")
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = resolve_config(args)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    if args.print_config:
+        sys.stdout.write(dump_config(config))
+        return 0
+    from lomar.train.engine import TrainingError, train
+
+    try:
+        return train(config)
+    except TrainingError as exc:
+        print(f"lomar pretrain: error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,116 @@
+"""``lomar knn`` and ``lomar linprobe``: frozen-feature evaluation of a pretrained encoder.
+
+Both compute the features once (centre crops, :func:`lomar.eval.evaluate.eval_transform`), then
+score them: k-NN directly, the linear probe by training BatchNorm + Linear on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from lomar.errors import UsageError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pretrained", help="our pretrain/finetune checkpoint, an exported or run folder, "
+                                      "or an original LoMaR / MAE checkpoint")
+    p.add_argument("--data", help="ImageFolder root holding train/ and val/")
+    p.add_argument("--train", help="training split root (instead of --data)")
+    p.add_argument("--val", help="validation split root (instead of --data)")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--pool", choices=("mean", "cls"), default="mean",
+                   help="feature: mean of the normed patch tokens (default) or the normed cls token")
+    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    p.add_argument("--json", help="also write the result to this JSON file")
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.batch_size <= 0 or args.img_size <= 0:
+        raise UsageError(f"--batch-size and --img-size must be positive, got {args.batch_size} and {args.img_size}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if not (args.data or (args.train and args.val)):
+        raise UsageError("pass --data ROOT (with train/ and val/) or both --train and --val")
+    if not Path(args.pretrained).exists():
+        raise UsageError(f"{args.pretrained} does not exist; pass a checkpoint file or an exported folder")
+
+
+def _features(args: argparse.Namespace):
+    """(train_x, train_y, val_x, val_y) features of both splits; UsageError on bad input."""
+    from lomar.eval.evaluate import extract_features, knn_loaders, load_pretrained_encoder
+
+    _check(args)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+        "cpu" if args.device == "auto" else args.device
+    try:
+        loaders = knn_loaders(args.train or args.data, args.val if args.train else None, args.img_size,
+                              args.batch_size, args.workers)
+        encoder = load_pretrained_encoder(args.pretrained, img_size=args.img_size).to(device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"lomar {args.command}: {encoder.load_report.summary()}", file=sys.stderr)
+    out = []
+    for loader in loaders:
+        out.extend(extract_features(encoder, loader, device, args.pool))
+    return out
+
+
+def knn_add_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--k", type=int, default=20, help="neighbours")
+    p.add_argument("--temperature", type=float, default=0.07, help="votes weigh exp(cosine / T)")
+
+
+def knn_run(args: argparse.Namespace) -> int:
+    from lomar.eval.evaluate import knn_predict, write_json
+
+    if args.k <= 0 or args.temperature <= 0:
+        raise UsageError(f"--k and --temperature must be positive, got {args.k} and {args.temperature}")
+    train_x, train_y, val_x, val_y = _features(args)
+    classes = int(max(train_y.max(), val_y.max())) + 1
+    pred = knn_predict(train_x, train_y, val_x, classes, args.k, args.temperature).argmax(1)
+    top1 = float((pred == val_y).float().mean())
+    print(f"k-NN (k={args.k}, T={args.temperature}, {args.pool} features) top-1: {100 * top1:.2f}% "
+          f"({len(val_y)} val / {len(train_y)} train images)")
+    write_json(args.json, {"knn_top1": top1, "k": args.k, "temperature": args.temperature, "pool": args.pool,
+                           "train_images": len(train_y), "val_images": len(val_y)})
+    return 0
+
+
+def linprobe_add_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--epochs", type=int, default=90)
+    p.add_argument("--lr", type=float, default=1e-2, help="AdamW peak lr (cosine to 0)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--probe-batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", help="write the trained probe's state dict here")
+
+
+def linprobe_run(args: argparse.Namespace) -> int:
+    from lomar.checkpoints.io import atomic_save
+    from lomar.eval.evaluate import train_linear_probe, write_json
+
+    if args.epochs <= 0 or args.lr <= 0 or args.probe_batch_size <= 0:
+        raise UsageError(f"--epochs, --lr and --probe-batch-size must be positive, got "
+                         f"{args.epochs}, {args.lr} and {args.probe_batch_size}")
+    train_x, train_y, val_x, val_y = _features(args)
+    try:
+        probe, top1 = train_linear_probe(train_x, train_y, val_x, val_y, epochs=args.epochs,
+                                         batch_size=args.probe_batch_size, lr=args.lr,
+                                         weight_decay=args.weight_decay, seed=args.seed)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"linear probe ({args.pool} features, {args.epochs} epochs) top-1: {100 * top1:.2f}% "
+          f"({len(val_y)} val / {len(train_y)} train images)")
+    if args.save:
+        atomic_save({"probe": probe.state_dict(), "pool": args.pool, "top1": top1}, args.save)
+    write_json(args.json, {"linprobe_top1": top1, "epochs": args.epochs, "lr": args.lr, "pool": args.pool,
+                           "train_images": len(train_y), "val_images": len(val_y)})
+    return 0

@@ -1,0 +1,99 @@
+"""``lomar visualize CKPT IMAGES…``: reconstruction and attention figures of a pretrained model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from lomar.checkpoints.convert import add_override_arguments, load_for_cli
+
+__all__ = ["add_arguments", "run", "prepare_image"]
+
+
+def prepare_image(path: str | Path, size: int) -> torch.Tensor:
+    """Image file -> (3, size, size) ImageNet-normalised: shorter side resized (bicubic), centre crop."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from lomar.data.images import IMAGENET_MEAN, IMAGENET_STD, load_image
+
+    image = load_image(path)
+    image = TF.resize(image, [size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    image = TF.center_crop(image, [size, size])
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (image.float() / 255.0 - mean) / std
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Writes OUT/reconstruction.png (one row per image: original | sampled windows | masked "
+                     "input | reconstruction) and, with --attention, OUT/attention-NN-NAME.png per image. "
+                     "CKPT: our pretraining checkpoint, one from `lomar load-original`, or an original one "
+                     "(an encoder-only checkpoint or export folder gives attention figures only).")
+    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint file (or an exported folder)")
+    parser.add_argument("images", nargs="*", metavar="IMAGE",
+                        help="image files (default: four photographs bundled with scikit-image)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampled windows and masks (default 0)")
+    parser.add_argument("--out", default="figures", metavar="DIR", help="output folder (default ./figures)")
+    parser.add_argument("--attention", action="store_true",
+                        help="also draw, per image, the attention each block pays inside the target's window")
+    parser.add_argument("--target-patch", type=int, nargs=2, metavar=("ROW", "COL"),
+                        help="target patch in the image's patch grid (default: the centre)")
+    parser.add_argument("--context", choices=("window", "image"),
+                        help="attention with cls + window tokens only (LoMaR default) or the whole image "
+                             "(default for MAE and encoders)")
+    parser.add_argument("--masked", action="store_true",
+                        help="attention with the window masked as in pretraining (target masked; LoMaR)")
+    parser.add_argument("--attention-window", type=int, metavar="K",
+                        help="window size for models without one (default 7)")
+    add_override_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lomar.errors import UsageError
+    from lomar.data.images import demo_image_paths, denormalize
+    from lomar.models import MAE, LoMaR
+
+    model = load_for_cli(args.checkpoint, args)
+    model.eval()
+    encoder = getattr(model, "encoder", model)
+    can_reconstruct = isinstance(model, (LoMaR, MAE))
+    if not can_reconstruct and not args.attention:
+        raise UsageError(f"{args.checkpoint} holds an encoder without a pixel head: it cannot reconstruct; "
+                         f"pass --attention for attention figures, or a pretraining checkpoint")
+    paths = [Path(p) for p in args.images] or demo_image_paths()[:4]
+    size = encoder.config.img_size
+    try:
+        images = torch.stack([prepare_image(p, size) for p in paths])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    out = Path(args.out)
+    written = []
+    name = type(model).__name__ if can_reconstruct else "encoder"
+    if can_reconstruct:
+        from lomar.viz.reconstruction import reconstruction_figure
+
+        title = f"{name} reconstruction of {Path(args.checkpoint).name}, seed {args.seed}"
+        try:
+            written.append(reconstruction_figure(model, images, path=out / "reconstruction.png", seed=args.seed,
+                                                 title=title))
+        except ValueError as exc:  # e.g. windows that do not fit
+            raise UsageError(str(exc)) from None
+    if args.attention:
+        from lomar.viz.attention import attention_figure, window_attention
+
+        pixels = denormalize(images)
+        for i, (path, image) in enumerate(zip(paths, images)):
+            try:
+                result = window_attention(model, image, target=tuple(args.target_patch) if args.target_patch else None,
+                                          window_size=args.attention_window, context=args.context,
+                                          masked=args.masked, seed=args.seed)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            title = f"{name} {Path(args.checkpoint).name}: {path.name}"
+            written.append(attention_figure(result, pixels[i], encoder.config.patch_size,
+                                            out / f"attention-{i:02d}-{path.stem}.png", title=title))
+    for path in written:
+        print(f"lomar: wrote {path}")
+    return 0

@@ -1,0 +1,1 @@
+"""Image discovery, decoding, augmentation and sharded reading for pretraining."""

@@ -1,0 +1,177 @@
+"""WebDataset-style tar shards as an iterable pretraining dataset.
+
+Read with the standard library's ``tarfile``: every image member of a shard is one sample
+(WebDataset's companion members such as ``.cls`` or ``.json`` are ignored; this is
+self-supervised). Shards are spread over distributed ranks and loader workers, their order is
+shuffled each epoch, and a small buffer mixes samples across shards, all seeded by
+(seed, epoch), so an epoch's stream is reproducible for a fixed number of ranks and workers.
+"""
+
+from __future__ import annotations
+
+import glob
+import tarfile
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from lomar.data.images import Masker, PretrainTransform, _is_image_name, _make_item, decode_bytes, log, sample_generator
+
+__all__ = ["TarShardDataset", "is_shard_pattern", "shard_paths"]
+
+T = TypeVar("T")
+# Generator "indices" for stream-level randomness, above every crc32 sample index (< 2**32).
+_ORDER_INDEX = 2 ** 40
+_BUFFER_INDEX = 2 ** 40 + 1
+
+
+def is_shard_pattern(data: str) -> bool:
+    """A glob or brace pattern of ``.tar`` files, or one existing ``.tar`` file."""
+    if not data.lower().endswith(".tar"):
+        return False
+    return any(c in data for c in "*?[{") or Path(data).is_file()
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    """Expand ``{000..009}`` and ``{a,b}`` (WebDataset's shard notation)."""
+    start = pattern.find("{")
+    if start < 0:
+        return [pattern]
+    end = pattern.index("}", start)
+    body, head, tail = pattern[start + 1:end], pattern[:start], pattern[end + 1:]
+    if ".." in body:
+        lo, hi = body.split("..")
+        options = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+    else:
+        options = body.split(",")
+    return [p for option in options for p in _expand_braces(head + option + tail)]
+
+
+def shard_paths(data: str) -> list[Path]:
+    """Existing shard files matching a glob / brace pattern, sorted; ValueError when none."""
+    paths = sorted({Path(p) for pat in _expand_braces(data) for p in glob.glob(pat)})
+    if not paths:
+        raise ValueError(f"no tar shards match {data!r}; check the glob or brace pattern")
+    return paths
+
+
+def _buffer_shuffle(items: Iterable[T], size: int, gen: torch.Generator) -> Iterator[T]:
+    """Streaming shuffle through a buffer of ``size`` items (WebDataset's usual scheme)."""
+    buffer: list[T] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        j = int(torch.randint(len(buffer), (1,), generator=gen))
+        buffer[j], item = item, buffer[j]
+        yield item
+    for j in torch.randperm(len(buffer), generator=gen).tolist():
+        yield buffer[j]
+
+
+class TarShardDataset(IterableDataset):
+    """WebDataset-style tar shards, split across distributed ranks and loader workers.
+
+    Each sample's augmentation is seeded by (seed, epoch, shard:member name). With at least as
+    many shards as ranks x workers, each reader takes whole shards; with fewer, every reader
+    walks all the shards and keeps every n-th sample, so that no rank ends up without data.
+    Shards should hold similar numbers of images, or ranks run out at different times.
+
+    Mid-epoch resume is best effort: ``set_epoch(epoch, skip, batch_size)`` drops the samples
+    this rank already consumed without decoding them. That reproduces the interrupted stream
+    exactly when the rank and worker counts are unchanged and no worker ran dry before the
+    resume point; otherwise samples may repeat or be missed.
+    """
+
+    def __init__(self, shards: list[Path], transform: PretrainTransform, seed: int = 0,
+                 masker: Masker | None = None, rank: int | None = None, world_size: int | None = None,
+                 shuffle_buffer: int = 256):
+        self.shards, self.transform, self.seed, self.masker = list(shards), transform, seed, masker
+        self.rank, self.world_size = rank, world_size  # None: ask torch.distributed when iterating
+        self.shuffle_buffer = shuffle_buffer  # holds encoded bytes only: ~100 kB per photo
+        # (epoch, items to skip, batch size) in shared memory, so that set_epoch in the main
+        # process reaches persistent workers, which keep the dataset copy they started with.
+        self._state = torch.tensor([0, 0, 1], dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._state[0])
+
+    def set_epoch(self, epoch: int, skip: int = 0, batch_size: int = 1) -> None:
+        """Start epoch ``epoch``; ``skip``: this rank's items already consumed in it (resume)."""
+        self._state.copy_(torch.tensor([epoch, skip, max(1, batch_size)]))
+
+    def count_samples(self) -> int:
+        """Image members in all readable shards (tar headers only)."""
+        return sum(1 for shard in self.shards for _ in _image_members(shard, read=False))
+
+    def _readers(self) -> tuple[int, int, int, int]:
+        """(rank, world size, worker id, workers in this rank's loader)."""
+        rank, world = self.rank, self.world_size
+        if rank is None or world is None:
+            dist = torch.distributed
+            on = dist.is_available() and dist.is_initialized()
+            rank, world = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return rank, world, worker, workers
+
+    def _members(self, shards: list[Path]) -> Iterator[tuple[str, bytes]]:
+        for shard in shards:
+            yield from _image_members(shard)
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world, worker, workers = self._readers()
+        epoch, skip, batch = self._state.tolist()
+        # The loader takes batch b from worker b % workers, restarting at worker 0 on every
+        # new iteration. After `done` batches, worker w therefore plays the part that worker
+        # (w + done) % workers had, and skips the batches that one already delivered.
+        done = skip // batch
+        part = (worker + done) % workers
+        mine = skip if workers == 1 else max(0, (done - part + workers - 1) // workers) * batch
+        slot, slots = rank * workers + part, world * workers
+        # The same shard order on every rank and worker: a function of (seed, epoch) only.
+        order = torch.randperm(len(self.shards), generator=sample_generator(self.seed, epoch, _ORDER_INDEX))
+        shards = [self.shards[i] for i in order.tolist()]
+        if len(shards) >= slots:
+            members: Iterable[tuple[str, bytes]] = self._members(shards[slot::slots])
+        else:
+            members = (m for i, m in enumerate(self._members(shards)) if i % slots == slot)
+        gen = sample_generator(self.seed, epoch, _BUFFER_INDEX + slot)
+        stream = _buffer_shuffle(members, self.shuffle_buffer, gen) if self.shuffle_buffer > 1 else members
+        for position, (name, data) in enumerate(stream):
+            if position < mine:
+                continue  # consumed before the resume: not decoded again
+            gen = sample_generator(self.seed, epoch, zlib.crc32(name.encode()))
+            yield _make_item(name, lambda: decode_bytes(data, name), self.transform, gen, self.masker)
+
+
+def _image_members(shard: Path, read: bool = True) -> Iterator[tuple[str, bytes | None]]:
+    """("shard:member", bytes, or None unless ``read``) for the image members of one shard.
+
+    An unreadable shard yields nothing and a truncated one what precedes the damage, with a
+    warning. Without ``read`` only headers are read, so a member whose data is cut off still
+    counts (the epoch length is an estimate for damaged shards; its bad samples are skipped).
+    """
+    try:
+        archive = tarfile.open(shard)
+    except (OSError, tarfile.TarError) as exc:
+        log.warning("skipping unreadable shard %s: %s", shard, exc)
+        return
+    with archive:
+        try:
+            for member in archive:
+                if not (member.isfile() and _is_image_name(member.name)):
+                    continue
+                name = f"{shard}:{member.name}"
+                if not read:
+                    yield name, None
+                    continue
+                handle = archive.extractfile(member)
+                yield name, handle.read() if handle else b""
+        except (OSError, tarfile.TarError) as exc:  # a truncated shard: keep what was read
+            log.warning("shard %s is damaged after some samples: %s", shard, exc)

@@ -1,0 +1,1 @@
+"""Evaluation of frozen or finetuned encoders: features, k-NN, linear probe."""

@@ -1,0 +1,215 @@
+"""Dense prediction with a LoMaR encoder: ViTDet's simple feature pyramid, and backbones for
+detectron2 (ViTDet) and mmsegmentation (UperNet). See docs/dense.md for the recipes.
+
+The encoder runs on the whole image at any size whose sides are multiples of the patch size:
+the contextual relative position encoding needs no interpolation (an MAE encoder's absolute
+table is interpolated). For exact strides up to 32 use sides divisible by 32.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lomar.models.rpe import bucket_table
+from lomar.models.vit import VisionTransformer
+
+__all__ = ["LayerNorm2d", "SimpleFeaturePyramid", "feature_maps", "ViTDetBackbone", "MultiLevelBackbone",
+           "load_encoder"]
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__(channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _conv_norm(cin: int, cout: int, kernel: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), LayerNorm2d(cout))
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """ViTDet-style pyramid from one stride-``in_stride`` map (Li et al., 2022).
+
+    Each scale factor s gives one level: s=4 two stride-2 transposed convs (LayerNorm + GELU
+    between), s=2 one, s=1 the map itself, s=0.5 a 2×2 max pool; then a 1×1 conv to
+    ``out_channels`` and a 3×3 conv, each followed by a channel LayerNorm. Levels are named
+    ``p{log2(stride)}``: for patch 16 and the default factors, ``p2, p3, p4, p5`` at strides 4,
+    8, 16, 32 (detectron2's names); ``top_block`` adds ``p6`` (stride-2 subsampling of p5, as
+    detectron2's LastLevelMaxPool).
+
+    forward: (B, in_channels, h, w) -> {name: (B, out_channels, h·s, w·s)}.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int = 256, scale_factors=(4.0, 2.0, 1.0, 0.5),
+                 in_stride: int = 16, top_block: bool = False):
+        super().__init__()
+        self.scale_factors = tuple(float(s) for s in scale_factors)
+        self.in_stride = in_stride
+        self.out_channels = out_channels
+        self.top_block = top_block
+        self.stages = nn.ModuleList()
+        self.strides: dict[str, int] = {}
+        for scale in self.scale_factors:
+            dim = in_channels
+            if scale == 4.0:
+                layers = [nn.ConvTranspose2d(dim, dim // 2, 2, stride=2), LayerNorm2d(dim // 2), nn.GELU(),
+                          nn.ConvTranspose2d(dim // 2, dim // 4, 2, stride=2)]
+                dim //= 4
+            elif scale == 2.0:
+                layers = [nn.ConvTranspose2d(dim, dim // 2, 2, stride=2)]
+                dim //= 2
+            elif scale == 1.0:
+                layers = []
+            elif scale == 0.5:
+                layers = [nn.MaxPool2d(2, stride=2)]
+            else:
+                raise ValueError(f"scale factor {scale} not supported; use 4, 2, 1 or 0.5")
+            layers += [_conv_norm(dim, out_channels, 1), _conv_norm(out_channels, out_channels, 3)]
+            self.stages.append(nn.Sequential(*layers))
+            stride = in_stride / scale
+            if stride != int(stride) or int(stride) & (int(stride) - 1):
+                raise ValueError(f"input stride {in_stride} with scale {scale} gives stride {stride}, "
+                                 f"not a power of two")
+            self.strides[f"p{int(math.log2(stride))}"] = int(stride)
+        if top_block:
+            last = max(self.strides.values())
+            self.strides[f"p{int(math.log2(last)) + 1}"] = 2 * last
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.strides)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        names = self.names
+        out = {name: stage(x) for name, stage in zip(names, self.stages)}
+        if self.top_block:
+            coarsest = max(out, key=self.strides.__getitem__)
+            out[names[-1]] = nn.functional.max_pool2d(out[coarsest], kernel_size=1, stride=2)
+        return out
+
+
+def feature_maps(encoder: VisionTransformer, images: torch.Tensor, indices=(-1,), norm: bool = True,
+                 grad_checkpointing: bool = False) -> list[torch.Tensor]:
+    """Block outputs of the encoder as (B, D, H/p, W/p) maps (cls dropped).
+
+    indices: block indices (negative from the end); ``norm`` applies the encoder's final
+    LayerNorm to each map; ``grad_checkpointing`` trades compute for memory while training.
+    """
+    depth = len(encoder.blocks)
+    take = sorted({i % depth for i in indices})
+    x, grid = encoder.embed(images)
+    buckets = bucket_table(grid, x.device) if encoder.config.pos == "rpe" else None
+    out = {}
+    for i, block in enumerate(encoder.blocks[:take[-1] + 1]):
+        if grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(block, x, buckets, use_reentrant=False)
+        else:
+            x = block(x, buckets)
+        if i in take:
+            y = encoder.norm(x) if norm else x
+            out[i] = y[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, *grid)
+    return [out[i % depth] for i in indices]
+
+
+def load_encoder(source: str | Path | VisionTransformer) -> VisionTransformer:
+    """An encoder from an export folder, any checkpoint (see ``lomar.checkpoints.convert.load_model``), or as is."""
+    if isinstance(source, VisionTransformer):
+        return source
+    from lomar.checkpoints.convert import encoder_of, load_model
+
+    return encoder_of(load_model(source))
+
+
+class ViTDetBackbone(nn.Module):
+    """Encoder + :class:`SimpleFeaturePyramid` from its last block: images -> {"p2".."p5"[, "p6"]}.
+
+    Follows detectron2's ``Backbone`` protocol (``output_shape()``, ``size_divisibility``,
+    ``padding_constraints``, ``_out_features``) without importing detectron2; see
+    docs/dense.md for the three-line subclass that registers it there.
+    """
+
+    def __init__(self, encoder: VisionTransformer | str | Path, out_channels: int = 256,
+                 scale_factors=(4.0, 2.0, 1.0, 0.5), top_block: bool = False, norm: bool = True,
+                 grad_checkpointing: bool = False, square_pad: int = 0):
+        super().__init__()
+        self.encoder = load_encoder(encoder)
+        if self.encoder.num_classes:  # a classifier's head and fc_norm are not part of the backbone
+            plain = VisionTransformer(self.encoder.config)
+            plain.load_state_dict(self.encoder.state_dict(), strict=False)
+            self.encoder = plain
+        self.pyramid = SimpleFeaturePyramid(self.encoder.embed_dim, out_channels, scale_factors,
+                                            in_stride=self.encoder.config.patch_size, top_block=top_block)
+        self.norm = norm
+        self.grad_checkpointing = grad_checkpointing
+        self._square_pad = square_pad
+        self._out_features = self.pyramid.names
+        self._out_feature_strides = dict(self.pyramid.strides)
+        self._out_feature_channels = {name: out_channels for name in self._out_features}
+
+    @property
+    def size_divisibility(self) -> int:
+        """Pad inputs to a multiple of this: the coarsest stride (the patch size suffices for the encoder)."""
+        return max(self._out_feature_strides.values())
+
+    @property
+    def padding_constraints(self) -> dict:
+        return {"size_divisiblity": self.size_divisibility, "square_size": self._square_pad}
+
+    def output_shape(self) -> dict[str, dict[str, int]]:
+        """{name: {"channels", "stride"}}; detectron2 wraps these in ShapeSpec."""
+        return {name: {"channels": self._out_feature_channels[name], "stride": self._out_feature_strides[name]}
+                for name in self._out_features}
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 3, H, W), H and W multiples of the patch size -> {name: (B, C, H/stride, W/stride)}."""
+        (last,) = feature_maps(self.encoder, images, (-1,), self.norm, self.grad_checkpointing and self.training)
+        return self.pyramid(last)
+
+
+class MultiLevelBackbone(nn.Module):
+    """Maps of several blocks, all at stride p: images -> tuple of (B, D, H/p, W/p).
+
+    The backbone mmsegmentation's ViT/MAE recipes expect (``out_indices`` (3, 5, 7, 11) of a
+    12-block encoder), to be followed by its ``MultiLevelNeck`` (rescales to strides 4-32) and
+    ``UPerHead``. With ``pyramid=True`` the maps are instead rescaled here by 4, 2, 1, 0.5
+    (transposed convs / max pool, BEiT-style), so a plain UPerHead can follow directly.
+    """
+
+    def __init__(self, encoder: VisionTransformer | str | Path, out_indices=(3, 5, 7, 11), norm: bool = False,
+                 pyramid: bool = False, grad_checkpointing: bool = False):
+        super().__init__()
+        self.encoder = load_encoder(encoder)
+        depth = len(self.encoder.blocks)
+        if any(not -depth <= i < depth for i in out_indices):
+            raise ValueError(f"out_indices {tuple(out_indices)} out of range for a {depth}-block encoder")
+        self.out_indices = tuple(out_indices)
+        self.norm = norm
+        self.grad_checkpointing = grad_checkpointing
+        dim = self.encoder.embed_dim
+        self.rescale = None
+        if pyramid:
+            if len(self.out_indices) != 4:
+                raise ValueError("pyramid=True needs exactly four out_indices (strides 4, 8, 16, 32)")
+            self.rescale = nn.ModuleList([
+                nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, stride=2), nn.BatchNorm2d(dim), nn.GELU(),
+                              nn.ConvTranspose2d(dim, dim, 2, stride=2)),
+                nn.ConvTranspose2d(dim, dim, 2, stride=2),
+                nn.Identity(),
+                nn.MaxPool2d(2, stride=2),
+            ])
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        maps = feature_maps(self.encoder, images, self.out_indices, self.norm,
+                            self.grad_checkpointing and self.training)
+        if self.rescale is not None:
+            maps = [op(m) for op, m in zip(self.rescale, maps)]
+        return tuple(maps)

@@ -1,0 +1,105 @@
+"""LoMaR: masked reconstruction inside small windows of patches (SPEC §1).
+
+Only the window tokens are ever cut out and embedded: each (image, window) pair becomes
+one short sequence [cls] + K·K tokens, so the encoder's cost depends on the number of
+windows, not on the image size.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from lomar.models.masking import MaskingPlan, check_window_request, sample_plan, window_token_index
+from lomar.models.masking import grid_size
+from lomar.models.objective import gather_patches, masked_mse, normalize_targets
+from lomar.models.vit import ViTConfig, VisionTransformer
+
+__all__ = ["LoMaR", "LoMaROutput"]
+
+
+class LoMaROutput(NamedTuple):
+    loss: torch.Tensor  # () mean squared error over masked tokens
+    pred: torch.Tensor  # (N·n, K·K, p·p·C) head output per window token, image-major
+    plan: MaskingPlan
+
+
+class LoMaR(nn.Module):
+    """Encoder + mask token + linear pixel head, trained on masked windows.
+
+    Args:
+        config: encoder architecture (``pos='rpe'`` is the method; ``'abs'`` adds each
+            token's sin-cos position in the full image, an ablation).
+        window_size: K, windows are K×K patches.
+        num_windows: windows sampled per image when no plan is given.
+        mask_ratio: share of each window's tokens that is masked (floor(K·K·ratio)).
+        norm_pix_loss: regress per-patch normalised pixels.
+    """
+
+    def __init__(self, config: ViTConfig, window_size: int = 7, num_windows: int = 4,
+                 mask_ratio: float = 0.8, norm_pix_loss: bool = True):
+        super().__init__()
+        self.encoder = VisionTransformer(config)
+        check_window_request(self.encoder.grid, window_size, num_windows, mask_ratio)
+        self.window_size = window_size
+        self.num_windows = num_windows
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        dim, p = config.embed_dim, config.patch_size
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.head = nn.Linear(dim, p * p * config.in_chans)
+        nn.init.normal_(self.mask_token, std=0.02)
+        nn.init.xavier_uniform_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def config(self) -> ViTConfig:
+        return self.encoder.config
+
+    def sample_plan(self, images: torch.Tensor, generator: torch.Generator | None = None) -> MaskingPlan:
+        grid = self.encoder.image_grid(images)
+        return sample_plan(images.shape[0], grid, self.window_size, self.num_windows,
+                           self.mask_ratio, generator=generator, device=images.device)
+
+    def forward(self, images: torch.Tensor, plan: MaskingPlan | None = None,
+                generator: torch.Generator | None = None) -> LoMaROutput:
+        """images (N, C, H, W) normalised -> loss, pred (N·n, K·K, p·p·C), plan."""
+        if plan is None:
+            plan = self.sample_plan(images, generator)
+        else:
+            if plan.window_size != self.window_size:
+                raise ValueError(f"plan has {plan.window_size}x{plan.window_size} windows but the "
+                                 f"model uses {self.window_size}x{self.window_size}")
+            if plan.num_images != images.shape[0]:
+                raise ValueError(f"plan is for {plan.num_images} images but the batch has {images.shape[0]}")
+            plan.validate(self.encoder.image_grid(images))
+            plan = plan.to(images.device)
+        image_index, top_left, mask = plan.flat()
+        loss, pred = self.forward_windows(images, image_index, top_left, mask)
+        return LoMaROutput(loss, pred, plan)
+
+    def forward_windows(self, images: torch.Tensor, image_index: torch.Tensor,
+                        top_left: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sequence per row: image index (R,), window top-left (R, 2), mask (R, K·K) bool.
+
+        Returns (loss, pred (R, K·K, p·p·C)).
+        """
+        encoder, k, p = self.encoder, self.window_size, self.config.patch_size
+        grid = grid_size(tuple(images.shape[-2:]), p)
+        token_index = window_token_index(top_left, k, grid[1])  # (R, K·K)
+        pixels = gather_patches(images, p, image_index, token_index)  # (R, K·K, C, p, p)
+        x = encoder.patch_embed.embed_patches(pixels.flatten(2))
+        x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
+        if encoder.pos_embed is not None:
+            table = encoder.pos_embed_for(grid)[0].to(x.dtype)  # (1+Hg·Wg, D)
+            x = x + table[1:][token_index]
+            cls = encoder.cls_token + table[:1]
+        else:
+            cls = encoder.cls_token
+        x = torch.cat([cls.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+        x = encoder.norm(encoder.run_blocks(x, (k, k)))
+        pred = self.head(x[:, 1:])
+        target = normalize_targets(pixels.permute(0, 1, 3, 4, 2).flatten(2).float(), self.norm_pix_loss)
+        return masked_mse(pred, target, mask), pred

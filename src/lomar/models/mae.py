@@ -1,0 +1,101 @@
+"""MAE baseline (He et al.): global random masking, asymmetric encoder-decoder (SPEC §5)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from lomar.models.objective import masked_mse, normalize_targets, patchify
+from lomar.models.vit import Block, ViTConfig, VisionTransformer, init_weights, sincos_pos_embed_2d
+
+__all__ = ["MAE", "MAEOutput"]
+
+
+class MAEOutput(NamedTuple):
+    loss: torch.Tensor  # ()
+    pred: torch.Tensor  # (N, L, p·p·C) decoder output for every patch
+    mask: torch.Tensor  # (N, L) float, 1 = removed (reconstructed)
+
+
+class MAE(nn.Module):
+    """Encoder on the kept patches + narrow decoder on all patches.
+
+    The encoder must use absolute position (``config.pos='abs'``, fixed sin-cos).
+    """
+
+    def __init__(self, config: ViTConfig, decoder_embed_dim: int = 512, decoder_depth: int = 8,
+                 decoder_num_heads: int = 16, mask_ratio: float = 0.75, norm_pix_loss: bool = True):
+        super().__init__()
+        if config.pos != "abs":
+            raise ValueError(f"MAE needs absolute position embeddings (pos='abs'), got pos={config.pos!r}")
+        if not 0 < mask_ratio < 1:
+            raise ValueError(f"MAE mask ratio must be in (0, 1), got {mask_ratio}")
+        self.encoder = VisionTransformer(config)
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        self.decoder_settings = dict(decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
+                                     decoder_num_heads=decoder_num_heads)
+        dim, ddim, p = config.embed_dim, decoder_embed_dim, config.patch_size
+        grid = self.encoder.grid
+        self.decoder_embed = nn.Linear(dim, ddim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, ddim))
+        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed_2d(ddim, grid)[None], requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(
+            Block(ddim, decoder_num_heads, config.mlp_ratio) for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(ddim, eps=1e-6)
+        self.decoder_pred = nn.Linear(ddim, p * p * config.in_chans)
+        for module in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            module.apply(init_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    @property
+    def config(self) -> ViTConfig:
+        return self.encoder.config
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> MAEOutput:
+        """images (N, C, H, W); noise (N, L) uniform decides the mask (argsort, keep lowest)."""
+        enc, p = self.encoder, self.config.patch_size
+        grid = enc.image_grid(images)
+        if grid != enc.grid:
+            raise ValueError(f"MAE was built for {enc.config.img_size}px images, got "
+                             f"{images.shape[-2]}x{images.shape[-1]}; build it with that img_size")
+        n, length = images.shape[0], grid[0] * grid[1]
+        if noise is None:
+            noise = _uniform_noise(n, length, generator, images.device)
+        elif noise.shape != (n, length):
+            raise ValueError(f"noise must have shape (N, L) = {(n, length)}, got {tuple(noise.shape)}")
+        keep = int(length * (1 - self.mask_ratio))
+        ids_shuffle = noise.argsort(dim=1)
+        ids_restore = ids_shuffle.argsort(dim=1)
+        ids_keep = ids_shuffle[:, :keep]
+
+        x = enc.patch_embed(images) + enc.pos_embed[:, 1:].to(images.dtype)
+        x = x.gather(1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))
+        cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(n, -1, -1)
+        x = torch.cat([cls.to(x.dtype), x], dim=1)
+        x = enc.norm(enc.run_blocks(x, grid))
+
+        x = self.decoder_embed(x)
+        fill = self.mask_token.to(x.dtype).expand(n, length - keep, -1)
+        tokens = torch.cat([x[:, 1:], fill], dim=1)
+        tokens = tokens.gather(1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))
+        x = torch.cat([x[:, :1], tokens], dim=1) + self.decoder_pos_embed.to(x.dtype)
+        for block in self.decoder_blocks:
+            x = block(x)
+        pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+        mask = torch.ones(n, length, device=images.device)
+        mask[:, :keep] = 0
+        mask = mask.gather(1, ids_restore)
+        target = normalize_targets(patchify(images, p).float(), self.norm_pix_loss)
+        return MAEOutput(masked_mse(pred, target, mask), pred, mask)
+
+
+@torch.compiler.disable  # as lomar.models.masking.sample_plan: random draws run eagerly under torch.compile
+def _uniform_noise(n: int, length: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """(n, length) U(0, 1) noise, drawn on the generator's device, returned on ``device``."""
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(n, length, generator=generator, device=gen_device).to(device)

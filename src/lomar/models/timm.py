@@ -1,0 +1,332 @@
+"""Our encoders in timm's model registry: ``lomar_vit_{tiny,small,base,large,huge}_patch{8,14,16}``.
+
+Importing this module imports timm (seconds) and registers the models; ``import lomar`` alone
+never does. Typical use::
+
+    import lomar.models.timm  # noqa: F401  (registers the models)
+    import timm
+
+    model = timm.create_model("lomar_vit_base_patch16", pretrained=True,
+                              pretrained_cfg_overlay=dict(file="export/model.safetensors"))
+    # or, for any exported architecture (custom widths included), from the folder's config.json:
+    model = timm.create_model("local-dir:export", pretrained=True)
+
+The models follow timm's ViT conventions: ``forward_features`` -> (B, 1+L, D) tokens,
+``forward_head(x, pre_logits=False)``, ``forward_intermediates`` (NCHW maps), ``num_features``,
+``reset_classifier``, ``features_only=True``, ``group_matcher`` (layer decay) and gradient
+checkpointing. Any image whose sides are multiples of the patch size works: the relative position
+encoding needs no interpolation.
+
+Pooling (``global_pool='avg'``, the default) follows the LoMaR finetuning recipe. Without a
+classifier (``num_classes=0``, the default for pretrained weights) the final LayerNorm is applied to
+the tokens and ``forward`` returns their mean patch token, exactly like
+``lomar.VisionTransformer``. With a classifier the final norm moves after pooling (``fc_norm``, as in
+timm's and MAE's finetuned ViTs): ``forward_features`` then returns un-normed tokens and the logits
+equal those of our finetuned classifier.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from lomar.models.rpe import bucket_table
+from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, ViTConfig, VisionTransformer
+
+__all__ = ["LomarVisionTransformer", "checkpoint_filter_fn", "create_from_export"]
+
+_log = logging.getLogger("lomar.models.timm")
+_RPE_ORIGINAL = re.compile(r"^blocks\.(\d+)\.attn\.rpe_k\.lookup_table_weight$")
+_POOLS = ("", "avg", "token", "max")
+
+
+class LomarVisionTransformer(VisionTransformer):
+    """``lomar.VisionTransformer`` with timm's model interface (same parameter names)."""
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 0, global_pool: str = "avg", embed_dim: int = 768, depth: int = 12,
+                 num_heads: int = 12, mlp_ratio: float = 4.0, pos: str = "rpe", fc_norm: bool | None = None,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, device=None, dtype=None):
+        if global_pool not in _POOLS:
+            raise ValueError(f"global_pool must be one of {_POOLS}, got {global_pool!r}")
+        if isinstance(img_size, (tuple, list)):
+            img_size = int(img_size[0]) if img_size[0] == img_size[1] else tuple(int(s) for s in img_size)
+        config = ViTConfig(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                           depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, pos=pos,
+                           drop_path=drop_path_rate)
+        super().__init__(config, num_classes=0)
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.num_prefix_tokens = 1
+        self.has_class_token = True
+        self.num_features = self.head_hidden_size = embed_dim
+        self.grad_checkpointing = False
+        use_fc_norm = (global_pool == "avg" and num_classes > 0) if fc_norm is None else fc_norm
+        if use_fc_norm:
+            self.norm = nn.Identity()
+            self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        else:
+            self.fc_norm = nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.reset_classifier(num_classes)
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size)
+                             for i in range(depth)]
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+
+    # ---- timm housekeeping -------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "pos_embed"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return dict(stem=r"^cls_token|pos_embed|patch_embed",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None:
+            if global_pool not in _POOLS:
+                raise ValueError(f"global_pool must be one of {_POOLS}, got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        if num_classes > 0:
+            ref = self.cls_token
+            self.head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+            trunc_normal_(self.head.weight, std=2e-5)
+            nn.init.zeros_(self.head.bias)
+        else:
+            self.head = nn.Identity()
+
+    # ---- forward -----------------------------------------------------------------------------
+    def run_blocks(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        buckets = bucket_table(grid, x.device) if self.config.pos == "rpe" else None
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+                x = checkpoint(block, x, buckets, use_reentrant=False)
+            else:
+                x = block(x, buckets)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> tokens (B, 1+Hg·Wg, D), cls first; normed unless fc_norm is used."""
+        tokens, grid = self.embed(x)
+        return self.norm(self.run_blocks(tokens, grid))
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.global_pool == "avg":
+            return x[:, self.num_prefix_tokens:].mean(dim=1)
+        if self.global_pool == "max":
+            return x[:, self.num_prefix_tokens:].amax(dim=1)
+        if self.global_pool == "token":
+            return x[:, 0]
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(self.fc_norm(self.pool(x)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """Block outputs as feature maps (timm convention).
+
+        indices: last n blocks if an int, all if None, else these block indices (negative from
+        the end). Returns the list of (B, D, Hg, Wg) maps (``'NLC'``: (B, Hg·Wg, D)), with the cls
+        token alongside each if ``return_prefix_tokens``; unless ``intermediates_only``, returns
+        ``(final normed tokens, intermediates)``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, last = feature_take_indices(len(self.blocks), indices)
+        tokens, grid = self.embed(x)
+        buckets = bucket_table(grid, x.device) if self.config.pos == "rpe" else None
+        blocks = self.blocks[:last + 1] if stop_early else self.blocks
+        outputs = []
+        for i, block in enumerate(blocks):
+            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+                tokens = checkpoint(block, tokens, buckets, use_reentrant=False)
+            else:
+                tokens = block(tokens, buckets)
+            if i in take:
+                outputs.append(self.norm(tokens) if norm else tokens)
+        prefix = [y[:, :1] for y in outputs]
+        maps = [y[:, 1:] for y in outputs]
+        if output_fmt == "NCHW":
+            maps = [y.reshape(y.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous() for y in maps]
+        if return_prefix_tokens:
+            maps = list(zip(maps, prefix))
+        if intermediates_only:
+            return maps
+        return self.norm(tokens), maps
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        take, last = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:last + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return take
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: LomarVisionTransformer) -> dict:
+    """Any of our or the original weights -> the keys of ``model``.
+
+    Accepts an exported encoder or classifier (``lomar export``), the ``model`` of our LoMaR / MAE
+    pretraining checkpoint (``encoder.*``), and original LoMaR / MAE state dicts (their pixel head,
+    mask token and decoder are dropped). A classifier head and ``fc_norm`` missing from the
+    weights or of another shape keep the model's fresh initialisation.
+    """
+    state = state_dict.get("model", state_dict) if isinstance(state_dict.get("model"), dict) else state_dict
+    if any(k.startswith("encoder.") for k in state):
+        state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    own = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if match := _RPE_ORIGINAL.match(key):
+            key = f"blocks.{match[1]}.attn.rpe.table"
+        if key.startswith(("mask_token", "encoder_pred.", "decoder_")):
+            continue  # pretraining-only parts
+        if key not in own or own[key].shape != value.shape:
+            if key.startswith(("head.", "fc_norm.", "norm.", "pos_embed")):
+                continue  # classifier/norm layout chosen by the model's args; pos_embed is fixed sin-cos
+            raise ValueError(f"weight {key} {tuple(value.shape)} does not fit this model"
+                             + (f" ({tuple(own[key].shape)})" if key in own else "")
+                             + "; create the model with the exported architecture (see config.json's model_args)")
+        out[key] = value
+    fresh = [k for k in own if k not in out and k.startswith(("head.", "fc_norm.", "pos_embed"))]
+    for key in fresh:
+        out[key] = own[key]
+    if any(k.startswith("head.") for k in fresh):
+        _log.info("classifier head not in the weights (or of another size): freshly initialised")
+    return out
+
+
+def _cfg(**kwargs) -> dict:
+    return dict(url="", num_classes=0, input_size=(3, 224, 224), pool_size=None, crop_pct=0.875,
+                interpolation="bicubic", fixed_input_size=False, mean=IMAGENET_DEFAULT_MEAN,
+                std=IMAGENET_DEFAULT_STD, first_conv="patch_embed.proj", classifier=None,
+                license="apache-2.0", paper_name="Efficient Self-supervised Vision Pretraining with "
+                "Local Masked Reconstruction", paper_ids="arXiv:2206.00790", **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    f"lomar_vit_{size}_patch{patch}": _cfg() for size in MODEL_SIZES for patch in PATCH_SIZES
+})
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
+    _, _, size, patch = variant.split("_")
+    dim, depth, heads = MODEL_SIZES[size]
+    args = dict(patch_size=int(patch.removeprefix("patch")), embed_dim=dim, depth=depth, num_heads=heads)
+    args.update(kwargs)
+    return build_model_with_cfg(LomarVisionTransformer, variant, pretrained,
+                                pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(feature_cls="getter", out_indices=3), **args)
+
+
+@register_model
+def lomar_vit_tiny_patch8(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
+    return _create("lomar_vit_tiny_patch8", pretrained, **kwargs)
+
+
+@register_model
+def lomar_vit_tiny_patch14(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
+    return _create("lomar_vit_tiny_patch14", pretrained, **kwargs)
+
+
+@register_model
+def lomar_vit_tiny_patch16(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
+    return _create("lomar_vit_tiny_patch16", pretrained, **kwargs)
+
+
+@register_model
+def lomar_vit_small_patch8(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
+    return _create("lomar_vit_small_patch8", pretrained, **kwargs)
+
+
+@register_model
+def lomar_vit_small_patch14(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
+    return _create("lomar_vit_small_patch14", pretrained, **kwargs)
+
+
+@register_model
+def lomar_vit_small_patch16(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
+    return _create("lomar_vit_small_patch16", pretrained, **kwargs)
+
+
+@register_model
+def lomar_vit_base_patch8(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
+    return _create("lomar_vit_base_patch8", pretrained, **kwargs)
+
+
+@register_model
+def lomar_vit_base_patch14(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
+    return _create("lomar_vit_base_patch14", pretrained, **kwargs)
+
+
+@register_model
+def lomar_vit_base_patch16(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
+    return _create("lomar_vit_base_patch16", pretrained, **kwargs)
+
+
+@register_model
+def lomar_vit_large_patch8(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
+    return _create("lomar_vit_large_patch8", pretrained, **kwargs)
+
+
+@register_model
+def lomar_vit_large_patch14(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
+    return _create("lomar_vit_large_patch14", pretrained, **kwargs)
+
+
+@register_model
+def lomar_vit_large_patch16(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
+    return _create("lomar_vit_large_patch16", pretrained, **kwargs)
+
+
+@register_model
+def lomar_vit_huge_patch8(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
+    return _create("lomar_vit_huge_patch8", pretrained, **kwargs)
+
+
+@register_model
+def lomar_vit_huge_patch14(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
+    return _create("lomar_vit_huge_patch14", pretrained, **kwargs)
+
+
+@register_model
+def lomar_vit_huge_patch16(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
+    return _create("lomar_vit_huge_patch16", pretrained, **kwargs)
+
+
+def create_from_export(path, pretrained: bool = True, **kwargs) -> nn.Module:
+    """``timm.create_model`` for a ``lomar export`` folder; kwargs (num_classes, features_only,
+    ...) go to timm. Same as ``timm.create_model('local-dir:PATH', pretrained=True, **kwargs)``."""
+    import timm
+
+    return timm.create_model(f"local-dir:{path}", pretrained=pretrained, **kwargs)

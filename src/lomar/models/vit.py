@@ -1,0 +1,287 @@
+"""Plain ViT encoder with contextual RPE (LoMaR), 2-D sin-cos APE (MAE) or no position.
+
+Tokens are always [cls] + spatial tokens in raster order. ``VisionTransformer`` embeds a
+whole image (finetuning, MAE, features); LoMaR reuses its parts on window tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lomar.models.masking import grid_size
+from lomar.models.rpe import ContextualRPE, bucket_table
+
+__all__ = [
+    "ViTConfig",
+    "MODEL_SIZES",
+    "model_config",
+    "list_models",
+    "sincos_pos_embed_2d",
+    "PatchEmbed",
+    "Attention",
+    "Block",
+    "VisionTransformer",
+]
+
+PosMode = Literal["rpe", "abs", "none"]
+
+# name -> (embed_dim, depth, num_heads)
+MODEL_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
+PATCH_SIZES = (8, 14, 16)
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Architecture of an encoder; everything needed to rebuild it."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    pos: PosMode = "rpe"
+    drop_path: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ViTConfig":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def list_models() -> list[str]:
+    return [f"vit_{s}_patch{p}" for s in MODEL_SIZES for p in PATCH_SIZES]
+
+
+def model_config(name: str, **overrides) -> ViTConfig:
+    """Config for a named model such as ``vit_base_patch16``; keyword arguments override."""
+    try:
+        _, size, patch = name.split("_")
+        dim, depth, heads = MODEL_SIZES[size]
+        patch_size = int(patch.removeprefix("patch"))
+        if not patch.startswith("patch") or patch_size not in PATCH_SIZES:
+            raise KeyError(patch)
+    except (ValueError, KeyError):
+        raise ValueError(
+            f"unknown model {name!r}; choose one of {', '.join(list_models())}"
+        ) from None
+    base = ViTConfig(patch_size=patch_size, embed_dim=dim, depth=depth, num_heads=heads)
+    return replace(base, **overrides)
+
+
+def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], cls_token: bool = True) -> torch.Tensor:
+    """MAE's fixed 2-D sin-cos table (SPEC §5): (Hg·Wg [+1], dim), x in the first half."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    ys, xs = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64),
+                            torch.arange(grid[1], dtype=torch.float64), indexing="ij")
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.flatten()[:, None] * omega[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    table = torch.cat([encode(xs), encode(ys)], dim=1).float()
+    if cls_token:
+        table = torch.cat([torch.zeros(1, dim), table], dim=0)
+    return table
+
+
+class PatchEmbed(nn.Module):
+    """Conv patch embedding; ``embed_patches`` applies it to pixels already cut into patches."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, Hg·Wg, D)."""
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+    def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """(..., C·p·p) patches in (channel, row, col) order -> (..., D); same as the conv."""
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; with RPE the contextual bias enters SDPA as an additive mask."""
+
+    def __init__(self, dim: int, num_heads: int, rpe: bool):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads; pick a divisor of {dim}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.rpe = ContextualRPE(dim // num_heads) if rpe else None
+
+    def forward(self, x: torch.Tensor, buckets: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, D), buckets (L, L) or None -> (B, L, D)."""
+        b, length, dim = x.shape
+        q, k, v = self.qkv(x).view(b, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        bias = self.rpe(q, buckets) if self.rpe is not None else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(out.transpose(1, 2).reshape(b, length, dim))
+
+
+class Mlp(nn.Sequential):
+    """fc1 -> exact GELU -> fc2 (timm's key names, so timm ViT weights line up)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+
+def _drop_path(rate: float) -> nn.Module:
+    if rate <= 0:
+        return nn.Identity()
+    # Imported only when used: importing timm costs seconds, and pretraining has no drop path.
+    from timm.layers import DropPath
+
+    return DropPath(rate)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x += Attn(LN(x)); x += MLP(LN(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, rpe: bool = False,
+                 drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, rpe)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = _drop_path(drop_path)
+
+    def forward(self, x: torch.Tensor, buckets: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), buckets))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def init_weights(module: nn.Module) -> None:
+    """MAE's initialisation: xavier-uniform linears, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, PatchEmbed):
+        nn.init.xavier_uniform_(module.proj.weight.view(module.proj.weight.shape[0], -1))
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder (and optional classifier: mean-pooled patch tokens + fc_norm + linear head)."""
+
+    def __init__(self, config: ViTConfig, num_classes: int = 0):
+        super().__init__()
+        self.config = config
+        c = config
+        if c.pos not in ("rpe", "abs", "none"):
+            raise ValueError(f"unknown position encoding {c.pos!r}; choose rpe, abs or none")
+        self.grid = grid_size(c.img_size, c.patch_size)
+        self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, c.embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
+        if c.pos == "abs":  # fixed, as in MAE; interpolated for other grids
+            table = sincos_pos_embed_2d(c.embed_dim, self.grid)[None]
+            self.pos_embed = nn.Parameter(table, requires_grad=False)
+        else:
+            self.pos_embed = None
+        rates = torch.linspace(0, c.drop_path, c.depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(c.embed_dim, c.num_heads, c.mlp_ratio, rpe=c.pos == "rpe", drop_path=r)
+            for r in rates
+        )
+        # A classifier pools un-normed patch tokens into fc_norm (SPEC §3), as the original, which
+        # deletes this norm; a parameter without gradient would also break DDP.
+        self.norm = nn.LayerNorm(c.embed_dim, eps=1e-6) if not num_classes else nn.Identity()
+        self.num_classes = num_classes
+        if num_classes:
+            self.fc_norm = nn.LayerNorm(c.embed_dim, eps=1e-6)
+            self.head = nn.Linear(c.embed_dim, num_classes)
+        self.apply(init_weights)
+        nn.init.normal_(self.cls_token, std=0.02)
+        if num_classes:
+            nn.init.trunc_normal_(self.head.weight, std=2e-5)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's layer grouping (stem, one group per block, final norm/head last): drives
+        timm's layer-wise lr decay (``param_groups_layer_decay``)."""
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
+                    blocks=r"^blocks\.(\d+)" if coarse else [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "pos_embed"}
+
+    def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Absolute table (1, 1+Hg·Wg, D) for a grid, bicubically interpolated if needed."""
+        table = self.pos_embed
+        if grid == self.grid:
+            return table
+        cls, spatial = table[:, :1], table[:, 1:]
+        spatial = spatial.reshape(1, *self.grid, -1).permute(0, 3, 1, 2)
+        spatial = F.interpolate(spatial, size=grid, mode="bicubic", align_corners=False)
+        return torch.cat([cls, spatial.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+    def run_blocks(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """[cls]+tokens (B, 1+Hg·Wg, D) laid out on ``grid`` -> block outputs (not normed)."""
+        buckets = bucket_table(grid, x.device) if self.config.pos == "rpe" else None
+        for block in self.blocks:
+            x = block(x, buckets)
+        return x
+
+    def image_grid(self, images: torch.Tensor) -> tuple[int, int]:
+        """Patch grid of a batch (N, C, H, W); ValueError for a wrong rank, channels or size."""
+        if images.ndim != 4 or images.shape[1] != self.config.in_chans:
+            raise ValueError(f"expected images of shape (N, {self.config.in_chans}, H, W), got "
+                             f"{tuple(images.shape)}")
+        return grid_size(tuple(images.shape[-2:]), self.config.patch_size)
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, C, H, W) -> [cls]+patch tokens (B, 1+Hg·Wg, D) with APE added, and the grid."""
+        grid = self.image_grid(images)
+        x = self.patch_embed(images)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed_for(grid).to(x.dtype)
+        return x, grid
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> normed tokens (B, 1+Hg·Wg, D), cls first."""
+        x, grid = self.embed(images)
+        return self.norm(self.run_blocks(x, grid))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Classifier (SPEC §3): mean of un-normed patch tokens -> fc_norm -> head, (B, classes).
+
+        Without a head (``num_classes=0``) returns the normed mean patch token (B, D).
+        """
+        x, grid = self.embed(images)
+        x = self.run_blocks(x, grid)
+        if not self.num_classes:
+            return self.norm(x)[:, 1:].mean(dim=1)
+        return self.head(self.fc_norm(x[:, 1:].mean(dim=1)))

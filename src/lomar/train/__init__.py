@@ -1,0 +1,1 @@
+"""Training infrastructure: configuration, the pretraining engine, finetuning, schedules."""

@@ -1,0 +1,394 @@
+"""The pretraining configuration: recipe defaults, demo preset, YAML + flags, validation.
+
+Resolution order, later wins: the original recipe (SPEC §4) → the demo preset (only when
+no ``--data`` is given) → the YAML file (``--config``) → command-line flags. A resumed run
+(``--resume``) starts from its saved config instead, and only run-control settings may change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import math
+import os
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lomar.models.masking import check_window_request, grid_size
+from lomar.models.vit import ViTConfig, model_config
+
+__all__ = ["PretrainConfig", "DEMO_PRESET", "add_config_arguments", "resolve_config", "build_model",
+           "vit_config", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the CLI turns it into a one-line error and exit code 2."""
+
+
+@dataclass
+class PretrainConfig:
+    # data and output
+    data: str | None = None  # image folder, .txt list, or tar shard pattern; None = demo photos
+    out: str | None = None  # default runs/<timestamp>
+    # method and model
+    method: str = "lomar"  # lomar | mae
+    model: str = "vit_base_patch16"
+    embed_dim: int | None = None  # explicit widths override the named model
+    depth: int | None = None
+    num_heads: int | None = None
+    patch_size: int | None = None
+    img_size: int = 224
+    pos: str | None = None  # rpe | abs; default rpe for lomar, abs for mae
+    window_size: int = 7
+    windows: int = 4  # per image; the paper uses 4 at 224, 6 at 384, 9 at 448
+    mask_ratio: float | None = None  # default 0.8 for lomar, 0.75 for mae
+    norm_pix_loss: bool = True
+    decoder_embed_dim: int = 512  # MAE only
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    # optimisation (original recipe)
+    batch_size: int = 64  # per device
+    accum_steps: int = 1
+    epochs: int = 400
+    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
+    blr: float = 1.5e-4  # lr = blr * effective_batch / 256
+    lr: float | None = None  # absolute lr, overrides blr
+    min_lr: float = 0.0
+    warmup_epochs: float = 40
+    weight_decay: float = 0.05
+    clip_grad: float | None = None
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto = bf16 on capable CUDA, else fp32
+    compile: bool = False
+    # running
+    workers: int = 8
+    threads: int | None = None  # torch CPU threads per process; None = torch's default
+    seed: int = 0
+    device: str = "auto"
+    save_every: int = 20  # epochs
+    keep_last: int = 2
+    log_every: int = 20  # optimizer steps
+    resume: str | None = None  # PATH or 'auto'
+    overwrite: bool = False
+    figure_images: int = 4
+    knn_every: int = 0  # epochs; 0 = never
+    knn_data: str | None = None  # ImageFolder root with train/ and val/, for --knn-every
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# A tiny model on small crops of the bundled photographs: finishes in a few minutes on 2 CPU cores.
+DEMO_PRESET: dict[str, Any] = dict(
+    model="vit_small_patch8", embed_dim=128, depth=4, num_heads=4, img_size=96, windows=4,
+    batch_size=16, epochs=4, lr=1e-3, warmup_epochs=1, save_every=2, workers=1, threads=1, log_every=5,
+    device="cpu",
+)
+
+_CHOICES = {"method": ("lomar", "mae"), "pos": ("rpe", "abs", "none"),
+            "precision": ("auto", "fp32", "bf16", "fp16")}
+_HELP = {
+    "data": "image folder (recursive), .txt list of paths, or tar shards ('shards/*.tar', "
+            "'shard-{000..009}.tar'); omit for the built-in demo photographs",
+    "out": "output folder (default runs/<timestamp>)", "windows": "windows per image",
+    "resume": "checkpoint path, or 'auto' for OUT/last.pt", "max_steps": "stop after N optimizer steps",
+    "batch_size": "images per device per step", "blr": "base lr: lr = blr * effective batch / 256",
+    "save_every": "write a checkpoint every N epochs",
+    "knn_every": "every N epochs, print and log the k-NN top-1 of the encoder on --knn-data (0 = never)",
+    "knn_data": "ImageFolder root with train/ and val/ class folders, for --knn-every",
+    "threads": "CPU threads per process (1 is fastest for tiny models on a busy machine)", "keep_last": "checkpoints to keep",
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field (``--window-size`` for ``window_size``), plus --config."""
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of the settings below")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    for field in fields(PretrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kind = field.type if isinstance(field.type, str) else field.type.__name__
+        common = dict(default=argparse.SUPPRESS, help=_HELP.get(field.name), dest=field.name)
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+            continue
+        base = kind.split(" | ")[0]
+        convert = {"int": int, "float": float, "str": str}[base]
+        if field.name == "resume":  # a bare --resume means --resume auto
+            common.update(nargs="?", const="auto", metavar="PATH|auto")
+        parser.add_argument(flag, type=convert, choices=_CHOICES.get(field.name), **common)
+
+
+def resolve_config(args: argparse.Namespace) -> PretrainConfig:
+    """Recipe defaults, demo preset, YAML, flags -> a validated PretrainConfig.
+
+    When resuming, the run's saved config replaces the defaults and preset (see _resume_values).
+    """
+    known = {f.name for f in fields(PretrainConfig)}
+    from_yaml = _read_yaml(Path(args.config)) if getattr(args, "config", None) else {}
+    from_flags = {k: v for k, v in vars(args).items() if k in known}
+    explicit = {**from_yaml, **from_flags}
+    saved = _saved_config(explicit)
+    if saved is not None:
+        values = _resume_values(*saved, explicit)
+    else:
+        values = PretrainConfig().to_dict()
+        if explicit.get("data") is None:
+            preset = dict(DEMO_PRESET)
+            if "model" in explicit:  # a named model brings its own widths
+                for key in ("embed_dim", "depth", "num_heads"):
+                    preset.pop(key)
+            values.update(preset)
+        values.update(explicit)
+    config = PretrainConfig(**values)
+    if config.out is None:
+        config.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    if config.mask_ratio is None:
+        config.mask_ratio = 0.8 if config.method == "lomar" else 0.75
+    if config.pos is None:
+        config.pos = "rpe" if config.method == "lomar" else "abs"
+    # --print-config only shows the settings, so an --out that holds a run is no error there
+    validate(config, check_out=not getattr(args, "print_config", False))
+    return config
+
+
+def _field_kind(name: str) -> tuple[str, bool]:
+    """('int' | 'float' | 'str' | 'bool', optional) of a config field."""
+    kind = PretrainConfig.__dataclass_fields__[name].type
+    kind = kind if isinstance(kind, str) else kind.__name__
+    return kind.split(" | ")[0], kind.endswith("| None")
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """A YAML or saved value as its field's type; YAML 1.1 reads ``1e-3`` as a string."""
+    base, optional = _field_kind(name)
+    where = f"{name}: {value!r} in {source}"
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where} is not allowed: {name} needs a {base} value; set one or remove the line")
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{where} must be a {'string' if base == 'str' else 'number'}")
+    if base == "str":
+        return str(value)  # e.g. `out: 2024`
+    if isinstance(value, str):
+        try:
+            return int(value) if base == "int" else float(value)
+        except ValueError:
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where} is not a number; write e.g. {name}: 1e-3") from None
+    if base == "float":
+        return float(value)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ConfigError(f"{where} must be a whole number")
+        return int(value)
+    return value
+
+
+def _coerce_all(raw: dict, source: str, strict: bool = True) -> dict[str, Any]:
+    """Setting names normalised (``window-size`` -> ``window_size``) and values typed.
+
+    ``strict``: unknown names are an error (a user's file); else skipped (a run saved by
+    another version)."""
+    known = {f.name for f in fields(PretrainConfig)}
+    bad_keys = [repr(k) for k in raw if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"setting names in {source} must be strings, got {', '.join(bad_keys)}")
+    raw = {k.replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(raw) - known)
+    if unknown and strict:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in {source}; "
+                          f"see `lomar pretrain --help` for the valid ones")
+    return {k: _coerce(k, v, source) for k, v in raw.items() if k in known}
+
+
+def _read_yaml(path: Path, strict: bool = True) -> dict[str, Any]:
+    """The settings of a YAML file, typed."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings")
+    return _coerce_all(raw, str(path), strict)
+
+
+# What may differ from the saved config on resume: where and how the run is driven, not what
+# it computes. `epochs` may grow to train longer (the cosine schedule stretches from there);
+# `data` may move. Everything else (model, batch, lr, masking, seed, ...) must stay.
+_RUN_CONTROL = {"data", "out", "resume", "overwrite", "epochs", "max_steps", "save_every", "keep_last",
+                "log_every", "workers", "threads", "device", "compile", "knn_every", "knn_data",
+                "figure_images"}
+_PER_INVOCATION = {"resume": None, "overwrite": False}  # never inherited from the saved run
+_DERIVED = {"mask_ratio", "pos"}  # None asks for the method's default, which the saved run holds
+
+
+def _saved_config(explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
+    """(settings, where from) of the run being resumed; None when there is none to resume.
+
+    ``--resume auto`` reads OUT/last.pt, or OUT/config.yaml when the run stopped before its
+    first checkpoint (the engine then starts it afresh); with neither it is a new run.
+    """
+    resume = explicit.get("resume")
+    if not resume:
+        return None
+    if resume == "auto":
+        if explicit.get("out") is None:
+            return None
+        out = Path(explicit["out"])
+        if (out / "last.pt").exists():
+            return _checkpoint_config(out / "last.pt")
+        if (out / "config.yaml").is_file():
+            return _read_yaml(out / "config.yaml", strict=False), str(out / "config.yaml")
+        return None
+    path = Path(resume)
+    if path.is_dir():
+        raise ConfigError(f"--resume {path} is a folder; pass {path / 'last.pt'}, or --out {path} --resume auto")
+    if not path.is_file():
+        raise ConfigError(f"--resume {path} does not exist; pass a checkpoint file or 'auto'")
+    return _checkpoint_config(path)
+
+
+def _checkpoint_config(path: Path) -> tuple[dict[str, Any], str]:
+    from lomar.checkpoints.io import safe_load
+
+    try:
+        ckpt = safe_load(path, mmap=True)  # only the config is read here; the engine loads the rest
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume: {exc}") from None
+    if not isinstance(ckpt.get("config"), dict) or "optimizer" not in ckpt:
+        raise ConfigError(f"--resume {path} is not a `lomar pretrain` training checkpoint (no saved config "
+                          f"and optimizer state); start a new run with another --out")
+    return _coerce_all(ckpt["config"], str(path), strict=False), str(path)
+
+
+def _resume_values(saved: dict[str, Any], source: str, explicit: dict[str, Any]) -> dict[str, Any]:
+    """The saved run's settings, with the explicit run-control ones on top; any other explicit
+    setting must equal the saved one (a different model or batch cannot continue the run)."""
+    values = {**PretrainConfig().to_dict(), **saved, **_PER_INVOCATION}
+    for name, value in explicit.items():
+        if name in _RUN_CONTROL or value == values[name] or (value is None and name in _DERIVED):
+            continue
+        flag = "--" + name.replace("_", "-")
+        raise ConfigError(f"{flag} {value} differs from {values[name]} in the run being resumed ({source}); "
+                          f"drop {flag} to continue the run, or start a new run with another --out")
+    values.update({k: v for k, v in explicit.items() if k in _RUN_CONTROL})
+    return values
+
+
+def vit_config(config: PretrainConfig) -> ViTConfig:
+    overrides = {k: getattr(config, k) for k in ("embed_dim", "depth", "num_heads", "patch_size")
+                 if getattr(config, k) is not None}
+    try:
+        return model_config(config.model, img_size=config.img_size, pos=config.pos, **overrides)
+    except ValueError as exc:
+        raise ConfigError(f"--model: {exc}") from None
+
+
+def validate(config: PretrainConfig, check_out: bool = True) -> None:
+    """Everything that can be checked before any work; raises ConfigError naming the fix.
+
+    ``check_out``: refuse an --out that already holds a run (unless resuming / overwriting)."""
+    _validate_numbers(config)
+    for name, choices in _CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise ConfigError(f"--{name} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
+    if config.method == "mae" and config.pos != "abs":
+        raise ConfigError(f"--method mae needs --pos abs (got {config.pos})")
+    vit = vit_config(config)
+    if vit.embed_dim % vit.num_heads:
+        raise ConfigError(f"--embed-dim {vit.embed_dim} is not divisible by --num-heads {vit.num_heads}")
+    try:
+        grid = grid_size(config.img_size, vit.patch_size)
+        if config.method == "lomar":
+            check_window_request(grid, config.window_size, config.windows, config.mask_ratio)
+        elif not 0 < config.mask_ratio < 1:
+            raise ValueError(f"--mask-ratio must be in (0, 1) for MAE, got {config.mask_ratio}")
+    except ValueError as exc:
+        raise ConfigError(f"at --img-size {config.img_size}: {exc}") from None
+    if config.data is not None:
+        _validate_data(config.data)
+    out = Path(config.out)
+    holds_run = (out / "last.pt").exists() or (out / "config.yaml").exists()
+    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 may already have started
+    if check_out and holds_run and is_main and not config.resume and not config.overwrite:
+        raise ConfigError(f"--out {out} already holds a run; pass --resume auto to continue it, "
+                          f"--overwrite to replace it, or another --out")
+    if config.knn_every and not (config.knn_data and (Path(config.knn_data) / "train").is_dir()
+                                 and (Path(config.knn_data) / "val").is_dir()):
+        raise ConfigError(f"--knn-every needs --knn-data ROOT holding train/ and val/ class folders, "
+                          f"got {config.knn_data!r}")
+    # --resume PATH was checked when its saved config was read (_saved_config)
+
+
+_POSITIVE = ("img_size", "batch_size", "accum_steps", "epochs", "save_every", "keep_last", "log_every",
+             "window_size", "windows", "decoder_embed_dim", "decoder_depth", "decoder_num_heads",
+             "max_steps", "threads", "embed_dim", "depth", "num_heads", "patch_size", "clip_grad")
+_NON_NEGATIVE = ("workers", "knn_every", "blr", "lr", "min_lr", "weight_decay")
+
+
+def _validate_numbers(config: PretrainConfig) -> None:
+    """Finite numbers in range (None: not given, checked where it is resolved)."""
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for name in ("mask_ratio", "blr", "lr", "min_lr", "warmup_epochs", "weight_decay", "clip_grad"):
+        value = getattr(config, name)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{flag(name)} must be a finite number, got {value}")
+    for name in _POSITIVE:
+        if getattr(config, name) is not None and getattr(config, name) <= 0:
+            raise ConfigError(f"{flag(name)} must be positive, got {getattr(config, name)}")
+    for name in _NON_NEGATIVE:
+        if getattr(config, name) is not None and getattr(config, name) < 0:
+            raise ConfigError(f"{flag(name)} must be >= 0, got {getattr(config, name)}")
+    if not 0 <= config.warmup_epochs <= config.epochs:
+        raise ConfigError(f"--warmup-epochs must be in [0, --epochs {config.epochs}], got {config.warmup_epochs}; "
+                          f"lower --warmup-epochs or raise --epochs")
+    if config.lr is not None and config.min_lr > config.lr:
+        raise ConfigError(f"--min-lr {config.min_lr} is above --lr {config.lr}; lower --min-lr")
+
+
+def _validate_data(data: str) -> None:
+    """A folder or .txt list that exists, or a tar shard pattern that matches."""
+    from lomar.data.shards import is_shard_pattern, shard_paths
+
+    if is_shard_pattern(data):
+        try:
+            shard_paths(data)
+        except ValueError as exc:
+            raise ConfigError(f"--data: {exc}") from None
+    elif glob.has_magic(data) or "{" in data:
+        if not Path(data).exists():  # a folder may have [ or { in its name
+            raise ConfigError(f"--data {data}: a pattern must name .tar shards, e.g. shards/*.tar; "
+                              f"for images pass their folder")
+    elif not Path(data).exists():
+        raise ConfigError(f"--data {data} does not exist; pass a folder of images, a .txt list "
+                          f"or a tar shard pattern, or omit --data for the demo")
+
+
+def build_model(config: PretrainConfig):
+    """The LoMaR or MAE model the config describes."""
+    from lomar.models import MAE, LoMaR
+
+    vit = vit_config(config)
+    if config.method == "lomar":
+        return LoMaR(vit, config.window_size, config.windows, config.mask_ratio, config.norm_pix_loss)
+    return MAE(vit, config.decoder_embed_dim, config.decoder_depth, config.decoder_num_heads,
+               config.mask_ratio, config.norm_pix_loss)
+
+
+def dump_config(config: PretrainConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

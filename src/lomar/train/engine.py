@@ -1,0 +1,362 @@
+"""The pretraining loop: schedule, AMP, accumulation, logging, checkpoints, resume, DDP.
+
+A run is fully described by its config; the data order is a permutation seeded by
+(seed, epoch) and every sample's crop and masking by (seed, epoch, index), so a run
+resumed from a checkpoint (model, optimizer, scaler, step, epoch, batches consumed)
+continues exactly as if it had never stopped, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, IterableDataset
+
+from lomar.checkpoints.io import atomic_save, safe_load
+from lomar.train.config import PretrainConfig, build_model, dump_config
+from lomar.data.images import BadDataTracker, build_pretrain_dataset, collate_pretrain
+from lomar.train.distributed import DistInfo, cleanup_distributed, init_distributed
+from lomar.checkpoints.export import export_encoder
+from lomar.models.masking import MaskingPlan, grid_size, sample_plan
+from lomar.train.monitor import Monitor
+from lomar.train.preemption import StopFlag, any_rank_stopping, ignore_stop_signals, shut_down_workers
+from lomar.train.runtime import fast_adamw
+from lomar.data.samplers import EpochSampler
+from lomar.train.schedule import lr_at, param_groups
+
+__all__ = ["Trainer", "TrainingError", "make_masker", "train"]
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, too many unreadable images)."""
+
+
+def _lomar_masker(gen: torch.Generator, grid, window_size, windows, mask_ratio) -> dict:
+    plan = sample_plan(1, grid, window_size, windows, mask_ratio, generator=gen)
+    return {"top_left": plan.top_left[0], "mask": plan.mask[0]}
+
+
+def _mae_masker(gen: torch.Generator, length: int) -> dict:
+    return {"noise": torch.rand(length, generator=gen)}
+
+
+def make_masker(config: PretrainConfig, patch_size: int):
+    """Per-sample masking drawn in the data workers, seeded with the sample's augmentation."""
+    grid = grid_size(config.img_size, patch_size)
+    if config.method == "lomar":
+        return functools.partial(_lomar_masker, grid=grid, window_size=config.window_size,
+                                 windows=config.windows, mask_ratio=config.mask_ratio)
+    return functools.partial(_mae_masker, length=grid[0] * grid[1])
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_pos": int(np_state[2]), "python": list(py_state[1]), "python_version": py_state[0]}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((state["python_version"], tuple(state["python"]), None))
+
+
+def checkpoints_to_prune(paths: list[Path], keep: int) -> list[Path]:
+    """All but the ``keep`` newest ``checkpoint-<step>.pt``, by step number (past 999,999 steps the
+    names outgrow their zero padding and no longer sort by age); other names are left alone."""
+    ours = [f for f in paths if f.stem.removeprefix("checkpoint-").isdigit()]
+    return sorted(ours, key=lambda f: int(f.stem.removeprefix("checkpoint-")))[:-keep]
+
+
+class Trainer:
+    def __init__(self, config: PretrainConfig, info: DistInfo, device: torch.device):
+        self.config, self.info, self.device = config, info, device
+        self.out = Path(config.out)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)
+        self.model = build_model(config).to(device)
+        self.patch = self.model.config.patch_size
+        self.precision = config.precision
+        if self.precision == "auto":
+            self.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        self.dataset = build_pretrain_dataset(config.data, config.img_size, config.seed,
+                                              masker=make_masker(config, self.patch),
+                                              rank=info.rank, world_size=info.world_size)
+        self.iterable = isinstance(self.dataset, IterableDataset)
+        size = self._dataset_size()
+        per_rank = size // info.world_size
+        self.steps_per_epoch = per_rank // config.batch_size // config.accum_steps
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{size} images cannot fill one step of batch {config.batch_size} x accum "
+                                f"{config.accum_steps} x {info.world_size} process(es); lower --batch-size")
+        self.sampler = None if self.iterable else EpochSampler(size, config.seed, info.rank, info.world_size)
+        self.loader = DataLoader(self.dataset, batch_size=config.batch_size, sampler=self.sampler,
+                                 num_workers=config.workers, collate_fn=collate_pretrain, drop_last=True,
+                                 pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
+                                 worker_init_fn=ignore_stop_signals if config.workers > 0 else None)
+        effective = config.batch_size * config.accum_steps * info.world_size
+        self.base_lr = config.lr if config.lr is not None else config.blr * effective / 256
+        self.optimizer = fast_adamw(param_groups(self.model, config.weight_decay), lr=self.base_lr,
+                                    betas=(0.9, 0.95))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.net = self.model
+        if config.compile:
+            self.net = torch.compile(self.net)
+        if info.enabled:
+            self.net = DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None)
+        self.step, self.epoch, self.batches_done = 0, 0, 0
+        self.tracker = BadDataTracker(total=per_rank)
+        self.stop = StopFlag()
+        self.spare: dict | None = None  # the last batch with readable images (see run)
+        self.knn, self.knn_step = None, -1
+        if config.knn_every and info.is_main:
+            from lomar.eval.evaluate import KnnMonitor
+
+            self.knn = KnnMonitor(config.knn_data, img_size=config.img_size, workers=min(config.workers, 4))
+
+    def _dataset_size(self) -> int:
+        return self.dataset.count_samples() if self.iterable else len(self.dataset)
+
+    # ---- checkpoints -------------------------------------------------------------
+    def state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
+                "batches_done": self.batches_done, "config": self.config.to_dict(), "rng": _rng_state(),
+                "format": "lomar-pretrain-1"}
+
+    def load(self, path: Path) -> None:
+        ckpt = safe_load(path, map_location=self.device)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.step, self.epoch, self.batches_done = ckpt["step"], ckpt["epoch"], ckpt["batches_done"]
+        _set_rng_state(ckpt["rng"])
+        if self.batches_done >= self.steps_per_epoch * self.config.accum_steps:
+            self.epoch, self.batches_done = self.epoch + 1, 0
+
+    def save(self, figure: bool = True) -> Path | None:
+        if not self.info.is_main:
+            return None
+        state = self.state()
+        path = atomic_save(state, self.out / f"checkpoint-{self.step:06d}.pt")
+        atomic_save(state, self.out / "last.pt")
+        for old in checkpoints_to_prune(list(self.out.glob("checkpoint-*.pt")), self.config.keep_last):
+            old.unlink()
+        if figure:
+            self.figure()
+        return path
+
+    def figure(self) -> None:
+        from lomar.viz.reconstruction import reconstruction_figure
+
+        try:
+            images = self.fixed_images()
+            reconstruction_figure(self.model, images, self.out / "reconstruction.png", seed=self.config.seed,
+                                  title=f"{self.config.method} step {self.step}")
+        except Exception as exc:  # a figure must never kill a run
+            print(f"lomar: could not draw the reconstruction figure: {exc}", file=sys.stderr)
+
+    def fixed_images(self) -> torch.Tensor:
+        items = []
+        source = iter(self.dataset) if self.iterable else (self.dataset[(i, 0)] for i in range(len(self.dataset)))
+        for item in source:
+            if item["image"] is not None:
+                items.append(item["image"])
+            if len(items) == self.config.figure_images:
+                break
+        return torch.stack(items).to(self.device)
+
+    # ---- training ---------------------------------------------------------------
+    def forward(self, batch: dict) -> torch.Tensor:
+        images = batch["images"].to(self.device, non_blocking=True)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        with autocast:
+            if self.config.method == "lomar":
+                plan = MaskingPlan(batch["top_left"].to(self.device), batch["mask"].to(self.device),
+                                   self.config.window_size)
+                return self.net(images, plan=plan).loss
+            return self.net(images, noise=batch["noise"].to(self.device)).loss
+
+    def run(self) -> int:
+        cfg = self.config
+        total = cfg.epochs * self.steps_per_epoch
+        last_step = min(total, cfg.max_steps) if cfg.max_steps else total
+        log = Monitor(self.out, self.info.is_main, last_step, cfg.log_every)
+        if self.step >= last_step:
+            log.close()
+            print(f"lomar: nothing to do, the run is at step {self.step} of {last_step}")
+            return 0
+        self.stop.install()
+        accum, bs = cfg.accum_steps, cfg.batch_size
+        while self.epoch < cfg.epochs:
+            if self.sampler is not None:
+                self.sampler.set_epoch(self.epoch, skip=self.batches_done * bs)
+            else:
+                self.dataset.set_epoch(self.epoch, skip=self.batches_done * bs, batch_size=bs)
+            losses, micro = [], 0
+            tick, seen = time.perf_counter(), 0
+            # Stop at whole optimizer steps: a tail that cannot fill `accum` batches is left out.
+            limit = self.steps_per_epoch * accum - self.batches_done
+            for batch in self.loader:
+                if micro == limit:
+                    break
+                n = batch["images"].shape[0] if batch["images"].numel() else 0
+                self.tracker.update(batch["bad"], n + len(batch["bad"]))
+                try:
+                    self.tracker.check()
+                except ValueError as exc:
+                    raise TrainingError(str(exc)) from None
+                micro += 1
+                if n:
+                    self.spare = batch
+                elif self.info.enabled and self.spare is not None:
+                    # Every image of this batch was unreadable, but DDP needs every rank in each
+                    # backward: run a readable batch with zero weight.
+                    batch = dict(self.spare, zero_weight=True)
+                if n or "zero_weight" in batch:
+                    sync = micro % accum == 0 or not self.info.enabled
+                    with contextlib.nullcontext() if sync else self.net.no_sync():
+                        loss = self.forward(batch)
+                        weight = 0.0 if "zero_weight" in batch else 1.0 / accum
+                        self.scaler.scale(loss * weight).backward()
+                    if n:
+                        losses.append(loss.detach())
+                    seen += n
+                if micro % accum:
+                    continue
+                self.batches_done += accum
+                # Mean loss over every rank's batches; no batch with a readable image -> no update.
+                loss_sum = torch.stack(losses).float().sum() if losses else torch.zeros((), device=self.device)
+                totals = torch.stack([loss_sum, torch.tensor(float(len(losses)), device=self.device)])
+                if self.info.enabled:
+                    dist.all_reduce(totals)
+                if totals[1] == 0:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    losses = []
+                    continue
+                lr = lr_at(self.step, self.steps_per_epoch, self.base_lr, cfg.warmup_epochs, cfg.epochs, cfg.min_lr)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                if cfg.clip_grad:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                value = float(totals[0] / totals[1])
+                if not math.isfinite(value):
+                    last = self.out / "last.pt"
+                    kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+                    raise TrainingError(
+                        f"loss is {value} at step {self.step} (epoch {self.epoch}); {kept}; lower --blr/--lr, "
+                        f"set --clip-grad or use --precision fp32")
+                elapsed = time.perf_counter() - tick
+                log.step(self.step, self.epoch, value, lr, seen * self.info.world_size / max(elapsed, 1e-9))
+                tick, seen, losses = time.perf_counter(), 0, []
+                if self._should_stop(last_step):
+                    return self._finish(log, preempted=self.step < last_step)
+            self.epoch, self.batches_done = self.epoch + 1, 0
+            if cfg.knn_every and self.epoch % cfg.knn_every == 0:
+                self._knn(log)
+            if self.epoch % cfg.save_every == 0 and self.epoch < cfg.epochs:
+                self.save()
+        return self._finish(log, preempted=False)
+
+    def _knn(self, log: Monitor) -> None:
+        """k-NN top-1 on --knn-data (main process; the others wait at their next collective)."""
+        if self.knn is not None and self.step != self.knn_step:
+            finished = self.epoch + int(self.batches_done >= self.steps_per_epoch * self.config.accum_steps)
+            log.knn(self.step, finished, self.knn(self.model.encoder, self.device))
+            self.knn_step = self.step
+
+    def _should_stop(self, last_step: int) -> bool:
+        return any_rank_stopping(self.stop, self.device) or self.step >= last_step
+
+    def _finish(self, log: Monitor, preempted: bool) -> int:
+        path = self.save()
+        if not preempted:
+            self._knn(log)  # the final score, whatever --knn-every
+        log.close()
+        if self.info.is_main:
+            if preempted:
+                print(f"lomar: stopped by {self.stop.name} at step {self.step}; checkpoint {path}. Resume with: "
+                      f"lomar pretrain --out {self.out} --resume auto")
+            else:
+                export_encoder(self.model.encoder, self.out, weights_name="encoder.safetensors",
+                               metadata={"method": self.config.method, "step": self.step})
+                print(f"lomar: done at step {self.step}; checkpoint {path}, encoder "
+                      f"{self.out / 'encoder.safetensors'}, figure {self.out / 'reconstruction.png'}")
+            print(f"lomar: {self.tracker.count} unreadable image(s) skipped"
+                  + (f", e.g. {next(iter(self.tracker.bad))}" if self.tracker.count else ""))
+        return 0
+
+
+def _truncate_metrics(out: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (a crash between the two)."""
+    path = out / "metrics.jsonl"
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in lines))
+        tmp.replace(path)
+
+
+def train(config: PretrainConfig) -> int:
+    """Run (or resume) a pretraining; returns the process exit code."""
+    from lomar.errors import UsageError
+
+    try:  # what fails before the first step is the set-up's fault: a one-line error, exit 2
+        info, device = init_distributed(config.device)
+    except (ValueError, RuntimeError) as exc:
+        message = str(exc).splitlines()[0]
+        raise UsageError(message if "--device" in message else f"--device {config.device}: {message}") from None
+    try:
+        out = Path(config.out)
+        resume = out / "last.pt" if config.resume == "auto" else Path(config.resume) if config.resume else None
+        resuming = resume is not None and resume.exists()
+        try:
+            trainer = Trainer(config, info, device)
+            if resuming:
+                trainer.load(resume)
+        except (ValueError, FileNotFoundError) as exc:
+            raise UsageError(str(exc)) from None
+        if resuming:
+            if info.is_main:
+                _truncate_metrics(out, trainer.step)
+                print(f"lomar: resumed from {resume} at step {trainer.step}")
+        elif info.is_main:
+            if config.overwrite:  # everything a run writes, so that nothing of the old one lingers
+                for stale in ("last.pt", "metrics.jsonl", "config.yaml", "knn.jsonl", "encoder.safetensors",
+                              "config.json", "reconstruction.png"):
+                    (out / stale).unlink(missing_ok=True)
+                for stale in out.glob("checkpoint-*.pt"):
+                    stale.unlink()
+                shutil.rmtree(out / "tb", ignore_errors=True)
+            out.mkdir(parents=True, exist_ok=True)
+        if info.is_main:
+            tmp = out / ".config.yaml.tmp"
+            tmp.write_text(dump_config(config))
+            tmp.replace(out / "config.yaml")
+        try:
+            return trainer.run()
+        finally:
+            trainer.stop.restore()
+            shut_down_workers(trainer.loader)
+    finally:
+        cleanup_distributed()

@@ -1,0 +1,1 @@
+"""Figures: reconstructions and attention maps."""

@@ -1,0 +1,205 @@
+"""Attention inside a window (the paper's Fig. 1 view): how much each block's target patch attends
+to each of its K×K window neighbours.
+
+The encoder's fast path (SDPA) never forms the attention probabilities; :func:`attention_probs`
+recomputes them from a block's own ``qkv`` and RPE modules, softmax(q·kᵀ·d^-½ + B_rpe), so the
+normal forward pays nothing for this figure.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lomar.models.masking import num_masked, window_token_index
+from lomar.models.rpe import bucket_table
+from lomar.models.vit import Attention, VisionTransformer
+
+__all__ = ["attention_probs", "block_attention", "WindowAttention", "window_attention", "attention_figure"]
+
+
+def attention_probs(attn: Attention, x: torch.Tensor, buckets: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention probabilities of one attention module: x (B, L, D) normed input -> (B, h, L, L)."""
+    b, length, _ = x.shape
+    q, k, _ = attn.qkv(x).view(b, length, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if attn.rpe is not None:
+        logits = logits + attn.rpe(q, buckets)
+    return logits.softmax(dim=-1)
+
+
+@torch.no_grad()
+def block_attention(encoder: VisionTransformer, tokens: torch.Tensor, grid: tuple[int, int]) -> list[torch.Tensor]:
+    """Run the blocks on [cls]+tokens laid out on ``grid``; attention (B, h, L, L) of every block."""
+    buckets = bucket_table(grid, tokens.device) if encoder.config.pos == "rpe" else None
+    maps, x = [], tokens
+    for block in encoder.blocks:
+        maps.append(attention_probs(block.attn, block.norm1(x), buckets))
+        x = block(x, buckets)
+    return maps
+
+
+@dataclass
+class WindowAttention:
+    """Mean-over-heads attention of one target patch, per block.
+
+    maps (depth, K, K): attention paid to each window patch; cls (depth,): to the cls token;
+    inside (depth,): to the whole window. ``context`` is ``'window'`` (the encoder saw only
+    cls + the window, as in LoMaR pretraining) or ``'image'`` (it saw the whole image).
+    """
+
+    maps: torch.Tensor
+    cls: torch.Tensor
+    inside: torch.Tensor
+    top_left: tuple[int, int]
+    target: tuple[int, int]
+    window_size: int
+    context: str
+    mask: torch.Tensor | None = None  # (K·K,) bool: window tokens replaced by the mask token
+
+    @property
+    def target_in_window(self) -> tuple[int, int]:
+        return self.target[0] - self.top_left[0], self.target[1] - self.top_left[1]
+
+
+def _window_top_left(target: tuple[int, int], k: int, grid: tuple[int, int]) -> tuple[int, int]:
+    """The K×K window centred on the target, shifted to fit inside the grid."""
+    return (min(max(target[0] - k // 2, 0), grid[0] - k), min(max(target[1] - k // 2, 0), grid[1] - k))
+
+
+@torch.no_grad()
+def window_attention(model, image: torch.Tensor, target: tuple[int, int] | None = None,
+                     window_size: int | None = None, context: str | None = None, masked: bool = False,
+                     seed: int = 0) -> WindowAttention:
+    """Attention of patch ``target`` (row, col in the image's patch grid; default: the centre).
+
+    model: a LoMaR / MAE model or a VisionTransformer; image (3, H, W) normalised. The window
+    is the model's K×K (``window_size`` for other models, default 7) around the target.
+    ``context``: ``'window'`` (default for LoMaR) runs the encoder on cls + the window tokens
+    only; ``'image'`` (default otherwise) on the whole image. ``masked`` (window context):
+    replace floor(K·K·mask_ratio) window tokens, the target among them, by the mask token.
+    """
+    from lomar.models import LoMaR
+
+    encoder: VisionTransformer = getattr(model, "encoder", model)
+    is_lomar = isinstance(model, LoMaR)
+    k = window_size or (model.window_size if is_lomar else 7)
+    context = context or ("window" if is_lomar else "image")
+    if context not in ("window", "image"):
+        raise ValueError(f"context must be 'window' or 'image', got {context!r}")
+    if masked and not (is_lomar and context == "window"):
+        raise ValueError("masked attention needs a LoMaR model in window context (it has the mask token)")
+    p = encoder.config.patch_size
+    grid = (image.shape[-2] // p, image.shape[-1] // p)
+    if k > min(grid):
+        raise ValueError(f"a {k}x{k} window does not fit the {grid[0]}x{grid[1]} patch grid")
+    target = target if target is not None else (grid[0] // 2, grid[1] // 2)
+    if not (0 <= target[0] < grid[0] and 0 <= target[1] < grid[1]):
+        raise ValueError(f"target patch {tuple(target)} is outside the {grid[0]}x{grid[1]} patch grid")
+    top, left = _window_top_left(target, k, grid)
+    ty, tx = target[0] - top, target[1] - left
+    was_training = encoder.training
+    encoder.eval()
+    images = image[None].to(encoder.cls_token.device, encoder.cls_token.dtype)
+    mask = None
+    if context == "window":
+        index = window_token_index(torch.tensor([top, left], device=images.device), k, grid[1])  # (K·K,)
+        x = encoder.patch_embed(images)[:, index]
+        if masked:
+            gen = torch.Generator().manual_seed(seed)
+            keys = torch.rand(k * k, generator=gen)
+            keys[ty * k + tx] = -1.0  # the target is always among the masked tokens
+            mask = torch.zeros(k * k, dtype=torch.bool)
+            mask[keys.topk(num_masked(k, model.mask_ratio), largest=False).indices] = True
+            x = torch.where(mask.to(x.device)[None, :, None], model.mask_token.to(x.dtype), x)
+        cls = encoder.cls_token
+        if encoder.pos_embed is not None:
+            table = encoder.pos_embed_for(grid)[0]
+            x = x + table[1:][index]
+            cls = cls + table[:1]
+        tokens = torch.cat([cls.expand(1, -1, -1).to(x.dtype), x], dim=1)
+        rows = [a[0, :, 1 + ty * k + tx].mean(dim=0) for a in block_attention(encoder, tokens, (k, k))]
+        maps = torch.stack([r[1:].reshape(k, k) for r in rows])
+    else:
+        tokens, grid = encoder.embed(images)
+        rows = [a[0, :, 1 + target[0] * grid[1] + target[1]].mean(dim=0)
+                for a in block_attention(encoder, tokens, grid)]
+        maps = torch.stack([r[1:].reshape(grid)[top:top + k, left:left + k] for r in rows])
+    encoder.train(was_training)
+    cls_share = torch.stack([r[0] for r in rows])
+    return WindowAttention(maps.float().cpu(), cls_share.float().cpu(), maps.flatten(1).sum(1).float().cpu(),
+                           (top, left), tuple(int(t) for t in target), k, context, mask)
+
+
+def attention_figure(result: WindowAttention, pixels: torch.Tensor, patch_size: int, path: str | Path,
+                     title: str | None = None, columns: int = 7) -> Path:
+    """PNG: the image with the window, the window's pixels, then one heatmap per block.
+
+    pixels: (3, H, W) in [0, 1] (un-normalised). Each heatmap shows the mean-over-heads
+    attention of the target (cyan square) to every window patch, on its own colour scale
+    from 0 to the block's maximum (printed below it, with the shares of the cls token and,
+    for the whole-image context, of the window).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from lomar.viz.reconstruction import save_figure
+
+    k, p = result.window_size, patch_size
+    (top, left), (ty, tx) = result.top_left, result.target_in_window
+    depth = result.maps.shape[0]
+    panels = depth + 2
+    cols = min(columns, panels)
+    rows = -(-panels // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.6 * rows + 0.7), squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.axis("off")
+    img = pixels.permute(1, 2, 0).float().cpu().numpy()
+    ax = axes.flat[0]
+    ax.axis("on")
+    ax.imshow(img)
+    ax.add_patch(Rectangle((left * p - 0.5, top * p - 0.5), k * p, k * p, fill=False, edgecolor="yellow", lw=1.5))
+    ax.add_patch(Rectangle(((left + tx) * p - 0.5, (top + ty) * p - 0.5), p, p, fill=False, edgecolor="cyan", lw=1.5))
+    ax.set_title("image, window", fontsize=9)
+    ax.set_xlabel(f"target patch ({result.target[0]}, {result.target[1]})", fontsize=8)
+    ax = axes.flat[1]
+    ax.axis("on")
+    crop = img[top * p:(top + k) * p, left * p:(left + k) * p].copy()
+    if result.mask is not None:  # grey out what the encoder did not see
+        for i in result.mask.nonzero().flatten().tolist():
+            r, c = divmod(i, k)
+            crop[r * p:(r + 1) * p, c * p:(c + 1) * p] = 0.5 + 0.2 * (crop[r * p:(r + 1) * p, c * p:(c + 1) * p] - 0.5)
+    ax.imshow(crop, extent=(-0.5, k - 0.5, k - 0.5, -0.5))
+    ax.add_patch(Rectangle((tx - 0.5, ty - 0.5), 1, 1, fill=False, edgecolor="cyan", lw=1.5))
+    ax.set_title(f"{k}x{k} window" + (" (masked: grey)" if result.mask is not None else ""), fontsize=9)
+    for b in range(depth):
+        ax = axes.flat[b + 2]
+        ax.axis("on")
+        heat = result.maps[b].numpy()
+        ax.imshow(heat, cmap="magma", vmin=0.0, vmax=max(float(heat.max()), 1e-8), interpolation="nearest")
+        ax.add_patch(Rectangle((tx - 0.5, ty - 0.5), 1, 1, fill=False, edgecolor="cyan", lw=1.5))
+        if result.mask is not None:  # masked tokens: grey dots
+            masked_rc = [divmod(i, k) for i in result.mask.nonzero().flatten().tolist()]
+            ax.scatter([c for _, c in masked_rc], [r for r, _ in masked_rc], s=6, c="grey", marker="o")
+        ax.set_title(f"block {b + 1}", fontsize=9)
+        label = f"max {heat.max():.0%} · cls {float(result.cls[b]):.0%}"
+        if result.context == "image":
+            label += f"\nin window {float(result.inside[b]):.0%}"
+        ax.set_xlabel(label, fontsize=8)
+    seen = "cls + window only" if result.context == "window" else "the whole image"
+    lines = [title] if title else []
+    lines += [f"attention of the target patch (cyan) to its {k}x{k} window, mean over heads",
+              f"encoder saw {seen}" + ("; masked tokens: grey dots" if result.mask is not None else ""),
+              "colour: 0 (black) to each block's maximum"]
+    width = max(30, int(2.3 * cols * 12))  # characters that fit the figure at 10 pt
+    text = "\n".join(textwrap.fill(line, width) for line in lines)
+    fig.suptitle(text, fontsize=10)
+    return save_figure(fig, path, dpi=90)

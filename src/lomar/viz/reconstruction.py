@@ -1,0 +1,137 @@
+"""Reconstruction figures: original | windows | masked input | reconstruction (paper Fig. 5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from lomar.data.images import denormalize  # noqa: E402
+from lomar.models.masking import MaskingPlan, window_token_index  # noqa: E402
+from lomar.models.objective import patchify, unpatchify  # noqa: E402
+
+__all__ = ["reconstruct", "reconstruction_figure", "save_figure"]
+
+_DIM = 0.35  # brightness of the parts of the image no window covers
+
+
+def _unnormalize_pred(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool) -> torch.Tensor:
+    """Predictions of per-patch-normalised pixels -> the image's (normalised) pixel space."""
+    if not norm_pix:
+        return pred
+    mean = target.mean(dim=-1, keepdim=True)
+    std = (target.var(dim=-1, keepdim=True, unbiased=True) + 1e-6).sqrt()
+    return pred * std + mean
+
+
+@torch.no_grad()
+def reconstruct(model, images: torch.Tensor, seed: int = 0,
+                plan: MaskingPlan | None = None) -> dict[str, torch.Tensor]:
+    """Run a LoMaR or MAE model once and paint its output back into pixel space.
+
+    images (N, 3, H, W) normalised -> dict of (N, 3, H, W) pixels in [0, 1]:
+    ``original``, ``masked`` (masked patches grey, uncovered area dimmed), ``reconstruction``
+    (visible patches from the input, masked ones predicted); LoMaR also gives ``plan``.
+    ``plan`` (LoMaR only) fixes the windows and masks; otherwise they are drawn from ``seed``.
+    """
+    from lomar.models import MAE, LoMaR
+
+    was_training = model.training
+    model.eval()
+    p = model.config.patch_size
+    n, _, h, w = images.shape
+    grid = (h // p, w // p)
+    target = patchify(images, p)  # (N, L, p·p·3)
+    gen = torch.Generator(device=images.device).manual_seed(seed)
+    coverage = torch.zeros(n, grid[0] * grid[1], dtype=torch.bool, device=images.device)
+    masked = torch.zeros_like(coverage)
+    painted = target.clone()
+    out: dict = {}
+    if isinstance(model, LoMaR):
+        result = model(images, plan=plan.to(images.device) if plan is not None else None, generator=gen)
+        plan = result.plan
+        image, top_left, mask = plan.flat()
+        index = window_token_index(top_left, plan.window_size, grid[1])  # (R, K·K)
+        pixels = _unnormalize_pred(result.pred.float(), target[image[:, None], index], model.norm_pix_loss)
+        visible = torch.zeros_like(coverage)
+        for r in range(index.shape[0]):  # windows may overlap: later ones paint over earlier ones
+            i, tok, m = image[r], index[r], mask[r]
+            coverage[i, tok] = True
+            visible[i, tok[~m]] = True
+            painted[i, tok[m]] = pixels[r, m].to(painted.dtype)
+        # A patch the model saw in any window is shown as seen, not as predicted.
+        masked = coverage & ~visible
+        painted[visible] = target[visible]
+        out["plan"] = plan
+    elif isinstance(model, MAE):
+        noise = torch.rand(n, grid[0] * grid[1], generator=gen, device=images.device)
+        result = model(images, noise=noise)
+        masked = result.mask.bool()
+        coverage[:] = True
+        pixels = _unnormalize_pred(result.pred.float(), target, model.norm_pix_loss)
+        painted[masked] = pixels[masked].to(painted.dtype)
+    else:
+        raise TypeError(f"cannot draw reconstructions for {type(model).__name__}")
+    model.train(was_training)
+
+    def to_pixels(patches: torch.Tensor, keep: torch.Tensor, grey: torch.Tensor) -> torch.Tensor:
+        img = denormalize(unpatchify(patches, p, grid))
+        factor = unpatchify(keep[..., None].float().expand(-1, -1, p * p * 3), p, grid)
+        shade = unpatchify(grey[..., None].float().expand(-1, -1, p * p * 3), p, grid)
+        img = img * (_DIM + (1 - _DIM) * factor)
+        return img * (1 - shade) + 0.5 * shade
+
+    out["original"] = denormalize(images)
+    out["masked"] = to_pixels(target, coverage, masked)
+    out["reconstruction"] = to_pixels(painted, coverage, torch.zeros_like(masked))
+    out["loss"] = result.loss.detach()
+    return out
+
+
+def reconstruction_figure(model, images: torch.Tensor, path: str | Path, seed: int = 0,
+                          title: str | None = None, plan: MaskingPlan | None = None) -> Path:
+    """Write a PNG, one row per image: original | windows | masked input | reconstruction.
+
+    images: (N, 3, H, W) normalised; ``plan``: optional fixed LoMaR windows/masks for them.
+    """
+    parts = reconstruct(model, images, seed, plan=plan)
+    n = images.shape[0]
+    p = model.config.patch_size
+    columns = ["original", "sampled windows", "masked input", "reconstruction"]
+    fig, axes = plt.subplots(n, 4, figsize=(12, 3 * n + 0.6), squeeze=False)
+    plan = parts.get("plan")
+    for row in range(n):
+        views = [parts["original"], parts["original"], parts["masked"], parts["reconstruction"]]
+        for col, view in enumerate(views):
+            ax = axes[row, col]
+            ax.imshow(view[row].permute(1, 2, 0).cpu().numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(columns[col])
+            if col == 1 and plan is not None:
+                k = plan.window_size
+                for t, l in plan.top_left[row].tolist():
+                    ax.add_patch(Rectangle((l * p - 0.5, t * p - 0.5), k * p, k * p, fill=False,
+                                           edgecolor="yellow", linewidth=1.5))
+    fig.suptitle(title or f"{type(model).__name__} reconstruction (loss {parts['loss']:.3f})")
+    return save_figure(fig, path, dpi=80)
+
+
+def save_figure(fig, path: str | Path, dpi: int) -> Path:
+    """Lay out, write to a temporary file, rename (a reader never sees half a PNG), close."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
+    tmp.replace(path)
+    return path

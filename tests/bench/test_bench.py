@@ -1,0 +1,74 @@
+"""``lomar bench``: exact FLOP counts and a smoke run on a tiny model. Nothing here is timed."""
+
+import json
+
+import pytest
+import torch
+
+from lomar.cli.bench import paper_windows
+from lomar.cli.app import main
+from lomar.bench.timing import build_runner
+
+CPU = torch.device("cpu")
+
+REQUIRED_KEYS = {"method", "img_size", "windows", "batch_size", "step_s", "images_per_s", "flops",
+                 "achieved_flops", "mfu", "peak_mem_bytes"}
+
+
+def _flops(method: str, size: int, windows: int | None) -> int:
+    runner = build_runner(method, "vit_base_patch16", size, windows, 2, CPU, "fp32", False, tiny=True)
+    return runner.count_flops()
+
+
+def test_lomar_flops_independent_of_image_size_with_fixed_windows():
+    counts = {size: _flops("lomar", size, 4) for size in (224, 448, 896)}
+    assert counts[224] > 0
+    assert counts[224] == counts[448] == counts[896], counts
+
+
+def test_lomar_flops_grow_with_windows_and_mae_with_size():
+    assert _flops("lomar", 224, 8) > _flops("lomar", 224, 4)
+    assert _flops("mae", 448, None) > 3 * _flops("mae", 224, None)
+
+
+def test_cpu_attention_flops_are_counted():
+    # torch's counter lacks the CPU flash-attention kernel; lomar.bench.timing registers it.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q = torch.randn(2, 3, 10, 8)
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert counter.get_total_flops() == 2 * (2 * 2 * 3 * 10 * 10 * 8)
+
+
+def test_paper_window_rule():
+    assert [paper_windows(s) for s in (160, 224, 384, 448, 672, 896)] == [4, 4, 6, 9, 9, 9]
+
+
+def test_bench_smoke_writes_json_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    code = main(["bench", "--tiny", "--sizes", "128", "160", "--windows", "paper", "2",
+                 "--batch-size", "2", "--steps", "2", "--warmup", "1", "--device", "cpu",
+                 "--json", str(out), "--plot", str(png), "--quiet"])
+    assert code == 0
+    data = json.loads(out.read_text())
+    records = data["records"]
+    # per size: LoMaR paper (4), LoMaR fixed (2), MAE
+    assert len(records) == 6
+    for rec in records:
+        assert REQUIRED_KEYS <= rec.keys()
+        assert rec["step_s"] > 0 and rec["flops"] > 0 and rec["mfu"] > 0
+        # the memory step is untimed: exactly --steps timings per configuration
+        assert len(rec["step_times_s"]) == 2 and rec["peak_mem_kind"] == "cpu_rss_growth"
+    assert {c["window_setting"] for c in data["comparisons"]} == {"paper", "fixed"}
+    assert data["meta"]["gemm_flops"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = capsys.readouterr().out
+    assert "GEMM ceiling" in table and "MAE / LoMaR" in table
+
+
+@pytest.mark.parametrize("flags", [["--windows", "50", "--sizes", "128"], ["--sizes", "100"],
+                                   ["--model", "vit_nope_patch16"]])
+def test_bench_rejects_bad_flags(flags, capsys):
+    assert main(["bench", "--tiny", *flags]) == 2
+    assert "error" in capsys.readouterr().err

@@ -1,0 +1,135 @@
+"""`lomar export`, create_encoder and the timm registration (the one test module importing timm)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import reference_dir
+from lomar import LoMaR, ViTConfig, VisionTransformer, create_encoder, export_encoder, load_original
+from lomar.checkpoints.io import atomic_save
+from lomar.cli.app import main
+from lomar.checkpoints.convert import load_model, pretrain_checkpoint
+
+timm = pytest.importorskip("timm")
+import timm.optim  # noqa: E402  (not imported by `import timm`)
+import lomar.models.timm  # noqa: E402,F401  (registers lomar_vit_* in timm)
+
+TINY = ViTConfig(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2)
+X = torch.randn(2, 3, 64, 96)  # not the pretraining size: RPE needs no interpolation
+
+
+def _perturb(module: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial RPE tables and cls token, so that every part of the encoder matters."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name.endswith(("rpe.table", "cls_token", "mask_token")):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    return module.eval()
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny LoMaR written as our pretraining checkpoint, and its export."""
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    model = _perturb(LoMaR(TINY, window_size=3, num_windows=2))
+    atomic_save(pretrain_checkpoint(model), root / "last.pt")
+    assert main(["export", str(root / "last.pt"), "--to", str(root / "exp")]) == 0
+    return model, root
+
+
+def test_export_round_trip(pretrained):
+    model, root = pretrained
+    config = json.loads((root / "exp" / "config.json").read_text())
+    assert config["architecture"] == "lomar_vit_tiny_patch16" and config["model_args"]["embed_dim"] == 32
+    encoder = create_encoder(root / "exp").eval()
+    assert encoder.state_dict().keys() == model.encoder.state_dict().keys()
+    assert torch.equal(encoder.forward_features(X), model.encoder.forward_features(X))
+
+
+def test_export_refuses_to_overwrite_and_bad_input(pretrained, tmp_path, capsys):
+    _, root = pretrained
+    assert main(["export", str(root / "last.pt"), "--to", str(root / "exp")]) == 2
+    assert main(["export", str(tmp_path / "missing.pt"), "--to", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_timm_round_trip_identical_features(pretrained):
+    model, root = pretrained
+    ours = model.encoder
+    named = timm.create_model("lomar_vit_tiny_patch16", pretrained=True, embed_dim=32, depth=2, num_heads=2,
+                              img_size=64, pretrained_cfg_overlay=dict(file=str(root / "exp" / "model.safetensors")))
+    local = timm.create_model(f"local-dir:{root / 'exp'}", pretrained=True)
+    for m in (named.eval(), local.eval()):
+        assert isinstance(m, lomar.models.timm.LomarVisionTransformer)
+        assert m.num_classes == 0 and m.num_features == 32 and m.pretrained_cfg["num_classes"] == 0
+        feats = m.forward_features(X)
+        assert feats.shape == (2, 1 + 4 * 6, 32)
+        assert torch.equal(feats, ours.forward_features(X))
+        assert torch.equal(m(X), ours(X))  # mean of normed patch tokens
+        assert torch.equal(m.forward_head(feats, pre_logits=True), ours(X))
+
+
+def test_timm_forward_intermediates_and_features_only(pretrained):
+    _, root = pretrained
+    m = timm.create_model(f"local-dir:{root / 'exp'}", pretrained=True).eval()
+    final, maps = m.forward_intermediates(X, indices=[0, -1])
+    assert torch.equal(final, m.forward_features(X))
+    assert [tuple(t.shape) for t in maps] == [(2, 32, 4, 6)] * 2
+    tokens = m.forward_intermediates(X, indices=1, norm=True, output_fmt="NLC", intermediates_only=True)
+    assert torch.equal(tokens[0], final[:, 1:])
+    with_cls = m.forward_intermediates(X, indices=1, return_prefix_tokens=True, intermediates_only=True)
+    assert with_cls[0][1].shape == (2, 1, 32)
+    features = timm.create_model(f"local-dir:{root / 'exp'}", pretrained=True, features_only=True,
+                                 out_indices=(0, 1)).eval()
+    assert [tuple(t.shape) for t in features(X)] == [(2, 32, 4, 6)] * 2
+    assert features.feature_info.reduction() == [16, 16]
+
+
+def test_timm_classifier_matches_ours(tmp_path):
+    torch.manual_seed(1)
+    ours = _perturb(VisionTransformer(TINY, num_classes=5))
+    with torch.no_grad():
+        ours.head.weight.normal_()
+    export_encoder(ours, tmp_path / "cls")
+    m = timm.create_model(f"local-dir:{tmp_path / 'cls'}", pretrained=True).eval()
+    assert m.num_classes == 5 and isinstance(m.norm, torch.nn.Identity)  # fc_norm after pooling
+    assert torch.equal(m(X), ours(X))
+    m.reset_classifier(3)
+    assert m(X).shape == (2, 3) and m.get_classifier().out_features == 3
+    # a pretrained encoder with a new head: the head and fc_norm start fresh
+    fresh = timm.create_model(f"local-dir:{tmp_path / 'cls'}", pretrained=True, num_classes=7)
+    assert fresh(X).shape == (2, 7)
+    groups = timm.optim.create_optimizer_v2(fresh, "adamw", lr=1e-3, layer_decay=0.75)
+    assert len(groups.param_groups) > 2
+
+
+def test_timm_reads_original_checkpoint():
+    path = reference_dir() / "lomar_224_4win" / "checkpoint.pth"
+    if not path.is_file():
+        pytest.skip("reference checkpoint not available")
+    encoder = load_original(path, num_heads=4).encoder.eval()
+    m = timm.create_model("lomar_vit_tiny_patch16", pretrained=True, embed_dim=48, depth=2, num_heads=4,
+                          pretrained_cfg_overlay=dict(file=str(path))).eval()
+    assert torch.equal(m.forward_features(X), encoder.forward_features(X))
+
+
+def test_export_original_and_converted_agree(tmp_path):
+    path = reference_dir() / "lomar_224_4win" / "checkpoint.pth"
+    if not path.is_file():
+        pytest.skip("reference checkpoint not available")
+    assert main(["export", str(path), "--to", str(tmp_path / "a"), "--num-heads", "4"]) == 0
+    assert main(["load-original", str(path), "--to", str(tmp_path / "c.pt"), "--num-heads", "4"]) == 0
+    assert main(["export", str(tmp_path / "c.pt"), "--to", str(tmp_path / "b")]) == 0
+    a, b = create_encoder(tmp_path / "a"), create_encoder(tmp_path / "b")
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    assert isinstance(load_model(tmp_path / "c.pt"), LoMaR)
+
+
+def test_import_lomar_does_not_import_timm():
+    code = "import sys, lomar, lomar.cli.app; lomar.cli.app.build_parser(); sys.exit('timm' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

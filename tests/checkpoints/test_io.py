@@ -1,0 +1,146 @@
+"""Original-checkpoint loading: safety, inference, key conversion, clear errors."""
+
+import argparse
+import os
+import pickle
+
+import pytest
+import torch
+
+import lomar
+from lomar import LoMaR, MAE, load_original, lomar_from_original, lomar_to_original, model_config
+from lomar.checkpoints.io import atomic_save, infer_original_config, safe_load
+
+TINY = dict(embed_dim=48, depth=2, num_heads=4)
+
+
+def _original_lomar_state(model: LoMaR) -> dict:
+    state = lomar_to_original(model.state_dict())
+    state["pos_embed"] = torch.zeros(1, 197, 48)  # present but unused in the original
+    return state
+
+
+def test_key_round_trip():
+    model = LoMaR(model_config("vit_tiny_patch16", **TINY))
+    original = lomar_to_original(model.state_dict())
+    assert "blocks.1.attn.rpe_k.lookup_table_weight" in original
+    assert "encoder_pred.weight" in original and "mask_token" in original
+    assert not any(k.startswith("encoder.") for k in original)
+    back = lomar_from_original(original)
+    assert back.keys() == model.state_dict().keys()
+
+
+def test_load_original_with_args_namespace(tmp_path):
+    model = LoMaR(model_config("vit_tiny_patch16", **TINY), window_size=5, num_windows=3, mask_ratio=0.6)
+    args = argparse.Namespace(model="lomar_vit_custom", input_size=224, window_size=5, num_window=3,
+                              mask_ratio=0.6, norm_pix_loss=True)
+    path = tmp_path / "orig.pth"
+    torch.save({"model": _original_lomar_state(model), "args": args, "epoch": 3}, path)
+    loaded = load_original(path)
+    assert isinstance(loaded, LoMaR)
+    assert (loaded.window_size, loaded.num_windows, loaded.mask_ratio) == (5, 3, 0.6)
+    assert loaded.config.num_heads == 4  # from the RPE table's head_dim
+    x = torch.randn(1, 3, 224, 224)
+    plan = model.sample_plan(x, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loaded.eval()(x, plan=plan).pred, model.eval()(x, plan=plan).pred)
+
+
+def test_unpickling_arbitrary_objects_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as handle:
+        pickle.dump({"model": {}, "payload": Evil()}, handle)
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        safe_load(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", None])
+def test_corrupt_checkpoint_gives_one_line_error(tmp_path, content):
+    path = tmp_path / "bad.pth"
+    if content is None:  # truncated real checkpoint
+        torch.save({"model": LoMaR(model_config("vit_tiny_patch16", **TINY)).state_dict()}, path)
+        path.write_bytes(path.read_bytes()[:1000])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        load_original(path)
+    assert "cannot read checkpoint" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_original("/nonexistent/ckpt.pth")
+
+
+def test_load_original_finetuned_lomar_classifier(tmp_path):
+    # the original finetuned model: RPE tables under their original names, fc_norm + head, and
+    # no final `norm` (deleted when pooling patch tokens)
+    model = lomar.VisionTransformer(model_config("vit_tiny_patch16", img_size=64, **TINY), num_classes=7).eval()
+    state = {k.replace("attn.rpe.table", "attn.rpe_k.lookup_table_weight"): v
+             for k, v in model.state_dict().items() if not k.startswith("norm.")}
+    path = tmp_path / "finetuned.pth"
+    torch.save({"model": state, "args": argparse.Namespace(model="vit_base_patch16", input_size=64)}, path)
+    loaded = load_original(path, num_heads=4).eval()
+    assert loaded.num_classes == 7 and loaded.config.pos == "rpe"
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_load_original_rejects_unknown_overrides_and_names_mismatched_keys(tmp_path):
+    model = LoMaR(model_config("vit_tiny_patch16", **TINY))
+    path = tmp_path / "orig.pth"
+    torch.save({"model": _original_lomar_state(model)}, path)
+    with pytest.raises(ValueError, match="unknown override.*num_head;? .*accepted: .*num_heads"):
+        load_original(path, num_head=4)
+    state = _original_lomar_state(model)
+    del state["blocks.1.attn.proj.bias"]
+    torch.save({"model": state}, path)
+    with pytest.raises(ValueError, match="blocks.1.attn.proj.bias"):
+        load_original(path, num_heads=4)
+
+
+def test_mae_needs_heads_for_nonstandard_width(tmp_path):
+    model = MAE(model_config("vit_tiny_patch16", img_size=64, pos="abs", **TINY),
+                decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
+    state = {k.removeprefix("encoder."): v for k, v in model.state_dict().items()}
+    path = tmp_path / "mae.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(ValueError, match="pass num_heads=... to load_original"):
+        load_original(path)
+    with pytest.raises(ValueError, match="pass decoder_num_heads=..."):
+        load_original(path, num_heads=4)
+    loaded = load_original(path, num_heads=4, decoder_num_heads=4)
+    assert isinstance(loaded, MAE) and loaded.config.img_size == 64
+
+
+def test_standard_sizes_are_inferred_without_args():
+    dim, depth = 192, 12
+    state = {"patch_embed.proj.weight": torch.zeros(dim, 3, 16, 16),
+             "blocks.0.mlp.fc1.weight": torch.zeros(4 * dim, dim),
+             **{f"blocks.{i}.norm1.weight": torch.zeros(dim) for i in range(depth)},
+             "decoder_embed.weight": torch.zeros(512, dim), "pos_embed": torch.zeros(1, 197, dim)}
+    method, settings = infer_original_config({"model": state})
+    assert method == "mae" and settings["config"].num_heads == 3 and settings["decoder_num_heads"] == 16
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_save({"step": 1}, path)
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        atomic_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert safe_load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_package_api():
+    assert lomar.__version__
+    assert "vit_base_patch16" in lomar.list_models()

@@ -1,0 +1,178 @@
+"""`lomar pretrain` as a command: configuration errors, YAML, preemption, torchrun."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lomar.checkpoints.io import safe_load
+from lomar.cli.app import main
+from helpers import TINY, pretrain
+
+BIN = Path(sys.executable).parent
+
+
+def _env() -> dict:
+    # One thread per process: on a small shared CPU, more only oversubscribes it.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "vit_gigantic_patch16"], "unknown model"),
+    (["--window-size", "5"], "does not fit"),
+    (["--windows", "5"], "window positions"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--data", "/no/such/folder"], "does not exist"),
+    (["--mask-ratio", "0.05"], "mask ratio"),
+    (["--method", "mae", "--pos", "rpe"], "--pos abs"),
+    (["--resume", "/no/such.pt"], "does not exist"),
+])
+def test_bad_configuration_is_one_line_and_exit_2(tmp_path, capsys, image_dir, flags, message):
+    out = tmp_path / "run"
+    args = ["pretrain", *TINY, "--out", str(out)]
+    if "--data" not in flags:
+        args += ["--data", str(image_dir)]
+    code = main(args + flags)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith("lomar pretrain: error:")
+    assert not out.exists()  # nothing was done
+
+
+@pytest.mark.parametrize("case", ["device", "empty folder", "too few images", "decoder heads", "corrupt resume"])
+def test_set_up_failures_are_one_line_and_exit_2(tmp_path, capsys, image_dir, case):
+    out, empty = tmp_path / "run", tmp_path / "empty"
+    empty.mkdir()
+    flags, message = {
+        "device": (["--device", "tpu"], "--device tpu"),
+        "empty folder": (["--data", str(empty)], "no images found"),
+        "too few images": (["--batch-size", "32"], "cannot fill one step"),
+        "decoder heads": (["--method", "mae", "--pos", "abs", "--mask-ratio", "0.75", "--decoder-embed-dim", "16",
+                           "--decoder-num-heads", "5"], "not divisible by 5 heads"),
+        "corrupt resume": (["--resume", str(out / "last.pt")], "cannot read checkpoint"),
+    }[case]
+    if case == "corrupt resume":
+        out.mkdir()
+        (out / "last.pt").write_bytes(b"not a checkpoint")
+    data = [] if "--data" in flags else ["--data", str(image_dir)]
+    code = main(["pretrain", *TINY, *data, "--out", str(out), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert err.count("\n") == 1 and err.startswith("lomar pretrain: error:")
+
+
+def test_out_holding_another_run_needs_resume_or_overwrite(tmp_path, capsys, image_dir):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("method: lomar\n")
+    assert main(["pretrain", *TINY, "--data", str(image_dir), "--out", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["pretrain", *TINY, "--data", str(image_dir), "--out", str(out), "--overwrite",
+                 "--max-steps", "1"]) == 0
+    assert safe_load(out / "last.pt")["step"] == 1
+
+
+def test_yaml_config_flags_override_and_print_config(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"window-size": 5, "windows": 3, "img_size": 128, "blr": 1e-3,
+                                      "out": str(tmp_path / "x")}))
+    assert main(["pretrain", "--config", str(config), "--windows", "2", "--print-config"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["window_size"] == 5 and resolved["img_size"] == 128 and resolved["blr"] == 1e-3
+    assert resolved["windows"] == 2  # the flag wins over the file
+    assert resolved["mask_ratio"] == 0.8 and resolved["pos"] == "rpe"
+    assert not (tmp_path / "x").exists()
+
+
+def test_yaml_unknown_key_is_a_usage_error(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("window_size: 7\nwindow_szie: 5\n")
+    assert main(["pretrain", "--config", str(config)]) == 2
+    assert "window_szie" in capsys.readouterr().err
+
+
+def test_recipe_defaults_with_data(tmp_path, capsys, image_dir):
+    assert main(["pretrain", "--data", str(image_dir), "--out", str(tmp_path / "r"), "--print-config"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["blr"] == 1.5e-4 and resolved["weight_decay"] == 0.05 and resolved["min_lr"] == 0.0
+    assert (resolved["window_size"], resolved["windows"], resolved["mask_ratio"]) == (7, 4, 0.8)
+    assert resolved["model"] == "vit_base_patch16" and resolved["img_size"] == 224
+
+
+def test_sigterm_checkpoints_and_exits_0(tmp_path, image_dir):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lomar", "pretrain", *TINY, "--data", str(image_dir), "--out", str(out),
+           "--epochs", "1000", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                            start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 600  # imports alone take minutes when the shared machine is busy
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: the loader worker gets it too
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "SIGTERM" in output and "--resume auto" in output
+    step = safe_load(out / "last.pt")["step"]
+    assert step >= 2 and step == len(metrics.read_text().splitlines())
+
+
+def test_sigusr1_in_process_checkpoints_and_resumes(tmp_path, image_dir, capsys, monkeypatch):
+    from lomar.train.monitor import Monitor
+
+    out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGUSR1)
+    real_step = Monitor.step
+
+    def step_then_signal(self, step, *args):  # the signal arrives while step 2 is being logged
+        real_step(self, step, *args)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(Monitor, "step", step_then_signal)
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--epochs", "50") == 0
+    monkeypatch.undo()
+    assert "stopped by SIGUSR1 at step 2" in capsys.readouterr().out
+    assert safe_load(out / "last.pt")["step"] == 2
+    assert signal.getsignal(signal.SIGUSR1) == before  # handlers given back
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "3", "--resume", "auto") == 0
+    assert safe_load(out / "last.pt")["step"] == 3
+
+
+def test_torchrun_two_processes_match_one_process_with_the_global_batch(tmp_path, image_dir):
+    common = [*TINY, "--data", str(image_dir), "--max-steps", "3", "--warmup-epochs", "0"]
+    ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "lomar", "pretrain",
+           *common, "--out", str(ddp_out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert main(["pretrain", *common, "--batch-size", "8", "--out", str(single_out)]) == 0
+    ddp, single = safe_load(ddp_out / "last.pt"), safe_load(single_out / "last.pt")
+    assert ddp["step"] == single["step"] == 3
+    dim = 32
+    for key, value in single["model"].items():
+        other = ddp["model"][key]
+        if key.endswith("attn.qkv.bias"):
+            # The key bias has an exactly zero gradient (softmax ignores a constant added to every
+            # logit of a row); Adam turns its rounding noise into lr-sized random steps, which
+            # differ with the reduction order. Query and value biases must match.
+            value, other = torch.cat([value[:dim], value[2 * dim:]]), torch.cat([other[:dim], other[2 * dim:]])
+        torch.testing.assert_close(other, value, rtol=0, atol=2e-6, msg=key)
+    # Only rank 0 writes: one metrics line per step.
+    assert len((ddp_out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_bare_resume_means_auto(tmp_path, capsys):
+    assert main(["pretrain", "--out", str(tmp_path / "r"), "--resume", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["resume"] == "auto"

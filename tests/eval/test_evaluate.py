@@ -1,0 +1,283 @@
+"""Downstream: pretrained-encoder loading, k-NN, linear probe, finetune (tiny models, CPU)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+from lomar import MAE, LoMaR, ViTConfig, VisionTransformer, export_encoder
+from lomar.checkpoints.io import atomic_save, lomar_to_original, safe_load
+from lomar.cli.app import main
+from lomar.train.config import PretrainConfig
+from lomar.eval.evaluate import knn_accuracy, knn_predict, load_pretrained_encoder, train_linear_probe
+
+VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+TINY = dict(model="vit_tiny_patch8", embed_dim=32, depth=2, num_heads=2, img_size=32)
+
+
+def _checkpoint(path: Path, method: str) -> Path:
+    """A checkpoint in the format ``lomar pretrain`` writes: {"model": ..., "config": ...}."""
+    torch.manual_seed(0)
+    if method == "lomar":
+        model = LoMaR(ViTConfig(pos="rpe", **VIT), window_size=3, num_windows=2)
+        config = PretrainConfig(method="lomar", pos="rpe", window_size=3, windows=2, mask_ratio=0.8, **TINY)
+    else:
+        model = MAE(ViTConfig(pos="abs", **VIT), decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+        config = PretrainConfig(method="mae", pos="abs", mask_ratio=0.75, decoder_embed_dim=16, decoder_depth=1,
+                                decoder_num_heads=2, **TINY)
+    with torch.no_grad():  # RPE tables start at zero: make them matter for the comparisons
+        for name, p in model.named_parameters():
+            if name.endswith("rpe.table"):
+                p.normal_(0, 0.5)
+    atomic_save({"model": model.state_dict(), "config": config.to_dict(), "step": 1}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    return _checkpoint(tmp_path_factory.mktemp("pre") / "last.pt", "lomar")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """ImageFolder train/ (6 per class) and val/ (3 per class): red vs blue noisy squares."""
+    root = tmp_path_factory.mktemp("cls")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("val", 3)):
+        for label, colour in ((0, (200, 30, 30)), (1, (30, 30, 200))):
+            d = root / split / f"class{label}"
+            d.mkdir(parents=True)
+            for i in range(count):
+                img = np.clip(np.array(colour) + rng.normal(0, 20, (36, 36, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+def test_knn_on_hand_made_features():
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.7, 0.7]])
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    query = torch.tensor([[2.0, 0.1], [0.05, 1.0]])  # scale must not matter (cosine)
+    scores = knn_predict(bank, labels, query, 3, k=3, temperature=0.07, chunk=1)
+    assert scores.argmax(1).tolist() == [0, 1]
+    # exact votes: sum over the 3 nearest of exp(cos / T), by class
+    unit = torch.nn.functional.normalize(bank, dim=1)
+    sims = torch.nn.functional.normalize(query, dim=1) @ unit.T
+    for row in range(2):
+        top = sims[row].topk(3)
+        expected = torch.zeros(3).index_add_(0, labels[top.indices], (top.values / 0.07).exp())
+        torch.testing.assert_close(scores[row], expected)
+    assert scores[0, 2] > 0 and scores[0, 1] == 0  # class 2 (diagonal) is a neighbour, class 1 is not
+    # k larger than the bank: every item votes
+    assert knn_predict(bank, labels, query, 3, k=50).gt(0).all()
+
+
+def test_knn_accuracy_on_loaders_and_restores_mode():
+    torch.manual_seed(0)
+    encoder = VisionTransformer(ViTConfig(**VIT)).train()
+    images = torch.cat([torch.full((8, 3, 32, 32), -1.0), torch.full((8, 3, 32, 32), 1.0)])
+    images += 0.1 * torch.randn_like(images)
+    labels = torch.tensor([0] * 8 + [1] * 8)
+    train = DataLoader(TensorDataset(images[::2], labels[::2]), batch_size=3)
+    val = DataLoader(TensorDataset(images[1::2], labels[1::2]), batch_size=5)
+    assert knn_accuracy(encoder, train, val, k=3) == 1.0
+    assert encoder.training
+    assert 0 <= knn_accuracy(encoder, train, val, k=3, pool="cls") <= 1
+
+
+def test_linear_probe_separates_separable_features():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 8, generator=gen) * 3
+    y = torch.randint(0, 4, (300,), generator=gen)
+    x = (centres[y] + torch.randn(300, 8, generator=gen)) * 5 + 3  # BatchNorm removes scale and offset
+    probe, acc = train_linear_probe(x[:200], y[:200], x[200:], y[200:], epochs=40, batch_size=64, lr=0.05)
+    assert acc > 0.9 and not probe.training
+    assert not any(p.requires_grad for p in probe.norm.parameters())  # no affine BatchNorm
+
+
+def test_load_pretrained_encoder_from_each_source(pretrained, tmp_path):
+    ours = load_pretrained_encoder(pretrained)
+    model_state = safe_load(pretrained)["model"]
+    assert torch.equal(ours.blocks[0].attn.rpe.table, model_state["encoder.blocks.0.attn.rpe.table"])
+    report = ours.load_report
+    assert report.source == "pretrain checkpoint (lomar)" and report.fresh == []
+    assert "mask_token" in report.dropped and "head.weight" in report.dropped
+    export_encoder(ours, tmp_path / "exp")
+    from_dir = load_pretrained_encoder(tmp_path / "exp")
+    export_encoder(ours, tmp_path / "run", weights_name="encoder.safetensors")  # what a pretrain run leaves
+    from_run = load_pretrained_encoder(tmp_path / "run")
+    original = tmp_path / "orig.pth"
+    torch.save({"model": lomar_to_original(model_state)}, original)
+    from_original = load_pretrained_encoder(original)  # 4x4 grid: the 7x7 default window must not matter
+    assert from_original.load_report.source == "original checkpoint (lomar)"
+    x = torch.randn(2, 3, 32, 32)
+    ref = ours.forward_features(x)
+    for other in (from_dir, from_run, from_original):
+        torch.testing.assert_close(other.forward_features(x), ref)
+    with_head = load_pretrained_encoder(pretrained, num_classes=5, img_size=48, drop_path=0.1)
+    assert with_head(torch.randn(1, 3, 48, 48)).shape == (1, 5)
+    assert sorted(with_head.load_report.fresh) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    assert "newly initialised: fc_norm" in with_head.load_report.summary()
+    with pytest.raises(ValueError, match="unknown encoder setting"):
+        load_pretrained_encoder(pretrained, window_size=3)
+    with pytest.raises(ValueError, match="expects"):
+        load_pretrained_encoder(pretrained, embed_dim=64, num_heads=2)
+
+
+def test_load_mae_checkpoints_and_interpolate_position(tmp_path):
+    path = _checkpoint(tmp_path / "mae.pt", "mae")
+    encoder = load_pretrained_encoder(path)
+    assert encoder.load_report.source == "pretrain checkpoint (mae)"
+    assert any(k.startswith("decoder") for k in encoder.load_report.dropped)
+    x = torch.randn(1, 3, 32, 32)
+    original = tmp_path / "mae_orig.pth"
+    state = {k.removeprefix("encoder."): v for k, v in safe_load(path)["model"].items()}
+    torch.save({"model": state}, original)
+    torch.testing.assert_close(load_pretrained_encoder(original, num_heads=2).forward_features(x),
+                               encoder.forward_features(x))
+    bigger = load_pretrained_encoder(path, img_size=48)
+    assert bigger.pos_embed.shape == (1, 1 + 36, 32) and "interpolated" in bigger.load_report.summary()
+    # the same table the encoder would interpolate on the fly for a 6x6 grid
+    torch.testing.assert_close(bigger.pos_embed, encoder.pos_embed_for((6, 6)))
+
+
+def test_layer_decay_groups_follow_depth():
+    from timm.optim import param_groups_layer_decay
+
+    model = VisionTransformer(ViTConfig(**VIT), num_classes=3)
+    groups = param_groups_layer_decay(model, 0.05, model.no_weight_decay(), layer_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    depth = VIT["depth"]
+    assert scale[id(named["patch_embed.proj.weight"])] == 0.5 ** (depth + 1)
+    assert scale[id(named["cls_token"])] == 0.5 ** (depth + 1)
+    for i in range(depth):
+        assert scale[id(named[f"blocks.{i}.attn.qkv.weight"])] == 0.5 ** (depth - i)
+    assert not any(name.startswith("norm.") for name in named)  # pools into fc_norm instead
+    for name in ("fc_norm.weight", "head.weight"):
+        assert scale[id(named[name])] == 1.0
+    assert decay[id(named["cls_token"])] == 0 and decay[id(named["blocks.0.norm1.bias"])] == 0
+    assert decay[id(named["blocks.0.attn.rpe.table"])] == 0.05 and decay[id(named["head.weight"])] == 0.05
+
+
+def test_knn_and_linprobe_commands(pretrained, folder, tmp_path, capsys):
+    out = tmp_path / "knn.json"
+    common = ["--data", str(folder), "--img-size", "32", "--workers", "0", "--device", "cpu"]
+    assert main(["knn", str(pretrained), *common, "--k", "3", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert 0 <= result["knn_top1"] <= 1 and result["val_images"] == 6
+    assert main(["linprobe", str(pretrained), *common, "--epochs", "5", "--save", str(tmp_path / "p.pt")]) == 0
+    captured = capsys.readouterr()
+    assert "k-NN (k=3" in captured.out and "linear probe" in captured.out and "loaded" in captured.err
+    assert "linear.weight" in safe_load(tmp_path / "p.pt")["probe"]
+
+
+def test_knn_monitor_for_the_pretraining_hook(pretrained, folder):
+    from lomar.eval.evaluate import KnnMonitor
+
+    monitor = KnnMonitor(folder, img_size=32, batch_size=5, workers=0, k=3)
+    encoder = load_pretrained_encoder(pretrained).train()
+    assert 0 <= monitor(encoder) <= 1 and encoder.training
+    with pytest.raises(ValueError, match="ImageFolder layout"):
+        KnnMonitor(folder / "train", img_size=32)  # no train/ and val/ inside
+
+
+def test_finetune_two_steps_and_resume(pretrained, folder, tmp_path, capsys):
+    out = tmp_path / "ft"
+    # 12 training images, batch 4: 3 steps per epoch; 48 px from a 32 px pretraining (RPE).
+    args = ["finetune", "--pretrained", str(pretrained), "--data", str(folder), "--img-size", "48",
+            "--batch-size", "4", "--workers", "0", "--out", str(out), "--device", "cpu", "--log-every", "1"]
+    assert main([*args, "--epochs", "2", "--max-steps", "2"]) == 0
+    assert (out / "last.pt").is_file() and not (out / "best.pt").exists()  # a part-done epoch is never "best"
+    captured = capsys.readouterr().out
+    assert "top-1" in captured and "newly initialised: fc_norm" in captured
+    first = safe_load(out / "last.pt")
+    assert (first["step"], first["epoch"], first["batches_done"], first["num_classes"]) == (2, 0, 2, 2)
+    assert main([*args, "--epochs", "2", "--max-steps", "2"]) == 2  # refuses to clobber a run
+    assert main([*args, "--epochs", "1", "--resume", "auto"]) == 0  # finishes epoch 0: one more step
+    last = safe_load(out / "last.pt")
+    assert (last["step"], last["epoch"], last["batches_done"]) == (3, 1, 0)
+    best = safe_load(out / "best.pt")
+    assert best["classes"] == ["class0", "class1"] and 0 <= best["metrics"]["top1"] <= 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert any("top5" in r for r in records)
+    # the finetuned checkpoint is itself a pretrained source (e.g. for k-NN)
+    assert load_pretrained_encoder(out / "best.pt").load_report.source == "finetune checkpoint"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--data", "/nope"], "is not a folder"),
+    ([], "pass --data"),
+    (["--data", "X", "--batch-size", "0"], "must be positive"),
+    (["--data", "X", "--batch-size", "3"], "must be even"),
+    (["--data", "X", "--resume", "/nope.pt"], "does not exist"),
+])
+def test_finetune_bad_flags(pretrained, args, words, capsys):
+    assert main(["finetune", "--pretrained", str(pretrained), *args]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command, args, words", [
+    ("knn", ["--data", "/nope"], "is not a folder"),
+    ("knn", ["--k", "0", "--data", "X"], "must be positive"),
+    ("linprobe", [], "pass --data"),
+    ("linprobe", ["--epochs", "0", "--data", "X"], "must be positive"),
+])
+def test_probe_bad_flags(pretrained, command, args, words, capsys):
+    assert main([command, str(pretrained), *args]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1
+
+
+def test_finetune_under_torchrun_with_two_processes(pretrained, folder, tmp_path):
+    """Every classifier parameter gets a gradient, so DDP's reducer does not stall (it did when the
+    unused final norm was kept)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "lomar",
+           "finetune", "--pretrained", str(pretrained), "--data", str(folder), "--img-size", "32",
+           "--batch-size", "2", "--workers", "0", "--out", str(out), "--device", "cpu", "--epochs", "1",
+           "--max-steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert safe_load(out / "last.pt")["step"] == 2
+
+
+def test_finetune_sigusr1_checkpoints_mid_epoch_and_resumes(pretrained, folder, tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    import lomar.train.finetune as finetune
+
+    real, calls = finetune.any_rank_stopping, []
+
+    def signal_during_step_2(stop, device):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(stop, device)
+
+    out = tmp_path / "ft"
+    args = ["finetune", "--pretrained", str(pretrained), "--data", str(folder), "--img-size", "32",
+            "--batch-size", "4", "--workers", "0", "--out", str(out), "--device", "cpu", "--epochs", "2"]
+    before = signal.getsignal(signal.SIGUSR1)
+    monkeypatch.setattr(finetune, "any_rank_stopping", signal_during_step_2)
+    assert main(args) == 0
+    monkeypatch.undo()
+    assert "stopped by SIGUSR1 at step 2" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGUSR1) == before  # handlers given back
+    ckpt = safe_load(out / "last.pt")
+    assert (ckpt["step"], ckpt["epoch"], ckpt["batches_done"]) == (2, 0, 2)
+    assert main([*args, "--resume", "auto"]) == 0  # the rest: 1 step of epoch 0, 3 of epoch 1
+    last = safe_load(out / "last.pt")
+    assert (last["step"], last["epoch"]) == (6, 2) and (out / "best.pt").is_file()

@@ -1,0 +1,92 @@
+"""Dense prediction: the ViTDet feature pyramid and the detectron2 / mmsegmentation backbones."""
+
+import pytest
+import torch
+
+from lomar import ViTConfig, VisionTransformer, export_encoder
+from lomar.models.dense import MultiLevelBackbone, SimpleFeaturePyramid, ViTDetBackbone, feature_maps
+
+# Tiny width and depth: a 1024-px image is a 64x64 grid of 4096 tokens with global attention.
+TINY = ViTConfig(img_size=224, patch_size=16, embed_dim=32, depth=2, num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    return VisionTransformer(TINY).eval()
+
+
+@torch.no_grad()
+def test_vitdet_pyramid_shapes_at_1024():
+    torch.manual_seed(0)
+    one_block = VisionTransformer(ViTConfig(img_size=224, patch_size=16, embed_dim=32, depth=1, num_heads=2))
+    backbone = ViTDetBackbone(one_block, out_channels=16, top_block=True).eval()
+    out = backbone(torch.randn(1, 3, 1024, 1024))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "p2": (1, 16, 256, 256), "p3": (1, 16, 128, 128), "p4": (1, 16, 64, 64),
+        "p5": (1, 16, 32, 32), "p6": (1, 16, 16, 16)}
+    assert backbone.output_shape() == {"p2": {"channels": 16, "stride": 4}, "p3": {"channels": 16, "stride": 8},
+                                       "p4": {"channels": 16, "stride": 16}, "p5": {"channels": 16, "stride": 32},
+                                       "p6": {"channels": 16, "stride": 64}}
+    assert backbone.size_divisibility == 64
+    assert all(torch.isfinite(v).all() for v in out.values())
+
+
+@torch.no_grad()
+def test_any_size_divisible_by_the_patch(encoder):
+    backbone = ViTDetBackbone(encoder, out_channels=8).eval()
+    out = backbone(torch.randn(2, 3, 512, 384))
+    assert [tuple(v.shape[-2:]) for v in out.values()] == [(128, 96), (64, 48), (32, 24), (16, 12)]
+    assert list(out) == ["p2", "p3", "p4", "p5"]
+
+
+@torch.no_grad()
+def test_multilevel_backbone_for_mmseg(encoder):
+    x = torch.randn(1, 3, 256, 320)
+    maps = MultiLevelBackbone(encoder, out_indices=(0, 1, -1, -1)).eval()(x)
+    assert [tuple(m.shape) for m in maps] == [(1, 32, 16, 20)] * 4
+    pyramid = MultiLevelBackbone(encoder, out_indices=(0, 1, 1, 1), pyramid=True).eval()(x)
+    assert [tuple(m.shape[-2:]) for m in pyramid] == [(64, 80), (32, 40), (16, 20), (8, 10)]
+    with pytest.raises(ValueError, match="out of range"):
+        MultiLevelBackbone(encoder, out_indices=(0, 5))
+
+
+@torch.no_grad()
+def test_feature_maps_are_the_encoder_tokens(encoder):
+    x = torch.randn(2, 3, 64, 96)
+    (last,) = feature_maps(encoder, x)
+    tokens = encoder.forward_features(x)[:, 1:]
+    assert torch.equal(last.flatten(2).transpose(1, 2), tokens)
+
+
+def test_backward_and_gradient_checkpointing(encoder):
+    x = torch.randn(1, 3, 64, 64)
+    torch.manual_seed(1)
+    plain = ViTDetBackbone(encoder, out_channels=8).train()
+    torch.manual_seed(1)
+    ckpt = ViTDetBackbone(encoder, out_channels=8, grad_checkpointing=True).train()
+    grads = []
+    for backbone in (plain, ckpt):
+        backbone.zero_grad()
+        sum(v.square().mean() for v in backbone(x).values()).backward()
+        grads.append(backbone.encoder.blocks[0].attn.rpe.table.grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_pyramid_levels_follow_the_patch_size():
+    pyramid = SimpleFeaturePyramid(32, 8, in_stride=8)
+    assert pyramid.strides == {"p1": 2, "p2": 4, "p3": 8, "p4": 16}
+    with pytest.raises(ValueError, match="scale factor"):
+        SimpleFeaturePyramid(32, 8, scale_factors=(3.0,))
+
+
+@torch.no_grad()
+def test_backbone_from_export_and_mae_encoder(tmp_path):
+    mae_encoder = VisionTransformer(ViTConfig(img_size=64, patch_size=16, embed_dim=32, depth=1, num_heads=2,
+                                              pos="abs"), num_classes=3)
+    export_encoder(mae_encoder, tmp_path / "exp")
+    backbone = ViTDetBackbone(tmp_path / "exp", out_channels=8).eval()
+    assert backbone.encoder.num_classes == 0  # the classifier head is not part of the backbone
+    out = backbone(torch.randn(1, 3, 128, 96))  # absolute table interpolated to the 8x6 grid
+    assert tuple(out["p5"].shape) == (1, 8, 4, 3)

@@ -1,0 +1,150 @@
+"""Window sampling and in-window masks: properties and errors."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lomar.models.masking import (MaskingPlan, check_window_request, grid_size, num_masked, sample_plan,
+                           window_token_index)
+
+
+@st.composite
+def requests(draw):
+    hg = draw(st.integers(1, 16))
+    wg = draw(st.integers(1, 16))
+    k = draw(st.integers(1, min(hg, wg)))
+    positions = (hg - k + 1) * (wg - k + 1)
+    n = draw(st.integers(1, min(positions, 6)))
+    tokens = k * k
+    masked = draw(st.integers(1, max(1, tokens - 1)))
+    ratio = (masked + 0.5) / tokens
+    n_img = draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return (hg, wg), k, n, ratio, n_img, seed
+
+
+@settings(max_examples=60, deadline=None)
+@given(requests())
+def test_plan_properties(req):
+    grid, k, n, ratio, n_img, seed = req
+    if k == 1:  # a 1-token window cannot be partly masked
+        with pytest.raises(ValueError):
+            sample_plan(n_img, grid, k, n, ratio)
+        return
+    plan = sample_plan(n_img, grid, k, n, ratio, generator=torch.Generator().manual_seed(seed))
+    assert plan.top_left.shape == (n_img, n, 2) and plan.mask.shape == (n_img, n, k * k)
+    assert plan.top_left.dtype == torch.int64 and plan.mask.dtype == torch.bool
+    # inside the grid
+    assert (plan.top_left >= 0).all()
+    assert (plan.top_left[..., 0] <= grid[0] - k).all() and (plan.top_left[..., 1] <= grid[1] - k).all()
+    plan.validate(grid)
+    # exact masked count per window
+    assert (plan.mask.sum(-1) == num_masked(k, ratio)).all()
+    # distinct windows per image
+    for image in plan.top_left:
+        assert len({tuple(t.tolist()) for t in image}) == n
+    # same seed, same plan
+    again = sample_plan(n_img, grid, k, n, ratio, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(plan.top_left, again.top_left) and torch.equal(plan.mask, again.mask)
+
+
+def test_windows_are_independent_per_image():
+    plan = sample_plan(64, (28, 28), 7, 4, 0.8, generator=torch.Generator().manual_seed(1))
+    first = plan.top_left[0]
+    # The original shares one draw across the batch (SPEC §6.1); ours must not.
+    assert sum(torch.equal(first, other) for other in plan.top_left[1:]) == 0
+    assert len({tuple(map(tuple, w.tolist())) for w in plan.top_left}) == 64
+    # masks differ between windows too
+    assert not torch.equal(plan.mask[0, 0], plan.mask[1, 0]) or not torch.equal(plan.mask[0, 1], plan.mask[1, 1])
+
+
+def test_positions_are_uniform():
+    # 3x3 grid, 2x2 windows: 4 positions, each should be drawn ~1/4 of the time.
+    plan = sample_plan(4000, (3, 3), 2, 1, 0.5, generator=torch.Generator().manual_seed(0))
+    pos = plan.top_left[:, 0, 0] * 2 + plan.top_left[:, 0, 1]
+    freq = torch.bincount(pos, minlength=4).float() / 4000
+    assert torch.allclose(freq, torch.full((4,), 0.25), atol=0.03)
+    # every token masked ~ equally often
+    token_freq = plan.mask[:, 0].float().mean(0)
+    assert torch.allclose(token_freq, torch.full((4,), 0.5), atol=0.04)
+
+
+def test_different_seeds_differ():
+    a = sample_plan(4, (14, 14), 7, 4, 0.8, generator=torch.Generator().manual_seed(0))
+    b = sample_plan(4, (14, 14), 7, 4, 0.8, generator=torch.Generator().manual_seed(1))
+    assert not (torch.equal(a.top_left, b.top_left) and torch.equal(a.mask, b.mask))
+
+
+def test_default_is_49_tokens_39_masked():
+    assert num_masked(7, 0.8) == 39
+    plan = sample_plan(2, (14, 14), generator=torch.Generator().manual_seed(0))
+    assert plan.mask.sum(-1).eq(39).all()
+
+
+def test_window_token_index_is_raster_order():
+    idx = window_token_index(torch.tensor([[2, 3]]), 3, 10)
+    assert idx.tolist() == [[23, 24, 25, 33, 34, 35, 43, 44, 45]]
+
+
+def test_flat_rows_are_image_major():
+    plan = sample_plan(3, (14, 14), 7, 2, 0.8, generator=torch.Generator().manual_seed(0))
+    image, top_left, mask = plan.flat()
+    assert image.tolist() == [0, 0, 1, 1, 2, 2]
+    assert torch.equal(top_left[3], plan.top_left[1, 1]) and torch.equal(mask[4], plan.mask[2, 0])
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(grid=(6, 6), window_size=7, num_windows=1, mask_ratio=0.8), ["7x7", "6x6", "--window-size"]),
+    (dict(grid=(8, 8), window_size=7, num_windows=5, mask_ratio=0.8), ["5", "4 window positions", "--windows"]),
+    (dict(grid=(14, 14), window_size=7, num_windows=0, mask_ratio=0.8), ["positive"]),
+    (dict(grid=(14, 14), window_size=7, num_windows=1, mask_ratio=0.0), ["0 of the 49", "ratio"]),
+    (dict(grid=(14, 14), window_size=7, num_windows=1, mask_ratio=1.0), ["49 of the 49"]),
+    (dict(grid=(14, 14), window_size=7, num_windows=1, mask_ratio=0.01), ["0 of the 49"]),
+])
+def test_impossible_requests_raise(kwargs, words):
+    with pytest.raises(ValueError) as info:
+        check_window_request(**kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_image_size_not_divisible():
+    with pytest.raises(ValueError, match="not divisible by the patch size 16"):
+        grid_size(225, 16)
+    assert grid_size((224, 448), 16) == (14, 28)
+
+
+def test_sample_plan_rejects_bad_counts():
+    with pytest.raises(ValueError, match="images"):
+        sample_plan(0, (14, 14))
+
+
+def test_validate_rejects_outside_and_bad_shapes():
+    k = 7
+    some = torch.zeros(1, 1, 49, dtype=torch.bool)
+    some[..., :39] = True
+    plan = MaskingPlan(torch.tensor([[[8, 0]]]), some, k)
+    with pytest.raises(ValueError, match="outside the 14x14 grid"):
+        plan.validate((14, 14))
+    with pytest.raises(ValueError, match="must hold integers"):
+        MaskingPlan(torch.tensor([[[0.0, 0.0]]]), some, k).validate((14, 14))
+    with pytest.raises(ValueError, match="must be a bool tensor"):
+        MaskingPlan(torch.tensor([[[0, 0]]]), some.float(), k).validate((14, 14))
+    with pytest.raises(ValueError, match="masks no token"):
+        MaskingPlan(torch.tensor([[[0, 0]]]), torch.zeros_like(some), k).validate((14, 14))
+    plan = MaskingPlan(torch.tensor([[[0, 0]]]), torch.zeros(1, 1, 48, dtype=torch.bool), k)
+    with pytest.raises(ValueError, match="plan.mask must have shape"):
+        plan.validate((14, 14))
+
+
+def test_ratio_errors_print_bounds_that_are_valid():
+    with pytest.raises(ValueError, match="must be a number") as nan_error:
+        num_masked(7, float("nan"))
+    with pytest.raises(ValueError, match=r"choose a ratio in \[") as error:
+        num_masked(7, 0.01)
+    for message in (str(nan_error.value), str(error.value)):
+        low, high = (float(x) for x in message.rsplit("[", 1)[1].split("]")[0].split(","))
+        assert 0 < num_masked(7, low) and num_masked(7, high) < 49

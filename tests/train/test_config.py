@@ -1,0 +1,139 @@
+"""`lomar pretrain` configuration: YAML typing, range checks, --data patterns, --print-config.
+
+Everything here stops at --print-config or a ConfigError: no training."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lomar.cli.app import main
+
+
+def _resolve(tmp_path: Path, *args: str) -> int:
+    return main(["pretrain", "--out", str(tmp_path / "run"), *args, "--print-config"])
+
+
+def _yaml(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_values_take_their_field_types(tmp_path, capsys):
+    config = _yaml(tmp_path, "lr: 1e-3\nmin-lr: 1e-6\nbatch_size: 8.0\nblr: 2\nepochs: '50'\nout: 2024\n")
+    assert main(["pretrain", "--config", config, "--print-config"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["lr"] == 1e-3 and resolved["min_lr"] == 1e-6 and resolved["blr"] == 2.0
+    assert resolved["batch_size"] == 8 and isinstance(resolved["batch_size"], int) and resolved["epochs"] == 50
+    assert resolved["out"] == "2024"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("batch_size: 2.5\n", "must be a whole number"),
+    ("lr: fast\n", "is not a number"),
+    ("compile: 'no'\n", "must be true or false"),
+    ("model: null\n", "model needs a str value"),
+    ("1: 2\n", "setting names"),
+    ("windows: [1, 2]\n", "must be a number"),
+    ("seed: true\n", "must be a number"),
+])
+def test_yaml_values_of_the_wrong_type_are_usage_errors(tmp_path, capsys, text, message):
+    assert main(["pretrain", "--config", _yaml(tmp_path, text), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--blr", "-1"], "--blr must be >= 0"),
+    (["--lr", "-0.1"], "--lr must be >= 0"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+    (["--min-lr=-1e-6"], "--min-lr must be >= 0"),
+    (["--warmup-epochs", "5", "--epochs", "2"], "--warmup-epochs must be in [0, --epochs 2]"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be in"),
+    (["--lr", "1e-4", "--min-lr", "1e-3"], "--min-lr 0.001 is above --lr"),
+    (["--clip-grad", "0"], "--clip-grad must be positive"),
+    (["--img-size", "0"], "--img-size must be positive"),
+    (["--mask-ratio", "nan"], "--mask-ratio must be a finite number"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+])
+def test_out_of_range_numbers_are_usage_errors(tmp_path, capsys, flags, message):
+    assert _resolve(tmp_path, *flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_print_config_with_an_out_that_holds_a_run(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("method: lomar\n")
+    assert _resolve(tmp_path, "--windows", "3") == 0
+    assert yaml.safe_load(capsys.readouterr().out)["windows"] == 3
+
+
+def _write_shard(path: Path) -> None:
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("a.txt")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+
+
+@pytest.mark.parametrize("pattern", ["shard-?.tar", "shard-[0-1].tar", "shard-*.tar", "shard-{0..1}.tar"])
+def test_data_shard_patterns_are_accepted(tmp_path, capsys, pattern):
+    for i in range(2):
+        _write_shard(tmp_path / f"shard-{i}.tar")
+    assert _resolve(tmp_path, "--data", str(tmp_path / pattern)) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["data"] == str(tmp_path / pattern)
+
+
+@pytest.mark.parametrize("pattern, message", [
+    ("none-?.tar", "no tar shards match"),
+    ("imgs/*.png", "a pattern must name .tar shards"),
+])
+def test_data_patterns_that_cannot_work_are_usage_errors(tmp_path, capsys, pattern, message):
+    assert _resolve(tmp_path, "--data", str(tmp_path / pattern)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_data_folder_with_brackets_in_its_name(tmp_path, capsys):
+    folder = tmp_path / "photos[2024]"
+    folder.mkdir()
+    assert _resolve(tmp_path, "--data", str(folder)) == 0
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.mkdir(), "is a folder; pass"),
+    (lambda p: p.write_bytes(b"not a checkpoint"), "cannot read checkpoint"),
+])
+def test_resume_path_that_cannot_be_resumed(tmp_path, capsys, make, message):
+    target = tmp_path / "old"
+    make(target)
+    assert _resolve(tmp_path, "--resume", str(target)) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_resume_checkpoint_without_training_state(tmp_path, capsys):
+    import torch
+
+    torch.save({"model": {}}, tmp_path / "weights.pt")
+    assert _resolve(tmp_path, "--resume", str(tmp_path / "weights.pt")) == 2
+    assert "not a `lomar pretrain` training checkpoint" in capsys.readouterr().err
+
+
+def test_resume_auto_before_the_first_checkpoint_reads_config_yaml(tmp_path, capsys):
+    # The run stopped before its first checkpoint: config.yaml is all there is; its values are typed.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("model: vit_small_patch16\nlr: '1e-3'\nbatch_size: 32\n")
+    assert _resolve(tmp_path, "--resume", "auto", "--max-steps", "7") == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert (resolved["model"], resolved["lr"], resolved["batch_size"]) == ("vit_small_patch16", 1e-3, 32)
+    assert resolved["max_steps"] == 7 and resolved["resume"] == "auto"
+    assert _resolve(tmp_path, "--resume", "auto", "--batch-size", "16") == 2
+    assert "--batch-size 16 differs from 32" in capsys.readouterr().err
+    (tmp_path / "run" / "config.yaml").write_text("batch_size: 2.5\n")
+    assert _resolve(tmp_path, "--resume", "auto") == 2
+    assert "batch_size: 2.5" in capsys.readouterr().err

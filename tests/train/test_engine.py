@@ -1,0 +1,242 @@
+"""The pretraining engine: schedule, decay groups, sampler, exact resume, atomic checkpoints,
+non-finite loss, bad data, figures. Tiny models on tiny images, CPU, in-process."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lomar.checkpoints.io import safe_load
+from helpers import losses, pretrain, write_images
+from lomar.train.engine import checkpoints_to_prune
+from lomar.models import MAE, LoMaR
+from lomar.data.samplers import EpochSampler
+from lomar.train.schedule import lr_at, param_groups
+from lomar.models.vit import model_config
+
+def test_lr_schedule_warmup_then_cosine():
+    kw = dict(steps_per_epoch=10, base_lr=1.0, warmup_epochs=2, epochs=10, min_lr=0.1)
+    assert lr_at(0, **kw) == 0.0
+    assert lr_at(10, **kw) == pytest.approx(0.5)  # half-way through warm-up
+    assert lr_at(20, **kw) == pytest.approx(1.0)  # peak
+    assert lr_at(60, **kw) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
+    assert lr_at(100, **kw) == pytest.approx(0.1)
+    assert lr_at(1000, **kw) == pytest.approx(0.1)  # past the end: stays at min_lr
+    values = [lr_at(s, **kw) for s in range(20, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_decay_groups_follow_the_original_rule():
+    model = LoMaR(model_config("vit_tiny_patch16", depth=1, img_size=112), 7, 1)
+    no_decay, decay = param_groups(model, 0.05)
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.05
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert {"mask_token", "encoder.cls_token", "encoder.blocks.0.attn.rpe.table"} <= decayed
+    assert all(n.endswith(".bias") or model.get_parameter(n).ndim == 1 for n in skipped)
+    assert "encoder.blocks.0.norm1.weight" in skipped and "head.bias" in skipped
+    assert len(decayed) + len(skipped) == len(names)
+
+
+def test_sampler_ranks_together_form_the_single_process_batches():
+    size, batch = 37, 3
+    single = list(EpochSampler(size, seed=5))
+    ranks = [list(EpochSampler(size, seed=5, rank=r, world_size=2)) for r in range(2)]
+    for b in range(len(ranks[0]) // batch):
+        together = {k for r in ranks for k in r[b * batch:(b + 1) * batch]}
+        assert together == set(single[b * 2 * batch:(b + 1) * 2 * batch])
+    assert not set(ranks[0]) & set(ranks[1])
+    assert all(epoch == 0 for _, epoch in single)
+    sampler = EpochSampler(size, seed=5)
+    sampler.set_epoch(3)
+    epoch3 = list(sampler)
+    assert epoch3 != single and {e for _, e in epoch3} == {3}
+    sampler.set_epoch(3, skip=6)
+    assert list(sampler) == epoch3[6:] and len(sampler) == size - 6
+
+
+@pytest.fixture(scope="module")
+def image_shard(image_dir, tmp_path_factory) -> Path:
+    """The same 16 images as one WebDataset-style tar shard."""
+    import tarfile
+
+    path = tmp_path_factory.mktemp("shards") / "shard-000.tar"
+    with tarfile.open(path, "w") as tar:
+        for image in sorted(image_dir.iterdir()):
+            tar.add(image, arcname=image.name)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["folder", "tar"])
+def test_exact_resume_matches_an_uninterrupted_run(tmp_path, image_dir, image_shard, kind):
+    # 16 images, batch 4: the resume at step 2 is in the middle of epoch 0
+    data = str(image_dir if kind == "folder" else image_shard)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert pretrain("--data", data, "--out", str(straight), "--max-steps", "4") == 0
+    assert pretrain("--data", data, "--out", str(resumed), "--max-steps", "2") == 0
+    assert safe_load(resumed / "last.pt")["step"] == 2
+    assert pretrain("--data", data, "--out", str(resumed), "--max-steps", "4", "--resume", "auto") == 0
+    a, b = safe_load(straight / "last.pt"), safe_load(resumed / "last.pt")
+    assert a["step"] == b["step"] == 4
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-7)
+    assert losses(straight) == losses(resumed)
+    assert len(losses(resumed)) == 4
+
+
+def test_checkpoint_contents_load_weights_only(tmp_path, image_dir):
+    out = tmp_path / "run"
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "1") == 0
+    ckpt = safe_load(out / "last.pt")  # weights_only=True: nothing but tensors and plain data
+    assert {"model", "optimizer", "scaler", "step", "epoch", "batches_done", "config", "rng"} <= set(ckpt)
+    assert ckpt["config"]["window_size"] == 3 and isinstance(ckpt["config"], dict)
+    assert {"torch", "numpy", "python"} <= set(ckpt["rng"])
+    assert (out / "encoder.safetensors").is_file() and (out / "config.json").is_file()
+    assert (out / "reconstruction.png").stat().st_size > 1000
+    assert list(out.glob("checkpoint-*.pt"))
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"step", "epoch", "loss", "lr", "img_s"} <= set(record)
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path, image_dir):
+    out = tmp_path / "run"
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--epochs", "3", "--save-every", "1",
+                    "--keep-last", "2") == 0
+    assert len(list(out.glob("checkpoint-*.pt"))) == 2
+
+
+def test_pruning_goes_by_step_number_and_spares_other_files():
+    names = ["checkpoint-999998.pt", "checkpoint-999999.pt", "checkpoint-1000000.pt", "checkpoint-best.pt"]
+    pruned = checkpoints_to_prune([Path(n) for n in names], keep=2)
+    assert [p.name for p in pruned] == ["checkpoint-999998.pt"]
+
+
+def test_failed_save_leaves_the_previous_last_pt_intact(tmp_path, image_dir, monkeypatch):
+    out = tmp_path / "run"
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "2") == 0
+    before = (out / "last.pt").read_bytes()
+
+    def dying_save(obj, handle, *args, **kwargs):
+        handle.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("lomar.checkpoints.io.torch.save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "3", "--resume", "auto")
+    assert (out / "last.pt").read_bytes() == before
+    assert safe_load(out / "last.pt")["step"] == 2
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_last_checkpoint(tmp_path, image_dir, monkeypatch,
+                                                                        capsys):
+    out = tmp_path / "run"
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "2") == 0
+    capsys.readouterr()
+    real = LoMaR.forward_windows
+
+    def exploding(self, *args):
+        loss, pred = real(self, *args)
+        return loss * float("nan"), pred
+
+    monkeypatch.setattr(LoMaR, "forward_windows", exploding)
+    code = pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "4", "--resume", "auto")
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "step 3" in err and "nan" in err and "last.pt" in err
+    assert safe_load(out / "last.pt")["step"] == 2
+
+
+def test_bad_files_are_skipped_and_counted(tmp_path, capsys):
+    data = write_images(tmp_path / "data", 20)
+    (data / "empty.png").write_bytes(b"")
+    (data / "garbage.jpg").write_bytes(b"not an image at all")
+    assert pretrain("--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1") == 0
+    assert "2 unreadable image(s) skipped" in capsys.readouterr().out
+
+
+def test_too_many_bad_files_is_a_clear_error(tmp_path, capsys):
+    data = write_images(tmp_path / "data", 16)
+    for i in range(8):
+        (data / f"broken{i}.png").write_bytes(b"\x89PNG truncated")
+    code = pretrain("--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "2")
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "could not be read" in err and "broken" in err
+
+
+def test_mae_method_trains(tmp_path, image_dir):
+    out = tmp_path / "mae"
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--method", "mae", "--decoder-embed-dim", "16",
+                    "--decoder-depth", "1", "--decoder-num-heads", "2", "--max-steps", "2") == 0
+    assert all(math.isfinite(v) for v in losses(out))
+    assert (out / "reconstruction.png").is_file()
+
+
+@pytest.mark.parametrize("method", ["lomar", "mae"])
+def test_reconstruction_figure_is_written(tmp_path, method):
+    from lomar.viz.reconstruction import reconstruct, reconstruction_figure
+
+    if method == "lomar":
+        model = LoMaR(model_config("vit_tiny_patch8", depth=1, img_size=48), 3, 2)
+    else:
+        model = MAE(model_config("vit_tiny_patch8", depth=1, img_size=48, pos="abs"), 16, 1, 2)
+    images = torch.randn(2, 3, 48, 48)
+    parts = reconstruct(model, images, seed=0)
+    for key in ("original", "masked", "reconstruction"):
+        assert parts[key].shape == images.shape
+        assert 0 <= float(parts[key].min()) and float(parts[key].max()) <= 1
+    path = reconstruction_figure(model, images, tmp_path / "fig.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reconstruction_figure_uses_a_given_plan(tmp_path):
+    from lomar.viz.reconstruction import reconstruct, reconstruction_figure
+    from lomar.models.masking import sample_plan
+
+    model = LoMaR(model_config("vit_tiny_patch8", depth=1, img_size=48), 3, 2)
+    images = torch.randn(2, 3, 48, 48)
+    plan = sample_plan(2, (6, 6), 3, 2, 0.8, generator=torch.Generator().manual_seed(7))
+    parts = reconstruct(model, images, seed=123, plan=plan)
+    assert torch.equal(parts["plan"].top_left, plan.top_left) and torch.equal(parts["plan"].mask, plan.mask)
+    assert reconstruction_figure(model, images, tmp_path / "fig.png", plan=plan).is_file()
+
+
+def test_an_accumulation_window_without_readable_images_is_skipped(tmp_path, image_dir, monkeypatch, capsys):
+    import lomar.train.engine
+    from lomar.data.images import BadDataTracker, collate_pretrain
+
+    calls = []
+
+    def collate_some_unreadable(items):  # the 3rd and 4th batches (the 2nd optimizer step) fail to decode
+        calls.append(1)
+        if len(calls) in (3, 4):
+            items = [dict(item, image=None) for item in items]
+        return collate_pretrain(items)
+
+    monkeypatch.setattr(lomar.train.engine, "collate_pretrain", collate_some_unreadable)
+    monkeypatch.setattr(BadDataTracker, "check", lambda self, threshold=0.1: None)  # 50 % bad is the point
+    out = tmp_path / "run"
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--epochs", "1", "--accum-steps", "2") == 0
+    assert len(losses(out)) == 1 and math.isfinite(losses(out)[0])  # one real step, the empty one skipped
+    assert "8 unreadable image(s) skipped" in capsys.readouterr().out
+
+
+def test_knn_every_epoch(tmp_path, image_dir, capsys):
+    root = tmp_path / "knn"
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            write_images(root / split / label, 3, size=(32, 32))
+    out = tmp_path / "run"
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--knn-every", "1", "--knn-data", str(root)) == 0
+    records = [json.loads(line) for line in (out / "knn.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and all(0 <= r["knn_top1"] <= 1 for r in records)
+    assert "k-NN top-1" in capsys.readouterr().out
+    assert pretrain("--data", str(image_dir), "--out", str(tmp_path / "r2"), "--knn-every", "1") == 2
+    assert "--knn-data" in capsys.readouterr().err

@@ -1,0 +1,46 @@
+"""The default finetune augmentation at realistic volume (it once crashed ~1 call in 750)."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lomar.train.finetune import _posterize_any_bits, classification_transforms
+
+
+def test_posterize_zero_bits_is_black_image():
+    img = Image.fromarray(np.full((4, 5, 3), 200, np.uint8))
+    out = _posterize_any_bits(img, 0)
+    assert out.size == img.size and out.mode == "RGB"
+    assert np.asarray(out).max() == 0
+    assert np.array_equal(np.asarray(_posterize_any_bits(img, 4)), np.full((4, 5, 3), 192, np.uint8))
+    assert _posterize_any_bits(img, 8) is img
+
+
+@pytest.mark.parametrize("aa", ["rand-m9-mstd0.5-inc1", "rand-m10-mstd1-inc1", "rand-m9-mstd0.5"])
+def test_default_train_transform_survives_thousands_of_calls(aa):
+    train_tf, val_tf = classification_transforms(16, aa=aa)
+    random.seed(0)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)) for _ in range(8)]
+    for i in range(3000):
+        x = train_tf(images[i % len(images)])
+        assert x.shape == (3, 16, 16)
+    assert val_tf(images[0]).shape == (3, 16, 16)
+
+
+def test_posterize_zero_bits_is_actually_drawn():
+    """The guard is exercised: with the default policy, 0-bit posterize happens in 3,000 calls."""
+    from timm.data.auto_augment import AugmentOp
+
+    train_tf, _ = classification_transforms(16)
+    ops = [op for t in train_tf.transforms for op in getattr(t, "ops", ()) if isinstance(op, AugmentOp)]
+    posterize = [op for op in ops if op.name.startswith("Posterize")]
+    assert posterize and all(op.aug_fn is _posterize_any_bits for op in posterize)
+    random.seed(1)
+    levels = [op.level_fn(max(0.0, min(random.gauss(op.magnitude, op.magnitude_std), 10)), op.hparams)[0]
+              for op in posterize for _ in range(3000)]
+    assert min(levels) == 0

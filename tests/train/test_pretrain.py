@@ -1,0 +1,76 @@
+"""`lomar pretrain`: exact resume across an epoch boundary with gradient accumulation.
+
+The other engine guarantees are tested in test_engine.py and test_pretrain_cli.py.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from lomar.checkpoints.io import safe_load
+from lomar.cli.app import main
+
+TINY = ["--model", "vit_tiny_patch8", "--embed-dim", "32", "--depth", "1", "--num-heads", "2",
+        "--img-size", "32", "--window-size", "3", "--windows", "2", "--batch-size", "2",
+        "--workers", "0", "--device", "cpu", "--epochs", "3", "--warmup-epochs", "1", "--lr", "1e-3",
+        "--figure-images", "2", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "imgs"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"img{i:02d}.png")
+    return root
+
+
+def _run(*args) -> int:
+    return main(["pretrain", *TINY, *map(str, args)])
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_across_epoch_boundary_with_accumulation(data, tmp_path):
+    # 8 images, batch 2, accum 2: 2 optimizer steps per epoch; stop at 3 = mid-epoch 1.
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ("--data", data, "--accum-steps", "2")
+    assert _run(*args, "--out", one, "--max-steps", "5") == 0
+    assert _run(*args, "--out", two, "--max-steps", "3") == 0
+    assert _run(*args, "--out", two, "--max-steps", "5", "--resume", "auto") == 0
+    assert _losses(one) == _losses(two) and len(_losses(one)) == 5
+    assert torch.equal(safe_load(one / "last.pt")["model"]["head.weight"],
+                       safe_load(two / "last.pt")["model"]["head.weight"])
+
+
+def test_resume_auto_alone_continues_with_the_saved_settings(data, tmp_path, capsys):
+    # Non-default data, model and batch size; the resume names only --out and --max-steps.
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = ("--data", data, "--batch-size", "4")
+    assert _run(*args, "--out", straight, "--max-steps", "4") == 0
+    assert _run(*args, "--out", resumed, "--max-steps", "2") == 0
+    assert main(["pretrain", "--out", str(resumed), "--resume", "auto", "--max-steps", "4"]) == 0
+    assert safe_load(resumed / "last.pt")["step"] == 4
+    assert _losses(resumed) == _losses(straight)  # the same run, as if never stopped
+    capsys.readouterr()
+    code = main(["pretrain", "--out", str(resumed), "--resume", "auto", "--max-steps", "6", "--batch-size", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--batch-size 2 differs from 4" in err and err.count("\n") == 1
+    assert safe_load(resumed / "last.pt")["step"] == 4  # nothing was done
+
+
+def test_resume_from_a_checkpoint_path_uses_its_out(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run("--data", data, "--out", out, "--max-steps", "1") == 0
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(out / "last.pt"), "--print-config"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["out"] == str(out) and resolved["data"] == str(data) and resolved["embed_dim"] == 32

@@ -1,0 +1,125 @@
+"""`lomar load-original`, `lomar visualize` and the in-window attention maps."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from helpers import reference_dir
+from lomar import MAE, LoMaR, ViTConfig, VisionTransformer, load_original
+from lomar.viz.attention import attention_probs, block_attention, window_attention
+from lomar.cli.app import main
+from lomar.checkpoints.convert import load_model
+from lomar.models.rpe import bucket_table
+
+ORIGINAL = reference_dir() / "lomar_224_4win" / "checkpoint.pth"
+ORIGINAL_MAE = reference_dir() / "mae_64" / "mae_checkpoint.pth"
+needs_reference = pytest.mark.skipif(not ORIGINAL.is_file(), reason="reference checkpoints not available")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """The reference original checkpoint converted with `lomar load-original`, and two small photos."""
+    if not ORIGINAL.is_file():
+        pytest.skip("reference checkpoints not available")
+    root = tmp_path_factory.mktemp("vis")
+    assert main(["load-original", str(ORIGINAL), "--to", str(root / "conv.pt"), "--num-heads", "4"]) == 0
+    rng = np.random.default_rng(0)
+    for name, size in (("a.png", (150, 100)), ("b.jpg", (90, 120))):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / name)
+    return root
+
+
+def _with_rpe(config: ViTConfig) -> VisionTransformer:
+    torch.manual_seed(0)
+    encoder = VisionTransformer(config).eval()
+    with torch.no_grad():
+        for block in encoder.blocks:
+            block.attn.rpe.table.normal_(std=0.3)
+    return encoder
+
+
+def test_attention_probs_reproduce_the_fast_path():
+    encoder = _with_rpe(ViTConfig(img_size=64, patch_size=16, embed_dim=32, depth=1, num_heads=4))
+    attn = encoder.blocks[0].attn
+    x = torch.randn(2, 17, 32)
+    buckets = bucket_table((4, 4))
+    probs = attention_probs(attn, x, buckets)
+    assert probs.shape == (2, 4, 17, 17)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 17))
+    v = attn.qkv(x).view(2, 17, 3, 4, 8)[:, :, 2].transpose(1, 2)
+    out = attn.proj((probs @ v).transpose(1, 2).reshape(2, 17, 32))
+    torch.testing.assert_close(out, attn(x, buckets), atol=1e-6, rtol=1e-5)
+    assert len(block_attention(encoder, torch.randn(1, 17, 32), (4, 4))) == 1
+
+
+def test_window_attention_lomar_and_image_context():
+    config = ViTConfig(img_size=96, patch_size=16, embed_dim=32, depth=2, num_heads=2)
+    model = LoMaR(config, window_size=3, num_windows=2).eval()
+    image = torch.randn(3, 96, 96)
+    result = window_attention(model, image, target=(0, 5))
+    assert result.maps.shape == (2, 3, 3) and result.context == "window"
+    assert result.top_left == (0, 3) and result.target_in_window == (0, 2)  # window shifted into the grid
+    torch.testing.assert_close(result.maps.flatten(1).sum(1) + result.cls, torch.ones(2))
+    masked = window_attention(model, image, target=(2, 2), masked=True, seed=3)
+    assert masked.mask.sum() == 7 and masked.mask[4]  # floor(9 * 0.8), the centre target among them
+    whole = window_attention(model.encoder, image, target=(2, 2), window_size=3)
+    assert whole.context == "image" and bool((whole.inside <= 1 + 1e-6).all())
+    with pytest.raises(ValueError, match="outside"):
+        window_attention(model, image, target=(6, 0))
+
+
+@needs_reference
+def test_load_original_output_is_our_pretrain_checkpoint(converted):
+    from lomar.checkpoints.io import safe_load
+    from lomar.eval.evaluate import load_pretrained_encoder
+
+    ckpt = safe_load(converted / "conv.pt")
+    assert ckpt["format"] == "lomar-pretrain-1" and ckpt["config"]["method"] == "lomar"
+    assert (ckpt["config"]["embed_dim"], ckpt["config"]["num_heads"], ckpt["config"]["img_size"]) == (48, 4, 224)
+    ours, original = load_model(converted / "conv.pt"), load_original(ORIGINAL, num_heads=4)
+    assert isinstance(ours, LoMaR)
+    for key, value in original.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value)
+    encoder = load_pretrained_encoder(converted / "conv.pt", num_classes=10)  # as finetune's --pretrained
+    assert torch.equal(encoder.blocks[1].attn.rpe.table, original.encoder.blocks[1].attn.rpe.table)
+    assert main(["load-original", str(ORIGINAL), "--to", str(converted / "conv.pt")]) == 2  # exists
+
+
+@needs_reference
+def test_load_original_mae_needs_and_takes_overrides(tmp_path, capsys):
+    # A non-standard width: the encoder's heads are asked for first, then the decoder's.
+    assert main(["load-original", str(ORIGINAL_MAE), "--to", str(tmp_path / "m.pt")]) == 2
+    assert "pass --num-heads" in capsys.readouterr().err
+    assert main(["load-original", str(ORIGINAL_MAE), "--to", str(tmp_path / "m.pt"), "--num-heads", "4"]) == 2
+    assert "pass --decoder-num-heads" in capsys.readouterr().err
+    assert main(["load-original", str(ORIGINAL_MAE), "--to", str(tmp_path / "m.pt"),
+                 "--num-heads", "4", "--decoder-num-heads", "4"]) == 0
+    assert isinstance(load_model(tmp_path / "m.pt"), MAE)
+
+
+@needs_reference
+def test_visualize_writes_pngs(converted, capsys):
+    out = converted / "figs"
+    images = [str(converted / "a.png"), str(converted / "b.jpg")]
+    assert main(["visualize", str(converted / "conv.pt"), *images, "--out", str(out), "--seed", "1",
+                 "--attention", "--target-patch", "3", "4", "--masked"]) == 0
+    written = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert written == ["attention-00-a.png", "attention-01-b.png", "reconstruction.png"]
+    for name in written:
+        with Image.open(out / name) as png:
+            assert png.format == "PNG" and png.width > 300 and png.height > 200
+    assert "wrote" in capsys.readouterr().out
+
+
+@needs_reference
+def test_visualize_errors_are_one_line(converted, tmp_path, capsys):
+    conv = str(converted / "conv.pt")
+    assert main(["visualize", conv, str(tmp_path / "missing.png"), "--out", str(tmp_path)]) == 2
+    assert main(["visualize", conv, str(converted / "a.png"), "--attention", "--target-patch", "20", "0",
+                 "--out", str(tmp_path)]) == 2
+    assert main(["export", conv, "--to", str(tmp_path / "exp")]) == 0
+    assert main(["visualize", str(tmp_path / "exp"), str(converted / "a.png"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("lomar visualize: error:") == 3 and "outside the 14x14 patch grid" in err
