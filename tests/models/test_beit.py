@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from lomar.checkpoint import atomic_save
-from lomar.models.beit import (BEiT, BEiTConfig, beit_from_original, beit_to_timm, load_original_beit,
-                               per_block_from_shared, relative_position_index)
+from lomar.models.beit import BEiT, BEiTConfig, relative_position_index
+from lomar.models.beit_convert import beit_from_original, beit_to_timm, load_original_beit, per_block_from_shared
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, vocab_size=16, drop_path_rate=0.0)
 
@@ -29,6 +29,16 @@ def _inputs(n: int = 2, seed: int = 1):
     mask[:, 0] = True
     ids = torch.randint(0, 16, (n, 16), generator=gen)
     return images, mask, ids
+
+
+def test_conversions_stay_importable_from_the_model_module(tmp_path):
+    from lomar.models import beit
+
+    assert beit.load_original_beit is load_original_beit and beit.beit_to_timm is beit_to_timm
+    meta = tmp_path / "beit_meta.json"
+    meta.write_text('{"method": "beit", "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, '
+                    '"num_heads": 4, "vocab_size": 16, "seed": 0, "grid": [4, 4]}')
+    assert BEiTConfig.from_meta(meta) == BEiTConfig(**{**TINY, "drop_path_rate": 0.1})
 
 
 def test_shapes_and_all_tokens():

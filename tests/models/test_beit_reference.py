@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from lomar.models.beit import BEiTConfig, load_original_beit
+from lomar.models.beit import BEiTConfig
+from lomar.models.beit_convert import load_original_beit
 from lomar.models.blockmask import BlockMaskGenerator, block_mask_batch
 
 try:
