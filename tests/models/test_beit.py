@@ -136,6 +136,26 @@ def test_relative_position_index_formula_and_subgrids():
         model.rel_pos_bias_for_grid((5, 5))
 
 
+@pytest.mark.parametrize("extra", [dict(), dict(attn_head_dim=4, qk_scale=0.3), dict(qkv_bias=False)])
+def test_attention_matches_the_spec_formula(extra):
+    """A = (q·scale)·kᵀ + B, qkv bias [q_bias, 0, v_bias], heads in row blocks of the weight."""
+    cfg = BEiTConfig(**{**TINY, "use_shared_rel_pos_bias": False, "use_rel_pos_bias": True, **extra})
+    model = _perturbed(BEiT(cfg))
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 17, 32, generator=torch.Generator().manual_seed(3))
+    h, d = 4, cfg.attn_head_dim or 8
+    w = attn.qkv.weight
+    zero = torch.zeros(h * d)
+    qb, vb = (attn.q_bias, attn.v_bias) if cfg.qkv_bias else (zero, zero)
+    q, k, v = (x @ w[i * h * d:(i + 1) * h * d].T + b for i, b in enumerate((qb, zero, vb)))
+    q, k, v = (t.view(2, 17, h, d).transpose(1, 2) for t in (q, k, v))
+    logits = (q * (cfg.qk_scale or d ** -0.5)) @ k.transpose(-1, -2) + attn.own_bias()
+    expected = attn.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(2, 17, h * d))
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+    assert attn.qkv.weight.shape == (3 * h * d, 32) and attn.proj.weight.shape == (32, h * d)
+
+
 def test_per_block_tables_from_shared_give_the_same_function():
     shared = _perturbed(BEiT(BEiTConfig(**TINY)))
     per_block = BEiT(BEiTConfig(**{**TINY, "use_shared_rel_pos_bias": False, "use_rel_pos_bias": True})).eval()
@@ -156,7 +176,8 @@ def _original_state(model: BEiT) -> dict:
     return state
 
 
-@pytest.mark.parametrize("flags", [dict(), dict(use_shared_rel_pos_bias=False, use_rel_pos_bias=True)])
+@pytest.mark.parametrize("flags", [dict(), dict(use_shared_rel_pos_bias=False, use_rel_pos_bias=True),
+                                   dict(use_rel_pos_bias=True, attn_head_dim=4, qkv_bias=False, init_values=None)])
 def test_original_checkpoint_round_trip(tmp_path, flags):
     model = _perturbed(BEiT(BEiTConfig(**{**TINY, **flags})))
     path = atomic_save({"model": _original_state(model)}, tmp_path / "beit.pth")
@@ -167,9 +188,9 @@ def test_original_checkpoint_round_trip(tmp_path, flags):
     info, state = beit_from_original(_original_state(model))  # a bare state dict works too
     assert not any(k.endswith("relative_position_index") for k in state) and info["vocab_size"] == 16
     broken = _original_state(model)
-    broken.pop("blocks.1.attn.q_bias")
+    broken.pop("blocks.1.norm1.weight")
     atomic_save({"model": broken}, tmp_path / "broken.pth")
-    with pytest.raises(ValueError, match=r"blocks\.1\.attn\.q_bias"):
+    with pytest.raises(ValueError, match=r"blocks\.1\.norm1\.weight"):
         load_original_beit(tmp_path / "broken.pth")
     with pytest.raises(ValueError, match="lm_head.weight"):
         beit_from_original({k: v for k, v in state.items() if not k.startswith("lm_head")})

@@ -35,6 +35,8 @@ class BEiTConfig:
     num_heads: int = 12
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
+    qk_scale: float | None = None  # None: head_dim ** -0.5
+    attn_head_dim: int | None = None  # None: embed_dim // num_heads
     norm_eps: float = 1e-6
     init_values: float | None = 0.1  # layer scale γ start; None or 0 = no layer scale
     init_std: float = 0.02
@@ -49,8 +51,11 @@ class BEiTConfig:
             (self.patch_size >= 1 and self.img_size % self.patch_size == 0,
              f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}; "
              f"use e.g. img_size={max(1, self.img_size // max(1, self.patch_size)) * max(1, self.patch_size)}"),
-            (self.embed_dim >= 1 and self.num_heads >= 1 and self.embed_dim % self.num_heads == 0,
+            (self.embed_dim >= 1 and self.num_heads >= 1
+             and (self.attn_head_dim is not None or self.embed_dim % self.num_heads == 0),
              f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}; pick heads dividing it"),
+            (self.attn_head_dim is None or self.attn_head_dim >= 1,
+             f"attn_head_dim={self.attn_head_dim} must be >= 1 or None (= embed_dim // num_heads)"),
             (self.depth >= 1, f"depth={self.depth} must be >= 1"),
             (self.mlp_ratio > 0, f"mlp_ratio={self.mlp_ratio} must be > 0; use 4.0"),
             (self.vocab_size >= 2, f"vocab_size={self.vocab_size} must be >= 2 (the tokenizer's vocabulary)"),
@@ -148,15 +153,19 @@ class Attention(nn.Module):
 
     With ``grid`` it owns a relative position table (the original's per-block bias)."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, grid: tuple[int, int] | None):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, grid: tuple[int, int] | None,
+                 head_dim: int | None = None, qk_scale: float | None = None):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
-        self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+        self.head_dim = head_dim or dim // num_heads
+        inner = self.head_dim * num_heads
+        self.scale = qk_scale or self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(inner)) if qkv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(inner)) if qkv_bias else None
         self.grid = tuple(grid) if grid is not None else None
         self.relative_position_bias_table = _zero_table(self.grid, num_heads) if grid is not None else None
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(inner, dim)
 
     def own_bias(self, grid: tuple[int, int] | None = None) -> torch.Tensor | None:
         """(heads, L+1, L+1) from this block's table, or None without one."""
@@ -167,18 +176,18 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None,
                 grid: tuple[int, int] | None = None) -> torch.Tensor:
         """x (N, T, D); bias (heads, T, T) or None, added to the logits; T = 1 + Gh·Gw."""
-        n, t, d = x.shape
+        n, t, _ = x.shape
         qkv_bias = None
         if self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, qkv_bias).view(n, t, 3, self.num_heads, d // self.num_heads)
+        qkv = F.linear(x, self.qkv.weight, qkv_bias).view(n, t, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         own = self.own_bias(grid)
         if own is not None:
             bias = own if bias is None else bias + own
         mask = None if bias is None else bias.to(q.dtype).unsqueeze(0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(n, t, self.num_heads * self.head_dim))
 
 
 class Block(nn.Module):
@@ -190,7 +199,8 @@ class Block(nn.Module):
         norm = partial(nn.LayerNorm, eps=config.norm_eps)
         self.norm1 = norm(dim)
         self.attn = Attention(dim, config.num_heads, config.qkv_bias,
-                              config.grid if config.use_rel_pos_bias else None)
+                              config.grid if config.use_rel_pos_bias else None,
+                              config.attn_head_dim, config.qk_scale)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm(dim)
         self.mlp = Mlp(dim, int(dim * config.mlp_ratio), act_layer=nn.GELU)

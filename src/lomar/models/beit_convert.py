@@ -74,6 +74,9 @@ def load_original_beit(path: str | Path, **overrides) -> BEiT:
         raise ValueError(f"{path}: cannot infer num_heads (no relative position table); pass num_heads=")
     if "img_size" not in info:
         raise ValueError(f"{path}: cannot infer the grid (no position table or embedding); pass img_size=")
+    inner = state["blocks.0.attn.qkv.weight"].shape[0] // 3
+    if inner != info["embed_dim"] and info.get("attn_head_dim") is None:
+        info["attn_head_dim"] = inner // info["num_heads"]  # heads narrower or wider than embed_dim/heads
     if info.get("init_values") is None and state.get("blocks.0.gamma_1") is not None:
         info["init_values"] = 0.1
     model = BEiT(BEiTConfig.from_dict(info))
