@@ -134,6 +134,16 @@ def test_relative_position_index_formula_and_subgrids():
     torch.testing.assert_close(sub, full[:, pos][:, :, pos])
     with pytest.raises(ValueError, match="5x5"):
         model.rel_pos_bias_for_grid((5, 5))
+    # Blocks run on a 2×2 window's tokens use exactly that sub-grid bias.
+    tokens = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = model.run_blocks(tokens, (2, 2))
+        manual = tokens
+        for block, bias in zip(model.blocks, model.rel_pos_bias_for_grid((2, 2))):
+            manual = block(manual, bias)
+    torch.testing.assert_close(out, manual)
+    with pytest.raises(ValueError, match="grid 3x3"):
+        model.run_blocks(tokens, (3, 3))
 
 
 @pytest.mark.parametrize("extra", [dict(), dict(attn_head_dim=4, qk_scale=0.3), dict(qkv_bias=False)])

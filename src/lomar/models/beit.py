@@ -311,9 +311,18 @@ class BEiT(nn.Module):
         x = torch.cat((self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x), dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed.to(x.dtype)
-        shared = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        return self.run_blocks(x)
+
+    def run_blocks(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """x (N, 1+Gh·Gw, D), cls first, through every block with the relative position bias of
+        ``grid`` (default: the built grid; any grid ≤ it, e.g. 7×7 windows of a 14×14 model)."""
+        grid = tuple(grid) if grid is not None else self.grid
+        if x.shape[1] != 1 + grid[0] * grid[1]:
+            raise ValueError(f"{x.shape[1]} tokens do not fit grid {grid[0]}x{grid[1]} plus cls "
+                             f"({1 + grid[0] * grid[1]}); pass the grid the tokens come from")
+        shared = self.rel_pos_bias(grid) if self.rel_pos_bias is not None else None
         for block in self.blocks:
-            x = block(x, shared)
+            x = block(x, shared, grid)
         return x
 
     def forward_features(self, images: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:

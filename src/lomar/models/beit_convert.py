@@ -35,7 +35,8 @@ def beit_from_original(state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, 
     """
     if "model" in state and isinstance(state["model"], dict):
         state = state["model"]
-    required = ["patch_embed.proj.weight", "cls_token", "mask_token", "norm.weight", "lm_head.weight"]
+    required = ["patch_embed.proj.weight", "cls_token", "mask_token", "norm.weight", "lm_head.weight",
+                "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight"]
     missing = [k for k in required if k not in state]
     if missing:
         raise ValueError(f"not an original BEiT pretraining state dict: missing {missing}; expected the "
@@ -44,7 +45,7 @@ def beit_from_original(state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, 
     dim, in_chans, patch, _ = state["patch_embed.proj.weight"].shape
     depth = 1 + max((int(m[1]) for k in state if (m := _BLOCK.match(k))), default=-1)
     if depth < 1:
-        raise ValueError("state dict has no blocks.{i}.* keys; it is not a BEiT encoder")
+        raise ValueError("state dict has no blocks.{i}.* keys; pass the 'model' entry of a BEiT pretraining checkpoint")
     shared_key, block_key = "rel_pos_bias.relative_position_bias_table", "blocks.0.attn.relative_position_bias_table"
     info: dict = dict(embed_dim=dim, in_chans=in_chans, patch_size=patch, depth=depth,
                       mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / dim,
