@@ -1,0 +1,69 @@
+"""The interface every visual tokenizer implements, and format detection for saved ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["Tokenizer", "load_tokenizer", "FORMAT_KEY"]
+
+FORMAT_KEY = "lomar_tokenizer"  # safetensors metadata key naming the tokenizer kind
+
+
+class Tokenizer(nn.Module):
+    """Maps images in [0, 1] at ``input_size`` px to one token in [0, vocab_size) per grid cell.
+
+    Subclasses set ``vocab_size``, ``input_size`` and ``stride`` (pixels per grid cell) and
+    implement :meth:`_tokens`. The grid is raster ordered, as BEiT's patches.
+    """
+
+    vocab_size: int
+    input_size: int
+    stride: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.input_size // self.stride
+        return side, side
+
+    def check_images(self, images01: torch.Tensor) -> None:
+        size = self.input_size
+        if images01.ndim != 4 or images01.shape[1] != 3 or tuple(images01.shape[-2:]) != (size, size):
+            raise ValueError(f"{type(self).__name__} needs images (N, 3, {size}, {size}) in [0, 1], got "
+                             f"{tuple(images01.shape)}; resize the view to {size} px first")
+
+    @torch.no_grad()
+    def tokens(self, images01: torch.Tensor) -> torch.Tensor:
+        """images01 (N, 3, input_size, input_size) in [0, 1] → (N, Gh·Gw) int64."""
+        self.check_images(images01)
+        return self._tokens(images01).flatten(1).long()
+
+    def _tokens(self, images01: torch.Tensor) -> torch.Tensor:  # (N, Gh, Gw) or (N, Gh·Gw)
+        raise NotImplementedError
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a dVAE (pickled module, ``{'model': sd}`` or safetensors) or a k-means tokenizer.
+
+    safetensors files say their kind in the metadata; anything else is read as a dVAE
+    checkpoint without executing pickled code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file {path} does not exist; check the path")
+    from lomar.tokenizers import dvae, kmeans
+
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            kind = (handle.metadata() or {}).get(FORMAT_KEY)
+        if kind == kmeans.FORMAT:
+            return kmeans.KMeansTokenizer.load(path)
+        if kind == dvae.FORMAT:
+            return dvae.load_dvae(path)
+        raise ValueError(f"{path} has metadata {FORMAT_KEY}={kind!r}, expected {dvae.FORMAT!r} or "
+                         f"{kmeans.FORMAT!r}; write it with convert_dvae or KMeansTokenizer.save")
+    return dvae.load_dvae(path)

@@ -1,0 +1,264 @@
+"""The DALL-E dVAE encoder, BEiT's tokenizer (BEIT_SPEC §3), and safe loading of its files.
+
+The official ``encoder.pkl`` is a whole pickled module naming ``dall_e`` classes. It is read
+with ``torch.load(weights_only=True)``, where only inert stand-ins for those classes (and the
+plain torch.nn containers it pickles) are allowed: nothing in the file can run code. The
+stand-ins just keep their pickled ``__dict__``; the tensors are read out of it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lomar.tokenizers.base import FORMAT_KEY, Tokenizer
+
+__all__ = ["DVAEConfig", "DVAEEncoder", "map_pixels", "load_dvae", "convert_dvae", "dvae_from_pickled",
+           "FORMAT"]
+
+FORMAT = "dall_e_dvae_encoder"
+LOGIT_LAPLACE_EPS = 0.1
+
+
+def map_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
+    """[0, 1] → [eps, 1 − eps]: (1 − 2·eps)·x + eps, the only input normalisation the dVAE sees."""
+    return (1 - 2 * eps) * x + eps
+
+
+@dataclass(frozen=True)
+class DVAEConfig:
+    n_hid: int = 256
+    n_blk_per_group: int = 2
+    input_channels: int = 3
+    vocab_size: int = 8192
+    group_count: int = 4
+    input_size: int = 112  # the view BEiT tokenizes; any multiple of the stride runs through logits()
+
+    def __post_init__(self) -> None:
+        for name in ("n_hid", "n_blk_per_group", "input_channels", "vocab_size", "group_count"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DVAEConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.n_hid % 4:
+            raise ValueError(f"n_hid={self.n_hid} must be a multiple of 4 (blocks use width/4); official is 256")
+        stride = 2 ** (self.group_count - 1)
+        if self.input_size % stride:
+            raise ValueError(f"input_size={self.input_size} is not a multiple of the stride {stride}; use e.g. 112")
+
+    @property
+    def widths(self) -> list[int]:
+        return [self.n_hid * 2 ** g for g in range(self.group_count)]
+
+
+class Conv(nn.Module):
+    """Conv k×k, stride 1, zero padding (k−1)/2, parameters ``w`` (out, in, k, k) and ``b`` (out,)."""
+
+    def __init__(self, n_in: int, n_out: int, kw: int, use_float16: bool = True):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(n_out, n_in, kw, kw) / (n_in * kw * kw) ** 0.5)
+        self.b = nn.Parameter(torch.zeros(n_out))
+        self.use_float16 = use_float16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.w, self.b
+        if self.use_float16 and x.is_cuda:
+            # The original's training labels came from fp16 convs on CUDA; keep that arithmetic there.
+            x, w, b = x.half(), w.half(), b.half()
+        elif x.dtype != w.dtype:
+            x = x.to(w.dtype)
+        return F.conv2d(x, w, b, padding=(w.shape[-1] - 1) // 2)
+
+
+class EncoderBlock(nn.Module):
+    """y = id(x) + post_gain · res(x), res = 4 ReLU→conv steps (3×3, 3×3, 3×3, 1×1) at width out/4."""
+
+    def __init__(self, n_in: int, n_out: int, post_gain: float):
+        super().__init__()
+        hid = n_out // 4
+        self.id_path = Conv(n_in, n_out, 1) if n_in != n_out else None
+        self.res_path = nn.ModuleDict({"conv_1": Conv(n_in, hid, 3), "conv_2": Conv(hid, hid, 3),
+                                       "conv_3": Conv(hid, hid, 3), "conv_4": Conv(hid, n_out, 1)})
+        self.post_gain = post_gain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        res = x
+        for conv in self.res_path.values():
+            res = conv(F.relu(res))
+        identity = x if self.id_path is None else self.id_path(x)
+        return identity + self.post_gain * res.to(identity.dtype)
+
+
+class DVAEEncoder(Tokenizer):
+    """Images (N, 3, H, W) → logits (N, vocab, H/8, W/8); tokens = argmax over the vocabulary."""
+
+    def __init__(self, config: DVAEConfig | None = None):
+        super().__init__()
+        self.config = config = config or DVAEConfig()
+        self.vocab_size, self.input_size = config.vocab_size, config.input_size
+        self.stride = 2 ** (config.group_count - 1)
+        post_gain = 1 / (config.group_count * config.n_blk_per_group) ** 2
+        widths = config.widths
+        blocks: dict[str, nn.Module] = {"input": Conv(config.input_channels, config.n_hid, 7)}
+        n_in = config.n_hid
+        for g, width in enumerate(widths, start=1):
+            group = {}
+            for b in range(1, config.n_blk_per_group + 1):
+                group[f"block_{b}"] = EncoderBlock(n_in, width, post_gain)
+                n_in = width
+            blocks[f"group_{g}"] = nn.ModuleDict(group)
+        blocks["output"] = nn.ModuleDict({"conv": Conv(widths[-1], config.vocab_size, 1, use_float16=False)})
+        self.blocks = nn.ModuleDict(blocks)
+
+    def logits(self, x_mapped: torch.Tensor) -> torch.Tensor:
+        """x_mapped (N, 3, H, W) already through :func:`map_pixels` → (N, vocab, H/s, W/s) float32."""
+        x = self.blocks["input"](x_mapped)
+        for g in range(1, self.config.group_count + 1):
+            if g > 1:
+                x = F.max_pool2d(x, 2)
+            for block in self.blocks[f"group_{g}"].values():
+                x = block(x)
+        return self.blocks["output"]["conv"](F.relu(x).float())
+
+    def forward(self, images01: torch.Tensor) -> torch.Tensor:
+        """images01 (N, 3, H, W) in [0, 1] → logits (N, vocab, H/s, W/s)."""
+        return self.logits(map_pixels(images01))
+
+    def _tokens(self, images01: torch.Tensor) -> torch.Tensor:
+        return self(images01).argmax(dim=1)
+
+    def metadata(self) -> dict[str, str]:
+        return {FORMAT_KEY: FORMAT, **{k: str(v) for k, v in asdict(self.config).items()}}
+
+
+# ---------------------------------------------------------------- loading
+class _Inert:
+    """Stand-in for a pickled class: keeps the pickled state, runs nothing."""
+
+    pickled_name = "?"
+
+    def __setstate__(self, state: dict) -> None:
+        self.state = state if isinstance(state, dict) else {"_state": state}
+
+
+_PICKLED_CLASSES = ("dall_e.encoder.Encoder", "dall_e.encoder.EncoderBlock", "dall_e.utils.Conv2d",
+                    "torch.nn.modules.container.Sequential", "torch.nn.modules.activation.ReLU",
+                    "torch.nn.modules.pooling.MaxPool2d", "torch.nn.modules.linear.Identity")
+_STAND_INS = [(type(name.rsplit(".", 1)[1], (_Inert,), {"pickled_name": name}), name) for name in _PICKLED_CLASSES]
+
+
+def _read(path: Path):
+    try:
+        with torch.serialization.safe_globals(_STAND_INS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f"it references {found[1]}, which" if found else f"({type(exc).__name__})"
+        raise ValueError(f"refusing to load {path}: {what} is not a tensor or dVAE class, so it could run "
+                         f"code; use the official encoder.pkl, a {{'model': state_dict}} or a safetensors "
+                         f"file from convert_dvae") from exc
+
+
+def dvae_from_pickled(obj: _Inert) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A loaded stand-in ``dall_e.encoder.Encoder`` → (its attrs fields, state dict with the original keys)."""
+    if getattr(obj, "pickled_name", None) != "dall_e.encoder.Encoder":
+        raise ValueError(f"pickled object is {getattr(obj, 'pickled_name', type(obj).__name__)}, expected "
+                         f"dall_e.encoder.Encoder; is this the dVAE encoder.pkl (not decoder.pkl)?")
+    state: dict[str, torch.Tensor] = {}
+
+    def walk(node, prefix: str) -> None:
+        attrs = node.state
+        for name, param in (attrs.get("_parameters") or {}).items():
+            if param is not None:
+                state[prefix + name] = param.detach()
+        for name, child in (attrs.get("_modules") or {}).items():
+            if isinstance(child, _Inert):
+                walk(child, f"{prefix}{name}.")
+
+    walk(obj, "")
+    fields = {k: obj.state[k] for k in ("n_hid", "n_blk_per_group", "input_channels", "vocab_size")
+              if isinstance(obj.state.get(k), int)}
+    return fields, state
+
+
+def _config_from_state(state: dict[str, torch.Tensor], fields: dict) -> DVAEConfig:
+    if "blocks.input.w" not in state or "blocks.output.conv.w" not in state:
+        raise ValueError(f"not a dVAE encoder state dict: missing blocks.input.w / blocks.output.conv.w "
+                         f"(has {sorted(state)[:4]}...)")
+    groups = {int(m[1]) for k in state if (m := re.match(r"blocks\.group_(\d+)\.", k))}
+    per_group = {int(m[1]) for k in state if (m := re.match(r"blocks\.group_1\.block_(\d+)\.", k))}
+    n_hid, channels = state["blocks.input.w"].shape[:2]
+    inferred = dict(n_hid=n_hid, input_channels=channels, vocab_size=state["blocks.output.conv.w"].shape[0],
+                    n_blk_per_group=len(per_group), group_count=len(groups))
+    clash = {k: (v, inferred[k]) for k, v in fields.items() if k in inferred and int(v) != inferred[k]}
+    if clash:
+        raise ValueError(f"dVAE settings disagree with the tensor shapes: {clash} (stated, from shapes); "
+                         f"the file is inconsistent")
+    input_size = int(fields.get("input_size", 112))
+    return DVAEConfig(input_size=input_size, **inferred)
+
+
+def _build(state: dict[str, torch.Tensor], fields: dict, source: Path) -> DVAEEncoder:
+    model = DVAEEncoder(_config_from_state(state, fields))
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [k for k in set(expected) & set(state) if expected[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{source} does not fit the dVAE encoder {model.config}: missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}, wrong shape {sorted(wrong)[:4]}")
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def load_dvae(path: str | Path, input_size: int | None = None) -> DVAEEncoder:
+    """Read a dVAE encoder from the official pickle, ``{'model': sd}`` / a bare sd, or safetensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dVAE file {path} does not exist; check the path")
+    fields: dict = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        if meta.get(FORMAT_KEY) != FORMAT:
+            raise ValueError(f"{path} metadata {FORMAT_KEY}={meta.get(FORMAT_KEY)!r}, expected {FORMAT!r}; "
+                             f"write it with convert_dvae")
+        state = load_file(str(path))
+        fields = {k: int(v) for k, v in meta.items() if k in DVAEConfig.__dataclass_fields__}
+    else:
+        data = _read(path)
+        if isinstance(data, _Inert):
+            fields, state = dvae_from_pickled(data)
+        elif isinstance(data, dict):
+            state = data.get("model", data)
+            if not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise ValueError(f"{path}: the state dict holds non-tensors; expected {{'model': state_dict}}")
+        else:
+            raise ValueError(f"{path} holds a {type(data).__name__}; expected a dVAE encoder or state dict")
+    if input_size is not None:
+        fields["input_size"] = input_size
+    return _build(state, fields, path)
+
+
+def convert_dvae(src: str | Path, dst: str | Path) -> Path:
+    """Any readable dVAE encoder form → a safetensors file (+ config metadata), written atomically."""
+    from safetensors.torch import save_file
+
+    model = load_dvae(src)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=model.metadata())
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dst

@@ -1,0 +1,89 @@
+"""DALL-E dVAE encoder on every ``dvae_meta.json`` case, in all three file forms, and the
+refusal of pickles that would run code."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lomar.tokenizers import DVAEConfig, DVAEEncoder, convert_dvae, load_dvae, load_tokenizer, map_pixels
+
+from helpers import reference_dir
+
+ATOL, RTOL = 1e-5, 1e-4
+META = "dvae_meta.json"
+
+
+def _cases():
+    root = reference_dir()
+    found = sorted(p.parent for p in root.glob(f"*/{META}")) if root.is_dir() else []
+    return [pytest.param(p, id=p.name) for p in found] or [pytest.param(None, id="no-case")]
+
+
+@pytest.mark.parametrize("form", ["pkl", "state", "safetensors"])
+@pytest.mark.parametrize("case", _cases())
+def test_dvae_case(case, form, tmp_path):
+    if case is None:
+        pytest.fail(f"no folder with {META} under {reference_dir()}; set LOMAR_REFERENCE_DIR to the reference dir")
+    meta = json.loads((case / META).read_text())
+    data = {k: torch.from_numpy(v) for k, v in np.load(case / "dvae_case.npz").items()}
+    if form == "safetensors":
+        path = convert_dvae(case / "dvae_encoder.pkl", tmp_path / "dvae.safetensors")
+        assert [p.name for p in tmp_path.iterdir()] == ["dvae.safetensors"]  # no temporary left behind
+    else:
+        path = case / ("dvae_encoder.pkl" if form == "pkl" else "dvae_encoder_state.pth")
+    model = load_tokenizer(path)
+    assert isinstance(model, DVAEEncoder)
+    cfg = model.config
+    assert (cfg.n_hid, cfg.n_blk_per_group, cfg.input_channels, cfg.vocab_size, cfg.group_count) == (
+        meta["n_hid"], meta["n_blk_per_group"], meta["input_channels"], meta["vocab_size"], meta["group_count"])
+    assert cfg.widths == meta["group_widths"]
+    assert [b.post_gain for b in model.modules() if hasattr(b, "post_gain")][0] == meta["post_gain"]
+    x = data["x"]
+    torch.testing.assert_close(map_pixels(x, meta["logit_laplace_eps"]), data["x_mapped"], atol=1e-7, rtol=0)
+    with torch.no_grad():
+        logits = model.logits(map_pixels(x, meta["logit_laplace_eps"]))
+    torch.testing.assert_close(logits, data["logits"], atol=ATOL, rtol=RTOL)
+    assert logits.shape[-2:] == tuple(meta["grid"])
+    if tuple(x.shape[-2:]) == (model.input_size, model.input_size):
+        assert torch.equal(model.tokens(x), data["tokens"].flatten(1))
+    assert torch.equal(logits.argmax(1), data["tokens"])
+
+
+def _evil(path: Path, marker: Path) -> Path:
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+    torch.save({"model": Evil()}, path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".pkl", ".pth"])
+def test_malicious_pickle_is_refused_without_running(tmp_path, suffix):
+    marker = tmp_path / "pwned"
+    path = _evil(tmp_path / f"encoder{suffix}", marker)
+    with pytest.raises(ValueError, match="system") as info:
+        load_tokenizer(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+    assert not marker.exists()
+
+
+class NotAllowed:  # a harmless class that is still not on the list
+    pass
+
+
+def test_unknown_class_and_other_errors(tmp_path):
+    torch.save(NotAllowed(), tmp_path / "x.pkl")
+    with pytest.raises(ValueError, match="NotAllowed"):
+        load_dvae(tmp_path / "x.pkl")
+    with pytest.raises(FileNotFoundError):
+        load_tokenizer(tmp_path / "missing.pkl")
+    torch.save({"model": {"foo": torch.zeros(1)}}, tmp_path / "y.pth")
+    with pytest.raises(ValueError, match="blocks.input.w"):
+        load_dvae(tmp_path / "y.pth")
+    model = DVAEEncoder(DVAEConfig(n_hid=16, vocab_size=64))
+    with pytest.raises(ValueError, match="112"):
+        model.tokens(torch.zeros(1, 3, 64, 64))
