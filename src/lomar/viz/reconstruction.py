@@ -1,19 +1,21 @@
-"""Reconstruction figures: original | windows | masked input | reconstruction (paper Fig. 5)."""
+"""Reconstruction figures: original | windows | masked input | reconstruction (paper Fig. 5).
+
+Figures are plain :class:`matplotlib.figure.Figure` objects rendered by Agg on save: no pyplot,
+so no global backend or figure registry is touched.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-
-from lomar.data.images import denormalize  # noqa: E402
-from lomar.models.masking import MaskingPlan, window_token_index  # noqa: E402
-from lomar.models.objective import patchify, unpatchify  # noqa: E402
+from lomar.data.images import denormalize
+from lomar.models.masking import MaskingPlan, window_token_index
+from lomar.models.objective import patchify, unpatchify
 
 __all__ = ["reconstruct", "reconstruction_figure", "save_figure"]
 
@@ -103,7 +105,9 @@ def reconstruction_figure(model, images: torch.Tensor, path: str | Path, seed: i
     n = images.shape[0]
     p = model.config.patch_size
     columns = ["original", "sampled windows", "masked input", "reconstruction"]
-    fig, axes = plt.subplots(n, 4, figsize=(12, 3 * n + 0.6), squeeze=False)
+    # constrained layout reserves the title's height above the column headers at any row count
+    fig = Figure(figsize=(12, 3 * n + 0.8), layout="constrained")
+    axes = fig.subplots(n, 4, squeeze=False)
     plan = parts.get("plan")
     for row in range(n):
         views = [parts["original"], parts["original"], parts["masked"], parts["reconstruction"]]
@@ -123,15 +127,17 @@ def reconstruction_figure(model, images: torch.Tensor, path: str | Path, seed: i
     return save_figure(fig, path, dpi=80)
 
 
-def save_figure(fig, path: str | Path, dpi: int) -> Path:
-    """Lay out, write to a temporary file, rename (a reader never sees half a PNG), close."""
-    fig.tight_layout()
+def save_figure(fig: Figure, path: str | Path, dpi: int) -> Path:
+    """Lay out (unless the figure has its own layout engine), write to a temporary file, rename:
+    a reader never sees half a PNG."""
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     try:
         fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
     finally:
-        plt.close(fig)
-    tmp.replace(path)
+        tmp.unlink(missing_ok=True)
     return path
