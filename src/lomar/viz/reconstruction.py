@@ -17,7 +17,7 @@ from lomar.data.images import denormalize
 from lomar.models.masking import MaskingPlan, window_token_index
 from lomar.models.objective import patchify, unpatchify
 
-__all__ = ["reconstruct", "reconstruction_figure", "save_figure"]
+__all__ = ["reconstruct", "reconstruction_figure", "draw_reconstruction", "save_figure"]
 
 _DIM = 0.35  # brightness of the parts of the image no window covers
 
@@ -101,6 +101,12 @@ def reconstruction_figure(model, images: torch.Tensor, path: str | Path, seed: i
 
     images: (N, 3, H, W) normalised; ``plan``: optional fixed LoMaR windows/masks for them.
     """
+    return save_figure(draw_reconstruction(model, images, seed, title, plan), path, dpi=80)
+
+
+def draw_reconstruction(model, images: torch.Tensor, seed: int = 0, title: str | None = None,
+                        plan: MaskingPlan | None = None) -> Figure:
+    """The figure :func:`reconstruction_figure` writes; images: (N, 3, H, W) normalised."""
     parts = reconstruct(model, images, seed, plan=plan)
     n = images.shape[0]
     p = model.config.patch_size
@@ -124,7 +130,7 @@ def reconstruction_figure(model, images: torch.Tensor, path: str | Path, seed: i
                     ax.add_patch(Rectangle((l * p - 0.5, t * p - 0.5), k * p, k * p, fill=False,
                                            edgecolor="yellow", linewidth=1.5))
     fig.suptitle(title or f"{type(model).__name__} reconstruction (loss {parts['loss']:.3f})")
-    return save_figure(fig, path, dpi=80)
+    return fig
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int) -> Path:
