@@ -1,28 +1,41 @@
 """lomar: efficient self-supervised ViT pretraining by local masked reconstruction."""
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
 
-from lomar.checkpoints.io import atomic_save, load_original, lomar_from_original, lomar_to_original, safe_load
-from lomar.checkpoints.export import create_encoder, export_encoder
-from lomar.models.masking import MaskingPlan, sample_plan
-from lomar.models import MAE, LoMaR
-from lomar.models.vit import ViTConfig, VisionTransformer, list_models, model_config
+# Public name -> the module that defines it. Imported on first use, so that `import lomar`
+# (and with it `lomar --help`) costs no torch import.
+_EXPORTS = {
+    "atomic_save": "lomar.checkpoints.io",
+    "load_original": "lomar.checkpoints.io",
+    "lomar_from_original": "lomar.checkpoints.io",
+    "lomar_to_original": "lomar.checkpoints.io",
+    "safe_load": "lomar.checkpoints.io",
+    "create_encoder": "lomar.checkpoints.export",
+    "export_encoder": "lomar.checkpoints.export",
+    "MaskingPlan": "lomar.models.masking",
+    "sample_plan": "lomar.models.masking",
+    "LoMaR": "lomar.models",
+    "MAE": "lomar.models",
+    "ViTConfig": "lomar.models.vit",
+    "VisionTransformer": "lomar.models.vit",
+    "list_models": "lomar.models.vit",
+    "model_config": "lomar.models.vit",
+}
 
-__all__ = [
-    "__version__",
-    "atomic_save",
-    "create_encoder",
-    "export_encoder",
-    "LoMaR",
-    "MAE",
-    "MaskingPlan",
-    "ViTConfig",
-    "VisionTransformer",
-    "list_models",
-    "load_original",
-    "lomar_from_original",
-    "lomar_to_original",
-    "model_config",
-    "safe_load",
-    "sample_plan",
-]
+__all__ = ["__version__", *sorted(_EXPORTS, key=str.lower)]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module 'lomar' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

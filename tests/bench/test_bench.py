@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from lomar.cli.bench import paper_windows
+from lomar.bench.report import paper_windows
 from lomar.cli.app import main
 from lomar.bench.timing import build_runner
 

@@ -225,9 +225,9 @@ def test_finetune_bad_flags(pretrained, args, words, capsys):
 
 @pytest.mark.parametrize("command, args, words", [
     ("knn", ["--data", "/nope"], "is not a folder"),
-    ("knn", ["--k", "0", "--data", "X"], "must be positive"),
+    ("knn", ["--k", "0", "--data", "X"], "--k: expected an integer >= 1"),
     ("linprobe", [], "pass --data"),
-    ("linprobe", ["--epochs", "0", "--data", "X"], "must be positive"),
+    ("linprobe", ["--epochs", "0", "--data", "X"], "--epochs: expected an integer >= 1"),
 ])
 def test_probe_bad_flags(pretrained, command, args, words, capsys):
     assert main([command, str(pretrained), *args]) == 2

@@ -1,4 +1,4 @@
-"""Any checkpoint -> a model, and ``lomar load-original``: original checkpoint -> ours.
+"""Any checkpoint -> a model, and a model -> our pretraining checkpoint (``lomar load-original``).
 
 :func:`load_model` reads every format the project meets:
 
@@ -13,17 +13,15 @@
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lomar.checkpoints.io import atomic_save, load_original, safe_load
+from lomar.checkpoints.io import load_original, safe_load
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, ViTConfig, VisionTransformer
 
-__all__ = ["load_model", "encoder_of", "pretrain_checkpoint", "add_override_arguments", "overrides_from_args",
-           "add_arguments", "run"]
+__all__ = ["load_model", "encoder_of", "pretrain_checkpoint"]
 
 PRETRAIN_FORMAT = "lomar-pretrain-1"
 CLASSIFIER_FORMAT = "lomar-classifier-1"
@@ -161,68 +159,3 @@ def pretrain_checkpoint(model: nn.Module, source: str | None = None) -> dict:
     state = model.state_dict()
     build_model(config).load_state_dict(state, strict=True)  # proves the checkpoint rebuilds
     return {"model": state, "config": config.to_dict(), "format": PRETRAIN_FORMAT, "source": source}
-
-
-# ---- shared CLI flags ------------------------------------------------------------------------
-def add_override_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("for original checkpoints (what the weights cannot tell)")
-    group.add_argument("--num-heads", type=int, help="attention heads (needed for non-standard widths "
-                                                     "without an RPE table)")
-    group.add_argument("--img-size", type=int, help="pretraining image size (default: from the checkpoint, "
-                                                    "else 224)")
-    group.add_argument("--window-size", type=int, help="LoMaR window size K (default 7)")
-    group.add_argument("--windows", type=int, dest="num_windows", help="LoMaR windows per image (default 4)")
-    group.add_argument("--decoder-num-heads", type=int, help="MAE decoder heads (default 16 for 512 wide)")
-
-
-def overrides_from_args(args: argparse.Namespace) -> dict:
-    names = ("num_heads", "img_size", "window_size", "num_windows", "decoder_num_heads")
-    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
-
-
-def load_for_cli(path: str, args: argparse.Namespace) -> nn.Module:
-    from lomar.errors import UsageError
-
-    try:
-        return load_model(path, **overrides_from_args(args))
-    except (ValueError, FileNotFoundError, TypeError) as exc:
-        raise UsageError(_as_flags(str(exc))) from None
-
-
-def _as_flags(message: str) -> str:
-    """The library's "pass num_heads=... to load_original" becomes the command line's "pass --num-heads"."""
-    return re.sub(r"pass (\w+)=\.\.\. to load_original", lambda m: f"pass --{m[1].replace('_', '-')}", message)
-
-
-# ---- lomar load-original ---------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("The output is our pretraining checkpoint ({model, config}): use it with `lomar export`, "
-                     "`lomar visualize` or as `--pretrained` for finetuning. It holds no optimizer state, "
-                     "so it is not a checkpoint to --resume pretraining from.")
-    parser.add_argument("path", metavar="PATH", help="original LoMaR / MAE checkpoint (.pth)")
-    parser.add_argument("--to", required=True, metavar="CKPT", help="where to write our checkpoint (.pt)")
-    parser.add_argument("--overwrite", action="store_true", help="replace CKPT if it exists")
-    add_override_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    from lomar.errors import UsageError
-
-    out = Path(args.to)
-    if out.exists() and not args.overwrite:
-        raise UsageError(f"--to {out} already exists; pass --overwrite to replace it")
-    if out.is_dir():
-        raise UsageError(f"--to {out} is a folder; give a file name such as {out / 'converted.pt'}")
-    try:
-        model = load_original(args.path, **overrides_from_args(args))
-        ckpt = pretrain_checkpoint(model, source=str(args.path))
-    except (ValueError, FileNotFoundError, TypeError) as exc:
-        raise UsageError(_as_flags(str(exc))) from None
-    atomic_save(ckpt, out)
-    vit = encoder_of(model).config
-    params = sum(p.numel() for p in model.parameters())
-    kind = ckpt["config"]["method"] if "config" in ckpt else "classifier"
-    print(f"lomar: converted {args.path} ({kind}, {vit.embed_dim} wide, {vit.depth} blocks, {vit.num_heads} "
-          f"heads, patch {vit.patch_size}, {params / 1e6:.2f} M parameters) -> {out}")
-    print(f"lomar: next: lomar export {out} --to DIR   |   lomar visualize {out} IMAGE...")
-    return 0

@@ -1,60 +1,149 @@
 """The ``lomar`` command. Each subcommand lives in its own module, which provides
-``add_arguments(parser)`` and ``run(args) -> int``; this file only wires them up."""
+``add_arguments(parser)`` and ``run(args) -> int``; this file wires them up and is the one
+error boundary every command shares.
+
+Subcommand modules import only argparse-level code at module level, so ``lomar --help`` and
+``lomar CMD --help`` never import torch; :func:`main` builds only the parser of the command
+it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import re
 import sys
+from collections.abc import Iterable
 
 from lomar import __version__
-from lomar.errors import UsageError
+from lomar.errors import LomarError
+
+__all__ = ["SUBCOMMANDS", "build_parser", "main", "describe_os_error"]
 
 # (name, "module" or "module:prefix", one-line help): the module provides add_arguments/run,
 # or <prefix>_add_arguments/<prefix>_run when one module serves several commands.
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("bench", "lomar.cli.bench", "time LoMaR vs MAE training steps across image sizes on this machine"),
     ("pretrain", "lomar.cli.pretrain", "pretrain an encoder with LoMaR or MAE (no arguments: a demo on CPU)"),
-    ("finetune", "lomar.train.finetune", "finetune a pretrained encoder for classification (original recipe)"),
+    ("finetune", "lomar.cli.finetune", "finetune a pretrained encoder for classification (original recipe)"),
     ("linprobe", "lomar.cli.probe:linprobe", "linear probe (BatchNorm + linear) on frozen features"),
     ("knn", "lomar.cli.probe:knn", "cosine k-NN accuracy of frozen features"),
     ("export", "lomar.cli.export", "write a checkpoint's encoder as model.safetensors + config.json (timm-ready)"),
     ("visualize", "lomar.cli.visualize", "reconstruction and attention figures of a pretrained model"),
-    ("load-original", "lomar.checkpoints.convert", "convert an original LoMaR / MAE checkpoint into ours"),
+    ("load-original", "lomar.cli.load_original", "convert an original LoMaR / MAE checkpoint into ours"),
 ]
+# Where a command's module lived before it moved into lomar.cli (used only while it is absent).
+_PREVIOUS_HOME = {"lomar.cli.finetune": "lomar.train.finetune"}
+
+EXIT_CODES = ("exit codes: 0 done; 1 the work failed (e.g. a full disk: free space and rerun); "
+              "2 a bad flag, input or output path (nothing was computed); 130 interrupted")
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lomar",
-        description="Self-supervised ViT pretraining by local masked reconstruction (LoMaR).",
-    )
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, ``lomar CMD: error: …``, with a pointer to --help."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" where the help does not already say it; nothing for off switches,
+    required flags and unset values (their help says what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text.lower() or action.required or action.default is None
+                or action.default is False or action.default is argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+def _import(module_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name or module_name not in _PREVIOUS_HOME:
+            raise
+        return importlib.import_module(_PREVIOUS_HOME[module_name])
+
+
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The ``lomar`` parser; ``commands`` limits which subcommands get their flags (None: all)."""
+    wanted = None if commands is None else set(commands)
+    parser = _Parser(prog="lomar", epilog=EXIT_CODES,
+                     description="Self-supervised ViT pretraining by local masked reconstruction (LoMaR).")
     parser.add_argument("--version", action="version", version=f"lomar {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, target, help_text in SUBCOMMANDS:
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
+        if wanted is not None and name not in wanted:
+            continue
         module_name, _, prefix = target.partition(":")
-        module = importlib.import_module(module_name)
+        module = _import(module_name)
         prefix = f"{prefix}_" if prefix else ""
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         getattr(module, f"{prefix}add_arguments")(sub_parser)
         sub_parser.set_defaults(_run=getattr(module, f"{prefix}run"))
     return parser
 
 
+def _one_line(message: str) -> str:
+    """A message as one line without terminal colour codes."""
+    return " ".join(part.strip() for part in _ANSI.sub("", message).splitlines() if part.strip())
+
+
+def describe_os_error(exc: OSError) -> tuple[str, int] | None:
+    """(one-line message naming the path and the fix, exit code) for an OSError on a path;
+    None for one without a path (left as a traceback: it is not about the user's input)."""
+    path = exc.filename2 if exc.filename2 is not None else exc.filename
+    code = exc.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        where = f"writing {path}: " if path is not None else ""
+        return f"{where}no space left on the device; free space or choose another location, then rerun", 1
+    if path is None:
+        return None
+    fixes = {
+        errno.ENOENT: f"{path} does not exist; check the path",
+        errno.EISDIR: f"{path} is a folder; give a file path",
+        errno.ENOTDIR: f"{path}: part of this path is a file, not a folder; check the path",
+        errno.EACCES: f"{path}: permission denied; choose a location you may read or write",
+        errno.EPERM: f"{path}: operation not permitted; choose another location",
+        errno.EROFS: f"{path} is on a read-only file system; choose a writable location",
+        errno.EEXIST: f"{path} already exists; remove it or choose another path",
+        errno.ENAMETOOLONG: f"{path}: name too long; choose a shorter path",
+    }
+    return fixes.get(code, f"{path}: {exc.strerror or type(exc).__name__}; check the path"), 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser([command] if command else [])
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, a usage error: already printed
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0
+    prefix = f"lomar {args.command}"
     try:
         return int(args._run(args) or 0)
-    except UsageError as exc:
-        print(f"lomar {args.command}: error: {exc}", file=sys.stderr)
+    except LomarError as exc:
+        print(f"{prefix}: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"lomar {args.command}: interrupted", file=sys.stderr)
+        print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        described = describe_os_error(exc)
+        if described is None:
+            raise
+        message, code = described
+        print(f"{prefix}: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

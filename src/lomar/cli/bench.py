@@ -14,25 +14,17 @@ integer N uses N windows at every size: LoMaR's cost is then independent of the 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import platform
 import sys
 import time
 from pathlib import Path
 
+from lomar.cli.common import (DEVICE_HELP, MODEL_NAMES, check_output_file, device_flag, int_range,
+                              resolve_device, write_json)
 from lomar.errors import UsageError
 
-__all__ = ["add_arguments", "run", "paper_windows", "plot_times"]
+__all__ = ["add_arguments", "run"]
 
-PAPER_WINDOWS = {224: 4, 384: 6, 448: 9}
 DEFAULT_SIZES = (224, 384, 448, 672, 896)
-
-
-def paper_windows(img_size: int) -> int:
-    """The paper's windows per image at ``img_size`` (see the module docstring for other sizes)."""
-    below = [s for s in PAPER_WINDOWS if s <= img_size]
-    return PAPER_WINDOWS[max(below)] if below else PAPER_WINDOWS[min(PAPER_WINDOWS)]
 
 
 def _window_setting(text: str) -> str | int:
@@ -50,40 +42,43 @@ def _window_setting(text: str) -> str | int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("Example (a few minutes on an idle 2-core CPU): lomar bench --model vit_base_patch16 --batch-size 4 "
                      "--sizes 224 448 --steps 3 --json bench.json --plot bench.png")
-    parser.add_argument("--model", default="vit_base_patch16", help="encoder, e.g. vit_base_patch16")
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), metavar="PX",
-                        help="image sizes (default: %(default)s)")
-    parser.add_argument("--methods", nargs="+", default=["lomar", "mae"], choices=["lomar", "mae"])
+    parser.add_argument("--model", default="vit_base_patch16", metavar="NAME",
+                        help=f"encoder: {', '.join(MODEL_NAMES)}")
+    parser.add_argument("--sizes", type=int_range(1), nargs="+", default=list(DEFAULT_SIZES), metavar="PX",
+                        help="image sizes")
+    parser.add_argument("--methods", nargs="+", default=["lomar", "mae"], choices=["lomar", "mae"],
+                        help="methods to time")
     parser.add_argument("--windows", type=_window_setting, nargs="+", default=["paper"],
                         metavar="N|paper", help="LoMaR windows per image: 'paper' (4@224, 6@384, "
                         "9@448, 9 above) and/or fixed counts, e.g. --windows paper 4")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int_range(1), default=4, help="images per training step")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                         help="fp32, or autocast to bf16/fp16 (fp16 with a gradient scaler)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each model")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median)")
-    parser.add_argument("--warmup", type=int, default=1, help="plain untimed steps per configuration before "
-                        "timing (after one FLOP-counting and one memory step)")
-    parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write results as JSON")
+    parser.add_argument("--device", type=device_flag, default="auto", help=DEVICE_HELP)
+    parser.add_argument("--threads", type=int_range(1, 4096), default=None,
+                        help="CPU threads, 1 or more (default: torch's choice)")
+    parser.add_argument("--steps", type=int_range(1), default=3, help="timed steps per configuration (median)")
+    parser.add_argument("--warmup", type=int_range(0), default=1, help="plain untimed steps per configuration "
+                        "before timing (after one FLOP-counting and one memory step)")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE",
+                        help="write results as JSON (default: none)")
     parser.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
-                        help="plot time per step against image size")
+                        help="plot time per step against image size (default: none)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: width 32, depth 1
 
 
 def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str]]]:
     """Per size: (method, windows, setting) configurations, validated before any work."""
-    from lomar.models.masking import check_window_request, grid_size  # torch-free checks
+    from lomar.bench.report import paper_windows
+    from lomar.models.masking import check_window_request, grid_size
     from lomar.models.vit import model_config
 
     try:
         patch = model_config(args.model).patch_size
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
-        raise UsageError("--batch-size and --steps must be positive and --warmup non-negative")
+        raise UsageError(f"--model: {exc}") from None
     plan: dict[int, list[tuple[str, int | None, str]]] = {}
     for size in dict.fromkeys(args.sizes):
         try:
@@ -111,15 +106,16 @@ def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str
 
 def run(args: argparse.Namespace) -> int:
     plan = _plan(args)
+    check_output_file(args.json, "--json", create_parents=True)
+    check_output_file(args.plot, "--plot", create_parents=True)
     import torch
 
-    from lomar.train.runtime import retain_freed_memory
+    from lomar.bench.report import compare, machine_name, plot_times, print_table
     from lomar.bench.timing import build_runner, gemm_ceiling, interleaved_times, median
+    from lomar.train.runtime import retain_freed_memory
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: CUDA is not available here")
-    if args.threads:
+    device = torch.device(resolve_device(args.device))
+    if args.threads:  # the command owns the process: setting torch's global thread count is its call
         torch.set_num_threads(args.threads)
     retained = device.type == "cpu" and retain_freed_memory()
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
@@ -150,126 +146,20 @@ def run(args: argparse.Namespace) -> int:
     for rec in records:
         rec["gemm_flops"] = ceiling
         rec["mfu"] = rec["achieved_flops"] / ceiling
-    comparisons = _compare(records)
-    _print_table(records, comparisons, ceiling, sys.stdout)
+    comparisons = compare(records)
+    print_table(records, comparisons, ceiling, sys.stdout)
     meta = dict(model=args.model, batch_size=args.batch_size, precision=args.precision,
                 compile=args.compile, device=str(device), threads=torch.get_num_threads(),
                 steps=args.steps, warmup=args.warmup, torch=torch.__version__,
-                machine=_machine(device), malloc_retains_memory=retained, gemm_flops=ceiling,
+                machine=machine_name(device), malloc_retains_memory=retained, gemm_flops=ceiling,
                 gemm_flops_all=rates,
                 wall_s=time.perf_counter() - started, command="lomar bench " + " ".join(sys.argv[2:])
                 if len(sys.argv) > 1 and sys.argv[1] == "bench" else None)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(meta=meta, records=records, comparisons=comparisons), indent=1))
+        write_json(args.json, dict(meta=meta, records=records, comparisons=comparisons))
         say(f"wrote {args.json}")
     if args.plot:
         plot_times(records, args.plot, f"{args.model}, batch {args.batch_size}, {args.precision}, "
                    f"{meta['machine']}")
         say(f"wrote {args.plot}")
     return 0
-
-
-def _machine(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {torch.get_num_threads()} threads"
-
-
-def _compare(records: list[dict]) -> list[dict]:
-    """Per size and LoMaR window count: MAE/LoMaR time and FLOP ratios; time vs own base size."""
-    mae = {r["img_size"]: r for r in records if r["method"] == "mae"}
-    out = []
-    base_size = 224 if any(r["img_size"] == 224 for r in records) else min(r["img_size"] for r in records)
-    for rec in records:
-        same = [r for r in records if r["method"] == rec["method"] and r["img_size"] == base_size
-                and (r["windows"] == rec["windows"] or rec["window_setting"] == r["window_setting"] == "paper")]
-        rec["base_size"] = base_size
-        rec["time_vs_base"] = rec["step_s"] / same[0]["step_s"] if same else None
-        if rec["method"] == "lomar" and rec["img_size"] in mae:
-            m = mae[rec["img_size"]]
-            out.append(dict(img_size=rec["img_size"], windows=rec["windows"],
-                            window_setting=rec["window_setting"],
-                            mae_over_lomar_time=m["step_s"] / rec["step_s"],
-                            mae_over_lomar_flops=m["flops"] / rec["flops"]))
-    return out
-
-
-def _fmt_bytes(n: int) -> str:
-    return f"{n / 2**20:,.0f} MiB" if n >= 0 else "n/a"
-
-
-def _print_table(records: list[dict], comparisons: list[dict], ceiling: float, stream) -> None:
-    w = stream.write
-    w(f"GEMM ceiling (same run, same dtype): {ceiling / 1e9:,.1f} GFLOP/s\n")
-    head = (f"{'method':<6} {'px':>4} {'win':>5} {'s/step':>8} {'img/s':>7} {'GFLOP':>8} "
-            f"{'GFLOP/s':>8} {'MFU':>5} {'vs base':>8} {'peak mem':>10}\n")
-    w(head)
-    w("-" * (len(head) - 1) + "\n")
-    for r in records:
-        win = "-" if r["windows"] is None else f"{r['windows']}{'p' if r['window_setting'] == 'paper' else ''}"
-        rel = "-" if r.get("time_vs_base") is None else f"{r['time_vs_base']:.2f}x"
-        w(f"{r['method']:<6} {r['img_size']:>4} {win:>5} {r['step_s']:>8.3f} {r['images_per_s']:>7.2f} "
-          f"{r['flops'] / 1e9:>8.1f} {r['achieved_flops'] / 1e9:>8.1f} {r['mfu']:>5.0%} {rel:>8} "
-          f"{_fmt_bytes(r['peak_mem_bytes']):>10}\n")
-    if records:
-        kind = records[0]["peak_mem_kind"]
-        w(f"win: windows per image, p = paper setting; vs base: time / own {records[0]['base_size']}px time; "
-          f"peak mem: {'max allocated' if kind == 'cuda_max_allocated' else 'RSS growth during a step (CPU)'}\n")
-    if comparisons:
-        w("\nMAE / LoMaR per size\n")
-        for c in comparisons:
-            w(f"  {c['img_size']:>4}px, {c['windows']} windows ({c['window_setting']}): time "
-              f"{c['mae_over_lomar_time']:.2f}x, FLOPs {c['mae_over_lomar_flops']:.2f}x\n")
-
-
-def plot_times(records: list[dict], path: Path, subtitle: str = "") -> None:
-    """Seconds per training step against image size, one line per method/window setting, log-log."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lomar.viz.reconstruction import save_figure
-
-    series: dict[str, list[tuple[int, float]]] = {}
-    fixed = {r["windows"] for r in records if r["window_setting"] == "fixed"}
-    for r in records:
-        labels = []
-        if r["method"] == "mae":
-            labels.append("MAE (ViT + 512x8 decoder, 75% masked)")
-        elif r["window_setting"] == "paper":
-            labels.append("LoMaR, paper windows (4@224, 6@384, 9@448+)")
-        if r["method"] == "lomar" and r["windows"] in fixed:  # a paper point may double as fixed
-            labels.append(f"LoMaR, {r['windows']} windows")
-        for label in labels:
-            series.setdefault(label, []).append((r["img_size"], r["step_s"]))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, points in series.items():
-        points.sort()
-        xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="o", label=label)
-        for x, y in points:
-            ax.annotate(f"{y:.2g}s", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    sizes = sorted({r["img_size"] for r in records})
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xticks(sizes)
-    ax.set_xticklabels([str(s) for s in sizes])
-    ax.minorticks_off()
-    ax.set_xlabel("image size (px)")
-    ax.set_ylabel("seconds per training step (fwd+bwd+AdamW)")
-    ax.set_title("Training step time vs image size" + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    save_figure(fig, path, dpi=120)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lomar.checkpoints.convert import add_override_arguments, encoder_of, load_for_cli
+from lomar.cli.common import add_override_arguments, check_output_dir, load_for_cli
+from lomar.errors import UsageError
+
+__all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,22 +17,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "result with lomar.create_encoder(DIR), or in timm after `import lomar.models.timm`: "
                      "timm.create_model('local-dir:DIR', pretrained=True).")
     parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint file (or an exported folder)")
-    parser.add_argument("--to", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--to", required=True, metavar="DIR", help="output folder (created if missing)")
     parser.add_argument("--drop-head", action="store_true", help="export a classifier's encoder without its head")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing export in DIR")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing model.safetensors / config.json in DIR")
     add_override_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from lomar.errors import UsageError
+    from lomar.checkpoints.convert import encoder_of
     from lomar.checkpoints.export import CONFIG_NAME, ENCODER_WEIGHTS, export_encoder
     from lomar.models.vit import VisionTransformer
 
     out = Path(args.to)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--to {out} is a file; pass a folder")
-    if (out / ENCODER_WEIGHTS).exists() and not args.overwrite:
-        raise UsageError(f"{out / ENCODER_WEIGHTS} already exists; pass --overwrite to replace it")
+    check_output_dir(out, "--to")
+    for name in (ENCODER_WEIGHTS, CONFIG_NAME):
+        if (out / name).exists() and not args.overwrite:
+            raise UsageError(f"{out / name} already exists; pass --overwrite to replace it, or another --to")
     model = load_for_cli(args.checkpoint, args)
     encoder = encoder_of(model)
     if args.drop_head and encoder.num_classes:

@@ -10,35 +10,37 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
+from lomar.cli.common import (DEVICE_HELP, check_output_file, device_flag, int_range, non_negative_float,
+                              positive_float, resolve_device, write_json)
 from lomar.errors import UsageError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("pretrained", help="our pretrain/finetune checkpoint, an exported or run folder, "
                                       "or an original LoMaR / MAE checkpoint")
-    p.add_argument("--data", help="ImageFolder root holding train/ and val/")
-    p.add_argument("--train", help="training split root (instead of --data)")
-    p.add_argument("--val", help="validation split root (instead of --data)")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--data", help="ImageFolder root holding train/ and val/ (default: none)")
+    p.add_argument("--train", help="training split root, instead of --data (default: none)")
+    p.add_argument("--val", help="validation split root, instead of --data (default: none)")
+    p.add_argument("--img-size", type=int_range(1), default=224, help="centre-crop size in pixels")
     p.add_argument("--pool", choices=("mean", "cls"), default="mean",
-                   help="feature: mean of the normed patch tokens (default) or the normed cls token")
-    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
-    p.add_argument("--json", help="also write the result to this JSON file")
+                   help="feature: mean of the normed patch tokens or the normed cls token")
+    p.add_argument("--batch-size", type=int_range(1), default=128, help="images per forward pass")
+    p.add_argument("--workers", type=int_range(0), default=4, help="data-loading processes")
+    p.add_argument("--device", type=device_flag, default="auto", help=DEVICE_HELP)
+    p.add_argument("--json", metavar="FILE", help="also write the result to this JSON file (default: none)")
 
 
 def _check(args: argparse.Namespace) -> None:
-    if args.batch_size <= 0 or args.img_size <= 0:
-        raise UsageError(f"--batch-size and --img-size must be positive, got {args.batch_size} and {args.img_size}")
-    if args.workers < 0:
-        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    """Everything that can be checked before the features are computed, outputs included."""
     if not (args.data or (args.train and args.val)):
         raise UsageError("pass --data ROOT (with train/ and val/) or both --train and --val")
+    for flag, root in (("--data", args.data), ("--train", args.train), ("--val", args.val)):
+        if root and not Path(root).is_dir():
+            raise UsageError(f"{flag} {root} is not a folder; pass an ImageFolder root")
     if not Path(args.pretrained).exists():
         raise UsageError(f"{args.pretrained} does not exist; pass a checkpoint file or an exported folder")
+    check_output_file(args.json, "--json", create_parents=True)
+    check_output_file(getattr(args, "save", None), "--save", create_parents=True)
 
 
 def _features(args: argparse.Namespace):
@@ -46,8 +48,7 @@ def _features(args: argparse.Namespace):
     from lomar.eval.evaluate import extract_features, knn_loaders, load_pretrained_encoder
 
     _check(args)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-        "cpu" if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     try:
         loaders = knn_loaders(args.train or args.data, args.val if args.train else None, args.img_size,
                               args.batch_size, args.workers)
@@ -63,43 +64,40 @@ def _features(args: argparse.Namespace):
 
 def knn_add_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
-    p.add_argument("--k", type=int, default=20, help="neighbours")
-    p.add_argument("--temperature", type=float, default=0.07, help="votes weigh exp(cosine / T)")
+    p.add_argument("--k", type=int_range(1), default=20, help="neighbours")
+    p.add_argument("--temperature", type=positive_float, default=0.07,
+                   help="votes weigh exp(cosine / T); a finite number > 0")
 
 
 def knn_run(args: argparse.Namespace) -> int:
-    from lomar.eval.evaluate import knn_predict, write_json
+    from lomar.eval.evaluate import knn_predict
 
-    if args.k <= 0 or args.temperature <= 0:
-        raise UsageError(f"--k and --temperature must be positive, got {args.k} and {args.temperature}")
     train_x, train_y, val_x, val_y = _features(args)
     classes = int(max(train_y.max(), val_y.max())) + 1
     pred = knn_predict(train_x, train_y, val_x, classes, args.k, args.temperature).argmax(1)
     top1 = float((pred == val_y).float().mean())
     print(f"k-NN (k={args.k}, T={args.temperature}, {args.pool} features) top-1: {100 * top1:.2f}% "
           f"({len(val_y)} val / {len(train_y)} train images)")
-    write_json(args.json, {"knn_top1": top1, "k": args.k, "temperature": args.temperature, "pool": args.pool,
-                           "train_images": len(train_y), "val_images": len(val_y)})
+    if args.json:
+        write_json(args.json, {"knn_top1": top1, "k": args.k, "temperature": args.temperature, "pool": args.pool,
+                               "train_images": len(train_y), "val_images": len(val_y)})
     return 0
 
 
 def linprobe_add_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
-    p.add_argument("--epochs", type=int, default=90)
-    p.add_argument("--lr", type=float, default=1e-2, help="AdamW peak lr (cosine to 0)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--probe-batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save", help="write the trained probe's state dict here")
+    p.add_argument("--epochs", type=int_range(1), default=90, help="passes over the training features")
+    p.add_argument("--lr", type=positive_float, default=1e-2, help="AdamW peak lr (cosine to 0)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--probe-batch-size", type=int_range(1), default=256, help="features per probe step")
+    p.add_argument("--seed", type=int_range(0), default=0, help="seed of the probe's init and shuffling")
+    p.add_argument("--save", metavar="FILE", help="write the trained probe's state dict here (default: none)")
 
 
 def linprobe_run(args: argparse.Namespace) -> int:
     from lomar.checkpoints.io import atomic_save
-    from lomar.eval.evaluate import train_linear_probe, write_json
+    from lomar.eval.evaluate import train_linear_probe
 
-    if args.epochs <= 0 or args.lr <= 0 or args.probe_batch_size <= 0:
-        raise UsageError(f"--epochs, --lr and --probe-batch-size must be positive, got "
-                         f"{args.epochs}, {args.lr} and {args.probe_batch_size}")
     train_x, train_y, val_x, val_y = _features(args)
     try:
         probe, top1 = train_linear_probe(train_x, train_y, val_x, val_y, epochs=args.epochs,
@@ -111,6 +109,7 @@ def linprobe_run(args: argparse.Namespace) -> int:
           f"({len(val_y)} val / {len(train_y)} train images)")
     if args.save:
         atomic_save({"probe": probe.state_dict(), "pool": args.pool, "top1": top1}, args.save)
-    write_json(args.json, {"linprobe_top1": top1, "epochs": args.epochs, "lr": args.lr, "pool": args.pool,
-                           "train_images": len(train_y), "val_images": len(val_y)})
+    if args.json:
+        write_json(args.json, {"linprobe_top1": top1, "epochs": args.epochs, "lr": args.lr, "pool": args.pool,
+                               "train_images": len(train_y), "val_images": len(val_y)})
     return 0

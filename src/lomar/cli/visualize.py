@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
+from lomar.cli.common import add_override_arguments, check_output_dir, int_range, load_for_cli
+from lomar.errors import UsageError
 
-from lomar.checkpoints.convert import add_override_arguments, load_for_cli
+__all__ = ["add_arguments", "run", "prepare_image", "MAX_IMAGES"]
 
-__all__ = ["add_arguments", "run", "prepare_image"]
+MAX_IMAGES = 64  # one figure row each: more would make a PNG no screen shows
 
 
-def prepare_image(path: str | Path, size: int) -> torch.Tensor:
-    """Image file -> (3, size, size) ImageNet-normalised: shorter side resized (bicubic), centre crop."""
+def prepare_image(path: str | Path, size: int):
+    """Image file -> (3, size, size) float tensor, ImageNet-normalised: shorter side resized (bicubic),
+    centre crop."""
+    import torch
     from torchvision.transforms.v2 import functional as TF
 
     from lomar.data.images import IMAGENET_MEAN, IMAGENET_STD, load_image
@@ -33,25 +36,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "(an encoder-only checkpoint or export folder gives attention figures only).")
     parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint file (or an exported folder)")
     parser.add_argument("images", nargs="*", metavar="IMAGE",
-                        help="image files (default: four photographs bundled with scikit-image)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampled windows and masks (default 0)")
-    parser.add_argument("--out", default="figures", metavar="DIR", help="output folder (default ./figures)")
+                        help=f"image files, at most {MAX_IMAGES} (default: four photographs bundled with "
+                             f"scikit-image)")
+    parser.add_argument("--seed", type=int_range(0), default=0, help="seed of the sampled windows and masks")
+    parser.add_argument("--out", default="figures", metavar="DIR", help="output folder")
     parser.add_argument("--attention", action="store_true",
                         help="also draw, per image, the attention each block pays inside the target's window")
-    parser.add_argument("--target-patch", type=int, nargs=2, metavar=("ROW", "COL"),
-                        help="target patch in the image's patch grid (default: the centre)")
+    parser.add_argument("--target-patch", nargs=2, metavar=("ROW", "COL"),
+                        type=int_range(0), help="target patch in the image's patch grid (default: the centre)")
     parser.add_argument("--context", choices=("window", "image"),
-                        help="attention with cls + window tokens only (LoMaR default) or the whole image "
-                             "(default for MAE and encoders)")
+                        help="attention with cls + window tokens only or the whole image (default: window "
+                             "for LoMaR, image for MAE and encoders)")
     parser.add_argument("--masked", action="store_true",
                         help="attention with the window masked as in pretraining (target masked; LoMaR)")
-    parser.add_argument("--attention-window", type=int, metavar="K",
-                        help="window size for models without one (default 7)")
+    parser.add_argument("--attention-window", type=int_range(1), metavar="K",
+                        help="window size in patches for models without one (default: 7)")
     add_override_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from lomar.errors import UsageError
+    if len(args.images) > MAX_IMAGES:
+        raise UsageError(f"{len(args.images)} images given; pass at most {MAX_IMAGES} (one figure row each)")
+    for image in args.images:
+        if not Path(image).is_file():
+            raise UsageError(f"image {image} is not a file; pass image files (PNG, JPEG, …)")
+    check_output_dir(args.out, "--out")
+    import torch
+
     from lomar.data.images import demo_image_paths, denormalize
     from lomar.models import MAE, LoMaR
 

@@ -25,10 +25,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("lomar.data.images")
-# torchvision 0.29 announces a move of its decoders to torchcodec; they work, and we keep
-# Pillow as the fallback, so the notice would only be noise in every worker.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -105,7 +101,9 @@ def decode_bytes(data: bytes, name: str = "<bytes>") -> torch.Tensor:
     if not data:
         raise ValueError(f"{name} is empty (0 bytes)")
     try:
-        with warnings.catch_warnings():  # pytest and `-W` reset the module-level filter above
+        # torchvision 0.29 announces a move of its decoders to torchcodec; they work, and Pillow is
+        # the fallback, so the notice would only be noise in every worker (filtered here, not globally)
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             from torchvision.io import ImageReadMode, decode_image  # lazy: torchvision costs ~20 s to import
 

@@ -15,12 +15,12 @@ import os
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from lomar.models.masking import check_window_request, grid_size
-from lomar.models.vit import ViTConfig, model_config
+if TYPE_CHECKING:
+    from lomar.models.vit import ViTConfig
 
 __all__ = ["PretrainConfig", "DEMO_PRESET", "add_config_arguments", "resolve_config", "build_model",
            "vit_config", "ConfigError"]
@@ -289,6 +289,8 @@ def _resume_values(saved: dict[str, Any], source: str, explicit: dict[str, Any])
 
 
 def vit_config(config: PretrainConfig) -> ViTConfig:
+    from lomar.models.vit import model_config  # imports torch: not needed to build the parser
+
     overrides = {k: getattr(config, k) for k in ("embed_dim", "depth", "num_heads", "patch_size")
                  if getattr(config, k) is not None}
     try:
@@ -301,6 +303,8 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
     """Everything that can be checked before any work; raises ConfigError naming the fix.
 
     ``check_out``: refuse an --out that already holds a run (unless resuming / overwriting)."""
+    from lomar.models.masking import check_window_request, grid_size
+
     _validate_numbers(config)
     for name, choices in _CHOICES.items():
         if getattr(config, name) not in choices:

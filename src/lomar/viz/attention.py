@@ -143,10 +143,7 @@ def attention_figure(result: WindowAttention, pixels: torch.Tensor, patch_size: 
     from 0 to the block's maximum (printed below it, with the shares of the cls token and,
     for the whole-image context, of the window).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     from lomar.viz.reconstruction import save_figure
@@ -157,7 +154,8 @@ def attention_figure(result: WindowAttention, pixels: torch.Tensor, patch_size: 
     panels = depth + 2
     cols = min(columns, panels)
     rows = -(-panels // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.6 * rows + 0.7), squeeze=False)
+    fig = Figure(figsize=(2.3 * cols, 2.6 * rows + 0.7))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])

@@ -1,21 +1,23 @@
-"""Reconstruction figures: original | windows | masked input | reconstruction (paper Fig. 5)."""
+"""Reconstruction figures: original | windows | masked input | reconstruction (paper Fig. 5).
+
+Figures are plain :class:`matplotlib.figure.Figure` objects rendered by Agg on save: no pyplot,
+so no global backend or figure registry is touched.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
+from lomar.data.images import denormalize
+from lomar.models.masking import MaskingPlan, window_token_index
+from lomar.models.objective import patchify, unpatchify
 
-from lomar.data.images import denormalize  # noqa: E402
-from lomar.models.masking import MaskingPlan, window_token_index  # noqa: E402
-from lomar.models.objective import patchify, unpatchify  # noqa: E402
-
-__all__ = ["reconstruct", "reconstruction_figure", "save_figure"]
+__all__ = ["reconstruct", "reconstruction_figure", "draw_reconstruction", "save_figure"]
 
 _DIM = 0.35  # brightness of the parts of the image no window covers
 
@@ -99,11 +101,19 @@ def reconstruction_figure(model, images: torch.Tensor, path: str | Path, seed: i
 
     images: (N, 3, H, W) normalised; ``plan``: optional fixed LoMaR windows/masks for them.
     """
+    return save_figure(draw_reconstruction(model, images, seed, title, plan), path, dpi=80)
+
+
+def draw_reconstruction(model, images: torch.Tensor, seed: int = 0, title: str | None = None,
+                        plan: MaskingPlan | None = None) -> Figure:
+    """The figure :func:`reconstruction_figure` writes; images: (N, 3, H, W) normalised."""
     parts = reconstruct(model, images, seed, plan=plan)
     n = images.shape[0]
     p = model.config.patch_size
     columns = ["original", "sampled windows", "masked input", "reconstruction"]
-    fig, axes = plt.subplots(n, 4, figsize=(12, 3 * n + 0.6), squeeze=False)
+    # constrained layout reserves the title's height above the column headers at any row count
+    fig = Figure(figsize=(12, 3 * n + 0.8), layout="constrained")
+    axes = fig.subplots(n, 4, squeeze=False)
     plan = parts.get("plan")
     for row in range(n):
         views = [parts["original"], parts["original"], parts["masked"], parts["reconstruction"]]
@@ -120,18 +130,20 @@ def reconstruction_figure(model, images: torch.Tensor, path: str | Path, seed: i
                     ax.add_patch(Rectangle((l * p - 0.5, t * p - 0.5), k * p, k * p, fill=False,
                                            edgecolor="yellow", linewidth=1.5))
     fig.suptitle(title or f"{type(model).__name__} reconstruction (loss {parts['loss']:.3f})")
-    return save_figure(fig, path, dpi=80)
+    return fig
 
 
-def save_figure(fig, path: str | Path, dpi: int) -> Path:
-    """Lay out, write to a temporary file, rename (a reader never sees half a PNG), close."""
-    fig.tight_layout()
+def save_figure(fig: Figure, path: str | Path, dpi: int) -> Path:
+    """Lay out (unless the figure has its own layout engine), write to a temporary file, rename:
+    a reader never sees half a PNG."""
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     try:
         fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
     finally:
-        plt.close(fig)
-    tmp.replace(path)
+        tmp.unlink(missing_ok=True)
     return path

@@ -1,0 +1,128 @@
+"""What ``lomar bench`` reports: window settings per size, ratios, the table, the plot, the machine.
+
+Imports no torch and no pyplot: the figure is drawn on a plain :class:`matplotlib.figure.Figure`,
+so no global backend is chosen on anyone's behalf.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import TextIO
+
+__all__ = ["PAPER_WINDOWS", "paper_windows", "compare", "print_table", "plot_times", "machine_name"]
+
+PAPER_WINDOWS = {224: 4, 384: 6, 448: 9}
+
+
+def paper_windows(img_size: int) -> int:
+    """The paper's windows per image at ``img_size``: 4 at 224 px, 6 at 384, 9 at 448; other sizes
+    take the count of the largest paper size not above them (4 below 224, 9 above 448)."""
+    below = [s for s in PAPER_WINDOWS if s <= img_size]
+    return PAPER_WINDOWS[max(below)] if below else PAPER_WINDOWS[min(PAPER_WINDOWS)]
+
+
+def machine_name(device) -> str:
+    """The GPU's name, or the CPU model and torch's thread count."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+def compare(records: list[dict]) -> list[dict]:
+    """Per size and LoMaR window count: MAE/LoMaR time and FLOP ratios; adds each record's time
+    relative to its own configuration at the base size (224 px if measured, else the smallest)."""
+    mae = {r["img_size"]: r for r in records if r["method"] == "mae"}
+    out = []
+    base_size = 224 if any(r["img_size"] == 224 for r in records) else min(r["img_size"] for r in records)
+    for rec in records:
+        same = [r for r in records if r["method"] == rec["method"] and r["img_size"] == base_size
+                and (r["windows"] == rec["windows"] or rec["window_setting"] == r["window_setting"] == "paper")]
+        rec["base_size"] = base_size
+        rec["time_vs_base"] = rec["step_s"] / same[0]["step_s"] if same else None
+        if rec["method"] == "lomar" and rec["img_size"] in mae:
+            m = mae[rec["img_size"]]
+            out.append(dict(img_size=rec["img_size"], windows=rec["windows"],
+                            window_setting=rec["window_setting"],
+                            mae_over_lomar_time=m["step_s"] / rec["step_s"],
+                            mae_over_lomar_flops=m["flops"] / rec["flops"]))
+    return out
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB" if n >= 0 else "n/a"
+
+
+def print_table(records: list[dict], comparisons: list[dict], ceiling: float, stream: TextIO) -> None:
+    """The results as a fixed-width table, then the MAE / LoMaR ratios per size."""
+    w = stream.write
+    w(f"GEMM ceiling (same run, same dtype): {ceiling / 1e9:,.1f} GFLOP/s\n")
+    head = (f"{'method':<6} {'px':>4} {'win':>5} {'s/step':>8} {'img/s':>7} {'GFLOP':>8} "
+            f"{'GFLOP/s':>8} {'MFU':>5} {'vs base':>8} {'peak mem':>10}\n")
+    w(head)
+    w("-" * (len(head) - 1) + "\n")
+    for r in records:
+        win = "-" if r["windows"] is None else f"{r['windows']}{'p' if r['window_setting'] == 'paper' else ''}"
+        rel = "-" if r.get("time_vs_base") is None else f"{r['time_vs_base']:.2f}x"
+        w(f"{r['method']:<6} {r['img_size']:>4} {win:>5} {r['step_s']:>8.3f} {r['images_per_s']:>7.2f} "
+          f"{r['flops'] / 1e9:>8.1f} {r['achieved_flops'] / 1e9:>8.1f} {r['mfu']:>5.0%} {rel:>8} "
+          f"{_fmt_bytes(r['peak_mem_bytes']):>10}\n")
+    if records:
+        kind = records[0]["peak_mem_kind"]
+        w(f"win: windows per image, p = paper setting; vs base: time / own {records[0]['base_size']}px time; "
+          f"peak mem: {'max allocated' if kind == 'cuda_max_allocated' else 'RSS growth during a step (CPU)'}\n")
+    if comparisons:
+        w("\nMAE / LoMaR per size\n")
+        for c in comparisons:
+            w(f"  {c['img_size']:>4}px, {c['windows']} windows ({c['window_setting']}): time "
+              f"{c['mae_over_lomar_time']:.2f}x, FLOPs {c['mae_over_lomar_flops']:.2f}x\n")
+
+
+def plot_times(records: list[dict], path: str | Path, subtitle: str = "") -> Path:
+    """Seconds per training step against image size, one line per method/window setting, log-log."""
+    from matplotlib.figure import Figure
+
+    from lomar.viz.reconstruction import save_figure
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    fixed = {r["windows"] for r in records if r["window_setting"] == "fixed"}
+    for r in records:
+        labels = []
+        if r["method"] == "mae":
+            labels.append("MAE (ViT + 512x8 decoder, 75% masked)")
+        elif r["window_setting"] == "paper":
+            labels.append("LoMaR, paper windows (4@224, 6@384, 9@448+)")
+        if r["method"] == "lomar" and r["windows"] in fixed:  # a paper point may double as fixed
+            labels.append(f"LoMaR, {r['windows']} windows")
+        for label in labels:
+            series.setdefault(label, []).append((r["img_size"], r["step_s"]))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    for label, points in series.items():
+        points.sort()
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o", label=label)
+        for x, y in points:
+            ax.annotate(f"{y:.2g}s", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    sizes = sorted({r["img_size"] for r in records})
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([str(s) for s in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel("image size (px)")
+    ax.set_ylabel("seconds per training step (fwd+bwd+AdamW)")
+    ax.set_title("Training step time vs image size" + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path, dpi=120)

@@ -1,0 +1,44 @@
+"""``lomar load-original PATH --to CKPT``: an original LoMaR / MAE checkpoint -> our pretraining checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lomar.cli.common import add_override_arguments, as_flags, check_output_file, overrides_from_args
+from lomar.errors import UsageError
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("The output is our pretraining checkpoint ({model, config}): use it with `lomar export`, "
+                     "`lomar visualize` or as `--pretrained` for finetuning. It holds no optimizer state, "
+                     "so it is not a checkpoint to --resume pretraining from.")
+    parser.add_argument("path", metavar="PATH", help="original LoMaR / MAE checkpoint (.pth)")
+    parser.add_argument("--to", required=True, metavar="CKPT", help="where to write our checkpoint (.pt)")
+    parser.add_argument("--overwrite", action="store_true", help="replace CKPT if it exists")
+    add_override_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lomar.checkpoints.convert import encoder_of, pretrain_checkpoint
+    from lomar.checkpoints.io import atomic_save, load_original
+
+    out = Path(args.to)
+    check_output_file(out, "--to", overwrite=args.overwrite)
+    if not Path(args.path).is_file():
+        raise UsageError(f"{args.path} is not a file; pass an original LoMaR / MAE checkpoint (.pth)")
+    try:
+        model = load_original(args.path, **overrides_from_args(args))
+        ckpt = pretrain_checkpoint(model, source=str(args.path))
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        raise UsageError(as_flags(str(exc))) from None
+    atomic_save(ckpt, out)
+    vit = encoder_of(model).config
+    params = sum(p.numel() for p in model.parameters())
+    kind = ckpt["config"]["method"] if "config" in ckpt else "classifier"
+    print(f"lomar: converted {args.path} ({kind}, {vit.embed_dim} wide, {vit.depth} blocks, {vit.num_heads} "
+          f"heads, patch {vit.patch_size}, {params / 1e6:.2f} M parameters) -> {out}")
+    print(f"lomar: next: lomar export {out} --to DIR   |   lomar visualize {out} IMAGE...")
+    return 0

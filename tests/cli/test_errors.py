@@ -1,0 +1,241 @@
+"""Bad invocations end in one line, ``lomar CMD: error: …``, before any work, and never in a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+from lomar.cli import app
+from lomar.cli.app import build_parser, main
+from lomar.cli.common import MODEL_NAMES
+
+CK = "{tmp}/ckpt.pt"  # exists but holds no checkpoint: every case must fail before reading it
+DATA = ["--data", "{tmp}/data"]
+
+BAD = [
+    # knn
+    ("knn", [CK, *DATA, "--device", "tpu"], "tpu"),
+    ("knn", [CK, *DATA, "--device", "cuda:x"], "cuda:x"),
+    ("knn", [CK, *DATA, "--device", "cuda:99"], "cuda:99"),
+    ("knn", [CK, *DATA, "--temperature", "nan"], "--temperature"),
+    ("knn", [CK, *DATA, "--temperature", "0"], "--temperature"),
+    ("knn", [CK, *DATA, "--temperature", "inf"], "--temperature"),
+    ("knn", [CK, *DATA, "--k", "0"], "--k"),
+    ("knn", [CK, *DATA, "--workers", "-1"], "--workers"),
+    ("knn", [CK, *DATA, "--img-size", "0"], "--img-size"),
+    ("knn", [CK], "--data"),
+    ("knn", [CK, "--data", "{tmp}/nowhere"], "nowhere"),
+    ("knn", ["{tmp}/missing.pt", *DATA], "missing.pt"),
+    ("knn", [CK, *DATA, "--json", "{tmp}/file/sub.json"], "is a file"),
+    ("knn", [CK, *DATA, "--json", "{tmp}/dir"], "is a folder"),
+    ("knn", [CK, *DATA, "--json", "/dev/null"], "/dev/null"),
+    ("knn", [CK, *DATA, "--json", "/proc/lomar.json"], "/proc"),
+    # linprobe
+    ("linprobe", [CK, *DATA, "--lr", "nan"], "--lr"),
+    ("linprobe", [CK, *DATA, "--lr", "-1"], "--lr"),
+    ("linprobe", [CK, *DATA, "--epochs", "0"], "--epochs"),
+    ("linprobe", [CK, *DATA, "--weight-decay", "-1"], "--weight-decay"),
+    ("linprobe", [CK, *DATA, "--probe-batch-size", "0"], "--probe-batch-size"),
+    ("linprobe", [CK, *DATA, "--save", "{tmp}/file/probe.pt"], "is a file"),
+    ("linprobe", [CK, *DATA, "--save", "{tmp}/dir"], "is a folder"),
+    ("linprobe", [CK, *DATA, "--json", "/proc/self/x/out.json"], "/proc"),
+    # export
+    ("export", [CK, "--to", "{tmp}/file"], "is a file"),
+    ("export", [CK, "--to", "{tmp}/file/sub"], "is a file"),
+    ("export", [CK, "--to", "/proc/lomar-export"], "/proc"),
+    ("export", [CK, "--to", "{tmp}/exported"], "--overwrite"),
+    ("export", [CK, "--to", "{tmp}/out", "--img-size", "0"], "--img-size"),
+    ("export", ["{tmp}/missing.pt", "--to", "{tmp}/out"], "missing.pt"),
+    ("export", [CK], "--to"),
+    # visualize
+    ("visualize", [CK, "--attention-window", "0"], "--attention-window"),
+    ("visualize", [CK, "--seed", "-1"], "--seed"),
+    ("visualize", [CK, "--target-patch", "-1", "0"], "--target-patch"),
+    ("visualize", [CK, "--out", "{tmp}/file"], "is a file"),
+    ("visualize", [CK, "--out", "{tmp}/file/sub"], "is a file"),
+    ("visualize", [CK, "--out", "/proc/lomar-figures"], "/proc"),
+    ("visualize", [CK, "{tmp}/missing.png"], "missing.png"),
+    ("visualize", [CK, *["{tmp}/file"] * 65], "at most 64"),
+    ("visualize", [CK, "--windows", "0"], "--windows"),
+    # load-original
+    ("load-original", [CK, "--to", "{tmp}/new.pt", "--img-size", "0"], "--img-size"),
+    ("load-original", [CK, "--to", "{tmp}/new.pt", "--num-heads", "0"], "--num-heads"),
+    ("load-original", [CK, "--to", "{tmp}/dir"], "is a folder"),
+    ("load-original", [CK, "--to", "{tmp}/file"], "--overwrite"),
+    ("load-original", [CK, "--to", "/dev/null", "--overwrite"], "/dev/null"),
+    ("load-original", [CK, "--to", "{tmp}/file/sub.pt"], "is a file"),
+    ("load-original", [CK, "--to", "{tmp}/nowhere/new.pt"], "does not exist"),
+    ("load-original", [CK, "--to", "/proc/lomar.pt"], "/proc"),
+    ("load-original", ["{tmp}/missing.pth", "--to", "{tmp}/new.pt"], "missing.pth"),
+    # bench
+    ("bench", ["--tiny", "--threads", "-1"], "--threads"),
+    ("bench", ["--tiny", "--threads", "0"], "--threads"),
+    ("bench", ["--tiny", "--device", "tpu"], "tpu"),
+    ("bench", ["--tiny", "--batch-size", "0"], "--batch-size"),
+    ("bench", ["--tiny", "--steps", "0"], "--steps"),
+    ("bench", ["--tiny", "--warmup", "-1"], "--warmup"),
+    ("bench", ["--tiny", "--sizes", "0"], "--sizes"),
+    ("bench", ["--tiny", "--model", "vit_nope_patch16"], "--model"),
+    ("bench", ["--tiny", "--sizes", "128", "--json", "{tmp}/dir"], "is a folder"),
+    ("bench", ["--tiny", "--sizes", "128", "--json", "/dev/null"], "/dev/null"),
+    ("bench", ["--tiny", "--sizes", "128", "--json", "/proc/bench.json"], "/proc"),
+    ("bench", ["--tiny", "--sizes", "128", "--plot", "{tmp}/file/plot.png"], "is a file"),
+    # the top level
+    ("nonsense", [], "invalid choice"),
+]
+
+
+@pytest.fixture
+def tmp(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "file").write_text("a file\n")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "exported").mkdir()
+    (tmp_path / "exported" / "config.json").write_text("{}\n")
+    return tmp_path
+
+
+def _one_error_line(err: str, command: str) -> str:
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    prefix = "lomar: error:" if command == "nonsense" else f"lomar {command}: error:"
+    assert lines[0].startswith(prefix), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command, flags, named", BAD, ids=[f"{c} {' '.join(f)}"[:60] for c, f, _ in BAD])
+def test_bad_invocation_is_one_line(command, flags, named, tmp, capsys):
+    argv = [command, *(f.replace("{tmp}", str(tmp)) for f in flags)]
+    before = sorted(p.relative_to(tmp) for p in tmp.rglob("*"))
+    code = main(argv)
+    line = _one_error_line(capsys.readouterr().err, command)
+    assert code == 2
+    assert named in line  # the message names the value or flag at fault
+    assert sorted(p.relative_to(tmp) for p in tmp.rglob("*")) == before  # nothing written
+
+
+def _fail_with(monkeypatch, exc: BaseException) -> None:
+    def run(args):
+        raise exc
+
+    monkeypatch.setattr("lomar.cli.export.run", run)
+
+
+@pytest.mark.parametrize("exc, code, named", [
+    (FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/x.pt"), 2, "/data/x.pt does not exist"),
+    (IsADirectoryError(errno.EISDIR, "Is a directory", "/data/d"), 2, "/data/d is a folder"),
+    (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/data/f/x"), 2, "not a folder"),
+    (PermissionError(errno.EACCES, "Permission denied", "/root/x"), 2, "permission denied"),
+    (OSError(errno.EROFS, "Read-only file system", "/ro/x"), 2, "read-only"),
+    (OSError(errno.EXDEV, "Invalid cross-device link", "/a/.tmp", None, "/b/x"), 2, "/b/x"),
+    (OSError(errno.ENOSPC, "No space left on device"), 1, "no space left"),
+])
+def test_os_errors_name_the_path(exc, code, named, monkeypatch, capsys):
+    _fail_with(monkeypatch, exc)
+    assert main(["export", "ckpt", "--to", "out"]) == code
+    assert named in _one_error_line(capsys.readouterr().err, "export")
+
+
+def test_full_disk_is_one_line_with_exit_1(monkeypatch, capsys):
+    def run(args):
+        with open("/dev/full", "w") as handle:
+            handle.write("x")
+
+    monkeypatch.setattr("lomar.cli.export.run", run)
+    assert main(["export", "ckpt", "--to", "out"]) == 1
+    assert "no space left" in _one_error_line(capsys.readouterr().err, "export")
+
+
+def test_interrupt_exits_130(monkeypatch, capsys):
+    _fail_with(monkeypatch, KeyboardInterrupt())
+    assert main(["export", "ckpt", "--to", "out"]) == 130
+    assert capsys.readouterr().err == "lomar export: interrupted\n"
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("a bug"), OSError(errno.EIO, "I/O error"), TypeError("a bug")])
+def test_bugs_keep_their_traceback(exc, monkeypatch):
+    _fail_with(monkeypatch, exc)
+    with pytest.raises(type(exc)):
+        main(["export", "ckpt", "--to", "out"])
+
+
+def test_multi_line_and_coloured_messages_become_one_line(monkeypatch, capsys):
+    from lomar.errors import UsageError
+
+    _fail_with(monkeypatch, UsageError("unsafe pickle:\n\x1b[1mWeightsUnpickler error\x1b[0m: bad global"))
+    assert main(["export", "ckpt", "--to", "out"]) == 2
+    line = _one_error_line(capsys.readouterr().err, "export")
+    assert line == "lomar export: error: unsafe pickle: WeightsUnpickler error: bad global"
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+# pretrain's flags come from lomar.train.config (another module's help table); finetune's from its own module
+_HELP_OWNED_ELSEWHERE = {"pretrain", "finetune"}
+
+
+@pytest.mark.parametrize("command", [name for name, _, _ in app.SUBCOMMANDS])
+def test_every_flag_has_help_with_its_default(command, request):
+    sub = _subparsers()[command]
+    formatter = sub._get_formatter()
+    missing = []
+    for action in sub._actions:
+        if isinstance(action, (argparse._HelpAction, argparse._VersionAction)) or action.help == argparse.SUPPRESS:
+            continue
+        name = action.option_strings[-1] if action.option_strings else action.dest
+        if not action.help:
+            missing.append(f"{name}: no help")
+        elif (action.option_strings and not action.required and action.nargs != 0
+              and "default" not in formatter._get_help_string(action).lower()):
+            missing.append(f"{name}: no default shown")
+    if missing and command in _HELP_OWNED_ELSEWHERE:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="help lines of a module owned elsewhere"))
+    assert not missing, missing
+
+
+def test_model_flag_lists_the_models():
+    from lomar.models.vit import list_models
+
+    assert MODEL_NAMES == tuple(list_models())
+    bench = _subparsers()["bench"]
+    help_text = next(a.help for a in bench._actions if "--model" in a.option_strings)
+    assert all(name in help_text for name in MODEL_NAMES)
+
+
+def _torch_free(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("lomar.cli.finetune") is None,
+                    reason="finetune's command module is not in lomar.cli yet (it still lives in lomar.train)")
+def test_building_the_parser_imports_no_torch():
+    result = _torch_free("import lomar.cli.app, sys; lomar.cli.app.build_parser(); "
+                         "assert 'torch' not in sys.modules")
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_help_of_every_cli_module_imports_no_torch():
+    code = ("import importlib.util, sys, lomar.cli.app as a\n"
+            "names = [n for n, t, _ in a.SUBCOMMANDS if importlib.util.find_spec(t.split(':')[0])]\n"
+            "assert len(names) >= 7, names\n"
+            "for n in names:\n"
+            "    try:\n"
+            "        a.main([n, '--help'])\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "assert a.main(['--help']) == 0\n"
+            "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules, names\n")
+    result = _torch_free(code)
+    assert result.returncode == 0, result.stderr
