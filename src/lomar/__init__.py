@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
-from lomar.checkpoints.io import atomic_save, load_original, lomar_from_original, lomar_to_original, safe_load
+from lomar.checkpoints.formats import load_original, lomar_from_original, lomar_to_original
+from lomar.checkpoints.io import atomic_save, safe_load
 from lomar.checkpoints.export import create_encoder, export_encoder
 from lomar.models.masking import MaskingPlan, sample_plan
 from lomar.models import MAE, LoMaR

@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lomar.checkpoints.io import atomic_save, safe_load
 from lomar.train.config import PretrainConfig, build_model, dump_config
-from lomar.data.images import BadDataTracker, build_pretrain_dataset, collate_pretrain
+from lomar.data.collate import BadDataTracker, collate_pretrain
+from lomar.data.folder import build_pretrain_dataset
 from lomar.train.distributed import DistInfo, cleanup_distributed, init_distributed
 from lomar.checkpoints.export import export_encoder
 from lomar.models.masking import MaskingPlan, grid_size, sample_plan

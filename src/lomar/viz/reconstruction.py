@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from lomar.data.images import denormalize  # noqa: E402
+from lomar.data.transforms import denormalize  # noqa: E402
 from lomar.models.masking import MaskingPlan, window_token_index  # noqa: E402
 from lomar.models.objective import patchify, unpatchify  # noqa: E402
 
