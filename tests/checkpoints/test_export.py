@@ -130,6 +130,7 @@ def test_export_original_and_converted_agree(tmp_path):
     assert isinstance(load_model(tmp_path / "c.pt"), LoMaR)
 
 
+@pytest.mark.slow
 def test_import_lomar_does_not_import_timm():
     code = "import sys, lomar, lomar.cli.app; lomar.cli.app.build_parser(); sys.exit('timm' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -235,6 +235,7 @@ def test_probe_bad_flags(pretrained, command, args, words, capsys):
     assert words in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_finetune_under_torchrun_with_two_processes(pretrained, folder, tmp_path):
     """Every classifier parameter gets a gradient, so DDP's reducer does not stall (it did when the
     unused final norm was kept)."""
