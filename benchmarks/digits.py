@@ -36,7 +36,9 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
 
 from lomar import MAE, LoMaR, ViTConfig, VisionTransformer
-from lomar.eval.evaluate import extract_features, knn_predict, train_linear_probe
+from lomar.eval.features import extract_features
+from lomar.eval.knn import knn_predict
+from lomar.eval.linear_probe import train_linear_probe
 from lomar.train.runtime import fast_adamw, retain_freed_memory
 
 # Encoder: ViT with patch 4 on 32x32 -> an 8x8 grid of 64 tokens, width 64, 4 blocks, 4 heads.

@@ -210,7 +210,7 @@ def test_reconstruction_figure_uses_a_given_plan(tmp_path):
 
 def test_an_accumulation_window_without_readable_images_is_skipped(tmp_path, image_dir, monkeypatch, capsys):
     import lomar.train.engine
-    from lomar.data.images import BadDataTracker, collate_pretrain
+    from lomar.data.collate import BadDataTracker, collate_pretrain
 
     calls = []
 

@@ -73,7 +73,7 @@ def test_window_attention_lomar_and_image_context():
 @needs_reference
 def test_load_original_output_is_our_pretrain_checkpoint(converted):
     from lomar.checkpoints.io import safe_load
-    from lomar.eval.evaluate import load_pretrained_encoder
+    from lomar.eval.features import load_pretrained_encoder
 
     ckpt = safe_load(converted / "conv.pt")
     assert ckpt["format"] == "lomar-pretrain-1" and ckpt["config"]["method"] == "lomar"

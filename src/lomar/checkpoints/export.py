@@ -176,7 +176,7 @@ def read_export(path: str | Path, **overrides) -> tuple[ViTConfig, int, Path]:
     new_head = num_classes != data.get("num_classes", 0)  # a caller asking for another head: it starts fresh
     head = ("head.", "fc_norm.")
     missing = [k for k in expected if k not in shapes and not (new_head and k.startswith(head))]
-    unexpected = [k for k in shapes if k not in expected]
+    unexpected = [k for k in shapes if k not in expected and not (new_head and k.startswith(head + ("norm.",)))]
     wrong = [f"{k} {shapes[k]} (expected {expected[k]})" for k in shapes
              if k in expected and shapes[k] != expected[k] and not (new_head and k.startswith(head))]
     if missing or unexpected or wrong:

@@ -7,13 +7,15 @@ names (:meth:`Reader.encoder`, for finetuning and probes). The key-name maps (or
 table names, the classifier's missing final norm) and the shape inference live here only.
 
 A new method's checkpoint (BEiT, say) is one more :class:`Reader` subclass passed to
-:func:`register` with a priority below the fallback original-LoMaR reader (90).
+:func:`register`: priorities run from 10 (ours) to 90 (the original-LoMaR fallback); a reader
+whose keys could also match an original one goes below 70.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -207,6 +209,11 @@ class PretrainReader(Reader):
         return EncoderWeights(vit_config(config), state, dropped, f"pretrain checkpoint ({config.method})")
 
 
+# Every key a VisionTransformer (encoder or classifier) has, and nothing else.
+_VIT_KEY = re.compile(r"^(cls_token|pos_embed|(patch_embed\.proj|norm|fc_norm|head)\.(weight|bias)|blocks\.\d+\."
+                      r"((norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)|attn\.rpe\.table))$")
+
+
 class VitReader(Reader):
     """Ours: a classifier, encoder or ``lomar finetune`` checkpoint (VisionTransformer key names).
 
@@ -215,8 +222,7 @@ class VitReader(Reader):
     name = "lomar-vit"
 
     def detect(self, data, state):
-        return "patch_embed.proj.weight" in state and not any(
-            ".rpe_k." in k or k.startswith(PRETRAIN_ONLY) for k in state)
+        return "patch_embed.proj.weight" in state and all(_VIT_KEY.match(k) for k in state)
 
     def model(self, src, overrides):
         config = infer_vit_config(src.state, _hints(src.data), **overrides)

@@ -1,6 +1,6 @@
 """``lomar knn`` and ``lomar linprobe``: frozen-feature evaluation of a pretrained encoder.
 
-Both compute the features once (centre crops, :func:`lomar.eval.evaluate.eval_transform`), then
+Both compute the features once (centre crops, :func:`lomar.eval.features.eval_transform`), then
 score them: k-NN directly, the linear probe by training BatchNorm + Linear on them.
 """
 
@@ -43,7 +43,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def _features(args: argparse.Namespace):
     """(train_x, train_y, val_x, val_y) features of both splits; UsageError on bad input."""
-    from lomar.eval.evaluate import extract_features, knn_loaders, load_pretrained_encoder
+    from lomar.eval.features import extract_features, knn_loaders, load_pretrained_encoder
 
     _check(args)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
@@ -68,7 +68,8 @@ def knn_add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def knn_run(args: argparse.Namespace) -> int:
-    from lomar.eval.evaluate import knn_predict, write_json
+    from lomar.eval.features import write_json
+    from lomar.eval.knn import knn_predict
 
     if args.k <= 0 or args.temperature <= 0:
         raise UsageError(f"--k and --temperature must be positive, got {args.k} and {args.temperature}")
@@ -95,7 +96,8 @@ def linprobe_add_arguments(p: argparse.ArgumentParser) -> None:
 
 def linprobe_run(args: argparse.Namespace) -> int:
     from lomar.checkpoints.io import atomic_save
-    from lomar.eval.evaluate import train_linear_probe, write_json
+    from lomar.eval.features import write_json
+    from lomar.eval.linear_probe import train_linear_probe
 
     if args.epochs <= 0 or args.lr <= 0 or args.probe_batch_size <= 0:
         raise UsageError(f"--epochs, --lr and --probe-batch-size must be positive, got "

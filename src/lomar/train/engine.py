@@ -125,7 +125,7 @@ class Trainer:
         self.spare: dict | None = None  # the last batch with readable images (see run)
         self.knn, self.knn_step = None, -1
         if config.knn_every and info.is_main:
-            from lomar.eval.evaluate import KnnMonitor
+            from lomar.eval.knn import KnnMonitor
 
             self.knn = KnnMonitor(config.knn_data, img_size=config.img_size, workers=min(config.workers, 4))
 

@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     from timm.optim import param_groups_layer_decay
     from torch.nn.parallel import DistributedDataParallel
 
-    from lomar.eval.evaluate import load_pretrained_encoder
+    from lomar.eval.features import load_pretrained_encoder
 
     try:
         info, device = init_distributed(args.device)
