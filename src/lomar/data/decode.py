@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -51,8 +52,11 @@ def _header_size(data: bytes, name: str, limit: int) -> tuple[int, int] | None:
             with Image.open(io.BytesIO(data)) as img:
                 return img.size
     except Image.DecompressionBombError as exc:  # over Pillow's own global limit, which we do not change
-        raise ValueError(f"cannot decode image {name}: over Pillow's pixel limit ({exc}); "
-                         f"it is refused as a possible decompression bomb") from None
+        found = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(exc))
+        pixels, pil_limit = (int(found[1]), int(found[2])) if found else (0, limit)
+        raise ValueError(f"cannot decode image {name}: {pixels:,} pixels is over the limit of "
+                         f"{min(limit, pil_limit):,} (Pillow refuses it as a possible decompression bomb); "
+                         f"shrink it") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return None
 
