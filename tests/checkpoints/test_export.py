@@ -14,7 +14,7 @@ from lomar.cli.app import main
 from lomar.checkpoints.convert import load_model, pretrain_checkpoint
 
 timm = pytest.importorskip("timm")
-import timm.optim  # noqa: E402  (not imported by `import timm`)
+import timm.optim  # noqa: E402,F811  (not imported by `import timm`)
 import lomar.models.timm  # noqa: E402,F401  (registers lomar_vit_* in timm)
 
 TINY = ViTConfig(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2)

@@ -19,6 +19,7 @@ a dependency, with its own ones, to pin). Damaged shards are reported once, by
 from __future__ import annotations
 
 import glob
+import logging
 import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
@@ -29,11 +30,12 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lomar.data.decode import decode_bytes, is_image_name
-from lomar.data.transforms import Masker, PretrainTransform, log, make_item, sample_generator
+from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator
 
 __all__ = ["TarShardDataset", "is_shard_pattern", "shard_paths"]
 
 T = TypeVar("T")
+log = logging.getLogger("lomar.data")
 # Generator "indices" for stream-level randomness, above every crc32 sample index (< 2**32).
 _ORDER_INDEX = 2 ** 40
 _BUFFER_INDEX = 2 ** 40 + 1
@@ -165,7 +167,8 @@ class TarShardDataset(IterableDataset):
             if position < mine:
                 continue  # consumed before the resume: not decoded again
             gen = sample_generator(self.seed, epoch, zlib.crc32(name.encode()))
-            yield make_item(name, lambda: decode_bytes(data, name), self.transform, gen, self.masker)
+            yield make_item(name, lambda data=data, name=name: decode_bytes(data, name), self.transform, gen,
+                            self.masker)
 
 
 def _image_members(shard: Path, read: bool = True,
@@ -173,7 +176,8 @@ def _image_members(shard: Path, read: bool = True,
     """("shard:member", bytes, or None unless ``read``) for the image members of one shard.
 
     An unreadable shard yields nothing and a truncated one what precedes the damage; the
-    reason goes into ``damaged`` (when given) and to the debug log. Without ``read`` only headers are read, so a member whose data is cut off still
+    reason goes into ``damaged`` (when given) and to the debug log. Without ``read`` only
+    headers are read, so a member whose data is cut off still
     counts (the epoch length is an estimate for damaged shards; its bad samples are skipped).
     """
     try:

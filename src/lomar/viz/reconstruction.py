@@ -116,8 +116,8 @@ def reconstruction_figure(model, images: torch.Tensor, path: str | Path, seed: i
                 ax.set_title(columns[col])
             if col == 1 and plan is not None:
                 k = plan.window_size
-                for t, l in plan.top_left[row].tolist():
-                    ax.add_patch(Rectangle((l * p - 0.5, t * p - 0.5), k * p, k * p, fill=False,
+                for top, left in plan.top_left[row].tolist():
+                    ax.add_patch(Rectangle((left * p - 0.5, top * p - 0.5), k * p, k * p, fill=False,
                                            edgecolor="yellow", linewidth=1.5))
     fig.suptitle(title or f"{type(model).__name__} reconstruction (loss {parts['loss']:.3f})")
     return save_figure(fig, path, dpi=80)
@@ -125,13 +125,14 @@ def reconstruction_figure(model, images: torch.Tensor, path: str | Path, seed: i
 
 def save_figure(fig, path: str | Path, dpi: int) -> Path:
     """Lay out, write to a temporary file, rename (a reader never sees half a PNG), close."""
+    import io
+
+    from lomar.checkpoints.io import atomic_write_bytes
+
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    buffer = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=dpi)
+        fig.savefig(buffer, dpi=dpi, format="png")
     finally:
         plt.close(fig)
-    tmp.replace(path)
-    return path
+    return atomic_write_bytes(path, buffer.getvalue())
