@@ -167,7 +167,9 @@ def test_export_files_are_0644_and_an_unrelated_config_is_kept(tmp_path):
     (other / "config.json").write_text('{"name": "my project"}')
     with pytest.raises(UsageError, match="is not a lomar export; pass --overwrite"):
         export_encoder(VisionTransformer(VIT), other)
+    assert main(["export", str(folder), "--to", str(other)]) == 2
     assert json.loads((other / "config.json").read_text()) == {"name": "my project"}
+    assert not (other / "model.safetensors").exists()
     export_encoder(VisionTransformer(VIT), folder)  # our own export: replaced without asking
     export_encoder(VisionTransformer(VIT), other, overwrite=True)
     assert "architecture" in json.loads((other / "config.json").read_text())
