@@ -2,12 +2,12 @@
 
 __version__ = "0.1.0"
 
+from lomar.checkpoints.export import create_encoder, export_encoder
 from lomar.checkpoints.formats import load_original, lomar_from_original, lomar_to_original
 from lomar.checkpoints.io import atomic_save, safe_load
-from lomar.checkpoints.export import create_encoder, export_encoder
-from lomar.models.masking import MaskingPlan, sample_plan
 from lomar.models import MAE, LoMaR
-from lomar.models.vit import ViTConfig, VisionTransformer, list_models, model_config
+from lomar.models.masking import MaskingPlan, sample_plan
+from lomar.models.vit import VisionTransformer, ViTConfig, list_models, model_config
 
 __all__ = [
     "__version__",

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from lomar.cli.bench import paper_windows
-from lomar.cli.app import main
 from lomar.bench.timing import build_runner
+from lomar.cli.app import main
+from lomar.cli.bench import paper_windows
 
 CPU = torch.device("cpu")
 

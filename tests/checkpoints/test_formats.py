@@ -8,7 +8,7 @@ import stat
 import pytest
 import torch
 
-from lomar import LoMaR, ViTConfig, VisionTransformer, export_encoder
+from lomar import LoMaR, VisionTransformer, ViTConfig, export_encoder
 from lomar.checkpoints import formats
 from lomar.checkpoints.convert import pretrain_checkpoint
 from lomar.checkpoints.export import create_encoder, expected_shapes, read_export
@@ -16,6 +16,7 @@ from lomar.checkpoints.formats import lomar_to_original
 from lomar.checkpoints.io import atomic_save, atomic_write_text, safe_load
 from lomar.cli.app import main
 from lomar.errors import UsageError
+
 
 class Custom:
     """A class a weights-only load refuses."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lomar
-from lomar import LoMaR, MAE, load_original, lomar_from_original, lomar_to_original, model_config
+from lomar import MAE, LoMaR, load_original, lomar_from_original, lomar_to_original, model_config
 from lomar.checkpoints.formats import infer_original_config
 from lomar.checkpoints.io import atomic_save, safe_load
 

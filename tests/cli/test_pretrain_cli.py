@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
+from helpers import TINY, pretrain
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
-from helpers import TINY, pretrain
 
 BIN = Path(sys.executable).parent
 

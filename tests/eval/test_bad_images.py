@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lomar import ViTConfig, VisionTransformer, export_encoder
+from lomar import VisionTransformer, ViTConfig, export_encoder
 from lomar.cli.app import main
 from lomar.data.collate import BadDataTracker
 from lomar.eval.features import extract_features, knn_loaders

@@ -9,14 +9,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from lomar import MAE, LoMaR, ViTConfig, VisionTransformer, export_encoder
+from lomar import MAE, LoMaR, VisionTransformer, ViTConfig, export_encoder
 from lomar.checkpoints.formats import lomar_to_original
 from lomar.checkpoints.io import atomic_save, safe_load
 from lomar.cli.app import main
-from lomar.train.config import PretrainConfig
 from lomar.eval.features import load_pretrained_encoder
 from lomar.eval.knn import knn_accuracy, knn_predict
 from lomar.eval.linear_probe import train_linear_probe
+from lomar.train.config import PretrainConfig
 
 VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 TINY = dict(model="vit_tiny_patch8", embed_dim=32, depth=2, num_heads=2, img_size=32)

@@ -12,10 +12,9 @@ import pytest
 import torch
 
 import lomar
+from helpers import reference_dir
 from lomar.models.masking import window_token_index
 from lomar.models.rpe import ContextualRPE, bucket_table
-
-from helpers import reference_dir
 
 ATOL, RTOL = 1e-5, 1e-4
 

@@ -36,8 +36,8 @@ def pretrain_checkpoint(model: nn.Module, source: str | None = None) -> dict:
     readable by ``lomar export``, ``lomar visualize`` and ``--pretrained``. A classifier is
     written as ``{"model", "vit_config", "num_classes", "format": "lomar-classifier-1"}``.
     """
-    from lomar.train.config import PretrainConfig, build_model
     from lomar.models import MAE, LoMaR
+    from lomar.train.config import PretrainConfig, build_model
 
     vit = encoder_of(model).config
     if isinstance(model, VisionTransformer):

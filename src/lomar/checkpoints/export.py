@@ -11,11 +11,9 @@ import json
 import math
 from pathlib import Path
 
-import torch
-
 from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text
 from lomar.errors import UsageError
-from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, ViTConfig, VisionTransformer
+from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig
 
 __all__ = ["export_encoder", "create_encoder", "read_export", "expected_shapes", "timm_architecture", "ENCODER_WEIGHTS",
            "CONFIG_NAME"]

@@ -23,11 +23,22 @@ import torch
 from torch import nn
 
 from lomar.checkpoints.io import safe_load
-from lomar.checkpoints.keys import (CLASSIFIER_PREFIXES, ENCODER_PREFIXES, PRETRAIN_ONLY, args_dict,
-                                    classifier_from_original, drop_final_norm, encoder_keys, infer_vit_config,
-                                    lomar_from_original, lomar_to_original, mae_from_original, rename_rpe)
+from lomar.checkpoints.keys import (
+    CLASSIFIER_PREFIXES,
+    ENCODER_PREFIXES,
+    PRETRAIN_ONLY,
+    args_dict,
+    classifier_from_original,
+    drop_final_norm,
+    encoder_keys,
+    infer_vit_config,
+    lomar_from_original,
+    lomar_to_original,
+    mae_from_original,
+    rename_rpe,
+)
 from lomar.models.masking import grid_size, window_positions
-from lomar.models.vit import ViTConfig, VisionTransformer
+from lomar.models.vit import VisionTransformer, ViTConfig
 
 __all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "read", "load_model", "encoder_weights",
            "load_original", "infer_original_config", "infer_vit_config", "lomar_from_original", "lomar_to_original",

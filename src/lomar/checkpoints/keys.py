@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from lomar.models.vit import MODEL_SIZES, ViTConfig, VisionTransformer
+from lomar.models.vit import MODEL_SIZES, VisionTransformer, ViTConfig
 
 __all__ = ["ENCODER_PREFIXES", "CLASSIFIER_PREFIXES", "PRETRAIN_ONLY", "rename_rpe", "drop_final_norm",
            "lomar_from_original", "lomar_to_original", "mae_from_original", "classifier_from_original",

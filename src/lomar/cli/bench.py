@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -113,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
     plan = _plan(args)
     import torch
 
-    from lomar.train.runtime import retain_freed_memory
     from lomar.bench.timing import build_runner, gemm_ceiling, interleaved_times, median
+    from lomar.train.runtime import retain_freed_memory
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():

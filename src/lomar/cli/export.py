@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lomar.errors import UsageError
     from lomar.checkpoints.export import CONFIG_NAME, ENCODER_WEIGHTS, export_encoder
+    from lomar.errors import UsageError
     from lomar.models.vit import VisionTransformer
 
     out = Path(args.to)

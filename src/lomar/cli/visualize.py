@@ -52,9 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lomar.errors import UsageError
     from lomar.data.folder import demo_image_paths
     from lomar.data.transforms import denormalize
+    from lomar.errors import UsageError
     from lomar.models import MAE, LoMaR
 
     model = load_for_cli(args.checkpoint, args)

@@ -2,8 +2,6 @@
 
 from lomar.data.collate import BadDataTracker, collate_pretrain  # noqa: F401
 from lomar.data.decode import IMAGE_EXTENSIONS, decode_bytes, load_image  # noqa: F401
-from lomar.data.folder import (ImageListDataset, build_image_list, build_pretrain_dataset,  # noqa: F401
-                               demo_image_paths)
+from lomar.data.folder import ImageListDataset, build_image_list, build_pretrain_dataset, demo_image_paths  # noqa: F401
 from lomar.data.shards import TarShardDataset  # noqa: F401
-from lomar.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, Masker, PretrainTransform,  # noqa: F401
-                                   denormalize, sample_generator)
+from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Masker, PretrainTransform, denormalize, sample_generator  # noqa: F401

@@ -20,7 +20,7 @@ from lomar.checkpoints.formats import CLASSIFIER_PREFIXES, drop_final_norm, enco
 from lomar.checkpoints.io import atomic_write_text
 from lomar.data.collate import BadDataTracker, collate_labelled
 from lomar.data.folder import LabelledImageFolder
-from lomar.models.vit import ViTConfig, VisionTransformer
+from lomar.models.vit import VisionTransformer, ViTConfig
 
 __all__ = ["LoadReport", "load_pretrained_encoder", "eval_transform", "knn_loaders", "extract_features",
            "write_json", "Pool"]

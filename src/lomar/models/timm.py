@@ -31,16 +31,15 @@ import logging
 from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.checkpoint import checkpoint
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lomar.models.rpe import bucket_table
-from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, ViTConfig, VisionTransformer
+from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig
 
 __all__ = ["LomarVisionTransformer", "checkpoint_filter_fn", "create_from_export"]
 

@@ -26,8 +26,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from lomar.checkpoints.io import atomic_save, safe_load
-from lomar.errors import UsageError
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from lomar.errors import UsageError
 from lomar.train.distributed import cleanup_distributed, init_distributed
 from lomar.train.preemption import StopFlag, any_rank_stopping, ignore_stop_signals, shut_down_workers
 from lomar.train.runtime import fast_adamw
