@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lomar-installed
 
-.PHONY: install demo test bench digits
+.PHONY: install demo test test-fast lint bench digits
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+# Everything but the subprocess / torchrun tests (marked `slow`): the quick loop while editing.
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
 
 bench: $(STAMP)
 	$(BIN)/lomar bench --model vit_base_patch16 --batch-size 4 --windows paper 4 --steps 3 --warmup 1 \

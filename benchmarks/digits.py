@@ -35,8 +35,10 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, TensorDataset
 
-from lomar import MAE, LoMaR, ViTConfig, VisionTransformer
-from lomar.eval.evaluate import extract_features, knn_predict, train_linear_probe
+from lomar import MAE, LoMaR, VisionTransformer, ViTConfig
+from lomar.eval.features import extract_features
+from lomar.eval.knn import knn_predict
+from lomar.eval.linear_probe import train_linear_probe
 from lomar.train.runtime import fast_adamw, retain_freed_memory
 
 # Encoder: ViT with patch 4 on 32x32 -> an 8x8 grid of 64 tokens, width 64, 4 blocks, 4 heads.
@@ -186,8 +188,8 @@ def write_report(out: Path, args, results: dict, runs: list[dict], extra: dict, 
         + (f"{args.steps} steps each." if args.steps else
            f"The same wall-clock budget each, {args.budget:g} s per seed, spent in alternating "
            f"{SLICE_S:g} s slices (LoMaR, MAE, LoMaR, …) so that load from other processes hits both alike."),
-        f"- Features: the mean of the encoder's normed patch tokens on the un-augmented 32x32 images, frozen "
-        f"(LoMaR never trains its cls token to summarise an image, so all encoders are read the same way).",
+        "- Features: the mean of the encoder's normed patch tokens on the un-augmented 32x32 images, frozen "
+        "(LoMaR never trains its cls token to summarise an image, so all encoders are read the same way).",
         f"- k-NN: cosine similarity, k={KNN_K}, votes weighted exp(sim/{KNN_T}), train → val. Linear probe: "
         f"BatchNorm1d without affine + Linear, AdamW lr {PROBE_LR} cosine to 0, {PROBE_EPOCHS} epochs, batch "
         f"256, no weight decay, on the cached features.",

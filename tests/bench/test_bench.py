@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lomar.bench.report import paper_windows
-from lomar.cli.app import main
 from lomar.bench.timing import build_runner
+from lomar.cli.app import main
 
 CPU = torch.device("cpu")
 

@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "digits.py"
 
 
+@pytest.mark.slow
 def test_digits_writes_the_result_table_and_json(tmp_path):
     subprocess.run([sys.executable, str(SCRIPT), "--steps", "3", "--seeds", "0", "--out", str(tmp_path)],
                    check=True, capture_output=True, text=True, timeout=300)

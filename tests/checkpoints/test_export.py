@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from helpers import reference_dir
-from lomar import LoMaR, ViTConfig, VisionTransformer, create_encoder, export_encoder, load_original
+from lomar import LoMaR, VisionTransformer, ViTConfig, create_encoder, export_encoder, load_original
+from lomar.checkpoints.convert import load_model, pretrain_checkpoint
 from lomar.checkpoints.io import atomic_save
 from lomar.cli.app import main
-from lomar.checkpoints.convert import load_model, pretrain_checkpoint
 
 timm = pytest.importorskip("timm")
-import timm.optim  # noqa: E402  (not imported by `import timm`)
+import timm.optim  # noqa: E402,F811  (not imported by `import timm`)
+
 import lomar.models.timm  # noqa: E402,F401  (registers lomar_vit_* in timm)
 
 TINY = ViTConfig(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2)
@@ -130,6 +131,7 @@ def test_export_original_and_converted_agree(tmp_path):
     assert isinstance(load_model(tmp_path / "c.pt"), LoMaR)
 
 
+@pytest.mark.slow
 def test_import_lomar_does_not_import_timm():
     code = "import sys, lomar, lomar.cli.app; lomar.cli.app.build_parser(); sys.exit('timm' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import lomar
-from lomar import LoMaR, MAE, load_original, lomar_from_original, lomar_to_original, model_config
-from lomar.checkpoints.io import atomic_save, infer_original_config, safe_load
+from lomar import MAE, LoMaR, load_original, lomar_from_original, lomar_to_original, model_config
+from lomar.checkpoints.formats import infer_original_config
+from lomar.checkpoints.io import atomic_save, safe_load
 
 TINY = dict(embed_dim=48, depth=2, num_heads=4)
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
+from helpers import TINY, pretrain
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
-from helpers import TINY, pretrain
 
 BIN = Path(sys.executable).parent
 
@@ -108,6 +108,7 @@ def test_recipe_defaults_with_data(tmp_path, capsys, image_dir):
     assert resolved["model"] == "vit_base_patch16" and resolved["img_size"] == 224
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_0(tmp_path, image_dir):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "lomar", "pretrain", *TINY, "--data", str(image_dir), "--out", str(out),
@@ -150,6 +151,7 @@ def test_sigusr1_in_process_checkpoints_and_resumes(tmp_path, image_dir, capsys,
     assert safe_load(out / "last.pt")["step"] == 3
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_process_with_the_global_batch(tmp_path, image_dir):
     common = [*TINY, "--data", str(image_dir), "--max-steps", "3", "--warmup-epochs", "0"]
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"

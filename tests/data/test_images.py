@@ -9,8 +9,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from lomar.data.images import (BadDataTracker, PretrainTransform, build_image_list, build_pretrain_dataset,
-                        collate_pretrain, demo_image_paths, denormalize, load_image)
+from lomar.data.collate import BadDataTracker, collate_pretrain
+from lomar.data.decode import load_image
+from lomar.data.folder import build_image_list, build_pretrain_dataset, demo_image_paths
+from lomar.data.transforms import PretrainTransform, denormalize
 
 
 def _save(img: Image.Image, path, **kw):

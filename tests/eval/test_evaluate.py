@@ -9,11 +9,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from lomar import MAE, LoMaR, ViTConfig, VisionTransformer, export_encoder
-from lomar.checkpoints.io import atomic_save, lomar_to_original, safe_load
+from lomar import MAE, LoMaR, VisionTransformer, ViTConfig, export_encoder
+from lomar.checkpoints.formats import lomar_to_original
+from lomar.checkpoints.io import atomic_save, safe_load
 from lomar.cli.app import main
+from lomar.eval.features import load_pretrained_encoder
+from lomar.eval.knn import knn_accuracy, knn_predict
+from lomar.eval.linear_probe import train_linear_probe
 from lomar.train.config import PretrainConfig
-from lomar.eval.evaluate import knn_accuracy, knn_predict, load_pretrained_encoder, train_linear_probe
 
 VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 TINY = dict(model="vit_tiny_patch8", embed_dim=32, depth=2, num_heads=2, img_size=32)
@@ -177,7 +180,7 @@ def test_knn_and_linprobe_commands(pretrained, folder, tmp_path, capsys):
 
 
 def test_knn_monitor_for_the_pretraining_hook(pretrained, folder):
-    from lomar.eval.evaluate import KnnMonitor
+    from lomar.eval.knn import KnnMonitor
 
     monitor = KnnMonitor(folder, img_size=32, batch_size=5, workers=0, k=3)
     encoder = load_pretrained_encoder(pretrained).train()
@@ -235,6 +238,7 @@ def test_probe_bad_flags(pretrained, command, args, words, capsys):
     assert words in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_finetune_under_torchrun_with_two_processes(pretrained, folder, tmp_path):
     """Every classifier parameter gets a gradient, so DDP's reducer does not stall (it did when the
     unused final norm was kept)."""

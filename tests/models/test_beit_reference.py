@@ -5,18 +5,16 @@ case found is a failure, not a skip: a mistyped directory must not pass silently
 """
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import reference_dir
 from lomar.models.beit import BEiTConfig
 from lomar.models.beit_convert import load_original_beit
 from lomar.models.blockmask import BlockMaskGenerator, block_mask_batch
-
-from helpers import reference_dir
 
 ATOL, RTOL = 1e-5, 1e-4
 META = "beit_meta.json"

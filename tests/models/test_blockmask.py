@@ -2,17 +2,14 @@
 its statistics, window scaling and argument checks."""
 
 import json
-import os
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from lomar.models.blockmask import BlockMaskGenerator, block_mask_batch, window_blockmask_args
-
 from helpers import reference_dir
+from lomar.models.blockmask import BlockMaskGenerator, block_mask_batch, window_blockmask_args
 
 META = "blockmask_meta.json"
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lomar import ViTConfig, VisionTransformer, export_encoder
+from lomar import VisionTransformer, ViTConfig, export_encoder
 from lomar.models.dense import MultiLevelBackbone, SimpleFeaturePyramid, ViTDetBackbone, feature_maps
 
 # Tiny width and depth: a 1024-px image is a 64x64 grid of 4096 tokens with global attention.

@@ -5,8 +5,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lomar.models.masking import (MaskingPlan, check_window_request, grid_size, num_masked, sample_plan,
-                           window_token_index)
+from lomar.models.masking import (
+    MaskingPlan,
+    check_window_request,
+    grid_size,
+    num_masked,
+    sample_plan,
+    window_token_index,
+)
 
 
 @st.composite

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lomar
-from lomar import LoMaR, MAE, MaskingPlan, ViTConfig, VisionTransformer, model_config
+from lomar import MAE, LoMaR, MaskingPlan, VisionTransformer, ViTConfig, model_config
 from lomar.models.objective import gather_patches, patchify, unpatchify
 from lomar.models.rpe import bucket_table, piecewise_index
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, sincos_pos_embed_2d

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from lomar.tokenizers import DVAEConfig, DVAEEncoder, convert_dvae, load_dvae, load_tokenizer, map_pixels
-
 from helpers import reference_dir
+from lomar.tokenizers import DVAEConfig, DVAEEncoder, convert_dvae, load_dvae, load_tokenizer, map_pixels
 
 ATOL, RTOL = 1e-5, 1e-4
 META = "dvae_meta.json"

@@ -7,17 +7,17 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from lomar.checkpoints.io import safe_load
 from helpers import losses, pretrain, write_images
-from lomar.train.engine import checkpoints_to_prune
-from lomar.models import MAE, LoMaR
+from lomar.checkpoints.io import safe_load
 from lomar.data.samplers import EpochSampler
-from lomar.train.schedule import lr_at, param_groups
+from lomar.models import MAE, LoMaR
 from lomar.models.vit import model_config
+from lomar.train.engine import checkpoints_to_prune
+from lomar.train.schedule import lr_at, param_groups
+
 
 def test_lr_schedule_warmup_then_cosine():
     kw = dict(steps_per_epoch=10, base_lr=1.0, warmup_epochs=2, epochs=10, min_lr=0.1)
@@ -197,8 +197,8 @@ def test_reconstruction_figure_is_written(tmp_path, method):
 
 
 def test_reconstruction_figure_uses_a_given_plan(tmp_path):
-    from lomar.viz.reconstruction import reconstruct, reconstruction_figure
     from lomar.models.masking import sample_plan
+    from lomar.viz.reconstruction import reconstruct, reconstruction_figure
 
     model = LoMaR(model_config("vit_tiny_patch8", depth=1, img_size=48), 3, 2)
     images = torch.randn(2, 3, 48, 48)
@@ -210,7 +210,7 @@ def test_reconstruction_figure_uses_a_given_plan(tmp_path):
 
 def test_an_accumulation_window_without_readable_images_is_skipped(tmp_path, image_dir, monkeypatch, capsys):
     import lomar.train.engine
-    from lomar.data.images import BadDataTracker, collate_pretrain
+    from lomar.data.collate import BadDataTracker, collate_pretrain
 
     calls = []
 

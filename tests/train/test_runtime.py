@@ -13,6 +13,7 @@ from lomar.train.runtime import fast_adamw
 GLIBC = sys.platform.startswith("linux") and "libc.so.6" in (ctypes.util.find_library("c") or "")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
 @pytest.mark.parametrize("env, expected", [({}, "True"), ({"LOMAR_DEFAULT_MALLOC": "1"}, "False")])
 def test_retain_freed_memory_applies_unless_opted_out(env, expected):

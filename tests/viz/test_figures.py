@@ -46,7 +46,8 @@ def test_figure_is_written_whole(tmp_path):
 
 
 _GLOBAL_CALLS = {("matplotlib", "use"), ("warnings", "filterwarnings"), ("warnings", "simplefilter"),
-                 ("torch", "set_num_threads"), ("torch", "set_default_dtype"), ("torch", "set_float32_matmul_precision"),
+                 ("torch", "set_num_threads"), ("torch", "set_default_dtype"),
+                 ("torch", "set_float32_matmul_precision"),
                  ("torch", "set_grad_enabled"), ("torch", "manual_seed")}
 
 

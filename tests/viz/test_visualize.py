@@ -3,15 +3,14 @@
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from helpers import reference_dir
-from lomar import MAE, LoMaR, ViTConfig, VisionTransformer, load_original
-from lomar.viz.attention import attention_probs, block_attention, window_attention
-from lomar.cli.app import main
+from lomar import MAE, LoMaR, VisionTransformer, ViTConfig, load_original
 from lomar.checkpoints.convert import load_model
+from lomar.cli.app import main
 from lomar.models.rpe import bucket_table
+from lomar.viz.attention import attention_probs, block_attention, window_attention
 
 ORIGINAL = reference_dir() / "lomar_224_4win" / "checkpoint.pth"
 ORIGINAL_MAE = reference_dir() / "mae_64" / "mae_checkpoint.pth"
@@ -73,7 +72,7 @@ def test_window_attention_lomar_and_image_context():
 @needs_reference
 def test_load_original_output_is_our_pretrain_checkpoint(converted):
     from lomar.checkpoints.io import safe_load
-    from lomar.eval.evaluate import load_pretrained_encoder
+    from lomar.eval.features import load_pretrained_encoder
 
     ckpt = safe_load(converted / "conv.pt")
     assert ckpt["format"] == "lomar-pretrain-1" and ckpt["config"]["method"] == "lomar"

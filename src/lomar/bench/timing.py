@@ -14,16 +14,16 @@ import resource
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lomar.models import MAE, LoMaR
-from lomar.train.runtime import fast_adamw
 from lomar.models.vit import model_config
+from lomar.train.runtime import fast_adamw
 
 __all__ = ["StepRunner", "build_runner", "gemm_ceiling", "interleaved_times", "median", "DTYPES"]
 
@@ -168,7 +168,7 @@ class _RssSampler:
             self.peak = max(self.peak, self._rss())
             time.sleep(self.interval)
 
-    def __enter__(self) -> "_RssSampler":
+    def __enter__(self) -> _RssSampler:
         self.start = self.peak = self._rss()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()

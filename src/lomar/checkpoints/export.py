@@ -1,20 +1,32 @@
-"""Weights-only export of an encoder: safetensors + config.json, and loading it back."""
+"""Weights-only export of an encoder: safetensors + config.json, and loading it back.
+
+An export folder is untrusted input: :func:`read_export` checks ``config.json``'s types and
+bounds and the weights file's format, names and shapes (from its header, against
+:func:`expected_shapes`) before any model is built or any tensor is read.
+"""
 
 from __future__ import annotations
 
 import json
-import os
+import math
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text
+from lomar.errors import UsageError
+from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig
 
-from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, ViTConfig, VisionTransformer
-
-__all__ = ["export_encoder", "create_encoder", "timm_architecture", "ENCODER_WEIGHTS", "CONFIG_NAME"]
+__all__ = ["export_encoder", "create_encoder", "read_export", "expected_shapes", "timm_architecture", "ENCODER_WEIGHTS",
+           "CONFIG_NAME"]
 
 ENCODER_WEIGHTS = "model.safetensors"
 CONFIG_NAME = "config.json"
+# (type, lowest, highest) of each architecture field; generous, but far below what exhausts memory.
+_BOUNDS: dict[str, tuple[type | tuple[type, ...], float, float]] = {
+    "patch_size": (int, 1, 1024), "in_chans": (int, 1, 64), "embed_dim": (int, 1, 8192), "depth": (int, 1, 64),
+    "num_heads": (int, 1, 8192), "mlp_ratio": ((int, float), 0.01, 16), "drop_path": ((int, float), 0, 0.999),
+    "num_classes": (int, 0, 1_000_000),
+}
+_MAX_IMG = 8192
 
 
 def timm_architecture(config: ViTConfig, num_classes: int = 0) -> tuple[str, dict, dict]:
@@ -24,7 +36,7 @@ def timm_architecture(config: ViTConfig, num_classes: int = 0) -> tuple[str, dic
     into ``config.json`` so that ``timm.create_model('local-dir:DIR', pretrained=True)`` works
     (after ``import lomar.models.timm``).
     """
-    from lomar.data.images import IMAGENET_MEAN, IMAGENET_STD  # data imports torchvision: only when exporting
+    from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     shape = (config.embed_dim, config.depth, config.num_heads)
     size = next((s for s, v in MODEL_SIZES.items() if v == shape), None)
@@ -39,40 +51,150 @@ def timm_architecture(config: ViTConfig, num_classes: int = 0) -> tuple[str, dic
     return f"lomar_vit_{size}_patch{patch}", args, pretrained_cfg
 
 
+def _is_our_config(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and str(data.get("architecture", "")).startswith("lomar_") and "model_args" in data
+
+
 def export_encoder(encoder: VisionTransformer, out_dir: str | Path, weights_name: str = ENCODER_WEIGHTS,
-                   metadata: dict | None = None) -> Path:
+                   metadata: dict | None = None, overwrite: bool = False) -> Path:
     """Write ``weights_name`` (safetensors) and ``config.json`` for the encoder into ``out_dir``.
 
-    Both are written to temporary names and renamed, so a crash never leaves half a file.
+    Both are written atomically with mode 0644. A ``config.json`` already in ``out_dir`` that
+    is not one of ours is never replaced unless ``overwrite`` (UsageError).
     """
+    from safetensors.torch import save
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if (out / CONFIG_NAME).exists() and not overwrite and not _is_our_config(out / CONFIG_NAME):
+        raise UsageError(f"{out / CONFIG_NAME} exists and is not a lomar export; pass --overwrite "
+                         f"(overwrite=True) to replace it, or export to another folder")
     state = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
     name, model_args, pretrained_cfg = timm_architecture(encoder.config, encoder.num_classes)
     config = {"architecture": name, "weights": weights_name, **encoder.config.to_dict(),
               "num_classes": encoder.num_classes, "model_args": model_args, "pretrained_cfg": pretrained_cfg,
               **(metadata or {})}
-    tmp_weights, tmp_config = out / f".{weights_name}.tmp", out / f".{CONFIG_NAME}.tmp"
-    save_file(state, str(tmp_weights))
-    tmp_config.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp_weights, out / weights_name)
-    os.replace(tmp_config, out / CONFIG_NAME)
+    atomic_write_bytes(out / weights_name, save(state))
+    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return out
 
 
-def create_encoder(path: str | Path, **overrides) -> VisionTransformer:
-    """Rebuild an exported encoder from its directory (config.json + safetensors weights)."""
+def _check_field(where: Path, key: str, value) -> None:
+    kind, low, high = _BOUNDS[key]
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if ok and isinstance(value, float) and not math.isfinite(value):
+        ok = False
+    if not ok or not low <= value <= high:
+        names = kind.__name__ if isinstance(kind, type) else "number"
+        raise UsageError(f"{where}: {key} must be a{'n' if names[0] in 'ai' else ''} {names} in [{low}, {high}], "
+                         f"got {value!r}; re-export the encoder with `lomar export`")
+
+
+def _check_config(where: Path, data, overrides: dict) -> tuple[ViTConfig, int]:
+    if not isinstance(data, dict):
+        raise UsageError(f"{where} holds a JSON {type(data).__name__}, expected an object; re-export the encoder")
+    data = {**data, **overrides}
+    for key in _BOUNDS:
+        if key in data:
+            _check_field(where, key, data[key])
+    img = data.get("img_size", 224)
+    sides = img if isinstance(img, list) and len(img) == 2 else [img]
+    if not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= _MAX_IMG for s in sides):
+        raise UsageError(f"{where}: img_size must be an integer (or [height, width]) in [1, {_MAX_IMG}], got {img!r}")
+    if data.get("pos", "rpe") not in ("rpe", "abs", "none"):
+        raise UsageError(f"{where}: pos must be 'rpe', 'abs' or 'none', got {data.get('pos')!r}")
+    config = ViTConfig.from_dict({**data, "img_size": tuple(sides) if len(sides) == 2 else sides[0]})
+    if config.embed_dim % config.num_heads:
+        raise UsageError(f"{where}: embed_dim {config.embed_dim} is not divisible by num_heads {config.num_heads}")
+    if any(s % config.patch_size for s in sides):
+        raise UsageError(f"{where}: img_size {img} is not a multiple of patch_size {config.patch_size}")
+    return config, int(data.get("num_classes", 0))
+
+
+def expected_shapes(config: ViTConfig, num_classes: int = 0) -> dict[str, tuple[int, ...]]:
+    """The state dict shapes of ``VisionTransformer(config, num_classes)``, without building it.
+
+    (Building on the meta device is not possible: the drop-path schedule reads tensor values.)
+    A test compares this with real models, so it cannot drift from :mod:`lomar.models.vit`.
+    """
+    d, p, hidden = config.embed_dim, config.patch_size, int(config.embed_dim * config.mlp_ratio)
+    sides = config.img_size if isinstance(config.img_size, tuple) else (config.img_size, config.img_size)
+    shapes: dict[str, tuple[int, ...]] = {"cls_token": (1, 1, d), "patch_embed.proj.weight": (d, config.in_chans, p, p),
+                                          "patch_embed.proj.bias": (d,)}
+    if config.pos == "abs":
+        shapes["pos_embed"] = (1, 1 + (sides[0] // p) * (sides[1] // p), d)
+    for i in range(config.depth):
+        b = f"blocks.{i}."
+        shapes.update({b + "norm1.weight": (d,), b + "norm1.bias": (d,), b + "attn.qkv.weight": (3 * d, d),
+                       b + "attn.qkv.bias": (3 * d,), b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,)})
+        if config.pos == "rpe":
+            shapes[b + "attn.rpe.table"] = (1, d // config.num_heads, 50)
+        shapes.update({b + "norm2.weight": (d,), b + "norm2.bias": (d,), b + "mlp.fc1.weight": (hidden, d),
+                       b + "mlp.fc1.bias": (hidden,), b + "mlp.fc2.weight": (d, hidden), b + "mlp.fc2.bias": (d,)})
+    norm = "fc_norm" if num_classes else "norm"  # a classifier pools un-normed tokens into fc_norm
+    shapes.update({f"{norm}.weight": (d,), f"{norm}.bias": (d,)})
+    if num_classes:
+        shapes.update({"head.weight": (num_classes, d), "head.bias": (num_classes,)})
+    return shapes
+
+
+def read_export(path: str | Path, **overrides) -> tuple[ViTConfig, int, Path]:
+    """Validate an export folder; returns (config, num_classes, weights file). Builds no model.
+
+    ``overrides`` (ViTConfig fields, ``num_classes``) replace config.json's values. Raises
+    FileNotFoundError when there is no config.json, UsageError for anything malformed.
+    """
+    from safetensors import safe_open
+
     path = Path(path)
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found; export an encoder with `lomar export` first")
-    data = json.loads(config_path.read_text())
-    weights = path / data.get("weights", ENCODER_WEIGHTS)
-    num_classes = overrides.pop("num_classes", data.get("num_classes", 0))
-    config = ViTConfig.from_dict({**data, **overrides})
+    try:
+        data = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{config_path} is not valid JSON ({exc}); re-export the encoder") from None
+    config, num_classes = _check_config(config_path, data, overrides)
+    name = data.get("weights", ENCODER_WEIGHTS)
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise UsageError(f"{config_path}: weights must be a file name in the same folder, got {name!r}")
+    weights = path / name
+    if not weights.is_file():
+        raise UsageError(f"{weights} not found (named by {config_path}); re-export the encoder")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error types for any malformed header
+        raise UsageError(f"{weights} is not a safetensors file ({str(exc).splitlines()[0][:120]}); "
+                         f"re-export the encoder with `lomar export`") from None
+    expected = expected_shapes(config, num_classes)
+    new_head = num_classes != data.get("num_classes", 0)  # a caller asking for another head: it starts fresh
+    head = ("head.", "fc_norm.")
+    missing = [k for k in expected if k not in shapes and not (new_head and k.startswith(head))]
+    unexpected = [k for k in shapes if k not in expected and not (new_head and k.startswith(head + ("norm.",)))]
+    wrong = [f"{k} {shapes[k]} (expected {expected[k]})" for k in shapes
+             if k in expected and shapes[k] != expected[k] and not (new_head and k.startswith(head))]
+    if missing or unexpected or wrong:
+        raise UsageError(f"{weights} does not match {config_path}: missing {missing[:4] or 'nothing'}, unexpected "
+                         f"{unexpected[:4] or 'nothing'}, wrong shapes {wrong[:4] or 'none'}")
+    return config, num_classes, weights
+
+
+def create_encoder(path: str | Path, **overrides) -> VisionTransformer:
+    """Rebuild an exported encoder from its directory (config.json + safetensors weights).
+
+    Everything is validated first (:func:`read_export`); ``overrides`` as there."""
+    from safetensors.torch import load_file
+
+    config, num_classes, weights = read_export(path, **overrides)
     encoder = VisionTransformer(config, num_classes=num_classes)
     state = load_file(str(weights))
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
-    if unexpected or (missing and num_classes == data.get("num_classes", 0)):
-        raise ValueError(f"{weights} does not match its config: missing {missing}, unexpected {unexpected}")
+    own = encoder.state_dict()
+    if any(k.startswith(("head.", "fc_norm.")) and (k not in own or own[k].shape != v.shape)
+           for k, v in state.items()):  # another head than the one asked for: it starts fresh
+        state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))}
+    encoder.load_state_dict(state, strict=False)
     return encoder

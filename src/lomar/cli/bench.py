@@ -18,8 +18,15 @@ import sys
 import time
 from pathlib import Path
 
-from lomar.cli.common import (DEVICE_HELP, MODEL_NAMES, check_output_file, device_flag, int_range,
-                              resolve_device, write_json)
+from lomar.cli.common import (
+    DEVICE_HELP,
+    MODEL_NAMES,
+    check_output_file,
+    device_flag,
+    int_range,
+    resolve_device,
+    write_json,
+)
 from lomar.errors import UsageError
 
 __all__ = ["add_arguments", "run"]
@@ -40,7 +47,8 @@ def _window_setting(text: str) -> str | int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("Example (a few minutes on an idle 2-core CPU): lomar bench --model vit_base_patch16 --batch-size 4 "
+    parser.epilog = ("Example (a few minutes on an idle 2-core CPU): "
+                     "lomar bench --model vit_base_patch16 --batch-size 4 "
                      "--sizes 224 448 --steps 3 --json bench.json --plot bench.png")
     parser.add_argument("--model", default="vit_base_patch16", metavar="NAME",
                         help=f"encoder: {', '.join(MODEL_NAMES)}")

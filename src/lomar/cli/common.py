@@ -17,7 +17,8 @@ from pathlib import Path
 from lomar.errors import UsageError
 
 __all__ = ["MODEL_NAMES", "device_flag", "resolve_device", "int_range", "positive_float", "check_output_file",
-           "check_output_dir", "write_json", "add_override_arguments", "overrides_from_args", "load_for_cli", "as_flags"]
+           "check_output_dir", "write_json", "add_override_arguments", "overrides_from_args", "load_for_cli",
+           "as_flags"]
 
 # The names :func:`lomar.models.vit.list_models` returns, written out so that --help needs no torch
 # (a test keeps the two equal).
@@ -153,16 +154,10 @@ def check_output_dir(path: str | Path, flag: str) -> None:
 
 
 def write_json(path: str | Path, result: dict) -> Path:
-    """Write ``result`` as indented JSON via a temporary file and a rename: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Write ``result`` as indented JSON atomically: never half a file."""
+    from lomar.checkpoints.io import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(result, indent=1) + "\n")
 
 
 # ---- for original checkpoints ---------------------------------------------------------------

@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
         plain.load_state_dict(encoder.state_dict(), strict=False)
         encoder = plain
     method = type(model).__name__ if model is not encoder else ("classifier" if encoder.num_classes else "encoder")
-    export_encoder(encoder, out, metadata={"source": str(args.checkpoint), "method": method.lower()})
+    export_encoder(encoder, out, metadata={"source": str(args.checkpoint), "method": method.lower()},
+                   overwrite=args.overwrite)
     c = encoder.config
     head = f", head of {encoder.num_classes} classes" if encoder.num_classes else ""
     print(f"lomar: exported the {c.embed_dim}-wide, {c.depth}-block encoder of {args.checkpoint} "

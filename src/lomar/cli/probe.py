@@ -1,6 +1,6 @@
 """``lomar knn`` and ``lomar linprobe``: frozen-feature evaluation of a pretrained encoder.
 
-Both compute the features once (centre crops, :func:`lomar.eval.evaluate.eval_transform`), then
+Both compute the features once (centre crops, :func:`lomar.eval.features.eval_transform`), then
 score them: k-NN directly, the linear probe by training BatchNorm + Linear on them.
 """
 
@@ -10,8 +10,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from lomar.cli.common import (DEVICE_HELP, check_output_file, device_flag, int_range, non_negative_float,
-                              positive_float, resolve_device, write_json)
+from lomar.cli.common import (
+    DEVICE_HELP,
+    check_output_file,
+    device_flag,
+    int_range,
+    non_negative_float,
+    positive_float,
+    resolve_device,
+    write_json,
+)
 from lomar.errors import UsageError
 
 
@@ -45,7 +53,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def _features(args: argparse.Namespace):
     """(train_x, train_y, val_x, val_y) features of both splits; UsageError on bad input."""
-    from lomar.eval.evaluate import extract_features, knn_loaders, load_pretrained_encoder
+    from lomar.eval.features import extract_features, knn_loaders, load_pretrained_encoder
 
     _check(args)
     device = resolve_device(args.device)
@@ -70,7 +78,7 @@ def knn_add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def knn_run(args: argparse.Namespace) -> int:
-    from lomar.eval.evaluate import knn_predict
+    from lomar.eval.knn import knn_predict
 
     train_x, train_y, val_x, val_y = _features(args)
     classes = int(max(train_y.max(), val_y.max())) + 1
@@ -96,7 +104,7 @@ def linprobe_add_arguments(p: argparse.ArgumentParser) -> None:
 
 def linprobe_run(args: argparse.Namespace) -> int:
     from lomar.checkpoints.io import atomic_save
-    from lomar.eval.evaluate import train_linear_probe
+    from lomar.eval.linear_probe import train_linear_probe
 
     train_x, train_y, val_x, val_y = _features(args)
     try:

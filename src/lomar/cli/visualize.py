@@ -19,7 +19,8 @@ def prepare_image(path: str | Path, size: int):
     import torch
     from torchvision.transforms.v2 import functional as TF
 
-    from lomar.data.images import IMAGENET_MEAN, IMAGENET_STD, load_image
+    from lomar.data.decode import load_image
+    from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     image = load_image(path)
     image = TF.resize(image, [size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
@@ -63,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
     import torch
 
-    from lomar.data.images import demo_image_paths, denormalize
+    from lomar.data.folder import demo_image_paths
+    from lomar.data.transforms import denormalize
     from lomar.models import MAE, LoMaR
 
     model = load_for_cli(args.checkpoint, args)

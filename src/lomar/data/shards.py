@@ -5,11 +5,21 @@ Read with the standard library's ``tarfile``: every image member of a shard is o
 self-supervised). Shards are spread over distributed ranks and loader workers, their order is
 shuffled each epoch, and a small buffer mixes samples across shards, all seeded by
 (seed, epoch), so an epoch's stream is reproducible for a fixed number of ranks and workers.
+
+Why not the ``webdataset`` package: the two things this reader exists for are a pure function
+of (seed, epoch, sample name) for every sample's augmentation, and a mid-epoch resume that
+skips consumed samples without decoding them. Both need control of the exact order in which
+shards are split over ranks and workers and of the shuffle buffer's generator; webdataset
+seeds its splitting and shuffling from its own per-worker ``random`` state and would have to be
+overridden stage by stage, which leaves less of it than these ~150 lines of ``tarfile`` (and
+a dependency, with its own ones, to pin). Damaged shards are reported once, by
+:meth:`TarShardDataset.count_samples`, and counted in ``damaged``.
 """
 
 from __future__ import annotations
 
 import glob
+import logging
 import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
@@ -19,11 +29,13 @@ from typing import TypeVar
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lomar.data.images import Masker, PretrainTransform, _is_image_name, _make_item, decode_bytes, log, sample_generator
+from lomar.data.decode import decode_bytes, is_image_name
+from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator
 
 __all__ = ["TarShardDataset", "is_shard_pattern", "shard_paths"]
 
 T = TypeVar("T")
+log = logging.getLogger("lomar.data")
 # Generator "indices" for stream-level randomness, above every crc32 sample index (< 2**32).
 _ORDER_INDEX = 2 ** 40
 _BUFFER_INDEX = 2 ** 40 + 1
@@ -96,6 +108,7 @@ class TarShardDataset(IterableDataset):
         # (epoch, items to skip, batch size) in shared memory, so that set_epoch in the main
         # process reaches persistent workers, which keep the dataset copy they started with.
         self._state = torch.tensor([0, 0, 1], dtype=torch.int64).share_memory_()
+        self.damaged: dict[str, str] = {}  # filled by count_samples
 
     @property
     def epoch(self) -> int:
@@ -106,8 +119,15 @@ class TarShardDataset(IterableDataset):
         self._state.copy_(torch.tensor([epoch, skip, max(1, batch_size)]))
 
     def count_samples(self) -> int:
-        """Image members in all readable shards (tar headers only)."""
-        return sum(1 for shard in self.shards for _ in _image_members(shard, read=False))
+        """Image members in all readable shards (tar headers only).
+
+        Unreadable or damaged shards are warned about here, once, and listed in ``damaged``
+        (shard -> reason); iterating over them later only logs at debug level."""
+        self.damaged: dict[str, str] = {}
+        total = sum(1 for shard in self.shards for _ in _image_members(shard, read=False, damaged=self.damaged))
+        for shard, reason in self.damaged.items():
+            log.warning("tar shard %s: %s", shard, reason)
+        return total
 
     def _readers(self) -> tuple[int, int, int, int]:
         """(rank, world size, worker id, workers in this rank's loader)."""
@@ -147,25 +167,28 @@ class TarShardDataset(IterableDataset):
             if position < mine:
                 continue  # consumed before the resume: not decoded again
             gen = sample_generator(self.seed, epoch, zlib.crc32(name.encode()))
-            yield _make_item(name, lambda: decode_bytes(data, name), self.transform, gen, self.masker)
+            yield make_item(name, lambda data=data, name=name: decode_bytes(data, name), self.transform, gen,
+                            self.masker)
 
 
-def _image_members(shard: Path, read: bool = True) -> Iterator[tuple[str, bytes | None]]:
+def _image_members(shard: Path, read: bool = True,
+                   damaged: dict[str, str] | None = None) -> Iterator[tuple[str, bytes | None]]:
     """("shard:member", bytes, or None unless ``read``) for the image members of one shard.
 
-    An unreadable shard yields nothing and a truncated one what precedes the damage, with a
-    warning. Without ``read`` only headers are read, so a member whose data is cut off still
+    An unreadable shard yields nothing and a truncated one what precedes the damage; the
+    reason goes into ``damaged`` (when given) and to the debug log. Without ``read`` only
+    headers are read, so a member whose data is cut off still
     counts (the epoch length is an estimate for damaged shards; its bad samples are skipped).
     """
     try:
         archive = tarfile.open(shard)
     except (OSError, tarfile.TarError) as exc:
-        log.warning("skipping unreadable shard %s: %s", shard, exc)
+        _damaged(damaged, shard, f"unreadable, skipped ({exc})")
         return
     with archive:
         try:
             for member in archive:
-                if not (member.isfile() and _is_image_name(member.name)):
+                if not (member.isfile() and is_image_name(member.name)):
                     continue
                 name = f"{shard}:{member.name}"
                 if not read:
@@ -174,4 +197,10 @@ def _image_members(shard: Path, read: bool = True) -> Iterator[tuple[str, bytes 
                 handle = archive.extractfile(member)
                 yield name, handle.read() if handle else b""
         except (OSError, tarfile.TarError) as exc:  # a truncated shard: keep what was read
-            log.warning("shard %s is damaged after some samples: %s", shard, exc)
+            _damaged(damaged, shard, f"damaged after some samples, the rest skipped ({exc})")
+
+
+def _damaged(record: dict[str, str] | None, shard: Path, reason: str) -> None:
+    log.debug("tar shard %s: %s", shard, reason)
+    if record is not None:
+        record[str(shard)] = reason

@@ -80,13 +80,13 @@ class BEiTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "BEiTConfig":
+    def from_dict(cls, data: dict) -> BEiTConfig:
         """Known fields only, so a golden ``beit_meta.json`` or a richer dict can be passed whole."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
     @classmethod
-    def from_meta(cls, meta: dict | str | Path) -> "BEiTConfig":
+    def from_meta(cls, meta: dict | str | Path) -> BEiTConfig:
         """From a golden case's ``beit_meta.json`` (path or loaded dict)."""
         if not isinstance(meta, dict):
             meta = json.loads(Path(meta).read_text())

@@ -100,7 +100,8 @@ class BlockMaskGenerator:
         return torch.tensor(mask, dtype=torch.bool)
 
 
-def block_mask_batch(generators: BlockMaskGenerator | Sequence[BlockMaskGenerator], n: int | None = None) -> torch.Tensor:
+def block_mask_batch(generators: BlockMaskGenerator | Sequence[BlockMaskGenerator],
+                     n: int | None = None) -> torch.Tensor:
     """(N, L) bool masks in raster order, one draw per image.
 
     ``generators`` is one generator per image (each with its own stream), or a single generator

@@ -12,10 +12,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from lomar.models.masking import MaskingPlan, check_window_request, sample_plan, window_token_index
-from lomar.models.masking import grid_size
+from lomar.models.masking import MaskingPlan, check_window_request, grid_size, sample_plan, window_token_index
 from lomar.models.objective import gather_patches, masked_mse, normalize_targets
-from lomar.models.vit import ViTConfig, VisionTransformer
+from lomar.models.vit import VisionTransformer, ViTConfig
 
 __all__ = ["LoMaR", "LoMaROutput"]
 

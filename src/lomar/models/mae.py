@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lomar.models.objective import masked_mse, normalize_targets, patchify
-from lomar.models.vit import Block, ViTConfig, VisionTransformer, init_weights, sincos_pos_embed_2d
+from lomar.models.vit import Block, VisionTransformer, ViTConfig, init_weights, sincos_pos_embed_2d
 
 __all__ = ["MAE", "MAEOutput"]
 

@@ -109,7 +109,7 @@ class MaskingPlan:
     def num_windows(self) -> int:
         return self.top_left.shape[1]
 
-    def to(self, device: torch.device | str) -> "MaskingPlan":
+    def to(self, device: torch.device | str) -> MaskingPlan:
         return MaskingPlan(self.top_left.to(device), self.mask.to(device), self.window_size)
 
     def validate(self, grid: tuple[int, int]) -> None:

@@ -28,25 +28,22 @@ equal those of our finetuned classifier.
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.checkpoint import checkpoint
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lomar.models.rpe import bucket_table
-from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, ViTConfig, VisionTransformer
+from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig
 
 __all__ = ["LomarVisionTransformer", "checkpoint_filter_fn", "create_from_export"]
 
 _log = logging.getLogger("lomar.models.timm")
-_RPE_ORIGINAL = re.compile(r"^blocks\.(\d+)\.attn\.rpe_k\.lookup_table_weight$")
 _POOLS = ("", "avg", "token", "max")
 
 
@@ -201,16 +198,12 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: LomarVision
     mask token and decoder are dropped). A classifier head and ``fc_norm`` missing from the
     weights or of another shape keep the model's fresh initialisation.
     """
+    from lomar.checkpoints.keys import encoder_keys  # the one key map for every format we read
+
     state = state_dict.get("model", state_dict) if isinstance(state_dict.get("model"), dict) else state_dict
-    if any(k.startswith("encoder.") for k in state):
-        state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     own = model.state_dict()
     out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if match := _RPE_ORIGINAL.match(key):
-            key = f"blocks.{match[1]}.attn.rpe.table"
-        if key.startswith(("mask_token", "encoder_pred.", "decoder_")):
-            continue  # pretraining-only parts
+    for key, value in encoder_keys(state).items():
         if key not in own or own[key].shape != value.shape:
             if key.startswith(("head.", "fc_norm.", "norm.", "pos_embed")):
                 continue  # classifier/norm layout chosen by the model's args; pos_embed is fixed sin-cos

@@ -60,7 +60,7 @@ class ViTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ViTConfig":
+    def from_dict(cls, data: dict) -> ViTConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 

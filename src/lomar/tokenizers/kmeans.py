@@ -96,7 +96,7 @@ class KMeansTokenizer(Tokenizer):
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "KMeansTokenizer":
+    def load(cls, path: str | Path) -> KMeansTokenizer:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:

@@ -100,7 +100,8 @@ _HELP = {
     "save_every": "write a checkpoint every N epochs",
     "knn_every": "every N epochs, print and log the k-NN top-1 of the encoder on --knn-data (0 = never)",
     "knn_data": "ImageFolder root with train/ and val/ class folders, for --knn-every",
-    "threads": "CPU threads per process (1 is fastest for tiny models on a busy machine)", "keep_last": "checkpoints to keep",
+    "threads": "CPU threads per process (1 is fastest for tiny models on a busy machine)",
+    "keep_last": "checkpoints to keep",
 }
 
 

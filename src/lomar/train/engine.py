@@ -24,16 +24,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
 
-from lomar.checkpoints.io import atomic_save, safe_load
-from lomar.train.config import PretrainConfig, build_model, dump_config
-from lomar.data.images import BadDataTracker, build_pretrain_dataset, collate_pretrain
-from lomar.train.distributed import DistInfo, cleanup_distributed, init_distributed
 from lomar.checkpoints.export import export_encoder
+from lomar.checkpoints.io import atomic_save, safe_load
+from lomar.data.collate import BadDataTracker, collate_pretrain
+from lomar.data.folder import build_pretrain_dataset
+from lomar.data.samplers import EpochSampler
 from lomar.models.masking import MaskingPlan, grid_size, sample_plan
+from lomar.train.config import PretrainConfig, build_model, dump_config
+from lomar.train.distributed import DistInfo, cleanup_distributed, init_distributed
 from lomar.train.monitor import Monitor
 from lomar.train.preemption import StopFlag, any_rank_stopping, ignore_stop_signals, shut_down_workers
 from lomar.train.runtime import fast_adamw
-from lomar.data.samplers import EpochSampler
 from lomar.train.schedule import lr_at, param_groups
 
 __all__ = ["Trainer", "TrainingError", "make_masker", "train"]
@@ -124,7 +125,7 @@ class Trainer:
         self.spare: dict | None = None  # the last batch with readable images (see run)
         self.knn, self.knn_step = None, -1
         if config.knn_every and info.is_main:
-            from lomar.eval.evaluate import KnnMonitor
+            from lomar.eval.knn import KnnMonitor
 
             self.knn = KnnMonitor(config.knn_data, img_size=config.img_size, workers=min(config.workers, 4))
 

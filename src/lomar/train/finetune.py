@@ -26,8 +26,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from lomar.checkpoints.io import atomic_save, safe_load
+from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.errors import UsageError
-from lomar.data.images import IMAGENET_MEAN, IMAGENET_STD
 from lomar.train.distributed import cleanup_distributed, init_distributed
 from lomar.train.preemption import StopFlag, any_rank_stopping, ignore_stop_signals, shut_down_workers
 from lomar.train.runtime import fast_adamw
@@ -145,10 +145,14 @@ def classification_transforms(img_size: int, aa: str = "rand-m9-mstd0.5-inc1", r
 
 
 def _loaders(args, train_root: Path, val_root: Path, info) -> tuple[DataLoader, DataLoader, list[str]]:
-    from torchvision.datasets import ImageFolder
+    from lomar.data.collate import collate_labelled, collate_labelled_refill
+    from lomar.data.folder import LabelledImageFolder  # skips unreadable images instead of crashing
 
     train_tf, val_tf = classification_transforms(args.img_size, args.aa, args.reprob)
-    train_set, val_set = ImageFolder(str(train_root), train_tf), ImageFolder(str(val_root), val_tf)
+    try:
+        train_set, val_set = LabelledImageFolder(train_root, train_tf), LabelledImageFolder(val_root, val_tf)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if train_set.classes != val_set.classes:
         raise UsageError(f"train and val class folders differ: {train_set.classes} vs {val_set.classes}")
     sampler = ResumableSampler(train_set, info.world_size, info.rank, shuffle=True, seed=args.seed, drop_last=True)
@@ -156,8 +160,9 @@ def _loaders(args, train_root: Path, val_root: Path, info) -> tuple[DataLoader, 
     val_part = Subset(val_set, range(info.rank, len(val_set), info.world_size))
     common = dict(num_workers=args.workers, persistent_workers=args.workers > 0,
                   worker_init_fn=ignore_stop_signals if args.workers > 0 else None)
-    train = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, **common)
-    val = DataLoader(val_part, args.batch_size, **common)
+    train = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, collate_fn=collate_labelled_refill,
+                       **common)
+    val = DataLoader(val_part, args.batch_size, collate_fn=collate_labelled, **common)
     if len(train) == 0:
         raise UsageError(f"the training split ({len(train_set)} images over {info.world_size} process(es)) "
                          f"cannot fill one batch of {args.batch_size}; lower --batch-size")
@@ -207,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     from timm.optim import param_groups_layer_decay
     from torch.nn.parallel import DistributedDataParallel
 
-    from lomar.eval.evaluate import load_pretrained_encoder
+    from lomar.eval.features import load_pretrained_encoder
 
     try:
         info, device = init_distributed(args.device)

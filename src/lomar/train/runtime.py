@@ -18,7 +18,8 @@ import ctypes
 import ctypes.util
 import os
 import sys
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 __all__ = ["retain_freed_memory", "fast_adamw"]
 

@@ -6,14 +6,13 @@ so no global backend or figure registry is touched.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from lomar.data.images import denormalize
+from lomar.data.transforms import denormalize
 from lomar.models.masking import MaskingPlan, window_token_index
 from lomar.models.objective import patchify, unpatchify
 
@@ -126,24 +125,22 @@ def draw_reconstruction(model, images: torch.Tensor, seed: int = 0, title: str |
                 ax.set_title(columns[col])
             if col == 1 and plan is not None:
                 k = plan.window_size
-                for t, l in plan.top_left[row].tolist():
-                    ax.add_patch(Rectangle((l * p - 0.5, t * p - 0.5), k * p, k * p, fill=False,
+                for top, left in plan.top_left[row].tolist():
+                    ax.add_patch(Rectangle((left * p - 0.5, top * p - 0.5), k * p, k * p, fill=False,
                                            edgecolor="yellow", linewidth=1.5))
     fig.suptitle(title or f"{type(model).__name__} reconstruction (loss {parts['loss']:.3f})")
     return fig
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int) -> Path:
-    """Lay out (unless the figure has its own layout engine), write to a temporary file, rename:
-    a reader never sees half a PNG."""
+    """Lay out (unless the figure has its own layout engine) and write atomically: a reader never
+    sees half a PNG."""
+    import io
+
+    from lomar.checkpoints.io import atomic_write_bytes
+
     if fig.get_layout_engine() is None:
         fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format="png")
+    return atomic_write_bytes(path, buffer.getvalue())

@@ -1,0 +1,132 @@
+"""Key-name maps between the original LoMaR / MAE checkpoints and ours, and shape inference.
+
+Written once here and used by every reader in :mod:`lomar.checkpoints.formats` and by the timm
+checkpoint filter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import torch
+
+from lomar.models.vit import MODEL_SIZES, VisionTransformer, ViTConfig
+
+__all__ = ["ENCODER_PREFIXES", "CLASSIFIER_PREFIXES", "PRETRAIN_ONLY", "rename_rpe", "drop_final_norm",
+           "lomar_from_original", "lomar_to_original", "mae_from_original", "classifier_from_original",
+           "encoder_keys", "args_dict", "infer_vit_config"]
+
+_RPE_ORIGINAL = re.compile(r"^blocks\.(\d+)\.attn\.rpe_k\.lookup_table_weight$")
+_RPE_OURS = re.compile(r"^encoder\.blocks\.(\d+)\.attn\.rpe\.table$")
+ENCODER_PREFIXES = ("patch_embed.", "cls_token", "blocks.", "norm.", "pos_embed")
+CLASSIFIER_PREFIXES = ("head.", "fc_norm.")
+PRETRAIN_ONLY = ("mask_token", "encoder_pred.", "decoder_")
+
+
+def rename_rpe(key: str) -> str:
+    """The original iRPE table name -> ours (``blocks.i.attn.rpe.table``); other keys unchanged."""
+    match = _RPE_ORIGINAL.match(key)
+    return f"blocks.{match[1]}.attn.rpe.table" if match else key
+
+
+def drop_final_norm(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A classifier pools un-normed tokens into ``fc_norm``: its final ``norm.*`` goes unused.
+
+    Returns (state without ``norm.*``, the dropped keys)."""
+    dropped = [k for k in state if k.startswith("norm.")]
+    return {k: v for k, v in state.items() if not k.startswith("norm.")}, dropped
+
+
+def lomar_from_original(state: dict[str, torch.Tensor], keep_pos_embed: bool = False) -> dict[str, torch.Tensor]:
+    """Original LoMaR keys -> ours. The unused ``pos_embed`` is dropped unless asked for."""
+    out = {}
+    for key, value in state.items():
+        if key == "pos_embed" and not keep_pos_embed:
+            continue
+        if _RPE_ORIGINAL.match(key):
+            out["encoder." + rename_rpe(key)] = value
+        elif key.startswith("encoder_pred."):
+            out["head." + key.removeprefix("encoder_pred.")] = value
+        elif key.startswith(ENCODER_PREFIXES):
+            out["encoder." + key] = value
+        else:
+            out[key] = value
+    return out
+
+
+def lomar_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our LoMaR keys -> the original's (inverse of :func:`lomar_from_original`)."""
+    out = {}
+    for key, value in state.items():
+        if match := _RPE_OURS.match(key):
+            out[f"blocks.{match[1]}.attn.rpe_k.lookup_table_weight"] = value
+        elif key.startswith("head."):
+            out["encoder_pred." + key.removeprefix("head.")] = value
+        else:
+            out[key.removeprefix("encoder.")] = value
+    return out
+
+
+def mae_from_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original MAE keys -> ours: the encoder's parts move under ``encoder.``."""
+    return {("encoder." + k if k.startswith(ENCODER_PREFIXES) else k): v for k, v in state.items()}
+
+
+def classifier_from_original(state: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
+    """An original finetuned model's keys -> our classifier's (RPE renamed, unused parts dropped)."""
+    state, _ = drop_final_norm(state)
+    return {rename_rpe(k): v for k, v in state.items() if not (k == "pos_embed" and model.pos_embed is None)}
+
+
+def encoder_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Any state dict we read (ours, pretraining, original) -> VisionTransformer key names.
+
+    Pretraining-only parts (mask token, pixel head, decoder) are dropped; nothing is checked."""
+    if any(k.startswith("encoder.") for k in state):
+        state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    return {rename_rpe(k): v for k, v in state.items() if not k.startswith(PRETRAIN_ONLY)}
+
+
+# ---- shape inference --------------------------------------------------------------------------
+def args_dict(data: dict) -> dict:
+    args = data.get("args")
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return dict(args) if isinstance(args, dict) else {}
+
+
+def _heads_from_name(name) -> int | None:
+    for size, (_, _, heads) in MODEL_SIZES.items():
+        if isinstance(name, str) and f"vit_{size}_" in name:
+            return heads
+    return None
+
+
+def infer_vit_config(state: dict[str, torch.Tensor], hints: dict | None = None, **overrides) -> ViTConfig:
+    """Rebuild an encoder's :class:`ViTConfig` from the shapes of its weights (our key names).
+
+    ``overrides`` win; then the shapes (width, depth, patch, MLP ratio, heads from the RPE
+    table (1, head_dim, 50)); then ``hints`` (``num_heads``, ``img_size``/``input_size``,
+    ``model`` name); then the standard sizes. Raises ValueError when the heads stay unknown.
+    """
+    hints = hints or {}
+    if "patch_embed.proj.weight" not in state or "blocks.0.mlp.fc1.weight" not in state:
+        raise ValueError("the weights hold no ViT encoder (no 'patch_embed.proj.weight' or 'blocks.0.mlp.fc1.weight')")
+    weight = state["patch_embed.proj.weight"]
+    dim, in_chans, patch = weight.shape[0], weight.shape[1], weight.shape[-1]
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    rpe_key = "blocks.0.attn.rpe.table"
+    heads = overrides.get("num_heads") or (dim // state[rpe_key].shape[1] if rpe_key in state else None)
+    heads = heads or hints.get("num_heads") or _heads_from_name(hints.get("model"))
+    heads = heads or {(d, n): h for d, n, h in MODEL_SIZES.values()}.get((dim, depth))
+    if not heads:
+        raise ValueError(f"cannot infer the number of heads of this {dim}-wide, {depth}-deep model; "
+                         f"pass num_heads=... to load_original")
+    img_size = overrides.get("img_size") or hints.get("img_size") or hints.get("input_size")
+    if not img_size and "pos_embed" in state:
+        img_size = int(round((state["pos_embed"].shape[1] - 1) ** 0.5)) * patch
+    pos = "rpe" if rpe_key in state else "abs" if "pos_embed" in state else "none"
+    return ViTConfig(img_size=int(img_size or 224), patch_size=patch, in_chans=in_chans, embed_dim=dim,
+                     depth=depth, num_heads=int(heads), mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+                     pos=pos)

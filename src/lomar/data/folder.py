@@ -1,0 +1,174 @@
+"""Image discovery and the map-style datasets: pretraining image lists, labelled class folders.
+
+Folders are searched recursively and symlinked sub-folders are followed, each real folder at
+most once (a link back to an ancestor is not a loop forever). A dangling link with an image
+name is kept in the list: reading it fails, and the dataset skips and counts it like any other
+unreadable file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from lomar.data.decode import IMAGE_EXTENSIONS, is_image_name, load_image, load_pil
+from lomar.data.shards import TarShardDataset, is_shard_pattern, shard_paths
+from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator
+
+__all__ = ["demo_image_paths", "find_images", "build_image_list", "ImageListDataset", "build_pretrain_dataset",
+           "LabelledImageFolder"]
+
+log = logging.getLogger("lomar.data")
+# Real photographs that ship inside scikit-image's wheel (no download needed).
+_DEMO_FILES = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+               "motorcycle_right.png", "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "camera.png",
+               "coins.png", "moon.png", "grass.png", "gravel.png", "brick.png")
+
+
+def demo_image_paths() -> list[Path]:
+    """The sample photographs bundled with scikit-image."""
+    import skimage
+
+    root = Path(skimage.__file__).parent / "data"
+    paths = [root / name for name in _DEMO_FILES if (root / name).is_file()]
+    if not paths:
+        raise ValueError(f"no demo images found in {root}; reinstall scikit-image or pass --data")
+    return paths
+
+
+def find_images(root: str | Path) -> list[Path]:
+    """Image-named entries under ``root`` (recursive, symlinked folders followed once each), sorted.
+
+    Dangling links are included (they fail to read and are counted as bad); folders reached a
+    second time through a link are skipped with a warning.
+    """
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    loops = 0
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in seen:
+            loops += 1
+            dirs[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        dirs.sort()
+        found.extend(Path(folder) / name for name in files if is_image_name(name))  # dangling links land here
+    if loops:
+        log.warning("%s: %d symlinked folder(s) lead to a folder already searched (a loop or a duplicate); "
+                    "searched once", root, loops)
+    return sorted(set(found))
+
+
+def build_image_list(data: str | Path) -> list[Path]:
+    """Image paths of a folder (searched recursively) or of a .txt list, sorted."""
+    path = Path(data)
+    if not path.exists():
+        raise ValueError(f"data path {path} does not exist; pass a folder of images, a .txt list "
+                         f"of image paths or a tar shard pattern")
+    if path.is_file():
+        if path.suffix.lower() != ".txt":
+            raise ValueError(f"{path} is a file but not a .txt list of images; pass its folder instead")
+        lines = [ln.strip() for ln in path.read_text().splitlines()]
+        images = [Path(ln) if Path(ln).is_absolute() else path.parent / ln
+                  for ln in lines if ln and not ln.startswith("#")]
+    else:
+        images = find_images(path)
+    if not images:
+        shards = path.is_dir() and any(path.glob("*.tar"))
+        hint = (f"for tar shards pass a pattern such as {path / '*.tar'}" if shards
+                else f"supported extensions: {', '.join(IMAGE_EXTENSIONS)}")
+        raise ValueError(f"no images found in {path}; {hint}")
+    return images
+
+
+class ImageListDataset(Dataset):
+    """Map-style dataset over image files; keys are ``(index, epoch)`` (an int means epoch 0).
+
+    Items: ``{"image": (3, S, S) float32 or None if unreadable, "path": str, **masker(gen)}``.
+    """
+
+    def __init__(self, paths: list[Path], transform: PretrainTransform, seed: int = 0,
+                 masker: Masker | None = None, repeats: int = 1, cache_decoded: bool = False):
+        self.paths, self.transform, self.seed, self.masker = list(paths), transform, seed, masker
+        self.repeats = repeats  # the tiny demo set shows each photo several times per epoch
+        # Decoded uint8 images kept per process (each loader worker fills its own): only for
+        # small sets such as the demo, where decoding the same photos again dominates a step.
+        self.decoded: dict[int, torch.Tensor] | None = {} if cache_decoded else None
+
+    def __len__(self) -> int:
+        return len(self.paths) * self.repeats
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        # Keys may arrive as numpy or tensor integers from custom samplers: normalise to int.
+        index, epoch = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
+        path = self.paths[index % len(self.paths)]
+        gen = sample_generator(self.seed, epoch, index)
+        return make_item(str(path), lambda: self._load(index % len(self.paths)), self.transform, gen, self.masker)
+
+    def _load(self, i: int) -> torch.Tensor:
+        if self.decoded is None:
+            return load_image(self.paths[i])
+        if i not in self.decoded:
+            self.decoded[i] = load_image(self.paths[i])
+        return self.decoded[i]
+
+
+def build_pretrain_dataset(data: str | None, img_size: int, seed: int = 0,
+                           scale: tuple[float, float] = (0.2, 1.0), masker: Masker | None = None,
+                           rank: int | None = None, world_size: int | None = None,
+                           demo_repeats: int = 8) -> Dataset:
+    """The pretraining dataset for ``--data`` (None: the built-in demo photographs).
+
+    A folder or .txt list gives a map-style :class:`ImageListDataset`; a ``.tar`` glob or brace
+    pattern gives an iterable :class:`lomar.data.shards.TarShardDataset`. ``rank``/``world_size``
+    split tar shards between processes (None: from torch.distributed); map-style datasets are
+    split by the engine's sampler instead.
+    """
+    transform = PretrainTransform(img_size, scale)
+    if data is None:
+        return ImageListDataset(demo_image_paths(), transform, seed, masker, repeats=demo_repeats,
+                                cache_decoded=True)
+    if is_shard_pattern(str(data)):
+        return TarShardDataset(shard_paths(str(data)), transform, seed, masker, rank, world_size)
+    return ImageListDataset(build_image_list(data), transform, seed, masker)
+
+
+class LabelledImageFolder(Dataset):
+    """``ROOT/CLASS/**/IMAGE`` (torchvision's ImageFolder layout) that survives unreadable images.
+
+    Items: ``(transform(PIL image) or None if unreadable, class index, path)``; batch them with
+    :func:`lomar.data.collate.collate_labelled`, which drops and reports the bad ones. ``classes``
+    and ``targets`` are as in ImageFolder. Raises ValueError naming the root when it holds no
+    class folder or no image.
+    """
+
+    def __init__(self, root: str | Path, transform=None):
+        self.root, self.transform = Path(root), transform
+        if not self.root.is_dir():
+            raise ValueError(f"{self.root} is not a folder of class folders (ImageFolder layout: ROOT/CLASS/IMAGE)")
+        self.classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir())
+        if not self.classes:
+            raise ValueError(f"{self.root} holds no class folders (ImageFolder layout: ROOT/CLASS/IMAGE)")
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        self.samples = [(path, i) for i, name in enumerate(self.classes) for path in find_images(self.root / name)]
+        if not self.samples:
+            raise ValueError(f"no images found in the class folders of {self.root}; "
+                             f"supported extensions: {', '.join(IMAGE_EXTENSIONS)}")
+        self.targets = [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple:
+        path, label = self.samples[index]
+        try:
+            image = load_pil(path)
+            return (self.transform(image) if self.transform else image), label, str(path)
+        except (ValueError, RuntimeError, OSError) as exc:
+            log.warning("skipped unreadable image %s", exc)
+            return None, label, str(path)

@@ -1,0 +1,101 @@
+"""Reproducible pretraining augmentation and the per-sample generator behind it.
+
+Every random choice for a sample (its crop, its flip, its masking) comes from a generator
+seeded by (run seed, epoch, sample index). A sample is therefore the same whichever worker
+loads it, however many processes share the batch, and after any resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Masker", "denormalize", "sample_generator", "PretrainTransform",
+           "make_item"]
+
+log = logging.getLogger("lomar.data")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Masker = Callable[[torch.Generator], dict[str, torch.Tensor]]
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalised (N, 3, H, W) -> pixels in [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() * std + mean).clamp(0, 1)
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A generator that is a pure function of (seed, epoch, index)."""
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+
+
+class PretrainTransform:
+    """RandomResizedCrop (bicubic, antialiased) + horizontal flip + ImageNet normalisation.
+
+    Crops in uint8 before resizing, so a large image is never copied at full size as floats.
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.2, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True):
+        self.size, self.scale, self.ratio, self.flip = size, scale, ratio, flip
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def crop_box(self, height: int, width: int, gen: torch.Generator) -> tuple[int, int, int, int]:
+        """(top, left, h, w), distributed as torchvision's RandomResizedCrop.get_params."""
+        area = height * width
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            u = torch.rand(3, generator=gen).tolist()
+            target = area * (self.scale[0] + u[0] * (self.scale[1] - self.scale[0]))
+            aspect = math.exp(log_ratio[0] + u[1] * (log_ratio[1] - log_ratio[0]))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, (1,), generator=gen))
+                left = int(torch.randint(0, width - w + 1, (1,), generator=gen))
+                return top, left, h, w
+        # Fallback: central crop at the nearest allowed aspect ratio.
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            w, h = width, int(round(width / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            h, w = height, int(round(height * self.ratio[1]))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """uint8 (3, H, W) -> float32 (3, size, size), normalised."""
+        top, left, h, w = self.crop_box(image.shape[-2], image.shape[-1], gen)
+        from torchvision.transforms.v2 import functional as TF
+
+        crop = TF.resized_crop(image, top, left, h, w, [self.size, self.size],
+                               interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        if self.flip and bool(torch.rand(1, generator=gen) < 0.5):
+            crop = crop.flip(-1)
+        return (crop.float() / 255.0 - self.mean) / self.std
+
+
+def make_item(path: str, decode: Callable[[], torch.Tensor], transform: PretrainTransform,
+              gen: torch.Generator, masker: Masker | None) -> dict:
+    """One pretraining sample: ``{"image": (3, S, S) or None if unreadable, "path", **masker(gen)}``."""
+    try:
+        image = transform(decode(), gen)
+    except (ValueError, RuntimeError, OSError) as exc:
+        log.debug("skipping %s: %s", path, exc)
+        # The size lets the collate shape an all-bad batch as (0, 3, S, S).
+        return {"image": None, "path": path, "size": transform.size}
+    item = {"image": image, "path": path}
+    if masker is not None:
+        item.update(masker(gen))
+    return item

@@ -1,0 +1,175 @@
+"""Frozen-encoder features: loading a pretrained encoder, the evaluation transform, the loaders.
+
+Everything here works on plain ``(images, labels)`` loaders, so the pretraining engine can
+score k-NN every few epochs (``--knn-every``) with :func:`knn_loaders`. Checkpoints of every
+format are read through :mod:`lomar.checkpoints.formats`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from lomar.checkpoints.formats import CLASSIFIER_PREFIXES, drop_final_norm, encoder_weights
+from lomar.data.collate import BadDataTracker, collate_labelled
+from lomar.data.folder import LabelledImageFolder
+from lomar.models.vit import VisionTransformer, ViTConfig
+
+__all__ = ["LoadReport", "load_pretrained_encoder", "eval_transform", "knn_loaders", "extract_features",
+           "Pool"]
+
+Pool = Literal["mean", "cls"]
+_CLASSIFIER = CLASSIFIER_PREFIXES  # a classifier on top of the encoder: new (random) when finetuning
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained_encoder` took, left out and initialised afresh."""
+
+    source: str  # "pretrain checkpoint (lomar)", "exported folder", "original checkpoint (mae)", ...
+    path: str
+    loaded: int = 0  # tensors copied into the encoder
+    fresh: list[str] = field(default_factory=list)  # encoder keys not in the source (new head)
+    dropped: list[str] = field(default_factory=list)  # source keys the encoder does not use
+    notes: list[str] = field(default_factory=list)  # e.g. interpolated position table
+
+    def summary(self) -> str:
+        def short(keys: list[str]) -> str:
+            return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "") if keys else "none"
+
+        text = (f"loaded {self.loaded} tensors from {self.source} {self.path}; "
+                f"newly initialised: {short(self.fresh)}; not used: {short(self.dropped)}")
+        return text + "".join(f"; {note}" for note in self.notes)
+
+
+def _resize_pos_embed(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resize of an absolute table (1, 1+h·w, D) to ``grid``; cls row kept."""
+    side = int(round((table.shape[1] - 1) ** 0.5))
+    spatial = table[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+    spatial = F.interpolate(spatial, size=grid, mode="bicubic", align_corners=False)
+    return torch.cat([table[:, :1], spatial.permute(0, 2, 3, 1).flatten(1, 2).to(table.dtype)], dim=1)
+
+
+def load_pretrained_encoder(path: str | Path, num_classes: int = 0, **overrides) -> VisionTransformer:
+    """An encoder, optionally with a new classifier head, from anything pretrained.
+
+    ``path``: our ``lomar pretrain`` checkpoint (``last.pt``: ``model`` + ``config``; its
+    ``encoder.*`` keys), a ``lomar finetune`` checkpoint, a folder written by ``lomar export``
+    (or a pretraining run folder, which holds ``config.json`` + ``encoder.safetensors``),
+    or an original LoMaR / MAE checkpoint. The pretraining pixel head, mask token, decoder
+    and LoMaR's unused ``pos_embed`` are dropped (SPEC §3). ``overrides`` change the
+    architecture's free settings (``img_size``, ``drop_path``); an absolute position table
+    is interpolated to a new ``img_size``. ``num_classes > 0`` adds ``fc_norm`` + ``head``,
+    freshly initialised unless the source holds a head of the same size.
+
+    Loading is strict about the encoder (any missing or misshapen encoder weight is an
+    error naming it) and non-strict only for the classifier. The returned module carries
+    ``load_report`` (:class:`LoadReport`) saying what was loaded, new and dropped.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; pass a checkpoint file or an exported folder")
+    weights = encoder_weights(path, overrides.get("num_heads"))
+    config, state, dropped, source = weights.config, weights.state, weights.dropped, weights.source
+    unknown = sorted(set(overrides) - set(ViTConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown encoder setting(s) {', '.join(unknown)}")
+    config = replace(config, **overrides)
+    model = VisionTransformer(config, num_classes=num_classes)
+    report = LoadReport(source, str(path), dropped=list(dropped))
+    own = model.state_dict()
+    state = dict(state)
+    # A finetuned classifier has no final norm (it pools into fc_norm): as a plain encoder
+    # it gets a fresh, identity-initialised one.
+    from_classifier = any(k.startswith("fc_norm.") for k in state)
+    for key in [k for k in state if k.startswith(_CLASSIFIER)]:
+        if key not in own or own[key].shape != state[key].shape:  # another task's head
+            report.dropped.append(key)
+            del state[key]
+    if num_classes:
+        state, unused = drop_final_norm(state)
+        report.dropped.extend(unused)
+    if "pos_embed" in state:
+        if model.pos_embed is None:  # e.g. an abs-trained table offered to an RPE encoder
+            report.dropped.append("pos_embed")
+            del state["pos_embed"]
+        elif state["pos_embed"].shape != own["pos_embed"].shape:
+            state["pos_embed"] = _resize_pos_embed(state["pos_embed"], model.grid)
+            report.notes.append(f"position table interpolated to the {model.grid[0]}x{model.grid[1]} grid")
+    bad_shapes = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if bad_shapes:
+        k = bad_shapes[0]
+        raise ValueError(f"{path}: {k} has shape {tuple(state[k].shape)} but the encoder expects "
+                         f"{tuple(own[k].shape)}; the overrides do not fit these weights")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    not_classifier = [k for k in missing if not k.startswith(_CLASSIFIER)
+                      and not (from_classifier and k.startswith("norm."))]
+    if not_classifier or unexpected:
+        raise ValueError(f"{path} does not hold a complete encoder for {config}: missing "
+                         f"{not_classifier or 'nothing'}, unexpected {unexpected or 'nothing'}")
+    report.loaded, report.fresh = len(state), list(missing)
+    model.load_report = report
+    return model
+
+
+def eval_transform(img_size: int):
+    """Resize the short side to img_size/0.875 (bicubic), centre-crop, ImageNet-normalise."""
+    from torchvision.transforms import v2
+
+    from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    return v2.Compose([v2.ToImage(), v2.RGB(),
+                       v2.Resize(int(round(img_size / 0.875)), interpolation=v2.InterpolationMode.BICUBIC,
+                                 antialias=True),
+                       v2.CenterCrop(img_size), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def knn_loaders(train: str | Path, val: str | Path | None = None, img_size: int = 224, batch_size: int = 128,
+                workers: int = 4) -> tuple[DataLoader, DataLoader]:
+    """(train, val) loaders of class-folder splits with :func:`eval_transform`, unshuffled.
+
+    ``train`` alone is a root holding ``train/`` and ``val/``. Unreadable images are skipped
+    (each batch is a :class:`lomar.data.collate.LabelledBatch` naming them). Raises ValueError
+    naming a missing split or a class mismatch.
+    """
+    roots = (Path(train), Path(val)) if val is not None else (Path(train) / "train", Path(train) / "val")
+    sets = [LabelledImageFolder(root, eval_transform(img_size)) for root in roots]
+    if sets[0].classes != sets[1].classes:
+        raise ValueError(f"train and val class folders differ: {sets[0].classes} vs {sets[1].classes}")
+    return tuple(DataLoader(s, batch_size, shuffle=False, num_workers=workers,  # type: ignore[return-value]
+                            collate_fn=collate_labelled) for s in sets)
+
+
+@torch.no_grad()
+def extract_features(encoder: VisionTransformer, loader, device: torch.device | str = "cpu",
+                     pool: Pool = "mean", bad: BadDataTracker | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen features of every image: (N, D) float32 on CPU, and (N,) labels.
+
+    ``pool='mean'`` (default) averages the normed patch tokens; ``'cls'`` takes the normed
+    cls token. LoMaR never gives the cls token a summarising role (each sequence only
+    reconstructs its own window, and the cls output is dropped), so the mean is the fair
+    feature for both methods; MAE's own linear probe reads the cls token. Unreadable images
+    (batches from :func:`knn_loaders`) are skipped and, with ``bad``, counted there.
+    """
+    was_training = encoder.training
+    encoder.eval()
+    feats, labels = [], []
+    try:
+        for batch in loader:
+            images, targets = batch[0], batch[1]
+            if bad is not None:
+                bad.update(list(getattr(batch, "bad", [])), len(targets) + len(getattr(batch, "bad", [])))
+            if len(targets) == 0:  # every image of the batch was unreadable
+                continue
+            tokens = encoder.forward_features(images.to(device, non_blocking=True))  # (B, 1+L, D)
+            feats.append((tokens[:, 1:].mean(dim=1) if pool == "mean" else tokens[:, 0]).float().cpu())
+            labels.append(torch.as_tensor(targets).cpu())
+    finally:
+        encoder.train(was_training)
+    return torch.cat(feats), torch.cat(labels)

@@ -1,0 +1,63 @@
+"""k-NN classification on frozen features (weighted votes, as in InstDisc / DINO)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lomar.eval.features import Pool, extract_features, knn_loaders
+from lomar.models.vit import VisionTransformer
+
+__all__ = ["knn_predict", "knn_accuracy", "KnnMonitor"]
+
+
+def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query: torch.Tensor,
+                num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Cosine k-NN with exp(sim / T)-weighted votes (InstDisc / DINO): class scores (Q, C).
+
+    train_feats (M, D), train_labels (M,) in [0, C), query (Q, D); computed on the device of
+    ``train_feats``, ``chunk`` queries at a time so memory stays O(chunk · M).
+    """
+    bank = F.normalize(train_feats.float(), dim=1)
+    labels = train_labels.to(bank.device)
+    k = min(k, bank.shape[0])
+    scores = []
+    for start in range(0, query.shape[0], chunk):
+        q = F.normalize(query[start:start + chunk].to(bank.device).float(), dim=1)
+        sim, idx = (q @ bank.T).topk(k, dim=1)  # (q, k)
+        votes = torch.zeros(q.shape[0], num_classes, device=bank.device)
+        votes.scatter_add_(1, labels[idx], (sim / temperature).exp())
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+def knn_accuracy(encoder: VisionTransformer, train_loader, val_loader, k: int = 20, temperature: float = 0.07,
+                 device: torch.device | str = "cpu", pool: Pool = "mean") -> float:
+    """Top-1 in [0, 1] of a k-NN classifier on frozen features, train -> val.
+
+    Leaves the encoder in the train/eval mode it had. Call it on one process only.
+    """
+    train_x, train_y = extract_features(encoder, train_loader, device, pool)
+    val_x, val_y = extract_features(encoder, val_loader, device, pool)
+    classes = int(max(train_y.max(), val_y.max())) + 1
+    dev = torch.device(device)
+    pred = knn_predict(train_x.to(dev), train_y, val_x, classes, k, temperature).argmax(dim=1).cpu()
+    return float((pred == val_y).float().mean())
+
+
+class KnnMonitor:
+    """k-NN top-1 of an encoder on a fixed ImageFolder root, for ``pretrain --knn-every N``.
+
+    Build it once (on the main process; it checks the folders at once and raises ValueError
+    naming what is wrong), then call it with the encoder whenever a score is wanted.
+    """
+
+    def __init__(self, root: str | Path, img_size: int, batch_size: int = 128, workers: int = 2,
+                 k: int = 20, temperature: float = 0.07):
+        self.loaders = knn_loaders(root, img_size=img_size, batch_size=batch_size, workers=workers)
+        self.k, self.temperature = k, temperature
+
+    def __call__(self, encoder: VisionTransformer, device: torch.device | str = "cpu") -> float:
+        return knn_accuracy(encoder, *self.loaders, k=self.k, temperature=self.temperature, device=device)

@@ -1,0 +1,189 @@
+"""One checkpoint-reading path: format detection, the reader registry, export validation, atomic writes."""
+
+import json
+import os
+import re
+import stat
+
+import pytest
+import torch
+
+from lomar import LoMaR, VisionTransformer, ViTConfig, export_encoder
+from lomar.checkpoints import formats
+from lomar.checkpoints.convert import pretrain_checkpoint
+from lomar.checkpoints.export import create_encoder, expected_shapes, read_export
+from lomar.checkpoints.formats import lomar_to_original
+from lomar.checkpoints.io import atomic_save, atomic_write_text, safe_load
+from lomar.cli.app import main
+from lomar.errors import UsageError
+
+
+class Custom:
+    """A class a weights-only load refuses."""
+
+
+VIT = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """The same tiny LoMaR as each format lomar reads."""
+    root = tmp_path_factory.mktemp("formats")
+    torch.manual_seed(0)
+    model = LoMaR(VIT, window_size=3, num_windows=2)
+    atomic_save(pretrain_checkpoint(model), root / "pretrain.pt")
+    atomic_save({"model": lomar_to_original(model.state_dict())}, root / "original.pth")
+    classifier = VisionTransformer(VIT, num_classes=3)
+    atomic_save(pretrain_checkpoint(classifier), root / "classifier.pt")
+    export_encoder(model.encoder, root / "export")
+    return model, root
+
+
+@pytest.mark.parametrize("name, fmt, kind", [
+    ("pretrain.pt", "lomar-pretrain", LoMaR),
+    ("original.pth", "original-lomar", LoMaR),
+    ("classifier.pt", "lomar-vit", VisionTransformer),
+    ("export", "export", VisionTransformer),
+])
+def test_each_format_is_detected_once_and_read(sources, name, fmt, kind):
+    model, root = sources
+    reader, src = formats.read(root / name)
+    assert src.format == fmt == reader.name
+    assert isinstance(formats.load_model(root / name), kind)
+    weights = formats.encoder_weights(root / name)
+    if fmt != "lomar-vit":  # the classifier is another network
+        for key, value in model.encoder.state_dict().items():
+            if key != "pos_embed":
+                assert torch.equal(weights.state[key], value), key
+
+
+def test_a_new_reader_slots_in_with_one_registration(tmp_path, monkeypatch):
+    """How BEiT's original checkpoint is added: one Reader, registered before the LoMaR fallback."""
+    class Fake(formats.Reader):
+        name = "original-fake"
+
+        def detect(self, data, state):
+            return "lm_head.weight" in state
+
+        def model(self, src, overrides):
+            return "fake model"
+
+    monkeypatch.setattr(formats, "_READERS", list(formats._READERS))
+    formats.register(Fake(), 60)
+    state = {"lm_head.weight": torch.zeros(2, 2), "patch_embed.proj.weight": torch.zeros(4, 3, 2, 2)}
+    atomic_save({"model": state}, tmp_path / "beit.pth")
+    assert formats.load_model(tmp_path / "beit.pth") == "fake model"
+
+
+def test_unknown_format_is_named(tmp_path):
+    atomic_save({"model": {"foo.weight": torch.zeros(1)}}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match=r"x.pt is in no format lomar reads \(keys: foo.weight"):
+        formats.read(tmp_path / "x.pt")
+
+
+def test_text_file_and_unsafe_pickle_messages(tmp_path):
+    (tmp_path / "afile.txt").write_text("hello")
+    with pytest.raises(ValueError, match="afile.txt: it is a text file, expected a PyTorch checkpoint"):
+        safe_load(tmp_path / "afile.txt")
+
+    torch.save({"model": {}, "thing": Custom()}, tmp_path / "custom.pt")
+    with pytest.raises(ValueError) as info:
+        safe_load(tmp_path / "custom.pt")
+    message = str(info.value)
+    assert "\x1b" not in message and "\n" not in message and "weights-only" in message
+
+
+@pytest.mark.parametrize("config", [
+    VIT, ViTConfig(img_size=(32, 48), patch_size=16, embed_dim=24, depth=1, num_heads=3, mlp_ratio=2.5, pos="abs"),
+    ViTConfig(img_size=16, patch_size=8, embed_dim=8, depth=3, num_heads=1, pos="none"),
+])
+@pytest.mark.parametrize("num_classes", [0, 5])
+def test_expected_shapes_match_the_real_model(config, num_classes):
+    real = {k: tuple(v.shape) for k, v in VisionTransformer(config, num_classes=num_classes).state_dict().items()}
+    assert expected_shapes(config, num_classes) == real
+
+
+def _export(tmp_path):
+    torch.manual_seed(0)
+    out = tmp_path / "exp"
+    export_encoder(VisionTransformer(VIT), out)
+    return out
+
+
+def _edit(folder, **changes):
+    data = json.loads((folder / "config.json").read_text())
+    data.update(changes)
+    (folder / "config.json").write_text(json.dumps(data))
+
+
+# Crafted export folders: each must be refused in one line before any model is built.
+BAD_EXPORTS = [
+    ("huge depth", lambda d: _edit(d, depth=1_000_000), "depth must be an int in [1, 64]"),
+    ("string width", lambda d: _edit(d, embed_dim="32"), "embed_dim must be an int"),
+    ("bool heads", lambda d: _edit(d, num_heads=True), "num_heads must be an int"),
+    ("width over heads", lambda d: _edit(d, num_heads=3), "not divisible by num_heads 3"),
+    ("huge width", lambda d: _edit(d, embed_dim=100_000), "embed_dim must be an int in [1, 8192]"),
+    ("odd image size", lambda d: _edit(d, img_size=30), "not a multiple of patch_size"),
+    ("zero patch", lambda d: _edit(d, patch_size=0), "patch_size must be an int"),
+    ("bad pos", lambda d: _edit(d, pos="learned"), "pos must be"),
+    ("nan mlp", lambda d: (d / "config.json").write_text((d / "config.json").read_text().replace(
+        '"mlp_ratio": 4.0', '"mlp_ratio": NaN')), "mlp_ratio must be a number"),
+    ("weights outside", lambda d: _edit(d, weights="../x.safetensors"), "weights must be a file name"),
+    ("not json", lambda d: (d / "config.json").write_text("{oops"), "is not valid JSON"),
+    ("json list", lambda d: (d / "config.json").write_text("[1]"), "expected an object"),
+    ("not safetensors", lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 64), "is not a safetensors file"),
+    ("pickle weights", lambda d: torch.save({"a": torch.zeros(1)}, d / "model.safetensors"), "not a safetensors"),
+    ("wrong depth", lambda d: _edit(d, depth=3), "does not match"),
+    ("missing weights", lambda d: (d / "model.safetensors").unlink(), "not found"),
+]
+
+
+@pytest.mark.parametrize("name, corrupt, words", BAD_EXPORTS, ids=[b[0] for b in BAD_EXPORTS])
+def test_bad_export_folders_are_refused_before_building(tmp_path, name, corrupt, words, monkeypatch, capsys):
+    folder = _export(tmp_path)
+    corrupt(folder)
+    built = []
+    monkeypatch.setattr(VisionTransformer, "__init__", lambda *a, **k: built.append(1) or 1 / 0)
+    with pytest.raises(UsageError, match=re.escape(words)):
+        create_encoder(folder)
+    assert not built
+    monkeypatch.undo()
+    assert main(["export", str(folder), "--to", str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_read_export_accepts_a_new_head(tmp_path):
+    folder = _export(tmp_path)
+    config, num_classes, _ = read_export(folder, num_classes=4)
+    assert num_classes == 4 and create_encoder(folder, num_classes=4).head.out_features == 4
+
+
+def test_export_files_are_0644_and_an_unrelated_config_is_kept(tmp_path):
+    folder = _export(tmp_path)
+    for name in ("model.safetensors", "config.json"):
+        assert stat.S_IMODE(os.stat(folder / name).st_mode) == 0o644
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text('{"name": "my project"}')
+    with pytest.raises(UsageError, match="is not a lomar export; pass --overwrite"):
+        export_encoder(VisionTransformer(VIT), other)
+    assert main(["export", str(folder), "--to", str(other)]) == 2
+    assert json.loads((other / "config.json").read_text()) == {"name": "my project"}
+    assert not (other / "model.safetensors").exists()
+    export_encoder(VisionTransformer(VIT), folder)  # our own export: replaced without asking
+    export_encoder(VisionTransformer(VIT), other, overwrite=True)
+    assert "architecture" in json.loads((other / "config.json").read_text())
+
+
+def test_atomic_write_leaves_no_temporary_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "result.json"
+    atomic_write_text(target, "old")
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError):
+        atomic_write_text(target, "new")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["result.json"]

@@ -1,0 +1,140 @@
+"""Reliability of the data layer: pixel limit, clear decode errors, symlinks, labelled folders, shards."""
+
+import logging
+import struct
+import tarfile
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from lomar.data.collate import collate_labelled, collate_labelled_refill
+from lomar.data.decode import decode_bytes, load_image, max_image_pixels
+from lomar.data.folder import LabelledImageFolder, build_image_list, find_images
+from lomar.data.shards import TarShardDataset
+from lomar.data.transforms import PretrainTransform
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (the pixel data is a few bytes): a decompression bomb's shape."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def _png(path, size=(20, 30), seed=0):
+    Image.fromarray((np.random.RandomState(seed).rand(*size, 3) * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def test_a_huge_image_is_refused_from_its_header(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header(20000, 20000))
+    with pytest.raises(ValueError, match=r"bomb.png: (20000x20000 = )?400,000,000 pixels is over the limit"):
+        load_image(bomb)
+
+
+def test_the_pixel_limit_is_per_call_or_from_the_environment(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    before = PILImage.MAX_IMAGE_PIXELS
+    path = _png(tmp_path / "small.png", (20, 30))
+    assert load_image(path).shape == (3, 20, 30)
+    with pytest.raises(ValueError, match="small.png: 30x20 = 600 pixels is over the limit of 599"):
+        load_image(path, max_pixels=599)
+    monkeypatch.setenv("LOMAR_MAX_IMAGE_PIXELS", "100")
+    assert max_image_pixels() == 100
+    with pytest.raises(ValueError, match="over the limit of 100; shrink it or raise LOMAR_MAX_IMAGE_PIXELS"):
+        load_image(path)
+    monkeypatch.setenv("LOMAR_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(ValueError, match="LOMAR_MAX_IMAGE_PIXELS must be a positive integer, got 'lots'"):
+        max_image_pixels()
+    assert PILImage.MAX_IMAGE_PIXELS == before  # no global state changed
+
+
+@pytest.mark.parametrize("data, words", [
+    (b"", "the file is empty"),
+    (b"this is not an image at all", "not an image format"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 20, "cannot decode image photo.png"),
+])
+def test_undecodable_bytes_name_the_file(data, words):
+    with pytest.raises(ValueError, match=words) as info:
+        decode_bytes(data, "photo.png")
+    assert "BytesIO" not in str(info.value) and "photo.png" in str(info.value)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "symlink"), reason="needs symlinks")
+def test_symlinked_folders_are_followed_once_and_dangling_links_kept(tmp_path, caplog):
+    root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    (root / "a").mkdir(parents=True)
+    elsewhere.mkdir()
+    _png(root / "a" / "one.png")
+    _png(elsewhere / "two.png")
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (root / "a" / "loop").symlink_to(root, target_is_directory=True)  # back to an ancestor
+    (root / "gone.png").symlink_to(tmp_path / "missing.png")
+    with caplog.at_level(logging.WARNING, logger="lomar.data"):
+        found = find_images(root)
+    names = [p.relative_to(root).as_posix() for p in found]
+    assert names == ["a/one.png", "gone.png", "linked/two.png"]
+    assert "loop" in caplog.text
+    assert build_image_list(root) == found
+    with pytest.raises(ValueError, match="cannot read .*gone.png"):
+        load_image(root / "gone.png")
+
+
+def test_labelled_folder_skips_and_reports_unreadable_images(tmp_path):
+    for label in ("cat", "dog"):
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            _png(tmp_path / label / f"{i}.png", seed=i)
+    (tmp_path / "dog" / "broken.png").write_bytes(b"garbage")
+    to_tensor = lambda img: torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+    dataset = LabelledImageFolder(tmp_path, to_tensor)
+    assert dataset.classes == ["cat", "dog"] and len(dataset) == 7
+    batches = list(DataLoader(dataset, batch_size=4, collate_fn=collate_labelled))
+    assert sum(len(b[1]) for b in batches) == 6
+    assert [p for b in batches for p in b.bad] == [str(tmp_path / "dog" / "broken.png")]
+    images, targets = next(iter(DataLoader(dataset, batch_size=7, collate_fn=collate_labelled_refill)))
+    assert images.shape[0] == targets.shape[0] == 7  # a training batch keeps its size (mixup pairs)
+
+
+def test_labelled_batches_keep_their_bad_list_through_workers(tmp_path):
+    (tmp_path / "only").mkdir()
+    _png(tmp_path / "only" / "good.png")
+    (tmp_path / "only" / "bad.png").write_bytes(b"x")
+    loader = DataLoader(LabelledImageFolder(tmp_path, lambda img: torch.zeros(1)), batch_size=2, num_workers=1,
+                        collate_fn=collate_labelled)
+    (batch,) = list(loader)
+    assert batch.bad == [str(tmp_path / "only" / "bad.png")] and batch[1].tolist() == [0]
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda root: None, "is not a folder of class folders"),
+    (lambda root: root.mkdir(), "holds no class folders"),
+    (lambda root: (root / "empty").mkdir(parents=True), "no images found in the class folders"),
+])
+def test_labelled_folder_bad_roots(tmp_path, make, words):
+    make(tmp_path / "root")
+    with pytest.raises(ValueError, match=words):
+        LabelledImageFolder(tmp_path / "root")
+
+
+def test_a_damaged_shard_is_reported_once_and_counted(tmp_path, caplog):
+    good = tmp_path / "a.tar"
+    with tarfile.open(good, "w") as archive:
+        archive.add(_png(tmp_path / "x.png"), arcname="x.png")
+    (tmp_path / "b.tar").write_bytes(b"not a tar file" * 100)
+    dataset = TarShardDataset([good, tmp_path / "b.tar"], PretrainTransform(16), shuffle_buffer=1)
+    with caplog.at_level(logging.DEBUG, logger="lomar.data"):
+        assert dataset.count_samples() == 1
+        items = list(dataset) + list(dataset)
+    assert len(items) == 2 and list(dataset.damaged) == [str(tmp_path / "b.tar")]
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "b.tar" in warnings[0].getMessage()

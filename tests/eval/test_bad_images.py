@@ -1,0 +1,56 @@
+"""knn, linprobe and finetune skip an unreadable image (as pretraining does) instead of crashing."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lomar import VisionTransformer, ViTConfig, export_encoder
+from lomar.cli.app import main
+from lomar.data.collate import BadDataTracker
+from lomar.eval.features import extract_features, knn_loaders
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """An exported tiny encoder and a train/val class-folder root with one broken file per split."""
+    root = tmp_path_factory.mktemp("bad")
+    torch.manual_seed(0)
+    export_encoder(VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)),
+                   root / "enc")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("val", 2)):
+        for label in ("a", "b"):
+            folder = root / "data" / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (root / "data" / split / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return root
+
+
+def test_features_skip_and_count_unreadable_images(setup):
+    train, val = knn_loaders(setup / "data", img_size=32, batch_size=3, workers=0)
+    encoder = VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2))
+    bad = BadDataTracker(total=len(train.dataset))
+    feats, labels = extract_features(encoder, train, bad=bad)
+    assert feats.shape == (8, 32) and labels.tolist() == [0] * 4 + [1] * 4
+    assert bad.count == 1 and bad.seen == 9 and "broken.png" in next(iter(bad.bad))
+
+
+@pytest.mark.parametrize("command, extra", [("knn", ["--k", "3"]), ("linprobe", ["--epochs", "2"])])
+def test_probe_commands_survive_a_broken_image(setup, tmp_path, command, extra):
+    out = tmp_path / "r.json"
+    assert main([command, str(setup / "enc"), "--data", str(setup / "data"), "--img-size", "32", "--workers", "0",
+                 "--device", "cpu", "--json", str(out), *extra]) == 0
+    assert json.loads(out.read_text())["val_images"] == 4
+
+
+def test_finetune_survives_a_broken_image(setup, tmp_path):
+    args = ["finetune", "--pretrained", str(setup / "enc"), "--data", str(setup / "data"), "--img-size", "32",
+            "--batch-size", "4", "--workers", "0", "--out", str(tmp_path / "ft"), "--device", "cpu",
+            "--epochs", "1"]
+    assert main(args) == 0
+    assert (tmp_path / "ft" / "last.pt").is_file()
