@@ -15,7 +15,7 @@ from lomar.errors import UsageError
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("bench", "lomar.cli.bench", "time LoMaR vs MAE training steps across image sizes on this machine"),
     ("pretrain", "lomar.cli.pretrain", "pretrain an encoder with LoMaR or MAE (no arguments: a demo on CPU)"),
-    ("finetune", "lomar.train.finetune", "finetune a pretrained encoder for classification (original recipe)"),
+    ("finetune", "lomar.cli.finetune", "finetune a pretrained encoder for classification (original recipe)"),
     ("linprobe", "lomar.cli.probe:linprobe", "linear probe (BatchNorm + linear) on frozen features"),
     ("knn", "lomar.cli.probe:knn", "cosine k-NN accuracy of frozen features"),
     ("export", "lomar.cli.export", "write a checkpoint's encoder as model.safetensors + config.json (timm-ready)"),
