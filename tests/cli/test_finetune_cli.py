@@ -130,3 +130,24 @@ def test_finetune_refuses_a_locked_folder_and_an_older_resume(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert "would rewind" in err and err.count("\n") == 1
     assert safe_load(out / "last.pt")["step"] == 4
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, capsys, pretrained, folder, monkeypatch):
+    import errno
+
+    out = tmp_path / "ft"
+    assert main([*_args(pretrained, folder, out), "--epochs", "2", "--max-steps", "1"]) == 0
+    before = (out / "last.pt").read_bytes()
+
+    def no_space(obj, handle, *args, **kwargs):
+        handle.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("lomar.checkpoints.io.torch.save", no_space)
+    capsys.readouterr()
+    assert main([*_args(pretrained, folder, out), "--epochs", "2", "--max-steps", "2", "--resume", "auto"]) == 1
+    err = capsys.readouterr().err
+    assert "no space left" in err and "last.pt is intact" in err and err.count("\n") == 1
+    monkeypatch.undo()
+    assert (out / "last.pt").read_bytes() == before
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]

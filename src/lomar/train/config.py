@@ -15,15 +15,16 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from lomar.models.masking import check_window_request, grid_size
-from lomar.models.vit import ViTConfig, model_config
 from lomar.train.runtime import default_workers
 from lomar.train.settings import (ConfigError, add_dataclass_arguments, coerce_all, explicit_values, read_yaml,
                                   resume_values)
+
+if TYPE_CHECKING:
+    from lomar.models.vit import ViTConfig
 
 __all__ = ["PretrainConfig", "DEMO_PRESET", "add_config_arguments", "resolve_config", "build_model",
            "vit_config", "ConfigError"]
@@ -202,6 +203,8 @@ def _resume_values(saved: dict[str, Any], source: str, explicit: dict[str, Any])
 
 
 def vit_config(config: PretrainConfig) -> ViTConfig:
+    from lomar.models.vit import model_config  # torch: imported when a config is resolved, not for --help
+
     overrides = {k: getattr(config, k) for k in ("embed_dim", "depth", "num_heads", "patch_size")
                  if getattr(config, k) is not None}
     try:
@@ -220,6 +223,8 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
             raise ConfigError(f"--{name} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
     if config.method == "mae" and config.pos != "abs":
         raise ConfigError(f"--method mae needs --pos abs (got {config.pos})")
+    from lomar.models.masking import check_window_request, grid_size
+
     vit = vit_config(config)
     if vit.embed_dim % vit.num_heads:
         raise ConfigError(f"--embed-dim {vit.embed_dim} is not divisible by --num-heads {vit.num_heads}")

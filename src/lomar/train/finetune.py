@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
-from lomar.checkpoints.io import atomic_save, safe_load
+from lomar.checkpoints.io import safe_load
 from lomar.data.images import IMAGENET_MEAN, IMAGENET_STD
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError
@@ -33,7 +33,7 @@ from lomar.train.finetune_config import FinetuneConfig, dump_finetune_config, sp
 from lomar.train.preemption import StopFlag, any_rank_stopping, ignore_stop_signals, shut_down_workers
 from lomar.train.run_state import (RunLock, autocast_factory, check_no_rewind, find_resume_checkpoint,
                                    remove_stale_temporaries, resolve_precision, rng_state, save_checkpoint,
-                                   set_rng_state, truncate_metrics)
+                                   save_state, set_rng_state, truncate_metrics)
 from lomar.train.runtime import default_threads, fast_adamw
 from lomar.train.schedule import lr_at
 
@@ -195,8 +195,8 @@ class FinetuneRun:
                  "settings": self.config.to_dict(), "rng": rng_state(), "format": "lomar-finetune-1"}
         if metrics is not None and metrics["top1"] >= self.best:
             self.best = state["best_top1"] = metrics["top1"]
-            atomic_save({k: state[k] for k in ("model", "config", "num_classes", "classes", "epoch", "step",
-                                               "format")} | {"metrics": metrics}, self.out / "best.pt")
+            save_state({k: state[k] for k in ("model", "config", "num_classes", "classes", "epoch", "step",
+                                              "format")} | {"metrics": metrics}, self.out / "best.pt")
         save_checkpoint(state, self.out)
 
     # ---- training ------------------------------------------------------------------

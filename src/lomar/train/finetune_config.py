@@ -145,7 +145,8 @@ def _saved_settings(explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | No
     if not {"optimizer", "batches_done", "best_top1"} <= set(ckpt):
         raise ConfigError(f"--resume {path} is not a `lomar finetune` checkpoint; to start from pretrained "
                           f"weights pass them as --pretrained")
-    settings = ckpt.get("settings") if isinstance(ckpt.get("settings"), dict) else {}
+    # "args": the settings as runs before FinetuneConfig saved them
+    settings = next((ckpt[k] for k in ("settings", "args") if isinstance(ckpt.get(k), dict)), {})
     saved = coerce_all(FinetuneConfig, settings, str(path), strict=False)
     if "out" not in explicit:  # a checkpoint resumes into its own folder unless told otherwise
         saved["out"] = str(path.parent)

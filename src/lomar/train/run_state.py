@@ -22,9 +22,10 @@ import torch
 from lomar.checkpoints.io import atomic_save, safe_load
 from lomar.errors import LomarError, UsageError
 
-__all__ = ["RunLock", "SaveError", "rng_state", "set_rng_state", "checkpoints_to_prune", "save_checkpoint",
-           "truncate_metrics", "remove_stale_temporaries", "find_resume_checkpoint", "checkpoint_step",
-           "check_no_rewind", "check_out_folder", "autocast_factory", "resolve_precision"]
+__all__ = ["RunLock", "SaveError", "save_state", "rng_state", "set_rng_state", "checkpoints_to_prune",
+           "save_checkpoint", "truncate_metrics", "remove_stale_temporaries", "find_resume_checkpoint",
+           "checkpoint_step", "check_no_rewind", "remove_newer_checkpoints", "check_out_folder",
+           "autocast_factory", "resolve_precision"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.pt$")
 _TMP = re.compile(r"^\..+\.tmp(-(\d+))?$")
@@ -73,7 +74,9 @@ def checkpoints_to_prune(paths: list[Path], keep: int) -> list[Path]:
     return sorted(ours, key=lambda f: int(_CHECKPOINT.match(f.name)[1]))[:-keep]
 
 
-def _write(state: dict, path: Path, previous: Path) -> None:
+def save_state(state: dict, path: Path, previous: Path | None = None) -> None:
+    """``atomic_save``, with a full disk reported as SaveError naming ``previous`` (the state kept)."""
+    previous = previous or path
     try:
         atomic_save(state, path)
     except OSError as exc:
@@ -92,8 +95,8 @@ def save_checkpoint(state: dict, out: Path, step: int | None = None, keep_last: 
     last = out / "last.pt"
     if step is not None:
         path = out / f"checkpoint-{step:06d}.pt"
-        _write(state, path, last)
-    _write(state, last, last)
+        save_state(state, path, last)
+    save_state(state, last, last)
     if step is not None:
         for old in checkpoints_to_prune(list(out.glob("checkpoint-*.pt")), keep_last):
             if old.name != path.name:
