@@ -196,7 +196,8 @@ class FinetuneRun:
         if metrics is not None and metrics["top1"] >= self.best:
             self.best = state["best_top1"] = metrics["top1"]
             save_state({k: state[k] for k in ("model", "config", "num_classes", "classes", "epoch", "step",
-                                              "format")} | {"metrics": metrics}, self.out / "best.pt")
+                                              "format")} | {"metrics": metrics}, self.out / "best.pt",
+                       previous=self.out / "last.pt")
         save_checkpoint(state, self.out)
 
     # ---- training ------------------------------------------------------------------
