@@ -9,6 +9,10 @@ from helpers import write_images
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts subprocesses or torchrun (make test-fast skips them)")
+
+
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib.util
 import subprocess
 import sys
 
@@ -180,12 +179,8 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
 
 
-# pretrain's flags come from lomar.train.config (another module's help table); finetune's from its own module
-_HELP_OWNED_ELSEWHERE = {"pretrain", "finetune"}
-
-
 @pytest.mark.parametrize("command", [name for name, _, _ in app.SUBCOMMANDS])
-def test_every_flag_has_help_with_its_default(command, request):
+def test_every_flag_has_help_with_its_default(command):
     sub = _subparsers()[command]
     formatter = sub._get_formatter()
     missing = []
@@ -198,8 +193,6 @@ def test_every_flag_has_help_with_its_default(command, request):
         elif (action.option_strings and not action.required and action.nargs != 0
               and "default" not in formatter._get_help_string(action).lower()):
             missing.append(f"{name}: no default shown")
-    if missing and command in _HELP_OWNED_ELSEWHERE:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="help lines of a module owned elsewhere"))
     assert not missing, missing
 
 
@@ -217,8 +210,6 @@ def _torch_free(code: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("lomar.cli.finetune") is None,
-                    reason="finetune's command module is not in lomar.cli yet (it still lives in lomar.train)")
 def test_building_the_parser_imports_no_torch():
     result = _torch_free("import lomar.cli.app, sys; lomar.cli.app.build_parser(); "
                          "assert 'torch' not in sys.modules")

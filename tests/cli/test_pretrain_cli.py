@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import TINY, pretrain
+from helpers import TINY, losses, pretrain
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
 
@@ -178,3 +179,142 @@ def test_torchrun_two_processes_match_one_process_with_the_global_batch(tmp_path
 def test_bare_resume_means_auto(tmp_path, capsys):
     assert main(["pretrain", "--out", str(tmp_path / "r"), "--resume", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["resume"] == "auto"
+
+
+# ---- run-folder safety ---------------------------------------------------------------
+
+def _bad_out(tmp_path, kind: str) -> str:
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    return str(afile if kind == "file" else afile / "sub")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--blr", "nan"], "--blr must be a finite number"),
+    (["--workers", "-1"], "--workers must be >= 0"),
+    (["--threads", "0"], "--threads must be positive"),
+    (["--resume", "auto", "--out", None], "--resume auto needs --out"),
+    (["--out", "file"], "is a file"),
+    (["--out", "under a file"], "which is a file"),
+])
+def test_bad_invocations_are_one_line_and_create_no_folder(tmp_path, capsys, image_dir, flags, message):
+    out = tmp_path / "run"
+    flags = list(flags)
+    if "--out" in flags:
+        i = flags.index("--out")
+        if flags[i + 1] is None:
+            del flags[i:i + 2]
+        else:
+            flags[i + 1] = _bad_out(tmp_path, flags[i + 1])
+    else:
+        flags += ["--out", str(out)]
+    before = set(tmp_path.iterdir())
+    code = main(["pretrain", *TINY, "--data", str(image_dir), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert set(tmp_path.iterdir()) == before and not out.exists() and not Path("runs").exists()
+
+
+def test_a_locked_run_folder_refuses_a_second_run(tmp_path, capsys, image_dir):
+    from lomar.train.run_state import RunLock
+
+    out = tmp_path / "run"
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "1") == 0
+    capsys.readouterr()
+    with RunLock(out):  # another run holds the folder
+        for extra in (["--resume", "auto", "--max-steps", "2"], ["--overwrite"]):
+            assert pretrain("--data", str(image_dir), "--out", str(out), *extra) == 2
+            err = capsys.readouterr().err
+            assert "is in use by another run" in err and err.count("\n") == 1
+    assert safe_load(out / "last.pt")["step"] == 1
+
+
+def test_resume_never_rewinds_a_folder_with_newer_state(tmp_path, capsys, image_dir):
+    out, branch = tmp_path / "run", tmp_path / "branch"
+    # 16 images, batch 4: 4 steps per epoch; checkpoints at steps 4 and 8
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--save-every", "1", "--keep-last", "5") == 0
+    old = out / "checkpoint-000004.pt"
+    metrics = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(old), "--max-steps", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "would rewind" in err and "step 8" in err and err.count("\n") == 1
+    assert safe_load(out / "last.pt")["step"] == 8 and (out / "metrics.jsonl").read_text() == metrics
+    assert old.exists() and (out / "checkpoint-000008.pt").exists()
+    # --out elsewhere branches off: the new run is written there, the old one untouched
+    assert main(["pretrain", "--resume", str(old), "--max-steps", "6", "--out", str(branch)]) == 0
+    assert safe_load(branch / "last.pt")["step"] == 6 and len(losses(branch)) == 2
+    assert safe_load(out / "last.pt")["step"] == 8
+    # --overwrite rewinds on purpose, and drops the history past the checkpoint
+    assert main(["pretrain", "--resume", str(old), "--max-steps", "6", "--overwrite"]) == 0
+    assert safe_load(out / "last.pt")["step"] == 6 and len(losses(out)) == 6
+    assert not (out / "checkpoint-000008.pt").exists()
+
+
+def test_resume_auto_without_last_pt_uses_the_newest_intact_checkpoint(tmp_path, capsys, image_dir):
+    out = tmp_path / "run"
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--epochs", "3", "--save-every", "1",
+                    "--keep-last", "5") == 0
+    (out / "last.pt").unlink()  # what a full disk can leave
+    (out / "checkpoint-000012.pt").write_bytes(b"cut short")
+    stale = out / ".checkpoint-000012.pt.tmp-999999"
+    stale.write_bytes(b"a writer killed mid-write")
+    capsys.readouterr()
+    assert main(["pretrain", "--out", str(out), "--resume", "auto", "--max-steps", "10"]) == 0
+    printed = capsys.readouterr().out
+    assert "last.pt is missing" in printed and "checkpoint-000012.pt cannot be read" in printed
+    assert "resumed from" in printed and "checkpoint-000008.pt at step 8" in printed
+    assert "removed 1 stale temporary file" in printed and not stale.exists()
+    assert safe_load(out / "last.pt")["step"] == 10
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == \
+        list(range(1, 11))  # no duplicate steps
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, image_dir,
+                                                                            monkeypatch):
+    import errno
+
+    out = tmp_path / "run"
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "2") == 0
+    before = (out / "last.pt").read_bytes()
+
+    def no_space(obj, handle, *args, **kwargs):
+        handle.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("lomar.checkpoints.io.torch.save", no_space)
+    capsys.readouterr()
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "3", "--resume", "auto") == 1
+    err = capsys.readouterr().err
+    assert "no space left" in err and err.count("\n") == 1 and "Traceback" not in err
+    monkeypatch.undo()
+    assert (out / "last.pt").read_bytes() == before
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_exits_130_and_a_second_run_is_refused_meanwhile(tmp_path, image_dir):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lomar", "pretrain", *TINY, "--data", str(image_dir), "--out", str(out),
+           "--epochs", "1000", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                            start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    second = subprocess.run([*cmd[:3], "pretrain", "--out", str(out), "--resume", "auto"], capture_output=True,
+                            text=True, env=_env(), timeout=300)
+    assert second.returncode == 2 and "in use by another run" in second.stderr, second.stderr
+    assert second.stderr.count("\n") == 1
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground group
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "stopped by SIGINT" in output and "Traceback" not in output
+    step = safe_load(out / "last.pt")["step"]
+    assert step >= 2 and step == len(metrics.read_text().splitlines())

@@ -33,9 +33,6 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("visualize", "lomar.cli.visualize", "reconstruction and attention figures of a pretrained model"),
     ("load-original", "lomar.cli.load_original", "convert an original LoMaR / MAE checkpoint into ours"),
 ]
-# Where a command's module lived before it moved into lomar.cli (used only while it is absent).
-_PREVIOUS_HOME = {"lomar.cli.finetune": "lomar.train.finetune"}
-
 EXIT_CODES = ("exit codes: 0 done; 1 the work failed (e.g. a full disk: free space and rerun); "
               "2 a bad flag, input or output path (nothing was computed); 130 interrupted")
 
@@ -61,15 +58,6 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _import(module_name: str):
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name or module_name not in _PREVIOUS_HOME:
-            raise
-        return importlib.import_module(_PREVIOUS_HOME[module_name])
-
-
 def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
     """The ``lomar`` parser; ``commands`` limits which subcommands get their flags (None: all)."""
     wanted = None if commands is None else set(commands)
@@ -82,7 +70,7 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
         if wanted is not None and name not in wanted:
             continue
         module_name, _, prefix = target.partition(":")
-        module = _import(module_name)
+        module = importlib.import_module(module_name)
         prefix = f"{prefix}_" if prefix else ""
         getattr(module, f"{prefix}add_arguments")(sub_parser)
         sub_parser.set_defaults(_run=getattr(module, f"{prefix}run"))

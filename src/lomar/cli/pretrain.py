@@ -24,9 +24,10 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(dump_config(config))
         return 0
     from lomar.train.engine import TrainingError, train
+    from lomar.train.run_state import SaveError
 
     try:
         return train(config)
-    except TrainingError as exc:
+    except (TrainingError, SaveError) as exc:
         print(f"lomar pretrain: error: {exc}", file=sys.stderr)
         return 1

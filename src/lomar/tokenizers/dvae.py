@@ -8,7 +8,6 @@ stand-ins just keep their pickled ``__dict__``; the tensors are read out of it.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -249,16 +248,10 @@ def load_dvae(path: str | Path, input_size: int | None = None) -> DVAEEncoder:
 
 def convert_dvae(src: str | Path, dst: str | Path) -> Path:
     """Any readable dVAE encoder form → a safetensors file (+ config metadata), written atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from lomar.checkpoints.io import atomic_write_bytes
 
     model = load_dvae(src)
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=model.metadata())
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return dst
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    return atomic_write_bytes(dst, save(tensors, metadata=model.metadata()))

@@ -17,7 +17,6 @@ Choices:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -80,20 +79,13 @@ class KMeansTokenizer(Tokenizer):
 
     def save(self, path: str | Path, extra: dict[str, str] | None = None) -> Path:
         """safetensors with the settings as metadata, written to a temporary file then renamed."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from lomar.checkpoints.io import atomic_write_bytes
+
         meta = {FORMAT_KEY: FORMAT, "vocab_size": str(self.vocab_size), "patch": str(self.patch),
                 "input_size": str(self.input_size), **(extra or {})}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            save_file({"centroids": self.centroids.cpu().contiguous()}, str(tmp), metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return path
+        return atomic_write_bytes(path, save({"centroids": self.centroids.cpu().contiguous()}, metadata=meta))
 
     @classmethod
     def load(cls, path: str | Path) -> KMeansTokenizer:

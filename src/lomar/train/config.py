@@ -13,11 +13,21 @@ import glob
 import math
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+
+from lomar.train.runtime import default_workers
+from lomar.train.settings import (
+    ConfigError,
+    add_dataclass_arguments,
+    coerce_all,
+    explicit_values,
+    read_yaml,
+    resume_values,
+)
 
 if TYPE_CHECKING:
     from lomar.models.vit import ViTConfig
@@ -26,12 +36,9 @@ __all__ = ["PretrainConfig", "DEMO_PRESET", "add_config_arguments", "resolve_con
            "vit_config", "ConfigError"]
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the CLI turns it into a one-line error and exit code 2."""
-
-
 @dataclass
 class PretrainConfig:
+    COMMAND = "pretrain"
     # data and output
     data: str | None = None  # image folder, .txt list, or tar shard pattern; None = demo photos
     out: str | None = None  # default runs/<timestamp>
@@ -65,8 +72,8 @@ class PretrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto = bf16 on capable CUDA, else fp32
     compile: bool = False
     # running
-    workers: int = 8
-    threads: int | None = None  # torch CPU threads per process; None = torch's default
+    workers: int | None = None  # None = min(8, cores - 1)
+    threads: int | None = None  # torch CPU threads per process; None = the cores / processes on this machine
     seed: int = 0
     device: str = "auto"
     save_every: int = 20  # epochs
@@ -100,27 +107,15 @@ _HELP = {
     "save_every": "write a checkpoint every N epochs",
     "knn_every": "every N epochs, print and log the k-NN top-1 of the encoder on --knn-data (0 = never)",
     "knn_data": "ImageFolder root with train/ and val/ class folders, for --knn-every",
-    "threads": "CPU threads per process (1 is fastest for tiny models on a busy machine)",
-    "keep_last": "checkpoints to keep",
+    "threads": "CPU threads per process (1 is fastest for tiny models on a busy machine); "
+               "None = the cores shared among this machine's processes", "keep_last": "checkpoints to keep",
+    "workers": "data-loading processes; None = min(8, cores - 1)",
 }
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field (``--window-size`` for ``window_size``), plus --config."""
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of the settings below")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    for field in fields(PretrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        kind = field.type if isinstance(field.type, str) else field.type.__name__
-        common = dict(default=argparse.SUPPRESS, help=_HELP.get(field.name), dest=field.name)
-        if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
-            continue
-        base = kind.split(" | ")[0]
-        convert = {"int": int, "float": float, "str": str}[base]
-        if field.name == "resume":  # a bare --resume means --resume auto
-            common.update(nargs="?", const="auto", metavar="PATH|auto")
-        parser.add_argument(flag, type=convert, choices=_CHOICES.get(field.name), **common)
+    add_dataclass_arguments(parser, PretrainConfig, _HELP, _CHOICES, nargs_optional={"resume": "auto"})
 
 
 def resolve_config(args: argparse.Namespace) -> PretrainConfig:
@@ -128,10 +123,7 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
 
     When resuming, the run's saved config replaces the defaults and preset (see _resume_values).
     """
-    known = {f.name for f in fields(PretrainConfig)}
-    from_yaml = _read_yaml(Path(args.config)) if getattr(args, "config", None) else {}
-    from_flags = {k: v for k, v in vars(args).items() if k in known}
-    explicit = {**from_yaml, **from_flags}
+    explicit = explicit_values(PretrainConfig, args)
     saved = _saved_config(explicit)
     if saved is not None:
         values = _resume_values(*saved, explicit)
@@ -151,79 +143,11 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
         config.mask_ratio = 0.8 if config.method == "lomar" else 0.75
     if config.pos is None:
         config.pos = "rpe" if config.method == "lomar" else "abs"
+    if config.workers is None:
+        config.workers = default_workers()
     # --print-config only shows the settings, so an --out that holds a run is no error there
     validate(config, check_out=not getattr(args, "print_config", False))
     return config
-
-
-def _field_kind(name: str) -> tuple[str, bool]:
-    """('int' | 'float' | 'str' | 'bool', optional) of a config field."""
-    kind = PretrainConfig.__dataclass_fields__[name].type
-    kind = kind if isinstance(kind, str) else kind.__name__
-    return kind.split(" | ")[0], kind.endswith("| None")
-
-
-def _coerce(name: str, value: Any, source: str) -> Any:
-    """A YAML or saved value as its field's type; YAML 1.1 reads ``1e-3`` as a string."""
-    base, optional = _field_kind(name)
-    where = f"{name}: {value!r} in {source}"
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{where} is not allowed: {name} needs a {base} value; set one or remove the line")
-    if base == "bool":
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where} must be true or false")
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ConfigError(f"{where} must be a {'string' if base == 'str' else 'number'}")
-    if base == "str":
-        return str(value)  # e.g. `out: 2024`
-    if isinstance(value, str):
-        try:
-            return int(value) if base == "int" else float(value)
-        except ValueError:
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"{where} is not a number; write e.g. {name}: 1e-3") from None
-    if base == "float":
-        return float(value)
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise ConfigError(f"{where} must be a whole number")
-        return int(value)
-    return value
-
-
-def _coerce_all(raw: dict, source: str, strict: bool = True) -> dict[str, Any]:
-    """Setting names normalised (``window-size`` -> ``window_size``) and values typed.
-
-    ``strict``: unknown names are an error (a user's file); else skipped (a run saved by
-    another version)."""
-    known = {f.name for f in fields(PretrainConfig)}
-    bad_keys = [repr(k) for k in raw if not isinstance(k, str)]
-    if bad_keys:
-        raise ConfigError(f"setting names in {source} must be strings, got {', '.join(bad_keys)}")
-    raw = {k.replace("-", "_"): v for k, v in raw.items()}
-    unknown = sorted(set(raw) - known)
-    if unknown and strict:
-        raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in {source}; "
-                          f"see `lomar pretrain --help` for the valid ones")
-    return {k: _coerce(k, v, source) for k, v in raw.items() if k in known}
-
-
-def _read_yaml(path: Path, strict: bool = True) -> dict[str, Any]:
-    """The settings of a YAML file, typed."""
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of settings")
-    return _coerce_all(raw, str(path), strict)
 
 
 # What may differ from the saved config on resume: where and how the run is driven, not what
@@ -233,26 +157,31 @@ _RUN_CONTROL = {"data", "out", "resume", "overwrite", "epochs", "max_steps", "sa
                 "log_every", "workers", "threads", "device", "compile", "knn_every", "knn_data",
                 "figure_images"}
 _PER_INVOCATION = {"resume": None, "overwrite": False}  # never inherited from the saved run
-_DERIVED = {"mask_ratio", "pos"}  # None asks for the method's default, which the saved run holds
+_DERIVED = frozenset({"mask_ratio", "pos"})  # None asks for the method's default, which the saved run holds
 
 
 def _saved_config(explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
     """(settings, where from) of the run being resumed; None when there is none to resume.
 
-    ``--resume auto`` reads OUT/last.pt, or OUT/config.yaml when the run stopped before its
-    first checkpoint (the engine then starts it afresh); with neither it is a new run.
+    ``--resume auto`` reads OUT/last.pt (else the newest intact OUT/checkpoint-*.pt), or
+    OUT/config.yaml when the run stopped before its first checkpoint (the engine then starts it
+    afresh); with none of them it is a new run.
     """
     resume = explicit.get("resume")
     if not resume:
         return None
     if resume == "auto":
         if explicit.get("out") is None:
-            return None
+            raise ConfigError("--resume auto needs --out RUN_FOLDER (the run to continue); or pass "
+                              "--resume RUN_FOLDER/last.pt")
+        from lomar.train.run_state import find_resume_checkpoint
+
         out = Path(explicit["out"])
-        if (out / "last.pt").exists():
-            return _checkpoint_config(out / "last.pt")
+        found, _ = find_resume_checkpoint(out) if out.is_dir() else (None, [])
+        if found is not None:
+            return _checkpoint_config(found)
         if (out / "config.yaml").is_file():
-            return _read_yaml(out / "config.yaml", strict=False), str(out / "config.yaml")
+            return read_yaml(PretrainConfig, out / "config.yaml", strict=False), str(out / "config.yaml")
         return None
     path = Path(resume)
     if path.is_dir():
@@ -272,25 +201,15 @@ def _checkpoint_config(path: Path) -> tuple[dict[str, Any], str]:
     if not isinstance(ckpt.get("config"), dict) or "optimizer" not in ckpt:
         raise ConfigError(f"--resume {path} is not a `lomar pretrain` training checkpoint (no saved config "
                           f"and optimizer state); start a new run with another --out")
-    return _coerce_all(ckpt["config"], str(path), strict=False), str(path)
+    return coerce_all(PretrainConfig, ckpt["config"], str(path), strict=False), str(path)
 
 
 def _resume_values(saved: dict[str, Any], source: str, explicit: dict[str, Any]) -> dict[str, Any]:
-    """The saved run's settings, with the explicit run-control ones on top; any other explicit
-    setting must equal the saved one (a different model or batch cannot continue the run)."""
-    values = {**PretrainConfig().to_dict(), **saved, **_PER_INVOCATION}
-    for name, value in explicit.items():
-        if name in _RUN_CONTROL or value == values[name] or (value is None and name in _DERIVED):
-            continue
-        flag = "--" + name.replace("_", "-")
-        raise ConfigError(f"{flag} {value} differs from {values[name]} in the run being resumed ({source}); "
-                          f"drop {flag} to continue the run, or start a new run with another --out")
-    values.update({k: v for k, v in explicit.items() if k in _RUN_CONTROL})
-    return values
+    return resume_values(PretrainConfig, saved, source, explicit, _RUN_CONTROL, _PER_INVOCATION, _DERIVED)
 
 
 def vit_config(config: PretrainConfig) -> ViTConfig:
-    from lomar.models.vit import model_config  # imports torch: not needed to build the parser
+    from lomar.models.vit import model_config  # torch: imported when a config is resolved, not for --help
 
     overrides = {k: getattr(config, k) for k in ("embed_dim", "depth", "num_heads", "patch_size")
                  if getattr(config, k) is not None}
@@ -312,6 +231,7 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
             raise ConfigError(f"--{name} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
     if config.method == "mae" and config.pos != "abs":
         raise ConfigError(f"--method mae needs --pos abs (got {config.pos})")
+
     vit = vit_config(config)
     if vit.embed_dim % vit.num_heads:
         raise ConfigError(f"--embed-dim {vit.embed_dim} is not divisible by --num-heads {vit.num_heads}")
@@ -326,6 +246,13 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
     if config.data is not None:
         _validate_data(config.data)
     out = Path(config.out)
+    if check_out:
+        from lomar.train.run_state import check_out_folder
+
+        try:
+            check_out_folder(out)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     holds_run = (out / "last.pt").exists() or (out / "config.yaml").exists()
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 may already have started
     if check_out and holds_run and is_main and not config.resume and not config.overwrite:
@@ -341,7 +268,10 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
 _POSITIVE = ("img_size", "batch_size", "accum_steps", "epochs", "save_every", "keep_last", "log_every",
              "window_size", "windows", "decoder_embed_dim", "decoder_depth", "decoder_num_heads",
              "max_steps", "threads", "embed_dim", "depth", "num_heads", "patch_size", "clip_grad")
-_NON_NEGATIVE = ("workers", "knn_every", "blr", "lr", "min_lr", "weight_decay")
+_NON_NEGATIVE = ("workers", "knn_every", "blr", "lr", "min_lr", "weight_decay", "seed")
+
+
+_MAX_SEED = 2**63 // 100_003 - 1  # the data order seeds a generator with seed * 100_003 + epoch
 
 
 def _validate_numbers(config: PretrainConfig) -> None:
@@ -359,6 +289,11 @@ def _validate_numbers(config: PretrainConfig) -> None:
     for name in _NON_NEGATIVE:
         if getattr(config, name) is not None and getattr(config, name) < 0:
             raise ConfigError(f"{flag(name)} must be >= 0, got {getattr(config, name)}")
+    for name in ("blr", "lr"):
+        if getattr(config, name) == 0:
+            raise ConfigError(f"{flag(name)} must be positive (0 never updates the model), got 0")
+    if config.seed >= _MAX_SEED:
+        raise ConfigError(f"--seed must be below {_MAX_SEED}, got {config.seed}")
     if not 0 <= config.warmup_epochs <= config.epochs:
         raise ConfigError(f"--warmup-epochs must be in [0, --epochs {config.epochs}], got {config.warmup_epochs}; "
                           f"lower --warmup-epochs or raise --epochs")

@@ -10,34 +10,46 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
-import random
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
 
 from lomar.checkpoints.export import export_encoder
-from lomar.checkpoints.io import atomic_save, safe_load
+from lomar.checkpoints.io import atomic_write_text, safe_load
 from lomar.data.collate import BadDataTracker, collate_pretrain
 from lomar.data.folder import build_pretrain_dataset
 from lomar.data.samplers import EpochSampler
+from lomar.errors import UsageError
 from lomar.models.masking import MaskingPlan, grid_size, sample_plan
 from lomar.train.config import PretrainConfig, build_model, dump_config
 from lomar.train.distributed import DistInfo, cleanup_distributed, init_distributed
 from lomar.train.monitor import Monitor
 from lomar.train.preemption import StopFlag, any_rank_stopping, ignore_stop_signals, shut_down_workers
-from lomar.train.runtime import fast_adamw
+from lomar.train.run_state import (
+    RunLock,
+    autocast_factory,
+    check_no_rewind,
+    checkpoints_to_prune,
+    find_resume_checkpoint,
+    remove_newer_checkpoints,
+    remove_stale_temporaries,
+    resolve_precision,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    truncate_metrics,
+)
+from lomar.train.runtime import default_threads, fast_adamw
 from lomar.train.schedule import lr_at, param_groups
 
-__all__ = ["Trainer", "TrainingError", "make_masker", "train"]
+__all__ = ["Trainer", "TrainingError", "make_masker", "train", "checkpoints_to_prune"]
 
 
 class TrainingError(RuntimeError):
@@ -62,38 +74,16 @@ def make_masker(config: PretrainConfig, patch_size: int):
     return functools.partial(_mae_masker, length=grid[0] * grid[1])
 
 
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-            "numpy_pos": int(np_state[2]), "python": list(py_state[1]), "python_version": py_state[0]}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    random.setstate((state["python_version"], tuple(state["python"]), None))
-
-
-def checkpoints_to_prune(paths: list[Path], keep: int) -> list[Path]:
-    """All but the ``keep`` newest ``checkpoint-<step>.pt``, by step number (past 999,999 steps the
-    names outgrow their zero padding and no longer sort by age); other names are left alone."""
-    ours = [f for f in paths if f.stem.removeprefix("checkpoint-").isdigit()]
-    return sorted(ours, key=lambda f: int(f.stem.removeprefix("checkpoint-")))[:-keep]
-
-
 class Trainer:
     def __init__(self, config: PretrainConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, device
         self.out = Path(config.out)
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        torch.set_num_threads(config.threads or default_threads())
         torch.manual_seed(config.seed)
         self.model = build_model(config).to(device)
         self.patch = self.model.config.patch_size
-        self.precision = config.precision
-        if self.precision == "auto":
-            self.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        self.precision = resolve_precision(config.precision, device)
+        self.autocast = autocast_factory(self.precision, device)
         self.dataset = build_pretrain_dataset(config.data, config.img_size, config.seed,
                                               masker=make_masker(config, self.patch),
                                               rank=info.rank, world_size=info.world_size)
@@ -136,7 +126,7 @@ class Trainer:
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
-                "batches_done": self.batches_done, "config": self.config.to_dict(), "rng": _rng_state(),
+                "batches_done": self.batches_done, "config": self.config.to_dict(), "rng": rng_state(),
                 "format": "lomar-pretrain-1"}
 
     def load(self, path: Path) -> None:
@@ -145,18 +135,14 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.epoch, self.batches_done = ckpt["step"], ckpt["epoch"], ckpt["batches_done"]
-        _set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])
         if self.batches_done >= self.steps_per_epoch * self.config.accum_steps:
             self.epoch, self.batches_done = self.epoch + 1, 0
 
     def save(self, figure: bool = True) -> Path | None:
         if not self.info.is_main:
             return None
-        state = self.state()
-        path = atomic_save(state, self.out / f"checkpoint-{self.step:06d}.pt")
-        atomic_save(state, self.out / "last.pt")
-        for old in checkpoints_to_prune(list(self.out.glob("checkpoint-*.pt")), self.config.keep_last):
-            old.unlink()
+        path = save_checkpoint(self.state(), self.out, self.step, self.config.keep_last)
         if figure:
             self.figure()
         return path
@@ -184,9 +170,7 @@ class Trainer:
     # ---- training ---------------------------------------------------------------
     def forward(self, batch: dict) -> torch.Tensor:
         images = batch["images"].to(self.device, non_blocking=True)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-        with autocast:
+        with self.autocast():
             if self.config.method == "lomar":
                 plan = MaskingPlan(batch["top_left"].to(self.device), batch["mask"].to(self.device),
                                    self.config.window_size)
@@ -194,6 +178,7 @@ class Trainer:
             return self.net(images, noise=batch["noise"].to(self.device)).loss
 
     def run(self) -> int:
+        """Train to ``--max-steps`` / ``--epochs`` or until a stop signal; the exit code."""
         cfg = self.config
         total = cfg.epochs * self.steps_per_epoch
         last_step = min(total, cfg.max_steps) if cfg.max_steps else total
@@ -203,81 +188,109 @@ class Trainer:
             print(f"lomar: nothing to do, the run is at step {self.step} of {last_step}")
             return 0
         self.stop.install()
-        accum, bs = cfg.accum_steps, cfg.batch_size
         while self.epoch < cfg.epochs:
-            if self.sampler is not None:
-                self.sampler.set_epoch(self.epoch, skip=self.batches_done * bs)
-            else:
-                self.dataset.set_epoch(self.epoch, skip=self.batches_done * bs, batch_size=bs)
-            losses, micro = [], 0
-            tick, seen = time.perf_counter(), 0
-            # Stop at whole optimizer steps: a tail that cannot fill `accum` batches is left out.
-            limit = self.steps_per_epoch * accum - self.batches_done
-            for batch in self.loader:
-                if micro == limit:
-                    break
-                n = batch["images"].shape[0] if batch["images"].numel() else 0
-                self.tracker.update(batch["bad"], n + len(batch["bad"]))
-                try:
-                    self.tracker.check()
-                except ValueError as exc:
-                    raise TrainingError(str(exc)) from None
-                micro += 1
-                if n:
-                    self.spare = batch
-                elif self.info.enabled and self.spare is not None:
-                    # Every image of this batch was unreadable, but DDP needs every rank in each
-                    # backward: run a readable batch with zero weight.
-                    batch = dict(self.spare, zero_weight=True)
-                if n or "zero_weight" in batch:
-                    sync = micro % accum == 0 or not self.info.enabled
-                    with contextlib.nullcontext() if sync else self.net.no_sync():
-                        loss = self.forward(batch)
-                        weight = 0.0 if "zero_weight" in batch else 1.0 / accum
-                        self.scaler.scale(loss * weight).backward()
-                    if n:
-                        losses.append(loss.detach())
-                    seen += n
-                if micro % accum:
-                    continue
-                self.batches_done += accum
-                # Mean loss over every rank's batches; no batch with a readable image -> no update.
-                loss_sum = torch.stack(losses).float().sum() if losses else torch.zeros((), device=self.device)
-                totals = torch.stack([loss_sum, torch.tensor(float(len(losses)), device=self.device)])
-                if self.info.enabled:
-                    dist.all_reduce(totals)
-                if totals[1] == 0:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    losses = []
-                    continue
-                lr = lr_at(self.step, self.steps_per_epoch, self.base_lr, cfg.warmup_epochs, cfg.epochs, cfg.min_lr)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                if cfg.clip_grad:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                value = float(totals[0] / totals[1])
-                if not math.isfinite(value):
-                    last = self.out / "last.pt"
-                    kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-                    raise TrainingError(
-                        f"loss is {value} at step {self.step} (epoch {self.epoch}); {kept}; lower --blr/--lr, "
-                        f"set --clip-grad or use --precision fp32")
-                elapsed = time.perf_counter() - tick
-                log.step(self.step, self.epoch, value, lr, seen * self.info.world_size / max(elapsed, 1e-9))
-                tick, seen, losses = time.perf_counter(), 0, []
-                if self._should_stop(last_step):
-                    return self._finish(log, preempted=self.step < last_step)
-            self.epoch, self.batches_done = self.epoch + 1, 0
-            if cfg.knn_every and self.epoch % cfg.knn_every == 0:
-                self._knn(log)
-            if self.epoch % cfg.save_every == 0 and self.epoch < cfg.epochs:
-                self.save()
+            if self._train_epoch(log, last_step):
+                return self._finish(log, preempted=self.step < last_step)
+            self._end_epoch(log)
         return self._finish(log, preempted=False)
+
+    def _position_data(self) -> None:
+        """Point the data order at this epoch, past the batches a resumed run already consumed."""
+        skip, bs = self.batches_done * self.config.batch_size, self.config.batch_size
+        if self.sampler is not None:
+            self.sampler.set_epoch(self.epoch, skip=skip)
+        else:
+            self.dataset.set_epoch(self.epoch, skip=skip, batch_size=bs)
+
+    def _train_epoch(self, log: Monitor, last_step: int) -> bool:
+        """The rest of the current epoch; True when the run must stop now."""
+        accum = self.config.accum_steps
+        self._position_data()
+        self.losses, self.seen, self.tick, micro = [], 0, time.perf_counter(), 0
+        # Stop at whole optimizer steps: a tail that cannot fill `accum` batches is left out.
+        limit = self.steps_per_epoch * accum - self.batches_done
+        for batch in self.loader:
+            if micro == limit:
+                break
+            micro += 1
+            batch, n = self._readable(batch)
+            if batch is not None:
+                self._backward(batch, n, sync=micro % accum == 0 or not self.info.enabled)
+            if micro % accum:
+                continue
+            self.batches_done += accum
+            if self._optimizer_step(log) and self._should_stop(last_step):
+                return True
+        return False
+
+    def _readable(self, batch: dict) -> tuple[dict | None, int]:
+        """(the batch to run, its readable image count) after counting the unreadable ones."""
+        n = batch["images"].shape[0] if batch["images"].numel() else 0
+        self.tracker.update(batch["bad"], n + len(batch["bad"]))
+        try:
+            self.tracker.check()
+        except ValueError as exc:
+            raise TrainingError(str(exc)) from None
+        if n:
+            self.spare = batch
+            return batch, n
+        if self.info.enabled and self.spare is not None:
+            # Every image of this batch was unreadable, but DDP needs every rank in each
+            # backward: run a readable batch with zero weight.
+            return dict(self.spare, zero_weight=True), 0
+        return None, 0
+
+    def _backward(self, batch: dict, n: int, sync: bool) -> None:
+        """Accumulate the gradient of one micro-batch (all-reduced under DDP only when ``sync``)."""
+        with contextlib.nullcontext() if sync else self.net.no_sync():
+            loss = self.forward(batch)
+            weight = 0.0 if "zero_weight" in batch else 1.0 / self.config.accum_steps
+            self.scaler.scale(loss * weight).backward()
+        if n:
+            self.losses.append(loss.detach())
+        self.seen += n
+
+    def _optimizer_step(self, log: Monitor) -> bool:
+        """Apply the accumulated gradient and log; False when no rank had a readable image."""
+        cfg = self.config
+        # Mean loss over every rank's batches; no batch with a readable image -> no update.
+        losses = self.losses
+        loss_sum = torch.stack(losses).float().sum() if losses else torch.zeros((), device=self.device)
+        totals = torch.stack([loss_sum, torch.tensor(float(len(losses)), device=self.device)])
+        if self.info.enabled:
+            dist.all_reduce(totals)
+        if totals[1] == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.losses = []
+            return False
+        lr = lr_at(self.step, self.steps_per_epoch, self.base_lr, cfg.warmup_epochs, cfg.epochs, cfg.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if cfg.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        value = float(totals[0] / totals[1])
+        if not math.isfinite(value):
+            last = self.out / "last.pt"
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+            raise TrainingError(
+                f"loss is {value} at step {self.step} (epoch {self.epoch}); {kept}; lower --blr/--lr, "
+                f"set --clip-grad or use --precision fp32")
+        elapsed = time.perf_counter() - self.tick
+        log.step(self.step, self.epoch, value, lr, self.seen * self.info.world_size / max(elapsed, 1e-9))
+        self.tick, self.seen, self.losses = time.perf_counter(), 0, []
+        return True
+
+    def _end_epoch(self, log: Monitor) -> None:
+        self.epoch, self.batches_done = self.epoch + 1, 0
+        if self.config.knn_every and self.epoch % self.config.knn_every == 0:
+            self._knn(log)
+        if self.epoch % self.config.save_every == 0 and self.epoch < self.config.epochs:
+            self.save()
 
     def _knn(self, log: Monitor) -> None:
         """k-NN top-1 on --knn-data (main process; the others wait at their next collective)."""
@@ -297,7 +310,7 @@ class Trainer:
         if self.info.is_main:
             if preempted:
                 print(f"lomar: stopped by {self.stop.name} at step {self.step}; checkpoint {path}. Resume with: "
-                      f"lomar pretrain --out {self.out} --resume auto")
+                      f"lomar pretrain --out {self.out} --resume auto", flush=True)
             else:
                 export_encoder(self.model.encoder, self.out, weights_name="encoder.safetensors",
                                metadata={"method": self.config.method, "step": self.step})
@@ -305,59 +318,77 @@ class Trainer:
                       f"{self.out / 'encoder.safetensors'}, figure {self.out / 'reconstruction.png'}")
             print(f"lomar: {self.tracker.count} unreadable image(s) skipped"
                   + (f", e.g. {next(iter(self.tracker.bad))}" if self.tracker.count else ""))
-        return 0
+        return self.stop.exit_code if preempted else 0
 
 
-def _truncate_metrics(out: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (a crash between the two)."""
-    path = out / "metrics.jsonl"
-    if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in lines))
-        tmp.replace(path)
+def _resume_path(config: PretrainConfig, out: Path, is_main: bool) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run. ``--resume auto`` falls back to the
+    newest intact ``checkpoint-*.pt`` when ``last.pt`` is gone or unreadable, and says so."""
+    if config.resume == "auto":
+        path, notes = find_resume_checkpoint(out)
+        for note in notes if is_main else ():
+            print(f"lomar: {note}", flush=True)
+        return path
+    return Path(config.resume) if config.resume else None
+
+
+def _prepare_folder(config: PretrainConfig, out: Path, resume: Path | None, step: int) -> None:
+    """Main process, lock held: a fresh run clears what an overwritten run left; a resume cuts
+    the log back to its checkpoint; the config is written."""
+    removed = remove_stale_temporaries(out)
+    if removed:
+        print(f"lomar: removed {len(removed)} stale temporary file(s) in {out}, e.g. {removed[0].name}")
+    if resume is not None:
+        if config.overwrite:
+            remove_newer_checkpoints(out, step)
+        truncate_metrics(out / "metrics.jsonl", step)
+        print(f"lomar: resumed from {resume} at step {step}")
+    else:
+        if (out / "last.pt").exists() or (out / "config.yaml").exists():
+            if not config.overwrite and not config.resume:  # another run got here between validation and lock
+                raise UsageError(f"--out {out} already holds a run; pass --resume auto to continue it, "
+                                 f"--overwrite to replace it, or another --out")
+        if config.overwrite:  # everything a run writes, so that nothing of the old one lingers
+            for stale in ("last.pt", "metrics.jsonl", "config.yaml", "knn.jsonl", "encoder.safetensors",
+                          "config.json", "reconstruction.png"):
+                (out / stale).unlink(missing_ok=True)
+            for stale in out.glob("checkpoint-*.pt"):
+                stale.unlink()
+            shutil.rmtree(out / "tb", ignore_errors=True)
+    atomic_write_text(out / "config.yaml", dump_config(config))
 
 
 def train(config: PretrainConfig) -> int:
     """Run (or resume) a pretraining; returns the process exit code."""
-    from lomar.errors import UsageError
-
     try:  # what fails before the first step is the set-up's fault: a one-line error, exit 2
         info, device = init_distributed(config.device)
     except (ValueError, RuntimeError) as exc:
         message = str(exc).splitlines()[0]
         raise UsageError(message if "--device" in message else f"--device {config.device}: {message}") from None
+    out = Path(config.out)
+    lock = RunLock(out)
     try:
-        out = Path(config.out)
-        resume = out / "last.pt" if config.resume == "auto" else Path(config.resume) if config.resume else None
-        resuming = resume is not None and resume.exists()
+        if info.is_main:  # only the main process writes into the folder
+            lock.acquire()
+        resume = _resume_path(config, out, info.is_main)
         try:
+            if resume is not None and info.is_main:
+                check_no_rewind(resume, out, config.overwrite)
             trainer = Trainer(config, info, device)
-            if resuming:
+            if resume is not None:
                 trainer.load(resume)
         except (ValueError, FileNotFoundError) as exc:
             raise UsageError(str(exc)) from None
-        if resuming:
-            if info.is_main:
-                _truncate_metrics(out, trainer.step)
-                print(f"lomar: resumed from {resume} at step {trainer.step}")
-        elif info.is_main:
-            if config.overwrite:  # everything a run writes, so that nothing of the old one lingers
-                for stale in ("last.pt", "metrics.jsonl", "config.yaml", "knn.jsonl", "encoder.safetensors",
-                              "config.json", "reconstruction.png"):
-                    (out / stale).unlink(missing_ok=True)
-                for stale in out.glob("checkpoint-*.pt"):
-                    stale.unlink()
-                shutil.rmtree(out / "tb", ignore_errors=True)
-            out.mkdir(parents=True, exist_ok=True)
         if info.is_main:
-            tmp = out / ".config.yaml.tmp"
-            tmp.write_text(dump_config(config))
-            tmp.replace(out / "config.yaml")
+            _prepare_folder(config, out, resume, trainer.step)
         try:
             return trainer.run()
         finally:
             trainer.stop.restore()
             shut_down_workers(trainer.loader)
+    except BaseException:
+        lock.release(remove_if_empty=True)
+        raise
     finally:
+        lock.release()
         cleanup_distributed()

@@ -5,14 +5,13 @@ timm supplies the recipe's pieces: the RandAugment / random-erasing transform
 and the layer-wise lr decay parameter groups (``param_groups_layer_decay``, driven by
 ``VisionTransformer.group_matcher``: stem = layer 0, block i = layer i+1, final norm and head
 = top layer, scaled decay^(top − layer)). The lr follows ``lomar.train.schedule.lr_at`` per
-iteration: linear warm-up, cosine to ``--min-lr``.
+iteration: linear warm-up, cosine to ``--min-lr``. Checkpoints, resume (with the RNG state,
+so a resumed run continues exactly when loading runs in the training process, ``--workers 0``),
+the run-folder lock and preemption are those of pretraining (``lomar.train.run_state``).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import itertools
 import json
 import math
 import random
@@ -23,90 +22,36 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 
-from lomar.checkpoints.io import atomic_save, safe_load
+from lomar.checkpoints.io import atomic_write_text, safe_load
+from lomar.data.samplers import EpochSampler
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.errors import UsageError
-from lomar.train.distributed import cleanup_distributed, init_distributed
+from lomar.train.distributed import DistInfo, cleanup_distributed, init_distributed
+from lomar.train.finetune_config import FinetuneConfig, dump_finetune_config, split_roots
 from lomar.train.preemption import StopFlag, any_rank_stopping, ignore_stop_signals, shut_down_workers
-from lomar.train.runtime import fast_adamw
+from lomar.train.run_state import (
+    RunLock,
+    autocast_factory,
+    check_no_rewind,
+    find_resume_checkpoint,
+    remove_stale_temporaries,
+    resolve_precision,
+    rng_state,
+    save_checkpoint,
+    save_state,
+    set_rng_state,
+    truncate_metrics,
+)
+from lomar.train.runtime import default_threads, fast_adamw
 from lomar.train.schedule import lr_at
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.epilog = "Multi-GPU: torchrun --nproc_per_node G -m lomar finetune ... (--batch-size is per process)."
-    p.add_argument("--pretrained", required=True, help="our pretrain checkpoint or run folder, an exported "
-                                                       "folder, or an original LoMaR / MAE checkpoint")
-    p.add_argument("--data", help="ImageFolder root holding train/ and val/")
-    p.add_argument("--train", help="ImageFolder root of the training split (instead of --data)")
-    p.add_argument("--val", help="ImageFolder root of the validation split (instead of --data)")
-    p.add_argument("--out", default="runs/finetune", help="output folder (last.pt, best.pt, metrics.jsonl)")
-    p.add_argument("--img-size", type=int, default=224, help="may differ from the pretraining size")
-    p.add_argument("--batch-size", type=int, default=64, help="images per process per step (even: mixup pairs)")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (smoke runs)")
-    p.add_argument("--blr", type=float, default=5e-4, help="base lr: lr = blr * total batch / 256")
-    p.add_argument("--min-lr", type=float, default=1e-6)
-    p.add_argument("--warmup-epochs", type=float, default=5)
-    p.add_argument("--layer-decay", type=float, default=0.65)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--drop-path", type=float, default=0.1)
-    p.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0 = off)")
-    p.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0 = off)")
-    p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    p.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
-    p.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy ('none' = off)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto = bf16 autocast on CUDA with bf16 support, else fp32")
-    p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
-    p.add_argument("--log-every", type=int, default=20, help="write the training loss every N steps")
-    p.add_argument("--resume", help="checkpoint path, or 'auto' for OUT/last.pt (starts afresh if absent)")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+__all__ = ["finetune", "classification_transforms", "evaluate", "FinetuneRun"]
 
 
-def _check(args: argparse.Namespace) -> tuple[Path, Path]:
-    """Every flag that can be judged before any work; returns the (train, val) roots."""
-    for name in ("batch_size", "epochs", "img_size", "log_every"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps <= 0:
-        raise UsageError(f"--max-steps must be positive, got {args.max_steps}")
-    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
-        raise UsageError(f"mixup/cutmix pair images: --batch-size must be even, got {args.batch_size}")
-    if not 0 < args.layer_decay <= 1:
-        raise UsageError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
-    if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
-        raise UsageError(f"--resume {args.resume} does not exist; pass a checkpoint file or 'auto'")
-    if not (args.data or (args.train and args.val)):
-        raise UsageError("pass --data ROOT (with train/ and val/) or both --train and --val")
-    train = Path(args.train) if args.train else Path(args.data) / "train"
-    val = Path(args.val) if args.val else Path(args.data) / "val"
-    for split in (train, val):
-        if not split.is_dir():
-            raise UsageError(f"{split} is not a folder; finetuning needs ImageFolder class folders "
-                             f"(ROOT/train/CLASS/IMAGE and ROOT/val/CLASS/IMAGE)")
-    if not Path(args.pretrained).exists():
-        raise UsageError(f"--pretrained {args.pretrained} does not exist")
-    out = Path(args.out)
-    if (out / "last.pt").exists() and not args.resume and not args.overwrite:
-        raise UsageError(f"--out {out} already holds a run; pass --resume auto to continue it, "
-                         f"--overwrite to replace it, or another --out")
-    return train, val
-
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start an epoch part-way (``skip`` of this rank's items)."""
-
-    skip = 0
-
-    def __iter__(self):
-        return itertools.islice(super().__iter__(), self.skip, None)
-
-    def __len__(self) -> int:
-        return super().__len__() - self.skip
+class FinetuneError(RuntimeError):
+    """The run cannot go on (a non-finite loss)."""
 
 
 def _posterize_any_bits(img, bits_to_keep, **_):
@@ -144,28 +89,34 @@ def classification_transforms(img_size: int, aa: str = "rand-m9-mstd0.5-inc1", r
     return train_tf, val_tf
 
 
-def _loaders(args, train_root: Path, val_root: Path, info) -> tuple[DataLoader, DataLoader, list[str]]:
+def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
+             info: DistInfo) -> tuple[DataLoader, DataLoader, list[str]]:
     from lomar.data.collate import collate_labelled, collate_labelled_refill
     from lomar.data.folder import LabelledImageFolder  # skips unreadable images instead of crashing
 
-    train_tf, val_tf = classification_transforms(args.img_size, args.aa, args.reprob)
+    train_tf, val_tf = classification_transforms(config.img_size, config.aa, config.reprob)
     try:
         train_set, val_set = LabelledImageFolder(train_root, train_tf), LabelledImageFolder(val_root, val_tf)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if train_set.classes != val_set.classes:
         raise UsageError(f"train and val class folders differ: {train_set.classes} vs {val_set.classes}")
-    sampler = ResumableSampler(train_set, info.world_size, info.rank, shuffle=True, seed=args.seed, drop_last=True)
+    sampler = EpochSampler(len(train_set), config.seed, info.rank, info.world_size, keys=False)
     # Each rank scores a disjoint slice of val (no padding duplicates), counts are summed.
     val_part = Subset(val_set, range(info.rank, len(val_set), info.world_size))
-    common = dict(num_workers=args.workers, persistent_workers=args.workers > 0,
-                  worker_init_fn=ignore_stop_signals if args.workers > 0 else None)
-    train = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True, collate_fn=collate_labelled_refill,
-                       **common)
-    val = DataLoader(val_part, args.batch_size, collate_fn=collate_labelled, **common)
+    workers = config.workers
+    # Own generators: creating an iterator then draws nothing from the global torch stream,
+    # which the augmentation uses and the checkpoint saves (exact resume).
+    common = dict(num_workers=workers, persistent_workers=workers > 0,
+                  worker_init_fn=ignore_stop_signals if workers > 0 else None)
+    train = DataLoader(train_set, config.batch_size, sampler=sampler, drop_last=True,
+                       collate_fn=collate_labelled_refill,
+                       generator=torch.Generator().manual_seed(config.seed + info.rank), **common)
+    val = DataLoader(val_part, config.batch_size, collate_fn=collate_labelled, generator=torch.Generator(),
+                     **common)
     if len(train) == 0:
         raise UsageError(f"the training split ({len(train_set)} images over {info.world_size} process(es)) "
-                         f"cannot fill one batch of {args.batch_size}; lower --batch-size")
+                         f"cannot fill one batch of {config.batch_size}; lower --batch-size")
     return train, val, train_set.classes
 
 
@@ -188,177 +139,223 @@ def evaluate(model, loader, device: torch.device, info, autocast) -> dict[str, f
     return {"top1": float(totals[0]) / count, "top5": float(totals[1]) / count}
 
 
-def _autocast(args, device: torch.device):
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda"
-                                         and torch.cuda.is_bf16_supported())
-    if bf16:
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
+class FinetuneRun:
+    """One finetuning run: model, optimizer, loaders, position (epoch, batches done, step)."""
 
+    def __init__(self, config: FinetuneConfig, info: DistInfo, device: torch.device):
+        from timm.data import Mixup
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+        from timm.optim import param_groups_layer_decay
+        from torch.nn.parallel import DistributedDataParallel
 
-def _log_lines_upto(path: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from."""
-    if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        tmp.replace(path)
+        from lomar.eval.features import load_pretrained_encoder
 
-
-def run(args: argparse.Namespace) -> int:
-    train_root, val_root = _check(args)
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import param_groups_layer_decay
-    from torch.nn.parallel import DistributedDataParallel
-
-    from lomar.eval.features import load_pretrained_encoder
-
-    try:
-        info, device = init_distributed(args.device)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    stop, loaders = StopFlag(), []
-    try:
+        self.config, self.info, self.device, self.out = config, info, device, Path(config.out)
+        torch.set_num_threads(config.threads or default_threads())
         # Per-rank streams for augmentation and mixup (timm draws from numpy / random); DDP
         # broadcasts rank 0's initial weights, so the new head is the same everywhere.
-        torch.manual_seed(args.seed + info.rank)
-        np.random.seed(args.seed + info.rank)
-        random.seed(args.seed + info.rank)
-        train_loader, val_loader, classes = _loaders(args, train_root, val_root, info)
-        loaders = [train_loader, val_loader]
+        torch.manual_seed(config.seed + info.rank)
+        np.random.seed(config.seed + info.rank)
+        random.seed(config.seed + info.rank)
+        self.train_loader, self.val_loader, self.classes = _loaders(config, *split_roots(config), info)
         try:
-            model = load_pretrained_encoder(args.pretrained, num_classes=len(classes), img_size=args.img_size,
-                                            drop_path=args.drop_path)
+            self.model = load_pretrained_encoder(config.pretrained, num_classes=len(self.classes),
+                                                 img_size=config.img_size, drop_path=config.drop_path)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         if info.is_main:
-            print(f"lomar finetune: {model.load_report.summary()}", flush=True)
-        model.to(device)
-        out = Path(args.out)
-        base_lr = args.blr * args.batch_size * info.world_size / 256
-        groups = param_groups_layer_decay(model, args.weight_decay, model.no_weight_decay(),
-                                          layer_decay=args.layer_decay)
-        optimizer = fast_adamw(groups, lr=base_lr)
-        mixup = None
-        if args.mixup > 0 or args.cutmix > 0:
-            mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
-                          num_classes=len(classes))
-            criterion = SoftTargetCrossEntropy()  # mixup already smoothed the targets
-        elif args.smoothing > 0:
-            criterion = LabelSmoothingCrossEntropy(args.smoothing)
+            print(f"lomar finetune: {self.model.load_report.summary()}", flush=True)
+        self.model.to(device)
+        self.base_lr = config.blr * config.batch_size * info.world_size / 256
+        groups = param_groups_layer_decay(self.model, config.weight_decay, self.model.no_weight_decay(),
+                                          layer_decay=config.layer_decay)
+        self.optimizer = fast_adamw(groups, lr=self.base_lr)
+        self.mixup = None
+        if config.mixup > 0 or config.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
+                               label_smoothing=config.smoothing, num_classes=len(self.classes))
+            self.criterion = SoftTargetCrossEntropy()  # mixup already smoothed the targets
+        elif config.smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(config.smoothing)
         else:
-            criterion = torch.nn.CrossEntropyLoss()
-        net = DistributedDataParallel(model) if info.enabled else model
-        autocast = _autocast(args, device)
-        steps_per_epoch = len(train_loader)
-        epoch, skip, step, best = 0, 0, 0, 0.0
-        resume = out / "last.pt" if args.resume == "auto" else Path(args.resume) if args.resume else None
-        if resume is not None and resume.exists():
-            try:
-                ckpt = safe_load(resume, map_location=device)
-            except ValueError as exc:
-                raise UsageError(str(exc)) from None
-            if not {"optimizer", "batches_done", "best_top1"} <= set(ckpt):
-                raise UsageError(f"--resume {resume} is not a `lomar finetune` checkpoint; to start from "
-                                 f"pretrained weights pass them as --pretrained")
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            epoch, skip, step, best = ckpt["epoch"], ckpt["batches_done"], ckpt["step"], ckpt["best_top1"]
-            if info.is_main:
-                _log_lines_upto(out / "metrics.jsonl", step)
-                print(f"lomar finetune: resumed from {resume} at step {step} (epoch {epoch})", flush=True)
-        elif info.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            for stale in ("last.pt", "best.pt", "metrics.jsonl"):
-                (out / stale).unlink(missing_ok=True)
-        log = open(out / "metrics.jsonl", "a") if info.is_main else None
+            self.criterion = torch.nn.CrossEntropyLoss()
+        self.net = DistributedDataParallel(self.model) if info.enabled else self.model
+        self.autocast = autocast_factory(resolve_precision(config.precision, device), device)
+        self.steps_per_epoch = len(self.train_loader)
+        self.epoch, self.skip, self.step, self.best = 0, 0, 0, 0.0
+        self.stop = StopFlag()
+        self.log = None
 
-        def save(epoch_: int, batches_done: int, metrics: dict | None) -> None:
-            nonlocal best
-            if not info.is_main:
-                return
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch_,
-                     "batches_done": batches_done, "step": step, "best_top1": best,
-                     "config": model.config.to_dict(), "num_classes": len(classes), "classes": classes,
-                     "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-                     "format": "lomar-finetune-1"}
-            if metrics is not None and metrics["top1"] >= best:
-                best = state["best_top1"] = metrics["top1"]
-                atomic_save({k: state[k] for k in ("model", "config", "num_classes", "classes", "epoch",
-                                                   "step", "format")} | {"metrics": metrics}, out / "best.pt")
-            atomic_save(state, out / "last.pt")
+    # ---- checkpoints ---------------------------------------------------------------
+    def load(self, path: Path) -> None:
+        try:
+            ckpt = safe_load(path, map_location=self.device)
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, RuntimeError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"--resume {path} does not fit this run: {first}") from None
+        self.epoch, self.skip, self.step = ckpt["epoch"], ckpt["batches_done"], ckpt["step"]
+        self.best = ckpt["best_top1"]
+        if "rng" in ckpt:  # last: building the run above drew from the streams
+            set_rng_state(ckpt["rng"])
 
-        stopped = preempted = False
-        stop.install()
-        while epoch < args.epochs and not stopped:
-            train_loader.sampler.set_epoch(epoch)
-            train_loader.sampler.skip = skip * args.batch_size
-            tick = time.perf_counter()
-            for batch_index, (images, targets) in enumerate(train_loader, start=skip):
-                lr = lr_at(step, steps_per_epoch, base_lr, args.warmup_epochs, args.epochs, args.min_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
-                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-                if mixup is not None:
-                    images, targets = mixup(images, targets)
-                with autocast():
-                    loss = criterion(net(images), targets)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise RuntimeError(f"loss is {value} at step {step}; the last good checkpoint is "
-                                       f"{out / 'last.pt'}; lower --blr")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                if log and (step % args.log_every == 0 or step == 1):
-                    log.write(json.dumps({"step": step, "epoch": epoch, "loss": value, "lr": lr}) + "\n")
-                if any_rank_stopping(stop, device):
+    def save(self, metrics: dict | None) -> None:
+        """``last.pt`` at the current position; ``best.pt`` too when ``metrics`` (a finished
+        epoch's) are the best so far."""
+        if not self.info.is_main:
+            return
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
+                 "batches_done": self.skip, "step": self.step, "best_top1": self.best,
+                 "config": self.model.config.to_dict(), "num_classes": len(self.classes), "classes": self.classes,
+                 "settings": self.config.to_dict(), "rng": rng_state(), "format": "lomar-finetune-1"}
+        if metrics is not None and metrics["top1"] >= self.best:
+            self.best = state["best_top1"] = metrics["top1"]
+            save_state({k: state[k] for k in ("model", "config", "num_classes", "classes", "epoch", "step",
+                                              "format")} | {"metrics": metrics}, self.out / "best.pt",
+                       previous=self.out / "last.pt")
+        save_checkpoint(state, self.out)
+
+    # ---- training ------------------------------------------------------------------
+    def run(self) -> int:
+        """Train to ``--max-steps`` / ``--epochs`` or until a stop signal; the exit code."""
+        cfg = self.config
+        self.log = open(self.out / "metrics.jsonl", "a") if self.info.is_main else None
+        try:
+            self.stop.install()
+            while self.epoch < cfg.epochs:
+                tick = time.perf_counter()
+                outcome = self._train_epoch()
+                if outcome == "preempted":
                     # Checkpoint where we are and leave; a resume re-enters this epoch (and evaluates
                     # it if it was complete), so no time goes to evaluation now.
-                    stopped = preempted = True
-                    skip = batch_index + 1
+                    self.save(None)
+                    return self._report(preempted=True)
+                self._end_epoch(partial=outcome == "max_steps", seconds=time.perf_counter() - tick)
+                if cfg.max_steps and self.step >= cfg.max_steps:
                     break
-                if args.max_steps and step >= args.max_steps:
-                    stopped = batch_index + 1 < steps_per_epoch  # a part-done epoch: resume inside it
-                    skip = batch_index + 1
-                    break
-            else:
-                skip = steps_per_epoch
-            if preempted:
-                save(epoch, skip, None)
-                break
-            if stopped:
-                metrics = evaluate(model, val_loader, device, info, autocast)
-                save(epoch, skip, None)  # not a finished epoch: never "best"
-            else:
-                metrics = evaluate(model, val_loader, device, info, autocast)
-                epoch, skip = epoch + 1, 0
-                save(epoch, 0, metrics)
-            if info.is_main:
-                log.write(json.dumps({"epoch": epoch - (not stopped), "step": step, **metrics, "best_top1": best,
-                                      "epoch_s": round(time.perf_counter() - tick, 2)}) + "\n")
-                log.flush()
-                print(f"epoch {epoch - (not stopped)} step {step}: top-1 {100 * metrics['top1']:.2f}% "
-                      f"top-5 {100 * metrics['top5']:.2f}% (best {100 * best:.2f}%)", flush=True)
-            if args.max_steps and step >= args.max_steps:
-                break
-        if log:
-            log.close()
-        if info.is_main and preempted:
-            print(f"lomar finetune: stopped by {stop.name} at step {step}; checkpoint {out / 'last.pt'}. Resume "
-                  f"with the same command plus --resume auto", flush=True)
-        elif info.is_main:
-            best_path = out / "best.pt"
-            print(f"lomar finetune: done at step {step}; " + (
-                f"best top-1 {100 * best:.2f}%, {best_path}" if best_path.exists()
-                else f"no full epoch evaluated yet, so no best.pt; checkpoint {out / 'last.pt'}"))
-        return 0
-    except RuntimeError as exc:
+            return self._report(preempted=False)
+        finally:
+            if self.log:
+                self.log.close()
+
+    def _train_epoch(self) -> str | None:
+        """The rest of the current epoch: None when it finished, else "preempted" or "max_steps"."""
+        sampler = self.train_loader.sampler
+        sampler.set_epoch(self.epoch, skip=self.skip * self.config.batch_size)
+        for batch_index, (images, targets) in enumerate(self.train_loader, start=self.skip):
+            self._train_step(images, targets)
+            self.skip = batch_index + 1
+            if any_rank_stopping(self.stop, self.device):
+                return "preempted"
+            if self.config.max_steps and self.step >= self.config.max_steps:
+                return "max_steps" if self.skip < self.steps_per_epoch else None
+        self.skip = self.steps_per_epoch
+        return None
+
+    def _train_step(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        cfg = self.config
+        lr = lr_at(self.step, self.steps_per_epoch, self.base_lr, cfg.warmup_epochs, cfg.epochs, cfg.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        with self.autocast():
+            loss = self.criterion(self.net(images), targets)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FinetuneError(f"loss is {value} at step {self.step}; the last good checkpoint is "
+                                f"{self.out / 'last.pt'}; lower --blr")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        if self.log and (self.step % cfg.log_every == 0 or self.step == 1):
+            self.log.write(json.dumps({"step": self.step, "epoch": self.epoch, "loss": value, "lr": lr}) + "\n")
+
+    def _end_epoch(self, partial: bool, seconds: float) -> None:
+        """Evaluate, checkpoint (a part-done epoch is never "best") and log."""
+        metrics = evaluate(self.model, self.val_loader, self.device, self.info, self.autocast)
+        if partial:
+            self.save(None)
+        else:
+            self.epoch, self.skip = self.epoch + 1, 0
+            self.save(metrics)
+        if self.info.is_main:
+            epoch = self.epoch - (not partial)
+            self.log.write(json.dumps({"epoch": epoch, "step": self.step, **metrics, "best_top1": self.best,
+                                       "epoch_s": round(seconds, 2)}) + "\n")
+            self.log.flush()
+            print(f"epoch {epoch} step {self.step}: top-1 {100 * metrics['top1']:.2f}% "
+                  f"top-5 {100 * metrics['top5']:.2f}% (best {100 * self.best:.2f}%)", flush=True)
+
+    def _report(self, preempted: bool) -> int:
+        if self.info.is_main and preempted:
+            print(f"lomar finetune: stopped by {self.stop.name} at step {self.step}; checkpoint "
+                  f"{self.out / 'last.pt'}. Resume with the same command plus --resume auto", flush=True)
+        elif self.info.is_main:
+            best_path = self.out / "best.pt"
+            print(f"lomar finetune: done at step {self.step}; " + (
+                f"best top-1 {100 * self.best:.2f}%, {best_path}" if best_path.exists()
+                else f"no full epoch evaluated yet, so no best.pt; checkpoint {self.out / 'last.pt'}"))
+        return self.stop.exit_code if preempted else 0
+
+
+def _prepare_folder(config: FinetuneConfig, run: FinetuneRun, resume: Path | None) -> None:
+    """Main process, lock held: clean stale temporaries; a resume cuts the log back to its
+    checkpoint, a new run clears what an overwritten run left."""
+    out = Path(config.out)
+    removed = remove_stale_temporaries(out)
+    if removed:
+        print(f"lomar finetune: removed {len(removed)} stale temporary file(s) in {out}, e.g. {removed[0].name}")
+    if resume is not None:
+        truncate_metrics(out / "metrics.jsonl", run.step)
+        print(f"lomar finetune: resumed from {resume} at step {run.step} (epoch {run.epoch})", flush=True)
+    else:
+        if (out / "last.pt").exists() and not config.overwrite and not config.resume:
+            raise UsageError(f"--out {out} already holds a run; pass --resume auto to continue it, "
+                             f"--overwrite to replace it, or another --out")
+        for stale in ("last.pt", "best.pt", "metrics.jsonl"):
+            (out / stale).unlink(missing_ok=True)
+    atomic_write_text(out / "config.yaml", dump_finetune_config(config))
+
+
+def finetune(config: FinetuneConfig) -> int:
+    """Run (or resume) a finetuning; returns the process exit code."""
+    try:
+        info, device = init_distributed(config.device)
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(str(exc).splitlines()[0]) from None
+    out = Path(config.out)
+    lock, run = RunLock(out), None
+    try:
+        if info.is_main:  # only the main process writes into the folder
+            lock.acquire()
+        resume = None
+        if config.resume == "auto":
+            resume, notes = find_resume_checkpoint(out)
+            for note in notes if info.is_main else ():
+                print(f"lomar finetune: {note}", flush=True)
+        elif config.resume:
+            resume = Path(config.resume)
+        if resume is not None and info.is_main:
+            check_no_rewind(resume, out, config.overwrite)
+        run = FinetuneRun(config, info, device)
+        if resume is not None:
+            run.load(resume)
+        if info.is_main:
+            _prepare_folder(config, run, resume)
+        return run.run()
+    except FinetuneError as exc:
         print(f"lomar finetune: error: {exc}", file=sys.stderr)
         return 1
+    except BaseException:
+        lock.release(remove_if_empty=True)
+        raise
     finally:
-        stop.restore()
-        shut_down_workers(*loaders)
+        if run is not None:
+            run.stop.restore()
+            shut_down_workers(run.train_loader, run.val_loader)
+        lock.release()
         cleanup_distributed()

@@ -1,4 +1,5 @@
-"""Preemption: SIGTERM / SIGUSR1 (what cluster schedulers send) become "checkpoint and exit 0"."""
+"""Preemption: SIGTERM / SIGUSR1 (what cluster schedulers send) become "checkpoint and exit 0";
+Ctrl-C (SIGINT) writes the same checkpoint and exits 130. A second Ctrl-C interrupts at once."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import torch.distributed as dist
 __all__ = ["StopFlag", "ignore_stop_signals", "any_rank_stopping", "shut_down_workers"]
 
 
+_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1: finish the step, checkpoint, exit 0."""
+    """Set by SIGTERM / SIGUSR1 / SIGINT: finish the step, checkpoint, exit (see exit_code)."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -21,7 +25,7 @@ class StopFlag:
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may set handlers (e.g. a run started from a thread)
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in _SIGNALS:
             self.previous[sig] = signal.signal(sig, self._handle)
 
     def restore(self) -> None:
@@ -34,15 +38,24 @@ class StopFlag:
     def name(self) -> str:
         return signal.Signals(self.signal).name if self.signal else "a signal on another rank"
 
+    @property
+    def exit_code(self) -> int:
+        """130 after Ctrl-C (the shell's convention), else 0: a preempted run is not a failure."""
+        return 130 if self.signal == signal.SIGINT else 0
+
     def _handle(self, signum, frame) -> None:
         if self.signal is None:  # the first signal is the reason reported
             self.signal = signum
+        if signum == signal.SIGINT:  # the next Ctrl-C is not deferred: it interrupts
+            previous = self.previous.get(signal.SIGINT)
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers leave SIGTERM/SIGUSR1 to the main process: schedulers signal the whole
-    process group, and a worker dying on it would crash the run instead of checkpointing it."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    """Loader workers leave SIGTERM/SIGUSR1/SIGINT to the main process: schedulers (and Ctrl-C)
+    signal the whole process group, and a worker dying on it would crash the run instead of
+    checkpointing it."""
+    for sig in _SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 

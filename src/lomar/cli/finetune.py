@@ -1,0 +1,33 @@
+"""``lomar finetune``: flags and YAML -> FinetuneConfig -> the finetuning loop."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lomar.errors import UsageError
+from lomar.train.finetune_config import add_finetune_arguments, dump_finetune_config, resolve_finetune_config
+from lomar.train.settings import ConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = "Multi-GPU: torchrun --nproc_per_node G -m lomar finetune ... (--batch-size is per process)."
+    add_finetune_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = resolve_finetune_config(args)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    if args.print_config:
+        sys.stdout.write(dump_finetune_config(config))
+        return 0
+    from lomar.train.finetune import finetune
+    from lomar.train.run_state import SaveError
+
+    try:
+        return finetune(config)
+    except SaveError as exc:
+        print(f"lomar finetune: error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,248 @@
+"""What every training run does with its folder: lock it, clean it, checkpoint into it, resume from it.
+
+Shared by pretraining (``engine``) and finetuning (``finetune``). A run folder holds
+``last.pt`` (the newest state), ``checkpoint-<step>.pt`` (kept history), ``metrics.jsonl``
+and ``.lock``; checkpoints carry the RNG state so that a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lomar.checkpoints.io import atomic_save, atomic_write_text, safe_load
+from lomar.errors import LomarError, UsageError
+
+__all__ = ["RunLock", "SaveError", "save_state", "rng_state", "set_rng_state", "checkpoints_to_prune",
+           "save_checkpoint", "truncate_metrics", "remove_stale_temporaries", "find_resume_checkpoint",
+           "checkpoint_step", "check_no_rewind", "remove_newer_checkpoints", "check_out_folder",
+           "autocast_factory", "resolve_precision"]
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.pt$")
+_TMP = re.compile(r"^\..+\.tmp(-(\d+))?$")
+
+
+class SaveError(LomarError, OSError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous one is intact."""
+
+
+# ---- RNG ------------------------------------------------------------------------------
+def rng_state() -> dict:
+    """torch / numpy / python RNG states as tensors and plain data (loadable with weights_only)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+            "numpy_pos": int(np_state[2]), "python": list(py_state[1]), "python_version": py_state[0]}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((state["python_version"], tuple(state["python"]), None))
+
+
+# ---- precision ------------------------------------------------------------------------
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 on CUDA with bf16 support, else fp32."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
+def autocast_factory(precision: str, device: torch.device):
+    """A zero-argument callable giving the autocast context of a resolved precision."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+# ---- checkpoints ----------------------------------------------------------------------
+def checkpoints_to_prune(paths: list[Path], keep: int) -> list[Path]:
+    """All but the ``keep`` newest ``checkpoint-<step>.pt``, by step number (past 999,999 steps the
+    names outgrow their zero padding and no longer sort by age); other names are left alone."""
+    ours = [f for f in paths if _CHECKPOINT.match(f.name)]
+    return sorted(ours, key=lambda f: int(_CHECKPOINT.match(f.name)[1]))[:-keep]
+
+
+def save_state(state: dict, path: Path, previous: Path | None = None) -> None:
+    """``atomic_save``, with a full disk reported as SaveError naming ``previous`` (the state kept)."""
+    previous = previous or path
+    try:
+        atomic_save(state, path)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        kept = f"{previous} is intact" if previous.exists() else "no earlier checkpoint exists"
+        error = SaveError(f"no space left on the device to write {path}; {kept}; free space and "
+                          f"resume with --resume auto")
+        error.errno = exc.errno
+        raise error from None
+
+
+def save_checkpoint(state: dict, out: Path, step: int | None = None, keep_last: int = 0) -> Path:
+    """Write ``last.pt`` (and ``checkpoint-<step>.pt`` when ``step`` is given, pruned to
+    ``keep_last``), each atomically. A full disk raises SaveError and leaves no temporary file."""
+    last = out / "last.pt"
+    if step is not None:
+        path = out / f"checkpoint-{step:06d}.pt"
+        save_state(state, path, last)
+    save_state(state, last, last)
+    if step is not None:
+        for old in checkpoints_to_prune(list(out.glob("checkpoint-*.pt")), keep_last):
+            if old.name != path.name:
+                old.unlink(missing_ok=True)
+        return path
+    return last
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the log lines written after the checkpoint we resume from (a crash between the two)."""
+    if path.exists():
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if line and json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:  # a line cut by a crash mid-write
+                continue
+        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a training checkpoint; None when it cannot be read or holds no training state."""
+    try:
+        ckpt = safe_load(path, mmap=True)
+    except (OSError, ValueError):
+        return None
+    step = ckpt.get("step")
+    return int(step) if "optimizer" in ckpt and isinstance(step, int) else None
+
+
+def find_resume_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
+    """(the newest intact state in ``out``, notes to print): ``last.pt``, else the
+    ``checkpoint-*.pt`` with the highest step that reads; the notes name what was skipped."""
+    notes = []
+    last = out / "last.pt"
+    if last.exists():
+        if checkpoint_step(last) is not None:
+            return last, notes
+        notes.append(f"{last} cannot be read, skipped")
+    candidates = sorted((p for p in out.glob("checkpoint-*.pt") if _CHECKPOINT.match(p.name)),
+                        key=lambda p: -int(_CHECKPOINT.match(p.name)[1]))
+    for path in candidates:
+        if checkpoint_step(path) is not None:
+            if not last.exists():
+                notes.append(f"{last} is missing")
+            notes.append(f"resuming from the newest intact checkpoint, {path}")
+            return path, notes
+        notes.append(f"{path} cannot be read, skipped")
+    return None, notes
+
+
+def check_no_rewind(resume: Path, out: Path, overwrite: bool) -> None:
+    """Refuse to resume an older state into a folder whose ``last.pt`` is newer (it would be
+    rewound: checkpoints pruned, metrics cut), unless ``overwrite`` says so."""
+    last = out / "last.pt"
+    if overwrite or not last.exists() or (resume.exists() and last.samefile(resume)):
+        return
+    newer, older = checkpoint_step(last), checkpoint_step(resume)
+    if newer is not None and older is not None and newer > older:
+        raise UsageError(f"--resume {resume} (step {older}) would rewind {out}, whose last.pt is at step {newer}; "
+                         f"pass --out NEW_FOLDER to branch off, --overwrite to rewind, or resume {last}")
+
+
+def remove_newer_checkpoints(out: Path, step: int) -> None:
+    """After an explicit rewind: drop the history written past ``step``."""
+    for path in out.glob("checkpoint-*.pt"):
+        match = _CHECKPOINT.match(path.name)
+        if match and int(match[1]) > step:
+            path.unlink(missing_ok=True)
+
+
+# ---- the folder ----------------------------------------------------------------------
+def check_out_folder(out: Path, flag: str = "--out") -> None:
+    """An output folder that can be created and written: not a file, not under a file, writable."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {out} is a file, not a folder; pass a folder path")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe != path and not probe.is_dir():
+        raise UsageError(f"{flag} {out} is under {probe}, which is a file; pass a folder path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {out}: {probe} is not writable; pass a folder you can write to")
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the temporary files (``.NAME.tmp``, ``.NAME.tmp-<pid>``) that writers killed
+    mid-write left behind. Call with the run's lock held: no live writer can own them."""
+    removed = []
+    for path in out.iterdir() if out.is_dir() else ():
+        if _TMP.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+class RunLock:
+    """An advisory ``fcntl.flock`` on ``OUT/.lock``, held for the run's life.
+
+    A second run into the same folder refuses at once. The kernel drops the lock when the
+    process ends, crash or ``kill -9`` included, so a stale lock file never blocks a rerun.
+    """
+
+    def __init__(self, out: Path):
+        self.out, self.handle, self.created = Path(out), None, False
+
+    def acquire(self) -> RunLock:
+        self.created = not self.out.exists()
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            handle = open(self.out / ".lock", "a+")
+        except OSError as exc:
+            raise UsageError(f"--out {self.out}: {exc.strerror or exc}; pass a folder you can write to") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            raise UsageError(f"--out {self.out} is in use by another run (pid {owner}); wait for it to end "
+                             f"or pass another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def release(self, remove_if_empty: bool = False) -> None:
+        """Unlock; ``remove_if_empty``: also remove the folder if this run created it and
+        wrote nothing (a set-up failure leaves no empty run folder behind)."""
+        if self.handle is None:
+            return
+        if remove_if_empty and self.created and {p.name for p in self.out.iterdir()} <= {".lock"}:
+            (self.out / ".lock").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.out.rmdir()
+        self.handle.close()
+        self.handle = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release(remove_if_empty=exc[0] is not None)

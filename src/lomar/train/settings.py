@@ -1,0 +1,142 @@
+"""Typed run settings from YAML and flags, shared by every training command.
+
+A command's settings are one dataclass. Its fields become flags (``--window-size`` for
+``window_size``), a YAML file (``--config``) may set any of them, and explicit flags win
+over the file. A resumed run takes its saved settings; only run-control ones may change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "add_dataclass_arguments", "explicit_values", "coerce_all", "read_yaml",
+           "resume_values"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the CLI turns it into a one-line error and exit code 2."""
+
+
+def field_kind(cls: type, name: str) -> tuple[str, bool]:
+    """('int' | 'float' | 'str' | 'bool', optional) of a settings field."""
+    kind = cls.__dataclass_fields__[name].type
+    kind = kind if isinstance(kind, str) else kind.__name__
+    return kind.split(" | ")[0], kind.endswith("| None")
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str],
+                            choices: dict[str, tuple], nargs_optional: dict[str, str] | None = None) -> None:
+    """One flag per field, plus --config and --print-config; flags not given stay absent
+    from the namespace, so that "given" can be told from "default"."""
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help="YAML file with any of the settings below (default: none; flags override it)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    defaults = cls()
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        base, _ = field_kind(cls, field.name)
+        default = getattr(defaults, field.name)
+        text = helps.get(field.name, "")
+        text = f"{text} (default: {default})" if text else f"default: {default}"
+        common = dict(default=argparse.SUPPRESS, help=text.replace("%", "%%"), dest=field.name)
+        if base == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+            continue
+        if nargs_optional and field.name in nargs_optional:  # e.g. a bare --resume means --resume auto
+            common.update(nargs="?", const=nargs_optional[field.name], metavar="PATH|auto")
+        convert = {"int": int, "float": float, "str": str}[base]
+        parser.add_argument(flag, type=convert, choices=choices.get(field.name), **common)
+
+
+def explicit_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the user gave: the YAML file's, then the flags' on top."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    from_yaml = read_yaml(cls, Path(args.config)) if getattr(args, "config", None) else {}
+    return {**from_yaml, **{k: v for k, v in vars(args).items() if k in known}}
+
+
+def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
+    """A YAML or saved value as its field's type; YAML 1.1 reads ``1e-3`` as a string."""
+    base, optional = field_kind(cls, name)
+    where = f"{name}: {value!r} in {source}"
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where} is not allowed: {name} needs a {base} value; set one or remove the line")
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{where} must be a {'string' if base == 'str' else 'number'}")
+    if base == "str":
+        return str(value)  # e.g. `out: 2024`
+    if isinstance(value, str):
+        try:
+            return int(value) if base == "int" else float(value)
+        except ValueError:
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where} is not a number; write e.g. {name}: 1e-3") from None
+    if base == "float":
+        return float(value)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ConfigError(f"{where} must be a whole number")
+        return int(value)
+    return value
+
+
+def coerce_all(cls: type, raw: dict, source: str, strict: bool = True, command: str = "") -> dict[str, Any]:
+    """Setting names normalised (``window-size`` -> ``window_size``) and values typed.
+
+    ``strict``: unknown names are an error (a user's file); else skipped (a run saved by
+    another version)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    bad_keys = [repr(k) for k in raw if not isinstance(k, str)]
+    if bad_keys:
+        raise ConfigError(f"setting names in {source} must be strings, got {', '.join(bad_keys)}")
+    raw = {k.replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(raw) - known)
+    if unknown and strict:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in {source}; "
+                          f"see `lomar {command or '<command>'} --help` for the valid ones")
+    return {k: _coerce(cls, k, v, source) for k, v in raw.items() if k in known}
+
+
+def read_yaml(cls: type, path: Path, strict: bool = True) -> dict[str, Any]:
+    """The settings of a YAML file, typed."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings")
+    return coerce_all(cls, raw, str(path), strict, getattr(cls, "COMMAND", ""))
+
+
+def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[str, Any],
+                  run_control: set[str], per_invocation: dict[str, Any],
+                  derived: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The saved run's settings, with the explicit run-control ones on top; any other explicit
+    setting must equal the saved one (a different model or batch cannot continue the run).
+
+    ``per_invocation``: never inherited (e.g. resume, overwrite); ``derived``: None asks for a
+    default the saved run already resolved."""
+    values = {**dataclasses.asdict(cls()), **saved, **per_invocation}
+    for name, value in explicit.items():
+        if name in run_control or value == values[name] or (value is None and name in derived):
+            continue
+        flag = "--" + name.replace("_", "-")
+        raise ConfigError(f"{flag} {value} differs from {values[name]} in the run being resumed ({source}); "
+                          f"drop {flag} to continue the run, or start a new run with another --out")
+    values.update({k: v for k, v in explicit.items() if k in run_control})
+    return values

@@ -1,0 +1,152 @@
+"""The run-folder infrastructure shared by pretraining and finetuning: lock, stale temporaries,
+full-disk saves, resume from the newest intact checkpoint, rewind refusal, thread defaults."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lomar.checkpoints.io import atomic_save, safe_load
+from lomar.errors import UsageError
+from lomar.train import runtime
+from lomar.train.run_state import (
+    RunLock,
+    SaveError,
+    check_no_rewind,
+    check_out_folder,
+    find_resume_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+    truncate_metrics,
+)
+
+
+def _state(step: int) -> dict:
+    return {"model": {"w": torch.full((2,), float(step))}, "optimizer": {}, "step": step}
+
+
+def test_a_second_lock_on_the_folder_refuses_at_once(tmp_path):
+    out = tmp_path / "run"
+    with RunLock(out):
+        with pytest.raises(UsageError, match=rf"in use by another run \(pid {os.getpid()}\)"):
+            RunLock(out).acquire()
+    with RunLock(out):  # released on exit
+        pass
+
+
+@pytest.mark.slow
+def test_the_lock_is_released_when_its_holder_dies(tmp_path):
+    out = tmp_path / "run"
+    code = (f"from lomar.train.run_state import RunLock; RunLock({str(out)!r}).acquire(); "
+            f"import os; os._exit(3)")  # a crash: no clean-up code runs
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ}, timeout=120)
+    assert proc.returncode == 3 and (out / ".lock").exists()
+    with RunLock(out):
+        pass
+
+
+def test_a_failed_set_up_leaves_no_empty_folder(tmp_path):
+    out = tmp_path / "new"
+    with pytest.raises(RuntimeError):
+        with RunLock(out):
+            raise RuntimeError("set-up failed")
+    assert not out.exists()
+    existing = tmp_path / "old"
+    existing.mkdir()
+    with pytest.raises(RuntimeError):
+        with RunLock(existing):
+            raise RuntimeError("set-up failed")
+    assert existing.is_dir()  # not ours to remove
+
+
+def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
+    names = [".checkpoint-000009.pt.tmp-4242", ".last.pt.tmp-99999", ".metrics.jsonl.tmp", ".config.yaml.tmp"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"half")
+    keep = ["last.pt", "checkpoint-000009.pt", "notes.tmp.txt", ".lock"]
+    for name in keep:
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(names)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_no_temporary(tmp_path, monkeypatch):
+    save_checkpoint(_state(1), tmp_path, step=1, keep_last=2)
+
+    def no_space(obj, handle, *args, **kwargs):
+        handle.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("lomar.checkpoints.io.torch.save", no_space)
+    with pytest.raises(SaveError) as info:
+        save_checkpoint(_state(2), tmp_path, step=2, keep_last=2)
+    message = str(info.value)
+    assert "no space left" in message and "last.pt is intact" in message and "\n" not in message
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert safe_load(tmp_path / "last.pt")["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000001.pt", "last.pt"]
+
+
+def test_resume_auto_falls_back_to_the_newest_intact_checkpoint(tmp_path):
+    for step in (3, 6, 9):
+        atomic_save(_state(step), tmp_path / f"checkpoint-{step:06d}.pt")
+    (tmp_path / "checkpoint-000012.pt").write_bytes(b"truncated by a full disk")
+    path, notes = find_resume_checkpoint(tmp_path)
+    assert path.name == "checkpoint-000009.pt"
+    text = " | ".join(notes)
+    assert "last.pt is missing" in text and "checkpoint-000012.pt cannot be read" in text
+    assert "checkpoint-000009.pt" in text
+    atomic_save(_state(12), tmp_path / "last.pt")
+    assert find_resume_checkpoint(tmp_path) == (tmp_path / "last.pt", [])
+    assert find_resume_checkpoint(tmp_path / "nothing") == (None, [])
+
+
+def test_resuming_an_older_checkpoint_into_a_newer_folder_refuses(tmp_path):
+    atomic_save(_state(135), tmp_path / "checkpoint-000135.pt")
+    atomic_save(_state(180), tmp_path / "last.pt")
+    with pytest.raises(UsageError, match=r"step 135.*would rewind.*step 180.*--out NEW_FOLDER.*--overwrite"):
+        check_no_rewind(tmp_path / "checkpoint-000135.pt", tmp_path, overwrite=False)
+    check_no_rewind(tmp_path / "checkpoint-000135.pt", tmp_path, overwrite=True)
+    check_no_rewind(tmp_path / "checkpoint-000135.pt", tmp_path / "elsewhere", overwrite=False)
+    check_no_rewind(tmp_path / "last.pt", tmp_path, overwrite=False)
+
+
+@pytest.mark.parametrize("case", ["file", "under a file", "read-only"])
+def test_unusable_output_folders(tmp_path, case):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    path, words = {"file": (afile, "is a file"), "under a file": (afile / "sub", "which is a file"),
+                   "read-only": (ro / "run", "not writable")}[case]
+    if case == "read-only" and os.access(ro, os.W_OK):
+        pytest.skip("running as a user who can write anywhere")
+    with pytest.raises(UsageError, match=words):
+        check_out_folder(path)
+    check_out_folder(tmp_path / "new" / "deeper")
+
+
+def test_metrics_truncation_drops_later_and_broken_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    truncate_metrics(path, 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_thread_and_worker_defaults_fit_the_machine(monkeypatch):
+    monkeypatch.setattr(runtime, "available_cores", lambda: 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert (runtime.default_threads(), runtime.default_workers()) == (2, 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert runtime.default_threads() == 1
+    monkeypatch.setattr(runtime, "available_cores", lambda: 1)
+    assert (runtime.default_threads(), runtime.default_workers()) == (1, 0)
+    monkeypatch.setattr(runtime, "available_cores", lambda: 64)
+    assert runtime.default_workers() == 8
