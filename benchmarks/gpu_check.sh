@@ -92,17 +92,19 @@ export PYTHONUNBUFFERED=1
 LOMAR=("$PY" -m lomar)
 if want env; then
   timeout "${GPU_CHECK_T_ENV:-60}" "$PY" - "$DEST/env.json" "$DEVICE" <<'EOF' 2>&1 | tee -a "$LOG"
-import importlib, json, platform, sys
+import importlib, importlib.util, json, platform, sys
 out, device = sys.argv[1], sys.argv[2]
 mods = ["torch", "torchvision", "timm", "safetensors", "yaml", "numpy", "PIL", "tqdm", "matplotlib",
-        "skimage", "sklearn", "tensorboard", "webdataset", "lomar"]
+        "skimage", "sklearn", "tensorboard", "lomar"]
+optional = ["webdataset"]  # declared in pyproject, imported by nothing yet
 found, missing = {}, {}
 for m in mods:
     try:
         found[m] = getattr(importlib.import_module(m), "__version__", "?")
     except Exception as exc:
         missing[m] = f"{type(exc).__name__}: {exc}"
-info = dict(part="env", python=platform.python_version(), found=found, missing=missing)
+absent = [m for m in optional if importlib.util.find_spec(m) is None]
+info = dict(part="env", optional_missing=absent, python=platform.python_version(), found=found, missing=missing)
 try:
     import torch
     info.update(cuda=torch.cuda.is_available(), cuda_version=torch.version.cuda,
@@ -112,7 +114,8 @@ except Exception:
     pass
 json.dump(info, open(out, "w"), indent=1)
 print("found:", ", ".join(f"{k} {v}" for k, v in found.items()))
-print("MISSING:", "; ".join(f"{k} ({v})" for k, v in missing.items()) if missing else "nothing")
+print("MISSING:", "; ".join(f"{k} ({v})" for k, v in missing.items()) if missing else "nothing",
+      f"(optional, absent: {', '.join(absent)})" if absent else "")
 sys.exit(1 if missing or (device != "cpu" and not info.get("cuda")) else 0)
 EOF
   status env "${PIPESTATUS[0]}"
