@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lomar.errors import UsageError
 
-__all__ = ["add_loader_arguments", "run_loader"]
+__all__ = ["add_loader_arguments", "run_loader", "main"]
 
 
 def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +54,8 @@ def run_loader(args: argparse.Namespace) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     records = []
     for decode in args.decode:
         try:
@@ -61,9 +63,17 @@ def run_loader(args: argparse.Namespace) -> int:
                 args.data, list(dict.fromkeys(args.sizes)), args.workers, args.loader_method,
                 args.loader_windows, decode, args.images, args.batch_size, args.model, device=device,
                 precision=args.precision, compile=args.compile, steps=args.steps, warmup=args.warmup,
-                model_rate=not args.no_model, tiny=getattr(args, "tiny", False), progress=say)
+                model_rate=not args.no_model and not records, tiny=getattr(args, "tiny", False), progress=say)
         except ValueError as exc:
             raise UsageError(str(exc).splitlines()[0]) from None
+    # The model step does not depend on the decoding: measured once per size, shared.
+    model_rate = {r["img_size"]: r for r in records if r["model_images_per_s"] is not None}
+    for r in records:
+        if r["model_images_per_s"] is None and r["img_size"] in model_rate:
+            m = model_rate[r["img_size"]]
+            r.update({k: m[k] for k in ("model_images_per_s", "model_batch_size", "precision", "compile", "device")})
+            r["limited_by"] = "loader" if r["loader_images_per_s"] < r["model_images_per_s"] else "model"
+            r["workers_to_feed_model"] = r["model_images_per_s"] / max(r["images_per_s"], 1e-9)
     out = sys.stdout
     out.write(f"{'px':>5} {'decode':>7} {'img/s/worker':>13} {'loader img/s':>13} {'model img/s':>12}  limited by\n")
     for r in records:
@@ -79,3 +89,22 @@ def run_loader(args: argparse.Namespace) -> int:
         tmp.replace(args.json)
         say(f"wrote {args.json}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lomar.cli.bench_loader ...``: the loader task with ``lomar bench``'s flags."""
+    from lomar.cli import bench
+
+    parser = argparse.ArgumentParser(prog="lomar bench --task loader", description=__doc__.splitlines()[0])
+    bench.add_arguments(parser)
+    add_loader_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_loader(args)
+    except UsageError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
