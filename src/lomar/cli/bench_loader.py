@@ -31,6 +31,7 @@ def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--make-test-set", choices=["camera", "imagenet"], default=None,
                        help="first write --test-set-count JPEGs of this kind into --data")
     group.add_argument("--test-set-count", type=int, default=32)
+    group.add_argument("--repeats", type=int, default=1, help="loader measurements per setting (median)")
     group.add_argument("--no-model", action="store_true", help="measure the loader only")
 
 
@@ -63,7 +64,7 @@ def run_loader(args: argparse.Namespace) -> int:
                 args.data, list(dict.fromkeys(args.sizes)), args.workers, args.loader_method,
                 args.loader_windows, decode, args.images, args.batch_size, args.model, device=device,
                 precision=args.precision, compile=args.compile, steps=args.steps, warmup=args.warmup,
-                model_rate=not args.no_model and not records, tiny=getattr(args, "tiny", False), progress=say)
+                model_rate=not args.no_model and not records, tiny=getattr(args, "tiny", False), repeats=max(1, args.repeats), progress=say)
         except ValueError as exc:
             raise UsageError(str(exc).splitlines()[0]) from None
     # The model step does not depend on the decoding: measured once per size, shared.

@@ -174,6 +174,9 @@ class FastPretrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    def _reducible(self, path: str, gen: torch.Generator) -> bool:
+        return self.mode == "windows" or _can_reduce(path, self.base.transform, gen)
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         from lomar.data.images import sample_generator
 
@@ -182,6 +185,14 @@ class FastPretrainDataset(Dataset):
         path = str(base.paths[index % len(base.paths)])
         gen = sample_generator(base.seed, epoch, index)
         try:
+            if not self._reducible(path, gen):
+                # No DCT scale keeps the crop >= S px (small photos): the reference path is the
+                # fastest there, and exact. The generator is rewound, so the draws are the same.
+                from lomar.data.images import load_image
+
+                image = base.transform(load_image(path), gen)
+                plan = base.masker(gen) if base.masker is not None else {}
+                return {"image": image, "path": path, **plan}
             if self.mode == "windows":
                 pixels, plan = resample_windows(path, base.transform, gen, base.masker, self.patch_size,
                                                 self.window_size)
@@ -191,6 +202,18 @@ class FastPretrainDataset(Dataset):
         except (ValueError, OSError, RuntimeError):
             return {"image": None, "path": path, "size": base.transform.size}
         return {"image": _normalize(pixels, base.transform), "path": path, **plan}
+
+
+def _can_reduce(source, transform, gen: torch.Generator) -> bool:
+    """Whether the crop ``gen`` will draw can be decoded at 1/2 scale or less; ``gen`` is left as it was."""
+    with _open(source) as img:
+        if img.format != "JPEG" or _oriented(img):
+            return False
+        width, height = img.size
+    state = gen.get_state()
+    _, _, h, w = transform.crop_box(height, width, gen)
+    gen.set_state(state)
+    return h / 2 >= transform.size and w / 2 >= transform.size
 
 
 def gpu_decode_crops(datas: list[bytes], boxes: list[tuple[int, int, int, int]], size: int,
