@@ -221,8 +221,9 @@ def gpu_decode_crops(datas: list[bytes], boxes: list[tuple[int, int, int, int]],
     """Batched CUDA JPEG decode + crop + antialiased bicubic resize + flip, on the device.
 
     ``boxes``: (top, left, h, w) in full-size coordinates (draw them with the transform's
-    ``crop_box`` on :func:`jpeg_size`). Returns uint8 (N, 3, S, S) on ``device``. Needs CUDA
-    (torchvision's nvjpeg decoder); EXIF orientation is not applied.
+    ``crop_box`` on :func:`jpeg_size`). Returns uint8 (N, 3, S, S) on ``device``. On CUDA the
+    batch goes through nvjpeg in one call; "cpu" runs the same code (what the tests check).
+    EXIF orientation is not applied.
     """
     import torch.nn.functional as F
     from torchvision.io import ImageReadMode, decode_jpeg
