@@ -126,28 +126,21 @@ def _collate(batch: list[dict]) -> int:
 def time_loader(dataset, workers: int, images: int, batch_size: int = 16, repeats: int = 1) -> float:
     """Images/s of iterating ``images`` samples of ``dataset`` with ``workers`` loader workers.
 
-    The clock starts at the first batch (worker start-up is a one-off cost, not a rate); with
-    several ``repeats`` the median rate is returned.
+    One untimed pass starts the (persistent) workers and warms their imports; each timed pass
+    then runs from asking for the first batch to the last, so nothing is prefetched before
+    the clock starts. With several ``repeats`` the median rate is returned.
     """
     from torch.utils.data import DataLoader, Subset
 
     count = min(images, len(dataset))
+    loader = DataLoader(Subset(dataset, range(count)), batch_size=batch_size, num_workers=workers,
+                        collate_fn=_collate, persistent_workers=workers > 0)
+    sum(loader)  # warm-up pass
     rates = []
     for _ in range(repeats):
-        loader = DataLoader(Subset(dataset, range(count)), batch_size=batch_size, num_workers=workers,
-                            collate_fn=_collate)
-        it = iter(loader)
-        first = next(it)
-        start, seen = time.perf_counter(), 0
-        for batch in it:
-            seen += batch
-        elapsed = time.perf_counter() - start
-        if seen == 0:  # a single batch: time it alone
-            start = time.perf_counter()
-            list(DataLoader(Subset(dataset, range(count)), batch_size=batch_size, num_workers=0,
-                            collate_fn=_collate))
-            elapsed, seen = time.perf_counter() - start, first
-        rates.append(seen / max(elapsed, 1e-9))
+        start = time.perf_counter()
+        seen = sum(loader)
+        rates.append(seen / max(time.perf_counter() - start, 1e-9))
     return float(statistics.median(rates))
 
 
