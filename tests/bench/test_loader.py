@@ -69,10 +69,12 @@ def test_draft_decoding_keeps_crops_and_plans_with_bounded_pixel_differences(pho
     assert max(means) < 4.0, means
 
 
-def test_draft_decoding_of_a_photo_too_small_to_reduce_is_the_reference_path(tmp_path):
-    make_test_set(tmp_path, "imagenet", 2, processes=1)  # 500x375: no crop keeps 224 px at 1/2 scale
+@pytest.mark.parametrize("decode", ["draft", "windows"])
+def test_fast_paths_that_gain_nothing_are_the_reference_path(tmp_path, decode):
+    # 500x375: no crop keeps 224 px at 1/2 scale; 4 windows of 112 px would fill the 224 px crop.
+    make_test_set(tmp_path, "imagenet", 2, processes=1)
     full = loader_dataset(tmp_path, 224, "lomar", 4, 16, "full")
-    draft = loader_dataset(tmp_path, 224, "lomar", 4, 16, "draft")
+    draft = loader_dataset(tmp_path, 224, "lomar", 4, 16, decode)
     for index in range(4):
         a, b = full[(index, 0)], draft[(index, 0)]
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["top_left"], b["top_left"])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TEST_SET_SIZES", "make_test_set", "loader_dataset", "measure_loader", "time_loader"]
+__all__ = ["TEST_SET_SIZES", "make_test_set", "loader_dataset", "measure_loader", "time_loader", "cpu_ms_per_image"]
 
 # (width, height) of each test-set kind.
 TEST_SET_SIZES = {"camera": (4000, 3000), "imagenet": (500, 375)}
@@ -112,7 +112,7 @@ def loader_dataset(data: str | Path, img_size: int, method: str = "lomar", windo
         raise ValueError(f"--decode windows needs a windowed method, not {method!r}; use draft")
     if not hasattr(base, "paths"):
         raise ValueError(f"--decode {decode} needs a folder or .txt list, not tar shards")
-    return FastPretrainDataset(base, decode, patch_size=patch_size, window_size=window_size)
+    return FastPretrainDataset(base, decode, patch_size=patch_size, window_size=window_size, num_windows=windows)
 
 
 def _collate(batch: list[dict]) -> int:
@@ -144,6 +144,22 @@ def time_loader(dataset, workers: int, images: int, batch_size: int = 16, repeat
     return float(statistics.median(rates))
 
 
+def cpu_ms_per_image(dataset, images: int = 16) -> float:
+    """CPU milliseconds per sample in this process, one thread: a worker's cost that other
+    load on a shared machine barely changes (unlike images/s, which it divides)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        count = min(images, len(dataset))
+        dataset[0]  # imports and first-call set-up
+        start = time.process_time()
+        for i in range(count):
+            dataset[i]
+        return 1000 * (time.process_time() - start) / count
+    finally:
+        torch.set_num_threads(threads)
+
+
 def measure_loader(data: str | Path, sizes: list[int], workers: int = 1, method: str = "lomar",
                    windows: int | None = 4, decode: str = "full", images: int = 64, batch_size: int = 16,
                    model: str = "vit_base_patch16", model_batch: int | None = None,
@@ -157,7 +173,8 @@ def measure_loader(data: str | Path, sizes: list[int], workers: int = 1, method:
     step rate of the same configuration (``model_images_per_s``, from
     :func:`lomar.bench.timing.build_runner`), and ``limited_by``: "loader" when the loader's
     total rate is below the model's, else "model". ``workers`` = 0 loads in the main process
-    and counts as one worker.
+    and counts as one worker. ``cpu_ms_per_image``: the CPU time of one sample in this process
+    (one thread), the figure to compare on a busy machine.
     """
     from lomar.bench.timing import build_runner, interleaved_times, median
     from lomar.models.vit import model_config
@@ -169,11 +186,13 @@ def measure_loader(data: str | Path, sizes: list[int], workers: int = 1, method:
         dataset = loader_dataset(data, size, method, windows, patch, decode)
         total = time_loader(dataset, workers, images, batch_size, repeats)
         per_worker = total / max(workers, 1)
+        cpu_ms = cpu_ms_per_image(dataset, min(images, 16))
         rec = dict(task="loader", method=method, img_size=size, windows=windows if method == "lomar" else None,
                    decode=decode, workers=workers, images=min(images, len(dataset)), data=str(data),
-                   images_per_s=per_worker, loader_images_per_s=total, model=model)
+                   images_per_s=per_worker, loader_images_per_s=total, cpu_ms_per_image=cpu_ms,
+                   cpu_images_per_s=1000 / cpu_ms, model=model)
         if progress:
-            progress(f"{size}px {decode}: {per_worker:.1f} images/s per worker")
+            progress(f"{size}px {decode}: {per_worker:.1f} images/s per worker, {cpu_ms:.1f} CPU ms per image")
         if model_rate:
             runner = build_runner(method, model, size, windows, model_batch or batch_size, device, precision,
                                   compile, tiny=tiny)

@@ -76,10 +76,12 @@ def run_loader(args: argparse.Namespace) -> int:
             r["limited_by"] = "loader" if r["loader_images_per_s"] < r["model_images_per_s"] else "model"
             r["workers_to_feed_model"] = r["model_images_per_s"] / max(r["images_per_s"], 1e-9)
     out = sys.stdout
-    out.write(f"{'px':>5} {'decode':>7} {'img/s/worker':>13} {'loader img/s':>13} {'model img/s':>12}  limited by\n")
+    out.write(f"{'px':>5} {'decode':>7} {'img/s/worker':>13} {'CPU ms/img':>11} {'loader img/s':>13} "
+              f"{'model img/s':>12}  limited by\n")
     for r in records:
         model = "-" if r["model_images_per_s"] is None else f"{r['model_images_per_s']:.1f}"
-        out.write(f"{r['img_size']:>5} {r['decode']:>7} {r['images_per_s']:>13.1f} {r['loader_images_per_s']:>13.1f} "
+        out.write(f"{r['img_size']:>5} {r['decode']:>7} {r['images_per_s']:>13.1f} {r['cpu_ms_per_image']:>11.1f} "
+                  f"{r['loader_images_per_s']:>13.1f} "
                   f"{model:>12}  {r['limited_by'] or '-'}\n")
     if args.json:
         meta = dict(command="lomar " + " ".join(sys.argv[1:]), torch=torch.__version__,

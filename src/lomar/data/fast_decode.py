@@ -160,22 +160,29 @@ class FastPretrainDataset(Dataset):
 
     ``mode``: "draft" (reduced-size decode, whole crop resized) or "windows" (reduced-size
     decode, only the plan's windows resampled; needs ``patch_size``/``window_size`` and a
-    masker returning ``top_left``). Items as the base dataset's: ``{"image", "path", **plan}``;
+    masker returning ``top_left``; ``num_windows`` per image decides whether resampling
+    windows one by one beats one resize). A sample that gains nothing (a photo too small to
+    decode reduced, windows covering most of the crop) takes the reference path, bit for bit. Items as the base dataset's: ``{"image", "path", **plan}``;
     unreadable files give ``image=None`` like the base.
     """
 
-    def __init__(self, base, mode: str = "draft", patch_size: int | None = None, window_size: int | None = None):
+    def __init__(self, base, mode: str = "draft", patch_size: int | None = None, window_size: int | None = None,
+                 num_windows: int | None = None):
         if mode not in ("draft", "windows"):
             raise ValueError(f"mode must be 'draft' or 'windows', got {mode!r}")
         if mode == "windows" and (patch_size is None or window_size is None or base.masker is None):
             raise ValueError("mode 'windows' needs patch_size, window_size and a windowed masker")
         self.base, self.mode, self.patch_size, self.window_size = base, mode, patch_size, window_size
+        # Resampling windows one by one only pays when they cover well under the crop (e.g. 4
+        # windows of 112 px fill a 224 px crop, but 6 % of an 896 px one) or the decode shrinks.
+        size = base.transform.size
+        self.sparse = mode == "windows" and (num_windows or 1) * (window_size * patch_size) ** 2 < size * size / 2
 
     def __len__(self) -> int:
         return len(self.base)
 
     def _reducible(self, path: str, gen: torch.Generator) -> bool:
-        return self.mode == "windows" or _can_reduce(path, self.base.transform, gen)
+        return (self.mode == "windows" and self.sparse) or _can_reduce(path, self.base.transform, gen)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         from lomar.data.images import sample_generator
