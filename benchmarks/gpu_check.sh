@@ -133,7 +133,7 @@ if want loader; then
     "$MODEL" "$PBATCH" "$PRECISION" "${#TINY[@]}" <<'EOF' 2>&1 | tee -a "$LOG"
 import json, sys, time
 import torch
-from lomar.bench.loader import measure_loader
+from lomar.bench.loader import measure_loader, share_model_rate
 out, data, size, workers, device, model, batch, precision, tiny = sys.argv[1:]
 size, workers, batch, tiny = int(size), int(workers), int(batch), int(tiny) > 0
 windows = 2 if tiny else 9
@@ -143,6 +143,7 @@ for decode in ("full", "draft", "windows"):
                               batch_size=8, model=model, model_batch=batch, device=device, precision=precision,
                               steps=3, warmup=1, tiny=tiny, model_rate=decode == "full",
                               progress=lambda m: print("[loader]", m, flush=True))
+share_model_rate(records)
 if torch.cuda.is_available() and device != "cpu":  # batched nvjpeg decode + crop + resize on the GPU
     from pathlib import Path
     from lomar.data.fast_decode import gpu_decode_crops, jpeg_size

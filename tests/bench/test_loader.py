@@ -169,13 +169,19 @@ def test_loader_command_prints_rates_and_writes_json(photos, tmp_path, capsys):
     out = tmp_path / "loader.json"
     args = _parser().parse_args(["--data", str(photos), "--sizes", "64", "--workers", "1", "--images", "8",
                                  "--batch-size", "2", "--model", "vit_tiny_patch8", "--loader-windows", "2",
-                                 "--steps", "1", "--warmup", "0", "--tiny", "--quiet", "--json", str(out)])
+                                 "--steps", "1", "--warmup", "0", "--tiny", "--quiet", "--json", str(out),
+                                 "--decode", "full", "draft"])
     assert run_loader(args) == 0
-    text = capsys.readouterr().out
-    assert "img/s/worker" in text and ("loader" in text.splitlines()[1] or "model" in text.splitlines()[1])
-    (rec,) = json.loads(out.read_text())["records"]
-    assert rec["task"] == "loader" and rec["limited_by"] in ("loader", "model")
-    assert {"images_per_s", "model_images_per_s"} <= rec.keys()
+    lines = capsys.readouterr().out.splitlines()
+    assert "img/s/worker" in lines[0] and len(lines) == 3
+    assert all(line.split()[-1] in ("loader", "model") for line in lines[1:])
+    records = json.loads(out.read_text())["records"]
+    assert [r["decode"] for r in records] == ["full", "draft"]
+    for rec in records:  # the model is timed once per size; both rows get its rate and a verdict
+        assert rec["task"] == "loader" and {"images_per_s", "model_images_per_s", "cpu_ms_per_image"} <= rec.keys()
+        expected = "loader" if rec["loader_images_per_s"] < rec["model_images_per_s"] else "model"
+        assert rec["limited_by"] == expected
+    assert records[0]["model_images_per_s"] == records[1]["model_images_per_s"]
 
 
 @pytest.mark.parametrize("flags, message", [

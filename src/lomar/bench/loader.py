@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TEST_SET_SIZES", "make_test_set", "loader_dataset", "measure_loader", "time_loader", "cpu_ms_per_image"]
+__all__ = ["TEST_SET_SIZES", "make_test_set", "loader_dataset", "measure_loader", "time_loader", "cpu_ms_per_image",
+           "share_model_rate"]
 
 # (width, height) of each test-set kind.
 TEST_SET_SIZES = {"camera": (4000, 3000), "imagenet": (500, 375)}
@@ -206,4 +207,17 @@ def measure_loader(data: str | Path, sizes: list[int], workers: int = 1, method:
         else:
             rec.update(model_images_per_s=None, limited_by=None)
         records.append(rec)
+    return records
+
+
+def share_model_rate(records: list[dict]) -> list[dict]:
+    """Give records measured without the model (``model_rate=False``) the model rate of a record
+    of the same size, and their limiting side: the model step does not depend on the decoding."""
+    rates = {r["img_size"]: r for r in records if r.get("model_images_per_s") is not None}
+    for r in records:
+        if r.get("model_images_per_s") is None and r["img_size"] in rates:
+            m = rates[r["img_size"]]
+            r.update({k: m[k] for k in ("model_images_per_s", "model_batch_size", "precision", "compile", "device")})
+            r["limited_by"] = "loader" if r["loader_images_per_s"] < r["model_images_per_s"] else "model"
+            r["workers_to_feed_model"] = r["model_images_per_s"] / max(r["images_per_s"], 1e-9)
     return records

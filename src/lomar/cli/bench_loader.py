@@ -42,7 +42,7 @@ def run_loader(args: argparse.Namespace) -> int:
     if args.workers < 0 or args.images <= 0:
         raise UsageError(f"--workers must be >= 0 and --images positive, got {args.workers} and {args.images}")
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
-    from lomar.bench.loader import make_test_set, measure_loader
+    from lomar.bench.loader import make_test_set, measure_loader, share_model_rate
 
     if args.make_test_set:
         try:
@@ -67,14 +67,7 @@ def run_loader(args: argparse.Namespace) -> int:
                 model_rate=not args.no_model and not records, tiny=getattr(args, "tiny", False), repeats=max(1, args.repeats), progress=say)
         except ValueError as exc:
             raise UsageError(str(exc).splitlines()[0]) from None
-    # The model step does not depend on the decoding: measured once per size, shared.
-    model_rate = {r["img_size"]: r for r in records if r["model_images_per_s"] is not None}
-    for r in records:
-        if r["model_images_per_s"] is None and r["img_size"] in model_rate:
-            m = model_rate[r["img_size"]]
-            r.update({k: m[k] for k in ("model_images_per_s", "model_batch_size", "precision", "compile", "device")})
-            r["limited_by"] = "loader" if r["loader_images_per_s"] < r["model_images_per_s"] else "model"
-            r["workers_to_feed_model"] = r["model_images_per_s"] / max(r["images_per_s"], 1e-9)
+    share_model_rate(records)
     out = sys.stdout
     out.write(f"{'px':>5} {'decode':>7} {'img/s/worker':>13} {'CPU ms/img':>11} {'loader img/s':>13} "
               f"{'model img/s':>12}  limited by\n")
