@@ -232,11 +232,16 @@ def gpu_decode_crops(datas: list[bytes], boxes: list[tuple[int, int, int, int]],
     batch goes through nvjpeg in one call; "cpu" runs the same code (what the tests check).
     EXIF orientation is not applied.
     """
+    import warnings
+
     import torch.nn.functional as F
-    from torchvision.io import ImageReadMode, decode_jpeg
 
     encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-    images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    with warnings.catch_warnings():  # torchvision 0.29's notice of its decoders' move to torchcodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
     out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=device)
     for i, (image, (top, left, h, w), flip) in enumerate(zip(images, boxes, flips)):
         crop = image[:, top:top + h, left:left + w].unsqueeze(0).float()
