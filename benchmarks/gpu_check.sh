@@ -1,0 +1,258 @@
+#!/usr/bin/env bash
+# One-command GPU check: everything this project has never measured on a GPU, in <= 8 minutes
+# on one H100. Works offline: it uses the machine's preinstalled torch and installs lomar
+# without dependencies. Every part has its own timeout; a failing part does not stop the others.
+# Writes one JSON per part to $OUT (else benchmarks/gpu/) and a summary log, summary.log.
+#
+#   bash benchmarks/gpu_check.sh                   # the full check (CUDA)
+#   GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh   # tiny CPU mode: every part for seconds
+#
+# Sizes (env vars, defaults for the full check):
+#   GPU_CHECK_MODEL=vit_base_patch16  GPU_CHECK_SIZES="224 448 896"  GPU_CHECK_WINDOWS="paper"
+#   GPU_CHECK_BENCH_BATCH=64  GPU_CHECK_MAE_BATCH_896=16  GPU_CHECK_STEPS=5  GPU_CHECK_WARMUP=2
+#   GPU_CHECK_METHODS (default: every method `lomar bench --help` offers)
+#   GPU_CHECK_PRETRAIN_STEPS=100  GPU_CHECK_PRETRAIN_SIZE=448  GPU_CHECK_PRETRAIN_BATCH=64
+#   GPU_CHECK_WORKERS=(cores-2)  GPU_CHECK_CAMERA_COUNT=128  GPU_CHECK_FINETUNE_STEPS=20
+#   GPU_CHECK_BACKBONE_SIZES="1024 1536 2048"
+#   GPU_CHECK_T_ENV/_BENCH/_PRETRAIN/_LOADER/_FINETUNE/_BACKBONE: per-part timeouts (s)
+#   GPU_CHECK_BUDGET=450 (s, whole check: bench runs, last, are skipped when it is spent)
+#   GPU_CHECK_VENV=/tmp/lomar-gpu-check-venv (an existing venv not made by this script is used as is)
+#   GPU_CHECK_PARTS="env bench loader pretrain finetune backbone"
+set -u
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+DEST=${OUT:-$REPO/benchmarks/gpu}
+mkdir -p "$DEST"
+WORK=${GPU_CHECK_WORK:-$(mktemp -d /tmp/lomar-gpu-check.XXXXXX)}
+LOG="$DEST/summary.log"
+: > "$LOG"
+say() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
+
+if [ "$DEVICE" = cpu ]; then  # tiny mode: proves the script runs, measures nothing useful
+  D_MODEL=vit_tiny_patch8; D_SIZES="64"; D_BATCH=2; D_MAE896=2; D_STEPS=1; D_WARMUP=0
+  D_PSTEPS=3; D_PSIZE=64; D_PBATCH=4; D_WORKERS=1; D_COUNT=8; D_FSTEPS=2; D_BB="64"
+  TINY=(--embed-dim 32 --depth 1 --num-heads 2 --window-size 3 --windows 2); D_WINDOWS="2"
+  BENCH_TINY=(--tiny); PRECISION=fp32; COMPILE=()
+else
+  D_MODEL=vit_base_patch16; D_SIZES="224 448 896"; D_BATCH=64; D_MAE896=16; D_STEPS=5; D_WARMUP=2
+  D_PSTEPS=100; D_PSIZE=448; D_PBATCH=64; D_WORKERS=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 )); D_COUNT=128
+  D_FSTEPS=20; D_BB="1024 1536 2048"; TINY=(); D_WINDOWS="paper"; BENCH_TINY=(); PRECISION=bf16
+  COMPILE=(--compile)
+fi
+MODEL=${GPU_CHECK_MODEL:-$D_MODEL}; SIZES=${GPU_CHECK_SIZES:-$D_SIZES}; WINDOWS=${GPU_CHECK_WINDOWS:-$D_WINDOWS}
+BATCH=${GPU_CHECK_BENCH_BATCH:-$D_BATCH}; MAE896=${GPU_CHECK_MAE_BATCH_896:-$D_MAE896}
+STEPS=${GPU_CHECK_STEPS:-$D_STEPS}; WARMUP=${GPU_CHECK_WARMUP:-$D_WARMUP}
+PSTEPS=${GPU_CHECK_PRETRAIN_STEPS:-$D_PSTEPS}; PSIZE=${GPU_CHECK_PRETRAIN_SIZE:-$D_PSIZE}
+PBATCH=${GPU_CHECK_PRETRAIN_BATCH:-$D_PBATCH}; WORKERS=${GPU_CHECK_WORKERS:-$D_WORKERS}
+COUNT=${GPU_CHECK_CAMERA_COUNT:-$D_COUNT}; FSTEPS=${GPU_CHECK_FINETUNE_STEPS:-$D_FSTEPS}
+BB_SIZES=${GPU_CHECK_BACKBONE_SIZES:-$D_BB}
+PARTS=${GPU_CHECK_PARTS:-env bench loader pretrain finetune backbone}
+VENV=${GPU_CHECK_VENV:-/tmp/lomar-gpu-check-venv}
+BUDGET=${GPU_CHECK_BUDGET:-450}  # seconds for the whole check; late bench runs are skipped past it
+T0=$(date +%s)
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+want() { [[ " $PARTS " == *" $1 "* ]]; }
+# status PART RC: one line per part in the log, and a JSON for parts that wrote none
+status() {
+  local part=$1 rc=$2 note=${3:-}
+  local state=ok; [ "$rc" = 0 ] || state=failed; [ "$rc" = 124 ] && state=timeout
+  say "part $part: $state (rc $rc) $note"
+  [ -f "$DEST/$part.json" ] || printf '{"part": "%s", "status": "%s", "rc": %s, "note": "%s"}\n' \
+    "$part" "$state" "$rc" "$note" > "$DEST/$part.json"
+}
+
+say "repo $REPO, device $DEVICE, results in $DEST, scratch in $WORK"
+# ---------------------------------------------------------------- environment (offline-safe)
+PY=python3
+if want env; then
+  (
+    set -e
+    if [ -x "$VENV/bin/python" ] && [ ! -f "$VENV/.made-by-gpu-check" ]; then
+      say "using $VENV as is (not made by this script: nothing is installed into it)"; exit 0
+    fi
+    if [ ! -x "$VENV/bin/python" ]; then
+      if python3 -c 'import torch' 2>/dev/null; then
+        say "using the system torch: $(python3 -c 'import torch; print(torch.__version__)')"
+        python3 -m venv --system-site-packages "$VENV"
+      else
+        python3 -m venv "$VENV"
+        "$VENV/bin/pip" install --retries 0 --timeout 10 torch==2.14.1 torchvision==0.29.1
+      fi
+      touch "$VENV/.made-by-gpu-check"
+    fi
+    "$VENV/bin/pip" install --retries 0 --timeout 10 -q -e . 2>/dev/null \
+      || "$VENV/bin/pip" install -q --no-build-isolation --no-deps -e . \
+      || say "pip could not install lomar; falling back to PYTHONPATH=src"
+  ) 2>&1 | tee -a "$LOG"
+fi
+[ -x "$VENV/bin/python" ] && PY="$VENV/bin/python"
+export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"  # works even when pip failed
+export PYTHONUNBUFFERED=1
+LOMAR=("$PY" -m lomar)
+if want env; then
+  timeout "${GPU_CHECK_T_ENV:-60}" "$PY" - "$DEST/env.json" "$DEVICE" <<'EOF' 2>&1 | tee -a "$LOG"
+import importlib, importlib.util, json, platform, sys
+out, device = sys.argv[1], sys.argv[2]
+mods = ["torch", "torchvision", "timm", "safetensors", "yaml", "numpy", "PIL", "tqdm", "matplotlib",
+        "skimage", "sklearn", "tensorboard", "lomar"]
+optional = ["webdataset"]  # declared in pyproject, imported by nothing yet
+found, missing = {}, {}
+for m in mods:
+    try:
+        found[m] = getattr(importlib.import_module(m), "__version__", "?")
+    except Exception as exc:
+        missing[m] = f"{type(exc).__name__}: {exc}"
+absent = [m for m in optional if importlib.util.find_spec(m) is None]
+info = dict(part="env", optional_missing=absent, python=platform.python_version(), found=found, missing=missing)
+try:
+    import torch
+    info.update(cuda=torch.cuda.is_available(), cuda_version=torch.version.cuda,
+                device_name=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+except Exception:
+    pass
+json.dump(info, open(out, "w"), indent=1)
+print("found:", ", ".join(f"{k} {v}" for k, v in found.items()))
+print("MISSING:", "; ".join(f"{k} ({v})" for k, v in missing.items()) if missing else "nothing",
+      f"(optional, absent: {', '.join(absent)})" if absent else "")
+sys.exit(1 if missing or (device != "cpu" and not info.get("cuda")) else 0)
+EOF
+  status env "${PIPESTATUS[0]}"
+fi
+
+# ---------------------------------------------------------------- loader: CPU decode vs GPU decode
+CAMERA="$WORK/camera"
+if want loader || want pretrain; then
+  timeout 120 "$PY" -c "from lomar.bench.loader import make_test_set as m; m('$CAMERA', 'camera', $COUNT)" \
+    2>&1 | tee -a "$LOG"
+  say "camera test set: $(ls "$CAMERA" 2>/dev/null | wc -l) JPEGs in $CAMERA"
+fi
+if want loader; then
+  timeout "${GPU_CHECK_T_LOADER:-90}" "$PY" - "$DEST/loader.json" "$CAMERA" "$PSIZE" "$WORKERS" "$DEVICE" \
+    "$MODEL" "$PBATCH" "$PRECISION" "${#TINY[@]}" <<'EOF' 2>&1 | tee -a "$LOG"
+import json, sys, time
+import torch
+from lomar.bench.loader import measure_loader, share_model_rate
+out, data, size, workers, device, model, batch, precision, tiny = sys.argv[1:]
+size, workers, batch, tiny = int(size), int(workers), int(batch), int(tiny) > 0
+windows = 2 if tiny else 9
+records = []
+for decode in ("full", "draft", "windows"):
+    records += measure_loader(data, [size], workers, "lomar", windows, decode, images=4 * batch if not tiny else 8,
+                              batch_size=8, model=model, model_batch=batch, device=device, precision=precision,
+                              steps=3, warmup=1, tiny=tiny, model_rate=decode == "full",
+                              progress=lambda m: print("[loader]", m, flush=True))
+share_model_rate(records)
+if torch.cuda.is_available() and device != "cpu":  # batched nvjpeg decode + crop + resize on the GPU
+    from pathlib import Path
+    from lomar.data.fast_decode import gpu_decode_crops, jpeg_size
+    from lomar.bench.loader import loader_dataset
+    ds = loader_dataset(data, size, "lomar", windows, 16)
+    paths = sorted(Path(data).glob("*.jpg"))[:32]
+    datas = [p.read_bytes() for p in paths]
+    gen = torch.Generator().manual_seed(0)
+    boxes = [ds.transform.crop_box(*jpeg_size(d), gen) for d in datas]
+    flips = [bool(torch.rand(1, generator=gen) < 0.5) for _ in datas]
+    gpu_decode_crops(datas, boxes, size, flips); torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(3):
+        gpu_decode_crops(datas, boxes, size, flips)
+    torch.cuda.synchronize()
+    rate = 3 * len(datas) / (time.perf_counter() - start)
+    records.append(dict(task="loader", decode="gpu", img_size=size, images=len(datas), images_per_s=rate,
+                        loader_images_per_s=rate, workers=0, device=device, note="nvjpeg batched, one process"))
+    print(f"[loader] {size}px gpu decode: {rate:.1f} images/s")
+json.dump(dict(part="loader", records=records), open(out, "w"), indent=1)
+EOF
+  status loader "${PIPESTATUS[0]}"
+fi
+
+# ---------------------------------------------------------------- pretrain on the camera-size set
+RUN="$WORK/pretrain"
+if want pretrain; then
+  PW=9; [ "$PSIZE" -lt 448 ] && PW=4; [ "${#TINY[@]}" -gt 0 ] && PW=2
+  start=$(date +%s.%N)
+  timeout "${GPU_CHECK_T_PRETRAIN:-150}" "${LOMAR[@]}" pretrain --data "$CAMERA" --out "$RUN" --overwrite \
+    --model "$MODEL" --img-size "$PSIZE" --windows "$PW" --batch-size "$PBATCH" --max-steps "$PSTEPS" \
+    --epochs 100000 --warmup-epochs 1 --workers "$WORKERS" --device "$DEVICE" --precision "$PRECISION" \
+    --log-every 10 --save-every 100000 "${TINY[@]}" 2>&1 | tail -n 20 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  "$PY" - "$RUN/metrics.jsonl" "$DEST/pretrain.json" "$PBATCH" "$start" "$rc" "$WORKERS" "$PSIZE" <<'EOF' 2>&1 | tee -a "$LOG"
+import json, statistics, sys, time
+metrics, out, batch, start, rc, workers, size = sys.argv[1:]
+try:
+    rows = [json.loads(l) for l in open(metrics)]
+except OSError:
+    rows = []
+rates = [r["img_s"] for r in rows[len(rows) // 5:]]  # the first steps include warm-up
+rec = dict(part="pretrain", rc=int(rc), steps=len(rows), batch_size=int(batch), workers=int(workers), img_size=int(size),
+           wall_s=time.time() - float(start), median_step_images_per_s=statistics.median(rates) if rates else None,
+           loss_first=rows[0]["loss"] if rows else None, loss_last=rows[-1]["loss"] if rows else None)
+rec["end_to_end_images_per_s"] = len(rows) * int(batch) / rec["wall_s"] if rows else None
+json.dump(rec, open(out, "w"), indent=1)
+print("pretrain:", rec)
+EOF
+  status pretrain "$rc" "compare median_step_images_per_s with loader.json model_images_per_s"
+fi
+
+# ---------------------------------------------------------------- short finetune
+if want finetune; then
+  FT="$WORK/ft"
+  timeout 120 "$PY" - "$FT" "${#TINY[@]}" <<'EOF' 2>&1 | tee -a "$LOG"
+import sys
+from pathlib import Path
+from lomar.bench.loader import make_test_set
+root, tiny = Path(sys.argv[1]), int(sys.argv[2]) > 0
+n = 8 if tiny else 64
+for split in ("train", "val"):
+    for cls in ("a", "b"):
+        make_test_set(root / split / cls, "imagenet", n if split == "train" else n // 2)
+EOF
+  if [ -f "$RUN/last.pt" ]; then
+    FB=32; [ "${#TINY[@]}" -gt 0 ] && FB=4
+    timeout "${GPU_CHECK_T_FINETUNE:-120}" "${LOMAR[@]}" finetune --pretrained "$RUN/last.pt" --data "$FT" \
+      --out "$WORK/ft-run" --overwrite --img-size "$PSIZE" --batch-size "$FB" --max-steps "$FSTEPS" --epochs 100 \
+      --workers "$WORKERS" --device "$DEVICE" --log-every 5 2>&1 | tail -n 15 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    [ -f "$WORK/ft-run/metrics.jsonl" ] && "$PY" -c "import json,sys; rows=[json.loads(l) for l in open(sys.argv[1])]; \
+json.dump(dict(part='finetune', rc=$rc, rows=rows), open(sys.argv[2], 'w'), indent=1)" \
+      "$WORK/ft-run/metrics.jsonl" "$DEST/finetune.json"
+    status finetune "$rc"
+  else
+    status finetune 1 "skipped: the pretrain part left no checkpoint"
+  fi
+fi
+
+# ---------------------------------------------------------------- lomar bench, bf16 + compile
+if want bench; then
+  HELP=$("${LOMAR[@]}" bench --help 2>&1)
+  METHODS=${GPU_CHECK_METHODS:-$(echo "$HELP" | grep -o -- '--methods {[^}]*}' | head -1 | tr -d '{}' | sed 's/--methods //; s/,/ /g')}
+  METHODS=${METHODS:-lomar mae}
+  say "bench: methods $METHODS, sizes $SIZES, windows $WINDOWS, batch $BATCH, $PRECISION ${COMPILE[*]}"
+  for size in $SIZES; do
+    for method in $METHODS; do
+      b=$BATCH; [ "$method" = mae ] && [ "$size" -ge 896 ] && b=$MAE896
+      part="bench-$method-$size"
+      win=(); [ "$method" = lomar ] && win=(--windows $WINDOWS)
+      t=$(( $(left) - 15 )); [ "$t" -gt "${GPU_CHECK_T_BENCH:-150}" ] && t=${GPU_CHECK_T_BENCH:-150}
+      if [ "$t" -lt 40 ]; then status "$part" 124 "skipped: the ${BUDGET}s budget is spent"; continue; fi
+      timeout "$t" "${LOMAR[@]}" bench --model "$MODEL" --sizes "$size" --methods "$method" \
+        "${win[@]}" --batch-size "$b" --precision "$PRECISION" "${COMPILE[@]}" --device "$DEVICE" \
+        --steps "$STEPS" --warmup "$WARMUP" --json "$DEST/$part.json" "${BENCH_TINY[@]}" 2>&1 | tee -a "$LOG"
+      status "$part" "${PIPESTATUS[0]}"
+    done
+  done
+fi
+
+# ---------------------------------------------------------------- backbone memory at 1024-2048 px
+if want backbone; then
+  if "${LOMAR[@]}" bench --help 2>&1 | grep -q -- 'backbone'; then
+    timeout "${GPU_CHECK_T_BACKBONE:-90}" "${LOMAR[@]}" bench --task backbone --model "$MODEL" --sizes $BB_SIZES \
+      --device "$DEVICE" --precision "$PRECISION" --json "$DEST/backbone.json" 2>&1 | tee -a "$LOG"
+    status backbone "${PIPESTATUS[0]}"
+  else
+    status backbone 0 "skipped: this lomar has no 'bench --task backbone' (see lomar bench --help)"
+  fi
+fi
+say "done; JSON per part and this log in $DEST"

@@ -1,0 +1,223 @@
+"""Input-pipeline benchmark: can the data loader keep the model fed?
+
+:func:`make_test_set` writes realistic JPEGs from the bundled demo photographs (camera size
+4000×3000 or ImageNet size ~500×375, quality 90). :func:`measure_loader` times decode + crop +
+masking plan from those files per loader worker, and the model's training step for the same
+configuration, and says which of the two limits a run.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+__all__ = ["TEST_SET_SIZES", "make_test_set", "loader_dataset", "measure_loader", "time_loader", "cpu_ms_per_image",
+           "share_model_rate"]
+
+# (width, height) of each test-set kind.
+TEST_SET_SIZES = {"camera": (4000, 3000), "imagenet": (500, 375)}
+
+
+def _write_one(job: tuple[str, str, tuple[int, int], int, int]) -> str:
+    from PIL import Image
+
+    src, dst, (width, height), quality, index = job
+    with Image.open(src) as img:
+        img = img.convert("RGB")
+        # A different crop and orientation per file, so the set is not one photo repeated.
+        w, h = img.size
+        margin = index % 5 * 0.03
+        img = img.crop((int(w * margin), int(h * margin), w - int(w * margin / 2), h - int(h * margin / 2)))
+        if index // len(TEST_SET_SIZES) % 2:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        img = img.resize((width, height), Image.Resampling.BICUBIC)
+    tmp = Path(dst).with_name(f".{Path(dst).name}.tmp")
+    img.save(tmp, format="JPEG", quality=quality)
+    tmp.replace(dst)  # a half-written file never carries the final name
+    return dst
+
+
+def make_test_set(out: str | Path, kind: str = "camera", count: int = 32, quality: int = 90,
+                  processes: int | None = None) -> list[Path]:
+    """Write ``count`` JPEGs of ``kind`` ("camera": 4000×3000, "imagenet": 500×375) into ``out``.
+
+    The sources are scikit-image's demo photographs, resampled to the target size (mostly
+    upsampled: smooth content, but the decoder's work depends on the pixel count and quality,
+    which match real photos). Existing files of the same name are reused.
+    """
+    if kind not in TEST_SET_SIZES:
+        raise ValueError(f"unknown test-set kind {kind!r}; choose one of {', '.join(TEST_SET_SIZES)}")
+    if count <= 0:
+        raise ValueError(f"count must be positive, got {count}")
+    from lomar.data.images import build_pretrain_dataset
+
+    sources = build_pretrain_dataset(None, 32, demo_repeats=1).paths  # the bundled photographs
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs, paths = [], []
+    for i in range(count):
+        dst = out / f"{kind}-{i:05d}.jpg"
+        paths.append(dst)
+        if not dst.exists():
+            jobs.append((str(sources[i % len(sources)]), str(dst), TEST_SET_SIZES[kind], quality, i))
+    workers = min(len(jobs), processes or os.cpu_count() or 1)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_write_one, jobs))
+    else:
+        for job in jobs:
+            _write_one(job)
+    return paths
+
+
+def _masker(method: str, grid: tuple[int, int], windows: int | None, window_size: int = 7):
+    import functools
+
+    return functools.partial(_plan if method == "lomar" else _noise, grid=grid, windows=windows,
+                             window_size=window_size)
+
+
+def _plan(gen: torch.Generator, grid, windows, window_size) -> dict:
+    from lomar.models.masking import sample_plan
+
+    plan = sample_plan(1, grid, window_size, windows, 0.8, generator=gen)
+    return {"top_left": plan.top_left[0], "mask": plan.mask[0]}
+
+
+def _noise(gen: torch.Generator, grid, windows, window_size) -> dict:
+    return {"noise": torch.rand(grid[0] * grid[1], generator=gen)}
+
+
+def loader_dataset(data: str | Path, img_size: int, method: str = "lomar", windows: int | None = 4,
+                   patch_size: int = 16, decode: str = "full", window_size: int = 7):
+    """The pretraining dataset of ``data`` with the masking plan of ``method``.
+
+    ``decode``: "full" (the reference path of :mod:`lomar.data.images`), "draft" (reduced-size
+    JPEG decoding) or "windows" (draft + only the plan's windows resampled; LoMaR only).
+    """
+    from lomar.data.images import build_pretrain_dataset
+    from lomar.models.masking import grid_size
+
+    grid = grid_size(img_size, patch_size)
+    base = build_pretrain_dataset(str(data), img_size, masker=_masker(method, grid, windows, window_size))
+    if decode == "full":
+        return base
+    from lomar.data.fast_decode import FastPretrainDataset
+
+    if decode == "windows" and method != "lomar":
+        raise ValueError(f"--decode windows needs a windowed method, not {method!r}; use draft")
+    if not hasattr(base, "paths"):
+        raise ValueError(f"--decode {decode} needs a folder or .txt list, not tar shards")
+    return FastPretrainDataset(base, decode, patch_size=patch_size, window_size=window_size, num_windows=windows)
+
+
+def _collate(batch: list[dict]) -> int:
+    """Stack the batch as training would (the work stays in the worker); return its length."""
+    good = [item["image"] for item in batch if item["image"] is not None]
+    if good:
+        torch.stack(good)
+    return len(batch)
+
+
+def time_loader(dataset, workers: int, images: int, batch_size: int = 16, repeats: int = 1) -> float:
+    """Images/s of iterating ``images`` samples of ``dataset`` with ``workers`` loader workers.
+
+    One untimed pass starts the (persistent) workers and warms their imports; each timed pass
+    then runs from asking for the first batch to the last, so nothing is prefetched before
+    the clock starts. With several ``repeats`` the median rate is returned.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    count = min(images, len(dataset))
+    loader = DataLoader(Subset(dataset, range(count)), batch_size=batch_size, num_workers=workers,
+                        collate_fn=_collate, persistent_workers=workers > 0)
+    sum(loader)  # warm-up pass
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        seen = sum(loader)
+        rates.append(seen / max(time.perf_counter() - start, 1e-9))
+    return float(statistics.median(rates))
+
+
+def cpu_ms_per_image(dataset, images: int = 16) -> float:
+    """CPU milliseconds per sample in this process, one thread: a worker's cost that other
+    load on a shared machine barely changes (unlike images/s, which it divides)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        count = min(images, len(dataset))
+        dataset[0]  # imports and first-call set-up
+        start = time.process_time()
+        for i in range(count):
+            dataset[i]
+        return 1000 * (time.process_time() - start) / count
+    finally:
+        torch.set_num_threads(threads)
+
+
+def measure_loader(data: str | Path, sizes: list[int], workers: int = 1, method: str = "lomar",
+                   windows: int | None = 4, decode: str = "full", images: int = 64, batch_size: int = 16,
+                   model: str = "vit_base_patch16", model_batch: int | None = None,
+                   device: torch.device | str = "cpu", precision: str = "fp32", compile: bool = False,
+                   steps: int = 3, warmup: int = 1, model_rate: bool = True, tiny: bool = False,
+                   repeats: int = 1, progress=None) -> list[dict]:
+    """Loader and model rates per image size.
+
+    Per size: images/s of decode + crop + masking plan with ``workers`` loader workers (the rate
+    per worker is ``images_per_s``; ``loader_images_per_s`` is the total), the model's training
+    step rate of the same configuration (``model_images_per_s``, from
+    :func:`lomar.bench.timing.build_runner`), and ``limited_by``: "loader" when the loader's
+    total rate is below the model's, else "model". ``workers`` = 0 loads in the main process
+    and counts as one worker. ``cpu_ms_per_image``: the CPU time of one sample in this process
+    (one thread), the figure to compare on a busy machine.
+    """
+    from lomar.bench.timing import build_runner, interleaved_times, median
+    from lomar.models.vit import model_config
+
+    patch = model_config(model).patch_size
+    device = torch.device(device)
+    records = []
+    for size in sizes:
+        dataset = loader_dataset(data, size, method, windows, patch, decode)
+        total = time_loader(dataset, workers, images, batch_size, repeats)
+        per_worker = total / max(workers, 1)
+        cpu_ms = cpu_ms_per_image(dataset, min(images, 16))
+        rec = dict(task="loader", method=method, img_size=size, windows=windows if method == "lomar" else None,
+                   decode=decode, workers=workers, images=min(images, len(dataset)), data=str(data),
+                   images_per_s=per_worker, loader_images_per_s=total, cpu_ms_per_image=cpu_ms,
+                   cpu_images_per_s=1000 / cpu_ms, model=model)
+        if progress:
+            progress(f"{size}px {decode}: {per_worker:.1f} images/s per worker, {cpu_ms:.1f} CPU ms per image")
+        if model_rate:
+            runner = build_runner(method, model, size, windows, model_batch or batch_size, device, precision,
+                                  compile, tiny=tiny)
+            interleaved_times([runner], steps, warmup)
+            model_ips = runner.batch_size / median(runner.times)
+            rec.update(model_images_per_s=model_ips, model_batch_size=runner.batch_size, precision=precision,
+                       compile=compile, device=str(device),
+                       limited_by="loader" if total < model_ips else "model",
+                       workers_to_feed_model=model_ips / max(per_worker, 1e-9))
+            del runner
+        else:
+            rec.update(model_images_per_s=None, limited_by=None)
+        records.append(rec)
+    return records
+
+
+def share_model_rate(records: list[dict]) -> list[dict]:
+    """Give records measured without the model (``model_rate=False``) the model rate of a record
+    of the same size, and their limiting side: the model step does not depend on the decoding."""
+    rates = {r["img_size"]: r for r in records if r.get("model_images_per_s") is not None}
+    for r in records:
+        if r.get("model_images_per_s") is None and r["img_size"] in rates:
+            m = rates[r["img_size"]]
+            r.update({k: m[k] for k in ("model_images_per_s", "model_batch_size", "precision", "compile", "device")})
+            r["limited_by"] = "loader" if r["loader_images_per_s"] < r["model_images_per_s"] else "model"
+            r["workers_to_feed_model"] = r["model_images_per_s"] / max(r["images_per_s"], 1e-9)
+    return records

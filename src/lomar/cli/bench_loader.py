@@ -1,0 +1,106 @@
+"""``lomar bench --task loader``: images/s per loader worker next to the model's step rate.
+
+``lomar.cli.bench`` dispatches here for ``--task loader``; ``--make-test-set KIND`` writes a
+realistic JPEG test set from the demo photographs first (into ``--data``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lomar.errors import UsageError
+
+__all__ = ["add_loader_arguments", "run_loader", "main"]
+
+
+def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of the loader task that ``lomar bench`` lacks (it already has --sizes, --model,
+    --batch-size, --precision, --compile, --device, --steps, --warmup, --json, --quiet)."""
+    group = parser.add_argument_group("--task loader")
+    group.add_argument("--data", type=Path, default=None, help="folder (or .txt list) of images to load")
+    group.add_argument("--workers", type=int, default=1, help="loader worker processes (0: main process)")
+    group.add_argument("--images", type=int, default=64, help="images loaded per measurement")
+    group.add_argument("--decode", choices=["full", "draft", "windows"], nargs="+", default=["full"],
+                       help="full: reference path; draft: reduced-size JPEG decoding; windows: draft + only the "
+                       "plan's windows resampled (LoMaR)")
+    group.add_argument("--loader-method", choices=["lomar", "mae"], default="lomar")
+    group.add_argument("--loader-windows", type=int, default=4, help="LoMaR windows per image")
+    group.add_argument("--make-test-set", choices=["camera", "imagenet"], default=None,
+                       help="first write --test-set-count JPEGs of this kind into --data")
+    group.add_argument("--test-set-count", type=int, default=32)
+    group.add_argument("--repeats", type=int, default=1, help="loader measurements per setting (median)")
+    group.add_argument("--no-model", action="store_true", help="measure the loader only")
+
+
+def run_loader(args: argparse.Namespace) -> int:
+    if args.data is None:
+        raise UsageError("--task loader needs --data DIR (a folder of images; add --make-test-set camera to "
+                         "create one)")
+    if args.workers < 0 or args.images <= 0:
+        raise UsageError(f"--workers must be >= 0 and --images positive, got {args.workers} and {args.images}")
+    say = (lambda msg: None) if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+    from lomar.bench.loader import make_test_set, measure_loader, share_model_rate
+
+    if args.make_test_set:
+        try:
+            make_test_set(args.data, args.make_test_set, args.test_set_count)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        say(f"test set: {args.test_set_count} {args.make_test_set} JPEGs in {args.data}")
+    if not args.data.exists():
+        raise UsageError(f"--data {args.data} does not exist; pass a folder of images or add --make-test-set")
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    records = []
+    for decode in args.decode:
+        try:
+            records += measure_loader(
+                args.data, list(dict.fromkeys(args.sizes)), args.workers, args.loader_method,
+                args.loader_windows, decode, args.images, args.batch_size, args.model, device=device,
+                precision=args.precision, compile=args.compile, steps=args.steps, warmup=args.warmup,
+                model_rate=not args.no_model and not records, tiny=getattr(args, "tiny", False), repeats=max(1, args.repeats), progress=say)
+        except ValueError as exc:
+            raise UsageError(str(exc).splitlines()[0]) from None
+    share_model_rate(records)
+    out = sys.stdout
+    out.write(f"{'px':>5} {'decode':>7} {'img/s/worker':>13} {'CPU ms/img':>11} {'loader img/s':>13} "
+              f"{'model img/s':>12}  limited by\n")
+    for r in records:
+        model = "-" if r["model_images_per_s"] is None else f"{r['model_images_per_s']:.1f}"
+        out.write(f"{r['img_size']:>5} {r['decode']:>7} {r['images_per_s']:>13.1f} {r['cpu_ms_per_image']:>11.1f} "
+                  f"{r['loader_images_per_s']:>13.1f} "
+                  f"{model:>12}  {r['limited_by'] or '-'}\n")
+    if args.json:
+        meta = dict(command="lomar " + " ".join(sys.argv[1:]), torch=torch.__version__,
+                    threads=torch.get_num_threads())
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_name(f".{args.json.name}.tmp")
+        tmp.write_text(json.dumps(dict(meta=meta, records=records), indent=1))
+        tmp.replace(args.json)
+        say(f"wrote {args.json}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lomar.cli.bench_loader ...``: the loader task with ``lomar bench``'s flags."""
+    from lomar.cli import bench
+
+    parser = argparse.ArgumentParser(prog="lomar bench --task loader", description=__doc__.splitlines()[0])
+    bench.add_arguments(parser)
+    add_loader_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_loader(args)
+    except UsageError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

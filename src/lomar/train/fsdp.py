@@ -1,0 +1,139 @@
+"""Sharded training for large encoders: FSDP2 (``fully_shard``) per transformer block, sharded
+checkpoints through ``torch.distributed.checkpoint`` (DCP), and conversion of a sharded
+checkpoint to the usual single file.
+
+Each block is its own FSDP unit, so at most one block's full parameters (plus the root's
+embeddings, norm and head) are gathered at a time; the root unit takes what remains. With
+``precision="bf16"`` parameters are gathered and computed in bf16 while gradients are reduced
+and kept, with the optimizer state, in fp32 (``MixedPrecisionPolicy``).
+
+A sharded checkpoint is a folder written by every rank (DCP), holding ``model`` and
+``optimizer`` (keyed by parameter name, whatever the sharding), and ``meta.pt`` (step, epoch,
+config, …, written by rank 0). It is written to ``<dir>.tmp`` and renamed when every rank has finished, so a
+crash leaves the previous checkpoint intact. :func:`consolidate` turns one into the usual
+``{"model", "step", "epoch", "config", "format"}`` file, without the process group.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["shard_model", "block_modules", "save_sharded", "load_sharded", "consolidate"]
+
+
+def block_modules(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a LoMaR / MAE model or a bare encoder, in order."""
+    blocks: list[nn.Module] = []
+    for name in ("encoder.blocks", "blocks", "decoder_blocks", "decoder.blocks"):
+        module: nn.Module | None = model
+        for part in name.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, (nn.ModuleList, nn.Sequential)):
+            blocks += [b for b in module if not any(b is seen for seen in blocks)]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no transformer blocks to shard")
+    return blocks
+
+
+def shard_model(model: nn.Module, precision: str = "fp32", mesh=None, reshard_after_forward: bool = True) -> nn.Module:
+    """Apply FSDP2 to every block, then to the root; returns ``model`` (sharded in place).
+
+    ``precision``: "fp32", or "bf16" (bf16 gather and compute, fp32 gradients and optimizer
+    state). ``mesh``: a 1-D device mesh (default: every rank, on the model's device type).
+    Call after moving the model to its device and before building the optimizer.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"FSDP precision must be fp32 or bf16, got {precision!r}")
+    if mesh is None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        device_type = next(model.parameters()).device.type
+        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if precision == "bf16" else MixedPrecisionPolicy())
+    for block in block_modules(model):
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | Path, meta: dict) -> Path:
+    """Every rank writes its shards of model and optimizer into ``directory`` (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    if dist.get_rank() == 0 and tmp.exists():
+        shutil.rmtree(tmp)  # a crash during an earlier save
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+    if dist.get_rank() == 0:
+        from lomar.checkpoints.io import atomic_save
+
+        atomic_save(dict(meta), tmp / "meta.pt")  # DCP loads only keys it is given: keep meta apart
+    dist.barrier()
+    if dist.get_rank() == 0:
+        old = directory.with_name(directory.name + ".old")
+        if directory.exists():
+            directory.rename(old)
+        tmp.rename(directory)
+        if old.exists():
+            shutil.rmtree(old)
+    dist.barrier()
+    return directory
+
+
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | Path) -> dict:
+    """Load a sharded checkpoint into a sharded model and its optimizer (collective); -> meta.
+
+    The number of ranks may differ from the one that saved: DCP reshards on load.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    directory = Path(directory)
+    if not (directory / ".metadata").exists():
+        raise ValueError(f"{directory} is not a sharded checkpoint (no .metadata); pass the folder save_sharded wrote")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    from lomar.checkpoints.io import safe_load
+
+    return safe_load(directory / "meta.pt")
+
+
+def consolidate(sharded_dir: str | Path, out_file: str | Path) -> Path:
+    """A sharded checkpoint -> the usual single file ``{"model", "step", "epoch", "config", "format", …}``.
+
+    Runs in one process without a process group. The optimizer state is left out (exact resume
+    uses the sharded folder); the file is what ``lomar export`` and evaluation read.
+    """
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from lomar.checkpoints.io import atomic_save, safe_load
+
+    sharded_dir, out_file = Path(sharded_dir), Path(out_file)
+    if not (sharded_dir / ".metadata").exists():
+        raise ValueError(f"{sharded_dir} is not a sharded checkpoint (no .metadata)")
+    scratch = out_file.with_name(f".{out_file.name}.full-{torch.randint(1 << 30, ()).item()}")
+    try:
+        dcp_to_torch_save(str(sharded_dir), str(scratch))
+        full = safe_load(scratch)
+    finally:
+        scratch.unlink(missing_ok=True)
+    meta = safe_load(sharded_dir / "meta.pt") if (sharded_dir / "meta.pt").exists() else {}
+    state = {"model": {k: v.contiguous() for k, v in full["model"].items()}, **meta}
+    state.setdefault("format", "lomar-pretrain-1")
+    return atomic_save(state, out_file)

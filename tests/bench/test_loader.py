@@ -1,0 +1,197 @@
+"""The loader benchmark, the test-set maker and the faster decoding paths it compares."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from lomar.bench.loader import TEST_SET_SIZES, loader_dataset, make_test_set, measure_loader
+from lomar.cli import bench as bench_cli
+from lomar.cli.bench_loader import add_loader_arguments, run_loader
+from lomar.data.fast_decode import draft_decode_crop, gpu_decode_crops, jpeg_size, window_boxes
+from lomar.data.images import IMAGENET_MEAN, IMAGENET_STD, demo_image_paths, denormalize, load_image
+from lomar.errors import UsageError
+
+WINDOW = 3
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Four demo photographs as 1024x768 JPEGs (large enough for 1/4 and 1/8 DCT scaling)."""
+    folder = tmp_path_factory.mktemp("photos")
+    for i, path in enumerate(demo_image_paths()[:4]):
+        with Image.open(path) as img:
+            img.convert("RGB").resize((1024, 768), Image.Resampling.BICUBIC).save(folder / f"{i}.jpg", quality=90)
+    return folder
+
+
+def _pixels(item: dict) -> torch.Tensor:
+    return denormalize(item["image"][None])[0] * 255
+
+
+def _window_mask(top_left: torch.Tensor, patch: int, size: int) -> torch.Tensor:
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    for r, c in (top_left * patch).tolist():
+        mask[r:r + WINDOW * patch, c:c + WINDOW * patch] = True
+    return mask
+
+
+def test_make_test_set_writes_jpegs_of_the_kind_and_reuses_them(tmp_path):
+    paths = make_test_set(tmp_path, "imagenet", 3, processes=1)
+    assert [p.name for p in sorted(tmp_path.iterdir())] == [p.name for p in paths]  # no temp files left
+    for p in paths:
+        with Image.open(p) as img:
+            assert img.format == "JPEG" and img.size == TEST_SET_SIZES["imagenet"]
+    stamp = paths[0].stat().st_mtime_ns
+    make_test_set(tmp_path, "imagenet", 3, processes=1)
+    assert paths[0].stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="unknown test-set kind 'phone'"):
+        make_test_set(tmp_path, "phone", 1)
+
+
+@pytest.mark.parametrize("size, patch", [(64, 8), (224, 16)])
+def test_draft_decoding_keeps_crops_and_plans_with_bounded_pixel_differences(photos, size, patch):
+    full = loader_dataset(photos, size, "lomar", 2, patch, "full", window_size=WINDOW)
+    draft = loader_dataset(photos, size, "lomar", 2, patch, "draft", window_size=WINDOW)
+    means = []
+    for index in range(12):
+        a, b = full[(index, 3)], draft[(index, 3)]
+        assert torch.equal(a["top_left"], b["top_left"]) and torch.equal(a["mask"], b["mask"])
+        diff = (_pixels(a) - _pixels(b)).abs()
+        means.append(float(diff.mean()))
+        assert float(diff.max()) < 48  # a few pixels at sharp edges; a shifted box differs everywhere
+    # Measured on these photos: at most 2.2 (64 px) and 0.8 (224 px) levels of 255 per image.
+    assert max(means) < 4.0, means
+
+
+@pytest.mark.parametrize("decode", ["draft", "windows"])
+def test_fast_paths_that_gain_nothing_are_the_reference_path(tmp_path, decode):
+    # 500x375: no crop keeps 224 px at 1/2 scale; 4 windows of 112 px would fill the 224 px crop.
+    make_test_set(tmp_path, "imagenet", 2, processes=1)
+    full = loader_dataset(tmp_path, 224, "lomar", 4, 16, "full")
+    draft = loader_dataset(tmp_path, 224, "lomar", 4, 16, decode)
+    for index in range(4):
+        a, b = full[(index, 0)], draft[(index, 0)]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["top_left"], b["top_left"])
+
+
+def test_draft_decoding_really_decodes_a_reduced_image(photos):
+    transform = loader_dataset(photos, 64, "lomar", 2, 8, "full", window_size=WINDOW).transform
+    decoded = []
+    original = Image.Image.convert
+
+    def spy(img, *args, **kwargs):
+        decoded.append(img.size)
+        return original(img, *args, **kwargs)
+
+    Image.Image.convert = spy
+    try:
+        pixels, _ = draft_decode_crop(str(sorted(photos.iterdir())[0]), transform, torch.Generator().manual_seed(1))
+    finally:
+        Image.Image.convert = original
+    assert pixels.shape == (3, 64, 64) and pixels.dtype == torch.uint8
+    # A crop of >= 20 % of 1024x768 is >= ~390 px wide: 1/4 scale still leaves >= 64 px.
+    assert decoded and max(decoded)[0] <= 256
+
+
+@pytest.mark.parametrize("size, patch", [(64, 8), (224, 16)])
+def test_window_only_resampling_matches_the_full_path_inside_the_windows(photos, size, patch):
+    full = loader_dataset(photos, size, "lomar", 2, patch, "full", window_size=WINDOW)
+    windows = loader_dataset(photos, size, "lomar", 2, patch, "windows", window_size=WINDOW)
+    blank = ((0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)).view(3, 1)
+    for index in range(12):
+        a, b = full[(index, 0)], windows[(index, 0)]
+        assert torch.equal(a["top_left"], b["top_left"]) and torch.equal(a["mask"], b["mask"])
+        inside = _window_mask(a["top_left"], patch, size)
+        assert torch.equal(b["image"][:, ~inside], blank.expand(3, int((~inside).sum())))
+        diff = (_pixels(a) - _pixels(b)).abs()[:, inside]
+        # Measured: at most 2.6 (64 px) and 1.4 (224 px) levels mean, 21 max, on these photos.
+        assert float(diff.mean()) < 4.0 and float(diff.max()) < 48
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_batched_decode_crop_resize_matches_the_reference_transform(photos, device):
+    from torchvision.transforms.v2 import functional as TF
+
+    paths = sorted(photos.iterdir())
+    datas = [p.read_bytes() for p in paths]
+    transform = loader_dataset(photos, 64, "lomar", 2, 8, "full", window_size=WINDOW).transform
+    gen = torch.Generator().manual_seed(0)
+    boxes = [transform.crop_box(*jpeg_size(d), gen) for d in datas]
+    flips = [i % 2 == 0 for i in range(len(datas))]
+    out = gpu_decode_crops(datas, boxes, 64, flips, device=device).cpu()
+    assert out.shape == (len(paths), 3, 64, 64) and out.dtype == torch.uint8
+    for path, (top, left, h, w), flip, got in zip(paths, boxes, flips, out):
+        want = TF.resized_crop(load_image(path), top, left, h, w, [64, 64],
+                               interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        diff = ((want.flip(-1) if flip else want).int() - got.int()).abs()
+        # float vs uint8 resampling kernels (and nvjpeg's IDCT on CUDA): measured <= 5 levels, mean 0.2
+        assert int(diff.max()) <= 12 and float(diff.float().mean()) < 1.0
+
+
+def test_window_boxes_mirror_columns_of_a_flipped_crop():
+    boxes = window_boxes((10.0, 20.0, 110.0, 120.0), 100, torch.tensor([[0, 0]]), 30, flipped=True)
+    (box, r, c), = boxes
+    # Output columns 0..30 of the flipped crop are source columns 70..100 of the box.
+    assert (r, c) == (0, 0) and box == pytest.approx((80.0, 20.0, 110.0, 50.0))
+
+
+def test_windows_decode_needs_a_windowed_method(photos):
+    with pytest.raises(ValueError, match="needs a windowed method"):
+        loader_dataset(photos, 64, "mae", None, 8, "windows")
+
+
+def test_measure_loader_records_say_which_side_limits(photos):
+    records = measure_loader(photos, [64], workers=0, windows=2, decode="draft", images=8, batch_size=4,
+                             model="vit_tiny_patch8", model_batch=2, steps=1, warmup=0, tiny=True)
+    (rec,) = records
+    assert rec["task"] == "loader" and rec["images"] == 4 and rec["decode"] == "draft"
+    assert rec["images_per_s"] > 0 and rec["model_images_per_s"] > 0
+    expected = "loader" if rec["loader_images_per_s"] < rec["model_images_per_s"] else "model"
+    assert rec["limited_by"] == expected
+
+
+def _parser() -> argparse.ArgumentParser:
+    # What `lomar bench` will hold once it dispatches --task loader to lomar.cli.bench_loader.
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    add_loader_arguments(parser)
+    return parser
+
+
+def test_loader_command_prints_rates_and_writes_json(photos, tmp_path, capsys):
+    out = tmp_path / "loader.json"
+    args = _parser().parse_args(["--data", str(photos), "--sizes", "64", "--workers", "1", "--images", "8",
+                                 "--batch-size", "2", "--model", "vit_tiny_patch8", "--loader-windows", "2",
+                                 "--steps", "1", "--warmup", "0", "--tiny", "--quiet", "--json", str(out),
+                                 "--decode", "full", "draft"])
+    assert run_loader(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "img/s/worker" in lines[0] and len(lines) == 3
+    assert all(line.split()[-1] in ("loader", "model") for line in lines[1:])
+    records = json.loads(out.read_text())["records"]
+    assert [r["decode"] for r in records] == ["full", "draft"]
+    for rec in records:  # the model is timed once per size; both rows get its rate and a verdict
+        assert rec["task"] == "loader" and {"images_per_s", "model_images_per_s", "cpu_ms_per_image"} <= rec.keys()
+        expected = "loader" if rec["loader_images_per_s"] < rec["model_images_per_s"] else "model"
+        assert rec["limited_by"] == expected
+    assert records[0]["model_images_per_s"] == records[1]["model_images_per_s"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "needs --data"),
+    (["--data", "/no/such/dir"], "does not exist"),
+    (["--data", "{photos}", "--loader-method", "mae", "--decode", "windows"], "needs a windowed method"),
+    (["--data", "{photos}", "--workers", "-1"], "--workers must be >= 0"),
+])
+def test_loader_command_bad_input_is_a_usage_error(photos, flags, message):
+    flags = [f.format(photos=photos) for f in flags]
+    args = _parser().parse_args(["--sizes", "64", "--model", "vit_tiny_patch8", "--no-model", "--quiet", *flags])
+    with pytest.raises(UsageError, match=message):
+        run_loader(args)
