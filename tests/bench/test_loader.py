@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -11,11 +10,11 @@ import torch
 from PIL import Image
 
 from lomar.bench.loader import TEST_SET_SIZES, loader_dataset, make_test_set, measure_loader
-from lomar.cli import bench as bench_cli
-from lomar.cli.bench_loader import add_loader_arguments, run_loader
+from lomar.cli.app import main
+from lomar.data.decode import load_image
 from lomar.data.fast_decode import draft_decode_crop, gpu_decode_crops, jpeg_size, window_boxes
-from lomar.data.images import IMAGENET_MEAN, IMAGENET_STD, demo_image_paths, denormalize, load_image
-from lomar.errors import UsageError
+from lomar.data.folder import demo_image_paths
+from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
 
 WINDOW = 3
 
@@ -157,21 +156,12 @@ def test_measure_loader_records_say_which_side_limits(photos):
     assert rec["limited_by"] == expected
 
 
-def _parser() -> argparse.ArgumentParser:
-    # What `lomar bench` will hold once it dispatches --task loader to lomar.cli.bench_loader.
-    parser = argparse.ArgumentParser()
-    bench_cli.add_arguments(parser)
-    add_loader_arguments(parser)
-    return parser
-
-
 def test_loader_command_prints_rates_and_writes_json(photos, tmp_path, capsys):
     out = tmp_path / "loader.json"
-    args = _parser().parse_args(["--data", str(photos), "--sizes", "64", "--workers", "1", "--images", "8",
+    assert main(["bench", "--task", "loader", "--data", str(photos), "--sizes", "64", "--workers", "1", "--images", "8",
                                  "--batch-size", "2", "--model", "vit_tiny_patch8", "--loader-windows", "2",
                                  "--steps", "1", "--warmup", "0", "--tiny", "--quiet", "--json", str(out),
-                                 "--decode", "full", "draft"])
-    assert run_loader(args) == 0
+                                 "--decode", "full", "draft"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "img/s/worker" in lines[0] and len(lines) == 3
     assert all(line.split()[-1] in ("loader", "model") for line in lines[1:])
@@ -190,8 +180,9 @@ def test_loader_command_prints_rates_and_writes_json(photos, tmp_path, capsys):
     (["--data", "{photos}", "--loader-method", "mae", "--decode", "windows"], "needs a windowed method"),
     (["--data", "{photos}", "--workers", "-1"], "--workers must be >= 0"),
 ])
-def test_loader_command_bad_input_is_a_usage_error(photos, flags, message):
+def test_loader_command_bad_input_is_a_usage_error(photos, flags, message, capsys):
     flags = [f.format(photos=photos) for f in flags]
-    args = _parser().parse_args(["--sizes", "64", "--model", "vit_tiny_patch8", "--no-model", "--quiet", *flags])
-    with pytest.raises(UsageError, match=message):
-        run_loader(args)
+    code = main(["bench", "--task", "loader", "--sizes", "64", "--model", "vit_tiny_patch8", "--no-model",
+                 "--quiet", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import TINY
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
-from helpers import TINY
 
 BIN = Path(sys.executable).parent
 

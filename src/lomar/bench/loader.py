@@ -54,7 +54,7 @@ def make_test_set(out: str | Path, kind: str = "camera", count: int = 32, qualit
         raise ValueError(f"unknown test-set kind {kind!r}; choose one of {', '.join(TEST_SET_SIZES)}")
     if count <= 0:
         raise ValueError(f"count must be positive, got {count}")
-    from lomar.data.images import build_pretrain_dataset
+    from lomar.data.folder import build_pretrain_dataset
 
     sources = build_pretrain_dataset(None, 32, demo_repeats=1).paths  # the bundled photographs
     out = Path(out)
@@ -97,10 +97,10 @@ def loader_dataset(data: str | Path, img_size: int, method: str = "lomar", windo
                    patch_size: int = 16, decode: str = "full", window_size: int = 7):
     """The pretraining dataset of ``data`` with the masking plan of ``method``.
 
-    ``decode``: "full" (the reference path of :mod:`lomar.data.images`), "draft" (reduced-size
+    ``decode``: "full" (the reference path of :mod:`lomar.data.folder`), "draft" (reduced-size
     JPEG decoding) or "windows" (draft + only the plan's windows resampled; LoMaR only).
     """
-    from lomar.data.images import build_pretrain_dataset
+    from lomar.data.folder import build_pretrain_dataset
     from lomar.models.masking import grid_size
 
     grid = grid_size(img_size, patch_size)

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from lomar.cli.bench_loader import add_loader_arguments, run_loader
 from lomar.cli.common import (
     DEVICE_HELP,
     MODEL_NAMES,
@@ -75,6 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="plot time per step against image size (default: none)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: width 32, depth 1
+    parser.add_argument("--task", choices=["train", "loader"], default="train",
+                        help="train: time training steps; loader: images/s per loader worker from real files, "
+                        "next to the model's step rate")
+    add_loader_arguments(parser)
 
 
 def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str]]]:
@@ -113,6 +118,8 @@ def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.task == "loader":
+        return run_loader(args)
     plan = _plan(args)
     check_output_file(args.json, "--json", create_parents=True)
     check_output_file(args.plot, "--plot", create_parents=True)

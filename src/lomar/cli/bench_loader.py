@@ -7,13 +7,13 @@ realistic JPEG test set from the demo photographs first (into ``--data``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from lomar.cli.common import resolve_device, write_json
 from lomar.errors import UsageError
 
-__all__ = ["add_loader_arguments", "run_loader", "main"]
+__all__ = ["add_loader_arguments", "run_loader"]
 
 
 def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +54,7 @@ def run_loader(args: argparse.Namespace) -> int:
         raise UsageError(f"--data {args.data} does not exist; pass a folder of images or add --make-test-set")
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     records = []
@@ -64,7 +64,8 @@ def run_loader(args: argparse.Namespace) -> int:
                 args.data, list(dict.fromkeys(args.sizes)), args.workers, args.loader_method,
                 args.loader_windows, decode, args.images, args.batch_size, args.model, device=device,
                 precision=args.precision, compile=args.compile, steps=args.steps, warmup=args.warmup,
-                model_rate=not args.no_model and not records, tiny=getattr(args, "tiny", False), repeats=max(1, args.repeats), progress=say)
+                model_rate=not args.no_model and not records, tiny=getattr(args, "tiny", False),
+                repeats=max(1, args.repeats), progress=say)
         except ValueError as exc:
             raise UsageError(str(exc).splitlines()[0]) from None
     share_model_rate(records)
@@ -79,28 +80,6 @@ def run_loader(args: argparse.Namespace) -> int:
     if args.json:
         meta = dict(command="lomar " + " ".join(sys.argv[1:]), torch=torch.__version__,
                     threads=torch.get_num_threads())
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps(dict(meta=meta, records=records), indent=1))
-        tmp.replace(args.json)
+        write_json(args.json, dict(meta=meta, records=records))
         say(f"wrote {args.json}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m lomar.cli.bench_loader ...``: the loader task with ``lomar bench``'s flags."""
-    from lomar.cli import bench
-
-    parser = argparse.ArgumentParser(prog="lomar bench --task loader", description=__doc__.splitlines()[0])
-    bench.add_arguments(parser)
-    add_loader_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_loader(args)
-    except UsageError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

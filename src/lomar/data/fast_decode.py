@@ -97,7 +97,7 @@ def jpeg_size(source: str | Path | bytes) -> tuple[int, int]:
 def draft_decode_crop(source: str | Path | bytes, transform, gen: torch.Generator) -> tuple[torch.Tensor, bool]:
     """Random-resized crop of a photo with reduced-size decoding.
 
-    ``transform``: the dataset's :class:`lomar.data.images.PretrainTransform` (its ``crop_box``,
+    ``transform``: the dataset's :class:`lomar.data.transforms.PretrainTransform` (its ``crop_box``,
     ``size``, ``flip``). Draws the box in full-size coordinates, then the flip, from ``gen``
     exactly as the transform does. Returns (uint8 (3, S, S) crop, already flipped; flipped).
     """
@@ -156,13 +156,14 @@ def resample_windows(source: str | Path | bytes, transform, gen: torch.Generator
 
 
 class FastPretrainDataset(Dataset):
-    """The pretraining dataset of an :class:`lomar.data.images.ImageListDataset`, faster.
+    """The pretraining dataset of an :class:`lomar.data.folder.ImageListDataset`, faster.
 
     ``mode``: "draft" (reduced-size decode, whole crop resized) or "windows" (reduced-size
     decode, only the plan's windows resampled; needs ``patch_size``/``window_size`` and a
     masker returning ``top_left``; ``num_windows`` per image decides whether resampling
     windows one by one beats one resize). A sample that gains nothing (a photo too small to
-    decode reduced, windows covering most of the crop) takes the reference path, bit for bit. Items as the base dataset's: ``{"image", "path", **plan}``;
+    decode reduced, windows covering most of the crop) takes the reference path, bit for bit.
+    Items as the base dataset's: ``{"image", "path", **plan}``;
     unreadable files give ``image=None`` like the base.
     """
 
@@ -185,7 +186,7 @@ class FastPretrainDataset(Dataset):
         return (self.mode == "windows" and self.sparse) or _can_reduce(path, self.base.transform, gen)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        from lomar.data.images import sample_generator
+        from lomar.data.transforms import sample_generator
 
         index, epoch = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
         base = self.base
@@ -195,7 +196,7 @@ class FastPretrainDataset(Dataset):
             if not self._reducible(path, gen):
                 # No DCT scale keeps the crop >= S px (small photos): the reference path is the
                 # fastest there, and exact. The generator is rewound, so the draws are the same.
-                from lomar.data.images import load_image
+                from lomar.data.decode import load_image
 
                 image = base.transform(load_image(path), gen)
                 plan = base.masker(gen) if base.masker is not None else {}
