@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -71,6 +72,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="plot time per step against image size")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: width 32, depth 1
+    parser.add_argument("--task", choices=["pretrain", "backbone"], default="pretrain",
+                        help="pretrain: LoMaR/MAE training steps; backbone: forward + backward of the encoder "
+                        "alone per --attention variant (default: %(default)s)")
+    parser.add_argument("--attention", nargs="+", default=["dense", "chunked"],
+                        choices=["auto", "dense", "chunked", "flex", "windowed"],
+                        help="backbone task: attention variants (default: %(default)s)")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="backbone task: recompute each block in the backward pass (default: off)")
 
 
 def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str]]]:
@@ -110,6 +119,8 @@ def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.task == "backbone":
+        return _run_backbone(args)
     plan = _plan(args)
     import torch
 
@@ -167,6 +178,43 @@ def run(args: argparse.Namespace) -> int:
         plot_times(records, args.plot, f"{args.model}, batch {args.batch_size}, {args.precision}, "
                    f"{meta['machine']}")
         say(f"wrote {args.plot}")
+    return 0
+
+
+def _run_backbone(args: argparse.Namespace) -> int:
+    """``--task backbone``: see :mod:`lomar.bench.backbone`."""
+    from lomar.models.vit import model_config
+
+    try:
+        patch = model_config(args.model).patch_size
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
+        raise UsageError("--batch-size and --steps must be positive and --warmup non-negative")
+    if bad := [s for s in args.sizes if s <= 0 or s % patch]:
+        raise UsageError(f"--sizes {bad}: sizes must be positive multiples of the patch size {patch}")
+    import torch
+
+    from lomar.bench.backbone import bench_backbone, format_table
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    say = (lambda msg: None) if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+    started, load = time.perf_counter(), os.getloadavg()
+    records = bench_backbone(args.model, args.sizes, args.attention, args.batch_size, args.grad_checkpointing,
+                             device, args.precision, args.steps, args.warmup, args.threads, args.tiny, say=say)
+    print(format_table(records))
+    meta = dict(task="backbone", model=args.model, batch_size=args.batch_size, precision=args.precision,
+                device=device, threads=args.threads or torch.get_num_threads(), steps=args.steps,
+                warmup=args.warmup, grad_checkpointing=args.grad_checkpointing, torch=torch.__version__,
+                machine=_machine(torch.device(device)), load_avg_before=load, load_avg_after=os.getloadavg(),
+                wall_s=time.perf_counter() - started, command="lomar bench " + " ".join(sys.argv[2:])
+                if len(sys.argv) > 1 and sys.argv[1] == "bench" else None)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_name(f".{args.json.name}.tmp")
+        tmp.write_text(json.dumps(dict(meta=meta, records=records), indent=1))
+        os.replace(tmp, args.json)
+        say(f"wrote {args.json}")
     return 0
 
 

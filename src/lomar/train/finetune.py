@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer-decay", type=float, default=0.65)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--drop-path", type=float, default=0.1)
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each block in the backward pass: less memory at high --img-size (default: off)")
     p.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0 = off)")
     p.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0 = off)")
     p.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
@@ -229,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
         if info.is_main:
             print(f"lomar finetune: {model.load_report.summary()}", flush=True)
+        model.set_grad_checkpointing(args.grad_checkpointing)
         model.to(device)
         out = Path(args.out)
         base_lr = args.blr * args.batch_size * info.world_size / 256
