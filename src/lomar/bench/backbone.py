@@ -178,8 +178,11 @@ def _child(spec: dict, timeout: float | None) -> dict:
 def bench_backbone(model: str, sizes: list[int], variants: list[str], batch_size: int, grad_checkpointing: bool,
                    device: str, precision: str = "fp32", steps: int = 1, warmup: int = 1,
                    threads: int | None = None, tiny: bool = False, timeout: float | None = None,
-                   say=lambda msg: None) -> list[dict]:
-    """One record per (size, variant), in the order given; see the module docstring."""
+                   say=lambda msg: None, on_record=lambda records: None) -> list[dict]:
+    """One record per (size, variant), in the order given; see the module docstring.
+
+    ``on_record(records)`` is called after each record (to save partial results of a long run).
+    """
     from lomar.models.attention import flex_available
 
     records = []
@@ -212,6 +215,7 @@ def bench_backbone(model: str, sizes: list[int], variants: list[str], batch_size
             say(f"{size}px {variant}: {rec['status']}" + (f" {rec['step_s']:.2f} s, peak "
                 f"{rec['peak_mem_bytes'] / 2**20:,.0f} MiB" if rec["status"] == "ok" else f" ({rec['reason']})"))
             records.append(rec)
+            on_record(records)
     return records
 
 

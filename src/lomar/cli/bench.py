@@ -200,20 +200,29 @@ def _run_backbone(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
     started, load = time.perf_counter(), os.getloadavg()
-    records = bench_backbone(args.model, args.sizes, args.attention, args.batch_size, args.grad_checkpointing,
-                             device, args.precision, args.steps, args.warmup, args.threads, args.tiny, say=say)
-    print(format_table(records))
     meta = dict(task="backbone", model=args.model, batch_size=args.batch_size, precision=args.precision,
                 device=device, threads=args.threads or torch.get_num_threads(), steps=args.steps,
                 warmup=args.warmup, grad_checkpointing=args.grad_checkpointing, torch=torch.__version__,
-                machine=_machine(torch.device(device)), load_avg_before=load, load_avg_after=os.getloadavg(),
-                wall_s=time.perf_counter() - started, command="lomar bench " + " ".join(sys.argv[2:])
-                if len(sys.argv) > 1 and sys.argv[1] == "bench" else None)
-    if args.json:
+                machine=_machine(torch.device(device)), load_avg_before=load,
+                command="lomar bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "bench"
+                else None)
+
+    def save(records: list[dict], done: bool = False) -> None:
+        """After every record, so a long run that is stopped keeps what it measured."""
+        if not args.json:
+            return
+        meta.update(load_avg_after=os.getloadavg(), wall_s=time.perf_counter() - started, complete=done)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.json.with_name(f".{args.json.name}.tmp")
         tmp.write_text(json.dumps(dict(meta=meta, records=records), indent=1))
         os.replace(tmp, args.json)
+
+    records = bench_backbone(args.model, args.sizes, args.attention, args.batch_size, args.grad_checkpointing,
+                             device, args.precision, args.steps, args.warmup, args.threads, args.tiny, say=say,
+                             on_record=save)
+    print(format_table(records))
+    save(records, done=True)
+    if args.json:
         say(f"wrote {args.json}")
     return 0
 
