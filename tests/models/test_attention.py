@@ -79,6 +79,9 @@ def test_flex_equals_dense_in_the_forward_on_cpu():
 def test_auto_selection_falls_back_to_chunked_on_cpu():
     cpu = torch.device("cpu")
     assert A.select_mode("auto", 1, 12, 197, cpu) == "dense"
+    assert A.select_mode("auto", 4096, 12, 50, cpu) == "dense"  # pretraining windows: any batch
+    assert A.select_mode("auto", 1, 12, 1601, cpu) == "dense"  # 640 px, 118 MiB of bias
+    assert A.select_mode("auto", 4, 12, 1601, cpu) == "chunked"
     assert A.select_mode("auto", 1, 12, 4097, cpu) == "chunked"  # 805 MB of bias per block
     assert not A.flex_available(cpu)
     assert A.select_mode("flex", 1, 12, 50, cpu) == "flex"

@@ -52,7 +52,7 @@ def estimate_bytes(variant: str, model: str, img_size: int, batch: int, grad_che
     (B, h, L, L) bias, probabilities and their gradients (~4 of them, for every block without
     checkpointing); chunked and flex add (B, h, L, 50) scores and a chunk's bias.
     """
-    from lomar.models.attention import CHUNK_BIAS_BYTES, DENSE_BIAS_BYTES
+    from lomar.models.attention import CHUNK_BIAS_BYTES, DENSE_BIAS_BYTES, DENSE_MAX_TOKENS
 
     patch, dim, depth, heads = _arch(model, tiny)
     e = _FLOAT_BYTES[precision]
@@ -62,7 +62,7 @@ def estimate_bytes(variant: str, model: str, img_size: int, batch: int, grad_che
     def attention_bytes(n: int, count: int, mode: str) -> int:
         dense = 4 * batch * count * heads * n * n * e  # bias, probabilities and their gradients
         if mode == "auto":
-            mode = "dense" if dense <= 4 * DENSE_BIAS_BYTES else "chunked"
+            mode = "dense" if n <= DENSE_MAX_TOKENS or dense <= 4 * DENSE_BIAS_BYTES else "chunked"
         return dense if mode == "dense" else min(dense, 4 * CHUNK_BIAS_BYTES)
 
     if variant == "windowed":

@@ -12,8 +12,9 @@ All three compute softmax(q·kᵀ·d^-½ + B) v with B[i, j] = (q_i·W)[bucket(i
   (q_idx, kv_idx): no L×L tensor at all, backward included. CUDA only (FlexAttention has no CPU
   backward), compiled once per shape.
 
-``auto`` picks dense while the bias of one block stays under :data:`DENSE_BIAS_BYTES`, else flex
-on CUDA and chunked elsewhere. Without RPE every mode is plain SDPA, whose fused kernels are
+``auto`` picks dense for sequences of at most :data:`DENSE_MAX_TOKENS` (there the bias is no
+larger than the block's other activations, whatever the batch) or while the bias of one block
+stays under :data:`DENSE_BIAS_BYTES`; else flex on CUDA and chunked elsewhere. Without RPE every mode is plain SDPA, whose fused kernels are
 already O(L) in memory.
 """
 
@@ -28,11 +29,12 @@ from torch.utils.checkpoint import checkpoint
 
 from lomar.models.rpe import _BETA, _SIDE, CLS_BUCKET, bucket_table, piecewise_index
 
-__all__ = ["ATTENTION_MODES", "DENSE_BIAS_BYTES", "offset_buckets", "bucket_rows", "select_mode",
+__all__ = ["ATTENTION_MODES", "DENSE_MAX_TOKENS", "DENSE_BIAS_BYTES", "offset_buckets", "bucket_rows", "select_mode",
            "chunk_rows", "rpe_attention", "flex_available", "windowed_attention"]
 
 AttentionMode = Literal["auto", "dense", "chunked", "flex"]
 ATTENTION_MODES = ("auto", "dense", "chunked", "flex")
+DENSE_MAX_TOKENS = 1025  # auto: dense up to [cls] + 32x32 tokens (512 px at patch 16)
 DENSE_BIAS_BYTES = 256 * 2**20  # auto: dense below this bias size per block (1 image, ViT-B: 48x48 grid)
 CHUNK_BIAS_BYTES = 64 * 2**20  # chunked: target size of one chunk's bias
 
@@ -84,7 +86,7 @@ def select_mode(mode: str, batch: int, heads: int, length: int, device: torch.de
         raise ValueError(f"unknown attention {mode!r}; choose one of {', '.join(ATTENTION_MODES)}")
     if mode != "auto":
         return mode
-    if batch * heads * length * length * element_size <= DENSE_BIAS_BYTES:
+    if length <= DENSE_MAX_TOKENS or batch * heads * length * length * element_size <= DENSE_BIAS_BYTES:
         return "dense"
     return "flex" if flex_available(device) else "chunked"
 
