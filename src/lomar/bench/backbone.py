@@ -28,13 +28,13 @@ VARIANTS = ("auto", "dense", "chunked", "flex", "windowed")
 _FLOAT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
-def _arch(model: str, tiny: bool) -> tuple[int, int, int, int]:
+def _arch(model: str, tiny: bool, depth: int | None = None) -> tuple[int, int, int, int]:
     from lomar.models.vit import model_config
 
     c = model_config(model)
     if tiny:
-        return c.patch_size, 32, 2, 2
-    return c.patch_size, c.embed_dim, c.depth, c.num_heads
+        return c.patch_size, 32, depth or 2, 2
+    return c.patch_size, c.embed_dim, depth or c.depth, c.num_heads
 
 
 def _windowing(depth: int) -> tuple[int, tuple[int, ...]]:
@@ -44,7 +44,7 @@ def _windowing(depth: int) -> tuple[int, tuple[int, ...]]:
 
 
 def estimate_bytes(variant: str, model: str, img_size: int, batch: int, grad_checkpointing: bool,
-                   precision: str = "fp32", tiny: bool = False) -> int:
+                   precision: str = "fp32", tiny: bool = False, depth: int | None = None) -> int:
     """Rough peak of one forward + backward (activations, gradients, temporaries), bytes.
 
     Per block the encoder keeps ~20 (B, L, D) tensors for the backward pass (one with
@@ -54,7 +54,7 @@ def estimate_bytes(variant: str, model: str, img_size: int, batch: int, grad_che
     """
     from lomar.models.attention import CHUNK_BIAS_BYTES, DENSE_BIAS_BYTES, DENSE_MAX_TOKENS
 
-    patch, dim, depth, heads = _arch(model, tiny)
+    patch, dim, depth, heads = _arch(model, tiny, depth)
     e = _FLOAT_BYTES[precision]
     length = 1 + (img_size // patch) ** 2
     token = batch * length * dim * e
@@ -77,9 +77,9 @@ def estimate_bytes(variant: str, model: str, img_size: int, batch: int, grad_che
     return depth * (20 * token + square) + params
 
 
-def model_flops(model: str, img_size: int, batch: int, tiny: bool = False) -> int:
+def model_flops(model: str, img_size: int, batch: int, tiny: bool = False, depth: int | None = None) -> int:
     """Analytic FLOPs of forward + backward (3× forward; checkpointing's recomputation excluded)."""
-    patch, dim, depth, _ = _arch(model, tiny)
+    patch, dim, depth, _ = _arch(model, tiny, depth)
     length = 1 + (img_size // patch) ** 2
     per_block = 2 * batch * length * dim * 12 * dim + 4 * batch * length * length * dim
     return 3 * depth * per_block
@@ -111,6 +111,8 @@ def run_variant(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     overrides = dict(embed_dim=32, depth=2, num_heads=2) if spec.get("tiny") else {}
+    if spec.get("depth"):
+        overrides["depth"] = spec["depth"]
     attention = spec["variant"]
     if attention == "windowed":
         depth = overrides.get("depth", model_config(spec["model"]).depth)
@@ -178,22 +180,24 @@ def _child(spec: dict, timeout: float | None) -> dict:
 def bench_backbone(model: str, sizes: list[int], variants: list[str], batch_size: int, grad_checkpointing: bool,
                    device: str, precision: str = "fp32", steps: int = 1, warmup: int = 1,
                    threads: int | None = None, tiny: bool = False, timeout: float | None = None,
-                   say=lambda msg: None, on_record=lambda records: None) -> list[dict]:
+                   say=lambda msg: None, on_record=lambda records: None, depth: int | None = None) -> list[dict]:
     """One record per (size, variant), in the order given; see the module docstring.
 
+    ``depth`` overrides the model's number of blocks (the cost of fewer blocks, for quick checks).
     ``on_record(records)`` is called after each record (to save partial results of a long run).
     """
     from lomar.models.attention import flex_available
 
     records = []
     for size in sizes:
-        flops = model_flops(model, size, batch_size, tiny)
+        flops = model_flops(model, size, batch_size, tiny, depth)
         for variant in variants:
             rec = dict(task="backbone", method=model, attention=variant, img_size=size, windows=None,
                        window_setting="-", batch_size=batch_size, grad_checkpointing=grad_checkpointing,
-                       precision=precision, compile=False, device=device, flops=flops, flops_kind="analytic")
-            need, free = estimate_bytes(variant, model, size, batch_size, grad_checkpointing, precision, tiny), \
-                available_bytes(device)
+                       precision=precision, compile=False, device=device, flops=flops, flops_kind="analytic",
+                       depth=_arch(model, tiny, depth)[2])
+            need = estimate_bytes(variant, model, size, batch_size, grad_checkpointing, precision, tiny, depth)
+            free = available_bytes(device)
             rec.update(estimated_bytes=need, available_bytes=free)
             if variant == "flex" and not flex_available(_torch_device(device)):
                 rec.update(status="skipped", reason="flex needs CUDA (FlexAttention has no CPU backward)")
@@ -204,7 +208,7 @@ def bench_backbone(model: str, sizes: list[int], variants: list[str], batch_size
                 say(f"{size}px {variant}: estimated {need / 2**30:.2f} GiB, running")
                 spec = dict(model=model, img_size=size, variant=variant, batch_size=batch_size, device=device,
                             grad_checkpointing=grad_checkpointing, precision=precision, steps=steps,
-                            warmup=warmup, threads=threads, tiny=tiny)
+                            warmup=warmup, threads=threads, tiny=tiny, depth=depth)
                 rec.update(_child(spec, timeout))
             if rec["status"] == "ok":
                 step_s = sorted(rec["step_times_s"])[len(rec["step_times_s"]) // 2]

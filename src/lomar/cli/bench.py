@@ -80,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="backbone task: attention variants (default: %(default)s)")
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="backbone task: recompute each block in the backward pass (default: off)")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="backbone task: override the model's number of blocks, for a quick per-block "
+                        "measurement (default: the model's)")
 
 
 def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str]]]:
@@ -191,6 +194,8 @@ def _run_backbone(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     if args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
         raise UsageError("--batch-size and --steps must be positive and --warmup non-negative")
+    if args.depth is not None and args.depth <= 0:
+        raise UsageError(f"--depth must be positive, got {args.depth}")
     if bad := [s for s in args.sizes if s <= 0 or s % patch]:
         raise UsageError(f"--sizes {bad}: sizes must be positive multiples of the patch size {patch}")
     import torch
@@ -200,10 +205,10 @@ def _run_backbone(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
     started, load = time.perf_counter(), os.getloadavg()
-    meta = dict(task="backbone", model=args.model, batch_size=args.batch_size, precision=args.precision,
-                device=device, threads=args.threads or torch.get_num_threads(), steps=args.steps,
-                warmup=args.warmup, grad_checkpointing=args.grad_checkpointing, torch=torch.__version__,
-                machine=_machine(torch.device(device)), load_avg_before=load,
+    meta = dict(task="backbone", model=args.model, depth=args.depth, batch_size=args.batch_size,
+                precision=args.precision, device=device, threads=args.threads or torch.get_num_threads(),
+                steps=args.steps, warmup=args.warmup, grad_checkpointing=args.grad_checkpointing,
+                torch=torch.__version__, machine=_machine(torch.device(device)), load_avg_before=load,
                 command="lomar bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "bench"
                 else None)
 
@@ -219,7 +224,7 @@ def _run_backbone(args: argparse.Namespace) -> int:
 
     records = bench_backbone(args.model, args.sizes, args.attention, args.batch_size, args.grad_checkpointing,
                              device, args.precision, args.steps, args.warmup, args.threads, args.tiny, say=say,
-                             on_record=save)
+                             on_record=save, depth=args.depth)
     print(format_table(records))
     save(records, done=True)
     if args.json:

@@ -14,8 +14,8 @@ All three compute softmax(q·kᵀ·d^-½ + B) v with B[i, j] = (q_i·W)[bucket(i
 
 ``auto`` picks dense for sequences of at most :data:`DENSE_MAX_TOKENS` (there the bias is no
 larger than the block's other activations, whatever the batch) or while the bias of one block
-stays under :data:`DENSE_BIAS_BYTES`; else flex on CUDA and chunked elsewhere. Without RPE every mode is plain SDPA, whose fused kernels are
-already O(L) in memory.
+stays under :data:`DENSE_BIAS_BYTES`; else flex on CUDA and chunked elsewhere. Without RPE every
+mode is plain SDPA, whose fused kernels are already O(L) in memory.
 """
 
 from __future__ import annotations
