@@ -18,6 +18,7 @@ import json
 import math
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -172,7 +173,12 @@ def _child(spec: dict, timeout: float | None) -> dict:
     lines = proc.stdout.strip().splitlines()
     if proc.returncode == 0 and lines:
         return dict(status="ok", **json.loads(lines[-1]))
-    why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit code {proc.returncode}"
+    if proc.returncode in (-9, 137):
+        why = "killed by SIGKILL (out of memory?)"
+    elif proc.returncode < 0:
+        why = f"stopped by signal {signal.Signals(-proc.returncode).name}"
+    else:
+        why = f"exit code {proc.returncode}"
     tail = (proc.stderr.strip().splitlines() or [""])[-1][:300]
     return dict(status="failed", reason=f"{why}: {tail}" if tail else why)
 
