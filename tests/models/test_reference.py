@@ -6,6 +6,7 @@ format (see its README). Each folder is one parametrised case, named in the test
 
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 import lomar
 from helpers import reference_dir
+from lomar.models.attention import bucket_rows, offset_buckets, rpe_attention
 from lomar.models.masking import window_token_index
 from lomar.models.rpe import ContextualRPE, bucket_table
 
@@ -70,14 +72,16 @@ def _lomar_cases():
     return cases or _missing(f"no LoMaR case (meta.json with method 'lomar') under {reference_dir()}")
 
 
+@pytest.mark.parametrize("attention", ["auto", "chunked"])
 @pytest.mark.parametrize("case", _lomar_cases())
-def test_lomar_case(case):
+def test_lomar_case(case, attention):
     _require(case)
     meta = json.loads((case / "meta.json").read_text())
     data = np.load(case / "case.npz")
     model = lomar.load_original(case / "checkpoint.pth", num_heads=meta["num_heads"],
                                 img_size=meta["img_size"], window_size=meta["window_size"],
                                 mask_ratio=meta["mask_ratio"], norm_pix_loss=meta["norm_pix_loss"]).eval()
+    model.encoder.config = replace(model.encoder.config, attention=attention)
     k, p = meta["window_size"], meta["patch_size"]
     images = torch.from_numpy(data["images"])
     row_image = torch.from_numpy(data["row_image"])
@@ -107,14 +111,16 @@ def test_lomar_case(case):
         torch.testing.assert_close(out.loss, torch.from_numpy(data["loss"]), atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("attention", ["auto", "chunked"])
 @pytest.mark.parametrize("case", _cases("mae_meta.json"))
-def test_mae_case(case):
+def test_mae_case(case, attention):
     _require(case)
     meta = json.loads((case / "mae_meta.json").read_text())
     data = np.load(case / "mae_case.npz")
     model = lomar.load_original(case / "mae_checkpoint.pth", num_heads=meta["num_heads"],
                                 decoder_num_heads=meta["decoder_num_heads"], img_size=meta["img_size"],
                                 mask_ratio=meta["mask_ratio"], norm_pix_loss=meta["norm_pix_loss"]).eval()
+    model.encoder.config = replace(model.encoder.config, attention=attention)
     with torch.no_grad():
         out = model(torch.from_numpy(data["images"]), noise=torch.from_numpy(data["noise"]))
     torch.testing.assert_close(out.mask, torch.from_numpy(data["mask"]).float())
@@ -136,3 +142,17 @@ def test_rpe_case(case):
             rpe.table.copy_(torch.from_numpy(data[f"table_{n}x{n}"]))
             bias = rpe(torch.from_numpy(data[f"q_{n}x{n}"]), buckets)
         torch.testing.assert_close(bias, torch.from_numpy(data[f"bias_{n}x{n}"]), atol=ATOL, rtol=RTOL)
+        # The chunked path's rows, built from the (2n-1)^2 offset table, are the same buckets.
+        length = n * n + 1
+        rows = torch.cat([bucket_rows(offset_buckets((n, n)), (n, n), s, min(s + 7, length))
+                          for s in range(0, length, 7)])
+        assert torch.equal(rows, buckets), f"{n}x{n} chunked buckets differ"
+        # Attention with the golden bias: dense and chunked agree, forward and gradients.
+        q = torch.from_numpy(data[f"q_{n}x{n}"]).requires_grad_()
+        kv = torch.randn(2, *q.shape, generator=torch.Generator().manual_seed(n))
+        table = rpe.table[0].detach().clone().requires_grad_()
+        outs = [rpe_attention(q, kv[0], kv[1], table, (n, n), mode, chunk=5) for mode in ("dense", "chunked")]
+        torch.testing.assert_close(outs[1], outs[0], atol=ATOL, rtol=RTOL)
+        grads = [torch.autograd.grad(o.square().sum(), (q, table)) for o in outs]
+        for chunked, dense in zip(grads[1], grads[0]):
+            torch.testing.assert_close(chunked, dense, atol=ATOL, rtol=RTOL)

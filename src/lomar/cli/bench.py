@@ -14,6 +14,8 @@ integer N uses N windows at every size: LoMaR's cost is then independent of the 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -76,9 +78,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="plot time per step against image size (default: none)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: width 32, depth 1
-    parser.add_argument("--task", choices=["train", "loader"], default="train",
-                        help="train: time training steps; loader: images/s per loader worker from real files, "
-                        "next to the model's step rate")
+    parser.add_argument("--task", choices=["pretrain", "loader", "backbone"], default="pretrain",
+                        help="pretrain: training steps per method; loader: images/s per loader worker from real "
+                        "files next to the model's step rate; backbone: forward + backward of the encoder alone "
+                        "per --attention variant (default: %(default)s)")
+    parser.add_argument("--attention", nargs="+", default=["dense", "chunked"],
+                        choices=["auto", "dense", "chunked", "flex", "windowed"],
+                        help="backbone task: attention variants (default: %(default)s)")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="backbone task: recompute each block in the backward pass (default: off)")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="backbone task: override the model's number of blocks, for a quick per-block "
+                        "measurement (default: the model's)")
     add_loader_arguments(parser)
 
 
@@ -118,6 +129,8 @@ def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.task == "backbone":
+        return _run_backbone(args)
     if args.task == "loader":
         return run_loader(args)
     plan = _plan(args)
@@ -178,3 +191,154 @@ def run(args: argparse.Namespace) -> int:
                    f"{meta['machine']}")
         say(f"wrote {args.plot}")
     return 0
+
+
+def _run_backbone(args: argparse.Namespace) -> int:
+    """``--task backbone``: see :mod:`lomar.bench.backbone`."""
+    check_output_file(args.json, "--json", create_parents=True)
+    from lomar.models.vit import model_config
+
+    try:
+        patch = model_config(args.model).patch_size
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
+        raise UsageError("--batch-size and --steps must be positive and --warmup non-negative")
+    if args.depth is not None and args.depth <= 0:
+        raise UsageError(f"--depth must be positive, got {args.depth}")
+    if bad := [s for s in args.sizes if s <= 0 or s % patch]:
+        raise UsageError(f"--sizes {bad}: sizes must be positive multiples of the patch size {patch}")
+    import torch
+
+    from lomar.bench.backbone import bench_backbone, format_table
+
+    device = resolve_device(args.device)
+    say = (lambda msg: None) if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+    started, load = time.perf_counter(), os.getloadavg()
+    meta = dict(task="backbone", model=args.model, depth=args.depth, batch_size=args.batch_size,
+                precision=args.precision, device=device, threads=args.threads or torch.get_num_threads(),
+                steps=args.steps, warmup=args.warmup, grad_checkpointing=args.grad_checkpointing,
+                torch=torch.__version__, machine=_machine(torch.device(device)), load_avg_before=load,
+                command="lomar bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "bench"
+                else None)
+
+    def save(records: list[dict], done: bool = False) -> None:
+        """After every record, so a long run that is stopped keeps what it measured."""
+        if not args.json:
+            return
+        meta.update(load_avg_after=os.getloadavg(), wall_s=time.perf_counter() - started, complete=done)
+        write_json(args.json, dict(meta=meta, records=records))
+
+    records = bench_backbone(args.model, args.sizes, args.attention, args.batch_size, args.grad_checkpointing,
+                             device, args.precision, args.steps, args.warmup, args.threads, args.tiny, say=say,
+                             on_record=save, depth=args.depth)
+    print(format_table(records))
+    save(records, done=True)
+    if args.json:
+        say(f"wrote {args.json}")
+    return 0
+
+
+def _machine(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+def _compare(records: list[dict]) -> list[dict]:
+    """Per size and LoMaR window count: MAE/LoMaR time and FLOP ratios; time vs own base size."""
+    mae = {r["img_size"]: r for r in records if r["method"] == "mae"}
+    out = []
+    base_size = 224 if any(r["img_size"] == 224 for r in records) else min(r["img_size"] for r in records)
+    for rec in records:
+        same = [r for r in records if r["method"] == rec["method"] and r["img_size"] == base_size
+                and (r["windows"] == rec["windows"] or rec["window_setting"] == r["window_setting"] == "paper")]
+        rec["base_size"] = base_size
+        rec["time_vs_base"] = rec["step_s"] / same[0]["step_s"] if same else None
+        if rec["method"] == "lomar" and rec["img_size"] in mae:
+            m = mae[rec["img_size"]]
+            out.append(dict(img_size=rec["img_size"], windows=rec["windows"],
+                            window_setting=rec["window_setting"],
+                            mae_over_lomar_time=m["step_s"] / rec["step_s"],
+                            mae_over_lomar_flops=m["flops"] / rec["flops"]))
+    return out
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB" if n >= 0 else "n/a"
+
+
+def _print_table(records: list[dict], comparisons: list[dict], ceiling: float, stream) -> None:
+    w = stream.write
+    w(f"GEMM ceiling (same run, same dtype): {ceiling / 1e9:,.1f} GFLOP/s\n")
+    head = (f"{'method':<6} {'px':>4} {'win':>5} {'s/step':>8} {'img/s':>7} {'GFLOP':>8} "
+            f"{'GFLOP/s':>8} {'MFU':>5} {'vs base':>8} {'peak mem':>10}\n")
+    w(head)
+    w("-" * (len(head) - 1) + "\n")
+    for r in records:
+        win = "-" if r["windows"] is None else f"{r['windows']}{'p' if r['window_setting'] == 'paper' else ''}"
+        rel = "-" if r.get("time_vs_base") is None else f"{r['time_vs_base']:.2f}x"
+        w(f"{r['method']:<6} {r['img_size']:>4} {win:>5} {r['step_s']:>8.3f} {r['images_per_s']:>7.2f} "
+          f"{r['flops'] / 1e9:>8.1f} {r['achieved_flops'] / 1e9:>8.1f} {r['mfu']:>5.0%} {rel:>8} "
+          f"{_fmt_bytes(r['peak_mem_bytes']):>10}\n")
+    if records:
+        kind = records[0]["peak_mem_kind"]
+        w(f"win: windows per image, p = paper setting; vs base: time / own {records[0]['base_size']}px time; "
+          f"peak mem: {'max allocated' if kind == 'cuda_max_allocated' else 'RSS growth during a step (CPU)'}\n")
+    if comparisons:
+        w("\nMAE / LoMaR per size\n")
+        for c in comparisons:
+            w(f"  {c['img_size']:>4}px, {c['windows']} windows ({c['window_setting']}): time "
+              f"{c['mae_over_lomar_time']:.2f}x, FLOPs {c['mae_over_lomar_flops']:.2f}x\n")
+
+
+def plot_times(records: list[dict], path: Path, subtitle: str = "") -> None:
+    """Seconds per training step against image size, one line per method/window setting, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lomar.viz.reconstruction import save_figure
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    fixed = {r["windows"] for r in records if r["window_setting"] == "fixed"}
+    for r in records:
+        labels = []
+        if r["method"] == "mae":
+            labels.append("MAE (ViT + 512x8 decoder, 75% masked)")
+        elif r["window_setting"] == "paper":
+            labels.append("LoMaR, paper windows (4@224, 6@384, 9@448+)")
+        if r["method"] == "lomar" and r["windows"] in fixed:  # a paper point may double as fixed
+            labels.append(f"LoMaR, {r['windows']} windows")
+        for label in labels:
+            series.setdefault(label, []).append((r["img_size"], r["step_s"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in series.items():
+        points.sort()
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, marker="o", label=label)
+        for x, y in points:
+            ax.annotate(f"{y:.2g}s", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    sizes = sorted({r["img_size"] for r in records})
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([str(s) for s in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel("image size (px)")
+    ax.set_ylabel("seconds per training step (fwd+bwd+AdamW)")
+    ax.set_title("Training step time vs image size" + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path, dpi=120)

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lomar.cli.common import resolve_device, write_json
+from lomar.cli.common import check_output_file, resolve_device, write_json
 from lomar.errors import UsageError
 
 __all__ = ["add_loader_arguments", "run_loader"]
@@ -41,6 +41,7 @@ def run_loader(args: argparse.Namespace) -> int:
                          "create one)")
     if args.workers < 0 or args.images <= 0:
         raise UsageError(f"--workers must be >= 0 and --images positive, got {args.workers} and {args.images}")
+    check_output_file(args.json, "--json", create_parents=True)
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
     from lomar.bench.loader import make_test_set, measure_loader, share_model_rate
 

@@ -9,17 +9,16 @@ table is interpolated). For exact strides up to 32 use sides divisible by 32.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from lomar.models.rpe import bucket_table
 from lomar.models.vit import VisionTransformer
 
 __all__ = ["LayerNorm2d", "SimpleFeaturePyramid", "feature_maps", "ViTDetBackbone", "MultiLevelBackbone",
-           "load_encoder"]
+           "load_encoder", "backbone_encoder"]
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -102,18 +101,15 @@ def feature_maps(encoder: VisionTransformer, images: torch.Tensor, indices=(-1,)
     """Block outputs of the encoder as (B, D, H/p, W/p) maps (cls dropped).
 
     indices: block indices (negative from the end); ``norm`` applies the encoder's final
-    LayerNorm to each map; ``grad_checkpointing`` trades compute for memory while training.
+    LayerNorm to each map; ``grad_checkpointing`` trades compute for memory while training
+    (False leaves the encoder's own flag in charge).
     """
     depth = len(encoder.blocks)
     take = sorted({i % depth for i in indices})
-    x, grid = encoder.embed(images)
-    buckets = bucket_table(grid, x.device) if encoder.config.pos == "rpe" else None
+    tokens, grid = encoder.embed(images)
     out = {}
-    for i, block in enumerate(encoder.blocks[:take[-1] + 1]):
-        if grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint(block, x, buckets, use_reentrant=False)
-        else:
-            x = block(x, buckets)
+    for i, x in encoder.iter_blocks(tokens, grid, grad_checkpointing=grad_checkpointing or None,
+                                    stop=take[-1] + 1):
         if i in take:
             y = encoder.norm(x) if norm else x
             out[i] = y[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, *grid)
@@ -129,23 +125,38 @@ def load_encoder(source: str | Path | VisionTransformer) -> VisionTransformer:
     return encoder_of(load_model(source))
 
 
+def backbone_encoder(source: str | Path | VisionTransformer, window_size: int | None = None,
+                     global_blocks=None, attention: str | None = None) -> VisionTransformer:
+    """:func:`load_encoder` without a classifier's head and fc_norm, with the given attention
+    layout (None keeps the encoder's): ``window_size`` > 0 for ViTDet-style windowed blocks
+    except ``global_blocks``; ``attention`` auto/dense/chunked/flex."""
+    encoder = load_encoder(source)
+    changes = {k: v for k, v in dict(window_size=window_size, attention=attention,
+                                     global_blocks=None if global_blocks is None else tuple(global_blocks)).items()
+               if v is not None}
+    if not encoder.num_classes and all(getattr(encoder.config, k) == v for k, v in changes.items()):
+        return encoder
+    plain = VisionTransformer(replace(encoder.config, **changes))
+    plain.load_state_dict(encoder.state_dict(), strict=False)
+    plain.set_grad_checkpointing(encoder.grad_checkpointing)
+    return plain.to(encoder.cls_token.device)
+
+
 class ViTDetBackbone(nn.Module):
     """Encoder + :class:`SimpleFeaturePyramid` from its last block: images -> {"p2".."p5"[, "p6"]}.
 
     Follows detectron2's ``Backbone`` protocol (``output_shape()``, ``size_divisibility``,
     ``padding_constraints``, ``_out_features``) without importing detectron2; see
-    docs/dense.md for the three-line subclass that registers it there.
+    docs/dense.md for the three-line subclass that registers it there. ``window_size`` /
+    ``global_blocks`` / ``attention``: see :func:`backbone_encoder` (ViTDet: 14, (2, 5, 8, 11)).
     """
 
     def __init__(self, encoder: VisionTransformer | str | Path, out_channels: int = 256,
                  scale_factors=(4.0, 2.0, 1.0, 0.5), top_block: bool = False, norm: bool = True,
-                 grad_checkpointing: bool = False, square_pad: int = 0):
+                 grad_checkpointing: bool = False, square_pad: int = 0, window_size: int | None = None,
+                 global_blocks=None, attention: str | None = None):
         super().__init__()
-        self.encoder = load_encoder(encoder)
-        if self.encoder.num_classes:  # a classifier's head and fc_norm are not part of the backbone
-            plain = VisionTransformer(self.encoder.config)
-            plain.load_state_dict(self.encoder.state_dict(), strict=False)
-            self.encoder = plain
+        self.encoder = backbone_encoder(encoder, window_size, global_blocks, attention)
         self.pyramid = SimpleFeaturePyramid(self.encoder.embed_dim, out_channels, scale_factors,
                                             in_stride=self.encoder.config.patch_size, top_block=top_block)
         self.norm = norm
@@ -185,9 +196,10 @@ class MultiLevelBackbone(nn.Module):
     """
 
     def __init__(self, encoder: VisionTransformer | str | Path, out_indices=(3, 5, 7, 11), norm: bool = False,
-                 pyramid: bool = False, grad_checkpointing: bool = False):
+                 pyramid: bool = False, grad_checkpointing: bool = False, window_size: int | None = None,
+                 global_blocks=None, attention: str | None = None):
         super().__init__()
-        self.encoder = load_encoder(encoder)
+        self.encoder = backbone_encoder(encoder, window_size, global_blocks, attention)
         depth = len(self.encoder.blocks)
         if any(not -depth <= i < depth for i in out_indices):
             raise ValueError(f"out_indices {tuple(out_indices)} out of range for a {depth}-block encoder")

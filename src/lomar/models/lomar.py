@@ -89,16 +89,8 @@ class LoMaR(nn.Module):
         grid = grid_size(tuple(images.shape[-2:]), p)
         token_index = window_token_index(top_left, k, grid[1])  # (R, K·K)
         pixels = gather_patches(images, p, image_index, token_index)  # (R, K·K, C, p, p)
-        x = encoder.patch_embed.embed_patches(pixels.flatten(2))
-        x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
-        if encoder.pos_embed is not None:
-            table = encoder.pos_embed_for(grid)[0].to(x.dtype)  # (1+Hg·Wg, D)
-            x = x + table[1:][token_index]
-            cls = encoder.cls_token + table[:1]
-        else:
-            cls = encoder.cls_token
-        x = torch.cat([cls.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
-        x = encoder.norm(encoder.run_blocks(x, (k, k)))
+        x = encoder.prepare_tokens(pixels.flatten(2), grid, token_index, mask, self.mask_token)
+        x = encoder.norm(encoder.forward_blocks(x, (k, k)))
         pred = self.head(x[:, 1:])
         target = normalize_targets(pixels.permute(0, 1, 3, 4, 2).flatten(2).float(), self.norm_pix_loss)
         return masked_mse(pred, target, mask), pred

@@ -72,11 +72,7 @@ class MAE(nn.Module):
         ids_restore = ids_shuffle.argsort(dim=1)
         ids_keep = ids_shuffle[:, :keep]
 
-        x = enc.patch_embed(images) + enc.pos_embed[:, 1:].to(images.dtype)
-        x = x.gather(1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))
-        cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(n, -1, -1)
-        x = torch.cat([cls.to(x.dtype), x], dim=1)
-        x = enc.norm(enc.run_blocks(x, grid))
+        x = enc.norm(enc.forward_blocks(enc.prepare_tokens(images, token_index=ids_keep), grid))
 
         x = self.decoder_embed(x)
         fill = self.mask_token.to(x.dtype).expand(n, length - keep, -1)

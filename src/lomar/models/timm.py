@@ -36,9 +36,7 @@ from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from lomar.models.rpe import bucket_table
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig
 
 __all__ = ["LomarVisionTransformer", "checkpoint_filter_fn", "create_from_export"]
@@ -53,14 +51,16 @@ class LomarVisionTransformer(VisionTransformer):
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 0, global_pool: str = "avg", embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, pos: str = "rpe", fc_norm: bool | None = None,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, device=None, dtype=None):
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, attention: str = "auto",
+                 window_size: int = 0, global_blocks: tuple[int, ...] = (), device=None, dtype=None):
         if global_pool not in _POOLS:
             raise ValueError(f"global_pool must be one of {_POOLS}, got {global_pool!r}")
         if isinstance(img_size, (tuple, list)):
             img_size = int(img_size[0]) if img_size[0] == img_size[1] else tuple(int(s) for s in img_size)
         config = ViTConfig(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, pos=pos,
-                           drop_path=drop_path_rate)
+                           drop_path=drop_path_rate, attention=attention, window_size=window_size,
+                           global_blocks=tuple(global_blocks))
         super().__init__(config, num_classes=0)
         self.in_chans = in_chans
         self.global_pool = global_pool
@@ -114,19 +114,14 @@ class LomarVisionTransformer(VisionTransformer):
             self.head = nn.Identity()
 
     # ---- forward -----------------------------------------------------------------------------
-    def run_blocks(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        buckets = bucket_table(grid, x.device) if self.config.pos == "rpe" else None
-        for block in self.blocks:
-            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-                x = checkpoint(block, x, buckets, use_reentrant=False)
-            else:
-                x = block(x, buckets)
-        return x
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> tokens (B, 1+Hg·Wg, D), cls first; normed unless fc_norm is used."""
         tokens, grid = self.embed(x)
-        return self.norm(self.run_blocks(tokens, grid))
+        return self.norm(self.forward_blocks(tokens, grid, grad_checkpointing=self._checkpointing()))
+
+    def _checkpointing(self) -> bool:
+        # timm's convention: checkpoint only while training (the base class: whenever grads flow).
+        return self.grad_checkpointing and self.training and not torch.jit.is_scripting()
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         if self.global_pool == "avg":
@@ -157,15 +152,10 @@ class LomarVisionTransformer(VisionTransformer):
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take, last = feature_take_indices(len(self.blocks), indices)
-        tokens, grid = self.embed(x)
-        buckets = bucket_table(grid, x.device) if self.config.pos == "rpe" else None
-        blocks = self.blocks[:last + 1] if stop_early else self.blocks
+        embedded, grid = self.embed(x)
         outputs = []
-        for i, block in enumerate(blocks):
-            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-                tokens = checkpoint(block, tokens, buckets, use_reentrant=False)
-            else:
-                tokens = block(tokens, buckets)
+        for i, tokens in self.iter_blocks(embedded, grid, grad_checkpointing=self._checkpointing(),
+                                          stop=last + 1 if stop_early else None):
             if i in take:
                 outputs.append(self.norm(tokens) if norm else tokens)
         prefix = [y[:, :1] for y in outputs]

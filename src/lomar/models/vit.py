@@ -6,15 +6,18 @@ whole image (finetuning, MAE, features); LoMaR reuses its parts on window tokens
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from lomar.models.attention import ATTENTION_MODES, rpe_attention, windowed_attention
 from lomar.models.masking import grid_size
-from lomar.models.rpe import ContextualRPE, bucket_table
+from lomar.models.rpe import ContextualRPE
 
 __all__ = [
     "ViTConfig",
@@ -43,7 +46,13 @@ PATCH_SIZES = (8, 14, 16)
 
 @dataclass(frozen=True)
 class ViTConfig:
-    """Architecture of an encoder; everything needed to rebuild it."""
+    """Architecture of an encoder; everything needed to rebuild it.
+
+    ``attention``: how the iRPE bias is computed (``auto``, ``dense``, ``chunked``, ``flex``; same
+    result, see :mod:`lomar.models.attention`). ``window_size`` > 0: ViTDet-style blocks that
+    attend inside ``window_size``² windows of the patch grid, except the blocks listed in
+    ``global_blocks`` (e.g. 14 and (2, 5, 8, 11) for ViT-B); see :meth:`Block.forward`.
+    """
 
     img_size: int = 224
     patch_size: int = 16
@@ -54,7 +63,13 @@ class ViTConfig:
     mlp_ratio: float = 4.0
     pos: PosMode = "rpe"
     drop_path: float = 0.0
+    attention: str = "auto"
+    window_size: int = 0
+    global_blocks: tuple[int, ...] = ()
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "global_blocks", tuple(int(i) for i in self.global_blocks))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,12 +147,22 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.rpe = ContextualRPE(dim // num_heads) if rpe else None
 
-    def forward(self, x: torch.Tensor, buckets: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, L, D), buckets (L, L) or None -> (B, L, D)."""
+    def forward(self, x: torch.Tensor, buckets: torch.Tensor | None = None, grid: tuple[int, int] | None = None,
+                mode: str = "auto", key_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, D) -> (B, L, D).
+
+        Either ``buckets`` (L, L) from ``bucket_table`` (the dense bias), or the ``grid`` the
+        [cls]+tokens lie on and an attention ``mode`` (:func:`lomar.models.attention.rpe_attention`;
+        ``key_bias`` (B, 1, 1, L) masks keys). Without RPE neither is needed.
+        """
         b, length, dim = x.shape
         q, k, v = self.qkv(x).view(b, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        bias = self.rpe(q, buckets) if self.rpe is not None else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if grid is not None and buckets is None:
+            table = self.rpe.table[0] if self.rpe is not None else None
+            out = rpe_attention(q, k, v, table, grid, mode, key_bias)
+        else:
+            bias = self.rpe(q, buckets) if self.rpe is not None else None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(out.transpose(1, 2).reshape(b, length, dim))
 
 
@@ -172,8 +197,19 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = _drop_path(drop_path)
 
-    def forward(self, x: torch.Tensor, buckets: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), buckets))
+    def forward(self, x: torch.Tensor, buckets: torch.Tensor | None = None, grid: tuple[int, int] | None = None,
+                mode: str = "auto", window: int = 0) -> torch.Tensor:
+        """x (B, 1+H·W, D) [cls]+tokens on ``grid`` -> (B, 1+H·W, D); ``buckets`` as :class:`Attention`.
+
+        ``window`` > 0 (with ``grid``): attention inside window×window tiles of the grid (see
+        :func:`lomar.models.attention.windowed_attention`).
+        """
+        h = self.norm1(x)
+        if window and grid is not None:
+            h = windowed_attention(self.attn, h, grid, window, mode)
+        else:
+            h = self.attn(h, buckets, grid, mode)
+        x = x + self.drop_path(h)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -199,6 +235,12 @@ class VisionTransformer(nn.Module):
         c = config
         if c.pos not in ("rpe", "abs", "none"):
             raise ValueError(f"unknown position encoding {c.pos!r}; choose rpe, abs or none")
+        if c.attention not in ATTENTION_MODES:
+            raise ValueError(f"unknown attention {c.attention!r}; choose one of {', '.join(ATTENTION_MODES)}")
+        if c.window_size < 0 or any(not 0 <= i < c.depth for i in c.global_blocks):
+            raise ValueError(f"window_size {c.window_size} must be >= 0 (0: global attention) and "
+                             f"global_blocks {c.global_blocks} block indices in 0..{c.depth - 1}")
+        self.grad_checkpointing = False  # recompute each block in the backward pass (set_grad_checkpointing)
         self.grid = grid_size(c.img_size, c.patch_size)
         self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, c.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
@@ -247,12 +289,49 @@ class VisionTransformer(nn.Module):
         spatial = F.interpolate(spatial, size=grid, mode="bicubic", align_corners=False)
         return torch.cat([cls, spatial.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
 
-    def run_blocks(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """[cls]+tokens (B, 1+Hg·Wg, D) laid out on ``grid`` -> block outputs (not normed)."""
-        buckets = bucket_table(grid, x.device) if self.config.pos == "rpe" else None
-        for block in self.blocks:
-            x = block(x, buckets)
-        return x
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass: activations of one block live at a time."""
+        self.grad_checkpointing = enable
+
+    def block_window(self, index: int) -> int:
+        """Window side of block ``index`` (0: global attention)."""
+        c = self.config
+        return 0 if index in c.global_blocks else c.window_size
+
+    def iter_blocks(self, x: torch.Tensor, grid: tuple[int, int], attention: str | None = None,
+                    grad_checkpointing: bool | None = None, stop: int | None = None
+                    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Run the blocks on [cls]+tokens (B, 1+N, D); yield (index, output (B, 1+N, D)) per block.
+
+        ``grid``: the (H, W) the N tokens lie on, raster order (the RPE buckets; windows). Tokens
+        that are a subset of the grid (MAE's visible patches) need absolute position and no
+        windows. ``attention`` overrides ``config.attention``; ``grad_checkpointing`` the
+        encoder's flag (used only while gradients are enabled); ``stop``: blocks [0, stop) only.
+        """
+        mode = attention or self.config.attention
+        ckpt = self.grad_checkpointing if grad_checkpointing is None else grad_checkpointing
+        ckpt = ckpt and torch.is_grad_enabled()
+        full = x.shape[1] == 1 + grid[0] * grid[1]
+        if not full and self.config.pos == "rpe":
+            raise ValueError(f"{x.shape[1]} tokens are not [cls] + the {grid[0]}x{grid[1]} grid; relative "
+                             f"position needs every token of the grid")
+        for i, block in enumerate(self.blocks[:stop]):
+            window = self.block_window(i) if full else 0
+            if window >= max(grid):  # one tile holds the grid: global attention is the same, unpadded
+                window = 0
+            args = (None, grid if full else None, mode, window)
+            x = checkpoint(block, x, *args, use_reentrant=False) if ckpt else block(x, *args)
+            yield i, x
+
+    def forward_blocks(self, x: torch.Tensor, grid: tuple[int, int], attention: str | None = None,
+                       grad_checkpointing: bool | None = None) -> torch.Tensor:
+        """[cls]+tokens (B, 1+N, D) on ``grid`` -> last block's output (not normed); see :meth:`iter_blocks`."""
+        out = x
+        for _, out in self.iter_blocks(x, grid, attention, grad_checkpointing):  # noqa: B007
+            pass
+        return out
+
+    run_blocks = forward_blocks
 
     def image_grid(self, images: torch.Tensor) -> tuple[int, int]:
         """Patch grid of a batch (N, C, H, W); ValueError for a wrong rank, channels or size."""
@@ -261,19 +340,43 @@ class VisionTransformer(nn.Module):
                              f"{tuple(images.shape)}")
         return grid_size(tuple(images.shape[-2:]), self.config.patch_size)
 
+    def prepare_tokens(self, inputs: torch.Tensor, grid: tuple[int, int] | None = None,
+                       token_index: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                       mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch embedding + [cls] + absolute position (if any): -> (B, 1+N, D).
+
+        inputs: images (B, C, H, W), or pixels already cut into patches (B, N, C·p·p) (channel,
+        row, col order). grid: the image's patch grid (default: the images'). token_index
+        (B, N): grid positions (raster) of the tokens to keep (images) or of the given patches;
+        default all, in order. mask (B, N) bool: tokens replaced by ``mask_token`` (1, 1, D)
+        before position is added.
+        """
+        if inputs.ndim == 4:
+            grid = self.image_grid(inputs)
+            x = self.patch_embed(inputs)
+            if token_index is not None:
+                x = x.gather(1, token_index[..., None].expand(-1, -1, x.shape[-1]))
+        else:
+            if grid is None:
+                raise ValueError("patch inputs (B, N, C·p·p) need the image's patch grid")
+            x = self.patch_embed.embed_patches(inputs)
+        if mask is not None:
+            x = torch.where(mask[..., None], mask_token.to(x.dtype), x)
+        cls = self.cls_token
+        if self.pos_embed is not None:
+            table = self.pos_embed_for(grid)[0].to(x.dtype)  # (1+Hg·Wg, D)
+            x = x + (table[1:] if token_index is None else table[1:][token_index])
+            cls = cls + table[:1]
+        return torch.cat([cls.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, C, H, W) -> [cls]+patch tokens (B, 1+Hg·Wg, D) with APE added, and the grid."""
-        grid = self.image_grid(images)
-        x = self.patch_embed(images)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed_for(grid).to(x.dtype)
-        return x, grid
+        return self.prepare_tokens(images), self.image_grid(images)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> normed tokens (B, 1+Hg·Wg, D), cls first."""
         x, grid = self.embed(images)
-        return self.norm(self.run_blocks(x, grid))
+        return self.norm(self.forward_blocks(x, grid))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Classifier (SPEC §3): mean of un-normed patch tokens -> fc_norm -> head, (B, classes).
@@ -281,7 +384,7 @@ class VisionTransformer(nn.Module):
         Without a head (``num_classes=0``) returns the normed mean patch token (B, D).
         """
         x, grid = self.embed(images)
-        x = self.run_blocks(x, grid)
+        x = self.forward_blocks(x, grid)
         if not self.num_classes:
             return self.norm(x)[:, 1:].mean(dim=1)
         return self.head(self.fc_norm(x[:, 1:].mean(dim=1)))

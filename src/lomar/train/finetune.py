@@ -165,6 +165,7 @@ class FinetuneRun:
             raise UsageError(str(exc)) from None
         if info.is_main:
             print(f"lomar finetune: {self.model.load_report.summary()}", flush=True)
+        self.model.set_grad_checkpointing(config.grad_checkpointing)
         self.model.to(device)
         self.base_lr = config.blr * config.batch_size * info.world_size / 256
         groups = param_groups_layer_decay(self.model, config.weight_decay, self.model.no_weight_decay(),

@@ -43,6 +43,7 @@ class FinetuneConfig:
     layer_decay: float = 0.65
     weight_decay: float = 0.05
     drop_path: float = 0.1
+    grad_checkpointing: bool = False
     mixup: float = 0.8
     cutmix: float = 1.0
     smoothing: float = 0.1
@@ -72,6 +73,7 @@ _HELP = {
     "img_size": "may differ from the pretraining size", "batch_size": "images per process per step (even: mixup pairs)",
     "max_steps": "stop after N optimizer steps (smoke runs)", "blr": "base lr: lr = blr * total batch / 256",
     "layer_decay": "lr scale per layer below the top, in (0, 1]", "drop_path": "stochastic depth rate, in [0, 1)",
+    "grad_checkpointing": "recompute each block in the backward pass: less memory at high resolution",
     "mixup": "mixup alpha (0 = off)", "cutmix": "cutmix alpha (0 = off)", "smoothing": "label smoothing, in [0, 1)",
     "reprob": "random erasing probability, in [0, 1]", "aa": "timm auto-augment policy ('none' = off)",
     "precision": "auto = bf16 autocast on CUDA with bf16 support, else fp32",

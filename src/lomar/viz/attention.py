@@ -34,11 +34,14 @@ def attention_probs(attn: Attention, x: torch.Tensor, buckets: torch.Tensor | No
 @torch.no_grad()
 def block_attention(encoder: VisionTransformer, tokens: torch.Tensor, grid: tuple[int, int]) -> list[torch.Tensor]:
     """Run the blocks on [cls]+tokens laid out on ``grid``; attention (B, h, L, L) of every block."""
+    if any(encoder.block_window(i) and encoder.block_window(i) < max(grid) for i in range(len(encoder.blocks))):
+        raise ValueError("attention maps of windowed blocks are not drawn; use an encoder with window_size=0")
     buckets = bucket_table(grid, tokens.device) if encoder.config.pos == "rpe" else None
     maps, x = [], tokens
-    for block in encoder.blocks:
+    for i, out in encoder.iter_blocks(tokens, grid, grad_checkpointing=False):
+        block = encoder.blocks[i]
         maps.append(attention_probs(block.attn, block.norm1(x), buckets))
-        x = block(x, buckets)
+        x = out
     return maps
 
 

@@ -1,0 +1,251 @@
+"""``lomar bench --task backbone``: forward + backward of the encoder alone at high resolution.
+
+One record per (image size, attention variant): seconds per forward + backward of the encoder
+(no head, no optimizer) on a random batch, and the peak memory of that step. Variants:
+``dense``, ``chunked``, ``flex`` (CUDA), ``auto`` (the encoder's own choice) and ``windowed``
+(ViTDet blocks: 14×14 windows except blocks 2, 5, 8, 11 of 12, scaled to the depth; ``auto``
+attention in the global blocks).
+
+Each variant runs in a child process, so that its memory high-water mark is its own and a
+variant that dies (out of memory) becomes a record saying so instead of ending the bench.
+Before running, the step's memory is estimated; a variant whose estimate exceeds the memory
+available gets a ``skipped`` record with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+__all__ = ["VARIANTS", "estimate_bytes", "model_flops", "available_bytes", "run_variant", "bench_backbone"]
+
+VARIANTS = ("auto", "dense", "chunked", "flex", "windowed")
+_FLOAT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def _arch(model: str, tiny: bool, depth: int | None = None) -> tuple[int, int, int, int]:
+    from lomar.models.vit import model_config
+
+    c = model_config(model)
+    if tiny:
+        return c.patch_size, 32, depth or 2, 2
+    return c.patch_size, c.embed_dim, depth or c.depth, c.num_heads
+
+
+def _windowing(depth: int) -> tuple[int, tuple[int, ...]]:
+    """ViTDet's layout: 14×14 windows, a global block ending each quarter of the depth."""
+    step = max(1, depth // 4)
+    return 14, tuple(range(step - 1, depth, step))
+
+
+def estimate_bytes(variant: str, model: str, img_size: int, batch: int, grad_checkpointing: bool,
+                   precision: str = "fp32", tiny: bool = False, depth: int | None = None) -> int:
+    """Rough peak of one forward + backward (activations, gradients, temporaries), bytes.
+
+    Per block the encoder keeps ~20 (B, L, D) tensors for the backward pass; with checkpointing
+    one per block, plus ~60 while a block is recomputed and backpropagated (MLP hidden, SDPA
+    temporaries; fitted to the CPU measurements in benchmarks/). Dense attention adds its
+    (B, h, L, L) bias, probabilities and their gradients (4 of them); chunked ~8 chunk biases.
+    """
+    from lomar.models.attention import CHUNK_BIAS_BYTES, DENSE_BIAS_BYTES, DENSE_MAX_TOKENS
+
+    patch, dim, depth, heads = _arch(model, tiny, depth)
+    e = _FLOAT_BYTES[precision]
+    length = 1 + (img_size // patch) ** 2
+    token = batch * length * dim * e
+
+    def attention_bytes(n: int, count: int, mode: str) -> int:
+        dense = 4 * batch * count * heads * n * n * e  # bias, probabilities and their gradients
+        if mode == "auto":
+            mode = "dense" if n <= DENSE_MAX_TOKENS or dense <= 4 * DENSE_BIAS_BYTES else "chunked"
+        return dense if mode == "dense" else min(dense, 8 * CHUNK_BIAS_BYTES)
+
+    if variant == "windowed":
+        window, _ = _windowing(depth)
+        tiles = math.ceil((img_size // patch) / window) ** 2
+        square = max(attention_bytes(length, 1, "auto"), attention_bytes(1 + window * window, tiles, "auto"))
+    else:
+        square = attention_bytes(length, 1, variant)
+    params = 12 * depth * dim * dim * 4 * 2  # weights' gradients
+    if grad_checkpointing:
+        return depth * token + 60 * token + square + params
+    return depth * (20 * token + square) + params
+
+
+def model_flops(model: str, img_size: int, batch: int, tiny: bool = False, depth: int | None = None) -> int:
+    """Analytic FLOPs of forward + backward (3× forward; checkpointing's recomputation excluded)."""
+    patch, dim, depth, _ = _arch(model, tiny, depth)
+    length = 1 + (img_size // patch) ** 2
+    per_block = 2 * batch * length * dim * 12 * dim + 4 * batch * length * length * dim
+    return 3 * depth * per_block
+
+
+def available_bytes(device: str) -> int:
+    """Memory a new step may use now: CUDA free memory, or MemAvailable of this machine."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def run_variant(spec: dict) -> dict:
+    """In this process: build the encoder, run warm-up and timed forward + backward steps."""
+    import torch
+
+    from lomar.models.vit import VisionTransformer, model_config
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    overrides = dict(embed_dim=32, depth=2, num_heads=2) if spec.get("tiny") else {}
+    if spec.get("depth"):
+        overrides["depth"] = spec["depth"]
+    attention = spec["variant"]
+    if attention == "windowed":
+        depth = overrides.get("depth", model_config(spec["model"]).depth)
+        window, global_blocks = _windowing(depth)
+        overrides.update(window_size=window, global_blocks=global_blocks)
+        attention = "auto"
+    config = model_config(spec["model"], img_size=spec["img_size"], attention=attention, **overrides)
+    torch.manual_seed(0)
+    encoder = VisionTransformer(config).to(device).train()
+    encoder.set_grad_checkpointing(spec["grad_checkpointing"])
+    images = torch.randn(spec["batch_size"], 3, spec["img_size"], spec["img_size"], device=device)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec["precision"]]
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = encoder.forward_features(images)
+        out.float().square().mean().backward()
+        encoder.zero_grad(set_to_none=True)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        start_mem = torch.cuda.memory_allocated(device)
+    else:
+        start_mem = _rss()
+    for _ in range(spec["warmup"]):
+        step()
+    times = []
+    for _ in range(spec["steps"]):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device) - start_mem, "cuda_max_allocated_growth"
+    else:  # the process's high-water mark over its resident set before the first step
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start_mem, "cpu_rss_growth"
+    return dict(step_times_s=times, peak_mem_bytes=int(peak), peak_mem_kind=kind)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _child(spec: dict, timeout: float | None) -> dict:
+    """Run :func:`run_variant` in a fresh interpreter; its last stdout line is the JSON result."""
+    cmd = [sys.executable, "-m", "lomar.bench.backbone", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    except subprocess.TimeoutExpired:
+        return dict(status="failed", reason=f"did not finish in {timeout:.0f} s")
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode == 0 and lines:
+        return dict(status="ok", **json.loads(lines[-1]))
+    if proc.returncode in (-9, 137):
+        why = "killed by SIGKILL (out of memory?)"
+    elif proc.returncode < 0:
+        why = f"stopped by signal {signal.Signals(-proc.returncode).name}"
+    else:
+        why = f"exit code {proc.returncode}"
+    tail = (proc.stderr.strip().splitlines() or [""])[-1][:300]
+    return dict(status="failed", reason=f"{why}: {tail}" if tail else why)
+
+
+def bench_backbone(model: str, sizes: list[int], variants: list[str], batch_size: int, grad_checkpointing: bool,
+                   device: str, precision: str = "fp32", steps: int = 1, warmup: int = 1,
+                   threads: int | None = None, tiny: bool = False, timeout: float | None = None,
+                   say=lambda msg: None, on_record=lambda records: None, depth: int | None = None) -> list[dict]:
+    """One record per (size, variant), in the order given; see the module docstring.
+
+    ``depth`` overrides the model's number of blocks (the cost of fewer blocks, for quick checks).
+    ``on_record(records)`` is called after each record (to save partial results of a long run).
+    """
+    from lomar.models.attention import flex_available
+
+    records = []
+    for size in sizes:
+        flops = model_flops(model, size, batch_size, tiny, depth)
+        for variant in variants:
+            rec = dict(task="backbone", method=model, attention=variant, img_size=size, windows=None,
+                       window_setting="-", batch_size=batch_size, grad_checkpointing=grad_checkpointing,
+                       precision=precision, compile=False, device=device, flops=flops, flops_kind="analytic",
+                       depth=_arch(model, tiny, depth)[2])
+            need = estimate_bytes(variant, model, size, batch_size, grad_checkpointing, precision, tiny, depth)
+            free = available_bytes(device)
+            rec.update(estimated_bytes=need, available_bytes=free)
+            if variant == "flex" and not flex_available(_torch_device(device)):
+                rec.update(status="skipped", reason="flex needs CUDA (FlexAttention has no CPU backward)")
+            elif need > 0.9 * free:
+                rec.update(status="skipped", reason=f"estimated {need / 2**30:.1f} GiB > 90% of the "
+                           f"{free / 2**30:.1f} GiB available")
+            else:
+                say(f"{size}px {variant}: estimated {need / 2**30:.2f} GiB, running")
+                spec = dict(model=model, img_size=size, variant=variant, batch_size=batch_size, device=device,
+                            grad_checkpointing=grad_checkpointing, precision=precision, steps=steps,
+                            warmup=warmup, threads=threads, tiny=tiny, depth=depth)
+                rec.update(_child(spec, timeout))
+            if rec["status"] == "ok":
+                step_s = sorted(rec["step_times_s"])[len(rec["step_times_s"]) // 2]
+                rec.update(step_s=step_s, images_per_s=batch_size / step_s, achieved_flops=flops / step_s)
+            else:
+                rec.update(step_s=None, images_per_s=None, achieved_flops=None, peak_mem_bytes=None,
+                           peak_mem_kind=None, step_times_s=[])
+            say(f"{size}px {variant}: {rec['status']}" + (f" {rec['step_s']:.2f} s, peak "
+                f"{rec['peak_mem_bytes'] / 2**20:,.0f} MiB" if rec["status"] == "ok" else f" ({rec['reason']})"))
+            records.append(rec)
+            on_record(records)
+    return records
+
+
+def _torch_device(device: str):
+    import torch
+
+    return torch.device(device)
+
+
+def format_table(records: list[dict]) -> str:
+    head = f"{'px':>5} {'attention':<9} {'status':<8} {'s/step':>8} {'peak mem':>10} {'estimate':>10}  note"
+    lines = [head, "-" * len(head)]
+    for r in records:
+        ok = r["status"] == "ok"
+        step = f"{r['step_s']:.2f}" if ok else "-"
+        peak = f"{r['peak_mem_bytes'] / 2**20:,.0f} MiB" if ok else "-"
+        lines.append(f"{r['img_size']:>5} {r['attention']:<9} {r['status']:<8} {step:>8} {peak:>10} "
+                     f"{r['estimated_bytes'] / 2**20:>6,.0f} MiB  {r.get('reason', '')}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the child process of :func:`_child`
+    print(json.dumps(run_variant(json.loads(sys.argv[1]))), flush=True)

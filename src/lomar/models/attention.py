@@ -1,0 +1,221 @@
+"""Self-attention over [cls] + a grid of tokens, with the contextual iRPE bias, three ways.
+
+All three compute softmax(q·kᵀ·d^-½ + B) v with B[i, j] = (q_i·W)[bucket(i, j)] (SPEC §2):
+
+- ``dense``: the (B, h, L, L) bias from an (L, L) bucket table, added inside SDPA. Fastest for
+  short sequences (pretraining windows, 224 px); O(L²) memory per block.
+- ``chunked``: the same by blocks of queries: the bias of ``chunk`` queries at a time,
+  (B, h, chunk, L), built from the (2H−1, 2W−1) table of buckets by offset (the bucket of a pair
+  depends only on (dy, dx)), each chunk recomputed in the backward pass
+  (``torch.utils.checkpoint``), so peak memory is O(L·chunk). Any device.
+- ``flex``: FlexAttention with a ``score_mod`` that gathers q·W (B, h, L, 50) by the bucket of
+  (q_idx, kv_idx): no L×L tensor at all, backward included. CUDA only (FlexAttention has no CPU
+  backward), compiled once per shape.
+
+``auto`` picks dense for sequences of at most :data:`DENSE_MAX_TOKENS` (there the bias is no
+larger than the block's other activations, whatever the batch) or while the bias of one block
+stays under :data:`DENSE_BIAS_BYTES`; else flex on CUDA and chunked elsewhere. Without RPE every
+mode is plain SDPA, whose fused kernels are already O(L) in memory.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from lomar.models.rpe import _BETA, _SIDE, CLS_BUCKET, bucket_table, piecewise_index
+
+__all__ = ["ATTENTION_MODES", "DENSE_MAX_TOKENS", "DENSE_BIAS_BYTES", "offset_buckets", "bucket_rows", "select_mode",
+           "chunk_rows", "rpe_attention", "flex_available", "windowed_attention"]
+
+AttentionMode = Literal["auto", "dense", "chunked", "flex"]
+ATTENTION_MODES = ("auto", "dense", "chunked", "flex")
+DENSE_MAX_TOKENS = 1025  # auto: dense up to [cls] + 32x32 tokens (512 px at patch 16)
+DENSE_BIAS_BYTES = 256 * 2**20  # auto: dense below this bias size per block (1 image, ViT-B: 48x48 grid)
+CHUNK_BIAS_BYTES = 64 * 2**20  # chunked: target size of one chunk's bias
+
+
+@functools.lru_cache(maxsize=64)
+def _offset_buckets_cpu(height: int, width: int) -> torch.Tensor:
+    def axis(n: int) -> torch.Tensor:
+        return piecewise_index(torch.arange(-(n - 1), n)) + int(_BETA)  # (2n-1,)
+
+    return axis(height)[:, None] * _SIDE + axis(width)[None, :]
+
+
+def offset_buckets(grid: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bucket of a (query, key) pair of spatial tokens by offset: (2H−1, 2W−1) int64, entry
+    [dy + H−1, dx + W−1] for dy = y_q − y_k, dx = x_q − x_k. Equal to :func:`bucket_table`'s."""
+    return _offset_buckets_cpu(int(grid[0]), int(grid[1])).to(device)
+
+
+def bucket_rows(offsets: torch.Tensor, grid: tuple[int, int], start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of the (L, L) bucket table of [cls]+grid tokens, from ``offsets``
+    (see :func:`offset_buckets`): (stop − start, 1 + H·W) int64, without building the full table."""
+    height, width = grid
+    device = offsets.device
+    rows = torch.arange(start, stop, device=device) - 1  # spatial index of each query; -1 is cls
+    cols = torch.arange(height * width, device=device)
+    qy, qx = rows.clamp_min(0).div(width, rounding_mode="floor"), rows.clamp_min(0) % width
+    ky, kx = cols.div(width, rounding_mode="floor"), cols % width
+    spatial = offsets[(qy[:, None] - ky[None, :]) + height - 1, (qx[:, None] - kx[None, :]) + width - 1]
+    spatial = spatial.masked_fill((rows < 0)[:, None], CLS_BUCKET)
+    cls_col = torch.full((stop - start, 1), CLS_BUCKET, dtype=spatial.dtype, device=device)
+    return torch.cat([cls_col, spatial], dim=1)
+
+
+def flex_available(device: torch.device) -> bool:
+    """FlexAttention with gradients needs CUDA (torch has no CPU backward for it)."""
+    if device.type != "cuda":
+        return False
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select_mode(mode: str, batch: int, heads: int, length: int, device: torch.device,
+                element_size: int = 4) -> str:
+    """The mode ``auto`` resolves to for this shape and device (other modes are returned as is)."""
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"unknown attention {mode!r}; choose one of {', '.join(ATTENTION_MODES)}")
+    if mode != "auto":
+        return mode
+    if length <= DENSE_MAX_TOKENS or batch * heads * length * length * element_size <= DENSE_BIAS_BYTES:
+        return "dense"
+    return "flex" if flex_available(device) else "chunked"
+
+
+def chunk_rows(batch: int, heads: int, length: int, element_size: int = 4,
+               budget: int = CHUNK_BIAS_BYTES) -> int:
+    """Queries per chunk so that one chunk's (B, h, chunk, L) bias stays near ``budget`` bytes."""
+    return max(16, min(length, budget // max(1, batch * heads * length * element_size)))
+
+
+def _chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor,
+           grid: tuple[int, int], start: int, key_bias: torch.Tensor | None) -> torch.Tensor:
+    """Attention of queries q (B, h, c, d), rows ``start:start+c``, over all keys -> (B, h, c, d)."""
+    index = bucket_rows(offsets, grid, start, start + q.shape[2])
+    scores = torch.matmul(q, table.to(q.dtype))  # (B, h, c, 50)
+    bias = scores.gather(-1, index.expand(*scores.shape[:-1], index.shape[-1]))
+    if key_bias is not None:
+        bias = bias + key_bias
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def _chunked(q, k, v, table, grid, key_bias, chunk: int | None, recompute: bool) -> torch.Tensor:
+    b, h, length, _ = q.shape
+    chunk = chunk or chunk_rows(b, h, length, q.element_size())
+    offsets = offset_buckets(grid, q.device)
+    recompute = recompute and torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v, table))
+    outs = []
+    for start in range(0, length, chunk):
+        qc = q[:, :, start:start + chunk]
+        if recompute:  # keep only q, k, v: the chunk's bias is rebuilt in the backward pass
+            outs.append(checkpoint(_chunk, qc, k, v, table, offsets, grid, start, key_bias,
+                                   use_reentrant=False))
+        else:
+            outs.append(_chunk(qc, k, v, table, offsets, grid, start, key_bias))
+    return torch.cat(outs, dim=2)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # dynamic=False: one kernel per (B, h, L, d); a backbone sees few shapes and each is cheap to keep.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(q, k, v, table, grid, key_bias, compiled: bool = True) -> torch.Tensor:
+    height, width = grid
+    scores = torch.matmul(q, table.to(q.dtype))  # (B, h, L, 50)
+    offsets = offset_buckets(grid, q.device).flatten()
+    span = 2 * width - 1
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        qs, ks = (q_idx - 1).clamp(min=0), (kv_idx - 1).clamp(min=0)
+        dy = qs // width - ks // width + height - 1
+        dx = qs % width - ks % width + width - 1
+        bucket = torch.where((q_idx == 0) | (kv_idx == 0), CLS_BUCKET, offsets[dy * span + dx])
+        out = score + scores[b, h, q_idx, bucket]
+        if key_bias is not None:
+            out = out + key_bias[b, 0, 0, kv_idx]
+        return out
+
+    if compiled:
+        return _compiled_flex()(q, k, v, score_mod=score_mod)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention(q, k, v, score_mod=score_mod)
+
+
+def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor | None,
+                  grid: tuple[int, int], mode: str = "auto", key_bias: torch.Tensor | None = None,
+                  chunk: int | None = None, recompute: bool = True) -> torch.Tensor:
+    """Attention of [cls]+grid tokens: q, k, v (B, h, 1+H·W, d) -> (B, h, 1+H·W, d).
+
+    table: the iRPE parameter (d, 50) or None (no relative position). key_bias: (B, 1, 1, L)
+    added to every logit of a key (−inf masks padding), or None. ``mode``: see the module
+    docstring; ``chunk`` queries per chunk (default from :data:`CHUNK_BIAS_BYTES`); ``recompute``
+    rebuilds each chunk in the backward pass instead of keeping its bias.
+    """
+    b, h, length, _ = q.shape
+    if length != 1 + grid[0] * grid[1]:
+        raise ValueError(f"{length} tokens do not match [cls] + a {grid[0]}x{grid[1]} grid")
+    mode = select_mode(mode, b, h, length, q.device, q.element_size())
+    if table is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)
+    if mode == "dense":
+        buckets = bucket_table(grid, q.device)
+        scores = torch.matmul(q, table.to(q.dtype))
+        bias = scores.gather(-1, buckets.expand(*scores.shape[:-1], length))
+        if key_bias is not None:
+            bias = bias + key_bias
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    if mode == "chunked":
+        return _chunked(q, k, v, table, grid, key_bias, chunk, recompute)
+    if not flex_available(q.device) and torch.is_grad_enabled() and q.requires_grad:
+        raise ValueError(f"attention='flex' needs CUDA for training (on {q.device.type} FlexAttention "
+                         f"has no backward); use 'chunked' or 'auto'")
+    return _flex(q, k, v, table, grid, key_bias, compiled=q.device.type == "cuda")
+
+
+def windowed_attention(attn, x: torch.Tensor, grid: tuple[int, int], window: int,
+                       mode: str = "auto") -> torch.Tensor:
+    """ViTDet-style attention inside window×window tiles: x (B, 1+H·W, D) -> (B, 1+H·W, D).
+
+    ``attn(seq, grid=, mode=, key_bias=)`` is the block's attention module. The grid is padded
+    to a multiple of ``window`` (padded keys are masked out, so a window that covers the whole
+    grid equals global attention); each tile is one sequence [cls] + window²
+    tokens with the iRPE buckets of the window grid, the layout LoMaR pretrains on. The cls
+    token attends in every tile; its output is the mean over the tiles.
+    """
+    b, _, dim = x.shape
+    height, width = grid
+    rows, cols = -(-height // window), -(-width // window)
+    pad_h, pad_w = rows * window - height, cols * window - width
+    tiles = rows * cols
+    spatial = F.pad(x[:, 1:].reshape(b, height, width, dim), (0, 0, 0, pad_w, 0, pad_h))
+    spatial = spatial.view(b, rows, window, cols, window, dim).permute(0, 1, 3, 2, 4, 5)
+    seq = torch.cat([x[:, :1].repeat_interleave(tiles, dim=0),
+                     spatial.reshape(b * tiles, window * window, dim)], dim=1)
+    key_bias = None
+    if pad_h or pad_w:
+        valid = torch.zeros(rows * window, cols * window, dtype=torch.bool, device=x.device)
+        valid[:height, :width] = True
+        valid = valid.view(rows, window, cols, window).permute(0, 2, 1, 3).reshape(tiles, window * window)
+        valid = torch.cat([valid.new_ones(tiles, 1), valid], dim=1)  # cls is always a key
+        key_bias = torch.zeros(valid.shape, dtype=x.dtype, device=x.device).masked_fill(~valid, float("-inf"))
+        key_bias = key_bias.repeat(b, 1)[:, None, None, :]  # (B·tiles, 1, 1, 1+window²)
+    out = attn(seq, grid=(window, window), mode=mode, key_bias=key_bias)
+    cls = out[:, :1].view(b, tiles, 1, dim).mean(dim=1)
+    spatial = out[:, 1:].view(b, rows, cols, window, window, dim).permute(0, 1, 3, 2, 4, 5)
+    spatial = spatial.reshape(b, rows * window, cols * window, dim)[:, :height, :width]
+    return torch.cat([cls, spatial.reshape(b, height * width, dim)], dim=1)
