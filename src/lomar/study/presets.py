@@ -38,7 +38,7 @@ DIGITS_GRID = [dict(label="lomar", method="lomar", window_size=5, windows=4, mas
                     mask_ratio=0.75)]
 # Finetuning fixed a priori, the same for every encoder: short, no mixup/cutmix/RandAugment
 # (8x8 scans upsampled have no detail for them), label smoothing 0.1, layer decay 0.75.
-DIGITS_FINETUNE = dict(epochs=15, batch_size=64, blr=5e-3, warmup_epochs=1, layer_decay=0.75, weight_decay=0.05,
+DIGITS_FINETUNE = dict(epochs=10, batch_size=64, blr=5e-3, warmup_epochs=1, layer_decay=0.75, weight_decay=0.05,
                        drop_path=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1, reprob=0.0, aa="none", workers=0)
 DIGITS_EVAL = dict(metrics=["knn", "linprobe", "finetune", "heldout_loss"], img_size=32, equal_steps=True,
                    knn=dict(k=20, temperature=0.07), linprobe=dict(epochs=100, lr=1e-2), finetune=DIGITS_FINETUNE)
