@@ -49,7 +49,7 @@ def scaled_windows(grid: int) -> list[dict[str, Any]]:
     out = []
     for size, count in PAPER_WINDOWS:
         scaled = min(grid, max(2, round(size * grid / 14)))
-        out.append(dict(label=f"{size}:{count} -> {scaled}:{count}", window_size=scaled, windows=count))
+        out.append(dict(label=f"{size}:{count} as {scaled}:{count}", window_size=scaled, windows=count))
     return out
 
 

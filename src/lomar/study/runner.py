@@ -203,7 +203,11 @@ class CellRun:
                   "wall_seconds": round(self.state["wall_seconds"], 1), "slices": self.state["slices"],
                   "load_1min": round(sum(loads) / len(loads), 2) if loads else None,
                   "train_loss": None if self.cell.random_init or loss is None else round(loss, 4)}
-        record.update(self.study.evaluate(self, point))
+        same = [r for r in self.state["points"].values() if r["step"] == record["step"]]
+        if same:  # a slice overshot several points: the checkpoint is the one already scored
+            record.update({m: same[0][m] for m in self.study.spec.eval.metrics})
+        else:
+            record.update(self.study.evaluate(self, point))
         record["evaluated_at"] = time.time()
         self.state["points"][point.key] = record
         self._save()
@@ -267,8 +271,10 @@ class Study:
                 if run.done:
                     continue
                 steps, seconds, _ = read_progress(run.folder, run.batch)
-                self.log(f"[study] {run.folder.name}: step {steps}, {seconds:.0f}/{run.total} trained "
-                         f"({self.time_left()})")
+                done = "random init, 1 step at lr 0" if run.cell.random_init else \
+                    f"step {steps}, {seconds:.0f}s/{run.total} trained" if run.total.unit == "seconds" else \
+                    f"step {steps}/{run.points[-1].value:g}, {seconds:.0f}s trained"
+                self.log(f"[study] {run.folder.name}: {done} ({self.time_left()})")
                 run.advance()
 
     def _equal_steps(self) -> list[CellRun]:
