@@ -114,6 +114,8 @@ def build_preset(name: str, data: str | None = None, budget: str | None = None, 
     """The StudySpec of a preset (``out``: where the digits preset builds its data)."""
     if name not in PRESETS:
         raise UsageError(f"--preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
+    if budget is not None:
+        parse_budget(budget, "--budget")  # named as the user typed it
     notes: list[str] = []
     if name == "digits":
         if data is not None:
