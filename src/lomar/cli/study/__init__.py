@@ -1,0 +1,59 @@
+"""``lomar study``: grids of pretraining cells and their evaluations as one resumable job.
+
+The study drives the ordinary commands (``lomar pretrain``, ``knn``, ``linprobe``, ``finetune``)
+through their command-line interfaces, so every cell is an ordinary run folder; that is why it
+lives in ``lomar.cli``: spec (``spec.py``), presets, runner, evaluations, results, figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from lomar.errors import UsageError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Re-run the same command to continue a stopped study: finished cells and evaluations "
+                     "are skipped. Presets: fig3, windows, mask-ratio, pos, enc-dec, digits.")
+    parser.add_argument("spec", nargs="?", metavar="SPEC.yaml", help="the study's spec (see lomar.cli.study.spec)")
+    parser.add_argument("--preset", help="a preset instead of a spec: fig3, windows, mask-ratio, pos, enc-dec, digits")
+    parser.add_argument("--data", help="for a preset: image folder; with train/ and val/ class folders "
+                                       "the accuracies are measured too (default: the demo photos)")
+    parser.add_argument("--budget", help="pretraining per cell, e.g. 30s, 2min, 200steps, 3epochs")
+    parser.add_argument("--seeds", type=int, help="number of seeds (0, 1, ..., N-1)")
+    parser.add_argument("--out", help="study folder (default studies/<name>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lomar.cli.study.presets import build_preset
+    from lomar.cli.study.runner import StudyStopped, run_study
+    from lomar.cli.study.spec import load_spec, parse_budget
+
+    if bool(args.spec) == bool(args.preset):
+        raise UsageError("pass either SPEC.yaml or --preset NAME (one of them)")
+    if args.seeds is not None and args.seeds <= 0:
+        raise UsageError(f"--seeds must be a positive count, got {args.seeds}")
+    if args.preset:
+        out = args.out or f"studies/{args.preset}"
+        spec = build_preset(args.preset, args.data, args.budget, args.seeds, out)
+    else:
+        if args.data:
+            raise UsageError("--data is for presets; a spec names its data under data:")
+        spec = load_spec(args.spec)
+        if args.budget:
+            spec.budget = parse_budget(args.budget, "--budget")
+        if args.seeds:
+            spec.seeds = list(range(args.seeds))
+        out = args.out or spec.out or f"studies/{spec.name}"
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"--out {out} is a file; pass a folder")
+    print(f"lomar study: {spec.name}, {len(spec.cells())} cell(s), {spec.budget} each, into {out}", flush=True)
+    try:
+        run_study(spec, out, command="lomar study " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
+    except StudyStopped as exc:
+        print(f"lomar study: stopped: {exc}", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,165 @@
+"""Presets that mirror the paper's experiments, scaled to any dataset and to a CPU.
+
+- ``fig3``: LoMaR vs MAE (and BEiT when ``lomar pretrain --method beit`` is accepted) along the
+  budget (accuracy vs pretraining time, the paper's Fig. 3).
+- ``windows``: window size : windows per image 5:8, 7:4, 9:3, 11:2, 14:1 (the paper's 14x14 grid),
+  scaled to the grid: size ``w' = clamp(round(w * g / 14), 2, g)`` on a g x g grid, count kept, so
+  each setting covers about the same share of the image as in the paper.
+- ``mask-ratio``: LoMaR at 60/70/80/90 % of each window masked.  ``pos``: contextual RPE vs
+  absolute sin-cos positions.  ``enc-dec``: only where ``lomar pretrain`` offers it.
+- ``digits``: the bundled real data (scikit-learn's handwritten digits), LoMaR vs MAE vs random
+  init, k-NN + linear probe + finetune + held-out reconstruction loss, at equal time and steps.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lomar.cli.study.spec import StudySpec, parse_budget, parse_spec
+from lomar.errors import UsageError
+
+__all__ = ["PRESETS", "build_preset", "scaled_windows", "digits_data", "method_available"]
+
+PRESETS = ("fig3", "windows", "mask-ratio", "pos", "enc-dec", "digits")
+PAPER_WINDOWS = ((5, 8), (7, 4), (9, 3), (11, 2), (14, 1))  # window size : windows, on a 14x14 grid
+
+# A small ViT that trains at a few steps per second on 2 CPU cores (the pretrain demo's model).
+SMALL = dict(embed_dim=128, depth=4, num_heads=4, patch_size=8, img_size=96, batch_size=16, lr=1e-3,
+             warmup_epochs=1, epochs=10000, save_every=10000, workers=0, log_every=1000)
+# Digits: benchmarks/digits.py's model and recipe (ViT patch 4 on 32 px, width 64, 4 blocks);
+# 10 steps per epoch, so 5 warm-up epochs = 50 steps, then a cosine over 100k steps: constant.
+DIGITS = dict(embed_dim=64, depth=4, num_heads=4, patch_size=4, img_size=32, batch_size=128, lr=1e-3,
+              warmup_epochs=5, epochs=10000, save_every=10000, workers=0, log_every=1000, threads=1)
+DIGITS_GRID = [dict(label="lomar", method="lomar", window_size=5, windows=4, mask_ratio=0.8),
+               dict(label="mae", method="mae", decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
+                    mask_ratio=0.75)]
+# Finetuning fixed a priori, the same for every encoder: short, no mixup/cutmix/RandAugment
+# (8x8 scans upsampled have no detail for them), label smoothing 0.1, layer decay 0.75.
+DIGITS_FINETUNE = dict(epochs=10, batch_size=64, blr=5e-3, warmup_epochs=1, layer_decay=0.75, weight_decay=0.05,
+                       drop_path=0.0, mixup=0.0, cutmix=0.0, smoothing=0.1, reprob=0.0, aa="none", workers=0)
+DIGITS_EVAL = dict(metrics=["knn", "linprobe", "finetune", "heldout_loss"], img_size=32, equal_steps=True,
+                   knn=dict(k=20, temperature=0.07), linprobe=dict(epochs=100, lr=1e-2), finetune=DIGITS_FINETUNE)
+
+
+def scaled_windows(grid: int) -> list[dict[str, Any]]:
+    """The paper's (size, count) pairs on a ``grid`` x ``grid`` patch grid (see module docstring)."""
+    out = []
+    for size, count in PAPER_WINDOWS:
+        scaled = min(grid, max(2, round(size * grid / 14)))
+        out.append(dict(label=f"{size}:{count} as {scaled}:{count}", window_size=scaled, windows=count))
+    return out
+
+
+def method_available(method: str) -> bool:
+    """Whether `lomar pretrain --method METHOD` is accepted (detected, not assumed)."""
+    from lomar.cli.study.runner import lomar_command
+
+    return lomar_command(["pretrain", "--method", method, "--print-config"])[0] == 0
+
+
+def _option_available(flag: str) -> bool:
+    from lomar.cli.study.runner import lomar_command
+
+    return flag in lomar_command(["pretrain", "--help"])[1]
+
+
+def _data(data: str | None) -> tuple[dict[str, str | None], list[str]]:
+    """The data section for a user folder: ROOT/train + ROOT/val (labelled) or ROOT (unlabelled)."""
+    if data is None:
+        return {}, []
+    root = Path(data)
+    if not root.is_dir():
+        raise UsageError(f"--data {data} is not a folder; pass an image folder (with train/ and val/ for accuracy)")
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return {"pretrain": str(root / "train"), "train": str(root / "train"), "val": str(root / "val")}, \
+            ["knn", "linprobe", "heldout_loss"]
+    return {"pretrain": str(root)}, []
+
+
+def digits_data(root: Path) -> Path:
+    """scikit-learn's digits as an ImageFolder (train/ and val/, one folder per digit), built once.
+
+    Each 8x8 scan is upsampled (bilinear) to 28x28 and padded to 32x32, so that the evaluation's
+    centre crop (0.875) sees the whole digit; split 75/25 stratified, random_state 0."""
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return root
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    x = F.pad(F.interpolate(x, size=28, mode="bilinear", align_corners=False), [2, 2, 2, 2])
+    pixels = (x.clamp(0, 1) * 255).round().to(torch.uint8)[:, 0].numpy()
+    train, val = train_test_split(range(len(pixels)), test_size=0.25, stratify=digits.target, random_state=0)
+    tmp = root.with_name(f".{root.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for split, indices in (("train", train), ("val", val)):
+        for i in indices:
+            folder = tmp / split / str(digits.target[i])
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels[i]).convert("RGB").save(folder / f"{i:04d}.png")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, root)
+    return root
+
+
+def build_preset(name: str, data: str | None = None, budget: str | None = None, seeds: int | None = None,
+                 out: str | None = None) -> StudySpec:
+    """The StudySpec of a preset (``out``: where the digits preset builds its data)."""
+    if name not in PRESETS:
+        raise UsageError(f"--preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
+    if budget is not None:
+        parse_budget(budget, "--budget")  # named as the user typed it
+    notes: list[str] = []
+    if name == "digits":
+        if data is not None:
+            raise UsageError("--preset digits builds its own data (scikit-learn's digits); drop --data")
+        root = digits_data(Path(out or "studies/digits") / "data")
+        raw: dict[str, Any] = dict(
+            name="digits", budget=budget or "60s", seeds=seeds or 3, slice="10s", settings=DIGITS,
+            grid={"method": DIGITS_GRID}, random_init=True, eval=DIGITS_EVAL,
+            data={"pretrain": str(root / "train"), "train": str(root / "train"), "val": str(root / "val")})
+        notes.append("Data: scikit-learn `load_digits` (1,797 real 8x8 scans), bilinear to 28x28, padded to 32x32, "
+                     "stratified 75/25 split (random_state 0): 1347 train / 450 val; pretraining on train only.")
+        return _with_notes(parse_spec(raw, f"--preset {name}"), notes)
+    section, metrics = _data(data)
+    settings = dict(SMALL)
+    grid_side = settings["img_size"] // settings["patch_size"]
+    every = None
+    if name == "fig3":
+        methods = ["lomar", "mae"] + (["beit"] if method_available("beit") else [])
+        notes.append(f"Methods: {', '.join(methods)}" + ("" if "beit" in methods else
+                     " (`lomar pretrain --method beit` is not accepted by this version: BEiT left out)") + ".")
+        grid = {"method": methods}
+        b = parse_budget(budget or "60s", "--budget")
+        every = f"{b.value / 4:g}s" if b.unit == "seconds" else f"{max(1, int(b.value) // 4)}steps"
+    elif name == "windows":
+        grid = {"window": scaled_windows(grid_side)}
+        settings["method"] = "lomar"
+        notes.append(f"Windows scaled from the paper's 14x14 grid to this {grid_side}x{grid_side} grid: size "
+                     f"round(w * {grid_side} / 14) clamped to [2, {grid_side}], windows per image kept.")
+    elif name == "mask-ratio":
+        grid, settings["method"] = {"mask_ratio": [0.6, 0.7, 0.8, 0.9]}, "lomar"
+    elif name == "pos":
+        grid, settings["method"] = {"pos": ["rpe", "abs"]}, "lomar"
+    else:  # enc-dec
+        if not _option_available("--enc-dec"):
+            raise UsageError("--preset enc-dec is unavailable: `lomar pretrain` has no encoder-decoder inside the "
+                             "window (no --enc-dec option) in this version; run --preset windows or pos instead")
+        grid, settings["method"] = {"enc_dec": [False, True]}, "lomar"
+    raw = dict(name=name, budget=budget or "30s", seeds=seeds or 1, slice="10s", settings=settings, grid=grid,
+               data=section, eval={"metrics": metrics, "img_size": settings["img_size"], "every": every})
+    if not metrics:
+        notes.append("No labelled train/ and val/ folders: the table shows the training loss only.")
+    return _with_notes(parse_spec(raw, f"--preset {name}"), notes)
+
+
+def _with_notes(spec: StudySpec, notes: list[str]) -> StudySpec:
+    spec.notes = notes
+    return spec

@@ -1,0 +1,272 @@
+"""The study specification: a typed, validated description of a grid of pretraining cells.
+
+A spec (YAML or dict)::
+
+    name: windows
+    data: {pretrain: imgs/, train: labelled/train, val: labelled/val}   # any may be null
+    budget: 60s            # per cell: '60s', '2min', '500steps' or '3epochs'
+    seeds: 3               # or a list, e.g. [0, 1, 2]
+    slice: 10s             # cells of one seed take turns training in slices of this length
+    settings: {img_size: 32, patch_size: 4}          # `lomar pretrain` settings shared by all cells
+    grid:                  # the cartesian product of the axes; a mapping value sets several keys
+      method: [lomar, mae]
+      window: [{label: '5:8', window_size: 5, windows: 8}, ...]
+    random_init: true      # add a randomly initialised encoder as a baseline row
+    eval:
+      every: 15s           # evaluation points along the way ('N steps' or 'T s'); the end always
+      equal_steps: true    # also compare the cells at the same number of steps (see runner)
+      metrics: [knn, linprobe, finetune, heldout_loss]
+      finetune: {epochs: 10, blr: 1e-3}               # any `lomar finetune` flag, fixed a priori
+
+Every mistake is a :class:`lomar.errors.UsageError` naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lomar.errors import UsageError
+
+__all__ = ["Budget", "Cell", "EvalSpec", "StudySpec", "parse_budget", "parse_spec", "load_spec", "METRICS"]
+
+METRICS = ("knn", "linprobe", "finetune", "heldout_loss")
+_UNITS = {"s": "seconds", "sec": "seconds", "seconds": "seconds", "min": "minutes", "m": "minutes",
+          "step": "steps", "steps": "steps", "epoch": "epochs", "epochs": "epochs"}
+_TOP_KEYS = {"name", "out", "data", "budget", "seeds", "slice", "settings", "grid", "random_init", "eval"}
+_EVAL_KEYS = {"every", "equal_steps", "metrics", "img_size", "knn", "linprobe", "finetune"}
+# Settings the study itself controls for every cell: a spec that sets them would break the
+# clock, the resume or the folder layout.
+_RESERVED = {"out", "resume", "overwrite", "max_steps", "seed", "data", "config", "print_config"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """An amount of pretraining: ``unit`` is 'seconds', 'steps' or 'epochs'."""
+
+    value: float
+    unit: str
+
+    def __str__(self) -> str:
+        return f"{self.value:g}s" if self.unit == "seconds" else f"{int(self.value)} {self.unit}"
+
+
+def parse_budget(text: Any, key: str) -> Budget:
+    """'30s', '2min', '200steps', '200 steps', '3epochs' -> Budget; UsageError naming ``key``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*", str(text).lower())
+    unit = _UNITS.get(match.group(2)) if match else None
+    if unit is None:
+        raise UsageError(f"{key}: {text!r} is not a budget; write e.g. 30s, 2min, 200steps or 3epochs")
+    value = float(match.group(1))
+    if unit == "minutes":
+        value, unit = value * 60, "seconds"
+    if value <= 0 or (unit != "seconds" and not value.is_integer()):
+        raise UsageError(f"{key}: {text!r} must be a positive amount (whole steps/epochs); e.g. 30s or 200steps")
+    return Budget(value, unit)
+
+
+@dataclass
+class EvalSpec:
+    every: Budget | None = None
+    equal_steps: bool = False
+    metrics: tuple[str, ...] = ("knn", "linprobe")
+    img_size: int | None = None
+    knn: dict[str, Any] = field(default_factory=dict)
+    linprobe: dict[str, Any] = field(default_factory=dict)
+    finetune: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Cell:
+    """One pretraining run: its settings, seed and the labels of its grid position."""
+
+    labels: dict[str, str]  # axis -> label, e.g. {'method': 'lomar'}
+    settings: dict[str, Any]
+    seed: int
+    random_init: bool = False
+
+    @property
+    def setting_label(self) -> str:
+        if self.random_init:
+            return "random init"
+        return ", ".join(f"{k}={v}" for k, v in self.labels.items()) or "default"
+
+    @property
+    def name(self) -> str:
+        base = "random" if self.random_init else "_".join(f"{k}-{v}" for k, v in self.labels.items()) or "cell"
+        return re.sub(r"[^A-Za-z0-9_.=-]+", "-", base) + f"_seed{self.seed}"
+
+
+@dataclass
+class StudySpec:
+    name: str
+    budget: Budget
+    seeds: list[int]
+    slice_s: float
+    settings: dict[str, Any]
+    grid: dict[str, list[tuple[str, dict[str, Any]]]]  # axis -> [(label, settings)]
+    eval: EvalSpec
+    data_pretrain: str | None = None
+    data_train: str | None = None
+    data_val: str | None = None
+    random_init: bool = False
+    out: str | None = None
+    notes: list[str] = field(default_factory=list)  # shown in results.md (e.g. a preset's scaling rule)
+
+    def cells(self) -> list[Cell]:
+        """Every (grid point, seed), seeds outermost; the random-init baseline first per seed."""
+        axes = list(self.grid)
+        points = list(itertools.product(*(self.grid[a] for a in axes))) if axes else [()]
+        cells = []
+        for seed in self.seeds:
+            if self.random_init:
+                cells.append(Cell({}, {**self.settings, "method": "lomar"}, seed, random_init=True))
+            for point in points:
+                settings = dict(self.settings)
+                for _, values in point:
+                    settings.update(values)
+                cells.append(Cell({a: label for a, (label, _) in zip(axes, point)}, settings, seed))
+        return cells
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.data_train and self.data_val)
+
+
+def _mapping(value: Any, key: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise UsageError(f"{key} must be a mapping of names to values, got {value!r}")
+    return {k.replace("-", "_"): v for k, v in value.items()}
+
+
+def _axis(name: str, values: Any) -> list[tuple[str, dict[str, Any]]]:
+    key = f"grid.{name}"
+    if not isinstance(values, list) or not values:
+        raise UsageError(f"{key} must be a non-empty list of values, e.g. {name}: [a, b]")
+    out = []
+    for value in values:
+        if isinstance(value, dict):
+            settings = _mapping(value, key)
+            label = str(settings.pop("label", ",".join(f"{k}={v}" for k, v in settings.items())))
+            if not settings:
+                raise UsageError(f"{key}: {value!r} sets nothing; give settings, e.g. {{window_size: 5, windows: 8}}")
+        elif isinstance(value, (str, int, float, bool)):
+            label, settings = str(value), {name.replace("-", "_"): value}
+        else:
+            raise UsageError(f"{key}: {value!r} must be a value or a mapping of settings")
+        bad = sorted(set(settings) & _RESERVED)
+        if bad:
+            raise UsageError(f"{key}: {', '.join(bad)} is set by the study for every cell; remove it")
+        out.append((label, settings))
+    labels = [label for label, _ in out]
+    if len(set(labels)) != len(labels):
+        raise UsageError(f"{key} has repeated values {labels}; give each a distinct value or label")
+    return out
+
+
+def _seeds(value: Any) -> list[int]:
+    if isinstance(value, bool):
+        value = None
+    if isinstance(value, int) and value > 0:
+        return list(range(value))
+    if isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                                 for s in value) and len(set(value)) == len(value):
+        return list(value)
+    raise UsageError(f"seeds: {value!r} must be a count (e.g. 3) or a list of distinct seeds (e.g. [0, 1, 2])")
+
+
+def _eval(raw: Any) -> EvalSpec:
+    raw = _mapping(raw, "eval")
+    unknown = sorted(set(raw) - _EVAL_KEYS)
+    if unknown:
+        raise UsageError(f"eval: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(_EVAL_KEYS))}")
+    spec = EvalSpec()
+    if raw.get("every") is not None:
+        spec.every = parse_budget(raw["every"], "eval.every")
+        if spec.every.unit == "epochs":
+            raise UsageError("eval.every: use seconds or steps (e.g. 15s or 100steps), not epochs")
+    spec.equal_steps = bool(raw.get("equal_steps", False))
+    metrics = raw.get("metrics", list(spec.metrics))
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    if not isinstance(metrics, list) or not set(metrics) <= set(METRICS):
+        raise UsageError(f"eval.metrics: {metrics!r} must be a list drawn from {', '.join(METRICS)}")
+    spec.metrics = tuple(metrics)
+    if raw.get("img_size") is not None:
+        if not isinstance(raw["img_size"], int) or raw["img_size"] <= 0:
+            raise UsageError(f"eval.img_size: {raw['img_size']!r} must be a positive whole number")
+        spec.img_size = raw["img_size"]
+    for name in ("knn", "linprobe", "finetune"):
+        setattr(spec, name, _mapping(raw.get(name), f"eval.{name}"))
+    return spec
+
+
+def parse_spec(raw: Any, source: str = "the spec", base: Path | None = None) -> StudySpec:
+    """A validated StudySpec from a mapping (relative paths resolve against ``base``)."""
+    if not isinstance(raw, dict):
+        raise UsageError(f"{source} must hold a mapping with at least budget: and grid:")
+    unknown = sorted(set(map(str, raw)) - _TOP_KEYS)
+    if unknown:
+        raise UsageError(f"unknown key(s) {', '.join(unknown)} in {source}; valid: {', '.join(sorted(_TOP_KEYS))}")
+    if "budget" not in raw:
+        raise UsageError(f"budget: missing in {source}; add e.g. budget: 60s (or 500steps, 3epochs)")
+    data = _mapping(raw.get("data"), "data")
+    bad = sorted(set(data) - {"pretrain", "train", "val"})
+    if bad:
+        raise UsageError(f"data: unknown key(s) {', '.join(bad)}; valid: pretrain, train, val")
+    paths = {}
+    for key in ("pretrain", "train", "val"):
+        value = data.get(key)
+        if value is not None:
+            path = Path(str(value)).expanduser()
+            path = path if path.is_absolute() or base is None else base / path
+            if not path.exists():
+                raise UsageError(f"data.{key}: {value} does not exist; give an existing folder")
+            paths[key] = str(path)
+    if ("train" in paths) != ("val" in paths):
+        raise UsageError("data.train and data.val go together (labelled ImageFolder splits); give both or neither")
+    settings = _mapping(raw.get("settings"), "settings")
+    reserved = sorted(set(settings) & _RESERVED)
+    if reserved:
+        raise UsageError(f"settings: {', '.join(reserved)} is set by the study for every cell; remove it")
+    grid_raw = _mapping(raw.get("grid"), "grid")
+    grid = {name: _axis(name, values) for name, values in grid_raw.items()}
+    slice_b = parse_budget(raw.get("slice", "10s"), "slice")
+    if slice_b.unit != "seconds":
+        raise UsageError(f"slice: {raw.get('slice')!r} must be seconds, e.g. 10s")
+    spec = StudySpec(
+        name=str(raw.get("name") or "study"), budget=parse_budget(raw["budget"], "budget"),
+        seeds=_seeds(raw.get("seeds", 1)), slice_s=slice_b.value, settings=settings, grid=grid,
+        eval=_eval(raw.get("eval")), data_pretrain=paths.get("pretrain"), data_train=paths.get("train"),
+        data_val=paths.get("val"), random_init=bool(raw.get("random_init", False)),
+        out=str(raw["out"]) if raw.get("out") else None)
+    if spec.eval.every is not None and spec.eval.every.unit != spec.budget.unit:
+        raise UsageError(f"eval.every: {spec.eval.every} must use the budget's unit ({spec.budget.unit}), "
+                         f"e.g. every: 10s with budget: 30s")
+    needs_labels = sorted(set(spec.eval.metrics) - {"heldout_loss"})
+    if needs_labels and not spec.labelled:
+        raise UsageError(f"eval.metrics {', '.join(needs_labels)} need labelled data: set data.train and data.val "
+                         f"(ImageFolder class folders), or use eval.metrics: [] for pretraining only")
+    if "heldout_loss" in spec.eval.metrics and not spec.data_val:
+        raise UsageError("eval.metrics heldout_loss needs data.val (held-out images); set it or drop the metric")
+    if spec.random_init and not spec.eval.metrics:
+        raise UsageError("random_init: true has nothing to show without eval.metrics; drop it or add metrics")
+    return spec
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"study spec {path} does not exist; pass a YAML file or --preset NAME")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UsageError(f"study spec {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return parse_spec(raw, str(path), base=path.parent)

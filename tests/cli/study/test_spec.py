@@ -1,0 +1,87 @@
+"""The study spec: every mistake is one UsageError naming the key; good specs expand to cells."""
+
+import pytest
+
+from lomar.cli.study.presets import scaled_windows
+from lomar.cli.study.spec import Budget, parse_budget, parse_spec
+from lomar.errors import UsageError
+
+
+def _raw(tmp_path, **changes):
+    for split in ("pre", "train", "val"):
+        (tmp_path / split).mkdir(exist_ok=True)
+    raw = {"budget": "30s", "grid": {"method": ["lomar", "mae"]}, "seeds": 2,
+           "data": {"pretrain": str(tmp_path / "pre"), "train": str(tmp_path / "train"),
+                    "val": str(tmp_path / "val")}}
+    raw.update(changes)
+    return {k: v for k, v in raw.items() if v is not None}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("30s", Budget(30, "seconds")), ("2min", Budget(120, "seconds")), ("200steps", Budget(200, "steps")),
+    ("200 steps", Budget(200, "steps")), ("3epochs", Budget(3, "epochs")), ("1.5s", Budget(1.5, "seconds")),
+])
+def test_budgets_parse(text, expected):
+    assert parse_budget(text, "budget") == expected
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"budget": "30 parsecs"}, "budget: '30 parsecs' is not a budget"),
+    ({"budget": "0s"}, "budget: '0s' must be a positive amount"),
+    ({"budget": "2.5steps"}, "must be a positive amount (whole steps"),
+    ({"budget": None}, "budget: missing"),
+    ({"seeds": 0}, "seeds: 0 must be a count"),
+    ({"seeds": [0, 0]}, "list of distinct seeds"),
+    ({"grid": {"method": []}}, "grid.method must be a non-empty list"),
+    ({"grid": {"method": ["lomar", "lomar"]}}, "grid.method has repeated values"),
+    ({"grid": {"window": [{"label": "x"}]}}, "grid.window: {'label': 'x'} sets nothing"),
+    ({"grid": {"out": ["a", "b"]}}, "grid.out: out is set by the study"),
+    ({"settings": {"max_steps": 5}}, "settings: max_steps is set by the study"),
+    ({"grid": "lomar"}, "grid must be a mapping"),
+    ({"colour": "blue"}, "unknown key(s) colour"),
+    ({"eval": {"metrics": ["accuracy"]}}, "eval.metrics: ['accuracy'] must be a list drawn from"),
+    ({"eval": {"every": "2epochs"}}, "eval.every: use seconds or steps"),
+    ({"eval": {"every": "10steps"}}, "eval.every: 10 steps must use the budget's unit"),
+    ({"eval": {"speed": 1}}, "eval: unknown key(s) speed"),
+    ({"eval": {"img_size": -3}}, "eval.img_size: -3 must be a positive"),
+    ({"slice": "3steps"}, "slice: '3steps' must be seconds"),
+    ({"data": {"pretrain": "/no/such/folder"}}, "data.pretrain: /no/such/folder does not exist"),
+    ({"data": {"images": "x"}}, "data: unknown key(s) images"),
+])
+def test_bad_specs_name_the_key_and_the_fix(tmp_path, changes, message):
+    with pytest.raises(UsageError) as info:
+        parse_spec(_raw(tmp_path, **changes))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_accuracy_metrics_need_labelled_data(tmp_path):
+    raw = _raw(tmp_path, eval={"metrics": ["knn"]})
+    raw["data"] = {"pretrain": raw["data"]["pretrain"]}
+    with pytest.raises(UsageError, match="eval.metrics knn need labelled data"):
+        parse_spec(raw)
+    raw["eval"] = {"metrics": []}
+    assert parse_spec(raw).eval.metrics == ()
+
+
+def test_grid_expands_to_cells_per_seed_with_mapping_axes(tmp_path):
+    spec = parse_spec(_raw(tmp_path, random_init=True, settings={"img-size": 32},
+                           grid={"method": ["lomar", "mae"],
+                                 "window": [{"label": "5:8", "window_size": 5, "windows": 8},
+                                            {"window_size": 7, "windows": 4}]}))
+    cells = spec.cells()
+    assert len(cells) == 2 * (1 + 2 * 2)
+    assert [c.seed for c in cells] == [0] * 5 + [1] * 5
+    assert cells[0].random_init and cells[0].setting_label == "random init"
+    second = cells[1]
+    assert second.labels == {"method": "lomar", "window": "5:8"}
+    assert second.settings == {"img_size": 32, "method": "lomar", "window_size": 5, "windows": 8}
+    assert cells[2].labels["window"] == "window_size=7,windows=4"
+    assert len({c.name for c in cells}) == len(cells)  # one run folder each
+
+
+def test_windows_scale_with_the_grid():
+    assert [(w["window_size"], w["windows"]) for w in scaled_windows(14)] == [(5, 8), (7, 4), (9, 3), (11, 2), (14, 1)]
+    assert [(w["window_size"], w["windows"]) for w in scaled_windows(8)] == [(3, 8), (4, 4), (5, 3), (6, 2), (8, 1)]
+    sizes = [w["window_size"] for w in scaled_windows(12)]
+    assert sizes == sorted(set(sizes)) and sizes[-1] == 12  # distinct, the largest covers the grid

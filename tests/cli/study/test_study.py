@@ -1,0 +1,111 @@
+"""A tiny study end to end (in-process commands), its result files, and its resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import write_images
+from lomar.cli.study import runner
+from lomar.cli.study.runner import StudyStopped, run_study
+from lomar.cli.study.spec import parse_spec
+
+# helpers.TINY as study settings: 2 blocks, 32 wide, 32 px, 3x3 windows, 2 per image.
+TINY = dict(model="vit_tiny_patch8", embed_dim=32, depth=2, num_heads=2, img_size=32, window_size=3, windows=2,
+            batch_size=4, epochs=100, workers=0, threads=1, log_every=1, device="cpu", lr=1e-3,
+            warmup_epochs=0.5, precision="fp32", save_every=100, figure_images=1)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("labelled")
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            write_images(root / split / label, 6)
+    return root
+
+
+def _spec(root: Path, **changes) -> dict:
+    raw = dict(name="tiny", budget="4steps", seeds=1, slice="1s", settings=TINY,
+               grid={"method": ["lomar", "mae"]}, random_init=True,
+               data={"pretrain": str(root / "train"), "train": str(root / "train"), "val": str(root / "val")},
+               eval={"every": "2steps", "metrics": ["knn", "heldout_loss"], "knn": {"k": 3}, "equal_steps": True})
+    raw.update(changes)
+    return raw
+
+
+def _states(out: Path) -> dict:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("cells/*/study-state.json"))}
+
+
+@pytest.mark.slow  # pretrains 5 tiny runs in-process: ~20 s on an idle 2-core machine
+def test_tiny_study_writes_results_tables_and_figures(tmp_path, labelled):
+    out = tmp_path / "study"
+    records = run_study(parse_spec(_spec(labelled)), out, log=lambda line: None)
+    data = json.loads((out / "results.json").read_text())
+    assert data["records"] == records
+    # random init: one end record (+ nothing else); lomar and mae: at-2steps, end, equal_steps
+    points = sorted((r["setting"], r["point"]) for r in records)
+    assert points == sorted([("random init", "end"), ("method=lomar", "at-2steps"), ("method=lomar", "end"),
+                             ("method=lomar", "equal_steps"), ("method=mae", "at-2steps"), ("method=mae", "end"),
+                             ("method=mae", "equal_steps")])
+    for r in records:
+        assert 0.0 <= r["knn"] <= 1.0 and r["heldout_loss"] > 0
+        assert r["step"] == {"at-2steps": 2, "end": 4, "equal_steps": 4}.get(r["point"], 0) or r["random_init"]
+    trained = [r for r in records if not r["random_init"]]
+    assert all(r["train_seconds"] > 0 and r["train_loss"] > 0 for r in trained)
+    # each cell is an ordinary, finished run folder
+    for name in ("method-lomar_seed0", "method-mae_seed0"):
+        assert (out / "cells" / name / "last.pt").exists() and (out / "cells" / name / "metrics.jsonl").exists()
+    table = (out / "results.md").read_text()
+    rows = [ln for ln in table.split("## At the end")[1].split("##")[0].splitlines() if ln.startswith("| ")][2:]
+    assert [r.split(" | ")[0] for r in rows] == ["| random init", "| method=lomar", "| method=mae"]
+    assert "## At equal pretraining steps (4" in table and "## Along the way: 2steps" in table
+    for figure in ("time_to_accuracy.png", "ablation.png"):
+        assert (out / figure).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_a_stopped_study_continues_without_redoing_finished_work(tmp_path, labelled, monkeypatch):
+    out = tmp_path / "study"
+    spec = _spec(labelled, budget="2s", slice="1s", random_init=False, eval={"metrics": ["heldout_loss"]})
+    real, calls = runner.lomar_command, []
+
+    def stop_on_the_sixth_pretrain(argv, quiet=True):
+        calls.append(argv[0])
+        if calls.count("pretrain") == 6:
+            return 130, "interrupted"  # what `lomar` returns on Ctrl-C
+        return real(argv, quiet)
+
+    monkeypatch.setattr(runner, "lomar_command", stop_on_the_sixth_pretrain)
+    with pytest.raises(StudyStopped):
+        run_study(parse_spec(spec), out, log=lambda line: None)
+    before = _states(out)
+    assert not (out / "results.json").exists()
+    monkeypatch.setattr(runner, "lomar_command", real)
+    records = run_study(parse_spec(spec), out, log=lambda line: None)
+    after = _states(out)
+    assert {r["setting"] for r in records} == {"method=lomar", "method=mae"}
+    for r in records:  # a time budget: each cell trained its 2 s, to within a step
+        assert r["train_seconds"] >= 1.5 and r["slices"] >= 1
+    # what was finished before the stop is kept as it was (same record, same timestamp)
+    for name, state in before.items():
+        for key, record in state["points"].items():
+            assert after[name]["points"][key] == record
+    # and a third run does nothing at all
+    def only_checks(argv, quiet=True):
+        assert "--print-config" in argv, f"re-ran {argv[0]}"
+        return real(argv, quiet)
+
+    monkeypatch.setattr(runner, "lomar_command", only_checks)
+    again = run_study(parse_spec(spec), out, log=lambda line: None)
+    assert [r["evaluated_at"] for r in again] == [r["evaluated_at"] for r in records]
+
+
+def test_a_bad_cell_is_refused_before_any_training(tmp_path, labelled):
+    spec = parse_spec(_spec(labelled, grid={"window_size": [3, 9]}))
+    from lomar.errors import UsageError
+
+    with pytest.raises(UsageError, match="cell 'window_size=9' is not a valid `lomar pretrain` setting"):
+        run_study(spec, tmp_path / "study", log=lambda line: None)
+    assert not (tmp_path / "study" / "cells").exists()
