@@ -9,7 +9,6 @@ continues exactly as if it had never stopped, whatever the number of workers.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import random
@@ -29,7 +28,7 @@ from lomar.train.config import PretrainConfig, build_model, dump_config
 from lomar.data.images import BadDataTracker, build_pretrain_dataset, collate_pretrain
 from lomar.train.distributed import DistInfo, cleanup_distributed, init_distributed
 from lomar.checkpoints.export import export_encoder
-from lomar.models.masking import MaskingPlan, grid_size, sample_plan
+from lomar.models.methods import method_runtime
 from lomar.train.monitor import Monitor
 from lomar.train.preemption import StopFlag, any_rank_stopping, ignore_stop_signals, shut_down_workers
 from lomar.train.runtime import fast_adamw
@@ -43,22 +42,9 @@ class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, too many unreadable images)."""
 
 
-def _lomar_masker(gen: torch.Generator, grid, window_size, windows, mask_ratio) -> dict:
-    plan = sample_plan(1, grid, window_size, windows, mask_ratio, generator=gen)
-    return {"top_left": plan.top_left[0], "mask": plan.mask[0]}
-
-
-def _mae_masker(gen: torch.Generator, length: int) -> dict:
-    return {"noise": torch.rand(length, generator=gen)}
-
-
 def make_masker(config: PretrainConfig, patch_size: int):
     """Per-sample masking drawn in the data workers, seeded with the sample's augmentation."""
-    grid = grid_size(config.img_size, patch_size)
-    if config.method == "lomar":
-        return functools.partial(_lomar_masker, grid=grid, window_size=config.window_size,
-                                 windows=config.windows, mask_ratio=config.mask_ratio)
-    return functools.partial(_mae_masker, length=grid[0] * grid[1])
+    return method_runtime(config, patch_size).masker
 
 
 def _rng_state() -> dict:
@@ -90,11 +76,12 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = build_model(config).to(device)
         self.patch = self.model.config.patch_size
+        self.runtime = method_runtime(config, self.patch)
         self.precision = config.precision
         if self.precision == "auto":
             self.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
         self.dataset = build_pretrain_dataset(config.data, config.img_size, config.seed,
-                                              masker=make_masker(config, self.patch),
+                                              masker=self.runtime.masker,
                                               rank=info.rank, world_size=info.world_size)
         self.iterable = isinstance(self.dataset, IterableDataset)
         size = self._dataset_size()
@@ -163,6 +150,8 @@ class Trainer:
     def figure(self) -> None:
         from lomar.viz.reconstruction import reconstruction_figure
 
+        if not self.runtime.method.figure:
+            return
         try:
             images = self.fixed_images()
             reconstruction_figure(self.model, images, self.out / "reconstruction.png", seed=self.config.seed,
@@ -186,11 +175,7 @@ class Trainer:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with autocast:
-            if self.config.method == "lomar":
-                plan = MaskingPlan(batch["top_left"].to(self.device), batch["mask"].to(self.device),
-                                   self.config.window_size)
-                return self.net(images, plan=plan).loss
-            return self.net(images, noise=batch["noise"].to(self.device)).loss
+            return self.net(images, **self.runtime.forward_kwargs(batch, self.device)).loss
 
     def run(self) -> int:
         cfg = self.config
@@ -298,8 +283,11 @@ class Trainer:
                 print(f"lomar: stopped by {self.stop.name} at step {self.step}; checkpoint {path}. Resume with: "
                       f"lomar pretrain --out {self.out} --resume auto")
             else:
-                export_encoder(self.model.encoder, self.out, weights_name="encoder.safetensors",
-                               metadata={"method": self.config.method, "step": self.step})
+                meta = {"method": self.config.method, "step": self.step}
+                if self.runtime.method.export is not None:
+                    self.runtime.method.export(self.model, self.out, meta)
+                else:
+                    export_encoder(self.model.encoder, self.out, weights_name="encoder.safetensors", metadata=meta)
                 print(f"lomar: done at step {self.step}; checkpoint {path}, encoder "
                       f"{self.out / 'encoder.safetensors'}, figure {self.out / 'reconstruction.png'}")
             print(f"lomar: {self.tracker.count} unreadable image(s) skipped"
