@@ -20,6 +20,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("knn", "lomar.cli.probe:knn", "cosine k-NN accuracy of frozen features"),
     ("export", "lomar.cli.export", "write a checkpoint's encoder as model.safetensors + config.json (timm-ready)"),
     ("visualize", "lomar.cli.visualize", "reconstruction and attention figures of a pretrained model"),
+    ("tokenizer", "lomar.cli.tokenizer", "BEiT visual tokenizers: fit a k-means one on images, convert a dVAE"),
     ("load-original", "lomar.checkpoints.convert", "convert an original LoMaR / MAE checkpoint into ours"),
 ]
 

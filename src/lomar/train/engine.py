@@ -94,7 +94,10 @@ class Trainer:
         self.loader = DataLoader(self.dataset, batch_size=config.batch_size, sampler=self.sampler,
                                  num_workers=config.workers, collate_fn=collate_pretrain, drop_last=True,
                                  pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
-                                 worker_init_fn=ignore_stop_signals if config.workers > 0 else None)
+                                 worker_init_fn=ignore_stop_signals if config.workers > 0 else None,
+                                 # Its own generator: each new iterator (one more after a resume) then
+                                 # leaves the global RNG, which drop path draws from, untouched.
+                                 generator=torch.Generator().manual_seed(config.seed))
         effective = config.batch_size * config.accum_steps * info.world_size
         self.base_lr = config.lr if config.lr is not None else config.blr * effective / 256
         self.optimizer = fast_adamw(param_groups(self.model, config.weight_decay), lr=self.base_lr,
