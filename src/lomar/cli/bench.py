@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="vit_base_patch16", help="encoder, e.g. vit_base_patch16")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), metavar="PX",
                         help="image sizes (default: %(default)s)")
-    parser.add_argument("--methods", nargs="+", default=["lomar", "mae"], choices=["lomar", "mae"])
+    parser.add_argument("--methods", nargs="+", default=["lomar", "mae"], choices=["lomar", "mae", "beit"],
+                        help="mae also times mae_window, beit also beit_window (7x7 windows, LoMaR's counts)")
     parser.add_argument("--windows", type=_window_setting, nargs="+", default=["paper"],
                         metavar="N|paper", help="LoMaR windows per image: 'paper' (4@224, 6@384, "
                         "9@448, 9 above) and/or fixed counts, e.g. --windows paper 4")
@@ -105,6 +106,16 @@ def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str
                 configs.append(("lomar", n, "paper" if setting == "paper" else "fixed"))
         if "mae" in args.methods:
             configs.append(("mae", None, "-"))
+        windowed = paper_windows(size) if "paper" in args.windows else args.windows[0]
+        for method in ("mae", "beit"):  # the method, then the same method in LoMaR's windows
+            if method in args.methods:
+                if method == "beit":
+                    configs.append(("beit", None, "-"))
+                try:
+                    check_window_request(grid, 7, windowed, 0.75)
+                except ValueError as exc:
+                    raise UsageError(f"{size}px: {exc}") from None
+                configs.append((f"{method}_window", windowed, "paper" if "paper" in args.windows else "fixed"))
         plan[size] = configs
     return plan
 
@@ -151,7 +162,13 @@ def run(args: argparse.Namespace) -> int:
         rec["gemm_flops"] = ceiling
         rec["mfu"] = rec["achieved_flops"] / ceiling
     comparisons = _compare(records)
+    from lomar.bench.methods import beit_comparisons
+
+    beit_ratios = beit_comparisons(records)
     _print_table(records, comparisons, ceiling, sys.stdout)
+    for c in beit_ratios:
+        sys.stdout.write(f"  {c['img_size']:>4}px BEiT ratios: " + ", ".join(
+            f"{k.removesuffix('_time')} {v:.2f}x" for k, v in c.items() if k.endswith("_time")) + " (time)\n")
     meta = dict(model=args.model, batch_size=args.batch_size, precision=args.precision,
                 compile=args.compile, device=str(device), threads=torch.get_num_threads(),
                 steps=args.steps, warmup=args.warmup, torch=torch.__version__,
@@ -161,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
                 if len(sys.argv) > 1 and sys.argv[1] == "bench" else None)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(meta=meta, records=records, comparisons=comparisons), indent=1))
+        args.json.write_text(json.dumps(dict(meta=meta, records=records, comparisons=comparisons,
+                                              beit_comparisons=beit_ratios), indent=1))
         say(f"wrote {args.json}")
     if args.plot:
         plot_times(records, args.plot, f"{args.model}, batch {args.batch_size}, {args.precision}, "
@@ -212,14 +230,14 @@ def _fmt_bytes(n: int) -> str:
 def _print_table(records: list[dict], comparisons: list[dict], ceiling: float, stream) -> None:
     w = stream.write
     w(f"GEMM ceiling (same run, same dtype): {ceiling / 1e9:,.1f} GFLOP/s\n")
-    head = (f"{'method':<6} {'px':>4} {'win':>5} {'s/step':>8} {'img/s':>7} {'GFLOP':>8} "
+    head = (f"{'method':<11} {'px':>4} {'win':>5} {'s/step':>8} {'img/s':>7} {'GFLOP':>8} "
             f"{'GFLOP/s':>8} {'MFU':>5} {'vs base':>8} {'peak mem':>10}\n")
     w(head)
     w("-" * (len(head) - 1) + "\n")
     for r in records:
         win = "-" if r["windows"] is None else f"{r['windows']}{'p' if r['window_setting'] == 'paper' else ''}"
         rel = "-" if r.get("time_vs_base") is None else f"{r['time_vs_base']:.2f}x"
-        w(f"{r['method']:<6} {r['img_size']:>4} {win:>5} {r['step_s']:>8.3f} {r['images_per_s']:>7.2f} "
+        w(f"{r['method']:<11} {r['img_size']:>4} {win:>5} {r['step_s']:>8.3f} {r['images_per_s']:>7.2f} "
           f"{r['flops'] / 1e9:>8.1f} {r['achieved_flops'] / 1e9:>8.1f} {r['mfu']:>5.0%} {rel:>8} "
           f"{_fmt_bytes(r['peak_mem_bytes']):>10}\n")
     if records:
