@@ -160,3 +160,18 @@ def test_beit_export_loads_in_timm_with_equal_features(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(timm_model.forward_features(images), beit.forward_features(images),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_token_figure_marks_masked_predictions(tmp_path):
+    from lomar.viz.tokens import token_figure, token_maps
+
+    torch.manual_seed(0)
+    model = BEiTPretrain(BEiTConfig(**CFG), _tokenizer(), window_size=3, num_windows=2)
+    images = torch.randn(2, 3, 48, 48)
+    maps = token_maps(model, images, seed=1)
+    assert torch.equal(maps["true"].flatten(1), model.tokens(images))
+    assert bool((maps["predicted"][maps["masked"]] >= 0).all()) and bool((maps["predicted"][~maps["masked"]] == -1).all())
+    assert 0 < int(maps["masked"].sum()) <= int(maps["plan"].mask.sum())  # overlapping windows share cells
+    assert model.training  # restored
+    path = token_figure(model, images, tmp_path / "tokens.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"

@@ -32,6 +32,7 @@ def test_beit_pretrains_fits_its_tokenizer_and_resumes_exactly(tmp_path, image_d
     assert losses(straight) == losses(resumed)
     assert all(math.isfinite(v) for v in losses(straight))
     assert (straight / "encoder.safetensors").is_file() and (straight / "config.json").is_file()
+    assert (straight / "reconstruction.png").read_bytes()[:4] == b"\x89PNG"  # the token-map figure
 
 
 @pytest.mark.parametrize("method,extra", [("beit", ["--windows", "global"]), ("beit", ["--mask-ratio", "0.5"]),

@@ -41,7 +41,9 @@ class Method:
     masker: Callable[[Any, tuple[int, int]], Masker]
     forward_kwargs: Callable[[Any, tuple[int, int]], ToKwargs]
     export: Callable[[torch.nn.Module, Any, dict], None] | None = None  # None: export_encoder(model.encoder)
-    figure: bool = True  # the pixel reconstruction figure applies
+    # figure(model, images, path, seed=, title=) drawn with every checkpoint; None: the pixel
+    # reconstruction figure (lomar.viz.reconstruction)
+    figure: Callable[..., Any] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -200,6 +202,12 @@ def _beit_build(config, vit):
     return BEiTPretrain(beit, tokenizer, config.window_size, config.windows, config.mask_ratio)
 
 
+def _beit_figure(model, images, path, seed: int = 0, title: str | None = None):
+    from lomar.viz.tokens import token_figure
+
+    return token_figure(model, images, path, seed=seed, title=title)
+
+
 def _beit_export(model, out, metadata: dict) -> None:
     from lomar.checkpoints.export_beit import export_beit_encoder
 
@@ -211,4 +219,4 @@ register(Method(
     validate=_beit_validate, build=_beit_build,
     masker=lambda config, grid: functools.partial(_plan_draw, grid=grid, window_size=config.window_size,
                                                   windows=config.windows, mask_ratio=config.mask_ratio),
-    forward_kwargs=_plan_kwargs, export=_beit_export, figure=False))
+    forward_kwargs=_plan_kwargs, export=_beit_export, figure=_beit_figure))

@@ -153,11 +153,10 @@ class Trainer:
     def figure(self) -> None:
         from lomar.viz.reconstruction import reconstruction_figure
 
-        if not self.runtime.method.figure:
-            return
+        draw = self.runtime.method.figure or reconstruction_figure
         try:
             images = self.fixed_images()
-            reconstruction_figure(self.model, images, self.out / "reconstruction.png", seed=self.config.seed,
+            draw(self.model, images, self.out / "reconstruction.png", seed=self.config.seed,
                                   title=f"{self.config.method} step {self.step}")
         except Exception as exc:  # a figure must never kill a run
             print(f"lomar: could not draw the reconstruction figure: {exc}", file=sys.stderr)
