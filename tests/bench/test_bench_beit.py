@@ -13,11 +13,11 @@ from lomar.cli.app import main
 
 def test_bench_writes_beit_and_window_records(tmp_path):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--tiny", "--methods", "lomar", "mae", "beit", "--sizes", "160", "--batch-size", "1",
+    assert main(["bench", "--tiny", "--methods", "lomar", "mae", "beit", "mae_window", "--sizes", "160", "--batch-size", "1",
                  "--steps", "1", "--warmup", "0", "--device", "cpu", "--quiet", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     methods = [r["method"] for r in data["records"]]
-    assert methods == ["lomar", "mae", "mae_window", "beit", "beit_window"]
+    assert methods == ["lomar", "mae", "beit", "mae_window", "beit_window"]
     assert all(r["flops"] > 0 and r["step_s"] > 0 for r in data["records"])
     ratios = data["beit_comparisons"][0]
     assert ratios["img_size"] == 160 and ratios["beit_over_lomar_time"] > 0

@@ -53,8 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="vit_base_patch16", help="encoder, e.g. vit_base_patch16")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), metavar="PX",
                         help="image sizes (default: %(default)s)")
-    parser.add_argument("--methods", nargs="+", default=["lomar", "mae"], choices=["lomar", "mae", "beit"],
-                        help="mae also times mae_window, beit also beit_window (7x7 windows, LoMaR's counts)")
+    parser.add_argument("--methods", nargs="+", default=["lomar", "mae"], choices=["lomar", "mae", "beit", "mae_window"],
+                        help="beit times BEiT and BEiT + 7x7 windows (beit_window); mae_window: MAE per 7x7 "
+                             "window; windowed variants use LoMaR's window counts")
     parser.add_argument("--windows", type=_window_setting, nargs="+", default=["paper"],
                         metavar="N|paper", help="LoMaR windows per image: 'paper' (4@224, 6@384, "
                         "9@448, 9 above) and/or fixed counts, e.g. --windows paper 4")
@@ -107,15 +108,15 @@ def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str
         if "mae" in args.methods:
             configs.append(("mae", None, "-"))
         windowed = paper_windows(size) if "paper" in args.windows else args.windows[0]
-        for method in ("mae", "beit"):  # the method, then the same method in LoMaR's windows
-            if method in args.methods:
-                if method == "beit":
-                    configs.append(("beit", None, "-"))
+        if "beit" in args.methods:
+            configs.append(("beit", None, "-"))
+        for method, wanted in (("mae_window", "mae_window" in args.methods), ("beit_window", "beit" in args.methods)):
+            if wanted:
                 try:
                     check_window_request(grid, 7, windowed, 0.75)
                 except ValueError as exc:
                     raise UsageError(f"{size}px: {exc}") from None
-                configs.append((f"{method}_window", windowed, "paper" if "paper" in args.windows else "fixed"))
+                configs.append((method, windowed, "paper" if "paper" in args.windows else "fixed"))
         plan[size] = configs
     return plan
 

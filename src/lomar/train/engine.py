@@ -157,7 +157,7 @@ class Trainer:
         try:
             images = self.fixed_images()
             draw(self.model, images, self.out / "reconstruction.png", seed=self.config.seed,
-                                  title=f"{self.config.method} step {self.step}")
+                 title=f"{self.config.method} step {self.step}")
         except Exception as exc:  # a figure must never kill a run
             print(f"lomar: could not draw the reconstruction figure: {exc}", file=sys.stderr)
 
