@@ -175,3 +175,15 @@ def test_token_figure_marks_masked_predictions(tmp_path):
     assert model.training  # restored
     path = token_figure(model, images, tmp_path / "tokens.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_beit_decay_groups_follow_the_original():
+    from lomar.train.schedule import param_groups
+
+    model = BEiTPretrain(BEiTConfig(**CFG), _tokenizer(), num_windows=0)
+    no_decay, decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "beit.cls_token" in skipped and "beit.blocks.0.gamma_1" in skipped
+    assert {"beit.mask_token", "beit.rel_pos_bias.relative_position_bias_table", "beit.lm_head.weight"} <= decayed

@@ -79,6 +79,10 @@ class BEiTPretrain(nn.Module):
     def encoder(self) -> BEiT:
         return self.beit
 
+    def no_weight_decay(self) -> set[str]:
+        """As the original BEiT: cls_token and pos_embed are not decayed (mask_token and bias tables are)."""
+        return {f"beit.{name}" for name in self.beit.no_weight_decay()}
+
     def sample_plan(self, images: torch.Tensor, generator: torch.Generator | None = None) -> MaskingPlan:
         plan = sample_method_plan(images.shape[0], self.config.grid, self.window_size,
                                   self.windows_setting, self.mask_ratio, generator)
