@@ -67,14 +67,14 @@ def print_table(records: list[dict], comparisons: list[dict], ceiling: float, st
     """The results as a fixed-width table, then the MAE / LoMaR ratios per size."""
     w = stream.write
     w(f"GEMM ceiling (same run, same dtype): {ceiling / 1e9:,.1f} GFLOP/s\n")
-    head = (f"{'method':<6} {'px':>4} {'win':>5} {'s/step':>8} {'img/s':>7} {'GFLOP':>8} "
+    head = (f"{'method':<11} {'px':>4} {'win':>5} {'s/step':>8} {'img/s':>7} {'GFLOP':>8} "
             f"{'GFLOP/s':>8} {'MFU':>5} {'vs base':>8} {'peak mem':>10}\n")
     w(head)
     w("-" * (len(head) - 1) + "\n")
     for r in records:
         win = "-" if r["windows"] is None else f"{r['windows']}{'p' if r['window_setting'] == 'paper' else ''}"
         rel = "-" if r.get("time_vs_base") is None else f"{r['time_vs_base']:.2f}x"
-        w(f"{r['method']:<6} {r['img_size']:>4} {win:>5} {r['step_s']:>8.3f} {r['images_per_s']:>7.2f} "
+        w(f"{r['method']:<11} {r['img_size']:>4} {win:>5} {r['step_s']:>8.3f} {r['images_per_s']:>7.2f} "
           f"{r['flops'] / 1e9:>8.1f} {r['achieved_flops'] / 1e9:>8.1f} {r['mfu']:>5.0%} {rel:>8} "
           f"{_fmt_bytes(r['peak_mem_bytes']):>10}\n")
     if records:

@@ -191,8 +191,12 @@ def build_runner(method: str, model_name: str, img_size: int, windows: int | Non
     torch.manual_seed(seed)
     overrides = dict(embed_dim=32, depth=1, num_heads=2) if tiny else {}
     decoder = dict(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2) if tiny else {}
-    if method == "lomar":
-        model: nn.Module = LoMaR(model_config(model_name, img_size=img_size, pos="rpe", **overrides),
+    if method in ("beit", "beit_window", "mae_window"):
+        from lomar.bench.methods import build_variant_model
+
+        model: nn.Module = build_variant_model(method, model_name, img_size, windows, tiny)
+    elif method == "lomar":
+        model = LoMaR(model_config(model_name, img_size=img_size, pos="rpe", **overrides),
                                  num_windows=int(windows))
     elif method == "mae":
         model = MAE(model_config(model_name, img_size=img_size, pos="abs", **overrides), **decoder)
@@ -209,7 +213,7 @@ def build_runner(method: str, model_name: str, img_size: int, windows: int | Non
 
     dtype = DTYPES[precision]
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    return StepRunner(method, img_size, windows if method == "lomar" else None, batch_size, model,
+    return StepRunner(method, img_size, windows if method != "mae" else None, batch_size, model,
                       forward, optimizer, images, device, dtype, scaler)
 
 

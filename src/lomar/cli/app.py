@@ -33,6 +33,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("visualize", "lomar.cli.visualize", "reconstruction and attention figures of a pretrained model"),
     ("load-original", "lomar.cli.load_original", "convert an original LoMaR / MAE checkpoint into ours"),
     ("study", "lomar.cli.study", "a grid of pretraining runs and their evaluations as one resumable job"),
+    ("tokenizer", "lomar.cli.tokenizer", "BEiT visual tokenizers: fit a k-means one on images, convert a dVAE"),
 ]
 EXIT_CODES = ("exit codes: 0 done; 1 the work failed (e.g. a full disk: free space and rerun); "
               "2 a bad flag, input or output path (nothing was computed); 130 interrupted")

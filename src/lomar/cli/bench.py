@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -57,8 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"encoder: {', '.join(MODEL_NAMES)}")
     parser.add_argument("--sizes", type=int_range(1), nargs="+", default=list(DEFAULT_SIZES), metavar="PX",
                         help="image sizes")
-    parser.add_argument("--methods", nargs="+", default=["lomar", "mae"], choices=["lomar", "mae"],
-                        help="methods to time")
+    parser.add_argument("--methods", nargs="+", default=["lomar", "mae"],
+                        choices=["lomar", "mae", "beit", "mae_window"],
+                        help="beit times BEiT and BEiT + 7x7 windows (beit_window); mae_window: MAE per 7x7 "
+                             "window; windowed variants use LoMaR's window counts")
     parser.add_argument("--windows", type=_window_setting, nargs="+", default=["paper"],
                         metavar="N|paper", help="LoMaR windows per image: 'paper' (4@224, 6@384, "
                         "9@448, 9 above) and/or fixed counts, e.g. --windows paper 4")
@@ -124,6 +125,16 @@ def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str
                 configs.append(("lomar", n, "paper" if setting == "paper" else "fixed"))
         if "mae" in args.methods:
             configs.append(("mae", None, "-"))
+        windowed = paper_windows(size) if "paper" in args.windows else args.windows[0]
+        if "beit" in args.methods:
+            configs.append(("beit", None, "-"))
+        for method, wanted in (("mae_window", "mae_window" in args.methods), ("beit_window", "beit" in args.methods)):
+            if wanted:
+                try:
+                    check_window_request(grid, 7, windowed, 0.75)
+                except ValueError as exc:
+                    raise UsageError(f"{size}px: {exc}") from None
+                configs.append((method, windowed, "paper" if "paper" in args.windows else "fixed"))
         plan[size] = configs
     return plan
 
@@ -175,7 +186,13 @@ def run(args: argparse.Namespace) -> int:
         rec["gemm_flops"] = ceiling
         rec["mfu"] = rec["achieved_flops"] / ceiling
     comparisons = compare(records)
+    from lomar.bench.methods import beit_comparisons
+
+    beit_ratios = beit_comparisons(records)
     print_table(records, comparisons, ceiling, sys.stdout)
+    for c in beit_ratios:
+        sys.stdout.write(f"  {c['img_size']:>4}px BEiT ratios: " + ", ".join(
+            f"{k.removesuffix('_time')} {v:.2f}x" for k, v in c.items() if k.endswith("_time")) + " (time)\n")
     meta = dict(model=args.model, batch_size=args.batch_size, precision=args.precision,
                 compile=args.compile, device=str(device), threads=torch.get_num_threads(),
                 steps=args.steps, warmup=args.warmup, torch=torch.__version__,
@@ -184,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
                 wall_s=time.perf_counter() - started, command="lomar bench " + " ".join(sys.argv[2:])
                 if len(sys.argv) > 1 and sys.argv[1] == "bench" else None)
     if args.json:
-        write_json(args.json, dict(meta=meta, records=records, comparisons=comparisons))
+        write_json(args.json, dict(meta=meta, records=records, comparisons=comparisons,
+                                   beit_comparisons=beit_ratios))
         say(f"wrote {args.json}")
     if args.plot:
         plot_times(records, args.plot, f"{args.model}, batch {args.batch_size}, {args.precision}, "
@@ -211,6 +229,7 @@ def _run_backbone(args: argparse.Namespace) -> int:
     import torch
 
     from lomar.bench.backbone import bench_backbone, format_table
+    from lomar.bench.report import machine_name
 
     device = resolve_device(args.device)
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
@@ -218,7 +237,7 @@ def _run_backbone(args: argparse.Namespace) -> int:
     meta = dict(task="backbone", model=args.model, depth=args.depth, batch_size=args.batch_size,
                 precision=args.precision, device=device, threads=args.threads or torch.get_num_threads(),
                 steps=args.steps, warmup=args.warmup, grad_checkpointing=args.grad_checkpointing,
-                torch=torch.__version__, machine=_machine(torch.device(device)), load_avg_before=load,
+                torch=torch.__version__, machine=machine_name(torch.device(device)), load_avg_before=load,
                 command="lomar bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "bench"
                 else None)
 
@@ -237,108 +256,3 @@ def _run_backbone(args: argparse.Namespace) -> int:
     if args.json:
         say(f"wrote {args.json}")
     return 0
-
-
-def _machine(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {torch.get_num_threads()} threads"
-
-
-def _compare(records: list[dict]) -> list[dict]:
-    """Per size and LoMaR window count: MAE/LoMaR time and FLOP ratios; time vs own base size."""
-    mae = {r["img_size"]: r for r in records if r["method"] == "mae"}
-    out = []
-    base_size = 224 if any(r["img_size"] == 224 for r in records) else min(r["img_size"] for r in records)
-    for rec in records:
-        same = [r for r in records if r["method"] == rec["method"] and r["img_size"] == base_size
-                and (r["windows"] == rec["windows"] or rec["window_setting"] == r["window_setting"] == "paper")]
-        rec["base_size"] = base_size
-        rec["time_vs_base"] = rec["step_s"] / same[0]["step_s"] if same else None
-        if rec["method"] == "lomar" and rec["img_size"] in mae:
-            m = mae[rec["img_size"]]
-            out.append(dict(img_size=rec["img_size"], windows=rec["windows"],
-                            window_setting=rec["window_setting"],
-                            mae_over_lomar_time=m["step_s"] / rec["step_s"],
-                            mae_over_lomar_flops=m["flops"] / rec["flops"]))
-    return out
-
-
-def _fmt_bytes(n: int) -> str:
-    return f"{n / 2**20:,.0f} MiB" if n >= 0 else "n/a"
-
-
-def _print_table(records: list[dict], comparisons: list[dict], ceiling: float, stream) -> None:
-    w = stream.write
-    w(f"GEMM ceiling (same run, same dtype): {ceiling / 1e9:,.1f} GFLOP/s\n")
-    head = (f"{'method':<6} {'px':>4} {'win':>5} {'s/step':>8} {'img/s':>7} {'GFLOP':>8} "
-            f"{'GFLOP/s':>8} {'MFU':>5} {'vs base':>8} {'peak mem':>10}\n")
-    w(head)
-    w("-" * (len(head) - 1) + "\n")
-    for r in records:
-        win = "-" if r["windows"] is None else f"{r['windows']}{'p' if r['window_setting'] == 'paper' else ''}"
-        rel = "-" if r.get("time_vs_base") is None else f"{r['time_vs_base']:.2f}x"
-        w(f"{r['method']:<6} {r['img_size']:>4} {win:>5} {r['step_s']:>8.3f} {r['images_per_s']:>7.2f} "
-          f"{r['flops'] / 1e9:>8.1f} {r['achieved_flops'] / 1e9:>8.1f} {r['mfu']:>5.0%} {rel:>8} "
-          f"{_fmt_bytes(r['peak_mem_bytes']):>10}\n")
-    if records:
-        kind = records[0]["peak_mem_kind"]
-        w(f"win: windows per image, p = paper setting; vs base: time / own {records[0]['base_size']}px time; "
-          f"peak mem: {'max allocated' if kind == 'cuda_max_allocated' else 'RSS growth during a step (CPU)'}\n")
-    if comparisons:
-        w("\nMAE / LoMaR per size\n")
-        for c in comparisons:
-            w(f"  {c['img_size']:>4}px, {c['windows']} windows ({c['window_setting']}): time "
-              f"{c['mae_over_lomar_time']:.2f}x, FLOPs {c['mae_over_lomar_flops']:.2f}x\n")
-
-
-def plot_times(records: list[dict], path: Path, subtitle: str = "") -> None:
-    """Seconds per training step against image size, one line per method/window setting, log-log."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lomar.viz.reconstruction import save_figure
-
-    series: dict[str, list[tuple[int, float]]] = {}
-    fixed = {r["windows"] for r in records if r["window_setting"] == "fixed"}
-    for r in records:
-        labels = []
-        if r["method"] == "mae":
-            labels.append("MAE (ViT + 512x8 decoder, 75% masked)")
-        elif r["window_setting"] == "paper":
-            labels.append("LoMaR, paper windows (4@224, 6@384, 9@448+)")
-        if r["method"] == "lomar" and r["windows"] in fixed:  # a paper point may double as fixed
-            labels.append(f"LoMaR, {r['windows']} windows")
-        for label in labels:
-            series.setdefault(label, []).append((r["img_size"], r["step_s"]))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, points in series.items():
-        points.sort()
-        xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="o", label=label)
-        for x, y in points:
-            ax.annotate(f"{y:.2g}s", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    sizes = sorted({r["img_size"] for r in records})
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xticks(sizes)
-    ax.set_xticklabels([str(s) for s in sizes])
-    ax.minorticks_off()
-    ax.set_xlabel("image size (px)")
-    ax.set_ylabel("seconds per training step (fwd+bwd+AdamW)")
-    ax.set_title("Training step time vs image size" + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    save_figure(fig, path, dpi=120)

@@ -39,11 +39,12 @@ __all__ = ["PretrainConfig", "DEMO_PRESET", "add_config_arguments", "resolve_con
 @dataclass
 class PretrainConfig:
     COMMAND = "pretrain"
+    PARSERS = {"windows": lambda text: _parse_windows(text)}  # flag / YAML text -> value
     # data and output
     data: str | None = None  # image folder, .txt list, or tar shard pattern; None = demo photos
     out: str | None = None  # default runs/<timestamp>
     # method and model
-    method: str = "lomar"  # lomar | mae
+    method: str = "lomar"  # lomar | mae | beit (lomar.models.methods)
     model: str = "vit_base_patch16"
     embed_dim: int | None = None  # explicit widths override the named model
     depth: int | None = None
@@ -52,12 +53,13 @@ class PretrainConfig:
     img_size: int = 224
     pos: str | None = None  # rpe | abs; default rpe for lomar, abs for mae
     window_size: int = 7
-    windows: int = 4  # per image; the paper uses 4 at 224, 6 at 384, 9 at 448
+    windows: int | None = None  # per image, 0 = global; default 4 for lomar (paper: 4@224, 6@384, 9@448), 0 else
     mask_ratio: float | None = None  # default 0.8 for lomar, 0.75 for mae
     norm_pix_loss: bool = True
     decoder_embed_dim: int = 512  # MAE only
     decoder_depth: int = 8
     decoder_num_heads: int = 16
+    tokenizer: str | None = None  # BEiT only: dVAE / k-means file; None = fit k-means into OUT
     # optimisation (original recipe)
     batch_size: int = 64  # per device
     accum_steps: int = 1
@@ -91,17 +93,23 @@ class PretrainConfig:
 
 # A tiny model on small crops of the bundled photographs: finishes in a few minutes on 2 CPU cores.
 DEMO_PRESET: dict[str, Any] = dict(
-    model="vit_small_patch8", embed_dim=128, depth=4, num_heads=4, img_size=96, windows=4,
+    model="vit_small_patch8", embed_dim=128, depth=4, num_heads=4, img_size=96,
     batch_size=16, epochs=4, lr=1e-3, warmup_epochs=1, save_every=2, workers=1, threads=1, log_every=5,
     device="cpu",
 )
 
-_CHOICES = {"method": ("lomar", "mae"), "pos": ("rpe", "abs", "none"),
+# The registry (lomar.models.methods) imports torch; a test keeps this tuple equal to it.
+METHOD_NAMES = ("lomar", "mae", "beit")
+_CHOICES = {"method": METHOD_NAMES, "pos": ("rpe", "abs", "none"),
             "precision": ("auto", "fp32", "bf16", "fp16")}
 _HELP = {
     "data": "image folder (recursive), .txt list of paths, or tar shards ('shards/*.tar', "
             "'shard-{000..009}.tar'); omit for the built-in demo photographs",
-    "out": "output folder (default runs/<timestamp>)", "windows": "windows per image",
+    "out": "output folder (default runs/<timestamp>)",
+    "windows": "K x K windows per image for any method; 0 or 'global' = the whole image (default 4 for lomar, 0 else)",
+    "tokenizer": "--method beit: dVAE (encoder.pkl, state dict, safetensors) or k-means tokenizer file; "
+                 "default: fit the built-in k-means tokenizer on the data into OUT/tokenizer.safetensors",
+    "mask_ratio": "masked share per window (default 0.8 lomar, 0.75 mae; beit: blockwise unless given)",
     "resume": "checkpoint path, or 'auto' for OUT/last.pt", "max_steps": "stop after N optimizer steps",
     "batch_size": "images per device per step", "blr": "base lr: lr = blr * effective batch / 256",
     "save_every": "write a checkpoint every N epochs",
@@ -116,6 +124,13 @@ _HELP = {
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field (``--window-size`` for ``window_size``), plus --config."""
     add_dataclass_arguments(parser, PretrainConfig, _HELP, _CHOICES, nargs_optional={"resume": "auto"})
+
+
+def _parse_windows(text: str) -> int:
+    """``--windows``: a count >= 0, or 'global' (= 0, the whole image)."""
+    from lomar.models.windows import parse_windows
+
+    return parse_windows(text)
 
 
 def resolve_config(args: argparse.Namespace) -> PretrainConfig:
@@ -139,10 +154,13 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
     config = PretrainConfig(**values)
     if config.out is None:
         config.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    if config.mask_ratio is None:
-        config.mask_ratio = 0.8 if config.method == "lomar" else 0.75
-    if config.pos is None:
-        config.pos = "rpe" if config.method == "lomar" else "abs"
+    from lomar.models.methods import METHODS, get_method
+
+    if config.method in METHODS:  # an unknown one is reported by validate
+        method = get_method(config.method)
+        config.mask_ratio = method.default_mask_ratio if config.mask_ratio is None else config.mask_ratio
+        config.pos = method.default_pos if config.pos is None else config.pos
+        config.windows = method.default_windows if config.windows is None else config.windows
     if config.workers is None:
         config.workers = default_workers()
     # --print-config only shows the settings, so an --out that holds a run is no error there
@@ -157,7 +175,7 @@ _RUN_CONTROL = {"data", "out", "resume", "overwrite", "epochs", "max_steps", "sa
                 "log_every", "workers", "threads", "device", "compile", "knn_every", "knn_data",
                 "figure_images"}
 _PER_INVOCATION = {"resume": None, "overwrite": False}  # never inherited from the saved run
-_DERIVED = frozenset({"mask_ratio", "pos"})  # None asks for the method's default, which the saved run holds
+_DERIVED = frozenset({"mask_ratio", "pos", "windows"})  # None asks for the method's default, which the saved run holds
 
 
 def _saved_config(explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
@@ -223,7 +241,8 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
     """Everything that can be checked before any work; raises ConfigError naming the fix.
 
     ``check_out``: refuse an --out that already holds a run (unless resuming / overwriting)."""
-    from lomar.models.masking import check_window_request, grid_size
+    from lomar.models.masking import grid_size
+    from lomar.models.methods import get_method
 
     _validate_numbers(config)
     for name, choices in _CHOICES.items():
@@ -231,16 +250,14 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
             raise ConfigError(f"--{name} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
     if config.method == "mae" and config.pos != "abs":
         raise ConfigError(f"--method mae needs --pos abs (got {config.pos})")
-
+    if config.tokenizer is not None and config.method != "beit":
+        raise ConfigError(f"--tokenizer is for --method beit only (got --method {config.method}); drop it")
     vit = vit_config(config)
     if vit.embed_dim % vit.num_heads:
         raise ConfigError(f"--embed-dim {vit.embed_dim} is not divisible by --num-heads {vit.num_heads}")
     try:
         grid = grid_size(config.img_size, vit.patch_size)
-        if config.method == "lomar":
-            check_window_request(grid, config.window_size, config.windows, config.mask_ratio)
-        elif not 0 < config.mask_ratio < 1:
-            raise ValueError(f"--mask-ratio must be in (0, 1) for MAE, got {config.mask_ratio}")
+        get_method(config.method).validate(config, grid)
     except ValueError as exc:
         raise ConfigError(f"at --img-size {config.img_size}: {exc}") from None
     if config.data is not None:
@@ -266,9 +283,9 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
 
 
 _POSITIVE = ("img_size", "batch_size", "accum_steps", "epochs", "save_every", "keep_last", "log_every",
-             "window_size", "windows", "decoder_embed_dim", "decoder_depth", "decoder_num_heads",
+             "window_size", "decoder_embed_dim", "decoder_depth", "decoder_num_heads",
              "max_steps", "threads", "embed_dim", "depth", "num_heads", "patch_size", "clip_grad")
-_NON_NEGATIVE = ("workers", "knn_every", "blr", "lr", "min_lr", "weight_decay", "seed")
+_NON_NEGATIVE = ("windows", "workers", "knn_every", "blr", "lr", "min_lr", "weight_decay", "seed")
 
 
 _MAX_SEED = 2**63 // 100_003 - 1  # the data order seeds a generator with seed * 100_003 + epoch
@@ -320,14 +337,10 @@ def _validate_data(data: str) -> None:
 
 
 def build_model(config: PretrainConfig):
-    """The LoMaR or MAE model the config describes."""
-    from lomar.models import MAE, LoMaR
+    """The model the config describes, built by its method (lomar.models.methods)."""
+    from lomar.models.methods import get_method
 
-    vit = vit_config(config)
-    if config.method == "lomar":
-        return LoMaR(vit, config.window_size, config.windows, config.mask_ratio, config.norm_pix_loss)
-    return MAE(vit, config.decoder_embed_dim, config.decoder_depth, config.decoder_num_heads,
-               config.mask_ratio, config.norm_pix_loss)
+    return get_method(config.method).build(config, vit_config(config))
 
 
 def dump_config(config: PretrainConfig) -> str:

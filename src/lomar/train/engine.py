@@ -9,7 +9,6 @@ continues exactly as if it had never stopped, whatever the number of workers.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import shutil
 import sys
@@ -27,7 +26,7 @@ from lomar.data.collate import BadDataTracker, collate_pretrain
 from lomar.data.folder import build_pretrain_dataset
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError
-from lomar.models.masking import MaskingPlan, grid_size, sample_plan
+from lomar.models.methods import method_runtime
 from lomar.train.config import PretrainConfig, build_model, dump_config
 from lomar.train.distributed import DistInfo, cleanup_distributed, init_distributed
 from lomar.train.monitor import Monitor
@@ -56,22 +55,9 @@ class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, too many unreadable images)."""
 
 
-def _lomar_masker(gen: torch.Generator, grid, window_size, windows, mask_ratio) -> dict:
-    plan = sample_plan(1, grid, window_size, windows, mask_ratio, generator=gen)
-    return {"top_left": plan.top_left[0], "mask": plan.mask[0]}
-
-
-def _mae_masker(gen: torch.Generator, length: int) -> dict:
-    return {"noise": torch.rand(length, generator=gen)}
-
-
 def make_masker(config: PretrainConfig, patch_size: int):
     """Per-sample masking drawn in the data workers, seeded with the sample's augmentation."""
-    grid = grid_size(config.img_size, patch_size)
-    if config.method == "lomar":
-        return functools.partial(_lomar_masker, grid=grid, window_size=config.window_size,
-                                 windows=config.windows, mask_ratio=config.mask_ratio)
-    return functools.partial(_mae_masker, length=grid[0] * grid[1])
+    return method_runtime(config, patch_size).masker
 
 
 class Trainer:
@@ -82,10 +68,11 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = build_model(config).to(device)
         self.patch = self.model.config.patch_size
+        self.runtime = method_runtime(config, self.patch)
         self.precision = resolve_precision(config.precision, device)
         self.autocast = autocast_factory(self.precision, device)
         self.dataset = build_pretrain_dataset(config.data, config.img_size, config.seed,
-                                              masker=make_masker(config, self.patch),
+                                              masker=self.runtime.masker,
                                               rank=info.rank, world_size=info.world_size)
         self.iterable = isinstance(self.dataset, IterableDataset)
         size = self._dataset_size()
@@ -98,7 +85,10 @@ class Trainer:
         self.loader = DataLoader(self.dataset, batch_size=config.batch_size, sampler=self.sampler,
                                  num_workers=config.workers, collate_fn=collate_pretrain, drop_last=True,
                                  pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
-                                 worker_init_fn=ignore_stop_signals if config.workers > 0 else None)
+                                 worker_init_fn=ignore_stop_signals if config.workers > 0 else None,
+                                 # Its own generator: each new iterator (one more after a resume) then
+                                 # leaves the global RNG, which drop path draws from, untouched.
+                                 generator=torch.Generator().manual_seed(config.seed))
         effective = config.batch_size * config.accum_steps * info.world_size
         self.base_lr = config.lr if config.lr is not None else config.blr * effective / 256
         self.optimizer = fast_adamw(param_groups(self.model, config.weight_decay), lr=self.base_lr,
@@ -150,10 +140,11 @@ class Trainer:
     def figure(self) -> None:
         from lomar.viz.reconstruction import reconstruction_figure
 
+        draw = self.runtime.method.figure or reconstruction_figure
         try:
             images = self.fixed_images()
-            reconstruction_figure(self.model, images, self.out / "reconstruction.png", seed=self.config.seed,
-                                  title=f"{self.config.method} step {self.step}")
+            draw(self.model, images, self.out / "reconstruction.png", seed=self.config.seed,
+                 title=f"{self.config.method} step {self.step}")
         except Exception as exc:  # a figure must never kill a run
             print(f"lomar: could not draw the reconstruction figure: {exc}", file=sys.stderr)
 
@@ -171,11 +162,7 @@ class Trainer:
     def forward(self, batch: dict) -> torch.Tensor:
         images = batch["images"].to(self.device, non_blocking=True)
         with self.autocast():
-            if self.config.method == "lomar":
-                plan = MaskingPlan(batch["top_left"].to(self.device), batch["mask"].to(self.device),
-                                   self.config.window_size)
-                return self.net(images, plan=plan).loss
-            return self.net(images, noise=batch["noise"].to(self.device)).loss
+            return self.net(images, **self.runtime.forward_kwargs(batch, self.device)).loss
 
     def run(self) -> int:
         """Train to ``--max-steps`` / ``--epochs`` or until a stop signal; the exit code."""
@@ -312,8 +299,11 @@ class Trainer:
                 print(f"lomar: stopped by {self.stop.name} at step {self.step}; checkpoint {path}. Resume with: "
                       f"lomar pretrain --out {self.out} --resume auto", flush=True)
             else:
-                export_encoder(self.model.encoder, self.out, weights_name="encoder.safetensors",
-                               metadata={"method": self.config.method, "step": self.step})
+                meta = {"method": self.config.method, "step": self.step}
+                if self.runtime.method.export is not None:
+                    self.runtime.method.export(self.model, self.out, meta)
+                else:
+                    export_encoder(self.model.encoder, self.out, weights_name="encoder.safetensors", metadata=meta)
                 print(f"lomar: done at step {self.step}; checkpoint {path}, encoder "
                       f"{self.out / 'encoder.safetensors'}, figure {self.out / 'reconstruction.png'}")
             print(f"lomar: {self.tracker.count} unreadable image(s) skipped"

@@ -28,7 +28,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """The original decay rule: no decay for biases and 1-D parameters, decay for the rest
     (so the 3-D cls/mask tokens and RPE tables are decayed, SPEC §4)."""
     decay, no_decay = [], []
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()  # e.g. BEiT's cls_token
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim == 1 or name.endswith(".bias") else decay).append(param)
+            (no_decay if param.ndim == 1 or name.endswith(".bias") or name in skip else decay).append(param)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,23 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, helps: d
             continue
         if nargs_optional and field.name in nargs_optional:  # e.g. a bare --resume means --resume auto
             common.update(nargs="?", const=nargs_optional[field.name], metavar="PATH|auto")
-        convert = {"int": int, "float": float, "str": str}[base]
+        convert = _flag_parser(getattr(cls, "PARSERS", {}).get(field.name)) or {"int": int, "float": float,
+                                                                                 "str": str}[base]
         parser.add_argument(flag, type=convert, choices=choices.get(field.name), **common)
+
+
+def _flag_parser(parse: Callable[[str], Any] | None) -> Callable[[str], Any] | None:
+    """A field's own text parser (``cls.PARSERS``) as an argparse type: ValueError -> usage error."""
+    if parse is None:
+        return None
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
 
 
 def explicit_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
@@ -74,6 +90,12 @@ def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{where} must be true or false")
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ConfigError(f"{where} must be a {'string' if base == 'str' else 'number'}")
+    parse = getattr(cls, "PARSERS", {}).get(name)
+    if parse is not None and isinstance(value, str):
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     if base == "str":
         return str(value)  # e.g. `out: 2024`
     if isinstance(value, str):

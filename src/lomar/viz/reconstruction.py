@@ -41,6 +41,7 @@ def reconstruct(model, images: torch.Tensor, seed: int = 0,
     ``plan`` (LoMaR only) fixes the windows and masks; otherwise they are drawn from ``seed``.
     """
     from lomar.models import MAE, LoMaR
+    from lomar.models.mae_window import MAEWindow
 
     was_training = model.training
     model.eval()
@@ -53,7 +54,7 @@ def reconstruct(model, images: torch.Tensor, seed: int = 0,
     masked = torch.zeros_like(coverage)
     painted = target.clone()
     out: dict = {}
-    if isinstance(model, LoMaR):
+    if isinstance(model, (LoMaR, MAEWindow)):  # both predict the pixels of every window token
         result = model(images, plan=plan.to(images.device) if plan is not None else None, generator=gen)
         plan = result.plan
         image, top_left, mask = plan.flat()

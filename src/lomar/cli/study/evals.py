@@ -71,7 +71,7 @@ def heldout_loss(checkpoint: Path, val_root: str, img_size: int, seed: int = 0, 
     from torchvision.datasets import ImageFolder
 
     from lomar.checkpoints.io import safe_load
-    from lomar.eval.evaluate import eval_transform
+    from lomar.eval.features import eval_transform
     from lomar.train.config import PretrainConfig, build_model
 
     ckpt = safe_load(checkpoint)

@@ -1,0 +1,84 @@
+"""``lomar tokenizer fit|convert``: BEiT's visual tokenizers.
+
+``fit`` fits the built-in k-means tokenizer (normalised 8 px patches of 112 px views; not the
+paper's dVAE) on a folder of images; ``convert`` rewrites a DALL-E dVAE encoder (the official
+pickled ``encoder.pkl``, read without executing its code, or a state dict) as safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lomar.errors import UsageError
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    fit = sub.add_parser("fit", help="fit the built-in k-means tokenizer on a folder of images",
+                         description="Fit k-means over per-patch normalised pixels of the images' centre "
+                                     "crops at --size px (a BEiT target when no dVAE is at hand).")
+    fit.add_argument("--data", required=True, help="image folder (recursive) or .txt list of paths")
+    fit.add_argument("--vocab", type=int, default=8192, help="vocabulary size (default %(default)s)")
+    fit.add_argument("--out", required=True, type=Path, metavar="FILE.safetensors")
+    fit.add_argument("--size", type=int, default=112, help="view size in px (default %(default)s: 14x14 tokens)")
+    fit.add_argument("--patch", type=int, default=8, help="pixels per token (default %(default)s)")
+    fit.add_argument("--iters", type=int, default=20, help="Lloyd iterations at most (default %(default)s)")
+    fit.add_argument("--max-images", type=int, default=2048, help="images used at most (default %(default)s)")
+    fit.add_argument("--seed", type=int, default=0)
+    conv = sub.add_parser("convert", help="write a dVAE encoder (encoder.pkl or state dict) as safetensors")
+    conv.add_argument("source", metavar="encoder.pkl", help="official dall_e encoder.pkl, {'model': sd} or sd")
+    conv.add_argument("--to", required=True, type=Path, metavar="dvae.safetensors")
+
+
+def _views(data: str, size: int, limit: int):
+    """(n, 3, size, size) in [0, 1]: the images' centre squares, resized (bicubic, antialiased)."""
+    import torch
+    import torch.nn.functional as F
+
+    from lomar.data.decode import load_image
+    from lomar.data.folder import build_image_list
+
+    paths = build_image_list(data)[:limit]
+    views, bad = [], 0
+    for path in paths:
+        try:
+            image = load_image(path)
+        except ValueError:
+            bad += 1
+            continue
+        h, w = image.shape[-2:]
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        square = image[:, top:top + side, left:left + side].float()[None] / 255
+        views.append(F.interpolate(square, size=(size, size), mode="bicubic", antialias=True,
+                                   align_corners=False).clamp(0, 1)[0])
+    if not views:
+        raise ValueError(f"none of the {len(paths)} images in {data} could be read")
+    return torch.stack(views), bad
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.tokenizer_command == "convert":
+            from lomar.tokenizers import convert_dvae
+
+            path = convert_dvae(args.source, args.to)
+            print(f"lomar: wrote {path}")
+            return 0
+        from lomar.tokenizers import fit_kmeans_tokenizer
+
+        for name in ("vocab", "size", "patch", "iters", "max_images"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        views, bad = _views(args.data, args.size, args.max_images)
+        tokenizer = fit_kmeans_tokenizer(views, vocab_size=args.vocab, patch=args.patch, seed=args.seed,
+                                         iters=args.iters, input_size=args.size)
+        tokenizer.save(args.out, extra={"fitted_on": str(args.data), "images": str(views.shape[0])})
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(str(exc).splitlines()[0]) from None
+    skipped = f", {bad} unreadable skipped" if bad else ""
+    print(f"lomar: wrote {args.out} (vocabulary {tokenizer.vocab_size}, {views.shape[0]} images{skipped})")
+    return 0

@@ -1,0 +1,129 @@
+"""BEiT pretraining on a masking plan: global (one window = the whole grid) or K×K windows (Table 5).
+
+The visual tokenizer labels the second view of the same crop (the ImageNet-normalised model view,
+de-normalised and resized to ``grid × tokenizer stride`` px, e.g. 224 → 112 for 8 px tokenizer
+patches), on the images' device, without gradients. It is held outside the module tree: it is
+not trained, not in the optimizer and not in ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lomar.models.beit import BEiT, BEiTConfig
+from lomar.models.masking import MaskingPlan, window_token_index
+from lomar.models.objective import gather_patches
+from lomar.models.windows import sample_method_plan, window_geometry
+
+__all__ = ["BEiTPretrain", "BEiTPretrainOutput", "tokenizer_view"]
+
+_MEAN = (0.485, 0.456, 0.406)
+_STD = (0.229, 0.224, 0.225)
+
+
+class BEiTPretrainOutput(NamedTuple):
+    loss: torch.Tensor  # () cross-entropy over every masked token of every window
+    logits: torch.Tensor  # (M, V) masked tokens, (image, window)-major, raster order inside a window
+    targets: torch.Tensor  # (M,) the tokenizer's ids at those tokens
+    plan: MaskingPlan
+
+
+def tokenizer_view(images: torch.Tensor, size: int) -> torch.Tensor:
+    """ImageNet-normalised (N, 3, H, W) → the same crop in [0, 1] at ``size`` px (bicubic, antialiased)."""
+    mean = torch.tensor(_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(_STD, device=images.device).view(1, 3, 1, 1)
+    x = images.float() * std + mean
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return x.clamp(0, 1)
+
+
+class BEiTPretrain(nn.Module):
+    """BEiT + tokenizer + masking settings.
+
+    Args:
+        config: the BEiT architecture; ``vocab_size`` must equal the tokenizer's.
+        tokenizer: images in [0, 1] → one token per patch (:class:`lomar.tokenizers.Tokenizer`);
+            its grid must be the model's patch grid.
+        window_size, num_windows: K×K windows per image; ``num_windows=0`` = the whole grid.
+        mask_ratio: random in-window masking at this ratio; None = BEiT's blockwise masks scaled
+            to the window (the original 75/196 on the whole 14×14 grid).
+    """
+
+    def __init__(self, config: BEiTConfig, tokenizer, window_size: int = 7, num_windows: int = 0,
+                 mask_ratio: float | None = None):
+        super().__init__()
+        if tokenizer.vocab_size != config.vocab_size:
+            raise ValueError(f"tokenizer vocabulary {tokenizer.vocab_size} != BEiT vocab_size {config.vocab_size}; "
+                             f"build BEiT with vocab_size={tokenizer.vocab_size}")
+        if tuple(tokenizer.grid) != config.grid:
+            raise ValueError(f"tokenizer grid {tokenizer.grid} (input {tokenizer.input_size} px, stride "
+                             f"{tokenizer.stride}) != the model's patch grid {config.grid}; set its input size to "
+                             f"{config.grid[0] * tokenizer.stride} px")
+        self.beit = BEiT(config)
+        self.window_size, self.num_windows = window_geometry(config.grid, window_size, num_windows)
+        self.windows_setting = num_windows
+        self.mask_ratio = mask_ratio
+        object.__setattr__(self, "tokenizer", tokenizer.eval().requires_grad_(False))  # not a submodule
+        sample_method_plan(1, config.grid, window_size, num_windows, mask_ratio)  # fail now, not at step 1
+
+    @property
+    def config(self) -> BEiTConfig:
+        return self.beit.config
+
+    @property
+    def encoder(self) -> BEiT:
+        return self.beit
+
+    def no_weight_decay(self) -> set[str]:
+        """As the original BEiT: cls_token and pos_embed are not decayed (mask_token and bias tables are)."""
+        return {f"beit.{name}" for name in self.beit.no_weight_decay()}
+
+    def sample_plan(self, images: torch.Tensor, generator: torch.Generator | None = None) -> MaskingPlan:
+        plan = sample_method_plan(images.shape[0], self.config.grid, self.window_size,
+                                  self.windows_setting, self.mask_ratio, generator)
+        return plan.to(images.device)
+
+    @torch.no_grad()
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """ImageNet-normalised images (N, 3, H, W) → target ids (N, Gh·Gw), fp32 whatever the autocast."""
+        tok = self.tokenizer.to(images.device)  # a no-op once there; .to() of the model does not reach it
+        with torch.autocast(images.device.type, enabled=False):
+            return tok.tokens(tokenizer_view(images, tok.input_size))
+
+    def forward(self, images: torch.Tensor, plan: MaskingPlan | None = None,
+                generator: torch.Generator | None = None, input_ids: torch.Tensor | None = None
+                ) -> BEiTPretrainOutput:
+        """images (N, 3, H, W) normalised; plan with K×K windows; input_ids (N, L) overrides the tokenizer."""
+        beit, p = self.beit, self.config.patch_size
+        grid = self.config.grid
+        if tuple(images.shape[-2:]) != (grid[0] * p, grid[1] * p):
+            raise ValueError(f"images must be {grid[0] * p}x{grid[1] * p} px, got {tuple(images.shape[-2:])}")
+        if plan is None:
+            plan = self.sample_plan(images, generator)
+        elif plan.window_size != self.window_size:
+            raise ValueError(f"plan has {plan.window_size}x{plan.window_size} windows, the model "
+                             f"{self.window_size}x{self.window_size}")
+        else:
+            plan.validate(grid)
+            plan = plan.to(images.device)
+        ids = self.tokens(images) if input_ids is None else input_ids.flatten(1).to(images.device)
+        image_index, top_left, mask = plan.flat()
+        k = plan.window_size
+        token_index = window_token_index(top_left, k, grid[1])  # (R, K²)
+        pixels = gather_patches(images, p, image_index, token_index).flatten(2)  # (R, K², C·p·p)
+        x = F.linear(pixels, beit.patch_embed.proj.weight.flatten(1), beit.patch_embed.proj.bias)
+        w = mask.unsqueeze(-1).to(x.dtype)
+        x = x * (1 - w) + beit.mask_token.to(x.dtype) * w  # substitution, as BEiT
+        cls = beit.cls_token.to(x.dtype).expand(x.shape[0], -1, -1)
+        if beit.pos_embed is not None:
+            table = beit.pos_embed[0].to(x.dtype)
+            x, cls = x + table[1:][token_index], cls + table[:1]
+        x = beit.norm(beit.run_blocks(torch.cat((cls, x), dim=1), (k, k)))[:, 1:]
+        logits = beit.lm_head(x[mask])
+        targets = ids[image_index[:, None], token_index][mask]
+        return BEiTPretrainOutput(F.cross_entropy(logits.float(), targets), logits, targets, plan)

@@ -1,0 +1,190 @@
+"""Windows for every method (BEiT, MAE, LoMaR), the method registry, and the timm export of BEiT."""
+
+from __future__ import annotations
+
+import functools
+import random
+
+import pytest
+import torch
+
+from lomar.models.beit import BEiT, BEiTConfig
+from lomar.models.beit_pretrain import BEiTPretrain
+from lomar.models.mae_window import MAEWindow
+from lomar.models.masking import MaskingPlan, sample_plan
+from lomar.models.methods import get_method, method_runtime, variant_name
+from lomar.models.vit import model_config
+from lomar.models.windows import parse_windows, sample_method_plan, window_geometry, with_block_masks
+from lomar.tokenizers import KMeansTokenizer
+
+CFG = dict(img_size=48, patch_size=8, embed_dim=32, depth=2, num_heads=2, vocab_size=16, drop_path_rate=0.0)
+
+
+def _tokenizer(seed: int = 0) -> KMeansTokenizer:
+    centroids = torch.randn(16, 3 * 8 * 8, generator=torch.Generator().manual_seed(seed))
+    return KMeansTokenizer(centroids, patch=8, input_size=48)
+
+
+def test_global_beit_on_a_plan_equals_the_beit_model():
+    torch.manual_seed(0)
+    model = BEiTPretrain(BEiTConfig(**CFG), _tokenizer(), num_windows=0).eval()
+    images = torch.randn(2, 3, 48, 48)
+    plan = model.sample_plan(images, torch.Generator().manual_seed(1))
+    assert plan.window_size == 6 and plan.num_windows == 1 and int(plan.top_left.abs().sum()) == 0
+    out = model(images, plan=plan)
+    ids = model.tokens(images)
+    mask = plan.mask[:, 0]
+    ref = model.beit(images, mask, input_ids=ids)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    # the original's budget on 6x6: round(75*36/196) = 14, never more
+    assert 0 < int(mask.sum(1).max()) <= 14
+
+
+def test_windowed_beit_sees_only_its_windows_and_gathers_their_tokens():
+    torch.manual_seed(0)
+    model = BEiTPretrain(BEiTConfig(**CFG), _tokenizer(), window_size=3, num_windows=2).eval()
+    images = torch.randn(2, 3, 48, 48)
+    plan = model.sample_plan(images, torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 16, (2, 36))
+    out = model(images, plan=plan, input_ids=ids)
+    inside = torch.zeros(2, 6, 6, dtype=torch.bool)
+    for i in range(2):
+        for r, c in plan.top_left[i].tolist():
+            inside[i, r:r + 3, c:c + 3] = True
+    outside = (~inside).repeat_interleave(8, 1).repeat_interleave(8, 2)[:, None].expand(-1, 3, -1, -1)
+    changed = images.clone()
+    changed[outside] = 5.0
+    again = model(changed, plan=plan, input_ids=ids)
+    torch.testing.assert_close(again.logits, out.logits, rtol=0, atol=1e-6)
+    image, top_left, mask = plan.flat()
+    expected = []
+    for row in range(image.shape[0]):
+        r0, c0 = top_left[row].tolist()
+        window = ids[image[row]].view(6, 6)[r0:r0 + 3, c0:c0 + 3].flatten()
+        expected.append(window[mask[row]])
+    assert torch.equal(out.targets, torch.cat(expected))
+    out.loss.backward()
+    assert model.beit.lm_head.weight.grad is not None
+
+
+def test_tokenizer_stays_out_of_the_state_dict_and_parameters():
+    model = BEiTPretrain(BEiTConfig(**CFG), _tokenizer(), num_windows=0)
+    assert not any("centroid" in k for k in model.state_dict())
+    assert all(p is not model.tokenizer.centroids for p in model.parameters())
+
+
+def test_blockwise_window_masks_are_seeded_and_scaled():
+    grid = (6, 6)
+    a = sample_method_plan(4, grid, 5, 2, None, torch.Generator().manual_seed(7))
+    b = sample_method_plan(4, grid, 5, 2, None, torch.Generator().manual_seed(7))
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.top_left, b.top_left)
+    counts = a.mask.sum(-1)
+    assert int(counts.max()) <= round(75 * 25 / 196) and int(counts.min()) > 0
+    rand = sample_method_plan(4, grid, 5, 2, 0.4, torch.Generator().manual_seed(7))
+    assert bool((rand.mask.sum(-1) == 10).all())  # random in-window masking: floor(25 * 0.4)
+    plan = sample_plan(1, grid, 3, 1, 0.5, generator=torch.Generator().manual_seed(0))
+    blocked = with_block_masks(plan, random.Random(0))
+    assert torch.equal(blocked.top_left, plan.top_left) and blocked.mask.shape == plan.mask.shape
+
+
+def test_window_geometry_and_windows_flag():
+    assert window_geometry((14, 14), 7, 0) == (14, 1)
+    assert window_geometry((14, 14), 7, 4) == (7, 4)
+    with pytest.raises(ValueError, match="square"):
+        window_geometry((4, 6), 3, 0)
+    assert parse_windows("global") == 0 and parse_windows("3") == 3
+    with pytest.raises(ValueError, match="--windows"):
+        parse_windows("-1")
+    assert [variant_name(m, w) for m, w in [("beit", 0), ("beit", 4), ("mae", 2), ("lomar", 0)]] == \
+        ["beit", "beit_window", "mae_window", "lomar_global"]
+
+
+def test_mae_window_encoder_sees_only_visible_window_tokens():
+    torch.manual_seed(0)
+    model = MAEWindow(model_config("vit_tiny_patch8", depth=1, img_size=48, pos="abs"), 3, 2, 0.5,
+                      decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2).eval()
+    images = torch.randn(2, 3, 48, 48)
+    out = model(images, generator=torch.Generator().manual_seed(0))
+    assert out.pred.shape == (4, 9, 8 * 8 * 3)
+    # Masked and out-of-window patches never reach the model: changing them leaves pred unchanged.
+    image, top_left, mask = out.plan.flat()
+    seen = torch.zeros(2, 6, 6, dtype=torch.bool)
+    for row in range(image.shape[0]):
+        r0, c0 = top_left[row].tolist()
+        seen[image[row], r0:r0 + 3, c0:c0 + 3] |= (~mask[row]).view(3, 3)
+    hidden = (~seen).repeat_interleave(8, 1).repeat_interleave(8, 2)[:, None].expand(-1, 3, -1, -1)
+    changed = images.clone()
+    changed[hidden] = -3.0
+    again = model(changed, plan=out.plan)
+    torch.testing.assert_close(again.pred, out.pred, rtol=0, atol=1e-6)
+    assert set(model.state_dict()) == set(super(MAEWindow, model).state_dict())
+    assert not any("window_pos" in k for k in model.state_dict())
+
+
+class _Config:
+    """The fields of PretrainConfig the registry reads."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(dict(method="lomar", img_size=32, window_size=3, windows=2, mask_ratio=0.8,
+                                  knn_every=0), **kw)
+
+
+def test_registry_maskers_draw_what_the_engine_drew_before():
+    gen = functools.partial(torch.Generator().manual_seed, 5)
+    lomar = method_runtime(_Config(), 8).masker(gen())
+    plan = sample_plan(1, (4, 4), 3, 2, 0.8, generator=gen())
+    assert torch.equal(lomar["top_left"], plan.top_left[0]) and torch.equal(lomar["mask"], plan.mask[0])
+    mae = method_runtime(_Config(method="mae", windows=0, mask_ratio=0.75), 8).masker(gen())
+    assert torch.equal(mae["noise"], torch.rand(16, generator=gen()))
+    glob = method_runtime(_Config(windows=0), 8)
+    drawn = glob.masker(gen())
+    assert drawn["mask"].shape == (1, 16) and int(drawn["mask"].sum()) == 12
+    kwargs = glob.forward_kwargs({"top_left": drawn["top_left"][None], "mask": drawn["mask"][None]},
+                                 torch.device("cpu"))
+    assert isinstance(kwargs["plan"], MaskingPlan) and kwargs["plan"].window_size == 4
+    with pytest.raises(ValueError, match="unknown"):
+        get_method("simclr")
+
+
+def test_beit_export_loads_in_timm_with_equal_features(tmp_path):
+    from lomar.checkpoints.export_beit import create_timm_beit, export_beit_encoder
+
+    torch.manual_seed(0)
+    beit = BEiT(BEiTConfig(**CFG)).eval()
+    with torch.no_grad():  # a non-zero shared table, so that the per-block copy matters
+        beit.rel_pos_bias.relative_position_bias_table.normal_()
+    export_beit_encoder(beit, tmp_path)
+    timm_model = create_timm_beit(tmp_path)
+    images = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(timm_model.forward_features(images), beit.forward_features(images),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_token_figure_marks_masked_predictions(tmp_path):
+    from lomar.viz.tokens import token_figure, token_maps
+
+    torch.manual_seed(0)
+    model = BEiTPretrain(BEiTConfig(**CFG), _tokenizer(), window_size=3, num_windows=2)
+    images = torch.randn(2, 3, 48, 48)
+    maps = token_maps(model, images, seed=1)
+    assert torch.equal(maps["true"].flatten(1), model.tokens(images))
+    assert bool((maps["predicted"][maps["masked"]] >= 0).all())
+    assert bool((maps["predicted"][~maps["masked"]] == -1).all())
+    assert 0 < int(maps["masked"].sum()) <= int(maps["plan"].mask.sum())  # overlapping windows share cells
+    assert model.training  # restored
+    path = token_figure(model, images, tmp_path / "tokens.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_beit_decay_groups_follow_the_original():
+    from lomar.train.schedule import param_groups
+
+    model = BEiTPretrain(BEiTConfig(**CFG), _tokenizer(), num_windows=0)
+    no_decay, decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "beit.cls_token" in skipped and "beit.blocks.0.gamma_1" in skipped
+    assert {"beit.mask_token", "beit.rel_pos_bias.relative_position_bias_table", "beit.lm_head.weight"} <= decayed
