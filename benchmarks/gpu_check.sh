@@ -13,8 +13,9 @@
 #   GPU_CHECK_METHODS (default: every method `lomar bench --help` offers)
 #   GPU_CHECK_PRETRAIN_STEPS=100  GPU_CHECK_PRETRAIN_SIZE=448  GPU_CHECK_PRETRAIN_BATCH=64
 #   GPU_CHECK_WORKERS=(cores-2)  GPU_CHECK_CAMERA_COUNT=128  GPU_CHECK_FINETUNE_STEPS=20
-#   GPU_CHECK_BACKBONE_SIZES="1024 1536 2048"
+#   GPU_CHECK_BACKBONE_SIZES="1024 1536 2048"  GPU_CHECK_BACKBONE_ATTENTION="dense chunked flex windowed"
 #   GPU_CHECK_T_ENV/_BENCH/_PRETRAIN/_LOADER/_FINETUNE/_BACKBONE: per-part timeouts (s)
+#   GPU_CHECK_COMPILE=1 (0: eager bench steps)
 #   GPU_CHECK_BUDGET=450 (s, whole check: bench runs, last, are skipped when it is spent)
 #   GPU_CHECK_VENV=/tmp/lomar-gpu-check-venv (an existing venv not made by this script is used as is)
 #   GPU_CHECK_PARTS="env bench loader pretrain finetune backbone"
@@ -31,13 +32,13 @@ say() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
 
 if [ "$DEVICE" = cpu ]; then  # tiny mode: proves the script runs, measures nothing useful
   D_MODEL=vit_tiny_patch8; D_SIZES="64"; D_BATCH=2; D_MAE896=2; D_STEPS=1; D_WARMUP=0
-  D_PSTEPS=3; D_PSIZE=64; D_PBATCH=4; D_WORKERS=1; D_COUNT=8; D_FSTEPS=2; D_BB="64"
+  D_PSTEPS=3; D_PSIZE=64; D_PBATCH=4; D_WORKERS=1; D_COUNT=8; D_FSTEPS=2; D_BB="64"; D_BBATT="dense chunked"
   TINY=(--embed-dim 32 --depth 1 --num-heads 2 --window-size 3 --windows 2); D_WINDOWS="2"
   BENCH_TINY=(--tiny); PRECISION=fp32; COMPILE=()
 else
   D_MODEL=vit_base_patch16; D_SIZES="224 448 896"; D_BATCH=64; D_MAE896=16; D_STEPS=5; D_WARMUP=2
   D_PSTEPS=100; D_PSIZE=448; D_PBATCH=64; D_WORKERS=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 )); D_COUNT=128
-  D_FSTEPS=20; D_BB="1024 1536 2048"; TINY=(); D_WINDOWS="paper"; BENCH_TINY=(); PRECISION=bf16
+  D_FSTEPS=20; D_BB="1024 1536 2048"; D_BBATT="dense chunked flex windowed"; TINY=(); D_WINDOWS="paper"; BENCH_TINY=(); PRECISION=bf16
   COMPILE=(--compile)
 fi
 MODEL=${GPU_CHECK_MODEL:-$D_MODEL}; SIZES=${GPU_CHECK_SIZES:-$D_SIZES}; WINDOWS=${GPU_CHECK_WINDOWS:-$D_WINDOWS}
@@ -47,6 +48,8 @@ PSTEPS=${GPU_CHECK_PRETRAIN_STEPS:-$D_PSTEPS}; PSIZE=${GPU_CHECK_PRETRAIN_SIZE:-
 PBATCH=${GPU_CHECK_PRETRAIN_BATCH:-$D_PBATCH}; WORKERS=${GPU_CHECK_WORKERS:-$D_WORKERS}
 COUNT=${GPU_CHECK_CAMERA_COUNT:-$D_COUNT}; FSTEPS=${GPU_CHECK_FINETUNE_STEPS:-$D_FSTEPS}
 BB_SIZES=${GPU_CHECK_BACKBONE_SIZES:-$D_BB}
+BB_ATTENTION=${GPU_CHECK_BACKBONE_ATTENTION:-$D_BBATT}
+[ "${GPU_CHECK_COMPILE:-1}" = 0 ] && COMPILE=()  # torch.compile costs tens of seconds per configuration
 PARTS=${GPU_CHECK_PARTS:-env bench loader pretrain finetune backbone}
 VENV=${GPU_CHECK_VENV:-/tmp/lomar-gpu-check-venv}
 BUDGET=${GPU_CHECK_BUDGET:-450}  # seconds for the whole check; late bench runs are skipped past it
@@ -249,7 +252,8 @@ fi
 if want backbone; then
   if "${LOMAR[@]}" bench --help 2>&1 | grep -q -- 'backbone'; then
     timeout "${GPU_CHECK_T_BACKBONE:-90}" "${LOMAR[@]}" bench --task backbone --model "$MODEL" --sizes $BB_SIZES \
-      --device "$DEVICE" --precision "$PRECISION" --json "$DEST/backbone.json" 2>&1 | tee -a "$LOG"
+      --attention $BB_ATTENTION --grad-checkpointing --device "$DEVICE" --precision "$PRECISION" \
+      --json "$DEST/backbone.json" 2>&1 | tee -a "$LOG"
     status backbone "${PIPESTATUS[0]}"
   else
     status backbone 0 "skipped: this lomar has no 'bench --task backbone' (see lomar bench --help)"
