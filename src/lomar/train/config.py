@@ -52,7 +52,7 @@ class PretrainConfig:
     img_size: int = 224
     pos: str | None = None  # rpe | abs; default rpe for lomar, abs for mae
     window_size: int = 7
-    windows: int = 4  # per image; the paper uses 4 at 224, 6 at 384, 9 at 448
+    windows: str = "auto"  # per image: a count, or auto = the paper's rule (lomar.windows); an int once resolved
     mask_ratio: float | None = None  # default 0.8 for lomar, 0.75 for mae
     norm_pix_loss: bool = True
     decoder_embed_dim: int = 512  # MAE only
@@ -101,7 +101,9 @@ _CHOICES = {"method": ("lomar", "mae"), "pos": ("rpe", "abs", "none"),
 _HELP = {
     "data": "image folder (recursive), .txt list of paths, or tar shards ('shards/*.tar', "
             "'shard-{000..009}.tar'); omit for the built-in demo photographs",
-    "out": "output folder (default runs/<timestamp>)", "windows": "windows per image",
+    "out": "output folder (default runs/<timestamp>)",
+    "windows": "windows per image, or auto: the paper's 4 at 224 px, 6 at 384, 9 at 448, scaled with the "
+               "patch-grid area at other sizes (--print-config shows the count)",
     "resume": "checkpoint path, or 'auto' for OUT/last.pt", "max_steps": "stop after N optimizer steps",
     "batch_size": "images per device per step", "blr": "base lr: lr = blr * effective batch / 256",
     "save_every": "write a checkpoint every N epochs",
@@ -125,6 +127,8 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
     """
     explicit = explicit_values(PretrainConfig, args)
     saved = _saved_config(explicit)
+    if explicit.get("windows") == "auto":
+        explicit["windows"] = None  # resolved below; on resume, the saved run's count
     if saved is not None:
         values = _resume_values(*saved, explicit)
     else:
@@ -157,7 +161,7 @@ _RUN_CONTROL = {"data", "out", "resume", "overwrite", "epochs", "max_steps", "sa
                 "log_every", "workers", "threads", "device", "compile", "knn_every", "knn_data",
                 "figure_images"}
 _PER_INVOCATION = {"resume": None, "overwrite": False}  # never inherited from the saved run
-_DERIVED = frozenset({"mask_ratio", "pos"})  # None asks for the method's default, which the saved run holds
+_DERIVED = frozenset({"mask_ratio", "pos", "windows"})  # None asks for the method's default, which the saved run holds
 
 
 def _saved_config(explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
@@ -208,6 +212,24 @@ def _resume_values(saved: dict[str, Any], source: str, explicit: dict[str, Any])
     return resume_values(PretrainConfig, saved, source, explicit, _RUN_CONTROL, _PER_INVOCATION, _DERIVED)
 
 
+def resolve_windows(config: PretrainConfig) -> int:
+    """``config.windows`` as a count: a number as given, ``auto``/None by the paper's rule at this
+    image and patch size (:func:`lomar.windows.paper_windows`). ConfigError for anything else."""
+    value = config.windows
+    if value is None or value == "auto":
+        from lomar.windows import paper_windows
+
+        patch = vit_config(config).patch_size
+        return paper_windows(config.img_size, patch, config.window_size)
+    try:
+        count = int(value) if not isinstance(value, float) or value.is_integer() else None
+    except (TypeError, ValueError):
+        count = None
+    if count is None:
+        raise ConfigError(f"--windows must be a whole number of windows per image or 'auto', got {value!r}")
+    return count
+
+
 def vit_config(config: PretrainConfig) -> ViTConfig:
     from lomar.models.vit import model_config  # torch: imported when a config is resolved, not for --help
 
@@ -221,11 +243,15 @@ def vit_config(config: PretrainConfig) -> ViTConfig:
 
 def validate(config: PretrainConfig, check_out: bool = True) -> None:
     """Everything that can be checked before any work; raises ConfigError naming the fix.
+    Resolves ``--windows auto`` to its count (which the checks need).
 
     ``check_out``: refuse an --out that already holds a run (unless resuming / overwriting)."""
     from lomar.models.masking import check_window_request, grid_size
 
     _validate_numbers(config)
+    config.windows = resolve_windows(config)
+    if config.windows <= 0:
+        raise ConfigError(f"--windows must be positive or 'auto', got {config.windows}")
     for name, choices in _CHOICES.items():
         if getattr(config, name) not in choices:
             raise ConfigError(f"--{name} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
@@ -266,7 +292,7 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
 
 
 _POSITIVE = ("img_size", "batch_size", "accum_steps", "epochs", "save_every", "keep_last", "log_every",
-             "window_size", "windows", "decoder_embed_dim", "decoder_depth", "decoder_num_heads",
+             "window_size", "decoder_embed_dim", "decoder_depth", "decoder_num_heads",
              "max_steps", "threads", "embed_dim", "depth", "num_heads", "patch_size", "clip_grad")
 _NON_NEGATIVE = ("workers", "knn_every", "blr", "lr", "min_lr", "weight_decay", "seed")
 
@@ -325,10 +351,21 @@ def build_model(config: PretrainConfig):
 
     vit = vit_config(config)
     if config.method == "lomar":
-        return LoMaR(vit, config.window_size, config.windows, config.mask_ratio, config.norm_pix_loss)
+        return LoMaR(vit, config.window_size, resolve_windows(config), config.mask_ratio, config.norm_pix_loss)
     return MAE(vit, config.decoder_embed_dim, config.decoder_depth, config.decoder_num_heads,
                config.mask_ratio, config.norm_pix_loss)
 
 
 def dump_config(config: PretrainConfig) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    """The config as YAML, with a comment saying what ``--windows auto`` gives here."""
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    if config.method != "lomar":
+        return text
+    try:
+        auto = resolve_windows(dataclasses.replace(config, windows="auto"))
+    except (ConfigError, ValueError):
+        return text
+    from lomar.windows import WINDOWS_RULE
+
+    note = f"# --windows auto = {auto} at --img-size {config.img_size}: {WINDOWS_RULE}\n"
+    return text.replace("\nwindows:", "\n" + note + "windows:", 1)
