@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from lomar.bench.report import paper_windows
 from lomar.bench.timing import build_runner
 from lomar.cli.app import main
+from lomar.windows import paper_windows
 
 CPU = torch.device("cpu")
 
@@ -42,18 +42,19 @@ def test_cpu_attention_flops_are_counted():
 
 
 def test_paper_window_rule():
-    assert [paper_windows(s) for s in (160, 224, 384, 448, 672, 896)] == [4, 4, 6, 9, 9, 9]
+    # the paper's three points exactly; area-linear between them, area-proportional outside
+    assert [paper_windows(s) for s in (160, 224, 320, 384, 416, 448, 672, 896)] == [2, 4, 5, 6, 7, 9, 20, 36]
 
 
 def test_bench_smoke_writes_json_and_plot(tmp_path, capsys):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    code = main(["bench", "--tiny", "--sizes", "128", "160", "--windows", "paper", "2",
+    code = main(["bench", "--tiny", "--sizes", "128", "160", "--windows", "paper", "3",
                  "--batch-size", "2", "--steps", "2", "--warmup", "1", "--device", "cpu",
                  "--json", str(out), "--plot", str(png), "--quiet"])
     assert code == 0
     data = json.loads(out.read_text())
     records = data["records"]
-    # per size: LoMaR paper (4), LoMaR fixed (2), MAE
+    # per size: LoMaR paper (1 at 128 px, 2 at 160: the area rule), LoMaR fixed (3), MAE
     assert len(records) == 6
     for rec in records:
         assert REQUIRED_KEYS <= rec.keys()

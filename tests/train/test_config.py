@@ -39,7 +39,7 @@ def test_yaml_values_take_their_field_types(tmp_path, capsys):
     ("compile: 'no'\n", "must be true or false"),
     ("model: null\n", "model needs a str value"),
     ("1: 2\n", "setting names"),
-    ("windows: [1, 2]\n", "must be a number"),
+    ("windows: [1, 2]\n", "must be a string"),
     ("seed: true\n", "must be a number"),
 ])
 def test_yaml_values_of_the_wrong_type_are_usage_errors(tmp_path, capsys, text, message):

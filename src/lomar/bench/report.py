@@ -10,16 +10,7 @@ import platform
 from pathlib import Path
 from typing import TextIO
 
-__all__ = ["PAPER_WINDOWS", "paper_windows", "compare", "print_table", "plot_times", "machine_name"]
-
-PAPER_WINDOWS = {224: 4, 384: 6, 448: 9}
-
-
-def paper_windows(img_size: int) -> int:
-    """The paper's windows per image at ``img_size``: 4 at 224 px, 6 at 384, 9 at 448; other sizes
-    take the count of the largest paper size not above them (4 below 224, 9 above 448)."""
-    below = [s for s in PAPER_WINDOWS if s <= img_size]
-    return PAPER_WINDOWS[max(below)] if below else PAPER_WINDOWS[min(PAPER_WINDOWS)]
+__all__ = ["compare", "print_table", "plot_times", "machine_name"]
 
 
 def machine_name(device) -> str:

@@ -96,9 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str]]]:
     """Per size: (method, windows, setting) configurations, validated before any work."""
-    from lomar.bench.report import paper_windows
     from lomar.models.masking import check_window_request, grid_size
     from lomar.models.vit import model_config
+    from lomar.windows import paper_windows
 
     try:
         patch = model_config(args.model).patch_size
@@ -114,7 +114,7 @@ def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str
         if "lomar" in args.methods:
             seen = set()
             for setting in args.windows:
-                n = paper_windows(size) if setting == "paper" else setting
+                n = paper_windows(size, patch, 7) if setting == "paper" else setting
                 if n in seen:
                     continue
                 seen.add(n)

@@ -55,7 +55,8 @@ def _resize_pos_embed(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tenso
     return torch.cat([table[:, :1], spatial.permute(0, 2, 3, 1).flatten(1, 2).to(table.dtype)], dim=1)
 
 
-def load_pretrained_encoder(path: str | Path, num_classes: int = 0, **overrides) -> VisionTransformer:
+def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool: str = "avg",
+                            **overrides) -> VisionTransformer:
     """An encoder, optionally with a new classifier head, from anything pretrained.
 
     ``path``: our ``lomar pretrain`` checkpoint (``last.pt``: ``model`` + ``config``; its
@@ -64,8 +65,9 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, **overrides)
     or an original LoMaR / MAE checkpoint. The pretraining pixel head, mask token, decoder
     and LoMaR's unused ``pos_embed`` are dropped (SPEC §3). ``overrides`` change the
     architecture's free settings (``img_size``, ``drop_path``); an absolute position table
-    is interpolated to a new ``img_size``. ``num_classes > 0`` adds ``fc_norm`` + ``head``,
-    freshly initialised unless the source holds a head of the same size.
+    is interpolated to a new ``img_size``. ``num_classes > 0`` adds ``fc_norm`` + ``head``
+    (``global_pool='cls'``: the pretrained final norm + ``head``), freshly initialised unless the
+    source holds a head of the same size.
 
     Loading is strict about the encoder (any missing or misshapen encoder weight is an
     error naming it) and non-strict only for the classifier. The returned module carries
@@ -80,7 +82,7 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, **overrides)
     if unknown:
         raise ValueError(f"unknown encoder setting(s) {', '.join(unknown)}")
     config = replace(config, **overrides)
-    model = VisionTransformer(config, num_classes=num_classes)
+    model = VisionTransformer(config, num_classes=num_classes, global_pool=global_pool)
     report = LoadReport(source, str(path), dropped=list(dropped))
     own = model.state_dict()
     state = dict(state)
@@ -91,7 +93,7 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, **overrides)
         if key not in own or own[key].shape != state[key].shape:  # another task's head
             report.dropped.append(key)
             del state[key]
-    if num_classes:
+    if num_classes and global_pool == "avg":
         state, unused = drop_final_norm(state)
         report.dropped.extend(unused)
     if "pos_embed" in state:

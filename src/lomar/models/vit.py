@@ -229,8 +229,11 @@ def init_weights(module: nn.Module) -> None:
 class VisionTransformer(nn.Module):
     """ViT encoder (and optional classifier: mean-pooled patch tokens + fc_norm + linear head)."""
 
-    def __init__(self, config: ViTConfig, num_classes: int = 0):
+    def __init__(self, config: ViTConfig, num_classes: int = 0, global_pool: str = "avg"):
         super().__init__()
+        if global_pool not in ("avg", "cls"):
+            raise ValueError(f"global_pool must be avg or cls, got {global_pool!r}")
+        self.global_pool = global_pool
         self.config = config
         c = config
         if c.pos not in ("rpe", "abs", "none"):
@@ -254,12 +257,15 @@ class VisionTransformer(nn.Module):
             Block(c.embed_dim, c.num_heads, c.mlp_ratio, rpe=c.pos == "rpe", drop_path=r)
             for r in rates
         )
-        # A classifier pools un-normed patch tokens into fc_norm (SPEC §3), as the original, which
-        # deletes this norm; a parameter without gradient would also break DDP.
-        self.norm = nn.LayerNorm(c.embed_dim, eps=1e-6) if not num_classes else nn.Identity()
+        # An avg-pooling classifier pools un-normed patch tokens into fc_norm (SPEC §3), as the
+        # original, which deletes this norm; a parameter without gradient would also break DDP.
+        # A cls-token classifier keeps it (norm -> cls token -> head).
+        avg_head = num_classes and global_pool == "avg"
+        self.norm = nn.LayerNorm(c.embed_dim, eps=1e-6) if not avg_head else nn.Identity()
         self.num_classes = num_classes
-        if num_classes:
+        if avg_head:
             self.fc_norm = nn.LayerNorm(c.embed_dim, eps=1e-6)
+        if num_classes:
             self.head = nn.Linear(c.embed_dim, num_classes)
         self.apply(init_weights)
         nn.init.normal_(self.cls_token, std=0.02)
@@ -379,12 +385,14 @@ class VisionTransformer(nn.Module):
         return self.norm(self.forward_blocks(x, grid))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Classifier (SPEC §3): mean of un-normed patch tokens -> fc_norm -> head, (B, classes).
-
-        Without a head (``num_classes=0``) returns the normed mean patch token (B, D).
+        """Classifier (SPEC §3): mean of un-normed patch tokens -> fc_norm -> head, (B, classes);
+        with ``global_pool='cls'``: normed cls token -> head. Without a head (``num_classes=0``)
+        returns the normed mean patch token (B, D).
         """
         x, grid = self.embed(images)
         x = self.forward_blocks(x, grid)
         if not self.num_classes:
             return self.norm(x)[:, 1:].mean(dim=1)
+        if self.global_pool == "cls":
+            return self.head(self.norm(x)[:, 0])
         return self.head(self.fc_norm(x[:, 1:].mean(dim=1)))

@@ -15,24 +15,10 @@ import torch
 
 from lomar.models.blockmask import BlockMaskGenerator, window_blockmask_args
 from lomar.models.masking import MaskingPlan, sample_plan
+from lomar.windows import GLOBAL_WINDOWS, parse_windows  # noqa: F401  (re-exported)
 
 __all__ = ["GLOBAL_WINDOWS", "parse_windows", "window_geometry", "with_block_masks", "sample_method_plan"]
 
-GLOBAL_WINDOWS = 0  # --windows 0 / --windows global: the whole image as one window
-
-
-def parse_windows(value: int | str) -> int:
-    """``--windows`` value: a count >= 0, or 'global' (= 0)."""
-    if isinstance(value, str) and value.strip().lower() == "global":
-        return GLOBAL_WINDOWS
-    try:
-        count = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"--windows {value!r} is neither a window count nor 'global'; "
-                         f"pass e.g. --windows 4, or --windows 0 for the whole image") from None
-    if count < 0:
-        raise ValueError(f"--windows {count} is negative; pass a count >= 1, or 0 (global) for the whole image")
-    return count
 
 
 def window_geometry(grid: tuple[int, int], window_size: int, windows: int) -> tuple[int, int]:

@@ -138,13 +138,14 @@ class Trainer:
         return path
 
     def figure(self) -> None:
-        from lomar.viz.reconstruction import reconstruction_figure
+        """reconstruction-STEP.png (+ reconstruction.png, the latest) and loss.png."""
+        from lomar.viz.curves import loss_curve
+        from lomar.viz.reconstruction import reconstruction_snapshot
 
-        draw = self.runtime.method.figure or reconstruction_figure
         try:
-            images = self.fixed_images()
-            draw(self.model, images, self.out / "reconstruction.png", seed=self.config.seed,
-                 title=f"{self.config.method} step {self.step}")
+            reconstruction_snapshot(self.model, self.fixed_images(), self.out, self.step, seed=self.config.seed,
+                                    title=f"{self.config.method} step {self.step}", draw=self.runtime.method.figure)
+            loss_curve(self.out / "metrics.jsonl", self.out / "loss.png", f"{self.config.method} training loss")
         except Exception as exc:  # a figure must never kill a run
             print(f"lomar: could not draw the reconstruction figure: {exc}", file=sys.stderr)
 
@@ -175,6 +176,8 @@ class Trainer:
             print(f"lomar: nothing to do, the run is at step {self.step} of {last_step}")
             return 0
         self.stop.install()
+        if self.step == 0 and self.info.is_main:
+            self.figure()  # the untrained model: what the last figure is compared with
         while self.epoch < cfg.epochs:
             if self._train_epoch(log, last_step):
                 return self._finish(log, preempted=self.step < last_step)
@@ -304,8 +307,11 @@ class Trainer:
                     self.runtime.method.export(self.model, self.out, meta)
                 else:
                     export_encoder(self.model.encoder, self.out, weights_name="encoder.safetensors", metadata=meta)
-                print(f"lomar: done at step {self.step}; checkpoint {path}, encoder "
-                      f"{self.out / 'encoder.safetensors'}, figure {self.out / 'reconstruction.png'}")
+                from lomar.viz.curves import loss_summary
+                losses, last = loss_summary(self.out / "metrics.jsonl"), self.out / "last.pt"
+                print(f"lomar: done at step {self.step}{f' ({losses})' if losses else ''}; checkpoint {path}, "
+                      f"encoder {self.out / 'encoder.safetensors'}, figures {self.out}/reconstruction-*.png and "
+                      f"loss.png. Next: lomar visualize {last} --attention; lomar export {last} --to DIR")
             print(f"lomar: {self.tracker.count} unreadable image(s) skipped"
                   + (f", e.g. {next(iter(self.tracker.bad))}" if self.tracker.count else ""))
         return self.stop.exit_code if preempted else 0
@@ -340,9 +346,9 @@ def _prepare_folder(config: PretrainConfig, out: Path, resume: Path | None, step
                                  f"--overwrite to replace it, or another --out")
         if config.overwrite:  # everything a run writes, so that nothing of the old one lingers
             for stale in ("last.pt", "metrics.jsonl", "config.yaml", "knn.jsonl", "encoder.safetensors",
-                          "config.json", "reconstruction.png"):
+                          "config.json", "reconstruction.png", "loss.png"):
                 (out / stale).unlink(missing_ok=True)
-            for stale in out.glob("checkpoint-*.pt"):
+            for stale in [*out.glob("checkpoint-*.pt"), *out.glob("reconstruction-*.png")]:
                 stale.unlink()
             shutil.rmtree(out / "tb", ignore_errors=True)
     atomic_write_text(out / "config.yaml", dump_config(config))

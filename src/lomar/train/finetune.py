@@ -12,6 +12,7 @@ the run-folder lock and preemption are those of pretraining (``lomar.train.run_s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -47,7 +48,7 @@ from lomar.train.run_state import (
 from lomar.train.runtime import default_threads, fast_adamw
 from lomar.train.schedule import lr_at
 
-__all__ = ["finetune", "classification_transforms", "evaluate", "FinetuneRun"]
+__all__ = ["finetune", "classification_transforms", "eval_crop_ratio", "evaluate", "FinetuneRun"]
 
 
 class FinetuneError(RuntimeError):
@@ -70,9 +71,15 @@ def _posterize_any_bits(img, bits_to_keep, **_):
     return ImageOps.posterize(img, bits_to_keep)
 
 
+def eval_crop_ratio(img_size: int) -> float:
+    """Centre-crop ratio of the evaluation transform: 0.875 up to 224 px, 1.0 above."""
+    return 0.875 if img_size <= 224 else 1.0
+
+
 def classification_transforms(img_size: int, aa: str = "rand-m9-mstd0.5-inc1", reprob: float = 0.25):
     """(train, eval) transforms of the finetune recipe: timm's RandAugment + random erasing,
-    bicubic resize, centre crop 0.875 for evaluation. The train transform's posterize ops are
+    bicubic resize; evaluation centre-crops 0.875 of the resized image at <= 224 px and the
+    whole image (crop ratio 1.0) above, as the original does. The train transform's posterize ops are
     the guarded ones above, so every RandAugment policy works with every Pillow we allow."""
     from timm.data import create_transform
     from timm.data.auto_augment import AugmentOp
@@ -84,7 +91,7 @@ def classification_transforms(img_size: int, aa: str = "rand-m9-mstd0.5-inc1", r
         for op in getattr(t, "ops", ()):
             if isinstance(op, AugmentOp) and op.name.startswith("Posterize"):
                 op.aug_fn = _posterize_any_bits
-    val_tf = create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=0.875,
+    val_tf = create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=eval_crop_ratio(img_size),
                               mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return train_tf, val_tf
 
@@ -114,9 +121,10 @@ def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
                        generator=torch.Generator().manual_seed(config.seed + info.rank), **common)
     val = DataLoader(val_part, config.batch_size, collate_fn=collate_labelled, generator=torch.Generator(),
                      **common)
-    if len(train) == 0:
+    if len(train) < config.accum_iter:
         raise UsageError(f"the training split ({len(train_set)} images over {info.world_size} process(es)) "
-                         f"cannot fill one batch of {config.batch_size}; lower --batch-size")
+                         f"cannot fill one step of {config.accum_iter} batch(es) of {config.batch_size}; "
+                         f"lower --batch-size or --accum-iter")
     return train, val, train_set.classes
 
 
@@ -160,14 +168,15 @@ class FinetuneRun:
         self.train_loader, self.val_loader, self.classes = _loaders(config, *split_roots(config), info)
         try:
             self.model = load_pretrained_encoder(config.pretrained, num_classes=len(self.classes),
-                                                 img_size=config.img_size, drop_path=config.drop_path)
+                                                 global_pool=config.global_pool, img_size=config.img_size,
+                                                 drop_path=config.drop_path)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         if info.is_main:
             print(f"lomar finetune: {self.model.load_report.summary()}", flush=True)
         self.model.set_grad_checkpointing(config.grad_checkpointing)
         self.model.to(device)
-        self.base_lr = config.blr * config.batch_size * info.world_size / 256
+        self.base_lr = config.blr * config.batch_size * config.accum_iter * info.world_size / 256
         groups = param_groups_layer_decay(self.model, config.weight_decay, self.model.no_weight_decay(),
                                           layer_decay=config.layer_decay)
         self.optimizer = fast_adamw(groups, lr=self.base_lr)
@@ -182,8 +191,11 @@ class FinetuneRun:
             self.criterion = torch.nn.CrossEntropyLoss()
         self.net = DistributedDataParallel(self.model) if info.enabled else self.model
         self.autocast = autocast_factory(resolve_precision(config.precision, device), device)
-        self.steps_per_epoch = len(self.train_loader)
+        # An epoch is whole optimizer steps: a tail that cannot fill --accum-iter batches is left out.
+        self.steps_per_epoch = len(self.train_loader) // config.accum_iter
+        self.batches_per_epoch = self.steps_per_epoch * config.accum_iter
         self.epoch, self.skip, self.step, self.best = 0, 0, 0, 0.0
+        self.losses: list[float] = []  # of the batches of the optimizer step in progress
         self.stop = StopFlag()
         self.log = None
 
@@ -209,11 +221,12 @@ class FinetuneRun:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
                  "batches_done": self.skip, "step": self.step, "best_top1": self.best,
                  "config": self.model.config.to_dict(), "num_classes": len(self.classes), "classes": self.classes,
-                 "settings": self.config.to_dict(), "rng": rng_state(), "format": "lomar-finetune-1"}
+                 "settings": self.config.to_dict(), "rng": rng_state(), "format": "lomar-finetune-1",
+                 "global_pool": self.config.global_pool}
         if metrics is not None and metrics["top1"] >= self.best:
             self.best = state["best_top1"] = metrics["top1"]
             save_state({k: state[k] for k in ("model", "config", "num_classes", "classes", "epoch", "step",
-                                              "format")} | {"metrics": metrics}, self.out / "best.pt",
+                                              "format", "global_pool")} | {"metrics": metrics}, self.out / "best.pt",
                        previous=self.out / "last.pt")
         save_checkpoint(state, self.out)
 
@@ -243,35 +256,48 @@ class FinetuneRun:
     def _train_epoch(self) -> str | None:
         """The rest of the current epoch: None when it finished, else "preempted" or "max_steps"."""
         sampler = self.train_loader.sampler
+        accum = self.config.accum_iter
         sampler.set_epoch(self.epoch, skip=self.skip * self.config.batch_size)
         for batch_index, (images, targets) in enumerate(self.train_loader, start=self.skip):
-            self._train_step(images, targets)
+            if batch_index == self.batches_per_epoch:
+                break
+            self._train_step(images, targets, last=(batch_index + 1) % accum == 0)
             self.skip = batch_index + 1
+            if self.skip % accum:  # stops and checkpoints fall between optimizer steps only
+                continue
             if any_rank_stopping(self.stop, self.device):
                 return "preempted"
             if self.config.max_steps and self.step >= self.config.max_steps:
-                return "max_steps" if self.skip < self.steps_per_epoch else None
-        self.skip = self.steps_per_epoch
+                return "max_steps" if self.skip < self.batches_per_epoch else None
+        self.skip = self.batches_per_epoch
         return None
 
-    def _train_step(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+    def _train_step(self, images: torch.Tensor, targets: torch.Tensor, last: bool) -> None:
+        """One batch's gradient, 1/accum of the step's; ``last``: the step's final batch, which
+        applies the update (DDP all-reduces only then)."""
         cfg = self.config
-        lr = lr_at(self.step, self.steps_per_epoch, self.base_lr, cfg.warmup_epochs, cfg.epochs, cfg.min_lr)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
         images, targets = images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
-        with self.autocast():
-            loss = self.criterion(self.net(images), targets)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FinetuneError(f"loss is {value} at step {self.step}; the last good checkpoint is "
-                                f"{self.out / 'last.pt'}; lower --blr")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        sync = contextlib.nullcontext() if last or not self.info.enabled else self.net.no_sync()
+        with sync:
+            with self.autocast():
+                loss = self.criterion(self.net(images), targets)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FinetuneError(f"loss is {value} at step {self.step}; the last good checkpoint is "
+                                    f"{self.out / 'last.pt'}; lower --blr")
+            (loss / cfg.accum_iter).backward()
+        self.losses.append(value)
+        if not last:
+            return
+        lr = lr_at(self.step, self.steps_per_epoch, self.base_lr, cfg.warmup_epochs, cfg.epochs, cfg.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        value, self.losses = sum(self.losses) / len(self.losses), []
         if self.log and (self.step % cfg.log_every == 0 or self.step == 1):
             self.log.write(json.dumps({"step": self.step, "epoch": self.epoch, "loss": value, "lr": lr}) + "\n")
 

@@ -35,6 +35,8 @@ class FinetuneConfig:
     out: str = "runs/finetune"
     img_size: int = 224
     batch_size: int = 64  # per process
+    accum_iter: int = 1  # batches per optimizer step (gradient accumulation)
+    global_pool: str = "avg"  # avg: mean patch token -> fc_norm; cls: normed cls token
     epochs: int = 100
     max_steps: int | None = None
     blr: float = 5e-4
@@ -62,7 +64,7 @@ class FinetuneConfig:
         return dataclasses.asdict(self)
 
 
-_CHOICES = {"precision": ("auto", "fp32", "bf16")}
+_CHOICES = {"precision": ("auto", "fp32", "bf16"), "global_pool": ("avg", "cls")}
 _HELP = {
     "pretrained": "our pretrain checkpoint or run folder, an exported folder, or an original LoMaR / MAE "
                   "checkpoint (required unless resuming)",
@@ -71,7 +73,11 @@ _HELP = {
     "val": "ImageFolder root of the validation split (instead of --data)",
     "out": "output folder (last.pt, best.pt, metrics.jsonl)",
     "img_size": "may differ from the pretraining size", "batch_size": "images per process per step (even: mixup pairs)",
-    "max_steps": "stop after N optimizer steps (smoke runs)", "blr": "base lr: lr = blr * total batch / 256",
+    "max_steps": "stop after N optimizer steps (smoke runs)",
+    "blr": "base lr: lr = blr * effective batch / 256 (batch size x accum iter x processes)",
+    "accum_iter": "batches per optimizer step: the effective batch is batch size x accum iter x processes",
+    "global_pool": "classifier input: avg = mean of the patch tokens -> fc_norm (the recipe); cls = the "
+                   "cls token after the final norm",
     "layer_decay": "lr scale per layer below the top, in (0, 1]", "drop_path": "stochastic depth rate, in [0, 1)",
     "grad_checkpointing": "recompute each block in the backward pass: less memory at high resolution",
     "mixup": "mixup alpha (0 = off)", "cutmix": "cutmix alpha (0 = off)", "smoothing": "label smoothing, in [0, 1)",
@@ -164,7 +170,7 @@ def validate(config: FinetuneConfig, check_out: bool = True) -> None:
                  "smoothing", "reprob"):
         if not math.isfinite(getattr(config, name)):
             raise bad(name, "a finite number")
-    for name in ("batch_size", "epochs", "img_size", "log_every", "max_steps", "threads", "blr"):
+    for name in ("batch_size", "accum_iter", "epochs", "img_size", "log_every", "max_steps", "threads", "blr"):
         if getattr(config, name) is not None and getattr(config, name) <= 0:
             raise bad(name, "positive")
     for name in ("workers", "min_lr", "weight_decay", "mixup", "cutmix", "seed"):
@@ -184,8 +190,10 @@ def validate(config: FinetuneConfig, check_out: bool = True) -> None:
                           f"lower --warmup-epochs or raise --epochs")
     if (config.mixup > 0 or config.cutmix > 0) and config.batch_size % 2:
         raise ConfigError(f"mixup/cutmix pair images: --batch-size must be even, got {config.batch_size}")
-    if config.precision not in _CHOICES["precision"]:
-        raise ConfigError(f"--precision must be one of {', '.join(_CHOICES['precision'])}, got {config.precision!r}")
+    for name, choices in _CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                              f"got {getattr(config, name)!r}")
     if not _DEVICE.match(config.device):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
     if not check_out:

@@ -16,7 +16,7 @@ from lomar.data.transforms import denormalize
 from lomar.models.masking import MaskingPlan, window_token_index
 from lomar.models.objective import patchify, unpatchify
 
-__all__ = ["reconstruct", "reconstruction_figure", "draw_reconstruction", "save_figure"]
+__all__ = ["reconstruct", "reconstruction_figure", "reconstruction_snapshot", "draw_reconstruction", "save_figure"]
 
 _DIM = 0.35  # brightness of the parts of the image no window covers
 
@@ -104,6 +104,22 @@ def reconstruction_figure(model, images: torch.Tensor, path: str | Path, seed: i
     return save_figure(draw_reconstruction(model, images, seed, title, plan), path, dpi=80)
 
 
+def reconstruction_snapshot(model, images: torch.Tensor, out: str | Path, step: int, seed: int = 0,
+                            title: str | None = None, draw=None) -> Path:
+    """A training run's figure at ``step``: ``OUT/reconstruction-{step:06d}.png`` and the same
+    picture as ``OUT/reconstruction.png`` (the latest), so the first and the last can be compared.
+    The same ``seed`` and images at every step show the same windows and masks. ``draw``: the
+    method's figure writer, ``draw(model, images, path, seed=, title=)`` (default
+    :func:`reconstruction_figure`). Returns the numbered path. images: (N, 3, H, W) normalised."""
+    from lomar.checkpoints.io import atomic_write_bytes
+
+    out = Path(out)
+    numbered = Path((draw or reconstruction_figure)(model, images, out / f"reconstruction-{step:06d}.png",
+                                                    seed=seed, title=title))
+    atomic_write_bytes(out / "reconstruction.png", numbered.read_bytes())
+    return numbered
+
+
 def draw_reconstruction(model, images: torch.Tensor, seed: int = 0, title: str | None = None,
                         plan: MaskingPlan | None = None) -> Figure:
     """The figure :func:`reconstruction_figure` writes; images: (N, 3, H, W) normalised."""
@@ -136,12 +152,17 @@ def draw_reconstruction(model, images: torch.Tensor, seed: int = 0, title: str |
 def save_figure(fig: Figure, path: str | Path, dpi: int) -> Path:
     """Lay out (unless the figure has its own layout engine) and write atomically: a reader never
     sees half a PNG."""
-    import io
-
     from lomar.checkpoints.io import atomic_write_bytes
+
+    return atomic_write_bytes(path, _render(fig, dpi))
+
+
+def _render(fig: Figure, dpi: int) -> bytes:
+    """The figure as PNG bytes, laid out first unless it has its own layout engine."""
+    import io
 
     if fig.get_layout_engine() is None:
         fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=dpi, format="png")
-    return atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()

@@ -1,0 +1,112 @@
+"""Finetuning options of the original recipe: evaluation crop ratio by size, gradient
+accumulation (--accum-iter), and the classifier's input (--global-pool cls|avg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.transforms import CenterCrop, Resize
+
+from helpers import pretrain, write_images
+from lomar.checkpoints.io import safe_load
+from lomar.cli.app import main
+from lomar.eval.features import load_pretrained_encoder
+from lomar.models.vit import VisionTransformer, ViTConfig
+from lomar.train.finetune import classification_transforms, eval_crop_ratio
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, image_dir) -> Path:
+    out = tmp_path_factory.mktemp("pre") / "run"
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "1") == 0
+    return out / "last.pt"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cls")
+    for split, count in (("train", 4), ("val", 2)):
+        for label in ("a", "b"):
+            write_images(root / split / label, count, size=(36, 36))
+    return root
+
+
+def _finetune(pretrained, folder, out, *extra) -> int:
+    # no mixup, erasing, auto-augment, smoothing or drop path: only crops and flips are random
+    return main(["finetune", "--pretrained", str(pretrained), "--data", str(folder), "--img-size", "32",
+                 "--workers", "0", "--threads", "1", "--device", "cpu", "--log-every", "1", "--out", str(out),
+                 "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--aa", "none", "--smoothing", "0",
+                 "--drop-path", "0", "--precision", "fp32", *extra])
+
+
+@pytest.mark.parametrize("size, ratio, resize", [(224, 0.875, 256), (160, 0.875, 182), (256, 1.0, 256),
+                                                 (384, 1.0, 384)])
+def test_eval_crop_ratio_is_one_above_224(size, ratio, resize):
+    assert eval_crop_ratio(size) == ratio
+    steps = classification_transforms(size, "none", 0.0)[1].transforms
+    assert next(t for t in steps if isinstance(t, Resize)).size == resize
+    assert next(t for t in steps if isinstance(t, CenterCrop)).size == (size, size)
+
+
+def test_accumulating_two_half_batches_equals_one_full_batch(tmp_path, pretrained, folder):
+    full, halves = tmp_path / "full", tmp_path / "halves"
+    assert _finetune(pretrained, folder, full, "--batch-size", "4", "--epochs", "2") == 0
+    assert _finetune(pretrained, folder, halves, "--batch-size", "2", "--accum-iter", "2", "--epochs", "2") == 0
+    a, b = safe_load(full / "last.pt"), safe_load(halves / "last.pt")
+    assert (a["step"], a["epoch"]) == (b["step"], b["epoch"]) == (4, 2)  # 8 images: 2 steps of 4 per epoch
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    # Adam's moments see the mean gradient of the 4 images, not a sum over the 2 batches
+    for index, state in a["optimizer"]["state"].items():
+        torch.testing.assert_close(b["optimizer"]["state"][index]["exp_avg"], state["exp_avg"],
+                                   rtol=1e-4, atol=1e-7)
+    # the lr follows the effective batch (2 x 2 = 4), not the per-step batch
+    lrs = [g["lr"] for g in safe_load(halves / "last.pt")["optimizer"]["param_groups"]]
+    assert lrs == [g["lr"] for g in a["optimizer"]["param_groups"]]
+
+
+def test_accumulation_that_cannot_fill_a_step_is_one_line(tmp_path, capsys, pretrained, folder):
+    assert _finetune(pretrained, folder, tmp_path / "run", "--batch-size", "4", "--accum-iter", "3") == 2
+    err = capsys.readouterr().err
+    assert "cannot fill one step of 3 batch(es) of 4" in err and err.count("\n") == 1
+
+
+def test_cls_pool_classifies_the_normed_cls_token():
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2),
+                              num_classes=3, global_pool="cls")
+    torch.nn.init.normal_(model.head.weight)
+    assert not hasattr(model, "fc_norm") and isinstance(model.norm, torch.nn.LayerNorm)
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(images), model.head(model.forward_features(images)[:, 0]))
+    with pytest.raises(ValueError, match="global_pool must be avg or cls, got 'max'"):
+        VisionTransformer(model.config, num_classes=3, global_pool="max")
+
+
+def test_cls_pool_keeps_the_pretrained_norm_and_finetunes(tmp_path, capsys, pretrained, folder):
+    encoder = safe_load(pretrained)["model"]
+    model = load_pretrained_encoder(pretrained, num_classes=2, global_pool="cls")
+    torch.testing.assert_close(model.norm.weight, encoder["encoder.norm.weight"])
+    assert "norm.weight" not in model.load_report.dropped
+    assert _finetune(pretrained, folder, tmp_path / "run", "--batch-size", "4", "--max-steps", "1",
+                     "--global-pool", "cls") == 0
+    ckpt = safe_load(tmp_path / "run" / "last.pt")
+    assert ckpt["global_pool"] == "cls" and "norm.weight" in ckpt["model"] and "fc_norm.weight" not in ckpt["model"]
+    assert _finetune(pretrained, folder, tmp_path / "bad", "--global-pool", "max") == 2
+    assert "invalid choice: 'max'" in capsys.readouterr().err
+
+
+def test_resume_with_accumulation_equals_an_uninterrupted_run(tmp_path, pretrained, folder):
+    # batch 2 x accum 2: 2 steps of 4 batches an epoch; the stop at step 3 is mid-epoch 1
+    common = ("--batch-size", "2", "--accum-iter", "2", "--epochs", "3", "--mixup", "0.8")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert _finetune(pretrained, folder, straight, *common, "--max-steps", "5") == 0
+    assert _finetune(pretrained, folder, resumed, *common, "--max-steps", "3") == 0
+    assert safe_load(resumed / "last.pt")["batches_done"] == 2  # two batches into epoch 1: one step
+    assert main(["finetune", "--out", str(resumed), "--resume", "auto", "--max-steps", "5"]) == 0
+    a, b = safe_load(straight / "last.pt"), safe_load(resumed / "last.pt")
+    assert (a["step"], a["epoch"]) == (b["step"], b["epoch"]) == (5, 2)
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)

@@ -1,0 +1,55 @@
+"""`--windows auto`: the paper's windows per image (4 at 224 px, 6 at 384, 9 at 448), one rule for
+`lomar pretrain` and `lomar bench`."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from lomar.cli.app import main
+from lomar.windows import paper_windows
+
+
+def _print_config(tmp_path, capsys, *args: str) -> tuple[dict, str]:
+    assert main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "run"), *args,
+                 "--print-config"]) == 0
+    text = capsys.readouterr().out
+    return yaml.safe_load(text), text
+
+
+@pytest.mark.parametrize("size, windows", [(224, 4), (384, 6), (448, 9)])
+def test_auto_is_the_default_and_hits_the_papers_three_points(tmp_path, capsys, size, windows):
+    config, text = _print_config(tmp_path, capsys, "--img-size", str(size))
+    assert config["windows"] == windows
+    assert f"# --windows auto = {windows} at --img-size {size}" in text
+
+
+def test_other_sizes_scale_with_the_grid_area_and_stay_monotone():
+    counts = [paper_windows(s) for s in range(96, 900, 16)]
+    assert counts == sorted(counts)
+    assert paper_windows(320) == 5  # between 224 (4) and 384 (6), linear in area: 4 + 2 * 204/380
+    assert paper_windows(896) == 36  # 4x the 448 area: 4x its 9 windows
+    assert paper_windows(112) == 1  # a quarter of 224's area: 1 of its 4
+    assert paper_windows(96, patch_size=8) == 3  # the grid, not the pixels, counts: 12x12 of 14x14
+    assert paper_windows((224, 448)) == 5  # 14x28 = 392 patches: 4 + 2 * 196/380 = 5.03 -> 5
+
+
+def test_auto_never_asks_for_more_windows_than_the_grid_has():
+    # a 10x10 grid has 16 positions for a 7x7 window; the area rule alone would also give 2 here
+    assert paper_windows(160, 16, window_size=7) == 2
+    assert paper_windows(160, 16, window_size=10) == 1
+
+
+def test_explicit_count_wins_and_auto_on_resume_keeps_the_saved_count(tmp_path, capsys):
+    config, _ = _print_config(tmp_path, capsys, "--img-size", "384", "--windows", "2")
+    assert config["windows"] == 2
+    config, _ = _print_config(tmp_path, capsys, "--img-size", "384", "--windows", "auto")
+    assert config["windows"] == 6
+
+
+@pytest.mark.parametrize("value, message", [("abc", "--windows must be a whole number"),
+                                            ("0", "--windows must be positive or 'auto'")])
+def test_bad_windows_are_one_line_errors(tmp_path, capsys, value, message):
+    assert main(["pretrain", "--windows", value, "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and value in err and err.count("\n") == 1

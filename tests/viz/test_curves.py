@@ -1,0 +1,60 @@
+"""The run's loss curve (loss.png from metrics.jsonl) and the numbered reconstruction snapshots."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from PIL import Image
+
+from lomar import LoMaR, ViTConfig
+from lomar.viz.curves import draw_loss_curve, loss_curve, loss_summary, read_losses
+from lomar.viz.reconstruction import reconstruction_snapshot
+
+
+def _metrics(path, records, tail=""):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
+    return path
+
+
+def test_read_losses_keeps_training_records_only(tmp_path):
+    metrics = _metrics(tmp_path / "metrics.jsonl", [
+        {"step": 1, "epoch": 0, "loss": 1.5, "lr": 1e-3},
+        {"step": 1, "epoch": 0, "knn_top1": 0.5},  # not a loss
+        {"step": 2, "epoch": 0, "loss": float("nan")},  # never plotted
+        {"step": 3, "epoch": 0, "loss": 0.75},
+    ], tail='{"step": 4, "lo')  # a torn last line
+    assert read_losses(metrics) == ([1, 3], [1.5, 0.75])
+    assert loss_summary(metrics) == "loss 1.5000 at step 1 -> 0.7500 at step 3"
+    assert loss_summary(tmp_path / "missing.jsonl") is None
+
+
+def test_loss_curve_png_and_its_smoothed_line(tmp_path):
+    records = [{"step": s, "loss": 2.0 / s} for s in range(1, 101)]
+    path = loss_curve(_metrics(tmp_path / "metrics.jsonl", records), tmp_path / "loss.png")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.width > 300
+    assert not list(tmp_path.glob("*.tmp*"))  # written through a temporary file
+    fig = draw_loss_curve(*read_losses(tmp_path / "metrics.jsonl"))
+    lines = fig.axes[0].get_lines()
+    assert len(lines) == 2  # raw and running mean (over 100 // 20 = 5 steps)
+    smooth = lines[1].get_ydata()
+    assert smooth[4] == sum(2.0 / s for s in range(1, 6)) / 5
+
+
+def test_no_loss_yet_writes_no_curve(tmp_path):
+    assert loss_curve(_metrics(tmp_path / "metrics.jsonl", []), tmp_path / "loss.png") is None
+    assert not (tmp_path / "loss.png").exists()
+
+
+def test_snapshot_writes_the_numbered_figure_and_the_latest(tmp_path):
+    torch.manual_seed(0)
+    model = LoMaR(ViTConfig(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2), 3, 1)
+    images = torch.randn(2, 3, 32, 32)
+    first = reconstruction_snapshot(model, images, tmp_path, step=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)  # a different model draws a different picture
+    last = reconstruction_snapshot(model, images, tmp_path, step=12)
+    assert (first.name, last.name) == ("reconstruction-000000.png", "reconstruction-000012.png")
+    assert (tmp_path / "reconstruction.png").read_bytes() == last.read_bytes() != first.read_bytes()
