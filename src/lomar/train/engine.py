@@ -4,6 +4,8 @@ A run is fully described by its config; the data order is a permutation seeded b
 (seed, epoch) and every sample's crop and masking by (seed, epoch, index), so a run
 resumed from a checkpoint (model, optimizer, scaler, step, epoch, batches consumed)
 continues exactly as if it had never stopped, whatever the number of workers.
+With ``--fsdp`` the model is sharded (``lomar.train.fsdp``) instead of wrapped in DDP, and
+checkpoints are sharded folders; rank 0 consolidates the last one to ``last.pt`` at the end.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from lomar.errors import UsageError
 from lomar.models.masking import MaskingPlan, grid_size, sample_plan
 from lomar.train.config import PretrainConfig, build_model, dump_config
 from lomar.train.distributed import DistInfo, cleanup_distributed, init_distributed
+from lomar.train.fsdp import consolidate_into, load_sharded, save_run_checkpoint, shard_model
 from lomar.train.monitor import Monitor
 from lomar.train.preemption import StopFlag, any_rank_stopping, ignore_stop_signals, shut_down_workers
 from lomar.train.run_state import (
@@ -84,6 +87,8 @@ class Trainer:
         self.patch = self.model.config.patch_size
         self.precision = resolve_precision(config.precision, device)
         self.autocast = autocast_factory(self.precision, device)
+        if config.fsdp:  # before the optimizer: it must hold the sharded parameters
+            shard_model(self.model, "bf16" if self.precision == "bf16" else "fp32")
         self.dataset = build_pretrain_dataset(config.data, config.img_size, config.seed,
                                               masker=make_masker(config, self.patch),
                                               rank=info.rank, world_size=info.world_size)
@@ -107,7 +112,7 @@ class Trainer:
         self.net = self.model
         if config.compile:
             self.net = torch.compile(self.net)
-        if info.enabled:
+        if info.enabled and not config.fsdp:
             self.net = DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None)
         self.step, self.epoch, self.batches_done = 0, 0, 0
         self.tracker = BadDataTracker(total=per_rank)
@@ -124,15 +129,21 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------
     def state(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **self.meta()}
+
+    def meta(self) -> dict:
+        """Everything of the state but model and optimizer (a sharded checkpoint's meta.pt)."""
+        return {"scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
                 "batches_done": self.batches_done, "config": self.config.to_dict(), "rng": rng_state(),
                 "format": "lomar-pretrain-1"}
 
     def load(self, path: Path) -> None:
-        ckpt = safe_load(path, map_location=self.device)
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if path.is_dir():  # a sharded checkpoint: every rank loads its shards
+            ckpt = load_sharded(self.model, self.optimizer, path)
+        else:
+            ckpt = safe_load(path, map_location=self.device)
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.epoch, self.batches_done = ckpt["step"], ckpt["epoch"], ckpt["batches_done"]
         set_rng_state(ckpt["rng"])
@@ -140,6 +151,10 @@ class Trainer:
             self.epoch, self.batches_done = self.epoch + 1, 0
 
     def save(self, figure: bool = True) -> Path | None:
+        if self.config.fsdp:  # collective; the figure needs the whole model: drawn at the end only
+            path = save_run_checkpoint(self.model, self.optimizer, self.meta(), self.out, self.step,
+                                       self.config.keep_last)
+            return path if self.info.is_main else None
         if not self.info.is_main:
             return None
         path = save_checkpoint(self.state(), self.out, self.step, self.config.keep_last)
@@ -147,13 +162,13 @@ class Trainer:
             self.figure()
         return path
 
-    def figure(self) -> None:
+    def figure(self, model=None) -> None:
         from lomar.viz.reconstruction import reconstruction_figure
 
         try:
             images = self.fixed_images()
-            reconstruction_figure(self.model, images, self.out / "reconstruction.png", seed=self.config.seed,
-                                  title=f"{self.config.method} step {self.step}")
+            reconstruction_figure(model or self.model, images, self.out / "reconstruction.png",
+                                  seed=self.config.seed, title=f"{self.config.method} step {self.step}")
         except Exception as exc:  # a figure must never kill a run
             print(f"lomar: could not draw the reconstruction figure: {exc}", file=sys.stderr)
 
@@ -242,7 +257,9 @@ class Trainer:
 
     def _backward(self, batch: dict, n: int, sync: bool) -> None:
         """Accumulate the gradient of one micro-batch (all-reduced under DDP only when ``sync``)."""
-        with contextlib.nullcontext() if sync else self.net.no_sync():
+        if self.config.fsdp:
+            self.model.set_requires_gradient_sync(sync)
+        with contextlib.nullcontext() if sync or self.config.fsdp else self.net.no_sync():
             loss = self.forward(batch)
             weight = 0.0 if "zero_weight" in batch else 1.0 / self.config.accum_steps
             self.scaler.scale(loss * weight).backward()
@@ -307,12 +324,16 @@ class Trainer:
         if not preempted:
             self._knn(log)  # the final score, whatever --knn-every
         log.close()
+        model = self.model
+        if self.config.fsdp and self.info.is_main:  # last.pt, the figure and the encoder from the whole model
+            model = consolidate_into(path, self.out / "last.pt", build_model(self.config)).to(self.device)
+            self.figure(model)
         if self.info.is_main:
             if preempted:
                 print(f"lomar: stopped by {self.stop.name} at step {self.step}; checkpoint {path}. Resume with: "
                       f"lomar pretrain --out {self.out} --resume auto", flush=True)
             else:
-                export_encoder(self.model.encoder, self.out, weights_name="encoder.safetensors",
+                export_encoder(model.encoder, self.out, weights_name="encoder.safetensors",
                                metadata={"method": self.config.method, "step": self.step})
                 print(f"lomar: done at step {self.step}; checkpoint {path}, encoder "
                       f"{self.out / 'encoder.safetensors'}, figure {self.out / 'reconstruction.png'}")
@@ -354,6 +375,9 @@ def _prepare_folder(config: PretrainConfig, out: Path, resume: Path | None, step
                 (out / stale).unlink(missing_ok=True)
             for stale in out.glob("checkpoint-*.pt"):
                 stale.unlink()
+            for stale in out.glob("checkpoint-*.dcp"):
+                shutil.rmtree(stale)
+            (out / "last.json").unlink(missing_ok=True)
             shutil.rmtree(out / "tb", ignore_errors=True)
     atomic_write_text(out / "config.yaml", dump_config(config))
 
