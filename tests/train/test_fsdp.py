@@ -203,10 +203,20 @@ def test_pretrain_fsdp_matches_one_process_resumes_exactly_and_exports(tmp_path,
     assert "consolidated model of an --fsdp run" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
+def test_pretrain_fsdp_with_compile_gives_the_same_losses(tmp_path, image_dir):
+    from helpers import losses, pretrain
+
+    common = ["--data", str(image_dir), "--max-steps", "2"]
+    _torchrun(*common, "--fsdp", "--compile", "--out", str(tmp_path / "compiled"))
+    assert pretrain(*common, "--batch-size", "8", "--out", str(tmp_path / "single")) == 0
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+
+
 @pytest.mark.parametrize("extra, env_world, message", [
     ([], "1", "--fsdp shards the model across processes"),
     (["--precision", "fp16"], "2", "--precision fp16 is not supported with --fsdp"),
-    (["--compile"], "2", "--compile is not supported with --fsdp"),
+    (["--knn-every", "1"], "2", "--knn-every is not supported with --fsdp"),
 ])
 def test_pretrain_fsdp_refuses_what_it_cannot_do(tmp_path, monkeypatch, capsys, extra, env_world, message):
     from helpers import pretrain
@@ -225,3 +235,37 @@ def test_consolidate_command_names_a_folder_that_is_not_sharded(tmp_path, capsys
     err = capsys.readouterr().err
     assert "is not a sharded checkpoint" in err and "checkpoint-NNNNNN.dcp" in err and err.count("\n") == 1
     assert not (tmp_path / "out.pt").exists()
+
+
+def _fake_sharded(path, step: int, readable: bool = True):
+    """A folder shaped like save_sharded's output (DCP metadata + meta.pt), without tensors."""
+    from lomar.checkpoints.io import atomic_save
+
+    path.mkdir(parents=True)
+    (path / ".metadata").write_bytes(b"dcp")
+    if readable:
+        atomic_save({"step": step, "config": {"fsdp": True}}, path / "meta.pt")
+    else:
+        (path / "meta.pt").write_bytes(b"cut short")
+    return path
+
+
+def test_resume_auto_follows_last_json_and_falls_back_to_the_newest_intact_folder(tmp_path):
+    from lomar.train.run_state import checkpoints_to_prune, find_resume_checkpoint, remove_stale_temporaries
+
+    out = tmp_path / "run"
+    for step in (2, 4):
+        _fake_sharded(out / f"checkpoint-{step:06d}.dcp", step)
+    _fake_sharded(out / "checkpoint-000006.dcp", 6, readable=False)
+    (out / "last.json").write_text('{"checkpoint": "checkpoint-000004.dcp", "step": 4}\n')
+    (out / "last.pt").write_bytes(b"a consolidated model, never resumed from")
+    assert find_resume_checkpoint(out) == (out / "checkpoint-000004.dcp", [])
+    (out / "last.json").write_text('{"checkpoint": "checkpoint-000009.dcp", "step": 9}\n')  # gone
+    path, notes = find_resume_checkpoint(out)
+    assert path == out / "checkpoint-000004.dcp"
+    assert "names no intact checkpoint" in notes[0] and "checkpoint-000006.dcp cannot be read" in notes[1]
+    pruned = checkpoints_to_prune(sorted(out.glob("checkpoint-*")), keep=1)
+    assert [p.name for p in pruned] == ["checkpoint-000002.dcp", "checkpoint-000004.dcp"]
+    _fake_sharded(out / "checkpoint-000008.dcp.tmp", 8)
+    assert [p.name for p in remove_stale_temporaries(out)] == ["checkpoint-000008.dcp.tmp"]
+    assert (out / "checkpoint-000004.dcp").is_dir() and not (out / "checkpoint-000008.dcp.tmp").exists()

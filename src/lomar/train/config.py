@@ -252,6 +252,7 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
     for name, choices in _CHOICES.items():
         if getattr(config, name) not in choices:
             raise ConfigError(f"--{name} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
+    _validate_fsdp(config)
     if config.method == "mae" and config.pos != "abs":
         raise ConfigError(f"--method mae needs --pos abs (got {config.pos})")
 
@@ -285,7 +286,6 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
                                  and (Path(config.knn_data) / "val").is_dir()):
         raise ConfigError(f"--knn-every needs --knn-data ROOT holding train/ and val/ class folders, "
                           f"got {config.knn_data!r}")
-    _validate_fsdp(config)
     # --resume PATH was checked when its saved config was read (_saved_config)
 
 
@@ -298,10 +298,8 @@ def _validate_fsdp(config: PretrainConfig) -> None:
         raise ConfigError("--fsdp shards the model across processes but this is a single process; launch with "
                           "torchrun --nproc-per-node N (N >= 2), or drop --fsdp")
     if config.precision == "fp16":
-        raise ConfigError("--precision fp16 is not supported with --fsdp (no sharded loss scaler); "
-                          "use --precision bf16 or fp32")
-    if config.compile:
-        raise ConfigError("--compile is not supported with --fsdp; drop one of them")
+        raise ConfigError("--precision fp16 is not supported with --fsdp (its loss scaling is not wired for "
+                          "sharded gradients); use --precision bf16 or fp32")
     if config.knn_every:
         raise ConfigError("--knn-every is not supported with --fsdp (the encoder is sharded); set --knn-every 0 "
                           "and run `lomar knn` on RUN/last.pt")

@@ -32,6 +32,7 @@ __all__ = ["RunLock", "SaveError", "save_state", "rng_state", "set_rng_state", "
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.pt$")
 _SHARDED = re.compile(r"^checkpoint-(\d+)\.dcp$")
+_SHARDED_TMP = re.compile(r"^checkpoint-\d+\.dcp\.tmp$")  # a sharded save cut before its rename
 LAST_POINTER = "last.json"  # a sharded run's pointer to its newest checkpoint folder
 _TMP = re.compile(r"^\..+\.tmp(-(\d+))?$")
 
@@ -233,12 +234,16 @@ def check_out_folder(out: Path, flag: str = "--out") -> None:
 
 
 def remove_stale_temporaries(out: Path) -> list[Path]:
-    """Remove the temporary files (``.NAME.tmp``, ``.NAME.tmp-<pid>``) that writers killed
-    mid-write left behind. Call with the run's lock held: no live writer can own them."""
+    """Remove the temporary files (``.NAME.tmp``, ``.NAME.tmp-<pid>``) and sharded-checkpoint folders
+    (``checkpoint-<step>.dcp.tmp``) that writers killed mid-write left behind. Call with the run's
+    lock held: no live writer can own them."""
     removed = []
     for path in out.iterdir() if out.is_dir() else ():
         if _TMP.match(path.name) and path.is_file():
             path.unlink(missing_ok=True)
+            removed.append(path)
+        elif _SHARDED_TMP.match(path.name) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
 
