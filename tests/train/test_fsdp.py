@@ -131,3 +131,141 @@ def test_fsdp_bf16_policy_keeps_fp32_weights_and_trains(tmp_path):
         _step(reference, optimizer, images, plan)
     weight = "encoder.blocks.0.mlp.fc1.weight"
     assert torch.allclose(result["straight"][weight], reference.state_dict()[weight], atol=2e-2)
+
+
+# ---- `lomar pretrain --fsdp` ----------------------------------------------------------------
+def _torchrun(*args: str, resume: bool = False) -> str:
+    """``torchrun --nproc-per-node 2 -m lomar pretrain``: the tiny settings, or (``resume``) only ``args``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import TINY
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    with socket.socket() as sock:  # torchrun's --master-port 0 is not shared by the ranks: a free one
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "--master-port", str(port),
+           "-m", "lomar", "pretrain", *([] if resume else TINY), *args]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_pretrain_fsdp_matches_one_process_resumes_exactly_and_exports(tmp_path, image_dir, capsys):
+    from helpers import losses
+    from lomar.cli.app import main
+    from lomar.train.fsdp import _main as fsdp_cli
+
+    # 16 images, 2 ranks x batch 2 x accum 2: 2 optimizer steps per epoch; stops mid-epoch 1.
+    common = ["--data", str(image_dir), "--batch-size", "2", "--accum-steps", "2", "--clip-grad", "1.0",
+              "--save-every", "1", "--keep-last", "1", "--fsdp"]
+    straight, resumed, single = tmp_path / "straight", tmp_path / "resumed", tmp_path / "single"
+    log = _torchrun(*common, "--out", str(straight), "--max-steps", "3")
+    assert "done at step 3" in log
+    _torchrun(*common, "--out", str(resumed), "--max-steps", "1")
+    log = _torchrun("--resume", str(resumed / "checkpoint-000001.dcp"), "--max-steps", "2", resume=True)
+    assert "resumed from" in log and "checkpoint-000001.dcp at step 1" in log
+    _torchrun("--out", str(resumed), "--resume", "auto", "--max-steps", "3", resume=True)
+
+    assert losses(straight) == losses(resumed) and len(losses(resumed)) == 3
+    a, b = safe_load(straight / "last.pt"), safe_load(resumed / "last.pt")
+    assert a["step"] == b["step"] == 3 and "optimizer" not in a
+    for key, value in a["model"].items():
+        assert torch.equal(b["model"][key], value), key
+    for run in (straight, resumed):  # --keep-last 1 pruned the folders; last.json names the newest
+        assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-000003.dcp"]
+        assert '"checkpoint-000003.dcp"' in (run / "last.json").read_text()
+
+    # The same global batch in one unsharded process.
+    args = [c for c in common if c != "--fsdp"]
+    args[args.index("--batch-size") + 1] = "4"
+    from helpers import pretrain
+
+    assert pretrain(*args, "--out", str(single), "--max-steps", "3") == 0
+    want = safe_load(single / "last.pt")["model"]
+    _assert_close({k: v for k, v in a["model"].items()}, want, atol=2e-6)
+
+    # last.pt, the .dcp folder itself, and the consolidation command all export the same encoder.
+    assert main(["export", str(straight / "last.pt"), "--to", str(tmp_path / "e1")]) == 0
+    assert main(["export", str(straight / "checkpoint-000003.dcp"), "--to", str(tmp_path / "e2")]) == 0
+    assert fsdp_cli(["consolidate", str(straight / "checkpoint-000003.dcp"), str(tmp_path / "c.pt")]) == 0
+    assert main(["export", str(tmp_path / "c.pt"), "--to", str(tmp_path / "e3")]) == 0
+    weights = [(tmp_path / e / "model.safetensors").read_bytes() for e in ("e1", "e2", "e3")]
+    assert weights[0] == weights[1] == weights[2]
+
+    # The consolidated file holds no optimizer: resuming from it names what to pass instead.
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(straight / "last.pt"), "--max-steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "consolidated model of an --fsdp run" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_pretrain_fsdp_with_compile_gives_the_same_losses(tmp_path, image_dir):
+    from helpers import losses, pretrain
+
+    common = ["--data", str(image_dir), "--max-steps", "2"]
+    _torchrun(*common, "--fsdp", "--compile", "--out", str(tmp_path / "compiled"))
+    assert pretrain(*common, "--batch-size", "8", "--out", str(tmp_path / "single")) == 0
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+
+
+@pytest.mark.parametrize("extra, env_world, message", [
+    ([], "1", "--fsdp shards the model across processes"),
+    (["--precision", "fp16"], "2", "--precision fp16 is not supported with --fsdp"),
+    (["--knn-every", "1"], "2", "--knn-every is not supported with --fsdp"),
+])
+def test_pretrain_fsdp_refuses_what_it_cannot_do(tmp_path, monkeypatch, capsys, extra, env_world, message):
+    from helpers import pretrain
+
+    monkeypatch.setenv("WORLD_SIZE", env_world)
+    assert pretrain("--fsdp", *extra, "--out", str(tmp_path / "run"), "--print-config") == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_consolidate_command_names_a_folder_that_is_not_sharded(tmp_path, capsys):
+    from lomar.train.fsdp import _main as fsdp_cli
+
+    assert fsdp_cli(["consolidate", str(tmp_path), str(tmp_path / "out.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a sharded checkpoint" in err and "checkpoint-NNNNNN.dcp" in err and err.count("\n") == 1
+    assert not (tmp_path / "out.pt").exists()
+
+
+def _fake_sharded(path, step: int, readable: bool = True):
+    """A folder shaped like save_sharded's output (DCP metadata + meta.pt), without tensors."""
+    from lomar.checkpoints.io import atomic_save
+
+    path.mkdir(parents=True)
+    (path / ".metadata").write_bytes(b"dcp")
+    if readable:
+        atomic_save({"step": step, "config": {"fsdp": True}}, path / "meta.pt")
+    else:
+        (path / "meta.pt").write_bytes(b"cut short")
+    return path
+
+
+def test_resume_auto_follows_last_json_and_falls_back_to_the_newest_intact_folder(tmp_path):
+    from lomar.train.run_state import checkpoints_to_prune, find_resume_checkpoint, remove_stale_temporaries
+
+    out = tmp_path / "run"
+    for step in (2, 4):
+        _fake_sharded(out / f"checkpoint-{step:06d}.dcp", step)
+    _fake_sharded(out / "checkpoint-000006.dcp", 6, readable=False)
+    (out / "last.json").write_text('{"checkpoint": "checkpoint-000004.dcp", "step": 4}\n')
+    (out / "last.pt").write_bytes(b"a consolidated model, never resumed from")
+    assert find_resume_checkpoint(out) == (out / "checkpoint-000004.dcp", [])
+    (out / "last.json").write_text('{"checkpoint": "checkpoint-000009.dcp", "step": 9}\n')  # gone
+    path, notes = find_resume_checkpoint(out)
+    assert path == out / "checkpoint-000004.dcp"
+    assert "names no intact checkpoint" in notes[0] and "checkpoint-000006.dcp cannot be read" in notes[1]
+    pruned = checkpoints_to_prune(sorted(out.glob("checkpoint-*")), keep=1)
+    assert [p.name for p in pruned] == ["checkpoint-000002.dcp", "checkpoint-000004.dcp"]
+    _fake_sharded(out / "checkpoint-000008.dcp.tmp", 8)
+    assert [p.name for p in remove_stale_temporaries(out)] == ["checkpoint-000008.dcp.tmp"]
+    assert (out / "checkpoint-000004.dcp").is_dir() and not (out / "checkpoint-000008.dcp.tmp").exists()

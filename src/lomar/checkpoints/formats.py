@@ -320,18 +320,31 @@ register(OriginalReader("original-classifier", "classifier"), 80)
 register(OriginalReader("original-lomar", "lomar"), 90)
 
 
+def _read_sharded(path: Path) -> dict:
+    """A sharded checkpoint folder, consolidated in memory (through a scratch file) to the single-file form."""
+    import tempfile
+
+    from lomar.train.fsdp import consolidate
+
+    with tempfile.TemporaryDirectory() as scratch:
+        return safe_load(consolidate(path, Path(scratch) / "consolidated.pt"))
+
+
 def read(path: str | Path) -> tuple[Reader, Source]:
     """Load ``path`` once and find its reader. Raises FileNotFoundError or ValueError naming the problem."""
     from lomar.checkpoints.export import CONFIG_NAME
 
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and (path / ".metadata").is_file():  # a sharded `lomar pretrain --fsdp` checkpoint
+        data = _read_sharded(path)
+    elif path.is_dir():
         if not (path / CONFIG_NAME).is_file():
             raise ValueError(f"{path} is a folder without {CONFIG_NAME}; pass a checkpoint file or a folder "
                              f"written by `lomar export` / `lomar pretrain`")
         reader = next(r for r in readers() if isinstance(r, ExportReader))
         return reader, Source(path, reader.name, {}, {})
-    data = safe_load(path)
+    else:
+        data = safe_load(path)
     state = data.get("model", data)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {path} holds no state dict (a dict of tensors) under 'model'")

@@ -73,6 +73,7 @@ class PretrainConfig:
     clip_grad: float | None = None
     precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto = bf16 on capable CUDA, else fp32
     compile: bool = False
+    fsdp: bool = False  # shard parameters, gradients and optimizer state across torchrun processes (FSDP2)
     # running
     workers: int | None = None  # None = min(8, cores - 1)
     threads: int | None = None  # torch CPU threads per process; None = the cores / processes on this machine
@@ -123,6 +124,8 @@ _HELP = {
     "threads": "CPU threads per process (1 is fastest for tiny models on a busy machine); "
                "None = the cores shared among this machine's processes", "keep_last": "checkpoints to keep",
     "workers": "data-loading processes; None = min(8, cores - 1)",
+    "fsdp": "shard the model, gradients and optimizer state across the torchrun processes (FSDP2, one unit "
+            "per block); sharded checkpoints checkpoint-N.dcp/, consolidated to last.pt at the end",
 }
 
 
@@ -203,11 +206,13 @@ def _saved_config(explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None
         out = Path(explicit["out"])
         found, _ = find_resume_checkpoint(out) if out.is_dir() else (None, [])
         if found is not None:
-            return _checkpoint_config(found)
+            return _sharded_config(found) if found.is_dir() else _checkpoint_config(found)
         if (out / "config.yaml").is_file():
             return read_yaml(PretrainConfig, out / "config.yaml", strict=False), str(out / "config.yaml")
         return None
     path = Path(resume)
+    if path.is_dir() and (path / ".metadata").is_file():
+        return _sharded_config(path)
     if path.is_dir():
         raise ConfigError(f"--resume {path} is a folder; pass {path / 'last.pt'}, or --out {path} --resume auto")
     if not path.is_file():
@@ -222,10 +227,28 @@ def _checkpoint_config(path: Path) -> tuple[dict[str, Any], str]:
         ckpt = safe_load(path, mmap=True)  # only the config is read here; the engine loads the rest
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--resume: {exc}") from None
+    if isinstance(ckpt.get("config"), dict) and ckpt["config"].get("fsdp") and "optimizer" not in ckpt:
+        raise ConfigError(f"--resume {path} is the consolidated model of an --fsdp run (no optimizer state); "
+                          f"pass its folder {path.parent / 'checkpoint-NNNNNN.dcp'}, or --out {path.parent} "
+                          f"--resume auto")
     if not isinstance(ckpt.get("config"), dict) or "optimizer" not in ckpt:
         raise ConfigError(f"--resume {path} is not a `lomar pretrain` training checkpoint (no saved config "
                           f"and optimizer state); start a new run with another --out")
     return coerce_all(PretrainConfig, ckpt["config"], str(path), strict=False), str(path)
+
+
+def _sharded_config(path: Path) -> tuple[dict[str, Any], str]:
+    """The saved settings of a sharded checkpoint folder (its meta.pt)."""
+    from lomar.checkpoints.io import safe_load
+
+    try:
+        meta = safe_load(path / "meta.pt")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume {path}: {exc}; pass an intact checkpoint-NNNNNN.dcp folder") from None
+    if not isinstance(meta.get("config"), dict):
+        raise ConfigError(f"--resume {path} is not a `lomar pretrain --fsdp` checkpoint (no saved config); "
+                          f"pass a checkpoint-NNNNNN.dcp folder of a run")
+    return coerce_all(PretrainConfig, meta["config"], str(path), strict=False), str(path)
 
 
 def _resume_values(saved: dict[str, Any], source: str, explicit: dict[str, Any]) -> dict[str, Any]:
@@ -275,6 +298,7 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
     for name, choices in _CHOICES.items():
         if getattr(config, name) not in choices:
             raise ConfigError(f"--{name} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
+    _validate_fsdp(config)
     if config.method == "mae" and config.pos != "abs":
         raise ConfigError(f"--method mae needs --pos abs (got {config.pos})")
     if config.tokenizer is not None and config.method != "beit":
@@ -307,6 +331,22 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
         raise ConfigError(f"--knn-every needs --knn-data ROOT holding train/ and val/ class folders, "
                           f"got {config.knn_data!r}")
     # --resume PATH was checked when its saved config was read (_saved_config)
+
+
+def _validate_fsdp(config: PretrainConfig) -> None:
+    """--fsdp shards across torchrun processes; refuse what the sharded path does not do."""
+    if not config.fsdp:
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        raise ConfigError("--fsdp shards the model across processes but this is a single process; launch with "
+                          "torchrun --nproc-per-node N (N >= 2), or drop --fsdp")
+    if config.precision == "fp16":
+        raise ConfigError("--precision fp16 is not supported with --fsdp (its loss scaling is not wired for "
+                          "sharded gradients); use --precision bf16 or fp32")
+    if config.knn_every:
+        raise ConfigError("--knn-every is not supported with --fsdp (the encoder is sharded); set --knn-every 0 "
+                          "and run `lomar knn` on RUN/last.pt")
 
 
 _POSITIVE = ("img_size", "batch_size", "accum_steps", "epochs", "save_every", "keep_last", "log_every",

@@ -4,6 +4,8 @@ A run is fully described by its config; the data order is a permutation seeded b
 (seed, epoch) and every sample's crop and masking by (seed, epoch, index), so a run
 resumed from a checkpoint (model, optimizer, scaler, step, epoch, batches consumed)
 continues exactly as if it had never stopped, whatever the number of workers.
+With ``--fsdp`` the model is sharded (``lomar.train.fsdp``) instead of wrapped in DDP, and
+checkpoints are sharded folders; rank 0 consolidates the last one to ``last.pt`` at the end.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from lomar.errors import UsageError
 from lomar.models.methods import method_runtime
 from lomar.train.config import PretrainConfig, build_model, dump_config
 from lomar.train.distributed import DistInfo, cleanup_distributed, init_distributed
+from lomar.train.fsdp import consolidate_into, load_sharded, save_run_checkpoint, shard_model
 from lomar.train.monitor import Monitor
 from lomar.train.preemption import StopFlag, any_rank_stopping, ignore_stop_signals, shut_down_workers
 from lomar.train.run_state import (
@@ -71,6 +74,8 @@ class Trainer:
         self.runtime = method_runtime(config, self.patch)
         self.precision = resolve_precision(config.precision, device)
         self.autocast = autocast_factory(self.precision, device)
+        if config.fsdp:  # before the optimizer: it must hold the sharded parameters
+            shard_model(self.model, "bf16" if self.precision == "bf16" else "fp32")
         self.dataset = build_pretrain_dataset(config.data, config.img_size, config.seed,
                                               masker=self.runtime.masker,
                                               rank=info.rank, world_size=info.world_size)
@@ -97,7 +102,7 @@ class Trainer:
         self.net = self.model
         if config.compile:
             self.net = torch.compile(self.net)
-        if info.enabled:
+        if info.enabled and not config.fsdp:
             self.net = DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None)
         self.step, self.epoch, self.batches_done = 0, 0, 0
         self.tracker = BadDataTracker(total=per_rank)
@@ -114,15 +119,21 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------
     def state(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **self.meta()}
+
+    def meta(self) -> dict:
+        """Everything of the state but model and optimizer (a sharded checkpoint's meta.pt)."""
+        return {"scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
                 "batches_done": self.batches_done, "config": self.config.to_dict(), "rng": rng_state(),
                 "format": "lomar-pretrain-1"}
 
     def load(self, path: Path) -> None:
-        ckpt = safe_load(path, map_location=self.device)
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if path.is_dir():  # a sharded checkpoint: every rank loads its shards
+            ckpt = load_sharded(self.model, self.optimizer, path)
+        else:
+            ckpt = safe_load(path, map_location=self.device)
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.epoch, self.batches_done = ckpt["step"], ckpt["epoch"], ckpt["batches_done"]
         set_rng_state(ckpt["rng"])
@@ -130,6 +141,10 @@ class Trainer:
             self.epoch, self.batches_done = self.epoch + 1, 0
 
     def save(self, figure: bool = True) -> Path | None:
+        if self.config.fsdp:  # collective; the figure needs the whole model: drawn at the end only
+            path = save_run_checkpoint(self.model, self.optimizer, self.meta(), self.out, self.step,
+                                       self.config.keep_last)
+            return path if self.info.is_main else None
         if not self.info.is_main:
             return None
         path = save_checkpoint(self.state(), self.out, self.step, self.config.keep_last)
@@ -137,14 +152,16 @@ class Trainer:
             self.figure()
         return path
 
-    def figure(self) -> None:
-        """reconstruction-STEP.png (+ reconstruction.png, the latest) and loss.png."""
+    def figure(self, model=None) -> None:
+        """reconstruction-STEP.png (+ reconstruction.png, the latest) and loss.png; ``model``: an
+        unsharded copy when the run is sharded (FSDP)."""
         from lomar.viz.curves import loss_curve
         from lomar.viz.reconstruction import reconstruction_snapshot
 
         try:
-            reconstruction_snapshot(self.model, self.fixed_images(), self.out, self.step, seed=self.config.seed,
-                                    title=f"{self.config.method} step {self.step}", draw=self.runtime.method.figure)
+            reconstruction_snapshot(model or self.model, self.fixed_images(), self.out, self.step,
+                                    seed=self.config.seed, title=f"{self.config.method} step {self.step}",
+                                    draw=self.runtime.method.figure)
             loss_curve(self.out / "metrics.jsonl", self.out / "loss.png", f"{self.config.method} training loss")
         except Exception as exc:  # a figure must never kill a run
             print(f"lomar: could not draw the reconstruction figure: {exc}", file=sys.stderr)
@@ -176,7 +193,7 @@ class Trainer:
             print(f"lomar: nothing to do, the run is at step {self.step} of {last_step}")
             return 0
         self.stop.install()
-        if self.step == 0 and self.info.is_main:
+        if self.step == 0 and self.info.is_main and not cfg.fsdp:  # sharded: the figure is drawn at the end
             self.figure()  # the untrained model: what the last figure is compared with
         while self.epoch < cfg.epochs:
             if self._train_epoch(log, last_step):
@@ -232,7 +249,9 @@ class Trainer:
 
     def _backward(self, batch: dict, n: int, sync: bool) -> None:
         """Accumulate the gradient of one micro-batch (all-reduced under DDP only when ``sync``)."""
-        with contextlib.nullcontext() if sync else self.net.no_sync():
+        if self.config.fsdp:
+            self.model.set_requires_gradient_sync(sync)
+        with contextlib.nullcontext() if sync or self.config.fsdp else self.net.no_sync():
             loss = self.forward(batch)
             weight = 0.0 if "zero_weight" in batch else 1.0 / self.config.accum_steps
             self.scaler.scale(loss * weight).backward()
@@ -297,6 +316,10 @@ class Trainer:
         if not preempted:
             self._knn(log)  # the final score, whatever --knn-every
         log.close()
+        model = self.model
+        if self.config.fsdp and self.info.is_main:  # last.pt, the figure and the encoder from the whole model
+            model = consolidate_into(path, self.out / "last.pt", build_model(self.config)).to(self.device)
+            self.figure(model)
         if self.info.is_main:
             if preempted:
                 print(f"lomar: stopped by {self.stop.name} at step {self.step}; checkpoint {path}. Resume with: "
@@ -304,9 +327,9 @@ class Trainer:
             else:
                 meta = {"method": self.config.method, "step": self.step}
                 if self.runtime.method.export is not None:
-                    self.runtime.method.export(self.model, self.out, meta)
+                    self.runtime.method.export(model, self.out, meta)
                 else:
-                    export_encoder(self.model.encoder, self.out, weights_name="encoder.safetensors", metadata=meta)
+                    export_encoder(model.encoder, self.out, weights_name="encoder.safetensors", metadata=meta)
                 from lomar.viz.curves import loss_summary
                 losses, last = loss_summary(self.out / "metrics.jsonl"), self.out / "last.pt"
                 print(f"lomar: done at step {self.step}{f' ({losses})' if losses else ''}; checkpoint {path}, "
@@ -350,6 +373,9 @@ def _prepare_folder(config: PretrainConfig, out: Path, resume: Path | None, step
                 (out / stale).unlink(missing_ok=True)
             for stale in [*out.glob("checkpoint-*.pt"), *out.glob("reconstruction-*.png")]:
                 stale.unlink()
+            for stale in out.glob("checkpoint-*.dcp"):
+                shutil.rmtree(stale)
+            (out / "last.json").unlink(missing_ok=True)
             shutil.rmtree(out / "tb", ignore_errors=True)
     atomic_write_text(out / "config.yaml", dump_config(config))
 

@@ -11,19 +11,26 @@ A sharded checkpoint is a folder written by every rank (DCP), holding ``model`` 
 ``optimizer`` (keyed by parameter name, whatever the sharding), and ``meta.pt`` (step, epoch,
 config, …, written by rank 0). It is written to ``<dir>.tmp`` and renamed when every rank has finished, so a
 crash leaves the previous checkpoint intact. :func:`consolidate` turns one into the usual
-``{"model", "step", "epoch", "config", "format"}`` file, without the process group.
+``{"model", "step", "epoch", "config", "format"}`` file, without the process group; from a shell:
+``python -m lomar.train.fsdp consolidate RUN/checkpoint-000100.dcp OUT.pt``.
+
+In a run folder (``lomar pretrain --fsdp``) :func:`save_run_checkpoint` writes
+``checkpoint-<step>.dcp/`` and points ``last.json`` at the newest (see ``run_state``).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["shard_model", "block_modules", "save_sharded", "load_sharded", "consolidate"]
+__all__ = ["shard_model", "block_modules", "save_sharded", "load_sharded", "consolidate", "consolidate_into",
+           "save_run_checkpoint"]
 
 
 def block_modules(model: nn.Module) -> list[nn.Module]:
@@ -126,7 +133,8 @@ def consolidate(sharded_dir: str | Path, out_file: str | Path) -> Path:
 
     sharded_dir, out_file = Path(sharded_dir), Path(out_file)
     if not (sharded_dir / ".metadata").exists():
-        raise ValueError(f"{sharded_dir} is not a sharded checkpoint (no .metadata)")
+        raise ValueError(f"{sharded_dir} is not a sharded checkpoint (no .metadata); pass a "
+                         f"checkpoint-NNNNNN.dcp folder of a `lomar pretrain --fsdp` run")
     scratch = out_file.with_name(f".{out_file.name}.full-{torch.randint(1 << 30, ()).item()}")
     try:
         dcp_to_torch_save(str(sharded_dir), str(scratch))
@@ -137,3 +145,53 @@ def consolidate(sharded_dir: str | Path, out_file: str | Path) -> Path:
     state = {"model": {k: v.contiguous() for k, v in full["model"].items()}, **meta}
     state.setdefault("format", "lomar-pretrain-1")
     return atomic_save(state, out_file)
+
+
+def consolidate_into(sharded_dir: str | Path, out_file: str | Path, model: nn.Module) -> nn.Module:
+    """:func:`consolidate`, then load the file's weights into ``model`` (a plain, unsharded one)."""
+    from lomar.checkpoints.io import safe_load
+
+    model.load_state_dict(safe_load(consolidate(sharded_dir, out_file))["model"])
+    return model
+
+
+def save_run_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict, out: str | Path,
+                        step: int, keep_last: int) -> Path:
+    """``out/checkpoint-<step>.dcp`` (collective), then rank 0 points ``out/last.json`` at it and
+    prunes the sharded checkpoints to the ``keep_last`` newest; -> the folder written."""
+    from lomar.checkpoints.io import atomic_write_text
+    from lomar.train.run_state import LAST_POINTER, checkpoints_to_prune
+
+    out = Path(out)
+    path = save_sharded(model, optimizer, out / f"checkpoint-{step:06d}.dcp", meta)
+    if dist.get_rank() == 0:
+        # The pointer is written after the folder is complete: it never names a partial checkpoint.
+        atomic_write_text(out / LAST_POINTER, json.dumps({"checkpoint": path.name, "step": step}) + "\n")
+        for old in checkpoints_to_prune(list(out.glob("checkpoint-*.dcp")), keep_last):
+            if old.name != path.name:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return path
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m lomar.train.fsdp",
+                                     description="Turn a sharded checkpoint folder into one checkpoint file.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmd = sub.add_parser("consolidate", help="SHARDED_DIR OUT_FILE: write the model and run metadata to OUT_FILE")
+    cmd.add_argument("sharded_dir")
+    cmd.add_argument("out_file")
+    args = parser.parse_args(argv)
+    try:
+        path = consolidate(args.sharded_dir, args.out_file)
+    except (ValueError, OSError) as exc:
+        print(f"lomar: {exc}", file=sys.stderr)
+        return 2
+    print(f"lomar: wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

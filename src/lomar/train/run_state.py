@@ -3,6 +3,8 @@
 Shared by pretraining (``engine``) and finetuning (``finetune``). A run folder holds
 ``last.pt`` (the newest state), ``checkpoint-<step>.pt`` (kept history), ``metrics.jsonl``
 and ``.lock``; checkpoints carry the RNG state so that a resumed run continues exactly.
+A sharded run (``--fsdp``) keeps ``checkpoint-<step>.dcp/`` folders instead, ``last.json``
+naming the newest, and ``last.pt`` holds its consolidated model (no optimizer) for export.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +28,12 @@ from lomar.errors import LomarError, UsageError
 __all__ = ["RunLock", "SaveError", "save_state", "rng_state", "set_rng_state", "checkpoints_to_prune",
            "save_checkpoint", "truncate_metrics", "remove_stale_temporaries", "find_resume_checkpoint",
            "checkpoint_step", "check_no_rewind", "remove_newer_checkpoints", "check_out_folder",
-           "autocast_factory", "resolve_precision"]
+           "autocast_factory", "resolve_precision", "LAST_POINTER", "is_sharded_checkpoint", "newest_state"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.pt$")
+_SHARDED = re.compile(r"^checkpoint-(\d+)\.dcp$")
+_SHARDED_TMP = re.compile(r"^checkpoint-\d+\.dcp\.tmp$")  # a sharded save cut before its rename
+LAST_POINTER = "last.json"  # a sharded run's pointer to its newest checkpoint folder
 _TMP = re.compile(r"^\..+\.tmp(-(\d+))?$")
 
 
@@ -67,11 +73,23 @@ def autocast_factory(precision: str, device: torch.device):
 
 
 # ---- checkpoints ----------------------------------------------------------------------
+def _checkpoint_number(name: str) -> int | None:
+    """The step in ``checkpoint-<step>.pt`` or ``checkpoint-<step>.dcp``; None for other names."""
+    match = _CHECKPOINT.match(name) or _SHARDED.match(name)
+    return int(match[1]) if match else None
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A folder written by ``lomar.train.fsdp.save_sharded`` (DCP metadata and the run's meta.pt)."""
+    return path.is_dir() and (path / ".metadata").is_file() and (path / "meta.pt").is_file()
+
+
 def checkpoints_to_prune(paths: list[Path], keep: int) -> list[Path]:
-    """All but the ``keep`` newest ``checkpoint-<step>.pt``, by step number (past 999,999 steps the
-    names outgrow their zero padding and no longer sort by age); other names are left alone."""
-    ours = [f for f in paths if _CHECKPOINT.match(f.name)]
-    return sorted(ours, key=lambda f: int(_CHECKPOINT.match(f.name)[1]))[:-keep]
+    """All but the ``keep`` newest ``checkpoint-<step>.pt`` (or ``.dcp``), by step number (past
+    999,999 steps the names outgrow their zero padding and no longer sort by age); other names are
+    left alone."""
+    ours = [f for f in paths if _checkpoint_number(f.name) is not None]
+    return sorted(ours, key=lambda f: _checkpoint_number(f.name))[:-keep]
 
 
 def save_state(state: dict, path: Path, previous: Path | None = None) -> None:
@@ -119,7 +137,16 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def checkpoint_step(path: Path) -> int | None:
-    """The step of a training checkpoint; None when it cannot be read or holds no training state."""
+    """The step of a training checkpoint (file or sharded folder); None when it cannot be read or
+    holds no training state."""
+    if path.is_dir():
+        if not is_sharded_checkpoint(path):
+            return None
+        try:
+            step = safe_load(path / "meta.pt").get("step")
+        except (OSError, ValueError):
+            return None
+        return int(step) if isinstance(step, int) else None
     try:
         ckpt = safe_load(path, mmap=True)
     except (OSError, ValueError):
@@ -128,20 +155,37 @@ def checkpoint_step(path: Path) -> int | None:
     return int(step) if "optimizer" in ckpt and isinstance(step, int) else None
 
 
+def _pointed_checkpoint(out: Path) -> Path | None:
+    """The folder ``out/last.json`` names (a sharded run), or None without a readable pointer."""
+    try:
+        name = json.loads((out / LAST_POINTER).read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return out / name if isinstance(name, str) and _SHARDED.match(name) else None
+
+
+def newest_state(out: Path) -> Path:
+    """Where a run's newest resumable state is said to be: ``last.json``'s folder, else ``last.pt``."""
+    return _pointed_checkpoint(out) or out / "last.pt"
+
+
 def find_resume_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
-    """(the newest intact state in ``out``, notes to print): ``last.pt``, else the
-    ``checkpoint-*.pt`` with the highest step that reads; the notes name what was skipped."""
+    """(the newest intact state in ``out``, notes to print): ``last.pt`` (or the folder
+    ``last.json`` names), else the ``checkpoint-*.pt`` / ``checkpoint-*.dcp`` with the highest step
+    that reads; the notes name what was skipped."""
     notes = []
-    last = out / "last.pt"
-    if last.exists():
+    last = newest_state(out)
+    sharded = (out / LAST_POINTER).exists()
+    if sharded or last.exists():
         if checkpoint_step(last) is not None:
             return last, notes
-        notes.append(f"{last} cannot be read, skipped")
-    candidates = sorted((p for p in out.glob("checkpoint-*.pt") if _CHECKPOINT.match(p.name)),
-                        key=lambda p: -int(_CHECKPOINT.match(p.name)[1]))
+        notes.append(f"{out / LAST_POINTER} names no intact checkpoint, skipped" if sharded
+                     else f"{last} cannot be read, skipped")
+    candidates = sorted((p for p in out.glob("checkpoint-*") if _checkpoint_number(p.name) is not None),
+                        key=lambda p: -_checkpoint_number(p.name))
     for path in candidates:
         if checkpoint_step(path) is not None:
-            if not last.exists():
+            if not (sharded or last.exists()):
                 notes.append(f"{last} is missing")
             notes.append(f"resuming from the newest intact checkpoint, {path}")
             return path, notes
@@ -152,21 +196,24 @@ def find_resume_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
 def check_no_rewind(resume: Path, out: Path, overwrite: bool) -> None:
     """Refuse to resume an older state into a folder whose ``last.pt`` is newer (it would be
     rewound: checkpoints pruned, metrics cut), unless ``overwrite`` says so."""
-    last = out / "last.pt"
+    last = newest_state(out)
     if overwrite or not last.exists() or (resume.exists() and last.samefile(resume)):
         return
     newer, older = checkpoint_step(last), checkpoint_step(resume)
     if newer is not None and older is not None and newer > older:
-        raise UsageError(f"--resume {resume} (step {older}) would rewind {out}, whose last.pt is at step {newer}; "
+        raise UsageError(f"--resume {resume} (step {older}) would rewind {out}, whose {last.name} is at step {newer}; "
                          f"pass --out NEW_FOLDER to branch off, --overwrite to rewind, or resume {last}")
 
 
 def remove_newer_checkpoints(out: Path, step: int) -> None:
     """After an explicit rewind: drop the history written past ``step``."""
-    for path in out.glob("checkpoint-*.pt"):
-        match = _CHECKPOINT.match(path.name)
-        if match and int(match[1]) > step:
-            path.unlink(missing_ok=True)
+    for path in out.glob("checkpoint-*"):
+        number = _checkpoint_number(path.name)
+        if number is not None and number > step:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 # ---- the folder ----------------------------------------------------------------------
@@ -187,12 +234,16 @@ def check_out_folder(out: Path, flag: str = "--out") -> None:
 
 
 def remove_stale_temporaries(out: Path) -> list[Path]:
-    """Remove the temporary files (``.NAME.tmp``, ``.NAME.tmp-<pid>``) that writers killed
-    mid-write left behind. Call with the run's lock held: no live writer can own them."""
+    """Remove the temporary files (``.NAME.tmp``, ``.NAME.tmp-<pid>``) and sharded-checkpoint folders
+    (``checkpoint-<step>.dcp.tmp``) that writers killed mid-write left behind. Call with the run's
+    lock held: no live writer can own them."""
     removed = []
     for path in out.iterdir() if out.is_dir() else ():
         if _TMP.match(path.name) and path.is_file():
             path.unlink(missing_ok=True)
+            removed.append(path)
+        elif _SHARDED_TMP.match(path.name) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
 
