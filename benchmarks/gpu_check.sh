@@ -47,6 +47,7 @@ STEPS=${GPU_CHECK_STEPS:-$D_STEPS}; WARMUP=${GPU_CHECK_WARMUP:-$D_WARMUP}
 PSTEPS=${GPU_CHECK_PRETRAIN_STEPS:-$D_PSTEPS}; PSIZE=${GPU_CHECK_PRETRAIN_SIZE:-$D_PSIZE}
 PBATCH=${GPU_CHECK_PRETRAIN_BATCH:-$D_PBATCH}; WORKERS=${GPU_CHECK_WORKERS:-$D_WORKERS}
 COUNT=${GPU_CHECK_CAMERA_COUNT:-$D_COUNT}; FSTEPS=${GPU_CHECK_FINETUNE_STEPS:-$D_FSTEPS}
+[ "$COUNT" -lt "$PBATCH" ] && PBATCH=$COUNT  # one pretraining step needs a whole batch of test images
 BB_SIZES=${GPU_CHECK_BACKBONE_SIZES:-$D_BB}
 BB_ATTENTION=${GPU_CHECK_BACKBONE_ATTENTION:-$D_BBATT}
 [ "${GPU_CHECK_COMPILE:-1}" = 0 ] && COMPILE=()  # torch.compile costs tens of seconds per configuration
@@ -76,8 +77,10 @@ if want env; then
     fi
     if [ ! -x "$VENV/bin/python" ]; then
       if python3 -c 'import torch' 2>/dev/null; then
-        say "using the system torch: $(python3 -c 'import torch; print(torch.__version__)')"
-        python3 -m venv --system-site-packages "$VENV"
+        # python3 may itself be a venv (then --system-site-packages would not see its torch):
+        # use it as it is, lomar from PYTHONPATH=src, nothing installed.
+        say "using $(command -v python3) with its torch $(python3 -c 'import torch; print(torch.__version__)'), lomar from src/"
+        exit 0
       else
         python3 -m venv "$VENV"
         "$VENV/bin/pip" install --retries 0 --timeout 10 torch==2.14.1 torchvision==0.29.1

@@ -125,7 +125,7 @@ def test_load_pretrained_encoder_from_each_source(pretrained, tmp_path):
     assert sorted(with_head.load_report.fresh) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
     assert "newly initialised: fc_norm" in with_head.load_report.summary()
     with pytest.raises(ValueError, match="unknown encoder setting"):
-        load_pretrained_encoder(pretrained, window_size=3)
+        load_pretrained_encoder(pretrained, mask_ratio=0.5)
     with pytest.raises(ValueError, match="expects"):
         load_pretrained_encoder(pretrained, embed_dim=64, num_heads=2)
 

@@ -137,3 +137,15 @@ def test_resume_auto_before_the_first_checkpoint_reads_config_yaml(tmp_path, cap
     (tmp_path / "run" / "config.yaml").write_text("batch_size: 2.5\n")
     assert _resolve(tmp_path, "--resume", "auto") == 2
     assert "batch_size: 2.5" in capsys.readouterr().err
+
+
+def test_a_format_1_mae_run_is_read_as_global_mae():
+    """Before windows applied to every method, MAE runs saved LoMaR's `windows: 4` unused."""
+    from lomar.train.config import PRETRAIN_FORMAT, saved_settings
+
+    old = {"format": "lomar-pretrain-1", "config": {"method": "mae", "windows": 4}}
+    assert saved_settings(old)["windows"] == 0
+    assert saved_settings({"config": {"method": "mae", "windows": 4}})["windows"] == 0  # no format: the first
+    new = {"format": PRETRAIN_FORMAT, "config": {"method": "mae", "windows": 4}}
+    assert saved_settings(new)["windows"] == 4  # mae_window
+    assert saved_settings({"format": "lomar-pretrain-1", "config": {"method": "lomar", "windows": 4}})["windows"] == 4

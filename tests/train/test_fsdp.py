@@ -110,7 +110,7 @@ def test_fsdp_two_processes_match_one_resume_exactly_and_consolidate(tmp_path):
         assert torch.equal(result["resumed"][key], value), key
     assert result["meta"]["step"] == STEPS - 1
     single = safe_load(tmp_path / "consolidated.pt")
-    assert single["step"] == STEPS - 1 and single["format"] == "lomar-pretrain-1"
+    assert single["step"] == STEPS - 1 and single["format"] == "lomar-pretrain-2"
     model = _model()
     model.load_state_dict(single["model"])  # strict: every key of the plain model, nothing else
     _assert_close(model.state_dict(), states[-2], atol=2e-6)

@@ -47,8 +47,8 @@ def test_explicit_count_wins_and_auto_on_resume_keeps_the_saved_count(tmp_path, 
     assert config["windows"] == 6
 
 
-@pytest.mark.parametrize("value, message", [("abc", "--windows must be a whole number"),
-                                            ("0", "--windows must be positive or 'auto'")])
+@pytest.mark.parametrize("value, message", [("abc", "is neither a window count nor 'global'"),
+                                            ("-1", "is negative")])
 def test_bad_windows_are_one_line_errors(tmp_path, capsys, value, message):
     assert main(["pretrain", "--windows", value, "--print-config"]) == 2
     err = capsys.readouterr().err

@@ -75,7 +75,7 @@ def test_load_original_output_is_our_pretrain_checkpoint(converted):
     from lomar.eval.features import load_pretrained_encoder
 
     ckpt = safe_load(converted / "conv.pt")
-    assert ckpt["format"] == "lomar-pretrain-1" and ckpt["config"]["method"] == "lomar"
+    assert ckpt["format"] == "lomar-pretrain-2" and ckpt["config"]["method"] == "lomar"
     assert (ckpt["config"]["embed_dim"], ckpt["config"]["num_heads"], ckpt["config"]["img_size"]) == (48, 4, 224)
     ours, original = load_model(converted / "conv.pt"), load_original(ORIGINAL, num_heads=4)
     assert isinstance(ours, LoMaR)

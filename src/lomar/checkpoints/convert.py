@@ -51,7 +51,7 @@ def pretrain_checkpoint(model: nn.Module, source: str | None = None) -> dict:
         values.update(method="lomar", window_size=model.window_size, windows=model.num_windows)
     elif isinstance(model, MAE):
         settings = model.decoder_settings
-        values.update(method="mae", decoder_embed_dim=settings["decoder_embed_dim"],
+        values.update(method="mae", windows=0, decoder_embed_dim=settings["decoder_embed_dim"],
                       decoder_depth=settings["decoder_depth"], decoder_num_heads=settings["decoder_num_heads"])
     else:
         raise TypeError(f"cannot write a pretraining checkpoint for {type(model).__name__}")

@@ -39,13 +39,13 @@ from lomar.checkpoints.keys import (
 )
 from lomar.models.masking import grid_size, window_positions
 from lomar.models.vit import VisionTransformer, ViTConfig
+from lomar.train.config import PRETRAIN_FORMAT
 
 __all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "read", "load_model", "encoder_weights",
            "load_original", "infer_original_config", "infer_vit_config", "lomar_from_original", "lomar_to_original",
            "mae_from_original", "classifier_from_original", "encoder_keys", "drop_final_norm", "rename_rpe",
            "PRETRAIN_FORMAT", "CLASSIFIER_FORMAT", "CLASSIFIER_PREFIXES", "ENCODER_PREFIXES", "PRETRAIN_ONLY"]
 
-PRETRAIN_FORMAT = "lomar-pretrain-1"
 CLASSIFIER_FORMAT = "lomar-classifier-1"
 
 def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
@@ -199,10 +199,10 @@ class PretrainReader(Reader):
         return isinstance(data.get("config"), dict) and any(k.startswith("encoder.") for k in state)
 
     def _config(self, src: Source):
-        from lomar.train.config import PretrainConfig
+        from lomar.train.config import PretrainConfig, saved_settings
 
         known = set(PretrainConfig.__dataclass_fields__)
-        return PretrainConfig(**{k: v for k, v in src.data["config"].items() if k in known})
+        return PretrainConfig(**{k: v for k, v in saved_settings(src.data).items() if k in known})
 
     def model(self, src, overrides):
         from lomar.train.config import build_model

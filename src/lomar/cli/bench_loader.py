@@ -20,17 +20,19 @@ def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of the loader task that ``lomar bench`` lacks (it already has --sizes, --model,
     --batch-size, --precision, --compile, --device, --steps, --warmup, --json, --quiet)."""
     group = parser.add_argument_group("--task loader")
-    group.add_argument("--data", type=Path, default=None, help="folder (or .txt list) of images to load")
+    group.add_argument("--data", type=Path, default=None,
+                       help="folder (or .txt list) of images to load (default: none; required)")
     group.add_argument("--workers", type=int, default=1, help="loader worker processes (0: main process)")
     group.add_argument("--images", type=int, default=64, help="images loaded per measurement")
     group.add_argument("--decode", choices=["full", "draft", "windows"], nargs="+", default=["full"],
                        help="full: reference path; draft: reduced-size JPEG decoding; windows: draft + only the "
                        "plan's windows resampled (LoMaR)")
-    group.add_argument("--loader-method", choices=["lomar", "mae"], default="lomar")
+    group.add_argument("--loader-method", choices=["lomar", "mae"], default="lomar",
+                       help="whose masking plan the workers draw (default: %(default)s)")
     group.add_argument("--loader-windows", type=int, default=4, help="LoMaR windows per image")
     group.add_argument("--make-test-set", choices=["camera", "imagenet"], default=None,
-                       help="first write --test-set-count JPEGs of this kind into --data")
-    group.add_argument("--test-set-count", type=int, default=32)
+                       help="first write --test-set-count JPEGs of this kind into --data (default: none)")
+    group.add_argument("--test-set-count", type=int, default=32, help="JPEGs in a made test set (default: %(default)s)")
     group.add_argument("--repeats", type=int, default=1, help="loader measurements per setting (median)")
     group.add_argument("--no-model", action="store_true", help="measure the loader only")
 

@@ -16,7 +16,8 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    sub = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True,
+                               help="fit: a k-means tokenizer on images; convert: a dVAE encoder to safetensors")
     fit = sub.add_parser("fit", help="fit the built-in k-means tokenizer on a folder of images",
                          description="Fit k-means over per-patch normalised pixels of the images' centre "
                                      "crops at --size px (a BEiT target when no dVAE is at hand).")

@@ -43,6 +43,7 @@ def with_block_masks(plan: MaskingPlan, rng: random.Random) -> MaskingPlan:
     return MaskingPlan(plan.top_left, masks.view(n_img, n_win, k * k).to(plan.mask.device), k)
 
 
+@torch.compiler.disable  # as lomar.models.masking.sample_plan: random draws run eagerly under torch.compile
 def sample_method_plan(num_images: int, grid: tuple[int, int], window_size: int, windows: int,
                        mask_ratio: float | None, generator: torch.Generator | None = None) -> MaskingPlan:
     """Windows per :func:`window_geometry`; random in-window masking at ``mask_ratio``, or blockwise

@@ -220,6 +220,18 @@ def _saved_config(explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None
     return _checkpoint_config(path)
 
 
+PRETRAIN_FORMAT = "lomar-pretrain-2"  # 2: `windows` is meant for every method (an MAE run saved 4 unused)
+
+
+def saved_settings(checkpoint: dict) -> dict[str, Any]:
+    """The pretraining settings a checkpoint saved, read as today's: a format-1 MAE run was global
+    MAE whatever ``windows`` it recorded (the setting then applied to LoMaR only)."""
+    values = dict(checkpoint["config"])
+    if checkpoint.get("format", "lomar-pretrain-1") == "lomar-pretrain-1" and values.get("method") == "mae":
+        values["windows"] = 0
+    return values
+
+
 def _checkpoint_config(path: Path) -> tuple[dict[str, Any], str]:
     from lomar.checkpoints.io import safe_load
 
@@ -234,7 +246,7 @@ def _checkpoint_config(path: Path) -> tuple[dict[str, Any], str]:
     if not isinstance(ckpt.get("config"), dict) or "optimizer" not in ckpt:
         raise ConfigError(f"--resume {path} is not a `lomar pretrain` training checkpoint (no saved config "
                           f"and optimizer state); start a new run with another --out")
-    return coerce_all(PretrainConfig, ckpt["config"], str(path), strict=False), str(path)
+    return coerce_all(PretrainConfig, saved_settings(ckpt), str(path), strict=False), str(path)
 
 
 def _sharded_config(path: Path) -> tuple[dict[str, Any], str]:
@@ -407,6 +419,8 @@ def build_model(config: PretrainConfig):
     """The model the config describes, built by its method (lomar.models.methods)."""
     from lomar.models.methods import get_method
 
+    if not isinstance(config.windows, int):  # not validated (e.g. a config read from a checkpoint)
+        config = dataclasses.replace(config, windows=resolve_windows(config))
     return get_method(config.method).build(config, vit_config(config))
 
 

@@ -29,7 +29,7 @@ from lomar.data.folder import build_pretrain_dataset
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError
 from lomar.models.methods import method_runtime
-from lomar.train.config import PretrainConfig, build_model, dump_config
+from lomar.train.config import PRETRAIN_FORMAT, PretrainConfig, build_model, dump_config
 from lomar.train.distributed import DistInfo, cleanup_distributed, init_distributed
 from lomar.train.fsdp import consolidate_into, load_sharded, save_run_checkpoint, shard_model
 from lomar.train.monitor import Monitor
@@ -125,7 +125,7 @@ class Trainer:
         """Everything of the state but model and optimizer (a sharded checkpoint's meta.pt)."""
         return {"scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
                 "batches_done": self.batches_done, "config": self.config.to_dict(), "rng": rng_state(),
-                "format": "lomar-pretrain-1"}
+                "format": PRETRAIN_FORMAT}
 
     def load(self, path: Path) -> None:
         if path.is_dir():  # a sharded checkpoint: every rank loads its shards

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lomar.train.config import PRETRAIN_FORMAT
+
 __all__ = ["shard_model", "block_modules", "save_sharded", "load_sharded", "consolidate", "consolidate_into",
            "save_run_checkpoint"]
 
@@ -143,7 +145,7 @@ def consolidate(sharded_dir: str | Path, out_file: str | Path) -> Path:
         scratch.unlink(missing_ok=True)
     meta = safe_load(sharded_dir / "meta.pt") if (sharded_dir / "meta.pt").exists() else {}
     state = {"model": {k: v.contiguous() for k, v in full["model"].items()}, **meta}
-    state.setdefault("format", "lomar-pretrain-1")
+    state.setdefault("format", PRETRAIN_FORMAT)
     return atomic_save(state, out_file)
 
 

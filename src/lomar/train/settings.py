@@ -91,9 +91,9 @@ def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ConfigError(f"{where} must be a {'string' if base == 'str' else 'number'}")
     parse = getattr(cls, "PARSERS", {}).get(name)
-    if parse is not None and isinstance(value, str):
+    if parse is not None and isinstance(value, (str, int)) and not isinstance(value, bool):
         try:
-            return parse(value)
+            return parse(str(value))
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from None
     if base == "str":

@@ -12,7 +12,7 @@ from lomar.cli.study.spec import parse_spec
 
 # helpers.TINY as study settings: 2 blocks, 32 wide, 32 px, 3x3 windows, 2 per image.
 TINY = dict(model="vit_tiny_patch8", embed_dim=32, depth=2, num_heads=2, img_size=32, window_size=3, windows=2,
-            batch_size=4, epochs=100, workers=0, threads=1, log_every=1, device="cpu", lr=1e-3,
+            batch_size=4, epochs=100_000, workers=0, threads=1, log_every=1, device="cpu", lr=1e-3,
             warmup_epochs=0.5, precision="fp32", save_every=100, figure_images=1)
 
 

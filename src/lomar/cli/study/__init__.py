@@ -19,11 +19,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("Re-run the same command to continue a stopped study: finished cells and evaluations "
                      "are skipped. Presets: fig3, windows, mask-ratio, pos, enc-dec, digits.")
     parser.add_argument("spec", nargs="?", metavar="SPEC.yaml", help="the study's spec (see lomar.cli.study.spec)")
-    parser.add_argument("--preset", help="a preset instead of a spec: fig3, windows, mask-ratio, pos, enc-dec, digits")
+    parser.add_argument("--preset", help="a preset instead of a spec: fig3, windows, mask-ratio, pos, enc-dec, digits "
+                        "(default: none)")
     parser.add_argument("--data", help="for a preset: image folder; with train/ and val/ class folders "
                                        "the accuracies are measured too (default: the demo photos)")
-    parser.add_argument("--budget", help="pretraining per cell, e.g. 30s, 2min, 200steps, 3epochs")
-    parser.add_argument("--seeds", type=int, help="number of seeds (0, 1, ..., N-1)")
+    parser.add_argument("--budget", help="pretraining per cell, e.g. 30s, 2min, 200steps, 3epochs "
+                                         "(default: the spec's or preset's)")
+    parser.add_argument("--seeds", type=int, help="number of seeds (0, 1, ..., N-1) (default: the spec's or preset's)")
     parser.add_argument("--out", help="study folder (default studies/<name>)")
 
 

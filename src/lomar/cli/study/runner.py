@@ -86,8 +86,8 @@ def check_cells(spec: StudySpec) -> None:
 
 def _pretrain_argv(spec: StudySpec, cell: Cell, folder: Path) -> list[str]:
     settings = dict(cell.settings)
-    if cell.random_init:  # lr 0: one step leaves the initialisation as it was (AdamW moves by lr * ...)
-        settings.update(lr=0.0, min_lr=0.0)
+    if cell.random_init:  # one step at lr 0 (the first warm-up step) leaves the initialisation as it was
+        settings.update(warmup_epochs=1e-3)
     if spec.budget.unit == "epochs" and "epochs" not in spec.settings:
         settings["epochs"] = int(spec.budget.value)
     argv = ["pretrain", "--out", str(folder), "--resume", "auto", "--seed", str(cell.seed)]
@@ -181,11 +181,16 @@ class CellRun:
         if rc != 0:
             raise LomarError(f"`lomar pretrain` failed in cell {self.folder}: {_last_line(text)}")
         reached, _, _ = read_progress(self.folder, self.batch)
-        if reached < target:  # the engine took a stop signal: checkpointed; the study stops too
+        if reached < target and "lomar: done at step" in text:  # the cell's schedule (--epochs) has ended
+            self.state["schedule_end"] = reached
+            self._save()
+        elif reached < target:  # the engine took a stop signal: checkpointed; the study stops too
             raise StudyStopped(f"pretraining of {self.folder.name} stopped at step {reached} (signal); "
                                f"re-run the same command to continue")
 
     def _reached(self, point: Point, steps: int, seconds: float, rate: float | None) -> bool:
+        if steps > 0 and steps >= self.state.get("schedule_end", float("inf")):
+            return True  # no more training: every remaining point is evaluated here
         if point.unit == "steps":
             return steps >= point.value
         half_step = 0.5 / rate if rate else 0.0
