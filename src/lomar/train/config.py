@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from lomar.train.config_checks import check_data, check_fsdp, check_numbers
 from lomar.train.runtime import default_workers
 from lomar.train.settings import (
     ConfigError,
@@ -305,12 +304,12 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
     from lomar.models.masking import grid_size
     from lomar.models.methods import get_method
 
-    _validate_numbers(config)
+    check_numbers(config)
     config.windows = resolve_windows(config)
     for name, choices in _CHOICES.items():
         if getattr(config, name) not in choices:
             raise ConfigError(f"--{name} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
-    _validate_fsdp(config)
+    check_fsdp(config)
     if config.method == "mae" and config.pos != "abs":
         raise ConfigError(f"--method mae needs --pos abs (got {config.pos})")
     if config.tokenizer is not None and config.method != "beit":
@@ -324,7 +323,7 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
     except ValueError as exc:
         raise ConfigError(f"at --img-size {config.img_size}: {exc}") from None
     if config.data is not None:
-        _validate_data(config.data)
+        check_data(config.data)
     out = Path(config.out)
     if check_out:
         from lomar.train.run_state import check_out_folder
@@ -343,76 +342,6 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
         raise ConfigError(f"--knn-every needs --knn-data ROOT holding train/ and val/ class folders, "
                           f"got {config.knn_data!r}")
     # --resume PATH was checked when its saved config was read (_saved_config)
-
-
-def _validate_fsdp(config: PretrainConfig) -> None:
-    """--fsdp shards across torchrun processes; refuse what the sharded path does not do."""
-    if not config.fsdp:
-        return
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world < 2:
-        raise ConfigError("--fsdp shards the model across processes but this is a single process; launch with "
-                          "torchrun --nproc-per-node N (N >= 2), or drop --fsdp")
-    if config.precision == "fp16":
-        raise ConfigError("--precision fp16 is not supported with --fsdp (its loss scaling is not wired for "
-                          "sharded gradients); use --precision bf16 or fp32")
-    if config.knn_every:
-        raise ConfigError("--knn-every is not supported with --fsdp (the encoder is sharded); set --knn-every 0 "
-                          "and run `lomar knn` on RUN/last.pt")
-
-
-_POSITIVE = ("img_size", "batch_size", "accum_steps", "epochs", "save_every", "keep_last", "log_every",
-             "window_size", "decoder_embed_dim", "decoder_depth", "decoder_num_heads",
-             "max_steps", "threads", "embed_dim", "depth", "num_heads", "patch_size", "clip_grad")
-_NON_NEGATIVE = ("workers", "knn_every", "blr", "lr", "min_lr", "weight_decay", "seed")
-
-
-_MAX_SEED = 2**63 // 100_003 - 1  # the data order seeds a generator with seed * 100_003 + epoch
-
-
-def _validate_numbers(config: PretrainConfig) -> None:
-    """Finite numbers in range (None: not given, checked where it is resolved)."""
-    def flag(name: str) -> str:
-        return "--" + name.replace("_", "-")
-
-    for name in ("mask_ratio", "blr", "lr", "min_lr", "warmup_epochs", "weight_decay", "clip_grad"):
-        value = getattr(config, name)
-        if value is not None and not math.isfinite(value):
-            raise ConfigError(f"{flag(name)} must be a finite number, got {value}")
-    for name in _POSITIVE:
-        if getattr(config, name) is not None and getattr(config, name) <= 0:
-            raise ConfigError(f"{flag(name)} must be positive, got {getattr(config, name)}")
-    for name in _NON_NEGATIVE:
-        if getattr(config, name) is not None and getattr(config, name) < 0:
-            raise ConfigError(f"{flag(name)} must be >= 0, got {getattr(config, name)}")
-    for name in ("blr", "lr"):
-        if getattr(config, name) == 0:
-            raise ConfigError(f"{flag(name)} must be positive (0 never updates the model), got 0")
-    if config.seed >= _MAX_SEED:
-        raise ConfigError(f"--seed must be below {_MAX_SEED}, got {config.seed}")
-    if not 0 <= config.warmup_epochs <= config.epochs:
-        raise ConfigError(f"--warmup-epochs must be in [0, --epochs {config.epochs}], got {config.warmup_epochs}; "
-                          f"lower --warmup-epochs or raise --epochs")
-    if config.lr is not None and config.min_lr > config.lr:
-        raise ConfigError(f"--min-lr {config.min_lr} is above --lr {config.lr}; lower --min-lr")
-
-
-def _validate_data(data: str) -> None:
-    """A folder or .txt list that exists, or a tar shard pattern that matches."""
-    from lomar.data.shards import is_shard_pattern, shard_paths
-
-    if is_shard_pattern(data):
-        try:
-            shard_paths(data)
-        except ValueError as exc:
-            raise ConfigError(f"--data: {exc}") from None
-    elif glob.has_magic(data) or "{" in data:
-        if not Path(data).exists():  # a folder may have [ or { in its name
-            raise ConfigError(f"--data {data}: a pattern must name .tar shards, e.g. shards/*.tar; "
-                              f"for images pass their folder")
-    elif not Path(data).exists():
-        raise ConfigError(f"--data {data} does not exist; pass a folder of images, a .txt list "
-                          f"or a tar shard pattern, or omit --data for the demo")
 
 
 def build_model(config: PretrainConfig):

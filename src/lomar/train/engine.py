@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,30 +22,27 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
 
 from lomar.checkpoints.export import export_encoder
-from lomar.checkpoints.io import atomic_write_text, safe_load
+from lomar.checkpoints.io import safe_load
 from lomar.data.collate import BadDataTracker, collate_pretrain
 from lomar.data.folder import build_pretrain_dataset
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError
 from lomar.models.methods import method_runtime
-from lomar.train.config import PRETRAIN_FORMAT, PretrainConfig, build_model, dump_config
+from lomar.train.config import PRETRAIN_FORMAT, PretrainConfig, build_model
 from lomar.train.distributed import DistInfo, cleanup_distributed, init_distributed
 from lomar.train.fsdp import consolidate_into, load_sharded, save_run_checkpoint, shard_model
 from lomar.train.monitor import Monitor
 from lomar.train.preemption import StopFlag, any_rank_stopping, ignore_stop_signals, shut_down_workers
+from lomar.train.pretrain_folder import prepare_folder, resume_path
 from lomar.train.run_state import (
     RunLock,
     autocast_factory,
     check_no_rewind,
     checkpoints_to_prune,
-    find_resume_checkpoint,
-    remove_newer_checkpoints,
-    remove_stale_temporaries,
     resolve_precision,
     rng_state,
     save_checkpoint,
     set_rng_state,
-    truncate_metrics,
 )
 from lomar.train.runtime import default_threads, fast_adamw
 from lomar.train.schedule import lr_at, param_groups
@@ -340,46 +336,6 @@ class Trainer:
         return self.stop.exit_code if preempted else 0
 
 
-def _resume_path(config: PretrainConfig, out: Path, is_main: bool) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run. ``--resume auto`` falls back to the
-    newest intact ``checkpoint-*.pt`` when ``last.pt`` is gone or unreadable, and says so."""
-    if config.resume == "auto":
-        path, notes = find_resume_checkpoint(out)
-        for note in notes if is_main else ():
-            print(f"lomar: {note}", flush=True)
-        return path
-    return Path(config.resume) if config.resume else None
-
-
-def _prepare_folder(config: PretrainConfig, out: Path, resume: Path | None, step: int) -> None:
-    """Main process, lock held: a fresh run clears what an overwritten run left; a resume cuts
-    the log back to its checkpoint; the config is written."""
-    removed = remove_stale_temporaries(out)
-    if removed:
-        print(f"lomar: removed {len(removed)} stale temporary file(s) in {out}, e.g. {removed[0].name}")
-    if resume is not None:
-        if config.overwrite:
-            remove_newer_checkpoints(out, step)
-        truncate_metrics(out / "metrics.jsonl", step)
-        print(f"lomar: resumed from {resume} at step {step}")
-    else:
-        if (out / "last.pt").exists() or (out / "config.yaml").exists():
-            if not config.overwrite and not config.resume:  # another run got here between validation and lock
-                raise UsageError(f"--out {out} already holds a run; pass --resume auto to continue it, "
-                                 f"--overwrite to replace it, or another --out")
-        if config.overwrite:  # everything a run writes, so that nothing of the old one lingers
-            for stale in ("last.pt", "metrics.jsonl", "config.yaml", "knn.jsonl", "encoder.safetensors",
-                          "config.json", "reconstruction.png", "loss.png"):
-                (out / stale).unlink(missing_ok=True)
-            for stale in [*out.glob("checkpoint-*.pt"), *out.glob("reconstruction-*.png")]:
-                stale.unlink()
-            for stale in out.glob("checkpoint-*.dcp"):
-                shutil.rmtree(stale)
-            (out / "last.json").unlink(missing_ok=True)
-            shutil.rmtree(out / "tb", ignore_errors=True)
-    atomic_write_text(out / "config.yaml", dump_config(config))
-
-
 def train(config: PretrainConfig) -> int:
     """Run (or resume) a pretraining; returns the process exit code."""
     try:  # what fails before the first step is the set-up's fault: a one-line error, exit 2
@@ -392,7 +348,7 @@ def train(config: PretrainConfig) -> int:
     try:
         if info.is_main:  # only the main process writes into the folder
             lock.acquire()
-        resume = _resume_path(config, out, info.is_main)
+        resume = resume_path(config, out, info.is_main)
         try:
             if resume is not None and info.is_main:
                 check_no_rewind(resume, out, config.overwrite)
@@ -402,7 +358,7 @@ def train(config: PretrainConfig) -> int:
         except (ValueError, FileNotFoundError) as exc:
             raise UsageError(str(exc)) from None
         if info.is_main:
-            _prepare_folder(config, out, resume, trainer.step)
+            prepare_folder(config, out, resume, trainer.step)
         try:
             return trainer.run()
         finally:
