@@ -18,8 +18,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/lomar pretrain
 
+# Two workers: the suite's subprocess tests (torchrun, signals) wait on I/O, and CI has 2 cores.
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2
 
 # Everything but the subprocess / torchrun tests (marked `slow`): the quick loop while editing.
 test-fast: $(STAMP)

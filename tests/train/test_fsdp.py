@@ -73,6 +73,7 @@ def _worker(rank: int, world: int, port: int, out: str, precision: str) -> None:
         if rank == 0:
             torch.save({"straight": straight, "resumed": again, "meta": meta}, f"{out}/result.pt")
             consolidate(f"{out}/sharded", f"{out}/consolidated.pt")
+        dist.barrier()  # neither rank tears gloo down while the other still uses it
     finally:
         dist.destroy_process_group()
 
