@@ -161,6 +161,10 @@ class Reader:
     def detect(self, data: dict, state: dict) -> bool:
         raise NotImplementedError
 
+    def detect_folder(self, path: Path) -> bool:
+        """Whether the folder ``path`` (holding a config.json) is this format."""
+        return False
+
     def model(self, src: Source, overrides: dict) -> nn.Module:
         raise NotImplementedError
 
@@ -266,6 +270,9 @@ class ExportReader(Reader):
     def detect(self, data, state):
         return False  # folders are recognised by :func:`read` before anything is loaded
 
+    def detect_folder(self, path):
+        return True
+
     def model(self, src, overrides):
         from lomar.checkpoints.export import create_encoder
 
@@ -318,6 +325,7 @@ register(ExportReader(), 30)
 register(OriginalReader("original-mae", "mae"), 70)
 register(OriginalReader("original-classifier", "classifier"), 80)
 register(OriginalReader("original-lomar", "lomar"), 90)
+import lomar.checkpoints.formats_beit  # noqa: E402,F401  registers the BEiT readers
 
 
 def _read_sharded(path: Path) -> dict:
@@ -341,7 +349,7 @@ def read(path: str | Path) -> tuple[Reader, Source]:
         if not (path / CONFIG_NAME).is_file():
             raise ValueError(f"{path} is a folder without {CONFIG_NAME}; pass a checkpoint file or a folder "
                              f"written by `lomar export` / `lomar pretrain`")
-        reader = next(r for r in readers() if isinstance(r, ExportReader))
+        reader = next(r for r in readers() if r.detect_folder(path))
         return reader, Source(path, reader.name, {}, {})
     else:
         data = safe_load(path)
@@ -353,7 +361,7 @@ def read(path: str | Path) -> tuple[Reader, Source]:
             return reader, Source(path, reader.name, data, state)
     sample = ", ".join(sorted(state)[:4]) or "no tensors"
     raise ValueError(f"checkpoint {path} is in no format lomar reads (keys: {sample}, ...); expected ours "
-                     f"(lomar pretrain / finetune / export) or an original LoMaR / MAE checkpoint")
+                     f"(lomar pretrain / finetune / export) or an original LoMaR / MAE / BEiT checkpoint")
 
 
 def load_model(path: str | Path, **overrides) -> nn.Module:

@@ -13,7 +13,8 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("CKPT: our pretraining checkpoint (last.pt), a finetuned classifier checkpoint, a "
-                     "checkpoint from `lomar load-original`, or an original LoMaR / MAE checkpoint. Load the "
+                     "checkpoint from `lomar load-original`, or an original LoMaR / MAE checkpoint (a BEiT one is "
+                     "exported in timm's Beit layout). Load the "
                      "result with lomar.create_encoder(DIR), or in timm after `import lomar.models.timm`: "
                      "timm.create_model('local-dir:DIR', pretrained=True).")
     parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint file (or an exported folder)")
@@ -27,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lomar.checkpoints.convert import encoder_of
     from lomar.checkpoints.export import CONFIG_NAME, ENCODER_WEIGHTS, export_encoder
+    from lomar.models.beit import BEiT
     from lomar.models.vit import VisionTransformer
 
     out = Path(args.to)
@@ -35,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
         if (out / name).exists() and not args.overwrite:
             raise UsageError(f"{out / name} already exists; pass --overwrite to replace it, or another --to")
     model = load_for_cli(args.checkpoint, args)
+    if isinstance(model, BEiT):
+        return _export_beit(model, args, out)
     encoder = encoder_of(model)
     if args.drop_head and encoder.num_classes:
         plain = VisionTransformer(encoder.config)
@@ -49,4 +53,18 @@ def run(args: argparse.Namespace) -> int:
           f"({method.lower()}{head}) -> {out / ENCODER_WEIGHTS}, {out / CONFIG_NAME}")
     print(f"lomar: load with lomar.create_encoder('{out}') or, after `import lomar.models.timm`, "
           f"timm.create_model('local-dir:{out}', pretrained=True)")
+    return 0
+
+
+def _export_beit(beit, args: argparse.Namespace, out: Path) -> int:
+    """A BEiT encoder in timm's ``Beit`` layout (per-block relative position bias, no lm_head)."""
+    from lomar.checkpoints.export import ENCODER_WEIGHTS
+    from lomar.checkpoints.export_beit import CONFIG_NAME, export_beit_encoder
+
+    export_beit_encoder(beit, out, weights_name=ENCODER_WEIGHTS, metadata={"source": str(args.checkpoint)})
+    c = beit.config
+    print(f"lomar: exported the {c.embed_dim}-wide, {c.depth}-block BEiT encoder of {args.checkpoint} "
+          f"-> {out / ENCODER_WEIGHTS}, {out / CONFIG_NAME}")
+    print(f"lomar: load with lomar.checkpoints.export_beit.create_timm_beit('{out}') (a timm Beit), or pass "
+          f"{out} to lomar finetune / linprobe / knn")
     return 0

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from lomar.checkpoints.formats import CLASSIFIER_PREFIXES, drop_final_norm, encoder_weights
+from lomar.checkpoints.formats import CLASSIFIER_PREFIXES, drop_final_norm, encoder_weights, read
+from lomar.checkpoints.formats_beit import BEiTReader, build_timm_beit
 from lomar.data.collate import BadDataTracker, collate_labelled
 from lomar.data.folder import LabelledImageFolder
 from lomar.models.vit import VisionTransformer, ViTConfig
@@ -62,7 +63,11 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     ``path``: our ``lomar pretrain`` checkpoint (``last.pt``: ``model`` + ``config``; its
     ``encoder.*`` keys), a ``lomar finetune`` checkpoint, a folder written by ``lomar export``
     (or a pretraining run folder, which holds ``config.json`` + ``encoder.safetensors``),
-    or an original LoMaR / MAE checkpoint. The pretraining pixel head, mask token, decoder
+    or an original LoMaR / MAE checkpoint. A BEiT source (``lomar pretrain --method beit``,
+    its export, an original BEiT checkpoint) gives timm's ``Beit`` instead, per-block relative
+    position bias initialised from the shared table, with the same ``load_report``, a
+    ``config`` (its :class:`~lomar.models.beit.BEiTConfig`) and the same forward contract
+    (:func:`lomar.checkpoints.formats_beit.build_timm_beit`). The pretraining pixel head, mask token, decoder
     and LoMaR's unused ``pos_embed`` are dropped (SPEC §3). ``overrides`` change the
     architecture's free settings (``img_size``, ``drop_path``); an absolute position table
     is interpolated to a new ``img_size``. ``num_classes > 0`` adds ``fc_norm`` + ``head``
@@ -76,6 +81,9 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a checkpoint file or an exported folder")
+    reader, src = read(path)
+    if isinstance(reader, BEiTReader):
+        return _load_beit(reader, src, num_classes, global_pool, overrides)
     weights = encoder_weights(path, overrides.get("num_heads"))
     config, state, dropped, source = weights.config, weights.state, weights.dropped, weights.source
     unknown = sorted(set(overrides) - set(ViTConfig.__dataclass_fields__))
@@ -116,6 +124,24 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
                          f"{not_classifier or 'nothing'}, unexpected {unexpected or 'nothing'}")
     report.loaded, report.fresh = len(state), list(missing)
     model.load_report = report
+    return model
+
+
+def _load_beit(reader: BEiTReader, src, num_classes: int, global_pool: str, overrides: dict):
+    """timm ``Beit`` from a BEiT source; ``overrides``: ``img_size``, ``drop_path`` (``num_heads`` is read)."""
+    unknown = sorted(set(overrides) - {"img_size", "drop_path", "num_heads"})
+    if unknown:
+        raise ValueError(f"unknown BEiT encoder setting(s) {', '.join(unknown)}; a BEiT encoder takes "
+                         f"img_size and drop_path")
+    weights = reader.timm_weights(src, {k: v for k, v in overrides.items() if k == "num_heads" and v})
+    model, fresh, dropped, notes = build_timm_beit(weights, num_classes, global_pool, overrides.get("img_size"),
+                                                   overrides.get("drop_path"))
+    report = LoadReport(weights.source, str(src.path), loaded=len(weights.state) - len(dropped),
+                        fresh=fresh, dropped=weights.dropped + dropped, notes=notes)
+    model.load_report = report
+    # What our encoders carry too: finetune checkpoints record it.
+    model.config = replace(weights.config, img_size=model.patch_embed.img_size[0],
+                           drop_path_rate=overrides.get("drop_path") or 0.0)
     return model
 
 

@@ -1,0 +1,78 @@
+"""BEiT pretraining checkpoints and exports through `lomar knn`, `linprobe`, `finetune` and `export`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from timm.models.beit import Beit
+
+from helpers import pretrain, write_images
+from lomar.checkpoints.export_beit import create_timm_beit
+from lomar.cli.app import main
+from lomar.eval.features import extract_features, knn_loaders, load_pretrained_encoder
+
+EVAL = ["--img-size", "32", "--workers", "0", "--device", "cpu", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def beit_run(tmp_path_factory):
+    """A 2-step tiny BEiT pretraining run (last.pt + its export in the run folder) and a class-folder dataset."""
+    root = tmp_path_factory.mktemp("beit")
+    images = write_images(root / "flat", 16)
+    for split, count in (("train", 4), ("val", 2)):
+        for label in ("a", "b"):
+            write_images(root / "data" / split / label, count, size=(36, 36))
+    assert pretrain("--data", str(images), "--out", str(root / "run"), "--method", "beit", "--max-steps", "2") == 0
+    return root
+
+
+def test_knn_linprobe_finetune_and_export_accept_a_beit_checkpoint(beit_run, tmp_path, capsys):
+    ckpt, data = str(beit_run / "run" / "last.pt"), str(beit_run / "data")
+    assert main(["knn", ckpt, "--data", data, "--k", "2", *EVAL]) == 0
+    assert "k-NN" in capsys.readouterr().out
+    assert main(["linprobe", ckpt, "--data", data, "--epochs", "2", *EVAL]) == 0
+    assert main(["finetune", "--pretrained", ckpt, "--data", data, "--img-size", "32", "--batch-size", "4",
+                 "--workers", "0", "--threads", "1", "--device", "cpu", "--precision", "fp32", "--epochs", "1",
+                 "--max-steps", "2", "--out", str(tmp_path / "ft")]) == 0
+    assert "newly initialised: fc_norm.weight, fc_norm.bias, head.weight" in capsys.readouterr().out
+    saved = torch.load(tmp_path / "ft" / "last.pt", weights_only=True)
+    assert saved["step"] == 2 and saved["config"]["vocab_size"] > 1
+    assert main(["export", ckpt, "--to", str(tmp_path / "ex")]) == 0
+    assert json.loads((tmp_path / "ex" / "config.json").read_text())["method"] == "beit"
+
+
+def test_features_equal_the_exported_timm_beit(beit_run, tmp_path):
+    ckpt = beit_run / "run" / "last.pt"
+    assert main(["export", str(ckpt), "--to", str(tmp_path / "ex")]) == 0
+    reference = create_timm_beit(tmp_path / "ex")
+    loader = knn_loaders(beit_run / "data", img_size=32, batch_size=4, workers=0)[1]
+    for source in (ckpt, tmp_path / "ex", beit_run / "run"):  # last.pt, `lomar export`, the run folder's own
+        encoder = load_pretrained_encoder(source, img_size=32)
+        assert isinstance(encoder, Beit) and encoder.load_report.loaded > 0
+        # Per-block tables, each initialised from the shared pretraining one.
+        tables = [b.attn.relative_position_bias_table for b in encoder.blocks]
+        assert encoder.rel_pos_bias is None and all(torch.equal(t, tables[0]) for t in tables)
+        feats, labels = extract_features(encoder, loader)
+        expected = torch.cat([reference.forward_features(x)[:, 1:].mean(1) for x, _ in loader])
+        assert feats.shape == (len(labels), 32)
+        torch.testing.assert_close(feats, expected, rtol=0, atol=1e-5)
+
+
+def test_classifier_pooling_and_a_new_grid(beit_run):
+    ckpt = beit_run / "run" / "last.pt"
+    avg = load_pretrained_encoder(ckpt, num_classes=3, img_size=32, drop_path=0.1)
+    assert avg.global_pool == "avg" and isinstance(avg.norm, torch.nn.Identity)  # fc_norm: BEiT finetuning
+    assert {"norm.weight", "mask_token"} <= set(avg.load_report.dropped) and "head.weight" in avg.load_report.fresh
+    assert avg(torch.randn(2, 3, 32, 32)).shape == (2, 3) and avg.group_matcher() and avg.no_weight_decay()
+    cls = load_pretrained_encoder(ckpt, num_classes=3, global_pool="cls", img_size=32)
+    assert cls.global_pool == "token" and "norm.weight" not in cls.load_report.dropped
+    big = load_pretrained_encoder(ckpt, img_size=48)  # 4x4 -> 6x6 patches: tables resized, (2·6-1)²+3 rows
+    assert big.blocks[0].attn.relative_position_bias_table.shape[0] == 11 * 11 + 3
+    assert "resized to the 6x6 grid" in big.load_report.summary()
+    assert big.forward_features(torch.randn(1, 3, 48, 48)).shape == (1, 37, 32)
+    with pytest.raises(ValueError, match="img_size=50 is not a multiple"):
+        load_pretrained_encoder(ckpt, img_size=50)
+    with pytest.raises(ValueError, match="unknown BEiT encoder setting"):
+        load_pretrained_encoder(ckpt, pos="abs")
