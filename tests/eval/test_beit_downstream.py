@@ -39,6 +39,9 @@ def test_knn_linprobe_finetune_and_export_accept_a_beit_checkpoint(beit_run, tmp
     assert "newly initialised: fc_norm.weight, fc_norm.bias, head.weight" in capsys.readouterr().out
     saved = torch.load(tmp_path / "ft" / "last.pt", weights_only=True)
     assert saved["step"] == 2 and saved["config"]["vocab_size"] > 1
+    capsys.readouterr()
+    assert main(["knn", str(tmp_path / "ft" / "last.pt"), "--data", data, *EVAL]) == 2  # refused, one line
+    assert "finetuned BEiT classifier" in capsys.readouterr().err
     assert main(["export", ckpt, "--to", str(tmp_path / "ex")]) == 0
     assert json.loads((tmp_path / "ex" / "config.json").read_text())["method"] == "beit"
 

@@ -19,7 +19,8 @@ from torch import nn
 
 from lomar.checkpoints.formats import EncoderWeights, Reader, Source, register
 
-__all__ = ["BEiTReader", "BEiTPretrainReader", "BEiTExportReader", "OriginalBEiTReader", "TimmBeitWeights",
+__all__ = ["BEiTReader", "BEiTPretrainReader", "BEiTExportReader", "OriginalBEiTReader", "BEiTFinetuneReader",
+           "TimmBeitWeights",
            "build_timm_beit"]
 
 
@@ -152,9 +153,26 @@ class OriginalBEiTReader(BEiTReader):
         return "original checkpoint (beit)"
 
 
+class BEiTFinetuneReader(BEiTReader):
+    """A ``lomar finetune`` checkpoint of a BEiT encoder: recognised, and refused with the way out."""
+
+    name = "lomar-finetune-beit"
+
+    def detect(self, data, state):
+        config = data.get("config")
+        return data.get("format") == "lomar-finetune-1" and isinstance(config, dict) and "vocab_size" in config
+
+    def model(self, src, overrides):
+        raise ValueError(f"{src.path} is a finetuned BEiT classifier, which lomar does not read back yet; load "
+                         f"its 'model' state into timm.models.beit.Beit, or pass the BEiT pretraining checkpoint")
+
+    timm_weights = model
+
+
 # Before our own formats (a BEiT last.pt also has a "config"; a BEiT export is a config.json
 # folder too), and before the original-LoMaR/MAE fallbacks, whose keys a BEiT checkpoint shares.
 register(BEiTPretrainReader(), 5)
+register(BEiTFinetuneReader(), 6)
 register(BEiTExportReader(), 25)
 register(OriginalBEiTReader(), 60)
 
