@@ -103,7 +103,7 @@ class BEiTExportReader(BEiTReader):
             return False
 
     def model(self, src, overrides):
-        from lomar.models.beit import BEiT, BEiTConfig
+        from lomar.models.beit import BEiT
         from lomar.models.beit_convert import beit_to_timm
 
         weights = self.timm_weights(src, overrides)
