@@ -114,7 +114,8 @@ class BEiTExportReader(BEiTReader):
             raise ValueError(f"{src.path} does not fit BEiT({weights.config}); re-export it")
         state = {k: v for k, v in weights.state.items() if ".attn.relative_position_bias_table" not in k}
         if model.config.use_shared_rel_pos_bias:
-            state["rel_pos_bias.relative_position_bias_table"] = weights.state["blocks.0.attn.relative_position_bias_table"]
+            shared = weights.state["blocks.0.attn.relative_position_bias_table"]
+            state["rel_pos_bias.relative_position_bias_table"] = shared
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or set(missing) - {"mask_token", "lm_head.weight", "lm_head.bias"}:
             raise ValueError(f"{src.path} does not fit BEiT: missing {missing}, unexpected {unexpected}")
