@@ -25,6 +25,7 @@ from lomar.train.settings import (
     coerce_all,
     explicit_values,
     read_yaml,
+    resume_target,
     resume_values,
 )
 
@@ -194,30 +195,13 @@ def _saved_config(explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None
     OUT/config.yaml when the run stopped before its first checkpoint (the engine then starts it
     afresh); with none of them it is a new run.
     """
-    resume = explicit.get("resume")
-    if not resume:
-        return None
-    if resume == "auto":
-        if explicit.get("out") is None:
-            raise ConfigError("--resume auto needs --out RUN_FOLDER (the run to continue); or pass "
-                              "--resume RUN_FOLDER/last.pt")
-        from lomar.train.run_state import find_resume_checkpoint
-
-        out = Path(explicit["out"])
-        found, _ = find_resume_checkpoint(out) if out.is_dir() else (None, [])
-        if found is not None:
-            return _sharded_config(found) if found.is_dir() else _checkpoint_config(found)
-        if (out / "config.yaml").is_file():
-            return read_yaml(PretrainConfig, out / "config.yaml", strict=False), str(out / "config.yaml")
-        return None
-    path = Path(resume)
-    if path.is_dir() and (path / ".metadata").is_file():
-        return _sharded_config(path)
-    if path.is_dir():
-        raise ConfigError(f"--resume {path} is a folder; pass {path / 'last.pt'}, or --out {path} --resume auto")
-    if not path.is_file():
-        raise ConfigError(f"--resume {path} does not exist; pass a checkpoint file or 'auto'")
-    return _checkpoint_config(path)
+    target = resume_target(explicit, sharded_ok=True)
+    if target is not None:
+        return _sharded_config(target) if target.is_dir() else _checkpoint_config(target)
+    yaml_path = Path(explicit["out"]) / "config.yaml" if explicit.get("resume") == "auto" else None
+    if yaml_path is not None and yaml_path.is_file():
+        return read_yaml(PretrainConfig, yaml_path, strict=False), str(yaml_path)
+    return None
 
 
 PRETRAIN_FORMAT = "lomar-pretrain-2"  # 2: `windows` is meant for every method (an MAE run saved 4 unused)

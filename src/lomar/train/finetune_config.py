@@ -20,7 +20,14 @@ from typing import Any
 import yaml
 
 from lomar.train.runtime import default_workers
-from lomar.train.settings import ConfigError, add_dataclass_arguments, coerce_all, explicit_values, resume_values
+from lomar.train.settings import (
+    ConfigError,
+    add_dataclass_arguments,
+    coerce_all,
+    explicit_values,
+    resume_target,
+    resume_values,
+)
 
 __all__ = ["FinetuneConfig", "add_finetune_arguments", "resolve_finetune_config", "dump_finetune_config"]
 
@@ -125,25 +132,9 @@ def resolve_finetune_config(args: argparse.Namespace) -> FinetuneConfig:
 
 def _saved_settings(explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
     """(settings, where from) of the run being resumed; None for a new run."""
-    resume = explicit.get("resume")
-    if not resume:
+    path = resume_target(explicit)
+    if path is None:
         return None
-    from lomar.train.run_state import find_resume_checkpoint
-
-    if resume == "auto":
-        if explicit.get("out") is None:
-            raise ConfigError("--resume auto needs --out RUN_FOLDER (the run to continue); or pass "
-                              "--resume RUN_FOLDER/last.pt")
-        out = Path(explicit["out"])
-        path = find_resume_checkpoint(out)[0] if out.is_dir() else None
-        if path is None:
-            return None
-    else:
-        path = Path(resume)
-        if path.is_dir():
-            raise ConfigError(f"--resume {path} is a folder; pass {path / 'last.pt'}, or --out {path} --resume auto")
-        if not path.is_file():
-            raise ConfigError(f"--resume {path} does not exist; pass a checkpoint file or 'auto'")
     from lomar.checkpoints.io import safe_load
 
     try:

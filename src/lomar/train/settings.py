@@ -162,3 +162,27 @@ def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[
                           f"drop {flag} to continue the run, or start a new run with another --out")
     values.update({k: v for k, v in explicit.items() if k in run_control})
     return values
+
+
+def resume_target(explicit: dict[str, Any], sharded_ok: bool = False) -> Path | None:
+    """The checkpoint ``--resume`` names: None when not resuming, or when ``--resume auto`` finds
+    no intact checkpoint in ``--out``. ``sharded_ok``: a sharded (``.dcp``) folder may be named."""
+    resume = explicit.get("resume")
+    if not resume:
+        return None
+    if resume == "auto":
+        if explicit.get("out") is None:
+            raise ConfigError("--resume auto needs --out RUN_FOLDER (the run to continue); or pass "
+                              "--resume RUN_FOLDER/last.pt")
+        from lomar.train.run_state import find_resume_checkpoint
+
+        out = Path(explicit["out"])
+        return find_resume_checkpoint(out)[0] if out.is_dir() else None
+    path = Path(resume)
+    if sharded_ok and path.is_dir() and (path / ".metadata").is_file():
+        return path
+    if path.is_dir():
+        raise ConfigError(f"--resume {path} is a folder; pass {path / 'last.pt'}, or --out {path} --resume auto")
+    if not path.is_file():
+        raise ConfigError(f"--resume {path} does not exist; pass a checkpoint file or 'auto'")
+    return path
