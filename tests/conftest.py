@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import write_images
+from helpers import pretrain, write_images
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -22,3 +22,21 @@ def generator():
 def image_dir(tmp_path_factory) -> Path:
     """16 small random PNGs (40x48) in one folder."""
     return write_images(tmp_path_factory.mktemp("images"), 16)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, image_dir) -> Path:
+    """``last.pt`` of a 1-step tiny LoMaR run (helpers.TINY) on ``image_dir``."""
+    out = tmp_path_factory.mktemp("pre") / "run"
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "1") == 0
+    return out / "last.pt"
+
+
+@pytest.fixture(scope="module")
+def labelled_folder(tmp_path_factory) -> Path:
+    """An ImageFolder root: train/ (4 per class) and val/ (2 per class) of two classes, 36 px."""
+    root = tmp_path_factory.mktemp("cls")
+    for split, count in (("train", 4), ("val", 2)):
+        for label in ("a", "b"):
+            write_images(root / split / label, count, size=(36, 36))
+    return root

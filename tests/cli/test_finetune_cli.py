@@ -10,26 +10,13 @@ import pytest
 import torch
 import yaml
 
-from helpers import pretrain, write_images
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, image_dir) -> Path:
-    out = tmp_path_factory.mktemp("pre") / "run"
-    assert pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "1") == 0
-    return out / "last.pt"
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    """train/ (4 per class) and val/ (2 per class) of two classes."""
-    root = tmp_path_factory.mktemp("cls")
-    for split, count in (("train", 4), ("val", 2)):
-        for label in ("a", "b"):
-            write_images(root / split / label, count, size=(36, 36))
-    return root
+def folder(labelled_folder) -> Path:
+    return labelled_folder
 
 
 def _args(pretrained: Path, folder: Path, out: Path, *extra: str) -> list[str]:
