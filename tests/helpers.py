@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from lomar.cli.app import main
 
@@ -16,6 +17,29 @@ _DEFAULT_REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "re
 def reference_dir() -> Path:
     """The golden-vector folder: ``LOMAR_REFERENCE_DIR``, else ``../shared/reference`` beside the repo."""
     return Path(os.environ.get("LOMAR_REFERENCE_DIR", _DEFAULT_REFERENCE))
+
+
+def reference_cases(meta_name: str) -> list:
+    """One pytest param per case folder holding ``meta_name``; without any, one param that fails
+    in :func:`require_reference` (or is skipped under ``LOMAR_SKIP_REFERENCE=1``)."""
+    root = reference_dir()
+    found = sorted(p.parent for p in root.glob(f"*/{meta_name}")) if root.is_dir() else []
+    if found:
+        return [pytest.param(p, id=p.name) for p in found]
+    return missing_reference(f"no {meta_name} case under {root}" if root.is_dir() else f"no reference dir {root}")
+
+
+def missing_reference(reason: str) -> list:
+    if os.environ.get("LOMAR_SKIP_REFERENCE") == "1":  # explicit opt-out, e.g. for packagers without the data
+        return [pytest.param(None, id="missing", marks=pytest.mark.skip(reason=f"{reason} (LOMAR_SKIP_REFERENCE=1)"))]
+    return [pytest.param(reason, id="missing")]
+
+
+def require_reference(case) -> None:
+    """A missing reference must fail, not pass as 'skipped': a clone without the data is not tested."""
+    if isinstance(case, str):
+        pytest.fail(f"{case}; clone ../shared beside the repo, set LOMAR_REFERENCE_DIR, "
+                    f"or set LOMAR_SKIP_REFERENCE=1 to skip the golden-vector tests explicitly")
 
 
 # A 2-block, 32-wide ViT on 32 px crops: 4x4 patch grid, 3x3 windows, 2 per image.

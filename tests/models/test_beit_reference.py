@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import reference_dir
+from helpers import reference_cases, require_reference
 from lomar.models.beit import BEiTConfig
 from lomar.models.beit_convert import load_original_beit
 from lomar.models.blockmask import BlockMaskGenerator, block_mask_batch
@@ -20,15 +20,8 @@ ATOL, RTOL = 1e-5, 1e-4
 META = "beit_meta.json"
 
 
-def _cases():
-    root = reference_dir()
-    found = sorted(p.parent for p in root.glob(f"*/{META}")) if root.is_dir() else []
-    return [pytest.param(p, id=p.name) for p in found] or [pytest.param(None, id="no-case")]
-
-
 def _load(case: Path):
-    if case is None:
-        pytest.fail(f"no folder with {META} under {reference_dir()}; set LOMAR_REFERENCE_DIR to the reference dir")
+    require_reference(case)
     meta = json.loads((case / META).read_text())
     config_keys = set(BEiTConfig.__dataclass_fields__)
     model = load_original_beit(case / "beit_checkpoint.pth", **{k: meta[k] for k in config_keys if k in meta})
@@ -36,7 +29,7 @@ def _load(case: Path):
     return meta, model.eval(), data
 
 
-@pytest.mark.parametrize("case", _cases())
+@pytest.mark.parametrize("case", reference_cases(META))
 def test_beit_case(case):
     meta, model, data = _load(case)
     # Every configured value reached the model; eps is checked directly (1e-5 would hide in rtol).
@@ -77,7 +70,7 @@ def test_beit_case(case):
         assert errors and min(errors) <= ATOL + RTOL * expected.abs().max().item(), errors
 
 
-@pytest.mark.parametrize("case", _cases())
+@pytest.mark.parametrize("case", reference_cases(META))
 def test_beit_case_masks_come_from_our_block_generator(case):
     """The case's masks were drawn by the original generator: ours, seeded the same, redraws them."""
     meta, _, data = _load(case)

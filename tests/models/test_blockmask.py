@@ -8,21 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import reference_dir
+from helpers import reference_cases, require_reference
 from lomar.models.blockmask import BlockMaskGenerator, block_mask_batch, window_blockmask_args
 
 META = "blockmask_meta.json"
 
 
-def _cases():
-    root = reference_dir()
-    found = sorted(p.parent for p in root.glob(f"*/{META}")) if root.is_dir() else []
-    return [pytest.param(p, id=p.name) for p in found] or [pytest.param(None, id="no-case")]
-
-
 def _load(case):
-    if case is None:
-        pytest.fail(f"no folder with {META} under {reference_dir()}; set LOMAR_REFERENCE_DIR to the reference dir")
+    require_reference(case)
     meta = json.loads((case / META).read_text())
     data = np.load(case / "blockmask.npz")
 
@@ -33,7 +26,7 @@ def _load(case):
     return meta, data, make
 
 
-@pytest.mark.parametrize("case", _cases())
+@pytest.mark.parametrize("case", reference_cases(META))
 def test_masks_and_stream_are_exact(case):
     meta, data, make = _load(case)
     masks = np.stack([make(int(s))().numpy() for s in data["seeds"]])
@@ -46,7 +39,7 @@ def test_masks_and_stream_are_exact(case):
     assert np.array_equal(stream.reshape(len(stream), -1).sum(1), data["stream_counts"])
 
 
-@pytest.mark.parametrize("case", _cases())
+@pytest.mark.parametrize("case", reference_cases(META))
 def test_statistics(case):
     meta, data, make = _load(case)
     stats = meta["stats"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lomar
-from helpers import reference_dir
+from helpers import missing_reference, reference_cases, reference_dir, require_reference
 from lomar.models.attention import bucket_rows, offset_buckets, rpe_attention
 from lomar.models.masking import window_token_index
 from lomar.models.rpe import ContextualRPE, bucket_table
@@ -21,39 +21,14 @@ from lomar.models.rpe import ContextualRPE, bucket_table
 ATOL, RTOL = 1e-5, 1e-4
 
 
-_SKIP = os.environ.get("LOMAR_SKIP_REFERENCE") == "1"  # explicit opt-out, e.g. for packagers without the data
-
-
-def _cases(meta_name: str):
-    """One param per case folder; without any, one that fails (or skips under LOMAR_SKIP_REFERENCE=1)."""
-    root = reference_dir()
-    found = sorted(p.parent for p in root.glob(f"*/{meta_name}")) if root.is_dir() else []
-    if found:
-        return [pytest.param(p, id=p.name) for p in found]
-    return _missing(f"no {meta_name} case under {root}" if root.is_dir() else f"no reference dir {root}")
-
-
-def _missing(reason: str):
-    if _SKIP:
-        return [pytest.param(None, id="missing", marks=pytest.mark.skip(reason=f"{reason} (LOMAR_SKIP_REFERENCE=1)"))]
-    return [pytest.param(reason, id="missing")]
-
-
-def _require(case):
-    """A missing reference must fail, not pass as 'skipped': a clone without the data is not tested."""
-    if isinstance(case, str):
-        pytest.fail(f"{case}; clone ../shared beside the repo, set LOMAR_REFERENCE_DIR, "
-                    f"or set LOMAR_SKIP_REFERENCE=1 to skip the golden-vector tests explicitly")
-
-
 def test_missing_reference_fails_unless_opted_out(tmp_path, monkeypatch):
     monkeypatch.setenv("LOMAR_REFERENCE_DIR", str(tmp_path / "nowhere"))
-    (case,) = _cases("meta.json")
-    if _SKIP:
+    (case,) = reference_cases("meta.json")
+    if os.environ.get("LOMAR_SKIP_REFERENCE") == "1":
         assert case.marks and case.marks[0].name == "skip"
         return
     with pytest.raises(pytest.fail.Exception, match="no reference dir"):
-        _require(case.values[0])
+        require_reference(case.values[0])
 
 
 def test_an_explicit_reference_dir_holds_cases():
@@ -67,15 +42,15 @@ def test_an_explicit_reference_dir_holds_cases():
 
 
 def _lomar_cases():
-    cases = [c for c in _cases("meta.json") if not hasattr(c.values[0], "joinpath")
+    cases = [c for c in reference_cases("meta.json") if not hasattr(c.values[0], "joinpath")
              or json.loads((c.values[0] / "meta.json").read_text()).get("method", "lomar") == "lomar"]
-    return cases or _missing(f"no LoMaR case (meta.json with method 'lomar') under {reference_dir()}")
+    return cases or missing_reference(f"no LoMaR case (meta.json with method 'lomar') under {reference_dir()}")
 
 
 @pytest.mark.parametrize("attention", ["auto", "chunked"])
 @pytest.mark.parametrize("case", _lomar_cases())
 def test_lomar_case(case, attention):
-    _require(case)
+    require_reference(case)
     meta = json.loads((case / "meta.json").read_text())
     data = np.load(case / "case.npz")
     model = lomar.load_original(case / "checkpoint.pth", num_heads=meta["num_heads"],
@@ -112,9 +87,9 @@ def test_lomar_case(case, attention):
 
 
 @pytest.mark.parametrize("attention", ["auto", "chunked"])
-@pytest.mark.parametrize("case", _cases("mae_meta.json"))
+@pytest.mark.parametrize("case", reference_cases("mae_meta.json"))
 def test_mae_case(case, attention):
-    _require(case)
+    require_reference(case)
     meta = json.loads((case / "mae_meta.json").read_text())
     data = np.load(case / "mae_case.npz")
     model = lomar.load_original(case / "mae_checkpoint.pth", num_heads=meta["num_heads"],
@@ -128,9 +103,9 @@ def test_mae_case(case, attention):
     torch.testing.assert_close(out.loss, torch.from_numpy(data["loss"]), atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("case", _cases("rpe_meta.json"))
+@pytest.mark.parametrize("case", reference_cases("rpe_meta.json"))
 def test_rpe_case(case):
-    _require(case)
+    require_reference(case)
     meta = json.loads((case / "rpe_meta.json").read_text())
     data = np.load(case / "rpe.npz")
     assert meta["num_buckets"] == 50 and meta["method"] == "product" and meta["mode"] == "contextual"

@@ -9,24 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import reference_dir
+from helpers import reference_cases, require_reference
 from lomar.tokenizers import DVAEConfig, DVAEEncoder, convert_dvae, load_dvae, load_tokenizer, map_pixels
 
 ATOL, RTOL = 1e-5, 1e-4
 META = "dvae_meta.json"
 
 
-def _cases():
-    root = reference_dir()
-    found = sorted(p.parent for p in root.glob(f"*/{META}")) if root.is_dir() else []
-    return [pytest.param(p, id=p.name) for p in found] or [pytest.param(None, id="no-case")]
-
-
 @pytest.mark.parametrize("form", ["pkl", "state", "safetensors"])
-@pytest.mark.parametrize("case", _cases())
+@pytest.mark.parametrize("case", reference_cases(META))
 def test_dvae_case(case, form, tmp_path):
-    if case is None:
-        pytest.fail(f"no folder with {META} under {reference_dir()}; set LOMAR_REFERENCE_DIR to the reference dir")
+    require_reference(case)
     meta = json.loads((case / META).read_text())
     data = {k: torch.from_numpy(v) for k, v in np.load(case / "dvae_case.npz").items()}
     if form == "safetensors":
