@@ -73,26 +73,25 @@ def int_range(low: int, high: int | None = None):
     return parse
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0 (rejects nan, inf, 0 and negatives)."""
+def _finite_float(text: str, zero_ok: bool) -> float:
+    accepted = "a finite number >= 0" if zero_ok else "a finite number > 0"
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+        raise argparse.ArgumentTypeError(f"expected {accepted}, got {text!r}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise argparse.ArgumentTypeError(f"expected {accepted}, got {text}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (rejects nan, inf, 0 and negatives)."""
+    return _finite_float(text, zero_ok=False)
 
 
 def non_negative_float(text: str) -> float:
     """argparse type: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
+    return _finite_float(text, zero_ok=True)
 
 
 def _check_writable_dir(folder: Path, flag: str, target: Path) -> None:
