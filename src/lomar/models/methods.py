@@ -36,7 +36,7 @@ class Method:
     name: str
     default_mask_ratio: float | None
     default_pos: str
-    default_windows: int
+    default_windows: int | None  # for --windows auto; None = the paper's rule (lomar.windows.paper_windows)
     validate: Callable[[Any, tuple[int, int]], None]
     build: Callable[[Any, Any], torch.nn.Module]
     masker: Callable[[Any, tuple[int, int]], Masker]
@@ -135,7 +135,7 @@ def _lomar_masker_for(config, grid) -> Masker:
 
 
 register(Method(
-    "lomar", default_mask_ratio=0.8, default_pos="rpe", default_windows=4,
+    "lomar", default_mask_ratio=0.8, default_pos="rpe", default_windows=None,
     validate=lambda config, grid: _check_windows(config, grid, config.mask_ratio),
     build=_lomar_build, masker=_lomar_masker_for, forward_kwargs=_plan_kwargs))
 
@@ -146,8 +146,7 @@ def _mae_masker(gen: torch.Generator, length: int) -> dict:
 
 
 def _mae_validate(config, grid) -> None:
-    if config.pos != "abs":
-        raise ValueError(f"--method mae needs --pos abs (got {config.pos})")
+    # --pos abs is required by lomar.train.config.validate before this runs
     if not 0 < config.mask_ratio < 1:
         raise ValueError(f"--mask-ratio must be in (0, 1) for MAE, got {config.mask_ratio}")
     if config.windows:

@@ -253,16 +253,18 @@ def _resume_values(saved: dict[str, Any], source: str, explicit: dict[str, Any])
 
 def resolve_windows(config: PretrainConfig) -> int:
     """``config.windows`` as a count (0 = the whole image): a number as given; ``auto`` (or None)
-    is the method's default: for lomar the paper's rule at this image and patch size
-    (:func:`lomar.windows.paper_windows`), for the others the whole image. ConfigError otherwise."""
+    is the method's default (``Method.default_windows``; None there = the paper's rule at this image
+    and patch size, :func:`lomar.windows.paper_windows`). ConfigError otherwise."""
     from lomar.windows import parse_windows
 
     value = config.windows
     if value is None or value == "auto":
-        if config.method != "lomar":
-            return 0
+        from lomar.models.methods import get_method
         from lomar.windows import paper_windows
 
+        default = get_method(config.method).default_windows
+        if default is not None:
+            return default
         return paper_windows(config.img_size, vit_config(config).patch_size, config.window_size)
     try:
         return parse_windows(value)
@@ -290,10 +292,10 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
     from lomar.models.methods import get_method
 
     check_numbers(config)
-    config.windows = resolve_windows(config)
     for name, choices in _CHOICES.items():
         if getattr(config, name) not in choices:
             raise ConfigError(f"--{name} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
+    config.windows = resolve_windows(config)
     check_fsdp(config)
     if config.method == "mae" and config.pos != "abs":
         raise ConfigError(f"--method mae needs --pos abs (got {config.pos})")
@@ -340,9 +342,11 @@ def build_model(config: PretrainConfig):
 
 def dump_config(config: PretrainConfig) -> str:
     """The config as YAML, with a comment saying what ``--windows auto`` gives here."""
+    from lomar.models.methods import METHODS
+
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
-    if config.method != "lomar":
-        return text
+    if config.method not in METHODS or METHODS[config.method].default_windows is not None:
+        return text  # auto is a fixed count there, not the paper's rule
     try:
         auto = resolve_windows(dataclasses.replace(config, windows="auto"))
     except (ConfigError, ValueError):
