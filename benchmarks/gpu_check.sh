@@ -13,6 +13,7 @@
 #   GPU_CHECK_METHODS (default: every method `lomar bench --help` offers)
 #   GPU_CHECK_PRETRAIN_STEPS=100  GPU_CHECK_PRETRAIN_SIZE=448  GPU_CHECK_PRETRAIN_BATCH=64
 #   GPU_CHECK_WORKERS=(cores-2)  GPU_CHECK_CAMERA_COUNT=128  GPU_CHECK_FINETUNE_STEPS=20
+#   GPU_CHECK_DECODE="full gpu" (pretrain runs, one per `lomar pretrain --decode` mode)
 #   GPU_CHECK_BACKBONE_SIZES="1024 1536 2048"  GPU_CHECK_BACKBONE_ATTENTION="dense chunked flex windowed"
 #   GPU_CHECK_T_ENV/_BENCH/_PRETRAIN/_LOADER/_FINETUNE/_BACKBONE: per-part timeouts (s)
 #   GPU_CHECK_COMPILE=1 (0: eager bench steps)
@@ -34,12 +35,12 @@ if [ "$DEVICE" = cpu ]; then  # tiny mode: proves the script runs, measures noth
   D_MODEL=vit_tiny_patch8; D_SIZES="64"; D_BATCH=2; D_MAE896=2; D_STEPS=1; D_WARMUP=0
   D_PSTEPS=3; D_PSIZE=64; D_PBATCH=4; D_WORKERS=1; D_COUNT=8; D_FSTEPS=2; D_BB="64"; D_BBATT="dense chunked"
   TINY=(--embed-dim 32 --depth 1 --num-heads 2 --window-size 3 --windows 2); D_WINDOWS="2"
-  BENCH_TINY=(--tiny); PRECISION=fp32; COMPILE=()
+  BENCH_TINY=(--tiny); PRECISION=fp32; COMPILE=(); D_DECODE="full draft"
 else
   D_MODEL=vit_base_patch16; D_SIZES="224 448 896"; D_BATCH=64; D_MAE896=16; D_STEPS=5; D_WARMUP=2
   D_PSTEPS=100; D_PSIZE=448; D_PBATCH=64; D_WORKERS=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 )); D_COUNT=128
   D_FSTEPS=20; D_BB="1024 1536 2048"; D_BBATT="dense chunked flex windowed"; TINY=(); D_WINDOWS="paper"; BENCH_TINY=(); PRECISION=bf16
-  COMPILE=(--compile)
+  COMPILE=(--compile); D_DECODE="full gpu"
 fi
 MODEL=${GPU_CHECK_MODEL:-$D_MODEL}; SIZES=${GPU_CHECK_SIZES:-$D_SIZES}; WINDOWS=${GPU_CHECK_WINDOWS:-$D_WINDOWS}
 BATCH=${GPU_CHECK_BENCH_BATCH:-$D_BATCH}; MAE896=${GPU_CHECK_MAE_BATCH_896:-$D_MAE896}
@@ -52,6 +53,7 @@ BB_SIZES=${GPU_CHECK_BACKBONE_SIZES:-$D_BB}
 BB_ATTENTION=${GPU_CHECK_BACKBONE_ATTENTION:-$D_BBATT}
 [ "${GPU_CHECK_COMPILE:-1}" = 0 ] && COMPILE=()  # torch.compile costs tens of seconds per configuration
 PARTS=${GPU_CHECK_PARTS:-env bench loader pretrain finetune backbone}
+DECODES=${GPU_CHECK_DECODE:-$D_DECODE}
 VENV=${GPU_CHECK_VENV:-/tmp/lomar-gpu-check-venv}
 BUDGET=${GPU_CHECK_BUDGET:-450}  # seconds for the whole check; late bench runs are skipped past it
 T0=$(date +%s)
@@ -175,31 +177,39 @@ EOF
 fi
 
 # ---------------------------------------------------------------- pretrain on the camera-size set
+# One run per --decode mode (GPU_CHECK_DECODE); the first mode's run is $RUN, which finetune reads.
 RUN="$WORK/pretrain"
 if want pretrain; then
   PW=9; [ "$PSIZE" -lt 448 ] && PW=4; [ "${#TINY[@]}" -gt 0 ] && PW=2
-  start=$(date +%s.%N)
-  timeout "${GPU_CHECK_T_PRETRAIN:-150}" "${LOMAR[@]}" pretrain --data "$CAMERA" --out "$RUN" --overwrite \
-    --model "$MODEL" --img-size "$PSIZE" --windows "$PW" --batch-size "$PBATCH" --max-steps "$PSTEPS" \
-    --epochs 100000 --warmup-epochs 1 --workers "$WORKERS" --device "$DEVICE" --precision "$PRECISION" \
-    --log-every 10 --save-every 100000 "${TINY[@]}" 2>&1 | tail -n 20 | tee -a "$LOG"
-  rc=${PIPESTATUS[0]}
-  "$PY" - "$RUN/metrics.jsonl" "$DEST/pretrain.json" "$PBATCH" "$start" "$rc" "$WORKERS" "$PSIZE" <<'EOF' 2>&1 | tee -a "$LOG"
+  first=1
+  for decode in $DECODES; do
+    run="$RUN"; json="$DEST/pretrain.json"
+    [ "$first" = 1 ] || { run="$RUN-$decode"; json="$DEST/pretrain-$decode.json"; }
+    first=0
+    start=$(date +%s.%N)
+    timeout "${GPU_CHECK_T_PRETRAIN:-150}" "${LOMAR[@]}" pretrain --data "$CAMERA" --out "$run" --overwrite \
+      --model "$MODEL" --img-size "$PSIZE" --windows "$PW" --batch-size "$PBATCH" --max-steps "$PSTEPS" \
+      --epochs 100000 --warmup-epochs 1 --workers "$WORKERS" --device "$DEVICE" --precision "$PRECISION" \
+      --decode "$decode" --log-every 10 --save-every 100000 "${TINY[@]}" 2>&1 | tail -n 20 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    "$PY" - "$run/metrics.jsonl" "$json" "$PBATCH" "$start" "$rc" "$WORKERS" "$PSIZE" "$decode" <<'EOF' 2>&1 | tee -a "$LOG"
 import json, statistics, sys, time
-metrics, out, batch, start, rc, workers, size = sys.argv[1:]
+metrics, out, batch, start, rc, workers, size, decode = sys.argv[1:]
 try:
     rows = [json.loads(l) for l in open(metrics)]
 except OSError:
     rows = []
 rates = [r["img_s"] for r in rows[len(rows) // 5:]]  # the first steps include warm-up
-rec = dict(part="pretrain", rc=int(rc), steps=len(rows), batch_size=int(batch), workers=int(workers), img_size=int(size),
-           wall_s=time.time() - float(start), median_step_images_per_s=statistics.median(rates) if rates else None,
+rec = dict(part="pretrain", decode=decode, rc=int(rc), steps=len(rows), batch_size=int(batch), workers=int(workers),
+           img_size=int(size), wall_s=time.time() - float(start),
+           median_step_images_per_s=statistics.median(rates) if rates else None,
            loss_first=rows[0]["loss"] if rows else None, loss_last=rows[-1]["loss"] if rows else None)
 rec["end_to_end_images_per_s"] = len(rows) * int(batch) / rec["wall_s"] if rows else None
 json.dump(rec, open(out, "w"), indent=1)
 print("pretrain:", rec)
 EOF
-  status pretrain "$rc" "compare median_step_images_per_s with loader.json model_images_per_s"
+    status pretrain "$rc" "--decode $decode; compare median_step_images_per_s with loader.json model_images_per_s"
+  done
 fi
 
 # ---------------------------------------------------------------- short finetune

@@ -35,6 +35,9 @@ def _env() -> dict:
     (["--mask-ratio", "0.05"], "mask ratio"),
     (["--method", "mae", "--pos", "rpe"], "--pos abs"),
     (["--resume", "/no/such.pt"], "does not exist"),
+    (["--decode", "windows", "--method", "mae", "--pos", "abs", "--windows", "0"], "use --decode draft"),
+    (["--decode", "gpu"], "not --device cpu"),
+    (["--decode", "draft", "--data", "/no/shards-*.tar"], "not tar shards"),
 ])
 def test_bad_configuration_is_one_line_and_exit_2(tmp_path, capsys, image_dir, flags, message):
     out = tmp_path / "run"
@@ -49,8 +52,11 @@ def test_bad_configuration_is_one_line_and_exit_2(tmp_path, capsys, image_dir, f
     assert not out.exists()  # nothing was done
 
 
-@pytest.mark.parametrize("case", ["device", "empty folder", "too few images", "decoder heads", "corrupt resume"])
+@pytest.mark.parametrize("case", ["device", "empty folder", "too few images", "decoder heads", "corrupt resume",
+                                  "gpu decode without a gpu"])
 def test_set_up_failures_are_one_line_and_exit_2(tmp_path, capsys, image_dir, case):
+    if case == "gpu decode without a gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has the GPU the case is about")
     out, empty = tmp_path / "run", tmp_path / "empty"
     empty.mkdir()
     flags, message = {
@@ -60,6 +66,7 @@ def test_set_up_failures_are_one_line_and_exit_2(tmp_path, capsys, image_dir, ca
         "decoder heads": (["--method", "mae", "--pos", "abs", "--mask-ratio", "0.75", "--decoder-embed-dim", "16",
                            "--decoder-num-heads", "5"], "not divisible by 5 heads"),
         "corrupt resume": (["--resume", str(out / "last.pt")], "cannot read checkpoint"),
+        "gpu decode without a gpu": (["--device", "auto", "--decode", "gpu"], "needs a CUDA device"),
     }[case]
     if case == "corrupt resume":
         out.mkdir()

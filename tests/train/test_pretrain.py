@@ -14,6 +14,7 @@ from PIL import Image
 
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
+from lomar.data.device_decode import decode_batch
 
 TINY = ["--model", "vit_tiny_patch8", "--embed-dim", "32", "--depth", "1", "--num-heads", "2",
         "--img-size", "32", "--window-size", "3", "--windows", "2", "--batch-size", "2",
@@ -74,3 +75,46 @@ def test_resume_from_a_checkpoint_path_uses_its_out(data, tmp_path, capsys):
     assert main(["pretrain", "--resume", str(out / "last.pt"), "--print-config"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["out"] == str(out) and resolved["data"] == str(data) and resolved["embed_dim"] == 32
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory) -> Path:
+    """Photos large enough for reduced-size decoding (a 32 px crop of 2-8x that)."""
+    root = tmp_path_factory.mktemp("jpegs")
+    y, x = np.mgrid[0:300, 0:400]
+    for i in range(8):
+        pixels = np.stack([(x * (i + 1)) % 256, (y * 2) % 256, ((x + y + 40 * i) // 2) % 256], -1)
+        Image.fromarray(pixels.astype(np.uint8)).save(root / f"photo{i}.jpg", quality=90)
+    return root
+
+
+def test_decode_gpu_trains_on_the_reference_pixels(jpegs, tmp_path, monkeypatch):
+    """--decode gpu's batch decoding, run on CPU (torchvision's CPU decoder): the run is the
+    reference run, loss for loss. On a CUDA machine --device auto takes the GPU path itself."""
+    import lomar.train.engine as engine
+
+    monkeypatch.setattr(engine, "DEVICE_DECODE_TYPES", ("cuda", "cpu"))
+    decoded = []
+    monkeypatch.setattr(engine, "decode_batch", lambda batch, *args: decoded.append(len(batch["encoded"]))
+                        or decode_batch(batch, *args))
+    assert _run("--data", jpegs, "--out", tmp_path / "full", "--max-steps", 5) == 0
+    assert not decoded
+    assert _run("--data", jpegs, "--out", tmp_path / "gpu", "--max-steps", 5, "--device", "auto",
+                "--decode", "gpu") == 0
+    assert decoded == [2] * 5  # every batch went through the batched decoder
+    if not torch.cuda.is_available():
+        assert _losses(tmp_path / "gpu") == _losses(tmp_path / "full")
+    assert (tmp_path / "gpu" / "reconstruction.png").exists()
+
+
+@pytest.mark.parametrize("decode", ["draft", "windows"])
+def test_reduced_decoding_trains_and_resumes_exactly(jpegs, tmp_path, decode):
+    full = tmp_path / "full"
+    assert _run("--data", jpegs, "--out", full, "--decode", decode, "--max-steps", 6) == 0
+    assert _run("--data", jpegs, "--out", tmp_path / "cut", "--decode", decode, "--max-steps", 3) == 0
+    assert _run("--out", tmp_path / "cut", "--resume", "auto", "--max-steps", 6) == 0
+    assert _losses(tmp_path / "cut") == _losses(full)
+    assert all(np.isfinite(_losses(full)))
+    # the reduced decode does change pixels: the run is not the reference one
+    assert _run("--data", jpegs, "--out", tmp_path / "ref", "--max-steps", 6) == 0
+    assert _losses(tmp_path / "ref") != _losses(full)

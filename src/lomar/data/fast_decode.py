@@ -224,29 +224,29 @@ def _can_reduce(source, transform, gen: torch.Generator) -> bool:
     return h / 2 >= transform.size and w / 2 >= transform.size
 
 
-def gpu_decode_crops(datas: list[bytes], boxes: list[tuple[int, int, int, int]], size: int,
+def gpu_decode_crops(datas: list[bytes | torch.Tensor], boxes: list[tuple[int, int, int, int]], size: int,
                      flips: list[bool], device: torch.device | str = "cuda") -> torch.Tensor:
     """Batched CUDA JPEG decode + crop + antialiased bicubic resize + flip, on the device.
 
     ``boxes``: (top, left, h, w) in full-size coordinates (draw them with the transform's
     ``crop_box`` on :func:`jpeg_size`). Returns uint8 (N, 3, S, S) on ``device``. On CUDA the
-    batch goes through nvjpeg in one call; "cpu" runs the same code (what the tests check).
-    EXIF orientation is not applied.
+    batch goes through nvjpeg in one call; "cpu" runs the same code and gives the reference
+    transform's pixels exactly (what the tests check). EXIF orientation is not applied.
     """
     import warnings
 
-    import torch.nn.functional as F
-
-    encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    encoded = [d if isinstance(d, torch.Tensor) else torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
     with warnings.catch_warnings():  # torchvision 0.29's notice of its decoders' move to torchcodec
         warnings.simplefilter("ignore", DeprecationWarning)
         from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.transforms.v2 import functional as TF
 
         images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+
     out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=device)
     for i, (image, (top, left, h, w), flip) in enumerate(zip(images, boxes, flips)):
-        crop = image[:, top:top + h, left:left + w].unsqueeze(0).float()
-        crop = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-        crop = crop.round_().clamp_(0, 255).to(torch.uint8)[0]
+        # The reference transform's own resize: on CPU the same pixels as --decode full.
+        crop = TF.resized_crop(image, top, left, h, w, [size, size], interpolation=TF.InterpolationMode.BICUBIC,
+                               antialias=True)
         out[i] = crop.flip(-1) if flip else crop
     return out

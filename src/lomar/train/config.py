@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from lomar.train.config_checks import check_data, check_fsdp, check_numbers
+from lomar.train.config_checks import check_data, check_decode, check_fsdp, check_numbers
 from lomar.train.runtime import default_workers
 from lomar.train.settings import (
     ConfigError,
@@ -74,6 +74,7 @@ class PretrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto = bf16 on capable CUDA, else fp32
     compile: bool = False
     fsdp: bool = False  # shard parameters, gradients and optimizer state across torchrun processes (FSDP2)
+    decode: str = "full"  # full | draft | windows | gpu (lomar.data.fast_decode, lomar.data.device_decode)
     # running
     workers: int | None = None  # None = min(8, cores - 1)
     threads: int | None = None  # torch CPU threads per process; None = the cores / processes on this machine
@@ -106,7 +107,7 @@ DEMO_PRESET: dict[str, Any] = dict(
 # The registry (lomar.models.methods) imports torch; a test keeps this tuple equal to it.
 METHOD_NAMES = ("lomar", "mae", "beit")
 _CHOICES = {"method": METHOD_NAMES, "pos": ("rpe", "abs", "none"),
-            "precision": ("auto", "fp32", "bf16", "fp16")}
+            "precision": ("auto", "fp32", "bf16", "fp16"), "decode": ("full", "draft", "windows", "gpu")}
 _HELP = {
     "data": "image folder (recursive), .txt list of paths, or tar shards ('shards/*.tar', "
             "'shard-{000..009}.tar'); omit for the built-in demo photographs",
@@ -125,6 +126,9 @@ _HELP = {
     "threads": "CPU threads per process (1 is fastest for tiny models on a busy machine); "
                "None = the cores shared among this machine's processes", "keep_last": "checkpoints to keep",
     "workers": "data-loading processes; None = min(8, cores - 1)",
+    "decode": "how workers turn files into crops: full = decode the whole photo (reference); draft = JPEG "
+              "decoded at 1/2-1/8 scale when the crop allows (same crops, slightly different pixels); windows = "
+              "draft + only LoMaR's windows resampled; gpu = JPEGs decoded in batches on the CUDA device",
     "fsdp": "shard the model, gradients and optimizer state across the torchrun processes (FSDP2, one unit "
             "per block); sharded checkpoints checkpoint-N.dcp/, consolidated to last.pt at the end",
 }
@@ -183,7 +187,7 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
 # `data` may move. Everything else (model, batch, lr, masking, seed, ...) must stay.
 _RUN_CONTROL = {"data", "out", "resume", "overwrite", "epochs", "max_steps", "save_every", "keep_last",
                 "log_every", "workers", "threads", "device", "compile", "knn_every", "knn_data",
-                "figure_images"}
+                "figure_images", "decode"}
 _PER_INVOCATION = {"resume": None, "overwrite": False}  # never inherited from the saved run
 _DERIVED = frozenset({"mask_ratio", "pos", "windows"})  # None asks for the method's default, which the saved run holds
 
@@ -309,6 +313,7 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
         get_method(config.method).validate(config, grid)
     except ValueError as exc:
         raise ConfigError(f"at --img-size {config.img_size}: {exc}") from None
+    check_decode(config)
     if config.data is not None:
         check_data(config.data)
     out = Path(config.out)

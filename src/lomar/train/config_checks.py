@@ -14,7 +14,7 @@ from lomar.train.settings import ConfigError
 if TYPE_CHECKING:
     from lomar.train.config import PretrainConfig
 
-__all__ = ["check_numbers", "check_data", "check_fsdp"]
+__all__ = ["check_numbers", "check_data", "check_fsdp", "check_decode"]
 
 
 def check_fsdp(config: PretrainConfig) -> None:
@@ -85,3 +85,20 @@ def check_data(data: str) -> None:
     elif not Path(data).exists():
         raise ConfigError(f"--data {data} does not exist; pass a folder of images, a .txt list "
                           f"or a tar shard pattern, or omit --data for the demo")
+
+
+def check_decode(config: PretrainConfig) -> None:
+    """--decode other than full reads image files one by one; windows needs LoMaR's windows, gpu a GPU."""
+    if config.decode == "full":
+        return
+    from lomar.data.shards import is_shard_pattern
+
+    if config.data is not None and is_shard_pattern(config.data):
+        raise ConfigError(f"--decode {config.decode} reads image files, not tar shards (--data {config.data}); "
+                          f"use --decode full with shards")
+    if config.decode == "windows" and (config.method != "lomar" or not config.windows):
+        raise ConfigError(f"--decode windows resamples only LoMaR's windows, but this run is --method "
+                          f"{config.method} with --windows {config.windows}; use --decode draft")
+    if config.decode == "gpu" and config.device not in ("auto",) and not config.device.startswith("cuda"):
+        raise ConfigError(f"--decode gpu decodes JPEGs on a CUDA device, not --device {config.device}; "
+                          f"use --decode draft on CPU")

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lomar.checkpoints.export import export_encoder
 from lomar.checkpoints.io import safe_load
-from lomar.data.collate import BadDataTracker, collate_pretrain
+from lomar.data.collate import BadDataTracker
+from lomar.data.device_decode import DEVICE_DECODE_TYPES, decode_batch, decode_dataset
 from lomar.data.folder import build_pretrain_dataset
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError
@@ -72,9 +73,15 @@ class Trainer:
         self.autocast = autocast_factory(self.precision, device)
         if config.fsdp:  # before the optimizer: it must hold the sharded parameters
             shard_model(self.model, "bf16" if self.precision == "bf16" else "fp32")
-        self.dataset = build_pretrain_dataset(config.data, config.img_size, config.seed,
-                                              masker=self.runtime.masker,
-                                              rank=info.rank, world_size=info.world_size)
+        # The reference dataset draws the figures; the one the loader reads follows --decode.
+        self.base_dataset = build_pretrain_dataset(config.data, config.img_size, config.seed,
+                                                   masker=self.runtime.masker,
+                                                   rank=info.rank, world_size=info.world_size)
+        if config.decode == "gpu" and device.type not in DEVICE_DECODE_TYPES:
+            raise UsageError(f"--decode gpu needs a CUDA device, but this run is on {device.type}; "
+                             f"use --decode draft")
+        self.dataset, collate = decode_dataset(self.base_dataset, config.decode, self.patch, config.window_size,
+                                               config.windows)
         self.iterable = isinstance(self.dataset, IterableDataset)
         size = self._dataset_size()
         per_rank = size // info.world_size
@@ -84,7 +91,7 @@ class Trainer:
                                 f"{config.accum_steps} x {info.world_size} process(es); lower --batch-size")
         self.sampler = None if self.iterable else EpochSampler(size, config.seed, info.rank, info.world_size)
         self.loader = DataLoader(self.dataset, batch_size=config.batch_size, sampler=self.sampler,
-                                 num_workers=config.workers, collate_fn=collate_pretrain, drop_last=True,
+                                 num_workers=config.workers, collate_fn=collate, drop_last=True,
                                  pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
                                  worker_init_fn=ignore_stop_signals if config.workers > 0 else None,
                                  # Its own generator: each new iterator (one more after a resume) then
@@ -164,7 +171,8 @@ class Trainer:
 
     def fixed_images(self) -> torch.Tensor:
         items = []
-        source = iter(self.dataset) if self.iterable else (self.dataset[(i, 0)] for i in range(len(self.dataset)))
+        data = self.base_dataset
+        source = iter(data) if self.iterable else (data[(i, 0)] for i in range(len(data)))
         for item in source:
             if item["image"] is not None:
                 items.append(item["image"])
@@ -216,6 +224,9 @@ class Trainer:
             if micro == limit:
                 break
             micro += 1
+            if self.config.decode == "gpu":
+                transform = self.base_dataset.transform
+                batch = decode_batch(batch, self.device, transform.size, transform.mean, transform.std)
             batch, n = self._readable(batch)
             if batch is not None:
                 self._backward(batch, n, sync=micro % accum == 0 or not self.info.enabled)

@@ -1,0 +1,111 @@
+"""--decode gpu's data path (EncodedPretrainDataset -> collate_encoded -> decode_batch), run on CPU:
+the same crops, flips and plans as the reference path, and on CPU the same pixels."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lomar.data.device_decode import EncodedPretrainDataset, collate_encoded, decode_batch, decode_dataset
+from lomar.data.fast_decode import FastPretrainDataset
+from lomar.data.folder import build_pretrain_dataset
+from lomar.models.methods import get_method
+
+CPU = torch.device("cpu")
+
+
+def _photo(seed: int, size=(150, 220)) -> np.ndarray:
+    """A smooth picture with edges (JPEG-friendly, and a crop/flip mistake shows)."""
+    y, x = np.mgrid[0:size[0], 0:size[1]]
+    rng = np.random.RandomState(seed)
+    a, b = rng.randint(1, 5, size=2)
+    pixels = np.stack([(x * a) % 256, (y * b) % 256, ((x + y) * 3 + 60 * seed) % 256], -1)
+    return pixels.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("photos")
+    for i in range(5):
+        Image.fromarray(_photo(i)).save(root / f"photo{i}.jpg", quality=90)
+    Image.fromarray(_photo(5)).save(root / "lossless.png")  # not a JPEG: decoded by the worker
+    Image.fromarray(_photo(6)).convert("CMYK").save(root / "cmyk.jpg")  # a JPEG the device decoder refuses
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")  # unreadable header
+    return root
+
+
+def _datasets(root: Path, size: int = 64):
+    masker = get_method("lomar").masker(_Cfg(), (size // 8, size // 8))
+    base = build_pretrain_dataset(str(root), size, seed=3, masker=masker)
+    return base, EncodedPretrainDataset(base)
+
+
+class _Cfg:  # the settings the LoMaR masker reads
+    window_size, windows, mask_ratio = 4, 2, 0.75
+
+
+def test_items_draw_the_reference_crop_flip_and_plan(photos):
+    base, encoded = _datasets(photos)
+    kinds = {}
+    for i in range(len(base)):
+        ref, item = base[(i, 1)], encoded[(i, 1)]
+        name = Path(item["path"]).name
+        kinds[name] = "bad" if item["image"] is None and item["encoded"] is None else (
+            "device" if item["encoded"] is not None else "worker")
+        if kinds[name] == "bad":
+            assert ref["image"] is None
+            continue
+        torch.testing.assert_close(item["top_left"], ref["top_left"], rtol=0, atol=0)
+        torch.testing.assert_close(item["mask"], ref["mask"], rtol=0, atol=0)
+    assert kinds == {**{f"photo{i}.jpg": "device" for i in range(5)}, "lossless.png": "worker",
+                     "cmyk.jpg": "worker", "broken.jpg": "bad"}
+
+
+def test_decoded_batch_equals_the_reference_pixels_on_cpu(photos):
+    base, encoded = _datasets(photos)
+    keys = [(i, 2) for i in range(len(base))]
+    batch = decode_batch(collate_encoded([encoded[k] for k in keys]), CPU, 64, base.transform.mean,
+                         base.transform.std)
+    refs = [base[k] for k in keys]
+    good = [r for r in refs if r["image"] is not None]
+    assert batch["images"].shape == (len(good), 3, 64, 64)
+    assert batch["bad"] == [r["path"] for r in refs if r["image"] is None]
+    assert batch["paths"] == [r["path"] for r in good]
+    # torchvision's CPU JPEG decoder and the reference transform's resize: identical pixels.
+    torch.testing.assert_close(batch["images"], torch.stack([r["image"] for r in good]), rtol=0, atol=0)
+    torch.testing.assert_close(batch["top_left"], torch.stack([r["top_left"] for r in good]), rtol=0, atol=0)
+    assert "encoded" not in batch and "boxes" not in batch
+
+
+def test_a_file_the_decoder_refuses_leaves_the_batch(photos, tmp_path):
+    data = (photos / "photo0.jpg").read_bytes()
+    (tmp_path / "good.jpg").write_bytes(data)
+    (tmp_path / "truncated.jpg").write_bytes(data[:len(data) // 3])  # header intact, scan data cut
+    (tmp_path / "zgood.jpg").write_bytes((photos / "photo1.jpg").read_bytes())
+    base, encoded = _datasets(tmp_path)
+    items = [encoded[(i, 0)] for i in range(3)]
+    assert all(item["encoded"] is not None for item in items)  # the header parses: the device gets it
+    batch = decode_batch(collate_encoded(items), CPU, 64, base.transform.mean, base.transform.std)
+    assert [Path(p).name for p in batch["bad"]] == ["truncated.jpg"]
+    assert [Path(p).name for p in batch["paths"]] == ["good.jpg", "zgood.jpg"]
+    assert batch["images"].shape[0] == batch["top_left"].shape[0] == batch["mask"].shape[0] == 2
+    torch.testing.assert_close(batch["images"][1], base[(2, 0)]["image"], rtol=0, atol=0)
+
+
+def test_all_bad_batch_is_empty(photos):
+    base, encoded = _datasets(photos)
+    broken = next(i for i in range(len(base)) if base.paths[i].name == "broken.jpg")
+    batch = decode_batch(collate_encoded([encoded[(broken, 0)]]), CPU, 64, base.transform.mean, base.transform.std)
+    assert batch["images"].shape[0] == 0 and len(batch["bad"]) == 1
+
+
+def test_decode_dataset_picks_the_reader(photos):
+    base, _ = _datasets(photos)
+    assert decode_dataset(base, "full", 8, 4, 2)[0] is base
+    assert isinstance(decode_dataset(base, "draft", 8, 4, 2)[0], FastPretrainDataset)
+    assert isinstance(decode_dataset(base, "windows", 8, 4, 2)[0], FastPretrainDataset)
+    assert isinstance(decode_dataset(base, "gpu", 8, 4, 2)[0], EncodedPretrainDataset)
+    with pytest.raises(ValueError, match="tar shards"):
+        decode_dataset(object(), "draft", 8, 4, 2)
