@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ import timm.optim  # noqa: E402,F811  (not imported by `import timm`)
 import lomar.models.timm  # noqa: E402,F401  (registers lomar_vit_* in timm)
 
 TINY = ViTConfig(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2)
+# ViTDet layout: block 0 attends inside 4x4 tiles of X's 8x12 grid, block 1 globally
+WINDOWED = ViTConfig(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2, window_size=4, global_blocks=(1,))
 X = torch.randn(2, 3, 64, 96)  # not the pretraining size: RPE needs no interpolation
 
 
@@ -107,6 +110,54 @@ def test_timm_classifier_matches_ours(tmp_path):
     assert fresh(X).shape == (2, 7)
     groups = timm.optim.create_optimizer_v2(fresh, "adamw", lr=1e-3, layer_decay=0.75)
     assert len(groups.param_groups) > 2
+
+
+def _windowed(num_classes: int = 0) -> tuple[VisionTransformer, VisionTransformer]:
+    """A windowed encoder and the same weights with global attention (which must give other outputs)."""
+    torch.manual_seed(2)
+    ours = _perturb(VisionTransformer(WINDOWED, num_classes=num_classes))
+    plain = VisionTransformer(replace(WINDOWED, window_size=0, global_blocks=()), num_classes=num_classes).eval()
+    plain.load_state_dict(ours.state_dict())
+    assert not torch.allclose(plain.forward_features(X), ours.forward_features(X), atol=1e-3)
+    return ours, plain
+
+
+def test_windowed_export_rebuilds_with_its_windows(tmp_path):
+    ours, _ = _windowed()
+    export_encoder(ours, tmp_path / "exp")
+    config = json.loads((tmp_path / "exp" / "config.json").read_text())
+    config["attention"] = "flex"  # the exporting machine's choice (CUDA): recorded, not imposed
+    (tmp_path / "exp" / "config.json").write_text(json.dumps(config))
+    assert config["model_args"]["window_size"] == 4 and config["model_args"]["global_blocks"] == [1]
+    rebuilt = [create_encoder(tmp_path / "exp"), load_model(tmp_path / "exp"),
+               timm.create_model(f"local-dir:{tmp_path / 'exp'}", pretrained=True)]
+    want = ours.forward_features(X)
+    for model in rebuilt:
+        assert (model.config.window_size, model.config.global_blocks, model.config.attention) == (4, (1,), "auto")
+        assert torch.equal(model.eval().forward_features(X), want)
+    # the command line's --window-size is LoMaR's K: it does not re-window an export
+    assert load_model(tmp_path / "exp", window_size=7).config.window_size == 4
+
+
+def test_plain_export_config_has_no_window_args(tmp_path):
+    export_encoder(VisionTransformer(TINY), tmp_path / "exp")
+    assert not {"window_size", "global_blocks", "attention"} & set(
+        json.loads((tmp_path / "exp" / "config.json").read_text())["model_args"])
+
+
+@pytest.mark.parametrize("layout", ["finetune", "classifier"])
+def test_windowed_classifier_checkpoint_exports_its_windows(tmp_path, layout):
+    ours, _ = _windowed(num_classes=3)
+    if layout == "finetune":  # what `lomar finetune` writes to best.pt / last.pt
+        ckpt = {"model": ours.state_dict(), "config": ours.config.to_dict(), "num_classes": 3,
+                "classes": ["a", "b", "c"], "format": "lomar-finetune-1", "global_pool": "avg"}
+    else:
+        ckpt = pretrain_checkpoint(ours)
+    atomic_save(ckpt, tmp_path / "best.pt")
+    assert main(["export", str(tmp_path / "best.pt"), "--to", str(tmp_path / "exp")]) == 0
+    m = timm.create_model(f"local-dir:{tmp_path / 'exp'}", pretrained=True).eval()
+    for model in (load_model(tmp_path / "best.pt"), create_encoder(tmp_path / "exp"), m):
+        assert torch.equal(model.eval()(X), ours(X))
 
 
 def test_timm_reads_original_checkpoint():

@@ -57,6 +57,13 @@ def test_each_format_is_detected_once_and_read(sources, name, fmt, kind):
                 assert torch.equal(weights.state[key], value), key
 
 
+def test_lomar_window_override_does_not_window_the_encoder(sources):
+    """``--window-size`` is LoMaR's K; the encoder of an original LoMaR still attends globally."""
+    _, root = sources
+    model = formats.load_model(root / "original.pth", window_size=2)
+    assert model.window_size == 2 and model.encoder.config.window_size == 0
+
+
 def test_a_new_reader_slots_in_with_one_registration(tmp_path, monkeypatch):
     """How BEiT's original checkpoint is added: one Reader, registered before the LoMaR fallback."""
     class Fake(formats.Reader):
@@ -134,6 +141,15 @@ BAD_EXPORTS = [
     ("not safetensors", lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 64), "is not a safetensors file"),
     ("pickle weights", lambda d: torch.save({"a": torch.zeros(1)}, d / "model.safetensors"), "not a safetensors"),
     ("wrong depth", lambda d: _edit(d, depth=3), "does not match"),
+    ("negative window", lambda d: _edit(d, window_size=-1), "window_size must be an int in [0, 8192]"),
+    ("huge window", lambda d: _edit(d, window_size=10**9), "window_size must be an int in [0, 8192]"),
+    ("string window", lambda d: _edit(d, window_size="14"), "window_size must be an int"),
+    ("global block past depth", lambda d: _edit(d, window_size=2, global_blocks=[2]),
+     "global_blocks must be a list of distinct block indices in [0, 1]"),
+    ("repeated global block", lambda d: _edit(d, window_size=2, global_blocks=[1, 1]), "global_blocks must be"),
+    ("float global block", lambda d: _edit(d, window_size=2, global_blocks=[1.0]), "global_blocks must be"),
+    ("global blocks text", lambda d: _edit(d, window_size=2, global_blocks="1"), "global_blocks must be"),
+    ("bad attention", lambda d: _edit(d, attention="fast"), "attention must be one of auto, dense"),
     ("missing weights", lambda d: (d / "model.safetensors").unlink(), "not found"),
 ]
 

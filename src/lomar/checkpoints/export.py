@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text
 from lomar.errors import UsageError
+from lomar.models.attention import ATTENTION_MODES
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig
 
 __all__ = ["export_encoder", "create_encoder", "read_export", "expected_shapes", "timm_architecture", "ENCODER_WEIGHTS",
@@ -24,7 +25,7 @@ CONFIG_NAME = "config.json"
 _BOUNDS: dict[str, tuple[type | tuple[type, ...], float, float]] = {
     "patch_size": (int, 1, 1024), "in_chans": (int, 1, 64), "embed_dim": (int, 1, 8192), "depth": (int, 1, 64),
     "num_heads": (int, 1, 8192), "mlp_ratio": ((int, float), 0.01, 16), "drop_path": ((int, float), 0, 0.999),
-    "num_classes": (int, 0, 1_000_000),
+    "num_classes": (int, 0, 1_000_000), "window_size": (int, 0, 8192),
 }
 _MAX_IMG = 8192
 
@@ -34,7 +35,9 @@ def timm_architecture(config: ViTConfig, num_classes: int = 0) -> tuple[str, dic
 
     The args always spell out the architecture, so non-standard widths rebuild exactly. Written
     into ``config.json`` so that ``timm.create_model('local-dir:DIR', pretrained=True)`` works
-    (after ``import lomar.models.timm``).
+    (after ``import lomar.models.timm``). ViTDet windows are part of the architecture (the same
+    weights with global attention are another model); ``attention`` is not: every mode gives the
+    same result, and the machine that loads the export picks its own (``auto``).
     """
     from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -44,6 +47,8 @@ def timm_architecture(config: ViTConfig, num_classes: int = 0) -> tuple[str, dic
     patch = config.patch_size if config.patch_size in PATCH_SIZES else 16
     args = {k: config.to_dict()[k] for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth",
                                               "num_heads", "mlp_ratio", "pos")}
+    if config.window_size > 0:  # only then: plain exports keep the config.json they always had
+        args.update(window_size=config.window_size, global_blocks=list(config.global_blocks))
     side = config.img_size
     pretrained_cfg = {"input_size": [config.in_chans, side, side], "interpolation": "bicubic", "crop_pct": 0.875,
                       "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "num_classes": num_classes,
@@ -93,6 +98,13 @@ def _check_field(where: Path, key: str, value) -> None:
                          f"got {value!r}; re-export the encoder with `lomar export`")
 
 
+def _check_windows(where: Path, blocks, depth: int) -> None:
+    ints = isinstance(blocks, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in blocks)
+    if not ints or len(set(blocks)) != len(blocks) or not all(0 <= i < depth for i in blocks):
+        raise UsageError(f"{where}: global_blocks must be a list of distinct block indices in [0, {depth - 1}], "
+                         f"got {blocks!r}; re-export the encoder with `lomar export`")
+
+
 def _check_config(where: Path, data, overrides: dict) -> tuple[ViTConfig, int]:
     if not isinstance(data, dict):
         raise UsageError(f"{where} holds a JSON {type(data).__name__}, expected an object; re-export the encoder")
@@ -106,7 +118,14 @@ def _check_config(where: Path, data, overrides: dict) -> tuple[ViTConfig, int]:
         raise UsageError(f"{where}: img_size must be an integer (or [height, width]) in [1, {_MAX_IMG}], got {img!r}")
     if data.get("pos", "rpe") not in ("rpe", "abs", "none"):
         raise UsageError(f"{where}: pos must be 'rpe', 'abs' or 'none', got {data.get('pos')!r}")
-    config = ViTConfig.from_dict({**data, "img_size": tuple(sides) if len(sides) == 2 else sides[0]})
+    _check_windows(where, data.get("global_blocks", []), data.get("depth", ViTConfig.depth))
+    attention = data.get("attention", "auto")
+    if not isinstance(attention, str) or attention not in ATTENTION_MODES:
+        raise UsageError(f"{where}: attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
+    # The recorded attention mode was the exporting machine's choice (flex needs CUDA to train);
+    # all modes agree, so the export is rebuilt with `auto` unless the caller asks otherwise.
+    config = ViTConfig.from_dict({**data, "img_size": tuple(sides) if len(sides) == 2 else sides[0],
+                                  "attention": overrides.get("attention", "auto")})
     if config.embed_dim % config.num_heads:
         raise UsageError(f"{where}: embed_dim {config.embed_dim} is not divisible by num_heads {config.num_heads}")
     if any(s % config.patch_size for s in sides):

@@ -84,7 +84,9 @@ def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
                         mask_ratio=args.get("mask_ratio", 0.75), norm_pix_loss=args.get("norm_pix_loss", True))
     else:
         settings["num_classes"] = state["head.weight"].shape[0]
-    config_overrides = {k: overrides.pop(k) for k in list(overrides) if k in ViTConfig.__dataclass_fields__}
+    # window_size is LoMaR's K (above), never the encoder's ViTDet windows: a LoMaR encoder attends globally
+    config_overrides = {k: overrides.pop(k) for k in list(overrides)
+                        if k in ViTConfig.__dataclass_fields__ and k != "window_size"}
     if config_overrides:
         settings["config"] = replace(settings["config"], **config_overrides)
     # Settings of another method (a window size for an MAE checkpoint, say) are hints from
@@ -194,6 +196,17 @@ def _hints(data: dict) -> dict:
     return {k: v for k, v in hints.items() if k in ("num_heads", "img_size", "input_size") and isinstance(v, int)}
 
 
+def _saved_windows(config: ViTConfig, data: dict) -> ViTConfig:
+    """``config`` (inferred from shapes) with the ViTDet windows of the ViTConfig a classifier
+    checkpoint saved (``lomar finetune``: ``config``, :func:`pretrain_checkpoint`: ``vit_config``):
+    no shape tells them, and the same weights with global attention are another model."""
+    for key in ("config", "vit_config"):
+        saved = data.get(key)
+        if isinstance(saved, dict) and "global_blocks" in saved:  # a PretrainConfig has none
+            return replace(config, window_size=saved.get("window_size", 0), global_blocks=saved["global_blocks"])
+    return config
+
+
 class PretrainReader(Reader):
     """Ours: ``lomar pretrain`` / ``load-original`` output, ``{"model": LoMaR/MAE state, "config"}``."""
 
@@ -240,7 +253,7 @@ class VitReader(Reader):
         return "patch_embed.proj.weight" in state and all(_VIT_KEY.match(k) for k in state)
 
     def model(self, src, overrides):
-        config = infer_vit_config(src.state, _hints(src.data), **overrides)
+        config = _saved_windows(infer_vit_config(src.state, _hints(src.data), **overrides), src.data)
         state = src.state
         num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
         model = VisionTransformer(config, num_classes=num_classes)
@@ -258,7 +271,7 @@ class VitReader(Reader):
         saved = src.data.get("config")
         if isinstance(saved, dict) and "embed_dim" in saved:  # a finetune checkpoint keeps its ViTConfig
             return EncoderWeights(ViTConfig.from_dict(saved), dict(src.state), [], "finetune checkpoint")
-        config = infer_vit_config(src.state, _hints(src.data), **overrides)
+        config = _saved_windows(infer_vit_config(src.state, _hints(src.data), **overrides), src.data)
         return EncoderWeights(config, dict(src.state), [], "classifier checkpoint")
 
 
@@ -276,7 +289,9 @@ class ExportReader(Reader):
     def model(self, src, overrides):
         from lomar.checkpoints.export import create_encoder
 
-        return create_encoder(src.path, **{k: v for k, v in overrides.items() if k in ViTConfig.__dataclass_fields__})
+        # window_size here is the command line's LoMaR window (K), not the export's ViTDet windows
+        fields = set(ViTConfig.__dataclass_fields__) - {"window_size"}
+        return create_encoder(src.path, **{k: v for k, v in overrides.items() if k in fields})
 
     def encoder(self, src, overrides):
         from lomar.checkpoints.export import create_encoder
