@@ -195,3 +195,12 @@ def test_relative_position_needs_the_whole_grid():
     model = _encoder("rpe")
     with pytest.raises(ValueError, match="every token of the grid"):
         model.forward_blocks(torch.randn(1, 5, 32), (3, 3))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_cuda_flex_check_passes_chunked_on_cpu(masked):
+    """The comparison the CUDA test applies to flex (fp32 against dense, d(table) against float64)
+    runs here on the chunked path, so it is known to work where no GPU is at hand."""
+    from test_attention_cuda import check_against_dense
+
+    check_against_dense("cpu", (7, 7), masked, ("chunked",))
