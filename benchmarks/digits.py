@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from lomar.cli.study.presets import DIGITS, DIGITS_EVAL, DIGITS_GRID, build_preset
-from lomar.cli.study.runner import run_study
+from lomar.cli.study.runner import run_study, settings_flags
 
 METHODS = {"lomar": "method=lomar", "mae": "method=mae", "random": "random init"}
 KEYS = {"linear_probe": "linprobe", "knn": "knn", "finetune": "finetune", "heldout_loss": "heldout_loss"}
@@ -74,7 +74,7 @@ def write_report(out: Path, summary: dict, records: list[dict], command: str, mi
         return lines
 
     ft = DIGITS_EVAL["finetune"]
-    ft_flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in ft.items())
+    ft_flags = " ".join(settings_flags(ft))
     lines = [
         "# Digits: does pretraining help? (real data, CPU)", "",
         f"Command: `{command}` ({minutes:.1f} min in all; the study folder holds every run, "

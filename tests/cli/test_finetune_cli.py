@@ -37,6 +37,13 @@ def _args(pretrained: Path, folder: Path, out: Path, *extra: str) -> list[str]:
     (["--warmup-epochs", "10", "--epochs", "1"], "--warmup-epochs must be in [0, --epochs 1]"),
     (["--seed", "-1"], "--seed must be >= 0"),
     (["--workers", "-2"], "--workers must be >= 0"),
+    (["--crop-scale", "0.6", "0.5"], "--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1"),
+    (["--crop-scale", "0", "1"], "--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1"),
+    (["--crop-scale", "0.5", "1.5"], "--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1"),
+    (["--crop-scale", "nan", "1"], "--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1"),
+    (["--crop-scale", "0.5", "inf"], "--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1"),
+    (["--crop-scale", "0.5"], "--crop-scale: expected 2 arguments"),
+    (["--crop-scale", "half", "1"], "--crop-scale: invalid float value: 'half'"),
     (["--out", "file"], "is a file"),
     (["--out", "under a file"], "which is a file"),
     (["--resume", "auto", "--out", None], "--resume auto needs --out"),
@@ -75,6 +82,35 @@ def test_yaml_settings_flags_win_and_print_config(tmp_path, capsys, pretrained, 
     config.write_text("blr: 1e-3\nbatch_szie: 8\n")
     assert main([*_args(pretrained, folder, out), "--config", str(config)]) == 2
     assert "batch_szie" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line, message", [
+    ("crop_scale: 0.5", "crop_scale: 0.5 in {config} must be a list of 2 numbers, e.g. crop_scale: [0.08, 1.0]"),
+    ("crop_scale: [0.5, 1, 1]", "must be a list of 2 numbers"),
+    ("crop_scale: [half, 1]", "must be a list of 2 numbers"),
+    ("crop_scale: [0.9, 0.5]", "--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1"),
+])
+def test_bad_yaml_crop_scale_is_one_line(tmp_path, capsys, pretrained, folder, line, message):
+    config = tmp_path / "ft.yaml"
+    config.write_text(line + "\n")
+    assert main([*_args(pretrained, folder, tmp_path / "ft"), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert message.format(config=config) in err and err.count("\n") == 1 and not (tmp_path / "ft").exists()
+
+
+def test_crop_scale_yaml_round_trip(tmp_path, capsys, pretrained, folder):
+    config, again = tmp_path / "ft.yaml", tmp_path / "again.yaml"
+    config.write_text("crop-scale: [5e-1, 1]\n")  # YAML 1.1 reads 5e-1 as a string
+    out = tmp_path / "ft"
+    assert main([*_args(pretrained, folder, out), "--config", str(config), "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert yaml.safe_load(printed)["crop_scale"] == [0.5, 1.0]
+    again.write_text(printed)  # the printed config is itself a valid config file
+    assert main([*_args(pretrained, folder, out), "--config", str(again), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == yaml.safe_load(printed)
+    assert main([*_args(pretrained, folder, out), "--config", str(again), "--crop-scale", "0.25", "1",
+                 "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["crop_scale"] == [0.25, 1.0]  # the flag wins
 
 
 def test_resumed_finetune_equals_an_uninterrupted_one(tmp_path, capsys, pretrained, folder):

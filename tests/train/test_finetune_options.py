@@ -1,5 +1,6 @@
 """Finetuning options of the original recipe: evaluation crop ratio by size, gradient
-accumulation (--accum-iter), and the classifier's input (--global-pool cls|avg)."""
+accumulation (--accum-iter), the classifier's input (--global-pool cls|avg), and the training
+crop's area range (--crop-scale)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.transforms import CenterCrop, Resize
 
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
 from lomar.eval.features import load_pretrained_encoder
 from lomar.models.vit import VisionTransformer, ViTConfig
+from lomar.train import finetune as finetune_module
 from lomar.train.finetune import classification_transforms, eval_crop_ratio
 
 
@@ -36,6 +40,38 @@ def test_eval_crop_ratio_is_one_above_224(size, ratio, resize):
     steps = classification_transforms(size, "none", 0.0)[1].transforms
     assert next(t for t in steps if isinstance(t, Resize)).size == resize
     assert next(t for t in steps if isinstance(t, CenterCrop)).size == (size, size)
+
+
+def _crop_scale(train_tf) -> tuple[float, float]:
+    (crop,) = [t for t in train_tf.transforms if isinstance(t, RandomResizedCropAndInterpolation)]
+    return tuple(crop.scale)
+
+
+def test_crop_scale_reaches_the_training_crop_and_is_part_of_the_recipe(tmp_path, capsys, pretrained, folder,
+                                                                        monkeypatch):
+    assert _crop_scale(classification_transforms(32, "none", 0.0)[0]) == (0.08, 1.0)  # timm's, the recipe's
+    built = []
+
+    def spy(*args, **kwargs):
+        transforms = classification_transforms(*args, **kwargs)
+        built.append(transforms[0])
+        return transforms
+
+    monkeypatch.setattr(finetune_module, "classification_transforms", spy)
+    out = tmp_path / "run"
+    assert _finetune(pretrained, folder, out, "--batch-size", "4", "--max-steps", "1", "--crop-scale", "0.5", "1") == 0
+    assert built and {_crop_scale(tf) for tf in built} == {(0.5, 1.0)}
+    assert tuple(safe_load(out / "last.pt")["settings"]["crop_scale"]) == (0.5, 1.0)
+    capsys.readouterr()
+    # a resume inherits it and may not change it: it shapes every training image
+    assert main(["finetune", "--out", str(out), "--resume", "auto", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["crop_scale"] == [0.5, 1.0]
+    assert main(["finetune", "--out", str(out), "--resume", "auto", "--crop-scale", "0.5", "1.0",
+                 "--print-config"]) == 0
+    capsys.readouterr()
+    assert main(["finetune", "--out", str(out), "--resume", "auto", "--crop-scale", "0.08", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--crop-scale 0.08 1.0 differs from 0.5 1.0 in the run being resumed" in err and err.count("\n") == 1
 
 
 def test_accumulating_two_half_batches_equals_one_full_batch(tmp_path, pretrained, folder):

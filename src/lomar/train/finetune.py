@@ -76,15 +76,17 @@ def eval_crop_ratio(img_size: int) -> float:
     return 0.875 if img_size <= 224 else 1.0
 
 
-def classification_transforms(img_size: int, aa: str = "rand-m9-mstd0.5-inc1", reprob: float = 0.25):
-    """(train, eval) transforms of the finetune recipe: timm's RandAugment + random erasing,
-    bicubic resize; evaluation centre-crops 0.875 of the resized image at <= 224 px and the
-    whole image (crop ratio 1.0) above, as the original does. The train transform's posterize ops are
-    the guarded ones above, so every RandAugment policy works with every Pillow we allow."""
+def classification_transforms(img_size: int, aa: str = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,
+                              crop_scale: tuple[float, float] = (0.08, 1.0)):
+    """(train, eval) transforms of the finetune recipe: timm's random resized crop (area range
+    ``crop_scale``) + flip, RandAugment + random erasing, bicubic resize; evaluation centre-crops
+    0.875 of the resized image at <= 224 px and the whole image (crop ratio 1.0) above, as the
+    original does. The train transform's posterize ops are the guarded ones above, so every
+    RandAugment policy works with every Pillow we allow."""
     from timm.data import create_transform
     from timm.data.auto_augment import AugmentOp
 
-    train_tf = create_transform(img_size, is_training=True, color_jitter=None,
+    train_tf = create_transform(img_size, is_training=True, scale=tuple(crop_scale), color_jitter=None,
                                 auto_augment=None if aa == "none" else aa, interpolation="bicubic",
                                 re_prob=reprob, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     for t in getattr(train_tf, "transforms", ()):
@@ -101,7 +103,7 @@ def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
     from lomar.data.collate import collate_labelled, collate_labelled_refill
     from lomar.data.folder import LabelledImageFolder  # skips unreadable images instead of crashing
 
-    train_tf, val_tf = classification_transforms(config.img_size, config.aa, config.reprob)
+    train_tf, val_tf = classification_transforms(config.img_size, config.aa, config.reprob, config.crop_scale)
     try:
         train_set, val_set = LabelledImageFolder(train_root, train_tf), LabelledImageFolder(val_root, val_tf)
     except ValueError as exc:

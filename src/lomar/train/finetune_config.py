@@ -35,6 +35,7 @@ __all__ = ["FinetuneConfig", "add_finetune_arguments", "resolve_finetune_config"
 @dataclass
 class FinetuneConfig:
     COMMAND = "finetune"
+    METAVARS = {"crop_scale": ("LOW", "HIGH")}  # --help names the values of a multi-value flag
     pretrained: str | None = None  # required for a new run; a resume reads it from the checkpoint
     data: str | None = None  # ROOT with train/ and val/
     train: str | None = None
@@ -58,6 +59,7 @@ class FinetuneConfig:
     smoothing: float = 0.1
     reprob: float = 0.25
     aa: str = "rand-m9-mstd0.5-inc1"
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop's area range (timm's default)
     precision: str = "auto"
     workers: int | None = None
     threads: int | None = None
@@ -89,6 +91,8 @@ _HELP = {
     "grad_checkpointing": "recompute each block in the backward pass: less memory at high resolution",
     "mixup": "mixup alpha (0 = off)", "cutmix": "cutmix alpha (0 = off)", "smoothing": "label smoothing, in [0, 1)",
     "reprob": "random erasing probability, in [0, 1]", "aa": "timm auto-augment policy ('none' = off)",
+    "crop_scale": "area range of the training random resized crop, as fractions of the image (0 < LOW <= HIGH "
+                  "<= 1); the default is timm's, the original recipe's; raise LOW for small images, e.g. 0.5 1.0",
     "precision": "auto = bf16 autocast on CUDA with bf16 support, else fp32",
     "workers": "data-loading processes; None = min(8, cores - 1)",
     "threads": "CPU threads per process; None = the cores shared among this machine's processes",
@@ -174,6 +178,10 @@ def validate(config: FinetuneConfig, check_out: bool = True) -> None:
         raise bad("reprob", "a probability in [0, 1]")
     if not 0 < config.layer_decay <= 1:
         raise bad("layer_decay", "in (0, 1]")
+    low, high = config.crop_scale
+    if not 0 < low <= high <= 1:  # also false for nan; inf fails <= 1
+        raise ConfigError(f"--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1 (finite fractions of the image "
+                          f"area), got {low:g} {high:g}; e.g. --crop-scale 0.08 1.0 (the recipe) or 0.5 1.0")
     if config.seed > _MAX_SEED:
         raise bad("seed", f"at most {_MAX_SEED}")
     if not 0 <= config.warmup_epochs <= config.epochs:
@@ -224,7 +232,7 @@ def _validate_augmentation(config: FinetuneConfig) -> None:
     from lomar.train.finetune import classification_transforms
 
     try:
-        classification_transforms(config.img_size, config.aa, config.reprob)
+        classification_transforms(config.img_size, config.aa, config.reprob, config.crop_scale)
     except Exception as exc:  # timm reports an unknown policy with an AssertionError / KeyError
         raise ConfigError(f"--aa {config.aa!r} is not a timm auto-augment policy ({exc}); e.g. "
                           f"rand-m9-mstd0.5-inc1, augmix-m5, original, or none") from None

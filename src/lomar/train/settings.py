@@ -3,6 +3,8 @@
 A command's settings are one dataclass. Its fields become flags (``--window-size`` for
 ``window_size``), a YAML file (``--config``) may set any of them, and explicit flags win
 over the file. A resumed run takes its saved settings; only run-control ones may change.
+A ``tuple[float, float]`` field takes that many values: ``--crop-scale 0.5 1.0`` on the
+command line, ``crop_scale: [0.5, 1.0]`` in YAML (``cls.METAVARS`` names them in --help).
 """
 
 from __future__ import annotations
@@ -24,10 +26,35 @@ class ConfigError(ValueError):
 
 
 def field_kind(cls: type, name: str) -> tuple[str, bool]:
-    """('int' | 'float' | 'str' | 'bool', optional) of a settings field."""
+    """('int' | 'float' | 'str' | 'bool' | 'tuple[float, float]' ..., optional) of a settings field."""
     kind = cls.__dataclass_fields__[name].type
     kind = kind if isinstance(kind, str) else kind.__name__
     return kind.split(" | ")[0], kind.endswith("| None")
+
+
+_SCALARS = {"int": int, "float": float, "str": str}
+
+
+def _tuple_items(base: str) -> list[str] | None:
+    """The item kinds of a ``tuple[...]`` field kind ('tuple[float, float]' -> ['float', 'float']), else None."""
+    if not (base.startswith("tuple[") and base.endswith("]")):
+        return None
+    items = [item.strip() for item in base[len("tuple["):-1].split(",")]
+    if len(set(items)) != 1 or items[0] not in _SCALARS:  # one scalar kind: argparse takes one type per flag
+        raise TypeError(f"settings field kind {base} is not supported; use tuple[T, ...] of one of int, float, str")
+    return items
+
+
+class _StoreTuple(argparse.Action):
+    """nargs=N values stored as a tuple, as the field holds them (and as YAML values are coerced)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, tuple(values))
+
+
+def _shown(value: Any) -> str:
+    """A setting as it is typed on the command line: (0.5, 1.0) -> '0.5 1.0'."""
+    return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str],
@@ -43,15 +70,19 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, helps: d
         base, _ = field_kind(cls, field.name)
         default = getattr(defaults, field.name)
         text = helps.get(field.name, "")
-        text = f"{text} (default: {default})" if text else f"default: {default}"
+        text = f"{text} (default: {_shown(default)})" if text else f"default: {_shown(default)}"
         common = dict(default=argparse.SUPPRESS, help=text.replace("%", "%%"), dest=field.name)
         if base == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
             continue
         if nargs_optional and field.name in nargs_optional:  # e.g. a bare --resume means --resume auto
             common.update(nargs="?", const=nargs_optional[field.name], metavar="PATH|auto")
-        convert = _flag_parser(getattr(cls, "PARSERS", {}).get(field.name)) or {"int": int, "float": float,
-                                                                                 "str": str}[base]
+        items = _tuple_items(base)
+        if items:
+            common.update(nargs=len(items), action=_StoreTuple)
+            if field.name in getattr(cls, "METAVARS", {}):
+                common["metavar"] = cls.METAVARS[field.name]
+        convert = _flag_parser(getattr(cls, "PARSERS", {}).get(field.name)) or _SCALARS[items[0] if items else base]
         parser.add_argument(flag, type=convert, choices=choices.get(field.name), **common)
 
 
@@ -84,6 +115,20 @@ def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"{where} is not allowed: {name} needs a {base} value; set one or remove the line")
+    items = _tuple_items(base)
+    if items:
+        wrong = ConfigError(f"{where} must be a list of {len(items)} {'strings' if items[0] == 'str' else 'numbers'}"
+                            f", e.g. {name}: {list(cls.__dataclass_fields__[name].default)}")
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise wrong
+        try:
+            return tuple(_coerce_scalar(cls, name, kind, item, where) for kind, item in zip(items, value))
+        except ConfigError:
+            raise wrong from None
+    return _coerce_scalar(cls, name, base, value, where)
+
+
+def _coerce_scalar(cls: type, name: str, base: str, value: Any, where: str) -> Any:
     if base == "bool":
         if isinstance(value, bool):
             return value
@@ -158,8 +203,8 @@ def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[
         if name in run_control or value == values[name] or (value is None and name in derived):
             continue
         flag = "--" + name.replace("_", "-")
-        raise ConfigError(f"{flag} {value} differs from {values[name]} in the run being resumed ({source}); "
-                          f"drop {flag} to continue the run, or start a new run with another --out")
+        raise ConfigError(f"{flag} {_shown(value)} differs from {_shown(values[name])} in the run being resumed "
+                          f"({source}); drop {flag} to continue the run, or start a new run with another --out")
     values.update({k: v for k, v in explicit.items() if k in run_control})
     return values
 

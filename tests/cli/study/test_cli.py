@@ -2,9 +2,9 @@
 
 import pytest
 
-from lomar.cli.app import main
-from lomar.cli.study.presets import build_preset, method_available
-from lomar.cli.study.runner import check_cells
+from lomar.cli.app import build_parser, main
+from lomar.cli.study.presets import DIGITS, DIGITS_EVAL, DIGITS_FINETUNE, build_preset, method_available
+from lomar.cli.study.runner import check_cells, settings_flags
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -48,3 +48,31 @@ def test_fig3_includes_beit_only_when_pretrain_accepts_it():
     methods = [label for label, _ in spec.grid["method"]]
     assert methods == ["lomar", "mae"] + (["beit"] if method_available("beit") else [])
     assert str(spec.eval.every) == "10s"
+
+
+def test_the_digits_finetune_recipe_reaches_lomar_finetune_as_flags():
+    flags = settings_flags(DIGITS_FINETUNE)
+    i = flags.index("--crop-scale")
+    assert flags[i:i + 3] == ["--crop-scale", "0.5", "1.0"]
+    assert settings_flags({"crop_scale": [0.25, 1]}) == ["--crop-scale", "0.25", "1"]  # a spec's YAML list
+    args = build_parser().parse_args(["finetune", *flags])
+    assert args.crop_scale == (0.5, 1.0) and args.epochs == DIGITS_FINETUNE["epochs"]
+
+
+def test_digits_checks_preset_has_the_lr_and_window_cells_and_all_are_valid_runs(tmp_path):
+    spec = build_preset("digits-checks", budget="3s", out=str(tmp_path / "study"))
+    assert spec.seeds == [0] and str(spec.budget) == "3s" and not spec.random_init
+    assert spec.data_train == str(tmp_path / "study" / "data" / "train")
+    assert spec.eval.metrics == tuple(DIGITS_EVAL["metrics"]) and spec.eval.finetune == DIGITS_FINETUNE
+    cells = spec.cells()
+    got = [(c.settings["method"], c.settings["lr"], c.settings.get("window_size"), c.settings.get("windows"))
+           for c in cells]
+    assert got == [("lomar", 3e-4, 5, 4), ("lomar", 1e-3, 5, 4), ("lomar", 3e-3, 5, 4), ("lomar", 1e-3, 3, 4),
+                   ("lomar", 1e-3, 8, 1), ("mae", 1e-3, None, None)]
+    for cell in cells:  # the digits model and pretraining recipe
+        assert {k: cell.settings[k] for k in DIGITS if k != "lr"} == {k: v for k, v in DIGITS.items() if k != "lr"}
+    assert len({c.name for c in cells}) == 6
+    check_cells(spec)  # each passes `lomar pretrain --print-config`
+    assert build_preset("digits-checks", seeds=2, out=str(tmp_path / "study")).seeds == [0, 1]
+    with pytest.raises(Exception, match="--preset digits-checks builds its own data"):
+        build_preset("digits-checks", data=str(tmp_path), out=str(tmp_path / "study"))

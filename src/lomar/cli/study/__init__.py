@@ -16,11 +16,12 @@ from lomar.errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lomar.cli.study.presets import PRESETS  # no torch: --help stays fast
+
     parser.epilog = ("Re-run the same command to continue a stopped study: finished cells and evaluations "
-                     "are skipped. Presets: fig3, windows, mask-ratio, pos, enc-dec, digits.")
+                     f"are skipped. Presets: {', '.join(PRESETS)} (see lomar.cli.study.presets).")
     parser.add_argument("spec", nargs="?", metavar="SPEC.yaml", help="the study's spec (see lomar.cli.study.spec)")
-    parser.add_argument("--preset", help="a preset instead of a spec: fig3, windows, mask-ratio, pos, enc-dec, digits "
-                        "(default: none)")
+    parser.add_argument("--preset", help=f"a preset instead of a spec: {', '.join(PRESETS)} (default: none)")
     parser.add_argument("--data", help="for a preset: image folder; with train/ and val/ class folders "
                                        "the accuracies are measured too (default: the demo photos)")
     parser.add_argument("--budget", help="pretraining per cell, e.g. 30s, 2min, 200steps, 3epochs "

@@ -53,12 +53,15 @@ def lomar_command(argv: list[str], quiet: bool = True) -> tuple[int, str]:
 
 
 def settings_flags(settings: dict[str, Any]) -> list[str]:
-    """{'window_size': 5, 'norm_pix_loss': False} -> ['--window-size', '5', '--no-norm-pix-loss']."""
+    """{'window_size': 5, 'norm_pix_loss': False, 'crop_scale': (0.5, 1.0)}
+    -> ['--window-size', '5', '--no-norm-pix-loss', '--crop-scale', '0.5', '1.0']."""
     flags = []
     for key, value in settings.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (list, tuple)):  # a multi-value flag (YAML gives a list)
+            flags += [flag, *map(str, value)]
         elif value is not None:
             flags += [flag, str(value)]
     return flags
