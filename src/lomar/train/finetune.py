@@ -313,8 +313,11 @@ class FinetuneRun:
             self.save(metrics)
         if self.info.is_main:
             epoch = self.epoch - (not partial)
-            self.log.write(json.dumps({"epoch": epoch, "step": self.step, **metrics, "best_top1": self.best,
-                                       "epoch_s": round(seconds, 2)}) + "\n")
+            record = {"epoch": epoch, "step": self.step, **metrics, "best_top1": self.best,
+                      "epoch_s": round(seconds, 2)}
+            if partial:  # --max-steps ended the run inside this epoch: scored, not a finished epoch
+                record["partial"] = True
+            self.log.write(json.dumps(record) + "\n")
             self.log.flush()
             print(f"epoch {epoch} step {self.step}: top-1 {100 * metrics['top1']:.2f}% "
                   f"top-5 {100 * metrics['top5']:.2f}% (best {100 * self.best:.2f}%)", flush=True)

@@ -109,3 +109,19 @@ def test_a_bad_cell_is_refused_before_any_training(tmp_path, labelled):
     with pytest.raises(UsageError, match="cell 'window_size=9' is not a valid `lomar pretrain` setting"):
         run_study(spec, tmp_path / "study", log=lambda line: None)
     assert not (tmp_path / "study" / "cells").exists()
+
+
+def test_a_finetune_stopped_by_a_signal_is_not_a_result(tmp_path):
+    """`lomar finetune` exits 0 when a signal stops it (checkpoint written, resumable); its last
+    record is then an earlier epoch's, which must not be stored as the evaluation's value."""
+    from lomar.cli.study.evals import _check_finished
+
+    done = {"epoch": 9, "step": 210, "top1": 0.5}
+    _check_finished(done, {"epochs": 10}, tmp_path)
+    with pytest.raises(StudyStopped, match="epoch 6"):
+        _check_finished({"epoch": 6, "step": 147, "top1": 0.48}, {"epochs": 10}, tmp_path)
+    with pytest.raises(StudyStopped):  # --max-steps inside the last epoch is not "finished" without it
+        _check_finished({**done, "partial": True}, {"epochs": 10}, tmp_path)
+    _check_finished({"epoch": 0, "step": 5, "partial": True, "top1": 0.1}, {"max_steps": 5}, tmp_path)
+    with pytest.raises(StudyStopped):
+        _check_finished({"epoch": 0, "step": 3, "partial": True, "top1": 0.1}, {"max_steps": 5}, tmp_path)

@@ -60,8 +60,24 @@ def run_metric(metric: str, spec: StudySpec, cell: Cell, checkpoint: Path, where
         scored = [r for r in records if "top1" in r]
         if not scored:
             raise LomarError(f"`lomar finetune` wrote no top-1 into {where / 'metrics.jsonl'}")
+        _check_finished(scored[-1], options, where)
         return round(scored[-1]["top1"], 4)  # the last epoch, not the best: no selection on val
     raise ValueError(f"unknown metric {metric}")
+
+
+def _check_finished(last: dict, options: dict, where: Path) -> None:
+    """A finetune that a signal stopped exits 0 with a checkpoint and no record of the epoch it
+    was in: the last record is then an earlier epoch's, not the result."""
+    from lomar.cli.study.runner import StudyStopped
+    from lomar.train.finetune_config import FinetuneConfig
+
+    if options.get("max_steps"):
+        done = last["step"] >= int(options["max_steps"])
+    else:
+        done = not last.get("partial") and last["epoch"] == int(options.get("epochs", FinetuneConfig.epochs)) - 1
+    if not done:
+        raise StudyStopped(f"finetuning in {where} stopped at epoch {last['epoch']}, step {last['step']} (signal); "
+                           f"re-run the same command to continue")
 
 
 @torch.no_grad()
