@@ -1,6 +1,6 @@
 """Finetuning options of the original recipe: evaluation crop ratio by size, gradient
 accumulation (--accum-iter), the classifier's input (--global-pool cls|avg), and the training
-crop's area range (--crop-scale)."""
+crop's area range (--crop-scale), ViTDet-style windowed blocks (--window-size, --global-blocks)."""
 
 from __future__ import annotations
 
@@ -134,3 +134,38 @@ def test_resume_with_accumulation_equals_an_uninterrupted_run(tmp_path, pretrain
     assert (a["step"], a["epoch"]) == (b["step"], b["epoch"]) == (5, 2)
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_window_size_finetunes_vitdet_blocks_and_keeps_them(tmp_path, capsys, pretrained, folder):
+    from lomar.checkpoints.convert import load_model
+    from lomar.models.attention import vitdet_global_blocks
+
+    out = tmp_path / "run"
+    assert _finetune(pretrained, folder, out, "--batch-size", "4", "--max-steps", "1", "--window-size", "2",
+                     "--global-blocks", "1", "--attention", "chunked") == 0
+    model = load_model(out / "last.pt")
+    assert (model.config.window_size, model.config.global_blocks) == (2, (1,))
+    plain = load_pretrained_encoder(pretrained, num_classes=2)
+    plain.load_state_dict(model.state_dict())
+    images = torch.randn(2, 3, 32, 48)
+    model.eval(), plain.eval()
+    with torch.no_grad():  # the windows are in use: not the global-attention model with these weights
+        assert not torch.allclose(model.forward_features(images), plain.forward_features(images), atol=1e-3)
+    # without --global-blocks: ViTDet's layout for the encoder's depth
+    encoder = load_pretrained_encoder(pretrained, window_size=2, global_blocks=None)
+    assert encoder.config.global_blocks == vitdet_global_blocks(encoder.config.depth)
+    capsys.readouterr()
+    assert main(["finetune", "--out", str(out), "--resume", "auto", "--window-size", "0"]) == 2  # the recipe's
+    assert "--window-size 0 differs from 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--global-blocks", "1"], "--global-blocks needs --window-size N > 0"),
+    (["--window-size", "-1"], "--window-size must be >= 0"),
+    (["--window-size", "2", "--global-blocks", "1", "1"], "distinct block indices"),
+    (["--window-size", "2", "--global-blocks", "7"], "global_blocks"),  # the encoder has 2 blocks
+])
+def test_bad_window_settings_are_one_line(tmp_path, capsys, pretrained, folder, flags, message):
+    assert _finetune(pretrained, folder, tmp_path / "run", "--batch-size", "4", "--max-steps", "1", *flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err

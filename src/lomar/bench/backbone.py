@@ -40,8 +40,9 @@ def _arch(model: str, tiny: bool, depth: int | None = None) -> tuple[int, int, i
 
 def _windowing(depth: int) -> tuple[int, tuple[int, ...]]:
     """ViTDet's layout: 14×14 windows, a global block ending each quarter of the depth."""
-    step = max(1, depth // 4)
-    return 14, tuple(range(step - 1, depth, step))
+    from lomar.models.attention import vitdet_global_blocks
+
+    return 14, vitdet_global_blocks(depth)
 
 
 def estimate_bytes(variant: str, model: str, img_size: int, batch: int, grad_checkpointing: bool,

@@ -19,6 +19,7 @@ from lomar.checkpoints.formats import CLASSIFIER_PREFIXES, drop_final_norm, enco
 from lomar.checkpoints.formats_beit import BEiTReader, build_timm_beit
 from lomar.data.collate import BadDataTracker, collate_labelled
 from lomar.data.folder import LabelledImageFolder
+from lomar.models.attention import vitdet_global_blocks
 from lomar.models.vit import VisionTransformer, ViTConfig
 
 __all__ = ["LoadReport", "load_pretrained_encoder", "eval_transform", "knn_loaders", "extract_features",
@@ -69,7 +70,8 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     ``config`` (its :class:`~lomar.models.beit.BEiTConfig`) and the same forward contract
     (:func:`lomar.checkpoints.formats_beit.build_timm_beit`). The pretraining pixel head, mask token, decoder
     and LoMaR's unused ``pos_embed`` are dropped (SPEC §3). ``overrides`` change the
-    architecture's free settings (``img_size``, ``drop_path``); an absolute position table
+    architecture's free settings (``img_size``, ``drop_path``, ``attention``, ``window_size`` with
+    ``global_blocks``, None there meaning ViTDet's layout for the depth); an absolute position table
     is interpolated to a new ``img_size``. ``num_classes > 0`` adds ``fc_norm`` + ``head``
     (``global_pool='cls'``: the pretrained final norm + ``head``), freshly initialised unless the
     source holds a head of the same size.
@@ -89,6 +91,8 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     unknown = sorted(set(overrides) - set(ViTConfig.__dataclass_fields__))
     if unknown:
         raise ValueError(f"unknown encoder setting(s) {', '.join(unknown)}")
+    if overrides.get("window_size") and overrides.get("global_blocks", ()) is None:
+        overrides["global_blocks"] = vitdet_global_blocks(config.depth)
     config = replace(config, **overrides)
     model = VisionTransformer(config, num_classes=num_classes, global_pool=global_pool)
     report = LoadReport(source, str(path), dropped=list(dropped))

@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from lomar.models.rpe import _BETA, _SIDE, CLS_BUCKET, bucket_table, piecewise_index
 
 __all__ = ["ATTENTION_MODES", "DENSE_MAX_TOKENS", "DENSE_BIAS_BYTES", "offset_buckets", "bucket_rows", "select_mode",
-           "chunk_rows", "rpe_attention", "flex_available", "windowed_attention"]
+           "chunk_rows", "rpe_attention", "flex_available", "windowed_attention", "vitdet_global_blocks"]
 
 AttentionMode = Literal["auto", "dense", "chunked", "flex"]
 ATTENTION_MODES = ("auto", "dense", "chunked", "flex")
@@ -219,3 +219,10 @@ def windowed_attention(attn, x: torch.Tensor, grid: tuple[int, int], window: int
     spatial = out[:, 1:].view(b, rows, cols, window, window, dim).permute(0, 1, 3, 2, 4, 5)
     spatial = spatial.reshape(b, rows * window, cols * window, dim)[:, :height, :width]
     return torch.cat([cls, spatial.reshape(b, height * width, dim)], dim=1)
+
+
+def vitdet_global_blocks(depth: int) -> tuple[int, ...]:
+    """ViTDet's layout of global blocks among windowed ones: the last block of each quarter of
+    the depth ((2, 5, 8, 11) for 12 blocks)."""
+    step = max(1, depth // 4)
+    return tuple(range(step - 1, depth, step))

@@ -149,6 +149,15 @@ def evaluate(model, loader, device: torch.device, info, autocast) -> dict[str, f
     return {"top1": float(totals[0]) / count, "top5": float(totals[1]) / count}
 
 
+def encoder_layout(config: FinetuneConfig) -> dict:
+    """The attention settings the finetuned encoder overrides (none: the pretrained encoder's)."""
+    layout = {} if config.attention == "auto" else {"attention": config.attention}
+    if config.window_size is not None:
+        layout["window_size"] = config.window_size
+        layout["global_blocks"] = () if not config.window_size else config.global_blocks  # None: ViTDet's
+    return layout
+
+
 class FinetuneRun:
     """One finetuning run: model, optimizer, loaders, position (epoch, batches done, step)."""
 
@@ -171,7 +180,7 @@ class FinetuneRun:
         try:
             self.model = load_pretrained_encoder(config.pretrained, num_classes=len(self.classes),
                                                  global_pool=config.global_pool, img_size=config.img_size,
-                                                 drop_path=config.drop_path)
+                                                 drop_path=config.drop_path, **encoder_layout(config))
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         if info.is_main:

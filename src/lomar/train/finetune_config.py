@@ -35,7 +35,7 @@ __all__ = ["FinetuneConfig", "add_finetune_arguments", "resolve_finetune_config"
 @dataclass
 class FinetuneConfig:
     COMMAND = "finetune"
-    METAVARS = {"crop_scale": ("LOW", "HIGH")}  # --help names the values of a multi-value flag
+    METAVARS = {"crop_scale": ("LOW", "HIGH"), "global_blocks": "I"}  # --help names the values of a multi-value flag
     pretrained: str | None = None  # required for a new run; a resume reads it from the checkpoint
     data: str | None = None  # ROOT with train/ and val/
     train: str | None = None
@@ -54,6 +54,9 @@ class FinetuneConfig:
     weight_decay: float = 0.05
     drop_path: float = 0.1
     grad_checkpointing: bool = False
+    window_size: int | None = None  # ViTDet-style windowed blocks; None = the pretrained encoder's layout
+    global_blocks: tuple[int, ...] | None = None  # with window_size: None = ViTDet's (2, 5, 8, 11 of 12)
+    attention: str = "auto"  # auto | dense | chunked | flex: how the iRPE bias is computed (same result)
     mixup: float = 0.8
     cutmix: float = 1.0
     smoothing: float = 0.1
@@ -73,7 +76,8 @@ class FinetuneConfig:
         return dataclasses.asdict(self)
 
 
-_CHOICES = {"precision": ("auto", "fp32", "bf16"), "global_pool": ("avg", "cls")}
+_CHOICES = {"precision": ("auto", "fp32", "bf16"), "global_pool": ("avg", "cls"),
+            "attention": ("auto", "dense", "chunked", "flex")}
 _HELP = {
     "pretrained": "our pretrain checkpoint or run folder, an exported folder, or an original LoMaR / MAE "
                   "checkpoint (required unless resuming)",
@@ -89,6 +93,13 @@ _HELP = {
                    "cls token after the final norm",
     "layer_decay": "lr scale per layer below the top, in (0, 1]", "drop_path": "stochastic depth rate, in [0, 1)",
     "grad_checkpointing": "recompute each block in the backward pass: less memory at high resolution",
+    "window_size": "ViTDet-style blocks at high resolution: attend inside N x N patch windows (iRPE inside each) "
+                   "except in --global-blocks; 0 = global attention in every block; None = the pretrained "
+                   "encoder's layout (global for pretraining checkpoints)",
+    "global_blocks": "with --window-size N > 0: the blocks (0-based) that keep global attention; None = ViTDet's, "
+                     "the last block of each quarter of the depth (2 5 8 11 for ViT-B)",
+    "attention": "how the iRPE bias is computed, same result: auto = dense for short sequences, above that flex on "
+                 "CUDA and query chunks elsewhere (see lomar bench --task backbone)",
     "mixup": "mixup alpha (0 = off)", "cutmix": "cutmix alpha (0 = off)", "smoothing": "label smoothing, in [0, 1)",
     "reprob": "random erasing probability, in [0, 1]", "aa": "timm auto-augment policy ('none' = off)",
     "crop_scale": "area range of the training random resized crop, as fractions of the image (0 < LOW <= HIGH "
@@ -104,7 +115,7 @@ _HELP = {
 # What may differ from the saved settings on resume: where and how the run is driven. `epochs`
 # may grow (the cosine schedule stretches from there); data and pretrained weights may move.
 _RUN_CONTROL = {"pretrained", "data", "train", "val", "out", "resume", "overwrite", "epochs", "max_steps",
-                "workers", "threads", "device", "log_every"}
+                "workers", "threads", "device", "log_every", "attention"}
 _PER_INVOCATION = {"resume": None, "overwrite": False, "max_steps": None}  # never inherited
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _MAX_SEED = 2**31 - 1  # the data order and the augmentation streams are seeded with seed + rank
@@ -182,6 +193,7 @@ def validate(config: FinetuneConfig, check_out: bool = True) -> None:
     if not 0 < low <= high <= 1:  # also false for nan; inf fails <= 1
         raise ConfigError(f"--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1 (finite fractions of the image "
                           f"area), got {low:g} {high:g}; e.g. --crop-scale 0.08 1.0 (the recipe) or 0.5 1.0")
+    _check_windows(config)
     if config.seed > _MAX_SEED:
         raise bad("seed", f"at most {_MAX_SEED}")
     if not 0 <= config.warmup_epochs <= config.epochs:
@@ -223,6 +235,20 @@ def _validate_paths(config: FinetuneConfig) -> None:
     if (out / "last.pt").exists() and is_main and not config.resume and not config.overwrite:
         raise ConfigError(f"--out {out} already holds a run; pass --resume auto to continue it, "
                           f"--overwrite to replace it, or another --out")
+
+
+def _check_windows(config: FinetuneConfig) -> None:
+    """--window-size / --global-blocks (the block indices are checked against the depth at load)."""
+    if config.window_size is not None and config.window_size < 0:
+        raise ConfigError(f"--window-size must be >= 0 (0 = global attention in every block), got {config.window_size}")
+    blocks = config.global_blocks
+    if blocks is None:
+        return
+    if not config.window_size:
+        raise ConfigError("--global-blocks needs --window-size N > 0 (the other blocks attend inside N x N windows); "
+                          "add --window-size 14, or drop --global-blocks")
+    if any(i < 0 for i in blocks) or len(set(blocks)) != len(blocks):
+        raise ConfigError(f"--global-blocks must be distinct block indices >= 0, got {' '.join(map(str, blocks))}")
 
 
 def _validate_augmentation(config: FinetuneConfig) -> None:

@@ -4,7 +4,8 @@ A command's settings are one dataclass. Its fields become flags (``--window-size
 ``window_size``), a YAML file (``--config``) may set any of them, and explicit flags win
 over the file. A resumed run takes its saved settings; only run-control ones may change.
 A ``tuple[float, float]`` field takes that many values: ``--crop-scale 0.5 1.0`` on the
-command line, ``crop_scale: [0.5, 1.0]`` in YAML (``cls.METAVARS`` names them in --help).
+command line, ``crop_scale: [0.5, 1.0]`` in YAML (``cls.METAVARS`` names them in --help);
+a ``tuple[int, ...]`` field takes any number (``--global-blocks 2 5 8 11``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def _tuple_items(base: str) -> list[str] | None:
     if not (base.startswith("tuple[") and base.endswith("]")):
         return None
     items = [item.strip() for item in base[len("tuple["):-1].split(",")]
+    if len(items) == 2 and items[1] == "..." and items[0] in _SCALARS:  # any number of values
+        return items
     if len(set(items)) != 1 or items[0] not in _SCALARS:  # one scalar kind: argparse takes one type per flag
         raise TypeError(f"settings field kind {base} is not supported; use tuple[T, ...] of one of int, float, str")
     return items
@@ -79,7 +82,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, helps: d
             common.update(nargs="?", const=nargs_optional[field.name], metavar="PATH|auto")
         items = _tuple_items(base)
         if items:
-            common.update(nargs=len(items), action=_StoreTuple)
+            common.update(nargs="*" if items[-1] == "..." else len(items), action=_StoreTuple)
             if field.name in getattr(cls, "METAVARS", {}):
                 common["metavar"] = cls.METAVARS[field.name]
         convert = _flag_parser(getattr(cls, "PARSERS", {}).get(field.name)) or _SCALARS[items[0] if items else base]
@@ -117,8 +120,13 @@ def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{where} is not allowed: {name} needs a {base} value; set one or remove the line")
     items = _tuple_items(base)
     if items:
-        wrong = ConfigError(f"{where} must be a list of {len(items)} {'strings' if items[0] == 'str' else 'numbers'}"
-                            f", e.g. {name}: {list(cls.__dataclass_fields__[name].default)}")
+        kind = "strings" if items[0] == "str" else "numbers"
+        if items[-1] == "...":
+            wrong = ConfigError(f"{where} must be a list of {kind}, e.g. {name}: [2, 5]")
+            items = [items[0]] * len(value) if isinstance(value, (list, tuple)) else []
+        else:
+            wrong = ConfigError(f"{where} must be a list of {len(items)} {kind}"
+                                f", e.g. {name}: {list(cls.__dataclass_fields__[name].default)}")
         if not isinstance(value, (list, tuple)) or len(value) != len(items):
             raise wrong
         try:
