@@ -89,6 +89,8 @@ def test_yaml_settings_flags_win_and_print_config(tmp_path, capsys, pretrained, 
     ("crop_scale: [0.5, 1, 1]", "must be a list of 2 numbers"),
     ("crop_scale: [half, 1]", "must be a list of 2 numbers"),
     ("crop_scale: [0.9, 0.5]", "--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1"),
+    ("window_size: 2\nglobal_blocks: 1", "global_blocks: 1 in {config} must be a list of numbers"),
+    ("window_size: 2\nglobal_blocks: [1, two]", "must be a list of numbers"),
 ])
 def test_bad_yaml_crop_scale_is_one_line(tmp_path, capsys, pretrained, folder, line, message):
     config = tmp_path / "ft.yaml"
@@ -111,6 +113,16 @@ def test_crop_scale_yaml_round_trip(tmp_path, capsys, pretrained, folder):
     assert main([*_args(pretrained, folder, out), "--config", str(again), "--crop-scale", "0.25", "1",
                  "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["crop_scale"] == [0.25, 1.0]  # the flag wins
+
+
+def test_global_blocks_take_any_number_of_values(tmp_path, capsys, pretrained, folder):
+    config = tmp_path / "ft.yaml"
+    config.write_text("window_size: 2\nglobal_blocks: [0, 1]\n")
+    out = tmp_path / "ft"
+    assert main([*_args(pretrained, folder, out), "--config", str(config), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["global_blocks"] == [0, 1]
+    assert main([*_args(pretrained, folder, out), "--window-size", "2", "--global-blocks", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["global_blocks"] == []  # every block windowed
 
 
 def test_resumed_finetune_equals_an_uninterrupted_one(tmp_path, capsys, pretrained, folder):

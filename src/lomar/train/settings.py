@@ -44,7 +44,8 @@ def _tuple_items(base: str) -> list[str] | None:
     if len(items) == 2 and items[1] == "..." and items[0] in _SCALARS:  # any number of values
         return items
     if len(set(items)) != 1 or items[0] not in _SCALARS:  # one scalar kind: argparse takes one type per flag
-        raise TypeError(f"settings field kind {base} is not supported; use tuple[T, ...] of one of int, float, str")
+        raise TypeError(f"settings field kind {base} is not supported; use tuple[T, T] or tuple[T, ...] with T one "
+                        f"of int, float, str")
     return items
 
 
@@ -120,12 +121,12 @@ def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{where} is not allowed: {name} needs a {base} value; set one or remove the line")
     items = _tuple_items(base)
     if items:
-        kind = "strings" if items[0] == "str" else "numbers"
+        noun = "strings" if items[0] == "str" else "numbers"
         if items[-1] == "...":
-            wrong = ConfigError(f"{where} must be a list of {kind}, e.g. {name}: [2, 5]")
+            wrong = ConfigError(f"{where} must be a list of {noun}, e.g. {name}: [2, 5]")
             items = [items[0]] * len(value) if isinstance(value, (list, tuple)) else []
         else:
-            wrong = ConfigError(f"{where} must be a list of {len(items)} {kind}"
+            wrong = ConfigError(f"{where} must be a list of {len(items)} {noun}"
                                 f", e.g. {name}: {list(cls.__dataclass_fields__[name].default)}")
         if not isinstance(value, (list, tuple)) or len(value) != len(items):
             raise wrong
