@@ -45,4 +45,5 @@ def test_summary_has_per_seed_lists_at_equal_time_and_steps(tmp_path):
     assert "| MAE (pretrained) | 92.5 ± 0.7 | 91.5 ± 0.7 | 90.5 ± 0.7 |" in equal_time
     assert "| MAE (pretrained) | 72.5 ± 0.7 | 71.5 ± 0.7 | 70.5 ± 0.7 |" in equal_steps
     assert "Command: `python benchmarks/digits.py --budget 60s`" in report
-    assert "--aa none --workers 0 --crop-scale 0.5 1.0 --threads 1` (last epoch's" in report  # as `lomar finetune` takes it
+    # the flags as `lomar finetune` takes them
+    assert "--aa none --workers 0 --crop-scale 0.5 1.0 --threads 1` (last epoch's" in report

@@ -209,7 +209,7 @@ def test_reconstruction_figure_uses_a_given_plan(tmp_path):
 
 
 def test_an_accumulation_window_without_readable_images_is_skipped(tmp_path, image_dir, monkeypatch, capsys):
-    import lomar.train.engine
+    import lomar.data.collate
     from lomar.data.collate import BadDataTracker, collate_pretrain
 
     calls = []
@@ -220,7 +220,7 @@ def test_an_accumulation_window_without_readable_images_is_skipped(tmp_path, ima
             items = [dict(item, image=None) for item in items]
         return collate_pretrain(items)
 
-    monkeypatch.setattr(lomar.train.engine, "collate_pretrain", collate_some_unreadable)
+    monkeypatch.setattr(lomar.data.collate, "collate_pretrain", collate_some_unreadable)  # what --decode full uses
     monkeypatch.setattr(BadDataTracker, "check", lambda self, threshold=0.1: None)  # 50 % bad is the point
     out = tmp_path / "run"
     assert pretrain("--data", str(image_dir), "--out", str(out), "--epochs", "1", "--accum-steps", "2") == 0
