@@ -99,6 +99,6 @@ def check_decode(config: PretrainConfig) -> None:
     if config.decode == "windows" and (config.method != "lomar" or not config.windows):
         raise ConfigError(f"--decode windows resamples only LoMaR's windows, but this run is --method "
                           f"{config.method} with --windows {config.windows}; use --decode draft")
-    if config.decode == "gpu" and config.device not in ("auto",) and not config.device.startswith("cuda"):
+    if config.decode == "gpu" and config.device != "auto" and not config.device.startswith("cuda"):
         raise ConfigError(f"--decode gpu decodes JPEGs on a CUDA device, not --device {config.device}; "
                           f"use --decode draft on CPU")

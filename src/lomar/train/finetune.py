@@ -30,7 +30,7 @@ from lomar.data.samplers import EpochSampler
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.errors import UsageError
 from lomar.train.distributed import DistInfo, cleanup_distributed, init_distributed
-from lomar.train.finetune_config import FinetuneConfig, dump_finetune_config, split_roots
+from lomar.train.finetune_config import FinetuneConfig, dump_finetune_config, encoder_layout, split_roots
 from lomar.train.preemption import StopFlag, any_rank_stopping, ignore_stop_signals, shut_down_workers
 from lomar.train.run_state import (
     RunLock,
@@ -147,15 +147,6 @@ def evaluate(model, loader, device: torch.device, info, autocast) -> dict[str, f
     model.train(was_training)
     count = max(float(totals[2]), 1.0)
     return {"top1": float(totals[0]) / count, "top5": float(totals[1]) / count}
-
-
-def encoder_layout(config: FinetuneConfig) -> dict:
-    """The attention settings the finetuned encoder overrides (none: the pretrained encoder's)."""
-    layout = {} if config.attention == "auto" else {"attention": config.attention}
-    if config.window_size is not None:
-        layout["window_size"] = config.window_size
-        layout["global_blocks"] = () if not config.window_size else config.global_blocks  # None: ViTDet's
-    return layout
 
 
 class FinetuneRun:

@@ -29,7 +29,8 @@ from lomar.train.settings import (
     resume_values,
 )
 
-__all__ = ["FinetuneConfig", "add_finetune_arguments", "resolve_finetune_config", "dump_finetune_config"]
+__all__ = ["FinetuneConfig", "add_finetune_arguments", "resolve_finetune_config", "dump_finetune_config",
+           "encoder_layout"]
 
 
 @dataclass
@@ -235,6 +236,15 @@ def _validate_paths(config: FinetuneConfig) -> None:
     if (out / "last.pt").exists() and is_main and not config.resume and not config.overwrite:
         raise ConfigError(f"--out {out} already holds a run; pass --resume auto to continue it, "
                           f"--overwrite to replace it, or another --out")
+
+
+def encoder_layout(config: FinetuneConfig) -> dict:
+    """The attention settings the finetuned encoder overrides (none: the pretrained encoder's)."""
+    layout = {} if config.attention == "auto" else {"attention": config.attention}
+    if config.window_size is not None:
+        layout["window_size"] = config.window_size
+        layout["global_blocks"] = () if not config.window_size else config.global_blocks  # None: ViTDet's
+    return layout
 
 
 def _check_windows(config: FinetuneConfig) -> None:
