@@ -1,5 +1,3 @@
-import sys
+from lomar.cli.app import run
 
-from lomar.cli.app import main
-
-sys.exit(main())
+run()

@@ -76,6 +76,7 @@ def _worker(rank: int, world: int, port: int, out: str, precision: str) -> None:
         dist.barrier()  # neither rank tears gloo down while the other still uses it
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # finished: skip the interpreter's teardown, which gloo's threads can abort (lomar.cli.app.run)
 
 
 def _spawn(tmp_path, precision: str) -> dict:

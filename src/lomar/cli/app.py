@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import re
 import sys
 from collections.abc import Iterable
@@ -19,7 +20,7 @@ from collections.abc import Iterable
 from lomar import __version__
 from lomar.errors import LomarError
 
-__all__ = ["SUBCOMMANDS", "build_parser", "main", "describe_os_error"]
+__all__ = ["SUBCOMMANDS", "build_parser", "main", "run", "describe_os_error"]
 
 # (name, "module" or "module:prefix", one-line help): the module provides add_arguments/run,
 # or <prefix>_add_arguments/<prefix>_run when one module serves several commands.
@@ -136,5 +137,24 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
 
+def run() -> None:
+    """The process entry point (``lomar``, ``python -m lomar``): :func:`main`, then exit with its code.
+
+    A process started by torchrun (``WORLD_SIZE`` > 1) leaves with ``os._exit`` once the command
+    has returned and its output is flushed: its checkpoints and logs are closed by then, and the
+    interpreter's own teardown can abort (SIGABRT) while gloo's threads are still being joined,
+    which turns a finished run into a failed one for torchrun and the scheduler.
+    """
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

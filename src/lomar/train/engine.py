@@ -371,10 +371,13 @@ def train(config: PretrainConfig) -> int:
         if info.is_main:
             prepare_folder(config, out, resume, trainer.step)
         try:
-            return trainer.run()
+            code = trainer.run()
         finally:
             trainer.stop.restore()
             shut_down_workers(trainer.loader)
+        if info.enabled:  # leave together: a rank that tears gloo down while rank 0 still exports can abort
+            dist.barrier()
+        return code
     except BaseException:
         lock.release(remove_if_empty=True)
         raise
