@@ -66,8 +66,7 @@ def test_items_draw_the_reference_crop_flip_and_plan(photos):
 def test_decoded_batch_equals_the_reference_pixels_on_cpu(photos):
     base, encoded = _datasets(photos)
     keys = [(i, 2) for i in range(len(base))]
-    batch = decode_batch(collate_encoded([encoded[k] for k in keys]), CPU, 64, base.transform.mean,
-                         base.transform.std)
+    batch = decode_batch(collate_encoded([encoded[k] for k in keys]), CPU, base.transform)
     refs = [base[k] for k in keys]
     good = [r for r in refs if r["image"] is not None]
     assert batch["images"].shape == (len(good), 3, 64, 64)
@@ -87,7 +86,7 @@ def test_a_file_the_decoder_refuses_leaves_the_batch(photos, tmp_path):
     base, encoded = _datasets(tmp_path)
     items = [encoded[(i, 0)] for i in range(3)]
     assert all(item["encoded"] is not None for item in items)  # the header parses: the device gets it
-    batch = decode_batch(collate_encoded(items), CPU, 64, base.transform.mean, base.transform.std)
+    batch = decode_batch(collate_encoded(items), CPU, base.transform)
     assert [Path(p).name for p in batch["bad"]] == ["truncated.jpg"]
     assert [Path(p).name for p in batch["paths"]] == ["good.jpg", "zgood.jpg"]
     assert batch["images"].shape[0] == batch["top_left"].shape[0] == batch["mask"].shape[0] == 2
@@ -97,7 +96,7 @@ def test_a_file_the_decoder_refuses_leaves_the_batch(photos, tmp_path):
 def test_all_bad_batch_is_empty(photos):
     base, encoded = _datasets(photos)
     broken = next(i for i in range(len(base)) if base.paths[i].name == "broken.jpg")
-    batch = decode_batch(collate_encoded([encoded[(broken, 0)]]), CPU, 64, base.transform.mean, base.transform.std)
+    batch = decode_batch(collate_encoded([encoded[(broken, 0)]]), CPU, base.transform)
     assert batch["images"].shape[0] == 0 and len(batch["bad"]) == 1
 
 

@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import Dataset
 
 from lomar.data.decode import _check_pixels, max_image_pixels
-from lomar.data.fast_decode import _open, _oriented, gpu_decode_crops
-from lomar.data.transforms import make_item, sample_generator
+from lomar.data.fast_decode import _normalize, _open, _oriented, gpu_decode_crops
+from lomar.data.transforms import make_item, sample_generator, sample_key
 
 __all__ = ["DEVICE_DECODE_TYPES", "EncodedPretrainDataset", "collate_encoded", "decode_batch", "decode_dataset"]
 
@@ -63,7 +63,7 @@ class EncodedPretrainDataset(Dataset):
         return len(self.base)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        index, epoch = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
+        index, epoch = sample_key(key)
         base = self.base
         path = str(base.paths[index % len(base.paths)])
         gen = sample_generator(base.seed, epoch, index)
@@ -93,47 +93,42 @@ def collate_encoded(batch: list[dict]) -> dict:
     """Items of :class:`EncodedPretrainDataset` -> a batch for :func:`decode_batch`.
 
     -> {"encoded": [bytes tensor or None], "decoded": [(3, S, S) or None], "boxes": [(4,) or None],
-    "flips": [bool], "bad": [paths], "paths": [paths], "size": S, **stacked plan fields}.
+    "flips": [bool], "bad": [paths], "paths": [paths], **stacked plan fields}.
     """
     good = [item for item in batch if item["image"] is not None or item["encoded"] is not None]
     out: dict = {"bad": [item["path"] for item in batch if item["image"] is None and item["encoded"] is None],
-                 "paths": [item["path"] for item in good], "size": batch[0].get("size", 0) if batch else 0,
+                 "paths": [item["path"] for item in good],
                  "encoded": [item["encoded"] for item in good], "decoded": [item["image"] for item in good],
                  "boxes": [item.get("box") for item in good], "flips": [item.get("flip", False) for item in good]}
     if good:
-        sizes = [item["image"].shape[-1] for item in good if item["image"] is not None]
-        out["size"] = sizes[0] if sizes else out["size"]
         for key in good[0]:
             if key not in ("path", "size", "image", "encoded", "box", "flip"):
                 out[key] = torch.stack([item[key] for item in good])
     return out
 
 
-def decode_batch(batch: dict, device: torch.device, size: int, mean: torch.Tensor, std: torch.Tensor) -> dict:
+def decode_batch(batch: dict, device: torch.device, transform) -> dict:
     """Decode a :func:`collate_encoded` batch on ``device``: the same batch with ``"images"``
-    (B', 3, S, S) float32 on ``device``, normalised with ``mean``/``std`` (3, 1, 1).
+    (B', 3, S, S) float32 on ``device``, normalised as ``transform`` (the dataset's
+    :class:`lomar.data.transforms.PretrainTransform`) does.
 
     A file whose header parsed but whose data the decoder refuses joins ``"bad"`` and leaves the
     batch (the plan fields are cut to match), as an unreadable file does on the reference path.
     """
-    encoded = batch["encoded"]
+    encoded, size = batch["encoded"], transform.size
     rows = [i for i, e in enumerate(encoded) if e is not None]
     images = torch.empty(len(encoded), 3, size, size, device=device)
     keep = [True] * len(encoded)
     if rows:
         pixels, failed = _decode_rows([encoded[i] for i in rows], [tuple(batch["boxes"][i].tolist()) for i in rows],
                                       size, [batch["flips"][i] for i in rows], device)
-        mean, std = mean.to(device), std.to(device)
-        for j, i in enumerate(rows):
-            if j in failed:
-                keep[i] = False
-            else:
-                images[i] = (pixels[j].float() / 255.0 - mean) / std
+        images[rows] = _normalize(pixels, transform)
+        for j in failed:
+            keep[rows[j]] = False
     for i, pixels in enumerate(batch["decoded"]):
         if pixels is not None:
             images[i] = pixels.to(device, non_blocking=True)
-    out = {key: value for key, value in batch.items()
-           if key not in ("encoded", "decoded", "boxes", "flips", "size")}
+    out = {key: value for key, value in batch.items() if key not in ("encoded", "decoded", "boxes", "flips")}
     if all(keep):
         out["images"] = images
         return out

@@ -39,8 +39,9 @@ _JPEG_SCALES = (8, 4, 2, 1)
 
 
 def _normalize(pixels: torch.Tensor, transform) -> torch.Tensor:
-    """uint8 (3, h, w) -> float32 normalised with the transform's mean/std."""
-    return (pixels.float() / 255.0 - transform.mean) / transform.std
+    """uint8 (..., 3, h, w) -> float32 normalised with the transform's mean/std, on the pixels' device."""
+    device = pixels.device
+    return (pixels.float() / 255.0 - transform.mean.to(device)) / transform.std.to(device)
 
 
 def _pil_to_tensor(img) -> torch.Tensor:
@@ -186,9 +187,9 @@ class FastPretrainDataset(Dataset):
         return (self.mode == "windows" and self.sparse) or _can_reduce(path, self.base.transform, gen)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        from lomar.data.transforms import sample_generator
+        from lomar.data.transforms import sample_generator, sample_key
 
-        index, epoch = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
+        index, epoch = sample_key(key)
         base = self.base
         path = str(base.paths[index % len(base.paths)])
         gen = sample_generator(base.seed, epoch, index)

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from lomar.data.decode import IMAGE_EXTENSIONS, is_image_name, load_image, load_pil
 from lomar.data.shards import TarShardDataset, is_shard_pattern, shard_paths
-from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator
+from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator, sample_key
 
 __all__ = ["demo_image_paths", "find_images", "build_image_list", "ImageListDataset", "build_pretrain_dataset",
            "LabelledImageFolder"]
@@ -104,8 +104,7 @@ class ImageListDataset(Dataset):
         return len(self.paths) * self.repeats
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        # Keys may arrive as numpy or tensor integers from custom samplers: normalise to int.
-        index, epoch = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
+        index, epoch = sample_key(key)
         path = self.paths[index % len(self.paths)]
         gen = sample_generator(self.seed, epoch, index)
         return make_item(str(path), lambda: self._load(index % len(self.paths)), self.transform, gen, self.masker)

@@ -14,8 +14,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Masker", "denormalize", "sample_generator", "PretrainTransform",
-           "make_item"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Masker", "denormalize", "sample_key", "sample_generator",
+           "PretrainTransform", "make_item"]
 
 log = logging.getLogger("lomar.data")
 
@@ -30,6 +30,12 @@ def denormalize(images: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
     return (images.float() * std + mean).clamp(0, 1)
+
+
+def sample_key(key: int | tuple[int, int]) -> tuple[int, int]:
+    """(index, epoch) of a map-style dataset key: ``(index, epoch)`` from the engine's sampler, or a
+    bare index (epoch 0). Keys may arrive as numpy or tensor integers from custom samplers."""
+    return (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:

@@ -225,8 +225,7 @@ class Trainer:
                 break
             micro += 1
             if self.config.decode == "gpu":
-                transform = self.base_dataset.transform
-                batch = decode_batch(batch, self.device, transform.size, transform.mean, transform.std)
+                batch = decode_batch(batch, self.device, self.base_dataset.transform)
             batch, n = self._readable(batch)
             if batch is not None:
                 self._backward(batch, n, sync=micro % accum == 0 or not self.info.enabled)
