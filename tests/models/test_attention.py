@@ -204,3 +204,9 @@ def test_the_cuda_flex_check_passes_chunked_on_cpu(masked):
     from test_attention_cuda import check_against_dense
 
     check_against_dense("cpu", (7, 7), masked, ("chunked",))
+
+
+def test_the_cuda_encoder_check_passes_chunked_on_cpu():
+    from test_attention_cuda import check_encoder_against_dense
+
+    check_encoder_against_dense("cpu", "chunked")

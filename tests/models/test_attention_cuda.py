@@ -1,5 +1,7 @@
 """FlexAttention iRPE on CUDA equals the dense path, forward and gradients (skipped without CUDA)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -59,19 +61,33 @@ def test_flex_equals_dense_on_cuda(grid, masked):
     check_against_dense("cuda", grid, masked, ("flex", "chunked"))
 
 
-def test_encoder_flex_equals_dense_on_cuda():
+def check_encoder_against_dense(device: str, mode: str) -> None:
+    """A 2-block RPE encoder through ``mode``: output against dense (fp32), the first block's
+    d(table) against a float64 run of the dense path, relative to its scale (as above)."""
     torch.manual_seed(0)
-    model = VisionTransformer(ViTConfig(img_size=224, patch_size=16, embed_dim=64, depth=2, num_heads=2)).cuda()
+    model = VisionTransformer(ViTConfig(img_size=224, patch_size=16, embed_dim=64, depth=2, num_heads=2)).to(device)
     with torch.no_grad():
         for block in model.blocks:
             block.attn.rpe.table.normal_(std=0.3)
-    images = torch.randn(1, 3, 224, 288, device="cuda")
-    results = []
-    for mode in ("dense", "flex"):
-        model.zero_grad()
-        x, grid = model.embed(images)
-        out = model.forward_blocks(x, grid, attention=mode)
+    images = torch.randn(1, 3, 224, 288, device=device)
+
+    def run(net, attention, x):
+        net.zero_grad()
+        tokens, grid = net.embed(x)
+        out = net.forward_blocks(tokens, grid, attention=attention)
         out.square().mean().backward()
-        results.append((out.detach(), model.blocks[0].attn.rpe.table.grad.clone()))
-    torch.testing.assert_close(results[1][0], results[0][0], **TOL)
-    torch.testing.assert_close(results[1][1], results[0][1], **TOL)
+        return out.detach(), net.blocks[0].attn.rpe.table.grad.clone()
+
+    dense_out, dense_grad = run(model, "dense", images)
+    out, grad = run(model, mode, images)
+    _, ref_grad = run(copy.deepcopy(model).double(), "dense", images.double())
+    torch.testing.assert_close(out, dense_out, **TOL)
+    ref_grad = ref_grad.float()
+    scale = ref_grad.abs().max()
+    err, err_dense = [float((g - ref_grad).abs().max() / scale) for g in (grad, dense_grad)]
+    assert err <= max(1e-5, 2 * err_dense), \
+        f"{mode} d(table): {err:.2e} of its scale from float64 (dense: {err_dense:.2e})"
+
+
+def test_encoder_flex_equals_dense_on_cuda():
+    check_encoder_against_dense("cuda", "flex")
