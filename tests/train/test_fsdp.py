@@ -135,6 +135,59 @@ def test_fsdp_bf16_policy_keeps_fp32_weights_and_trains(tmp_path):
     assert torch.allclose(result["straight"][weight], reference.state_dict()[weight], atol=2e-2)
 
 
+def _full_disk_worker(rank: int, world: int, port: int, out: str, where: str) -> None:
+    """Save once, then save again with a full disk hitting rank 1's shards or rank 0's meta.pt;
+    each rank writes what the second save raised to ``out/rank<r>.txt``."""
+    import contextlib
+    import errno
+    from unittest import mock
+
+    from lomar.train.fsdp import save_sharded, shard_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = shard_model(_model(), "fp32")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        save_sharded(model, optimizer, f"{out}/sharded", {"step": 0})
+        full = OSError(errno.ENOSPC, "No space left on device")
+        target = {"shards": "torch.distributed.checkpoint.filesystem._write_item",
+                  "meta": "lomar.checkpoints.io.atomic_save"}[where]
+        failing = (rank == 1) if where == "shards" else (rank == 0)
+        with mock.patch(target, side_effect=full) if failing else contextlib.nullcontext():
+            try:
+                save_sharded(model, optimizer, f"{out}/sharded", {"step": 1})
+                raised = "nothing"
+            except Exception as exc:  # noqa: BLE001 - the test records whatever came out
+                raised = f"{type(exc).__name__}: {exc}"
+        with open(f"{out}/rank{rank}.txt", "w") as f:
+            f.write(raised)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["shards", "meta"])
+def test_a_full_disk_during_a_sharded_save_is_one_line_on_every_rank_and_keeps_the_last_checkpoint(tmp_path,
+                                                                                                    where):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.start_processes(_full_disk_worker, args=(2, port, str(tmp_path), where), nprocs=2, start_method="spawn")
+    for rank in range(2):
+        raised = (tmp_path / f"rank{rank}.txt").read_text()
+        assert raised.startswith("SaveError: no space left on the device to write"), (rank, raised)
+        assert "\n" not in raised and "resume with --resume auto" in raised
+    assert not (tmp_path / "sharded.tmp").exists()  # the partial folder is gone
+    from lomar.train.fsdp import consolidate
+
+    consolidate(tmp_path / "sharded", tmp_path / "single.pt")  # the first save is whole
+    assert safe_load(tmp_path / "single.pt")["step"] == 0
+
+
 # ---- `lomar pretrain --fsdp` ----------------------------------------------------------------
 def _torchrun(*args: str, resume: bool = False) -> str:
     """``torchrun --nproc-per-node 2 -m lomar pretrain``: the tiny settings, or (``resume``) only ``args``."""

@@ -20,6 +20,7 @@ In a run folder (``lomar pretrain --fsdp``) :func:`save_run_checkpoint` writes
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import sys
@@ -75,9 +76,42 @@ def shard_model(model: nn.Module, precision: str = "fp32", mesh=None, reshard_af
     return model
 
 
+def _full_disk(failure: BaseException | None) -> bool:
+    """Whether ``failure`` (an OSError, or DCP's exception wrapping each rank's) is a full disk."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    causes = [exc for exc, _ in failure.failures.values()] if isinstance(failure, CheckpointException) else [failure]
+    return any(isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) for exc in causes)
+
+
+def _agree_on_failure(failure: BaseException | None, directory: Path, tmp: Path) -> None:
+    """Collective: if any rank failed to write its part, every rank raises (rank 0 having removed
+    the partial ``tmp``); a full disk anywhere is a one-line SaveError on all ranks."""
+    from lomar.train.run_state import SaveError
+
+    code = 0 if failure is None else 2 if _full_disk(failure) else 1
+    verdict = torch.tensor([code])
+    dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
+    if not verdict.item():
+        dist.barrier()
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    if verdict.item() == 2:
+        error = SaveError(f"no space left on the device to write {directory}; nothing written before it was "
+                          f"changed; free space and resume with --resume auto")
+        error.errno = errno.ENOSPC
+        raise error from None
+    if failure is not None:
+        raise failure
+    raise RuntimeError(f"another rank could not write its part of {directory}; see its error")
+
+
 def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | Path, meta: dict) -> Path:
     """Every rank writes its shards of model and optimizer into ``directory`` (collective)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     directory = Path(directory)
@@ -86,12 +120,19 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
         shutil.rmtree(tmp)  # a crash during an earlier save
     dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
-    if dist.get_rank() == 0:
+    failure: BaseException | None = None
+    try:
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+    except CheckpointException as exc:  # raised on every rank when any rank's write failed
+        failure = exc
+    if failure is None and dist.get_rank() == 0:
         from lomar.checkpoints.io import atomic_save
 
-        atomic_save(dict(meta), tmp / "meta.pt")  # DCP loads only keys it is given: keep meta apart
-    dist.barrier()
+        try:
+            atomic_save(dict(meta), tmp / "meta.pt")  # DCP loads only keys it is given: keep meta apart
+        except OSError as exc:
+            failure = exc
+    _agree_on_failure(failure, directory, tmp)
     if dist.get_rank() == 0:
         old = directory.with_name(directory.name + ".old")
         if directory.exists():
