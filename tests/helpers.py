@@ -65,3 +65,41 @@ def pretrain(*args: str) -> int:
 
 def losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+class _FillingFile:
+    """A binary file on a disk with ``room`` bytes left: a write past it raises ENOSPC, as the
+    kernel does (and what the writer does about it, e.g. torch.save's zip writer, is real)."""
+
+    def __init__(self, handle, room: int):
+        self._handle, self._room = handle, room
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        if size > self._room:
+            import errno
+
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._room -= size
+        return self._handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.close()
+
+
+def fill_disk(monkeypatch, room: int = 4096) -> None:
+    """From now on every file lomar writes (``lomar.checkpoints.io``) meets a full disk after
+    ``room`` bytes: logs and settings still fit, a checkpoint does not."""
+    import builtins
+
+    def opener(path, mode="r", *args, **kwargs):
+        handle = builtins.open(path, mode, *args, **kwargs)
+        return _FillingFile(handle, room) if "w" in mode else handle
+
+    monkeypatch.setattr("lomar.checkpoints.io.open", opener, raising=False)

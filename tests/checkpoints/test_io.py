@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lomar
+from helpers import fill_disk
 from lomar import MAE, LoMaR, load_original, lomar_from_original, lomar_to_original, model_config
 from lomar.checkpoints.formats import infer_original_config
 from lomar.checkpoints.io import atomic_save, safe_load
@@ -145,3 +146,20 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
 def test_package_api():
     assert lomar.__version__
     assert "vit_base_patch16" in lomar.list_models()
+
+
+def test_a_full_disk_under_torch_save_surfaces_as_enospc_naming_the_file(tmp_path, monkeypatch):
+    """torch.save's zip writer turns the disk's ENOSPC into its own RuntimeError; atomic_save
+    reports the OSError behind it, for the target (not the temporary), and keeps the old file."""
+    import errno
+
+    target = tmp_path / "state.pt"
+    atomic_save({"step": 1}, target)
+    fill_disk(monkeypatch, room=64)
+    with pytest.raises(OSError) as info:
+        atomic_save({"w": torch.zeros(1000)}, target)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert isinstance(info.value.__cause__, RuntimeError)  # what torch.save itself raised
+    monkeypatch.undo()
+    assert safe_load(target) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]

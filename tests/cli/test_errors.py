@@ -152,6 +152,21 @@ def test_full_disk_is_one_line_with_exit_1(monkeypatch, capsys):
     assert "no space left" in _one_error_line(capsys.readouterr().err, "export")
 
 
+@pytest.mark.parametrize("rank, printed", [(None, True), ("0", True), ("1", False)])
+def test_a_failed_save_is_printed_once_across_torchrun_ranks(rank, printed, monkeypatch, capsys):
+    from lomar.cli.common import report_run_failure
+    from lomar.train.run_state import SaveError
+
+    monkeypatch.delenv("RANK", raising=False)
+    if rank is not None:
+        monkeypatch.setenv("RANK", rank)
+    assert report_run_failure("pretrain", SaveError("no space left on the device to write last.pt")) == 1
+    err = capsys.readouterr().err
+    assert err == ("lomar pretrain: error: no space left on the device to write last.pt\n" if printed else "")
+    assert report_run_failure("pretrain", ValueError("only this rank knows")) == 1  # not a shared failure
+    assert capsys.readouterr().err == "lomar pretrain: error: only this rank knows\n"
+
+
 def test_interrupt_exits_130(monkeypatch, capsys):
     _fail_with(monkeypatch, KeyboardInterrupt())
     assert main(["export", "ckpt", "--to", "out"]) == 130

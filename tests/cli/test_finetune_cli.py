@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from helpers import fill_disk
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
 
@@ -168,17 +169,11 @@ def test_finetune_refuses_a_locked_folder_and_an_older_resume(tmp_path, capsys, 
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, capsys, pretrained, folder, monkeypatch):
-    import errno
-
     out = tmp_path / "ft"
     assert main([*_args(pretrained, folder, out), "--epochs", "2", "--max-steps", "1"]) == 0
     before = (out / "last.pt").read_bytes()
 
-    def no_space(obj, handle, *args, **kwargs):
-        handle.write(b"half a checkpoint")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr("lomar.checkpoints.io.torch.save", no_space)
+    fill_disk(monkeypatch)  # torch.save's zip writer meets ENOSPC part-way, as on a real disk
     capsys.readouterr()
     assert main([*_args(pretrained, folder, out), "--epochs", "2", "--max-steps", "2", "--resume", "auto"]) == 1
     err = capsys.readouterr().err

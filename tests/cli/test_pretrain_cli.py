@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import TINY, losses, pretrain
+from helpers import TINY, fill_disk, losses, pretrain
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
 
@@ -282,17 +282,11 @@ def test_resume_auto_without_last_pt_uses_the_newest_intact_checkpoint(tmp_path,
 
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, image_dir,
                                                                             monkeypatch):
-    import errno
-
     out = tmp_path / "run"
     assert pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "2") == 0
     before = (out / "last.pt").read_bytes()
 
-    def no_space(obj, handle, *args, **kwargs):
-        handle.write(b"half a checkpoint")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr("lomar.checkpoints.io.torch.save", no_space)
+    fill_disk(monkeypatch)  # torch.save's zip writer meets ENOSPC part-way, as on a real disk
     capsys.readouterr()
     assert pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "3", "--resume", "auto") == 1
     err = capsys.readouterr().err

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from helpers import fill_disk
 from lomar.checkpoints.io import atomic_save, safe_load
 from lomar.errors import UsageError
 from lomar.train import runtime
@@ -22,6 +23,7 @@ from lomar.train.run_state import (
     find_resume_checkpoint,
     remove_stale_temporaries,
     save_checkpoint,
+    save_on_main_rank,
     truncate_metrics,
 )
 
@@ -79,11 +81,7 @@ def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
 def test_a_full_disk_keeps_the_previous_checkpoint_and_no_temporary(tmp_path, monkeypatch):
     save_checkpoint(_state(1), tmp_path, step=1, keep_last=2)
 
-    def no_space(obj, handle, *args, **kwargs):
-        handle.write(b"half a checkpoint")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr("lomar.checkpoints.io.torch.save", no_space)
+    fill_disk(monkeypatch, room=64)  # torch.save's zip writer meets ENOSPC part-way, as on a real disk
     with pytest.raises(SaveError) as info:
         save_checkpoint(_state(2), tmp_path, step=2, keep_last=2)
     message = str(info.value)
@@ -150,3 +148,42 @@ def test_thread_and_worker_defaults_fit_the_machine(monkeypatch):
     assert (runtime.default_threads(), runtime.default_workers()) == (1, 0)
     monkeypatch.setattr(runtime, "available_cores", lambda: 64)
     assert runtime.default_workers() == 8
+
+
+def _save_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        def full_disk():
+            raise SaveError("no space left on the device to write last.pt")
+
+        try:
+            save_on_main_rank(full_disk, rank == 0, torch.device("cpu"))
+            raised = "nothing"
+        except Exception as exc:  # noqa: BLE001 - the test records whatever came out
+            raised = f"{type(exc).__name__}: {exc}"
+        written = save_on_main_rank(lambda: "written", rank == 0, torch.device("cpu"))
+        with open(f"{out}/rank{rank}.txt", "w") as f:
+            f.write(f"{raised}|{written}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # skip the interpreter's teardown, which gloo's threads can abort (lomar.cli.app.run)
+
+
+@pytest.mark.slow
+def test_a_failed_save_on_the_main_rank_stops_every_rank_with_a_save_error(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_save_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    assert (tmp_path / "rank0.txt").read_text() == "SaveError: no space left on the device to write last.pt|written"
+    assert (tmp_path / "rank1.txt").read_text() == \
+        "SaveError: the main process could not write the checkpoint; see its message|None"
+

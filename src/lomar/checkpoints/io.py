@@ -33,7 +33,9 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], mode: int 
     """Call ``write(handle)`` on a temporary file beside ``path``, fsync, chmod, rename over ``path``.
 
     The temporary name carries the pid, so two processes never share one. On any failure the
-    temporary is removed and ``path`` is untouched.
+    temporary is removed and ``path`` is untouched. A failed write surfaces as the OSError behind
+    it, naming ``path`` (not the temporary), even where the writer wrapped it in its own error:
+    ``torch.save`` on a full disk raises a RuntimeError from its zip writer.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,10 +47,26 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], mode: int 
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except Exception as exc:
+        cause = _os_error_behind(exc)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from exc
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _os_error_behind(exc: BaseException) -> OSError | None:
+    """The first OSError with an errno in ``exc``'s chain of causes and contexts, or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, mode: int = FILE_MODE) -> Path:

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -192,3 +193,14 @@ def load_for_cli(path: str, args: argparse.Namespace):
 def as_flags(message: str) -> str:
     """The library's "pass num_heads=... to load_original" becomes the command line's "pass --num-heads"."""
     return re.sub(r"pass (\w+)=\.\.\. to load_original", lambda m: f"pass --{m[1].replace('_', '-')}", message)
+
+
+def report_run_failure(command: str, exc: Exception) -> int:
+    """Print why a run stopped (``lomar COMMAND: error: ...``) and return exit code 1. A failed
+    checkpoint save is raised on every torchrun rank; only rank 0 prints it."""
+    from lomar.train.run_state import SaveError
+
+    if not isinstance(exc, SaveError) or int(os.environ.get("RANK", "0")) == 0:
+        sys.stderr.write(f"lomar {command}: error: {exc}\n")
+    return 1
+

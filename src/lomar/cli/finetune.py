@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lomar.cli.common import report_run_failure
 from lomar.errors import UsageError
 from lomar.train.finetune_config import add_finetune_arguments, dump_finetune_config, resolve_finetune_config
 from lomar.train.settings import ConfigError
@@ -29,5 +30,4 @@ def run(args: argparse.Namespace) -> int:
     try:
         return finetune(config)
     except SaveError as exc:
-        print(f"lomar finetune: error: {exc}", file=sys.stderr)
-        return 1
+        return report_run_failure("finetune", exc)

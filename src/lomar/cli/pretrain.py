@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lomar.cli.common import report_run_failure
 from lomar.errors import UsageError
 from lomar.train.config import ConfigError, add_config_arguments, dump_config, resolve_config
 
@@ -29,5 +30,4 @@ def run(args: argparse.Namespace) -> int:
     try:
         return train(config)
     except (TrainingError, SaveError) as exc:
-        print(f"lomar pretrain: error: {exc}", file=sys.stderr)
-        return 1
+        return report_run_failure("pretrain", exc)

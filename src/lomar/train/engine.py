@@ -43,6 +43,7 @@ from lomar.train.run_state import (
     resolve_precision,
     rng_state,
     save_checkpoint,
+    save_on_main_rank,
     set_rng_state,
 )
 from lomar.train.runtime import default_threads, fast_adamw
@@ -148,8 +149,9 @@ class Trainer:
             path = save_run_checkpoint(self.model, self.optimizer, self.meta(), self.out, self.step,
                                        self.config.keep_last)
             return path if self.info.is_main else None
-        if not self.info.is_main:
-            return None
+        return save_on_main_rank(lambda: self._save_file(figure), self.info.is_main, self.device)
+
+    def _save_file(self, figure: bool) -> Path:
         path = save_checkpoint(self.state(), self.out, self.step, self.config.keep_last)
         if figure:
             self.figure()

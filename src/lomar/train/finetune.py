@@ -41,6 +41,7 @@ from lomar.train.run_state import (
     resolve_precision,
     rng_state,
     save_checkpoint,
+    save_on_main_rank,
     save_state,
     set_rng_state,
     truncate_metrics,
@@ -218,8 +219,9 @@ class FinetuneRun:
     def save(self, metrics: dict | None) -> None:
         """``last.pt`` at the current position; ``best.pt`` too when ``metrics`` (a finished
         epoch's) are the best so far."""
-        if not self.info.is_main:
-            return
+        save_on_main_rank(lambda: self._save_files(metrics), self.info.is_main, self.device)
+
+    def _save_files(self, metrics: dict | None) -> None:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
                  "batches_done": self.skip, "step": self.step, "best_top1": self.best,
                  "config": self.model.config.to_dict(), "num_classes": len(self.classes), "classes": self.classes,

@@ -17,16 +17,20 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from lomar.checkpoints.io import atomic_save, atomic_write_text, safe_load
 from lomar.errors import LomarError, UsageError
 
 __all__ = ["RunLock", "SaveError", "save_state", "rng_state", "set_rng_state", "checkpoints_to_prune",
-           "save_checkpoint", "truncate_metrics", "remove_stale_temporaries", "find_resume_checkpoint",
+           "save_checkpoint", "save_on_main_rank", "truncate_metrics", "remove_stale_temporaries",
+           "find_resume_checkpoint",
            "checkpoint_step", "check_no_rewind", "remove_newer_checkpoints", "check_out_folder",
            "autocast_factory", "resolve_precision", "LAST_POINTER", "is_sharded_checkpoint", "newest_state"]
 
@@ -35,6 +39,7 @@ _SHARDED = re.compile(r"^checkpoint-(\d+)\.dcp$")
 _SHARDED_TMP = re.compile(r"^checkpoint-\d+\.dcp\.tmp$")  # a sharded save cut before its rename
 LAST_POINTER = "last.json"  # a sharded run's pointer to its newest checkpoint folder
 _TMP = re.compile(r"^\..+\.tmp(-(\d+))?$")
+T = TypeVar("T")
 
 
 class SaveError(LomarError, OSError):
@@ -121,6 +126,26 @@ def save_checkpoint(state: dict, out: Path, step: int | None = None, keep_last: 
                 old.unlink(missing_ok=True)
         return path
     return last
+
+
+def save_on_main_rank(save: Callable[[], T], is_main: bool, device: torch.device) -> T | None:
+    """``save()`` on the main rank only (-> its result; None elsewhere). Under DDP this is a
+    collective: when the main rank's save fails, every rank raises (the others a SaveError), so
+    all leave together instead of the others dying in their next collective with a traceback."""
+    result, error = None, None
+    if is_main:
+        try:
+            result = save()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks know
+            error = exc
+    if dist.is_available() and dist.is_initialized():
+        failed = torch.tensor(float(error is not None), device=device)
+        dist.broadcast(failed, src=0)
+        if failed.item() and error is None:
+            error = SaveError("the main process could not write the checkpoint; see its message")
+    if error is not None:
+        raise error
+    return result
 
 
 def truncate_metrics(path: Path, step: int) -> None:
