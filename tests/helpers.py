@@ -67,20 +67,22 @@ def losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-class _FillingFile:
-    """A binary file on a disk with ``room`` bytes left: a write past it raises ENOSPC, as the
-    kernel does (and what the writer does about it, e.g. torch.save's zip writer, is real)."""
+class FillingFile:
+    """A binary file on a disk with ``room`` bytes left: a write past it writes what fits, then
+    raises ENOSPC, as the kernel does (what the writer makes of it, e.g. torch.save's zip writer, is real)."""
 
     def __init__(self, handle, room: int):
         self._handle, self._room = handle, room
 
     def write(self, data) -> int:
-        size = memoryview(data).nbytes
-        if size > self._room:
+        data = memoryview(data).cast("B")
+        if data.nbytes > self._room:  # what fits is written, then the disk is full
             import errno
 
+            self._handle.write(data[:self._room])
+            self._room = 0
             raise OSError(errno.ENOSPC, "No space left on device")
-        self._room -= size
+        self._room -= data.nbytes
         return self._handle.write(data)
 
     def __getattr__(self, name):
@@ -100,6 +102,6 @@ def fill_disk(monkeypatch, room: int = 4096) -> None:
 
     def opener(path, mode="r", *args, **kwargs):
         handle = builtins.open(path, mode, *args, **kwargs)
-        return _FillingFile(handle, room) if "w" in mode else handle
+        return FillingFile(handle, room) if "w" in mode else handle
 
     monkeypatch.setattr("lomar.checkpoints.io.open", opener, raising=False)

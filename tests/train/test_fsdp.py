@@ -150,11 +150,20 @@ def _full_disk_worker(rank: int, world: int, port: int, out: str, where: str) ->
         model = shard_model(_model(), "fp32")
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         save_sharded(model, optimizer, f"{out}/sharded", {"step": 0})
-        full = OSError(errno.ENOSPC, "No space left on device")
-        target = {"shards": "torch.distributed.checkpoint.filesystem._write_item",
-                  "meta": "lomar.checkpoints.io.atomic_save"}[where]
-        failing = (rank == 1) if where == "shards" else (rank == 0)
-        with mock.patch(target, side_effect=full) if failing else contextlib.nullcontext():
+        if where == "shards" and rank == 1:
+            def zip_writer_on_a_full_disk(*args, **kwargs):  # what torch.save inside DCP raised on a real one
+                try:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                except OSError:
+                    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
+
+            patch = mock.patch("torch.distributed.checkpoint.filesystem._write_item", zip_writer_on_a_full_disk)
+        elif where == "meta" and rank == 0:
+            patch = mock.patch("lomar.checkpoints.io.atomic_save",
+                               side_effect=OSError(errno.ENOSPC, "No space left on device"))
+        else:
+            patch = contextlib.nullcontext()
+        with patch:
             try:
                 save_sharded(model, optimizer, f"{out}/sharded", {"step": 1})
                 raised = "nothing"

@@ -92,6 +92,25 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_no_temporary(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000001.pt", "last.pt"]
 
 
+def test_a_disk_filled_by_the_step_checkpoint_names_it_as_the_intact_state(tmp_path, monkeypatch):
+    """The first save of a run writes checkpoint-N.pt, then last.pt: if only the first fits, the
+    state is safe in it, and the message says so (not "no earlier checkpoint")."""
+    from lomar.train import run_state
+
+    written = []
+
+    def second_write_fails(state, path):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(atomic_save(state, path))
+
+    monkeypatch.setattr(run_state, "atomic_save", second_write_fails)
+    with pytest.raises(SaveError, match=r"last\.pt; .*checkpoint-000004\.pt is intact"):
+        save_checkpoint(_state(4), tmp_path, step=4, keep_last=2)
+    assert safe_load(tmp_path / "checkpoint-000004.pt")["step"] == 4
+    assert find_resume_checkpoint(tmp_path)[0].name == "checkpoint-000004.pt"
+
+
 def test_resume_auto_falls_back_to_the_newest_intact_checkpoint(tmp_path):
     for step in (3, 6, 9):
         atomic_save(_state(step), tmp_path / f"checkpoint-{step:06d}.pt")

@@ -22,7 +22,7 @@ from typing import BinaryIO
 import torch
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_save", "safe_load",
-           "FILE_MODE"]
+           "os_error_behind", "FILE_MODE"]
 
 # Exports and checkpoints are meant to be shared: rw-r--r-- whatever mkstemp-like defaults say.
 FILE_MODE = 0o644
@@ -48,7 +48,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], mode: int 
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except Exception as exc:
-        cause = _os_error_behind(exc)
+        cause = os_error_behind(exc)
         if cause is None:
             raise
         raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from exc
@@ -58,7 +58,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], mode: int 
     return path
 
 
-def _os_error_behind(exc: BaseException) -> OSError | None:
+def os_error_behind(exc: BaseException) -> OSError | None:
     """The first OSError with an errno in ``exc``'s chain of causes and contexts, or None."""
     seen = set()
     while exc is not None and id(exc) not in seen:

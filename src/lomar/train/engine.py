@@ -324,28 +324,32 @@ class Trainer:
         if not preempted:
             self._knn(log)  # the final score, whatever --knn-every
         log.close()
+        # Collective: the other ranks wait for the main one's files, and stop with it if it fails.
+        save_on_main_rank(lambda: self._write_outputs(path, preempted), self.info.is_main, self.device)
+        return self.stop.exit_code if preempted else 0
+
+    def _write_outputs(self, path: Path, preempted: bool) -> None:
+        """Main process: last.pt, the figure and the encoder (from the whole model if sharded)."""
         model = self.model
-        if self.config.fsdp and self.info.is_main:  # last.pt, the figure and the encoder from the whole model
+        if self.config.fsdp:
             model = consolidate_into(path, self.out / "last.pt", build_model(self.config)).to(self.device)
             self.figure(model)
-        if self.info.is_main:
-            if preempted:
-                print(f"lomar: stopped by {self.stop.name} at step {self.step}; checkpoint {path}. Resume with: "
-                      f"lomar pretrain --out {self.out} --resume auto", flush=True)
+        if preempted:
+            print(f"lomar: stopped by {self.stop.name} at step {self.step}; checkpoint {path}. Resume with: "
+                  f"lomar pretrain --out {self.out} --resume auto", flush=True)
+        else:
+            meta = {"method": self.config.method, "step": self.step}
+            if self.runtime.method.export is not None:
+                self.runtime.method.export(model, self.out, meta)
             else:
-                meta = {"method": self.config.method, "step": self.step}
-                if self.runtime.method.export is not None:
-                    self.runtime.method.export(model, self.out, meta)
-                else:
-                    export_encoder(model.encoder, self.out, weights_name="encoder.safetensors", metadata=meta)
-                from lomar.viz.curves import loss_summary
-                losses, last = loss_summary(self.out / "metrics.jsonl"), self.out / "last.pt"
-                print(f"lomar: done at step {self.step}{f' ({losses})' if losses else ''}; checkpoint {path}, "
-                      f"encoder {self.out / 'encoder.safetensors'}, figures {self.out}/reconstruction-*.png and "
-                      f"loss.png. Next: lomar visualize {last} --attention; lomar export {last} --to DIR")
-            print(f"lomar: {self.tracker.count} unreadable image(s) skipped"
-                  + (f", e.g. {next(iter(self.tracker.bad))}" if self.tracker.count else ""))
-        return self.stop.exit_code if preempted else 0
+                export_encoder(model.encoder, self.out, weights_name="encoder.safetensors", metadata=meta)
+            from lomar.viz.curves import loss_summary
+            losses, last = loss_summary(self.out / "metrics.jsonl"), self.out / "last.pt"
+            print(f"lomar: done at step {self.step}{f' ({losses})' if losses else ''}; checkpoint {path}, "
+                  f"encoder {self.out / 'encoder.safetensors'}, figures {self.out}/reconstruction-*.png and "
+                  f"loss.png. Next: lomar visualize {last} --attention; lomar export {last} --to DIR")
+        print(f"lomar: {self.tracker.count} unreadable image(s) skipped"
+              + (f", e.g. {next(iter(self.tracker.bad))}" if self.tracker.count else ""))
 
 
 def train(config: PretrainConfig) -> int:

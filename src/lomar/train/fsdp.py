@@ -76,12 +76,36 @@ def shard_model(model: nn.Module, precision: str = "fp32", mesh=None, reshard_af
     return model
 
 
+def _writer(directory: Path):
+    """DCP's file writer, whose failures keep their OSError: DCP sends each rank's exception to the
+    others pickled, which drops the OSError behind e.g. torch.save's RuntimeError."""
+    import torch.distributed.checkpoint as dcp
+
+    from lomar.checkpoints.io import os_error_behind
+
+    class Writer(dcp.FileSystemWriter):
+        def write_data(self, plan, planner):
+            try:
+                return super().write_data(plan, planner)
+            except Exception as exc:
+                cause = os_error_behind(exc)
+                if cause is None:
+                    raise
+                raise OSError(cause.errno, cause.strerror or str(cause), str(directory)) from exc
+
+    return Writer(str(directory))
+
+
 def _full_disk(failure: BaseException | None) -> bool:
-    """Whether ``failure`` (an OSError, or DCP's exception wrapping each rank's) is a full disk."""
+    """Whether ``failure`` (an OSError, or DCP's exception wrapping each rank's) comes from a full
+    disk (the OSError may sit behind a writer's own error, e.g. torch.save's RuntimeError)."""
     from torch.distributed.checkpoint.api import CheckpointException
 
+    from lomar.checkpoints.io import os_error_behind
+
     causes = [exc for exc, _ in failure.failures.values()] if isinstance(failure, CheckpointException) else [failure]
-    return any(isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) for exc in causes)
+    errors = [os_error_behind(exc) for exc in causes if exc is not None]
+    return any(exc is not None and exc.errno in (errno.ENOSPC, errno.EDQUOT) for exc in errors)
 
 
 def _agree_on_failure(failure: BaseException | None, directory: Path, tmp: Path) -> None:
@@ -122,7 +146,7 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
     model_state, optim_state = get_state_dict(model, optimizer)
     failure: BaseException | None = None
     try:
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+        dcp.save({"model": model_state, "optimizer": optim_state}, storage_writer=_writer(tmp))
     except CheckpointException as exc:  # raised on every rank when any rank's write failed
         failure = exc
     if failure is None and dist.get_rank() == 0:
@@ -170,7 +194,9 @@ def consolidate(sharded_dir: str | Path, out_file: str | Path) -> Path:
     Runs in one process without a process group. The optimizer state is left out (exact resume
     uses the sharded folder); the file is what ``lomar export`` and evaluation read.
     """
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     from lomar.checkpoints.io import atomic_save, safe_load
 
@@ -178,12 +204,11 @@ def consolidate(sharded_dir: str | Path, out_file: str | Path) -> Path:
     if not (sharded_dir / ".metadata").exists():
         raise ValueError(f"{sharded_dir} is not a sharded checkpoint (no .metadata); pass a "
                          f"checkpoint-NNNNNN.dcp folder of a `lomar pretrain --fsdp` run")
-    scratch = out_file.with_name(f".{out_file.name}.full-{torch.randint(1 << 30, ()).item()}")
-    try:
-        dcp_to_torch_save(str(sharded_dir), str(scratch))
-        full = safe_load(scratch)
-    finally:
-        scratch.unlink(missing_ok=True)
+    # Read every tensor into memory, in this process alone: what torch's dcp_to_torch_save does,
+    # without its intermediate file (whose failure on a full disk names no cause).
+    full: dict = {}
+    _load_state_dict(full, storage_reader=FileSystemReader(str(sharded_dir)), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
     meta = safe_load(sharded_dir / "meta.pt") if (sharded_dir / "meta.pt").exists() else {}
     state = {"model": {k: v.contiguous() for k, v in full["model"].items()}, **meta}
     state.setdefault("format", PRETRAIN_FORMAT)

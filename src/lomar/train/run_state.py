@@ -119,7 +119,7 @@ def save_checkpoint(state: dict, out: Path, step: int | None = None, keep_last: 
     if step is not None:
         path = out / f"checkpoint-{step:06d}.pt"
         save_state(state, path, last)
-    save_state(state, last, last)
+    save_state(state, last, path if step is not None else last)  # the same state is intact in checkpoint-<step>.pt
     if step is not None:
         for old in checkpoints_to_prune(list(out.glob("checkpoint-*.pt")), keep_last):
             if old.name != path.name:
