@@ -114,7 +114,8 @@ def _agree_on_failure(failure: BaseException | None, directory: Path, tmp: Path)
     from lomar.train.run_state import SaveError
 
     code = 0 if failure is None else 2 if _full_disk(failure) else 1
-    verdict = torch.tensor([code])
+    nccl = dist.get_backend() == "nccl"  # reduces CUDA tensors only
+    verdict = torch.tensor([code], device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
     dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
     if not verdict.item():
         dist.barrier()
