@@ -64,6 +64,7 @@ def test_digits_checks_preset_has_the_lr_and_window_cells_and_all_are_valid_runs
     assert spec.seeds == [0] and str(spec.budget) == "3s" and not spec.random_init
     assert spec.data_train == str(tmp_path / "study" / "data" / "train")
     assert spec.eval.metrics == tuple(DIGITS_EVAL["metrics"]) and spec.eval.finetune == DIGITS_FINETUNE
+    assert not spec.eval.equal_steps and build_preset("digits", out=str(tmp_path / "d")).eval.equal_steps
     cells = spec.cells()
     got = [(c.settings["method"], c.settings["lr"], c.settings.get("window_size"), c.settings.get("windows"))
            for c in cells]
