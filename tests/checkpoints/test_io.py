@@ -163,3 +163,16 @@ def test_a_full_disk_under_torch_save_surfaces_as_enospc_naming_the_file(tmp_pat
     monkeypatch.undo()
     assert safe_load(target) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+def test_an_error_raised_from_none_keeps_its_own_type(tmp_path):
+    """Only an OSError the writer let through (as cause or context) becomes the reported error."""
+    def refuses(handle):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise ValueError("not this one") from None
+
+    with pytest.raises(ValueError, match="not this one"):
+        lomar.checkpoints.io.atomic_write(tmp_path / "f.bin", refuses)
+    assert list(tmp_path.iterdir()) == []

@@ -59,13 +59,13 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], mode: int 
 
 
 def os_error_behind(exc: BaseException) -> OSError | None:
-    """The first OSError with an errno in ``exc``'s chain of causes and contexts, or None."""
+    """The first OSError with an errno in ``exc``'s chain of causes and (unsuppressed) contexts, or None."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, OSError) and exc.errno is not None:
             return exc
         seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__ if exc.__cause__ is not None else None if exc.__suppress_context__ else exc.__context__
     return None
 
 
