@@ -22,7 +22,7 @@ from typing import BinaryIO
 import torch
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_save", "safe_load",
-           "os_error_behind", "FILE_MODE"]
+           "write_error", "FILE_MODE"]
 
 # Exports and checkpoints are meant to be shared: rw-r--r-- whatever mkstemp-like defaults say.
 FILE_MODE = 0o644
@@ -48,22 +48,23 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], mode: int 
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except Exception as exc:
-        cause = os_error_behind(exc)
-        if cause is None:
+        error = write_error(exc, path)
+        if error is None:
             raise
-        raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from exc
+        raise error from exc
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
 
 
-def os_error_behind(exc: BaseException) -> OSError | None:
-    """The first OSError with an errno in ``exc``'s chain of causes and (unsuppressed) contexts, or None."""
+def write_error(exc: BaseException, path: str | Path) -> OSError | None:
+    """The OSError to report for a failed write of ``path``: the first one with an errno in
+    ``exc``'s chain of causes and (unsuppressed) contexts, re-made to name ``path``; None if none."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, OSError) and exc.errno is not None:
-            return exc
+            return OSError(exc.errno, exc.strerror or str(exc), str(path))
         seen.add(id(exc))
         exc = exc.__cause__ if exc.__cause__ is not None else None if exc.__suppress_context__ else exc.__context__
     return None

@@ -81,31 +81,29 @@ def _writer(directory: Path):
     others pickled, which drops the OSError behind e.g. torch.save's RuntimeError."""
     import torch.distributed.checkpoint as dcp
 
-    from lomar.checkpoints.io import os_error_behind
+    from lomar.checkpoints.io import write_error
 
     class Writer(dcp.FileSystemWriter):
         def write_data(self, plan, planner):
             try:
                 return super().write_data(plan, planner)
             except Exception as exc:
-                cause = os_error_behind(exc)
-                if cause is None:
+                error = write_error(exc, directory)
+                if error is None:
                     raise
-                raise OSError(cause.errno, cause.strerror or str(cause), str(directory)) from exc
+                raise error from exc
 
     return Writer(str(directory))
 
 
-def _full_disk(failure: BaseException | None) -> bool:
-    """Whether ``failure`` (an OSError, or DCP's exception wrapping each rank's) comes from a full
-    disk (the OSError may sit behind a writer's own error, e.g. torch.save's RuntimeError)."""
+def _full_disk(failure: BaseException) -> bool:
+    """Whether ``failure`` (an OSError, or DCP's exception wrapping each rank's) is a full disk.
+    The writers involved (:func:`_writer`, DCP's metadata pickle, ``atomic_save``) fail with the
+    OSError itself, so it is found without a chain of causes (which DCP's pickling drops anyway)."""
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from lomar.checkpoints.io import os_error_behind
-
     causes = [exc for exc, _ in failure.failures.values()] if isinstance(failure, CheckpointException) else [failure]
-    errors = [os_error_behind(exc) for exc in causes if exc is not None]
-    return any(exc is not None and exc.errno in (errno.ENOSPC, errno.EDQUOT) for exc in errors)
+    return any(isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) for exc in causes)
 
 
 def _agree_on_failure(failure: BaseException | None, directory: Path, tmp: Path) -> None:
@@ -116,9 +114,8 @@ def _agree_on_failure(failure: BaseException | None, directory: Path, tmp: Path)
     code = 0 if failure is None else 2 if _full_disk(failure) else 1
     nccl = dist.get_backend() == "nccl"  # reduces CUDA tensors only
     verdict = torch.tensor([code], device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
-    dist.all_reduce(verdict, op=dist.ReduceOp.MAX)
+    dist.all_reduce(verdict, op=dist.ReduceOp.MAX)  # every rank has finished its part when this returns
     if not verdict.item():
-        dist.barrier()
         return
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
