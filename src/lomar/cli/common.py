@@ -203,4 +203,3 @@ def report_run_failure(command: str, exc: Exception) -> int:
     if not isinstance(exc, SaveError) or int(os.environ.get("RANK", "0")) == 0:
         sys.stderr.write(f"lomar {command}: error: {exc}\n")
     return 1
-
