@@ -13,6 +13,13 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: starts subprocesses or torchrun (make test-fast skips them)")
 
 
+@pytest.fixture(autouse=True)
+def _isolated_working_directory(tmp_path_factory, monkeypatch):
+    """Every test runs in an empty folder of its own: what a command writes by default (``runs/``)
+    lands there, and nothing the demo or a user left in the repository can change a result."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(0)

@@ -11,11 +11,11 @@ import pytest
 
 from lomar.cli.app import main
 
-_DEFAULT_REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+_DEFAULT_REFERENCE = Path(__file__).resolve().parent / "reference"
 
 
 def reference_dir() -> Path:
-    """The golden-vector folder: ``LOMAR_REFERENCE_DIR``, else ``../shared/reference`` beside the repo."""
+    """The golden-vector folder: ``LOMAR_REFERENCE_DIR``, else ``tests/reference`` in this repository."""
     return Path(os.environ.get("LOMAR_REFERENCE_DIR", _DEFAULT_REFERENCE))
 
 
@@ -38,8 +38,8 @@ def missing_reference(reason: str) -> list:
 def require_reference(case) -> None:
     """A missing reference must fail, not pass as 'skipped': a clone without the data is not tested."""
     if isinstance(case, str):
-        pytest.fail(f"{case}; clone ../shared beside the repo, set LOMAR_REFERENCE_DIR, "
-                    f"or set LOMAR_SKIP_REFERENCE=1 to skip the golden-vector tests explicitly")
+        pytest.fail(f"{case}; restore tests/reference from git, set LOMAR_REFERENCE_DIR to a folder of "
+                    f"case folders, or set LOMAR_SKIP_REFERENCE=1 to skip the golden-vector tests explicitly")
 
 
 # A 2-block, 32-wide ViT on 32 px crops: 4x4 patch grid, 3x3 windows, 2 per image.

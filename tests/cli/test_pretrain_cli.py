@@ -319,3 +319,37 @@ def test_ctrl_c_checkpoints_exits_130_and_a_second_run_is_refused_meanwhile(tmp_
     assert "stopped by SIGINT" in output and "Traceback" not in output
     step = safe_load(out / "last.pt")["step"]
     assert step >= 2 and step == len(metrics.read_text().splitlines())
+
+
+def _without(flags: list[str], *names: str) -> list[str]:
+    out, skip = [], False
+    for i, flag in enumerate(flags):
+        if skip:
+            skip = False
+        elif flag in names:
+            skip = True
+        else:
+            out.append(flag)
+    return out
+
+
+def test_max_steps_without_epochs_warms_up_to_the_peak_within_the_run(tmp_path, capsys, image_dir):
+    """The recipe's 400 epochs / 40 of warm-up, laid over --max-steps: the lr reaches blr x batch / 256."""
+    flags = _without(TINY, "--epochs", "--warmup-epochs", "--lr")
+    out = tmp_path / "run"
+    assert main(["pretrain", *flags, "--data", str(image_dir), "--out", str(out), "--max-steps", "10"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    peak = 1.5e-4 * 4 / 256
+    assert len(lrs) == 10 and max(lrs) == pytest.approx(peak) and lrs[-1] < peak / 10
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["schedule_steps"] == 10 and saved["epochs"] == 400
+
+
+def test_max_steps_inside_an_explicit_warmup_warns_up_front(tmp_path, capsys, image_dir):
+    flags = _without(TINY, "--warmup-epochs", "--lr")
+    out = tmp_path / "run"
+    assert main(["pretrain", *flags, "--data", str(image_dir), "--out", str(out), "--max-steps", "2",
+                 "--warmup-epochs", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: this run stops at step 2, inside its 8-step warm-up" in err and "drop --epochs" in err

@@ -16,11 +16,12 @@ from lomar.data.samplers import EpochSampler
 from lomar.models import MAE, LoMaR
 from lomar.models.vit import model_config
 from lomar.train.engine import checkpoints_to_prune
-from lomar.train.schedule import lr_at, param_groups
+from lomar.train.schedule import lr_at, param_groups, schedule_span
 
 
 def test_lr_schedule_warmup_then_cosine():
-    kw = dict(steps_per_epoch=10, base_lr=1.0, warmup_epochs=2, epochs=10, min_lr=0.1)
+    total, warmup = schedule_span(steps_per_epoch=10, epochs=10, warmup_epochs=2)
+    kw = dict(total_steps=total, warmup_steps=warmup, base_lr=1.0, min_lr=0.1)
     assert lr_at(0, **kw) == 0.0
     assert lr_at(10, **kw) == pytest.approx(0.5)  # half-way through warm-up
     assert lr_at(20, **kw) == pytest.approx(1.0)  # peak
@@ -29,6 +30,14 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(1000, **kw) == pytest.approx(0.1)  # past the end: stays at min_lr
     values = [lr_at(s, **kw) for s in range(20, 101)]
     assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_a_schedule_over_steps_keeps_the_recipes_warmup_share():
+    """400 epochs with 40 of warm-up, laid over 20 steps: 2 warm-up steps, the peak at step 2."""
+    total, warmup = schedule_span(steps_per_epoch=7, epochs=400, warmup_epochs=40, schedule_steps=20)
+    assert (total, warmup) == (20, 2)
+    lrs = [lr_at(s, total, warmup, base_lr=1.0) for s in range(20)]
+    assert lrs[2] == max(lrs) == 1.0 and lrs[1] == 0.5 and lrs[-1] < 0.01
 
 
 def test_decay_groups_follow_the_original_rule():

@@ -20,10 +20,12 @@ import yaml
 from lomar.train.config_checks import check_data, check_decode, check_fsdp, check_numbers
 from lomar.train.runtime import default_workers
 from lomar.train.settings import (
+    SCHEDULE_STEPS_HELP,
     ConfigError,
     add_dataclass_arguments,
     coerce_all,
     explicit_values,
+    lay_schedule_over_max_steps,
     read_yaml,
     resume_target,
     resume_values,
@@ -65,6 +67,7 @@ class PretrainConfig:
     accum_steps: int = 1
     epochs: int = 400
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
+    schedule_steps: int | None = None  # None: the epochs' steps (see schedule_span)
     blr: float = 1.5e-4  # lr = blr * effective_batch / 256
     lr: float | None = None  # absolute lr, overrides blr
     min_lr: float = 0.0
@@ -119,6 +122,7 @@ _HELP = {
                  "default: fit the built-in k-means tokenizer on the data into OUT/tokenizer.safetensors",
     "mask_ratio": "masked share per window (default 0.8 lomar, 0.75 mae; beit: blockwise unless given)",
     "resume": "checkpoint path, or 'auto' for OUT/last.pt", "max_steps": "stop after N optimizer steps",
+    "schedule_steps": SCHEDULE_STEPS_HELP,
     "batch_size": "images per device per step", "blr": "base lr: lr = blr * effective batch / 256",
     "save_every": "write a checkpoint every N epochs",
     "knn_every": "every N epochs, print and log the k-NN top-1 of the encoder on --knn-data (0 = never)",
@@ -166,6 +170,7 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
                     preset.pop(key)
             values.update(preset)
         values.update(explicit)
+        lay_schedule_over_max_steps(values, explicit)
     config = PretrainConfig(**values)
     if config.out is None:
         config.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))

@@ -35,7 +35,7 @@ def check_fsdp(config: PretrainConfig) -> None:
 
 _POSITIVE = ("img_size", "batch_size", "accum_steps", "epochs", "save_every", "keep_last", "log_every",
              "window_size", "decoder_embed_dim", "decoder_depth", "decoder_num_heads",
-             "max_steps", "threads", "embed_dim", "depth", "num_heads", "patch_size", "clip_grad")
+             "max_steps", "schedule_steps", "threads", "embed_dim", "depth", "num_heads", "patch_size", "clip_grad")
 _NON_NEGATIVE = ("workers", "knn_every", "blr", "lr", "min_lr", "weight_decay", "seed")
 
 

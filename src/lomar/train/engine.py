@@ -47,7 +47,7 @@ from lomar.train.run_state import (
     set_rng_state,
 )
 from lomar.train.runtime import default_threads, fast_adamw
-from lomar.train.schedule import lr_at, param_groups
+from lomar.train.schedule import lr_at, param_groups, schedule_span, warmup_warning
 
 __all__ = ["Trainer", "TrainingError", "make_masker", "train", "checkpoints_to_prune"]
 
@@ -98,6 +98,7 @@ class Trainer:
                                  # Its own generator: each new iterator (one more after a resume) then
                                  # leaves the global RNG, which drop path draws from, untouched.
                                  generator=torch.Generator().manual_seed(config.seed))
+        self.schedule = schedule_span(self.steps_per_epoch, config.epochs, config.warmup_epochs, config.schedule_steps)
         effective = config.batch_size * config.accum_steps * info.world_size
         self.base_lr = config.lr if config.lr is not None else config.blr * effective / 256
         self.optimizer = fast_adamw(param_groups(self.model, config.weight_decay), lr=self.base_lr,
@@ -198,6 +199,9 @@ class Trainer:
             log.close()
             print(f"lomar: nothing to do, the run is at step {self.step} of {last_step}")
             return 0
+        warning = warmup_warning(last_step, self.schedule[1], self.base_lr)
+        if warning and self.info.is_main:
+            print(f"lomar pretrain: warning: {warning}", file=sys.stderr)
         self.stop.install()
         if self.step == 0 and self.info.is_main and not cfg.fsdp:  # sharded: the figure is drawn at the end
             self.figure()  # the untrained model: what the last figure is compared with
@@ -280,7 +284,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.losses = []
             return False
-        lr = lr_at(self.step, self.steps_per_epoch, self.base_lr, cfg.warmup_epochs, cfg.epochs, cfg.min_lr)
+        lr = lr_at(self.step, *self.schedule, self.base_lr, cfg.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if cfg.clip_grad:

@@ -47,7 +47,7 @@ from lomar.train.run_state import (
     truncate_metrics,
 )
 from lomar.train.runtime import default_threads, fast_adamw
-from lomar.train.schedule import lr_at
+from lomar.train.schedule import lr_at, schedule_span, warmup_warning
 
 __all__ = ["finetune", "classification_transforms", "eval_crop_ratio", "evaluate", "FinetuneRun"]
 
@@ -197,6 +197,7 @@ class FinetuneRun:
         # An epoch is whole optimizer steps: a tail that cannot fill --accum-iter batches is left out.
         self.steps_per_epoch = len(self.train_loader) // config.accum_iter
         self.batches_per_epoch = self.steps_per_epoch * config.accum_iter
+        self.schedule = schedule_span(self.steps_per_epoch, config.epochs, config.warmup_epochs, config.schedule_steps)
         self.epoch, self.skip, self.step, self.best = 0, 0, 0, 0.0
         self.losses: list[float] = []  # of the batches of the optimizer step in progress
         self.stop = StopFlag()
@@ -238,6 +239,10 @@ class FinetuneRun:
     def run(self) -> int:
         """Train to ``--max-steps`` / ``--epochs`` or until a stop signal; the exit code."""
         cfg = self.config
+        total = cfg.epochs * self.steps_per_epoch
+        warning = warmup_warning(min(total, cfg.max_steps) if cfg.max_steps else total, self.schedule[1], self.base_lr)
+        if warning and self.info.is_main:
+            print(f"lomar finetune: warning: {warning}", file=sys.stderr)
         self.log = open(self.out / "metrics.jsonl", "a") if self.info.is_main else None
         try:
             self.stop.install()
@@ -295,7 +300,7 @@ class FinetuneRun:
         self.losses.append(value)
         if not last:
             return
-        lr = lr_at(self.step, self.steps_per_epoch, self.base_lr, cfg.warmup_epochs, cfg.epochs, cfg.min_lr)
+        lr = lr_at(self.step, *self.schedule, self.base_lr, cfg.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.step()

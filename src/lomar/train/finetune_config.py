@@ -21,10 +21,12 @@ import yaml
 
 from lomar.train.runtime import default_workers
 from lomar.train.settings import (
+    SCHEDULE_STEPS_HELP,
     ConfigError,
     add_dataclass_arguments,
     coerce_all,
     explicit_values,
+    lay_schedule_over_max_steps,
     resume_target,
     resume_values,
 )
@@ -48,6 +50,7 @@ class FinetuneConfig:
     global_pool: str = "avg"  # avg: mean patch token -> fc_norm; cls: normed cls token
     epochs: int = 100
     max_steps: int | None = None
+    schedule_steps: int | None = None  # None: the epochs' steps (see schedule_span)
     blr: float = 5e-4
     min_lr: float = 1e-6
     warmup_epochs: float = 5
@@ -88,6 +91,7 @@ _HELP = {
     "out": "output folder (last.pt, best.pt, metrics.jsonl)",
     "img_size": "may differ from the pretraining size", "batch_size": "images per process per step (even: mixup pairs)",
     "max_steps": "stop after N optimizer steps (smoke runs)",
+    "schedule_steps": SCHEDULE_STEPS_HELP,
     "blr": "base lr: lr = blr * effective batch / 256 (batch size x accum iter x processes)",
     "accum_iter": "batches per optimizer step: the effective batch is batch size x accum iter x processes",
     "global_pool": "classifier input: avg = mean of the patch tokens -> fc_norm (the recipe); cls = the "
@@ -134,6 +138,7 @@ def resolve_finetune_config(args: argparse.Namespace) -> FinetuneConfig:
         values = resume_values(FinetuneConfig, *saved, explicit, _RUN_CONTROL, _PER_INVOCATION)
     else:
         values = {**FinetuneConfig().to_dict(), **explicit}
+        lay_schedule_over_max_steps(values, explicit)
     config = FinetuneConfig(**values)
     if "warmup_epochs" not in explicit and 0 < config.epochs < config.warmup_epochs:
         # The default warm-up (the recipe's 5 epochs) in a shorter run: warm up over the whole run, saying so.
@@ -177,7 +182,8 @@ def validate(config: FinetuneConfig, check_out: bool = True) -> None:
                  "smoothing", "reprob"):
         if not math.isfinite(getattr(config, name)):
             raise bad(name, "a finite number")
-    for name in ("batch_size", "accum_iter", "epochs", "img_size", "log_every", "max_steps", "threads", "blr"):
+    for name in ("batch_size", "accum_iter", "epochs", "img_size", "log_every", "max_steps", "schedule_steps",
+                 "threads", "blr"):
         if getattr(config, name) is not None and getattr(config, name) <= 0:
             raise bad(name, "positive")
     for name in ("workers", "min_lr", "weight_decay", "mixup", "cutmix", "seed"):

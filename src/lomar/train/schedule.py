@@ -6,22 +6,42 @@ import math
 
 import torch
 
-__all__ = ["lr_at", "param_groups"]
+__all__ = ["lr_at", "schedule_span", "warmup_warning", "param_groups"]
 
 
-def lr_at(step: float, steps_per_epoch: int, base_lr: float, warmup_epochs: float, epochs: float,
-          min_lr: float = 0.0) -> float:
-    """lr for optimizer step ``step`` (0-based): per-iteration linear warm-up from 0 over
-    ``warmup_epochs``, then a half-cycle cosine down to ``min_lr`` at ``epochs``.
+def schedule_span(steps_per_epoch: int, epochs: float, warmup_epochs: float,
+                  schedule_steps: int | None = None) -> tuple[float, float]:
+    """(total, warm-up) length of the lr schedule in optimizer steps.
+
+    The recipe states both in epochs; ``schedule_steps`` lays the same shape (the recipe's
+    warm-up share, ``warmup_epochs / epochs``) over that many steps instead, for runs that stop
+    at ``--max-steps`` long before the recipe's epochs would end.
+    """
+    if schedule_steps is None:
+        return epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
+    return float(schedule_steps), schedule_steps * (warmup_epochs / epochs if epochs else 0.0)
+
+
+def lr_at(step: float, total_steps: float, warmup_steps: float, base_lr: float, min_lr: float = 0.0) -> float:
+    """lr for optimizer step ``step`` (0-based): linear warm-up from 0 over ``warmup_steps``,
+    then a half-cycle cosine down to ``min_lr`` at ``total_steps``.
 
     A pure function of the step, so a resumed run follows the same curve exactly.
     """
-    epoch = step / steps_per_epoch
-    if epoch < warmup_epochs:
-        return base_lr * epoch / warmup_epochs
-    span = max(epochs - warmup_epochs, 1e-12)
-    progress = min(1.0, (epoch - warmup_epochs) / span)
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    span = max(total_steps - warmup_steps, 1e-12)
+    progress = min(1.0, (step - warmup_steps) / span)
     return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warmup_warning(last_step: int, warmup_steps: float, base_lr: float) -> str | None:
+    """What to tell a run that will stop inside its warm-up (its lr never reaches the recipe's peak)."""
+    if last_step >= warmup_steps:
+        return None
+    return (f"this run stops at step {last_step}, inside its {warmup_steps:g}-step warm-up: the lr peaks at "
+            f"{base_lr * last_step / warmup_steps:.3g} instead of {base_lr:.3g}; drop --epochs to lay the schedule "
+            f"over --max-steps, or lower --warmup-epochs")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

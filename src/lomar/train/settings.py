@@ -218,6 +218,19 @@ def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[
     return values
 
 
+SCHEDULE_STEPS_HELP = ("length of the lr schedule (warm-up + cosine) in optimizer steps; default --epochs x the steps "
+                       "per epoch, except a new run given --max-steps and no --epochs: its schedule spans --max-steps, "
+                       "the warm-up keeping the recipe's share (--warmup-epochs / --epochs)")
+
+
+def lay_schedule_over_max_steps(values: dict[str, Any], explicit: dict[str, Any]) -> None:
+    """A new run given ``--max-steps`` and no ``--epochs``: its lr schedule spans the steps that will
+    run (``schedule_steps``), so a short run warms up and anneals instead of stopping inside the
+    recipe's warm-up. A resumed run keeps the schedule it started with."""
+    if values.get("max_steps") and "epochs" not in explicit and "schedule_steps" not in explicit:
+        values["schedule_steps"] = values["max_steps"]
+
+
 def resume_target(explicit: dict[str, Any], sharded_ok: bool = False) -> Path | None:
     """The checkpoint ``--resume`` names: None when not resuming, or when ``--resume auto`` finds
     no intact checkpoint in ``--out``. ``sharded_ok``: a sharded (``.dcp``) folder may be named."""

@@ -26,6 +26,7 @@ from typing import Any
 
 from lomar.cli.study.spec import Budget, Cell, StudySpec
 from lomar.errors import LomarError, UsageError
+from lomar.train.config import PretrainConfig
 
 __all__ = ["run_study", "StudyStopped", "lomar_command", "check_cells"]
 
@@ -93,6 +94,12 @@ def _pretrain_argv(spec: StudySpec, cell: Cell, folder: Path) -> list[str]:
         settings.update(warmup_epochs=1e-3)
     if spec.budget.unit == "epochs" and "epochs" not in spec.settings:
         settings["epochs"] = int(spec.budget.value)
+    elif not {"epochs", "schedule_steps"} & set(settings):
+        # Each slice passes --max-steps: the schedule must not be laid over the first slice.
+        if spec.budget.unit == "steps":
+            settings["schedule_steps"] = int(spec.budget.value)
+        else:
+            settings["epochs"] = PretrainConfig.epochs
     argv = ["pretrain", "--out", str(folder), "--resume", "auto", "--seed", str(cell.seed)]
     if spec.data_pretrain:
         argv += ["--data", spec.data_pretrain]
