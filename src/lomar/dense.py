@@ -1,4 +1,4 @@
-"""Documented import path of the dense-prediction backbones; the code lives in ``lomar.models.dense``."""
+"""Documented import path of the dense-prediction backbones; the code lives in ``lomar.integrations.dense``."""
 
-from lomar.models.dense import *  # noqa: F401,F403
-from lomar.models.dense import __all__  # noqa: F401
+from lomar.integrations.dense import *  # noqa: F401,F403
+from lomar.integrations.dense import __all__  # noqa: F401

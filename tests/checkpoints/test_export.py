@@ -17,7 +17,7 @@ from lomar.cli.app import main
 timm = pytest.importorskip("timm")
 import timm.optim  # noqa: E402,F811  (not imported by `import timm`)
 
-import lomar.models.timm  # noqa: E402,F401  (registers lomar_vit_* in timm)
+import lomar.integrations.timm  # noqa: E402,F401  (registers lomar_vit_* in timm)
 
 TINY = ViTConfig(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2)
 # ViTDet layout: block 0 attends inside 4x4 tiles of X's 8x12 grid, block 1 globally
@@ -69,7 +69,7 @@ def test_timm_round_trip_identical_features(pretrained):
                               img_size=64, pretrained_cfg_overlay=dict(file=str(root / "exp" / "model.safetensors")))
     local = timm.create_model(f"local-dir:{root / 'exp'}", pretrained=True)
     for m in (named.eval(), local.eval()):
-        assert isinstance(m, lomar.models.timm.LomarVisionTransformer)
+        assert isinstance(m, lomar.integrations.timm.LomarVisionTransformer)
         assert m.num_classes == 0 and m.num_features == 32 and m.pretrained_cfg["num_classes"] == 0
         feats = m.forward_features(X)
         assert feats.shape == (2, 1 + 4 * 6, 32)

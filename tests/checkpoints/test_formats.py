@@ -10,6 +10,7 @@ import torch
 
 from lomar import LoMaR, VisionTransformer, ViTConfig, export_encoder
 from lomar.checkpoints import formats
+from lomar.checkpoints import reader as reader_registry
 from lomar.checkpoints.convert import pretrain_checkpoint
 from lomar.checkpoints.export import create_encoder, expected_shapes, read_export
 from lomar.checkpoints.formats import lomar_to_original
@@ -75,7 +76,7 @@ def test_a_new_reader_slots_in_with_one_registration(tmp_path, monkeypatch):
         def model(self, src, overrides):
             return "fake model"
 
-    monkeypatch.setattr(formats, "_READERS", list(formats._READERS))
+    monkeypatch.setattr(reader_registry, "_READERS", list(reader_registry._READERS))
     formats.register(Fake(), 60)
     state = {"lm_head.weight": torch.zeros(2, 2), "patch_embed.proj.weight": torch.zeros(4, 3, 2, 2)}
     atomic_save({"model": state}, tmp_path / "beit.pth")

@@ -323,7 +323,7 @@ def test_ctrl_c_checkpoints_exits_130_and_a_second_run_is_refused_meanwhile(tmp_
 
 def _without(flags: list[str], *names: str) -> list[str]:
     out, skip = [], False
-    for i, flag in enumerate(flags):
+    for flag in flags:
         if skip:
             skip = False
         elif flag in names:
@@ -338,7 +338,7 @@ def test_max_steps_without_epochs_warms_up_to_the_peak_within_the_run(tmp_path, 
     flags = _without(TINY, "--epochs", "--warmup-epochs", "--lr")
     out = tmp_path / "run"
     assert main(["pretrain", *flags, "--data", str(image_dir), "--out", str(out), "--max-steps", "10"]) == 0
-    assert "warning" not in capsys.readouterr().err
+    assert "warning" not in capsys.readouterr().out
     lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     peak = 1.5e-4 * 4 / 256
     assert len(lrs) == 10 and max(lrs) == pytest.approx(peak) and lrs[-1] < peak / 10
@@ -351,5 +351,5 @@ def test_max_steps_inside_an_explicit_warmup_warns_up_front(tmp_path, capsys, im
     out = tmp_path / "run"
     assert main(["pretrain", *flags, "--data", str(image_dir), "--out", str(out), "--max-steps", "2",
                  "--warmup-epochs", "2"]) == 0
-    err = capsys.readouterr().err
-    assert "warning: this run stops at step 2, inside its 8-step warm-up" in err and "drop --epochs" in err
+    out = capsys.readouterr().out
+    assert "warning: this run stops at step 2, inside its 8-step warm-up" in out and "drop --epochs" in out

@@ -13,7 +13,7 @@ from PIL import Image
 from lomar.data.device_decode import EncodedPretrainDataset, collate_encoded, decode_batch
 from lomar.data.fast_decode import FastPretrainDataset
 from lomar.data.folder import build_pretrain_dataset
-from lomar.models.methods import get_method
+from lomar.methods import get_method
 
 SIZE, EPOCHS = 64, 100  # 64 px crops: reduced decoding starts at 128 px crops, 1/8 at 512 px
 SIDES = [(64, 64), (65, 300), (127, 129), (128, 128), (129, 257), (300, 17), (17, 300), (333, 515),

@@ -11,7 +11,7 @@ from PIL import Image
 from lomar.data.device_decode import EncodedPretrainDataset, collate_encoded, decode_batch, decode_dataset
 from lomar.data.fast_decode import FastPretrainDataset
 from lomar.data.folder import build_pretrain_dataset
-from lomar.models.methods import get_method
+from lomar.methods import get_method
 
 CPU = torch.device("cpu")
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lomar import VisionTransformer, ViTConfig
+from lomar.integrations.dense import ViTDetBackbone
 from lomar.models import attention as A
-from lomar.models.dense import ViTDetBackbone
 from lomar.models.rpe import bucket_table
 
 TOL = dict(atol=1e-5, rtol=1e-5)

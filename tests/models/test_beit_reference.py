@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from helpers import reference_cases, require_reference
+from lomar.checkpoints.keys_beit import load_original_beit
 from lomar.models.beit import BEiTConfig
-from lomar.models.beit_convert import load_original_beit
 from lomar.models.blockmask import BlockMaskGenerator, block_mask_batch
 
 ATOL, RTOL = 1e-5, 1e-4

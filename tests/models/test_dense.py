@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lomar import VisionTransformer, ViTConfig, export_encoder
-from lomar.models.dense import MultiLevelBackbone, SimpleFeaturePyramid, ViTDetBackbone, feature_maps
+from lomar.integrations.dense import MultiLevelBackbone, SimpleFeaturePyramid, ViTDetBackbone, feature_maps
 
 # Tiny width and depth: a 1024-px image is a 64x64 grid of 4096 tokens with global attention.
 TINY = ViTConfig(img_size=224, patch_size=16, embed_dim=32, depth=2, num_heads=2)

@@ -8,11 +8,12 @@ import random
 import pytest
 import torch
 
+from lomar.methods import get_method, variant_name
+from lomar.methods.base import method_runtime
 from lomar.models.beit import BEiT, BEiTConfig
 from lomar.models.beit_pretrain import BEiTPretrain
 from lomar.models.mae_window import MAEWindow
 from lomar.models.masking import MaskingPlan, sample_plan
-from lomar.models.methods import get_method, method_runtime, variant_name
 from lomar.models.vit import model_config
 from lomar.models.windows import parse_windows, sample_method_plan, window_geometry, with_block_masks
 from lomar.tokenizers import KMeansTokenizer

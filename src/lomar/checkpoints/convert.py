@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from lomar.checkpoints.formats import CLASSIFIER_FORMAT, PRETRAIN_FORMAT, load_model, load_original
+from lomar.models.spec import build_from_spec, model_spec
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer
 
 __all__ = ["load_model", "encoder_of", "pretrain_checkpoint",
@@ -25,40 +26,27 @@ def encoder_of(model: nn.Module) -> VisionTransformer:
 
 # ---- writing -------------------------------------------------------------------------------
 def pretrain_checkpoint(model: nn.Module, source: str | None = None) -> dict:
-    """Our checkpoint of a LoMaR / MAE model: ``{"model", "config", "format", "source"}``.
+    """Our checkpoint of a LoMaR / MAE model: ``{"model", "model_spec", "config", "format", "source"}``.
 
-    ``config`` is a full pretraining config (``lomar pretrain`` flags), so the checkpoint is
-    readable by ``lomar export``, ``lomar visualize`` and ``--pretrained``. A classifier is
+    ``model_spec`` rebuilds the model (:mod:`lomar.models.spec`); ``config`` holds the ``lomar
+    pretrain`` settings that describe it (what a pretraining run saves), so the checkpoint reads
+    like a run's for ``lomar export``, ``visualize``, ``knn`` and ``--pretrained``. A classifier is
     written as ``{"model", "vit_config", "num_classes", "format": "lomar-classifier-1"}``.
     """
-    from lomar.models import MAE, LoMaR
-    from lomar.train.config import PretrainConfig, build_model
-
     vit = encoder_of(model).config
     if isinstance(model, VisionTransformer):
         return {"model": model.state_dict(), "vit_config": vit.to_dict(), "num_classes": model.num_classes,
                 "format": CLASSIFIER_FORMAT, "source": source}
-    if vit.mlp_ratio != 4.0 or vit.in_chans != 3:
-        raise ValueError(f"only MLP ratio 4 and 3 input channels can be described by a pretraining config "
-                         f"(got {vit.mlp_ratio}, {vit.in_chans})")
+    spec = model_spec(model)  # TypeError for a model without one
     shape = (vit.embed_dim, vit.depth, vit.num_heads)
     size = next((s for s, v in MODEL_SIZES.items() if v == shape), "base")
     patch = vit.patch_size if vit.patch_size in PATCH_SIZES else 16
-    values = dict(model=f"vit_{size}_patch{patch}", embed_dim=vit.embed_dim, depth=vit.depth,
-                  num_heads=vit.num_heads, patch_size=vit.patch_size, img_size=vit.img_size, pos=vit.pos,
-                  norm_pix_loss=model.norm_pix_loss, mask_ratio=model.mask_ratio)
-    if isinstance(model, LoMaR):
-        values.update(method="lomar", window_size=model.window_size, windows=model.num_windows)
-    elif isinstance(model, MAE):
-        settings = model.decoder_settings
-        values.update(method="mae", windows=0, decoder_embed_dim=settings["decoder_embed_dim"],
-                      decoder_depth=settings["decoder_depth"], decoder_num_heads=settings["decoder_num_heads"])
-    else:
-        raise TypeError(f"cannot write a pretraining checkpoint for {type(model).__name__}")
-    config = PretrainConfig(**values)
+    settings = dict(method="mae" if spec["arch"].startswith("mae") else spec["arch"], model=f"vit_{size}_patch{patch}",
+                    embed_dim=vit.embed_dim, depth=vit.depth, num_heads=vit.num_heads, patch_size=vit.patch_size,
+                    img_size=vit.img_size, pos=vit.pos, windows=0, **spec["args"])
+    if "num_windows" in settings:
+        settings["windows"] = settings.pop("num_windows")
     state = model.state_dict()
-    build_model(config).load_state_dict(state, strict=True)  # proves the checkpoint rebuilds
-    return {"model": state, "config": config.to_dict(), "format": PRETRAIN_FORMAT, "source": source}
+    build_from_spec(spec).load_state_dict(state, strict=True)  # proves the checkpoint rebuilds
+    return {"model": state, "model_spec": spec, "config": settings, "format": PRETRAIN_FORMAT, "source": source}
 
-
-# ---- shared CLI flags ------------------------------------------------------------------------

@@ -1,33 +1,35 @@
 """Every checkpoint format lomar reads: detected once, one reader per format.
 
-:func:`read` loads a path, asks each registered :class:`Reader` in priority order whether the
-contents are its format, and returns a :class:`Source`. A reader turns a source into a full
-model (:meth:`Reader.model`, for ``export``/``visualize``) or into encoder weights with our key
-names (:meth:`Reader.encoder`, for finetuning and probes). The key-name maps (original RPE
-table names, the classifier's missing final norm) and the shape inference live here only.
+:func:`read` loads a path, asks each registered :class:`~lomar.checkpoints.reader.Reader` in
+priority order whether the contents are its format, and returns a ``Source``. A reader turns a
+source into a full model (:meth:`Reader.model`, for ``export``/``visualize``) or into encoder
+weights with our key names (:meth:`Reader.encoder`, for finetuning and probes). Our formats are
+here; the original code's in :mod:`~lomar.checkpoints.original`, BEiT's in
+:mod:`~lomar.checkpoints.formats_beit`. Priorities run from 5 (BEiT's, whose keys overlap ours)
+over 10 (ours) to 90 (the original-LoMaR fallback).
 
-A new method's checkpoint (BEiT, say) is one more :class:`Reader` subclass passed to
-:func:`register`: priorities run from 10 (ours) to 90 (the original-LoMaR fallback); a reader
-whose keys could also match an original one goes below 70.
+A pretraining checkpoint holds a ``model_spec`` (:mod:`lomar.models.spec`), which rebuilds the
+model without training code; checkpoints written before it are read from their saved settings.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+import lomar.checkpoints.formats_beit  # noqa: F401  registers the BEiT readers
+from lomar.checkpoints.export import CONFIG_NAME, create_encoder
 from lomar.checkpoints.io import safe_load
 from lomar.checkpoints.keys import (
     CLASSIFIER_PREFIXES,
     ENCODER_PREFIXES,
     PRETRAIN_ONLY,
-    args_dict,
     classifier_from_original,
     drop_final_norm,
     encoder_keys,
@@ -37,155 +39,84 @@ from lomar.checkpoints.keys import (
     mae_from_original,
     rename_rpe,
 )
-from lomar.models.masking import grid_size, window_positions
-from lomar.models.vit import VisionTransformer, ViTConfig
-from lomar.train.config import PRETRAIN_FORMAT
+from lomar.checkpoints.original import infer_original_config, load_original
+from lomar.checkpoints.reader import (
+    CLASSIFIER_FORMAT,
+    PRETRAIN_FORMAT,
+    EncoderWeights,
+    Reader,
+    Source,
+    readers,
+    register,
+)
+from lomar.checkpoints.sharded import read_sharded
+from lomar.models.beit import BEiTConfig
+from lomar.models.masking import grid_size
+from lomar.models.spec import build_from_spec
+from lomar.models.vit import VisionTransformer, ViTConfig, model_config
+from lomar.models.windows import window_geometry
 
 __all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "read", "load_model", "encoder_weights",
            "load_original", "infer_original_config", "infer_vit_config", "lomar_from_original", "lomar_to_original",
            "mae_from_original", "classifier_from_original", "encoder_keys", "drop_final_norm", "rename_rpe",
+           "saved_settings", "pretrain_spec",
            "PRETRAIN_FORMAT", "CLASSIFIER_FORMAT", "CLASSIFIER_PREFIXES", "ENCODER_PREFIXES", "PRETRAIN_ONLY"]
 
-CLASSIFIER_FORMAT = "lomar-classifier-1"
-
-def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
-    """Method ('lomar', 'mae' or 'classifier') and constructor settings of an original checkpoint.
-
-    Shapes decide what they can; ``args`` (the run's arguments) and then ``overrides``
-    supply the rest. Raises ValueError naming any value that stays unknown.
-    """
-    from lomar.models import MAE, LoMaR
-
-    state = data.get("model", data)
-    args = args_dict(data)
-    if "patch_embed.proj.weight" not in state:
-        raise ValueError("not an original LoMaR/MAE checkpoint: no 'patch_embed.proj.weight' in its model")
-    method = "mae" if "decoder_embed.weight" in state else "classifier" if "head.weight" in state else "lomar"
-    config = infer_vit_config({rename_rpe(k): v for k, v in state.items()}, args,
-                              num_heads=overrides.pop("num_heads", None), img_size=overrides.pop("img_size", None))
-    settings: dict = {"config": config}
-    if method == "lomar":
-        window = int(overrides.get("window_size", args.get("window_size", 7)))
-        rows, cols = window_positions(grid_size(config.img_size, config.patch_size), window)
-        # The original silently caps the window count at the grid (SPEC §6.2); do the same here.
-        settings.update(window_size=window, num_windows=min(int(args.get("num_window", 4)), rows, cols),
-                        mask_ratio=args.get("mask_ratio", 0.8), norm_pix_loss=args.get("norm_pix_loss", True))
-    elif method == "mae":
-        settings["config"] = replace(config, pos="abs")
-        ddim = state["decoder_embed.weight"].shape[0]
-        ddepth = len({k.split(".")[1] for k in state if k.startswith("decoder_blocks.")})
-        dheads = overrides.pop("decoder_num_heads", None)
-        if dheads is None and ("dec512" in str(args.get("model", "")) or ddim == 512):
-            dheads = 16  # every published MAE model: 512-wide decoder, 16 heads
-        if dheads is None:
-            raise ValueError(f"cannot infer the number of heads of the {ddim}-wide MAE decoder; "
-                             f"pass decoder_num_heads=... to load_original")
-        settings.update(decoder_embed_dim=ddim, decoder_depth=ddepth, decoder_num_heads=int(dheads),
-                        mask_ratio=args.get("mask_ratio", 0.75), norm_pix_loss=args.get("norm_pix_loss", True))
-    else:
-        settings["num_classes"] = state["head.weight"].shape[0]
-    # window_size is LoMaR's K (above), never the encoder's ViTDet windows: a LoMaR encoder attends globally
-    config_overrides = {k: overrides.pop(k) for k in list(overrides)
-                        if k in ViTConfig.__dataclass_fields__ and k != "window_size"}
-    if config_overrides:
-        settings["config"] = replace(settings["config"], **config_overrides)
-    # Settings of another method (a window size for an MAE checkpoint, say) are hints from
-    # callers that cannot know the method beforehand: ignored. Names no model takes are typos.
-    accepted = {name: set(inspect.signature(cls.__init__).parameters) - {"self", "config"}
-                for name, cls in (("lomar", LoMaR), ("mae", MAE), ("classifier", VisionTransformer))}
-    unknown = sorted(set(overrides) - set().union(*accepted.values()))
-    if unknown:
-        known = set().union(*accepted.values(), ViTConfig.__dataclass_fields__)
-        raise ValueError(f"unknown override(s) {', '.join(unknown)} for load_original; "
-                         f"accepted: {', '.join(sorted(known))}")
-    settings.update({k: v for k, v in overrides.items() if k in accepted[method]})
-    return method, settings
 
 
-def _original_model(data: dict, path: Path, overrides: dict) -> nn.Module:
-    from lomar.models import MAE, LoMaR
+def saved_settings(checkpoint: dict) -> dict[str, Any]:
+    """The pretraining settings a checkpoint saved, read as today's: a format-1 MAE run was global
+    MAE whatever ``windows`` it recorded (the setting then applied to LoMaR only)."""
+    values = dict(checkpoint["config"])
+    if checkpoint.get("format", "lomar-pretrain-1") == "lomar-pretrain-1" and values.get("method") == "mae":
+        values["windows"] = 0
+    return values
 
-    method, settings = infer_original_config(data, **overrides)
-    state = data.get("model", data)
-    if method == "lomar":
-        model: nn.Module = LoMaR(**settings)
-        converted = lomar_from_original(state, keep_pos_embed=model.encoder.pos_embed is not None)
-    elif method == "mae":
-        model = MAE(**settings)
-        converted = mae_from_original(state)
-    else:
-        model = VisionTransformer(settings.pop("config"), **settings)
-        converted = classifier_from_original(state, model)
+
+def _spec_from_settings(settings: dict, state: dict) -> dict:
+    """The model spec of a pretraining checkpoint written before specs were saved: its settings
+    (``lomar pretrain`` flags, windows resolved) read as that version built the model."""
+    sizes = {k: settings[k] for k in ("embed_dim", "depth", "num_heads", "patch_size") if settings.get(k) is not None}
+    method, windows = settings.get("method", "lomar"), settings.get("windows")
     try:
-        model.load_state_dict(converted, strict=True)
+        vit = model_config(settings["model"], img_size=settings["img_size"], pos=settings.get("pos"), **sizes)
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"its saved settings do not describe a model ({exc})") from None
+    if not isinstance(windows, int):
+        raise ValueError(f"its saved settings hold windows={windows!r}, not a count")
+    common = dict(mask_ratio=settings.get("mask_ratio"), norm_pix_loss=settings.get("norm_pix_loss", True))
+    decoder = {k: settings[k] for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")}
+    if method == "lomar":
+        k, n = window_geometry(grid_size(vit.img_size, vit.patch_size), settings["window_size"], windows)
+        return {"arch": "lomar", "config": vit.to_dict(), "args": dict(window_size=k, num_windows=n, **common)}
+    if method == "mae" and windows:
+        args = dict(window_size=settings["window_size"], num_windows=windows, **decoder, **common)
+        return {"arch": "mae_window", "config": vit.to_dict(), "args": args}
+    if method == "mae":
+        return {"arch": "mae", "config": vit.to_dict(), "args": dict(**decoder, **common)}
+    if method == "beit" and "beit.lm_head.weight" in state:
+        beit = BEiTConfig.from_vit(vit, state["beit.lm_head.weight"].shape[0])
+        return {"arch": "beit", "config": beit.to_dict(), "args": {}, "prefix": "beit."}
+    raise ValueError(f"its saved settings name method {method!r}, which this version does not read")
+
+
+def pretrain_spec(data: dict, state: dict) -> dict:
+    """The model spec of one of our pretraining checkpoints (saved, or derived from its settings)."""
+    spec = data.get("model_spec")
+    return spec if isinstance(spec, dict) else _spec_from_settings(saved_settings(data), state)
+
+
+def _build(spec: dict, state: dict, path: Path) -> nn.Module:
+    """The spec's model with the checkpoint's weights (under the spec's prefix), strictly."""
+    model = build_from_spec(spec)
+    prefix = spec.get("prefix", "")
+    own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        model.load_state_dict(own, strict=True)
     except RuntimeError as exc:
         details = " ".join(line.strip() for line in str(exc).splitlines()[1:])
-        raise ValueError(f"checkpoint {path} does not match the inferred {method} model: {details[:400]}; "
-                         f"pass overrides to load_original") from exc
+        raise ValueError(f"{path}: weights do not fit its {spec['arch']} model spec: {details[:300]}") from None
     return model
-
-
-def load_original(path: str | Path, **overrides) -> nn.Module:
-    """Build our model from an original LoMaR / MAE (pretraining or finetuned) checkpoint.
-
-    Returns a :class:`LoMaR`, :class:`MAE` or classifier :class:`VisionTransformer`, with
-    weights loaded strictly (the unused LoMaR ``pos_embed`` is dropped, SPEC §6.3).
-    """
-    return _original_model(safe_load(path), Path(path), overrides)
-
-
-# ---- readers ----------------------------------------------------------------------------------
-@dataclass
-class Source:
-    """A checkpoint read once: its format, the raw dict and the state dict (``{}`` for an export)."""
-
-    path: Path
-    format: str
-    data: dict
-    state: dict
-
-
-@dataclass
-class EncoderWeights:
-    """An encoder's architecture and weights under VisionTransformer key names."""
-
-    config: ViTConfig
-    state: dict[str, torch.Tensor]
-    dropped: list[str] = field(default_factory=list)  # source keys the encoder does not use
-    source: str = ""  # "pretrain checkpoint (lomar)", "exported folder", "original checkpoint (mae)", ...
-
-
-class Reader:
-    """One checkpoint format. Subclasses set ``name`` and implement the three methods."""
-
-    name = "?"
-
-    def detect(self, data: dict, state: dict) -> bool:
-        raise NotImplementedError
-
-    def detect_folder(self, path: Path) -> bool:
-        """Whether the folder ``path`` (holding a config.json) is this format."""
-        return False
-
-    def model(self, src: Source, overrides: dict) -> nn.Module:
-        raise NotImplementedError
-
-    def encoder(self, src: Source, overrides: dict) -> EncoderWeights:
-        raise NotImplementedError
-
-
-_READERS: list[tuple[int, Reader]] = []
-
-
-def register(reader: Reader, priority: int) -> Reader:
-    """Add a reader; lower priorities are asked first (the original-LoMaR fallback is 90)."""
-    _READERS.append((priority, reader))
-    _READERS.sort(key=lambda item: item[0])
-    return reader
-
-
-def readers() -> list[Reader]:
-    return [reader for _, reader in _READERS]
 
 
 def _hints(data: dict) -> dict:
@@ -208,33 +139,30 @@ def _saved_windows(config: ViTConfig, data: dict) -> ViTConfig:
 
 
 class PretrainReader(Reader):
-    """Ours: ``lomar pretrain`` / ``load-original`` output, ``{"model": LoMaR/MAE state, "config"}``."""
+    """Ours: ``lomar pretrain`` / ``load-original`` output of LoMaR or MAE: ``{"model", "model_spec",
+    "config"}`` (checkpoints before ``model_spec``: their ``config`` settings)."""
 
     name = "lomar-pretrain"
 
     def detect(self, data, state):
-        return isinstance(data.get("config"), dict) and any(k.startswith("encoder.") for k in state)
-
-    def _config(self, src: Source):
-        from lomar.train.config import PretrainConfig, saved_settings
-
-        known = set(PretrainConfig.__dataclass_fields__)
-        return PretrainConfig(**{k: v for k, v in saved_settings(src.data).items() if k in known})
+        return isinstance(data.get("model_spec") or data.get("config"), dict) and any(
+            k.startswith("encoder.") for k in state)
 
     def model(self, src, overrides):
-        from lomar.train.config import build_model
+        return _build(self._spec(src), src.state, src.path)
 
-        model = build_model(self._config(src))
-        model.load_state_dict(src.state, strict=True)
-        return model
+    def _spec(self, src: Source) -> dict:
+        try:
+            return pretrain_spec(src.data, src.state)
+        except ValueError as exc:
+            raise ValueError(f"{src.path}: {exc}") from None
 
     def encoder(self, src, overrides):
-        from lomar.train.config import vit_config
-
-        config = self._config(src)
+        spec = self._spec(src)
         state = {k.removeprefix("encoder."): v for k, v in src.state.items() if k.startswith("encoder.")}
         dropped = [k for k in src.state if not k.startswith("encoder.")]  # mask token, pixel head, decoder
-        return EncoderWeights(vit_config(config), state, dropped, f"pretrain checkpoint ({config.method})")
+        method = spec["arch"].removesuffix("_window")
+        return EncoderWeights(ViTConfig.from_dict(spec["config"]), state, dropped, f"pretrain checkpoint ({method})")
 
 
 # Every key a VisionTransformer (encoder or classifier) has, and nothing else.
@@ -287,79 +215,25 @@ class ExportReader(Reader):
         return True
 
     def model(self, src, overrides):
-        from lomar.checkpoints.export import create_encoder
-
         # window_size here is the command line's LoMaR window (K), not the export's ViTDet windows
         fields = set(ViTConfig.__dataclass_fields__) - {"window_size"}
         return create_encoder(src.path, **{k: v for k, v in overrides.items() if k in fields})
 
     def encoder(self, src, overrides):
-        from lomar.checkpoints.export import create_encoder
-
         encoder = create_encoder(src.path)
         return EncoderWeights(encoder.config, encoder.state_dict(), [], "exported folder")
-
-
-class OriginalReader(Reader):
-    """The original LoMaR / MAE code's pretraining or finetuned checkpoint (``{'model', 'args'}``)."""
-
-    def __init__(self, name: str, method: str):
-        self.name, self.method = name, method
-
-    def detect(self, data, state):
-        if "patch_embed.proj.weight" not in state:
-            return False
-        found = "mae" if "decoder_embed.weight" in state else "classifier" if "head.weight" in state else "lomar"
-        return found == self.method
-
-    def model(self, src, overrides):
-        return _original_model(src.data, src.path, dict(overrides))
-
-    def encoder(self, src, overrides):
-        config = infer_vit_config({rename_rpe(k): v for k, v in src.state.items()}, args_dict(src.data),
-                                  num_heads=overrides.get("num_heads"))
-        if self.method == "lomar":
-            renamed = lomar_from_original(src.state, keep_pos_embed=True)
-            state = {k.removeprefix("encoder."): v for k, v in renamed.items() if k.startswith("encoder.")}
-            dropped = [k for k in renamed if not k.startswith("encoder.")]
-            if config.pos == "rpe" and "pos_embed" in state:  # SPEC §6.3: the stored sin-cos table is never used
-                dropped.append("pos_embed")
-                del state["pos_embed"]
-        else:
-            keep = ENCODER_PREFIXES + CLASSIFIER_PREFIXES
-            state = {rename_rpe(k): v for k, v in src.state.items() if k.startswith(keep)}
-            dropped = [k for k in src.state if not k.startswith(keep)]
-        if self.method == "mae":
-            config = replace(config, pos="abs")
-        return EncoderWeights(config, state, dropped, f"original checkpoint ({self.method})")
 
 
 register(PretrainReader(), 10)
 register(VitReader(), 20)
 register(ExportReader(), 30)
-register(OriginalReader("original-mae", "mae"), 70)
-register(OriginalReader("original-classifier", "classifier"), 80)
-register(OriginalReader("original-lomar", "lomar"), 90)
-import lomar.checkpoints.formats_beit  # noqa: E402,F401  registers the BEiT readers
-
-
-def _read_sharded(path: Path) -> dict:
-    """A sharded checkpoint folder, consolidated in memory (through a scratch file) to the single-file form."""
-    import tempfile
-
-    from lomar.train.fsdp import consolidate
-
-    with tempfile.TemporaryDirectory() as scratch:
-        return safe_load(consolidate(path, Path(scratch) / "consolidated.pt"))
 
 
 def read(path: str | Path) -> tuple[Reader, Source]:
     """Load ``path`` once and find its reader. Raises FileNotFoundError or ValueError naming the problem."""
-    from lomar.checkpoints.export import CONFIG_NAME
-
     path = Path(path)
     if path.is_dir() and (path / ".metadata").is_file():  # a sharded `lomar pretrain --fsdp` checkpoint
-        data = _read_sharded(path)
+        data = read_sharded(path)
     elif path.is_dir():
         if not (path / CONFIG_NAME).is_file():
             raise ValueError(f"{path} is a folder without {CONFIG_NAME}; pass a checkpoint file or a folder "

@@ -15,9 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from lomar.checkpoints.formats import EncoderWeights, Reader, Source, register
+from lomar.checkpoints.export_beit import CONFIG_NAME, timm_beit_args
+from lomar.checkpoints.keys_beit import beit_to_timm, load_original_beit
+from lomar.checkpoints.reader import EncoderWeights, Reader, Source, register
+from lomar.models.beit import BEiT, BEiTConfig
+from lomar.models.vit import model_config
 
 __all__ = ["BEiTReader", "BEiTPretrainReader", "BEiTExportReader", "OriginalBEiTReader", "BEiTFinetuneReader",
            "TimmBeitWeights",
@@ -39,8 +44,6 @@ class BEiTReader(Reader):
     """A BEiT format: subclasses give :meth:`model` (our :class:`BEiT`, weights loaded)."""
 
     def timm_weights(self, src: Source, overrides: dict) -> TimmBeitWeights:
-        from lomar.checkpoints.export_beit import timm_beit_args
-        from lomar.models.beit_convert import beit_to_timm
 
         beit = self.model(src, overrides)
         state = beit.state_dict()
@@ -66,18 +69,18 @@ class BEiTPretrainReader(BEiTReader):
         return isinstance(config, dict) and config.get("method") == "beit" and any(k.startswith("beit.") for k in state)
 
     def model(self, src, overrides):
-        from lomar.models.beit import BEiT, BEiTConfig
-        from lomar.train.config import PretrainConfig, saved_settings, vit_config
-
-        known = set(PretrainConfig.__dataclass_fields__)
-        vit = vit_config(PretrainConfig(**{k: v for k, v in saved_settings(src.data).items() if k in known}))
         state = {k.removeprefix("beit."): v for k, v in src.state.items() if k.startswith("beit.")}
         if "lm_head.weight" not in state:
             raise ValueError(f"{src.path}: BEiT checkpoint without beit.lm_head.weight; it is incomplete")
-        # As the pretraining build (lomar.models.methods): BEiT's own defaults beyond the ViT shape.
-        config = BEiTConfig(img_size=vit.img_size, patch_size=vit.patch_size, in_chans=vit.in_chans,
-                            embed_dim=vit.embed_dim, depth=vit.depth, num_heads=vit.num_heads,
-                            mlp_ratio=vit.mlp_ratio, vocab_size=state["lm_head.weight"].shape[0])
+        spec = src.data.get("model_spec")
+        if isinstance(spec, dict):
+            config = BEiTConfig.from_dict(spec.get("config", {}))
+        else:  # written before model specs: the ViT shape of its settings, BEiT's defaults beyond it
+            settings = src.data["config"]
+            sizes = {k: settings[k] for k in ("embed_dim", "depth", "num_heads", "patch_size")
+                     if settings.get(k) is not None}
+            vit = model_config(settings["model"], img_size=settings["img_size"], **sizes)
+            config = BEiTConfig.from_vit(vit, state["lm_head.weight"].shape[0])
         model = BEiT(config)
         model.load_state_dict(state, strict=True)
         return model
@@ -95,7 +98,6 @@ class BEiTExportReader(BEiTReader):
         return False
 
     def detect_folder(self, path: Path) -> bool:
-        from lomar.checkpoints.export_beit import CONFIG_NAME
 
         try:
             return json.loads((path / CONFIG_NAME).read_text()).get("method") == "beit"
@@ -103,9 +105,6 @@ class BEiTExportReader(BEiTReader):
             return False
 
     def model(self, src, overrides):
-        from lomar.models.beit import BEiT
-        from lomar.models.beit_convert import beit_to_timm
-
         weights = self.timm_weights(src, overrides)
         model = BEiT(weights.config)
         # The export holds per-block tables, all equal to the shared one it was written from.
@@ -122,11 +121,6 @@ class BEiTExportReader(BEiTReader):
         return model
 
     def timm_weights(self, src, overrides):
-        from safetensors.torch import load_file
-
-        from lomar.checkpoints.export_beit import CONFIG_NAME
-        from lomar.models.beit import BEiTConfig
-
         data = json.loads((src.path / CONFIG_NAME).read_text())
         if "timm_args" not in data or "weights" not in data:
             raise ValueError(f"{src.path / CONFIG_NAME} has no timm_args / weights; re-export the BEiT encoder")
@@ -146,8 +140,6 @@ class OriginalBEiTReader(BEiTReader):
         return "lm_head.weight" in state and "mask_token" in state and "blocks.0.attn.qkv.weight" in state
 
     def model(self, src, overrides):
-        from lomar.models.beit_convert import load_original_beit
-
         return load_original_beit(src.path, **{k: v for k, v in overrides.items() if k == "num_heads"})
 
     def description(self, src):

@@ -126,13 +126,3 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu", mmap: 
     if not isinstance(data, dict):
         raise ValueError(f"checkpoint {path} holds a {type(data).__name__}, expected a dict")
     return data
-
-
-def __getattr__(name: str):
-    # The original-checkpoint conversions moved to formats.py; these names stay importable here.
-    if name in ("load_original", "lomar_from_original", "lomar_to_original", "infer_original_config",
-                "classifier_from_original"):
-        from lomar.checkpoints import formats
-
-        return getattr(formats, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lomar.checkpoints.convert import encoder_of, pretrain_checkpoint
-    from lomar.checkpoints.io import atomic_save, load_original
+    from lomar.checkpoints.io import atomic_save
+    from lomar.checkpoints.original import load_original
 
     out = Path(args.to)
     check_output_file(out, "--to", overwrite=args.overwrite)

@@ -3,7 +3,7 @@
 Written from BEIT_SPEC.md §1. Tokens are [cls] + patches in raster order; position comes from a
 relative position bias table (shared across blocks in the pretraining recipe, or per block).
 Parameter names are the original's, so converting an original checkpoint only drops the
-``relative_position_index`` buffers (rebuilt here) and checks shapes (``beit_convert``).
+``relative_position_index`` buffers (rebuilt here) and checks shapes (``lomar.checkpoints.keys_beit``).
 """
 
 from __future__ import annotations
@@ -45,6 +45,13 @@ class BEiTConfig:
     use_rel_pos_bias: bool = False
     use_abs_pos_emb: bool = False
     vocab_size: int = 8192
+
+    @classmethod
+    def from_vit(cls, vit, vocab_size: int) -> BEiTConfig:
+        """BEiT's pretraining model for a ViT shape (``vit``: a :class:`~lomar.models.vit.ViTConfig`):
+        the ViT's sizes, BEiT's own defaults for everything else, the tokenizer's vocabulary."""
+        return cls(img_size=vit.img_size, patch_size=vit.patch_size, in_chans=vit.in_chans, embed_dim=vit.embed_dim,
+                   depth=vit.depth, num_heads=vit.num_heads, mlp_ratio=vit.mlp_ratio, vocab_size=vocab_size)
 
     def __post_init__(self) -> None:
         checks = [

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-__all__ = ["Tokenizer", "load_tokenizer", "FORMAT_KEY"]
+__all__ = ["Tokenizer", "FORMAT_KEY"]
 
 FORMAT_KEY = "lomar_tokenizer"  # safetensors metadata key naming the tokenizer kind
 
@@ -42,28 +40,3 @@ class Tokenizer(nn.Module):
 
     def _tokens(self, images01: torch.Tensor) -> torch.Tensor:  # (N, Gh, Gw) or (N, Gh·Gw)
         raise NotImplementedError
-
-
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a dVAE (pickled module, ``{'model': sd}`` or safetensors) or a k-means tokenizer.
-
-    safetensors files say their kind in the metadata; anything else is read as a dVAE
-    checkpoint without executing pickled code.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file {path} does not exist; check the path")
-    from lomar.tokenizers import dvae, kmeans
-
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            kind = (handle.metadata() or {}).get(FORMAT_KEY)
-        if kind == kmeans.FORMAT:
-            return kmeans.KMeansTokenizer.load(path)
-        if kind == dvae.FORMAT:
-            return dvae.load_dvae(path)
-        raise ValueError(f"{path} has metadata {FORMAT_KEY}={kind!r}, expected {dvae.FORMAT!r} or "
-                         f"{kmeans.FORMAT!r}; write it with convert_dvae or KMeansTokenizer.save")
-    return dvae.load_dvae(path)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from lomar.methods import names as method_names
 from lomar.train.config_checks import check_data, check_decode, check_fsdp, check_numbers
 from lomar.train.runtime import default_workers
 from lomar.train.settings import (
@@ -46,7 +47,7 @@ class PretrainConfig:
     data: str | None = None  # image folder, .txt list, or tar shard pattern; None = demo photos
     out: str | None = None  # default runs/<timestamp>
     # method and model
-    method: str = "lomar"  # lomar | mae | beit (lomar.models.methods)
+    method: str = "lomar"  # lomar | mae | beit (lomar.methods)
     model: str = "vit_base_patch16"
     embed_dim: int | None = None  # explicit widths override the named model
     depth: int | None = None
@@ -107,9 +108,7 @@ DEMO_PRESET: dict[str, Any] = dict(
     device="cpu",
 )
 
-# The registry (lomar.models.methods) imports torch; a test keeps this tuple equal to it.
-METHOD_NAMES = ("lomar", "mae", "beit")
-_CHOICES = {"method": METHOD_NAMES, "pos": ("rpe", "abs", "none"),
+_CHOICES = {"method": method_names(), "pos": ("rpe", "abs", "none"),
             "precision": ("auto", "fp32", "bf16", "fp16"), "decode": ("full", "draft", "windows", "gpu")}
 _HELP = {
     "data": "image folder (recursive), .txt list of paths, or tar shards ('shards/*.tar', "
@@ -174,9 +173,9 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
     config = PretrainConfig(**values)
     if config.out is None:
         config.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    from lomar.models.methods import METHODS, get_method
+    from lomar.methods import get_method, names
 
-    if config.method in METHODS:  # an unknown one is reported by validate
+    if config.method in names():  # an unknown one is reported by validate
         method = get_method(config.method)
         config.mask_ratio = method.default_mask_ratio if config.mask_ratio is None else config.mask_ratio
         config.pos = method.default_pos if config.pos is None else config.pos
@@ -213,19 +212,16 @@ def _saved_config(explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None
     return None
 
 
-PRETRAIN_FORMAT = "lomar-pretrain-2"  # 2: `windows` is meant for every method (an MAE run saved 4 unused)
+def __getattr__(name: str):
+    if name in ("PRETRAIN_FORMAT", "saved_settings"):  # torch: read from checkpoints only when asked
+        import lomar.checkpoints.formats
 
-
-def saved_settings(checkpoint: dict) -> dict[str, Any]:
-    """The pretraining settings a checkpoint saved, read as today's: a format-1 MAE run was global
-    MAE whatever ``windows`` it recorded (the setting then applied to LoMaR only)."""
-    values = dict(checkpoint["config"])
-    if checkpoint.get("format", "lomar-pretrain-1") == "lomar-pretrain-1" and values.get("method") == "mae":
-        values["windows"] = 0
-    return values
+        return getattr(lomar.checkpoints.formats, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _checkpoint_config(path: Path) -> tuple[dict[str, Any], str]:
+    from lomar.checkpoints.formats import saved_settings  # torch: not for --help
     from lomar.checkpoints.io import safe_load
 
     try:
@@ -268,7 +264,7 @@ def resolve_windows(config: PretrainConfig) -> int:
 
     value = config.windows
     if value is None or value == "auto":
-        from lomar.models.methods import get_method
+        from lomar.methods import get_method
         from lomar.windows import paper_windows
 
         default = get_method(config.method).default_windows
@@ -297,8 +293,8 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
     Resolves ``--windows auto`` to its count (which the checks need).
 
     ``check_out``: refuse an --out that already holds a run (unless resuming / overwriting)."""
+    from lomar.methods import get_method
     from lomar.models.masking import grid_size
-    from lomar.models.methods import get_method
 
     check_numbers(config)
     for name, choices in _CHOICES.items():
@@ -341,21 +337,34 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
     # --resume PATH was checked when its saved config was read (_saved_config)
 
 
-def build_model(config: PretrainConfig):
-    """The model the config describes, built by its method (lomar.models.methods)."""
-    from lomar.models.methods import get_method
+def build_model(config: PretrainConfig, prepared: dict | None = None):
+    """The model the config describes, built by its method (:mod:`lomar.methods`); ``prepared``:
+    what :func:`prepare_method` returned (BEiT's freshly fitted tokenizer)."""
+    from lomar.methods import get_method
 
     if not isinstance(config.windows, int):  # not validated (e.g. a config read from a checkpoint)
         config = dataclasses.replace(config, windows=resolve_windows(config))
-    return get_method(config.method).build(config, vit_config(config))
+    return get_method(config.method).build(config, vit_config(config), **(prepared or {}))
+
+
+def prepare_method(config: PretrainConfig) -> dict:
+    """The method's explicit step before building (BEiT without --tokenizer: fit one into OUT and name it
+    in ``config``); -> keyword arguments for :func:`build_model`."""
+    from lomar.methods import get_method
+    from lomar.models.masking import grid_size
+
+    method = get_method(config.method)
+    if method.prepare is None:
+        return {}
+    return method.prepare(config, grid_size(config.img_size, vit_config(config).patch_size))
 
 
 def dump_config(config: PretrainConfig) -> str:
     """The config as YAML, with a comment saying what ``--windows auto`` gives here."""
-    from lomar.models.methods import METHODS
+    from lomar.methods import get_method, names
 
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
-    if config.method not in METHODS or METHODS[config.method].default_windows is not None:
+    if config.method not in names() or get_method(config.method).default_windows is not None:
         return text  # auto is a fixed count there, not the paper's rule
     try:
         auto = resolve_windows(dataclasses.replace(config, windows="auto"))

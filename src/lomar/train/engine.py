@@ -22,14 +22,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
 
 from lomar.checkpoints.export import export_encoder
+from lomar.checkpoints.formats import PRETRAIN_FORMAT
 from lomar.checkpoints.io import safe_load
 from lomar.data.collate import BadDataTracker
 from lomar.data.device_decode import DEVICE_DECODE_TYPES, decode_batch, decode_dataset
 from lomar.data.folder import build_pretrain_dataset
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError
-from lomar.models.methods import method_runtime
-from lomar.train.config import PRETRAIN_FORMAT, PretrainConfig, build_model
+from lomar.methods.base import method_runtime
+from lomar.models.spec import model_spec
+from lomar.train.config import PretrainConfig, build_model, prepare_method
 from lomar.train.distributed import DistInfo, cleanup_distributed, init_distributed
 from lomar.train.fsdp import consolidate_into, load_sharded, save_run_checkpoint, shard_model
 from lomar.train.monitor import Monitor
@@ -67,7 +69,7 @@ class Trainer:
         self.out = Path(config.out)
         torch.set_num_threads(config.threads or default_threads())
         torch.manual_seed(config.seed)
-        self.model = build_model(config).to(device)
+        self.model = build_model(config, prepare_method(config)).to(device)
         self.patch = self.model.config.patch_size
         self.runtime = method_runtime(config, self.patch)
         self.precision = resolve_precision(config.precision, device)
@@ -129,8 +131,8 @@ class Trainer:
     def meta(self) -> dict:
         """Everything of the state but model and optimizer (a sharded checkpoint's meta.pt)."""
         return {"scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
-                "batches_done": self.batches_done, "config": self.config.to_dict(), "rng": rng_state(),
-                "format": PRETRAIN_FORMAT}
+                "batches_done": self.batches_done, "config": self.config.to_dict(),
+                "model_spec": model_spec(self.model), "rng": rng_state(), "format": PRETRAIN_FORMAT}
 
     def load(self, path: Path) -> None:
         if path.is_dir():  # a sharded checkpoint: every rank loads its shards
@@ -201,7 +203,7 @@ class Trainer:
             return 0
         warning = warmup_warning(last_step, self.schedule[1], self.base_lr)
         if warning and self.info.is_main:
-            print(f"lomar pretrain: warning: {warning}", file=sys.stderr)
+            print(f"lomar pretrain: warning: {warning}", flush=True)
         self.stop.install()
         if self.step == 0 and self.info.is_main and not cfg.fsdp:  # sharded: the figure is drawn at the end
             self.figure()  # the untrained model: what the last figure is compared with

@@ -242,7 +242,7 @@ class FinetuneRun:
         total = cfg.epochs * self.steps_per_epoch
         warning = warmup_warning(min(total, cfg.max_steps) if cfg.max_steps else total, self.schedule[1], self.base_lr)
         if warning and self.info.is_main:
-            print(f"lomar finetune: warning: {warning}", file=sys.stderr)
+            print(f"lomar finetune: warning: {warning}", flush=True)
         self.log = open(self.out / "metrics.jsonl", "a") if self.info.is_main else None
         try:
             self.stop.install()

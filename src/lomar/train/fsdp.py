@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lomar.train.config import PRETRAIN_FORMAT
+from lomar.checkpoints.sharded import consolidate
 
 __all__ = ["shard_model", "block_modules", "save_sharded", "load_sharded", "consolidate", "consolidate_into",
            "save_run_checkpoint"]
@@ -184,33 +184,6 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
     from lomar.checkpoints.io import safe_load
 
     return safe_load(directory / "meta.pt")
-
-
-def consolidate(sharded_dir: str | Path, out_file: str | Path) -> Path:
-    """A sharded checkpoint -> the usual single file ``{"model", "step", "epoch", "config", "format", …}``.
-
-    Runs in one process without a process group. The optimizer state is left out (exact resume
-    uses the sharded folder); the file is what ``lomar export`` and evaluation read.
-    """
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    from lomar.checkpoints.io import atomic_save, safe_load
-
-    sharded_dir, out_file = Path(sharded_dir), Path(out_file)
-    if not (sharded_dir / ".metadata").exists():
-        raise ValueError(f"{sharded_dir} is not a sharded checkpoint (no .metadata); pass a "
-                         f"checkpoint-NNNNNN.dcp folder of a `lomar pretrain --fsdp` run")
-    # Read every tensor into memory, in this process alone: what torch's dcp_to_torch_save does,
-    # without its intermediate file (whose failure on a full disk names no cause).
-    full: dict = {}
-    _load_state_dict(full, storage_reader=FileSystemReader(str(sharded_dir)), planner=_EmptyStateDictLoadPlanner(),
-                     no_dist=True)
-    meta = safe_load(sharded_dir / "meta.pt") if (sharded_dir / "meta.pt").exists() else {}
-    state = {"model": {k: v.contiguous() for k, v in full["model"].items()}, **meta}
-    state.setdefault("format", PRETRAIN_FORMAT)
-    return atomic_save(state, out_file)
 
 
 def consolidate_into(sharded_dir: str | Path, out_file: str | Path, model: nn.Module) -> nn.Module:

@@ -3,7 +3,7 @@
 Importing this module imports timm (seconds) and registers the models; ``import lomar`` alone
 never does. Typical use::
 
-    import lomar.models.timm  # noqa: F401  (registers the models)
+    import lomar.timm_models  # noqa: F401  (registers the models)
     import timm
 
     model = timm.create_model("lomar_vit_base_patch16", pretrained=True,
@@ -41,7 +41,7 @@ from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTCon
 
 __all__ = ["LomarVisionTransformer", "checkpoint_filter_fn", "create_from_export"]
 
-_log = logging.getLogger("lomar.models.timm")
+_log = logging.getLogger("lomar.integrations.timm")
 _POOLS = ("", "avg", "token", "max")
 
 

@@ -1,0 +1,149 @@
+"""Checkpoints of the original LoMaR and MAE code: pretraining and finetuned classifiers
+(``{'model', 'args'}``), read by shape inference; ``load_original`` builds our model from one."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import replace
+from pathlib import Path
+
+from torch import nn
+
+from lomar.checkpoints.io import safe_load
+from lomar.checkpoints.keys import (
+    CLASSIFIER_PREFIXES,
+    ENCODER_PREFIXES,
+    args_dict,
+    classifier_from_original,
+    infer_vit_config,
+    lomar_from_original,
+    mae_from_original,
+    rename_rpe,
+)
+from lomar.checkpoints.reader import EncoderWeights, Reader, register
+from lomar.models import MAE, LoMaR
+from lomar.models.masking import grid_size, window_positions
+from lomar.models.vit import VisionTransformer, ViTConfig
+
+__all__ = ["infer_original_config", "load_original", "OriginalReader"]
+
+
+def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
+    """Method ('lomar', 'mae' or 'classifier') and constructor settings of an original checkpoint.
+
+    Shapes decide what they can; ``args`` (the run's arguments) and then ``overrides``
+    supply the rest. Raises ValueError naming any value that stays unknown.
+    """
+    state = data.get("model", data)
+    args = args_dict(data)
+    if "patch_embed.proj.weight" not in state:
+        raise ValueError("not an original LoMaR/MAE checkpoint: no 'patch_embed.proj.weight' in its model")
+    method = "mae" if "decoder_embed.weight" in state else "classifier" if "head.weight" in state else "lomar"
+    config = infer_vit_config({rename_rpe(k): v for k, v in state.items()}, args,
+                              num_heads=overrides.pop("num_heads", None), img_size=overrides.pop("img_size", None))
+    settings: dict = {"config": config}
+    if method == "lomar":
+        window = int(overrides.get("window_size", args.get("window_size", 7)))
+        rows, cols = window_positions(grid_size(config.img_size, config.patch_size), window)
+        # The original silently caps the window count at the grid (SPEC §6.2); do the same here.
+        settings.update(window_size=window, num_windows=min(int(args.get("num_window", 4)), rows, cols),
+                        mask_ratio=args.get("mask_ratio", 0.8), norm_pix_loss=args.get("norm_pix_loss", True))
+    elif method == "mae":
+        settings["config"] = replace(config, pos="abs")
+        ddim = state["decoder_embed.weight"].shape[0]
+        ddepth = len({k.split(".")[1] for k in state if k.startswith("decoder_blocks.")})
+        dheads = overrides.pop("decoder_num_heads", None)
+        if dheads is None and ("dec512" in str(args.get("model", "")) or ddim == 512):
+            dheads = 16  # every published MAE model: 512-wide decoder, 16 heads
+        if dheads is None:
+            raise ValueError(f"cannot infer the number of heads of the {ddim}-wide MAE decoder; "
+                             f"pass decoder_num_heads=... to load_original")
+        settings.update(decoder_embed_dim=ddim, decoder_depth=ddepth, decoder_num_heads=int(dheads),
+                        mask_ratio=args.get("mask_ratio", 0.75), norm_pix_loss=args.get("norm_pix_loss", True))
+    else:
+        settings["num_classes"] = state["head.weight"].shape[0]
+    # window_size is LoMaR's K (above), never the encoder's ViTDet windows: a LoMaR encoder attends globally
+    config_overrides = {k: overrides.pop(k) for k in list(overrides)
+                        if k in ViTConfig.__dataclass_fields__ and k != "window_size"}
+    if config_overrides:
+        settings["config"] = replace(settings["config"], **config_overrides)
+    # Settings of another method (a window size for an MAE checkpoint, say) are hints from
+    # callers that cannot know the method beforehand: ignored. Names no model takes are typos.
+    accepted = {name: set(inspect.signature(cls.__init__).parameters) - {"self", "config"}
+                for name, cls in (("lomar", LoMaR), ("mae", MAE), ("classifier", VisionTransformer))}
+    unknown = sorted(set(overrides) - set().union(*accepted.values()))
+    if unknown:
+        known = set().union(*accepted.values(), ViTConfig.__dataclass_fields__)
+        raise ValueError(f"unknown override(s) {', '.join(unknown)} for load_original; "
+                         f"accepted: {', '.join(sorted(known))}")
+    settings.update({k: v for k, v in overrides.items() if k in accepted[method]})
+    return method, settings
+
+
+def _original_model(data: dict, path: Path, overrides: dict) -> nn.Module:
+    method, settings = infer_original_config(data, **overrides)
+    state = data.get("model", data)
+    if method == "lomar":
+        model: nn.Module = LoMaR(**settings)
+        converted = lomar_from_original(state, keep_pos_embed=model.encoder.pos_embed is not None)
+    elif method == "mae":
+        model = MAE(**settings)
+        converted = mae_from_original(state)
+    else:
+        model = VisionTransformer(settings.pop("config"), **settings)
+        converted = classifier_from_original(state, model)
+    try:
+        model.load_state_dict(converted, strict=True)
+    except RuntimeError as exc:
+        details = " ".join(line.strip() for line in str(exc).splitlines()[1:])
+        raise ValueError(f"checkpoint {path} does not match the inferred {method} model: {details[:400]}; "
+                         f"pass overrides to load_original") from exc
+    return model
+
+
+def load_original(path: str | Path, **overrides) -> nn.Module:
+    """Build our model from an original LoMaR / MAE (pretraining or finetuned) checkpoint.
+
+    Returns a :class:`LoMaR`, :class:`MAE` or classifier :class:`VisionTransformer`, with
+    weights loaded strictly (the unused LoMaR ``pos_embed`` is dropped, SPEC §6.3).
+    """
+    return _original_model(safe_load(path), Path(path), overrides)
+
+
+class OriginalReader(Reader):
+    """The original LoMaR / MAE code's pretraining or finetuned checkpoint (``{'model', 'args'}``)."""
+
+    def __init__(self, name: str, method: str):
+        self.name, self.method = name, method
+
+    def detect(self, data, state):
+        if "patch_embed.proj.weight" not in state:
+            return False
+        found = "mae" if "decoder_embed.weight" in state else "classifier" if "head.weight" in state else "lomar"
+        return found == self.method
+
+    def model(self, src, overrides):
+        return _original_model(src.data, src.path, dict(overrides))
+
+    def encoder(self, src, overrides):
+        config = infer_vit_config({rename_rpe(k): v for k, v in src.state.items()}, args_dict(src.data),
+                                  num_heads=overrides.get("num_heads"))
+        if self.method == "lomar":
+            renamed = lomar_from_original(src.state, keep_pos_embed=True)
+            state = {k.removeprefix("encoder."): v for k, v in renamed.items() if k.startswith("encoder.")}
+            dropped = [k for k in renamed if not k.startswith("encoder.")]
+            if config.pos == "rpe" and "pos_embed" in state:  # SPEC §6.3: the stored sin-cos table is never used
+                dropped.append("pos_embed")
+                del state["pos_embed"]
+        else:
+            keep = ENCODER_PREFIXES + CLASSIFIER_PREFIXES
+            state = {rename_rpe(k): v for k, v in src.state.items() if k.startswith(keep)}
+            dropped = [k for k in src.state if not k.startswith(keep)]
+        if self.method == "mae":
+            config = replace(config, pos="abs")
+        return EncoderWeights(config, state, dropped, f"original checkpoint ({self.method})")
+
+
+register(OriginalReader("original-mae", "mae"), 70)
+register(OriginalReader("original-classifier", "classifier"), 80)
+register(OriginalReader("original-lomar", "lomar"), 90)

@@ -1,0 +1,93 @@
+"""What a pretraining method declares (:class:`Method`) and the pieces methods share.
+
+``config`` below is a :class:`lomar.train.config.PretrainConfig`, only read (``prepare`` may set
+``config.tokenizer``); ``grid`` is the (rows, cols) patch grid. ``--windows 0`` means one window
+of the whole image (:mod:`lomar.models.windows`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lomar.models.masking import MaskingPlan, check_window_request, grid_size
+from lomar.models.windows import sample_method_plan, window_geometry
+
+__all__ = ["Method", "MethodRuntime", "method_runtime", "plan_masker", "plan_kwargs", "check_windows"]
+
+Masker = Callable[[torch.Generator], dict]
+ToKwargs = Callable[[dict, torch.device], dict]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A pretraining method. Adding one = a module in :mod:`lomar.methods` defining ``METHOD``."""
+
+    name: str
+    default_mask_ratio: float | None
+    default_pos: str
+    default_windows: int | None  # for --windows auto; None = the paper's rule (lomar.windows.paper_windows)
+    validate: Callable[[Any, tuple[int, int]], None]  # ValueError naming the fix
+    build: Callable[[Any, Any], torch.nn.Module]  # (config, ViTConfig) -> the training model; no I/O but reads
+    masker: Callable[[Any, tuple[int, int]], Masker]  # per-sample draw in the data workers: gen -> {name: tensor}
+    forward_kwargs: Callable[[Any, tuple[int, int]], ToKwargs]  # (collated batch, device) -> model(images, **kw)
+    # An explicit step before build (e.g. fit BEiT's tokenizer and record it in the config); may write into OUT.
+    prepare: Callable[[Any, tuple[int, int]], None] | None = None
+    # export(model, out, metadata) writes the encoder for downstream use; None: the ViT encoder (safetensors)
+    export: Callable[[torch.nn.Module, Any, dict], None] | None = None
+    # figure(model, images, path, seed=, title=) drawn with every checkpoint; None: pixel reconstructions
+    figure: Callable[..., Any] | None = None
+
+
+@dataclass(frozen=True)
+class MethodRuntime:
+    """What the engine needs per run: the method, the per-sample masker and the batch → kwargs map."""
+
+    method: Method
+    masker: Masker
+    forward_kwargs: ToKwargs
+
+
+def method_runtime(config, patch_size: int) -> MethodRuntime:
+    from lomar.methods import get_method
+
+    method = get_method(config.method)
+    grid = grid_size(config.img_size, patch_size)
+    return MethodRuntime(method, method.masker(config, grid), method.forward_kwargs(config, grid))
+
+
+def _plan_draw(gen: torch.Generator, grid, window_size, windows, mask_ratio) -> dict:
+    plan = sample_method_plan(1, grid, window_size, windows, mask_ratio, gen)
+    return {"top_left": plan.top_left[0], "mask": plan.mask[0]}
+
+
+def plan_masker(config, grid) -> Masker:
+    """A masking plan per sample: ``--windows`` K×K windows (0: the whole grid), random masks at
+    ``--mask-ratio`` or blockwise ones when it is None."""
+    return functools.partial(_plan_draw, grid=grid, window_size=config.window_size, windows=config.windows,
+                             mask_ratio=config.mask_ratio)
+
+
+def plan_kwargs(config, grid) -> ToKwargs:
+    """The collated per-sample plans as one :class:`MaskingPlan` on the device: ``model(images, plan=...)``."""
+    k, _ = window_geometry(grid, config.window_size, config.windows)
+
+    def to_kwargs(batch: dict, device: torch.device) -> dict:
+        return {"plan": MaskingPlan(batch["top_left"].to(device), batch["mask"].to(device), k)}
+
+    return to_kwargs
+
+
+def check_windows(config, grid, ratio: float | None) -> None:
+    """The window request fits the grid; ``ratio`` None = blockwise masks (any K >= 2 that fits)."""
+    k, n = window_geometry(grid, config.window_size, config.windows)
+    if ratio is None:
+        check_window_request(grid, k, n, 0.5)
+        if k < 2:
+            raise ValueError(f"--window-size {k} is too small for block masking; use K >= 2 or set --mask-ratio")
+    else:
+        check_window_request(grid, k, n, ratio)

@@ -1,0 +1,119 @@
+"""BEiT: blockwise masking and visual-token targets from a frozen tokenizer
+(:class:`lomar.models.beit_pretrain.BEiTPretrain`); with ``--windows N``, Table 5's BEiT + windows.
+
+The target comes from ``--tokenizer`` (the DALL-E dVAE encoder or a k-means file). Without one,
+:func:`prepare` -- an explicit step the pretraining command runs before building -- fits the
+built-in k-means tokenizer (:mod:`lomar.tokenizers.kmeans`) on a seeded sample of the training
+crops, vocabulary ``min(8192, patches / 4)``, saves it as ``OUT/tokenizer.safetensors`` and names
+it in the config, so a resumed run reuses it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import IterableDataset
+
+from lomar.checkpoints.export_beit import export_beit_encoder
+from lomar.data.folder import build_pretrain_dataset
+from lomar.methods.base import Method, check_windows, plan_kwargs, plan_masker
+from lomar.models.beit import BEiTConfig
+from lomar.models.beit_pretrain import BEiTPretrain, tokenizer_view
+from lomar.models.masking import grid_size
+from lomar.tokenizers import fit_kmeans_tokenizer, load_tokenizer
+from lomar.viz.tokens import token_figure
+
+__all__ = ["METHOD", "prepare", "fit_on_training_images", "FIT_IMAGES", "MAX_VOCAB"]
+
+FIT_IMAGES = 64  # sample of training crops the built-in tokenizer is fitted on
+MAX_VOCAB = 8192  # BEiT's vocabulary
+KMEANS_PATCH = 8  # pixels per token on the tokenizer's view (the dVAE's stride)
+
+
+def validate(config, grid) -> None:
+    check_windows(config, grid, config.mask_ratio)
+    if config.knn_every:
+        raise ValueError("--knn-every is not available for --method beit yet; drop it and run "
+                         "`lomar knn` on the exported encoder")
+
+
+def _sample_views(config, view_size: int, count: int) -> torch.Tensor:
+    """(n, 3, view, view) in [0, 1]: epoch-0 crops of a seeded sample of the training images."""
+    dataset = build_pretrain_dataset(config.data, config.img_size, config.seed)
+    if isinstance(dataset, IterableDataset):
+        source = iter(dataset)
+    else:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed)).tolist()
+        source = (dataset[(i, 0)] for i in order)
+    images = []
+    for item in source:
+        if item["image"] is not None:
+            images.append(item["image"])
+        if len(images) == count:
+            break
+    if not images:
+        raise ValueError("no readable training image to fit the k-means tokenizer on; check --data")
+    return tokenizer_view(torch.stack(images), view_size)
+
+
+def fit_on_training_images(config, grid: tuple[int, int], count: int = FIT_IMAGES):
+    """A k-means tokenizer for the run's patch grid, fitted on ``count`` training crops."""
+    view = grid[0] * KMEANS_PATCH
+    images = _sample_views(config, view, count)
+    patches = images.shape[0] * grid[0] * grid[1]
+    vocab = max(2, min(MAX_VOCAB, patches // 4))
+    print(f"lomar: no --tokenizer: fitting the built-in k-means tokenizer (vocabulary {vocab} = min(8192, "
+          f"patches/4), {images.shape[0]} training crops at {view} px); it is not the paper's dVAE", flush=True)
+    return fit_kmeans_tokenizer(images, vocab_size=vocab, patch=KMEANS_PATCH, seed=config.seed, input_size=view)
+
+
+def prepare(config, grid) -> dict:
+    """Without ``config.tokenizer``: fit one, save it as OUT/tokenizer.safetensors (main process) and
+    set ``config.tokenizer``; -> ``{"tokenizer": ...}`` for :func:`build`, so that no process reads
+    the file before the main one has written it."""
+    if config.tokenizer:
+        return {}
+    tokenizer = fit_on_training_images(config, grid)
+    path = Path(config.out) / "tokenizer.safetensors"
+    if int(os.environ.get("RANK", "0")) == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(path)
+        print(f"lomar: tokenizer saved to {path}", flush=True)
+    config.tokenizer = str(path)
+    return {"tokenizer": tokenizer}
+
+
+def _tokenizer_for(config, grid, tokenizer=None):
+    """``config.tokenizer`` loaded (or the one :func:`prepare` fitted), its view set to grid × stride px
+    (both kinds are convolutional / per patch, so any multiple of the stride works)."""
+    if tokenizer is None:
+        if not config.tokenizer:
+            raise ValueError("--method beit needs a tokenizer: pass --tokenizer FILE, or let `lomar pretrain` "
+                             "fit the built-in one")
+        try:
+            tokenizer = load_tokenizer(config.tokenizer)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ValueError(f"--tokenizer: {exc}") from None
+    tokenizer.input_size = grid[0] * tokenizer.stride
+    if hasattr(tokenizer, "config") and hasattr(tokenizer.config, "input_size"):  # the dVAE checks its own
+        tokenizer.config = replace(tokenizer.config, input_size=tokenizer.input_size)
+    return tokenizer
+
+
+def build(config, vit, tokenizer=None) -> BEiTPretrain:
+    tokenizer = _tokenizer_for(config, grid_size(vit.img_size, vit.patch_size), tokenizer)
+    beit = BEiTConfig.from_vit(vit, tokenizer.vocab_size)
+    return BEiTPretrain(beit, tokenizer, config.window_size, config.windows, config.mask_ratio)
+
+
+def export(model: BEiTPretrain, out, metadata: dict) -> None:
+    export_beit_encoder(model.beit, out, metadata=metadata)
+
+
+METHOD = Method(
+    "beit", default_mask_ratio=None, default_pos="none", default_windows=0,
+    validate=validate, prepare=prepare, build=build, masker=plan_masker, forward_kwargs=plan_kwargs,
+    export=export, figure=token_figure)
