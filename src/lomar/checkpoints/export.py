@@ -35,7 +35,7 @@ def timm_architecture(config: ViTConfig, num_classes: int = 0) -> tuple[str, dic
 
     The args always spell out the architecture, so non-standard widths rebuild exactly. Written
     into ``config.json`` so that ``timm.create_model('local-dir:DIR', pretrained=True)`` works
-    (after ``import lomar.models.timm``). ViTDet windows are part of the architecture (the same
+    (after ``import lomar.timm_models``). ViTDet windows are part of the architecture (the same
     weights with global attention are another model); ``attention`` is not: every mode gives the
     same result, and the machine that loads the export picks its own (``auto``).
     """

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("CKPT: our pretraining checkpoint (last.pt), a finetuned classifier checkpoint, a "
                      "checkpoint from `lomar load-original`, or an original LoMaR / MAE checkpoint (a BEiT one is "
                      "exported in timm's Beit layout). Load the "
-                     "result with lomar.create_encoder(DIR), or in timm after `import lomar.models.timm`: "
+                     "result with lomar.create_encoder(DIR), or in timm after `import lomar.timm_models`: "
                      "timm.create_model('local-dir:DIR', pretrained=True).")
     parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint file (or an exported folder)")
     parser.add_argument("--to", required=True, metavar="DIR", help="output folder (created if missing)")
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     head = f", head of {encoder.num_classes} classes" if encoder.num_classes else ""
     print(f"lomar: exported the {c.embed_dim}-wide, {c.depth}-block encoder of {args.checkpoint} "
           f"({method.lower()}{head}) -> {out / ENCODER_WEIGHTS}, {out / CONFIG_NAME}")
-    print(f"lomar: load with lomar.create_encoder('{out}') or, after `import lomar.models.timm`, "
+    print(f"lomar: load with lomar.create_encoder('{out}') or, after `import lomar.timm_models`, "
           f"timm.create_model('local-dir:{out}', pretrained=True)")
     return 0
 
