@@ -18,7 +18,8 @@ from lomar.models.masking import num_masked, window_token_index
 from lomar.models.rpe import bucket_table
 from lomar.models.vit import Attention, VisionTransformer
 
-__all__ = ["attention_probs", "block_attention", "WindowAttention", "window_attention", "attention_figure"]
+__all__ = ["attention_probs", "block_attention", "WindowAttention", "window_attention", "attention_figure",
+           "draw_attention"]
 
 
 def attention_probs(attn: Attention, x: torch.Tensor, buckets: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,17 +140,24 @@ def window_attention(model, image: torch.Tensor, target: tuple[int, int] | None 
 
 def attention_figure(result: WindowAttention, pixels: torch.Tensor, patch_size: int, path: str | Path,
                      title: str | None = None, columns: int = 7) -> Path:
-    """PNG: the image with the window, the window's pixels, then one heatmap per block.
+    """PNG of :func:`draw_attention`: the image with the window, the window's pixels, then one
+    heatmap per block. pixels: (3, H, W) in [0, 1] (un-normalised)."""
+    from lomar.viz.reconstruction import save_figure
 
-    pixels: (3, H, W) in [0, 1] (un-normalised). Each heatmap shows the mean-over-heads
-    attention of the target (cyan square) to every window patch, on its own colour scale
-    from 0 to the block's maximum (printed below it, with the shares of the cls token and,
-    for the whole-image context, of the window).
+    return save_figure(draw_attention(result, pixels, patch_size, title, columns), path, dpi=90)
+
+
+def draw_attention(result: WindowAttention, pixels: torch.Tensor, patch_size: int, title: str | None = None,
+                   columns: int = 7):
+    """The figure :func:`attention_figure` writes (a :class:`matplotlib.figure.Figure`).
+
+    pixels: (3, H, W) in [0, 1]. Each heatmap shows the mean-over-heads attention of the target
+    (cyan square) to every window patch, on its own colour scale from 0 to the block's maximum
+    (printed below it, with the shares of the cls token and, for the whole-image context, of the
+    window). Constrained layout reserves each caption's height above the next row's titles.
     """
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
-
-    from lomar.viz.reconstruction import save_figure
 
     k, p = result.window_size, patch_size
     (top, left), (ty, tx) = result.top_left, result.target_in_window
@@ -157,7 +165,7 @@ def attention_figure(result: WindowAttention, pixels: torch.Tensor, patch_size: 
     panels = depth + 2
     cols = min(columns, panels)
     rows = -(-panels // cols)
-    fig = Figure(figsize=(2.3 * cols, 2.6 * rows + 0.7))
+    fig = Figure(figsize=(2.3 * cols, 2.9 * rows + 0.9), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.set_xticks([])
@@ -203,4 +211,4 @@ def attention_figure(result: WindowAttention, pixels: torch.Tensor, patch_size: 
     width = max(30, int(2.3 * cols * 12))  # characters that fit the figure at 10 pt
     text = "\n".join(textwrap.fill(line, width) for line in lines)
     fig.suptitle(text, fontsize=10)
-    return save_figure(fig, path, dpi=90)
+    return fig

@@ -122,13 +122,15 @@ def reconstruction_snapshot(model, images: torch.Tensor, out: str | Path, step: 
 
 def draw_reconstruction(model, images: torch.Tensor, seed: int = 0, title: str | None = None,
                         plan: MaskingPlan | None = None) -> Figure:
-    """The figure :func:`reconstruction_figure` writes; images: (N, 3, H, W) normalised."""
+    """The figure :func:`reconstruction_figure` writes; images: (N, 3, H, W) normalised. The
+    caption below says that a norm-pix model's predictions are shown rescaled with each true
+    patch's mean and std."""
     parts = reconstruct(model, images, seed, plan=plan)
     n = images.shape[0]
     p = model.config.patch_size
     columns = ["original", "sampled windows", "masked input", "reconstruction"]
     # constrained layout reserves the title's height above the column headers at any row count
-    fig = Figure(figsize=(12, 3 * n + 0.8), layout="constrained")
+    fig = Figure(figsize=(12, 3 * n + 1.1), layout="constrained")
     axes = fig.subplots(n, 4, squeeze=False)
     plan = parts.get("plan")
     for row in range(n):
@@ -146,7 +148,19 @@ def draw_reconstruction(model, images: torch.Tensor, seed: int = 0, title: str |
                     ax.add_patch(Rectangle((left * p - 0.5, top * p - 0.5), k * p, k * p, fill=False,
                                            edgecolor="yellow", linewidth=1.5))
     fig.suptitle(title or f"{type(model).__name__} reconstruction (loss {parts['loss']:.3f})")
+    fig.supxlabel(_caption(model.norm_pix_loss, plan is not None), fontsize=9)
     return fig
+
+
+def _caption(norm_pix: bool, windows: bool) -> str:
+    """What the reconstruction column shows: a norm-pix model predicts each patch's pixels up to
+    its mean and std, so the figure borrows those two numbers from the true patch."""
+    import textwrap
+
+    masked = ("masked patches show the prediction rescaled with the true patch's mean and std (the model "
+              "predicts per-patch normalised pixels)" if norm_pix else "masked patches show the prediction")
+    text = f"reconstruction: {masked}; visible patches show the input"
+    return textwrap.fill(text + ("; dimmed: outside every window" if windows else ""), 120, break_on_hyphens=False)
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int) -> Path:

@@ -13,7 +13,12 @@ import torch
 
 from lomar.models.masking import window_token_index
 
-__all__ = ["token_maps", "token_figure"]
+__all__ = ["token_maps", "token_figure", "draw_tokens"]
+
+_DIM = 0.35  # brightness of the cells that were not masked (not predicted)
+_CORRECT = torch.tensor([0.1, 0.7, 0.2])
+_WRONG = torch.tensor([0.85, 0.15, 0.1])
+_UNMASKED = torch.tensor([0.9, 0.9, 0.9])
 
 
 @torch.no_grad()
@@ -50,29 +55,35 @@ def _palette(vocab: int) -> torch.Tensor:
 
 
 def token_figure(model, images: torch.Tensor, path: str | Path, seed: int = 0, title: str | None = None) -> Path:
-    """PNG, one row per image: image | true tokens | predicted tokens (masked cells) | correct (green) / wrong (red)."""
-    import matplotlib
+    """PNG of :func:`draw_tokens`, one row per image: image | true tokens | predicted tokens (masked
+    cells) | correct (green) / wrong (red). images: (N, 3, H, W) normalised."""
+    from lomar.viz.reconstruction import save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    return save_figure(draw_tokens(model, images, seed, title), path, dpi=80)
+
+
+def draw_tokens(model, images: torch.Tensor, seed: int = 0, title: str | None = None):
+    """The figure :func:`token_figure` writes (a :class:`matplotlib.figure.Figure`), with a legend
+    below the rows for the colours of the last column and what the token colours mean."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     from lomar.data.transforms import denormalize
-    from lomar.viz.reconstruction import save_figure
 
     maps = token_maps(model, images, seed)
     colours = _palette(model.config.vocab_size)
     true, predicted, masked = maps["true"].cpu(), maps["predicted"].cpu(), maps["masked"].cpu()
-    dim = torch.where(masked[..., None], 1.0, 0.35)
+    dim = torch.where(masked[..., None], 1.0, _DIM)
     views = {
         "image": denormalize(images).permute(0, 2, 3, 1).cpu(),
         "true tokens": colours[true],
         "predicted (masked)": torch.where(masked[..., None], colours[predicted.clamp_min(0)], colours[true]) * dim,
-        "correct / wrong": torch.where((predicted == true)[..., None], torch.tensor([0.1, 0.7, 0.2]),
-                                       torch.tensor([0.85, 0.15, 0.1])) * masked[..., None]
-                           + (~masked[..., None]) * torch.tensor([0.9, 0.9, 0.9]),
+        "correct / wrong": torch.where((predicted == true)[..., None], _CORRECT, _WRONG) * masked[..., None]
+                           + (~masked[..., None]) * _UNMASKED,
     }
     n = images.shape[0]
-    fig, axes = plt.subplots(n, 4, figsize=(12, 3 * n + 0.6), squeeze=False)
+    fig = Figure(figsize=(12, 3 * n + 1.4), layout="constrained")
+    axes = fig.subplots(n, 4, squeeze=False)
     for row in range(n):
         for col, (name, view) in enumerate(views.items()):
             ax = axes[row, col]
@@ -81,6 +92,12 @@ def token_figure(model, images: torch.Tensor, path: str | Path, seed: int = 0, t
             ax.set_yticks([])
             if row == 0:
                 ax.set_title(name)
+    handles = [Patch(color=_CORRECT.tolist(), label="correct prediction"),
+               Patch(color=_WRONG.tolist(), label="wrong prediction"),
+               Patch(color=_UNMASKED.tolist(), label="not masked (not predicted)")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=9, title_fontsize=9,
+               title="token maps: one fixed colour per token id, the same in the true and the predicted map; "
+                     "dimmed cells are not masked (true token shown)")
     fig.suptitle(title or f"BEiT token prediction: accuracy {maps['accuracy']:.1%} on masked tokens, "
                           f"loss {maps['loss']:.3f}")
-    return save_figure(fig, path, dpi=80)
+    return fig

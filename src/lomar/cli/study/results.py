@@ -19,11 +19,11 @@ COLUMNS = [("finetune", "finetune top-1 (%)", True), ("linprobe", "linear probe 
 
 
 def mean_sd(values: list[float], percent: bool) -> str:
-    """'89.4 ± 0.8' (sample sd over seeds; '± 0.0' for one seed)."""
+    """'89.4 ± 0.8' (sample sd over seeds); '89.4' for one seed, which has no spread to show."""
     scale = 100 if percent else 1
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
     digits = 1 if percent else 3
-    return f"{scale * statistics.fmean(values):.{digits}f} ± {scale * spread:.{digits}f}"
+    mean = f"{scale * statistics.fmean(values):.{digits}f}"
+    return f"{mean} ± {scale * statistics.stdev(values):.{digits}f}" if len(values) > 1 else mean
 
 
 def _settings_order(records: list[dict]) -> list[str]:
