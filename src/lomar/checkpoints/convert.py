@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from lomar.checkpoints.formats import CLASSIFIER_FORMAT, PRETRAIN_FORMAT, load_model, load_original
+from lomar.models import MAE, LoMaR
 from lomar.models.spec import build_from_spec, model_spec
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer
 
@@ -37,11 +38,13 @@ def pretrain_checkpoint(model: nn.Module, source: str | None = None) -> dict:
     if isinstance(model, VisionTransformer):
         return {"model": model.state_dict(), "vit_config": vit.to_dict(), "num_classes": model.num_classes,
                 "format": CLASSIFIER_FORMAT, "source": source}
-    spec = model_spec(model)  # TypeError for a model without one
+    if not isinstance(model, (LoMaR, MAE)):
+        raise TypeError(f"cannot write a pretraining checkpoint for {type(model).__name__}")
+    spec = model_spec(model)
     shape = (vit.embed_dim, vit.depth, vit.num_heads)
     size = next((s for s, v in MODEL_SIZES.items() if v == shape), "base")
     patch = vit.patch_size if vit.patch_size in PATCH_SIZES else 16
-    settings = dict(method="mae" if spec["arch"].startswith("mae") else spec["arch"], model=f"vit_{size}_patch{patch}",
+    settings = dict(method="mae" if isinstance(model, MAE) else "lomar", model=f"vit_{size}_patch{patch}",
                     embed_dim=vit.embed_dim, depth=vit.depth, num_heads=vit.num_heads, patch_size=vit.patch_size,
                     img_size=vit.img_size, pos=vit.pos, windows=0, **spec["args"])
     if "num_windows" in settings:

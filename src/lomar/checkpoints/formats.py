@@ -88,15 +88,16 @@ def _spec_from_settings(settings: dict, state: dict) -> dict:
     decoder = {k: settings[k] for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")}
     if method == "lomar":
         k, n = window_geometry(grid_size(vit.img_size, vit.patch_size), settings["window_size"], windows)
-        return {"arch": "lomar", "config": vit.to_dict(), "args": dict(window_size=k, num_windows=n, **common)}
+        args = dict(window_size=k, num_windows=n, **common)
+        return {"arch": "lomar.models.lomar:LoMaR", "config": vit.to_dict(), "args": args}
     if method == "mae" and windows:
         args = dict(window_size=settings["window_size"], num_windows=windows, **decoder, **common)
-        return {"arch": "mae_window", "config": vit.to_dict(), "args": args}
+        return {"arch": "lomar.models.mae_window:MAEWindow", "config": vit.to_dict(), "args": args}
     if method == "mae":
-        return {"arch": "mae", "config": vit.to_dict(), "args": dict(**decoder, **common)}
+        return {"arch": "lomar.models.mae:MAE", "config": vit.to_dict(), "args": dict(**decoder, **common)}
     if method == "beit" and "beit.lm_head.weight" in state:
         beit = BEiTConfig.from_vit(vit, state["beit.lm_head.weight"].shape[0])
-        return {"arch": "beit", "config": beit.to_dict(), "args": {}, "prefix": "beit."}
+        return {"arch": "lomar.models.beit:BEiT", "config": beit.to_dict(), "args": {}, "prefix": "beit."}
     raise ValueError(f"its saved settings name method {method!r}, which this version does not read")
 
 
@@ -115,7 +116,7 @@ def _build(spec: dict, state: dict, path: Path) -> nn.Module:
         model.load_state_dict(own, strict=True)
     except RuntimeError as exc:
         details = " ".join(line.strip() for line in str(exc).splitlines()[1:])
-        raise ValueError(f"{path}: weights do not fit its {spec['arch']} model spec: {details[:300]}") from None
+        raise ValueError(f"{path}: weights do not fit its model spec ({spec['arch']}): {details[:300]}") from None
     return model
 
 
@@ -161,7 +162,7 @@ class PretrainReader(Reader):
         spec = self._spec(src)
         state = {k.removeprefix("encoder."): v for k, v in src.state.items() if k.startswith("encoder.")}
         dropped = [k for k in src.state if not k.startswith("encoder.")]  # mask token, pixel head, decoder
-        method = spec["arch"].removesuffix("_window")
+        method = "mae" if ".mae" in spec["arch"] else "lomar" if ".lomar:" in spec["arch"] else spec["arch"]
         return EncoderWeights(ViTConfig.from_dict(spec["config"]), state, dropped, f"pretrain checkpoint ({method})")
 
 

@@ -255,6 +255,10 @@ class BEiT(nn.Module):
     def grid(self) -> tuple[int, int]:
         return self.config.grid
 
+    def spec_args(self) -> dict:
+        """Constructor arguments beyond the config (:mod:`lomar.models.spec`): none."""
+        return {}
+
     def reset_parameters(self) -> None:
         """The original init: trunc-normal cut at ±1 std (not ±2), zero biases, proj/fc2 ÷ √(2l)."""
         std = self.config.init_std

@@ -79,6 +79,10 @@ class BEiTPretrain(nn.Module):
     def encoder(self) -> BEiT:
         return self.beit
 
+    def spec_target(self) -> tuple[BEiT, str]:
+        """What a checkpoint can rebuild (the tokenizer is not saved): the BEiT under ``beit.``."""
+        return self.beit, "beit."
+
     def no_weight_decay(self) -> set[str]:
         """As the original BEiT: cls_token and pos_embed are not decayed (mask_token and bias tables are)."""
         return {f"beit.{name}" for name in self.beit.no_weight_decay()}

@@ -57,6 +57,11 @@ class LoMaR(nn.Module):
     def config(self) -> ViTConfig:
         return self.encoder.config
 
+    def spec_args(self) -> dict:
+        """Constructor arguments beyond the config (:mod:`lomar.models.spec`)."""
+        return dict(window_size=self.window_size, num_windows=self.num_windows, mask_ratio=self.mask_ratio,
+                    norm_pix_loss=self.norm_pix_loss)
+
     def sample_plan(self, images: torch.Tensor, generator: torch.Generator | None = None) -> MaskingPlan:
         grid = self.encoder.image_grid(images)
         return sample_plan(images.shape[0], grid, self.window_size, self.num_windows,

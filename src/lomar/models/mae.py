@@ -54,6 +54,10 @@ class MAE(nn.Module):
     def config(self) -> ViTConfig:
         return self.encoder.config
 
+    def spec_args(self) -> dict:
+        """Constructor arguments beyond the config (:mod:`lomar.models.spec`)."""
+        return dict(**self.decoder_settings, mask_ratio=self.mask_ratio, norm_pix_loss=self.norm_pix_loss)
+
     def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> MAEOutput:
         """images (N, C, H, W); noise (N, L) uniform decides the mask (argsort, keep lowest)."""

@@ -40,6 +40,9 @@ class MAEWindow(MAE):
         self.register_buffer("window_pos", sincos_pos_embed_2d(config.embed_dim, k), persistent=False)
         self.register_buffer("decoder_window_pos", sincos_pos_embed_2d(decoder_embed_dim, k), persistent=False)
 
+    def spec_args(self) -> dict:
+        return dict(window_size=self.window_size, num_windows=self.num_windows, **super().spec_args())
+
     def sample_plan(self, images: torch.Tensor, generator: torch.Generator | None = None) -> MaskingPlan:
         return sample_plan(images.shape[0], self.encoder.image_grid(images), self.window_size, self.num_windows,
                            self.mask_ratio, generator=generator, device=images.device)

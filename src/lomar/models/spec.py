@@ -1,60 +1,54 @@
 """A model spec: what a checkpoint stores so that the model is rebuilt without training code.
 
-``{"arch": name, "config": the architecture config as a dict, "args": the other constructor
-arguments, "prefix": where its keys start in the saved state dict}``. BEiT's pretraining model
-holds a tokenizer that is not part of its state, so its spec describes the :class:`BEiT` inside
-it (``prefix "beit."``): encoder, mask token and ``lm_head``, which is all a checkpoint keeps.
+``{"arch": "lomar.models.<module>:<Class>", "config": its architecture config as a dict, "args":
+the other constructor arguments, "prefix": where its keys start in the saved state dict}``. A
+model class takes part by defining ``spec_args()`` (its constructor arguments beyond the config)
+and a ``config`` with ``to_dict``/``from_dict``; only classes of :mod:`lomar.models` are ever built.
+
+BEiT's pretraining model holds a tokenizer that is not part of its state, so its spec describes
+the :class:`~lomar.models.beit.BEiT` inside it (prefix ``beit.``): encoder, mask token and
+``lm_head``, which is all a checkpoint keeps (``spec_target``).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+
 from torch import nn
 
-from lomar.models.beit import BEiT, BEiTConfig
-from lomar.models.beit_pretrain import BEiTPretrain
-from lomar.models.lomar import LoMaR
-from lomar.models.mae import MAE
-from lomar.models.mae_window import MAEWindow
-from lomar.models.vit import ViTConfig
-
-__all__ = ["model_spec", "build_from_spec", "ARCHS"]
-
-# arch name -> (class, its config class)
-ARCHS: dict[str, tuple[type[nn.Module], type]] = {
-    "lomar": (LoMaR, ViTConfig), "mae": (MAE, ViTConfig), "mae_window": (MAEWindow, ViTConfig),
-    "beit": (BEiT, BEiTConfig),
-}
+__all__ = ["model_spec", "build_from_spec"]
 
 
 def model_spec(model: nn.Module) -> dict:
-    """The spec of a LoMaR, MAE, windowed MAE, BEiT or BEiT pretraining model."""
-    if isinstance(model, BEiTPretrain):
-        return {**model_spec(model.beit), "prefix": "beit."}
-    if isinstance(model, BEiT):
-        return {"arch": "beit", "config": model.config.to_dict(), "args": {}, "prefix": ""}
-    common = dict(mask_ratio=model.mask_ratio, norm_pix_loss=model.norm_pix_loss)
-    if isinstance(model, LoMaR):
-        arch, args = "lomar", dict(window_size=model.window_size, num_windows=model.num_windows, **common)
-    elif isinstance(model, MAEWindow):  # before MAE: it is one
-        arch = "mae_window"
-        args = dict(window_size=model.window_size, num_windows=model.num_windows, **model.decoder_settings, **common)
-    elif isinstance(model, MAE):
-        arch, args = "mae", dict(**model.decoder_settings, **common)
-    else:
-        raise TypeError(f"{type(model).__name__} has no model spec; expected LoMaR, MAE, MAEWindow or BEiT")
-    return {"arch": arch, "config": model.config.to_dict(), "args": args, "prefix": ""}
+    """The spec of a model whose class defines ``spec_args`` (LoMaR, MAE, MAEWindow, BEiT, BEiTPretrain)."""
+    target, prefix = getattr(model, "spec_target", lambda: (model, ""))()
+    if not callable(getattr(target, "spec_args", None)) or not type(target).__module__.startswith("lomar.models."):
+        raise TypeError(f"{type(model).__name__} has no model spec; a lomar.models class with spec_args() has one")
+    cls = type(target)
+    return {"arch": f"{cls.__module__}:{cls.__qualname__}", "config": target.config.to_dict(),
+            "args": target.spec_args(), "prefix": prefix}
 
 
 def build_from_spec(spec: dict) -> nn.Module:
     """The (untrained) model a spec describes. ValueError naming what is wrong with the spec."""
-    if not isinstance(spec, dict) or spec.get("arch") not in ARCHS:
-        arch = spec.get("arch") if isinstance(spec, dict) else spec
-        raise ValueError(f"model spec names an unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}")
-    cls, config_cls = ARCHS[spec["arch"]]
+    arch = spec.get("arch") if isinstance(spec, dict) else None
+    module, _, name = str(arch).partition(":")
+    if not module.startswith("lomar.models.") or not name.isidentifier():
+        raise ValueError(f"model spec names {arch!r}, not a lomar.models class ('lomar.models.MODULE:CLASS')")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise ValueError(f"model spec names {arch!r}, which this version of lomar does not have") from None
+    if not (inspect.isclass(cls) and issubclass(cls, nn.Module) and hasattr(cls, "spec_args")):
+        raise ValueError(f"model spec names {arch!r}, which is not a model with a spec")
     config, args = spec.get("config"), spec.get("args", {})
     if not isinstance(config, dict) or not isinstance(args, dict):
-        raise ValueError(f"model spec of {spec['arch']} needs 'config' and 'args' mappings")
+        raise ValueError(f"model spec of {arch} needs 'config' and 'args' mappings")
+    config_cls = inspect.signature(cls.__init__).parameters["config"].annotation
+    if isinstance(config_cls, str):  # postponed annotations: "ViTConfig", "BEiTConfig | None"
+        config_cls = getattr(importlib.import_module(module), config_cls.split("|")[0].strip())
     try:
         return cls(config_cls.from_dict(config), **args)
     except TypeError as exc:
-        raise ValueError(f"model spec of {spec['arch']} does not fit {cls.__name__}: {exc}") from None
+        raise ValueError(f"model spec of {arch} does not fit {name}: {exc}") from None
