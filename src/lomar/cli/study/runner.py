@@ -1,21 +1,25 @@
 """Run a study: every cell an ordinary ``lomar pretrain`` run folder, trained in slices.
 
-Cells of one seed take turns: each call advances one cell by about ``slice`` seconds of
-training (``lomar pretrain --resume auto --max-steps N``, N from the cell's measured rate), so
-load from other processes on a shared machine falls on every cell alike. The clock of a cell
-is its *training* time, summed from its ``metrics.jsonl`` (images per step / img_s of each
-step), so start-up, checkpointing and evaluation never count against its budget.
+A cell's settings become its :class:`~lomar.train.config.PretrainConfig` the way ``lomar
+pretrain``'s flags do (same parser, same resolution, ``--resume auto``), and a slice is the
+pretraining library call with ``--max-steps N``. What a slice did is read back from the run
+folder (``metrics.jsonl``), never from what it printed.
 
-At each evaluation point the cell's ``last.pt`` is scored (``lomar knn``/``linprobe``/
-``finetune``, and the masked-reconstruction loss on the held-out images); the point's record
-is then written into ``CELL/study-state.json`` atomically, so a killed study redoes at most
-the slice or evaluation it was in.
+Cells of one seed take turns: each call advances one cell by about ``slice`` seconds of
+training (N from the cell's measured rate), so load from other processes on a shared machine
+falls on every cell alike. The clock of a cell is its *training* time, summed from its
+``metrics.jsonl`` (images per step / img_s of each step), so start-up, checkpointing and
+evaluation never count against its budget. No slice goes past the step where the cell's own
+schedule (its epochs) ends, so a slice that stops short of its target was stopped by a signal.
+
+At each evaluation point the cell's ``last.pt`` is scored (:mod:`lomar.cli.study.evals`); the
+point's record is then written into ``CELL/study-state.json`` atomically, so a killed study
+redoes at most the slice or evaluation it was in.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import time
@@ -24,71 +28,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lomar.cli.study.spec import Budget, Cell, StudySpec
+from lomar.cli.study.evals import Scorer, check_options
+from lomar.cli.study.spec import Budget, Cell, StudySpec, StudyStopped, parse_flags, settings_flags
 from lomar.errors import LomarError, UsageError
-from lomar.train.config import PretrainConfig
 
-__all__ = ["run_study", "StudyStopped", "lomar_command", "check_cells"]
-
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
+__all__ = ["run_study", "StudyStopped", "check_cells", "settings_flags", "parse_flags", "cell_config",
+           "pretrain"]
 
 
-class StudyStopped(LomarError):
-    """A command was interrupted (Ctrl-C, SIGTERM): the study stops; re-run it to continue."""
+def cell_config(spec: StudySpec, cell: Cell, folder: Path, max_steps: int | None = None, check: bool = False):
+    """The cell's PretrainConfig, resolved as ``lomar pretrain --out FOLDER --resume auto ...``
+    would (``check``: as ``--print-config``, which does not look into ``--out``)."""
+    from lomar.train.config import PretrainConfig, add_config_arguments, resolve_config
+    from lomar.train.settings import ConfigError
 
-
-def lomar_command(argv: list[str], quiet: bool = True) -> tuple[int, str]:
-    """Run ``lomar ARGV`` in this process: (exit code, its captured stdout + stderr)."""
-    from lomar.cli.app import main  # the study is itself a command: it may drive the others
-
-    buffer = io.StringIO()
-    streams = (contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer)) if quiet else ()
-    with contextlib.ExitStack() as stack:
-        for stream in streams:
-            stack.enter_context(stream)
-        try:
-            rc = main(argv)
-        except SystemExit as exc:  # argparse rejects a flag
-            rc = exc.code if isinstance(exc.code, int) else 2
-    return rc, buffer.getvalue()
-
-
-def settings_flags(settings: dict[str, Any]) -> list[str]:
-    """{'window_size': 5, 'norm_pix_loss': False, 'crop_scale': (0.5, 1.0)}
-    -> ['--window-size', '5', '--no-norm-pix-loss', '--crop-scale', '0.5', '1.0']."""
-    flags = []
-    for key, value in settings.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, (list, tuple)):  # a multi-value flag (YAML gives a list)
-            flags += [flag, *map(str, value)]
-        elif value is not None:
-            flags += [flag, str(value)]
-    return flags
-
-
-def _last_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[-1] if lines else "(no message)"
-
-
-def check_cells(spec: StudySpec) -> None:
-    """Every cell's settings must pass `lomar pretrain --print-config`; else a UsageError naming it."""
-    seen = set()
-    for cell in spec.cells():
-        argv = _pretrain_argv(spec, cell, Path("/nonexistent-study-check")) + ["--print-config"]
-        key = tuple(argv)
-        if key in seen:
-            continue
-        seen.add(key)
-        rc, text = lomar_command(argv)
-        if rc != 0:
-            raise UsageError(f"cell '{cell.setting_label}' is not a valid `lomar pretrain` setting: "
-                             f"{_last_line(text).removeprefix('lomar pretrain: error: ')}; fix grid/settings")
-
-
-def _pretrain_argv(spec: StudySpec, cell: Cell, folder: Path) -> list[str]:
     settings = dict(cell.settings)
     if cell.random_init:  # one step at lr 0 (the first warm-up step) leaves the initialisation as it was
         settings.update(warmup_epochs=1e-3)
@@ -100,10 +53,53 @@ def _pretrain_argv(spec: StudySpec, cell: Cell, folder: Path) -> list[str]:
             settings["schedule_steps"] = int(spec.budget.value)
         else:
             settings["epochs"] = PretrainConfig.epochs
-    argv = ["pretrain", "--out", str(folder), "--resume", "auto", "--seed", str(cell.seed)]
-    if spec.data_pretrain:
-        argv += ["--data", spec.data_pretrain]
-    return argv + settings_flags(settings)
+    settings.update(out=str(folder), resume="auto", seed=cell.seed, data=spec.data_pretrain, max_steps=max_steps)
+    try:
+        return resolve_config(parse_flags(add_config_arguments, settings_flags(settings) + ["--print-config"] * check))
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def steps_per_epoch(config) -> int:
+    """Optimizer steps in an epoch of the config's data on one process, as the engine counts them."""
+    from lomar.data.folder import build_pretrain_dataset
+
+    data = build_pretrain_dataset(config.data, config.img_size, config.seed)
+    size = data.count_samples() if hasattr(data, "count_samples") else len(data)
+    steps = size // config.batch_size // config.accum_steps
+    if steps == 0:
+        raise UsageError(f"{size} images cannot fill one step of batch {config.batch_size} x accum "
+                         f"{config.accum_steps}; lower batch_size in the study's settings")
+    return steps
+
+
+def check_cells(spec: StudySpec) -> None:
+    """Every cell's settings and every evaluation's options must be valid; else a UsageError naming them."""
+    seen = set()
+    for cell in spec.cells():
+        key = json.dumps(cell.settings, sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            steps_per_epoch(cell_config(spec, cell, Path("/nonexistent-study-check"), check=True))
+        except (UsageError, ValueError) as exc:
+            raise UsageError(f"cell '{cell.setting_label}' is not a valid `lomar pretrain` setting: {exc}; "
+                             f"fix grid/settings") from None
+    check_options(spec)
+
+
+def pretrain(config) -> int:
+    """One slice of a cell: the pretraining library call (its printed progress silenced: the
+    study reads the run folder); the exit code ``lomar pretrain`` would return."""
+    from lomar.train.engine import TrainingError, train
+    from lomar.train.run_state import SaveError
+
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        try:
+            return train(config)
+        except (TrainingError, SaveError) as exc:
+            raise LomarError(f"pretraining in {config.out} failed: {exc}") from None
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -145,18 +141,21 @@ class CellRun:
     def __init__(self, study: Study, cell: Cell, folder: Path, total: Budget, point_kind: str | None = None):
         self.study, self.cell, self.folder, self.total = study, cell, folder, total
         self.point_kind = point_kind  # record every point under this kind (the equal-steps copies)
-        self.batch = int(cell.settings.get("batch_size", 64)) * int(cell.settings.get("accum_steps", 1))
+        config = cell_config(study.spec, cell, folder, check=True)
+        self.batch = config.batch_size * config.accum_steps
+        per_epoch = study.steps_per_epoch(config)
+        self.end = config.epochs * per_epoch  # where the cell's own schedule ends
         self.state_path = folder / "study-state.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else \
             {"points": {}, "slices": 0, "wall_seconds": 0.0, "loads": [], "cell": cell.name}
         if cell.random_init:
             self.points = [Point("end", "steps", 1)]
-        elif point_kind is not None or self.study.spec.eval.every is None or total.unit == "epochs":
+        elif total.unit == "epochs":
+            self.points = [Point("end", "steps", total.value * per_epoch)]
+        elif point_kind is not None or self.study.spec.eval.every is None:
             self.points = [Point("end", total.unit, total.value)]
         else:
             self.points = _points(study.spec, total)
-        if total.unit == "epochs":
-            self.points = [Point("end", "steps", total.value * study.steps_per_epoch(self.batch))]
 
     @property
     def done(self) -> bool:
@@ -179,28 +178,23 @@ class CellRun:
         else:
             left = min(self.study.spec.slice_s, point.value - seconds)
             target = steps + (max(1, round(rate * left)) if rate else 2)
+        target = min(target, self.end)
         start, load = time.perf_counter(), os.getloadavg()[0]
-        argv = _pretrain_argv(self.study.spec, self.cell, self.folder) + ["--max-steps", str(target)]
-        rc, text = lomar_command(argv)
+        rc = pretrain(cell_config(self.study.spec, self.cell, self.folder, max_steps=target))
         self.state["slices"] += 1
         self.state["wall_seconds"] += time.perf_counter() - start
         self.state["loads"].append(round(load, 2))
         self._save()
-        if rc == 130:
-            raise StudyStopped(f"interrupted in cell {self.folder.name}; re-run the same command to continue")
-        if rc != 0:
-            raise LomarError(f"`lomar pretrain` failed in cell {self.folder}: {_last_line(text)}")
-        reached, _, _ = read_progress(self.folder, self.batch)
-        if reached < target and "lomar: done at step" in text:  # the cell's schedule (--epochs) has ended
-            self.state["schedule_end"] = reached
-            self._save()
-        elif reached < target:  # the engine took a stop signal: checkpointed; the study stops too
+        reached = read_progress(self.folder, self.batch)[0]
+        if rc == 130 or reached < target:  # Ctrl-C, or a stop signal: the run checkpointed, the study stops too
             raise StudyStopped(f"pretraining of {self.folder.name} stopped at step {reached} (signal); "
                                f"re-run the same command to continue")
+        if rc != 0:
+            raise LomarError(f"pretraining in {self.folder} ended with exit code {rc}")
 
     def _reached(self, point: Point, steps: int, seconds: float, rate: float | None) -> bool:
-        if steps > 0 and steps >= self.state.get("schedule_end", float("inf")):
-            return True  # no more training: every remaining point is evaluated here
+        if steps >= self.end:
+            return True  # the schedule has ended: every remaining point is evaluated here
         if point.unit == "steps":
             return steps >= point.value
         half_step = 0.5 / rate if rate else 0.0
@@ -220,7 +214,7 @@ class CellRun:
         if same:  # a slice overshot several points: the checkpoint is the one already scored
             record.update({m: same[0][m] for m in self.study.spec.eval.metrics})
         else:
-            record.update(self.study.evaluate(self, point))
+            record.update(self.study.evaluate(self, point, steps))
         record["evaluated_at"] = time.time()
         self.state["points"][point.key] = record
         self._save()
@@ -233,35 +227,29 @@ class Study:
         self.spec, self.out, self.log = spec, out, log
         self.started = time.perf_counter()
         self.eval_seconds: list[float] = []
-        self._per_epoch: dict[int, int] = {}
+        self.runs: list[CellRun] = []
+        self._per_epoch: dict[tuple, int] = {}
 
-    def steps_per_epoch(self, batch: int) -> int:
-        if batch not in self._per_epoch:
-            if not self.spec.data_pretrain:
-                raise UsageError("budget in epochs needs data.pretrain (a folder); use seconds or steps for the demo")
-            n = sum(1 for p in Path(self.spec.data_pretrain).rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
-            self._per_epoch[batch] = max(1, n // batch)
-        return self._per_epoch[batch]
+    def steps_per_epoch(self, config) -> int:
+        key = (config.data, config.img_size, config.batch_size, config.accum_steps)
+        if key not in self._per_epoch:
+            self._per_epoch[key] = steps_per_epoch(config)
+        return self._per_epoch[key]
 
-    def evaluate(self, run: CellRun, point: Point) -> dict[str, Any]:
-        from lomar.cli.study import evals
-
+    def evaluate(self, run: CellRun, point: Point, steps: int) -> dict[str, Any]:
         result = {}
-        checkpoint = run.folder / "last.pt"
+        score = Scorer(self.spec, run.cell, run.folder / "last.pt", run.folder / "evals" / point.key)
         for metric in self.spec.eval.metrics:
-            self.log(f"[study] {run.folder.name}: {metric} at step {read_progress(run.folder, run.batch)[0]} "
-                     f"({self.time_left()})")
+            self.log(f"[study] {run.folder.name}: {metric} at step {steps} ({self.time_left()})")
             start = time.perf_counter()
-            result[metric] = evals.run_metric(metric, self.spec, run.cell, checkpoint,
-                                              run.folder / "evals" / f"{point.key}-{metric}")
+            result[metric] = score(metric)
             self.eval_seconds.append(time.perf_counter() - start)
         return result
 
     def time_left(self) -> str:
         """A rough estimate: remaining training time of all cells + remaining evaluations."""
-        runs = getattr(self, "runs", [])
         train_left, evals_left = 0.0, 0
-        for run in runs:
+        for run in self.runs:
             _, seconds, _ = read_progress(run.folder, run.batch)
             if run.total.unit == "seconds" and not run.cell.random_init:
                 train_left += max(0.0, run.total.value - seconds)

@@ -23,17 +23,21 @@ Every mistake is a :class:`lomar.errors.UsageError` naming the key and the fix.
 
 from __future__ import annotations
 
+import argparse
 import itertools
+import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lomar.errors import UsageError
+from lomar.errors import LomarError, UsageError
 
-__all__ = ["Budget", "Cell", "EvalSpec", "StudySpec", "parse_budget", "parse_spec", "load_spec", "METRICS"]
+__all__ = ["Budget", "Cell", "EvalSpec", "StudySpec", "parse_budget", "parse_spec", "load_spec", "METRICS",
+           "MAX_SEEDS", "MAX_CELLS", "StudyStopped", "parse_flags", "settings_flags"]
 
 METRICS = ("knn", "linprobe", "finetune", "heldout_loss")
 _UNITS = {"s": "seconds", "sec": "seconds", "seconds": "seconds", "min": "minutes", "m": "minutes",
@@ -43,6 +47,40 @@ _EVAL_KEYS = {"every", "equal_steps", "metrics", "img_size", "knn", "linprobe", 
 # Settings the study itself controls for every cell: a spec that sets them would break the
 # clock, the resume or the folder layout.
 _RESERVED = {"out", "resume", "overwrite", "max_steps", "seed", "data", "config", "print_config"}
+# Bounds on what one study may ask for, checked before anything is built from it.
+MAX_SEEDS = 100
+MAX_CELLS = 1000
+
+
+class StudyStopped(LomarError):
+    """A run was interrupted (Ctrl-C, SIGTERM): the study stops; re-run it to continue."""
+
+
+class _Flags(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def parse_flags(add_arguments: Callable[[argparse.ArgumentParser], None], argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed by a command's own flag declarations; a bad flag is a UsageError."""
+    parser = _Flags(add_help=False)
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def settings_flags(settings: dict[str, Any]) -> list[str]:
+    """{'window_size': 5, 'norm_pix_loss': False, 'crop_scale': (0.5, 1.0)}
+    -> ['--window-size', '5', '--no-norm-pix-loss', '--crop-scale', '0.5', '1.0']."""
+    flags = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (list, tuple)):  # a multi-value flag (YAML gives a list)
+            flags += [flag, *map(str, value)]
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags
 
 
 @dataclass(frozen=True)
@@ -118,6 +156,15 @@ class StudySpec:
     out: str | None = None
     notes: list[str] = field(default_factory=list)  # shown in results.md (e.g. a preset's scaling rule)
 
+    def check_size(self) -> None:
+        """Refuse a grid of more than MAX_CELLS cells, counted before any is built."""
+        sizes = [len(values) for values in self.grid.values()]
+        count = math.prod(sizes) * len(self.seeds) + self.random_init * len(self.seeds)
+        if count > MAX_CELLS:
+            shape = " x ".join(map(str, sizes + [len(self.seeds)]))
+            raise UsageError(f"the grid has {count} cells ({shape} seeds); a study runs at most {MAX_CELLS}: "
+                             f"shorten an axis or use fewer seeds")
+
     def cells(self) -> list[Cell]:
         """Every (grid point, seed), seeds outermost; the random-init baseline first per seed."""
         axes = list(self.grid)
@@ -171,15 +218,19 @@ def _axis(name: str, values: Any) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def _seeds(value: Any) -> list[int]:
+def seed_list(value: Any, key: str = "seeds") -> list[int]:
+    """A count N (seeds 0 .. N-1) or a list of distinct seeds, at most MAX_SEEDS of them."""
     if isinstance(value, bool):
         value = None
+    count = value if isinstance(value, int) else len(value) if isinstance(value, list) else 0
+    if count > MAX_SEEDS:
+        raise UsageError(f"{key}: {count} seeds is more than a study runs (at most {MAX_SEEDS}); pass fewer")
     if isinstance(value, int) and value > 0:
         return list(range(value))
     if isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
                                                  for s in value) and len(set(value)) == len(value):
         return list(value)
-    raise UsageError(f"seeds: {value!r} must be a count (e.g. 3) or a list of distinct seeds (e.g. [0, 1, 2])")
+    raise UsageError(f"{key}: {value!r} must be a count (e.g. 3) or a list of distinct seeds (e.g. [0, 1, 2])")
 
 
 def _eval(raw: Any) -> EvalSpec:
@@ -243,10 +294,11 @@ def parse_spec(raw: Any, source: str = "the spec", base: Path | None = None) -> 
         raise UsageError(f"slice: {raw.get('slice')!r} must be seconds, e.g. 10s")
     spec = StudySpec(
         name=str(raw.get("name") or "study"), budget=parse_budget(raw["budget"], "budget"),
-        seeds=_seeds(raw.get("seeds", 1)), slice_s=slice_b.value, settings=settings, grid=grid,
+        seeds=seed_list(raw.get("seeds", 1)), slice_s=slice_b.value, settings=settings, grid=grid,
         eval=_eval(raw.get("eval")), data_pretrain=paths.get("pretrain"), data_train=paths.get("train"),
         data_val=paths.get("val"), random_init=bool(raw.get("random_init", False)),
         out=str(raw["out"]) if raw.get("out") else None)
+    spec.check_size()
     if spec.eval.every is not None and spec.eval.every.unit != spec.budget.unit:
         raise UsageError(f"eval.every: {spec.eval.every} must use the budget's unit ({spec.budget.unit}), "
                          f"e.g. every: 10s with budget: 30s")
