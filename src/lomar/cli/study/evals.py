@@ -1,10 +1,8 @@
 """The study's evaluations of one checkpoint, as library calls that return their numbers.
 
-The options of each evaluation (``eval.knn``, ``eval.linprobe``, ``eval.finetune`` in a spec)
-are those of its command and go through that command's own flag declarations, so defaults and
-bounds are the command's; the numbers come from :mod:`lomar.eval` (k-NN, linear probe), from the
-finetuning run's ``metrics.jsonl``, and from the held-out masked-reconstruction loss computed here.
-"""
+A spec's ``eval.knn``/``linprobe``/``finetune`` options go through that command's own flags (its
+defaults and bounds); the numbers come from :mod:`lomar.eval`, the finetuning run's metrics.jsonl,
+and the held-out masked-reconstruction loss computed here."""
 
 from __future__ import annotations
 
@@ -22,11 +20,8 @@ __all__ = ["Scorer", "check_options", "heldout_loss", "eval_img_size"]
 
 
 def eval_img_size(spec: StudySpec, cell: Cell) -> int:
-    if spec.eval.img_size:
-        return spec.eval.img_size
-    if "img_size" in cell.settings:
-        return int(cell.settings["img_size"])
-    return 224 if spec.data_pretrain else 96  # without --data, pretrain uses its demo preset's 96 px
+    # without data, pretrain uses its demo preset's 96 px
+    return spec.eval.img_size or int(cell.settings.get("img_size", 224 if spec.data_pretrain else 96))
 
 
 def _args(metric: str, spec: StudySpec, cell: Cell, checkpoint: Path, where: Path):
@@ -66,23 +61,19 @@ class Scorer:
         if metric == "heldout_loss":
             return heldout_loss(self.checkpoint, self.spec.data_val, eval_img_size(self.spec, self.cell),
                                 seed=self.cell.seed)
+        from lomar.eval.knn import knn_top1
+        from lomar.eval.linear_probe import train_linear_probe
+
         args = _args(metric, self.spec, self.cell, self.checkpoint, self.where.with_name(f"{self.where.name}-finetune"))
         if metric == "finetune":
             return _finetune(args)
-        train_x, train_y, val_x, val_y = self.features(args)
         try:
             if metric == "knn":
-                from lomar.eval.knn import knn_top1
-
-                return round(knn_top1(train_x, train_y, val_x, val_y, args.k, args.temperature), 4)
-            from lomar.eval.linear_probe import train_linear_probe
-
-            _, top1 = train_linear_probe(train_x, train_y, val_x, val_y, epochs=args.epochs,
-                                         batch_size=args.probe_batch_size, lr=args.lr,
-                                         weight_decay=args.weight_decay, seed=args.seed)
+                return round(knn_top1(*self.features(args), args.k, args.temperature), 4)
+            return round(train_linear_probe(*self.features(args), epochs=args.epochs, batch_size=args.probe_batch_size,
+                                            lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)[1], 4)
         except ValueError as exc:
             raise LomarError(f"{metric} of {self.checkpoint}: {exc}") from None
-        return round(top1, 4)
 
     def features(self, args) -> list[torch.Tensor]:
         """(train_x, train_y, val_x, val_y) of the frozen encoder, computed once per setting."""
@@ -108,9 +99,8 @@ def _finetune(args) -> float:
     from lomar.train.finetune_config import resolve_finetune_config
     from lomar.train.settings import ConfigError
 
-    where = Path(args.out)
     try:
-        config = resolve_finetune_config(args)
+        config, where = resolve_finetune_config(args), Path(args.out)
     except ConfigError as exc:
         raise UsageError(f"eval.finetune: {exc}") from None
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # errors still reach stderr
@@ -130,11 +120,8 @@ def _finetune(args) -> float:
 def _check_finished(last: dict, options: dict, where: Path) -> None:
     """A finetune that a signal stopped exits 0 with a checkpoint and no record of the epoch it
     was in: the last record is then an earlier epoch's, not the result."""
-    if options.get("max_steps"):
-        done = last["step"] >= int(options["max_steps"])
-    else:
-        done = not last.get("partial") and last["epoch"] == int(options["epochs"]) - 1
-    if not done:
+    if not (last["step"] >= int(options["max_steps"]) if options.get("max_steps") else
+            not last.get("partial") and last["epoch"] == int(options["epochs"]) - 1):
         raise StudyStopped(f"finetuning in {where} stopped at epoch {last['epoch']}, step {last['step']} (signal); "
                            f"re-run the same command to continue")
 

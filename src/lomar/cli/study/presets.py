@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lomar.cli.study.spec import StudySpec, parse_budget, parse_spec
+from lomar.cli.study.spec import StudySpec, parse_budget, parse_flags, parse_spec
 from lomar.errors import UsageError
 
 __all__ = ["PRESETS", "build_preset", "scaled_windows", "digits_data", "method_available"]
@@ -73,7 +73,6 @@ def scaled_windows(grid: int) -> list[dict[str, Any]]:
 
 def method_available(method: str) -> bool:
     """Whether ``lomar pretrain --method METHOD`` resolves to a valid config (detected, not assumed)."""
-    from lomar.cli.study.spec import parse_flags
     from lomar.train.config import add_config_arguments, resolve_config
 
     try:
@@ -154,7 +153,7 @@ def build_preset(name: str, data: str | None = None, budget: str | None = None, 
                          "3e-4 / 1e-3 / 3e-3 at 5x5 x4, and windows 3x3 x4 / 5x5 x4 / 8x8 x1 (the whole grid) at "
                          "lr 1e-3; MAE at lr 1e-3 as the reference. Same model, pretraining recipe and evaluations "
                          "as `digits`; no random-init row (see `digits`).")
-        return _with_notes(parse_spec(raw, f"--preset {name}"), notes)
+        return parse_spec(raw, f"--preset {name}", notes=notes)
     section, metrics = _data(data)
     settings = dict(SMALL)
     grid_side = settings["img_size"] // settings["patch_size"]
@@ -187,9 +186,4 @@ def build_preset(name: str, data: str | None = None, budget: str | None = None, 
                grid=grid, data=section, eval={"metrics": metrics, "img_size": settings["img_size"], "every": every})
     if not metrics:
         notes.append("No labelled train/ and val/ folders: the table shows the training loss only.")
-    return _with_notes(parse_spec(raw, f"--preset {name}"), notes)
-
-
-def _with_notes(spec: StudySpec, notes: list[str]) -> StudySpec:
-    spec.notes = notes
-    return spec
+    return parse_spec(raw, f"--preset {name}", notes=notes)

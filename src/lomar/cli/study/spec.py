@@ -43,7 +43,6 @@ METRICS = ("knn", "linprobe", "finetune", "heldout_loss")
 _UNITS = {"s": "seconds", "sec": "seconds", "seconds": "seconds", "min": "minutes", "m": "minutes",
           "step": "steps", "steps": "steps", "epoch": "epochs", "epochs": "epochs"}
 _TOP_KEYS = {"name", "out", "data", "budget", "seeds", "slice", "settings", "grid", "random_init", "eval"}
-_EVAL_KEYS = {"every", "equal_steps", "metrics", "img_size", "knn", "linprobe", "finetune"}
 # Settings the study itself controls for every cell: a spec that sets them would break the
 # clock, the resume or the folder layout.
 _RESERVED = {"out", "resume", "overwrite", "max_steps", "seed", "data", "config", "print_config"}
@@ -180,17 +179,23 @@ class StudySpec:
                 cells.append(Cell({a: label for a, (label, _) in zip(axes, point)}, settings, seed))
         return cells
 
-    @property
-    def labelled(self) -> bool:
-        return bool(self.data_train and self.data_val)
 
 
-def _mapping(value: Any, key: str) -> dict[str, Any]:
+def _mapping(value: Any, key: str, valid: Any = None, settings: bool = False) -> dict[str, Any]:
+    """A mapping of names (``-`` read as ``_``) drawn from ``valid`` (None: any); ``settings``: none
+    of the study's own."""
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise UsageError(f"{key} must be a mapping of names to values, got {value!r}")
-    return {k.replace("-", "_"): v for k, v in value.items()}
+    value = {k.replace("-", "_"): v for k, v in value.items()}
+    unknown = sorted(set(value) - set(valid)) if valid is not None else []
+    if unknown:
+        raise UsageError(f"{key}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+    reserved = sorted(set(value) & _RESERVED) if settings else []
+    if reserved:
+        raise UsageError(f"{key}: {', '.join(reserved)} is set by the study for every cell; remove it")
+    return value
 
 
 def _axis(name: str, values: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -200,17 +205,14 @@ def _axis(name: str, values: Any) -> list[tuple[str, dict[str, Any]]]:
     out = []
     for value in values:
         if isinstance(value, dict):
-            settings = _mapping(value, key)
+            settings = _mapping(value, key, settings=True)
             label = str(settings.pop("label", ",".join(f"{k}={v}" for k, v in settings.items())))
             if not settings:
                 raise UsageError(f"{key}: {value!r} sets nothing; give settings, e.g. {{window_size: 5, windows: 8}}")
         elif isinstance(value, (str, int, float, bool)):
-            label, settings = str(value), {name.replace("-", "_"): value}
+            label, settings = str(value), _mapping({name: value}, key, settings=True)
         else:
             raise UsageError(f"{key}: {value!r} must be a value or a mapping of settings")
-        bad = sorted(set(settings) & _RESERVED)
-        if bad:
-            raise UsageError(f"{key}: {', '.join(bad)} is set by the study for every cell; remove it")
         out.append((label, settings))
     labels = [label for label, _ in out]
     if len(set(labels)) != len(labels):
@@ -220,8 +222,7 @@ def _axis(name: str, values: Any) -> list[tuple[str, dict[str, Any]]]:
 
 def seed_list(value: Any, key: str = "seeds") -> list[int]:
     """A count N (seeds 0 .. N-1) or a list of distinct seeds, at most MAX_SEEDS of them."""
-    if isinstance(value, bool):
-        value = None
+    value = None if isinstance(value, bool) else value
     count = value if isinstance(value, int) else len(value) if isinstance(value, list) else 0
     if count > MAX_SEEDS:
         raise UsageError(f"{key}: {count} seeds is more than a study runs (at most {MAX_SEEDS}); pass fewer")
@@ -234,10 +235,7 @@ def seed_list(value: Any, key: str = "seeds") -> list[int]:
 
 
 def _eval(raw: Any) -> EvalSpec:
-    raw = _mapping(raw, "eval")
-    unknown = sorted(set(raw) - _EVAL_KEYS)
-    if unknown:
-        raise UsageError(f"eval: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(_EVAL_KEYS))}")
+    raw = _mapping(raw, "eval", EvalSpec.__dataclass_fields__)
     spec = EvalSpec()
     if raw.get("every") is not None:
         spec.every = parse_budget(raw["every"], "eval.every")
@@ -245,22 +243,20 @@ def _eval(raw: Any) -> EvalSpec:
             raise UsageError("eval.every: use seconds or steps (e.g. 15s or 100steps), not epochs")
     spec.equal_steps = bool(raw.get("equal_steps", False))
     metrics = raw.get("metrics", list(spec.metrics))
-    if isinstance(metrics, str):
-        metrics = [metrics]
+    metrics = [metrics] if isinstance(metrics, str) else metrics
     if not isinstance(metrics, list) or not set(metrics) <= set(METRICS):
         raise UsageError(f"eval.metrics: {metrics!r} must be a list drawn from {', '.join(METRICS)}")
     spec.metrics = tuple(metrics)
-    if raw.get("img_size") is not None:
-        if not isinstance(raw["img_size"], int) or raw["img_size"] <= 0:
-            raise UsageError(f"eval.img_size: {raw['img_size']!r} must be a positive whole number")
-        spec.img_size = raw["img_size"]
+    spec.img_size = raw.get("img_size")
+    if spec.img_size is not None and (not isinstance(spec.img_size, int) or spec.img_size <= 0):
+        raise UsageError(f"eval.img_size: {spec.img_size!r} must be a positive whole number")
     for name in ("knn", "linprobe", "finetune"):
         setattr(spec, name, _mapping(raw.get(name), f"eval.{name}"))
     return spec
 
 
-def parse_spec(raw: Any, source: str = "the spec", base: Path | None = None) -> StudySpec:
-    """A validated StudySpec from a mapping (relative paths resolve against ``base``)."""
+def parse_spec(raw: Any, source: str = "the spec", base: Path | None = None, notes: list[str] = ()) -> StudySpec:
+    """A validated StudySpec from a mapping (relative paths resolve against ``base``; ``notes`` for results.md)."""
     if not isinstance(raw, dict):
         raise UsageError(f"{source} must hold a mapping with at least budget: and grid:")
     unknown = sorted(set(map(str, raw)) - _TOP_KEYS)
@@ -268,10 +264,7 @@ def parse_spec(raw: Any, source: str = "the spec", base: Path | None = None) -> 
         raise UsageError(f"unknown key(s) {', '.join(unknown)} in {source}; valid: {', '.join(sorted(_TOP_KEYS))}")
     if "budget" not in raw:
         raise UsageError(f"budget: missing in {source}; add e.g. budget: 60s (or 500steps, 3epochs)")
-    data = _mapping(raw.get("data"), "data")
-    bad = sorted(set(data) - {"pretrain", "train", "val"})
-    if bad:
-        raise UsageError(f"data: unknown key(s) {', '.join(bad)}; valid: pretrain, train, val")
+    data = _mapping(raw.get("data"), "data", ("pretrain", "train", "val"))
     paths = {}
     for key in ("pretrain", "train", "val"):
         value = data.get(key)
@@ -283,12 +276,8 @@ def parse_spec(raw: Any, source: str = "the spec", base: Path | None = None) -> 
             paths[key] = str(path)
     if ("train" in paths) != ("val" in paths):
         raise UsageError("data.train and data.val go together (labelled ImageFolder splits); give both or neither")
-    settings = _mapping(raw.get("settings"), "settings")
-    reserved = sorted(set(settings) & _RESERVED)
-    if reserved:
-        raise UsageError(f"settings: {', '.join(reserved)} is set by the study for every cell; remove it")
-    grid_raw = _mapping(raw.get("grid"), "grid")
-    grid = {name: _axis(name, values) for name, values in grid_raw.items()}
+    settings = _mapping(raw.get("settings"), "settings", settings=True)
+    grid = {name: _axis(name, values) for name, values in _mapping(raw.get("grid"), "grid").items()}
     slice_b = parse_budget(raw.get("slice", "10s"), "slice")
     if slice_b.unit != "seconds":
         raise UsageError(f"slice: {raw.get('slice')!r} must be seconds, e.g. 10s")
@@ -297,13 +286,13 @@ def parse_spec(raw: Any, source: str = "the spec", base: Path | None = None) -> 
         seeds=seed_list(raw.get("seeds", 1)), slice_s=slice_b.value, settings=settings, grid=grid,
         eval=_eval(raw.get("eval")), data_pretrain=paths.get("pretrain"), data_train=paths.get("train"),
         data_val=paths.get("val"), random_init=bool(raw.get("random_init", False)),
-        out=str(raw["out"]) if raw.get("out") else None)
+        out=str(raw["out"]) if raw.get("out") else None, notes=list(notes))
     spec.check_size()
     if spec.eval.every is not None and spec.eval.every.unit != spec.budget.unit:
         raise UsageError(f"eval.every: {spec.eval.every} must use the budget's unit ({spec.budget.unit}), "
                          f"e.g. every: 10s with budget: 30s")
     needs_labels = sorted(set(spec.eval.metrics) - {"heldout_loss"})
-    if needs_labels and not spec.labelled:
+    if needs_labels and not (spec.data_train and spec.data_val):
         raise UsageError(f"eval.metrics {', '.join(needs_labels)} need labelled data: set data.train and data.val "
                          f"(ImageFolder class folders), or use eval.metrics: [] for pretraining only")
     if "heldout_loss" in spec.eval.metrics and not spec.data_val:
