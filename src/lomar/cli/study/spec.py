@@ -161,7 +161,7 @@ class StudySpec:
         count = math.prod(sizes) * len(self.seeds) + self.random_init * len(self.seeds)
         if count > MAX_CELLS:
             shape = " x ".join(map(str, sizes + [len(self.seeds)]))
-            raise UsageError(f"the grid has {count} cells ({shape} seeds); a study runs at most {MAX_CELLS}: "
+            raise UsageError(f"the grid has {count} cells ({shape} seed(s)); a study runs at most {MAX_CELLS}: "
                              f"shorten an axis or use fewer seeds")
 
     def cells(self) -> list[Cell]:
