@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lomar.eval.features import Pool, extract_features, knn_loaders
 from lomar.models.vit import VisionTransformer
 
-__all__ = ["knn_predict", "knn_accuracy", "KnnMonitor"]
+__all__ = ["knn_predict", "knn_top1", "knn_accuracy", "KnnMonitor"]
 
 
 def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query: torch.Tensor,
@@ -33,6 +33,14 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query: to
     return torch.cat(scores)
 
 
+def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, k: int = 20,
+             temperature: float = 0.07, device: torch.device | str = "cpu") -> float:
+    """Top-1 in [0, 1] of the k-NN classifier on features: train_x (M, D), train_y (M,), val_x (Q, D), val_y (Q,)."""
+    classes = int(max(train_y.max(), val_y.max())) + 1
+    pred = knn_predict(train_x.to(device), train_y, val_x, classes, k, temperature).argmax(dim=1).cpu()
+    return float((pred == val_y).float().mean())
+
+
 def knn_accuracy(encoder: VisionTransformer, train_loader, val_loader, k: int = 20, temperature: float = 0.07,
                  device: torch.device | str = "cpu", pool: Pool = "mean") -> float:
     """Top-1 in [0, 1] of a k-NN classifier on frozen features, train -> val.
@@ -41,10 +49,7 @@ def knn_accuracy(encoder: VisionTransformer, train_loader, val_loader, k: int = 
     """
     train_x, train_y = extract_features(encoder, train_loader, device, pool)
     val_x, val_y = extract_features(encoder, val_loader, device, pool)
-    classes = int(max(train_y.max(), val_y.max())) + 1
-    dev = torch.device(device)
-    pred = knn_predict(train_x.to(dev), train_y, val_x, classes, k, temperature).argmax(dim=1).cpu()
-    return float((pred == val_y).float().mean())
+    return knn_top1(train_x, train_y, val_x, val_y, k, temperature, device)
 
 
 class KnnMonitor:

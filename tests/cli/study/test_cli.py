@@ -28,11 +28,28 @@ def test_a_bad_spec_file_names_the_key(tmp_path, capsys):
     assert "eval.metrics knn need labelled data" in capsys.readouterr().err
 
 
-def test_enc_dec_says_why_it_is_unavailable():
-    if "--enc-dec" in __import__("lomar.cli.study.runner", fromlist=["x"]).lomar_command(["pretrain", "--help"])[1]:
-        pytest.skip("this version offers --enc-dec")
-    with pytest.raises(Exception, match="enc-dec is unavailable"):
-        build_preset("enc-dec")
+def test_enc_dec_preset_compares_lomar_windowed_mae_and_global_mae():
+    spec = build_preset("enc-dec", budget="10s")
+    got = [(c.settings["method"], c.settings.get("windows"), c.settings.get("window_size")) for c in spec.cells()]
+    assert got == [("lomar", 4, 6), ("mae", 4, 6), ("mae", 0, None)]  # the paper's 7:4 on a 12x12 grid
+    check_cells(spec)  # each resolves as `lomar pretrain` would
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["study", "--preset", "windows", "--seeds", "1000000000"], "--seeds: 1000000000 seeds is more than"),
+    (["study", "--preset", "windows", "--budget", ""], "--budget: '' is not a budget"),
+])
+def test_unbounded_or_empty_requests_are_one_line_errors(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_spec_with_an_empty_budget_override_is_refused(tmp_path, capsys):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("budget: 30s\ngrid: {method: [lomar]}\neval: {metrics: []}\n")
+    assert main(["study", str(spec), "--budget", ""]) == 2
+    assert "--budget: '' is not a budget" in capsys.readouterr().err
 
 
 def test_windows_preset_has_the_five_paper_settings_and_all_are_valid_runs():

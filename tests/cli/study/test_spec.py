@@ -55,6 +55,24 @@ def test_bad_specs_name_the_key_and_the_fix(tmp_path, changes, message):
     assert "\n" not in str(info.value)
 
 
+def test_a_huge_grid_is_refused_before_any_cell_is_built(tmp_path, monkeypatch):
+    import time
+
+    from lomar.cli.study.spec import StudySpec
+
+    monkeypatch.setattr(StudySpec, "cells", lambda self: pytest.fail("cells built"))
+    grid = {f"axis{i}": list(range(30)) for i in range(8)}  # 30 ** 8 = 6.6e11 cells
+    start = time.perf_counter()
+    with pytest.raises(UsageError, match=r"the grid has 1312200000000 cells .* at most 1000") as info:
+        parse_spec(_raw(tmp_path, grid=grid))
+    assert time.perf_counter() - start < 5 and "\n" not in str(info.value)
+    assert len(parse_spec(_raw(tmp_path, grid={"lr": list(range(500))})).seeds) == 2  # 1000 cells: allowed
+    with pytest.raises(UsageError, match="seeds: 101 seeds is more than a study runs"):
+        parse_spec(_raw(tmp_path, seeds=101))
+    with pytest.raises(UsageError, match="at most 100"):
+        parse_spec(_raw(tmp_path, seeds=list(range(1000))))
+
+
 def test_accuracy_metrics_need_labelled_data(tmp_path):
     raw = _raw(tmp_path, eval={"metrics": ["knn"]})
     raw["data"] = {"pretrain": raw["data"]["pretrain"]}

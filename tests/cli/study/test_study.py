@@ -69,20 +69,20 @@ def test_tiny_study_writes_results_tables_and_figures(tmp_path, labelled):
 def test_a_stopped_study_continues_without_redoing_finished_work(tmp_path, labelled, monkeypatch):
     out = tmp_path / "study"
     spec = _spec(labelled, budget="2s", slice="1s", random_init=False, eval={"metrics": ["heldout_loss"]})
-    real, calls = runner.lomar_command, []
+    real, calls = runner.pretrain, []
 
-    def stop_on_the_sixth_pretrain(argv, quiet=True):
-        calls.append(argv[0])
+    def stop_on_the_sixth_pretrain(config):
+        calls.append("pretrain")
         if calls.count("pretrain") == 6:
-            return 130, "interrupted"  # what `lomar` returns on Ctrl-C
-        return real(argv, quiet)
+            return 130  # what `lomar pretrain` returns on Ctrl-C
+        return real(config)
 
-    monkeypatch.setattr(runner, "lomar_command", stop_on_the_sixth_pretrain)
+    monkeypatch.setattr(runner, "pretrain", stop_on_the_sixth_pretrain)
     with pytest.raises(StudyStopped):
         run_study(parse_spec(spec), out, log=lambda line: None)
     before = _states(out)
     assert not (out / "results.json").exists()
-    monkeypatch.setattr(runner, "lomar_command", real)
+    monkeypatch.setattr(runner, "pretrain", real)
     records = run_study(parse_spec(spec), out, log=lambda line: None)
     after = _states(out)
     assert {r["setting"] for r in records} == {"method=lomar", "method=mae"}
@@ -93,11 +93,8 @@ def test_a_stopped_study_continues_without_redoing_finished_work(tmp_path, label
         for key, record in state["points"].items():
             assert after[name]["points"][key] == record
     # and a third run does nothing at all
-    def only_checks(argv, quiet=True):
-        assert "--print-config" in argv, f"re-ran {argv[0]}"
-        return real(argv, quiet)
-
-    monkeypatch.setattr(runner, "lomar_command", only_checks)
+    monkeypatch.setattr(runner, "pretrain", lambda config: pytest.fail(f"re-ran pretraining of {config.out}"))
+    monkeypatch.setattr(runner.Scorer, "__call__", lambda self, metric: pytest.fail(f"re-ran {metric}"))
     again = run_study(parse_spec(spec), out, log=lambda line: None)
     assert [r["evaluated_at"] for r in again] == [r["evaluated_at"] for r in records]
 
@@ -125,3 +122,25 @@ def test_a_finetune_stopped_by_a_signal_is_not_a_result(tmp_path):
     _check_finished({"epoch": 0, "step": 5, "partial": True, "top1": 0.1}, {"max_steps": 5}, tmp_path)
     with pytest.raises(StudyStopped):
         _check_finished({"epoch": 0, "step": 3, "partial": True, "top1": 0.1}, {"max_steps": 5}, tmp_path)
+
+
+@pytest.mark.slow  # 3 small ViTs x 2 steps and their k-NN, probe and held-out loss: ~30 s on 2 cores
+def test_the_enc_dec_preset_runs_every_cell(tmp_path, capsys):
+    from lomar.cli.app import main
+
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            write_images(tmp_path / "data" / split / label, 8)
+    out = tmp_path / "study"
+    assert main(["study", "--preset", "enc-dec", "--budget", "2steps", "--data", str(tmp_path / "data"),
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert sorted(r["setting"] for r in records) == ["design=lomar (encoder, windows)",
+                                                     "design=mae (encoder-decoder, global)",
+                                                     "design=mae (encoder-decoder, windows)"]
+    for r in records:
+        assert r["point"] == "end" and r["step"] == 2 and r["train_loss"] > 0
+        assert 0.0 <= r["knn"] <= 1.0 and 0.0 <= r["linprobe"] <= 1.0 and r["heldout_loss"] > 0
+    configs = {r["setting"]: (Path(r["run"]) / "config.yaml").read_text() for r in records}
+    assert "windows: 4" in configs["design=mae (encoder-decoder, windows)"]
+    assert "windows: 0" in configs["design=mae (encoder-decoder, global)"]

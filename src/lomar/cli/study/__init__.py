@@ -1,8 +1,8 @@
 """``lomar study``: grids of pretraining cells and their evaluations as one resumable job.
 
-The study drives the ordinary commands (``lomar pretrain``, ``knn``, ``linprobe``, ``finetune``)
-through their command-line interfaces, so every cell is an ordinary run folder; that is why it
-lives in ``lomar.cli``: spec (``spec.py``), presets, runner, evaluations, results, figures.
+Every cell is an ordinary ``lomar pretrain`` run folder, configured through the commands' own
+flag declarations and trained and scored through the library (``runner.py``, ``evals.py``); the
+spec (``spec.py``), presets, results and figures complete it.
 """
 
 from __future__ import annotations
@@ -26,19 +26,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        "the accuracies are measured too (default: the demo photos)")
     parser.add_argument("--budget", help="pretraining per cell, e.g. 30s, 2min, 200steps, 3epochs "
                                          "(default: the spec's or preset's)")
-    parser.add_argument("--seeds", type=int, help="number of seeds (0, 1, ..., N-1) (default: the spec's or preset's)")
+    parser.add_argument("--seeds", type=int, help="number of seeds (0, 1, ..., N-1), at most 100 "
+                                                   "(default: the spec's or preset's)")
     parser.add_argument("--out", help="study folder (default studies/<name>)")
 
 
 def run(args: argparse.Namespace) -> int:
     from lomar.cli.study.presets import build_preset
     from lomar.cli.study.runner import StudyStopped, run_study
-    from lomar.cli.study.spec import load_spec, parse_budget
+    from lomar.cli.study.spec import load_spec, parse_budget, seed_list
 
     if bool(args.spec) == bool(args.preset):
         raise UsageError("pass either SPEC.yaml or --preset NAME (one of them)")
     if args.seeds is not None and args.seeds <= 0:
         raise UsageError(f"--seeds must be a positive count, got {args.seeds}")
+    seeds = None if args.seeds is None else seed_list(args.seeds, "--seeds")
+    budget = None if args.budget is None else parse_budget(args.budget, "--budget")
     if args.preset:
         out = args.out or f"studies/{args.preset}"
         spec = build_preset(args.preset, args.data, args.budget, args.seeds, out)
@@ -46,10 +49,8 @@ def run(args: argparse.Namespace) -> int:
         if args.data:
             raise UsageError("--data is for presets; a spec names its data under data:")
         spec = load_spec(args.spec)
-        if args.budget:
-            spec.budget = parse_budget(args.budget, "--budget")
-        if args.seeds:
-            spec.seeds = list(range(args.seeds))
+        spec.budget, spec.seeds = budget or spec.budget, seeds or spec.seeds
+        spec.check_size()
         out = args.out or spec.out or f"studies/{spec.name}"
     if Path(out).exists() and not Path(out).is_dir():
         raise UsageError(f"--out {out} is a file; pass a folder")

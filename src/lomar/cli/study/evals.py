@@ -1,81 +1,127 @@
-"""The study's evaluations of one checkpoint, each through its `lomar` command, plus the
-masked-reconstruction loss on held-out images (computed here: no command reports it)."""
+"""The study's evaluations of one checkpoint, as library calls that return their numbers.
+
+A spec's ``eval.knn``/``linprobe``/``finetune`` options go through that command's own flags (its
+defaults and bounds); the numbers come from :mod:`lomar.eval`, the finetuning run's metrics.jsonl,
+and the held-out masked-reconstruction loss computed here."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from lomar.cli.study.spec import Cell, StudySpec
-from lomar.errors import LomarError
+from lomar.cli.study.spec import Cell, StudySpec, StudyStopped, parse_flags, settings_flags
+from lomar.errors import LomarError, UsageError
 
-__all__ = ["run_metric", "heldout_loss", "eval_img_size"]
+__all__ = ["Scorer", "check_options", "heldout_loss", "eval_img_size"]
 
 
 def eval_img_size(spec: StudySpec, cell: Cell) -> int:
-    if spec.eval.img_size:
-        return spec.eval.img_size
-    if "img_size" in cell.settings:
-        return int(cell.settings["img_size"])
-    return 224 if spec.data_pretrain else 96  # without --data, pretrain uses its demo preset's 96 px
+    # without data, pretrain uses its demo preset's 96 px
+    return spec.eval.img_size or int(cell.settings.get("img_size", 224 if spec.data_pretrain else 96))
 
 
-def _flags(options: dict[str, Any]) -> list[str]:
-    from lomar.cli.study.runner import settings_flags
+def _args(metric: str, spec: StudySpec, cell: Cell, checkpoint: Path, where: Path):
+    """The evaluation's settings as its command (``lomar knn``, ``linprobe``, ``finetune``) reads them."""
+    from lomar.cli.probe import knn_add_arguments, linprobe_add_arguments
+    from lomar.train.finetune_config import add_finetune_arguments
 
-    return settings_flags(options)
-
-
-def run_metric(metric: str, spec: StudySpec, cell: Cell, checkpoint: Path, where: Path) -> float:
-    """The metric's value for ``checkpoint``; its output is kept under ``where`` (a file stem/folder)."""
-    from lomar.cli.study.runner import _last_line, lomar_command
-
-    if metric == "heldout_loss":
-        return heldout_loss(checkpoint, spec.data_val, eval_img_size(spec, cell), seed=cell.seed)
-    where.parent.mkdir(parents=True, exist_ok=True)
-    common = ["--train", spec.data_train, "--val", spec.data_val, "--img-size", str(eval_img_size(spec, cell)),
-              "--workers", "0"]
-    if metric in ("knn", "linprobe"):
-        result = where.with_suffix(".json")
-        tmp = where.with_name(f".{where.name}.tmp.json")
-        options = dict(spec.eval.knn if metric == "knn" else {"seed": cell.seed, **spec.eval.linprobe})
-        argv = [metric, str(checkpoint), *common, "--json", str(tmp), *_flags(options)]
-        rc, text = lomar_command(argv)
-        if rc != 0:
-            raise LomarError(f"`lomar {metric}` failed on {checkpoint}: {_last_line(text)}")
-        os.replace(tmp, result)  # the value is on record only once whole
-        return round(json.loads(result.read_text())[f"{metric}_top1"], 4)
+    common = ["--train", str(spec.data_train), "--val", str(spec.data_val), "--img-size",
+              str(eval_img_size(spec, cell)), "--workers", "0"]
     if metric == "finetune":
-        options = {"seed": cell.seed, **spec.eval.finetune}
-        argv = ["finetune", "--pretrained", str(checkpoint), *common, "--out", str(where), "--resume", "auto",
-                *_flags(options)]
-        rc, text = lomar_command(argv)
-        if rc != 0:
-            raise LomarError(f"`lomar finetune` failed on {checkpoint}: {_last_line(text)}")
-        records = [json.loads(ln) for ln in (where / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-        scored = [r for r in records if "top1" in r]
-        if not scored:
-            raise LomarError(f"`lomar finetune` wrote no top-1 into {where / 'metrics.jsonl'}")
-        _check_finished(scored[-1], options, where)
-        return round(scored[-1]["top1"], 4)  # the last epoch, not the best: no selection on val
-    raise ValueError(f"unknown metric {metric}")
+        argv = ["--pretrained", str(checkpoint), *common, "--out", str(where), "--resume", "auto"]
+        return parse_flags(add_finetune_arguments, argv + settings_flags({"seed": cell.seed, **spec.eval.finetune}))
+    options = spec.eval.knn if metric == "knn" else {"seed": cell.seed, **spec.eval.linprobe}
+    add = knn_add_arguments if metric == "knn" else linprobe_add_arguments
+    return parse_flags(add, [str(checkpoint), *common, *settings_flags(options)])
+
+
+def check_options(spec: StudySpec) -> None:
+    """Each evaluation's options parse as its command's flags; else a UsageError naming them."""
+    cell = Cell({}, dict(spec.settings), spec.seeds[0])
+    for metric in set(spec.eval.metrics) - {"heldout_loss"}:
+        try:
+            _args(metric, spec, cell, Path("last.pt"), Path("finetune"))
+        except UsageError as exc:
+            raise UsageError(f"eval.{metric}: {exc}; fix the spec's eval.{metric} options") from None
+
+
+class Scorer:
+    """``Scorer(spec, cell, checkpoint, where)(metric)``: the metric's value for the checkpoint
+    (outputs under ``where``). The k-NN and the linear probe share one pass of features."""
+
+    def __init__(self, spec: StudySpec, cell: Cell, checkpoint: Path, where: Path):
+        self.spec, self.cell, self.checkpoint, self.where = spec, cell, checkpoint, where
+        self._features: dict[tuple, list[torch.Tensor]] = {}
+
+    def __call__(self, metric: str) -> float:
+        if metric == "heldout_loss":
+            return heldout_loss(self.checkpoint, self.spec.data_val, eval_img_size(self.spec, self.cell),
+                                seed=self.cell.seed)
+        from lomar.eval.knn import knn_top1
+        from lomar.eval.linear_probe import train_linear_probe
+
+        args = _args(metric, self.spec, self.cell, self.checkpoint, self.where.with_name(f"{self.where.name}-finetune"))
+        if metric == "finetune":
+            return _finetune(args)
+        try:
+            if metric == "knn":
+                return round(knn_top1(*self.features(args), args.k, args.temperature), 4)
+            return round(train_linear_probe(*self.features(args), epochs=args.epochs, batch_size=args.probe_batch_size,
+                                            lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)[1], 4)
+        except ValueError as exc:
+            raise LomarError(f"{metric} of {self.checkpoint}: {exc}") from None
+
+    def features(self, args) -> list[torch.Tensor]:
+        """(train_x, train_y, val_x, val_y) of the frozen encoder, computed once per setting."""
+        from lomar.cli.common import resolve_device
+        from lomar.eval.features import extract_features, knn_loaders, load_pretrained_encoder
+
+        key = (args.img_size, args.pool, args.batch_size, args.device)
+        if key not in self._features:
+            device = resolve_device(args.device)
+            try:
+                loaders = knn_loaders(args.train, args.val, args.img_size, args.batch_size, args.workers)
+                encoder = load_pretrained_encoder(args.pretrained, img_size=args.img_size).to(device)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            self._features[key] = [t for loader in loaders
+                                   for t in extract_features(encoder, loader, device, args.pool)]
+        return self._features[key]
+
+
+def _finetune(args) -> float:
+    """Finetune (or continue finetuning) into ``args.out``; the last epoch's top-1 from its metrics.jsonl."""
+    from lomar.train.finetune import finetune
+    from lomar.train.finetune_config import resolve_finetune_config
+    from lomar.train.settings import ConfigError
+
+    try:
+        config, where = resolve_finetune_config(args), Path(args.out)
+    except ConfigError as exc:
+        raise UsageError(f"eval.finetune: {exc}") from None
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # errors still reach stderr
+        rc = finetune(config)
+    if rc == 130:
+        raise StudyStopped(f"finetuning in {where} was interrupted; re-run the same command to continue")
+    if rc != 0:
+        raise LomarError(f"finetuning in {where} failed (exit code {rc}; its error is above)")
+    path = where / "metrics.jsonl"
+    scored = [r for r in map(json.loads, path.read_text().splitlines()) if "top1" in r] if path.exists() else []
+    if not scored:
+        raise LomarError(f"finetuning wrote no top-1 into {path}")
+    _check_finished(scored[-1], {"max_steps": config.max_steps, "epochs": config.epochs}, where)
+    return round(scored[-1]["top1"], 4)  # the last epoch, not the best: no selection on val
 
 
 def _check_finished(last: dict, options: dict, where: Path) -> None:
     """A finetune that a signal stopped exits 0 with a checkpoint and no record of the epoch it
     was in: the last record is then an earlier epoch's, not the result."""
-    from lomar.cli.study.runner import StudyStopped
-    from lomar.train.finetune_config import FinetuneConfig
-
-    if options.get("max_steps"):
-        done = last["step"] >= int(options["max_steps"])
-    else:
-        done = not last.get("partial") and last["epoch"] == int(options.get("epochs", FinetuneConfig.epochs)) - 1
-    if not done:
+    if not (last["step"] >= int(options["max_steps"]) if options.get("max_steps") else
+            not last.get("partial") and last["epoch"] == int(options["epochs"]) - 1):
         raise StudyStopped(f"finetuning in {where} stopped at epoch {last['epoch']}, step {last['step']} (signal); "
                            f"re-run the same command to continue")
 
@@ -86,15 +132,10 @@ def heldout_loss(checkpoint: Path, val_root: str, img_size: int, seed: int = 0, 
     seed) on the held-out images: centre crops, as the evaluations see them."""
     from torchvision.datasets import ImageFolder
 
-    from lomar.checkpoints.io import safe_load
+    from lomar.checkpoints.formats import load_model
     from lomar.eval.features import eval_transform
-    from lomar.train.config import PretrainConfig, build_model
 
-    ckpt = safe_load(checkpoint)
-    known = PretrainConfig.__dataclass_fields__
-    config = PretrainConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
-    model = build_model(config)
-    model.load_state_dict(ckpt["model"])
+    model = load_model(checkpoint)
     model.eval()
     dataset = ImageFolder(val_root, transform=eval_transform(img_size))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)

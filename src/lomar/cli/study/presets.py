@@ -6,7 +6,9 @@
   scaled to the grid: size ``w' = clamp(round(w * g / 14), 2, g)`` on a g x g grid, count kept, so
   each setting covers about the same share of the image as in the paper.
 - ``mask-ratio``: LoMaR at 60/70/80/90 % of each window masked.  ``pos``: contextual RPE vs
-  absolute sin-cos positions.  ``enc-dec``: only where ``lomar pretrain`` offers it.
+  absolute sin-cos positions.
+- ``enc-dec`` (the paper's §4.6): in the same windows, LoMaR's encoder only vs MAE's encoder and
+  decoder (``--method mae --windows N``: windowed MAE), with global MAE as the reference.
 - ``digits``: the bundled real data (scikit-learn's handwritten digits), LoMaR vs MAE vs random
   init, k-NN + linear probe + finetune + held-out reconstruction loss, at equal time and steps.
 - ``digits-checks``: is LoMaR's weaker ``digits`` result its learning rate or its window scale?
@@ -21,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lomar.cli.study.spec import StudySpec, parse_budget, parse_spec
+from lomar.cli.study.spec import StudySpec, parse_budget, parse_flags, parse_spec
 from lomar.errors import UsageError
 
 __all__ = ["PRESETS", "build_preset", "scaled_windows", "digits_data", "method_available"]
@@ -32,6 +34,7 @@ PAPER_WINDOWS = ((5, 8), (7, 4), (9, 3), (11, 2), (14, 1))  # window size : wind
 # A small ViT that trains at a few steps per second on 2 CPU cores (the pretrain demo's model).
 SMALL = dict(embed_dim=128, depth=4, num_heads=4, patch_size=8, img_size=96, batch_size=16, lr=1e-3,
              warmup_epochs=1, epochs=10000, save_every=10000, workers=0, log_every=1000)
+SMALL_DECODER = dict(decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4)
 # Digits: benchmarks/digits.py's model and recipe (ViT patch 4 on 32 px, width 64, 4 blocks);
 # 10 steps per epoch, so 5 warm-up epochs = 50 steps, then a cosine over 100k steps: constant.
 DIGITS = dict(embed_dim=64, depth=4, num_heads=4, patch_size=4, img_size=32, batch_size=128, lr=1e-3,
@@ -69,16 +72,14 @@ def scaled_windows(grid: int) -> list[dict[str, Any]]:
 
 
 def method_available(method: str) -> bool:
-    """Whether `lomar pretrain --method METHOD` is accepted (detected, not assumed)."""
-    from lomar.cli.study.runner import lomar_command
+    """Whether ``lomar pretrain --method METHOD`` resolves to a valid config (detected, not assumed)."""
+    from lomar.train.config import add_config_arguments, resolve_config
 
-    return lomar_command(["pretrain", "--method", method, "--print-config"])[0] == 0
-
-
-def _option_available(flag: str) -> bool:
-    from lomar.cli.study.runner import lomar_command
-
-    return flag in lomar_command(["pretrain", "--help"])[1]
+    try:
+        resolve_config(parse_flags(add_config_arguments, ["--method", method, "--print-config"]))
+    except ValueError:  # a UsageError or ConfigError naming the method
+        return False
+    return True
 
 
 def _data(data: str | None) -> tuple[dict[str, str | None], list[str]]:
@@ -130,7 +131,7 @@ def build_preset(name: str, data: str | None = None, budget: str | None = None, 
     if name not in PRESETS:
         raise UsageError(f"--preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
     if budget is not None:
-        parse_budget(budget, "--budget")  # named as the user typed it
+        parse_budget(budget, "--budget")  # named as the user typed it, '' included
     notes: list[str] = []
     if name in ("digits", "digits-checks"):
         if data is not None:
@@ -138,7 +139,8 @@ def build_preset(name: str, data: str | None = None, budget: str | None = None, 
         root = digits_data(Path(out or f"studies/{name}") / "data")
         checks = name == "digits-checks"
         raw: dict[str, Any] = dict(
-            name=name, budget=budget or "60s", seeds=seeds or (1 if checks else 3), slice="10s", settings=DIGITS,
+            name=name, budget="60s" if budget is None else budget, seeds=seeds or (1 if checks else 3), slice="10s",
+            settings=DIGITS,
             grid={"variant": DIGITS_CHECKS_GRID} if checks else {"method": DIGITS_GRID}, random_init=not checks,
             # The checks compare cells at equal time; `digits` already gives the equal-steps view,
             # and re-running each faster cell to the slowest one's steps would double the cost.
@@ -151,7 +153,7 @@ def build_preset(name: str, data: str | None = None, budget: str | None = None, 
                          "3e-4 / 1e-3 / 3e-3 at 5x5 x4, and windows 3x3 x4 / 5x5 x4 / 8x8 x1 (the whole grid) at "
                          "lr 1e-3; MAE at lr 1e-3 as the reference. Same model, pretraining recipe and evaluations "
                          "as `digits`; no random-init row (see `digits`).")
-        return _with_notes(parse_spec(raw, f"--preset {name}"), notes)
+        return parse_spec(raw, f"--preset {name}", notes=notes)
     section, metrics = _data(data)
     settings = dict(SMALL)
     grid_side = settings["img_size"] // settings["patch_size"]
@@ -161,7 +163,7 @@ def build_preset(name: str, data: str | None = None, budget: str | None = None, 
         notes.append(f"Methods: {', '.join(methods)}" + ("" if "beit" in methods else
                      " (`lomar pretrain --method beit` is not accepted by this version: BEiT left out)") + ".")
         grid = {"method": methods}
-        b = parse_budget(budget or "60s", "--budget")
+        b = parse_budget("60s" if budget is None else budget, "--budget")
         every = f"{b.value / 4:g}s" if b.unit == "seconds" else f"{max(1, int(b.value) // 4)}steps"
     elif name == "windows":
         grid = {"window": scaled_windows(grid_side)}
@@ -173,17 +175,15 @@ def build_preset(name: str, data: str | None = None, budget: str | None = None, 
     elif name == "pos":
         grid, settings["method"] = {"pos": ["rpe", "abs"]}, "lomar"
     else:  # enc-dec
-        if not _option_available("--enc-dec"):
-            raise UsageError("--preset enc-dec is unavailable: `lomar pretrain` has no encoder-decoder inside the "
-                             "window (no --enc-dec option) in this version; run --preset windows or pos instead")
-        grid, settings["method"] = {"enc_dec": [False, True]}, "lomar"
-    raw = dict(name=name, budget=budget or "30s", seeds=seeds or 1, slice="10s", settings=settings, grid=grid,
-               data=section, eval={"metrics": metrics, "img_size": settings["img_size"], "every": every})
+        window = scaled_windows(grid_side)[1]  # the paper's 7:4, the LoMaR default
+        same = dict(window_size=window["window_size"], windows=window["windows"], mask_ratio=0.8)
+        grid = {"design": [dict(label="lomar (encoder, windows)", method="lomar", **same),
+                           dict(label="mae (encoder-decoder, windows)", method="mae", **same, **SMALL_DECODER),
+                           dict(label="mae (encoder-decoder, global)", method="mae", windows=0, **SMALL_DECODER)]}
+        notes.append(f"Windows {window['label']}, 80 % of each window masked, for LoMaR and windowed MAE alike; "
+                     f"global MAE masks its default 75 % of the image. MAE's decoder: {SMALL_DECODER}.")
+    raw = dict(name=name, budget="30s" if budget is None else budget, seeds=seeds or 1, slice="10s", settings=settings,
+               grid=grid, data=section, eval={"metrics": metrics, "img_size": settings["img_size"], "every": every})
     if not metrics:
         notes.append("No labelled train/ and val/ folders: the table shows the training loss only.")
-    return _with_notes(parse_spec(raw, f"--preset {name}"), notes)
-
-
-def _with_notes(spec: StudySpec, notes: list[str]) -> StudySpec:
-    spec.notes = notes
-    return spec
+    return parse_spec(raw, f"--preset {name}", notes=notes)

@@ -8,9 +8,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from lomar.checkpoints.io import atomic_write_text
+from lomar.cli.common import write_json
 from lomar.cli.study.spec import StudySpec
 
-__all__ = ["write_results", "mean_sd", "table", "COLUMNS"]
+__all__ = ["write_results", "mean_sd", "table", "settings_order", "COLUMNS"]
 
 # (record key, column title, shown as a percentage)
 COLUMNS = [("finetune", "finetune top-1 (%)", True), ("linprobe", "linear probe top-1 (%)", True),
@@ -19,19 +21,14 @@ COLUMNS = [("finetune", "finetune top-1 (%)", True), ("linprobe", "linear probe 
 
 
 def mean_sd(values: list[float], percent: bool) -> str:
-    """'89.4 ± 0.8' (sample sd over seeds); '89.4' for one seed, which has no spread to show."""
-    scale = 100 if percent else 1
-    digits = 1 if percent else 3
-    mean = f"{scale * statistics.fmean(values):.{digits}f}"
-    return f"{mean} ± {scale * statistics.stdev(values):.{digits}f}" if len(values) > 1 else mean
+    """'89.4 ± 0.8' (sample sd over seeds); '89.4' for one seed, which has no spread."""
+    scale, digits = (100, 1) if percent else (1, 3)
+    spread = f" ± {scale * statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{scale * statistics.fmean(values):.{digits}f}{spread}"
 
 
-def _settings_order(records: list[dict]) -> list[str]:
-    order = []
-    for rec in records:
-        if rec["setting"] not in order:
-            order.append(rec["setting"])
-    return order
+def settings_order(records: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["setting"] for r in records))
 
 
 def table(records: list[dict], point: str) -> list[str]:
@@ -42,12 +39,10 @@ def table(records: list[dict], point: str) -> list[str]:
     cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in chosen)]
     lines = ["| setting | " + " | ".join(t for _, t, _ in cols) + " | steps | train s | seeds |",
              "| --- " * (len(cols) + 4) + "|"]
-    for setting in _settings_order(chosen):
+    for setting in settings_order(chosen):
         rows = [r for r in chosen if r["setting"] == setting]
-        cells = []
-        for key, _, percent in cols:
-            values = [r[key] for r in rows if r.get(key) is not None]
-            cells.append(mean_sd(values, percent) if values else "–")
+        values = [([r[key] for r in rows if r.get(key) is not None], percent) for key, _, percent in cols]
+        cells = [mean_sd(v, percent) if v else "–" for v, percent in values]
         steps = ", ".join(str(r["step"]) for r in rows)
         seconds = statistics.fmean(r["train_seconds"] for r in rows)
         lines.append(f"| {setting} | " + " | ".join(cells) + f" | {steps} | {seconds:.0f} | {len(rows)} |")
@@ -56,10 +51,8 @@ def table(records: list[dict], point: str) -> list[str]:
 
 def write_results(records: list[dict[str, Any]], spec: StudySpec, out: Path, figures: list[Path],
                   minutes: float, command: str | None = None) -> None:
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps({"study": spec.name, "budget": str(spec.budget), "seeds": spec.seeds,
-                               "records": records}, indent=2) + "\n")
-    os.replace(tmp, out / "results.json")
+    write_json(out / "results.json", {"study": spec.name, "budget": str(spec.budget), "seeds": spec.seeds,
+                                      "records": records})
     loads = [r["load_1min"] for r in records if r.get("load_1min") is not None]
     lines = [f"# Study `{spec.name}`", ""]
     if command:
@@ -91,5 +84,4 @@ def write_results(records: list[dict[str, Any]], spec: StudySpec, out: Path, fig
     lines += [f"- {note}" for note in spec.notes]
     if figures:
         lines += ["", "## Figures", "", *[f"![{f.stem}]({f.name})" for f in figures]]
-    (out / ".results.md.tmp").write_text("\n".join(lines) + "\n")
-    os.replace(out / ".results.md.tmp", out / "results.md")
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")

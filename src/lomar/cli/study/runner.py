@@ -1,94 +1,42 @@
 """Run a study: every cell an ordinary ``lomar pretrain`` run folder, trained in slices.
 
-Cells of one seed take turns: each call advances one cell by about ``slice`` seconds of
-training (``lomar pretrain --resume auto --max-steps N``, N from the cell's measured rate), so
-load from other processes on a shared machine falls on every cell alike. The clock of a cell
-is its *training* time, summed from its ``metrics.jsonl`` (images per step / img_s of each
-step), so start-up, checkpointing and evaluation never count against its budget.
-
-At each evaluation point the cell's ``last.pt`` is scored (``lomar knn``/``linprobe``/
-``finetune``, and the masked-reconstruction loss on the held-out images); the point's record
-is then written into ``CELL/study-state.json`` atomically, so a killed study redoes at most
-the slice or evaluation it was in.
+A cell's settings resolve to its PretrainConfig through ``lomar pretrain``'s own flags
+(``--resume auto``); a slice is the pretraining library call with ``--max-steps N``, and what it
+did is read back from the run folder (``metrics.jsonl``), never from what it printed. Cells of
+one seed take turns by slices of about ``slice`` seconds, so load from other processes falls on
+every cell alike; a cell's clock is its *training* time (images per step / img_s of each step),
+so start-up, checkpointing and evaluation never count against its budget. No slice goes past the
+end of the cell's own schedule (its epochs): one that stops short of its target was signalled.
+Each evaluation point's record goes into ``CELL/study-state.json`` atomically, so a killed study
+redoes at most the slice or evaluation it was in.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
+import functools
 import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from lomar.cli.study.spec import Budget, Cell, StudySpec
+from lomar.cli.common import write_json
+from lomar.cli.study.evals import Scorer, check_options
+from lomar.cli.study.spec import Budget, Cell, StudySpec, StudyStopped, parse_flags, settings_flags
 from lomar.errors import LomarError, UsageError
-from lomar.train.config import PretrainConfig
 
-__all__ = ["run_study", "StudyStopped", "lomar_command", "check_cells"]
-
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
+__all__ = ["run_study", "StudyStopped", "check_cells", "settings_flags", "parse_flags", "cell_config",
+           "pretrain"]
 
 
-class StudyStopped(LomarError):
-    """A command was interrupted (Ctrl-C, SIGTERM): the study stops; re-run it to continue."""
+def cell_config(spec: StudySpec, cell: Cell, folder: Path, max_steps: int | None = None, check: bool = False):
+    """The cell's PretrainConfig, resolved as ``lomar pretrain --out FOLDER --resume auto ...``
+    would (``check``: as ``--print-config``, which does not look into ``--out``)."""
+    from lomar.train.config import PretrainConfig, add_config_arguments, resolve_config
+    from lomar.train.settings import ConfigError
 
-
-def lomar_command(argv: list[str], quiet: bool = True) -> tuple[int, str]:
-    """Run ``lomar ARGV`` in this process: (exit code, its captured stdout + stderr)."""
-    from lomar.cli.app import main  # the study is itself a command: it may drive the others
-
-    buffer = io.StringIO()
-    streams = (contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer)) if quiet else ()
-    with contextlib.ExitStack() as stack:
-        for stream in streams:
-            stack.enter_context(stream)
-        try:
-            rc = main(argv)
-        except SystemExit as exc:  # argparse rejects a flag
-            rc = exc.code if isinstance(exc.code, int) else 2
-    return rc, buffer.getvalue()
-
-
-def settings_flags(settings: dict[str, Any]) -> list[str]:
-    """{'window_size': 5, 'norm_pix_loss': False, 'crop_scale': (0.5, 1.0)}
-    -> ['--window-size', '5', '--no-norm-pix-loss', '--crop-scale', '0.5', '1.0']."""
-    flags = []
-    for key, value in settings.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, (list, tuple)):  # a multi-value flag (YAML gives a list)
-            flags += [flag, *map(str, value)]
-        elif value is not None:
-            flags += [flag, str(value)]
-    return flags
-
-
-def _last_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[-1] if lines else "(no message)"
-
-
-def check_cells(spec: StudySpec) -> None:
-    """Every cell's settings must pass `lomar pretrain --print-config`; else a UsageError naming it."""
-    seen = set()
-    for cell in spec.cells():
-        argv = _pretrain_argv(spec, cell, Path("/nonexistent-study-check")) + ["--print-config"]
-        key = tuple(argv)
-        if key in seen:
-            continue
-        seen.add(key)
-        rc, text = lomar_command(argv)
-        if rc != 0:
-            raise UsageError(f"cell '{cell.setting_label}' is not a valid `lomar pretrain` setting: "
-                             f"{_last_line(text).removeprefix('lomar pretrain: error: ')}; fix grid/settings")
-
-
-def _pretrain_argv(spec: StudySpec, cell: Cell, folder: Path) -> list[str]:
     settings = dict(cell.settings)
     if cell.random_init:  # one step at lr 0 (the first warm-up step) leaves the initialisation as it was
         settings.update(warmup_epochs=1e-3)
@@ -100,16 +48,53 @@ def _pretrain_argv(spec: StudySpec, cell: Cell, folder: Path) -> list[str]:
             settings["schedule_steps"] = int(spec.budget.value)
         else:
             settings["epochs"] = PretrainConfig.epochs
-    argv = ["pretrain", "--out", str(folder), "--resume", "auto", "--seed", str(cell.seed)]
-    if spec.data_pretrain:
-        argv += ["--data", spec.data_pretrain]
-    return argv + settings_flags(settings)
+    settings.update(out=str(folder), resume="auto", seed=cell.seed, data=spec.data_pretrain, max_steps=max_steps)
+    try:
+        return resolve_config(parse_flags(add_config_arguments, settings_flags(settings) + ["--print-config"] * check))
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+@functools.cache
+def _dataset_size(data: str | None, img_size: int) -> int:
+    from lomar.data.folder import build_pretrain_dataset
+
+    dataset = build_pretrain_dataset(data, img_size)
+    return dataset.count_samples() if hasattr(dataset, "count_samples") else len(dataset)
+
+
+def steps_per_epoch(config) -> int:
+    """Optimizer steps in an epoch of the config's data on one process, as the engine counts them."""
+    size = _dataset_size(config.data, config.img_size)
+    steps = size // config.batch_size // config.accum_steps
+    if steps == 0:
+        raise UsageError(f"{size} images cannot fill one step of batch {config.batch_size} x accum "
+                         f"{config.accum_steps}; lower batch_size in the study's settings")
+    return steps
+
+
+def check_cells(spec: StudySpec) -> None:
+    """Every cell's settings and every evaluation's options must be valid; else a UsageError naming them."""
+    for cell in {json.dumps(c.settings, sort_keys=True, default=str): c for c in spec.cells()}.values():
+        try:
+            steps_per_epoch(cell_config(spec, cell, Path("/nonexistent-study-check"), check=True))
+        except (UsageError, ValueError) as exc:
+            raise UsageError(f"cell '{cell.setting_label}' is not a valid `lomar pretrain` setting: {exc}; "
+                             f"fix grid/settings") from None
+    check_options(spec)
+
+
+def pretrain(config) -> int:
+    """One slice of a cell: the pretraining library call (its printed progress silenced: the
+    study reads the run folder); the exit code ``lomar pretrain`` would return."""
+    from lomar.train.engine import TrainingError, train
+    from lomar.train.run_state import SaveError
+
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        try:
+            return train(config)
+        except (TrainingError, SaveError) as exc:
+            raise LomarError(f"pretraining in {config.out} failed: {exc}") from None
 
 
 def read_progress(folder: Path, batch: int) -> tuple[int, float, float | None]:
@@ -121,22 +106,10 @@ def read_progress(folder: Path, batch: int) -> tuple[int, float, float | None]:
     return (records[-1]["step"] if records else 0), seconds, (sum(tail) / len(tail) if tail else None)
 
 
-@dataclass
-class Point:
+class Point(NamedTuple):
     key: str  # 'end', 'at-100steps', 'at-15s', 'equal_steps'
     unit: str  # seconds | steps
     value: float
-
-
-def _points(spec: StudySpec, total: Budget) -> list[Point]:
-    """Evaluation points of a cell, in order (``eval.every`` uses the budget's unit); the last
-    one is the end of its budget."""
-    every, points, k = spec.eval.every, [], 1
-    while every is not None and k * every.value < total.value - 1e-9:
-        points.append(Point(f"at-{k * every.value:g}{'s' if every.unit == 'seconds' else 'steps'}",
-                            every.unit, k * every.value))
-        k += 1
-    return points + [Point("end", total.unit, total.value)]
 
 
 class CellRun:
@@ -145,18 +118,20 @@ class CellRun:
     def __init__(self, study: Study, cell: Cell, folder: Path, total: Budget, point_kind: str | None = None):
         self.study, self.cell, self.folder, self.total = study, cell, folder, total
         self.point_kind = point_kind  # record every point under this kind (the equal-steps copies)
-        self.batch = int(cell.settings.get("batch_size", 64)) * int(cell.settings.get("accum_steps", 1))
+        config = cell_config(study.spec, cell, folder, check=True)
+        self.batch, per_epoch = config.batch_size * config.accum_steps, steps_per_epoch(config)
+        self.end = config.epochs * per_epoch  # where the cell's own schedule ends
         self.state_path = folder / "study-state.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else \
             {"points": {}, "slices": 0, "wall_seconds": 0.0, "loads": [], "cell": cell.name}
-        if cell.random_init:
-            self.points = [Point("end", "steps", 1)]
-        elif point_kind is not None or self.study.spec.eval.every is None or total.unit == "epochs":
-            self.points = [Point("end", total.unit, total.value)]
-        else:
-            self.points = _points(study.spec, total)
-        if total.unit == "epochs":
-            self.points = [Point("end", "steps", total.value * study.steps_per_epoch(self.batch))]
+        every, steps = study.spec.eval.every, cell.random_init or total.unit == "epochs"
+        end = 1 if cell.random_init else total.value * per_epoch if total.unit == "epochs" else total.value
+        self.points = [Point("end", "steps" if steps else total.unit, end)]
+        k = 1  # evaluation points along the way, in ``eval.every``'s unit (the budget's)
+        while every is not None and point_kind is None and not steps and k * every.value < total.value - 1e-9:
+            suffix = "s" if every.unit == "seconds" else "steps"
+            self.points.insert(-1, Point(f"at-{k * every.value:g}{suffix}", every.unit, k * every.value))
+            k += 1
 
     @property
     def done(self) -> bool:
@@ -164,63 +139,53 @@ class CellRun:
 
     def _save(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        _write_json(self.state_path, self.state)
+        write_json(self.state_path, self.state)
 
     def advance(self) -> None:
         point = next(p for p in self.points if p.key not in self.state["points"])
         steps, seconds, _ = read_progress(self.folder, self.batch)
         rate = steps / seconds if steps and seconds else None
-        if self._reached(point, steps, seconds, rate):
-            self._evaluate(point, steps, seconds)
-            return
+        if steps >= self.end or (steps >= point.value if point.unit == "steps" else
+                                 steps > 0 and seconds >= point.value - (0.5 / rate if rate else 0.0)):
+            return self._evaluate(point, steps, seconds)  # past the schedule's end: every point is evaluated here
         if point.unit == "steps":
-            chunk = max(1, round(rate * self.study.spec.slice_s)) if rate else 2
-            target = min(int(point.value), steps + chunk)
+            target = min(int(point.value), steps + (max(1, round(rate * self.study.spec.slice_s)) if rate else 2))
         else:
             left = min(self.study.spec.slice_s, point.value - seconds)
             target = steps + (max(1, round(rate * left)) if rate else 2)
+        target = min(target, self.end)
         start, load = time.perf_counter(), os.getloadavg()[0]
-        argv = _pretrain_argv(self.study.spec, self.cell, self.folder) + ["--max-steps", str(target)]
-        rc, text = lomar_command(argv)
+        rc = pretrain(cell_config(self.study.spec, self.cell, self.folder, max_steps=target))
         self.state["slices"] += 1
         self.state["wall_seconds"] += time.perf_counter() - start
         self.state["loads"].append(round(load, 2))
         self._save()
-        if rc == 130:
-            raise StudyStopped(f"interrupted in cell {self.folder.name}; re-run the same command to continue")
-        if rc != 0:
-            raise LomarError(f"`lomar pretrain` failed in cell {self.folder}: {_last_line(text)}")
-        reached, _, _ = read_progress(self.folder, self.batch)
-        if reached < target and "lomar: done at step" in text:  # the cell's schedule (--epochs) has ended
-            self.state["schedule_end"] = reached
-            self._save()
-        elif reached < target:  # the engine took a stop signal: checkpointed; the study stops too
+        reached = read_progress(self.folder, self.batch)[0]
+        if rc == 130 or reached < target:  # Ctrl-C, or a stop signal: the run checkpointed, the study stops too
             raise StudyStopped(f"pretraining of {self.folder.name} stopped at step {reached} (signal); "
                                f"re-run the same command to continue")
-
-    def _reached(self, point: Point, steps: int, seconds: float, rate: float | None) -> bool:
-        if steps > 0 and steps >= self.state.get("schedule_end", float("inf")):
-            return True  # no more training: every remaining point is evaluated here
-        if point.unit == "steps":
-            return steps >= point.value
-        half_step = 0.5 / rate if rate else 0.0
-        return steps > 0 and seconds >= point.value - half_step
+        if rc != 0:
+            raise LomarError(f"pretraining in {self.folder} ended with exit code {rc}")
 
     def _evaluate(self, point: Point, steps: int, seconds: float) -> None:
-        _, _, loss = read_progress(self.folder, self.batch)
-        loads = self.state["loads"]
+        loss, loads, random = read_progress(self.folder, self.batch)[2], self.state["loads"], self.cell.random_init
         record = {"cell": self.cell.name, "run": str(self.folder), "setting": self.cell.setting_label,
-                  "labels": self.cell.labels, "seed": self.cell.seed, "random_init": self.cell.random_init,
-                  "point": self.point_kind or point.key, "step": 0 if self.cell.random_init else steps,
-                  "train_seconds": 0.0 if self.cell.random_init else round(seconds, 2),
+                  "labels": self.cell.labels, "seed": self.cell.seed, "random_init": random,
+                  "point": self.point_kind or point.key, "step": 0 if random else steps,
+                  "train_seconds": 0.0 if random else round(seconds, 2),
                   "wall_seconds": round(self.state["wall_seconds"], 1), "slices": self.state["slices"],
                   "load_1min": round(sum(loads) / len(loads), 2) if loads else None,
-                  "train_loss": None if self.cell.random_init or loss is None else round(loss, 4)}
+                  "train_loss": None if random or loss is None else round(loss, 4)}
         same = [r for r in self.state["points"].values() if r["step"] == record["step"]]
         if same:  # a slice overshot several points: the checkpoint is the one already scored
             record.update({m: same[0][m] for m in self.study.spec.eval.metrics})
         else:
-            record.update(self.study.evaluate(self, point))
+            score = Scorer(self.study.spec, self.cell, self.folder / "last.pt", self.folder / "evals" / point.key)
+            for metric in self.study.spec.eval.metrics:
+                self.study.log(f"[study] {self.folder.name}: {metric} at step {steps} ({self.study.time_left()})")
+                start = time.perf_counter()
+                record[metric] = score(metric)
+                self.study.eval_seconds.append(time.perf_counter() - start)
         record["evaluated_at"] = time.time()
         self.state["points"][point.key] = record
         self._save()
@@ -233,56 +198,22 @@ class Study:
         self.spec, self.out, self.log = spec, out, log
         self.started = time.perf_counter()
         self.eval_seconds: list[float] = []
-        self._per_epoch: dict[int, int] = {}
-
-    def steps_per_epoch(self, batch: int) -> int:
-        if batch not in self._per_epoch:
-            if not self.spec.data_pretrain:
-                raise UsageError("budget in epochs needs data.pretrain (a folder); use seconds or steps for the demo")
-            n = sum(1 for p in Path(self.spec.data_pretrain).rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
-            self._per_epoch[batch] = max(1, n // batch)
-        return self._per_epoch[batch]
-
-    def evaluate(self, run: CellRun, point: Point) -> dict[str, Any]:
-        from lomar.cli.study import evals
-
-        result = {}
-        checkpoint = run.folder / "last.pt"
-        for metric in self.spec.eval.metrics:
-            self.log(f"[study] {run.folder.name}: {metric} at step {read_progress(run.folder, run.batch)[0]} "
-                     f"({self.time_left()})")
-            start = time.perf_counter()
-            result[metric] = evals.run_metric(metric, self.spec, run.cell, checkpoint,
-                                              run.folder / "evals" / f"{point.key}-{metric}")
-            self.eval_seconds.append(time.perf_counter() - start)
-        return result
+        self.runs: list[CellRun] = []
 
     def time_left(self) -> str:
         """A rough estimate: remaining training time of all cells + remaining evaluations."""
-        runs = getattr(self, "runs", [])
         train_left, evals_left = 0.0, 0
-        for run in runs:
-            _, seconds, _ = read_progress(run.folder, run.batch)
+        for run in self.runs:
             if run.total.unit == "seconds" and not run.cell.random_init:
-                train_left += max(0.0, run.total.value - seconds)
+                train_left += max(0.0, run.total.value - read_progress(run.folder, run.batch)[1])
             evals_left += sum(p.key not in run.state["points"] for p in run.points) * len(self.spec.eval.metrics)
         per_eval = sum(self.eval_seconds) / len(self.eval_seconds) if self.eval_seconds else 5.0
         left = train_left * 1.3 + evals_left * per_eval
         return f"~{left / 60:.1f} min left for this seed, {(time.perf_counter() - self.started) / 60:.1f} min so far"
 
-    def run_seed(self, cells: list[Cell]) -> list[CellRun]:
-        self.runs = [CellRun(self, c, self.out / "cells" / c.name, self.spec.budget) for c in cells]
-        self._interleave()
-        finished = list(self.runs)
-        if self.spec.eval.equal_steps:
-            finished += self._equal_steps()
-        return finished
-
     def _interleave(self) -> None:
         while not all(r.done for r in self.runs):
-            for run in self.runs:
-                if run.done:
-                    continue
+            for run in [r for r in self.runs if not r.done]:
                 steps, seconds, _ = read_progress(run.folder, run.batch)
                 done = "random init, 1 step at lr 0" if run.cell.random_init else \
                     f"step {steps}, {seconds:.0f}s/{run.total} trained" if run.total.unit == "seconds" else \
@@ -312,12 +243,13 @@ class Study:
         return copies
 
     def run(self) -> list[dict[str, Any]]:
-        self.out.mkdir(parents=True, exist_ok=True)
-        records = []
-        cells = self.spec.cells()
+        records, cells = [], self.spec.cells()
         for seed in self.spec.seeds:
-            for run in self.run_seed([c for c in cells if c.seed == seed]):
-                records += [dict(rec) for rec in run.state["points"].values()]
+            self.runs = [CellRun(self, c, self.out / "cells" / c.name, self.spec.budget)
+                         for c in cells if c.seed == seed]
+            self._interleave()
+            finished = self.runs + (self._equal_steps() if self.spec.eval.equal_steps else [])
+            records += [dict(rec) for run in finished for rec in run.state["points"].values()]
         return records
 
 
@@ -331,10 +263,10 @@ def run_study(spec: StudySpec, out: str | Path, log: Callable[[str], None] | Non
     log = log or (lambda line: print(line, flush=True))
     check_cells(spec)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "spec.json", {"name": spec.name, "budget": str(spec.budget), "seeds": spec.seeds,
-                                    "settings": spec.settings, "grid": {a: v for a, v in spec.grid.items()},
-                                    "eval": {k: (str(v) if isinstance(v, Budget) else v)
-                                             for k, v in vars(spec.eval).items()}})
+    write_json(out / "spec.json", {"name": spec.name, "budget": str(spec.budget), "seeds": spec.seeds,
+                                   "settings": spec.settings, "grid": spec.grid,
+                                   "eval": {k: str(v) if isinstance(v, Budget) else v
+                                            for k, v in vars(spec.eval).items()}})
     study = Study(spec, out, log)
     records = study.run()
     figures = write_figures(records, spec, out)

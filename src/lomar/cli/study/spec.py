@@ -23,26 +23,63 @@ Every mistake is a :class:`lomar.errors.UsageError` naming the key and the fix.
 
 from __future__ import annotations
 
+import argparse
 import itertools
+import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lomar.errors import UsageError
+from lomar.errors import LomarError, UsageError
 
-__all__ = ["Budget", "Cell", "EvalSpec", "StudySpec", "parse_budget", "parse_spec", "load_spec", "METRICS"]
+__all__ = ["Budget", "Cell", "EvalSpec", "StudySpec", "parse_budget", "parse_spec", "load_spec", "METRICS",
+           "MAX_SEEDS", "MAX_CELLS", "StudyStopped", "parse_flags", "settings_flags"]
 
 METRICS = ("knn", "linprobe", "finetune", "heldout_loss")
 _UNITS = {"s": "seconds", "sec": "seconds", "seconds": "seconds", "min": "minutes", "m": "minutes",
           "step": "steps", "steps": "steps", "epoch": "epochs", "epochs": "epochs"}
 _TOP_KEYS = {"name", "out", "data", "budget", "seeds", "slice", "settings", "grid", "random_init", "eval"}
-_EVAL_KEYS = {"every", "equal_steps", "metrics", "img_size", "knn", "linprobe", "finetune"}
 # Settings the study itself controls for every cell: a spec that sets them would break the
 # clock, the resume or the folder layout.
 _RESERVED = {"out", "resume", "overwrite", "max_steps", "seed", "data", "config", "print_config"}
+# Bounds on what one study may ask for, checked before anything is built from it.
+MAX_SEEDS = 100
+MAX_CELLS = 1000
+
+
+class StudyStopped(LomarError):
+    """A run was interrupted (Ctrl-C, SIGTERM): the study stops; re-run it to continue."""
+
+
+class _Flags(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def parse_flags(add_arguments: Callable[[argparse.ArgumentParser], None], argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed by a command's own flag declarations; a bad flag is a UsageError."""
+    parser = _Flags(add_help=False)
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def settings_flags(settings: dict[str, Any]) -> list[str]:
+    """{'window_size': 5, 'norm_pix_loss': False, 'crop_scale': (0.5, 1.0)}
+    -> ['--window-size', '5', '--no-norm-pix-loss', '--crop-scale', '0.5', '1.0']."""
+    flags = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (list, tuple)):  # a multi-value flag (YAML gives a list)
+            flags += [flag, *map(str, value)]
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags
 
 
 @dataclass(frozen=True)
@@ -118,6 +155,15 @@ class StudySpec:
     out: str | None = None
     notes: list[str] = field(default_factory=list)  # shown in results.md (e.g. a preset's scaling rule)
 
+    def check_size(self) -> None:
+        """Refuse a grid of more than MAX_CELLS cells, counted before any is built."""
+        sizes = [len(values) for values in self.grid.values()]
+        count = math.prod(sizes) * len(self.seeds) + self.random_init * len(self.seeds)
+        if count > MAX_CELLS:
+            shape = " x ".join(map(str, sizes + [len(self.seeds)]))
+            raise UsageError(f"the grid has {count} cells ({shape} seed(s)); a study runs at most {MAX_CELLS}: "
+                             f"shorten an axis or use fewer seeds")
+
     def cells(self) -> list[Cell]:
         """Every (grid point, seed), seeds outermost; the random-init baseline first per seed."""
         axes = list(self.grid)
@@ -133,17 +179,23 @@ class StudySpec:
                 cells.append(Cell({a: label for a, (label, _) in zip(axes, point)}, settings, seed))
         return cells
 
-    @property
-    def labelled(self) -> bool:
-        return bool(self.data_train and self.data_val)
 
 
-def _mapping(value: Any, key: str) -> dict[str, Any]:
+def _mapping(value: Any, key: str, valid: Any = None, settings: bool = False) -> dict[str, Any]:
+    """A mapping of names (``-`` read as ``_``) drawn from ``valid`` (None: any); ``settings``: none
+    of the study's own."""
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise UsageError(f"{key} must be a mapping of names to values, got {value!r}")
-    return {k.replace("-", "_"): v for k, v in value.items()}
+    value = {k.replace("-", "_"): v for k, v in value.items()}
+    unknown = sorted(set(value) - set(valid)) if valid is not None else []
+    if unknown:
+        raise UsageError(f"{key}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+    reserved = sorted(set(value) & _RESERVED) if settings else []
+    if reserved:
+        raise UsageError(f"{key}: {', '.join(reserved)} is set by the study for every cell; remove it")
+    return value
 
 
 def _axis(name: str, values: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -153,17 +205,14 @@ def _axis(name: str, values: Any) -> list[tuple[str, dict[str, Any]]]:
     out = []
     for value in values:
         if isinstance(value, dict):
-            settings = _mapping(value, key)
+            settings = _mapping(value, key, settings=True)
             label = str(settings.pop("label", ",".join(f"{k}={v}" for k, v in settings.items())))
             if not settings:
                 raise UsageError(f"{key}: {value!r} sets nothing; give settings, e.g. {{window_size: 5, windows: 8}}")
         elif isinstance(value, (str, int, float, bool)):
-            label, settings = str(value), {name.replace("-", "_"): value}
+            label, settings = str(value), _mapping({name: value}, key, settings=True)
         else:
             raise UsageError(f"{key}: {value!r} must be a value or a mapping of settings")
-        bad = sorted(set(settings) & _RESERVED)
-        if bad:
-            raise UsageError(f"{key}: {', '.join(bad)} is set by the study for every cell; remove it")
         out.append((label, settings))
     labels = [label for label, _ in out]
     if len(set(labels)) != len(labels):
@@ -171,22 +220,22 @@ def _axis(name: str, values: Any) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def _seeds(value: Any) -> list[int]:
-    if isinstance(value, bool):
-        value = None
+def seed_list(value: Any, key: str = "seeds") -> list[int]:
+    """A count N (seeds 0 .. N-1) or a list of distinct seeds, at most MAX_SEEDS of them."""
+    value = None if isinstance(value, bool) else value
+    count = value if isinstance(value, int) else len(value) if isinstance(value, list) else 0
+    if count > MAX_SEEDS:
+        raise UsageError(f"{key}: {count} seeds is more than a study runs (at most {MAX_SEEDS}); pass fewer")
     if isinstance(value, int) and value > 0:
         return list(range(value))
     if isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
                                                  for s in value) and len(set(value)) == len(value):
         return list(value)
-    raise UsageError(f"seeds: {value!r} must be a count (e.g. 3) or a list of distinct seeds (e.g. [0, 1, 2])")
+    raise UsageError(f"{key}: {value!r} must be a count (e.g. 3) or a list of distinct seeds (e.g. [0, 1, 2])")
 
 
 def _eval(raw: Any) -> EvalSpec:
-    raw = _mapping(raw, "eval")
-    unknown = sorted(set(raw) - _EVAL_KEYS)
-    if unknown:
-        raise UsageError(f"eval: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(_EVAL_KEYS))}")
+    raw = _mapping(raw, "eval", EvalSpec.__dataclass_fields__)
     spec = EvalSpec()
     if raw.get("every") is not None:
         spec.every = parse_budget(raw["every"], "eval.every")
@@ -194,22 +243,20 @@ def _eval(raw: Any) -> EvalSpec:
             raise UsageError("eval.every: use seconds or steps (e.g. 15s or 100steps), not epochs")
     spec.equal_steps = bool(raw.get("equal_steps", False))
     metrics = raw.get("metrics", list(spec.metrics))
-    if isinstance(metrics, str):
-        metrics = [metrics]
+    metrics = [metrics] if isinstance(metrics, str) else metrics
     if not isinstance(metrics, list) or not set(metrics) <= set(METRICS):
         raise UsageError(f"eval.metrics: {metrics!r} must be a list drawn from {', '.join(METRICS)}")
     spec.metrics = tuple(metrics)
-    if raw.get("img_size") is not None:
-        if not isinstance(raw["img_size"], int) or raw["img_size"] <= 0:
-            raise UsageError(f"eval.img_size: {raw['img_size']!r} must be a positive whole number")
-        spec.img_size = raw["img_size"]
+    spec.img_size = raw.get("img_size")
+    if spec.img_size is not None and (not isinstance(spec.img_size, int) or spec.img_size <= 0):
+        raise UsageError(f"eval.img_size: {spec.img_size!r} must be a positive whole number")
     for name in ("knn", "linprobe", "finetune"):
         setattr(spec, name, _mapping(raw.get(name), f"eval.{name}"))
     return spec
 
 
-def parse_spec(raw: Any, source: str = "the spec", base: Path | None = None) -> StudySpec:
-    """A validated StudySpec from a mapping (relative paths resolve against ``base``)."""
+def parse_spec(raw: Any, source: str = "the spec", base: Path | None = None, notes: list[str] = ()) -> StudySpec:
+    """A validated StudySpec from a mapping (relative paths resolve against ``base``; ``notes`` for results.md)."""
     if not isinstance(raw, dict):
         raise UsageError(f"{source} must hold a mapping with at least budget: and grid:")
     unknown = sorted(set(map(str, raw)) - _TOP_KEYS)
@@ -217,10 +264,7 @@ def parse_spec(raw: Any, source: str = "the spec", base: Path | None = None) -> 
         raise UsageError(f"unknown key(s) {', '.join(unknown)} in {source}; valid: {', '.join(sorted(_TOP_KEYS))}")
     if "budget" not in raw:
         raise UsageError(f"budget: missing in {source}; add e.g. budget: 60s (or 500steps, 3epochs)")
-    data = _mapping(raw.get("data"), "data")
-    bad = sorted(set(data) - {"pretrain", "train", "val"})
-    if bad:
-        raise UsageError(f"data: unknown key(s) {', '.join(bad)}; valid: pretrain, train, val")
+    data = _mapping(raw.get("data"), "data", ("pretrain", "train", "val"))
     paths = {}
     for key in ("pretrain", "train", "val"):
         value = data.get(key)
@@ -232,26 +276,23 @@ def parse_spec(raw: Any, source: str = "the spec", base: Path | None = None) -> 
             paths[key] = str(path)
     if ("train" in paths) != ("val" in paths):
         raise UsageError("data.train and data.val go together (labelled ImageFolder splits); give both or neither")
-    settings = _mapping(raw.get("settings"), "settings")
-    reserved = sorted(set(settings) & _RESERVED)
-    if reserved:
-        raise UsageError(f"settings: {', '.join(reserved)} is set by the study for every cell; remove it")
-    grid_raw = _mapping(raw.get("grid"), "grid")
-    grid = {name: _axis(name, values) for name, values in grid_raw.items()}
+    settings = _mapping(raw.get("settings"), "settings", settings=True)
+    grid = {name: _axis(name, values) for name, values in _mapping(raw.get("grid"), "grid").items()}
     slice_b = parse_budget(raw.get("slice", "10s"), "slice")
     if slice_b.unit != "seconds":
         raise UsageError(f"slice: {raw.get('slice')!r} must be seconds, e.g. 10s")
     spec = StudySpec(
         name=str(raw.get("name") or "study"), budget=parse_budget(raw["budget"], "budget"),
-        seeds=_seeds(raw.get("seeds", 1)), slice_s=slice_b.value, settings=settings, grid=grid,
+        seeds=seed_list(raw.get("seeds", 1)), slice_s=slice_b.value, settings=settings, grid=grid,
         eval=_eval(raw.get("eval")), data_pretrain=paths.get("pretrain"), data_train=paths.get("train"),
         data_val=paths.get("val"), random_init=bool(raw.get("random_init", False)),
-        out=str(raw["out"]) if raw.get("out") else None)
+        out=str(raw["out"]) if raw.get("out") else None, notes=list(notes))
+    spec.check_size()
     if spec.eval.every is not None and spec.eval.every.unit != spec.budget.unit:
         raise UsageError(f"eval.every: {spec.eval.every} must use the budget's unit ({spec.budget.unit}), "
                          f"e.g. every: 10s with budget: 30s")
     needs_labels = sorted(set(spec.eval.metrics) - {"heldout_loss"})
-    if needs_labels and not spec.labelled:
+    if needs_labels and not (spec.data_train and spec.data_val):
         raise UsageError(f"eval.metrics {', '.join(needs_labels)} need labelled data: set data.train and data.val "
                          f"(ImageFolder class folders), or use eval.metrics: [] for pretraining only")
     if "heldout_loss" in spec.eval.metrics and not spec.data_val:
