@@ -79,3 +79,19 @@ def test_classifier_pooling_and_a_new_grid(beit_run):
         load_pretrained_encoder(ckpt, img_size=50)
     with pytest.raises(ValueError, match="unknown BEiT encoder setting"):
         load_pretrained_encoder(ckpt, pos="abs")
+
+
+def test_a_beit_export_loads_with_timm_local_dir_and_no_lomar_code(beit_run, tmp_path):
+    """As lomar and mae exports do: `timm.create_model('local-dir:EXPORT', pretrained=True)` gives the same features."""
+    import timm
+
+    out = tmp_path / "ex"
+    assert main(["export", str(beit_run / "run" / "last.pt"), "--to", str(out)]) == 0
+    local = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    ours = create_timm_beit(out)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(local.forward_features(images), ours.forward_features(images), atol=1e-6)
+    # The run folder's own export (encoder.safetensors beside tokenizer.safetensors) too.
+    run_local = timm.create_model(f"local-dir:{beit_run / 'run'}", pretrained=True).eval()
+    assert sum(p.numel() for p in run_local.parameters()) == sum(p.numel() for p in local.parameters())

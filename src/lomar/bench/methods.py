@@ -35,8 +35,7 @@ def build_variant_model(method: str, model_name: str, img_size: int, windows: in
         raise ValueError(f"unknown bench method {method!r}; choose one of {', '.join(VARIANTS)}")
     dvae = DVAEConfig(n_hid=8, n_blk_per_group=1, vocab_size=64) if tiny else DVAEConfig()
     tokenizer = DVAEEncoder(DVAEConfig(**{**dvae.__dict__, "input_size": grid[0] * 8}))
-    beit = BEiTConfig(img_size=img_size, patch_size=vit.patch_size, embed_dim=vit.embed_dim, depth=vit.depth,
-                      num_heads=vit.num_heads, mlp_ratio=vit.mlp_ratio, vocab_size=tokenizer.vocab_size)
+    beit = BEiTConfig.from_vit(vit, tokenizer.vocab_size)
     n = int(windows) if method == "beit_window" else 0
     return BEiTPretrain(beit, tokenizer, window_size=7, num_windows=n, mask_ratio=None)
 
