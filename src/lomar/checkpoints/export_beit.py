@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text
-from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.checkpoints.keys_beit import beit_to_timm
+from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.models.beit import BEiT
 
 __all__ = ["export_beit_encoder", "timm_beit_args", "create_timm_beit"]
