@@ -54,9 +54,9 @@ def make_test_set(out: str | Path, kind: str = "camera", count: int = 32, qualit
         raise ValueError(f"unknown test-set kind {kind!r}; choose one of {', '.join(TEST_SET_SIZES)}")
     if count <= 0:
         raise ValueError(f"count must be positive, got {count}")
-    from lomar.data.folder import build_pretrain_dataset
+    from lomar.data.folder import demo_image_paths
 
-    sources = build_pretrain_dataset(None, 32, demo_repeats=1).paths  # the bundled photographs
+    sources = demo_image_paths()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     jobs, paths = [], []

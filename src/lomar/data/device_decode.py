@@ -114,27 +114,21 @@ def decode_batch(batch: dict, device: torch.device, transform) -> dict:
     encoded, size = batch["encoded"], transform.size
     rows = [i for i, e in enumerate(encoded) if e is not None]
     images = torch.empty(len(encoded), 3, size, size, device=device)
-    keep = [True] * len(encoded)
+    keep = torch.ones(len(encoded), dtype=torch.bool)
     if rows:
         pixels, failed = _decode_rows([encoded[i] for i in rows], [tuple(batch["boxes"][i].tolist()) for i in rows],
                                       size, [batch["flips"][i] for i in rows], device)
         images[rows] = transform.normalize(pixels)
-        for j in failed:
-            keep[rows[j]] = False
+        keep[[rows[j] for j in failed]] = False
     for i, pixels in enumerate(batch["decoded"]):
         if pixels is not None:
             images[i] = pixels.to(device, non_blocking=True)
     out = {key: value for key, value in batch.items() if key not in ("encoded", "decoded", "boxes", "flips")}
-    if all(keep):
-        out["images"] = images
-        return out
-    index = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long)
-    out["bad"] = batch["bad"] + [p for p, k in zip(batch["paths"], keep) if not k]
-    out["paths"] = [p for p, k in zip(batch["paths"], keep) if k]
-    out["images"] = images[index.to(device)]
-    for key, value in out.items():
-        if key not in ("images", "bad", "paths") and isinstance(value, torch.Tensor):
-            out[key] = value[index]
+    out["images"] = images
+    if not keep.all():
+        out["bad"] = batch["bad"] + [p for p, k in zip(batch["paths"], keep.tolist()) if not k]
+        out["paths"] = [p for p, k in zip(batch["paths"], keep.tolist()) if k]
+        out.update({key: value[keep.to(value.device)] for key, value in out.items() if isinstance(value, torch.Tensor)})
     return out
 
 
