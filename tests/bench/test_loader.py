@@ -14,7 +14,7 @@ from lomar.cli.app import main
 from lomar.data.decode import load_image
 from lomar.data.fast_decode import draft_decode_crop, gpu_decode_crops, jpeg_size, window_boxes
 from lomar.data.folder import demo_image_paths
-from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
+from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize, draw_sample
 
 WINDOW = 3
 
@@ -90,7 +90,10 @@ def test_draft_decoding_really_decodes_a_reduced_image(photos):
 
     Image.Image.convert = spy
     try:
-        pixels, _ = draft_decode_crop(str(sorted(photos.iterdir())[0]), transform, torch.Generator().manual_seed(1))
+        path = sorted(photos.iterdir())[0]
+        draw = draw_sample(transform, None, *jpeg_size(path), torch.Generator().manual_seed(1))
+        with Image.open(path) as img:
+            pixels = draft_decode_crop(img, transform.size, draw)
     finally:
         Image.Image.convert = original
     assert pixels.shape == (3, 64, 64) and pixels.dtype == torch.uint8

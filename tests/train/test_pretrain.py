@@ -14,6 +14,7 @@ from PIL import Image
 
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
+from lomar.data import device_decode
 from lomar.data.device_decode import decode_batch
 
 TINY = ["--model", "vit_tiny_patch8", "--embed-dim", "32", "--depth", "1", "--num-heads", "2",
@@ -91,11 +92,9 @@ def jpegs(tmp_path_factory) -> Path:
 def test_decode_gpu_trains_on_the_reference_pixels(jpegs, tmp_path, monkeypatch):
     """--decode gpu's batch decoding, run on CPU (torchvision's CPU decoder): the run is the
     reference run, loss for loss. On a CUDA machine --device auto takes the GPU path itself."""
-    import lomar.train.engine as engine
-
-    monkeypatch.setattr(engine, "DEVICE_DECODE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(device_decode, "DEVICE_DECODE_TYPES", ("cuda", "cpu"))
     decoded = []
-    monkeypatch.setattr(engine, "decode_batch", lambda batch, *args: decoded.append(len(batch["encoded"]))
+    monkeypatch.setattr(device_decode, "decode_batch", lambda batch, *args: decoded.append(len(batch["encoded"]))
                         or decode_batch(batch, *args))
     assert _run("--data", jpegs, "--out", tmp_path / "full", "--max-steps", 5) == 0
     assert not decoded

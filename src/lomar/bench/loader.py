@@ -54,9 +54,9 @@ def make_test_set(out: str | Path, kind: str = "camera", count: int = 32, qualit
         raise ValueError(f"unknown test-set kind {kind!r}; choose one of {', '.join(TEST_SET_SIZES)}")
     if count <= 0:
         raise ValueError(f"count must be positive, got {count}")
-    from lomar.data.folder import build_pretrain_dataset
+    from lomar.data.folder import demo_image_paths
 
-    sources = build_pretrain_dataset(None, 32, demo_repeats=1).paths  # the bundled photographs
+    sources = demo_image_paths()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     jobs, paths = [], []
@@ -75,45 +75,27 @@ def make_test_set(out: str | Path, kind: str = "camera", count: int = 32, qualit
     return paths
 
 
-def _masker(method: str, grid: tuple[int, int], windows: int | None, window_size: int = 7):
-    import functools
-
-    return functools.partial(_plan if method == "lomar" else _noise, grid=grid, windows=windows,
-                             window_size=window_size)
-
-
-def _plan(gen: torch.Generator, grid, windows, window_size) -> dict:
-    from lomar.models.masking import sample_plan
-
-    plan = sample_plan(1, grid, window_size, windows, 0.8, generator=gen)
-    return {"top_left": plan.top_left[0], "mask": plan.mask[0]}
-
-
-def _noise(gen: torch.Generator, grid, windows, window_size) -> dict:
-    return {"noise": torch.rand(grid[0] * grid[1], generator=gen)}
-
-
 def loader_dataset(data: str | Path, img_size: int, method: str = "lomar", windows: int | None = 4,
                    patch_size: int = 16, decode: str = "full", window_size: int = 7):
-    """The pretraining dataset of ``data`` with the masking plan of ``method``.
+    """The pretraining dataset of ``data`` as ``lomar pretrain --decode DECODE`` reads it, with the
+    masking plan of ``method`` (LoMaR: ``windows`` K x K windows per image, 0 or None the whole image).
 
     ``decode``: "full" (the reference path of :mod:`lomar.data.folder`), "draft" (reduced-size
-    JPEG decoding) or "windows" (draft + only the plan's windows resampled; LoMaR only).
+    JPEG decoding) or "windows" (draft + only the plan's windows resampled; a windowed method).
     """
+    from types import SimpleNamespace
+
+    from lomar.data.device_decode import decode_dataset
     from lomar.data.folder import build_pretrain_dataset
-    from lomar.models.masking import grid_size
+    from lomar.models.methods import get_method, method_runtime
 
-    grid = grid_size(img_size, patch_size)
-    base = build_pretrain_dataset(str(data), img_size, masker=_masker(method, grid, windows, window_size))
-    if decode == "full":
-        return base
-    from lomar.data.fast_decode import FastPretrainDataset
-
-    if decode == "windows" and method != "lomar":
-        raise ValueError(f"--decode windows needs a windowed method, not {method!r}; use draft")
-    if not hasattr(base, "paths"):
-        raise ValueError(f"--decode {decode} needs a folder or .txt list, not tar shards")
-    return FastPretrainDataset(base, decode, patch_size=patch_size, window_size=window_size, num_windows=windows)
+    # The settings the method's masker reads, at its default mask ratio; the bench's MAE is the
+    # global one, as the model it times (lomar.bench.timing.build_runner).
+    run = SimpleNamespace(method=method, img_size=img_size, window_size=window_size,
+                          windows=windows or 0 if method == "lomar" else 0,
+                          mask_ratio=get_method(method).default_mask_ratio)
+    base = build_pretrain_dataset(str(data), img_size, masker=method_runtime(run, patch_size).masker)
+    return decode_dataset(base, decode, patch_size, window_size, windows).dataset
 
 
 def _collate(batch: list[dict]) -> int:

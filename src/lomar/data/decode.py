@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_MAX_IMAGE_PIXELS", "is_image_name", "max_image_pixels", "decode_bytes",
-           "load_image", "load_pil"]
+           "load_image", "load_pil", "check_image_size"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 # Pillow's own decompression-bomb error threshold (2 x Image.MAX_IMAGE_PIXELS): ~13k x 13k.
@@ -144,3 +144,9 @@ def load_pil(path: str | Path, max_pixels: int | None = None):
     from PIL import Image
 
     return Image.fromarray(load_image(path, max_pixels).permute(1, 2, 0).numpy())
+
+
+def check_image_size(name: str, width: int, height: int, max_pixels: int | None = None) -> None:
+    """ValueError naming ``name`` when ``width`` x ``height`` (read from a header, before decoding) is over
+    ``max_pixels`` (default :func:`max_image_pixels`), with the message of the decoders here."""
+    _check_pixels(name, width, height, max_pixels if max_pixels is not None else max_image_pixels())

@@ -1,91 +1,87 @@
-"""``lomar pretrain --decode gpu``: JPEGs decoded in batches on the training device.
+"""``lomar pretrain --decode gpu``: JPEGs decoded in batches on the training device, and the
+choice of the loader's reading for every ``--decode`` mode (:func:`decode_dataset`).
 
 At high resolution a loader worker spends most of its time decoding photographs (see
 ``benchmarks/loader.md``). Here the workers only read the file, parse its header and draw the
 sample's randomness; the main process decodes the whole batch on the GPU (torchvision's batched
 nvjpeg decoder), then crops, resizes and flips there (:func:`lomar.data.fast_decode.gpu_decode_crops`).
 
-The draws are those of the reference path, in its order (crop box from the full-size header,
-then flip, then the masking plan, from the sample's own generator), so every sample gets the
-same crop, flip and plan as with ``--decode full``; only the decoder and the resize kernel's
-arithmetic differ. What the device decoder cannot take (not a JPEG, CMYK, an EXIF rotation)
-is decoded by the worker on the reference path, bit for bit, and travels as pixels.
+The draws are those of every decode path (:func:`lomar.data.transforms.draw_sample` on the
+full-size header), so every sample gets the same crop, flip and plan as with ``--decode full``;
+only the decoder and the resize kernel's arithmetic differ. What the device decoder cannot take
+(not a JPEG, CMYK, an EXIF rotation) is decoded by the worker on the reference path, bit for
+bit, and travels as pixels.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import Dataset
 
-from lomar.data.decode import _check_pixels, max_image_pixels
-from lomar.data.fast_decode import _normalize, _open, _oriented, gpu_decode_crops
-from lomar.data.transforms import make_item, sample_generator, sample_key
+from lomar.data.collate import collate_pretrain
+from lomar.data.fast_decode import FastPretrainDataset, gpu_decode_crops
+from lomar.data.folder import ImageListDataset
 
-__all__ = ["DEVICE_DECODE_TYPES", "EncodedPretrainDataset", "collate_encoded", "decode_batch", "decode_dataset"]
+__all__ = ["DEVICE_DECODE_TYPES", "Decoding", "decode_dataset", "EncodedPretrainDataset", "collate_encoded",
+           "decode_batch"]
 
 log = logging.getLogger("lomar.data")
 
 DEVICE_DECODE_TYPES = ("cuda",)  # devices with a batched JPEG decoder in torchvision
 
 
-def decode_dataset(base, mode: str, patch_size: int, window_size: int, windows: int):
-    """(dataset, collate function) reading ``base`` (an ImageListDataset) with ``--decode mode``:
-    full (``base`` itself), draft / windows (:class:`lomar.data.fast_decode.FastPretrainDataset`)
-    or gpu (:class:`EncodedPretrainDataset`, to be finished by :func:`decode_batch`)."""
-    from lomar.data.collate import collate_pretrain
-    from lomar.data.fast_decode import FastPretrainDataset
+class Decoding(NamedTuple):
+    """How a run reads its pretraining data: ``dataset`` and ``collate`` for the DataLoader, and
+    ``on_device``, the step the training loop applies to every batch it receives (``batch -> batch``
+    holding ``"images"`` (B', 3, S, S)): the identity, except that ``--decode gpu`` decodes there."""
 
+    dataset: Dataset
+    collate: Callable[[list[dict]], dict]
+    on_device: Callable[[dict], dict]
+
+
+def decode_dataset(base, mode: str, patch_size: int, window_size: int, windows: int,
+                   device: torch.device | str = "cuda") -> Decoding:
+    """The :class:`Decoding` of ``base`` (a pretraining dataset) with ``--decode mode``: full (``base``
+    itself), draft / windows (:class:`lomar.data.fast_decode.FastPretrainDataset`) or gpu
+    (:class:`EncodedPretrainDataset`, finished by :func:`decode_batch` on ``device``). ValueError
+    naming the fix when ``base`` is not read from image files or ``device`` has no batched decoder."""
     if mode == "full":
-        return base, collate_pretrain
-    if not hasattr(base, "paths"):
+        return Decoding(base, collate_pretrain, _unchanged)
+    if not isinstance(base, ImageListDataset):
         raise ValueError(f"--decode {mode} reads image files, not tar shards; use --decode full")
-    if mode == "gpu":
-        return EncodedPretrainDataset(base), collate_encoded
-    return FastPretrainDataset(base, mode, patch_size=patch_size, window_size=window_size,
-                               num_windows=windows), collate_pretrain
+    if mode != "gpu":
+        return Decoding(FastPretrainDataset(base, mode, patch_size, window_size, windows), collate_pretrain,
+                        _unchanged)
+    device = torch.device(device)
+    if device.type not in DEVICE_DECODE_TYPES:
+        raise ValueError(f"--decode gpu needs a CUDA device, but this run is on {device.type}; use --decode draft")
+    return Decoding(EncodedPretrainDataset(base), collate_encoded,
+                    lambda batch: decode_batch(batch, device, base.transform))
 
 
-class EncodedPretrainDataset(Dataset):
+def _unchanged(batch: dict) -> dict:
+    return batch
+
+
+class EncodedPretrainDataset(FastPretrainDataset):
     """The pretraining dataset of an :class:`lomar.data.folder.ImageListDataset`, left encoded.
 
-    Items: ``{"encoded": uint8 (n,) file bytes, "box": int64 (4,) (top, left, h, w) in full-size
-    pixels, "flip": bool, "image": None, "path", **plan}`` for a JPEG the device can decode, else
-    the base dataset's item (``"image"`` decoded, ``"encoded"`` None); an unreadable file has both None.
+    Items: ``{"image": None, "encoded": uint8 (n,) file bytes, "box": int64 (4,) (top, left, h, w)
+    in full-size pixels, "flip": bool, "path", **plan}`` for a JPEG the device can decode, else the
+    base dataset's item (``"image"`` decoded, ``"encoded"`` None); an unreadable file has both None.
     """
 
-    def __init__(self, base):
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)
+    def __init__(self, base: ImageListDataset):
+        super().__init__(base, "gpu")
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        index, epoch = sample_key(key)
-        base = self.base
-        path = str(base.paths[index % len(base.paths)])
-        gen = sample_generator(base.seed, epoch, index)
-        transform = base.transform
-        try:
-            data = Path(path).read_bytes()
-            with _open(data) as img:
-                width, height = img.size
-                on_device = img.format == "JPEG" and img.mode in ("RGB", "L") and not _oriented(img)
-            _check_pixels(path, width, height, max_image_pixels())
-        except (ValueError, OSError, SyntaxError) as exc:
-            log.debug("skipping %s: %s", path, exc)
-            return {"image": None, "encoded": None, "path": path, "size": transform.size}
-        if not on_device:
-            item = make_item(path, lambda: base._load(index % len(base.paths)), transform, gen, base.masker)
-            return {**item, "encoded": None}
-        box = transform.crop_box(height, width, gen)
-        flip = bool(transform.flip and bool(torch.rand(1, generator=gen) < 0.5))
-        item = {"image": None, "encoded": torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                "box": torch.tensor(box), "flip": flip, "path": path}
-        if base.masker is not None:
-            item.update(base.masker(gen))
+        item = super().__getitem__(key)
+        item.setdefault("encoded", None)
         return item
 
 
@@ -118,27 +114,21 @@ def decode_batch(batch: dict, device: torch.device, transform) -> dict:
     encoded, size = batch["encoded"], transform.size
     rows = [i for i, e in enumerate(encoded) if e is not None]
     images = torch.empty(len(encoded), 3, size, size, device=device)
-    keep = [True] * len(encoded)
+    keep = torch.ones(len(encoded), dtype=torch.bool)
     if rows:
         pixels, failed = _decode_rows([encoded[i] for i in rows], [tuple(batch["boxes"][i].tolist()) for i in rows],
                                       size, [batch["flips"][i] for i in rows], device)
-        images[rows] = _normalize(pixels, transform)
-        for j in failed:
-            keep[rows[j]] = False
+        images[rows] = transform.normalize(pixels)
+        keep[[rows[j] for j in failed]] = False
     for i, pixels in enumerate(batch["decoded"]):
         if pixels is not None:
             images[i] = pixels.to(device, non_blocking=True)
     out = {key: value for key, value in batch.items() if key not in ("encoded", "decoded", "boxes", "flips")}
-    if all(keep):
-        out["images"] = images
-        return out
-    index = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long)
-    out["bad"] = batch["bad"] + [p for p, k in zip(batch["paths"], keep) if not k]
-    out["paths"] = [p for p, k in zip(batch["paths"], keep) if k]
-    out["images"] = images[index.to(device)]
-    for key, value in out.items():
-        if key not in ("images", "bad", "paths") and isinstance(value, torch.Tensor):
-            out[key] = value[index]
+    out["images"] = images
+    if not keep.all():
+        out["bad"] = batch["bad"] + [p for p, k in zip(batch["paths"], keep.tolist()) if not k]
+        out["paths"] = [p for p, k in zip(batch["paths"], keep.tolist()) if k]
+        out.update({key: value[keep.to(value.device)] for key, value in out.items() if isinstance(value, torch.Tensor)})
     return out
 
 

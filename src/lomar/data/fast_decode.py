@@ -1,67 +1,83 @@
-"""Faster pretraining samples with the same distribution: reduced-size JPEG decoding,
-window-only resampling, and batched GPU decoding.
+"""Faster pretraining samples with the same draws: reduced-size JPEG decoding, window-only
+resampling, and the worker's side of batched GPU decoding.
 
 The pretraining transform (random-resized crop, flip, normalisation) decodes the whole photo
 and resizes the whole crop, although the crop is then shrunk to S px and a windowed method
 only looks at a few K·p px windows of it. Here:
 
 * **reduced-size decoding** (:func:`draft_decode_crop`): the crop box is drawn in full-size
-  coordinates exactly as :meth:`PretrainTransform.crop_box` draws it, then the JPEG is decoded
-  at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's ``draft``) as long as the crop
-  stays at least ``S`` px on each side, and the box is mapped to the reduced image with
-  sub-pixel precision. The crops' distribution is unchanged; the pixels differ slightly
-  because the DCT-scaled image is a different low-pass than the antialiased bicubic resize
-  (bounded in ``tests/bench/test_loader.py``).
+  coordinates, then the JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling,
+  Pillow's ``draft``) as long as the crop stays at least ``S`` px on each side, and the box is
+  mapped to the reduced image with sub-pixel precision. The crops' distribution is unchanged;
+  the pixels differ slightly because the DCT-scaled image is a different low-pass than the
+  antialiased bicubic resize (bounded in ``tests/bench/test_loader.py``).
 * **window-only resampling** (:func:`resample_windows`): the output is (3, S, S) with only
   the pixels of the plan's windows filled in (zeros elsewhere, i.e. the ImageNet mean after
   normalisation); each window is resampled from its own source sub-box. LoMaR reads nothing
   else, so its loss depends only on the filled pixels.
 * **GPU decoding** (:func:`gpu_decode_crops`): torchvision's batched CUDA JPEG decoder, with
-  crop, resize and flip on the device.
+  crop, resize and flip on the device (the batch side is :mod:`lomar.data.device_decode`).
 
-Randomness is drawn from the per-sample generator in the same order as the reference path
-(crop box, then flip, then masking plan), so every sample gets the same crop, flip and plan.
+:class:`FastPretrainDataset` reads each file's header, checks its size against the pixel limit
+and draws the sample's crop box, flip and plan with :func:`lomar.data.transforms.draw_sample`
+on the header's (EXIF-oriented) size: every sample gets the reference path's crop, flip and plan.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-__all__ = ["draft_decode_crop", "resample_windows", "FastPretrainDataset", "gpu_decode_crops",
-           "jpeg_size", "window_boxes"]
+from lomar.data.decode import check_image_size
+from lomar.data.folder import ImageListDataset
+from lomar.data.transforms import SampleDraw, draw_sample, unreadable_item
 
+__all__ = ["FAST_MODES", "FastPretrainDataset", "draft_decode_crop", "resample_windows", "window_boxes",
+           "gpu_decode_crops", "jpeg_size"]
+
+log = logging.getLogger("lomar.data")
+FAST_MODES = ("draft", "windows", "gpu")
 _JPEG_SCALES = (8, 4, 2, 1)
 
 
-def _normalize(pixels: torch.Tensor, transform) -> torch.Tensor:
-    """uint8 (..., 3, h, w) -> float32 normalised with the transform's mean/std, on the pixels' device."""
-    device = pixels.device
-    return (pixels.float() / 255.0 - transform.mean.to(device)) / transform.std.to(device)
-
-
-def _pil_to_tensor(img) -> torch.Tensor:
-    import numpy as np
-
+def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
 
 
-def _open(source: str | Path | bytes):
-    from PIL import Image
-
+def _open(source: str | Path | bytes) -> Image.Image:
     return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
 
 
-def _oriented(img) -> bool:
-    """True when EXIF asks for a rotation/flip: the box would be drawn on the wrong axes."""
+def _orientation(img: Image.Image) -> int | None:
+    """The EXIF orientation tag (1: as stored); None when the EXIF block cannot be read."""
     try:
-        return int(img.getexif().get(0x0112, 1)) not in (0, 1)
+        return int(img.getexif().get(0x0112, 1))
     except Exception:
-        return True
+        return None
+
+
+def _oriented(img: Image.Image) -> bool:
+    """True when EXIF asks (or may ask) for a rotation/flip: a box drawn on the stored axes would be wrong."""
+    return _orientation(img) not in (0, 1)
+
+
+def _size(img: Image.Image) -> tuple[int, int]:
+    """(height, width) after EXIF orientation, from the header."""
+    width, height = img.size
+    return (width, height) if _orientation(img) in (5, 6, 7, 8) else (height, width)
+
+
+def jpeg_size(source: str | Path | bytes) -> tuple[int, int]:
+    """(height, width) after EXIF orientation, from the header only (no decoding)."""
+    with _open(source) as img:
+        return _size(img)
 
 
 def _reduce(img, box: tuple[int, int, int, int], size: int):
@@ -78,40 +94,18 @@ def _reduce(img, box: tuple[int, int, int, int], size: int):
                 break
     img = img.convert("RGB")  # decodes (at the draft scale, if one was set)
     if _oriented(img) and img.size == (width, height):
-        from PIL import ImageOps
-
         img = ImageOps.exif_transpose(img)
         width, height = img.size
     sx, sy = img.size[0] / width, img.size[1] / height
     return img, (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
 
 
-def jpeg_size(source: str | Path | bytes) -> tuple[int, int]:
-    """(height, width) after EXIF orientation, from the header only (no decoding)."""
-    with _open(source) as img:
-        width, height = img.size
-        if _oriented(img) and int(img.getexif().get(0x0112, 1)) in (5, 6, 7, 8):
-            width, height = height, width
-    return height, width
-
-
-def draft_decode_crop(source: str | Path | bytes, transform, gen: torch.Generator) -> tuple[torch.Tensor, bool]:
-    """Random-resized crop of a photo with reduced-size decoding.
-
-    ``transform``: the dataset's :class:`lomar.data.transforms.PretrainTransform` (its ``crop_box``,
-    ``size``, ``flip``). Draws the box in full-size coordinates, then the flip, from ``gen``
-    exactly as the transform does. Returns (uint8 (3, S, S) crop, already flipped; flipped).
-    """
-    from PIL import Image
-
-    with _open(source) as img:
-        height, width = jpeg_size(source) if _oriented(img) else (img.size[1], img.size[0])
-        box = transform.crop_box(height, width, gen)
-        flipped = bool(transform.flip and bool(torch.rand(1, generator=gen) < 0.5))
-        reduced, fbox = _reduce(img, box, transform.size)
-        out = reduced.resize((transform.size, transform.size), Image.Resampling.BICUBIC, box=fbox)
-    pixels = _pil_to_tensor(out)
-    return (pixels.flip(-1) if flipped else pixels), flipped
+def draft_decode_crop(img: Image.Image, size: int, draw: SampleDraw) -> torch.Tensor:
+    """``draw``'s crop of the opened photo ``img`` (header read, not decoded), decoded at reduced size:
+    uint8 (3, size, size), already flipped if ``draw.flip``."""
+    reduced, fbox = _reduce(img, draw.box, size)
+    pixels = _pil_to_tensor(reduced.resize((size, size), Image.Resampling.BICUBIC, box=fbox))
+    return pixels.flip(-1) if draw.flip else pixels
 
 
 def window_boxes(fbox: tuple[float, float, float, float], size: int, top_left: torch.Tensor,
@@ -132,48 +126,39 @@ def window_boxes(fbox: tuple[float, float, float, float], size: int, top_left: t
     return boxes
 
 
-def resample_windows(source: str | Path | bytes, transform, gen: torch.Generator, masker,
-                     patch_size: int, window_size: int) -> tuple[torch.Tensor, dict]:
-    """Only the windows of the masking plan, resampled from a reduced-size decode.
-
-    Draws box, flip and then the plan (``masker(gen)``, a dict with ``top_left`` (n, 2) in patch
-    units) in the reference order. Returns (uint8 (3, S, S) with zeros outside the windows,
-    the masker's dict).
-    """
-    from PIL import Image
-
-    size, extent = transform.size, window_size * patch_size
-    with _open(source) as img:
-        height, width = jpeg_size(source) if _oriented(img) else (img.size[1], img.size[0])
-        box = transform.crop_box(height, width, gen)
-        flipped = bool(transform.flip and bool(torch.rand(1, generator=gen) < 0.5))
-        plan = masker(gen)
-        reduced, fbox = _reduce(img, box, size)
+def resample_windows(img: Image.Image, size: int, draw: SampleDraw, patch_size: int, window_size: int) -> torch.Tensor:
+    """Only the windows of ``draw.plan`` (``top_left`` (n, 2) in patch units) of ``draw``'s crop of the
+    opened photo ``img``, resampled from a reduced-size decode: uint8 (3, size, size), zeros outside them."""
+    extent = window_size * patch_size
+    reduced, fbox = _reduce(img, draw.box, size)
     out = torch.zeros(3, size, size, dtype=torch.uint8)
-    for sub, r, c in window_boxes(fbox, size, plan["top_left"] * patch_size, extent, flipped):
+    for sub, r, c in window_boxes(fbox, size, draw.plan["top_left"] * patch_size, extent, draw.flip):
         patch = _pil_to_tensor(reduced.resize((extent, extent), Image.Resampling.BICUBIC, box=sub))
-        out[:, r:r + extent, c:c + extent] = patch.flip(-1) if flipped else patch
-    return out, plan
+        out[:, r:r + extent, c:c + extent] = patch.flip(-1) if draw.flip else patch
+    return out
 
 
 class FastPretrainDataset(Dataset):
-    """The pretraining dataset of an :class:`lomar.data.folder.ImageListDataset`, faster.
+    """The samples of an :class:`lomar.data.folder.ImageListDataset`, decoded faster with the same draws.
 
-    ``mode``: "draft" (reduced-size decode, whole crop resized) or "windows" (reduced-size
-    decode, only the plan's windows resampled; needs ``patch_size``/``window_size`` and a
-    masker returning ``top_left``; ``num_windows`` per image decides whether resampling
-    windows one by one beats one resize). A sample that gains nothing (a photo too small to
-    decode reduced, windows covering most of the crop) takes the reference path, bit for bit.
-    Items as the base dataset's: ``{"image", "path", **plan}``;
-    unreadable files give ``image=None`` like the base.
+    ``mode``: "draft" (reduced-size decode, whole crop resized), "windows" (reduced-size decode,
+    only the plan's windows resampled; needs ``patch_size``/``window_size`` and a masker whose plan
+    has ``top_left``; ``num_windows`` per image decides whether resampling windows one by one
+    beats one resize) or "gpu" (the file left encoded: see
+    :class:`lomar.data.device_decode.EncodedPretrainDataset`). A sample that gains nothing (a photo
+    too small to decode reduced, windows covering most of the crop, not a plain JPEG) is the base
+    dataset's item, bit for bit. Items as the base dataset's: ``{"image", "path", **plan}``; an
+    unreadable file, or one over the pixel limit, gives ``image=None`` like the base.
     """
 
-    def __init__(self, base, mode: str = "draft", patch_size: int | None = None, window_size: int | None = None,
-                 num_windows: int | None = None):
-        if mode not in ("draft", "windows"):
-            raise ValueError(f"mode must be 'draft' or 'windows', got {mode!r}")
-        if mode == "windows" and (patch_size is None or window_size is None or base.masker is None):
-            raise ValueError("mode 'windows' needs patch_size, window_size and a windowed masker")
+    def __init__(self, base: ImageListDataset, mode: str = "draft", patch_size: int | None = None,
+                 window_size: int | None = None, num_windows: int | None = None):
+        if mode not in FAST_MODES:
+            raise ValueError(f"mode must be one of {', '.join(FAST_MODES)}, got {mode!r}")
+        plan = base.masker(torch.Generator()) if base.masker is not None else {}  # a throwaway draw: its fields
+        if mode == "windows" and (patch_size is None or window_size is None or "top_left" not in plan):
+            raise ValueError("--decode windows needs a windowed method (a masking plan of windows); "
+                             "use --decode draft")
         self.base, self.mode, self.patch_size, self.window_size = base, mode, patch_size, window_size
         # Resampling windows one by one only pays when they cover well under the crop (e.g. 4
         # windows of 112 px fill a 224 px crop, but 6 % of an 896 px one) or the decode shrinks.
@@ -183,46 +168,41 @@ class FastPretrainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def _reducible(self, path: str, gen: torch.Generator) -> bool:
-        return (self.mode == "windows" and self.sparse) or _can_reduce(path, self.base.transform, gen)
-
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        from lomar.data.transforms import sample_generator, sample_key
-
-        index, epoch = sample_key(key)
         base = self.base
-        path = str(base.paths[index % len(base.paths)])
-        gen = sample_generator(base.seed, epoch, index)
+        _, path, gen = base.sample(key)
         try:
-            if not self._reducible(path, gen):
-                # No DCT scale keeps the crop >= S px (small photos): the reference path is the
-                # fastest there, and exact. The generator is rewound, so the draws are the same.
-                from lomar.data.decode import load_image
+            data = Path(path).read_bytes()
+            with _open(data) as img:
+                check_image_size(path, *img.size)  # before anything is decoded, as on the reference path
+                if not self._takes(img):
+                    return base[key]
+                draw = draw_sample(base.transform, base.masker, *_size(img), gen)
+                item = self._decode(img, data, draw)
+        except (ValueError, OSError, RuntimeError, SyntaxError, Image.DecompressionBombError) as exc:
+            log.debug("skipping %s: %s", path, exc)
+            return unreadable_item(path, base.transform.size)
+        # None: no DCT scale keeps the crop >= S px (small photos), where the reference path is the
+        # fastest, and exact; it draws the same box, flip and plan from a fresh generator.
+        return base[key] if item is None else {**item, "path": path, **draw.plan}
 
-                image = base.transform(load_image(path), gen)
-                plan = base.masker(gen) if base.masker is not None else {}
-                return {"image": image, "path": path, **plan}
-            if self.mode == "windows":
-                pixels, plan = resample_windows(path, base.transform, gen, base.masker, self.patch_size,
-                                                self.window_size)
-            else:
-                pixels, _ = draft_decode_crop(path, base.transform, gen)
-                plan = base.masker(gen) if base.masker is not None else {}
-        except (ValueError, OSError, RuntimeError):
-            return {"image": None, "path": path, "size": base.transform.size}
-        return {"image": _normalize(pixels, base.transform), "path": path, **plan}
+    def _takes(self, img: Image.Image) -> bool:
+        """Whether this mode decodes ``img`` itself (else the reference path does)."""
+        if self.sparse:
+            return True
+        return img.format == "JPEG" and not _oriented(img) and (self.mode != "gpu" or img.mode in ("RGB", "L"))
 
-
-def _can_reduce(source, transform, gen: torch.Generator) -> bool:
-    """Whether the crop ``gen`` will draw can be decoded at 1/2 scale or less; ``gen`` is left as it was."""
-    with _open(source) as img:
-        if img.format != "JPEG" or _oriented(img):
-            return False
-        width, height = img.size
-    state = gen.get_state()
-    _, _, h, w = transform.crop_box(height, width, gen)
-    gen.set_state(state)
-    return h / 2 >= transform.size and w / 2 >= transform.size
+    def _decode(self, img: Image.Image, data: bytes, draw: SampleDraw) -> dict | None:
+        """The item's image fields by this mode; None when the reference path is as fast."""
+        size = self.base.transform.size
+        if self.mode == "gpu":
+            return {"image": None, "encoded": torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                    "box": torch.tensor(draw.box), "flip": draw.flip}
+        if not self.sparse and min(draw.box[2:]) / 2 < size:
+            return None
+        pixels = (resample_windows(img, size, draw, self.patch_size, self.window_size) if self.mode == "windows"
+                  else draft_decode_crop(img, size, draw))
+        return {"image": self.base.transform.normalize(pixels)}
 
 
 def gpu_decode_crops(datas: list[bytes | torch.Tensor], boxes: list[tuple[int, int, int, int]], size: int,

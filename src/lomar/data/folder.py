@@ -104,10 +104,15 @@ class ImageListDataset(Dataset):
         return len(self.paths) * self.repeats
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        i, path, gen = self.sample(key)
+        return make_item(path, lambda: self._load(i), self.transform, gen, self.masker)
+
+    def sample(self, key: int | tuple[int, int]) -> tuple[int, str, torch.Generator]:
+        """(file index, path, generator seeded by (seed, epoch, index)) of sample ``key``: what every
+        decode path of :mod:`lomar.data.fast_decode` reads and draws from."""
         index, epoch = sample_key(key)
-        path = self.paths[index % len(self.paths)]
-        gen = sample_generator(self.seed, epoch, index)
-        return make_item(str(path), lambda: self._load(index % len(self.paths)), self.transform, gen, self.masker)
+        i = index % len(self.paths)
+        return i, str(self.paths[i]), sample_generator(self.seed, epoch, index)
 
     def _load(self, i: int) -> torch.Tensor:
         if self.decoded is None:

@@ -1,8 +1,10 @@
-"""Reproducible pretraining augmentation and the per-sample generator behind it.
+"""Reproducible pretraining augmentation: the per-sample generator and the one sample draw.
 
-Every random choice for a sample (its crop, its flip, its masking) comes from a generator
-seeded by (run seed, epoch, sample index). A sample is therefore the same whichever worker
-loads it, however many processes share the batch, and after any resume.
+Every random choice for a sample comes from a generator seeded by (run seed, epoch, sample
+index), and :func:`draw_sample` is the only code that draws them, in one fixed order: crop
+box, flip, masking plan. Every decode path (full, draft, windows, gpu) calls it, so a sample
+gets the same crop, flip and plan whichever path decodes it, whichever worker loads it,
+however many processes share the batch, and after any resume.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Masker", "denormalize", "sample_key", "sample_generator",
-           "PretrainTransform", "make_item"]
+           "SampleDraw", "draw_sample", "PretrainTransform", "make_item", "unreadable_item"]
 
 log = logging.getLogger("lomar.data")
 
@@ -42,6 +45,24 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """A generator that is a pure function of (seed, epoch, index)."""
     state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+
+
+class SampleDraw(NamedTuple):
+    """A sample's random choices: ``box`` (top, left, h, w) in full-size pixels of the (EXIF-oriented)
+    image, ``flip`` (mirror the crop horizontally), ``plan`` (the masker's ``{name: tensor}``, or {})."""
+
+    box: tuple[int, int, int, int]
+    flip: bool
+    plan: dict[str, torch.Tensor]
+
+
+def draw_sample(transform: PretrainTransform, masker: Masker | None, height: int, width: int,
+                gen: torch.Generator) -> SampleDraw:
+    """The random choices of a ``height`` x ``width`` image, drawn from its generator ``gen`` in the
+    one order every decode path shares: crop box, flip (only when ``transform.flip``), masking plan."""
+    box = transform.crop_box(height, width, gen)
+    flip = transform.flip and bool(torch.rand(1, generator=gen) < 0.5)
+    return SampleDraw(box, flip, masker(gen) if masker is not None else {})
 
 
 class PretrainTransform:
@@ -80,28 +101,34 @@ class PretrainTransform:
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
 
-    def __call__(self, image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """uint8 (3, H, W) -> float32 (3, size, size), normalised."""
-        top, left, h, w = self.crop_box(image.shape[-2], image.shape[-1], gen)
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., 3, h, w) -> float32, ImageNet-normalised, on the pixels' device."""
+        device = pixels.device
+        return (pixels.float() / 255.0 - self.mean.to(device)) / self.std.to(device)
+
+    def apply(self, image: torch.Tensor, draw: SampleDraw) -> torch.Tensor:
+        """uint8 (3, H, W) -> float32 (3, size, size): ``draw``'s crop, resized, flipped, normalised."""
         from torchvision.transforms.v2 import functional as TF
 
-        crop = TF.resized_crop(image, top, left, h, w, [self.size, self.size],
+        crop = TF.resized_crop(image, *draw.box, [self.size, self.size],
                                interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-        if self.flip and bool(torch.rand(1, generator=gen) < 0.5):
-            crop = crop.flip(-1)
-        return (crop.float() / 255.0 - self.mean) / self.std
+        return self.normalize(crop.flip(-1) if draw.flip else crop)
+
+
+def unreadable_item(path: str, size: int) -> dict:
+    """The item of a file that cannot be read; ``size`` lets the collate shape an all-bad batch (0, 3, S, S)."""
+    return {"image": None, "path": path, "size": size}
 
 
 def make_item(path: str, decode: Callable[[], torch.Tensor], transform: PretrainTransform,
               gen: torch.Generator, masker: Masker | None) -> dict:
-    """One pretraining sample: ``{"image": (3, S, S) or None if unreadable, "path", **masker(gen)}``."""
+    """One pretraining sample on the reference path (the whole image decoded, then cropped):
+    ``{"image": (3, S, S), "path", **plan}``, or :func:`unreadable_item`."""
     try:
-        image = transform(decode(), gen)
+        image = decode()
+        draw = draw_sample(transform, masker, image.shape[-2], image.shape[-1], gen)
+        pixels = transform.apply(image, draw)
     except (ValueError, RuntimeError, OSError) as exc:
         log.debug("skipping %s: %s", path, exc)
-        # The size lets the collate shape an all-bad batch as (0, 3, S, S).
-        return {"image": None, "path": path, "size": transform.size}
-    item = {"image": image, "path": path}
-    if masker is not None:
-        item.update(masker(gen))
-    return item
+        return unreadable_item(path, transform.size)
+    return {"image": pixels, "path": path, **draw.plan}

@@ -25,7 +25,7 @@ from lomar.checkpoints.export import export_encoder
 from lomar.checkpoints.formats import PRETRAIN_FORMAT
 from lomar.checkpoints.io import safe_load
 from lomar.data.collate import BadDataTracker
-from lomar.data.device_decode import DEVICE_DECODE_TYPES, decode_batch, decode_dataset
+from lomar.data.device_decode import decode_dataset
 from lomar.data.folder import build_pretrain_dataset
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError
@@ -80,11 +80,9 @@ class Trainer:
         self.base_dataset = build_pretrain_dataset(config.data, config.img_size, config.seed,
                                                    masker=self.runtime.masker,
                                                    rank=info.rank, world_size=info.world_size)
-        if config.decode == "gpu" and device.type not in DEVICE_DECODE_TYPES:
-            raise UsageError(f"--decode gpu needs a CUDA device, but this run is on {device.type}; "
-                             f"use --decode draft")
-        self.dataset, collate = decode_dataset(self.base_dataset, config.decode, self.patch, config.window_size,
-                                               config.windows)
+        self.decoding = decode_dataset(self.base_dataset, config.decode, self.patch, config.window_size,
+                                       config.windows, device)
+        self.dataset = self.decoding.dataset
         self.iterable = isinstance(self.dataset, IterableDataset)
         size = self._dataset_size()
         per_rank = size // info.world_size
@@ -94,7 +92,7 @@ class Trainer:
                                 f"{config.accum_steps} x {info.world_size} process(es); lower --batch-size")
         self.sampler = None if self.iterable else EpochSampler(size, config.seed, info.rank, info.world_size)
         self.loader = DataLoader(self.dataset, batch_size=config.batch_size, sampler=self.sampler,
-                                 num_workers=config.workers, collate_fn=collate, drop_last=True,
+                                 num_workers=config.workers, collate_fn=self.decoding.collate, drop_last=True,
                                  pin_memory=device.type == "cuda", persistent_workers=config.workers > 0,
                                  worker_init_fn=ignore_stop_signals if config.workers > 0 else None,
                                  # Its own generator: each new iterator (one more after a resume) then
@@ -232,8 +230,7 @@ class Trainer:
             if micro == limit:
                 break
             micro += 1
-            if self.config.decode == "gpu":
-                batch = decode_batch(batch, self.device, self.base_dataset.transform)
+            batch = self.decoding.on_device(batch)
             batch, n = self._readable(batch)
             if batch is not None:
                 self._backward(batch, n, sync=micro % accum == 0 or not self.info.enabled)

@@ -1,0 +1,107 @@
+"""The one sample draw: every decode path takes its crop box, flip and masking plan from
+``draw_sample`` on the sample's (seed, epoch, index) generator, and skips what the reference
+path skips (files over the pixel limit, headers Pillow refuses as decompression bombs)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lomar.data import device_decode
+from lomar.data.device_decode import EncodedPretrainDataset, decode_dataset
+from lomar.data.fast_decode import FastPretrainDataset, jpeg_size
+from lomar.data.folder import build_pretrain_dataset
+from lomar.data.transforms import draw_sample, sample_generator
+from lomar.models.methods import get_method
+
+SIZE = 32
+
+
+class _Cfg:  # the settings the LoMaR masker reads
+    window_size, windows, mask_ratio = 2, 2, 0.75
+
+
+def _jpeg(path: Path, height: int, width: int, seed: int = 0) -> None:
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([(x * (seed + 2)) % 256, (y * 3) % 256, ((x + y) * 2) % 256], -1).astype(np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("photos")
+    for i, (h, w) in enumerate([(300, 400), (90, 70), (256, 520)]):  # reduced decode, reference, reduced
+        _jpeg(root / f"photo{i}.jpg", h, w, i)
+    return root
+
+
+def _base(root: Path):
+    masker = get_method("lomar").masker(_Cfg(), (SIZE // 8, SIZE // 8))
+    return build_pretrain_dataset(str(root), SIZE, seed=5, masker=masker)
+
+
+def _readers(base) -> dict:
+    return {"full": base, "draft": FastPretrainDataset(base, "draft"),
+            "windows": FastPretrainDataset(base, "windows", 8, _Cfg.window_size, 1),
+            "gpu": EncodedPretrainDataset(base)}
+
+
+def test_every_decode_path_takes_its_draws_from_draw_sample(photos):
+    base = _base(photos)
+    for mode, reader in _readers(base).items():
+        for index in range(len(base)):
+            for epoch in (0, 3):
+                path = base.paths[index]
+                want = draw_sample(base.transform, base.masker, *jpeg_size(path),
+                                   sample_generator(5, epoch, index))
+                item = reader[(index, epoch)]
+                assert item["path"] == str(path)
+                for name, value in want.plan.items():
+                    assert torch.equal(item[name], value), (mode, index, epoch, name)
+                if item.get("encoded") is not None:  # the device decodes later: the item carries box and flip
+                    assert tuple(item["box"].tolist()) == want.box and item["flip"] == want.flip
+
+
+def test_windows_decoding_refuses_a_plan_without_windows(photos):
+    global_mae = type("Cfg", (), {"window_size": 2, "windows": 0, "mask_ratio": 0.75})()
+    masker = get_method("mae").masker(global_mae, (SIZE // 8, SIZE // 8))  # per-image noise, no windows
+    base = build_pretrain_dataset(str(photos), SIZE, masker=masker)
+    with pytest.raises(ValueError, match="needs a windowed method"):
+        FastPretrainDataset(base, "windows", 8, 2, 1)
+
+
+def _bomb(path: Path, source: Path, height: int, width: int) -> None:
+    """``source`` with its JPEG header (SOF0) claiming ``height`` x ``width``."""
+    data = bytearray(source.read_bytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    path.write_bytes(bytes(data))
+
+
+def test_every_decode_path_skips_what_the_reference_path_skips(photos, tmp_path, monkeypatch):
+    _jpeg(tmp_path / "a_large.jpg", 300, 400)
+    _bomb(tmp_path / "b_bomb.jpg", tmp_path / "a_large.jpg", 60000, 60000)  # Pillow refuses to open it
+    _jpeg(tmp_path / "c_fine.jpg", 200, 150)
+    monkeypatch.setenv("LOMAR_MAX_IMAGE_PIXELS", str(100_000))  # a_large (120 000 px) is over it
+    base = _base(tmp_path)
+    for mode, reader in _readers(base).items():
+        readable = [reader[(i, 0)]["image"] is not None or reader[(i, 0)].get("encoded") is not None
+                    for i in range(len(base))]
+        assert readable == [False, False, True], mode
+        assert reader[(0, 0)]["size"] == SIZE  # an all-bad batch still has its shape
+
+
+def test_decode_dataset_gives_the_loop_one_batch_step_for_every_mode(photos, monkeypatch):
+    base = _base(photos)
+    batch = {"images": torch.zeros(0, 3, SIZE, SIZE), "bad": []}
+    for mode in ("full", "draft", "windows"):
+        assert decode_dataset(base, mode, 8, _Cfg.window_size, 1, "cpu").on_device(batch) is batch
+    with pytest.raises(ValueError, match="--decode gpu needs a CUDA device, but this run is on cpu"):
+        decode_dataset(base, "gpu", 8, _Cfg.window_size, 1, "cpu")
+    monkeypatch.setattr(device_decode, "DEVICE_DECODE_TYPES", ("cpu",))
+    decoding = decode_dataset(base, "gpu", 8, _Cfg.window_size, 1, "cpu")
+    decoded = decoding.on_device(decoding.collate([decoding.dataset[(i, 1)] for i in range(len(base))]))
+    torch.testing.assert_close(decoded["images"], torch.stack([base[(i, 1)]["image"] for i in range(len(base))]),
+                               rtol=0, atol=0)
