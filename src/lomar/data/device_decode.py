@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import Dataset
 
-from lomar.data.collate import collate_pretrain
+from lomar.data import collate
 from lomar.data.fast_decode import FastPretrainDataset, gpu_decode_crops
 from lomar.data.folder import ImageListDataset
 
@@ -50,13 +50,13 @@ def decode_dataset(base, mode: str, patch_size: int, window_size: int, windows: 
     itself), draft / windows (:class:`lomar.data.fast_decode.FastPretrainDataset`) or gpu
     (:class:`EncodedPretrainDataset`, finished by :func:`decode_batch` on ``device``). ValueError
     naming the fix when ``base`` is not read from image files or ``device`` has no batched decoder."""
-    if mode == "full":
-        return Decoding(base, collate_pretrain, _unchanged)
+    if mode == "full":  # collate_pretrain through its module at each call: the engine tests replace it there
+        return Decoding(base, collate.collate_pretrain, _unchanged)
     if not isinstance(base, ImageListDataset):
         raise ValueError(f"--decode {mode} reads image files, not tar shards; use --decode full")
     if mode != "gpu":
-        return Decoding(FastPretrainDataset(base, mode, patch_size, window_size, windows), collate_pretrain,
-                        _unchanged)
+        return Decoding(FastPretrainDataset(base, mode, patch_size, window_size, windows),
+                        collate.collate_pretrain, _unchanged)
     device = torch.device(device)
     if device.type not in DEVICE_DECODE_TYPES:
         raise ValueError(f"--decode gpu needs a CUDA device, but this run is on {device.type}; use --decode draft")
