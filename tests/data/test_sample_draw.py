@@ -14,7 +14,7 @@ from lomar.data.device_decode import EncodedPretrainDataset, decode_dataset
 from lomar.data.fast_decode import FastPretrainDataset, jpeg_size
 from lomar.data.folder import build_pretrain_dataset
 from lomar.data.transforms import draw_sample, sample_generator
-from lomar.models.methods import get_method
+from lomar.methods import get_method
 
 SIZE = 32
 

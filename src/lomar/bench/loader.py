@@ -87,7 +87,8 @@ def loader_dataset(data: str | Path, img_size: int, method: str = "lomar", windo
 
     from lomar.data.device_decode import decode_dataset
     from lomar.data.folder import build_pretrain_dataset
-    from lomar.models.methods import get_method, method_runtime
+    from lomar.methods import get_method
+    from lomar.methods.base import method_runtime
 
     # The settings the method's masker reads, at its default mask ratio; the bench's MAE is the
     # global one, as the model it times (lomar.bench.timing.build_runner).
