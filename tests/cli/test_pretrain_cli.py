@@ -323,7 +323,7 @@ def test_ctrl_c_checkpoints_exits_130_and_a_second_run_is_refused_meanwhile(tmp_
 
 def _without(flags: list[str], *names: str) -> list[str]:
     out, skip = [], False
-    for i, flag in enumerate(flags):
+    for flag in flags:
         if skip:
             skip = False
         elif flag in names:

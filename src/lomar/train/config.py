@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,16 +16,20 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from lomar.train import settings as S
 from lomar.train.config_checks import check_data, check_decode, check_fsdp, check_numbers
 from lomar.train.runtime import default_workers
 from lomar.train.settings import (
-    SCHEDULE_STEPS_HELP,
     ConfigError,
-    add_dataclass_arguments,
+    Setting,
+    add_settings,
+    check_declared,
     coerce_all,
+    declarations,
     explicit_values,
     lay_schedule_over_max_steps,
     read_yaml,
+    refuse_held_run,
     resume_target,
     resume_values,
 )
@@ -38,59 +41,81 @@ __all__ = ["PretrainConfig", "DEMO_PRESET", "add_config_arguments", "resolve_con
            "vit_config", "ConfigError"]
 
 
+# The registry (lomar.models.methods) imports torch; a test keeps this tuple equal to it.
+METHOD_NAMES = ("lomar", "mae", "beit")
+
+
+def setting(default, help: str, **rule):
+    """A pretraining-only setting (see :class:`lomar.train.settings.Setting`)."""
+    return Setting(default, help, **rule).field()
+
+
 @dataclass
 class PretrainConfig:
     COMMAND = "pretrain"
-    PARSERS = {"windows": lambda text: _parse_windows(text)}  # flag / YAML text -> value
     # data and output
-    data: str | None = None  # image folder, .txt list, or tar shard pattern; None = demo photos
-    out: str | None = None  # default runs/<timestamp>
+    data: str | None = S.DATA.field(help="image folder (recursive), .txt list of paths, or tar shards ('shards/*.tar', "
+                                       "'shard-{000..009}.tar') (default: the built-in demo photographs)")
+    out: str | None = S.OUT.field()
     # method and model
-    method: str = "lomar"  # lomar | mae | beit (lomar.models.methods)
-    model: str = "vit_base_patch16"
-    embed_dim: int | None = None  # explicit widths override the named model
-    depth: int | None = None
-    num_heads: int | None = None
-    patch_size: int | None = None
-    img_size: int = 224
-    pos: str | None = None  # rpe | abs; default rpe for lomar, abs for mae
-    window_size: int = 7
-    windows: str = "auto"  # a count, 0/'global' = the whole image, auto = the method's default; an int once resolved
-    mask_ratio: float | None = None  # default 0.8 for lomar, 0.75 for mae
-    norm_pix_loss: bool = True
-    decoder_embed_dim: int = 512  # MAE only
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    tokenizer: str | None = None  # BEiT only: dVAE / k-means file; None = fit k-means into OUT
+    method: str = setting("lomar", "pretraining method: lomar (local windows), mae (whole image), beit (token "
+                          "prediction)", choices=METHOD_NAMES)
+    model: str = S.MODEL.field()
+    embed_dim: int | None = setting(None, "token width (default: the --model's)", above=0)
+    depth: int | None = S.DEPTH.field()
+    num_heads: int | None = S.NUM_HEADS.field()
+    patch_size: int | None = setting(None, "patch size in pixels (default: the --model's)", above=0)
+    img_size: int = S.IMG_SIZE.field()
+    pos: str | None = setting(None, "position encoding (default: rpe for lomar, abs for mae and beit)",
+                              choices=("rpe", "abs", "none"), resume="derived")
+    window_size: int = S.WINDOW_SIZE.field()
+    windows: str = setting(  # an int once resolved
+        "auto", "K x K windows per image for any method; 0 or 'global' = the whole image; auto = lomar: the paper's "
+        "4 at 224 px, 6 at 384, 9 at 448, scaled with the patch-grid area at other sizes (--print-config shows the "
+        "count); mae, beit: global", parse=lambda text: _parse_windows(text), resume="derived")
+    mask_ratio: float | None = setting(None, "masked share per window (default: 0.8 lomar, 0.75 mae; beit: blockwise)",
+                                       resume="derived")
+    norm_pix_loss: bool = setting(True, "reconstruct per-patch normalised pixels")
+    decoder_embed_dim: int = setting(512, "MAE decoder width", above=0)
+    decoder_depth: int = setting(8, "MAE decoder blocks", above=0)
+    decoder_num_heads: int = S.DECODER_NUM_HEADS.field()
+    tokenizer: str | None = setting(None, "--method beit: dVAE (encoder.pkl, state dict, safetensors) or k-means "
+                                    "tokenizer file (default: fit the built-in k-means tokenizer on the data into "
+                                    "OUT/tokenizer.safetensors)")
     # optimisation (original recipe)
-    batch_size: int = 64  # per device
-    accum_steps: int = 1
-    epochs: int = 400
-    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
-    schedule_steps: int | None = None  # None: the epochs' steps (see schedule_span)
-    blr: float = 1.5e-4  # lr = blr * effective_batch / 256
-    lr: float | None = None  # absolute lr, overrides blr
-    min_lr: float = 0.0
-    warmup_epochs: float = 40
-    weight_decay: float = 0.05
-    clip_grad: float | None = None
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto = bf16 on capable CUDA, else fp32
-    compile: bool = False
-    fsdp: bool = False  # shard parameters, gradients and optimizer state across torchrun processes (FSDP2)
-    decode: str = "full"  # full | draft | windows | gpu (lomar.data.fast_decode, lomar.data.device_decode)
+    batch_size: int = S.BATCH_SIZE.field()
+    accum_steps: int = S.ACCUM_STEPS.field()
+    epochs: int = S.EPOCHS.field()
+    max_steps: int | None = S.MAX_STEPS.field()
+    schedule_steps: int | None = S.SCHEDULE_STEPS.field()
+    blr: float = S.BLR.field()
+    lr: float | None = S.LR.field()
+    min_lr: float = S.MIN_LR.field()
+    warmup_epochs: float = S.WARMUP_EPOCHS.field()
+    weight_decay: float = S.WEIGHT_DECAY.field()
+    clip_grad: float | None = setting(None, "clip the gradient norm to this (default: no clipping)", above=0)
+    precision: str = S.PRECISION.field()
+    compile: bool = S.COMPILE.field()
+    fsdp: bool = setting(False, "shard the model, gradients and optimizer state across the torchrun processes "
+                         "(FSDP2, one unit per block); sharded checkpoints checkpoint-N.dcp/, consolidated to last.pt "
+                         "at the end")
+    decode: str = S.DECODE.field()
     # running
-    workers: int | None = None  # None = min(8, cores - 1)
-    threads: int | None = None  # torch CPU threads per process; None = the cores / processes on this machine
-    seed: int = 0
-    device: str = "auto"
-    save_every: int = 20  # epochs
-    keep_last: int = 2
-    log_every: int = 20  # optimizer steps
-    resume: str | None = None  # PATH or 'auto'
-    overwrite: bool = False
-    figure_images: int = 4
-    knn_every: int = 0  # epochs; 0 = never
-    knn_data: str | None = None  # ImageFolder root with train/ and val/, for --knn-every
+    workers: int | None = S.WORKERS.field()
+    threads: int | None = S.THREADS.field(help="CPU threads per process; 1 is fastest for tiny models on a busy "
+                                               "machine (default: the cores shared among this machine's processes)")
+    seed: int = S.SEED.field()
+    device: str = S.DEVICE.field()
+    save_every: int = setting(20, "write a checkpoint every N epochs", above=0, resume="run-control")
+    keep_last: int = setting(2, "checkpoints to keep", above=0, resume="run-control")
+    log_every: int = S.LOG_EVERY.field()
+    resume: str | None = S.RESUME.field()
+    overwrite: bool = S.OVERWRITE.field()
+    figure_images: int = setting(4, "images in the reconstruction figures", above=0, resume="run-control")
+    knn_every: int = setting(0, "every N epochs, print and log the k-NN top-1 of the encoder on --knn-data "
+                             "(0 = never)", low=0, resume="run-control")
+    knn_data: str | None = setting(None, "ImageFolder root with train/ and val/ class folders, for --knn-every "
+                                   "(default: none)", resume="run-control")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -107,40 +132,9 @@ DEMO_PRESET: dict[str, Any] = dict(
     device="cpu",
 )
 
-# The registry (lomar.models.methods) imports torch; a test keeps this tuple equal to it.
-METHOD_NAMES = ("lomar", "mae", "beit")
-_CHOICES = {"method": METHOD_NAMES, "pos": ("rpe", "abs", "none"),
-            "precision": ("auto", "fp32", "bf16", "fp16"), "decode": ("full", "draft", "windows", "gpu")}
-_HELP = {
-    "data": "image folder (recursive), .txt list of paths, or tar shards ('shards/*.tar', "
-            "'shard-{000..009}.tar'); omit for the built-in demo photographs",
-    "out": "output folder (default runs/<timestamp>)",
-    "windows": "K x K windows per image for any method; 0 or 'global' = the whole image; auto = lomar: the "
-               "paper's 4 at 224 px, 6 at 384, 9 at 448, scaled with the patch-grid area at other sizes "
-               "(--print-config shows the count); mae, beit: global",
-    "tokenizer": "--method beit: dVAE (encoder.pkl, state dict, safetensors) or k-means tokenizer file; "
-                 "default: fit the built-in k-means tokenizer on the data into OUT/tokenizer.safetensors",
-    "mask_ratio": "masked share per window (default 0.8 lomar, 0.75 mae; beit: blockwise unless given)",
-    "resume": "checkpoint path, or 'auto' for OUT/last.pt", "max_steps": "stop after N optimizer steps",
-    "schedule_steps": SCHEDULE_STEPS_HELP,
-    "batch_size": "images per device per step", "blr": "base lr: lr = blr * effective batch / 256",
-    "save_every": "write a checkpoint every N epochs",
-    "knn_every": "every N epochs, print and log the k-NN top-1 of the encoder on --knn-data (0 = never)",
-    "knn_data": "ImageFolder root with train/ and val/ class folders, for --knn-every",
-    "threads": "CPU threads per process (1 is fastest for tiny models on a busy machine); "
-               "None = the cores shared among this machine's processes", "keep_last": "checkpoints to keep",
-    "workers": "data-loading processes; None = min(8, cores - 1)",
-    "decode": "how workers turn files into crops: full = decode the whole photo (reference); draft = JPEG "
-              "decoded at 1/2-1/8 scale when the crop allows (same crops, slightly different pixels); windows = "
-              "draft + only LoMaR's windows resampled; gpu = JPEGs decoded in batches on the CUDA device",
-    "fsdp": "shard the model, gradients and optimizer state across the torchrun processes (FSDP2, one unit "
-            "per block); sharded checkpoints checkpoint-N.dcp/, consolidated to last.pt at the end",
-}
-
-
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field (``--window-size`` for ``window_size``), plus --config."""
-    add_dataclass_arguments(parser, PretrainConfig, _HELP, _CHOICES, nargs_optional={"resume": "auto"})
+    add_settings(parser, declarations(PretrainConfig), config=True)
 
 
 def _parse_windows(text: str) -> int | str:
@@ -185,16 +179,6 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
     # --print-config only shows the settings, so an --out that holds a run is no error there
     validate(config, check_out=not getattr(args, "print_config", False))
     return config
-
-
-# What may differ from the saved config on resume: where and how the run is driven, not what
-# it computes. `epochs` may grow to train longer (the cosine schedule stretches from there);
-# `data` may move. Everything else (model, batch, lr, masking, seed, ...) must stay.
-_RUN_CONTROL = {"data", "out", "resume", "overwrite", "epochs", "max_steps", "save_every", "keep_last",
-                "log_every", "workers", "threads", "device", "compile", "knn_every", "knn_data",
-                "figure_images", "decode"}
-_PER_INVOCATION = {"resume": None, "overwrite": False}  # never inherited from the saved run
-_DERIVED = frozenset({"mask_ratio", "pos", "windows"})  # None asks for the method's default, which the saved run holds
 
 
 def _saved_config(explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
@@ -257,7 +241,7 @@ def _sharded_config(path: Path) -> tuple[dict[str, Any], str]:
 
 
 def _resume_values(saved: dict[str, Any], source: str, explicit: dict[str, Any]) -> dict[str, Any]:
-    return resume_values(PretrainConfig, saved, source, explicit, _RUN_CONTROL, _PER_INVOCATION, _DERIVED)
+    return resume_values(PretrainConfig, saved, source, explicit)
 
 
 def resolve_windows(config: PretrainConfig) -> int:
@@ -300,10 +284,8 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
     from lomar.models.masking import grid_size
     from lomar.models.methods import get_method
 
+    check_declared(config)
     check_numbers(config)
-    for name, choices in _CHOICES.items():
-        if getattr(config, name) not in choices:
-            raise ConfigError(f"--{name} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
     config.windows = resolve_windows(config)
     check_fsdp(config)
     if config.method == "mae" and config.pos != "abs":
@@ -329,11 +311,7 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
             check_out_folder(out)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-    holds_run = (out / "last.pt").exists() or (out / "config.yaml").exists()
-    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 may already have started
-    if check_out and holds_run and is_main and not config.resume and not config.overwrite:
-        raise ConfigError(f"--out {out} already holds a run; pass --resume auto to continue it, "
-                          f"--overwrite to replace it, or another --out")
+        refuse_held_run(out, config.resume, config.overwrite)
     if config.knn_every and not (config.knn_data and (Path(config.knn_data) / "train").is_dir()
                                  and (Path(config.knn_data) / "val").is_dir()):
         raise ConfigError(f"--knn-every needs --knn-data ROOT holding train/ and val/ class folders, "
