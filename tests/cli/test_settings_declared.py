@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from lomar.cli.app import SUBCOMMANDS, build_parser, main
+from lomar.train.config import PretrainConfig
 from lomar.train.finetune_config import FinetuneConfig
 from lomar.train.settings import Setting, coerce_all, help_text
 
@@ -150,3 +151,10 @@ def test_pretrain_help_names_every_method():
 def test_a_declaration_keeps_its_rule_per_command():
     with pytest.raises(TypeError, match="low"):
         Setting(1, "x", above=0).but(low=5)
+
+
+@pytest.mark.parametrize("cls", [PretrainConfig, FinetuneConfig])
+def test_a_declared_kind_is_its_fields_type(cls):
+    for field in dataclasses.fields(cls):
+        base = field.type.split(" | ")[0].removeprefix("tuple[").split(",")[0].rstrip("]")
+        assert field.metadata["setting"].kind.__name__ == base, field.name

@@ -17,22 +17,10 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from lomar.train import settings as S
+from lomar.train import settings_resume as R
 from lomar.train.config_checks import check_data, check_decode, check_fsdp, check_numbers
 from lomar.train.runtime import default_workers
-from lomar.train.settings import (
-    ConfigError,
-    Setting,
-    add_settings,
-    check_declared,
-    coerce_all,
-    declarations,
-    explicit_values,
-    lay_schedule_over_max_steps,
-    read_yaml,
-    refuse_held_run,
-    resume_target,
-    resume_values,
-)
+from lomar.train.settings import ConfigError
 
 if TYPE_CHECKING:
     from lomar.models.vit import ViTConfig
@@ -45,11 +33,6 @@ __all__ = ["PretrainConfig", "DEMO_PRESET", "add_config_arguments", "resolve_con
 METHOD_NAMES = ("lomar", "mae", "beit")
 
 
-def setting(default, help: str, **rule):
-    """A pretraining-only setting (see :class:`lomar.train.settings.Setting`)."""
-    return Setting(default, help, **rule).field()
-
-
 @dataclass
 class PretrainConfig:
     COMMAND = "pretrain"
@@ -58,30 +41,30 @@ class PretrainConfig:
                                        "'shard-{000..009}.tar') (default: the built-in demo photographs)")
     out: str | None = S.OUT.field()
     # method and model
-    method: str = setting("lomar", "pretraining method: lomar (local windows), mae (whole image), beit (token "
+    method: str = S.setting("lomar", "pretraining method: lomar (local windows), mae (whole image), beit (token "
                           "prediction)", choices=METHOD_NAMES)
     model: str = S.MODEL.field()
-    embed_dim: int | None = setting(None, "token width (default: the --model's)", above=0)
+    embed_dim: int | None = S.setting(None, "token width (default: the --model's)", above=0, kind=int)
     depth: int | None = S.DEPTH.field()
     num_heads: int | None = S.NUM_HEADS.field()
-    patch_size: int | None = setting(None, "patch size in pixels (default: the --model's)", above=0)
+    patch_size: int | None = S.setting(None, "patch size in pixels (default: the --model's)", above=0, kind=int)
     img_size: int = S.IMG_SIZE.field()
-    pos: str | None = setting(None, "position encoding (default: rpe for lomar, abs for mae and beit)",
-                              choices=("rpe", "abs", "none"), resume="derived")
+    pos: str | None = S.setting(None, "position encoding (default: rpe for lomar, abs for mae and beit)",
+                              choices=("rpe", "abs", "none"), resume="derived", kind=str)
     window_size: int = S.WINDOW_SIZE.field()
-    windows: str = setting(  # an int once resolved
+    windows: str = S.setting(  # an int once resolved
         "auto", "K x K windows per image for any method; 0 or 'global' = the whole image; auto = lomar: the paper's "
         "4 at 224 px, 6 at 384, 9 at 448, scaled with the patch-grid area at other sizes (--print-config shows the "
         "count); mae, beit: global", parse=lambda text: _parse_windows(text), resume="derived")
-    mask_ratio: float | None = setting(None, "masked share per window (default: 0.8 lomar, 0.75 mae; beit: blockwise)",
-                                       resume="derived")
-    norm_pix_loss: bool = setting(True, "reconstruct per-patch normalised pixels")
-    decoder_embed_dim: int = setting(512, "MAE decoder width", above=0)
-    decoder_depth: int = setting(8, "MAE decoder blocks", above=0)
+    mask_ratio: float | None = S.setting(None, "masked share per window (default: 0.8 lomar, 0.75 mae; beit: "
+                                         "blockwise)", resume="derived", kind=float)
+    norm_pix_loss: bool = S.setting(True, "reconstruct per-patch normalised pixels")
+    decoder_embed_dim: int = S.setting(512, "MAE decoder width", above=0)
+    decoder_depth: int = S.setting(8, "MAE decoder blocks", above=0)
     decoder_num_heads: int = S.DECODER_NUM_HEADS.field()
-    tokenizer: str | None = setting(None, "--method beit: dVAE (encoder.pkl, state dict, safetensors) or k-means "
+    tokenizer: str | None = S.setting(None, "--method beit: dVAE (encoder.pkl, state dict, safetensors) or k-means "
                                     "tokenizer file (default: fit the built-in k-means tokenizer on the data into "
-                                    "OUT/tokenizer.safetensors)")
+                                    "OUT/tokenizer.safetensors)", kind=str)
     # optimisation (original recipe)
     batch_size: int = S.BATCH_SIZE.field()
     accum_steps: int = S.ACCUM_STEPS.field()
@@ -93,10 +76,11 @@ class PretrainConfig:
     min_lr: float = S.MIN_LR.field()
     warmup_epochs: float = S.WARMUP_EPOCHS.field()
     weight_decay: float = S.WEIGHT_DECAY.field()
-    clip_grad: float | None = setting(None, "clip the gradient norm to this (default: no clipping)", above=0)
+    clip_grad: float | None = S.setting(None, "clip the gradient norm to this (default: no clipping)", kind=float,
+                                      above=0)
     precision: str = S.PRECISION.field()
     compile: bool = S.COMPILE.field()
-    fsdp: bool = setting(False, "shard the model, gradients and optimizer state across the torchrun processes "
+    fsdp: bool = S.setting(False, "shard the model, gradients and optimizer state across the torchrun processes "
                          "(FSDP2, one unit per block); sharded checkpoints checkpoint-N.dcp/, consolidated to last.pt "
                          "at the end")
     decode: str = S.DECODE.field()
@@ -106,16 +90,16 @@ class PretrainConfig:
                                                "machine (default: the cores shared among this machine's processes)")
     seed: int = S.SEED.field()
     device: str = S.DEVICE.field()
-    save_every: int = setting(20, "write a checkpoint every N epochs", above=0, resume="run-control")
-    keep_last: int = setting(2, "checkpoints to keep", above=0, resume="run-control")
+    save_every: int = S.setting(20, "write a checkpoint every N epochs", above=0, resume="run-control")
+    keep_last: int = S.setting(2, "checkpoints to keep", above=0, resume="run-control")
     log_every: int = S.LOG_EVERY.field()
     resume: str | None = S.RESUME.field()
     overwrite: bool = S.OVERWRITE.field()
-    figure_images: int = setting(4, "images in the reconstruction figures", above=0, resume="run-control")
-    knn_every: int = setting(0, "every N epochs, print and log the k-NN top-1 of the encoder on --knn-data "
+    figure_images: int = S.setting(4, "images in the reconstruction figures", above=0, resume="run-control")
+    knn_every: int = S.setting(0, "every N epochs, print and log the k-NN top-1 of the encoder on --knn-data "
                              "(0 = never)", low=0, resume="run-control")
-    knn_data: str | None = setting(None, "ImageFolder root with train/ and val/ class folders, for --knn-every "
-                                   "(default: none)", resume="run-control")
+    knn_data: str | None = S.setting(None, "ImageFolder root with train/ and val/ class folders, for --knn-every "
+                                   "(default: none)", resume="run-control", kind=str)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,7 +118,7 @@ DEMO_PRESET: dict[str, Any] = dict(
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field (``--window-size`` for ``window_size``), plus --config."""
-    add_settings(parser, declarations(PretrainConfig), config=True)
+    S.add_settings(parser, S.declarations(PretrainConfig), config=True)
 
 
 def _parse_windows(text: str) -> int | str:
@@ -147,14 +131,14 @@ def _parse_windows(text: str) -> int | str:
 def resolve_config(args: argparse.Namespace) -> PretrainConfig:
     """Recipe defaults, demo preset, YAML, flags -> a validated PretrainConfig.
 
-    When resuming, the run's saved config replaces the defaults and preset (see _resume_values).
+    When resuming, the run's saved config replaces the defaults and preset (see lomar.train.settings_resume).
     """
-    explicit = explicit_values(PretrainConfig, args)
+    explicit = S.explicit_values(PretrainConfig, args)
     saved = _saved_config(explicit)
     if explicit.get("windows") == "auto":
         explicit["windows"] = None  # resolved below; on resume, the saved run's count
     if saved is not None:
-        values = _resume_values(*saved, explicit)
+        values = R.resume_values(PretrainConfig, *saved, explicit)
     else:
         values = PretrainConfig().to_dict()
         if explicit.get("data") is None:
@@ -164,7 +148,7 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
                     preset.pop(key)
             values.update(preset)
         values.update(explicit)
-        lay_schedule_over_max_steps(values, explicit)
+        R.lay_schedule_over_max_steps(values, explicit)
     config = PretrainConfig(**values)
     if config.out is None:
         config.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
@@ -188,12 +172,12 @@ def _saved_config(explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None
     OUT/config.yaml when the run stopped before its first checkpoint (the engine then starts it
     afresh); with none of them it is a new run.
     """
-    target = resume_target(explicit, sharded_ok=True)
+    target = R.resume_target(explicit, sharded_ok=True)
     if target is not None:
         return _sharded_config(target) if target.is_dir() else _checkpoint_config(target)
     yaml_path = Path(explicit["out"]) / "config.yaml" if explicit.get("resume") == "auto" else None
     if yaml_path is not None and yaml_path.is_file():
-        return read_yaml(PretrainConfig, yaml_path, strict=False), str(yaml_path)
+        return S.read_yaml(PretrainConfig, yaml_path, strict=False), str(yaml_path)
     return None
 
 
@@ -223,7 +207,7 @@ def _checkpoint_config(path: Path) -> tuple[dict[str, Any], str]:
     if not isinstance(ckpt.get("config"), dict) or "optimizer" not in ckpt:
         raise ConfigError(f"--resume {path} is not a `lomar pretrain` training checkpoint (no saved config "
                           f"and optimizer state); start a new run with another --out")
-    return coerce_all(PretrainConfig, saved_settings(ckpt), str(path), strict=False), str(path)
+    return S.coerce_all(PretrainConfig, saved_settings(ckpt), str(path), strict=False), str(path)
 
 
 def _sharded_config(path: Path) -> tuple[dict[str, Any], str]:
@@ -237,11 +221,7 @@ def _sharded_config(path: Path) -> tuple[dict[str, Any], str]:
     if not isinstance(meta.get("config"), dict):
         raise ConfigError(f"--resume {path} is not a `lomar pretrain --fsdp` checkpoint (no saved config); "
                           f"pass a checkpoint-NNNNNN.dcp folder of a run")
-    return coerce_all(PretrainConfig, meta["config"], str(path), strict=False), str(path)
-
-
-def _resume_values(saved: dict[str, Any], source: str, explicit: dict[str, Any]) -> dict[str, Any]:
-    return resume_values(PretrainConfig, saved, source, explicit)
+    return S.coerce_all(PretrainConfig, meta["config"], str(path), strict=False), str(path)
 
 
 def resolve_windows(config: PretrainConfig) -> int:
@@ -284,7 +264,7 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
     from lomar.models.masking import grid_size
     from lomar.models.methods import get_method
 
-    check_declared(config)
+    S.check_declared(config)
     check_numbers(config)
     config.windows = resolve_windows(config)
     check_fsdp(config)
@@ -311,7 +291,7 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
             check_out_folder(out)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        refuse_held_run(out, config.resume, config.overwrite)
+        R.refuse_held_run(out, config.resume, config.overwrite)
     if config.knn_every and not (config.knn_data and (Path(config.knn_data) / "train").is_dir()
                                  and (Path(config.knn_data) / "val").is_dir()):
         raise ConfigError(f"--knn-every needs --knn-data ROOT holding train/ and val/ class folders, "

@@ -48,7 +48,7 @@ from lomar.train.run_state import (
 )
 from lomar.train.runtime import default_threads, fast_adamw
 from lomar.train.schedule import lr_at, schedule_span, warmup_warning
-from lomar.train.settings import refuse_held_run
+from lomar.train.settings_resume import refuse_held_run
 
 __all__ = ["finetune", "classification_transforms", "eval_crop_ratio", "evaluate", "FinetuneRun"]
 

@@ -18,28 +18,12 @@ from typing import Any
 import yaml
 
 from lomar.train import settings as S
+from lomar.train import settings_resume as R
 from lomar.train.runtime import default_workers
-from lomar.train.settings import (
-    ConfigError,
-    Setting,
-    add_settings,
-    check_declared,
-    coerce_all,
-    declarations,
-    explicit_values,
-    lay_schedule_over_max_steps,
-    refuse_held_run,
-    resume_target,
-    resume_values,
-)
+from lomar.train.settings import ConfigError
 
 __all__ = ["FinetuneConfig", "add_finetune_arguments", "resolve_finetune_config", "dump_finetune_config",
            "encoder_layout"]
-
-
-def setting(default, help: str, **rule):
-    """A finetuning-only setting (see :class:`lomar.train.settings.Setting`)."""
-    return Setting(default, help, **rule).field()
 
 
 @dataclass
@@ -54,7 +38,7 @@ class FinetuneConfig:
     img_size: int = S.IMG_SIZE.field(help="image size in pixels; may differ from the pretraining size")
     batch_size: int = S.BATCH_SIZE.field(help="images per process per step (even: mixup pairs)")
     accum_steps: int = S.ACCUM_STEPS.field()
-    global_pool: str = setting("avg", "classifier input: avg = mean of the patch tokens -> fc_norm (the recipe); "
+    global_pool: str = S.setting("avg", "classifier input: avg = mean of the patch tokens -> fc_norm (the recipe); "
                                "cls = the cls token after the final norm", choices=("avg", "cls"))
     epochs: int = S.EPOCHS.field(100)
     max_steps: int | None = S.MAX_STEPS.field()
@@ -62,28 +46,28 @@ class FinetuneConfig:
     blr: float = S.BLR.field(5e-4)
     min_lr: float = S.MIN_LR.field(1e-6)
     warmup_epochs: float = S.WARMUP_EPOCHS.field(5)
-    layer_decay: float = setting(0.65, "lr scale per layer below the top", above=0, high=1)
+    layer_decay: float = S.setting(0.65, "lr scale per layer below the top", above=0, high=1)
     weight_decay: float = S.WEIGHT_DECAY.field()
-    drop_path: float = setting(0.1, "stochastic depth rate", low=0, below=1)
-    grad_checkpointing: bool = setting(False, "recompute each block in the backward pass: less memory at high "
+    drop_path: float = S.setting(0.1, "stochastic depth rate", low=0, below=1)
+    grad_checkpointing: bool = S.setting(False, "recompute each block in the backward pass: less memory at high "
                                        "resolution")
     # ViTDet's attention window, not LoMaR's K (pretrain --window-size): the flag predates the split
-    window_size: int | None = setting(
+    window_size: int | None = S.setting(
         None, "ViTDet-style blocks at high resolution: attend inside N x N patch windows (iRPE inside each) except in "
         "--global-blocks; 0 = global attention in every block (default: the pretrained encoder's layout, global for "
-        "pretraining checkpoints)", low=0)
-    global_blocks: tuple[int, ...] | None = setting(
+        "pretraining checkpoints)", low=0, kind=int)
+    global_blocks: tuple[int, ...] | None = S.setting(
         None, "with --window-size N > 0: the blocks (0-based) that keep global attention (default: ViTDet's, the last "
-        "block of each quarter of the depth: 2 5 8 11 for ViT-B)", low=0, nargs="*", metavar="I")
-    attention: str = setting("auto", "how the iRPE bias is computed, same result: auto = dense for short sequences, "
+        "block of each quarter of the depth: 2 5 8 11 for ViT-B)", low=0, nargs="*", metavar="I", kind=int)
+    attention: str = S.setting("auto", "how the iRPE bias is computed, same result: auto = dense for short sequences, "
                              "above that flex on CUDA and query chunks elsewhere (see lomar bench --task backbone)",
                              choices=("auto", "dense", "chunked", "flex"), resume="run-control")
-    mixup: float = setting(0.8, "mixup alpha (0 = off)", low=0)
-    cutmix: float = setting(1.0, "cutmix alpha (0 = off)", low=0)
-    smoothing: float = setting(0.1, "label smoothing", low=0, below=1)
-    reprob: float = setting(0.25, "random erasing probability", low=0, high=1)
-    aa: str = setting("rand-m9-mstd0.5-inc1", "timm auto-augment policy ('none' = off)")
-    crop_scale: tuple[float, float] = setting(  # checked as a pair in validate
+    mixup: float = S.setting(0.8, "mixup alpha (0 = off)", low=0)
+    cutmix: float = S.setting(1.0, "cutmix alpha (0 = off)", low=0)
+    smoothing: float = S.setting(0.1, "label smoothing", low=0, below=1)
+    reprob: float = S.setting(0.25, "random erasing probability", low=0, high=1)
+    aa: str = S.setting("rand-m9-mstd0.5-inc1", "timm auto-augment policy ('none' = off)")
+    crop_scale: tuple[float, float] = S.setting(  # checked as a pair in validate
         (0.08, 1.0), "area range of the training random resized crop, as fractions of the image (0 < LOW <= HIGH "
         "<= 1); the default is timm's, the original recipe's; raise LOW for small images, e.g. 0.5 1.0",
         finite=False, nargs=2, metavar=("LOW", "HIGH"))
@@ -101,18 +85,18 @@ class FinetuneConfig:
 
 
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
-    add_settings(parser, declarations(FinetuneConfig), config=True)
+    S.add_settings(parser, S.declarations(FinetuneConfig), config=True)
 
 
 def resolve_finetune_config(args: argparse.Namespace) -> FinetuneConfig:
     """Recipe defaults, YAML, flags (or the resumed run's saved settings) -> a validated config."""
-    explicit = explicit_values(FinetuneConfig, args)
+    explicit = S.explicit_values(FinetuneConfig, args)
     saved = _saved_settings(explicit)
     if saved is not None:
-        values = resume_values(FinetuneConfig, *saved, explicit)
+        values = R.resume_values(FinetuneConfig, *saved, explicit)
     else:
         values = {**FinetuneConfig().to_dict(), **explicit}
-        lay_schedule_over_max_steps(values, explicit)
+        R.lay_schedule_over_max_steps(values, explicit)
     config = FinetuneConfig(**values)
     if config.out is None:
         config.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
@@ -129,7 +113,7 @@ def resolve_finetune_config(args: argparse.Namespace) -> FinetuneConfig:
 
 def _saved_settings(explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
     """(settings, where from) of the run being resumed; None for a new run."""
-    path = resume_target(explicit)
+    path = R.resume_target(explicit)
     if path is None:
         return None
     from lomar.checkpoints.io import safe_load
@@ -143,7 +127,7 @@ def _saved_settings(explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | No
                           f"weights pass them as --pretrained")
     # "args": the settings as runs before FinetuneConfig saved them
     settings = next((ckpt[k] for k in ("settings", "args") if isinstance(ckpt.get(k), dict)), {})
-    saved = coerce_all(FinetuneConfig, settings, str(path), strict=False)
+    saved = S.coerce_all(FinetuneConfig, settings, str(path), strict=False)
     if "out" not in explicit:  # a checkpoint resumes into its own folder unless told otherwise
         saved["out"] = str(path.parent)
     return saved, str(path)
@@ -151,7 +135,7 @@ def _saved_settings(explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | No
 
 def validate(config: FinetuneConfig, check_out: bool = True) -> None:
     """Everything that can be checked before any work; raises ConfigError naming the fix."""
-    check_declared(config)
+    S.check_declared(config)
     low, high = config.crop_scale
     if not 0 < low <= high <= 1:  # also false for nan; inf fails <= 1
         raise ConfigError(f"--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1 (finite fractions of the image "
@@ -184,7 +168,7 @@ def _validate_paths(config: FinetuneConfig) -> None:
     if not Path(config.pretrained).exists():
         raise ConfigError(f"--pretrained {config.pretrained} does not exist")
     check_out_folder(Path(config.out))
-    refuse_held_run(Path(config.out), config.resume, config.overwrite)
+    R.refuse_held_run(Path(config.out), config.resume, config.overwrite)
 
 
 def encoder_layout(config: FinetuneConfig) -> dict:

@@ -14,7 +14,7 @@ from lomar.train.run_state import (
     remove_stale_temporaries,
     truncate_metrics,
 )
-from lomar.train.settings import refuse_held_run
+from lomar.train.settings_resume import refuse_held_run
 
 __all__ = ["resume_path", "prepare_folder"]
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import re
 import sys
 from collections.abc import Callable
@@ -26,8 +25,8 @@ import yaml
 
 from lomar.errors import UsageError
 
-__all__ = ["ConfigError", "Setting", "declarations", "add_settings", "check_declared", "explicit_values",
-           "coerce_all", "read_yaml", "resume_values", "resume_target", "refuse_held_run"]
+__all__ = ["ConfigError", "Setting", "setting", "declarations", "add_settings", "check_declared", "explicit_values",
+           "coerce_all", "read_yaml", "help_text"]
 
 
 class ConfigError(UsageError):
@@ -46,7 +45,7 @@ class Setting:
 
     default: Any = None
     help: str = ""  # must say what a None default means ("default: ...")
-    kind: type | None = None  # int | float | str | bool; None: the default's type (a dataclass: its annotation)
+    kind: type | None = None  # int | float | str | bool (of each value, with nargs); None: the default's type
     choices: tuple | None = None
     low: float | None = None
     above: float | None = None
@@ -64,8 +63,11 @@ class Setting:
     required: bool = False
 
     def __post_init__(self) -> None:
-        if self.kind is None and self.default is not None:  # a command may give it a None default
-            object.__setattr__(self, "kind", type(self.default))
+        if self.kind is None:  # from the default (a list's: its first item's); a None default names its kind
+            first = self.default[0] if isinstance(self.default, (tuple, list)) else self.default
+            if first is None:
+                raise TypeError(f"a setting with default {self.default!r} needs kind=int | float | str")
+            object.__setattr__(self, "kind", type(first))
 
     def but(self, **changes: Any) -> Setting:
         """This setting with another default, help, ... for one command; its rule stays."""
@@ -101,14 +103,13 @@ class Setting:
             return "one of " + ", ".join(map(str, self.choices))
         if not isinstance(v, (int, float)):
             return None
-        lo = self.low if self.low is not None else self.above
-        hi = self.high if self.high is not None else self.below
-        if isinstance(v, float) and lo is not None and hi is not None:  # a fraction reads best as an interval
-            inside = (v >= lo if self.low is not None else v > lo) and (v <= hi if self.high is not None else v < hi)
-            if (self.low, self.high) == (0, 1):
-                return None if inside else "a probability in [0, 1]"
-            return None if inside else f"in {'[' if self.low is not None else '('}{lo:g}, {hi:g}" \
-                                       f"{']' if self.high is not None else ')'}"
+        lo, hi = (self.low, "[") if self.low is not None else (self.above, "("), \
+            (self.high, "]") if self.high is not None else (self.below, ")")
+        if isinstance(v, float) and lo[0] is not None and hi[0] is not None:  # a fraction reads best as an interval
+            if (v >= lo[0] if lo[1] == "[" else v > lo[0]) and (v <= hi[0] if hi[1] == "]" else v < hi[0]):
+                return None
+            interval = f"in {lo[1]}{lo[0]:g}, {hi[0]:g}{hi[1]}"
+            return "a probability in [0, 1]" if interval == "in [0, 1]" else interval
         for broken, rule in ((self.low is not None and v < self.low, f">= {self.low}"),
                              (self.above is not None and v <= self.above,
                               "positive" if self.above == 0 else f"> {self.above}"),
@@ -117,6 +118,11 @@ class Setting:
             if broken:
                 return rule
         return None
+
+
+def setting(default: Any, help: str, **rule: Any) -> Any:
+    """A dataclass field declaring a setting of one command only (see :class:`Setting`)."""
+    return Setting(default, help, **rule).field()
 
 
 def _device(text: str) -> str:
@@ -146,7 +152,7 @@ SCHEDULE_STEPS = Setting(
 BLR = Setting(1.5e-4, "base lr: lr = blr x effective batch / 256", low=0, above=0)
 LR = Setting(None, "absolute peak lr (default: from --blr)", kind=float, low=0, above=0)
 MIN_LR = Setting(0.0, "lr at the end of the cosine schedule", low=0)
-WARMUP_EPOCHS = Setting(40, "epochs of linear lr warm-up, in [0, --epochs]")
+WARMUP_EPOCHS = Setting(40, "epochs of linear lr warm-up, in [0, --epochs]", kind=float)
 WEIGHT_DECAY = Setting(0.05, "AdamW weight decay", low=0)
 PRECISION = Setting("auto", "auto = bf16 autocast on CUDA with bf16 support, else fp32",
                     choices=("auto", "fp32", "bf16", "fp16"))
@@ -182,21 +188,8 @@ TO = Setting(None, "output path", kind=str, required=True)
 
 
 def declarations(cls: type) -> dict[str, Setting]:
-    """{field name: its Setting} of a settings dataclass, the kind taken from the annotation."""
-    out = {}
-    for f in dataclasses.fields(cls):
-        declared = f.metadata.get("setting") or Setting(f.default)
-        base, _ = field_kind(cls, f.name)
-        base = (_tuple_items(base) or [base])[0]  # a tuple field: the kind of its items
-        out[f.name] = dataclasses.replace(declared, kind={"int": int, "float": float, "bool": bool}.get(base, str))
-    return out
-
-
-def field_kind(cls: type, name: str) -> tuple[str, bool]:
-    """('int' | 'float' | 'str' | 'bool' | 'tuple[float, float]' ..., optional) of a settings field."""
-    kind = cls.__dataclass_fields__[name].type
-    kind = kind if isinstance(kind, str) else kind.__name__
-    return kind.split(" | ")[0], kind.endswith("| None")
+    """{field name: its Setting} of a settings dataclass."""
+    return {f.name: f.metadata["setting"] for f in dataclasses.fields(cls)}
 
 
 def check_declared(config: Any) -> None:
@@ -206,23 +199,17 @@ def check_declared(config: Any) -> None:
 
 
 # ---- flags -----------------------------------------------------------------------------------
-class _StoreTuple(argparse.Action):
-    """nargs=N values stored as a tuple, as the field holds them (and as YAML values are coerced)."""
+class _Store(argparse.Action):
+    """Several values as a tuple, as the field holds them (and as YAML values are coerced); a
+    deprecated spelling of the flag still works, with a one-line note naming the new one."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        setattr(namespace, self.dest, tuple(values))
-
-
-class _Deprecated(argparse.Action):
-    """A flag whose old spelling still works, with a one-line note naming the new one."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        if option_string != self.option_strings[0]:
+        if option_string not in (None, self.option_strings[0]):
             print(f"{parser.prog}: note: {option_string} is deprecated; use {self.option_strings[0]}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
+        setattr(namespace, self.dest, tuple(values) if isinstance(values, list) else values)
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     """A setting as it is typed on the command line: (0.5, 1.0) -> '0.5 1.0'."""
     return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
@@ -232,14 +219,14 @@ def help_text(declared: Setting) -> str:
     text = declared.help
     if "default" in text.lower() or declared.default is None or declared.default is False or declared.required:
         return text
-    return f"{text} (default: {_shown(declared.default)})" if text else f"default: {_shown(declared.default)}"
+    return f"{text} (default: {shown(declared.default)})" if text else f"default: {shown(declared.default)}"
 
 
-def _flag_type(name: str, declared: Setting, kind: type) -> Callable[[str], Any]:
+def _flag_type(name: str, declared: Setting) -> Callable[[str], Any]:
     """Text -> value, checked against the declaration (argparse reports the error in one line)."""
     def convert(text: str) -> Any:
         if declared.parse is None:
-            value = kind(text)  # ValueError: argparse says "invalid int value: 'x'"
+            value = declared.kind(text)  # ValueError: argparse says "invalid int value: 'x'"
         else:
             try:
                 value = declared.parse(text)
@@ -251,7 +238,7 @@ def _flag_type(name: str, declared: Setting, kind: type) -> Callable[[str], Any]
             raise argparse.ArgumentTypeError(str(exc)) from None
         return value
 
-    convert.__name__ = kind.__name__
+    convert.__name__ = declared.kind.__name__
     return convert
 
 
@@ -268,7 +255,6 @@ def add_settings(parser: argparse.ArgumentParser, settings: dict[str, Setting], 
                             help="YAML file with any of the settings below (default: none; flags override it)")
         parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     for name, s in settings.items():
-        kind = s.kind or str
         common: dict[str, Any] = dict(help=help_text(s).replace("%", "%%"),
                                       default=argparse.SUPPRESS if config else s.default)
         names = [s.name_flag(name), *s.aliases] if s.flag != "" else []
@@ -276,31 +262,19 @@ def add_settings(parser: argparse.ArgumentParser, settings: dict[str, Setting], 
             common.update(dest=name, required=s.required)
         else:
             names, common["metavar"] = [name], s.metavar
-        if kind is bool:
+        if s.kind is bool:
             action = argparse.BooleanOptionalAction if config or s.default else "store_true"
             target.add_argument(*names, action=action, **common)
             continue
-        common.update(type=_flag_type(name, s, kind), choices=s.choices, nargs=s.nargs, metavar=s.metavar)
+        common.update(type=_flag_type(name, s), choices=s.choices, nargs=s.nargs, metavar=s.metavar)
         if s.const is not None:
             common["const"] = s.const
-        if isinstance(s.nargs, int) or (config and s.nargs == "*"):
-            common["action"] = _StoreTuple
-        elif s.aliases:
-            common["action"] = _Deprecated
+        if isinstance(s.nargs, int) or (config and s.nargs == "*") or s.aliases:
+            common["action"] = _Store
         target.add_argument(*names, **common)
 
 
 # ---- YAML and saved settings ----------------------------------------------------------------
-_SCALARS = {"int": int, "float": float, "str": str}
-
-
-def _tuple_items(base: str) -> list[str] | None:
-    """The item kinds of a ``tuple[...]`` field kind ('tuple[float, float]' -> ['float', 'float']), else None."""
-    if not (base.startswith("tuple[") and base.endswith("]")):
-        return None
-    return [item.strip() for item in base[len("tuple["):-1].split(",")]
-
-
 def explicit_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     """The settings the user gave: the YAML file's, then the flags' on top."""
     known = {f.name for f in dataclasses.fields(cls)}
@@ -308,62 +282,53 @@ def explicit_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     return {**from_yaml, **{k: v for k, v in vars(args).items() if k in known}}
 
 
-def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
-    """A YAML or saved value as its field's type; YAML 1.1 reads ``1e-3`` as a string."""
-    base, optional = field_kind(cls, name)
+def _coerce(s: Setting, name: str, value: Any, source: str) -> Any:
+    """A YAML or saved value as its setting's kind; YAML 1.1 reads ``1e-3`` as a string."""
     where = f"{name}: {value!r} in {source}"
     if value is None:
-        if optional:
+        if s.default is None:
             return None
-        raise ConfigError(f"{where} is not allowed: {name} needs a {base} value; set one or remove the line")
-    items = _tuple_items(base)
-    if items:
-        noun = "strings" if items[0] == "str" else "numbers"
-        if items[-1] == "...":
-            wrong = ConfigError(f"{where} must be a list of {noun}, e.g. {name}: [2, 5]")
-            items = [items[0]] * len(value) if isinstance(value, (list, tuple)) else []
-        else:
-            wrong = ConfigError(f"{where} must be a list of {len(items)} {noun}"
-                                f", e.g. {name}: {list(cls.__dataclass_fields__[name].default)}")
-        if not isinstance(value, (list, tuple)) or len(value) != len(items):
-            raise wrong
-        try:
-            return tuple(_coerce_scalar(cls, name, kind, item, where) for kind, item in zip(items, value))
-        except ConfigError:
-            raise wrong from None
-    return _coerce_scalar(cls, name, base, value, where)
+        raise ConfigError(f"{where} is not allowed: {name} needs a {s.kind.__name__} value; set one or remove the line")
+    if s.nargs in (None, "?"):
+        return _coerce_scalar(s, name, value, where)
+    count = s.nargs if isinstance(s.nargs, int) else None
+    wrong = ConfigError(f"{where} must be a list of {f'{count} ' if count else ''}"
+                        f"{'strings' if s.kind is str else 'numbers'}, e.g. {name}: {list(s.default or (2, 5))}")
+    if not isinstance(value, (list, tuple)) or len(value) != (count or len(value)):
+        raise wrong
+    try:
+        return tuple(_coerce_scalar(s, name, item, where) for item in value)
+    except ConfigError:
+        raise wrong from None
 
 
-def _coerce_scalar(cls: type, name: str, base: str, value: Any, where: str) -> Any:
-    if base == "bool":
+def _coerce_scalar(s: Setting, name: str, value: Any, where: str) -> Any:
+    if s.kind is bool:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{where} must be true or false")
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ConfigError(f"{where} must be a {'string' if base == 'str' else 'number'}")
-    parse = declarations(cls)[name].parse
-    if parse is not None and isinstance(value, (str, int)):
+        raise ConfigError(f"{where} must be a {'string' if s.kind is str else 'number'}")
+    if s.parse is not None and isinstance(value, (str, int)):
         try:
-            return parse(str(value))
+            return s.parse(str(value))
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from None
-    if base == "str":
+    if s.kind is str:
         return str(value)  # e.g. `out: 2024`
     if isinstance(value, str):
         try:
-            return int(value) if base == "int" else float(value)
+            return s.kind(value)
         except ValueError:
             try:
                 value = float(value)
             except ValueError:
                 raise ConfigError(f"{where} is not a number; write e.g. {name}: 1e-3") from None
-    if base == "float":
+    if s.kind is float:
         return float(value)
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise ConfigError(f"{where} must be a whole number")
-        return int(value)
-    return value
+    if isinstance(value, float) and not value.is_integer():
+        raise ConfigError(f"{where} must be a whole number")
+    return int(value)
 
 
 def coerce_all(cls: type, raw: dict, source: str, strict: bool = True) -> dict[str, Any]:
@@ -379,7 +344,8 @@ def coerce_all(cls: type, raw: dict, source: str, strict: bool = True) -> dict[s
     if unknown and strict:
         raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in {source}; "
                           f"see `lomar {getattr(cls, 'COMMAND', '<command>')} --help` for the valid ones")
-    return {k: _coerce(cls, k, v, source) for k, v in raw.items() if k not in unknown}
+    declared = declarations(cls)
+    return {k: _coerce(declared[k], k, v, source) for k, v in raw.items() if k not in unknown}
 
 
 def read_yaml(cls: type, path: Path, strict: bool = True) -> dict[str, Any]:
@@ -393,63 +359,3 @@ def read_yaml(cls: type, path: Path, strict: bool = True) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings")
     return coerce_all(cls, raw, str(path), strict)
-
-
-# ---- resuming ------------------------------------------------------------------------------
-def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[str, Any]) -> dict[str, Any]:
-    """The saved run's settings, with the explicit run-control ones on top; any other explicit
-    setting must equal the saved one (a different model or batch cannot continue the run)."""
-    policy = {name: s.resume for name, s in declarations(cls).items()}
-    fresh = {name: getattr(cls(), name) for name, p in policy.items() if p == "per-invocation"}
-    values = {**dataclasses.asdict(cls()), **saved, **fresh}
-    for name, value in explicit.items():
-        if policy[name] in ("run-control", "per-invocation") or value == values[name] or \
-                (value is None and policy[name] == "derived"):
-            continue
-        flag = "--" + name.replace("_", "-")
-        raise ConfigError(f"{flag} {_shown(value)} differs from {_shown(values[name])} in the run being resumed "
-                          f"({source}); drop {flag} to continue the run, or start a new run with another --out")
-    values.update({k: v for k, v in explicit.items() if policy[k] in ("run-control", "per-invocation")})
-    return values
-
-
-def lay_schedule_over_max_steps(values: dict[str, Any], explicit: dict[str, Any]) -> None:
-    """A new run given ``--max-steps`` and no ``--epochs``: its lr schedule spans the steps that will
-    run (``schedule_steps``), so a short run warms up and anneals instead of stopping inside the
-    recipe's warm-up. A resumed run keeps the schedule it started with."""
-    if values.get("max_steps") and "epochs" not in explicit and "schedule_steps" not in explicit:
-        values["schedule_steps"] = values["max_steps"]
-
-
-def resume_target(explicit: dict[str, Any], sharded_ok: bool = False) -> Path | None:
-    """The checkpoint ``--resume`` names: None when not resuming, or when ``--resume auto`` finds
-    no intact checkpoint in ``--out``. ``sharded_ok``: a sharded (``.dcp``) folder may be named."""
-    resume = explicit.get("resume")
-    if not resume:
-        return None
-    if resume == "auto":
-        if explicit.get("out") is None:
-            raise ConfigError("--resume auto needs --out RUN_FOLDER (the run to continue); or pass "
-                              "--resume RUN_FOLDER/last.pt")
-        from lomar.train.run_state import find_resume_checkpoint
-
-        out = Path(explicit["out"])
-        return find_resume_checkpoint(out)[0] if out.is_dir() else None
-    path = Path(resume)
-    if sharded_ok and path.is_dir() and (path / ".metadata").is_file():
-        return path
-    if path.is_dir():
-        raise ConfigError(f"--resume {path} is a folder; pass {path / 'last.pt'}, or --out {path} --resume auto")
-    if not path.is_file():
-        raise ConfigError(f"--resume {path} does not exist; pass a checkpoint file or 'auto'")
-    return path
-
-
-def refuse_held_run(out: Path, resume: str | None, overwrite: bool) -> None:
-    """The one check of every command that writes a run folder: a new run does not take over a
-    folder that holds one (a checkpoint, or the settings of a run stopped before its first)."""
-    held = (Path(out) / "last.pt").exists() or (Path(out) / "config.yaml").exists()
-    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 may already have started
-    if held and is_main and not resume and not overwrite:
-        raise ConfigError(f"--out {out} already holds a run; pass --resume auto to continue it, "
-                          f"--overwrite to replace it, or another --out")
