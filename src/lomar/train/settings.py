@@ -222,8 +222,12 @@ def help_text(declared: Setting) -> str:
     return f"{text} (default: {shown(declared.default)})" if text else f"default: {shown(declared.default)}"
 
 
-def _flag_type(name: str, declared: Setting) -> Callable[[str], Any]:
-    """Text -> value, checked against the declaration (argparse reports the error in one line)."""
+_EXPECTED = {"positive": (">= 1", "> 0"), "a finite number": ("", "")}
+
+
+def _flag_type(name: str, declared: Setting, check: bool) -> Callable[[str], Any]:
+    """Text -> value; ``check``: against the declaration's bounds too, argparse reporting "--k:
+    expected an integer >= 1, got 0" (a training command checks them with its YAML values)."""
     def convert(text: str) -> Any:
         if declared.parse is None:
             value = declared.kind(text)  # ValueError: argparse says "invalid int value: 'x'"
@@ -232,10 +236,11 @@ def _flag_type(name: str, declared: Setting) -> Callable[[str], Any]:
                 value = declared.parse(text)
             except ValueError as exc:
                 raise argparse.ArgumentTypeError(str(exc)) from None
-        try:
-            declared.check(name, value, choices=False)
-        except ConfigError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+        rule = declared._broken(value, choices=False) if check and not isinstance(value, str) else None
+        if rule:
+            phrase = _EXPECTED.get(rule, (rule.replace("at most", "<="),) * 2)[declared.kind is float]
+            kind = "an integer" if declared.kind is int else "a finite number"
+            raise argparse.ArgumentTypeError(f"expected {kind} {phrase}".rstrip() + f", got {text}")
         return value
 
     convert.__name__ = declared.kind.__name__
@@ -266,7 +271,7 @@ def add_settings(parser: argparse.ArgumentParser, settings: dict[str, Setting], 
             action = argparse.BooleanOptionalAction if config or s.default else "store_true"
             target.add_argument(*names, action=action, **common)
             continue
-        common.update(type=_flag_type(name, s), choices=s.choices, nargs=s.nargs, metavar=s.metavar)
+        common.update(type=_flag_type(name, s, check=not config), choices=s.choices, nargs=s.nargs, metavar=s.metavar)
         if s.const is not None:
             common["const"] = s.const
         if isinstance(s.nargs, int) or (config and s.nargs == "*") or s.aliases:
