@@ -27,14 +27,10 @@ COMMON = {
     "batch_size": S.BATCH_SIZE.but(default=128, help="images per forward pass"),
     "workers": S.WORKERS, "threads": S.THREADS, "device": S.DEVICE, "json": S.JSON,
 }
-KNN = {
-    **COMMON,
-    "k": Setting(20, "neighbours", above=0),
-    "temperature": Setting(0.07, "votes weigh exp(cosine / T)", above=0),
-}
+KNN = {**COMMON, "k": Setting(20, "neighbours", above=0),
+       "temperature": Setting(0.07, "votes weigh exp(cosine / T)", above=0)}
 LINPROBE = {
-    **COMMON,
-    "epochs": S.EPOCHS.but(default=90, help="passes over the training features"),
+    **COMMON, "epochs": S.EPOCHS.but(default=90, help="passes over the training features"),
     "lr": S.LR.but(default=1e-2, help="AdamW peak lr (cosine to 0)"),
     "weight_decay": S.WEIGHT_DECAY.but(default=0.0),
     "probe_batch_size": Setting(256, "features per probe step", above=0),

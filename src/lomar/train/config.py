@@ -18,9 +18,10 @@ import yaml
 
 from lomar.train import settings as S
 from lomar.train import settings_resume as R
-from lomar.train.config_checks import check_data, check_decode, check_fsdp, check_numbers
+from lomar.train.config_checks import check_data, check_decode, check_fsdp
 from lomar.train.runtime import default_workers
 from lomar.train.settings import ConfigError
+from lomar.windows import parse_windows
 
 if TYPE_CHECKING:
     from lomar.models.vit import ViTConfig
@@ -55,7 +56,8 @@ class PretrainConfig:
     windows: str = S.setting(  # an int once resolved
         "auto", "K x K windows per image for any method; 0 or 'global' = the whole image; auto = lomar: the paper's "
         "4 at 224 px, 6 at 384, 9 at 448, scaled with the patch-grid area at other sizes (--print-config shows the "
-        "count); mae, beit: global", parse=lambda text: _parse_windows(text), resume="derived")
+        "count); mae, beit: global", resume="derived",
+        parse=lambda text: "auto" if text.strip().lower() == "auto" else parse_windows(text))
     mask_ratio: float | None = S.setting(None, "masked share per window (default: 0.8 lomar, 0.75 mae; beit: "
                                          "blockwise)", resume="derived", kind=float)
     norm_pix_loss: bool = S.setting(True, "reconstruct per-patch normalised pixels")
@@ -119,13 +121,6 @@ DEMO_PRESET: dict[str, Any] = dict(
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field (``--window-size`` for ``window_size``), plus --config."""
     S.add_settings(parser, S.declarations(PretrainConfig), config=True)
-
-
-def _parse_windows(text: str) -> int | str:
-    """``--windows``: a count >= 0, 'global' (= 0, the whole image) or 'auto'."""
-    from lomar.windows import parse_windows
-
-    return "auto" if text.strip().lower() == "auto" else parse_windows(text)
 
 
 def resolve_config(args: argparse.Namespace) -> PretrainConfig:
@@ -228,8 +223,6 @@ def resolve_windows(config: PretrainConfig) -> int:
     """``config.windows`` as a count (0 = the whole image): a number as given; ``auto`` (or None)
     is the method's default (``Method.default_windows``; None there = the paper's rule at this image
     and patch size, :func:`lomar.windows.paper_windows`). ConfigError otherwise."""
-    from lomar.windows import parse_windows
-
     value = config.windows
     if value is None or value == "auto":
         from lomar.models.methods import get_method
@@ -265,7 +258,9 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
     from lomar.models.methods import get_method
 
     S.check_declared(config)
-    check_numbers(config)
+    S.check_warmup(config)
+    if config.lr is not None and config.min_lr > config.lr:
+        raise ConfigError(f"--min-lr {config.min_lr} is above --lr {config.lr}; lower --min-lr")
     config.windows = resolve_windows(config)
     check_fsdp(config)
     if config.method == "mae" and config.pos != "abs":

@@ -13,7 +13,7 @@ from lomar.train.settings import ConfigError
 if TYPE_CHECKING:
     from lomar.train.config import PretrainConfig
 
-__all__ = ["check_numbers", "check_data", "check_fsdp", "check_decode"]
+__all__ = ["check_data", "check_fsdp", "check_decode"]
 
 
 def check_fsdp(config: PretrainConfig) -> None:
@@ -30,15 +30,6 @@ def check_fsdp(config: PretrainConfig) -> None:
     if config.knn_every:
         raise ConfigError("--knn-every is not supported with --fsdp (the encoder is sharded); set --knn-every 0 "
                           "and run `lomar knn` on RUN/last.pt")
-
-
-def check_numbers(config: PretrainConfig) -> None:
-    """What the declarations cannot say alone: the bounds one setting sets for another."""
-    if not 0 <= config.warmup_epochs <= config.epochs:
-        raise ConfigError(f"--warmup-epochs must be in [0, --epochs {config.epochs}], got {config.warmup_epochs}; "
-                          f"lower --warmup-epochs or raise --epochs")
-    if config.lr is not None and config.min_lr > config.lr:
-        raise ConfigError(f"--min-lr {config.min_lr} is above --lr {config.lr}; lower --min-lr")
 
 
 def check_data(data: str) -> None:

@@ -141,9 +141,7 @@ def validate(config: FinetuneConfig, check_out: bool = True) -> None:
         raise ConfigError(f"--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1 (finite fractions of the image "
                           f"area), got {low:g} {high:g}; e.g. --crop-scale 0.08 1.0 (the recipe) or 0.5 1.0")
     _check_windows(config)
-    if not 0 <= config.warmup_epochs <= config.epochs:
-        raise ConfigError(f"--warmup-epochs must be in [0, --epochs {config.epochs}], got {config.warmup_epochs}; "
-                          f"lower --warmup-epochs or raise --epochs")
+    S.check_warmup(config)
     if (config.mixup > 0 or config.cutmix > 0) and config.batch_size % 2:
         raise ConfigError(f"mixup/cutmix pair images: --batch-size must be even, got {config.batch_size}")
     if config.precision == "fp16":

@@ -198,6 +198,13 @@ def check_declared(config: Any) -> None:
         declared.check(name, getattr(config, name))
 
 
+def check_warmup(config: Any) -> None:
+    """The warm-up within the run: the one bound a training command's settings set each other."""
+    if not 0 <= config.warmup_epochs <= config.epochs:
+        raise ConfigError(f"--warmup-epochs must be in [0, --epochs {config.epochs}], got {config.warmup_epochs}; "
+                          f"lower --warmup-epochs or raise --epochs")
+
+
 # ---- flags -----------------------------------------------------------------------------------
 class _Store(argparse.Action):
     """Several values as a tuple, as the field holds them (and as YAML values are coerced); a
