@@ -28,7 +28,8 @@ def _args(pretrained: Path, folder: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("flags, message", [
     (["--blr", "nan"], "--blr must be a finite number"),
-    (["--blr", "-1"], "--blr must be positive"),
+    (["--blr", "-1"], "--blr must be >= 0"),  # one declaration with pretrain's; 0 is "must be positive"
+    (["--blr", "0"], "--blr must be positive"),
     (["--aa", "bogus"], "--aa 'bogus' is not a timm auto-augment policy"),
     (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
     (["--drop-path", "2"], "--drop-path must be in [0, 1)"),

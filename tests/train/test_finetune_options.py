@@ -1,5 +1,5 @@
 """Finetuning options of the original recipe: evaluation crop ratio by size, gradient
-accumulation (--accum-iter), the classifier's input (--global-pool cls|avg), and the training
+accumulation (--accum-steps), the classifier's input (--global-pool cls|avg), and the training
 crop's area range (--crop-scale), ViTDet-style windowed blocks (--window-size, --global-blocks)."""
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def test_accumulating_two_half_batches_equals_one_full_batch(tmp_path, pretraine
 
 
 def test_accumulation_that_cannot_fill_a_step_is_one_line(tmp_path, capsys, pretrained, folder):
-    assert _finetune(pretrained, folder, tmp_path / "run", "--batch-size", "4", "--accum-iter", "3") == 2
+    assert _finetune(pretrained, folder, tmp_path / "run", "--batch-size", "4", "--accum-steps", "3") == 2
     err = capsys.readouterr().err
     assert "cannot fill one step of 3 batch(es) of 4" in err and err.count("\n") == 1
 
@@ -124,7 +124,7 @@ def test_cls_pool_keeps_the_pretrained_norm_and_finetunes(tmp_path, capsys, pret
 
 def test_resume_with_accumulation_equals_an_uninterrupted_run(tmp_path, pretrained, folder):
     # batch 2 x accum 2: 2 steps of 4 batches an epoch; the stop at step 3 is mid-epoch 1
-    common = ("--batch-size", "2", "--accum-iter", "2", "--epochs", "3", "--mixup", "0.8")
+    common = ("--batch-size", "2", "--accum-steps", "2", "--epochs", "3", "--mixup", "0.8")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert _finetune(pretrained, folder, straight, *common, "--max-steps", "5") == 0
     assert _finetune(pretrained, folder, resumed, *common, "--max-steps", "3") == 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lomar.train.finetune import _posterize_any_bits, classification_transforms
+from lomar.data.classify import _posterize_any_bits, classification_transforms
 
 
 def test_posterize_zero_bits_is_black_image():

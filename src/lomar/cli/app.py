@@ -26,7 +26,7 @@ __all__ = ["SUBCOMMANDS", "build_parser", "main", "run", "describe_os_error"]
 # or <prefix>_add_arguments/<prefix>_run when one module serves several commands.
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("bench", "lomar.cli.bench", "time LoMaR vs MAE training steps across image sizes on this machine"),
-    ("pretrain", "lomar.cli.pretrain", "pretrain an encoder with LoMaR or MAE (no arguments: a demo on CPU)"),
+    ("pretrain", "lomar.cli.pretrain", "pretrain an encoder with LoMaR, MAE or BEiT (no arguments: a demo on CPU)"),
     ("finetune", "lomar.cli.finetune", "finetune a pretrained encoder for classification (original recipe)"),
     ("linprobe", "lomar.cli.probe:linprobe", "linear probe (BatchNorm + linear) on frozen features"),
     ("knn", "lomar.cli.probe:knn", "cosine k-NN accuracy of frozen features"),
@@ -46,6 +46,10 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors in one line, ``lomar CMD: error: …``, with a pointer to --help."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        # "argument --k: --k must be positive" -> "--k must be positive": a declaration's check names its flag
+        named = re.match(r"argument (\S+): (--[\w-]+) ", message)
+        if named and named[2] in named[1].split("/"):
+            message = message[len(named[0]) - len(named[2]) - 1:]
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
 

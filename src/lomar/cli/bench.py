@@ -17,19 +17,12 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 from lomar.cli.bench_loader import add_loader_arguments, run_loader
-from lomar.cli.common import (
-    DEVICE_HELP,
-    MODEL_NAMES,
-    check_output_file,
-    device_flag,
-    int_range,
-    resolve_device,
-    write_json,
-)
+from lomar.cli.common import check_output_file, resolve_device, write_json
 from lomar.errors import UsageError
+from lomar.train import settings as S
+from lomar.train.settings import Setting, add_settings
 
 __all__ = ["add_arguments", "run"]
 
@@ -42,55 +35,54 @@ def _window_setting(text: str) -> str | int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'paper' or a window count, got {text!r}") from None
+        raise ValueError(f"expected 'paper' or a window count, got {text!r}") from None
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"window count must be positive, got {value}")
+        raise ValueError(f"window count must be positive, got {value}")
     return value
+
+
+def _fit(size: int, exc: ValueError) -> UsageError:
+    """A window that does not fit: bench's windows are 7x7 patches, so the fix is the size or the count."""
+    return UsageError(f"{size}px: {str(exc).replace(' (--window-size)', '')}; drop {size} from --sizes or "
+                      f"lower --windows")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("Example (a few minutes on an idle 2-core CPU): "
                      "lomar bench --model vit_base_patch16 --batch-size 4 "
                      "--sizes 224 448 --steps 3 --json bench.json --plot bench.png")
-    parser.add_argument("--model", default="vit_base_patch16", metavar="NAME",
-                        help=f"encoder: {', '.join(MODEL_NAMES)}")
-    parser.add_argument("--sizes", type=int_range(1), nargs="+", default=list(DEFAULT_SIZES), metavar="PX",
-                        help="image sizes")
-    parser.add_argument("--methods", nargs="+", default=["lomar", "mae"],
-                        choices=["lomar", "mae", "beit", "mae_window"],
-                        help="beit times BEiT and BEiT + 7x7 windows (beit_window); mae_window: MAE per 7x7 "
-                             "window; windowed variants use LoMaR's window counts")
-    parser.add_argument("--windows", type=_window_setting, nargs="+", default=["paper"],
-                        metavar="N|paper", help="LoMaR windows per image: 'paper' (4@224, 6@384, "
-                        "9@448, 9 above) and/or fixed counts, e.g. --windows paper 4")
-    parser.add_argument("--batch-size", type=int_range(1), default=4, help="images per training step")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                        help="fp32, or autocast to bf16/fp16 (fp16 with a gradient scaler)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each model")
-    parser.add_argument("--device", type=device_flag, default="auto", help=DEVICE_HELP)
-    parser.add_argument("--threads", type=int_range(1, 4096), default=None,
-                        help="CPU threads, 1 or more (default: torch's choice)")
-    parser.add_argument("--steps", type=int_range(1), default=3, help="timed steps per configuration (median)")
-    parser.add_argument("--warmup", type=int_range(0), default=1, help="plain untimed steps per configuration "
-                        "before timing (after one FLOP-counting and one memory step)")
-    parser.add_argument("--json", type=Path, default=None, metavar="FILE",
-                        help="write results as JSON (default: none)")
-    parser.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
-                        help="plot time per step against image size (default: none)")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines")
-    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: width 32, depth 1
-    parser.add_argument("--task", choices=["pretrain", "loader", "backbone"], default="pretrain",
-                        help="pretrain: training steps per method; loader: images/s per loader worker from real "
-                        "files next to the model's step rate; backbone: forward + backward of the encoder alone "
-                        "per --attention variant (default: %(default)s)")
-    parser.add_argument("--attention", nargs="+", default=["dense", "chunked"],
-                        choices=["auto", "dense", "chunked", "flex", "windowed"],
-                        help="backbone task: attention variants (default: %(default)s)")
-    parser.add_argument("--grad-checkpointing", action="store_true",
-                        help="backbone task: recompute each block in the backward pass (default: off)")
-    parser.add_argument("--depth", type=int, default=None,
-                        help="backbone task: override the model's number of blocks, for a quick per-block "
-                        "measurement (default: the model's)")
+    add_settings(parser, {
+        "model": S.MODEL,
+        "sizes": Setting(list(DEFAULT_SIZES), "image sizes", kind=int, above=0, nargs="+", metavar="PX"),
+        "methods": Setting(["lomar", "mae"], "beit times BEiT and BEiT + 7x7 windows (beit_window); mae_window: MAE "
+                           "per 7x7 window; windowed variants use LoMaR's window counts", kind=str, nargs="+",
+                           choices=("lomar", "mae", "beit", "mae_window")),
+        "windows": Setting(["paper"], "LoMaR windows per image: 'paper' (4@224, 6@384, 9@448, 9 above) and/or fixed "
+                           "counts, e.g. --windows paper 4", kind=str, parse=_window_setting, nargs="+",
+                           metavar="N|paper"),
+        "batch_size": S.BATCH_SIZE.but(default=4, help="images per training step"),
+        "precision": S.PRECISION.but(default="fp32", help="fp32, or autocast to bf16/fp16 (fp16 with a gradient "
+                                     "scaler); auto = bf16 on CUDA with bf16 support, else fp32"),
+        "compile": S.COMPILE.but(help="torch.compile each model"),
+        "device": S.DEVICE,
+        "threads": S.THREADS.but(help="CPU threads (default: torch's choice)"),
+        "steps": Setting(3, "timed steps per configuration (median)", above=0),
+        "warmup": Setting(1, "plain untimed steps per configuration before timing (after one FLOP-counting and one "
+                          "memory step)", low=0),
+        "json": S.JSON.but(help="write results as JSON (default: not written)"),
+        "plot": Setting(None, "plot time per step against image size (default: no plot)", kind=str,
+                        metavar="FILE.png"),
+        "quiet": Setting(False, "no progress lines"),
+        "tiny": Setting(False, argparse.SUPPRESS),  # tests: width 32, depth 1
+        "task": Setting("pretrain", "pretrain: training steps per method; loader: images/s per loader worker from "
+                        "real files next to the model's step rate; backbone: forward + backward of the encoder alone "
+                        "per --attention variant", choices=("pretrain", "loader", "backbone")),
+        "attention": Setting(["dense", "chunked"], "backbone task: attention variants", kind=str, nargs="+",
+                             choices=("auto", "dense", "chunked", "flex", "windowed")),
+        "grad_checkpointing": Setting(False, "backbone task: recompute each block in the backward pass"),
+        "depth": S.DEPTH.but(help="backbone task: override the model's number of blocks, for a quick per-block "
+                             "measurement (default: the model's)"),
+    })
     add_loader_arguments(parser)
 
 
@@ -121,7 +113,7 @@ def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str
                 try:
                     check_window_request(grid, 7, n, 0.8)
                 except ValueError as exc:
-                    raise UsageError(f"{size}px: {exc}") from None
+                    raise _fit(size, exc) from None
                 configs.append(("lomar", n, "paper" if setting == "paper" else "fixed"))
         if "mae" in args.methods:
             configs.append(("mae", None, "-"))
@@ -133,7 +125,7 @@ def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str
                 try:
                     check_window_request(grid, 7, windowed, 0.75)
                 except ValueError as exc:
-                    raise UsageError(f"{size}px: {exc}") from None
+                    raise _fit(size, exc) from None
                 configs.append((method, windowed, "paper" if "paper" in args.windows else "fixed"))
         plan[size] = configs
     return plan
@@ -151,9 +143,11 @@ def run(args: argparse.Namespace) -> int:
 
     from lomar.bench.report import compare, machine_name, plot_times, print_table
     from lomar.bench.timing import build_runner, gemm_ceiling, interleaved_times, median
+    from lomar.train.run_state import resolve_precision
     from lomar.train.runtime import retain_freed_memory
 
     device = torch.device(resolve_device(args.device))
+    args.precision = resolve_precision(args.precision, device)
     if args.threads:  # the command owns the process: setting torch's global thread count is its call
         torch.set_num_threads(args.threads)
     retained = device.type == "cpu" and retain_freed_memory()
@@ -220,18 +214,16 @@ def _run_backbone(args: argparse.Namespace) -> int:
         patch = model_config(args.model).patch_size
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if args.batch_size <= 0 or args.steps <= 0 or args.warmup < 0:
-        raise UsageError("--batch-size and --steps must be positive and --warmup non-negative")
-    if args.depth is not None and args.depth <= 0:
-        raise UsageError(f"--depth must be positive, got {args.depth}")
     if bad := [s for s in args.sizes if s <= 0 or s % patch]:
         raise UsageError(f"--sizes {bad}: sizes must be positive multiples of the patch size {patch}")
     import torch
 
     from lomar.bench.backbone import bench_backbone, format_table
     from lomar.bench.report import machine_name
+    from lomar.train.run_state import resolve_precision
 
     device = resolve_device(args.device)
+    args.precision = resolve_precision(args.precision, torch.device(device))
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
     started, load = time.perf_counter(), os.getloadavg()
     meta = dict(task="backbone", model=args.model, depth=args.depth, batch_size=args.batch_size,

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from lomar.cli.common import check_output_file, resolve_device, write_json
 from lomar.errors import UsageError
+from lomar.train import settings as S
+from lomar.train.settings import Setting, add_settings
 
 __all__ = ["add_loader_arguments", "run_loader"]
 
@@ -19,30 +21,30 @@ __all__ = ["add_loader_arguments", "run_loader"]
 def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of the loader task that ``lomar bench`` lacks (it already has --sizes, --model,
     --batch-size, --precision, --compile, --device, --steps, --warmup, --json, --quiet)."""
-    group = parser.add_argument_group("--task loader")
-    group.add_argument("--data", type=Path, default=None,
-                       help="folder (or .txt list) of images to load (default: none; required)")
-    group.add_argument("--workers", type=int, default=1, help="loader worker processes (0: main process)")
-    group.add_argument("--images", type=int, default=64, help="images loaded per measurement")
-    group.add_argument("--decode", choices=["full", "draft", "windows"], nargs="+", default=["full"],
-                       help="full: reference path; draft: reduced-size JPEG decoding; windows: draft + only the "
-                       "plan's windows resampled (LoMaR)")
-    group.add_argument("--loader-method", choices=["lomar", "mae"], default="lomar",
-                       help="whose masking plan the workers draw (default: %(default)s)")
-    group.add_argument("--loader-windows", type=int, default=4, help="LoMaR windows per image")
-    group.add_argument("--make-test-set", choices=["camera", "imagenet"], default=None,
-                       help="first write --test-set-count JPEGs of this kind into --data (default: none)")
-    group.add_argument("--test-set-count", type=int, default=32, help="JPEGs in a made test set (default: %(default)s)")
-    group.add_argument("--repeats", type=int, default=1, help="loader measurements per setting (median)")
-    group.add_argument("--no-model", action="store_true", help="measure the loader only")
+    add_settings(parser, {
+        "data": S.DATA.but(help="folder (or .txt list) of images to load (default: none; --task loader needs it)"),
+        "workers": S.WORKERS.but(default=1, help="loader worker processes (0: main process)"),
+        "images": Setting(64, "images loaded per measurement", above=0),
+        "decode": S.DECODE.but(default=["full"], nargs="+", help="full: reference path; draft: reduced-size JPEG "
+                               "decoding; windows: draft + only the plan's windows resampled (LoMaR); gpu is not a "
+                               "loader path"),
+        "loader_method": Setting("lomar", "whose masking plan the workers draw", choices=("lomar", "mae")),
+        "loader_windows": Setting(4, "LoMaR windows per image", above=0),
+        "make_test_set": Setting(None, "first write --test-set-count JPEGs of this kind into --data (default: none)",
+                                 kind=str, choices=("camera", "imagenet")),
+        "test_set_count": Setting(32, "JPEGs in a made test set", above=0),
+        "repeats": Setting(1, "loader measurements per setting (median)", above=0),
+        "no_model": Setting(False, "measure the loader only"),
+    }, group="--task loader")
 
 
 def run_loader(args: argparse.Namespace) -> int:
     if args.data is None:
         raise UsageError("--task loader needs --data DIR (a folder of images; add --make-test-set camera to "
                          "create one)")
-    if args.workers < 0 or args.images <= 0:
-        raise UsageError(f"--workers must be >= 0 and --images positive, got {args.workers} and {args.images}")
+    if "gpu" in args.decode:
+        raise UsageError("--decode gpu decodes in the training loop, not in loader workers; use full, draft or windows")
+    args.data = Path(args.data)
     check_output_file(args.json, "--json", create_parents=True)
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
     from lomar.bench.loader import make_test_set, measure_loader, share_model_rate
@@ -57,7 +59,10 @@ def run_loader(args: argparse.Namespace) -> int:
         raise UsageError(f"--data {args.data} does not exist; pass a folder of images or add --make-test-set")
     import torch
 
+    from lomar.train.run_state import resolve_precision
+
     device = resolve_device(args.device)
+    args.precision = resolve_precision(args.precision, torch.device(device))
     if args.threads:
         torch.set_num_threads(args.threads)
     records = []
@@ -68,7 +73,7 @@ def run_loader(args: argparse.Namespace) -> int:
                 args.loader_windows, decode, args.images, args.batch_size, args.model, device=device,
                 precision=args.precision, compile=args.compile, steps=args.steps, warmup=args.warmup,
                 model_rate=not args.no_model and not records, tiny=getattr(args, "tiny", False),
-                repeats=max(1, args.repeats), progress=say)
+                repeats=args.repeats, progress=say)
         except ValueError as exc:
             raise UsageError(str(exc).splitlines()[0]) from None
     share_model_rate(records)

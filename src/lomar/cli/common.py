@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -16,33 +15,21 @@ import tempfile
 from pathlib import Path
 
 from lomar.errors import UsageError
+from lomar.train import settings as S
+from lomar.train.settings import Setting, add_settings
 
-__all__ = ["MODEL_NAMES", "device_flag", "resolve_device", "int_range", "positive_float", "check_output_file",
-           "check_output_dir", "write_json", "add_override_arguments", "overrides_from_args", "load_for_cli",
-           "as_flags"]
+__all__ = ["MODEL_NAMES", "resolve_device", "check_output_file", "check_output_dir", "write_json",
+           "add_override_arguments", "overrides_from_args", "load_for_cli", "as_flags"]
 
-# The names :func:`lomar.models.vit.list_models` returns, written out so that --help needs no torch
-# (a test keeps the two equal).
-MODEL_NAMES = tuple(f"vit_{size}_patch{patch}" for size in ("tiny", "small", "base", "large", "huge")
-                    for patch in (8, 14, 16))
-
-_DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)")
-DEVICE_HELP = "auto (CUDA if available), cpu, cuda, cuda:N or mps"
-
-
-def device_flag(text: str) -> str:
-    """argparse type of every --device: the spelling only (availability is checked by resolve_device)."""
-    if not _DEVICE.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use {DEVICE_HELP}")
-    return text
+MODEL_NAMES = S.MODEL_NAMES
 
 
 def resolve_device(text: str | None) -> str:
-    """A --device value (None = auto) -> a device string torch can use here; UsageError otherwise."""
+    """A --device value (None = auto; spelling checked by the declaration) -> a device string torch
+    can use here; UsageError otherwise."""
     import torch
 
     text = text or "auto"
-    device_flag(text)
     if text == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if text.startswith("cuda"):
@@ -52,47 +39,7 @@ def resolve_device(text: str | None) -> str:
         if index >= torch.cuda.device_count():
             raise UsageError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s); "
                              f"pass cuda:0 … cuda:{torch.cuda.device_count() - 1}")
-    if text == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps: MPS is not available on this machine; pass --device cpu")
     return text
-
-
-def int_range(low: int, high: int | None = None):
-    """argparse type: an integer in [low, high] (high None = no upper bound)."""
-    accepted = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {accepted}, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"expected {accepted}, got {value}")
-        return value
-
-    parse.__name__ = "int"
-    return parse
-
-
-def _finite_float(text: str, zero_ok: bool) -> float:
-    accepted = "a finite number >= 0" if zero_ok else "a finite number > 0"
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {accepted}, got {text!r}") from None
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
-        raise argparse.ArgumentTypeError(f"expected {accepted}, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0 (rejects nan, inf, 0 and negatives)."""
-    return _finite_float(text, zero_ok=False)
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite number >= 0."""
-    return _finite_float(text, zero_ok=True)
 
 
 def _check_writable_dir(folder: Path, flag: str, target: Path) -> None:
@@ -161,23 +108,24 @@ def write_json(path: str | Path, result: dict) -> Path:
 
 
 # ---- for original checkpoints ---------------------------------------------------------------
+# What an original checkpoint's weights cannot tell (None: inferred from the checkpoint).
+OVERRIDES = {
+    "num_heads": S.NUM_HEADS.but(help="attention heads, needed for non-standard widths without an RPE table "
+                                      "(default: inferred)"),
+    "img_size": S.IMG_SIZE.but(default=None, help="pretraining image size (default: from the checkpoint, else 224)"),
+    "window_size": S.WINDOW_SIZE.but(default=None, help="LoMaR window size K (default: 7)"),
+    "num_windows": Setting(None, "LoMaR windows per image (default: 4)", kind=int, above=0, flag="--windows"),
+    "decoder_num_heads": S.DECODER_NUM_HEADS.but(default=None, help="MAE decoder heads (default: 16 for a 512-wide "
+                                                                     "decoder)"),
+}
+
+
 def add_override_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags that fill in what an original checkpoint's weights cannot tell."""
-    group = parser.add_argument_group("for original checkpoints (what the weights cannot tell)")
-    group.add_argument("--num-heads", type=int_range(1), help="attention heads (needed for non-standard widths "
-                                                              "without an RPE table; default: inferred)")
-    group.add_argument("--img-size", type=int_range(1), help="pretraining image size (default: from the "
-                                                             "checkpoint, else 224)")
-    group.add_argument("--window-size", type=int_range(1), help="LoMaR window size K (default: 7)")
-    group.add_argument("--windows", type=int_range(1), dest="num_windows",
-                       help="LoMaR windows per image (default: 4)")
-    group.add_argument("--decoder-num-heads", type=int_range(1),
-                       help="MAE decoder heads (default: 16 for a 512-wide decoder)")
+    add_settings(parser, OVERRIDES, group="for original checkpoints (what the weights cannot tell)")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
-    names = ("num_heads", "img_size", "window_size", "num_windows", "decoder_num_heads")
-    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    return {k: getattr(args, k) for k in OVERRIDES if getattr(args, k, None) is not None}
 
 
 def load_for_cli(path: str, args: argparse.Namespace):

@@ -7,8 +7,12 @@ from pathlib import Path
 
 from lomar.cli.common import add_override_arguments, check_output_dir, load_for_cli
 from lomar.errors import UsageError
+from lomar.train import settings as S
+from lomar.train.settings import Setting, add_settings
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "run", "CHECKPOINT"]
+
+CHECKPOINT = Setting(None, "checkpoint file (or an exported folder)", kind=str, flag="", metavar="CKPT")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,11 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "exported in timm's Beit layout). Load the "
                      "result with lomar.create_encoder(DIR), or in timm after `import lomar.timm_models`: "
                      "timm.create_model('local-dir:DIR', pretrained=True).")
-    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint file (or an exported folder)")
-    parser.add_argument("--to", required=True, metavar="DIR", help="output folder (created if missing)")
-    parser.add_argument("--drop-head", action="store_true", help="export a classifier's encoder without its head")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing model.safetensors / config.json in DIR")
+    add_settings(parser, {
+        "checkpoint": CHECKPOINT,
+        "to": S.TO.but(metavar="DIR", help="output folder (created if missing)"),
+        "drop_head": Setting(False, "export a classifier's encoder without its head"),
+        "overwrite": S.OVERWRITE.but(help="replace an existing model.safetensors / config.json in DIR"),
+    })
     add_override_arguments(parser)
 
 

@@ -6,9 +6,7 @@ import argparse
 import sys
 
 from lomar.cli.common import report_run_failure
-from lomar.errors import UsageError
 from lomar.train.finetune_config import add_finetune_arguments, dump_finetune_config, resolve_finetune_config
-from lomar.train.settings import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,10 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = resolve_finetune_config(args)
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
+    config = resolve_finetune_config(args)  # a ConfigError is a UsageError: one line, exit 2
     if args.print_config:
         sys.stdout.write(dump_finetune_config(config))
         return 0

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from lomar.cli.common import add_override_arguments, as_flags, check_output_file, overrides_from_args
 from lomar.errors import UsageError
+from lomar.train import settings as S
+from lomar.train.settings import Setting, add_settings
 
 __all__ = ["add_arguments", "run"]
 
@@ -15,9 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("The output is our pretraining checkpoint ({model, config}): use it with `lomar export`, "
                      "`lomar visualize` or as `--pretrained` for finetuning. It holds no optimizer state, "
                      "so it is not a checkpoint to --resume pretraining from.")
-    parser.add_argument("path", metavar="PATH", help="original LoMaR / MAE checkpoint (.pth)")
-    parser.add_argument("--to", required=True, metavar="CKPT", help="where to write our checkpoint (.pt)")
-    parser.add_argument("--overwrite", action="store_true", help="replace CKPT if it exists")
+    add_settings(parser, {
+        "path": Setting(None, "original LoMaR / MAE checkpoint (.pth)", kind=str, flag="", metavar="PATH"),
+        "to": S.TO.but(metavar="CKPT", help="where to write our checkpoint (.pt)"),
+        "overwrite": S.OVERWRITE.but(help="replace CKPT if it exists"),
+    })
     add_override_arguments(parser)
 
 

@@ -6,8 +6,7 @@ import argparse
 import sys
 
 from lomar.cli.common import report_run_failure
-from lomar.errors import UsageError
-from lomar.train.config import ConfigError, add_config_arguments, dump_config, resolve_config
+from lomar.train.config import add_config_arguments, dump_config, resolve_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,10 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = resolve_config(args)
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
+    config = resolve_config(args)  # a ConfigError is a UsageError: one line, exit 2
     if args.print_config:
         sys.stdout.write(dump_config(config))
         return 0

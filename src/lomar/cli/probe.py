@@ -10,36 +10,44 @@ import argparse
 import sys
 from pathlib import Path
 
-from lomar.cli.common import (
-    DEVICE_HELP,
-    check_output_file,
-    device_flag,
-    int_range,
-    non_negative_float,
-    positive_float,
-    resolve_device,
-    write_json,
-)
+from lomar.cli.common import check_output_file, resolve_device, write_json
 from lomar.errors import UsageError
+from lomar.train import settings as S
+from lomar.train.settings import Setting, add_settings
 
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("pretrained", help="our pretrain/finetune checkpoint, an exported or run folder, "
-                                      "or an original LoMaR / MAE checkpoint")
-    p.add_argument("--data", help="ImageFolder root holding train/ and val/ (default: none)")
-    p.add_argument("--train", help="training split root, instead of --data (default: none)")
-    p.add_argument("--val", help="validation split root, instead of --data (default: none)")
-    p.add_argument("--img-size", type=int_range(1), default=224, help="centre-crop size in pixels")
-    p.add_argument("--pool", choices=("mean", "cls"), default="mean",
-                   help="feature: mean of the normed patch tokens or the normed cls token")
-    p.add_argument("--batch-size", type=int_range(1), default=128, help="images per forward pass")
-    p.add_argument("--workers", type=int_range(0), default=4, help="data-loading processes")
-    p.add_argument("--device", type=device_flag, default="auto", help=DEVICE_HELP)
-    p.add_argument("--json", metavar="FILE", help="also write the result to this JSON file (default: none)")
+COMMON = {
+    "pretrained_path": S.PRETRAINED.but(flag="", nargs="?", metavar="PRETRAINED", help=S.PRETRAINED.help +
+                                        " (or pass it as --pretrained)"),
+    "pretrained": S.PRETRAINED.but(help="the same as the positional PRETRAINED (default: the positional one)"),
+    "data": S.DATA, "train": S.TRAIN, "val": S.VAL,
+    "img_size": S.IMG_SIZE.but(default=None, help="centre-crop size in pixels (default: the checkpoint's training "
+                                                  "size)"),
+    "pool": Setting("mean", "feature: mean of the normed patch tokens or the normed cls token",
+                    choices=("mean", "cls")),
+    "batch_size": S.BATCH_SIZE.but(default=128, help="images per forward pass"),
+    "workers": S.WORKERS, "threads": S.THREADS, "device": S.DEVICE, "json": S.JSON,
+}
+KNN = {**COMMON, "k": Setting(20, "neighbours", above=0),
+       "temperature": Setting(0.07, "votes weigh exp(cosine / T)", above=0)}
+LINPROBE = {
+    **COMMON, "epochs": S.EPOCHS.but(default=90, help="passes over the training features"),
+    "lr": S.LR.but(default=1e-2, help="AdamW peak lr (cosine to 0)"),
+    "weight_decay": S.WEIGHT_DECAY.but(default=0.0),
+    "probe_batch_size": Setting(256, "features per probe step", above=0),
+    "seed": S.SEED.but(help="seed of the probe's init and shuffling"),
+    "save": Setting(None, "write the trained probe's state dict here (default: not written)", kind=str,
+                    metavar="FILE"),
+}
 
 
 def _check(args: argparse.Namespace) -> None:
     """Everything that can be checked before the features are computed, outputs included."""
+    if args.pretrained and args.pretrained_path and args.pretrained != args.pretrained_path:
+        raise UsageError(f"two checkpoints given ({args.pretrained_path} and --pretrained {args.pretrained}); "
+                         f"pass one")
+    args.pretrained = args.pretrained or args.pretrained_path
+    if not args.pretrained:
+        raise UsageError(f"pass the checkpoint: lomar {args.command} PRETRAINED, or --pretrained PRETRAINED")
     if not (args.data or (args.train and args.val)):
         raise UsageError("pass --data ROOT (with train/ and val/) or both --train and --val")
     for flag, root in (("--data", args.data), ("--train", args.train), ("--val", args.val)):
@@ -53,17 +61,23 @@ def _check(args: argparse.Namespace) -> None:
 
 def _features(args: argparse.Namespace):
     """(train_x, train_y, val_x, val_y) features of both splits; UsageError on bad input."""
+    import torch
+
     from lomar.eval.features import extract_features, knn_loaders, load_pretrained_encoder
+    from lomar.train.runtime import default_threads, default_workers
 
     _check(args)
     device = resolve_device(args.device)
+    torch.set_num_threads(args.threads or default_threads())  # the command owns the process
+    size = {"img_size": args.img_size} if args.img_size else {}
     try:
+        encoder = load_pretrained_encoder(args.pretrained, **size).to(device)
+        args.img_size = args.img_size or encoder.config.img_size  # the checkpoint's training size
         loaders = knn_loaders(args.train or args.data, args.val if args.train else None, args.img_size,
-                              args.batch_size, args.workers)
-        encoder = load_pretrained_encoder(args.pretrained, img_size=args.img_size).to(device)
+                              args.batch_size, default_workers() if args.workers is None else args.workers)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    print(f"lomar {args.command}: {encoder.load_report.summary()}", file=sys.stderr)
+    print(f"lomar {args.command}: {encoder.load_report.summary()}, {args.img_size} px crops", file=sys.stderr)
     out = []
     for loader in loaders:
         out.extend(extract_features(encoder, loader, device, args.pool))
@@ -71,10 +85,7 @@ def _features(args: argparse.Namespace):
 
 
 def knn_add_arguments(p: argparse.ArgumentParser) -> None:
-    _common(p)
-    p.add_argument("--k", type=int_range(1), default=20, help="neighbours")
-    p.add_argument("--temperature", type=positive_float, default=0.07,
-                   help="votes weigh exp(cosine / T); a finite number > 0")
+    add_settings(p, KNN)
 
 
 def knn_run(args: argparse.Namespace) -> int:
@@ -93,13 +104,7 @@ def knn_run(args: argparse.Namespace) -> int:
 
 
 def linprobe_add_arguments(p: argparse.ArgumentParser) -> None:
-    _common(p)
-    p.add_argument("--epochs", type=int_range(1), default=90, help="passes over the training features")
-    p.add_argument("--lr", type=positive_float, default=1e-2, help="AdamW peak lr (cosine to 0)")
-    p.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--probe-batch-size", type=int_range(1), default=256, help="features per probe step")
-    p.add_argument("--seed", type=int_range(0), default=0, help="seed of the probe's init and shuffling")
-    p.add_argument("--save", metavar="FILE", help="write the trained probe's state dict here (default: none)")
+    add_settings(p, LINPROBE)
 
 
 def linprobe_run(args: argparse.Namespace) -> int:

@@ -8,9 +8,10 @@ pickled ``encoder.pkl``, read without executing its code, or a state dict) as sa
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from lomar.errors import UsageError
+from lomar.train import settings as S
+from lomar.train.settings import Setting, add_settings
 
 __all__ = ["add_arguments", "run"]
 
@@ -21,17 +22,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fit = sub.add_parser("fit", help="fit the built-in k-means tokenizer on a folder of images",
                          description="Fit k-means over per-patch normalised pixels of the images' centre "
                                      "crops at --size px (a BEiT target when no dVAE is at hand).")
-    fit.add_argument("--data", required=True, help="image folder (recursive) or .txt list of paths")
-    fit.add_argument("--vocab", type=int, default=8192, help="vocabulary size (default %(default)s)")
-    fit.add_argument("--out", required=True, type=Path, metavar="FILE.safetensors")
-    fit.add_argument("--size", type=int, default=112, help="view size in px (default %(default)s: 14x14 tokens)")
-    fit.add_argument("--patch", type=int, default=8, help="pixels per token (default %(default)s)")
-    fit.add_argument("--iters", type=int, default=20, help="Lloyd iterations at most (default %(default)s)")
-    fit.add_argument("--max-images", type=int, default=2048, help="images used at most (default %(default)s)")
-    fit.add_argument("--seed", type=int, default=0)
+    add_settings(fit, {
+        "data": S.DATA.but(required=True, help="image folder (recursive) or .txt list of paths"),
+        "vocab": Setting(8192, "vocabulary size", above=0),
+        "out": S.OUT.but(required=True, metavar="FILE.safetensors", help="where to write the tokenizer"),
+        "size": Setting(112, "view size in px (default: 112, 14x14 tokens)", above=0),
+        "patch": Setting(8, "pixels per token", above=0),
+        "iters": Setting(20, "Lloyd iterations at most", above=0),
+        "max_images": Setting(2048, "images used at most", above=0),
+        "seed": S.SEED,
+    })
     conv = sub.add_parser("convert", help="write a dVAE encoder (encoder.pkl or state dict) as safetensors")
-    conv.add_argument("source", metavar="encoder.pkl", help="official dall_e encoder.pkl, {'model': sd} or sd")
-    conv.add_argument("--to", required=True, type=Path, metavar="dvae.safetensors")
+    add_settings(conv, {
+        "source": Setting(None, "official dall_e encoder.pkl, {'model': sd} or sd", kind=str, flag="",
+                          metavar="encoder.pkl"),
+        "to": S.TO.but(metavar="dvae.safetensors", help="where to write the dVAE encoder"),
+    })
 
 
 def _views(data: str, size: int, limit: int):
@@ -71,9 +77,6 @@ def run(args: argparse.Namespace) -> int:
             return 0
         from lomar.tokenizers import fit_kmeans_tokenizer
 
-        for name in ("vocab", "size", "patch", "iters", "max_images"):
-            if getattr(args, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
         views, bad = _views(args.data, args.size, args.max_images)
         tokenizer = fit_kmeans_tokenizer(views, vocab_size=args.vocab, patch=args.patch, seed=args.seed,
                                          iters=args.iters, input_size=args.size)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lomar.cli.common import add_override_arguments, check_output_dir, int_range, load_for_cli
+from lomar.cli.common import add_override_arguments, check_output_dir, load_for_cli
+from lomar.cli.export import CHECKPOINT
 from lomar.errors import UsageError
+from lomar.train import settings as S
+from lomar.train.settings import Setting, add_settings
 
 __all__ = ["add_arguments", "run", "prepare_image", "MAX_IMAGES"]
 
@@ -35,23 +38,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "input | reconstruction) and, with --attention, OUT/attention-NN-NAME.png per image. "
                      "CKPT: our pretraining checkpoint, one from `lomar load-original`, or an original one "
                      "(an encoder-only checkpoint or export folder gives attention figures only).")
-    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint file (or an exported folder)")
-    parser.add_argument("images", nargs="*", metavar="IMAGE",
-                        help=f"image files, at most {MAX_IMAGES} (default: four photographs bundled with "
-                             f"scikit-image)")
-    parser.add_argument("--seed", type=int_range(0), default=0, help="seed of the sampled windows and masks")
-    parser.add_argument("--out", default="figures", metavar="DIR", help="output folder")
-    parser.add_argument("--attention", action="store_true",
-                        help="also draw, per image, the attention each block pays inside the target's window")
-    parser.add_argument("--target-patch", nargs=2, metavar=("ROW", "COL"),
-                        type=int_range(0), help="target patch in the image's patch grid (default: the centre)")
-    parser.add_argument("--context", choices=("window", "image"),
-                        help="attention with cls + window tokens only or the whole image (default: window "
-                             "for LoMaR, image for MAE and encoders)")
-    parser.add_argument("--masked", action="store_true",
-                        help="attention with the window masked as in pretraining (target masked; LoMaR)")
-    parser.add_argument("--attention-window", type=int_range(1), metavar="K",
-                        help="window size in patches for models without one (default: 7)")
+    add_settings(parser, {
+        "checkpoint": CHECKPOINT,
+        "images": Setting(None, f"image files, at most {MAX_IMAGES} (default: four photographs bundled with "
+                          f"scikit-image)", kind=str, flag="", nargs="*", metavar="IMAGE"),
+        "seed": S.SEED.but(help="seed of the sampled windows and masks"),
+        "out": S.OUT.but(default="figures", metavar="DIR", help="output folder"),
+        "attention": Setting(False, "also draw, per image, the attention each block pays inside the target's window"),
+        "target_patch": Setting(None, "target patch in the image's patch grid (default: the centre)", kind=int, low=0,
+                                nargs=2, metavar=("ROW", "COL")),
+        "context": Setting(None, "attention with cls + window tokens only or the whole image (default: window for "
+                           "LoMaR, image for MAE and encoders)", kind=str, choices=("window", "image")),
+        "masked": Setting(False, "attention with the window masked as in pretraining (target masked; LoMaR)"),
+        "attention_window": Setting(None, "window size in patches for models without one (default: 7)", kind=int,
+                                    above=0, metavar="K"),
+    })
     add_override_arguments(parser)
 
 

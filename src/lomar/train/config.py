@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,19 +17,12 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from lomar.methods import names as method_names
-from lomar.train.config_checks import check_data, check_decode, check_fsdp, check_numbers
+from lomar.train import settings as S
+from lomar.train import settings_resume as R
+from lomar.train.config_checks import check_data, check_decode, check_fsdp
 from lomar.train.runtime import default_workers
-from lomar.train.settings import (
-    SCHEDULE_STEPS_HELP,
-    ConfigError,
-    add_dataclass_arguments,
-    coerce_all,
-    explicit_values,
-    lay_schedule_over_max_steps,
-    read_yaml,
-    resume_target,
-    resume_values,
-)
+from lomar.train.settings import ConfigError
+from lomar.windows import parse_windows
 
 if TYPE_CHECKING:
     from lomar.models.vit import ViTConfig
@@ -39,59 +31,76 @@ __all__ = ["PretrainConfig", "DEMO_PRESET", "add_config_arguments", "resolve_con
            "vit_config", "ConfigError"]
 
 
+
+
 @dataclass
 class PretrainConfig:
     COMMAND = "pretrain"
-    PARSERS = {"windows": lambda text: _parse_windows(text)}  # flag / YAML text -> value
     # data and output
-    data: str | None = None  # image folder, .txt list, or tar shard pattern; None = demo photos
-    out: str | None = None  # default runs/<timestamp>
+    data: str | None = S.DATA.field(help="image folder (recursive), .txt list of paths, or tar shards ('shards/*.tar', "
+                                       "'shard-{000..009}.tar') (default: the built-in demo photographs)")
+    out: str | None = S.OUT.field()
     # method and model
-    method: str = "lomar"  # lomar | mae | beit (lomar.methods)
-    model: str = "vit_base_patch16"
-    embed_dim: int | None = None  # explicit widths override the named model
-    depth: int | None = None
-    num_heads: int | None = None
-    patch_size: int | None = None
-    img_size: int = 224
-    pos: str | None = None  # rpe | abs; default rpe for lomar, abs for mae
-    window_size: int = 7
-    windows: str = "auto"  # a count, 0/'global' = the whole image, auto = the method's default; an int once resolved
-    mask_ratio: float | None = None  # default 0.8 for lomar, 0.75 for mae
-    norm_pix_loss: bool = True
-    decoder_embed_dim: int = 512  # MAE only
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    tokenizer: str | None = None  # BEiT only: dVAE / k-means file; None = fit k-means into OUT
+    method: str = S.setting("lomar", "pretraining method: lomar (local windows), mae (whole image), beit (token "
+                          "prediction)", choices=method_names())
+    model: str = S.MODEL.field()
+    embed_dim: int | None = S.setting(None, "token width (default: the --model's)", above=0, kind=int)
+    depth: int | None = S.DEPTH.field()
+    num_heads: int | None = S.NUM_HEADS.field()
+    patch_size: int | None = S.setting(None, "patch size in pixels (default: the --model's)", above=0, kind=int)
+    img_size: int = S.IMG_SIZE.field()
+    pos: str | None = S.setting(None, "position encoding (default: rpe for lomar, abs for mae and beit)",
+                              choices=("rpe", "abs", "none"), resume="derived", kind=str)
+    window_size: int = S.WINDOW_SIZE.field()
+    windows: str = S.setting(  # an int once resolved
+        "auto", "K x K windows per image for any method; 0 or 'global' = the whole image; auto = lomar: the paper's "
+        "4 at 224 px, 6 at 384, 9 at 448, scaled with the patch-grid area at other sizes (--print-config shows the "
+        "count); mae, beit: global", resume="derived",
+        parse=lambda text: "auto" if text.strip().lower() == "auto" else parse_windows(text))
+    mask_ratio: float | None = S.setting(None, "masked share per window (default: 0.8 lomar, 0.75 mae; beit: "
+                                         "blockwise)", resume="derived", kind=float)
+    norm_pix_loss: bool = S.setting(True, "reconstruct per-patch normalised pixels")
+    decoder_embed_dim: int = S.setting(512, "MAE decoder width", above=0)
+    decoder_depth: int = S.setting(8, "MAE decoder blocks", above=0)
+    decoder_num_heads: int = S.DECODER_NUM_HEADS.field()
+    tokenizer: str | None = S.setting(None, "--method beit: dVAE (encoder.pkl, state dict, safetensors) or k-means "
+                                    "tokenizer file (default: fit the built-in k-means tokenizer on the data into "
+                                    "OUT/tokenizer.safetensors)", kind=str)
     # optimisation (original recipe)
-    batch_size: int = 64  # per device
-    accum_steps: int = 1
-    epochs: int = 400
-    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
-    schedule_steps: int | None = None  # None: the epochs' steps (see schedule_span)
-    blr: float = 1.5e-4  # lr = blr * effective_batch / 256
-    lr: float | None = None  # absolute lr, overrides blr
-    min_lr: float = 0.0
-    warmup_epochs: float = 40
-    weight_decay: float = 0.05
-    clip_grad: float | None = None
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto = bf16 on capable CUDA, else fp32
-    compile: bool = False
-    fsdp: bool = False  # shard parameters, gradients and optimizer state across torchrun processes (FSDP2)
-    decode: str = "full"  # full | draft | windows | gpu (lomar.data.fast_decode, lomar.data.device_decode)
+    batch_size: int = S.BATCH_SIZE.field()
+    accum_steps: int = S.ACCUM_STEPS.field()
+    epochs: int = S.EPOCHS.field()
+    max_steps: int | None = S.MAX_STEPS.field()
+    schedule_steps: int | None = S.SCHEDULE_STEPS.field()
+    blr: float = S.BLR.field()
+    lr: float | None = S.LR.field()
+    min_lr: float = S.MIN_LR.field()
+    warmup_epochs: float = S.WARMUP_EPOCHS.field()
+    weight_decay: float = S.WEIGHT_DECAY.field()
+    clip_grad: float | None = S.setting(None, "clip the gradient norm to this (default: no clipping)", kind=float,
+                                      above=0)
+    precision: str = S.PRECISION.field()
+    compile: bool = S.COMPILE.field()
+    fsdp: bool = S.setting(False, "shard the model, gradients and optimizer state across the torchrun processes "
+                         "(FSDP2, one unit per block); sharded checkpoints checkpoint-N.dcp/, consolidated to last.pt "
+                         "at the end")
+    decode: str = S.DECODE.field()
     # running
-    workers: int | None = None  # None = min(8, cores - 1)
-    threads: int | None = None  # torch CPU threads per process; None = the cores / processes on this machine
-    seed: int = 0
-    device: str = "auto"
-    save_every: int = 20  # epochs
-    keep_last: int = 2
-    log_every: int = 20  # optimizer steps
-    resume: str | None = None  # PATH or 'auto'
-    overwrite: bool = False
-    figure_images: int = 4
-    knn_every: int = 0  # epochs; 0 = never
-    knn_data: str | None = None  # ImageFolder root with train/ and val/, for --knn-every
+    workers: int | None = S.WORKERS.field()
+    threads: int | None = S.THREADS.field(help="CPU threads per process; 1 is fastest for tiny models on a busy "
+                                               "machine (default: the cores shared among this machine's processes)")
+    seed: int = S.SEED.field()
+    device: str = S.DEVICE.field()
+    save_every: int = S.setting(20, "write a checkpoint every N epochs", above=0, resume="run-control")
+    keep_last: int = S.setting(2, "checkpoints to keep", above=0, resume="run-control")
+    log_every: int = S.LOG_EVERY.field()
+    resume: str | None = S.RESUME.field()
+    overwrite: bool = S.OVERWRITE.field()
+    figure_images: int = S.setting(4, "images in the reconstruction figures", above=0, resume="run-control")
+    knn_every: int = S.setting(0, "every N epochs, print and log the k-NN top-1 of the encoder on --knn-data "
+                             "(0 = never)", low=0, resume="run-control")
+    knn_data: str | None = S.setting(None, "ImageFolder root with train/ and val/ class folders, for --knn-every "
+                                   "(default: none)", resume="run-control", kind=str)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -108,58 +117,22 @@ DEMO_PRESET: dict[str, Any] = dict(
     device="cpu",
 )
 
-_CHOICES = {"method": method_names(), "pos": ("rpe", "abs", "none"),
-            "precision": ("auto", "fp32", "bf16", "fp16"), "decode": ("full", "draft", "windows", "gpu")}
-_HELP = {
-    "data": "image folder (recursive), .txt list of paths, or tar shards ('shards/*.tar', "
-            "'shard-{000..009}.tar'); omit for the built-in demo photographs",
-    "out": "output folder (default runs/<timestamp>)",
-    "windows": "K x K windows per image for any method; 0 or 'global' = the whole image; auto = lomar: the "
-               "paper's 4 at 224 px, 6 at 384, 9 at 448, scaled with the patch-grid area at other sizes "
-               "(--print-config shows the count); mae, beit: global",
-    "tokenizer": "--method beit: dVAE (encoder.pkl, state dict, safetensors) or k-means tokenizer file; "
-                 "default: fit the built-in k-means tokenizer on the data into OUT/tokenizer.safetensors",
-    "mask_ratio": "masked share per window (default 0.8 lomar, 0.75 mae; beit: blockwise unless given)",
-    "resume": "checkpoint path, or 'auto' for OUT/last.pt", "max_steps": "stop after N optimizer steps",
-    "schedule_steps": SCHEDULE_STEPS_HELP,
-    "batch_size": "images per device per step", "blr": "base lr: lr = blr * effective batch / 256",
-    "save_every": "write a checkpoint every N epochs",
-    "knn_every": "every N epochs, print and log the k-NN top-1 of the encoder on --knn-data (0 = never)",
-    "knn_data": "ImageFolder root with train/ and val/ class folders, for --knn-every",
-    "threads": "CPU threads per process (1 is fastest for tiny models on a busy machine); "
-               "None = the cores shared among this machine's processes", "keep_last": "checkpoints to keep",
-    "workers": "data-loading processes; None = min(8, cores - 1)",
-    "decode": "how workers turn files into crops: full = decode the whole photo (reference); draft = JPEG "
-              "decoded at 1/2-1/8 scale when the crop allows (same crops, slightly different pixels); windows = "
-              "draft + only LoMaR's windows resampled; gpu = JPEGs decoded in batches on the CUDA device",
-    "fsdp": "shard the model, gradients and optimizer state across the torchrun processes (FSDP2, one unit "
-            "per block); sharded checkpoints checkpoint-N.dcp/, consolidated to last.pt at the end",
-}
-
-
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per config field (``--window-size`` for ``window_size``), plus --config."""
-    add_dataclass_arguments(parser, PretrainConfig, _HELP, _CHOICES, nargs_optional={"resume": "auto"})
-
-
-def _parse_windows(text: str) -> int | str:
-    """``--windows``: a count >= 0, 'global' (= 0, the whole image) or 'auto'."""
-    from lomar.windows import parse_windows
-
-    return "auto" if text.strip().lower() == "auto" else parse_windows(text)
+    S.add_settings(parser, S.declarations(PretrainConfig), config=True)
 
 
 def resolve_config(args: argparse.Namespace) -> PretrainConfig:
     """Recipe defaults, demo preset, YAML, flags -> a validated PretrainConfig.
 
-    When resuming, the run's saved config replaces the defaults and preset (see _resume_values).
+    When resuming, the run's saved config replaces the defaults and preset (see lomar.train.settings_resume).
     """
-    explicit = explicit_values(PretrainConfig, args)
+    explicit = S.explicit_values(PretrainConfig, args)
     saved = _saved_config(explicit)
     if explicit.get("windows") == "auto":
         explicit["windows"] = None  # resolved below; on resume, the saved run's count
     if saved is not None:
-        values = _resume_values(*saved, explicit)
+        values = R.resume_values(PretrainConfig, *saved, explicit)
     else:
         values = PretrainConfig().to_dict()
         if explicit.get("data") is None:
@@ -169,7 +142,7 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
                     preset.pop(key)
             values.update(preset)
         values.update(explicit)
-        lay_schedule_over_max_steps(values, explicit)
+        R.lay_schedule_over_max_steps(values, explicit)
     config = PretrainConfig(**values)
     if config.out is None:
         config.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
@@ -186,16 +159,6 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
     return config
 
 
-# What may differ from the saved config on resume: where and how the run is driven, not what
-# it computes. `epochs` may grow to train longer (the cosine schedule stretches from there);
-# `data` may move. Everything else (model, batch, lr, masking, seed, ...) must stay.
-_RUN_CONTROL = {"data", "out", "resume", "overwrite", "epochs", "max_steps", "save_every", "keep_last",
-                "log_every", "workers", "threads", "device", "compile", "knn_every", "knn_data",
-                "figure_images", "decode"}
-_PER_INVOCATION = {"resume": None, "overwrite": False}  # never inherited from the saved run
-_DERIVED = frozenset({"mask_ratio", "pos", "windows"})  # None asks for the method's default, which the saved run holds
-
-
 def _saved_config(explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
     """(settings, where from) of the run being resumed; None when there is none to resume.
 
@@ -203,12 +166,12 @@ def _saved_config(explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None
     OUT/config.yaml when the run stopped before its first checkpoint (the engine then starts it
     afresh); with none of them it is a new run.
     """
-    target = resume_target(explicit, sharded_ok=True)
+    target = R.resume_target(explicit, sharded_ok=True)
     if target is not None:
         return _sharded_config(target) if target.is_dir() else _checkpoint_config(target)
     yaml_path = Path(explicit["out"]) / "config.yaml" if explicit.get("resume") == "auto" else None
     if yaml_path is not None and yaml_path.is_file():
-        return read_yaml(PretrainConfig, yaml_path, strict=False), str(yaml_path)
+        return S.read_yaml(PretrainConfig, yaml_path, strict=False), str(yaml_path)
     return None
 
 
@@ -235,7 +198,7 @@ def _checkpoint_config(path: Path) -> tuple[dict[str, Any], str]:
     if not isinstance(ckpt.get("config"), dict) or "optimizer" not in ckpt:
         raise ConfigError(f"--resume {path} is not a `lomar pretrain` training checkpoint (no saved config "
                           f"and optimizer state); start a new run with another --out")
-    return coerce_all(PretrainConfig, saved_settings(ckpt), str(path), strict=False), str(path)
+    return S.coerce_all(PretrainConfig, saved_settings(ckpt), str(path), strict=False), str(path)
 
 
 def _sharded_config(path: Path) -> tuple[dict[str, Any], str]:
@@ -249,19 +212,13 @@ def _sharded_config(path: Path) -> tuple[dict[str, Any], str]:
     if not isinstance(meta.get("config"), dict):
         raise ConfigError(f"--resume {path} is not a `lomar pretrain --fsdp` checkpoint (no saved config); "
                           f"pass a checkpoint-NNNNNN.dcp folder of a run")
-    return coerce_all(PretrainConfig, meta["config"], str(path), strict=False), str(path)
-
-
-def _resume_values(saved: dict[str, Any], source: str, explicit: dict[str, Any]) -> dict[str, Any]:
-    return resume_values(PretrainConfig, saved, source, explicit, _RUN_CONTROL, _PER_INVOCATION, _DERIVED)
+    return S.coerce_all(PretrainConfig, meta["config"], str(path), strict=False), str(path)
 
 
 def resolve_windows(config: PretrainConfig) -> int:
     """``config.windows`` as a count (0 = the whole image): a number as given; ``auto`` (or None)
     is the method's default (``Method.default_windows``; None there = the paper's rule at this image
     and patch size, :func:`lomar.windows.paper_windows`). ConfigError otherwise."""
-    from lomar.windows import parse_windows
-
     value = config.windows
     if value is None or value == "auto":
         from lomar.methods import get_method
@@ -296,10 +253,10 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
     from lomar.methods import get_method
     from lomar.models.masking import grid_size
 
-    check_numbers(config)
-    for name, choices in _CHOICES.items():
-        if getattr(config, name) not in choices:
-            raise ConfigError(f"--{name} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
+    S.check_declared(config)
+    S.check_warmup(config)
+    if config.lr is not None and config.min_lr > config.lr:
+        raise ConfigError(f"--min-lr {config.min_lr} is above --lr {config.lr}; lower --min-lr")
     config.windows = resolve_windows(config)
     check_fsdp(config)
     if config.method == "mae" and config.pos != "abs":
@@ -325,11 +282,7 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
             check_out_folder(out)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-    holds_run = (out / "last.pt").exists() or (out / "config.yaml").exists()
-    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 may already have started
-    if check_out and holds_run and is_main and not config.resume and not config.overwrite:
-        raise ConfigError(f"--out {out} already holds a run; pass --resume auto to continue it, "
-                          f"--overwrite to replace it, or another --out")
+        R.refuse_held_run(out, config.resume, config.overwrite)
     if config.knn_every and not (config.knn_data and (Path(config.knn_data) / "train").is_dir()
                                  and (Path(config.knn_data) / "val").is_dir()):
         raise ConfigError(f"--knn-every needs --knn-data ROOT holding train/ and val/ class folders, "

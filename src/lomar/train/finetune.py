@@ -26,8 +26,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
 from lomar.checkpoints.io import atomic_write_text, safe_load
+from lomar.data.classify import classification_transforms, eval_crop_ratio
 from lomar.data.samplers import EpochSampler
-from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.errors import UsageError
 from lomar.train.distributed import DistInfo, cleanup_distributed, init_distributed
 from lomar.train.finetune_config import FinetuneConfig, dump_finetune_config, encoder_layout, split_roots
@@ -48,55 +48,13 @@ from lomar.train.run_state import (
 )
 from lomar.train.runtime import default_threads, fast_adamw
 from lomar.train.schedule import lr_at, schedule_span, warmup_warning
+from lomar.train.settings_resume import refuse_held_run
 
 __all__ = ["finetune", "classification_transforms", "eval_crop_ratio", "evaluate", "FinetuneRun"]
 
 
 class FinetuneError(RuntimeError):
     """The run cannot go on (a non-finite loss)."""
-
-
-def _posterize_any_bits(img, bits_to_keep, **_):
-    """timm's posterize, also for ``bits_to_keep <= 0`` (every bit dropped: a black image).
-
-    RandAugment's ``PosterizeIncreasing`` asks for 0 bits whenever the noisy magnitude
-    (``mstd0.5``) reaches 10; Pillow 13 refuses ``ImageOps.posterize(img, 0)`` where older
-    Pillow returned the black image the recipe was tuned with.
-    """
-    from PIL import Image, ImageOps
-
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        return Image.new(img.mode, img.size)
-    return ImageOps.posterize(img, bits_to_keep)
-
-
-def eval_crop_ratio(img_size: int) -> float:
-    """Centre-crop ratio of the evaluation transform: 0.875 up to 224 px, 1.0 above."""
-    return 0.875 if img_size <= 224 else 1.0
-
-
-def classification_transforms(img_size: int, aa: str = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,
-                              crop_scale: tuple[float, float] = (0.08, 1.0)):
-    """(train, eval) transforms of the finetune recipe: timm's random resized crop (area range
-    ``crop_scale``) + flip, RandAugment + random erasing, bicubic resize; evaluation centre-crops
-    0.875 of the resized image at <= 224 px and the whole image (crop ratio 1.0) above, as the
-    original does. The train transform's posterize ops are the guarded ones above, so every
-    RandAugment policy works with every Pillow we allow."""
-    from timm.data import create_transform
-    from timm.data.auto_augment import AugmentOp
-
-    train_tf = create_transform(img_size, is_training=True, scale=tuple(crop_scale), color_jitter=None,
-                                auto_augment=None if aa == "none" else aa, interpolation="bicubic",
-                                re_prob=reprob, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    for t in getattr(train_tf, "transforms", ()):
-        for op in getattr(t, "ops", ()):
-            if isinstance(op, AugmentOp) and op.name.startswith("Posterize"):
-                op.aug_fn = _posterize_any_bits
-    val_tf = create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=eval_crop_ratio(img_size),
-                              mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    return train_tf, val_tf
 
 
 def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
@@ -124,10 +82,10 @@ def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
                        generator=torch.Generator().manual_seed(config.seed + info.rank), **common)
     val = DataLoader(val_part, config.batch_size, collate_fn=collate_labelled, generator=torch.Generator(),
                      **common)
-    if len(train) < config.accum_iter:
+    if len(train) < config.accum_steps:
         raise UsageError(f"the training split ({len(train_set)} images over {info.world_size} process(es)) "
-                         f"cannot fill one step of {config.accum_iter} batch(es) of {config.batch_size}; "
-                         f"lower --batch-size or --accum-iter")
+                         f"cannot fill one step of {config.accum_steps} batch(es) of {config.batch_size}; "
+                         f"lower --batch-size or --accum-steps")
     return train, val, train_set.classes
 
 
@@ -179,7 +137,7 @@ class FinetuneRun:
             print(f"lomar finetune: {self.model.load_report.summary()}", flush=True)
         self.model.set_grad_checkpointing(config.grad_checkpointing)
         self.model.to(device)
-        self.base_lr = config.blr * config.batch_size * config.accum_iter * info.world_size / 256
+        self.base_lr = config.blr * config.batch_size * config.accum_steps * info.world_size / 256
         groups = param_groups_layer_decay(self.model, config.weight_decay, self.model.no_weight_decay(),
                                           layer_decay=config.layer_decay)
         self.optimizer = fast_adamw(groups, lr=self.base_lr)
@@ -194,9 +152,9 @@ class FinetuneRun:
             self.criterion = torch.nn.CrossEntropyLoss()
         self.net = DistributedDataParallel(self.model) if info.enabled else self.model
         self.autocast = autocast_factory(resolve_precision(config.precision, device), device)
-        # An epoch is whole optimizer steps: a tail that cannot fill --accum-iter batches is left out.
-        self.steps_per_epoch = len(self.train_loader) // config.accum_iter
-        self.batches_per_epoch = self.steps_per_epoch * config.accum_iter
+        # An epoch is whole optimizer steps: a tail that cannot fill --accum-steps batches is left out.
+        self.steps_per_epoch = len(self.train_loader) // config.accum_steps
+        self.batches_per_epoch = self.steps_per_epoch * config.accum_steps
         self.schedule = schedule_span(self.steps_per_epoch, config.epochs, config.warmup_epochs, config.schedule_steps)
         self.epoch, self.skip, self.step, self.best = 0, 0, 0, 0.0
         self.losses: list[float] = []  # of the batches of the optimizer step in progress
@@ -265,7 +223,7 @@ class FinetuneRun:
     def _train_epoch(self) -> str | None:
         """The rest of the current epoch: None when it finished, else "preempted" or "max_steps"."""
         sampler = self.train_loader.sampler
-        accum = self.config.accum_iter
+        accum = self.config.accum_steps
         sampler.set_epoch(self.epoch, skip=self.skip * self.config.batch_size)
         for batch_index, (images, targets) in enumerate(self.train_loader, start=self.skip):
             if batch_index == self.batches_per_epoch:
@@ -296,7 +254,7 @@ class FinetuneRun:
             if not math.isfinite(value):
                 raise FinetuneError(f"loss is {value} at step {self.step}; the last good checkpoint is "
                                     f"{self.out / 'last.pt'}; lower --blr")
-            (loss / cfg.accum_iter).backward()
+            (loss / cfg.accum_steps).backward()
         self.losses.append(value)
         if not last:
             return
@@ -352,9 +310,7 @@ def _prepare_folder(config: FinetuneConfig, run: FinetuneRun, resume: Path | Non
         truncate_metrics(out / "metrics.jsonl", run.step)
         print(f"lomar finetune: resumed from {resume} at step {run.step} (epoch {run.epoch})", flush=True)
     else:
-        if (out / "last.pt").exists() and not config.overwrite and not config.resume:
-            raise UsageError(f"--out {out} already holds a run; pass --resume auto to continue it, "
-                             f"--overwrite to replace it, or another --out")
+        refuse_held_run(out, config.resume, config.overwrite)  # another run may have got here since validation
         for stale in ("last.pt", "best.pt", "metrics.jsonl"):
             (out / stale).unlink(missing_ok=True)
     atomic_write_text(out / "config.yaml", dump_finetune_config(config))

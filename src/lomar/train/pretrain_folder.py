@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 from lomar.checkpoints.io import atomic_write_text
-from lomar.errors import UsageError
 from lomar.train.config import PretrainConfig, dump_config
 from lomar.train.run_state import (
     find_resume_checkpoint,
@@ -15,6 +14,7 @@ from lomar.train.run_state import (
     remove_stale_temporaries,
     truncate_metrics,
 )
+from lomar.train.settings_resume import refuse_held_run
 
 __all__ = ["resume_path", "prepare_folder"]
 
@@ -42,10 +42,7 @@ def prepare_folder(config: PretrainConfig, out: Path, resume: Path | None, step:
         truncate_metrics(out / "metrics.jsonl", step)
         print(f"lomar: resumed from {resume} at step {step}")
     else:
-        if (out / "last.pt").exists() or (out / "config.yaml").exists():
-            if not config.overwrite and not config.resume:  # another run got here between validation and lock
-                raise UsageError(f"--out {out} already holds a run; pass --resume auto to continue it, "
-                                 f"--overwrite to replace it, or another --out")
+        refuse_held_run(out, config.resume, config.overwrite)  # another run may have got here since validation
         if config.overwrite:  # everything a run writes, so that nothing of the old one lingers
             for stale in ("last.pt", "metrics.jsonl", "config.yaml", "knn.jsonl", "encoder.safetensors",
                           "config.json", "reconstruction.png", "loss.png"):

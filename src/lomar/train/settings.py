@@ -1,109 +1,292 @@
-"""Typed run settings from YAML and flags, shared by every training command.
+"""One declaration per setting, and the flags, YAML reading, checks and resume rules built from it.
 
-A command's settings are one dataclass. Its fields become flags (``--window-size`` for
-``window_size``), a YAML file (``--config``) may set any of them, and explicit flags win
-over the file. A resumed run takes its saved settings; only run-control ones may change.
-A ``tuple[float, float]`` field takes that many values: ``--crop-scale 0.5 1.0`` on the
-command line, ``crop_scale: [0.5, 1.0]`` in YAML (``cls.METAVARS`` names them in --help);
-a ``tuple[int, ...]`` field takes any number (``--global-blocks 2 5 8 11``).
+A :class:`Setting` holds everything about one setting: default, help, choices, bounds and resume
+policy. A training command's settings are a dataclass whose fields carry their declaration
+(``img_size: int = IMG_SIZE.field(224)``); the other commands pass a dict of declarations. The
+settings shared by several commands (below) are declared once, so their bounds, choices and help
+cannot drift between commands; a command may give one its own default or help (``Setting.but``).
+A setting's flag is ``--window-size`` for ``window_size``, its YAML key ``window_size`` (or
+``window-size``); a ``tuple[float, float]`` field takes two values on the command line and a
+list in YAML. Imports no torch: every parser is built from here.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "add_dataclass_arguments", "explicit_values", "coerce_all", "read_yaml",
-           "resume_values"]
+from lomar.errors import UsageError
+
+__all__ = ["ConfigError", "Setting", "setting", "declarations", "add_settings", "check_declared", "explicit_values",
+           "coerce_all", "read_yaml", "help_text"]
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the CLI turns it into a one-line error and exit code 2."""
+class ConfigError(UsageError):
+    """A configuration that cannot run; the CLI reports it in one line with exit code 2."""
 
 
-def field_kind(cls: type, name: str) -> tuple[str, bool]:
-    """('int' | 'float' | 'str' | 'bool' | 'tuple[float, float]' ..., optional) of a settings field."""
-    kind = cls.__dataclass_fields__[name].type
-    kind = kind if isinstance(kind, str) else kind.__name__
-    return kind.split(" | ")[0], kind.endswith("| None")
+_FIXED_RULE = ("kind", "choices", "low", "above", "high", "below", "finite", "parse", "resume")
 
 
-_SCALARS = {"int": int, "float": float, "str": str}
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One setting. ``low``/``high`` are inclusive bounds, ``above``/``below`` exclusive ones; a float
+    must also be finite. ``resume``: fixed (a resumed run must keep it), run-control (may change on
+    resume), per-invocation (never inherited: its default unless given again), derived (None asks
+    for a default that the saved run already resolved)."""
 
+    default: Any = None
+    help: str = ""  # must say what a None default means ("default: ...")
+    kind: type | None = None  # int | float | str | bool (of each value, with nargs); None: the default's type
+    choices: tuple | None = None
+    low: float | None = None
+    above: float | None = None
+    high: float | None = None
+    below: float | None = None
+    finite: bool = True  # False: a float checked by the command's own code (e.g. a pair)
+    resume: str = "fixed"
+    parse: Callable[[str], Any] | None = None  # flag / YAML text -> value; its ValueError names the fix
+    nargs: int | str | None = None
+    const: Any = None  # the value of the bare flag (--resume alone = --resume auto)
+    metavar: str | tuple | None = None
+    flag: str | None = None  # default --name-with-dashes; "" for a positional argument
+    aliases: tuple[str, ...] = ()  # deprecated flags: still accepted, with a one-line note
+    old_keys: tuple[str, ...] = ()  # YAML / saved-settings keys of a renamed setting
+    required: bool = False
 
-def _tuple_items(base: str) -> list[str] | None:
-    """The item kinds of a ``tuple[...]`` field kind ('tuple[float, float]' -> ['float', 'float']), else None."""
-    if not (base.startswith("tuple[") and base.endswith("]")):
+    def __post_init__(self) -> None:
+        if self.kind is None:  # from the default (a list's: its first item's); a None default names its kind
+            first = self.default[0] if isinstance(self.default, (tuple, list)) else self.default
+            if first is None:
+                raise TypeError(f"a setting with default {self.default!r} needs kind=int | float | str")
+            object.__setattr__(self, "kind", type(first))
+
+    def but(self, **changes: Any) -> Setting:
+        """This setting with another default, help, ... for one command; its rule stays."""
+        if fixed := sorted(set(changes) & set(_FIXED_RULE)):
+            raise TypeError(f"{', '.join(fixed)} belong to the shared declaration; declare a new setting instead")
+        return dataclasses.replace(self, **changes)
+
+    def field(self, default: Any = ..., **changes: Any) -> Any:
+        """A dataclass field carrying this declaration (``default`` and ``changes`` as in :meth:`but`)."""
+        declared = self.but(**changes, **({} if default is ... else {"default": default}))
+        return dataclasses.field(default=declared.default, metadata={"setting": declared})
+
+    def rule(self) -> tuple:
+        return tuple(getattr(self, name) for name in _FIXED_RULE)
+
+    def name_flag(self, name: str) -> str:
+        return self.flag or "--" + name.replace("_", "-")
+
+    def check(self, name: str, value: Any, choices: bool = True) -> None:
+        """ConfigError naming the flag when ``value`` (each item of a tuple) breaks the declaration
+        (``choices``: False where argparse checks them)."""
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            rule = self._broken(item, choices)
+            if rule:
+                raise ConfigError(f"{self.name_flag(name)} must be {rule}, got {item!r}")
+
+    def _broken(self, v: Any, choices: bool) -> str | None:
+        if v is None or isinstance(v, bool):
+            return None
+        if isinstance(v, float) and self.finite and not math.isfinite(v):
+            return "a finite number"
+        if choices and self.choices is not None and v not in self.choices:
+            return "one of " + ", ".join(map(str, self.choices))
+        if not isinstance(v, (int, float)):
+            return None
+        lo, hi = (self.low, "[") if self.low is not None else (self.above, "("), \
+            (self.high, "]") if self.high is not None else (self.below, ")")
+        if isinstance(v, float) and lo[0] is not None and hi[0] is not None:  # a fraction reads best as an interval
+            if (v >= lo[0] if lo[1] == "[" else v > lo[0]) and (v <= hi[0] if hi[1] == "]" else v < hi[0]):
+                return None
+            interval = f"in {lo[1]}{lo[0]:g}, {hi[0]:g}{hi[1]}"
+            return "a probability in [0, 1]" if interval == "in [0, 1]" else interval
+        for broken, rule in ((self.low is not None and v < self.low, f">= {self.low}"),
+                             (self.above is not None and v <= self.above,
+                              "positive" if self.above == 0 else f"> {self.above}"),
+                             (self.high is not None and v > self.high, f"at most {self.high}"),
+                             (self.below is not None and v >= self.below, f"below {self.below}")):
+            if broken:
+                return rule
         return None
-    items = [item.strip() for item in base[len("tuple["):-1].split(",")]
-    if len(items) == 2 and items[1] == "..." and items[0] in _SCALARS:  # any number of values
-        return items
-    if len(set(items)) != 1 or items[0] not in _SCALARS:  # one scalar kind: argparse takes one type per flag
-        raise TypeError(f"settings field kind {base} is not supported; use tuple[T, T] or tuple[T, ...] with T one "
-                        f"of int, float, str")
-    return items
 
 
-class _StoreTuple(argparse.Action):
-    """nargs=N values stored as a tuple, as the field holds them (and as YAML values are coerced)."""
+def setting(default: Any, help: str, **rule: Any) -> Any:
+    """A dataclass field declaring a setting of one command only (see :class:`Setting`)."""
+    return Setting(default, help, **rule).field()
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N; got --device {text}")
+    return text
+
+
+# ---- the settings several commands share ---------------------------------------------------
+_RUN = "run-control"
+DEVICE = Setting("auto", "auto (CUDA if available), cpu, cuda or cuda:N", parse=_device, resume=_RUN)
+SEED = Setting(0, "random seed", low=0, high=2**31 - 1)  # numpy seeds (seed + rank) must stay below 2**32
+THREADS = Setting(None, "CPU threads per process (default: the cores shared among this machine's processes)",
+                  kind=int, above=0, high=4096, resume=_RUN)
+WORKERS = Setting(None, "data-loading processes (default: min(8, cores - 1))", kind=int, low=0, resume=_RUN)
+IMG_SIZE = Setting(224, "image size in pixels", above=0)
+BATCH_SIZE = Setting(64, "images per device per step", above=0)
+ACCUM_STEPS = Setting(1, "batches per optimizer step: the effective batch is --batch-size x this x processes",
+                      above=0, aliases=("--accum-iter",), old_keys=("accum_iter",))
+EPOCHS = Setting(400, "passes over the training data", above=0, resume=_RUN)
+MAX_STEPS = Setting(None, "stop after N optimizer steps (default: at the end of --epochs)", kind=int, above=0,
+                    resume=_RUN)
+SCHEDULE_STEPS = Setting(
+    None, "length of the lr schedule (warm-up + cosine) in optimizer steps; default --epochs x the steps per epoch, "
+    "except a new run given --max-steps and no --epochs: its schedule spans --max-steps, the warm-up keeping the "
+    "recipe's share (--warmup-epochs / --epochs)", kind=int, above=0)
+BLR = Setting(1.5e-4, "base lr: lr = blr x effective batch / 256", low=0, above=0)
+LR = Setting(None, "absolute peak lr (default: from --blr)", kind=float, low=0, above=0)
+MIN_LR = Setting(0.0, "lr at the end of the cosine schedule", low=0)
+WARMUP_EPOCHS = Setting(40, "epochs of linear lr warm-up, in [0, --epochs]", kind=float)
+WEIGHT_DECAY = Setting(0.05, "AdamW weight decay", low=0)
+PRECISION = Setting("auto", "auto = bf16 autocast on CUDA with bf16 support, else fp32",
+                    choices=("auto", "fp32", "bf16", "fp16"))
+LOG_EVERY = Setting(20, "write the training loss every N optimizer steps", above=0, resume=_RUN)
+OUT = Setting(None, "output folder (default: runs/<timestamp>)", kind=str, resume=_RUN)
+RESUME = Setting(None, "checkpoint path, or 'auto' for the newest state in --out (default: a new run)", kind=str,
+                 const="auto", nargs="?", metavar="PATH|auto", resume="per-invocation")
+OVERWRITE = Setting(False, "replace a run already in --out (or rewind it to an older --resume checkpoint)",
+                    resume="per-invocation")
+COMPILE = Setting(False, "torch.compile the model", resume=_RUN)
+DATA = Setting(None, "ImageFolder root holding train/ and val/ (default: --train and --val)", kind=str, resume=_RUN)
+TRAIN = Setting(None, "ImageFolder root of the training split, instead of --data (default: ROOT/train)", kind=str,
+                resume=_RUN)
+VAL = Setting(None, "ImageFolder root of the validation split, instead of --data (default: ROOT/val)", kind=str,
+              resume=_RUN)
+PRETRAINED = Setting(None, "our pretrain/finetune checkpoint or run folder, an exported folder, or an original "
+                     "LoMaR / MAE checkpoint", kind=str, resume=_RUN)
+# The names lomar.models.vit.list_models() returns, written out so that --help needs no torch (a test
+# keeps the two equal).
+MODEL_NAMES = tuple(f"vit_{size}_patch{patch}" for size in ("tiny", "small", "base", "large", "huge")
+                    for patch in (8, 14, 16))
+MODEL = Setting("vit_base_patch16", f"encoder: {', '.join(MODEL_NAMES)}", metavar="NAME")
+DEPTH = Setting(None, "transformer blocks (default: the --model's)", kind=int, above=0)
+NUM_HEADS = Setting(None, "attention heads (default: the --model's)", kind=int, above=0)
+WINDOW_SIZE = Setting(7, "LoMaR window size K, in patches", above=0)
+DECODER_NUM_HEADS = Setting(16, "MAE decoder attention heads", above=0)
+DECODE = Setting("full", "how workers turn files into crops: full = decode the whole photo (reference); draft = JPEG "
+                 "decoded at 1/2-1/8 scale when the crop allows (same crops, slightly different pixels); windows = "
+                 "draft + only LoMaR's windows resampled; gpu = JPEGs decoded in batches on the CUDA device",
+                 choices=("full", "draft", "windows", "gpu"), resume=_RUN)
+JSON = Setting(None, "also write the result to this JSON file (default: none)", kind=str, metavar="FILE")
+TO = Setting(None, "output path", kind=str, required=True)
+
+
+def declarations(cls: type) -> dict[str, Setting]:
+    """{field name: its Setting} of a settings dataclass."""
+    return {f.name: f.metadata["setting"] for f in dataclasses.fields(cls)}
+
+
+def check_declared(config: Any) -> None:
+    """Every value of a settings dataclass within its declaration (YAML values included)."""
+    for name, declared in declarations(type(config)).items():
+        declared.check(name, getattr(config, name))
+
+
+def check_warmup(config: Any) -> None:
+    """The warm-up within the run: the one bound a training command's settings set each other."""
+    if not 0 <= config.warmup_epochs <= config.epochs:
+        raise ConfigError(f"--warmup-epochs must be in [0, --epochs {config.epochs}], got {config.warmup_epochs}; "
+                          f"lower --warmup-epochs or raise --epochs")
+
+
+# ---- flags -----------------------------------------------------------------------------------
+class _Store(argparse.Action):
+    """Several values as a tuple, as the field holds them (and as YAML values are coerced); a
+    deprecated spelling of the flag still works, with a one-line note naming the new one."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        setattr(namespace, self.dest, tuple(values))
+        if option_string not in (None, self.option_strings[0]):
+            print(f"{parser.prog}: note: {option_string} is deprecated; use {self.option_strings[0]}", file=sys.stderr)
+        setattr(namespace, self.dest, tuple(values) if isinstance(values, list) else values)
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     """A setting as it is typed on the command line: (0.5, 1.0) -> '0.5 1.0'."""
     return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str],
-                            choices: dict[str, tuple], nargs_optional: dict[str, str] | None = None) -> None:
-    """One flag per field, plus --config and --print-config; flags not given stay absent
-    from the namespace, so that "given" can be told from "default"."""
-    parser.add_argument("--config", metavar="FILE.yaml",
-                        help="YAML file with any of the settings below (default: none; flags override it)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    defaults = cls()
-    for field in dataclasses.fields(cls):
-        flag = "--" + field.name.replace("_", "-")
-        base, _ = field_kind(cls, field.name)
-        default = getattr(defaults, field.name)
-        text = helps.get(field.name, "")
-        text = f"{text} (default: {_shown(default)})" if text else f"default: {_shown(default)}"
-        common = dict(default=argparse.SUPPRESS, help=text.replace("%", "%%"), dest=field.name)
-        if base == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
-            continue
-        if nargs_optional and field.name in nargs_optional:  # e.g. a bare --resume means --resume auto
-            common.update(nargs="?", const=nargs_optional[field.name], metavar="PATH|auto")
-        items = _tuple_items(base)
-        if items:
-            common.update(nargs="*" if items[-1] == "..." else len(items), action=_StoreTuple)
-            if field.name in getattr(cls, "METAVARS", {}):
-                common["metavar"] = cls.METAVARS[field.name]
-        convert = _flag_parser(getattr(cls, "PARSERS", {}).get(field.name)) or _SCALARS[items[0] if items else base]
-        parser.add_argument(flag, type=convert, choices=choices.get(field.name), **common)
+def help_text(declared: Setting) -> str:
+    """The help with its default; a None or off default is explained by the help itself."""
+    text = declared.help
+    if "default" in text.lower() or declared.default is None or declared.default is False or declared.required:
+        return text
+    return f"{text} (default: {shown(declared.default)})" if text else f"default: {shown(declared.default)}"
 
 
-def _flag_parser(parse: Callable[[str], Any] | None) -> Callable[[str], Any] | None:
-    """A field's own text parser (``cls.PARSERS``) as an argparse type: ValueError -> usage error."""
-    if parse is None:
-        return None
+_EXPECTED = {"positive": (">= 1", "> 0"), "a finite number": ("", "")}
 
+
+def _flag_type(name: str, declared: Setting, check: bool) -> Callable[[str], Any]:
+    """Text -> value; ``check``: against the declaration's bounds too, argparse reporting "--k:
+    expected an integer >= 1, got 0" (a training command checks them with its YAML values)."""
     def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+        if declared.parse is None:
+            value = declared.kind(text)  # ValueError: argparse says "invalid int value: 'x'"
+        else:
+            try:
+                value = declared.parse(text)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+        rule = declared._broken(value, choices=False) if check and not isinstance(value, str) else None
+        if rule:
+            phrase = _EXPECTED.get(rule, (rule.replace("at most", "<="),) * 2)[declared.kind is float]
+            kind = "an integer" if declared.kind is int else "a finite number"
+            raise argparse.ArgumentTypeError(f"expected {kind} {phrase}".rstrip() + f", got {text}")
+        return value
 
+    convert.__name__ = declared.kind.__name__
     return convert
 
 
+def add_settings(parser: argparse.ArgumentParser, settings: dict[str, Setting], config: bool = False,
+                 group: str | None = None) -> None:
+    """One flag (or positional argument) per declaration, in the help section ``group`` if given.
+    ``config``: a training command whose settings a YAML file may hold: adds --config and
+    --print-config, and a flag not given stays out of the namespace, so that "given" can be told
+    from "default"."""
+    parser.lomar_settings = {**getattr(parser, "lomar_settings", {}), **settings}  # read by the declaration test
+    target = parser.add_argument_group(group) if group else parser
+    if config:
+        parser.add_argument("--config", metavar="FILE.yaml",
+                            help="YAML file with any of the settings below (default: none; flags override it)")
+        parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    for name, s in settings.items():
+        common: dict[str, Any] = dict(help=help_text(s).replace("%", "%%"),
+                                      default=argparse.SUPPRESS if config else s.default)
+        names = [s.name_flag(name), *s.aliases] if s.flag != "" else []
+        if names:
+            common.update(dest=name, required=s.required)
+        else:
+            names, common["metavar"] = [name], s.metavar
+        if s.kind is bool:
+            action = argparse.BooleanOptionalAction if config or s.default else "store_true"
+            target.add_argument(*names, action=action, **common)
+            continue
+        common.update(type=_flag_type(name, s, check=not config), choices=s.choices, nargs=s.nargs, metavar=s.metavar)
+        if s.const is not None:
+            common["const"] = s.const
+        if isinstance(s.nargs, int) or (config and s.nargs == "*") or s.aliases:
+            common["action"] = _Store
+        target.add_argument(*names, **common)
+
+
+# ---- YAML and saved settings ----------------------------------------------------------------
 def explicit_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     """The settings the user gave: the YAML file's, then the flags' on top."""
     known = {f.name for f in dataclasses.fields(cls)}
@@ -111,79 +294,70 @@ def explicit_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     return {**from_yaml, **{k: v for k, v in vars(args).items() if k in known}}
 
 
-def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
-    """A YAML or saved value as its field's type; YAML 1.1 reads ``1e-3`` as a string."""
-    base, optional = field_kind(cls, name)
+def _coerce(s: Setting, name: str, value: Any, source: str) -> Any:
+    """A YAML or saved value as its setting's kind; YAML 1.1 reads ``1e-3`` as a string."""
     where = f"{name}: {value!r} in {source}"
     if value is None:
-        if optional:
+        if s.default is None:
             return None
-        raise ConfigError(f"{where} is not allowed: {name} needs a {base} value; set one or remove the line")
-    items = _tuple_items(base)
-    if items:
-        noun = "strings" if items[0] == "str" else "numbers"
-        if items[-1] == "...":
-            wrong = ConfigError(f"{where} must be a list of {noun}, e.g. {name}: [2, 5]")
-            items = [items[0]] * len(value) if isinstance(value, (list, tuple)) else []
-        else:
-            wrong = ConfigError(f"{where} must be a list of {len(items)} {noun}"
-                                f", e.g. {name}: {list(cls.__dataclass_fields__[name].default)}")
-        if not isinstance(value, (list, tuple)) or len(value) != len(items):
-            raise wrong
-        try:
-            return tuple(_coerce_scalar(cls, name, kind, item, where) for kind, item in zip(items, value))
-        except ConfigError:
-            raise wrong from None
-    return _coerce_scalar(cls, name, base, value, where)
+        raise ConfigError(f"{where} is not allowed: {name} needs a {s.kind.__name__} value; set one or remove the line")
+    if s.nargs in (None, "?"):
+        return _coerce_scalar(s, name, value, where)
+    count = s.nargs if isinstance(s.nargs, int) else None
+    wrong = ConfigError(f"{where} must be a list of {f'{count} ' if count else ''}"
+                        f"{'strings' if s.kind is str else 'numbers'}, e.g. {name}: {list(s.default or (2, 5))}")
+    if not isinstance(value, (list, tuple)) or len(value) != (count or len(value)):
+        raise wrong
+    try:
+        return tuple(_coerce_scalar(s, name, item, where) for item in value)
+    except ConfigError:
+        raise wrong from None
 
 
-def _coerce_scalar(cls: type, name: str, base: str, value: Any, where: str) -> Any:
-    if base == "bool":
+def _coerce_scalar(s: Setting, name: str, value: Any, where: str) -> Any:
+    if s.kind is bool:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{where} must be true or false")
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ConfigError(f"{where} must be a {'string' if base == 'str' else 'number'}")
-    parse = getattr(cls, "PARSERS", {}).get(name)
-    if parse is not None and isinstance(value, (str, int)) and not isinstance(value, bool):
+        raise ConfigError(f"{where} must be a {'string' if s.kind is str else 'number'}")
+    if s.parse is not None and isinstance(value, (str, int)):
         try:
-            return parse(str(value))
+            return s.parse(str(value))
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}") from None
-    if base == "str":
+    if s.kind is str:
         return str(value)  # e.g. `out: 2024`
     if isinstance(value, str):
         try:
-            return int(value) if base == "int" else float(value)
+            return s.kind(value)
         except ValueError:
             try:
                 value = float(value)
             except ValueError:
                 raise ConfigError(f"{where} is not a number; write e.g. {name}: 1e-3") from None
-    if base == "float":
+    if s.kind is float:
         return float(value)
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise ConfigError(f"{where} must be a whole number")
-        return int(value)
-    return value
+    if isinstance(value, float) and not value.is_integer():
+        raise ConfigError(f"{where} must be a whole number")
+    return int(value)
 
 
-def coerce_all(cls: type, raw: dict, source: str, strict: bool = True, command: str = "") -> dict[str, Any]:
-    """Setting names normalised (``window-size`` -> ``window_size``) and values typed.
+def coerce_all(cls: type, raw: dict, source: str, strict: bool = True) -> dict[str, Any]:
+    """Setting names normalised (``window-size`` and renamed keys -> ``window_size``) and values typed.
 
     ``strict``: unknown names are an error (a user's file); else skipped (a run saved by
     another version)."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    bad_keys = [repr(k) for k in raw if not isinstance(k, str)]
-    if bad_keys:
+    renamed = {old: name for name, s in declarations(cls).items() for old in s.old_keys}
+    if bad_keys := [repr(k) for k in raw if not isinstance(k, str)]:
         raise ConfigError(f"setting names in {source} must be strings, got {', '.join(bad_keys)}")
-    raw = {k.replace("-", "_"): v for k, v in raw.items()}
-    unknown = sorted(set(raw) - known)
+    raw = {renamed.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in raw.items()}
+    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
     if unknown and strict:
         raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in {source}; "
-                          f"see `lomar {command or '<command>'} --help` for the valid ones")
-    return {k: _coerce(cls, k, v, source) for k, v in raw.items() if k in known}
+                          f"see `lomar {getattr(cls, 'COMMAND', '<command>')} --help` for the valid ones")
+    declared = declarations(cls)
+    return {k: _coerce(declared[k], k, v, source) for k, v in raw.items() if k not in unknown}
 
 
 def read_yaml(cls: type, path: Path, strict: bool = True) -> dict[str, Any]:
@@ -196,60 +370,4 @@ def read_yaml(cls: type, path: Path, strict: bool = True) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings")
-    return coerce_all(cls, raw, str(path), strict, getattr(cls, "COMMAND", ""))
-
-
-def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[str, Any],
-                  run_control: set[str], per_invocation: dict[str, Any],
-                  derived: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """The saved run's settings, with the explicit run-control ones on top; any other explicit
-    setting must equal the saved one (a different model or batch cannot continue the run).
-
-    ``per_invocation``: never inherited (e.g. resume, overwrite); ``derived``: None asks for a
-    default the saved run already resolved."""
-    values = {**dataclasses.asdict(cls()), **saved, **per_invocation}
-    for name, value in explicit.items():
-        if name in run_control or value == values[name] or (value is None and name in derived):
-            continue
-        flag = "--" + name.replace("_", "-")
-        raise ConfigError(f"{flag} {_shown(value)} differs from {_shown(values[name])} in the run being resumed "
-                          f"({source}); drop {flag} to continue the run, or start a new run with another --out")
-    values.update({k: v for k, v in explicit.items() if k in run_control})
-    return values
-
-
-SCHEDULE_STEPS_HELP = ("length of the lr schedule (warm-up + cosine) in optimizer steps; default --epochs x the steps "
-                       "per epoch, except a new run given --max-steps and no --epochs: its schedule spans --max-steps, "
-                       "the warm-up keeping the recipe's share (--warmup-epochs / --epochs)")
-
-
-def lay_schedule_over_max_steps(values: dict[str, Any], explicit: dict[str, Any]) -> None:
-    """A new run given ``--max-steps`` and no ``--epochs``: its lr schedule spans the steps that will
-    run (``schedule_steps``), so a short run warms up and anneals instead of stopping inside the
-    recipe's warm-up. A resumed run keeps the schedule it started with."""
-    if values.get("max_steps") and "epochs" not in explicit and "schedule_steps" not in explicit:
-        values["schedule_steps"] = values["max_steps"]
-
-
-def resume_target(explicit: dict[str, Any], sharded_ok: bool = False) -> Path | None:
-    """The checkpoint ``--resume`` names: None when not resuming, or when ``--resume auto`` finds
-    no intact checkpoint in ``--out``. ``sharded_ok``: a sharded (``.dcp``) folder may be named."""
-    resume = explicit.get("resume")
-    if not resume:
-        return None
-    if resume == "auto":
-        if explicit.get("out") is None:
-            raise ConfigError("--resume auto needs --out RUN_FOLDER (the run to continue); or pass "
-                              "--resume RUN_FOLDER/last.pt")
-        from lomar.train.run_state import find_resume_checkpoint
-
-        out = Path(explicit["out"])
-        return find_resume_checkpoint(out)[0] if out.is_dir() else None
-    path = Path(resume)
-    if sharded_ok and path.is_dir() and (path / ".metadata").is_file():
-        return path
-    if path.is_dir():
-        raise ConfigError(f"--resume {path} is a folder; pass {path / 'last.pt'}, or --out {path} --resume auto")
-    if not path.is_file():
-        raise ConfigError(f"--resume {path} does not exist; pass a checkpoint file or 'auto'")
-    return path
+    return coerce_all(cls, raw, str(path), strict)

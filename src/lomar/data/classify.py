@@ -1,0 +1,50 @@
+"""The classification transforms of the finetune recipe (SPEC §3), from timm's pieces."""
+
+from __future__ import annotations
+
+from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["classification_transforms", "eval_crop_ratio"]
+
+
+def _posterize_any_bits(img, bits_to_keep, **_):
+    """timm's posterize, also for ``bits_to_keep <= 0`` (every bit dropped: a black image).
+
+    RandAugment's ``PosterizeIncreasing`` asks for 0 bits whenever the noisy magnitude
+    (``mstd0.5``) reaches 10; Pillow 13 refuses ``ImageOps.posterize(img, 0)`` where older
+    Pillow returned the black image the recipe was tuned with.
+    """
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def eval_crop_ratio(img_size: int) -> float:
+    """Centre-crop ratio of the evaluation transform: 0.875 up to 224 px, 1.0 above."""
+    return 0.875 if img_size <= 224 else 1.0
+
+
+def classification_transforms(img_size: int, aa: str = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,
+                              crop_scale: tuple[float, float] = (0.08, 1.0)):
+    """(train, eval) transforms of the finetune recipe: timm's random resized crop (area range
+    ``crop_scale``) + flip, RandAugment + random erasing, bicubic resize; evaluation centre-crops
+    0.875 of the resized image at <= 224 px and the whole image (crop ratio 1.0) above, as the
+    original does. The train transform's posterize ops are the guarded ones above, so every
+    RandAugment policy works with every Pillow we allow."""
+    from timm.data import create_transform
+    from timm.data.auto_augment import AugmentOp
+
+    train_tf = create_transform(img_size, is_training=True, scale=tuple(crop_scale), color_jitter=None,
+                                auto_augment=None if aa == "none" else aa, interpolation="bicubic",
+                                re_prob=reprob, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    for t in getattr(train_tf, "transforms", ()):
+        for op in getattr(t, "ops", ()):
+            if isinstance(op, AugmentOp) and op.name.startswith("Posterize"):
+                op.aug_fn = _posterize_any_bits
+    val_tf = create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=eval_crop_ratio(img_size),
+                              mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return train_tf, val_tf

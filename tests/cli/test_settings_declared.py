@@ -1,0 +1,159 @@
+"""Every command's flags come from one declaration per setting (lomar.train.settings), and the
+commands share one vocabulary: the same name means the same rule everywhere."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+import torch
+import yaml
+
+from lomar.cli.app import SUBCOMMANDS, build_parser, main
+from lomar.train.config import PretrainConfig
+from lomar.train.finetune_config import FinetuneConfig
+from lomar.train.settings import Setting, coerce_all, help_text
+
+# The same flag name with another meaning in one command; each is a homonym, not a drift.
+HOMONYMS = {
+    "window_size": "finetune: ViTDet's attention window (0 = global); elsewhere LoMaR's window size K",
+    "windows": "pretrain: a count, 'global' or auto; bench: counts or 'paper'; checkpoint overrides: a count >= 1",
+    "attention": "visualize: draw attention figures (on/off); finetune, bench: how attention is computed",
+    "images": "visualize: the image files (positional); bench --task loader: images per measurement",
+}
+_OWN = {"help", "config", "print_config", "command", "tokenizer_command"}
+
+
+def _commands() -> list[tuple[str, argparse.ArgumentParser]]:
+    """(name, parser) of every command and sub-action (tokenizer fit / convert)."""
+    def walk(prefix: str, parser: argparse.ArgumentParser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(f"{prefix} {name}".strip(), sub)
+        yield prefix, parser
+
+    return [(name, p) for name, p in walk("", build_parser()) if name]
+
+
+COMMANDS = _commands()
+
+
+def test_every_command_is_walked():
+    names = {name.split()[0] for name, _ in COMMANDS}
+    assert names == {name for name, _, _ in SUBCOMMANDS}
+    assert {"tokenizer fit", "tokenizer convert"} <= {name for name, _ in COMMANDS}
+
+
+@pytest.mark.parametrize("command, parser", [c for c in COMMANDS if c[0] not in ("study", "tokenizer")],
+                         ids=[c[0] for c in COMMANDS if c[0] not in ("study", "tokenizer")])
+def test_every_flag_matches_its_declaration(command, parser):
+    declared: dict[str, Setting] = parser.lomar_settings
+    config = any(a.dest == "config" for a in parser._actions)  # a training command: defaults stay unset
+    seen = set()
+    for action in parser._actions:
+        if action.dest in _OWN or isinstance(action, argparse._SubParsersAction):
+            continue
+        assert action.dest in declared, f"{command}: {action.option_strings or action.dest} has no declaration"
+        d = declared[action.dest]
+        seen.add(action.dest)
+        assert action.default == (argparse.SUPPRESS if config else d.default), (command, action.dest)
+        assert action.help.replace("%%", "%") == help_text(d), (command, action.dest)
+        assert (tuple(action.choices) if action.choices else None) == d.choices, (command, action.dest)
+        assert "default: None" not in help_text(d), (command, action.dest)
+        if action.option_strings and d.default is None and not d.required and action.nargs != 0:
+            assert "default" in d.help.lower(), f"{command} {action.dest}: say what None means"
+    assert seen == set(declared), f"{command}: declared but not a flag: {set(declared) - seen}"
+
+
+def test_no_two_declarations_of_a_name_differ():
+    rules: dict[str, dict[tuple, list[str]]] = {}
+    for command, parser in COMMANDS:
+        for name, d in getattr(parser, "lomar_settings", {}).items():
+            rules.setdefault(name, {}).setdefault(d.rule(), []).append(command)
+    drifted = {name: list(by_rule.values()) for name, by_rule in rules.items()
+               if len(by_rule) > 1 and name not in HOMONYMS}
+    assert not drifted, drifted
+    assert all(len(rules[name]) > 1 for name in HOMONYMS)  # a homonym that disappeared leaves this list
+
+
+@pytest.mark.parametrize("flag, value", [("--seed", "2147483648"), ("--device", "mps"), ("--threads", "0")])
+def test_shared_settings_refuse_the_same_values_everywhere(flag, value, capsys):
+    takers = [c for c, p in COMMANDS if any(flag in a.option_strings for a in p._actions)]
+    assert len(takers) >= 3, takers
+    for command in takers:
+        extra = {"knn": ["ckpt"], "linprobe": ["ckpt"], "visualize": ["ckpt"], "pretrain": ["--print-config"],
+                 "finetune": ["--print-config"]}.get(command, [])
+        assert main([*command.split(), *extra, flag, value]) == 2, command
+        err = capsys.readouterr().err
+        assert flag in err and value in err and err.count("\n") == 1, (command, err)
+
+
+def test_accum_iter_is_a_deprecated_alias(tmp_path, capsys):
+    for command in ("pretrain", "finetune"):
+        assert main([command, "--out", str(tmp_path / command), "--accum-iter", "3", "--print-config"]) == 0
+        out, err = capsys.readouterr()
+        assert yaml.safe_load(out)["accum_steps"] == 3
+        assert "--accum-iter is deprecated; use --accum-steps" in err and err.count("\n") == 1
+    config = tmp_path / "old.yaml"
+    config.write_text("accum_iter: 2\n")
+    assert main(["finetune", "--config", str(config), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["accum_steps"] == 2
+
+
+def test_an_old_finetune_checkpoint_saying_accum_iter_resumes(tmp_path, capsys):
+    assert coerce_all(FinetuneConfig, {"accum_iter": 4}, "old") == {"accum_steps": 4}
+    settings = {**dataclasses.asdict(FinetuneConfig()), "accum_iter": 2, "batch_size": 8, "out": str(tmp_path)}
+    del settings["accum_steps"]
+    torch.save({"optimizer": {}, "batches_done": 0, "best_top1": 0.0, "settings": settings}, tmp_path / "last.pt")
+    assert main(["finetune", "--resume", str(tmp_path / "last.pt"), "--print-config"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert (resolved["accum_steps"], resolved["batch_size"]) == (2, 8)
+    assert main(["finetune", "--resume", str(tmp_path / "last.pt"), "--accum-steps", "3", "--print-config"]) == 2
+    assert "--accum-steps 3 differs from 2" in capsys.readouterr().err
+
+
+def test_finetune_out_defaults_to_a_timestamped_run_folder(capsys):
+    assert main(["finetune", "--print-config"]) == 0
+    out = yaml.safe_load(capsys.readouterr().out)["out"]
+    assert out.startswith("runs/") and out != "runs/finetune" and out[5:13].isdigit()
+
+
+@pytest.mark.parametrize("command", ["knn", "linprobe"])
+def test_probes_take_the_checkpoint_as_flag_or_positional(command, tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    data = ["--data", str(tmp_path / "data")]
+    assert main([command, "--pretrained", str(tmp_path / "missing.pt"), *data]) == 2
+    assert "missing.pt does not exist" in capsys.readouterr().err
+    assert main([command, *data]) == 2
+    assert "--pretrained PRETRAINED" in capsys.readouterr().err
+    assert main([command, "a.pt", "--pretrained", "b.pt", *data]) == 2
+    assert "pass one" in capsys.readouterr().err
+    args = build_parser([command]).parse_args([command, "x.pt", "--threads", "2"])
+    assert args.threads == 2 and args.img_size is None  # None: the checkpoint's training size
+
+
+def test_bench_advises_only_flags_it_has(capsys):
+    assert main(["bench", "--tiny", "--model", "vit_tiny_patch16", "--sizes", "64", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "--window-size" not in err and "--sizes" in err
+
+
+def test_pretrain_help_names_every_method():
+    pretrain = dict(COMMANDS)["pretrain"]
+    assert "BEiT" in pretrain.description and "LoMaR or MAE" not in pretrain.description
+    method = next(a for a in pretrain._actions if a.dest == "method")
+    assert all(name in method.help for name in ("lomar", "mae", "beit"))
+
+
+def test_a_declaration_keeps_its_rule_per_command():
+    with pytest.raises(TypeError, match="low"):
+        Setting(1, "x", above=0).but(low=5)
+
+
+@pytest.mark.parametrize("cls", [PretrainConfig, FinetuneConfig])
+def test_a_declared_kind_is_its_fields_type(cls):
+    for field in dataclasses.fields(cls):
+        base = field.type.split(" | ")[0].removeprefix("tuple[").split(",")[0].rstrip("]")
+        assert field.metadata["setting"].kind.__name__ == base, field.name
