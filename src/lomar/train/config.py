@@ -41,7 +41,7 @@ class PretrainConfig:
                                        "'shard-{000..009}.tar') (default: the built-in demo photographs)")
     out: str | None = S.OUT.field()
     # method and model
-    method: str = S.setting("lomar", "pretraining method: lomar (local windows), mae (whole image), beit (token "
+    method: str = S.setting("lomar", "pretraining method: lomar (local windows), mae (encoder-decoder), beit (token "
                           "prediction)", choices=method_names())
     model: str = S.MODEL.field()
     embed_dim: int | None = S.setting(None, "token width (default: the --model's)", above=0, kind=int)
@@ -49,7 +49,8 @@ class PretrainConfig:
     num_heads: int | None = S.NUM_HEADS.field()
     patch_size: int | None = S.setting(None, "patch size in pixels (default: the --model's)", above=0, kind=int)
     img_size: int = S.IMG_SIZE.field()
-    pos: str | None = S.setting(None, "position encoding (default: rpe for lomar, abs for mae and beit)",
+    pos: str | None = S.setting(None, "position encoding (default: rpe for lomar, abs for mae, none for beit: "
+                                      "its relative bias)",
                               choices=("rpe", "abs", "none"), resume="derived", kind=str)
     window_size: int = S.WINDOW_SIZE.field()
     windows: str = S.setting(  # an int once resolved
