@@ -15,12 +15,11 @@ is decoded by the worker on the reference path, bit for bit, and travels as pixe
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from lomar.data.decode import _check_pixels, max_image_pixels
+from lomar.data.decode import _check_pixels, max_image_pixels, read_image_bytes
 from lomar.data.fast_decode import _normalize, _open, _oriented, gpu_decode_crops
 from lomar.data.transforms import make_item, sample_generator, sample_key
 
@@ -69,7 +68,7 @@ class EncodedPretrainDataset(Dataset):
         gen = sample_generator(base.seed, epoch, index)
         transform = base.transform
         try:
-            data = Path(path).read_bytes()
+            data = read_image_bytes(path)  # not Path.read_bytes: a FIFO would block the worker
             with _open(data) as img:
                 width, height = img.size
                 on_device = img.format == "JPEG" and img.mode in ("RGB", "L") and not _oriented(img)

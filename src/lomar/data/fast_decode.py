@@ -25,7 +25,6 @@ Randomness is drawn from the per-sample generator in the same order as the refer
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
@@ -51,9 +50,13 @@ def _pil_to_tensor(img) -> torch.Tensor:
 
 
 def _open(source: str | Path | bytes):
-    from PIL import Image
+    """The image opened by Pillow once the file and its header passed the checks every decode
+    path shares (:func:`lomar.data.decode.open_pil`); ValueError naming the file otherwise."""
+    from lomar.data.decode import open_pil, read_image_bytes
 
-    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    if isinstance(source, bytes):
+        return open_pil(source)
+    return open_pil(read_image_bytes(source), str(source))
 
 
 def _oriented(img) -> bool:
