@@ -105,7 +105,8 @@ def _checked_header(data: bytes, name: str, limit: int) -> tuple[str | None, tup
     A JPEG or WebP whose size cannot be read is refused: libjpeg / libwebp would refuse it too."""
     kind, size = declared_size(data)
     if kind in ("jpeg", "webp") and size is None:
-        what = "a JPEG without a frame header (SOF) before its data" if kind == "jpeg" else "a WebP without a size"
+        what = ("a JPEG without exactly one frame header (SOF) before its data" if kind == "jpeg"
+                else "a WebP without a size")
         raise ValueError(f"cannot decode image {name}: {what}; the file is damaged or crafted")
     if size is not None:
         _check_pixels(name, *size, limit)

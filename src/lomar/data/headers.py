@@ -1,12 +1,12 @@
 """Image dimensions as the decoder that will decode them reads the header, without decoding.
 
 A pixel limit checked on Pillow's reading of a header does not bound libjpeg: the two parse
-JPEG markers differently (Pillow rejects markers libjpeg skips, and keeps the last frame header
-where libjpeg keeps the first), so a few kilobytes that Pillow cannot identify can still make
-libjpeg allocate gigabytes. Each parser here follows the decoder it stands for:
+JPEG markers differently (Pillow rejects markers libjpeg skips), so a few hundred bytes that
+Pillow cannot identify can still make libjpeg allocate gigabytes. Each parser here follows the decoder it stands for:
 
 * JPEG: libjpeg's ``read_markers`` (jdmarker.c): from SOI, skip junk bytes and fill bytes
-  between markers, skip each segment by its length, take the first SOFn frame header.
+  between markers and each segment by its length, up to the scan; the one SOFn frame header
+  (libjpeg refuses a second one, where Pillow keeps the last).
 * PNG: the IHDR chunk, which must come first.
 * WebP: the VP8X canvas and the first VP8 / VP8L bitstream header (libwebp decodes at the
   bitstream's size and refuses a still image whose size differs from the canvas).
@@ -38,11 +38,12 @@ def image_format(data: bytes) -> str | None:
 
 
 def jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of the first frame header, found as libjpeg finds it; None when libjpeg
-    would reach the scan (or the end) without one, i.e. refuse the file."""
+    """(width, height) of the frame header, found as libjpeg finds it; None where libjpeg
+    refuses the file: no frame header before the scan, or two of them."""
     if data[:2] != b"\xff\xd8":
         return None
     i, n = 2, len(data)
+    size = None
     while True:
         while True:  # next_marker(): junk until 0xFF, then fill bytes; FF 00 is stuffed data
             while i < n and data[i] != 0xFF:
@@ -55,13 +56,15 @@ def jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
             if marker:
                 break
         if marker in _SOF:
-            if i + 7 > n:
+            if size is not None or i + 7 > n:
                 return None
             height, width = struct.unpack_from(">HH", data, i + 3)  # after length (2) and precision (1)
-            return width, height
-        if marker in (0xD8, 0xD9, 0xDA):  # SOI again, EOI or SOS before a frame header: libjpeg errors
+            size = width, height  # then skipped by its length, as any segment
+        elif marker == 0xDA:  # the scan: the header is complete
+            return size
+        elif marker in (0xD8, 0xD9):  # SOI again, or EOI, before the scan: libjpeg errors
             return None
-        if marker in _PARAMETERLESS:
+        elif marker in _PARAMETERLESS:
             continue
         if i + 2 > n:
             return None
