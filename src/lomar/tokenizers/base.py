@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["Tokenizer", "load_tokenizer", "FORMAT_KEY"]
+__all__ = ["Tokenizer", "load_tokenizer", "FORMAT_KEY", "check_tokenizer_file", "safetensors_metadata"]
 
 FORMAT_KEY = "lomar_tokenizer"  # safetensors metadata key naming the tokenizer kind
 
@@ -44,22 +44,42 @@ class Tokenizer(nn.Module):
         raise NotImplementedError
 
 
+def check_tokenizer_file(path: Path, what: str = "tokenizer file") -> None:
+    """FileNotFoundError when ``path`` does not exist, ValueError when it is not a regular file
+    (a FIFO would block the read, a device stream forever)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} does not exist; check the path")
+    if not path.is_file():
+        raise ValueError(f"{what} {path} is not a regular file; pass a dVAE (.pkl, .pth, .safetensors) or "
+                         f"k-means (.safetensors) tokenizer file")
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file; ValueError naming it when it is not one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as exc:  # safetensors' own error type is not a ValueError
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"{path} is not a readable safetensors file ({reason}); the file is damaged or "
+                         f"not a tokenizer") from None
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a dVAE (pickled module, ``{'model': sd}`` or safetensors) or a k-means tokenizer.
 
     safetensors files say their kind in the metadata; anything else is read as a dVAE
-    checkpoint without executing pickled code.
+    checkpoint without executing pickled code. ValueError (FileNotFoundError) naming the file
+    and the fix for anything else, before any model is built.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file {path} does not exist; check the path")
+    check_tokenizer_file(path)
     from lomar.tokenizers import dvae, kmeans
 
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            kind = (handle.metadata() or {}).get(FORMAT_KEY)
+        kind = safetensors_metadata(path).get(FORMAT_KEY)
         if kind == kmeans.FORMAT:
             return kmeans.KMeansTokenizer.load(path)
         if kind == dvae.FORMAT:
