@@ -108,8 +108,8 @@ class KMeansTokenizer(Tokenizer):
         for key in ("patch", "input_size", "vocab_size"):
             text = meta.get(key)
             if text is None or not text.isdigit() or int(text) < 1:
-                problem = "is missing" if text is None else f"={text!r} is not a positive whole number"
-                raise ValueError(f"{path}: metadata {key} {problem}; {fix}")
+                problem = f"{key} is missing" if text is None else f"{key}={text!r} is not a positive whole number"
+                raise ValueError(f"{path}: metadata {problem}; {fix}")
             settings[key] = int(text)
         with safe_open(str(path), framework="pt") as handle:
             if "centroids" not in handle.keys():
