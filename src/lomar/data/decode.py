@@ -31,8 +31,8 @@ __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_IMAGE_BY
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 # Pillow's own decompression-bomb error threshold (2 x Image.MAX_IMAGE_PIXELS): ~13k x 13k.
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
-# Far above any photograph at the pixel limit (an uncompressed 13k x 13k RGB PNG is ~540 MB
-# only in theory; real ones compress), far below what would strain a loader worker.
+# Far above a compressed photograph at the pixel limit (a 13k x 13k JPEG takes tens of MB), far
+# below what would strain a loader worker; an uncompressed one (~540 MB) needs it raised.
 DEFAULT_MAX_IMAGE_BYTES = 256 * 2**20
 
 
