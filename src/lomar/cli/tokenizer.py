@@ -15,6 +15,8 @@ from lomar.train.settings import Setting, add_settings
 
 __all__ = ["add_arguments", "run"]
 
+_MAX_VIEW_BYTES = 4 << 30  # 2048 views of 112 px take 0.3 GiB; of 512 px, 6 GiB
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True,
@@ -75,6 +77,12 @@ def run(args: argparse.Namespace) -> int:
             path = convert_dvae(args.source, args.to)
             print(f"lomar: wrote {path}")
             return 0
+        view_bytes = args.max_images * 3 * args.size ** 2 * 4  # float32 views, then as many patch features
+        if view_bytes > _MAX_VIEW_BYTES:
+            largest = int((_MAX_VIEW_BYTES / (args.max_images * 12)) ** 0.5)
+            raise ValueError(f"--size {args.size} with --max-images {args.max_images} needs "
+                             f"{view_bytes / 2**30:,.1f} GiB of views (limit {_MAX_VIEW_BYTES >> 30} GiB); "
+                             f"pass --size {largest} or less (default 112) or fewer --max-images")
         from lomar.tokenizers import fit_kmeans_tokenizer
 
         views, bad = _views(args.data, args.size, args.max_images)

@@ -1,8 +1,13 @@
-"""Decoding image files and bytes into uint8 RGB tensors, with a pixel limit.
+"""Reading image files and decoding them into uint8 RGB tensors, within bounds.
 
-torchvision decodes (fast, EXIF-aware); Pillow is the fallback for the modes it refuses (CMYK,
-16-bit, palette oddities). Before anything is decoded the header's size is checked against
-:func:`max_image_pixels`, so a small crafted file cannot expand into gigabytes.
+torchvision decodes JPEG and WebP (fast, EXIF-aware); Pillow decodes everything else (PNG, GIF's
+first frame, BMP, TIFF) and what torchvision refuses (CMYK, 16-bit, palette oddities). Nothing
+is decoded before its width x height, read from the header the way the decoder that will
+decode it reads it (:mod:`lomar.data.headers`), is within :func:`max_image_pixels`; and no
+path is opened unless it is a regular file of at most :func:`max_image_bytes`. So a small
+crafted file cannot expand into gigabytes, and a FIFO or a device named like an image neither
+blocks nor streams forever: each is an unreadable image (ValueError naming it), skipped and
+counted by the datasets.
 """
 
 from __future__ import annotations
@@ -10,55 +15,83 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["IMAGE_EXTENSIONS", "DEFAULT_MAX_IMAGE_PIXELS", "is_image_name", "max_image_pixels", "decode_bytes",
-           "load_image", "load_pil", "check_image_size"]
+from lomar.data.headers import declared_size
+
+__all__ = ["IMAGE_EXTENSIONS", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_IMAGE_BYTES", "is_image_name",
+           "max_image_pixels", "max_image_bytes", "read_image_bytes", "open_pil", "decode_bytes", "load_image",
+           "load_pil", "check_image_size"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 # Pillow's own decompression-bomb error threshold (2 x Image.MAX_IMAGE_PIXELS): ~13k x 13k.
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+# Far above a compressed photograph at the pixel limit (a 13k x 13k JPEG takes tens of MB), far
+# below what would strain a loader worker; an uncompressed one (~540 MB) needs it raised.
+DEFAULT_MAX_IMAGE_BYTES = 256 * 2**20
 
 
 def is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def max_image_pixels() -> int:
-    """The largest image decoded: ``LOMAR_MAX_IMAGE_PIXELS`` if set (a positive integer), else the default."""
-    value = os.environ.get("LOMAR_MAX_IMAGE_PIXELS")
+def _positive_env(name: str, default: int) -> int:
+    value = os.environ.get(name)
     if value is None:
-        return DEFAULT_MAX_IMAGE_PIXELS
+        return default
     try:
         limit = int(value)
     except ValueError:
         limit = 0
     if limit <= 0:
-        raise ValueError(f"LOMAR_MAX_IMAGE_PIXELS must be a positive integer, got {value!r}")
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return limit
 
 
-def _header_size(data: bytes, name: str, limit: int) -> tuple[int, int] | None:
-    """(width, height) from the header without decoding; None if Pillow does not know the format."""
-    from PIL import Image, UnidentifiedImageError
+def max_image_pixels() -> int:
+    """The largest image decoded: ``LOMAR_MAX_IMAGE_PIXELS`` if set (a positive integer), else the default."""
+    return _positive_env("LOMAR_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS)
 
+
+def max_image_bytes() -> int:
+    """The largest image file read: ``LOMAR_MAX_IMAGE_BYTES`` if set (a positive integer), else 256 MiB."""
+    return _positive_env("LOMAR_MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES)
+
+
+def _kind(mode: int) -> str:
+    kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
+    return next((text for test, text in kinds if test(mode)), "not a regular file")
+
+
+def _check_file(path: str | Path, info: os.stat_result, limit: int) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"cannot read {path}: it is {_kind(info.st_mode)}, not an image file; remove it from the data")
+    if info.st_size > limit:
+        raise ValueError(f"cannot read {path}: {info.st_size:,} bytes is over the limit of {limit:,} for one image; "
+                         f"shrink it or raise LOMAR_MAX_IMAGE_BYTES")
+
+
+def read_image_bytes(path: str | Path, max_bytes: int | None = None) -> bytes:
+    """The bytes of an image file; ValueError naming it when it is not a regular file (a FIFO
+    would block, a device could stream forever), is larger than ``max_bytes`` (default
+    :func:`max_image_bytes`) or cannot be read. Checked before opening (opening a device can
+    have effects) and again on the open file (it may have been swapped in between)."""
+    limit = max_bytes if max_bytes is not None else max_image_bytes()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                return img.size
-    except Image.DecompressionBombError as exc:  # over Pillow's own global limit, which we do not change
-        found = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(exc))
-        pixels, pil_limit = (int(found[1]), int(found[2])) if found else (0, limit)
-        raise ValueError(f"cannot decode image {name}: {pixels:,} pixels is over the limit of "
-                         f"{min(limit, pil_limit):,} (Pillow refuses it as a possible decompression bomb); "
-                         f"shrink it") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        return None
+        _check_file(path, os.stat(path), limit)
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+        with os.fdopen(os.open(path, flags), "rb") as handle:
+            info = os.fstat(handle.fileno())
+            _check_file(path, info, limit)
+            return handle.read(info.st_size)  # what a growing file held when checked
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
 def _check_pixels(name: str, width: int, height: int, limit: int) -> None:
@@ -67,17 +100,58 @@ def _check_pixels(name: str, width: int, height: int, limit: int) -> None:
                          f"limit of {limit:,}; shrink it or raise LOMAR_MAX_IMAGE_PIXELS")
 
 
-def _pil_decode(data: bytes, name: str) -> torch.Tensor:
-    """Pillow fallback for what torchvision cannot decode (CMYK, 16-bit, odd modes)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+def _checked_header(data: bytes, name: str, limit: int) -> tuple[str | None, tuple[int, int] | None]:
+    """(format, size) from the header its own decoder reads, size checked against ``limit``.
+    A JPEG or WebP whose size cannot be read is refused: libjpeg / libwebp would refuse it too."""
+    kind, size = declared_size(data)
+    if kind in ("jpeg", "webp") and size is None:
+        what = ("a JPEG without exactly one frame header (SOF) before its data" if kind == "jpeg"
+                else "a WebP without a size")
+        raise ValueError(f"cannot decode image {name}: {what}; the file is damaged or crafted")
+    if size is not None:
+        _check_pixels(name, *size, limit)
+    return kind, size
 
+
+def open_pil(data: bytes, name: str = "<bytes>", max_pixels: int | None = None):
+    """``PIL.Image.open`` on checked bytes: ValueError naming ``name`` when unidentified, when a
+    header is over the pixel limit (ours or Pillow's), or when Pillow and libjpeg would read a
+    JPEG's size differently (every decoder that may decode it must agree)."""
+    from PIL import Image
+
+    limit = max_pixels if max_pixels is not None else max_image_pixels()
+    kind, size = _checked_header(data, name, limit)
     try:
-        img_file = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # over Pillow's own global limit, which we do not change
+        found = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(exc))
+        pixels, pil_limit = (int(found[1]), int(found[2])) if found else (0, limit)
+        raise ValueError(f"cannot decode image {name}: {pixels:,} pixels is over the limit of "
+                         f"{min(limit, pil_limit):,} (Pillow refuses it as a possible decompression bomb); "
+                         f"shrink it") from None
+    except Exception:  # UnidentifiedImageError, or whatever a plugin raises on a malformed header
         # Pillow's own message names an anonymous BytesIO: say what the file is instead.
         raise ValueError(f"cannot decode image {name}: not an image format Pillow or torchvision can read "
                          f"({len(data):,} bytes starting {data[:8]!r})") from None
-    with img_file as img:
+    if kind == "jpeg" and img.format in ("JPEG", "MPO") and img.size != size:
+        img.close()
+        raise ValueError(f"cannot decode image {name}: its JPEG frame headers disagree on the size ({size[0]}x"
+                         f"{size[1]} first, {img.size[0]}x{img.size[1]} last); the file is damaged or crafted")
+    try:
+        _check_pixels(name, *img.size, limit)
+    except ValueError:
+        img.close()
+        raise
+    return img
+
+
+def _pil_decode(data: bytes, name: str, limit: int) -> torch.Tensor:
+    """Pillow's decode (PNG, GIF's first frame, BMP, TIFF; CMYK or 16-bit JPEG) -> uint8 (3, H, W)."""
+    from PIL import Image, ImageOps
+
+    with open_pil(data, name, limit) as img:
         img.load()
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -88,41 +162,40 @@ def _pil_decode(data: bytes, name: str) -> torch.Tensor:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
+def _torchvision_decode(data: bytes, kind: str) -> torch.Tensor | None:
+    """uint8 (3, H, W) from libjpeg / libwebp through torchvision; None where it refuses (CMYK, ...)."""
+    try:
+        with warnings.catch_warnings():  # torchvision announces its decoders' move to torchcodec: noise
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import ImageReadMode, decode_jpeg, decode_webp  # lazy: slow to import
+
+            encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            if kind == "jpeg":  # EXIF orientation: phone photos are often stored sideways with a rotation tag
+                image = decode_jpeg(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+            else:
+                image = decode_webp(encoded, mode=ImageReadMode.RGB)
+    except Exception:  # torchvision refuses: Pillow tries
+        return None
+    return image if image.dtype == torch.uint8 and image.shape[0] == 3 and image.numel() > 0 else None
+
+
 def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = None) -> torch.Tensor:
     """Encoded image bytes -> uint8 (3, H, W) RGB; ValueError naming ``name`` when undecodable or too large.
 
     ``max_pixels`` (default :func:`max_image_pixels`) bounds width x height, checked on the
-    header before decoding.
+    header before decoding. PNG goes to Pillow: libpng, through torchvision, crashes the process
+    on an IDAT stream shorter than the header promises.
     """
     if not data:
         raise ValueError(f"cannot decode image {name}: the file is empty (0 bytes)")
     limit = max_pixels if max_pixels is not None else max_image_pixels()
-    size = _header_size(data, name, limit)
-    if size is not None:
-        _check_pixels(name, *size, limit)
-    try:
-        with warnings.catch_warnings():  # torchvision announces its decoders' move to torchcodec: noise
-            warnings.simplefilter("ignore", DeprecationWarning)
-            from torchvision.io import ImageReadMode, decode_image  # lazy: torchvision is slow to import
-
-            # EXIF orientation: phone photos are often stored sideways with a rotation tag.
-            image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                                 apply_exif_orientation=True)
-        if image.dtype != torch.uint8:  # 16-bit PNG
-            image = (image.to(torch.int32) >> 8).to(torch.uint8)
-        if image.ndim == 4:  # animated GIF: first frame
-            image = image[0]
-        if image.shape[0] == 3 and image.numel() > 0:
-            if size is None:  # a format only torchvision knows: checked after the fact
-                _check_pixels(name, image.shape[-1], image.shape[-2], limit)
+    kind, _ = _checked_header(data, name, limit)
+    if kind in ("jpeg", "webp"):
+        image = _torchvision_decode(data, kind)
+        if image is not None:
             return image
-    except ValueError as exc:
-        if "over the limit" in str(exc):
-            raise
-    except Exception:  # torchvision refuses: try Pillow below
-        pass
     try:
-        return _pil_decode(data, name)
+        return _pil_decode(data, name, limit)
     except ValueError:
         raise
     except Exception as exc:
@@ -132,11 +205,7 @@ def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = No
 
 def load_image(path: str | Path, max_pixels: int | None = None) -> torch.Tensor:
     """Read and decode an image file: uint8 (3, H, W) RGB; ValueError naming the file when unreadable."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    return decode_bytes(data, str(path), max_pixels)
+    return decode_bytes(read_image_bytes(path), str(path), max_pixels)
 
 
 def load_pil(path: str | Path, max_pixels: int | None = None):

@@ -25,7 +25,6 @@ on the header's (EXIF-oriented) size: every sample gets the reference path's cro
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from lomar.data.decode import check_image_size
+from lomar.data.decode import check_image_size, open_pil, read_image_bytes
 from lomar.data.folder import ImageListDataset
 from lomar.data.transforms import SampleDraw, draw_sample, unreadable_item
 
@@ -51,8 +50,12 @@ def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
 
 
-def _open(source: str | Path | bytes) -> Image.Image:
-    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+def _open(source: str | Path | bytes):
+    """The image opened by Pillow once the file and its header passed the checks every decode
+    path shares (:func:`lomar.data.decode.open_pil`); ValueError naming the file otherwise."""
+    if isinstance(source, bytes):
+        return open_pil(source)
+    return open_pil(read_image_bytes(source), str(source))
 
 
 def _orientation(img: Image.Image) -> int | None:
@@ -172,8 +175,8 @@ class FastPretrainDataset(Dataset):
         base = self.base
         _, path, gen = base.sample(key)
         try:
-            data = Path(path).read_bytes()
-            with _open(data) as img:
+            data = read_image_bytes(path)  # regular files only, bounded: a FIFO would block the worker
+            with open_pil(data, str(path)) as img:
                 check_image_size(path, *img.size)  # before anything is decoded, as on the reference path
                 if not self._takes(img):
                     return base[key]

@@ -65,11 +65,18 @@ def find_images(root: str | Path) -> list[Path]:
 
 
 def build_image_list(data: str | Path) -> list[Path]:
-    """Image paths of a folder (searched recursively) or of a .txt list, sorted."""
+    """Image paths of a folder (searched recursively, sorted) or of a .txt list (in its order).
+
+    Entries are not opened here: one that is not a regular file (a FIFO, a device) or is too
+    large is refused when read (:func:`lomar.data.decode.read_image_bytes`), skipped and counted.
+    """
     path = Path(data)
     if not path.exists():
         raise ValueError(f"data path {path} does not exist; pass a folder of images, a .txt list "
                          f"of image paths or a tar shard pattern")
+    if not path.is_file() and not path.is_dir():  # a FIFO would block the read, a device stream forever
+        raise ValueError(f"data path {path} is neither a folder nor a regular file; pass a folder of images, "
+                         f"a .txt list of image paths or a tar shard pattern")
     if path.is_file():
         if path.suffix.lower() != ".txt":
             raise ValueError(f"{path} is a file but not a .txt list of images; pass its folder instead")

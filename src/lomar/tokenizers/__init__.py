@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors import safe_open
-
 from lomar.tokenizers import dvae, kmeans
-from lomar.tokenizers.base import FORMAT_KEY, Tokenizer
+from lomar.tokenizers.base import FORMAT_KEY, Tokenizer, check_tokenizer_file, safetensors_metadata
 from lomar.tokenizers.dvae import DVAEConfig, DVAEEncoder, convert_dvae, load_dvae, map_pixels
 from lomar.tokenizers.kmeans import KMeansTokenizer, fit_kmeans_tokenizer
 
@@ -19,14 +17,13 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a dVAE (pickled module, ``{'model': sd}`` or safetensors) or a k-means tokenizer.
 
     safetensors files say their kind in the metadata; anything else is read as a dVAE
-    checkpoint without executing pickled code.
+    checkpoint without executing pickled code. ValueError (FileNotFoundError) naming the file
+    and the fix for anything else, before any model is built.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file {path} does not exist; check the path")
+    check_tokenizer_file(path)
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as handle:
-            kind = (handle.metadata() or {}).get(FORMAT_KEY)
+        kind = safetensors_metadata(path).get(FORMAT_KEY)
         if kind == kmeans.FORMAT:
             return kmeans.KMeansTokenizer.load(path)
         if kind == dvae.FORMAT:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
-__all__ = ["Tokenizer", "FORMAT_KEY"]
+__all__ = ["Tokenizer", "FORMAT_KEY", "check_tokenizer_file", "safetensors_metadata"]
 
 FORMAT_KEY = "lomar_tokenizer"  # safetensors metadata key naming the tokenizer kind
 
@@ -40,3 +42,26 @@ class Tokenizer(nn.Module):
 
     def _tokens(self, images01: torch.Tensor) -> torch.Tensor:  # (N, Gh, Gw) or (N, Gh·Gw)
         raise NotImplementedError
+
+
+def check_tokenizer_file(path: Path, what: str = "tokenizer file") -> None:
+    """FileNotFoundError when ``path`` does not exist, ValueError when it is not a regular file
+    (a FIFO would block the read, a device stream forever)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} does not exist; check the path")
+    if not path.is_file():
+        raise ValueError(f"{what} {path} is not a regular file; pass a dVAE (.pkl, .pth, .safetensors) or "
+                         f"k-means (.safetensors) tokenizer file")
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors file; ValueError naming it when it is not one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as exc:  # safetensors' own error type is not a ValueError
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"{path} is not a readable safetensors file ({reason}); the file is damaged or "
+                         f"not a tokenizer") from None

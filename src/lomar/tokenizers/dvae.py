@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lomar.tokenizers.base import FORMAT_KEY, Tokenizer
+from lomar.tokenizers.base import FORMAT_KEY, Tokenizer, check_tokenizer_file, safetensors_metadata
 
 __all__ = ["DVAEConfig", "DVAEEncoder", "map_pixels", "load_dvae", "convert_dvae", "dvae_from_pickled",
            "FORMAT"]
@@ -30,6 +30,12 @@ def map_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
     return (1 - 2 * eps) * x + eps
 
 
+# Upper bounds far above the official encoder (256 / 2 / 3 / 8192 / 4, 112 px views) that keep a
+# crafted file's settings from describing a model of many gigabytes before its shapes are checked.
+_BOUNDS = {"n_hid": 4096, "n_blk_per_group": 16, "input_channels": 16, "vocab_size": 65536, "group_count": 8,
+           "input_size": 8192}
+
+
 @dataclass(frozen=True)
 class DVAEConfig:
     n_hid: int = 256
@@ -40,9 +46,11 @@ class DVAEConfig:
     input_size: int = 112  # the view BEiT tokenizes; any multiple of the stride runs through logits()
 
     def __post_init__(self) -> None:
-        for name in ("n_hid", "n_blk_per_group", "input_channels", "vocab_size", "group_count"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"DVAEConfig.{name}={getattr(self, name)} must be >= 1")
+        for name, most in _BOUNDS.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 1 <= value <= most:
+                raise ValueError(f"DVAEConfig.{name}={value!r} must be an integer in [1, {most}] "
+                                 f"(the official encoder: {getattr(DVAEConfig, name)})")
         if self.n_hid % 4:
             raise ValueError(f"n_hid={self.n_hid} must be a multiple of 4 (blocks use width/4); official is 256")
         stride = 2 ** (self.group_count - 1)
@@ -169,10 +177,17 @@ def dvae_from_pickled(obj: _Inert) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ValueError(f"pickled object is {getattr(obj, 'pickled_name', type(obj).__name__)}, expected "
                          f"dall_e.encoder.Encoder; is this the dVAE encoder.pkl (not decoder.pkl)?")
     state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()  # a pickle can make a module its own child: walk each once
 
     def walk(node, prefix: str) -> None:
+        if id(node) in seen or prefix.count(".") > 8:  # the official encoder nests 4 deep
+            raise ValueError(f"the pickled dVAE nests its modules in a loop or too deep (at {prefix!r}); "
+                             f"the file is damaged or crafted")
+        seen.add(id(node))
         attrs = node.state
         for name, param in (attrs.get("_parameters") or {}).items():
+            if param is not None and not isinstance(param, torch.Tensor):
+                raise ValueError(f"the pickled dVAE parameter {prefix}{name} is a {type(param).__name__}, not a tensor")
             if param is not None:
                 state[prefix + name] = param.detach()
         for name, child in (attrs.get("_modules") or {}).items():
@@ -189,6 +204,9 @@ def _config_from_state(state: dict[str, torch.Tensor], fields: dict) -> DVAEConf
     if "blocks.input.w" not in state or "blocks.output.conv.w" not in state:
         raise ValueError(f"not a dVAE encoder state dict: missing blocks.input.w / blocks.output.conv.w "
                          f"(has {sorted(state)[:4]}...)")
+    for key in ("blocks.input.w", "blocks.output.conv.w"):
+        if state[key].ndim != 4:
+            raise ValueError(f"{key} has shape {tuple(state[key].shape)}, expected a convolution's 4 dimensions")
     groups = {int(m[1]) for k in state if (m := re.match(r"blocks\.group_(\d+)\.", k))}
     per_group = {int(m[1]) for k in state if (m := re.match(r"blocks\.group_1\.block_(\d+)\.", k))}
     n_hid, channels = state["blocks.input.w"].shape[:2]
@@ -203,13 +221,23 @@ def _config_from_state(state: dict[str, torch.Tensor], fields: dict) -> DVAEConf
 
 
 def _build(state: dict[str, torch.Tensor], fields: dict, source: Path) -> DVAEEncoder:
-    model = DVAEEncoder(_config_from_state(state, fields))
-    expected = model.state_dict()
+    """The encoder holding ``state``, built only once every shape the settings imply is that of
+    a stored tensor: then the model is exactly as large as the tensors already read (a crafted
+    file of zero-byte tensors claiming huge widths allocates nothing)."""
+    try:
+        config = _config_from_state(state, fields)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+    with torch.device("meta"):  # shapes without storage
+        expected = {k: tuple(v.shape) for k, v in DVAEEncoder(config).state_dict().items()}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = [k for k in set(expected) & set(state) if expected[k].shape != state[k].shape]
+    wrong = sorted(f"{k} {tuple(state[k].shape)} (expected {expected[k]})" for k in set(expected) & set(state)
+                   if tuple(state[k].shape) != expected[k] or not state[k].is_floating_point())
     if missing or unexpected or wrong:
-        raise ValueError(f"{source} does not fit the dVAE encoder {model.config}: missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]}, wrong shape {sorted(wrong)[:4]}")
+        raise ValueError(f"{source} does not fit the dVAE encoder {config}: missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}, wrong shape or dtype {wrong[:2]}; the file is damaged "
+                         f"or not a DALL-E dVAE encoder")
+    model = DVAEEncoder(config)
     model.load_state_dict(state)
     return model.eval()
 
@@ -217,27 +245,29 @@ def _build(state: dict[str, torch.Tensor], fields: dict, source: Path) -> DVAEEn
 def load_dvae(path: str | Path, input_size: int | None = None) -> DVAEEncoder:
     """Read a dVAE encoder from the official pickle, ``{'model': sd}`` / a bare sd, or safetensors."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"dVAE file {path} does not exist; check the path")
+    check_tokenizer_file(path, "dVAE file")
     fields: dict = {}
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
+        meta = safetensors_metadata(path)
         if meta.get(FORMAT_KEY) != FORMAT:
             raise ValueError(f"{path} metadata {FORMAT_KEY}={meta.get(FORMAT_KEY)!r}, expected {FORMAT!r}; "
                              f"write it with convert_dvae")
         state = load_file(str(path))
-        fields = {k: int(v) for k, v in meta.items() if k in DVAEConfig.__dataclass_fields__}
+        fields = {k: v for k, v in meta.items() if k in DVAEConfig.__dataclass_fields__}
+        bad = {k: v for k, v in fields.items() if not v.isdigit()}
+        if bad:
+            raise ValueError(f"{path} metadata {bad} is not a whole number; the file is damaged")
+        fields = {k: int(v) for k, v in fields.items()}
     else:
         data = _read(path)
         if isinstance(data, _Inert):
             fields, state = dvae_from_pickled(data)
         elif isinstance(data, dict):
             state = data.get("model", data)
-            if not all(isinstance(v, torch.Tensor) for v in state.values()):
+            if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in state.items()):
                 raise ValueError(f"{path}: the state dict holds non-tensors; expected {{'model': state_dict}}")
         else:
             raise ValueError(f"{path} holds a {type(data).__name__}; expected a dVAE encoder or state dict")

@@ -22,13 +22,14 @@ from pathlib import Path
 
 import torch
 
-from lomar.tokenizers.base import FORMAT_KEY, Tokenizer
+from lomar.tokenizers.base import FORMAT_KEY, Tokenizer, check_tokenizer_file, safetensors_metadata
 
-__all__ = ["KMeansTokenizer", "fit_kmeans_tokenizer", "patch_features", "FORMAT"]
+__all__ = ["KMeansTokenizer", "fit_kmeans_tokenizer", "patch_features", "FORMAT", "MAX_INPUT_SIZE"]
 
 FORMAT = "kmeans_patch"
 _NORM_EPS = 1e-6
 _CHUNK = 4096  # rows per distance matmul: bounds memory at _CHUNK × vocab floats
+MAX_INPUT_SIZE = 8192  # px: far above any tokenizer view (112 by default, grid x patch in a run)
 
 
 def patch_features(images01: torch.Tensor, patch: int) -> torch.Tensor:
@@ -60,6 +61,9 @@ class KMeansTokenizer(Tokenizer):
 
     def __init__(self, centroids: torch.Tensor, patch: int = 8, input_size: int = 112):
         super().__init__()
+        if not 1 <= patch <= input_size <= MAX_INPUT_SIZE:
+            raise ValueError(f"patch={patch} and input_size={input_size} must satisfy 1 <= patch <= input_size <= "
+                             f"{MAX_INPUT_SIZE}; use patch 8 with input_size 112")
         if centroids.ndim != 2 or centroids.shape[1] != 3 * patch * patch:
             raise ValueError(f"centroids must be (vocab, 3·{patch}·{patch}={3 * patch * patch}), got "
                              f"{tuple(centroids.shape)}; was it fitted with another patch size?")
@@ -89,15 +93,37 @@ class KMeansTokenizer(Tokenizer):
 
     @classmethod
     def load(cls, path: str | Path) -> KMeansTokenizer:
+        """Read a file written by :meth:`save`; ValueError naming the file and the fix when its
+        settings are missing, malformed or disagree with the centroids."""
         from safetensors import safe_open
 
+        path = Path(path)
+        check_tokenizer_file(path)
+        meta = safetensors_metadata(path)
+        fix = "the file is damaged; fit a new one with `lomar tokenizer fit`"
+        if meta.get(FORMAT_KEY) != FORMAT:
+            raise ValueError(f"{path} metadata {FORMAT_KEY}={meta.get(FORMAT_KEY)!r}, expected {FORMAT!r}; "
+                             f"write it with KMeansTokenizer.save")
+        settings = {}
+        for key in ("patch", "input_size", "vocab_size"):
+            text = meta.get(key)
+            if text is None or not text.isdigit() or int(text) < 1:
+                problem = f"{key} is missing" if text is None else f"{key}={text!r} is not a positive whole number"
+                raise ValueError(f"{path}: metadata {problem}; {fix}")
+            settings[key] = int(text)
         with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-            if meta.get(FORMAT_KEY) != FORMAT:
-                raise ValueError(f"{path} metadata {FORMAT_KEY}={meta.get(FORMAT_KEY)!r}, expected {FORMAT!r}; "
-                                 f"write it with KMeansTokenizer.save")
+            if "centroids" not in handle.keys():
+                raise ValueError(f"{path} holds no 'centroids' tensor (has {sorted(handle.keys())[:4]}); {fix}")
             centroids = handle.get_tensor("centroids")
-        return cls(centroids, patch=int(meta["patch"]), input_size=int(meta["input_size"]))
+        if centroids.ndim != 2 or centroids.shape[0] != settings["vocab_size"] or centroids.shape[0] < 2:
+            raise ValueError(f"{path}: centroids {tuple(centroids.shape)} do not match vocab_size="
+                             f"{settings['vocab_size']} (at least 2 rows); {fix}")
+        if not centroids.is_floating_point() or not bool(torch.isfinite(centroids).all()):
+            raise ValueError(f"{path}: the centroids are not finite floating-point numbers; {fix}")
+        try:
+            return cls(centroids, patch=settings["patch"], input_size=settings["input_size"])
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
 
 def _gather_features(images: torch.Tensor | Iterable[torch.Tensor], patch: int, input_size: int) -> torch.Tensor:
@@ -124,6 +150,8 @@ def fit_kmeans_tokenizer(images: torch.Tensor | Iterable[torch.Tensor], vocab_si
         raise ValueError(f"vocab_size={vocab_size} must be >= 2")
     if iters < 1:
         raise ValueError(f"iters={iters} must be >= 1; use e.g. 20")
+    if not 1 <= patch <= input_size:
+        raise ValueError(f"patch={patch} must be in [1, input_size={input_size}]; use 8 with 112")
     if input_size % patch:
         raise ValueError(f"input_size={input_size} is not a multiple of patch={patch}; use 112 with 8")
     x = _gather_features(images, patch, input_size)
