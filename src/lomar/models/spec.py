@@ -23,9 +23,11 @@ __all__ = ["model_spec", "build_from_spec"]
 def model_spec(model: nn.Module) -> dict:
     """The spec of a model whose class defines ``spec_args`` (LoMaR, MAE, MAEWindow, BEiT, BEiTPretrain)."""
     target, prefix = getattr(model, "spec_target", lambda: (model, ""))()
-    if not callable(getattr(target, "spec_args", None)) or not type(target).__module__.startswith("lomar.models."):
+    # The first lomar class in the MRO: FSDP2 swaps a sharded module's class for a subclass of its own.
+    cls = next((c for c in type(target).__mro__ if c.__module__.startswith("lomar.models.") and "spec_args" in vars(c)),
+               None)
+    if cls is None:
         raise TypeError(f"{type(model).__name__} has no model spec; a lomar.models class with spec_args() has one")
-    cls = type(target)
     return {"arch": f"{cls.__module__}:{cls.__qualname__}", "config": target.config.to_dict(),
             "args": target.spec_args(), "prefix": prefix}
 

@@ -36,7 +36,7 @@ def _args(metric: str, spec: StudySpec, cell: Cell, checkpoint: Path, where: Pat
         return parse_flags(add_finetune_arguments, argv + settings_flags({"seed": cell.seed, **spec.eval.finetune}))
     options = spec.eval.knn if metric == "knn" else {"seed": cell.seed, **spec.eval.linprobe}
     add = knn_add_arguments if metric == "knn" else linprobe_add_arguments
-    return parse_flags(add, [str(checkpoint), *common, *settings_flags(options)])
+    return parse_flags(add, ["--pretrained", str(checkpoint), *common, *settings_flags(options)])
 
 
 def check_options(spec: StudySpec) -> None:
