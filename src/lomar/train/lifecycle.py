@@ -1,43 +1,34 @@
 """The one run lifecycle of every training command: a command provides a :class:`Task`, :func:`run` does the rest.
 
-:func:`run` (``run(config, make_task)``, ``make_task(config, info, device) -> Task``) owns the process
-group and DDP, the run folder (``RunLock``, ``--resume PATH|auto``, stale temporaries, ``config.yaml``,
-metrics cut back on resume), the RNG state in checkpoints, stop signals (SIGTERM/SIGUSR1: checkpoint,
-exit 0; Ctrl-C: 130), the position (epoch, ``batches_done``, optimizer step), AdamW over
-``task.param_groups()`` with the warm-up + cosine lr (times a group's ``lr_scale``), ``accum_steps``
-(DDP ``no_sync`` between), autocast + GradScaler, ``clip_grad``, the non-finite loss stop, the start-up
-line, ``metrics.jsonl`` + TensorBoard + progress (``Monitor``), ``last.pt`` / ``checkpoint-N.pt`` /
-``best.pt``, the final line and the teardown.
-
-The data order is a permutation seeded by (seed, epoch) and a resumed run skips the batches its
-checkpoint consumed, so it continues exactly as if it had never stopped. The config needs ``COMMAND``,
-``out``, ``resume``, ``overwrite``, ``device``, ``seed``, ``threads``, ``epochs``, ``max_steps``,
-``schedule_steps``, ``warmup_epochs``, ``blr``, ``min_lr``, ``weight_decay``, ``batch_size``,
-``accum_steps``, ``precision``, ``log_every``; it may have ``lr``, ``clip_grad``, ``compile``,
-``save_every`` (default 1), ``keep_last`` (absent: ``last.pt`` only, no ``checkpoint-N.pt``).
+``run(config, make_task)``, ``make_task(config, info, device) -> Task``, owns the process group and DDP, the
+run folder (lock, ``--resume PATH|auto``, ``config.yaml``, metrics cut back on resume), the RNG state in
+checkpoints, stop signals (SIGTERM/SIGUSR1: checkpoint, exit 0; Ctrl-C: 130), the position (epoch,
+``batches_done``, step), AdamW over ``task.param_groups()`` (a group's ``lr_scale`` scales its lr), warm-up +
+cosine, ``accum_steps`` (DDP ``no_sync`` between), autocast + GradScaler, ``clip_grad``, the non-finite
+loss stop, the start-up line, ``Monitor`` (metrics.jsonl, TensorBoard, progress), ``last.pt`` /
+``checkpoint-N.pt`` (with ``config.keep_last``) / ``best.pt`` (on ``task.best_metric``) and the final line.
+A resumed run skips the batches its checkpoint consumed of the (seed, epoch) data order: it continues
+exactly. Optional config fields: ``lr``, ``clip_grad``, ``compile``, ``save_every`` (default 1), ``keep_last``.
 
 Required of a Task: ``name``, ``model``, ``train_loader``, ``loss(batch)``. Optional (defaults below):
 ``best_metric``, ``param_groups()``, ``evaluate()``, ``state()``, ``load(state)``, ``finish(out)``, and
 - ``net``: set by the lifecycle to the wrapped model (DDP / ``torch.compile``); ``loss`` calls
   ``self.net`` so that DDP all-reduces the gradients,
-- ``progress``: set by the lifecycle, the :class:`Progress` (epoch, batches done, step; ``final``
-  during the end-of-run ``evaluate``),
-- ``idle_loss()``: under DDP, when ``loss`` returned None (nothing to learn from the batch), a loss
-  backpropagated with weight 0 so that every rank joins the all-reduce,
-- ``sharded``: the model is FSDP-sharded (sharded checkpoints, no DDP),
-- ``betas``, ``lr_schedule(step, total, warmup, base_lr, min_lr) -> lr``, ``eval_log`` (the file the
-  evaluations go to), ``outputs`` (names or globs a fresh run clears), ``batches_per_epoch()``,
-  ``set_epoch(epoch, skip_batches)``, ``describe()``, ``config_text()`` (the start-up line's data and model part),
-- ``begin()``, ``saved(path)`` (main process: before the first step, after each checkpoint),
-  ``stopped(out)`` (main process, after a stop signal), ``final_line()`` (appended to "done").
+- ``progress``: set by the lifecycle, the :class:`Progress` (``final`` during the end-of-run ``evaluate``),
+- ``loss`` may return None (nothing to learn from the batch); under DDP ``idle_loss()`` then gives a
+  loss backpropagated with weight 0, so that every rank joins the all-reduce,
+- ``sharded`` (FSDP: sharded checkpoints, no DDP), ``betas``, ``lr_schedule(step, total, warmup, base_lr,
+  min_lr)``, ``eval_log`` (the evaluations' file), ``outputs`` (names or globs a fresh run clears),
+  ``batches_per_epoch()``, ``set_epoch(epoch, skip_batches)``, ``describe()`` (the start-up line's data
+  and model), ``config_text()``, ``final_line()`` (appended to "done"),
+- main process only: ``begin()`` before the first step, ``saved(path)`` after each checkpoint,
+  ``stopped(out)`` after a stop signal.
 """
-
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import math
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,26 +39,14 @@ import torch.distributed as dist
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-from lomar.checkpoints.io import atomic_write_text, safe_load
+from lomar.checkpoints.io import safe_load
 from lomar.errors import UsageError
 from lomar.train.distributed import DistInfo, cleanup_distributed, init_distributed
 from lomar.train.monitor import Monitor, loss_summary
 from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_workers
-from lomar.train.run_state import (
-    RunLock,
-    autocast_factory,
-    check_no_rewind,
-    find_resume_checkpoint,
-    remove_newer_checkpoints,
-    remove_stale_temporaries,
-    resolve_precision,
-    rng_state,
-    save_checkpoint,
-    save_on_main_rank,
-    save_state,
-    set_rng_state,
-    truncate_metrics,
-)
+from lomar.train.run_state import (RunLock, autocast_factory, check_no_rewind, prepare_run_folder, resolve_precision,
+                                  resume_path, rng_state, save_checkpoint, save_on_main_rank, save_state,
+                                  set_rng_state)
 from lomar.train.runtime import default_threads, fast_adamw
 from lomar.train.schedule import lr_at, schedule_span, warmup_warning
 from lomar.train.settings_resume import refuse_held_run
@@ -87,6 +66,10 @@ class Progress:
     final: bool = False
 
 
+def _nothing(self, *args) -> None:
+    """A hook's default: nothing to do."""
+
+
 class Task:
     """What a training command provides; see the module docstring for the optional hooks."""
 
@@ -101,43 +84,16 @@ class Task:
     outputs: tuple[str, ...] = ()
     net: torch.nn.Module
     progress: Progress
+    load = finish = stopped = begin = saved = _nothing
+    evaluate = state = lambda self: {}
+    idle_loss = config_text = lambda self: None  # config_text: config.yaml's text (None: the config's fields)
+    final_line = lambda self: ""
 
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
 
     def loss(self, batch) -> torch.Tensor | None:
         raise NotImplementedError
-
-    def idle_loss(self) -> torch.Tensor | None:
-        return None
-
-    def evaluate(self) -> dict[str, float]:
-        return {}
-
-    def state(self) -> dict:
-        return {}
-
-    def load(self, state: dict) -> None:
-        pass
-
-    def finish(self, out: Path) -> None:
-        pass
-
-    def stopped(self, out: Path) -> None:
-        pass
-
-    def begin(self) -> None:
-        pass
-
-    def saved(self, path: Path) -> None:
-        pass
-
-    def final_line(self) -> str:
-        return ""
-
-    def config_text(self) -> str | None:
-        """``config.yaml``'s text (default: the config's fields as YAML)."""
-        return None
 
     def batches_per_epoch(self) -> int:
         return len(self.train_loader)
@@ -181,11 +137,8 @@ class _Run:
     def meta(self) -> dict:
         """Everything of a checkpoint but model and optimizer."""
         return {"scaler": self.scaler.state_dict(), "step": self.p.step, "epoch": self.p.epoch,
-                "batches_done": self.p.batches_done, "rng": rng_state(), **self._best_key(), **self.task.state()}
-
-    def _best_key(self) -> dict:
-        metric = self.task.best_metric
-        return {f"best_{metric}": max(self.best, 0.0)} if metric else {}
+                "batches_done": self.p.batches_done, "rng": rng_state(), **self.task.state(),
+                **({f"best_{self.task.best_metric}": max(self.best, 0.0)} if self.task.best_metric else {})}
 
     def load(self, path: Path) -> None:
         task = self.task
@@ -232,27 +185,11 @@ class _Run:
         self.task.saved(path)
         return path
 
-    # ---- the folder --------------------------------------------------------------------
     def prepare_folder(self, resume: Path | None) -> None:
-        """Main process, lock held: a fresh run clears what an earlier one left; a resume cuts the log
-        back to its checkpoint; the config is written."""
-        out, name = self.out, self.task.name
-        removed = remove_stale_temporaries(out)
-        if removed:
-            print(f"lomar {name}: removed {len(removed)} stale temporary file(s) in {out}, e.g. {removed[0].name}")
-        if resume is not None:
-            if self.cfg.overwrite:
-                remove_newer_checkpoints(out, self.p.step)
-            truncate_metrics(out / "metrics.jsonl", self.p.step)
-            print(f"lomar {name}: resumed from {resume} at step {self.p.step} (epoch {self.p.epoch})", flush=True)
-        else:
-            refuse_held_run(out, self.cfg.resume, self.cfg.overwrite)  # another run may have got here since
-            for pattern in ("last.pt", "best.pt", "last.json", "metrics.jsonl", "checkpoint-*.pt", "checkpoint-*.dcp",
-                            "tb", *self.task.outputs):
-                for stale in out.glob(pattern):
-                    shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-        text = self.task.config_text()
-        atomic_write_text(out / "config.yaml", text or yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False))
+        if resume is None:  # another run may have got here since the config was checked
+            refuse_held_run(self.out, self.cfg.resume, self.cfg.overwrite)
+        text = self.task.config_text() or yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False)
+        prepare_run_folder(self.cfg, self.task.name, resume, self.p.step, self.p.epoch, self.task.outputs, text)
 
     # ---- training ----------------------------------------------------------------------
     def train(self) -> int:
@@ -412,17 +349,6 @@ class _Run:
               + (f"; {extra}" if extra else ""), flush=True)
 
 
-def _resume_path(config, out: Path, is_main: bool, name: str) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run. ``--resume auto`` falls back to the newest
-    intact ``checkpoint-*`` when ``last.pt`` is gone or unreadable, and says so."""
-    if config.resume == "auto":
-        path, notes = find_resume_checkpoint(out)
-        for note in notes if is_main else ():
-            print(f"lomar {name}: {note}", flush=True)
-        return path
-    return Path(config.resume) if config.resume else None
-
-
 def run(config, make_task: Callable[..., Task]) -> int:
     """Run (or resume) the training ``make_task(config, info, device)`` builds; the process exit code."""
     try:  # what fails before the first step is the set-up's fault: a one-line error, exit 2
@@ -435,7 +361,7 @@ def run(config, make_task: Callable[..., Task]) -> int:
     try:
         if info.is_main:  # only the main process writes into the folder
             lock.acquire()
-        resume = _resume_path(config, out, info.is_main, name)
+        resume = resume_path(config, name, info.is_main)
         try:
             if resume is not None and info.is_main:
                 check_no_rewind(resume, out, config.overwrite)

@@ -81,8 +81,8 @@ class Monitor:
         if self.writer is not None:
             for key in ("loss", "lr", "img_s"):
                 self.writer.add_scalar(f"train/{key}", record[key], step)
-        self.bar.update(step - self.bar.n)
         self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}", refresh=False)
+        self.bar.update(step - self.bar.n)
         if self.lines and (step % self.every == 0 or step == self.total):
             print(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.2e} img/s {ips:.1f}", flush=True)
 

@@ -100,7 +100,10 @@ class PretrainTask(Task):
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters()) / 1e6
         c = self.config
-        return (f"{self.size} images in {c.data or 'the demo photographs'}; {c.method} {c.model} "
+        preset = {"demo": "preset demo (a small model for a few CPU minutes; --preset paper: the paper's recipe)",
+                  "paper": "preset paper (the original recipe; --preset demo: a small model for a few CPU minutes)"}
+        return (f"{preset.get(c.preset, 'no preset')}; {self.size} images in {c.data or 'the demo photographs'}; "
+                f"{c.method} {c.model} "
                 f"({self.model.config.embed_dim} wide, {self.model.config.depth} blocks, {c.img_size} px, "
                 f"{params:.1f}M params)")
 
