@@ -44,9 +44,19 @@ from lomar.errors import UsageError
 from lomar.train.distributed import DistInfo, cleanup_distributed, init_distributed
 from lomar.train.monitor import Monitor, loss_summary
 from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_workers
-from lomar.train.run_state import (RunLock, autocast_factory, check_no_rewind, prepare_run_folder, resolve_precision,
-                                  resume_path, rng_state, save_checkpoint, save_on_main_rank, save_state,
-                                  set_rng_state)
+from lomar.train.run_state import (
+    RunLock,
+    autocast_factory,
+    check_no_rewind,
+    prepare_run_folder,
+    resolve_precision,
+    resume_path,
+    rng_state,
+    save_checkpoint,
+    save_on_main_rank,
+    save_state,
+    set_rng_state,
+)
 from lomar.train.runtime import default_threads, fast_adamw
 from lomar.train.schedule import lr_at, schedule_span, warmup_warning
 from lomar.train.settings_resume import refuse_held_run
@@ -82,12 +92,10 @@ class Task:
     lr_schedule: Callable[..., float] | None = None
     eval_log = "metrics.jsonl"
     outputs: tuple[str, ...] = ()
-    net: torch.nn.Module
-    progress: Progress
+    net: torch.nn.Module  # and ``progress``: set by the lifecycle
     load = finish = stopped = begin = saved = _nothing
-    evaluate = state = lambda self: {}
+    evaluate, state, final_line = (lambda self: {}), (lambda self: {}), (lambda self: "")
     idle_loss = config_text = lambda self: None  # config_text: config.yaml's text (None: the config's fields)
-    final_line = lambda self: ""
 
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
