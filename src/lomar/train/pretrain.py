@@ -48,7 +48,7 @@ class PretrainTask(Task):
         self.model = build_model(config, prepare_method(config)).to(device)
         self.patch = self.model.config.patch_size
         self.runtime = method_runtime(config, self.patch)
-        self.sharded = config.fsdp
+        self.sharded, self.spec = config.fsdp, model_spec(self.model)  # the spec: of the class, before sharding
         if config.fsdp:  # before the optimizer: it must hold the sharded parameters
             from lomar.train.fsdp import shard_model
 
@@ -137,7 +137,7 @@ class PretrainTask(Task):
         return {"knn_top1": self.knn(self.model.encoder, self.device)}
 
     def state(self) -> dict:
-        return {"config": self.config.to_dict(), "model_spec": model_spec(self.model), "format": PRETRAIN_FORMAT}
+        return {"config": self.config.to_dict(), "model_spec": self.spec, "format": PRETRAIN_FORMAT}
 
     def config_text(self) -> str:
         return dump_config(self.config)
