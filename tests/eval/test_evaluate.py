@@ -261,7 +261,7 @@ def test_finetune_sigusr1_checkpoints_mid_epoch_and_resumes(pretrained, folder, 
     import os
     import signal
 
-    import lomar.train.finetune as finetune
+    import lomar.train.lifecycle as finetune
 
     real, calls = finetune.any_rank_stopping, []
 

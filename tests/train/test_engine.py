@@ -15,7 +15,7 @@ from lomar.checkpoints.io import safe_load
 from lomar.data.samplers import EpochSampler
 from lomar.models import MAE, LoMaR
 from lomar.models.vit import model_config
-from lomar.train.engine import checkpoints_to_prune
+from lomar.train.pretrain import checkpoints_to_prune
 from lomar.train.schedule import lr_at, param_groups, schedule_span
 
 

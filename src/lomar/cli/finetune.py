@@ -20,9 +20,10 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(dump_finetune_config(config))
         return 0
     from lomar.train.finetune import finetune
+    from lomar.train.lifecycle import TrainingError
     from lomar.train.run_state import SaveError
 
     try:
         return finetune(config)
-    except SaveError as exc:
+    except (TrainingError, SaveError) as exc:
         return report_run_failure("finetune", exc)

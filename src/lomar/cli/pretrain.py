@@ -20,7 +20,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(dump_config(config))
         return 0
-    from lomar.train.engine import TrainingError, train
+    from lomar.train.pretrain import TrainingError, train
     from lomar.train.run_state import SaveError
 
     try:

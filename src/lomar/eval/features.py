@@ -180,20 +180,24 @@ def knn_loaders(train: str | Path, val: str | Path | None = None, img_size: int 
 
 @torch.no_grad()
 def extract_features(encoder: VisionTransformer, loader, device: torch.device | str = "cpu",
-                     pool: Pool = "mean", bad: BadDataTracker | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     pool: Pool = "mean", bad: BadDataTracker | None = None,
+                     desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features of every image: (N, D) float32 on CPU, and (N,) labels.
 
     ``pool='mean'`` (default) averages the normed patch tokens; ``'cls'`` takes the normed
     cls token. LoMaR never gives the cls token a summarising role (each sequence only
     reconstructs its own window, and the cls output is dropped), so the mean is the fair
     feature for both methods; MAE's own linear probe reads the cls token. Unreadable images
-    (batches from :func:`knn_loaders`) are skipped and, with ``bad``, counted there.
+    (batches from :func:`knn_loaders`) are skipped and, with ``bad``, counted there. Progress (``desc``)
+    goes to stderr (:func:`lomar.train.monitor.progress`).
     """
+    from lomar.train.monitor import progress
+
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
     try:
-        for batch in loader:
+        for batch in progress(loader, total=len(loader), desc=desc, unit="batch"):
             images, targets = batch[0], batch[1]
             if bad is not None:
                 bad.update(list(getattr(batch, "bad", [])), len(targets) + len(getattr(batch, "bad", [])))

@@ -47,8 +47,8 @@ def knn_accuracy(encoder: VisionTransformer, train_loader, val_loader, k: int = 
 
     Leaves the encoder in the train/eval mode it had. Call it on one process only.
     """
-    train_x, train_y = extract_features(encoder, train_loader, device, pool)
-    val_x, val_y = extract_features(encoder, val_loader, device, pool)
+    train_x, train_y = extract_features(encoder, train_loader, device, pool, desc="k-NN train features")
+    val_x, val_y = extract_features(encoder, val_loader, device, pool, desc="k-NN val features")
     return knn_top1(train_x, train_y, val_x, val_y, k, temperature, device)
 
 

@@ -47,7 +47,9 @@ def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torc
     total = epochs * per_epoch
     probe.train()
     step = 0
-    for _ in range(epochs):
+    from lomar.train.monitor import progress
+
+    for _ in progress(range(epochs), desc="linear probe", unit="epoch"):
         order = torch.randperm(train_x.shape[0], generator=gen)
         # Equal batches (the ragged tail joins the last one): BatchNorm needs > 1 sample.
         for idx in order.tensor_split(per_epoch):

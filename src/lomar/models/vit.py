@@ -35,6 +35,7 @@ PosMode = Literal["rpe", "abs", "none"]
 
 # name -> (embed_dim, depth, num_heads)
 MODEL_SIZES: dict[str, tuple[int, int, int]] = {
+    "mini": (128, 4, 4),  # the demo's (lomar pretrain without --data)
     "tiny": (192, 12, 3),
     "small": (384, 12, 6),
     "base": (768, 12, 12),

@@ -1,7 +1,7 @@
 """The pretraining configuration: recipe defaults, demo preset, YAML + flags, validation.
 
-Resolution order, later wins: the original recipe (SPEC §4) → the demo preset (only when
-no ``--data`` is given) → the YAML file (``--config``) → command-line flags. A resumed run
+Resolution order, later wins: the original recipe (SPEC §4) → the demo preset (``--preset demo``,
+the default when no ``--data`` is given) → the YAML file (``--config``) → command-line flags. A resumed run
 (``--resume``) starts from its saved config instead, and only run-control settings may change.
 """
 
@@ -37,6 +37,9 @@ __all__ = ["PretrainConfig", "DEMO_PRESET", "add_config_arguments", "resolve_con
 class PretrainConfig:
     COMMAND = "pretrain"
     # data and output
+    preset: str | None = S.setting(None, "demo = a 128-wide, 4-block ViT on 96 px crops for a few CPU minutes; paper = "
+                                   "the original recipe (ViT-B/16, 224 px, 400 epochs) (default: demo without --data, "
+                                   "paper with it)", choices=("demo", "paper"), resume="derived", kind=str)
     data: str | None = S.DATA.field(help="image folder (recursive), .txt list of paths, or tar shards ('shards/*.tar', "
                                        "'shard-{000..009}.tar') (default: the built-in demo photographs)")
     out: str | None = S.OUT.field()
@@ -113,7 +116,7 @@ class PretrainConfig:
 # reconstructions to turn from coloured noise into the images' shapes. Figures at steps 0, 224,
 # 448 and 672.
 DEMO_PRESET: dict[str, Any] = dict(
-    model="vit_small_patch8", embed_dim=128, depth=4, num_heads=4, img_size=96,
+    model="vit_mini_patch8", embed_dim=128, depth=4, num_heads=4, img_size=96,
     batch_size=16, epochs=96, lr=1e-3, warmup_epochs=5, save_every=32, workers=1, threads=1, log_every=50,
     device="cpu",
 )
@@ -136,7 +139,8 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
         values = R.resume_values(PretrainConfig, *saved, explicit)
     else:
         values = PretrainConfig().to_dict()
-        if explicit.get("data") is None:
+        values["preset"] = explicit.get("preset") or ("demo" if explicit.get("data") is None else "paper")
+        if values["preset"] == "demo":
             preset = dict(DEMO_PRESET)
             if "model" in explicit:  # a named model brings its own widths
                 for key in ("embed_dim", "depth", "num_heads"):

@@ -1,4 +1,4 @@
-"""Run monitoring: metrics.jsonl, TensorBoard scalars, and a progress bar or plain lines."""
+"""Run monitoring: metrics.jsonl, TensorBoard scalars, printed lines and progress bars on stderr."""
 
 from __future__ import annotations
 
@@ -6,13 +6,58 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["Monitor"]
+__all__ = ["Monitor", "progress", "loss_summary"]
+
+_LABELS = {"top1": "top-1", "top5": "top-5", "knn_top1": "k-NN top-1"}  # accuracies, printed in percent
+QUIET_INTERVAL = 30.0  # seconds between progress lines when stderr is not a terminal (a log file)
+
+
+class _Lines:
+    """tqdm's output as whole lines: off a terminal its ``\\r`` redraws would pile up on one line."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").strip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress(iterable=None, total: int | None = None, desc: str = "", initial: int = 0, unit: str = "it"):
+    """A tqdm bar on stderr: live on a terminal; elsewhere one line every ``QUIET_INTERVAL`` seconds,
+    the first after that long (a run shorter than that prints none)."""
+    from tqdm import tqdm
+
+    if sys.stderr.isatty():
+        return tqdm(iterable, total=total, desc=desc, initial=initial, unit=unit, dynamic_ncols=True)
+    return tqdm(iterable, total=total, desc=desc, initial=initial, unit=unit, file=_Lines(sys.stderr), ncols=100,
+                mininterval=QUIET_INTERVAL, maxinterval=QUIET_INTERVAL * 4, delay=QUIET_INTERVAL, leave=False)
+
+
+def loss_summary(metrics: Path, last: int = 10) -> str | None:
+    """'mean of the last K logged losses M; loss A at step 1 -> B at step N' (one step's loss is noisy)."""
+    from lomar.viz.curves import read_losses
+
+    try:
+        steps, losses = read_losses(metrics)
+    except OSError:
+        return None
+    if len(steps) < 2:
+        return None
+    tail = losses[-last:]
+    return (f"loss {sum(tail) / len(tail):.4f}, the mean of the last {len(tail)} logged steps; loss {losses[0]:.4f} "
+            f"at step {steps[0]} -> {losses[-1]:.4f} at step {steps[-1]}")
 
 
 class Monitor:
-    """metrics.jsonl + TensorBoard + a progress bar (or plain lines when not on a terminal)."""
+    """metrics.jsonl + TensorBoard + a progress bar; plain lines every ``log_every`` steps on stdout when
+    stdout is not a terminal."""
 
-    def __init__(self, out: Path, active: bool, total: int, log_every: int):
+    def __init__(self, out: Path, active: bool, total: int, log_every: int, name: str = "train", start: int = 0):
         self.active, self.every, self.total, self.out = active, log_every, total, out
         self.bar = self.writer = self.file = None
         if not active:
@@ -24,10 +69,8 @@ class Monitor:
             self.writer = SummaryWriter(str(out / "tb"))
         except ImportError:  # tensorboard is a dependency, but a run must not die for a log
             self.writer = None
-        if sys.stdout.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc="pretrain", dynamic_ncols=True, file=sys.stdout)
+        self.bar = progress(total=total, desc=name, initial=start, unit="step")
+        self.lines = not sys.stdout.isatty()
 
     def step(self, step: int, epoch: int, loss: float, lr: float, ips: float) -> None:
         if not self.active:
@@ -38,26 +81,25 @@ class Monitor:
         if self.writer is not None:
             for key in ("loss", "lr", "img_s"):
                 self.writer.add_scalar(f"train/{key}", record[key], step)
-        if self.bar is not None:
-            self.bar.n = step
-            self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
-        elif step % self.every == 0 or step == self.total:
-            print(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.2e} "
-                  f"img/s {ips:.1f}", flush=True)
+        self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}", refresh=False)
+        self.bar.update(step - self.bar.n)
+        if self.lines and (step % self.every == 0 or step == self.total):
+            print(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.2e} img/s {ips:.1f}", flush=True)
 
-    def knn(self, step: int, epoch: int, top1: float) -> None:
-        """A k-NN evaluation (``--knn-every``): knn.jsonl, TensorBoard and one printed line."""
+    def evaluation(self, file: str, step: int, epoch: int, metrics: dict[str, float], extra: dict) -> None:
+        """An evaluation: a record in ``file``, TensorBoard ``eval/KEY`` and one printed line."""
         if not self.active:
             return
-        with open(self.out / "knn.jsonl", "a") as file:
-            file.write(json.dumps({"step": step, "epoch": epoch, "knn_top1": top1}) + "\n")
-        if self.writer is not None:
-            self.writer.add_scalar("eval/knn_top1", top1, step)
-        message = f"epoch {epoch} step {step}: k-NN top-1 {100 * top1:.2f}%"
-        if self.bar is not None:
-            self.bar.write(message)
-        else:
-            print(message, flush=True)
+        with open(self.out / file, "a") as handle:
+            handle.write(json.dumps({"step": step, "epoch": epoch, **metrics, **extra}) + "\n")
+        for key, value in metrics.items():
+            if self.writer is not None:
+                self.writer.add_scalar(f"eval/{key}", value, step)
+        shown = ", ".join(f"{_LABELS[k]} {100 * v:.2f}%" if k in _LABELS else f"{k} {v:.4g}"
+                          for k, v in metrics.items())
+        best = [f"best {100 * v:.2f}%" for k, v in extra.items() if k.startswith("best_")]
+        message = f"epoch {epoch} step {step}: {shown}" + (f" ({best[0]})" if best else "")
+        self.bar.write(message, file=sys.stdout)
 
     def close(self) -> None:
         for thing in (self.bar, self.writer, self.file):

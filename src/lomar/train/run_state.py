@@ -32,7 +32,8 @@ __all__ = ["RunLock", "SaveError", "save_state", "rng_state", "set_rng_state", "
            "save_checkpoint", "save_on_main_rank", "truncate_metrics", "remove_stale_temporaries",
            "find_resume_checkpoint",
            "checkpoint_step", "check_no_rewind", "remove_newer_checkpoints", "check_out_folder",
-           "autocast_factory", "resolve_precision", "LAST_POINTER", "is_sharded_checkpoint", "newest_state"]
+           "autocast_factory", "resolve_precision", "LAST_POINTER", "is_sharded_checkpoint", "newest_state",
+           "resume_path", "prepare_run_folder"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.pt$")
 _SHARDED = re.compile(r"^checkpoint-(\d+)\.dcp$")
@@ -322,3 +323,35 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release(remove_if_empty=exc[0] is not None)
+
+
+def resume_path(config, name: str, is_main: bool) -> Path | None:
+    """The checkpoint ``--resume`` names, or None for a fresh run. ``--resume auto`` falls back to the newest
+    intact ``checkpoint-*`` when ``last.pt`` is gone or unreadable, and says so."""
+    if config.resume == "auto":
+        path, notes = find_resume_checkpoint(Path(config.out))
+        for note in notes if is_main else ():
+            print(f"lomar {name}: {note}", flush=True)
+        return path
+    return Path(config.resume) if config.resume else None
+
+
+def prepare_run_folder(config, name: str, resume: Path | None, step: int, epoch: int, outputs: tuple[str, ...],
+                       config_text: str) -> None:
+    """Main process, lock held: a fresh run clears what an earlier one left (``outputs``: the task's own
+    names or globs); a resume cuts the log back to its checkpoint; ``config.yaml`` is written."""
+    out = Path(config.out)
+    removed = remove_stale_temporaries(out)
+    if removed:
+        print(f"lomar {name}: removed {len(removed)} stale temporary file(s) in {out}, e.g. {removed[0].name}")
+    if resume is not None:
+        if config.overwrite:
+            remove_newer_checkpoints(out, step)
+        truncate_metrics(out / "metrics.jsonl", step)
+        print(f"lomar {name}: resumed from {resume} at step {step} (epoch {epoch})", flush=True)
+    else:
+        for pattern in ("last.pt", "best.pt", "last.json", "metrics.jsonl", "checkpoint-*.pt", "checkpoint-*.dcp",
+                        "tb", *outputs):
+            for stale in out.glob(pattern):
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    atomic_write_text(out / "config.yaml", config_text)

@@ -172,7 +172,7 @@ PRETRAINED = Setting(None, "our pretrain/finetune checkpoint or run folder, an e
                      "LoMaR / MAE checkpoint", kind=str, resume=_RUN)
 # The names lomar.models.vit.list_models() returns, written out so that --help needs no torch (a test
 # keeps the two equal).
-MODEL_NAMES = tuple(f"vit_{size}_patch{patch}" for size in ("tiny", "small", "base", "large", "huge")
+MODEL_NAMES = tuple(f"vit_{size}_patch{patch}" for size in ("mini", "tiny", "small", "base", "large", "huge")
                     for patch in (8, 14, 16))
 MODEL = Setting("vit_base_patch16", f"encoder: {', '.join(MODEL_NAMES)}", metavar="NAME")
 DEPTH = Setting(None, "transformer blocks (default: the --model's)", kind=int, above=0)

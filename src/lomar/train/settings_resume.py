@@ -27,6 +27,8 @@ def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[
         raise ConfigError(f"{flag} {shown(value)} differs from {shown(values[name])} in the run being resumed "
                           f"({source}); drop {flag} to continue the run, or start a new run with another --out")
     values.update({k: v for k, v in explicit.items() if policy[k] in ("run-control", "per-invocation")})
+    if "epochs" in explicit and "max_steps" not in explicit and "max_steps" in values:
+        values["max_steps"] = None  # a new --epochs is where the run now ends, not the old --max-steps
     return values
 
 

@@ -87,7 +87,7 @@ def check_cells(spec: StudySpec) -> None:
 def pretrain(config) -> int:
     """One slice of a cell: the pretraining library call (its printed progress silenced: the
     study reads the run folder); the exit code ``lomar pretrain`` would return."""
-    from lomar.train.engine import TrainingError, train
+    from lomar.train.pretrain import TrainingError, train
     from lomar.train.run_state import SaveError
 
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):

@@ -1,0 +1,399 @@
+"""The one run lifecycle of every training command: a command provides a :class:`Task`, :func:`run` does the rest.
+
+``run(config, make_task)``, ``make_task(config, info, device) -> Task``, owns the process group and DDP, the
+run folder (lock, ``--resume PATH|auto``, ``config.yaml``, metrics cut back on resume), the RNG state in
+checkpoints, stop signals (SIGTERM/SIGUSR1: checkpoint, exit 0; Ctrl-C: 130), the position (epoch,
+``batches_done``, step), AdamW over ``task.param_groups()`` (a group's ``lr_scale`` scales its lr), warm-up +
+cosine, ``accum_steps`` (DDP ``no_sync`` between), autocast + GradScaler, ``clip_grad``, the non-finite
+loss stop, the start-up line, ``Monitor`` (metrics.jsonl, TensorBoard, progress), ``last.pt`` /
+``checkpoint-N.pt`` (with ``config.keep_last``) / ``best.pt`` (on ``task.best_metric``) and the final line.
+A resumed run skips the batches its checkpoint consumed of the (seed, epoch) data order: it continues
+exactly. Optional config fields: ``lr``, ``clip_grad``, ``compile``, ``save_every`` (default 1), ``keep_last``.
+
+Required of a Task: ``name``, ``model``, ``train_loader``, ``loss(batch)``. Optional (defaults below):
+``best_metric``, ``param_groups()``, ``evaluate()``, ``state()``, ``load(state)``, ``finish(out)``, and
+- ``net``: set by the lifecycle to the wrapped model (DDP / ``torch.compile``); ``loss`` calls
+  ``self.net`` so that DDP all-reduces the gradients,
+- ``progress``: set by the lifecycle, the :class:`Progress` (``final`` during the end-of-run ``evaluate``),
+- ``loss`` may return None (nothing to learn from the batch); under DDP ``idle_loss()`` then gives a
+  loss backpropagated with weight 0, so that every rank joins the all-reduce,
+- ``sharded`` (FSDP: sharded checkpoints, no DDP), ``betas``, ``lr_schedule(step, total, warmup, base_lr,
+  min_lr)``, ``eval_log`` (the evaluations' file), ``outputs`` (names or globs a fresh run clears),
+  ``batches_per_epoch()``, ``set_epoch(epoch, skip_batches)``, ``describe()`` (the start-up line's data
+  and model), ``config_text()``, ``final_line()`` (appended to "done"),
+- main process only: ``begin()`` before the first step, ``saved(path)`` after each checkpoint,
+  ``stopped(out)`` after a stop signal.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+
+from lomar.checkpoints.io import safe_load
+from lomar.errors import UsageError
+from lomar.train.distributed import DistInfo, cleanup_distributed, init_distributed
+from lomar.train.monitor import Monitor, loss_summary
+from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_workers
+from lomar.train.run_state import (
+    RunLock,
+    autocast_factory,
+    check_no_rewind,
+    prepare_run_folder,
+    resolve_precision,
+    resume_path,
+    rng_state,
+    save_checkpoint,
+    save_on_main_rank,
+    save_state,
+    set_rng_state,
+)
+from lomar.train.runtime import default_threads, fast_adamw
+from lomar.train.schedule import lr_at, schedule_span, warmup_warning
+from lomar.train.settings_resume import refuse_held_run
+
+__all__ = ["Task", "Progress", "TrainingError", "run"]
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, too many unreadable images)."""
+
+
+@dataclass
+class Progress:
+    epoch: int = 0
+    batches_done: int = 0  # of the current epoch, whole optimizer steps only
+    step: int = 0
+    final: bool = False
+
+
+def _nothing(self, *args) -> None:
+    """A hook's default: nothing to do."""
+
+
+class Task:
+    """What a training command provides; see the module docstring for the optional hooks."""
+
+    name = "task"
+    model: torch.nn.Module
+    train_loader: torch.utils.data.DataLoader
+    best_metric: str | None = None
+    sharded = False
+    betas = (0.9, 0.999)
+    lr_schedule: Callable[..., float] | None = None
+    eval_log = "metrics.jsonl"
+    outputs: tuple[str, ...] = ()
+    net: torch.nn.Module  # and ``progress``: set by the lifecycle
+    load = finish = stopped = begin = saved = _nothing
+    evaluate, state, final_line = (lambda self: {}), (lambda self: {}), (lambda self: "")
+    idle_loss = config_text = lambda self: None  # config_text: config.yaml's text (None: the config's fields)
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+
+    def loss(self, batch) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def batches_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+    def set_epoch(self, epoch: int, skip_batches: int) -> None:
+        self.train_loader.sampler.set_epoch(epoch, skip=skip_batches * self.train_loader.batch_size)
+
+    def describe(self) -> str:
+        params = sum(p.numel() for p in self.model.parameters()) / 1e6
+        return f"{len(self.train_loader.dataset)} images, {type(self.model).__name__} {params:.1f}M params"
+
+
+class _Run:
+    """One run of a Task: optimizer, scaler, position, checkpoints and the loop."""
+
+    def __init__(self, config, task: Task, info: DistInfo, device: torch.device):
+        self.cfg, self.task, self.info, self.device, self.out = config, task, info, device, Path(config.out)
+        self.accum = config.accum_steps
+        self.precision = resolve_precision(config.precision, device)
+        self.autocast = autocast_factory(self.precision, device)
+        self.steps_per_epoch = task.batches_per_epoch() // self.accum  # a tail short of a whole step is left out
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the training data ({task.batches_per_epoch()} batch(es) of {config.batch_size} per "
+                             f"process) cannot fill one step of {self.accum} batch(es); lower --batch-size or "
+                             f"--accum-steps")
+        self.schedule = schedule_span(self.steps_per_epoch, config.epochs, config.warmup_epochs, config.schedule_steps)
+        lr = getattr(config, "lr", None)
+        self.base_lr = lr if lr is not None else config.blr * config.batch_size * self.accum * info.world_size / 256
+        self.optimizer = fast_adamw(task.param_groups(), lr=self.base_lr, betas=task.betas,
+                                    weight_decay=config.weight_decay)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        task.net = torch.compile(task.model) if getattr(config, "compile", False) else task.model
+        if info.enabled and not task.sharded:
+            task.net = DistributedDataParallel(task.net, device_ids=[device.index] if device.type == "cuda" else None)
+        task.progress = self.p = Progress()
+        self.best, self.evaluated_step, self.stop = -math.inf, -1, StopFlag()
+        total = config.epochs * self.steps_per_epoch
+        self.last_step = min(total, config.max_steps) if config.max_steps else total
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def meta(self) -> dict:
+        """Everything of a checkpoint but model and optimizer."""
+        return {"scaler": self.scaler.state_dict(), "step": self.p.step, "epoch": self.p.epoch,
+                "batches_done": self.p.batches_done, "rng": rng_state(), **self.task.state(),
+                **({f"best_{self.task.best_metric}": max(self.best, 0.0)} if self.task.best_metric else {})}
+
+    def load(self, path: Path) -> None:
+        task = self.task
+        if path.is_dir():  # a sharded checkpoint: every rank loads its shards
+            from lomar.train.fsdp import load_sharded
+
+            ckpt = load_sharded(task.model, self.optimizer, path)
+        else:
+            ckpt = safe_load(path, map_location=self.device)
+            try:
+                task.model.load_state_dict(ckpt["model"])
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            except (ValueError, RuntimeError, KeyError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise UsageError(f"--resume {path} does not fit this run: {first}") from None
+        if "scaler" in ckpt:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.p.step, self.p.epoch, self.p.batches_done = ckpt["step"], ckpt["epoch"], ckpt["batches_done"]
+        self.best = ckpt.get(f"best_{task.best_metric}", -math.inf) if task.best_metric else -math.inf
+        task.load(ckpt)
+        if "rng" in ckpt:  # last: building the run drew from the streams
+            set_rng_state(ckpt["rng"])
+
+    def save(self, metrics: dict | None = None) -> Path | None:
+        """``last.pt`` (+ ``checkpoint-N.pt`` with ``keep_last``; a sharded run: ``checkpoint-N.dcp``), and
+        ``best.pt`` when ``metrics`` (a finished epoch's) hold the best ``best_metric`` so far."""
+        keep = getattr(self.cfg, "keep_last", None)
+        if self.task.sharded:  # collective
+            from lomar.train.fsdp import save_run_checkpoint
+
+            path = save_run_checkpoint(self.task.model, self.optimizer, self.meta(), self.out, self.p.step, keep)
+            return path if self.info.is_main else None
+        return save_on_main_rank(lambda: self._save_files(metrics, keep), self.info.is_main, self.device)
+
+    def _save_files(self, metrics: dict | None, keep: int | None) -> Path:
+        metric = self.task.best_metric
+        if metric and metrics is not None and metrics.get(metric, -math.inf) >= self.best:
+            self.best = metrics[metric]
+            state = {"model": self.task.model.state_dict(), **self.task.state(), "epoch": self.p.epoch,
+                     "step": self.p.step, "metrics": metrics}
+            save_state(state, self.out / "best.pt", previous=self.out / "last.pt")
+        state = {"model": self.task.model.state_dict(), "optimizer": self.optimizer.state_dict(), **self.meta()}
+        path = save_checkpoint(state, self.out, self.p.step if keep else None, keep or 0)
+        self.task.saved(path)
+        return path
+
+    def prepare_folder(self, resume: Path | None) -> None:
+        if resume is None:  # another run may have got here since the config was checked
+            refuse_held_run(self.out, self.cfg.resume, self.cfg.overwrite)
+        text = self.task.config_text() or yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False)
+        prepare_run_folder(self.cfg, self.task.name, resume, self.p.step, self.p.epoch, self.task.outputs, text)
+
+    # ---- training ----------------------------------------------------------------------
+    def train(self) -> int:
+        """Train to ``--max-steps`` / ``--epochs`` or until a stop signal; the exit code."""
+        cfg, p, task = self.cfg, self.p, self.task
+        if p.step >= self.last_step:
+            if self.info.is_main:
+                print(f"lomar {task.name}: nothing to do, the run is at step {p.step} of {self.last_step}")
+            return 0
+        self.monitor = Monitor(self.out, self.info.is_main, self.last_step, cfg.log_every, task.name, p.step)
+        if self.info.is_main:
+            self._announce()
+        self.stop.install()
+        if self.info.is_main and p.step == 0:
+            task.begin()
+        stopping, self.epoch_tick = False, time.perf_counter()
+        while p.epoch < cfg.epochs and not stopping:
+            stopping = self._train_epoch()
+            if p.batches_done >= self.steps_per_epoch * self.accum and not self.stop.signal:
+                self._end_epoch()
+            stopping = stopping or p.step >= self.last_step
+        return self._finish(preempted=stopping and p.step < self.last_step)
+
+    def _announce(self) -> None:
+        cfg, task = self.cfg, self.task
+        steps = f"steps {self.p.step + 1}-{self.last_step}" if self.p.step else f"{self.last_step} steps"
+        print(f"lomar {task.name}: {task.describe()}; {steps} ({self.steps_per_epoch} an epoch, batch "
+              f"{cfg.batch_size} x accum {self.accum} x {self.info.world_size} process(es)); out {self.out}; "
+              f"device {self.device}, precision {self.precision}", flush=True)
+        warning = warmup_warning(self.last_step, self.schedule[1], self.base_lr)
+        if warning:
+            print(f"lomar {task.name}: warning: {warning}", flush=True)
+
+    def _train_epoch(self) -> bool:
+        """The rest of the current epoch; True when a stop signal or the last step ends the run now."""
+        p, accum = self.p, self.accum
+        limit = self.steps_per_epoch * accum - p.batches_done
+        if limit <= 0:
+            return False
+        self.task.set_epoch(p.epoch, p.batches_done)
+        self.loss_sum, self.learned, self.tick, micro = None, 0, time.perf_counter(), 0
+        for batch in self.task.train_loader:
+            if micro == limit:
+                break
+            micro += 1
+            self._backward(batch, sync=micro % accum == 0 or not self.info.enabled)
+            if micro % accum:
+                continue
+            p.batches_done += accum
+            if self._optimizer_step():
+                if any_rank_stopping(self.stop, self.device) or p.step >= self.last_step:
+                    return True
+        return False
+
+    def _backward(self, batch, sync: bool) -> None:
+        """Accumulate one micro-batch's gradient (all-reduced under DDP only when ``sync``); its loss
+        stays on the device until the optimizer step reads the window's mean."""
+        task = self.task
+        if task.sharded:
+            task.model.set_requires_gradient_sync(sync)
+        with contextlib.nullcontext() if sync or task.sharded or not self.info.enabled else task.net.no_sync():
+            with self.autocast():
+                loss, weight = task.loss(batch), 1.0 / self.accum
+                if loss is None and self.info.enabled:
+                    loss, weight = task.idle_loss(), 0.0
+            if loss is None:
+                return
+            self.scaler.scale(loss * weight).backward()
+        if weight:
+            value = loss.detach().float()
+            self.loss_sum = value if self.loss_sum is None else self.loss_sum + value
+            self.learned += 1
+
+    def _optimizer_step(self) -> bool:
+        """Apply the accumulated gradient and log; False when no rank had a batch to learn from."""
+        cfg, p = self.cfg, self.p
+        loss_sum = self.loss_sum if self.loss_sum is not None else torch.zeros((), device=self.device)
+        totals = torch.stack([loss_sum, torch.tensor(float(self.learned), device=self.device)])
+        if self.info.enabled:
+            dist.all_reduce(totals)
+        self.loss_sum, learned = None, self.learned
+        totals = totals.tolist()  # the one host sync of the step
+        if totals[1] == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        schedule = self.task.lr_schedule or lr_at
+        lr = schedule(p.step, *self.schedule, self.base_lr, cfg.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        if getattr(cfg, "clip_grad", None):
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.task.model.parameters(), cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        p.step += 1
+        value = totals[0] / totals[1]
+        if not math.isfinite(value):
+            last = self.out / "last.pt"
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+            raise TrainingError(f"loss is {value} at step {p.step} (epoch {p.epoch}); {kept}; lower --blr/--lr, "
+                                f"set --clip-grad or use --precision fp32")
+        seen = learned * self.cfg.batch_size * self.info.world_size
+        self.monitor.step(p.step, p.epoch, value, lr, seen / max(time.perf_counter() - self.tick, 1e-9))
+        self.tick, self.learned = time.perf_counter(), 0
+        return True
+
+    def _end_epoch(self) -> None:
+        """Evaluate the finished epoch; checkpoint when due or best."""
+        self.p.epoch, self.p.batches_done = self.p.epoch + 1, 0
+        metrics = self._evaluate(time.perf_counter() - self.epoch_tick)
+        self.epoch_tick = time.perf_counter()
+        best = bool(metrics) and self.task.best_metric in metrics
+        if best or (self.p.epoch % getattr(self.cfg, "save_every", 1) == 0 and self.p.epoch < self.cfg.epochs):
+            self.save(metrics)
+
+    def _evaluate(self, seconds: float | None = None) -> dict:
+        if self.evaluated_step == self.p.step:
+            return {}
+        metrics = self.task.evaluate()
+        if metrics:
+            self.evaluated_step = self.p.step
+            extra = {"partial": True} if self.p.batches_done else {}
+            if seconds is not None:
+                extra["epoch_s"] = round(seconds, 2)
+            metric = self.task.best_metric
+            if metric in metrics and not self.p.batches_done:
+                extra[f"best_{metric}"] = max(self.best, metrics[metric])
+            self.monitor.evaluation(self.task.eval_log, self.p.step, self.p.epoch, metrics, extra)
+        return metrics
+
+    def _finish(self, preempted: bool) -> int:
+        path = self.save()
+        if not preempted:
+            self.p.final = True
+            self._evaluate()
+        self.monitor.close()
+        # Collective: the other ranks wait for the main one's files, and stop with it if it fails.
+        save_on_main_rank(lambda: self._outputs(path, preempted), self.info.is_main, self.device)
+        return self.stop.exit_code if preempted else 0
+
+    def _outputs(self, path: Path, preempted: bool) -> None:
+        name, out = self.task.name, self.out
+        if preempted:
+            self.task.stopped(out)
+            print(f"lomar {name}: stopped by {self.stop.name} at step {self.p.step}; checkpoint {path}. Resume with: "
+                  f"lomar {name} --out {out} --resume auto", flush=True)
+            return
+        self.task.finish(out)
+        losses = loss_summary(out / "metrics.jsonl")
+        extra, metric = self.task.final_line(), self.task.best_metric
+        if metric:
+            best = out / "best.pt"
+            extra = ", ".join(filter(None, [f"best {metric} {self.best:.4f} in {best}" if best.exists() else
+                                            f"no full epoch evaluated yet, so no {best.name}", extra]))
+        print(f"lomar: done at step {self.p.step}{f' ({losses})' if losses else ''}; checkpoint {path}"
+              + (f"; {extra}" if extra else ""), flush=True)
+
+
+def run(config, make_task: Callable[..., Task]) -> int:
+    """Run (or resume) the training ``make_task(config, info, device)`` builds; the process exit code."""
+    try:  # what fails before the first step is the set-up's fault: a one-line error, exit 2
+        info, device = init_distributed(config.device)
+    except (ValueError, RuntimeError) as exc:
+        message = str(exc).splitlines()[0]
+        raise UsageError(message if "--device" in message else f"--device {config.device}: {message}") from None
+    out, name = Path(config.out), config.COMMAND
+    lock, task, trainer = RunLock(out), None, None
+    try:
+        if info.is_main:  # only the main process writes into the folder
+            lock.acquire()
+        resume = resume_path(config, name, info.is_main)
+        try:
+            if resume is not None and info.is_main:
+                check_no_rewind(resume, out, config.overwrite)
+            torch.set_num_threads(config.threads or default_threads())
+            torch.manual_seed(config.seed)
+            task = make_task(config, info, device)
+            trainer = _Run(config, task, info, device)
+            if resume is not None:
+                trainer.load(resume)
+        except (ValueError, FileNotFoundError) as exc:
+            raise UsageError(str(exc)) from None
+        if info.is_main:
+            trainer.prepare_folder(resume)
+        code = trainer.train()
+        if info.enabled:  # leave together: a rank that tears gloo down while rank 0 still exports can abort
+            dist.barrier()
+        return code
+    except BaseException:
+        lock.release(remove_if_empty=True)
+        raise
+    finally:
+        if trainer is not None:
+            trainer.stop.restore()
+        if task is not None:
+            shut_down_workers(*(getattr(task, k, None) for k in ("train_loader", "val_loader")))
+        lock.release()
+        cleanup_distributed()

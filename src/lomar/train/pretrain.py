@@ -1,0 +1,211 @@
+"""``lomar pretrain``'s Task: the method's model and masked-image data, unreadable images, figures, k-NN, export.
+
+Every sample's crop and masking is seeded by (seed, epoch, index), so a resumed run continues exactly
+(the rest is :mod:`lomar.train.lifecycle`'s). With ``--fsdp`` the model is sharded (``lomar.train.fsdp``)
+instead of wrapped in DDP, checkpoints are sharded folders, and the main process consolidates the last
+one to ``last.pt`` at the end.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from lomar.checkpoints.export import export_encoder
+from lomar.checkpoints.formats import PRETRAIN_FORMAT
+from lomar.data.collate import BadDataTracker
+from lomar.data.device_decode import decode_dataset
+from lomar.data.folder import build_pretrain_dataset
+from lomar.data.samplers import EpochSampler
+from lomar.methods.base import method_runtime
+from lomar.models.spec import model_spec
+from lomar.train.config import PretrainConfig, build_model, dump_config, prepare_method
+from lomar.train.distributed import DistInfo
+from lomar.train.lifecycle import Task, TrainingError, run
+from lomar.train.preemption import ignore_stop_signals
+from lomar.train.run_state import checkpoints_to_prune, resolve_precision
+from lomar.train.schedule import param_groups
+
+__all__ = ["PretrainTask", "TrainingError", "make_masker", "train", "checkpoints_to_prune"]
+
+
+def make_masker(config: PretrainConfig, patch_size: int):
+    """Per-sample masking drawn in the data workers, seeded with the sample's augmentation."""
+    return method_runtime(config, patch_size).masker
+
+
+class PretrainTask(Task):
+    name = "pretrain"
+    betas = (0.9, 0.95)
+    eval_log = "knn.jsonl"
+    outputs = ("config.yaml", "knn.jsonl", "encoder.safetensors", "config.json", "reconstruction*.png", "loss.png")
+
+    def __init__(self, config: PretrainConfig, info: DistInfo, device: torch.device):
+        self.config, self.info, self.device = config, info, device
+        self.model = build_model(config, prepare_method(config)).to(device)
+        self.patch = self.model.config.patch_size
+        self.runtime = method_runtime(config, self.patch)
+        self.sharded, self.spec = config.fsdp, model_spec(self.model)  # the spec: of the class, before sharding
+        if config.fsdp:  # before the optimizer: it must hold the sharded parameters
+            from lomar.train.fsdp import shard_model
+
+            precision = resolve_precision(config.precision, device)
+            shard_model(self.model, "bf16" if precision == "bf16" else "fp32")
+        # The reference dataset draws the figures; the one the loader reads follows --decode.
+        self.base_dataset = build_pretrain_dataset(config.data, config.img_size, config.seed,
+                                                   masker=self.runtime.masker,
+                                                   rank=info.rank, world_size=info.world_size)
+        self.decoding = decode_dataset(self.base_dataset, config.decode, self.patch, config.window_size,
+                                       config.windows, device)
+        self.dataset = self.decoding.dataset
+        self.iterable = isinstance(self.dataset, IterableDataset)
+        self.size = self.dataset.count_samples() if self.iterable else len(self.dataset)
+        self.per_rank = self.size // info.world_size
+        sampler = None if self.iterable else EpochSampler(self.size, config.seed, info.rank, info.world_size)
+        self.train_loader = DataLoader(
+            self.dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
+            collate_fn=self.decoding.collate, drop_last=True, pin_memory=device.type == "cuda",
+            persistent_workers=config.workers > 0, worker_init_fn=ignore_stop_signals if config.workers > 0 else None,
+            # Its own generator: each new iterator (one more after a resume) then leaves the global RNG,
+            # which drop path draws from, untouched.
+            generator=torch.Generator().manual_seed(config.seed))
+        self.tracker = BadDataTracker(total=self.per_rank)
+        self.spare: dict | None = None  # the last batch with readable images (see loss)
+        self.knn = None
+        if config.knn_every and info.is_main:
+            from lomar.eval.knn import KnnMonitor
+
+            self.knn = KnnMonitor(config.knn_data, img_size=config.img_size, workers=min(config.workers, 4))
+
+    # ---- the lifecycle's hooks -----------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        return param_groups(self.model, self.config.weight_decay)
+
+    def batches_per_epoch(self) -> int:
+        if self.per_rank < self.config.batch_size * self.config.accum_steps:
+            raise ValueError(f"{self.size} images cannot fill one step of batch {self.config.batch_size} x accum "
+                             f"{self.config.accum_steps} x {self.info.world_size} process(es); lower --batch-size")
+        return self.per_rank // self.config.batch_size
+
+    def set_epoch(self, epoch: int, skip_batches: int) -> None:
+        skip, bs = skip_batches * self.config.batch_size, self.config.batch_size
+        if self.iterable:
+            self.dataset.set_epoch(epoch, skip=skip, batch_size=bs)
+        else:
+            self.train_loader.sampler.set_epoch(epoch, skip=skip)
+
+    def describe(self) -> str:
+        params = sum(p.numel() for p in self.model.parameters()) / 1e6
+        c = self.config
+        preset = {"demo": "preset demo (a small model for a few CPU minutes; --preset paper: the paper's recipe)",
+                  "paper": "preset paper (the original recipe; --preset demo: a small model for a few CPU minutes)"}
+        return (f"{preset.get(c.preset, 'no preset')}; {self.size} images in {c.data or 'the demo photographs'}; "
+                f"{c.method} {c.model} "
+                f"({self.model.config.embed_dim} wide, {self.model.config.depth} blocks, {c.img_size} px, "
+                f"{params:.1f}M params)")
+
+    def loss(self, batch: dict) -> torch.Tensor | None:
+        batch = self.decoding.on_device(batch)
+        n = batch["images"].shape[0] if batch["images"].numel() else 0
+        self.tracker.update(batch["bad"], n + len(batch["bad"]))
+        try:
+            self.tracker.check()
+        except ValueError as exc:
+            raise TrainingError(str(exc)) from None
+        if not n:
+            return None
+        self.spare = batch
+        return self._forward(batch)
+
+    def idle_loss(self) -> torch.Tensor | None:
+        # Every image of the batch was unreadable, but DDP needs every rank in each backward.
+        return None if self.spare is None else self._forward(self.spare)
+
+    def _forward(self, batch: dict) -> torch.Tensor:
+        images = batch["images"].to(self.device, non_blocking=True)
+        return self.net(images, **self.runtime.forward_kwargs(batch, self.device)).loss
+
+    def evaluate(self) -> dict[str, float]:
+        """k-NN top-1 on --knn-data every --knn-every epochs and at the end (main process; the others
+        wait at their next collective)."""
+        p, every = self.progress, self.config.knn_every
+        if self.knn is None or not (p.final or (p.batches_done == 0 and p.epoch % every == 0)):
+            return {}
+        return {"knn_top1": self.knn(self.model.encoder, self.device)}
+
+    def state(self) -> dict:
+        return {"config": self.config.to_dict(), "model_spec": self.spec, "format": PRETRAIN_FORMAT}
+
+    def config_text(self) -> str:
+        return dump_config(self.config)
+
+    def begin(self) -> None:
+        if not self.sharded:  # the untrained model, what the last figure is compared with; sharded: at the end
+            self.figure()
+
+    def saved(self, path: Path) -> None:
+        self.figure()
+
+    def stopped(self, out: Path) -> None:
+        self._consolidate(out)
+
+    def finish(self, out: Path) -> None:
+        model = self._consolidate(out)
+        meta = {"method": self.config.method, "step": self.progress.step}
+        if self.runtime.method.export is not None:
+            self.runtime.method.export(model, out, meta)
+        else:
+            export_encoder(model.encoder, out, weights_name="encoder.safetensors", metadata=meta)
+
+    def final_line(self) -> str:
+        out = Path(self.config.out)
+        bad = (f"; {self.tracker.count} unreadable image(s) skipped, e.g. {next(iter(self.tracker.bad))}"
+               if self.tracker.count else "")
+        return (f"encoder {out / 'encoder.safetensors'}, figures {out}/reconstruction-*.png and loss.png{bad}. "
+                f"Next: lomar visualize {out / 'last.pt'} --attention; lomar export {out / 'last.pt'} --to DIR")
+
+    # ---- outputs -------------------------------------------------------------------------
+    def _consolidate(self, out: Path):
+        """The whole model: a sharded run's last checkpoint gathered into ``last.pt`` (and its figure)."""
+        if not self.sharded:
+            return self.model
+        from lomar.train.fsdp import consolidate_into
+        from lomar.train.run_state import newest_state
+
+        model = consolidate_into(newest_state(out), out / "last.pt", build_model(self.config)).to(self.device)
+        self.figure(model)
+        return model
+
+    def figure(self, model=None) -> None:
+        """reconstruction-STEP.png (+ reconstruction.png, the latest) and loss.png; ``model``: an
+        unsharded copy when the run is sharded (FSDP)."""
+        if self.sharded and model is None:
+            return  # the figure needs the whole model: drawn at the end only
+        from lomar.viz.curves import loss_curve
+        from lomar.viz.reconstruction import reconstruction_snapshot
+
+        out, step = Path(self.config.out), self.progress.step
+        try:
+            reconstruction_snapshot(model or self.model, self.fixed_images(), out, step, seed=self.config.seed,
+                                    title=f"{self.config.method} step {step}", draw=self.runtime.method.figure)
+            loss_curve(out / "metrics.jsonl", out / "loss.png", f"{self.config.method} training loss")
+        except Exception as exc:  # a figure must never kill a run
+            print(f"lomar: could not draw the reconstruction figure: {exc}", file=sys.stderr)
+
+    def fixed_images(self) -> torch.Tensor:
+        items, data = [], self.base_dataset
+        source = iter(data) if self.iterable else (data[(i, 0)] for i in range(len(data)))
+        for item in source:
+            if item["image"] is not None:
+                items.append(item["image"])
+            if len(items) == self.config.figure_images:
+                break
+        return torch.stack(items).to(self.device)
+
+
+def train(config: PretrainConfig) -> int:
+    """Run (or resume) a pretraining; returns the process exit code."""
+    return run(config, PretrainTask)

@@ -1,0 +1,143 @@
+"""The shared run lifecycle (lomar.train.lifecycle) driving a toy Task: resume, best.pt, the lines it prints,
+one host read of the loss per optimizer step, and the two named pretraining regimes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lomar.checkpoints.io import safe_load
+from lomar.cli.app import main
+from lomar.data.samplers import EpochSampler
+from lomar.train.lifecycle import Task, run
+
+
+@dataclasses.dataclass
+class ToyConfig:
+    COMMAND = "toy"
+    out: str = ""
+    resume: str | None = None
+    overwrite: bool = False
+    device: str = "cpu"
+    seed: int = 0
+    threads: int | None = 1
+    epochs: int = 3
+    max_steps: int | None = None
+    schedule_steps: int | None = None
+    warmup_epochs: float = 1
+    blr: float = 0.5
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    accum_steps: int = 2
+    precision: str = "fp32"
+    log_every: int = 1
+
+
+class ToyTask(Task):
+    """Linear regression on 32 fixed points; "score" rises as the loss falls."""
+
+    name, best_metric = "toy", "score"
+
+    def __init__(self, config: ToyConfig, info, device):
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(32, 3, generator=gen)
+        self.data = TensorDataset(x, x @ torch.tensor([1.0, -2.0, 0.5]))
+        self.model = torch.nn.Linear(3, 1)
+        sampler = EpochSampler(len(self.data), config.seed, info.rank, info.world_size, keys=False)
+        self.train_loader = DataLoader(self.data, config.batch_size, sampler=sampler, drop_last=True)
+        self.finished = False
+
+    def loss(self, batch):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x).squeeze(1), y)
+
+    @torch.no_grad()
+    def evaluate(self):
+        x, y = self.data.tensors
+        return {"score": -float(torch.nn.functional.mse_loss(self.model(x).squeeze(1), y))}
+
+    def finish(self, out):
+        (out / "finished").write_text("yes")
+
+
+def _losses(out):
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_a_toy_task_trains_evaluates_and_resumes_exactly(tmp_path, capsys):
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    assert run(ToyConfig(out=str(straight)), ToyTask) == 0
+    printed = capsys.readouterr().out
+    # 32 points, batch 4 x accum 2: 4 steps an epoch, 12 in all
+    assert "lomar toy: 32 images, Linear" in printed and "12 steps (4 an epoch" in printed
+    assert "device cpu, precision fp32" in printed and printed.rstrip().splitlines()[-1].startswith("lomar: done")
+    assert "mean of the last 10 logged steps" in printed and "unreadable" not in printed
+    assert (straight / "finished").read_text() == "yes" and (straight / "tb").is_dir()
+    best = safe_load(straight / "best.pt")
+    assert "optimizer" not in best and best["metrics"]["score"] <= 0
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "score" in r] == [1, 2, 3]
+    assert run(ToyConfig(out=str(resumed), max_steps=6), ToyTask) == 0  # stops mid-epoch 1
+    mid = safe_load(resumed / "last.pt")
+    assert (mid["step"], mid["epoch"], mid["batches_done"]) == (6, 1, 4)
+    assert run(ToyConfig(out=str(resumed), resume="auto"), ToyTask) == 0
+    a, b = safe_load(straight / "last.pt"), safe_load(resumed / "last.pt")
+    assert (a["step"], a["epoch"]) == (b["step"], b["epoch"]) == (12, 3)
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0)
+    assert _losses(straight) == _losses(resumed) and len(_losses(resumed)) == 12
+    assert b["best_score"] == a["best_score"]
+
+
+def test_the_loss_is_read_from_the_device_once_per_optimizer_step(tmp_path, monkeypatch):
+    class Quiet(ToyTask):
+        def evaluate(self):  # its own reads are not the loop's
+            return {}
+
+    reads = []
+    for name in ("tolist", "item", "__float__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, real=real: reads.append(1) or real(self))
+    counts = []
+    for batch, accum in ((8, 1), (2, 4)):  # 4 optimizer steps each, of 4 and 16 micro-batches
+        assert run(ToyConfig(out=str(tmp_path / f"run{accum}"), epochs=1, accum_steps=accum, batch_size=batch,
+                             warmup_epochs=0), Quiet) == 0
+        counts.append(len(reads))
+        reads.clear()
+    monkeypatch.undo()
+    assert counts[0] == counts[1] >= 4  # one read per optimizer step (+ the sampler's), none per micro-batch
+
+
+def test_a_non_finite_loss_names_the_step(tmp_path):
+    from lomar.train.lifecycle import TrainingError
+
+    class Exploding(ToyTask):
+        def loss(self, batch):
+            return super().loss(batch) * (float("nan") if self.progress.step == 2 else 1.0)
+
+    with pytest.raises(TrainingError, match="loss is nan at step 3"):
+        run(ToyConfig(out=str(tmp_path / "run")), Exploding)
+    assert not (tmp_path / "run" / "last.pt").exists()  # the first checkpoint is due at step 4
+
+
+def test_the_regime_is_named_and_the_demo_names_the_model_it_trains(tmp_path, capsys):
+    import yaml
+
+    assert main(["pretrain", "--out", str(tmp_path / "d"), "--print-config"]) == 0
+    demo = yaml.safe_load(capsys.readouterr().out)
+    assert demo["preset"] == "demo" and demo["model"] == "vit_mini_patch8"
+    from lomar.models.vit import model_config
+
+    named = model_config(demo["model"])
+    assert (named.embed_dim, named.depth, named.num_heads) == (demo["embed_dim"], demo["depth"], demo["num_heads"])
+    assert main(["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "p"), "--print-config"]) == 0
+    paper = yaml.safe_load(capsys.readouterr().out)
+    assert paper["preset"] == "paper" and paper["model"] == "vit_base_patch16" and paper["embed_dim"] is None
+    assert main(["pretrain", "--preset", "demo", "--data", str(tmp_path), "--out", str(tmp_path / "q"),
+                 "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"] == "vit_mini_patch8"
