@@ -8,8 +8,8 @@ of the whole image (:mod:`lomar.models.windows`).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,10 +17,21 @@ import torch
 from lomar.models.masking import MaskingPlan, check_window_request, grid_size
 from lomar.models.windows import sample_method_plan, window_geometry
 
-__all__ = ["Method", "MethodRuntime", "method_runtime", "plan_masker", "plan_kwargs", "check_windows"]
+__all__ = ["Method", "MethodRuntime", "MAE_RECIPE", "MAE_RECIPE_SOURCE", "RECIPE_KEYS", "method_runtime",
+            "plan_masker", "plan_kwargs", "check_windows"]
 
 Masker = Callable[[torch.Generator], dict]
 ToKwargs = Callable[[dict, torch.device], dict]
+
+
+# The pretraining settings a recipe gives (``lomar pretrain`` settings; lr None = blr x batch / 256).
+RECIPE_KEYS = ("betas", "blr", "lr", "warmup_epochs", "min_lr", "weight_decay", "clip_grad", "crop_scale",
+               "color_jitter", "layer_scale_init")
+# MAE's pretraining recipe (He et al. 2022, Table 8 / main_pretrain.py), which LoMaR keeps (SPEC §4).
+MAE_RECIPE: Mapping[str, Any] = dict(betas=(0.9, 0.95), blr=1.5e-4, lr=None, warmup_epochs=40, min_lr=0.0,
+                                     weight_decay=0.05, clip_grad=None, crop_scale=(0.2, 1.0), color_jitter=0.0,
+                                     layer_scale_init=None)
+MAE_RECIPE_SOURCE = "MAE's pretraining recipe (He et al. 2022, Table 8; main_pretrain.py)"
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,10 @@ class Method:
     export: Callable[[torch.nn.Module, Any, dict], None] | None = None
     # figure(model, images, path, seed=, title=) drawn with every checkpoint; None: pixel reconstructions
     figure: Callable[..., Any] | None = None
+    # The paper's pretraining recipe (every key of RECIPE_KEYS): the defaults of a new run of this
+    # method, under the YAML file and the flags; ``recipe_source`` says where the values come from.
+    recipe: Mapping[str, Any] = field(default_factory=lambda: dict(MAE_RECIPE))
+    recipe_source: str = MAE_RECIPE_SOURCE
 
 
 @dataclass(frozen=True)

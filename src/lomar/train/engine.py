@@ -77,8 +77,8 @@ class Trainer:
         if config.fsdp:  # before the optimizer: it must hold the sharded parameters
             shard_model(self.model, "bf16" if self.precision == "bf16" else "fp32")
         # The reference dataset draws the figures; the one the loader reads follows --decode.
-        self.base_dataset = build_pretrain_dataset(config.data, config.img_size, config.seed,
-                                                   masker=self.runtime.masker,
+        self.base_dataset = build_pretrain_dataset(config.data, config.img_size, config.seed, config.crop_scale,
+                                                   masker=self.runtime.masker, color_jitter=config.color_jitter,
                                                    rank=info.rank, world_size=info.world_size)
         self.decoding = decode_dataset(self.base_dataset, config.decode, self.patch, config.window_size,
                                        config.windows, device)
@@ -102,7 +102,7 @@ class Trainer:
         effective = config.batch_size * config.accum_steps * info.world_size
         self.base_lr = config.lr if config.lr is not None else config.blr * effective / 256
         self.optimizer = fast_adamw(param_groups(self.model, config.weight_decay), lr=self.base_lr,
-                                    betas=(0.9, 0.95))
+                                    betas=config.betas)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.net = self.model
         if config.compile:
