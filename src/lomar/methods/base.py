@@ -18,7 +18,7 @@ from lomar.models.masking import MaskingPlan, check_window_request, grid_size
 from lomar.models.windows import sample_method_plan, window_geometry
 
 __all__ = ["Method", "MethodRuntime", "MAE_RECIPE", "MAE_RECIPE_SOURCE", "RECIPE_KEYS", "method_runtime",
-            "plan_masker", "plan_kwargs", "check_windows"]
+           "plan_masker", "plan_kwargs", "check_windows"]
 
 Masker = Callable[[torch.Generator], dict]
 ToKwargs = Callable[[dict, torch.device], dict]
@@ -75,8 +75,14 @@ def method_runtime(config, patch_size: int) -> MethodRuntime:
     return MethodRuntime(method, method.masker(config, grid), method.forward_kwargs(config, grid))
 
 
-def _plan_draw(gen: torch.Generator, grid, window_size, windows, mask_ratio) -> dict:
-    plan = sample_method_plan(1, grid, window_size, windows, mask_ratio, gen)
+def _placement(config) -> str:
+    """The config's window placement; an object without one (not a PretrainConfig) gets the library's
+    default, :func:`lomar.models.masking.sample_plan`'s."""
+    return getattr(config, "window_placement", "distinct")
+
+
+def _plan_draw(gen: torch.Generator, grid, window_size, windows, mask_ratio, placement) -> dict:
+    plan = sample_method_plan(1, grid, window_size, windows, mask_ratio, gen, placement)
     return {"top_left": plan.top_left[0], "mask": plan.mask[0]}
 
 
@@ -84,7 +90,7 @@ def plan_masker(config, grid) -> Masker:
     """A masking plan per sample: ``--windows`` K×K windows (0: the whole grid), random masks at
     ``--mask-ratio`` or blockwise ones when it is None."""
     return functools.partial(_plan_draw, grid=grid, window_size=config.window_size, windows=config.windows,
-                             mask_ratio=config.mask_ratio)
+                             mask_ratio=config.mask_ratio, placement=_placement(config))
 
 
 def plan_kwargs(config, grid) -> ToKwargs:
@@ -101,8 +107,8 @@ def check_windows(config, grid, ratio: float | None) -> None:
     """The window request fits the grid; ``ratio`` None = blockwise masks (any K >= 2 that fits)."""
     k, n = window_geometry(grid, config.window_size, config.windows)
     if ratio is None:
-        check_window_request(grid, k, n, 0.5)
+        check_window_request(grid, k, n, 0.5, _placement(config))
         if k < 2:
             raise ValueError(f"--window-size {k} is too small for block masking; use K >= 2 or set --mask-ratio")
     else:
-        check_window_request(grid, k, n, ratio)
+        check_window_request(grid, k, n, ratio, _placement(config))

@@ -57,9 +57,14 @@ class PretrainConfig:
     window_size: int = S.WINDOW_SIZE.field()
     windows: str = S.setting(  # an int once resolved
         "auto", "K x K windows per image for any method; 0 or 'global' = the whole image; auto = lomar: the paper's "
-        "4 at 224 px, 6 at 384, 9 at 448, scaled with the patch-grid area at other sizes (--print-config shows the "
-        "count); mae, beit: global", resume="derived",
+        "counts (B/16: 4 at 224 px, 6 at 384, 9 at 448; B/8: 4 at 224), scaled with the patch-grid area at sizes "
+        "the paper does not report (--print-config shows the count); mae, beit: global", resume="derived",
         parse=lambda text: "auto" if text.strip().lower() == "auto" else parse_windows(text))
+    window_placement: str = S.setting(
+        "permutation", "how windows are placed: permutation = the original's (tops and lefts from two random "
+        "permutations: no two windows of an image share a top row or a left column, so at most min(H-K+1, W-K+1) "
+        "windows); distinct = any distinct positions of the (H-K+1)x(W-K+1) grid (more windows on small grids)",
+        choices=("permutation", "distinct"))
     mask_ratio: float | None = S.setting(None, "masked share per window (default: 0.8 lomar, 0.75 mae; beit: "
                                          "blockwise)", resume="derived", kind=float)
     norm_pix_loss: bool = S.setting(True, "reconstruct per-patch normalised pixels")
@@ -150,6 +155,8 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
     if explicit.get("windows") == "auto":
         explicit["windows"] = None  # resolved below; on resume, the saved run's count
     if saved is not None:
+        if "window_placement" not in saved[0]:  # a run saved before placements existed drew distinct cells
+            saved = ({**saved[0], "window_placement": "distinct"}, saved[1])
         values = R.resume_values(PretrainConfig, *saved, explicit)
     else:
         values = PretrainConfig().to_dict()
@@ -255,7 +262,8 @@ def resolve_windows(config: PretrainConfig) -> int:
         default = get_method(config.method).default_windows
         if default is not None:
             return default
-        return paper_windows(config.img_size, vit_config(config).patch_size, config.window_size)
+        return paper_windows(config.img_size, vit_config(config).patch_size, config.window_size,
+                             config.window_placement)
     try:
         return parse_windows(value)
     except ValueError as exc:
@@ -366,7 +374,10 @@ def dump_config(config: PretrainConfig) -> str:
         auto = resolve_windows(dataclasses.replace(config, windows="auto"))
     except (ConfigError, ValueError):
         return text
-    from lomar.windows import WINDOWS_RULE
+    from lomar.windows import WINDOWS_RULE, windows_source
 
-    note = f"# --windows auto = {auto} at --img-size {config.img_size}: {WINDOWS_RULE}\n"
+    patch = vit_config(config).patch_size
+    why = ("the paper's count for this patch and image size" if windows_source(config.img_size, patch) == "paper"
+           else WINDOWS_RULE)
+    note = f"# --windows auto = {auto} at --img-size {config.img_size}, patch {patch}: {why}\n"
     return text.replace("\nwindows:", "\n" + note + "windows:", 1)
