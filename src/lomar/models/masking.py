@@ -102,8 +102,9 @@ def check_window_request(grid: tuple[int, int], window_size: int, num_windows: i
     if placement == "permutation" and num_windows > most:
         raise ValueError(
             f"{num_windows} {window_size}x{window_size} windows requested but, placed as the original places "
-            f"them (no two share a top row or a left column), the {grid[0]}x{grid[1]} patch grid holds at most "
-            f"{most}; ask for at most {most} (--windows), pass --window-placement distinct, or use a larger image"
+            f"them (no two share a top row or a left column), the {grid[0]}x{grid[1]} patch grid's {rows} x {cols} "
+            f"window positions hold at most {most}; ask for at most {most} (--windows), pass "
+            f"--window-placement distinct, or use a larger image"
         )
     if num_windows > rows * cols:
         raise ValueError(
