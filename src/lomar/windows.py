@@ -1,33 +1,54 @@
-"""The paper's rule for the number of windows per image (``--windows auto``); imports no torch.
+"""The number of windows per image for ``--windows auto``; imports no torch.
 
-The paper samples 4 windows at 224 px, 6 at 384 and 9 at 448 (patch 16: 14×14, 24×24 and 28×28
-patch grids). Those three points are not proportional to the grid area (area scaling from 224
-would give 12 at 384), so the rule reproduces them exactly and interpolates linearly in grid area
-between them; below 14×14 and above 28×28 the count scales with the area from the nearest paper
-point. The result is rounded half up, at least 1, and at most the window positions the grid has.
+**The paper's counts** (:data:`PAPER_COUNTS`, used exactly): ViT-B/16 samples 4 windows at 224 px,
+6 at 384 and 9 at 448 (14×14, 24×24, 28×28 patch grids); ViT-B/8 at 224 px (a 28×28 grid) uses 4,
+like B/16 at 224 -- the count follows the image, not the grid, there. The paper states no other
+configuration (its iNaturalist runs finetune the ImageNet-pretrained models and give no count of
+their own).
+
+**A rule where the paper is silent**: the three B/16 points are not proportional to the grid area
+(area scaling from 224 would give 12 at 384), so the rule interpolates linearly in grid area between
+them; below 14×14 and above 28×28 the count scales with the area from the nearest B/16 point. The
+result is rounded half up, at least 1, and at most the windows the grid holds (with the original's
+placement, min(H−K+1, W−K+1); see :mod:`lomar.models.masking`).
 """
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["PAPER_WINDOWS", "PAPER_GRID_AREAS", "paper_windows", "parse_windows", "GLOBAL_WINDOWS", "WINDOWS_RULE"]
+__all__ = ["PAPER_WINDOWS", "PAPER_COUNTS", "PAPER_GRID_AREAS", "paper_windows", "windows_source",
+           "parse_windows", "GLOBAL_WINDOWS", "WINDOWS_RULE"]
 
 GLOBAL_WINDOWS = 0  # --windows 0 / global: one window covering the whole (square) grid
 
 PAPER_WINDOWS = {224: 4, 384: 6, 448: 9}  # image size (patch 16) -> windows per image
+# (patch size, square image size in px) -> windows per image, as the paper reports them
+PAPER_COUNTS = {(16, 224): 4, (16, 384): 6, (16, 448): 9, (8, 224): 4}
 PAPER_GRID_AREAS = {(size // 16) ** 2: n for size, n in PAPER_WINDOWS.items()}  # 196: 4, 576: 6, 784: 9
-WINDOWS_RULE = ("the paper's 4 at 224 px, 6 at 384, 9 at 448 (14x14, 24x24, 28x28 patch grids), linear "
-                "in grid area between them, proportional to grid area outside, rounded, within the grid")
+WINDOWS_RULE = ("not a size the paper reports (it reports B/16: 4 at 224 px, 6 at 384, 9 at 448; B/8: 4 at 224): "
+                "linear in grid area between the B/16 points, proportional to grid area outside, rounded, within the "
+                "grid")
 
 
-def paper_windows(img_size: int | tuple[int, int], patch_size: int = 16, window_size: int | None = None) -> int:
-    """Windows per image by the paper's rule for an image of ``img_size`` px (H, W or square).
+def windows_source(img_size: int | tuple[int, int], patch_size: int = 16) -> str:
+    """'paper' when the paper reports the count of this configuration, else 'rule'."""
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    return "paper" if h == w and (patch_size, h) in PAPER_COUNTS else "rule"
 
-    ``window_size`` (K): cap the count at the (Hg−K+1)·(Wg−K+1) distinct K×K positions.
+
+def paper_windows(img_size: int | tuple[int, int], patch_size: int = 16, window_size: int | None = None,
+                  placement: str = "permutation") -> int:
+    """Windows per image for an image of ``img_size`` px (H, W or square): the paper's count where it
+    reports one (:data:`PAPER_COUNTS`), else the rule of the module docstring.
+
+    ``window_size`` (K): cap the count at the windows a K×K window can take: min(Hg−K+1, Wg−K+1)
+    for the original's ``permutation`` placement, (Hg−K+1)·(Wg−K+1) for ``distinct``.
     """
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
     hg, wg = h // patch_size, w // patch_size
+    if windows_source((h, w), patch_size) == "paper":
+        return PAPER_COUNTS[(patch_size, h)]
     area = hg * wg
     points = sorted(PAPER_GRID_AREAS.items())
     (a0, n0), (a1, _) = points[0], points[-1]
@@ -40,7 +61,8 @@ def paper_windows(img_size: int | tuple[int, int], patch_size: int = 16, window_
         exact = n_lo + (n_hi - n_lo) * (area - lo) / (hi - lo)
     count = max(1, math.floor(exact + 0.5))
     if window_size is not None and 0 < window_size <= min(hg, wg):
-        count = min(count, (hg - window_size + 1) * (wg - window_size + 1))
+        rows, cols = hg - window_size + 1, wg - window_size + 1
+        count = min(count, min(rows, cols) if placement == "permutation" else rows * cols)
     return count
 
 

@@ -94,7 +94,7 @@ def loader_dataset(data: str | Path, img_size: int, method: str = "lomar", windo
     # global one, as the model it times (lomar.bench.timing.build_runner).
     run = SimpleNamespace(method=method, img_size=img_size, window_size=window_size,
                           windows=windows or 0 if method == "lomar" else 0,
-                          mask_ratio=get_method(method).default_mask_ratio)
+                          mask_ratio=get_method(method).default_mask_ratio, window_placement="permutation")
     base = build_pretrain_dataset(str(data), img_size, masker=method_runtime(run, patch_size).masker)
     return decode_dataset(base, decode, patch_size, window_size, windows).dataset
 

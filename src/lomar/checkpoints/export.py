@@ -43,7 +43,8 @@ def timm_architecture(config: ViTConfig, num_classes: int = 0) -> tuple[str, dic
 
     shape = (config.embed_dim, config.depth, config.num_heads)
     size = next((s for s, v in MODEL_SIZES.items() if v == shape), None)
-    size = size or min(MODEL_SIZES, key=lambda s: abs(MODEL_SIZES[s][0] - config.embed_dim))
+    # Another shape: the nearest of the paper's sizes names it (model_args spell out the real one).
+    size = size or min((s for s in MODEL_SIZES if s != "mini"), key=lambda s: abs(MODEL_SIZES[s][0] - config.embed_dim))
     patch = config.patch_size if config.patch_size in PATCH_SIZES else 16
     args = {k: config.to_dict()[k] for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth",
                                               "num_heads", "mlp_ratio", "pos")}

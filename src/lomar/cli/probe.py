@@ -30,8 +30,16 @@ COMMON = {
 KNN = {**COMMON, "k": Setting(20, "neighbours", above=0),
        "temperature": Setting(0.07, "votes weigh exp(cosine / T)", above=0)}
 LINPROBE = {
-    **COMMON, "epochs": S.EPOCHS.but(default=90, help="passes over the training features"),
-    "lr": S.LR.but(default=1e-2, help="AdamW peak lr (cosine to 0)"),
+    **COMMON,
+    "protocol": Setting("adamw", "adamw = AdamW on the features, cosine to 0 (the default: cheap and robust on small "
+                        "sets); mae = MAE's protocol: LARS, lr = --blr x probe batch / 256, --warmup-epochs, cls "
+                        "features (what MAE and LoMaR numbers quote)", choices=("adamw", "mae")),
+    "pool": COMMON["pool"].but(default=None, help="feature: mean of the normed patch tokens or the normed cls token "
+                               "(default: mean for --protocol adamw, cls for mae, as MAE probes)"),
+    "epochs": S.EPOCHS.but(default=90, help="passes over the training features"),
+    "lr": S.LR.but(default=1e-2, help="--protocol adamw: AdamW peak lr (cosine to 0)"),
+    "blr": S.BLR.but(default=0.1, help="--protocol mae: base lr of LARS, lr = blr x --probe-batch-size / 256"),
+    "warmup_epochs": S.WARMUP_EPOCHS.but(default=10, help="--protocol mae: epochs of linear warm-up, in [0, --epochs]"),
     "weight_decay": S.WEIGHT_DECAY.but(default=0.0),
     "probe_batch_size": Setting(256, "features per probe step", above=0),
     "seed": S.SEED.but(help="seed of the probe's init and shuffling"),
@@ -111,18 +119,31 @@ def linprobe_run(args: argparse.Namespace) -> int:
     from lomar.checkpoints.io import atomic_save
     from lomar.eval.linear_probe import train_linear_probe
 
+    if args.protocol == "mae" and not 0 <= args.warmup_epochs <= args.epochs:  # only MAE's protocol warms up
+        raise UsageError(f"--warmup-epochs must be in [0, --epochs {args.epochs}], got {args.warmup_epochs}")
+    args.pool = args.pool or ("cls" if args.protocol == "mae" else "mean")
     train_x, train_y, val_x, val_y = _features(args)
     try:
-        probe, top1 = train_linear_probe(train_x, train_y, val_x, val_y, epochs=args.epochs,
-                                         batch_size=args.probe_batch_size, lr=args.lr,
-                                         weight_decay=args.weight_decay, seed=args.seed)
+        if args.protocol == "mae":
+            from lomar.eval.linear_probe import train_mae_linear_probe
+
+            probe, top1 = train_mae_linear_probe(train_x, train_y, val_x, val_y, epochs=args.epochs,
+                                                 batch_size=args.probe_batch_size, blr=args.blr,
+                                                 warmup_epochs=args.warmup_epochs, seed=args.seed)
+        else:
+            probe, top1 = train_linear_probe(train_x, train_y, val_x, val_y, epochs=args.epochs,
+                                             batch_size=args.probe_batch_size, lr=args.lr,
+                                             weight_decay=args.weight_decay, seed=args.seed)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    print(f"linear probe ({args.pool} features, {args.epochs} epochs) top-1: {100 * top1:.2f}% "
+    print(f"linear probe ({args.protocol} protocol, {args.pool} features, {args.epochs} epochs) top-1: "
+          f"{100 * top1:.2f}% "
           f"({len(val_y)} val / {len(train_y)} train images)")
     if args.save:
         atomic_save({"probe": probe.state_dict(), "pool": args.pool, "top1": top1}, args.save)
     if args.json:
-        write_json(args.json, {"linprobe_top1": top1, "epochs": args.epochs, "lr": args.lr, "pool": args.pool,
+        write_json(args.json, {"linprobe_top1": top1, "protocol": args.protocol, "epochs": args.epochs,
+                               "lr": args.lr if args.protocol == "adamw" else args.blr * args.probe_batch_size / 256,
+                               "pool": args.pool,
                                "train_images": len(train_y), "val_images": len(val_y)})
     return 0

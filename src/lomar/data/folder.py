@@ -132,7 +132,7 @@ class ImageListDataset(Dataset):
 def build_pretrain_dataset(data: str | None, img_size: int, seed: int = 0,
                            scale: tuple[float, float] = (0.2, 1.0), masker: Masker | None = None,
                            rank: int | None = None, world_size: int | None = None,
-                           demo_repeats: int = 8) -> Dataset:
+                           demo_repeats: int = 8, color_jitter: float = 0.0) -> Dataset:
     """The pretraining dataset for ``--data`` (None: the built-in demo photographs).
 
     A folder or .txt list gives a map-style :class:`ImageListDataset`; a ``.tar`` glob or brace
@@ -140,7 +140,7 @@ def build_pretrain_dataset(data: str | None, img_size: int, seed: int = 0,
     split tar shards between processes (None: from torch.distributed); map-style datasets are
     split by the engine's sampler instead.
     """
-    transform = PretrainTransform(img_size, scale)
+    transform = PretrainTransform(img_size, scale, color_jitter=color_jitter)
     if data is None:
         return ImageListDataset(demo_image_paths(), transform, seed, masker, repeats=demo_repeats,
                                 cache_decoded=True)

@@ -2,8 +2,9 @@
 
 Every random choice for a sample comes from a generator seeded by (run seed, epoch, sample
 index), and :func:`draw_sample` is the only code that draws them, in one fixed order: crop
-box, flip, masking plan. Every decode path (full, draft, windows, gpu) calls it, so a sample
-gets the same crop, flip and plan whichever path decodes it, whichever worker loads it,
+box, flip, masking plan (then the colour jitter's factors, only when it is on, so that a run
+without jitter draws exactly what it drew before). Every decode path (full, draft, windows, gpu)
+calls it, so a sample gets the same crop, flip and plan whichever path decodes it, whichever worker loads it,
 however many processes share the batch, and after any resume.
 """
 
@@ -49,31 +50,43 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 class SampleDraw(NamedTuple):
     """A sample's random choices: ``box`` (top, left, h, w) in full-size pixels of the (EXIF-oriented)
-    image, ``flip`` (mirror the crop horizontally), ``plan`` (the masker's ``{name: tensor}``, or {})."""
+    image, ``flip`` (mirror the crop horizontally), ``plan`` (the masker's ``{name: tensor}``, or {}),
+    ``jitter`` (the colour jitter's ((op, factor), ...) in the order applied, or () when off)."""
 
     box: tuple[int, int, int, int]
     flip: bool
     plan: dict[str, torch.Tensor]
+    jitter: tuple[tuple[str, float], ...] = ()
 
 
 def draw_sample(transform: PretrainTransform, masker: Masker | None, height: int, width: int,
                 gen: torch.Generator) -> SampleDraw:
     """The random choices of a ``height`` x ``width`` image, drawn from its generator ``gen`` in the
-    one order every decode path shares: crop box, flip (only when ``transform.flip``), masking plan."""
+    one order every decode path shares: crop box, flip (only when ``transform.flip``), masking plan,
+    colour jitter (only when ``transform.color_jitter``)."""
     box = transform.crop_box(height, width, gen)
     flip = transform.flip and bool(torch.rand(1, generator=gen) < 0.5)
-    return SampleDraw(box, flip, masker(gen) if masker is not None else {})
+    plan = masker(gen) if masker is not None else {}
+    return SampleDraw(box, flip, plan, transform.jitter_draw(gen))
+
+
+JITTER_OPS = ("brightness", "contrast", "saturation")
 
 
 class PretrainTransform:
-    """RandomResizedCrop (bicubic, antialiased) + horizontal flip + ImageNet normalisation.
+    """RandomResizedCrop (bicubic, antialiased) + horizontal flip [+ colour jitter] + ImageNet normalisation.
 
     Crops in uint8 before resizing, so a large image is never copied at full size as floats.
+    ``scale``: the crop's area range (the method's recipe: 0.2-1 LoMaR/MAE, 0.08-1 BEiT);
+    ``color_jitter``: torchvision's ColorJitter(j, j, j) strength (BEiT's 0.4; 0 = off), applied to
+    the resized crop (BEiT jitters the whole image before cropping: only contrast, which uses the
+    image mean, can differ).
     """
 
     def __init__(self, size: int, scale: tuple[float, float] = (0.2, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True):
-        self.size, self.scale, self.ratio, self.flip = size, scale, ratio, flip
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True, color_jitter: float = 0.0):
+        self.size, self.scale, self.ratio, self.flip = size, tuple(scale), ratio, flip
+        self.color_jitter = float(color_jitter)
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
@@ -101,6 +114,15 @@ class PretrainTransform:
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
 
+    def jitter_draw(self, gen: torch.Generator) -> tuple[tuple[str, float], ...]:
+        """ColorJitter's random order and factors (each uniform in [1 - j, 1 + j]); () when off."""
+        if not self.color_jitter:
+            return ()
+        order = torch.randperm(len(JITTER_OPS), generator=gen).tolist()
+        u = torch.rand(len(JITTER_OPS), generator=gen).tolist()
+        j = self.color_jitter
+        return tuple((JITTER_OPS[i], max(0.0, 1 - j + 2 * j * u[i])) for i in order)
+
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (..., 3, h, w) -> float32, ImageNet-normalised, on the pixels' device."""
         device = pixels.device
@@ -112,6 +134,8 @@ class PretrainTransform:
 
         crop = TF.resized_crop(image, *draw.box, [self.size, self.size],
                                interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        for op, factor in draw.jitter:
+            crop = getattr(TF, f"adjust_{op}")(crop, factor)
         return self.normalize(crop.flip(-1) if draw.flip else crop)
 
 

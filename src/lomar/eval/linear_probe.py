@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LinearProbe", "train_linear_probe"]
+__all__ = ["LinearProbe", "LARS", "train_linear_probe", "train_mae_linear_probe", "PROTOCOLS"]
+
+PROTOCOLS = ("adamw", "mae")
 
 
 class LinearProbe(nn.Module):
@@ -60,6 +62,79 @@ def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torc
             loss.backward()
             opt.step()
             step += 1
+    probe.eval()
+    with torch.no_grad():
+        accuracy = float((probe(val_x).argmax(1) == val_y).float().mean())
+    return probe, accuracy
+
+
+class LARS(torch.optim.Optimizer):
+    """MAE's LARS (util/lars.py): SGD with momentum whose update of every matrix is scaled by the trust
+    ratio 0.001·|w|/|g + wd·w|; vectors (biases) take the plain momentum step."""
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                dp = p.grad
+                if dp is None:
+                    continue
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    trust = torch.where(update_norm > 0, g["trust_coefficient"] * param_norm / update_norm, one)
+                    q = torch.where(param_norm > 0.0, trust, one)
+                    dp = dp.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                state["mu"].mul_(g["momentum"]).add_(dp)
+                p.add_(state["mu"], alpha=-g["lr"])
+
+
+def train_mae_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                           epochs: int = 90, batch_size: int = 256, blr: float = 0.1, warmup_epochs: float = 10,
+                           seed: int = 0) -> tuple[LinearProbe, float]:
+    """MAE's linear-probe protocol (main_linprobe.py) on cached features: BatchNorm without affine +
+    Linear (std 0.01), LARS (momentum 0.9, no weight decay), lr = blr·batch/256 with blr 0.1, linear
+    warm-up then half-cycle cosine to 0, per step (as MAE's per-iteration schedule).
+
+    MAE feeds the cls token after the final norm (``pool='cls'``) and augments every epoch
+    (RandomResizedCrop + flip) through the frozen encoder at batch 16384; the features here are
+    computed once (centre crops), so the numbers are a little lower than with augmentation.
+    """
+    if train_x.shape[0] < 2:
+        raise ValueError("the linear probe needs at least 2 training images (BatchNorm statistics)")
+    if not 0 <= warmup_epochs <= epochs:
+        raise ValueError(f"the probe's warm-up ({warmup_epochs} epochs) must be within its {epochs} epochs")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    classes = int(max(train_y.max(), val_y.max())) + 1
+    probe = LinearProbe(train_x.shape[1], classes)
+    lr = blr * batch_size / 256
+    opt = LARS(probe.parameters(), lr=lr, weight_decay=0.0)
+    per_epoch = max(1, train_x.shape[0] // batch_size)
+    probe.train()
+    for epoch in range(epochs):
+        order = torch.randperm(train_x.shape[0], generator=gen)
+        for i, idx in enumerate(order.tensor_split(per_epoch)):
+            t = epoch + i / per_epoch  # MAE's fractional epoch
+            if t < warmup_epochs:
+                step_lr = lr * t / warmup_epochs
+            else:
+                step_lr = lr * 0.5 * (1 + math.cos(math.pi * (t - warmup_epochs) / max(1e-12, epochs - warmup_epochs)))
+            for group in opt.param_groups:
+                group["lr"] = step_lr
+            loss = F.cross_entropy(probe(train_x[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     probe.eval()
     with torch.no_grad():
         accuracy = float((probe(val_x).argmax(1) == val_y).float().mean())

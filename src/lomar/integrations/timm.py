@@ -233,6 +233,21 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> LomarVisionTran
 
 
 @register_model
+def lomar_vit_mini_patch8(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
+    return _create("lomar_vit_mini_patch8", pretrained, **kwargs)
+
+
+@register_model
+def lomar_vit_mini_patch14(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
+    return _create("lomar_vit_mini_patch14", pretrained, **kwargs)
+
+
+@register_model
+def lomar_vit_mini_patch16(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
+    return _create("lomar_vit_mini_patch16", pretrained, **kwargs)
+
+
+@register_model
 def lomar_vit_tiny_patch8(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
     return _create("lomar_vit_tiny_patch8", pretrained, **kwargs)
 

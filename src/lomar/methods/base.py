@@ -8,8 +8,8 @@ of the whole image (:mod:`lomar.models.windows`).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,10 +17,21 @@ import torch
 from lomar.models.masking import MaskingPlan, check_window_request, grid_size
 from lomar.models.windows import sample_method_plan, window_geometry
 
-__all__ = ["Method", "MethodRuntime", "method_runtime", "plan_masker", "plan_kwargs", "check_windows"]
+__all__ = ["Method", "MethodRuntime", "MAE_RECIPE", "MAE_RECIPE_SOURCE", "RECIPE_KEYS", "method_runtime",
+           "plan_masker", "plan_kwargs", "check_windows"]
 
 Masker = Callable[[torch.Generator], dict]
 ToKwargs = Callable[[dict, torch.device], dict]
+
+
+# The pretraining settings a recipe gives (``lomar pretrain`` settings; lr None = blr x batch / 256).
+RECIPE_KEYS = ("betas", "blr", "lr", "warmup_epochs", "min_lr", "weight_decay", "clip_grad", "crop_scale",
+               "color_jitter", "layer_scale_init")
+# MAE's pretraining recipe (He et al. 2022, Table 8 / main_pretrain.py), which LoMaR keeps (SPEC §4).
+MAE_RECIPE: Mapping[str, Any] = dict(betas=(0.9, 0.95), blr=1.5e-4, lr=None, warmup_epochs=40, min_lr=0.0,
+                                     weight_decay=0.05, clip_grad=None, crop_scale=(0.2, 1.0), color_jitter=0.0,
+                                     layer_scale_init=None)
+MAE_RECIPE_SOURCE = "MAE's pretraining recipe (He et al. 2022, Table 8; main_pretrain.py)"
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,10 @@ class Method:
     export: Callable[[torch.nn.Module, Any, dict], None] | None = None
     # figure(model, images, path, seed=, title=) drawn with every checkpoint; None: pixel reconstructions
     figure: Callable[..., Any] | None = None
+    # The paper's pretraining recipe (every key of RECIPE_KEYS): the defaults of a new run of this
+    # method, under the YAML file and the flags; ``recipe_source`` says where the values come from.
+    recipe: Mapping[str, Any] = field(default_factory=lambda: dict(MAE_RECIPE))
+    recipe_source: str = MAE_RECIPE_SOURCE
 
 
 @dataclass(frozen=True)
@@ -60,8 +75,14 @@ def method_runtime(config, patch_size: int) -> MethodRuntime:
     return MethodRuntime(method, method.masker(config, grid), method.forward_kwargs(config, grid))
 
 
-def _plan_draw(gen: torch.Generator, grid, window_size, windows, mask_ratio) -> dict:
-    plan = sample_method_plan(1, grid, window_size, windows, mask_ratio, gen)
+def _placement(config) -> str:
+    """The config's window placement; an object without one (not a PretrainConfig) gets the library's
+    default, :func:`lomar.models.masking.sample_plan`'s."""
+    return getattr(config, "window_placement", "distinct")
+
+
+def _plan_draw(gen: torch.Generator, grid, window_size, windows, mask_ratio, placement) -> dict:
+    plan = sample_method_plan(1, grid, window_size, windows, mask_ratio, gen, placement)
     return {"top_left": plan.top_left[0], "mask": plan.mask[0]}
 
 
@@ -69,7 +90,7 @@ def plan_masker(config, grid) -> Masker:
     """A masking plan per sample: ``--windows`` K×K windows (0: the whole grid), random masks at
     ``--mask-ratio`` or blockwise ones when it is None."""
     return functools.partial(_plan_draw, grid=grid, window_size=config.window_size, windows=config.windows,
-                             mask_ratio=config.mask_ratio)
+                             mask_ratio=config.mask_ratio, placement=_placement(config))
 
 
 def plan_kwargs(config, grid) -> ToKwargs:
@@ -86,8 +107,8 @@ def check_windows(config, grid, ratio: float | None) -> None:
     """The window request fits the grid; ``ratio`` None = blockwise masks (any K >= 2 that fits)."""
     k, n = window_geometry(grid, config.window_size, config.windows)
     if ratio is None:
-        check_window_request(grid, k, n, 0.5)
+        check_window_request(grid, k, n, 0.5, _placement(config))
         if k < 2:
             raise ValueError(f"--window-size {k} is too small for block masking; use K >= 2 or set --mask-ratio")
     else:
-        check_window_request(grid, k, n, ratio)
+        check_window_request(grid, k, n, ratio, _placement(config))

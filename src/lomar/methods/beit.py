@@ -26,11 +26,24 @@ from lomar.models.masking import grid_size
 from lomar.tokenizers import fit_kmeans_tokenizer, load_tokenizer
 from lomar.viz.tokens import token_figure
 
-__all__ = ["METHOD", "prepare", "fit_on_training_images", "FIT_IMAGES", "MAX_VOCAB"]
+__all__ = ["METHOD", "RECIPE", "prepare", "fit_on_training_images", "layer_scale_init", "FIT_IMAGES", "MAX_VOCAB"]
 
 FIT_IMAGES = 64  # sample of training crops the built-in tokenizer is fitted on
 MAX_VOCAB = 8192  # BEiT's vocabulary
 KMEANS_PATCH = 8  # pixels per token on the tokenizer's view (the dVAE's stride)
+
+# BEiT-base's pretraining recipe (BEIT_SPEC §4: the published ImageNet-1k command of
+# beit/README.md and run_beit_pretraining.py). The lr is absolute, not scaled by the batch (1.5e-3 at
+# 2048 images), so blr is unused; layer_scale_init None = by model size (layer_scale_init below).
+RECIPE = dict(betas=(0.9, 0.999), blr=1.5e-4, lr=1.5e-3, warmup_epochs=10, min_lr=1e-5, weight_decay=0.05,
+              clip_grad=3.0, crop_scale=(0.08, 1.0), color_jitter=0.4, layer_scale_init=None)
+RECIPE_SOURCE = "BEiT's pretraining recipe (BEIT_SPEC §4: beit/README.md ImageNet-1k command, run_beit_pretraining.py)"
+LARGE_WIDTH = 1024  # ViT-L's width: BEiT starts layer scale at 1e-5 from there (README), 0.1 below
+
+
+def layer_scale_init(embed_dim: int) -> float:
+    """BEiT's layer-scale start by model size: 0.1 for ViT-B and smaller, 1e-5 for ViT-L and wider."""
+    return 1e-5 if embed_dim >= LARGE_WIDTH else 0.1
 
 
 def validate(config, grid) -> None:
@@ -42,7 +55,8 @@ def validate(config, grid) -> None:
 
 def _sample_views(config, view_size: int, count: int) -> torch.Tensor:
     """(n, 3, view, view) in [0, 1]: epoch-0 crops of a seeded sample of the training images."""
-    dataset = build_pretrain_dataset(config.data, config.img_size, config.seed)
+    dataset = build_pretrain_dataset(config.data, config.img_size, config.seed, config.crop_scale,
+                                     color_jitter=config.color_jitter)
     if isinstance(dataset, IterableDataset):
         source = iter(dataset)
     else:
@@ -105,7 +119,8 @@ def _tokenizer_for(config, grid, tokenizer=None):
 
 def build(config, vit, tokenizer=None) -> BEiTPretrain:
     tokenizer = _tokenizer_for(config, grid_size(vit.img_size, vit.patch_size), tokenizer)
-    beit = BEiTConfig.from_vit(vit, tokenizer.vocab_size)
+    init = config.layer_scale_init if config.layer_scale_init is not None else layer_scale_init(vit.embed_dim)
+    beit = replace(BEiTConfig.from_vit(vit, tokenizer.vocab_size), init_values=init)
     return BEiTPretrain(beit, tokenizer, config.window_size, config.windows, config.mask_ratio)
 
 
@@ -116,4 +131,4 @@ def export(model: BEiTPretrain, out, metadata: dict) -> None:
 METHOD = Method(
     "beit", default_mask_ratio=None, default_pos="none", default_windows=0,
     validate=validate, prepare=prepare, build=build, masker=plan_masker, forward_kwargs=plan_kwargs,
-    export=export, figure=token_figure)
+    export=export, figure=token_figure, recipe=RECIPE, recipe_source=RECIPE_SOURCE)

@@ -47,4 +47,4 @@ def forward_kwargs(config, grid):
 
 METHOD = Method(
     "mae", default_mask_ratio=0.75, default_pos="abs", default_windows=0,
-    validate=validate, build=build, masker=masker, forward_kwargs=forward_kwargs)
+    validate=validate, build=build, masker=masker, forward_kwargs=forward_kwargs)  # recipe: MAE_RECIPE

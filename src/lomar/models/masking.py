@@ -6,8 +6,16 @@ by the mask token. It is a plain value: sample one with :func:`sample_plan`, or 
 one by hand and give it to the model, so any masking can be reproduced exactly.
 
 Windows are drawn independently per image (the paper's description; the original code
-shares one draw across the batch, see SPEC §6.1). Everything random comes from one
-``torch.Generator``: the same seed gives the same plan.
+shares one draw across the batch, see SPEC §6.1), placed in one of two ways (``placement``):
+
+- ``permutation`` (the original's draw, SPEC §6.1, and the training commands' default): the
+  tops and the lefts come from two independent random permutations of the valid rows and
+  columns, so no two windows of an image share a top row or a left column, and an image holds
+  at most min(H−K+1, W−K+1) windows (the original caps silently; we refuse, §6.2).
+- ``distinct`` (this function's default, kept for explicit API use): any n distinct positions
+  of the (H−K+1)·(W−K+1) grid, uniformly; allows more windows on small grids.
+
+Everything random comes from one ``torch.Generator``: the same seed gives the same plan.
 """
 
 from __future__ import annotations
@@ -25,7 +33,11 @@ __all__ = [
     "check_window_request",
     "sample_plan",
     "window_token_index",
+    "PLACEMENTS",
+    "max_windows",
 ]
+
+PLACEMENTS = ("permutation", "distinct")
 
 
 def grid_size(img_size: int | tuple[int, int], patch_size: int) -> tuple[int, int]:
@@ -71,12 +83,29 @@ def window_positions(grid: tuple[int, int], window_size: int) -> tuple[int, int]
     return hg - window_size + 1, wg - window_size + 1
 
 
+def max_windows(grid: tuple[int, int], window_size: int, placement: str = "distinct") -> int:
+    """Windows an image can hold: min(rows, cols) of top-left positions for ``permutation``, rows·cols
+    for ``distinct``."""
+    rows, cols = window_positions(grid, window_size)
+    if placement not in PLACEMENTS:
+        raise ValueError(f"window placement {placement!r} is unknown; choose one of {', '.join(PLACEMENTS)}")
+    return min(rows, cols) if placement == "permutation" else rows * cols
+
+
 def check_window_request(grid: tuple[int, int], window_size: int, num_windows: int,
-                         mask_ratio: float) -> int:
+                         mask_ratio: float, placement: str = "distinct") -> int:
     """Validate a sampling request; returns the number of masked tokens per window."""
     rows, cols = window_positions(grid, window_size)
     if num_windows <= 0:
         raise ValueError(f"number of windows must be positive, got {num_windows}")
+    most = max_windows(grid, window_size, placement)
+    if placement == "permutation" and num_windows > most:
+        raise ValueError(
+            f"{num_windows} {window_size}x{window_size} windows requested but, placed as the original places "
+            f"them (no two share a top row or a left column), the {grid[0]}x{grid[1]} patch grid's {rows} x {cols} "
+            f"window positions hold at most {most}; ask for at most {most} (--windows), pass "
+            f"--window-placement distinct, or use a larger image"
+        )
     if num_windows > rows * cols:
         raise ValueError(
             f"{num_windows} distinct {window_size}x{window_size} windows requested but the "
@@ -164,21 +193,29 @@ def sample_plan(
     mask_ratio: float = 0.8,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    placement: str = "distinct",
 ) -> MaskingPlan:
-    """Sample n distinct windows per image (uniform over positions) and M masked tokens each.
+    """Sample n windows per image, placed per ``placement`` (module docstring), and M masked tokens each.
 
     The draw happens on the generator's device (CPU when none is given) and the plan is
     then moved to ``device``.
     """
     if num_images <= 0:
         raise ValueError(f"number of images must be positive, got {num_images}")
-    masked = check_window_request(grid, window_size, num_windows, mask_ratio)
+    masked = check_window_request(grid, window_size, num_windows, mask_ratio, placement)
     rows, cols = window_positions(grid, window_size)
     gen_device = generator.device if generator is not None else torch.device("cpu")
-    # n distinct positions per image: the n smallest of i.i.d. uniform keys.
-    keys = torch.rand(num_images, rows * cols, generator=generator, device=gen_device)
-    pos = keys.topk(num_windows, dim=1, largest=False).indices  # (N, n)
-    top_left = torch.stack((pos // cols, pos % cols), dim=-1)
+    if placement == "permutation":
+        # The first n of a random permutation = the n smallest of i.i.d. uniform keys, in key order.
+        tops = torch.rand(num_images, rows, generator=generator, device=gen_device)
+        lefts = torch.rand(num_images, cols, generator=generator, device=gen_device)
+        top_left = torch.stack((tops.topk(num_windows, dim=1, largest=False).indices,
+                                lefts.topk(num_windows, dim=1, largest=False).indices), dim=-1)
+    else:
+        # n distinct positions per image: the n smallest of i.i.d. uniform keys.
+        keys = torch.rand(num_images, rows * cols, generator=generator, device=gen_device)
+        pos = keys.topk(num_windows, dim=1, largest=False).indices  # (N, n)
+        top_left = torch.stack((pos // cols, pos % cols), dim=-1)
     # Exactly M masked tokens per window: the M smallest of K·K uniform keys.
     tokens = window_size * window_size
     keys = torch.rand(num_images, num_windows, tokens, generator=generator, device=gen_device)

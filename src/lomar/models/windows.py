@@ -45,13 +45,15 @@ def with_block_masks(plan: MaskingPlan, rng: random.Random) -> MaskingPlan:
 
 @torch.compiler.disable  # as lomar.models.masking.sample_plan: random draws run eagerly under torch.compile
 def sample_method_plan(num_images: int, grid: tuple[int, int], window_size: int, windows: int,
-                       mask_ratio: float | None, generator: torch.Generator | None = None) -> MaskingPlan:
-    """Windows per :func:`window_geometry`; random in-window masking at ``mask_ratio``, or blockwise
-    masking (``mask_ratio=None``) with a ``random.Random`` seeded from ``generator``."""
+                       mask_ratio: float | None, generator: torch.Generator | None = None,
+                       placement: str = "distinct") -> MaskingPlan:
+    """Windows per :func:`window_geometry` placed per ``placement`` (:mod:`lomar.models.masking`); random
+    in-window masking at ``mask_ratio``, or blockwise masking (``mask_ratio=None``) with a
+    ``random.Random`` seeded from ``generator``."""
     k, n = window_geometry(grid, window_size, windows)
     if mask_ratio is not None:
-        return sample_plan(num_images, grid, k, n, mask_ratio, generator=generator)
+        return sample_plan(num_images, grid, k, n, mask_ratio, generator=generator, placement=placement)
     # Window positions come from the common sampler; 0.5 is only a placeholder for its random mask.
-    plan = sample_plan(num_images, grid, k, n, 0.5, generator=generator)
+    plan = sample_plan(num_images, grid, k, n, 0.5, generator=generator, placement=placement)
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
     return with_block_masks(plan, random.Random(seed))

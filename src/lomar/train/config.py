@@ -1,7 +1,10 @@
 """The pretraining configuration: recipe defaults, demo preset, YAML + flags, validation.
 
-Resolution order, later wins: the original recipe (SPEC §4) → the demo preset (``--preset demo``,
-the default when no ``--data`` is given) → the YAML file (``--config``) → command-line flags. A resumed run
+Resolution order, later wins: the generic defaults (LoMaR's recipe, SPEC §4) → the ``--method``'s
+own pretraining recipe (``Method.recipe``: betas, lr, warm-up, min lr, clipping, crops, jitter,
+layer scale) → the demo preset (``--preset demo``, the default when no ``--data`` is given; it sizes
+a two-minute run, its lr and warm-up included) → the YAML file (``--config``) → command-line flags.
+A resumed run
 (``--resume``) starts from its saved config instead, and only run-control settings may change.
 """
 
@@ -28,8 +31,9 @@ if TYPE_CHECKING:
     from lomar.models.vit import ViTConfig
 
 __all__ = ["PretrainConfig", "DEMO_PRESET", "add_config_arguments", "resolve_config", "build_model",
-           "vit_config", "ConfigError"]
+           "vit_config", "method_recipe", "ConfigError"]
 
+_R = "lomar, mae"  # the methods whose recipe the generic defaults are
 
 
 
@@ -58,9 +62,14 @@ class PretrainConfig:
     window_size: int = S.WINDOW_SIZE.field()
     windows: str = S.setting(  # an int once resolved
         "auto", "K x K windows per image for any method; 0 or 'global' = the whole image; auto = lomar: the paper's "
-        "4 at 224 px, 6 at 384, 9 at 448, scaled with the patch-grid area at other sizes (--print-config shows the "
-        "count); mae, beit: global", resume="derived",
+        "counts (B/16: 4 at 224 px, 6 at 384, 9 at 448; B/8: 4 at 224), scaled with the patch-grid area at sizes "
+        "the paper does not report (--print-config shows the count); mae, beit: global", resume="derived",
         parse=lambda text: "auto" if text.strip().lower() == "auto" else parse_windows(text))
+    window_placement: str = S.setting(
+        "permutation", "how windows are placed: permutation = the original's (tops and lefts from two random "
+        "permutations: no two windows of an image share a top row or a left column, so at most min(H-K+1, W-K+1) "
+        "windows); distinct = any distinct positions of the (H-K+1)x(W-K+1) grid (more windows on small grids)",
+        choices=("permutation", "distinct"))
     mask_ratio: float | None = S.setting(None, "masked share per window (default: 0.8 lomar, 0.75 mae; beit: "
                                          "blockwise)", resume="derived", kind=float)
     norm_pix_loss: bool = S.setting(True, "reconstruct per-patch normalised pixels")
@@ -76,13 +85,28 @@ class PretrainConfig:
     epochs: int = S.EPOCHS.field()
     max_steps: int | None = S.MAX_STEPS.field()
     schedule_steps: int | None = S.SCHEDULE_STEPS.field()
-    blr: float = S.BLR.field()
-    lr: float | None = S.LR.field()
-    min_lr: float = S.MIN_LR.field()
-    warmup_epochs: float = S.WARMUP_EPOCHS.field()
-    weight_decay: float = S.WEIGHT_DECAY.field()
-    clip_grad: float | None = S.setting(None, "clip the gradient norm to this (default: no clipping)", kind=float,
-                                      above=0)
+    # optimisation: the generic defaults are LoMaR's (= MAE's) recipe; each --method's recipe replaces them
+    blr: float = S.BLR.field(help=S.BLR.help + f" (default: the --method's recipe, {_R}: 1.5e-4)")
+    lr: float | None = S.LR.field(help=f"absolute peak lr (default: the --method's recipe; {_R}: from --blr; beit: "
+                                       f"1.5e-3, not scaled by the batch)")
+    min_lr: float = S.MIN_LR.field(help=S.MIN_LR.help + f" (default: the --method's recipe; {_R}: 0; beit: 1e-5)")
+    warmup_epochs: float = S.WARMUP_EPOCHS.field(help=S.WARMUP_EPOCHS.help + f" (default: the --method's recipe; "
+                                                                             f"{_R}: 40; beit: 10)")
+    weight_decay: float = S.WEIGHT_DECAY.field(help=S.WEIGHT_DECAY.help + " (default: the --method's recipe: 0.05)")
+    clip_grad: float | None = S.setting(None, f"clip the gradient norm to this (default: the --method's recipe; "
+                                              f"{_R}: no clipping; beit: 3.0)", kind=float, above=0)
+    betas: tuple[float, float] = S.setting(
+        (0.9, 0.95), f"AdamW betas (default: the --method's recipe; {_R}: 0.9 0.95; beit: 0.9 0.999)", low=0,
+        below=1, nargs=2, metavar=("B1", "B2"))
+    crop_scale: tuple[float, float] = S.setting(  # checked as a pair in validate
+        (0.2, 1.0), f"area range of the random resized crop, fractions of the image, 0 < LOW <= HIGH <= 1 (default: "
+        f"the --method's recipe; {_R}: 0.2 1.0; beit: 0.08 1.0)", finite=False, nargs=2, metavar=("LOW", "HIGH"))
+    color_jitter: float = S.setting(0.0, f"ColorJitter strength for brightness, contrast and saturation, 0 = off; "
+                                         f"--decode full only (default: the --method's recipe; {_R}: 0; beit: 0.4)",
+                                    low=0)
+    layer_scale_init: float | None = S.setting(
+        None, "--method beit: layer-scale start (default: BEiT's by model size: 0.1 up to ViT-B, 1e-5 from ViT-L's "
+        "width 1024)", kind=float, above=0, resume="derived")
     precision: str = S.PRECISION.field()
     compile: bool = S.COMPILE.field()
     fsdp: bool = S.setting(False, "shard the model, gradients and optimizer state across the torchrun processes "
@@ -136,9 +160,14 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
     if explicit.get("windows") == "auto":
         explicit["windows"] = None  # resolved below; on resume, the saved run's count
     if saved is not None:
+        if "window_placement" not in saved[0]:  # a run saved before placements existed drew distinct cells
+            saved = ({**saved[0], "window_placement": "distinct"}, saved[1])
         values = R.resume_values(PretrainConfig, *saved, explicit)
     else:
         values = PretrainConfig().to_dict()
+        values.update(method_recipe(explicit.get("method", values["method"])))
+        if "blr" in explicit and "lr" not in explicit:
+            values["lr"] = None  # a given base lr scales with the batch, over a recipe's absolute lr (BEiT's)
         values["preset"] = explicit.get("preset") or ("demo" if explicit.get("data") is None else "paper")
         if values["preset"] == "demo":
             preset = dict(DEMO_PRESET)
@@ -162,6 +191,13 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
     # --print-config only shows the settings, so an --out that holds a run is no error there
     validate(config, check_out=not getattr(args, "print_config", False))
     return config
+
+
+def method_recipe(method: str) -> dict[str, Any]:
+    """The pretraining recipe of ``method`` (``Method.recipe``); {} for an unknown name (validate reports it)."""
+    from lomar.methods import get_method, names
+
+    return dict(get_method(method).recipe) if method in names() else {}
 
 
 def _saved_config(explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
@@ -232,7 +268,8 @@ def resolve_windows(config: PretrainConfig) -> int:
         default = get_method(config.method).default_windows
         if default is not None:
             return default
-        return paper_windows(config.img_size, vit_config(config).patch_size, config.window_size)
+        return paper_windows(config.img_size, vit_config(config).patch_size, config.window_size,
+                             config.window_placement)
     try:
         return parse_windows(value)
     except ValueError as exc:
@@ -268,7 +305,20 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
         raise ConfigError(f"--method mae needs --pos abs (got {config.pos})")
     if config.tokenizer is not None and config.method != "beit":
         raise ConfigError(f"--tokenizer is for --method beit only (got --method {config.method}); drop it")
+    low, high = config.crop_scale
+    if not 0 < low <= high <= 1:  # also false for nan
+        raise ConfigError(f"--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1 (fractions of the image area), "
+                          f"got {low:g} {high:g}; e.g. --crop-scale 0.2 1.0 (LoMaR's recipe) or 0.08 1.0 (BEiT's)")
+    if config.color_jitter and config.decode != "full":
+        raise ConfigError(f"--color-jitter {config.color_jitter:g} is applied by --decode full only (got --decode "
+                          f"{config.decode}); pass --decode full, or --color-jitter 0")
     vit = vit_config(config)
+    if config.method == "beit" and config.layer_scale_init is None:
+        from lomar.methods.beit import layer_scale_init
+
+        config.layer_scale_init = layer_scale_init(vit.embed_dim)
+    elif config.method != "beit" and config.layer_scale_init is not None:
+        raise ConfigError(f"--layer-scale-init is for --method beit only (got --method {config.method}); drop it")
     if vit.embed_dim % vit.num_heads:
         raise ConfigError(f"--embed-dim {vit.embed_dim} is not divisible by --num-heads {vit.num_heads}")
     try:
@@ -322,13 +372,18 @@ def dump_config(config: PretrainConfig) -> str:
     from lomar.methods import get_method, names
 
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    if config.method in names():
+        text = f"# recipe defaults: {get_method(config.method).recipe_source}\n" + text
     if config.method not in names() or get_method(config.method).default_windows is not None:
         return text  # auto is a fixed count there, not the paper's rule
     try:
         auto = resolve_windows(dataclasses.replace(config, windows="auto"))
     except (ConfigError, ValueError):
         return text
-    from lomar.windows import WINDOWS_RULE
+    from lomar.windows import WINDOWS_RULE, windows_source
 
-    note = f"# --windows auto = {auto} at --img-size {config.img_size}: {WINDOWS_RULE}\n"
+    patch = vit_config(config).patch_size
+    why = ("the paper's count for this patch and image size" if windows_source(config.img_size, patch) == "paper"
+           else WINDOWS_RULE)
+    note = f"# --windows auto = {auto} at --img-size {config.img_size}, patch {patch}: {why}\n"
     return text.replace("\nwindows:", "\n" + note + "windows:", 1)

@@ -39,12 +39,12 @@ def make_masker(config: PretrainConfig, patch_size: int):
 
 class PretrainTask(Task):
     name = "pretrain"
-    betas = (0.9, 0.95)
     eval_log = "knn.jsonl"
     outputs = ("config.yaml", "knn.jsonl", "encoder.safetensors", "config.json", "reconstruction*.png", "loss.png")
 
     def __init__(self, config: PretrainConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, device
+        self.betas = tuple(config.betas)  # the method's recipe unless set
         self.model = build_model(config, prepare_method(config)).to(device)
         self.patch = self.model.config.patch_size
         self.runtime = method_runtime(config, self.patch)
@@ -55,8 +55,8 @@ class PretrainTask(Task):
             precision = resolve_precision(config.precision, device)
             shard_model(self.model, "bf16" if precision == "bf16" else "fp32")
         # The reference dataset draws the figures; the one the loader reads follows --decode.
-        self.base_dataset = build_pretrain_dataset(config.data, config.img_size, config.seed,
-                                                   masker=self.runtime.masker,
+        self.base_dataset = build_pretrain_dataset(config.data, config.img_size, config.seed, config.crop_scale,
+                                                   masker=self.runtime.masker, color_jitter=config.color_jitter,
                                                    rank=info.rank, world_size=info.world_size)
         self.decoding = decode_dataset(self.base_dataset, config.decode, self.patch, config.window_size,
                                        config.windows, device)

@@ -29,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, help="number of seeds (0, 1, ..., N-1), at most 100 "
                                                    "(default: the spec's or preset's)")
     parser.add_argument("--out", help="study folder (default studies/<name>)")
+    parser.add_argument("--scale", choices=("small", "paper"), default="small",
+                        help="for a preset of the paper's experiments: small = a small ViT on a CPU in minutes; "
+                             "paper = the paper's ViT-B/16 settings (a GPU): printed, and run when --data is given "
+                             "(default: small)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,9 +46,19 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--seeds must be a positive count, got {args.seeds}")
     seeds = None if args.seeds is None else seed_list(args.seeds, "--seeds")
     budget = None if args.budget is None else parse_budget(args.budget, "--budget")
+    if args.scale != "small" and not args.preset:
+        raise UsageError("--scale is for presets; a spec states its own settings")
     if args.preset:
         out = args.out or f"studies/{args.preset}"
-        spec = build_preset(args.preset, args.data, args.budget, args.seeds, out)
+        spec = build_preset(args.preset, args.data, args.budget, args.seeds, out, scale=args.scale)
+        if args.scale == "paper":
+            from lomar.cli.study.presets import describe
+
+            print(describe(spec), end="", flush=True)
+            if args.data is None:
+                print("lomar study: --scale paper prints the settings only; pass --data ROOT (your images, with "
+                      "train/ and val/ for accuracy) on a GPU to run them", file=sys.stderr)
+                return 0
     else:
         if args.data:
             raise UsageError("--data is for presets; a spec names its data under data:")

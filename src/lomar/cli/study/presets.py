@@ -1,12 +1,17 @@
 """Presets that mirror the paper's experiments, scaled to any dataset and to a CPU.
 
+Each of the paper's experiments runs at ``--scale small`` (a small ViT on 96 px crops: a CPU in
+minutes) or ``--scale paper`` (ViT-B/16 at 224 px, epoch-based, each method on its own recipe: a GPU
+and the user's data; the command prints the settings, and runs them when given ``--data``).
+
 - ``fig3``: LoMaR vs MAE (and BEiT when ``lomar pretrain --method beit`` is accepted) along the
   budget (accuracy vs pretraining time, the paper's Fig. 3).
-- ``windows``: window size : windows per image 5:8, 7:4, 9:3, 11:2, 14:1 (the paper's 14x14 grid),
-  scaled to the grid: size ``w' = clamp(round(w * g / 14), 2, g)`` on a g x g grid, count kept, so
-  each setting covers about the same share of the image as in the paper.
-- ``mask-ratio``: LoMaR at 60/70/80/90 % of each window masked.  ``pos``: contextual RPE vs
-  absolute sin-cos positions.
+- ``table5``: BEiT vs BEiT + windows (7:4), all else BEiT's recipe (the paper's Table 5).
+- ``windows``: window size : windows per image 5:8, 7:4, 9:3, 11:2, 14:1 (Table 6, the paper's 14x14
+  grid); at small scale scaled to the grid: size ``w' = clamp(round(w * g / 14), 2, g)`` on a g x g
+  grid, count kept, so each setting covers about the same share of the image as in the paper.
+- ``mask-ratio``: LoMaR at 30/40/.../90 % of each window masked (the paper's sweep).  ``pos``:
+  contextual RPE vs absolute sin-cos positions.
 - ``enc-dec`` (the paper's §4.6): in the same windows, LoMaR's encoder only vs MAE's encoder and
   decoder (``--method mae --windows N``: windowed MAE), with global MAE as the reference.
 - ``digits``: the bundled real data (scikit-learn's handwritten digits), LoMaR vs MAE vs random
@@ -26,10 +31,25 @@ from typing import Any
 from lomar.cli.study.spec import StudySpec, parse_budget, parse_flags, parse_spec
 from lomar.errors import UsageError
 
-__all__ = ["PRESETS", "build_preset", "scaled_windows", "digits_data", "method_available"]
+__all__ = ["PRESETS", "PAPER_PRESETS", "SCALES", "build_preset", "describe", "scaled_windows", "digits_data",
+           "method_available"]
 
-PRESETS = ("fig3", "windows", "mask-ratio", "pos", "enc-dec", "digits", "digits-checks")
-PAPER_WINDOWS = ((5, 8), (7, 4), (9, 3), (11, 2), (14, 1))  # window size : windows, on a 14x14 grid
+PRESETS = ("fig3", "table5", "windows", "mask-ratio", "pos", "enc-dec", "digits", "digits-checks")
+PAPER_PRESETS = PRESETS[:6]  # the paper's experiments: each has a paper scale
+SCALES = ("small", "paper")
+PAPER_WINDOWS = ((5, 8), (7, 4), (9, 3), (11, 2), (14, 1))  # window size : windows, on a 14x14 grid (Table 6)
+MASK_RATIOS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the paper's mask-ratio sweep, 30-90 %
+
+# --scale paper: ViT-B/16 at 224 px (14x14 grid), window 7x7, the methods' own recipes (SPEC §4,
+# BEIT_SPEC §4), epoch-based. The paper's runs use 8+ GPUs; the batch per device and the epochs
+# below are this preset's choice (override with --budget, or write a spec).
+PAPER_SCALE = dict(model="vit_base_patch16", img_size=224, window_size=7, batch_size=128, epochs=400, save_every=20,
+                   log_every=100)
+PAPER_BUDGET = "400epochs"
+PAPER_SLICE = "1800s"  # cells of one seed take turns in half-hour slices
+PAPER_SCALE_NOTE = ("ViT-B/16 at 224 px (14x14 patch grid), 7x7 windows, 4 per image for LoMaR (the paper's), mask "
+                    "80 % per window (LoMaR) / 75 % (MAE) / blockwise (BEiT), each method on its own paper's recipe; "
+                    "batch 128 per device and 400 epochs are this preset's choice, not the paper's (set --budget).")
 
 # A small ViT that trains at a few steps per second on 2 CPU cores (the pretrain demo's model).
 SMALL = dict(embed_dim=128, depth=4, num_heads=4, patch_size=8, img_size=96, batch_size=16, lr=1e-3,
@@ -126,10 +146,16 @@ def digits_data(root: Path) -> Path:
 
 
 def build_preset(name: str, data: str | None = None, budget: str | None = None, seeds: int | None = None,
-                 out: str | None = None) -> StudySpec:
-    """The StudySpec of a preset (``out``: where the digits preset builds its data)."""
+                 out: str | None = None, scale: str = "small") -> StudySpec:
+    """The StudySpec of a preset (``out``: where the digits preset builds its data; ``scale``: small
+    = a CPU in minutes, paper = the paper's ViT-B settings, for a GPU and the user's data)."""
     if name not in PRESETS:
         raise UsageError(f"--preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
+    if scale not in SCALES:
+        raise UsageError(f"--scale {scale!r} is unknown; choose one of {', '.join(SCALES)}")
+    if scale == "paper" and name not in PAPER_PRESETS:
+        raise UsageError(f"--preset {name} has no paper scale (it is this project's own experiment); drop "
+                         f"--scale paper, or pick one of {', '.join(PAPER_PRESETS)}")
     if budget is not None:
         parse_budget(budget, "--budget")  # named as the user typed it, '' included
     notes: list[str] = []
@@ -155,35 +181,78 @@ def build_preset(name: str, data: str | None = None, budget: str | None = None, 
                          "as `digits`; no random-init row (see `digits`).")
         return parse_spec(raw, f"--preset {name}", notes=notes)
     section, metrics = _data(data)
-    settings = dict(SMALL)
-    grid_side = settings["img_size"] // settings["patch_size"]
+    paper = scale == "paper"
+    settings = dict(PAPER_SCALE if paper else SMALL)
+    grid_side = settings["img_size"] // (16 if paper else settings["patch_size"])
+    # the paper's (size, count) pairs at its 14x14 grid; scaled down to the small grid
+    pairs = [dict(label=f"{w}:{n}", window_size=w, windows=n) for w, n in PAPER_WINDOWS] if paper \
+        else scaled_windows(grid_side)
     every = None
+    if paper:
+        metrics = [*metrics, "finetune"] if metrics else metrics
+        notes.append("Paper scale: " + PAPER_SCALE_NOTE)
     if name == "fig3":
         methods = ["lomar", "mae"] + (["beit"] if method_available("beit") else [])
-        notes.append(f"Methods: {', '.join(methods)}" + ("" if "beit" in methods else
+        notes.append(f"Methods: {', '.join(methods)}, each on its own paper's pretraining recipe (`lomar pretrain "
+                     f"--method M --print-config`)" + ("" if "beit" in methods else
                      " (`lomar pretrain --method beit` is not accepted by this version: BEiT left out)") + ".")
         grid = {"method": methods}
-        b = parse_budget("60s" if budget is None else budget, "--budget")
-        every = f"{b.value / 4:g}s" if b.unit == "seconds" else f"{max(1, int(b.value) // 4)}steps"
+        b = parse_budget(_default_budget(name, paper) if budget is None else budget, "--budget")
+        if b.unit == "seconds":
+            every = f"{b.value / 4:g}s"
+        elif b.unit == "steps":
+            every = f"{max(1, int(b.value) // 4)}steps"
+    elif name == "table5":
+        window = pairs[1]  # the paper's 7:4, LoMaR's default
+        grid = {"design": [dict(label="beit", method="beit", windows=0),
+                           dict(label=f"beit + windows {window['label']}", method="beit",
+                                window_size=window["window_size"], windows=window["windows"])]}
+        notes.append(f"Table 5: BEiT on its own recipe, globally and inside {window['label']} windows (blockwise "
+                     f"masks scaled to the window); every other setting as the original BEiT.")
     elif name == "windows":
-        grid = {"window": scaled_windows(grid_side)}
+        grid = {"window": pairs}
         settings["method"] = "lomar"
-        notes.append(f"Windows scaled from the paper's 14x14 grid to this {grid_side}x{grid_side} grid: size "
-                     f"round(w * {grid_side} / 14) clamped to [2, {grid_side}], windows per image kept.")
+        if not paper:
+            notes.append(f"Windows scaled from the paper's 14x14 grid to this {grid_side}x{grid_side} grid: size "
+                         f"round(w * {grid_side} / 14) clamped to [2, {grid_side}], windows per image kept.")
     elif name == "mask-ratio":
-        grid, settings["method"] = {"mask_ratio": [0.6, 0.7, 0.8, 0.9]}, "lomar"
+        grid, settings["method"] = {"mask_ratio": list(MASK_RATIOS)}, "lomar"
     elif name == "pos":
         grid, settings["method"] = {"pos": ["rpe", "abs"]}, "lomar"
     else:  # enc-dec
-        window = scaled_windows(grid_side)[1]  # the paper's 7:4, the LoMaR default
+        window = pairs[1]  # the paper's 7:4, the LoMaR default
         same = dict(window_size=window["window_size"], windows=window["windows"], mask_ratio=0.8)
+        decoder = {} if paper else SMALL_DECODER
         grid = {"design": [dict(label="lomar (encoder, windows)", method="lomar", **same),
-                           dict(label="mae (encoder-decoder, windows)", method="mae", **same, **SMALL_DECODER),
-                           dict(label="mae (encoder-decoder, global)", method="mae", windows=0, **SMALL_DECODER)]}
+                           dict(label="mae (encoder-decoder, windows)", method="mae", **same, **decoder),
+                           dict(label="mae (encoder-decoder, global)", method="mae", windows=0, **decoder)]}
         notes.append(f"Windows {window['label']}, 80 % of each window masked, for LoMaR and windowed MAE alike; "
-                     f"global MAE masks its default 75 % of the image. MAE's decoder: {SMALL_DECODER}.")
-    raw = dict(name=name, budget="30s" if budget is None else budget, seeds=seeds or 1, slice="10s", settings=settings,
-               grid=grid, data=section, eval={"metrics": metrics, "img_size": settings["img_size"], "every": every})
+                     f"global MAE masks its default 75 % of the image. MAE's decoder: "
+                     f"{decoder or 'MAE-base (512 wide, 8 blocks, 16 heads)'}.")
+    raw = dict(name=name, budget=_default_budget(name, paper) if budget is None else budget, seeds=seeds or 1,
+               slice=PAPER_SLICE if paper else "10s", settings=settings, grid=grid, data=section,
+               eval={"metrics": metrics, "img_size": settings["img_size"], "every": every})
     if not metrics:
         notes.append("No labelled train/ and val/ folders: the table shows the training loss only.")
     return parse_spec(raw, f"--preset {name}", notes=notes)
+
+
+def _default_budget(name: str, paper: bool) -> str:
+    return PAPER_BUDGET if paper else ("60s" if name == "fig3" else "30s")
+
+
+def describe(spec: StudySpec) -> str:
+    """A preset's settings as YAML: what ``--scale paper`` prints (shared settings, grid, budget, notes)."""
+    import yaml
+
+    from lomar.train.config import method_recipe
+
+    methods = dict.fromkeys(cell.settings.get("method", "lomar") for cell in spec.cells())
+    text = yaml.safe_dump({"preset": spec.name, "budget": str(spec.budget), "seeds": spec.seeds,
+                           "settings": spec.settings,
+                           "grid": {axis: [{"label": label, **values} for label, values in points]
+                                    for axis, points in spec.grid.items()},
+                           "metrics": list(spec.eval.metrics),
+                           "recipes": {m: {k: list(v) if isinstance(v, tuple) else v
+                                           for k, v in method_recipe(m).items()} for m in methods}}, sort_keys=False)
+    return text + "".join(f"# {note}\n" for note in spec.notes)

@@ -1,0 +1,118 @@
+"""Each method pretrains on its own paper's recipe: the values, their place in the resolution
+order (under YAML and flags, over the generic defaults), and what the engine takes from them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lomar.cli.app import main
+from lomar.data.transforms import PretrainTransform, draw_sample, sample_generator
+from lomar.methods import get_method
+from lomar.methods.base import RECIPE_KEYS
+
+# The papers' values, written out here independently of the method modules.
+PAPER = {
+    # SPEC §4 (LoMaR's main_pretrain.py) = MAE's Table 8
+    "lomar": dict(betas=(0.9, 0.95), blr=1.5e-4, lr=None, warmup_epochs=40, min_lr=0.0, weight_decay=0.05,
+                  clip_grad=None, crop_scale=(0.2, 1.0), color_jitter=0.0, layer_scale_init=None),
+    "mae": dict(betas=(0.9, 0.95), blr=1.5e-4, lr=None, warmup_epochs=40, min_lr=0.0, weight_decay=0.05,
+                clip_grad=None, crop_scale=(0.2, 1.0), color_jitter=0.0, layer_scale_init=None),
+    # BEIT_SPEC §4: lr 1.5e-3 at batch 2048, not scaled; layer scale by model size
+    "beit": dict(betas=(0.9, 0.999), lr=1.5e-3, warmup_epochs=10, min_lr=1e-5, weight_decay=0.05, clip_grad=3.0,
+                 crop_scale=(0.08, 1.0), color_jitter=0.4, layer_scale_init=None),
+}
+
+
+def _config(tmp_path: Path, capsys, *args: str) -> dict:
+    assert main(["pretrain", "--out", str(tmp_path / "run"), *args, "--print-config"]) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("method", sorted(PAPER))
+def test_each_method_carries_its_papers_recipe(method):
+    recipe = get_method(method).recipe
+    assert set(recipe) == set(RECIPE_KEYS)
+    for key, value in PAPER[method].items():
+        assert recipe[key] == value, (method, key)
+
+
+@pytest.mark.parametrize("method", sorted(PAPER))
+def test_print_config_shows_the_methods_recipe(method, tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    resolved = _config(tmp_path, capsys, "--method", method, "--data", str(tmp_path / "data"))
+    for key, value in PAPER[method].items():
+        shown = tuple(resolved[key]) if isinstance(value, tuple) else resolved[key]
+        if key == "layer_scale_init" and method == "beit":
+            value = 0.1  # ViT-B
+        assert shown == value, (method, key)
+
+
+def test_beit_print_config_without_data_shows_beits_recipe(tmp_path, capsys):
+    # the demo preset sizes the run (lr, warm-up) but keeps the recipe's optimizer and augmentation
+    out = main(["pretrain", "--out", str(tmp_path / "run"), "--method", "beit", "--print-config"])
+    text = capsys.readouterr().out
+    resolved = yaml.safe_load(text)
+    assert out == 0 and "BEiT's pretraining recipe" in text
+    assert tuple(resolved["betas"]) == (0.9, 0.999) and resolved["clip_grad"] == 3.0 and resolved["min_lr"] == 1e-5
+    assert tuple(resolved["crop_scale"]) == (0.08, 1.0) and resolved["color_jitter"] == 0.4
+
+
+def test_layer_scale_follows_the_model_size(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    data = ("--data", str(tmp_path / "data"))
+    assert _config(tmp_path, capsys, "--method", "beit", "--model", "vit_large_patch16", *data)[
+        "layer_scale_init"] == 1e-5
+    assert _config(tmp_path, capsys, "--method", "beit", "--model", "vit_small_patch16", *data)[
+        "layer_scale_init"] == 0.1
+
+
+def test_flags_and_yaml_override_the_recipe(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("clip_grad: 1.0\nbetas: [0.8, 0.99]\n")
+    resolved = _config(tmp_path, capsys, "--method", "beit", "--data", str(tmp_path / "data"), "--config",
+                       str(yaml_file), "--crop-scale", "0.3", "1.0", "--color-jitter", "0")
+    assert resolved["clip_grad"] == 1.0 and tuple(resolved["betas"]) == (0.8, 0.99)
+    assert tuple(resolved["crop_scale"]) == (0.3, 1.0) and resolved["color_jitter"] == 0
+    # a given base lr scales with the batch: BEiT's absolute lr gives way to it
+    resolved = _config(tmp_path, capsys, "--method", "beit", "--data", str(tmp_path / "data"), "--blr", "1e-4")
+    assert resolved["lr"] is None and resolved["blr"] == 1e-4
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--crop-scale", "0.9", "0.5"], ["--crop-scale", "0.9 0.5"]),
+    (["--color-jitter", "0.4", "--decode", "draft"], ["--color-jitter", "--decode full"]),
+    (["--layer-scale-init", "0.1"], ["--layer-scale-init", "beit only"]),
+    (["--betas", "0.9", "1.0"], ["--betas"]),
+])
+def test_bad_recipe_settings_are_refused(args, words, tmp_path, capsys):
+    try:
+        code = main(["pretrain", "--out", str(tmp_path / "run"), *args, "--print-config"])
+    except SystemExit as exc:  # argparse's own checks
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
+    for word in words:
+        assert word in err
+
+
+def test_jitter_off_draws_what_it_drew_before_and_on_changes_colours():
+    image = (torch.rand(3, 40, 50) * 255).to(torch.uint8)
+    plain, jitter = PretrainTransform(32, (0.2, 1.0)), PretrainTransform(32, (0.2, 1.0), color_jitter=0.4)
+    a = draw_sample(plain, None, 40, 50, sample_generator(0, 0, 3))
+    b = draw_sample(jitter, None, 40, 50, sample_generator(0, 0, 3))
+    assert a.jitter == () and (a.box, a.flip) == (b.box, b.flip)  # jitter is drawn last
+    assert sorted(op for op, _ in b.jitter) == ["brightness", "contrast", "saturation"]
+    assert all(0.6 <= f <= 1.4 for _, f in b.jitter)
+    assert not torch.equal(plain.apply(image, a), jitter.apply(image, b))
+
+
+def test_crop_scale_reaches_the_crop():
+    transform = PretrainTransform(32, (0.08, 0.1))
+    for i in range(50):
+        _, _, h, w = transform.crop_box(100, 100, sample_generator(0, 0, i))
+        assert h * w <= 0.13 * 100 * 100  # rounding of h and w
