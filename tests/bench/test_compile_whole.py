@@ -53,3 +53,26 @@ def test_compiled_beit_refuses_a_plan_that_masks_more_than_its_slots():
     compiled = torch.compile(runner.model, fullgraph=True, dynamic=False, backend="aot_eager")
     with pytest.raises(RuntimeError, match="mask_slots"):
         compiled(runner.images, plan=full)
+
+
+@pytest.mark.parametrize("method,windows", [("lomar", 2), ("mae", None), ("beit", None), ("beit_window", 2)])
+def test_the_training_steps_inputs_keep_the_step_one_graph(method, windows):
+    """``lomar pretrain --compile`` calls the compiled model with what the data workers drew
+    (the method's masker per sample, collated, then ``forward_kwargs``): the same single graph."""
+    from types import SimpleNamespace
+
+    from lomar.methods import get_method
+    from lomar.methods.base import method_runtime
+
+    torch._dynamo.reset()
+    runner = build_runner(method, "vit_base_patch16", 128, windows, 2, CPU, "fp32", False, tiny=True)
+    name = "beit" if method.startswith("beit") else method
+    config = SimpleNamespace(method=name, img_size=128, window_size=7, windows=windows or 0,
+                             mask_ratio=get_method(name).default_mask_ratio)
+    runtime = method_runtime(config, 16)
+    samples = [runtime.masker(torch.Generator().manual_seed(i)) for i in range(2)]
+    batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+    kwargs = runtime.forward_kwargs(batch, CPU)
+    assert set(kwargs) == set(runner.inputs)
+    explained = torch._dynamo.explain(runner.model)(runner.images, **kwargs)
+    assert explained.graph_break_count == 0, explained.break_reasons
