@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One-command GPU check: everything this project has never measured on a GPU, in <= 8 minutes
-# on one H100. Works offline: it uses the machine's preinstalled torch and installs lomar
+# One-command GPU check: the paper's speed table (LoMaR, MAE, BEiT, BEiT + windows at 224/384/448 px),
+# the loader (--decode full|draft and batched GPU decode), a short `lomar pretrain --decode gpu` and the
+# CUDA tests, in <= 8 minutes on one H100/H200 (estimate from benchmarks/gpu/: ~25 s per eager
+# bench process, ~45 s per compiled model, loader ~60 s, pretrain ~90 s, tests ~60 s). Works offline: it uses the machine's preinstalled torch and installs lomar
 # without dependencies. Every part has its own timeout; a failing part does not stop the others.
 # Writes one JSON per part to $OUT (else benchmarks/gpu/) and a summary log, summary.log.
 #
@@ -8,18 +10,19 @@
 #   GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh   # tiny CPU mode: every part for seconds
 #
 # Sizes (env vars, defaults for the full check):
-#   GPU_CHECK_MODEL=vit_base_patch16  GPU_CHECK_SIZES="224 448 896"  GPU_CHECK_WINDOWS="paper"
-#   GPU_CHECK_BENCH_BATCH=64  GPU_CHECK_MAE_BATCH_896=16  GPU_CHECK_STEPS=5  GPU_CHECK_WARMUP=2
+#   GPU_CHECK_MODEL=vit_base_patch16  GPU_CHECK_SIZES="224 384 448"  GPU_CHECK_WINDOWS="paper"
+#   GPU_CHECK_COMPILE_SIZES="448" (sizes also timed with --compile, every method in one process)
+#   GPU_CHECK_BENCH_BATCH=64  GPU_CHECK_STEPS=5  GPU_CHECK_WARMUP=2
 #   GPU_CHECK_METHODS (default: every method `lomar bench --help` offers)
-#   GPU_CHECK_PRETRAIN_STEPS=100  GPU_CHECK_PRETRAIN_SIZE=448  GPU_CHECK_PRETRAIN_BATCH=64
+#   GPU_CHECK_PRETRAIN_STEPS=40  GPU_CHECK_PRETRAIN_SIZE=448  GPU_CHECK_PRETRAIN_BATCH=64
 #   GPU_CHECK_WORKERS=(cores-2)  GPU_CHECK_CAMERA_COUNT=128  GPU_CHECK_FINETUNE_STEPS=20
-#   GPU_CHECK_DECODE="full gpu" (pretrain runs, one per `lomar pretrain --decode` mode)
+#   GPU_CHECK_DECODE="gpu" (pretrain runs, one per `lomar pretrain --decode` mode)
 #   GPU_CHECK_BACKBONE_SIZES="1024 1536 2048"  GPU_CHECK_BACKBONE_ATTENTION="dense chunked flex windowed"
-#   GPU_CHECK_T_ENV/_BENCH/_PRETRAIN/_LOADER/_FINETUNE/_BACKBONE: per-part timeouts (s)
-#   GPU_CHECK_COMPILE=1 (0: eager bench steps)
-#   GPU_CHECK_BUDGET=450 (s, whole check: bench runs, last, are skipped when it is spent)
+#   GPU_CHECK_T_ENV/_BENCH/_PRETRAIN/_LOADER/_TESTS/_FINETUNE/_BACKBONE: per-part timeouts (s)
+#   GPU_CHECK_BUDGET=470 (s, whole check: bench runs, last, are skipped when it is spent)
 #   GPU_CHECK_VENV=/tmp/lomar-gpu-check-venv (an existing venv not made by this script is used as is)
-#   GPU_CHECK_PARTS="env bench loader pretrain finetune backbone"
+#   GPU_CHECK_PARTS="env tests loader pretrain bench" (also: finetune backbone, outside the 8 minutes)
+# The ratios beside the paper's (Table 1) are written to ratios.md / ratios.json.
 set -u
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -32,18 +35,18 @@ LOG="$DEST/summary.log"
 say() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
 
 if [ "$DEVICE" = cpu ]; then  # tiny mode: proves the script runs, measures nothing useful
-  D_MODEL=vit_tiny_patch8; D_SIZES="64"; D_BATCH=2; D_MAE896=2; D_STEPS=1; D_WARMUP=0
+  D_MODEL=vit_tiny_patch8; D_SIZES="64"; D_CSIZES=""; D_BATCH=2; D_STEPS=1; D_WARMUP=0
   D_PSTEPS=3; D_PSIZE=64; D_PBATCH=4; D_WORKERS=1; D_COUNT=8; D_FSTEPS=2; D_BB="64"; D_BBATT="dense chunked"
   TINY=(--embed-dim 32 --depth 1 --num-heads 2 --window-size 3 --windows 2); D_WINDOWS="2"
-  BENCH_TINY=(--tiny); PRECISION=fp32; COMPILE=(); D_DECODE="full draft"
+  BENCH_TINY=(--tiny); PRECISION=fp32; D_DECODE="draft"
 else
-  D_MODEL=vit_base_patch16; D_SIZES="224 448 896"; D_BATCH=64; D_MAE896=16; D_STEPS=5; D_WARMUP=2
-  D_PSTEPS=100; D_PSIZE=448; D_PBATCH=64; D_WORKERS=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 )); D_COUNT=128
+  D_MODEL=vit_base_patch16; D_SIZES="224 384 448"; D_CSIZES="448"; D_BATCH=64; D_STEPS=5
+  D_WARMUP=2; D_PSTEPS=40; D_PSIZE=448; D_PBATCH=64; D_WORKERS=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 )); D_COUNT=128
   D_FSTEPS=20; D_BB="1024 1536 2048"; D_BBATT="dense chunked flex windowed"; TINY=(); D_WINDOWS="paper"; BENCH_TINY=(); PRECISION=bf16
-  COMPILE=(--compile); D_DECODE="full gpu"
+  D_DECODE="gpu"
 fi
 MODEL=${GPU_CHECK_MODEL:-$D_MODEL}; SIZES=${GPU_CHECK_SIZES:-$D_SIZES}; WINDOWS=${GPU_CHECK_WINDOWS:-$D_WINDOWS}
-BATCH=${GPU_CHECK_BENCH_BATCH:-$D_BATCH}; MAE896=${GPU_CHECK_MAE_BATCH_896:-$D_MAE896}
+BATCH=${GPU_CHECK_BENCH_BATCH:-$D_BATCH}
 STEPS=${GPU_CHECK_STEPS:-$D_STEPS}; WARMUP=${GPU_CHECK_WARMUP:-$D_WARMUP}
 PSTEPS=${GPU_CHECK_PRETRAIN_STEPS:-$D_PSTEPS}; PSIZE=${GPU_CHECK_PRETRAIN_SIZE:-$D_PSIZE}
 PBATCH=${GPU_CHECK_PRETRAIN_BATCH:-$D_PBATCH}; WORKERS=${GPU_CHECK_WORKERS:-$D_WORKERS}
@@ -51,11 +54,11 @@ COUNT=${GPU_CHECK_CAMERA_COUNT:-$D_COUNT}; FSTEPS=${GPU_CHECK_FINETUNE_STEPS:-$D
 [ "$COUNT" -lt "$PBATCH" ] && PBATCH=$COUNT  # one pretraining step needs a whole batch of test images
 BB_SIZES=${GPU_CHECK_BACKBONE_SIZES:-$D_BB}
 BB_ATTENTION=${GPU_CHECK_BACKBONE_ATTENTION:-$D_BBATT}
-[ "${GPU_CHECK_COMPILE:-1}" = 0 ] && COMPILE=()  # torch.compile costs tens of seconds per configuration
-PARTS=${GPU_CHECK_PARTS:-env bench loader pretrain finetune backbone}
+COMPILE_SIZES=${GPU_CHECK_COMPILE_SIZES-$D_CSIZES}  # torch.compile costs ~45 s per model: one size
+PARTS=${GPU_CHECK_PARTS:-env tests loader pretrain bench}
 DECODES=${GPU_CHECK_DECODE:-$D_DECODE}
 VENV=${GPU_CHECK_VENV:-/tmp/lomar-gpu-check-venv}
-BUDGET=${GPU_CHECK_BUDGET:-450}  # seconds for the whole check; late bench runs are skipped past it
+BUDGET=${GPU_CHECK_BUDGET:-470}  # seconds for the whole check; late bench runs are skipped past it
 T0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 want() { [[ " $PARTS " == *" $1 "* ]]; }
@@ -146,7 +149,7 @@ out, data, size, workers, device, model, batch, precision, tiny = sys.argv[1:]
 size, workers, batch, tiny = int(size), int(workers), int(batch), int(tiny) > 0
 windows = 2 if tiny else 9
 records = []
-for decode in ("full", "draft", "windows"):
+for decode in ("full", "draft"):
     records += measure_loader(data, [size], workers, "lomar", windows, decode, images=4 * batch if not tiny else 8,
                               batch_size=8, model=model, model_batch=batch, device=device, precision=precision,
                               steps=3, warmup=1, tiny=tiny, model_rate=decode == "full",
@@ -187,7 +190,7 @@ if want pretrain; then
     [ "$first" = 1 ] || { run="$RUN-$decode"; json="$DEST/pretrain-$decode.json"; }
     first=0
     start=$(date +%s.%N)
-    timeout "${GPU_CHECK_T_PRETRAIN:-150}" "${LOMAR[@]}" pretrain --data "$CAMERA" --out "$run" --overwrite \
+    timeout "${GPU_CHECK_T_PRETRAIN:-110}" "${LOMAR[@]}" pretrain --data "$CAMERA" --out "$run" --overwrite \
       --model "$MODEL" --img-size "$PSIZE" --windows "$PW" --batch-size "$PBATCH" --max-steps "$PSTEPS" \
       --epochs 100000 --warmup-epochs 1 --workers "$WORKERS" --device "$DEVICE" --precision "$PRECISION" \
       --decode "$decode" --log-every 10 --save-every 100000 "${TINY[@]}" 2>&1 | tail -n 20 | tee -a "$LOG"
@@ -240,25 +243,73 @@ json.dump(dict(part='finetune', rc=$rc, rows=rows), open(sys.argv[2], 'w'), inde
   fi
 fi
 
-# ---------------------------------------------------------------- lomar bench, bf16 + compile
+# ---------------------------------------------------------------- CUDA tests (FlexAttention, GPU decode)
+if want tests; then
+  if "$PY" -c "import pytest" 2>/dev/null; then
+    timeout "${GPU_CHECK_T_TESTS:-90}" "$PY" -m pytest -q -p no:cacheprovider tests/models/test_attention_cuda.py \
+      tests/bench/test_loader.py tests/train/test_pretrain.py -k "cuda or gpu" 2>&1 | tail -n 15 | tee -a "$LOG"
+    status tests "${PIPESTATUS[0]}"
+  else
+    status tests 1 "skipped: pytest is not installed for $PY"
+  fi
+fi
+
+# ---------------------------------------------------------------- lomar bench: the paper's table
+# One process per size times every method interleaved (eager, as the paper's step times); the
+# sizes in COMPILE_SIZES again with --compile (the step compiles whole: plans drawn outside it).
+bench_run() {  # bench_run PART SIZE [extra flags]
+  local part=$1 size=$2; shift 2
+  local t=$(( $(left) - 15 )); [ "$t" -gt "${GPU_CHECK_T_BENCH:-200}" ] && t=${GPU_CHECK_T_BENCH:-200}
+  if [ "$t" -lt 40 ]; then status "$part" 124 "skipped: the ${BUDGET}s budget is spent"; return; fi
+  timeout "$t" "${LOMAR[@]}" bench --model "$MODEL" --sizes "$size" --methods $METHODS --windows $WINDOWS \
+    --batch-size "$BATCH" --precision "$PRECISION" --device "$DEVICE" --steps "$STEPS" --warmup "$WARMUP" \
+    --json "$DEST/$part.json" --quiet "${BENCH_TINY[@]}" "$@" 2>&1 | tee -a "$LOG"
+  status "$part" "${PIPESTATUS[0]}"
+}
 if want bench; then
-  HELP=$("${LOMAR[@]}" bench --help 2>&1)
-  METHODS=${GPU_CHECK_METHODS:-$(echo "$HELP" | grep -o -- '--methods {[^}]*}' | head -1 | tr -d '{}' | sed 's/--methods //; s/,/ /g')}
-  METHODS=${METHODS:-lomar mae}
-  say "bench: methods $METHODS, sizes $SIZES, windows $WINDOWS, batch $BATCH, $PRECISION ${COMPILE[*]}"
-  for size in $SIZES; do
-    for method in $METHODS; do
-      b=$BATCH; [ "$method" = mae ] && [ "$size" -ge 896 ] && b=$MAE896
-      part="bench-$method-$size"
-      win=(); [ "$method" = lomar ] && win=(--windows $WINDOWS)
-      t=$(( $(left) - 15 )); [ "$t" -gt "${GPU_CHECK_T_BENCH:-150}" ] && t=${GPU_CHECK_T_BENCH:-150}
-      if [ "$t" -lt 40 ]; then status "$part" 124 "skipped: the ${BUDGET}s budget is spent"; continue; fi
-      timeout "$t" "${LOMAR[@]}" bench --model "$MODEL" --sizes "$size" --methods "$method" \
-        "${win[@]}" --batch-size "$b" --precision "$PRECISION" "${COMPILE[@]}" --device "$DEVICE" \
-        --steps "$STEPS" --warmup "$WARMUP" --json "$DEST/$part.json" "${BENCH_TINY[@]}" 2>&1 | tee -a "$LOG"
-      status "$part" "${PIPESTATUS[0]}"
-    done
-  done
+  METHODS=${GPU_CHECK_METHODS:-lomar mae beit}  # beit times BEiT and BEiT + windows
+  say "bench: methods $METHODS, sizes $SIZES (compiled: ${COMPILE_SIZES:-none}), windows $WINDOWS, batch $BATCH, $PRECISION"
+  for size in $SIZES; do bench_run "bench-$size" "$size"; done
+  for size in $COMPILE_SIZES; do bench_run "bench-compile-$size" "$size" --compile; done
+  "$PY" - "$DEST" <<'EOF' 2>&1 | tee -a "$LOG"
+import json, sys
+from pathlib import Path
+dest = Path(sys.argv[1])
+PAPER = {("mae", 384): 2.5, ("mae", 448): 3.1, ("beit", 384): 5.0, ("beit", 448): 5.3}  # Table 1: X time / LoMaR
+rows = []
+for path in sorted(dest.glob("bench-*.json")):
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        continue
+    recs = [r for r in data.get("records", []) if r.get("step_s")]
+    for size in sorted({r["img_size"] for r in recs}):
+        here = [r for r in recs if r["img_size"] == size]
+        at = {r["method"]: r for r in here if r.get("window_setting") != "paper"}
+        at.update({r["method"]: r for r in here if r.get("window_setting") == "paper"})  # the paper's windows win
+        if "lomar" not in at:
+            continue
+        for other in ("mae", "beit", "beit_window"):
+            if other in at:
+                rows.append(dict(img_size=size, compile=bool(data.get("meta", {}).get("compile")), other=other,
+                                 ratio=at[other]["step_s"] / at["lomar"]["step_s"], paper=PAPER.get((other, size)),
+                                 lomar_mfu=at["lomar"].get("mfu"), other_mfu=at[other].get("mfu"), source=path.name))
+(dest / "ratios.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def pct(v):
+    return "-" if v is None else f"{100 * v:.0f} %"
+
+
+lines = ["| px | step | X | X time / LoMaR time | paper (Table 1) | LoMaR MFU | X MFU |",
+         "|---|---|---|---|---|---|---|"]
+for r in rows:
+    paper = "-" if r["paper"] is None else f"{r['paper']}x"
+    lines.append(f"| {r['img_size']} | {'compiled' if r['compile'] else 'eager'} | {r['other']} | {r['ratio']:.2f}x "
+                 f"| {paper} | {pct(r['lomar_mfu'])} | {pct(r['other_mfu'])} |")
+(dest / "ratios.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+EOF
 fi
 
 # ---------------------------------------------------------------- backbone memory at 1024-2048 px

@@ -25,7 +25,7 @@ from lomar.models import MAE, LoMaR
 from lomar.models.vit import model_config
 from lomar.train.runtime import fast_adamw
 
-__all__ = ["StepRunner", "build_runner", "gemm_ceiling", "interleaved_times", "median", "DTYPES"]
+__all__ = ["StepRunner", "build_runner", "draw_inputs", "gemm_ceiling", "interleaved_times", "median", "DTYPES"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -66,12 +66,14 @@ class StepRunner:
     windows: int | None
     batch_size: int
     model: nn.Module
-    forward: Callable[[torch.Tensor], torch.Tensor]
+    forward: Callable[..., torch.Tensor]  # (images, **inputs) -> loss: the compiled step when compiling
     optimizer: torch.optim.Optimizer
     images: torch.Tensor
     device: torch.device
     dtype: torch.dtype
     scaler: torch.amp.GradScaler | None = None
+    # The batch's masking (plan= or noise=), drawn once outside the step as the data workers draw it.
+    inputs: dict = field(default_factory=dict)
     times: list[float] = field(default_factory=list)
     flops: int = 0
     peak_mem: tuple[int, str] = (-1, "none")
@@ -81,7 +83,9 @@ class StepRunner:
                     if self.dtype != torch.float32 else contextlib.nullcontext())
         with autocast:
             # FLOPs are counted on the eager model: the counter sees aten ops, not compiled kernels.
-            return self.model(self.images).loss if eager else self.forward(self.images)
+            if eager:
+                return self.model(self.images, **self.inputs).loss
+            return self.forward(self.images, **self.inputs)
 
     def step(self, flops: FlopCounterMode | None = None) -> None:
         """forward + backward + optimizer step; no host synchronisation inside.
@@ -206,15 +210,27 @@ def build_runner(method: str, model_name: str, img_size: int, windows: int | Non
     optimizer = fast_adamw([p for p in model.parameters() if p.requires_grad],
                            lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
     images = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    inputs = draw_inputs(model, images, seed)
     fn = torch.compile(model, dynamic=False) if compile else model  # one fixed shape per runner
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return fn(x).loss
+    def forward(x: torch.Tensor, **kw: torch.Tensor) -> torch.Tensor:
+        return fn(x, **kw).loss
 
     dtype = DTYPES[precision]
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     return StepRunner(method, img_size, windows if method != "mae" else None, batch_size, model,
-                      forward, optimizer, images, device, dtype, scaler)
+                      forward, optimizer, images, device, dtype, scaler, inputs)
+
+
+def draw_inputs(model: nn.Module, images: torch.Tensor, seed: int = 0) -> dict:
+    """The masking of one batch, drawn eagerly as training's data workers do: ``plan=`` for the
+    window methods, ``noise=`` (N, L) for MAE. Keeps random draws out of the compiled step."""
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(model, MAE) and not hasattr(model, "sample_plan"):
+        grid = model.encoder.image_grid(images)
+        noise = torch.rand(images.shape[0], grid[0] * grid[1], generator=generator)
+        return {"noise": noise.to(images.device)}
+    return {"plan": model.sample_plan(images, generator).to(images.device)}
 
 
 def gemm_ceiling(device: torch.device, precision: str, n: int | None = None) -> Callable[[], float]:

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lomar.models.beit import BEiT, BEiTConfig
-from lomar.models.masking import MaskingPlan, window_token_index
+from lomar.models.blockmask import window_blockmask_args
+from lomar.models.masking import MaskingPlan, num_masked, window_token_index
 from lomar.models.objective import gather_patches
 from lomar.models.windows import sample_method_plan, window_geometry
 
@@ -26,10 +27,28 @@ _STD = (0.229, 0.224, 0.225)
 
 
 class BEiTPretrainOutput(NamedTuple):
+    """The step's loss and its per-window predictions at a fixed number S of slots per window.
+
+    Slot s of a window holds its s-th masked token (raster order) while ``slot_mask`` is True; the
+    rest are padding. Fixed shapes keep the compiled step whole (no ``nonzero``); ``logits`` and
+    ``targets`` select the masked tokens (run them outside a compiled region).
+    """
+
     loss: torch.Tensor  # () cross-entropy over every masked token of every window
-    logits: torch.Tensor  # (M, V) masked tokens, (image, window)-major, raster order inside a window
-    targets: torch.Tensor  # (M,) the tokenizer's ids at those tokens
+    slot_logits: torch.Tensor  # (R, S, V) R = N·n windows, image-major
+    slot_targets: torch.Tensor  # (R, S) the tokenizer's ids at those tokens
+    slot_mask: torch.Tensor  # (R, S) bool, True = a masked token, False = padding
     plan: MaskingPlan
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """(M, V) masked tokens, (image, window)-major, raster order inside a window."""
+        return self.slot_logits[self.slot_mask]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """(M,) the tokenizer's ids at those tokens."""
+        return self.slot_targets[self.slot_mask]
 
 
 def tokenizer_view(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -70,6 +89,10 @@ class BEiTPretrain(nn.Module):
         self.mask_ratio = mask_ratio
         object.__setattr__(self, "tokenizer", tokenizer.eval().requires_grad_(False))  # not a submodule
         sample_method_plan(1, config.grid, window_size, num_windows, mask_ratio)  # fail now, not at step 1
+        k = self.window_size
+        # The most tokens the model's own masking hides in a window: the compiled step's slot count.
+        self.mask_slots = (num_masked(k, mask_ratio) if mask_ratio is not None
+                           else window_blockmask_args(k)["num_masking_patches"])
 
     @property
     def config(self) -> BEiTConfig:
@@ -112,12 +135,13 @@ class BEiTPretrain(nn.Module):
         elif plan.window_size != self.window_size:
             raise ValueError(f"plan has {plan.window_size}x{plan.window_size} windows, the model "
                              f"{self.window_size}x{self.window_size}")
-        else:
+        elif not torch.compiler.is_compiling():  # data-dependent checks; compiled steps get the masker's plans
             plan.validate(grid)
             plan = plan.to(images.device)
         ids = self.tokens(images) if input_ids is None else input_ids.flatten(1).to(images.device)
         image_index, top_left, mask = plan.flat()
         k = plan.window_size
+        slots, slot_mask = self._mask_slots(mask)
         token_index = window_token_index(top_left, k, grid[1])  # (R, K²)
         pixels = gather_patches(images, p, image_index, token_index).flatten(2)  # (R, K², C·p·p)
         x = F.linear(pixels, beit.patch_embed.proj.weight.flatten(1), beit.patch_embed.proj.bias)
@@ -128,6 +152,27 @@ class BEiTPretrain(nn.Module):
             table = beit.pos_embed[0].to(x.dtype)
             x, cls = x + table[1:][token_index], cls + table[:1]
         x = beit.norm(beit.run_blocks(torch.cat((cls, x), dim=1), (k, k)))[:, 1:]
-        logits = beit.lm_head(x[mask])
-        targets = ids[image_index[:, None], token_index][mask]
-        return BEiTPretrainOutput(F.cross_entropy(logits.float(), targets), logits, targets, plan)
+        x = x.gather(1, slots[..., None].expand(-1, -1, x.shape[-1]))  # (R, S, D)
+        logits = beit.lm_head(x)
+        targets = ids[image_index[:, None], token_index.gather(1, slots)]
+        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+        weight = slot_mask.flatten().to(losses.dtype)
+        loss = (losses * weight).sum() / weight.sum()  # the mean over masked tokens, as BEiT
+        return BEiTPretrainOutput(loss, logits, targets, slot_mask, plan)
+
+    def _mask_slots(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """mask (R, K²) -> the window positions of S slots (R, S) and which slots are masked (R, S).
+
+        S is :attr:`mask_slots` (static: the compiled step has fixed shapes); eagerly it grows to
+        the largest count of a hand-made plan. Compiled, a plan masking more is an error, not a drop.
+        """
+        counts = mask.sum(1)
+        if torch.compiler.is_compiling():
+            slots = self.mask_slots
+            torch._assert_async((counts <= slots).all(), "a window of the plan masks more tokens than the "
+                                "model's masking can (BEiTPretrain.mask_slots); run such plans uncompiled")
+        else:
+            slots = min(mask.shape[1], max(self.mask_slots, int(counts.max())))
+        # Masked positions first, each group in raster order (stable sort of the negated 0/1 mask).
+        order = (~mask).to(torch.uint8).argsort(dim=1, stable=True)[:, :slots]
+        return order, mask.gather(1, order)

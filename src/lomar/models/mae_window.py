@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from lomar.models.mae import MAE
-from lomar.models.masking import MaskingPlan, check_window_request, sample_plan, window_token_index
+from lomar.models.masking import MaskingPlan, check_window_request, num_masked, sample_plan, window_token_index
 from lomar.models.objective import gather_patches, masked_mse, normalize_targets
 from lomar.models.vit import ViTConfig, sincos_pos_embed_2d
 
@@ -47,6 +47,22 @@ class MAEWindow(MAE):
         return sample_plan(images.shape[0], self.encoder.image_grid(images), self.window_size, self.num_windows,
                            self.mask_ratio, generator=generator, device=images.device)
 
+    def _masked_per_window(self, mask: torch.Tensor) -> int:
+        """The one count of masked tokens of every window of mask (R, K²).
+
+        Compiled, it is the model's floor(K²·ratio) (a static shape), checked on the device.
+        """
+        counts = mask.sum(1)
+        if torch.compiler.is_compiling():
+            masked = num_masked(self.window_size, self.mask_ratio)
+            torch._assert_async((counts == masked).all(), "MAE with windows, compiled, needs exactly "
+                                "floor(K*K*mask_ratio) masked tokens in every window; run other plans uncompiled")
+            return masked
+        if bool((counts != counts[0]).any()):
+            raise ValueError("MAE with windows needs the same number of masked tokens in every window "
+                             "(random in-window masking); got differing counts")
+        return int(counts[0])
+
     def forward(self, images: torch.Tensor, plan: MaskingPlan | None = None,
                 generator: torch.Generator | None = None) -> MAEWindowOutput:
         """images (N, C, H, W) normalised → loss, pred (N·n, K·K, p·p·C), plan."""
@@ -56,15 +72,11 @@ class MAEWindow(MAE):
             plan = self.sample_plan(images, generator)
         elif plan.window_size != k:
             raise ValueError(f"plan has {plan.window_size}x{plan.window_size} windows, the model {k}x{k}")
-        else:
+        elif not torch.compiler.is_compiling():  # data-dependent checks; compiled steps get the masker's plans
             plan.validate(grid)
             plan = plan.to(images.device)
         image_index, top_left, mask = plan.flat()
-        counts = mask.sum(1)
-        if bool((counts != counts[0]).any()):
-            raise ValueError("MAE with windows needs the same number of masked tokens in every window "
-                             "(random in-window masking); got differing counts")
-        keep = k * k - int(counts[0])
+        keep = k * k - self._masked_per_window(mask)
         token_index = window_token_index(top_left, k, grid[1])
         pixels = gather_patches(images, p, image_index, token_index)  # (R, K², C, p, p)
         rows = pixels.shape[0]
