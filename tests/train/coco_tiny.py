@@ -17,7 +17,8 @@ def _polygon(kind: str, x: float, y: float, w: float, h: float) -> list[float]:
     if kind == "square":
         return [x, y, x + w, y, x + w, y + h, x, y + h]
     cx, cy = x + w / 2, y + h / 2
-    return [v for a in range(16) for v in (cx + w / 2 * math.cos(a * math.pi / 8), cy + h / 2 * math.sin(a * math.pi / 8))]
+    angles = [a * math.pi / 8 for a in range(16)]
+    return [v for a in angles for v in (cx + w / 2 * math.cos(a), cy + h / 2 * math.sin(a))]
 
 
 def write_tiny_coco(root: Path, images: int = 8, seed: int = 0, size=(96, 128)) -> tuple[Path, Path]:

@@ -28,8 +28,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from lomar.errors import UsageError
 
-__all__ = ["CocoSplit", "CocoSummary", "read_coco", "training_split", "CocoInstances", "train_transforms", "eval_transforms",
-           "detection_dataset", "collate_detection"]
+__all__ = ["CocoSplit", "CocoSummary", "read_coco", "training_split", "CocoInstances", "train_transforms",
+           "eval_transforms", "detection_dataset", "collate_detection"]
 
 _IMAGE_KEYS = ("id", "file_name", "width", "height")
 _ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox", "segmentation")

@@ -42,8 +42,8 @@ class PyramidBackbone(nn.Module):
     def __init__(self, encoder: VisionTransformer, out_channels: int = 256, grad_checkpointing: bool = False):
         super().__init__()
         if encoder.config.patch_size != 16:
-            raise ValueError(f"the feature pyramid needs patch size 16 (strides 4-32), got {encoder.config.patch_size}; "
-                             f"use a *_patch16 encoder")
+            raise ValueError(f"the feature pyramid needs patch size 16 (strides 4-32), got "
+                             f"{encoder.config.patch_size}; use a *_patch16 encoder")
         self.body = ViTDetBackbone(encoder, out_channels, top_block=True, grad_checkpointing=grad_checkpointing)
         self.out_channels = out_channels
 
@@ -104,18 +104,28 @@ def build_mask_rcnn(encoder: VisionTransformer, num_classes: int, size: int, out
     return model
 
 
-def detector_param_groups(model: MaskRCNN, weight_decay: float, layer_decay: float) -> list[dict]:
-    """AdamW groups: the encoder's with timm's layer-wise lr decay (``lr_scale`` = decay^(top - layer)),
-    the pyramid and heads at full lr; no weight decay on biases, norms and the cls token."""
-    from timm.optim import param_groups_layer_decay
+def _encoder_layer(name: str, depth: int) -> int:
+    """ViTDet's layer id of an encoder parameter: 0 the stem, i + 1 block i, depth + 1 the final norm."""
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1 if name.startswith("norm.") else 0
 
+
+def detector_param_groups(model: MaskRCNN, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW groups as detectron2's ViTDet builds them: encoder parameters of layer l (0 the stem,
+    i + 1 block i) at ``lr_scale`` = layer_decay^(depth + 1 - l), the pyramid and heads at 1; no
+    weight decay on normalisation layers and the encoder's cls token / position table."""
     encoder = model.backbone.encoder
-    groups = param_groups_layer_decay(encoder, weight_decay, encoder.no_weight_decay(), layer_decay=layer_decay)
-    encoder_params = {id(p) for p in encoder.parameters()}
-    decay, no_decay = [], []
+    depth = len(encoder.blocks)
+    no_decay = {id(p) for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d))
+                for p in m.parameters(recurse=False)}
+    no_decay |= {id(p) for name, p in encoder.named_parameters() if name in encoder.no_weight_decay()}
+    scales = {id(p): layer_decay ** (depth + 1 - _encoder_layer(name, depth))
+              for name, p in encoder.named_parameters()}
+    groups: dict[tuple[float, float], list] = {}
     for param in model.parameters():
-        if param.requires_grad and id(param) not in encoder_params:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    groups += [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
-               {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
-    return [g for g in groups if g["params"]]
+        if param.requires_grad:
+            key = (scales.get(id(param), 1.0), 0.0 if id(param) in no_decay else weight_decay)
+            groups.setdefault(key, []).append(param)
+    return [{"params": params, "lr_scale": scale, "weight_decay": decay}
+            for (scale, decay), params in sorted(groups.items())]
