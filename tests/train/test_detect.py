@@ -186,13 +186,13 @@ def test_detect_trains_and_predictions_rescore_to_the_reported_ap(tiny, tmp_path
     data = ["--train-ann", str(train_ann), "--train-images", str(train_images), "--val-ann", str(val_ann),
             "--val-images", str(val_images)]
     code = main(["detect", *data, "--model", "vit_tiny_patch16", "--img-size", "96", "--batch-size", "2",
-                 "--max-steps", "3", "--warmup-steps", "1", "--blr", "0.05", "--rois-per-image", "32",
+                 "--max-steps", "2", "--warmup-steps", "1", "--rois-per-image", "32",
                  "--workers", "0", "--threads", "2", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     assert "randomly initialised" in capsys.readouterr().err
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     scored = [r for r in records if "box_AP" in r]
-    assert scored and scored[-1]["step"] == 3
+    assert scored and scored[-1]["step"] == 2
     metrics = scored[-1]
     predictions = json.loads((out / "predictions.json").read_text())
     assert predictions and {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(predictions[0])
