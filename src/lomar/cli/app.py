@@ -28,6 +28,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("bench", "lomar.cli.bench", "time LoMaR vs MAE training steps across image sizes on this machine"),
     ("pretrain", "lomar.cli.pretrain", "pretrain an encoder with LoMaR, MAE or BEiT (no arguments: a demo on CPU)"),
     ("finetune", "lomar.cli.finetune", "finetune a pretrained encoder for classification (original recipe)"),
+    ("detect", "lomar.cli.detect", "train and evaluate Mask R-CNN (ViTDet) on COCO-format detection data"),
     ("linprobe", "lomar.cli.probe:linprobe", "linear probe (BatchNorm + linear) on frozen features"),
     ("knn", "lomar.cli.probe:knn", "cosine k-NN accuracy of frozen features"),
     ("export", "lomar.cli.export", "write a checkpoint's encoder as model.safetensors + config.json (timm-ready)"),

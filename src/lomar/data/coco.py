@@ -1,0 +1,255 @@
+"""COCO instance sets for detection: the annotation file checked and cleaned, images as
+torchvision's ``CocoDetection`` through its v2 wrapper, and ViTDet's large-scale jitter.
+
+A COCO instances file (``images``, ``annotations``, ``categories``) is read once and checked:
+a malformed file (missing keys, duplicate ids, an annotation naming an unknown image or
+category, images listed but absent from the image folder, an empty split) is a
+:class:`~lomar.errors.UsageError` naming the file and the fix. Boxes are clipped to their image;
+a box of zero area after clipping is skipped and counted (:class:`CocoSummary`). Crowd
+annotations are left out of training targets and kept for evaluation, as detectron2 does;
+training also leaves out images without a box (detectron2's ``FILTER_EMPTY_ANNOTATIONS``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torchvision import tv_tensors
+from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_transforms_v2
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from lomar.errors import UsageError
+
+__all__ = ["CocoSplit", "CocoSummary", "read_coco", "training_split", "CocoInstances", "train_transforms",
+           "eval_transforms", "detection_dataset", "collate_detection"]
+
+_IMAGE_KEYS = ("id", "file_name", "width", "height")
+_ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox", "segmentation")
+
+
+@dataclass
+class CocoSummary:
+    """What cleaning did to one file: counts for the start-up line."""
+
+    images: int = 0
+    boxes: int = 0
+    clipped: int = 0  # boxes reaching outside their image, clipped to it
+    zero_area: int = 0  # boxes of no area (after clipping), skipped
+    crowd: int = 0  # crowd regions: not training targets; evaluation ignores detections on them
+
+    def line(self) -> str:
+        notes = [f"{self.images} images, {self.boxes} boxes"]
+        if self.crowd:
+            notes.append(f"{self.crowd} crowd regions (ignored in training)")
+        if self.clipped:
+            notes.append(f"{self.clipped} boxes clipped to their image")
+        if self.zero_area:
+            notes.append(f"{self.zero_area} boxes of zero area skipped")
+        return ", ".join(notes)
+
+
+@dataclass
+class CocoSplit:
+    """A checked COCO file: ``data`` the cleaned dict (pycocotools' ground truth), ``root`` the
+    image folder, ``categories`` the category ids in order (label i + 1 is ``categories[i]``)."""
+
+    path: Path
+    root: Path
+    data: dict
+    categories: list[int]
+    summary: CocoSummary = field(default_factory=CocoSummary)
+
+    def coco(self):
+        """A pycocotools ``COCO`` over the cleaned dict (its index printout swallowed)."""
+        from pycocotools.coco import COCO
+
+        coco = COCO()
+        coco.dataset = self.data
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+        return coco
+
+
+def _fail(path: Path, message: str) -> UsageError:
+    return UsageError(f"{path}: {message}")
+
+
+def _unique(path: Path, entries: list[dict], what: str) -> None:
+    counts = Counter(e["id"] for e in entries)
+    twice = [i for i, n in counts.items() if n > 1]
+    if twice:
+        raise _fail(path, f"{what} id {twice[0]!r} appears {counts[twice[0]]} times ({len(twice)} duplicated id(s)); "
+                          f"give every {what} a unique id")
+
+
+def _entries(path: Path, data: dict, key: str, required: tuple[str, ...]) -> list[dict]:
+    entries = data[key]
+    if not isinstance(entries, list):
+        raise _fail(path, f"'{key}' must be a list, got {type(entries).__name__}")
+    for i, entry in enumerate(entries):
+        missing = [k for k in required if not isinstance(entry, dict) or k not in entry]
+        if missing:
+            raise _fail(path, f"{key}[{i}] has no '{missing[0]}'; each of {key} needs {', '.join(required)}")
+    return entries
+
+
+def _clip_box(box, width: float, height: float) -> tuple[list[float], bool] | None:
+    """COCO [x, y, w, h] clipped to the image -> (box, clipped); None for a box of zero area."""
+    x, y, w, h = box
+    x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+    x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+    if x2 - x1 <= 0 or y2 - y1 <= 0:
+        return None
+    clipped = [x1, y1, x2 - x1, y2 - y1]
+    return clipped, clipped != [x, y, w, h]
+
+
+def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train-ann",
+              images_flag: str = "--train-images") -> CocoSplit:
+    """Read and check a COCO instances file and its image folder (see the module docstring)."""
+    path, root = Path(ann_file), Path(image_root)
+    if not path.is_file():
+        raise UsageError(f"{flag} {path} does not exist; pass a COCO instances JSON file")
+    if not root.is_dir():
+        raise UsageError(f"{images_flag} {root} is not a folder; pass the folder holding {path.name}'s images")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _fail(path, f"not valid JSON ({exc}); pass a COCO instances file") from None
+    if not isinstance(data, dict):
+        raise _fail(path, "must hold a JSON object with images, annotations and categories")
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise _fail(path, f"no '{key}' key; a COCO instances file has images, annotations and categories")
+    images = _entries(path, data, "images", _IMAGE_KEYS)
+    annotations = _entries(path, data, "annotations", _ANNOTATION_KEYS)
+    categories = _entries(path, data, "categories", ("id", "name"))
+    for what, entries in (("image", images), ("annotation", annotations), ("category", categories)):
+        _unique(path, entries, what)
+    if not images:
+        raise _fail(path, "lists no images; an empty split cannot be trained or evaluated")
+    if not categories:
+        raise _fail(path, "lists no categories; add the classes under 'categories'")
+    sizes = {}
+    for i, image in enumerate(images):
+        w, h = image["width"], image["height"]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (w, h)):
+            raise _fail(path, f"images[{i}] (id {image['id']!r}) has width {w!r}, height {h!r}; both must be positive")
+        sizes[image["id"]] = (float(w), float(h))
+    missing = [image["file_name"] for image in images if not (root / str(image["file_name"])).is_file()]
+    if missing:
+        raise _fail(path, f"lists {len(missing)} image(s) not found under {root}, e.g. {missing[0]}; pass the folder "
+                          f"holding them as {images_flag}, or fix the file_name entries")
+    known = {c["id"] for c in categories}
+    summary = CocoSummary(images=len(images))
+    kept = []
+    for i, ann in enumerate(annotations):
+        where = f"annotations[{i}] (id {ann['id']!r})"
+        if ann["image_id"] not in sizes:
+            raise _fail(path, f"{where} refers to image_id {ann['image_id']!r}, which is not in images; "
+                              f"fix or remove the annotation")
+        if ann["category_id"] not in known:
+            raise _fail(path, f"{where} refers to category_id {ann['category_id']!r}, which is not in categories; "
+                              f"add the category or fix the annotation")
+        box = ann["bbox"]
+        if not (isinstance(box, list) and len(box) == 4 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+            raise _fail(path, f"{where} has bbox {box!r}; a bbox is [x, y, width, height], four finite numbers")
+        fitted = _clip_box([float(v) for v in box], *sizes[ann["image_id"]])
+        if fitted is None:
+            summary.zero_area += 1
+            continue
+        crowd = bool(ann.get("iscrowd", 0))
+        summary.crowd += crowd
+        summary.boxes += not crowd
+        summary.clipped += fitted[1]
+        kept.append({**ann, "bbox": fitted[0], "iscrowd": int(crowd),
+                     "area": float(ann.get("area", fitted[0][2] * fitted[0][3]))})
+    clean = {"images": images, "annotations": kept, "categories": categories}
+    return CocoSplit(path, root, clean, sorted(known), summary)
+
+
+def training_split(split: CocoSplit) -> CocoSplit:
+    """The split as training sees it: no crowd regions, no image without a box; a UsageError if none is left."""
+    boxes = [a for a in split.data["annotations"] if not a["iscrowd"]]
+    with_boxes = {a["image_id"] for a in boxes}
+    images = [i for i in split.data["images"] if i["id"] in with_boxes]
+    if not images:
+        raise _fail(split.path, "has no image with a usable box (non-crowd, inside its image); training needs some")
+    data = {**split.data, "images": images, "annotations": boxes}
+    return CocoSplit(split.path, split.root, data, split.categories, split.summary)
+
+
+class CocoInstances(CocoDetection):
+    """``CocoDetection`` over a checked :class:`CocoSplit` (not re-read from disk), category ids
+    mapped to contiguous labels 1..K (0 is torchvision's background)."""
+
+    def __init__(self, split: CocoSplit, transforms=None):
+        VisionDataset.__init__(self, str(split.root), transforms=transforms)
+        self.coco = split.coco()
+        self.ids = [image["id"] for image in split.data["images"]]
+        self.label_of = {cat: i + 1 for i, cat in enumerate(split.categories)}
+
+    def _load_target(self, id: int) -> list[dict]:  # noqa: A002 (torchvision's signature)
+        return [{**a, "category_id": self.label_of[a["category_id"]]} for a in super()._load_target(id)]
+
+
+class _CropAtMost(v2.Transform):
+    """A random crop of at most ``size`` x ``size`` (a smaller image is left whole): the model
+    pads every image to the fixed input size at its bottom-right, as ViTDet's FixedSizeCrop."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def make_params(self, flat_inputs: list) -> dict:
+        height, width = v2.query_size(flat_inputs)
+        h, w = min(height, self.size), min(width, self.size)
+        top = int(torch.randint(height - h + 1, ()))
+        left = int(torch.randint(width - w + 1, ()))
+        return {"top": top, "left": left, "height": h, "width": w}
+
+    def transform(self, inpt, params: dict):
+        return self._call_kernel(TF.crop, inpt, **params)
+
+    _get_params, _transform = make_params, transform  # torchvision < 0.21 calls these names
+
+
+def train_transforms(size: int, scale_range: tuple[float, float] = (0.1, 2.0)) -> v2.Compose:
+    """ViTDet's large-scale jitter on image, boxes and masks: flip, resize to ``size`` x a random
+    scale in ``scale_range`` (aspect kept), crop to at most ``size``; boxes clipped, emptied ones dropped."""
+    return v2.Compose([
+        v2.RandomHorizontalFlip(),
+        v2.ScaleJitter((size, size), scale_range=scale_range, antialias=True),
+        _CropAtMost(size),
+        v2.ClampBoundingBoxes(),
+        v2.SanitizeBoundingBoxes(min_size=1.0),
+        v2.ToImage(),
+        v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+    ])
+
+
+def eval_transforms() -> v2.Compose:
+    """Images only, as float in [0, 1]: the model resizes (longest side to the input size) and pads."""
+    return v2.Compose([v2.ToImage(), v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)])
+
+
+def detection_dataset(split: CocoSplit, transforms, train: bool):
+    """(image (3, H, W) float, target) pairs; target: boxes (N, 4) xyxy, labels (N,), masks (N, H, W)
+    and image_id for training, image_id only for evaluation."""
+    keys = {"image_id", "boxes", "labels", "masks"} if train else {"image_id"}
+    return wrap_dataset_for_transforms_v2(CocoInstances(split, transforms), target_keys=keys)
+
+
+def collate_detection(batch: list) -> tuple[list, list]:
+    """Detection batches stay lists: images differ in size, targets in box count."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)

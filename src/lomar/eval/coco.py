@@ -1,0 +1,80 @@
+"""COCO box and mask AP by pycocotools, from a detector's outputs, as detectron2 reports them.
+
+Predictions become a COCO results list (``image_id``, ``category_id``, ``bbox`` [x, y, w, h],
+``score``, ``segmentation`` as RLE with a text ``counts``), the format ``COCO.loadRes`` reads, so
+the written ``predictions.json`` can be re-scored by anyone. As detectron2 does, box AP is
+scored from ``bbox`` and mask AP from ``segmentation`` with ``bbox`` dropped (pycocotools would
+otherwise take the area ranges of the mask AP from the boxes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+
+import numpy as np
+import torch
+
+__all__ = ["to_coco_results", "coco_metrics", "METRIC_NAMES"]
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def to_coco_results(output: dict[str, torch.Tensor], image_id: int, categories: list[int],
+                    mask_threshold: float = 0.5) -> list[dict]:
+    """One image's detections -> COCO result entries.
+
+    output: {"boxes" (N, 4) xyxy, "labels" (N,) in 1..K, "scores" (N,), "masks" (N, 1, H, W) in
+    [0, 1]} in the image's own pixels; ``categories[label - 1]`` is the COCO category id.
+    """
+    from pycocotools import mask as mask_utils
+
+    boxes = output["boxes"].detach().float().cpu()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    scores = output["scores"].detach().float().cpu().tolist()
+    labels = output["labels"].cpu().tolist()
+    results = []
+    masks = output.get("masks")
+    binary = None
+    if masks is not None and len(masks):
+        binary = (masks[:, 0] > mask_threshold).cpu().numpy().astype(np.uint8)
+        rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+    for i, (box, score, label) in enumerate(zip(xywh, scores, labels)):
+        entry = {"image_id": image_id, "category_id": categories[label - 1], "bbox": [round(v, 3) for v in box],
+                 "score": round(float(score), 6)}
+        if binary is not None:
+            rle = rles[i]
+            entry["segmentation"] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+        results.append(entry)
+    return results
+
+
+def _score(gt, results: list[dict], kind: str) -> list[float | None]:
+    from pycocotools.cocoeval import COCOeval
+
+    if not results:  # loadRes refuses an empty list; no detection scores 0 (detectron2 says the same)
+        return [0.0] * len(METRIC_NAMES)
+    with contextlib.redirect_stdout(io.StringIO()):
+        predictions = gt.loadRes(copy.deepcopy(results))
+        evaluator = COCOeval(gt, predictions, kind)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    # -1: no ground truth in that area range; reported as None (JSON null), not as a score
+    return [float(v) * 100 if v >= 0 else None for v in evaluator.stats[:len(METRIC_NAMES)]]
+
+
+def coco_metrics(gt, results: list[dict]) -> dict[str, float | None]:
+    """{"box_AP", "box_AP50", ..., "mask_APl"} in percent. ``gt``: a pycocotools ``COCO``."""
+    metrics = {}
+    boxes = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
+    for name, value in zip(METRIC_NAMES, _score(gt, boxes, "bbox")):
+        metrics[f"box_{name}"] = value
+    if results and "segmentation" in results[0]:
+        masks = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+        for name, value in zip(METRIC_NAMES, _score(gt, masks, "segm")):
+            metrics[f"mask_{name}"] = value
+    elif not results:
+        metrics.update({f"mask_{name}": 0.0 for name in METRIC_NAMES})
+    return metrics

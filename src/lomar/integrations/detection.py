@@ -1,0 +1,131 @@
+"""Mask R-CNN (torchvision) on a LoMaR/MAE encoder through ViTDet's simple feature pyramid.
+
+The recipe of ViTDet (Li et al., 2022) where torchvision allows it: pyramid levels p2-p6
+(strides 4-64) from the last block, one anchor size per level (32-512 px, three aspect ratios),
+a two-conv RPN head, four-conv + one-fc box head and four-conv mask head with channel
+LayerNorm, RoIAlign 7x7 (boxes) / 14x14 (masks) over p2-p5, and every image padded at its
+bottom-right to one fixed ``size`` x ``size`` input (``size`` a multiple of 32). Training
+images arrive already jittered to at most ``size`` (:func:`lomar.data.coco.train_transforms`);
+evaluation images are resized by the model so that their longest side is ``size``, and its
+predictions are mapped back to the original image.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign
+
+from lomar.integrations.dense import LayerNorm2d, ViTDetBackbone
+from lomar.models.vit import VisionTransformer
+
+__all__ = ["PyramidBackbone", "FixedSizeTransform", "build_mask_rcnn", "detector_param_groups", "IMAGE_MEAN",
+           "IMAGE_STD"]
+
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
+ROI_LEVELS = ["p2", "p3", "p4", "p5"]
+
+
+class PyramidBackbone(nn.Module):
+    """:class:`ViTDetBackbone` as torchvision's detectors want it: ``out_channels`` and an
+    OrderedDict of maps. forward: (B, 3, H, W) -> {"p2": (B, C, H/4, W/4), ..., "p6": (B, C, H/64, W/64)}."""
+
+    def __init__(self, encoder: VisionTransformer, out_channels: int = 256, grad_checkpointing: bool = False):
+        super().__init__()
+        if encoder.config.patch_size != 16:
+            raise ValueError(f"the feature pyramid needs patch size 16 (strides 4-32), got "
+                             f"{encoder.config.patch_size}; use a *_patch16 encoder")
+        self.body = ViTDetBackbone(encoder, out_channels, top_block=True, grad_checkpointing=grad_checkpointing)
+        self.out_channels = out_channels
+
+    @property
+    def encoder(self) -> VisionTransformer:
+        return self.body.encoder
+
+    def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        return OrderedDict(self.body(images))
+
+
+class FixedSizeTransform(GeneralizedRCNNTransform):
+    """Normalise, resize for evaluation (longest side ``size``; training images come jittered and
+    are not resized again), and pad each image at its bottom-right into a ``size`` x ``size`` batch.
+    Padding is 0 after normalisation, the mean pixel, as ViTDet's."""
+
+    def __init__(self, size: int):
+        super().__init__(size, size, list(IMAGE_MEAN), list(IMAGE_STD), size_divisible=32, _skip_resize=True)
+        self.size = size
+
+    def batch_images(self, images: list[torch.Tensor], size_divisible: int = 32) -> torch.Tensor:
+        too_big = [tuple(i.shape[-2:]) for i in images if max(i.shape[-2:]) > self.size]
+        if too_big:
+            raise ValueError(f"an image of {too_big[0]} px does not fit the {self.size} px input; crop or resize it")
+        batch = images[0].new_zeros(len(images), images[0].shape[0], self.size, self.size)
+        for image, slot in zip(images, batch):
+            slot[:, :image.shape[1], :image.shape[2]].copy_(image)
+        return batch
+
+
+def build_mask_rcnn(encoder: VisionTransformer, num_classes: int, size: int, out_channels: int = 256,
+                    grad_checkpointing: bool = False, detections_per_image: int = 100) -> MaskRCNN:
+    """Mask R-CNN with ``num_classes`` foreground classes (labels 1..num_classes) on ``encoder``.
+
+    In training, ``model(images, targets)`` -> dict of losses; in eval, ``model(images)`` -> per
+    image {"boxes" (N, 4) xyxy, "labels" (N,), "scores" (N,), "masks" (N, 1, H, W) in [0, 1]} in
+    the coordinates of the image given.
+    """
+    if size % 32:
+        raise ValueError(f"the input size must be a multiple of 32 (the coarsest pyramid stride), got {size}")
+    backbone = PyramidBackbone(encoder, out_channels, grad_checkpointing)
+    anchors = AnchorGenerator(sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
+    rpn_head = RPNHead(out_channels, anchors.num_anchors_per_location()[0], conv_depth=2)
+    box_head = FastRCNNConvFCHead((out_channels, 7, 7), [256] * 4, [1024], norm_layer=LayerNorm2d)
+    mask_head = MaskRCNNHeads(out_channels, [256] * 4, 1, norm_layer=LayerNorm2d)
+    model = MaskRCNN(
+        backbone, num_classes=num_classes + 1, min_size=size, max_size=size,
+        image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD),
+        rpn_anchor_generator=anchors, rpn_head=rpn_head,
+        rpn_pre_nms_top_n_train=2000, rpn_pre_nms_top_n_test=1000,
+        rpn_post_nms_top_n_train=1000, rpn_post_nms_top_n_test=1000,
+        box_roi_pool=MultiScaleRoIAlign(ROI_LEVELS, output_size=7, sampling_ratio=0),
+        box_head=box_head, representation_size=1024,
+        mask_roi_pool=MultiScaleRoIAlign(ROI_LEVELS, output_size=14, sampling_ratio=0),
+        mask_head=mask_head, box_detections_per_img=detections_per_image,
+    )
+    model.transform = FixedSizeTransform(size)
+    return model
+
+
+def _encoder_layer(name: str, depth: int) -> int:
+    """ViTDet's layer id of an encoder parameter: 0 the stem, i + 1 block i, depth + 1 the final norm."""
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1 if name.startswith("norm.") else 0
+
+
+def detector_param_groups(model: MaskRCNN, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW groups as detectron2's ViTDet builds them: encoder parameters of layer l (0 the stem,
+    i + 1 block i) at ``lr_scale`` = layer_decay^(depth + 1 - l), the pyramid and heads at 1; no
+    weight decay on normalisation layers and the encoder's cls token / position table."""
+    encoder = model.backbone.encoder
+    depth = len(encoder.blocks)
+    no_decay = {id(p) for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d))
+                for p in m.parameters(recurse=False)}
+    no_decay |= {id(p) for name, p in encoder.named_parameters() if name in encoder.no_weight_decay()}
+    scales = {id(p): layer_decay ** (depth + 1 - _encoder_layer(name, depth))
+              for name, p in encoder.named_parameters()}
+    groups: dict[tuple[float, float], list] = {}
+    for param in model.parameters():
+        if param.requires_grad:
+            key = (scales.get(id(param), 1.0), 0.0 if id(param) in no_decay else weight_decay)
+            groups.setdefault(key, []).append(param)
+    return [{"params": params, "lr_scale": scale, "weight_decay": decay}
+            for (scale, decay), params in sorted(groups.items())]

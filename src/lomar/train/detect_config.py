@@ -1,0 +1,164 @@
+"""The detection configuration: ViTDet's Mask R-CNN recipe as defaults, YAML + flags, checks.
+
+Resolution order, later wins: the recipe -> the YAML file (``--config``) -> command-line flags; a
+resumed run starts from its saved settings, only run-control settings may change. Everything
+that can be checked is checked here, before any folder is made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lomar.train import settings as S
+from lomar.train import settings_resume as R
+from lomar.train.runtime import default_workers
+from lomar.train.settings import ConfigError
+
+__all__ = ["DetectConfig", "add_detect_arguments", "resolve_detect_config", "dump_detect_config"]
+
+_RUN = "run-control"
+
+
+@dataclass
+class DetectConfig:
+    COMMAND = "detect"
+    train_ann: str | None = S.setting(None, "COCO instances JSON of the training split (default: none; required to "
+                                      "train)", kind=str, resume=_RUN, metavar="FILE")
+    train_images: str | None = S.setting(None, "folder of the training images (file_name is relative to it; "
+                                         "default: the folder of --train-ann)", kind=str, resume=_RUN, metavar="DIR")
+    val_ann: str | None = S.setting(None, "COCO instances JSON of the validation split (default: none; required)",
+                                    kind=str, resume=_RUN, metavar="FILE")
+    val_images: str | None = S.setting(None, "folder of the validation images (default: the folder of --val-ann)",
+                                       kind=str, resume=_RUN, metavar="DIR")
+    pretrained: str | None = S.PRETRAINED.field(help=S.PRETRAINED.help + ", or a `lomar detect` run or checkpoint "
+                                                "(default: a randomly initialised --model)")
+    model: str = S.MODEL.field(help=S.MODEL.help + "; used without --pretrained")
+    out: str | None = S.OUT.field(help="output folder: last.pt, metrics.jsonl, predictions.json "
+                                  "(default: runs/<timestamp>)")
+    img_size: int = S.IMG_SIZE.field(1024, help="fixed input size in pixels, a multiple of 32: training crops "
+                                     "and evaluation images (longest side) are padded to it")
+    batch_size: int = S.BATCH_SIZE.field(2, help="images per device per step (ViTDet: 64 in all)")
+    accum_steps: int = S.ACCUM_STEPS.field()
+    epochs: int = S.EPOCHS.field(100)
+    max_steps: int | None = S.MAX_STEPS.field()
+    blr: float = S.BLR.field(4e-4, help="base lr: lr = blr x effective batch / 256 (ViTDet: 1e-4 at batch 64)")
+    warmup_steps: int = S.setting(250, "optimizer steps of linear lr warm-up (from 0.001 x lr); then the lr drops "
+                                  "10x at 88.9% and 96.3% of the run (ViTDet's steps)", low=0)
+    layer_decay: float = S.setting(0.7, "lr scale per layer below the top", above=0, high=1)
+    weight_decay: float = S.WEIGHT_DECAY.field(0.1)
+    drop_path: float = S.setting(0.1, "stochastic depth rate", low=0, below=1)
+    jitter: tuple[float, float] = S.setting((0.1, 2.0), "large-scale jitter: image resized to --img-size x a random "
+                                            "factor in [LOW, HIGH]", finite=False, nargs=2, metavar=("LOW", "HIGH"))
+    window_size: int | None = S.setting(
+        14, "ViTDet-style blocks: attend inside N x N patch windows (iRPE inside each) except in --global-blocks; "
+        "0 = global attention in every block", low=0, kind=int)
+    global_blocks: tuple[int, ...] | None = S.setting(
+        None, "with --window-size N > 0: the blocks (0-based) that keep global attention (default: ViTDet's, the last "
+        "block of each quarter of the depth: 2 5 8 11 for ViT-B)", low=0, nargs="*", metavar="I", kind=int)
+    attention: str = S.setting("auto", "how the iRPE bias is computed, same result: auto = dense for short sequences, "
+                               "above that flex on CUDA and query chunks elsewhere (see lomar bench --task backbone)",
+                               choices=("auto", "dense", "chunked", "flex"), resume=_RUN)
+    grad_checkpointing: bool = S.setting(False, "recompute each block in the backward pass: less memory at high "
+                                         "resolution")
+    rois_per_image: int = S.setting(512, "RoIs sampled per image for the box and mask heads (ViTDet: 512; fewer "
+                                    "is faster on CPU)", above=0)
+    eval_every: int = S.setting(1, "evaluate every N epochs (0: only at the end); the run's end is always scored",
+                                low=0, resume=_RUN)
+    eval_only: bool = S.setting(False, "score --pretrained (a `lomar detect` run or checkpoint) on the validation "
+                                "split, write predictions.json and metrics.jsonl into --out, and stop",
+                                resume="per-invocation")
+    precision: str = S.PRECISION.field()
+    workers: int | None = S.WORKERS.field()
+    threads: int | None = S.THREADS.field()
+    seed: int = S.SEED.field()
+    device: str = S.DEVICE.field()
+    log_every: int = S.LOG_EVERY.field()
+    resume: str | None = S.RESUME.field()
+    overwrite: bool = S.OVERWRITE.field()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def add_detect_arguments(parser: argparse.ArgumentParser) -> None:
+    S.add_settings(parser, S.declarations(DetectConfig), config=True)
+
+
+def resolve_detect_config(args: argparse.Namespace) -> DetectConfig:
+    """Recipe defaults, YAML, flags (or the resumed run's saved settings) -> a validated config."""
+    explicit = S.explicit_values(DetectConfig, args)
+    path = R.resume_target(explicit)
+    if path is not None:
+        values = R.resume_values(DetectConfig, *_saved_settings(path, explicit), explicit)
+    else:
+        values = {**DetectConfig().to_dict(), **explicit}
+    config = DetectConfig(**values)
+    if config.out is None:
+        config.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    for split in ("train", "val"):
+        if getattr(config, f"{split}_ann") and not getattr(config, f"{split}_images"):
+            setattr(config, f"{split}_images", str(Path(getattr(config, f"{split}_ann")).parent))
+    if config.workers is None:
+        config.workers = default_workers()
+    validate(config, check_out=not getattr(args, "print_config", False))
+    return config
+
+
+def _saved_settings(path: Path, explicit: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    from lomar.checkpoints.io import safe_load
+
+    try:
+        ckpt = safe_load(path, mmap=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume: {exc}") from None
+    if ckpt.get("format") != "lomar-detect-1" or "optimizer" not in ckpt:
+        raise ConfigError(f"--resume {path} is not a `lomar detect` checkpoint; to start from an encoder pass it "
+                          f"as --pretrained")
+    saved = S.coerce_all(DetectConfig, ckpt.get("settings", {}), str(path), strict=False)
+    if "out" not in explicit:
+        saved["out"] = str(path.parent)
+    return saved, str(path)
+
+
+def validate(config: DetectConfig, check_out: bool = True) -> None:
+    """Everything that can be checked before any work; raises ConfigError naming the fix."""
+    S.check_declared(config)
+    if config.img_size % 32:
+        raise ConfigError(f"--img-size must be a multiple of 32 (the coarsest pyramid stride), got {config.img_size}; "
+                          f"e.g. {max(32, round(config.img_size / 32) * 32)}")
+    low, high = config.jitter
+    if not 0 < low <= high < 100:
+        raise ConfigError(f"--jitter must be LOW HIGH with 0 < LOW <= HIGH, got {low:g} {high:g}; e.g. 0.1 2.0")
+    blocks = config.global_blocks
+    if blocks is not None and not config.window_size:
+        raise ConfigError("--global-blocks needs --window-size N > 0; add --window-size 14, or drop --global-blocks")
+    if blocks is not None and len(set(blocks)) != len(blocks):
+        raise ConfigError(f"--global-blocks must be distinct block indices, got {' '.join(map(str, blocks))}")
+    if config.precision == "fp16":
+        raise ConfigError("--precision fp16 is not supported by detect (no loss scaling); use bf16 or fp32")
+    if not check_out:
+        return
+    if not config.val_ann:
+        raise ConfigError("pass --val-ann FILE (COCO instances JSON) and --val-images DIR: the split AP is scored on")
+    if not config.eval_only and not config.train_ann:
+        raise ConfigError("pass --train-ann FILE and --train-images DIR (COCO instances), or --eval-only")
+    if config.eval_only and not config.pretrained:
+        raise ConfigError("--eval-only needs --pretrained RUN (a `lomar detect` run folder or checkpoint)")
+    if config.pretrained and not Path(config.pretrained).exists():
+        raise ConfigError(f"--pretrained {config.pretrained} does not exist")
+    from lomar.train.run_state import check_out_folder
+
+    check_out_folder(Path(config.out))
+    if not config.eval_only:
+        R.refuse_held_run(Path(config.out), config.resume, config.overwrite)
+
+
+def dump_detect_config(config: DetectConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,212 @@
+"""`lomar detect`: the COCO reader's checks and cleaning, the jitter, the detector's parts, and an
+end-to-end run whose predictions.json pycocotools re-scores to the AP lomar reported."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+import torch
+from coco_tiny import write_tiny_coco
+
+from lomar.cli.app import main
+from lomar.data.coco import detection_dataset, read_coco, train_transforms, training_split
+from lomar.errors import UsageError
+from lomar.integrations.detection import FixedSizeTransform, build_mask_rcnn, detector_param_groups
+from lomar.models.vit import VisionTransformer, model_config
+from lomar.train.detect import step_lr_factor
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco")
+    return write_tiny_coco(root / "train", 6, seed=0), write_tiny_coco(root / "val", 3, seed=1)
+
+
+def _edit(ann, tmp_path, change) -> str:
+    data = json.loads(ann.read_text())
+    change(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data) if isinstance(data, dict) else data)
+    return str(path)
+
+
+def _set(key, value):
+    def change(data):
+        data[key] = value
+    return change
+
+
+BAD = {  # how the file is broken -> what its one line must say
+    "missing key": (lambda d: d.pop("categories"), "no 'categories' key"),
+    "image without size": (lambda d: d["images"][0].pop("width"), "images[0] has no 'width'"),
+    "duplicate image ids": (lambda d: d["images"][1].update(id=1), "image id 1 appears 2 times"),
+    "duplicate annotation ids": (lambda d: d["annotations"][1].update(id=1), "annotation id 1 appears 2 times"),
+    "duplicate category ids": (lambda d: d["categories"][1].update(id=3), "category id 3 appears 2 times"),
+    "unknown category": (lambda d: d["annotations"][0].update(category_id=99),
+                         "category_id 99, which is not in categories"),
+    "unknown image": (lambda d: d["annotations"][0].update(image_id=999), "image_id 999, which is not in images"),
+    "annotation without segmentation": (lambda d: d["annotations"][0].pop("segmentation"), "has no 'segmentation'"),
+    "malformed bbox": (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), "four finite numbers"),
+    "image listed but missing": (lambda d: d["images"][0].update(file_name="gone.png"),
+                                 "not found under"),
+    "empty split": (_set("images", []), "lists no images"),
+    "no categories": (_set("categories", []), "lists no categories"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_coco_file_is_one_line_naming_it(case, tiny, tmp_path, capsys):
+    change, expected = BAD[case]
+    (_, train_images), (val_ann, val_images) = tiny
+    bad = _edit(val_ann, tmp_path, change)
+    code = main(["detect", "--train-ann", bad, "--train-images", str(train_images), "--val-ann", bad,
+                 "--val-images", str(val_images), "--model", "vit_tiny_patch16", "--img-size", "64",
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith(f"lomar detect: error: {bad}: ") and expected in err and "\n" not in err, err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--img-size", "100"], "--img-size must be a multiple of 32"),
+    (["--jitter", "2", "1"], "--jitter must be LOW HIGH"),
+    (["--val-images", "/no/such/folder"], "--val-images /no/such/folder is not a folder"),
+    (["--global-blocks", "1", "--window-size", "0"], "--global-blocks needs --window-size"),
+    (["--eval-only"], "--eval-only needs --pretrained"),
+])
+def test_bad_settings_are_one_line(args, expected, tiny, tmp_path, capsys):
+    (train_ann, train_images), (val_ann, val_images) = tiny
+    base = ["detect", "--train-ann", str(train_ann), "--train-images", str(train_images), "--val-ann", str(val_ann),
+            "--val-images", str(val_images), "--model", "vit_tiny_patch16", "--img-size", "64",
+            "--out", str(tmp_path / "run")]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and "\n" not in err, err
+
+
+def test_boxes_clipped_zero_area_skipped_crowd_kept_for_evaluation_only(tiny, tmp_path):
+    (ann, images), _ = tiny
+    data = json.loads(ann.read_text())
+    anns = data["annotations"]
+    anns[0]["bbox"] = [-10.0, -5.0, 40.0, 30.0]  # reaches outside: clipped to [0, 0, 30, 25]
+    anns[1]["bbox"] = [20.0, 20.0, 0.0, 10.0]  # no area: skipped
+    anns[2]["iscrowd"] = 1
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(data))
+    split = read_coco(path, images)
+    s = split.summary
+    assert (s.clipped, s.zero_area, s.crowd, s.boxes) == (1, 1, 1, len(anns) - 2)
+    assert split.data["annotations"][0]["bbox"] == [0.0, 0.0, 30.0, 25.0]
+    assert any(a["iscrowd"] for a in split.data["annotations"])  # pycocotools ignores detections on it
+    train = training_split(split)
+    assert not any(a["iscrowd"] for a in train.data["annotations"])
+    assert all(a["id"] != anns[1]["id"] for a in train.data["annotations"])
+    everything_crowd = {**split.data, "annotations": [{**a, "iscrowd": 1} for a in split.data["annotations"]]}
+    with pytest.raises(UsageError, match="no image with a usable box"):
+        training_split(type(split)(split.path, split.root, everything_crowd, split.categories))
+
+
+def test_jitter_keeps_boxes_masks_and_labels_together(tiny):
+    (ann, images), _ = tiny
+    split = training_split(read_coco(ann, images))
+    torch.manual_seed(0)
+    dataset = detection_dataset(split, train_transforms(64, (0.5, 2.0)), train=True)
+    for i in range(len(dataset)):
+        image, target = dataset[i]
+        assert image.dtype == torch.float32 and max(image.shape[-2:]) <= 64 and image.max() <= 1
+        n = len(target["boxes"])
+        assert target["masks"].shape == (n, *image.shape[-2:]) and target["labels"].shape == (n,)
+        assert set(target["labels"].tolist()) <= {1, 2}  # category ids 3, 7 -> labels 1, 2
+        for box, mask in zip(target["boxes"], target["masks"]):
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            if len(xs):  # the mask lies inside its box (a pixel of slack for the resampling)
+                assert xs.min() >= box[0] - 1.5 and xs.max() <= box[2] + 0.5
+                assert ys.min() >= box[1] - 1.5 and ys.max() <= box[3] + 0.5
+
+
+def test_detector_pads_to_a_fixed_size_and_groups_every_parameter_once():
+    encoder = VisionTransformer(model_config("vit_tiny_patch16", img_size=64, depth=4, window_size=2,
+                                             global_blocks=(1, 3)))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        build_mask_rcnn(encoder, 2, 80)
+    model = build_mask_rcnn(encoder, 2, 64)
+    features = model.backbone(torch.zeros(1, 3, 64, 64))
+    assert {k: tuple(v.shape[-2:]) for k, v in features.items()} == {
+        "p2": (16, 16), "p3": (8, 8), "p4": (4, 4), "p5": (2, 2), "p6": (1, 1)}
+    batch = FixedSizeTransform(64).batch_images([torch.ones(3, 40, 64), torch.ones(3, 64, 20)])
+    assert batch.shape == (2, 3, 64, 64)
+    assert batch[0, :, :40].eq(1).all() and batch[0, :, 40:].eq(0).all() and batch[1, :, :, 20:].eq(0).all()
+    groups = detector_param_groups(model, 0.1, 0.7)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len([p for p in model.parameters() if p.requires_grad])
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    # detectron2's get_vit_lr_decay_rate: 0.7^(depth + 1 - layer), stem layer 0, block i layer i + 1
+    assert scale_of[id(encoder.patch_embed.proj.weight)] == pytest.approx(0.7 ** 5)
+    assert scale_of[id(encoder.blocks[0].attn.qkv.weight)] == pytest.approx(0.7 ** 4)
+    assert scale_of[id(encoder.blocks[3].attn.qkv.bias)] == pytest.approx(0.7)
+    assert scale_of[id(model.roi_heads.box_predictor.cls_score.weight)] == 1.0
+    assert decay_of[id(encoder.blocks[0].norm1.weight)] == decay_of[id(encoder.cls_token)] == 0.0
+    assert decay_of[id(encoder.blocks[0].attn.qkv.weight)] == decay_of[id(encoder.blocks[0].attn.qkv.bias)] == 0.1
+
+
+def test_step_schedule_is_vitdets():
+    assert step_lr_factor(0, 1000, 250) == pytest.approx(0.001)
+    assert step_lr_factor(250, 1000, 250) == 1.0
+    assert step_lr_factor(888, 1000, 250) == 1.0 and step_lr_factor(889, 1000, 250) == pytest.approx(0.1)
+    assert step_lr_factor(963, 1000, 250) == pytest.approx(0.01)
+
+
+def _rescore(ann_file, predictions: list[dict]) -> dict[str, float | None]:
+    """pycocotools alone, as detectron2 scores: boxes from bbox, masks with bbox dropped."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    names = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    out = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(ann_file))
+        for prefix, kind, drop in (("box", "bbox", "segmentation"), ("mask", "segm", "bbox")):
+            evaluator = COCOeval(gt, gt.loadRes([{k: v for k, v in p.items() if k != drop} for p in predictions]), kind)
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+            out.update({f"{prefix}_{n}": (v * 100 if v >= 0 else None) for n, v in zip(names, evaluator.stats)})
+    return out
+
+
+@pytest.mark.slow
+def test_detect_trains_and_predictions_rescore_to_the_reported_ap(tiny, tmp_path, capsys):
+    (train_ann, train_images), (val_ann, val_images) = tiny
+    out = tmp_path / "run"
+    data = ["--train-ann", str(train_ann), "--train-images", str(train_images), "--val-ann", str(val_ann),
+            "--val-images", str(val_images)]
+    code = main(["detect", *data, "--model", "vit_tiny_patch16", "--img-size", "96", "--batch-size", "2",
+                 "--max-steps", "2", "--warmup-steps", "1", "--rois-per-image", "32",
+                 "--workers", "0", "--threads", "2", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert "randomly initialised" in capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in records if "box_AP" in r]
+    assert scored and scored[-1]["step"] == 2
+    metrics = scored[-1]
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert predictions and {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(predictions[0])
+    assert {p["category_id"] for p in predictions} <= {3, 7}
+    rescored = _rescore(val_ann, predictions)
+    for key, value in rescored.items():
+        assert (metrics[key] is None) == (value is None), key
+        assert value is None or math.isclose(metrics[key], value, abs_tol=1e-9), (key, metrics[key], value)
+
+    # --eval-only on the finished run scores the same detector the same way
+    (out / "predictions.json").rename(tmp_path / "first.json")
+    evaluated = tmp_path / "evaluated"
+    code = main(["detect", "--val-ann", str(val_ann), "--val-images", str(val_images), "--eval-only",
+                 "--pretrained", str(out / "last.pt"), "--img-size", "96", "--workers", "0", "--out", str(evaluated)])
+    assert code == 0, capsys.readouterr().err
+    again = json.loads((evaluated / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {k: again[k] for k in rescored} == {k: metrics[k] for k in rescored}
