@@ -30,6 +30,8 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("finetune", "lomar.cli.finetune", "finetune a pretrained encoder for classification (original recipe)"),
     ("linprobe", "lomar.cli.probe:linprobe", "linear probe (BatchNorm + linear) on frozen features"),
     ("knn", "lomar.cli.probe:knn", "cosine k-NN accuracy of frozen features"),
+    ("compose-digits", "lomar.cli.compose", "write an offline detection/segmentation set: sklearn digits on the "
+     "bundled photographs, COCO and ADE20K layouts"),
     ("export", "lomar.cli.export", "write a checkpoint's encoder as model.safetensors + config.json (timm-ready)"),
     ("visualize", "lomar.cli.visualize", "reconstruction and attention figures of a pretrained model"),
     ("load-original", "lomar.cli.load_original", "convert an original LoMaR / MAE checkpoint into ours"),
