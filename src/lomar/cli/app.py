@@ -28,6 +28,8 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("bench", "lomar.cli.bench", "time LoMaR vs MAE training steps across image sizes on this machine"),
     ("pretrain", "lomar.cli.pretrain", "pretrain an encoder with LoMaR, MAE or BEiT (no arguments: a demo on CPU)"),
     ("finetune", "lomar.cli.finetune", "finetune a pretrained encoder for classification (original recipe)"),
+    ("segment", "lomar.cli.segment", "train and evaluate UperNet semantic segmentation on an encoder (ADE20K layout, "
+     "mIoU)"),
     ("linprobe", "lomar.cli.probe:linprobe", "linear probe (BatchNorm + linear) on frozen features"),
     ("knn", "lomar.cli.probe:knn", "cosine k-NN accuracy of frozen features"),
     ("compose-digits", "lomar.cli.compose", "write an offline detection/segmentation set: sklearn digits on the "
