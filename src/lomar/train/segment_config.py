@@ -18,7 +18,7 @@ import yaml
 
 from lomar.train import settings as S
 from lomar.train import settings_resume as R
-from lomar.train.settings import ConfigError, Setting
+from lomar.train.settings import ConfigError
 
 __all__ = ["SegmentConfig", "add_segment_arguments", "resolve_segment_config", "dump_segment_config"]
 

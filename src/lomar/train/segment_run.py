@@ -20,8 +20,17 @@ import torch
 
 from lomar.checkpoints.io import atomic_write_text, safe_load
 from lomar.errors import UsageError
-from lomar.train.run_state import (RunLock, autocast_factory, find_resume_checkpoint, resolve_precision,
-                                   rng_state, save_checkpoint, save_state, set_rng_state, truncate_metrics)
+from lomar.train.run_state import (
+    RunLock,
+    autocast_factory,
+    find_resume_checkpoint,
+    resolve_precision,
+    rng_state,
+    save_checkpoint,
+    save_state,
+    set_rng_state,
+    truncate_metrics,
+)
 from lomar.train.runtime import default_threads, fast_adamw
 from lomar.train.segment_config import SegmentConfig, dump_segment_config
 
