@@ -70,8 +70,11 @@ class SegmentTask:
                                       aux_weight=config.aux_weight,
                                       grad_checkpointing=config.grad_checkpointing).to(self.device)
         self.sampler = EpochSampler(len(self.train_set), config.seed, rank, world_size, keys=True)
+        # its own generator: a new iterator (each epoch, each resume) must not draw from the global
+        # stream that drop path uses, or a resumed run would drift from an uninterrupted one
         self.train_loader = DataLoader(self.train_set, config.batch_size, sampler=self.sampler, drop_last=True,
-                                       num_workers=workers, persistent_workers=workers > 0)
+                                       num_workers=workers, persistent_workers=workers > 0,
+                                       generator=torch.Generator().manual_seed(config.seed))
 
     def param_groups(self) -> list[dict]:
         return layer_decay_groups(self.model, self.config.lr, self.config.weight_decay, self.config.layer_decay)

@@ -44,6 +44,9 @@ class SegmentConfig:
     epochs: int = S.EPOCHS.field(127, help="passes over the training data (127 at batch 16 on ADE20K's 20,210 "
                                            "images: mmseg's 160k iterations)")
     max_steps: int | None = S.MAX_STEPS.field()
+    schedule_steps: int | None = S.SCHEDULE_STEPS.field(
+        help="length of the lr schedule (warm-up + poly) in optimizer steps; default --epochs x the steps per epoch, "
+             "except a new run given --max-steps and no --epochs: its schedule spans --max-steps")
     lr: float = S.LR.field(1e-4, help="AdamW peak lr of the heads; encoder layers get it x --layer-decay per "
                                       "layer below the top")
     min_lr: float = S.MIN_LR.field(0.0, help="lr at the end of the poly schedule")
@@ -89,6 +92,7 @@ def resolve_segment_config(args: argparse.Namespace) -> SegmentConfig:
         values = R.resume_values(SegmentConfig, *_saved_settings(path, explicit), explicit)
     else:
         values = {**SegmentConfig().to_dict(), **explicit}
+        R.lay_schedule_over_max_steps(values, explicit)
     config = SegmentConfig(**values)
     if config.out is None:
         config.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))

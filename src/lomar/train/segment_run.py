@@ -48,15 +48,15 @@ def run_segment(config: SegmentConfig) -> int:
     _, device = init_distributed(config.device)
     torch.set_num_threads(config.threads or default_threads())
     torch.manual_seed(config.seed)
+    from lomar.train.segment import SegmentTask
+
+    try:  # the data are checked before the run folder is made
+        task = SegmentTask(config, device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out):
-        from lomar.train.segment import SegmentTask
-
-        try:
-            task = SegmentTask(config, device)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
         return _Run(config, task, device, out).run()
 
 
@@ -67,6 +67,7 @@ class _Run:
         self.peak = [group["lr"] for group in self.optimizer.param_groups]
         self.per_epoch = len(task.train_loader)
         self.total = config.max_steps or config.epochs * self.per_epoch
+        self.span = config.schedule_steps or config.epochs * self.per_epoch
         self.autocast = autocast_factory(resolve_precision(config.precision, device), device)
         self.step = self.epoch = self.batches_done = 0
         self.best = -math.inf
@@ -130,7 +131,7 @@ class _Run:
         return 0
 
     def _train_step(self, batch) -> None:
-        factor = self.task.schedule(self.step, self.total)
+        factor = self.task.schedule(self.step, self.span)
         for group, peak in zip(self.optimizer.param_groups, self.peak):
             group["lr"] = peak * factor
         with self.autocast():
