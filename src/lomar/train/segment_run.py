@@ -147,6 +147,8 @@ class _Run:
         if self.step % self.config.log_every == 0 or self.step == self.total:
             self._write({"step": self.step, "epoch": self.epoch, "loss": float(loss.detach()),
                          "lr": self.config.lr * factor})
+            print(f"step {self.step}/{self.total} epoch {self.epoch} loss {float(loss.detach()):.4f} "
+                  f"lr {self.config.lr * factor:.2e}", file=sys.stderr, flush=True)
 
     def _evaluate(self) -> dict:
         started = time.perf_counter()
