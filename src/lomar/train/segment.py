@@ -69,6 +69,8 @@ class SegmentTask:
         self.model = UperNetSegmenter(encoder, config.num_classes, channels=config.head_channels,
                                       aux_weight=config.aux_weight,
                                       grad_checkpointing=config.grad_checkpointing).to(self.device)
+        if world_size > 1:  # mmseg's SyncBN: statistics over the whole batch, not each process's share
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.sampler = EpochSampler(len(self.train_set), config.seed, rank, world_size, keys=True)
         # its own generator: a new iterator (each epoch, each resume) must not draw from the global
         # stream that drop path uses, or a resumed run would drift from an uninterrupted one

@@ -121,7 +121,7 @@ class _Run:
                     break
             else:
                 self.epoch, self.batches_done = self.epoch + 1, 0
-                if self.step < self.total and evaluated_at != self.step:
+                if self.step < self.total and evaluated_at != self.step and not config.eval_every:
                     self._evaluate()
                     evaluated_at = self.step
         metrics = self._evaluate() if evaluated_at != self.step else self.last_metrics
