@@ -150,6 +150,12 @@ def _bad(root, case):
     if case == "class id above":
         Image.fromarray(np.full((32, 32), 11, np.uint8)).save(first)
         return first
+    if case == "corrupt annotation":
+        first.write_bytes(b"not a png")
+        return first
+    if case == "colour annotation":
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(first)
+        return first
     if case == "missing annotation":
         first.unlink()
         return images / f"{first.stem}.jpg"
@@ -166,6 +172,8 @@ def _bad(root, case):
 @pytest.mark.parametrize("case, fix", [
     ("wrong size", "write the annotation at the image's size"),
     ("class id above", "pass --num-classes 11 or fix the annotation"),
+    ("corrupt annotation", "rewrite it as a PNG of class ids"),
+    ("colour annotation", "single-channel (mode L or P) PNG"),
     ("missing annotation", "add it or remove the image"),
     ("missing image", "add the image or remove the annotation"),
     ("empty split", "an empty split"),
