@@ -29,8 +29,12 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("pretrain", "lomar.cli.pretrain", "pretrain an encoder with LoMaR, MAE or BEiT (no arguments: a demo on CPU)"),
     ("finetune", "lomar.cli.finetune", "finetune a pretrained encoder for classification (original recipe)"),
     ("detect", "lomar.cli.detect", "train and evaluate Mask R-CNN (ViTDet) on COCO-format detection data"),
+    ("segment", "lomar.cli.segment", "train and evaluate UperNet semantic segmentation on an encoder (ADE20K layout, "
+     "mIoU)"),
     ("linprobe", "lomar.cli.probe:linprobe", "linear probe (BatchNorm + linear) on frozen features"),
     ("knn", "lomar.cli.probe:knn", "cosine k-NN accuracy of frozen features"),
+    ("compose-digits", "lomar.cli.compose", "write an offline detection/segmentation set: sklearn digits on the "
+     "bundled photographs, COCO and ADE20K layouts"),
     ("export", "lomar.cli.export", "write a checkpoint's encoder as model.safetensors + config.json (timm-ready)"),
     ("visualize", "lomar.cli.visualize", "reconstruction and attention figures of a pretrained model"),
     ("load-original", "lomar.cli.load_original", "convert an original LoMaR / MAE checkpoint into ours"),

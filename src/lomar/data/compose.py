@@ -1,0 +1,266 @@
+"""A real, offline detection / segmentation set: scikit-learn's handwritten digits pasted onto
+scikit-image's bundled photographs, written in COCO and ADE20K layouts.
+
+Public entry point::
+
+    compose_digits(out: str | Path, img_size: int = 256, images: int = 200, seed: int = 0,
+                   val_fraction: float = 0.25, per_image: tuple[int, int] = (2, 5),
+                   digit_scale: tuple[float, float] = (0.12, 0.4), classify_images: int = 0,
+                   classify_size: int = 224, overwrite: bool = False) -> dict
+
+It writes, under ``out`` (built in a temporary sibling folder, then renamed into place)::
+
+    annotations/instances_train.json  annotations/instances_val.json   COCO instances
+    images/train/*.jpg                images/val/*.jpg                 (categories 1..10 named "0".."9")
+    images/training/*.jpg             images/validation/*.jpg          ADE20K layout, the same pictures
+    annotations/training/*.png        annotations/validation/*.png     0 = background, digit d -> d + 1
+    classify/{train,val}/{0..9}/*.jpg                                  one digit per image (classify_images > 0)
+    compose.json                                                       the parameters and counts
+
+Each digit (8x8, values 0..16) is resized smoothly (bicubic) to a random side in
+``digit_scale`` x ``img_size``, placed at a random spot not overlapping the other digits' boxes,
+and blended in a colour that contrasts with the photo beneath; its pixel mask is where the
+resized intensity reaches half of the full ink (8/16), so masks, boxes and label maps agree.
+COCO segmentations are uncompressed RLE (``{"counts": [...], "size": [h, w]}``, column-major, as
+pycocotools reads it), boxes ``[x, y, w, h]`` tight around the mask, ``area`` the mask's pixel count.
+The digit samples are split before composing: a sample appears in train or in val, never both.
+Everything is drawn from one ``numpy`` generator seeded by ``seed``: the same arguments give the
+same files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["compose_digits", "rle_encode", "COCO_SPLITS", "ADE_SPLITS"]
+
+COCO_SPLITS = {"train": "train", "val": "val"}
+ADE_SPLITS = {"train": "training", "val": "validation"}
+_INK = 8.0  # half of the digits' full intensity (16): the mask threshold
+
+
+def rle_encode(mask: np.ndarray) -> dict:
+    """Uncompressed COCO RLE of a (H, W) boolean mask: run lengths in column-major order, zeros first."""
+    flat = np.asarray(mask, dtype=np.uint8).flatten(order="F")
+    change = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        counts = [0, *counts]
+    return {"counts": counts, "size": [int(mask.shape[0]), int(mask.shape[1])]}
+
+
+def _photos() -> list[np.ndarray]:
+    """The bundled photographs as (H, W, 3) uint8."""
+    from PIL import Image
+
+    from lomar.data.folder import demo_image_paths
+
+    out = []
+    for path in demo_image_paths():
+        with Image.open(path) as image:
+            out.append(np.asarray(image.convert("RGB")))
+    return out
+
+
+def _background(rng: np.random.Generator, photos: list[np.ndarray], size: int) -> np.ndarray:
+    """A random square crop (half to all of the short side) of a random photo, resized to ``size``."""
+    from PIL import Image
+
+    photo = photos[rng.integers(len(photos))]
+    h, w = photo.shape[:2]
+    side = int(rng.integers(min(h, w) // 2, min(h, w) + 1))
+    top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    crop = Image.fromarray(photo[top:top + side, left:left + side])
+    return np.asarray(crop.resize((size, size), Image.BICUBIC)).astype(np.float32)
+
+
+def _ink(digit: np.ndarray, side: int) -> np.ndarray:
+    """(side, side) intensity in 0..16 of an 8x8 digit, bicubic-resized."""
+    from PIL import Image
+
+    return np.clip(np.asarray(Image.fromarray(digit.astype(np.float32)).resize((side, side), Image.BICUBIC)),
+                   0, 16)
+
+
+def _paste(canvas: np.ndarray, ink: np.ndarray, top: int, left: int, rng: np.random.Generator) -> np.ndarray:
+    """Blend ``ink`` into ``canvas`` (in place) in a colour far from the pixels beneath; the (side, side) mask."""
+    side = ink.shape[0]
+    under = canvas[top:top + side, left:left + side]
+    colour = rng.uniform(0, 255, 3)
+    if np.abs(colour - under.mean((0, 1))).sum() < 200:  # too close to the photo: take the complement
+        colour = 255 - under.mean((0, 1))
+        colour = np.where(np.abs(colour - under.mean((0, 1))) < 60, np.where(colour > 127, 255.0, 0.0), colour)
+    # a steep ramp around the threshold: the painted stroke and the mask share their edge
+    alpha = np.clip((ink - _INK) / 6 + 0.5, 0, 1)[..., None]
+    under[...] = alpha * colour + (1 - alpha) * under
+    return ink >= _INK
+
+
+def _jpeg(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _png(labels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(labels.astype(np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _compose_one(rng, photos, pool, cursor, size, per_image, digit_scale):
+    """One picture: (image (S, S, 3) float, labels (S, S) uint8, [(digit, mask)]), next pool cursor."""
+    digits, targets = pool
+    canvas = _background(rng, photos, size)
+    labels = np.zeros((size, size), np.uint8)
+    boxes: list[tuple[int, int, int, int]] = []
+    instances = []
+    for _ in range(int(rng.integers(per_image[0], per_image[1] + 1))):
+        side = int(rng.integers(int(digit_scale[0] * size), int(digit_scale[1] * size) + 1))
+        side = max(8, min(side, size))
+        for _try in range(20):  # a free spot, else fewer digits on this picture
+            top, left = int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1))
+            if all(top + side <= t or t + s <= top or left + side <= lft or lft + s <= left
+                   for t, lft, s, _ in boxes):
+                break
+        else:
+            continue
+        index = cursor % len(digits)
+        cursor += 1
+        mask = np.zeros((size, size), bool)
+        mask[top:top + side, left:left + side] = _paste(canvas, _ink(digits[index], side), top, left, rng)
+        labels[mask] = targets[index] + 1
+        boxes.append((top, left, side, index))
+        instances.append((int(targets[index]), mask))
+    return canvas, labels, instances, cursor
+
+
+def _coco_annotations(instances, image_id: int, next_id: int) -> list[dict]:
+    out = []
+    for digit, mask in instances:
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        x, y = int(cols[0]), int(rows[0])
+        out.append({"id": next_id + len(out), "image_id": image_id, "category_id": digit + 1,
+                    "bbox": [x, y, int(cols[-1]) - x + 1, int(rows[-1]) - y + 1], "area": int(mask.sum()),
+                    "segmentation": rle_encode(mask), "iscrowd": 0})
+    return out
+
+
+def _classify_one(rng, photos, digits, targets, index, size):
+    """One centred-ish large digit on a photo crop: (image, digit)."""
+    canvas = _background(rng, photos, size)
+    side = int(rng.integers(int(0.45 * size), int(0.8 * size) + 1))
+    top, left = int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1))
+    _paste(canvas, _ink(digits[index], side), top, left, rng)
+    return canvas, int(targets[index])
+
+
+def _check(img_size, images, val_fraction, per_image, digit_scale, classify_images, classify_size) -> None:
+    if img_size < 32:
+        raise ValueError(f"img_size must be >= 32 pixels, got {img_size}")
+    if images < 2:
+        raise ValueError(f"images must be >= 2 (at least one per split), got {images}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if not 1 <= per_image[0] <= per_image[1]:
+        raise ValueError(f"per_image must be LOW HIGH with 1 <= LOW <= HIGH, got {per_image}")
+    if not 0 < digit_scale[0] <= digit_scale[1] <= 1:
+        raise ValueError(f"digit_scale must be LOW HIGH with 0 < LOW <= HIGH <= 1, got {digit_scale}")
+    if classify_images < 0 or (classify_images and classify_size < 32):
+        raise ValueError(f"classify_images must be >= 0 and classify_size >= 32, got {classify_images}, "
+                         f"{classify_size}")
+
+
+def compose_digits(out: str | Path, img_size: int = 256, images: int = 200, seed: int = 0,
+                   val_fraction: float = 0.25, per_image: tuple[int, int] = (2, 5),
+                   digit_scale: tuple[float, float] = (0.12, 0.4), classify_images: int = 0,
+                   classify_size: int = 224, overwrite: bool = False) -> dict:
+    """Write the composed set (see the module docstring) to ``out``; returns what compose.json holds.
+
+    ``images``: pictures in both splits together, ``val_fraction`` of them (and of the digit
+    samples) for validation; ``per_image``: digits per picture (fewer when no free spot is found);
+    ``classify_images``: one-digit pictures of ``classify_size`` px for the classification variant,
+    split alike (0: none). Raises ValueError on bad arguments and FileExistsError when ``out``
+    holds files and not ``overwrite``.
+    """
+    from sklearn.datasets import load_digits
+
+    _check(img_size, images, val_fraction, per_image, digit_scale, classify_images, classify_size)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True (--overwrite) "
+                              f"or choose another folder")
+    rng = np.random.default_rng(seed)
+    bunch = load_digits()
+    order = rng.permutation(len(bunch.target))
+    n_val_digits = int(round(len(order) * val_fraction))
+    pools = {"val": order[:n_val_digits], "train": order[n_val_digits:]}
+    n_val = max(1, int(round(images * val_fraction)))
+    counts = {"train": images - n_val, "val": n_val}
+    photos = _photos()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    summary = {"seed": seed, "img_size": img_size, "val_fraction": val_fraction, "per_image": list(per_image),
+               "digit_scale": list(digit_scale), "classify_size": classify_size, "splits": {}}
+    try:
+        for split in ("train", "val"):
+            pool = (bunch.images[pools[split]], bunch.target[pools[split]])
+            summary["splits"][split] = _write_split(work, split, rng, photos, pool, counts[split], img_size,
+                                                    per_image, digit_scale)
+            if classify_images:
+                n = classify_images - int(round(classify_images * val_fraction)) if split == "train" \
+                    else int(round(classify_images * val_fraction))
+                summary["splits"][split]["classify_images"] = _write_classify(
+                    work, split, rng, photos, pool, max(1, n), classify_size)
+        (work / "compose.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return summary
+
+
+def _write_split(root: Path, split: str, rng, photos, pool, count: int, size: int, per_image, digit_scale) -> dict:
+    coco_dir, ade_dir = root / "images" / COCO_SPLITS[split], root / "images" / ADE_SPLITS[split]
+    label_dir = root / "annotations" / ADE_SPLITS[split]
+    for folder in (coco_dir, ade_dir, label_dir):
+        folder.mkdir(parents=True)
+    coco = {"info": {"description": "sklearn digits on scikit-image photographs (lomar compose-digits)"},
+            "images": [], "annotations": [],
+            "categories": [{"id": d + 1, "name": str(d), "supercategory": "digit"} for d in range(10)]}
+    cursor = 0
+    for i in range(count):
+        image, labels, instances, cursor = _compose_one(rng, photos, pool, cursor, size, per_image, digit_scale)
+        stem = f"{split}_{i:05d}"
+        data = _jpeg(image)
+        (coco_dir / f"{stem}.jpg").write_bytes(data)
+        (ade_dir / f"{stem}.jpg").write_bytes(data)
+        (label_dir / f"{stem}.png").write_bytes(_png(labels))
+        coco["images"].append({"id": i + 1, "file_name": f"{stem}.jpg", "height": size, "width": size})
+        coco["annotations"] += _coco_annotations(instances, i + 1, len(coco["annotations"]) + 1)
+    (root / "annotations" / f"instances_{COCO_SPLITS[split]}.json").write_text(json.dumps(coco))
+    return {"images": count, "instances": len(coco["annotations"]), "digit_samples": int(len(pool[1]))}
+
+
+def _write_classify(root: Path, split: str, rng, photos, pool, count: int, size: int) -> int:
+    digits, targets = pool
+    for d in range(10):
+        (root / "classify" / split / str(d)).mkdir(parents=True)
+    for i in range(count):
+        image, digit = _classify_one(rng, photos, digits, targets, i % len(targets), size)
+        (root / "classify" / split / str(digit) / f"{split}_{i:05d}.jpg").write_bytes(_jpeg(image))
+    return count

@@ -1,0 +1,163 @@
+"""Semantic segmentation data in ADE20K's layout, checked up front, and mmseg's ADE20K pipeline.
+
+``ROOT/images/<split>/<stem>.jpg`` pairs with ``ROOT/annotations/<split>/<stem>.png`` (split
+``training`` or ``validation``); the PNG holds 0 for "ignored" and 1..N for the classes
+(ADE's ``reduce_zero_label``): items carry 0..N-1, and :data:`IGNORE` where the file says 0.
+Every pair is checked when the dataset is built (a missing partner, an annotation of another
+size than its image, a class id above N, an empty split): each ends in one ValueError naming the
+file and the fix, before any training step.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from lomar.data.decode import is_image_name, load_image
+from lomar.data.transforms import sample_generator, sample_key
+
+__all__ = ["IGNORE", "MEAN", "STD", "SegmentationFolder", "read_labels", "eval_scale"]
+
+IGNORE = 255
+MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)  # mmseg's ImageNet statistics, 0..255 pixels
+STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+
+
+def read_labels(path: Path) -> np.ndarray:
+    """(H, W) uint8 class ids of an annotation PNG; ValueError naming it when it is not one."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("L", "P", "I;16", "I"):
+                raise ValueError(f"annotation {path} is a {image.mode} image; write class ids as a single-channel "
+                                 f"(mode L or P) PNG, 0 = ignored, 1..N the classes")
+            return np.asarray(image)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"annotation {path} cannot be read ({exc}); rewrite it as a PNG of class ids") from None
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"image {path} cannot be read ({exc}); replace or remove it with its annotation") from None
+
+
+def _check_pair(image: Path, annotation: Path, num_classes: int) -> None:
+    labels = read_labels(annotation)
+    width, height = _image_size(image)
+    if labels.shape != (height, width):
+        raise ValueError(f"annotation {annotation} is {labels.shape[1]}x{labels.shape[0]} but its image {image.name} "
+                         f"is {width}x{height}; write the annotation at the image's size")
+    top = int(labels.max(initial=0))
+    if top > num_classes:
+        raise ValueError(f"annotation {annotation} holds class id {top}, above --num-classes {num_classes} (ids: 0 "
+                         f"ignored, 1..N the classes); pass --num-classes {top} or fix the annotation")
+
+
+def _pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
+    images_dir, labels_dir = root / "images" / split, root / "annotations" / split
+    for folder in (images_dir, labels_dir):
+        if not folder.is_dir():
+            raise ValueError(f"{folder} is not a folder; --data needs ADE20K's layout: images/{split}/*.jpg and "
+                             f"annotations/{split}/*.png")
+    images = {Path(n).stem: images_dir / n for n in os.listdir(images_dir) if is_image_name(n)}
+    labels = {Path(n).stem: labels_dir / n for n in os.listdir(labels_dir) if n.lower().endswith(".png")}
+    if not images:
+        raise ValueError(f"{images_dir} holds no images (an empty split); add images with their annotations, or "
+                         f"point --data at the dataset root")
+    if missing := sorted(set(images) - set(labels)):
+        raise ValueError(f"image {images[missing[0]]} has no annotation {labels_dir / (missing[0] + '.png')} "
+                         f"({len(missing)} image(s) without one); add it or remove the image")
+    if orphans := sorted(set(labels) - set(images)):
+        raise ValueError(f"annotation {labels[orphans[0]]} has no image in {images_dir} ({len(orphans)} "
+                         f"annotation(s) without one); add the image or remove the annotation")
+    return [(images[stem], labels[stem]) for stem in sorted(images)]
+
+
+def eval_scale(height: int, width: int, crop: int) -> tuple[int, int]:
+    """mmseg's test Resize(scale=(4·crop, crop), keep_ratio): the largest size whose long side is
+    at most 4·crop and short side at most crop."""
+    factor = min(4 * crop / max(height, width), crop / min(height, width))
+    return max(1, round(height * factor)), max(1, round(width * factor))
+
+
+class SegmentationFolder(Dataset):
+    """One split of an ADE20K-layout folder.
+
+    ``train=True`` items: ``(image (3, crop, crop) float normalised, labels (crop, crop) long)``,
+    mmseg's training pipeline (random resize of the test scale by 0.5-2.0, random crop with
+    cat_max_ratio 0.75, flip, padding with 0 / IGNORE; no photometric distortion), drawn from a
+    generator seeded by (seed, epoch, index): keys are ``(index, epoch)``. ``train=False`` items:
+    ``(image (3, h, w) at :func:`eval_scale`, labels (H, W) long at the file's size, stem)``.
+    """
+
+    def __init__(self, root: str | Path, split: str, num_classes: int, crop: int = 512, train: bool = True,
+                 seed: int = 0, workers: int = 4):
+        self.root, self.split, self.num_classes, self.crop = Path(root), split, num_classes, crop
+        self.train, self.seed = train, seed
+        self.pairs = _pairs(self.root, split)
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            list(pool.map(lambda pair: _check_pair(*pair, num_classes), self.pairs))
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 image (3, H, W), long labels (H, W): 0..N-1 or IGNORE)."""
+        image_path, label_path = self.pairs[index]
+        labels = torch.from_numpy(read_labels(label_path).astype(np.int64))
+        return load_image(image_path), torch.where(labels == 0, IGNORE, labels - 1)
+
+    def __getitem__(self, key):
+        index, epoch = sample_key(key)
+        image, labels = self.load(index)
+        if not self.train:
+            size = eval_scale(*image.shape[-2:], self.crop)
+            return _normalise(_resize(image.float(), size)), labels, self.pairs[index][0].stem
+        return self._augment(image, labels, sample_generator(self.seed, epoch, index))
+
+    def _augment(self, image: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
+        ratio = 0.5 + 1.5 * float(torch.rand((), generator=gen))
+        height, width = eval_scale(*image.shape[-2:], self.crop)
+        size = max(1, round(height * ratio)), max(1, round(width * ratio))
+        image = _resize(image.float(), size)
+        labels = F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        crop = self.crop
+        for _ in range(10):  # mmseg's cat_max_ratio: no crop mostly of one class, if 10 draws allow
+            top = int(torch.randint(0, max(1, size[0] - crop + 1), (), generator=gen))
+            left = int(torch.randint(0, max(1, size[1] - crop + 1), (), generator=gen))
+            window = labels[top:top + crop, left:left + crop]
+            counts = torch.bincount(window[window != IGNORE].flatten(), minlength=1)
+            counts = counts[counts > 0]
+            if len(counts) > 1 and counts.max() < 0.75 * counts.sum():
+                break
+        image, labels = image[:, top:top + crop, left:left + crop], labels[top:top + crop, left:left + crop]
+        if float(torch.rand((), generator=gen)) < 0.5:
+            image, labels = image.flip(-1), labels.flip(-1)
+        image = _normalise(image)
+        pad_h, pad_w = crop - image.shape[1], crop - image.shape[2]
+        if pad_h or pad_w:
+            image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
+            labels = F.pad(labels, (0, pad_w, 0, pad_h), value=IGNORE)
+        return image, labels
+
+
+def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def _normalise(image: torch.Tensor) -> torch.Tensor:
+    return (image - MEAN) / STD

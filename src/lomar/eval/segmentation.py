@@ -1,0 +1,76 @@
+"""Semantic segmentation evaluation: whole-image and sliding-window inference, and mmseg's
+metrics (mIoU, mAcc, aAcc) from a confusion matrix.
+
+The metrics follow mmsegmentation's ``IoUMetric``: per class IoU = TP / (TP + FP + FN) and
+accuracy = TP / (TP + FN), averaged over the classes where they are defined (NaN skipped: a
+class absent from the labels and the predictions has no IoU; one absent from the labels has no
+accuracy); aAcc = correct / labelled pixels. Where every class occurs in the labels these equal
+torchmetrics' macro ``MulticlassJaccardIndex`` / ``MulticlassAccuracy`` and micro accuracy (a
+test checks it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["confusion_matrix", "segmentation_metrics", "predict_logits"]
+
+
+def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255
+                     ) -> torch.Tensor:
+    """(N, N) int64 counts, rows the true class, columns the predicted; pixels labelled
+    ``ignore_index`` skipped. pred, labels: integer tensors of one shape."""
+    keep = labels != ignore_index
+    index = labels[keep].long() * num_classes + pred[keep].long()
+    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes).cpu()
+
+
+def segmentation_metrics(confusion: torch.Tensor) -> dict[str, float]:
+    """{"mIoU", "mAcc", "aAcc"} in percent, and "IoU" per class (percent, NaN where undefined)."""
+    cm = confusion.double()
+    tp = cm.diag()
+    labelled, predicted = cm.sum(1), cm.sum(0)
+    iou = tp / (labelled + predicted - tp)  # 0/0 = NaN: a class nowhere
+    acc = tp / labelled
+    total = float(cm.sum())
+
+    def mean(x: torch.Tensor) -> float:
+        x = x[~x.isnan()]
+        return 100 * float(x.mean()) if len(x) else math.nan
+
+    return {"mIoU": mean(iou), "mAcc": mean(acc), "aAcc": 100 * float(tp.sum()) / total if total else math.nan,
+            "IoU": [100 * float(v) for v in iou]}
+
+
+@torch.no_grad()
+def predict_logits(model, image: torch.Tensor, num_classes: int, mode: str = "whole", crop: int = 512,
+                   stride: int = 341, size_divisor: int = 32) -> torch.Tensor:
+    """Logits (1, N, h, w) of one image (1, 3, h, w).
+
+    ``whole``: the image padded (bottom/right) to a multiple of ``size_divisor``, one forward.
+    ``slide``: mmseg's ``slide_inference``: ``crop``-sized windows every ``stride`` pixels (the
+    last one flush with the border), logits averaged where windows overlap; an image smaller
+    than ``crop`` is padded to it.
+    """
+    h, w = image.shape[-2:]
+    if mode == "whole":
+        pad_h, pad_w = -h % size_divisor, -w % size_divisor
+        logits = model(F.pad(image, (0, pad_w, 0, pad_h)))
+        return logits[..., :h, :w]
+    if mode != "slide":
+        raise ValueError(f"inference mode must be whole or slide, got {mode!r}")
+    padded = F.pad(image, (0, max(0, crop - w), 0, max(0, crop - h)))
+    ph, pw = padded.shape[-2:]
+    rows = max(ph - crop + stride - 1, 0) // stride + 1
+    cols = max(pw - crop + stride - 1, 0) // stride + 1
+    total = torch.zeros(1, num_classes, ph, pw, device=image.device)
+    count = torch.zeros(1, 1, ph, pw, device=image.device)
+    for r in range(rows):
+        for c in range(cols):
+            top, left = min(r * stride, ph - crop), min(c * stride, pw - crop)
+            total[..., top:top + crop, left:left + crop] += model(padded[..., top:top + crop, left:left + crop]).float()
+            count[..., top:top + crop, left:left + crop] += 1
+    return (total / count)[..., :h, :w]

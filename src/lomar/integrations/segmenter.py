@@ -1,0 +1,96 @@
+"""UperNet on a ViT encoder, as mmsegmentation's MAE / BEiT ADE20K recipes build it: the maps of
+four blocks (3/5/7/11 of 12), rescaled to strides 4/8/16/32 (``Feature2Pyramid``: transposed
+convs, identity, max pool), a :class:`~lomar.models.upernet.UPerHead` on all four and an auxiliary
+:class:`~lomar.models.upernet.FCNHead` on the stride-16 map (loss weight 0.4); plus the
+layer-wise lr decay parameter groups of mmseg's ``LayerDecayOptimizerConstructor``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lomar.integrations.dense import MultiLevelBackbone
+from lomar.models.upernet import FCNHead, UPerHead
+from lomar.models.vit import VisionTransformer
+
+__all__ = ["spread_indices", "UperNetSegmenter", "layer_decay_groups"]
+
+
+def spread_indices(depth: int) -> tuple[int, ...]:
+    """The blocks whose maps feed the pyramid: (3, 5, 7, 11) for depth 12, (7, 11, 15, 23) for 24
+    (mmseg's choices), the same fractions (1/3, 1/2, 2/3, 1 of the depth) for any other."""
+    return tuple(max(0, round(depth * k / 12) - 1) for k in (4, 6, 8, 12))
+
+
+class UperNetSegmenter(nn.Module):
+    """images (B, 3, H, W), sides multiples of 32 -> logits (B, num_classes, H, W).
+
+    ``out_indices``: blocks feeding the pyramid (default :func:`spread_indices`); ``channels``:
+    the head's width (768 in mmseg's ViT-B recipe); ``aux_weight``: 0 drops the auxiliary head.
+    """
+
+    def __init__(self, encoder: VisionTransformer, num_classes: int, out_indices=None, channels: int = 768,
+                 aux_channels: int = 256, aux_weight: float = 0.4, grad_checkpointing: bool = False):
+        super().__init__()
+        depth = len(encoder.blocks)
+        self.backbone = MultiLevelBackbone(encoder, out_indices or spread_indices(depth), pyramid=True,
+                                           grad_checkpointing=grad_checkpointing)
+        dim = self.backbone.encoder.embed_dim
+        self.num_classes = num_classes
+        self.decode_head = UPerHead([dim] * 4, num_classes, channels)
+        self.aux_weight = aux_weight
+        self.aux_head = FCNHead(dim, num_classes, aux_channels) if aux_weight else None
+
+    @property
+    def encoder(self) -> VisionTransformer:
+        return self.backbone.encoder
+
+    def forward(self, images: torch.Tensor, aux: bool = False):
+        """Logits (B, N, H, W); with ``aux`` also the auxiliary head's, both upsampled to the input."""
+        levels = self.backbone(images)
+        size = images.shape[-2:]
+        logits = F.interpolate(self.decode_head(list(levels)), size=size, mode="bilinear", align_corners=False)
+        if not aux:
+            return logits
+        extra = None
+        if self.aux_head is not None:
+            extra = F.interpolate(self.aux_head(levels[2]), size=size, mode="bilinear", align_corners=False)
+        return logits, extra
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+        """Cross-entropy of the decode head plus ``aux_weight`` x the auxiliary head's; labels (B, H, W)
+        long, 0..N-1 or ``ignore_index``."""
+        logits, extra = self(images, aux=True)
+        loss = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
+        if extra is not None:
+            loss = loss + self.aux_weight * F.cross_entropy(extra.float(), labels, ignore_index=ignore_index)
+        return loss
+
+
+def layer_decay_groups(model: UperNetSegmenter, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW groups: the encoder's layer i (0 = embeddings, 1..depth = blocks) gets lr x
+    ``layer_decay`` ** (depth + 1 - i); the neck, heads and final norm the full lr. Biases, norms,
+    ``cls_token`` and ``pos_embed`` get no weight decay. Each group carries ``lr_scale`` (timm's
+    key) and ``lr`` already scaled."""
+    depth = len(model.encoder.blocks)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        local = name.removeprefix("backbone.encoder.")
+        if local == name:
+            layer = depth + 1
+        elif local.startswith(("cls_token", "pos_embed", "patch_embed")):
+            layer = 0
+        elif local.startswith("blocks."):
+            layer = int(local.split(".")[1]) + 1
+        else:
+            layer = depth + 1
+        decay = not (param.ndim == 1 or local in ("cls_token", "pos_embed") or name.endswith(".bias"))
+        scale = layer_decay ** (depth + 1 - layer)
+        group = groups.setdefault((layer, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                                                   "lr_scale": scale, "lr": lr * scale})
+        group["params"].append(param)
+    return [groups[key] for key in sorted(groups)]

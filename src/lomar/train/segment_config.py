@@ -1,0 +1,149 @@
+"""``lomar segment`` settings: mmsegmentation's MAE / BEiT ADE20K UperNet recipe as the defaults
+(AdamW lr 1e-4, weight decay 0.05, layer decay 0.65, 1500 warm-up iterations, poly decay, 512
+crops, batch 16, 160k iterations, sliding-window evaluation with stride 341), YAML + flags, and
+the checks made before any work. Resolution as in ``lomar finetune``: recipe → YAML → flags, or
+a resumed run's saved settings with only run-control ones changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lomar.train import settings as S
+from lomar.train import settings_resume as R
+from lomar.train.settings import ConfigError
+
+__all__ = ["SegmentConfig", "add_segment_arguments", "resolve_segment_config", "dump_segment_config"]
+
+
+@dataclass
+class SegmentConfig:
+    COMMAND = "segment"
+    data: str | None = S.DATA.field(help="ADE20K-layout root: images/{training,validation}/*.jpg and "
+                                         "annotations/{training,validation}/*.png, 0 = ignored, 1..N the classes "
+                                         "(default: none; required)")
+    num_classes: int | None = S.setting(None, "classes, the annotations' ids 1..N (default: none; required; 150 "
+                                        "for ADE20K; at most 254: predictions are 8-bit PNGs)", kind=int, above=0,
+                                        high=254)
+    pretrained: str | None = S.PRETRAINED.field(help=S.PRETRAINED.help + " (default: none: a randomly initialised "
+                                                     "--model encoder, said in the log)")
+    model: str = S.MODEL.field(help=S.MODEL.help + "; the random encoder's architecture (a --pretrained one "
+                                                   "brings its own)")
+    out: str | None = S.OUT.field(help="output folder: last.pt, metrics.jsonl, predictions/ (default: "
+                                       "runs/<timestamp>)")
+    img_size: int = S.IMG_SIZE.field(512, help="training crop and evaluation scale (short side) in pixels, a "
+                                               "multiple of 32")
+    batch_size: int = S.BATCH_SIZE.field(16, help="crops per process per step")
+    epochs: int = S.EPOCHS.field(127, help="passes over the training data (127 at batch 16 on ADE20K's 20,210 "
+                                           "images: mmseg's 160k iterations)")
+    max_steps: int | None = S.MAX_STEPS.field()
+    schedule_steps: int | None = S.SCHEDULE_STEPS.field(
+        help="length of the lr schedule (warm-up + poly) in optimizer steps; default --epochs x the steps per epoch, "
+             "except a new run given --max-steps and no --epochs: its schedule spans --max-steps")
+    lr: float = S.LR.field(1e-4, help="AdamW peak lr of the heads; encoder layers get it x --layer-decay per "
+                                      "layer below the top")
+    min_lr: float = S.MIN_LR.field(0.0, help="lr at the end of the poly schedule")
+    warmup_steps: int = S.setting(1500, "linear lr warm-up in optimizer steps (at most the run's length)", low=0)
+    poly_power: float = S.setting(1.0, "exponent of the poly decay after the warm-up", above=0)
+    layer_decay: float = S.setting(0.65, "lr scale per layer below the top", above=0, high=1)
+    weight_decay: float = S.WEIGHT_DECAY.field()
+    drop_path: float = S.setting(0.1, "stochastic depth rate", low=0, below=1)
+    head_channels: int = S.setting(768, "UperNet head width (mmseg's ViT-B recipe: 768)", above=0)
+    aux_weight: float = S.setting(0.4, "loss weight of the auxiliary FCN head on the stride-16 map (0 = no "
+                                       "auxiliary head)", low=0)
+    eval_mode: str = S.setting("slide", "evaluation: slide = --img-size windows every --eval-stride pixels "
+                                        "(mmseg's), whole = the whole image at once", choices=("slide", "whole"),
+                               resume="run-control")
+    eval_stride: int | None = S.setting(None, "sliding-window stride in pixels (default: 2/3 of --img-size, 341 "
+                                              "for 512)", kind=int, above=0, resume="run-control")
+    eval_every: int | None = S.setting(None, "evaluate every N optimizer steps and at the end, instead of at each "
+                                             "epoch's end (default: each epoch's end and the end)", kind=int, above=0,
+                                       resume="run-control")
+    grad_checkpointing: bool = S.setting(False, "recompute each block in the backward pass: less memory at high "
+                                       "resolution")
+    precision: str = S.PRECISION.field()
+    workers: int | None = S.WORKERS.field()
+    threads: int | None = S.THREADS.field()
+    seed: int = S.SEED.field()
+    device: str = S.DEVICE.field()
+    log_every: int = S.LOG_EVERY.field()
+    resume: str | None = S.RESUME.field()
+    overwrite: bool = S.OVERWRITE.field()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
+    S.add_settings(parser, S.declarations(SegmentConfig), config=True)
+
+
+def resolve_segment_config(args: argparse.Namespace) -> SegmentConfig:
+    """Recipe defaults, YAML, flags (or the resumed run's saved settings) -> a validated config."""
+    explicit = S.explicit_values(SegmentConfig, args)
+    path = R.resume_target(explicit)
+    if path is not None:
+        values = R.resume_values(SegmentConfig, *_saved_settings(path, explicit), explicit)
+    else:
+        values = {**SegmentConfig().to_dict(), **explicit}
+        R.lay_schedule_over_max_steps(values, explicit)
+    config = SegmentConfig(**values)
+    if config.out is None:
+        config.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    if config.workers is None:
+        from lomar.train.runtime import default_workers
+
+        config.workers = default_workers()
+    validate(config, check_out=not getattr(args, "print_config", False))
+    return config
+
+
+def _saved_settings(path: Path, explicit: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    from lomar.checkpoints.io import safe_load
+
+    try:
+        ckpt = safe_load(path, mmap=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume: {exc}") from None
+    if ckpt.get("task") != "segment" or not isinstance(ckpt.get("settings"), dict):
+        raise ConfigError(f"--resume {path} is not a `lomar segment` checkpoint; to start from pretrained weights "
+                          f"pass them as --pretrained")
+    saved = S.coerce_all(SegmentConfig, ckpt["settings"], str(path), strict=False)
+    if "out" not in explicit:
+        saved["out"] = str(path.parent)
+    return saved, str(path)
+
+
+def validate(config: SegmentConfig, check_out: bool = True) -> None:
+    """Everything that can be checked before any work; raises ConfigError naming the fix."""
+    S.check_declared(config)
+    if config.img_size % 32:
+        raise ConfigError(f"--img-size must be a multiple of 32 (the pyramid's coarsest stride), got "
+                          f"{config.img_size}; e.g. {max(32, config.img_size // 32 * 32)}")
+    if not check_out:
+        return
+    if config.data is None:
+        raise ConfigError("pass --data ROOT (ADE20K layout: images/{training,validation}, "
+                          "annotations/{training,validation})")
+    if not Path(config.data).is_dir():
+        raise ConfigError(f"--data {config.data} is not a folder; pass the root of an ADE20K-layout dataset")
+    if config.num_classes is None:
+        raise ConfigError("pass --num-classes N (the annotations' class ids are 1..N; 150 for ADE20K)")
+    if config.pretrained is not None and not Path(config.pretrained).exists():
+        raise ConfigError(f"--pretrained {config.pretrained} does not exist; pass a checkpoint or an exported "
+                          f"folder, or leave it out for a random encoder")
+    from lomar.train.run_state import check_out_folder
+
+    check_out_folder(Path(config.out))
+    R.refuse_held_run(Path(config.out), config.resume, config.overwrite)
+
+
+def dump_segment_config(config: SegmentConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

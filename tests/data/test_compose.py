@@ -1,0 +1,93 @@
+"""The composed digits set: deterministic, and the same pictures in COCO and ADE20K layouts that agree."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lomar.cli.app import main
+from lomar.data.compose import compose_digits, rle_encode
+
+
+@pytest.fixture(scope="module")
+def composed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits") / "set"
+    compose_digits(root, img_size=64, images=6, seed=3, classify_images=4, classify_size=48)
+    return root
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_files_other_seed_other_files(composed, tmp_path):
+    again, other = tmp_path / "again", tmp_path / "other"
+    compose_digits(again, img_size=64, images=6, seed=3, classify_images=4, classify_size=48)
+    compose_digits(other, img_size=64, images=6, seed=4, classify_images=4, classify_size=48)
+    assert _files(again) == _files(composed)
+    assert _files(other) != _files(composed)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_coco_json_loads_in_pycocotools_and_agrees_with_the_ade_label_maps(composed):
+    from pycocotools.coco import COCO
+
+    for split, ade in (("train", "training"), ("val", "validation")):
+        coco = COCO(str(composed / "annotations" / f"instances_{split}.json"))
+        assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == [str(d) for d in range(10)]
+        assert coco.getCatIds() == list(range(1, 11))
+        for image in coco.loadImgs(coco.getImgIds()):
+            stem = image["file_name"].rsplit(".", 1)[0]
+            assert (composed / "images" / split / image["file_name"]).read_bytes() == \
+                (composed / "images" / ade / image["file_name"]).read_bytes()
+            labels = np.asarray(Image.open(composed / "annotations" / ade / f"{stem}.png"))
+            assert labels.shape == (64, 64) and labels.dtype == np.uint8 and labels.max() <= 10
+            painted = np.zeros_like(labels)
+            anns = coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]]))
+            assert anns, image
+            for ann in anns:
+                mask = coco.annToMask(ann).astype(bool)
+                assert ann["iscrowd"] == 0 and ann["area"] == mask.sum() > 0
+                x, y, w, h = ann["bbox"]
+                rows, cols = np.nonzero(mask)
+                assert (x, y, x + w - 1, y + h - 1) == (cols.min(), rows.min(), cols.max(), rows.max())
+                assert not painted[mask].any()  # instances do not overlap
+                painted[mask] = ann["category_id"]  # category d + 1 is the ADE label d + 1
+            assert (painted == labels).all()
+
+
+def test_digit_samples_do_not_cross_splits(tmp_path):
+    summary = compose_digits(tmp_path / "s", img_size=48, images=4, seed=0)
+    assert summary["splits"]["train"]["digit_samples"] + summary["splits"]["val"]["digit_samples"] == 1797
+    assert summary == json.loads((tmp_path / "s" / "compose.json").read_text())
+
+
+def test_classification_variant_is_an_image_folder(composed):
+    for split, count in (("train", 3), ("val", 1)):
+        folders = sorted(p.name for p in (composed / "classify" / split).iterdir())
+        assert folders == [str(d) for d in range(10)]
+        pictures = list((composed / "classify" / split).rglob("*.jpg"))
+        assert len(pictures) == count and Image.open(pictures[0]).size == (48, 48)
+
+
+def test_rle_is_pycocotools_rle():
+    from pycocotools import mask as coco_mask
+
+    rng = np.random.default_rng(0)
+    for mask in (rng.random((7, 5)) > 0.5, np.ones((3, 4), bool), np.zeros((2, 2), bool)):
+        rle = coco_mask.frPyObjects(rle_encode(mask), *mask.shape)
+        assert (coco_mask.decode(rle) == mask).all()
+
+
+def test_command_writes_and_refuses_a_full_folder(tmp_path, capsys):
+    out = tmp_path / "set"
+    assert main(["compose-digits", "--out", str(out), "--img-size", "48", "--images", "3"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert main(["compose-digits", "--out", str(out), "--img-size", "48", "--images", "3"]) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "--overwrite" in err and err.count("\n") == 1
+    assert main(["compose-digits", "--out", str(out), "--img-size", "16"]) == 2
+    assert "--img-size must be >= 32" in capsys.readouterr().err

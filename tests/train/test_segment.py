@@ -1,0 +1,199 @@
+"""lomar segment: UperNet shapes, the metrics against torchmetrics, sliding windows, bad inputs in one
+line each, and short CLI runs on the composed digits set (a 2-step run, an exact resume)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lomar.cli.app import main
+from lomar.data.compose import compose_digits
+from lomar.eval.segmentation import confusion_matrix, predict_logits, segmentation_metrics
+from lomar.integrations.segmenter import UperNetSegmenter, layer_decay_groups, spread_indices
+from lomar.models.upernet import UPerHead
+from lomar.models.vit import VisionTransformer, ViTConfig
+
+
+def _encoder(depth: int = 4) -> VisionTransformer:
+    return VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2))
+
+
+def test_spread_indices_are_mmsegs_for_base_and_large():
+    assert spread_indices(12) == (3, 5, 7, 11)
+    assert spread_indices(24) == (7, 11, 15, 23)
+    assert spread_indices(4) == (0, 1, 2, 3)
+
+
+def test_upernet_shapes():
+    head = UPerHead([8, 16, 24, 32], num_classes=5, channels=16)
+    levels = [torch.randn(2, c, 32 // 2**i, 48 // 2**i) for i, c in enumerate([8, 16, 24, 32])]
+    assert head(levels).shape == (2, 5, 32, 48)
+    model = UperNetSegmenter(_encoder(), num_classes=7, channels=16, aux_channels=8)
+    logits, aux = model(torch.randn(2, 3, 64, 96), aux=True)
+    assert logits.shape == aux.shape == (2, 7, 64, 96)
+    assert [m.shape[-2:] for m in model.backbone(torch.randn(1, 3, 64, 64))] == [(32, 32), (16, 16), (8, 8), (4, 4)]
+    labels = torch.randint(0, 7, (2, 64, 96))
+    labels[0, :10] = 255
+    model.loss(torch.randn(2, 3, 64, 96), labels).backward()
+    assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_layer_decay_scales_the_encoder_by_depth():
+    model = UperNetSegmenter(_encoder(depth=4), num_classes=3, channels=8, aux_channels=8)
+    groups = layer_decay_groups(model, lr=1.0, weight_decay=0.05, layer_decay=0.5)
+    scale = {id(p): g["lr"] for g in groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    enc = model.encoder
+    assert scale[id(enc.patch_embed.proj.weight)] == 0.5**5
+    assert scale[id(enc.blocks[0].mlp[0].weight)] == 0.5**4 and scale[id(enc.blocks[3].mlp[0].weight)] == 0.5
+    assert scale[id(model.decode_head.classifier.weight)] == 1.0
+    assert decay[id(enc.cls_token)] == decay[id(enc.blocks[0].norm1.weight)] == 0.0
+    assert decay[id(enc.blocks[0].attn.qkv.weight)] == 0.05
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_match_torchmetrics(seed):
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+    gen = torch.Generator().manual_seed(seed)
+    n = 6
+    labels = torch.randint(0, n, (3, 40, 50), generator=gen)
+    pred = torch.where(torch.rand(labels.shape, generator=gen) < 0.6, labels, torch.randint(0, n, labels.shape,
+                                                                                             generator=gen))
+    labels[:, :5] = 255  # ignored pixels
+    ours = segmentation_metrics(confusion_matrix(pred, labels, n))
+    iou = MulticlassJaccardIndex(n, average="macro", ignore_index=255)(pred, labels)
+    macc = MulticlassAccuracy(n, average="macro", ignore_index=255)(pred, labels)
+    aacc = MulticlassAccuracy(n, average="micro", ignore_index=255)(pred, labels)
+    assert ours["mIoU"] == pytest.approx(100 * float(iou), abs=1e-4)
+    assert ours["mAcc"] == pytest.approx(100 * float(macc), abs=1e-4)
+    assert ours["aAcc"] == pytest.approx(100 * float(aacc), abs=1e-4)
+
+
+def test_metrics_skip_undefined_classes_as_mmseg_does():
+    labels = torch.tensor([0, 0, 1, 1])
+    pred = torch.tensor([0, 2, 1, 1])  # class 2 is never labelled (no accuracy), class 3 nowhere (no IoU)
+    m = segmentation_metrics(confusion_matrix(pred, labels, 4))
+    assert m["mIoU"] == pytest.approx(100 * (0.5 + 1 + 0) / 3)
+    assert m["mAcc"] == pytest.approx(100 * (0.5 + 1) / 2)
+    assert m["aAcc"] == pytest.approx(75.0)
+
+
+def test_sliding_window_equals_whole_image_for_a_pointwise_model():
+    model = torch.nn.Conv2d(3, 4, 1)
+    image = torch.randn(1, 3, 50, 70)
+    whole = predict_logits(model, image, 4, "whole")
+    slide = predict_logits(model, image, 4, "slide", crop=32, stride=21)
+    small = predict_logits(model, image[..., :20, :20], 4, "slide", crop=32, stride=21)
+    assert whole.shape == slide.shape == (1, 4, 50, 70) and small.shape == (1, 4, 20, 20)
+    torch.testing.assert_close(slide, whole)
+    torch.testing.assert_close(small, whole[..., :20, :20])
+
+
+# ---- the command ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits") / "set"
+    compose_digits(root, img_size=32, images=10, seed=0, digit_scale=(0.3, 0.5))
+    return root
+
+
+def _segment(data, out, *extra) -> int:
+    return main(["segment", "--data", str(data), "--num-classes", "10", "--img-size", "32", "--batch-size", "2",
+                 "--head-channels", "16", "--warmup-steps", "1", "--lr", "1e-3", "--workers", "0", "--threads", "1",
+                 "--device", "cpu", "--log-every", "1", "--out", str(out), *extra])
+
+
+def test_two_step_run_writes_miou_and_predictions(digits, pretrained, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _segment(digits, out, "--pretrained", str(pretrained), "--max-steps", "2", "--eval-mode", "whole") == 0
+    err = capsys.readouterr().err
+    assert "pretrained: loaded" in err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    final = records[-1]
+    assert final["step"] == 2 and 0 <= final["mIoU"] <= 100 and {"mAcc", "aAcc"} <= set(final)
+    stems = sorted(p.stem for p in (digits / "images" / "validation").glob("*.jpg"))
+    assert sorted(p.stem for p in (out / "predictions").glob("*.png")) == stems
+    pred = np.asarray(Image.open(out / "predictions" / f"{stems[0]}.png"))
+    assert pred.shape == (32, 32) and 1 <= pred.min() and pred.max() <= 10
+
+
+def test_random_init_is_said_and_resume_is_exact(digits, tmp_path, capsys):
+    common = ("--model", "vit_tiny_patch16", "--schedule-steps", "4", "--eval-mode", "slide", "--drop-path", "0.1")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _segment(digits, straight, *common, "--max-steps", "4") == 0
+    assert "random init vit_tiny_patch16" in capsys.readouterr().err
+    assert _segment(digits, split, *common, "--max-steps", "2") == 0
+    assert _segment(digits, split, "--resume", "auto", "--max-steps", "4") == 0
+    a = torch.load(straight / "last.pt", weights_only=True)["model"]
+    b = torch.load(split / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if "loss" in x]
+              for run in (straight, split)]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+
+
+def _bad(root, case):
+    """Break a copy of the digits set the way ``case`` says; the file the error must name."""
+    labels, images = root / "annotations" / "training", root / "images" / "training"
+    first = sorted(labels.glob("*.png"))[0]
+    if case == "wrong size":
+        Image.fromarray(np.zeros((16, 20), np.uint8)).save(first)
+        return first
+    if case == "class id above":
+        Image.fromarray(np.full((32, 32), 11, np.uint8)).save(first)
+        return first
+    if case == "corrupt annotation":
+        first.write_bytes(b"not a png")
+        return first
+    if case == "colour annotation":
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(first)
+        return first
+    if case == "missing annotation":
+        first.unlink()
+        return images / f"{first.stem}.jpg"
+    if case == "missing image":
+        (images / f"{first.stem}.jpg").unlink()
+        return first
+    if case == "empty split":
+        shutil.rmtree(root / "images" / "validation")
+        (root / "images" / "validation").mkdir()
+        return root / "images" / "validation"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case, fix", [
+    ("wrong size", "write the annotation at the image's size"),
+    ("class id above", "pass --num-classes 11 or fix the annotation"),
+    ("corrupt annotation", "rewrite it as a PNG of class ids"),
+    ("colour annotation", "single-channel (mode L or P) PNG"),
+    ("missing annotation", "add it or remove the image"),
+    ("missing image", "add the image or remove the annotation"),
+    ("empty split", "an empty split"),
+])
+def test_bad_inputs_end_in_one_line_naming_the_file(digits, tmp_path, capsys, case, fix):
+    root = tmp_path / "data"
+    shutil.copytree(digits, root)
+    named = _bad(root, case)
+    assert _segment(root, tmp_path / "run", "--max-steps", "1") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lomar segment: error: ") and err.count("\n") == 1, err
+    assert str(named) in err and fix in err, err
+    assert not (tmp_path / "run").exists()  # checked before the run folder is made
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--img-size", "48"], "--img-size must be a multiple of 32"),
+    (["--num-classes", "300"], "--num-classes"),
+])
+def test_bad_flags_end_in_one_line(digits, tmp_path, capsys, flags, message):
+    assert _segment(digits, tmp_path / "run", *flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
