@@ -41,6 +41,7 @@ class SegmentConfig:
     img_size: int = S.IMG_SIZE.field(512, help="training crop and evaluation scale (short side) in pixels, a "
                                                "multiple of 32")
     batch_size: int = S.BATCH_SIZE.field(16, help="crops per process per step")
+    accum_steps: int = S.ACCUM_STEPS.field()
     epochs: int = S.EPOCHS.field(127, help="passes over the training data (127 at batch 16 on ADE20K's 20,210 "
                                            "images: mmseg's 160k iterations)")
     max_steps: int | None = S.MAX_STEPS.field()
