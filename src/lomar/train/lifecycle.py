@@ -121,7 +121,7 @@ class _Run:
 
     def _save_files(self, metrics: dict | None, keep: int | None) -> Path:
         metric = self.task.best_metric
-        if metric and metrics is not None and metrics.get(metric, -math.inf) >= self.best:
+        if metric and (metrics or {}).get(metric) is not None and metrics[metric] >= self.best:
             self.best = metrics[metric]
             state = {"model": self.task.model.state_dict(), **self.task.state(), "epoch": self.p.epoch,
                      "step": self.p.step, "metrics": metrics}
