@@ -218,7 +218,7 @@ def test_detect_resume_is_exact(tiny, tmp_path, capsys):
     (train_ann, train_images), (val_ann, val_images) = tiny
     common = ["detect", "--train-ann", str(train_ann), "--train-images", str(train_images), "--val-ann", str(val_ann),
               "--val-images", str(val_images), "--model", "vit_tiny_patch16", "--img-size", "64", "--batch-size", "2",
-              "--schedule-steps", "4", "--warmup-steps", "1", "--rois-per-image", "16", "--eval-every", "0",
+              "--schedule-steps", "4", "--warmup-steps", "1", "--rois-per-image", "16",
               "--workers", "0", "--threads", "2", "--device", "cpu", "--log-every", "1"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main([*common, "--max-steps", "4", "--out", str(straight)]) == 0, capsys.readouterr().err

@@ -89,7 +89,7 @@ class DetectTask(Task):
 
     def __init__(self, config: DetectConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, device
-        rank, world_size = info.rank, info.world_size
+        rank, world_size, self.eval_steps = info.rank, info.world_size, config.eval_every
         log = self.log = stderr_log if info.is_main else _quiet
         self.val = read_coco(config.val_ann, config.val_images, "--val-ann", "--val-images")
         log(f"lomar detect: val {self.val.path}: {self.val.summary.line()}")
@@ -113,8 +113,10 @@ class DetectTask(Task):
                 raise UsageError(f"{train.path}: {len(dataset)} training image(s) cannot fill one step of "
                                  f"{config.accum_steps} batch(es) of {config.batch_size}; lower --batch-size")
         val_set = detection_dataset(self.val, eval_transforms(), train=False)
+        # Its own generator: an evaluation then draws nothing from the global stream (resume stays exact).
         self.val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world_size)), config.batch_size,
-                                     collate_fn=collate_detection, num_workers=config.workers)
+                                     collate_fn=collate_detection, num_workers=config.workers,
+                                     generator=torch.Generator())
         self.predictions: list[dict] = []
 
     def _build_model(self, saved: Path | None):
@@ -170,11 +172,8 @@ class DetectTask(Task):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float | None]:
-        """box_* and mask_* COCO AP in percent over the validation split (every process gets them; {} at an
-        epoch ``--eval-every`` skips); the main process keeps the predictions."""
-        every, progress = self.config.eval_every, getattr(self, "progress", None)
-        if progress is not None and not progress.final and (not every or progress.epoch % every):
-            return {}
+        """box_* and mask_* COCO AP in percent over the validation split (every process gets them); the main
+        process keeps the predictions."""
         was_training = self.model.training
         self.model.eval()
         results = []

@@ -73,8 +73,7 @@ class DetectConfig:
                                          "resolution")
     rois_per_image: int = S.setting(512, "RoIs sampled per image for the box and mask heads (ViTDet: 512; fewer "
                                     "is faster on CPU)", above=0)
-    eval_every: int = S.setting(1, "evaluate every N epochs (0: only at the end); the run's end is always scored",
-                                low=0, resume=_RUN)
+    eval_every: int | None = S.EVAL_EVERY.field()
     eval_only: bool = S.setting(False, "score --pretrained (a `lomar detect` run or checkpoint) on the validation "
                                 "split, write predictions.json and metrics.jsonl into --out, and stop",
                                 resume="per-invocation")

@@ -64,9 +64,7 @@ class SegmentConfig:
                                resume="run-control")
     eval_stride: int | None = S.setting(None, "sliding-window stride in pixels (default: 2/3 of --img-size, 341 "
                                               "for 512)", kind=int, above=0, resume="run-control")
-    eval_every: int | None = S.setting(None, "evaluate every N optimizer steps and at the end, instead of at each "
-                                             "epoch's end (default: each epoch's end and the end)", kind=int, above=0,
-                                       resume="run-control")
+    eval_every: int | None = S.EVAL_EVERY.field()
     grad_checkpointing: bool = S.setting(False, "recompute each block in the backward pass: less memory at high "
                                        "resolution")
     precision: str = S.PRECISION.field()
