@@ -210,3 +210,23 @@ def test_detect_trains_and_predictions_rescore_to_the_reported_ap(tiny, tmp_path
     assert code == 0, capsys.readouterr().err
     again = json.loads((evaluated / "metrics.jsonl").read_text().splitlines()[-1])
     assert {k: again[k] for k in rescored} == {k: metrics[k] for k in rescored}
+
+
+@pytest.mark.slow
+def test_detect_resume_is_exact(tiny, tmp_path, capsys):
+    """4 steps straight == 2 steps, then --resume auto to 4: same weights, same logged losses."""
+    (train_ann, train_images), (val_ann, val_images) = tiny
+    common = ["detect", "--train-ann", str(train_ann), "--train-images", str(train_images), "--val-ann", str(val_ann),
+              "--val-images", str(val_images), "--model", "vit_tiny_patch16", "--img-size", "64", "--batch-size", "2",
+              "--schedule-steps", "4", "--warmup-steps", "1", "--rois-per-image", "16",
+              "--workers", "0", "--threads", "2", "--device", "cpu", "--log-every", "1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main([*common, "--max-steps", "4", "--out", str(straight)]) == 0, capsys.readouterr().err
+    assert main([*common, "--max-steps", "2", "--out", str(split)]) == 0, capsys.readouterr().err
+    assert main(["detect", "--out", str(split), "--resume", "auto", "--max-steps", "4"]) == 0, capsys.readouterr().err
+    a = torch.load(straight / "last.pt", weights_only=True)
+    b = torch.load(split / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 4 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    losses = [[json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+              for run in (straight, split)]
+    assert losses[0] == losses[1] and len(losses[0]) == 4

@@ -197,3 +197,33 @@ def test_bad_flags_end_in_one_line(digits, tmp_path, capsys, flags, message):
     assert _segment(digits, tmp_path / "run", *flags) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_and_gather_every_prediction(digits, tmp_path):
+    """2 gloo processes: DDP training, the confusion matrices summed, every rank's predictions written."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as sock:  # torchrun's --master-port 0 is not shared by the ranks: a free one
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "run"
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "--master-port", str(port),
+           "-m", "lomar", "segment", "--data", str(digits), "--num-classes", "10", "--img-size", "32",
+           "--batch-size", "2", "--head-channels", "16", "--warmup-steps", "1", "--lr", "1e-3", "--workers", "0",
+           "--threads", "1", "--device", "cpu", "--log-every", "1", "--max-steps", "2", "--eval-mode", "whole",
+           "--model", "vit_tiny_patch16", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "x 2 process(es)" in done.stdout and "lomar: done at step 2" in done.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert records[-1]["step"] == 2 and 0 <= records[-1]["mIoU"] <= 100
+    stems = sorted(p.stem for p in (digits / "images" / "validation").glob("*.jpg"))
+    assert sorted(p.stem for p in (out / "predictions").glob("*.png")) == stems
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2

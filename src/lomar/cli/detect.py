@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lomar.cli.common import report_run_failure, resolve_device
+from lomar.cli.common import report_run_failure
 from lomar.train.detect_config import add_detect_arguments, dump_detect_config, resolve_detect_config
 
 
@@ -21,10 +21,10 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(dump_detect_config(config))
         return 0
-    from lomar.train.detect_run import run_detect
+    from lomar.train.detect import detect
     from lomar.train.run_state import SaveError
 
     try:
-        return run_detect(config, resolve_device(config.device))
+        return detect(config)
     except SaveError as exc:
         return report_run_failure("detect", exc)

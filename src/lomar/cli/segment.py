@@ -24,9 +24,9 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(dump_segment_config(config))
         return 0
     from lomar.train.run_state import SaveError
-    from lomar.train.segment_run import run_segment
+    from lomar.train.segment import segment
 
     try:
-        return run_segment(config)
+        return segment(config)
     except SaveError as exc:
         return report_run_failure("segment", exc)

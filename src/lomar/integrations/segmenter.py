@@ -15,7 +15,7 @@ from lomar.integrations.dense import MultiLevelBackbone
 from lomar.models.upernet import FCNHead, UPerHead
 from lomar.models.vit import VisionTransformer
 
-__all__ = ["spread_indices", "UperNetSegmenter", "layer_decay_groups"]
+__all__ = ["spread_indices", "UperNetSegmenter", "layer_decay_groups", "segmentation_loss"]
 
 
 def spread_indices(depth: int) -> tuple[int, ...]:
@@ -62,11 +62,17 @@ class UperNetSegmenter(nn.Module):
     def loss(self, images: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
         """Cross-entropy of the decode head plus ``aux_weight`` x the auxiliary head's; labels (B, H, W)
         long, 0..N-1 or ``ignore_index``."""
-        logits, extra = self(images, aux=True)
-        loss = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
-        if extra is not None:
-            loss = loss + self.aux_weight * F.cross_entropy(extra.float(), labels, ignore_index=ignore_index)
-        return loss
+        return segmentation_loss(*self(images, aux=True), labels, self.aux_weight, ignore_index)
+
+
+def segmentation_loss(logits: torch.Tensor, extra: torch.Tensor | None, labels: torch.Tensor, aux_weight: float,
+                      ignore_index: int = 255) -> torch.Tensor:
+    """:meth:`UperNetSegmenter.loss` from the outputs of ``forward(images, aux=True)``: logits and
+    ``extra`` (B, N, H, W), labels (B, H, W); apart, so that a DDP wrapper's forward computes them."""
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
+    if extra is not None:
+        loss = loss + aux_weight * F.cross_entropy(extra.float(), labels, ignore_index=ignore_index)
+    return loss
 
 
 def layer_decay_groups(model: UperNetSegmenter, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:

@@ -2,17 +2,22 @@
 
 The task builds the model (:func:`lomar.integrations.detection.build_mask_rcnn`), the loaders
 (:mod:`lomar.data.coco`, large-scale jitter), the loss (the sum of Mask R-CNN's five losses),
-ViTDet's step lr schedule and the evaluation (:func:`lomar.eval.coco.coco_metrics`); the run
-itself (folder, optimizer, checkpoints, signals) belongs to the lifecycle.
+ViTDet's step lr schedule (the ``lr_schedule`` hook) and the evaluation
+(:func:`lomar.eval.coco.coco_metrics`); the run itself (folder, lock, optimizer, checkpoints, signals,
+DDP) is :func:`lomar.train.lifecycle.run`'s. Under torchrun each process predicts every W-th validation
+image; the main process gathers the detections, scores them and sends every process the metrics.
+``--eval-only`` scores a trained detector in one process, without a training run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
 from lomar.checkpoints.io import atomic_write_text, safe_load
@@ -30,9 +35,11 @@ from lomar.eval.coco import coco_metrics, to_coco_results
 from lomar.integrations.detection import build_mask_rcnn, detector_param_groups
 from lomar.models.attention import vitdet_global_blocks
 from lomar.models.vit import VisionTransformer, ViTConfig, model_config
-from lomar.train.detect_config import DetectConfig
+from lomar.train.detect_config import DetectConfig, dump_detect_config
+from lomar.train.distributed import DistInfo
+from lomar.train.lifecycle import Task, run
 
-__all__ = ["DetectTask", "CHECKPOINT_FORMAT", "detect_checkpoint", "step_lr_factor"]
+__all__ = ["DetectTask", "CHECKPOINT_FORMAT", "detect_checkpoint", "step_lr_factor", "detect"]
 
 CHECKPOINT_FORMAT = "lomar-detect-1"
 
@@ -75,15 +82,15 @@ def _layout(config: DetectConfig, depth: int | None) -> dict:
     return layout
 
 
-class DetectTask:
-    """Mask R-CNN training and COCO evaluation (the Task interface of ``lomar.train.lifecycle``)."""
+class DetectTask(Task):
+    """Mask R-CNN training and COCO evaluation (a :class:`~lomar.train.task.Task` of the lifecycle)."""
 
-    name = "detect"
-    best_metric = "box_AP"
+    name, best_metric, outputs = "detect", "box_AP", ("predictions.json",)
 
-    def __init__(self, config: DetectConfig, device: torch.device, rank: int = 0, world_size: int = 1,
-                 log=print):
-        self.config, self.device, self.log = config, device, log
+    def __init__(self, config: DetectConfig, info: DistInfo, device: torch.device):
+        self.config, self.info, self.device = config, info, device
+        rank, world_size, self.eval_steps = info.rank, info.world_size, config.eval_every
+        log = self.log = stderr_log if info.is_main else _quiet
         self.val = read_coco(config.val_ann, config.val_images, "--val-ann", "--val-images")
         log(f"lomar detect: val {self.val.path}: {self.val.summary.line()}")
         self.categories = self.val.categories
@@ -106,8 +113,10 @@ class DetectTask:
                 raise UsageError(f"{train.path}: {len(dataset)} training image(s) cannot fill one step of "
                                  f"{config.accum_steps} batch(es) of {config.batch_size}; lower --batch-size")
         val_set = detection_dataset(self.val, eval_transforms(), train=False)
+        # Its own generator: an evaluation then draws nothing from the global stream (resume stays exact).
         self.val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world_size)), config.batch_size,
-                                     collate_fn=collate_detection, num_workers=config.workers)
+                                     collate_fn=collate_detection, num_workers=config.workers,
+                                     generator=torch.Generator())
         self.predictions: list[dict] = []
 
     def _build_model(self, saved: Path | None):
@@ -150,20 +159,21 @@ class DetectTask:
     def param_groups(self) -> list[dict]:
         return detector_param_groups(self.model, self.config.weight_decay, self.config.layer_decay)
 
-    def lr_factor(self, step: int, total: int) -> float:
-        return step_lr_factor(step, total, self.config.warmup_steps)
+    def lr_schedule(self, step: int, total: float, warmup: float, base_lr: float, min_lr: float) -> float:
+        """ViTDet's step schedule (:func:`step_lr_factor`) x the peak lr; ``min_lr`` does not apply."""
+        return base_lr * step_lr_factor(step, round(total), round(warmup))
 
     def loss(self, batch) -> torch.Tensor:
         """Sum of the RPN, box and mask losses of one batch (images, targets); ``model`` in train mode."""
         images, targets = batch
         images = [image.to(self.device, non_blocking=True) for image in images]
         targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-        self.last_losses = self.model(images, targets)
-        return sum(self.last_losses.values())
+        return sum(self.net(images, targets).values())
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float | None]:
-        """box_* and mask_* COCO AP in percent over the validation split; keeps the predictions."""
+        """box_* and mask_* COCO AP in percent over the validation split (every process gets them); the main
+        process keeps the predictions."""
         was_training = self.model.training
         self.model.eval()
         results = []
@@ -172,12 +182,21 @@ class DetectTask:
             for output, target in zip(outputs, targets):
                 results.extend(to_coco_results(output, int(target["image_id"]), self.categories))
         self.model.train(was_training)
-        self.predictions = results
-        return coco_metrics(self.val.coco(), results)
+        if not self.info.enabled:
+            self.predictions = results
+            return coco_metrics(self.val.coco(), results)
+        gathered = [None] * self.info.world_size if self.info.is_main else None
+        dist.gather_object(results, gathered, dst=0)
+        metrics = [None]
+        if self.info.is_main:
+            self.predictions = sorted((r for part in gathered for r in part), key=lambda r: r["image_id"])
+            metrics = [coco_metrics(self.val.coco(), self.predictions)]
+        dist.broadcast_object_list(metrics, src=0)
+        return metrics[0]
 
     def state(self) -> dict:
         return {"categories": self.categories, "encoder_config": self.model.backbone.encoder.config.to_dict(),
-                "format": CHECKPOINT_FORMAT}
+                "format": CHECKPOINT_FORMAT, "settings": self.config.to_dict()}
 
     def load(self, state: dict) -> None:
         if state.get("categories") != self.categories:
@@ -188,6 +207,39 @@ class DetectTask:
         """``OUT/predictions.json``: the last evaluation's detections, a COCO results file."""
         atomic_write_text(Path(out) / "predictions.json", json.dumps(self.predictions))
 
+    def config_text(self) -> str:
+        return dump_detect_config(self.config)
+
 
 def stderr_log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _quiet(message: str) -> None:
+    """The log of a process other than the main one: the main one says it."""
+
+
+def detect(config: DetectConfig) -> int:
+    """Train (or resume) a detector, or with ``--eval-only`` score one; the process exit code."""
+    return evaluate_only(config) if config.eval_only else run(config, DetectTask)
+
+
+def evaluate_only(config: DetectConfig) -> int:
+    """Score ``--pretrained`` on the validation split in this process: a ``metrics.jsonl`` line and
+    ``predictions.json`` in ``--out`` (the folder locked meanwhile)."""
+    from lomar.train.distributed import init_distributed
+    from lomar.train.run_state import RunLock
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--eval-only runs in one process; run it without torchrun")
+    _, device = init_distributed(config.device)
+    torch.manual_seed(config.seed)
+    with RunLock(Path(config.out)) as lock:
+        task = DetectTask(config, DistInfo(), device)
+        metrics = task.evaluate()
+        with open(lock.out / "metrics.jsonl", "a") as log:
+            log.write(json.dumps({"eval_only": True, "pretrained": config.pretrained, **metrics}) + "\n")
+        task.finish(lock.out)
+    ap = {k: "n/a" if metrics.get(k) is None else f"{metrics[k]:.2f}" for k in ("box_AP", "mask_AP")}
+    stderr_log(f"lomar detect: box AP {ap['box_AP']}, mask AP {ap['mask_AP']}; {lock.out / 'predictions.json'}")
+    return 0

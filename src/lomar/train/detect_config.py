@@ -48,9 +48,13 @@ class DetectConfig:
     accum_steps: int = S.ACCUM_STEPS.field()
     epochs: int = S.EPOCHS.field(100)
     max_steps: int | None = S.MAX_STEPS.field()
+    schedule_steps: int | None = S.SCHEDULE_STEPS.field(
+        help="length of the lr schedule (warm-up, then the steps) in optimizer steps; default --epochs x the steps "
+             "per epoch, except a new run given --max-steps and no --epochs: its schedule spans --max-steps")
     blr: float = S.BLR.field(4e-4, help="base lr: lr = blr x effective batch / 256 (ViTDet: 1e-4 at batch 64)")
-    warmup_steps: int = S.setting(250, "optimizer steps of linear lr warm-up (from 0.001 x lr); then the lr drops "
-                                  "10x at 88.9% and 96.3% of the run (ViTDet's steps)", low=0)
+    warmup_steps: int = S.setting(250, "optimizer steps of linear lr warm-up (from 0.001 x lr; at most the "
+                                  "schedule's length); then the lr drops 10x at 88.9% and 96.3% of the schedule "
+                                  "(ViTDet's steps)", low=0)
     layer_decay: float = S.setting(0.7, "lr scale per layer below the top", above=0, high=1)
     weight_decay: float = S.WEIGHT_DECAY.field(0.1)
     drop_path: float = S.setting(0.1, "stochastic depth rate", low=0, below=1)
@@ -69,8 +73,7 @@ class DetectConfig:
                                          "resolution")
     rois_per_image: int = S.setting(512, "RoIs sampled per image for the box and mask heads (ViTDet: 512; fewer "
                                     "is faster on CPU)", above=0)
-    eval_every: int = S.setting(1, "evaluate every N epochs (0: only at the end); the run's end is always scored",
-                                low=0, resume=_RUN)
+    eval_every: int | None = S.EVAL_EVERY.field()
     eval_only: bool = S.setting(False, "score --pretrained (a `lomar detect` run or checkpoint) on the validation "
                                 "split, write predictions.json and metrics.jsonl into --out, and stop",
                                 resume="per-invocation")
@@ -99,6 +102,7 @@ def resolve_detect_config(args: argparse.Namespace) -> DetectConfig:
         values = R.resume_values(DetectConfig, *_saved_settings(path, explicit), explicit)
     else:
         values = {**DetectConfig().to_dict(), **explicit}
+        R.lay_schedule_over_max_steps(values, explicit)
     config = DetectConfig(**values)
     if config.out is None:
         config.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))

@@ -10,19 +10,7 @@ loss stop, the start-up line, ``Monitor`` (metrics.jsonl, TensorBoard, progress)
 A resumed run skips the batches its checkpoint consumed of the (seed, epoch) data order: it continues
 exactly. Optional config fields: ``lr``, ``clip_grad``, ``compile``, ``save_every`` (default 1), ``keep_last``.
 
-Required of a Task: ``name``, ``model``, ``train_loader``, ``loss(batch)``. Optional (defaults below):
-``best_metric``, ``param_groups()``, ``evaluate()``, ``state()``, ``load(state)``, ``finish(out)``, and
-- ``net``: set by the lifecycle to the wrapped model (DDP / ``torch.compile``); ``loss`` calls
-  ``self.net`` so that DDP all-reduces the gradients,
-- ``progress``: set by the lifecycle, the :class:`Progress` (``final`` during the end-of-run ``evaluate``),
-- ``loss`` may return None (nothing to learn from the batch); under DDP ``idle_loss()`` then gives a
-  loss backpropagated with weight 0, so that every rank joins the all-reduce,
-- ``sharded`` (FSDP: sharded checkpoints, no DDP), ``betas``, ``lr_schedule(step, total, warmup, base_lr,
-  min_lr)``, ``eval_log`` (the evaluations' file), ``outputs`` (names or globs a fresh run clears),
-  ``batches_per_epoch()``, ``set_epoch(epoch, skip_batches)``, ``describe()`` (the start-up line's data
-  and model), ``config_text()``, ``final_line()`` (appended to "done"),
-- main process only: ``begin()`` before the first step, ``saved(path)`` after each checkpoint,
-  ``stopped(out)`` after a stop signal.
+The Task interface, its required and optional hooks: :mod:`lomar.train.task`.
 """
 from __future__ import annotations
 
@@ -31,7 +19,6 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,60 +45,11 @@ from lomar.train.run_state import (
     set_rng_state,
 )
 from lomar.train.runtime import default_threads, fast_adamw
-from lomar.train.schedule import lr_at, schedule_span, warmup_warning
+from lomar.train.schedule import lr_at, run_span, warmup_warning
 from lomar.train.settings_resume import refuse_held_run
+from lomar.train.task import Progress, Task, TrainingError
 
 __all__ = ["Task", "Progress", "TrainingError", "run"]
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (non-finite loss, too many unreadable images)."""
-
-
-@dataclass
-class Progress:
-    epoch: int = 0
-    batches_done: int = 0  # of the current epoch, whole optimizer steps only
-    step: int = 0
-    final: bool = False
-
-
-def _nothing(self, *args) -> None:
-    """A hook's default: nothing to do."""
-
-
-class Task:
-    """What a training command provides; see the module docstring for the optional hooks."""
-
-    name = "task"
-    model: torch.nn.Module
-    train_loader: torch.utils.data.DataLoader
-    best_metric: str | None = None
-    sharded = False
-    betas = (0.9, 0.999)
-    lr_schedule: Callable[..., float] | None = None
-    eval_log = "metrics.jsonl"
-    outputs: tuple[str, ...] = ()
-    net: torch.nn.Module  # and ``progress``: set by the lifecycle
-    load = finish = stopped = begin = saved = _nothing
-    evaluate, state, final_line = (lambda self: {}), (lambda self: {}), (lambda self: "")
-    idle_loss = config_text = lambda self: None  # config_text: config.yaml's text (None: the config's fields)
-
-    def param_groups(self) -> list[dict]:
-        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
-
-    def loss(self, batch) -> torch.Tensor | None:
-        raise NotImplementedError
-
-    def batches_per_epoch(self) -> int:
-        return len(self.train_loader)
-
-    def set_epoch(self, epoch: int, skip_batches: int) -> None:
-        self.train_loader.sampler.set_epoch(epoch, skip=skip_batches * self.train_loader.batch_size)
-
-    def describe(self) -> str:
-        params = sum(p.numel() for p in self.model.parameters()) / 1e6
-        return f"{len(self.train_loader.dataset)} images, {type(self.model).__name__} {params:.1f}M params"
 
 
 class _Run:
@@ -127,7 +65,7 @@ class _Run:
             raise ValueError(f"the training data ({task.batches_per_epoch()} batch(es) of {config.batch_size} per "
                              f"process) cannot fill one step of {self.accum} batch(es); lower --batch-size or "
                              f"--accum-steps")
-        self.schedule = schedule_span(self.steps_per_epoch, config.epochs, config.warmup_epochs, config.schedule_steps)
+        self.schedule = run_span(config, self.steps_per_epoch)
         lr = getattr(config, "lr", None)
         self.base_lr = lr if lr is not None else config.blr * config.batch_size * self.accum * info.world_size / 256
         self.optimizer = fast_adamw(task.param_groups(), lr=self.base_lr, betas=task.betas,
@@ -183,7 +121,7 @@ class _Run:
 
     def _save_files(self, metrics: dict | None, keep: int | None) -> Path:
         metric = self.task.best_metric
-        if metric and metrics is not None and metrics.get(metric, -math.inf) >= self.best:
+        if metric and (metrics or {}).get(metric) is not None and metrics[metric] >= self.best:
             self.best = metrics[metric]
             state = {"model": self.task.model.state_dict(), **self.task.state(), "epoch": self.p.epoch,
                      "step": self.p.step, "metrics": metrics}
@@ -250,6 +188,8 @@ class _Run:
             if self._optimizer_step():
                 if any_rank_stopping(self.stop, self.device) or p.step >= self.last_step:
                     return True
+                if self.task.eval_steps and p.step % self.task.eval_steps == 0:
+                    self.save(self._evaluate())
         return False
 
     def _backward(self, batch, sync: bool) -> None:
@@ -284,7 +224,7 @@ class _Run:
             self.optimizer.zero_grad(set_to_none=True)
             return False
         schedule = self.task.lr_schedule or lr_at
-        lr = schedule(p.step, *self.schedule, self.base_lr, cfg.min_lr)
+        lr = schedule(p.step, *self.schedule, self.base_lr, getattr(cfg, "min_lr", 0.0))
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         if getattr(cfg, "clip_grad", None):
@@ -308,7 +248,7 @@ class _Run:
     def _end_epoch(self) -> None:
         """Evaluate the finished epoch; checkpoint when due or best."""
         self.p.epoch, self.p.batches_done = self.p.epoch + 1, 0
-        metrics = self._evaluate(time.perf_counter() - self.epoch_tick)
+        metrics = {} if self.task.eval_steps else self._evaluate(time.perf_counter() - self.epoch_tick)
         self.epoch_tick = time.perf_counter()
         best = bool(metrics) and self.task.best_metric in metrics
         if best or (self.p.epoch % getattr(self.cfg, "save_every", 1) == 0 and self.p.epoch < self.cfg.epochs):

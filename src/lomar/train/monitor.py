@@ -92,12 +92,14 @@ class Monitor:
             return
         with open(self.out / file, "a") as handle:
             handle.write(json.dumps({"step": step, "epoch": epoch, **metrics, **extra}) + "\n")
-        for key, value in metrics.items():
+        defined = {k: v for k, v in metrics.items() if v is not None}  # None: undefined (no such objects)
+        for key, value in defined.items():
             if self.writer is not None:
                 self.writer.add_scalar(f"eval/{key}", value, step)
         shown = ", ".join(f"{_LABELS[k]} {100 * v:.2f}%" if k in _LABELS else f"{k} {v:.4g}"
-                          for k, v in metrics.items())
-        best = [f"best {100 * v:.2f}%" for k, v in extra.items() if k.startswith("best_")]
+                          for k, v in defined.items())
+        best = [f"best {100 * v:.2f}%" if k[5:] in _LABELS else f"best {v:.4g}"
+                for k, v in extra.items() if k.startswith("best_")]
         message = f"epoch {epoch} step {step}: {shown}" + (f" ({best[0]})" if best else "")
         self.bar.write(message, file=sys.stdout)
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["lr_at", "schedule_span", "warmup_warning", "param_groups"]
+__all__ = ["lr_at", "schedule_span", "run_span", "warmup_warning", "param_groups"]
 
 
 def schedule_span(steps_per_epoch: int, epochs: float, warmup_epochs: float,
@@ -53,3 +53,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if param.requires_grad:
             (no_decay if param.ndim == 1 or name.endswith(".bias") or name in skip else decay).append(param)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def run_span(config, steps_per_epoch: int) -> tuple[float, float]:
+    """(total, warm-up) of a run's lr schedule in optimizer steps, from its config: ``schedule_steps`` or
+    ``epochs``; the warm-up in ``warmup_steps`` (at most the total) or, as the pretraining and finetuning
+    recipes state it, in ``warmup_epochs`` (:func:`schedule_span`)."""
+    schedule_steps = getattr(config, "schedule_steps", None)
+    if getattr(config, "warmup_steps", None) is None:
+        return schedule_span(steps_per_epoch, config.epochs, config.warmup_epochs, schedule_steps)
+    total = float(schedule_steps or config.epochs * steps_per_epoch)
+    return total, float(min(config.warmup_steps, total))

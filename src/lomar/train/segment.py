@@ -1,30 +1,32 @@
-"""``lomar segment`` as a Task of the shared run lifecycle: UperNet on a ViT encoder, ADE20K-layout
-data, mmseg's recipe, mIoU / mAcc / aAcc and the last evaluation's predictions as PNGs.
+"""``lomar segment``: UperNet on a ViT encoder, ADE20K-layout data, mmseg's recipe, mIoU / mAcc / aAcc
+and the last evaluation's predictions as PNGs.
 
-:class:`SegmentTask` follows the lifecycle's Task interface (model, train_loader, best_metric,
-param_groups, loss, evaluate, state, load, finish, and its own lr ``schedule``: linear warm-up
-then poly). Until the shared lifecycle is merged, :mod:`lomar.train.segment_run` drives it.
+:class:`SegmentTask` is a :class:`~lomar.train.task.Task` with its own ``lr_schedule`` (linear warm-up
+then poly); the run (folder, lock, resume, signals, DDP, checkpoints, logging) is
+:func:`lomar.train.lifecycle.run`'s. Under torchrun each process scores every W-th validation image,
+the confusion matrices are summed and the main process writes every prediction.
 """
 
 from __future__ import annotations
 
-import logging
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from lomar.data.samplers import EpochSampler
 from lomar.data.segmentation import SegmentationFolder
 from lomar.eval.segmentation import confusion_matrix, predict_logits, segmentation_metrics
-from lomar.integrations.segmenter import UperNetSegmenter, layer_decay_groups
-from lomar.train.segment_config import SegmentConfig
+from lomar.integrations.segmenter import UperNetSegmenter, layer_decay_groups, segmentation_loss
+from lomar.train.distributed import DistInfo
+from lomar.train.lifecycle import Task, run
+from lomar.train.segment_config import SegmentConfig, dump_segment_config
 
-__all__ = ["SegmentTask", "build_encoder", "poly_schedule"]
-
-log = logging.getLogger("lomar.segment")
+__all__ = ["SegmentTask", "build_encoder", "poly_schedule", "segment"]
 
 
 def build_encoder(config: SegmentConfig):
@@ -51,12 +53,13 @@ def poly_schedule(step: int, total: int, warmup: int, power: float = 1.0, floor:
     return floor + (1 - floor) * (1 - t) ** power
 
 
-class SegmentTask:
-    name = "segment"
-    best_metric = "mIoU"
+class SegmentTask(Task):
+    name, best_metric, outputs = "segment", "mIoU", ("predictions",)
 
-    def __init__(self, config: SegmentConfig, device: torch.device, rank: int = 0, world_size: int = 1):
-        self.config, self.device, self.rank = config, torch.device(device), rank
+    def __init__(self, config: SegmentConfig, info: DistInfo, device: torch.device):
+        self.config, self.info, self.device = config, info, torch.device(device)
+        rank, world_size = info.rank, info.world_size
+        self.eval_steps = config.eval_every
         workers = config.workers or 0
         self.train_set = SegmentationFolder(config.data, "training", config.num_classes, config.img_size,
                                             train=True, seed=config.seed, workers=max(1, workers))
@@ -66,10 +69,16 @@ class SegmentTask:
             raise ValueError(f"{Path(config.data) / 'images' / 'training'} holds {len(self.train_set)} images, fewer "
                              f"than one batch ({config.batch_size} x {world_size} processes); lower --batch-size")
         encoder, self.source = build_encoder(config)
+        if info.is_main:
+            print(f"lomar segment: {self.source}", file=sys.stderr, flush=True)
+        # The pyramid taps blocks, never the final norm: left trainable, DDP would wait for its gradient.
+        encoder.norm.requires_grad_(False)
         self.model = UperNetSegmenter(encoder, config.num_classes, channels=config.head_channels,
                                       aux_weight=config.aux_weight,
                                       grad_checkpointing=config.grad_checkpointing).to(self.device)
-        if world_size > 1:  # mmseg's SyncBN: statistics over the whole batch, not each process's share
+        if world_size > 1 and self.device.type == "cuda":
+            # mmseg's SyncBN: statistics over the whole batch, not each process's share (CUDA only in
+            # PyTorch; a CPU run keeps each process's own statistics)
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.sampler = EpochSampler(len(self.train_set), config.seed, rank, world_size, keys=True)
         # its own generator: a new iterator (each epoch, each resume) must not draw from the global
@@ -79,52 +88,65 @@ class SegmentTask:
                                        generator=torch.Generator().manual_seed(config.seed))
 
     def param_groups(self) -> list[dict]:
+        """Layer-decay groups; the lifecycle sets each group's lr to the schedule's x its ``lr_scale``."""
         return layer_decay_groups(self.model, self.config.lr, self.config.weight_decay, self.config.layer_decay)
 
-    def schedule(self, step: int, total: int) -> float:
-        """lr factor (times each group's ``lr_scale`` x --lr) of optimizer step ``step`` of ``total``."""
-        floor = self.config.min_lr / self.config.lr
-        return poly_schedule(step, total, min(self.config.warmup_steps, total), self.config.poly_power, floor)
+    def lr_schedule(self, step: int, total: float, warmup: float, base_lr: float, min_lr: float) -> float:
+        """The heads' lr at optimizer step ``step``: linear warm-up, then poly down to ``min_lr``."""
+        return base_lr * poly_schedule(step, round(total), round(warmup), self.config.poly_power, min_lr / base_lr)
+
+    def describe(self) -> str:
+        return (f"{len(self.train_set)} training / {len(self.val_set)} validation images in {self.config.data}, "
+                f"{self.config.num_classes} classes, {self.config.img_size} px")
 
     def loss(self, batch) -> torch.Tensor:
-        images, labels = batch
-        return self.model.loss(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+        images, labels = (t.to(self.device, non_blocking=True) for t in batch)
+        return segmentation_loss(*self.net(images, aux=True), labels, self.model.aux_weight)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """mIoU, mAcc, aAcc (percent) over the validation split at the labels' own size; each
-        prediction written as ``OUT/predictions/<stem>.png`` (class + 1), replacing the last evaluation's."""
+        """mIoU, mAcc, aAcc (percent) over the validation split at the labels' own size (every process
+        gets them); each prediction written as ``OUT/predictions/<stem>.png`` (class + 1) by the main
+        process, replacing the last evaluation's."""
         from lomar.checkpoints.io import atomic_write_bytes
 
-        model, config = self.model, self.config
+        model, config, info = self.model, self.config, self.info
         was_training = model.training
         model.eval()
         stride = config.eval_stride or config.img_size * 2 // 3
         confusion = torch.zeros(config.num_classes, config.num_classes, dtype=torch.int64)
-        folder = Path(config.out) / "predictions"
-        folder.mkdir(parents=True, exist_ok=True)
+        pngs = []
         try:
-            for index in range(len(self.val_set)):
+            for index in range(info.rank, len(self.val_set), info.world_size):
                 image, labels, stem = self.val_set[index]
                 logits = predict_logits(model, image[None].to(self.device), config.num_classes, config.eval_mode,
                                         config.img_size, stride)
                 logits = F.interpolate(logits.float(), size=labels.shape, mode="bilinear", align_corners=False)
                 pred = logits.argmax(1)[0].cpu()
                 confusion += confusion_matrix(pred, labels, config.num_classes)
-                atomic_write_bytes(folder / f"{stem}.png", _png(pred.numpy().astype(np.uint8) + 1))
+                pngs.append((stem, _png(pred.numpy().astype(np.uint8) + 1)))
         finally:
             model.train(was_training)
-        metrics = segmentation_metrics(confusion)
+        if info.enabled:
+            confusion = confusion.to(self.device)
+            dist.all_reduce(confusion)
+            gathered = [None] * info.world_size if info.is_main else None
+            dist.gather_object(pngs, gathered, dst=0)
+            pngs = [item for part in gathered or () for item in part]
+        if info.is_main:
+            folder = Path(config.out) / "predictions"
+            folder.mkdir(parents=True, exist_ok=True)
+            for stem, data in pngs:
+                atomic_write_bytes(folder / f"{stem}.png", data)
+        metrics = segmentation_metrics(confusion.cpu())
         return {k: metrics[k] for k in ("mIoU", "mAcc", "aAcc")}
 
     def state(self) -> dict:
-        return {}
+        """What ``--resume`` reads back (the settings) besides the lifecycle's position and weights."""
+        return {"task": "segment", "settings": self.config.to_dict()}
 
-    def load(self, state: dict) -> None:
-        pass
-
-    def finish(self, out: Path) -> None:
-        """Nothing beyond what :meth:`evaluate` wrote: the predictions of the last evaluation."""
+    def config_text(self) -> str:
+        return dump_segment_config(self.config)
 
 
 def _png(labels: np.ndarray) -> bytes:
@@ -135,3 +157,8 @@ def _png(labels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(labels).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def segment(config: SegmentConfig) -> int:
+    """Train (or resume) a segmenter; the process exit code."""
+    return run(config, SegmentTask)

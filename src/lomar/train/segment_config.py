@@ -41,6 +41,7 @@ class SegmentConfig:
     img_size: int = S.IMG_SIZE.field(512, help="training crop and evaluation scale (short side) in pixels, a "
                                                "multiple of 32")
     batch_size: int = S.BATCH_SIZE.field(16, help="crops per process per step")
+    accum_steps: int = S.ACCUM_STEPS.field()
     epochs: int = S.EPOCHS.field(127, help="passes over the training data (127 at batch 16 on ADE20K's 20,210 "
                                            "images: mmseg's 160k iterations)")
     max_steps: int | None = S.MAX_STEPS.field()
@@ -63,9 +64,7 @@ class SegmentConfig:
                                resume="run-control")
     eval_stride: int | None = S.setting(None, "sliding-window stride in pixels (default: 2/3 of --img-size, 341 "
                                               "for 512)", kind=int, above=0, resume="run-control")
-    eval_every: int | None = S.setting(None, "evaluate every N optimizer steps and at the end, instead of at each "
-                                             "epoch's end (default: each epoch's end and the end)", kind=int, above=0,
-                                       resume="run-control")
+    eval_every: int | None = S.EVAL_EVERY.field()
     grad_checkpointing: bool = S.setting(False, "recompute each block in the backward pass: less memory at high "
                                        "resolution")
     precision: str = S.PRECISION.field()

@@ -1,0 +1,79 @@
+"""What a training command gives :func:`lomar.train.lifecycle.run`: a :class:`Task`.
+
+Required of a Task: ``name``, ``model``, ``train_loader``, ``loss(batch)``. Optional (defaults below):
+``best_metric``, ``param_groups()``, ``evaluate()``, ``state()``, ``load(state)``, ``finish(out)``, and
+- ``net``: set by the lifecycle to the wrapped model (DDP / ``torch.compile``); ``loss`` calls
+  ``self.net`` so that DDP all-reduces the gradients,
+- ``progress``: set by the lifecycle, the :class:`Progress` (``final`` during the end-of-run ``evaluate``),
+- ``loss`` may return None (nothing to learn from the batch); under DDP ``idle_loss()`` then gives a
+  loss backpropagated with weight 0, so that every rank joins the all-reduce,
+- ``lr_schedule(step, total, warmup, base_lr, min_lr)`` (default warm-up + cosine): the lr of optimizer step
+  ``step``; ``total`` and ``warmup`` from the config (:func:`lomar.train.schedule.run_span`: ``schedule_steps``
+  or ``epochs``; ``warmup_steps`` or ``warmup_epochs``), ``min_lr`` the config's (default 0),
+- ``eval_steps``: evaluate (and checkpoint) every N optimizer steps instead of at each epoch's end,
+- ``sharded`` (FSDP: sharded checkpoints, no DDP), ``betas``, ``eval_log`` (the evaluations' file),
+  ``outputs`` (names or globs a fresh run clears),
+  ``batches_per_epoch()``, ``set_epoch(epoch, skip_batches)``, ``describe()`` (the start-up line's data
+  and model), ``config_text()``, ``final_line()`` (appended to "done"),
+- main process only: ``begin()`` before the first step, ``saved(path)`` after each checkpoint,
+  ``stopped(out)`` after a stop signal.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Task", "Progress", "TrainingError"]
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, too many unreadable images)."""
+
+
+@dataclass
+class Progress:
+    epoch: int = 0
+    batches_done: int = 0  # of the current epoch, whole optimizer steps only
+    step: int = 0
+    final: bool = False
+
+
+def _nothing(self, *args) -> None:
+    """A hook's default: nothing to do."""
+
+
+class Task:
+    """What a training command provides; see the module docstring for the optional hooks."""
+
+    name = "task"
+    model: torch.nn.Module
+    train_loader: torch.utils.data.DataLoader
+    best_metric: str | None = None
+    sharded = False
+    betas = (0.9, 0.999)
+    lr_schedule: Callable[..., float] | None = None
+    eval_steps: int | None = None
+    eval_log = "metrics.jsonl"
+    outputs: tuple[str, ...] = ()
+    net: torch.nn.Module  # and ``progress``: set by the lifecycle
+    load = finish = stopped = begin = saved = _nothing
+    evaluate, state, final_line = (lambda self: {}), (lambda self: {}), (lambda self: "")
+    idle_loss = config_text = lambda self: None  # config_text: config.yaml's text (None: the config's fields)
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+
+    def loss(self, batch) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def batches_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+    def set_epoch(self, epoch: int, skip_batches: int) -> None:
+        self.train_loader.sampler.set_epoch(epoch, skip=skip_batches * self.train_loader.batch_size)
+
+    def describe(self) -> str:
+        params = sum(p.numel() for p in self.model.parameters()) / 1e6
+        return f"{len(self.train_loader.dataset)} images, {type(self.model).__name__} {params:.1f}M params"
