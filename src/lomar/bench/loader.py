@@ -16,6 +16,13 @@ from pathlib import Path
 
 import torch
 
+from lomar.bench.timing import build_runner, interleaved_times, median
+from lomar.data.device_decode import decode_dataset
+from lomar.data.folder import build_pretrain_dataset, demo_image_paths
+from lomar.methods import get_method
+from lomar.methods.base import method_runtime
+from lomar.models.vit import model_config
+
 __all__ = ["TEST_SET_SIZES", "make_test_set", "loader_dataset", "measure_loader", "time_loader", "cpu_ms_per_image",
            "share_model_rate"]
 
@@ -54,7 +61,6 @@ def make_test_set(out: str | Path, kind: str = "camera", count: int = 32, qualit
         raise ValueError(f"unknown test-set kind {kind!r}; choose one of {', '.join(TEST_SET_SIZES)}")
     if count <= 0:
         raise ValueError(f"count must be positive, got {count}")
-    from lomar.data.folder import demo_image_paths
 
     sources = demo_image_paths()
     out = Path(out)
@@ -84,11 +90,6 @@ def loader_dataset(data: str | Path, img_size: int, method: str = "lomar", windo
     JPEG decoding) or "windows" (draft + only the plan's windows resampled; a windowed method).
     """
     from types import SimpleNamespace
-
-    from lomar.data.device_decode import decode_dataset
-    from lomar.data.folder import build_pretrain_dataset
-    from lomar.methods import get_method
-    from lomar.methods.base import method_runtime
 
     # The settings the method's masker reads, at its default mask ratio; the bench's MAE is the
     # global one, as the model it times (lomar.bench.timing.build_runner).
@@ -160,9 +161,6 @@ def measure_loader(data: str | Path, sizes: list[int], workers: int = 1, method:
     and counts as one worker. ``cpu_ms_per_image``: the CPU time of one sample in this process
     (one thread), the figure to compare on a busy machine.
     """
-    from lomar.bench.timing import build_runner, interleaved_times, median
-    from lomar.models.vit import model_config
-
     patch = model_config(model).patch_size
     device = torch.device(device)
     records = []

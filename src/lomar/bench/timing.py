@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from lomar.bench.methods import build_variant_model
 from lomar.models import MAE, LoMaR
 from lomar.models.vit import model_config
 from lomar.train.runtime import fast_adamw
@@ -196,8 +197,6 @@ def build_runner(method: str, model_name: str, img_size: int, windows: int | Non
     overrides = dict(embed_dim=32, depth=1, num_heads=2) if tiny else {}
     decoder = dict(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2) if tiny else {}
     if method in ("beit", "beit_window", "mae_window"):
-        from lomar.bench.methods import build_variant_model
-
         model: nn.Module = build_variant_model(method, model_name, img_size, windows, tiny)
     elif method == "lomar":
         model = LoMaR(model_config(model_name, img_size=img_size, pos="rpe", **overrides),

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text
+from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.errors import UsageError
 from lomar.models.attention import ATTENTION_MODES
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig
@@ -39,8 +40,6 @@ def timm_architecture(config: ViTConfig, num_classes: int = 0) -> tuple[str, dic
     weights with global attention are another model); ``attention`` is not: every mode gives the
     same result, and the machine that loads the export picks its own (``auto``).
     """
-    from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
     shape = (config.embed_dim, config.depth, config.num_heads)
     size = next((s for s, v in MODEL_SIZES.items() if v == shape), None)
     # Another shape: the nearest of the paper's sizes names it (model_args spell out the real one).

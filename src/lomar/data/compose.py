@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lomar.data.folder import demo_image_paths
+
 __all__ = ["compose_digits", "rle_encode", "COCO_SPLITS", "ADE_SPLITS"]
 
 COCO_SPLITS = {"train": "train", "val": "val"}
@@ -60,8 +62,6 @@ def rle_encode(mask: np.ndarray) -> dict:
 def _photos() -> list[np.ndarray]:
     """The bundled photographs as (H, W, 3) uint8."""
     from PIL import Image
-
-    from lomar.data.folder import demo_image_paths
 
     out = []
     for path in demo_image_paths():

@@ -37,6 +37,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from lomar.checkpoints.keys import encoder_keys
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig
 
 __all__ = ["LomarVisionTransformer", "checkpoint_filter_fn", "create_from_export"]
@@ -188,8 +189,6 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: LomarVision
     mask token and decoder are dropped). A classifier head and ``fc_norm`` missing from the
     weights or of another shape keep the model's fresh initialisation.
     """
-    from lomar.checkpoints.keys import encoder_keys  # the one key map for every format we read
-
     state = state_dict.get("model", state_dict) if isinstance(state_dict.get("model"), dict) else state_dict
     own = model.state_dict()
     out: dict[str, torch.Tensor] = {}

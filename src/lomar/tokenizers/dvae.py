@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lomar.checkpoints.io import atomic_write_bytes
 from lomar.tokenizers.base import FORMAT_KEY, Tokenizer, check_tokenizer_file, safetensors_metadata
 
 __all__ = ["DVAEConfig", "DVAEEncoder", "map_pixels", "load_dvae", "convert_dvae", "dvae_from_pickled",
@@ -279,8 +280,6 @@ def load_dvae(path: str | Path, input_size: int | None = None) -> DVAEEncoder:
 def convert_dvae(src: str | Path, dst: str | Path) -> Path:
     """Any readable dVAE encoder form → a safetensors file (+ config metadata), written atomically."""
     from safetensors.torch import save
-
-    from lomar.checkpoints.io import atomic_write_bytes
 
     model = load_dvae(src)
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}

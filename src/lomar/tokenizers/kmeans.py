@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from lomar.checkpoints.io import atomic_write_bytes
 from lomar.tokenizers.base import FORMAT_KEY, Tokenizer, check_tokenizer_file, safetensors_metadata
 
 __all__ = ["KMeansTokenizer", "fit_kmeans_tokenizer", "patch_features", "FORMAT", "MAX_INPUT_SIZE"]
@@ -84,8 +85,6 @@ class KMeansTokenizer(Tokenizer):
     def save(self, path: str | Path, extra: dict[str, str] | None = None) -> Path:
         """safetensors with the settings as metadata, written to a temporary file then renamed."""
         from safetensors.torch import save
-
-        from lomar.checkpoints.io import atomic_write_bytes
 
         meta = {FORMAT_KEY: FORMAT, "vocab_size": str(self.vocab_size), "patch": str(self.patch),
                 "input_size": str(self.input_size), **(extra or {})}

@@ -21,8 +21,11 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
 from lomar.data.classify import classification_transforms, eval_crop_ratio
+from lomar.data.collate import collate_labelled, collate_labelled_refill
+from lomar.data.folder import LabelledImageFolder
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError
+from lomar.eval.features import load_pretrained_encoder
 from lomar.train.distributed import DistInfo
 from lomar.train.finetune_config import FinetuneConfig, dump_finetune_config, encoder_layout, split_roots
 from lomar.train.lifecycle import Task, run
@@ -34,9 +37,6 @@ __all__ = ["finetune", "classification_transforms", "eval_crop_ratio", "evaluate
 
 def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
              info: DistInfo) -> tuple[DataLoader, DataLoader, list[str]]:
-    from lomar.data.collate import collate_labelled, collate_labelled_refill
-    from lomar.data.folder import LabelledImageFolder  # skips unreadable images instead of crashing
-
     train_tf, val_tf = classification_transforms(config.img_size, config.aa, config.reprob, config.crop_scale)
     try:
         train_set, val_set = LabelledImageFolder(train_root, train_tf), LabelledImageFolder(val_root, val_tf)
@@ -91,8 +91,6 @@ class FinetuneTask(Task):
     def __init__(self, config: FinetuneConfig, info: DistInfo, device: torch.device):
         from timm.data import Mixup
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
-        from lomar.eval.features import load_pretrained_encoder
 
         self.config, self.info, self.device = config, info, device
         # Per-rank streams for augmentation and mixup (timm draws from numpy / random); DDP

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import torch
 
+from lomar.models import LoMaR
 from lomar.models.masking import num_masked, window_token_index
 from lomar.models.rpe import bucket_table
 from lomar.models.vit import Attention, VisionTransformer
+from lomar.viz.reconstruction import save_figure
 
 __all__ = ["attention_probs", "block_attention", "WindowAttention", "window_attention", "attention_figure",
            "draw_attention"]
@@ -86,8 +88,6 @@ def window_attention(model, image: torch.Tensor, target: tuple[int, int] | None 
     only; ``'image'`` (default otherwise) on the whole image. ``masked`` (window context):
     replace floor(K·K·mask_ratio) window tokens, the target among them, by the mask token.
     """
-    from lomar.models import LoMaR
-
     encoder: VisionTransformer = getattr(model, "encoder", model)
     is_lomar = isinstance(model, LoMaR)
     k = window_size or (model.window_size if is_lomar else 7)
@@ -142,8 +142,6 @@ def attention_figure(result: WindowAttention, pixels: torch.Tensor, patch_size: 
                      title: str | None = None, columns: int = 7) -> Path:
     """PNG of :func:`draw_attention`: the image with the window, the window's pixels, then one
     heatmap per block. pixels: (3, H, W) in [0, 1] (un-normalised)."""
-    from lomar.viz.reconstruction import save_figure
-
     return save_figure(draw_attention(result, pixels, patch_size, title, columns), path, dpi=90)
 
 

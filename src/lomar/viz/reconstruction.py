@@ -12,7 +12,10 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from lomar.checkpoints.io import atomic_write_bytes
 from lomar.data.transforms import denormalize
+from lomar.models import MAE, LoMaR
+from lomar.models.mae_window import MAEWindow
 from lomar.models.masking import MaskingPlan, window_token_index
 from lomar.models.objective import patchify, unpatchify
 
@@ -40,9 +43,6 @@ def reconstruct(model, images: torch.Tensor, seed: int = 0,
     (visible patches from the input, masked ones predicted); LoMaR also gives ``plan``.
     ``plan`` (LoMaR only) fixes the windows and masks; otherwise they are drawn from ``seed``.
     """
-    from lomar.models import MAE, LoMaR
-    from lomar.models.mae_window import MAEWindow
-
     was_training = model.training
     model.eval()
     p = model.config.patch_size
@@ -111,8 +111,6 @@ def reconstruction_snapshot(model, images: torch.Tensor, out: str | Path, step: 
     The same ``seed`` and images at every step show the same windows and masks. ``draw``: the
     method's figure writer, ``draw(model, images, path, seed=, title=)`` (default
     :func:`reconstruction_figure`). Returns the numbered path. images: (N, 3, H, W) normalised."""
-    from lomar.checkpoints.io import atomic_write_bytes
-
     out = Path(out)
     numbered = Path((draw or reconstruction_figure)(model, images, out / f"reconstruction-{step:06d}.png",
                                                     seed=seed, title=title))
@@ -166,8 +164,6 @@ def _caption(norm_pix: bool, windows: bool) -> str:
 def save_figure(fig: Figure, path: str | Path, dpi: int) -> Path:
     """Lay out (unless the figure has its own layout engine) and write atomically: a reader never
     sees half a PNG."""
-    from lomar.checkpoints.io import atomic_write_bytes
-
     return atomic_write_bytes(path, _render(fig, dpi))
 
 
