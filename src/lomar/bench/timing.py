@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils import flop_counter as fc
 from torch.utils.flop_counter import FlopCounterMode
 
 from lomar.bench.methods import build_variant_model
@@ -39,8 +40,6 @@ def _register_cpu_sdpa_flops() -> None:
     Without this, every attention matmul on CPU would count as zero FLOPs. The CPU
     kernel computes the same products, so it gets the same formulas.
     """
-    from torch.utils import flop_counter as fc
-
     fwd = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     bwd = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
     # The registered entries are already shape-wrapped; share them rather than re-wrap.

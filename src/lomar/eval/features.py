@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 
 from lomar.checkpoints.formats import CLASSIFIER_PREFIXES, drop_final_norm, encoder_weights, read
 from lomar.checkpoints.formats_beit import BEiTReader, build_timm_beit
@@ -153,8 +154,6 @@ def _load_beit(reader: BEiTReader, src, num_classes: int, global_pool: str, over
 
 def eval_transform(img_size: int):
     """Resize the short side to img_size/0.875 (bicubic), centre-crop, ImageNet-normalise."""
-    from torchvision.transforms import v2
-
     return v2.Compose([v2.ToImage(), v2.RGB(),
                        v2.Resize(int(round(img_size / 0.875)), interpolation=v2.InterpolationMode.BICUBIC,
                                  antialias=True),

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
@@ -324,6 +325,4 @@ def lomar_vit_huge_patch16(pretrained: bool = False, **kwargs) -> LomarVisionTra
 def create_from_export(path, pretrained: bool = True, **kwargs) -> nn.Module:
     """``timm.create_model`` for a ``lomar export`` folder; kwargs (num_classes, features_only,
     ...) go to timm. Same as ``timm.create_model('local-dir:PATH', pretrained=True, **kwargs)``."""
-    import timm
-
     return timm.create_model(f"local-dir:{path}", pretrained=pretrained, **kwargs)

@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import param_groups_layer_decay
 from torch.utils.data import DataLoader, Subset
 
 from lomar.data.classify import classification_transforms, eval_crop_ratio
@@ -89,9 +92,6 @@ class FinetuneTask(Task):
     name, best_metric = "finetune", "top1"
 
     def __init__(self, config: FinetuneConfig, info: DistInfo, device: torch.device):
-        from timm.data import Mixup
-        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
         self.config, self.info, self.device = config, info, device
         # Per-rank streams for augmentation and mixup (timm draws from numpy / random); DDP
         # broadcasts rank 0's initial weights, so the new head is the same everywhere.
@@ -122,8 +122,6 @@ class FinetuneTask(Task):
 
     def param_groups(self) -> list[dict]:
         """timm's layer-wise lr decay groups; each carries the ``lr_scale`` the lifecycle applies."""
-        from timm.optim import param_groups_layer_decay
-
         return param_groups_layer_decay(self.model, self.config.weight_decay, self.model.no_weight_decay(),
                                         layer_decay=self.config.layer_decay)
 

@@ -20,6 +20,7 @@ In a run folder (``lomar pretrain --fsdp``) :func:`save_run_checkpoint` writes
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import shutil
@@ -204,8 +205,6 @@ def save_run_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, meta
 
 
 def _main(argv: list[str] | None = None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m lomar.train.fsdp",
                                      description="Turn a sharded checkpoint folder into one checkpoint file.")
     sub = parser.add_subparsers(dest="command", required=True)

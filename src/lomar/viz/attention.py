@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from lomar.models import LoMaR
 from lomar.models.masking import num_masked, window_token_index
@@ -154,9 +156,6 @@ def draw_attention(result: WindowAttention, pixels: torch.Tensor, patch_size: in
     (printed below it, with the shares of the cls token and, for the whole-image context, of the
     window). Constrained layout reserves each caption's height above the next row's titles.
     """
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-
     k, p = result.window_size, patch_size
     (top, left), (ty, tx) = result.top_left, result.target_in_window
     depth = result.maps.shape[0]

@@ -6,6 +6,8 @@ so no global backend or figure registry is touched.
 
 from __future__ import annotations
 
+import io
+import textwrap
 from pathlib import Path
 
 import torch
@@ -153,8 +155,6 @@ def draw_reconstruction(model, images: torch.Tensor, seed: int = 0, title: str |
 def _caption(norm_pix: bool, windows: bool) -> str:
     """What the reconstruction column shows: a norm-pix model predicts each patch's pixels up to
     its mean and std, so the figure borrows those two numbers from the true patch."""
-    import textwrap
-
     masked = ("masked patches show the prediction rescaled with the true patch's mean and std (the model "
               "predicts per-patch normalised pixels)" if norm_pix else "masked patches show the prediction")
     text = f"reconstruction: {masked}; visible patches show the input"
@@ -169,8 +169,6 @@ def save_figure(fig: Figure, path: str | Path, dpi: int) -> Path:
 
 def _render(fig: Figure, dpi: int) -> bytes:
     """The figure as PNG bytes, laid out first unless it has its own layout engine."""
-    import io
-
     if fig.get_layout_engine() is None:
         fig.tight_layout()
     buffer = io.BytesIO()

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from lomar.data.transforms import denormalize
 from lomar.models.masking import window_token_index
@@ -65,9 +67,6 @@ def token_figure(model, images: torch.Tensor, path: str | Path, seed: int = 0, t
 def draw_tokens(model, images: torch.Tensor, seed: int = 0, title: str | None = None):
     """The figure :func:`token_figure` writes (a :class:`matplotlib.figure.Figure`), with a legend
     below the rows for the colours of the last column and what the token colours mean."""
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
     maps = token_maps(model, images, seed)
     colours = _palette(model.config.vocab_size)
     true, predicted, masked = maps["true"].cpu(), maps["predicted"].cpu(), maps["masked"].cpu()

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import torch
+from torchvision.datasets import ImageFolder
 
 from lomar.checkpoints.formats import load_model
 from lomar.cli.common import resolve_device
@@ -127,8 +128,6 @@ def _check_finished(last: dict, options: dict, where: Path) -> None:
 def heldout_loss(checkpoint: Path, val_root: str, img_size: int, seed: int = 0, batch_size: int = 128) -> float:
     """Mean masked-reconstruction loss (the training objective, same masks for every model of a
     seed) on the held-out images: centre crops, as the evaluations see them."""
-    from torchvision.datasets import ImageFolder
-
     model = load_model(checkpoint)
     model.eval()
     dataset = ImageFolder(val_root, transform=eval_transform(img_size))
