@@ -159,7 +159,7 @@ def _full_disk_worker(rank: int, world: int, port: int, out: str, where: str) ->
 
             patch = mock.patch("torch.distributed.checkpoint.filesystem._write_item", zip_writer_on_a_full_disk)
         elif where == "meta" and rank == 0:
-            patch = mock.patch("lomar.checkpoints.io.atomic_save",
+            patch = mock.patch("lomar.train.fsdp.atomic_save",
                                side_effect=OSError(errno.ENOSPC, "No space left on device"))
         else:
             patch = contextlib.nullcontext()

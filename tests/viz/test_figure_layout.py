@@ -115,11 +115,11 @@ def _attention(context: str, depth: int, tmp_path):
 
 
 def _bench_figure(tmp_path):
-    from lomar.bench.report import plot_times
+    from lomar.bench import report
 
     captured = []
-    with mock.patch.object(reconstruction, "save_figure", lambda fig, path, dpi: captured.append(fig) or path):
-        plot_times(_bench_records(), tmp_path / "bench.png", subtitle="cpu, 2 threads")
+    with mock.patch.object(report, "save_figure", lambda fig, path, dpi: captured.append(fig) or path):
+        report.plot_times(_bench_records(), tmp_path / "bench.png", subtitle="cpu, 2 threads")
     return captured[0]
 
 

@@ -25,6 +25,15 @@ import subprocess
 import sys
 import time
 
+from lomar.models.attention import (
+    CHUNK_BIAS_BYTES,
+    DENSE_BIAS_BYTES,
+    DENSE_MAX_TOKENS,
+    flex_available,
+    vitdet_global_blocks,
+)
+from lomar.models.vit import VisionTransformer, model_config
+
 __all__ = ["VARIANTS", "estimate_bytes", "model_flops", "available_bytes", "run_variant", "bench_backbone"]
 
 VARIANTS = ("auto", "dense", "chunked", "flex", "windowed")
@@ -36,8 +45,6 @@ _FLOAT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def _arch(model: str, tiny: bool, depth: int | None = None) -> tuple[int, int, int, int]:
-    from lomar.models.vit import model_config
-
     c = model_config(model)
     if tiny:
         return c.patch_size, 32, depth or 2, 2
@@ -46,8 +53,6 @@ def _arch(model: str, tiny: bool, depth: int | None = None) -> tuple[int, int, i
 
 def _windowing(depth: int) -> tuple[int, tuple[int, ...]]:
     """ViTDet's layout: 14×14 windows, a global block ending each quarter of the depth."""
-    from lomar.models.attention import vitdet_global_blocks
-
     return 14, vitdet_global_blocks(depth)
 
 
@@ -60,8 +65,6 @@ def estimate_bytes(variant: str, model: str, img_size: int, batch: int, grad_che
     temporaries; fitted to the CPU measurements in benchmarks/). Dense attention adds its
     (B, h, L, L) bias, probabilities and their gradients (4 of them); chunked ~8 chunk biases.
     """
-    from lomar.models.attention import CHUNK_BIAS_BYTES, DENSE_BIAS_BYTES, DENSE_MAX_TOKENS
-
     patch, dim, depth, heads = _arch(model, tiny, depth)
     e = _FLOAT_BYTES[precision]
     length = 1 + (img_size // patch) ** 2
@@ -112,8 +115,6 @@ def available_bytes(device: str) -> int:
 def run_variant(spec: dict) -> dict:
     """In this process: build the encoder, run warm-up and timed forward + backward steps."""
     import torch
-
-    from lomar.models.vit import VisionTransformer, model_config
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -202,8 +203,6 @@ def bench_backbone(model: str, sizes: list[int], variants: list[str], batch_size
     ``depth`` overrides the model's number of blocks (the cost of fewer blocks, for quick checks).
     ``on_record(records)`` is called after each record (to save partial results of a long run).
     """
-    from lomar.models.attention import flex_available
-
     records = []
     for size in sizes:
         flops = model_flops(model, size, batch_size, tiny, depth)

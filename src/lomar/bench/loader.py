@@ -13,8 +13,18 @@ import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Subset
+
+from lomar.bench.timing import build_runner, interleaved_times, median
+from lomar.data.device_decode import decode_dataset
+from lomar.data.folder import build_pretrain_dataset, demo_image_paths
+from lomar.methods import get_method
+from lomar.methods.base import method_runtime
+from lomar.models.vit import model_config
 
 __all__ = ["TEST_SET_SIZES", "make_test_set", "loader_dataset", "measure_loader", "time_loader", "cpu_ms_per_image",
            "share_model_rate"]
@@ -24,8 +34,6 @@ TEST_SET_SIZES = {"camera": (4000, 3000), "imagenet": (500, 375)}
 
 
 def _write_one(job: tuple[str, str, tuple[int, int], int, int]) -> str:
-    from PIL import Image
-
     src, dst, (width, height), quality, index = job
     with Image.open(src) as img:
         img = img.convert("RGB")
@@ -54,7 +62,6 @@ def make_test_set(out: str | Path, kind: str = "camera", count: int = 32, qualit
         raise ValueError(f"unknown test-set kind {kind!r}; choose one of {', '.join(TEST_SET_SIZES)}")
     if count <= 0:
         raise ValueError(f"count must be positive, got {count}")
-    from lomar.data.folder import demo_image_paths
 
     sources = demo_image_paths()
     out = Path(out)
@@ -83,13 +90,6 @@ def loader_dataset(data: str | Path, img_size: int, method: str = "lomar", windo
     ``decode``: "full" (the reference path of :mod:`lomar.data.folder`), "draft" (reduced-size
     JPEG decoding) or "windows" (draft + only the plan's windows resampled; a windowed method).
     """
-    from types import SimpleNamespace
-
-    from lomar.data.device_decode import decode_dataset
-    from lomar.data.folder import build_pretrain_dataset
-    from lomar.methods import get_method
-    from lomar.methods.base import method_runtime
-
     # The settings the method's masker reads, at its default mask ratio; the bench's MAE is the
     # global one, as the model it times (lomar.bench.timing.build_runner).
     run = SimpleNamespace(method=method, img_size=img_size, window_size=window_size,
@@ -114,8 +114,6 @@ def time_loader(dataset, workers: int, images: int, batch_size: int = 16, repeat
     then runs from asking for the first batch to the last, so nothing is prefetched before
     the clock starts. With several ``repeats`` the median rate is returned.
     """
-    from torch.utils.data import DataLoader, Subset
-
     count = min(images, len(dataset))
     loader = DataLoader(Subset(dataset, range(count)), batch_size=batch_size, num_workers=workers,
                         collate_fn=_collate, persistent_workers=workers > 0)
@@ -160,9 +158,6 @@ def measure_loader(data: str | Path, sizes: list[int], workers: int = 1, method:
     and counts as one worker. ``cpu_ms_per_image``: the CPU time of one sample in this process
     (one thread), the figure to compare on a busy machine.
     """
-    from lomar.bench.timing import build_runner, interleaved_times, median
-    from lomar.models.vit import model_config
-
     patch = model_config(model).patch_size
     device = torch.device(device)
     records = []

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from lomar.models.beit import BEiTConfig
+from lomar.models.beit_pretrain import BEiTPretrain
+from lomar.models.mae_window import MAEWindow
 from lomar.models.masking import grid_size
 from lomar.models.vit import model_config
+from lomar.tokenizers import DVAEConfig, DVAEEncoder
 
 __all__ = ["VARIANTS", "build_variant_model", "beit_comparisons"]
 
@@ -20,11 +24,6 @@ VARIANTS = ("beit", "beit_window", "mae_window")
 def build_variant_model(method: str, model_name: str, img_size: int, windows: int | None,
                         tiny: bool = False) -> nn.Module:
     """The training model of a bench variant (windows: per image, 7×7; None for global BEiT)."""
-    from lomar.models.beit import BEiTConfig
-    from lomar.models.beit_pretrain import BEiTPretrain
-    from lomar.models.mae_window import MAEWindow
-    from lomar.tokenizers import DVAEConfig, DVAEEncoder
-
     overrides = dict(embed_dim=32, depth=1, num_heads=2) if tiny else {}
     vit = model_config(model_name, img_size=img_size, pos="abs", **overrides)
     grid = grid_size(img_size, vit.patch_size)

@@ -10,6 +10,10 @@ import platform
 from pathlib import Path
 from typing import TextIO
 
+from matplotlib.figure import Figure
+
+from lomar.viz.reconstruction import save_figure
+
 __all__ = ["compare", "print_table", "plot_times", "machine_name"]
 
 
@@ -81,10 +85,6 @@ def print_table(records: list[dict], comparisons: list[dict], ceiling: float, st
 
 def plot_times(records: list[dict], path: str | Path, subtitle: str = "") -> Path:
     """Seconds per training step against image size, one line per method/window setting, log-log."""
-    from matplotlib.figure import Figure
-
-    from lomar.viz.reconstruction import save_figure
-
     series: dict[str, list[tuple[int, float]]] = {}
     fixed = {r["windows"] for r in records if r["window_setting"] == "fixed"}
     for r in records:

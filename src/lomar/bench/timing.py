@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils import flop_counter as fc
 from torch.utils.flop_counter import FlopCounterMode
 
+from lomar.bench.methods import build_variant_model
 from lomar.models import MAE, LoMaR
 from lomar.models.vit import model_config
 from lomar.train.runtime import fast_adamw
@@ -38,8 +40,6 @@ def _register_cpu_sdpa_flops() -> None:
     Without this, every attention matmul on CPU would count as zero FLOPs. The CPU
     kernel computes the same products, so it gets the same formulas.
     """
-    from torch.utils import flop_counter as fc
-
     fwd = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     bwd = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
     # The registered entries are already shape-wrapped; share them rather than re-wrap.
@@ -196,8 +196,6 @@ def build_runner(method: str, model_name: str, img_size: int, windows: int | Non
     overrides = dict(embed_dim=32, depth=1, num_heads=2) if tiny else {}
     decoder = dict(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2) if tiny else {}
     if method in ("beit", "beit_window", "mae_window"):
-        from lomar.bench.methods import build_variant_model
-
         model: nn.Module = build_variant_model(method, model_name, img_size, windows, tiny)
     elif method == "lomar":
         model = LoMaR(model_config(model_name, img_size=img_size, pos="rpe", **overrides),

@@ -11,7 +11,11 @@ import json
 import math
 from pathlib import Path
 
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+
 from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text
+from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.errors import UsageError
 from lomar.models.attention import ATTENTION_MODES
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig
@@ -39,8 +43,6 @@ def timm_architecture(config: ViTConfig, num_classes: int = 0) -> tuple[str, dic
     weights with global attention are another model); ``attention`` is not: every mode gives the
     same result, and the machine that loads the export picks its own (``auto``).
     """
-    from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
     shape = (config.embed_dim, config.depth, config.num_heads)
     size = next((s for s, v in MODEL_SIZES.items() if v == shape), None)
     # Another shape: the nearest of the paper's sizes names it (model_args spell out the real one).
@@ -72,8 +74,6 @@ def export_encoder(encoder: VisionTransformer, out_dir: str | Path, weights_name
     Both are written atomically with mode 0644. A ``config.json`` already in ``out_dir`` that
     is not one of ours is never replaced unless ``overwrite`` (UsageError).
     """
-    from safetensors.torch import save
-
     out = Path(out_dir)
     if (out / CONFIG_NAME).exists() and not overwrite and not _is_our_config(out / CONFIG_NAME):
         raise UsageError(f"{out / CONFIG_NAME} exists and is not a lomar export; pass --overwrite "
@@ -167,8 +167,6 @@ def read_export(path: str | Path, **overrides) -> tuple[ViTConfig, int, Path]:
     ``overrides`` (ViTConfig fields, ``num_classes``) replace config.json's values. Raises
     FileNotFoundError when there is no config.json, UsageError for anything malformed.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
@@ -207,8 +205,6 @@ def create_encoder(path: str | Path, **overrides) -> VisionTransformer:
     """Rebuild an exported encoder from its directory (config.json + safetensors weights).
 
     Everything is validated first (:func:`read_export`); ``overrides`` as there."""
-    from safetensors.torch import load_file
-
     config, num_classes, weights = read_export(path, **overrides)
     encoder = VisionTransformer(config, num_classes=num_classes)
     state = load_file(str(weights))

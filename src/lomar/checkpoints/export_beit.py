@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save
+from timm.models.beit import Beit
 
 from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text
 from lomar.checkpoints.keys_beit import beit_to_timm
@@ -40,8 +41,6 @@ def timm_beit_args(beit: BEiT) -> dict:
 def export_beit_encoder(beit: BEiT, out_dir: str | Path, weights_name: str = "encoder.safetensors",
                         metadata: dict | None = None) -> Path:
     """Write ``weights_name`` (timm ``Beit`` keys, no lm_head / mask_token) and ``config.json``."""
-    from safetensors.torch import save
-
     out = Path(out_dir)
     state = beit_to_timm({k: v.detach().cpu() for k, v in beit.state_dict().items()}, per_block=True)
     state = {k: v.contiguous() for k, v in state.items()}
@@ -62,8 +61,6 @@ def export_beit_encoder(beit: BEiT, out_dir: str | Path, weights_name: str = "en
 
 def create_timm_beit(path: str | Path) -> torch.nn.Module:
     """The timm ``Beit`` of an exported folder, weights loaded (strict)."""
-    from timm.models.beit import Beit
-
     path = Path(path)
     config_path = path / CONFIG_NAME
     if not config_path.is_file():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from timm.models.beit import Beit, checkpoint_filter_fn
 from torch import nn
 
 from lomar.checkpoints.export_beit import CONFIG_NAME, timm_beit_args
@@ -44,7 +45,6 @@ class BEiTReader(Reader):
     """A BEiT format: subclasses give :meth:`model` (our :class:`BEiT`, weights loaded)."""
 
     def timm_weights(self, src: Source, overrides: dict) -> TimmBeitWeights:
-
         beit = self.model(src, overrides)
         state = beit.state_dict()
         timm_state = beit_to_timm(state, per_block=True)
@@ -98,7 +98,6 @@ class BEiTExportReader(BEiTReader):
         return False
 
     def detect_folder(self, path: Path) -> bool:
-
         try:
             return json.loads((path / CONFIG_NAME).read_text()).get("method") == "beit"
         except (OSError, ValueError, AttributeError):
@@ -181,8 +180,6 @@ def build_timm_beit(weights: TimmBeitWeights, num_classes: int = 0, global_pool:
     ``forward_features`` gives (B, 1+L, D) normed tokens. A new ``img_size`` resizes the relative
     position tables with timm's own filter (``checkpoint_filter_fn``).
     """
-    from timm.models.beit import Beit, checkpoint_filter_fn
-
     if global_pool not in ("avg", "cls"):
         raise ValueError(f"global_pool must be avg or cls, got {global_pool!r}")
     args = dict(weights.timm_args, num_classes=num_classes)

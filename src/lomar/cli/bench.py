@@ -22,7 +22,9 @@ from lomar.cli.bench_loader import add_loader_arguments, run_loader
 from lomar.cli.common import check_output_file, resolve_device, write_json
 from lomar.errors import UsageError
 from lomar.train import settings as S
+from lomar.train.runtime import retain_freed_memory
 from lomar.train.settings import Setting, add_settings
+from lomar.windows import paper_windows
 
 __all__ = ["add_arguments", "run"]
 
@@ -88,9 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str]]]:
     """Per size: (method, windows, setting) configurations, validated before any work."""
-    from lomar.models.masking import check_window_request, grid_size
-    from lomar.models.vit import model_config
-    from lomar.windows import paper_windows
+    from lomar.models.masking import check_window_request, grid_size  # torch: not for --help
+    from lomar.models.vit import model_config  # torch: not for --help
 
     try:
         patch = model_config(args.model).patch_size
@@ -141,10 +142,9 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.plot, "--plot", create_parents=True)
     import torch
 
-    from lomar.bench.report import compare, machine_name, plot_times, print_table
-    from lomar.bench.timing import build_runner, gemm_ceiling, interleaved_times, median
-    from lomar.train.run_state import resolve_precision
-    from lomar.train.runtime import retain_freed_memory
+    from lomar.bench.report import compare, machine_name, plot_times, print_table  # torch: not for --help
+    from lomar.bench.timing import build_runner, gemm_ceiling, interleaved_times, median  # torch: not for --help
+    from lomar.train.run_state import resolve_precision  # torch: not for --help
 
     device = torch.device(resolve_device(args.device))
     args.precision = resolve_precision(args.precision, device)
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         rec["gemm_flops"] = ceiling
         rec["mfu"] = rec["achieved_flops"] / ceiling
     comparisons = compare(records)
-    from lomar.bench.methods import beit_comparisons
+    from lomar.bench.methods import beit_comparisons  # torch: not for --help
 
     beit_ratios = beit_comparisons(records)
     print_table(records, comparisons, ceiling, sys.stdout)
@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_backbone(args: argparse.Namespace) -> int:
     """``--task backbone``: see :mod:`lomar.bench.backbone`."""
     check_output_file(args.json, "--json", create_parents=True)
-    from lomar.models.vit import model_config
+    from lomar.models.vit import model_config  # torch: not for --help
 
     try:
         patch = model_config(args.model).patch_size
@@ -218,9 +218,9 @@ def _run_backbone(args: argparse.Namespace) -> int:
         raise UsageError(f"--sizes {bad}: sizes must be positive multiples of the patch size {patch}")
     import torch
 
-    from lomar.bench.backbone import bench_backbone, format_table
-    from lomar.bench.report import machine_name
-    from lomar.train.run_state import resolve_precision
+    from lomar.bench.backbone import bench_backbone, format_table  # torch: not for --help
+    from lomar.bench.report import machine_name  # torch: not for --help
+    from lomar.train.run_state import resolve_precision  # torch: not for --help
 
     device = resolve_device(args.device)
     args.precision = resolve_precision(args.precision, torch.device(device))

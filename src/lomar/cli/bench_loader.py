@@ -47,7 +47,7 @@ def run_loader(args: argparse.Namespace) -> int:
     args.data = Path(args.data)
     check_output_file(args.json, "--json", create_parents=True)
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
-    from lomar.bench.loader import make_test_set, measure_loader, share_model_rate
+    from lomar.bench.loader import make_test_set, measure_loader, share_model_rate  # torch: not for --help
 
     if args.make_test_set:
         try:
@@ -59,7 +59,7 @@ def run_loader(args: argparse.Namespace) -> int:
         raise UsageError(f"--data {args.data} does not exist; pass a folder of images or add --make-test-set")
     import torch
 
-    from lomar.train.run_state import resolve_precision
+    from lomar.train.run_state import resolve_precision  # torch: not for --help
 
     device = resolve_device(args.device)
     args.precision = resolve_precision(args.precision, torch.device(device))

@@ -102,7 +102,7 @@ def check_output_dir(path: str | Path, flag: str) -> None:
 
 def write_json(path: str | Path, result: dict) -> Path:
     """Write ``result`` as indented JSON atomically: never half a file."""
-    from lomar.checkpoints.io import atomic_write_text
+    from lomar.checkpoints.io import atomic_write_text  # torch: not for --help
 
     return atomic_write_text(path, json.dumps(result, indent=1) + "\n")
 
@@ -130,7 +130,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 
 def load_for_cli(path: str, args: argparse.Namespace):
     """:func:`lomar.checkpoints.convert.load_model` with the override flags; UsageError on bad input."""
-    from lomar.checkpoints.convert import load_model
+    from lomar.checkpoints.convert import load_model  # torch: not for --help
 
     try:
         return load_model(path, **overrides_from_args(args))
@@ -146,7 +146,7 @@ def as_flags(message: str) -> str:
 def report_run_failure(command: str, exc: Exception) -> int:
     """Print why a run stopped (``lomar COMMAND: error: ...``) and return exit code 1. A failed
     checkpoint save is raised on every torchrun rank; only rank 0 prints it."""
-    from lomar.train.run_state import SaveError
+    from lomar.train.run_state import SaveError  # torch: not for --help
 
     if not isinstance(exc, SaveError) or int(os.environ.get("RANK", "0")) == 0:
         sys.stderr.write(f"lomar {command}: error: {exc}\n")

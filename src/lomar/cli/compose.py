@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
-    from lomar.data.compose import compose_digits
+    from lomar.data.compose import compose_digits  # torch: not for --help
 
     try:
         summary = compose_digits(args.out, img_size=args.img_size, images=args.images, seed=args.seed,

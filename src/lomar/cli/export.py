@@ -31,10 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lomar.checkpoints.convert import encoder_of
-    from lomar.checkpoints.export import CONFIG_NAME, ENCODER_WEIGHTS, export_encoder
-    from lomar.models.beit import BEiT
-    from lomar.models.vit import VisionTransformer
+    from lomar.checkpoints.convert import encoder_of  # torch: not for --help
+    from lomar.checkpoints.export import CONFIG_NAME, ENCODER_WEIGHTS, export_encoder  # torch: not for --help
+    from lomar.models.beit import BEiT  # torch: not for --help
+    from lomar.models.vit import VisionTransformer  # torch: not for --help
 
     out = Path(args.to)
     check_output_dir(out, "--to")
@@ -63,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _export_beit(beit, args: argparse.Namespace, out: Path) -> int:
     """A BEiT encoder in timm's ``Beit`` layout (per-block relative position bias, no lm_head)."""
-    from lomar.checkpoints.export import ENCODER_WEIGHTS
-    from lomar.checkpoints.export_beit import CONFIG_NAME, export_beit_encoder
+    from lomar.checkpoints.export import ENCODER_WEIGHTS  # torch: not for --help
+    from lomar.checkpoints.export_beit import CONFIG_NAME, export_beit_encoder  # torch: not for --help
 
     export_beit_encoder(beit, out, weights_name=ENCODER_WEIGHTS, metadata={"source": str(args.checkpoint)})
     c = beit.config

@@ -19,9 +19,9 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(dump_finetune_config(config))
         return 0
-    from lomar.train.finetune import finetune
-    from lomar.train.lifecycle import TrainingError
-    from lomar.train.run_state import SaveError
+    from lomar.train.finetune import finetune  # torch: not for --help
+    from lomar.train.lifecycle import TrainingError  # torch: not for --help
+    from lomar.train.run_state import SaveError  # torch: not for --help
 
     try:
         return finetune(config)

@@ -26,9 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lomar.checkpoints.convert import encoder_of, pretrain_checkpoint
-    from lomar.checkpoints.io import atomic_save
-    from lomar.checkpoints.original import load_original
+    from lomar.checkpoints.convert import encoder_of, pretrain_checkpoint  # torch: not for --help
+    from lomar.checkpoints.io import atomic_save  # torch: not for --help
+    from lomar.checkpoints.original import load_original  # torch: not for --help
 
     out = Path(args.to)
     check_output_file(out, "--to", overwrite=args.overwrite)

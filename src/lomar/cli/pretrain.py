@@ -20,8 +20,8 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(dump_config(config))
         return 0
-    from lomar.train.pretrain import TrainingError, train
-    from lomar.train.run_state import SaveError
+    from lomar.train.pretrain import TrainingError, train  # torch: not for --help
+    from lomar.train.run_state import SaveError  # torch: not for --help
 
     try:
         return train(config)

@@ -13,6 +13,7 @@ from pathlib import Path
 from lomar.cli.common import check_output_file, resolve_device, write_json
 from lomar.errors import UsageError
 from lomar.train import settings as S
+from lomar.train.runtime import default_threads, default_workers
 from lomar.train.settings import Setting, add_settings
 
 COMMON = {
@@ -71,8 +72,7 @@ def _features(args: argparse.Namespace):
     """(train_x, train_y, val_x, val_y) features of both splits; UsageError on bad input."""
     import torch
 
-    from lomar.eval.features import extract_features, knn_loaders, load_pretrained_encoder
-    from lomar.train.runtime import default_threads, default_workers
+    from lomar.eval.features import extract_features, knn_loaders, load_pretrained_encoder  # torch: not for --help
 
     _check(args)
     device = resolve_device(args.device)
@@ -97,7 +97,7 @@ def knn_add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def knn_run(args: argparse.Namespace) -> int:
-    from lomar.eval.knn import knn_predict
+    from lomar.eval.knn import knn_predict  # torch: not for --help
 
     train_x, train_y, val_x, val_y = _features(args)
     classes = int(max(train_y.max(), val_y.max())) + 1
@@ -116,8 +116,8 @@ def linprobe_add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def linprobe_run(args: argparse.Namespace) -> int:
-    from lomar.checkpoints.io import atomic_save
-    from lomar.eval.linear_probe import train_linear_probe
+    from lomar.checkpoints.io import atomic_save  # torch: not for --help
+    from lomar.eval.linear_probe import train_linear_probe  # torch: not for --help
 
     if args.protocol == "mae" and not 0 <= args.warmup_epochs <= args.epochs:  # only MAE's protocol warms up
         raise UsageError(f"--warmup-epochs must be in [0, --epochs {args.epochs}], got {args.warmup_epochs}")
@@ -125,7 +125,7 @@ def linprobe_run(args: argparse.Namespace) -> int:
     train_x, train_y, val_x, val_y = _features(args)
     try:
         if args.protocol == "mae":
-            from lomar.eval.linear_probe import train_mae_linear_probe
+            from lomar.eval.linear_probe import train_mae_linear_probe  # torch: not for --help
 
             probe, top1 = train_mae_linear_probe(train_x, train_y, val_x, val_y, epochs=args.epochs,
                                                  batch_size=args.probe_batch_size, blr=args.blr,

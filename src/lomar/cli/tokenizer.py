@@ -47,8 +47,8 @@ def _views(data: str, size: int, limit: int):
     import torch
     import torch.nn.functional as F
 
-    from lomar.data.decode import load_image
-    from lomar.data.folder import build_image_list
+    from lomar.data.decode import load_image  # torch: not for --help
+    from lomar.data.folder import build_image_list  # torch: not for --help
 
     paths = build_image_list(data)[:limit]
     views, bad = [], 0
@@ -72,7 +72,7 @@ def _views(data: str, size: int, limit: int):
 def run(args: argparse.Namespace) -> int:
     try:
         if args.tokenizer_command == "convert":
-            from lomar.tokenizers import convert_dvae
+            from lomar.tokenizers import convert_dvae  # torch: not for --help
 
             path = convert_dvae(args.source, args.to)
             print(f"lomar: wrote {path}")
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--size {args.size} with --max-images {args.max_images} needs "
                              f"{view_bytes / 2**30:,.1f} GiB of views (limit {_MAX_VIEW_BYTES >> 30} GiB); "
                              f"pass --size {largest} or less (default 112) or fewer --max-images")
-        from lomar.tokenizers import fit_kmeans_tokenizer
+        from lomar.tokenizers import fit_kmeans_tokenizer  # torch: not for --help
 
         views, bad = _views(args.data, args.size, args.max_images)
         tokenizer = fit_kmeans_tokenizer(views, vocab_size=args.vocab, patch=args.patch, seed=args.seed,

@@ -22,8 +22,8 @@ def prepare_image(path: str | Path, size: int):
     import torch
     from torchvision.transforms.v2 import functional as TF
 
-    from lomar.data.decode import load_image
-    from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from lomar.data.decode import load_image  # torch: not for --help
+    from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # torch: not for --help
 
     image = load_image(path)
     image = TF.resize(image, [size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
@@ -65,9 +65,9 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
     import torch
 
-    from lomar.data.folder import demo_image_paths
-    from lomar.data.transforms import denormalize
-    from lomar.models import MAE, LoMaR
+    from lomar.data.folder import demo_image_paths  # torch: not for --help
+    from lomar.data.transforms import denormalize  # torch: not for --help
+    from lomar.models import MAE, LoMaR  # torch: not for --help
 
     model = load_for_cli(args.checkpoint, args)
     model.eval()
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     written = []
     name = type(model).__name__ if can_reconstruct else "encoder"
     if can_reconstruct:
-        from lomar.viz.reconstruction import reconstruction_figure
+        from lomar.viz.reconstruction import reconstruction_figure  # torch: not for --help
 
         title = f"{name} reconstruction of {Path(args.checkpoint).name}, seed {args.seed}"
         try:
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:  # e.g. windows that do not fit
             raise UsageError(str(exc)) from None
     if args.attention:
-        from lomar.viz.attention import attention_figure, window_attention
+        from lomar.viz.attention import attention_figure, window_attention  # torch: not for --help
 
         pixels = denormalize(images)
         for i, (path, image) in enumerate(zip(paths, images)):

@@ -38,6 +38,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from lomar.data.folder import demo_image_paths
 
 __all__ = ["compose_digits", "rle_encode", "COCO_SPLITS", "ADE_SPLITS"]
 
@@ -59,10 +62,6 @@ def rle_encode(mask: np.ndarray) -> dict:
 
 def _photos() -> list[np.ndarray]:
     """The bundled photographs as (H, W, 3) uint8."""
-    from PIL import Image
-
-    from lomar.data.folder import demo_image_paths
-
     out = []
     for path in demo_image_paths():
         with Image.open(path) as image:
@@ -72,8 +71,6 @@ def _photos() -> list[np.ndarray]:
 
 def _background(rng: np.random.Generator, photos: list[np.ndarray], size: int) -> np.ndarray:
     """A random square crop (half to all of the short side) of a random photo, resized to ``size``."""
-    from PIL import Image
-
     photo = photos[rng.integers(len(photos))]
     h, w = photo.shape[:2]
     side = int(rng.integers(min(h, w) // 2, min(h, w) + 1))
@@ -84,8 +81,6 @@ def _background(rng: np.random.Generator, photos: list[np.ndarray], size: int) -
 
 def _ink(digit: np.ndarray, side: int) -> np.ndarray:
     """(side, side) intensity in 0..16 of an 8x8 digit, bicubic-resized."""
-    from PIL import Image
-
     return np.clip(np.asarray(Image.fromarray(digit.astype(np.float32)).resize((side, side), Image.BICUBIC)),
                    0, 16)
 
@@ -105,16 +100,12 @@ def _paste(canvas: np.ndarray, ink: np.ndarray, top: int, left: int, rng: np.ran
 
 
 def _jpeg(image: np.ndarray) -> bytes:
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=95)
     return buffer.getvalue()
 
 
 def _png(labels: np.ndarray) -> bytes:
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(labels.astype(np.uint8)).save(buffer, "PNG")
     return buffer.getvalue()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 
 from lomar.data.headers import declared_size
 
@@ -117,8 +118,6 @@ def open_pil(data: bytes, name: str = "<bytes>", max_pixels: int | None = None):
     """``PIL.Image.open`` on checked bytes: ValueError naming ``name`` when unidentified, when a
     header is over the pixel limit (ours or Pillow's), or when Pillow and libjpeg would read a
     JPEG's size differently (every decoder that may decode it must agree)."""
-    from PIL import Image
-
     limit = max_pixels if max_pixels is not None else max_image_pixels()
     kind, size = _checked_header(data, name, limit)
     try:
@@ -149,8 +148,6 @@ def open_pil(data: bytes, name: str = "<bytes>", max_pixels: int | None = None):
 
 def _pil_decode(data: bytes, name: str, limit: int) -> torch.Tensor:
     """Pillow's decode (PNG, GIF's first frame, BMP, TIFF; CMYK or 16-bit JPEG) -> uint8 (3, H, W)."""
-    from PIL import Image, ImageOps
-
     with open_pil(data, name, limit) as img:
         img.load()
         img = ImageOps.exif_transpose(img)
@@ -210,8 +207,6 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> torch.Tensor:
 
 def load_pil(path: str | Path, max_pixels: int | None = None):
     """:func:`load_image` as an RGB ``PIL.Image`` (what timm's and torchvision's transforms take)."""
-    from PIL import Image
-
     return Image.fromarray(load_image(path, max_pixels).permute(1, 2, 0).numpy())
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -217,8 +218,6 @@ def gpu_decode_crops(datas: list[bytes | torch.Tensor], boxes: list[tuple[int, i
     batch goes through nvjpeg in one call; "cpu" runs the same code and gives the reference
     transform's pixels exactly (what the tests check). EXIF orientation is not applied.
     """
-    import warnings
-
     encoded = [d if isinstance(d, torch.Tensor) else torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
     with warnings.catch_warnings():  # torchvision 0.29's notice of its decoders' move to torchcodec
         warnings.simplefilter("ignore", DeprecationWarning)

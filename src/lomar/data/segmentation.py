@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from lomar.data.decode import is_image_name, load_image
@@ -31,8 +32,6 @@ STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
 
 def read_labels(path: Path) -> np.ndarray:
     """(H, W) uint8 class ids of an annotation PNG; ValueError naming it when it is not one."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:
             if image.mode not in ("L", "P", "I;16", "I"):
@@ -44,8 +43,6 @@ def read_labels(path: Path) -> np.ndarray:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:
             return image.size

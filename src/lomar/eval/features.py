@@ -14,13 +14,16 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 
 from lomar.checkpoints.formats import CLASSIFIER_PREFIXES, drop_final_norm, encoder_weights, read
 from lomar.checkpoints.formats_beit import BEiTReader, build_timm_beit
 from lomar.data.collate import BadDataTracker, collate_labelled
 from lomar.data.folder import LabelledImageFolder
+from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.models.attention import vitdet_global_blocks
 from lomar.models.vit import VisionTransformer, ViTConfig
+from lomar.train.monitor import progress
 
 __all__ = ["LoadReport", "load_pretrained_encoder", "eval_transform", "knn_loaders", "extract_features",
            "Pool"]
@@ -151,10 +154,6 @@ def _load_beit(reader: BEiTReader, src, num_classes: int, global_pool: str, over
 
 def eval_transform(img_size: int):
     """Resize the short side to img_size/0.875 (bicubic), centre-crop, ImageNet-normalise."""
-    from torchvision.transforms import v2
-
-    from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
     return v2.Compose([v2.ToImage(), v2.RGB(),
                        v2.Resize(int(round(img_size / 0.875)), interpolation=v2.InterpolationMode.BICUBIC,
                                  antialias=True),
@@ -191,8 +190,6 @@ def extract_features(encoder: VisionTransformer, loader, device: torch.device | 
     (batches from :func:`knn_loaders`) are skipped and, with ``bad``, counted there. Progress (``desc``)
     goes to stderr (:func:`lomar.train.monitor.progress`).
     """
-    from lomar.train.monitor import progress
-
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []

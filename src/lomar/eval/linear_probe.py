@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lomar.train.monitor import progress
+
 __all__ = ["LinearProbe", "LARS", "train_linear_probe", "train_mae_linear_probe", "PROTOCOLS"]
 
 PROTOCOLS = ("adamw", "mae")
@@ -49,7 +51,6 @@ def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torc
     total = epochs * per_epoch
     probe.train()
     step = 0
-    from lomar.train.monitor import progress
 
     for _ in progress(range(epochs), desc="linear probe", unit="epoch"):
         order = torch.randperm(train_x.shape[0], generator=gen)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lomar.checkpoints.convert import encoder_of, load_model
 from lomar.models.vit import VisionTransformer
 
 __all__ = ["LayerNorm2d", "SimpleFeaturePyramid", "feature_maps", "ViTDetBackbone", "MultiLevelBackbone",
@@ -120,7 +121,6 @@ def load_encoder(source: str | Path | VisionTransformer) -> VisionTransformer:
     """An encoder from an export folder, any checkpoint (see ``lomar.checkpoints.convert.load_model``), or as is."""
     if isinstance(source, VisionTransformer):
         return source
-    from lomar.checkpoints.convert import encoder_of, load_model
 
     return encoder_of(load_model(source))
 

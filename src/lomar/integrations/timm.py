@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
@@ -37,6 +38,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from lomar.checkpoints.keys import encoder_keys
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig
 
 __all__ = ["LomarVisionTransformer", "checkpoint_filter_fn", "create_from_export"]
@@ -188,8 +190,6 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: LomarVision
     mask token and decoder are dropped). A classifier head and ``fc_norm`` missing from the
     weights or of another shape keep the model's fresh initialisation.
     """
-    from lomar.checkpoints.keys import encoder_keys  # the one key map for every format we read
-
     state = state_dict.get("model", state_dict) if isinstance(state_dict.get("model"), dict) else state_dict
     own = model.state_dict()
     out: dict[str, torch.Tensor] = {}
@@ -325,6 +325,4 @@ def lomar_vit_huge_patch16(pretrained: bool = False, **kwargs) -> LomarVisionTra
 def create_from_export(path, pretrained: bool = True, **kwargs) -> nn.Module:
     """``timm.create_model`` for a ``lomar export`` folder; kwargs (num_classes, features_only,
     ...) go to timm. Same as ``timm.create_model('local-dir:PATH', pretrained=True, **kwargs)``."""
-    import timm
-
     return timm.create_model(f"local-dir:{path}", pretrained=pretrained, **kwargs)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from lomar.methods import get_method
 from lomar.models.masking import MaskingPlan, check_window_request, grid_size
 from lomar.models.windows import sample_method_plan, window_geometry
 
@@ -68,8 +69,6 @@ class MethodRuntime:
 
 
 def method_runtime(config, patch_size: int) -> MethodRuntime:
-    from lomar.methods import get_method
-
     method = get_method(config.method)
     grid = grid_size(config.img_size, patch_size)
     return MethodRuntime(method, method.masker(config, grid), method.forward_kwargs(config, grid))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 __all__ = ["Tokenizer", "FORMAT_KEY", "check_tokenizer_file", "safetensors_metadata"]
@@ -56,8 +57,6 @@ def check_tokenizer_file(path: Path, what: str = "tokenizer file") -> None:
 
 def safetensors_metadata(path: Path) -> dict[str, str]:
     """The metadata of a safetensors file; ValueError naming it when it is not one."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as handle:
             return dict(handle.metadata() or {})

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save
 from torch import nn
 
+from lomar.checkpoints.io import atomic_write_bytes
 from lomar.tokenizers.base import FORMAT_KEY, Tokenizer, check_tokenizer_file, safetensors_metadata
 
 __all__ = ["DVAEConfig", "DVAEEncoder", "map_pixels", "load_dvae", "convert_dvae", "dvae_from_pickled",
@@ -248,8 +250,6 @@ def load_dvae(path: str | Path, input_size: int | None = None) -> DVAEEncoder:
     check_tokenizer_file(path, "dVAE file")
     fields: dict = {}
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         meta = safetensors_metadata(path)
         if meta.get(FORMAT_KEY) != FORMAT:
             raise ValueError(f"{path} metadata {FORMAT_KEY}={meta.get(FORMAT_KEY)!r}, expected {FORMAT!r}; "
@@ -278,10 +278,6 @@ def load_dvae(path: str | Path, input_size: int | None = None) -> DVAEEncoder:
 
 def convert_dvae(src: str | Path, dst: str | Path) -> Path:
     """Any readable dVAE encoder form → a safetensors file (+ config metadata), written atomically."""
-    from safetensors.torch import save
-
-    from lomar.checkpoints.io import atomic_write_bytes
-
     model = load_dvae(src)
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     return atomic_write_bytes(dst, save(tensors, metadata=model.metadata()))

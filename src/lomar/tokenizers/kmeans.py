@@ -20,8 +20,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import safetensors.torch
 import torch
+from safetensors import safe_open
 
+from lomar.checkpoints.io import atomic_write_bytes
 from lomar.tokenizers.base import FORMAT_KEY, Tokenizer, check_tokenizer_file, safetensors_metadata
 
 __all__ = ["KMeansTokenizer", "fit_kmeans_tokenizer", "patch_features", "FORMAT", "MAX_INPUT_SIZE"]
@@ -83,20 +86,15 @@ class KMeansTokenizer(Tokenizer):
 
     def save(self, path: str | Path, extra: dict[str, str] | None = None) -> Path:
         """safetensors with the settings as metadata, written to a temporary file then renamed."""
-        from safetensors.torch import save
-
-        from lomar.checkpoints.io import atomic_write_bytes
-
         meta = {FORMAT_KEY: FORMAT, "vocab_size": str(self.vocab_size), "patch": str(self.patch),
                 "input_size": str(self.input_size), **(extra or {})}
-        return atomic_write_bytes(path, save({"centroids": self.centroids.cpu().contiguous()}, metadata=meta))
+        tensors = {"centroids": self.centroids.cpu().contiguous()}
+        return atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=meta))
 
     @classmethod
     def load(cls, path: str | Path) -> KMeansTokenizer:
         """Read a file written by :meth:`save`; ValueError naming the file and the fix when its
         settings are missing, malformed or disagree with the centroids."""
-        from safetensors import safe_open
-
         path = Path(path)
         check_tokenizer_file(path)
         meta = safetensors_metadata(path)

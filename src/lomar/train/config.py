@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from lomar.methods import names as method_names
+from lomar.methods import get_method, names
 from lomar.train import settings as S
 from lomar.train import settings_resume as R
 from lomar.train.config_checks import check_data, check_decode, check_fsdp
 from lomar.train.runtime import default_workers
 from lomar.train.settings import ConfigError
-from lomar.windows import parse_windows
+from lomar.windows import WINDOWS_RULE, paper_windows, parse_windows, windows_source
 
 if TYPE_CHECKING:
     from lomar.models.vit import ViTConfig
@@ -49,7 +49,7 @@ class PretrainConfig:
     out: str | None = S.OUT.field()
     # method and model
     method: str = S.setting("lomar", "pretraining method: lomar (local windows), mae (encoder-decoder), beit (token "
-                          "prediction)", choices=method_names())
+                          "prediction)", choices=names())
     model: str = S.MODEL.field()
     embed_dim: int | None = S.setting(None, "token width (default: the --model's)", above=0, kind=int)
     depth: int | None = S.DEPTH.field()
@@ -180,7 +180,6 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
     config = PretrainConfig(**values)
     if config.out is None:
         config.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    from lomar.methods import get_method, names
 
     if config.method in names():  # an unknown one is reported by validate
         method = get_method(config.method)
@@ -195,8 +194,6 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
 
 def method_recipe(method: str) -> dict[str, Any]:
     """The pretraining recipe of ``method`` (``Method.recipe``); {} for an unknown name (validate reports it)."""
-    from lomar.methods import get_method, names
-
     return dict(get_method(method).recipe) if method in names() else {}
 
 
@@ -218,7 +215,7 @@ def _saved_config(explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None
 
 def __getattr__(name: str):
     if name in ("PRETRAIN_FORMAT", "saved_settings"):  # torch: read from checkpoints only when asked
-        import lomar.checkpoints.formats
+        import lomar.checkpoints.formats  # torch: not for --help
 
         return getattr(lomar.checkpoints.formats, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -226,7 +223,7 @@ def __getattr__(name: str):
 
 def _checkpoint_config(path: Path) -> tuple[dict[str, Any], str]:
     from lomar.checkpoints.formats import saved_settings  # torch: not for --help
-    from lomar.checkpoints.io import safe_load
+    from lomar.checkpoints.io import safe_load  # torch: not for --help
 
     try:
         ckpt = safe_load(path, mmap=True)  # only the config is read here; the engine loads the rest
@@ -244,7 +241,7 @@ def _checkpoint_config(path: Path) -> tuple[dict[str, Any], str]:
 
 def _sharded_config(path: Path) -> tuple[dict[str, Any], str]:
     """The saved settings of a sharded checkpoint folder (its meta.pt)."""
-    from lomar.checkpoints.io import safe_load
+    from lomar.checkpoints.io import safe_load  # torch: not for --help
 
     try:
         meta = safe_load(path / "meta.pt")
@@ -262,9 +259,6 @@ def resolve_windows(config: PretrainConfig) -> int:
     and patch size, :func:`lomar.windows.paper_windows`). ConfigError otherwise."""
     value = config.windows
     if value is None or value == "auto":
-        from lomar.methods import get_method
-        from lomar.windows import paper_windows
-
         default = get_method(config.method).default_windows
         if default is not None:
             return default
@@ -292,8 +286,7 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
     Resolves ``--windows auto`` to its count (which the checks need).
 
     ``check_out``: refuse an --out that already holds a run (unless resuming / overwriting)."""
-    from lomar.methods import get_method
-    from lomar.models.masking import grid_size
+    from lomar.models.masking import grid_size  # torch: not for --help
 
     S.check_declared(config)
     S.check_warmup(config)
@@ -314,7 +307,7 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
                           f"{config.decode}); pass --decode full, or --color-jitter 0")
     vit = vit_config(config)
     if config.method == "beit" and config.layer_scale_init is None:
-        from lomar.methods.beit import layer_scale_init
+        from lomar.methods.beit import layer_scale_init  # torch: not for --help
 
         config.layer_scale_init = layer_scale_init(vit.embed_dim)
     elif config.method != "beit" and config.layer_scale_init is not None:
@@ -331,7 +324,7 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
         check_data(config.data)
     out = Path(config.out)
     if check_out:
-        from lomar.train.run_state import check_out_folder
+        from lomar.train.run_state import check_out_folder  # torch: not for --help
 
         try:
             check_out_folder(out)
@@ -348,8 +341,6 @@ def validate(config: PretrainConfig, check_out: bool = True) -> None:
 def build_model(config: PretrainConfig, prepared: dict | None = None):
     """The model the config describes, built by its method (:mod:`lomar.methods`); ``prepared``:
     what :func:`prepare_method` returned (BEiT's freshly fitted tokenizer)."""
-    from lomar.methods import get_method
-
     if not isinstance(config.windows, int):  # not validated (e.g. a config read from a checkpoint)
         config = dataclasses.replace(config, windows=resolve_windows(config))
     return get_method(config.method).build(config, vit_config(config), **(prepared or {}))
@@ -358,8 +349,7 @@ def build_model(config: PretrainConfig, prepared: dict | None = None):
 def prepare_method(config: PretrainConfig) -> dict:
     """The method's explicit step before building (BEiT without --tokenizer: fit one into OUT and name it
     in ``config``); -> keyword arguments for :func:`build_model`."""
-    from lomar.methods import get_method
-    from lomar.models.masking import grid_size
+    from lomar.models.masking import grid_size  # torch: not for --help
 
     method = get_method(config.method)
     if method.prepare is None:
@@ -369,8 +359,6 @@ def prepare_method(config: PretrainConfig) -> dict:
 
 def dump_config(config: PretrainConfig) -> str:
     """The config as YAML, with a comment saying what ``--windows auto`` gives here."""
-    from lomar.methods import get_method, names
-
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     if config.method in names():
         text = f"# recipe defaults: {get_method(config.method).recipe_source}\n" + text
@@ -380,7 +368,6 @@ def dump_config(config: PretrainConfig) -> str:
         auto = resolve_windows(dataclasses.replace(config, windows="auto"))
     except (ConfigError, ValueError):
         return text
-    from lomar.windows import WINDOWS_RULE, windows_source
 
     patch = vit_config(config).patch_size
     why = ("the paper's count for this patch and image size" if windows_source(config.img_size, patch) == "paper"

@@ -33,7 +33,7 @@ def check_fsdp(config: PretrainConfig) -> None:
 
 def check_data(data: str) -> None:
     """A folder or .txt list that exists, or a tar shard pattern that matches."""
-    from lomar.data.shards import is_shard_pattern, shard_paths
+    from lomar.data.shards import is_shard_pattern, shard_paths  # torch: not for --help
 
     if is_shard_pattern(data):
         try:
@@ -53,7 +53,7 @@ def check_decode(config: PretrainConfig) -> None:
     """--decode other than full reads image files one by one; windows needs LoMaR's windows, gpu a GPU."""
     if config.decode == "full":
         return
-    from lomar.data.shards import is_shard_pattern
+    from lomar.data.shards import is_shard_pattern  # torch: not for --help
 
     if config.data is not None and is_shard_pattern(config.data):
         raise ConfigError(f"--decode {config.decode} reads image files, not tar shards (--data {config.data}); "

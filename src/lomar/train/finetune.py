@@ -18,11 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import param_groups_layer_decay
 from torch.utils.data import DataLoader, Subset
 
 from lomar.data.classify import classification_transforms, eval_crop_ratio
+from lomar.data.collate import collate_labelled, collate_labelled_refill
+from lomar.data.folder import LabelledImageFolder
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError
+from lomar.eval.features import load_pretrained_encoder
 from lomar.train.distributed import DistInfo
 from lomar.train.finetune_config import FinetuneConfig, dump_finetune_config, encoder_layout, split_roots
 from lomar.train.lifecycle import Task, run
@@ -34,9 +40,6 @@ __all__ = ["finetune", "classification_transforms", "eval_crop_ratio", "evaluate
 
 def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
              info: DistInfo) -> tuple[DataLoader, DataLoader, list[str]]:
-    from lomar.data.collate import collate_labelled, collate_labelled_refill
-    from lomar.data.folder import LabelledImageFolder  # skips unreadable images instead of crashing
-
     train_tf, val_tf = classification_transforms(config.img_size, config.aa, config.reprob, config.crop_scale)
     try:
         train_set, val_set = LabelledImageFolder(train_root, train_tf), LabelledImageFolder(val_root, val_tf)
@@ -89,11 +92,6 @@ class FinetuneTask(Task):
     name, best_metric = "finetune", "top1"
 
     def __init__(self, config: FinetuneConfig, info: DistInfo, device: torch.device):
-        from timm.data import Mixup
-        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
-        from lomar.eval.features import load_pretrained_encoder
-
         self.config, self.info, self.device = config, info, device
         # Per-rank streams for augmentation and mixup (timm draws from numpy / random); DDP
         # broadcasts rank 0's initial weights, so the new head is the same everywhere.
@@ -124,8 +122,6 @@ class FinetuneTask(Task):
 
     def param_groups(self) -> list[dict]:
         """timm's layer-wise lr decay groups; each carries the ``lr_scale`` the lifecycle applies."""
-        from timm.optim import param_groups_layer_decay
-
         return param_groups_layer_decay(self.model, self.config.weight_decay, self.model.no_weight_decay(),
                                         layer_decay=self.config.layer_decay)
 

@@ -116,7 +116,7 @@ def _saved_settings(explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | No
     path = R.resume_target(explicit)
     if path is None:
         return None
-    from lomar.checkpoints.io import safe_load
+    from lomar.checkpoints.io import safe_load  # torch: not for --help
 
     try:
         ckpt = safe_load(path, mmap=True)
@@ -153,7 +153,7 @@ def validate(config: FinetuneConfig, check_out: bool = True) -> None:
 
 
 def _validate_paths(config: FinetuneConfig) -> None:
-    from lomar.train.run_state import check_out_folder
+    from lomar.train.run_state import check_out_folder  # torch: not for --help
 
     if not (config.data or (config.train and config.val)):
         raise ConfigError("pass --data ROOT (with train/ and val/) or both --train and --val")
@@ -194,7 +194,7 @@ def _validate_augmentation(config: FinetuneConfig) -> None:
     """Build the policy now: a typo would otherwise surface as a cryptic error at the first image."""
     if config.aa == "none":
         return
-    from lomar.data.classify import classification_transforms  # timm: not for --help
+    from lomar.data.classify import classification_transforms  # torch, timm: not for --help
 
     try:
         classification_transforms(config.img_size, config.aa, config.reprob, config.crop_scale)

@@ -20,6 +20,7 @@ In a run folder (``lomar pretrain --fsdp``) :func:`save_run_checkpoint` writes
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import shutil
@@ -30,7 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lomar.checkpoints.io import atomic_save, atomic_write_text, safe_load, write_error
 from lomar.checkpoints.sharded import consolidate
+from lomar.train.run_state import LAST_POINTER, SaveError, checkpoints_to_prune
 
 __all__ = ["shard_model", "block_modules", "save_sharded", "load_sharded", "consolidate", "consolidate_into",
            "save_run_checkpoint"]
@@ -81,8 +84,6 @@ def _writer(directory: Path):
     others pickled, which drops the OSError behind e.g. torch.save's RuntimeError."""
     import torch.distributed.checkpoint as dcp
 
-    from lomar.checkpoints.io import write_error
-
     class Writer(dcp.FileSystemWriter):
         def write_data(self, plan, planner):
             try:
@@ -109,8 +110,6 @@ def _full_disk(failure: BaseException) -> bool:
 def _agree_on_failure(failure: BaseException | None, directory: Path, tmp: Path) -> None:
     """Collective: if any rank failed to write its part, every rank raises (rank 0 having removed
     the partial ``tmp``); a full disk anywhere is a one-line SaveError on all ranks."""
-    from lomar.train.run_state import SaveError
-
     code = 0 if failure is None else 2 if _full_disk(failure) else 1
     nccl = dist.get_backend() == "nccl"  # reduces CUDA tensors only
     verdict = torch.tensor([code], device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
@@ -148,8 +147,6 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
     except CheckpointException as exc:  # raised on every rank when any rank's write failed
         failure = exc
     if failure is None and dist.get_rank() == 0:
-        from lomar.checkpoints.io import atomic_save
-
         try:
             atomic_save(dict(meta), tmp / "meta.pt")  # DCP loads only keys it is given: keep meta apart
         except OSError as exc:
@@ -181,15 +178,12 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=str(directory))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    from lomar.checkpoints.io import safe_load
 
     return safe_load(directory / "meta.pt")
 
 
 def consolidate_into(sharded_dir: str | Path, out_file: str | Path, model: nn.Module) -> nn.Module:
     """:func:`consolidate`, then load the file's weights into ``model`` (a plain, unsharded one)."""
-    from lomar.checkpoints.io import safe_load
-
     model.load_state_dict(safe_load(consolidate(sharded_dir, out_file))["model"])
     return model
 
@@ -198,9 +192,6 @@ def save_run_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, meta
                         step: int, keep_last: int) -> Path:
     """``out/checkpoint-<step>.dcp`` (collective), then rank 0 points ``out/last.json`` at it and
     prunes the sharded checkpoints to the ``keep_last`` newest; -> the folder written."""
-    from lomar.checkpoints.io import atomic_write_text
-    from lomar.train.run_state import LAST_POINTER, checkpoints_to_prune
-
     out = Path(out)
     path = save_sharded(model, optimizer, out / f"checkpoint-{step:06d}.dcp", meta)
     if dist.get_rank() == 0:
@@ -214,8 +205,6 @@ def save_run_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, meta
 
 
 def _main(argv: list[str] | None = None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m lomar.train.fsdp",
                                      description="Turn a sharded checkpoint folder into one checkpoint file.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from lomar.viz.curves import read_losses
+
 __all__ = ["Monitor", "progress", "loss_summary"]
 
 _LABELS = {"top1": "top-1", "top5": "top-5", "knn_top1": "k-NN top-1"}  # accuracies, printed in percent
@@ -40,8 +42,6 @@ def progress(iterable=None, total: int | None = None, desc: str = "", initial: i
 
 def loss_summary(metrics: Path, last: int = 10) -> str | None:
     """'mean of the last K logged losses M; loss A at step 1 -> B at step N' (one step's loss is noisy)."""
-    from lomar.viz.curves import read_losses
-
     try:
         steps, losses = read_losses(metrics)
     except OSError:

@@ -20,14 +20,18 @@ from lomar.data.collate import BadDataTracker
 from lomar.data.device_decode import decode_dataset
 from lomar.data.folder import build_pretrain_dataset
 from lomar.data.samplers import EpochSampler
+from lomar.eval.knn import KnnMonitor
 from lomar.methods.base import method_runtime
 from lomar.models.spec import model_spec
 from lomar.train.config import PretrainConfig, build_model, dump_config, prepare_method
 from lomar.train.distributed import DistInfo
+from lomar.train.fsdp import consolidate_into, shard_model
 from lomar.train.lifecycle import Task, TrainingError, run
 from lomar.train.preemption import ignore_stop_signals
-from lomar.train.run_state import checkpoints_to_prune, resolve_precision
+from lomar.train.run_state import checkpoints_to_prune, newest_state, resolve_precision
 from lomar.train.schedule import param_groups
+from lomar.viz.curves import loss_curve
+from lomar.viz.reconstruction import reconstruction_snapshot
 
 __all__ = ["PretrainTask", "TrainingError", "make_masker", "train", "checkpoints_to_prune"]
 
@@ -50,8 +54,6 @@ class PretrainTask(Task):
         self.runtime = method_runtime(config, self.patch)
         self.sharded, self.spec = config.fsdp, model_spec(self.model)  # the spec: of the class, before sharding
         if config.fsdp:  # before the optimizer: it must hold the sharded parameters
-            from lomar.train.fsdp import shard_model
-
             precision = resolve_precision(config.precision, device)
             shard_model(self.model, "bf16" if precision == "bf16" else "fp32")
         # The reference dataset draws the figures; the one the loader reads follows --decode.
@@ -76,8 +78,6 @@ class PretrainTask(Task):
         self.spare: dict | None = None  # the last batch with readable images (see loss)
         self.knn = None
         if config.knn_every and info.is_main:
-            from lomar.eval.knn import KnnMonitor
-
             self.knn = KnnMonitor(config.knn_data, img_size=config.img_size, workers=min(config.workers, 4))
 
     # ---- the lifecycle's hooks -----------------------------------------------------------
@@ -172,8 +172,6 @@ class PretrainTask(Task):
         """The whole model: a sharded run's last checkpoint gathered into ``last.pt`` (and its figure)."""
         if not self.sharded:
             return self.model
-        from lomar.train.fsdp import consolidate_into
-        from lomar.train.run_state import newest_state
 
         model = consolidate_into(newest_state(out), out / "last.pt", build_model(self.config)).to(self.device)
         self.figure(model)
@@ -184,8 +182,6 @@ class PretrainTask(Task):
         unsharded copy when the run is sharded (FSDP)."""
         if self.sharded and model is None:
             return  # the figure needs the whole model: drawn at the end only
-        from lomar.viz.curves import loss_curve
-        from lomar.viz.reconstruction import reconstruction_snapshot
 
         out, step = Path(self.config.out), self.progress.step
         try:

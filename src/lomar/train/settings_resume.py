@@ -50,7 +50,7 @@ def resume_target(explicit: dict[str, Any], sharded_ok: bool = False) -> Path | 
         if explicit.get("out") is None:
             raise ConfigError("--resume auto needs --out RUN_FOLDER (the run to continue); or pass "
                               "--resume RUN_FOLDER/last.pt")
-        from lomar.train.run_state import find_resume_checkpoint
+        from lomar.train.run_state import find_resume_checkpoint  # torch: not for --help
 
         out = Path(explicit["out"])
         return find_resume_checkpoint(out)[0] if out.is_dir() else None

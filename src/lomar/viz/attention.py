@@ -13,10 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
+from lomar.models import LoMaR
 from lomar.models.masking import num_masked, window_token_index
 from lomar.models.rpe import bucket_table
 from lomar.models.vit import Attention, VisionTransformer
+from lomar.viz.reconstruction import save_figure
 
 __all__ = ["attention_probs", "block_attention", "WindowAttention", "window_attention", "attention_figure",
            "draw_attention"]
@@ -86,8 +90,6 @@ def window_attention(model, image: torch.Tensor, target: tuple[int, int] | None 
     only; ``'image'`` (default otherwise) on the whole image. ``masked`` (window context):
     replace floor(K·K·mask_ratio) window tokens, the target among them, by the mask token.
     """
-    from lomar.models import LoMaR
-
     encoder: VisionTransformer = getattr(model, "encoder", model)
     is_lomar = isinstance(model, LoMaR)
     k = window_size or (model.window_size if is_lomar else 7)
@@ -142,8 +144,6 @@ def attention_figure(result: WindowAttention, pixels: torch.Tensor, patch_size: 
                      title: str | None = None, columns: int = 7) -> Path:
     """PNG of :func:`draw_attention`: the image with the window, the window's pixels, then one
     heatmap per block. pixels: (3, H, W) in [0, 1] (un-normalised)."""
-    from lomar.viz.reconstruction import save_figure
-
     return save_figure(draw_attention(result, pixels, patch_size, title, columns), path, dpi=90)
 
 
@@ -156,9 +156,6 @@ def draw_attention(result: WindowAttention, pixels: torch.Tensor, patch_size: in
     (printed below it, with the shares of the cls token and, for the whole-image context, of the
     window). Constrained layout reserves each caption's height above the next row's titles.
     """
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-
     k, p = result.window_size, patch_size
     (top, left), (ty, tx) = result.top_left, result.target_in_window
     depth = result.maps.shape[0]

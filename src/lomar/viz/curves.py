@@ -12,6 +12,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from lomar.viz.reconstruction import save_figure
+
 __all__ = ["read_losses", "loss_summary", "draw_loss_curve", "loss_curve"]
 
 
@@ -66,8 +68,6 @@ def draw_loss_curve(steps: list[int], losses: list[float], title: str = "trainin
 
 def loss_curve(metrics: str | Path, path: str | Path, title: str = "training loss") -> Path | None:
     """Write the loss curve of ``metrics`` (a ``metrics.jsonl``) to ``path``; None when it holds no loss yet."""
-    from lomar.viz.reconstruction import save_figure
-
     steps, losses = read_losses(metrics)
     if not steps:
         return None

@@ -6,13 +6,18 @@ so no global backend or figure registry is touched.
 
 from __future__ import annotations
 
+import io
+import textwrap
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from lomar.checkpoints.io import atomic_write_bytes
 from lomar.data.transforms import denormalize
+from lomar.models import MAE, LoMaR
+from lomar.models.mae_window import MAEWindow
 from lomar.models.masking import MaskingPlan, window_token_index
 from lomar.models.objective import patchify, unpatchify
 
@@ -40,9 +45,6 @@ def reconstruct(model, images: torch.Tensor, seed: int = 0,
     (visible patches from the input, masked ones predicted); LoMaR also gives ``plan``.
     ``plan`` (LoMaR only) fixes the windows and masks; otherwise they are drawn from ``seed``.
     """
-    from lomar.models import MAE, LoMaR
-    from lomar.models.mae_window import MAEWindow
-
     was_training = model.training
     model.eval()
     p = model.config.patch_size
@@ -111,8 +113,6 @@ def reconstruction_snapshot(model, images: torch.Tensor, out: str | Path, step: 
     The same ``seed`` and images at every step show the same windows and masks. ``draw``: the
     method's figure writer, ``draw(model, images, path, seed=, title=)`` (default
     :func:`reconstruction_figure`). Returns the numbered path. images: (N, 3, H, W) normalised."""
-    from lomar.checkpoints.io import atomic_write_bytes
-
     out = Path(out)
     numbered = Path((draw or reconstruction_figure)(model, images, out / f"reconstruction-{step:06d}.png",
                                                     seed=seed, title=title))
@@ -155,8 +155,6 @@ def draw_reconstruction(model, images: torch.Tensor, seed: int = 0, title: str |
 def _caption(norm_pix: bool, windows: bool) -> str:
     """What the reconstruction column shows: a norm-pix model predicts each patch's pixels up to
     its mean and std, so the figure borrows those two numbers from the true patch."""
-    import textwrap
-
     masked = ("masked patches show the prediction rescaled with the true patch's mean and std (the model "
               "predicts per-patch normalised pixels)" if norm_pix else "masked patches show the prediction")
     text = f"reconstruction: {masked}; visible patches show the input"
@@ -166,15 +164,11 @@ def _caption(norm_pix: bool, windows: bool) -> str:
 def save_figure(fig: Figure, path: str | Path, dpi: int) -> Path:
     """Lay out (unless the figure has its own layout engine) and write atomically: a reader never
     sees half a PNG."""
-    from lomar.checkpoints.io import atomic_write_bytes
-
     return atomic_write_bytes(path, _render(fig, dpi))
 
 
 def _render(fig: Figure, dpi: int) -> bytes:
     """The figure as PNG bytes, laid out first unless it has its own layout engine."""
-    import io
-
     if fig.get_layout_engine() is None:
         fig.tight_layout()
     buffer = io.BytesIO()

@@ -10,8 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
+from lomar.data.transforms import denormalize
 from lomar.models.masking import window_token_index
+from lomar.viz.reconstruction import save_figure
 
 __all__ = ["token_maps", "token_figure", "draw_tokens"]
 
@@ -57,19 +61,12 @@ def _palette(vocab: int) -> torch.Tensor:
 def token_figure(model, images: torch.Tensor, path: str | Path, seed: int = 0, title: str | None = None) -> Path:
     """PNG of :func:`draw_tokens`, one row per image: image | true tokens | predicted tokens (masked
     cells) | correct (green) / wrong (red). images: (N, 3, H, W) normalised."""
-    from lomar.viz.reconstruction import save_figure
-
     return save_figure(draw_tokens(model, images, seed, title), path, dpi=80)
 
 
 def draw_tokens(model, images: torch.Tensor, seed: int = 0, title: str | None = None):
     """The figure :func:`token_figure` writes (a :class:`matplotlib.figure.Figure`), with a legend
     below the rows for the colours of the last column and what the token colours mean."""
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
-    from lomar.data.transforms import denormalize
-
     maps = token_maps(model, images, seed)
     colours = _palette(model.config.vocab_size)
     true, predicted, masked = maps["true"].cpu(), maps["predicted"].cpu(), maps["masked"].cpu()

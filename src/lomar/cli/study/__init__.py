@@ -12,12 +12,12 @@ import shlex
 import sys
 from pathlib import Path
 
+from lomar.cli.study.presets import PRESETS, build_preset, describe
+from lomar.cli.study.spec import load_spec, parse_budget, seed_list
 from lomar.errors import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lomar.cli.study.presets import PRESETS  # no torch: --help stays fast
-
     parser.epilog = ("Re-run the same command to continue a stopped study: finished cells and evaluations "
                      f"are skipped. Presets: {', '.join(PRESETS)} (see lomar.cli.study.presets).")
     parser.add_argument("spec", nargs="?", metavar="SPEC.yaml", help="the study's spec (see lomar.cli.study.spec)")
@@ -36,9 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lomar.cli.study.presets import build_preset
-    from lomar.cli.study.runner import StudyStopped, run_study
-    from lomar.cli.study.spec import load_spec, parse_budget, seed_list
+    from lomar.cli.study.runner import StudyStopped, run_study  # torch: not for --help
 
     if bool(args.spec) == bool(args.preset):
         raise UsageError("pass either SPEC.yaml or --preset NAME (one of them)")
@@ -52,8 +50,6 @@ def run(args: argparse.Namespace) -> int:
         out = args.out or f"studies/{args.preset}"
         spec = build_preset(args.preset, args.data, args.budget, args.seeds, out, scale=args.scale)
         if args.scale == "paper":
-            from lomar.cli.study.presets import describe
-
             print(describe(spec), end="", flush=True)
             if args.data is None:
                 print("lomar study: --scale paper prints the settings only; pass --data ROOT (your images, with "

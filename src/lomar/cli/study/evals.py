@@ -12,9 +12,19 @@ import os
 from pathlib import Path
 
 import torch
+from torchvision.datasets import ImageFolder
 
+from lomar.checkpoints.formats import load_model
+from lomar.cli.common import resolve_device
+from lomar.cli.probe import knn_add_arguments, linprobe_add_arguments
 from lomar.cli.study.spec import Cell, StudySpec, StudyStopped, parse_flags, settings_flags
 from lomar.errors import LomarError, UsageError
+from lomar.eval.features import eval_transform, extract_features, knn_loaders, load_pretrained_encoder
+from lomar.eval.knn import knn_top1
+from lomar.eval.linear_probe import train_linear_probe
+from lomar.train.finetune import finetune
+from lomar.train.finetune_config import add_finetune_arguments, resolve_finetune_config
+from lomar.train.settings import ConfigError
 
 __all__ = ["Scorer", "check_options", "heldout_loss", "eval_img_size"]
 
@@ -26,9 +36,6 @@ def eval_img_size(spec: StudySpec, cell: Cell) -> int:
 
 def _args(metric: str, spec: StudySpec, cell: Cell, checkpoint: Path, where: Path):
     """The evaluation's settings as its command (``lomar knn``, ``linprobe``, ``finetune``) reads them."""
-    from lomar.cli.probe import knn_add_arguments, linprobe_add_arguments
-    from lomar.train.finetune_config import add_finetune_arguments
-
     common = ["--train", str(spec.data_train), "--val", str(spec.data_val), "--img-size",
               str(eval_img_size(spec, cell)), "--workers", "0"]
     if metric == "finetune":
@@ -61,8 +68,6 @@ class Scorer:
         if metric == "heldout_loss":
             return heldout_loss(self.checkpoint, self.spec.data_val, eval_img_size(self.spec, self.cell),
                                 seed=self.cell.seed)
-        from lomar.eval.knn import knn_top1
-        from lomar.eval.linear_probe import train_linear_probe
 
         args = _args(metric, self.spec, self.cell, self.checkpoint, self.where.with_name(f"{self.where.name}-finetune"))
         if metric == "finetune":
@@ -77,9 +82,6 @@ class Scorer:
 
     def features(self, args) -> list[torch.Tensor]:
         """(train_x, train_y, val_x, val_y) of the frozen encoder, computed once per setting."""
-        from lomar.cli.common import resolve_device
-        from lomar.eval.features import extract_features, knn_loaders, load_pretrained_encoder
-
         key = (args.img_size, args.pool, args.batch_size, args.device)
         if key not in self._features:
             device = resolve_device(args.device)
@@ -95,10 +97,6 @@ class Scorer:
 
 def _finetune(args) -> float:
     """Finetune (or continue finetuning) into ``args.out``; the last epoch's top-1 from its metrics.jsonl."""
-    from lomar.train.finetune import finetune
-    from lomar.train.finetune_config import resolve_finetune_config
-    from lomar.train.settings import ConfigError
-
     try:
         config, where = resolve_finetune_config(args), Path(args.out)
     except ConfigError as exc:
@@ -130,11 +128,6 @@ def _check_finished(last: dict, options: dict, where: Path) -> None:
 def heldout_loss(checkpoint: Path, val_root: str, img_size: int, seed: int = 0, batch_size: int = 128) -> float:
     """Mean masked-reconstruction loss (the training objective, same masks for every model of a
     seed) on the held-out images: centre crops, as the evaluations see them."""
-    from torchvision.datasets import ImageFolder
-
-    from lomar.checkpoints.formats import load_model
-    from lomar.eval.features import eval_transform
-
     model = load_model(checkpoint)
     model.eval()
     dataset = ImageFolder(val_root, transform=eval_transform(img_size))

@@ -8,15 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from lomar.cli.study.spec import StudySpec
+from lomar.viz.reconstruction import save_figure
+from lomar.viz.study import draw_ablation, draw_time_to_accuracy, plotted_metrics
 
 __all__ = ["write_figures"]
 
 
 def write_figures(records: list[dict[str, Any]], spec: StudySpec, out: Path) -> list[Path]:
     """PNG files written into ``out``: time_to_accuracy.png and ablation.png."""
-    from lomar.viz.reconstruction import save_figure
-    from lomar.viz.study import draw_ablation, draw_time_to_accuracy, plotted_metrics
-
     if not plotted_metrics(records):
         return []
     spread = "mean ± sd over seeds" if len(spec.seeds) > 1 else "one seed"

@@ -30,6 +30,7 @@ from typing import Any
 
 from lomar.cli.study.spec import StudySpec, parse_budget, parse_flags, parse_spec
 from lomar.errors import UsageError
+from lomar.train.config import add_config_arguments, method_recipe, resolve_config
 
 __all__ = ["PRESETS", "PAPER_PRESETS", "SCALES", "build_preset", "describe", "scaled_windows", "digits_data",
            "method_available"]
@@ -93,8 +94,6 @@ def scaled_windows(grid: int) -> list[dict[str, Any]]:
 
 def method_available(method: str) -> bool:
     """Whether ``lomar pretrain --method METHOD`` resolves to a valid config (detected, not assumed)."""
-    from lomar.train.config import add_config_arguments, resolve_config
-
     try:
         resolve_config(parse_flags(add_config_arguments, ["--method", method, "--print-config"]))
     except ValueError:  # a UsageError or ConfigError naming the method
@@ -244,8 +243,6 @@ def _default_budget(name: str, paper: bool) -> str:
 def describe(spec: StudySpec) -> str:
     """A preset's settings as YAML: what ``--scale paper`` prints (shared settings, grid, budget, notes)."""
     import yaml
-
-    from lomar.train.config import method_recipe
 
     methods = dict.fromkeys(cell.settings.get("method", "lomar") for cell in spec.cells())
     text = yaml.safe_dump({"preset": spec.name, "budget": str(spec.budget), "seeds": spec.seeds,

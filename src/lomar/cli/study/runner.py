@@ -24,8 +24,15 @@ from typing import Any, NamedTuple
 
 from lomar.cli.common import write_json
 from lomar.cli.study.evals import Scorer, check_options
+from lomar.cli.study.figures import write_figures
+from lomar.cli.study.results import write_results
 from lomar.cli.study.spec import Budget, Cell, StudySpec, StudyStopped, parse_flags, settings_flags
+from lomar.data.folder import build_pretrain_dataset
 from lomar.errors import LomarError, UsageError
+from lomar.train.config import PretrainConfig, add_config_arguments, resolve_config
+from lomar.train.pretrain import TrainingError, train
+from lomar.train.run_state import SaveError
+from lomar.train.settings import ConfigError
 
 __all__ = ["run_study", "StudyStopped", "check_cells", "settings_flags", "parse_flags", "cell_config",
            "pretrain"]
@@ -34,9 +41,6 @@ __all__ = ["run_study", "StudyStopped", "check_cells", "settings_flags", "parse_
 def cell_config(spec: StudySpec, cell: Cell, folder: Path, max_steps: int | None = None, check: bool = False):
     """The cell's PretrainConfig, resolved as ``lomar pretrain --out FOLDER --resume auto ...``
     would (``check``: as ``--print-config``, which does not look into ``--out``)."""
-    from lomar.train.config import PretrainConfig, add_config_arguments, resolve_config
-    from lomar.train.settings import ConfigError
-
     settings = dict(cell.settings)
     if cell.random_init:  # one step at lr 0 (the first warm-up step) leaves the initialisation as it was
         settings.update(warmup_epochs=1e-3)
@@ -57,8 +61,6 @@ def cell_config(spec: StudySpec, cell: Cell, folder: Path, max_steps: int | None
 
 @functools.cache
 def _dataset_size(data: str | None, img_size: int) -> int:
-    from lomar.data.folder import build_pretrain_dataset
-
     dataset = build_pretrain_dataset(data, img_size)
     return dataset.count_samples() if hasattr(dataset, "count_samples") else len(dataset)
 
@@ -87,9 +89,6 @@ def check_cells(spec: StudySpec) -> None:
 def pretrain(config) -> int:
     """One slice of a cell: the pretraining library call (its printed progress silenced: the
     study reads the run folder); the exit code ``lomar pretrain`` would return."""
-    from lomar.train.pretrain import TrainingError, train
-    from lomar.train.run_state import SaveError
-
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         try:
             return train(config)
@@ -256,9 +255,6 @@ class Study:
 def run_study(spec: StudySpec, out: str | Path, log: Callable[[str], None] | None = None,
               command: str | None = None) -> list[dict[str, Any]]:
     """Run (or continue) the study; writes results.json, results.md and the figures into ``out``."""
-    from lomar.cli.study.figures import write_figures
-    from lomar.cli.study.results import write_results
-
     out = Path(out)
     log = log or (lambda line: print(line, flush=True))
     check_cells(spec)
