@@ -21,8 +21,8 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(dump_detect_config(config))
         return 0
-    from lomar.train.detect import detect
-    from lomar.train.run_state import SaveError
+    from lomar.train.detect import detect  # torch: not for --help
+    from lomar.train.run_state import SaveError  # torch: not for --help
 
     try:
         return detect(config)

@@ -23,8 +23,8 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         sys.stdout.write(dump_segment_config(config))
         return 0
-    from lomar.train.run_state import SaveError
-    from lomar.train.segment import segment
+    from lomar.train.run_state import SaveError  # torch: not for --help
+    from lomar.train.segment import segment  # torch: not for --help
 
     try:
         return segment(config)

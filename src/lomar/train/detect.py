@@ -32,12 +32,14 @@ from lomar.data.coco import (
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError
 from lomar.eval.coco import coco_metrics, to_coco_results
+from lomar.eval.features import load_pretrained_encoder
 from lomar.integrations.detection import build_mask_rcnn, detector_param_groups
 from lomar.models.attention import vitdet_global_blocks
 from lomar.models.vit import VisionTransformer, ViTConfig, model_config
 from lomar.train.detect_config import DetectConfig, dump_detect_config
-from lomar.train.distributed import DistInfo
+from lomar.train.distributed import DistInfo, init_distributed
 from lomar.train.lifecycle import Task, run
+from lomar.train.run_state import RunLock
 
 __all__ = ["DetectTask", "CHECKPOINT_FORMAT", "detect_checkpoint", "step_lr_factor", "detect"]
 
@@ -135,8 +137,6 @@ class DetectTask(Task):
             raise UsageError(f"--pretrained {cfg.pretrained} is not a `lomar detect` run or checkpoint; --eval-only "
                              f"scores a trained detector")
         if cfg.pretrained:
-            from lomar.eval.features import load_pretrained_encoder
-
             try:
                 encoder = load_pretrained_encoder(cfg.pretrained, **_layout(cfg, None))
             except ValueError as exc:
@@ -227,8 +227,6 @@ def detect(config: DetectConfig) -> int:
 def evaluate_only(config: DetectConfig) -> int:
     """Score ``--pretrained`` on the validation split in this process: a ``metrics.jsonl`` line and
     ``predictions.json`` in ``--out`` (the folder locked meanwhile)."""
-    from lomar.train.distributed import init_distributed
-    from lomar.train.run_state import RunLock
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("--eval-only runs in one process; run it without torchrun")

@@ -116,7 +116,7 @@ def resolve_detect_config(args: argparse.Namespace) -> DetectConfig:
 
 
 def _saved_settings(path: Path, explicit: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    from lomar.checkpoints.io import safe_load
+    from lomar.checkpoints.io import safe_load  # torch: not for --help
 
     try:
         ckpt = safe_load(path, mmap=True)
@@ -157,7 +157,7 @@ def validate(config: DetectConfig, check_out: bool = True) -> None:
         raise ConfigError("--eval-only needs --pretrained RUN (a `lomar detect` run folder or checkpoint)")
     if config.pretrained and not Path(config.pretrained).exists():
         raise ConfigError(f"--pretrained {config.pretrained} does not exist")
-    from lomar.train.run_state import check_out_folder
+    from lomar.train.run_state import check_out_folder  # torch: not for --help
 
     check_out_folder(Path(config.out))
     if not config.eval_only:

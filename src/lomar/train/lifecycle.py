@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lomar.checkpoints.io import safe_load
 from lomar.errors import UsageError
 from lomar.train.distributed import DistInfo, cleanup_distributed, init_distributed
+from lomar.train.fsdp import load_sharded, save_run_checkpoint
 from lomar.train.monitor import Monitor, loss_summary
 from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_workers
 from lomar.train.run_state import (
@@ -89,7 +90,6 @@ class _Run:
     def load(self, path: Path) -> None:
         task = self.task
         if path.is_dir():  # a sharded checkpoint: every rank loads its shards
-            from lomar.train.fsdp import load_sharded
 
             ckpt = load_sharded(task.model, self.optimizer, path)
         else:
@@ -113,7 +113,6 @@ class _Run:
         ``best.pt`` when ``metrics`` (a finished epoch's) hold the best ``best_metric`` so far."""
         keep = getattr(self.cfg, "keep_last", None)
         if self.task.sharded:  # collective
-            from lomar.train.fsdp import save_run_checkpoint
 
             path = save_run_checkpoint(self.task.model, self.optimizer, self.meta(), self.out, self.p.step, keep)
             return path if self.info.is_main else None

@@ -18,10 +18,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from lomar.checkpoints.io import atomic_write_bytes
 from lomar.data.samplers import EpochSampler
 from lomar.data.segmentation import SegmentationFolder
+from lomar.eval.features import load_pretrained_encoder
 from lomar.eval.segmentation import confusion_matrix, predict_logits, segmentation_metrics
 from lomar.integrations.segmenter import UperNetSegmenter, layer_decay_groups, segmentation_loss
+from lomar.models.vit import VisionTransformer, model_config
 from lomar.train.distributed import DistInfo
 from lomar.train.lifecycle import Task, run
 from lomar.train.segment_config import SegmentConfig, dump_segment_config
@@ -34,11 +37,8 @@ def build_encoder(config: SegmentConfig):
     :func:`lomar.eval.features.load_pretrained_encoder` (anything ``lomar export`` reads), else a
     randomly initialised ``--model``."""
     if config.pretrained is None:
-        from lomar.models.vit import VisionTransformer, model_config
-
         encoder = VisionTransformer(model_config(config.model, img_size=config.img_size, drop_path=config.drop_path))
         return encoder, f"random init {config.model} (no --pretrained)"
-    from lomar.eval.features import load_pretrained_encoder
 
     encoder = load_pretrained_encoder(config.pretrained, img_size=config.img_size, drop_path=config.drop_path)
     return encoder, f"pretrained: {encoder.load_report.summary()}"
@@ -108,8 +108,6 @@ class SegmentTask(Task):
         """mIoU, mAcc, aAcc (percent) over the validation split at the labels' own size (every process
         gets them); each prediction written as ``OUT/predictions/<stem>.png`` (class + 1) by the main
         process, replacing the last evaluation's."""
-        from lomar.checkpoints.io import atomic_write_bytes
-
         model, config, info = self.model, self.config, self.info
         was_training = model.training
         model.eval()

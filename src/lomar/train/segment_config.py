@@ -18,6 +18,7 @@ import yaml
 
 from lomar.train import settings as S
 from lomar.train import settings_resume as R
+from lomar.train.runtime import default_workers
 from lomar.train.settings import ConfigError
 
 __all__ = ["SegmentConfig", "add_segment_arguments", "resolve_segment_config", "dump_segment_config"]
@@ -97,15 +98,13 @@ def resolve_segment_config(args: argparse.Namespace) -> SegmentConfig:
     if config.out is None:
         config.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     if config.workers is None:
-        from lomar.train.runtime import default_workers
-
         config.workers = default_workers()
     validate(config, check_out=not getattr(args, "print_config", False))
     return config
 
 
 def _saved_settings(path: Path, explicit: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    from lomar.checkpoints.io import safe_load
+    from lomar.checkpoints.io import safe_load  # torch: not for --help
 
     try:
         ckpt = safe_load(path, mmap=True)
@@ -138,7 +137,7 @@ def validate(config: SegmentConfig, check_out: bool = True) -> None:
     if config.pretrained is not None and not Path(config.pretrained).exists():
         raise ConfigError(f"--pretrained {config.pretrained} does not exist; pass a checkpoint or an exported "
                           f"folder, or leave it out for a random encoder")
-    from lomar.train.run_state import check_out_folder
+    from lomar.train.run_state import check_out_folder  # torch: not for --help
 
     check_out_folder(Path(config.out))
     R.refuse_held_run(Path(config.out), config.resume, config.overwrite)
