@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,16 +95,8 @@ def add_detect_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_detect_config(args: argparse.Namespace) -> DetectConfig:
     """Recipe defaults, YAML, flags (or the resumed run's saved settings) -> a validated config."""
-    explicit = S.explicit_values(DetectConfig, args)
-    path = R.resume_target(explicit)
-    if path is not None:
-        values = R.resume_values(DetectConfig, *_saved_settings(path, explicit), explicit)
-    else:
-        values = {**DetectConfig().to_dict(), **explicit}
-        R.lay_schedule_over_max_steps(values, explicit)
+    values, _ = R.task_values(DetectConfig, args, "detect", _detect_settings)
     config = DetectConfig(**values)
-    if config.out is None:
-        config.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     for split in ("train", "val"):
         if getattr(config, f"{split}_ann") and not getattr(config, f"{split}_images"):
             setattr(config, f"{split}_images", str(Path(getattr(config, f"{split}_ann")).parent))
@@ -115,20 +106,11 @@ def resolve_detect_config(args: argparse.Namespace) -> DetectConfig:
     return config
 
 
-def _saved_settings(path: Path, explicit: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    from lomar.checkpoints.io import safe_load  # torch: not for --help
-
-    try:
-        ckpt = safe_load(path, mmap=True)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"--resume: {exc}") from None
-    if ckpt.get("format") != "lomar-detect-1" or "optimizer" not in ckpt:
-        raise ConfigError(f"--resume {path} is not a `lomar detect` checkpoint; to start from an encoder pass it "
-                          f"as --pretrained")
-    saved = S.coerce_all(DetectConfig, ckpt.get("settings", {}), str(path), strict=False)
-    if "out" not in explicit:
-        saved["out"] = str(path.parent)
-    return saved, str(path)
+def _detect_settings(checkpoint: dict) -> dict | None:
+    """The settings a `lomar detect` checkpoint saved; None for another file."""
+    if checkpoint.get("format") != "lomar-detect-1" or "optimizer" not in checkpoint:
+        return None
+    return checkpoint.get("settings", {})
 
 
 def validate(config: DetectConfig, check_out: bool = True) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,16 +89,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_finetune_config(args: argparse.Namespace) -> FinetuneConfig:
     """Recipe defaults, YAML, flags (or the resumed run's saved settings) -> a validated config."""
-    explicit = S.explicit_values(FinetuneConfig, args)
-    saved = _saved_settings(explicit)
-    if saved is not None:
-        values = R.resume_values(FinetuneConfig, *saved, explicit)
-    else:
-        values = {**FinetuneConfig().to_dict(), **explicit}
-        R.lay_schedule_over_max_steps(values, explicit)
+    values, explicit = R.task_values(FinetuneConfig, args, "finetune", _finetune_settings)
     config = FinetuneConfig(**values)
-    if config.out is None:
-        config.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     if "warmup_epochs" not in explicit and 0 < config.epochs < config.warmup_epochs:
         # The default warm-up (the recipe's 5 epochs) in a shorter run: warm up over the whole run, saying so.
         print(f"lomar finetune: warming up for all {config.epochs} epoch(s) (the default "
@@ -111,26 +102,11 @@ def resolve_finetune_config(args: argparse.Namespace) -> FinetuneConfig:
     return config
 
 
-def _saved_settings(explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
-    """(settings, where from) of the run being resumed; None for a new run."""
-    path = R.resume_target(explicit)
-    if path is None:
+def _finetune_settings(checkpoint: dict) -> dict | None:
+    """The settings a `lomar finetune` checkpoint saved ("args": runs before FinetuneConfig saved them)."""
+    if not {"optimizer", "batches_done", "best_top1"} <= set(checkpoint):
         return None
-    from lomar.checkpoints.io import safe_load  # torch: not for --help
-
-    try:
-        ckpt = safe_load(path, mmap=True)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"--resume: {exc}") from None
-    if not {"optimizer", "batches_done", "best_top1"} <= set(ckpt):
-        raise ConfigError(f"--resume {path} is not a `lomar finetune` checkpoint; to start from pretrained "
-                          f"weights pass them as --pretrained")
-    # "args": the settings as runs before FinetuneConfig saved them
-    settings = next((ckpt[k] for k in ("settings", "args") if isinstance(ckpt.get(k), dict)), {})
-    saved = S.coerce_all(FinetuneConfig, settings, str(path), strict=False)
-    if "out" not in explicit:  # a checkpoint resumes into its own folder unless told otherwise
-        saved["out"] = str(path.parent)
-    return saved, str(path)
+    return next((checkpoint[k] for k in ("settings", "args") if isinstance(checkpoint.get(k), dict)), {})
 
 
 def validate(config: FinetuneConfig, check_out: bool = True) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,36 +86,17 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_segment_config(args: argparse.Namespace) -> SegmentConfig:
     """Recipe defaults, YAML, flags (or the resumed run's saved settings) -> a validated config."""
-    explicit = S.explicit_values(SegmentConfig, args)
-    path = R.resume_target(explicit)
-    if path is not None:
-        values = R.resume_values(SegmentConfig, *_saved_settings(path, explicit), explicit)
-    else:
-        values = {**SegmentConfig().to_dict(), **explicit}
-        R.lay_schedule_over_max_steps(values, explicit)
+    values, _ = R.task_values(SegmentConfig, args, "segment", _segment_settings)
     config = SegmentConfig(**values)
-    if config.out is None:
-        config.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     if config.workers is None:
         config.workers = default_workers()
     validate(config, check_out=not getattr(args, "print_config", False))
     return config
 
 
-def _saved_settings(path: Path, explicit: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    from lomar.checkpoints.io import safe_load  # torch: not for --help
-
-    try:
-        ckpt = safe_load(path, mmap=True)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"--resume: {exc}") from None
-    if ckpt.get("task") != "segment" or not isinstance(ckpt.get("settings"), dict):
-        raise ConfigError(f"--resume {path} is not a `lomar segment` checkpoint; to start from pretrained weights "
-                          f"pass them as --pretrained")
-    saved = S.coerce_all(SegmentConfig, ckpt["settings"], str(path), strict=False)
-    if "out" not in explicit:
-        saved["out"] = str(path.parent)
-    return saved, str(path)
+def _segment_settings(checkpoint: dict) -> dict | None:
+    """The settings a `lomar segment` checkpoint saved; None for another file."""
+    return checkpoint.get("settings") if checkpoint.get("task") == "segment" else None
 
 
 def validate(config: SegmentConfig, check_out: bool = True) -> None:

@@ -5,12 +5,45 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lomar.train.settings import ConfigError, declarations, shown
+from lomar.train.settings import ConfigError, coerce_all, declarations, explicit_values, shown
 
-__all__ = ["resume_values", "lay_schedule_over_max_steps", "resume_target", "refuse_held_run"]
+__all__ = ["resume_values", "lay_schedule_over_max_steps", "resume_target", "refuse_held_run", "task_values"]
+
+
+def task_values(cls: type, args, command: str,
+                saved_settings: Callable[[dict], dict | None]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(values, explicit) of a training command's run: the YAML file's and the flags' settings over
+    the resumed checkpoint's (``saved_settings(checkpoint)`` gives them; None: not this command's
+    checkpoint) or over the declared defaults with the schedule laid over ``--max-steps``; ``out``
+    defaults to runs/<timestamp>, and a checkpoint resumes into its own folder unless told otherwise."""
+    explicit = explicit_values(cls, args)
+    path = resume_target(explicit)
+    if path is None:
+        values = {**dataclasses.asdict(cls()), **explicit}
+        lay_schedule_over_max_steps(values, explicit)
+    else:
+        from lomar.checkpoints.io import safe_load  # torch: not for --help
+
+        try:
+            checkpoint = safe_load(path, mmap=True)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--resume: {exc}") from None
+        settings = saved_settings(checkpoint)
+        if not isinstance(settings, dict):
+            raise ConfigError(f"--resume {path} is not a `lomar {command}` checkpoint; to start from pretrained "
+                              f"weights pass them as --pretrained")
+        saved = coerce_all(cls, settings, str(path), strict=False)
+        if "out" not in explicit:
+            saved["out"] = str(path.parent)
+        values = resume_values(cls, saved, str(path), explicit)
+    if values.get("out") is None:
+        values["out"] = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    return values, explicit
 
 
 def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[str, Any]) -> dict[str, Any]:
