@@ -71,13 +71,13 @@ def test_a_stopped_study_continues_without_redoing_finished_work(tmp_path, label
     spec = _spec(labelled, budget="2s", slice="1s", random_init=False, eval={"metrics": ["heldout_loss"]})
     real, calls = runner.pretrain, []
 
-    def stop_on_the_sixth_pretrain(config):
+    def stop_on_the_third_slice(config):  # each cell has trained a slice; the first may be done
         calls.append("pretrain")
-        if calls.count("pretrain") == 6:
+        if calls.count("pretrain") == 3:
             return 130  # what `lomar pretrain` returns on Ctrl-C
         return real(config)
 
-    monkeypatch.setattr(runner, "pretrain", stop_on_the_sixth_pretrain)
+    monkeypatch.setattr(runner, "pretrain", stop_on_the_third_slice)
     with pytest.raises(StudyStopped):
         run_study(parse_spec(spec), out, log=lambda line: None)
     before = _states(out)
