@@ -30,7 +30,7 @@ from lomar.checkpoints.io import safe_load
 from lomar.errors import UsageError
 from lomar.train.distributed import DistInfo, cleanup_distributed, init_distributed
 from lomar.train.fsdp import load_sharded, save_run_checkpoint
-from lomar.train.monitor import Monitor, loss_summary
+from lomar.train.monitor import Monitor
 from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_workers
 from lomar.train.run_state import (
     RunLock,
@@ -49,6 +49,7 @@ from lomar.train.runtime import default_threads, fast_adamw
 from lomar.train.schedule import lr_at, run_span, warmup_warning
 from lomar.train.settings_resume import refuse_held_run
 from lomar.train.task import Progress, Task, TrainingError
+from lomar.viz.curves import loss_summary
 
 __all__ = ["Task", "Progress", "TrainingError", "run"]
 
@@ -286,7 +287,7 @@ class _Run:
                   f"lomar {name} --out {out} --resume auto", flush=True)
             return
         self.task.finish(out)
-        losses = loss_summary(out / "metrics.jsonl")
+        losses = loss_summary(out / "metrics.jsonl", mean_of_last=10)
         extra, metric = self.task.final_line(), self.task.best_metric
         if metric:
             best = out / "best.pt"

@@ -6,9 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from lomar.viz.curves import read_losses
-
-__all__ = ["Monitor", "progress", "loss_summary"]
+__all__ = ["Monitor", "progress"]
 
 _LABELS = {"top1": "top-1", "top5": "top-5", "knn_top1": "k-NN top-1"}  # accuracies, printed in percent
 QUIET_INTERVAL = 30.0  # seconds between progress lines when stderr is not a terminal (a log file)
@@ -38,19 +36,6 @@ def progress(iterable=None, total: int | None = None, desc: str = "", initial: i
         return tqdm(iterable, total=total, desc=desc, initial=initial, unit=unit, dynamic_ncols=True)
     return tqdm(iterable, total=total, desc=desc, initial=initial, unit=unit, file=_Lines(sys.stderr), ncols=100,
                 mininterval=QUIET_INTERVAL, maxinterval=QUIET_INTERVAL * 4, delay=QUIET_INTERVAL, leave=False)
-
-
-def loss_summary(metrics: Path, last: int = 10) -> str | None:
-    """'mean of the last K logged losses M; loss A at step 1 -> B at step N' (one step's loss is noisy)."""
-    try:
-        steps, losses = read_losses(metrics)
-    except OSError:
-        return None
-    if len(steps) < 2:
-        return None
-    tail = losses[-last:]
-    return (f"loss {sum(tail) / len(tail):.4f}, the mean of the last {len(tail)} logged steps; loss {losses[0]:.4f} "
-            f"at step {steps[0]} -> {losses[-1]:.4f} at step {steps[-1]}")
 
 
 class Monitor:

@@ -36,15 +36,18 @@ def read_losses(metrics: str | Path) -> tuple[list[int], list[float]]:
     return steps, losses
 
 
-def loss_summary(metrics: str | Path) -> str | None:
-    """'loss A at step 1 -> B at step N' from a ``metrics.jsonl``; None without two records."""
+def loss_summary(metrics: str | Path, mean_of_last: int = 0) -> str | None:
+    """'loss A at step 1 -> B at step N' from a ``metrics.jsonl``, led by 'loss M, the mean of the last
+    K logged steps; ' when ``mean_of_last`` is K > 0 (one step's loss is noisy); None without two records."""
     try:
         steps, losses = read_losses(metrics)
     except OSError:
         return None
     if len(steps) < 2:
         return None
-    return f"loss {losses[0]:.4f} at step {steps[0]} -> {losses[-1]:.4f} at step {steps[-1]}"
+    tail = losses[-mean_of_last:] if mean_of_last else []
+    mean = f"loss {sum(tail) / len(tail):.4f}, the mean of the last {len(tail)} logged steps; " if tail else ""
+    return f"{mean}loss {losses[0]:.4f} at step {steps[0]} -> {losses[-1]:.4f} at step {steps[-1]}"
 
 
 def draw_loss_curve(steps: list[int], losses: list[float], title: str = "training loss") -> Figure:
