@@ -4,6 +4,7 @@ crop's area range (--crop-scale), ViTDet-style windowed blocks (--window-size, -
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,14 @@ def test_bad_window_settings_are_one_line(tmp_path, capsys, pretrained, folder, 
     assert _finetune(pretrained, folder, tmp_path / "run", "--batch-size", "4", "--max-steps", "1", *flags) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+def test_each_epoch_end_evaluation_names_the_epoch_it_evaluated(tmp_path, pretrained, folder):
+    # step records and the evaluation after them carry the same 0-based epoch; `lomar study`
+    # reads the last record's epoch (epochs - 1) to tell a finished finetune from a stopped one
+    assert _finetune(pretrained, folder, tmp_path / "run", "--batch-size", "8", "--epochs", "2") == 0
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "top1" in r]
+    assert [r["epoch"] for r in evals] == [0, 1]
+    for evaluation in evals:
+        assert {r["epoch"] for r in records if "loss" in r and r["step"] <= evaluation["step"]} >= {evaluation["epoch"]}

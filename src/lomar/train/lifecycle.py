@@ -266,7 +266,9 @@ class _Run:
             metric = self.task.best_metric
             if metric in metrics and not self.p.batches_done:
                 extra[f"best_{metric}"] = max(self.best, metrics[metric])
-            self.monitor.evaluation(self.task.eval_log, self.p.step, self.p.epoch, metrics, extra)
+            # the epoch whose batches were trained last: at an epoch's end p.epoch already counts it
+            epoch = self.p.epoch - 1 if self.p.epoch and not self.p.batches_done else self.p.epoch
+            self.monitor.evaluation(self.task.eval_log, self.p.step, epoch, metrics, extra)
         return metrics
 
     def _finish(self, preempted: bool) -> int:
