@@ -57,6 +57,18 @@ def _mean_sd(values: list[float]) -> list[float]:
     return [round(statistics.fmean(values), 2), round(statistics.stdev(values), 2) if len(values) > 1 else 0.0]
 
 
+def report(record: dict, keys: tuple[str, ...]) -> str:
+    """The JSON's numbers as a Markdown table (mean ± sd over the seeds) with the exact commands."""
+    rows = [f"| {e} | " + " | ".join(f"{m:.2f} ± {sd:.2f}" for m, sd in (record["mean_sd"][e][k] for k in keys)) + " |"
+            for e in ENCODERS]
+    return "\n".join([
+        "# Dense digits: detection and segmentation per encoder (CPU)", "", record["what"] + ".", "",
+        f"Command: `{record['command']}` ({record['minutes']} min); seeds {record['lomar']['seeds']}.", "",
+        "| encoder | " + " | ".join(keys) + " |", "| --- " * (len(keys) + 1) + "|", *rows, "",
+        "Per-seed values are in the JSON beside this file. Flags of every run:", "",
+        *(f"- {name}: `{record[name + '_flags']}`" for name in ("pretrain", "mae_decoder", "detect", "segment")), ""])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=Path, required=True)
@@ -127,6 +139,7 @@ def main() -> int:
         **results, "mean_sd": summary, "minutes": round((time.time() - started) / 60, 1),
     }
     args.json.write_text(json.dumps(record, indent=1) + "\n")
+    args.json.with_suffix(".md").write_text(report(record, keys))
     print(json.dumps(summary, indent=1))
     return 0
 
