@@ -81,13 +81,14 @@ def main() -> int:
     p.add_argument("--detect-steps", type=int, default=250)
     p.add_argument("--segment-steps", type=int, default=300)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = p.parse_args()
     data = args.work / "data"
     if not (data / "compose.json").is_file():
         _lomar("compose-digits", "--out", str(data), "--img-size", str(args.img_size), "--images", str(args.images),
                "--seed", "0")
     common = ["--model", args.model, "--img-size", str(args.img_size), "--threads", str(args.threads),
-              "--workers", "1", "--device", "cpu"]
+              "--workers", "1", "--device", args.device]
     # lr 1e-3 with a warm-up over the first 10 % (a new run given --max-steps spans its schedule
     # over them); MAE's decoder scaled to the tiny encoder (MAE-base's is 512 wide, 8 blocks)
     pretrain = [*common, "--data", str(data / "images" / "train"), "--batch-size", "16", "--max-steps",
