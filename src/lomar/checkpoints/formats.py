@@ -91,16 +91,10 @@ class PretrainReader(Reader):
             k.startswith("encoder.") for k in state)
 
     def model(self, src, overrides):
-        return build_strict(self._spec(src), src.state, src.path)
-
-    def _spec(self, src: Source) -> dict:
-        try:
-            return pretrain_spec(src.data, src.state)
-        except ValueError as exc:
-            raise ValueError(f"{src.path}: {exc}") from None
+        return build_strict(pretrain_spec(src), src.state, src.path)
 
     def encoder(self, src, overrides):
-        spec = self._spec(src)
+        spec = pretrain_spec(src)
         state = {k.removeprefix("encoder."): v for k, v in src.state.items() if k.startswith("encoder.")}
         dropped = [k for k in src.state if not k.startswith("encoder.")]  # mask token, pixel head, decoder
         method = "mae" if ".mae" in spec["arch"] else "lomar" if ".lomar:" in spec["arch"] else spec["arch"]

@@ -69,11 +69,7 @@ class BEiTPretrainReader(BEiTReader):
     def model(self, src, overrides):
         if "beit.lm_head.weight" not in src.state:
             raise ValueError(f"{src.path}: BEiT checkpoint without beit.lm_head.weight; it is incomplete")
-        try:  # written before model specs: the ViT shape of its settings, BEiT's defaults beyond it
-            spec = pretrain_spec(src.data, src.state)
-        except ValueError as exc:
-            raise ValueError(f"{src.path}: {exc}") from None
-        return build_strict(spec, src.state, src.path)
+        return build_strict(pretrain_spec(src), src.state, src.path)
 
 
 class BEiTExportReader(BEiTReader):

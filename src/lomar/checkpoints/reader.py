@@ -115,10 +115,13 @@ def _spec_from_settings(settings: dict, state: dict) -> dict:
     raise ValueError(f"its saved settings name method {method!r}, which this version does not read")
 
 
-def pretrain_spec(data: dict, state: dict) -> dict:
+def pretrain_spec(src: Source) -> dict:
     """The model spec of one of our pretraining checkpoints (saved, or derived from its settings)."""
-    spec = data.get("model_spec")
-    return spec if isinstance(spec, dict) else _spec_from_settings(saved_settings(data), state)
+    spec = src.data.get("model_spec")
+    try:
+        return spec if isinstance(spec, dict) else _spec_from_settings(saved_settings(src.data), src.state)
+    except ValueError as exc:
+        raise ValueError(f"{src.path}: {exc}") from None
 
 
 def build_strict(spec: dict, state: dict, path: Path) -> nn.Module:

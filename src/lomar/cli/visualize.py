@@ -19,7 +19,6 @@ MAX_IMAGES = 64  # one figure row each: more would make a PNG no screen shows
 def prepare_image(path: str | Path, size: int):
     """Image file -> (3, size, size) float tensor, ImageNet-normalised: shorter side resized (bicubic),
     centre crop."""
-    import torch
     from torchvision.transforms.v2 import functional as TF
 
     from lomar.data.decode import load_image  # torch: not for --help
@@ -27,10 +26,7 @@ def prepare_image(path: str | Path, size: int):
 
     image = load_image(path)
     image = TF.resize(image, [size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-    image = TF.center_crop(image, [size, size])
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (image.float() / 255.0 - mean) / std
+    return TF.normalize(TF.center_crop(image, [size, size]).float() / 255.0, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -169,13 +169,8 @@ def _caption(norm_pix: bool, windows: bool) -> str:
 def save_figure(fig: Figure, path: str | Path, dpi: int) -> Path:
     """Lay out (unless the figure has its own layout engine) and write atomically: a reader never
     sees half a PNG."""
-    return atomic_write_bytes(path, _render(fig, dpi))
-
-
-def _render(fig: Figure, dpi: int) -> bytes:
-    """The figure as PNG bytes, laid out first unless it has its own layout engine."""
     if fig.get_layout_engine() is None:
         fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=dpi, format="png")
-    return buffer.getvalue()
+    return atomic_write_bytes(path, buffer.getvalue())
