@@ -14,7 +14,6 @@ model without training code; checkpoints written before it are read from their s
 
 from __future__ import annotations
 
-import argparse
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from lomar.checkpoints.keys import (
     CLASSIFIER_PREFIXES,
     ENCODER_PREFIXES,
     PRETRAIN_ONLY,
+    args_dict,
     classifier_from_original,
     drop_final_norm,
     encoder_keys,
@@ -62,10 +62,7 @@ __all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "read", 
 
 
 def _hints(data: dict) -> dict:
-    hints: dict = {}
-    for key in ("config", "vit_config", "args"):
-        value = data.get(key)
-        hints.update(vars(value) if isinstance(value, argparse.Namespace) else value if isinstance(value, dict) else {})
+    hints = args_dict(data, ("config", "vit_config", "args"))
     return {k: v for k, v in hints.items() if k in ("num_heads", "img_size", "input_size") and isinstance(v, int)}
 
 

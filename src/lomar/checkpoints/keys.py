@@ -82,18 +82,12 @@ def encoder_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # ---- shape inference --------------------------------------------------------------------------
-def args_dict(data: dict) -> dict:
-    args = data.get("args")
-    if isinstance(args, argparse.Namespace):
-        return vars(args)
-    return dict(args) if isinstance(args, dict) else {}
-
-
-def _heads_from_name(name) -> int | None:
-    for size, (_, _, heads) in MODEL_SIZES.items():
-        if isinstance(name, str) and f"vit_{size}_" in name:
-            return heads
-    return None
+def args_dict(data: dict, keys: tuple[str, ...] = ("args",)) -> dict:
+    """The run's saved arguments: the entries ``keys`` (argparse.Namespace or dict) merged in order."""
+    merged: dict = {}
+    for v in map(data.get, keys):
+        merged.update(vars(v) if isinstance(v, argparse.Namespace) else v if isinstance(v, dict) else {})
+    return merged
 
 
 def infer_vit_config(state: dict[str, torch.Tensor], hints: dict | None = None, **overrides) -> ViTConfig:
@@ -111,7 +105,9 @@ def infer_vit_config(state: dict[str, torch.Tensor], hints: dict | None = None, 
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     rpe_key = "blocks.0.attn.rpe.table"
     heads = overrides.get("num_heads") or (dim // state[rpe_key].shape[1] if rpe_key in state else None)
-    heads = heads or hints.get("num_heads") or _heads_from_name(hints.get("model"))
+    name = hints.get("model") if isinstance(hints.get("model"), str) else ""
+    by_name = next((h for size, (_, _, h) in MODEL_SIZES.items() if f"vit_{size}_" in name), None)
+    heads = heads or hints.get("num_heads") or by_name
     heads = heads or {(d, n): h for d, n, h in MODEL_SIZES.values()}.get((dim, depth))
     if not heads:
         raise ValueError(f"cannot infer the number of heads of this {dim}-wide, {depth}-deep model; "

@@ -1,6 +1,6 @@
 """The pieces every checkpoint format shares: a source read once, encoder weights, the reader
-interface and the registry the formats add themselves to (:mod:`lomar.checkpoints.formats` asks
-them in priority order)."""
+interface, the registry the formats add themselves to (:mod:`lomar.checkpoints.formats` asks
+them in priority order) and the model spec of our pretraining checkpoints (LoMaR, MAE, BEiT)."""
 
 from __future__ import annotations
 

@@ -86,10 +86,7 @@ def _features(args: argparse.Namespace):
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     print(f"lomar {args.command}: {encoder.load_report.summary()}, {args.img_size} px crops", file=sys.stderr)
-    out = []
-    for loader in loaders:
-        out.extend(extract_features(encoder, loader, device, args.pool))
-    return out
+    return [part for loader in loaders for part in extract_features(encoder, loader, device, args.pool)]
 
 
 def knn_add_arguments(p: argparse.ArgumentParser) -> None:

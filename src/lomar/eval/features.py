@@ -81,7 +81,7 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     if isinstance(reader, BEiTReader):
         return _load_beit(reader, src, num_classes, global_pool, overrides)
     weights = reader.encoder(src, {"num_heads": overrides["num_heads"]} if overrides.get("num_heads") else {})
-    config, state, dropped, source = weights.config, weights.state, weights.dropped, weights.source
+    config, state = weights.config, dict(weights.state)
     unknown = sorted(set(overrides) - set(ViTConfig.__dataclass_fields__))
     if unknown:
         raise ValueError(f"unknown encoder setting(s) {', '.join(unknown)}")
@@ -89,9 +89,8 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
         overrides["global_blocks"] = vitdet_global_blocks(config.depth)
     config = replace(config, **overrides)
     model = VisionTransformer(config, num_classes=num_classes, global_pool=global_pool)
-    report = LoadReport(source, str(path), dropped=list(dropped))
+    report = LoadReport(weights.source, str(path), dropped=list(weights.dropped))
     own = model.state_dict()
-    state = dict(state)
     # A finetuned classifier has no final norm (it pools into fc_norm): as a plain encoder
     # it gets a fresh, identity-initialised one.
     from_classifier = any(k.startswith("fc_norm.") for k in state)
