@@ -121,7 +121,7 @@ class SegmentationFolder(Dataset):
         image, labels = self.load(index)
         if not self.train:
             size = eval_scale(*image.shape[-2:], self.crop)
-            return _normalise(_resize(image.float(), size)), labels, self.pairs[index][0].stem
+            return (_resize(image.float(), size) - MEAN) / STD, labels, self.pairs[index][0].stem
         return self._augment(image, labels, sample_generator(self.seed, epoch, index))
 
     def _augment(self, image: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
@@ -142,7 +142,7 @@ class SegmentationFolder(Dataset):
         image, labels = image[:, top:top + crop, left:left + crop], labels[top:top + crop, left:left + crop]
         if float(torch.rand((), generator=gen)) < 0.5:
             image, labels = image.flip(-1), labels.flip(-1)
-        image = _normalise(image)
+        image = (image - MEAN) / STD
         pad_h, pad_w = crop - image.shape[1], crop - image.shape[2]
         if pad_h or pad_w:
             image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
@@ -154,7 +154,3 @@ def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(image.shape[-2:]) == tuple(size):
         return image
     return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-
-
-def _normalise(image: torch.Tensor) -> torch.Tensor:
-    return (image - MEAN) / STD
