@@ -42,17 +42,13 @@ def read_labels(path: Path) -> np.ndarray:
         raise ValueError(f"annotation {path} cannot be read ({exc}); rewrite it as a PNG of class ids") from None
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"image {path} cannot be read ({exc}); replace or remove it with its annotation") from None
-
-
 def _check_pair(image: Path, annotation: Path, num_classes: int) -> None:
     labels = read_labels(annotation)
-    width, height = _image_size(image)
+    try:
+        with Image.open(image) as opened:
+            width, height = opened.size
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"image {image} cannot be read ({exc}); replace or remove it with its annotation") from None
     if labels.shape != (height, width):
         raise ValueError(f"annotation {annotation} is {labels.shape[1]}x{labels.shape[0]} but its image {image.name} "
                          f"is {width}x{height}; write the annotation at the image's size")
