@@ -24,7 +24,6 @@ from typing import Any, NamedTuple
 
 from lomar.cli.common import write_json
 from lomar.cli.study.evals import Scorer, check_options
-from lomar.cli.study.figures import write_figures
 from lomar.cli.study.results import write_results
 from lomar.cli.study.spec import Budget, Cell, StudySpec, StudyStopped, parse_flags, settings_flags
 from lomar.data.folder import build_pretrain_dataset
@@ -147,12 +146,9 @@ class CellRun:
         if steps >= self.end or (steps >= point.value if point.unit == "steps" else
                                  steps > 0 and seconds >= point.value - (0.5 / rate if rate else 0.0)):
             return self._evaluate(point, steps, seconds)  # past the schedule's end: every point is evaluated here
-        if point.unit == "steps":
-            target = min(int(point.value), steps + (max(1, round(rate * self.study.spec.slice_s)) if rate else 2))
-        else:
-            left = min(self.study.spec.slice_s, point.value - seconds)
-            target = steps + (max(1, round(rate * left)) if rate else 2)
-        target = min(target, self.end)
+        left = self.study.spec.slice_s if point.unit == "steps" else min(self.study.spec.slice_s, point.value - seconds)
+        target = min(steps + (max(1, round(rate * left)) if rate else 2), self.end)
+        target = min(target, int(point.value)) if point.unit == "steps" else target
         start, load = time.perf_counter(), os.getloadavg()[0]
         rc = pretrain(cell_config(self.study.spec, self.cell, self.folder, max_steps=target))
         self.state["slices"] += 1
@@ -265,8 +261,6 @@ def run_study(spec: StudySpec, out: str | Path, log: Callable[[str], None] | Non
                                             for k, v in vars(spec.eval).items()}})
     study = Study(spec, out, log)
     records = study.run()
-    figures = write_figures(records, spec, out)
-    write_results(records, spec, out, figures, minutes=(time.perf_counter() - study.started) / 60,
-                  command=command)
+    figures = write_results(records, spec, out, (time.perf_counter() - study.started) / 60, command)
     log(f"[study] done: {out / 'results.md'}, {out / 'results.json'}, {len(figures)} figure(s)")
     return records
