@@ -54,12 +54,8 @@ def _limits(low: float, high: float, percent: bool) -> tuple[float, float]:
     """(low, high) padded, or widened around its centre to the minimum span; kept inside 0–100 for
     an accuracy and above 0 for a loss."""
     span = _MIN_PERCENT_SPAN if percent else _MIN_LOSS_SPAN * max(abs(low), abs(high), 1e-12)
-    if high - low >= span:
-        pad = 0.08 * (high - low)
-        low, high = low - pad, high + pad
-    else:
-        centre = (low + high) / 2
-        low, high = centre - span / 2, centre + span / 2
+    half = (1.16 * (high - low) if high - low >= span else span) / 2  # a wide range padded by 8 % a side
+    low, high = (low + high) / 2 - half, (low + high) / 2 + half
     ceiling = 100.0 if percent else math.inf
     if low < 0:
         low, high = 0.0, high - low

@@ -36,14 +36,13 @@ def eval_img_size(spec: StudySpec, cell: Cell) -> int:
 
 def _args(metric: str, spec: StudySpec, cell: Cell, checkpoint: Path, where: Path):
     """The evaluation's settings as its command (``lomar knn``, ``linprobe``, ``finetune``) reads them."""
-    common = ["--train", str(spec.data_train), "--val", str(spec.data_val), "--img-size",
-              str(eval_img_size(spec, cell)), "--workers", "0"]
+    argv = ["--pretrained", str(checkpoint), "--train", str(spec.data_train), "--val", str(spec.data_val),
+            "--img-size", str(eval_img_size(spec, cell)), "--workers", "0"]
     if metric == "finetune":
-        argv = ["--pretrained", str(checkpoint), *common, "--out", str(where), "--resume", "auto"]
-        return parse_flags(add_finetune_arguments, argv + settings_flags({"seed": cell.seed, **spec.eval.finetune}))
-    options = spec.eval.knn if metric == "knn" else {"seed": cell.seed, **spec.eval.linprobe}
-    add = knn_add_arguments if metric == "knn" else linprobe_add_arguments
-    return parse_flags(add, ["--pretrained", str(checkpoint), *common, *settings_flags(options)])
+        argv += ["--out", str(where), "--resume", "auto"]
+    options = spec.eval.knn if metric == "knn" else {"seed": cell.seed, **getattr(spec.eval, metric)}
+    add = {"knn": knn_add_arguments, "linprobe": linprobe_add_arguments, "finetune": add_finetune_arguments}[metric]
+    return parse_flags(add, argv + settings_flags(options))
 
 
 def check_options(spec: StudySpec) -> None:

@@ -87,7 +87,8 @@ def scaled_windows(grid: int) -> list[dict[str, Any]]:
     out = []
     for size, count in PAPER_WINDOWS:
         scaled = min(grid, max(2, round(size * grid / 14)))
-        out.append(dict(label=f"{size}:{count} as {scaled}:{count}", window_size=scaled, windows=count))
+        label = f"{size}:{count}" + (f" as {scaled}:{count}" if scaled != size else "")
+        out.append(dict(label=label, window_size=scaled, windows=count))
     return out
 
 
@@ -182,9 +183,7 @@ def build_preset(name: str, data: str | None = None, budget: str | None = None, 
     section, metrics = _data(data)
     settings = dict(PAPER_SCALE if paper else SMALL)
     grid_side = settings["img_size"] // (16 if paper else settings["patch_size"])
-    # the paper's (size, count) pairs at its 14x14 grid; scaled down to the small grid
-    pairs = [dict(label=f"{w}:{n}", window_size=w, windows=n) for w, n in PAPER_WINDOWS] if paper \
-        else scaled_windows(grid_side)
+    pairs = scaled_windows(grid_side)  # the paper's (size, count) pairs, on this grid
     window, every = pairs[1], None  # the paper's 7:4, LoMaR's default
     if paper:
         metrics = [*metrics, "finetune"] if metrics else metrics

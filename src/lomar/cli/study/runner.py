@@ -222,17 +222,15 @@ class Study:
         trained = [r for r in self.runs if not r.cell.random_init]
         if len(trained) < 2:
             return []
-        ends = {r.cell.name: r.state["points"]["end"]["step"] for r in trained}
-        n = min(ends.values())
-        copies = []
+        n, copies = min(r.state["points"]["end"]["step"] for r in trained), []
         for run in trained:
-            if ends[run.cell.name] == n:  # this cell *is* at N steps: its end record serves
-                if "equal_steps" not in run.state["points"]:
-                    run.state["points"]["equal_steps"] = {**run.state["points"]["end"], "point": "equal_steps"}
-                    run._save()
-                continue
-            copies.append(CellRun(self, run.cell, self.out / "cells" / f"{run.cell.name}@{n}steps",
-                                  Budget(n, "steps"), point_kind="equal_steps"))
+            points = run.state["points"]
+            if points["end"]["step"] > n:
+                copies.append(CellRun(self, run.cell, self.out / "cells" / f"{run.cell.name}@{n}steps",
+                                      Budget(n, "steps"), point_kind="equal_steps"))
+            elif "equal_steps" not in points:  # this cell *is* at N steps: its end record serves
+                points["equal_steps"] = {**points["end"], "point": "equal_steps"}
+                run._save()
         self.runs = copies
         self._interleave()
         return copies

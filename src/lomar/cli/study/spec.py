@@ -129,9 +129,7 @@ class Cell:
 
     @property
     def setting_label(self) -> str:
-        if self.random_init:
-            return "random init"
-        return ", ".join(f"{k}={v}" for k, v in self.labels.items()) or "default"
+        return "random init" if self.random_init else ", ".join(f"{k}={v}" for k, v in self.labels.items()) or "default"
 
     @property
     def name(self) -> str:
@@ -166,8 +164,7 @@ class StudySpec:
 
     def cells(self) -> list[Cell]:
         """Every (grid point, seed), seeds outermost; the random-init baseline first per seed."""
-        axes = list(self.grid)
-        points = list(itertools.product(*(self.grid[a] for a in axes))) if axes else [()]
+        axes, points = list(self.grid), list(itertools.product(*self.grid.values()))  # no axes: one point
         cells = []
         for seed in self.seeds:
             if self.random_init:
@@ -213,8 +210,8 @@ def _axis(name: str, values: Any) -> list[tuple[str, dict[str, Any]]]:
         else:
             raise UsageError(f"{key}: {value!r} must be a value or a mapping of settings")
         out.append((label, settings))
-    labels = [label for label, _ in out]
-    if len(set(labels)) != len(labels):
+    if len(dict(out)) != len(out):
+        labels = [label for label, _ in out]
         raise UsageError(f"{key} has repeated values {labels}; give each a distinct value or label")
     return out
 
