@@ -67,7 +67,6 @@ class Scorer:
         if metric == "heldout_loss":
             return heldout_loss(self.checkpoint, self.spec.data_val, eval_img_size(self.spec, self.cell),
                                 seed=self.cell.seed)
-
         args = _args(metric, self.spec, self.cell, self.checkpoint, self.where.with_name(f"{self.where.name}-finetune"))
         if metric == "finetune":
             return _finetune(args)
@@ -127,10 +126,8 @@ def _check_finished(last: dict, options: dict, where: Path) -> None:
 def heldout_loss(checkpoint: Path, val_root: str, img_size: int, seed: int = 0, batch_size: int = 128) -> float:
     """Mean masked-reconstruction loss (the training objective, same masks for every model of a
     seed) on the held-out images: centre crops, as the evaluations see them."""
-    model = load_model(checkpoint)
-    model.eval()
-    dataset = ImageFolder(val_root, transform=eval_transform(img_size))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    model = load_model(checkpoint).eval()
+    loader = torch.utils.data.DataLoader(ImageFolder(val_root, transform=eval_transform(img_size)), batch_size)
     gen = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     for images, _ in loader:
