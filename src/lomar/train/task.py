@@ -14,7 +14,7 @@ Required of a Task: ``name``, ``model``, ``train_loader``, ``loss(batch)``. Opti
 - ``sharded`` (FSDP: sharded checkpoints, no DDP), ``betas``, ``eval_log`` (the evaluations' file),
   ``outputs`` (names or globs a fresh run clears),
   ``batches_per_epoch()``, ``set_epoch(epoch, skip_batches)``, ``describe()`` (the start-up line's data
-  and model), ``config_text()``, ``final_line()`` (appended to "done"),
+  and model), ``final_line()`` (appended to "done"),
 - main process only: ``begin()`` before the first step, ``saved(path)`` after each checkpoint,
   ``stopped(out)`` after a stop signal.
 """
@@ -60,7 +60,7 @@ class Task:
     net: torch.nn.Module  # and ``progress``: set by the lifecycle
     load = finish = stopped = begin = saved = _nothing
     evaluate, state, final_line = (lambda self: {}), (lambda self: {}), (lambda self: "")
-    idle_loss = config_text = lambda self: None  # config_text: config.yaml's text (None: the config's fields)
+    idle_loss = lambda self: None
 
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
