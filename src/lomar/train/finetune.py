@@ -71,6 +71,7 @@ class FinetuneTask(Task):
     """The classifier on a pretrained encoder, the recipe's augmentation and loss, top-1/top-5 on val."""
 
     name, best_metric = "finetune", "top1"
+    eval_epoch_index = True
 
     def __init__(self, config: FinetuneConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, device

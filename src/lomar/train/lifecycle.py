@@ -265,8 +265,8 @@ class _Run:
             metric = self.task.best_metric
             if metric in metrics and not self.p.batches_done:
                 extra[f"best_{metric}"] = max(self.best, metrics[metric])
-            # the epoch whose batches were trained last: at an epoch's end p.epoch already counts it
-            epoch = self.p.epoch - 1 if self.p.epoch and not self.p.batches_done else self.p.epoch
+            epoch = self.p.epoch - 1 if self.task.eval_epoch_index and self.p.epoch and not self.p.batches_done \
+                else self.p.epoch
             self.monitor.evaluation(self.task.eval_log, self.p.step, epoch, metrics, extra)
         return metrics
 
@@ -274,7 +274,9 @@ class _Run:
         path = self.save()
         if not preempted:
             self.p.final = True
-            self._evaluate()
+            metrics = self._evaluate()
+            if metrics and self.task.eval_steps:  # a step-evaluated run's final score may be its best
+                self.save(metrics)
         self.monitor.close()
         # Collective: the other ranks wait for the main one's files, and stop with it if it fails.
         save_on_main_rank(lambda: self._outputs(path, preempted), self.info.is_main, self.device)
