@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
 from lomar.data.compose import compose_digits
 from lomar.eval.segmentation import confusion_matrix, predict_logits, segmentation_metrics
@@ -108,6 +109,16 @@ def _segment(data, out, *extra) -> int:
     return main(["segment", "--data", str(data), "--num-classes", "10", "--img-size", "32", "--batch-size", "2",
                  "--head-channels", "16", "--warmup-steps", "1", "--lr", "1e-3", "--workers", "0", "--threads", "1",
                  "--device", "cpu", "--log-every", "1", "--out", str(out), *extra])
+
+
+def test_the_final_evaluation_can_be_the_best_checkpoint(digits, tmp_path, capsys):
+    # evaluated only at the end (--eval-every beyond the run): that score is the run's best so far
+    out = tmp_path / "run"
+    assert _segment(digits, out, "--max-steps", "2", "--eval-every", "50", "--eval-mode", "whole") == 0
+    assert "best mIoU" in capsys.readouterr().out
+    best = safe_load(out / "best.pt")
+    assert best["step"] == 2 and best["metrics"]["mIoU"] == json.loads(
+        (out / "metrics.jsonl").read_text().splitlines()[-1])["mIoU"]
 
 
 def test_two_step_run_writes_miou_and_predictions(digits, pretrained, tmp_path, capsys):

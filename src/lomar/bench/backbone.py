@@ -16,6 +16,7 @@ available gets a ``skipped`` record with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,8 +24,10 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 
+import torch
+
+from lomar.bench.timing import DTYPES, resident_bytes, timed
 from lomar.models.attention import (
     CHUNK_BIAS_BYTES,
     DENSE_BIAS_BYTES,
@@ -34,14 +37,14 @@ from lomar.models.attention import (
 )
 from lomar.models.vit import VisionTransformer, model_config
 
-__all__ = ["VARIANTS", "estimate_bytes", "model_flops", "available_bytes", "run_variant", "bench_backbone"]
+__all__ = ["estimate_bytes", "model_flops", "available_bytes", "run_variant", "bench_backbone"]
 
-VARIANTS = ("auto", "dense", "chunked", "flex", "windowed")
 # glibc serves blocks above this size by mmap and returns them on free. Its default threshold
 # rises to 32 MiB after the first large free, and the many 1-32 MiB temporaries of chunked
 # attention then fragment the heap: at 2048 px the resident set reached 13 GB for ~4 GB live.
 _MMAP_THRESHOLD = 64 * 1024
 _FLOAT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+_WINDOW = 14  # ViTDet's windows, in patches; a global block ends each quarter of the depth
 
 
 def _arch(model: str, tiny: bool, depth: int | None = None) -> tuple[int, int, int, int]:
@@ -49,11 +52,6 @@ def _arch(model: str, tiny: bool, depth: int | None = None) -> tuple[int, int, i
     if tiny:
         return c.patch_size, 32, depth or 2, 2
     return c.patch_size, c.embed_dim, depth or c.depth, c.num_heads
-
-
-def _windowing(depth: int) -> tuple[int, tuple[int, ...]]:
-    """ViTDet's layout: 14×14 windows, a global block ending each quarter of the depth."""
-    return 14, vitdet_global_blocks(depth)
 
 
 def estimate_bytes(variant: str, model: str, img_size: int, batch: int, grad_checkpointing: bool,
@@ -77,9 +75,8 @@ def estimate_bytes(variant: str, model: str, img_size: int, batch: int, grad_che
         return dense if mode == "dense" else min(dense, 8 * CHUNK_BIAS_BYTES)
 
     if variant == "windowed":
-        window, _ = _windowing(depth)
-        tiles = math.ceil((img_size // patch) / window) ** 2
-        square = max(attention_bytes(length, 1, "auto"), attention_bytes(1 + window * window, tiles, "auto"))
+        tiles = math.ceil((img_size // patch) / _WINDOW) ** 2
+        square = max(attention_bytes(length, 1, "auto"), attention_bytes(1 + _WINDOW ** 2, tiles, "auto"))
     else:
         square = attention_bytes(length, 1, variant)
     params = 12 * depth * dim * dim * 4 * 2  # weights' gradients
@@ -99,76 +96,46 @@ def model_flops(model: str, img_size: int, batch: int, tiny: bool = False, depth
 def available_bytes(device: str) -> int:
     """Memory a new step may use now: CUDA free memory, or MemAvailable of this machine."""
     if device.startswith("cuda"):
-        import torch
-
         return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    with contextlib.suppress(OSError, StopIteration), open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def run_variant(spec: dict) -> dict:
     """In this process: build the encoder, run warm-up and timed forward + backward steps."""
-    import torch
-
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    overrides = dict(embed_dim=32, depth=2, num_heads=2) if spec.get("tiny") else {}
-    if spec.get("depth"):
-        overrides["depth"] = spec["depth"]
-    attention = spec["variant"]
+    _, dim, depth, heads = _arch(spec["model"], spec.get("tiny", False), spec.get("depth"))
+    attention, windowing = spec["variant"], {}
     if attention == "windowed":
-        depth = overrides.get("depth", model_config(spec["model"]).depth)
-        window, global_blocks = _windowing(depth)
-        overrides.update(window_size=window, global_blocks=global_blocks)
-        attention = "auto"
-    config = model_config(spec["model"], img_size=spec["img_size"], attention=attention, **overrides)
+        attention, windowing = "auto", dict(window_size=_WINDOW, global_blocks=vitdet_global_blocks(depth))
+    config = model_config(spec["model"], img_size=spec["img_size"], attention=attention, embed_dim=dim, depth=depth,
+                          num_heads=heads, **windowing)
     torch.manual_seed(0)
     encoder = VisionTransformer(config).to(device).train()
     encoder.set_grad_checkpointing(spec["grad_checkpointing"])
     images = torch.randn(spec["batch_size"], 3, spec["img_size"], spec["img_size"], device=device)
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec["precision"]]
+    dtype = DTYPES[spec["precision"]]
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = encoder.forward_features(images)
         out.float().square().mean().backward()
         encoder.zero_grad(set_to_none=True)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        start_mem = torch.cuda.memory_allocated(device)
-    else:
-        start_mem = _rss()
+    start_mem = torch.cuda.memory_allocated(device) if device.type == "cuda" else resident_bytes()
     for _ in range(spec["warmup"]):
         step()
-    times = []
-    for _ in range(spec["steps"]):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
+    times = [timed(step, device) for _ in range(spec["steps"])]
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device) - start_mem, "cuda_max_allocated_growth"
     else:  # the process's high-water mark over its resident set before the first step
         peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start_mem, "cpu_rss_growth"
     return dict(step_times_s=times, peak_mem_bytes=int(peak), peak_mem_kind=kind)
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _child(spec: dict, timeout: float | None) -> dict:
@@ -214,7 +181,7 @@ def bench_backbone(model: str, sizes: list[int], variants: list[str], batch_size
             need = estimate_bytes(variant, model, size, batch_size, grad_checkpointing, precision, tiny, depth)
             free = available_bytes(device)
             rec.update(estimated_bytes=need, available_bytes=free)
-            if variant == "flex" and not flex_available(_torch_device(device)):
+            if variant == "flex" and not flex_available(torch.device(device)):
                 rec.update(status="skipped", reason="flex needs CUDA (FlexAttention has no CPU backward)")
             elif need > 0.9 * free:
                 rec.update(status="skipped", reason=f"estimated {need / 2**30:.1f} GiB > 90% of the "
@@ -236,12 +203,6 @@ def bench_backbone(model: str, sizes: list[int], variants: list[str], batch_size
             records.append(rec)
             on_record(records)
     return records
-
-
-def _torch_device(device: str):
-    import torch
-
-    return torch.device(device)
 
 
 def format_table(records: list[dict]) -> str:

@@ -8,21 +8,20 @@ configuration, and says which of the two limits a run.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from lomar.bench.timing import build_runner, interleaved_times, median
+from lomar.bench.timing import build_runner, interleaved_times, median, method_config
+from lomar.data.collate import collate_pretrain
 from lomar.data.device_decode import decode_dataset
 from lomar.data.folder import build_pretrain_dataset, demo_image_paths
-from lomar.methods import get_method
 from lomar.methods.base import method_runtime
 from lomar.models.vit import model_config
 
@@ -31,6 +30,7 @@ __all__ = ["TEST_SET_SIZES", "make_test_set", "loader_dataset", "measure_loader"
 
 # (width, height) of each test-set kind.
 TEST_SET_SIZES = {"camera": (4000, 3000), "imagenet": (500, 375)}
+_MODEL_KEYS = ("model_images_per_s", "model_batch_size", "precision", "compile", "device")
 
 
 def _write_one(job: tuple[str, str, tuple[int, int], int, int]) -> str:
@@ -73,12 +73,8 @@ def make_test_set(out: str | Path, kind: str = "camera", count: int = 32, qualit
         if not dst.exists():
             jobs.append((str(sources[i % len(sources)]), str(dst), TEST_SET_SIZES[kind], quality, i))
     workers = min(len(jobs), processes or os.cpu_count() or 1)
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_write_one, jobs))
-    else:
-        for job in jobs:
-            _write_one(job)
+    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        list((pool.map if pool else map)(_write_one, jobs))
     return paths
 
 
@@ -90,21 +86,10 @@ def loader_dataset(data: str | Path, img_size: int, method: str = "lomar", windo
     ``decode``: "full" (the reference path of :mod:`lomar.data.folder`), "draft" (reduced-size
     JPEG decoding) or "windows" (draft + only the plan's windows resampled; a windowed method).
     """
-    # The settings the method's masker reads, at its default mask ratio; the bench's MAE is the
-    # global one, as the model it times (lomar.bench.timing.build_runner).
-    run = SimpleNamespace(method=method, img_size=img_size, window_size=window_size,
-                          windows=windows or 0 if method == "lomar" else 0,
-                          mask_ratio=get_method(method).default_mask_ratio, window_placement="permutation")
-    base = build_pretrain_dataset(str(data), img_size, masker=method_runtime(run, patch_size).masker)
+    # The variant build_runner times (its MAE is the global one), with pretraining's window placement.
+    _, config = method_config(method, img_size, windows, window_size=window_size)
+    base = build_pretrain_dataset(str(data), img_size, masker=method_runtime(config, patch_size).masker)
     return decode_dataset(base, decode, patch_size, window_size, windows).dataset
-
-
-def _collate(batch: list[dict]) -> int:
-    """Stack the batch as training would (the work stays in the worker); return its length."""
-    good = [item["image"] for item in batch if item["image"] is not None]
-    if good:
-        torch.stack(good)
-    return len(batch)
 
 
 def time_loader(dataset, workers: int, images: int, batch_size: int = 16, repeats: int = 1) -> float:
@@ -115,15 +100,16 @@ def time_loader(dataset, workers: int, images: int, batch_size: int = 16, repeat
     the clock starts. With several ``repeats`` the median rate is returned.
     """
     count = min(images, len(dataset))
+    # pretraining's collate: the batch is stacked in the worker, as training does
     loader = DataLoader(Subset(dataset, range(count)), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate, persistent_workers=workers > 0)
-    sum(loader)  # warm-up pass
+                        collate_fn=collate_pretrain, persistent_workers=workers > 0)
+    sum(1 for _ in loader)  # warm-up pass
     rates = []
     for _ in range(repeats):
         start = time.perf_counter()
-        seen = sum(loader)
+        seen = sum(len(batch["paths"]) + len(batch["bad"]) for batch in loader)
         rates.append(seen / max(time.perf_counter() - start, 1e-9))
-    return float(statistics.median(rates))
+    return median(rates)
 
 
 def cpu_ms_per_image(dataset, images: int = 16) -> float:
@@ -176,16 +162,20 @@ def measure_loader(data: str | Path, sizes: list[int], workers: int = 1, method:
             runner = build_runner(method, model, size, windows, model_batch or batch_size, device, precision,
                                   compile, tiny=tiny)
             interleaved_times([runner], steps, warmup)
-            model_ips = runner.batch_size / median(runner.times)
-            rec.update(model_images_per_s=model_ips, model_batch_size=runner.batch_size, precision=precision,
-                       compile=compile, device=str(device),
-                       limited_by="loader" if total < model_ips else "model",
-                       workers_to_feed_model=model_ips / max(per_worker, 1e-9))
+            _limited_by(rec, dict(model_images_per_s=runner.batch_size / median(runner.times),
+                                  model_batch_size=runner.batch_size, precision=precision, compile=compile,
+                                  device=str(device)))
             del runner
         else:
             rec.update(model_images_per_s=None, limited_by=None)
         records.append(rec)
     return records
+
+
+def _limited_by(rec: dict, model: dict) -> None:
+    """Give a loader record the model's rate (``model``: the model_* keys) and the side that limits."""
+    rec.update(model, limited_by="loader" if rec["loader_images_per_s"] < model["model_images_per_s"] else "model",
+               workers_to_feed_model=model["model_images_per_s"] / max(rec["images_per_s"], 1e-9))
 
 
 def share_model_rate(records: list[dict]) -> list[dict]:
@@ -194,8 +184,5 @@ def share_model_rate(records: list[dict]) -> list[dict]:
     rates = {r["img_size"]: r for r in records if r.get("model_images_per_s") is not None}
     for r in records:
         if r.get("model_images_per_s") is None and r["img_size"] in rates:
-            m = rates[r["img_size"]]
-            r.update({k: m[k] for k in ("model_images_per_s", "model_batch_size", "precision", "compile", "device")})
-            r["limited_by"] = "loader" if r["loader_images_per_s"] < r["model_images_per_s"] else "model"
-            r["workers_to_feed_model"] = r["model_images_per_s"] / max(r["images_per_s"], 1e-9)
+            _limited_by(r, {k: rates[r["img_size"]][k] for k in _MODEL_KEYS})
     return records

@@ -6,6 +6,7 @@ so no global backend is chosen on anyone's behalf.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 from pathlib import Path
 from typing import TextIO
@@ -14,7 +15,7 @@ from matplotlib.figure import Figure
 
 from lomar.viz.reconstruction import save_figure
 
-__all__ = ["compare", "print_table", "plot_times", "machine_name"]
+__all__ = ["compare", "beit_comparisons", "print_table", "plot_times", "machine_name"]
 
 
 def machine_name(device) -> str:
@@ -24,13 +25,9 @@ def machine_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), name)
     return f"{name}, {torch.get_num_threads()} threads"
 
 
@@ -47,10 +44,30 @@ def compare(records: list[dict]) -> list[dict]:
         rec["time_vs_base"] = rec["step_s"] / same[0]["step_s"] if same else None
         if rec["method"] == "lomar" and rec["img_size"] in mae:
             m = mae[rec["img_size"]]
-            out.append(dict(img_size=rec["img_size"], windows=rec["windows"],
-                            window_setting=rec["window_setting"],
+            out.append(dict(img_size=rec["img_size"], windows=rec["windows"], window_setting=rec["window_setting"],
                             mae_over_lomar_time=m["step_s"] / rec["step_s"],
                             mae_over_lomar_flops=m["flops"] / rec["flops"]))
+    return out
+
+
+def beit_comparisons(records: list[dict]) -> list[dict]:
+    """Per size: BEiT / LoMaR, BEiT / BEiT+windows and BEiT+windows / LoMaR time and FLOP ratios."""
+    def at(method: str, size: int) -> dict | None:
+        found = [r for r in records if r["method"] == method and r["img_size"] == size]
+        paper = [r for r in found if r.get("window_setting") == "paper"]
+        return (paper or found or [None])[0]
+
+    out = []
+    for size in sorted({r["img_size"] for r in records}):
+        beit, window, lomar = at("beit", size), at("beit_window", size), at("lomar", size)
+        row: dict = {"img_size": size}
+        for name, a, b in (("beit_over_lomar", beit, lomar), ("beit_over_beit_window", beit, window),
+                           ("beit_window_over_lomar", window, lomar)):
+            if a is not None and b is not None:
+                row[f"{name}_time"] = a["step_s"] / b["step_s"]
+                row[f"{name}_flops"] = a["flops"] / b["flops"]
+        if len(row) > 1:
+            out.append(row)
     return out
 
 
@@ -58,8 +75,9 @@ def _fmt_bytes(n: int) -> str:
     return f"{n / 2**20:,.0f} MiB" if n >= 0 else "n/a"
 
 
-def print_table(records: list[dict], comparisons: list[dict], ceiling: float, stream: TextIO) -> None:
-    """The results as a fixed-width table, then the MAE / LoMaR ratios per size."""
+def print_table(records: list[dict], comparisons: list[dict], ceiling: float, stream: TextIO,
+                beit_ratios: list[dict] | None = None) -> None:
+    """The results as a fixed-width table, then the MAE / LoMaR and BEiT ratios per size."""
     w = stream.write
     w(f"GEMM ceiling (same run, same dtype): {ceiling / 1e9:,.1f} GFLOP/s\n")
     head = (f"{'method':<11} {'px':>4} {'win':>5} {'s/step':>8} {'img/s':>7} {'GFLOP':>8} "
@@ -81,6 +99,9 @@ def print_table(records: list[dict], comparisons: list[dict], ceiling: float, st
         for c in comparisons:
             w(f"  {c['img_size']:>4}px, {c['windows']} windows ({c['window_setting']}): time "
               f"{c['mae_over_lomar_time']:.2f}x, FLOPs {c['mae_over_lomar_flops']:.2f}x\n")
+    for c in beit_ratios or ():
+        w(f"  {c['img_size']:>4}px BEiT ratios: " + ", ".join(
+            f"{k.removesuffix('_time')} {v:.2f}x" for k, v in c.items() if k.endswith("_time")) + " (time)\n")
 
 
 def plot_times(records: list[dict], path: str | Path, subtitle: str = "") -> Path:
@@ -106,13 +127,9 @@ def plot_times(records: list[dict], path: str | Path, subtitle: str = "") -> Pat
         for x, y in points:
             ax.annotate(f"{y:.2g}s", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     sizes = sorted({r["img_size"] for r in records})
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xticks(sizes)
-    ax.set_xticklabels([str(s) for s in sizes])
+    ax.set(xscale="log", yscale="log", xticks=sizes, xticklabels=[str(s) for s in sizes], xlabel="image size (px)",
+           ylabel="seconds per training step (fwd+bwd+AdamW)")
     ax.minorticks_off()
-    ax.set_xlabel("image size (px)")
-    ax.set_ylabel("seconds per training step (fwd+bwd+AdamW)")
     ax.set_title("Training step time vs image size" + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)

@@ -16,18 +16,22 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import flop_counter as fc
 from torch.utils.flop_counter import FlopCounterMode
 
-from lomar.bench.methods import build_variant_model
-from lomar.models import MAE, LoMaR
+from lomar.methods import get_method
+from lomar.models.masking import grid_size
 from lomar.models.vit import model_config
+from lomar.tokenizers import DVAEConfig, DVAEEncoder
+from lomar.train.config import PretrainConfig
 from lomar.train.runtime import fast_adamw
 
-__all__ = ["StepRunner", "build_runner", "draw_inputs", "gemm_ceiling", "interleaved_times", "median", "DTYPES"]
+__all__ = ["sync", "timed", "resident_bytes", "StepRunner", "method_config", "build_runner", "gemm_ceiling",
+           "interleaved_times", "median", "DTYPES"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -40,21 +44,27 @@ def _register_cpu_sdpa_flops() -> None:
     Without this, every attention matmul on CPU would count as zero FLOPs. The CPU
     kernel computes the same products, so it gets the same formulas.
     """
-    fwd = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    bwd = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-    # The registered entries are already shape-wrapped; share them rather than re-wrap.
-    if fwd is not None and fwd not in fc.flop_registry:
-        fc.flop_registry[fwd] = fc.flop_registry[_aten._scaled_dot_product_flash_attention]
-    if bwd is not None and bwd not in fc.flop_registry:
-        fc.flop_registry[bwd] = fc.flop_registry[_aten._scaled_dot_product_flash_attention_backward]
+    for suffix in ("", "_backward"):  # the registered entries are already shape-wrapped: shared, not re-wrapped
+        cpu = getattr(_aten, f"_scaled_dot_product_flash_attention_for_cpu{suffix}", None)
+        if cpu is not None and cpu not in fc.flop_registry:
+            fc.flop_registry[cpu] = fc.flop_registry[getattr(_aten, f"_scaled_dot_product_flash_attention{suffix}")]
 
 
 _register_cpu_sdpa_flops()
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of ``fn()``, timed from the host (device synchronised before and after)."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
 
 
 @dataclass
@@ -66,12 +76,12 @@ class StepRunner:
     windows: int | None
     batch_size: int
     model: nn.Module
-    forward: Callable[..., torch.Tensor]  # (images, **inputs) -> loss: the compiled step when compiling
+    forward: Callable[..., Any]  # (images, **inputs) -> the model's output: the compiled model when compiling
     optimizer: torch.optim.Optimizer
     images: torch.Tensor
     device: torch.device
     dtype: torch.dtype
-    scaler: torch.amp.GradScaler | None = None
+    scaler: torch.amp.GradScaler  # enabled for fp16 only; disabled, it passes the loss and the step through
     # The batch's masking (plan= or noise=), drawn once outside the step as the data workers draw it.
     inputs: dict = field(default_factory=dict)
     times: list[float] = field(default_factory=list)
@@ -79,13 +89,9 @@ class StepRunner:
     peak_mem: tuple[int, str] = (-1, "none")
 
     def _loss(self, eager: bool = False) -> torch.Tensor:
-        autocast = (torch.autocast(self.device.type, dtype=self.dtype)
-                    if self.dtype != torch.float32 else contextlib.nullcontext())
-        with autocast:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             # FLOPs are counted on the eager model: the counter sees aten ops, not compiled kernels.
-            if eager:
-                return self.model(self.images, **self.inputs).loss
-            return self.forward(self.images, **self.inputs)
+            return (self.model if eager else self.forward)(self.images, **self.inputs).loss
 
     def step(self, flops: FlopCounterMode | None = None) -> None:
         """forward + backward + optimizer step; no host synchronisation inside.
@@ -94,15 +100,9 @@ class StepRunner:
         update does no matmuls, so it is left out).
         """
         with flops if flops is not None else contextlib.nullcontext():
-            loss = self._loss(eager=flops is not None)
-            if self.scaler is not None:
-                loss = self.scaler.scale(loss)
-            loss.backward()
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+            self.scaler.scale(self._loss(eager=flops is not None)).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
     def count_flops(self) -> int:
@@ -114,13 +114,8 @@ class StepRunner:
 
     def timed_step(self) -> float:
         """One step, timed from the host (device synchronised before and after)."""
-        _sync(self.device)
-        start = time.perf_counter()
-        self.step()
-        _sync(self.device)
-        elapsed = time.perf_counter() - start
-        self.times.append(elapsed)
-        return elapsed
+        self.times.append(timed(self.step, self.device))
+        return self.times[-1]
 
     def measure_memory(self) -> tuple[int, str]:
         """One untimed step that records ``peak_mem`` (bytes, kind).
@@ -132,103 +127,95 @@ class StepRunner:
         and optimizer state already resident. Approximate by nature. Kept out of the timed
         steps because handing memory back makes the next step fault it in again.
         """
-        _sync(self.device)
+        sync(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self.step()
-            _sync(self.device)
+            sync(self.device)
             self.peak_mem = int(torch.cuda.max_memory_allocated(self.device)), "cuda_max_allocated"
         else:
-            _malloc_trim()
-            with _RssSampler() as sampler:
+            with contextlib.suppress(OSError, AttributeError):  # hand freed heap back to the OS first
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            with _rss_range() as rss:
                 self.step()
-            self.peak_mem = sampler.peak - sampler.start, "cpu_rss_growth"
+            self.peak_mem = rss[1] - rss[0], "cpu_rss_growth"
         return self.peak_mem
 
 
-def _malloc_trim() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+def resident_bytes() -> int:
+    """This process's resident set size."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # no procfs: fall back to the (monotone) high-water mark
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-class _RssSampler:
-    """Samples the resident set size in a thread (torch ops release the GIL)."""
+@contextlib.contextmanager
+def _rss_range(interval: float = 0.002):
+    """[start, peak] resident set size over the block, sampled in a thread (torch ops release the GIL)."""
+    rss, stop = [resident_bytes()] * 2, threading.Event()
 
-    def __init__(self, interval: float = 0.002):
-        self.interval = interval
-        self._page = os.sysconf("SC_PAGE_SIZE")
-        self._stop = threading.Event()
-        self.start = self.peak = 0
+    def sample() -> None:
+        while not stop.is_set():
+            rss[1] = max(rss[1], resident_bytes())
+            time.sleep(interval)
 
-    def _rss(self) -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self._page
-        except OSError:  # no procfs: fall back to the (monotone) high-water mark
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield rss
+    finally:
+        stop.set()
+        thread.join()
+        rss[1] = max(rss[1], resident_bytes())
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(self.interval)
 
-    def __enter__(self) -> _RssSampler:
-        self.start = self.peak = self._rss()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
+def method_config(variant: str, img_size: int, windows: int | None, **settings):
+    """A bench variant (:func:`lomar.methods.variant_name`'s names: ``mae_window`` is ``--method mae``
+    with windows) -> its :class:`~lomar.methods.base.Method` and a pretraining config at its default
+    mask ratio. LoMaR takes ``windows`` (None: the whole image); the other methods are global unless
+    the name ends in ``_window``."""
+    name, windowed, _ = variant.partition("_window")
+    method = get_method(name)
+    n = int(windows or 0) if windowed or method.default_windows is None else method.default_windows
+    return method, PretrainConfig(method=name, img_size=img_size, windows=n, mask_ratio=method.default_mask_ratio,
+                                  **settings)
 
 
 def build_runner(method: str, model_name: str, img_size: int, windows: int | None, batch_size: int,
                  device: torch.device, precision: str, compile: bool, seed: int = 0,
                  tiny: bool = False) -> StepRunner:
-    """A LoMaR (``windows`` per image, 7×7, ratio 0.8) or MAE (ratio 0.75, decoder 512×8, 16
-    heads) training step at ``img_size``; random normalised images (N, 3, S, S).
+    """The training step of a bench variant (:func:`method_config`), built by its method as ``lomar
+    pretrain`` builds it, 7×7 windows, on random normalised images (N, 3, S, S).
 
-    ``tiny`` shrinks encoder and decoder to width 32, depth 1, 2 heads (tests only).
+    BEiT's tokenizer is a DALL-E dVAE encoder of the original size (n_hid 256, 2 blocks per group,
+    vocabulary 8192; random weights, which cost the same as trained ones) labelling the second view
+    at grid × 8 px in no_grad, inside the timed and FLOP-counted forward.
+    ``tiny`` shrinks encoder, decoder and dVAE to width 32 (dVAE 8), depth 1, 2 heads (tests only).
     """
-    torch.manual_seed(seed)
-    overrides = dict(embed_dim=32, depth=1, num_heads=2) if tiny else {}
+    # distinct window placement: the models' own sampler's, which the bench's window checks assume
     decoder = dict(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2) if tiny else {}
-    if method in ("beit", "beit_window", "mae_window"):
-        model: nn.Module = build_variant_model(method, model_name, img_size, windows, tiny)
-    elif method == "lomar":
-        model = LoMaR(model_config(model_name, img_size=img_size, pos="rpe", **overrides),
-                                 num_windows=int(windows))
-    elif method == "mae":
-        model = MAE(model_config(model_name, img_size=img_size, pos="abs", **overrides), **decoder)
-    else:
-        raise ValueError(f"unknown method {method!r}")
+    spec, config = method_config(method, img_size, windows, window_placement="distinct", **decoder)
+    overrides = dict(embed_dim=32, depth=1, num_heads=2) if tiny else {}
+    vit = model_config(model_name, img_size=img_size, pos=spec.default_pos, **overrides)
+    grid = grid_size(img_size, vit.patch_size)
+    dvae = DVAEConfig(n_hid=8, n_blk_per_group=1, vocab_size=64) if tiny else DVAEConfig()
+    torch.manual_seed(seed)
+    model = spec.build(config, vit, **({"tokenizer": DVAEEncoder(dvae)} if spec.name == "beit" else {}))
     model.to(device).train()
     optimizer = fast_adamw([p for p in model.parameters() if p.requires_grad],
                            lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
     images = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    inputs = draw_inputs(model, images, seed)
-    fn = torch.compile(model, dynamic=False) if compile else model  # one fixed shape per runner
-
-    def forward(x: torch.Tensor, **kw: torch.Tensor) -> torch.Tensor:
-        return fn(x, **kw).loss
-
+    # The batch's masking, drawn per sample as the data workers draw it: no random draw in the step.
+    masker, generator = spec.masker(config, grid), torch.Generator().manual_seed(seed)
+    samples = [masker(generator) for _ in range(batch_size)]
+    inputs = spec.forward_kwargs(config, grid)({k: torch.stack([s[k] for s in samples]) for k in samples[0]}, device)
+    forward = torch.compile(model, dynamic=False) if compile else model  # one fixed shape per runner
     dtype = DTYPES[precision]
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    return StepRunner(method, img_size, windows if method != "mae" else None, batch_size, model,
-                      forward, optimizer, images, device, dtype, scaler, inputs)
-
-
-def draw_inputs(model: nn.Module, images: torch.Tensor, seed: int = 0) -> dict:
-    """The masking of one batch, drawn eagerly as training's data workers do: ``plan=`` for the
-    window methods, ``noise=`` (N, L) for MAE. Keeps random draws out of the compiled step."""
-    generator = torch.Generator().manual_seed(seed)
-    if isinstance(model, MAE) and not hasattr(model, "sample_plan"):
-        grid = model.encoder.image_grid(images)
-        noise = torch.rand(images.shape[0], grid[0] * grid[1], generator=generator)
-        return {"noise": noise.to(images.device)}
-    return {"plan": model.sample_plan(images, generator).to(images.device)}
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return StepRunner(method, img_size, config.windows or None, batch_size, model, forward, optimizer, images,
+                      device, dtype, scaler, inputs)
 
 
 def gemm_ceiling(device: torch.device, precision: str, n: int | None = None) -> Callable[[], float]:
@@ -238,18 +225,11 @@ def gemm_ceiling(device: torch.device, precision: str, n: int | None = None) -> 
     """
     n = n or (2048 if device.type == "cpu" else 8192)
     dtype = DTYPES[precision]
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    out = torch.empty(n, n, device=device, dtype=dtype)
+    a, b, out = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(3))
     reps = 1 if device.type == "cpu" else 20
 
     def measure() -> float:
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(reps):
-            torch.mm(a, b, out=out)
-        _sync(device)
-        return 2 * n ** 3 * reps / (time.perf_counter() - start)
+        return 2 * n ** 3 * reps / timed(lambda: [torch.mm(a, b, out=out) for _ in range(reps)], device)
 
     measure()  # warm-up
     return measure
@@ -272,7 +252,7 @@ def interleaved_times(runners: list[StepRunner], steps: int, warmup: int,
     for r in runners:  # after every runner's memory step, so that timed steps reuse the heap
         for _ in range(warmup):
             r.step()
-        _sync(r.device)
+        sync(r.device)
         if progress:
             progress(f"warmed up {r.method} {r.img_size}px" + (f" {r.windows} windows" if r.windows else ""))
     rates: list[float] = []

@@ -52,11 +52,21 @@ def timm_architecture(config: ViTConfig, num_classes: int = 0) -> tuple[str, dic
                                               "num_heads", "mlp_ratio", "pos")}
     if config.window_size > 0:  # only then: plain exports keep the config.json they always had
         args.update(window_size=config.window_size, global_blocks=list(config.global_blocks))
-    side = config.img_size
-    pretrained_cfg = {"input_size": [config.in_chans, side, side], "interpolation": "bicubic", "crop_pct": 0.875,
-                      "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "num_classes": num_classes,
-                      "first_conv": "patch_embed.proj", "fixed_input_size": False, "license": "apache-2.0"}
-    return f"lomar_vit_{size}_patch{patch}", args, pretrained_cfg
+    return f"lomar_vit_{size}_patch{patch}", args, timm_pretrained_cfg(config.in_chans, config.img_size, num_classes)
+
+
+def timm_pretrained_cfg(in_chans: int, side: int, num_classes: int, crop_pct: float = 0.875) -> dict:
+    """The ``pretrained_cfg`` an export's config.json gives timm: input size, ImageNet normalisation."""
+    return {"input_size": [in_chans, side, side], "interpolation": "bicubic", "crop_pct": crop_pct,
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "num_classes": num_classes,
+            "first_conv": "patch_embed.proj", "fixed_input_size": False, "license": "apache-2.0"}
+
+
+def write_export(out: Path, weights_name: str, state: dict, config: dict) -> Path:
+    """Write ``state`` as safetensors and ``config`` as config.json into ``out``, both atomically."""
+    atomic_write_bytes(out / weights_name, save(state))
+    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    return out
 
 
 def _is_our_config(path: Path) -> bool:
@@ -83,9 +93,7 @@ def export_encoder(encoder: VisionTransformer, out_dir: str | Path, weights_name
     config = {"architecture": name, "weights": weights_name, **encoder.config.to_dict(),
               "num_classes": encoder.num_classes, "model_args": model_args, "pretrained_cfg": pretrained_cfg,
               **(metadata or {})}
-    atomic_write_bytes(out / weights_name, save(state))
-    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
-    return out
+    return write_export(out, weights_name, state, config)
 
 
 def _check_field(where: Path, key: str, value) -> None:

@@ -12,17 +12,15 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 from timm.models.beit import Beit
 
-from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text
+from lomar.checkpoints.export import CONFIG_NAME, timm_pretrained_cfg, write_export
 from lomar.checkpoints.keys_beit import beit_to_timm
-from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.models.beit import BEiT
 
 __all__ = ["export_beit_encoder", "timm_beit_args", "create_timm_beit"]
 
-CONFIG_NAME = "config.json"
 TIMM_ARCHITECTURE = "beit_base_patch16_224"  # its model_args override every size
 
 
@@ -45,18 +43,13 @@ def export_beit_encoder(beit: BEiT, out_dir: str | Path, weights_name: str = "en
     state = beit_to_timm({k: v.detach().cpu() for k, v in beit.state_dict().items()}, per_block=True)
     state = {k: v.contiguous() for k, v in state.items()}
     args = timm_beit_args(beit)
-    side = beit.config.img_size
     # A registered timm name whose constructor takes every argument in model_args, which spell out this
     # architecture: timm.create_model('local-dir:DIR', pretrained=True) rebuilds it with no lomar import.
-    pretrained_cfg = {"input_size": [beit.config.in_chans, side, side], "interpolation": "bicubic",
-                      "crop_pct": 0.9, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "num_classes": 0,
-                      "first_conv": "patch_embed.proj", "fixed_input_size": False, "license": "apache-2.0"}
+    pretrained_cfg = timm_pretrained_cfg(beit.config.in_chans, beit.config.img_size, 0, crop_pct=0.9)
     config = {"architecture": TIMM_ARCHITECTURE, "num_classes": 0, "model_args": args, "pretrained_cfg": pretrained_cfg,
               "method": "beit", "weights": weights_name, "timm_args": args, "beit_config": beit.config.to_dict(),
               **(metadata or {})}
-    atomic_write_bytes(out / weights_name, save(state))
-    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
-    return out
+    return write_export(out, weights_name, state, config)
 
 
 def create_timm_beit(path: str | Path) -> torch.nn.Module:

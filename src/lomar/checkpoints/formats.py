@@ -14,11 +14,9 @@ model without training code; checkpoints written before it are read from their s
 
 from __future__ import annotations
 
-import argparse
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -30,6 +28,7 @@ from lomar.checkpoints.keys import (
     CLASSIFIER_PREFIXES,
     ENCODER_PREFIXES,
     PRETRAIN_ONLY,
+    args_dict,
     classifier_from_original,
     drop_final_norm,
     encoder_keys,
@@ -46,15 +45,14 @@ from lomar.checkpoints.reader import (
     EncoderWeights,
     Reader,
     Source,
+    build_strict,
+    pretrain_spec,
     readers,
     register,
+    saved_settings,
 )
 from lomar.checkpoints.sharded import read_sharded
-from lomar.models.beit import BEiTConfig
-from lomar.models.masking import grid_size
-from lomar.models.spec import build_from_spec
-from lomar.models.vit import VisionTransformer, ViTConfig, model_config
-from lomar.models.windows import window_geometry
+from lomar.models.vit import VisionTransformer, ViTConfig
 
 __all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "read", "load_model", "encoder_weights",
            "load_original", "infer_original_config", "infer_vit_config", "lomar_from_original", "lomar_to_original",
@@ -63,68 +61,8 @@ __all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "read", 
            "PRETRAIN_FORMAT", "CLASSIFIER_FORMAT", "CLASSIFIER_PREFIXES", "ENCODER_PREFIXES", "PRETRAIN_ONLY"]
 
 
-
-def saved_settings(checkpoint: dict) -> dict[str, Any]:
-    """The pretraining settings a checkpoint saved, read as today's: a format-1 MAE run was global
-    MAE whatever ``windows`` it recorded (the setting then applied to LoMaR only)."""
-    values = dict(checkpoint["config"])
-    if checkpoint.get("format", "lomar-pretrain-1") == "lomar-pretrain-1" and values.get("method") == "mae":
-        values["windows"] = 0
-    return values
-
-
-def _spec_from_settings(settings: dict, state: dict) -> dict:
-    """The model spec of a pretraining checkpoint written before specs were saved: its settings
-    (``lomar pretrain`` flags, windows resolved) read as that version built the model."""
-    sizes = {k: settings[k] for k in ("embed_dim", "depth", "num_heads", "patch_size") if settings.get(k) is not None}
-    method, windows = settings.get("method", "lomar"), settings.get("windows")
-    try:
-        vit = model_config(settings["model"], img_size=settings["img_size"], pos=settings.get("pos"), **sizes)
-    except (KeyError, ValueError) as exc:
-        raise ValueError(f"its saved settings do not describe a model ({exc})") from None
-    if not isinstance(windows, int):
-        raise ValueError(f"its saved settings hold windows={windows!r}, not a count")
-    common = dict(mask_ratio=settings.get("mask_ratio"), norm_pix_loss=settings.get("norm_pix_loss", True))
-    decoder = {k: settings[k] for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")}
-    if method == "lomar":
-        k, n = window_geometry(grid_size(vit.img_size, vit.patch_size), settings["window_size"], windows)
-        args = dict(window_size=k, num_windows=n, **common)
-        return {"arch": "lomar.models.lomar:LoMaR", "config": vit.to_dict(), "args": args}
-    if method == "mae" and windows:
-        args = dict(window_size=settings["window_size"], num_windows=windows, **decoder, **common)
-        return {"arch": "lomar.models.mae_window:MAEWindow", "config": vit.to_dict(), "args": args}
-    if method == "mae":
-        return {"arch": "lomar.models.mae:MAE", "config": vit.to_dict(), "args": dict(**decoder, **common)}
-    if method == "beit" and "beit.lm_head.weight" in state:
-        beit = BEiTConfig.from_vit(vit, state["beit.lm_head.weight"].shape[0])
-        return {"arch": "lomar.models.beit:BEiT", "config": beit.to_dict(), "args": {}, "prefix": "beit."}
-    raise ValueError(f"its saved settings name method {method!r}, which this version does not read")
-
-
-def pretrain_spec(data: dict, state: dict) -> dict:
-    """The model spec of one of our pretraining checkpoints (saved, or derived from its settings)."""
-    spec = data.get("model_spec")
-    return spec if isinstance(spec, dict) else _spec_from_settings(saved_settings(data), state)
-
-
-def _build(spec: dict, state: dict, path: Path) -> nn.Module:
-    """The spec's model with the checkpoint's weights (under the spec's prefix), strictly."""
-    model = build_from_spec(spec)
-    prefix = spec.get("prefix", "")
-    own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-    try:
-        model.load_state_dict(own, strict=True)
-    except RuntimeError as exc:
-        details = " ".join(line.strip() for line in str(exc).splitlines()[1:])
-        raise ValueError(f"{path}: weights do not fit its model spec ({spec['arch']}): {details[:300]}") from None
-    return model
-
-
 def _hints(data: dict) -> dict:
-    hints: dict = {}
-    for key in ("config", "vit_config", "args"):
-        value = data.get(key)
-        hints.update(vars(value) if isinstance(value, argparse.Namespace) else value if isinstance(value, dict) else {})
+    hints = args_dict(data, ("config", "vit_config", "args"))
     return {k: v for k, v in hints.items() if k in ("num_heads", "img_size", "input_size") and isinstance(v, int)}
 
 
@@ -150,16 +88,10 @@ class PretrainReader(Reader):
             k.startswith("encoder.") for k in state)
 
     def model(self, src, overrides):
-        return _build(self._spec(src), src.state, src.path)
-
-    def _spec(self, src: Source) -> dict:
-        try:
-            return pretrain_spec(src.data, src.state)
-        except ValueError as exc:
-            raise ValueError(f"{src.path}: {exc}") from None
+        return build_strict(pretrain_spec(src), src.state, src.path)
 
     def encoder(self, src, overrides):
-        spec = self._spec(src)
+        spec = pretrain_spec(src)
         state = {k.removeprefix("encoder."): v for k, v in src.state.items() if k.startswith("encoder.")}
         dropped = [k for k in src.state if not k.startswith("encoder.")]  # mask token, pixel head, decoder
         method = "mae" if ".mae" in spec["arch"] else "lomar" if ".lomar:" in spec["arch"] else spec["arch"]
@@ -208,9 +140,6 @@ class ExportReader(Reader):
     """Ours: a folder written by ``lomar export`` or ``lomar pretrain`` (config.json + safetensors)."""
 
     name = "export"
-
-    def detect(self, data, state):
-        return False  # folders are recognised by :func:`read` before anything is loaded
 
     def detect_folder(self, path):
         return True

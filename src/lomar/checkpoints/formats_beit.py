@@ -21,9 +21,8 @@ from torch import nn
 
 from lomar.checkpoints.export_beit import CONFIG_NAME, timm_beit_args
 from lomar.checkpoints.keys_beit import beit_to_timm, load_original_beit
-from lomar.checkpoints.reader import EncoderWeights, Reader, Source, register
+from lomar.checkpoints.reader import EncoderWeights, Reader, Source, build_strict, pretrain_spec, register
 from lomar.models.beit import BEiT, BEiTConfig
-from lomar.models.vit import model_config
 
 __all__ = ["BEiTReader", "BEiTPretrainReader", "BEiTExportReader", "OriginalBEiTReader", "BEiTFinetuneReader",
            "TimmBeitWeights",
@@ -44,58 +43,39 @@ class TimmBeitWeights:
 class BEiTReader(Reader):
     """A BEiT format: subclasses give :meth:`model` (our :class:`BEiT`, weights loaded)."""
 
+    source = ""  # what :class:`TimmBeitWeights` names as its source
+
     def timm_weights(self, src: Source, overrides: dict) -> TimmBeitWeights:
         beit = self.model(src, overrides)
         state = beit.state_dict()
         timm_state = beit_to_timm(state, per_block=True)
         dropped = sorted(k for k in state if k.startswith(("lm_head.", "mask_token")))
-        return TimmBeitWeights(beit.config, timm_beit_args(beit), timm_state, dropped, self.description(src))
+        return TimmBeitWeights(beit.config, timm_beit_args(beit), timm_state, dropped, self.source)
 
     def encoder(self, src: Source, overrides: dict) -> EncoderWeights:
         raise ValueError(f"{src.path} holds a BEiT encoder, which has no VisionTransformer form; load it with "
                          f"lomar.eval.features.load_pretrained_encoder (a timm Beit)")
 
-    def description(self, src: Source) -> str:
-        return self.name
-
 
 class BEiTPretrainReader(BEiTReader):
     """Ours: ``lomar pretrain --method beit`` output, ``{"model": BEiTPretrain state ('beit.*'), "config"}``."""
 
-    name = "lomar-pretrain-beit"
+    name, source = "lomar-pretrain-beit", "pretrain checkpoint (beit)"
 
     def detect(self, data, state):
         config = data.get("config")
         return isinstance(config, dict) and config.get("method") == "beit" and any(k.startswith("beit.") for k in state)
 
     def model(self, src, overrides):
-        state = {k.removeprefix("beit."): v for k, v in src.state.items() if k.startswith("beit.")}
-        if "lm_head.weight" not in state:
+        if "beit.lm_head.weight" not in src.state:
             raise ValueError(f"{src.path}: BEiT checkpoint without beit.lm_head.weight; it is incomplete")
-        spec = src.data.get("model_spec")
-        if isinstance(spec, dict):
-            config = BEiTConfig.from_dict(spec.get("config", {}))
-        else:  # written before model specs: the ViT shape of its settings, BEiT's defaults beyond it
-            settings = src.data["config"]
-            sizes = {k: settings[k] for k in ("embed_dim", "depth", "num_heads", "patch_size")
-                     if settings.get(k) is not None}
-            vit = model_config(settings["model"], img_size=settings["img_size"], **sizes)
-            config = BEiTConfig.from_vit(vit, state["lm_head.weight"].shape[0])
-        model = BEiT(config)
-        model.load_state_dict(state, strict=True)
-        return model
-
-    def description(self, src):
-        return "pretrain checkpoint (beit)"
+        return build_strict(pretrain_spec(src), src.state, src.path)
 
 
 class BEiTExportReader(BEiTReader):
     """A folder from ``lomar export`` / ``lomar pretrain --method beit``: config.json ("method": "beit")."""
 
     name = "export-beit"
-
-    def detect(self, data, state):
-        return False
 
     def detect_folder(self, path: Path) -> bool:
         try:
@@ -133,16 +113,13 @@ class BEiTExportReader(BEiTReader):
 class OriginalBEiTReader(BEiTReader):
     """The original BEiT code's pretraining checkpoint (``{'model': sd}``; lm_head, mask_token)."""
 
-    name = "original-beit"
+    name, source = "original-beit", "original checkpoint (beit)"
 
     def detect(self, data, state):
         return "lm_head.weight" in state and "mask_token" in state and "blocks.0.attn.qkv.weight" in state
 
     def model(self, src, overrides):
         return load_original_beit(src.path, **{k: v for k, v in overrides.items() if k == "num_heads"})
-
-    def description(self, src):
-        return "original checkpoint (beit)"
 
 
 class BEiTFinetuneReader(BEiTReader):

@@ -18,10 +18,15 @@ __all__ = ["ENCODER_PREFIXES", "CLASSIFIER_PREFIXES", "PRETRAIN_ONLY", "rename_r
            "encoder_keys", "args_dict", "infer_vit_config"]
 
 _RPE_ORIGINAL = re.compile(r"^blocks\.(\d+)\.attn\.rpe_k\.lookup_table_weight$")
-_RPE_OURS = re.compile(r"^encoder\.blocks\.(\d+)\.attn\.rpe\.table$")
 ENCODER_PREFIXES = ("patch_embed.", "cls_token", "blocks.", "norm.", "pos_embed")
 CLASSIFIER_PREFIXES = ("head.", "fc_norm.")
 PRETRAIN_ONLY = ("mask_token", "encoder_pred.", "decoder_")
+# LoMaR's renames each way, (pattern, replacement), the first match wins; other keys keep their names.
+_FROM_ORIGINAL = [(_RPE_ORIGINAL, r"encoder.blocks.\1.attn.rpe.table"), (re.compile(r"^encoder_pred\."), "head."),
+                  (re.compile("^(" + "|".join(map(re.escape, ENCODER_PREFIXES)) + ")"), r"encoder.\1")]
+_TO_ORIGINAL = [(re.compile(r"^encoder\.blocks\.(\d+)\.attn\.rpe\.table$"),
+                 r"blocks.\1.attn.rpe_k.lookup_table_weight"),
+                (re.compile(r"^head\."), "encoder_pred."), (re.compile(r"^encoder\."), "")]
 
 
 def rename_rpe(key: str) -> str:
@@ -38,34 +43,22 @@ def drop_final_norm(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     return {k: v for k, v in state.items() if not k.startswith("norm.")}, dropped
 
 
+def _rename(key: str, table: list) -> str:
+    for pattern, replacement in table:
+        new, found = pattern.subn(replacement, key)
+        if found:
+            return new
+    return key
+
+
 def lomar_from_original(state: dict[str, torch.Tensor], keep_pos_embed: bool = False) -> dict[str, torch.Tensor]:
     """Original LoMaR keys -> ours. The unused ``pos_embed`` is dropped unless asked for."""
-    out = {}
-    for key, value in state.items():
-        if key == "pos_embed" and not keep_pos_embed:
-            continue
-        if _RPE_ORIGINAL.match(key):
-            out["encoder." + rename_rpe(key)] = value
-        elif key.startswith("encoder_pred."):
-            out["head." + key.removeprefix("encoder_pred.")] = value
-        elif key.startswith(ENCODER_PREFIXES):
-            out["encoder." + key] = value
-        else:
-            out[key] = value
-    return out
+    return {_rename(k, _FROM_ORIGINAL): v for k, v in state.items() if keep_pos_embed or k != "pos_embed"}
 
 
 def lomar_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our LoMaR keys -> the original's (inverse of :func:`lomar_from_original`)."""
-    out = {}
-    for key, value in state.items():
-        if match := _RPE_OURS.match(key):
-            out[f"blocks.{match[1]}.attn.rpe_k.lookup_table_weight"] = value
-        elif key.startswith("head."):
-            out["encoder_pred." + key.removeprefix("head.")] = value
-        else:
-            out[key.removeprefix("encoder.")] = value
-    return out
+    return {_rename(k, _TO_ORIGINAL): v for k, v in state.items()}
 
 
 def mae_from_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -89,18 +82,12 @@ def encoder_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # ---- shape inference --------------------------------------------------------------------------
-def args_dict(data: dict) -> dict:
-    args = data.get("args")
-    if isinstance(args, argparse.Namespace):
-        return vars(args)
-    return dict(args) if isinstance(args, dict) else {}
-
-
-def _heads_from_name(name) -> int | None:
-    for size, (_, _, heads) in MODEL_SIZES.items():
-        if isinstance(name, str) and f"vit_{size}_" in name:
-            return heads
-    return None
+def args_dict(data: dict, keys: tuple[str, ...] = ("args",)) -> dict:
+    """The run's saved arguments: the entries ``keys`` (argparse.Namespace or dict) merged in order."""
+    merged: dict = {}
+    for v in map(data.get, keys):
+        merged.update(vars(v) if isinstance(v, argparse.Namespace) else v if isinstance(v, dict) else {})
+    return merged
 
 
 def infer_vit_config(state: dict[str, torch.Tensor], hints: dict | None = None, **overrides) -> ViTConfig:
@@ -118,7 +105,9 @@ def infer_vit_config(state: dict[str, torch.Tensor], hints: dict | None = None, 
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     rpe_key = "blocks.0.attn.rpe.table"
     heads = overrides.get("num_heads") or (dim // state[rpe_key].shape[1] if rpe_key in state else None)
-    heads = heads or hints.get("num_heads") or _heads_from_name(hints.get("model"))
+    name = hints.get("model") if isinstance(hints.get("model"), str) else ""
+    by_name = next((h for size, (_, _, h) in MODEL_SIZES.items() if f"vit_{size}_" in name), None)
+    heads = heads or hints.get("num_heads") or by_name
     heads = heads or {(d, n): h for d, n, h in MODEL_SIZES.values()}.get((dim, depth))
     if not heads:
         raise ValueError(f"cannot infer the number of heads of this {dim}-wide, {depth}-deep model; "

@@ -93,32 +93,27 @@ def load_original_beit(path: str | Path, **overrides) -> BEiT:
     return model
 
 
-def per_block_from_shared(state: dict[str, torch.Tensor], depth: int | None = None) -> dict[str, torch.Tensor]:
+def per_block_from_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Copy the shared table into every block and drop it (what the original finetuning does)."""
     key = "rel_pos_bias.relative_position_bias_table"
     if key not in state:
         raise ValueError(f"state dict has no {key}; it already has per-block tables or none")
-    if depth is None:
-        depth = 1 + max(int(m[1]) for k in state if (m := _BLOCK.match(k)))
+    depth = 1 + max(int(m[1]) for k in state if (m := _BLOCK.match(k)))
     out = {k: v for k, v in state.items() if not k.startswith("rel_pos_bias.")}
     for i in range(depth):
         out[f"blocks.{i}.attn.relative_position_bias_table"] = state[key].clone()
     return out
 
 
-def beit_to_timm(state: dict[str, torch.Tensor], per_block: bool = False,
-                 include_head: bool = False) -> dict[str, torch.Tensor]:
-    """Our keys → ``timm.models.beit.Beit`` keys (timm uses the original names).
+def beit_to_timm(state: dict[str, torch.Tensor], per_block: bool = False) -> dict[str, torch.Tensor]:
+    """Our keys → ``timm.models.beit.Beit`` keys (timm uses the original names), without a classifier.
 
     ``per_block`` copies a shared table into every block (for ``Beit(use_rel_pos_bias=True)``);
     otherwise it stays at ``rel_pos_bias.*`` (``Beit(use_shared_rel_pos_bias=True)``). The
-    pretraining-only ``mask_token`` is dropped; ``lm_head`` becomes ``head`` with ``include_head``.
+    pretraining-only ``mask_token`` and ``lm_head`` are dropped.
     """
-    out = {k: v for k, v in state.items() if not k.endswith("relative_position_index") and k != "mask_token"}
+    out = {k: v for k, v in state.items()
+           if not (k.endswith("relative_position_index") or k == "mask_token" or k.startswith("lm_head."))}
     if per_block and "rel_pos_bias.relative_position_bias_table" in out:
         out = per_block_from_shared(out)
-    for key in [k for k in out if k.startswith("lm_head.")]:
-        value = out.pop(key)
-        if include_head:
-            out["head." + key.removeprefix("lm_head.")] = value
     return out

@@ -28,6 +28,10 @@ from lomar.models.vit import VisionTransformer, ViTConfig
 __all__ = ["infer_original_config", "load_original", "OriginalReader"]
 
 
+def _method(state: dict) -> str:
+    return "mae" if "decoder_embed.weight" in state else "classifier" if "head.weight" in state else "lomar"
+
+
 def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
     """Method ('lomar', 'mae' or 'classifier') and constructor settings of an original checkpoint.
 
@@ -38,7 +42,7 @@ def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
     args = args_dict(data)
     if "patch_embed.proj.weight" not in state:
         raise ValueError("not an original LoMaR/MAE checkpoint: no 'patch_embed.proj.weight' in its model")
-    method = "mae" if "decoder_embed.weight" in state else "classifier" if "head.weight" in state else "lomar"
+    method = _method(state)
     config = infer_vit_config({rename_rpe(k): v for k, v in state.items()}, args,
                               num_heads=overrides.pop("num_heads", None), img_size=overrides.pop("img_size", None))
     settings: dict = {"config": config}
@@ -117,10 +121,7 @@ class OriginalReader(Reader):
         self.name, self.method = name, method
 
     def detect(self, data, state):
-        if "patch_embed.proj.weight" not in state:
-            return False
-        found = "mae" if "decoder_embed.weight" in state else "classifier" if "head.weight" in state else "lomar"
-        return found == self.method
+        return "patch_embed.proj.weight" in state and _method(state) == self.method
 
     def model(self, src, overrides):
         return _original_model(src.data, src.path, dict(overrides))

@@ -1,18 +1,24 @@
 """The pieces every checkpoint format shares: a source read once, encoder weights, the reader
-interface and the registry the formats add themselves to (:mod:`lomar.checkpoints.formats` asks
-them in priority order)."""
+interface, the registry the formats add themselves to (:mod:`lomar.checkpoints.formats` asks
+them in priority order) and the model spec of our pretraining checkpoints (LoMaR, MAE, BEiT)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from lomar.models.vit import ViTConfig
+from lomar.models.beit import BEiTConfig
+from lomar.models.masking import grid_size
+from lomar.models.spec import build_from_spec
+from lomar.models.vit import ViTConfig, model_config
+from lomar.models.windows import window_geometry
 
-__all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "PRETRAIN_FORMAT", "CLASSIFIER_FORMAT"]
+__all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "PRETRAIN_FORMAT", "CLASSIFIER_FORMAT",
+           "saved_settings", "pretrain_spec", "build_strict"]
 
 PRETRAIN_FORMAT = "lomar-pretrain-2"  # 2: `windows` is meant for every method (an MAE run saved 4 unused)
 CLASSIFIER_FORMAT = "lomar-classifier-1"
@@ -44,7 +50,8 @@ class Reader:
     name = "?"
 
     def detect(self, data: dict, state: dict) -> bool:
-        raise NotImplementedError
+        """Whether a loaded checkpoint (``data``, its state dict ``state``) is this format."""
+        return False
 
     def detect_folder(self, path: Path) -> bool:
         """Whether the folder ``path`` (holding a config.json) is this format."""
@@ -69,3 +76,62 @@ def register(reader: Reader, priority: int) -> Reader:
 
 def readers() -> list[Reader]:
     return [reader for _, reader in _READERS]
+
+
+def saved_settings(checkpoint: dict) -> dict[str, Any]:
+    """The pretraining settings a checkpoint saved, read as today's: a format-1 MAE run was global
+    MAE whatever ``windows`` it recorded (the setting then applied to LoMaR only)."""
+    values = dict(checkpoint["config"])
+    if checkpoint.get("format", "lomar-pretrain-1") == "lomar-pretrain-1" and values.get("method") == "mae":
+        values["windows"] = 0
+    return values
+
+
+def _spec_from_settings(settings: dict, state: dict) -> dict:
+    """The model spec of a pretraining checkpoint written before specs were saved: its settings
+    (``lomar pretrain`` flags, windows resolved) read as that version built the model."""
+    sizes = {k: settings[k] for k in ("embed_dim", "depth", "num_heads", "patch_size") if settings.get(k) is not None}
+    method, windows = settings.get("method", "lomar"), settings.get("windows")
+    try:
+        vit = model_config(settings["model"], img_size=settings["img_size"], pos=settings.get("pos"), **sizes)
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"its saved settings do not describe a model ({exc})") from None
+    if method == "beit" and "beit.lm_head.weight" in state:
+        beit = BEiTConfig.from_vit(vit, state["beit.lm_head.weight"].shape[0])
+        return {"arch": "lomar.models.beit:BEiT", "config": beit.to_dict(), "args": {}, "prefix": "beit."}
+    if not isinstance(windows, int):
+        raise ValueError(f"its saved settings hold windows={windows!r}, not a count")
+    common = dict(mask_ratio=settings.get("mask_ratio"), norm_pix_loss=settings.get("norm_pix_loss", True))
+    decoder = {k: settings[k] for k in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads")}
+    if method == "lomar":
+        k, n = window_geometry(grid_size(vit.img_size, vit.patch_size), settings["window_size"], windows)
+        args = dict(window_size=k, num_windows=n, **common)
+        return {"arch": "lomar.models.lomar:LoMaR", "config": vit.to_dict(), "args": args}
+    if method == "mae" and windows:
+        args = dict(window_size=settings["window_size"], num_windows=windows, **decoder, **common)
+        return {"arch": "lomar.models.mae_window:MAEWindow", "config": vit.to_dict(), "args": args}
+    if method == "mae":
+        return {"arch": "lomar.models.mae:MAE", "config": vit.to_dict(), "args": dict(**decoder, **common)}
+    raise ValueError(f"its saved settings name method {method!r}, which this version does not read")
+
+
+def pretrain_spec(src: Source) -> dict:
+    """The model spec of one of our pretraining checkpoints (saved, or derived from its settings)."""
+    spec = src.data.get("model_spec")
+    try:
+        return spec if isinstance(spec, dict) else _spec_from_settings(saved_settings(src.data), src.state)
+    except ValueError as exc:
+        raise ValueError(f"{src.path}: {exc}") from None
+
+
+def build_strict(spec: dict, state: dict, path: Path) -> nn.Module:
+    """The spec's model with the checkpoint's weights (under the spec's prefix), strictly."""
+    model = build_from_spec(spec)
+    prefix = spec.get("prefix", "")
+    own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        model.load_state_dict(own, strict=True)
+    except RuntimeError as exc:
+        details = " ".join(line.strip() for line in str(exc).splitlines()[1:])
+        raise ValueError(f"{path}: weights do not fit its model spec ({spec['arch']}): {details[:300]}") from None
+    return model

@@ -9,6 +9,10 @@ Window settings: ``paper`` uses the paper's windows per image, 4 at 224 px, 6 at
 448; other sizes take the count of the largest paper size not above them (4 below 224, 9 above
 448), so the encoder's work stops growing past 448 as in the paper's largest setting. An
 integer N uses N windows at every size: LoMaR's cost is then independent of the image size.
+
+``--task loader`` times images/s per loader worker next to the model's step rate
+(:mod:`lomar.bench.loader`); ``--make-test-set KIND`` first writes a realistic JPEG test set from the
+demo photographs into ``--data``. ``--task backbone``: :mod:`lomar.bench.backbone`.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
-from lomar.cli.bench_loader import add_loader_arguments, run_loader
 from lomar.cli.common import check_output_file, resolve_device, write_json
 from lomar.errors import UsageError
 from lomar.train import settings as S
@@ -27,9 +31,6 @@ from lomar.train.settings import Setting, add_settings
 from lomar.windows import paper_windows
 
 __all__ = ["add_arguments", "run"]
-
-DEFAULT_SIZES = (224, 384, 448, 672, 896)
-
 
 def _window_setting(text: str) -> str | int:
     if text == "paper":
@@ -55,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "--sizes 224 448 --steps 3 --json bench.json --plot bench.png")
     add_settings(parser, {
         "model": S.MODEL,
-        "sizes": Setting(list(DEFAULT_SIZES), "image sizes", kind=int, above=0, nargs="+", metavar="PX"),
+        "sizes": Setting([224, 384, 448, 672, 896], "image sizes", kind=int, above=0, nargs="+", metavar="PX"),
         "methods": Setting(["lomar", "mae"], "beit times BEiT and BEiT + 7x7 windows (beit_window); mae_window: MAE "
                            "per 7x7 window; windowed variants use LoMaR's window counts", kind=str, nargs="+",
                            choices=("lomar", "mae", "beit", "mae_window")),
@@ -85,73 +86,99 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "depth": S.DEPTH.but(help="backbone task: override the model's number of blocks, for a quick per-block "
                              "measurement (default: the model's)"),
     })
-    add_loader_arguments(parser)
+    add_settings(parser, {  # the loader task's own flags; it shares --sizes, --model, --batch-size and the rest
+        "data": S.DATA.but(help="folder (or .txt list) of images to load (default: none; --task loader needs it)"),
+        "workers": S.WORKERS.but(default=1, help="loader worker processes (0: main process)"),
+        "images": Setting(64, "images loaded per measurement", above=0),
+        "decode": S.DECODE.but(default=["full"], nargs="+", help="full: reference path; draft: reduced-size JPEG "
+                               "decoding; windows: draft + only the plan's windows resampled (LoMaR); gpu is not a "
+                               "loader path"),
+        "loader_method": Setting("lomar", "whose masking plan the workers draw", choices=("lomar", "mae")),
+        "loader_windows": Setting(4, "LoMaR windows per image", above=0),
+        "make_test_set": Setting(None, "first write --test-set-count JPEGs of this kind into --data (default: none)",
+                                 kind=str, choices=("camera", "imagenet")),
+        "test_set_count": Setting(32, "JPEGs in a made test set", above=0),
+        "repeats": Setting(1, "loader measurements per setting (median)", above=0),
+        "no_model": Setting(False, "measure the loader only"),
+    }, group="--task loader")
+
+
+def _patch_size(args: argparse.Namespace) -> int:
+    from lomar.models.vit import model_config  # torch: not for --help
+
+    try:
+        return model_config(args.model).patch_size
+    except ValueError as exc:
+        raise UsageError(f"--model: {exc}") from None
 
 
 def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str]]]:
     """Per size: (method, windows, setting) configurations, validated before any work."""
     from lomar.models.masking import check_window_request, grid_size  # torch: not for --help
-    from lomar.models.vit import model_config  # torch: not for --help
 
-    try:
-        patch = model_config(args.model).patch_size
-    except ValueError as exc:
-        raise UsageError(f"--model: {exc}") from None
+    patch = _patch_size(args)
+    paper = "paper" in args.windows
     plan: dict[int, list[tuple[str, int | None, str]]] = {}
     for size in dict.fromkeys(args.sizes):
         try:
             grid = grid_size(size, patch)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        configs: list[tuple[str, int | None, str]] = []
-        if "lomar" in args.methods:
-            seen = set()
-            for setting in args.windows:
-                n = paper_windows(size, patch, 7) if setting == "paper" else setting
-                if n in seen:
-                    continue
-                seen.add(n)
-                try:
-                    check_window_request(grid, 7, n, 0.8)
-                except ValueError as exc:
-                    raise _fit(size, exc) from None
-                configs.append(("lomar", n, "paper" if setting == "paper" else "fixed"))
-        if "mae" in args.methods:
-            configs.append(("mae", None, "-"))
-        windowed = paper_windows(size) if "paper" in args.windows else args.windows[0]
-        if "beit" in args.methods:
-            configs.append(("beit", None, "-"))
-        for method, wanted in (("mae_window", "mae_window" in args.methods), ("beit_window", "beit" in args.methods)):
-            if wanted:
-                try:
-                    check_window_request(grid, 7, windowed, 0.75)
-                except ValueError as exc:
-                    raise _fit(size, exc) from None
-                configs.append((method, windowed, "paper" if "paper" in args.windows else "fixed"))
+        lomar: dict[int, str] = {}  # windows -> setting; the first setting of a count wins
+        for setting in args.windows if "lomar" in args.methods else ():
+            lomar.setdefault(paper_windows(size, patch, 7) if setting == "paper" else setting,
+                             "paper" if setting == "paper" else "fixed")
+        windowed = paper_windows(size) if paper else args.windows[0]
+        configs = [("lomar", n, setting) for n, setting in lomar.items()]
+        configs += [(m, None, "-") for m in ("mae", "beit") if m in args.methods]
+        configs += [(m, windowed, "paper" if paper else "fixed") for m, flag in
+                    (("mae_window", "mae_window"), ("beit_window", "beit")) if flag in args.methods]
+        for method, n, _ in configs:
+            try:
+                if n is not None:
+                    check_window_request(grid, 7, n, 0.8 if method == "lomar" else 0.75)
+            except ValueError as exc:
+                raise _fit(size, exc) from None
         plan[size] = configs
     return plan
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.task == "backbone":
-        return _run_backbone(args)
-    if args.task == "loader":
-        return run_loader(args)
-    plan = _plan(args)
-    check_output_file(args.json, "--json", create_parents=True)
-    check_output_file(args.plot, "--plot", create_parents=True)
+def _say(args: argparse.Namespace):
+    return (lambda msg: None) if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+
+
+def _command() -> str | None:
+    return "lomar bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "bench" else None
+
+
+def _device(args: argparse.Namespace):
+    """The torch device of --device; resolves --precision and applies --threads."""
     import torch
 
-    from lomar.bench.report import compare, machine_name, plot_times, print_table  # torch: not for --help
-    from lomar.bench.timing import build_runner, gemm_ceiling, interleaved_times, median  # torch: not for --help
     from lomar.train.run_state import resolve_precision  # torch: not for --help
 
     device = torch.device(resolve_device(args.device))
     args.precision = resolve_precision(args.precision, device)
     if args.threads:  # the command owns the process: setting torch's global thread count is its call
         torch.set_num_threads(args.threads)
+    return device
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.task == "backbone":
+        return _run_backbone(args)
+    if args.task == "loader":
+        return _run_loader(args)
+    plan = _plan(args)
+    check_output_file(args.json, "--json", create_parents=True)
+    check_output_file(args.plot, "--plot", create_parents=True)
+    import torch
+
+    from lomar.bench import report  # torch: not for --help
+    from lomar.bench.timing import build_runner, gemm_ceiling, interleaved_times, median  # torch: not for --help
+
+    device, say = _device(args), _say(args)
     retained = device.type == "cpu" and retain_freed_memory()
-    say = (lambda msg: None) if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
     say(f"{args.model}, batch {args.batch_size}, {args.precision}, {device}, "
         f"{torch.get_num_threads()} threads, sizes {list(plan)}")
     gemm = gemm_ceiling(device, args.precision, 256 if args.tiny else None)
@@ -164,43 +191,33 @@ def run(args: argparse.Namespace) -> int:
                    for m, w, _ in configs]
         rates += interleaved_times(runners, args.steps, args.warmup, gemm, say)
         for (method, windows, setting), r in zip(configs, runners):
-            flops, (mem, mem_kind) = r.flops, r.peak_mem
             step_s = median(r.times)
             records.append(dict(
                 method=method, img_size=size, windows=windows, window_setting=setting,
                 batch_size=args.batch_size, step_s=step_s, images_per_s=args.batch_size / step_s,
-                flops=flops, achieved_flops=flops / step_s, peak_mem_bytes=mem, peak_mem_kind=mem_kind,
-                step_times_s=list(r.times), precision=args.precision, compile=args.compile,
-                device=str(device)))
+                flops=r.flops, achieved_flops=r.flops / step_s, peak_mem_bytes=r.peak_mem[0],
+                peak_mem_kind=r.peak_mem[1], step_times_s=list(r.times), precision=args.precision,
+                compile=args.compile, device=str(device)))
         del runners
         if device.type == "cuda":
             torch.cuda.empty_cache()
     ceiling = median(rates)
     for rec in records:
-        rec["gemm_flops"] = ceiling
-        rec["mfu"] = rec["achieved_flops"] / ceiling
-    comparisons = compare(records)
-    from lomar.bench.methods import beit_comparisons  # torch: not for --help
-
-    beit_ratios = beit_comparisons(records)
-    print_table(records, comparisons, ceiling, sys.stdout)
-    for c in beit_ratios:
-        sys.stdout.write(f"  {c['img_size']:>4}px BEiT ratios: " + ", ".join(
-            f"{k.removesuffix('_time')} {v:.2f}x" for k, v in c.items() if k.endswith("_time")) + " (time)\n")
+        rec.update(gemm_flops=ceiling, mfu=rec["achieved_flops"] / ceiling)
+    comparisons, beit_ratios = report.compare(records), report.beit_comparisons(records)
+    report.print_table(records, comparisons, ceiling, sys.stdout, beit_ratios)
     meta = dict(model=args.model, batch_size=args.batch_size, precision=args.precision,
                 compile=args.compile, device=str(device), threads=torch.get_num_threads(),
                 steps=args.steps, warmup=args.warmup, torch=torch.__version__,
-                machine=machine_name(device), malloc_retains_memory=retained, gemm_flops=ceiling,
-                gemm_flops_all=rates,
-                wall_s=time.perf_counter() - started, command="lomar bench " + " ".join(sys.argv[2:])
-                if len(sys.argv) > 1 and sys.argv[1] == "bench" else None)
+                machine=report.machine_name(device), malloc_retains_memory=retained, gemm_flops=ceiling,
+                gemm_flops_all=rates, wall_s=time.perf_counter() - started, command=_command())
     if args.json:
         write_json(args.json, dict(meta=meta, records=records, comparisons=comparisons,
                                    beit_comparisons=beit_ratios))
         say(f"wrote {args.json}")
     if args.plot:
-        plot_times(records, args.plot, f"{args.model}, batch {args.batch_size}, {args.precision}, "
-                   f"{meta['machine']}")
+        report.plot_times(records, args.plot, f"{args.model}, batch {args.batch_size}, {args.precision}, "
+                          f"{meta['machine']}")
         say(f"wrote {args.plot}")
     return 0
 
@@ -208,30 +225,20 @@ def run(args: argparse.Namespace) -> int:
 def _run_backbone(args: argparse.Namespace) -> int:
     """``--task backbone``: see :mod:`lomar.bench.backbone`."""
     check_output_file(args.json, "--json", create_parents=True)
-    from lomar.models.vit import model_config  # torch: not for --help
-
-    try:
-        patch = model_config(args.model).patch_size
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    patch = _patch_size(args)
     if bad := [s for s in args.sizes if s <= 0 or s % patch]:
         raise UsageError(f"--sizes {bad}: sizes must be positive multiples of the patch size {patch}")
     import torch
 
     from lomar.bench.backbone import bench_backbone, format_table  # torch: not for --help
     from lomar.bench.report import machine_name  # torch: not for --help
-    from lomar.train.run_state import resolve_precision  # torch: not for --help
 
-    device = resolve_device(args.device)
-    args.precision = resolve_precision(args.precision, torch.device(device))
-    say = (lambda msg: None) if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+    device, say = _device(args), _say(args)
     started, load = time.perf_counter(), os.getloadavg()
     meta = dict(task="backbone", model=args.model, depth=args.depth, batch_size=args.batch_size,
-                precision=args.precision, device=device, threads=args.threads or torch.get_num_threads(),
+                precision=args.precision, device=str(device), threads=torch.get_num_threads(),
                 steps=args.steps, warmup=args.warmup, grad_checkpointing=args.grad_checkpointing,
-                torch=torch.__version__, machine=machine_name(torch.device(device)), load_avg_before=load,
-                command="lomar bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "bench"
-                else None)
+                torch=torch.__version__, machine=machine_name(device), load_avg_before=load, command=_command())
 
     def save(records: list[dict], done: bool = False) -> None:
         """After every record, so a long run that is stopped keeps what it measured."""
@@ -241,10 +248,58 @@ def _run_backbone(args: argparse.Namespace) -> int:
         write_json(args.json, dict(meta=meta, records=records))
 
     records = bench_backbone(args.model, args.sizes, args.attention, args.batch_size, args.grad_checkpointing,
-                             device, args.precision, args.steps, args.warmup, args.threads, args.tiny, say=say,
+                             str(device), args.precision, args.steps, args.warmup, args.threads, args.tiny, say=say,
                              on_record=save, depth=args.depth)
     print(format_table(records))
     save(records, done=True)
     if args.json:
+        say(f"wrote {args.json}")
+    return 0
+
+
+def _run_loader(args: argparse.Namespace) -> int:
+    """``--task loader``: see :mod:`lomar.bench.loader`."""
+    if args.data is None:
+        raise UsageError("--task loader needs --data DIR (a folder of images; add --make-test-set camera to "
+                         "create one)")
+    if "gpu" in args.decode:
+        raise UsageError("--decode gpu decodes in the training loop, not in loader workers; use full, draft or windows")
+    args.data = Path(args.data)
+    check_output_file(args.json, "--json", create_parents=True)
+    say = _say(args)
+    from lomar.bench.loader import make_test_set, measure_loader, share_model_rate  # torch: not for --help
+
+    if args.make_test_set:
+        try:
+            make_test_set(args.data, args.make_test_set, args.test_set_count)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        say(f"test set: {args.test_set_count} {args.make_test_set} JPEGs in {args.data}")
+    if not args.data.exists():
+        raise UsageError(f"--data {args.data} does not exist; pass a folder of images or add --make-test-set")
+    import torch
+
+    device = _device(args)
+    records = []
+    for decode in args.decode:
+        try:
+            records += measure_loader(
+                args.data, list(dict.fromkeys(args.sizes)), args.workers, args.loader_method,
+                args.loader_windows, decode, args.images, args.batch_size, args.model, device=device,
+                precision=args.precision, compile=args.compile, steps=args.steps, warmup=args.warmup,
+                model_rate=not args.no_model and not records, tiny=args.tiny, repeats=args.repeats, progress=say)
+        except ValueError as exc:
+            raise UsageError(str(exc).splitlines()[0]) from None
+    share_model_rate(records)
+    out = sys.stdout
+    out.write(f"{'px':>5} {'decode':>7} {'img/s/worker':>13} {'CPU ms/img':>11} {'loader img/s':>13} "
+              f"{'model img/s':>12}  limited by\n")
+    for r in records:
+        model = "-" if r["model_images_per_s"] is None else f"{r['model_images_per_s']:.1f}"
+        out.write(f"{r['img_size']:>5} {r['decode']:>7} {r['images_per_s']:>13.1f} {r['cpu_ms_per_image']:>11.1f} "
+                  f"{r['loader_images_per_s']:>13.1f} {model:>12}  {r['limited_by'] or '-'}\n")
+    if args.json:
+        meta = dict(command=_command(), torch=torch.__version__, threads=torch.get_num_threads())
+        write_json(args.json, dict(meta=meta, records=records))
         say(f"wrote {args.json}")
     return 0

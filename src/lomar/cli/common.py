@@ -7,6 +7,7 @@ is reported in one line while nothing has been computed yet.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from lomar.train import settings as S
 from lomar.train.settings import Setting, add_settings
 
 __all__ = ["MODEL_NAMES", "resolve_device", "check_output_file", "check_output_dir", "write_json",
-           "add_override_arguments", "overrides_from_args", "load_for_cli", "as_flags"]
+           "add_override_arguments", "overrides_from_args", "load_for_cli", "as_flags", "training_command"]
 
 MODEL_NAMES = S.MODEL_NAMES
 
@@ -151,3 +152,29 @@ def report_run_failure(command: str, exc: Exception) -> int:
     if not isinstance(exc, SaveError) or int(os.environ.get("RANK", "0")) == 0:
         sys.stderr.write(f"lomar {command}: error: {exc}\n")
     return 1
+
+
+def training_command(config_cls, runner: str, epilog: str):
+    """(add_arguments, run) of a training command: flags and YAML -> ``config_cls`` (a
+    :class:`~lomar.train.settings_resume.TaskConfig`) -> ``runner``, "module:function" imported when
+    the run starts (torch: not for --help)."""
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.epilog = epilog
+        config_cls.add_arguments(parser)
+
+    def run(args: argparse.Namespace) -> int:
+        config = config_cls.resolve(args)  # a ConfigError is a UsageError: one line, exit 2
+        if args.print_config:
+            sys.stdout.write(config.dump())
+            return 0
+        from lomar.train.run_state import SaveError  # torch: not for --help
+        from lomar.train.task import TrainingError  # torch: not for --help
+
+        module, _, function = runner.partition(":")
+        try:
+            return getattr(importlib.import_module(module), function)(config)
+        except (TrainingError, SaveError) as exc:
+            return report_run_failure(config_cls.COMMAND, exc)
+
+    return add_arguments, run

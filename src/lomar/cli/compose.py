@@ -41,10 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from lomar.data.compose import compose_digits  # torch: not for --help
 
     try:
-        summary = compose_digits(args.out, img_size=args.img_size, images=args.images, seed=args.seed,
-                                 val_fraction=args.val_fraction, per_image=tuple(args.per_image),
-                                 digit_scale=tuple(args.digit_scale), classify_images=args.classify_images,
-                                 classify_size=args.classify_size, overwrite=args.overwrite)
+        summary = compose_digits(**{name: getattr(args, name) for name in SETTINGS})
     except FileExistsError as exc:
         raise UsageError(f"--out {exc}") from None
     except ValueError as exc:

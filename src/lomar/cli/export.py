@@ -42,34 +42,28 @@ def run(args: argparse.Namespace) -> int:
         if (out / name).exists() and not args.overwrite:
             raise UsageError(f"{out / name} already exists; pass --overwrite to replace it, or another --to")
     model = load_for_cli(args.checkpoint, args)
-    if isinstance(model, BEiT):
-        return _export_beit(model, args, out)
-    encoder = encoder_of(model)
-    if args.drop_head and encoder.num_classes:
-        plain = VisionTransformer(encoder.config)
-        plain.load_state_dict(encoder.state_dict(), strict=False)
-        encoder = plain
-    method = type(model).__name__ if model is not encoder else ("classifier" if encoder.num_classes else "encoder")
-    export_encoder(encoder, out, metadata={"source": str(args.checkpoint), "method": method.lower()},
-                   overwrite=args.overwrite)
-    c = encoder.config
-    head = f", head of {encoder.num_classes} classes" if encoder.num_classes else ""
-    print(f"lomar: exported the {c.embed_dim}-wide, {c.depth}-block encoder of {args.checkpoint} "
-          f"({method.lower()}{head}) -> {out / ENCODER_WEIGHTS}, {out / CONFIG_NAME}")
-    print(f"lomar: load with lomar.create_encoder('{out}') or, after `import lomar.timm_models`, "
-          f"timm.create_model('local-dir:{out}', pretrained=True)")
-    return 0
+    if isinstance(model, BEiT):  # timm's Beit layout: per-block relative position bias, no lm_head
+        from lomar.checkpoints.export_beit import export_beit_encoder  # torch: not for --help
 
-
-def _export_beit(beit, args: argparse.Namespace, out: Path) -> int:
-    """A BEiT encoder in timm's ``Beit`` layout (per-block relative position bias, no lm_head)."""
-    from lomar.checkpoints.export import ENCODER_WEIGHTS  # torch: not for --help
-    from lomar.checkpoints.export_beit import CONFIG_NAME, export_beit_encoder  # torch: not for --help
-
-    export_beit_encoder(beit, out, weights_name=ENCODER_WEIGHTS, metadata={"source": str(args.checkpoint)})
-    c = beit.config
-    print(f"lomar: exported the {c.embed_dim}-wide, {c.depth}-block BEiT encoder of {args.checkpoint} "
-          f"-> {out / ENCODER_WEIGHTS}, {out / CONFIG_NAME}")
-    print(f"lomar: load with lomar.checkpoints.export_beit.create_timm_beit('{out}') (a timm Beit), or pass "
-          f"{out} to lomar finetune / linprobe / knn")
+        export_beit_encoder(model, out, weights_name=ENCODER_WEIGHTS, metadata={"source": str(args.checkpoint)})
+        c, what = model.config, f"BEiT encoder of {args.checkpoint}"
+        load = (f"lomar.checkpoints.export_beit.create_timm_beit('{out}') (a timm Beit), or pass {out} to "
+                f"lomar finetune / linprobe / knn")
+    else:
+        encoder = encoder_of(model)
+        if args.drop_head and encoder.num_classes:
+            plain = VisionTransformer(encoder.config)
+            plain.load_state_dict(encoder.state_dict(), strict=False)
+            encoder = plain
+        method = type(model).__name__ if model is not encoder else "classifier" if encoder.num_classes else "encoder"
+        export_encoder(encoder, out, metadata={"source": str(args.checkpoint), "method": method.lower()},
+                       overwrite=args.overwrite)
+        c = encoder.config
+        head = f", head of {encoder.num_classes} classes" if encoder.num_classes else ""
+        what = f"encoder of {args.checkpoint} ({method.lower()}{head})"
+        load = (f"lomar.create_encoder('{out}') or, after `import lomar.timm_models`, "
+                f"timm.create_model('local-dir:{out}', pretrained=True)")
+    print(f"lomar: exported the {c.embed_dim}-wide, {c.depth}-block {what} -> {out / ENCODER_WEIGHTS}, "
+          f"{out / CONFIG_NAME}")
+    print(f"lomar: load with {load}")
     return 0

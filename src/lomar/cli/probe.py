@@ -86,10 +86,7 @@ def _features(args: argparse.Namespace):
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     print(f"lomar {args.command}: {encoder.load_report.summary()}, {args.img_size} px crops", file=sys.stderr)
-    out = []
-    for loader in loaders:
-        out.extend(extract_features(encoder, loader, device, args.pool))
-    return out
+    return [part for loader in loaders for part in extract_features(encoder, loader, device, args.pool)]
 
 
 def knn_add_arguments(p: argparse.ArgumentParser) -> None:
@@ -97,12 +94,10 @@ def knn_add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def knn_run(args: argparse.Namespace) -> int:
-    from lomar.eval.knn import knn_predict  # torch: not for --help
+    from lomar.eval.knn import knn_top1  # torch: not for --help
 
     train_x, train_y, val_x, val_y = _features(args)
-    classes = int(max(train_y.max(), val_y.max())) + 1
-    pred = knn_predict(train_x, train_y, val_x, classes, args.k, args.temperature).argmax(1)
-    top1 = float((pred == val_y).float().mean())
+    top1 = knn_top1(train_x, train_y, val_x, val_y, args.k, args.temperature)
     print(f"k-NN (k={args.k}, T={args.temperature}, {args.pool} features) top-1: {100 * top1:.2f}% "
           f"({len(val_y)} val / {len(train_y)} train images)")
     if args.json:
@@ -117,33 +112,27 @@ def linprobe_add_arguments(p: argparse.ArgumentParser) -> None:
 
 def linprobe_run(args: argparse.Namespace) -> int:
     from lomar.checkpoints.io import atomic_save  # torch: not for --help
-    from lomar.eval.linear_probe import train_linear_probe  # torch: not for --help
+    from lomar.eval.linear_probe import train_linear_probe, train_mae_linear_probe  # torch: not for --help
 
     if args.protocol == "mae" and not 0 <= args.warmup_epochs <= args.epochs:  # only MAE's protocol warms up
         raise UsageError(f"--warmup-epochs must be in [0, --epochs {args.epochs}], got {args.warmup_epochs}")
     args.pool = args.pool or ("cls" if args.protocol == "mae" else "mean")
     train_x, train_y, val_x, val_y = _features(args)
+    if args.protocol == "mae":
+        train, extra = train_mae_linear_probe, dict(blr=args.blr, warmup_epochs=args.warmup_epochs)
+    else:
+        train, extra = train_linear_probe, dict(lr=args.lr, weight_decay=args.weight_decay)
     try:
-        if args.protocol == "mae":
-            from lomar.eval.linear_probe import train_mae_linear_probe  # torch: not for --help
-
-            probe, top1 = train_mae_linear_probe(train_x, train_y, val_x, val_y, epochs=args.epochs,
-                                                 batch_size=args.probe_batch_size, blr=args.blr,
-                                                 warmup_epochs=args.warmup_epochs, seed=args.seed)
-        else:
-            probe, top1 = train_linear_probe(train_x, train_y, val_x, val_y, epochs=args.epochs,
-                                             batch_size=args.probe_batch_size, lr=args.lr,
-                                             weight_decay=args.weight_decay, seed=args.seed)
+        probe, top1 = train(train_x, train_y, val_x, val_y, epochs=args.epochs, batch_size=args.probe_batch_size,
+                            seed=args.seed, **extra)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     print(f"linear probe ({args.protocol} protocol, {args.pool} features, {args.epochs} epochs) top-1: "
-          f"{100 * top1:.2f}% "
-          f"({len(val_y)} val / {len(train_y)} train images)")
+          f"{100 * top1:.2f}% ({len(val_y)} val / {len(train_y)} train images)")
     if args.save:
         atomic_save({"probe": probe.state_dict(), "pool": args.pool, "top1": top1}, args.save)
     if args.json:
         write_json(args.json, {"linprobe_top1": top1, "protocol": args.protocol, "epochs": args.epochs,
                                "lr": args.lr if args.protocol == "adamw" else args.blr * args.probe_batch_size / 256,
-                               "pool": args.pool,
-                               "train_images": len(train_y), "val_images": len(val_y)})
+                               "pool": args.pool, "train_images": len(train_y), "val_images": len(val_y)})
     return 0

@@ -19,7 +19,6 @@ MAX_IMAGES = 64  # one figure row each: more would make a PNG no screen shows
 def prepare_image(path: str | Path, size: int):
     """Image file -> (3, size, size) float tensor, ImageNet-normalised: shorter side resized (bicubic),
     centre crop."""
-    import torch
     from torchvision.transforms.v2 import functional as TF
 
     from lomar.data.decode import load_image  # torch: not for --help
@@ -27,10 +26,7 @@ def prepare_image(path: str | Path, size: int):
 
     image = load_image(path)
     image = TF.resize(image, [size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-    image = TF.center_crop(image, [size, size])
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (image.float() / 255.0 - mean) / std
+    return TF.normalize(TF.center_crop(image, [size, size]).float() / 255.0, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,37 +73,29 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.checkpoint} holds an encoder without a pixel head: it cannot reconstruct; "
                          f"pass --attention for attention figures, or a pretraining checkpoint")
     paths = [Path(p) for p in args.images] or demo_image_paths()[:4]
-    size = encoder.config.img_size
-    try:
-        images = torch.stack([prepare_image(p, size) for p in paths])
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    out = Path(args.out)
-    written = []
+    out, written = Path(args.out), []
     name = type(model).__name__ if can_reconstruct else "encoder"
-    if can_reconstruct:
-        from lomar.viz.reconstruction import reconstruction_figure  # torch: not for --help
+    target = tuple(args.target_patch) if args.target_patch else None
+    try:  # unreadable images, windows or a target that do not fit
+        images = torch.stack([prepare_image(p, encoder.config.img_size) for p in paths])
+        if can_reconstruct:
+            from lomar.viz.reconstruction import reconstruction_figure  # torch: not for --help
 
-        title = f"{name} reconstruction of {Path(args.checkpoint).name}, seed {args.seed}"
-        try:
+            title = f"{name} reconstruction of {Path(args.checkpoint).name}, seed {args.seed}"
             written.append(reconstruction_figure(model, images, path=out / "reconstruction.png", seed=args.seed,
                                                  title=title))
-        except ValueError as exc:  # e.g. windows that do not fit
-            raise UsageError(str(exc)) from None
-    if args.attention:
-        from lomar.viz.attention import attention_figure, window_attention  # torch: not for --help
+        if args.attention:
+            from lomar.viz.attention import attention_figure, window_attention  # torch: not for --help
 
-        pixels = denormalize(images)
-        for i, (path, image) in enumerate(zip(paths, images)):
-            try:
-                result = window_attention(model, image, target=tuple(args.target_patch) if args.target_patch else None,
-                                          window_size=args.attention_window, context=args.context,
-                                          masked=args.masked, seed=args.seed)
-            except ValueError as exc:
-                raise UsageError(str(exc)) from None
-            title = f"{name} {Path(args.checkpoint).name}: {path.name}"
-            written.append(attention_figure(result, pixels[i], encoder.config.patch_size,
-                                            out / f"attention-{i:02d}-{path.stem}.png", title=title))
+            pixels = denormalize(images)
+            for i, (path, image) in enumerate(zip(paths, images)):
+                result = window_attention(model, image, target=target, window_size=args.attention_window,
+                                          context=args.context, masked=args.masked, seed=args.seed)
+                title = f"{name} {Path(args.checkpoint).name}: {path.name}"
+                written.append(attention_figure(result, pixels[i], encoder.config.patch_size,
+                                                out / f"attention-{i:02d}-{path.stem}.png", title=title))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     for path in written:
         print(f"lomar: wrote {path}")
     return 0

@@ -46,14 +46,9 @@ class CocoSummary:
     crowd: int = 0  # crowd regions: not training targets; evaluation ignores detections on them
 
     def line(self) -> str:
-        notes = [f"{self.images} images, {self.boxes} boxes"]
-        if self.crowd:
-            notes.append(f"{self.crowd} crowd regions (ignored in training)")
-        if self.clipped:
-            notes.append(f"{self.clipped} boxes clipped to their image")
-        if self.zero_area:
-            notes.append(f"{self.zero_area} boxes of zero area skipped")
-        return ", ".join(notes)
+        notes = [(self.crowd, "crowd regions (ignored in training)"), (self.clipped, "boxes clipped to their image"),
+                 (self.zero_area, "boxes of zero area skipped")]
+        return ", ".join([f"{self.images} images, {self.boxes} boxes"] + [f"{n} {text}" for n, text in notes if n])
 
 
 @dataclass
@@ -232,8 +227,7 @@ def train_transforms(size: int, scale_range: tuple[float, float] = (0.1, 2.0)) -
         _CropAtMost(size),
         v2.ClampBoundingBoxes(),
         v2.SanitizeBoundingBoxes(min_size=1.0),
-        v2.ToImage(),
-        v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+        *eval_transforms().transforms,
     ])
 
 

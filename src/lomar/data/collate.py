@@ -8,6 +8,7 @@ and :class:`BadDataTracker` counts them and fails a run when too many are bad.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import torch
 
@@ -47,9 +48,7 @@ def collate_labelled(batch: list[tuple], refill: bool = False) -> LabelledBatch:
                          torch.tensor([item[1] for item in good], dtype=torch.long), bad)
 
 
-def collate_labelled_refill(batch: list[tuple]) -> LabelledBatch:
-    """:func:`collate_labelled` with ``refill=True`` (a picklable function for loader workers)."""
-    return collate_labelled(batch, refill=True)
+collate_labelled_refill = partial(collate_labelled, refill=True)  # a partial pickles for loader workers
 
 
 def collate_pretrain(batch: list[dict]) -> dict:
@@ -91,10 +90,6 @@ class BadDataTracker:
     def count(self) -> int:
         return len(self.bad)
 
-    @property
-    def fraction(self) -> float:
-        return self.failures / max(1, self.seen)
-
     def update(self, bad_paths: list[str], seen: int) -> None:
         """``seen``: items in the batch, bad ones included."""
         self.seen += seen
@@ -106,13 +101,13 @@ class BadDataTracker:
 
     def check(self, threshold: float = 0.1) -> None:
         if self.total:
-            if self.count > threshold * self.total:
-                raise ValueError(
-                    f"{self.count} of {self.total} images (over {100 * threshold:.0f}%) could not be read, "
-                    f"e.g. {next(iter(self.bad))}; fix or remove them")
-        elif self.seen >= self.min_seen and self.fraction > threshold:
-            raise ValueError(
-                f"{self.failures} of {self.seen} images ({100 * self.fraction:.0f}%) could not be read, "
-                f"e.g. {next(iter(self.bad))}; fix or remove them")
+            share = f"{self.count} of {self.total} images (over {100 * threshold:.0f}%)"
+            failed = self.count > threshold * self.total
+        else:
+            fraction = self.failures / max(1, self.seen)
+            share = f"{self.failures} of {self.seen} images ({100 * fraction:.0f}%)"
+            failed = self.seen >= self.min_seen and fraction > threshold
+        if failed:
+            raise ValueError(f"{share} could not be read, e.g. {next(iter(self.bad))}; fix or remove them")
 
 

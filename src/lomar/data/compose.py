@@ -1,14 +1,7 @@
 """A real, offline detection / segmentation set: scikit-learn's handwritten digits pasted onto
 scikit-image's bundled photographs, written in COCO and ADE20K layouts.
 
-Public entry point::
-
-    compose_digits(out: str | Path, img_size: int = 256, images: int = 200, seed: int = 0,
-                   val_fraction: float = 0.25, per_image: tuple[int, int] = (2, 5),
-                   digit_scale: tuple[float, float] = (0.12, 0.4), classify_images: int = 0,
-                   classify_size: int = 224, overwrite: bool = False) -> dict
-
-It writes, under ``out`` (built in a temporary sibling folder, then renamed into place)::
+:func:`compose_digits` writes, under ``out`` (built in a temporary sibling folder, then renamed into place)::
 
     annotations/instances_train.json  annotations/instances_val.json   COCO instances
     images/train/*.jpg                images/val/*.jpg                 (categories 1..10 named "0".."9")
@@ -99,15 +92,11 @@ def _paste(canvas: np.ndarray, ink: np.ndarray, top: int, left: int, rng: np.ran
     return ink >= _INK
 
 
-def _jpeg(image: np.ndarray) -> bytes:
+def _encode(pixels: np.ndarray, fmt: str = "JPEG") -> bytes:
+    """A float picture as a JPEG (quality 95), or a uint8 label map as a PNG."""
     buffer = io.BytesIO()
-    Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=95)
-    return buffer.getvalue()
-
-
-def _png(labels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(labels.astype(np.uint8)).save(buffer, "PNG")
+    options = {"quality": 95} if fmt == "JPEG" else {}
+    Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)).save(buffer, fmt, **options)
     return buffer.getvalue()
 
 
@@ -149,15 +138,6 @@ def _coco_annotations(instances, image_id: int, next_id: int) -> list[dict]:
     return out
 
 
-def _classify_one(rng, photos, digits, targets, index, size):
-    """One centred-ish large digit on a photo crop: (image, digit)."""
-    canvas = _background(rng, photos, size)
-    side = int(rng.integers(int(0.45 * size), int(0.8 * size) + 1))
-    top, left = int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1))
-    _paste(canvas, _ink(digits[index], side), top, left, rng)
-    return canvas, int(targets[index])
-
-
 def _check(img_size, images, val_fraction, per_image, digit_scale, classify_images, classify_size) -> None:
     if img_size < 32:
         raise ValueError(f"img_size must be >= 32 pixels, got {img_size}")
@@ -188,6 +168,7 @@ def compose_digits(out: str | Path, img_size: int = 256, images: int = 200, seed
     """
     from sklearn.datasets import load_digits
 
+    per_image, digit_scale = tuple(per_image), tuple(digit_scale)  # as the CLI's lists, so messages read alike
     _check(img_size, images, val_fraction, per_image, digit_scale, classify_images, classify_size)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -237,10 +218,10 @@ def _write_split(root: Path, split: str, rng, photos, pool, count: int, size: in
     for i in range(count):
         image, labels, instances, cursor = _compose_one(rng, photos, pool, cursor, size, per_image, digit_scale)
         stem = f"{split}_{i:05d}"
-        data = _jpeg(image)
+        data = _encode(image)
         (coco_dir / f"{stem}.jpg").write_bytes(data)
         (ade_dir / f"{stem}.jpg").write_bytes(data)
-        (label_dir / f"{stem}.png").write_bytes(_png(labels))
+        (label_dir / f"{stem}.png").write_bytes(_encode(labels, "PNG"))
         coco["images"].append({"id": i + 1, "file_name": f"{stem}.jpg", "height": size, "width": size})
         coco["annotations"] += _coco_annotations(instances, i + 1, len(coco["annotations"]) + 1)
     (root / "annotations" / f"instances_{COCO_SPLITS[split]}.json").write_text(json.dumps(coco))
@@ -251,7 +232,10 @@ def _write_classify(root: Path, split: str, rng, photos, pool, count: int, size:
     digits, targets = pool
     for d in range(10):
         (root / "classify" / split / str(d)).mkdir(parents=True)
-    for i in range(count):
-        image, digit = _classify_one(rng, photos, digits, targets, i % len(targets), size)
-        (root / "classify" / split / str(digit) / f"{split}_{i:05d}.jpg").write_bytes(_jpeg(image))
+    for i in range(count):  # one large digit on a photo crop
+        index, canvas = i % len(targets), _background(rng, photos, size)
+        side = int(rng.integers(int(0.45 * size), int(0.8 * size) + 1))
+        top, left = int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1))
+        _paste(canvas, _ink(digits[index], side), top, left, rng)
+        (root / "classify" / split / str(int(targets[index])) / f"{split}_{i:05d}.jpg").write_bytes(_encode(canvas))
     return count

@@ -27,7 +27,7 @@ from lomar.data.headers import declared_size
 
 __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_IMAGE_BYTES", "is_image_name",
            "max_image_pixels", "max_image_bytes", "read_image_bytes", "open_pil", "decode_bytes", "load_image",
-           "load_pil", "check_image_size"]
+           "load_pil", "pil_to_tensor"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 # Pillow's own decompression-bomb error threshold (2 x Image.MAX_IMAGE_PIXELS): ~13k x 13k.
@@ -155,8 +155,12 @@ def _pil_decode(data: bytes, name: str, limit: int) -> torch.Tensor:
             arr = np.asarray(img, dtype=np.float64)
             arr = arr / (65535.0 if arr.max() > 255 else 255.0) * 255.0
             img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
-        rgb = np.asarray(img.convert("RGB"))
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+        return pil_to_tensor(img)
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """A PIL image as uint8 (3, H, W) RGB."""
+    return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
 
 
 def _torchvision_decode(data: bytes, kind: str) -> torch.Tensor | None:
@@ -209,8 +213,3 @@ def load_pil(path: str | Path, max_pixels: int | None = None):
     """:func:`load_image` as an RGB ``PIL.Image`` (what timm's and torchvision's transforms take)."""
     return Image.fromarray(load_image(path, max_pixels).permute(1, 2, 0).numpy())
 
-
-def check_image_size(name: str, width: int, height: int, max_pixels: int | None = None) -> None:
-    """ValueError naming ``name`` when ``width`` x ``height`` (read from a header, before decoding) is over
-    ``max_pixels`` (default :func:`max_image_pixels`), with the message of the decoders here."""
-    _check_pixels(name, width, height, max_pixels if max_pixels is not None else max_image_pixels())

@@ -30,12 +30,11 @@ import math
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from lomar.data.decode import check_image_size, open_pil, read_image_bytes
+from lomar.data.decode import open_pil, pil_to_tensor, read_image_bytes
 from lomar.data.folder import ImageListDataset
 from lomar.data.transforms import SampleDraw, draw_sample, unreadable_item
 
@@ -47,29 +46,13 @@ FAST_MODES = ("draft", "windows", "gpu")
 _JPEG_SCALES = (8, 4, 2, 1)
 
 
-def _pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
-
-
-def _open(source: str | Path | bytes):
-    """The image opened by Pillow once the file and its header passed the checks every decode
-    path shares (:func:`lomar.data.decode.open_pil`); ValueError naming the file otherwise."""
-    if isinstance(source, bytes):
-        return open_pil(source)
-    return open_pil(read_image_bytes(source), str(source))
-
-
 def _orientation(img: Image.Image) -> int | None:
-    """The EXIF orientation tag (1: as stored); None when the EXIF block cannot be read."""
+    """The EXIF orientation tag (1: as stored); None when the EXIF block cannot be read. Any other
+    than 0 or 1 asks (or may ask) for a rotation/flip: a box drawn on the stored axes would be wrong."""
     try:
         return int(img.getexif().get(0x0112, 1))
     except Exception:
         return None
-
-
-def _oriented(img: Image.Image) -> bool:
-    """True when EXIF asks (or may ask) for a rotation/flip: a box drawn on the stored axes would be wrong."""
-    return _orientation(img) not in (0, 1)
 
 
 def _size(img: Image.Image) -> tuple[int, int]:
@@ -79,8 +62,10 @@ def _size(img: Image.Image) -> tuple[int, int]:
 
 
 def jpeg_size(source: str | Path | bytes) -> tuple[int, int]:
-    """(height, width) after EXIF orientation, from the header only (no decoding)."""
-    with _open(source) as img:
+    """(height, width) after EXIF orientation, from the header only (no decoding), once the file and
+    its header passed the checks every decode path shares (:func:`lomar.data.decode.open_pil`)."""
+    data, name = (source, "<bytes>") if isinstance(source, bytes) else (read_image_bytes(source), str(source))
+    with open_pil(data, name) as img:
         return _size(img)
 
 
@@ -91,13 +76,13 @@ def _reduce(img, box: tuple[int, int, int, int], size: int):
     """
     width, height = img.size
     top, left, h, w = box
-    if img.format == "JPEG" and not _oriented(img):
+    if img.format == "JPEG" and _orientation(img) in (0, 1):
         for scale in _JPEG_SCALES:
             if h / scale >= size and w / scale >= size:
                 img.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
                 break
     img = img.convert("RGB")  # decodes (at the draft scale, if one was set)
-    if _oriented(img) and img.size == (width, height):
+    if _orientation(img) not in (0, 1) and img.size == (width, height):
         img = ImageOps.exif_transpose(img)
         width, height = img.size
     sx, sy = img.size[0] / width, img.size[1] / height
@@ -108,7 +93,7 @@ def draft_decode_crop(img: Image.Image, size: int, draw: SampleDraw) -> torch.Te
     """``draw``'s crop of the opened photo ``img`` (header read, not decoded), decoded at reduced size:
     uint8 (3, size, size), already flipped if ``draw.flip``."""
     reduced, fbox = _reduce(img, draw.box, size)
-    pixels = _pil_to_tensor(reduced.resize((size, size), Image.Resampling.BICUBIC, box=fbox))
+    pixels = pil_to_tensor(reduced.resize((size, size), Image.Resampling.BICUBIC, box=fbox))
     return pixels.flip(-1) if draw.flip else pixels
 
 
@@ -137,7 +122,7 @@ def resample_windows(img: Image.Image, size: int, draw: SampleDraw, patch_size: 
     reduced, fbox = _reduce(img, draw.box, size)
     out = torch.zeros(3, size, size, dtype=torch.uint8)
     for sub, r, c in window_boxes(fbox, size, draw.plan["top_left"] * patch_size, extent, draw.flip):
-        patch = _pil_to_tensor(reduced.resize((extent, extent), Image.Resampling.BICUBIC, box=sub))
+        patch = pil_to_tensor(reduced.resize((extent, extent), Image.Resampling.BICUBIC, box=sub))
         out[:, r:r + extent, c:c + extent] = patch.flip(-1) if draw.flip else patch
     return out
 
@@ -177,8 +162,7 @@ class FastPretrainDataset(Dataset):
         _, path, gen = base.sample(key)
         try:
             data = read_image_bytes(path)  # regular files only, bounded: a FIFO would block the worker
-            with open_pil(data, str(path)) as img:
-                check_image_size(path, *img.size)  # before anything is decoded, as on the reference path
+            with open_pil(data, str(path)) as img:  # checks the size before anything is decoded
                 if not self._takes(img):
                     return base[key]
                 draw = draw_sample(base.transform, base.masker, *_size(img), gen)
@@ -194,7 +178,7 @@ class FastPretrainDataset(Dataset):
         """Whether this mode decodes ``img`` itself (else the reference path does)."""
         if self.sparse:
             return True
-        return img.format == "JPEG" and not _oriented(img) and (self.mode != "gpu" or img.mode in ("RGB", "L"))
+        return img.format == "JPEG" and _orientation(img) in (0, 1) and (self.mode != "gpu" or img.mode in ("RGB", "L"))
 
     def _decode(self, img: Image.Image, data: bytes, draw: SampleDraw) -> dict | None:
         """The item's image fields by this mode; None when the reference path is as fast."""

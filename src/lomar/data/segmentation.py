@@ -42,17 +42,13 @@ def read_labels(path: Path) -> np.ndarray:
         raise ValueError(f"annotation {path} cannot be read ({exc}); rewrite it as a PNG of class ids") from None
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"image {path} cannot be read ({exc}); replace or remove it with its annotation") from None
-
-
 def _check_pair(image: Path, annotation: Path, num_classes: int) -> None:
     labels = read_labels(annotation)
-    width, height = _image_size(image)
+    try:
+        with Image.open(image) as opened:
+            width, height = opened.size
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"image {image} cannot be read ({exc}); replace or remove it with its annotation") from None
     if labels.shape != (height, width):
         raise ValueError(f"annotation {annotation} is {labels.shape[1]}x{labels.shape[0]} but its image {image.name} "
                          f"is {width}x{height}; write the annotation at the image's size")
@@ -121,7 +117,7 @@ class SegmentationFolder(Dataset):
         image, labels = self.load(index)
         if not self.train:
             size = eval_scale(*image.shape[-2:], self.crop)
-            return _normalise(_resize(image.float(), size)), labels, self.pairs[index][0].stem
+            return (_resize(image.float(), size) - MEAN) / STD, labels, self.pairs[index][0].stem
         return self._augment(image, labels, sample_generator(self.seed, epoch, index))
 
     def _augment(self, image: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
@@ -142,7 +138,7 @@ class SegmentationFolder(Dataset):
         image, labels = image[:, top:top + crop, left:left + crop], labels[top:top + crop, left:left + crop]
         if float(torch.rand((), generator=gen)) < 0.5:
             image, labels = image.flip(-1), labels.flip(-1)
-        image = _normalise(image)
+        image = (image - MEAN) / STD
         pad_h, pad_w = crop - image.shape[1], crop - image.shape[2]
         if pad_h or pad_w:
             image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
@@ -154,7 +150,3 @@ def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(image.shape[-2:]) == tuple(size):
         return image
     return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-
-
-def _normalise(image: torch.Tensor) -> torch.Tensor:
-    return (image - MEAN) / STD

@@ -110,10 +110,6 @@ class TarShardDataset(IterableDataset):
         self._state = torch.tensor([0, 0, 1], dtype=torch.int64).share_memory_()
         self.damaged: dict[str, str] = {}  # filled by count_samples
 
-    @property
-    def epoch(self) -> int:
-        return int(self._state[0])
-
     def set_epoch(self, epoch: int, skip: int = 0, batch_size: int = 1) -> None:
         """Start epoch ``epoch``; ``skip``: this rank's items already consumed in it (resume)."""
         self._state.copy_(torch.tensor([epoch, skip, max(1, batch_size)]))

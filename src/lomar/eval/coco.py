@@ -67,14 +67,11 @@ def _score(gt, results: list[dict], kind: str) -> list[float | None]:
 
 def coco_metrics(gt, results: list[dict]) -> dict[str, float | None]:
     """{"box_AP", "box_AP50", ..., "mask_APl"} in percent. ``gt``: a pycocotools ``COCO``."""
-    metrics = {}
     boxes = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
-    for name, value in zip(METRIC_NAMES, _score(gt, boxes, "bbox")):
-        metrics[f"box_{name}"] = value
+    metrics = {f"box_{name}": value for name, value in zip(METRIC_NAMES, _score(gt, boxes, "bbox"))}
     if results and "segmentation" in results[0]:
         masks = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
-        for name, value in zip(METRIC_NAMES, _score(gt, masks, "segm")):
-            metrics[f"mask_{name}"] = value
+        metrics.update({f"mask_{name}": value for name, value in zip(METRIC_NAMES, _score(gt, masks, "segm"))})
     elif not results:
         metrics.update({f"mask_{name}": 0.0 for name in METRIC_NAMES})
     return metrics

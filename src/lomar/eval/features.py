@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from lomar.checkpoints.formats import CLASSIFIER_PREFIXES, drop_final_norm, encoder_weights, read
+from lomar.checkpoints.formats import CLASSIFIER_PREFIXES, drop_final_norm, read
 from lomar.checkpoints.formats_beit import BEiTReader, build_timm_beit
 from lomar.data.collate import BadDataTracker, collate_labelled
 from lomar.data.folder import LabelledImageFolder
@@ -29,7 +29,6 @@ __all__ = ["LoadReport", "load_pretrained_encoder", "eval_transform", "knn_loade
            "Pool"]
 
 Pool = Literal["mean", "cls"]
-_CLASSIFIER = CLASSIFIER_PREFIXES  # a classifier on top of the encoder: new (random) when finetuning
 
 
 @dataclass
@@ -50,14 +49,6 @@ class LoadReport:
         text = (f"loaded {self.loaded} tensors from {self.source} {self.path}; "
                 f"newly initialised: {short(self.fresh)}; not used: {short(self.dropped)}")
         return text + "".join(f"; {note}" for note in self.notes)
-
-
-def _resize_pos_embed(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Bicubic resize of an absolute table (1, 1+h·w, D) to ``grid``; cls row kept."""
-    side = int(round((table.shape[1] - 1) ** 0.5))
-    spatial = table[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
-    spatial = F.interpolate(spatial, size=grid, mode="bicubic", align_corners=False)
-    return torch.cat([table[:, :1], spatial.permute(0, 2, 3, 1).flatten(1, 2).to(table.dtype)], dim=1)
 
 
 def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool: str = "avg",
@@ -89,8 +80,8 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     reader, src = read(path)
     if isinstance(reader, BEiTReader):
         return _load_beit(reader, src, num_classes, global_pool, overrides)
-    weights = encoder_weights(path, overrides.get("num_heads"))
-    config, state, dropped, source = weights.config, weights.state, weights.dropped, weights.source
+    weights = reader.encoder(src, {"num_heads": overrides["num_heads"]} if overrides.get("num_heads") else {})
+    config, state = weights.config, dict(weights.state)
     unknown = sorted(set(overrides) - set(ViTConfig.__dataclass_fields__))
     if unknown:
         raise ValueError(f"unknown encoder setting(s) {', '.join(unknown)}")
@@ -98,13 +89,12 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
         overrides["global_blocks"] = vitdet_global_blocks(config.depth)
     config = replace(config, **overrides)
     model = VisionTransformer(config, num_classes=num_classes, global_pool=global_pool)
-    report = LoadReport(source, str(path), dropped=list(dropped))
+    report = LoadReport(weights.source, str(path), dropped=list(weights.dropped))
     own = model.state_dict()
-    state = dict(state)
     # A finetuned classifier has no final norm (it pools into fc_norm): as a plain encoder
     # it gets a fresh, identity-initialised one.
     from_classifier = any(k.startswith("fc_norm.") for k in state)
-    for key in [k for k in state if k.startswith(_CLASSIFIER)]:
+    for key in [k for k in state if k.startswith(CLASSIFIER_PREFIXES)]:
         if key not in own or own[key].shape != state[key].shape:  # another task's head
             report.dropped.append(key)
             del state[key]
@@ -116,7 +106,8 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
             report.dropped.append("pos_embed")
             del state["pos_embed"]
         elif state["pos_embed"].shape != own["pos_embed"].shape:
-            state["pos_embed"] = _resize_pos_embed(state["pos_embed"], model.grid)
+            # bicubic, the cls row kept
+            state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(model.grid), antialias=False)
             report.notes.append(f"position table interpolated to the {model.grid[0]}x{model.grid[1]} grid")
     bad_shapes = [k for k in state if k in own and state[k].shape != own[k].shape]
     if bad_shapes:
@@ -124,7 +115,7 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
         raise ValueError(f"{path}: {k} has shape {tuple(state[k].shape)} but the encoder expects "
                          f"{tuple(own[k].shape)}; the overrides do not fit these weights")
     missing, unexpected = model.load_state_dict(state, strict=False)
-    not_classifier = [k for k in missing if not k.startswith(_CLASSIFIER)
+    not_classifier = [k for k in missing if not k.startswith(CLASSIFIER_PREFIXES)
                       and not (from_classifier and k.startswith("norm."))]
     if not_classifier or unexpected:
         raise ValueError(f"{path} does not hold a complete encoder for {config}: missing "

@@ -40,29 +40,35 @@ def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torc
     problem, is trained with AdamW and a per-step cosine schedule: same model, orders of
     magnitude cheaper, slightly lower numbers than with augmentation.
     """
+    total = epochs * max(1, train_x.shape[0] // batch_size)
+    return _fit(train_x, train_y, val_x, val_y, epochs, batch_size, seed,
+                lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay),
+                lambda step, t: lr * 0.5 * (1 + math.cos(math.pi * step / total)))
+
+
+def _fit(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, epochs: int,
+         batch_size: int, seed: int, make_opt, lr_at) -> tuple[LinearProbe, float]:
+    """Train a fresh probe with ``make_opt(params)``, setting ``lr_at(step, fractional epoch)`` before each
+    step; returns (probe, val top-1 in [0, 1])."""
     if train_x.shape[0] < 2:
         raise ValueError("the linear probe needs at least 2 training images (BatchNorm statistics)")
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     classes = int(max(train_y.max(), val_y.max())) + 1
     probe = LinearProbe(train_x.shape[1], classes)
-    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = make_opt(probe.parameters())
     per_epoch = max(1, train_x.shape[0] // batch_size)
-    total = epochs * per_epoch
     probe.train()
-    step = 0
-
-    for _ in progress(range(epochs), desc="linear probe", unit="epoch"):
+    for epoch in progress(range(epochs), desc="linear probe", unit="epoch"):
         order = torch.randperm(train_x.shape[0], generator=gen)
         # Equal batches (the ragged tail joins the last one): BatchNorm needs > 1 sample.
-        for idx in order.tensor_split(per_epoch):
+        for i, idx in enumerate(order.tensor_split(per_epoch)):
             for group in opt.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                group["lr"] = lr_at(epoch * per_epoch + i, epoch + i / per_epoch)
             loss = F.cross_entropy(probe(train_x[idx]), train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step += 1
     probe.eval()
     with torch.no_grad():
         accuracy = float((probe(val_x).argmax(1) == val_y).float().mean())
@@ -110,33 +116,14 @@ def train_mae_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: 
     (RandomResizedCrop + flip) through the frozen encoder at batch 16384; the features here are
     computed once (centre crops), so the numbers are a little lower than with augmentation.
     """
-    if train_x.shape[0] < 2:
-        raise ValueError("the linear probe needs at least 2 training images (BatchNorm statistics)")
     if not 0 <= warmup_epochs <= epochs:
         raise ValueError(f"the probe's warm-up ({warmup_epochs} epochs) must be within its {epochs} epochs")
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    classes = int(max(train_y.max(), val_y.max())) + 1
-    probe = LinearProbe(train_x.shape[1], classes)
     lr = blr * batch_size / 256
-    opt = LARS(probe.parameters(), lr=lr, weight_decay=0.0)
-    per_epoch = max(1, train_x.shape[0] // batch_size)
-    probe.train()
-    for epoch in range(epochs):
-        order = torch.randperm(train_x.shape[0], generator=gen)
-        for i, idx in enumerate(order.tensor_split(per_epoch)):
-            t = epoch + i / per_epoch  # MAE's fractional epoch
-            if t < warmup_epochs:
-                step_lr = lr * t / warmup_epochs
-            else:
-                step_lr = lr * 0.5 * (1 + math.cos(math.pi * (t - warmup_epochs) / max(1e-12, epochs - warmup_epochs)))
-            for group in opt.param_groups:
-                group["lr"] = step_lr
-            loss = F.cross_entropy(probe(train_x[idx]), train_y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    probe.eval()
-    with torch.no_grad():
-        accuracy = float((probe(val_x).argmax(1) == val_y).float().mean())
-    return probe, accuracy
+
+    def lr_at(step: int, t: float) -> float:  # t: MAE's fractional epoch
+        if t < warmup_epochs:
+            return lr * t / warmup_epochs
+        return lr * 0.5 * (1 + math.cos(math.pi * (t - warmup_epochs) / max(1e-12, epochs - warmup_epochs)))
+
+    return _fit(train_x, train_y, val_x, val_y, epochs, batch_size, seed,
+                lambda params: LARS(params, lr=lr, weight_decay=0.0), lr_at)

@@ -232,94 +232,19 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> LomarVisionTran
                                 feature_cfg=dict(feature_cls="getter", out_indices=3), **args)
 
 
-@register_model
-def lomar_vit_mini_patch8(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
-    return _create("lomar_vit_mini_patch8", pretrained, **kwargs)
+def _register(variant: str) -> None:
+    """One timm constructor per size and patch, named as timm lists it (``timm.list_models('lomar_*')``)."""
+    def constructor(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
+        return _create(variant, pretrained, **kwargs)
+
+    constructor.__name__ = constructor.__qualname__ = variant
+    constructor.__doc__ = f"LoMaR's ViT {variant.removeprefix('lomar_vit_')}; kwargs go to the model."
+    globals()[variant] = register_model(constructor)
 
 
-@register_model
-def lomar_vit_mini_patch14(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
-    return _create("lomar_vit_mini_patch14", pretrained, **kwargs)
-
-
-@register_model
-def lomar_vit_mini_patch16(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
-    return _create("lomar_vit_mini_patch16", pretrained, **kwargs)
-
-
-@register_model
-def lomar_vit_tiny_patch8(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
-    return _create("lomar_vit_tiny_patch8", pretrained, **kwargs)
-
-
-@register_model
-def lomar_vit_tiny_patch14(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
-    return _create("lomar_vit_tiny_patch14", pretrained, **kwargs)
-
-
-@register_model
-def lomar_vit_tiny_patch16(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
-    return _create("lomar_vit_tiny_patch16", pretrained, **kwargs)
-
-
-@register_model
-def lomar_vit_small_patch8(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
-    return _create("lomar_vit_small_patch8", pretrained, **kwargs)
-
-
-@register_model
-def lomar_vit_small_patch14(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
-    return _create("lomar_vit_small_patch14", pretrained, **kwargs)
-
-
-@register_model
-def lomar_vit_small_patch16(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
-    return _create("lomar_vit_small_patch16", pretrained, **kwargs)
-
-
-@register_model
-def lomar_vit_base_patch8(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
-    return _create("lomar_vit_base_patch8", pretrained, **kwargs)
-
-
-@register_model
-def lomar_vit_base_patch14(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
-    return _create("lomar_vit_base_patch14", pretrained, **kwargs)
-
-
-@register_model
-def lomar_vit_base_patch16(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
-    return _create("lomar_vit_base_patch16", pretrained, **kwargs)
-
-
-@register_model
-def lomar_vit_large_patch8(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
-    return _create("lomar_vit_large_patch8", pretrained, **kwargs)
-
-
-@register_model
-def lomar_vit_large_patch14(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
-    return _create("lomar_vit_large_patch14", pretrained, **kwargs)
-
-
-@register_model
-def lomar_vit_large_patch16(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
-    return _create("lomar_vit_large_patch16", pretrained, **kwargs)
-
-
-@register_model
-def lomar_vit_huge_patch8(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
-    return _create("lomar_vit_huge_patch8", pretrained, **kwargs)
-
-
-@register_model
-def lomar_vit_huge_patch14(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
-    return _create("lomar_vit_huge_patch14", pretrained, **kwargs)
-
-
-@register_model
-def lomar_vit_huge_patch16(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
-    return _create("lomar_vit_huge_patch16", pretrained, **kwargs)
+for _size in MODEL_SIZES:
+    for _patch in PATCH_SIZES:
+        _register(f"lomar_vit_{_size}_patch{_patch}")
 
 
 def create_from_export(path, pretrained: bool = True, **kwargs) -> nn.Module:

@@ -22,12 +22,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """
     path = Path(path)
     check_tokenizer_file(path)
-    if path.suffix == ".safetensors":
-        kind = safetensors_metadata(path).get(FORMAT_KEY)
-        if kind == kmeans.FORMAT:
-            return kmeans.KMeansTokenizer.load(path)
-        if kind == dvae.FORMAT:
-            return dvae.load_dvae(path)
+    kind = safetensors_metadata(path).get(FORMAT_KEY) if path.suffix == ".safetensors" else dvae.FORMAT
+    loaders = {kmeans.FORMAT: kmeans.KMeansTokenizer.load, dvae.FORMAT: dvae.load_dvae}
+    if kind not in loaders:
         raise ValueError(f"{path} has metadata {FORMAT_KEY}={kind!r}, expected {dvae.FORMAT!r} or "
                          f"{kmeans.FORMAT!r}; write it with convert_dvae or KMeansTokenizer.save")
-    return dvae.load_dvae(path)
+    return loaders[kind](path)

@@ -29,16 +29,13 @@ class Tokenizer(nn.Module):
         side = self.input_size // self.stride
         return side, side
 
-    def check_images(self, images01: torch.Tensor) -> None:
+    @torch.no_grad()
+    def tokens(self, images01: torch.Tensor) -> torch.Tensor:
+        """images01 (N, 3, input_size, input_size) in [0, 1] → (N, Gh·Gw) int64."""
         size = self.input_size
         if images01.ndim != 4 or images01.shape[1] != 3 or tuple(images01.shape[-2:]) != (size, size):
             raise ValueError(f"{type(self).__name__} needs images (N, 3, {size}, {size}) in [0, 1], got "
                              f"{tuple(images01.shape)}; resize the view to {size} px first")
-
-    @torch.no_grad()
-    def tokens(self, images01: torch.Tensor) -> torch.Tensor:
-        """images01 (N, 3, input_size, input_size) in [0, 1] → (N, Gh·Gw) int64."""
-        self.check_images(images01)
         return self._tokens(images01).flatten(1).long()
 
     def _tokens(self, images01: torch.Tensor) -> torch.Tensor:  # (N, Gh, Gw) or (N, Gh·Gw)

@@ -113,12 +113,9 @@ class DVAEEncoder(Tokenizer):
         post_gain = 1 / (config.group_count * config.n_blk_per_group) ** 2
         widths = config.widths
         blocks: dict[str, nn.Module] = {"input": Conv(config.input_channels, config.n_hid, 7)}
-        n_in = config.n_hid
-        for g, width in enumerate(widths, start=1):
-            group = {}
-            for b in range(1, config.n_blk_per_group + 1):
-                group[f"block_{b}"] = EncoderBlock(n_in, width, post_gain)
-                n_in = width
+        for g, (n_in, width) in enumerate(zip([config.n_hid, *widths], widths), start=1):
+            group = {f"block_{b}": EncoderBlock(width if b > 1 else n_in, width, post_gain)
+                     for b in range(1, config.n_blk_per_group + 1)}
             blocks[f"group_{g}"] = nn.ModuleDict(group)
         blocks["output"] = nn.ModuleDict({"conv": Conv(widths[-1], config.vocab_size, 1, use_float16=False)})
         self.blocks = nn.ModuleDict(blocks)

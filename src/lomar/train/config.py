@@ -4,15 +4,14 @@ Resolution order, later wins: the generic defaults (LoMaR's recipe, SPEC §4) �
 own pretraining recipe (``Method.recipe``: betas, lr, warm-up, min lr, clipping, crops, jitter,
 layer scale) → the demo preset (``--preset demo``, the default when no ``--data`` is given; it sizes
 a two-minute run, its lr and warm-up included) → the YAML file (``--config``) → command-line flags.
-A resumed run
-(``--resume``) starts from its saved config instead, and only run-control settings may change.
+A resumed run (``--resume``) starts from its saved config instead, and only run-control settings may change.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import time
+import glob
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,9 +21,8 @@ import yaml
 from lomar.methods import get_method, names
 from lomar.train import settings as S
 from lomar.train import settings_resume as R
-from lomar.train.config_checks import check_data, check_decode, check_fsdp
-from lomar.train.runtime import default_workers
 from lomar.train.settings import ConfigError
+from lomar.train.settings_resume import TaskConfig
 from lomar.windows import WINDOWS_RULE, paper_windows, parse_windows, windows_source
 
 if TYPE_CHECKING:
@@ -36,9 +34,8 @@ __all__ = ["PretrainConfig", "DEMO_PRESET", "add_config_arguments", "resolve_con
 _R = "lomar, mae"  # the methods whose recipe the generic defaults are
 
 
-
 @dataclass
-class PretrainConfig:
+class PretrainConfig(TaskConfig):
     COMMAND = "pretrain"
     # data and output
     preset: str | None = S.setting(None, "demo = a 128-wide, 4-block ViT on 96 px crops for a few CPU minutes; paper = "
@@ -107,63 +104,33 @@ class PretrainConfig:
     layer_scale_init: float | None = S.setting(
         None, "--method beit: layer-scale start (default: BEiT's by model size: 0.1 up to ViT-B, 1e-5 from ViT-L's "
         "width 1024)", kind=float, above=0, resume="derived")
-    precision: str = S.PRECISION.field()
     compile: bool = S.COMPILE.field()
     fsdp: bool = S.setting(False, "shard the model, gradients and optimizer state across the torchrun processes "
                          "(FSDP2, one unit per block); sharded checkpoints checkpoint-N.dcp/, consolidated to last.pt "
                          "at the end")
     decode: str = S.DECODE.field()
     # running
-    workers: int | None = S.WORKERS.field()
     threads: int | None = S.THREADS.field(help="CPU threads per process; 1 is fastest for tiny models on a busy "
                                                "machine (default: the cores shared among this machine's processes)")
-    seed: int = S.SEED.field()
-    device: str = S.DEVICE.field()
     save_every: int = S.setting(20, "write a checkpoint every N epochs", above=0, resume="run-control")
     keep_last: int = S.setting(2, "checkpoints to keep", above=0, resume="run-control")
-    log_every: int = S.LOG_EVERY.field()
-    resume: str | None = S.RESUME.field()
-    overwrite: bool = S.OVERWRITE.field()
     figure_images: int = S.setting(4, "images in the reconstruction figures", above=0, resume="run-control")
     knn_every: int = S.setting(0, "every N epochs, print and log the k-NN top-1 of the encoder on --knn-data "
                              "(0 = never)", low=0, resume="run-control")
     knn_data: str | None = S.setting(None, "ImageFolder root with train/ and val/ class folders, for --knn-every "
                                    "(default: none)", resume="run-control", kind=str)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-# A tiny model on 96 px crops of the 15 bundled photographs (120 crops an epoch, 7 steps of 16,
-# 3 windows per image by --windows auto): ~0.17 s a step, so 672 steps train for about 2 minutes
-# on an idle 2-core machine (the data worker takes the other core), long enough for the
-# reconstructions to turn from coloured noise into the images' shapes. Figures at steps 0, 224,
-# 448 and 672.
-DEMO_PRESET: dict[str, Any] = dict(
-    model="vit_mini_patch8", embed_dim=128, depth=4, num_heads=4, img_size=96,
-    batch_size=16, epochs=96, lr=1e-3, warmup_epochs=5, save_every=32, workers=1, threads=1, log_every=50,
-    device="cpu",
-)
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field (``--window-size`` for ``window_size``), plus --config."""
-    S.add_settings(parser, S.declarations(PretrainConfig), config=True)
-
-
-def resolve_config(args: argparse.Namespace) -> PretrainConfig:
-    """Recipe defaults, demo preset, YAML, flags -> a validated PretrainConfig.
-
-    When resuming, the run's saved config replaces the defaults and preset (see lomar.train.settings_resume).
-    """
-    explicit = S.explicit_values(PretrainConfig, args)
-    saved = _saved_config(explicit)
-    if explicit.get("windows") == "auto":
-        explicit["windows"] = None  # resolved below; on resume, the saved run's count
-    if saved is not None:
-        if "window_placement" not in saved[0]:  # a run saved before placements existed drew distinct cells
-            saved = ({**saved[0], "window_placement": "distinct"}, saved[1])
-        values = R.resume_values(PretrainConfig, *saved, explicit)
-    else:
+    @classmethod
+    def start_values(cls, explicit: dict[str, Any]) -> dict[str, Any]:
+        """Recipe defaults, demo preset, YAML, flags; when resuming, the run's saved config replaces the
+        defaults and preset (see :func:`lomar.train.settings_resume.resume_values`)."""
+        saved = _saved_config(explicit)
+        if explicit.get("windows") == "auto":
+            explicit["windows"] = None  # resolved in validate; on resume, the saved run's count
+        if saved is not None:
+            if "window_placement" not in saved[0]:  # a run saved before placements existed drew distinct cells
+                saved = ({**saved[0], "window_placement": "distinct"}, saved[1])
+            return R.resume_values(PretrainConfig, *saved, explicit)
         values = PretrainConfig().to_dict()
         values.update(method_recipe(explicit.get("method", values["method"])))
         if "blr" in explicit and "lr" not in explicit:
@@ -177,19 +144,89 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
             values.update(preset)
         values.update(explicit)
         R.lay_schedule_over_max_steps(values, explicit)
-    config = PretrainConfig(**values)
-    if config.out is None:
-        config.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+        return values
 
-    if config.method in names():  # an unknown one is reported by validate
-        method = get_method(config.method)
-        config.mask_ratio = method.default_mask_ratio if config.mask_ratio is None else config.mask_ratio
-        config.pos = method.default_pos if config.pos is None else config.pos
-    if config.workers is None:
-        config.workers = default_workers()
-    # --print-config only shows the settings, so an --out that holds a run is no error there
-    validate(config, check_out=not getattr(args, "print_config", False))
-    return config
+    def complete(self, explicit: dict[str, Any]) -> None:
+        if self.method in names():  # an unknown one is reported by validate
+            method = get_method(self.method)
+            self.mask_ratio = method.default_mask_ratio if self.mask_ratio is None else self.mask_ratio
+            self.pos = method.default_pos if self.pos is None else self.pos
+
+    def check_settings(self) -> None:
+        """The checks that need no output folder; resolves ``--windows auto`` to its count (which they need)."""
+        from lomar.models.masking import grid_size  # torch: not for --help
+
+        S.check_warmup(self)
+        if self.lr is not None and self.min_lr > self.lr:
+            raise ConfigError(f"--min-lr {self.min_lr} is above --lr {self.lr}; lower --min-lr")
+        self.windows = resolve_windows(self)
+        check_fsdp(self)
+        if self.method == "mae" and self.pos != "abs":
+            raise ConfigError(f"--method mae needs --pos abs (got {self.pos})")
+        if self.tokenizer is not None and self.method != "beit":
+            raise ConfigError(f"--tokenizer is for --method beit only (got --method {self.method}); drop it")
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:  # also false for nan
+            raise ConfigError(f"--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1 (fractions of the image area), "
+                              f"got {low:g} {high:g}; e.g. --crop-scale 0.2 1.0 (LoMaR's recipe) or 0.08 1.0 (BEiT's)")
+        if self.color_jitter and self.decode != "full":
+            raise ConfigError(f"--color-jitter {self.color_jitter:g} is applied by --decode full only (got --decode "
+                              f"{self.decode}); pass --decode full, or --color-jitter 0")
+        vit = vit_config(self)
+        if self.method == "beit" and self.layer_scale_init is None:
+            from lomar.methods.beit import layer_scale_init  # torch: not for --help
+
+            self.layer_scale_init = layer_scale_init(vit.embed_dim)
+        elif self.method != "beit" and self.layer_scale_init is not None:
+            raise ConfigError(f"--layer-scale-init is for --method beit only (got --method {self.method}); drop it")
+        if vit.embed_dim % vit.num_heads:
+            raise ConfigError(f"--embed-dim {vit.embed_dim} is not divisible by --num-heads {vit.num_heads}")
+        try:
+            grid = grid_size(self.img_size, vit.patch_size)
+            get_method(self.method).validate(self, grid)
+        except ValueError as exc:
+            raise ConfigError(f"at --img-size {self.img_size}: {exc}") from None
+        check_decode(self)
+        if self.data is not None:
+            check_data(self.data)
+        if self.knn_every and not (self.knn_data and (Path(self.knn_data) / "train").is_dir()
+                                     and (Path(self.knn_data) / "val").is_dir()):
+            raise ConfigError(f"--knn-every needs --knn-data ROOT holding train/ and val/ class folders, "
+                              f"got {self.knn_data!r}")
+        # --resume PATH was checked when its saved config was read (_saved_config)
+
+    def dump(self) -> str:
+        """The config as YAML, with a comment saying what ``--windows auto`` gives here."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if self.method in names():
+            text = f"# recipe defaults: {get_method(self.method).recipe_source}\n" + text
+        if self.method not in names() or get_method(self.method).default_windows is not None:
+            return text  # auto is a fixed count there, not the paper's rule
+        try:
+            auto = resolve_windows(dataclasses.replace(self, windows="auto"))
+        except (ConfigError, ValueError):
+            return text
+
+        patch = vit_config(self).patch_size
+        why = ("the paper's count for this patch and image size" if windows_source(self.img_size, patch) == "paper"
+               else WINDOWS_RULE)
+        note = f"# --windows auto = {auto} at --img-size {self.img_size}, patch {patch}: {why}\n"
+        return text.replace("\nwindows:", "\n" + note + "windows:", 1)
+
+
+# A tiny model on 96 px crops of the 15 bundled photographs (120 crops an epoch, 7 steps of 16,
+# 3 windows per image by --windows auto): ~0.17 s a step, so 672 steps train for about 2 minutes
+# on an idle 2-core machine (the data worker takes the other core), long enough for the
+# reconstructions to turn from coloured noise into the images' shapes. Figures at steps 0, 224,
+# 448 and 672.
+DEMO_PRESET: dict[str, Any] = dict(
+    model="vit_mini_patch8", embed_dim=128, depth=4, num_heads=4, img_size=96,
+    batch_size=16, epochs=96, lr=1e-3, warmup_epochs=5, save_every=32, workers=1, threads=1, log_every=50,
+    device="cpu",
+)
+
+add_config_arguments = PretrainConfig.add_arguments
+resolve_config = PretrainConfig.resolve
 
 
 def method_recipe(method: str) -> dict[str, Any]:
@@ -206,7 +243,7 @@ def _saved_config(explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None
     """
     target = R.resume_target(explicit, sharded_ok=True)
     if target is not None:
-        return _sharded_config(target) if target.is_dir() else _checkpoint_config(target)
+        return _checkpoint_config(target)
     yaml_path = Path(explicit["out"]) / "config.yaml" if explicit.get("resume") == "auto" else None
     if yaml_path is not None and yaml_path.is_file():
         return S.read_yaml(PretrainConfig, yaml_path, strict=False), str(yaml_path)
@@ -222,13 +259,21 @@ def __getattr__(name: str):
 
 
 def _checkpoint_config(path: Path) -> tuple[dict[str, Any], str]:
+    """The saved settings of a training checkpoint, or of a sharded checkpoint folder (its meta.pt)."""
     from lomar.checkpoints.formats import saved_settings  # torch: not for --help
     from lomar.checkpoints.io import safe_load  # torch: not for --help
 
-    try:
-        ckpt = safe_load(path, mmap=True)  # only the config is read here; the engine loads the rest
+    sharded = path.is_dir()
+    try:  # only the config is read here; the engine loads the rest
+        ckpt = safe_load(path / "meta.pt") if sharded else safe_load(path, mmap=True)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"--resume: {exc}") from None
+        raise ConfigError(f"--resume {path}: {exc}; pass an intact checkpoint-NNNNNN.dcp folder" if sharded
+                          else f"--resume: {exc}") from None
+    if sharded:
+        if not isinstance(ckpt.get("config"), dict):
+            raise ConfigError(f"--resume {path} is not a `lomar pretrain --fsdp` checkpoint (no saved config); "
+                              f"pass a checkpoint-NNNNNN.dcp folder of a run")
+        return S.coerce_all(PretrainConfig, ckpt["config"], str(path), strict=False), str(path)
     if isinstance(ckpt.get("config"), dict) and ckpt["config"].get("fsdp") and "optimizer" not in ckpt:
         raise ConfigError(f"--resume {path} is the consolidated model of an --fsdp run (no optimizer state); "
                           f"pass its folder {path.parent / 'checkpoint-NNNNNN.dcp'}, or --out {path.parent} "
@@ -237,20 +282,6 @@ def _checkpoint_config(path: Path) -> tuple[dict[str, Any], str]:
         raise ConfigError(f"--resume {path} is not a `lomar pretrain` training checkpoint (no saved config "
                           f"and optimizer state); start a new run with another --out")
     return S.coerce_all(PretrainConfig, saved_settings(ckpt), str(path), strict=False), str(path)
-
-
-def _sharded_config(path: Path) -> tuple[dict[str, Any], str]:
-    """The saved settings of a sharded checkpoint folder (its meta.pt)."""
-    from lomar.checkpoints.io import safe_load  # torch: not for --help
-
-    try:
-        meta = safe_load(path / "meta.pt")
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"--resume {path}: {exc}; pass an intact checkpoint-NNNNNN.dcp folder") from None
-    if not isinstance(meta.get("config"), dict):
-        raise ConfigError(f"--resume {path} is not a `lomar pretrain --fsdp` checkpoint (no saved config); "
-                          f"pass a checkpoint-NNNNNN.dcp folder of a run")
-    return S.coerce_all(PretrainConfig, meta["config"], str(path), strict=False), str(path)
 
 
 def resolve_windows(config: PretrainConfig) -> int:
@@ -281,63 +312,6 @@ def vit_config(config: PretrainConfig) -> ViTConfig:
         raise ConfigError(f"--model: {exc}") from None
 
 
-def validate(config: PretrainConfig, check_out: bool = True) -> None:
-    """Everything that can be checked before any work; raises ConfigError naming the fix.
-    Resolves ``--windows auto`` to its count (which the checks need).
-
-    ``check_out``: refuse an --out that already holds a run (unless resuming / overwriting)."""
-    from lomar.models.masking import grid_size  # torch: not for --help
-
-    S.check_declared(config)
-    S.check_warmup(config)
-    if config.lr is not None and config.min_lr > config.lr:
-        raise ConfigError(f"--min-lr {config.min_lr} is above --lr {config.lr}; lower --min-lr")
-    config.windows = resolve_windows(config)
-    check_fsdp(config)
-    if config.method == "mae" and config.pos != "abs":
-        raise ConfigError(f"--method mae needs --pos abs (got {config.pos})")
-    if config.tokenizer is not None and config.method != "beit":
-        raise ConfigError(f"--tokenizer is for --method beit only (got --method {config.method}); drop it")
-    low, high = config.crop_scale
-    if not 0 < low <= high <= 1:  # also false for nan
-        raise ConfigError(f"--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1 (fractions of the image area), "
-                          f"got {low:g} {high:g}; e.g. --crop-scale 0.2 1.0 (LoMaR's recipe) or 0.08 1.0 (BEiT's)")
-    if config.color_jitter and config.decode != "full":
-        raise ConfigError(f"--color-jitter {config.color_jitter:g} is applied by --decode full only (got --decode "
-                          f"{config.decode}); pass --decode full, or --color-jitter 0")
-    vit = vit_config(config)
-    if config.method == "beit" and config.layer_scale_init is None:
-        from lomar.methods.beit import layer_scale_init  # torch: not for --help
-
-        config.layer_scale_init = layer_scale_init(vit.embed_dim)
-    elif config.method != "beit" and config.layer_scale_init is not None:
-        raise ConfigError(f"--layer-scale-init is for --method beit only (got --method {config.method}); drop it")
-    if vit.embed_dim % vit.num_heads:
-        raise ConfigError(f"--embed-dim {vit.embed_dim} is not divisible by --num-heads {vit.num_heads}")
-    try:
-        grid = grid_size(config.img_size, vit.patch_size)
-        get_method(config.method).validate(config, grid)
-    except ValueError as exc:
-        raise ConfigError(f"at --img-size {config.img_size}: {exc}") from None
-    check_decode(config)
-    if config.data is not None:
-        check_data(config.data)
-    out = Path(config.out)
-    if check_out:
-        from lomar.train.run_state import check_out_folder  # torch: not for --help
-
-        try:
-            check_out_folder(out)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        R.refuse_held_run(out, config.resume, config.overwrite)
-    if config.knn_every and not (config.knn_data and (Path(config.knn_data) / "train").is_dir()
-                                 and (Path(config.knn_data) / "val").is_dir()):
-        raise ConfigError(f"--knn-every needs --knn-data ROOT holding train/ and val/ class folders, "
-                          f"got {config.knn_data!r}")
-    # --resume PATH was checked when its saved config was read (_saved_config)
-
-
 def build_model(config: PretrainConfig, prepared: dict | None = None):
     """The model the config describes, built by its method (:mod:`lomar.methods`); ``prepared``:
     what :func:`prepare_method` returned (BEiT's freshly fitted tokenizer)."""
@@ -357,20 +331,52 @@ def prepare_method(config: PretrainConfig) -> dict:
     return method.prepare(config, grid_size(config.img_size, vit_config(config).patch_size))
 
 
-def dump_config(config: PretrainConfig) -> str:
-    """The config as YAML, with a comment saying what ``--windows auto`` gives here."""
-    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
-    if config.method in names():
-        text = f"# recipe defaults: {get_method(config.method).recipe_source}\n" + text
-    if config.method not in names() or get_method(config.method).default_windows is not None:
-        return text  # auto is a fixed count there, not the paper's rule
-    try:
-        auto = resolve_windows(dataclasses.replace(config, windows="auto"))
-    except (ConfigError, ValueError):
-        return text
+def check_fsdp(config: PretrainConfig) -> None:
+    """--fsdp shards across torchrun processes; refuse what the sharded path does not do."""
+    if not config.fsdp:
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        raise ConfigError("--fsdp shards the model across processes but this is a single process; launch with "
+                          "torchrun --nproc-per-node N (N >= 2), or drop --fsdp")
+    if config.precision == "fp16":
+        raise ConfigError("--precision fp16 is not supported with --fsdp (its loss scaling is not wired for "
+                          "sharded gradients); use --precision bf16 or fp32")
+    if config.knn_every:
+        raise ConfigError("--knn-every is not supported with --fsdp (the encoder is sharded); set --knn-every 0 "
+                          "and run `lomar knn` on RUN/last.pt")
 
-    patch = vit_config(config).patch_size
-    why = ("the paper's count for this patch and image size" if windows_source(config.img_size, patch) == "paper"
-           else WINDOWS_RULE)
-    note = f"# --windows auto = {auto} at --img-size {config.img_size}, patch {patch}: {why}\n"
-    return text.replace("\nwindows:", "\n" + note + "windows:", 1)
+
+def check_data(data: str) -> None:
+    """A folder or .txt list that exists, or a tar shard pattern that matches."""
+    from lomar.data.shards import is_shard_pattern, shard_paths  # torch: not for --help
+
+    if is_shard_pattern(data):
+        try:
+            shard_paths(data)
+        except ValueError as exc:
+            raise ConfigError(f"--data: {exc}") from None
+    elif glob.has_magic(data) or "{" in data:
+        if not Path(data).exists():  # a folder may have [ or { in its name
+            raise ConfigError(f"--data {data}: a pattern must name .tar shards, e.g. shards/*.tar; "
+                              f"for images pass their folder")
+    elif not Path(data).exists():
+        raise ConfigError(f"--data {data} does not exist; pass a folder of images, a .txt list "
+                          f"or a tar shard pattern, or omit --data for the demo")
+
+
+def check_decode(config: PretrainConfig) -> None:
+    """--decode other than full reads image files one by one; windows needs LoMaR's windows, gpu a GPU."""
+    if config.decode == "full":
+        return
+    from lomar.data.shards import is_shard_pattern  # torch: not for --help
+
+    if config.data is not None and is_shard_pattern(config.data):
+        raise ConfigError(f"--decode {config.decode} reads image files, not tar shards (--data {config.data}); "
+                          f"use --decode full with shards")
+    if config.decode == "windows" and (config.method != "lomar" or not config.windows):
+        raise ConfigError(f"--decode windows resamples only LoMaR's windows, but this run is --method "
+                          f"{config.method} with --windows {config.windows}; use --decode draft")
+    if config.decode == "gpu" and config.device != "auto" and not config.device.startswith("cuda"):
+        raise ConfigError(f"--decode gpu decodes JPEGs on a CUDA device, not --device {config.device}; "
+                          f"use --decode draft on CPU")

@@ -36,7 +36,7 @@ from lomar.eval.features import load_pretrained_encoder
 from lomar.integrations.detection import build_mask_rcnn, detector_param_groups
 from lomar.models.attention import vitdet_global_blocks
 from lomar.models.vit import VisionTransformer, ViTConfig, model_config
-from lomar.train.detect_config import DetectConfig, dump_detect_config
+from lomar.train.detect_config import DetectConfig
 from lomar.train.distributed import DistInfo, init_distributed
 from lomar.train.lifecycle import Task, run
 from lomar.train.run_state import RunLock
@@ -92,7 +92,7 @@ class DetectTask(Task):
     def __init__(self, config: DetectConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, device
         rank, world_size, self.eval_steps = info.rank, info.world_size, config.eval_every
-        log = self.log = stderr_log if info.is_main else _quiet
+        log = self.log = stderr_log if info.is_main else (lambda message: None)  # the main process says it
         self.val = read_coco(config.val_ann, config.val_images, "--val-ann", "--val-images")
         log(f"lomar detect: val {self.val.path}: {self.val.summary.line()}")
         self.categories = self.val.categories
@@ -207,16 +207,9 @@ class DetectTask(Task):
         """``OUT/predictions.json``: the last evaluation's detections, a COCO results file."""
         atomic_write_text(Path(out) / "predictions.json", json.dumps(self.predictions))
 
-    def config_text(self) -> str:
-        return dump_detect_config(self.config)
-
 
 def stderr_log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _quiet(message: str) -> None:
-    """The log of a process other than the main one: the main one says it."""
 
 
 def detect(config: DetectConfig) -> int:
@@ -227,7 +220,6 @@ def detect(config: DetectConfig) -> int:
 def evaluate_only(config: DetectConfig) -> int:
     """Score ``--pretrained`` on the validation split in this process: a ``metrics.jsonl`` line and
     ``predictions.json`` in ``--out`` (the folder locked meanwhile)."""
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("--eval-only runs in one process; run it without torchrun")
     _, device = init_distributed(config.device)

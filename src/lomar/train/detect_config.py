@@ -7,26 +7,21 @@ that can be checked is checked here, before any folder is made.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lomar.train import settings as S
-from lomar.train import settings_resume as R
-from lomar.train.runtime import default_workers
 from lomar.train.settings import ConfigError
+from lomar.train.settings_resume import TaskConfig, check_img_size, check_pretrained, check_windows, refuse_fp16
 
-__all__ = ["DetectConfig", "add_detect_arguments", "resolve_detect_config", "dump_detect_config"]
+__all__ = ["DetectConfig"]
 
 _RUN = "run-control"
 
 
 @dataclass
-class DetectConfig:
+class DetectConfig(TaskConfig):
     COMMAND = "detect"
     train_ann: str | None = S.setting(None, "COCO instances JSON of the training split (default: none; required to "
                                       "train)", kind=str, resume=_RUN, metavar="FILE")
@@ -76,75 +71,33 @@ class DetectConfig:
     eval_only: bool = S.setting(False, "score --pretrained (a `lomar detect` run or checkpoint) on the validation "
                                 "split, write predictions.json and metrics.jsonl into --out, and stop",
                                 resume="per-invocation")
-    precision: str = S.PRECISION.field()
-    workers: int | None = S.WORKERS.field()
-    threads: int | None = S.THREADS.field()
-    seed: int = S.SEED.field()
-    device: str = S.DEVICE.field()
-    log_every: int = S.LOG_EVERY.field()
-    resume: str | None = S.RESUME.field()
-    overwrite: bool = S.OVERWRITE.field()
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    @staticmethod
+    def saved_settings(checkpoint: dict) -> dict | None:
+        """The settings a `lomar detect` checkpoint saved; None for another file."""
+        if checkpoint.get("format") != "lomar-detect-1" or "optimizer" not in checkpoint:
+            return None
+        return checkpoint.get("settings", {})
 
+    def complete(self, explicit: dict[str, Any]) -> None:
+        for split in ("train", "val"):
+            if getattr(self, f"{split}_ann") and not getattr(self, f"{split}_images"):
+                setattr(self, f"{split}_images", str(Path(getattr(self, f"{split}_ann")).parent))
 
-def add_detect_arguments(parser: argparse.ArgumentParser) -> None:
-    S.add_settings(parser, S.declarations(DetectConfig), config=True)
+    def check_settings(self) -> None:
+        check_img_size(self)
+        low, high = self.jitter
+        if not 0 < low <= high < 100:
+            raise ConfigError(f"--jitter must be LOW HIGH with 0 < LOW <= HIGH, got {low:g} {high:g}; e.g. 0.1 2.0")
+        check_windows(self)
+        refuse_fp16(self)
 
-
-def resolve_detect_config(args: argparse.Namespace) -> DetectConfig:
-    """Recipe defaults, YAML, flags (or the resumed run's saved settings) -> a validated config."""
-    values, _ = R.task_values(DetectConfig, args, "detect", _detect_settings)
-    config = DetectConfig(**values)
-    for split in ("train", "val"):
-        if getattr(config, f"{split}_ann") and not getattr(config, f"{split}_images"):
-            setattr(config, f"{split}_images", str(Path(getattr(config, f"{split}_ann")).parent))
-    if config.workers is None:
-        config.workers = default_workers()
-    validate(config, check_out=not getattr(args, "print_config", False))
-    return config
-
-
-def _detect_settings(checkpoint: dict) -> dict | None:
-    """The settings a `lomar detect` checkpoint saved; None for another file."""
-    if checkpoint.get("format") != "lomar-detect-1" or "optimizer" not in checkpoint:
-        return None
-    return checkpoint.get("settings", {})
-
-
-def validate(config: DetectConfig, check_out: bool = True) -> None:
-    """Everything that can be checked before any work; raises ConfigError naming the fix."""
-    S.check_declared(config)
-    if config.img_size % 32:
-        raise ConfigError(f"--img-size must be a multiple of 32 (the coarsest pyramid stride), got {config.img_size}; "
-                          f"e.g. {max(32, round(config.img_size / 32) * 32)}")
-    low, high = config.jitter
-    if not 0 < low <= high < 100:
-        raise ConfigError(f"--jitter must be LOW HIGH with 0 < LOW <= HIGH, got {low:g} {high:g}; e.g. 0.1 2.0")
-    blocks = config.global_blocks
-    if blocks is not None and not config.window_size:
-        raise ConfigError("--global-blocks needs --window-size N > 0; add --window-size 14, or drop --global-blocks")
-    if blocks is not None and len(set(blocks)) != len(blocks):
-        raise ConfigError(f"--global-blocks must be distinct block indices, got {' '.join(map(str, blocks))}")
-    if config.precision == "fp16":
-        raise ConfigError("--precision fp16 is not supported by detect (no loss scaling); use bf16 or fp32")
-    if not check_out:
-        return
-    if not config.val_ann:
-        raise ConfigError("pass --val-ann FILE (COCO instances JSON) and --val-images DIR: the split AP is scored on")
-    if not config.eval_only and not config.train_ann:
-        raise ConfigError("pass --train-ann FILE and --train-images DIR (COCO instances), or --eval-only")
-    if config.eval_only and not config.pretrained:
-        raise ConfigError("--eval-only needs --pretrained RUN (a `lomar detect` run folder or checkpoint)")
-    if config.pretrained and not Path(config.pretrained).exists():
-        raise ConfigError(f"--pretrained {config.pretrained} does not exist")
-    from lomar.train.run_state import check_out_folder  # torch: not for --help
-
-    check_out_folder(Path(config.out))
-    if not config.eval_only:
-        R.refuse_held_run(Path(config.out), config.resume, config.overwrite)
-
-
-def dump_detect_config(config: DetectConfig) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    def check_inputs(self) -> None:
+        if not self.val_ann:
+            raise ConfigError("pass --val-ann FILE (COCO instances JSON) and --val-images DIR: the split AP is "
+                              "scored on")
+        if not self.eval_only and not self.train_ann:
+            raise ConfigError("pass --train-ann FILE and --train-images DIR (COCO instances), or --eval-only")
+        if self.eval_only and not self.pretrained:
+            raise ConfigError("--eval-only needs --pretrained RUN (a `lomar detect` run folder or checkpoint)")
+        check_pretrained(self)

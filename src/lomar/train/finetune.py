@@ -30,12 +30,12 @@ from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError
 from lomar.eval.features import load_pretrained_encoder
 from lomar.train.distributed import DistInfo
-from lomar.train.finetune_config import FinetuneConfig, dump_finetune_config, encoder_layout, split_roots
+from lomar.train.finetune_config import FinetuneConfig, encoder_layout, split_roots
 from lomar.train.lifecycle import Task, run
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.run_state import autocast_factory, resolve_precision
 
-__all__ = ["finetune", "classification_transforms", "eval_crop_ratio", "evaluate", "FinetuneTask"]
+__all__ = ["finetune", "classification_transforms", "eval_crop_ratio", "FinetuneTask"]
 
 
 def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
@@ -67,29 +67,11 @@ def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
     return train, val, train_set.classes
 
 
-@torch.no_grad()
-def evaluate(model, loader, device: torch.device, info, autocast) -> dict[str, float]:
-    """Top-1 / top-5 accuracy in [0, 1] over the whole validation set (all ranks)."""
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct@1, correct@5, count
-    for images, targets in loader:
-        with autocast():
-            logits = model(images.to(device))
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hit = top == targets.to(device)[:, None]
-        totals += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(targets), device=device)])
-    if info.enabled:
-        dist.all_reduce(totals)
-    model.train(was_training)
-    count = max(float(totals[2]), 1.0)
-    return {"top1": float(totals[0]) / count, "top5": float(totals[1]) / count}
-
-
 class FinetuneTask(Task):
     """The classifier on a pretrained encoder, the recipe's augmentation and loss, top-1/top-5 on val."""
 
     name, best_metric = "finetune", "top1"
+    eval_epoch_index = True
 
     def __init__(self, config: FinetuneConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, device
@@ -137,16 +119,29 @@ class FinetuneTask(Task):
             images, targets = self.mixup(images, targets)
         return self.criterion(self.net(images), targets)
 
+    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.model, self.val_loader, self.device, self.info, self.autocast)
+        """Top-1 / top-5 accuracy in [0, 1] over the whole validation set (all ranks)."""
+        model, device = self.model, self.device
+        was_training = model.training
+        model.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct@1, correct@5, count
+        for images, targets in self.val_loader:
+            with self.autocast():
+                logits = model(images.to(device))
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hit = top == targets.to(device)[:, None]
+            totals += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(targets), device=device)])
+        if self.info.enabled:
+            dist.all_reduce(totals)
+        model.train(was_training)
+        count = max(float(totals[2]), 1.0)
+        return {"top1": float(totals[0]) / count, "top5": float(totals[1]) / count}
 
     def state(self) -> dict:
         return {"config": self.model.config.to_dict(), "num_classes": len(self.classes), "classes": self.classes,
                 "settings": self.config.to_dict(), "format": "lomar-finetune-1",
                 "global_pool": self.config.global_pool}
-
-    def config_text(self) -> str:
-        return dump_finetune_config(self.config)
 
 
 def finetune(config: FinetuneConfig) -> int:

@@ -2,31 +2,25 @@
 
 Resolution order, later wins: the recipe → the YAML file (``--config``) → command-line flags.
 A resumed run (``--resume``) starts from its saved settings instead; only run-control
-settings may change (see ``_RUN_CONTROL``). Everything is checked before any folder is made.
+settings may change. Everything is checked before any folder is made.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lomar.train import settings as S
-from lomar.train import settings_resume as R
-from lomar.train.runtime import default_workers
 from lomar.train.settings import ConfigError
+from lomar.train.settings_resume import TaskConfig, check_windows, refuse_fp16
 
-__all__ = ["FinetuneConfig", "add_finetune_arguments", "resolve_finetune_config", "dump_finetune_config",
-           "encoder_layout"]
+__all__ = ["FinetuneConfig", "add_finetune_arguments", "resolve_finetune_config", "encoder_layout", "split_roots"]
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(TaskConfig):
     COMMAND = "finetune"
     pretrained: str | None = S.PRETRAINED.field(help=S.PRETRAINED.help + " (default: none; required unless "
                                                      "resuming, which reads it from the checkpoint)")
@@ -70,79 +64,56 @@ class FinetuneConfig:
         (0.08, 1.0), "area range of the training random resized crop, as fractions of the image (0 < LOW <= HIGH "
         "<= 1); the default is timm's, the original recipe's; raise LOW for small images, e.g. 0.5 1.0",
         finite=False, nargs=2, metavar=("LOW", "HIGH"))
-    precision: str = S.PRECISION.field()
-    workers: int | None = S.WORKERS.field()
-    threads: int | None = S.THREADS.field()
-    seed: int = S.SEED.field()
-    device: str = S.DEVICE.field()
-    log_every: int = S.LOG_EVERY.field()
-    resume: str | None = S.RESUME.field()
-    overwrite: bool = S.OVERWRITE.field()
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    @staticmethod
+    def saved_settings(checkpoint: dict) -> dict | None:
+        """The settings a `lomar finetune` checkpoint saved ("args": runs before FinetuneConfig saved them)."""
+        if not {"optimizer", "batches_done", "best_top1"} <= set(checkpoint):
+            return None
+        return next((checkpoint[k] for k in ("settings", "args") if isinstance(checkpoint.get(k), dict)), {})
 
+    def complete(self, explicit: dict[str, Any]) -> None:
+        if "warmup_epochs" not in explicit and 0 < self.epochs < self.warmup_epochs:
+            # The default warm-up (the recipe's 5 epochs) in a shorter run: warm up over the whole run, saying so.
+            print(f"lomar finetune: warming up for all {self.epochs} epoch(s) (the default "
+                  f"{self.warmup_epochs:g} is longer than --epochs)", file=sys.stderr)
+            self.warmup_epochs = float(self.epochs)
 
-def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
-    S.add_settings(parser, S.declarations(FinetuneConfig), config=True)
+    def check_settings(self) -> None:
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:  # also false for nan; inf fails <= 1
+            raise ConfigError(f"--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1 (finite fractions of the "
+                              f"image area), got {low:g} {high:g}; e.g. --crop-scale 0.08 1.0 (the recipe) or 0.5 1.0")
+        check_windows(self)
+        S.check_warmup(self)
+        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
+            raise ConfigError(f"mixup/cutmix pair images: --batch-size must be even, got {self.batch_size}")
+        refuse_fp16(self)
 
+    def check_inputs(self) -> None:
+        if not (self.data or (self.train and self.val)):
+            raise ConfigError("pass --data ROOT (with train/ and val/) or both --train and --val")
+        for split in split_roots(self):
+            if not split.is_dir():
+                raise ConfigError(f"{split} is not a folder; finetuning needs ImageFolder class folders "
+                                  f"(ROOT/train/CLASS/IMAGE and ROOT/val/CLASS/IMAGE)")
+        if self.pretrained is None:
+            raise ConfigError("pass --pretrained CHECKPOINT (the encoder to finetune)")
+        if not Path(self.pretrained).exists():
+            raise ConfigError(f"--pretrained {self.pretrained} does not exist")
+        if self.aa == "none":
+            return
+        from lomar.data.classify import classification_transforms  # torch, timm: not for --help
 
-def resolve_finetune_config(args: argparse.Namespace) -> FinetuneConfig:
-    """Recipe defaults, YAML, flags (or the resumed run's saved settings) -> a validated config."""
-    values, explicit = R.task_values(FinetuneConfig, args, "finetune", _finetune_settings)
-    config = FinetuneConfig(**values)
-    if "warmup_epochs" not in explicit and 0 < config.epochs < config.warmup_epochs:
-        # The default warm-up (the recipe's 5 epochs) in a shorter run: warm up over the whole run, saying so.
-        print(f"lomar finetune: warming up for all {config.epochs} epoch(s) (the default "
-              f"{config.warmup_epochs:g} is longer than --epochs)", file=sys.stderr)
-        config.warmup_epochs = float(config.epochs)
-    if config.workers is None:
-        config.workers = default_workers()
-    validate(config, check_out=not getattr(args, "print_config", False))
-    return config
-
-
-def _finetune_settings(checkpoint: dict) -> dict | None:
-    """The settings a `lomar finetune` checkpoint saved ("args": runs before FinetuneConfig saved them)."""
-    if not {"optimizer", "batches_done", "best_top1"} <= set(checkpoint):
-        return None
-    return next((checkpoint[k] for k in ("settings", "args") if isinstance(checkpoint.get(k), dict)), {})
-
-
-def validate(config: FinetuneConfig, check_out: bool = True) -> None:
-    """Everything that can be checked before any work; raises ConfigError naming the fix."""
-    S.check_declared(config)
-    low, high = config.crop_scale
-    if not 0 < low <= high <= 1:  # also false for nan; inf fails <= 1
-        raise ConfigError(f"--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1 (finite fractions of the image "
-                          f"area), got {low:g} {high:g}; e.g. --crop-scale 0.08 1.0 (the recipe) or 0.5 1.0")
-    _check_windows(config)
-    S.check_warmup(config)
-    if (config.mixup > 0 or config.cutmix > 0) and config.batch_size % 2:
-        raise ConfigError(f"mixup/cutmix pair images: --batch-size must be even, got {config.batch_size}")
-    if config.precision == "fp16":
-        raise ConfigError("--precision fp16 is not supported by finetune (no loss scaling); use bf16 or fp32")
-    if not check_out:
-        return  # --print-config: the settings only
-    _validate_paths(config)
-    _validate_augmentation(config)
+        try:  # build the policy now: a typo would otherwise surface as a cryptic error at the first image
+            classification_transforms(self.img_size, self.aa, self.reprob, self.crop_scale)
+        except Exception as exc:  # timm reports an unknown policy with an AssertionError / KeyError
+            raise ConfigError(f"--aa {self.aa!r} is not a timm auto-augment policy ({exc}); e.g. "
+                              f"rand-m9-mstd0.5-inc1, augmix-m5, original, or none") from None
 
 
-def _validate_paths(config: FinetuneConfig) -> None:
-    from lomar.train.run_state import check_out_folder  # torch: not for --help
-
-    if not (config.data or (config.train and config.val)):
-        raise ConfigError("pass --data ROOT (with train/ and val/) or both --train and --val")
-    for split in split_roots(config):
-        if not split.is_dir():
-            raise ConfigError(f"{split} is not a folder; finetuning needs ImageFolder class folders "
-                              f"(ROOT/train/CLASS/IMAGE and ROOT/val/CLASS/IMAGE)")
-    if config.pretrained is None:
-        raise ConfigError("pass --pretrained CHECKPOINT (the encoder to finetune)")
-    if not Path(config.pretrained).exists():
-        raise ConfigError(f"--pretrained {config.pretrained} does not exist")
-    check_out_folder(Path(config.out))
-    R.refuse_held_run(Path(config.out), config.resume, config.overwrite)
+add_finetune_arguments = FinetuneConfig.add_arguments
+resolve_finetune_config = FinetuneConfig.resolve
 
 
 def encoder_layout(config: FinetuneConfig) -> dict:
@@ -154,37 +125,8 @@ def encoder_layout(config: FinetuneConfig) -> dict:
     return layout
 
 
-def _check_windows(config: FinetuneConfig) -> None:
-    """--window-size / --global-blocks (the block indices are checked against the depth at load)."""
-    blocks = config.global_blocks
-    if blocks is None:
-        return
-    if not config.window_size:
-        raise ConfigError("--global-blocks needs --window-size N > 0 (the other blocks attend inside N x N windows); "
-                          "add --window-size 14, or drop --global-blocks")
-    if len(set(blocks)) != len(blocks):
-        raise ConfigError(f"--global-blocks must be distinct block indices, got {' '.join(map(str, blocks))}")
-
-
-def _validate_augmentation(config: FinetuneConfig) -> None:
-    """Build the policy now: a typo would otherwise surface as a cryptic error at the first image."""
-    if config.aa == "none":
-        return
-    from lomar.data.classify import classification_transforms  # torch, timm: not for --help
-
-    try:
-        classification_transforms(config.img_size, config.aa, config.reprob, config.crop_scale)
-    except Exception as exc:  # timm reports an unknown policy with an AssertionError / KeyError
-        raise ConfigError(f"--aa {config.aa!r} is not a timm auto-augment policy ({exc}); e.g. "
-                          f"rand-m9-mstd0.5-inc1, augmix-m5, original, or none") from None
-
-
 def split_roots(config: FinetuneConfig) -> tuple[Path, Path]:
     """(train, val) ImageFolder roots."""
     train = Path(config.train) if config.train else Path(config.data) / "train"
     val = Path(config.val) if config.val else Path(config.data) / "val"
     return train, val
-
-
-def dump_finetune_config(config: FinetuneConfig) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -178,7 +178,6 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=str(directory))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-
     return safe_load(directory / "meta.pt")
 
 

@@ -91,7 +91,6 @@ class _Run:
     def load(self, path: Path) -> None:
         task = self.task
         if path.is_dir():  # a sharded checkpoint: every rank loads its shards
-
             ckpt = load_sharded(task.model, self.optimizer, path)
         else:
             ckpt = safe_load(path, map_location=self.device)
@@ -114,7 +113,6 @@ class _Run:
         ``best.pt`` when ``metrics`` (a finished epoch's) hold the best ``best_metric`` so far."""
         keep = getattr(self.cfg, "keep_last", None)
         if self.task.sharded:  # collective
-
             path = save_run_checkpoint(self.task.model, self.optimizer, self.meta(), self.out, self.p.step, keep)
             return path if self.info.is_main else None
         return save_on_main_rank(lambda: self._save_files(metrics, keep), self.info.is_main, self.device)
@@ -134,7 +132,8 @@ class _Run:
     def prepare_folder(self, resume: Path | None) -> None:
         if resume is None:  # another run may have got here since the config was checked
             refuse_held_run(self.out, self.cfg.resume, self.cfg.overwrite)
-        text = self.task.config_text() or yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False)
+        dump = getattr(self.cfg, "dump", None)  # a TaskConfig's; else the plain dataclass's fields
+        text = dump() if dump else yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False)
         prepare_run_folder(self.cfg, self.task.name, resume, self.p.step, self.p.epoch, self.task.outputs, text)
 
     # ---- training ----------------------------------------------------------------------
@@ -266,8 +265,8 @@ class _Run:
             metric = self.task.best_metric
             if metric in metrics and not self.p.batches_done:
                 extra[f"best_{metric}"] = max(self.best, metrics[metric])
-            # the epoch whose batches were trained last: at an epoch's end p.epoch already counts it
-            epoch = self.p.epoch - 1 if self.p.epoch and not self.p.batches_done else self.p.epoch
+            epoch = self.p.epoch - 1 if self.task.eval_epoch_index and self.p.epoch and not self.p.batches_done \
+                else self.p.epoch
             self.monitor.evaluation(self.task.eval_log, self.p.step, epoch, metrics, extra)
         return metrics
 
@@ -275,7 +274,9 @@ class _Run:
         path = self.save()
         if not preempted:
             self.p.final = True
-            self._evaluate()
+            metrics = self._evaluate()
+            if metrics and self.task.eval_steps:  # a step-evaluated run's final score may be its best
+                self.save(metrics)
         self.monitor.close()
         # Collective: the other ranks wait for the main one's files, and stop with it if it fails.
         save_on_main_rank(lambda: self._outputs(path, preempted), self.info.is_main, self.device)

@@ -23,7 +23,7 @@ from lomar.data.samplers import EpochSampler
 from lomar.eval.knn import KnnMonitor
 from lomar.methods.base import method_runtime
 from lomar.models.spec import model_spec
-from lomar.train.config import PretrainConfig, build_model, dump_config, prepare_method
+from lomar.train.config import PretrainConfig, build_model, prepare_method
 from lomar.train.distributed import DistInfo
 from lomar.train.fsdp import consolidate_into, shard_model
 from lomar.train.lifecycle import Task, TrainingError, run
@@ -33,12 +33,7 @@ from lomar.train.schedule import param_groups
 from lomar.viz.curves import loss_curve
 from lomar.viz.reconstruction import reconstruction_snapshot
 
-__all__ = ["PretrainTask", "TrainingError", "make_masker", "train", "checkpoints_to_prune"]
-
-
-def make_masker(config: PretrainConfig, patch_size: int):
-    """Per-sample masking drawn in the data workers, seeded with the sample's augmentation."""
-    return method_runtime(config, patch_size).masker
+__all__ = ["PretrainTask", "TrainingError", "train", "checkpoints_to_prune"]
 
 
 class PretrainTask(Task):
@@ -139,9 +134,6 @@ class PretrainTask(Task):
     def state(self) -> dict:
         return {"config": self.config.to_dict(), "model_spec": self.spec, "format": PRETRAIN_FORMAT}
 
-    def config_text(self) -> str:
-        return dump_config(self.config)
-
     def begin(self) -> None:
         if not self.sharded:  # the untrained model, what the last figure is compared with; sharded: at the end
             self.figure()
@@ -172,7 +164,6 @@ class PretrainTask(Task):
         """The whole model: a sharded run's last checkpoint gathered into ``last.pt`` (and its figure)."""
         if not self.sharded:
             return self.model
-
         model = consolidate_into(newest_state(out), out / "last.pt", build_model(self.config)).to(self.device)
         self.figure(model)
         return model
@@ -182,7 +173,6 @@ class PretrainTask(Task):
         unsharded copy when the run is sharded (FSDP)."""
         if self.sharded and model is None:
             return  # the figure needs the whole model: drawn at the end only
-
         out, step = Path(self.config.out), self.progress.step
         try:
             reconstruction_snapshot(model or self.model, self.fixed_images(), out, step, seed=self.config.seed,

@@ -30,10 +30,9 @@ from lomar.errors import LomarError, UsageError
 
 __all__ = ["RunLock", "SaveError", "save_state", "rng_state", "set_rng_state", "checkpoints_to_prune",
            "save_checkpoint", "save_on_main_rank", "truncate_metrics", "remove_stale_temporaries",
-           "find_resume_checkpoint",
-           "checkpoint_step", "check_no_rewind", "remove_newer_checkpoints", "check_out_folder",
-           "autocast_factory", "resolve_precision", "LAST_POINTER", "is_sharded_checkpoint", "newest_state",
-           "resume_path", "prepare_run_folder"]
+           "find_resume_checkpoint", "checkpoint_step", "check_no_rewind", "remove_newer_checkpoints",
+           "check_out_folder", "autocast_factory", "resolve_precision", "LAST_POINTER", "is_sharded_checkpoint",
+           "newest_state", "resume_path", "prepare_run_folder"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.pt$")
 _SHARDED = re.compile(r"^checkpoint-(\d+)\.dcp$")

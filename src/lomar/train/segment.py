@@ -12,11 +12,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from torchvision.io import encode_png
 
 from lomar.checkpoints.io import atomic_write_bytes
 from lomar.data.samplers import EpochSampler
@@ -27,7 +27,7 @@ from lomar.integrations.segmenter import UperNetSegmenter, layer_decay_groups, s
 from lomar.models.vit import VisionTransformer, model_config
 from lomar.train.distributed import DistInfo
 from lomar.train.lifecycle import Task, run
-from lomar.train.segment_config import SegmentConfig, dump_segment_config
+from lomar.train.segment_config import SegmentConfig
 
 __all__ = ["SegmentTask", "build_encoder", "poly_schedule", "segment"]
 
@@ -122,7 +122,7 @@ class SegmentTask(Task):
                 logits = F.interpolate(logits.float(), size=labels.shape, mode="bilinear", align_corners=False)
                 pred = logits.argmax(1)[0].cpu()
                 confusion += confusion_matrix(pred, labels, config.num_classes)
-                pngs.append((stem, _png(pred.numpy().astype(np.uint8) + 1)))
+                pngs.append((stem, encode_png((pred + 1).to(torch.uint8)[None]).numpy().tobytes()))
         finally:
             model.train(was_training)
         if info.enabled:
@@ -142,19 +142,6 @@ class SegmentTask(Task):
     def state(self) -> dict:
         """What ``--resume`` reads back (the settings) besides the lifecycle's position and weights."""
         return {"task": "segment", "settings": self.config.to_dict()}
-
-    def config_text(self) -> str:
-        return dump_segment_config(self.config)
-
-
-def _png(labels: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(labels).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def segment(config: SegmentConfig) -> int:

@@ -7,24 +7,18 @@ a resumed run's saved settings with only run-control ones changed.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from lomar.train import settings as S
-from lomar.train import settings_resume as R
-from lomar.train.runtime import default_workers
 from lomar.train.settings import ConfigError
+from lomar.train.settings_resume import TaskConfig, check_img_size, check_pretrained
 
-__all__ = ["SegmentConfig", "add_segment_arguments", "resolve_segment_config", "dump_segment_config"]
+__all__ = ["SegmentConfig"]
 
 
 @dataclass
-class SegmentConfig:
+class SegmentConfig(TaskConfig):
     COMMAND = "segment"
     data: str | None = S.DATA.field(help="ADE20K-layout root: images/{training,validation}/*.jpg and "
                                          "annotations/{training,validation}/*.png, 0 = ignored, 1..N the classes "
@@ -67,61 +61,21 @@ class SegmentConfig:
     eval_every: int | None = S.EVAL_EVERY.field()
     grad_checkpointing: bool = S.setting(False, "recompute each block in the backward pass: less memory at high "
                                        "resolution")
-    precision: str = S.PRECISION.field()
-    workers: int | None = S.WORKERS.field()
-    threads: int | None = S.THREADS.field()
-    seed: int = S.SEED.field()
-    device: str = S.DEVICE.field()
-    log_every: int = S.LOG_EVERY.field()
-    resume: str | None = S.RESUME.field()
-    overwrite: bool = S.OVERWRITE.field()
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    @staticmethod
+    def saved_settings(checkpoint: dict) -> dict | None:
+        """The settings a `lomar segment` checkpoint saved; None for another file."""
+        return checkpoint.get("settings") if checkpoint.get("task") == "segment" else None
 
+    def check_settings(self) -> None:
+        check_img_size(self)
 
-def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
-    S.add_settings(parser, S.declarations(SegmentConfig), config=True)
-
-
-def resolve_segment_config(args: argparse.Namespace) -> SegmentConfig:
-    """Recipe defaults, YAML, flags (or the resumed run's saved settings) -> a validated config."""
-    values, _ = R.task_values(SegmentConfig, args, "segment", _segment_settings)
-    config = SegmentConfig(**values)
-    if config.workers is None:
-        config.workers = default_workers()
-    validate(config, check_out=not getattr(args, "print_config", False))
-    return config
-
-
-def _segment_settings(checkpoint: dict) -> dict | None:
-    """The settings a `lomar segment` checkpoint saved; None for another file."""
-    return checkpoint.get("settings") if checkpoint.get("task") == "segment" else None
-
-
-def validate(config: SegmentConfig, check_out: bool = True) -> None:
-    """Everything that can be checked before any work; raises ConfigError naming the fix."""
-    S.check_declared(config)
-    if config.img_size % 32:
-        raise ConfigError(f"--img-size must be a multiple of 32 (the pyramid's coarsest stride), got "
-                          f"{config.img_size}; e.g. {max(32, config.img_size // 32 * 32)}")
-    if not check_out:
-        return
-    if config.data is None:
-        raise ConfigError("pass --data ROOT (ADE20K layout: images/{training,validation}, "
-                          "annotations/{training,validation})")
-    if not Path(config.data).is_dir():
-        raise ConfigError(f"--data {config.data} is not a folder; pass the root of an ADE20K-layout dataset")
-    if config.num_classes is None:
-        raise ConfigError("pass --num-classes N (the annotations' class ids are 1..N; 150 for ADE20K)")
-    if config.pretrained is not None and not Path(config.pretrained).exists():
-        raise ConfigError(f"--pretrained {config.pretrained} does not exist; pass a checkpoint or an exported "
-                          f"folder, or leave it out for a random encoder")
-    from lomar.train.run_state import check_out_folder  # torch: not for --help
-
-    check_out_folder(Path(config.out))
-    R.refuse_held_run(Path(config.out), config.resume, config.overwrite)
-
-
-def dump_segment_config(config: SegmentConfig) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    def check_inputs(self) -> None:
+        if self.data is None:
+            raise ConfigError("pass --data ROOT (ADE20K layout: images/{training,validation}, "
+                              "annotations/{training,validation})")
+        if not Path(self.data).is_dir():
+            raise ConfigError(f"--data {self.data} is not a folder; pass the root of an ADE20K-layout dataset")
+        if self.num_classes is None:
+            raise ConfigError("pass --num-classes N (the annotations' class ids are 1..N; 150 for ADE20K)")
+        check_pretrained(self, "; pass a checkpoint or an exported folder, or leave it out for a random encoder")

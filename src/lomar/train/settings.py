@@ -25,8 +25,7 @@ import yaml
 
 from lomar.errors import UsageError
 
-__all__ = ["ConfigError", "Setting", "setting", "declarations", "add_settings", "check_declared", "explicit_values",
-           "coerce_all", "read_yaml", "help_text"]
+__all__ = ["ConfigError", "Setting", "setting", "declarations", "add_settings", "coerce_all", "read_yaml", "help_text"]
 
 
 class ConfigError(UsageError):
@@ -190,14 +189,10 @@ TO = Setting(None, "output path", kind=str, required=True)
 
 
 def declarations(cls: type) -> dict[str, Setting]:
-    """{field name: its Setting} of a settings dataclass."""
-    return {f.name: f.metadata["setting"] for f in dataclasses.fields(cls)}
-
-
-def check_declared(config: Any) -> None:
-    """Every value of a settings dataclass within its declaration (YAML values included)."""
-    for name, declared in declarations(type(config)).items():
-        declared.check(name, getattr(config, name))
+    """{field name: its Setting} of a settings dataclass, a base class's (the shared run control) last."""
+    inherited = {name for base in cls.__mro__[1:] for name in getattr(base, "__dataclass_fields__", ())}
+    fields = sorted(dataclasses.fields(cls), key=lambda f: f.name in inherited)
+    return {f.name: f.metadata["setting"] for f in fields}
 
 
 def check_warmup(config: Any) -> None:
@@ -292,13 +287,6 @@ def add_settings(parser: argparse.ArgumentParser, settings: dict[str, Setting], 
 
 
 # ---- YAML and saved settings ----------------------------------------------------------------
-def explicit_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
-    """The settings the user gave: the YAML file's, then the flags' on top."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    from_yaml = read_yaml(cls, Path(args.config)) if getattr(args, "config", None) else {}
-    return {**from_yaml, **{k: v for k, v in vars(args).items() if k in known}}
-
-
 def _coerce(s: Setting, name: str, value: Any, source: str) -> Any:
     """A YAML or saved value as its setting's kind; YAML 1.1 reads ``1e-3`` as a string."""
     where = f"{name}: {value!r} in {source}"

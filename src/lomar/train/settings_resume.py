@@ -1,49 +1,153 @@
-"""What a resumed run may change (each setting's declared resume policy), which checkpoint
-``--resume`` names, and the one check that a new run does not take over a folder holding one."""
+"""What the training commands' settings share: the run-control settings and the resolution of a run's
+settings (:class:`TaskConfig`), what a resumed run may change (each setting's declared resume policy),
+which checkpoint ``--resume`` names, and the one check that a new run does not take over a folder holding one."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lomar.train.settings import ConfigError, coerce_all, declarations, explicit_values, shown
+import yaml
 
-__all__ = ["resume_values", "lay_schedule_over_max_steps", "resume_target", "refuse_held_run", "task_values"]
+from lomar.train import settings as S
+from lomar.train.runtime import default_workers
+from lomar.train.settings import ConfigError, coerce_all, declarations, shown
+
+__all__ = ["TaskConfig", "resume_values", "lay_schedule_over_max_steps", "resume_target", "refuse_held_run",
+           "check_windows", "check_img_size", "check_pretrained", "refuse_fp16"]
 
 
-def task_values(cls: type, args, command: str,
-                saved_settings: Callable[[dict], dict | None]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(values, explicit) of a training command's run: the YAML file's and the flags' settings over
-    the resumed checkpoint's (``saved_settings(checkpoint)`` gives them; None: not this command's
-    checkpoint) or over the declared defaults with the schedule laid over ``--max-steps``; ``out``
-    defaults to runs/<timestamp>, and a checkpoint resumes into its own folder unless told otherwise."""
-    explicit = explicit_values(cls, args)
-    path = resume_target(explicit)
-    if path is None:
-        values = {**dataclasses.asdict(cls()), **explicit}
-        lay_schedule_over_max_steps(values, explicit)
-    else:
+@dataclasses.dataclass
+class TaskConfig:
+    """A training command's settings: a subclass's own fields (``COMMAND`` its name), then the run control
+    below (--help and the dumps list it last: :func:`~lomar.train.settings.declarations`), and their
+    resolution (:meth:`resolve`), whose steps a command may override; ``out`` defaults to runs/<timestamp>."""
+
+    COMMAND = "task"
+    precision: str = S.PRECISION.field()
+    workers: int | None = S.WORKERS.field()
+    threads: int | None = S.THREADS.field()
+    seed: int = S.SEED.field()
+    device: str = S.DEVICE.field()
+    log_every: int = S.LOG_EVERY.field()
+    resume: str | None = S.RESUME.field()
+    overwrite: bool = S.OVERWRITE.field()
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        return {name: values[name] for name in declarations(type(self))}
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        S.add_settings(parser, declarations(cls), config=True)
+
+    @classmethod
+    def resolve(cls, args: argparse.Namespace) -> TaskConfig:
+        """Recipe defaults, YAML, flags (or the resumed run's saved settings) -> a validated config."""
+        # the settings the user gave: the YAML file's, then the flags' on top
+        explicit = S.read_yaml(cls, Path(args.config)) if getattr(args, "config", None) else {}
+        explicit.update((k, v) for k, v in vars(args).items() if k in cls.__dataclass_fields__)
+        values = cls.start_values(explicit)
+        if values.get("out") is None:
+            values["out"] = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+        config = cls(**values)
+        config.complete(explicit)
+        if config.workers is None:
+            config.workers = default_workers()
+        # --print-config only shows the settings, so an --out that holds a run is no error there
+        config.validate(check_out=not getattr(args, "print_config", False))
+        return config
+
+    @classmethod
+    def start_values(cls, explicit: dict[str, Any]) -> dict[str, Any]:
+        """The settings before :meth:`complete`: ``explicit`` (the YAML file's and the flags') over the resumed
+        checkpoint's (:meth:`saved_settings`) or over the declared defaults with the schedule laid over
+        ``--max-steps``; a checkpoint resumes into its own folder unless told otherwise."""
+        path = resume_target(explicit)
+        if path is None:
+            values = {**dataclasses.asdict(cls()), **explicit}
+            lay_schedule_over_max_steps(values, explicit)
+            return values
         from lomar.checkpoints.io import safe_load  # torch: not for --help
 
         try:
             checkpoint = safe_load(path, mmap=True)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--resume: {exc}") from None
-        settings = saved_settings(checkpoint)
+        settings = cls.saved_settings(checkpoint)
         if not isinstance(settings, dict):
-            raise ConfigError(f"--resume {path} is not a `lomar {command}` checkpoint; to start from pretrained "
-                              f"weights pass them as --pretrained")
+            raise ConfigError(f"--resume {path} is not a `lomar {cls.COMMAND}` checkpoint; to start from "
+                              f"pretrained weights pass them as --pretrained")
         saved = coerce_all(cls, settings, str(path), strict=False)
         if "out" not in explicit:
             saved["out"] = str(path.parent)
-        values = resume_values(cls, saved, str(path), explicit)
-    if values.get("out") is None:
-        values["out"] = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    return values, explicit
+        return resume_values(cls, saved, str(path), explicit)
+
+    @staticmethod
+    def saved_settings(checkpoint: dict) -> dict | None:
+        """The settings a checkpoint of this command saved; None for another file."""
+        return None
+
+    def complete(self, explicit: dict[str, Any]) -> None:
+        """Fill in what the settings imply (``explicit``: the settings the user gave)."""
+
+    def validate(self, check_out: bool = True) -> None:
+        """Everything that can be checked before any work; raises ConfigError naming the fix.
+        ``check_out``: also the inputs and the output folder (--print-config shows the settings only)."""
+        for name, declared in declarations(type(self)).items():  # YAML values included
+            declared.check(name, getattr(self, name))
+        self.check_settings()
+        if not check_out:
+            return
+        self.check_inputs()
+        from lomar.train.run_state import check_out_folder  # torch: not for --help
+
+        check_out_folder(Path(self.out))
+        if not getattr(self, "eval_only", False):
+            refuse_held_run(Path(self.out), self.resume, self.overwrite)
+
+    def check_settings(self) -> None:
+        """The checks of the settings alone."""
+
+    def check_inputs(self) -> None:
+        """The checks of the data and files named (not made for --print-config)."""
+
+
+def check_windows(config: Any) -> None:
+    """--window-size / --global-blocks (the block indices are checked against the depth at load)."""
+    blocks = config.global_blocks
+    if blocks is None:
+        return
+    if not config.window_size:
+        raise ConfigError("--global-blocks needs --window-size N > 0 (the other blocks attend inside N x N windows); "
+                          "add --window-size 14, or drop --global-blocks")
+    if len(set(blocks)) != len(blocks):
+        raise ConfigError(f"--global-blocks must be distinct block indices, got {' '.join(map(str, blocks))}")
+
+
+def check_img_size(config: Any) -> None:
+    """A detection or segmentation pyramid's coarsest stride divides the image."""
+    if config.img_size % 32:
+        raise ConfigError(f"--img-size must be a multiple of 32 (the coarsest pyramid stride), got {config.img_size}; "
+                          f"e.g. {max(32, round(config.img_size / 32) * 32)}")
+
+
+def refuse_fp16(config: Any) -> None:
+    if config.precision == "fp16":
+        raise ConfigError(f"--precision fp16 is not supported by {config.COMMAND} (no loss scaling); use bf16 or fp32")
+
+
+def check_pretrained(config: Any, fix: str = "") -> None:
+    """--pretrained, when given, exists (``fix``: what to say after)."""
+    if config.pretrained is not None and not Path(config.pretrained).exists():
+        raise ConfigError(f"--pretrained {config.pretrained} does not exist{fix}")
 
 
 def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[str, Any]) -> dict[str, Any]:

@@ -12,9 +12,11 @@ Required of a Task: ``name``, ``model``, ``train_loader``, ``loss(batch)``. Opti
   or ``epochs``; ``warmup_steps`` or ``warmup_epochs``), ``min_lr`` the config's (default 0),
 - ``eval_steps``: evaluate (and checkpoint) every N optimizer steps instead of at each epoch's end,
 - ``sharded`` (FSDP: sharded checkpoints, no DDP), ``betas``, ``eval_log`` (the evaluations' file),
+- ``eval_epoch_index``: an epoch-end evaluation record's ``epoch`` is the 0-based index of the epoch
+  evaluated (MAE's finetuning log, which `lomar study` reads) instead of the count of epochs done,
   ``outputs`` (names or globs a fresh run clears),
   ``batches_per_epoch()``, ``set_epoch(epoch, skip_batches)``, ``describe()`` (the start-up line's data
-  and model), ``config_text()``, ``final_line()`` (appended to "done"),
+  and model), ``final_line()`` (appended to "done"),
 - main process only: ``begin()`` before the first step, ``saved(path)`` after each checkpoint,
   ``stopped(out)`` after a stop signal.
 """
@@ -56,11 +58,12 @@ class Task:
     lr_schedule: Callable[..., float] | None = None
     eval_steps: int | None = None
     eval_log = "metrics.jsonl"
+    eval_epoch_index = False
     outputs: tuple[str, ...] = ()
     net: torch.nn.Module  # and ``progress``: set by the lifecycle
     load = finish = stopped = begin = saved = _nothing
     evaluate, state, final_line = (lambda self: {}), (lambda self: {}), (lambda self: "")
-    idle_loss = config_text = lambda self: None  # config_text: config.yaml's text (None: the config's fields)
+    idle_loss = lambda self: None
 
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]

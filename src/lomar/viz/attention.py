@@ -164,36 +164,31 @@ def draw_attention(result: WindowAttention, pixels: torch.Tensor, patch_size: in
     rows = -(-panels // cols)
     fig = Figure(figsize=(2.3 * cols, 2.9 * rows + 0.9), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.axis("off")
+    for i, ax in enumerate(axes.flat):
+        ax.set(xticks=[], yticks=[])
+        ax.axis("on" if i < panels else "off")
     img = pixels.permute(1, 2, 0).float().cpu().numpy()
     ax = axes.flat[0]
-    ax.axis("on")
     ax.imshow(img)
     ax.add_patch(Rectangle((left * p - 0.5, top * p - 0.5), k * p, k * p, fill=False, edgecolor="yellow", lw=1.5))
     ax.add_patch(Rectangle(((left + tx) * p - 0.5, (top + ty) * p - 0.5), p, p, fill=False, edgecolor="cyan", lw=1.5))
     ax.set_title("image, window", fontsize=9)
     ax.set_xlabel(f"target patch ({result.target[0]}, {result.target[1]})", fontsize=8)
     ax = axes.flat[1]
-    ax.axis("on")
     crop = img[top * p:(top + k) * p, left * p:(left + k) * p].copy()
-    if result.mask is not None:  # grey out what the encoder did not see
-        for i in result.mask.nonzero().flatten().tolist():
-            r, c = divmod(i, k)
-            crop[r * p:(r + 1) * p, c * p:(c + 1) * p] = 0.5 + 0.2 * (crop[r * p:(r + 1) * p, c * p:(c + 1) * p] - 0.5)
+    masked_rc = [divmod(i, k) for i in result.mask.nonzero().flatten().tolist()] if result.mask is not None else []
+    for r, c in masked_rc:  # grey out what the encoder did not see
+        cell = crop[r * p:(r + 1) * p, c * p:(c + 1) * p]
+        cell[:] = 0.5 + 0.2 * (cell - 0.5)
     ax.imshow(crop, extent=(-0.5, k - 0.5, k - 0.5, -0.5))
     ax.add_patch(Rectangle((tx - 0.5, ty - 0.5), 1, 1, fill=False, edgecolor="cyan", lw=1.5))
     ax.set_title(f"{k}x{k} window" + (" (masked: grey)" if result.mask is not None else ""), fontsize=9)
     for b in range(depth):
         ax = axes.flat[b + 2]
-        ax.axis("on")
         heat = result.maps[b].numpy()
         ax.imshow(heat, cmap="magma", vmin=0.0, vmax=max(float(heat.max()), 1e-8), interpolation="nearest")
         ax.add_patch(Rectangle((tx - 0.5, ty - 0.5), 1, 1, fill=False, edgecolor="cyan", lw=1.5))
-        if result.mask is not None:  # masked tokens: grey dots
-            masked_rc = [divmod(i, k) for i in result.mask.nonzero().flatten().tolist()]
+        if masked_rc:  # masked tokens: grey dots
             ax.scatter([c for _, c in masked_rc], [r for r, _ in masked_rc], s=6, c="grey", marker="o")
         ax.set_title(f"block {b + 1}", fontsize=9)
         label = f"max {heat.max():.0%} · cls {float(result.cls[b]):.0%}"

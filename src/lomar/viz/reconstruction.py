@@ -21,7 +21,8 @@ from lomar.models.mae_window import MAEWindow
 from lomar.models.masking import MaskingPlan, window_token_index
 from lomar.models.objective import patchify, unpatchify
 
-__all__ = ["reconstruct", "reconstruction_figure", "reconstruction_snapshot", "draw_reconstruction", "save_figure"]
+__all__ = ["reconstruct", "reconstruction_figure", "reconstruction_snapshot", "draw_reconstruction", "save_figure",
+           "image_rows"]
 
 _DIM = 0.35  # brightness of the parts of the image no window covers
 
@@ -126,30 +127,34 @@ def draw_reconstruction(model, images: torch.Tensor, seed: int = 0, title: str |
     caption below says that a norm-pix model's predictions are shown rescaled with each true
     patch's mean and std."""
     parts = reconstruct(model, images, seed, plan=plan)
-    n = images.shape[0]
     p = model.config.patch_size
-    columns = ["original", "sampled windows", "masked input", "reconstruction"]
     # constrained layout reserves the title's height above the column headers at any row count
-    fig = Figure(figsize=(12, 3 * n + 1.1), layout="constrained")
-    axes = fig.subplots(n, 4, squeeze=False)
+    fig = Figure(figsize=(12, 3 * images.shape[0] + 1.1), layout="constrained")
+    views = {"original": parts["original"], "sampled windows": parts["original"], "masked input": parts["masked"],
+             "reconstruction": parts["reconstruction"]}
+    axes = image_rows(fig, {name: view.permute(0, 2, 3, 1) for name, view in views.items()})
     plan = parts.get("plan")
-    for row in range(n):
-        views = [parts["original"], parts["original"], parts["masked"], parts["reconstruction"]]
-        for col, view in enumerate(views):
-            ax = axes[row, col]
-            ax.imshow(view[row].permute(1, 2, 0).cpu().numpy())
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(columns[col])
-            if col == 1 and plan is not None:
-                k = plan.window_size
-                for top, left in plan.top_left[row].tolist():
-                    ax.add_patch(Rectangle((left * p - 0.5, top * p - 0.5), k * p, k * p, fill=False,
-                                           edgecolor="yellow", linewidth=1.5))
+    for row, windows in enumerate(plan.top_left.tolist() if plan is not None else []):
+        for top, left in windows:
+            side = plan.window_size * p
+            axes[row, 1].add_patch(Rectangle((left * p - 0.5, top * p - 0.5), side, side, fill=False,
+                                             edgecolor="yellow", linewidth=1.5))
     fig.suptitle(title or f"{type(model).__name__} reconstruction (loss {parts['loss']:.3f})")
     fig.supxlabel(_caption(model.norm_pix_loss, plan is not None), fontsize=9)
     return fig
+
+
+def image_rows(fig: Figure, columns: dict[str, torch.Tensor], **imshow):
+    """One row per image, one titled column per entry of ``columns`` (name: images (N, H, W, C)), no
+    ticks; returns the (N, columns) axes."""
+    n = len(next(iter(columns.values())))
+    axes = fig.subplots(n, len(columns), squeeze=False)
+    for col, (name, view) in enumerate(columns.items()):
+        axes[0, col].set_title(name)
+        for row in range(n):
+            axes[row, col].imshow(view[row].cpu().numpy(), **imshow)
+            axes[row, col].set(xticks=[], yticks=[])
+    return axes
 
 
 def _caption(norm_pix: bool, windows: bool) -> str:
@@ -164,13 +169,8 @@ def _caption(norm_pix: bool, windows: bool) -> str:
 def save_figure(fig: Figure, path: str | Path, dpi: int) -> Path:
     """Lay out (unless the figure has its own layout engine) and write atomically: a reader never
     sees half a PNG."""
-    return atomic_write_bytes(path, _render(fig, dpi))
-
-
-def _render(fig: Figure, dpi: int) -> bytes:
-    """The figure as PNG bytes, laid out first unless it has its own layout engine."""
     if fig.get_layout_engine() is None:
         fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=dpi, format="png")
-    return buffer.getvalue()
+    return atomic_write_bytes(path, buffer.getvalue())

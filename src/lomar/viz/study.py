@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-__all__ = ["METRICS", "plotted_metrics", "draw_time_to_accuracy", "draw_ablation"]
+__all__ = ["METRICS", "plotted_metrics", "group", "mean_and_sd", "draw_time_to_accuracy", "draw_ablation"]
 
-# (record key, panel title, drawn in percent)
+# (record key, panel and column title, in percent): the figures' panels and results.md's columns
 METRICS = [("finetune", "finetune top-1 (%)", True), ("linprobe", "linear probe top-1 (%)", True),
            ("knn", "k-NN top-1 (%)", True), ("heldout_loss", "held-out reconstruction loss", False),
            ("train_loss", "train loss", False)]
@@ -35,20 +36,16 @@ def plotted_metrics(records: list[dict[str, Any]]) -> list[tuple[str, str, bool]
     return [m for m in METRICS if any(r.get(m[0]) is not None for r in records)]
 
 
-def _settings(records: list[dict[str, Any]]) -> list[str]:
-    order: list[str] = []
+def group(records: list[dict[str, Any]], field: str, key: str | None = None) -> dict[Any, list[dict[str, Any]]]:
+    """The records by their ``field`` value, in first-seen order (``key``: those with a value for it)."""
+    groups: dict[Any, list[dict[str, Any]]] = {}
     for r in records:
-        if r["setting"] not in order:
-            order.append(r["setting"])
-    return order
+        if key is None or r.get(key) is not None:
+            groups.setdefault(r[field], []).append(r)
+    return groups
 
 
-def _colours(settings: list[str]) -> dict[str, str]:
-    """One colour per setting, fixed by its position in the study, not by the panel's lines."""
-    return {s: f"C{i % 10}" for i, s in enumerate(settings)}
-
-
-def _mean_sd(values: list[float]) -> tuple[float, float]:
+def mean_and_sd(values: list[float]) -> tuple[float, float]:
     """Mean and sample sd; sd 0 for a single value (drawn without an error bar)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -57,12 +54,8 @@ def _limits(low: float, high: float, percent: bool) -> tuple[float, float]:
     """(low, high) padded, or widened around its centre to the minimum span; kept inside 0–100 for
     an accuracy and above 0 for a loss."""
     span = _MIN_PERCENT_SPAN if percent else _MIN_LOSS_SPAN * max(abs(low), abs(high), 1e-12)
-    if high - low >= span:
-        pad = 0.08 * (high - low)
-        low, high = low - pad, high + pad
-    else:
-        centre = (low + high) / 2
-        low, high = centre - span / 2, centre + span / 2
+    half = (1.16 * (high - low) if high - low >= span else span) / 2  # a wide range padded by 8 % a side
+    low, high = (low + high) / 2 - half, (low + high) / 2 + half
     ceiling = 100.0 if percent else math.inf
     if low < 0:
         low, high = 0.0, high - low
@@ -71,27 +64,31 @@ def _limits(low: float, high: float, percent: bool) -> tuple[float, float]:
     return low, high
 
 
+def _panels(records: list[dict[str, Any]], title: str, width: float, extra: float, height: Callable[[int], float],
+            **share):
+    """A titled figure with one titled panel per plotted metric (each ``width`` wide, plus ``extra``;
+    ``height`` of the number of settings), the metrics, the settings in study order and their
+    colours: one per setting, fixed by its position in the study, not by the panel's lines."""
+    metrics, settings = plotted_metrics(records), list(group(records, "setting"))
+    fig = Figure(figsize=(extra + width * max(1, len(metrics)), height(len(settings))), layout="constrained")
+    axes = fig.subplots(1, max(1, len(metrics)), squeeze=False, **share)[0]
+    for ax, (_, panel, _) in zip(axes, metrics):
+        ax.set_title(panel, fontsize=10)
+    fig.suptitle(title, fontsize=10)
+    return fig, axes, metrics, settings, {s: f"C{i % 10}" for i, s in enumerate(settings)}
+
+
 def draw_time_to_accuracy(records: list[dict[str, Any]], title: str) -> Figure:
     """One panel per metric: its mean over seeds (error bar: sample sd) against the mean training
     time, at every point along the way and at the end of the budget; one line per setting."""
-    metrics = plotted_metrics(records)
-    settings = _settings(records)
-    colours = _colours(settings)
+    fig, axes, metrics, settings, colours = _panels(records, title, 3.6, 1.8, lambda n: 3.6)
     curve = [r for r in records if r["point"] == "end" or r["point"].startswith("at-")]
-    fig = Figure(figsize=(3.6 * max(1, len(metrics)) + 1.8, 3.6), layout="constrained")
-    axes = fig.subplots(1, max(1, len(metrics)), squeeze=False)[0]
-    for ax, (key, panel, percent) in zip(axes, metrics):
+    for ax, (key, _, percent) in zip(axes, metrics):
         scale = 100.0 if percent else 1.0
         shown = []
-        for setting in settings:
-            by_point: dict[str, list[dict]] = {}
-            for r in curve:
-                if r["setting"] == setting and r.get(key) is not None:
-                    by_point.setdefault(r["point"], []).append(r)
-            pts = sorted((statistics.fmean(x["train_seconds"] for x in v), *_mean_sd([scale * x[key] for x in v]))
-                         for v in by_point.values())
-            if not pts:
-                continue
+        for setting, rows in group(curve, "setting", key).items():
+            pts = sorted((statistics.fmean(x["train_seconds"] for x in v), *mean_and_sd([scale * x[key] for x in v]))
+                         for v in group(rows, "point").values())
             xs, ys, sds = zip(*pts)
             ax.errorbar(xs, ys, yerr=sds if any(sds) else None, marker="o", capsize=3, color=colours[setting],
                         label=setting)
@@ -99,11 +96,9 @@ def draw_time_to_accuracy(records: list[dict[str, Any]], title: str) -> Figure:
         if shown:
             ax.set_ylim(*_limits(min(shown), max(shown), percent))
         ax.set_xlabel("pretraining time (s)")
-        ax.set_title(panel, fontsize=10)
         ax.grid(alpha=0.3)
     handles = [Line2D([], [], color=colours[s], marker="o") for s in settings]
     fig.legend(handles, settings, loc="outside right upper", fontsize=8)
-    fig.suptitle(title, fontsize=10)
     return fig
 
 
@@ -111,30 +106,18 @@ def draw_ablation(records: list[dict[str, Any]], title: str) -> Figure:
     """One horizontal bar chart per metric at the end of the budget: the mean over seeds per setting
     (error bar: sample sd); a setting without a value for the metric gets no bar. Accuracy axes run
     0–100 %, so a difference reads against the whole scale."""
-    metrics = plotted_metrics(records)
-    settings = _settings(records)
-    colours = _colours(settings)
+    fig, axes, metrics, settings, colours = _panels(records, title, 3.0, 2.2, lambda n: 1.6 + 0.35 * n, sharey=True)
     end = [r for r in records if r["point"] == "end"]
-    fig = Figure(figsize=(2.2 + 3.0 * max(1, len(metrics)), 1.6 + 0.35 * len(settings)), layout="constrained")
-    axes = fig.subplots(1, max(1, len(metrics)), squeeze=False, sharey=True)[0]
-    for ax, (key, panel, percent) in zip(axes, metrics):
-        scale = 100.0 if percent else 1.0
-        for i, setting in enumerate(settings):
-            values = [scale * r[key] for r in end if r["setting"] == setting and r.get(key) is not None]
-            if not values:
-                continue
-            mean, sd = _mean_sd(values)
-            ax.barh(i, mean, xerr=sd or None, capsize=3, color=colours[setting], alpha=0.85, label=setting)
-        if percent:
-            ax.set_xlim(0, 100)
-        else:
-            ax.set_xlim(0, None)
-        ax.set_title(panel, fontsize=10)
+    for ax, (key, _, percent) in zip(axes, metrics):
+        for setting, rows in group(end, "setting", key).items():
+            mean, sd = mean_and_sd([(100.0 if percent else 1.0) * r[key] for r in rows])
+            ax.barh(settings.index(setting), mean, xerr=sd or None, capsize=3, color=colours[setting], alpha=0.85,
+                    label=setting)
+        ax.set_xlim(0, 100 if percent else None)
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(settings)), settings, fontsize=8)
     axes[0].set_ylim(len(settings) - 0.5, -0.5)  # the study's first setting on top
     for ax in axes[1:]:
         ax.tick_params(labelleft=False)
-    fig.suptitle(title, fontsize=10)
     return fig
 

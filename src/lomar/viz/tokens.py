@@ -15,7 +15,7 @@ from matplotlib.patches import Patch
 
 from lomar.data.transforms import denormalize
 from lomar.models.masking import window_token_index
-from lomar.viz.reconstruction import save_figure
+from lomar.viz.reconstruction import image_rows, save_figure
 
 __all__ = ["token_maps", "token_figure", "draw_tokens"]
 
@@ -78,17 +78,8 @@ def draw_tokens(model, images: torch.Tensor, seed: int = 0, title: str | None = 
         "correct / wrong": torch.where((predicted == true)[..., None], _CORRECT, _WRONG) * masked[..., None]
                            + (~masked[..., None]) * _UNMASKED,
     }
-    n = images.shape[0]
-    fig = Figure(figsize=(12, 3 * n + 1.4), layout="constrained")
-    axes = fig.subplots(n, 4, squeeze=False)
-    for row in range(n):
-        for col, (name, view) in enumerate(views.items()):
-            ax = axes[row, col]
-            ax.imshow(view[row].numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(name)
+    fig = Figure(figsize=(12, 3 * images.shape[0] + 1.4), layout="constrained")
+    image_rows(fig, views, interpolation="nearest")
     handles = [Patch(color=_CORRECT.tolist(), label="correct prediction"),
                Patch(color=_WRONG.tolist(), label="wrong prediction"),
                Patch(color=_UNMASKED.tolist(), label="not masked (not predicted)")]

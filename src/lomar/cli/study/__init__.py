@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from lomar.cli.study.presets import PRESETS, build_preset, describe
+from lomar.cli.study.presets import PRESETS, SCALES, build_preset, describe
 from lomar.cli.study.spec import load_spec, parse_budget, seed_list
 from lomar.errors import UsageError
 
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, help="number of seeds (0, 1, ..., N-1), at most 100 "
                                                    "(default: the spec's or preset's)")
     parser.add_argument("--out", help="study folder (default studies/<name>)")
-    parser.add_argument("--scale", choices=("small", "paper"), default="small",
+    parser.add_argument("--scale", choices=SCALES, default="small",
                         help="for a preset of the paper's experiments: small = a small ViT on a CPU in minutes; "
                              "paper = the paper's ViT-B/16 settings (a GPU): printed, and run when --data is given "
                              "(default: small)")

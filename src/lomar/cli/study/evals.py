@@ -36,14 +36,13 @@ def eval_img_size(spec: StudySpec, cell: Cell) -> int:
 
 def _args(metric: str, spec: StudySpec, cell: Cell, checkpoint: Path, where: Path):
     """The evaluation's settings as its command (``lomar knn``, ``linprobe``, ``finetune``) reads them."""
-    common = ["--train", str(spec.data_train), "--val", str(spec.data_val), "--img-size",
-              str(eval_img_size(spec, cell)), "--workers", "0"]
+    argv = ["--pretrained", str(checkpoint), "--train", str(spec.data_train), "--val", str(spec.data_val),
+            "--img-size", str(eval_img_size(spec, cell)), "--workers", "0"]
     if metric == "finetune":
-        argv = ["--pretrained", str(checkpoint), *common, "--out", str(where), "--resume", "auto"]
-        return parse_flags(add_finetune_arguments, argv + settings_flags({"seed": cell.seed, **spec.eval.finetune}))
-    options = spec.eval.knn if metric == "knn" else {"seed": cell.seed, **spec.eval.linprobe}
-    add = knn_add_arguments if metric == "knn" else linprobe_add_arguments
-    return parse_flags(add, ["--pretrained", str(checkpoint), *common, *settings_flags(options)])
+        argv += ["--out", str(where), "--resume", "auto"]
+    options = spec.eval.knn if metric == "knn" else {"seed": cell.seed, **getattr(spec.eval, metric)}
+    add = {"knn": knn_add_arguments, "linprobe": linprobe_add_arguments, "finetune": add_finetune_arguments}[metric]
+    return parse_flags(add, argv + settings_flags(options))
 
 
 def check_options(spec: StudySpec) -> None:
@@ -68,7 +67,6 @@ class Scorer:
         if metric == "heldout_loss":
             return heldout_loss(self.checkpoint, self.spec.data_val, eval_img_size(self.spec, self.cell),
                                 seed=self.cell.seed)
-
         args = _args(metric, self.spec, self.cell, self.checkpoint, self.where.with_name(f"{self.where.name}-finetune"))
         if metric == "finetune":
             return _finetune(args)
@@ -128,10 +126,8 @@ def _check_finished(last: dict, options: dict, where: Path) -> None:
 def heldout_loss(checkpoint: Path, val_root: str, img_size: int, seed: int = 0, batch_size: int = 128) -> float:
     """Mean masked-reconstruction loss (the training objective, same masks for every model of a
     seed) on the held-out images: centre crops, as the evaluations see them."""
-    model = load_model(checkpoint)
-    model.eval()
-    dataset = ImageFolder(val_root, transform=eval_transform(img_size))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    model = load_model(checkpoint).eval()
+    loader = torch.utils.data.DataLoader(ImageFolder(val_root, transform=eval_transform(img_size)), batch_size)
     gen = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     for images, _ in loader:

@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lomar.cli.study.spec import StudySpec, parse_budget, parse_flags, parse_spec
+from lomar.cli.study.spec import Budget, StudySpec, parse_budget, parse_flags, parse_spec
 from lomar.errors import UsageError
 from lomar.train.config import add_config_arguments, method_recipe, resolve_config
 
@@ -58,8 +58,7 @@ SMALL = dict(embed_dim=128, depth=4, num_heads=4, patch_size=8, img_size=96, bat
 SMALL_DECODER = dict(decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4)
 # Digits: benchmarks/digits.py's model and recipe (ViT patch 4 on 32 px, width 64, 4 blocks);
 # 10 steps per epoch, so 5 warm-up epochs = 50 steps, then a cosine over 100k steps: constant.
-DIGITS = dict(embed_dim=64, depth=4, num_heads=4, patch_size=4, img_size=32, batch_size=128, lr=1e-3,
-              warmup_epochs=5, epochs=10000, save_every=10000, workers=0, log_every=1000, threads=1)
+DIGITS = dict(SMALL, embed_dim=64, patch_size=4, img_size=32, batch_size=128, warmup_epochs=5, threads=1)
 DIGITS_GRID = [dict(label="lomar", method="lomar", window_size=5, windows=4, mask_ratio=0.8),
                dict(label="mae", method="mae", decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
                     mask_ratio=0.75)]
@@ -88,7 +87,8 @@ def scaled_windows(grid: int) -> list[dict[str, Any]]:
     out = []
     for size, count in PAPER_WINDOWS:
         scaled = min(grid, max(2, round(size * grid / 14)))
-        out.append(dict(label=f"{size}:{count} as {scaled}:{count}", window_size=scaled, windows=count))
+        label = f"{size}:{count}" + (f" as {scaled}:{count}" if scaled != size else "")
+        out.append(dict(label=label, window_size=scaled, windows=count))
     return out
 
 
@@ -155,8 +155,10 @@ def build_preset(name: str, data: str | None = None, budget: str | None = None, 
     if scale == "paper" and name not in PAPER_PRESETS:
         raise UsageError(f"--preset {name} has no paper scale (it is this project's own experiment); drop "
                          f"--scale paper, or pick one of {', '.join(PAPER_PRESETS)}")
-    if budget is not None:
-        parse_budget(budget, "--budget")  # named as the user typed it, '' included
+    paper = scale == "paper"
+    default = PAPER_BUDGET if paper else "60s" if name in ("fig3", "digits", "digits-checks") else "30s"
+    budget = default if budget is None else budget
+    b = parse_budget(budget, "--budget")  # named as the user typed it, '' included
     notes: list[str] = []
     if name in ("digits", "digits-checks"):
         if data is not None:
@@ -164,13 +166,12 @@ def build_preset(name: str, data: str | None = None, budget: str | None = None, 
         root = digits_data(Path(out or f"studies/{name}") / "data")
         checks = name == "digits-checks"
         raw: dict[str, Any] = dict(
-            name=name, budget="60s" if budget is None else budget, seeds=seeds or (1 if checks else 3), slice="10s",
-            settings=DIGITS,
+            name=name, budget=budget, seeds=seeds or (1 if checks else 3), slice="10s", settings=DIGITS,
             grid={"variant": DIGITS_CHECKS_GRID} if checks else {"method": DIGITS_GRID}, random_init=not checks,
             # The checks compare cells at equal time; `digits` already gives the equal-steps view,
             # and re-running each faster cell to the slowest one's steps would double the cost.
             eval={**DIGITS_EVAL, "equal_steps": not checks},
-            data={"pretrain": str(root / "train"), "train": str(root / "train"), "val": str(root / "val")})
+            data=_data(str(root))[0])
         notes.append("Data: scikit-learn `load_digits` (1,797 real 8x8 scans), bilinear to 28x28, padded to 32x32, "
                      "stratified 75/25 split (random_state 0): 1347 train / 450 val; pretraining on train only.")
         if checks:
@@ -180,13 +181,10 @@ def build_preset(name: str, data: str | None = None, budget: str | None = None, 
                          "as `digits`; no random-init row (see `digits`).")
         return parse_spec(raw, f"--preset {name}", notes=notes)
     section, metrics = _data(data)
-    paper = scale == "paper"
     settings = dict(PAPER_SCALE if paper else SMALL)
     grid_side = settings["img_size"] // (16 if paper else settings["patch_size"])
-    # the paper's (size, count) pairs at its 14x14 grid; scaled down to the small grid
-    pairs = [dict(label=f"{w}:{n}", window_size=w, windows=n) for w, n in PAPER_WINDOWS] if paper \
-        else scaled_windows(grid_side)
-    every = None
+    pairs = scaled_windows(grid_side)  # the paper's (size, count) pairs, on this grid
+    window, every = pairs[1], None  # the paper's 7:4, LoMaR's default
     if paper:
         metrics = [*metrics, "finetune"] if metrics else metrics
         notes.append("Paper scale: " + PAPER_SCALE_NOTE)
@@ -196,21 +194,16 @@ def build_preset(name: str, data: str | None = None, budget: str | None = None, 
                      f"--method M --print-config`)" + ("" if "beit" in methods else
                      " (`lomar pretrain --method beit` is not accepted by this version: BEiT left out)") + ".")
         grid = {"method": methods}
-        b = parse_budget(_default_budget(name, paper) if budget is None else budget, "--budget")
-        if b.unit == "seconds":
-            every = f"{b.value / 4:g}s"
-        elif b.unit == "steps":
-            every = f"{max(1, int(b.value) // 4)}steps"
+        if b.unit != "epochs":  # three points along the way
+            every = str(Budget(b.value / 4 if b.unit == "seconds" else max(1, int(b.value) // 4), b.unit))
     elif name == "table5":
-        window = pairs[1]  # the paper's 7:4, LoMaR's default
         grid = {"design": [dict(label="beit", method="beit", windows=0),
                            dict(label=f"beit + windows {window['label']}", method="beit",
                                 window_size=window["window_size"], windows=window["windows"])]}
         notes.append(f"Table 5: BEiT on its own recipe, globally and inside {window['label']} windows (blockwise "
                      f"masks scaled to the window); every other setting as the original BEiT.")
     elif name == "windows":
-        grid = {"window": pairs}
-        settings["method"] = "lomar"
+        grid, settings["method"] = {"window": pairs}, "lomar"
         if not paper:
             notes.append(f"Windows scaled from the paper's 14x14 grid to this {grid_side}x{grid_side} grid: size "
                          f"round(w * {grid_side} / 14) clamped to [2, {grid_side}], windows per image kept.")
@@ -219,7 +212,6 @@ def build_preset(name: str, data: str | None = None, budget: str | None = None, 
     elif name == "pos":
         grid, settings["method"] = {"pos": ["rpe", "abs"]}, "lomar"
     else:  # enc-dec
-        window = pairs[1]  # the paper's 7:4, the LoMaR default
         same = dict(window_size=window["window_size"], windows=window["windows"], mask_ratio=0.8)
         decoder = {} if paper else SMALL_DECODER
         grid = {"design": [dict(label="lomar (encoder, windows)", method="lomar", **same),
@@ -228,16 +220,12 @@ def build_preset(name: str, data: str | None = None, budget: str | None = None, 
         notes.append(f"Windows {window['label']}, 80 % of each window masked, for LoMaR and windowed MAE alike; "
                      f"global MAE masks its default 75 % of the image. MAE's decoder: "
                      f"{decoder or 'MAE-base (512 wide, 8 blocks, 16 heads)'}.")
-    raw = dict(name=name, budget=_default_budget(name, paper) if budget is None else budget, seeds=seeds or 1,
-               slice=PAPER_SLICE if paper else "10s", settings=settings, grid=grid, data=section,
+    raw = dict(name=name, budget=budget, seeds=seeds or 1, slice=PAPER_SLICE if paper else "10s",
+               settings=settings, grid=grid, data=section,
                eval={"metrics": metrics, "img_size": settings["img_size"], "every": every})
     if not metrics:
         notes.append("No labelled train/ and val/ folders: the table shows the training loss only.")
     return parse_spec(raw, f"--preset {name}", notes=notes)
-
-
-def _default_budget(name: str, paper: bool) -> str:
-    return PAPER_BUDGET if paper else ("60s" if name == "fig3" else "30s")
 
 
 def describe(spec: StudySpec) -> str:

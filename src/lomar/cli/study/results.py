@@ -1,4 +1,6 @@
-"""results.json (one record per cell x evaluation point) and results.md (paper-like tables)."""
+"""results.json (one record per cell x evaluation point), results.md (paper-like tables) and the
+figures: accuracy against pretraining time per setting (the paper's Fig. 3) and one bar chart per
+ablation (the metrics at the end of the budget, mean ± sd over seeds), drawn by :mod:`lomar.viz.study`."""
 
 from __future__ import annotations
 
@@ -11,13 +13,10 @@ from typing import Any
 from lomar.checkpoints.io import atomic_write_text
 from lomar.cli.common import write_json
 from lomar.cli.study.spec import StudySpec
+from lomar.viz.reconstruction import save_figure
+from lomar.viz.study import draw_ablation, draw_time_to_accuracy, group, plotted_metrics
 
-__all__ = ["write_results", "mean_sd", "table", "settings_order", "COLUMNS"]
-
-# (record key, column title, shown as a percentage)
-COLUMNS = [("finetune", "finetune top-1 (%)", True), ("linprobe", "linear probe top-1 (%)", True),
-           ("knn", "k-NN top-1 (%)", True), ("heldout_loss", "held-out recon. loss", False),
-           ("train_loss", "train loss", False)]
+__all__ = ["write_results", "write_figures", "mean_sd", "table"]
 
 
 def mean_sd(values: list[float], percent: bool) -> str:
@@ -27,20 +26,15 @@ def mean_sd(values: list[float], percent: bool) -> str:
     return f"{scale * statistics.fmean(values):.{digits}f}{spread}"
 
 
-def settings_order(records: list[dict]) -> list[str]:
-    return list(dict.fromkeys(r["setting"] for r in records))
-
-
 def table(records: list[dict], point: str) -> list[str]:
     """Markdown rows: one per setting, metric columns as mean ± sd over seeds."""
     chosen = [r for r in records if r["point"] == point]
     if not chosen:
         return []
-    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in chosen)]
+    cols = plotted_metrics(chosen)
     lines = ["| setting | " + " | ".join(t for _, t, _ in cols) + " | steps | train s | seeds |",
              "| --- " * (len(cols) + 4) + "|"]
-    for setting in settings_order(chosen):
-        rows = [r for r in chosen if r["setting"] == setting]
+    for setting, rows in group(chosen, "setting").items():
         values = [([r[key] for r in rows if r.get(key) is not None], percent) for key, _, percent in cols]
         cells = [mean_sd(v, percent) if v else "–" for v, percent in values]
         steps = ", ".join(str(r["step"]) for r in rows)
@@ -49,8 +43,21 @@ def table(records: list[dict], point: str) -> list[str]:
     return lines
 
 
-def write_results(records: list[dict[str, Any]], spec: StudySpec, out: Path, figures: list[Path],
-                  minutes: float, command: str | None = None) -> None:
+def write_figures(records: list[dict[str, Any]], spec: StudySpec, out: Path) -> list[Path]:
+    """PNG files written into ``out``: time_to_accuracy.png and ablation.png."""
+    if not plotted_metrics(records):
+        return []
+    spread = "mean ± sd over seeds" if len(spec.seeds) > 1 else "one seed"
+    return [save_figure(draw_time_to_accuracy(records, f"{spec.name}: against pretraining time ({spread})"),
+                        out / "time_to_accuracy.png", dpi=110),
+            save_figure(draw_ablation(records, f"{spec.name}: end of a {spec.budget} budget ({spread})"),
+                        out / "ablation.png", dpi=110)]
+
+
+def write_results(records: list[dict[str, Any]], spec: StudySpec, out: Path, minutes: float,
+                  command: str | None = None) -> list[Path]:
+    """results.json, results.md and the figures it shows; the figures' paths."""
+    figures = write_figures(records, spec, out)
     write_json(out / "results.json", {"study": spec.name, "budget": str(spec.budget), "seeds": spec.seeds,
                                       "records": records})
     loads = [r["load_1min"] for r in records if r.get("load_1min") is not None]
@@ -85,3 +92,4 @@ def write_results(records: list[dict[str, Any]], spec: StudySpec, out: Path, fig
     if figures:
         lines += ["", "## Figures", "", *[f"![{f.stem}]({f.name})" for f in figures]]
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+    return figures

@@ -20,11 +20,10 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from lomar.cli.common import write_json
 from lomar.cli.study.evals import Scorer, check_options
-from lomar.cli.study.figures import write_figures
 from lomar.cli.study.results import write_results
 from lomar.cli.study.spec import Budget, Cell, StudySpec, StudyStopped, parse_flags, settings_flags
 from lomar.data.folder import build_pretrain_dataset
@@ -105,12 +104,6 @@ def read_progress(folder: Path, batch: int) -> tuple[int, float, float | None]:
     return (records[-1]["step"] if records else 0), seconds, (sum(tail) / len(tail) if tail else None)
 
 
-class Point(NamedTuple):
-    key: str  # 'end', 'at-100steps', 'at-15s', 'equal_steps'
-    unit: str  # seconds | steps
-    value: float
-
-
 class CellRun:
     """A cell's run folder and its study state; ``advance()`` does one slice or one evaluation."""
 
@@ -125,34 +118,32 @@ class CellRun:
             {"points": {}, "slices": 0, "wall_seconds": 0.0, "loads": [], "cell": cell.name}
         every, steps = study.spec.eval.every, cell.random_init or total.unit == "epochs"
         end = 1 if cell.random_init else total.value * per_epoch if total.unit == "epochs" else total.value
-        self.points = [Point("end", "steps" if steps else total.unit, end)]
+        self.points: dict[str, Budget] = {}  # 'at-100steps', 'at-15s', ..., 'end': where each is evaluated
         k = 1  # evaluation points along the way, in ``eval.every``'s unit (the budget's)
         while every is not None and point_kind is None and not steps and k * every.value < total.value - 1e-9:
             suffix = "s" if every.unit == "seconds" else "steps"
-            self.points.insert(-1, Point(f"at-{k * every.value:g}{suffix}", every.unit, k * every.value))
+            self.points[f"at-{k * every.value:g}{suffix}"] = Budget(k * every.value, every.unit)
             k += 1
+        self.points["end"] = Budget(end, "steps" if steps else total.unit)
 
     @property
     def done(self) -> bool:
-        return all(p.key in self.state["points"] for p in self.points)
+        return all(key in self.state["points"] for key in self.points)
 
     def _save(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         write_json(self.state_path, self.state)
 
     def advance(self) -> None:
-        point = next(p for p in self.points if p.key not in self.state["points"])
+        key, point = next((k, p) for k, p in self.points.items() if k not in self.state["points"])
         steps, seconds, _ = read_progress(self.folder, self.batch)
         rate = steps / seconds if steps and seconds else None
         if steps >= self.end or (steps >= point.value if point.unit == "steps" else
                                  steps > 0 and seconds >= point.value - (0.5 / rate if rate else 0.0)):
-            return self._evaluate(point, steps, seconds)  # past the schedule's end: every point is evaluated here
-        if point.unit == "steps":
-            target = min(int(point.value), steps + (max(1, round(rate * self.study.spec.slice_s)) if rate else 2))
-        else:
-            left = min(self.study.spec.slice_s, point.value - seconds)
-            target = steps + (max(1, round(rate * left)) if rate else 2)
-        target = min(target, self.end)
+            return self._evaluate(key, steps, seconds)  # past the schedule's end: every point is evaluated here
+        left = self.study.spec.slice_s if point.unit == "steps" else min(self.study.spec.slice_s, point.value - seconds)
+        target = min(steps + (max(1, round(rate * left)) if rate else 2), self.end)
+        target = min(target, int(point.value)) if point.unit == "steps" else target
         start, load = time.perf_counter(), os.getloadavg()[0]
         rc = pretrain(cell_config(self.study.spec, self.cell, self.folder, max_steps=target))
         self.state["slices"] += 1
@@ -166,11 +157,11 @@ class CellRun:
         if rc != 0:
             raise LomarError(f"pretraining in {self.folder} ended with exit code {rc}")
 
-    def _evaluate(self, point: Point, steps: int, seconds: float) -> None:
+    def _evaluate(self, key: str, steps: int, seconds: float) -> None:
         loss, loads, random = read_progress(self.folder, self.batch)[2], self.state["loads"], self.cell.random_init
         record = {"cell": self.cell.name, "run": str(self.folder), "setting": self.cell.setting_label,
                   "labels": self.cell.labels, "seed": self.cell.seed, "random_init": random,
-                  "point": self.point_kind or point.key, "step": 0 if random else steps,
+                  "point": self.point_kind or key, "step": 0 if random else steps,
                   "train_seconds": 0.0 if random else round(seconds, 2),
                   "wall_seconds": round(self.state["wall_seconds"], 1), "slices": self.state["slices"],
                   "load_1min": round(sum(loads) / len(loads), 2) if loads else None,
@@ -179,14 +170,14 @@ class CellRun:
         if same:  # a slice overshot several points: the checkpoint is the one already scored
             record.update({m: same[0][m] for m in self.study.spec.eval.metrics})
         else:
-            score = Scorer(self.study.spec, self.cell, self.folder / "last.pt", self.folder / "evals" / point.key)
+            score = Scorer(self.study.spec, self.cell, self.folder / "last.pt", self.folder / "evals" / key)
             for metric in self.study.spec.eval.metrics:
                 self.study.log(f"[study] {self.folder.name}: {metric} at step {steps} ({self.study.time_left()})")
                 start = time.perf_counter()
                 record[metric] = score(metric)
                 self.study.eval_seconds.append(time.perf_counter() - start)
         record["evaluated_at"] = time.time()
-        self.state["points"][point.key] = record
+        self.state["points"][key] = record
         self._save()
 
 
@@ -205,7 +196,7 @@ class Study:
         for run in self.runs:
             if run.total.unit == "seconds" and not run.cell.random_init:
                 train_left += max(0.0, run.total.value - read_progress(run.folder, run.batch)[1])
-            evals_left += sum(p.key not in run.state["points"] for p in run.points) * len(self.spec.eval.metrics)
+            evals_left += sum(key not in run.state["points"] for key in run.points) * len(self.spec.eval.metrics)
         per_eval = sum(self.eval_seconds) / len(self.eval_seconds) if self.eval_seconds else 5.0
         left = train_left * 1.3 + evals_left * per_eval
         return f"~{left / 60:.1f} min left for this seed, {(time.perf_counter() - self.started) / 60:.1f} min so far"
@@ -216,7 +207,7 @@ class Study:
                 steps, seconds, _ = read_progress(run.folder, run.batch)
                 done = "random init, 1 step at lr 0" if run.cell.random_init else \
                     f"step {steps}, {seconds:.0f}s/{run.total} trained" if run.total.unit == "seconds" else \
-                    f"step {steps}/{run.points[-1].value:g}, {seconds:.0f}s trained"
+                    f"step {steps}/{run.points['end'].value:g}, {seconds:.0f}s trained"
                 self.log(f"[study] {run.folder.name}: {done} ({self.time_left()})")
                 run.advance()
 
@@ -226,17 +217,15 @@ class Study:
         trained = [r for r in self.runs if not r.cell.random_init]
         if len(trained) < 2:
             return []
-        ends = {r.cell.name: r.state["points"]["end"]["step"] for r in trained}
-        n = min(ends.values())
-        copies = []
+        n, copies = min(r.state["points"]["end"]["step"] for r in trained), []
         for run in trained:
-            if ends[run.cell.name] == n:  # this cell *is* at N steps: its end record serves
-                if "equal_steps" not in run.state["points"]:
-                    run.state["points"]["equal_steps"] = {**run.state["points"]["end"], "point": "equal_steps"}
-                    run._save()
-                continue
-            copies.append(CellRun(self, run.cell, self.out / "cells" / f"{run.cell.name}@{n}steps",
-                                  Budget(n, "steps"), point_kind="equal_steps"))
+            points = run.state["points"]
+            if points["end"]["step"] > n:
+                copies.append(CellRun(self, run.cell, self.out / "cells" / f"{run.cell.name}@{n}steps",
+                                      Budget(n, "steps"), point_kind="equal_steps"))
+            elif "equal_steps" not in points:  # this cell *is* at N steps: its end record serves
+                points["equal_steps"] = {**points["end"], "point": "equal_steps"}
+                run._save()
         self.runs = copies
         self._interleave()
         return copies
@@ -265,8 +254,6 @@ def run_study(spec: StudySpec, out: str | Path, log: Callable[[str], None] | Non
                                             for k, v in vars(spec.eval).items()}})
     study = Study(spec, out, log)
     records = study.run()
-    figures = write_figures(records, spec, out)
-    write_results(records, spec, out, figures, minutes=(time.perf_counter() - study.started) / 60,
-                  command=command)
+    figures = write_results(records, spec, out, (time.perf_counter() - study.started) / 60, command)
     log(f"[study] done: {out / 'results.md'}, {out / 'results.json'}, {len(figures)} figure(s)")
     return records

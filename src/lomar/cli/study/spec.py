@@ -129,9 +129,7 @@ class Cell:
 
     @property
     def setting_label(self) -> str:
-        if self.random_init:
-            return "random init"
-        return ", ".join(f"{k}={v}" for k, v in self.labels.items()) or "default"
+        return "random init" if self.random_init else ", ".join(f"{k}={v}" for k, v in self.labels.items()) or "default"
 
     @property
     def name(self) -> str:
@@ -166,8 +164,7 @@ class StudySpec:
 
     def cells(self) -> list[Cell]:
         """Every (grid point, seed), seeds outermost; the random-init baseline first per seed."""
-        axes = list(self.grid)
-        points = list(itertools.product(*(self.grid[a] for a in axes))) if axes else [()]
+        axes, points = list(self.grid), list(itertools.product(*self.grid.values()))  # no axes: one point
         cells = []
         for seed in self.seeds:
             if self.random_init:
@@ -178,7 +175,6 @@ class StudySpec:
                     settings.update(values)
                 cells.append(Cell({a: label for a, (label, _) in zip(axes, point)}, settings, seed))
         return cells
-
 
 
 def _mapping(value: Any, key: str, valid: Any = None, settings: bool = False) -> dict[str, Any]:
@@ -214,8 +210,8 @@ def _axis(name: str, values: Any) -> list[tuple[str, dict[str, Any]]]:
         else:
             raise UsageError(f"{key}: {value!r} must be a value or a mapping of settings")
         out.append((label, settings))
-    labels = [label for label, _ in out]
-    if len(set(labels)) != len(labels):
+    if len(dict(out)) != len(out):
+        labels = [label for label, _ in out]
         raise UsageError(f"{key} has repeated values {labels}; give each a distinct value or label")
     return out
 
@@ -236,23 +232,18 @@ def seed_list(value: Any, key: str = "seeds") -> list[int]:
 
 def _eval(raw: Any) -> EvalSpec:
     raw = _mapping(raw, "eval", EvalSpec.__dataclass_fields__)
-    spec = EvalSpec()
-    if raw.get("every") is not None:
-        spec.every = parse_budget(raw["every"], "eval.every")
-        if spec.every.unit == "epochs":
-            raise UsageError("eval.every: use seconds or steps (e.g. 15s or 100steps), not epochs")
-    spec.equal_steps = bool(raw.get("equal_steps", False))
-    metrics = raw.get("metrics", list(spec.metrics))
+    every = None if raw.get("every") is None else parse_budget(raw["every"], "eval.every")
+    if every is not None and every.unit == "epochs":
+        raise UsageError("eval.every: use seconds or steps (e.g. 15s or 100steps), not epochs")
+    metrics = raw.get("metrics", list(EvalSpec.metrics))
     metrics = [metrics] if isinstance(metrics, str) else metrics
     if not isinstance(metrics, list) or not set(metrics) <= set(METRICS):
         raise UsageError(f"eval.metrics: {metrics!r} must be a list drawn from {', '.join(METRICS)}")
-    spec.metrics = tuple(metrics)
-    spec.img_size = raw.get("img_size")
-    if spec.img_size is not None and (not isinstance(spec.img_size, int) or spec.img_size <= 0):
-        raise UsageError(f"eval.img_size: {spec.img_size!r} must be a positive whole number")
-    for name in ("knn", "linprobe", "finetune"):
-        setattr(spec, name, _mapping(raw.get(name), f"eval.{name}"))
-    return spec
+    img_size = raw.get("img_size")
+    if img_size is not None and (not isinstance(img_size, int) or img_size <= 0):
+        raise UsageError(f"eval.img_size: {img_size!r} must be a positive whole number")
+    return EvalSpec(every, bool(raw.get("equal_steps", False)), tuple(metrics), img_size,
+                    **{name: _mapping(raw.get(name), f"eval.{name}") for name in ("knn", "linprobe", "finetune")})
 
 
 def parse_spec(raw: Any, source: str = "the spec", base: Path | None = None, notes: list[str] = ()) -> StudySpec:
@@ -264,17 +255,13 @@ def parse_spec(raw: Any, source: str = "the spec", base: Path | None = None, not
         raise UsageError(f"unknown key(s) {', '.join(unknown)} in {source}; valid: {', '.join(sorted(_TOP_KEYS))}")
     if "budget" not in raw:
         raise UsageError(f"budget: missing in {source}; add e.g. budget: 60s (or 500steps, 3epochs)")
-    data = _mapping(raw.get("data"), "data", ("pretrain", "train", "val"))
     paths = {}
-    for key in ("pretrain", "train", "val"):
-        value = data.get(key)
-        if value is not None:
-            path = Path(str(value)).expanduser()
-            path = path if path.is_absolute() or base is None else base / path
-            if not path.exists():
-                raise UsageError(f"data.{key}: {value} does not exist; give an existing folder")
-            paths[key] = str(path)
-    if ("train" in paths) != ("val" in paths):
+    for key, value in _mapping(raw.get("data"), "data", ("pretrain", "train", "val")).items():
+        path = (base or Path()) / Path(str(value)).expanduser()  # an absolute path stays as it is
+        if value is not None and not path.exists():
+            raise UsageError(f"data.{key}: {value} does not exist; give an existing folder")
+        paths[key] = None if value is None else str(path)
+    if bool(paths.get("train")) != bool(paths.get("val")):
         raise UsageError("data.train and data.val go together (labelled ImageFolder splits); give both or neither")
     settings = _mapping(raw.get("settings"), "settings", settings=True)
     grid = {name: _axis(name, values) for name, values in _mapping(raw.get("grid"), "grid").items()}
