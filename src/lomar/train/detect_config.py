@@ -49,22 +49,17 @@ class DetectConfig(TaskConfig):
     warmup_steps: int = S.setting(250, "optimizer steps of linear lr warm-up (from 0.001 x lr; at most the "
                                   "schedule's length); then the lr drops 10x at 88.9% and 96.3% of the schedule "
                                   "(ViTDet's steps)", low=0)
-    layer_decay: float = S.setting(0.7, "lr scale per layer below the top", above=0, high=1)
+    layer_decay: float = S.LAYER_DECAY.field(0.7)
     weight_decay: float = S.WEIGHT_DECAY.field(0.1)
-    drop_path: float = S.setting(0.1, "stochastic depth rate", low=0, below=1)
+    drop_path: float = S.DROP_PATH.field()
     jitter: tuple[float, float] = S.setting((0.1, 2.0), "large-scale jitter: image resized to --img-size x a random "
                                             "factor in [LOW, HIGH]", finite=False, nargs=2, metavar=("LOW", "HIGH"))
     window_size: int | None = S.setting(
         14, "ViTDet-style blocks: attend inside N x N patch windows (iRPE inside each) except in --global-blocks; "
         "0 = global attention in every block", low=0, kind=int)
-    global_blocks: tuple[int, ...] | None = S.setting(
-        None, "with --window-size N > 0: the blocks (0-based) that keep global attention (default: ViTDet's, the last "
-        "block of each quarter of the depth: 2 5 8 11 for ViT-B)", low=0, nargs="*", metavar="I", kind=int)
-    attention: str = S.setting("auto", "how the iRPE bias is computed, same result: auto = dense for short sequences, "
-                               "above that flex on CUDA and query chunks elsewhere (see lomar bench --task backbone)",
-                               choices=("auto", "dense", "chunked", "flex"), resume=_RUN)
-    grad_checkpointing: bool = S.setting(False, "recompute each block in the backward pass: less memory at high "
-                                         "resolution")
+    global_blocks: tuple[int, ...] | None = S.GLOBAL_BLOCKS.field()
+    attention: str = S.ATTENTION.field()
+    grad_checkpointing: bool = S.GRAD_CHECKPOINTING.field()
     rois_per_image: int = S.setting(512, "RoIs sampled per image for the box and mask heads (ViTDet: 512; fewer "
                                     "is faster on CPU)", above=0)
     eval_every: int | None = S.EVAL_EVERY.field()

@@ -39,22 +39,17 @@ class FinetuneConfig(TaskConfig):
     blr: float = S.BLR.field(5e-4)
     min_lr: float = S.MIN_LR.field(1e-6)
     warmup_epochs: float = S.WARMUP_EPOCHS.field(5)
-    layer_decay: float = S.setting(0.65, "lr scale per layer below the top", above=0, high=1)
+    layer_decay: float = S.LAYER_DECAY.field()
     weight_decay: float = S.WEIGHT_DECAY.field()
-    drop_path: float = S.setting(0.1, "stochastic depth rate", low=0, below=1)
-    grad_checkpointing: bool = S.setting(False, "recompute each block in the backward pass: less memory at high "
-                                       "resolution")
+    drop_path: float = S.DROP_PATH.field()
+    grad_checkpointing: bool = S.GRAD_CHECKPOINTING.field()
     # ViTDet's attention window, not LoMaR's K (pretrain --window-size): the flag predates the split
     window_size: int | None = S.setting(
         None, "ViTDet-style blocks at high resolution: attend inside N x N patch windows (iRPE inside each) except in "
         "--global-blocks; 0 = global attention in every block (default: the pretrained encoder's layout, global for "
         "pretraining checkpoints)", low=0, kind=int)
-    global_blocks: tuple[int, ...] | None = S.setting(
-        None, "with --window-size N > 0: the blocks (0-based) that keep global attention (default: ViTDet's, the last "
-        "block of each quarter of the depth: 2 5 8 11 for ViT-B)", low=0, nargs="*", metavar="I", kind=int)
-    attention: str = S.setting("auto", "how the iRPE bias is computed, same result: auto = dense for short sequences, "
-                             "above that flex on CUDA and query chunks elsewhere (see lomar bench --task backbone)",
-                             choices=("auto", "dense", "chunked", "flex"), resume="run-control")
+    global_blocks: tuple[int, ...] | None = S.GLOBAL_BLOCKS.field()
+    attention: str = S.ATTENTION.field()
     mixup: float = S.setting(0.8, "mixup alpha (0 = off)", low=0)
     cutmix: float = S.setting(1.0, "cutmix alpha (0 = off)", low=0)
     smoothing: float = S.setting(0.1, "label smoothing", low=0, below=1)

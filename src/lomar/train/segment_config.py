@@ -47,9 +47,9 @@ class SegmentConfig(TaskConfig):
     min_lr: float = S.MIN_LR.field(0.0, help="lr at the end of the poly schedule")
     warmup_steps: int = S.setting(1500, "linear lr warm-up in optimizer steps (at most the run's length)", low=0)
     poly_power: float = S.setting(1.0, "exponent of the poly decay after the warm-up", above=0)
-    layer_decay: float = S.setting(0.65, "lr scale per layer below the top", above=0, high=1)
+    layer_decay: float = S.LAYER_DECAY.field()
     weight_decay: float = S.WEIGHT_DECAY.field()
-    drop_path: float = S.setting(0.1, "stochastic depth rate", low=0, below=1)
+    drop_path: float = S.DROP_PATH.field()
     head_channels: int = S.setting(768, "UperNet head width (mmseg's ViT-B recipe: 768)", above=0)
     aux_weight: float = S.setting(0.4, "loss weight of the auxiliary FCN head on the stride-16 map (0 = no "
                                        "auxiliary head)", low=0)
@@ -59,8 +59,7 @@ class SegmentConfig(TaskConfig):
     eval_stride: int | None = S.setting(None, "sliding-window stride in pixels (default: 2/3 of --img-size, 341 "
                                               "for 512)", kind=int, above=0, resume="run-control")
     eval_every: int | None = S.EVAL_EVERY.field()
-    grad_checkpointing: bool = S.setting(False, "recompute each block in the backward pass: less memory at high "
-                                       "resolution")
+    grad_checkpointing: bool = S.GRAD_CHECKPOINTING.field()
 
     @staticmethod
     def saved_settings(checkpoint: dict) -> dict | None:

@@ -179,6 +179,16 @@ MODEL = Setting("vit_base_patch16", f"encoder: {', '.join(MODEL_NAMES)}", metava
 DEPTH = Setting(None, "transformer blocks (default: the --model's)", kind=int, above=0)
 NUM_HEADS = Setting(None, "attention heads (default: the --model's)", kind=int, above=0)
 WINDOW_SIZE = Setting(7, "LoMaR window size K, in patches", above=0)
+# finetune, detect, segment: the encoder under a task head
+LAYER_DECAY = Setting(0.65, "lr scale per layer below the top", above=0, high=1)
+DROP_PATH = Setting(0.1, "stochastic depth rate", low=0, below=1)
+GRAD_CHECKPOINTING = Setting(False, "recompute each block in the backward pass: less memory at high resolution")
+GLOBAL_BLOCKS = Setting(None, "with --window-size N > 0: the blocks (0-based) that keep global attention (default: "
+                        "ViTDet's, the last block of each quarter of the depth: 2 5 8 11 for ViT-B)", low=0,
+                        nargs="*", metavar="I", kind=int)
+ATTENTION = Setting("auto", "how the iRPE bias is computed, same result: auto = dense for short sequences, above that "
+                    "flex on CUDA and query chunks elsewhere (see lomar bench --task backbone)",
+                    choices=("auto", "dense", "chunked", "flex"), resume=_RUN)
 DECODER_NUM_HEADS = Setting(16, "MAE decoder attention heads", above=0)
 DECODE = Setting("full", "how workers turn files into crops: full = decode the whole photo (reference); draft = JPEG "
                  "decoded at 1/2-1/8 scale when the crop allows (same crops, slightly different pixels); windows = "
