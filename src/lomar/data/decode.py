@@ -101,9 +101,10 @@ def _check_pixels(name: str, width: int, height: int, limit: int) -> None:
                          f"limit of {limit:,}; shrink it or raise LOMAR_MAX_IMAGE_PIXELS")
 
 
-def _checked_header(data: bytes, name: str, limit: int) -> tuple[str | None, tuple[int, int] | None]:
-    """(format, size) from the header its own decoder reads, size checked against ``limit``.
-    A JPEG or WebP whose size cannot be read is refused: libjpeg / libwebp would refuse it too."""
+def _checked_header(data: bytes, name: str, max_pixels: int | None) -> tuple[str | None, tuple[int, int] | None, int]:
+    """(format, size from the header its own decoder reads, pixel limit: ``max_pixels`` or the default), the
+    size checked against the limit. A JPEG or WebP without a readable size is refused, as libjpeg / libwebp do."""
+    limit = max_pixels if max_pixels is not None else max_image_pixels()
     kind, size = declared_size(data)
     if kind in ("jpeg", "webp") and size is None:
         what = ("a JPEG without exactly one frame header (SOF) before its data" if kind == "jpeg"
@@ -111,15 +112,14 @@ def _checked_header(data: bytes, name: str, limit: int) -> tuple[str | None, tup
         raise ValueError(f"cannot decode image {name}: {what}; the file is damaged or crafted")
     if size is not None:
         _check_pixels(name, *size, limit)
-    return kind, size
+    return kind, size, limit
 
 
 def open_pil(data: bytes, name: str = "<bytes>", max_pixels: int | None = None):
     """``PIL.Image.open`` on checked bytes: ValueError naming ``name`` when unidentified, when a
     header is over the pixel limit (ours or Pillow's), or when Pillow and libjpeg would read a
     JPEG's size differently (every decoder that may decode it must agree)."""
-    limit = max_pixels if max_pixels is not None else max_image_pixels()
-    kind, size = _checked_header(data, name, limit)
+    kind, size, limit = _checked_header(data, name, max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -159,8 +159,7 @@ def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = No
     """
     if not data:
         raise ValueError(f"cannot decode image {name}: the file is empty (0 bytes)")
-    limit = max_pixels if max_pixels is not None else max_image_pixels()
-    kind, _ = _checked_header(data, name, limit)
+    kind, _, limit = _checked_header(data, name, max_pixels)
     if kind in ("jpeg", "webp"):  # libjpeg / libwebp through torchvision, unless it refuses (CMYK, ...)
         try:
             with warnings.catch_warnings():  # torchvision announces its decoders' move to torchcodec: noise

@@ -42,11 +42,8 @@ def demo_image_paths() -> list[Path]:
 
 
 def find_images(root: str | Path) -> list[Path]:
-    """Image-named entries under ``root`` (recursive, symlinked folders followed once each), sorted.
-
-    Dangling links are included (they fail to read and are counted as bad); folders reached a
-    second time through a link are skipped with a warning.
-    """
+    """Image-named entries under ``root``, sorted (see the module docstring); a folder reached a second time
+    through a link is skipped with a warning."""
     found: list[Path] = []
     seen: set[tuple[int, int]] = set()
     loops = 0
