@@ -64,15 +64,12 @@ def max_image_bytes() -> int:
     return _positive_env("LOMAR_MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES)
 
 
-def _kind(mode: int) -> str:
-    kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
-    return next((text for test, text in kinds if test(mode)), "not a regular file")
-
-
 def _check_file(path: str | Path, info: os.stat_result, limit: int) -> None:
     if not stat.S_ISREG(info.st_mode):
-        raise ValueError(f"cannot read {path}: it is {_kind(info.st_mode)}, not an image file; remove it from the data")
+        kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                 (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
+        kind = next((text for test, text in kinds if test(info.st_mode)), "not a regular file")
+        raise ValueError(f"cannot read {path}: it is {kind}, not an image file; remove it from the data")
     if info.st_size > limit:
         raise ValueError(f"cannot read {path}: {info.st_size:,} bytes is over the limit of {limit:,} for one image; "
                          f"shrink it or raise LOMAR_MAX_IMAGE_BYTES")
