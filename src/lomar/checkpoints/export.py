@@ -107,13 +107,6 @@ def _check_field(where: Path, key: str, value) -> None:
                          f"got {value!r}; re-export the encoder with `lomar export`")
 
 
-def _check_windows(where: Path, blocks, depth: int) -> None:
-    ints = isinstance(blocks, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in blocks)
-    if not ints or len(set(blocks)) != len(blocks) or not all(0 <= i < depth for i in blocks):
-        raise UsageError(f"{where}: global_blocks must be a list of distinct block indices in [0, {depth - 1}], "
-                         f"got {blocks!r}; re-export the encoder with `lomar export`")
-
-
 def _check_config(where: Path, data, overrides: dict) -> tuple[ViTConfig, int]:
     if not isinstance(data, dict):
         raise UsageError(f"{where} holds a JSON {type(data).__name__}, expected an object; re-export the encoder")
@@ -127,7 +120,11 @@ def _check_config(where: Path, data, overrides: dict) -> tuple[ViTConfig, int]:
         raise UsageError(f"{where}: img_size must be an integer (or [height, width]) in [1, {_MAX_IMG}], got {img!r}")
     if data.get("pos", "rpe") not in ("rpe", "abs", "none"):
         raise UsageError(f"{where}: pos must be 'rpe', 'abs' or 'none', got {data.get('pos')!r}")
-    _check_windows(where, data.get("global_blocks", []), data.get("depth", ViTConfig.depth))
+    blocks, depth = data.get("global_blocks", []), data.get("depth", ViTConfig.depth)
+    ints = isinstance(blocks, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in blocks)
+    if not ints or len(set(blocks)) != len(blocks) or not all(0 <= i < depth for i in blocks):
+        raise UsageError(f"{where}: global_blocks must be a list of distinct block indices in [0, {depth - 1}], "
+                         f"got {blocks!r}; re-export the encoder with `lomar export`")
     attention = data.get("attention", "auto")
     if not isinstance(attention, str) or attention not in ATTENTION_MODES:
         raise UsageError(f"{where}: attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")

@@ -129,17 +129,12 @@ class OriginalReader(Reader):
     def encoder(self, src, overrides):
         config = infer_vit_config({rename_rpe(k): v for k, v in src.state.items()}, args_dict(src.data),
                                   num_heads=overrides.get("num_heads"))
-        if self.method == "lomar":
-            renamed = lomar_from_original(src.state, keep_pos_embed=True)
-            state = {k.removeprefix("encoder."): v for k, v in renamed.items() if k.startswith("encoder.")}
-            dropped = [k for k in renamed if not k.startswith("encoder.")]
-            if config.pos == "rpe" and "pos_embed" in state:  # SPEC §6.3: the stored sin-cos table is never used
-                dropped.append("pos_embed")
-                del state["pos_embed"]
-        else:
-            keep = ENCODER_PREFIXES + CLASSIFIER_PREFIXES
-            state = {rename_rpe(k): v for k, v in src.state.items() if k.startswith(keep)}
-            dropped = [k for k in src.state if not k.startswith(keep)]
+        keep = ENCODER_PREFIXES + CLASSIFIER_PREFIXES
+        state = {rename_rpe(k): v for k, v in src.state.items() if k.startswith(keep)}
+        dropped = [k for k in src.state if not k.startswith(keep)]
+        if config.pos == "rpe" and "pos_embed" in state:  # SPEC §6.3: the stored sin-cos table is never used
+            dropped.append("pos_embed")
+            del state["pos_embed"]
         if self.method == "mae":
             config = replace(config, pos="abs")
         return EncoderWeights(config, state, dropped, f"original checkpoint ({self.method})")
