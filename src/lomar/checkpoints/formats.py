@@ -124,8 +124,7 @@ class VitReader(Reader):
         saved = src.data.get("config")
         if isinstance(saved, dict) and "embed_dim" in saved:  # a finetune checkpoint keeps its ViTConfig
             return EncoderWeights(ViTConfig.from_dict(saved), dict(src.state), [], "finetune checkpoint")
-        config = _inferred_config(src, overrides)
-        return EncoderWeights(config, dict(src.state), [], "classifier checkpoint")
+        return EncoderWeights(_inferred_config(src, overrides), dict(src.state), [], "classifier checkpoint")
 
 
 class ExportReader(Reader):
@@ -156,7 +155,7 @@ register(ExportReader(), 30)
 class TimmBeitWeights:
     """A BEiT encoder as timm ``Beit(**timm_args)`` (no classifier) and its state dict under timm keys."""
 
-    config: object  # lomar.models.beit.BEiTConfig of the pretraining model
+    config: BEiTConfig  # of the pretraining model
     timm_args: dict
     state: dict[str, torch.Tensor]
     dropped: list[str] = field(default_factory=list)  # source keys the encoder does not use

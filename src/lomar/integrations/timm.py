@@ -175,8 +175,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: LomarVision
                              + "; create the model with the exported architecture (see config.json's model_args)")
         out[key] = value
     fresh = [k for k in own if k not in out and k.startswith(("head.", "fc_norm.", "pos_embed"))]
-    for key in fresh:
-        out[key] = own[key]
+    out.update({key: own[key] for key in fresh})
     if any(k.startswith("head.") for k in fresh):
         _log.info("classifier head not in the weights (or of another size): freshly initialised")
     return out
