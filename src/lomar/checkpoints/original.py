@@ -69,8 +69,7 @@ def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
     # window_size is LoMaR's K (above), never the encoder's ViTDet windows: a LoMaR encoder attends globally
     config_overrides = {k: overrides.pop(k) for k in list(overrides)
                         if k in ViTConfig.__dataclass_fields__ and k != "window_size"}
-    if config_overrides:
-        settings["config"] = replace(settings["config"], **config_overrides)
+    settings["config"] = replace(settings["config"], **config_overrides)
     # Settings of another method (a window size for an MAE checkpoint, say) are hints from
     # callers that cannot know the method beforehand: ignored. Names no model takes are typos.
     accepted = {name: set(inspect.signature(cls.__init__).parameters) - {"self", "config"}

@@ -75,12 +75,8 @@ class SimpleFeaturePyramid(nn.Module):
             last = max(self.strides.values())
             self.strides[f"p{int(math.log2(last)) + 1}"] = 2 * last
 
-    @property
-    def names(self) -> list[str]:
-        return list(self.strides)
-
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        names = self.names
+        names = list(self.strides)
         out = {name: stage(x) for name, stage in zip(names, self.stages)}
         if self.top_block:
             coarsest = max(out, key=self.strides.__getitem__)
@@ -152,7 +148,7 @@ class ViTDetBackbone(nn.Module):
         self.norm = norm
         self.grad_checkpointing = grad_checkpointing
         self._square_pad = square_pad
-        self._out_features = self.pyramid.names
+        self._out_features = list(self.pyramid.strides)
         self._out_feature_strides = dict(self.pyramid.strides)
         self._out_feature_channels = {name: out_channels for name in self._out_features}
 
