@@ -174,13 +174,14 @@ def bench_backbone(model: str, sizes: list[int], variants: list[str], batch_size
     for size in sizes:
         flops = model_flops(model, size, batch_size, tiny, depth)
         for variant in variants:
+            need = estimate_bytes(variant, model, size, batch_size, grad_checkpointing, precision, tiny, depth)
+            free = available_bytes(device)
             rec = dict(task="backbone", method=model, attention=variant, img_size=size, windows=None,
                        window_setting="-", batch_size=batch_size, grad_checkpointing=grad_checkpointing,
                        precision=precision, compile=False, device=device, flops=flops, flops_kind="analytic",
-                       depth=_arch(model, tiny, depth)[2])
-            need = estimate_bytes(variant, model, size, batch_size, grad_checkpointing, precision, tiny, depth)
-            free = available_bytes(device)
-            rec.update(estimated_bytes=need, available_bytes=free)
+                       depth=_arch(model, tiny, depth)[2], estimated_bytes=need, available_bytes=free, step_s=None,
+                       images_per_s=None, achieved_flops=None, peak_mem_bytes=None, peak_mem_kind=None,
+                       step_times_s=[])  # what a variant that did not run reports
             if variant == "flex" and not flex_available(torch.device(device)):
                 rec.update(status="skipped", reason="flex needs CUDA (FlexAttention has no CPU backward)")
             elif need > 0.9 * free:
@@ -195,9 +196,6 @@ def bench_backbone(model: str, sizes: list[int], variants: list[str], batch_size
             if rec["status"] == "ok":
                 step_s = sorted(rec["step_times_s"])[len(rec["step_times_s"]) // 2]
                 rec.update(step_s=step_s, images_per_s=batch_size / step_s, achieved_flops=flops / step_s)
-            else:
-                rec.update(step_s=None, images_per_s=None, achieved_flops=None, peak_mem_bytes=None,
-                           peak_mem_kind=None, step_times_s=[])
             say(f"{size}px {variant}: {rec['status']}" + (f" {rec['step_s']:.2f} s, peak "
                 f"{rec['peak_mem_bytes'] / 2**20:,.0f} MiB" if rec["status"] == "ok" else f" ({rec['reason']})"))
             records.append(rec)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from lomar.bench.timing import build_runner, interleaved_times, median, method_config
+from lomar.bench.timing import build_runner, interleaved_times, method_config
 from lomar.data.collate import collate_pretrain
 from lomar.data.device_decode import decode_dataset
 from lomar.data.folder import build_pretrain_dataset, demo_image_paths
@@ -109,7 +110,7 @@ def time_loader(dataset, workers: int, images: int, batch_size: int = 16, repeat
         start = time.perf_counter()
         seen = sum(len(batch["paths"]) + len(batch["bad"]) for batch in loader)
         rates.append(seen / max(time.perf_counter() - start, 1e-9))
-    return median(rates)
+    return statistics.median(rates)
 
 
 def cpu_ms_per_image(dataset, images: int = 16) -> float:
@@ -162,7 +163,7 @@ def measure_loader(data: str | Path, sizes: list[int], workers: int = 1, method:
             runner = build_runner(method, model, size, windows, model_batch or batch_size, device, precision,
                                   compile, tiny=tiny)
             interleaved_times([runner], steps, warmup)
-            _limited_by(rec, dict(model_images_per_s=runner.batch_size / median(runner.times),
+            _limited_by(rec, dict(model_images_per_s=runner.batch_size / statistics.median(runner.times),
                                   model_batch_size=runner.batch_size, precision=precision, compile=compile,
                                   device=str(device)))
             del runner

@@ -26,11 +26,12 @@ __all__ = ["SUBCOMMANDS", "build_parser", "main", "run", "describe_os_error"]
 # or <prefix>_add_arguments/<prefix>_run when one module serves several commands.
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("bench", "lomar.cli.bench", "time LoMaR vs MAE training steps across image sizes on this machine"),
-    ("pretrain", "lomar.cli.pretrain", "pretrain an encoder with LoMaR, MAE or BEiT (no arguments: a demo on CPU)"),
-    ("finetune", "lomar.cli.finetune", "finetune a pretrained encoder for classification (original recipe)"),
-    ("detect", "lomar.cli.detect", "train and evaluate Mask R-CNN (ViTDet) on COCO-format detection data"),
-    ("segment", "lomar.cli.segment", "train and evaluate UperNet semantic segmentation on an encoder (ADE20K layout, "
-     "mIoU)"),
+    ("pretrain", "lomar.cli.train:pretrain", "pretrain an encoder with LoMaR, MAE or BEiT (no arguments: a demo on "
+     "CPU)"),
+    ("finetune", "lomar.cli.train:finetune", "finetune a pretrained encoder for classification (original recipe)"),
+    ("detect", "lomar.cli.train:detect", "train and evaluate Mask R-CNN (ViTDet) on COCO-format detection data"),
+    ("segment", "lomar.cli.train:segment", "train and evaluate UperNet semantic segmentation on an encoder (ADE20K "
+     "layout, mIoU)"),
     ("linprobe", "lomar.cli.probe:linprobe", "linear probe (BatchNorm + linear) on frozen features"),
     ("knn", "lomar.cli.probe:knn", "cosine k-NN accuracy of frozen features"),
     ("compose-digits", "lomar.cli.compose", "write an offline detection/segmentation set: sklearn digits on the "
@@ -58,18 +59,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" where the help does not already say it; nothing for off switches,
-    required flags and unset values (their help says what happens)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if ("default" in text.lower() or action.required or action.default is None
-                or action.default is False or action.default is argparse.SUPPRESS):
-            return text
-        return super()._get_help_string(action)
-
-
 def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
     """The ``lomar`` parser; ``commands`` limits which subcommands get their flags (None: all)."""
     wanted = None if commands is None else set(commands)
@@ -78,7 +67,7 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
     parser.add_argument("--version", action="version", version=f"lomar {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, target, help_text in SUBCOMMANDS:
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         if wanted is not None and name not in wanted:
             continue
         module_name, _, prefix = target.partition(":")

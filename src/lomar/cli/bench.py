@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,12 +43,6 @@ def _window_setting(text: str) -> str | int:
     if value <= 0:
         raise ValueError(f"window count must be positive, got {value}")
     return value
-
-
-def _fit(size: int, exc: ValueError) -> UsageError:
-    """A window that does not fit: bench's windows are 7x7 patches, so the fix is the size or the count."""
-    return UsageError(f"{size}px: {str(exc).replace(' (--window-size)', '')}; drop {size} from --sizes or "
-                      f"lower --windows")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,12 +128,12 @@ def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str
         configs += [(m, None, "-") for m in ("mae", "beit") if m in args.methods]
         configs += [(m, windowed, "paper" if paper else "fixed") for m, flag in
                     (("mae_window", "mae_window"), ("beit_window", "beit")) if flag in args.methods]
-        for method, n, _ in configs:
+        for method, n, _ in (c for c in configs if c[1] is not None):
             try:
-                if n is not None:
-                    check_window_request(grid, 7, n, 0.8 if method == "lomar" else 0.75)
-            except ValueError as exc:
-                raise _fit(size, exc) from None
+                check_window_request(grid, 7, n, 0.8 if method == "lomar" else 0.75)
+            except ValueError as exc:  # bench's windows are 7x7 patches: the fix is the size or the count
+                raise UsageError(f"{size}px: {str(exc).replace(' (--window-size)', '')}; drop {size} from --sizes "
+                                 f"or lower --windows") from None
         plan[size] = configs
     return plan
 
@@ -165,17 +160,17 @@ def _device(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_file(args.json, "--json", create_parents=True)
     if args.task == "backbone":
         return _run_backbone(args)
     if args.task == "loader":
         return _run_loader(args)
     plan = _plan(args)
-    check_output_file(args.json, "--json", create_parents=True)
     check_output_file(args.plot, "--plot", create_parents=True)
     import torch
 
     from lomar.bench import report  # torch: not for --help
-    from lomar.bench.timing import build_runner, gemm_ceiling, interleaved_times, median  # torch: not for --help
+    from lomar.bench.timing import build_runner, gemm_ceiling, interleaved_times  # torch: not for --help
 
     device, say = _device(args), _say(args)
     retained = device.type == "cpu" and retain_freed_memory()
@@ -191,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
                    for m, w, _ in configs]
         rates += interleaved_times(runners, args.steps, args.warmup, gemm, say)
         for (method, windows, setting), r in zip(configs, runners):
-            step_s = median(r.times)
+            step_s = statistics.median(r.times)
             records.append(dict(
                 method=method, img_size=size, windows=windows, window_setting=setting,
                 batch_size=args.batch_size, step_s=step_s, images_per_s=args.batch_size / step_s,
@@ -201,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         del runners
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    ceiling = median(rates)
+    ceiling = statistics.median(rates)
     for rec in records:
         rec.update(gemm_flops=ceiling, mfu=rec["achieved_flops"] / ceiling)
     comparisons, beit_ratios = report.compare(records), report.beit_comparisons(records)
@@ -224,7 +219,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_backbone(args: argparse.Namespace) -> int:
     """``--task backbone``: see :mod:`lomar.bench.backbone`."""
-    check_output_file(args.json, "--json", create_parents=True)
     patch = _patch_size(args)
     if bad := [s for s in args.sizes if s <= 0 or s % patch]:
         raise UsageError(f"--sizes {bad}: sizes must be positive multiples of the patch size {patch}")
@@ -265,7 +259,6 @@ def _run_loader(args: argparse.Namespace) -> int:
     if "gpu" in args.decode:
         raise UsageError("--decode gpu decodes in the training loop, not in loader workers; use full, draft or windows")
     args.data = Path(args.data)
-    check_output_file(args.json, "--json", create_parents=True)
     say = _say(args)
     from lomar.bench.loader import make_test_set, measure_loader, share_model_rate  # torch: not for --help
 

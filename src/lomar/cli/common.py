@@ -83,14 +83,9 @@ def check_output_file(path: str | Path | None, flag: str, overwrite: bool = True
                              f"give a file path")
         if not overwrite:
             raise UsageError(f"{flag} {target} already exists; pass --overwrite to replace it")
-    parent = target.parent
-    if create_parents:
-        parent = _existing_ancestor(parent, flag, target)
-    elif not parent.exists():
-        raise UsageError(f"{flag} {target}: folder {parent} does not exist; create it first")
-    elif not parent.is_dir():
-        raise UsageError(f"{flag} {target}: {parent} is a file, not a folder; choose another path")
-    _check_writable_dir(parent, flag, target)
+    if not create_parents and not target.parent.exists():
+        raise UsageError(f"{flag} {target}: folder {target.parent} does not exist; create it first")
+    _check_writable_dir(_existing_ancestor(target.parent, flag, target), flag, target)
 
 
 def check_output_dir(path: str | Path, flag: str) -> None:

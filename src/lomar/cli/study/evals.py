@@ -16,10 +16,10 @@ from torchvision.datasets import ImageFolder
 
 from lomar.checkpoints.formats import load_model
 from lomar.cli.common import resolve_device
-from lomar.cli.probe import knn_add_arguments, linprobe_add_arguments
+from lomar.cli.probe import frozen_features, knn_add_arguments, linprobe_add_arguments
 from lomar.cli.study.spec import Cell, StudySpec, StudyStopped, parse_flags, settings_flags
 from lomar.errors import LomarError, UsageError
-from lomar.eval.features import eval_transform, extract_features, knn_loaders, load_pretrained_encoder
+from lomar.eval.features import eval_transform
 from lomar.eval.knn import knn_top1
 from lomar.eval.linear_probe import train_linear_probe
 from lomar.train.finetune import finetune
@@ -82,14 +82,7 @@ class Scorer:
         """(train_x, train_y, val_x, val_y) of the frozen encoder, computed once per setting."""
         key = (args.img_size, args.pool, args.batch_size, args.device)
         if key not in self._features:
-            device = resolve_device(args.device)
-            try:
-                loaders = knn_loaders(args.train, args.val, args.img_size, args.batch_size, args.workers)
-                encoder = load_pretrained_encoder(args.pretrained, img_size=args.img_size).to(device)
-            except ValueError as exc:
-                raise UsageError(str(exc)) from None
-            self._features[key] = [t for loader in loaders
-                                   for t in extract_features(encoder, loader, device, args.pool)]
+            self._features[key] = frozen_features(args, resolve_device(args.device))
         return self._features[key]
 
 
