@@ -1,6 +1,6 @@
-"""The ``lomar`` command. Each subcommand lives in its own module, which provides
-``add_arguments(parser)`` and ``run(args) -> int``; this file wires them up and is the one
-error boundary every command shares.
+"""The ``lomar`` command. Each subcommand's module provides ``add_arguments(parser)`` and
+``run(args) -> int`` (``NAME_add_arguments`` and ``NAME_run`` where it serves several); this file
+wires them up and is the one error boundary every command shares.
 
 Subcommand modules import only argparse-level code at module level, so ``lomar --help`` and
 ``lomar CMD --help`` never import torch; :func:`main` builds only the parser of the command
@@ -22,18 +22,16 @@ from lomar.errors import LomarError
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main", "run", "describe_os_error"]
 
-# (name, "module" or "module:prefix", one-line help): the module provides add_arguments/run,
-# or <prefix>_add_arguments/<prefix>_run when one module serves several commands.
+# (name, module, one-line help)
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("bench", "lomar.cli.bench", "time LoMaR vs MAE training steps across image sizes on this machine"),
-    ("pretrain", "lomar.cli.train:pretrain", "pretrain an encoder with LoMaR, MAE or BEiT (no arguments: a demo on "
-     "CPU)"),
-    ("finetune", "lomar.cli.train:finetune", "finetune a pretrained encoder for classification (original recipe)"),
-    ("detect", "lomar.cli.train:detect", "train and evaluate Mask R-CNN (ViTDet) on COCO-format detection data"),
-    ("segment", "lomar.cli.train:segment", "train and evaluate UperNet semantic segmentation on an encoder (ADE20K "
-     "layout, mIoU)"),
-    ("linprobe", "lomar.cli.probe:linprobe", "linear probe (BatchNorm + linear) on frozen features"),
-    ("knn", "lomar.cli.probe:knn", "cosine k-NN accuracy of frozen features"),
+    ("pretrain", "lomar.cli.train", "pretrain an encoder with LoMaR, MAE or BEiT (no arguments: a demo on CPU)"),
+    ("finetune", "lomar.cli.train", "finetune a pretrained encoder for classification (original recipe)"),
+    ("detect", "lomar.cli.train", "train and evaluate Mask R-CNN (ViTDet) on COCO-format detection data"),
+    ("segment", "lomar.cli.train", "train and evaluate UperNet semantic segmentation on an encoder (ADE20K layout, "
+     "mIoU)"),
+    ("linprobe", "lomar.cli.probe", "linear probe (BatchNorm + linear) on frozen features"),
+    ("knn", "lomar.cli.probe", "cosine k-NN accuracy of frozen features"),
     ("compose-digits", "lomar.cli.compose", "write an offline detection/segmentation set: sklearn digits on the "
      "bundled photographs, COCO and ADE20K layouts"),
     ("export", "lomar.cli.export", "write a checkpoint's encoder as model.safetensors + config.json (timm-ready)"),
@@ -70,9 +68,8 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         if wanted is not None and name not in wanted:
             continue
-        module_name, _, prefix = target.partition(":")
-        module = importlib.import_module(module_name)
-        prefix = f"{prefix}_" if prefix else ""
+        module = importlib.import_module(target)
+        prefix = f"{name}_" if hasattr(module, f"{name}_run") else ""
         getattr(module, f"{prefix}add_arguments")(sub_parser)
         sub_parser.set_defaults(_run=getattr(module, f"{prefix}run"))
     return parser

@@ -31,7 +31,6 @@ from lomar.errors import LomarError, UsageError
 from lomar.train.config import PretrainConfig, add_config_arguments, resolve_config
 from lomar.train.pretrain import TrainingError, train
 from lomar.train.run_state import SaveError
-from lomar.train.settings import ConfigError
 
 __all__ = ["run_study", "StudyStopped", "check_cells", "settings_flags", "parse_flags", "cell_config",
            "pretrain"]
@@ -52,10 +51,7 @@ def cell_config(spec: StudySpec, cell: Cell, folder: Path, max_steps: int | None
         else:
             settings["epochs"] = PretrainConfig.epochs
     settings.update(out=str(folder), resume="auto", seed=cell.seed, data=spec.data_pretrain, max_steps=max_steps)
-    try:
-        return resolve_config(parse_flags(add_config_arguments, settings_flags(settings) + ["--print-config"] * check))
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
+    return resolve_config(parse_flags(add_config_arguments, settings_flags(settings) + ["--print-config"] * check))
 
 
 @functools.cache
