@@ -1,5 +1,5 @@
-"""The ``lomar`` command. Each subcommand's module provides ``add_arguments(parser)`` and
-``run(args) -> int`` (``NAME_add_arguments`` and ``NAME_run`` where it serves several); this file
+"""The ``lomar`` command. Each subcommand's module provides ``add_arguments(parser)`` and ``run(args) -> int``
+(``NAME_add_arguments`` and ``NAME_run``, NAME with underscores for dashes, where it serves several); this file
 wires them up and is the one error boundary every command shares.
 
 Subcommand modules import only argparse-level code at module level, so ``lomar --help`` and
@@ -36,7 +36,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
      "bundled photographs, COCO and ADE20K layouts"),
     ("export", "lomar.cli.export", "write a checkpoint's encoder as model.safetensors + config.json (timm-ready)"),
     ("visualize", "lomar.cli.visualize", "reconstruction and attention figures of a pretrained model"),
-    ("load-original", "lomar.cli.load_original", "convert an original LoMaR / MAE checkpoint into ours"),
+    ("load-original", "lomar.cli.export", "convert an original LoMaR / MAE checkpoint into ours"),
     ("study", "lomar.cli.study", "a grid of pretraining runs and their evaluations as one resumable job"),
     ("tokenizer", "lomar.cli.tokenizer", "BEiT visual tokenizers: fit a k-means one on images, convert a dVAE"),
 ]
@@ -69,7 +69,8 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
         if wanted is not None and name not in wanted:
             continue
         module = importlib.import_module(target)
-        prefix = f"{name}_" if hasattr(module, f"{name}_run") else ""
+        prefix = name.replace("-", "_") + "_"
+        prefix = prefix if hasattr(module, f"{prefix}run") else ""
         getattr(module, f"{prefix}add_arguments")(sub_parser)
         sub_parser.set_defaults(_run=getattr(module, f"{prefix}run"))
     return parser
