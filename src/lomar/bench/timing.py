@@ -105,7 +105,7 @@ class StepRunner:
         self.flops = int(counter.get_total_flops())
         return self.flops
 
-    def measure_memory(self) -> tuple[int, str]:
+    def measure_memory(self) -> None:
         """One untimed step that records ``peak_mem`` (bytes, kind).
 
         CUDA: ``torch.cuda.max_memory_allocated`` over the step (everything live, weights
@@ -127,7 +127,6 @@ class StepRunner:
             with _rss_range() as rss:
                 self.step()
             self.peak_mem = rss[1] - rss[0], "cpu_rss_growth"
-        return self.peak_mem
 
 
 def resident_bytes() -> int:
@@ -225,7 +224,7 @@ def gemm_ceiling(device: torch.device, precision: str, n: int | None = None) -> 
 
 def interleaved_times(runners: list[StepRunner], steps: int, warmup: int,
                       gemm: Callable[[], float] | None = None,
-                      progress: Callable[[str], None] | None = None) -> list[float]:
+                      progress: Callable[[str], None] = lambda msg: None) -> list[float]:
     """Warm every runner up, then run ``steps`` rounds of one step each, A B A B …
 
     Untimed first, per runner: one step that counts FLOPs, one that records peak memory,
@@ -241,14 +240,12 @@ def interleaved_times(runners: list[StepRunner], steps: int, warmup: int,
         for _ in range(warmup):
             r.step()
         sync(r.device)
-        if progress:
-            progress(f"warmed up {r.method} {r.img_size}px" + (f" {r.windows} windows" if r.windows else ""))
+        progress(f"warmed up {r.method} {r.img_size}px" + (f" {r.windows} windows" if r.windows else ""))
     rates: list[float] = []
     for i in range(steps):
         if gemm is not None:
             rates.append(gemm())
         for r in runners:
             r.times.append(timed(r.step, r.device))
-        if progress:
-            progress(f"round {i + 1}/{steps}: " + ", ".join(f"{r.times[-1]:.2f}s" for r in runners))
+        progress(f"round {i + 1}/{steps}: " + ", ".join(f"{r.times[-1]:.2f}s" for r in runners))
     return rates
