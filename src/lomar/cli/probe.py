@@ -54,25 +54,6 @@ knn_add_arguments = functools.partial(add_settings, settings=KNN)
 linprobe_add_arguments = functools.partial(add_settings, settings=LINPROBE)
 
 
-def _check(args: argparse.Namespace) -> None:
-    """Everything that can be checked before the features are computed, outputs included."""
-    if args.pretrained and args.pretrained_path and args.pretrained != args.pretrained_path:
-        raise UsageError(f"two checkpoints given ({args.pretrained_path} and --pretrained {args.pretrained}); "
-                         f"pass one")
-    args.pretrained = args.pretrained or args.pretrained_path
-    if not args.pretrained:
-        raise UsageError(f"pass the checkpoint: lomar {args.command} PRETRAINED, or --pretrained PRETRAINED")
-    if not (args.data or (args.train and args.val)):
-        raise UsageError("pass --data ROOT (with train/ and val/) or both --train and --val")
-    for flag, root in (("--data", args.data), ("--train", args.train), ("--val", args.val)):
-        if root and not Path(root).is_dir():
-            raise UsageError(f"{flag} {root} is not a folder; pass an ImageFolder root")
-    if not Path(args.pretrained).exists():
-        raise UsageError(f"{args.pretrained} does not exist; pass a checkpoint file or an exported folder")
-    check_output_file(args.json, "--json", create_parents=True)
-    check_output_file(getattr(args, "save", None), "--save", create_parents=True)
-
-
 def frozen_features(args: argparse.Namespace, device: str, say=lambda msg: None) -> list:
     """(train_x, train_y, val_x, val_y): the frozen encoder's features of both splits; UsageError on bad input."""
     from lomar.eval.features import extract_features, knn_loaders, load_pretrained_encoder  # torch: not for --help
@@ -90,9 +71,24 @@ def frozen_features(args: argparse.Namespace, device: str, say=lambda msg: None)
 
 
 def _features(args: argparse.Namespace) -> list:
+    """The features of :func:`frozen_features`, after everything that can be checked before (outputs too)."""
     import torch
 
-    _check(args)
+    if args.pretrained and args.pretrained_path and args.pretrained != args.pretrained_path:
+        raise UsageError(f"two checkpoints given ({args.pretrained_path} and --pretrained {args.pretrained}); "
+                         f"pass one")
+    args.pretrained = args.pretrained or args.pretrained_path
+    if not args.pretrained:
+        raise UsageError(f"pass the checkpoint: lomar {args.command} PRETRAINED, or --pretrained PRETRAINED")
+    if not (args.data or (args.train and args.val)):
+        raise UsageError("pass --data ROOT (with train/ and val/) or both --train and --val")
+    for flag, root in (("--data", args.data), ("--train", args.train), ("--val", args.val)):
+        if root and not Path(root).is_dir():
+            raise UsageError(f"{flag} {root} is not a folder; pass an ImageFolder root")
+    if not Path(args.pretrained).exists():
+        raise UsageError(f"{args.pretrained} does not exist; pass a checkpoint file or an exported folder")
+    check_output_file(args.json, "--json", create_parents=True)
+    check_output_file(getattr(args, "save", None), "--save", create_parents=True)
     torch.set_num_threads(args.threads or default_threads())  # the command owns the process
     return frozen_features(args, resolve_device(args.device),
                            lambda msg: print(f"lomar {args.command}: {msg}", file=sys.stderr))
