@@ -25,12 +25,11 @@ __all__ = ["MODEL_NAMES", "resolve_device", "check_output_file", "check_output_d
 MODEL_NAMES = S.MODEL_NAMES
 
 
-def resolve_device(text: str | None) -> str:
-    """A --device value (None = auto; spelling checked by the declaration) -> a device string torch
-    can use here; UsageError otherwise."""
+def resolve_device(text: str) -> str:
+    """A --device value (spelling checked by the declaration) -> a device string torch can use here;
+    UsageError otherwise."""
     import torch
 
-    text = text or "auto"
     if text == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if text.startswith("cuda"):

@@ -54,11 +54,11 @@ knn_add_arguments = functools.partial(add_settings, settings=KNN)
 linprobe_add_arguments = functools.partial(add_settings, settings=LINPROBE)
 
 
-def frozen_features(args: argparse.Namespace, device: str, say=lambda msg: None) -> list:
+def frozen_features(args: argparse.Namespace, say=lambda msg: None) -> list:
     """(train_x, train_y, val_x, val_y): the frozen encoder's features of both splits; UsageError on bad input."""
     from lomar.eval.features import extract_features, knn_loaders, load_pretrained_encoder  # torch: not for --help
 
-    size = {"img_size": args.img_size} if args.img_size else {}
+    device, size = resolve_device(args.device), {"img_size": args.img_size} if args.img_size else {}
     try:
         encoder = load_pretrained_encoder(args.pretrained, **size).to(device)
         args.img_size = args.img_size or encoder.config.img_size  # the checkpoint's training size
@@ -90,8 +90,7 @@ def _features(args: argparse.Namespace) -> list:
     check_output_file(args.json, "--json", create_parents=True)
     check_output_file(getattr(args, "save", None), "--save", create_parents=True)
     torch.set_num_threads(args.threads or default_threads())  # the command owns the process
-    return frozen_features(args, resolve_device(args.device),
-                           lambda msg: print(f"lomar {args.command}: {msg}", file=sys.stderr))
+    return frozen_features(args, lambda msg: print(f"lomar {args.command}: {msg}", file=sys.stderr))
 
 
 def knn_run(args: argparse.Namespace) -> int:
