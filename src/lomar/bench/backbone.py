@@ -43,7 +43,6 @@ __all__ = ["estimate_bytes", "model_flops", "available_bytes", "run_variant", "b
 # rises to 32 MiB after the first large free, and the many 1-32 MiB temporaries of chunked
 # attention then fragment the heap: at 2048 px the resident set reached 13 GB for ~4 GB live.
 _MMAP_THRESHOLD = 64 * 1024
-_FLOAT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 _WINDOW = 14  # ViTDet's windows, in patches; a global block ends each quarter of the depth
 
 
@@ -64,7 +63,7 @@ def estimate_bytes(variant: str, model: str, img_size: int, batch: int, grad_che
     (B, h, L, L) bias, probabilities and their gradients (4 of them); chunked ~8 chunk biases.
     """
     patch, dim, depth, heads = _arch(model, tiny, depth)
-    e = _FLOAT_BYTES[precision]
+    e = DTYPES[precision].itemsize
     length = 1 + (img_size // patch) ** 2
     token = batch * length * dim * e
 
