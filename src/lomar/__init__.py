@@ -10,9 +10,9 @@ __version__ = "0.1.0"
 # (and with it `lomar --help`) costs no torch import.
 _EXPORTS = {
     "atomic_save": "lomar.checkpoints.io",
-    "load_original": "lomar.checkpoints.formats",
-    "lomar_from_original": "lomar.checkpoints.formats",
-    "lomar_to_original": "lomar.checkpoints.formats",
+    "load_original": "lomar.checkpoints.original",
+    "lomar_from_original": "lomar.checkpoints.keys",
+    "lomar_to_original": "lomar.checkpoints.keys",
     "safe_load": "lomar.checkpoints.io",
     "create_encoder": "lomar.checkpoints.export",
     "export_encoder": "lomar.checkpoints.export",

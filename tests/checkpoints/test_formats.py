@@ -13,8 +13,8 @@ from lomar.checkpoints import formats
 from lomar.checkpoints import reader as reader_registry
 from lomar.checkpoints.convert import pretrain_checkpoint
 from lomar.checkpoints.export import create_encoder, expected_shapes, read_export
-from lomar.checkpoints.formats import lomar_to_original
 from lomar.checkpoints.io import atomic_save, atomic_write_text, safe_load
+from lomar.checkpoints.keys import lomar_to_original
 from lomar.cli.app import main
 from lomar.errors import UsageError
 

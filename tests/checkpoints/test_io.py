@@ -10,8 +10,8 @@ import torch
 import lomar
 from helpers import fill_disk
 from lomar import MAE, LoMaR, load_original, lomar_from_original, lomar_to_original, model_config
-from lomar.checkpoints.formats import infer_original_config
 from lomar.checkpoints.io import atomic_save, safe_load
+from lomar.checkpoints.original import infer_original_config
 
 TINY = dict(embed_dim=48, depth=2, num_heads=4)
 

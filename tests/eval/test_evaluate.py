@@ -10,8 +10,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from lomar import MAE, LoMaR, VisionTransformer, ViTConfig, export_encoder
-from lomar.checkpoints.formats import lomar_to_original
 from lomar.checkpoints.io import atomic_save, safe_load
+from lomar.checkpoints.keys import lomar_to_original
 from lomar.cli.app import main
 from lomar.eval.features import load_pretrained_encoder
 from lomar.eval.knn import knn_accuracy, knn_predict

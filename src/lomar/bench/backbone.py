@@ -43,7 +43,6 @@ __all__ = ["estimate_bytes", "model_flops", "available_bytes", "run_variant", "b
 # rises to 32 MiB after the first large free, and the many 1-32 MiB temporaries of chunked
 # attention then fragment the heap: at 2048 px the resident set reached 13 GB for ~4 GB live.
 _MMAP_THRESHOLD = 64 * 1024
-_FLOAT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 _WINDOW = 14  # ViTDet's windows, in patches; a global block ends each quarter of the depth
 
 
@@ -64,7 +63,7 @@ def estimate_bytes(variant: str, model: str, img_size: int, batch: int, grad_che
     (B, h, L, L) bias, probabilities and their gradients (4 of them); chunked ~8 chunk biases.
     """
     patch, dim, depth, heads = _arch(model, tiny, depth)
-    e = _FLOAT_BYTES[precision]
+    e = DTYPES[precision].itemsize
     length = 1 + (img_size // patch) ** 2
     token = batch * length * dim * e
 
@@ -138,16 +137,13 @@ def run_variant(spec: dict) -> dict:
     return dict(step_times_s=times, peak_mem_bytes=int(peak), peak_mem_kind=kind)
 
 
-def _child(spec: dict, timeout: float | None) -> dict:
+def _child(spec: dict) -> dict:
     """Run :func:`run_variant` in a fresh interpreter; its last stdout line is the JSON result."""
     cmd = [sys.executable, "-m", "lomar.bench.backbone", json.dumps(spec)]
     env = os.environ.copy()
     if spec["device"] == "cpu":  # freed blocks go back to the OS: the resident set tracks live tensors
         env.update(MALLOC_MMAP_THRESHOLD_=str(_MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(_MMAP_THRESHOLD))
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return dict(status="failed", reason=f"did not finish in {timeout:.0f} s")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode == 0 and lines:
         return dict(status="ok", **json.loads(lines[-1]))
@@ -163,8 +159,8 @@ def _child(spec: dict, timeout: float | None) -> dict:
 
 def bench_backbone(model: str, sizes: list[int], variants: list[str], batch_size: int, grad_checkpointing: bool,
                    device: str, precision: str = "fp32", steps: int = 1, warmup: int = 1,
-                   threads: int | None = None, tiny: bool = False, timeout: float | None = None,
-                   say=lambda msg: None, on_record=lambda records: None, depth: int | None = None) -> list[dict]:
+                   threads: int | None = None, tiny: bool = False, say=lambda msg: None,
+                   on_record=lambda records: None, depth: int | None = None) -> list[dict]:
     """One record per (size, variant), in the order given; see the module docstring.
 
     ``depth`` overrides the model's number of blocks (the cost of fewer blocks, for quick checks).
@@ -174,13 +170,14 @@ def bench_backbone(model: str, sizes: list[int], variants: list[str], batch_size
     for size in sizes:
         flops = model_flops(model, size, batch_size, tiny, depth)
         for variant in variants:
+            need = estimate_bytes(variant, model, size, batch_size, grad_checkpointing, precision, tiny, depth)
+            free = available_bytes(device)
             rec = dict(task="backbone", method=model, attention=variant, img_size=size, windows=None,
                        window_setting="-", batch_size=batch_size, grad_checkpointing=grad_checkpointing,
                        precision=precision, compile=False, device=device, flops=flops, flops_kind="analytic",
-                       depth=_arch(model, tiny, depth)[2])
-            need = estimate_bytes(variant, model, size, batch_size, grad_checkpointing, precision, tiny, depth)
-            free = available_bytes(device)
-            rec.update(estimated_bytes=need, available_bytes=free)
+                       depth=_arch(model, tiny, depth)[2], estimated_bytes=need, available_bytes=free, step_s=None,
+                       images_per_s=None, achieved_flops=None, peak_mem_bytes=None, peak_mem_kind=None,
+                       step_times_s=[])  # what a variant that did not run reports
             if variant == "flex" and not flex_available(torch.device(device)):
                 rec.update(status="skipped", reason="flex needs CUDA (FlexAttention has no CPU backward)")
             elif need > 0.9 * free:
@@ -191,13 +188,10 @@ def bench_backbone(model: str, sizes: list[int], variants: list[str], batch_size
                 spec = dict(model=model, img_size=size, variant=variant, batch_size=batch_size, device=device,
                             grad_checkpointing=grad_checkpointing, precision=precision, steps=steps,
                             warmup=warmup, threads=threads, tiny=tiny, depth=depth)
-                rec.update(_child(spec, timeout))
+                rec.update(_child(spec))
             if rec["status"] == "ok":
                 step_s = sorted(rec["step_times_s"])[len(rec["step_times_s"]) // 2]
                 rec.update(step_s=step_s, images_per_s=batch_size / step_s, achieved_flops=flops / step_s)
-            else:
-                rec.update(step_s=None, images_per_s=None, achieved_flops=None, peak_mem_bytes=None,
-                           peak_mem_kind=None, step_times_s=[])
             say(f"{size}px {variant}: {rec['status']}" + (f" {rec['step_s']:.2f} s, peak "
                 f"{rec['peak_mem_bytes'] / 2**20:,.0f} MiB" if rec["status"] == "ok" else f" ({rec['reason']})"))
             records.append(rec)

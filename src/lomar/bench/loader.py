@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from lomar.bench.timing import build_runner, interleaved_times, median, method_config
+from lomar.bench.timing import build_runner, interleaved_times, method_config
 from lomar.data.collate import collate_pretrain
 from lomar.data.device_decode import decode_dataset
 from lomar.data.folder import build_pretrain_dataset, demo_image_paths
@@ -109,7 +110,7 @@ def time_loader(dataset, workers: int, images: int, batch_size: int = 16, repeat
         start = time.perf_counter()
         seen = sum(len(batch["paths"]) + len(batch["bad"]) for batch in loader)
         rates.append(seen / max(time.perf_counter() - start, 1e-9))
-    return median(rates)
+    return statistics.median(rates)
 
 
 def cpu_ms_per_image(dataset, images: int = 16) -> float:
@@ -133,7 +134,7 @@ def measure_loader(data: str | Path, sizes: list[int], workers: int = 1, method:
                    model: str = "vit_base_patch16", model_batch: int | None = None,
                    device: torch.device | str = "cpu", precision: str = "fp32", compile: bool = False,
                    steps: int = 3, warmup: int = 1, model_rate: bool = True, tiny: bool = False,
-                   repeats: int = 1, progress=None) -> list[dict]:
+                   repeats: int = 1, progress=lambda msg: None) -> list[dict]:
     """Loader and model rates per image size.
 
     Per size: images/s of decode + crop + masking plan with ``workers`` loader workers (the rate
@@ -156,13 +157,12 @@ def measure_loader(data: str | Path, sizes: list[int], workers: int = 1, method:
                    decode=decode, workers=workers, images=min(images, len(dataset)), data=str(data),
                    images_per_s=per_worker, loader_images_per_s=total, cpu_ms_per_image=cpu_ms,
                    cpu_images_per_s=1000 / cpu_ms, model=model)
-        if progress:
-            progress(f"{size}px {decode}: {per_worker:.1f} images/s per worker, {cpu_ms:.1f} CPU ms per image")
+        progress(f"{size}px {decode}: {per_worker:.1f} images/s per worker, {cpu_ms:.1f} CPU ms per image")
         if model_rate:
             runner = build_runner(method, model, size, windows, model_batch or batch_size, device, precision,
                                   compile, tiny=tiny)
             interleaved_times([runner], steps, warmup)
-            _limited_by(rec, dict(model_images_per_s=runner.batch_size / median(runner.times),
+            _limited_by(rec, dict(model_images_per_s=runner.batch_size / statistics.median(runner.times),
                                   model_batch_size=runner.batch_size, precision=precision, compile=compile,
                                   device=str(device)))
             del runner
@@ -178,11 +178,10 @@ def _limited_by(rec: dict, model: dict) -> None:
                workers_to_feed_model=model["model_images_per_s"] / max(rec["images_per_s"], 1e-9))
 
 
-def share_model_rate(records: list[dict]) -> list[dict]:
+def share_model_rate(records: list[dict]) -> None:
     """Give records measured without the model (``model_rate=False``) the model rate of a record
     of the same size, and their limiting side: the model step does not depend on the decoding."""
     rates = {r["img_size"]: r for r in records if r.get("model_images_per_s") is not None}
     for r in records:
         if r.get("model_images_per_s") is None and r["img_size"] in rates:
             _limited_by(r, {k: rates[r["img_size"]][k] for k in _MODEL_KEYS})
-    return records

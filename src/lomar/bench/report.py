@@ -71,10 +71,6 @@ def beit_comparisons(records: list[dict]) -> list[dict]:
     return out
 
 
-def _fmt_bytes(n: int) -> str:
-    return f"{n / 2**20:,.0f} MiB" if n >= 0 else "n/a"
-
-
 def print_table(records: list[dict], comparisons: list[dict], ceiling: float, stream: TextIO,
                 beit_ratios: list[dict] | None = None) -> None:
     """The results as a fixed-width table, then the MAE / LoMaR and BEiT ratios per size."""
@@ -87,9 +83,9 @@ def print_table(records: list[dict], comparisons: list[dict], ceiling: float, st
     for r in records:
         win = "-" if r["windows"] is None else f"{r['windows']}{'p' if r['window_setting'] == 'paper' else ''}"
         rel = "-" if r.get("time_vs_base") is None else f"{r['time_vs_base']:.2f}x"
+        mem = f"{r['peak_mem_bytes'] / 2**20:,.0f} MiB" if r["peak_mem_bytes"] >= 0 else "n/a"
         w(f"{r['method']:<11} {r['img_size']:>4} {win:>5} {r['step_s']:>8.3f} {r['images_per_s']:>7.2f} "
-          f"{r['flops'] / 1e9:>8.1f} {r['achieved_flops'] / 1e9:>8.1f} {r['mfu']:>5.0%} {rel:>8} "
-          f"{_fmt_bytes(r['peak_mem_bytes']):>10}\n")
+          f"{r['flops'] / 1e9:>8.1f} {r['achieved_flops'] / 1e9:>8.1f} {r['mfu']:>5.0%} {rel:>8} {mem:>10}\n")
     if records:
         kind = records[0]["peak_mem_kind"]
         w(f"win: windows per image, p = paper setting; vs base: time / own {records[0]['base_size']}px time; "

@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import os
 import resource
-import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -31,26 +30,20 @@ from lomar.train.config import PretrainConfig
 from lomar.train.runtime import fast_adamw
 
 __all__ = ["sync", "timed", "resident_bytes", "StepRunner", "method_config", "build_runner", "gemm_ceiling",
-           "interleaved_times", "median", "DTYPES"]
+           "interleaved_times", "DTYPES"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 _aten = torch.ops.aten
 
 
-def _register_cpu_sdpa_flops() -> None:
-    """torch's FLOP counter knows the CUDA SDPA kernels but not CPU flash attention.
-
-    Without this, every attention matmul on CPU would count as zero FLOPs. The CPU
-    kernel computes the same products, so it gets the same formulas.
-    """
-    for suffix in ("", "_backward"):  # the registered entries are already shape-wrapped: shared, not re-wrapped
-        cpu = getattr(_aten, f"_scaled_dot_product_flash_attention_for_cpu{suffix}", None)
-        if cpu is not None and cpu not in fc.flop_registry:
-            fc.flop_registry[cpu] = fc.flop_registry[getattr(_aten, f"_scaled_dot_product_flash_attention{suffix}")]
-
-
-_register_cpu_sdpa_flops()
+# torch's FLOP counter knows the CUDA SDPA kernels but not CPU flash attention, which computes the same
+# products: without the same formulas every attention matmul on CPU would count as zero FLOPs. The
+# registered entries are already shape-wrapped: shared, not re-wrapped.
+for _suffix in ("", "_backward"):
+    _cpu = getattr(_aten, f"_scaled_dot_product_flash_attention_for_cpu{_suffix}", None)
+    if _cpu is not None and _cpu not in fc.flop_registry:
+        fc.flop_registry[_cpu] = fc.flop_registry[getattr(_aten, f"_scaled_dot_product_flash_attention{_suffix}")]
 
 
 def sync(device: torch.device) -> None:
@@ -112,12 +105,7 @@ class StepRunner:
         self.flops = int(counter.get_total_flops())
         return self.flops
 
-    def timed_step(self) -> float:
-        """One step, timed from the host (device synchronised before and after)."""
-        self.times.append(timed(self.step, self.device))
-        return self.times[-1]
-
-    def measure_memory(self) -> tuple[int, str]:
+    def measure_memory(self) -> None:
         """One untimed step that records ``peak_mem`` (bytes, kind).
 
         CUDA: ``torch.cuda.max_memory_allocated`` over the step (everything live, weights
@@ -139,7 +127,6 @@ class StepRunner:
             with _rss_range() as rss:
                 self.step()
             self.peak_mem = rss[1] - rss[0], "cpu_rss_growth"
-        return self.peak_mem
 
 
 def resident_bytes() -> int:
@@ -237,7 +224,7 @@ def gemm_ceiling(device: torch.device, precision: str, n: int | None = None) -> 
 
 def interleaved_times(runners: list[StepRunner], steps: int, warmup: int,
                       gemm: Callable[[], float] | None = None,
-                      progress: Callable[[str], None] | None = None) -> list[float]:
+                      progress: Callable[[str], None] = lambda msg: None) -> list[float]:
     """Warm every runner up, then run ``steps`` rounds of one step each, A B A B …
 
     Untimed first, per runner: one step that counts FLOPs, one that records peak memory,
@@ -253,18 +240,12 @@ def interleaved_times(runners: list[StepRunner], steps: int, warmup: int,
         for _ in range(warmup):
             r.step()
         sync(r.device)
-        if progress:
-            progress(f"warmed up {r.method} {r.img_size}px" + (f" {r.windows} windows" if r.windows else ""))
+        progress(f"warmed up {r.method} {r.img_size}px" + (f" {r.windows} windows" if r.windows else ""))
     rates: list[float] = []
     for i in range(steps):
         if gemm is not None:
             rates.append(gemm())
         for r in runners:
-            r.timed_step()
-        if progress:
-            progress(f"round {i + 1}/{steps}: " + ", ".join(f"{r.times[-1]:.2f}s" for r in runners))
+            r.times.append(timed(r.step, r.device))
+        progress(f"round {i + 1}/{steps}: " + ", ".join(f"{r.times[-1]:.2f}s" for r in runners))
     return rates
-
-
-def median(values: list[float]) -> float:
-    return float(statistics.median(values)) if values else float("nan")

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from lomar.checkpoints.formats import CLASSIFIER_FORMAT, PRETRAIN_FORMAT, load_model, load_original
+from lomar.checkpoints.formats import CLASSIFIER_FORMAT, PRETRAIN_FORMAT, load_model
 from lomar.models import MAE, LoMaR
 from lomar.models.spec import build_from_spec, model_spec
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer
 
-__all__ = ["load_model", "encoder_of", "pretrain_checkpoint",
-           "PRETRAIN_FORMAT", "CLASSIFIER_FORMAT", "load_original"]
+__all__ = ["load_model", "encoder_of", "pretrain_checkpoint"]
 
 
 def encoder_of(model: nn.Module) -> VisionTransformer:

@@ -8,7 +8,6 @@ bounds and the weights file's format, names and shapes (from its header, against
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from safetensors import safe_open
@@ -96,38 +95,27 @@ def export_encoder(encoder: VisionTransformer, out_dir: str | Path, weights_name
     return write_export(out, weights_name, state, config)
 
 
-def _check_field(where: Path, key: str, value) -> None:
-    kind, low, high = _BOUNDS[key]
-    ok = isinstance(value, kind) and not isinstance(value, bool)
-    if ok and isinstance(value, float) and not math.isfinite(value):
-        ok = False
-    if not ok or not low <= value <= high:
-        names = kind.__name__ if isinstance(kind, type) else "number"
-        raise UsageError(f"{where}: {key} must be a{'n' if names[0] in 'ai' else ''} {names} in [{low}, {high}], "
-                         f"got {value!r}; re-export the encoder with `lomar export`")
-
-
-def _check_windows(where: Path, blocks, depth: int) -> None:
-    ints = isinstance(blocks, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in blocks)
-    if not ints or len(set(blocks)) != len(blocks) or not all(0 <= i < depth for i in blocks):
-        raise UsageError(f"{where}: global_blocks must be a list of distinct block indices in [0, {depth - 1}], "
-                         f"got {blocks!r}; re-export the encoder with `lomar export`")
-
-
 def _check_config(where: Path, data, overrides: dict) -> tuple[ViTConfig, int]:
     if not isinstance(data, dict):
         raise UsageError(f"{where} holds a JSON {type(data).__name__}, expected an object; re-export the encoder")
     data = {**data, **overrides}
-    for key in _BOUNDS:
-        if key in data:
-            _check_field(where, key, data[key])
+    for key, (kind, low, high) in _BOUNDS.items():
+        value = data.get(key)  # the finite bounds also refuse inf and nan
+        if key in data and not (isinstance(value, kind) and not isinstance(value, bool) and low <= value <= high):
+            names = kind.__name__ if isinstance(kind, type) else "number"
+            raise UsageError(f"{where}: {key} must be a{'n' if names[0] in 'ai' else ''} {names} in [{low}, {high}], "
+                             f"got {value!r}; re-export the encoder with `lomar export`")
     img = data.get("img_size", 224)
     sides = img if isinstance(img, list) and len(img) == 2 else [img]
     if not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= _MAX_IMG for s in sides):
         raise UsageError(f"{where}: img_size must be an integer (or [height, width]) in [1, {_MAX_IMG}], got {img!r}")
     if data.get("pos", "rpe") not in ("rpe", "abs", "none"):
         raise UsageError(f"{where}: pos must be 'rpe', 'abs' or 'none', got {data.get('pos')!r}")
-    _check_windows(where, data.get("global_blocks", []), data.get("depth", ViTConfig.depth))
+    blocks, depth = data.get("global_blocks", []), data.get("depth", ViTConfig.depth)
+    ints = isinstance(blocks, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in blocks)
+    if not ints or len(set(blocks)) != len(blocks) or not all(0 <= i < depth for i in blocks):
+        raise UsageError(f"{where}: global_blocks must be a list of distinct block indices in [0, {depth - 1}], "
+                         f"got {blocks!r}; re-export the encoder with `lomar export`")
     attention = data.get("attention", "auto")
     if not isinstance(attention, str) or attention not in ATTENTION_MODES:
         raise UsageError(f"{where}: attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")

@@ -3,42 +3,37 @@
 :func:`read` loads a path, asks each registered :class:`~lomar.checkpoints.reader.Reader` in
 priority order whether the contents are its format, and returns a ``Source``. A reader turns a
 source into a full model (:meth:`Reader.model`, for ``export``/``visualize``) or into encoder
-weights with our key names (:meth:`Reader.encoder`, for finetuning and probes). Our formats are
-here; the original code's in :mod:`~lomar.checkpoints.original`, BEiT's in
-:mod:`~lomar.checkpoints.formats_beit`. Priorities run from 5 (BEiT's, whose keys overlap ours)
-over 10 (ours) to 90 (the original-LoMaR fallback).
+weights with our key names (:meth:`Reader.encoder`, for finetuning and probes). Our formats and
+BEiT's are here; the original code's in :mod:`~lomar.checkpoints.original`. Priorities run from 5
+(BEiT's, whose keys overlap ours) over 10 (ours) to 90 (the original-LoMaR fallback).
 
 A pretraining checkpoint holds a ``model_spec`` (:mod:`lomar.models.spec`), which rebuilds the
 model without training code; checkpoints written before it are read from their saved settings.
+
+A BEiT reader (our pretraining ``last.pt``, a BEiT export folder, an original BEiT pretraining
+checkpoint) gives the full pretraining :class:`~lomar.models.beit.BEiT` (:meth:`Reader.model`) and,
+for finetuning and probes, :meth:`BEiTReader.timm_weights`: the encoder in timm's ``Beit`` layout
+with the relative position bias per block, each block's table initialised from the shared
+pretraining one (BEiT's finetuning recipe), mask token and ``lm_head`` dropped.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-import lomar.checkpoints.formats_beit  # noqa: F401  registers the BEiT readers
+import lomar.checkpoints.original  # noqa: F401  registers the original-LoMaR/MAE readers
 from lomar.checkpoints.export import CONFIG_NAME, create_encoder
+from lomar.checkpoints.export_beit import timm_beit_args
 from lomar.checkpoints.io import safe_load
-from lomar.checkpoints.keys import (
-    CLASSIFIER_PREFIXES,
-    ENCODER_PREFIXES,
-    PRETRAIN_ONLY,
-    args_dict,
-    classifier_from_original,
-    drop_final_norm,
-    encoder_keys,
-    infer_vit_config,
-    lomar_from_original,
-    lomar_to_original,
-    mae_from_original,
-    rename_rpe,
-)
-from lomar.checkpoints.original import infer_original_config, load_original
+from lomar.checkpoints.keys import args_dict, drop_final_norm, infer_vit_config
+from lomar.checkpoints.keys_beit import beit_to_timm, load_original_beit
 from lomar.checkpoints.reader import (
     CLASSIFIER_FORMAT,
     PRETRAIN_FORMAT,
@@ -52,26 +47,23 @@ from lomar.checkpoints.reader import (
     saved_settings,
 )
 from lomar.checkpoints.sharded import read_sharded
+from lomar.models.beit import BEiT, BEiTConfig
 from lomar.models.vit import VisionTransformer, ViTConfig
 
 __all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "read", "load_model", "encoder_weights",
-           "load_original", "infer_original_config", "infer_vit_config", "lomar_from_original", "lomar_to_original",
-           "mae_from_original", "classifier_from_original", "encoder_keys", "drop_final_norm", "rename_rpe",
-           "saved_settings", "pretrain_spec",
-           "PRETRAIN_FORMAT", "CLASSIFIER_FORMAT", "CLASSIFIER_PREFIXES", "ENCODER_PREFIXES", "PRETRAIN_ONLY"]
+           "saved_settings", "PRETRAIN_FORMAT", "CLASSIFIER_FORMAT", "BEiTReader", "BEiTPretrainReader",
+           "BEiTExportReader", "OriginalBEiTReader", "BEiTFinetuneReader", "TimmBeitWeights"]
 
 
-def _hints(data: dict) -> dict:
-    hints = args_dict(data, ("config", "vit_config", "args"))
-    return {k: v for k, v in hints.items() if k in ("num_heads", "img_size", "input_size") and isinstance(v, int)}
-
-
-def _saved_windows(config: ViTConfig, data: dict) -> ViTConfig:
-    """``config`` (inferred from shapes) with the ViTDet windows of the ViTConfig a classifier
-    checkpoint saved (``lomar finetune``: ``config``, :func:`pretrain_checkpoint`: ``vit_config``):
+def _inferred_config(src: Source, overrides: dict) -> ViTConfig:
+    """The encoder's config from its shapes and saved sizes, with the ViTDet windows of the ViTConfig a
+    classifier checkpoint saved (``lomar finetune``: ``config``, :func:`pretrain_checkpoint`: ``vit_config``):
     no shape tells them, and the same weights with global attention are another model."""
+    hints = args_dict(src.data, ("config", "vit_config", "args"))
+    hints = {k: v for k, v in hints.items() if k in ("num_heads", "img_size", "input_size") and isinstance(v, int)}
+    config = infer_vit_config(src.state, hints, **overrides)
     for key in ("config", "vit_config"):
-        saved = data.get(key)
+        saved = src.data.get(key)
         if isinstance(saved, dict) and "global_blocks" in saved:  # a PretrainConfig has none
             return replace(config, window_size=saved.get("window_size", 0), global_blocks=saved["global_blocks"])
     return config
@@ -114,7 +106,7 @@ class VitReader(Reader):
         return "patch_embed.proj.weight" in state and all(_VIT_KEY.match(k) for k in state)
 
     def model(self, src, overrides):
-        config = _saved_windows(infer_vit_config(src.state, _hints(src.data), **overrides), src.data)
+        config = _inferred_config(src, overrides)
         state = src.state
         num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
         model = VisionTransformer(config, num_classes=num_classes)
@@ -132,8 +124,7 @@ class VitReader(Reader):
         saved = src.data.get("config")
         if isinstance(saved, dict) and "embed_dim" in saved:  # a finetune checkpoint keeps its ViTConfig
             return EncoderWeights(ViTConfig.from_dict(saved), dict(src.state), [], "finetune checkpoint")
-        config = _saved_windows(infer_vit_config(src.state, _hints(src.data), **overrides), src.data)
-        return EncoderWeights(config, dict(src.state), [], "classifier checkpoint")
+        return EncoderWeights(_inferred_config(src, overrides), dict(src.state), [], "classifier checkpoint")
 
 
 class ExportReader(Reader):
@@ -157,6 +148,124 @@ class ExportReader(Reader):
 register(PretrainReader(), 10)
 register(VitReader(), 20)
 register(ExportReader(), 30)
+
+
+# ---- BEiT --------------------------------------------------------------------------------------
+@dataclass
+class TimmBeitWeights:
+    """A BEiT encoder as timm ``Beit(**timm_args)`` (no classifier) and its state dict under timm keys."""
+
+    config: BEiTConfig  # of the pretraining model
+    timm_args: dict
+    state: dict[str, torch.Tensor]
+    dropped: list[str] = field(default_factory=list)  # source keys the encoder does not use
+    source: str = ""
+
+
+class BEiTReader(Reader):
+    """A BEiT format: subclasses give :meth:`model` (our :class:`BEiT`, weights loaded)."""
+
+    source = ""  # what :class:`TimmBeitWeights` names as its source
+
+    def timm_weights(self, src: Source, overrides: dict) -> TimmBeitWeights:
+        beit = self.model(src, overrides)
+        state = beit.state_dict()
+        timm_state = beit_to_timm(state, per_block=True)
+        dropped = sorted(k for k in state if k.startswith(("lm_head.", "mask_token")))
+        return TimmBeitWeights(beit.config, timm_beit_args(beit), timm_state, dropped, self.source)
+
+    def encoder(self, src: Source, overrides: dict) -> EncoderWeights:
+        raise ValueError(f"{src.path} holds a BEiT encoder, which has no VisionTransformer form; load it with "
+                         f"lomar.eval.features.load_pretrained_encoder (a timm Beit)")
+
+
+class BEiTPretrainReader(BEiTReader):
+    """Ours: ``lomar pretrain --method beit`` output, ``{"model": BEiTPretrain state ('beit.*'), "config"}``."""
+
+    name, source = "lomar-pretrain-beit", "pretrain checkpoint (beit)"
+
+    def detect(self, data, state):
+        config = data.get("config")
+        return isinstance(config, dict) and config.get("method") == "beit" and any(k.startswith("beit.") for k in state)
+
+    def model(self, src, overrides):
+        if "beit.lm_head.weight" not in src.state:
+            raise ValueError(f"{src.path}: BEiT checkpoint without beit.lm_head.weight; it is incomplete")
+        return build_strict(pretrain_spec(src), src.state, src.path)
+
+
+class BEiTExportReader(BEiTReader):
+    """A folder from ``lomar export`` / ``lomar pretrain --method beit``: config.json ("method": "beit")."""
+
+    name = "export-beit"
+
+    def detect_folder(self, path: Path) -> bool:
+        try:
+            return json.loads((path / CONFIG_NAME).read_text()).get("method") == "beit"
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def model(self, src, overrides):
+        weights = self.timm_weights(src, overrides)
+        model = BEiT(weights.config)
+        # The export holds per-block tables, all equal to the shared one it was written from.
+        wanted = beit_to_timm(model.state_dict(), per_block=True)
+        if set(wanted) != set(weights.state):
+            raise ValueError(f"{src.path} does not fit BEiT({weights.config}); re-export it")
+        state = {k: v for k, v in weights.state.items() if ".attn.relative_position_bias_table" not in k}
+        if model.config.use_shared_rel_pos_bias:
+            shared = weights.state["blocks.0.attn.relative_position_bias_table"]
+            state["rel_pos_bias.relative_position_bias_table"] = shared
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"mask_token", "lm_head.weight", "lm_head.bias"}:
+            raise ValueError(f"{src.path} does not fit BEiT: missing {missing}, unexpected {unexpected}")
+        return model
+
+    def timm_weights(self, src, overrides):
+        data = json.loads((src.path / CONFIG_NAME).read_text())
+        if "timm_args" not in data or "weights" not in data:
+            raise ValueError(f"{src.path / CONFIG_NAME} has no timm_args / weights; re-export the BEiT encoder")
+        weights = src.path / data["weights"]
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} not found; the BEiT export in {src.path} is incomplete")
+        config = BEiTConfig.from_dict(data.get("beit_config", {}))
+        return TimmBeitWeights(config, dict(data["timm_args"]), load_file(str(weights)), [], "exported folder (beit)")
+
+
+class OriginalBEiTReader(BEiTReader):
+    """The original BEiT code's pretraining checkpoint (``{'model': sd}``; lm_head, mask_token)."""
+
+    name, source = "original-beit", "original checkpoint (beit)"
+
+    def detect(self, data, state):
+        return "lm_head.weight" in state and "mask_token" in state and "blocks.0.attn.qkv.weight" in state
+
+    def model(self, src, overrides):
+        return load_original_beit(src.path, **{k: v for k, v in overrides.items() if k == "num_heads"})
+
+
+class BEiTFinetuneReader(BEiTReader):
+    """A ``lomar finetune`` checkpoint of a BEiT encoder: recognised, and refused with the way out."""
+
+    name = "lomar-finetune-beit"
+
+    def detect(self, data, state):
+        config = data.get("config")
+        return data.get("format") == "lomar-finetune-1" and isinstance(config, dict) and "vocab_size" in config
+
+    def model(self, src, overrides):
+        raise ValueError(f"{src.path} is a finetuned BEiT classifier, which lomar does not read back yet; load "
+                         f"its 'model' state into timm.models.beit.Beit, or pass the BEiT pretraining checkpoint")
+
+    timm_weights = model
+
+
+# Before our own formats (a BEiT last.pt also has a "config"; a BEiT export is a config.json
+# folder too), and before the original-LoMaR/MAE fallbacks, whose keys a BEiT checkpoint shares.
+register(BEiTPretrainReader(), 5)
+register(BEiTFinetuneReader(), 6)
+register(BEiTExportReader(), 25)
+register(OriginalBEiTReader(), 60)
 
 
 def read(path: str | Path) -> tuple[Reader, Source]:

@@ -69,8 +69,7 @@ def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
     # window_size is LoMaR's K (above), never the encoder's ViTDet windows: a LoMaR encoder attends globally
     config_overrides = {k: overrides.pop(k) for k in list(overrides)
                         if k in ViTConfig.__dataclass_fields__ and k != "window_size"}
-    if config_overrides:
-        settings["config"] = replace(settings["config"], **config_overrides)
+    settings["config"] = replace(settings["config"], **config_overrides)
     # Settings of another method (a window size for an MAE checkpoint, say) are hints from
     # callers that cannot know the method beforehand: ignored. Names no model takes are typos.
     accepted = {name: set(inspect.signature(cls.__init__).parameters) - {"self", "config"}
@@ -129,17 +128,12 @@ class OriginalReader(Reader):
     def encoder(self, src, overrides):
         config = infer_vit_config({rename_rpe(k): v for k, v in src.state.items()}, args_dict(src.data),
                                   num_heads=overrides.get("num_heads"))
-        if self.method == "lomar":
-            renamed = lomar_from_original(src.state, keep_pos_embed=True)
-            state = {k.removeprefix("encoder."): v for k, v in renamed.items() if k.startswith("encoder.")}
-            dropped = [k for k in renamed if not k.startswith("encoder.")]
-            if config.pos == "rpe" and "pos_embed" in state:  # SPEC §6.3: the stored sin-cos table is never used
-                dropped.append("pos_embed")
-                del state["pos_embed"]
-        else:
-            keep = ENCODER_PREFIXES + CLASSIFIER_PREFIXES
-            state = {rename_rpe(k): v for k, v in src.state.items() if k.startswith(keep)}
-            dropped = [k for k in src.state if not k.startswith(keep)]
+        keep = ENCODER_PREFIXES + CLASSIFIER_PREFIXES
+        state = {rename_rpe(k): v for k, v in src.state.items() if k.startswith(keep)}
+        dropped = [k for k in src.state if not k.startswith(keep)]
+        if config.pos == "rpe" and "pos_embed" in state:  # SPEC §6.3: the stored sin-cos table is never used
+            dropped.append("pos_embed")
+            del state["pos_embed"]
         if self.method == "mae":
             config = replace(config, pos="abs")
         return EncoderWeights(config, state, dropped, f"original checkpoint ({self.method})")

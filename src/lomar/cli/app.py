@@ -1,6 +1,6 @@
-"""The ``lomar`` command. Each subcommand lives in its own module, which provides
-``add_arguments(parser)`` and ``run(args) -> int``; this file wires them up and is the one
-error boundary every command shares.
+"""The ``lomar`` command. Each subcommand's module provides ``add_arguments(parser)`` and ``run(args) -> int``
+(``NAME_add_arguments`` and ``NAME_run``, NAME with underscores for dashes, where it serves several); this file
+wires them up and is the one error boundary every command shares.
 
 Subcommand modules import only argparse-level code at module level, so ``lomar --help`` and
 ``lomar CMD --help`` never import torch; :func:`main` builds only the parser of the command
@@ -22,22 +22,21 @@ from lomar.errors import LomarError
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main", "run", "describe_os_error"]
 
-# (name, "module" or "module:prefix", one-line help): the module provides add_arguments/run,
-# or <prefix>_add_arguments/<prefix>_run when one module serves several commands.
+# (name, module, one-line help)
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("bench", "lomar.cli.bench", "time LoMaR vs MAE training steps across image sizes on this machine"),
-    ("pretrain", "lomar.cli.pretrain", "pretrain an encoder with LoMaR, MAE or BEiT (no arguments: a demo on CPU)"),
-    ("finetune", "lomar.cli.finetune", "finetune a pretrained encoder for classification (original recipe)"),
-    ("detect", "lomar.cli.detect", "train and evaluate Mask R-CNN (ViTDet) on COCO-format detection data"),
-    ("segment", "lomar.cli.segment", "train and evaluate UperNet semantic segmentation on an encoder (ADE20K layout, "
+    ("pretrain", "lomar.cli.train", "pretrain an encoder with LoMaR, MAE or BEiT (no arguments: a demo on CPU)"),
+    ("finetune", "lomar.cli.train", "finetune a pretrained encoder for classification (original recipe)"),
+    ("detect", "lomar.cli.train", "train and evaluate Mask R-CNN (ViTDet) on COCO-format detection data"),
+    ("segment", "lomar.cli.train", "train and evaluate UperNet semantic segmentation on an encoder (ADE20K layout, "
      "mIoU)"),
-    ("linprobe", "lomar.cli.probe:linprobe", "linear probe (BatchNorm + linear) on frozen features"),
-    ("knn", "lomar.cli.probe:knn", "cosine k-NN accuracy of frozen features"),
+    ("linprobe", "lomar.cli.probe", "linear probe (BatchNorm + linear) on frozen features"),
+    ("knn", "lomar.cli.probe", "cosine k-NN accuracy of frozen features"),
     ("compose-digits", "lomar.cli.compose", "write an offline detection/segmentation set: sklearn digits on the "
      "bundled photographs, COCO and ADE20K layouts"),
     ("export", "lomar.cli.export", "write a checkpoint's encoder as model.safetensors + config.json (timm-ready)"),
     ("visualize", "lomar.cli.visualize", "reconstruction and attention figures of a pretrained model"),
-    ("load-original", "lomar.cli.load_original", "convert an original LoMaR / MAE checkpoint into ours"),
+    ("load-original", "lomar.cli.export", "convert an original LoMaR / MAE checkpoint into ours"),
     ("study", "lomar.cli.study", "a grid of pretraining runs and their evaluations as one resumable job"),
     ("tokenizer", "lomar.cli.tokenizer", "BEiT visual tokenizers: fit a k-means one on images, convert a dVAE"),
 ]
@@ -58,18 +57,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: X)" where the help does not already say it; nothing for off switches,
-    required flags and unset values (their help says what happens)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if ("default" in text.lower() or action.required or action.default is None
-                or action.default is False or action.default is argparse.SUPPRESS):
-            return text
-        return super()._get_help_string(action)
-
-
 def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
     """The ``lomar`` parser; ``commands`` limits which subcommands get their flags (None: all)."""
     wanted = None if commands is None else set(commands)
@@ -78,12 +65,12 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
     parser.add_argument("--version", action="version", version=f"lomar {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, target, help_text in SUBCOMMANDS:
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         if wanted is not None and name not in wanted:
             continue
-        module_name, _, prefix = target.partition(":")
-        module = importlib.import_module(module_name)
-        prefix = f"{prefix}_" if prefix else ""
+        module = importlib.import_module(target)
+        prefix = name.replace("-", "_") + "_"
+        prefix = prefix if hasattr(module, f"{prefix}run") else ""
         getattr(module, f"{prefix}add_arguments")(sub_parser)
         sub_parser.set_defaults(_run=getattr(module, f"{prefix}run"))
     return parser

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,12 +43,6 @@ def _window_setting(text: str) -> str | int:
     if value <= 0:
         raise ValueError(f"window count must be positive, got {value}")
     return value
-
-
-def _fit(size: int, exc: ValueError) -> UsageError:
-    """A window that does not fit: bench's windows are 7x7 patches, so the fix is the size or the count."""
-    return UsageError(f"{size}px: {str(exc).replace(' (--window-size)', '')}; drop {size} from --sizes or "
-                      f"lower --windows")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,26 +128,19 @@ def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str
         configs += [(m, None, "-") for m in ("mae", "beit") if m in args.methods]
         configs += [(m, windowed, "paper" if paper else "fixed") for m, flag in
                     (("mae_window", "mae_window"), ("beit_window", "beit")) if flag in args.methods]
-        for method, n, _ in configs:
+        for method, n, _ in (c for c in configs if c[1] is not None):
             try:
-                if n is not None:
-                    check_window_request(grid, 7, n, 0.8 if method == "lomar" else 0.75)
-            except ValueError as exc:
-                raise _fit(size, exc) from None
+                check_window_request(grid, 7, n, 0.8 if method == "lomar" else 0.75)
+            except ValueError as exc:  # bench's windows are 7x7 patches: the fix is the size or the count
+                raise UsageError(f"{size}px: {str(exc).replace(' (--window-size)', '')}; drop {size} from --sizes "
+                                 f"or lower --windows") from None
         plan[size] = configs
     return plan
 
 
-def _say(args: argparse.Namespace):
-    return (lambda msg: None) if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
-
-
-def _command() -> str | None:
-    return "lomar bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "bench" else None
-
-
-def _device(args: argparse.Namespace):
-    """The torch device of --device; resolves --precision and applies --threads."""
+def _start(args: argparse.Namespace):
+    """(the torch device of --device, the progress printer, what every JSON's meta holds); resolves --precision
+    and applies --threads."""
     import torch
 
     from lomar.train.run_state import resolve_precision  # torch: not for --help
@@ -161,23 +149,31 @@ def _device(args: argparse.Namespace):
     args.precision = resolve_precision(args.precision, device)
     if args.threads:  # the command owns the process: setting torch's global thread count is its call
         torch.set_num_threads(args.threads)
-    return device
+    say = (lambda msg: None) if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+    command = "lomar bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "bench" else None
+    return device, say, dict(command=command, torch=torch.__version__, threads=torch.get_num_threads())
+
+
+def _write(args: argparse.Namespace, say, **result) -> None:
+    if args.json:
+        write_json(args.json, result)
+        say(f"wrote {args.json}")
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_file(args.json, "--json", create_parents=True)
     if args.task == "backbone":
         return _run_backbone(args)
     if args.task == "loader":
         return _run_loader(args)
     plan = _plan(args)
-    check_output_file(args.json, "--json", create_parents=True)
     check_output_file(args.plot, "--plot", create_parents=True)
     import torch
 
     from lomar.bench import report  # torch: not for --help
-    from lomar.bench.timing import build_runner, gemm_ceiling, interleaved_times, median  # torch: not for --help
+    from lomar.bench.timing import build_runner, gemm_ceiling, interleaved_times  # torch: not for --help
 
-    device, say = _device(args), _say(args)
+    device, say, meta = _start(args)
     retained = device.type == "cpu" and retain_freed_memory()
     say(f"{args.model}, batch {args.batch_size}, {args.precision}, {device}, "
         f"{torch.get_num_threads()} threads, sizes {list(plan)}")
@@ -191,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
                    for m, w, _ in configs]
         rates += interleaved_times(runners, args.steps, args.warmup, gemm, say)
         for (method, windows, setting), r in zip(configs, runners):
-            step_s = median(r.times)
+            step_s = statistics.median(r.times)
             records.append(dict(
                 method=method, img_size=size, windows=windows, window_setting=setting,
                 batch_size=args.batch_size, step_s=step_s, images_per_s=args.batch_size / step_s,
@@ -201,20 +197,16 @@ def run(args: argparse.Namespace) -> int:
         del runners
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    ceiling = median(rates)
+    ceiling = statistics.median(rates)
     for rec in records:
         rec.update(gemm_flops=ceiling, mfu=rec["achieved_flops"] / ceiling)
     comparisons, beit_ratios = report.compare(records), report.beit_comparisons(records)
     report.print_table(records, comparisons, ceiling, sys.stdout, beit_ratios)
-    meta = dict(model=args.model, batch_size=args.batch_size, precision=args.precision,
-                compile=args.compile, device=str(device), threads=torch.get_num_threads(),
-                steps=args.steps, warmup=args.warmup, torch=torch.__version__,
-                machine=report.machine_name(device), malloc_retains_memory=retained, gemm_flops=ceiling,
-                gemm_flops_all=rates, wall_s=time.perf_counter() - started, command=_command())
-    if args.json:
-        write_json(args.json, dict(meta=meta, records=records, comparisons=comparisons,
-                                   beit_comparisons=beit_ratios))
-        say(f"wrote {args.json}")
+    meta.update(model=args.model, batch_size=args.batch_size, precision=args.precision, compile=args.compile,
+                device=str(device), steps=args.steps, warmup=args.warmup, machine=report.machine_name(device),
+                malloc_retains_memory=retained, gemm_flops=ceiling, gemm_flops_all=rates,
+                wall_s=time.perf_counter() - started)
+    _write(args, say, meta=meta, records=records, comparisons=comparisons, beit_comparisons=beit_ratios)
     if args.plot:
         report.plot_times(records, args.plot, f"{args.model}, batch {args.batch_size}, {args.precision}, "
                           f"{meta['machine']}")
@@ -224,36 +216,29 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_backbone(args: argparse.Namespace) -> int:
     """``--task backbone``: see :mod:`lomar.bench.backbone`."""
-    check_output_file(args.json, "--json", create_parents=True)
     patch = _patch_size(args)
     if bad := [s for s in args.sizes if s <= 0 or s % patch]:
         raise UsageError(f"--sizes {bad}: sizes must be positive multiples of the patch size {patch}")
-    import torch
-
     from lomar.bench.backbone import bench_backbone, format_table  # torch: not for --help
     from lomar.bench.report import machine_name  # torch: not for --help
 
-    device, say = _device(args), _say(args)
-    started, load = time.perf_counter(), os.getloadavg()
-    meta = dict(task="backbone", model=args.model, depth=args.depth, batch_size=args.batch_size,
-                precision=args.precision, device=str(device), threads=torch.get_num_threads(),
-                steps=args.steps, warmup=args.warmup, grad_checkpointing=args.grad_checkpointing,
-                torch=torch.__version__, machine=machine_name(device), load_avg_before=load, command=_command())
+    device, say, meta = _start(args)
+    started = time.perf_counter()
+    meta.update(task="backbone", model=args.model, depth=args.depth, batch_size=args.batch_size,
+                precision=args.precision, device=str(device), steps=args.steps, warmup=args.warmup,
+                grad_checkpointing=args.grad_checkpointing, machine=machine_name(device),
+                load_avg_before=os.getloadavg())
 
     def save(records: list[dict], done: bool = False) -> None:
         """After every record, so a long run that is stopped keeps what it measured."""
-        if not args.json:
-            return
         meta.update(load_avg_after=os.getloadavg(), wall_s=time.perf_counter() - started, complete=done)
-        write_json(args.json, dict(meta=meta, records=records))
+        _write(args, say if done else lambda msg: None, meta=meta, records=records)
 
     records = bench_backbone(args.model, args.sizes, args.attention, args.batch_size, args.grad_checkpointing,
                              str(device), args.precision, args.steps, args.warmup, args.threads, args.tiny, say=say,
                              on_record=save, depth=args.depth)
     print(format_table(records))
     save(records, done=True)
-    if args.json:
-        say(f"wrote {args.json}")
     return 0
 
 
@@ -265,8 +250,7 @@ def _run_loader(args: argparse.Namespace) -> int:
     if "gpu" in args.decode:
         raise UsageError("--decode gpu decodes in the training loop, not in loader workers; use full, draft or windows")
     args.data = Path(args.data)
-    check_output_file(args.json, "--json", create_parents=True)
-    say = _say(args)
+    device, say, meta = _start(args)
     from lomar.bench.loader import make_test_set, measure_loader, share_model_rate  # torch: not for --help
 
     if args.make_test_set:
@@ -277,9 +261,6 @@ def _run_loader(args: argparse.Namespace) -> int:
         say(f"test set: {args.test_set_count} {args.make_test_set} JPEGs in {args.data}")
     if not args.data.exists():
         raise UsageError(f"--data {args.data} does not exist; pass a folder of images or add --make-test-set")
-    import torch
-
-    device = _device(args)
     records = []
     for decode in args.decode:
         try:
@@ -298,8 +279,5 @@ def _run_loader(args: argparse.Namespace) -> int:
         model = "-" if r["model_images_per_s"] is None else f"{r['model_images_per_s']:.1f}"
         out.write(f"{r['img_size']:>5} {r['decode']:>7} {r['images_per_s']:>13.1f} {r['cpu_ms_per_image']:>11.1f} "
                   f"{r['loader_images_per_s']:>13.1f} {model:>12}  {r['limited_by'] or '-'}\n")
-    if args.json:
-        meta = dict(command=_command(), torch=torch.__version__, threads=torch.get_num_threads())
-        write_json(args.json, dict(meta=meta, records=records))
-        say(f"wrote {args.json}")
+    _write(args, say, meta=meta, records=records)
     return 0

@@ -20,17 +20,16 @@ from lomar.train import settings as S
 from lomar.train.settings import Setting, add_settings
 
 __all__ = ["MODEL_NAMES", "resolve_device", "check_output_file", "check_output_dir", "write_json",
-           "add_override_arguments", "overrides_from_args", "load_for_cli", "as_flags", "training_command"]
+           "add_override_arguments", "load_for_cli", "training_command"]
 
 MODEL_NAMES = S.MODEL_NAMES
 
 
-def resolve_device(text: str | None) -> str:
-    """A --device value (None = auto; spelling checked by the declaration) -> a device string torch
-    can use here; UsageError otherwise."""
+def resolve_device(text: str) -> str:
+    """A --device value (spelling checked by the declaration) -> a device string torch can use here;
+    UsageError otherwise."""
     import torch
 
-    text = text or "auto"
     if text == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if text.startswith("cuda"):
@@ -83,14 +82,9 @@ def check_output_file(path: str | Path | None, flag: str, overwrite: bool = True
                              f"give a file path")
         if not overwrite:
             raise UsageError(f"{flag} {target} already exists; pass --overwrite to replace it")
-    parent = target.parent
-    if create_parents:
-        parent = _existing_ancestor(parent, flag, target)
-    elif not parent.exists():
-        raise UsageError(f"{flag} {target}: folder {parent} does not exist; create it first")
-    elif not parent.is_dir():
-        raise UsageError(f"{flag} {target}: {parent} is a file, not a folder; choose another path")
-    _check_writable_dir(parent, flag, target)
+    if not create_parents and not target.parent.exists():
+        raise UsageError(f"{flag} {target}: folder {target.parent} does not exist; create it first")
+    _check_writable_dir(_existing_ancestor(target.parent, flag, target), flag, target)
 
 
 def check_output_dir(path: str | Path, flag: str) -> None:
@@ -125,23 +119,18 @@ def add_override_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings(parser, OVERRIDES, group="for original checkpoints (what the weights cannot tell)")
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict:
-    return {k: getattr(args, k) for k in OVERRIDES if getattr(args, k, None) is not None}
-
-
-def load_for_cli(path: str, args: argparse.Namespace):
-    """:func:`lomar.checkpoints.convert.load_model` with the override flags; UsageError on bad input."""
+def load_for_cli(path: str, args: argparse.Namespace, original: bool = False):
+    """Our model of the checkpoint at ``path`` (``original``: of an original LoMaR / MAE one) with the override
+    flags; UsageError on bad input, the library's "pass num_heads=... to load_original" read as "pass --num-heads"."""
     from lomar.checkpoints.convert import load_model  # torch: not for --help
+    from lomar.checkpoints.original import load_original  # torch: not for --help
 
     try:
-        return load_model(path, **overrides_from_args(args))
+        return (load_original if original else load_model)(
+            path, **{k: getattr(args, k) for k in OVERRIDES if getattr(args, k, None) is not None})
     except (ValueError, FileNotFoundError, TypeError) as exc:
-        raise UsageError(as_flags(str(exc))) from None
-
-
-def as_flags(message: str) -> str:
-    """The library's "pass num_heads=... to load_original" becomes the command line's "pass --num-heads"."""
-    return re.sub(r"pass (\w+)=\.\.\. to load_original", lambda m: f"pass --{m[1].replace('_', '-')}", message)
+        raise UsageError(re.sub(r"pass (\w+)=\.\.\. to load_original", lambda m: f"pass --{m[1].replace('_', '-')}",
+                                str(exc))) from None
 
 
 def report_run_failure(command: str, exc: Exception) -> int:

@@ -1,16 +1,17 @@
-"""``lomar export CKPT --to DIR``: the encoder of any checkpoint -> model.safetensors + config.json."""
+"""``lomar export CKPT --to DIR``: the encoder of any checkpoint -> model.safetensors + config.json; ``lomar
+load-original PATH --to CKPT``: an original LoMaR / MAE checkpoint -> our pretraining checkpoint."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from lomar.cli.common import add_override_arguments, check_output_dir, load_for_cli
+from lomar.cli.common import add_override_arguments, check_output_dir, check_output_file, load_for_cli
 from lomar.errors import UsageError
 from lomar.train import settings as S
 from lomar.train.settings import Setting, add_settings
 
-__all__ = ["add_arguments", "run", "CHECKPOINT"]
+__all__ = ["add_arguments", "run", "load_original_add_arguments", "load_original_run", "CHECKPOINT"]
 
 CHECKPOINT = Setting(None, "checkpoint file (or an exported folder)", kind=str, flag="", metavar="CKPT")
 
@@ -66,4 +67,36 @@ def run(args: argparse.Namespace) -> int:
     print(f"lomar: exported the {c.embed_dim}-wide, {c.depth}-block {what} -> {out / ENCODER_WEIGHTS}, "
           f"{out / CONFIG_NAME}")
     print(f"lomar: load with {load}")
+    return 0
+
+
+def load_original_add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("The output is our pretraining checkpoint ({model, config}): use it with `lomar export`, "
+                     "`lomar visualize` or as `--pretrained` for finetuning. It holds no optimizer state, "
+                     "so it is not a checkpoint to --resume pretraining from.")
+    add_settings(parser, {
+        "path": Setting(None, "original LoMaR / MAE checkpoint (.pth)", kind=str, flag="", metavar="PATH"),
+        "to": S.TO.but(metavar="CKPT", help="where to write our checkpoint (.pt)"),
+        "overwrite": S.OVERWRITE.but(help="replace CKPT if it exists"),
+    })
+    add_override_arguments(parser)
+
+
+def load_original_run(args: argparse.Namespace) -> int:
+    from lomar.checkpoints.convert import encoder_of, pretrain_checkpoint  # torch: not for --help
+    from lomar.checkpoints.io import atomic_save  # torch: not for --help
+
+    out = Path(args.to)
+    check_output_file(out, "--to", overwrite=args.overwrite)
+    if not Path(args.path).is_file():
+        raise UsageError(f"{args.path} is not a file; pass an original LoMaR / MAE checkpoint (.pth)")
+    model = load_for_cli(args.path, args, original=True)
+    ckpt = pretrain_checkpoint(model, source=str(args.path))
+    atomic_save(ckpt, out)
+    vit = encoder_of(model).config
+    params = sum(p.numel() for p in model.parameters())
+    kind = ckpt["config"]["method"] if "config" in ckpt else "classifier"
+    print(f"lomar: converted {args.path} ({kind}, {vit.embed_dim} wide, {vit.depth} blocks, {vit.num_heads} "
+          f"heads, patch {vit.patch_size}, {params / 1e6:.2f} M parameters) -> {out}")
+    print(f"lomar: next: lomar export {out} --to DIR   |   lomar visualize {out} IMAGE...")
     return 0

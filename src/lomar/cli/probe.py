@@ -7,6 +7,7 @@ score them: k-NN directly, the linear probe by training BatchNorm + Linear on th
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -49,8 +50,30 @@ LINPROBE = {
 }
 
 
-def _check(args: argparse.Namespace) -> None:
-    """Everything that can be checked before the features are computed, outputs included."""
+knn_add_arguments = functools.partial(add_settings, settings=KNN)
+linprobe_add_arguments = functools.partial(add_settings, settings=LINPROBE)
+
+
+def frozen_features(args: argparse.Namespace, say=lambda msg: None) -> list:
+    """(train_x, train_y, val_x, val_y): the frozen encoder's features of both splits; UsageError on bad input."""
+    from lomar.eval.features import extract_features, knn_loaders, load_pretrained_encoder  # torch: not for --help
+
+    device, size = resolve_device(args.device), {"img_size": args.img_size} if args.img_size else {}
+    try:
+        encoder = load_pretrained_encoder(args.pretrained, **size).to(device)
+        args.img_size = args.img_size or encoder.config.img_size  # the checkpoint's training size
+        loaders = knn_loaders(args.train or args.data, args.val if args.train else None, args.img_size,
+                              args.batch_size, default_workers() if args.workers is None else args.workers)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    say(f"{encoder.load_report.summary()}, {args.img_size} px crops")
+    return [part for loader in loaders for part in extract_features(encoder, loader, device, args.pool)]
+
+
+def _features(args: argparse.Namespace) -> list:
+    """The features of :func:`frozen_features`, after everything that can be checked before (outputs too)."""
+    import torch
+
     if args.pretrained and args.pretrained_path and args.pretrained != args.pretrained_path:
         raise UsageError(f"two checkpoints given ({args.pretrained_path} and --pretrained {args.pretrained}); "
                          f"pass one")
@@ -66,31 +89,8 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"{args.pretrained} does not exist; pass a checkpoint file or an exported folder")
     check_output_file(args.json, "--json", create_parents=True)
     check_output_file(getattr(args, "save", None), "--save", create_parents=True)
-
-
-def _features(args: argparse.Namespace):
-    """(train_x, train_y, val_x, val_y) features of both splits; UsageError on bad input."""
-    import torch
-
-    from lomar.eval.features import extract_features, knn_loaders, load_pretrained_encoder  # torch: not for --help
-
-    _check(args)
-    device = resolve_device(args.device)
     torch.set_num_threads(args.threads or default_threads())  # the command owns the process
-    size = {"img_size": args.img_size} if args.img_size else {}
-    try:
-        encoder = load_pretrained_encoder(args.pretrained, **size).to(device)
-        args.img_size = args.img_size or encoder.config.img_size  # the checkpoint's training size
-        loaders = knn_loaders(args.train or args.data, args.val if args.train else None, args.img_size,
-                              args.batch_size, default_workers() if args.workers is None else args.workers)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    print(f"lomar {args.command}: {encoder.load_report.summary()}, {args.img_size} px crops", file=sys.stderr)
-    return [part for loader in loaders for part in extract_features(encoder, loader, device, args.pool)]
-
-
-def knn_add_arguments(p: argparse.ArgumentParser) -> None:
-    add_settings(p, KNN)
+    return frozen_features(args, lambda msg: print(f"lomar {args.command}: {msg}", file=sys.stderr))
 
 
 def knn_run(args: argparse.Namespace) -> int:
@@ -104,10 +104,6 @@ def knn_run(args: argparse.Namespace) -> int:
         write_json(args.json, {"knn_top1": top1, "k": args.k, "temperature": args.temperature, "pool": args.pool,
                                "train_images": len(train_y), "val_images": len(val_y)})
     return 0
-
-
-def linprobe_add_arguments(p: argparse.ArgumentParser) -> None:
-    add_settings(p, LINPROBE)
 
 
 def linprobe_run(args: argparse.Namespace) -> int:

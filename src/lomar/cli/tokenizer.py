@@ -70,10 +70,10 @@ def _views(data: str, size: int, limit: int):
 
 
 def run(args: argparse.Namespace) -> int:
+    from lomar.tokenizers import convert_dvae, fit_kmeans_tokenizer  # torch: not for --help
+
     try:
         if args.tokenizer_command == "convert":
-            from lomar.tokenizers import convert_dvae  # torch: not for --help
-
             path = convert_dvae(args.source, args.to)
             print(f"lomar: wrote {path}")
             return 0
@@ -83,8 +83,6 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--size {args.size} with --max-images {args.max_images} needs "
                              f"{view_bytes / 2**30:,.1f} GiB of views (limit {_MAX_VIEW_BYTES >> 30} GiB); "
                              f"pass --size {largest} or less (default 112) or fewer --max-images")
-        from lomar.tokenizers import fit_kmeans_tokenizer  # torch: not for --help
-
         views, bad = _views(args.data, args.size, args.max_images)
         tokenizer = fit_kmeans_tokenizer(views, vocab_size=args.vocab, patch=args.patch, seed=args.seed,
                                          iters=args.iters, input_size=args.size)

@@ -64,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     from lomar.data.folder import demo_image_paths  # torch: not for --help
     from lomar.data.transforms import denormalize  # torch: not for --help
     from lomar.models import MAE, LoMaR  # torch: not for --help
+    from lomar.viz.attention import attention_figure, window_attention  # torch: not for --help
+    from lomar.viz.reconstruction import reconstruction_figure  # torch: not for --help
 
     model = load_for_cli(args.checkpoint, args)
     model.eval()
@@ -79,14 +81,10 @@ def run(args: argparse.Namespace) -> int:
     try:  # unreadable images, windows or a target that do not fit
         images = torch.stack([prepare_image(p, encoder.config.img_size) for p in paths])
         if can_reconstruct:
-            from lomar.viz.reconstruction import reconstruction_figure  # torch: not for --help
-
             title = f"{name} reconstruction of {Path(args.checkpoint).name}, seed {args.seed}"
             written.append(reconstruction_figure(model, images, path=out / "reconstruction.png", seed=args.seed,
                                                  title=title))
         if args.attention:
-            from lomar.viz.attention import attention_figure, window_attention  # torch: not for --help
-
             pixels = denormalize(images)
             for i, (path, image) in enumerate(zip(paths, images)):
                 result = window_attention(model, image, target=target, window_size=args.attention_window,

@@ -27,7 +27,7 @@ from lomar.data.headers import declared_size
 
 __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_IMAGE_BYTES", "is_image_name",
            "max_image_pixels", "max_image_bytes", "read_image_bytes", "open_pil", "decode_bytes", "load_image",
-           "load_pil", "pil_to_tensor"]
+           "pil_to_tensor"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 # Pillow's own decompression-bomb error threshold (2 x Image.MAX_IMAGE_PIXELS): ~13k x 13k.
@@ -64,15 +64,12 @@ def max_image_bytes() -> int:
     return _positive_env("LOMAR_MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES)
 
 
-def _kind(mode: int) -> str:
-    kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
-    return next((text for test, text in kinds if test(mode)), "not a regular file")
-
-
 def _check_file(path: str | Path, info: os.stat_result, limit: int) -> None:
     if not stat.S_ISREG(info.st_mode):
-        raise ValueError(f"cannot read {path}: it is {_kind(info.st_mode)}, not an image file; remove it from the data")
+        kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                 (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
+        kind = next((text for test, text in kinds if test(info.st_mode)), "not a regular file")
+        raise ValueError(f"cannot read {path}: it is {kind}, not an image file; remove it from the data")
     if info.st_size > limit:
         raise ValueError(f"cannot read {path}: {info.st_size:,} bytes is over the limit of {limit:,} for one image; "
                          f"shrink it or raise LOMAR_MAX_IMAGE_BYTES")
@@ -101,9 +98,10 @@ def _check_pixels(name: str, width: int, height: int, limit: int) -> None:
                          f"limit of {limit:,}; shrink it or raise LOMAR_MAX_IMAGE_PIXELS")
 
 
-def _checked_header(data: bytes, name: str, limit: int) -> tuple[str | None, tuple[int, int] | None]:
-    """(format, size) from the header its own decoder reads, size checked against ``limit``.
-    A JPEG or WebP whose size cannot be read is refused: libjpeg / libwebp would refuse it too."""
+def _checked_header(data: bytes, name: str, max_pixels: int | None) -> tuple[str | None, tuple[int, int] | None, int]:
+    """(format, size from the header its own decoder reads, pixel limit: ``max_pixels`` or the default), the
+    size checked against the limit. A JPEG or WebP without a readable size is refused, as libjpeg / libwebp do."""
+    limit = max_pixels if max_pixels is not None else max_image_pixels()
     kind, size = declared_size(data)
     if kind in ("jpeg", "webp") and size is None:
         what = ("a JPEG without exactly one frame header (SOF) before its data" if kind == "jpeg"
@@ -111,15 +109,14 @@ def _checked_header(data: bytes, name: str, limit: int) -> tuple[str | None, tup
         raise ValueError(f"cannot decode image {name}: {what}; the file is damaged or crafted")
     if size is not None:
         _check_pixels(name, *size, limit)
-    return kind, size
+    return kind, size, limit
 
 
 def open_pil(data: bytes, name: str = "<bytes>", max_pixels: int | None = None):
     """``PIL.Image.open`` on checked bytes: ValueError naming ``name`` when unidentified, when a
     header is over the pixel limit (ours or Pillow's), or when Pillow and libjpeg would read a
     JPEG's size differently (every decoder that may decode it must agree)."""
-    limit = max_pixels if max_pixels is not None else max_image_pixels()
-    kind, size = _checked_header(data, name, limit)
+    kind, size, limit = _checked_header(data, name, max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -134,11 +131,10 @@ def open_pil(data: bytes, name: str = "<bytes>", max_pixels: int | None = None):
         # Pillow's own message names an anonymous BytesIO: say what the file is instead.
         raise ValueError(f"cannot decode image {name}: not an image format Pillow or torchvision can read "
                          f"({len(data):,} bytes starting {data[:8]!r})") from None
-    if kind == "jpeg" and img.format in ("JPEG", "MPO") and img.size != size:
-        img.close()
-        raise ValueError(f"cannot decode image {name}: its JPEG frame headers disagree on the size ({size[0]}x"
-                         f"{size[1]} first, {img.size[0]}x{img.size[1]} last); the file is damaged or crafted")
     try:
+        if kind == "jpeg" and img.format in ("JPEG", "MPO") and img.size != size:
+            raise ValueError(f"cannot decode image {name}: its JPEG frame headers disagree on the size ({size[0]}x"
+                             f"{size[1]} first, {img.size[0]}x{img.size[1]} last); the file is damaged or crafted")
         _check_pixels(name, *img.size, limit)
     except ValueError:
         img.close()
@@ -146,38 +142,9 @@ def open_pil(data: bytes, name: str = "<bytes>", max_pixels: int | None = None):
     return img
 
 
-def _pil_decode(data: bytes, name: str, limit: int) -> torch.Tensor:
-    """Pillow's decode (PNG, GIF's first frame, BMP, TIFF; CMYK or 16-bit JPEG) -> uint8 (3, H, W)."""
-    with open_pil(data, name, limit) as img:
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(img, dtype=np.float64)
-            arr = arr / (65535.0 if arr.max() > 255 else 255.0) * 255.0
-            img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
-        return pil_to_tensor(img)
-
-
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """A PIL image as uint8 (3, H, W) RGB."""
     return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
-
-
-def _torchvision_decode(data: bytes, kind: str) -> torch.Tensor | None:
-    """uint8 (3, H, W) from libjpeg / libwebp through torchvision; None where it refuses (CMYK, ...)."""
-    try:
-        with warnings.catch_warnings():  # torchvision announces its decoders' move to torchcodec: noise
-            warnings.simplefilter("ignore", DeprecationWarning)
-            from torchvision.io import ImageReadMode, decode_jpeg, decode_webp  # lazy: slow to import
-
-            encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            if kind == "jpeg":  # EXIF orientation: phone photos are often stored sideways with a rotation tag
-                image = decode_jpeg(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-            else:
-                image = decode_webp(encoded, mode=ImageReadMode.RGB)
-    except Exception:  # torchvision refuses: Pillow tries
-        return None
-    return image if image.dtype == torch.uint8 and image.shape[0] == 3 and image.numel() > 0 else None
 
 
 def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = None) -> torch.Tensor:
@@ -189,14 +156,31 @@ def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = No
     """
     if not data:
         raise ValueError(f"cannot decode image {name}: the file is empty (0 bytes)")
-    limit = max_pixels if max_pixels is not None else max_image_pixels()
-    kind, _ = _checked_header(data, name, limit)
-    if kind in ("jpeg", "webp"):
-        image = _torchvision_decode(data, kind)
-        if image is not None:
-            return image
-    try:
-        return _pil_decode(data, name, limit)
+    kind, _, limit = _checked_header(data, name, max_pixels)
+    if kind in ("jpeg", "webp"):  # libjpeg / libwebp through torchvision, unless it refuses (CMYK, ...)
+        try:
+            with warnings.catch_warnings():  # torchvision announces its decoders' move to torchcodec: noise
+                warnings.simplefilter("ignore", DeprecationWarning)
+                from torchvision.io import ImageReadMode, decode_jpeg, decode_webp  # lazy: slow to import
+
+                encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                if kind == "jpeg":  # EXIF orientation: phone photos are often stored sideways with a rotation tag
+                    image = decode_jpeg(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+                else:
+                    image = decode_webp(encoded, mode=ImageReadMode.RGB)
+            if image.dtype == torch.uint8 and image.shape[0] == 3 and image.numel() > 0:
+                return image
+        except Exception:  # torchvision refuses: Pillow tries
+            pass
+    try:  # Pillow: PNG, GIF's first frame, BMP, TIFF; CMYK or 16-bit JPEG
+        with open_pil(data, name, limit) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(img, dtype=np.float64)
+                arr = arr / (65535.0 if arr.max() > 255 else 255.0) * 255.0
+                img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+            return pil_to_tensor(img)
     except ValueError:
         raise
     except Exception as exc:
@@ -207,9 +191,4 @@ def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = No
 def load_image(path: str | Path, max_pixels: int | None = None) -> torch.Tensor:
     """Read and decode an image file: uint8 (3, H, W) RGB; ValueError naming the file when unreadable."""
     return decode_bytes(read_image_bytes(path), str(path), max_pixels)
-
-
-def load_pil(path: str | Path, max_pixels: int | None = None):
-    """:func:`load_image` as an RGB ``PIL.Image`` (what timm's and torchvision's transforms take)."""
-    return Image.fromarray(load_image(path, max_pixels).permute(1, 2, 0).numpy())
 

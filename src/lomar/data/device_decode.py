@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -41,7 +42,7 @@ class Decoding(NamedTuple):
 
     dataset: Dataset
     collate: Callable[[list[dict]], dict]
-    on_device: Callable[[dict], dict]
+    on_device: Callable[[dict], dict] = lambda batch: batch
 
 
 def decode_dataset(base, mode: str, patch_size: int, window_size: int, windows: int,
@@ -51,21 +52,16 @@ def decode_dataset(base, mode: str, patch_size: int, window_size: int, windows: 
     (:class:`EncodedPretrainDataset`, finished by :func:`decode_batch` on ``device``). ValueError
     naming the fix when ``base`` is not read from image files or ``device`` has no batched decoder."""
     if mode == "full":  # collate_pretrain through its module at each call: the engine tests replace it there
-        return Decoding(base, collate.collate_pretrain, _unchanged)
+        return Decoding(base, collate.collate_pretrain)
     if not isinstance(base, ImageListDataset):
         raise ValueError(f"--decode {mode} reads image files, not tar shards; use --decode full")
     if mode != "gpu":
-        return Decoding(FastPretrainDataset(base, mode, patch_size, window_size, windows),
-                        collate.collate_pretrain, _unchanged)
+        return Decoding(FastPretrainDataset(base, mode, patch_size, window_size, windows), collate.collate_pretrain)
     device = torch.device(device)
     if device.type not in DEVICE_DECODE_TYPES:
         raise ValueError(f"--decode gpu needs a CUDA device, but this run is on {device.type}; use --decode draft")
     return Decoding(EncodedPretrainDataset(base), collate_encoded,
                     lambda batch: decode_batch(batch, device, base.transform))
-
-
-def _unchanged(batch: dict) -> dict:
-    return batch
 
 
 class EncodedPretrainDataset(FastPretrainDataset):
@@ -85,22 +81,10 @@ class EncodedPretrainDataset(FastPretrainDataset):
         return item
 
 
-def collate_encoded(batch: list[dict]) -> dict:
-    """Items of :class:`EncodedPretrainDataset` -> a batch for :func:`decode_batch`.
-
-    -> {"encoded": [bytes tensor or None], "decoded": [(3, S, S) or None], "boxes": [(4,) or None],
-    "flips": [bool], "bad": [paths], "paths": [paths], **stacked plan fields}.
-    """
-    good = [item for item in batch if item["image"] is not None or item["encoded"] is not None]
-    out: dict = {"bad": [item["path"] for item in batch if item["image"] is None and item["encoded"] is None],
-                 "paths": [item["path"] for item in good],
-                 "encoded": [item["encoded"] for item in good], "decoded": [item["image"] for item in good],
-                 "boxes": [item.get("box") for item in good], "flips": [item.get("flip", False) for item in good]}
-    if good:
-        for key in good[0]:
-            if key not in ("path", "size", "image", "encoded", "box", "flip"):
-                out[key] = torch.stack([item[key] for item in good])
-    return out
+_LISTED = ("image", "encoded", "box", "flip")
+# Items of EncodedPretrainDataset -> a batch for decode_batch: {"encoded": [bytes tensor or None], "image":
+# [(3, S, S) or None], "box": [(4,) or None], "flip": [bool or None], "bad", "paths", **stacked plan fields}.
+collate_encoded = partial(collate.collate_pretrain, listed=_LISTED)
 
 
 def decode_batch(batch: dict, device: torch.device, transform) -> dict:
@@ -111,40 +95,35 @@ def decode_batch(batch: dict, device: torch.device, transform) -> dict:
     A file whose header parsed but whose data the decoder refuses joins ``"bad"`` and leaves the
     batch (the plan fields are cut to match), as an unreadable file does on the reference path.
     """
-    encoded, size = batch["encoded"], transform.size
-    rows = [i for i, e in enumerate(encoded) if e is not None]
-    images = torch.empty(len(encoded), 3, size, size, device=device)
-    keep = torch.ones(len(encoded), dtype=torch.bool)
-    if rows:
-        pixels, failed = _decode_rows([encoded[i] for i in rows], [tuple(batch["boxes"][i].tolist()) for i in rows],
-                                      size, [batch["flips"][i] for i in rows], device)
-        images[rows] = transform.normalize(pixels)
-        keep[[rows[j] for j in failed]] = False
-    for i, pixels in enumerate(batch["decoded"]):
-        if pixels is not None:
-            images[i] = pixels.to(device, non_blocking=True)
-    out = {key: value for key, value in batch.items() if key not in ("encoded", "decoded", "boxes", "flips")}
-    out["images"] = images
-    if not keep.all():
-        out["bad"] = batch["bad"] + [p for p, k in zip(batch["paths"], keep.tolist()) if not k]
-        out["paths"] = [p for p, k in zip(batch["paths"], keep.tolist()) if k]
-        out.update({key: value[keep.to(value.device)] for key, value in out.items() if isinstance(value, torch.Tensor)})
+    images = [None if pixels is None else pixels.to(device, non_blocking=True) for pixels in batch["image"]]
+    rows = [i for i, data in enumerate(batch["encoded"]) if data is not None]
+    lists = ([batch[key][i] for i in rows] for key in ("encoded", "box", "flip"))
+    for i, pixels in zip(rows, _decode_rows(*lists, transform.size, device)):
+        images[i] = None if pixels is None else transform.normalize(pixels)
+    keep = [image is not None for image in images]
+    mask = torch.tensor(keep, dtype=torch.bool)
+    out = {key: value[mask.to(value.device)] if isinstance(value, torch.Tensor) else value
+           for key, value in batch.items() if key not in _LISTED}
+    out["bad"] = batch["bad"] + [p for p, k in zip(batch["paths"], keep) if not k]
+    out["paths"] = [p for p, k in zip(batch["paths"], keep) if k]
+    kept = [image for image in images if image is not None]
+    out["images"] = torch.stack(kept) if kept else torch.empty(0, 3, transform.size, transform.size, device=device)
     return out
 
 
-def _decode_rows(datas: list[torch.Tensor], boxes, size: int, flips: list[bool],
-                 device: torch.device) -> tuple[torch.Tensor, set[int]]:
-    """uint8 (n, 3, S, S) and the rows that failed; one bad file does not cost the batch."""
+def _decode_rows(datas: list[torch.Tensor], boxes: list[torch.Tensor], flips: list[bool], size: int,
+                 device: torch.device) -> list[torch.Tensor | None]:
+    """uint8 (3, S, S) per row, None where the decoder refused it; one bad file does not cost the batch."""
+    boxes = [tuple(box.tolist()) for box in boxes]
     try:
-        return gpu_decode_crops(datas, boxes, size, flips, device), set()
+        return list(gpu_decode_crops(datas, boxes, size, flips, device)) if datas else []
     except RuntimeError:
         pass
-    out = torch.zeros(len(datas), 3, size, size, dtype=torch.uint8, device=device)
-    failed = set()
+    out: list[torch.Tensor | None] = []
     for j, (data, box, flip) in enumerate(zip(datas, boxes, flips)):
         try:
-            out[j] = gpu_decode_crops([data], [box], size, [flip], device)[0]
+            out.append(gpu_decode_crops([data], [box], size, [flip], device)[0])
         except RuntimeError as exc:
             log.debug("device decoder refused image %d of the batch: %s", j, exc)
-            failed.add(j)
-    return out, failed
+            out.append(None)
+    return out

@@ -176,9 +176,8 @@ class FastPretrainDataset(Dataset):
 
     def _takes(self, img: Image.Image) -> bool:
         """Whether this mode decodes ``img`` itself (else the reference path does)."""
-        if self.sparse:
-            return True
-        return img.format == "JPEG" and _orientation(img) in (0, 1) and (self.mode != "gpu" or img.mode in ("RGB", "L"))
+        return self.sparse or (img.format == "JPEG" and _orientation(img) in (0, 1)
+                               and (self.mode != "gpu" or img.mode in ("RGB", "L")))
 
     def _decode(self, img: Image.Image, data: bytes, draw: SampleDraw) -> dict | None:
         """The item's image fields by this mode; None when the reference path is as fast."""

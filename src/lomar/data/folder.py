@@ -13,9 +13,10 @@ import os
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
-from lomar.data.decode import IMAGE_EXTENSIONS, is_image_name, load_image, load_pil
+from lomar.data.decode import IMAGE_EXTENSIONS, is_image_name, load_image
 from lomar.data.shards import TarShardDataset, is_shard_pattern, shard_paths
 from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator, sample_key
 
@@ -41,11 +42,8 @@ def demo_image_paths() -> list[Path]:
 
 
 def find_images(root: str | Path) -> list[Path]:
-    """Image-named entries under ``root`` (recursive, symlinked folders followed once each), sorted.
-
-    Dangling links are included (they fail to read and are counted as bad); folders reached a
-    second time through a link are skipped with a warning.
-    """
+    """Image-named entries under ``root``, sorted (see the module docstring); a folder reached a second time
+    through a link is skipped with a warning."""
     found: list[Path] = []
     seen: set[tuple[int, int]] = set()
     loops = 0
@@ -178,7 +176,7 @@ class LabelledImageFolder(Dataset):
     def __getitem__(self, index: int) -> tuple:
         path, label = self.samples[index]
         try:
-            image = load_pil(path)
+            image = Image.fromarray(load_image(path).permute(1, 2, 0).numpy())  # what timm's transforms take
             return (self.transform(image) if self.transform else image), label, str(path)
         except (ValueError, RuntimeError, OSError) as exc:
             log.warning("skipped unreadable image %s", exc)

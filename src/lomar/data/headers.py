@@ -75,8 +75,7 @@ def png_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from IHDR; None when the first chunk is not a 13-byte IHDR (libpng refuses)."""
     if data[:8] != _PNG_SIGNATURE or len(data) < 24 or data[8:16] != b"\x00\x00\x00\x0dIHDR":
         return None
-    width, height = struct.unpack_from(">II", data, 16)
-    return width, height
+    return struct.unpack_from(">II", data, 16)
 
 
 def webp_size(data: bytes) -> tuple[int, int] | None:

@@ -23,6 +23,7 @@ import logging
 import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
+from itertools import chain
 from pathlib import Path
 from typing import TypeVar
 
@@ -136,10 +137,6 @@ class TarShardDataset(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         return rank, world, worker, workers
 
-    def _members(self, shards: list[Path]) -> Iterator[tuple[str, bytes]]:
-        for shard in shards:
-            yield from _image_members(shard)
-
     def __iter__(self) -> Iterator[dict]:
         rank, world, worker, workers = self._readers()
         epoch, skip, batch = self._state.tolist()
@@ -154,9 +151,9 @@ class TarShardDataset(IterableDataset):
         order = torch.randperm(len(self.shards), generator=sample_generator(self.seed, epoch, _ORDER_INDEX))
         shards = [self.shards[i] for i in order.tolist()]
         if len(shards) >= slots:
-            members: Iterable[tuple[str, bytes]] = self._members(shards[slot::slots])
+            members: Iterable[tuple[str, bytes]] = chain.from_iterable(map(_image_members, shards[slot::slots]))
         else:
-            members = (m for i, m in enumerate(self._members(shards)) if i % slots == slot)
+            members = (m for i, m in enumerate(chain.from_iterable(map(_image_members, shards))) if i % slots == slot)
         gen = sample_generator(self.seed, epoch, _BUFFER_INDEX + slot)
         stream = _buffer_shuffle(members, self.shuffle_buffer, gen) if self.shuffle_buffer > 1 else members
         for position, (name, data) in enumerate(stream):

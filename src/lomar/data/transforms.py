@@ -25,15 +25,14 @@ log = logging.getLogger("lomar.data")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_MEAN, _STD = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 Masker = Callable[[torch.Generator], dict[str, torch.Tensor]]
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
     """ImageNet-normalised (N, 3, H, W) -> pixels in [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() * std + mean).clamp(0, 1)
+    return (images.float() * _STD.to(images.device) + _MEAN.to(images.device)).clamp(0, 1)
 
 
 def sample_key(key: int | tuple[int, int]) -> tuple[int, int]:
@@ -87,8 +86,6 @@ class PretrainTransform:
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True, color_jitter: float = 0.0):
         self.size, self.scale, self.ratio, self.flip = size, tuple(scale), ratio, flip
         self.color_jitter = float(color_jitter)
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     def crop_box(self, height: int, width: int, gen: torch.Generator) -> tuple[int, int, int, int]:
         """(top, left, h, w), distributed as torchvision's RandomResizedCrop.get_params."""
@@ -125,8 +122,7 @@ class PretrainTransform:
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (..., 3, h, w) -> float32, ImageNet-normalised, on the pixels' device."""
-        device = pixels.device
-        return (pixels.float() / 255.0 - self.mean.to(device)) / self.std.to(device)
+        return (pixels.float() / 255.0 - _MEAN.to(pixels.device)) / _STD.to(pixels.device)
 
     def apply(self, image: torch.Tensor, draw: SampleDraw) -> torch.Tensor:
         """uint8 (3, H, W) -> float32 (3, size, size): ``draw``'s crop, resized, flipped, normalised."""

@@ -13,11 +13,12 @@ from typing import Literal
 
 import torch
 from timm.layers import resample_abs_pos_embed
+from timm.models.beit import Beit, checkpoint_filter_fn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from lomar.checkpoints.formats import CLASSIFIER_PREFIXES, drop_final_norm, read
-from lomar.checkpoints.formats_beit import BEiTReader, build_timm_beit
+from lomar.checkpoints.formats import BEiTReader, read
+from lomar.checkpoints.keys import CLASSIFIER_PREFIXES, drop_final_norm
 from lomar.data.collate import BadDataTracker, collate_labelled
 from lomar.data.folder import LabelledImageFolder
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -62,7 +63,7 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     its export, an original BEiT checkpoint) gives timm's ``Beit`` instead, per-block relative
     position bias initialised from the shared table, with the same ``load_report``, a
     ``config`` (its :class:`~lomar.models.beit.BEiTConfig`) and the same forward contract
-    (:func:`lomar.checkpoints.formats_beit.build_timm_beit`). The pretraining pixel head, mask token, decoder
+    (:func:`_load_beit`). The pretraining pixel head, mask token, decoder
     and LoMaR's unused ``pos_embed`` are dropped (SPEC §3). ``overrides`` change the
     architecture's free settings (``img_size``, ``drop_path``, ``attention``, ``window_size`` with
     ``global_blocks``, None there meaning ViTDet's layout for the depth); an absolute position table
@@ -126,20 +127,48 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
 
 
 def _load_beit(reader: BEiTReader, src, num_classes: int, global_pool: str, overrides: dict):
-    """timm ``Beit`` from a BEiT source; ``overrides``: ``img_size``, ``drop_path`` (``num_heads`` is read)."""
+    """timm ``Beit`` from a BEiT source; ``overrides``: ``img_size``, ``drop_path`` (``num_heads`` is read).
+
+    ``num_classes > 0`` adds a fresh head: ``global_pool='avg'`` mean-pools the un-normed patch
+    tokens into a fresh ``fc_norm`` (the final norm dropped: the original BEiT finetuning),
+    ``'cls'`` the normed cls token. Without a head the final norm is kept, so
+    ``forward_features`` gives (B, 1+L, D) normed tokens. A new ``img_size`` resizes the relative
+    position tables with timm's own filter (``checkpoint_filter_fn``).
+    """
     unknown = sorted(set(overrides) - {"img_size", "drop_path", "num_heads"})
     if unknown:
         raise ValueError(f"unknown BEiT encoder setting(s) {', '.join(unknown)}; a BEiT encoder takes "
                          f"img_size and drop_path")
     weights = reader.timm_weights(src, {k: v for k, v in overrides.items() if k == "num_heads" and v})
-    model, fresh, dropped, notes = build_timm_beit(weights, num_classes, global_pool, overrides.get("img_size"),
-                                                   overrides.get("drop_path"))
+    if global_pool not in ("avg", "cls"):
+        raise ValueError(f"global_pool must be avg or cls, got {global_pool!r}")
+    img_size, drop_path = overrides.get("img_size"), overrides.get("drop_path")
+    args = dict(weights.timm_args, num_classes=num_classes)
+    args["global_pool"] = "avg" if num_classes and global_pool == "avg" else "token"
+    if img_size is not None:
+        args["img_size"] = img_size
+    if drop_path is not None:
+        args["drop_path_rate"] = drop_path
+    model = Beit(**args)
+    state, dropped = drop_final_norm(weights.state) if args["global_pool"] == "avg" else (dict(weights.state), [])
     report = LoadReport(weights.source, str(src.path), loaded=len(weights.state) - len(dropped),
-                        fresh=fresh, dropped=weights.dropped + dropped, notes=notes)
+                        dropped=weights.dropped + dropped)
+    patch = weights.timm_args.get("patch_size", 16)
+    if img_size is not None and img_size % patch:
+        raise ValueError(f"img_size={img_size} is not a multiple of the BEiT patch size {patch}; "
+                         f"use {max(1, img_size // patch) * patch}")
+    if img_size is not None and img_size != weights.timm_args.get("img_size"):
+        state = checkpoint_filter_fn(state, model)
+        report.notes.append(f"relative position tables resized to the {img_size // patch}x{img_size // patch} grid")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    report.fresh = [k for k in missing if k.startswith(("head.", "fc_norm."))]
+    if unexpected or set(missing) - set(report.fresh):
+        raise ValueError(f"the BEiT weights do not fit timm Beit({args}): missing "
+                         f"{sorted(set(missing) - set(report.fresh)) or 'nothing'}, "
+                         f"unexpected {unexpected or 'nothing'}")
     model.load_report = report
     # What our encoders carry too: finetune checkpoints record it.
-    model.config = replace(weights.config, img_size=model.patch_embed.img_size[0],
-                           drop_path_rate=overrides.get("drop_path") or 0.0)
+    model.config = replace(weights.config, img_size=model.patch_embed.img_size[0], drop_path_rate=drop_path or 0.0)
     return model
 
 

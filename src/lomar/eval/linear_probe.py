@@ -10,9 +10,7 @@ from torch import nn
 
 from lomar.train.monitor import progress
 
-__all__ = ["LinearProbe", "LARS", "train_linear_probe", "train_mae_linear_probe", "PROTOCOLS"]
-
-PROTOCOLS = ("adamw", "mae")
+__all__ = ["LinearProbe", "LARS", "train_linear_probe", "train_mae_linear_probe"]
 
 
 class LinearProbe(nn.Module):

@@ -13,23 +13,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from timm.layers import LayerNorm2d  # LayerNorm over the channels of a (B, C, H, W) map, eps 1e-6
 from torch import nn
 
 from lomar.checkpoints.convert import encoder_of, load_model
 from lomar.models.vit import VisionTransformer
 
 __all__ = ["LayerNorm2d", "SimpleFeaturePyramid", "feature_maps", "ViTDetBackbone", "MultiLevelBackbone",
-           "load_encoder", "backbone_encoder"]
-
-
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of a (B, C, H, W) map."""
-
-    def __init__(self, channels: int, eps: float = 1e-6):
-        super().__init__(channels, eps=eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+           "load_encoder", "backbone_encoder", "layer_decay_param_groups"]
 
 
 def _conv_norm(cin: int, cout: int, kernel: int) -> nn.Sequential:
@@ -84,12 +75,8 @@ class SimpleFeaturePyramid(nn.Module):
             last = max(self.strides.values())
             self.strides[f"p{int(math.log2(last)) + 1}"] = 2 * last
 
-    @property
-    def names(self) -> list[str]:
-        return list(self.strides)
-
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        names = self.names
+        names = list(self.strides)
         out = {name: stage(x) for name, stage in zip(names, self.stages)}
         if self.top_block:
             coarsest = max(out, key=self.strides.__getitem__)
@@ -121,7 +108,6 @@ def load_encoder(source: str | Path | VisionTransformer) -> VisionTransformer:
     """An encoder from an export folder, any checkpoint (see ``lomar.checkpoints.convert.load_model``), or as is."""
     if isinstance(source, VisionTransformer):
         return source
-
     return encoder_of(load_model(source))
 
 
@@ -162,7 +148,7 @@ class ViTDetBackbone(nn.Module):
         self.norm = norm
         self.grad_checkpointing = grad_checkpointing
         self._square_pad = square_pad
-        self._out_features = self.pyramid.names
+        self._out_features = list(self.pyramid.strides)
         self._out_feature_strides = dict(self.pyramid.strides)
         self._out_feature_channels = {name: out_channels for name in self._out_features}
 
@@ -225,3 +211,27 @@ class MultiLevelBackbone(nn.Module):
         if self.rescale is not None:
             maps = [op(m) for op, m in zip(self.rescale, maps)]
         return tuple(maps)
+
+
+def _encoder_layer(name: str, depth: int) -> int:
+    """The layer id of an encoder parameter: 0 the stem, i + 1 block i, depth + 1 the final norm."""
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1 if name.startswith("norm.") else 0
+
+
+def layer_decay_param_groups(model: nn.Module, encoder: VisionTransformer, weight_decay: float, layer_decay: float,
+                       no_decay: set[int]) -> list[dict]:
+    """AdamW groups of ``model``'s trainable parameters: ``encoder``'s of layer l at ``lr_scale`` =
+    layer_decay^(depth + 1 - l), the others at 1; weight decay 0 for the parameters whose id is in
+    ``no_decay``."""
+    depth = len(encoder.blocks)
+    scales = {id(p): layer_decay ** (depth + 1 - _encoder_layer(name, depth))
+              for name, p in encoder.named_parameters()}
+    groups: dict[tuple[float, float], list] = {}
+    for param in model.parameters():
+        if param.requires_grad:
+            key = (scales.get(id(param), 1.0), 0.0 if id(param) in no_decay else weight_decay)
+            groups.setdefault(key, []).append(param)
+    return [{"params": params, "lr_scale": scale, "weight_decay": decay}
+            for (scale, decay), params in sorted(groups.items())]

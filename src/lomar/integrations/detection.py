@@ -24,14 +24,12 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
-from lomar.integrations.dense import LayerNorm2d, ViTDetBackbone
+from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from lomar.integrations.dense import LayerNorm2d, ViTDetBackbone, layer_decay_param_groups
 from lomar.models.vit import VisionTransformer
 
-__all__ = ["PyramidBackbone", "FixedSizeTransform", "build_mask_rcnn", "detector_param_groups", "IMAGE_MEAN",
-           "IMAGE_STD"]
+__all__ = ["PyramidBackbone", "FixedSizeTransform", "build_mask_rcnn", "detector_param_groups"]
 
-IMAGE_MEAN = (0.485, 0.456, 0.406)
-IMAGE_STD = (0.229, 0.224, 0.225)
 ROI_LEVELS = ["p2", "p3", "p4", "p5"]
 
 
@@ -61,7 +59,7 @@ class FixedSizeTransform(GeneralizedRCNNTransform):
     Padding is 0 after normalisation, the mean pixel, as ViTDet's."""
 
     def __init__(self, size: int):
-        super().__init__(size, size, list(IMAGE_MEAN), list(IMAGE_STD), size_divisible=32, _skip_resize=True)
+        super().__init__(size, size, list(IMAGENET_MEAN), list(IMAGENET_STD), size_divisible=32, _skip_resize=True)
         self.size = size
 
     def batch_images(self, images: list[torch.Tensor], size_divisible: int = 32) -> torch.Tensor:
@@ -90,8 +88,7 @@ def build_mask_rcnn(encoder: VisionTransformer, num_classes: int, size: int, out
     box_head = FastRCNNConvFCHead((out_channels, 7, 7), [256] * 4, [1024], norm_layer=LayerNorm2d)
     mask_head = MaskRCNNHeads(out_channels, [256] * 4, 1, norm_layer=LayerNorm2d)
     model = MaskRCNN(
-        backbone, num_classes=num_classes + 1, min_size=size, max_size=size,
-        image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD),
+        backbone, num_classes=num_classes + 1,  # its image transform: FixedSizeTransform, set below
         rpn_anchor_generator=anchors, rpn_head=rpn_head,
         rpn_pre_nms_top_n_train=2000, rpn_pre_nms_top_n_test=1000,
         rpn_post_nms_top_n_train=1000, rpn_post_nms_top_n_test=1000,
@@ -104,28 +101,13 @@ def build_mask_rcnn(encoder: VisionTransformer, num_classes: int, size: int, out
     return model
 
 
-def _encoder_layer(name: str, depth: int) -> int:
-    """ViTDet's layer id of an encoder parameter: 0 the stem, i + 1 block i, depth + 1 the final norm."""
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1 if name.startswith("norm.") else 0
-
-
 def detector_param_groups(model: MaskRCNN, weight_decay: float, layer_decay: float) -> list[dict]:
     """AdamW groups as detectron2's ViTDet builds them: encoder parameters of layer l (0 the stem,
-    i + 1 block i) at ``lr_scale`` = layer_decay^(depth + 1 - l), the pyramid and heads at 1; no
-    weight decay on normalisation layers and the encoder's cls token / position table."""
+    i + 1 block i) at ``lr_scale`` = layer_decay^(depth + 1 - l), the pyramid and heads at 1
+    (:func:`~lomar.integrations.dense.layer_decay_param_groups`); no weight decay on normalisation
+    layers and the encoder's cls token / position table."""
     encoder = model.backbone.encoder
-    depth = len(encoder.blocks)
     no_decay = {id(p) for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d))
                 for p in m.parameters(recurse=False)}
     no_decay |= {id(p) for name, p in encoder.named_parameters() if name in encoder.no_weight_decay()}
-    scales = {id(p): layer_decay ** (depth + 1 - _encoder_layer(name, depth))
-              for name, p in encoder.named_parameters()}
-    groups: dict[tuple[float, float], list] = {}
-    for param in model.parameters():
-        if param.requires_grad:
-            key = (scales.get(id(param), 1.0), 0.0 if id(param) in no_decay else weight_decay)
-            groups.setdefault(key, []).append(param)
-    return [{"params": params, "lr_scale": scale, "weight_decay": decay}
-            for (scale, decay), params in sorted(groups.items())]
+    return layer_decay_param_groups(model, encoder, weight_decay, layer_decay, no_decay)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lomar.integrations.dense import MultiLevelBackbone
+from lomar.integrations.dense import MultiLevelBackbone, layer_decay_param_groups
 from lomar.models.upernet import FCNHead, UPerHead
 from lomar.models.vit import VisionTransformer
 
@@ -76,27 +76,11 @@ def segmentation_loss(logits: torch.Tensor, extra: torch.Tensor | None, labels: 
 
 
 def layer_decay_groups(model: UperNetSegmenter, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
-    """AdamW groups: the encoder's layer i (0 = embeddings, 1..depth = blocks) gets lr x
-    ``layer_decay`` ** (depth + 1 - i); the neck, heads and final norm the full lr. Biases, norms,
-    ``cls_token`` and ``pos_embed`` get no weight decay. Each group carries ``lr_scale`` (timm's
-    key) and ``lr`` already scaled."""
-    depth = len(model.encoder.blocks)
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        local = name.removeprefix("backbone.encoder.")
-        if local == name:
-            layer = depth + 1
-        elif local.startswith(("cls_token", "pos_embed", "patch_embed")):
-            layer = 0
-        elif local.startswith("blocks."):
-            layer = int(local.split(".")[1]) + 1
-        else:
-            layer = depth + 1
-        decay = not (param.ndim == 1 or local in ("cls_token", "pos_embed") or name.endswith(".bias"))
-        scale = layer_decay ** (depth + 1 - layer)
-        group = groups.setdefault((layer, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0,
-                                                   "lr_scale": scale, "lr": lr * scale})
-        group["params"].append(param)
-    return [groups[key] for key in sorted(groups)]
+    """AdamW groups as mmseg's ``LayerDecayOptimizerConstructor`` builds them
+    (:func:`lomar.integrations.dense.layer_decay_param_groups`: the neck, heads and final norm at the full lr).
+    Biases, norms, ``cls_token`` and ``pos_embed`` get no weight decay. Each group carries
+    ``lr_scale`` (timm's key) and ``lr`` already scaled."""
+    no_decay = {id(p) for name, p in model.named_parameters() if p.ndim == 1 or name.endswith(".bias")
+                or name.removeprefix("backbone.encoder.") in ("cls_token", "pos_embed")}
+    groups = layer_decay_param_groups(model, model.encoder, weight_decay, layer_decay, no_decay)
+    return [dict(group, lr=lr * group["lr_scale"]) for group in groups]

@@ -28,12 +28,11 @@ equal those of our finetuned classifier.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import trunc_normal_
+from timm.layers import global_pool_nlc, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
@@ -55,8 +54,6 @@ class LomarVisionTransformer(VisionTransformer):
                  num_heads: int = 12, mlp_ratio: float = 4.0, pos: str = "rpe", fc_norm: bool | None = None,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, attention: str = "auto",
                  window_size: int = 0, global_blocks: tuple[int, ...] = (), device=None, dtype=None):
-        if global_pool not in _POOLS:
-            raise ValueError(f"global_pool must be one of {_POOLS}, got {global_pool!r}")
         if isinstance(img_size, (tuple, list)):
             img_size = int(img_size[0]) if img_size[0] == img_size[1] else tuple(int(s) for s in img_size)
         config = ViTConfig(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
@@ -65,11 +62,9 @@ class LomarVisionTransformer(VisionTransformer):
                            global_blocks=tuple(global_blocks))
         super().__init__(config, num_classes=0)
         self.in_chans = in_chans
-        self.global_pool = global_pool
         self.num_prefix_tokens = 1
         self.has_class_token = True
         self.num_features = self.head_hidden_size = embed_dim
-        self.grad_checkpointing = False
         use_fc_norm = (global_pool == "avg" and num_classes > 0) if fc_norm is None else fc_norm
         if use_fc_norm:
             self.norm = nn.Identity()
@@ -77,26 +72,13 @@ class LomarVisionTransformer(VisionTransformer):
         else:
             self.fc_norm = nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
-        self.reset_classifier(num_classes)
+        self.reset_classifier(num_classes, global_pool)
         self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size)
                              for i in range(depth)]
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 
-    # ---- timm housekeeping -------------------------------------------------------------------
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {"cls_token", "pos_embed"}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(stem=r"^cls_token|pos_embed|patch_embed",
-                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
+    # ---- timm housekeeping (no_weight_decay, group_matcher, set_grad_checkpointing: the base class's)
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -125,17 +107,8 @@ class LomarVisionTransformer(VisionTransformer):
         # timm's convention: checkpoint only while training (the base class: whenever grads flow).
         return self.grad_checkpointing and self.training and not torch.jit.is_scripting()
 
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        if self.global_pool == "avg":
-            return x[:, self.num_prefix_tokens:].mean(dim=1)
-        if self.global_pool == "max":
-            return x[:, self.num_prefix_tokens:].amax(dim=1)
-        if self.global_pool == "token":
-            return x[:, 0]
-        return x
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(self.fc_norm(self.pool(x)))
+        x = self.head_drop(self.fc_norm(global_pool_nlc(x, self.global_pool, self.num_prefix_tokens)))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -202,49 +175,38 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: LomarVision
                              + "; create the model with the exported architecture (see config.json's model_args)")
         out[key] = value
     fresh = [k for k in own if k not in out and k.startswith(("head.", "fc_norm.", "pos_embed"))]
-    for key in fresh:
-        out[key] = own[key]
+    out.update({key: own[key] for key in fresh})
     if any(k.startswith("head.") for k in fresh):
         _log.info("classifier head not in the weights (or of another size): freshly initialised")
     return out
 
 
-def _cfg(**kwargs) -> dict:
-    return dict(url="", num_classes=0, input_size=(3, 224, 224), pool_size=None, crop_pct=0.875,
-                interpolation="bicubic", fixed_input_size=False, mean=IMAGENET_DEFAULT_MEAN,
-                std=IMAGENET_DEFAULT_STD, first_conv="patch_embed.proj", classifier=None,
-                license="apache-2.0", paper_name="Efficient Self-supervised Vision Pretraining with "
-                "Local Masked Reconstruction", paper_ids="arXiv:2206.00790", **kwargs)
-
-
-default_cfgs = generate_default_cfgs({
-    f"lomar_vit_{size}_patch{patch}": _cfg() for size in MODEL_SIZES for patch in PATCH_SIZES
-})
-
-
-def _create(variant: str, pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
-    _, _, size, patch = variant.split("_")
-    dim, depth, heads = MODEL_SIZES[size]
-    args = dict(patch_size=int(patch.removeprefix("patch")), embed_dim=dim, depth=depth, num_heads=heads)
-    args.update(kwargs)
-    return build_model_with_cfg(LomarVisionTransformer, variant, pretrained,
-                                pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(feature_cls="getter", out_indices=3), **args)
+_CFG = dict(url="", num_classes=0, input_size=(3, 224, 224), pool_size=None, crop_pct=0.875,
+            interpolation="bicubic", fixed_input_size=False, mean=IMAGENET_DEFAULT_MEAN,
+            std=IMAGENET_DEFAULT_STD, first_conv="patch_embed.proj", classifier=None,
+            license="apache-2.0", paper_name="Efficient Self-supervised Vision Pretraining with "
+            "Local Masked Reconstruction", paper_ids="arXiv:2206.00790")
+# Every registered name and the architecture it stands for (kwargs override it).
+_VARIANTS = {f"lomar_vit_{size}_patch{patch}": dict(patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads)
+             for size, (dim, depth, heads) in MODEL_SIZES.items() for patch in PATCH_SIZES}
+default_cfgs = generate_default_cfgs({variant: dict(_CFG) for variant in _VARIANTS})
 
 
 def _register(variant: str) -> None:
     """One timm constructor per size and patch, named as timm lists it (``timm.list_models('lomar_*')``)."""
     def constructor(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
-        return _create(variant, pretrained, **kwargs)
+        return build_model_with_cfg(LomarVisionTransformer, variant, pretrained,
+                                    pretrained_filter_fn=checkpoint_filter_fn,
+                                    feature_cfg=dict(feature_cls="getter", out_indices=3),
+                                    **{**_VARIANTS[variant], **kwargs})
 
     constructor.__name__ = constructor.__qualname__ = variant
     constructor.__doc__ = f"LoMaR's ViT {variant.removeprefix('lomar_vit_')}; kwargs go to the model."
     globals()[variant] = register_model(constructor)
 
 
-for _size in MODEL_SIZES:
-    for _patch in PATCH_SIZES:
-        _register(f"lomar_vit_{_size}_patch{_patch}")
+for _variant in _VARIANTS:
+    _register(_variant)
 
 
 def create_from_export(path, pretrained: bool = True, **kwargs) -> nn.Module:

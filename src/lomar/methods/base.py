@@ -105,9 +105,6 @@ def plan_kwargs(config, grid) -> ToKwargs:
 def check_windows(config, grid, ratio: float | None) -> None:
     """The window request fits the grid; ``ratio`` None = blockwise masks (any K >= 2 that fits)."""
     k, n = window_geometry(grid, config.window_size, config.windows)
-    if ratio is None:
-        check_window_request(grid, k, n, 0.5, _placement(config))
-        if k < 2:
-            raise ValueError(f"--window-size {k} is too small for block masking; use K >= 2 or set --mask-ratio")
-    else:
-        check_window_request(grid, k, n, ratio, _placement(config))
+    check_window_request(grid, k, n, 0.5 if ratio is None else ratio, _placement(config))
+    if ratio is None and k < 2:
+        raise ValueError(f"--window-size {k} is too small for block masking; use K >= 2 or set --mask-ratio")

@@ -124,11 +124,8 @@ def build(config, vit, tokenizer=None) -> BEiTPretrain:
     return BEiTPretrain(beit, tokenizer, config.window_size, config.windows, config.mask_ratio)
 
 
-def export(model: BEiTPretrain, out, metadata: dict) -> None:
-    export_beit_encoder(model.beit, out, metadata=metadata)
-
-
 METHOD = Method(
     "beit", default_mask_ratio=None, default_pos="none", default_windows=0,
     validate=validate, prepare=prepare, build=build, masker=plan_masker, forward_kwargs=plan_kwargs,
-    export=export, figure=token_figure, recipe=RECIPE, recipe_source=RECIPE_SOURCE)
+    export=lambda model, out, metadata: export_beit_encoder(model.beit, out, metadata=metadata),
+    figure=token_figure, recipe=RECIPE, recipe_source=RECIPE_SOURCE)

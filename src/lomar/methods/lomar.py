@@ -4,7 +4,7 @@ the whole grid: a SimMIM-like global baseline."""
 
 from __future__ import annotations
 
-from lomar.methods.base import MAE_RECIPE, Method, check_windows, plan_kwargs, plan_masker
+from lomar.methods.base import Method, check_windows, plan_kwargs, plan_masker
 from lomar.models.lomar import LoMaR
 from lomar.models.masking import grid_size
 from lomar.models.windows import window_geometry
@@ -19,7 +19,6 @@ METHOD = Method(
     "lomar", default_mask_ratio=0.8, default_pos="rpe", default_windows=None,
     validate=lambda config, grid: check_windows(config, grid, config.mask_ratio),
     build=build, masker=plan_masker, forward_kwargs=plan_kwargs,
-    # SPEC §4: MAE's recipe (betas 0.9/0.95, blr 1.5e-4, min lr 0, no clipping, crops 0.2-1, no
-    # jitter); the paper warms up 20-40 epochs, its longest runs 40.
-    recipe=dict(MAE_RECIPE), recipe_source="LoMaR's pretraining recipe (SPEC §4: the original main_pretrain.py, "
-    "which keeps MAE's)")
+    # recipe: MAE's, the default (SPEC §4: betas 0.9/0.95, blr 1.5e-4, min lr 0, no clipping, crops 0.2-1,
+    # no jitter); the paper warms up 20-40 epochs, its longest runs 40.
+    recipe_source="LoMaR's pretraining recipe (SPEC §4: the original main_pretrain.py, which keeps MAE's)")

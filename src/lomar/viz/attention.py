@@ -73,11 +73,6 @@ class WindowAttention:
         return self.target[0] - self.top_left[0], self.target[1] - self.top_left[1]
 
 
-def _window_top_left(target: tuple[int, int], k: int, grid: tuple[int, int]) -> tuple[int, int]:
-    """The K×K window centred on the target, shifted to fit inside the grid."""
-    return (min(max(target[0] - k // 2, 0), grid[0] - k), min(max(target[1] - k // 2, 0), grid[1] - k))
-
-
 @torch.no_grad()
 def window_attention(model, image: torch.Tensor, target: tuple[int, int] | None = None,
                      window_size: int | None = None, context: str | None = None, masked: bool = False,
@@ -105,7 +100,8 @@ def window_attention(model, image: torch.Tensor, target: tuple[int, int] | None 
     target = target if target is not None else (grid[0] // 2, grid[1] // 2)
     if not (0 <= target[0] < grid[0] and 0 <= target[1] < grid[1]):
         raise ValueError(f"target patch {tuple(target)} is outside the {grid[0]}x{grid[1]} patch grid")
-    top, left = _window_top_left(target, k, grid)
+    # the K×K window centred on the target, shifted to fit inside the grid
+    top, left = min(max(target[0] - k // 2, 0), grid[0] - k), min(max(target[1] - k // 2, 0), grid[1] - k)
     ty, tx = target[0] - top, target[1] - left
     was_training = encoder.training
     encoder.eval()

@@ -54,10 +54,6 @@ def token_maps(model, images: torch.Tensor, seed: int = 0) -> dict:
             "accuracy": accuracy, "loss": float(out.loss), "plan": out.plan}
 
 
-def _palette(vocab: int) -> torch.Tensor:
-    return torch.rand(vocab, 3, generator=torch.Generator().manual_seed(12345)) * 0.8 + 0.2
-
-
 def token_figure(model, images: torch.Tensor, path: str | Path, seed: int = 0, title: str | None = None) -> Path:
     """PNG of :func:`draw_tokens`, one row per image: image | true tokens | predicted tokens (masked
     cells) | correct (green) / wrong (red). images: (N, 3, H, W) normalised."""
@@ -68,7 +64,7 @@ def draw_tokens(model, images: torch.Tensor, seed: int = 0, title: str | None = 
     """The figure :func:`token_figure` writes (a :class:`matplotlib.figure.Figure`), with a legend
     below the rows for the colours of the last column and what the token colours mean."""
     maps = token_maps(model, images, seed)
-    colours = _palette(model.config.vocab_size)
+    colours = torch.rand(model.config.vocab_size, 3, generator=torch.Generator().manual_seed(12345)) * 0.8 + 0.2
     true, predicted, masked = maps["true"].cpu(), maps["predicted"].cpu(), maps["masked"].cpu()
     dim = torch.where(masked[..., None], 1.0, _DIM)
     views = {

@@ -15,11 +15,10 @@ import torch
 from torchvision.datasets import ImageFolder
 
 from lomar.checkpoints.formats import load_model
-from lomar.cli.common import resolve_device
-from lomar.cli.probe import knn_add_arguments, linprobe_add_arguments
+from lomar.cli.probe import frozen_features, knn_add_arguments, linprobe_add_arguments
 from lomar.cli.study.spec import Cell, StudySpec, StudyStopped, parse_flags, settings_flags
 from lomar.errors import LomarError, UsageError
-from lomar.eval.features import eval_transform, extract_features, knn_loaders, load_pretrained_encoder
+from lomar.eval.features import eval_transform
 from lomar.eval.knn import knn_top1
 from lomar.eval.linear_probe import train_linear_probe
 from lomar.train.finetune import finetune
@@ -70,27 +69,16 @@ class Scorer:
         args = _args(metric, self.spec, self.cell, self.checkpoint, self.where.with_name(f"{self.where.name}-finetune"))
         if metric == "finetune":
             return _finetune(args)
+        key = (args.img_size, args.pool, args.batch_size, args.device)
         try:
+            if key not in self._features:
+                self._features[key] = frozen_features(args)
             if metric == "knn":
-                return round(knn_top1(*self.features(args), args.k, args.temperature), 4)
-            return round(train_linear_probe(*self.features(args), epochs=args.epochs, batch_size=args.probe_batch_size,
+                return round(knn_top1(*self._features[key], args.k, args.temperature), 4)
+            return round(train_linear_probe(*self._features[key], epochs=args.epochs, batch_size=args.probe_batch_size,
                                             lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)[1], 4)
         except ValueError as exc:
             raise LomarError(f"{metric} of {self.checkpoint}: {exc}") from None
-
-    def features(self, args) -> list[torch.Tensor]:
-        """(train_x, train_y, val_x, val_y) of the frozen encoder, computed once per setting."""
-        key = (args.img_size, args.pool, args.batch_size, args.device)
-        if key not in self._features:
-            device = resolve_device(args.device)
-            try:
-                loaders = knn_loaders(args.train, args.val, args.img_size, args.batch_size, args.workers)
-                encoder = load_pretrained_encoder(args.pretrained, img_size=args.img_size).to(device)
-            except ValueError as exc:
-                raise UsageError(str(exc)) from None
-            self._features[key] = [t for loader in loaders
-                                   for t in extract_features(encoder, loader, device, args.pool)]
-        return self._features[key]
 
 
 def _finetune(args) -> float:
