@@ -106,21 +106,33 @@ def knn_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def linprobe_run(args: argparse.Namespace) -> int:
-    from lomar.checkpoints.io import atomic_save  # torch: not for --help
-    from lomar.eval.linear_probe import train_linear_probe, train_mae_linear_probe  # torch: not for --help
-
+def resolve_linprobe(args: argparse.Namespace) -> None:
+    """The protocol's own defaults, as ``lomar linprobe`` and the study both read them: MAE's probes the
+    cls token and warms up within its epochs; AdamW's probes the mean of the patch tokens."""
     if args.protocol == "mae" and not 0 <= args.warmup_epochs <= args.epochs:  # only MAE's protocol warms up
         raise UsageError(f"--warmup-epochs must be in [0, --epochs {args.epochs}], got {args.warmup_epochs}")
     args.pool = args.pool or ("cls" if args.protocol == "mae" else "mean")
-    train_x, train_y, val_x, val_y = _features(args)
+
+
+def fit_linprobe(args: argparse.Namespace, features: list):
+    """(probe, val top-1) of ``args.protocol`` on ``features`` = (train_x, train_y, val_x, val_y)."""
+    from lomar.eval.linear_probe import train_linear_probe, train_mae_linear_probe  # torch: not for --help
+
     if args.protocol == "mae":
         train, extra = train_mae_linear_probe, dict(blr=args.blr, warmup_epochs=args.warmup_epochs)
     else:
         train, extra = train_linear_probe, dict(lr=args.lr, weight_decay=args.weight_decay)
+    return train(*features, epochs=args.epochs, batch_size=args.probe_batch_size, seed=args.seed, **extra)
+
+
+def linprobe_run(args: argparse.Namespace) -> int:
+    from lomar.checkpoints.io import atomic_save  # torch: not for --help
+
+    resolve_linprobe(args)
+    features = _features(args)
+    train_y, val_y = features[1], features[3]
     try:
-        probe, top1 = train(train_x, train_y, val_x, val_y, epochs=args.epochs, batch_size=args.probe_batch_size,
-                            seed=args.seed, **extra)
+        probe, top1 = fit_linprobe(args, features)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     print(f"linear probe ({args.protocol} protocol, {args.pool} features, {args.epochs} epochs) top-1: "

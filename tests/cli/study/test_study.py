@@ -124,6 +124,36 @@ def test_a_finetune_stopped_by_a_signal_is_not_a_result(tmp_path):
         _check_finished({"epoch": 0, "step": 3, "partial": True, "top1": 0.1}, {"max_steps": 5}, tmp_path)
 
 
+@pytest.mark.parametrize("options, pool", [({}, "mean"), ({"protocol": "mae"}, "cls"),
+                                           ({"protocol": "mae", "pool": "mean"}, "mean")])
+def test_the_study_linear_probe_reads_its_options_as_lomar_linprobe(tmp_path, labelled, options, pool, monkeypatch):
+    """Same pooling default and same protocol as the command: the study's probe is `lomar linprobe`."""
+    from lomar.cli.study import evals
+    from lomar.cli.study.spec import Cell
+    from lomar.eval import linear_probe
+
+    spec = parse_spec(_spec(labelled, eval={"metrics": ["linprobe"], "linprobe": {"epochs": 20, **options}}))
+    cell = Cell({}, dict(spec.settings), 0)
+    args = evals._args("linprobe", spec, cell, tmp_path / "last.pt", tmp_path / "ft")
+    assert args.pool == pool and args.protocol == options.get("protocol", "adamw")
+    seen = []
+    monkeypatch.setattr(evals, "frozen_features", lambda args: seen.append(args.pool) or ["features"])
+    monkeypatch.setattr(linear_probe, "train_mae_linear_probe" if options else "train_linear_probe",
+                        lambda *features, **k: (None, 0.5))
+    assert evals.Scorer(spec, cell, tmp_path / "last.pt", tmp_path / "ft")("linprobe") == 0.5
+    assert seen == [pool]
+
+
+def test_a_study_linear_probe_warm_up_beyond_its_epochs_is_refused_up_front(labelled):
+    from lomar.cli.study.evals import check_options
+    from lomar.errors import UsageError
+
+    spec = parse_spec(_spec(labelled, eval={"metrics": ["linprobe"],
+                                            "linprobe": {"protocol": "mae", "epochs": 5, "warmup_epochs": 10}}))
+    with pytest.raises(UsageError, match=r"eval.linprobe: --warmup-epochs must be in \[0, --epochs 5\], got 10"):
+        check_options(spec)
+
+
 @pytest.mark.slow  # 3 small ViTs x 2 steps and their k-NN, probe and held-out loss: ~30 s on 2 cores
 def test_the_enc_dec_preset_runs_every_cell(tmp_path, capsys):
     from lomar.cli.app import main

@@ -15,12 +15,11 @@ import torch
 from torchvision.datasets import ImageFolder
 
 from lomar.checkpoints.formats import load_model
-from lomar.cli.probe import frozen_features, knn_add_arguments, linprobe_add_arguments
+from lomar.cli.probe import fit_linprobe, frozen_features, knn_add_arguments, linprobe_add_arguments, resolve_linprobe
 from lomar.cli.study.spec import Cell, StudySpec, StudyStopped, parse_flags, settings_flags
 from lomar.errors import LomarError, UsageError
 from lomar.eval.features import eval_transform
 from lomar.eval.knn import knn_top1
-from lomar.eval.linear_probe import train_linear_probe
 from lomar.train.finetune import finetune
 from lomar.train.finetune_config import add_finetune_arguments, resolve_finetune_config
 from lomar.train.settings import ConfigError
@@ -41,7 +40,10 @@ def _args(metric: str, spec: StudySpec, cell: Cell, checkpoint: Path, where: Pat
         argv += ["--out", str(where), "--resume", "auto"]
     options = spec.eval.knn if metric == "knn" else {"seed": cell.seed, **getattr(spec.eval, metric)}
     add = {"knn": knn_add_arguments, "linprobe": linprobe_add_arguments, "finetune": add_finetune_arguments}[metric]
-    return parse_flags(add, argv + settings_flags(options))
+    args = parse_flags(add, argv + settings_flags(options))
+    if metric == "linprobe":
+        resolve_linprobe(args)
+    return args
 
 
 def check_options(spec: StudySpec) -> None:
@@ -75,8 +77,7 @@ class Scorer:
                 self._features[key] = frozen_features(args)
             if metric == "knn":
                 return round(knn_top1(*self._features[key], args.k, args.temperature), 4)
-            return round(train_linear_probe(*self._features[key], epochs=args.epochs, batch_size=args.probe_batch_size,
-                                            lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)[1], 4)
+            return round(fit_linprobe(args, self._features[key])[1], 4)
         except ValueError as exc:
             raise LomarError(f"{metric} of {self.checkpoint}: {exc}") from None
 
