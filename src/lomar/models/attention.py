@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lomar.models.rpe import _BETA, _SIDE, CLS_BUCKET, bucket_table, piecewise_index
+from lomar.models.rpe import CLS_BUCKET, bucket_rows, bucket_table, irpe_bias, offset_buckets
 
 __all__ = ["ATTENTION_MODES", "DENSE_MAX_TOKENS", "DENSE_BIAS_BYTES", "offset_buckets", "bucket_rows", "select_mode",
            "chunk_rows", "rpe_attention", "flex_available", "windowed_attention", "vitdet_global_blocks"]
@@ -37,35 +37,6 @@ ATTENTION_MODES = ("auto", "dense", "chunked", "flex")
 DENSE_MAX_TOKENS = 1025  # auto: dense up to [cls] + 32x32 tokens (512 px at patch 16)
 DENSE_BIAS_BYTES = 256 * 2**20  # auto: dense below this bias size per block (1 image, ViT-B: 48x48 grid)
 CHUNK_BIAS_BYTES = 64 * 2**20  # chunked: target size of one chunk's bias
-
-
-@functools.lru_cache(maxsize=64)
-def _offset_buckets_cpu(height: int, width: int) -> torch.Tensor:
-    def axis(n: int) -> torch.Tensor:
-        return piecewise_index(torch.arange(-(n - 1), n)) + int(_BETA)  # (2n-1,)
-
-    return axis(height)[:, None] * _SIDE + axis(width)[None, :]
-
-
-def offset_buckets(grid: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Bucket of a (query, key) pair of spatial tokens by offset: (2H−1, 2W−1) int64, entry
-    [dy + H−1, dx + W−1] for dy = y_q − y_k, dx = x_q − x_k. Equal to :func:`bucket_table`'s."""
-    return _offset_buckets_cpu(int(grid[0]), int(grid[1])).to(device)
-
-
-def bucket_rows(offsets: torch.Tensor, grid: tuple[int, int], start: int, stop: int) -> torch.Tensor:
-    """Rows ``start:stop`` of the (L, L) bucket table of [cls]+grid tokens, from ``offsets``
-    (see :func:`offset_buckets`): (stop − start, 1 + H·W) int64, without building the full table."""
-    height, width = grid
-    device = offsets.device
-    rows = torch.arange(start, stop, device=device) - 1  # spatial index of each query; -1 is cls
-    cols = torch.arange(height * width, device=device)
-    qy, qx = rows.clamp_min(0).div(width, rounding_mode="floor"), rows.clamp_min(0) % width
-    ky, kx = cols.div(width, rounding_mode="floor"), cols % width
-    spatial = offsets[(qy[:, None] - ky[None, :]) + height - 1, (qx[:, None] - kx[None, :]) + width - 1]
-    spatial = spatial.masked_fill((rows < 0)[:, None], CLS_BUCKET)
-    cls_col = torch.full((stop - start, 1), CLS_BUCKET, dtype=spatial.dtype, device=device)
-    return torch.cat([cls_col, spatial], dim=1)
 
 
 def flex_available(device: torch.device) -> bool:
@@ -100,12 +71,11 @@ def chunk_rows(batch: int, heads: int, length: int, element_size: int = 4,
 def _chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor,
            grid: tuple[int, int], start: int, key_bias: torch.Tensor | None) -> torch.Tensor:
     """Attention of queries q (B, h, c, d), rows ``start:start+c``, over all keys -> (B, h, c, d)."""
-    index = bucket_rows(offsets, grid, start, start + q.shape[2])
-    scores = torch.matmul(q, table.to(q.dtype))  # (B, h, c, 50)
-    bias = scores.gather(-1, index.expand(*scores.shape[:-1], index.shape[-1]))
-    if key_bias is not None:
-        bias = bias + key_bias
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return _biased(q, k, v, irpe_bias(q, table, bucket_rows(offsets, grid, start, start + q.shape[2])), key_bias)
+
+
+def _biased(q, k, v, bias: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias if key_bias is None else bias + key_bias)
 
 
 def _chunked(q, k, v, table, grid, key_bias, chunk: int | None, recompute: bool) -> torch.Tensor:
@@ -173,12 +143,7 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
     if table is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)
     if mode == "dense":
-        buckets = bucket_table(grid, q.device)
-        scores = torch.matmul(q, table.to(q.dtype))
-        bias = scores.gather(-1, buckets.expand(*scores.shape[:-1], length))
-        if key_bias is not None:
-            bias = bias + key_bias
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return _biased(q, k, v, irpe_bias(q, table, bucket_table(grid, q.device)), key_bias)
     if mode == "chunked":
         return _chunked(q, k, v, table, grid, key_bias, chunk, recompute)
     if not flex_available(q.device) and torch.is_grad_enabled() and q.requires_grad:

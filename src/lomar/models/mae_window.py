@@ -86,7 +86,7 @@ class MAEWindow(MAE):
         ids_restore = ids_shuffle.argsort(dim=1)
         x = x.gather(1, ids_shuffle[:, :keep, None].expand(-1, -1, x.shape[-1]))
         cls = (enc.cls_token + self.window_pos[:1]).to(x.dtype).expand(rows, -1, -1)
-        x = enc.norm(enc.run_blocks(torch.cat([cls, x], dim=1), (k, k)))
+        x = enc.norm(enc.forward_blocks(torch.cat([cls, x], dim=1), (k, k)))
 
         x = self.decoder_embed(x)
         fill = self.mask_token.to(x.dtype).expand(rows, k * k - keep, -1)

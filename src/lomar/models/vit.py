@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, resample_abs_pos_embed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -167,25 +168,6 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, length, dim))
 
 
-class Mlp(nn.Sequential):
-    """fc1 -> exact GELU -> fc2 (timm's key names, so timm ViT weights line up)."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-
-def _drop_path(rate: float) -> nn.Module:
-    if rate <= 0:
-        return nn.Identity()
-    # Imported only when used: importing timm costs seconds, and pretraining has no drop path.
-    from timm.layers import DropPath
-
-    return DropPath(rate)
-
-
 class Block(nn.Module):
     """Pre-norm transformer block: x += Attn(LN(x)); x += MLP(LN(x))."""
 
@@ -195,8 +177,8 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, rpe)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path = _drop_path(drop_path)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))  # fc1 -> exact GELU -> fc2, timm's key names
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, buckets: torch.Tensor | None = None, grid: tuple[int, int] | None = None,
                 mode: str = "auto", window: int = 0) -> torch.Tensor:
@@ -215,14 +197,11 @@ class Block(nn.Module):
 
 
 def init_weights(module: nn.Module) -> None:
-    """MAE's initialisation: xavier-uniform linears, zero biases, unit LayerNorms."""
+    """MAE's initialisation: xavier-uniform linears, zero biases (LayerNorms keep their unit default)."""
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
     elif isinstance(module, PatchEmbed):
         nn.init.xavier_uniform_(module.proj.weight.view(module.proj.weight.shape[0], -1))
 
@@ -288,13 +267,7 @@ class VisionTransformer(nn.Module):
 
     def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
         """Absolute table (1, 1+Hg·Wg, D) for a grid, bicubically interpolated if needed."""
-        table = self.pos_embed
-        if grid == self.grid:
-            return table
-        cls, spatial = table[:, :1], table[:, 1:]
-        spatial = spatial.reshape(1, *self.grid, -1).permute(0, 3, 1, 2)
-        spatial = F.interpolate(spatial, size=grid, mode="bicubic", align_corners=False)
-        return torch.cat([cls, spatial.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+        return resample_abs_pos_embed(self.pos_embed, grid, self.grid, antialias=False, align_corners=False)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass: activations of one block live at a time."""
@@ -337,8 +310,6 @@ class VisionTransformer(nn.Module):
         for _, out in self.iter_blocks(x, grid, attention, grad_checkpointing):  # noqa: B007
             pass
         return out
-
-    run_blocks = forward_blocks
 
     def image_grid(self, images: torch.Tensor) -> tuple[int, int]:
         """Patch grid of a batch (N, C, H, W); ValueError for a wrong rank, channels or size."""
