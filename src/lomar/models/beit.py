@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
+from lomar.models.vit import PatchEmbed
+
 __all__ = ["BEiTConfig", "BEiT", "BEiTOutput", "RelativePositionBias", "relative_position_index", "table_bias"]
 
 
@@ -238,8 +240,7 @@ class BEiT(nn.Module):
         config = replace(config or BEiTConfig(), **overrides)
         self.config = config
         dim, p = config.embed_dim, config.patch_size
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(config.in_chans, dim, p, stride=p)
+        self.patch_embed = PatchEmbed(p, config.in_chans, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, dim)) if config.use_abs_pos_emb else None
@@ -314,15 +315,21 @@ class BEiT(nn.Module):
     def forward_encoder(self, images: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
         """images (N, C, H, W), bool_masked_pos (N, L) → (N, 1+L, D) before the final norm."""
         bool_masked_pos = self._check_inputs(images, bool_masked_pos)
-        x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
+        return self.run_blocks(self.prepare_tokens(self.patch_embed(images), bool_masked_pos))
+
+    def prepare_tokens(self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None = None,
+                       token_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch embeddings (N, T, D) -> [cls] + tokens (N, 1+T, D), masked ones (N, T) replaced by the mask
+        token, absolute position (if any) added; ``token_index`` (N, T): the tokens' places in the grid."""
         if bool_masked_pos is not None:
             # Substitution, not addition: masked patches carry no trace of their pixels.
             w = bool_masked_pos.unsqueeze(-1).to(x.dtype)
             x = x * (1 - w) + self.mask_token.to(x.dtype) * w
-        x = torch.cat((self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x), dim=1)
+        cls = self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1)
         if self.pos_embed is not None:
-            x = x + self.pos_embed.to(x.dtype)
-        return self.run_blocks(x)
+            table = self.pos_embed[0].to(x.dtype)
+            x, cls = x + (table[1:] if token_index is None else table[1:][token_index]), cls + table[:1]
+        return torch.cat((cls, x), dim=1)
 
     def run_blocks(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """x (N, 1+Gh·Gw, D), cls first, through every block with the relative position bias of
