@@ -41,13 +41,7 @@ CHUNK_BIAS_BYTES = 64 * 2**20  # chunked: target size of one chunk's bias
 
 def flex_available(device: torch.device) -> bool:
     """FlexAttention with gradients needs CUDA (torch has no CPU backward for it)."""
-    if device.type != "cuda":
-        return False
-    try:
-        from torch.nn.attention import flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return device.type == "cuda"
 
 
 def select_mode(mode: str, batch: int, heads: int, length: int, device: torch.device,
@@ -82,16 +76,10 @@ def _chunked(q, k, v, table, grid, key_bias, chunk: int | None, recompute: bool)
     b, h, length, _ = q.shape
     chunk = chunk or chunk_rows(b, h, length, q.element_size())
     offsets = offset_buckets(grid, q.device)
-    recompute = recompute and torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v, table))
-    outs = []
-    for start in range(0, length, chunk):
-        qc = q[:, :, start:start + chunk]
-        if recompute:  # keep only q, k, v: the chunk's bias is rebuilt in the backward pass
-            outs.append(checkpoint(_chunk, qc, k, v, table, offsets, grid, start, key_bias,
-                                   use_reentrant=False))
-        else:
-            outs.append(_chunk(qc, k, v, table, offsets, grid, start, key_bias))
+    run = _chunk
+    if recompute and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, table)):
+        run = functools.partial(checkpoint, _chunk, use_reentrant=False)  # keep q, k, v; rebuild the bias
+    outs = [run(q[:, :, s:s + chunk], k, v, table, offsets, grid, s, key_bias) for s in range(0, length, chunk)]
     return torch.cat(outs, dim=2)
 
 
@@ -119,11 +107,9 @@ def _flex(q, k, v, table, grid, key_bias, compiled: bool = True) -> torch.Tensor
             out = out + key_bias[b, 0, 0, kv_idx]
         return out
 
-    if compiled:
-        return _compiled_flex()(q, k, v, score_mod=score_mod)
     from torch.nn.attention.flex_attention import flex_attention
 
-    return flex_attention(q, k, v, score_mod=score_mod)
+    return (_compiled_flex() if compiled else flex_attention)(q, k, v, score_mod=score_mod)
 
 
 def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor | None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import NamedTuple
@@ -20,22 +20,15 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
-from lomar.models.vit import PatchEmbed
+from lomar.models.vit import EncoderShape, PatchEmbed
 
 __all__ = ["BEiTConfig", "BEiT", "BEiTOutput", "RelativePositionBias", "relative_position_index", "table_bias"]
 
 
 @dataclass(frozen=True)
-class BEiTConfig:
+class BEiTConfig(EncoderShape):
     """Architecture of a BEiT pretraining model; defaults are beit_base_patch16_224_8k_vocab."""
 
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
     qkv_bias: bool = True
     qk_scale: float | None = None  # None: head_dim ** -0.5
     attn_head_dim: int | None = None  # None: embed_dim // num_heads
@@ -52,8 +45,7 @@ class BEiTConfig:
     def from_vit(cls, vit, vocab_size: int) -> BEiTConfig:
         """BEiT's pretraining model for a ViT shape (``vit``: a :class:`~lomar.models.vit.ViTConfig`):
         the ViT's sizes, BEiT's own defaults for everything else, the tokenizer's vocabulary."""
-        return cls(img_size=vit.img_size, patch_size=vit.patch_size, in_chans=vit.in_chans, embed_dim=vit.embed_dim,
-                   depth=vit.depth, num_heads=vit.num_heads, mlp_ratio=vit.mlp_ratio, vocab_size=vocab_size)
+        return cls(**{name: getattr(vit, name) for name in EncoderShape.__dataclass_fields__}, vocab_size=vocab_size)
 
     def __post_init__(self) -> None:
         checks = [
@@ -84,15 +76,6 @@ class BEiTConfig:
     @property
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> BEiTConfig:
-        """Known fields only, so a golden ``beit_meta.json`` or a richer dict can be passed whole."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
     @classmethod
     def from_meta(cls, meta: dict | str | Path) -> BEiTConfig:

@@ -47,13 +47,11 @@ PATCH_SIZES = (8, 14, 16)
 
 
 @dataclass(frozen=True)
-class ViTConfig:
-    """Architecture of an encoder; everything needed to rebuild it.
+class EncoderShape:
+    """The sizes of a ViT and of BEiT, and the dict a model spec stores (:mod:`lomar.models.spec`).
 
-    ``attention``: how the iRPE bias is computed (``auto``, ``dense``, ``chunked``, ``flex``; same
-    result, see :mod:`lomar.models.attention`). ``window_size`` > 0: ViTDet-style blocks that
-    attend inside ``window_size``² windows of the patch grid, except the blocks listed in
-    ``global_blocks`` (e.g. 14 and (2, 5, 8, 11) for ViT-B); see :meth:`Block.forward`.
+    ``from_dict`` takes the known fields only, so a richer dict (a golden case's meta, a config saved
+    by another version) can be passed whole.
     """
 
     img_size: int = 224
@@ -63,6 +61,25 @@ class ViTConfig:
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class ViTConfig(EncoderShape):
+    """Architecture of an encoder; everything needed to rebuild it.
+
+    ``attention``: how the iRPE bias is computed (``auto``, ``dense``, ``chunked``, ``flex``; same
+    result, see :mod:`lomar.models.attention`). ``window_size`` > 0: ViTDet-style blocks that
+    attend inside ``window_size``² windows of the patch grid, except the blocks listed in
+    ``global_blocks`` (e.g. 14 and (2, 5, 8, 11) for ViT-B); see :meth:`Block.forward`.
+    """
+
     pos: PosMode = "rpe"
     drop_path: float = 0.0
     attention: str = "auto"
@@ -72,14 +89,6 @@ class ViTConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "global_blocks", tuple(int(i) for i in self.global_blocks))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ViTConfig:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
 
 
 def list_models() -> list[str]:
@@ -267,7 +276,7 @@ class VisionTransformer(nn.Module):
 
     def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
         """Absolute table (1, 1+Hg·Wg, D) for a grid, bicubically interpolated if needed."""
-        return resample_abs_pos_embed(self.pos_embed, grid, self.grid, antialias=False, align_corners=False)
+        return resample_abs_pos_embed(self.pos_embed, grid, self.grid, antialias=False)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass: activations of one block live at a time."""
