@@ -72,9 +72,7 @@ class LoMaR(nn.Module):
         """images (N, C, H, W) normalised -> loss, pred (N·n, K·K, p·p·C), plan."""
         plan = (self.sample_plan(images, generator) if plan is None
                 else plan.for_batch(images, self.window_size, self.encoder.image_grid(images)))
-        image_index, top_left, mask = plan.flat()
-        loss, pred = self.forward_windows(images, image_index, top_left, mask)
-        return LoMaROutput(loss, pred, plan)
+        return LoMaROutput(*self.forward_windows(images, *plan.flat()), plan)
 
     def forward_windows(self, images: torch.Tensor, image_index: torch.Tensor,
                         top_left: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

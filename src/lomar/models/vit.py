@@ -97,17 +97,11 @@ def list_models() -> list[str]:
 
 def model_config(name: str, **overrides) -> ViTConfig:
     """Config for a named model such as ``vit_base_patch16``; keyword arguments override."""
-    try:
-        _, size, patch = name.split("_")
-        dim, depth, heads = MODEL_SIZES[size]
-        patch_size = int(patch.removeprefix("patch"))
-        if not patch.startswith("patch") or patch_size not in PATCH_SIZES:
-            raise KeyError(patch)
-    except (ValueError, KeyError):
-        raise ValueError(
-            f"unknown model {name!r}; choose one of {', '.join(list_models())}"
-        ) from None
-    base = ViTConfig(patch_size=patch_size, embed_dim=dim, depth=depth, num_heads=heads)
+    if name not in list_models():
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
+    _, size, patch = name.split("_")
+    dim, depth, heads = MODEL_SIZES[size]
+    base = ViTConfig(patch_size=int(patch.removeprefix("patch")), embed_dim=dim, depth=depth, num_heads=heads)
     return replace(base, **overrides)
 
 
