@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, resample_abs_pos_embed
+from timm.layers import DropPath, resample_abs_pos_embed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -171,6 +171,16 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, length, dim))
 
 
+class Mlp(nn.Sequential):
+    """fc1 -> exact GELU -> fc2 (timm's key names, so timm ViT weights line up)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x += Attn(LN(x)); x += MLP(LN(x))."""
 
@@ -180,7 +190,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, rpe)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))  # fc1 -> exact GELU -> fc2, timm's key names
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, buckets: torch.Tensor | None = None, grid: tuple[int, int] | None = None,
