@@ -78,7 +78,7 @@ def _chunked(q, k, v, table, grid, key_bias, chunk: int | None, recompute: bool)
     offsets = offset_buckets(grid, q.device)
     run = _chunk
     if recompute and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, table)):
-        run = functools.partial(checkpoint, _chunk, use_reentrant=False)  # keep q, k, v; rebuild the bias
+        run = functools.partial(checkpoint, _chunk, use_reentrant=False)  # keep q, k, v; backward rebuilds the bias
     outs = [run(q[:, :, s:s + chunk], k, v, table, offsets, grid, s, key_bias) for s in range(0, length, chunk)]
     return torch.cat(outs, dim=2)
 
