@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["PAPER_WINDOWS", "PAPER_COUNTS", "PAPER_GRID_AREAS", "paper_windows", "windows_source",
+__all__ = ["PAPER_COUNTS", "PAPER_GRID_AREAS", "paper_windows", "windows_source",
            "parse_windows", "GLOBAL_WINDOWS", "WINDOWS_RULE"]
 
 GLOBAL_WINDOWS = 0  # --windows 0 / global: one window covering the whole (square) grid
 
-PAPER_WINDOWS = {224: 4, 384: 6, 448: 9}  # image size (patch 16) -> windows per image
 # (patch size, square image size in px) -> windows per image, as the paper reports them
 PAPER_COUNTS = {(16, 224): 4, (16, 384): 6, (16, 448): 9, (8, 224): 4}
-PAPER_GRID_AREAS = {(size // 16) ** 2: n for size, n in PAPER_WINDOWS.items()}  # 196: 4, 576: 6, 784: 9
+# the B/16 points by grid area: 196: 4, 576: 6, 784: 9
+PAPER_GRID_AREAS = {(size // patch) ** 2: n for (patch, size), n in PAPER_COUNTS.items() if patch == 16}
 WINDOWS_RULE = ("not a size the paper reports (it reports B/16: 4 at 224 px, 6 at 384, 9 at 448; B/8: 4 at 224): "
                 "linear in grid area between the B/16 points, proportional to grid area outside, rounded, within the "
                 "grid")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lomar.models.rpe import _BETA, _SIDE, CLS_BUCKET, bucket_table, piecewise_index
+from lomar.models.rpe import CLS_BUCKET, bucket_rows, bucket_table, irpe_bias, offset_buckets
 
 __all__ = ["ATTENTION_MODES", "DENSE_MAX_TOKENS", "DENSE_BIAS_BYTES", "offset_buckets", "bucket_rows", "select_mode",
            "chunk_rows", "rpe_attention", "flex_available", "windowed_attention", "vitdet_global_blocks"]
@@ -39,44 +39,9 @@ DENSE_BIAS_BYTES = 256 * 2**20  # auto: dense below this bias size per block (1 
 CHUNK_BIAS_BYTES = 64 * 2**20  # chunked: target size of one chunk's bias
 
 
-@functools.lru_cache(maxsize=64)
-def _offset_buckets_cpu(height: int, width: int) -> torch.Tensor:
-    def axis(n: int) -> torch.Tensor:
-        return piecewise_index(torch.arange(-(n - 1), n)) + int(_BETA)  # (2n-1,)
-
-    return axis(height)[:, None] * _SIDE + axis(width)[None, :]
-
-
-def offset_buckets(grid: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Bucket of a (query, key) pair of spatial tokens by offset: (2H−1, 2W−1) int64, entry
-    [dy + H−1, dx + W−1] for dy = y_q − y_k, dx = x_q − x_k. Equal to :func:`bucket_table`'s."""
-    return _offset_buckets_cpu(int(grid[0]), int(grid[1])).to(device)
-
-
-def bucket_rows(offsets: torch.Tensor, grid: tuple[int, int], start: int, stop: int) -> torch.Tensor:
-    """Rows ``start:stop`` of the (L, L) bucket table of [cls]+grid tokens, from ``offsets``
-    (see :func:`offset_buckets`): (stop − start, 1 + H·W) int64, without building the full table."""
-    height, width = grid
-    device = offsets.device
-    rows = torch.arange(start, stop, device=device) - 1  # spatial index of each query; -1 is cls
-    cols = torch.arange(height * width, device=device)
-    qy, qx = rows.clamp_min(0).div(width, rounding_mode="floor"), rows.clamp_min(0) % width
-    ky, kx = cols.div(width, rounding_mode="floor"), cols % width
-    spatial = offsets[(qy[:, None] - ky[None, :]) + height - 1, (qx[:, None] - kx[None, :]) + width - 1]
-    spatial = spatial.masked_fill((rows < 0)[:, None], CLS_BUCKET)
-    cls_col = torch.full((stop - start, 1), CLS_BUCKET, dtype=spatial.dtype, device=device)
-    return torch.cat([cls_col, spatial], dim=1)
-
-
 def flex_available(device: torch.device) -> bool:
     """FlexAttention with gradients needs CUDA (torch has no CPU backward for it)."""
-    if device.type != "cuda":
-        return False
-    try:
-        from torch.nn.attention import flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return device.type == "cuda"
 
 
 def select_mode(mode: str, batch: int, heads: int, length: int, device: torch.device,
@@ -100,28 +65,21 @@ def chunk_rows(batch: int, heads: int, length: int, element_size: int = 4,
 def _chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor,
            grid: tuple[int, int], start: int, key_bias: torch.Tensor | None) -> torch.Tensor:
     """Attention of queries q (B, h, c, d), rows ``start:start+c``, over all keys -> (B, h, c, d)."""
-    index = bucket_rows(offsets, grid, start, start + q.shape[2])
-    scores = torch.matmul(q, table.to(q.dtype))  # (B, h, c, 50)
-    bias = scores.gather(-1, index.expand(*scores.shape[:-1], index.shape[-1]))
-    if key_bias is not None:
-        bias = bias + key_bias
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return _biased(q, k, v, irpe_bias(q, table, bucket_rows(offsets, grid, start, start + q.shape[2])), key_bias)
+
+
+def _biased(q, k, v, bias: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias if key_bias is None else bias + key_bias)
 
 
 def _chunked(q, k, v, table, grid, key_bias, chunk: int | None, recompute: bool) -> torch.Tensor:
     b, h, length, _ = q.shape
     chunk = chunk or chunk_rows(b, h, length, q.element_size())
     offsets = offset_buckets(grid, q.device)
-    recompute = recompute and torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v, table))
-    outs = []
-    for start in range(0, length, chunk):
-        qc = q[:, :, start:start + chunk]
-        if recompute:  # keep only q, k, v: the chunk's bias is rebuilt in the backward pass
-            outs.append(checkpoint(_chunk, qc, k, v, table, offsets, grid, start, key_bias,
-                                   use_reentrant=False))
-        else:
-            outs.append(_chunk(qc, k, v, table, offsets, grid, start, key_bias))
+    run = _chunk
+    if recompute and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, table)):
+        run = functools.partial(checkpoint, _chunk, use_reentrant=False)  # keep q, k, v; backward rebuilds the bias
+    outs = [run(q[:, :, s:s + chunk], k, v, table, offsets, grid, s, key_bias) for s in range(0, length, chunk)]
     return torch.cat(outs, dim=2)
 
 
@@ -149,11 +107,9 @@ def _flex(q, k, v, table, grid, key_bias, compiled: bool = True) -> torch.Tensor
             out = out + key_bias[b, 0, 0, kv_idx]
         return out
 
-    if compiled:
-        return _compiled_flex()(q, k, v, score_mod=score_mod)
     from torch.nn.attention.flex_attention import flex_attention
 
-    return flex_attention(q, k, v, score_mod=score_mod)
+    return (_compiled_flex() if compiled else flex_attention)(q, k, v, score_mod=score_mod)
 
 
 def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor | None,
@@ -173,12 +129,7 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
     if table is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)
     if mode == "dense":
-        buckets = bucket_table(grid, q.device)
-        scores = torch.matmul(q, table.to(q.dtype))
-        bias = scores.gather(-1, buckets.expand(*scores.shape[:-1], length))
-        if key_bias is not None:
-            bias = bias + key_bias
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return _biased(q, k, v, irpe_bias(q, table, bucket_table(grid, q.device)), key_bias)
     if mode == "chunked":
         return _chunked(q, k, v, table, grid, key_bias, chunk, recompute)
     if not flex_available(q.device) and torch.is_grad_enabled() and q.requires_grad:

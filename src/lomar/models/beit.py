@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import NamedTuple
@@ -20,20 +20,15 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
+from lomar.models.vit import EncoderShape, PatchEmbed
+
 __all__ = ["BEiTConfig", "BEiT", "BEiTOutput", "RelativePositionBias", "relative_position_index", "table_bias"]
 
 
 @dataclass(frozen=True)
-class BEiTConfig:
+class BEiTConfig(EncoderShape):
     """Architecture of a BEiT pretraining model; defaults are beit_base_patch16_224_8k_vocab."""
 
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
     qkv_bias: bool = True
     qk_scale: float | None = None  # None: head_dim ** -0.5
     attn_head_dim: int | None = None  # None: embed_dim // num_heads
@@ -50,8 +45,7 @@ class BEiTConfig:
     def from_vit(cls, vit, vocab_size: int) -> BEiTConfig:
         """BEiT's pretraining model for a ViT shape (``vit``: a :class:`~lomar.models.vit.ViTConfig`):
         the ViT's sizes, BEiT's own defaults for everything else, the tokenizer's vocabulary."""
-        return cls(img_size=vit.img_size, patch_size=vit.patch_size, in_chans=vit.in_chans, embed_dim=vit.embed_dim,
-                   depth=vit.depth, num_heads=vit.num_heads, mlp_ratio=vit.mlp_ratio, vocab_size=vocab_size)
+        return cls(**{name: getattr(vit, name) for name in EncoderShape.__dataclass_fields__}, vocab_size=vocab_size)
 
     def __post_init__(self) -> None:
         checks = [
@@ -82,15 +76,6 @@ class BEiTConfig:
     @property
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> BEiTConfig:
-        """Known fields only, so a golden ``beit_meta.json`` or a richer dict can be passed whole."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
 
     @classmethod
     def from_meta(cls, meta: dict | str | Path) -> BEiTConfig:
@@ -238,8 +223,7 @@ class BEiT(nn.Module):
         config = replace(config or BEiTConfig(), **overrides)
         self.config = config
         dim, p = config.embed_dim, config.patch_size
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(config.in_chans, dim, p, stride=p)
+        self.patch_embed = PatchEmbed(p, config.in_chans, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, dim)) if config.use_abs_pos_emb else None
@@ -314,15 +298,21 @@ class BEiT(nn.Module):
     def forward_encoder(self, images: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
         """images (N, C, H, W), bool_masked_pos (N, L) → (N, 1+L, D) before the final norm."""
         bool_masked_pos = self._check_inputs(images, bool_masked_pos)
-        x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
+        return self.run_blocks(self.prepare_tokens(self.patch_embed(images), bool_masked_pos))
+
+    def prepare_tokens(self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None = None,
+                       token_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch embeddings (N, T, D) -> [cls] + tokens (N, 1+T, D), masked ones (N, T) replaced by the mask
+        token, absolute position (if any) added; ``token_index`` (N, T): the tokens' places in the grid."""
         if bool_masked_pos is not None:
             # Substitution, not addition: masked patches carry no trace of their pixels.
             w = bool_masked_pos.unsqueeze(-1).to(x.dtype)
             x = x * (1 - w) + self.mask_token.to(x.dtype) * w
-        x = torch.cat((self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x), dim=1)
+        cls = self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1)
         if self.pos_embed is not None:
-            x = x + self.pos_embed.to(x.dtype)
-        return self.run_blocks(x)
+            table = self.pos_embed[0].to(x.dtype)
+            x, cls = x + (table[1:] if token_index is None else table[1:][token_index]), cls + table[:1]
+        return torch.cat((cls, x), dim=1)
 
     def run_blocks(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """x (N, 1+Gh·Gw, D), cls first, through every block with the relative position bias of

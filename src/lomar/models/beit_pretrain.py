@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from lomar.models.beit import BEiT, BEiTConfig
@@ -21,10 +22,6 @@ from lomar.models.objective import gather_patches
 from lomar.models.windows import sample_method_plan, window_geometry
 
 __all__ = ["BEiTPretrain", "BEiTPretrainOutput", "tokenizer_view"]
-
-_MEAN = (0.485, 0.456, 0.406)
-_STD = (0.229, 0.224, 0.225)
-
 
 class BEiTPretrainOutput(NamedTuple):
     """The step's loss and its per-window predictions at a fixed number S of slots per window.
@@ -53,8 +50,8 @@ class BEiTPretrainOutput(NamedTuple):
 
 def tokenizer_view(images: torch.Tensor, size: int) -> torch.Tensor:
     """ImageNet-normalised (N, 3, H, W) → the same crop in [0, 1] at ``size`` px (bicubic, antialiased)."""
-    mean = torch.tensor(_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(_STD, device=images.device).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=images.device).view(1, 3, 1, 1)
     x = images.float() * std + mean
     if tuple(x.shape[-2:]) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
@@ -130,28 +127,15 @@ class BEiTPretrain(nn.Module):
         grid = self.config.grid
         if tuple(images.shape[-2:]) != (grid[0] * p, grid[1] * p):
             raise ValueError(f"images must be {grid[0] * p}x{grid[1] * p} px, got {tuple(images.shape[-2:])}")
-        if plan is None:
-            plan = self.sample_plan(images, generator)
-        elif plan.window_size != self.window_size:
-            raise ValueError(f"plan has {plan.window_size}x{plan.window_size} windows, the model "
-                             f"{self.window_size}x{self.window_size}")
-        elif not torch.compiler.is_compiling():  # data-dependent checks; compiled steps get the masker's plans
-            plan.validate(grid)
-            plan = plan.to(images.device)
+        plan = self.sample_plan(images, generator) if plan is None else plan.for_batch(images, self.window_size, grid)
         ids = self.tokens(images) if input_ids is None else input_ids.flatten(1).to(images.device)
         image_index, top_left, mask = plan.flat()
         k = plan.window_size
         slots, slot_mask = self._mask_slots(mask)
         token_index = window_token_index(top_left, k, grid[1])  # (R, K²)
         pixels = gather_patches(images, p, image_index, token_index).flatten(2)  # (R, K², C·p·p)
-        x = F.linear(pixels, beit.patch_embed.proj.weight.flatten(1), beit.patch_embed.proj.bias)
-        w = mask.unsqueeze(-1).to(x.dtype)
-        x = x * (1 - w) + beit.mask_token.to(x.dtype) * w  # substitution, as BEiT
-        cls = beit.cls_token.to(x.dtype).expand(x.shape[0], -1, -1)
-        if beit.pos_embed is not None:
-            table = beit.pos_embed[0].to(x.dtype)
-            x, cls = x + table[1:][token_index], cls + table[:1]
-        x = beit.norm(beit.run_blocks(torch.cat((cls, x), dim=1), (k, k)))[:, 1:]
+        x = beit.prepare_tokens(beit.patch_embed.embed_patches(pixels), mask, token_index)
+        x = beit.norm(beit.run_blocks(x, (k, k)))[:, 1:]
         x = x.gather(1, slots[..., None].expand(-1, -1, x.shape[-1]))  # (R, S, D)
         logits = beit.lm_head(x)
         targets = ids[image_index[:, None], token_index.gather(1, slots)]

@@ -70,20 +70,9 @@ class LoMaR(nn.Module):
     def forward(self, images: torch.Tensor, plan: MaskingPlan | None = None,
                 generator: torch.Generator | None = None) -> LoMaROutput:
         """images (N, C, H, W) normalised -> loss, pred (N·n, K·K, p·p·C), plan."""
-        if plan is None:
-            plan = self.sample_plan(images, generator)
-        else:
-            if plan.window_size != self.window_size:
-                raise ValueError(f"plan has {plan.window_size}x{plan.window_size} windows but the "
-                                 f"model uses {self.window_size}x{self.window_size}")
-            if plan.num_images != images.shape[0]:
-                raise ValueError(f"plan is for {plan.num_images} images but the batch has {images.shape[0]}")
-            if not torch.compiler.is_compiling():  # data-dependent checks; compiled steps get the masker's plans
-                plan.validate(self.encoder.image_grid(images))
-            plan = plan.to(images.device)
-        image_index, top_left, mask = plan.flat()
-        loss, pred = self.forward_windows(images, image_index, top_left, mask)
-        return LoMaROutput(loss, pred, plan)
+        plan = (self.sample_plan(images, generator) if plan is None
+                else plan.for_batch(images, self.window_size, self.encoder.image_grid(images)))
+        return LoMaROutput(*self.forward_windows(images, *plan.flat()), plan)
 
     def forward_windows(self, images: torch.Tensor, image_index: torch.Tensor,
                         top_left: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -58,6 +58,21 @@ class MAE(nn.Module):
         """Constructor arguments beyond the config (:mod:`lomar.models.spec`)."""
         return dict(**self.decoder_settings, mask_ratio=self.mask_ratio, norm_pix_loss=self.norm_pix_loss)
 
+    def _decode(self, x: torch.Tensor, ids_shuffle: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Encoded [cls] + kept tokens (R, 1+keep, D) -> predicted pixels (R, L, p·p·C) of all L tokens.
+
+        ``ids_shuffle`` (R, L): the token order whose first ``keep`` were encoded; the others become
+        mask tokens. ``pos`` (1+L, D') or (1, 1+L, D'): the decoder's position table.
+        """
+        x = self.decoder_embed(x)
+        fill = self.mask_token.to(x.dtype).expand(x.shape[0], ids_shuffle.shape[1] + 1 - x.shape[1], -1)
+        tokens = torch.cat([x[:, 1:], fill], dim=1)
+        tokens = tokens.gather(1, ids_shuffle.argsort(dim=1)[..., None].expand(-1, -1, x.shape[-1]))
+        x = torch.cat([x[:, :1], tokens], dim=1) + pos.to(x.dtype)
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
     def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> MAEOutput:
         """images (N, C, H, W); noise (N, L) uniform decides the mask (argsort, keep lowest)."""
@@ -71,25 +86,11 @@ class MAE(nn.Module):
             noise = _uniform_noise(n, length, generator, images.device)
         elif noise.shape != (n, length):
             raise ValueError(f"noise must have shape (N, L) = {(n, length)}, got {tuple(noise.shape)}")
-        keep = int(length * (1 - self.mask_ratio))
         ids_shuffle = noise.argsort(dim=1)
-        ids_restore = ids_shuffle.argsort(dim=1)
-        ids_keep = ids_shuffle[:, :keep]
-
+        ids_keep = ids_shuffle[:, :int(length * (1 - self.mask_ratio))]
         x = enc.norm(enc.forward_blocks(enc.prepare_tokens(images, token_index=ids_keep), grid))
-
-        x = self.decoder_embed(x)
-        fill = self.mask_token.to(x.dtype).expand(n, length - keep, -1)
-        tokens = torch.cat([x[:, 1:], fill], dim=1)
-        tokens = tokens.gather(1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))
-        x = torch.cat([x[:, :1], tokens], dim=1) + self.decoder_pos_embed.to(x.dtype)
-        for block in self.decoder_blocks:
-            x = block(x)
-        pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]
-
-        mask = torch.ones(n, length, device=images.device)
-        mask[:, :keep] = 0
-        mask = mask.gather(1, ids_restore)
+        pred = self._decode(x, ids_shuffle, self.decoder_pos_embed)
+        mask = torch.ones(n, length, device=images.device).scatter_(1, ids_keep, 0)
         target = normalize_targets(patchify(images, p).float(), self.norm_pix_loss)
         return MAEOutput(masked_mse(pred, target, mask), pred, mask)
 

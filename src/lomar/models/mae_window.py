@@ -68,13 +68,7 @@ class MAEWindow(MAE):
         """images (N, C, H, W) normalised → loss, pred (N·n, K·K, p·p·C), plan."""
         enc, p, k = self.encoder, self.config.patch_size, self.window_size
         grid = enc.image_grid(images)
-        if plan is None:
-            plan = self.sample_plan(images, generator)
-        elif plan.window_size != k:
-            raise ValueError(f"plan has {plan.window_size}x{plan.window_size} windows, the model {k}x{k}")
-        elif not torch.compiler.is_compiling():  # data-dependent checks; compiled steps get the masker's plans
-            plan.validate(grid)
-            plan = plan.to(images.device)
+        plan = self.sample_plan(images, generator) if plan is None else plan.for_batch(images, k, grid)
         image_index, top_left, mask = plan.flat()
         keep = k * k - self._masked_per_window(mask)
         token_index = window_token_index(top_left, k, grid[1])
@@ -83,18 +77,9 @@ class MAEWindow(MAE):
         x = enc.patch_embed.embed_patches(pixels.flatten(2)) + self.window_pos[1:].to(pixels.dtype)
         # Visible tokens first, in raster order (stable sort of the 0/1 mask).
         ids_shuffle = mask.to(torch.uint8).argsort(dim=1, stable=True)
-        ids_restore = ids_shuffle.argsort(dim=1)
         x = x.gather(1, ids_shuffle[:, :keep, None].expand(-1, -1, x.shape[-1]))
         cls = (enc.cls_token + self.window_pos[:1]).to(x.dtype).expand(rows, -1, -1)
-        x = enc.norm(enc.run_blocks(torch.cat([cls, x], dim=1), (k, k)))
-
-        x = self.decoder_embed(x)
-        fill = self.mask_token.to(x.dtype).expand(rows, k * k - keep, -1)
-        tokens = torch.cat([x[:, 1:], fill], dim=1)
-        tokens = tokens.gather(1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))
-        x = torch.cat([x[:, :1], tokens], dim=1) + self.decoder_window_pos.to(x.dtype)
-        for block in self.decoder_blocks:
-            x = block(x)
-        pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]
+        x = enc.norm(enc.forward_blocks(torch.cat([cls, x], dim=1), (k, k)))
+        pred = self._decode(x, ids_shuffle, self.decoder_window_pos)
         target = normalize_targets(pixels.permute(0, 1, 3, 4, 2).flatten(2).float(), self.norm_pix_loss)
         return MAEWindowOutput(masked_mse(pred, target, mask), pred, plan)

@@ -167,6 +167,18 @@ class MaskingPlan:
                 f"[0, {rows - 1}] and columns in [0, {cols - 1}] for {k}x{k} windows"
             )
 
+    def for_batch(self, images: torch.Tensor, window_size: int, grid: tuple[int, int]) -> MaskingPlan:
+        """This plan on the images' device, checked against a model's K and the batch (images (N, C, H, W) on a
+        ``grid`` of patches). The data-dependent checks run eagerly only: compiled steps get the masker's plans."""
+        if self.window_size != window_size:
+            raise ValueError(f"plan has {self.window_size}x{self.window_size} windows but the model uses "
+                             f"{window_size}x{window_size}")
+        if self.num_images != images.shape[0]:
+            raise ValueError(f"plan is for {self.num_images} images but the batch has {images.shape[0]}")
+        if not torch.compiler.is_compiling():
+            self.validate(grid)
+        return self.to(images.device)
+
     def flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One row per (image, window): image index (R,), top-left (R, 2), mask (R, K·K)."""
         n_img, n_win = self.top_left.shape[:2]

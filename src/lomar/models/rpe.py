@@ -15,7 +15,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-__all__ = ["RPE_RATIO", "NUM_BUCKETS", "piecewise_index", "bucket_table", "ContextualRPE"]
+__all__ = ["RPE_RATIO", "NUM_BUCKETS", "piecewise_index", "offset_buckets", "bucket_rows", "bucket_table", "irpe_bias",
+           "ContextualRPE"]
 
 RPE_RATIO = 1.9
 _ALPHA, _BETA, _GAMMA = 1.0 * RPE_RATIO, 2.0 * RPE_RATIO, 8.0 * RPE_RATIO
@@ -35,32 +36,50 @@ def piecewise_index(offset: torch.Tensor) -> torch.Tensor:
 
 
 @lru_cache(maxsize=64)
-def _bucket_table_cpu(height: int, width: int) -> torch.Tensor:
-    # Quantise each axis's (n, n) offsets once, then combine them by broadcasting: the same values
-    # as quantising every (H·W)² pair, but cheap for large grids (64x64 at 1024 px for detection).
+def _offset_buckets_cpu(height: int, width: int) -> torch.Tensor:
     def axis(n: int) -> torch.Tensor:
-        pos = torch.arange(n)
-        return piecewise_index(pos[:, None] - pos[None, :]) + int(_BETA)  # (n, n)
+        return piecewise_index(torch.arange(-(n - 1), n)) + int(_BETA)  # (2n-1,)
 
-    dy, dx = axis(height), axis(width)
-    spatial = dy[:, None, :, None] * _SIDE + dx[None, :, None, :]  # (H, W, H, W)
-    table = torch.full((height * width + 1, height * width + 1), CLS_BUCKET, dtype=torch.int64)
-    table[1:, 1:] = spatial.reshape(height * width, height * width)
-    return table
+    return axis(height)[:, None] * _SIDE + axis(width)[None, :]
 
 
-_DEVICE_CACHE: dict[tuple[int, int, str], torch.Tensor] = {}
+def offset_buckets(grid: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bucket of a (query, key) pair of spatial tokens by offset: (2H−1, 2W−1) int64, entry
+    [dy + H−1, dx + W−1] for dy = y_q − y_k, dx = x_q − x_k (the bucket depends on nothing else)."""
+    return _offset_buckets_cpu(int(grid[0]), int(grid[1])).to(device)
+
+
+def bucket_rows(offsets: torch.Tensor, grid: tuple[int, int], start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of the (L, L) bucket table of [cls]+grid tokens, from ``offsets``
+    (see :func:`offset_buckets`): (stop − start, 1 + H·W) int64, without building the full table."""
+    height, width = grid
+    device = offsets.device
+    rows = torch.arange(start, stop, device=device) - 1  # spatial index of each query; -1 is cls
+    cols = torch.arange(height * width, device=device)
+    qy, qx = rows.clamp_min(0).div(width, rounding_mode="floor"), rows.clamp_min(0) % width
+    ky, kx = cols.div(width, rounding_mode="floor"), cols % width
+    spatial = offsets[(qy[:, None] - ky[None, :]) + height - 1, (qx[:, None] - kx[None, :]) + width - 1]
+    spatial = spatial.masked_fill((rows < 0)[:, None], CLS_BUCKET)
+    cls_col = torch.full((stop - start, 1), CLS_BUCKET, dtype=spatial.dtype, device=device)
+    return torch.cat([cls_col, spatial], dim=1)
+
+
+_DEVICE_CACHE: dict[tuple[int, int, str], torch.Tensor] = {}  # a dict, not lru_cache: torch.compile reads it
 
 
 def bucket_table(grid: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
     """Bucket id of every (query, key) pair, cls first: (Hg·Wg+1, Hg·Wg+1) int64, cached."""
     height, width = int(grid[0]), int(grid[1])
     key = (height, width, str(torch.device(device)))
-    table = _DEVICE_CACHE.get(key)
-    if table is None:
-        table = _bucket_table_cpu(height, width).to(device)
-        _DEVICE_CACHE[key] = table
-    return table
+    if key not in _DEVICE_CACHE:
+        _DEVICE_CACHE[key] = bucket_rows(offset_buckets(grid), (height, width), 0, height * width + 1).to(device)
+    return _DEVICE_CACHE[key]
+
+
+def irpe_bias(q: torch.Tensor, table: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+    """q (B, h, L', d) unscaled queries, table (d, 50), buckets (L', L) -> bias (B, h, L', L)."""
+    scores = torch.matmul(q, table.to(q.dtype))  # (B, h, L', 50)
+    return scores.gather(-1, buckets.expand(*scores.shape[:-1], buckets.shape[-1]))
 
 
 class ContextualRPE(nn.Module):
@@ -75,6 +94,4 @@ class ContextualRPE(nn.Module):
         self.table = nn.Parameter(torch.zeros(1, head_dim, NUM_BUCKETS))
 
     def forward(self, q: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
-        scores = torch.matmul(q, self.table[0].to(q.dtype))  # (B, h, L, 50)
-        index = buckets.expand(*scores.shape[:-1], buckets.shape[-1])
-        return scores.gather(-1, index)
+        return irpe_bias(q, self.table[0], buckets)

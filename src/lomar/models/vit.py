@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath, resample_abs_pos_embed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -46,13 +47,11 @@ PATCH_SIZES = (8, 14, 16)
 
 
 @dataclass(frozen=True)
-class ViTConfig:
-    """Architecture of an encoder; everything needed to rebuild it.
+class EncoderShape:
+    """The sizes of a ViT and of BEiT, and the dict a model spec stores (:mod:`lomar.models.spec`).
 
-    ``attention``: how the iRPE bias is computed (``auto``, ``dense``, ``chunked``, ``flex``; same
-    result, see :mod:`lomar.models.attention`). ``window_size`` > 0: ViTDet-style blocks that
-    attend inside ``window_size``² windows of the patch grid, except the blocks listed in
-    ``global_blocks`` (e.g. 14 and (2, 5, 8, 11) for ViT-B); see :meth:`Block.forward`.
+    ``from_dict`` takes the known fields only, so a richer dict (a golden case's meta, a config saved
+    by another version) can be passed whole.
     """
 
     img_size: int = 224
@@ -62,6 +61,25 @@ class ViTConfig:
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class ViTConfig(EncoderShape):
+    """Architecture of an encoder; everything needed to rebuild it.
+
+    ``attention``: how the iRPE bias is computed (``auto``, ``dense``, ``chunked``, ``flex``; same
+    result, see :mod:`lomar.models.attention`). ``window_size`` > 0: ViTDet-style blocks that
+    attend inside ``window_size``² windows of the patch grid, except the blocks listed in
+    ``global_blocks`` (e.g. 14 and (2, 5, 8, 11) for ViT-B); see :meth:`Block.forward`.
+    """
+
     pos: PosMode = "rpe"
     drop_path: float = 0.0
     attention: str = "auto"
@@ -72,14 +90,6 @@ class ViTConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "global_blocks", tuple(int(i) for i in self.global_blocks))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ViTConfig:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
 
 def list_models() -> list[str]:
     return [f"vit_{s}_patch{p}" for s in MODEL_SIZES for p in PATCH_SIZES]
@@ -87,17 +97,11 @@ def list_models() -> list[str]:
 
 def model_config(name: str, **overrides) -> ViTConfig:
     """Config for a named model such as ``vit_base_patch16``; keyword arguments override."""
-    try:
-        _, size, patch = name.split("_")
-        dim, depth, heads = MODEL_SIZES[size]
-        patch_size = int(patch.removeprefix("patch"))
-        if not patch.startswith("patch") or patch_size not in PATCH_SIZES:
-            raise KeyError(patch)
-    except (ValueError, KeyError):
-        raise ValueError(
-            f"unknown model {name!r}; choose one of {', '.join(list_models())}"
-        ) from None
-    base = ViTConfig(patch_size=patch_size, embed_dim=dim, depth=depth, num_heads=heads)
+    if name not in list_models():
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
+    _, size, patch = name.split("_")
+    dim, depth, heads = MODEL_SIZES[size]
+    base = ViTConfig(patch_size=int(patch.removeprefix("patch")), embed_dim=dim, depth=depth, num_heads=heads)
     return replace(base, **overrides)
 
 
@@ -177,15 +181,6 @@ class Mlp(nn.Sequential):
         self.fc2 = nn.Linear(hidden, dim)
 
 
-def _drop_path(rate: float) -> nn.Module:
-    if rate <= 0:
-        return nn.Identity()
-    # Imported only when used: importing timm costs seconds, and pretraining has no drop path.
-    from timm.layers import DropPath
-
-    return DropPath(rate)
-
-
 class Block(nn.Module):
     """Pre-norm transformer block: x += Attn(LN(x)); x += MLP(LN(x))."""
 
@@ -196,7 +191,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, rpe)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path = _drop_path(drop_path)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, buckets: torch.Tensor | None = None, grid: tuple[int, int] | None = None,
                 mode: str = "auto", window: int = 0) -> torch.Tensor:
@@ -215,14 +210,11 @@ class Block(nn.Module):
 
 
 def init_weights(module: nn.Module) -> None:
-    """MAE's initialisation: xavier-uniform linears, zero biases, unit LayerNorms."""
+    """MAE's initialisation: xavier-uniform linears, zero biases (LayerNorms keep their unit default)."""
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
     elif isinstance(module, PatchEmbed):
         nn.init.xavier_uniform_(module.proj.weight.view(module.proj.weight.shape[0], -1))
 
@@ -288,13 +280,7 @@ class VisionTransformer(nn.Module):
 
     def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
         """Absolute table (1, 1+Hg·Wg, D) for a grid, bicubically interpolated if needed."""
-        table = self.pos_embed
-        if grid == self.grid:
-            return table
-        cls, spatial = table[:, :1], table[:, 1:]
-        spatial = spatial.reshape(1, *self.grid, -1).permute(0, 3, 1, 2)
-        spatial = F.interpolate(spatial, size=grid, mode="bicubic", align_corners=False)
-        return torch.cat([cls, spatial.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+        return resample_abs_pos_embed(self.pos_embed, grid, self.grid, antialias=False)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass: activations of one block live at a time."""
@@ -337,8 +323,6 @@ class VisionTransformer(nn.Module):
         for _, out in self.iter_blocks(x, grid, attention, grad_checkpointing):  # noqa: B007
             pass
         return out
-
-    run_blocks = forward_blocks
 
     def image_grid(self, images: torch.Tensor) -> tuple[int, int]:
         """Patch grid of a batch (N, C, H, W); ValueError for a wrong rank, channels or size."""

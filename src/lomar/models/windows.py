@@ -15,10 +15,9 @@ import torch
 
 from lomar.models.blockmask import BlockMaskGenerator, window_blockmask_args
 from lomar.models.masking import MaskingPlan, sample_plan
-from lomar.windows import GLOBAL_WINDOWS, parse_windows  # noqa: F401  (re-exported)
+from lomar.windows import GLOBAL_WINDOWS
 
-__all__ = ["GLOBAL_WINDOWS", "parse_windows", "window_geometry", "with_block_masks", "sample_method_plan"]
-
+__all__ = ["window_geometry", "with_block_masks", "sample_method_plan"]
 
 
 def window_geometry(grid: tuple[int, int], window_size: int, windows: int) -> tuple[int, int]:
