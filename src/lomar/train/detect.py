@@ -40,6 +40,7 @@ from lomar.train.detect_config import DetectConfig
 from lomar.train.distributed import DistInfo, init_distributed
 from lomar.train.lifecycle import Task, run
 from lomar.train.run_state import RunLock
+from lomar.train.settings_resume import encoder_layout
 
 __all__ = ["DetectTask", "CHECKPOINT_FORMAT", "detect_checkpoint", "step_lr_factor", "detect"]
 
@@ -71,16 +72,9 @@ def detect_checkpoint(path: str | Path) -> Path | None:
 
 def _layout(config: DetectConfig, depth: int | None) -> dict:
     """Encoder settings the detector overrides; ``depth`` None leaves ViTDet's global blocks to the loader."""
-    layout = {"window_size": config.window_size, "drop_path": config.drop_path, "img_size": config.img_size}
-    if config.attention != "auto":
-        layout["attention"] = config.attention
-    blocks = config.global_blocks
-    if not config.window_size:
-        layout["global_blocks"] = ()
-    elif blocks is not None or depth is not None:
-        layout["global_blocks"] = tuple(blocks if blocks is not None else vitdet_global_blocks(depth))
-    else:
-        layout["global_blocks"] = None
+    layout = {**encoder_layout(config), "drop_path": config.drop_path, "img_size": config.img_size}
+    if depth is not None and layout["global_blocks"] is None:
+        layout["global_blocks"] = vitdet_global_blocks(depth)
     return layout
 
 

@@ -30,10 +30,11 @@ from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError
 from lomar.eval.features import load_pretrained_encoder
 from lomar.train.distributed import DistInfo
-from lomar.train.finetune_config import FinetuneConfig, encoder_layout, split_roots
+from lomar.train.finetune_config import FinetuneConfig, split_roots
 from lomar.train.lifecycle import Task, run
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.run_state import autocast_factory, resolve_precision
+from lomar.train.settings_resume import encoder_layout
 
 __all__ = ["finetune", "classification_transforms", "eval_crop_ratio", "FinetuneTask"]
 

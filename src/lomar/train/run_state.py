@@ -31,8 +31,8 @@ from lomar.errors import LomarError, UsageError
 __all__ = ["RunLock", "SaveError", "save_state", "rng_state", "set_rng_state", "checkpoints_to_prune",
            "save_checkpoint", "save_on_main_rank", "truncate_metrics", "remove_stale_temporaries",
            "find_resume_checkpoint", "checkpoint_step", "check_no_rewind", "remove_newer_checkpoints",
-           "check_out_folder", "autocast_factory", "resolve_precision", "LAST_POINTER", "is_sharded_checkpoint",
-           "newest_state", "resume_path", "prepare_run_folder"]
+           "check_out_folder", "read_meta", "autocast_factory", "resolve_precision", "LAST_POINTER",
+           "is_sharded_checkpoint", "newest_state", "resume_path", "prepare_run_folder"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.pt$")
 _SHARDED = re.compile(r"^checkpoint-(\d+)\.dcp$")
@@ -161,23 +161,23 @@ def truncate_metrics(path: Path, step: int) -> None:
         atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
+def read_meta(path: Path) -> dict:
+    """A training checkpoint without its weights loaded: a sharded folder's meta.pt, else the file memory-mapped;
+    OSError or ValueError when it cannot be read."""
+    return safe_load(path / "meta.pt") if path.is_dir() else safe_load(path, mmap=True)
+
+
 def checkpoint_step(path: Path) -> int | None:
     """The step of a training checkpoint (file or sharded folder); None when it cannot be read or
     holds no training state."""
-    if path.is_dir():
-        if not is_sharded_checkpoint(path):
-            return None
-        try:
-            step = safe_load(path / "meta.pt").get("step")
-        except (OSError, ValueError):
-            return None
-        return int(step) if isinstance(step, int) else None
+    if path.is_dir() and not is_sharded_checkpoint(path):
+        return None
     try:
-        ckpt = safe_load(path, mmap=True)
+        ckpt = read_meta(path)
     except (OSError, ValueError):
         return None
     step = ckpt.get("step")
-    return int(step) if "optimizer" in ckpt and isinstance(step, int) else None
+    return int(step) if (path.is_dir() or "optimizer" in ckpt) and isinstance(step, int) else None
 
 
 def _pointed_checkpoint(out: Path) -> Path | None:
