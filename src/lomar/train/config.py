@@ -123,8 +123,6 @@ class PretrainConfig(TaskConfig):
     def saved_run(cls, explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
         """The checkpoint's settings (:meth:`TaskConfig.saved_run`), or with ``--resume auto`` and none in OUT
         its config.yaml (a run stopped before its first checkpoint: the engine then starts it afresh)."""
-        if explicit.get("windows") == "auto":
-            explicit["windows"] = None  # resolved in validate; on resume, the saved run's count
         saved = super().saved_run(explicit)
         yaml_path = Path(explicit["out"]) / "config.yaml" if explicit.get("resume") == "auto" else None
         if saved is None and yaml_path is not None and yaml_path.is_file():

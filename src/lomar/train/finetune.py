@@ -33,7 +33,6 @@ from lomar.train.distributed import DistInfo
 from lomar.train.finetune_config import FinetuneConfig, split_roots
 from lomar.train.lifecycle import Task, run
 from lomar.train.preemption import ignore_stop_signals
-from lomar.train.run_state import autocast_factory, resolve_precision
 from lomar.train.settings_resume import encoder_layout
 
 __all__ = ["finetune", "classification_transforms", "eval_crop_ratio", "FinetuneTask"]
@@ -101,7 +100,6 @@ class FinetuneTask(Task):
             self.criterion = LabelSmoothingCrossEntropy(config.smoothing)
         else:
             self.criterion = torch.nn.CrossEntropyLoss()
-        self.autocast = autocast_factory(resolve_precision(config.precision, device), device)
 
     def param_groups(self) -> list[dict]:
         """timm's layer-wise lr decay groups; each carries the ``lr_scale`` the lifecycle applies."""

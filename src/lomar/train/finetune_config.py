@@ -14,7 +14,7 @@ from typing import Any
 
 from lomar.train import settings as S
 from lomar.train.settings import ConfigError
-from lomar.train.settings_resume import TaskConfig, check_windows, refuse_fp16
+from lomar.train.settings_resume import TaskConfig, check_pretrained, check_windows, refuse_fp16
 
 __all__ = ["FinetuneConfig", "add_finetune_arguments", "resolve_finetune_config", "split_roots"]
 
@@ -94,8 +94,7 @@ class FinetuneConfig(TaskConfig):
                                   f"(ROOT/train/CLASS/IMAGE and ROOT/val/CLASS/IMAGE)")
         if self.pretrained is None:
             raise ConfigError("pass --pretrained CHECKPOINT (the encoder to finetune)")
-        if not Path(self.pretrained).exists():
-            raise ConfigError(f"--pretrained {self.pretrained} does not exist")
+        check_pretrained(self)
         if self.aa == "none":
             return
         from lomar.data.classify import classification_transforms  # torch, timm: not for --help

@@ -35,8 +35,7 @@ from lomar.checkpoints.io import atomic_save, atomic_write_text, safe_load, writ
 from lomar.checkpoints.sharded import consolidate
 from lomar.train.run_state import LAST_POINTER, SaveError, checkpoints_to_prune
 
-__all__ = ["shard_model", "block_modules", "save_sharded", "load_sharded", "consolidate", "consolidate_into",
-           "save_run_checkpoint"]
+__all__ = ["shard_model", "block_modules", "save_sharded", "load_sharded", "consolidate", "save_run_checkpoint"]
 
 
 def block_modules(model: nn.Module) -> list[nn.Module]:
@@ -179,12 +178,6 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
     dcp.load(state, checkpoint_id=str(directory))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return safe_load(directory / "meta.pt")
-
-
-def consolidate_into(sharded_dir: str | Path, out_file: str | Path, model: nn.Module) -> nn.Module:
-    """:func:`consolidate`, then load the file's weights into ``model`` (a plain, unsharded one)."""
-    model.load_state_dict(safe_load(consolidate(sharded_dir, out_file))["model"])
-    return model
 
 
 def save_run_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict, out: str | Path,

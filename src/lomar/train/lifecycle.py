@@ -61,7 +61,7 @@ class _Run:
         self.cfg, self.task, self.info, self.device, self.out = config, task, info, device, Path(config.out)
         self.accum = config.accum_steps
         self.precision = resolve_precision(config.precision, device)
-        self.autocast = autocast_factory(self.precision, device)
+        self.autocast = task.autocast = autocast_factory(self.precision, device)
         self.steps_per_epoch = task.batches_per_epoch() // self.accum  # a tail short of a whole step is left out
         if self.steps_per_epoch == 0:
             raise ValueError(f"the training data ({task.batches_per_epoch()} batch(es) of {config.batch_size} per "

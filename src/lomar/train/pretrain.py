@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lomar.checkpoints.export import export_encoder
 from lomar.checkpoints.formats import PRETRAIN_FORMAT
+from lomar.checkpoints.io import safe_load
 from lomar.data.collate import BadDataTracker
 from lomar.data.device_decode import decode_dataset
 from lomar.data.folder import build_pretrain_dataset
@@ -25,7 +26,7 @@ from lomar.methods.base import method_runtime
 from lomar.models.spec import model_spec
 from lomar.train.config import PretrainConfig, build_model, prepare_method
 from lomar.train.distributed import DistInfo
-from lomar.train.fsdp import consolidate_into, shard_model
+from lomar.train.fsdp import consolidate, shard_model
 from lomar.train.lifecycle import Task, TrainingError, run
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.run_state import checkpoints_to_prune, newest_state, resolve_precision
@@ -164,7 +165,8 @@ class PretrainTask(Task):
         """The whole model: a sharded run's last checkpoint gathered into ``last.pt`` (and its figure)."""
         if not self.sharded:
             return self.model
-        model = consolidate_into(newest_state(out), out / "last.pt", build_model(self.config)).to(self.device)
+        model = build_model(self.config).to(self.device)
+        model.load_state_dict(safe_load(consolidate(newest_state(out), out / "last.pt"))["model"])
         self.figure(model)
         return model
 

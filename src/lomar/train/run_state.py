@@ -32,7 +32,7 @@ __all__ = ["RunLock", "SaveError", "save_state", "rng_state", "set_rng_state", "
            "save_checkpoint", "save_on_main_rank", "truncate_metrics", "remove_stale_temporaries",
            "find_resume_checkpoint", "checkpoint_step", "check_no_rewind", "remove_newer_checkpoints",
            "check_out_folder", "read_meta", "autocast_factory", "resolve_precision", "LAST_POINTER",
-           "is_sharded_checkpoint", "newest_state", "resume_path", "prepare_run_folder"]
+           "newest_state", "resume_path", "prepare_run_folder"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.pt$")
 _SHARDED = re.compile(r"^checkpoint-(\d+)\.dcp$")
@@ -82,11 +82,6 @@ def _checkpoint_number(name: str) -> int | None:
     """The step in ``checkpoint-<step>.pt`` or ``checkpoint-<step>.dcp``; None for other names."""
     match = _CHECKPOINT.match(name) or _SHARDED.match(name)
     return int(match[1]) if match else None
-
-
-def is_sharded_checkpoint(path: Path) -> bool:
-    """A folder written by ``lomar.train.fsdp.save_sharded`` (DCP metadata and the run's meta.pt)."""
-    return path.is_dir() and (path / ".metadata").is_file() and (path / "meta.pt").is_file()
 
 
 def checkpoints_to_prune(paths: list[Path], keep: int) -> list[Path]:
@@ -170,7 +165,7 @@ def read_meta(path: Path) -> dict:
 def checkpoint_step(path: Path) -> int | None:
     """The step of a training checkpoint (file or sharded folder); None when it cannot be read or
     holds no training state."""
-    if path.is_dir() and not is_sharded_checkpoint(path):
+    if path.is_dir() and not (path / ".metadata").is_file():  # not a folder written by fsdp.save_sharded
         return None
     try:
         ckpt = read_meta(path)
@@ -180,18 +175,14 @@ def checkpoint_step(path: Path) -> int | None:
     return int(step) if (path.is_dir() or "optimizer" in ckpt) and isinstance(step, int) else None
 
 
-def _pointed_checkpoint(out: Path) -> Path | None:
-    """The folder ``out/last.json`` names (a sharded run), or None without a readable pointer."""
+def newest_state(out: Path) -> Path:
+    """Where a run's newest resumable state is said to be: the folder ``last.json`` names (a sharded run), else
+    ``last.pt``."""
     try:
         name = json.loads((out / LAST_POINTER).read_text())["checkpoint"]
     except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return out / name if isinstance(name, str) and _SHARDED.match(name) else None
-
-
-def newest_state(out: Path) -> Path:
-    """Where a run's newest resumable state is said to be: ``last.json``'s folder, else ``last.pt``."""
-    return _pointed_checkpoint(out) or out / "last.pt"
+        name = None
+    return out / name if isinstance(name, str) and _SHARDED.match(name) else out / "last.pt"
 
 
 def find_resume_checkpoint(out: Path) -> tuple[Path | None, list[str]]:

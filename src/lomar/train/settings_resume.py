@@ -186,7 +186,7 @@ def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[
     values = {**dataclasses.asdict(cls()), **saved, **fresh}
     for name, value in explicit.items():
         if policy[name] in ("run-control", "per-invocation") or value == values[name] or \
-                (value is None and policy[name] == "derived"):
+                (value in (None, "auto") and policy[name] == "derived"):
             continue
         flag = "--" + name.replace("_", "-")
         raise ConfigError(f"{flag} {shown(value)} differs from {shown(values[name])} in the run being resumed "
