@@ -105,9 +105,6 @@ class DetectTask(Task):
             self.train_loader = DataLoader(dataset, config.batch_size, sampler=sampler, drop_last=True,
                                            collate_fn=collate_detection, num_workers=config.workers,
                                            generator=torch.Generator().manual_seed(config.seed + rank))
-            if len(self.train_loader) < config.accum_steps:
-                raise UsageError(f"{train.path}: {len(dataset)} training image(s) cannot fill one step of "
-                                 f"{config.accum_steps} batch(es) of {config.batch_size}; lower --batch-size")
         val_set = detection_dataset(self.val, eval_transforms(), train=False)
         # Its own generator: an evaluation then draws nothing from the global stream (resume stays exact).
         self.val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world_size)), config.batch_size,

@@ -60,10 +60,6 @@ def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
                        generator=torch.Generator().manual_seed(config.seed + info.rank), **common)
     val = DataLoader(val_part, config.batch_size, collate_fn=collate_labelled, generator=torch.Generator(),
                      **common)
-    if len(train) < config.accum_steps:
-        raise UsageError(f"the training split ({len(train_set)} images over {info.world_size} process(es)) "
-                         f"cannot fill one step of {config.accum_steps} batch(es) of {config.batch_size}; "
-                         f"lower --batch-size or --accum-steps")
     return train, val, train_set.classes
 
 

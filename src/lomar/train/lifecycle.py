@@ -64,9 +64,9 @@ class _Run:
         self.autocast = task.autocast = autocast_factory(self.precision, device)
         self.steps_per_epoch = task.batches_per_epoch() // self.accum  # a tail short of a whole step is left out
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the training data ({task.batches_per_epoch()} batch(es) of {config.batch_size} per "
-                             f"process) cannot fill one step of {self.accum} batch(es); lower --batch-size or "
-                             f"--accum-steps")
+            raise ValueError(f"the training data ({len(task.train_loader.dataset)} images over {info.world_size} "
+                             f"process(es)) cannot fill one step of {self.accum} batch(es) of {config.batch_size}; "
+                             f"lower --batch-size or --accum-steps")
         self.schedule = run_span(config, self.steps_per_epoch)
         lr = getattr(config, "lr", None)
         self.base_lr = lr if lr is not None else config.blr * config.batch_size * self.accum * info.world_size / 256

@@ -53,9 +53,6 @@ class SegmentTask(Task):
                                             train=True, seed=config.seed, workers=max(1, workers))
         self.val_set = SegmentationFolder(config.data, "validation", config.num_classes, config.img_size,
                                           train=False, workers=max(1, workers))
-        if len(self.train_set) < config.batch_size * world_size:
-            raise ValueError(f"{Path(config.data) / 'images' / 'training'} holds {len(self.train_set)} images, fewer "
-                             f"than one batch ({config.batch_size} x {world_size} processes); lower --batch-size")
         layout = dict(img_size=config.img_size, drop_path=config.drop_path)
         if config.pretrained is None:
             encoder = VisionTransformer(model_config(config.model, **layout))
