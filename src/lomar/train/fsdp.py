@@ -54,27 +54,22 @@ def block_modules(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def shard_model(model: nn.Module, precision: str = "fp32", mesh=None, reshard_after_forward: bool = True) -> nn.Module:
-    """Apply FSDP2 to every block, then to the root; returns ``model`` (sharded in place).
+def shard_model(model: nn.Module, precision: str = "fp32") -> nn.Module:
+    """Apply FSDP2 to every block, then to the root, over every rank; returns ``model`` (sharded in place).
 
     ``precision``: "fp32", or "bf16" (bf16 gather and compute, fp32 gradients and optimizer
-    state). ``mesh``: a 1-D device mesh (default: every rank, on the model's device type).
-    Call after moving the model to its device and before building the optimizer.
+    state). Call after moving the model to its device and before building the optimizer.
     """
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"FSDP precision must be fp32 or bf16, got {precision!r}")
-    if mesh is None:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        device_type = next(model.parameters()).device.type
-        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if precision == "bf16" else MixedPrecisionPolicy())
-    for block in block_modules(model):
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for module in (*block_modules(model), model):
+        fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     return model
 
 

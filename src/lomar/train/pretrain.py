@@ -87,11 +87,10 @@ class PretrainTask(Task):
         return self.per_rank // self.config.batch_size
 
     def set_epoch(self, epoch: int, skip_batches: int) -> None:
-        skip, bs = skip_batches * self.config.batch_size, self.config.batch_size
-        if self.iterable:
-            self.dataset.set_epoch(epoch, skip=skip, batch_size=bs)
-        else:
-            self.train_loader.sampler.set_epoch(epoch, skip=skip)
+        if not self.iterable:
+            return super().set_epoch(epoch, skip_batches)
+        bs = self.config.batch_size
+        self.dataset.set_epoch(epoch, skip=skip_batches * bs, batch_size=bs)
 
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters()) / 1e6

@@ -34,8 +34,7 @@ __all__ = ["RunLock", "SaveError", "save_state", "rng_state", "set_rng_state", "
            "check_out_folder", "read_meta", "autocast_factory", "resolve_precision", "LAST_POINTER",
            "newest_state", "resume_path", "prepare_run_folder"]
 
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.pt$")
-_SHARDED = re.compile(r"^checkpoint-(\d+)\.dcp$")
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.(pt|dcp)$")  # .dcp: a sharded checkpoint folder
 _SHARDED_TMP = re.compile(r"^checkpoint-\d+\.dcp\.tmp$")  # a sharded save cut before its rename
 LAST_POINTER = "last.json"  # a sharded run's pointer to its newest checkpoint folder
 _TMP = re.compile(r"^\..+\.tmp(-(\d+))?$")
@@ -80,7 +79,7 @@ def autocast_factory(precision: str, device: torch.device):
 # ---- checkpoints ----------------------------------------------------------------------
 def _checkpoint_number(name: str) -> int | None:
     """The step in ``checkpoint-<step>.pt`` or ``checkpoint-<step>.dcp``; None for other names."""
-    match = _CHECKPOINT.match(name) or _SHARDED.match(name)
+    match = _CHECKPOINT.match(name)
     return int(match[1]) if match else None
 
 
@@ -92,9 +91,8 @@ def checkpoints_to_prune(paths: list[Path], keep: int) -> list[Path]:
     return sorted(ours, key=lambda f: _checkpoint_number(f.name))[:-keep]
 
 
-def save_state(state: dict, path: Path, previous: Path | None = None) -> None:
+def save_state(state: dict, path: Path, previous: Path) -> None:
     """``atomic_save``, with a full disk reported as SaveError naming ``previous`` (the state kept)."""
-    previous = previous or path
     try:
         atomic_save(state, path)
     except OSError as exc:
@@ -179,10 +177,10 @@ def newest_state(out: Path) -> Path:
     """Where a run's newest resumable state is said to be: the folder ``last.json`` names (a sharded run), else
     ``last.pt``."""
     try:
-        name = json.loads((out / LAST_POINTER).read_text())["checkpoint"]
+        name = str(json.loads((out / LAST_POINTER).read_text())["checkpoint"])
     except (OSError, ValueError, KeyError, TypeError):
-        name = None
-    return out / name if isinstance(name, str) and _SHARDED.match(name) else out / "last.pt"
+        return out / "last.pt"
+    return out / name if name.endswith(".dcp") and _CHECKPOINT.match(name) else out / "last.pt"
 
 
 def find_resume_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
