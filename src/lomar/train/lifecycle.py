@@ -15,7 +15,6 @@ The Task interface, its required and optional hooks: :mod:`lomar.train.task`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -23,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from lomar.checkpoints.io import safe_load
@@ -47,7 +45,6 @@ from lomar.train.run_state import (
 )
 from lomar.train.runtime import default_threads, fast_adamw
 from lomar.train.schedule import lr_at, run_span, warmup_warning
-from lomar.train.settings_resume import refuse_held_run
 from lomar.train.task import Progress, Task, TrainingError
 from lomar.viz.curves import loss_summary
 
@@ -128,13 +125,6 @@ class _Run:
         path = save_checkpoint(state, self.out, self.p.step if keep else None, keep or 0)
         self.task.saved(path)
         return path
-
-    def prepare_folder(self, resume: Path | None) -> None:
-        if resume is None:  # another run may have got here since the config was checked
-            refuse_held_run(self.out, self.cfg.resume, self.cfg.overwrite)
-        dump = getattr(self.cfg, "dump", None)  # a TaskConfig's; else the plain dataclass's fields
-        text = dump() if dump else yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False)
-        prepare_run_folder(self.cfg, self.task.name, resume, self.p.step, self.p.epoch, self.task.outputs, text)
 
     # ---- training ----------------------------------------------------------------------
     def train(self) -> int:
@@ -325,7 +315,7 @@ def run(config, make_task: Callable[..., Task]) -> int:
         except (ValueError, FileNotFoundError) as exc:
             raise UsageError(str(exc)) from None
         if info.is_main:
-            trainer.prepare_folder(resume)
+            prepare_run_folder(config, task, resume, trainer.p.step, trainer.p.epoch)
         code = trainer.train()
         if info.enabled:  # leave together: a rank that tears gloo down while rank 0 still exports can abort
             dist.barrier()

@@ -10,6 +10,7 @@ naming the newest, and ``last.pt`` holds its consolidated model (no optimizer) f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -24,15 +25,17 @@ from typing import TypeVar
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 
 from lomar.checkpoints.io import atomic_save, atomic_write_text, safe_load
 from lomar.errors import LomarError, UsageError
+from lomar.train.settings import ConfigError
 
 __all__ = ["RunLock", "SaveError", "save_state", "rng_state", "set_rng_state", "checkpoints_to_prune",
            "save_checkpoint", "save_on_main_rank", "truncate_metrics", "remove_stale_temporaries",
            "find_resume_checkpoint", "checkpoint_step", "check_no_rewind", "remove_newer_checkpoints",
            "check_out_folder", "read_meta", "autocast_factory", "resolve_precision", "LAST_POINTER",
-           "newest_state", "resume_path", "prepare_run_folder"]
+           "newest_state", "resume_path", "refuse_held_run", "prepare_run_folder"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.(pt|dcp)$")  # .dcp: a sharded checkpoint folder
 _SHARDED_TMP = re.compile(r"^checkpoint-\d+\.dcp\.tmp$")  # a sharded save cut before its rename
@@ -324,11 +327,22 @@ def resume_path(config, name: str, is_main: bool) -> Path | None:
     return Path(config.resume) if config.resume else None
 
 
-def prepare_run_folder(config, name: str, resume: Path | None, step: int, epoch: int, outputs: tuple[str, ...],
-                       config_text: str) -> None:
-    """Main process, lock held: a fresh run clears what an earlier one left (``outputs``: the task's own
-    names or globs); a resume cuts the log back to its checkpoint; ``config.yaml`` is written."""
-    out = Path(config.out)
+def refuse_held_run(out: Path, resume: str | None, overwrite: bool) -> None:
+    """The one check of every command that writes a run folder: a new run does not take over a
+    folder that holds one (a checkpoint, or the settings of a run stopped before its first)."""
+    held = (Path(out) / "last.pt").exists() or (Path(out) / "config.yaml").exists()
+    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 may already have started
+    if held and is_main and not resume and not overwrite:
+        raise ConfigError(f"--out {out} already holds a run; pass --resume auto to continue it, "
+                          f"--overwrite to replace it, or another --out")
+
+
+def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int) -> None:
+    """Main process, lock held: a fresh run clears what an earlier one left (the task's ``outputs`` too); a resume
+    cuts the log back to its checkpoint; ``config.yaml`` is written (a TaskConfig's dump, else the fields)."""
+    out, name = Path(config.out), task.name
+    if resume is None:  # another run may have got here since the config was checked
+        refuse_held_run(out, config.resume, config.overwrite)
     removed = remove_stale_temporaries(out)
     if removed:
         print(f"lomar {name}: removed {len(removed)} stale temporary file(s) in {out}, e.g. {removed[0].name}")
@@ -339,7 +353,8 @@ def prepare_run_folder(config, name: str, resume: Path | None, step: int, epoch:
         print(f"lomar {name}: resumed from {resume} at step {step} (epoch {epoch})", flush=True)
     else:
         for pattern in ("last.pt", "best.pt", "last.json", "metrics.jsonl", "checkpoint-*.pt", "checkpoint-*.dcp",
-                        "tb", *outputs):
+                        "tb", *task.outputs):
             for stale in out.glob(pattern):
                 shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    atomic_write_text(out / "config.yaml", config_text)
+    text = config.dump() if hasattr(config, "dump") else yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+    atomic_write_text(out / "config.yaml", text)

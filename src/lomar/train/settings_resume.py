@@ -1,12 +1,11 @@
 """What the training commands' settings share: the run-control settings and the resolution of a run's
 settings (:class:`TaskConfig`), what a resumed run may change (each setting's declared resume policy),
-which checkpoint ``--resume`` names, and the one check that a new run does not take over a folder holding one."""
+which checkpoint ``--resume`` names, and the checks and encoder layout several commands share."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from lomar.train import settings as S
 from lomar.train.runtime import default_workers
 from lomar.train.settings import ConfigError, coerce_all, declarations, shown
 
-__all__ = ["TaskConfig", "resume_values", "resume_target", "refuse_held_run",
+__all__ = ["TaskConfig", "resume_values", "resume_target",
            "check_windows", "encoder_layout", "check_img_size", "check_pretrained", "refuse_fp16"]
 
 
@@ -125,7 +124,7 @@ class TaskConfig:
         if not check_out:
             return
         self.check_inputs()
-        from lomar.train.run_state import check_out_folder  # torch: not for --help
+        from lomar.train.run_state import check_out_folder, refuse_held_run  # torch: not for --help
 
         check_out_folder(Path(self.out))
         if not getattr(self, "eval_only", False):
@@ -219,13 +218,3 @@ def resume_target(explicit: dict[str, Any], sharded_ok: bool = False) -> Path | 
     if not path.is_file():
         raise ConfigError(f"--resume {path} does not exist; pass a checkpoint file or 'auto'")
     return path
-
-
-def refuse_held_run(out: Path, resume: str | None, overwrite: bool) -> None:
-    """The one check of every command that writes a run folder: a new run does not take over a
-    folder that holds one (a checkpoint, or the settings of a run stopped before its first)."""
-    held = (Path(out) / "last.pt").exists() or (Path(out) / "config.yaml").exists()
-    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 may already have started
-    if held and is_main and not resume and not overwrite:
-        raise ConfigError(f"--out {out} already holds a run; pass --resume auto to continue it, "
-                          f"--overwrite to replace it, or another --out")
