@@ -140,8 +140,7 @@ class DetectTask(Task):
             config = model_config(cfg.model)
             encoder = VisionTransformer(model_config(cfg.model, **_layout(cfg, config.depth)))
             self.log(f"lomar detect: no --pretrained: {cfg.model} randomly initialised")
-        if cfg.grad_checkpointing:
-            encoder.set_grad_checkpointing(True)
+        encoder.set_grad_checkpointing(cfg.grad_checkpointing)
         model = build_mask_rcnn(encoder, len(self.categories), cfg.img_size)
         model.roi_heads.fg_bg_sampler.batch_size_per_image = cfg.rois_per_image
         return model
