@@ -34,9 +34,9 @@ from lomar.train.run_state import (
     RunLock,
     autocast_factory,
     check_no_rewind,
+    find_resume_checkpoint,
     prepare_run_folder,
     resolve_precision,
-    resume_path,
     rng_state,
     save_checkpoint,
     save_on_main_rank,
@@ -302,7 +302,11 @@ def run(config, make_task: Callable[..., Task]) -> int:
     try:
         if info.is_main:  # only the main process writes into the folder
             lock.acquire()
-        resume = resume_path(config, name, info.is_main)
+        resume = Path(config.resume) if config.resume else None
+        if config.resume == "auto":  # falls back to the newest intact checkpoint-* when last.pt is gone or unreadable
+            resume, notes = find_resume_checkpoint(out)
+            for note in notes if info.is_main else ():
+                print(f"lomar {name}: {note}", flush=True)
         try:
             if resume is not None and info.is_main:
                 check_no_rewind(resume, out, config.overwrite)

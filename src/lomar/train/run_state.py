@@ -35,7 +35,7 @@ __all__ = ["RunLock", "SaveError", "save_state", "rng_state", "set_rng_state", "
            "save_checkpoint", "save_on_main_rank", "truncate_metrics", "remove_stale_temporaries",
            "find_resume_checkpoint", "checkpoint_step", "check_no_rewind", "remove_newer_checkpoints",
            "check_out_folder", "read_meta", "autocast_factory", "resolve_precision", "LAST_POINTER",
-           "newest_state", "resume_path", "refuse_held_run", "prepare_run_folder"]
+           "newest_state", "refuse_held_run", "prepare_run_folder"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.(pt|dcp)$")  # .dcp: a sharded checkpoint folder
 _SHARDED_TMP = re.compile(r"^checkpoint-\d+\.dcp\.tmp$")  # a sharded save cut before its rename
@@ -314,17 +314,6 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release(remove_if_empty=exc[0] is not None)
-
-
-def resume_path(config, name: str, is_main: bool) -> Path | None:
-    """The checkpoint ``--resume`` names, or None for a fresh run. ``--resume auto`` falls back to the newest
-    intact ``checkpoint-*`` when ``last.pt`` is gone or unreadable, and says so."""
-    if config.resume == "auto":
-        path, notes = find_resume_checkpoint(Path(config.out))
-        for note in notes if is_main else ():
-            print(f"lomar {name}: {note}", flush=True)
-        return path
-    return Path(config.resume) if config.resume else None
 
 
 def refuse_held_run(out: Path, resume: str | None, overwrite: bool) -> None:
