@@ -20,7 +20,6 @@ import yaml
 
 from lomar.methods import get_method, names
 from lomar.train import settings as S
-from lomar.train import settings_resume as R
 from lomar.train.settings import ConfigError
 from lomar.train.settings_resume import TaskConfig
 from lomar.windows import WINDOWS_RULE, paper_windows, parse_windows, windows_source
@@ -121,16 +120,38 @@ class PretrainConfig(TaskConfig):
                                    "(default: none)", resume="run-control", kind=str)
 
     @classmethod
-    def start_values(cls, explicit: dict[str, Any]) -> dict[str, Any]:
-        """Recipe defaults, demo preset, YAML, flags; when resuming, the run's saved config replaces the
-        defaults and preset (see :func:`lomar.train.settings_resume.resume_values`)."""
-        saved = _saved_config(explicit)
-        if explicit.get("windows") == "auto":
-            explicit["windows"] = None  # resolved in validate; on resume, the saved run's count
-        if saved is not None:
-            if "window_placement" not in saved[0]:  # a run saved before placements existed drew distinct cells
-                saved = ({**saved[0], "window_placement": "distinct"}, saved[1])
-            return R.resume_values(PretrainConfig, *saved, explicit)
+    def saved_run(cls, explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
+        """The checkpoint's settings (:meth:`TaskConfig.saved_run`), or with ``--resume auto`` and none in OUT
+        its config.yaml (a run stopped before its first checkpoint: the engine then starts it afresh)."""
+        saved = super().saved_run(explicit)
+        yaml_path = Path(explicit["out"]) / "config.yaml" if explicit.get("resume") == "auto" else None
+        if saved is None and yaml_path is not None and yaml_path.is_file():
+            saved = S.read_yaml(PretrainConfig, yaml_path, strict=False), str(yaml_path)
+        if saved is not None and "window_placement" not in saved[0]:
+            saved[0]["window_placement"] = "distinct"  # a run saved before placements existed drew distinct cells
+        return saved
+
+    @staticmethod
+    def saved_settings(checkpoint: dict, path: Path) -> dict:
+        """The settings of a pretraining checkpoint (or of a sharded one's meta.pt), read as today's."""
+        from lomar.checkpoints.formats import saved_settings  # torch: not for --help
+
+        config, sharded = checkpoint.get("config"), path.is_dir()
+        if sharded and not isinstance(config, dict):
+            raise ConfigError(f"--resume {path} is not a `lomar pretrain --fsdp` checkpoint (no saved config); "
+                              f"pass a checkpoint-NNNNNN.dcp folder of a run")
+        if not sharded and isinstance(config, dict) and config.get("fsdp") and "optimizer" not in checkpoint:
+            raise ConfigError(f"--resume {path} is the consolidated model of an --fsdp run (no optimizer state); "
+                              f"pass its folder {path.parent / 'checkpoint-NNNNNN.dcp'}, or --out {path.parent} "
+                              f"--resume auto")
+        if not sharded and (not isinstance(config, dict) or "optimizer" not in checkpoint):
+            raise ConfigError(f"--resume {path} is not a `lomar pretrain` training checkpoint (no saved config "
+                              f"and optimizer state); start a new run with another --out")
+        return saved_settings(checkpoint)
+
+    @classmethod
+    def fresh_values(cls, explicit: dict[str, Any]) -> dict[str, Any]:
+        """Recipe defaults, demo preset, YAML, flags."""
         values = PretrainConfig().to_dict()
         values.update(method_recipe(explicit.get("method", values["method"])))
         if "blr" in explicit and "lr" not in explicit:
@@ -143,7 +164,6 @@ class PretrainConfig(TaskConfig):
                     preset.pop(key)
             values.update(preset)
         values.update(explicit)
-        R.lay_schedule_over_max_steps(values, explicit)
         return values
 
     def complete(self, explicit: dict[str, Any]) -> None:
@@ -193,7 +213,7 @@ class PretrainConfig(TaskConfig):
                                      and (Path(self.knn_data) / "val").is_dir()):
             raise ConfigError(f"--knn-every needs --knn-data ROOT holding train/ and val/ class folders, "
                               f"got {self.knn_data!r}")
-        # --resume PATH was checked when its saved config was read (_saved_config)
+        # --resume PATH was checked when its saved config was read (saved_run)
 
     def dump(self) -> str:
         """The config as YAML, with a comment saying what ``--windows auto`` gives here."""
@@ -234,54 +254,12 @@ def method_recipe(method: str) -> dict[str, Any]:
     return dict(get_method(method).recipe) if method in names() else {}
 
 
-def _saved_config(explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
-    """(settings, where from) of the run being resumed; None when there is none to resume.
-
-    ``--resume auto`` reads OUT/last.pt (else the newest intact OUT/checkpoint-*.pt), or
-    OUT/config.yaml when the run stopped before its first checkpoint (the engine then starts it
-    afresh); with none of them it is a new run.
-    """
-    target = R.resume_target(explicit, sharded_ok=True)
-    if target is not None:
-        return _checkpoint_config(target)
-    yaml_path = Path(explicit["out"]) / "config.yaml" if explicit.get("resume") == "auto" else None
-    if yaml_path is not None and yaml_path.is_file():
-        return S.read_yaml(PretrainConfig, yaml_path, strict=False), str(yaml_path)
-    return None
-
-
 def __getattr__(name: str):
     if name in ("PRETRAIN_FORMAT", "saved_settings"):  # torch: read from checkpoints only when asked
         import lomar.checkpoints.formats  # torch: not for --help
 
         return getattr(lomar.checkpoints.formats, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _checkpoint_config(path: Path) -> tuple[dict[str, Any], str]:
-    """The saved settings of a training checkpoint, or of a sharded checkpoint folder (its meta.pt)."""
-    from lomar.checkpoints.formats import saved_settings  # torch: not for --help
-    from lomar.checkpoints.io import safe_load  # torch: not for --help
-
-    sharded = path.is_dir()
-    try:  # only the config is read here; the engine loads the rest
-        ckpt = safe_load(path / "meta.pt") if sharded else safe_load(path, mmap=True)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"--resume {path}: {exc}; pass an intact checkpoint-NNNNNN.dcp folder" if sharded
-                          else f"--resume: {exc}") from None
-    if sharded:
-        if not isinstance(ckpt.get("config"), dict):
-            raise ConfigError(f"--resume {path} is not a `lomar pretrain --fsdp` checkpoint (no saved config); "
-                              f"pass a checkpoint-NNNNNN.dcp folder of a run")
-        return S.coerce_all(PretrainConfig, ckpt["config"], str(path), strict=False), str(path)
-    if isinstance(ckpt.get("config"), dict) and ckpt["config"].get("fsdp") and "optimizer" not in ckpt:
-        raise ConfigError(f"--resume {path} is the consolidated model of an --fsdp run (no optimizer state); "
-                          f"pass its folder {path.parent / 'checkpoint-NNNNNN.dcp'}, or --out {path.parent} "
-                          f"--resume auto")
-    if not isinstance(ckpt.get("config"), dict) or "optimizer" not in ckpt:
-        raise ConfigError(f"--resume {path} is not a `lomar pretrain` training checkpoint (no saved config "
-                          f"and optimizer state); start a new run with another --out")
-    return S.coerce_all(PretrainConfig, saved_settings(ckpt), str(path), strict=False), str(path)
 
 
 def resolve_windows(config: PretrainConfig) -> int:

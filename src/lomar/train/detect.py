@@ -40,6 +40,7 @@ from lomar.train.detect_config import DetectConfig
 from lomar.train.distributed import DistInfo, init_distributed
 from lomar.train.lifecycle import Task, run
 from lomar.train.run_state import RunLock
+from lomar.train.settings_resume import encoder_layout
 
 __all__ = ["DetectTask", "CHECKPOINT_FORMAT", "detect_checkpoint", "step_lr_factor", "detect"]
 
@@ -71,16 +72,9 @@ def detect_checkpoint(path: str | Path) -> Path | None:
 
 def _layout(config: DetectConfig, depth: int | None) -> dict:
     """Encoder settings the detector overrides; ``depth`` None leaves ViTDet's global blocks to the loader."""
-    layout = {"window_size": config.window_size, "drop_path": config.drop_path, "img_size": config.img_size}
-    if config.attention != "auto":
-        layout["attention"] = config.attention
-    blocks = config.global_blocks
-    if not config.window_size:
-        layout["global_blocks"] = ()
-    elif blocks is not None or depth is not None:
-        layout["global_blocks"] = tuple(blocks if blocks is not None else vitdet_global_blocks(depth))
-    else:
-        layout["global_blocks"] = None
+    layout = {**encoder_layout(config), "drop_path": config.drop_path, "img_size": config.img_size}
+    if depth is not None and layout["global_blocks"] is None:
+        layout["global_blocks"] = vitdet_global_blocks(depth)
     return layout
 
 
@@ -111,9 +105,6 @@ class DetectTask(Task):
             self.train_loader = DataLoader(dataset, config.batch_size, sampler=sampler, drop_last=True,
                                            collate_fn=collate_detection, num_workers=config.workers,
                                            generator=torch.Generator().manual_seed(config.seed + rank))
-            if len(self.train_loader) < config.accum_steps:
-                raise UsageError(f"{train.path}: {len(dataset)} training image(s) cannot fill one step of "
-                                 f"{config.accum_steps} batch(es) of {config.batch_size}; lower --batch-size")
         val_set = detection_dataset(self.val, eval_transforms(), train=False)
         # Its own generator: an evaluation then draws nothing from the global stream (resume stays exact).
         self.val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world_size)), config.batch_size,
@@ -149,8 +140,7 @@ class DetectTask(Task):
             config = model_config(cfg.model)
             encoder = VisionTransformer(model_config(cfg.model, **_layout(cfg, config.depth)))
             self.log(f"lomar detect: no --pretrained: {cfg.model} randomly initialised")
-        if cfg.grad_checkpointing:
-            encoder.set_grad_checkpointing(True)
+        encoder.set_grad_checkpointing(cfg.grad_checkpointing)
         model = build_mask_rcnn(encoder, len(self.categories), cfg.img_size)
         model.roi_heads.fg_bg_sampler.batch_size_per_image = cfg.rois_per_image
         return model

@@ -68,7 +68,7 @@ class DetectConfig(TaskConfig):
                                 resume="per-invocation")
 
     @staticmethod
-    def saved_settings(checkpoint: dict) -> dict | None:
+    def saved_settings(checkpoint: dict, path: Path) -> dict | None:
         """The settings a `lomar detect` checkpoint saved; None for another file."""
         if checkpoint.get("format") != "lomar-detect-1" or "optimizer" not in checkpoint:
             return None

@@ -30,10 +30,10 @@ from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError
 from lomar.eval.features import load_pretrained_encoder
 from lomar.train.distributed import DistInfo
-from lomar.train.finetune_config import FinetuneConfig, encoder_layout, split_roots
+from lomar.train.finetune_config import FinetuneConfig, split_roots
 from lomar.train.lifecycle import Task, run
 from lomar.train.preemption import ignore_stop_signals
-from lomar.train.run_state import autocast_factory, resolve_precision
+from lomar.train.settings_resume import encoder_layout
 
 __all__ = ["finetune", "classification_transforms", "eval_crop_ratio", "FinetuneTask"]
 
@@ -60,10 +60,6 @@ def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
                        generator=torch.Generator().manual_seed(config.seed + info.rank), **common)
     val = DataLoader(val_part, config.batch_size, collate_fn=collate_labelled, generator=torch.Generator(),
                      **common)
-    if len(train) < config.accum_steps:
-        raise UsageError(f"the training split ({len(train_set)} images over {info.world_size} process(es)) "
-                         f"cannot fill one step of {config.accum_steps} batch(es) of {config.batch_size}; "
-                         f"lower --batch-size or --accum-steps")
     return train, val, train_set.classes
 
 
@@ -100,7 +96,6 @@ class FinetuneTask(Task):
             self.criterion = LabelSmoothingCrossEntropy(config.smoothing)
         else:
             self.criterion = torch.nn.CrossEntropyLoss()
-        self.autocast = autocast_factory(resolve_precision(config.precision, device), device)
 
     def param_groups(self) -> list[dict]:
         """timm's layer-wise lr decay groups; each carries the ``lr_scale`` the lifecycle applies."""

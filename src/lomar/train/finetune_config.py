@@ -14,9 +14,9 @@ from typing import Any
 
 from lomar.train import settings as S
 from lomar.train.settings import ConfigError
-from lomar.train.settings_resume import TaskConfig, check_windows, refuse_fp16
+from lomar.train.settings_resume import TaskConfig, check_pretrained, check_windows, refuse_fp16
 
-__all__ = ["FinetuneConfig", "add_finetune_arguments", "resolve_finetune_config", "encoder_layout", "split_roots"]
+__all__ = ["FinetuneConfig", "add_finetune_arguments", "resolve_finetune_config", "split_roots"]
 
 
 @dataclass
@@ -61,7 +61,7 @@ class FinetuneConfig(TaskConfig):
         finite=False, nargs=2, metavar=("LOW", "HIGH"))
 
     @staticmethod
-    def saved_settings(checkpoint: dict) -> dict | None:
+    def saved_settings(checkpoint: dict, path: Path) -> dict | None:
         """The settings a `lomar finetune` checkpoint saved ("args": runs before FinetuneConfig saved them)."""
         if not {"optimizer", "batches_done", "best_top1"} <= set(checkpoint):
             return None
@@ -94,8 +94,7 @@ class FinetuneConfig(TaskConfig):
                                   f"(ROOT/train/CLASS/IMAGE and ROOT/val/CLASS/IMAGE)")
         if self.pretrained is None:
             raise ConfigError("pass --pretrained CHECKPOINT (the encoder to finetune)")
-        if not Path(self.pretrained).exists():
-            raise ConfigError(f"--pretrained {self.pretrained} does not exist")
+        check_pretrained(self)
         if self.aa == "none":
             return
         from lomar.data.classify import classification_transforms  # torch, timm: not for --help
@@ -109,15 +108,6 @@ class FinetuneConfig(TaskConfig):
 
 add_finetune_arguments = FinetuneConfig.add_arguments
 resolve_finetune_config = FinetuneConfig.resolve
-
-
-def encoder_layout(config: FinetuneConfig) -> dict:
-    """The attention settings the finetuned encoder overrides (none: the pretrained encoder's)."""
-    layout = {} if config.attention == "auto" else {"attention": config.attention}
-    if config.window_size is not None:
-        layout["window_size"] = config.window_size
-        layout["global_blocks"] = () if not config.window_size else config.global_blocks  # None: ViTDet's
-    return layout
 
 
 def split_roots(config: FinetuneConfig) -> tuple[Path, Path]:

@@ -35,8 +35,7 @@ from lomar.checkpoints.io import atomic_save, atomic_write_text, safe_load, writ
 from lomar.checkpoints.sharded import consolidate
 from lomar.train.run_state import LAST_POINTER, SaveError, checkpoints_to_prune
 
-__all__ = ["shard_model", "block_modules", "save_sharded", "load_sharded", "consolidate", "consolidate_into",
-           "save_run_checkpoint"]
+__all__ = ["shard_model", "block_modules", "save_sharded", "load_sharded", "consolidate", "save_run_checkpoint"]
 
 
 def block_modules(model: nn.Module) -> list[nn.Module]:
@@ -55,27 +54,22 @@ def block_modules(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def shard_model(model: nn.Module, precision: str = "fp32", mesh=None, reshard_after_forward: bool = True) -> nn.Module:
-    """Apply FSDP2 to every block, then to the root; returns ``model`` (sharded in place).
+def shard_model(model: nn.Module, precision: str = "fp32") -> nn.Module:
+    """Apply FSDP2 to every block, then to the root, over every rank; returns ``model`` (sharded in place).
 
     ``precision``: "fp32", or "bf16" (bf16 gather and compute, fp32 gradients and optimizer
-    state). ``mesh``: a 1-D device mesh (default: every rank, on the model's device type).
-    Call after moving the model to its device and before building the optimizer.
+    state). Call after moving the model to its device and before building the optimizer.
     """
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"FSDP precision must be fp32 or bf16, got {precision!r}")
-    if mesh is None:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        device_type = next(model.parameters()).device.type
-        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if precision == "bf16" else MixedPrecisionPolicy())
-    for block in block_modules(model):
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for module in (*block_modules(model), model):
+        fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     return model
 
 
@@ -179,12 +173,6 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
     dcp.load(state, checkpoint_id=str(directory))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return safe_load(directory / "meta.pt")
-
-
-def consolidate_into(sharded_dir: str | Path, out_file: str | Path, model: nn.Module) -> nn.Module:
-    """:func:`consolidate`, then load the file's weights into ``model`` (a plain, unsharded one)."""
-    model.load_state_dict(safe_load(consolidate(sharded_dir, out_file))["model"])
-    return model
 
 
 def save_run_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict, out: str | Path,

@@ -15,7 +15,6 @@ The Task interface, its required and optional hooks: :mod:`lomar.train.task`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -23,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from lomar.checkpoints.io import safe_load
@@ -36,9 +34,9 @@ from lomar.train.run_state import (
     RunLock,
     autocast_factory,
     check_no_rewind,
+    find_resume_checkpoint,
     prepare_run_folder,
     resolve_precision,
-    resume_path,
     rng_state,
     save_checkpoint,
     save_on_main_rank,
@@ -47,7 +45,6 @@ from lomar.train.run_state import (
 )
 from lomar.train.runtime import default_threads, fast_adamw
 from lomar.train.schedule import lr_at, run_span, warmup_warning
-from lomar.train.settings_resume import refuse_held_run
 from lomar.train.task import Progress, Task, TrainingError
 from lomar.viz.curves import loss_summary
 
@@ -61,12 +58,12 @@ class _Run:
         self.cfg, self.task, self.info, self.device, self.out = config, task, info, device, Path(config.out)
         self.accum = config.accum_steps
         self.precision = resolve_precision(config.precision, device)
-        self.autocast = autocast_factory(self.precision, device)
+        self.autocast = task.autocast = autocast_factory(self.precision, device)
         self.steps_per_epoch = task.batches_per_epoch() // self.accum  # a tail short of a whole step is left out
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the training data ({task.batches_per_epoch()} batch(es) of {config.batch_size} per "
-                             f"process) cannot fill one step of {self.accum} batch(es); lower --batch-size or "
-                             f"--accum-steps")
+            raise ValueError(f"the training data ({len(task.train_loader.dataset)} images over {info.world_size} "
+                             f"process(es)) cannot fill one step of {self.accum} batch(es) of {config.batch_size}; "
+                             f"lower --batch-size or --accum-steps")
         self.schedule = run_span(config, self.steps_per_epoch)
         lr = getattr(config, "lr", None)
         self.base_lr = lr if lr is not None else config.blr * config.batch_size * self.accum * info.world_size / 256
@@ -128,13 +125,6 @@ class _Run:
         path = save_checkpoint(state, self.out, self.p.step if keep else None, keep or 0)
         self.task.saved(path)
         return path
-
-    def prepare_folder(self, resume: Path | None) -> None:
-        if resume is None:  # another run may have got here since the config was checked
-            refuse_held_run(self.out, self.cfg.resume, self.cfg.overwrite)
-        dump = getattr(self.cfg, "dump", None)  # a TaskConfig's; else the plain dataclass's fields
-        text = dump() if dump else yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False)
-        prepare_run_folder(self.cfg, self.task.name, resume, self.p.step, self.p.epoch, self.task.outputs, text)
 
     # ---- training ----------------------------------------------------------------------
     def train(self) -> int:
@@ -312,7 +302,11 @@ def run(config, make_task: Callable[..., Task]) -> int:
     try:
         if info.is_main:  # only the main process writes into the folder
             lock.acquire()
-        resume = resume_path(config, name, info.is_main)
+        resume = Path(config.resume) if config.resume else None
+        if config.resume == "auto":  # falls back to the newest intact checkpoint-* when last.pt is gone or unreadable
+            resume, notes = find_resume_checkpoint(out)
+            for note in notes if info.is_main else ():
+                print(f"lomar {name}: {note}", flush=True)
         try:
             if resume is not None and info.is_main:
                 check_no_rewind(resume, out, config.overwrite)
@@ -325,7 +319,7 @@ def run(config, make_task: Callable[..., Task]) -> int:
         except (ValueError, FileNotFoundError) as exc:
             raise UsageError(str(exc)) from None
         if info.is_main:
-            trainer.prepare_folder(resume)
+            prepare_run_folder(config, task, resume, trainer.p.step, trainer.p.epoch)
         code = trainer.train()
         if info.enabled:  # leave together: a rank that tears gloo down while rank 0 still exports can abort
             dist.barrier()

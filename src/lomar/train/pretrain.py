@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lomar.checkpoints.export import export_encoder
 from lomar.checkpoints.formats import PRETRAIN_FORMAT
+from lomar.checkpoints.io import safe_load
 from lomar.data.collate import BadDataTracker
 from lomar.data.device_decode import decode_dataset
 from lomar.data.folder import build_pretrain_dataset
@@ -25,7 +26,7 @@ from lomar.methods.base import method_runtime
 from lomar.models.spec import model_spec
 from lomar.train.config import PretrainConfig, build_model, prepare_method
 from lomar.train.distributed import DistInfo
-from lomar.train.fsdp import consolidate_into, shard_model
+from lomar.train.fsdp import consolidate, shard_model
 from lomar.train.lifecycle import Task, TrainingError, run
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.run_state import checkpoints_to_prune, newest_state, resolve_precision
@@ -86,11 +87,10 @@ class PretrainTask(Task):
         return self.per_rank // self.config.batch_size
 
     def set_epoch(self, epoch: int, skip_batches: int) -> None:
-        skip, bs = skip_batches * self.config.batch_size, self.config.batch_size
-        if self.iterable:
-            self.dataset.set_epoch(epoch, skip=skip, batch_size=bs)
-        else:
-            self.train_loader.sampler.set_epoch(epoch, skip=skip)
+        if not self.iterable:
+            return super().set_epoch(epoch, skip_batches)
+        bs = self.config.batch_size
+        self.dataset.set_epoch(epoch, skip=skip_batches * bs, batch_size=bs)
 
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters()) / 1e6
@@ -164,7 +164,8 @@ class PretrainTask(Task):
         """The whole model: a sharded run's last checkpoint gathered into ``last.pt`` (and its figure)."""
         if not self.sharded:
             return self.model
-        model = consolidate_into(newest_state(out), out / "last.pt", build_model(self.config)).to(self.device)
+        model = build_model(self.config).to(self.device)
+        model.load_state_dict(safe_load(consolidate(newest_state(out), out / "last.pt"))["model"])
         self.figure(model)
         return model
 

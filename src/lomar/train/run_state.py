@@ -10,6 +10,7 @@ naming the newest, and ``last.pt`` holds its consolidated model (no optimizer) f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -24,18 +25,19 @@ from typing import TypeVar
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 
 from lomar.checkpoints.io import atomic_save, atomic_write_text, safe_load
 from lomar.errors import LomarError, UsageError
+from lomar.train.settings import ConfigError
 
 __all__ = ["RunLock", "SaveError", "save_state", "rng_state", "set_rng_state", "checkpoints_to_prune",
            "save_checkpoint", "save_on_main_rank", "truncate_metrics", "remove_stale_temporaries",
            "find_resume_checkpoint", "checkpoint_step", "check_no_rewind", "remove_newer_checkpoints",
-           "check_out_folder", "autocast_factory", "resolve_precision", "LAST_POINTER", "is_sharded_checkpoint",
-           "newest_state", "resume_path", "prepare_run_folder"]
+           "check_out_folder", "read_meta", "autocast_factory", "resolve_precision", "LAST_POINTER",
+           "newest_state", "refuse_held_run", "prepare_run_folder"]
 
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.pt$")
-_SHARDED = re.compile(r"^checkpoint-(\d+)\.dcp$")
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.(pt|dcp)$")  # .dcp: a sharded checkpoint folder
 _SHARDED_TMP = re.compile(r"^checkpoint-\d+\.dcp\.tmp$")  # a sharded save cut before its rename
 LAST_POINTER = "last.json"  # a sharded run's pointer to its newest checkpoint folder
 _TMP = re.compile(r"^\..+\.tmp(-(\d+))?$")
@@ -80,13 +82,8 @@ def autocast_factory(precision: str, device: torch.device):
 # ---- checkpoints ----------------------------------------------------------------------
 def _checkpoint_number(name: str) -> int | None:
     """The step in ``checkpoint-<step>.pt`` or ``checkpoint-<step>.dcp``; None for other names."""
-    match = _CHECKPOINT.match(name) or _SHARDED.match(name)
+    match = _CHECKPOINT.match(name)
     return int(match[1]) if match else None
-
-
-def is_sharded_checkpoint(path: Path) -> bool:
-    """A folder written by ``lomar.train.fsdp.save_sharded`` (DCP metadata and the run's meta.pt)."""
-    return path.is_dir() and (path / ".metadata").is_file() and (path / "meta.pt").is_file()
 
 
 def checkpoints_to_prune(paths: list[Path], keep: int) -> list[Path]:
@@ -97,9 +94,8 @@ def checkpoints_to_prune(paths: list[Path], keep: int) -> list[Path]:
     return sorted(ours, key=lambda f: _checkpoint_number(f.name))[:-keep]
 
 
-def save_state(state: dict, path: Path, previous: Path | None = None) -> None:
+def save_state(state: dict, path: Path, previous: Path) -> None:
     """``atomic_save``, with a full disk reported as SaveError naming ``previous`` (the state kept)."""
-    previous = previous or path
     try:
         atomic_save(state, path)
     except OSError as exc:
@@ -161,37 +157,33 @@ def truncate_metrics(path: Path, step: int) -> None:
         atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
+def read_meta(path: Path) -> dict:
+    """A training checkpoint without its weights loaded: a sharded folder's meta.pt, else the file memory-mapped;
+    OSError or ValueError when it cannot be read."""
+    return safe_load(path / "meta.pt") if path.is_dir() else safe_load(path, mmap=True)
+
+
 def checkpoint_step(path: Path) -> int | None:
     """The step of a training checkpoint (file or sharded folder); None when it cannot be read or
     holds no training state."""
-    if path.is_dir():
-        if not is_sharded_checkpoint(path):
-            return None
-        try:
-            step = safe_load(path / "meta.pt").get("step")
-        except (OSError, ValueError):
-            return None
-        return int(step) if isinstance(step, int) else None
+    if path.is_dir() and not (path / ".metadata").is_file():  # not a folder written by fsdp.save_sharded
+        return None
     try:
-        ckpt = safe_load(path, mmap=True)
+        ckpt = read_meta(path)
     except (OSError, ValueError):
         return None
     step = ckpt.get("step")
-    return int(step) if "optimizer" in ckpt and isinstance(step, int) else None
-
-
-def _pointed_checkpoint(out: Path) -> Path | None:
-    """The folder ``out/last.json`` names (a sharded run), or None without a readable pointer."""
-    try:
-        name = json.loads((out / LAST_POINTER).read_text())["checkpoint"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return out / name if isinstance(name, str) and _SHARDED.match(name) else None
+    return int(step) if (path.is_dir() or "optimizer" in ckpt) and isinstance(step, int) else None
 
 
 def newest_state(out: Path) -> Path:
-    """Where a run's newest resumable state is said to be: ``last.json``'s folder, else ``last.pt``."""
-    return _pointed_checkpoint(out) or out / "last.pt"
+    """Where a run's newest resumable state is said to be: the folder ``last.json`` names (a sharded run), else
+    ``last.pt``."""
+    try:
+        name = str(json.loads((out / LAST_POINTER).read_text())["checkpoint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return out / "last.pt"
+    return out / name if name.endswith(".dcp") and _CHECKPOINT.match(name) else out / "last.pt"
 
 
 def find_resume_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
@@ -324,22 +316,22 @@ class RunLock:
         self.release(remove_if_empty=exc[0] is not None)
 
 
-def resume_path(config, name: str, is_main: bool) -> Path | None:
-    """The checkpoint ``--resume`` names, or None for a fresh run. ``--resume auto`` falls back to the newest
-    intact ``checkpoint-*`` when ``last.pt`` is gone or unreadable, and says so."""
-    if config.resume == "auto":
-        path, notes = find_resume_checkpoint(Path(config.out))
-        for note in notes if is_main else ():
-            print(f"lomar {name}: {note}", flush=True)
-        return path
-    return Path(config.resume) if config.resume else None
+def refuse_held_run(out: Path, resume: str | None, overwrite: bool) -> None:
+    """The one check of every command that writes a run folder: a new run does not take over a
+    folder that holds one (a checkpoint, or the settings of a run stopped before its first)."""
+    held = (Path(out) / "last.pt").exists() or (Path(out) / "config.yaml").exists()
+    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 may already have started
+    if held and is_main and not resume and not overwrite:
+        raise ConfigError(f"--out {out} already holds a run; pass --resume auto to continue it, "
+                          f"--overwrite to replace it, or another --out")
 
 
-def prepare_run_folder(config, name: str, resume: Path | None, step: int, epoch: int, outputs: tuple[str, ...],
-                       config_text: str) -> None:
-    """Main process, lock held: a fresh run clears what an earlier one left (``outputs``: the task's own
-    names or globs); a resume cuts the log back to its checkpoint; ``config.yaml`` is written."""
-    out = Path(config.out)
+def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int) -> None:
+    """Main process, lock held: a fresh run clears what an earlier one left (the task's ``outputs`` too); a resume
+    cuts the log back to its checkpoint; ``config.yaml`` is written (a TaskConfig's dump, else the fields)."""
+    out, name = Path(config.out), task.name
+    if resume is None:  # another run may have got here since the config was checked
+        refuse_held_run(out, config.resume, config.overwrite)
     removed = remove_stale_temporaries(out)
     if removed:
         print(f"lomar {name}: removed {len(removed)} stale temporary file(s) in {out}, e.g. {removed[0].name}")
@@ -350,7 +342,8 @@ def prepare_run_folder(config, name: str, resume: Path | None, step: int, epoch:
         print(f"lomar {name}: resumed from {resume} at step {step} (epoch {epoch})", flush=True)
     else:
         for pattern in ("last.pt", "best.pt", "last.json", "metrics.jsonl", "checkpoint-*.pt", "checkpoint-*.dcp",
-                        "tb", *outputs):
+                        "tb", *task.outputs):
             for stale in out.glob(pattern):
                 shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    atomic_write_text(out / "config.yaml", config_text)
+    text = config.dump() if hasattr(config, "dump") else yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
+    atomic_write_text(out / "config.yaml", text)

@@ -29,19 +29,7 @@ from lomar.train.distributed import DistInfo
 from lomar.train.lifecycle import Task, run
 from lomar.train.segment_config import SegmentConfig
 
-__all__ = ["SegmentTask", "build_encoder", "poly_schedule", "segment"]
-
-
-def build_encoder(config: SegmentConfig):
-    """(encoder, one line saying where its weights come from): ``--pretrained`` through
-    :func:`lomar.eval.features.load_pretrained_encoder` (anything ``lomar export`` reads), else a
-    randomly initialised ``--model``."""
-    if config.pretrained is None:
-        encoder = VisionTransformer(model_config(config.model, img_size=config.img_size, drop_path=config.drop_path))
-        return encoder, f"random init {config.model} (no --pretrained)"
-
-    encoder = load_pretrained_encoder(config.pretrained, img_size=config.img_size, drop_path=config.drop_path)
-    return encoder, f"pretrained: {encoder.load_report.summary()}"
+__all__ = ["SegmentTask", "poly_schedule", "segment"]
 
 
 def poly_schedule(step: int, total: int, warmup: int, power: float = 1.0, floor: float = 0.0) -> float:
@@ -65,12 +53,15 @@ class SegmentTask(Task):
                                             train=True, seed=config.seed, workers=max(1, workers))
         self.val_set = SegmentationFolder(config.data, "validation", config.num_classes, config.img_size,
                                           train=False, workers=max(1, workers))
-        if len(self.train_set) < config.batch_size * world_size:
-            raise ValueError(f"{Path(config.data) / 'images' / 'training'} holds {len(self.train_set)} images, fewer "
-                             f"than one batch ({config.batch_size} x {world_size} processes); lower --batch-size")
-        encoder, self.source = build_encoder(config)
+        layout = dict(img_size=config.img_size, drop_path=config.drop_path)
+        if config.pretrained is None:
+            encoder = VisionTransformer(model_config(config.model, **layout))
+            source = f"random init {config.model} (no --pretrained)"
+        else:  # anything `lomar export` reads
+            encoder = load_pretrained_encoder(config.pretrained, **layout)
+            source = f"pretrained: {encoder.load_report.summary()}"
         if info.is_main:
-            print(f"lomar segment: {self.source}", file=sys.stderr, flush=True)
+            print(f"lomar segment: {source}", file=sys.stderr, flush=True)
         # The pyramid taps blocks, never the final norm: left trainable, DDP would wait for its gradient.
         encoder.norm.requires_grad_(False)
         self.model = UperNetSegmenter(encoder, config.num_classes, channels=config.head_channels,

@@ -62,7 +62,7 @@ class SegmentConfig(TaskConfig):
     grad_checkpointing: bool = S.GRAD_CHECKPOINTING.field()
 
     @staticmethod
-    def saved_settings(checkpoint: dict) -> dict | None:
+    def saved_settings(checkpoint: dict, path: Path) -> dict | None:
         """The settings a `lomar segment` checkpoint saved; None for another file."""
         return checkpoint.get("settings") if checkpoint.get("task") == "segment" else None
 

@@ -39,7 +39,7 @@ _FIXED_RULE = ("kind", "choices", "low", "above", "high", "below", "finite", "pa
 class Setting:
     """One setting. ``low``/``high`` are inclusive bounds, ``above``/``below`` exclusive ones; a float
     must also be finite. ``resume``: fixed (a resumed run must keep it), run-control (may change on
-    resume), per-invocation (never inherited: its default unless given again), derived (None asks
+    resume), per-invocation (never inherited: its default unless given again), derived (None or auto asks
     for a default that the saved run already resolved)."""
 
     default: Any = None

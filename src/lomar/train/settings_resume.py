@@ -1,12 +1,11 @@
 """What the training commands' settings share: the run-control settings and the resolution of a run's
 settings (:class:`TaskConfig`), what a resumed run may change (each setting's declared resume policy),
-which checkpoint ``--resume`` names, and the one check that a new run does not take over a folder holding one."""
+which checkpoint ``--resume`` names, and the checks and encoder layout several commands share."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,8 @@ from lomar.train import settings as S
 from lomar.train.runtime import default_workers
 from lomar.train.settings import ConfigError, coerce_all, declarations, shown
 
-__all__ = ["TaskConfig", "resume_values", "lay_schedule_over_max_steps", "resume_target", "refuse_held_run",
-           "check_windows", "check_img_size", "check_pretrained", "refuse_fp16"]
+__all__ = ["TaskConfig", "resume_values", "resume_target",
+           "check_windows", "encoder_layout", "check_img_size", "check_pretrained", "refuse_fp16"]
 
 
 @dataclasses.dataclass
@@ -68,31 +67,49 @@ class TaskConfig:
     @classmethod
     def start_values(cls, explicit: dict[str, Any]) -> dict[str, Any]:
         """The settings before :meth:`complete`: ``explicit`` (the YAML file's and the flags') over the resumed
-        checkpoint's (:meth:`saved_settings`) or over the declared defaults with the schedule laid over
-        ``--max-steps``; a checkpoint resumes into its own folder unless told otherwise."""
-        path = resume_target(explicit)
+        run's (:meth:`saved_run`), or over :meth:`fresh_values` with the schedule laid over a new ``--max-steps``."""
+        saved = cls.saved_run(explicit)
+        if saved is not None:
+            return resume_values(cls, *saved, explicit)
+        values = cls.fresh_values(explicit)
+        if values.get("max_steps") and "epochs" not in explicit and "schedule_steps" not in explicit:
+            # the lr schedule spans the steps that will run: a short run warms up and anneals instead of stopping
+            # inside the recipe's warm-up (a resumed run keeps the schedule it started with)
+            values["schedule_steps"] = values["max_steps"]
+        return values
+
+    @classmethod
+    def fresh_values(cls, explicit: dict[str, Any]) -> dict[str, Any]:
+        """A new run's settings: ``explicit`` over the declared defaults."""
+        return {**dataclasses.asdict(cls()), **explicit}
+
+    @classmethod
+    def saved_run(cls, explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
+        """(settings, where from) of the checkpoint ``--resume`` names (:meth:`saved_settings`), or None for a new
+        run; a command with ``--fsdp`` may name a sharded folder (its meta.pt is read). A checkpoint resumes into
+        its own folder unless told otherwise."""
+        path = resume_target(explicit, sharded_ok="fsdp" in cls.__dataclass_fields__)
         if path is None:
-            values = {**dataclasses.asdict(cls()), **explicit}
-            lay_schedule_over_max_steps(values, explicit)
-            return values
-        from lomar.checkpoints.io import safe_load  # torch: not for --help
+            return None
+        from lomar.train.run_state import read_meta  # torch: not for --help
 
         try:
-            checkpoint = safe_load(path, mmap=True)
+            checkpoint = read_meta(path)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"--resume: {exc}") from None
-        settings = cls.saved_settings(checkpoint)
+            raise ConfigError(f"--resume {path}: {exc}; pass an intact checkpoint-NNNNNN.dcp folder" if path.is_dir()
+                              else f"--resume: {exc}") from None
+        settings = cls.saved_settings(checkpoint, path)
         if not isinstance(settings, dict):
             raise ConfigError(f"--resume {path} is not a `lomar {cls.COMMAND}` checkpoint; to start from "
                               f"pretrained weights pass them as --pretrained")
         saved = coerce_all(cls, settings, str(path), strict=False)
         if "out" not in explicit:
             saved["out"] = str(path.parent)
-        return resume_values(cls, saved, str(path), explicit)
+        return saved, str(path)
 
     @staticmethod
-    def saved_settings(checkpoint: dict) -> dict | None:
-        """The settings a checkpoint of this command saved; None for another file."""
+    def saved_settings(checkpoint: dict, path: Path) -> dict | None:
+        """The settings a checkpoint of this command saved (read from ``path``); None for another file."""
         return None
 
     def complete(self, explicit: dict[str, Any]) -> None:
@@ -107,7 +124,7 @@ class TaskConfig:
         if not check_out:
             return
         self.check_inputs()
-        from lomar.train.run_state import check_out_folder  # torch: not for --help
+        from lomar.train.run_state import check_out_folder, refuse_held_run  # torch: not for --help
 
         check_out_folder(Path(self.out))
         if not getattr(self, "eval_only", False):
@@ -130,6 +147,16 @@ def check_windows(config: Any) -> None:
                           "add --window-size 14, or drop --global-blocks")
     if len(set(blocks)) != len(blocks):
         raise ConfigError(f"--global-blocks must be distinct block indices, got {' '.join(map(str, blocks))}")
+
+
+def encoder_layout(config: Any) -> dict:
+    """The attention settings a task's encoder overrides (none: the pretrained encoder's); global blocks None:
+    ViTDet's for the depth."""
+    layout = {} if config.attention == "auto" else {"attention": config.attention}
+    if config.window_size is not None:
+        layout["window_size"] = config.window_size
+        layout["global_blocks"] = () if not config.window_size else config.global_blocks  # None: ViTDet's
+    return layout
 
 
 def check_img_size(config: Any) -> None:
@@ -158,7 +185,7 @@ def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[
     values = {**dataclasses.asdict(cls()), **saved, **fresh}
     for name, value in explicit.items():
         if policy[name] in ("run-control", "per-invocation") or value == values[name] or \
-                (value is None and policy[name] == "derived"):
+                (value in (None, "auto") and policy[name] == "derived"):
             continue
         flag = "--" + name.replace("_", "-")
         raise ConfigError(f"{flag} {shown(value)} differs from {shown(values[name])} in the run being resumed "
@@ -167,14 +194,6 @@ def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[
     if "epochs" in explicit and "max_steps" not in explicit and "max_steps" in values:
         values["max_steps"] = None  # a new --epochs is where the run now ends, not the old --max-steps
     return values
-
-
-def lay_schedule_over_max_steps(values: dict[str, Any], explicit: dict[str, Any]) -> None:
-    """A new run given ``--max-steps`` and no ``--epochs``: its lr schedule spans the steps that will
-    run (``schedule_steps``), so a short run warms up and anneals instead of stopping inside the
-    recipe's warm-up. A resumed run keeps the schedule it started with."""
-    if values.get("max_steps") and "epochs" not in explicit and "schedule_steps" not in explicit:
-        values["schedule_steps"] = values["max_steps"]
 
 
 def resume_target(explicit: dict[str, Any], sharded_ok: bool = False) -> Path | None:
@@ -199,13 +218,3 @@ def resume_target(explicit: dict[str, Any], sharded_ok: bool = False) -> Path | 
     if not path.is_file():
         raise ConfigError(f"--resume {path} does not exist; pass a checkpoint file or 'auto'")
     return path
-
-
-def refuse_held_run(out: Path, resume: str | None, overwrite: bool) -> None:
-    """The one check of every command that writes a run folder: a new run does not take over a
-    folder that holds one (a checkpoint, or the settings of a run stopped before its first)."""
-    held = (Path(out) / "last.pt").exists() or (Path(out) / "config.yaml").exists()
-    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 may already have started
-    if held and is_main and not resume and not overwrite:
-        raise ConfigError(f"--out {out} already holds a run; pass --resume auto to continue it, "
-                          f"--overwrite to replace it, or another --out")

@@ -60,7 +60,7 @@ class Task:
     eval_log = "metrics.jsonl"
     eval_epoch_index = False
     outputs: tuple[str, ...] = ()
-    net: torch.nn.Module  # and ``progress``: set by the lifecycle
+    net: torch.nn.Module  # and ``progress``, ``autocast`` (its precision's context): set by the lifecycle
     load = finish = stopped = begin = saved = _nothing
     evaluate, state, final_line = (lambda self: {}), (lambda self: {}), (lambda self: "")
     idle_loss = lambda self: None
