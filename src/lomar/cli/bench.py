@@ -26,6 +26,7 @@ from pathlib import Path
 
 from lomar.cli.common import check_output_file, resolve_device, write_json
 from lomar.errors import UsageError
+from lomar.methods import names
 from lomar.train import settings as S
 from lomar.train.runtime import retain_freed_memory
 from lomar.train.settings import Setting, add_settings
@@ -54,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "sizes": Setting([224, 384, 448, 672, 896], "image sizes", kind=int, above=0, nargs="+", metavar="PX"),
         "methods": Setting(["lomar", "mae"], "beit times BEiT and BEiT + 7x7 windows (beit_window); mae_window: MAE "
                            "per 7x7 window; windowed variants use LoMaR's window counts", kind=str, nargs="+",
-                           choices=("lomar", "mae", "beit", "mae_window")),
+                           choices=(*names(), "mae_window")),
         "windows": Setting(["paper"], "LoMaR windows per image: 'paper' (4@224, 6@384, 9@448, 9 above) and/or fixed "
                            "counts, e.g. --windows paper 4", kind=str, parse=_window_setting, nargs="+",
                            metavar="N|paper"),
@@ -125,7 +126,7 @@ def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str
                              "paper" if setting == "paper" else "fixed")
         windowed = paper_windows(size) if paper else args.windows[0]
         configs = [("lomar", n, setting) for n, setting in lomar.items()]
-        configs += [(m, None, "-") for m in ("mae", "beit") if m in args.methods]
+        configs += [(m, None, "-") for m in names()[1:] if m in args.methods]  # every method but LoMaR: global
         configs += [(m, windowed, "paper" if paper else "fixed") for m, flag in
                     (("mae_window", "mae_window"), ("beit_window", "beit")) if flag in args.methods]
         for method, n, _ in (c for c in configs if c[1] is not None):
