@@ -221,7 +221,7 @@ def _encoder_layer(name: str, depth: int) -> int:
 
 
 def layer_decay_param_groups(model: nn.Module, encoder: VisionTransformer, weight_decay: float, layer_decay: float,
-                       no_decay: set[int]) -> list[dict]:
+                             no_decay: set[int]) -> list[dict]:
     """AdamW groups of ``model``'s trainable parameters: ``encoder``'s of layer l at ``lr_scale`` =
     layer_decay^(depth + 1 - l), the others at 1; weight decay 0 for the parameters whose id is in
     ``no_decay``."""
