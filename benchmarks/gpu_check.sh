@@ -21,7 +21,9 @@
 #   GPU_CHECK_T_ENV/_BENCH/_PRETRAIN/_LOADER/_TESTS/_FINETUNE/_BACKBONE: per-part timeouts (s)
 #   GPU_CHECK_BUDGET=470 (s, whole check: bench runs, last, are skipped when it is spent)
 #   GPU_CHECK_VENV=/tmp/lomar-gpu-check-venv (an existing venv not made by this script is used as is)
-#   GPU_CHECK_PARTS="env tests loader pretrain bench" (also: finetune backbone, outside the 8 minutes)
+#   GPU_CHECK_PARTS="env tests loader pretrain bench" (also: finetune backbone mfu, outside the 8 minutes)
+#   GPU_CHECK_SWEEP="128:default 128:reduce-overhead 256:reduce-overhead" (mfu: BATCH:MODE
+#     pairs, MODE eager or a --compile-mode; LoMaR at GPU_CHECK_MFU_SIZE=448 px, GPU_CHECK_MFU_WINDOWS=9)
 # The ratios beside the paper's (Table 1) are written to ratios.md / ratios.json.
 set -u
 cd "$(dirname "$0")/.."
@@ -38,12 +40,12 @@ if [ "$DEVICE" = cpu ]; then  # tiny mode: proves the script runs, measures noth
   D_MODEL=vit_tiny_patch8; D_SIZES="64"; D_CSIZES=""; D_BATCH=2; D_STEPS=1; D_WARMUP=0
   D_PSTEPS=3; D_PSIZE=64; D_PBATCH=4; D_WORKERS=1; D_COUNT=8; D_FSTEPS=2; D_BB="64"; D_BBATT="dense chunked"
   TINY=(--embed-dim 32 --depth 1 --num-heads 2 --window-size 3 --windows 2); D_WINDOWS="2"
-  BENCH_TINY=(--tiny); PRECISION=fp32; D_DECODE="draft"
+  BENCH_TINY=(--tiny); PRECISION=fp32; D_DECODE="draft"; D_MSIZE=64; D_MWIN=2; D_SWEEP="2:eager 2:reduce-overhead"
 else
   D_MODEL=vit_base_patch16; D_SIZES="224 384 448"; D_CSIZES="448"; D_BATCH=64; D_STEPS=5
   D_WARMUP=2; D_PSTEPS=40; D_PSIZE=448; D_PBATCH=64; D_WORKERS=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 )); D_COUNT=128
   D_FSTEPS=20; D_BB="1024 1536 2048"; D_BBATT="dense chunked flex windowed"; TINY=(); D_WINDOWS="paper"; BENCH_TINY=(); PRECISION=bf16
-  D_DECODE="gpu"
+  D_DECODE="gpu"; D_MSIZE=448; D_MWIN=9; D_SWEEP="128:default 128:reduce-overhead 256:reduce-overhead"
 fi
 MODEL=${GPU_CHECK_MODEL:-$D_MODEL}; SIZES=${GPU_CHECK_SIZES:-$D_SIZES}; WINDOWS=${GPU_CHECK_WINDOWS:-$D_WINDOWS}
 BATCH=${GPU_CHECK_BENCH_BATCH:-$D_BATCH}
@@ -57,6 +59,7 @@ BB_ATTENTION=${GPU_CHECK_BACKBONE_ATTENTION:-$D_BBATT}
 COMPILE_SIZES=${GPU_CHECK_COMPILE_SIZES-$D_CSIZES}  # torch.compile costs ~45 s per model: one size
 PARTS=${GPU_CHECK_PARTS:-env tests loader pretrain bench}
 DECODES=${GPU_CHECK_DECODE:-$D_DECODE}
+MSIZE=${GPU_CHECK_MFU_SIZE:-$D_MSIZE}; MWIN=${GPU_CHECK_MFU_WINDOWS:-$D_MWIN}; SWEEP=${GPU_CHECK_SWEEP:-$D_SWEEP}
 VENV=${GPU_CHECK_VENV:-/tmp/lomar-gpu-check-venv}
 BUDGET=${GPU_CHECK_BUDGET:-470}  # seconds for the whole check; late bench runs are skipped past it
 T0=$(date +%s)
@@ -246,7 +249,7 @@ fi
 # ---------------------------------------------------------------- CUDA tests (FlexAttention, GPU decode)
 if want tests; then
   if "$PY" -c "import pytest" 2>/dev/null; then
-    timeout "${GPU_CHECK_T_TESTS:-90}" "$PY" -m pytest -q -p no:cacheprovider tests/models/test_attention_cuda.py \
+    timeout "${GPU_CHECK_T_TESTS:-120}" "$PY" -m pytest -q -p no:cacheprovider tests/models/test_attention_cuda.py \
       tests/bench/test_loader.py tests/train/test_pretrain.py -k "cuda or gpu" 2>&1 | tail -n 15 | tee -a "$LOG"
     status tests "${PIPESTATUS[0]}"
   else
@@ -310,6 +313,50 @@ for r in rows:
 (dest / "ratios.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF
+fi
+
+# ---------------------------------------------------------------- MFU of LoMaR at 448 px / 9 windows
+# Batch size x compile mode, one process each (CUDA graphs keep their memory pools), every step profiled:
+# mfu.md lists img/s, MFU, peak memory and where the device time goes (GEMM, attention, fused, optimizer).
+# The bench part's eager and compiled (default mode) rows at batch $BATCH join the table.
+if want mfu; then
+  for pair in $SWEEP; do
+    b=${pair%%:*}; mode=${pair#*:}; flags=(); [ "$mode" = eager ] || flags=(--compile --compile-mode "$mode")
+    timeout "${GPU_CHECK_T_MFU:-150}" "${LOMAR[@]}" bench --model "$MODEL" --sizes "$MSIZE" --methods lomar \
+      --windows "$MWIN" --batch-size "$b" --precision "$PRECISION" --device "$DEVICE" --steps "$STEPS" \
+      --warmup "$WARMUP" --json "$DEST/mfu-$b-$mode.json" --profile "$DEST/mfu-$b-$mode-profile.json" --quiet \
+      "${BENCH_TINY[@]}" "${flags[@]}" 2>&1 | grep -v '^USDT' | tail -n 4 | tee -a "$LOG"
+    status "mfu-$b-$mode" "${PIPESTATUS[0]}"
+  done
+  "$PY" - "$DEST" "$MSIZE" "$MWIN" <<'EOF' 2>&1 | tee -a "$LOG"
+import json, sys
+from pathlib import Path
+dest, size, windows = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+rows = []
+for path in sorted(dest.glob("mfu-*.json")) + sorted(dest.glob("bench-*.json")):
+    try:
+        records = json.loads(path.read_text()).get("records", [])
+    except (OSError, ValueError):
+        continue
+    rows += [dict(r, source=path.name) for r in records if r.get("method") == "lomar" and r.get("img_size") == size
+             and r.get("windows") == windows and r.get("step_s")]
+rows.sort(key=lambda r: -r["mfu"])
+kinds = ("gemm", "attention", "fused", "optimizer", "other")
+lines = [f"LoMaR {size} px, {windows} windows: best first", "",
+         "| batch | step | img/s | MFU | peak GiB | " + " | ".join(kinds) + " | source |",
+         "|---|---|---|---|---|" + "---|" * len(kinds) + "---|"]
+for r in rows:
+    step = r.get("compile_mode", "default") if r.get("compile") else "eager"
+    shares = r.get("time_shares") or {}
+    cells = " | ".join(f"{100 * shares[k]:.0f} %" if k in shares else "-" for k in kinds)
+    lines.append(f"| {r['batch_size']} | {step} | {r['images_per_s']:.1f} | {100 * r['mfu']:.1f} % "
+                 f"| {r['peak_mem_bytes'] / 2**30:.1f} | {cells} | {r['source']} |")
+(dest / "mfu.json").write_text(json.dumps(rows, indent=1) + "\n")
+(dest / "mfu.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+sys.exit(0 if rows else 1)
+EOF
+  status mfu "${PIPESTATUS[0]}" "summary of the sweep: mfu.md"
 fi
 
 # ---------------------------------------------------------------- backbone memory at 1024-2048 px

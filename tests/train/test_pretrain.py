@@ -117,3 +117,25 @@ def test_reduced_decoding_trains_and_resumes_exactly(jpegs, tmp_path, decode):
     # the reduced decode does change pixels: the run is not the reference one
     assert _run("--data", jpegs, "--out", tmp_path / "ref", "--max-steps", 6) == 0
     assert _losses(tmp_path / "ref") != _losses(full)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA graphs need CUDA"))])
+def test_reduce_overhead_trains_as_eager_with_accumulation(data, tmp_path, device):
+    """``--compile-mode reduce-overhead`` on CUDA replays the step as CUDA graphs, whose outputs the
+    next replay overwrites: the logged loss and the accumulated gradient must not be. A large lr makes
+    a wrong gradient show in the losses within a few steps; fp32, so compiling changes only rounding."""
+    torch._dynamo.reset()
+    args = ("--data", data, "--accum-steps", "2", "--lr", "1e-2", "--max-steps", "4", "--device", device,
+            "--precision", "fp32")
+    assert _run(*args, "--out", tmp_path / "eager") == 0
+    assert _run(*args, "--out", tmp_path / "graphs", "--compile", "--compile-mode", "reduce-overhead") == 0
+    assert _losses(tmp_path / "graphs") == pytest.approx(_losses(tmp_path / "eager"), rel=1e-3)
+    assert len(set(_losses(tmp_path / "eager"))) == 4
+
+
+def test_compile_mode_needs_compile(capsys):
+    assert _run("--data", "unused", "--compile-mode", "reduce-overhead") == 2
+    err = capsys.readouterr().err
+    assert "--compile-mode reduce-overhead applies to a compiled model only; add --compile" in err
+    assert err.count("\n") == 1

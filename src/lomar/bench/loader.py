@@ -31,7 +31,7 @@ __all__ = ["TEST_SET_SIZES", "make_test_set", "loader_dataset", "measure_loader"
 
 # (width, height) of each test-set kind.
 TEST_SET_SIZES = {"camera": (4000, 3000), "imagenet": (500, 375)}
-_MODEL_KEYS = ("model_images_per_s", "model_batch_size", "precision", "compile", "device")
+_MODEL_KEYS = ("model_images_per_s", "model_batch_size", "precision", "compile", "compile_mode", "device")
 
 
 def _write_one(job: tuple[str, str, tuple[int, int], int, int]) -> str:
@@ -134,7 +134,7 @@ def measure_loader(data: str | Path, sizes: list[int], workers: int = 1, method:
                    model: str = "vit_base_patch16", model_batch: int | None = None,
                    device: torch.device | str = "cpu", precision: str = "fp32", compile: bool = False,
                    steps: int = 3, warmup: int = 1, model_rate: bool = True, tiny: bool = False,
-                   repeats: int = 1, progress=lambda msg: None) -> list[dict]:
+                   repeats: int = 1, progress=lambda msg: None, compile_mode: str = "default") -> list[dict]:
     """Loader and model rates per image size.
 
     Per size: images/s of decode + crop + masking plan with ``workers`` loader workers (the rate
@@ -160,11 +160,11 @@ def measure_loader(data: str | Path, sizes: list[int], workers: int = 1, method:
         progress(f"{size}px {decode}: {per_worker:.1f} images/s per worker, {cpu_ms:.1f} CPU ms per image")
         if model_rate:
             runner = build_runner(method, model, size, windows, model_batch or batch_size, device, precision,
-                                  compile, tiny=tiny)
+                                  compile, tiny=tiny, compile_mode=compile_mode)
             interleaved_times([runner], steps, warmup)
             _limited_by(rec, dict(model_images_per_s=runner.batch_size / statistics.median(runner.times),
                                   model_batch_size=runner.batch_size, precision=precision, compile=compile,
-                                  device=str(device)))
+                                  compile_mode=compile_mode, device=str(device)))
             del runner
         else:
             rec.update(model_images_per_s=None, limited_by=None)

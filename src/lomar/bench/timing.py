@@ -27,7 +27,7 @@ from lomar.models.masking import grid_size
 from lomar.models.vit import model_config
 from lomar.tokenizers import DVAEConfig, DVAEEncoder
 from lomar.train.config import PretrainConfig
-from lomar.train.runtime import fast_adamw
+from lomar.train.runtime import compile_model, fast_adamw
 
 __all__ = ["sync", "timed", "resident_bytes", "StepRunner", "method_config", "build_runner", "gemm_ceiling",
            "interleaved_times", "DTYPES"]
@@ -83,8 +83,11 @@ class StepRunner:
 
     def _loss(self, eager: bool = False) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            # FLOPs are counted on the eager model: the counter sees aten ops, not compiled kernels.
-            return (self.model if eager else self.forward)(self.images, **self.inputs).loss
+            if eager:  # FLOPs are counted on the eager model: the counter sees aten ops, not compiled kernels
+                return self.model(self.images, **self.inputs).loss
+            if self.forward is not self.model:  # CUDA graphs: the previous step's outputs may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
+            return self.forward(self.images, **self.inputs).loss
 
     def step(self, flops: FlopCounterMode | None = None) -> None:
         """forward + backward + optimizer step; no host synchronisation inside.
@@ -172,7 +175,7 @@ def method_config(variant: str, img_size: int, windows: int | None, **settings):
 
 def build_runner(method: str, model_name: str, img_size: int, windows: int | None, batch_size: int,
                  device: torch.device, precision: str, compile: bool, seed: int = 0,
-                 tiny: bool = False) -> StepRunner:
+                 tiny: bool = False, compile_mode: str = "default") -> StepRunner:
     """The training step of a bench variant (:func:`method_config`), built by its method as ``lomar
     pretrain`` builds it, 7×7 windows, on random normalised images (N, 3, S, S).
 
@@ -180,6 +183,7 @@ def build_runner(method: str, model_name: str, img_size: int, windows: int | Non
     vocabulary 8192; random weights, which cost the same as trained ones) labelling the second view
     at grid × 8 px in no_grad, inside the timed and FLOP-counted forward.
     ``tiny`` shrinks encoder, decoder and dVAE to width 32 (dVAE 8), depth 1, 2 heads (tests only).
+    ``compile_mode``: torch.compile's mode with ``compile`` (``lomar pretrain --compile-mode``'s choices).
     """
     # distinct window placement: the models' own sampler's, which the bench's window checks assume
     decoder = dict(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2) if tiny else {}
@@ -198,7 +202,7 @@ def build_runner(method: str, model_name: str, img_size: int, windows: int | Non
     masker, generator = spec.masker(config, grid), torch.Generator().manual_seed(seed)
     samples = [masker(generator) for _ in range(batch_size)]
     inputs = spec.forward_kwargs(config, grid)({k: torch.stack([s[k] for s in samples]) for k in samples[0]}, device)
-    forward = torch.compile(model, dynamic=False) if compile else model  # one fixed shape per runner
+    forward = compile_model(model, compile_mode, dynamic=False) if compile else model  # one fixed shape per runner
     dtype = DTYPES[precision]
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     return StepRunner(method, img_size, config.windows or None, batch_size, model, forward, optimizer, images,

@@ -63,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "precision": S.PRECISION.but(default="fp32", help="fp32, or autocast to bf16/fp16 (fp16 with a gradient "
                                      "scaler); auto = bf16 on CUDA with bf16 support, else fp32"),
         "compile": S.COMPILE.but(help="torch.compile each model"),
+        "compile_mode": S.COMPILE_MODE,
         "device": S.DEVICE,
         "threads": S.THREADS.but(help="CPU threads (default: torch's choice)"),
         "steps": Setting(3, "timed steps per configuration (median)", above=0),
@@ -71,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "json": S.JSON.but(help="write results as JSON (default: not written)"),
         "plot": Setting(None, "plot time per step against image size (default: no plot)", kind=str,
                         metavar="FILE.png"),
+        "profile": Setting(None, "after timing, profile one step per configuration and write where its time goes "
+                           "(matrix products, attention, fused kernels, optimizer, other; the longest kernels) to "
+                           "this JSON (default: no profile)", kind=str, metavar="FILE"),
         "quiet": Setting(False, "no progress lines"),
         "tiny": Setting(False, argparse.SUPPRESS),  # tests: width 32, depth 1
         "task": Setting("pretrain", "pretrain: training steps per method; loader: images/s per loader worker from "
@@ -163,15 +167,18 @@ def _write(args: argparse.Namespace, say, **result) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output_file(args.json, "--json", create_parents=True)
+    S.check_compile_mode(args)
     if args.task == "backbone":
         return _run_backbone(args)
     if args.task == "loader":
         return _run_loader(args)
     plan = _plan(args)
     check_output_file(args.plot, "--plot", create_parents=True)
+    check_output_file(args.profile, "--profile", create_parents=True)
     import torch
 
     from lomar.bench import report  # torch: not for --help
+    from lomar.bench.profile import profile_step  # torch: not for --help
     from lomar.bench.timing import build_runner, gemm_ceiling, interleaved_times  # torch: not for --help
 
     device, say, meta = _start(args)
@@ -181,10 +188,11 @@ def run(args: argparse.Namespace) -> int:
     gemm = gemm_ceiling(device, args.precision, 256 if args.tiny else None)
     records: list[dict] = []
     rates: list[float] = []
+    profiles: list[dict] = []
     started = time.perf_counter()
     for size, configs in plan.items():
         runners = [build_runner(m, args.model, size, w, args.batch_size, device, args.precision, args.compile,
-                                tiny=args.tiny)
+                                tiny=args.tiny, compile_mode=args.compile_mode)
                    for m, w, _ in configs]
         rates += interleaved_times(runners, args.steps, args.warmup, gemm, say)
         for (method, windows, setting), r in zip(configs, runners):
@@ -194,7 +202,10 @@ def run(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size, step_s=step_s, images_per_s=args.batch_size / step_s,
                 flops=r.flops, achieved_flops=r.flops / step_s, peak_mem_bytes=r.peak_mem[0],
                 peak_mem_kind=r.peak_mem[1], step_times_s=list(r.times), precision=args.precision,
-                compile=args.compile, device=str(device)))
+                compile=args.compile, compile_mode=args.compile_mode, device=str(device)))
+            if args.profile:
+                profiles.append(dict(method=method, img_size=size, windows=windows, **profile_step(r)))
+                records[-1]["time_shares"] = profiles[-1]["shares"]
         del runners
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -203,11 +214,18 @@ def run(args: argparse.Namespace) -> int:
         rec.update(gemm_flops=ceiling, mfu=rec["achieved_flops"] / ceiling)
     comparisons, beit_ratios = report.compare(records), report.beit_comparisons(records)
     report.print_table(records, comparisons, ceiling, sys.stdout, beit_ratios)
+    for prof in profiles:
+        shares = ", ".join(f"{kind} {100 * share:.0f} %" for kind, share in prof["shares"].items())
+        print(f"{prof['method']} {prof['img_size']}px: {shares} of {prof['total_ms']:.1f} ms {prof['clock']} time")
     meta.update(model=args.model, batch_size=args.batch_size, precision=args.precision, compile=args.compile,
-                device=str(device), steps=args.steps, warmup=args.warmup, machine=report.machine_name(device),
+                compile_mode=args.compile_mode, device=str(device), steps=args.steps, warmup=args.warmup,
+                machine=report.machine_name(device),
                 malloc_retains_memory=retained, gemm_flops=ceiling, gemm_flops_all=rates,
                 wall_s=time.perf_counter() - started)
     _write(args, say, meta=meta, records=records, comparisons=comparisons, beit_comparisons=beit_ratios)
+    if args.profile:
+        write_json(args.profile, dict(meta=meta, profiles=profiles))
+        say(f"wrote {args.profile}")
     if args.plot:
         report.plot_times(records, args.plot, f"{args.model}, batch {args.batch_size}, {args.precision}, "
                           f"{meta['machine']}")
@@ -268,8 +286,9 @@ def _run_loader(args: argparse.Namespace) -> int:
             records += measure_loader(
                 args.data, list(dict.fromkeys(args.sizes)), args.workers, args.loader_method,
                 args.loader_windows, decode, args.images, args.batch_size, args.model, device=device,
-                precision=args.precision, compile=args.compile, steps=args.steps, warmup=args.warmup,
-                model_rate=not args.no_model and not records, tiny=args.tiny, repeats=args.repeats, progress=say)
+                precision=args.precision, compile=args.compile, compile_mode=args.compile_mode, steps=args.steps,
+                warmup=args.warmup, model_rate=not args.no_model and not records, tiny=args.tiny,
+                repeats=args.repeats, progress=say)
         except ValueError as exc:
             raise UsageError(str(exc).splitlines()[0]) from None
     share_model_rate(records)

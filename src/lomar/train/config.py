@@ -104,6 +104,7 @@ class PretrainConfig(TaskConfig):
         None, "--method beit: layer-scale start (default: BEiT's by model size: 0.1 up to ViT-B, 1e-5 from ViT-L's "
         "width 1024)", kind=float, above=0, resume="derived")
     compile: bool = S.COMPILE.field()
+    compile_mode: str = S.COMPILE_MODE.field()
     fsdp: bool = S.setting(False, "shard the model, gradients and optimizer state across the torchrun processes "
                          "(FSDP2, one unit per block); sharded checkpoints checkpoint-N.dcp/, consolidated to last.pt "
                          "at the end")
@@ -177,6 +178,7 @@ class PretrainConfig(TaskConfig):
         from lomar.models.masking import grid_size  # torch: not for --help
 
         S.check_warmup(self)
+        S.check_compile_mode(self)
         if self.lr is not None and self.min_lr > self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} is above --lr {self.lr}; lower --min-lr")
         self.windows = resolve_windows(self)

@@ -8,7 +8,8 @@ cosine, ``accum_steps`` (DDP ``no_sync`` between), autocast + GradScaler, ``clip
 loss stop, the start-up line, ``Monitor`` (metrics.jsonl, TensorBoard, progress), ``last.pt`` /
 ``checkpoint-N.pt`` (with ``config.keep_last``) / ``best.pt`` (on ``task.best_metric``) and the final line.
 A resumed run skips the batches its checkpoint consumed of the (seed, epoch) data order: it continues
-exactly. Optional config fields: ``lr``, ``clip_grad``, ``compile``, ``save_every`` (default 1), ``keep_last``.
+exactly. Optional config fields: ``lr``, ``clip_grad``, ``compile`` and ``compile_mode``, ``save_every`` (default
+1), ``keep_last``.
 
 The Task interface, its required and optional hooks: :mod:`lomar.train.task`.
 """
@@ -43,7 +44,7 @@ from lomar.train.run_state import (
     save_state,
     set_rng_state,
 )
-from lomar.train.runtime import default_threads, fast_adamw
+from lomar.train.runtime import compile_model, default_threads, fast_adamw
 from lomar.train.schedule import lr_at, run_span, warmup_warning
 from lomar.train.task import Progress, Task, TrainingError
 from lomar.viz.curves import loss_summary
@@ -70,7 +71,9 @@ class _Run:
         self.optimizer = fast_adamw(task.param_groups(), lr=self.base_lr, betas=task.betas,
                                     weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
-        task.net = torch.compile(task.model) if getattr(config, "compile", False) else task.model
+        self.compiled = bool(getattr(config, "compile", False))
+        mode = getattr(config, "compile_mode", "default")
+        task.net = compile_model(task.model, mode) if self.compiled else task.model
         if info.enabled and not task.sharded:
             task.net = DistributedDataParallel(task.net, device_ids=[device.index] if device.type == "cuda" else None)
         task.progress = self.p = Progress()
@@ -188,6 +191,8 @@ class _Run:
         if task.sharded:
             task.model.set_requires_gradient_sync(sync)
         with contextlib.nullcontext() if sync or task.sharded or not self.info.enabled else task.net.no_sync():
+            if self.compiled:  # CUDA graphs: this forward may overwrite the previous step's outputs
+                torch.compiler.cudagraph_mark_step_begin()
             with self.autocast():
                 loss, weight = task.loss(batch), 1.0 / self.accum
                 if loss is None and self.info.enabled:
@@ -196,7 +201,7 @@ class _Run:
                 return
             self.scaler.scale(loss * weight).backward()
         if weight:
-            value = loss.detach().float()
+            value = loss.detach().float().clone()  # under CUDA graphs the loss's memory is reused
             self.loss_sum = value if self.loss_sum is None else self.loss_sum + value
             self.learned += 1
 

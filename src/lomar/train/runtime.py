@@ -1,4 +1,4 @@
-"""Fast settings for the machine we train on: the C allocator, the optimizer kernel.
+"""Fast settings for the machine we train on: the C allocator, the optimizer kernel, the compiler.
 
 PyTorch's CPU allocator is the C library's malloc. glibc serves blocks above its mmap
 threshold (at most 32 MiB) with fresh ``mmap`` calls and unmaps them on free, so a ViT-B
@@ -21,7 +21,8 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["retain_freed_memory", "fast_adamw", "available_cores", "default_threads", "default_workers"]
+__all__ = ["retain_freed_memory", "fast_adamw", "compile_model", "available_cores", "default_threads",
+           "default_workers"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -63,6 +64,18 @@ def fast_adamw(params: Iterable[Any], **kwargs: Any):
     except (RuntimeError, ValueError):  # no fused kernel for this device / dtype
         return torch.optim.AdamW(params, foreach=True, **kwargs)
 
+
+
+def compile_model(model: Any, mode: str = "default", **options: Any) -> Any:
+    """``torch.compile(model)`` in ``mode`` (``--compile-mode``'s choices; "default" is torch's default).
+
+    With CUDA graphs (reduce-overhead, max-autotune) a step's outputs live in memory that the next
+    replay overwrites: the caller marks each step's start (``torch.compiler.cudagraph_mark_step_begin``)
+    and copies what it keeps across steps.
+    """
+    import torch
+
+    return torch.compile(model, mode=None if mode == "default" else mode, **options)
 
 def available_cores() -> int:
     """CPU cores this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""

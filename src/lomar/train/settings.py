@@ -164,6 +164,11 @@ RESUME = Setting(None, "checkpoint path, or 'auto' for the newest state in --out
 OVERWRITE = Setting(False, "replace a run already in --out (or rewind it to an older --resume checkpoint)",
                     resume="per-invocation")
 COMPILE = Setting(False, "torch.compile the model", resume=_RUN)
+COMPILE_MODE = Setting("default", "torch.compile mode with --compile: reduce-overhead adds CUDA graphs (the step's "
+                       "launches replayed as one), max-autotune also tunes the kernels (minutes of compiling); "
+                       "the two differ from default on CUDA only",
+                       choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                       resume=_RUN)
 DATA = Setting(None, "ImageFolder root holding train/ and val/ (default: --train and --val)", kind=str, resume=_RUN)
 TRAIN = Setting(None, "ImageFolder root of the training split, instead of --data (default: ROOT/train)", kind=str,
                 resume=_RUN)
@@ -210,6 +215,13 @@ def check_warmup(config: Any) -> None:
     if not 0 <= config.warmup_epochs <= config.epochs:
         raise ConfigError(f"--warmup-epochs must be in [0, --epochs {config.epochs}], got {config.warmup_epochs}; "
                           f"lower --warmup-epochs or raise --epochs")
+
+
+
+def check_compile_mode(config: Any) -> None:
+    """``--compile-mode`` only with ``--compile`` (``config``: any settings holding both)."""
+    if config.compile_mode != "default" and not config.compile:
+        raise ConfigError(f"--compile-mode {config.compile_mode} applies to a compiled model only; add --compile")
 
 
 # ---- flags -----------------------------------------------------------------------------------
