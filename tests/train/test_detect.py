@@ -17,7 +17,7 @@ from lomar.data.coco import detection_dataset, read_coco, train_transforms, trai
 from lomar.errors import UsageError
 from lomar.integrations.detection import FixedSizeTransform, build_mask_rcnn, detector_param_groups
 from lomar.models.vit import VisionTransformer, model_config
-from lomar.train.detect import step_lr_factor
+from lomar.train.detect import DetectTask, step_lr_factor
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +191,12 @@ def test_detect_trains_and_predictions_rescore_to_the_reported_ap(tiny, tmp_path
     assert code == 0, capsys.readouterr().err
     assert "randomly initialised" in capsys.readouterr().err
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:  # Mask R-CNN's five losses, each logged, and the loss their sum
+        parts = [r[name] for name in DetectTask.loss_parts]
+        assert len(parts) == 5 and all(math.isfinite(v) and v >= 0 for v in parts), r
+        assert math.isclose(sum(parts), r["loss"], rel_tol=1e-5), r
     scored = [r for r in records if "box_AP" in r]
     assert scored and scored[-1]["step"] == 2
     metrics = scored[-1]

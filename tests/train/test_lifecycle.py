@@ -113,6 +113,35 @@ def test_the_loss_is_read_from_the_device_once_per_optimizer_step(tmp_path, monk
     assert counts[0] == counts[1] >= 4  # one read per optimizer step (+ the sampler's), none per micro-batch
 
 
+class Regularised(ToyTask):
+    """A loss of two parts, logged apart."""
+
+    loss_parts = ("fit", "l2")
+
+    def loss(self, batch):
+        return {"fit": super().loss(batch), "l2": 0.1 * self.model.weight.pow(2).sum()}
+
+
+def test_loss_parts_are_logged_with_the_loss_their_sum(tmp_path):
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    assert run(ToyConfig(out=str(straight)), Regularised) == 0
+    records = [r for r in map(json.loads, (straight / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(records) == 12 and list(records[0])[:5] == ["step", "epoch", "loss", "fit", "l2"]
+    for r in records:  # step means over the 2 micro-batches of each step
+        assert r["loss"] == pytest.approx(r["fit"] + r["l2"], rel=1e-6) and r["l2"] > 0
+    assert run(ToyConfig(out=str(resumed), max_steps=6), Regularised) == 0
+    assert run(ToyConfig(out=str(resumed), resume="auto"), Regularised) == 0
+    assert _losses(resumed) == _losses(straight)
+
+
+def test_loss_parts_other_than_the_declared_ones_are_refused(tmp_path):
+    class Undeclared(Regularised):
+        loss_parts = ("fit",)
+
+    with pytest.raises(ValueError, match=r"the toy loss has parts \['fit', 'l2'\], not its declared loss_parts"):
+        run(ToyConfig(out=str(tmp_path / "run")), Undeclared)
+
+
 def test_a_non_finite_loss_names_the_step(tmp_path):
     from lomar.train.lifecycle import TrainingError
 

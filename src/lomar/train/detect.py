@@ -82,6 +82,8 @@ class DetectTask(Task):
     """Mask R-CNN training and COCO evaluation (a :class:`~lomar.train.task.Task` of the lifecycle)."""
 
     name, best_metric, outputs = "detect", "box_AP", ("predictions.json",)
+    # torchvision's loss names, in the order its Mask R-CNN returns them
+    loss_parts = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 
     def __init__(self, config: DetectConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, device
@@ -153,12 +155,13 @@ class DetectTask(Task):
         """ViTDet's step schedule (:func:`step_lr_factor`) x the peak lr; ``min_lr`` does not apply."""
         return base_lr * step_lr_factor(step, round(total), round(warmup))
 
-    def loss(self, batch) -> torch.Tensor:
-        """Sum of the RPN, box and mask losses of one batch (images, targets); ``model`` in train mode."""
+    def loss(self, batch) -> dict[str, torch.Tensor]:
+        """The RPN, box and mask losses of one batch (images, targets), ``loss_parts``; ``model`` in train
+        mode. The lifecycle trains on their sum and logs each."""
         images, targets = batch
         images = [image.to(self.device, non_blocking=True) for image in images]
         targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-        return sum(self.net(images, targets).values())
+        return self.net(images, targets)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float | None]:

@@ -199,22 +199,35 @@ class _Run:
                     loss, weight = task.idle_loss(), 0.0
             if loss is None:
                 return
+            loss, values = self._values(loss)
             self.scaler.scale(loss * weight).backward()
         if weight:
-            value = loss.detach().float().clone()  # under CUDA graphs the loss's memory is reused
-            self.loss_sum = value if self.loss_sum is None else self.loss_sum + value
+            self.loss_sum = values if self.loss_sum is None else self.loss_sum + values
             self.learned += 1
+
+    def _values(self, loss: torch.Tensor | dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss to backpropagate, float32 (1 + P,) detached copy of it and its P ``task.loss_parts``).
+        A copy: under CUDA graphs the loss's memory is reused by the next step."""
+        if not isinstance(loss, dict):
+            return loss, loss.detach().float().reshape(1).clone()
+        if set(loss) != set(self.task.loss_parts):
+            raise ValueError(f"the {self.task.name} loss has parts {sorted(loss)}, not its declared loss_parts "
+                             f"{sorted(self.task.loss_parts)}")
+        parts = [loss[name] for name in self.task.loss_parts]
+        total = sum(parts)
+        return total, torch.stack([total, *parts]).detach().float()
 
     def _optimizer_step(self) -> bool:
         """Apply the accumulated gradient and log; False when no rank had a batch to learn from."""
         cfg, p = self.cfg, self.p
-        loss_sum = self.loss_sum if self.loss_sum is not None else torch.zeros((), device=self.device)
-        totals = torch.stack([loss_sum, torch.tensor(float(self.learned), device=self.device)])
+        names = self.task.loss_parts
+        loss_sum = self.loss_sum if self.loss_sum is not None else torch.zeros(1 + len(names), device=self.device)
+        totals = torch.cat([loss_sum, torch.tensor([float(self.learned)], device=self.device)])
         if self.info.enabled:
             dist.all_reduce(totals)
         self.loss_sum, learned = None, self.learned
         totals = totals.tolist()  # the one host sync of the step
-        if totals[1] == 0:
+        if totals[-1] == 0:
             self.optimizer.zero_grad(set_to_none=True)
             return False
         schedule = self.task.lr_schedule or lr_at
@@ -228,14 +241,15 @@ class _Run:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         p.step += 1
-        value = totals[0] / totals[1]
+        value = totals[0] / totals[-1]
         if not math.isfinite(value):
             last = self.out / "last.pt"
             kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
             raise TrainingError(f"loss is {value} at step {p.step} (epoch {p.epoch}); {kept}; lower --blr/--lr, "
                                 f"set --clip-grad or use --precision fp32")
         seen = learned * self.cfg.batch_size * self.info.world_size
-        self.monitor.step(p.step, p.epoch, value, lr, seen / max(time.perf_counter() - self.tick, 1e-9))
+        parts = {name: total / totals[-1] for name, total in zip(names, totals[1:-1])}
+        self.monitor.step(p.step, p.epoch, value, lr, seen / max(time.perf_counter() - self.tick, 1e-9), parts)
         self.tick, self.learned = time.perf_counter(), 0
         return True
 

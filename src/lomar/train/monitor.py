@@ -57,14 +57,15 @@ class Monitor:
         self.bar = progress(total=total, desc=name, initial=start, unit="step")
         self.lines = not sys.stdout.isatty()
 
-    def step(self, step: int, epoch: int, loss: float, lr: float, ips: float) -> None:
+    def step(self, step: int, epoch: int, loss: float, lr: float, ips: float, parts: dict | None = None) -> None:
+        """One optimizer step: its mean loss, and its mean loss ``parts`` by name (a task's ``loss_parts``)."""
         if not self.active:
             return
-        record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "img_s": round(ips, 2)}
+        record = {"step": step, "epoch": epoch, "loss": loss, **(parts or {}), "lr": lr, "img_s": round(ips, 2)}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.writer is not None:
-            for key in ("loss", "lr", "img_s"):
+            for key in record.keys() - {"step", "epoch"}:
                 self.writer.add_scalar(f"train/{key}", record[key], step)
         self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}", refresh=False)
         self.bar.update(step - self.bar.n)

@@ -7,6 +7,8 @@ Required of a Task: ``name``, ``model``, ``train_loader``, ``loss(batch)``. Opti
 - ``progress``: set by the lifecycle, the :class:`Progress` (``final`` during the end-of-run ``evaluate``),
 - ``loss`` may return None (nothing to learn from the batch); under DDP ``idle_loss()`` then gives a
   loss backpropagated with weight 0, so that every rank joins the all-reduce,
+- ``loss_parts``: names of the loss's components; ``loss`` (and ``idle_loss``) then return a dict of
+  exactly these scalars, the loss is their sum, and each step's record holds the mean of each,
 - ``lr_schedule(step, total, warmup, base_lr, min_lr)`` (default warm-up + cosine): the lr of optimizer step
   ``step``; ``total`` and ``warmup`` from the config (:func:`lomar.train.schedule.run_span`: ``schedule_steps``
   or ``epochs``; ``warmup_steps`` or ``warmup_epochs``), ``min_lr`` the config's (default 0),
@@ -60,6 +62,7 @@ class Task:
     eval_log = "metrics.jsonl"
     eval_epoch_index = False
     outputs: tuple[str, ...] = ()
+    loss_parts: tuple[str, ...] = ()
     net: torch.nn.Module  # and ``progress``, ``autocast`` (its precision's context): set by the lifecycle
     load = finish = stopped = begin = saved = _nothing
     evaluate, state, final_line = (lambda self: {}), (lambda self: {}), (lambda self: "")
@@ -68,7 +71,7 @@ class Task:
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
 
-    def loss(self, batch) -> torch.Tensor | None:
+    def loss(self, batch) -> torch.Tensor | dict[str, torch.Tensor] | None:
         raise NotImplementedError
 
     def batches_per_epoch(self) -> int:
