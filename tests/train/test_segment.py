@@ -121,6 +121,13 @@ def test_the_final_evaluation_can_be_the_best_checkpoint(digits, tmp_path, capsy
         (out / "metrics.jsonl").read_text().splitlines()[-1])["mIoU"]
 
 
+def test_without_the_auxiliary_head_the_loss_is_the_decode_heads(digits, tmp_path):
+    out = tmp_path / "run"
+    assert _segment(digits, out, "--max-steps", "1", "--eval-every", "50", "--aux-weight", "0") == 0
+    step = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert step["step"] == 1 and "loss_aux" not in step and step["loss"] == step["loss_decode"]
+
+
 def test_two_step_run_writes_miou_and_predictions(digits, pretrained, tmp_path, capsys):
     out = tmp_path / "run"
     assert _segment(digits, out, "--pretrained", str(pretrained), "--max-steps", "2", "--eval-mode", "whole") == 0
@@ -128,6 +135,8 @@ def test_two_step_run_writes_miou_and_predictions(digits, pretrained, tmp_path, 
     assert "pretrained: loaded" in err
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    for r in (r for r in records if "loss" in r):  # the decode and the weighted auxiliary head's losses
+        assert r["loss"] == pytest.approx(r["loss_decode"] + r["loss_aux"], rel=1e-6) and r["loss_aux"] > 0
     final = records[-1]
     assert final["step"] == 2 and 0 <= final["mIoU"] <= 100 and {"mAcc", "aAcc"} <= set(final)
     stems = sorted(p.stem for p in (digits / "images" / "validation").glob("*.jpg"))
@@ -234,6 +243,8 @@ def test_torchrun_two_processes_train_and_gather_every_prediction(digits, tmp_pa
     assert "x 2 process(es)" in done.stdout and "lomar: done at step 2" in done.stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    for r in (r for r in records if "loss" in r):  # the parts are averaged over both processes as the loss is
+        assert r["loss"] == pytest.approx(r["loss_decode"] + r["loss_aux"], rel=1e-6)
     assert records[-1]["step"] == 2 and 0 <= records[-1]["mIoU"] <= 100
     stems = sorted(p.stem for p in (digits / "images" / "validation").glob("*.jpg"))
     assert sorted(p.stem for p in (out / "predictions").glob("*.png")) == stems

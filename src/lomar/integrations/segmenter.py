@@ -15,7 +15,7 @@ from lomar.integrations.dense import MultiLevelBackbone, layer_decay_param_group
 from lomar.models.upernet import FCNHead, UPerHead
 from lomar.models.vit import VisionTransformer
 
-__all__ = ["spread_indices", "UperNetSegmenter", "layer_decay_groups", "segmentation_loss"]
+__all__ = ["spread_indices", "UperNetSegmenter", "layer_decay_groups", "segmentation_losses"]
 
 
 def spread_indices(depth: int) -> tuple[int, ...]:
@@ -62,17 +62,18 @@ class UperNetSegmenter(nn.Module):
     def loss(self, images: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
         """Cross-entropy of the decode head plus ``aux_weight`` x the auxiliary head's; labels (B, H, W)
         long, 0..N-1 or ``ignore_index``."""
-        return segmentation_loss(*self(images, aux=True), labels, self.aux_weight, ignore_index)
+        return sum(segmentation_losses(*self(images, aux=True), labels, self.aux_weight, ignore_index).values())
 
 
-def segmentation_loss(logits: torch.Tensor, extra: torch.Tensor | None, labels: torch.Tensor, aux_weight: float,
-                      ignore_index: int = 255) -> torch.Tensor:
-    """:meth:`UperNetSegmenter.loss` from the outputs of ``forward(images, aux=True)``: logits and
-    ``extra`` (B, N, H, W), labels (B, H, W); apart, so that a DDP wrapper's forward computes them."""
-    loss = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
+def segmentation_losses(logits: torch.Tensor, extra: torch.Tensor | None, labels: torch.Tensor, aux_weight: float,
+                        ignore_index: int = 255) -> dict[str, torch.Tensor]:
+    """The terms of :meth:`UperNetSegmenter.loss` from the outputs of ``forward(images, aux=True)``: logits
+    and ``extra`` (B, N, H, W), labels (B, H, W); apart, so that a DDP wrapper's forward computes them.
+    ``loss_decode``, and with the auxiliary head ``loss_aux`` (its cross-entropy x ``aux_weight``)."""
+    losses = {"loss_decode": F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)}
     if extra is not None:
-        loss = loss + aux_weight * F.cross_entropy(extra.float(), labels, ignore_index=ignore_index)
-    return loss
+        losses["loss_aux"] = aux_weight * F.cross_entropy(extra.float(), labels, ignore_index=ignore_index)
+    return losses
 
 
 def layer_decay_groups(model: UperNetSegmenter, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:

@@ -23,7 +23,7 @@ from lomar.data.samplers import EpochSampler
 from lomar.data.segmentation import SegmentationFolder
 from lomar.eval.features import load_pretrained_encoder
 from lomar.eval.segmentation import confusion_matrix, predict_logits, segmentation_metrics
-from lomar.integrations.segmenter import UperNetSegmenter, layer_decay_groups, segmentation_loss
+from lomar.integrations.segmenter import UperNetSegmenter, layer_decay_groups, segmentation_losses
 from lomar.models.vit import VisionTransformer, model_config
 from lomar.train.distributed import DistInfo
 from lomar.train.lifecycle import Task, run
@@ -67,6 +67,7 @@ class SegmentTask(Task):
         self.model = UperNetSegmenter(encoder, config.num_classes, channels=config.head_channels,
                                       aux_weight=config.aux_weight,
                                       grad_checkpointing=config.grad_checkpointing).to(self.device)
+        self.loss_parts = ("loss_decode", "loss_aux") if self.model.aux_head is not None else ("loss_decode",)
         if world_size > 1 and self.device.type == "cuda":
             # mmseg's SyncBN: statistics over the whole batch, not each process's share (CUDA only in
             # PyTorch; a CPU run keeps each process's own statistics)
@@ -90,9 +91,10 @@ class SegmentTask(Task):
         return (f"{len(self.train_set)} training / {len(self.val_set)} validation images in {self.config.data}, "
                 f"{self.config.num_classes} classes, {self.config.img_size} px")
 
-    def loss(self, batch) -> torch.Tensor:
+    def loss(self, batch) -> dict[str, torch.Tensor]:
+        """The decode head's and the weighted auxiliary head's cross-entropy (``loss_parts``)."""
         images, labels = (t.to(self.device, non_blocking=True) for t in batch)
-        return segmentation_loss(*self.net(images, aux=True), labels, self.model.aux_weight)
+        return segmentation_losses(*self.net(images, aux=True), labels, self.model.aux_weight)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
