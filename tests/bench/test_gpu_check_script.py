@@ -40,6 +40,7 @@ def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
     assert all(r["ratio"] > 0 and r["img_size"] == 64 for r in ratios)
     pretrain = json.loads((out / "pretrain.json").read_text())
     assert pretrain["rc"] == 0 and pretrain["steps"] == 3 and pretrain["loss_last"] is not None
+    assert pretrain["model_images_per_s"] > 0 and pretrain["input_bound"] in (True, False)
     loader = json.loads((out / "loader.json").read_text())
     assert {r["decode"] for r in loader["records"]} >= {"full", "draft"}
     # the MFU sweep: its two runs (profiled) and the bench part's eager row, best MFU first
