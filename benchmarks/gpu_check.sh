@@ -16,7 +16,8 @@
 #   GPU_CHECK_METHODS (default: every method `lomar bench --help` offers)
 #   GPU_CHECK_PRETRAIN_STEPS=40  GPU_CHECK_PRETRAIN_SIZE=448  GPU_CHECK_PRETRAIN_BATCH=64
 #   GPU_CHECK_WORKERS=(cores-2)  GPU_CHECK_CAMERA_COUNT=512  GPU_CHECK_FINETUNE_STEPS=20
-#   GPU_CHECK_DECODE="gpu" (pretrain runs, one per `lomar pretrain --decode` mode)
+#   GPU_CHECK_DECODE="gpu" (pretrain runs, one per `lomar pretrain --decode` mode; gpu-inline: --decode gpu
+#     --decode-ahead 0, each batch decoded just before its step instead of during the previous one)
 #   GPU_CHECK_BACKBONE_SIZES="1024 1536 2048"  GPU_CHECK_BACKBONE_ATTENTION="dense chunked flex windowed"
 #   GPU_CHECK_T_ENV/_BENCH/_PRETRAIN/_LOADER/_TESTS/_FINETUNE/_BACKBONE: per-part timeouts (s)
 #   GPU_CHECK_BUDGET=470 (s, whole check: bench runs, last, are skipped when it is spent)
@@ -196,7 +197,8 @@ if want pretrain; then
     timeout "${GPU_CHECK_T_PRETRAIN:-110}" "${LOMAR[@]}" pretrain --data "$CAMERA" --out "$run" --overwrite \
       --model "$MODEL" --img-size "$PSIZE" --windows "$PW" --batch-size "$PBATCH" --max-steps "$PSTEPS" \
       --epochs 100000 --warmup-epochs 1 --workers "$WORKERS" --device "$DEVICE" --precision "$PRECISION" \
-      --decode "$decode" --log-every 10 --save-every 100000 "${TINY[@]}" 2>&1 | tail -n 20 | tee -a "$LOG"
+      --decode "${decode%-inline}" --log-every 10 --save-every 100000 "${TINY[@]}" \
+      $([ "${decode%-inline}" = "$decode" ] || echo --decode-ahead 0) 2>&1 | tail -n 20 | tee -a "$LOG"
     rc=${PIPESTATUS[0]}
     "$PY" - "$run/metrics.jsonl" "$json" "$PBATCH" "$start" "$rc" "$WORKERS" "$PSIZE" "$decode" <<'EOF' 2>&1 | tee -a "$LOG"
 import json, statistics, sys, time

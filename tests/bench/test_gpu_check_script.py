@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lomar.bench.profile import KINDS
 
@@ -22,7 +23,7 @@ PARTS = "env tests loader pretrain finetune bench mfu backbone"
 @pytest.mark.slow
 def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path / "work"),
-           "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_PARTS": PARTS,
+           "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_PARTS": PARTS, "GPU_CHECK_DECODE": "draft draft-inline",
            # this interpreter's environment, used as it is (the script installs nothing into it)
            "GPU_CHECK_VENV": sys.prefix, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
@@ -41,6 +42,10 @@ def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
     pretrain = json.loads((out / "pretrain.json").read_text())
     assert pretrain["rc"] == 0 and pretrain["steps"] == 3 and pretrain["loss_last"] is not None
     assert pretrain["model_images_per_s"] > 0 and pretrain["input_bound"] in (True, False)
+    inline = json.loads((out / "pretrain-draft-inline.json").read_text())  # the -inline spelling's own run
+    assert inline["rc"] == 0 and inline["steps"] == 3 and inline["decode"] == "draft-inline"
+    settings = yaml.safe_load((tmp_path / "work" / "pretrain-draft-inline" / "config.yaml").read_text())
+    assert settings["decode"] == "draft" and settings["decode_ahead"] == 0
     loader = json.loads((out / "loader.json").read_text())
     assert {r["decode"] for r in loader["records"]} >= {"full", "draft"}
     # the MFU sweep: its two runs (profiled) and the bench part's eager row, best MFU first

@@ -1,6 +1,7 @@
 """--decode gpu's data path (EncodedPretrainDataset -> collate_encoded -> decode_batch), run on CPU:
 the same crops, flips and plans as the reference path, and on CPU the same pixels."""
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lomar.data import device_decode
 from lomar.data.device_decode import EncodedPretrainDataset, collate_encoded, decode_batch, decode_dataset
 from lomar.data.fast_decode import FastPretrainDataset
 from lomar.data.folder import build_pretrain_dataset
@@ -108,3 +110,54 @@ def test_decode_dataset_picks_the_reader(photos):
     assert isinstance(decode_dataset(base, "gpu", 8, 4, 2)[0], EncodedPretrainDataset)
     with pytest.raises(ValueError, match="tar shards"):
         decode_dataset(object(), "draft", 8, 4, 2)
+
+
+def _live_readers() -> list:
+    return [t for t in threading.enumerate() if t.name == "lomar-decode-ahead"]
+
+
+def test_decoded_ahead_keeps_the_order_and_works_one_batch_ahead():
+    seen, second_started = [], threading.Event()
+
+    def on_device(batch):
+        seen.append(batch["i"])
+        if batch["i"] == 1:
+            second_started.set()
+        return {**batch, "decoded": True}
+
+    out = []
+    for batch in device_decode.decoded_ahead([{"i": i} for i in range(5)], on_device, "cpu"):
+        if batch["i"] == 0:  # batch 1 is decoded while the caller still holds batch 0
+            assert second_started.wait(timeout=60)
+        out.append(batch)
+    assert [b["i"] for b in out] == seen == list(range(5)) and all(b["decoded"] for b in out)
+    assert not _live_readers()
+
+
+def test_decoded_ahead_raises_an_error_where_its_batch_would_be():
+    def on_device(batch):
+        if batch["i"] == 2:
+            raise RuntimeError("unreadable batch 2")
+        return batch
+
+    got = []
+    with pytest.raises(RuntimeError, match="unreadable batch 2"):
+        for batch in device_decode.decoded_ahead([{"i": i} for i in range(5)], on_device, "cpu"):
+            got.append(batch["i"])
+    assert got == [0, 1] and not _live_readers()
+
+
+def test_leaving_early_stops_the_reader_before_the_loader_is_read_again():
+    reads = []
+
+    def loader():
+        for i in range(100):
+            reads.append(i)
+            yield {"i": i}
+
+    batches = device_decode.decoded_ahead(loader(), lambda batch: batch, "cpu")
+    for batch in batches:
+        if batch["i"] == 3:
+            break
+    batches.close()
+    assert not _live_readers() and len(reads) <= 3 + 3  # the batch taken, one queued, one in hand

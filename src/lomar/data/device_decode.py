@@ -15,8 +15,11 @@ bit, and travels as pixels.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import NamedTuple
 
@@ -28,7 +31,7 @@ from lomar.data.fast_decode import FastPretrainDataset, gpu_decode_crops
 from lomar.data.folder import ImageListDataset
 
 __all__ = ["DEVICE_DECODE_TYPES", "Decoding", "decode_dataset", "EncodedPretrainDataset", "collate_encoded",
-           "decode_batch"]
+           "decode_batch", "decoded_ahead"]
 
 log = logging.getLogger("lomar.data")
 
@@ -37,12 +40,21 @@ DEVICE_DECODE_TYPES = ("cuda",)  # devices with a batched JPEG decoder in torchv
 
 class Decoding(NamedTuple):
     """How a run reads its pretraining data: ``dataset`` and ``collate`` for the DataLoader, and
-    ``on_device``, the step the training loop applies to every batch it receives (``batch -> batch``
-    holding ``"images"`` (B', 3, S, S)): the identity, except that ``--decode gpu`` decodes there."""
+    ``on_device``, a step applied to every batch on the training device (``batch -> batch`` holding
+    ``"images"`` (B', 3, S, S)): None, except that ``--decode gpu`` decodes there."""
 
     dataset: Dataset
     collate: Callable[[list[dict]], dict]
-    on_device: Callable[[dict], dict] = lambda batch: batch
+    on_device: Callable[[dict], dict] | None = None
+
+    def batches(self, loader: Iterable[dict], device: torch.device | str, ahead: int = 1) -> Iterator[dict]:
+        """The batches of ``loader`` (over :attr:`dataset`) as the training loop takes them: with an
+        ``on_device`` step, applied ``ahead`` batches ahead (:func:`decoded_ahead`; 0: just in time)."""
+        if self.on_device is None:
+            return iter(loader)
+        if ahead == 0:
+            return map(self.on_device, loader)
+        return decoded_ahead(loader, self.on_device, device, ahead)
 
 
 def decode_dataset(base, mode: str, patch_size: int, window_size: int, windows: int,
@@ -127,3 +139,65 @@ def _decode_rows(datas: list[torch.Tensor], boxes: list[torch.Tensor], flips: li
             log.debug("device decoder refused image %d of the batch: %s", j, exc)
             out.append(None)
     return out
+
+
+_END = object()
+
+
+def decoded_ahead(loader: Iterable[dict], on_device: Callable[[dict], dict], device: torch.device | str,
+                  depth: int = 1) -> Iterator[dict]:
+    """``on_device(batch)`` for every batch of ``loader``, computed by a background thread ``depth``
+    batches ahead of the caller, on a CUDA stream of its own: the device decodes batch i + 1 while it
+    trains on batch i, instead of after it. Same batches, same order; an error raised reading or
+    decoding a batch is raised here, where that batch would have been.
+
+    The caller's stream waits for each batch's decode (an event) and owns its memory from then on
+    (``record_stream``). Leaving the loop early stops the thread before returning, so that the
+    loader's next iterator (persistent workers) is never shared.
+    """
+    device = torch.device(device)
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def hand_over(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            with torch.cuda.device(device) if stream else contextlib.nullcontext(), \
+                    torch.cuda.stream(stream) if stream else contextlib.nullcontext():
+                for batch in loader:
+                    if stop.is_set():
+                        return
+                    batch = on_device(batch)
+                    event = stream.record_event() if stream else None
+                    if not hand_over((batch, event)):
+                        return
+            hand_over(_END)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, raised there
+            hand_over(exc)
+
+    thread = threading.Thread(target=work, name="lomar-decode-ahead", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            batch, event = item
+            if event is not None:
+                current = torch.cuda.current_stream(device)
+                current.wait_event(event)
+                for value in batch.values():
+                    if isinstance(value, torch.Tensor) and value.device.type == "cuda":
+                        value.record_stream(current)
+            yield batch
+    finally:
+        stop.set()
+        thread.join()

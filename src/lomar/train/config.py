@@ -109,6 +109,9 @@ class PretrainConfig(TaskConfig):
                          "(FSDP2, one unit per block); sharded checkpoints checkpoint-N.dcp/, consolidated to last.pt "
                          "at the end")
     decode: str = S.DECODE.field()
+    decode_ahead: int = S.setting(1, "--decode gpu: batches decoded ahead of the training step, by a background "
+                                  "thread on a CUDA stream of its own, so that decoding overlaps training (0: "
+                                  "each batch decoded just before its step)", low=0, resume="run-control")
     # running
     threads: int | None = S.THREADS.field(help="CPU threads per process; 1 is fastest for tiny models on a busy "
                                                "machine (default: the cores shared among this machine's processes)")

@@ -169,19 +169,21 @@ class _Run:
             return False
         self.task.set_epoch(p.epoch, p.batches_done)
         self.loss_sum, self.learned, self.tick, micro = None, 0, time.perf_counter(), 0
-        for batch in self.task.train_loader:
-            if micro == limit:
-                break
-            micro += 1
-            self._backward(batch, sync=micro % accum == 0 or not self.info.enabled)
-            if micro % accum:
-                continue
-            p.batches_done += accum
-            if self._optimizer_step():
-                if any_rank_stopping(self.stop, self.device) or p.step >= self.last_step:
-                    return True
-                if self.task.eval_steps and p.step % self.task.eval_steps == 0:
-                    self.save(self._evaluate())
+        batches = self.task.batches()
+        with contextlib.closing(batches) if hasattr(batches, "close") else contextlib.nullcontext():
+            for batch in batches:  # a batch-ahead reader stops when the loop ends, however it ends
+                if micro == limit:
+                    break
+                micro += 1
+                self._backward(batch, sync=micro % accum == 0 or not self.info.enabled)
+                if micro % accum:
+                    continue
+                p.batches_done += accum
+                if self._optimizer_step():
+                    if any_rank_stopping(self.stop, self.device) or p.step >= self.last_step:
+                        return True
+                    if self.task.eval_steps and p.step % self.task.eval_steps == 0:
+                        self.save(self._evaluate())
         return False
 
     def _backward(self, batch, sync: bool) -> None:

@@ -102,8 +102,10 @@ class PretrainTask(Task):
                 f"({self.model.config.embed_dim} wide, {self.model.config.depth} blocks, {c.img_size} px, "
                 f"{params:.1f}M params)")
 
+    def batches(self):
+        return self.decoding.batches(self.train_loader, self.device, self.config.decode_ahead)
+
     def loss(self, batch: dict) -> torch.Tensor | None:
-        batch = self.decoding.on_device(batch)
         n = batch["images"].shape[0] if batch["images"].numel() else 0
         self.tracker.update(batch["bad"], n + len(batch["bad"]))
         try:

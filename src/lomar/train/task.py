@@ -17,14 +17,15 @@ Required of a Task: ``name``, ``model``, ``train_loader``, ``loss(batch)``. Opti
 - ``eval_epoch_index``: an epoch-end evaluation record's ``epoch`` is the 0-based index of the epoch
   evaluated (MAE's finetuning log, which `lomar study` reads) instead of the count of epochs done,
   ``outputs`` (names or globs a fresh run clears),
-  ``batches_per_epoch()``, ``set_epoch(epoch, skip_batches)``, ``describe()`` (the start-up line's data
+  ``batches()`` (default: ``iter(train_loader)``), ``batches_per_epoch()``, ``set_epoch(epoch, skip_batches)``,
+  ``describe()`` (the start-up line's data
   and model), ``final_line()`` (appended to "done"),
 - main process only: ``begin()`` before the first step, ``saved(path)`` after each checkpoint,
   ``stopped(out)`` after a stop signal.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,10 @@ class Task:
 
     def loss(self, batch) -> torch.Tensor | dict[str, torch.Tensor] | None:
         raise NotImplementedError
+
+    def batches(self) -> Iterator:
+        """This epoch's training batches, in order (after ``set_epoch``)."""
+        return iter(self.train_loader)
 
     def batches_per_epoch(self) -> int:
         return len(self.train_loader)
