@@ -47,3 +47,9 @@ def test_bench_profile_writes_the_shares_of_every_configuration(tmp_path, capsys
         assert sum(t["share"] for t in prof["top"]) <= 1 + 1e-9
     printed = capsys.readouterr().out
     assert "lomar 64px: gemm " in printed and "mae 64px: gemm " in printed
+
+
+def test_profile_is_for_the_pretrain_task(tmp_path, capsys):
+    assert main(["bench", "--task", "backbone", "--profile", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err
+    assert "--profile profiles training steps, which --task backbone does not time" in err and err.count("\n") == 1

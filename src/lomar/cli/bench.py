@@ -168,6 +168,9 @@ def _write(args: argparse.Namespace, say, **result) -> None:
 def run(args: argparse.Namespace) -> int:
     check_output_file(args.json, "--json", create_parents=True)
     S.check_compile_mode(args)
+    if args.profile and args.task != "pretrain":
+        raise UsageError(f"--profile profiles training steps, which --task {args.task} does not time; "
+                         f"drop --profile or use --task pretrain")
     if args.task == "backbone":
         return _run_backbone(args)
     if args.task == "loader":
