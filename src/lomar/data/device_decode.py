@@ -156,6 +156,8 @@ def decoded_ahead(loader: Iterable[dict], on_device: Callable[[dict], dict], dev
     loader's next iterator (persistent workers) is never shared.
     """
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # the caller's device: a new thread's would be cuda:0
+        device = torch.device("cuda", torch.cuda.current_device())
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
