@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, replace
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -112,14 +112,17 @@ def relative_position_index(grid: tuple[int, int], table_grid: tuple[int, int] |
     return index
 
 
-@lru_cache(maxsize=32)
-def _cached_index(grid: tuple[int, int], table_grid: tuple[int, int]) -> torch.Tensor:
-    return relative_position_index(grid, table_grid)
+# A dict, not lru_cache, and on the table's device: torch.compile reads it as a device tensor, so a compiled
+# step holds no host constant (which would copy to the GPU each step and keep CUDA graphs off).
+_INDEX_CACHE: dict[tuple[tuple[int, int], tuple[int, int], str], torch.Tensor] = {}
 
 
 def table_bias(table: torch.Tensor, table_grid: tuple[int, int], grid: tuple[int, int] | None = None) -> torch.Tensor:
     """table ((2Th−1)(2Tw−1)+3, heads) → bias (heads, L+1, L+1) for ``grid`` (default ``table_grid``)."""
-    index = _cached_index(tuple(grid or table_grid), tuple(table_grid)).to(table.device)
+    key = (tuple(grid or table_grid), tuple(table_grid), str(table.device))
+    if key not in _INDEX_CACHE:
+        _INDEX_CACHE[key] = relative_position_index(*key[:2]).to(table.device)
+    index = _INDEX_CACHE[key]
     return table[index.flatten()].view(*index.shape, -1).permute(2, 0, 1).contiguous()
 
 
