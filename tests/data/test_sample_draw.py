@@ -93,15 +93,18 @@ def test_every_decode_path_skips_what_the_reference_path_skips(photos, tmp_path,
         assert reader[(0, 0)]["size"] == SIZE  # an all-bad batch still has its shape
 
 
-def test_decode_dataset_gives_the_loop_one_batch_step_for_every_mode(photos, monkeypatch):
+def test_decode_dataset_gives_the_loop_its_batches_for_every_mode(photos, monkeypatch):
     base = _base(photos)
     batch = {"images": torch.zeros(0, 3, SIZE, SIZE), "bad": []}
-    for mode in ("full", "draft", "windows"):
-        assert decode_dataset(base, mode, 8, _Cfg.window_size, 1, "cpu").on_device(batch) is batch
+    for mode in ("full", "draft", "windows"):  # the loader's batches as they are
+        decoding = decode_dataset(base, mode, 8, _Cfg.window_size, 1, "cpu")
+        assert decoding.on_device is None and list(decoding.batches([batch], "cpu")) == [batch]
     with pytest.raises(ValueError, match="--decode gpu needs a CUDA device, but this run is on cpu"):
         decode_dataset(base, "gpu", 8, _Cfg.window_size, 1, "cpu")
     monkeypatch.setattr(device_decode, "DEVICE_DECODE_TYPES", ("cpu",))
     decoding = decode_dataset(base, "gpu", 8, _Cfg.window_size, 1, "cpu")
-    decoded = decoding.on_device(decoding.collate([decoding.dataset[(i, 1)] for i in range(len(base))]))
-    torch.testing.assert_close(decoded["images"], torch.stack([base[(i, 1)]["image"] for i in range(len(base))]),
-                               rtol=0, atol=0)
+    encoded = decoding.collate([decoding.dataset[(i, 1)] for i in range(len(base))])
+    reference = torch.stack([base[(i, 1)]["image"] for i in range(len(base))])
+    for ahead in (0, 1, 2):  # decoded on the device, just in time or by the reader ahead of the loop
+        (decoded,) = decoding.batches([encoded], "cpu", ahead)
+        torch.testing.assert_close(decoded["images"], reference, rtol=0, atol=0)
