@@ -24,20 +24,23 @@ PARTS = "env tests loader pretrain finetune bench mfu backbone"
 def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path / "work"),
            "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_PARTS": PARTS, "GPU_CHECK_DECODE": "draft draft-inline",
+           "GPU_CHECK_METHODS": "lomar mae", "GPU_CHECK_COMPILE_SIZES": "64",
            # this interpreter's environment, used as it is (the script installs nothing into it)
            "GPU_CHECK_VENV": sys.prefix, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
     log = (tmp_path / "out" / "summary.log").read_text()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     reports = {line.split("part ")[1].split(":")[0]: line for line in log.splitlines() if "] part " in line}
-    expected = set(PARTS.split()) - {"bench"} | {"bench-64", "mfu-2-eager", "mfu-2-reduce-overhead"}
+    expected = set(PARTS.split()) - {"bench"} | {"bench-64", "bench-compile-64-lomar", "bench-compile-64-mae",
+                                                  "mfu-tests", "mfu-2-eager", "mfu-2-reduce-overhead"}
     assert expected <= reports.keys(), log[-3000:]
     failed = [line for line in reports.values() if ": ok (rc 0)" not in line]
     assert not failed, "\n".join(failed) + "\n" + log[-3000:]
 
     out = tmp_path / "out"
-    ratios = json.loads((out / "ratios.json").read_text())
-    assert {r["other"] for r in ratios} == {"mae", "beit", "beit_window"}
+    ratios = json.loads((out / "ratios.json").read_text())  # eager: one file; compiled: one file per method
+    assert sorted((r["compile"], r["other"], r["source"]) for r in ratios) == [
+        (False, "mae", "bench-64.json"), (True, "mae", "bench-compile-64-lomar.json, bench-compile-64-mae.json")]
     assert all(r["ratio"] > 0 and r["img_size"] == 64 for r in ratios)
     pretrain = json.loads((out / "pretrain.json").read_text())
     assert pretrain["rc"] == 0 and pretrain["steps"] == 3 and pretrain["loss_last"] is not None
@@ -48,12 +51,12 @@ def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
     assert settings["decode"] == "draft" and settings["decode_ahead"] == 0
     loader = json.loads((out / "loader.json").read_text())
     assert {r["decode"] for r in loader["records"]} >= {"full", "draft"}
-    # the MFU sweep: its two runs (profiled) and the bench part's eager row, best MFU first
+    # the MFU sweep: its two runs (profiled) and the bench part's LoMaR rows, best MFU first
     sweep = json.loads((out / "mfu.json").read_text())
     assert sorted((r["source"], r["compile_mode"], r["compile"]) for r in sweep) == [
-        ("bench-64.json", "default", False), ("mfu-2-eager.json", "default", False),
-        ("mfu-2-reduce-overhead.json", "reduce-overhead", True)]
+        ("bench-64.json", "default", False), ("bench-compile-64-lomar.json", "default", True),
+        ("mfu-2-eager.json", "default", False), ("mfu-2-reduce-overhead.json", "reduce-overhead", True)]
     assert [r["mfu"] for r in sweep] == sorted((r["mfu"] for r in sweep), reverse=True)
-    assert all(r["source"] == "bench-64.json" or tuple(r["time_shares"]) == KINDS for r in sweep)
+    assert all(r["source"].startswith("bench-") or tuple(r["time_shares"]) == KINDS for r in sweep)
     assert (out / "mfu-2-reduce-overhead-profile.json").exists() and "| 2 | reduce-overhead |" in (
         out / "mfu.md").read_text()
