@@ -18,8 +18,7 @@ Required of a Task: ``name``, ``model``, ``train_loader``, ``loss(batch)``. Opti
   evaluated (MAE's finetuning log, which `lomar study` reads) instead of the count of epochs done,
   ``outputs`` (names or globs a fresh run clears),
   ``batches()`` (default: ``iter(train_loader)``), ``batches_per_epoch()``, ``set_epoch(epoch, skip_batches)``,
-  ``describe()`` (the start-up line's data
-  and model), ``final_line()`` (appended to "done"),
+  ``describe()`` (the start-up line's data and model), ``final_line()`` (appended to "done"),
 - main process only: ``begin()`` before the first step, ``saved(path)`` after each checkpoint,
   ``stopped(out)`` after a stop signal.
 """
