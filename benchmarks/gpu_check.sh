@@ -10,7 +10,7 @@
 #   GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh   # tiny CPU mode: every part for seconds
 #
 # Sizes (env vars, defaults for the full check):
-#   GPU_CHECK_MODEL=vit_base_patch16  GPU_CHECK_SIZES="224 384 448"  GPU_CHECK_WINDOWS="paper"
+#   GPU_CHECK_MODEL=vit_base_patch16  GPU_CHECK_SIZES="224 384 448" (eager; empty: none)  GPU_CHECK_WINDOWS="paper"
 #   GPU_CHECK_COMPILE_SIZES="448" (sizes also timed with --compile, every method in one process)
 #   GPU_CHECK_BENCH_BATCH=64  GPU_CHECK_STEPS=5  GPU_CHECK_WARMUP=2
 #   GPU_CHECK_METHODS (default: every method `lomar bench --help` offers)
@@ -48,7 +48,7 @@ else
   D_FSTEPS=20; D_BB="1024 1536 2048"; D_BBATT="dense chunked flex windowed"; TINY=(); D_WINDOWS="paper"; BENCH_TINY=(); PRECISION=bf16
   D_DECODE="gpu"; D_MSIZE=448; D_MWIN=9; D_SWEEP="128:default 128:reduce-overhead 256:reduce-overhead"
 fi
-MODEL=${GPU_CHECK_MODEL:-$D_MODEL}; SIZES=${GPU_CHECK_SIZES:-$D_SIZES}; WINDOWS=${GPU_CHECK_WINDOWS:-$D_WINDOWS}
+MODEL=${GPU_CHECK_MODEL:-$D_MODEL}; SIZES=${GPU_CHECK_SIZES-$D_SIZES}; WINDOWS=${GPU_CHECK_WINDOWS:-$D_WINDOWS}
 BATCH=${GPU_CHECK_BENCH_BATCH:-$D_BATCH}
 STEPS=${GPU_CHECK_STEPS:-$D_STEPS}; WARMUP=${GPU_CHECK_WARMUP:-$D_WARMUP}
 PSTEPS=${GPU_CHECK_PRETRAIN_STEPS:-$D_PSTEPS}; PSIZE=${GPU_CHECK_PRETRAIN_SIZE:-$D_PSIZE}
@@ -287,50 +287,7 @@ if want bench; then
   for size in $COMPILE_SIZES; do
     for method in $METHODS; do bench_run "bench-compile-$size-$method" "$size" "$method" --compile; done
   done
-  "$PY" - "$DEST" <<'EOF' 2>&1 | tee -a "$LOG"
-import json, sys
-from pathlib import Path
-dest = Path(sys.argv[1])
-PAPER = {("mae", 384): 2.5, ("mae", 448): 3.1, ("beit", 384): 5.0, ("beit", 448): 5.3}  # Table 1: X time / LoMaR
-groups = {}  # (compiled, px) -> records of every file (compiled runs: one file per method)
-for path in sorted(dest.glob("bench-*.json")):
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        continue
-    compiled = bool(data.get("meta", {}).get("compile"))
-    for r in data.get("records", []):
-        if r.get("step_s"):
-            groups.setdefault((compiled, r["img_size"]), []).append(dict(r, source=path.name))
-rows = []
-for (compiled, size), here in sorted(groups.items()):
-    at = {r["method"]: r for r in here if r.get("window_setting") != "paper"}
-    at.update({r["method"]: r for r in here if r.get("window_setting") == "paper"})  # the paper's windows win
-    if "lomar" not in at:
-        continue
-    for other in ("mae", "beit", "beit_window"):
-        if other in at:
-            rows.append(dict(img_size=size, compile=compiled, other=other,
-                             ratio=at[other]["step_s"] / at["lomar"]["step_s"], paper=PAPER.get((other, size)),
-                             lomar_mfu=at["lomar"].get("mfu"), other_mfu=at[other].get("mfu"),
-                             source=", ".join(dict.fromkeys([at["lomar"]["source"], at[other]["source"]]))))
-(dest / "ratios.json").write_text(json.dumps(rows, indent=1) + "\n")
-
-
-def pct(v):
-    return "-" if v is None else f"{100 * v:.0f} %"
-
-
-lines = ["Eager rows: every method in one process, steps interleaved; compiled rows: one process per method.", "",
-         "| px | step | X | X time / LoMaR time | paper (Table 1) | LoMaR MFU | X MFU |",
-         "|---|---|---|---|---|---|---|"]
-for r in rows:
-    paper = "-" if r["paper"] is None else f"{r['paper']}x"
-    lines.append(f"| {r['img_size']} | {'compiled' if r['compile'] else 'eager'} | {r['other']} | {r['ratio']:.2f}x "
-                 f"| {paper} | {pct(r['lomar_mfu'])} | {pct(r['other_mfu'])} |")
-(dest / "ratios.md").write_text("\n".join(lines) + "\n")
-print("\n".join(lines))
-EOF
+  "$PY" benchmarks/gpu_summary.py ratios "$DEST" 2>&1 | tee -a "$LOG"
 fi
 
 # ---------------------------------------------------------------- MFU of LoMaR at 448 px / 9 windows
@@ -352,34 +309,7 @@ if want mfu; then
       "${BENCH_TINY[@]}" "${flags[@]}" 2>&1 | grep -v '^USDT' | tail -n 4 | tee -a "$LOG"
     status "mfu-$b-$mode" "${PIPESTATUS[0]}"
   done
-  "$PY" - "$DEST" "$MSIZE" "$MWIN" <<'EOF' 2>&1 | tee -a "$LOG"
-import json, sys
-from pathlib import Path
-dest, size, windows = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-rows = []
-for path in sorted(dest.glob("mfu-*.json")) + sorted(dest.glob("bench-*.json")):
-    try:
-        records = json.loads(path.read_text()).get("records", [])
-    except (OSError, ValueError):
-        continue
-    rows += [dict(r, source=path.name) for r in records if r.get("method") == "lomar" and r.get("img_size") == size
-             and r.get("windows") == windows and r.get("step_s")]
-rows.sort(key=lambda r: -r["mfu"])
-kinds = ("gemm", "attention", "fused", "optimizer", "other")
-lines = [f"LoMaR {size} px, {windows} windows: best first", "",
-         "| batch | step | img/s | MFU | peak GiB | " + " | ".join(kinds) + " | source |",
-         "|---|---|---|---|---|" + "---|" * len(kinds) + "---|"]
-for r in rows:
-    step = r.get("compile_mode", "default") if r.get("compile") else "eager"
-    shares = r.get("time_shares") or {}
-    cells = " | ".join(f"{100 * shares[k]:.0f} %" if k in shares else "-" for k in kinds)
-    lines.append(f"| {r['batch_size']} | {step} | {r['images_per_s']:.1f} | {100 * r['mfu']:.1f} % "
-                 f"| {r['peak_mem_bytes'] / 2**30:.1f} | {cells} | {r['source']} |")
-(dest / "mfu.json").write_text(json.dumps(rows, indent=1) + "\n")
-(dest / "mfu.md").write_text("\n".join(lines) + "\n")
-print("\n".join(lines))
-sys.exit(0 if rows else 1)
-EOF
+  "$PY" benchmarks/gpu_summary.py mfu "$DEST" "$MSIZE" "$MWIN" 2>&1 | tee -a "$LOG"
   status mfu "${PIPESTATUS[0]}" "summary of the sweep: mfu.md"
 fi
 

@@ -5,6 +5,7 @@ The CPU mode runs the same commands (bench, loader, pretrain, finetune, backbone
 tests) on a tiny model, so a renamed module or flag breaks this test instead of the device run.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -60,3 +61,16 @@ def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
     assert all(r["source"].startswith("bench-") or tuple(r["time_shares"]) == KINDS for r in sweep)
     assert (out / "mfu-2-reduce-overhead-profile.json").exists() and "| 2 | reduce-overhead |" in (
         out / "mfu.md").read_text()
+
+
+def test_the_summary_script_stands_alone_and_knows_the_profile_kinds(tmp_path, capsys):
+    """benchmarks/gpu_summary.py merges the JSON of several device calls, wherever it runs (no lomar
+    import): its copy of the profile kinds must stay lomar's."""
+    spec = importlib.util.spec_from_file_location("gpu_summary", SCRIPT.parent / "gpu_summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    assert summary.KINDS == KINDS
+    assert summary.main(["ratios", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "got ratios " in err and "missing" in err and err.count("\n") == 1
+    assert summary.main(["mfu", str(tmp_path)]) == 1  # an empty folder: nothing to rank
