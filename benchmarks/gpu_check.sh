@@ -276,7 +276,7 @@ bench_run() {  # bench_run PART SIZE "METHODS" [extra flags]
   if [ "$t" -lt 40 ]; then status "$part" 124 "skipped: the ${BUDGET}s budget is spent"; return; fi
   timeout "$t" "${LOMAR[@]}" bench --model "$MODEL" --sizes "$size" --methods $methods --windows $WINDOWS \
     --batch-size "$BATCH" --precision "$PRECISION" --device "$DEVICE" --steps "$STEPS" --warmup "$WARMUP" \
-    --json "$DEST/$part.json" --quiet "${BENCH_TINY[@]}" "$@" 2>&1 | tee -a "$LOG"
+    --json "$DEST/$part.json" --quiet "${BENCH_TINY[@]}" "$@" 2>&1 | grep -v '^USDT' | tee -a "$LOG"
   status "$part" "${PIPESTATUS[0]}"
 }
 if want bench; then
@@ -303,11 +303,8 @@ if want mfu; then
   fi
   for pair in $SWEEP; do
     b=${pair%%:*}; mode=${pair#*:}; flags=(); [ "$mode" = eager ] || flags=(--compile --compile-mode "$mode")
-    timeout "${GPU_CHECK_T_MFU:-150}" "${LOMAR[@]}" bench --model "$MODEL" --sizes "$MSIZE" --methods lomar \
-      --windows "$MWIN" --batch-size "$b" --precision "$PRECISION" --device "$DEVICE" --steps "$STEPS" \
-      --warmup "$WARMUP" --json "$DEST/mfu-$b-$mode.json" --profile "$DEST/mfu-$b-$mode-profile.json" --quiet \
-      "${BENCH_TINY[@]}" "${flags[@]}" 2>&1 | grep -v '^USDT' | tail -n 4 | tee -a "$LOG"
-    status "mfu-$b-$mode" "${PIPESTATUS[0]}"
+    BATCH=$b WINDOWS=$MWIN bench_run "mfu-$b-$mode" "$MSIZE" lomar \
+      --profile "$DEST/mfu-$b-$mode-profile.json" "${flags[@]}"
   done
   "$PY" benchmarks/gpu_summary.py mfu "$DEST" "$MSIZE" "$MWIN" 2>&1 | tee -a "$LOG"
   status mfu "${PIPESTATUS[0]}" "summary of the sweep: mfu.md"
