@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from lomar.bench import timing
 from lomar.bench.timing import build_runner
 from lomar.cli.app import main
 from lomar.windows import paper_windows
@@ -39,6 +40,18 @@ def test_cpu_attention_flops_are_counted():
     with FlopCounterMode(display=False) as counter:
         torch.nn.functional.scaled_dot_product_attention(q, q, q)
     assert counter.get_total_flops() == 2 * (2 * 2 * 3 * 10 * 10 * 8)
+
+
+def test_cpu_gemm_ceiling_is_the_faster_of_mkl_and_onednn(monkeypatch):
+    a, b = torch.randn(64, 48), torch.randn(32, 48)
+    onednn = timing._onednn_linear(a, b)
+    if onednn is None:
+        pytest.skip("this torch has no oneDNN")
+    assert torch.allclose(onednn().to_dense(), a @ b.T, atol=1e-4)
+    # each measurement times both libraries; the slower one must not set the ceiling
+    seconds = iter([1.0, 2.0] + [4.0, 0.5])  # warm-up: MKL, oneDNN; then the measurement
+    monkeypatch.setattr(timing, "timed", lambda fn, device: (fn(), next(seconds))[1])
+    assert timing.gemm_ceiling(CPU, "fp32", 8)() == 2 * 8 ** 3 / 0.5
 
 
 def test_paper_window_rule():

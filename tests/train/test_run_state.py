@@ -22,6 +22,7 @@ from lomar.train.run_state import (
     check_out_folder,
     find_resume_checkpoint,
     remove_stale_temporaries,
+    resolve_precision,
     save_checkpoint,
     save_on_main_rank,
     truncate_metrics,
@@ -206,3 +207,13 @@ def test_a_failed_save_on_the_main_rank_stops_every_rank_with_a_save_error(tmp_p
     assert (tmp_path / "rank1.txt").read_text() == \
         "SaveError: the main process could not write the checkpoint; see its message|None"
 
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, "fp32"), (True, False, "bf16"),
+                                                         (False, True, "bf16")])
+def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_bf16(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == expected
+    assert [resolve_precision(p, cpu) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]

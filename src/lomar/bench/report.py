@@ -75,7 +75,7 @@ def print_table(records: list[dict], comparisons: list[dict], ceiling: float, st
                 beit_ratios: list[dict] | None = None) -> None:
     """The results as a fixed-width table, then the MAE / LoMaR and BEiT ratios per size."""
     w = stream.write
-    w(f"GEMM ceiling (same run, same dtype): {ceiling / 1e9:,.1f} GFLOP/s\n")
+    w(f"GEMM ceiling (same run, same dtype; on CPU the faster of torch.mm and oneDNN): {ceiling / 1e9:,.1f} GFLOP/s\n")
     head = (f"{'method':<11} {'px':>4} {'win':>5} {'s/step':>8} {'img/s':>7} {'GFLOP':>8} "
             f"{'GFLOP/s':>8} {'MFU':>5} {'vs base':>8} {'peak mem':>10}\n")
     w(head)

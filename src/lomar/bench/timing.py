@@ -210,20 +210,40 @@ def build_runner(method: str, model_name: str, img_size: int, windows: int | Non
 
 
 def gemm_ceiling(device: torch.device, precision: str, n: int | None = None) -> Callable[[], float]:
-    """A closure timing one n×n×n GEMM in the bench's dtype; returns achieved FLOP/s.
+    """A closure timing an n×n×n GEMM in the bench's dtype; returns achieved FLOP/s.
 
-    Measured interleaved with the training steps, so that it sees the same machine state.
+    Measured interleaved with the training steps, so that it sees the same machine state. On CPU
+    the ceiling is the faster of the two GEMM libraries torch carries: ``torch.mm`` (MKL in fp32)
+    and oneDNN's matmul. They can differ twofold (MKL's fp32 GEMM reaches about half of oneDNN's
+    on AMD Zen 5), and a ceiling below what the machine does would put the MFU of steps whose
+    products run in oneDNN (convolutions, bf16) above 100 %.
     """
     n = n or (2048 if device.type == "cpu" else 8192)
     dtype = DTYPES[precision]
     a, b, out = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(3))
     reps = 1 if device.type == "cpu" else 20
+    kernels = [lambda: torch.mm(a, b, out=out)]
+    onednn = _onednn_linear(a, b) if device.type == "cpu" else None
+    if onednn is not None:
+        kernels.append(onednn)
 
     def measure() -> float:
-        return 2 * n ** 3 * reps / timed(lambda: [torch.mm(a, b, out=out) for _ in range(reps)], device)
+        return max(2 * n ** 3 * reps / timed(lambda k=kernel: [k() for _ in range(reps)], device) for kernel in kernels)
 
     measure()  # warm-up
     return measure
+
+
+def _onednn_linear(a: torch.Tensor, b: torch.Tensor) -> Callable[[], object] | None:
+    """``a @ b.T`` through oneDNN (its own tensor layout), or None where oneDNN lacks this dtype."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        a_blocked, b_blocked = a.to_mkldnn(), b.to_mkldnn()
+        torch._C._nn.mkldnn_linear(a_blocked, b_blocked, None)
+    except RuntimeError:
+        return None
+    return lambda: torch._C._nn.mkldnn_linear(a_blocked, b_blocked, None)
 
 
 def interleaved_times(runners: list[StepRunner], steps: int, warmup: int,

@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            metavar="N|paper"),
         "batch_size": S.BATCH_SIZE.but(default=4, help="images per training step"),
         "precision": S.PRECISION.but(default="fp32", help="fp32, or autocast to bf16/fp16 (fp16 with a gradient "
-                                     "scaler); auto = bf16 on CUDA with bf16 support, else fp32"),
+                                     "scaler); auto = bf16 where the hardware has bf16 products, as in pretrain"),
         "compile": S.COMPILE.but(help="torch.compile each model"),
         "compile_mode": S.COMPILE_MODE,
         "device": S.DEVICE,

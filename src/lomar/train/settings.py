@@ -153,7 +153,8 @@ LR = Setting(None, "absolute peak lr (default: from --blr)", kind=float, low=0, 
 MIN_LR = Setting(0.0, "lr at the end of the cosine schedule", low=0)
 WARMUP_EPOCHS = Setting(40, "epochs of linear lr warm-up, in [0, --epochs]", kind=float)
 WEIGHT_DECAY = Setting(0.05, "AdamW weight decay", low=0)
-PRECISION = Setting("auto", "auto = bf16 autocast on CUDA with bf16 support, else fp32",
+PRECISION = Setting("auto", "auto = bf16 autocast where the hardware has bf16 products (CUDA with bf16, a CPU "
+                    "with AVX-512 BF16 or AMX), else fp32",
                     choices=("auto", "fp32", "bf16", "fp16"))
 LOG_EVERY = Setting(20, "write the training loss every N optimizer steps", above=0, resume=_RUN)
 EVAL_EVERY = Setting(None, "evaluate (and checkpoint) every N optimizer steps and at the end, instead of at each "
