@@ -49,9 +49,12 @@ def test_cpu_gemm_ceiling_is_the_faster_of_mkl_and_onednn(monkeypatch):
         pytest.skip("this torch has no oneDNN")
     assert torch.allclose(onednn().to_dense(), a @ b.T, atol=1e-4)
     # each measurement times both libraries; the slower one must not set the ceiling
-    seconds = iter([1.0, 2.0] + [4.0, 0.5])  # warm-up: MKL, oneDNN; then the measurement
+    seconds = iter([1.0, 2.0] + [4.0, 0.5] + [0.25, 1.0])  # warm-up (MKL, oneDNN), then two measurements
     monkeypatch.setattr(timing, "timed", lambda fn, device: (fn(), next(seconds))[1])
-    assert timing.gemm_ceiling(CPU, "fp32", 8)() == 2 * 8 ** 3 / 0.5
+    ceiling = timing.GemmCeiling(CPU, "fp32", 8)
+    flop = 2 * 8 ** 3
+    assert [ceiling(), ceiling()] == [flop / 0.5, flop / 0.25]
+    assert ceiling.rates == {"torch.mm": [flop / 4.0, flop / 0.25], "oneDNN": [flop / 0.5, flop / 1.0]}
 
 
 def test_paper_window_rule():
@@ -75,10 +78,11 @@ def test_bench_smoke_writes_json_and_plot(tmp_path, capsys):
         # the memory step is untimed: exactly --steps timings per configuration
         assert len(rec["step_times_s"]) == 2 and rec["peak_mem_kind"] == "cpu_rss_growth"
     assert {c["window_setting"] for c in data["comparisons"]} == {"paper", "fixed"}
-    assert data["meta"]["gemm_flops"] > 0
+    by_library = data["meta"]["gemm_flops_by_library"]
+    assert set(by_library) == {"torch.mm", "oneDNN"} and data["meta"]["gemm_flops"] == max(by_library.values()) > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = capsys.readouterr().out
-    assert "GEMM ceiling" in table and "MAE / LoMaR" in table
+    assert "GEMM ceiling" in table and "(the faster of torch.mm " in table and "MAE / LoMaR" in table
 
 
 @pytest.mark.parametrize("flags", [["--windows", "50", "--sizes", "128"], ["--sizes", "100"],

@@ -72,10 +72,14 @@ def beit_comparisons(records: list[dict]) -> list[dict]:
 
 
 def print_table(records: list[dict], comparisons: list[dict], ceiling: float, stream: TextIO,
-                beit_ratios: list[dict] | None = None) -> None:
-    """The results as a fixed-width table, then the MAE / LoMaR and BEiT ratios per size."""
+                beit_ratios: list[dict] | None = None, by_library: dict[str, float] | None = None) -> None:
+    """The results as a fixed-width table, then the MAE / LoMaR and BEiT ratios per size.
+
+    ``by_library``: the median GEMM rate of each library timed for the ceiling (its best)."""
     w = stream.write
-    w(f"GEMM ceiling (same run, same dtype; on CPU the faster of torch.mm and oneDNN): {ceiling / 1e9:,.1f} GFLOP/s\n")
+    libraries = ", ".join(f"{name} {rate / 1e9:,.1f}" for name, rate in (by_library or {}).items())
+    w(f"GEMM ceiling (same run, same dtype): {ceiling / 1e9:,.1f} GFLOP/s"
+      + (f" (the faster of {libraries})" if len(by_library or {}) > 1 else "") + "\n")
     head = (f"{'method':<11} {'px':>4} {'win':>5} {'s/step':>8} {'img/s':>7} {'GFLOP':>8} "
             f"{'GFLOP/s':>8} {'MFU':>5} {'vs base':>8} {'peak mem':>10}\n")
     w(head)

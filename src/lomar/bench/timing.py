@@ -29,7 +29,7 @@ from lomar.tokenizers import DVAEConfig, DVAEEncoder
 from lomar.train.config import PretrainConfig
 from lomar.train.runtime import compile_model, fast_adamw
 
-__all__ = ["sync", "timed", "resident_bytes", "StepRunner", "method_config", "build_runner", "gemm_ceiling",
+__all__ = ["sync", "timed", "resident_bytes", "StepRunner", "method_config", "build_runner", "GemmCeiling",
            "interleaved_times", "DTYPES"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -209,29 +209,36 @@ def build_runner(method: str, model_name: str, img_size: int, windows: int | Non
                       device, dtype, scaler, inputs)
 
 
-def gemm_ceiling(device: torch.device, precision: str, n: int | None = None) -> Callable[[], float]:
-    """A closure timing an n×n×n GEMM in the bench's dtype; returns achieved FLOP/s.
+class GemmCeiling:
+    """Times an n×n×n GEMM in the bench's dtype; a call returns the achieved FLOP/s.
 
-    Measured interleaved with the training steps, so that it sees the same machine state. On CPU
-    the ceiling is the faster of the two GEMM libraries torch carries: ``torch.mm`` (MKL in fp32)
-    and oneDNN's matmul. They can differ twofold (MKL's fp32 GEMM reaches about half of oneDNN's
-    on AMD Zen 5), and a ceiling below what the machine does would put the MFU of steps whose
-    products run in oneDNN (convolutions, bf16) above 100 %.
+    Called between rounds of training steps, so that it sees the same machine state. On CPU the
+    ceiling is the faster of the two GEMM libraries torch carries: ``torch.mm`` (MKL in fp32) and
+    oneDNN's matmul. They can differ twofold (MKL's fp32 GEMM reaches under half of oneDNN's on
+    AMD Zen 5), and a ceiling below what the machine does would put the MFU of steps whose products
+    run in oneDNN (convolutions, bf16) above 100 %. ``rates`` keeps every library's measurements.
     """
-    n = n or (2048 if device.type == "cpu" else 8192)
-    dtype = DTYPES[precision]
-    a, b, out = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(3))
-    reps = 1 if device.type == "cpu" else 20
-    kernels = [lambda: torch.mm(a, b, out=out)]
-    onednn = _onednn_linear(a, b) if device.type == "cpu" else None
-    if onednn is not None:
-        kernels.append(onednn)
 
-    def measure() -> float:
-        return max(2 * n ** 3 * reps / timed(lambda k=kernel: [k() for _ in range(reps)], device) for kernel in kernels)
+    def __init__(self, device: torch.device, precision: str, n: int | None = None):
+        self.n = n or (2048 if device.type == "cpu" else 8192)
+        self.device, self.reps = device, 1 if device.type == "cpu" else 20
+        a, b, out = (torch.randn(self.n, self.n, device=device, dtype=DTYPES[precision]) for _ in range(3))
+        self.kernels = {"torch.mm": lambda: torch.mm(a, b, out=out)}
+        onednn = _onednn_linear(a, b) if device.type == "cpu" else None
+        if onednn is not None:
+            self.kernels["oneDNN"] = onednn
+        self.rates: dict[str, list[float]] = {name: [] for name in self.kernels}
+        self._measure()  # warm-up, not kept
 
-    measure()  # warm-up
-    return measure
+    def _measure(self) -> dict[str, float]:
+        return {name: 2 * self.n ** 3 * self.reps / timed(lambda k=kernel: [k() for _ in range(self.reps)], self.device)
+                for name, kernel in self.kernels.items()}
+
+    def __call__(self) -> float:
+        rates = self._measure()
+        for name, rate in rates.items():
+            self.rates[name].append(rate)
+        return max(rates.values())
 
 
 def _onednn_linear(a: torch.Tensor, b: torch.Tensor) -> Callable[[], object] | None:

@@ -182,13 +182,13 @@ def run(args: argparse.Namespace) -> int:
 
     from lomar.bench import report  # torch: not for --help
     from lomar.bench.profile import profile_step  # torch: not for --help
-    from lomar.bench.timing import build_runner, gemm_ceiling, interleaved_times  # torch: not for --help
+    from lomar.bench.timing import GemmCeiling, build_runner, interleaved_times  # torch: not for --help
 
     device, say, meta = _start(args)
     retained = device.type == "cpu" and retain_freed_memory()
     say(f"{args.model}, batch {args.batch_size}, {args.precision}, {device}, "
         f"{torch.get_num_threads()} threads, sizes {list(plan)}")
-    gemm = gemm_ceiling(device, args.precision, 256 if args.tiny else None)
+    gemm = GemmCeiling(device, args.precision, 256 if args.tiny else None)
     records: list[dict] = []
     rates: list[float] = []
     profiles: list[dict] = []
@@ -212,11 +212,12 @@ def run(args: argparse.Namespace) -> int:
         del runners
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    ceiling = statistics.median(rates)
+    by_library = {name: statistics.median(r) for name, r in gemm.rates.items()}
+    ceiling = max(by_library.values())  # the faster library's median
     for rec in records:
         rec.update(gemm_flops=ceiling, mfu=rec["achieved_flops"] / ceiling)
     comparisons, beit_ratios = report.compare(records), report.beit_comparisons(records)
-    report.print_table(records, comparisons, ceiling, sys.stdout, beit_ratios)
+    report.print_table(records, comparisons, ceiling, sys.stdout, beit_ratios, by_library)
     for prof in profiles:
         shares = ", ".join(f"{kind} {100 * share:.0f} %" for kind, share in prof["shares"].items())
         print(f"{prof['method']} {prof['img_size']}px: {shares} of {prof['total_ms']:.1f} ms {prof['clock']} time")
@@ -224,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
                 compile_mode=args.compile_mode, device=str(device), steps=args.steps, warmup=args.warmup,
                 machine=report.machine_name(device),
                 malloc_retains_memory=retained, gemm_flops=ceiling, gemm_flops_all=rates,
+                gemm_flops_by_library=by_library,
                 wall_s=time.perf_counter() - started)
     _write(args, say, meta=meta, records=records, comparisons=comparisons, beit_comparisons=beit_ratios)
     if args.profile:
