@@ -248,7 +248,7 @@ def _onednn_linear(a: torch.Tensor, b: torch.Tensor) -> Callable[[], object] | N
     try:
         a_blocked, b_blocked = a.to_mkldnn(), b.to_mkldnn()
         torch._C._nn.mkldnn_linear(a_blocked, b_blocked, None)
-    except RuntimeError:
+    except (RuntimeError, AttributeError):  # a dtype oneDNN lacks here; AttributeError: a torch without the op
         return None
     return lambda: torch._C._nn.mkldnn_linear(a_blocked, b_blocked, None)
 
