@@ -55,6 +55,8 @@ def test_cpu_gemm_ceiling_is_the_faster_of_mkl_and_onednn(monkeypatch):
     flop = 2 * 8 ** 3
     assert [ceiling(), ceiling()] == [flop / 0.5, flop / 0.25]
     assert ceiling.rates == {"torch.mm": [flop / 4.0, flop / 0.25], "oneDNN": [flop / 0.5, flop / 1.0]}
+    assert ceiling.per_call() == [flop / 0.5, flop / 0.25]
+    assert ceiling.medians() == {"torch.mm": (flop / 4.0 + flop / 0.25) / 2, "oneDNN": (flop / 0.5 + flop / 1.0) / 2}
 
 
 def test_paper_window_rule():
@@ -80,6 +82,7 @@ def test_bench_smoke_writes_json_and_plot(tmp_path, capsys):
     assert {c["window_setting"] for c in data["comparisons"]} == {"paper", "fixed"}
     by_library = data["meta"]["gemm_flops_by_library"]
     assert set(by_library) == {"torch.mm", "oneDNN"} and data["meta"]["gemm_flops"] == max(by_library.values()) > 0
+    assert len(data["meta"]["gemm_flops_all"]) == 4  # one per round, 2 rounds at each of 2 sizes
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = capsys.readouterr().out
     assert "GEMM ceiling" in table and "(the faster of torch.mm " in table and "MAE / LoMaR" in table

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import os
 import resource
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -240,6 +241,14 @@ class GemmCeiling:
             self.rates[name].append(rate)
         return max(rates.values())
 
+    def medians(self) -> dict[str, float]:
+        """Each library's median rate over the calls so far; the ceiling is the largest."""
+        return {name: statistics.median(rates) for name, rates in self.rates.items()}
+
+    def per_call(self) -> list[float]:
+        """What each call returned: the faster library's rate of that call."""
+        return [max(rates) for rates in zip(*self.rates.values())]
+
 
 def _onednn_linear(a: torch.Tensor, b: torch.Tensor) -> Callable[[], object] | None:
     """``a @ b.T`` through oneDNN (its own tensor layout), or None where oneDNN lacks this dtype."""
@@ -254,15 +263,15 @@ def _onednn_linear(a: torch.Tensor, b: torch.Tensor) -> Callable[[], object] | N
 
 
 def interleaved_times(runners: list[StepRunner], steps: int, warmup: int,
-                      gemm: Callable[[], float] | None = None,
-                      progress: Callable[[str], None] = lambda msg: None) -> list[float]:
+                      gemm: Callable[[], object] | None = None,
+                      progress: Callable[[str], None] = lambda msg: None) -> None:
     """Warm every runner up, then run ``steps`` rounds of one step each, A B A B …
 
     Untimed first, per runner: one step that counts FLOPs, one that records peak memory,
     then ``warmup`` plain steps.
 
     Interleaving makes slow drifts of the machine (other load, clocks) hit every
-    configuration alike. Returns the GEMM rates measured once per round (if ``gemm``).
+    configuration alike. ``gemm`` (a :class:`GemmCeiling`) is called once per round, before its steps.
     """
     for r in runners:
         r.count_flops()
@@ -272,11 +281,9 @@ def interleaved_times(runners: list[StepRunner], steps: int, warmup: int,
             r.step()
         sync(r.device)
         progress(f"warmed up {r.method} {r.img_size}px" + (f" {r.windows} windows" if r.windows else ""))
-    rates: list[float] = []
     for i in range(steps):
         if gemm is not None:
-            rates.append(gemm())
+            gemm()
         for r in runners:
             r.times.append(timed(r.step, r.device))
         progress(f"round {i + 1}/{steps}: " + ", ".join(f"{r.times[-1]:.2f}s" for r in runners))
-    return rates

@@ -190,14 +190,13 @@ def run(args: argparse.Namespace) -> int:
         f"{torch.get_num_threads()} threads, sizes {list(plan)}")
     gemm = GemmCeiling(device, args.precision, 256 if args.tiny else None)
     records: list[dict] = []
-    rates: list[float] = []
     profiles: list[dict] = []
     started = time.perf_counter()
     for size, configs in plan.items():
         runners = [build_runner(m, args.model, size, w, args.batch_size, device, args.precision, args.compile,
                                 tiny=args.tiny, compile_mode=args.compile_mode)
                    for m, w, _ in configs]
-        rates += interleaved_times(runners, args.steps, args.warmup, gemm, say)
+        interleaved_times(runners, args.steps, args.warmup, gemm, say)
         for (method, windows, setting), r in zip(configs, runners):
             step_s = statistics.median(r.times)
             records.append(dict(
@@ -212,8 +211,8 @@ def run(args: argparse.Namespace) -> int:
         del runners
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    by_library = {name: statistics.median(r) for name, r in gemm.rates.items()}
-    ceiling = max(by_library.values())  # the faster library's median
+    by_library = gemm.medians()
+    ceiling = max(by_library.values())
     for rec in records:
         rec.update(gemm_flops=ceiling, mfu=rec["achieved_flops"] / ceiling)
     comparisons, beit_ratios = report.compare(records), report.beit_comparisons(records)
@@ -224,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     meta.update(model=args.model, batch_size=args.batch_size, precision=args.precision, compile=args.compile,
                 compile_mode=args.compile_mode, device=str(device), steps=args.steps, warmup=args.warmup,
                 machine=report.machine_name(device),
-                malloc_retains_memory=retained, gemm_flops=ceiling, gemm_flops_all=rates,
+                malloc_retains_memory=retained, gemm_flops=ceiling, gemm_flops_all=gemm.per_call(),
                 gemm_flops_by_library=by_library,
                 wall_s=time.perf_counter() - started)
     _write(args, say, meta=meta, records=records, comparisons=comparisons, beit_comparisons=beit_ratios)
