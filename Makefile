@@ -7,6 +7,8 @@ STAMP := $(VENV)/.lomar-installed
 .PHONY: install demo test test-fast lint bench digits
 
 $(STAMP): pyproject.toml
+	# torch's x86_64 build is ~6 GiB: check the disk before pip half-fills it (LOMAR_SKIP_DISK_CHECK=1 skips).
+	$(PYTHON) tools/check_disk.py $(VENV)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned to the build this project is tested with (on x86_64 it comes from local disk here).
 	$(BIN)/python -m pip install torch==2.14.1 torchvision==0.29.1
@@ -27,7 +29,7 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
 
 bench: $(STAMP)
 	$(BIN)/lomar bench --model vit_base_patch16 --batch-size 4 --windows paper 4 --steps 3 --warmup 1 \
