@@ -1,9 +1,10 @@
 """Refuse to start an install that cannot fit on the disk, before pip writes anything.
 
 `make install` puts PyTorch 2.14.1 in the virtual environment, and on x86_64 that is the CUDA
-build: about 6 GiB once unpacked. pip copes badly with a full disk (an ``OSError: [Errno 28]``
-halfway through, and a half-installed venv), so this checks first, on the disk that holds the
-venv and on the one that holds pip's temporary files, and says in one line what is short.
+build: about 6 GiB once unpacked (elsewhere a CPU build, under 1 GiB). pip copes badly with a
+full disk (an ``OSError: [Errno 28]`` halfway through, and a half-installed venv), so this
+checks first, on the disk that holds the venv and on the one that holds pip's temporary files,
+and says in one line what is short.
 A venv that already has torch needs little more, so it is held to a smaller need.
 
 Usage: ``python tools/check_disk.py VENV [--need-gib N] [--need-gib-with-torch N]``; exit 1 when short.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -47,13 +49,16 @@ def shortfall(venv: Path, need_gib: float) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("venv", type=Path)
-    parser.add_argument("--need-gib", type=float, default=7.0, help="free space needed without torch installed")
+    # x86_64 gets torch's CUDA build (~6 GiB unpacked); other machines a CPU build under 1 GiB.
+    default_need = 7.0 if platform.machine().lower() in ("x86_64", "amd64") else 2.0
+    parser.add_argument("--need-gib", type=float, default=default_need,
+                        help="free space needed without torch installed")
     parser.add_argument("--need-gib-with-torch", type=float, default=0.5,
                         help="free space needed when the venv already has torch")
     args = parser.parse_args(argv)
-    need = args.need_gib_with_torch if has_torch(args.venv) else args.need_gib
     if os.environ.get("LOMAR_SKIP_DISK_CHECK") == "1":
         return 0
+    need = args.need_gib_with_torch if has_torch(args.venv) else args.need_gib
     problem = shortfall(args.venv, need)
     if problem:
         print(problem, file=sys.stderr)
