@@ -208,7 +208,6 @@ def test_a_failed_save_on_the_main_rank_stops_every_rank_with_a_save_error(tmp_p
         "SaveError: the main process could not write the checkpoint; see its message|None"
 
 
-
 @pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, "fp32"), (True, False, "bf16"),
                                                          (False, True, "bf16")])
 def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_bf16(monkeypatch, avx512_bf16, amx, expected):
