@@ -74,6 +74,16 @@ class _Run:
         self.compiled = bool(getattr(config, "compile", False))
         mode = getattr(config, "compile_mode", "default")
         task.net = compile_model(task.model, mode) if self.compiled else task.model
+        # Under CUDA graphs a backward returns the gradients in memory that the next replay reuses, and
+        # a parameter whose .grad is None takes that memory as its .grad: the next micro-batch then
+        # overwrites the gradient it should add to (pytorch/pytorch#169545). Gradients that stay
+        # allocated are added to instead; where every parameter gets a gradient each step (as DDP
+        # requires), zeros instead of None change no update.
+        self.keep_grads = self.compiled and mode in ("reduce-overhead", "max-autotune") and not task.sharded
+        if self.keep_grads:
+            for param in task.model.parameters():
+                if param.requires_grad and param.grad is None:
+                    param.grad = torch.zeros_like(param)
         if info.enabled and not task.sharded:
             task.net = DistributedDataParallel(task.net, device_ids=[device.index] if device.type == "cuda" else None)
         task.progress = self.p = Progress()
@@ -230,7 +240,7 @@ class _Run:
         self.loss_sum, learned = None, self.learned
         totals = totals.tolist()  # the one host sync of the step
         if totals[-1] == 0:
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=not self.keep_grads)
             return False
         schedule = self.task.lr_schedule or lr_at
         lr = schedule(p.step, *self.schedule, self.base_lr, getattr(cfg, "min_lr", 0.0))
@@ -241,7 +251,7 @@ class _Run:
             torch.nn.utils.clip_grad_norm_(self.task.model.parameters(), cfg.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.keep_grads)
         p.step += 1
         value = totals[0] / totals[-1]
         if not math.isfinite(value):
