@@ -258,10 +258,13 @@ fi
 # ---------------------------------------------------------------- CUDA tests (FlexAttention, GPU decode)
 if want tests; then
   if "$PY" -c "import pytest" 2>/dev/null; then
-    timeout "${GPU_CHECK_T_TESTS:-120}" "$PY" -m pytest -q -p no:cacheprovider tests/models/test_attention_cuda.py \
-      tests/bench/test_loader.py tests/train/test_pretrain.py -k "(cuda or gpu) and not reduce_overhead" 2>&1 \
-      | tail -n 15 | tee -a "$LOG"
-    status tests "${PIPESTATUS[0]}"
+    # the whole output (failures' messages and values) in cuda_tests.log, its end in the summary
+    timeout "${GPU_CHECK_T_TESTS:-120}" "$PY" -m pytest -q -p no:cacheprovider -p no:logging --tb=short \
+      tests/models/test_attention_cuda.py tests/bench/test_loader.py tests/train/test_pretrain.py \
+      -k "(cuda or gpu) and not reduce_overhead" > "$DEST/cuda_tests.log" 2>&1
+    rc=$?
+    tail -n 15 "$DEST/cuda_tests.log" | tee -a "$LOG"
+    status tests "$rc"
   else
     status tests 1 "skipped: pytest is not installed for $PY"
   fi
@@ -297,9 +300,11 @@ fi
 if want mfu; then
   # first: CUDA-graph training gives eager's losses (gradient accumulation included), else its rows mislead
   if "$PY" -c "import pytest" 2>/dev/null; then
-    timeout "${GPU_CHECK_T_TESTS:-120}" "$PY" -m pytest -q -p no:cacheprovider tests/train/test_pretrain.py \
-      -k "reduce_overhead and $DEVICE" 2>&1 | tail -n 5 | tee -a "$LOG"
-    status mfu-tests "${PIPESTATUS[0]}" "--compile-mode reduce-overhead trains as eager"
+    timeout "${GPU_CHECK_T_TESTS:-120}" "$PY" -m pytest -q -p no:cacheprovider -p no:logging --tb=short \
+      tests/train/test_pretrain.py -k "reduce_overhead and $DEVICE" > "$DEST/cuda_graph_tests.log" 2>&1
+    rc=$?
+    tail -n 5 "$DEST/cuda_graph_tests.log" | tee -a "$LOG"
+    status mfu-tests "$rc" "--compile-mode reduce-overhead trains as eager"
   fi
   for pair in $SWEEP; do
     b=${pair%%:*}; mode=${pair#*:}; flags=(); [ "$mode" = eager ] || flags=(--compile --compile-mode "$mode")

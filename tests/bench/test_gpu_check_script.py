@@ -39,6 +39,9 @@ def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
     assert not failed, "\n".join(failed) + "\n" + log[-3000:]
 
     out = tmp_path / "out"
+    # the tests' whole output is kept (a failure's message, not only its name)
+    assert "passed" in (out / "cuda_graph_tests.log").read_text()
+    assert "deselected" in (out / "cuda_tests.log").read_text()
     ratios = json.loads((out / "ratios.json").read_text())  # eager: one file; compiled: one file per method
     assert sorted((r["compile"], r["other"], r["source"]) for r in ratios) == [
         (False, "mae", "bench-64.json"), (True, "mae", "bench-compile-64-lomar.json, bench-compile-64-mae.json")]
