@@ -213,6 +213,8 @@ rec = dict(part="pretrain", decode=decode, rc=int(rc), steps=len(rows), batch_si
            median_step_images_per_s=statistics.median(rates) if rates else None,
            loss_first=rows[0]["loss"] if rows else None, loss_last=rows[-1]["loss"] if rows else None)
 rec["end_to_end_images_per_s"] = len(rows) * int(batch) / rec["wall_s"] if rows else None
+waits = [r["input_wait"] for r in rows[len(rows) // 5:] if r.get("input_wait") is not None]
+rec["median_input_wait"] = statistics.median(waits) if waits else None  # the run's own view: share of a step spent waiting
 try:  # the model's own step rate at this size (the loader part's, same batch): is the run input-bound?
     loader = json.load(open(out.rsplit("/", 1)[0] + "/loader.json"))["records"]
     model = next(r["model_images_per_s"] for r in loader if r.get("model_images_per_s") and r["img_size"] == int(size))

@@ -113,6 +113,44 @@ def test_the_loss_is_read_from_the_device_once_per_optimizer_step(tmp_path, monk
     assert counts[0] == counts[1] >= 4  # one read per optimizer step (+ the sampler's), none per micro-batch
 
 
+def test_the_share_of_a_step_spent_waiting_for_input_is_logged_and_named(tmp_path, capsys):
+    import time
+
+    class SlowInput(ToyTask):
+        def batches(self):
+            for batch in super().batches():
+                time.sleep(0.05)  # a step of this toy takes well under a millisecond
+                yield batch
+
+    assert run(ToyConfig(out=str(tmp_path / "slow"), epochs=1, accum_steps=1), SlowInput) == 0
+    waits = [r["input_wait"] for r in map(json.loads, (tmp_path / "slow" / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r]
+    assert len(waits) == 8 and all(0.8 < w <= 1 for w in waits)
+    lines = capsys.readouterr().out.rstrip().splitlines()
+    assert "input wait 9" in lines[1]  # the printed step lines show it too
+    assert lines[-2].startswith("lomar toy: the input limited this run: the loop waited for batches 9")
+    assert lines[-2].endswith("of a step's time (median of 7 steps); try more --workers")  # a toy has no workers
+    assert lines[-1].startswith("lomar: done")
+
+
+def test_the_input_note_needs_a_median_wait_over_the_bound(tmp_path):
+    from lomar.train.monitor import INPUT_BOUND, input_limit_note
+
+    metrics = tmp_path / "metrics.jsonl"
+
+    def note(waits, **kwargs):
+        metrics.write_text("".join(json.dumps({"step": i, "loss": 1.0, "input_wait": w}) + "\n"
+                                   for i, w in enumerate(waits)))
+        return input_limit_note(metrics, 4, **kwargs)
+
+    assert note([0.9, 0.1, 0.1, 0.5]) is None  # the first step (workers starting) does not count
+    assert note([0.0, 0.5, INPUT_BOUND, 0.1], decode="full").endswith(
+        "waited for batches 20% of a step's time (median of 3 steps); try more --workers (now 4) "
+        "or --decode draft (or gpu on CUDA)")
+    assert "device's JPEG decoding" in note([0.0, 0.5, 0.5], decode="gpu")
+    assert note([0.9]) is None and input_limit_note(tmp_path / "missing.jsonl", 4) is None
+
+
 class Regularised(ToyTask):
     """A loss of two parts, logged apart."""
 

@@ -29,7 +29,7 @@ from lomar.checkpoints.io import safe_load
 from lomar.errors import UsageError
 from lomar.train.distributed import DistInfo, cleanup_distributed, init_distributed
 from lomar.train.fsdp import load_sharded, save_run_checkpoint
-from lomar.train.monitor import Monitor
+from lomar.train.monitor import Monitor, input_limit_note
 from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_workers
 from lomar.train.run_state import (
     RunLock,
@@ -50,6 +50,8 @@ from lomar.train.task import Progress, Task, TrainingError
 from lomar.viz.curves import loss_summary
 
 __all__ = ["Task", "Progress", "TrainingError", "run"]
+
+_END = object()  # the end of an iterator, for next()'s default
 
 
 class _Run:
@@ -178,10 +180,10 @@ class _Run:
         if limit <= 0:
             return False
         self.task.set_epoch(p.epoch, p.batches_done)
-        self.loss_sum, self.learned, self.tick, micro = None, 0, time.perf_counter(), 0
+        self.loss_sum, self.learned, self.tick, self.waited, micro = None, 0, time.perf_counter(), 0.0, 0
         batches = self.task.batches()
         with contextlib.closing(batches) if hasattr(batches, "close") else contextlib.nullcontext():
-            for batch in batches:  # a batch-ahead reader stops when the loop ends, however it ends
+            for batch in self._timed(batches):  # a batch-ahead reader stops when the loop ends, however it ends
                 if micro == limit:
                     break
                 micro += 1
@@ -195,6 +197,19 @@ class _Run:
                     if self.task.eval_steps and p.step % self.task.eval_steps == 0:
                         self.save(self._evaluate())
         return False
+
+    def _timed(self, batches):
+        """``batches``, adding the seconds the loop waits for each to ``self.waited``. The step's one
+        host sync leaves the device at most the optimizer update to run meanwhile, so this is, all but
+        that, time the device waits for input."""
+        batches = iter(batches)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, _END)
+            if batch is _END:
+                return
+            self.waited += time.perf_counter() - start
+            yield batch
 
     def _backward(self, batch, sync: bool) -> None:
         """Accumulate one micro-batch's gradient (all-reduced under DDP only when ``sync``); its loss
@@ -261,8 +276,9 @@ class _Run:
                                 f"set --clip-grad or use --precision fp32")
         seen = learned * self.cfg.batch_size * self.info.world_size
         parts = {name: total / totals[-1] for name, total in zip(names, totals[1:-1])}
-        self.monitor.step(p.step, p.epoch, value, lr, seen / max(time.perf_counter() - self.tick, 1e-9), parts)
-        self.tick, self.learned = time.perf_counter(), 0
+        elapsed = max(time.perf_counter() - self.tick, 1e-9)
+        self.monitor.step(p.step, p.epoch, value, lr, seen / elapsed, parts, min(1.0, self.waited / elapsed))
+        self.tick, self.learned, self.waited = time.perf_counter(), 0, 0.0
         return True
 
     def _end_epoch(self) -> None:
@@ -317,6 +333,10 @@ class _Run:
             best = out / "best.pt"
             extra = ", ".join(filter(None, [f"best {metric} {self.best:.4f} in {best}" if best.exists() else
                                             f"no full epoch evaluated yet, so no {best.name}", extra]))
+        cfg = self.cfg
+        note = input_limit_note(out / "metrics.jsonl", getattr(cfg, "workers", None), getattr(cfg, "decode", None))
+        if note:
+            print(f"lomar {name}: {note}", flush=True)
         print(f"lomar: done at step {self.p.step}{f' ({losses})' if losses else ''}; checkpoint {path}"
               + (f"; {extra}" if extra else ""), flush=True)
 

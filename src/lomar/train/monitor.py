@@ -6,10 +6,14 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["Monitor", "progress"]
+__all__ = ["Monitor", "progress", "input_limit_note", "INPUT_BOUND"]
 
 _LABELS = {"top1": "top-1", "top5": "top-5", "knn_top1": "k-NN top-1"}  # accuracies, printed in percent
 QUIET_INTERVAL = 30.0  # seconds between progress lines when stderr is not a terminal (a log file)
+INPUT_BOUND = 0.2  # a run whose loop waits this share of a step's time for batches is limited by its input
+_FASTER = {"full": " or --decode draft (or gpu on CUDA)", "draft": " or --decode gpu on CUDA",
+           "windows": " or --decode gpu on CUDA",
+           "gpu": "; at camera resolution the device's JPEG decoding itself can be the limit (benchmarks/README.md)"}
 
 
 class _Lines:
@@ -57,20 +61,25 @@ class Monitor:
         self.bar = progress(total=total, desc=name, initial=start, unit="step")
         self.lines = not sys.stdout.isatty()
 
-    def step(self, step: int, epoch: int, loss: float, lr: float, ips: float, parts: dict | None = None) -> None:
-        """One optimizer step: its mean loss, and its mean loss ``parts`` by name (a task's ``loss_parts``)."""
+    def step(self, step: int, epoch: int, loss: float, lr: float, ips: float, parts: dict | None = None,
+             input_wait: float = 0.0) -> None:
+        """One optimizer step: its mean loss, and its mean loss ``parts`` by name (a task's ``loss_parts``);
+        ``input_wait``: the share of the step's time the loop waited for batches."""
         if not self.active:
             return
-        record = {"step": step, "epoch": epoch, "loss": loss, **(parts or {}), "lr": lr, "img_s": round(ips, 2)}
+        record = {"step": step, "epoch": epoch, "loss": loss, **(parts or {}), "lr": lr, "img_s": round(ips, 2),
+                  "input_wait": round(input_wait, 3)}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.writer is not None:
             for key in record.keys() - {"step", "epoch"}:
                 self.writer.add_scalar(f"train/{key}", record[key], step)
-        self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}", refresh=False)
+        self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}",
+                             input_wait=f"{input_wait:.0%}", refresh=False)
         self.bar.update(step - self.bar.n)
         if self.lines and (step % self.every == 0 or step == self.total):
-            print(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.2e} img/s {ips:.1f}", flush=True)
+            print(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.2e} img/s {ips:.1f} "
+                  f"input wait {input_wait:.0%}", flush=True)
 
     def evaluation(self, file: str, step: int, epoch: int, metrics: dict[str, float], extra: dict) -> None:
         """An evaluation: a record in ``file``, TensorBoard ``eval/KEY`` and one printed line."""
@@ -93,3 +102,22 @@ class Monitor:
         for thing in (self.bar, self.writer, self.file):
             if thing is not None:
                 thing.close()
+
+
+def input_limit_note(metrics: Path, workers: int | None, decode: str | None = None) -> str | None:
+    """'the input limited this run: ...' with what to change, when the median ``input_wait`` of a
+    ``metrics.jsonl``'s steps after the first (which waits for the workers to start) is at least
+    ``INPUT_BOUND``; None otherwise or with fewer than two steps logged."""
+    try:
+        waits = [json.loads(line).get("input_wait") for line in Path(metrics).read_text().splitlines()][1:]
+    except (OSError, ValueError):
+        return None
+    waits = sorted(w for w in waits if w is not None)
+    if not waits:
+        return None
+    median = waits[len(waits) // 2]
+    if median < INPUT_BOUND:
+        return None
+    return (f"the input limited this run: the loop waited for batches {median:.0%} of a step's time (median "
+            f"of {len(waits)} steps); try more --workers{'' if workers is None else f' (now {workers})'}"
+            f"{_FASTER.get(decode, '')}")
