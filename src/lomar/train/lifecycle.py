@@ -334,7 +334,7 @@ class _Run:
             extra = ", ".join(filter(None, [f"best {metric} {self.best:.4f} in {best}" if best.exists() else
                                             f"no full epoch evaluated yet, so no {best.name}", extra]))
         cfg = self.cfg
-        note = input_limit_note(out / "metrics.jsonl", getattr(cfg, "workers", None), getattr(cfg, "decode", None))
+        note = input_limit_note(self.monitor.input_waits, getattr(cfg, "workers", None), getattr(cfg, "decode", None))
         if note:
             print(f"lomar {name}: {note}", flush=True)
         print(f"lomar: done at step {self.p.step}{f' ({losses})' if losses else ''}; checkpoint {path}"

@@ -49,6 +49,7 @@ class Monitor:
     def __init__(self, out: Path, active: bool, total: int, log_every: int, name: str = "train", start: int = 0):
         self.active, self.every, self.total, self.out = active, log_every, total, out
         self.bar = self.writer = self.file = None
+        self.input_waits: list[float] = []  # this run's steps, for input_limit_note
         if not active:
             return
         self.file = open(out / "metrics.jsonl", "a")
@@ -69,6 +70,7 @@ class Monitor:
             return
         record = {"step": step, "epoch": epoch, "loss": loss, **(parts or {}), "lr": lr, "img_s": round(ips, 2),
                   "input_wait": round(input_wait, 3)}
+        self.input_waits.append(record["input_wait"])
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.writer is not None:
@@ -104,15 +106,11 @@ class Monitor:
                 thing.close()
 
 
-def input_limit_note(metrics: Path, workers: int | None, decode: str | None = None) -> str | None:
-    """'the input limited this run: ...' with what to change, when the median ``input_wait`` of a
-    ``metrics.jsonl``'s steps after the first (which waits for the workers to start) is at least
-    ``INPUT_BOUND``; None otherwise or with fewer than two steps logged."""
-    try:
-        waits = [json.loads(line).get("input_wait") for line in Path(metrics).read_text().splitlines()][1:]
-    except (OSError, ValueError):
-        return None
-    waits = sorted(w for w in waits if w is not None)
+def input_limit_note(waits: list[float], workers: int | None, decode: str | None = None) -> str | None:
+    """'the input limited this run: ...' with what to change, when the median of a run's per-step
+    ``input_wait`` after its first step (which waits for the workers to start) is at least
+    ``INPUT_BOUND``; None otherwise or with fewer than two steps."""
+    waits = sorted(waits[1:])
     if not waits:
         return None
     median = waits[len(waits) // 2]
