@@ -17,7 +17,8 @@
 #   GPU_CHECK_PRETRAIN_STEPS=40  GPU_CHECK_PRETRAIN_SIZE=448  GPU_CHECK_PRETRAIN_BATCH=64
 #   GPU_CHECK_WORKERS=(cores-2)  GPU_CHECK_CAMERA_COUNT=512  GPU_CHECK_FINETUNE_STEPS=20
 #   GPU_CHECK_DECODE="gpu" (pretrain runs, one per `lomar pretrain --decode` mode; gpu-inline: --decode gpu
-#     --decode-ahead 0, each batch decoded just before its step instead of during the previous one)
+#     --decode-ahead 0, each batch decoded just before its step instead of during the previous one;
+#     gpu-alone: --decode gpu --cpu-decode-share 0, the device decodes every photo; gpu is the auto share)
 #   GPU_CHECK_BACKBONE_SIZES="1024 1536 2048"  GPU_CHECK_BACKBONE_ATTENTION="dense chunked flex windowed"
 #   GPU_CHECK_T_ENV/_BENCH/_PRETRAIN/_LOADER/_TESTS/_FINETUNE/_BACKBONE: per-part timeouts (s)
 #   GPU_CHECK_BUDGET=470 (s, whole check: bench runs, last, are skipped when it is spent)
@@ -197,12 +198,15 @@ if want pretrain; then
     timeout "${GPU_CHECK_T_PRETRAIN:-110}" "${LOMAR[@]}" pretrain --data "$CAMERA" --out "$run" --overwrite \
       --model "$MODEL" --img-size "$PSIZE" --windows "$PW" --batch-size "$PBATCH" --max-steps "$PSTEPS" \
       --epochs 100000 --warmup-epochs 1 --workers "$WORKERS" --device "$DEVICE" --precision "$PRECISION" \
-      --decode "${decode%-inline}" --log-every 10 --save-every 100000 "${TINY[@]}" \
-      $([ "${decode%-inline}" = "$decode" ] || echo --decode-ahead 0) 2>&1 | tail -n 20 | tee -a "$LOG"
+      --decode "${decode%-*}" --log-every 10 --save-every 100000 "${TINY[@]}" \
+      $([ "${decode%-inline}" = "$decode" ] || echo --decode-ahead 0) \
+      $([ "${decode%-alone}" = "$decode" ] || echo --cpu-decode-share 0) 2>&1 | tee "$WORK/pretrain-$decode.out" \
+      | tail -n 20 | tee -a "$LOG"
     rc=${PIPESTATUS[0]}
-    "$PY" - "$run/metrics.jsonl" "$json" "$PBATCH" "$start" "$rc" "$WORKERS" "$PSIZE" "$decode" <<'EOF' 2>&1 | tee -a "$LOG"
-import json, statistics, sys, time
-metrics, out, batch, start, rc, workers, size, decode = sys.argv[1:]
+    "$PY" - "$run/metrics.jsonl" "$json" "$PBATCH" "$start" "$rc" "$WORKERS" "$PSIZE" "$decode" \
+      "$WORK/pretrain-$decode.out" <<'EOF' 2>&1 | tee -a "$LOG"
+import json, re, statistics, sys, time
+metrics, out, batch, start, rc, workers, size, decode, printed = sys.argv[1:]
 try:
     rows = [json.loads(l) for l in open(metrics)]
 except OSError:
@@ -215,6 +219,10 @@ rec = dict(part="pretrain", decode=decode, rc=int(rc), steps=len(rows), batch_si
 rec["end_to_end_images_per_s"] = len(rows) * int(batch) / rec["wall_s"] if rows else None
 waits = [r["input_wait"] for r in rows[len(rows) // 5:] if r.get("input_wait") is not None]
 rec["median_input_wait"] = statistics.median(waits) if waits else None  # the run's own view: share of a step spent waiting
+# --decode gpu's last line: the share of the photos the workers decoded, and the share setting at the end
+found = re.search(r"the workers decoded (\d+)% .*?--cpu-decode-share (?:auto, last )?([\d.]+)", open(printed).read())
+rec["workers_decoded_share"] = int(found[1]) / 100 if found else None
+rec["cpu_decode_share_last"] = float(found[2]) if found else None
 try:  # the model's own step rate at this size (the loader part's, same batch): is the run input-bound?
     loader = json.load(open(out.rsplit("/", 1)[0] + "/loader.json"))["records"]
     model = next(r["model_images_per_s"] for r in loader if r.get("model_images_per_s") and r["img_size"] == int(size))

@@ -50,6 +50,7 @@ def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
     assert pretrain["rc"] == 0 and pretrain["steps"] == 3 and pretrain["loss_last"] is not None
     assert pretrain["model_images_per_s"] > 0 and pretrain["input_bound"] in (True, False)
     assert 0 <= pretrain["median_input_wait"] <= 1
+    assert pretrain["workers_decoded_share"] is None  # --decode gpu's line only (tests/train/test_pretrain.py)
     inline = json.loads((out / "pretrain-draft-inline.json").read_text())  # the -inline spelling's own run
     assert inline["rc"] == 0 and inline["steps"] == 3 and inline["decode"] == "draft-inline"
     settings = yaml.safe_load((tmp_path / "work" / "pretrain-draft-inline" / "config.yaml").read_text())

@@ -37,6 +37,8 @@ def _env() -> dict:
     (["--resume", "/no/such.pt"], "does not exist"),
     (["--decode", "windows", "--method", "mae", "--pos", "abs", "--windows", "0"], "use --decode draft"),
     (["--decode", "gpu"], "not --device cpu"),
+    (["--cpu-decode-share", "0.3"], "this run is --decode full; drop it, or use --decode gpu"),
+    (["--cpu-decode-share", "1.5"], "--cpu-decode-share must be"),
     (["--decode", "draft", "--data", "/no/shards-*.tar"], "not tar shards"),
 ])
 def test_bad_configuration_is_one_line_and_exit_2(tmp_path, capsys, image_dir, flags, message):

@@ -4,6 +4,7 @@ The other engine guarantees are tested in test_engine.py and test_pretrain_cli.p
 """
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from lomar.data import device_decode
 from lomar.data.device_decode import decode_batch
 from lomar.train import lifecycle
 
+GPU_CHECK = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
 TINY = ["--model", "vit_tiny_patch8", "--embed-dim", "32", "--depth", "1", "--num-heads", "2",
         "--img-size", "32", "--window-size", "3", "--windows", "2", "--batch-size", "2",
         "--workers", "0", "--device", "cpu", "--epochs", "3", "--warmup-epochs", "1", "--lr", "1e-3",
@@ -112,6 +114,21 @@ def test_decode_gpu_trains_on_the_reference_pixels(jpegs, tmp_path, monkeypatch)
     assert decoded == [2] * 5
     if not torch.cuda.is_available():
         assert _losses(tmp_path / "inline") == _losses(tmp_path / "gpu")
+
+
+@pytest.mark.parametrize("share, words", [("0.5", "decoded 50% of the photos the device could have decoded "
+                                                   "(--cpu-decode-share 0.50)"),
+                                          ("auto", "(--cpu-decode-share auto, last ")])
+def test_decode_gpu_shares_the_photos_with_the_workers(jpegs, tmp_path, monkeypatch, capsys, share, words):
+    monkeypatch.setattr(device_decode, "DEVICE_DECODE_TYPES", ("cuda", "cpu"))
+    assert _run("--data", jpegs, "--out", tmp_path / "run", "--max-steps", 4, "--device", "auto", "--decode", "gpu",
+                "--workers", 1, "--cpu-decode-share", share) == 0
+    printed = capsys.readouterr().out
+    assert words in printed
+    # benchmarks/gpu_check.sh reads the shares from this line into pretrain.json
+    pattern = re.search(r're\.search\(r"(.+?)", open\(printed\)', GPU_CHECK.read_text())[1]
+    found = re.search(pattern, printed)
+    assert found and 0 <= int(found[1]) <= 100 and 0 <= float(found[2]) <= 1
 
 
 @pytest.mark.parametrize("decode", ["draft", "windows"])

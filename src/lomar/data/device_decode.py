@@ -10,7 +10,9 @@ The draws are those of every decode path (:func:`lomar.data.transforms.draw_samp
 full-size header), so every sample gets the same crop, flip and plan as with ``--decode full``;
 only the decoder and the resize kernel's arithmetic differ. What the device decoder cannot take
 (not a JPEG, CMYK, an EXIF rotation) is decoded by the worker on the reference path, bit for
-bit, and travels as pixels.
+bit, and travels as pixels. A share of the photos (``--cpu-decode-share``, balanced by default:
+:mod:`lomar.data.decode_share`) is decoded by the workers themselves, as ``--decode draft`` does,
+so that the workers' cores add to the device's decoder.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import NamedTuple
@@ -27,11 +30,12 @@ import torch
 from torch.utils.data import Dataset
 
 from lomar.data import collate
-from lomar.data.fast_decode import FastPretrainDataset, gpu_decode_crops
+from lomar.data.decode_share import DecodeShare
+from lomar.data.fast_decode import FastPretrainDataset, draft_decode_crop, gpu_decode_crops
 from lomar.data.folder import ImageListDataset
 
 __all__ = ["DEVICE_DECODE_TYPES", "Decoding", "decode_dataset", "EncodedPretrainDataset", "collate_encoded",
-           "decode_batch", "decoded_ahead"]
+           "decode_batch", "DeviceDecode", "decoded_ahead"]
 
 log = logging.getLogger("lomar.data")
 
@@ -41,11 +45,13 @@ DEVICE_DECODE_TYPES = ("cuda",)  # devices with a batched JPEG decoder in torchv
 class Decoding(NamedTuple):
     """How a run reads its pretraining data: ``dataset`` and ``collate`` for the DataLoader, and
     ``on_device``, a step applied to every batch on the training device (``batch -> batch`` holding
-    ``"images"`` (B', 3, S, S)): None, except that ``--decode gpu`` decodes there."""
+    ``"images"`` (B', 3, S, S)): None, except that ``--decode gpu`` decodes there, sharing the photos
+    with the workers as ``share`` says."""
 
     dataset: Dataset
     collate: Callable[[list[dict]], dict]
     on_device: Callable[[dict], dict] | None = None
+    share: DecodeShare | None = None
 
     def batches(self, loader: Iterable[dict], device: torch.device | str, ahead: int = 1) -> Iterator[dict]:
         """The batches of ``loader`` (over :attr:`dataset`) as the training loop takes them: with an
@@ -58,11 +64,12 @@ class Decoding(NamedTuple):
 
 
 def decode_dataset(base, mode: str, patch_size: int, window_size: int, windows: int,
-                   device: torch.device | str = "cuda") -> Decoding:
+                   device: torch.device | str = "cuda", cpu_share: float | None = 0.0, workers: int = 0) -> Decoding:
     """The :class:`Decoding` of ``base`` (a pretraining dataset) with ``--decode mode``: full (``base``
     itself), draft / windows (:class:`lomar.data.fast_decode.FastPretrainDataset`) or gpu
-    (:class:`EncodedPretrainDataset`, finished by :func:`decode_batch` on ``device``). ValueError
-    naming the fix when ``base`` is not read from image files or ``device`` has no batched decoder."""
+    (:class:`EncodedPretrainDataset`, finished by :class:`DeviceDecode` on ``device``; ``cpu_share``
+    of the photos decoded by the ``workers`` loader workers, None: balanced). ValueError naming the
+    fix when ``base`` is not read from image files or ``device`` has no batched decoder."""
     if mode == "full":  # collate_pretrain through its module at each call: the engine tests replace it there
         return Decoding(base, collate.collate_pretrain)
     if not isinstance(base, ImageListDataset):
@@ -72,8 +79,9 @@ def decode_dataset(base, mode: str, patch_size: int, window_size: int, windows: 
     device = torch.device(device)
     if device.type not in DEVICE_DECODE_TYPES:
         raise ValueError(f"--decode gpu needs a CUDA device, but this run is on {device.type}; use --decode draft")
-    return Decoding(EncodedPretrainDataset(base), collate_encoded,
-                    lambda batch: decode_batch(batch, device, base.transform))
+    share = DecodeShare(cpu_share, workers)
+    return Decoding(EncodedPretrainDataset(base, share), collate_encoded, DeviceDecode(device, base.transform, share),
+                    share)
 
 
 class EncodedPretrainDataset(FastPretrainDataset):
@@ -82,20 +90,35 @@ class EncodedPretrainDataset(FastPretrainDataset):
     Items: ``{"image": None, "encoded": uint8 (n,) file bytes, "box": int64 (4,) (top, left, h, w)
     in full-size pixels, "flip": bool, "path", **plan}`` for a JPEG the device can decode, else the
     base dataset's item (``"image"`` decoded, ``"encoded"`` None); an unreadable file has both None.
+    A JPEG that ``share`` gives the worker (one that decodes at 1/2 scale or less) is decoded as
+    ``--decode draft`` does: ``"image"`` normalised, ``"encoded"`` None. Items of JPEGs also hold
+    ``"drafted"`` (whether the worker decoded it) and ``"worker_s"`` (the worker's seconds on it).
     """
 
-    def __init__(self, base: ImageListDataset):
+    def __init__(self, base: ImageListDataset, share: DecodeShare | None = None):
         super().__init__(base, "gpu")
+        self.share = DecodeShare(0.0) if share is None else share
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        start = time.perf_counter()
         item = super().__getitem__(key)
         item.setdefault("encoded", None)
+        if "drafted" in item:  # a JPEG this class read (not the reference path's item)
+            item["worker_s"] = time.perf_counter() - start
         return item
 
+    def _decode(self, img, data: bytes, draw) -> dict:
+        size = self.base.transform.size
+        if min(draw.box[2:]) / 2 >= size and self.share.takes():
+            pixels = self.base.transform.normalize(draft_decode_crop(img, size, draw))
+            return {"image": pixels, "encoded": None, "drafted": True}
+        return {**super()._decode(img, data, draw), "drafted": False}
 
-_LISTED = ("image", "encoded", "box", "flip")
+
+_LISTED = ("image", "encoded", "box", "flip", "drafted", "worker_s")
 # Items of EncodedPretrainDataset -> a batch for decode_batch: {"encoded": [bytes tensor or None], "image":
-# [(3, S, S) or None], "box": [(4,) or None], "flip": [bool or None], "bad", "paths", **stacked plan fields}.
+# [(3, S, S) or None], "box": [(4,) or None], "flip", "drafted": [bool or None], "worker_s": [float or None],
+# "bad", "paths", **stacked plan fields}.
 collate_encoded = partial(collate.collate_pretrain, listed=_LISTED)
 
 
@@ -121,6 +144,27 @@ def decode_batch(batch: dict, device: torch.device, transform) -> dict:
     kept = [image for image in images if image is not None]
     out["images"] = torch.stack(kept) if kept else torch.empty(0, 3, transform.size, transform.size, device=device)
     return out
+
+
+class DeviceDecode:
+    """``--decode gpu``'s step on the device: :func:`decode_batch`, timed for a balanced ``share``
+    (:class:`lomar.data.decode_share.DecodeShare`): from the batch's arrival to its pixels being
+    ready on the device (the current stream synchronised: a decode-ahead thread's own stream)."""
+
+    def __init__(self, device: torch.device, transform, share: DecodeShare):
+        self.device, self.transform, self.share = torch.device(device), transform, share
+
+    def __call__(self, batch: dict) -> dict:
+        start = time.perf_counter()
+        out = decode_batch(batch, self.device, self.transform)
+        seconds = None
+        if self.share.auto:
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            seconds = time.perf_counter() - start
+        on_device = sum(data is not None for data in batch["encoded"])
+        self.share.observe(batch["worker_s"], batch["drafted"], seconds, on_device)
+        return out
 
 
 def _decode_rows(datas: list[torch.Tensor], boxes: list[torch.Tensor], flips: list[bool], size: int,

@@ -112,6 +112,11 @@ class PretrainConfig(TaskConfig):
     decode_ahead: int = S.setting(1, "--decode gpu: batches decoded ahead of the training step, by a background "
                                   "thread on a CUDA stream of its own, so that decoding overlaps training (0: "
                                   "each batch decoded just before its step)", low=0, resume="run-control")
+    cpu_decode_share: float | str = S.setting(
+        "auto", "--decode gpu: share of the photos the loader workers decode themselves (at reduced size, as "
+        "--decode draft) beside the device's decoder, 0-1; auto = balanced after every batch from the measured "
+        "cost of both (0 without --workers)", kind=float, low=0, high=1,
+        parse=lambda text: _share(text), resume="run-control")
     # running
     threads: int | None = S.THREADS.field(help="CPU threads per process; 1 is fastest for tiny models on a busy "
                                                "machine (default: the cores shared among this machine's processes)")
@@ -348,8 +353,20 @@ def check_data(data: str) -> None:
                           f"or a tar shard pattern, or omit --data for the demo")
 
 
+def _share(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--cpu-decode-share must be auto or a share in [0, 1], e.g. 0.3; got {text!r}") from None
+
+
 def check_decode(config: PretrainConfig) -> None:
     """--decode other than full reads image files one by one; windows needs LoMaR's windows, gpu a GPU."""
+    if config.cpu_decode_share != "auto" and config.decode != "gpu":
+        raise ConfigError(f"--cpu-decode-share {config.cpu_decode_share:g} shares --decode gpu's photos with the "
+                          f"workers, but this run is --decode {config.decode}; drop it, or use --decode gpu")
     if config.decode == "full":
         return
     from lomar.data.shards import is_shard_pattern  # torch: not for --help

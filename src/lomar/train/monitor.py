@@ -13,7 +13,8 @@ QUIET_INTERVAL = 30.0  # seconds between progress lines when stderr is not a ter
 INPUT_BOUND = 0.2  # a run whose loop waits this share of a step's time for batches is limited by its input
 _FASTER = {"full": " or --decode draft (or gpu on CUDA)", "draft": " or --decode gpu on CUDA",
            "windows": " or --decode gpu on CUDA",
-           "gpu": "; at camera resolution the device's JPEG decoding itself can be the limit (benchmarks/README.md)"}
+           "gpu": "; at camera resolution the device's JPEG decoding itself can be the limit, and more workers "
+                  "take a larger share of it (--cpu-decode-share auto; benchmarks/README.md)"}
 
 
 class _Lines:

@@ -56,8 +56,9 @@ class PretrainTask(Task):
         self.base_dataset = build_pretrain_dataset(config.data, config.img_size, config.seed, config.crop_scale,
                                                    masker=self.runtime.masker, color_jitter=config.color_jitter,
                                                    rank=info.rank, world_size=info.world_size)
+        share = None if config.cpu_decode_share == "auto" else config.cpu_decode_share
         self.decoding = decode_dataset(self.base_dataset, config.decode, self.patch, config.window_size,
-                                       config.windows, device)
+                                       config.windows, device, share, config.workers)
         self.dataset = self.decoding.dataset
         self.iterable = isinstance(self.dataset, IterableDataset)
         self.size = self.dataset.count_samples() if self.iterable else len(self.dataset)
@@ -158,8 +159,13 @@ class PretrainTask(Task):
         out = Path(self.config.out)
         bad = (f"; {self.tracker.count} unreadable image(s) skipped, e.g. {next(iter(self.tracker.bad))}"
                if self.tracker.count else "")
-        return (f"encoder {out / 'encoder.safetensors'}, figures {out}/reconstruction-*.png and loss.png{bad}. "
-                f"Next: lomar visualize {out / 'last.pt'} --attention; lomar export {out / 'last.pt'} --to DIR")
+        share = self.decoding.share
+        workers = "" if share is None or share.decoded_share is None else (
+            f"; the workers decoded {share.decoded_share:.0%} of the photos the device could have decoded "
+            f"(--cpu-decode-share {'auto, last ' if share.auto else ''}{share.value:.2f})")
+        return (f"encoder {out / 'encoder.safetensors'}, figures {out}/reconstruction-*.png and loss.png"
+                f"{bad}{workers}. Next: lomar visualize {out / 'last.pt'} --attention; "
+                f"lomar export {out / 'last.pt'} --to DIR")
 
     # ---- outputs -------------------------------------------------------------------------
     def _consolidate(self, out: Path):
