@@ -51,6 +51,7 @@ def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
     assert pretrain["model_images_per_s"] > 0 and pretrain["input_bound"] in (True, False)
     assert 0 <= pretrain["median_input_wait"] <= 1
     assert pretrain["workers_decoded_share"] is None  # --decode gpu's line only (tests/train/test_pretrain.py)
+    assert pretrain["cpu_decode_share_by_step"] == [None] * 3
     inline = json.loads((out / "pretrain-draft-inline.json").read_text())  # the -inline spelling's own run
     assert inline["rc"] == 0 and inline["steps"] == 3 and inline["decode"] == "draft-inline"
     settings = yaml.safe_load((tmp_path / "work" / "pretrain-draft-inline" / "config.yaml").read_text())

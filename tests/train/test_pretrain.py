@@ -129,6 +129,8 @@ def test_decode_gpu_shares_the_photos_with_the_workers(jpegs, tmp_path, monkeypa
     pattern = re.search(r're\.search\(r"(.+?)", open\(printed\)', GPU_CHECK.read_text())[1]
     found = re.search(pattern, printed)
     assert found and 0 <= int(found[1]) <= 100 and 0 <= float(found[2]) <= 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(0 <= row["cpu_decode_share"] <= 1 for row in rows)  # the balance as it moved
 
 
 @pytest.mark.parametrize("decode", ["draft", "windows"])

@@ -275,7 +275,7 @@ class _Run:
             raise TrainingError(f"loss is {value} at step {p.step} (epoch {p.epoch}); {kept}; lower --blr/--lr, "
                                 f"set --clip-grad or use --precision fp32")
         seen = learned * self.cfg.batch_size * self.info.world_size
-        parts = {name: total / totals[-1] for name, total in zip(names, totals[1:-1])}
+        parts = {**{name: total / totals[-1] for name, total in zip(names, totals[1:-1])}, **self.task.step_info()}
         elapsed = max(time.perf_counter() - self.tick, 1e-9)
         self.monitor.step(p.step, p.epoch, value, lr, seen / elapsed, parts, min(1.0, self.waited / elapsed))
         self.tick, self.learned, self.waited = time.perf_counter(), 0, 0.0

@@ -155,6 +155,10 @@ class PretrainTask(Task):
         else:
             export_encoder(model.encoder, out, weights_name="encoder.safetensors", metadata=meta)
 
+    def step_info(self) -> dict[str, float]:
+        share = self.decoding.share  # --decode gpu: the workers' share of the decoding, as balanced so far
+        return {} if share is None else {"cpu_decode_share": round(share.value, 3)}
+
     def final_line(self) -> str:
         out = Path(self.config.out)
         bad = (f"; {self.tracker.count} unreadable image(s) skipped, e.g. {next(iter(self.tracker.bad))}"

@@ -19,6 +19,7 @@ Required of a Task: ``name``, ``model``, ``train_loader``, ``loss(batch)``. Opti
   ``outputs`` (names or globs a fresh run clears),
   ``batches()`` (default: ``iter(train_loader)``), ``batches_per_epoch()``, ``set_epoch(epoch, skip_batches)``,
   ``describe()`` (the start-up line's data and model), ``final_line()`` (appended to "done"),
+  ``step_info()``: more scalars for each step's record (name -> float, e.g. the input's settings as tuned),
 - main process only: ``begin()`` before the first step, ``saved(path)`` after each checkpoint,
   ``stopped(out)`` after a stop signal.
 """
@@ -65,7 +66,7 @@ class Task:
     loss_parts: tuple[str, ...] = ()
     net: torch.nn.Module  # and ``progress``, ``autocast`` (its precision's context): set by the lifecycle
     load = finish = stopped = begin = saved = _nothing
-    evaluate, state, final_line = (lambda self: {}), (lambda self: {}), (lambda self: "")
+    evaluate, state, final_line, step_info = (lambda self: {}), (lambda self: {}), (lambda self: ""), (lambda self: {})
     idle_loss = lambda self: None
 
     def param_groups(self) -> list[dict]:
