@@ -93,17 +93,23 @@ def test_a_worker_decodes_its_share_as_draft_with_the_same_draws(big_photos):
         torch.testing.assert_close(item["mask"], ref["mask"], rtol=0, atol=0)
         torch.testing.assert_close(item["top_left"], ref["top_left"], rtol=0, atol=0)
         kinds.append(item.get("drafted"))
-        if item.get("drafted"):  # exactly --decode draft's pixels
-            assert item["encoded"] is None and item["worker_s"] > 0
-            torch.testing.assert_close(item["image"], draft[(i, 1)]["image"], rtol=0, atol=0)
+        if item.get("drafted"):  # exactly --decode draft's pixels, left uint8
+            assert item["encoded"] is None and item["worker_s"] > 0 and item["image"].dtype == torch.uint8
+            torch.testing.assert_close(base.transform.normalize(item["image"]), draft[(i, 1)]["image"], rtol=0,
+                                       atol=0)
         elif item.get("drafted") is False:
             assert item["image"] is None and item["encoded"] is not None and item["worker_s"] > 0
     assert kinds.count(True) == 3 and kinds.count(False) == 3 and kinds.count(None) == 1  # the PNG: reference path
 
-    out = DeviceDecode(torch.device("cpu"), base.transform, mixed.share)(
-        collate_encoded([mixed[(i, 2)] for i in range(len(base))]))
+    batch = collate_encoded([mixed[(i, 2)] for i in range(len(base))])
+    out = DeviceDecode(torch.device("cpu"), base.transform, mixed.share)(batch)
     assert out["images"].shape == (len(base), 3, SIZE, SIZE) and "drafted" not in out and "worker_s" not in out
     assert mixed.share.decoded_share == pytest.approx(0.5)
+    # every row normalised once: the worker's drafts, the device's decodes and the reference path's PNG
+    for row, (path, drafted) in enumerate(zip(out["paths"], batch["drafted"])):
+        i = next(j for j in range(len(base)) if str(base.paths[j]) == path)
+        expected = draft[(i, 2)]["image"] if drafted else base[(i, 2)]["image"]
+        torch.testing.assert_close(out["images"][row], expected, rtol=0, atol=0)
 
 
 def test_decode_dataset_gives_the_share_to_both_sides(big_photos):

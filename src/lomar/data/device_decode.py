@@ -91,7 +91,8 @@ class EncodedPretrainDataset(FastPretrainDataset):
     in full-size pixels, "flip": bool, "path", **plan}`` for a JPEG the device can decode, else the
     base dataset's item (``"image"`` decoded, ``"encoded"`` None); an unreadable file has both None.
     A JPEG that ``share`` gives the worker (one that decodes at 1/2 scale or less) is decoded as
-    ``--decode draft`` does: ``"image"`` normalised, ``"encoded"`` None. Items of JPEGs also hold
+    ``--decode draft`` does, but left uint8 for the device to normalise (a quarter of the bytes to
+    hand over): ``"image"`` uint8 (3, S, S), ``"encoded"`` None. Items of JPEGs also hold
     ``"drafted"`` (whether the worker decoded it) and ``"worker_s"`` (the worker's seconds on it).
     """
 
@@ -110,8 +111,7 @@ class EncodedPretrainDataset(FastPretrainDataset):
     def _decode(self, img, data: bytes, draw) -> dict:
         size = self.base.transform.size
         if min(draw.box[2:]) / 2 >= size and self.share.takes():
-            pixels = self.base.transform.normalize(draft_decode_crop(img, size, draw))
-            return {"image": pixels, "encoded": None, "drafted": True}
+            return {"image": draft_decode_crop(img, size, draw), "encoded": None, "drafted": True}
         return {**super()._decode(img, data, draw), "drafted": False}
 
 
@@ -131,6 +131,9 @@ def decode_batch(batch: dict, device: torch.device, transform) -> dict:
     batch (the plan fields are cut to match), as an unreadable file does on the reference path.
     """
     images = [None if pixels is None else pixels.to(device, non_blocking=True) for pixels in batch["image"]]
+    for i, drafted in enumerate(batch.get("drafted") or ()):
+        if drafted:  # decoded by the worker, uint8
+            images[i] = transform.normalize(images[i])
     rows = [i for i, data in enumerate(batch["encoded"]) if data is not None]
     lists = ([batch[key][i] for i in rows] for key in ("encoded", "box", "flip"))
     for i, pixels in zip(rows, _decode_rows(*lists, transform.size, device)):
