@@ -117,8 +117,8 @@ class EncodedPretrainDataset(FastPretrainDataset):
 
 _LISTED = ("image", "encoded", "box", "flip", "drafted", "worker_s")
 # Items of EncodedPretrainDataset -> a batch for decode_batch: {"encoded": [bytes tensor or None], "image":
-# [(3, S, S) or None], "box": [(4,) or None], "flip", "drafted": [bool or None], "worker_s": [float or None],
-# "bad", "paths", **stacked plan fields}.
+# [(3, S, S) or None], "box": [(4,) or None], "flip", "drafted": [bool or None each], "worker_s": [float or
+# None], "bad", "paths", **stacked plan fields}.
 collate_encoded = partial(collate.collate_pretrain, listed=_LISTED)
 
 
