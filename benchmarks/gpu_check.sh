@@ -24,7 +24,7 @@
 #   GPU_CHECK_BUDGET=470 (s, whole check: bench runs, last, are skipped when it is spent)
 #   GPU_CHECK_VENV=/tmp/lomar-gpu-check-venv (an existing venv not made by this script is used as is)
 #   GPU_CHECK_PARTS="env tests loader pretrain bench" (also: finetune backbone mfu, outside the 8 minutes)
-#   GPU_CHECK_SWEEP="128:default 128:reduce-overhead 256:reduce-overhead" (mfu: BATCH:MODE
+#   GPU_CHECK_SWEEP="128:default 256:default 256:reduce-overhead" (mfu: BATCH:MODE
 #     pairs, MODE eager or a --compile-mode; LoMaR at GPU_CHECK_MFU_SIZE=448 px, GPU_CHECK_MFU_WINDOWS=9)
 # The ratios beside the paper's (Table 1) are written to ratios.md / ratios.json.
 set -u
@@ -47,7 +47,7 @@ else
   D_MODEL=vit_base_patch16; D_SIZES="224 384 448"; D_CSIZES="448"; D_BATCH=64; D_STEPS=5
   D_WARMUP=2; D_PSTEPS=40; D_PSIZE=448; D_PBATCH=64; D_WORKERS=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 )); D_COUNT=512  # 8 steps an epoch: epoch starts do not dominate
   D_FSTEPS=20; D_BB="1024 1536 2048"; D_BBATT="dense chunked flex windowed"; TINY=(); D_WINDOWS="paper"; BENCH_TINY=(); PRECISION=bf16
-  D_DECODE="gpu"; D_MSIZE=448; D_MWIN=9; D_SWEEP="128:default 128:reduce-overhead 256:reduce-overhead"
+  D_DECODE="gpu"; D_MSIZE=448; D_MWIN=9; D_SWEEP="128:default 256:default 256:reduce-overhead"
 fi
 MODEL=${GPU_CHECK_MODEL:-$D_MODEL}; SIZES=${GPU_CHECK_SIZES-$D_SIZES}; WINDOWS=${GPU_CHECK_WINDOWS:-$D_WINDOWS}
 BATCH=${GPU_CHECK_BENCH_BATCH:-$D_BATCH}
