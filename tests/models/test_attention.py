@@ -76,6 +76,22 @@ def test_flex_equals_dense_in_the_forward_on_cpu():
     torch.testing.assert_close(flex, dense, **TOL)
 
 
+def test_the_flex_score_mod_reads_inside_its_buffers_on_block_padding():
+    """The compiled kernel calls score_mod on its last block's padding too (up to 128 here) and does
+    not bounds-check the loads: every index the score_mod makes must be valid, and on the sequence
+    it must give the dense bias."""
+    grid, length = (3, 4), 13
+    scores, key_bias = torch.randn(2, 2, length, 50), torch.randn(2, 1, 1, length)
+    mod = A.irpe_score_mod(scores, grid, key_bias)
+    dense = scores.gather(-1, bucket_table(grid).expand(2, 2, length, length)) + key_bias
+    zero, b, h = torch.tensor(0.0), torch.tensor(1), torch.tensor(0)
+    for i in range(length):
+        for j in range(length):
+            torch.testing.assert_close(mod(zero, b, h, torch.tensor(i), torch.tensor(j)), dense[1, 0, i, j])
+    for i, j in [(5, 127), (127, 5), (127, 127), (length, length), (0, 100)]:  # padding: valid reads, any value
+        assert torch.isfinite(mod(zero, b, h, torch.tensor(i), torch.tensor(j)))
+
+
 def test_auto_selection_falls_back_to_chunked_on_cpu():
     cpu = torch.device("cpu")
     assert A.select_mode("auto", 1, 12, 197, cpu) == "dense"

@@ -30,7 +30,8 @@ from torch.utils.checkpoint import checkpoint
 from lomar.models.rpe import CLS_BUCKET, bucket_rows, bucket_table, irpe_bias, offset_buckets
 
 __all__ = ["ATTENTION_MODES", "DENSE_MAX_TOKENS", "DENSE_BIAS_BYTES", "offset_buckets", "bucket_rows", "select_mode",
-           "chunk_rows", "rpe_attention", "flex_available", "windowed_attention", "vitdet_global_blocks"]
+           "chunk_rows", "rpe_attention", "flex_available", "irpe_score_mod", "windowed_attention",
+           "vitdet_global_blocks"]
 
 AttentionMode = Literal["auto", "dense", "chunked", "flex"]
 ATTENTION_MODES = ("auto", "dense", "chunked", "flex")
@@ -91,13 +92,19 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _flex(q, k, v, table, grid, key_bias, compiled: bool = True) -> torch.Tensor:
+def irpe_score_mod(scores: torch.Tensor, grid: tuple[int, int], key_bias: torch.Tensor | None):
+    """FlexAttention's ``score_mod`` adding the iRPE bias: ``scores`` (B, h, L, 50) = q·W, gathered by
+    the bucket of (q_idx, kv_idx), plus ``key_bias`` (B, 1, 1, L) if given.
+
+    The compiled kernel also evaluates it on the padding of its last block (indices >= L, whose scores
+    it masks afterwards) and loads what it indexes there without a bounds check (pytorch/pytorch#188178, open):
+    clamped to L - 1, those indices read inside the buffers instead of past their end."""
     height, width = grid
-    scores = torch.matmul(q, table.to(q.dtype))  # (B, h, L, 50)
-    offsets = offset_buckets(grid, q.device).flatten()
-    span = 2 * width - 1
+    offsets = offset_buckets(grid, scores.device).flatten()
+    span, last = 2 * width - 1, scores.shape[2] - 1
 
     def score_mod(score, b, h, q_idx, kv_idx):
+        q_idx, kv_idx = q_idx.clamp(max=last), kv_idx.clamp(max=last)
         qs, ks = (q_idx - 1).clamp(min=0), (kv_idx - 1).clamp(min=0)
         dy = qs // width - ks // width + height - 1
         dx = qs % width - ks % width + width - 1
@@ -107,8 +114,13 @@ def _flex(q, k, v, table, grid, key_bias, compiled: bool = True) -> torch.Tensor
             out = out + key_bias[b, 0, 0, kv_idx]
         return out
 
+    return score_mod
+
+
+def _flex(q, k, v, table, grid, key_bias, compiled: bool = True) -> torch.Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
+    score_mod = irpe_score_mod(torch.matmul(q, table.to(q.dtype)), grid, key_bias)  # q·W: (B, h, L, 50)
     return (_compiled_flex() if compiled else flex_attention)(q, k, v, score_mod=score_mod)
 
 
