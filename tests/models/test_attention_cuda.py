@@ -10,6 +10,12 @@ from lomar.models import attention as A
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention with gradients needs CUDA")
 TOL = dict(atol=1e-5, rtol=1e-5)
+# d(table)'s error from float64, as a share of its largest entry, that any path may have. FlexAttention's
+# softmax (exp2, online) and its atomic adds differ from dense's by rounding alone; with a floor of 1e-5
+# the check failed in one of two runs on an H200 (2026-12-04) and passed on rerun. Wrong buckets err by
+# far more: 4e-2 to 1.3 of the scale for a cls row read as spatial, two buckets merged, or query and
+# key swapped (float64, both grids of these tests), so 5e-5 still fails every such bug.
+TABLE_GRAD_FLOOR = 5e-5
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +56,7 @@ def check_against_dense(device: str, grid, masked: bool, modes) -> None:
         g_ref = ref_grads[3].float()
         scale = g_ref.abs().max()
         err, err_dense = [float((g - g_ref).abs().max() / scale) for g in (grads[3], dense_grads[3])]
-        assert err <= max(1e-5, 2 * err_dense), \
+        assert err <= max(TABLE_GRAD_FLOOR, 2 * err_dense), \
             f"{mode} d(table): {err:.2e} of its scale from float64 (dense: {err_dense:.2e})"
 
 
@@ -85,7 +91,7 @@ def check_encoder_against_dense(device: str, mode: str) -> None:
     ref_grad = ref_grad.float()
     scale = ref_grad.abs().max()
     err, err_dense = [float((g - ref_grad).abs().max() / scale) for g in (grad, dense_grad)]
-    assert err <= max(1e-5, 2 * err_dense), \
+    assert err <= max(TABLE_GRAD_FLOOR, 2 * err_dense), \
         f"{mode} d(table): {err:.2e} of its scale from float64 (dense: {err_dense:.2e})"
 
 
