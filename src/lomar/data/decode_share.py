@@ -3,8 +3,9 @@ themselves (reduced-size JPEG decoding, as ``--decode draft``) while the device 
 
 At camera resolution one device's JPEG decoder can be slower than its training step: on an H200,
 nvjpeg decodes 732 twelve-megapixel JPEGs/s while LoMaR trains on 1,038 images/s at 448 px
-(``benchmarks/README.md``). Meanwhile the workers, which only read files and draw each sample's
-crop and plan, are mostly idle. Both decoders together can do more than either alone.
+(``benchmarks/README.md``). Meanwhile the workers only read files and draw each sample's crop and
+plan, 1.3 ms per 12-megapixel photo on a 2-core CPU: they have time to spare. Both decoders
+together can do more than either alone.
 
 ``--cpu-decode-share auto`` balances them from what each is measured to cost, as running means over
 the batches: a worker's wall seconds per photo it passes on encoded (``t_pass``: read, header, draws)
