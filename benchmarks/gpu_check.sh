@@ -75,6 +75,16 @@ status() {
   [ -f "$DEST/$part.json" ] || printf '{"part": "%s", "status": "%s", "rc": %s, "note": "%s"}\n' \
     "$part" "$state" "$rc" "$note" > "$DEST/$part.json"
 }
+# run_tests FILE LINES PYTEST_ARGS...: pytest's whole output (failures' messages and values) in $DEST/FILE,
+# its last LINES lines in the summary; returns pytest's exit status
+run_tests() {
+  local file=$1 lines=$2; shift 2
+  timeout "${GPU_CHECK_T_TESTS:-120}" "$PY" -m pytest -q -p no:cacheprovider -p no:logging --tb=short "$@" \
+    > "$DEST/$file" 2>&1
+  local rc=$?
+  tail -n "$lines" "$DEST/$file" | tee -a "$LOG"
+  return $rc
+}
 
 say "repo $REPO, device $DEVICE, results in $DEST, scratch in $WORK"
 # ---------------------------------------------------------------- environment (offline-safe)
@@ -269,13 +279,9 @@ fi
 # ---------------------------------------------------------------- CUDA tests (FlexAttention, GPU decode)
 if want tests; then
   if "$PY" -c "import pytest" 2>/dev/null; then
-    # the whole output (failures' messages and values) in cuda_tests.log, its end in the summary
-    timeout "${GPU_CHECK_T_TESTS:-120}" "$PY" -m pytest -q -p no:cacheprovider -p no:logging --tb=short \
-      tests/models/test_attention_cuda.py tests/bench/test_loader.py tests/train/test_pretrain.py \
-      -k "(cuda or gpu) and not reduce_overhead" > "$DEST/cuda_tests.log" 2>&1
-    rc=$?
-    tail -n 15 "$DEST/cuda_tests.log" | tee -a "$LOG"
-    status tests "$rc"
+    run_tests cuda_tests.log 15 tests/models/test_attention_cuda.py tests/bench/test_loader.py \
+      tests/train/test_pretrain.py -k "(cuda or gpu) and not reduce_overhead"
+    status tests "$?"
   else
     status tests 1 "skipped: pytest is not installed for $PY"
   fi
@@ -311,11 +317,8 @@ fi
 if want mfu; then
   # first: CUDA-graph training gives eager's losses (gradient accumulation included), else its rows mislead
   if "$PY" -c "import pytest" 2>/dev/null; then
-    timeout "${GPU_CHECK_T_TESTS:-120}" "$PY" -m pytest -q -p no:cacheprovider -p no:logging --tb=short \
-      tests/train/test_pretrain.py -k "reduce_overhead and $DEVICE" > "$DEST/cuda_graph_tests.log" 2>&1
-    rc=$?
-    tail -n 5 "$DEST/cuda_graph_tests.log" | tee -a "$LOG"
-    status mfu-tests "$rc" "--compile-mode reduce-overhead trains as eager"
+    run_tests cuda_graph_tests.log 5 tests/train/test_pretrain.py -k "reduce_overhead and $DEVICE"
+    status mfu-tests "$?" "--compile-mode reduce-overhead trains as eager"
   fi
   for pair in $SWEEP; do
     b=${pair%%:*}; mode=${pair#*:}; flags=(); [ "$mode" = eager ] || flags=(--compile --compile-mode "$mode")

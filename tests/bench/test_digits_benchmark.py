@@ -1,20 +1,11 @@
 """``benchmarks/digits.py``: its summary of the study's records and its report (the study itself
 is tested in tests/study; the real run takes many minutes)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "digits.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("digits_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_benchmark
 
 
 def _record(setting, seed, point, step, score):
@@ -24,7 +15,7 @@ def _record(setting, seed, point, step, score):
 
 
 def test_summary_has_per_seed_lists_at_equal_time_and_steps(tmp_path):
-    digits = _module()
+    digits = load_benchmark("digits")
     records = []
     for seed in (1, 0):  # out of order on purpose: the lists follow the seeds
         records += [_record("random init", seed, "end", 0, 0.5 + seed / 100),

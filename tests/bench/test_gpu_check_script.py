@@ -5,7 +5,6 @@ The CPU mode runs the same commands (bench, loader, pretrain, finetune, backbone
 tests) on a tiny model, so a renamed module or flag breaks this test instead of the device run.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,9 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import BENCHMARKS, load_benchmark
 from lomar.bench.profile import KINDS
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
+SCRIPT = BENCHMARKS / "gpu_check.sh"
 PARTS = "env tests loader pretrain finetune bench mfu backbone"
 
 
@@ -72,9 +72,7 @@ def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
 def test_the_summary_script_stands_alone_and_knows_the_profile_kinds(tmp_path, capsys):
     """benchmarks/gpu_summary.py merges the JSON of several device calls, wherever it runs (no lomar
     import): its copy of the profile kinds must stay lomar's."""
-    spec = importlib.util.spec_from_file_location("gpu_summary", SCRIPT.parent / "gpu_summary.py")
-    summary = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summary)
+    summary = load_benchmark("gpu_summary")
     assert summary.KINDS == KINDS
     assert summary.main(["ratios", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err

@@ -13,13 +13,14 @@ import torch
 import yaml
 from PIL import Image
 
+from helpers import BENCHMARKS
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
 from lomar.data import device_decode
 from lomar.data.device_decode import decode_batch
 from lomar.train import lifecycle
 
-GPU_CHECK = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
+GPU_CHECK = BENCHMARKS / "gpu_check.sh"
 TINY = ["--model", "vit_tiny_patch8", "--embed-dim", "32", "--depth", "1", "--num-heads", "2",
         "--img-size", "32", "--window-size", "3", "--windows", "2", "--batch-size", "2",
         "--workers", "0", "--device", "cpu", "--epochs", "3", "--warmup-epochs", "1", "--lr", "1e-3",
