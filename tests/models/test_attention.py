@@ -9,6 +9,7 @@ import torch
 from lomar import VisionTransformer, ViTConfig
 from lomar.integrations.dense import ViTDetBackbone
 from lomar.models import attention as A
+from lomar.models import rpe
 from lomar.models.rpe import bucket_table
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -52,6 +53,30 @@ def test_chunked_equals_dense_forward_and_gradients(recompute, masked):
     for g_chunked, g_dense in zip(_grads(chunked, q, k, v, table), _grads(dense, q, k, v, table)):
         assert g_dense.abs().sum() > 0
         torch.testing.assert_close(g_chunked, g_dense, **TOL)
+
+
+@pytest.mark.parametrize("grid", [(7, 7), (14, 20)])
+def test_the_bias_by_selection_matmul_equals_the_gather(grid, monkeypatch):
+    """irpe_bias picks T[i, bucket(i, j)] by a 0/1 matmul up to SELECTION_LIMIT, by gather past it: the
+    forward bit for bit (fp32 and bf16), the gradients as float64 sums in another order."""
+    buckets = bucket_table(grid)
+    assert buckets.numel() * rpe.NUM_BUCKETS <= rpe.SELECTION_LIMIT  # the windows and 14x20 use the matmul
+    selection = rpe.bucket_selection(buckets, torch.float32)
+    assert selection.shape == (buckets.shape[0], rpe.NUM_BUCKETS, buckets.shape[1])
+    assert torch.equal(selection.sum(1), torch.ones_like(buckets, dtype=torch.float32))
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        q = torch.randn(2, 3, buckets.shape[0], 8, generator=gen, dtype=dtype).requires_grad_()
+        table = torch.randn(8, rpe.NUM_BUCKETS, generator=gen, dtype=dtype).requires_grad_()
+        by_matmul = rpe.irpe_bias(q, table, buckets)
+        with monkeypatch.context() as patch:
+            patch.setattr(rpe, "SELECTION_LIMIT", buckets.numel() * rpe.NUM_BUCKETS - 1)
+            by_gather = rpe.irpe_bias(q, table, buckets)
+        assert torch.equal(by_matmul, by_gather), dtype
+        if dtype == torch.float64:
+            for g, g_ref in zip(_grads(by_matmul, q, table), _grads(by_gather, q, table)):
+                assert g.abs().sum() > 0
+                torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-12)
 
 
 def test_dense_mode_is_the_rpe_module_bias():
