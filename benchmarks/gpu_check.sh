@@ -242,6 +242,8 @@ found = re.search(r"the workers decoded (\d+)% .*?--cpu-decode-share (?:auto, la
 rec["workers_decoded_share"] = int(found[1]) / 100 if found else None
 rec["cpu_decode_share_last"] = float(found[2]) if found else None
 rec["cpu_decode_share_by_step"] = [r.get("cpu_decode_share") for r in rows]  # how auto's balance moved
+for key in ("img_s", "input_wait", "epoch"):  # which steps are slow: an epoch's first ones, or all alike
+    rec[f"{key}_by_step"] = [r.get(key) for r in rows]
 try:  # the model's own step rate at this size (the loader part's, same batch): is the run input-bound?
     loader = json.load(open(out.rsplit("/", 1)[0] + "/loader.json"))["records"]
     model = next(r["model_images_per_s"] for r in loader if r.get("model_images_per_s") and r["img_size"] == int(size))

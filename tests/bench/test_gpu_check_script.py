@@ -52,6 +52,9 @@ def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
     assert 0 <= pretrain["median_input_wait"] <= 1
     assert pretrain["workers_decoded_share"] is None  # --decode gpu's line only (tests/train/test_pretrain.py)
     assert pretrain["cpu_decode_share_by_step"] == [None] * 3
+    rates = pretrain["img_s_by_step"]  # the sustained rate weighs each step by its time, waits included
+    assert len(rates) == len(pretrain["input_wait_by_step"]) == len(pretrain["epoch_by_step"]) == 3
+    assert pretrain["sustained_images_per_s"] == pytest.approx(3 / sum(1 / r for r in rates))
     inline = json.loads((out / "pretrain-draft-inline.json").read_text())  # the -inline spelling's own run
     assert inline["rc"] == 0 and inline["steps"] == 3 and inline["decode"] == "draft-inline"
     settings = yaml.safe_load((tmp_path / "work" / "pretrain-draft-inline" / "config.yaml").read_text())
