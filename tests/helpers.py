@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ def load_benchmark(name: str):
     """The module of the script ``benchmarks/<name>.py``, loaded from its file (benchmarks are not a package)."""
     spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # what dataclasses look a module's names up in
     spec.loader.exec_module(module)
     return module
 

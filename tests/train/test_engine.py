@@ -70,6 +70,23 @@ def test_sampler_ranks_together_form_the_single_process_batches():
     assert list(sampler) == epoch3[6:] and len(sampler) == size - 6
 
 
+def test_one_sampler_pass_runs_through_several_epochs_as_separate_passes_would():
+    size, rank, world = 37, 1, 2
+    sampler = EpochSampler(size, seed=5, rank=rank, world_size=world)
+
+    def epoch(e, skip=0, first=None):
+        sampler.set_epoch(e)
+        return list(sampler)[skip:first]
+
+    sampler.set_epoch(2, skip=4, epochs=3, per_epoch=15)  # 18 items a rank an epoch, the first 15 of each
+    assert list(sampler) == epoch(2, 4, 15) + epoch(3, 0, 15) + epoch(4, 0, 15)
+    sampler.set_epoch(2, skip=4, epochs=3, per_epoch=15)
+    assert len(sampler) == 3 * 15 - 4
+    for skip, epochs, per_epoch in [(0, 1, 19), (0, 1, 0), (16, 1, 15), (-1, 1, None), (0, 0, None)]:
+        with pytest.raises(ValueError, match="does not fit an epoch of 18 items"):
+            sampler.set_epoch(0, skip=skip, epochs=epochs, per_epoch=per_epoch)
+
+
 @pytest.fixture(scope="module")
 def image_shard(image_dir, tmp_path_factory) -> Path:
     """The same 16 images as one WebDataset-style tar shard."""

@@ -94,6 +94,54 @@ def test_a_toy_task_trains_evaluates_and_resumes_exactly(tmp_path, capsys):
     assert b["best_score"] == a["best_score"]
 
 
+class Recording(ToyTask):
+    """Records each batch's inputs and how often it opens its batches; 36 points in batches of 4 x accum 2:
+    an epoch is 4 steps (32 points), and the 9th batch is left out."""
+
+    def __init__(self, config, info, device):
+        super().__init__(config, info, device)
+        x = torch.randn(36, 3, generator=torch.Generator().manual_seed(2))
+        self.data = TensorDataset(x, x @ torch.tensor([1.0, -2.0, 0.5]))
+        sampler = EpochSampler(len(self.data), config.seed, info.rank, info.world_size, keys=False)
+        self.train_loader = DataLoader(self.data, config.batch_size, sampler=sampler, drop_last=True)
+        self.seen, self.opened = [], 0
+
+    def batches(self):
+        self.opened += 1
+        return super().batches()
+
+    def loss(self, batch):
+        self.seen.append(batch[0].clone())
+        return super().loss(batch)
+
+
+def test_one_loader_iterator_serves_every_epoch_with_the_same_batches(tmp_path):
+    tasks = {}
+
+    def task(name, per_epoch=False):
+        class Task_(Recording):
+            def __init__(self, *args):
+                super().__init__(*args)
+                tasks[name] = self
+
+            def set_epoch(self, epoch, skip_batches, epochs=1, batches=None):  # a loader that cannot span
+                return super().set_epoch(epoch, skip_batches, 1 if per_epoch else epochs, batches)
+        return Task_
+
+    assert run(ToyConfig(out=str(tmp_path / "a")), task("spanning")) == 0
+    assert run(ToyConfig(out=str(tmp_path / "b")), task("per_epoch", per_epoch=True)) == 0
+    spanning, per_epoch = tasks["spanning"], tasks["per_epoch"]
+    assert (spanning.opened, per_epoch.opened) == (1, 3)
+    assert len(spanning.seen) == len(per_epoch.seen) == 3 * 8
+    assert all(torch.equal(a, b) for a, b in zip(spanning.seen, per_epoch.seen))
+    # stopped mid-epoch and resumed: the rest of that epoch, then the next ones, from one new iterator
+    assert run(ToyConfig(out=str(tmp_path / "c"), max_steps=6), task("first")) == 0
+    assert run(ToyConfig(out=str(tmp_path / "c"), resume="auto"), task("rest")) == 0
+    assert tasks["rest"].opened == 1
+    assert all(torch.equal(a, b) for a, b in zip(tasks["first"].seen + tasks["rest"].seen, spanning.seen))
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "c")
+
+
 def test_the_loss_is_read_from_the_device_once_per_optimizer_step(tmp_path, monkeypatch):
     class Quiet(ToyTask):
         def evaluate(self):  # its own reads are not the loop's

@@ -20,17 +20,27 @@ class EpochSampler(Sampler):
 
     def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, keys: bool = True):
         self.size, self.seed, self.rank, self.world, self.keys = size, seed, rank, world_size, keys
-        self.epoch, self.skip = 0, 0
+        self.epoch, self.skip, self.epochs, self.per_epoch = 0, 0, 1, size // world_size
 
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """``skip``: items of this rank's share already consumed (resume mid-epoch)."""
-        self.epoch, self.skip = epoch, skip
+    def set_epoch(self, epoch: int, skip: int = 0, epochs: int = 1, per_epoch: int | None = None) -> None:
+        """``skip``: items of this rank's share already consumed (resume mid-epoch). ``epochs``: how many
+        epochs, from ``epoch`` on, one pass yields back to back, each its first ``per_epoch`` items (default
+        all of this rank's share): one loader iterator then serves them all, and its workers prefetch
+        across an epoch's end instead of starting empty at the next. Keys are per epoch, so a sample is
+        the same either way."""
+        share = self.size // self.world
+        each = share if per_epoch is None else per_epoch
+        if not 0 < each <= share or not 0 <= skip <= each or epochs < 1:
+            raise ValueError(f"set_epoch(skip={skip}, epochs={epochs}, per_epoch={per_epoch}) does not fit "
+                             f"an epoch of {share} items")
+        self.epoch, self.skip, self.epochs, self.per_epoch = epoch, skip, epochs, each
 
     def __len__(self) -> int:
-        return self.size // self.world - self.skip
+        return self.per_epoch * self.epochs - self.skip
 
     def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        mine = order[self.rank:self.size - self.size % self.world:self.world]
-        for index in mine[self.skip:].tolist():
-            yield (index, self.epoch) if self.keys else index
+        for epoch in range(self.epoch, self.epoch + self.epochs):
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            mine = order[self.rank:self.size - self.size % self.world:self.world][:self.per_epoch]
+            for index in mine[self.skip if epoch == self.epoch else 0:].tolist():
+                yield (index, epoch) if self.keys else index

@@ -46,7 +46,7 @@ from lomar.train.run_state import (
 )
 from lomar.train.runtime import compile_model, default_threads, fast_adamw
 from lomar.train.schedule import lr_at, run_span, warmup_warning
-from lomar.train.task import Progress, Task, TrainingError
+from lomar.train.task import EpochStream, Progress, Task, TrainingError
 from lomar.viz.curves import loss_summary
 
 __all__ = ["Task", "Progress", "TrainingError", "run"]
@@ -156,11 +156,13 @@ class _Run:
         if self.info.is_main and p.step == 0:
             task.begin()
         stopping, self.epoch_tick = False, time.perf_counter()
-        while p.epoch < cfg.epochs and not stopping:
-            stopping = self._train_epoch()
-            if p.batches_done >= self.steps_per_epoch * self.accum and not self.stop.signal:
-                self._end_epoch()
-            stopping = stopping or p.step >= self.last_step
+        stream = EpochStream(task)
+        with contextlib.closing(stream):  # its readers stop when the loop ends, however it ends
+            while p.epoch < cfg.epochs and not stopping:
+                stopping = self._train_epoch(stream)
+                if p.batches_done >= self.steps_per_epoch * self.accum and not self.stop.signal:
+                    self._end_epoch()
+                stopping = stopping or p.step >= self.last_step
         return self._finish(preempted=stopping and p.step < self.last_step)
 
     def _announce(self) -> None:
@@ -173,29 +175,26 @@ class _Run:
         if warning:
             print(f"lomar {task.name}: warning: {warning}", flush=True)
 
-    def _train_epoch(self) -> bool:
+    def _train_epoch(self, stream: EpochStream) -> bool:
         """The rest of the current epoch; True when a stop signal or the last step ends the run now."""
         p, accum = self.p, self.accum
-        limit = self.steps_per_epoch * accum - p.batches_done
-        if limit <= 0:
+        per_epoch = self.steps_per_epoch * accum
+        if per_epoch - p.batches_done <= 0:
             return False
-        self.task.set_epoch(p.epoch, p.batches_done)
         self.loss_sum, self.learned, self.tick, self.waited, micro = None, 0, time.perf_counter(), 0.0, 0
-        batches = self.task.batches()
-        with contextlib.closing(batches) if hasattr(batches, "close") else contextlib.nullcontext():
-            for batch in self._timed(batches):  # a batch-ahead reader stops when the loop ends, however it ends
-                if micro == limit:
-                    break
-                micro += 1
-                self._backward(batch, sync=micro % accum == 0 or not self.info.enabled)
-                if micro % accum:
-                    continue
-                p.batches_done += accum
-                if self._optimizer_step():
-                    if any_rank_stopping(self.stop, self.device) or p.step >= self.last_step:
-                        return True
-                    if self.task.eval_steps and p.step % self.task.eval_steps == 0:
-                        self.save(self._evaluate())
+        for batch in self._timed(stream.epoch(p.epoch, p.batches_done, self.cfg.epochs - p.epoch, per_epoch)):
+            micro += 1
+            self._backward(batch, sync=micro % accum == 0 or not self.info.enabled)
+            if micro % accum:
+                continue
+            p.batches_done += accum
+            if self._optimizer_step():
+                if any_rank_stopping(self.stop, self.device) or p.step >= self.last_step:
+                    return True
+                if self.task.eval_steps and p.step % self.task.eval_steps == 0:
+                    self.save(self._evaluate())
+        if p.batches_done < per_epoch:  # the loader ran short of the epoch: the next one starts anew
+            stream.close()
         return False
 
     def _timed(self, batches):

@@ -87,11 +87,12 @@ class PretrainTask(Task):
                              f"{self.config.accum_steps} x {self.info.world_size} process(es); lower --batch-size")
         return self.per_rank // self.config.batch_size
 
-    def set_epoch(self, epoch: int, skip_batches: int) -> None:
+    def set_epoch(self, epoch: int, skip_batches: int, epochs: int = 1, batches: int | None = None) -> int:
         if not self.iterable:
-            return super().set_epoch(epoch, skip_batches)
+            return super().set_epoch(epoch, skip_batches, epochs, batches)
         bs = self.config.batch_size
-        self.dataset.set_epoch(epoch, skip=skip_batches * bs, batch_size=bs)
+        self.dataset.set_epoch(epoch, skip=skip_batches * bs, batch_size=bs)  # shards: one epoch per iterator
+        return 1
 
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters()) / 1e6

@@ -17,7 +17,9 @@ Required of a Task: ``name``, ``model``, ``train_loader``, ``loss(batch)``. Opti
 - ``eval_epoch_index``: an epoch-end evaluation record's ``epoch`` is the 0-based index of the epoch
   evaluated (MAE's finetuning log, which `lomar study` reads) instead of the count of epochs done,
   ``outputs`` (names or globs a fresh run clears),
-  ``batches()`` (default: ``iter(train_loader)``), ``batches_per_epoch()``, ``set_epoch(epoch, skip_batches)``,
+  ``batches()`` (default: ``iter(train_loader)``), ``batches_per_epoch()``,
+  ``set_epoch(epoch, skip_batches, epochs, batches)`` (default: the train loader's sampler's, which can run on
+  across epochs: see :class:`EpochStream`),
   ``describe()`` (the start-up line's data and model), ``final_line()`` (appended to "done"),
   ``step_info()``: more scalars for each step's record (name -> float, e.g. the input's settings as tuned),
 - main process only: ``begin()`` before the first step, ``saved(path)`` after each checkpoint,
@@ -25,12 +27,13 @@ Required of a Task: ``name``, ``model``, ``train_loader``, ``loss(batch)``. Opti
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Task", "Progress", "TrainingError"]
+__all__ = ["Task", "EpochStream", "Progress", "TrainingError"]
 
 
 class TrainingError(RuntimeError):
@@ -76,15 +79,45 @@ class Task:
         raise NotImplementedError
 
     def batches(self) -> Iterator:
-        """This epoch's training batches, in order (after ``set_epoch``)."""
+        """The training batches that ``set_epoch`` arranged, in order."""
         return iter(self.train_loader)
 
     def batches_per_epoch(self) -> int:
         return len(self.train_loader)
 
-    def set_epoch(self, epoch: int, skip_batches: int) -> None:
-        self.train_loader.sampler.set_epoch(epoch, skip=skip_batches * self.train_loader.batch_size)
+    def set_epoch(self, epoch: int, skip_batches: int, epochs: int = 1, batches: int | None = None) -> int:
+        """Have ``batches()`` start at batch ``skip_batches`` of ``epoch`` and run on through ``epochs``
+        epochs of ``batches`` batches each (default: the loader's); returns how many epochs it will
+        run through (a task whose loader cannot go on across an epoch's end returns 1)."""
+        size = self.train_loader.batch_size
+        self.train_loader.sampler.set_epoch(epoch, skip=skip_batches * size, epochs=epochs,
+                                            per_epoch=None if batches is None else batches * size)
+        return epochs
 
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters()) / 1e6
         return f"{len(self.train_loader.dataset)} images, {type(self.model).__name__} {params:.1f}M params"
+
+
+class EpochStream:
+    """A task's batches for one epoch after another. Where the task can, one loader iterator serves the
+    rest of the run: its workers then prefetch on across an epoch's end. A new iterator per epoch starts
+    with every worker empty, and the step waits a whole batch of one worker's decoding at every epoch
+    (1.3 s of a 4 s epoch in ``benchmarks/README.md``'s test)."""
+
+    def __init__(self, task: Task):
+        self.task, self.batches, self.until = task, None, 0
+
+    def epoch(self, epoch: int, done: int, epochs: int, per_epoch: int) -> Iterator:
+        """Batches ``done`` to ``per_epoch`` of ``epoch`` (``epochs`` left in the run, this one included)."""
+        if self.batches is None or epoch >= self.until or done:
+            self.close()
+            self.until = epoch + self.task.set_epoch(epoch, done, epochs, per_epoch)
+            self.batches = self.task.batches()
+        return itertools.islice(self.batches, per_epoch - done)
+
+    def close(self) -> None:
+        """Stop the batches' readers (a batch-ahead thread, the loader's prefetch)."""
+        if hasattr(self.batches, "close"):
+            self.batches.close()
+        self.batches = None
