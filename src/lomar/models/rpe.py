@@ -76,7 +76,7 @@ def bucket_table(grid: tuple[int, int], device: torch.device | str = "cpu") -> t
     return _DEVICE_CACHE[key]
 
 
-# Largest (L', 50, L) selection matrix irpe_bias builds: 4M entries (a 17x17 grid, a 290-row chunk of 14x20).
+# Largest (L', 50, L) selection matrix irpe_bias builds: 4M entries, a grid of 288 patches and cls (16x18).
 SELECTION_LIMIT = 1 << 22
 
 
