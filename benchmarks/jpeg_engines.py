@@ -16,6 +16,7 @@ import argparse
 import json
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,8 +31,10 @@ def torchvision_decoder(device: str):
     return decode
 
 
-def nvimgcodec_decoder(kind: str):
+def nvimgcodec_decoder(kind: str, device: str):
     """nvImageCodec restricted to one backend kind; raises with the reason when it cannot start."""
+    if device != "cuda":
+        raise RuntimeError("needs CUDA")
     from nvidia import nvimgcodec
 
     decoder = nvimgcodec.Decoder(backends=[nvimgcodec.Backend(getattr(nvimgcodec.BackendKind, kind))])
@@ -98,17 +101,15 @@ def measure(data: Path, device: str, count: int, batch: int, repeats: int) -> li
         raise SystemExit(f"jpeg_engines: no .jpg files in {data}; pass --data with camera-size JPEGs")
     datas = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths]
     batches = [datas[i:i + batch] for i in range(0, len(datas), batch)] * repeats
-    decoders = {"torchvision": lambda: torchvision_decoder(device)}
-    for name, kind in NVIMGCODEC_BACKENDS.items():
-        decoders[f"nvimgcodec-{name}"] = (lambda kind=kind: nvimgcodec_decoder(kind)) if device == "cuda" else None
+    decoders = {"torchvision": partial(torchvision_decoder, device),
+                **{f"nvimgcodec-{name}": partial(nvimgcodec_decoder, kind, device)
+                   for name, kind in NVIMGCODEC_BACKENDS.items()}}
     load = GemmLoad() if device == "cuda" else None
     gemm_alone = load.rate(2.0) if load else None
     records = []
     for name, make in decoders.items():
         record = {"decoder": name, "photos": len(datas), "batch": batch, "device": device}
         try:
-            if make is None:
-                raise RuntimeError("needs CUDA")
             decode = make()
             record["alone_images_per_s"] = timed(decode, batches, device)
             if load:
