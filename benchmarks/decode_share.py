@@ -38,7 +38,7 @@ class _LoMaR:  # the masker's settings at 224 px: 4 windows of 7x7 patches
 
 def emulated_decode(device_s: float):
     """decode_batch with the device emulated: ``device_s`` seconds per encoded photo, asleep."""
-    def decode(batch, device, transform):
+    def decode(batch, device, transform, decoder="torchvision"):
         time.sleep(device_s * sum(data is not None for data in batch["encoded"]))
         return {"images": torch.zeros(len(batch["paths"]), 3, transform.size, transform.size)}
     return decode

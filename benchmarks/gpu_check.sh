@@ -19,7 +19,8 @@
 #   GPU_CHECK_WORKERS=(cores-2)  GPU_CHECK_CAMERA_COUNT=512  GPU_CHECK_FINETUNE_STEPS=20
 #   GPU_CHECK_DECODE="gpu" (pretrain runs, one per `lomar pretrain --decode` mode; gpu-inline: --decode gpu
 #     --decode-ahead 0, each batch decoded just before its step instead of during the previous one;
-#     gpu-alone: --decode gpu --cpu-decode-share 0, the device decodes every photo; gpu is the auto share)
+#     gpu-alone: --decode gpu --cpu-decode-share 0, the device decodes every photo; gpu is the auto share;
+#     -hw (gpu-hw, gpu-hw-alone): --gpu-decoder nvimgcodec, the GPU's hardware JPEG engines; needs the package)
 #   GPU_CHECK_BACKBONE_SIZES="1024 1536 2048"  GPU_CHECK_BACKBONE_ATTENTION="dense chunked flex windowed"
 #   GPU_CHECK_T_ENV/_BENCH/_PRETRAIN/_LOADER/_TESTS/_FINETUNE/_BACKBONE: per-part timeouts (s)
 #   GPU_CHECK_BUDGET=470 (s, whole check: bench runs, last, are skipped when it is spent)
@@ -214,9 +215,10 @@ if want pretrain; then
     timeout "${GPU_CHECK_T_PRETRAIN:-110}" "${LOMAR[@]}" pretrain --data "$PDATA" --out "$run" --overwrite \
       --model "$MODEL" --img-size "$PSIZE" --windows "$PW" --batch-size "$PBATCH" --max-steps "$PSTEPS" \
       --epochs 100000 --warmup-epochs 1 --workers "$WORKERS" --device "$DEVICE" --precision "$PRECISION" \
-      --decode "${decode%-*}" --log-every 10 --save-every 100000 "${TINY[@]}" \
+      --decode "${decode%%-*}" --log-every 10 --save-every 100000 "${TINY[@]}" \
       $([ "${decode%-inline}" = "$decode" ] || echo --decode-ahead 0) \
-      $([ "${decode%-alone}" = "$decode" ] || echo --cpu-decode-share 0) 2>&1 | tee "$WORK/pretrain-$decode.out" \
+      $([ "${decode%-alone}" = "$decode" ] || echo --cpu-decode-share 0) \
+      $([ "${decode#*-hw}" = "$decode" ] || echo --gpu-decoder nvimgcodec) 2>&1 | tee "$WORK/pretrain-$decode.out" \
       | tail -n 20 | tee -a "$LOG"
     rc=${PIPESTATUS[0]}
     "$PY" - "$run/metrics.jsonl" "$json" "$PBATCH" "$start" "$rc" "$WORKERS" "$PSIZE" "$decode" \
@@ -290,7 +292,7 @@ fi
 if want tests; then
   if "$PY" -c "import pytest" 2>/dev/null; then
     run_tests cuda_tests.log 15 tests/models/test_attention_cuda.py tests/bench/test_loader.py \
-      tests/train/test_pretrain.py -k "(cuda or gpu) and not reduce_overhead"
+      tests/data/test_gpu_jpeg.py tests/train/test_pretrain.py -k "(cuda or gpu) and not reduce_overhead"
     status tests "$?"
   else
     status tests 1 "skipped: pytest is not installed for $PY"

@@ -39,6 +39,7 @@ def _env() -> dict:
     (["--decode", "gpu"], "not --device cpu"),
     (["--cpu-decode-share", "0.3"], "this run is --decode full; drop it, or use --decode gpu"),
     (["--cpu-decode-share", "1.5"], "--cpu-decode-share must be"),
+    (["--gpu-decoder", "nvimgcodec"], "this run is --decode full; drop it, or use --decode gpu"),
     (["--decode", "draft", "--data", "/no/shards-*.tar"], "not tar shards"),
 ])
 def test_bad_configuration_is_one_line_and_exit_2(tmp_path, capsys, image_dir, flags, message):
@@ -52,6 +53,18 @@ def test_bad_configuration_is_one_line_and_exit_2(tmp_path, capsys, image_dir, f
     assert message in err
     assert err.count("\n") == 1 and err.startswith("lomar pretrain: error:")
     assert not out.exists()  # nothing was done
+
+
+def test_the_hardware_decoder_without_its_package_is_one_line(tmp_path, capsys, image_dir, monkeypatch):
+    from lomar.data import gpu_jpeg
+
+    monkeypatch.setattr(gpu_jpeg.importlib.util, "find_spec", lambda name: None)
+    out = tmp_path / "run"
+    code = main(["pretrain", *TINY, "--data", str(image_dir), "--out", str(out), "--device", "auto",
+                 "--decode", "gpu", "--gpu-decoder", "nvimgcodec"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install nvidia-nvimgcodec-cu13 nvidia-nvjpeg" in err, err
+    assert err.count("\n") == 1 and not out.exists()
 
 
 @pytest.mark.parametrize("case", ["device", "empty folder", "too few images", "decoder heads", "corrupt resume",

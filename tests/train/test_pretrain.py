@@ -18,6 +18,7 @@ from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
 from lomar.data import device_decode
 from lomar.data.device_decode import decode_batch
+from lomar.data.gpu_jpeg import nvimgcodec_missing
 from lomar.train import lifecycle
 
 GPU_CHECK = BENCHMARKS / "gpu_check.sh"
@@ -132,6 +133,18 @@ def test_decode_gpu_shares_the_photos_with_the_workers(jpegs, tmp_path, monkeypa
     assert found and 0 <= int(found[1]) <= 100 and 0 <= float(found[2]) <= 1
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(0 <= row["cpu_decode_share"] <= 1 for row in rows)  # the balance as it moved
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or nvimgcodec_missing() is not None,
+                    reason="needs CUDA and nvImageCodec")
+def test_decode_gpu_on_the_hardware_decoder_trains_as_torchvisions_does(jpegs, tmp_path):
+    for decoder in ("torchvision", "nvimgcodec"):
+        assert _run("--data", jpegs, "--out", tmp_path / decoder, "--max-steps", 5, "--device", "cuda",
+                    "--decode", "gpu", "--gpu-decoder", decoder, "--cpu-decode-share", 0) == 0
+    hardware, reference = _losses(tmp_path / "nvimgcodec"), _losses(tmp_path / "torchvision")
+    # the same crops, flips and plans; pixels a few levels apart (tests/data/test_gpu_jpeg.py)
+    assert len(hardware) == 5 and all(abs(a - b) <= 0.05 * abs(b) for a, b in zip(hardware, reference)), (
+        hardware, reference)
 
 
 @pytest.mark.parametrize("decode", ["draft", "windows"])

@@ -64,11 +64,13 @@ class Decoding(NamedTuple):
 
 
 def decode_dataset(base, mode: str, patch_size: int, window_size: int, windows: int,
-                   device: torch.device | str = "cuda", cpu_share: float | None = 0.0, workers: int = 0) -> Decoding:
+                   device: torch.device | str = "cuda", cpu_share: float | None = 0.0, workers: int = 0,
+                   gpu_decoder: str = "torchvision") -> Decoding:
     """The :class:`Decoding` of ``base`` (a pretraining dataset) with ``--decode mode``: full (``base``
     itself), draft / windows (:class:`lomar.data.fast_decode.FastPretrainDataset`) or gpu
     (:class:`EncodedPretrainDataset`, finished by :class:`DeviceDecode` on ``device``; ``cpu_share``
-    of the photos decoded by the ``workers`` loader workers, None: balanced). ValueError naming the
+    of the photos decoded by the ``workers`` loader workers, None: balanced; the device's JPEG decoder
+    ``gpu_decoder``, :mod:`lomar.data.gpu_jpeg`). ValueError naming the
     fix when ``base`` is not read from image files or ``device`` has no batched decoder."""
     if mode == "full":  # collate_pretrain through its module at each call: the engine tests replace it there
         return Decoding(base, collate.collate_pretrain)
@@ -80,8 +82,8 @@ def decode_dataset(base, mode: str, patch_size: int, window_size: int, windows: 
     if device.type not in DEVICE_DECODE_TYPES:
         raise ValueError(f"--decode gpu needs a CUDA device, but this run is on {device.type}; use --decode draft")
     share = DecodeShare(cpu_share, workers)
-    return Decoding(EncodedPretrainDataset(base, share), collate_encoded, DeviceDecode(device, base.transform, share),
-                    share)
+    on_device = DeviceDecode(device, base.transform, share, gpu_decoder)
+    return Decoding(EncodedPretrainDataset(base, share), collate_encoded, on_device, share)
 
 
 class EncodedPretrainDataset(FastPretrainDataset):
@@ -122,10 +124,10 @@ _LISTED = ("image", "encoded", "box", "flip", "drafted", "worker_s")
 collate_encoded = partial(collate.collate_pretrain, listed=_LISTED)
 
 
-def decode_batch(batch: dict, device: torch.device, transform) -> dict:
-    """Decode a :func:`collate_encoded` batch on ``device``: the same batch with ``"images"``
-    (B', 3, S, S) float32 on ``device``, normalised as ``transform`` (the dataset's
-    :class:`lomar.data.transforms.PretrainTransform`) does.
+def decode_batch(batch: dict, device: torch.device, transform, decoder: str = "torchvision") -> dict:
+    """Decode a :func:`collate_encoded` batch on ``device`` with ``decoder`` (:mod:`lomar.data.gpu_jpeg`):
+    the same batch with ``"images"`` (B', 3, S, S) float32 on ``device``, normalised as ``transform``
+    (the dataset's :class:`lomar.data.transforms.PretrainTransform`) does.
 
     A file whose header parsed but whose data the decoder refuses joins ``"bad"`` and leaves the
     batch (the plan fields are cut to match), as an unreadable file does on the reference path.
@@ -136,7 +138,7 @@ def decode_batch(batch: dict, device: torch.device, transform) -> dict:
             images[i] = transform.normalize(images[i])
     rows = [i for i, data in enumerate(batch["encoded"]) if data is not None]
     lists = ([batch[key][i] for i in rows] for key in ("encoded", "box", "flip"))
-    for i, pixels in zip(rows, _decode_rows(*lists, transform.size, device)):
+    for i, pixels in zip(rows, _decode_rows(*lists, transform.size, device, decoder)):
         images[i] = None if pixels is None else transform.normalize(pixels)
     keep = [image is not None for image in images]
     mask = torch.tensor(keep, dtype=torch.bool)
@@ -154,12 +156,12 @@ class DeviceDecode:
     (:class:`lomar.data.decode_share.DecodeShare`): from the batch's arrival to its pixels being
     ready on the device (the current stream synchronised: a decode-ahead thread's own stream)."""
 
-    def __init__(self, device: torch.device, transform, share: DecodeShare):
-        self.device, self.transform, self.share = torch.device(device), transform, share
+    def __init__(self, device: torch.device, transform, share: DecodeShare, decoder: str = "torchvision"):
+        self.device, self.transform, self.share, self.decoder = torch.device(device), transform, share, decoder
 
     def __call__(self, batch: dict) -> dict:
         start = time.perf_counter()
-        out = decode_batch(batch, self.device, self.transform)
+        out = decode_batch(batch, self.device, self.transform, self.decoder)
         seconds = None
         if self.share.auto:
             if self.device.type == "cuda":
@@ -171,17 +173,17 @@ class DeviceDecode:
 
 
 def _decode_rows(datas: list[torch.Tensor], boxes: list[torch.Tensor], flips: list[bool], size: int,
-                 device: torch.device) -> list[torch.Tensor | None]:
+                 device: torch.device, decoder: str) -> list[torch.Tensor | None]:
     """uint8 (3, S, S) per row, None where the decoder refused it; one bad file does not cost the batch."""
     boxes = [tuple(box.tolist()) for box in boxes]
     try:
-        return list(gpu_decode_crops(datas, boxes, size, flips, device)) if datas else []
+        return list(gpu_decode_crops(datas, boxes, size, flips, device, decoder)) if datas else []
     except RuntimeError:
         pass
     out: list[torch.Tensor | None] = []
     for j, (data, box, flip) in enumerate(zip(datas, boxes, flips)):
         try:
-            out.append(gpu_decode_crops([data], [box], size, [flip], device)[0])
+            out.append(gpu_decode_crops([data], [box], size, [flip], device, decoder)[0])
         except RuntimeError as exc:
             log.debug("device decoder refused image %d of the batch: %s", j, exc)
             out.append(None)

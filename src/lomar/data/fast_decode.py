@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from pathlib import Path
 
 import torch
@@ -36,6 +35,7 @@ from torch.utils.data import Dataset
 
 from lomar.data.decode import open_pil, pil_to_tensor, read_image_bytes
 from lomar.data.folder import ImageListDataset
+from lomar.data.gpu_jpeg import decode_jpegs, frees_outside_torch
 from lomar.data.transforms import SampleDraw, draw_sample, unreadable_item
 
 __all__ = ["FAST_MODES", "FastPretrainDataset", "draft_decode_crop", "resample_windows", "window_boxes",
@@ -193,26 +193,26 @@ class FastPretrainDataset(Dataset):
 
 
 def gpu_decode_crops(datas: list[bytes | torch.Tensor], boxes: list[tuple[int, int, int, int]], size: int,
-                     flips: list[bool], device: torch.device | str = "cuda") -> torch.Tensor:
+                     flips: list[bool], device: torch.device | str = "cuda", decoder: str = "torchvision"
+                     ) -> torch.Tensor:
     """Batched CUDA JPEG decode + crop + antialiased bicubic resize + flip, on the device.
 
     ``boxes``: (top, left, h, w) in full-size coordinates (draw them with the transform's
     ``crop_box`` on :func:`jpeg_size`). Returns uint8 (N, 3, S, S) on ``device``. On CUDA the
-    batch goes through nvjpeg in one call; "cpu" runs the same code and gives the reference
-    transform's pixels exactly (what the tests check). EXIF orientation is not applied.
+    batch goes through ``decoder`` (:mod:`lomar.data.gpu_jpeg`) in one call; "cpu" runs the same code
+    with torchvision's decoder and gives the reference transform's pixels exactly (what the tests
+    check). EXIF orientation is not applied.
     """
+    from torchvision.transforms.v2 import functional as TF
+
     encoded = [d if isinstance(d, torch.Tensor) else torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-    with warnings.catch_warnings():  # torchvision 0.29's notice of its decoders' move to torchcodec
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from torchvision.io import ImageReadMode, decode_jpeg
-        from torchvision.transforms.v2 import functional as TF
-
-        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-
+    images = decode_jpegs(encoded, device, decoder)
     out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=device)
     for i, (image, (top, left, h, w), flip) in enumerate(zip(images, boxes, flips)):
         # The reference transform's own resize: on CPU the same pixels as --decode full.
         crop = TF.resized_crop(image, top, left, h, w, [size, size], interpolation=TF.InterpolationMode.BICUBIC,
                                antialias=True)
         out[i] = crop.flip(-1) if flip else crop
+    if frees_outside_torch(decoder):  # the crops must be done before the decoder's buffers go
+        torch.cuda.current_stream(torch.device(device)).synchronize()
     return out

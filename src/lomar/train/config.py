@@ -117,6 +117,10 @@ class PretrainConfig(TaskConfig):
         "--decode draft) beside the device's decoder, 0-1; auto = balanced after every batch from the measured "
         "cost of both (0 without --workers)", kind=float, low=0, high=1,
         parse=lambda text: _share(text), resume="run-control")
+    gpu_decoder: str = S.setting(
+        "torchvision", "--decode gpu: the device's JPEG decoder: torchvision (batched nvjpeg) or nvimgcodec (the "
+        "GPU's hardware JPEG engines, beside the cores that train; pip install nvidia-nvimgcodec-cu13 nvidia-nvjpeg)",
+        choices=("torchvision", "nvimgcodec"), resume="run-control")
     # running
     threads: int | None = S.THREADS.field(help="CPU threads per process; 1 is fastest for tiny models on a busy "
                                                "machine (default: the cores shared among this machine's processes)")
@@ -367,6 +371,9 @@ def check_decode(config: PretrainConfig) -> None:
     if config.cpu_decode_share != "auto" and config.decode != "gpu":
         raise ConfigError(f"--cpu-decode-share {config.cpu_decode_share:g} shares --decode gpu's photos with the "
                           f"workers, but this run is --decode {config.decode}; drop it, or use --decode gpu")
+    if config.gpu_decoder != "torchvision" and config.decode != "gpu":
+        raise ConfigError(f"--gpu-decoder {config.gpu_decoder} decodes --decode gpu's photos, but this run is "
+                          f"--decode {config.decode}; drop it, or use --decode gpu")
     if config.decode == "full":
         return
     from lomar.data.shards import is_shard_pattern  # torch: not for --help
@@ -380,3 +387,8 @@ def check_decode(config: PretrainConfig) -> None:
     if config.decode == "gpu" and config.device != "auto" and not config.device.startswith("cuda"):
         raise ConfigError(f"--decode gpu decodes JPEGs on a CUDA device, not --device {config.device}; "
                           f"use --decode draft on CPU")
+    if config.gpu_decoder == "nvimgcodec":
+        from lomar.data.gpu_jpeg import nvimgcodec_missing
+
+        if missing := nvimgcodec_missing():
+            raise ConfigError(f"--gpu-decoder nvimgcodec: {missing}")

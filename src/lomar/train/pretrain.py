@@ -58,7 +58,7 @@ class PretrainTask(Task):
                                                    rank=info.rank, world_size=info.world_size)
         share = None if config.cpu_decode_share == "auto" else config.cpu_decode_share
         self.decoding = decode_dataset(self.base_dataset, config.decode, self.patch, config.window_size,
-                                       config.windows, device, share, config.workers)
+                                       config.windows, device, share, config.workers, config.gpu_decoder)
         self.dataset = self.decoding.dataset
         self.iterable = isinstance(self.dataset, IterableDataset)
         self.size = self.dataset.count_samples() if self.iterable else len(self.dataset)
