@@ -28,6 +28,7 @@ import contextlib
 import json
 import multiprocessing as mp
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -139,6 +140,32 @@ def step_rate(runner, seconds: float) -> tuple[float, int]:
     return steps * runner.batch_size / (time.perf_counter() - start), steps
 
 
+def profiled(runner, steps: int = 4) -> dict:
+    """``steps`` steps under torch.profiler (CUDA activity only): wall ms per step and kernel ms per step on
+    each CUDA stream of this process. The step's stream busy as long as alone while the wall time grows
+    means gaps (the host late with launches); its kernels taking longer means they share the GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(runner.device)
+    activity = ProfilerActivity.CUDA if runner.device.type == "cuda" else ProfilerActivity.CPU  # CPU: no kernels
+    with profile(activities=[activity]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            runner.step()
+        sync(runner.device)
+        wall = (time.perf_counter() - start) / steps
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text()).get("traceEvents", [])
+    busy: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "kernel":
+            stream = str(event.get("args", {}).get("stream"))
+            busy[stream] = busy.get(stream, 0.0) + event.get("dur", 0) / 1000 / steps
+    return {"wall_ms": wall * 1000, "kernel_ms_by_stream": {k: round(v, 2) for k, v in sorted(busy.items())}}
+
+
 def measure(args) -> list[dict]:
     cuda = args.device == "cuda"
     device = torch.device(args.device)
@@ -166,7 +193,11 @@ def measure(args) -> list[dict]:
         loads = [load for load in loads if load.name in args.loads]
     alone, steps = step_rate(runner, args.seconds)
     records = [dict(load="none", step_images_per_s=alone, steps=steps)]
+    if args.profile:
+        records[0]["profile"] = profiled(runner)
     print(f"{'none':26s} step {alone:7.1f} img/s", flush=True)
+    if args.profile:
+        print(f"{'':26s} profile {records[0]['profile']}", flush=True)
     for load in loads:
         switch = sys.getswitchinterval()
         if load.name.endswith("-switch"):
@@ -180,6 +211,8 @@ def measure(args) -> list[dict]:
             record["step_images_per_s"], record["steps"] = step_rate(runner, args.seconds)
             record["load_per_s"] = (load.done.value - before) / (time.perf_counter() - start)
             record["step_rate_kept"] = record["step_images_per_s"] / alone
+            if args.profile:
+                record["profile"] = profiled(runner)
             load.stop()
             load.start()  # the load alone, for its own rate
             time.sleep(1.0)
@@ -197,6 +230,8 @@ def measure(args) -> list[dict]:
             f"step {record['step_images_per_s']:7.1f} img/s ({record['step_rate_kept']:.0%} kept), load "
             f"{record['load_per_s']:8.1f}/s beside, {record['load_alone_per_s']:8.1f}/s alone")
         print(f"{load.name:26s} {figures}", flush=True)
+        if "profile" in record:
+            print(f"{'':26s} profile {record['profile']}", flush=True)
     return records
 
 
@@ -211,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", type=int, default=32, help="photos a decode call")
     parser.add_argument("--workers", type=int, default=14, help="drafting processes of the cpu-drafting load")
     parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per load")
+    parser.add_argument("--profile", action="store_true", help="also profile a few steps alone and beside "
+                        "each load: wall and kernel ms per step on each CUDA stream")
     parser.add_argument("--loads", nargs="+", help="only these loads (default: all that can run here)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)

@@ -24,7 +24,7 @@ def test_cpu_mode_times_the_step_beside_each_load(photos, tmp_path):
     out = tmp_path / "beside.json"
     assert bench.main(["--data", str(photos), "--device", "cpu", "--img-size", "128", "--windows", "2",
                        "--batch", "2", "--photos", "3", "--workers", "1", "--seconds", "0.5",
-                       "--json", str(out)]) == 0
+                       "--profile", "--json", str(out)]) == 0
     records = {r["load"]: r for r in json.loads(out.read_text())["records"]}
     assert set(records) == {"none", "cpu-drafting", "thread-python", "thread-decode-crop"}
     assert records["none"]["step_images_per_s"] > 0
@@ -32,6 +32,7 @@ def test_cpu_mode_times_the_step_beside_each_load(photos, tmp_path):
         record = records[name]
         assert "error" not in record, record
         assert record["step_images_per_s"] > 0 and record["load_per_s"] > 0 and record["load_alone_per_s"] > 0
+        assert record["profile"]["wall_ms"] > 0 and record["profile"]["kernel_ms_by_stream"] == {}  # no CUDA here
         assert record["step_rate_kept"] == pytest.approx(record["step_images_per_s"]
                                                          / records["none"]["step_images_per_s"])
 

@@ -62,8 +62,9 @@ def test_nvimgcodec_on_cuda_gives_torchvisions_pixels():
     for got, want in zip(hardware, reference):
         assert got.shape == want.shape and got.dtype == torch.uint8 and got.device.type == "cuda"
         difference = (got.float() - want.float()).abs()
-        # Two IDCT and chroma-upsampling implementations: a few levels apart, never a swapped channel or axis.
-        assert difference.mean() < 2.0 and torch.quantile(difference.flatten()[::97], 0.99) <= 12, (
+        # The two upsample 4:2:0 chroma differently, which moves pixels at this pattern's hard colour edges by
+        # tens of levels (H200: mean 0.50, 99th percentile 21); a swapped channel or axis moves the mean by tens.
+        assert difference.mean() < 2.0 and torch.quantile(difference.flatten()[::97], 0.99) <= 40, (
             f"mean {difference.mean():.2f}, max {difference.max():.0f}")
     torch.cuda.current_stream().synchronize()
 
