@@ -20,7 +20,8 @@
 #   GPU_CHECK_DECODE="gpu" (pretrain runs, one per `lomar pretrain --decode` mode; gpu-inline: --decode gpu
 #     --decode-ahead 0, each batch decoded just before its step instead of during the previous one;
 #     gpu-alone: --decode gpu --cpu-decode-share 0, the device decodes every photo; gpu is the auto share;
-#     -hw (gpu-hw, gpu-hw-alone): --gpu-decoder nvimgcodec, the GPU's hardware JPEG engines; needs the package)
+#     words join: -hw (gpu-hw, gpu-hw-alone) adds --gpu-decoder nvimgcodec, the GPU's hardware JPEG engines
+#     (needs the package); -graphs adds --compile --compile-mode reduce-overhead, the step as CUDA graphs)
 #   GPU_CHECK_BACKBONE_SIZES="1024 1536 2048"  GPU_CHECK_BACKBONE_ATTENTION="dense chunked flex windowed"
 #   GPU_CHECK_T_ENV/_BENCH/_PRETRAIN/_LOADER/_TESTS/_FINETUNE/_BACKBONE: per-part timeouts (s)
 #   GPU_CHECK_BUDGET=470 (s, whole check: bench runs, last, are skipped when it is spent)
@@ -70,6 +71,21 @@ BUDGET=${GPU_CHECK_BUDGET:-470}  # seconds for the whole check; late bench runs 
 T0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 want() { [[ " $PARTS " == *" $1 "* ]]; }
+# A GPU_CHECK_DECODE mode -> its `lomar pretrain` flags: the --decode mode, then one word per variation
+decode_flags() {
+  local words=(${1//-/ }) word
+  echo --decode "${words[0]}"
+  for word in "${words[@]:1}"; do
+    case $word in
+      inline) echo --decode-ahead 0 ;;
+      alone) echo --cpu-decode-share 0 ;;
+      hw) echo --gpu-decoder nvimgcodec ;;
+      graphs) echo --compile --compile-mode reduce-overhead ;;
+      *) echo "gpu_check: GPU_CHECK_DECODE mode $1: unknown word $word (inline, alone, hw, graphs)" >&2; return 1 ;;
+    esac
+  done
+}
+for decode in $DECODES; do decode_flags "$decode" >/dev/null || exit 2; done
 # status PART RC: one line per part in the log, and a JSON for parts that wrote none
 status() {
   local part=$1 rc=$2 note=${3:-}
@@ -215,10 +231,7 @@ if want pretrain; then
     timeout "${GPU_CHECK_T_PRETRAIN:-110}" "${LOMAR[@]}" pretrain --data "$PDATA" --out "$run" --overwrite \
       --model "$MODEL" --img-size "$PSIZE" --windows "$PW" --batch-size "$PBATCH" --max-steps "$PSTEPS" \
       --epochs 100000 --warmup-epochs 1 --workers "$WORKERS" --device "$DEVICE" --precision "$PRECISION" \
-      --decode "${decode%%-*}" --log-every 10 --save-every 100000 "${TINY[@]}" \
-      $([ "${decode%-inline}" = "$decode" ] || echo --decode-ahead 0) \
-      $([ "${decode%-alone}" = "$decode" ] || echo --cpu-decode-share 0) \
-      $([ "${decode#*-hw}" = "$decode" ] || echo --gpu-decoder nvimgcodec) 2>&1 | tee "$WORK/pretrain-$decode.out" \
+      $(decode_flags "$decode") --log-every 10 --save-every 100000 "${TINY[@]}" 2>&1 | tee "$WORK/pretrain-$decode.out" \
       | tail -n 20 | tee -a "$LOG"
     rc=${PIPESTATUS[0]}
     "$PY" - "$run/metrics.jsonl" "$json" "$PBATCH" "$start" "$rc" "$WORKERS" "$PSIZE" "$decode" \
@@ -250,6 +263,8 @@ try:  # the model's own step rate at this size (the loader part's, same batch): 
     loader = json.load(open(out.rsplit("/", 1)[0] + "/loader.json"))["records"]
     model = next(r["model_images_per_s"] for r in loader if r.get("model_images_per_s") and r["img_size"] == int(size))
 except (OSError, ValueError, KeyError, StopIteration):
+    model = None
+if "graphs" in decode.split("-"):  # loader.json's model rate is the eager step's, not the compiled one
     model = None
 rec["model_images_per_s"] = model
 rec["input_bound"] = None if model is None or not rates else rec["sustained_images_per_s"] < 0.9 * model

@@ -169,8 +169,10 @@ def profiled(runner, steps: int = 4) -> dict:
 def measure(args) -> list[dict]:
     cuda = args.device == "cuda"
     device = torch.device(args.device)
+    compiled = args.compile_mode != "eager"
     runner = build_runner("lomar", args.model, args.img_size, args.windows, args.batch, device,
-                          "bf16" if cuda else "fp32", compile=False, tiny=not cuda)
+                          "bf16" if cuda else "fp32", compile=compiled, tiny=not cuda,
+                          compile_mode=args.compile_mode if compiled else "default")
     for _ in range(3):
         runner.step()
     common = (args.data, args.photos, args.img_size)
@@ -243,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--img-size", type=int, default=448)
     parser.add_argument("--windows", type=int, default=9)
     parser.add_argument("--batch", type=int, default=64, help="images a training step")
+    parser.add_argument("--compile-mode", default="eager", choices=("eager", "default", "reduce-overhead"),
+                        help="the step eager (as lomar pretrain runs it by default) or compiled in this mode; "
+                        "reduce-overhead replays it as CUDA graphs, a launch or so per step")
     parser.add_argument("--photos", type=int, default=32, help="photos a decode call")
     parser.add_argument("--workers", type=int, default=14, help="drafting processes of the cpu-drafting load")
     parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per load")
@@ -258,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     records = measure(args)
     if args.json:
         args.json.write_text(json.dumps({"torch": torch.__version__, "device": args.device, "batch": args.batch,
+                                         "compile_mode": args.compile_mode,
                                          "img_size": args.img_size, "records": records}, indent=1) + "\n")
     return 0
 

@@ -81,3 +81,12 @@ def test_the_summary_script_stands_alone_and_knows_the_profile_kinds(tmp_path, c
     err = capsys.readouterr().err
     assert "got ratios " in err and "missing" in err and err.count("\n") == 1
     assert summary.main(["mfu", str(tmp_path)]) == 1  # an empty folder: nothing to rank
+
+
+def test_an_unknown_decode_word_stops_the_check_before_any_part(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path / "work"),
+           "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_DECODE": "draft gpu-hw-grpahs"}
+    done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "GPU_CHECK_DECODE mode gpu-hw-grpahs: unknown word grpahs (inline, alone, hw, graphs)" in done.stderr
+    assert not (tmp_path / "work").exists()
