@@ -388,7 +388,7 @@ def check_decode(config: PretrainConfig) -> None:
         raise ConfigError(f"--decode gpu decodes JPEGs on a CUDA device, not --device {config.device}; "
                           f"use --decode draft on CPU")
     if config.gpu_decoder == "nvimgcodec":
-        from lomar.data.gpu_jpeg import nvimgcodec_missing
+        from lomar.data.gpu_jpeg import nvimgcodec_missing  # torch: not for --help
 
         if missing := nvimgcodec_missing():
             raise ConfigError(f"--gpu-decoder nvimgcodec: {missing}")
