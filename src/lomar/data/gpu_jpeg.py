@@ -5,10 +5,10 @@
   A100, H100 and H200), with its hybrid CPU + GPU backend for what the engines refuse. An optional
   package: ``pip install nvidia-nvimgcodec-cu13 nvidia-nvjpeg``.
 
-Why two: at camera resolution the decoding that ``--decode gpu`` runs beside the training step slows
-the step itself (``benchmarks/step_beside_decode.py``: an eager ViT-B step kept 72-75 % of its rate
-beside torchvision's decoder, on an H200). The hardware engines are separate from the streaming
-multiprocessors, so decoding there should leave the step its rate (measured in ``benchmarks/README.md``).
+Why two: the engines decode beside the streaming multiprocessors, not on them. On an H200, beside the
+eager ViT-B step, they decoded more photos than torchvision's nvjpeg and cost the step less (it kept
+67-77 % of its rate against 57-64 % in the same calls), though neither leaves the step its whole rate:
+what it loses is late launches, not SM time (``benchmarks/step_beside_decode.py``, ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def frees_outside_torch(decoder: str) -> bool:
     return decoder == "nvimgcodec"
 
 
-_decoders: dict[int, object] = {}
+_decoders: dict[int, tuple] = {}
 _lock = threading.Lock()
 
 
@@ -85,6 +85,7 @@ def decode_jpegs(datas: list[torch.Tensor], device: torch.device | str, decoder:
     images = nvdecoder.decode([code_stream(data.numpy()) for data in datas], params=params,
                               cuda_stream=stream.cuda_stream)
     if any(image is None for image in images):
+        stream.synchronize()  # the decoded ones' buffers go with this frame
         refused = [i for i, image in enumerate(images) if image is None]
         raise RuntimeError(f"nvImageCodec could not decode {len(refused)} of {len(images)} files (rows {refused})")
     # (H, W, 3) -> (3, H, W) views; each tensor holds its image (and so the buffer) alive

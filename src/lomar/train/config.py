@@ -119,7 +119,8 @@ class PretrainConfig(TaskConfig):
         parse=lambda text: _share(text), resume="run-control")
     gpu_decoder: str = S.setting(
         "torchvision", "--decode gpu: the device's JPEG decoder: torchvision (batched nvjpeg) or nvimgcodec (the "
-        "GPU's hardware JPEG engines, beside the cores that train; pip install nvidia-nvimgcodec-cu13 nvidia-nvjpeg)",
+        "GPU's hardware JPEG engines, not its streaming multiprocessors; pip install nvidia-nvimgcodec-cu13 "
+        "nvidia-nvjpeg)",
         choices=("torchvision", "nvimgcodec"), resume="run-control")
     # running
     threads: int | None = S.THREADS.field(help="CPU threads per process; 1 is fastest for tiny models on a busy "
