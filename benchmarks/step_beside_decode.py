@@ -67,11 +67,12 @@ def decode_loop(data: Path, count: int, size: int, crops: bool, device: str, dec
             ready.set()
         while not stop.is_set():
             if crops:
-                gpu_decode_crops(datas, boxes, size, flips, device, decoder)
+                out = gpu_decode_crops(datas, boxes, size, flips, device, decoder)
             else:
-                decode_jpegs(datas, device, decoder)
+                out = decode_jpegs(datas, device, decoder)
             if stream is not None:
                 stream.synchronize()
+            del out  # after the synchronisation: nvImageCodec's images free outside torch's allocator
             with done.get_lock():
                 done.value += len(datas)
 
@@ -89,6 +90,7 @@ def draft_loop(data: Path, size: int, windows: int, done, stop) -> None:
 
 
 def python_loop(done, stop) -> None:
+    """Pure Python until ``stop``: what holding the interpreter costs the step's launches."""
     while not stop.is_set():
         sum(range(1000))
         done.value += 1
