@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -167,7 +168,9 @@ def test_the_share_of_a_step_spent_waiting_for_input_is_logged_and_named(tmp_pat
     class SlowInput(ToyTask):
         def batches(self):
             for batch in super().batches():
-                time.sleep(0.05)  # a step of this toy takes well under a millisecond
+                # A step of this toy takes well under a millisecond, but a busy CI machine has stalled one for
+                # over 12 ms: the wait is long enough that the shares below hold through 50 ms stalls.
+                time.sleep(0.5)
                 yield batch
 
     assert run(ToyConfig(out=str(tmp_path / "slow"), epochs=1, accum_steps=1), SlowInput) == 0
@@ -175,8 +178,8 @@ def test_the_share_of_a_step_spent_waiting_for_input_is_logged_and_named(tmp_pat
              if "loss" in r]
     assert len(waits) == 8 and all(0.8 < w <= 1 for w in waits)
     lines = capsys.readouterr().out.rstrip().splitlines()
-    assert "input wait 9" in lines[1]  # the printed step lines show it too
-    assert lines[-2].startswith("lomar toy: the input limited this run: the loop waited for batches 9")
+    assert re.search(r"input wait (9\d|100)%", lines[1])  # the printed step lines show it too
+    assert re.match(r"lomar toy: the input limited this run: the loop waited for batches (9\d|100)%", lines[-2])
     assert lines[-2].endswith("of a step's time (median of 7 steps); try more --workers")  # a toy has no workers
     assert lines[-1].startswith("lomar: done")
 
