@@ -190,15 +190,9 @@ for decode in ("full", "draft"):
                               progress=lambda m: print("[loader]", m, flush=True))
 share_model_rate(records)
 if torch.cuda.is_available() and device != "cpu":  # batched nvjpeg decode + crop + resize on the GPU
-    from pathlib import Path
-    from lomar.data.fast_decode import gpu_decode_crops, jpeg_size
-    from lomar.bench.loader import loader_dataset
-    ds = loader_dataset(data, size, "lomar", windows, 16)
-    paths = sorted(Path(data).glob("*.jpg"))[:32]
-    datas = [p.read_bytes() for p in paths]
-    gen = torch.Generator().manual_seed(0)
-    boxes = [ds.transform.crop_box(*jpeg_size(d), gen) for d in datas]
-    flips = [bool(torch.rand(1, generator=gen) < 0.5) for _ in datas]
+    from lomar.bench.loader import camera_crops
+    from lomar.data.fast_decode import gpu_decode_crops
+    datas, boxes, flips = camera_crops(data, 32, size)
     gpu_decode_crops(datas, boxes, size, flips); torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(3):

@@ -20,15 +20,10 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from torchvision.io import decode_jpeg
+
+from lomar.data.gpu_jpeg import decode_jpegs
 
 NVIMGCODEC_BACKENDS = {"hw": "HW_GPU_ONLY", "gpu": "GPU_ONLY", "hybrid": "HYBRID_CPU_GPU"}
-
-
-def torchvision_decoder(device: str):
-    def decode(datas: list[torch.Tensor]) -> list[torch.Tensor]:
-        return decode_jpeg(datas, device=device)
-    return decode
 
 
 def nvimgcodec_decoder(kind: str, device: str):
@@ -101,7 +96,7 @@ def measure(data: Path, device: str, count: int, batch: int, repeats: int) -> li
         raise SystemExit(f"jpeg_engines: no .jpg files in {data}; pass --data with camera-size JPEGs")
     datas = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths]
     batches = [datas[i:i + batch] for i in range(0, len(datas), batch)] * repeats
-    decoders = {"torchvision": partial(torchvision_decoder, device),
+    decoders = {"torchvision": lambda: partial(decode_jpegs, device=device),
                 **{f"nvimgcodec-{name}": partial(nvimgcodec_decoder, kind, device)
                    for name, kind in NVIMGCODEC_BACKENDS.items()}}
     load = GemmLoad() if device == "cuda" else None

@@ -35,30 +35,17 @@ from pathlib import Path
 
 import torch
 
-from lomar.bench.loader import loader_dataset
+from lomar.bench.loader import camera_crops, loader_dataset
 from lomar.bench.timing import build_runner, sync
-from lomar.data.fast_decode import gpu_decode_crops, jpeg_size
+from lomar.data.fast_decode import gpu_decode_crops
 from lomar.data.gpu_jpeg import decode_jpegs, nvimgcodec_missing
-
-
-def photos(data: Path, count: int, size: int) -> tuple[list[torch.Tensor], list[tuple], list[bool]]:
-    """``count`` encoded JPEGs of ``data`` with a crop box and flip each, drawn by the pretraining transform."""
-    paths = sorted(p for p in data.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))[:count]
-    if not paths:
-        raise SystemExit(f"step_beside_decode: no .jpg files in {data}; pass --data with camera-size JPEGs")
-    datas = [p.read_bytes() for p in paths]
-    transform = loader_dataset(data, size, "lomar", 1).transform
-    gen = torch.Generator().manual_seed(0)
-    boxes = [transform.crop_box(*jpeg_size(d), gen) for d in datas]
-    flips = [bool(torch.rand(1, generator=gen) < 0.5) for _ in datas]
-    return [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas], boxes, flips
 
 
 def decode_loop(data: Path, count: int, size: int, crops: bool, device: str, decoder: str, done, stop,
                 ready=None) -> None:
     """Decode ``count`` photos of ``data`` over and over on ``device`` with ``decoder`` (``--gpu-decoder``)
     until ``stop``, cropped and resized if ``crops``; ``done.value``: photos decoded."""
-    datas, boxes, flips = photos(data, count, size)
+    datas, boxes, flips = camera_crops(data, count, size)
     stream = torch.cuda.Stream() if device == "cuda" else None
     with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
         if ready is not None:  # another process: one batch first, so its start-up is not timed
@@ -217,9 +204,7 @@ def measure(args) -> list[dict]:
             record["step_rate_kept"] = record["step_images_per_s"] / alone
             if args.profile:
                 record["profile"] = profiled(runner)
-            load.stop()
-            load.start()  # the load alone, for its own rate
-            time.sleep(1.0)
+            time.sleep(1.0)  # the load runs on alone: its own rate, once the step's last work has drained
             before, start = load.done.value, time.perf_counter()
             time.sleep(args.seconds / 2)
             load.check()

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from lomar.bench.timing import build_runner, interleaved_times, method_config
 from lomar.data.collate import collate_pretrain
 from lomar.data.device_decode import decode_dataset
+from lomar.data.fast_decode import jpeg_size
 from lomar.data.folder import build_pretrain_dataset, demo_image_paths
 from lomar.methods.base import method_runtime
 from lomar.models.vit import model_config
@@ -91,6 +92,21 @@ def loader_dataset(data: str | Path, img_size: int, method: str = "lomar", windo
     _, config = method_config(method, img_size, windows, window_size=window_size)
     base = build_pretrain_dataset(str(data), img_size, masker=method_runtime(config, patch_size).masker)
     return decode_dataset(base, decode, patch_size, window_size, windows).dataset
+
+
+def camera_crops(data: str | Path, count: int, size: int) -> tuple[list[torch.Tensor], list[tuple], list[bool]]:
+    """The first ``count`` JPEGs of ``data`` (sorted names) as ``--decode gpu`` hands them to the device:
+    each file's bytes (uint8 (n,)), a crop box (top, left, h, w) and a flip, drawn by the pretraining
+    transform at ``size`` px from a fixed seed. SystemExit naming the fix when there are none."""
+    paths = sorted(p for p in Path(data).iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))[:count]
+    if not paths:
+        raise SystemExit(f"no .jpg files in {data}; pass a folder of camera-size JPEGs")
+    datas = [p.read_bytes() for p in paths]
+    transform = loader_dataset(data, size, "lomar", 1).transform
+    gen = torch.Generator().manual_seed(0)
+    boxes = [transform.crop_box(*jpeg_size(d), gen) for d in datas]
+    flips = [bool(torch.rand(1, generator=gen) < 0.5) for _ in datas]
+    return [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas], boxes, flips
 
 
 def time_loader(dataset, workers: int, images: int, batch_size: int = 16, repeats: int = 1) -> float:
