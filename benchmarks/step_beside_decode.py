@@ -129,10 +129,39 @@ def step_rate(runner, seconds: float) -> tuple[float, int]:
     return steps * runner.batch_size / (time.perf_counter() - start), steps
 
 
+def runtime_calls(events: list[dict], step_ids: set[int], steps: int, top: int = 8) -> dict:
+    """CUDA runtime and driver API calls of a profiler trace per host thread: for each thread (``step``
+    where its id is one of ``step_ids``, else ``thread <id>``) its ``top`` calls by time, each with calls
+    and ms per step and its longest call in ms, and ``total_ms`` per step.
+
+    The step's launches taking longer beside a load than alone means the driver makes it wait (a lock
+    another thread holds, an implicit synchronisation such as ``cudaFree``); its wall time growing with
+    its launches as quick as alone means it waits outside CUDA, on the interpreter."""
+    calls: dict[str, dict[str, list[float]]] = {}
+    for event in events:
+        if event.get("cat") not in ("cuda_runtime", "cuda_driver") or event.get("ph") != "X":
+            continue
+        tid = event.get("tid")
+        label = "step" if tid in step_ids else f"thread {tid}"
+        duration = event.get("dur", 0) / 1000
+        count_ms_max = calls.setdefault(label, {}).setdefault(event.get("name", "?"), [0, 0.0, 0.0])
+        count_ms_max[0] += 1
+        count_ms_max[1] += duration
+        count_ms_max[2] = max(count_ms_max[2], duration)
+    summary = {}
+    for label, names in sorted(calls.items()):
+        ranked = sorted(names.items(), key=lambda item: -item[1][1])
+        summary[label] = {"total_ms": round(sum(v[1] for v in names.values()) / steps, 2)}
+        summary[label].update({name: {"calls": round(count / steps, 1), "ms": round(ms / steps, 3),
+                                      "max_ms": round(longest, 3)} for name, (count, ms, longest) in ranked[:top]})
+    return summary
+
+
 def profiled(runner, steps: int = 4) -> dict:
-    """``steps`` steps under torch.profiler (CUDA activity only): wall ms per step and kernel ms per step on
-    each CUDA stream of this process. The step's stream busy as long as alone while the wall time grows
-    means gaps (the host late with launches); its kernels taking longer means they share the GPU."""
+    """``steps`` steps under torch.profiler (CUDA activity only, so the host side is not slowed): wall ms per
+    step, kernel ms per step on each CUDA stream of this process, and each host thread's CUDA API calls
+    (:func:`runtime_calls`). The step's stream busy as long as alone while the wall time grows means gaps
+    (the host late with launches); its kernels taking longer means they share the GPU."""
     from torch.profiler import ProfilerActivity, profile
 
     sync(runner.device)
@@ -152,7 +181,21 @@ def profiled(runner, steps: int = 4) -> dict:
         if event.get("cat") == "kernel":
             stream = str(event.get("args", {}).get("stream"))
             busy[stream] = busy.get(stream, 0.0) + event.get("dur", 0) / 1000 / steps
-    return {"wall_ms": wall * 1000, "kernel_ms_by_stream": {k: round(v, 2) for k, v in sorted(busy.items())}}
+    ident = threading.get_ident()  # the trace may name a thread by its kernel id or its pthread id
+    step_ids = {threading.get_native_id(), ident, ident & 0xFFFFFFFF}
+    return {"wall_ms": wall * 1000, "kernel_ms_by_stream": {k: round(v, 2) for k, v in sorted(busy.items())},
+            "cuda_api_by_thread": runtime_calls(events, step_ids, steps)}
+
+
+def profile_line(profile: dict) -> str:
+    """One line of a :func:`profiled` record: wall, kernel ms per stream, each thread's three costliest
+    CUDA calls (the JSON has more)."""
+    threads = []
+    for label, calls in profile["cuda_api_by_thread"].items():
+        named = [f"{name} {c['calls']:g}x {c['ms']:.2f} ms" for name, c in calls.items() if name != "total_ms"][:3]
+        threads.append(f"{label}: {calls['total_ms']:.1f} ms in CUDA calls ({', '.join(named)})")
+    return "; ".join([f"wall {profile['wall_ms']:.1f} ms, kernels by stream {profile['kernel_ms_by_stream']}",
+                      *threads])
 
 
 def measure(args) -> list[dict]:
@@ -188,7 +231,7 @@ def measure(args) -> list[dict]:
         records[0]["profile"] = profiled(runner)
     print(f"{'none':26s} step {alone:7.1f} img/s", flush=True)
     if args.profile:
-        print(f"{'':26s} profile {records[0]['profile']}", flush=True)
+        print(f"{'':26s} profile {profile_line(records[0]['profile'])}", flush=True)
     for load in loads:
         switch = sys.getswitchinterval()
         if load.name.endswith("-switch"):
@@ -220,7 +263,7 @@ def measure(args) -> list[dict]:
             f"{record['load_per_s']:8.1f}/s beside, {record['load_alone_per_s']:8.1f}/s alone")
         print(f"{load.name:26s} {figures}", flush=True)
         if "profile" in record:
-            print(f"{'':26s} profile {record['profile']}", flush=True)
+            print(f"{'':26s} profile {profile_line(record['profile'])}", flush=True)
     return records
 
 
@@ -239,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=14, help="drafting processes of the cpu-drafting load")
     parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per load")
     parser.add_argument("--profile", action="store_true", help="also profile a few steps alone and beside "
-                        "each load: wall and kernel ms per step on each CUDA stream")
+                        "each load: wall and kernel ms per step on each CUDA stream, CUDA API calls per thread")
     parser.add_argument("--loads", nargs="+", help="only these loads (default: all that can run here)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
