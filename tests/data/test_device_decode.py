@@ -80,6 +80,19 @@ def test_decoded_batch_equals_the_reference_pixels_on_cpu(photos):
     assert "encoded" not in batch and "boxes" not in batch
 
 
+def test_a_batch_is_normalised_in_one_call_not_one_per_photo(photos, monkeypatch):
+    """The decode-ahead thread shares the device with the step: per-photo normalisation was four launches
+    and two host-to-device copies of the mean and std per photo."""
+    base, encoded = _datasets(photos)
+    collated = collate_encoded([encoded[(i, 2)] for i in range(len(base))])
+    calls = []
+    normalize = base.transform.normalize
+    monkeypatch.setattr(base.transform, "normalize", lambda pixels: calls.append(pixels.shape) or normalize(pixels))
+    batch = decode_batch(collated, CPU, base.transform)
+    assert calls == [(5, 3, 64, 64)]  # the five device rows; the worker's rows came normalised
+    assert batch["images"].shape == (7, 3, 64, 64)
+
+
 def test_a_file_the_decoder_refuses_leaves_the_batch(photos, tmp_path):
     data = (photos / "photo0.jpg").read_bytes()
     (tmp_path / "good.jpg").write_bytes(data)
