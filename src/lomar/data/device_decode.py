@@ -135,16 +135,16 @@ def decode_batch(batch: dict, device: torch.device, transform, decoder: str = "t
     # Rows drafted by the workers and rows decoded here are uint8 until one normalisation of them all:
     # a few launches a batch, not a few a photo (the step shares the device with this thread).
     images = [None if pixels is None else pixels.to(device, non_blocking=True) for pixels in batch["image"]]
-    raw = [i for i, drafted in enumerate(batch.get("drafted") or ()) if drafted]
+    uint8_rows = [i for i, drafted in enumerate(batch.get("drafted") or ()) if drafted]
     rows = [i for i, data in enumerate(batch["encoded"]) if data is not None]
     lists = ([batch[key][i] for i in rows] for key in ("encoded", "box", "flip"))
     for i, pixels in zip(rows, _decode_rows(*lists, transform.size, device, decoder)):
         images[i] = pixels
         if pixels is not None:
-            raw.append(i)
-    raw.sort()
-    normalised = transform.normalize(torch.stack([images[i] for i in raw])) if raw else None
-    for i, pixels in zip(raw, normalised.unbind(0) if raw else ()):
+            uint8_rows.append(i)
+    uint8_rows.sort()
+    normalised = transform.normalize(torch.stack([images[i] for i in uint8_rows])) if uint8_rows else None
+    for i, pixels in zip(uint8_rows, normalised.unbind(0) if uint8_rows else ()):
         images[i] = pixels
     keep = [image is not None for image in images]
     mask = torch.tensor(keep, dtype=torch.bool)
@@ -153,7 +153,7 @@ def decode_batch(batch: dict, device: torch.device, transform, decoder: str = "t
     out["bad"] = batch["bad"] + [p for p, k in zip(batch["paths"], keep) if not k]
     out["paths"] = [p for p, k in zip(batch["paths"], keep) if k]
     kept = [image for image in images if image is not None]
-    if len(raw) == len(kept) and kept:  # every row normalised in one batch, in order: no second copy
+    if len(uint8_rows) == len(kept) and kept:  # every row normalised in one batch, in order: no second copy
         out["images"] = normalised
     else:
         out["images"] = torch.stack(kept) if kept else torch.empty(0, 3, transform.size, transform.size,
