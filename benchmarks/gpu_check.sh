@@ -21,7 +21,9 @@
 #     --decode-ahead 0, each batch decoded just before its step instead of during the previous one;
 #     gpu-alone: --decode gpu --cpu-decode-share 0, the device decodes every photo; gpu is the auto share;
 #     words join: -hw (gpu-hw, gpu-hw-alone) adds --gpu-decoder nvimgcodec, the GPU's hardware JPEG engines
-#     (needs the package); -graphs adds --compile --compile-mode reduce-overhead, the step as CUDA graphs)
+#     (needs the package); -graphs adds --compile --compile-mode reduce-overhead, the step as CUDA graphs;
+#     -imagenet reads ImageNet-size photos (500x375) instead of camera ones: with full-imagenet the workers
+#     outrun the model, so the run measures the training loop's own rate, input aside)
 #   GPU_CHECK_BACKBONE_SIZES="1024 1536 2048"  GPU_CHECK_BACKBONE_ATTENTION="dense chunked flex windowed"
 #   GPU_CHECK_T_ENV/_BENCH/_PRETRAIN/_LOADER/_TESTS/_FINETUNE/_BACKBONE: per-part timeouts (s)
 #   GPU_CHECK_BUDGET=470 (s, whole check: bench runs, last, are skipped when it is spent)
@@ -81,11 +83,14 @@ decode_flags() {
       alone) echo --cpu-decode-share 0 ;;
       hw) echo --gpu-decoder nvimgcodec ;;
       graphs) echo --compile --compile-mode reduce-overhead ;;
-      *) echo "gpu_check: GPU_CHECK_DECODE mode $1: unknown word $word (inline, alone, hw, graphs)" >&2; return 1 ;;
+      imagenet) ;;  # which photos (photos_of), not a flag
+      *) echo "gpu_check: GPU_CHECK_DECODE mode $1: unknown word $word (inline, alone, hw, graphs, imagenet)" >&2
+         return 1 ;;
     esac
   done
 }
 for decode in $DECODES; do decode_flags "$decode" >/dev/null || exit 2; done
+photos_of() { [[ "-$1-" == *-imagenet-* ]] && echo imagenet || echo camera; }  # a mode's test set
 # status PART RC: one line per part in the log, and a JSON for parts that wrote none
 status() {
   local part=$1 rc=$2 note=${3:-}
@@ -173,6 +178,12 @@ if want loader || want pretrain; then
     2>&1 | tee -a "$LOG"
   say "camera test set: $(ls "$CAMERA" 2>/dev/null | wc -l) JPEGs in $CAMERA"
 fi
+IMAGENET="$WORK/imagenet"
+if want pretrain && [[ "$(for decode in $DECODES; do photos_of "$decode"; done)" == *imagenet* ]]; then
+  timeout 60 "$PY" -c "from lomar.bench.loader import make_test_set as m; m('$IMAGENET', 'imagenet', $COUNT)" \
+    2>&1 | tee -a "$LOG"
+  say "ImageNet-size test set: $(ls "$IMAGENET" 2>/dev/null | wc -l) JPEGs in $IMAGENET"
+fi
 if want loader; then
   timeout "${GPU_CHECK_T_LOADER:-90}" "$PY" - "$DEST/loader.json" "$CAMERA" "$PSIZE" "$WORKERS" "$DEVICE" \
     "$MODEL" "$PBATCH" "$PRECISION" "${#TINY[@]}" <<'EOF' 2>&1 | tee -a "$LOG"
@@ -212,12 +223,16 @@ fi
 RUN="$WORK/pretrain"
 if want pretrain; then
   PW=9; [ "$PSIZE" -lt 448 ] && PW=4; [ "${#TINY[@]}" -gt 0 ] && PW=2
-  # The set seen REPEAT times an epoch (hard links: a linked folder is searched once): an epoch then outlasts
+  # A set seen REPEAT times an epoch (hard links: a linked folder is searched once): an epoch then outlasts
   # what the workers prefetch (2 batches each), so the rate is the input's sustained one, not a queue draining.
-  PDATA="$WORK/camera-repeated"; rm -rf "$PDATA"; mkdir -p "$PDATA"
-  for copy in $(seq "$PREPEAT"); do cp -al "$CAMERA" "$PDATA/$copy"; done
+  rm -rf "$WORK/camera-repeated" "$WORK/imagenet-repeated"
   first=1
   for decode in $DECODES; do
+    photos=$(photos_of "$decode"); PDATA="$WORK/$photos-repeated"
+    if [ ! -d "$PDATA" ]; then
+      mkdir -p "$PDATA"
+      for copy in $(seq "$PREPEAT"); do cp -al "$WORK/$photos" "$PDATA/$copy"; done
+    fi
     run="$RUN"; json="$DEST/pretrain.json"
     [ "$first" = 1 ] || { run="$RUN-$decode"; json="$DEST/pretrain-$decode.json"; }
     first=0
@@ -229,16 +244,16 @@ if want pretrain; then
       | tail -n 20 | tee -a "$LOG"
     rc=${PIPESTATUS[0]}
     "$PY" - "$run/metrics.jsonl" "$json" "$PBATCH" "$start" "$rc" "$WORKERS" "$PSIZE" "$decode" \
-      "$WORK/pretrain-$decode.out" <<'EOF' 2>&1 | tee -a "$LOG"
+      "$WORK/pretrain-$decode.out" "$photos" <<'EOF' 2>&1 | tee -a "$LOG"
 import json, re, statistics, sys, time
-metrics, out, batch, start, rc, workers, size, decode, printed = sys.argv[1:]
+metrics, out, batch, start, rc, workers, size, decode, printed, photos = sys.argv[1:]
 try:
     rows = [json.loads(l) for l in open(metrics)]
 except OSError:
     rows = []
 rates = [r["img_s"] for r in rows[len(rows) // 5:]]  # the first steps include warm-up
-rec = dict(part="pretrain", decode=decode, rc=int(rc), steps=len(rows), batch_size=int(batch), workers=int(workers),
-           img_size=int(size), wall_s=time.time() - float(start),
+rec = dict(part="pretrain", decode=decode, photos=photos, rc=int(rc), steps=len(rows), batch_size=int(batch),
+           workers=int(workers), img_size=int(size), wall_s=time.time() - float(start),
            median_step_images_per_s=statistics.median(rates) if rates else None,
            # every step's images over every step's time (waits included): a median hides an epoch's stalls
            sustained_images_per_s=len(rates) / sum(1 / r for r in rates) if rates else None,

@@ -24,7 +24,7 @@ PARTS = "env tests loader pretrain finetune bench mfu backbone"
 @pytest.mark.slow
 def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path / "work"),
-           "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_PARTS": PARTS, "GPU_CHECK_DECODE": "draft draft-inline",
+           "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_PARTS": PARTS, "GPU_CHECK_DECODE": "draft draft-inline-imagenet",
            "GPU_CHECK_METHODS": "lomar mae", "GPU_CHECK_COMPILE_SIZES": "64",
            # this interpreter's environment, used as it is (the script installs nothing into it)
            "GPU_CHECK_VENV": sys.prefix, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -55,10 +55,13 @@ def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
     rates = pretrain["img_s_by_step"]  # the sustained rate weighs each step by its time, waits included
     assert len(rates) == len(pretrain["input_wait_by_step"]) == len(pretrain["epoch_by_step"]) == 3
     assert pretrain["sustained_images_per_s"] == pytest.approx(3 / sum(1 / r for r in rates))
-    inline = json.loads((out / "pretrain-draft-inline.json").read_text())  # the -inline spelling's own run
-    assert inline["rc"] == 0 and inline["steps"] == 3 and inline["decode"] == "draft-inline"
-    settings = yaml.safe_load((tmp_path / "work" / "pretrain-draft-inline" / "config.yaml").read_text())
+    assert pretrain["photos"] == "camera"
+    inline = json.loads((out / "pretrain-draft-inline-imagenet.json").read_text())  # a mode's own run
+    assert inline["rc"] == 0 and inline["steps"] == 3 and inline["decode"] == "draft-inline-imagenet"
+    assert inline["photos"] == "imagenet"  # the -imagenet word: ImageNet-size photos, no flag of its own
+    settings = yaml.safe_load((tmp_path / "work" / "pretrain-draft-inline-imagenet" / "config.yaml").read_text())
     assert settings["decode"] == "draft" and settings["decode_ahead"] == 0
+    assert Path(settings["data"]).name == "imagenet-repeated"
     loader = json.loads((out / "loader.json").read_text())
     assert {r["decode"] for r in loader["records"]} >= {"full", "draft"}
     # the MFU sweep: its two runs (profiled) and the bench part's LoMaR rows, best MFU first
@@ -88,5 +91,5 @@ def test_an_unknown_decode_word_stops_the_check_before_any_part(tmp_path):
            "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_DECODE": "draft gpu-hw-grpahs"}
     done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert "GPU_CHECK_DECODE mode gpu-hw-grpahs: unknown word grpahs (inline, alone, hw, graphs)" in done.stderr
+    assert "GPU_CHECK_DECODE mode gpu-hw-grpahs: unknown word grpahs (inline, alone, hw, graphs, imagenet)" in done.stderr
     assert not (tmp_path / "work").exists()
