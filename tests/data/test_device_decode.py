@@ -81,8 +81,8 @@ def test_decoded_batch_equals_the_reference_pixels_on_cpu(photos):
 
 
 def test_a_batch_is_normalised_in_one_call_not_one_per_photo(photos, monkeypatch):
-    """The decode-ahead thread shares the device with the step: per-photo normalisation was four launches
-    and two host-to-device copies of the mean and std per photo."""
+    """The decode-ahead thread shares the device with the step: normalising each photo alone would cost
+    four launches and two host-to-device copies (the mean and std) per photo."""
     base, encoded = _datasets(photos)
     collated = collate_encoded([encoded[(i, 2)] for i in range(len(base))])
     calls = []
