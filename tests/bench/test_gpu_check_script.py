@@ -91,5 +91,6 @@ def test_an_unknown_decode_word_stops_the_check_before_any_part(tmp_path):
            "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_DECODE": "draft gpu-hw-grpahs"}
     done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert "GPU_CHECK_DECODE mode gpu-hw-grpahs: unknown word grpahs (inline, alone, hw, graphs, imagenet)" in done.stderr
+    assert ("GPU_CHECK_DECODE mode gpu-hw-grpahs: unknown word grpahs (inline, alone, hw, graphs, imagenet)"
+            in done.stderr)
     assert not (tmp_path / "work").exists()
