@@ -135,14 +135,11 @@ def decode_batch(batch: dict, device: torch.device, transform, decoder: str = "t
     # Rows drafted by the workers and rows decoded here are uint8 until one normalisation of them all:
     # a few launches a batch, not a few a photo (the step shares the device with this thread).
     images = [None if pixels is None else pixels.to(device, non_blocking=True) for pixels in batch["image"]]
-    uint8_rows = [i for i, drafted in enumerate(batch.get("drafted") or ()) if drafted]
     rows = [i for i, data in enumerate(batch["encoded"]) if data is not None]
     lists = ([batch[key][i] for i in rows] for key in ("encoded", "box", "flip"))
     for i, pixels in zip(rows, _decode_rows(*lists, transform.size, device, decoder)):
         images[i] = pixels
-        if pixels is not None:
-            uint8_rows.append(i)
-    uint8_rows.sort()
+    uint8_rows = [i for i, image in enumerate(images) if image is not None and image.dtype == torch.uint8]
     normalised = transform.normalize(torch.stack([images[i] for i in uint8_rows])) if uint8_rows else None
     for i, pixels in zip(uint8_rows, normalised.unbind(0) if uint8_rows else ()):
         images[i] = pixels
