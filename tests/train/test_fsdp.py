@@ -303,10 +303,14 @@ def test_consolidate_command_names_a_folder_that_is_not_sharded(tmp_path, capsys
 
 def _fake_sharded(path, step: int, readable: bool = True):
     """A folder shaped like save_sharded's output (DCP metadata + meta.pt), without tensors."""
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import Metadata
+
     from lomar.checkpoints.io import atomic_save
 
     path.mkdir(parents=True)
-    (path / ".metadata").write_bytes(b"dcp")
+    (path / ".metadata").write_bytes(pickle.dumps(Metadata(state_dict_metadata={})))  # as DCP writes it
     if readable:
         atomic_save({"step": step, "config": {"fsdp": True}}, path / "meta.pt")
     else:

@@ -1,14 +1,100 @@
 """A sharded checkpoint folder (``lomar pretrain --fsdp``, written by torch.distributed.checkpoint)
-read back as the single-file form, in one process and without a process group."""
+read back as the single-file form, in one process and without a process group; and the safe
+reader and load planner every DCP load goes through.
+
+torch's ``FileSystemReader`` unpickles ``.metadata`` with plain :mod:`pickle`, and its load planner
+reads non-tensor entries with ``torch.load(weights_only=False)``: a crafted folder would run code
+on ``lomar export`` or ``--resume``. Here the metadata is first rebuilt by an unpickler that only
+knows DCP's record classes, and each non-tensor entry is first loaded with ``weights_only=True``;
+anything else is refused before the stock code sees it.
+"""
 
 from __future__ import annotations
 
+import functools
+import io
+import pickle
 from pathlib import Path
+
+import torch
 
 from lomar.checkpoints.io import atomic_save, safe_load
 from lomar.checkpoints.reader import PRETRAIN_FORMAT
 
-__all__ = ["read_sharded", "consolidate"]
+__all__ = ["read_sharded", "consolidate", "check_metadata", "safe_reader", "safe_planner"]
+
+_RECORD_MODULE = "torch.distributed.checkpoint.metadata"  # Metadata, TensorStorageMetadata, ...: plain records
+_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+            ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
+_PATHS = ({"pathlib", "pathlib._local"}, {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"})
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        found = super().find_class(module, name) if _allowed(module, name) else None
+        if module == _RECORD_MODULE and not isinstance(found, type):
+            found = None
+        if found is None:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which checkpoint metadata never holds")
+        return found
+
+
+def _allowed(module: str, name: str) -> bool:
+    if module == "torch":
+        return name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)
+    return module == _RECORD_MODULE or (module, name) in _GLOBALS or (module in _PATHS[0] and name in _PATHS[1])
+
+
+def check_metadata(directory: str | Path) -> None:
+    """Raise ValueError unless every ``*.metadata`` file of ``directory`` unpickles from DCP's own
+    record classes alone (nothing is called but their constructors)."""
+    for path in sorted(p for p in Path(directory).iterdir() if p.name.endswith(".metadata")):
+        try:
+            with open(path, "rb") as handle:
+                _MetadataUnpickler(handle).load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as exc:
+            raise ValueError(f"{path} is not a sharded checkpoint's metadata ({exc}); refusing to load it: "
+                             f"pass a checkpoint-NNNNNN.dcp folder written by `lomar pretrain --fsdp`") from None
+
+
+@functools.cache
+def _classes() -> tuple[type, type, type]:
+    # torch.distributed.checkpoint takes half a second to import: only when a sharded folder is read.
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            check_metadata(self.path)
+            return super().read_metadata(*args, **kwargs)
+
+    class SafeBytes:
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            try:
+                torch.load(value, weights_only=True)
+            except pickle.UnpicklingError:
+                raise ValueError(f"its entry {read_item.dest_index.fqn!r} is not plain data (it would call code "
+                                 f"to unpickle); refusing to load it") from None
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    class SafePlanner(SafeBytes, DefaultLoadPlanner):
+        pass
+
+    class SafeEmptyPlanner(SafeBytes, _EmptyStateDictLoadPlanner):
+        pass
+
+    return SafeReader, SafePlanner, SafeEmptyPlanner
+
+
+def safe_reader(directory: str | Path):
+    """A ``FileSystemReader`` of ``directory`` that checks its metadata first (:func:`check_metadata`)."""
+    return _classes()[0](str(directory))
+
+
+def safe_planner():
+    """A ``DefaultLoadPlanner`` whose non-tensor entries must load with ``weights_only=True``."""
+    return _classes()[1]()
 
 
 def read_sharded(sharded_dir: str | Path) -> dict:
@@ -17,19 +103,21 @@ def read_sharded(sharded_dir: str | Path) -> dict:
     The optimizer state is left out (exact resume uses the sharded folder); the result is what
     ``lomar export`` and evaluation read.
     """
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     sharded_dir = Path(sharded_dir)
     if not (sharded_dir / ".metadata").exists():
         raise ValueError(f"{sharded_dir} is not a sharded checkpoint (no .metadata); pass a "
                          f"checkpoint-NNNNNN.dcp folder of a `lomar pretrain --fsdp` run")
-    # Every tensor into memory, in this process alone: what torch's dcp_to_torch_save does,
+    check_metadata(sharded_dir)  # here: a refusal inside DCP is logged with tracebacks, then wrapped
+    # The model's tensors into memory, in this process alone: what torch's dcp_to_torch_save does,
     # without its intermediate file (whose failure on a full disk names no cause).
     full: dict = {}
-    _load_state_dict(full, storage_reader=FileSystemReader(str(sharded_dir)), planner=_EmptyStateDictLoadPlanner(),
+    _load_state_dict(full, storage_reader=safe_reader(sharded_dir), planner=_classes()[2](keys={"model"}),
                      no_dist=True)
+    if not isinstance(full.get("model"), dict):
+        raise ValueError(f"{sharded_dir} holds no model state; pass a checkpoint-NNNNNN.dcp folder of a "
+                         f"`lomar pretrain --fsdp` run")
     meta = safe_load(sharded_dir / "meta.pt") if (sharded_dir / "meta.pt").exists() else {}
     state = {"model": {k: v.contiguous() for k, v in full["model"].items()}, **meta}
     state.setdefault("format", PRETRAIN_FORMAT)

@@ -32,7 +32,8 @@ import torch.distributed as dist
 from torch import nn
 
 from lomar.checkpoints.io import atomic_save, atomic_write_text, safe_load, write_error
-from lomar.checkpoints.sharded import consolidate
+from lomar.checkpoints.sharded import check_metadata, consolidate, safe_planner, safe_reader
+from lomar.errors import UsageError
 from lomar.train.run_state import LAST_POINTER, SaveError, checkpoints_to_prune
 
 __all__ = ["shard_model", "block_modules", "save_sharded", "load_sharded", "consolidate", "save_run_checkpoint"]
@@ -163,6 +164,7 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
     The number of ranks may differ from the one that saved: DCP reshards on load.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     directory = Path(directory)
@@ -170,7 +172,17 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
         raise ValueError(f"{directory} is not a sharded checkpoint (no .metadata); pass the folder save_sharded wrote")
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=str(directory))
+    try:
+        check_metadata(directory)  # here: a refusal inside DCP is logged with tracebacks, then wrapped
+    except ValueError as exc:
+        raise UsageError(f"--resume: {exc}") from None
+    try:
+        dcp.load(state, storage_reader=safe_reader(directory), planner=safe_planner())
+    except CheckpointException as exc:  # DCP wraps each rank's error; a refused entry is the user's to fix
+        refused = [error for error, _ in exc.failures.values() if isinstance(error, ValueError)]
+        if not refused:
+            raise
+        raise UsageError(f"--resume {directory}: {refused[0]}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return safe_load(directory / "meta.pt")
 

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import yaml
 
 from lomar.checkpoints.io import atomic_save, atomic_write_text, safe_load
+from lomar.checkpoints.sharded import check_metadata
 from lomar.errors import LomarError, UsageError
 from lomar.train.settings import ConfigError
 
@@ -167,9 +168,12 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def read_meta(path: Path) -> dict:
-    """A training checkpoint without its weights loaded: a sharded folder's meta.pt, else the file memory-mapped;
-    OSError or ValueError when it cannot be read."""
-    return safe_load(path / "meta.pt") if path.is_dir() else safe_load(path, mmap=True)
+    """A training checkpoint without its weights loaded: a sharded folder's meta.pt (once its DCP metadata
+    passed :func:`check_metadata`), else the file memory-mapped; OSError or ValueError when it cannot be read."""
+    if path.is_dir():
+        check_metadata(path)
+        return safe_load(path / "meta.pt")
+    return safe_load(path, mmap=True)
 
 
 def checkpoint_step(path: Path) -> int | None:

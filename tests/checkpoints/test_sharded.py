@@ -1,0 +1,102 @@
+"""Sharded (DCP) checkpoint folders are read without unpickling anything but DCP's own records."""
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from lomar.checkpoints.io import atomic_save
+from lomar.checkpoints.sharded import check_metadata, read_sharded
+from lomar.errors import UsageError
+from lomar.train.fsdp import load_sharded
+from lomar.train.run_state import read_meta
+
+
+class Touch:
+    """Unpickling this creates ``marker``: what a crafted file would do with os.system."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+class Mkdir(Touch):
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def _save(directory: Path, state: dict) -> Path:
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, checkpoint_id=str(directory), no_dist=True)
+    atomic_save({"step": 3, "epoch": 0, "batches_done": 3}, directory / "meta.pt")
+    return directory
+
+
+def _model_and_optimizer():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def _state(model, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optim_state}
+
+
+def test_a_genuine_folder_is_read_and_resumed(tmp_path):
+    model, optimizer = _model_and_optimizer()
+    folder = _save(tmp_path / "checkpoint-000003.dcp", _state(model, optimizer))
+    check_metadata(folder)
+    state = read_sharded(folder)
+    assert state["step"] == 3 and set(state["model"]) == {"weight", "bias"}
+    torch.testing.assert_close(state["model"]["weight"], model.weight.detach())
+    fresh = torch.nn.Linear(4, 3)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=5e-2)
+    assert load_sharded(fresh, fresh_opt, folder)["step"] == 3
+    torch.testing.assert_close(fresh.weight, model.weight)
+    assert fresh_opt.param_groups[0]["lr"] == 1e-3  # the non-tensor entries come back too
+
+
+@pytest.mark.parametrize("payload", [Touch, Mkdir])
+def test_crafted_metadata_is_refused_before_anything_runs(tmp_path, payload):
+    model, optimizer = _model_and_optimizer()
+    folder = _save(tmp_path / "checkpoint-000003.dcp", _state(model, optimizer))
+    marker = tmp_path / "ran"
+    (folder / ".metadata").write_bytes(pickle.dumps(payload(marker)))
+    for read in (read_sharded, read_meta, check_metadata):
+        with pytest.raises(ValueError, match=r"never holds\); refusing to load it"):
+            read(folder)
+    with pytest.raises(UsageError, match="^--resume: .*refusing to load it") as info:
+        load_sharded(*_model_and_optimizer(), folder)
+    assert "\n" not in str(info.value)
+    assert not marker.exists()
+
+
+def test_truncated_metadata_is_one_clear_error(tmp_path):
+    folder = _save(tmp_path / "checkpoint-000003.dcp", _state(*_model_and_optimizer()))
+    (folder / ".metadata").write_bytes((folder / ".metadata").read_bytes()[:40])
+    with pytest.raises(ValueError, match="is not a sharded checkpoint's metadata"):
+        read_sharded(folder)
+
+
+def test_a_crafted_non_tensor_entry_is_refused_on_resume(tmp_path):
+    model, optimizer = _model_and_optimizer()
+    state = _state(model, optimizer)
+    marker = tmp_path / "ran"
+    state["optimizer"]["param_groups"][0]["lr"] = Touch(marker)  # saved as a pickled bytes entry
+    folder = _save(tmp_path / "checkpoint-000003.dcp", state)
+    assert set(read_sharded(folder)["model"]) == {"weight", "bias"}  # the model alone: entry never read
+    with pytest.raises(UsageError, match="'optimizer.param_groups.0.lr' is not plain data") as info:
+        load_sharded(*_model_and_optimizer(), folder)
+    assert "\n" not in str(info.value)
+    assert not marker.exists()
