@@ -1,18 +1,20 @@
 """Reliability of the data layer: pixel limit, clear decode errors, symlinks, labelled folders, shards."""
 
+import io
 import logging
 import struct
 import tarfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
 from lomar.data.collate import collate_labelled, collate_labelled_refill
-from lomar.data.decode import decode_bytes, load_image, max_image_pixels
+from lomar.data.decode import decode_bytes, load_image, max_image_pixels, open_pil, oriented_size
 from lomar.data.folder import LabelledImageFolder, build_image_list, find_images
 from lomar.data.shards import TarShardDataset
 from lomar.data.transforms import PretrainTransform
@@ -138,3 +140,51 @@ def test_a_damaged_shard_is_reported_once_and_counted(tmp_path, caplog):
     assert len(items) == 2 and list(dataset.damaged) == [str(tmp_path / "b.tar")]
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "b.tar" in warnings[0].getMessage()
+
+
+def _rotated(fmt: str, size=(40, 24)) -> bytes:
+    """An image stored ``size`` (width, height) whose EXIF says: rotate 90° for display (orientation 6)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    Image.fromarray((np.random.RandomState(0).rand(size[1], size[0], 3) * 255).astype(np.uint8)).save(
+        out, format=fmt, exif=exif, **({"lossless": True} if fmt == "WEBP" else {}))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_every_format_is_decoded_as_its_exif_orientation_says(fmt):
+    data = _rotated(fmt)
+    with open_pil(data) as img:
+        assert oriented_size(img) == (40, 24)
+        upright = torch.from_numpy(np.asarray(ImageOps.exif_transpose(img).convert("RGB"))).permute(2, 0, 1)
+    image = decode_bytes(data)
+    assert image.shape == (3, 40, 24)
+    if fmt != "JPEG":  # lossless: Pillow's rotation of the same pixels
+        assert torch.equal(image, upright)
+
+
+def test_16_bit_images_scale_by_their_depth_not_their_brightest_pixel():
+    def grey(value: int) -> int:
+        out = io.BytesIO()
+        Image.fromarray(np.full((8, 8), value, dtype=np.uint16)).save(out, format="PNG")
+        return int(decode_bytes(out.getvalue())[0, 0, 0])
+
+    assert [grey(v) for v in (200, 256, 32768, 65535)] == [0, 0, 127, 255]  # value * 255 / 65535, truncated
+
+
+def test_a_shard_member_over_the_byte_limit_is_skipped_unread(tmp_path, monkeypatch):
+    shard = tmp_path / "a.tar"
+    with tarfile.open(shard, "w") as archive:
+        archive.add(_png(tmp_path / "big.png", size=(64, 64)), arcname="big.png")
+        archive.add(_png(tmp_path / "small.png", size=(4, 4)), arcname="small.png")
+    limit = (tmp_path / "big.png").stat().st_size - 1
+    assert (tmp_path / "small.png").stat().st_size <= limit
+    monkeypatch.setenv("LOMAR_MAX_IMAGE_BYTES", str(limit))
+    read = []
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda self, m, _real=tarfile.TarFile.extractfile:
+                        read.append(m.name) or _real(self, m))
+    items = {Path(item["path"]).name.split(":")[-1]: item for item in TarShardDataset([shard], PretrainTransform(16),
+                                                                                         shuffle_buffer=1)}
+    assert items["big.png"]["image"] is None and items["small.png"]["image"] is not None
+    assert read == ["small.png"]

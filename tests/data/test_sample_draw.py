@@ -108,3 +108,24 @@ def test_decode_dataset_gives_the_loop_its_batches_for_every_mode(photos, monkey
     for ahead in (0, 1, 2):  # decoded on the device, just in time or by the reader ahead of the loop
         (decoded,) = decoding.batches([encoded], "cpu", ahead)
         torch.testing.assert_close(decoded["images"], reference, rtol=0, atol=0)
+
+
+def test_a_16_bit_photo_takes_the_reference_path_in_every_mode(tmp_path):
+    Image.fromarray(np.full((64, 64), 30000, dtype=np.uint16)).save(tmp_path / "deep.png")
+    base = _base(tmp_path)
+    want = base[(0, 0)]["image"]
+    assert abs(float(want.mean()) - (116 / 255 - 0.45) / 0.226) < 0.2  # 30000 of 65535, not clipped to white
+    for mode, reader in _readers(base).items():
+        if mode != "gpu":
+            assert torch.equal(reader[(0, 0)]["image"], want), mode
+
+
+@pytest.mark.parametrize("size", [(999, 1001), (1000, 1000), (2001, 3001)])
+def test_the_draft_decode_shrinks_by_the_scale_it_chose(tmp_path, size):
+    from lomar.data.fast_decode import _reduce  # the scale is its own business; the pixels are tested elsewhere
+
+    height, width = size
+    _jpeg(tmp_path / "odd.jpg", height, width)
+    with Image.open(tmp_path / "odd.jpg") as img:
+        reduced, _ = _reduce(img, (0, 0, height, width), height // 8)
+        assert reduced.size == (-(-width // 8), -(-height // 8))

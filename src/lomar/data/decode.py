@@ -25,9 +25,9 @@ from PIL import Image, ImageOps
 
 from lomar.data.headers import declared_size
 
-__all__ = ["IMAGE_EXTENSIONS", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_IMAGE_BYTES", "is_image_name",
-           "max_image_pixels", "max_image_bytes", "read_image_bytes", "open_pil", "decode_bytes", "load_image",
-           "pil_to_tensor"]
+__all__ = ["IMAGE_EXTENSIONS", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_IMAGE_BYTES", "WIDE_MODES", "is_image_name",
+           "max_image_pixels", "max_image_bytes", "read_image_bytes", "open_pil", "exif_orientation", "oriented_size",
+           "decode_bytes", "load_image", "pil_to_tensor"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 # Pillow's own decompression-bomb error threshold (2 x Image.MAX_IMAGE_PIXELS): ~13k x 13k.
@@ -35,6 +35,8 @@ DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 # Far above a compressed photograph at the pixel limit (a 13k x 13k JPEG takes tens of MB), far
 # below what would strain a loader worker; an uncompressed one (~540 MB) needs it raised.
 DEFAULT_MAX_IMAGE_BYTES = 256 * 2**20
+# Pillow modes of more than 8 bits a channel: scaled to 8 bits here, where Pillow's convert would clip.
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")
 
 
 def is_image_name(name: str) -> bool:
@@ -142,6 +144,22 @@ def open_pil(data: bytes, name: str = "<bytes>", max_pixels: int | None = None):
     return img
 
 
+def exif_orientation(img: Image.Image) -> int | None:
+    """The EXIF orientation tag of an opened image (1: as stored); None when the EXIF block cannot be read.
+    Any other than 0 or 1 asks (or may ask) for a rotation/flip, which every decode path applies."""
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except Exception:
+        return None
+
+
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(height, width) of an opened image as :func:`decode_bytes` returns it (EXIF orientation applied),
+    from the header."""
+    width, height = img.size
+    return (width, height) if exif_orientation(img) in (5, 6, 7, 8) else (height, width)
+
+
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """A PIL image as uint8 (3, H, W) RGB."""
     return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
@@ -157,7 +175,8 @@ def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = No
     if not data:
         raise ValueError(f"cannot decode image {name}: the file is empty (0 bytes)")
     kind, _, limit = _checked_header(data, name, max_pixels)
-    if kind in ("jpeg", "webp"):  # libjpeg / libwebp through torchvision, unless it refuses (CMYK, ...)
+    if kind == "jpeg" or (kind == "webp" and _upright(data, name, limit)):
+        # libjpeg / libwebp through torchvision, unless it refuses (CMYK, ...); its WebP decoder ignores EXIF.
         try:
             with warnings.catch_warnings():  # torchvision announces its decoders' move to torchcodec: noise
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -176,9 +195,9 @@ def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = No
         with open_pil(data, name, limit) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            if img.mode in WIDE_MODES:  # 16 bits, as torchvision scales them; a 32-bit "I" holds no depth
                 arr = np.asarray(img, dtype=np.float64)
-                arr = arr / (65535.0 if arr.max() > 255 else 255.0) * 255.0
+                arr = arr / (255.0 if img.mode == "I" and arr.max() <= 255 else 65535.0) * 255.0
                 img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
             return pil_to_tensor(img)
     except ValueError:
@@ -186,6 +205,12 @@ def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = No
     except Exception as exc:
         raise ValueError(f"cannot decode image {name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
                          ) from exc
+
+
+def _upright(data: bytes, name: str, limit: int) -> bool:
+    """Whether an image's EXIF asks for no rotation or flip."""
+    with open_pil(data, name, limit) as img:
+        return exif_orientation(img) in (0, 1)
 
 
 def load_image(path: str | Path, max_pixels: int | None = None) -> torch.Tensor:

@@ -26,14 +26,13 @@ on the header's (EXIF-oriented) size: every sample gets the reference path's cro
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from lomar.data.decode import open_pil, pil_to_tensor, read_image_bytes
+from lomar.data.decode import WIDE_MODES, exif_orientation, open_pil, oriented_size, pil_to_tensor, read_image_bytes
 from lomar.data.folder import ImageListDataset
 from lomar.data.gpu_jpeg import decode_jpegs, frees_outside_torch
 from lomar.data.transforms import SampleDraw, draw_sample, unreadable_item
@@ -46,27 +45,12 @@ FAST_MODES = ("draft", "windows", "gpu")
 _JPEG_SCALES = (8, 4, 2, 1)
 
 
-def _orientation(img: Image.Image) -> int | None:
-    """The EXIF orientation tag (1: as stored); None when the EXIF block cannot be read. Any other
-    than 0 or 1 asks (or may ask) for a rotation/flip: a box drawn on the stored axes would be wrong."""
-    try:
-        return int(img.getexif().get(0x0112, 1))
-    except Exception:
-        return None
-
-
-def _size(img: Image.Image) -> tuple[int, int]:
-    """(height, width) after EXIF orientation, from the header."""
-    width, height = img.size
-    return (width, height) if _orientation(img) in (5, 6, 7, 8) else (height, width)
-
-
 def jpeg_size(source: str | Path | bytes) -> tuple[int, int]:
     """(height, width) after EXIF orientation, from the header only (no decoding), once the file and
     its header passed the checks every decode path shares (:func:`lomar.data.decode.open_pil`)."""
     data, name = (source, "<bytes>") if isinstance(source, bytes) else (read_image_bytes(source), str(source))
     with open_pil(data, name) as img:
-        return _size(img)
+        return oriented_size(img)
 
 
 def _reduce(img, box: tuple[int, int, int, int], size: int):
@@ -76,13 +60,14 @@ def _reduce(img, box: tuple[int, int, int, int], size: int):
     """
     width, height = img.size
     top, left, h, w = box
-    if img.format == "JPEG" and _orientation(img) in (0, 1):
+    if img.format == "JPEG" and exif_orientation(img) in (0, 1):
         for scale in _JPEG_SCALES:
             if h / scale >= size and w / scale >= size:
-                img.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
+                # Pillow decodes at the largest scale of 8, 4, 2 at most width // requested width: ask floor.
+                img.draft("RGB", (width // scale, height // scale))
                 break
     img = img.convert("RGB")  # decodes (at the draft scale, if one was set)
-    if _orientation(img) not in (0, 1) and img.size == (width, height):
+    if exif_orientation(img) not in (0, 1) and img.size == (width, height):
         img = ImageOps.exif_transpose(img)
         width, height = img.size
     sx, sy = img.size[0] / width, img.size[1] / height
@@ -165,7 +150,7 @@ class FastPretrainDataset(Dataset):
             with open_pil(data, str(path)) as img:  # checks the size before anything is decoded
                 if not self._takes(img):
                     return base[key]
-                draw = draw_sample(base.transform, base.masker, *_size(img), gen)
+                draw = draw_sample(base.transform, base.masker, *oriented_size(img), gen)
                 item = self._decode(img, data, draw)
         except (ValueError, OSError, RuntimeError, SyntaxError, Image.DecompressionBombError) as exc:
             log.debug("skipping %s: %s", path, exc)
@@ -176,7 +161,9 @@ class FastPretrainDataset(Dataset):
 
     def _takes(self, img: Image.Image) -> bool:
         """Whether this mode decodes ``img`` itself (else the reference path does)."""
-        return self.sparse or (img.format == "JPEG" and _orientation(img) in (0, 1)
+        if img.mode in WIDE_MODES:  # only the reference path scales them to 8 bits
+            return False
+        return self.sparse or (img.format == "JPEG" and exif_orientation(img) in (0, 1)
                                and (self.mode != "gpu" or img.mode in ("RGB", "L")))
 
     def _decode(self, img: Image.Image, data: bytes, draw: SampleDraw) -> dict | None:

@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from lomar.data.decode import is_image_name, load_image
+from lomar.data.decode import is_image_name, load_image, open_pil, oriented_size, read_image_bytes
 from lomar.data.transforms import sample_generator, sample_key
 
 __all__ = ["IGNORE", "MEAN", "STD", "SegmentationFolder", "read_labels", "eval_scale"]
@@ -31,24 +30,26 @@ STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
 
 
 def read_labels(path: Path) -> np.ndarray:
-    """(H, W) uint8 class ids of an annotation PNG; ValueError naming it when it is not one."""
+    """(H, W) uint8 class ids of an annotation PNG; ValueError naming it when it is not one (or not a
+    regular file within the size limits every image read has)."""
     try:
-        with Image.open(path) as image:
+        with open_pil(read_image_bytes(path), f"annotation {path}") as image:
             if image.mode not in ("L", "P", "I;16", "I"):
                 raise ValueError(f"annotation {path} is a {image.mode} image; write class ids as a single-channel "
                                  f"(mode L or P) PNG, 0 = ignored, 1..N the classes")
             return np.asarray(image)
-    except (UnidentifiedImageError, OSError) as exc:
+    except OSError as exc:
         raise ValueError(f"annotation {path} cannot be read ({exc}); rewrite it as a PNG of class ids") from None
 
 
 def _check_pair(image: Path, annotation: Path, num_classes: int) -> None:
     labels = read_labels(annotation)
-    try:
-        with Image.open(image) as opened:
-            width, height = opened.size
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ValueError(f"image {image} cannot be read ({exc}); replace or remove it with its annotation") from None
+    try:  # the size load_image gives: EXIF orientation applied, as labels drawn on the photo are
+        with open_pil(read_image_bytes(image), str(image)) as opened:
+            height, width = oriented_size(opened)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"image {image} cannot be read ({str(exc).splitlines()[0]}); replace or remove it with "
+                         f"its annotation") from None
     if labels.shape != (height, width):
         raise ValueError(f"annotation {annotation} is {labels.shape[1]}x{labels.shape[0]} but its image {image.name} "
                          f"is {width}x{height}; write the annotation at the image's size")

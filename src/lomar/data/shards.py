@@ -30,7 +30,7 @@ from typing import TypeVar
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lomar.data.decode import decode_bytes, is_image_name
+from lomar.data.decode import decode_bytes, is_image_name, max_image_bytes
 from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator
 
 __all__ = ["TarShardDataset", "is_shard_pattern", "shard_paths"]
@@ -151,7 +151,7 @@ class TarShardDataset(IterableDataset):
         order = torch.randperm(len(self.shards), generator=sample_generator(self.seed, epoch, _ORDER_INDEX))
         shards = [self.shards[i] for i in order.tolist()]
         if len(shards) >= slots:
-            members: Iterable[tuple[str, bytes]] = chain.from_iterable(map(_image_members, shards[slot::slots]))
+            members: Iterable[tuple[str, bytes | int]] = chain.from_iterable(map(_image_members, shards[slot::slots]))
         else:
             members = (m for i, m in enumerate(chain.from_iterable(map(_image_members, shards))) if i % slots == slot)
         gen = sample_generator(self.seed, epoch, _BUFFER_INDEX + slot)
@@ -160,13 +160,22 @@ class TarShardDataset(IterableDataset):
             if position < mine:
                 continue  # consumed before the resume: not decoded again
             gen = sample_generator(self.seed, epoch, zlib.crc32(name.encode()))
-            yield make_item(name, lambda data=data, name=name: decode_bytes(data, name), self.transform, gen,
+            yield make_item(name, lambda data=data, name=name: _decode_member(name, data), self.transform, gen,
                             self.masker)
 
 
+def _decode_member(name: str, data: bytes | int) -> torch.Tensor:
+    """A member's pixels; ``data`` an int is the size of a member over the byte limit, left unread."""
+    if isinstance(data, int):
+        raise ValueError(f"cannot read {name}: {data:,} bytes is over the limit of {max_image_bytes():,} for one "
+                         f"image; shrink it or raise LOMAR_MAX_IMAGE_BYTES")
+    return decode_bytes(data, name)
+
+
 def _image_members(shard: Path, read: bool = True,
-                   damaged: dict[str, str] | None = None) -> Iterator[tuple[str, bytes | None]]:
-    """("shard:member", bytes, or None unless ``read``) for the image members of one shard.
+                   damaged: dict[str, str] | None = None) -> Iterator[tuple[str, bytes | int | None]]:
+    """("shard:member", bytes (its size instead when over :func:`max_image_bytes`), or None unless ``read``)
+    for the image members of one shard.
 
     An unreadable shard yields nothing and a truncated one what precedes the damage; the
     reason goes into ``damaged`` (when given) and to the debug log. Without ``read`` only
@@ -178,6 +187,7 @@ def _image_members(shard: Path, read: bool = True,
     except (OSError, tarfile.TarError) as exc:
         _damaged(damaged, shard, f"unreadable, skipped ({exc})")
         return
+    limit = max_image_bytes()
     with archive:
         try:
             for member in archive:
@@ -186,6 +196,9 @@ def _image_members(shard: Path, read: bool = True,
                 name = f"{shard}:{member.name}"
                 if not read:
                     yield name, None
+                    continue
+                if member.size > limit:  # the folder path's bound, from the header: never read into memory
+                    yield name, member.size
                     continue
                 handle = archive.extractfile(member)
                 yield name, handle.read() if handle else b""

@@ -1,0 +1,55 @@
+"""ADE20K-layout segmentation folders: the up-front check reads what the loader will read."""
+
+import os
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lomar.data.segmentation import SegmentationFolder
+
+
+def _layout(root, image_size, label_size, orientation=1):
+    """One training pair: a photo stored ``image_size`` (width, height) with an EXIF orientation, and
+    labels of ``label_size`` (width, height)."""
+    (root / "images" / "training").mkdir(parents=True)
+    (root / "annotations" / "training").mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    pixels = (np.random.RandomState(0).rand(image_size[1], image_size[0], 3) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(root / "images" / "training" / "a.jpg", exif=exif)
+    Image.fromarray(np.ones(label_size[::-1], dtype=np.uint8)).save(root / "annotations" / "training" / "a.png")
+
+
+def test_labels_follow_the_photo_as_displayed(tmp_path):
+    _layout(tmp_path, (40, 24), (24, 40), orientation=6)  # stored landscape, shown portrait: labels portrait
+    data = SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1)
+    image, labels = data.load(0)
+    assert image.shape[-2:] == labels.shape == (40, 24)
+
+
+def test_labels_at_the_stored_size_of_a_rotated_photo_are_refused(tmp_path):
+    _layout(tmp_path, (40, 24), (40, 24), orientation=6)
+    with pytest.raises(ValueError, match=r"is 40x24 but its image a.jpg is 24x40; write the annotation"):
+        SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1)
+
+
+def test_an_annotation_that_is_a_pipe_is_refused_not_waited_on(tmp_path):
+    _layout(tmp_path, (40, 24), (40, 24))
+    labels = tmp_path / "annotations" / "training" / "a.png"
+    labels.unlink()
+    os.mkfifo(labels)
+    errors = []
+
+    def build():
+        try:
+            SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1)
+        except ValueError as exc:
+            errors.append(str(exc))
+
+    thread = threading.Thread(target=build, daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "building the dataset blocked on a FIFO"
+    assert errors and "named pipe" in errors[0] and "\n" not in errors[0]
