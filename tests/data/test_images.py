@@ -240,3 +240,22 @@ def test_demo_images_and_denormalize():
     assert load_image(smallest).shape[0] == 3
     x = torch.zeros(1, 3, 2, 2)
     assert torch.allclose(denormalize(x)[0, :, 0, 0], torch.tensor([0.485, 0.456, 0.406]))
+
+
+@pytest.mark.parametrize("sizes, workers", [((3, 3), 2), ((7, 1), 2), ((5, 0), 2), ((4,), 3)])
+def test_every_loader_worker_delivers_exactly_its_share_of_the_epoch(tmp_path, sizes, workers):
+    """Per-worker drop_last and uneven (or empty) shards would leave the loader short of the epoch's
+    batches, and the run asking for the rest forever: each worker delivers its share, reading its shards
+    again when they hold less."""
+    for s, count in enumerate(sizes):
+        _write_shard(tmp_path / f"shard-{s:03d}.tar", count, fmt="PNG", seed=10 * s)
+    ds = build_pretrain_dataset(str(tmp_path / "shard-*.tar"), 16)
+    batch = 2
+    batches = ds.count_samples() // batch
+    loader = DataLoader(ds, batch_size=batch, num_workers=workers, drop_last=True, collate_fn=collate_pretrain)
+    for epoch in (0, 1):
+        ds.set_epoch(epoch, batch_size=batch, batches=batches)
+        got = [b["paths"] for b in loader]
+        assert len(got) == batches and all(len(paths) == batch for paths in got)
+    ds.set_epoch(1, skip=batch, batch_size=batch, batches=batches)  # a resume after one batch: the rest
+    assert [b["paths"] for b in loader] == got[1:]

@@ -255,3 +255,12 @@ def test_the_regime_is_named_and_the_demo_names_the_model_it_trains(tmp_path, ca
     assert main(["pretrain", "--preset", "demo", "--data", str(tmp_path), "--out", str(tmp_path / "q"),
                  "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["model"] == "vit_mini_patch8"
+
+
+def test_a_loader_that_runs_short_of_an_epoch_is_an_error_not_a_loop(tmp_path):
+    class Short(ToyTask):
+        def batches(self):  # one batch fewer than the epoch's 8 (32 points, batch 4)
+            return iter(list(super().batches())[:7])
+
+    with pytest.raises(ValueError, match="gave 6 of the 8 batches of epoch 0 .* lower --workers"):
+        run(ToyConfig(out=str(tmp_path / "run")), Short)

@@ -22,8 +22,8 @@ import glob
 import logging
 import tarfile
 import zlib
-from collections.abc import Iterable, Iterator
-from itertools import chain
+from collections.abc import Callable, Iterable, Iterator
+from itertools import chain, islice
 from pathlib import Path
 from typing import TypeVar
 
@@ -92,7 +92,10 @@ class TarShardDataset(IterableDataset):
     Each sample's augmentation is seeded by (seed, epoch, shard:member name). With at least as
     many shards as ranks x workers, each reader takes whole shards; with fewer, every reader
     walks all the shards and keeps every n-th sample, so that no rank ends up without data.
-    Shards should hold similar numbers of images, or ranks run out at different times.
+    Given ``batches`` (:meth:`set_epoch`), every reader delivers exactly its share of them: one
+    whose shards hold less reads them again (the same samples, the same draws), one whose shards
+    hold more leaves the rest for later epochs. So every rank takes the same number of steps
+    however uneven the shards, and no loader runs short of an epoch.
 
     Mid-epoch resume is best effort: ``set_epoch(epoch, skip, batch_size)`` drops the samples
     this rank already consumed without decoding them. That reproduces the interrupted stream
@@ -106,14 +109,17 @@ class TarShardDataset(IterableDataset):
         self.shards, self.transform, self.seed, self.masker = list(shards), transform, seed, masker
         self.rank, self.world_size = rank, world_size  # None: ask torch.distributed when iterating
         self.shuffle_buffer = shuffle_buffer  # holds encoded bytes only: ~100 kB per photo
-        # (epoch, items to skip, batch size) in shared memory, so that set_epoch in the main
+        # (epoch, items to skip, batch size, batches or 0) in shared memory, so that set_epoch in the main
         # process reaches persistent workers, which keep the dataset copy they started with.
-        self._state = torch.tensor([0, 0, 1], dtype=torch.int64).share_memory_()
+        self._state = torch.tensor([0, 0, 1, 0], dtype=torch.int64).share_memory_()
         self.damaged: dict[str, str] = {}  # filled by count_samples
+        self.counts: dict[str, int] = {}  # shard -> image members, filled by count_samples
 
-    def set_epoch(self, epoch: int, skip: int = 0, batch_size: int = 1) -> None:
-        """Start epoch ``epoch``; ``skip``: this rank's items already consumed in it (resume)."""
-        self._state.copy_(torch.tensor([epoch, skip, max(1, batch_size)]))
+    def set_epoch(self, epoch: int, skip: int = 0, batch_size: int = 1, batches: int | None = None) -> None:
+        """Start epoch ``epoch``; ``skip``: this rank's items already consumed in it (resume); ``batches``:
+        the batches of ``batch_size`` this rank's loader is to deliver in the epoch, exactly (None: as
+        many as its shards hold, which per-worker ``drop_last`` and uneven shards make unpredictable)."""
+        self._state.copy_(torch.tensor([epoch, skip, max(1, batch_size), batches or 0]))
 
     def count_samples(self) -> int:
         """Image members in all readable shards (tar headers only).
@@ -121,7 +127,9 @@ class TarShardDataset(IterableDataset):
         Unreadable or damaged shards are warned about here, once, and listed in ``damaged``
         (shard -> reason); iterating over them later only logs at debug level."""
         self.damaged: dict[str, str] = {}
-        total = sum(1 for shard in self.shards for _ in _image_members(shard, read=False, damaged=self.damaged))
+        self.counts = {str(shard): sum(1 for _ in _image_members(shard, read=False, damaged=self.damaged))
+                       for shard in self.shards}
+        total = sum(self.counts.values())
         for shard, reason in self.damaged.items():
             log.warning("tar shard %s: %s", shard, reason)
         return total
@@ -139,29 +147,55 @@ class TarShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         rank, world, worker, workers = self._readers()
-        epoch, skip, batch = self._state.tolist()
+        epoch, skip, batch, batches = self._state.tolist()
         # The loader takes batch b from worker b % workers, restarting at worker 0 on every
         # new iteration. After `done` batches, worker w therefore plays the part that worker
         # (w + done) % workers had, and skips the batches that one already delivered.
         done = skip // batch
         part = (worker + done) % workers
-        mine = skip if workers == 1 else max(0, (done - part + workers - 1) // workers) * batch
+        mine = _batches_of(part, done, workers) * batch
         slot, slots = rank * workers + part, world * workers
-        # The same shard order on every rank and worker: a function of (seed, epoch) only.
-        order = torch.randperm(len(self.shards), generator=sample_generator(self.seed, epoch, _ORDER_INDEX))
-        shards = [self.shards[i] for i in order.tolist()]
-        if len(shards) >= slots:
-            members: Iterable[tuple[str, bytes | int]] = chain.from_iterable(map(_image_members, shards[slot::slots]))
-        else:
-            members = (m for i, m in enumerate(chain.from_iterable(map(_image_members, shards))) if i % slots == slot)
+        # The same shard order on every rank and worker: a function of (seed, epoch) only. Shards known
+        # to hold no image are left out, so that no reader is dealt only those.
+        usable = [shard for shard in self.shards if self.counts.get(str(shard), 1)]
+        order = torch.randperm(len(usable), generator=sample_generator(self.seed, epoch, _ORDER_INDEX))
+        shards = [usable[i] for i in order.tolist()]
         gen = sample_generator(self.seed, epoch, _BUFFER_INDEX + slot)
-        stream = _buffer_shuffle(members, self.shuffle_buffer, gen) if self.shuffle_buffer > 1 else members
+
+        def one_pass() -> Iterator[tuple[str, bytes | int]]:
+            if len(shards) >= slots:
+                members: Iterable[tuple[str, bytes | int]] = chain.from_iterable(
+                    map(_image_members, shards[slot::slots]))
+            else:
+                members = (m for i, m in enumerate(chain.from_iterable(map(_image_members, shards)))
+                           if i % slots == slot)
+            return _buffer_shuffle(members, self.shuffle_buffer, gen) if self.shuffle_buffer > 1 else members
+
+        stream: Iterable[tuple[str, bytes | int]] = one_pass()
+        if batches:  # exactly this part's share of the epoch, its shards read again if they hold less
+            stream = islice(_passes(one_pass), _batches_of(part, batches, workers) * batch)
         for position, (name, data) in enumerate(stream):
             if position < mine:
                 continue  # consumed before the resume: not decoded again
             gen = sample_generator(self.seed, epoch, zlib.crc32(name.encode()))
             yield make_item(name, lambda data=data, name=name: _decode_member(name, data), self.transform, gen,
                             self.masker)
+
+
+def _batches_of(part: int, batches: int, workers: int) -> int:
+    """How many of batches 0 .. ``batches`` - 1 the loader takes from worker ``part`` (batch b from b % workers)."""
+    return max(0, (batches - part + workers - 1) // workers)
+
+
+def _passes(one_pass: Callable[[], Iterator[T]]) -> Iterator[T]:
+    """``one_pass()``'s items, then those of another pass, and so on; stops when a pass yields nothing."""
+    while True:
+        empty = True
+        for item in one_pass():
+            empty = False
+            yield item
+        if empty:
+            return
 
 
 def _decode_member(name: str, data: bytes | int) -> torch.Tensor:

@@ -193,8 +193,11 @@ class _Run:
                     return True
                 if self.task.eval_steps and p.step % self.task.eval_steps == 0:
                     self.save(self._evaluate())
-        if p.batches_done < per_epoch:  # the loader ran short of the epoch: the next one starts anew
-            stream.close()
+        if p.batches_done < per_epoch:  # going on would ask the same loader for the same batches forever
+            raise UsageError(f"the training data gave {p.batches_done} of the {per_epoch} batches of epoch {p.epoch} "
+                             f"on this process: a loader worker found no readable image for its share (damaged "
+                             f"tar shards, or fewer images than processes x --workers); lower --workers or fix the "
+                             f"data")
         return False
 
     def _timed(self, batches):

@@ -91,7 +91,8 @@ class PretrainTask(Task):
         if not self.iterable:
             return super().set_epoch(epoch, skip_batches, epochs, batches)
         bs = self.config.batch_size
-        self.dataset.set_epoch(epoch, skip=skip_batches * bs, batch_size=bs)  # shards: one epoch per iterator
+        self.dataset.set_epoch(epoch, skip=skip_batches * bs, batch_size=bs,  # shards: one epoch per iterator
+                               batches=self.batches_per_epoch() if batches is None else batches)
         return 1
 
     def describe(self) -> str:
