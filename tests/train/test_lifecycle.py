@@ -264,3 +264,34 @@ def test_a_loader_that_runs_short_of_an_epoch_is_an_error_not_a_loop(tmp_path):
 
     with pytest.raises(ValueError, match="gave 6 of the 8 batches of epoch 0 .* lower --workers"):
         run(ToyConfig(out=str(tmp_path / "run")), Short)
+
+
+def test_a_stop_signal_during_an_epochs_last_step_stops_the_run_at_the_next_step(tmp_path, monkeypatch):
+    """The signal comes after the step's stop check (here: in its evaluation). The epoch ends as
+    every rank agreed it would, and the next step stops the run; heeding the flag in between left
+    the epoch neither ended nor resumable, and the loop asked for it again forever."""
+    import signal
+
+    from lomar.train import lifecycle
+
+    class SignalledAtTheEpochsEnd(ToyTask):
+        eval_steps = 4  # the epoch's last step: 32 points, batch 4 x accum 2
+
+        def evaluate(self):
+            if self.progress.step == 4 and not self.finished:
+                self.finished = True
+                signal.raise_signal(signal.SIGUSR1)
+            return super().evaluate()
+
+    calls, train_epoch = [], lifecycle._Run._train_epoch
+
+    def counted(self, stream):
+        calls.append(self.p.epoch)
+        assert len(calls) <= 3, f"epoch {self.p.epoch} asked for again: {calls}"
+        return train_epoch(self, stream)
+
+    monkeypatch.setattr(lifecycle._Run, "_train_epoch", counted)
+    out = tmp_path / "run"
+    assert run(ToyConfig(out=str(out)), SignalledAtTheEpochsEnd) == 0
+    state = safe_load(out / "last.pt")
+    assert (state["step"], state["epoch"], calls) == (5, 1, [0, 1])

@@ -155,12 +155,14 @@ class _Run:
         self.stop.install()
         if self.info.is_main and p.step == 0:
             task.begin()
-        stopping, self.epoch_tick = False, time.perf_counter()
+        stopping, self.signalled, self.epoch_tick = False, False, time.perf_counter()
         stream = EpochStream(task)
         with contextlib.closing(stream):  # its readers stop when the loop ends, however it ends
             while p.epoch < cfg.epochs and not stopping:
                 stopping = self._train_epoch(stream)
-                if p.batches_done >= self.steps_per_epoch * self.accum and not self.stop.signal:
+                # What the ranks agreed on, not this process's flag: a signal that came after the last
+                # agreement is heeded at the next step (else the epoch neither ends nor goes on).
+                if p.batches_done >= self.steps_per_epoch * self.accum and not self.signalled:
                     self._end_epoch()
                 stopping = stopping or p.step >= self.last_step
         return self._finish(preempted=stopping and p.step < self.last_step)
@@ -189,7 +191,8 @@ class _Run:
                 continue
             p.batches_done += accum
             if self._optimizer_step():
-                if any_rank_stopping(self.stop, self.device) or p.step >= self.last_step:
+                self.signalled = any_rank_stopping(self.stop, self.device)
+                if self.signalled or p.step >= self.last_step:
                     return True
                 if self.task.eval_steps and p.step % self.task.eval_steps == 0:
                     self.save(self._evaluate())
