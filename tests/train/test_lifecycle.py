@@ -295,3 +295,44 @@ def test_a_stop_signal_during_an_epochs_last_step_stops_the_run_at_the_next_step
     assert run(ToyConfig(out=str(out)), SignalledAtTheEpochsEnd) == 0
     state = safe_load(out / "last.pt")
     assert (state["step"], state["epoch"], calls) == (5, 1, [0, 1])
+
+
+class Dropping(ToyTask):
+    """Dropout in the model: every step draws from the global torch stream of its rank."""
+
+    def __init__(self, config, info, device):
+        super().__init__(config, info, device)
+        self.model = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(3, 1))
+        self.train_loader.generator = torch.Generator()  # as every task's: a new iterator draws from it, not the stream
+
+
+def _ddp_run(rank: int, world: int, port: int, out: str, max_steps: int, resume: bool) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    config = ToyConfig(out=out, max_steps=max_steps, resume="auto" if resume else None, accum_steps=1)
+    code = run(config, Dropping)
+    os._exit(code)  # skip the interpreter's teardown, which gloo's threads can abort (lomar.cli.app.run)
+
+
+@pytest.mark.slow
+def test_a_resumed_ddp_run_continues_every_ranks_own_random_stream(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    def launch(out, max_steps, resume=False):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        mp.start_processes(_ddp_run, args=(2, port, str(out), max_steps, resume), nprocs=2, start_method="spawn")
+        return safe_load(out / "last.pt")
+
+    straight = launch(tmp_path / "straight", 6)
+    launch(tmp_path / "resumed", 3)
+    resumed = launch(tmp_path / "resumed", 6, resume=True)
+    assert len(resumed["rng_ranks"]) == 2 and not torch.equal(resumed["rng_ranks"][0]["torch"],
+                                                              resumed["rng_ranks"][1]["torch"])
+    for key, value in straight["model"].items():
+        assert torch.equal(resumed["model"][key], value), key

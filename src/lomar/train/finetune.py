@@ -12,10 +12,8 @@ process, ``--workers 0``, the lock, preemption, logging) is :mod:`lomar.train.li
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from timm.data import Mixup
@@ -71,11 +69,6 @@ class FinetuneTask(Task):
 
     def __init__(self, config: FinetuneConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, device
-        # Per-rank streams for augmentation and mixup (timm draws from numpy / random); DDP
-        # broadcasts rank 0's initial weights, so the new head is the same everywhere.
-        torch.manual_seed(config.seed + info.rank)
-        np.random.seed(config.seed + info.rank)
-        random.seed(config.seed + info.rank)
         self.train_loader, self.val_loader, self.classes = _loaders(config, *split_roots(config), info)
         try:
             self.model = load_pretrained_encoder(config.pretrained, num_classes=len(self.classes),

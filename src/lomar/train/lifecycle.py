@@ -36,13 +36,14 @@ from lomar.train.run_state import (
     autocast_factory,
     check_no_rewind,
     find_resume_checkpoint,
+    gather_rng_states,
     prepare_run_folder,
     resolve_precision,
-    rng_state,
+    restore_rng_states,
     save_checkpoint,
     save_on_main_rank,
     save_state,
-    set_rng_state,
+    seed_everything,
 )
 from lomar.train.runtime import compile_model, default_threads, fast_adamw
 from lomar.train.schedule import lr_at, run_span, warmup_warning
@@ -97,7 +98,7 @@ class _Run:
     def meta(self) -> dict:
         """Everything of a checkpoint but model and optimizer."""
         return {"scaler": self.scaler.state_dict(), "step": self.p.step, "epoch": self.p.epoch,
-                "batches_done": self.p.batches_done, "rng": rng_state(), **self.task.state(),
+                "batches_done": self.p.batches_done, "rng": self.rngs[0], "rng_ranks": self.rngs, **self.task.state(),
                 **({f"best_{self.task.best_metric}": max(self.best, 0.0)} if self.task.best_metric else {})}
 
     def load(self, path: Path) -> None:
@@ -117,12 +118,12 @@ class _Run:
         self.p.step, self.p.epoch, self.p.batches_done = ckpt["step"], ckpt["epoch"], ckpt["batches_done"]
         self.best = ckpt.get(f"best_{task.best_metric}", -math.inf) if task.best_metric else -math.inf
         task.load(ckpt)
-        if "rng" in ckpt:  # last: building the run drew from the streams
-            set_rng_state(ckpt["rng"])
+        restore_rng_states(ckpt, self.info, self.device, self.cfg.seed)  # last: building the run drew from them
 
     def save(self, metrics: dict | None = None) -> Path | None:
         """``last.pt`` (+ ``checkpoint-N.pt`` with ``keep_last``; a sharded run: ``checkpoint-N.dcp``), and
-        ``best.pt`` when ``metrics`` (a finished epoch's) hold the best ``best_metric`` so far."""
+        ``best.pt`` when ``metrics`` (a finished epoch's) hold the best ``best_metric`` so far. A collective."""
+        self.rngs = gather_rng_states(self.info, self.device)
         keep = getattr(self.cfg, "keep_last", None)
         if self.task.sharded:  # collective
             path = save_run_checkpoint(self.task.model, self.optimizer, self.meta(), self.out, self.p.step, keep)
@@ -367,8 +368,10 @@ def run(config, make_task: Callable[..., Task]) -> int:
             if resume is not None and info.is_main:
                 check_no_rewind(resume, out, config.overwrite)
             torch.set_num_threads(config.threads or default_threads())
-            torch.manual_seed(config.seed)
+            seed_everything(config.seed)  # the same initial weights on every rank
             task = make_task(config, info, device)
+            if info.enabled:  # then a stream of its own for each: drop path, mixup, augmentation in this process
+                seed_everything(config.seed + info.rank)
             trainer = _Run(config, task, info, device)
             if resume is not None:
                 trainer.load(resume)

@@ -30,13 +30,15 @@ import yaml
 from lomar.checkpoints.io import atomic_save, atomic_write_text, safe_load
 from lomar.checkpoints.sharded import check_metadata
 from lomar.errors import LomarError, UsageError
+from lomar.train.distributed import DistInfo
 from lomar.train.settings import ConfigError
 
-__all__ = ["RunLock", "SaveError", "save_state", "rng_state", "set_rng_state", "checkpoints_to_prune",
-           "save_checkpoint", "save_on_main_rank", "truncate_metrics", "remove_stale_temporaries",
-           "find_resume_checkpoint", "checkpoint_step", "check_no_rewind", "remove_newer_checkpoints",
-           "check_out_folder", "read_meta", "autocast_factory", "resolve_precision", "cpu_has_bf16", "LAST_POINTER",
-           "newest_state", "refuse_held_run", "prepare_run_folder"]
+__all__ = ["RunLock", "SaveError", "save_state", "seed_everything", "rng_state", "set_rng_state",
+           "gather_rng_states", "restore_rng_states", "checkpoints_to_prune", "save_checkpoint", "save_on_main_rank",
+           "truncate_metrics", "remove_stale_temporaries", "find_resume_checkpoint", "checkpoint_step",
+           "check_no_rewind", "remove_newer_checkpoints", "check_out_folder", "read_meta", "autocast_factory",
+           "resolve_precision", "cpu_has_bf16", "LAST_POINTER", "newest_state", "refuse_held_run",
+           "prepare_run_folder"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.(pt|dcp)$")  # .dcp: a sharded checkpoint folder
 _SHARDED_TMP = re.compile(r"^checkpoint-\d+\.dcp\.tmp$")  # a sharded save cut before its rename
@@ -50,18 +52,52 @@ class SaveError(LomarError, OSError):
 
 
 # ---- RNG ------------------------------------------------------------------------------
-def rng_state() -> dict:
-    """torch / numpy / python RNG states as tensors and plain data (loadable with weights_only)."""
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and every CUDA device), numpy and python's ``random``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def rng_state(device: torch.device | None = None) -> dict:
+    """torch / numpy / python RNG states, and ``device``'s when it is a CUDA device (drop path draws
+    there), as tensors and plain data (loadable with weights_only)."""
     np_state = np.random.get_state()
     py_state = random.getstate()
-    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-            "numpy_pos": int(np_state[2]), "python": list(py_state[1]), "python_version": py_state[0]}
+    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+             "numpy_pos": int(np_state[2]), "python": list(py_state[1]), "python_version": py_state[0]}
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
     random.setstate((state["python_version"], tuple(state["python"]), None))
+    if "cuda" in state and device is not None and device.type == "cuda":  # a CPU resume has no use for it
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def gather_rng_states(info: DistInfo, device: torch.device) -> list[dict]:
+    """Every rank's :func:`rng_state`, in rank order (a collective under DDP)."""
+    if not info.enabled:
+        return [rng_state(device)]
+    states: list = [None] * info.world_size
+    dist.all_gather_object(states, rng_state(device))
+    return states
+
+
+def restore_rng_states(ckpt: dict, info: DistInfo, device: torch.device, seed: int) -> None:
+    """This rank's streams from a checkpoint's ``rng_ranks`` (:func:`gather_rng_states`). One of another number
+    of ranks, or an older one holding rank 0's ``rng`` alone, gives ranks past 0 fresh streams of their own."""
+    ranks = ckpt.get("rng_ranks")
+    if ranks is not None and len(ranks) == info.world_size:
+        set_rng_state(ranks[info.rank], device)
+    elif "rng" in ckpt:
+        set_rng_state(ckpt["rng"], device)
+        if info.rank:
+            seed_everything(seed + info.world_size * (ckpt.get("step", 0) + 1) + info.rank)
 
 
 # ---- precision ------------------------------------------------------------------------
