@@ -336,3 +336,16 @@ def test_a_resumed_ddp_run_continues_every_ranks_own_random_stream(tmp_path):
                                                               resumed["rng_ranks"][1]["torch"])
     for key, value in straight["model"].items():
         assert torch.equal(resumed["model"][key], value), key
+
+
+def test_a_run_that_would_go_past_its_lr_schedule_is_refused_before_a_step(tmp_path):
+    """A first --max-steps fixes schedule_steps; resuming with a larger one would train every further
+    step at min_lr (0: steps that change nothing)."""
+    from lomar.errors import UsageError
+
+    out = tmp_path / "run"
+    run(ToyConfig(out=str(out), max_steps=3, schedule_steps=3), ToyTask)
+    with pytest.raises(UsageError, match=r"ends at step 3 \(schedule_steps\), but it would go on to step 8: steps "
+                                         r"4-8 would all train at min_lr 0; end it at --max-steps 3"):
+        run(ToyConfig(out=str(out), max_steps=8, schedule_steps=3, resume="auto"), ToyTask)
+    assert safe_load(out / "last.pt")["step"] == 3

@@ -46,7 +46,7 @@ from lomar.train.run_state import (
     seed_everything,
 )
 from lomar.train.runtime import compile_model, default_threads, fast_adamw
-from lomar.train.schedule import lr_at, run_span, warmup_warning
+from lomar.train.schedule import lr_at, run_span, schedule_overrun, warmup_warning
 from lomar.train.task import EpochStream, Progress, Task, TrainingError
 from lomar.viz.curves import loss_summary
 
@@ -93,6 +93,8 @@ class _Run:
         self.best, self.evaluated_step, self.stop = -math.inf, -1, StopFlag()
         total = config.epochs * self.steps_per_epoch
         self.last_step = min(total, config.max_steps) if config.max_steps else total
+        if overrun := schedule_overrun(self.last_step, self.schedule[0], getattr(config, "min_lr", 0.0)):
+            raise ValueError(overrun)
 
     # ---- checkpoints -------------------------------------------------------------------
     def meta(self) -> dict:

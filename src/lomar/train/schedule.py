@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["lr_at", "schedule_span", "run_span", "warmup_warning", "param_groups"]
+__all__ = ["lr_at", "schedule_span", "run_span", "warmup_warning", "schedule_overrun", "param_groups"]
 
 
 def schedule_span(steps_per_epoch: int, epochs: float, warmup_epochs: float,
@@ -42,6 +42,17 @@ def warmup_warning(last_step: int, warmup_steps: float, base_lr: float) -> str |
     return (f"this run stops at step {last_step}, inside its {warmup_steps:g}-step warm-up: the lr peaks at "
             f"{base_lr * last_step / warmup_steps:.3g} instead of {base_lr:.3g}; drop --epochs to lay the schedule "
             f"over --max-steps, or lower --warmup-epochs")
+
+
+def schedule_overrun(last_step: int, total_steps: float, min_lr: float) -> str | None:
+    """What stops a run that would go on past its lr schedule's end (``schedule_steps`` fixed by a first
+    ``--max-steps``, then a larger one on resume): every step past it would train at ``min_lr``."""
+    if last_step <= total_steps:
+        return None
+    return (f"this run's lr schedule ends at step {total_steps:g} (schedule_steps), but it would go on to step "
+            f"{last_step}: steps {math.floor(total_steps) + 1}-{last_step} would all train at min_lr {min_lr:g}; "
+            f"end it at --max-steps {math.floor(total_steps)}, or start a new run (another --out) whose "
+            f"--max-steps or --schedule-steps covers the steps you want")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
