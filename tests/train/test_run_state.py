@@ -3,7 +3,9 @@ full-disk saves, resume from the newest intact checkpoint, rewind refusal, threa
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from lomar.train.run_state import (
     check_no_rewind,
     check_out_folder,
     find_resume_checkpoint,
+    prepare_run_folder,
     remove_stale_temporaries,
     resolve_precision,
     save_checkpoint,
@@ -134,6 +137,45 @@ def test_resuming_an_older_checkpoint_into_a_newer_folder_refuses(tmp_path):
     check_no_rewind(tmp_path / "checkpoint-000135.pt", tmp_path, overwrite=True)
     check_no_rewind(tmp_path / "checkpoint-000135.pt", tmp_path / "elsewhere", overwrite=False)
     check_no_rewind(tmp_path / "last.pt", tmp_path, overwrite=False)
+
+
+@dataclasses.dataclass
+class _Config:
+    out: str
+    resume: str | None = None
+    overwrite: bool = False
+
+
+class _Task:
+    name, eval_log, outputs = "toy", "knn.jsonl", ("knn.jsonl", "figure.png")
+
+
+def _run_folder(out, step: int, seed: int):
+    out.mkdir(parents=True)
+    atomic_save(_state(step), out / "last.pt")
+    atomic_save(_state(step), out / f"checkpoint-{step:06d}.pt")
+    for log in ("metrics.jsonl", "knn.jsonl"):
+        (out / log).write_text("".join(f'{{"step": {s}, "seed": {seed}}}\n' for s in range(1, step + 1)))
+    (out / "figure.png").write_text(f"seed {seed}")
+    return out
+
+
+def test_another_folders_checkpoint_does_not_graft_onto_a_held_run(tmp_path):
+    a, b = _run_folder(tmp_path / "a", 4, seed=0), _run_folder(tmp_path / "b", 2, seed=7)
+    with pytest.raises(UsageError, match=r"another folder's checkpoint, and --out .*b already holds a run; pass --out "
+                                         r"NEW_FOLDER to branch off, or --overwrite"):
+        check_no_rewind(a / "last.pt", b, overwrite=False)
+    check_no_rewind(a / "last.pt", tmp_path / "new", overwrite=False)  # branching off into a new folder
+    check_no_rewind(a / "last.pt", b, overwrite=True)
+    prepare_run_folder(_Config(str(b), str(a / "last.pt"), True), _Task(), a / "last.pt", 4, 0)
+    assert sorted(p.name for p in b.iterdir()) == ["config.yaml"]  # nothing of the seed-7 run is left
+
+
+def test_a_resume_cuts_the_evaluation_log_back_too(tmp_path):
+    out = _run_folder(tmp_path / "run", 5, seed=0)
+    prepare_run_folder(_Config(str(out), "auto"), _Task(), out / "checkpoint-000005.pt", 3, 0)
+    for log in ("metrics.jsonl", "knn.jsonl"):
+        assert [json.loads(line)["step"] for line in (out / log).read_text().splitlines()] == [1, 2, 3], log
 
 
 @pytest.mark.parametrize("case", ["file", "under a file", "read-only"])

@@ -31,19 +31,17 @@ from lomar.train.distributed import DistInfo, cleanup_distributed, init_distribu
 from lomar.train.fsdp import load_sharded, save_run_checkpoint
 from lomar.train.monitor import Monitor, input_limit_note
 from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_workers
+from lomar.train.rng import gather_rng_states, restore_rng_states, seed_everything
 from lomar.train.run_state import (
     RunLock,
     autocast_factory,
     check_no_rewind,
     find_resume_checkpoint,
-    gather_rng_states,
     prepare_run_folder,
     resolve_precision,
-    restore_rng_states,
     save_checkpoint,
     save_on_main_rank,
     save_state,
-    seed_everything,
 )
 from lomar.train.runtime import compile_model, default_threads, fast_adamw
 from lomar.train.schedule import lr_at, run_span, schedule_overrun, warmup_warning

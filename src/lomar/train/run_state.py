@@ -2,7 +2,8 @@
 
 Shared by pretraining (``engine``) and finetuning (``finetune``). A run folder holds
 ``last.pt`` (the newest state), ``checkpoint-<step>.pt`` (kept history), ``metrics.jsonl``
-and ``.lock``; checkpoints carry the RNG state so that a resumed run continues exactly.
+and ``.lock``; checkpoints carry every rank's RNG state (:mod:`lomar.train.rng`) so that a resumed run
+continues exactly.
 A sharded run (``--fsdp``) keeps ``checkpoint-<step>.dcp/`` folders instead, ``last.json``
 naming the newest, and ``last.pt`` holds its consolidated model (no optimizer) for export.
 """
@@ -15,14 +16,12 @@ import errno
 import fcntl
 import json
 import os
-import random
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -30,14 +29,12 @@ import yaml
 from lomar.checkpoints.io import atomic_save, atomic_write_text, safe_load
 from lomar.checkpoints.sharded import check_metadata
 from lomar.errors import LomarError, UsageError
-from lomar.train.distributed import DistInfo
 from lomar.train.settings import ConfigError
 
-__all__ = ["RunLock", "SaveError", "save_state", "seed_everything", "rng_state", "set_rng_state",
-           "gather_rng_states", "restore_rng_states", "checkpoints_to_prune", "save_checkpoint", "save_on_main_rank",
+__all__ = ["RunLock", "SaveError", "save_state", "checkpoints_to_prune", "save_checkpoint", "save_on_main_rank",
            "truncate_metrics", "remove_stale_temporaries", "find_resume_checkpoint", "checkpoint_step",
-           "check_no_rewind", "remove_newer_checkpoints", "check_out_folder", "read_meta", "autocast_factory",
-           "resolve_precision", "cpu_has_bf16", "LAST_POINTER", "newest_state", "refuse_held_run",
+           "check_no_rewind", "holds_run", "remove_newer_checkpoints", "check_out_folder", "read_meta",
+           "autocast_factory", "resolve_precision", "cpu_has_bf16", "LAST_POINTER", "newest_state", "refuse_held_run",
            "prepare_run_folder"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.(pt|dcp)$")  # .dcp: a sharded checkpoint folder
@@ -49,55 +46,6 @@ T = TypeVar("T")
 
 class SaveError(LomarError, OSError):
     """A checkpoint could not be written (e.g. the disk is full); the previous one is intact."""
-
-
-# ---- RNG ------------------------------------------------------------------------------
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and every CUDA device), numpy and python's ``random``."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def rng_state(device: torch.device | None = None) -> dict:
-    """torch / numpy / python RNG states, and ``device``'s when it is a CUDA device (drop path draws
-    there), as tensors and plain data (loadable with weights_only)."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-             "numpy_pos": int(np_state[2]), "python": list(py_state[1]), "python_version": py_state[0]}
-    if device is not None and device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device | None = None) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    random.setstate((state["python_version"], tuple(state["python"]), None))
-    if "cuda" in state and device is not None and device.type == "cuda":  # a CPU resume has no use for it
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def gather_rng_states(info: DistInfo, device: torch.device) -> list[dict]:
-    """Every rank's :func:`rng_state`, in rank order (a collective under DDP)."""
-    if not info.enabled:
-        return [rng_state(device)]
-    states: list = [None] * info.world_size
-    dist.all_gather_object(states, rng_state(device))
-    return states
-
-
-def restore_rng_states(ckpt: dict, info: DistInfo, device: torch.device, seed: int) -> None:
-    """This rank's streams from a checkpoint's ``rng_ranks`` (:func:`gather_rng_states`). One of another number
-    of ranks, or an older one holding rank 0's ``rng`` alone, gives ranks past 0 fresh streams of their own."""
-    ranks = ckpt.get("rng_ranks")
-    if ranks is not None and len(ranks) == info.world_size:
-        set_rng_state(ranks[info.rank], device)
-    elif "rng" in ckpt:
-        set_rng_state(ckpt["rng"], device)
-        if info.rank:
-            seed_everything(seed + info.world_size * (ckpt.get("step", 0) + 1) + info.rank)
 
 
 # ---- precision ------------------------------------------------------------------------
@@ -259,11 +207,27 @@ def find_resume_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
     return None, notes
 
 
+def holds_run(out: Path) -> bool:
+    """Whether ``out`` holds a run: a checkpoint, or the settings of one stopped before its first."""
+    return any((Path(out) / name).exists() for name in ("last.pt", "last.json", "config.yaml"))
+
+
+def _foreign(resume: Path, out: Path) -> bool:
+    """Whether ``resume`` is a checkpoint of another run folder than ``out``."""
+    return resume.resolve().parent != Path(out).resolve()
+
+
 def check_no_rewind(resume: Path, out: Path, overwrite: bool) -> None:
-    """Refuse to resume an older state into a folder whose ``last.pt`` is newer (it would be
-    rewound: checkpoints pruned, metrics cut), unless ``overwrite`` says so."""
+    """Refuse, unless ``overwrite`` says so, to resume an older state into a folder whose ``last.pt`` is newer
+    (it would be rewound: checkpoints pruned, metrics cut), or another folder's checkpoint into a folder that
+    holds a run (the two runs' checkpoints, logs and figures would mix)."""
+    if overwrite:
+        return
+    if _foreign(resume, out) and holds_run(out):
+        raise UsageError(f"--resume {resume} is another folder's checkpoint, and --out {out} already holds a run; "
+                         f"pass --out NEW_FOLDER to branch off, or --overwrite to replace that run")
     last = newest_state(out)
-    if overwrite or not last.exists() or (resume.exists() and last.samefile(resume)):
+    if not last.exists() or (resume.exists() and last.samefile(resume)):
         return
     newer, older = checkpoint_step(last), checkpoint_step(resume)
     if newer is not None and older is not None and newer > older:
@@ -368,16 +332,16 @@ class RunLock:
 def refuse_held_run(out: Path, resume: str | None, overwrite: bool) -> None:
     """The one check of every command that writes a run folder: a new run does not take over a
     folder that holds one (a checkpoint, or the settings of a run stopped before its first)."""
-    held = (Path(out) / "last.pt").exists() or (Path(out) / "config.yaml").exists()
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 may already have started
-    if held and is_main and not resume and not overwrite:
+    if holds_run(out) and is_main and not resume and not overwrite:
         raise ConfigError(f"--out {out} already holds a run; pass --resume auto to continue it, "
                           f"--overwrite to replace it, or another --out")
 
 
 def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int) -> None:
-    """Main process, lock held: a fresh run clears what an earlier one left (the task's ``outputs`` too); a resume
-    cuts the log back to its checkpoint; ``config.yaml`` is written (a TaskConfig's dump, else the fields)."""
+    """Main process, lock held: a fresh run, or one branched off another folder's checkpoint, clears what an
+    earlier run left here (the task's ``outputs`` too); a resume cuts the logs back to its checkpoint;
+    ``config.yaml`` is written (a TaskConfig's dump, else the fields)."""
     out, name = Path(config.out), task.name
     if resume is None:  # another run may have got here since the config was checked
         refuse_held_run(out, config.resume, config.overwrite)
@@ -385,10 +349,12 @@ def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int)
     if removed:
         print(f"lomar {name}: removed {len(removed)} stale temporary file(s) in {out}, e.g. {removed[0].name}")
     if resume is not None:
+        print(f"lomar {name}: resumed from {resume} at step {step} (epoch {epoch})", flush=True)
+    if resume is not None and not _foreign(resume, out):
         if config.overwrite:
             remove_newer_checkpoints(out, step)
-        truncate_metrics(out / "metrics.jsonl", step)
-        print(f"lomar {name}: resumed from {resume} at step {step} (epoch {epoch})", flush=True)
+        for log in {"metrics.jsonl", task.eval_log}:
+            truncate_metrics(out / log, step)
     else:
         for pattern in ("last.pt", "best.pt", "last.json", "metrics.jsonl", "checkpoint-*.pt", "checkpoint-*.dcp",
                         "tb", *task.outputs):

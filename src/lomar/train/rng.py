@@ -1,0 +1,62 @@
+"""The random streams of a training process: seeded alike (the same initial weights on every rank), then
+one per rank; saved in checkpoints for every rank and restored, so that a resumed run continues exactly."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lomar.train.distributed import DistInfo
+
+__all__ = ["seed_everything", "rng_state", "set_rng_state", "gather_rng_states", "restore_rng_states"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and every CUDA device), numpy and python's ``random``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def rng_state(device: torch.device | None = None) -> dict:
+    """torch / numpy / python RNG states, and ``device``'s when it is a CUDA device (drop path draws
+    there), as tensors and plain data (loadable with weights_only)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+             "numpy_pos": int(np_state[2]), "python": list(py_state[1]), "python_version": py_state[0]}
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((state["python_version"], tuple(state["python"]), None))
+    if "cuda" in state and device is not None and device.type == "cuda":  # a CPU resume has no use for it
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def gather_rng_states(info: DistInfo, device: torch.device) -> list[dict]:
+    """Every rank's :func:`rng_state`, in rank order (a collective under DDP)."""
+    if not info.enabled:
+        return [rng_state(device)]
+    states: list = [None] * info.world_size
+    dist.all_gather_object(states, rng_state(device))
+    return states
+
+
+def restore_rng_states(ckpt: dict, info: DistInfo, device: torch.device, seed: int) -> None:
+    """This rank's streams from a checkpoint's ``rng_ranks`` (:func:`gather_rng_states`). One of another number
+    of ranks, or an older one holding rank 0's ``rng`` alone, gives ranks past 0 fresh streams of their own."""
+    ranks = ckpt.get("rng_ranks")
+    if ranks is not None and len(ranks) == info.world_size:
+        set_rng_state(ranks[info.rank], device)
+    elif "rng" in ckpt:
+        set_rng_state(ckpt["rng"], device)
+        if info.rank:
+            seed_everything(seed + info.world_size * (ckpt.get("step", 0) + 1) + info.rank)
