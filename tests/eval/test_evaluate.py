@@ -147,10 +147,11 @@ def test_load_mae_checkpoints_and_interpolate_position(tmp_path):
     torch.testing.assert_close(bigger.pos_embed, encoder.pos_embed_for((6, 6)))
 
 
-def test_layer_decay_groups_follow_depth():
+@pytest.mark.parametrize("pool", ["avg", "cls"])
+def test_layer_decay_groups_follow_depth(pool):
     from timm.optim import param_groups_layer_decay
 
-    model = VisionTransformer(ViTConfig(**VIT), num_classes=3)
+    model = VisionTransformer(ViTConfig(**VIT), num_classes=3, global_pool=pool)
     groups = param_groups_layer_decay(model, 0.05, model.no_weight_decay(), layer_decay=0.5)
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
@@ -160,9 +161,10 @@ def test_layer_decay_groups_follow_depth():
     assert scale[id(named["cls_token"])] == 0.5 ** (depth + 1)
     for i in range(depth):
         assert scale[id(named[f"blocks.{i}.attn.qkv.weight"])] == 0.5 ** (depth - i)
-    assert not any(name.startswith("norm.") for name in named)  # pools into fc_norm instead
-    for name in ("fc_norm.weight", "head.weight"):
-        assert scale[id(named[name])] == 1.0
+    top = ("fc_norm.weight", "head.weight") if pool == "avg" else ("norm.weight", "norm.bias", "head.weight")
+    assert not any(name.startswith("norm." if pool == "avg" else "fc_norm.") for name in named)
+    for name in top:  # the top layer, as MAE's get_layer_id_for_vit
+        assert scale[id(named[name])] == 1.0, name
     assert decay[id(named["cls_token"])] == 0 and decay[id(named["blocks.0.norm1.bias"])] == 0
     assert decay[id(named["blocks.0.attn.rpe.table"])] == 0.05 and decay[id(named["head.weight"])] == 0.05
 

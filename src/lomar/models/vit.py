@@ -270,10 +270,10 @@ class VisionTransformer(nn.Module):
         return self.config.embed_dim
 
     def group_matcher(self, coarse: bool = False) -> dict:
-        """timm's layer grouping (stem, one group per block, final norm/head last): drives
-        timm's layer-wise lr decay (``param_groups_layer_decay``)."""
-        return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
-                    blocks=r"^blocks\.(\d+)" if coarse else [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+        """timm's layer grouping: the stem, one group per block, and what neither matches (the final
+        ``norm`` or ``fc_norm``, the head) as the top one, MAE's ``get_layer_id_for_vit``. It drives timm's
+        layer-wise lr decay (``param_groups_layer_decay``)."""
+        return dict(stem=r"^cls_token|^pos_embed|^patch_embed", blocks=r"^blocks\.(\d+)")
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_embed"}
