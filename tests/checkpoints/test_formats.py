@@ -83,6 +83,20 @@ def test_a_new_reader_slots_in_with_one_registration(tmp_path, monkeypatch):
     assert formats.load_model(tmp_path / "beit.pth") == "fake model"
 
 
+@pytest.mark.parametrize("saved_pool", [True, False])
+def test_a_cls_pooled_classifier_loads_as_it_was_trained(tmp_path, saved_pool):
+    """`lomar finetune --global-pool cls` keeps the final norm and no fc_norm; an original MAE cls classifier
+    has the same keys but no saved pooling."""
+    torch.manual_seed(0)
+    classifier = VisionTransformer(VIT, num_classes=3, global_pool="cls")
+    atomic_save({"model": classifier.state_dict(), **({"global_pool": "cls"} if saved_pool else {})},
+                tmp_path / "cls.pt")
+    loaded = formats.load_model(tmp_path / "cls.pt")
+    x = torch.randn(2, 3, 32, 32)
+    assert loaded.global_pool == "cls"
+    torch.testing.assert_close(loaded.eval()(x), classifier.eval()(x))
+
+
 def test_unknown_format_is_named(tmp_path):
     atomic_save({"model": {"foo.weight": torch.zeros(1)}}, tmp_path / "x.pt")
     with pytest.raises(ValueError, match=r"x.pt is in no format lomar reads \(keys: foo.weight"):

@@ -109,10 +109,12 @@ class VitReader(Reader):
         config = _inferred_config(src, overrides)
         state = src.state
         num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
-        model = VisionTransformer(config, num_classes=num_classes)
+        # `lomar finetune --global-pool cls` saves its pooling; a classifier without fc_norm pools the cls token
+        pool = src.data.get("global_pool") or ("cls" if num_classes and "fc_norm.weight" not in state else "avg")
+        model = VisionTransformer(config, num_classes=num_classes, global_pool=pool)
         if config.pos == "abs" and state["pos_embed"].shape != model.pos_embed.shape:
             state = {k: v for k, v in state.items() if k != "pos_embed"}  # fixed sin-cos: ours is equal
-        if num_classes:
+        if num_classes and pool == "avg":
             state, _ = drop_final_norm(state)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or set(missing) - {"pos_embed"}:
