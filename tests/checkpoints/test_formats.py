@@ -83,6 +83,22 @@ def test_a_new_reader_slots_in_with_one_registration(tmp_path, monkeypatch):
     assert formats.load_model(tmp_path / "beit.pth") == "fake model"
 
 
+def test_a_spec_claiming_huge_widths_is_refused_before_the_model_is_built(sources, tmp_path, monkeypatch):
+    """A checkpoint of tiny tensors whose model spec asks for a 200-billion-parameter LoMaR."""
+    from lomar.models import vit
+
+    model, _ = sources
+    checkpoint = pretrain_checkpoint(model)
+    checkpoint["model_spec"]["config"].update(embed_dim=16384, depth=64, num_heads=16)
+    atomic_save(checkpoint, tmp_path / "bomb.pt")
+    built = []
+    monkeypatch.setattr(vit.VisionTransformer, "__init__", lambda self, *a, _real=vit.VisionTransformer.__init__,
+                        **k: built.append(str(torch.get_default_device())) or _real(self, *a, **k))
+    with pytest.raises(ValueError, match=r"weights do not fit its model spec .*missing \['encoder.blocks.10"):
+        formats.load_model(tmp_path / "bomb.pt")
+    assert built == ["meta"]
+
+
 @pytest.mark.parametrize("saved_pool", [True, False])
 def test_a_cls_pooled_classifier_loads_as_it_was_trained(tmp_path, saved_pool):
     """`lomar finetune --global-pool cls` keeps the final norm and no fc_norm; an original MAE cls classifier

@@ -95,3 +95,22 @@ def test_a_beit_export_loads_with_timm_local_dir_and_no_lomar_code(beit_run, tmp
     # The run folder's own export (encoder.safetensors beside tokenizer.safetensors) too.
     run_local = timm.create_model(f"local-dir:{beit_run / 'run'}", pretrained=True).eval()
     assert sum(p.numel() for p in run_local.parameters()) == sum(p.numel() for p in local.parameters())
+
+
+def test_a_beit_export_claiming_huge_widths_or_a_path_outside_is_refused_before_building(beit_run, tmp_path,
+                                                                                          monkeypatch):
+    from lomar.checkpoints import formats
+    from lomar.models import beit
+
+    assert main(["export", str(beit_run / "run" / "last.pt"), "--to", str(tmp_path / "ex")]) == 0
+    config = json.loads((tmp_path / "ex" / "config.json").read_text())
+    built = []
+    monkeypatch.setattr(beit.BEiT, "__init__", lambda self, *a, _real=beit.BEiT.__init__, **k:
+                        built.append(str(torch.get_default_device())) or _real(self, *a, **k))
+    for change, words in (({"beit_config": {**config["beit_config"], "embed_dim": 16384, "depth": 64,
+                                             "num_heads": 16}}, "does not fit BEiT"),
+                          ({"weights": "../../etc/passwd"}, "must be a file name in the same folder")):
+        (tmp_path / "ex" / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(ValueError, match=words):
+            formats.load_model(tmp_path / "ex")
+    assert all(device == "meta" for device in built)  # shapes were compared without storage

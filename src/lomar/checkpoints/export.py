@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text
+from lomar.checkpoints.keys import MAX_IMG_SIZE
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.errors import UsageError
 from lomar.models.attention import ATTENTION_MODES
@@ -30,7 +31,6 @@ _BOUNDS: dict[str, tuple[type | tuple[type, ...], float, float]] = {
     "num_heads": (int, 1, 8192), "mlp_ratio": ((int, float), 0.01, 16), "drop_path": ((int, float), 0, 0.999),
     "num_classes": (int, 0, 1_000_000), "window_size": (int, 0, 8192),
 }
-_MAX_IMG = 8192
 
 
 def timm_architecture(config: ViTConfig, num_classes: int = 0) -> tuple[str, dict, dict]:
@@ -107,8 +107,9 @@ def _check_config(where: Path, data, overrides: dict) -> tuple[ViTConfig, int]:
                              f"got {value!r}; re-export the encoder with `lomar export`")
     img = data.get("img_size", 224)
     sides = img if isinstance(img, list) and len(img) == 2 else [img]
-    if not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= _MAX_IMG for s in sides):
-        raise UsageError(f"{where}: img_size must be an integer (or [height, width]) in [1, {_MAX_IMG}], got {img!r}")
+    if not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= MAX_IMG_SIZE for s in sides):
+        raise UsageError(f"{where}: img_size must be an integer (or [height, width]) in [1, {MAX_IMG_SIZE}], "
+                         f"got {img!r}")
     if data.get("pos", "rpe") not in ("rpe", "abs", "none"):
         raise UsageError(f"{where}: pos must be 'rpe', 'abs' or 'none', got {data.get('pos')!r}")
     blocks, depth = data.get("global_blocks", []), data.get("depth", ViTConfig.depth)

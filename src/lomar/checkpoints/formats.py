@@ -209,11 +209,14 @@ class BEiTExportReader(BEiTReader):
 
     def model(self, src, overrides):
         weights = self.timm_weights(src, overrides)
-        model = BEiT(weights.config)
-        # The export holds per-block tables, all equal to the shared one it was written from.
-        wanted = beit_to_timm(model.state_dict(), per_block=True)
-        if set(wanted) != set(weights.state):
+        # The export holds per-block tables, all equal to the shared one it was written from. Shapes first,
+        # without storage: a small export whose config claims huge widths allocates nothing.
+        with torch.device("meta"):
+            wanted = {k: tuple(v.shape) for k, v in beit_to_timm(BEiT(weights.config).state_dict(),
+                                                                 per_block=True).items()}
+        if wanted != {k: tuple(v.shape) for k, v in weights.state.items()}:
             raise ValueError(f"{src.path} does not fit BEiT({weights.config}); re-export it")
+        model = BEiT(weights.config)
         state = {k: v for k, v in weights.state.items() if ".attn.relative_position_bias_table" not in k}
         if model.config.use_shared_rel_pos_bias:
             shared = weights.state["blocks.0.attn.relative_position_bias_table"]
@@ -227,7 +230,10 @@ class BEiTExportReader(BEiTReader):
         data = json.loads((src.path / CONFIG_NAME).read_text())
         if "timm_args" not in data or "weights" not in data:
             raise ValueError(f"{src.path / CONFIG_NAME} has no timm_args / weights; re-export the BEiT encoder")
-        weights = src.path / data["weights"]
+        name = data["weights"]
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"{src.path / CONFIG_NAME}: weights must be a file name in the same folder, got {name!r}")
+        weights = src.path / name
         if not weights.is_file():
             raise FileNotFoundError(f"{weights} not found; the BEiT export in {src.path} is incomplete")
         config = BEiTConfig.from_dict(data.get("beit_config", {}))

@@ -90,6 +90,10 @@ def args_dict(data: dict, keys: tuple[str, ...] = ("args",)) -> dict:
     return merged
 
 
+# The largest image side a checkpoint's or export's settings may ask a model to be built for.
+MAX_IMG_SIZE = 8192
+
+
 def infer_vit_config(state: dict[str, torch.Tensor], hints: dict | None = None, **overrides) -> ViTConfig:
     """Rebuild an encoder's :class:`ViTConfig` from the shapes of its weights (our key names).
 
@@ -115,6 +119,9 @@ def infer_vit_config(state: dict[str, torch.Tensor], hints: dict | None = None, 
     img_size = overrides.get("img_size") or hints.get("img_size") or hints.get("input_size")
     if not img_size and "pos_embed" in state:
         img_size = int(round((state["pos_embed"].shape[1] - 1) ** 0.5)) * patch
+    if img_size and not 1 <= int(img_size) <= MAX_IMG_SIZE:  # an absolute table is built for it: bound it first
+        raise ValueError(f"image size {img_size} (from the checkpoint's saved settings) is outside "
+                         f"[1, {MAX_IMG_SIZE}]; pass img_size=... for the size to load it at")
     pos = "rpe" if rpe_key in state else "abs" if "pos_embed" in state else "none"
     return ViTConfig(img_size=int(img_size or 224), patch_size=patch, in_chans=in_chans, embed_dim=dim,
                      depth=depth, num_heads=int(heads), mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / dim,

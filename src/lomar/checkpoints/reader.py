@@ -125,10 +125,20 @@ def pretrain_spec(src: Source) -> dict:
 
 
 def build_strict(spec: dict, state: dict, path: Path) -> nn.Module:
-    """The spec's model with the checkpoint's weights (under the spec's prefix), strictly."""
-    model = build_from_spec(spec)
-    prefix = spec.get("prefix", "")
+    """The spec's model with the checkpoint's weights (under the spec's prefix), strictly. Built only once
+    every shape the spec implies is that of a stored tensor: then the model is as large as the tensors
+    already read (a small crafted file whose spec claims huge widths allocates nothing)."""
+    prefix = spec.get("prefix", "") if isinstance(spec, dict) else ""
     own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    with torch.device("meta"):  # shapes without storage
+        expected = {k: tuple(v.shape) for k, v in build_from_spec(spec).state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(own)), sorted(set(own) - set(expected))
+    wrong = sorted(f"{k} {tuple(own[k].shape)} (expected {expected[k]})" for k in set(expected) & set(own)
+                   if tuple(own[k].shape) != expected[k])
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path}: weights do not fit its model spec ({spec['arch']}): missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}, wrong shape {wrong[:2]}")
+    model = build_from_spec(spec)
     try:
         model.load_state_dict(own, strict=True)
     except RuntimeError as exc:

@@ -232,7 +232,7 @@ class BEiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches + 1, dim)) if config.use_abs_pos_emb else None
         self.rel_pos_bias = (RelativePositionBias(config.grid, config.num_heads)
                              if config.use_shared_rel_pos_bias else None)
-        rates = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        rates = torch.linspace(0, config.drop_path_rate, config.depth, device="cpu").tolist()  # under meta too
         self.blocks = nn.ModuleList(Block(config, rate) for rate in rates)
         self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
         self.lm_head = nn.Linear(dim, config.vocab_size)

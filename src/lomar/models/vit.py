@@ -245,7 +245,7 @@ class VisionTransformer(nn.Module):
             self.pos_embed = nn.Parameter(table, requires_grad=False)
         else:
             self.pos_embed = None
-        rates = torch.linspace(0, c.drop_path, c.depth).tolist()
+        rates = torch.linspace(0, c.drop_path, c.depth, device="cpu").tolist()  # under meta too
         self.blocks = nn.ModuleList(
             Block(c.embed_dim, c.num_heads, c.mlp_ratio, rpe=c.pos == "rpe", drop_path=r)
             for r in rates
