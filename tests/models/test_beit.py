@@ -163,8 +163,9 @@ def test_attention_matches_the_spec_formula(extra):
     assert attn.qkv.weight.shape == (3 * h * d, 32) and attn.proj.weight.shape == (32, h * d)
 
 
-def test_per_block_tables_from_shared_give_the_same_function():
-    shared = _perturbed(BEiT(BEiTConfig(**TINY)))
+@pytest.mark.parametrize("own_tables", [False, True])
+def test_per_block_tables_from_shared_give_the_same_function(own_tables):
+    shared = _perturbed(BEiT(BEiTConfig(**{**TINY, "use_rel_pos_bias": own_tables})))  # own tables: both biases
     per_block = BEiT(BEiTConfig(**{**TINY, "use_shared_rel_pos_bias": False, "use_rel_pos_bias": True})).eval()
     per_block.load_state_dict(per_block_from_shared(shared.state_dict()))
     images, mask, _ = _inputs()

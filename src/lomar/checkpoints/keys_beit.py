@@ -94,14 +94,16 @@ def load_original_beit(path: str | Path, **overrides) -> BEiT:
 
 
 def per_block_from_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copy the shared table into every block and drop it (what the original finetuning does)."""
+    """Copy the shared table into every block and drop it (what the original finetuning does). A block
+    that has a table of its own too adds both biases: it gets their sum, the same bias."""
     key = "rel_pos_bias.relative_position_bias_table"
     if key not in state:
         raise ValueError(f"state dict has no {key}; it already has per-block tables or none")
     depth = 1 + max(int(m[1]) for k in state if (m := _BLOCK.match(k)))
     out = {k: v for k, v in state.items() if not k.startswith("rel_pos_bias.")}
     for i in range(depth):
-        out[f"blocks.{i}.attn.relative_position_bias_table"] = state[key].clone()
+        own = state.get(f"blocks.{i}.attn.relative_position_bias_table")
+        out[f"blocks.{i}.attn.relative_position_bias_table"] = state[key].clone() if own is None else state[key] + own
     return out
 
 
