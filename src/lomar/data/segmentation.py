@@ -33,13 +33,18 @@ def read_labels(path: Path) -> np.ndarray:
     """(H, W) uint8 class ids of an annotation PNG; ValueError naming it when it is not one (or not a
     regular file within the size limits every image read has)."""
     try:
-        with open_pil(read_image_bytes(path), f"annotation {path}") as image:
-            if image.mode not in ("L", "P", "I;16", "I"):
-                raise ValueError(f"annotation {path} is a {image.mode} image; write class ids as a single-channel "
-                                 f"(mode L or P) PNG, 0 = ignored, 1..N the classes")
+        image = open_pil(read_image_bytes(path), str(path))
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"annotation {path} cannot be read ({str(exc).splitlines()[0]}); rewrite it as a PNG of "
+                         f"class ids") from None
+    with image:
+        if image.mode not in ("L", "P", "I;16", "I"):
+            raise ValueError(f"annotation {path} is a {image.mode} image; write class ids as a single-channel "
+                             f"(mode L or P) PNG, 0 = ignored, 1..N the classes")
+        try:
             return np.asarray(image)
-    except OSError as exc:
-        raise ValueError(f"annotation {path} cannot be read ({exc}); rewrite it as a PNG of class ids") from None
+        except OSError as exc:  # cut short after its header
+            raise ValueError(f"annotation {path} cannot be read ({exc}); rewrite it as a PNG of class ids") from None
 
 
 def _check_pair(image: Path, annotation: Path, num_classes: int) -> None:

@@ -223,16 +223,15 @@ def check_no_rewind(resume: Path, out: Path, overwrite: bool) -> None:
     holds a run (the two runs' checkpoints, logs and figures would mix)."""
     if overwrite:
         return
+    last = newest_state(out)
+    if last.exists() and not (resume.exists() and last.samefile(resume)):
+        newer, older = checkpoint_step(last), checkpoint_step(resume)
+        if newer is not None and older is not None and newer > older:
+            raise UsageError(f"--resume {resume} (step {older}) would rewind {out}, whose {last.name} is at step "
+                             f"{newer}; pass --out NEW_FOLDER to branch off, --overwrite to rewind, or resume {last}")
     if _foreign(resume, out) and holds_run(out):
         raise UsageError(f"--resume {resume} is another folder's checkpoint, and --out {out} already holds a run; "
                          f"pass --out NEW_FOLDER to branch off, or --overwrite to replace that run")
-    last = newest_state(out)
-    if not last.exists() or (resume.exists() and last.samefile(resume)):
-        return
-    newer, older = checkpoint_step(last), checkpoint_step(resume)
-    if newer is not None and older is not None and newer > older:
-        raise UsageError(f"--resume {resume} (step {older}) would rewind {out}, whose {last.name} is at step {newer}; "
-                         f"pass --out NEW_FOLDER to branch off, --overwrite to rewind, or resume {last}")
 
 
 def remove_newer_checkpoints(out: Path, step: int) -> None:
