@@ -46,6 +46,13 @@ def test_knn_linprobe_finetune_and_export_accept_a_beit_checkpoint(beit_run, tmp
     assert json.loads((tmp_path / "ex" / "config.json").read_text())["method"] == "beit"
 
 
+def test_visualize_says_in_one_line_that_beit_has_no_pixel_or_attention_figures(beit_run, tmp_path, capsys):
+    for flags in ([], ["--attention"]):
+        assert main(["visualize", str(beit_run / "run" / "last.pt"), "--out", str(tmp_path / "v"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert "holds a BEiT: it predicts visual tokens, not pixels" in err and err.count("\n") == 1
+
+
 def test_features_equal_the_exported_timm_beit(beit_run, tmp_path):
     ckpt = beit_run / "run" / "last.pt"
     assert main(["export", str(ckpt), "--to", str(tmp_path / "ex")]) == 0

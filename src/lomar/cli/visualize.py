@@ -64,11 +64,15 @@ def run(args: argparse.Namespace) -> int:
     from lomar.data.folder import demo_image_paths  # torch: not for --help
     from lomar.data.transforms import denormalize  # torch: not for --help
     from lomar.models import MAE, LoMaR  # torch: not for --help
+    from lomar.models.vit import VisionTransformer  # torch: not for --help
     from lomar.viz.attention import attention_figure, window_attention  # torch: not for --help
     from lomar.viz.reconstruction import reconstruction_figure  # torch: not for --help
 
     model = load_for_cli(args.checkpoint, args)
     model.eval()
+    if not isinstance(getattr(model, "encoder", model), VisionTransformer):  # BEiT: its own blocks
+        raise UsageError(f"{args.checkpoint} holds a {type(model).__name__}: it predicts visual tokens, not pixels, "
+                         f"and its attention figures are not drawn; visualize a LoMaR or MAE checkpoint or export")
     encoder = getattr(model, "encoder", model)
     can_reconstruct = isinstance(model, (LoMaR, MAE))
     if not can_reconstruct and not args.attention:

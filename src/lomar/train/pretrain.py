@@ -169,9 +169,9 @@ class PretrainTask(Task):
         workers = "" if share is None or share.decoded_share is None else (
             f"; the workers decoded {share.decoded_share:.0%} of the photos the device could have decoded "
             f"(--cpu-decode-share {'auto, last ' if share.auto else ''}{share.value:.2f})")
+        visualize = "" if self.config.method == "beit" else f"lomar visualize {out / 'last.pt'} --attention; "
         return (f"encoder {out / 'encoder.safetensors'}, figures {out}/reconstruction-*.png and loss.png"
-                f"{bad}{workers}. Next: lomar visualize {out / 'last.pt'} --attention; "
-                f"lomar export {out / 'last.pt'} --to DIR")
+                f"{bad}{workers}. Next: {visualize}lomar export {out / 'last.pt'} --to DIR")
 
     # ---- outputs -------------------------------------------------------------------------
     def _consolidate(self, out: Path):
