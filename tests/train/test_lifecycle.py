@@ -349,3 +349,20 @@ def test_a_run_that_would_go_past_its_lr_schedule_is_refused_before_a_step(tmp_p
                                          r"4-8 would all train at min_lr 0; end it at --max-steps 3"):
         run(ToyConfig(out=str(out), max_steps=8, schedule_steps=3, resume="auto"), ToyTask)
     assert safe_load(out / "last.pt")["step"] == 3
+
+
+def test_resume_auto_never_starts_over_on_top_of_unreadable_checkpoints(tmp_path, capsys):
+    from lomar.errors import UsageError
+
+    out = tmp_path / "run"
+    run(ToyConfig(out=str(out), max_steps=4), ToyTask)
+    for path in out.glob("*.pt"):
+        path.write_bytes(path.read_bytes()[:100])
+    kept = sorted(p.name for p in out.iterdir())
+    with pytest.raises(UsageError, match=r"--resume auto: no checkpoint in .* can be read \(.*last.pt cannot be "
+                                         r"read, skipped.*\); restore one, or pass --overwrite"):
+        run(ToyConfig(out=str(out), max_steps=8, resume="auto"), ToyTask)
+    assert sorted(p.name for p in out.iterdir()) == kept and len(_losses(out)) == 4  # nothing deleted
+    capsys.readouterr()
+    assert run(ToyConfig(out=str(tmp_path / "new"), max_steps=2, resume="auto"), ToyTask) == 0
+    assert f"nothing to resume in {tmp_path / 'new'}: a new run starts" in capsys.readouterr().out

@@ -34,9 +34,9 @@ from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_worker
 from lomar.train.rng import gather_rng_states, restore_rng_states, seed_everything
 from lomar.train.run_state import (
     RunLock,
+    auto_resume,
     autocast_factory,
     check_no_rewind,
-    find_resume_checkpoint,
     prepare_run_folder,
     resolve_precision,
     save_checkpoint,
@@ -361,7 +361,7 @@ def run(config, make_task: Callable[..., Task]) -> int:
             lock.acquire()
         resume = Path(config.resume) if config.resume else None
         if config.resume == "auto":  # falls back to the newest intact checkpoint-* when last.pt is gone or unreadable
-            resume, notes = find_resume_checkpoint(out)
+            resume, notes = auto_resume(out, config.overwrite)
             for note in notes if info.is_main else ():
                 print(f"lomar {name}: {note}", flush=True)
         try:

@@ -32,7 +32,7 @@ from lomar.errors import LomarError, UsageError
 from lomar.train.settings import ConfigError
 
 __all__ = ["RunLock", "SaveError", "save_state", "checkpoints_to_prune", "save_checkpoint", "save_on_main_rank",
-           "truncate_metrics", "remove_stale_temporaries", "find_resume_checkpoint", "checkpoint_step",
+           "truncate_metrics", "remove_stale_temporaries", "find_resume_checkpoint", "auto_resume", "checkpoint_step",
            "check_no_rewind", "holds_run", "remove_newer_checkpoints", "check_out_folder", "read_meta",
            "autocast_factory", "resolve_precision", "cpu_has_bf16", "LAST_POINTER", "newest_state", "refuse_held_run",
            "prepare_run_folder"]
@@ -205,6 +205,16 @@ def find_resume_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
             return path, notes
         notes.append(f"{path} cannot be read, skipped")
     return None, notes
+
+
+def auto_resume(out: Path, overwrite: bool) -> tuple[Path | None, list[str]]:
+    """``--resume auto``: :func:`find_resume_checkpoint`, refusing (unless ``overwrite``) to start over on top
+    of checkpoints none of which reads: the new run would delete them."""
+    resume, notes = find_resume_checkpoint(out)
+    if resume is None and notes and not overwrite:
+        raise UsageError(f"--resume auto: no checkpoint in {out} can be read ({'; '.join(notes)}); restore one, "
+                         f"or pass --overwrite to start a new run there")
+    return resume, notes + ([f"nothing to resume in {out}: a new run starts"] if resume is None else [])
 
 
 def holds_run(out: Path) -> bool:
