@@ -54,3 +54,17 @@ def test_finetune_survives_a_broken_image(setup, tmp_path):
             "--epochs", "1"]
     assert main(args) == 0
     assert (tmp_path / "ft" / "last.pt").is_file()
+
+
+@pytest.mark.parametrize("command", ["knn", "linprobe"])
+def test_a_split_without_one_readable_image_is_one_line(setup, tmp_path, capsys, command):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(setup / "data", data)
+    for path in (data / "val").rglob("*.png"):
+        path.write_bytes(b"junk")
+    assert main([command, str(setup / "enc"), "--data", str(data), "--img-size", "32", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (f"lomar {command}: error: no image in {data / 'val'} could be read (5 tried); "
+                                    f"fix or replace them") and "Traceback" not in err

@@ -22,6 +22,7 @@ from lomar.checkpoints.keys import CLASSIFIER_PREFIXES, drop_final_norm
 from lomar.data.collate import BadDataTracker, collate_labelled
 from lomar.data.folder import LabelledImageFolder
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from lomar.errors import UsageError
 from lomar.models.attention import vitdet_global_blocks
 from lomar.models.vit import VisionTransformer, ViTConfig
 from lomar.train.monitor import progress
@@ -225,4 +226,8 @@ def extract_features(encoder: VisionTransformer, loader, device: torch.device | 
             labels.append(torch.as_tensor(targets).cpu())
     finally:
         encoder.train(was_training)
+    if not feats:  # every image unreadable: nothing to evaluate on
+        root = getattr(loader.dataset, "root", None)
+        raise UsageError(f"no image {f'in {root} ' if root else ''}could be read ({len(loader.dataset)} tried); "
+                         f"fix or replace them")
     return torch.cat(feats), torch.cat(labels)
