@@ -217,6 +217,7 @@ def _bad_out(tmp_path, kind: str) -> str:
     (["--blr", "nan"], "--blr must be a finite number"),
     (["--workers", "-1"], "--workers must be >= 0"),
     (["--threads", "0"], "--threads must be positive"),
+    (["--img-size", "100000"], "--img-size must be at most 8192"),
     (["--resume", "auto", "--out", None], "--resume auto needs --out"),
     (["--out", "file"], "is a file"),
     (["--out", "under a file"], "which is a file"),

@@ -14,9 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text
-from lomar.checkpoints.keys import MAX_IMG_SIZE
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.errors import UsageError
+from lomar.limits import MAX_IMG_SIZE
 from lomar.models.attention import ATTENTION_MODES
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig
 

@@ -11,6 +11,7 @@ import re
 
 import torch
 
+from lomar.limits import MAX_IMG_SIZE
 from lomar.models.vit import MODEL_SIZES, VisionTransformer, ViTConfig
 
 __all__ = ["ENCODER_PREFIXES", "CLASSIFIER_PREFIXES", "PRETRAIN_ONLY", "rename_rpe", "drop_final_norm",
@@ -88,10 +89,6 @@ def args_dict(data: dict, keys: tuple[str, ...] = ("args",)) -> dict:
     for v in map(data.get, keys):
         merged.update(vars(v) if isinstance(v, argparse.Namespace) else v if isinstance(v, dict) else {})
     return merged
-
-
-# The largest image side a checkpoint's or export's settings may ask a model to be built for.
-MAX_IMG_SIZE = 8192
 
 
 def infer_vit_config(state: dict[str, torch.Tensor], hints: dict | None = None, **overrides) -> ViTConfig:

@@ -43,7 +43,7 @@ LINPROBE = {
     "blr": S.BLR.but(default=0.1, help="--protocol mae: base lr of LARS, lr = blr x --probe-batch-size / 256"),
     "warmup_epochs": S.WARMUP_EPOCHS.but(default=10, help="--protocol mae: epochs of linear warm-up, in [0, --epochs]"),
     "weight_decay": S.WEIGHT_DECAY.but(default=0.0),
-    "probe_batch_size": Setting(256, "features per probe step", above=0),
+    "probe_batch_size": Setting(256, "features per probe step (at least 2: the probe's BatchNorm needs two)", low=2),
     "seed": S.SEED.but(help="seed of the probe's init and shuffling"),
     "save": Setting(None, "write the trained probe's state dict here (default: not written)", kind=str,
                     metavar="FILE"),

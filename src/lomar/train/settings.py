@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from lomar.errors import UsageError
+from lomar.limits import MAX_IMG_SIZE
 
 __all__ = ["ConfigError", "Setting", "setting", "declarations", "add_settings", "coerce_all", "read_yaml", "help_text"]
 
@@ -137,7 +138,7 @@ SEED = Setting(0, "random seed", low=0, high=2**31 - 1)  # numpy seeds (seed + r
 THREADS = Setting(None, "CPU threads per process (default: the cores shared among this machine's processes)",
                   kind=int, above=0, high=4096, resume=_RUN)
 WORKERS = Setting(None, "data-loading processes (default: min(8, cores - 1))", kind=int, low=0, resume=_RUN)
-IMG_SIZE = Setting(224, "image size in pixels", above=0)
+IMG_SIZE = Setting(224, "image size in pixels", above=0, high=MAX_IMG_SIZE)
 BATCH_SIZE = Setting(64, "images per device per step", above=0)
 ACCUM_STEPS = Setting(1, "batches per optimizer step: the effective batch is --batch-size x this x processes",
                       above=0, aliases=("--accum-iter",), old_keys=("accum_iter",))
