@@ -49,6 +49,7 @@ def _args(pretrained: Path, folder: Path, out: Path, *extra: str) -> list[str]:
     (["--out", "file"], "is a file"),
     (["--out", "under a file"], "which is a file"),
     (["--resume", "auto", "--out", None], "--resume auto needs --out"),
+    (["--attention", "flex", "--device", "cpu"], "--attention flex needs a CUDA device to train, not --device cpu"),
 ])
 def test_bad_invocations_are_one_line_and_create_no_folder(tmp_path, capsys, pretrained, folder, flags, message):
     out = tmp_path / "ft"

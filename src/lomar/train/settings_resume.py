@@ -124,6 +124,8 @@ class TaskConfig:
         if not check_out:
             return
         self.check_inputs()
+        if getattr(self, "attention", None) == "flex" and not getattr(self, "eval_only", False):
+            check_flex_device(self.device)
         from lomar.train.run_state import check_out_folder, refuse_held_run  # torch: not for --help
 
         check_out_folder(Path(self.out))
@@ -135,6 +137,16 @@ class TaskConfig:
 
     def check_inputs(self) -> None:
         """The checks of the data and files named (not made for --print-config)."""
+
+
+def check_flex_device(device: str) -> None:
+    """FlexAttention trains on CUDA only (elsewhere it has no backward): say so before any data is read."""
+    import torch  # not for --help
+
+    if not (device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())):
+        where = "and this machine has none" if device == "auto" else f"not --device {device}"
+        raise ConfigError(f"--attention flex needs a CUDA device to train, {where} (elsewhere FlexAttention has no "
+                          f"backward); use --attention chunked or auto")
 
 
 def check_windows(config: Any) -> None:
