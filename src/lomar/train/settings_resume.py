@@ -186,6 +186,10 @@ def refuse_fp16(config: Any) -> None:
 def check_pretrained(config: Any, fix: str = "") -> None:
     """--pretrained, when given, exists (``fix``: what to say after)."""
     if config.pretrained is not None and not Path(config.pretrained).exists():
+        if config.resume:  # the encoder is built from it before the checkpoint's weights replace its own
+            fix = ("; the run being resumed started from it, and its architecture is read from there again: pass "
+                   "--pretrained with that encoder (a copy, or its export, will do: the checkpoint's weights "
+                   "replace its own)")
         raise ConfigError(f"--pretrained {config.pretrained} does not exist{fix}")
 
 
