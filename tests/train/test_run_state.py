@@ -171,6 +171,19 @@ def test_another_folders_checkpoint_does_not_graft_onto_a_held_run(tmp_path):
     assert sorted(p.name for p in b.iterdir()) == ["config.yaml"]  # nothing of the seed-7 run is left
 
 
+def test_a_rewind_removes_the_figures_of_the_steps_it_drops(tmp_path):
+    class Figures(_Task):
+        outputs = ("reconstruction*.png",)
+
+    out = _run_folder(tmp_path / "run", 5, seed=0)
+    for step in (0, 3, 5):
+        (out / f"reconstruction-{step:06d}.png").write_text("figure")
+    (out / "reconstruction.png").write_text("the latest")
+    prepare_run_folder(_Config(str(out), str(out / "checkpoint-000003.pt"), True), Figures(), out / "x.pt", 3, 0)
+    assert sorted(p.name for p in out.glob("reconstruction*")) == [
+        "reconstruction-000000.png", "reconstruction-000003.png", "reconstruction.png"]
+
+
 def test_a_resume_cuts_the_evaluation_log_back_too(tmp_path):
     out = _run_folder(tmp_path / "run", 5, seed=0)
     prepare_run_folder(_Config(str(out), "auto"), _Task(), out / "checkpoint-000005.pt", 3, 0)

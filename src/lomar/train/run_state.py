@@ -80,6 +80,12 @@ def _checkpoint_number(name: str) -> int | None:
     return int(match[1]) if match else None
 
 
+def _output_step(name: str) -> int | None:
+    """The step in an output's name (``reconstruction-000402.png``); None for other names."""
+    found = re.fullmatch(r".+-(\d{6,})\.\w+", name)
+    return int(found[1]) if found else None
+
+
 def checkpoints_to_prune(paths: list[Path], keep: int) -> list[Path]:
     """All but the ``keep`` newest ``checkpoint-<step>.pt`` (or ``.dcp``), by step number (past
     999,999 steps the names outgrow their zero padding and no longer sort by age); other names are
@@ -244,10 +250,11 @@ def check_no_rewind(resume: Path, out: Path, overwrite: bool) -> None:
                          f"pass --out NEW_FOLDER to branch off, or --overwrite to replace that run")
 
 
-def remove_newer_checkpoints(out: Path, step: int) -> None:
-    """After an explicit rewind: drop the history written past ``step``."""
-    for path in out.glob("checkpoint-*"):
-        number = _checkpoint_number(path.name)
+def remove_newer_checkpoints(out: Path, step: int, outputs: tuple[str, ...] = ()) -> None:
+    """After an explicit rewind: drop the history written past ``step``: checkpoints, and the files of the
+    ``outputs`` patterns whose name carries a later step (``reconstruction-000402.png``)."""
+    for path in [*out.glob("checkpoint-*"), *(p for pattern in outputs for p in out.glob(pattern))]:
+        number = _checkpoint_number(path.name) if path.name.startswith("checkpoint-") else _output_step(path.name)
         if number is not None and number > step:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
@@ -361,7 +368,7 @@ def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int)
         print(f"lomar {name}: resumed from {resume} at step {step} (epoch {epoch})", flush=True)
     if resume is not None and not _foreign(resume, out):
         if config.overwrite:
-            remove_newer_checkpoints(out, step)
+            remove_newer_checkpoints(out, step, task.outputs)
         for log in {"metrics.jsonl", task.eval_log}:
             truncate_metrics(out / log, step)
     else:
