@@ -53,3 +53,15 @@ def test_an_annotation_that_is_a_pipe_is_refused_not_waited_on(tmp_path):
     thread.join(20)
     assert not thread.is_alive(), "building the dataset blocked on a FIFO"
     assert errors and "named pipe" in errors[0] and "\n" not in errors[0]
+
+
+def test_the_num_classes_to_suggest_is_the_highest_id_of_the_split(tmp_path):
+    _layout(tmp_path, (16, 16), (16, 16))
+    for stem, top in (("b", 7), ("c", 12), ("d", 9)):
+        Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "images" / "training" / f"{stem}.jpg")
+        labels = np.ones((16, 16), dtype=np.uint8)
+        labels[0, 0] = top
+        Image.fromarray(labels).save(tmp_path / "annotations" / "training" / f"{stem}.png")
+    with pytest.raises(ValueError, match=r"c.png holds class id 12, .* pass --num-classes 12 or fix"):
+        SegmentationFolder(tmp_path, "training", num_classes=5, crop=16, workers=2)
+    assert len(SegmentationFolder(tmp_path, "training", num_classes=12, crop=16, workers=2)) == 4

@@ -47,7 +47,8 @@ def read_labels(path: Path) -> np.ndarray:
             raise ValueError(f"annotation {path} cannot be read ({exc}); rewrite it as a PNG of class ids") from None
 
 
-def _check_pair(image: Path, annotation: Path, num_classes: int) -> None:
+def _check_pair(image: Path, annotation: Path) -> int:
+    """The highest class id of a pair whose files read and agree in size."""
     labels = read_labels(annotation)
     try:  # the size load_image gives: EXIF orientation applied, as labels drawn on the photo are
         with open_pil(read_image_bytes(image), str(image)) as opened:
@@ -58,10 +59,7 @@ def _check_pair(image: Path, annotation: Path, num_classes: int) -> None:
     if labels.shape != (height, width):
         raise ValueError(f"annotation {annotation} is {labels.shape[1]}x{labels.shape[0]} but its image {image.name} "
                          f"is {width}x{height}; write the annotation at the image's size")
-    top = int(labels.max(initial=0))
-    if top > num_classes:
-        raise ValueError(f"annotation {annotation} holds class id {top}, above --num-classes {num_classes} (ids: 0 "
-                         f"ignored, 1..N the classes); pass --num-classes {top} or fix the annotation")
+    return int(labels.max(initial=0))
 
 
 def _pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
@@ -107,7 +105,13 @@ class SegmentationFolder(Dataset):
         self.train, self.seed = train, seed
         self.pairs = _pairs(self.root, split)
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            list(pool.map(lambda pair: _check_pair(*pair, num_classes), self.pairs))
+            tops = list(pool.map(lambda pair: _check_pair(*pair), self.pairs))
+        top = max(tops)  # over the whole split: the --num-classes to suggest is the highest id of all
+        if top > num_classes:
+            annotation = self.pairs[tops.index(top)][1]
+            raise ValueError(f"annotation {annotation} holds class id {top}, above --num-classes {num_classes} (ids: "
+                             f"0 ignored, 1..N the classes; {top} is the highest in {split}); pass --num-classes "
+                             f"{top} or fix the annotations")
 
     def __len__(self) -> int:
         return len(self.pairs)
