@@ -47,6 +47,8 @@ def test_budgets_parse(text, expected):
     ({"slice": "3steps"}, "slice: '3steps' must be seconds"),
     ({"data": {"pretrain": "/no/such/folder"}}, "data.pretrain: /no/such/folder does not exist"),
     ({"data": {"images": "x"}}, "data: unknown key(s) images"),
+    ({"name": "../../escape"}, "name: '../../escape' must be letters, digits"),
+    ({"name": "/etc"}, "(it names the folder studies/NAME)"),
 ])
 def test_bad_specs_name_the_key_and_the_fix(tmp_path, changes, message):
     with pytest.raises(UsageError) as info:

@@ -268,8 +268,12 @@ def parse_spec(raw: Any, source: str = "the spec", base: Path | None = None, not
     slice_b = parse_budget(raw.get("slice", "10s"), "slice")
     if slice_b.unit != "seconds":
         raise UsageError(f"slice: {raw.get('slice')!r} must be seconds, e.g. 10s")
+    name = str(raw.get("name") or "study")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):  # it names the default folder studies/NAME
+        raise UsageError(f"name: {name!r} must be letters, digits, '.', '_' or '-' (it names the folder "
+                         f"studies/NAME); give out: for a folder elsewhere")
     spec = StudySpec(
-        name=str(raw.get("name") or "study"), budget=parse_budget(raw["budget"], "budget"),
+        name=name, budget=parse_budget(raw["budget"], "budget"),
         seeds=seed_list(raw.get("seeds", 1)), slice_s=slice_b.value, settings=settings, grid=grid,
         eval=_eval(raw.get("eval")), data_pretrain=paths.get("pretrain"), data_train=paths.get("train"),
         data_val=paths.get("val"), random_init=bool(raw.get("random_init", False)),
