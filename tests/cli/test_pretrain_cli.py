@@ -248,7 +248,7 @@ def test_a_locked_run_folder_refuses_a_second_run(tmp_path, capsys, image_dir):
     assert pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "1") == 0
     capsys.readouterr()
     with RunLock(out):  # another run holds the folder
-        for extra in (["--resume", "auto", "--max-steps", "2"], ["--overwrite"]):
+        for extra in (["--resume", "auto", "--max-steps", "2"], ["--overwrite"], []):  # [] not: "pass --resume"
             assert pretrain("--data", str(image_dir), "--out", str(out), *extra) == 2
             err = capsys.readouterr().err
             assert "is in use by another run" in err and err.count("\n") == 1

@@ -345,11 +345,13 @@ class RunLock:
         self.release(remove_if_empty=exc[0] is not None)
 
 
-def refuse_held_run(out: Path, resume: str | None, overwrite: bool) -> None:
+def refuse_held_run(out: Path, resume: str | None, overwrite: bool, locked_here: bool = False) -> None:
     """The one check of every command that writes a run folder: a new run does not take over a
     folder that holds one (a checkpoint, or the settings of a run stopped before its first)."""
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 may already have started
     if holds_run(out) and is_main and not resume and not overwrite:
+        if not locked_here:  # a live run: say so, not "pass --resume auto", which it would refuse
+            RunLock(out).acquire().release()
         raise ConfigError(f"--out {out} already holds a run; pass --resume auto to continue it, "
                           f"--overwrite to replace it, or another --out")
 
@@ -360,7 +362,7 @@ def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int)
     ``config.yaml`` is written (a TaskConfig's dump, else the fields)."""
     out, name = Path(config.out), task.name
     if resume is None:  # another run may have got here since the config was checked
-        refuse_held_run(out, config.resume, config.overwrite)
+        refuse_held_run(out, config.resume, config.overwrite, locked_here=True)
     removed = remove_stale_temporaries(out)
     if removed:
         print(f"lomar {name}: removed {len(removed)} stale temporary file(s) in {out}, e.g. {removed[0].name}")
