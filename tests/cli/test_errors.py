@@ -247,3 +247,10 @@ def test_help_of_every_cli_module_imports_no_torch():
             "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules, names\n")
     result = _torch_free(code)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("command, args", [("pretrain", []), ("knn", ["ckpt"]), ("visualize", ["ckpt"])])
+def test_an_unknown_flag_is_the_commands_own_error(command, args, capsys):
+    assert main([command, *args, "--bogus", "x"]) == 2
+    assert capsys.readouterr().err == (f"lomar {command}: error: unrecognized arguments: --bogus x "
+                                       f"(see lomar {command} --help)\n")

@@ -64,8 +64,9 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
                      description="Self-supervised ViT pretraining by local masked reconstruction (LoMaR).")
     parser.add_argument("--version", action="version", version=f"lomar {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = {}  # name -> its parser: an unknown flag is that command's error
     for name, target, help_text in SUBCOMMANDS:
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser = parser.commands[name] = sub.add_parser(name, help=help_text, description=help_text)
         if wanted is not None and name not in wanted:
             continue
         module = importlib.import_module(target)
@@ -109,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser([command] if command else [])
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # --help, --version, a usage error: already printed
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if getattr(args, "_run", None) is None:
