@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import re
 import stat
 
@@ -120,9 +121,13 @@ def test_unknown_format_is_named(tmp_path):
 
 
 def test_text_file_and_unsafe_pickle_messages(tmp_path):
-    (tmp_path / "afile.txt").write_text("hello")
-    with pytest.raises(ValueError, match="afile.txt: it is a text file, expected a PyTorch checkpoint"):
-        safe_load(tmp_path / "afile.txt")
+    for text in ("hello", "garbage" * 100, '{"model": "json"}'):  # torch's refusals of these differ
+        (tmp_path / "afile.txt").write_text(text)
+        with pytest.raises(ValueError, match="afile.txt: it is a text file, expected a PyTorch checkpoint"):
+            safe_load(tmp_path / "afile.txt")
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"model": 1}, protocol=4))
+    with pytest.raises(ValueError, match="plain.pkl: it is a Python pickle, not a checkpoint written by torch.save"):
+        safe_load(tmp_path / "plain.pkl")
 
     torch.save({"model": {}, "thing": Custom()}, tmp_path / "custom.pt")
     with pytest.raises(ValueError) as info:

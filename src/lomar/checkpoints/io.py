@@ -98,6 +98,8 @@ def _describe(path: Path) -> str:
         return "a zip archive that is not a complete PyTorch checkpoint"
     if head[:1] in (b"{", b"[") or head.isascii() and all(32 <= b < 127 or b in b"\r\n\t" for b in head):
         return "a text file"
+    if head[:1] == b"\x80":
+        return "a Python pickle, not a checkpoint written by torch.save"
     return "a file in an unknown format"
 
 
@@ -115,7 +117,7 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu", mmap: 
             data = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # corrupt, truncated, not a checkpoint, or holds disallowed objects
         text = _ANSI.sub("", str(exc)).strip()
-        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+        if "Unsupported global" in text or "GLOBAL" in text:  # not any weights-only failure: garbage fails too
             found = re.search(r"GLOBAL ([\w.]+)", text)
             what = f" ({found[1]})" if found else ""
             raise ValueError(f"cannot read checkpoint {path}: it holds Python objects{what} that a weights-only "
