@@ -192,3 +192,13 @@ def test_compiled_models_sample_masks_at_a_second_image_size():
         mae = MAE(model_config("vit_tiny_patch8", img_size=size, pos="abs", **TINY),
                   decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
         assert torch.isfinite(torch.compile(mae, backend="eager")(torch.randn(2, 3, size, size)).loss)
+
+
+def test_global_blocks_outside_the_encoder_are_named_with_the_flag():
+    from lomar import VisionTransformer, ViTConfig
+
+    config = ViTConfig(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, window_size=2,
+                       global_blocks=(1, 5))
+    with pytest.raises(ValueError, match=r"global blocks \[5\] are not blocks of this 2-block encoder "
+                                         r"\(--global-blocks takes indices 0..1\)"):
+        VisionTransformer(config)

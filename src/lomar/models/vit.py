@@ -233,9 +233,11 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"unknown position encoding {c.pos!r}; choose rpe, abs or none")
         if c.attention not in ATTENTION_MODES:
             raise ValueError(f"unknown attention {c.attention!r}; choose one of {', '.join(ATTENTION_MODES)}")
-        if c.window_size < 0 or any(not 0 <= i < c.depth for i in c.global_blocks):
-            raise ValueError(f"window_size {c.window_size} must be >= 0 (0: global attention) and "
-                             f"global_blocks {c.global_blocks} block indices in 0..{c.depth - 1}")
+        if c.window_size < 0:
+            raise ValueError(f"window_size {c.window_size} must be >= 0 (0: global attention)")
+        if outside := [i for i in c.global_blocks if not 0 <= i < c.depth]:
+            raise ValueError(f"global blocks {outside} are not blocks of this {c.depth}-block encoder (--global-blocks "
+                             f"takes indices 0..{c.depth - 1})")
         self.grad_checkpointing = False  # recompute each block in the backward pass (set_grad_checkpointing)
         self.grid = grid_size(c.img_size, c.patch_size)
         self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, c.embed_dim)
