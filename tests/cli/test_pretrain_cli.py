@@ -255,6 +255,16 @@ def test_a_locked_run_folder_refuses_a_second_run(tmp_path, capsys, image_dir):
     assert safe_load(out / "last.pt")["step"] == 1
 
 
+def test_a_resume_that_cuts_the_epochs_below_the_warm_up_says_what_it_can_do(tmp_path, capsys, image_dir):
+    out = tmp_path / "run"
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--epochs", "4", "--warmup-epochs", "2",
+                    "--max-steps", "1") == 0
+    capsys.readouterr()
+    assert main(["pretrain", "--out", str(out), "--resume", "auto", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "a resumed run keeps its warm-up: pass --epochs 2 or more, and --max-steps N to stop sooner" in err
+
+
 def test_resume_never_rewinds_a_folder_with_newer_state(tmp_path, capsys, image_dir):
     out, branch = tmp_path / "run", tmp_path / "branch"
     # 16 images, batch 4: 4 steps per epoch; checkpoints at steps 4 and 8

@@ -214,9 +214,13 @@ def declarations(cls: type) -> dict[str, Setting]:
 
 def check_warmup(config: Any) -> None:
     """The warm-up within the run: the one bound a training command's settings set each other."""
-    if not 0 <= config.warmup_epochs <= config.epochs:
+    if config.warmup_epochs < 0:
+        raise ConfigError(f"--warmup-epochs must be >= 0, got {config.warmup_epochs}")
+    if config.warmup_epochs > config.epochs:
+        fix = (f"a resumed run keeps its warm-up: pass --epochs {config.warmup_epochs:g} or more, and --max-steps N "
+               f"to stop sooner" if getattr(config, "resume", None) else "lower --warmup-epochs or raise --epochs")
         raise ConfigError(f"--warmup-epochs must be in [0, --epochs {config.epochs}], got {config.warmup_epochs}; "
-                          f"lower --warmup-epochs or raise --epochs")
+                          f"{fix}")
 
 
 
