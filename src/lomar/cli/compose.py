@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")
-    from lomar.data.compose import compose_digits  # torch: not for --help
+    from lomar.data.compose import MIN_DIGIT, compose_digits  # torch: not for --help
 
     try:
         summary = compose_digits(**{name: getattr(args, name) for name in SETTINGS})
@@ -47,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc).replace("img_size", "--img-size").replace("per_image", "--per-image")
                          .replace("digit_scale", "--digit-scale")) from None
+    smallest = args.digit_scale[0] * args.img_size
+    if smallest < MIN_DIGIT:
+        print(f"lomar compose-digits: note: digits under {MIN_DIGIT} px are drawn at {MIN_DIGIT} px (--digit-scale "
+              f"{args.digit_scale[0]:g} x --img-size {args.img_size} = {smallest:.3g} px)")
     splits = summary["splits"]
     parts = [f"{name}: {s['images']} pictures, {s['instances']} digits" for name, s in splits.items()]
     print(f"lomar compose-digits: wrote {args.out} ({'; '.join(parts)}; COCO and ADE20K layouts)")

@@ -35,7 +35,9 @@ from PIL import Image
 
 from lomar.data.folder import demo_image_paths
 
-__all__ = ["compose_digits", "rle_encode", "COCO_SPLITS", "ADE_SPLITS"]
+__all__ = ["MIN_DIGIT", "compose_digits", "rle_encode", "COCO_SPLITS", "ADE_SPLITS"]
+
+MIN_DIGIT = 8  # px: sklearn's digits are 8x8
 
 COCO_SPLITS = {"train": "train", "val": "val"}
 ADE_SPLITS = {"train": "training", "val": "validation"}
@@ -109,7 +111,7 @@ def _compose_one(rng, photos, pool, cursor, size, per_image, digit_scale):
     instances = []
     for _ in range(int(rng.integers(per_image[0], per_image[1] + 1))):
         side = int(rng.integers(int(digit_scale[0] * size), int(digit_scale[1] * size) + 1))
-        side = max(8, min(side, size))
+        side = max(MIN_DIGIT, min(side, size))
         for _try in range(20):  # a free spot, else fewer digits on this picture
             top, left = int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1))
             if all(top + side <= t or t + s <= top or left + side <= lft or lft + s <= left
