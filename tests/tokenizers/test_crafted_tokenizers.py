@@ -143,7 +143,7 @@ def test_tokenizer_fit_bounds_the_size_before_reading_anything(tmp_path, capsys,
                  "--size", "100000"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert re.match(r"lomar tokenizer: error: --size 100000 with --max-images 2048 needs 228,881.8 GiB of views "
+    assert re.match(r"lomar tokenizer fit: error: --size 100000 with --max-images 2048 needs 228,881.8 GiB of views "
                     r"\(limit 4 GiB\); pass --size 418 or less", err), err
     assert main(["tokenizer", "fit", "--data", str(tmp_path), "--out", str(tmp_path / "t.safetensors"),
                  "--size", "512", "--max-images", "2049"]) == 2  # 6 GiB: over
@@ -166,5 +166,19 @@ def test_converting_the_crafted_dvae_stays_within_a_memory_cap(tmp_path):
                            str(tmp_path / "out.safetensors")], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(SRC)})
     assert done.returncode == 2, done.stderr[-3000:]
-    assert done.stderr.startswith(f"lomar tokenizer: error: {path} does not fit the dVAE encoder")
+    assert done.stderr.startswith(f"lomar tokenizer convert: error: {path} does not fit the dVAE encoder")
     assert done.stderr.count("\n") == 1 and not (tmp_path / "out.safetensors").exists()
+
+
+def test_tokenizer_fit_errors_name_its_flags_and_check_the_output_first(tmp_path, capsys):
+    from PIL import Image
+
+    for i in range(2):
+        Image.new("RGB", (40, 40), (i * 90, 30, 60)).save(tmp_path / f"{i}.png")
+    fit = ["tokenizer", "fit", "--data", str(tmp_path), "--out"]
+    assert main([*fit, str(tmp_path / "t.safetensors"), "--size", "30"]) == 2
+    assert capsys.readouterr().err.startswith("lomar tokenizer fit: error: --size 30 is not a multiple of --patch 8")
+    assert main([*fit, str(tmp_path / "t.safetensors"), "--vocab", "100000"]) == 2
+    assert "error: --vocab 100000 is more than the " in capsys.readouterr().err
+    assert main([*fit, str(tmp_path)]) == 2  # a folder: refused before the images are read
+    assert "--out" in capsys.readouterr().err

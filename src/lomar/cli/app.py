@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0
-    prefix = f"lomar {args.command}"
+    nested = getattr(args, f"{args.command.replace('-', '_')}_command", None)  # e.g. lomar tokenizer fit
+    prefix = f"lomar {args.command}" + (f" {nested}" if isinstance(nested, str) else "")
     try:
         return int(args._run(args) or 0)
     except LomarError as exc:

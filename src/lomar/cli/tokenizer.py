@@ -8,7 +8,9 @@ pickled ``encoder.pkl``, read without executing its code, or a state dict) as sa
 from __future__ import annotations
 
 import argparse
+import re
 
+from lomar.cli.common import check_output_file
 from lomar.errors import UsageError
 from lomar.train import settings as S
 from lomar.train.settings import Setting, add_settings
@@ -69,9 +71,16 @@ def _views(data: str, size: int, limit: int):
     return torch.stack(views), bad
 
 
+_FLAGS = {"vocab_size": "--vocab", "input_size": "--size", "patch": "--patch"}
+
+
 def run(args: argparse.Namespace) -> int:
     from lomar.tokenizers import convert_dvae, fit_kmeans_tokenizer  # torch: not for --help
 
+    if args.tokenizer_command == "convert":
+        check_output_file(args.to, "--to", create_parents=True)
+    else:
+        check_output_file(args.out, "--out", create_parents=True)
     try:
         if args.tokenizer_command == "convert":
             path = convert_dvae(args.source, args.to)
@@ -87,8 +96,9 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = fit_kmeans_tokenizer(views, vocab_size=args.vocab, patch=args.patch, seed=args.seed,
                                          iters=args.iters, input_size=args.size)
         tokenizer.save(args.out, extra={"fitted_on": str(args.data), "images": str(views.shape[0])})
-    except (ValueError, FileNotFoundError) as exc:
-        raise UsageError(str(exc).splitlines()[0]) from None
+    except (ValueError, FileNotFoundError) as exc:  # the library's argument names, as the flags spell them
+        message = re.sub(r"\b(vocab_size|input_size|patch)=", lambda m: f"{_FLAGS[m[1]]} ", str(exc).splitlines()[0])
+        raise UsageError(re.sub(r"\bpass vocab_size\b", "pass --vocab", message)) from None
     skipped = f", {bad} unreadable skipped" if bad else ""
     print(f"lomar: wrote {args.out} (vocabulary {tokenizer.vocab_size}, {views.shape[0]} images{skipped})")
     return 0
