@@ -177,7 +177,7 @@ def test_config_attention_is_used_and_checked():
         torch.testing.assert_close(chunked(images), dense(images), **TOL)
     with pytest.raises(ValueError, match="unknown attention 'fast'"):
         _encoder("rpe", attention="fast")
-    with pytest.raises(ValueError, match="global_blocks"):
+    with pytest.raises(ValueError, match="global blocks \\[2\\] are not blocks of this 2-block encoder"):
         _encoder("rpe", window_size=4, global_blocks=(2,))
 
 

@@ -164,7 +164,7 @@ def test_window_size_finetunes_vitdet_blocks_and_keeps_them(tmp_path, capsys, pr
     (["--global-blocks", "1"], "--global-blocks needs --window-size N > 0"),
     (["--window-size", "-1"], "--window-size must be >= 0"),
     (["--window-size", "2", "--global-blocks", "1", "1"], "distinct block indices"),
-    (["--window-size", "2", "--global-blocks", "7"], "global_blocks"),  # the encoder has 2 blocks
+    (["--window-size", "2", "--global-blocks", "7"], "--global-blocks takes indices 0..1"),  # the encoder has 2 blocks
 ])
 def test_bad_window_settings_are_one_line(tmp_path, capsys, pretrained, folder, flags, message):
     assert _finetune(pretrained, folder, tmp_path / "run", "--batch-size", "4", "--max-steps", "1", *flags) == 2
