@@ -32,8 +32,8 @@ _PATHS = ({"pathlib", "pathlib._local"}, {"Path", "PosixPath", "WindowsPath", "P
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         found = super().find_class(module, name) if _allowed(module, name) else None
-        if module == _RECORD_MODULE and not isinstance(found, type):
-            found = None
+        if module == _RECORD_MODULE and not (isinstance(found, type) and found.__module__ == module):
+            found = None  # a class of its own, not what it imports (Enum, Sequence, ...)
         if found is None:
             raise pickle.UnpicklingError(f"it names {module}.{name}, which checkpoint metadata never holds")
         return found
