@@ -64,9 +64,9 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
                      description="Self-supervised ViT pretraining by local masked reconstruction (LoMaR).")
     parser.add_argument("--version", action="version", version=f"lomar {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    parser.commands = {}  # name -> its parser: an unknown flag is that command's error
+    parser.commands = sub.choices  # name -> its parser, argparse's own: an unknown flag is that command's error
     for name, target, help_text in SUBCOMMANDS:
-        sub_parser = parser.commands[name] = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         if wanted is not None and name not in wanted:
             continue
         module = importlib.import_module(target)
