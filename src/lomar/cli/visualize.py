@@ -70,10 +70,10 @@ def run(args: argparse.Namespace) -> int:
 
     model = load_for_cli(args.checkpoint, args)
     model.eval()
-    if not isinstance(getattr(model, "encoder", model), VisionTransformer):  # BEiT: its own blocks
+    encoder = getattr(model, "encoder", model)
+    if not isinstance(encoder, VisionTransformer):  # BEiT: its own blocks
         raise UsageError(f"{args.checkpoint} holds a {type(model).__name__}: it predicts visual tokens, not pixels, "
                          f"and its attention figures are not drawn; visualize a LoMaR or MAE checkpoint or export")
-    encoder = getattr(model, "encoder", model)
     can_reconstruct = isinstance(model, (LoMaR, MAE))
     if not can_reconstruct and not args.attention:
         raise UsageError(f"{args.checkpoint} holds an encoder without a pixel head: it cannot reconstruct; "
