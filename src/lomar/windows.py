@@ -2,53 +2,70 @@
 
 **The paper's counts** (:data:`PAPER_COUNTS`, used exactly): ViT-B/16 samples 4 windows at 224 px,
 6 at 384 and 9 at 448 (14×14, 24×24, 28×28 patch grids); ViT-B/8 at 224 px (a 28×28 grid) uses 4,
-like B/16 at 224 -- the count follows the image, not the grid, there. The paper states no other
-configuration (its iNaturalist runs finetune the ImageNet-pretrained models and give no count of
-their own).
+like B/16 at 224 -- the count follows the image, not the grid, there. These are 7×7 windows. The
+window-size ablation (Table 6, B/16 at 224 px) pairs other sizes with other counts
+(:data:`PAPER_WINDOW_SIZES`: 5×5: 8, 9×9: 3, 11×11: 2, 14×14: 1), keeping the patches the windows
+cover near the grid's 196. The paper states no other configuration (its iNaturalist runs finetune
+the ImageNet-pretrained models and give no count of their own).
 
 **A rule where the paper is silent**: the three B/16 points are not proportional to the grid area
 (area scaling from 224 would give 12 at 384), so the rule interpolates linearly in grid area between
-them; below 14×14 and above 28×28 the count scales with the area from the nearest B/16 point. The
-result is rounded half up, at least 1, and at most the windows the grid holds (with the original's
-placement, min(H−K+1, W−K+1); see :mod:`lomar.models.masking`).
+them; below 14×14 and above 28×28 the count scales with the area from the nearest B/16 point. That
+is the count of 7×7 windows: K×K windows take 49/K² of it, as in Table 6 (this gives Table 6's
+counts except at 9×9: 2 for the paper's 3). The result is rounded half up, at least 1, and at most
+the windows the grid holds (with the original's placement, min(H−K+1, W−K+1); see
+:mod:`lomar.models.masking`).
 """
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["PAPER_COUNTS", "PAPER_GRID_AREAS", "paper_windows", "windows_source",
+__all__ = ["PAPER_COUNTS", "PAPER_WINDOW_SIZES", "PAPER_GRID_AREAS", "paper_windows", "windows_source",
            "parse_windows", "GLOBAL_WINDOWS", "WINDOWS_RULE"]
 
 GLOBAL_WINDOWS = 0  # --windows 0 / global: one window covering the whole (square) grid
 
-# (patch size, square image size in px) -> windows per image, as the paper reports them
+PAPER_WINDOW = 7  # the window size of PAPER_COUNTS, and the paper's default
+# (patch size, square image size in px) -> windows per image, as the paper reports them (7x7 windows)
 PAPER_COUNTS = {(16, 224): 4, (16, 384): 6, (16, 448): 9, (8, 224): 4}
+# window size K -> windows per image, B/16 at 224 px (the paper's Table 6)
+PAPER_WINDOW_SIZES = {5: 8, 7: 4, 9: 3, 11: 2, 14: 1}
 # the B/16 points by grid area: 196: 4, 576: 6, 784: 9
 PAPER_GRID_AREAS = {(size // patch) ** 2: n for (patch, size), n in PAPER_COUNTS.items() if patch == 16}
-WINDOWS_RULE = ("not a size the paper reports (it reports B/16: 4 at 224 px, 6 at 384, 9 at 448; B/8: 4 at 224): "
-                "linear in grid area between the B/16 points, proportional to grid area outside, rounded, within the "
-                "grid")
+WINDOWS_RULE = ("not a configuration the paper reports (7x7 windows, B/16: 4 at 224 px, 6 at 384, 9 at 448; B/8: 4 "
+                "at 224; B/16 at 224 px, 5x5: 8, 9x9: 3, 11x11: 2, 14x14: 1): linear in grid area between the B/16 "
+                "points, proportional to grid area outside, times 49/K² for KxK windows, rounded, within the grid")
 
 
-def windows_source(img_size: int | tuple[int, int], patch_size: int = 16) -> str:
-    """'paper' when the paper reports the count of this configuration, else 'rule'."""
+def windows_source(img_size: int | tuple[int, int], patch_size: int = 16, window_size: int | None = None) -> str:
+    """'paper' when the paper reports the count of this configuration (``window_size`` None: 7), else 'rule'."""
+    return "rule" if _paper_count(img_size, patch_size, window_size) is None else "paper"
+
+
+def _paper_count(img_size: int | tuple[int, int], patch_size: int, window_size: int | None) -> int | None:
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
-    return "paper" if h == w and (patch_size, h) in PAPER_COUNTS else "rule"
+    k = PAPER_WINDOW if window_size is None else window_size
+    if h != w:
+        return None
+    if k == PAPER_WINDOW:
+        return PAPER_COUNTS.get((patch_size, h))
+    return PAPER_WINDOW_SIZES.get(k) if (patch_size, h) == (16, 224) else None
 
 
 def paper_windows(img_size: int | tuple[int, int], patch_size: int = 16, window_size: int | None = None,
                   placement: str = "permutation") -> int:
-    """Windows per image for an image of ``img_size`` px (H, W or square): the paper's count where it
-    reports one (:data:`PAPER_COUNTS`), else the rule of the module docstring.
-
-    ``window_size`` (K): cap the count at the windows a K×K window can take: min(Hg−K+1, Wg−K+1)
-    for the original's ``permutation`` placement, (Hg−K+1)·(Wg−K+1) for ``distinct``.
+    """Windows per image for an image of ``img_size`` px (H, W or square) and K×K windows
+    (``window_size``; None: 7×7, uncapped): the paper's count where it reports one
+    (:data:`PAPER_COUNTS`, :data:`PAPER_WINDOW_SIZES`), else the rule of the module docstring, at
+    most the windows a K×K window can take: min(Hg−K+1, Wg−K+1) for the original's ``permutation``
+    placement, (Hg−K+1)·(Wg−K+1) for ``distinct``.
     """
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
     hg, wg = h // patch_size, w // patch_size
-    if windows_source((h, w), patch_size) == "paper":
-        return PAPER_COUNTS[(patch_size, h)]
+    paper = _paper_count((h, w), patch_size, window_size)
+    if paper is not None:
+        return paper
     area = hg * wg
     points = sorted(PAPER_GRID_AREAS.items())
     (a0, n0), (a1, _) = points[0], points[-1]
@@ -59,6 +76,8 @@ def paper_windows(img_size: int | tuple[int, int], patch_size: int = 16, window_
     else:
         (lo, n_lo), (hi, n_hi) = next((p, q) for p, q in zip(points, points[1:]) if p[0] <= area <= q[0])
         exact = n_lo + (n_hi - n_lo) * (area - lo) / (hi - lo)
+    if window_size:
+        exact *= PAPER_WINDOW ** 2 / window_size ** 2
     count = max(1, math.floor(exact + 0.5))
     if window_size is not None and 0 < window_size <= min(hg, wg):
         rows, cols = hg - window_size + 1, wg - window_size + 1

@@ -34,6 +34,22 @@ def test_other_sizes_scale_with_the_grid_area_and_stay_monotone():
     assert paper_windows((224, 448)) == 5  # 14x28 = 392 patches: 4 + 2 * 196/380 = 5.03 -> 5
 
 
+@pytest.mark.parametrize("window, windows", [(5, 8), (7, 4), (9, 3), (11, 2), (14, 1)])
+def test_auto_follows_the_papers_window_size_ablation_at_224(tmp_path, capsys, window, windows):
+    config, text = _print_config(tmp_path, capsys, "--window-size", str(window))
+    assert config["windows"] == windows
+    assert f"window {window}: the paper's count" in text
+
+
+def test_other_window_sizes_take_49_over_k_squared_of_the_7x7_count():
+    assert paper_windows(448, 16, 5) == 18  # 9 * 49/25 = 17.6
+    assert paper_windows(448, 16, 14) == 2  # 9 * 49/196 = 2.25
+    assert paper_windows(384, 16, 5) == 12  # 6 * 49/25 = 11.8
+    assert paper_windows(224, 16, 10) == 2  # 4 * 49/100 = 1.96
+    assert paper_windows(224, 16, 12) == 1  # 4 * 49/144 = 1.36
+    assert paper_windows(224, 16, 3) == 12  # 4 * 49/9 = 21.8, but a 14x14 grid holds 12 3x3 windows (permutation)
+
+
 def test_auto_never_asks_for_more_windows_than_the_grid_has():
     # a 10x10 grid has 16 positions for a 7x7 window; the area rule alone would also give 2 here
     assert paper_windows(160, 16, window_size=7) == 2

@@ -243,9 +243,10 @@ class PretrainConfig(TaskConfig):
             return text
 
         patch = vit_config(self).patch_size
-        why = ("the paper's count for this patch and image size" if windows_source(self.img_size, patch) == "paper"
-               else WINDOWS_RULE)
-        note = f"# --windows auto = {auto} at --img-size {self.img_size}, patch {patch}: {why}\n"
+        why = ("the paper's count for this patch, image and window size"
+               if windows_source(self.img_size, patch, self.window_size) == "paper" else WINDOWS_RULE)
+        note = (f"# --windows auto = {auto} at --img-size {self.img_size}, patch {patch}, window {self.window_size}: "
+                f"{why}\n")
         return text.replace("\nwindows:", "\n" + note + "windows:", 1)
 
 

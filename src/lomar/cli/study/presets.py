@@ -31,6 +31,7 @@ from typing import Any
 from lomar.cli.study.spec import Budget, StudySpec, parse_budget, parse_flags, parse_spec
 from lomar.errors import UsageError
 from lomar.train.config import add_config_arguments, method_recipe, resolve_config
+from lomar.windows import PAPER_WINDOW_SIZES
 
 __all__ = ["PRESETS", "PAPER_PRESETS", "SCALES", "build_preset", "describe", "scaled_windows", "digits_data",
            "method_available"]
@@ -38,7 +39,6 @@ __all__ = ["PRESETS", "PAPER_PRESETS", "SCALES", "build_preset", "describe", "sc
 PRESETS = ("fig3", "table5", "windows", "mask-ratio", "pos", "enc-dec", "digits", "digits-checks")
 PAPER_PRESETS = PRESETS[:6]  # the paper's experiments: each has a paper scale
 SCALES = ("small", "paper")
-PAPER_WINDOWS = ((5, 8), (7, 4), (9, 3), (11, 2), (14, 1))  # window size : windows, on a 14x14 grid (Table 6)
 MASK_RATIOS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the paper's mask-ratio sweep, 30-90 %
 
 # --scale paper: ViT-B/16 at 224 px (14x14 grid), window 7x7, the methods' own recipes (SPEC §4,
@@ -85,7 +85,7 @@ DIGITS_CHECKS_GRID = [{**_LOMAR, "label": "lomar lr=3e-4", "lr": 3e-4},
 def scaled_windows(grid: int) -> list[dict[str, Any]]:
     """The paper's (size, count) pairs on a ``grid`` x ``grid`` patch grid (see module docstring)."""
     out = []
-    for size, count in PAPER_WINDOWS:
+    for size, count in PAPER_WINDOW_SIZES.items():
         scaled = min(grid, max(2, round(size * grid / 14)))
         label = f"{size}:{count}" + (f" as {scaled}:{count}" if scaled != size else "")
         out.append(dict(label=label, window_size=scaled, windows=count))
