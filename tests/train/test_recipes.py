@@ -17,13 +17,13 @@ from lomar.methods.base import RECIPE_KEYS
 # The papers' values, written out here independently of the method modules.
 PAPER = {
     # SPEC §4 (LoMaR's main_pretrain.py) = MAE's Table 8
-    "lomar": dict(betas=(0.9, 0.95), blr=1.5e-4, lr=None, warmup_epochs=40, min_lr=0.0, weight_decay=0.05,
+    "lomar": dict(epochs=400, betas=(0.9, 0.95), blr=1.5e-4, lr=None, warmup_epochs=40, min_lr=0.0, weight_decay=0.05,
                   clip_grad=None, crop_scale=(0.2, 1.0), color_jitter=0.0, layer_scale_init=None),
-    "mae": dict(betas=(0.9, 0.95), blr=1.5e-4, lr=None, warmup_epochs=40, min_lr=0.0, weight_decay=0.05,
+    "mae": dict(epochs=400, betas=(0.9, 0.95), blr=1.5e-4, lr=None, warmup_epochs=40, min_lr=0.0, weight_decay=0.05,
                 clip_grad=None, crop_scale=(0.2, 1.0), color_jitter=0.0, layer_scale_init=None),
     # BEIT_SPEC §4: lr 1.5e-3 at batch 2048, not scaled; layer scale by model size
-    "beit": dict(betas=(0.9, 0.999), lr=1.5e-3, warmup_epochs=10, min_lr=1e-5, weight_decay=0.05, clip_grad=3.0,
-                 crop_scale=(0.08, 1.0), color_jitter=0.4, layer_scale_init=None),
+    "beit": dict(epochs=800, betas=(0.9, 0.999), lr=1.5e-3, warmup_epochs=10, min_lr=1e-5, weight_decay=0.05,
+                 clip_grad=3.0, crop_scale=(0.08, 1.0), color_jitter=0.4, layer_scale_init=None),
 }
 
 

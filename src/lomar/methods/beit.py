@@ -35,7 +35,7 @@ KMEANS_PATCH = 8  # pixels per token on the tokenizer's view (the dVAE's stride)
 # BEiT-base's pretraining recipe (BEIT_SPEC §4: the published ImageNet-1k command of
 # beit/README.md and run_beit_pretraining.py). The lr is absolute, not scaled by the batch (1.5e-3 at
 # 2048 images), so blr is unused; layer_scale_init None = by model size (layer_scale_init below).
-RECIPE = dict(betas=(0.9, 0.999), blr=1.5e-4, lr=1.5e-3, warmup_epochs=10, min_lr=1e-5, weight_decay=0.05,
+RECIPE = dict(epochs=800, betas=(0.9, 0.999), blr=1.5e-4, lr=1.5e-3, warmup_epochs=10, min_lr=1e-5, weight_decay=0.05,
               clip_grad=3.0, crop_scale=(0.08, 1.0), color_jitter=0.4, layer_scale_init=None)
 RECIPE_SOURCE = "BEiT's pretraining recipe (BEIT_SPEC §4: beit/README.md ImageNet-1k command, run_beit_pretraining.py)"
 LARGE_WIDTH = 1024  # ViT-L's width: BEiT starts layer scale at 1e-5 from there (README), 0.1 below

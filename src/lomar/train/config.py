@@ -38,8 +38,9 @@ class PretrainConfig(TaskConfig):
     COMMAND = "pretrain"
     # data and output
     preset: str | None = S.setting(None, "demo = a 128-wide, 4-block ViT on 96 px crops for a few CPU minutes; paper = "
-                                   "the original recipe (ViT-B/16, 224 px, 400 epochs) (default: demo without --data, "
-                                   "paper with it)", choices=("demo", "paper"), resume="derived", kind=str)
+                                   "the --method's recipe (ViT-B/16, 224 px; lomar, mae 400 epochs, beit 800) "
+                                   "(default: demo without --data, paper with it)", choices=("demo", "paper"),
+                                   resume="derived", kind=str)
     data: str | None = S.DATA.field(help="image folder (recursive), .txt list of paths, or tar shards ('shards/*.tar', "
                                        "'shard-{000..009}.tar') (default: the built-in demo photographs)")
     out: str | None = S.OUT.field()
@@ -58,8 +59,9 @@ class PretrainConfig(TaskConfig):
     window_size: int = S.WINDOW_SIZE.field()
     windows: str = S.setting(  # an int once resolved
         "auto", "K x K windows per image for any method; 0 or 'global' = the whole image; auto = lomar: the paper's "
-        "counts (B/16: 4 at 224 px, 6 at 384, 9 at 448; B/8: 4 at 224), scaled with the patch-grid area at sizes "
-        "the paper does not report (--print-config shows the count); mae, beit: global", resume="derived",
+        "counts (7x7 windows, B/16: 4 at 224 px, 6 at 384, 9 at 448; B/8: 4 at 224; KxK windows at 224 px: 5: 8, "
+        "9: 3, 11: 2, 14: 1), elsewhere scaled with the patch-grid area and by 49/K^2 (--print-config shows the "
+        "count); mae, beit: global", resume="derived",
         parse=lambda text: "auto" if text.strip().lower() == "auto" else parse_windows(text))
     window_placement: str = S.setting(
         "permutation", "how windows are placed: permutation = the original's (tops and lefts from two random "
@@ -78,7 +80,7 @@ class PretrainConfig(TaskConfig):
     # optimisation (original recipe)
     batch_size: int = S.BATCH_SIZE.field()
     accum_steps: int = S.ACCUM_STEPS.field()
-    epochs: int = S.EPOCHS.field()
+    epochs: int = S.EPOCHS.field(help=S.EPOCHS.help + f" (default: the --method's recipe; {_R}: 400; beit: 800)")
     max_steps: int | None = S.MAX_STEPS.field()
     schedule_steps: int | None = S.SCHEDULE_STEPS.field()
     # optimisation: the generic defaults are LoMaR's (= MAE's) recipe; each --method's recipe replaces them
