@@ -88,6 +88,12 @@ def test_default_is_49_tokens_39_masked():
     assert plan.mask.sum(-1).eq(39).all()
 
 
+def test_masked_count_floors_the_ratio_as_written_not_its_float_product():
+    assert 100 * 0.29 < 29 and 100 * 0.57 < 57  # float products just below the integer
+    assert num_masked(10, 0.29) == 29 and num_masked(10, 0.57) == 57 and num_masked(10, 0.58) == 58
+    assert num_masked(10, 0.295) == 29 and num_masked(5, 0.5) == 12
+
+
 def test_window_token_index_is_raster_order():
     idx = window_token_index(torch.tensor([[2, 3]]), 3, 10)
     assert idx.tolist() == [[23, 24, 25, 33, 34, 35, 43, 44, 45]]

@@ -62,7 +62,7 @@ def num_masked(window_size: int, mask_ratio: float) -> int:
     lowest, highest = math.ceil(1000 / tokens) / 1000, math.floor(1000 * (tokens - 1) / tokens) / 1000
     if not math.isfinite(mask_ratio):
         raise ValueError(f"mask ratio must be a number in [{lowest:.3f}, {highest:.3f}], got {mask_ratio}")
-    masked = int(math.floor(tokens * mask_ratio + 1e-9))
+    masked = int(math.floor(tokens * mask_ratio + 1e-9))  # 100 * 0.29 is 28.999...: floor the ratio as written
     if not 0 < masked < tokens:
         raise ValueError(
             f"mask ratio {mask_ratio} masks {masked} of the {tokens} tokens of a "
