@@ -47,6 +47,20 @@ def test_load_original_with_args_namespace(tmp_path):
     torch.testing.assert_close(loaded.eval()(x, plan=plan).pred, model.eval()(x, plan=plan).pred)
 
 
+def test_load_original_keeps_the_originals_capped_window_count_and_says_so(tmp_path, caplog):
+    model = LoMaR(model_config("vit_tiny_patch16", img_size=112, **TINY), window_size=5)
+    args = argparse.Namespace(model="lomar_vit_custom", input_size=112, window_size=5, num_window=4,
+                              mask_ratio=0.8, norm_pix_loss=True)
+    path = tmp_path / "orig.pth"
+    state = _original_lomar_state(model)
+    state["pos_embed"] = torch.zeros(1, 50, 48)
+    torch.save({"model": state, "args": args}, path)
+    with caplog.at_level("WARNING", logger="lomar.checkpoints"):
+        loaded = load_original(path)
+    assert loaded.num_windows == 3  # a 7x7 grid holds 3 5x5 windows with the original's placement
+    assert "ask for 4 5x5 windows, which the original capped at 3" in caplog.text
+
+
 def test_unpickling_arbitrary_objects_is_refused(tmp_path):
     class Evil:
         def __reduce__(self):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from lomar.checkpoints.reader import EncoderWeights, Reader, register
 from lomar.models import MAE, LoMaR
 from lomar.models.masking import grid_size, window_positions
 from lomar.models.vit import VisionTransformer, ViTConfig
+
+log = logging.getLogger("lomar.checkpoints")
 
 __all__ = ["infer_original_config", "load_original", "OriginalReader"]
 
@@ -49,8 +52,13 @@ def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
     if method == "lomar":
         window = int(overrides.get("window_size", args.get("window_size", 7)))
         rows, cols = window_positions(grid_size(config.img_size, config.patch_size), window)
-        # The original silently caps the window count at the grid (SPEC §6.2); do the same here.
-        settings.update(window_size=window, num_windows=min(int(args.get("num_window", 4)), rows, cols),
+        # The original silently caps the window count at the grid (SPEC §6.2): the model it trained used the cap.
+        asked = int(args.get("num_window", 4))
+        if asked > min(rows, cols):
+            log.warning("original checkpoint: its args ask for %d %dx%d windows, which the original capped at %d on "
+                        "a %d px image; loaded with %d", asked, window, window, min(rows, cols), config.img_size,
+                        min(rows, cols))
+        settings.update(window_size=window, num_windows=min(asked, rows, cols),
                         mask_ratio=args.get("mask_ratio", 0.8), norm_pix_loss=args.get("norm_pix_loss", True))
     elif method == "mae":
         settings["config"] = replace(config, pos="abs")
