@@ -13,7 +13,14 @@ import torch
 from coco_tiny import write_tiny_coco
 
 from lomar.cli.app import main
-from lomar.data.coco import detection_dataset, read_coco, train_transforms, training_split
+from lomar.data.coco import (
+    collate_detection,
+    detection_dataset,
+    eval_transforms,
+    read_coco,
+    train_transforms,
+    training_split,
+)
 from lomar.errors import UsageError
 from lomar.integrations.detection import FixedSizeTransform, build_mask_rcnn, detector_param_groups
 from lomar.models.vit import VisionTransformer, model_config
@@ -51,6 +58,13 @@ BAD = {  # how the file is broken -> what its one line must say
     "unknown image": (lambda d: d["annotations"][0].update(image_id=999), "image_id 999, which is not in images"),
     "annotation without segmentation": (lambda d: d["annotations"][0].pop("segmentation"), "has no 'segmentation'"),
     "malformed bbox": (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]), "four finite numbers"),
+    "no polygon": (lambda d: d["annotations"][0].update(segmentation=[]), "an empty polygon list"),
+    "short polygon": (lambda d: d["annotations"][0].update(segmentation=[[1, 2, 3, 4]]), "at least 3 x, y pairs"),
+    "flat polygon": (lambda d: d["annotations"][0].update(segmentation=[1, 2, 3, 4, 5, 6]), "at least 3 x, y pairs"),
+    "RLE of another size": (lambda d: d["annotations"][0].update(segmentation={"size": [5, 5], "counts": "0"}),
+                            "an RLE of size [5, 5], but its image is 96x128"),
+    "string image id": (lambda d: [a.update(image_id="a") for a in d["annotations"] if a["image_id"] == 1]
+                        and d["images"][0].update(id="a"), "image id 'a' is not an integer"),
     "image listed but missing": (lambda d: d["images"][0].update(file_name="gone.png"),
                                  "not found under"),
     "empty split": (_set("images", []), "lists no images"),
@@ -113,19 +127,90 @@ def test_boxes_clipped_zero_area_skipped_crowd_kept_for_evaluation_only(tiny, tm
 def test_jitter_keeps_boxes_masks_and_labels_together(tiny):
     (ann, images), _ = tiny
     split = training_split(read_coco(ann, images))
+    dataset = detection_dataset(split, train_transforms(64, (0.5, 2.0)), train=True, seed=0)
+    cropped = 0
+    for epoch in range(4):
+        for i in range(len(dataset)):
+            image, target = dataset[i, epoch]
+            assert image.dtype == torch.float32 and max(image.shape[-2:]) <= 64 and image.max() <= 1
+            n = len(target["boxes"])
+            assert target["masks"].shape == (n, *image.shape[-2:]) and target["labels"].shape == (n,)
+            assert set(target["labels"].tolist()) <= {1, 2}  # category ids 3, 7 -> labels 1, 2
+            cropped += n < len(split.coco().getAnnIds(imgIds=split.data["images"][i]["id"]))
+            for box, mask in zip(target["boxes"], target["masks"]):  # ViTDet: each box is its mask's extent
+                ys, xs = torch.nonzero(mask, as_tuple=True)
+                assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    assert cropped  # some crops cut objects away: what the recomputed boxes are for
+
+
+def test_training_samples_are_a_function_of_seed_epoch_and_index(tiny):
+    (ann, images), _ = tiny
+    split = training_split(read_coco(ann, images))
+    dataset = detection_dataset(split, train_transforms(64, (0.5, 2.0)), train=True, seed=3)
     torch.manual_seed(0)
-    dataset = detection_dataset(split, train_transforms(64, (0.5, 2.0)), train=True)
-    for i in range(len(dataset)):
-        image, target = dataset[i]
-        assert image.dtype == torch.float32 and max(image.shape[-2:]) <= 64 and image.max() <= 1
-        n = len(target["boxes"])
-        assert target["masks"].shape == (n, *image.shape[-2:]) and target["labels"].shape == (n,)
-        assert set(target["labels"].tolist()) <= {1, 2}  # category ids 3, 7 -> labels 1, 2
-        for box, mask in zip(target["boxes"], target["masks"]):
-            ys, xs = torch.nonzero(mask, as_tuple=True)
-            if len(xs):  # the mask lies inside its box (a pixel of slack for the resampling)
-                assert xs.min() >= box[0] - 1.5 and xs.max() <= box[2] + 0.5
-                assert ys.min() >= box[1] - 1.5 and ys.max() <= box[3] + 0.5
+    first = dataset[2, 1]
+    state = torch.get_rng_state()
+    torch.manual_seed(123)  # the caller's stream does not matter, and is left as it was
+    again = dataset[2, 1]
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1]["boxes"], again[1]["boxes"])
+    torch.manual_seed(0)
+    dataset[2, 1]
+    assert torch.equal(torch.get_rng_state(), state)
+    other = [dataset[2, epoch][0] for epoch in range(2, 6)]
+    assert any(image.shape != first[0].shape or not torch.equal(image, first[0]) for image in other)
+
+
+def test_unusable_images_are_skipped_with_a_warning(tiny, tmp_path, caplog):
+    (ann, images), _ = tiny
+    data = json.loads(ann.read_text())
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for image in data["images"]:
+        (folder / image["file_name"]).write_bytes((images / image["file_name"]).read_bytes())
+    truncated = folder / data["images"][0]["file_name"]
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    data["images"][1]["width"] = 100  # not the file's size: its boxes would not fit
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(data))
+    split = training_split(read_coco(edited, folder))
+    dataset = detection_dataset(split, train_transforms(64), train=True, seed=0)
+    with caplog.at_level("WARNING", logger="lomar.data"):
+        batch = [dataset[i, 0] for i in range(3)]
+    assert batch[0] is None and batch[1] is None and batch[2] is not None
+    assert str(truncated) in caplog.text and "is 128x96 upright, but" in caplog.text
+    images_out, targets = collate_detection(batch, refill=True)
+    assert len(images_out) == 3 and all(image is images_out[0] for image in images_out)
+    assert collate_detection(batch) == ([batch[2][0]], [batch[2][1]])
+
+
+def test_exif_rotated_image_is_read_upright(tiny, tmp_path):
+    from PIL import Image
+
+    (ann, images), _ = tiny
+    data = json.loads(ann.read_text())
+    first = data["images"][0]
+    stored = Image.open(images / first["file_name"]).convert("RGB").transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to show: the stored image turned back upright
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for image in data["images"]:
+        (folder / image["file_name"]).write_bytes((images / image["file_name"]).read_bytes())
+    first["file_name"] = "rotated.jpg"
+    stored.save(folder / "rotated.jpg", exif=exif, quality=95)
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(data))
+    image, _ = detection_dataset(read_coco(edited, folder), eval_transforms(), train=False)[0]
+    assert image.shape == (3, first["height"], first["width"])
+
+
+def test_evaluation_does_not_change_the_split_it_scores(tiny):
+    (ann, images), _ = tiny
+    split = read_coco(ann, images)
+    before = json.dumps(split.data)
+    coco = split.coco()
+    coco.dataset["annotations"][0]["segmentation"] = {"size": [1, 1], "counts": "1"}  # as COCOeval's toRle does
+    assert json.dumps(split.data) == before
 
 
 def test_detector_pads_to_a_fixed_size_and_groups_every_parameter_once():
@@ -152,6 +237,19 @@ def test_detector_pads_to_a_fixed_size_and_groups_every_parameter_once():
     assert scale_of[id(model.roi_heads.box_predictor.cls_score.weight)] == 1.0
     assert decay_of[id(encoder.blocks[0].norm1.weight)] == decay_of[id(encoder.cls_token)] == 0.0
     assert decay_of[id(encoder.blocks[0].attn.qkv.weight)] == decay_of[id(encoder.blocks[0].attn.qkv.bias)] == 0.1
+
+
+def test_roi_scales_follow_the_pyramid_not_the_first_batchs_image_sizes():
+    # torchvision infers them from the first batch's largest unpadded image: a 20x26 one, padded to 64,
+    # would fix p2 at 1/2 instead of 1/4 for the rest of the run
+    torch.manual_seed(0)
+    model = build_mask_rcnn(VisionTransformer(model_config("vit_tiny_patch16", img_size=64, depth=2)), 2, 64)
+    target = {"boxes": torch.tensor([[2.0, 2.0, 12.0, 12.0]]), "labels": torch.tensor([1]),
+              "masks": torch.ones(1, 20, 26, dtype=torch.uint8)}
+    model.train()([torch.rand(3, 20, 26)], [target])
+    for pool in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool):
+        assert pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+        assert (pool.map_levels.k_min, pool.map_levels.k_max) == (2, 5)
 
 
 def test_step_schedule_is_vitdets():
@@ -212,8 +310,9 @@ def test_detect_trains_and_predictions_rescore_to_the_reported_ap(tiny, tmp_path
     (out / "predictions.json").rename(tmp_path / "first.json")
     evaluated = tmp_path / "evaluated"
     code = main(["detect", "--val-ann", str(val_ann), "--val-images", str(val_images), "--eval-only",
-                 "--pretrained", str(out / "last.pt"), "--img-size", "96", "--workers", "0", "--out", str(evaluated)])
-    assert code == 0, capsys.readouterr().err
+                 "--pretrained", str(out / "last.pt"), "--workers", "0", "--out", str(evaluated)])
+    assert code == 0
+    assert "96 px input" in capsys.readouterr().err  # the detector's own size, not the 1024 default
     again = json.loads((evaluated / "metrics.jsonl").read_text().splitlines()[-1])
     assert {k: again[k] for k in rescored} == {k: metrics[k] for k in rescored}
 
@@ -225,7 +324,7 @@ def test_detect_resume_is_exact(tiny, tmp_path, capsys):
     common = ["detect", "--train-ann", str(train_ann), "--train-images", str(train_images), "--val-ann", str(val_ann),
               "--val-images", str(val_images), "--model", "vit_tiny_patch16", "--img-size", "64", "--batch-size", "2",
               "--schedule-steps", "4", "--warmup-steps", "1", "--rois-per-image", "16",
-              "--workers", "0", "--threads", "2", "--device", "cpu", "--log-every", "1"]
+              "--workers", "2", "--threads", "1", "--device", "cpu", "--log-every", "1"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main([*common, "--max-steps", "4", "--out", str(straight)]) == 0, capsys.readouterr().err
     assert main([*common, "--max-steps", "2", "--out", str(split)]) == 0, capsys.readouterr().err

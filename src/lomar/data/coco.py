@@ -8,28 +8,44 @@ category, images listed but absent from the image folder, an empty split) is a
 a box of zero area after clipping is skipped and counted (:class:`CocoSummary`). Crowd
 annotations are left out of training targets and kept for evaluation, as detectron2 does;
 training also leaves out images without a box (detectron2's ``FILTER_EMPTY_ANNOTATIONS``).
+Each segmentation is checked to be polygons (lists of at least 3 x, y pairs) or an RLE of its image's size.
+
+Images are read as every command reads them (:func:`lomar.data.decode.load_image`: bounded, EXIF
+upright, 16-bit scaled by depth); one that cannot be read, or whose upright size is not the size the
+file gives it, is skipped with a warning (its item is None, :func:`collate_detection` drops it).
+A training sample's random jitter is a function of (seed, epoch, index), so a resumed run draws what
+the uninterrupted one did whatever the worker count.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
+import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_transforms_v2
+from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from lomar.data.decode import load_image
+from lomar.data.transforms import sample_generator, sample_key
 from lomar.errors import UsageError
 
 __all__ = ["CocoSplit", "CocoSummary", "read_coco", "training_split", "CocoInstances", "train_transforms",
-           "eval_transforms", "detection_dataset", "collate_detection"]
+           "eval_transforms", "detection_dataset", "DetectionSamples", "collate_detection", "collate_detection_refill"]
+
+log = logging.getLogger("lomar.data")
 
 _IMAGE_KEYS = ("id", "file_name", "width", "height")
 _ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox", "segmentation")
@@ -63,11 +79,12 @@ class CocoSplit:
     summary: CocoSummary = field(default_factory=CocoSummary)
 
     def coco(self):
-        """A pycocotools ``COCO`` over the cleaned dict (its index printout swallowed)."""
+        """A pycocotools ``COCO`` over a copy of the cleaned dict (its evaluation rewrites polygons as RLE in
+        place; its index printout swallowed)."""
         from pycocotools.coco import COCO
 
         coco = COCO()
-        coco.dataset = self.data
+        coco.dataset = copy.deepcopy(self.data)
         with contextlib.redirect_stdout(io.StringIO()):
             coco.createIndex()
         return coco
@@ -107,6 +124,31 @@ def _clip_box(box, width: float, height: float) -> tuple[list[float], bool] | No
     return clipped, clipped != [x, y, w, h]
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _segmentation_error(seg, width: float, height: float) -> str | None:
+    """Why ``seg`` is not a COCO segmentation of a ``width`` x ``height`` image; None when it is one."""
+    if isinstance(seg, list):
+        if not seg:
+            return "an empty polygon list"
+        for polygon in seg:
+            if not (isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0
+                    and all(_number(v) for v in polygon)):
+                return f"polygon {str(polygon)[:40]}, which is not a list of at least 3 x, y pairs"
+        return None
+    if isinstance(seg, dict):
+        size, counts = seg.get("size"), seg.get("counts")
+        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size)) or \
+                not isinstance(counts, (list, str)):
+            return "an RLE without an integer size [height, width] and counts"
+        if size != [int(height), int(width)]:
+            return f"an RLE of size {size}, but its image is {int(height)}x{int(width)} (height x width)"
+        return None
+    return f"a {type(seg).__name__}, neither polygons nor an RLE"
+
+
 def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train-ann",
               images_flag: str = "--train-images") -> CocoSplit:
     """Read and check a COCO instances file and its image folder (see the module docstring)."""
@@ -128,6 +170,8 @@ def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train
     annotations = _entries(path, data, "annotations", _ANNOTATION_KEYS)
     categories = _entries(path, data, "categories", ("id", "name"))
     for what, entries in (("image", images), ("annotation", annotations), ("category", categories)):
+        if bad := next((e["id"] for e in entries if not isinstance(e["id"], int) or isinstance(e["id"], bool)), None):
+            raise _fail(path, f"{what} id {bad!r} is not an integer; COCO ids (and pycocotools) are integers")
         _unique(path, entries, what)
     if not images:
         raise _fail(path, "lists no images; an empty split cannot be trained or evaluated")
@@ -155,9 +199,10 @@ def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train
             raise _fail(path, f"{where} refers to category_id {ann['category_id']!r}, which is not in categories; "
                               f"add the category or fix the annotation")
         box = ann["bbox"]
-        if not (isinstance(box, list) and len(box) == 4 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+        if not (isinstance(box, list) and len(box) == 4 and all(_number(v) for v in box)):
             raise _fail(path, f"{where} has bbox {box!r}; a bbox is [x, y, width, height], four finite numbers")
+        if why := _segmentation_error(ann["segmentation"], *sizes[ann["image_id"]]):
+            raise _fail(path, f"{where} has as segmentation {why}; fix or remove the annotation")
         fitted = _clip_box([float(v) for v in box], *sizes[ann["image_id"]])
         if fitted is None:
             summary.zero_area += 1
@@ -183,20 +228,60 @@ def training_split(split: CocoSplit) -> CocoSplit:
     return CocoSplit(split.path, split.root, data, split.categories, split.summary)
 
 
+class _Skipped(Exception):
+    """An image that cannot be used: unreadable, or not the size its annotations are for."""
+
+
 class CocoInstances(CocoDetection):
     """``CocoDetection`` over a checked :class:`CocoSplit` (not re-read from disk), category ids
-    mapped to contiguous labels 1..K (0 is torchvision's background)."""
+    mapped to contiguous labels 1..K (0 is torchvision's background), images read by
+    :func:`lomar.data.decode.load_image`."""
 
     def __init__(self, split: CocoSplit, transforms=None):
         VisionDataset.__init__(self, str(split.root), transforms=transforms)
         self.coco = split.coco()
         self.ids = [image["id"] for image in split.data["images"]]
         self.label_of = {cat: i + 1 for i, cat in enumerate(split.categories)}
+        self.source = split.path
+
+    def _load_image(self, id: int) -> tv_tensors.Image:  # noqa: A002 (torchvision's signature)
+        info = self.coco.loadImgs(id)[0]
+        try:
+            image = load_image(Path(self.root) / info["file_name"])
+        except ValueError as exc:
+            raise _Skipped(str(exc)) from None
+        height, width = image.shape[-2:]
+        if (height, width) != (round(info["height"]), round(info["width"])):
+            raise _Skipped(f"{Path(self.root) / info['file_name']} is {width}x{height} upright, but {self.source} "
+                           f"gives it {info['width']}x{info['height']}: its annotations would not fit")
+        return tv_tensors.Image(image)
 
     def _load_target(self, id: int) -> list[dict]:  # noqa: A002 (torchvision's signature)
         return [{**a, "category_id": self.label_of[a["category_id"]]} for a in super()._load_target(id)]
 
 
+class DetectionSamples(Dataset):
+    """``dataset``'s (image, target) by key (an index, or the sampler's (index, epoch)), or None for an
+    image that cannot be used (a warning says why). With ``seed``, the sample's random transforms draw
+    from a stream that is a function of (seed, epoch, index) alone; the caller's stream is left as it was."""
+
+    def __init__(self, dataset, seed: int | None = None):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, epoch = sample_key(key)
+        try:
+            if self.seed is None:
+                return self.dataset[index]
+            with torch.random.fork_rng(devices=()):
+                torch.manual_seed(sample_generator(self.seed, epoch, index).initial_seed())
+                return self.dataset[index]
+        except _Skipped as exc:
+            log.warning("skipped image: %s", exc)
+            return None
 class _CropAtMost(v2.Transform):
     """A random crop of at most ``size`` x ``size`` (a smaller image is left whole): the model
     pads every image to the fixed input size at its bottom-right, as ViTDet's FixedSizeCrop."""
@@ -218,13 +303,28 @@ class _CropAtMost(v2.Transform):
     _get_params, _transform = make_params, transform  # torchvision < 0.21 calls these names
 
 
+def _boxes_from_masks(image, target: dict):
+    """ViTDet's ``recompute_boxes``: after the crop each box is its mask's extent (pixel edges, detectron2's
+    ``BitMasks.get_bounding_boxes``); a mask the crop emptied leaves an empty box, which is then dropped."""
+    masks, boxes = target["masks"], torch.zeros(len(target["masks"]), 4)
+    filled = masks.flatten(1).bool().any(1)
+    if filled.any():
+        extent = masks_to_boxes(masks[filled])
+        extent[:, 2:] += 1
+        boxes[filled] = extent
+    target["boxes"] = tv_tensors.wrap(boxes.to(target["boxes"].dtype), like=target["boxes"])
+    return image, target
+
+
 def train_transforms(size: int, scale_range: tuple[float, float] = (0.1, 2.0)) -> v2.Compose:
     """ViTDet's large-scale jitter on image, boxes and masks: flip, resize to ``size`` x a random
-    scale in ``scale_range`` (aspect kept), crop to at most ``size``; boxes clipped, emptied ones dropped."""
+    scale in ``scale_range`` (aspect kept), crop to at most ``size``; boxes recomputed from the masks,
+    emptied ones dropped."""
     return v2.Compose([
         v2.RandomHorizontalFlip(),
         v2.ScaleJitter((size, size), scale_range=scale_range, antialias=True),
         _CropAtMost(size),
+        _boxes_from_masks,
         v2.ClampBoundingBoxes(),
         v2.SanitizeBoundingBoxes(min_size=1.0),
         *eval_transforms().transforms,
@@ -236,14 +336,21 @@ def eval_transforms() -> v2.Compose:
     return v2.Compose([v2.ToImage(), v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)])
 
 
-def detection_dataset(split: CocoSplit, transforms, train: bool):
-    """(image (3, H, W) float, target) pairs; target: boxes (N, 4) xyxy, labels (N,), masks (N, H, W)
-    and image_id for training, image_id only for evaluation."""
+def detection_dataset(split: CocoSplit, transforms, train: bool, seed: int | None = None) -> DetectionSamples:
+    """(image (3, H, W) float, target) pairs, or None (:class:`DetectionSamples`; ``seed``: of the random
+    transforms); target: boxes (N, 4) xyxy, labels (N,), masks (N, H, W) and image_id for training,
+    image_id only for evaluation."""
     keys = {"image_id", "boxes", "labels", "masks"} if train else {"image_id"}
-    return wrap_dataset_for_transforms_v2(CocoInstances(split, transforms), target_keys=keys)
+    return DetectionSamples(wrap_dataset_for_transforms_v2(CocoInstances(split, transforms), target_keys=keys), seed)
 
 
-def collate_detection(batch: list) -> tuple[list, list]:
-    """Detection batches stay lists: images differ in size, targets in box count."""
-    images, targets = zip(*batch)
-    return list(images), list(targets)
+def collate_detection(batch: list, refill: bool = False) -> tuple[list, list]:
+    """Detection batches stay lists (images differ in size, targets in box count); skipped samples (None)
+    are dropped, or with ``refill`` replaced by the batch's others in turn (a training batch keeps its size)."""
+    good = [item for item in batch if item is not None]
+    if refill and good:
+        good += [good[i % len(good)] for i in range(len(batch) - len(good))]
+    return [image for image, _ in good], [target for _, target in good]
+
+
+collate_detection_refill = partial(collate_detection, refill=True)  # a partial pickles for loader workers

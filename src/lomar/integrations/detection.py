@@ -23,6 +23,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.poolers import initLevelMapper
 
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.integrations.dense import LayerNorm2d, ViTDetBackbone, layer_decay_param_groups
@@ -31,6 +32,7 @@ from lomar.models.vit import VisionTransformer
 __all__ = ["PyramidBackbone", "FixedSizeTransform", "build_mask_rcnn", "detector_param_groups"]
 
 ROI_LEVELS = ["p2", "p3", "p4", "p5"]
+ROI_STRIDES = (4, 8, 16, 32)  # of ROI_LEVELS, in input pixels
 
 
 class PyramidBackbone(nn.Module):
@@ -72,6 +74,19 @@ class FixedSizeTransform(GeneralizedRCNNTransform):
         return batch
 
 
+def roi_pool(output_size: int) -> MultiScaleRoIAlign:
+    """RoIAlign over ROI_LEVELS with the levels' scales fixed by their strides. torchvision infers them
+    on its first call from that batch's largest unpadded image, and keeps them: here every image is
+    padded to the fixed input size, so a first batch of small jittered images would fix wrong scales
+    (1/2 for p2, say) for the whole run, and a resumed run could infer others."""
+    pool = MultiScaleRoIAlign(ROI_LEVELS, output_size=output_size, sampling_ratio=0)
+    pool.scales = [1 / stride for stride in ROI_STRIDES]
+    levels = [stride.bit_length() - 1 for stride in ROI_STRIDES]  # log2: 2..5
+    pool.map_levels = initLevelMapper(levels[0], levels[-1], canonical_scale=pool.canonical_scale,
+                                      canonical_level=pool.canonical_level)
+    return pool
+
+
 def build_mask_rcnn(encoder: VisionTransformer, num_classes: int, size: int, out_channels: int = 256,
                     grad_checkpointing: bool = False, detections_per_image: int = 100) -> MaskRCNN:
     """Mask R-CNN with ``num_classes`` foreground classes (labels 1..num_classes) on ``encoder``.
@@ -92,9 +107,7 @@ def build_mask_rcnn(encoder: VisionTransformer, num_classes: int, size: int, out
         rpn_anchor_generator=anchors, rpn_head=rpn_head,
         rpn_pre_nms_top_n_train=2000, rpn_pre_nms_top_n_test=1000,
         rpn_post_nms_top_n_train=1000, rpn_post_nms_top_n_test=1000,
-        box_roi_pool=MultiScaleRoIAlign(ROI_LEVELS, output_size=7, sampling_ratio=0),
-        box_head=box_head, representation_size=1024,
-        mask_roi_pool=MultiScaleRoIAlign(ROI_LEVELS, output_size=14, sampling_ratio=0),
+        box_roi_pool=roi_pool(7), box_head=box_head, representation_size=1024, mask_roi_pool=roi_pool(14),
         mask_head=mask_head, box_detections_per_img=detections_per_image,
     )
     model.transform = FixedSizeTransform(size)

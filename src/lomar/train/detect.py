@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader, Subset
 from lomar.checkpoints.io import atomic_write_text, safe_load
 from lomar.data.coco import (
     collate_detection,
+    collate_detection_refill,
     detection_dataset,
     eval_transforms,
     read_coco,
@@ -36,15 +38,13 @@ from lomar.eval.features import load_pretrained_encoder
 from lomar.integrations.detection import build_mask_rcnn, detector_param_groups
 from lomar.models.attention import vitdet_global_blocks
 from lomar.models.vit import VisionTransformer, ViTConfig, model_config
-from lomar.train.detect_config import DetectConfig
+from lomar.train.detect_config import CHECKPOINT_FORMAT, DetectConfig, detect_checkpoint
 from lomar.train.distributed import DistInfo, init_distributed
 from lomar.train.lifecycle import Task, run
 from lomar.train.run_state import RunLock
 from lomar.train.settings_resume import encoder_layout
 
 __all__ = ["DetectTask", "CHECKPOINT_FORMAT", "detect_checkpoint", "step_lr_factor", "detect"]
-
-CHECKPOINT_FORMAT = "lomar-detect-1"
 
 
 def step_lr_factor(step: int, total: int, warmup: int) -> float:
@@ -54,20 +54,6 @@ def step_lr_factor(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         factor *= 0.001 + (1 - 0.001) * step / warmup
     return factor
-
-
-def detect_checkpoint(path: str | Path) -> Path | None:
-    """The `lomar detect` checkpoint ``path`` names (a file, or a run folder's best.pt / last.pt); None if not one."""
-    path = Path(path)
-    candidates = [path] if path.is_file() else [path / "best.pt", path / "last.pt"]
-    for candidate in candidates:
-        if candidate.is_file() and candidate.suffix == ".pt":
-            try:
-                if safe_load(candidate, mmap=True).get("format") == CHECKPOINT_FORMAT:
-                    return candidate
-            except (OSError, ValueError, RuntimeError):
-                continue
-    return None
 
 
 def _layout(config: DetectConfig, depth: int | None) -> dict:
@@ -102,10 +88,11 @@ class DetectTask(Task):
             if train.categories != self.categories:
                 raise UsageError(f"{train.path} and {self.val.path} list different category ids "
                                  f"({train.categories} vs {self.categories}); both splits need the same categories")
-            dataset = detection_dataset(train, train_transforms(config.img_size, config.jitter), train=True)
-            sampler = EpochSampler(len(dataset), config.seed, rank, world_size, keys=False)
+            dataset = detection_dataset(train, train_transforms(config.img_size, config.jitter), train=True,
+                                        seed=config.seed)
+            sampler = EpochSampler(len(dataset), config.seed, rank, world_size)
             self.train_loader = DataLoader(dataset, config.batch_size, sampler=sampler, drop_last=True,
-                                           collate_fn=collate_detection, num_workers=config.workers,
+                                           collate_fn=collate_detection_refill, num_workers=config.workers,
                                            generator=torch.Generator().manual_seed(config.seed + rank))
         val_set = detection_dataset(self.val, eval_transforms(), train=False)
         # Its own generator: an evaluation then draws nothing from the global stream (resume stays exact).
@@ -113,6 +100,7 @@ class DetectTask(Task):
                                      collate_fn=collate_detection, num_workers=config.workers,
                                      generator=torch.Generator())
         self.predictions: list[dict] = []
+        self.spare = None  # the last usable batch, for a step whose every image was skipped (DDP)
 
     def _build_model(self, saved: Path | None):
         cfg = self.config
@@ -121,15 +109,13 @@ class DetectTask(Task):
             if ckpt["categories"] != self.categories:
                 raise UsageError(f"{saved} was trained on category ids {ckpt['categories']}, {self.val.path} lists "
                                  f"{self.categories}; evaluate on the split it was trained for")
-            encoder = VisionTransformer(ViTConfig.from_dict(ckpt["encoder_config"]))
-            model = build_mask_rcnn(encoder, len(self.categories), cfg.img_size)
-            model.load_state_dict(ckpt["model"])
-            self.log(f"lomar detect: detector loaded from {saved} (step {ckpt.get('step', '?')})")
-            return model
-        if cfg.eval_only:
+            # the detector's own layout, unless given (DetectConfig.complete): the same weights either way
+            encoder_config = ViTConfig.from_dict(ckpt["encoder_config"])
+            encoder = VisionTransformer(replace(encoder_config, **_layout(cfg, encoder_config.depth)))
+        elif cfg.eval_only:
             raise UsageError(f"--pretrained {cfg.pretrained} is not a `lomar detect` run or checkpoint; --eval-only "
                              f"scores a trained detector")
-        if cfg.pretrained:
+        elif cfg.pretrained:
             try:
                 encoder = load_pretrained_encoder(cfg.pretrained, **_layout(cfg, None))
             except ValueError as exc:
@@ -145,6 +131,10 @@ class DetectTask(Task):
         encoder.set_grad_checkpointing(cfg.grad_checkpointing)
         model = build_mask_rcnn(encoder, len(self.categories), cfg.img_size)
         model.roi_heads.fg_bg_sampler.batch_size_per_image = cfg.rois_per_image
+        if saved is not None:
+            model.load_state_dict(ckpt["model"])
+            self.log(f"lomar detect: detector loaded from {saved} (step {ckpt.get('step', '?')}), "
+                     f"{cfg.img_size} px input")
         return model
 
     # ---- the Task interface ----------------------------------------------------------
@@ -158,10 +148,17 @@ class DetectTask(Task):
     def loss(self, batch) -> dict[str, torch.Tensor]:
         """The RPN, box and mask losses of one batch (images, targets), ``loss_parts``; ``model`` in train
         mode. The lifecycle trains on their sum and logs each."""
+        if not batch[0]:  # every image of the batch was skipped
+            return None
+        self.spare = batch
         images, targets = batch
         images = [image.to(self.device, non_blocking=True) for image in images]
         targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
         return self.net(images, targets)
+
+    def idle_loss(self) -> dict[str, torch.Tensor] | None:
+        # DDP needs every rank in each backward; the lifecycle weighs this step's loss 0
+        return None if self.spare is None else self.loss(self.spare)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float | None]:

@@ -11,13 +11,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lomar.checkpoints.io import safe_load
 from lomar.train import settings as S
-from lomar.train.settings import ConfigError
+from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.settings_resume import TaskConfig, check_img_size, check_pretrained, check_windows, refuse_fp16
 
-__all__ = ["DetectConfig"]
+__all__ = ["DetectConfig", "CHECKPOINT_FORMAT", "detect_checkpoint", "DETECTOR_LAYOUT"]
 
 _RUN = "run-control"
+CHECKPOINT_FORMAT = "lomar-detect-1"
+# What a detector started from a `lomar detect` checkpoint takes from that run unless given: its input size
+# and its encoder's attention layout (the weights fit any, the model was trained and is scored with these).
+DETECTOR_LAYOUT = ("img_size", "window_size", "global_blocks", "attention", "drop_path")
+
+
+def detect_checkpoint(path: str | Path) -> Path | None:
+    """The `lomar detect` checkpoint ``path`` names (a file, or a run folder's best.pt / last.pt); None if not one."""
+    path = Path(path)
+    candidates = [path] if path.is_file() else [path / "best.pt", path / "last.pt"]
+    for candidate in candidates:
+        if candidate.is_file() and candidate.suffix == ".pt":
+            try:
+                if safe_load(candidate, mmap=True).get("format") == CHECKPOINT_FORMAT:
+                    return candidate
+            except (OSError, ValueError, RuntimeError):
+                continue
+    return None
 
 
 @dataclass
@@ -70,7 +89,7 @@ class DetectConfig(TaskConfig):
     @staticmethod
     def saved_settings(checkpoint: dict, path: Path) -> dict | None:
         """The settings a `lomar detect` checkpoint saved; None for another file."""
-        if checkpoint.get("format") != "lomar-detect-1" or "optimizer" not in checkpoint:
+        if checkpoint.get("format") != CHECKPOINT_FORMAT or "optimizer" not in checkpoint:
             return None
         return checkpoint.get("settings", {})
 
@@ -78,6 +97,13 @@ class DetectConfig(TaskConfig):
         for split in ("train", "val"):
             if getattr(self, f"{split}_ann") and not getattr(self, f"{split}_images"):
                 setattr(self, f"{split}_images", str(Path(getattr(self, f"{split}_ann")).parent))
+        saved = detect_checkpoint(self.pretrained) if self.pretrained and not self.resume else None
+        if saved is not None:  # a resumed run has its own saved settings, the ones it started with
+            settings = safe_load(saved, mmap=True).get("settings")
+            if isinstance(settings, dict):
+                taken = {k: v for k, v in settings.items() if k in DETECTOR_LAYOUT and k not in explicit}
+                for name, value in coerce_all(type(self), taken, str(saved), strict=False).items():
+                    setattr(self, name, value)
 
     def check_settings(self) -> None:
         check_img_size(self)
