@@ -5,9 +5,10 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from lomar.data.segmentation import SegmentationFolder
+from lomar.data.segmentation import SegmentationFolder, collate_segmentation
 
 
 def _layout(root, image_size, label_size, orientation=1):
@@ -65,3 +66,38 @@ def test_the_num_classes_to_suggest_is_the_highest_id_of_the_split(tmp_path):
     with pytest.raises(ValueError, match=r"c.png holds class id 12, .* pass --num-classes 12 or fix"):
         SegmentationFolder(tmp_path, "training", num_classes=5, crop=16, workers=2)
     assert len(SegmentationFolder(tmp_path, "training", num_classes=12, crop=16, workers=2)) == 4
+
+
+def test_255_is_ignored_as_mmseg_does_and_ids_above_254_are_refused(tmp_path):
+    _layout(tmp_path, (16, 16), (16, 16))
+    labels = np.ones((16, 16), dtype=np.uint8)
+    labels[0, :4] = (0, 255, 2, 1)
+    Image.fromarray(labels).save(tmp_path / "annotations" / "training" / "a.png")
+    data = SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1)  # 255 is no class id
+    assert data.load(0)[1][0, :4].tolist() == [255, 255, 1, 0]
+    Image.fromarray(np.full((16, 16), 300, dtype=np.uint16)).save(tmp_path / "annotations" / "training" / "a.png")
+    with pytest.raises(ValueError, match=r"a.png holds class id 300; ids are 1..254 for the classes, 0 and 255 "
+                                         r"ignored; fix the annotations"):
+        SegmentationFolder(tmp_path, "training", num_classes=254, crop=16, workers=1)
+
+
+def test_two_images_of_one_stem_are_refused(tmp_path):
+    _layout(tmp_path, (16, 16), (16, 16))
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "images" / "training" / "a.png")
+    with pytest.raises(ValueError, match=r"images a.jpg and a.png in .* share the stem 'a'"):
+        SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1)
+
+
+def test_an_image_cut_short_is_skipped_and_its_place_filled(tmp_path, caplog):
+    _layout(tmp_path, (64, 48), (64, 48))
+    Image.fromarray(np.zeros((48, 64, 3), dtype=np.uint8)).save(tmp_path / "images" / "training" / "b.jpg")
+    Image.fromarray(np.ones((48, 64), dtype=np.uint8)).save(tmp_path / "annotations" / "training" / "b.png")
+    photo = tmp_path / "images" / "training" / "a.jpg"
+    photo.write_bytes(photo.read_bytes()[:len(photo.read_bytes()) // 2])  # the header reads; the pixels do not
+    data = SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1)
+    with caplog.at_level("WARNING", logger="lomar.data"):
+        items = [data[0, 0], data[1, 0]]
+    assert items[0] is None and items[1] is not None and "a.jpg" in caplog.text
+    images, labels = collate_segmentation(items)
+    assert images.shape == (2, 3, 16, 16) and torch.equal(images[0], images[1]) and labels.shape == (2, 16, 16)
+    assert collate_segmentation([None])[0].shape == (0,)

@@ -2,14 +2,18 @@
 
 ``ROOT/images/<split>/<stem>.jpg`` pairs with ``ROOT/annotations/<split>/<stem>.png`` (split
 ``training`` or ``validation``); the PNG holds 0 for "ignored" and 1..N for the classes
-(ADE's ``reduce_zero_label``): items carry 0..N-1, and :data:`IGNORE` where the file says 0.
-Every pair is checked when the dataset is built (a missing partner, an annotation of another
-size than its image, a class id above N, an empty split): each ends in one ValueError naming the
-file and the fix, before any training step.
+(ADE's ``reduce_zero_label``): items carry 0..N-1, and :data:`IGNORE` where the file says 0 or
+255 (mmseg's rule, which maps 255 back to ignored). Every pair is checked when the dataset is
+built (a missing partner, two images of one stem, an annotation of another size than its image,
+a class id above N, an empty split): each ends in one ValueError naming the file and the fix,
+before any training step. Only the headers of the images are read then: an image that fails to
+decode later is skipped with a warning (its item is None; :func:`collate_segmentation` fills its
+place in a training batch, evaluation leaves it out).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,9 +26,13 @@ from torch.utils.data import Dataset
 from lomar.data.decode import is_image_name, load_image, open_pil, oriented_size, read_image_bytes
 from lomar.data.transforms import sample_generator, sample_key
 
-__all__ = ["IGNORE", "MEAN", "STD", "SegmentationFolder", "read_labels", "eval_scale"]
+log = logging.getLogger("lomar.data")
 
-IGNORE = 255
+__all__ = ["IGNORE", "MAX_CLASS_ID", "MEAN", "STD", "SegmentationFolder", "read_labels", "eval_scale",
+           "collate_segmentation"]
+
+IGNORE = 255  # in items and in annotation files (as 0 is in files)
+MAX_CLASS_ID = 254  # the highest class id a file can hold: predictions are written as 8-bit PNGs
 MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)  # mmseg's ImageNet statistics, 0..255 pixels
 STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
 
@@ -48,7 +56,7 @@ def read_labels(path: Path) -> np.ndarray:
 
 
 def _check_pair(image: Path, annotation: Path) -> int:
-    """The highest class id of a pair whose files read and agree in size."""
+    """The highest class id (not the ignored 255) of a pair whose files read and agree in size."""
     labels = read_labels(annotation)
     try:  # the size load_image gives: EXIF orientation applied, as labels drawn on the photo are
         with open_pil(read_image_bytes(image), str(image)) as opened:
@@ -59,7 +67,7 @@ def _check_pair(image: Path, annotation: Path) -> int:
     if labels.shape != (height, width):
         raise ValueError(f"annotation {annotation} is {labels.shape[1]}x{labels.shape[0]} but its image {image.name} "
                          f"is {width}x{height}; write the annotation at the image's size")
-    return int(labels.max(initial=0))
+    return int(labels[labels != IGNORE].max(initial=0))
 
 
 def _pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
@@ -68,7 +76,12 @@ def _pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
         if not folder.is_dir():
             raise ValueError(f"{folder} is not a folder; --data needs ADE20K's layout: images/{split}/*.jpg and "
                              f"annotations/{split}/*.png")
-    images = {Path(n).stem: images_dir / n for n in os.listdir(images_dir) if is_image_name(n)}
+    names = sorted(n for n in os.listdir(images_dir) if is_image_name(n))
+    images = {Path(n).stem: images_dir / n for n in names}
+    if len(images) < len(names):
+        twins = sorted(n for n in names if sum(Path(m).stem == Path(n).stem for m in names) > 1)
+        raise ValueError(f"images {twins[0]} and {twins[1]} in {images_dir} share the stem {Path(twins[0]).stem!r}, "
+                         f"so one annotation would serve both; rename or remove one")
     labels = {Path(n).stem: labels_dir / n for n in os.listdir(labels_dir) if n.lower().endswith(".png")}
     if not images:
         raise ValueError(f"{images_dir} holds no images (an empty split); add images with their annotations, or "
@@ -107,6 +120,10 @@ class SegmentationFolder(Dataset):
         with ThreadPoolExecutor(max(1, workers)) as pool:
             tops = list(pool.map(lambda pair: _check_pair(*pair), self.pairs))
         top = max(tops)  # over the whole split: the --num-classes to suggest is the highest id of all
+        if top > MAX_CLASS_ID:
+            annotation = self.pairs[tops.index(top)][1]
+            raise ValueError(f"annotation {annotation} holds class id {top}; ids are 1..{MAX_CLASS_ID} for the "
+                             f"classes, 0 and {IGNORE} ignored; fix the annotations")
         if top > num_classes:
             annotation = self.pairs[tops.index(top)][1]
             raise ValueError(f"annotation {annotation} holds class id {top}, above --num-classes {num_classes} (ids: "
@@ -120,11 +137,15 @@ class SegmentationFolder(Dataset):
         """(uint8 image (3, H, W), long labels (H, W): 0..N-1 or IGNORE)."""
         image_path, label_path = self.pairs[index]
         labels = torch.from_numpy(read_labels(label_path).astype(np.int64))
-        return load_image(image_path), torch.where(labels == 0, IGNORE, labels - 1)
+        return load_image(image_path), torch.where((labels == 0) | (labels == IGNORE), IGNORE, labels - 1)
 
     def __getitem__(self, key):
         index, epoch = sample_key(key)
-        image, labels = self.load(index)
+        try:
+            image, labels = self.load(index)
+        except ValueError as exc:  # checked at start-up from the headers; the data may still be cut short
+            log.warning("skipped image: %s", str(exc).splitlines()[0])
+            return None
         if not self.train:
             size = eval_scale(*image.shape[-2:], self.crop)
             return (_resize(image.float(), size) - MEAN) / STD, labels, self.pairs[index][0].stem
@@ -160,3 +181,13 @@ def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(image.shape[-2:]) == tuple(size):
         return image
     return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def collate_segmentation(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training items -> (images (B, 3, S, S), labels (B, S, S)); a skipped item (None) is replaced by the
+    batch's others in turn, so the batch keeps its size; (empty, empty) when every item was skipped."""
+    good = [item for item in batch if item is not None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    good += [good[i % len(good)] for i in range(len(batch) - len(good))]
+    return torch.stack([image for image, _ in good]), torch.stack([labels for _, labels in good])

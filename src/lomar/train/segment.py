@@ -20,7 +20,7 @@ from torchvision.io import encode_png
 
 from lomar.checkpoints.io import atomic_write_bytes
 from lomar.data.samplers import EpochSampler
-from lomar.data.segmentation import SegmentationFolder
+from lomar.data.segmentation import SegmentationFolder, collate_segmentation
 from lomar.eval.features import load_pretrained_encoder
 from lomar.eval.segmentation import confusion_matrix, predict_logits, segmentation_metrics
 from lomar.integrations.segmenter import UperNetSegmenter, layer_decay_groups, segmentation_losses
@@ -68,6 +68,7 @@ class SegmentTask(Task):
                                       aux_weight=config.aux_weight,
                                       grad_checkpointing=config.grad_checkpointing).to(self.device)
         self.loss_parts = ("loss_decode", "loss_aux") if self.model.aux_head is not None else ("loss_decode",)
+        self.spare = None  # the last usable batch, for a step whose every image was skipped (DDP)
         if world_size > 1 and self.device.type == "cuda":
             # mmseg's SyncBN: statistics over the whole batch, not each process's share (CUDA only in
             # PyTorch; a CPU run keeps each process's own statistics)
@@ -76,7 +77,8 @@ class SegmentTask(Task):
         # its own generator: a new iterator (each epoch, each resume) must not draw from the global
         # stream that drop path uses, or a resumed run would drift from an uninterrupted one
         self.train_loader = DataLoader(self.train_set, config.batch_size, sampler=self.sampler, drop_last=True,
-                                       num_workers=workers, persistent_workers=workers > 0,
+                                       collate_fn=collate_segmentation, num_workers=workers,
+                                       persistent_workers=workers > 0,
                                        generator=torch.Generator().manual_seed(config.seed))
 
     def param_groups(self) -> list[dict]:
@@ -91,10 +93,18 @@ class SegmentTask(Task):
         return (f"{len(self.train_set)} training / {len(self.val_set)} validation images in {self.config.data}, "
                 f"{self.config.num_classes} classes, {self.config.img_size} px")
 
-    def loss(self, batch) -> dict[str, torch.Tensor]:
-        """The decode head's and the weighted auxiliary head's cross-entropy (``loss_parts``)."""
+    def loss(self, batch) -> dict[str, torch.Tensor] | None:
+        """The decode head's and the weighted auxiliary head's cross-entropy (``loss_parts``); None when
+        every image of the batch was skipped."""
+        if not len(batch[0]):
+            return None
+        self.spare = batch
         images, labels = (t.to(self.device, non_blocking=True) for t in batch)
         return segmentation_losses(*self.net(images, aux=True), labels, self.model.aux_weight)
+
+    def idle_loss(self) -> dict[str, torch.Tensor] | None:
+        # DDP needs every rank in each backward; the lifecycle weighs this step's loss 0
+        return None if self.spare is None else self.loss(self.spare)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -109,7 +119,9 @@ class SegmentTask(Task):
         pngs = []
         try:
             for index in range(info.rank, len(self.val_set), info.world_size):
-                image, labels, stem = self.val_set[index]
+                if (item := self.val_set[index]) is None:  # skipped with a warning
+                    continue
+                image, labels, stem = item
                 logits = predict_logits(model, image[None].to(self.device), config.num_classes, config.eval_mode,
                                         config.img_size, stride)
                 logits = F.interpolate(logits.float(), size=labels.shape, mode="bilinear", align_corners=False)
