@@ -73,6 +73,15 @@ def test_unknown_class_and_other_errors(tmp_path):
         load_dvae(tmp_path / "x.pkl")
     with pytest.raises(FileNotFoundError):
         load_tokenizer(tmp_path / "missing.pkl")
+
+
+def test_a_plain_pickle_is_named_as_one(tmp_path):
+    import pickle
+
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"a": NotAllowed()}, protocol=4))  # torch cannot name it
+    with pytest.raises(ValueError, match=r"plain.pkl: it is a Python pickle, not a checkpoint written by torch.save; "
+                                         r"use the official encoder.pkl"):
+        load_dvae(tmp_path / "plain.pkl")
     torch.save({"model": {"foo": torch.zeros(1)}}, tmp_path / "y.pth")
     with pytest.raises(ValueError, match="blocks.input.w"):
         load_dvae(tmp_path / "y.pth")

@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import torch
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_save", "safe_load",
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_save", "safe_load", "describe_file",
            "write_error", "FILE_MODE"]
 
 # Exports and checkpoints are meant to be shared: rw-r--r-- whatever mkstemp-like defaults say.
@@ -85,8 +85,8 @@ def atomic_save(obj, path: str | Path) -> Path:
     return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
-def _describe(path: Path) -> str:
-    """What a file that is not a PyTorch checkpoint looks like, for the error message."""
+def describe_file(path: str | Path) -> str:
+    """What a file that is not a PyTorch checkpoint looks like, for an error message ("a text file", ...)."""
     try:
         with open(path, "rb") as handle:
             head = handle.read(8)
@@ -123,7 +123,7 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu", mmap: 
             raise ValueError(f"cannot read checkpoint {path}: it holds Python objects{what} that a weights-only "
                              f"load refuses (lomar never unpickles arbitrary code); re-save it as a plain state "
                              f"dict") from exc
-        raise ValueError(f"cannot read checkpoint {path}: it is {_describe(path)}, expected a PyTorch "
+        raise ValueError(f"cannot read checkpoint {path}: it is {describe_file(path)}, expected a PyTorch "
                          f"checkpoint written by torch.save (.pt / .pth)") from exc
     if not isinstance(data, dict):
         raise ValueError(f"checkpoint {path} holds a {type(data).__name__}, expected a dict")

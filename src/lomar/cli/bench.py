@@ -6,9 +6,9 @@ reporting medians, FLOPs counted by ``torch.utils.flop_counter`` and the share o
 GEMM's FLOP/s (measured in the same run, same dtype) the step achieves.
 
 Window settings: ``paper`` uses the paper's windows per image, 4 at 224 px, 6 at 384 and 9 at
-448; other sizes take the count of the largest paper size not above them (4 below 224, 9 above
-448), so the encoder's work stops growing past 448 as in the paper's largest setting. An
-integer N uses N windows at every size: LoMaR's cost is then independent of the image size.
+448, and ``--windows auto``'s rule at other sizes (:func:`lomar.windows.paper_windows`: linear in
+the grid's area between those points, in proportion to it outside, e.g. 20 at 672 and 36 at 896).
+An integer N uses N windows at every size: LoMaR's cost is then independent of the image size.
 
 ``--task loader`` times images/s per loader worker next to the model's step rate
 (:mod:`lomar.bench.loader`); ``--make-test-set KIND`` first writes a realistic JPEG test set from the
@@ -56,8 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "methods": Setting(["lomar", "mae"], "beit times BEiT and BEiT + 7x7 windows (beit_window); mae_window: MAE "
                            "per 7x7 window; windowed variants use LoMaR's window counts", kind=str, nargs="+",
                            choices=(*names(), "mae_window")),
-        "windows": Setting(["paper"], "LoMaR windows per image: 'paper' (4@224, 6@384, 9@448, 9 above) and/or fixed "
-                           "counts, e.g. --windows paper 4", kind=str, parse=_window_setting, nargs="+",
+        "windows": Setting(["paper"], "LoMaR windows per image: 'paper' (4@224, 6@384, 9@448; elsewhere pretrain's "
+                           "--windows auto rule, e.g. 20@672) and/or fixed counts, e.g. --windows paper 4", kind=str,
+                           parse=_window_setting, nargs="+",
                            metavar="N|paper"),
         "batch_size": S.BATCH_SIZE.but(default=4, help="images per training step"),
         "precision": S.PRECISION.but(default="fp32", help="fp32, or autocast to bf16/fp16 (fp16 with a gradient "

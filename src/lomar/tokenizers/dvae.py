@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from torch import nn
 
-from lomar.checkpoints.io import atomic_write_bytes
+from lomar.checkpoints.io import atomic_write_bytes, describe_file
 from lomar.tokenizers.base import FORMAT_KEY, Tokenizer, check_tokenizer_file, safetensors_metadata
 
 __all__ = ["DVAEConfig", "DVAEEncoder", "map_pixels", "load_dvae", "convert_dvae", "dvae_from_pickled",
@@ -164,9 +164,9 @@ def _read(path: Path):
     except Exception as exc:
         text = str(exc)
         found = re.search(r"GLOBAL ([\w.]+)", text)
-        what = f"it references {found[1]}, which" if found else f"({type(exc).__name__})"
-        raise ValueError(f"refusing to load {path}: {what} is not a tensor or dVAE class, so it could run "
-                         f"code; use the official encoder.pkl, a {{'model': state_dict}} or a safetensors "
+        what = (f"refusing to load {path}: it references {found[1]}, which is not a tensor or dVAE class, so it "
+                f"could run code" if found else f"cannot load {path}: it is {describe_file(path)}")
+        raise ValueError(f"{what}; use the official encoder.pkl, a {{'model': state_dict}} or a safetensors "
                          f"file from convert_dvae") from exc
 
 

@@ -100,7 +100,8 @@ class PretrainTask(Task):
         c = self.config
         preset = {"demo": "preset demo (a small model for a few CPU minutes; --preset paper: the paper's recipe)",
                   "paper": "preset paper (the original recipe; --preset demo: a small model for a few CPU minutes)"}
-        return (f"{preset.get(c.preset, 'no preset')}; {self.size} images in {c.data or 'the demo photographs'}; "
+        data = f"{self.size} images in {c.data}" if c.data else f"{self.size} crops an epoch of the demo photographs"
+        return (f"{preset.get(c.preset, 'no preset')}; {data}; "
                 f"{c.method} {c.model} "
                 f"({self.model.config.embed_dim} wide, {self.model.config.depth} blocks, {c.img_size} px, "
                 f"{params:.1f}M params)")

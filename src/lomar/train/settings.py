@@ -157,7 +157,8 @@ WEIGHT_DECAY = Setting(0.05, "AdamW weight decay", low=0)
 PRECISION = Setting("auto", "auto = bf16 autocast where the hardware has bf16 products (CUDA with bf16, a CPU "
                     "with AVX-512 BF16 or AMX), else fp32",
                     choices=("auto", "fp32", "bf16", "fp16"))
-LOG_EVERY = Setting(20, "write the training loss every N optimizer steps", above=0, resume=_RUN)
+LOG_EVERY = Setting(20, "print the training loss every N optimizer steps (metrics.jsonl and TensorBoard get every "
+                    "step)", above=0, resume=_RUN)
 EVAL_EVERY = Setting(None, "evaluate (and checkpoint) every N optimizer steps and at the end, instead of at each "
                      "epoch's end (default: each epoch's end and the end)", kind=int, above=0, resume=_RUN)
 OUT = Setting(None, "output folder (default: runs/<timestamp>)", kind=str, resume=_RUN)

@@ -238,6 +238,8 @@ def describe(spec: StudySpec) -> str:
                            "grid": {axis: [{"label": label, **values} for label, values in points]
                                     for axis, points in spec.grid.items()},
                            "metrics": list(spec.eval.metrics),
+                           # the budget, not a recipe's epochs, sets every cell's length
                            "recipes": {m: {k: list(v) if isinstance(v, tuple) else v
-                                           for k, v in method_recipe(m).items()} for m in methods}}, sort_keys=False)
+                                           for k, v in method_recipe(m).items() if k != "epochs"} for m in methods}},
+                          sort_keys=False)
     return text + "".join(f"# {note}\n" for note in spec.notes)
