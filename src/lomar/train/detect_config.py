@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lomar.checkpoints.io import safe_load
 from lomar.train import settings as S
 from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.settings_resume import TaskConfig, check_img_size, check_pretrained, check_windows, refuse_fp16
@@ -27,6 +26,8 @@ DETECTOR_LAYOUT = ("img_size", "window_size", "global_blocks", "attention", "dro
 
 def detect_checkpoint(path: str | Path) -> Path | None:
     """The `lomar detect` checkpoint ``path`` names (a file, or a run folder's best.pt / last.pt); None if not one."""
+    from lomar.checkpoints.io import safe_load  # torch: not for --help
+
     path = Path(path)
     candidates = [path] if path.is_file() else [path / "best.pt", path / "last.pt"]
     for candidate in candidates:
@@ -99,6 +100,8 @@ class DetectConfig(TaskConfig):
                 setattr(self, f"{split}_images", str(Path(getattr(self, f"{split}_ann")).parent))
         saved = detect_checkpoint(self.pretrained) if self.pretrained and not self.resume else None
         if saved is not None:  # a resumed run has its own saved settings, the ones it started with
+            from lomar.checkpoints.io import safe_load  # torch: not for --help
+
             settings = safe_load(saved, mmap=True).get("settings")
             if isinstance(settings, dict):
                 taken = {k: v for k, v in settings.items() if k in DETECTOR_LAYOUT and k not in explicit}
