@@ -1,5 +1,6 @@
 """ViT, LoMaR and MAE: shapes for every named size, gradients, plans, errors."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,6 +156,26 @@ def test_sincos_layout():
     # patch (row 1, col 2): first half encodes x=2, second half y=1
     torch.testing.assert_close(table[1 + 5, 0], torch.tensor(2.0).sin())
     torch.testing.assert_close(table[1 + 5, 4], torch.tensor(1.0).sin())
+
+
+@pytest.mark.parametrize("dim, grid", [(768, (14, 14)), (64, (3, 5))])
+def test_sincos_table_is_maes_formula_at_every_frequency(dim, grid):
+    # SPEC §5, written out independently: half the width encodes x (the column), half y (the row); each
+    # half is sin then cos of pos * 10000^(-k / (dim/4)), k = 0 .. dim/4 - 1
+    quarter = dim // 4
+    freq = 10000.0 ** (-np.arange(quarter) / quarter)
+    rows, cols = np.divmod(np.arange(grid[0] * grid[1]), grid[1])
+    half = lambda pos: np.concatenate([np.sin(np.outer(pos, freq)), np.cos(np.outer(pos, freq))], axis=1)
+    expected = np.concatenate([np.zeros((1, dim)), np.concatenate([half(cols), half(rows)], axis=1)])
+    np.testing.assert_allclose(sincos_pos_embed_2d(dim, grid).numpy(), expected, atol=1e-6)
+
+
+def test_a_new_classifier_head_is_initialised_as_the_finetuning_recipe_says():
+    torch.manual_seed(0)
+    head = VisionTransformer(model_config("vit_small_patch16"), num_classes=1000).head
+    # trunc_normal_(std=2e-5) as MAE calls it: its default cut is at +-2 absolute, so no cut at this std
+    assert abs(head.weight.std().item() / 2e-5 - 1) < 0.05 and head.weight.abs().max() > 4e-5
+    assert torch.equal(head.bias, torch.zeros(1000))
 
 
 def test_patchify_roundtrip_and_order():

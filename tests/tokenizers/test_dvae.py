@@ -88,3 +88,20 @@ def test_a_plain_pickle_is_named_as_one(tmp_path):
     model = DVAEEncoder(DVAEConfig(n_hid=16, vocab_size=64))
     with pytest.raises(ValueError, match="112"):
         model.tokens(torch.zeros(1, 3, 64, 64))
+
+
+def test_the_official_configuration_has_the_official_keys_and_shapes():
+    # The golden case has one block a group; the official encoder has two (BEIT_SPEC §3), whose second
+    # block keeps its width (no id_path), and four groups of widths 256, 512, 1024, 2048.
+    with torch.device("meta"):
+        encoder = DVAEEncoder(DVAEConfig())
+    shapes = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+    assert len(shapes) == 74 and sum(torch.Size(s).numel() for s in shapes.values()) == 53_786_240
+    assert shapes["blocks.input.w"] == (256, 3, 7, 7)
+    assert shapes["blocks.group_1.block_2.res_path.conv_1.w"] == (64, 256, 3, 3)
+    assert "blocks.group_1.block_2.id_path.w" not in shapes and "blocks.group_1.block_1.id_path.w" not in shapes
+    assert shapes["blocks.group_2.block_1.id_path.w"] == (512, 256, 1, 1)
+    assert shapes["blocks.group_4.block_2.res_path.conv_4.w"] == (2048, 512, 1, 1)
+    assert shapes["blocks.output.conv.w"] == (8192, 2048, 1, 1)
+    gains = {m.post_gain for m in encoder.modules() if hasattr(m, "post_gain")}
+    assert gains == {1 / 64}  # 1 / (4 groups x 2 blocks)^2
