@@ -262,11 +262,12 @@ class CocoInstances(CocoDetection):
 
 class DetectionSamples(Dataset):
     """``dataset``'s (image, target) by key (an index, or the sampler's (index, epoch)), or None for an
-    image that cannot be used (a warning says why). With ``seed``, the sample's random transforms draw
-    from a stream that is a function of (seed, epoch, index) alone; the caller's stream is left as it was."""
+    image that cannot be used (a warning says why, once per image and process). With ``seed``, the sample's
+    random transforms draw from a stream that is a function of (seed, epoch, index) alone; the caller's
+    stream is left as it was."""
 
     def __init__(self, dataset, seed: int | None = None):
-        self.dataset, self.seed = dataset, seed
+        self.dataset, self.seed, self.skipped = dataset, seed, set()
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -280,8 +281,12 @@ class DetectionSamples(Dataset):
                 torch.manual_seed(sample_generator(self.seed, epoch, index).initial_seed())
                 return self.dataset[index]
         except _Skipped as exc:
-            log.warning("skipped image: %s", exc)
+            if index not in self.skipped:
+                self.skipped.add(index)
+                log.warning("skipped image: %s", exc)
             return None
+
+
 class _CropAtMost(v2.Transform):
     """A random crop of at most ``size`` x ``size`` (a smaller image is left whole): the model
     pads every image to the fixed input size at its bottom-right, as ViTDet's FixedSizeCrop."""

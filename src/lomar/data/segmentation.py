@@ -115,7 +115,7 @@ class SegmentationFolder(Dataset):
     def __init__(self, root: str | Path, split: str, num_classes: int, crop: int = 512, train: bool = True,
                  seed: int = 0, workers: int = 4):
         self.root, self.split, self.num_classes, self.crop = Path(root), split, num_classes, crop
-        self.train, self.seed = train, seed
+        self.train, self.seed, self.skipped = train, seed, set()
         self.pairs = _pairs(self.root, split)
         with ThreadPoolExecutor(max(1, workers)) as pool:
             tops = list(pool.map(lambda pair: _check_pair(*pair), self.pairs))
@@ -144,7 +144,9 @@ class SegmentationFolder(Dataset):
         try:
             image, labels = self.load(index)
         except ValueError as exc:  # checked at start-up from the headers; the data may still be cut short
-            log.warning("skipped image: %s", str(exc).splitlines()[0])
+            if index not in self.skipped:  # once per image and process, not every epoch
+                self.skipped.add(index)
+                log.warning("skipped image: %s", str(exc).splitlines()[0])
             return None
         if not self.train:
             size = eval_scale(*image.shape[-2:], self.crop)

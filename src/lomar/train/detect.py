@@ -145,9 +145,9 @@ class DetectTask(Task):
         """ViTDet's step schedule (:func:`step_lr_factor`) x the peak lr; ``min_lr`` does not apply."""
         return base_lr * step_lr_factor(step, round(total), round(warmup))
 
-    def loss(self, batch) -> dict[str, torch.Tensor]:
+    def loss(self, batch) -> dict[str, torch.Tensor] | None:
         """The RPN, box and mask losses of one batch (images, targets), ``loss_parts``; ``model`` in train
-        mode. The lifecycle trains on their sum and logs each."""
+        mode. The lifecycle trains on their sum and logs each. None when every image of the batch was skipped."""
         if not batch[0]:  # every image of the batch was skipped
             return None
         self.spare = batch
