@@ -164,10 +164,10 @@ def _read(path: Path):
     except Exception as exc:
         text = str(exc)
         found = re.search(r"GLOBAL ([\w.]+)", text)
-        what = (f"refusing to load {path}: it references {found[1]}, which is not a tensor or dVAE class, so it "
-                f"could run code" if found else f"cannot load {path}: it is {describe_file(path)}")
-        raise ValueError(f"{what}; use the official encoder.pkl, a {{'model': state_dict}} or a safetensors "
-                         f"file from convert_dvae") from exc
+        what = (f"it references {found[1]}, which is not a tensor or dVAE class, so it could run code" if found
+                else f"it is {describe_file(path)}, which only a full unpickling (that could run code) would read")
+        raise ValueError(f"refusing to load {path}: {what}; use the official encoder.pkl, a {{'model': state_dict}} "
+                         f"or a safetensors file from convert_dvae") from exc
 
 
 def dvae_from_pickled(obj: _Inert) -> tuple[dict, dict[str, torch.Tensor]]:
