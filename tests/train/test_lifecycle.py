@@ -338,6 +338,48 @@ def test_a_resumed_ddp_run_continues_every_ranks_own_random_stream(tmp_path):
         assert torch.equal(resumed["model"][key], value), key
 
 
+class EmptyOnRankOne(ToyTask):
+    """Rank 1's second batch has nothing to learn from (as when all its images are unreadable)."""
+
+    calls = 0
+
+    def loss(self, batch):
+        self.calls += 1
+        if torch.distributed.get_rank() == 1 and self.calls == 2:
+            return None
+        return super().loss(batch)
+
+
+def _ddp_empty_run(rank: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    os._exit(run(ToyConfig(out=out, max_steps=3, accum_steps=1), EmptyOnRankOne))
+
+
+@pytest.mark.slow
+def test_a_ddp_rank_with_nothing_to_learn_joins_the_step_with_an_idle_loss(tmp_path):
+    # Its backward, weighted 0, is what lets the other rank's all-reduce finish: without it the run hangs.
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = mp.start_processes(_ddp_empty_run, args=(port, str(tmp_path)), nprocs=2, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("a rank without a loss left the other waiting in the all-reduce")
+    assert safe_load(tmp_path / "last.pt")["step"] == 3 and len(_losses(tmp_path)) == 3
+
+
 def test_a_run_that_would_go_past_its_lr_schedule_is_refused_before_a_step(tmp_path):
     """A first --max-steps fixes schedule_steps; resuming with a larger one would train every further
     step at min_lr (0: steps that change nothing)."""

@@ -100,7 +100,6 @@ class DetectTask(Task):
                                      collate_fn=collate_detection, num_workers=config.workers,
                                      generator=torch.Generator())
         self.predictions: list[dict] = []
-        self.spare = None  # the last usable batch, for a step whose every image was skipped (DDP)
 
     def _build_model(self, saved: Path | None):
         cfg = self.config
@@ -150,15 +149,10 @@ class DetectTask(Task):
         mode. The lifecycle trains on their sum and logs each. None when every image of the batch was skipped."""
         if not batch[0]:  # every image of the batch was skipped
             return None
-        self.spare = batch
         images, targets = batch
         images = [image.to(self.device, non_blocking=True) for image in images]
         targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
         return self.net(images, targets)
-
-    def idle_loss(self) -> dict[str, torch.Tensor] | None:
-        # DDP needs every rank in each backward; the lifecycle weighs this step's loss 0
-        return None if self.spare is None else self.loss(self.spare)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float | None]:

@@ -89,6 +89,7 @@ class _Run:
             task.net = DistributedDataParallel(task.net, device_ids=[device.index] if device.type == "cuda" else None)
         task.progress = self.p = Progress()
         self.best, self.evaluated_step, self.stop = -math.inf, -1, StopFlag()
+        self.spare = None  # under DDP, the last batch that gave a loss: an idle step's (task.idle_loss)
         total = config.epochs * self.steps_per_epoch
         self.last_step = min(total, config.max_steps) if config.max_steps else total
         if overrun := schedule_overrun(self.last_step, self.schedule[0], getattr(config, "min_lr", 0.0)):
@@ -228,8 +229,10 @@ class _Run:
                 torch.compiler.cudagraph_mark_step_begin()
             with self.autocast():
                 loss, weight = task.loss(batch), 1.0 / self.accum
-                if loss is None and self.info.enabled:
-                    loss, weight = task.idle_loss(), 0.0
+                if loss is not None and self.info.enabled:
+                    self.spare = batch
+                elif self.info.enabled and self.spare is not None:
+                    loss, weight = task.idle_loss(self.spare), 0.0
             if loss is None:
                 return
             loss, values = self._values(loss)

@@ -72,7 +72,6 @@ class PretrainTask(Task):
             # which drop path draws from, untouched.
             generator=torch.Generator().manual_seed(config.seed))
         self.tracker = BadDataTracker(total=self.per_rank)
-        self.spare: dict | None = None  # the last batch with readable images (see loss)
         self.knn = None
         if config.knn_every and info.is_main:
             self.knn = KnnMonitor(config.knn_data, img_size=config.img_size, workers=min(config.workers, 4))
@@ -118,12 +117,12 @@ class PretrainTask(Task):
             raise TrainingError(str(exc)) from None
         if not n:
             return None
-        self.spare = batch
         return self._forward(batch)
 
-    def idle_loss(self) -> torch.Tensor | None:
-        # Every image of the batch was unreadable, but DDP needs every rank in each backward.
-        return None if self.spare is None else self._forward(self.spare)
+    def idle_loss(self, batch: dict) -> torch.Tensor:
+        # Every image of the batch was unreadable, but DDP needs every rank in each backward; not loss():
+        # the tracker has counted this batch already.
+        return self._forward(batch)
 
     def _forward(self, batch: dict) -> torch.Tensor:
         images = batch["images"].to(self.device, non_blocking=True)

@@ -68,7 +68,6 @@ class SegmentTask(Task):
                                       aux_weight=config.aux_weight,
                                       grad_checkpointing=config.grad_checkpointing).to(self.device)
         self.loss_parts = ("loss_decode", "loss_aux") if self.model.aux_head is not None else ("loss_decode",)
-        self.spare = None  # the last usable batch, for a step whose every image was skipped (DDP)
         if world_size > 1 and self.device.type == "cuda":
             # mmseg's SyncBN: statistics over the whole batch, not each process's share (CUDA only in
             # PyTorch; a CPU run keeps each process's own statistics)
@@ -98,13 +97,8 @@ class SegmentTask(Task):
         every image of the batch was skipped."""
         if not len(batch[0]):
             return None
-        self.spare = batch
         images, labels = (t.to(self.device, non_blocking=True) for t in batch)
         return segmentation_losses(*self.net(images, aux=True), labels, self.model.aux_weight)
-
-    def idle_loss(self) -> dict[str, torch.Tensor] | None:
-        # DDP needs every rank in each backward; the lifecycle weighs this step's loss 0
-        return None if self.spare is None else self.loss(self.spare)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -5,8 +5,9 @@ Required of a Task: ``name``, ``model``, ``train_loader``, ``loss(batch)``. Opti
 - ``net``: set by the lifecycle to the wrapped model (DDP / ``torch.compile``); ``loss`` calls
   ``self.net`` so that DDP all-reduces the gradients,
 - ``progress``: set by the lifecycle, the :class:`Progress` (``final`` during the end-of-run ``evaluate``),
-- ``loss`` may return None (nothing to learn from the batch); under DDP ``idle_loss()`` then gives a
-  loss backpropagated with weight 0, so that every rank joins the all-reduce,
+- ``loss`` may return None (nothing to learn from the batch); under DDP ``idle_loss(batch)`` then gives
+  a loss of the last batch that had one, backpropagated with weight 0, so that every rank joins the
+  all-reduce (default: ``loss(batch)`` again),
 - ``loss_parts``: names of the loss's components; ``loss`` (and ``idle_loss``) then return a dict of
   exactly these scalars, the loss is their sum, and each step's record holds the mean of each,
 - ``lr_schedule(step, total, warmup, base_lr, min_lr)`` (default warm-up + cosine): the lr of optimizer step
@@ -70,7 +71,9 @@ class Task:
     net: torch.nn.Module  # and ``progress``, ``autocast`` (its precision's context): set by the lifecycle
     load = finish = stopped = begin = saved = _nothing
     evaluate, state, final_line, step_info = (lambda self: {}), (lambda self: {}), (lambda self: ""), (lambda self: {})
-    idle_loss = lambda self: None
+
+    def idle_loss(self, batch) -> torch.Tensor | dict[str, torch.Tensor] | None:
+        return self.loss(batch)
 
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
