@@ -38,6 +38,7 @@ from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from lomar.data.collate import refilled
 from lomar.data.decode import load_image
 from lomar.data.transforms import sample_generator, sample_key
 from lomar.errors import UsageError
@@ -354,7 +355,7 @@ def collate_detection(batch: list, refill: bool = False) -> tuple[list, list]:
     are dropped, or with ``refill`` replaced by the batch's others in turn (a training batch keeps its size)."""
     good = [item for item in batch if item is not None]
     if refill and good:
-        good += [good[i % len(good)] for i in range(len(batch) - len(good))]
+        good = refilled(good, len(batch))
     return [image for image, _ in good], [target for _, target in good]
 
 

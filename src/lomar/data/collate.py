@@ -12,7 +12,8 @@ from functools import partial
 
 import torch
 
-__all__ = ["collate_pretrain", "collate_labelled", "collate_labelled_refill", "LabelledBatch", "BadDataTracker"]
+__all__ = ["collate_pretrain", "collate_labelled", "collate_labelled_refill", "refilled", "LabelledBatch",
+           "BadDataTracker"]
 
 log = logging.getLogger("lomar.data")
 
@@ -31,19 +32,24 @@ class LabelledBatch(tuple):
         return LabelledBatch, (self[0], self[1], self.bad)
 
 
+def refilled(good: list, size: int) -> list:
+    """``good`` (the readable items of a batch, at least one) with the skipped places filled by copies of
+    them in turn, back to ``size`` items: a training batch keeps its size (Mixup pairs images; DDP ranks
+    step together)."""
+    return good + [good[i % len(good)] for i in range(size - len(good))]
+
+
 def collate_labelled(batch: list[tuple], refill: bool = False) -> LabelledBatch:
     """Items ``(image tensor or None, label, path)`` -> :class:`LabelledBatch`.
 
-    Unreadable items are dropped (B' < B, possibly 0), or with ``refill`` replaced by copies of
-    the batch's readable items in turn, so that a training batch keeps its size (Mixup pairs
-    images; DDP ranks step together).
+    Unreadable items are dropped (B' < B, possibly 0), or with ``refill`` replaced (:func:`refilled`).
     """
     good = [item for item in batch if item[0] is not None]
     bad = [item[2] for item in batch if item[0] is None]
     if not good:
         return LabelledBatch(torch.empty(0), torch.empty(0, dtype=torch.long), bad)
-    if refill and bad:
-        good = good + [good[i % len(good)] for i in range(len(bad))]
+    if refill:
+        good = refilled(good, len(batch))
     return LabelledBatch(torch.stack([item[0] for item in good]),
                          torch.tensor([item[1] for item in good], dtype=torch.long), bad)
 

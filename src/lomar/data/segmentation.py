@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from lomar.data.collate import refilled
 from lomar.data.decode import is_image_name, load_image, open_pil, oriented_size, read_image_bytes
 from lomar.data.transforms import sample_generator, sample_key
 
@@ -191,5 +192,5 @@ def collate_segmentation(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
     good = [item for item in batch if item is not None]
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.long)
-    good += [good[i % len(good)] for i in range(len(batch) - len(good))]
+    good = refilled(good, len(batch))
     return torch.stack([image for image, _ in good]), torch.stack([labels for _, labels in good])
