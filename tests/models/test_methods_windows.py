@@ -66,6 +66,17 @@ def test_windowed_beit_sees_only_its_windows_and_gathers_their_tokens():
         window = ids[image[row]].view(6, 6)[r0:r0 + 3, c0:c0 + 3].flatten()
         expected.append(window[mask[row]])
     assert torch.equal(out.targets, torch.cat(expected))
+    # BEiT's mlm_acc counts the masked tokens only: padding slots that agree with the model's guess
+    # would raise it if they counted.
+    uneven = plan.mask.clone()
+    uneven[0, 0, int(uneven[0, 0].int().argmax())] = False  # one window masks a token less: a padding slot
+    slotted = model(images, plan=MaskingPlan(plan.top_left, uneven, 3), input_ids=ids)
+    hits = (slotted.logits.argmax(-1) == slotted.targets).float().mean()
+    guessed = slotted.slot_logits.argmax(-1)
+    padding_agrees = slotted._replace(slot_targets=torch.where(slotted.slot_mask, slotted.slot_targets, guessed))
+    assert int((~slotted.slot_mask).sum()) == 1 and 0 <= float(hits) < 1
+    assert torch.equal(slotted.accuracy, hits) and torch.equal(padding_agrees.accuracy, hits)
+    assert float(slotted._replace(slot_targets=guessed).accuracy) == 1.0
     out.loss.backward()
     assert model.beit.lm_head.weight.grad is not None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 
@@ -31,6 +32,8 @@ def test_beit_pretrains_fits_its_tokenizer_and_resumes_exactly(tmp_path, image_d
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-7)
     assert losses(straight) == losses(resumed)
     assert all(math.isfinite(v) for v in losses(straight))
+    records = [r for r in map(json.loads, (straight / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(records) == 4 and all(0 <= r["masked_token_accuracy"] <= 1 for r in records)
     assert (straight / "encoder.safetensors").is_file() and (straight / "config.json").is_file()
     assert (straight / "reconstruction.png").read_bytes()[:4] == b"\x89PNG"  # the token-map figure
 
@@ -43,6 +46,8 @@ def test_every_method_runs_global_or_windowed(tmp_path, image_dir, method, extra
     out = tmp_path / "run"
     assert pretrain("--data", str(image_dir), "--out", str(out), "--method", method, "--max-steps", "2", *extra) == 0
     assert all(math.isfinite(v) for v in losses(out))
+    logged = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert all(("masked_token_accuracy" in r) == (method == "beit") for r in logged) and len(logged) == 2
 
 
 def test_given_tokenizer_is_used_and_its_vocabulary_sizes_the_head(tmp_path, image_dir):

@@ -219,6 +219,22 @@ def test_loss_parts_are_logged_with_the_loss_their_sum(tmp_path):
     assert _losses(resumed) == _losses(straight)
 
 
+def test_step_metrics_are_logged_beside_the_loss_and_not_learned_from(tmp_path):
+    class Scored(ToyTask):
+        step_metrics = ("score",)
+
+        def loss(self, batch):
+            fit = super().loss(batch)
+            return {"loss": fit, "score": 100 + fit.detach()}
+
+    assert run(ToyConfig(out=str(tmp_path / "plain")), ToyTask) == 0
+    assert run(ToyConfig(out=str(tmp_path / "scored")), Scored) == 0
+    records = [r for r in map(json.loads, (tmp_path / "scored" / "metrics.jsonl").read_text().splitlines())
+               if "loss" in r]
+    assert len(records) == 12 and all(r["score"] == pytest.approx(100 + r["loss"], rel=1e-6) for r in records)
+    assert _losses(tmp_path / "scored") == _losses(tmp_path / "plain")
+
+
 def test_loss_parts_other_than_the_declared_ones_are_refused(tmp_path):
     class Undeclared(Regularised):
         loss_parts = ("fit",)

@@ -128,4 +128,5 @@ METHOD = Method(
     "beit", default_mask_ratio=None, default_pos="none", default_windows=0,
     validate=validate, prepare=prepare, build=build, masker=plan_masker, forward_kwargs=plan_kwargs,
     export=lambda model, out, metadata: export_beit_encoder(model.beit, out, metadata=metadata),
-    figure=token_figure, recipe=RECIPE, recipe_source=RECIPE_SOURCE)
+    figure=token_figure, step_metrics={"masked_token_accuracy": lambda output: output.accuracy},
+    recipe=RECIPE, recipe_source=RECIPE_SOURCE)

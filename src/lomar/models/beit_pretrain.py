@@ -47,6 +47,13 @@ class BEiTPretrainOutput(NamedTuple):
         """(M,) the tokenizer's ids at those tokens."""
         return self.slot_targets[self.slot_mask]
 
+    @property
+    def accuracy(self) -> torch.Tensor:
+        """() the share of masked tokens whose most likely id is the tokenizer's, BEiT's logged
+        ``mlm_acc`` (BEIT_SPEC §1.8); fixed shapes, no host sync."""
+        hits = (self.slot_logits.argmax(-1) == self.slot_targets) & self.slot_mask
+        return hits.sum() / self.slot_mask.sum().clamp_min(1)
+
 
 def tokenizer_view(images: torch.Tensor, size: int) -> torch.Tensor:
     """ImageNet-normalised (N, 3, H, W) → the same crop in [0, 1] at ``size`` px (bicubic, antialiased)."""

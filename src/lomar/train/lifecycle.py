@@ -242,21 +242,22 @@ class _Run:
             self.learned += 1
 
     def _values(self, loss: torch.Tensor | dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the loss to backpropagate, float32 (1 + P,) detached copy of it and its P ``task.loss_parts``).
-        A copy: under CUDA graphs the loss's memory is reused by the next step."""
+        """(the loss to backpropagate, float32 (1 + P + M,) detached copy of it, its P ``task.loss_parts`` and
+        its M ``task.step_metrics``). A copy: under CUDA graphs the loss's memory is reused by the next step."""
         if not isinstance(loss, dict):
             return loss, loss.detach().float().reshape(1).clone()
-        if set(loss) != set(self.task.loss_parts):
-            raise ValueError(f"the {self.task.name} loss has parts {sorted(loss)}, not its declared loss_parts "
-                             f"{sorted(self.task.loss_parts)}")
-        parts = [loss[name] for name in self.task.loss_parts]
-        total = sum(parts)
-        return total, torch.stack([total, *parts]).detach().float()
+        task, summed = self.task, self.task.loss_parts or ("loss",)
+        if set(loss) != {*summed, *task.step_metrics}:
+            raise ValueError(f"the {task.name} loss has parts {sorted(loss)}, not its declared loss_parts "
+                             f"{sorted(summed)} and step_metrics {sorted(task.step_metrics)}")
+        total = sum(loss[name] for name in summed)
+        logged = [loss[name] for name in (*task.loss_parts, *task.step_metrics)]
+        return total, torch.stack([total, *logged]).detach().float()
 
     def _optimizer_step(self) -> bool:
         """Apply the accumulated gradient and log; False when no rank had a batch to learn from."""
         cfg, p = self.cfg, self.p
-        names = self.task.loss_parts
+        names = (*self.task.loss_parts, *self.task.step_metrics)
         loss_sum = self.loss_sum if self.loss_sum is not None else torch.zeros(1 + len(names), device=self.device)
         totals = torch.cat([loss_sum, torch.tensor([float(self.learned)], device=self.device)])
         if self.info.enabled:

@@ -65,8 +65,9 @@ class Monitor:
 
     def step(self, step: int, epoch: int, loss: float, lr: float, ips: float, parts: dict | None = None,
              input_wait: float = 0.0) -> None:
-        """One optimizer step: its mean loss; ``parts``: its mean loss parts by name (a task's ``loss_parts``)
-        and the task's ``step_info()``; ``input_wait``: the share of the step's time the loop waited for batches."""
+        """One optimizer step: its mean loss; ``parts``: its mean loss parts and step metrics by name (a
+        task's ``loss_parts``, ``step_metrics``) and the task's ``step_info()``; ``input_wait``: the share of
+        the step's time the loop waited for batches."""
         if not self.active:
             return
         record = {"step": step, "epoch": epoch, "loss": loss, **(parts or {}), "lr": lr, "img_s": round(ips, 2),

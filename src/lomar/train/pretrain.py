@@ -48,6 +48,7 @@ class PretrainTask(Task):
         self.model = build_model(config, prepare_method(config)).to(device)
         self.patch = self.model.config.patch_size
         self.runtime = method_runtime(config, self.patch)
+        self.step_metrics = tuple(self.runtime.method.step_metrics)
         self.sharded, self.spec = config.fsdp, model_spec(self.model)  # the spec: of the class, before sharding
         if config.fsdp:  # before the optimizer: it must hold the sharded parameters
             precision = resolve_precision(config.precision, device)
@@ -124,9 +125,14 @@ class PretrainTask(Task):
         # the tracker has counted this batch already.
         return self._forward(batch)
 
-    def _forward(self, batch: dict) -> torch.Tensor:
+    def _forward(self, batch: dict) -> torch.Tensor | dict[str, torch.Tensor]:
         images = batch["images"].to(self.device, non_blocking=True)
-        return self.net(images, **self.runtime.forward_kwargs(batch, self.device)).loss
+        output = self.net(images, **self.runtime.forward_kwargs(batch, self.device))
+        if not self.step_metrics:
+            return output.loss
+        with torch.no_grad():
+            metrics = {name: metric(output) for name, metric in self.runtime.method.step_metrics.items()}
+        return {"loss": output.loss, **metrics}
 
     def evaluate(self) -> dict[str, float]:
         """k-NN top-1 on --knn-data every --knn-every epochs and at the end (main process; the others

@@ -10,6 +10,8 @@ Required of a Task: ``name``, ``model``, ``train_loader``, ``loss(batch)``. Opti
   all-reduce (default: ``loss(batch)`` again),
 - ``loss_parts``: names of the loss's components; ``loss`` (and ``idle_loss``) then return a dict of
   exactly these scalars, the loss is their sum, and each step's record holds the mean of each,
+- ``step_metrics``: names of scalars that ``loss`` also returns in its dict (beside the parts, or beside
+  ``"loss"`` when there are none), logged like the parts but not learned from (e.g. an accuracy),
 - ``lr_schedule(step, total, warmup, base_lr, min_lr)`` (default warm-up + cosine): the lr of optimizer step
   ``step``; ``total`` and ``warmup`` from the config (:func:`lomar.train.schedule.run_span`: ``schedule_steps``
   or ``epochs``; ``warmup_steps`` or ``warmup_epochs``), ``min_lr`` the config's (default 0),
@@ -68,6 +70,7 @@ class Task:
     eval_epoch_index = False
     outputs: tuple[str, ...] = ()
     loss_parts: tuple[str, ...] = ()
+    step_metrics: tuple[str, ...] = ()
     net: torch.nn.Module  # and ``progress``, ``autocast`` (its precision's context): set by the lifecycle
     load = finish = stopped = begin = saved = _nothing
     evaluate, state, final_line, step_info = (lambda self: {}), (lambda self: {}), (lambda self: ""), (lambda self: {})
