@@ -214,7 +214,7 @@ def test_bad_data_tracker_counts_distinct_files_against_the_dataset():
     tracker.update(["a.jpg"], 16)  # seen again in a later epoch: still 2 distinct files
     tracker.check()
     tracker.update(["c.jpg"], 4)
-    with pytest.raises(ValueError, match=r"3 of 20 images \(over 10%\) could not be read, e.g. a.jpg"):
+    with pytest.raises(ValueError, match=r"3 of 20 images \(over 10%\) could not be used, e.g. a.jpg"):
         tracker.check(0.1)
 
 
@@ -224,7 +224,7 @@ def test_bad_data_tracker():
     tracker.check()  # too few seen to judge
     tracker.update(["x.jpg", "y.jpg"], 10)
     assert tracker.count == 2 and tracker.failures == 3
-    with pytest.raises(ValueError, match=r"3 of 15 images \(20%\) could not be read, e.g. x.jpg"):
+    with pytest.raises(ValueError, match=r"3 of 15 images \(20%\) could not be used, e.g. x.jpg"):
         tracker.check(0.1)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lomar.data.collate import Skipped
 from lomar.data.segmentation import SegmentationFolder, collate_segmentation
 
 
@@ -97,7 +98,9 @@ def test_an_image_cut_short_is_skipped_and_its_place_filled(tmp_path, caplog):
     data = SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1)
     with caplog.at_level("WARNING", logger="lomar.data"):
         items = [data[0, 0], data[1, 0]]
-    assert items[0] is None and items[1] is not None and "a.jpg" in caplog.text
-    images, labels = collate_segmentation(items)
+    assert isinstance(items[0], Skipped) and "a.jpg" in items[0] and "a.jpg" in caplog.text
+    images, labels = batch = collate_segmentation(items)
     assert images.shape == (2, 3, 16, 16) and torch.equal(images[0], images[1]) and labels.shape == (2, 16, 16)
-    assert collate_segmentation([None])[0].shape == (0,)
+    assert batch.bad == [items[0]]  # the run counts it (lomar.train.task.SkippedFiles)
+    nothing = collate_segmentation([items[0]])
+    assert nothing[0].shape == (0,) and nothing.bad == [items[0]]

@@ -48,12 +48,54 @@ def test_probe_commands_survive_a_broken_image(setup, tmp_path, command, extra):
     assert json.loads(out.read_text())["val_images"] == 4
 
 
-def test_finetune_survives_a_broken_image(setup, tmp_path):
-    args = ["finetune", "--pretrained", str(setup / "enc"), "--data", str(setup / "data"), "--img-size", "32",
-            "--batch-size", "4", "--workers", "0", "--out", str(tmp_path / "ft"), "--device", "cpu",
-            "--epochs", "1"]
-    assert main(args) == 0
+def _finetune(setup, data, out, *extra) -> int:
+    return main(["finetune", "--pretrained", str(setup / "enc"), "--data", str(data), "--img-size", "32",
+                 "--batch-size", "4", "--workers", "0", "--out", str(out), "--device", "cpu", "--epochs", "1", *extra])
+
+
+def _more_training_images(setup, root, count: int):
+    """A copy of the setup's data with ``count`` more readable training images per class."""
+    import shutil
+
+    shutil.copytree(setup / "data", root)
+    rng = np.random.default_rng(1)
+    for label in ("a", "b"):
+        for i in range(count):
+            pixels = rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "train" / label / f"x{i}.png")
+    return root
+
+
+def test_finetune_survives_a_broken_image(setup, tmp_path, capsys):
+    data = _more_training_images(setup, tmp_path / "data", 4)  # 1 broken of 17: under 10 %
+    assert _finetune(setup, data, tmp_path / "ft") == 0
     assert (tmp_path / "ft" / "last.pt").is_file()
+    assert "1 unusable image(s) skipped, e.g. " in capsys.readouterr().out
+
+
+def test_finetune_with_too_many_broken_images_stops_in_one_line(setup, tmp_path, capsys):
+    assert _finetune(setup, setup / "data", tmp_path / "ft") == 1  # 1 broken of the 8 read an epoch
+    err = capsys.readouterr().err
+    assert "1 of 8 images (over 10%) could not be used, e.g. " in err and "broken.png" in err
+    assert "Traceback" not in err
+
+
+def test_finetune_steps_over_a_batch_without_one_readable_image(setup, tmp_path, monkeypatch):
+    import lomar.train.finetune as finetune
+    from lomar.data.collate import BadDataTracker
+
+    calls, real = [], finetune.collate_labelled_refill
+
+    def second_batch_unreadable(items):
+        calls.append(1)
+        return real([(None, label, path) for _, label, path in items] if len(calls) == 2 else items)
+
+    monkeypatch.setattr(finetune, "collate_labelled_refill", second_batch_unreadable)
+    monkeypatch.setattr(BadDataTracker, "check", lambda self, threshold=0.1: None)  # a whole batch is the point
+    out = tmp_path / "ft"
+    assert _finetune(setup, _more_training_images(setup, tmp_path / "data", 4), out) == 0
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(steps) == 3  # 4 batches an epoch, one with nothing to learn from
 
 
 @pytest.mark.parametrize("command", ["knn", "linprobe"])

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from lomar.data.coco import (
     train_transforms,
     training_split,
 )
+from lomar.data.collate import Skipped
 from lomar.errors import UsageError
 from lomar.integrations.detection import FixedSizeTransform, build_mask_rcnn, detector_param_groups
 from lomar.models.vit import VisionTransformer, model_config
@@ -176,11 +178,28 @@ def test_unusable_images_are_skipped_with_a_warning(tiny, tmp_path, caplog):
     dataset = detection_dataset(split, train_transforms(64), train=True, seed=0)
     with caplog.at_level("WARNING", logger="lomar.data"):
         batch = [dataset[i, 0] for i in range(3)]
-    assert batch[0] is None and batch[1] is None and batch[2] is not None
+    assert isinstance(batch[0], Skipped) and isinstance(batch[1], Skipped) and not isinstance(batch[2], Skipped)
+    assert str(truncated) in batch[0] and "is 128x96 upright, but" in batch[1]
     assert str(truncated) in caplog.text and "is 128x96 upright, but" in caplog.text
-    images_out, targets = collate_detection(batch, refill=True)
+    images_out, targets = refilled = collate_detection(batch, refill=True)
     assert len(images_out) == 3 and all(image is images_out[0] for image in images_out)
+    assert refilled.bad == batch[:2]  # the run counts them (lomar.train.task.SkippedFiles)
     assert collate_detection(batch) == ([batch[2][0]], [batch[2][1]])
+
+
+def test_too_many_unusable_training_images_stop_the_run_in_one_line(tiny, tmp_path, capsys):
+    (train_ann, train_images), (val_ann, val_images) = tiny
+    folder = tmp_path / "images"
+    shutil.copytree(train_images, folder)
+    truncated = sorted(folder.glob("*.png"))[0]
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    code = main(["detect", "--train-ann", str(train_ann), "--train-images", str(folder), "--val-ann", str(val_ann),
+                 "--val-images", str(val_images), "--model", "vit_tiny_patch16", "--img-size", "64",
+                 "--batch-size", "2", "--max-steps", "3", "--rois-per-image", "16", "--workers", "0",
+                 "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert f"1 of 6 images (over 10%) could not be used, e.g. cannot decode image {truncated}" in err
 
 
 def test_exif_rotated_image_is_read_upright(tiny, tmp_path):

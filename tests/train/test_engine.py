@@ -184,7 +184,7 @@ def test_bad_files_are_skipped_and_counted(tmp_path, capsys):
     (data / "empty.png").write_bytes(b"")
     (data / "garbage.jpg").write_bytes(b"not an image at all")
     assert pretrain("--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1") == 0
-    assert "2 unreadable image(s) skipped" in capsys.readouterr().out
+    assert "2 unusable image(s) skipped" in capsys.readouterr().out
 
 
 def test_too_many_bad_files_is_a_clear_error(tmp_path, capsys):
@@ -194,7 +194,7 @@ def test_too_many_bad_files_is_a_clear_error(tmp_path, capsys):
     code = pretrain("--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "2")
     err = capsys.readouterr().err
     assert code == 1
-    assert "could not be read" in err and "broken" in err
+    assert "could not be used" in err and "broken" in err
 
 
 def test_mae_method_trains(tmp_path, image_dir):
@@ -251,7 +251,7 @@ def test_an_accumulation_window_without_readable_images_is_skipped(tmp_path, ima
     out = tmp_path / "run"
     assert pretrain("--data", str(image_dir), "--out", str(out), "--epochs", "1", "--accum-steps", "2") == 0
     assert len(losses(out)) == 1 and math.isfinite(losses(out)[0])  # one real step, the empty one skipped
-    assert "8 unreadable image(s) skipped" in capsys.readouterr().out
+    assert "8 unusable image(s) skipped" in capsys.readouterr().out
 
 
 def test_knn_every_epoch(tmp_path, image_dir, capsys):

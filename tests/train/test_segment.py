@@ -209,6 +209,19 @@ def test_bad_inputs_end_in_one_line_naming_the_file(digits, tmp_path, capsys, ca
     assert not (tmp_path / "run").exists()  # checked before the run folder is made
 
 
+def test_too_many_images_cut_short_stop_the_run_in_one_line(digits, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(digits, root)
+    photos = sorted((root / "images" / "training").glob("*.jpg"))
+    data = photos[0].read_bytes()
+    photos[0].write_bytes(data[:data.index(b"\xff\xda") + 20])  # the header reads (start-up passes), the scan not
+    assert _segment(root, tmp_path / "run", "--max-steps", "4", "--eval-every", "50") == 1
+    err = capsys.readouterr().err
+    read = len(photos) // 2 * 2  # a whole number of batches of 2 an epoch
+    assert f"1 of {read} images (over 10%) could not be used, e.g. cannot decode image {photos[0]}" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--img-size", "48"], "--img-size must be a multiple of 32"),
     (["--num-classes", "300"], "--num-classes"),

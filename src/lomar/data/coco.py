@@ -12,7 +12,7 @@ Each segmentation is checked to be polygons (lists of at least 3 x, y pairs) or 
 
 Images are read as every command reads them (:func:`lomar.data.decode.load_image`: bounded, EXIF
 upright, 16-bit scaled by depth); one that cannot be read, or whose upright size is not the size the
-file gives it, is skipped with a warning (its item is None, :func:`collate_detection` drops it).
+file gives it, is skipped with a warning (its item is a :class:`Skipped` line, :func:`collate_detection` drops it).
 A training sample's random jitter is a function of (seed, epoch, index), so a resumed run draws what
 the uninterrupted one did whatever the worker count.
 """
@@ -38,7 +38,7 @@ from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from lomar.data.collate import refilled
+from lomar.data.collate import LabelledBatch, Skipped, refilled
 from lomar.data.decode import load_image
 from lomar.data.transforms import sample_generator, sample_key
 from lomar.errors import UsageError
@@ -262,8 +262,8 @@ class CocoInstances(CocoDetection):
 
 
 class DetectionSamples(Dataset):
-    """``dataset``'s (image, target) by key (an index, or the sampler's (index, epoch)), or None for an
-    image that cannot be used (a warning says why, once per image and process). With ``seed``, the sample's
+    """``dataset``'s (image, target) by key (an index, or the sampler's (index, epoch)), or a :class:`Skipped`
+    line for an image that cannot be used (a warning says why, once per image and process). With ``seed``, the sample's
     random transforms draw from a stream that is a function of (seed, epoch, index) alone; the caller's
     stream is left as it was."""
 
@@ -285,7 +285,7 @@ class DetectionSamples(Dataset):
             if index not in self.skipped:
                 self.skipped.add(index)
                 log.warning("skipped image: %s", exc)
-            return None
+            return Skipped(str(exc).splitlines()[0])
 
 
 class _CropAtMost(v2.Transform):
@@ -343,20 +343,22 @@ def eval_transforms() -> v2.Compose:
 
 
 def detection_dataset(split: CocoSplit, transforms, train: bool, seed: int | None = None) -> DetectionSamples:
-    """(image (3, H, W) float, target) pairs, or None (:class:`DetectionSamples`; ``seed``: of the random
+    """(image (3, H, W) float, target) pairs, or :class:`Skipped` (:class:`DetectionSamples`; ``seed``: of the random
     transforms); target: boxes (N, 4) xyxy, labels (N,), masks (N, H, W) and image_id for training,
     image_id only for evaluation."""
     keys = {"image_id", "boxes", "labels", "masks"} if train else {"image_id"}
     return DetectionSamples(wrap_dataset_for_transforms_v2(CocoInstances(split, transforms), target_keys=keys), seed)
 
 
-def collate_detection(batch: list, refill: bool = False) -> tuple[list, list]:
-    """Detection batches stay lists (images differ in size, targets in box count); skipped samples (None)
-    are dropped, or with ``refill`` replaced by the batch's others in turn (a training batch keeps its size)."""
-    good = [item for item in batch if item is not None]
+def collate_detection(batch: list, refill: bool = False) -> LabelledBatch:
+    """(images, targets) as lists (images differ in size, targets in box count), ``bad`` the skipped samples'
+    lines; those are dropped, or with ``refill`` replaced by the batch's others in turn (a training batch
+    keeps its size)."""
+    good = [item for item in batch if not isinstance(item, Skipped)]
     if refill and good:
         good = refilled(good, len(batch))
-    return [image for image, _ in good], [target for _, target in good]
+    return LabelledBatch([image for image, _ in good], [target for _, target in good],
+                         [item for item in batch if isinstance(item, Skipped)])
 
 
 collate_detection_refill = partial(collate_detection, refill=True)  # a partial pickles for loader workers

@@ -1,8 +1,9 @@
-"""Batching: pretraining items and labelled images, with unreadable files skipped and counted.
+"""Batching: pretraining items, labelled images and dense targets, with unusable files skipped and counted.
 
-A dataset marks an unreadable file with ``None`` instead of raising, so one bad file never
-kills a loader worker; the collate functions here drop those items and report their paths,
-and :class:`BadDataTracker` counts them and fails a run when too many are bad.
+A dataset marks a file it cannot use in the item's place (``None`` for an image, a :class:`Skipped`
+name for a detection or segmentation sample) instead of raising, so one bad file never kills a
+loader worker; the collate functions drop those items and report them in the batch (``bad``), and
+:class:`BadDataTracker` counts them and fails a run when too many are bad.
 """
 
 from __future__ import annotations
@@ -13,17 +14,22 @@ from functools import partial
 import torch
 
 __all__ = ["collate_pretrain", "collate_labelled", "collate_labelled_refill", "refilled", "LabelledBatch",
-           "BadDataTracker"]
+           "Skipped", "BadDataTracker"]
 
 log = logging.getLogger("lomar.data")
 
 
+class Skipped(str):
+    """A sample the dataset could not use, in its place: the file and why, in one line."""
+
+
 class LabelledBatch(tuple):
-    """``(images (B', 3, S, S), targets (B',))`` that also carries ``bad``: the skipped files' paths."""
+    """``(images, targets)`` that also carries ``bad``: the skipped files (paths or :class:`Skipped` lines).
+    Classification: images (B', 3, S, S), targets (B',); detection and segmentation: their collates'."""
 
     bad: list[str]
 
-    def __new__(cls, images: torch.Tensor, targets: torch.Tensor, bad: list[str]):
+    def __new__(cls, images, targets, bad: list[str]):
         batch = super().__new__(cls, (images, targets))
         batch.bad = bad
         return batch
@@ -78,7 +84,7 @@ def collate_pretrain(batch: list[dict], listed: tuple[str, ...] = ()) -> dict:
 
 
 class BadDataTracker:
-    """Counts unreadable files; logs each once; fails the run when too many are bad.
+    """Counts unusable files; logs each once; fails the run when too many are bad.
 
     With ``total`` (the files this process reads per epoch) the rule is exact: stop once the
     distinct bad files exceed ``threshold`` of them, which is certain however the files are
@@ -87,7 +93,8 @@ class BadDataTracker:
     simulation). Without ``total``, that running share is the fallback, from ``min_seen`` on.
     """
 
-    def __init__(self, total: int | None = None, min_seen: int = 20):
+    def __init__(self, total: int | None = None, min_seen: int = 20, warn: bool = True):
+        self.warn = warn  # False: the data warned of each file itself, with the reason
         self.bad: dict[str, None] = {}
         self.seen = 0
         self.failures = 0
@@ -105,7 +112,8 @@ class BadDataTracker:
         for path in bad_paths:
             if path not in self.bad:
                 self.bad[path] = None
-                log.warning("skipped unreadable image %s", path)
+                if self.warn:
+                    log.warning("skipped unreadable image %s", path)
 
     def check(self, threshold: float = 0.1) -> None:
         if self.total:
@@ -116,6 +124,6 @@ class BadDataTracker:
             share = f"{self.failures} of {self.seen} images ({100 * fraction:.0f}%)"
             failed = self.seen >= self.min_seen and fraction > threshold
         if failed:
-            raise ValueError(f"{share} could not be read, e.g. {next(iter(self.bad))}; fix or remove them")
+            raise ValueError(f"{share} could not be used, e.g. {next(iter(self.bad))}; fix or remove them")
 
 

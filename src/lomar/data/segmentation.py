@@ -7,8 +7,8 @@
 built (a missing partner, two images of one stem, an annotation of another size than its image,
 a class id above N, an empty split): each ends in one ValueError naming the file and the fix,
 before any training step. Only the headers of the images are read then: an image that fails to
-decode later is skipped with a warning (its item is None; :func:`collate_segmentation` fills its
-place in a training batch, evaluation leaves it out).
+decode later is skipped with a warning (its item is a :class:`Skipped` line; :func:`collate_segmentation`
+fills its place in a training batch and reports it, evaluation leaves it out).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from lomar.data.collate import refilled
+from lomar.data.collate import LabelledBatch, Skipped, refilled
 from lomar.data.decode import is_image_name, load_image, open_pil, oriented_size, read_image_bytes
 from lomar.data.transforms import sample_generator, sample_key
 
@@ -148,7 +148,7 @@ class SegmentationFolder(Dataset):
             if index not in self.skipped:  # once per image and process, not every epoch
                 self.skipped.add(index)
                 log.warning("skipped image: %s", str(exc).splitlines()[0])
-            return None
+            return Skipped(str(exc).splitlines()[0])
         if not self.train:
             size = eval_scale(*image.shape[-2:], self.crop)
             return (_resize(image.float(), size) - MEAN) / STD, labels, self.pairs[index][0].stem
@@ -186,11 +186,13 @@ def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
 
 
-def collate_segmentation(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training items -> (images (B, 3, S, S), labels (B, S, S)); a skipped item (None) is replaced by the
-    batch's others in turn, so the batch keeps its size; (empty, empty) when every item was skipped."""
-    good = [item for item in batch if item is not None]
+def collate_segmentation(batch: list) -> LabelledBatch:
+    """Training items -> (images (B, 3, S, S), labels (B, S, S)), ``bad`` the skipped items' lines; a skipped
+    item is replaced by the batch's others in turn, so the batch keeps its size; (empty, empty) when every
+    item was skipped."""
+    good = [item for item in batch if not isinstance(item, Skipped)]
+    bad = [item for item in batch if isinstance(item, Skipped)]
     if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.long)
+        return LabelledBatch(torch.empty(0), torch.empty(0, dtype=torch.long), bad)
     good = refilled(good, len(batch))
-    return torch.stack([image for image, _ in good]), torch.stack([labels for _, labels in good])
+    return LabelledBatch(torch.stack([image for image, _ in good]), torch.stack([labels for _, labels in good]), bad)

@@ -101,7 +101,9 @@ class FinetuneTask(Task):
                 f"(this process), {len(self.classes)} classes; ViT {self.model.config.embed_dim} wide, "
                 f"{self.model.config.depth} blocks, {self.config.img_size} px, {params:.1f}M params")
 
-    def loss(self, batch) -> torch.Tensor:
+    def loss(self, batch) -> torch.Tensor | None:
+        if not batch[0].numel():  # every image of the batch was unreadable
+            return None
         images, targets = (t.to(self.device, non_blocking=True) for t in batch)
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)

@@ -45,7 +45,7 @@ from lomar.train.run_state import (
 )
 from lomar.train.runtime import compile_model, default_threads, fast_adamw
 from lomar.train.schedule import lr_at, run_span, schedule_overrun, warmup_warning
-from lomar.train.task import EpochStream, Progress, Task, TrainingError
+from lomar.train.task import EpochStream, Progress, SkippedFiles, Task, TrainingError
 from lomar.viz.curves import loss_summary
 
 __all__ = ["Task", "Progress", "TrainingError", "run"]
@@ -90,6 +90,7 @@ class _Run:
         task.progress = self.p = Progress()
         self.best, self.evaluated_step, self.stop = -math.inf, -1, StopFlag()
         self.spare = None  # under DDP, the last batch that gave a loss: an idle step's (task.idle_loss)
+        self.skipped = SkippedFiles(self.steps_per_epoch * self.accum, config.batch_size, not task.skips_warned)
         total = config.epochs * self.steps_per_epoch
         self.last_step = min(total, config.max_steps) if config.max_steps else total
         if overrun := schedule_overrun(self.last_step, self.schedule[0], getattr(config, "min_lr", 0.0)):
@@ -212,8 +213,7 @@ class _Run:
         batches = iter(batches)
         while True:
             start = time.perf_counter()
-            batch = next(batches, _END)
-            if batch is _END:
+            if (batch := next(batches, _END)) is _END:
                 return
             self.waited += time.perf_counter() - start
             yield batch
@@ -227,6 +227,7 @@ class _Run:
         with contextlib.nullcontext() if sync or task.sharded or not self.info.enabled else task.net.no_sync():
             if self.compiled:  # CUDA graphs: this forward may overwrite the previous step's outputs
                 torch.compiler.cudagraph_mark_step_begin()
+            self.skipped.count(task.skipped(batch))
             with self.autocast():
                 loss, weight = task.loss(batch), 1.0 / self.accum
                 if loss is not None and self.info.enabled:
@@ -338,7 +339,7 @@ class _Run:
             return
         self.task.finish(out)
         losses = loss_summary(out / "metrics.jsonl", mean_of_last=10)
-        extra, metric = self.task.final_line(), self.task.best_metric
+        extra, metric = "; ".join(filter(None, [self.skipped.summary(), self.task.final_line()])), self.task.best_metric
         if metric:
             best = out / "best.pt"
             extra = ", ".join(filter(None, [f"best {metric} {self.best:.4f} in {best}" if best.exists() else

@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader, IterableDataset
 from lomar.checkpoints.export import export_encoder
 from lomar.checkpoints.formats import PRETRAIN_FORMAT
 from lomar.checkpoints.io import safe_load
-from lomar.data.collate import BadDataTracker
 from lomar.data.device_decode import decode_dataset
 from lomar.data.folder import build_pretrain_dataset
 from lomar.data.samplers import EpochSampler
@@ -40,6 +39,7 @@ __all__ = ["PretrainTask", "TrainingError", "train", "checkpoints_to_prune"]
 class PretrainTask(Task):
     name = "pretrain"
     eval_log = "knn.jsonl"
+    skips_warned = False  # the loader reports unreadable files in the batch; the run's count warns of them
     outputs = ("config.yaml", "knn.jsonl", "encoder.safetensors", "config.json", "reconstruction*.png", "loss.png")
 
     def __init__(self, config: PretrainConfig, info: DistInfo, device: torch.device):
@@ -72,7 +72,6 @@ class PretrainTask(Task):
             # Its own generator: each new iterator (one more after a resume) then leaves the global RNG,
             # which drop path draws from, untouched.
             generator=torch.Generator().manual_seed(config.seed))
-        self.tracker = BadDataTracker(total=self.per_rank)
         self.knn = None
         if config.knn_every and info.is_main:
             self.knn = KnnMonitor(config.knn_data, img_size=config.img_size, workers=min(config.workers, 4))
@@ -109,23 +108,12 @@ class PretrainTask(Task):
     def batches(self):
         return self.decoding.batches(self.train_loader, self.device, self.config.decode_ahead)
 
-    def loss(self, batch: dict) -> torch.Tensor | None:
-        n = batch["images"].shape[0] if batch["images"].numel() else 0
-        self.tracker.update(batch["bad"], n + len(batch["bad"]))
-        try:
-            self.tracker.check()
-        except ValueError as exc:
-            raise TrainingError(str(exc)) from None
-        if not n:
+    def skipped(self, batch: dict) -> list[str]:
+        return batch["bad"]
+
+    def loss(self, batch: dict) -> torch.Tensor | dict[str, torch.Tensor] | None:
+        if not batch["images"].numel():  # every image of the batch was unreadable
             return None
-        return self._forward(batch)
-
-    def idle_loss(self, batch: dict) -> torch.Tensor:
-        # Every image of the batch was unreadable, but DDP needs every rank in each backward; not loss():
-        # the tracker has counted this batch already.
-        return self._forward(batch)
-
-    def _forward(self, batch: dict) -> torch.Tensor | dict[str, torch.Tensor]:
         images = batch["images"].to(self.device, non_blocking=True)
         output = self.net(images, **self.runtime.forward_kwargs(batch, self.device))
         if not self.step_metrics:
@@ -169,15 +157,13 @@ class PretrainTask(Task):
 
     def final_line(self) -> str:
         out = Path(self.config.out)
-        bad = (f"; {self.tracker.count} unreadable image(s) skipped, e.g. {next(iter(self.tracker.bad))}"
-               if self.tracker.count else "")
         share = self.decoding.share
         workers = "" if share is None or share.decoded_share is None else (
             f"; the workers decoded {share.decoded_share:.0%} of the photos the device could have decoded "
             f"(--cpu-decode-share {'auto, last ' if share.auto else ''}{share.value:.2f})")
         visualize = "" if self.config.method == "beit" else f"lomar visualize {out / 'last.pt'} --attention; "
         return (f"encoder {out / 'encoder.safetensors'}, figures {out}/reconstruction-*.png and loss.png"
-                f"{bad}{workers}. Next: {visualize}lomar export {out / 'last.pt'} --to DIR")
+                f"{workers}. Next: {visualize}lomar export {out / 'last.pt'} --to DIR")
 
     # ---- outputs -------------------------------------------------------------------------
     def _consolidate(self, out: Path):

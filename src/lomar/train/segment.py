@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from torchvision.io import encode_png
 
 from lomar.checkpoints.io import atomic_write_bytes
+from lomar.data.collate import Skipped
 from lomar.data.samplers import EpochSampler
 from lomar.data.segmentation import SegmentationFolder, collate_segmentation
 from lomar.eval.features import load_pretrained_encoder
@@ -113,7 +114,7 @@ class SegmentTask(Task):
         pngs = []
         try:
             for index in range(info.rank, len(self.val_set), info.world_size):
-                if (item := self.val_set[index]) is None:  # skipped with a warning
+                if isinstance(item := self.val_set[index], Skipped):  # skipped with a warning
                     continue
                 image, labels, stem = item
                 logits = predict_logits(model, image[None].to(self.device), config.num_classes, config.eval_mode,

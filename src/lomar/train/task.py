@@ -10,6 +10,10 @@ Required of a Task: ``name``, ``model``, ``train_loader``, ``loss(batch)``. Opti
   all-reduce (default: ``loss(batch)`` again),
 - ``loss_parts``: names of the loss's components; ``loss`` (and ``idle_loss``) then return a dict of
   exactly these scalars, the loss is their sum, and each step's record holds the mean of each,
+- ``skipped(batch)``: the files the batch skipped (default: its ``bad``, as the collates of
+  :mod:`lomar.data.collate` give it); a process stops the run once more than 10 % of the files it reads an
+  epoch were skipped (:class:`SkippedFiles`); ``skips_warned``: the data warned of each (default True),
+  else the count does, once per file,
 - ``step_metrics``: names of scalars that ``loss`` also returns in its dict (beside the parts, or beside
   ``"loss"`` when there are none), logged like the parts but not learned from (e.g. an accuracy),
 - ``lr_schedule(step, total, warmup, base_lr, min_lr)`` (default warm-up + cosine): the lr of optimizer step
@@ -36,7 +40,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Task", "EpochStream", "Progress", "TrainingError"]
+from lomar.data.collate import BadDataTracker
+
+__all__ = ["Task", "EpochStream", "Progress", "SkippedFiles", "TrainingError"]
 
 
 class TrainingError(RuntimeError):
@@ -70,10 +76,14 @@ class Task:
     eval_epoch_index = False
     outputs: tuple[str, ...] = ()
     loss_parts: tuple[str, ...] = ()
+    skips_warned = True
     step_metrics: tuple[str, ...] = ()
     net: torch.nn.Module  # and ``progress``, ``autocast`` (its precision's context): set by the lifecycle
     load = finish = stopped = begin = saved = _nothing
     evaluate, state, final_line, step_info = (lambda self: {}), (lambda self: {}), (lambda self: ""), (lambda self: {})
+
+    def skipped(self, batch) -> list[str]:
+        return list(getattr(batch, "bad", ()))
 
     def idle_loss(self, batch) -> torch.Tensor | dict[str, torch.Tensor] | None:
         return self.loss(batch)
@@ -103,6 +113,28 @@ class Task:
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters()) / 1e6
         return f"{len(self.train_loader.dataset)} images, {type(self.model).__name__} {params:.1f}M params"
+
+
+class SkippedFiles:
+    """The files one process skipped (``Task.skipped``), each counted once; more than ``threshold`` of the
+    files the process reads an epoch (``batches`` of ``batch_size``) stops the run (:class:`BadDataTracker`'s
+    exact rule). ``warn``: log each file once (else the data did)."""
+
+    def __init__(self, batches: int, batch_size: int, warn: bool, threshold: float = 0.1):
+        self.tracker = BadDataTracker(batches * batch_size, warn=warn)
+        self.batch_size, self.threshold = batch_size, threshold
+
+    def count(self, files: list[str]) -> None:
+        self.tracker.update(files, self.batch_size)
+        try:
+            self.tracker.check(self.threshold)
+        except ValueError as exc:
+            raise TrainingError(str(exc)) from None
+
+    def summary(self) -> str:
+        """'N unusable image(s) skipped, e.g. FILE', or '' when none was."""
+        tracker = self.tracker
+        return f"{tracker.count} unusable image(s) skipped, e.g. {next(iter(tracker.bad))}" if tracker.count else ""
 
 
 class EpochStream:
