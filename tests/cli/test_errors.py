@@ -254,3 +254,15 @@ def test_an_unknown_flag_is_the_commands_own_error(command, args, capsys):
     assert main([command, *args, "--bogus", "x"]) == 2
     assert capsys.readouterr().err == (f"lomar {command}: error: unrecognized arguments: --bogus x "
                                        f"(see lomar {command} --help)\n")
+
+
+@pytest.mark.parametrize("name, value", [("LOMAR_MAX_IMAGE_PIXELS", "abc"), ("LOMAR_MAX_IMAGE_PIXELS", "-1"),
+                                         ("LOMAR_MAX_IMAGE_BYTES", "0")])
+def test_a_bad_image_limit_in_the_environment_is_one_line_before_any_work(name, value, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(name, value)
+    assert main(["pretrain", "--out", str(tmp_path / "run"), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    default = {"LOMAR_MAX_IMAGE_PIXELS": 178956970, "LOMAR_MAX_IMAGE_BYTES": 268435456}[name]
+    assert err == (f"lomar pretrain: error: {name} must be a positive integer, got {value!r}; unset it or set "
+                   f"e.g. {default} (the default)\n")
+    assert not (tmp_path / "run").exists()

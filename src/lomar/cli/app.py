@@ -19,6 +19,7 @@ from collections.abc import Iterable
 
 from lomar import __version__
 from lomar.errors import LomarError
+from lomar.limits import check_env_limits
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main", "run", "describe_os_error"]
 
@@ -120,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     nested = getattr(args, f"{args.command.replace('-', '_')}_command", None)  # e.g. lomar tokenizer fit
     prefix = f"lomar {args.command}" + (f" {nested}" if isinstance(nested, str) else "")
+    try:  # else every image would fail on them, each blamed on the image
+        check_env_limits()
+    except ValueError as exc:
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
+        return 2
     try:
         return int(args._run(args) or 0)
     except LomarError as exc:

@@ -24,17 +24,13 @@ import torch
 from PIL import Image, ImageOps
 
 from lomar.data.headers import declared_size
+from lomar.limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, env_limit
 
 __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_IMAGE_BYTES", "WIDE_MODES", "is_image_name",
            "max_image_pixels", "max_image_bytes", "read_image_bytes", "open_pil", "exif_orientation", "oriented_size",
            "decode_bytes", "load_image", "pil_to_tensor"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-# Pillow's own decompression-bomb error threshold (2 x Image.MAX_IMAGE_PIXELS): ~13k x 13k.
-DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
-# Far above a compressed photograph at the pixel limit (a 13k x 13k JPEG takes tens of MB), far
-# below what would strain a loader worker; an uncompressed one (~540 MB) needs it raised.
-DEFAULT_MAX_IMAGE_BYTES = 256 * 2**20
 # Pillow modes of more than 8 bits a channel: scaled to 8 bits here, where Pillow's convert would clip.
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")
 
@@ -43,27 +39,14 @@ def is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _positive_env(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    try:
-        limit = int(value)
-    except ValueError:
-        limit = 0
-    if limit <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return limit
-
-
 def max_image_pixels() -> int:
     """The largest image decoded: ``LOMAR_MAX_IMAGE_PIXELS`` if set (a positive integer), else the default."""
-    return _positive_env("LOMAR_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS)
+    return env_limit("LOMAR_MAX_IMAGE_PIXELS")
 
 
 def max_image_bytes() -> int:
     """The largest image file read: ``LOMAR_MAX_IMAGE_BYTES`` if set (a positive integer), else 256 MiB."""
-    return _positive_env("LOMAR_MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES)
+    return env_limit("LOMAR_MAX_IMAGE_BYTES")
 
 
 def _check_file(path: str | Path, info: os.stat_result, limit: int) -> None:
