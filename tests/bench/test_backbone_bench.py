@@ -45,3 +45,11 @@ def test_backbone_bench_runs_each_variant(tmp_path):
 def test_bad_sizes_are_one_line_errors(capsys):
     assert main(["bench", "--task", "backbone", "--sizes", "1000", "--attention", "dense"]) == 2
     assert "multiples of the patch size 16" in capsys.readouterr().err
+
+
+def test_sizes_above_the_image_bound_and_grids_below_a_window_are_one_line_errors(capsys):
+    assert main(["bench", "--model", "vit_tiny_patch8", "--sizes", "100000", "--device", "cpu"]) == 2
+    assert "--sizes must be <= 8192" in capsys.readouterr().err
+    assert main(["bench", "--model", "vit_tiny_patch8", "--sizes", "32", "--windows", "1", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == ("lomar bench: error: 32px: its 4x4 patch grid is smaller than bench's 7x7 "
+                                       "windows; drop 32 from --sizes (the least is 56)\n")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from lomar.cli.common import check_output_file, resolve_device, write_json
 from lomar.errors import UsageError
+from lomar.limits import MAX_IMG_SIZE
 from lomar.methods import names
 from lomar.train import settings as S
 from lomar.train.runtime import retain_freed_memory
@@ -52,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "--sizes 224 448 --steps 3 --json bench.json --plot bench.png")
     add_settings(parser, {
         "model": S.MODEL,
-        "sizes": Setting([224, 384, 448, 672, 896], "image sizes", kind=int, above=0, nargs="+", metavar="PX"),
+        "sizes": Setting([224, 384, 448, 672, 896], "image sizes", kind=int, above=0, high=MAX_IMG_SIZE, nargs="+",
+                          metavar="PX"),
         "methods": Setting(["lomar", "mae"], "beit times BEiT and BEiT + 7x7 windows (beit_window); mae_window: MAE "
                            "per 7x7 window; windowed variants use LoMaR's window counts", kind=str, nargs="+",
                            choices=(*names(), "mae_window")),
@@ -138,6 +140,9 @@ def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str
             try:
                 check_window_request(grid, 7, n, 0.8 if method == "lomar" else 0.75)
             except ValueError as exc:  # bench's windows are 7x7 patches: the fix is the size or the count
+                if min(grid) < 7:
+                    raise UsageError(f"{size}px: its {grid[0]}x{grid[1]} patch grid is smaller than bench's 7x7 "
+                                     f"windows; drop {size} from --sizes (the least is {7 * patch})") from None
                 raise UsageError(f"{size}px: {str(exc).replace(' (--window-size)', '')}; drop {size} from --sizes "
                                  f"or lower --windows") from None
         plan[size] = configs
