@@ -266,3 +266,28 @@ def test_a_bad_image_limit_in_the_environment_is_one_line_before_any_work(name, 
     assert err == (f"lomar pretrain: error: {name} must be a positive integer, got {value!r}; unset it or set "
                    f"e.g. {default} (the default)\n")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command, other, marks", [
+    ("pretrain", "finetune", {"format": "lomar-finetune-1"}), ("finetune", "pretrain", {"format": "lomar-pretrain-2"}),
+    ("segment", "detect", {"format": "lomar-detect-1"}), ("detect", "segment", {"task": "segment"})])
+def test_resuming_another_commands_checkpoint_names_that_command(command, other, marks, tmp_path, capsys):
+    import torch
+
+    checkpoint = tmp_path / "other" / "last.pt"
+    checkpoint.parent.mkdir()
+    torch.save({"model": {"w": torch.zeros(1)}, "optimizer": {}, "config": {}, "settings": {}, **marks}, checkpoint)
+    assert main([command, "--resume", str(checkpoint), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (
+        f"lomar {command}: error: --resume {checkpoint} is a `lomar {other}` checkpoint, not a `lomar {command}` "
+        f"one; resume it with `lomar {other}`, or start a new run with another --out\n")
+
+
+@pytest.mark.parametrize("marks, command", [({"format": "lomar-detect-1"}, "detect"), ({"task": "segment"}, "segment")])
+def test_a_detector_or_segmenter_given_as_an_encoder_is_named(marks, command, tmp_path, capsys):
+    import torch
+
+    checkpoint = tmp_path / "last.pt"
+    torch.save({"model": {"backbone.w": torch.zeros(1)}, **marks}, checkpoint)
+    assert main(["knn", str(checkpoint), "--data", str(tmp_path)]) == 2
+    assert f"is a whole `lomar {command}` model, not an encoder; pass the encoder" in capsys.readouterr().err

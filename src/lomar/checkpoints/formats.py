@@ -295,6 +295,10 @@ def read(path: str | Path) -> tuple[Reader, Source]:
     for reader in readers():
         if reader.detect(data, state):
             return reader, Source(path, reader.name, data, state)
+    dense = {"lomar-detect-1": "detect"}.get(data.get("format"), "segment" if data.get("task") == "segment" else None)
+    if dense:  # its encoder is there, inside a detector or segmenter, but no command reads it back out
+        raise ValueError(f"checkpoint {path} is a whole `lomar {dense}` model, not an encoder; pass the encoder that "
+                         f"run started from (its --pretrained), or a pretraining checkpoint or export")
     sample = ", ".join(sorted(state)[:4]) or "no tensors"
     raise ValueError(f"checkpoint {path} is in no format lomar reads (keys: {sample}, ...); expected ours "
                      f"(lomar pretrain / finetune / export) or an original LoMaR / MAE / BEiT checkpoint")
