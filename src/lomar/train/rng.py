@@ -26,8 +26,11 @@ def rng_state(device: torch.device | None = None) -> dict:
     there), as tensors and plain data (loadable with weights_only)."""
     np_state = np.random.get_state()
     py_state = random.getstate()
+    # The normal samplers' cached second value too (numpy's, python's gauss): timm's mixup draws its
+    # beta through numpy's, and a resume without it would draw the next one afresh.
     state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-             "numpy_pos": int(np_state[2]), "python": list(py_state[1]), "python_version": py_state[0]}
+             "numpy_pos": int(np_state[2]), "numpy_gauss": [int(np_state[3]), float(np_state[4])],
+             "python": list(py_state[1]), "python_version": py_state[0], "python_gauss": py_state[2]}
     if device is not None and device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -35,8 +38,9 @@ def rng_state(device: torch.device | None = None) -> dict:
 
 def set_rng_state(state: dict, device: torch.device | None = None) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    random.setstate((state["python_version"], tuple(state["python"]), None))
+    has_gauss, gauss = state.get("numpy_gauss", (0, 0.0))  # a checkpoint written before it was saved: none
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], has_gauss, gauss))
+    random.setstate((state["python_version"], tuple(state["python"]), state.get("python_gauss")))
     if "cuda" in state and device is not None and device.type == "cuda":  # a CPU resume has no use for it
         torch.cuda.set_rng_state(state["cuda"], device)
 
