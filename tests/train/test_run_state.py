@@ -48,7 +48,7 @@ def test_a_second_lock_on_the_folder_refuses_at_once(tmp_path):
 @pytest.mark.slow
 def test_the_lock_is_released_when_its_holder_dies(tmp_path):
     out = tmp_path / "run"
-    code = (f"from lomar.train.run_state import RunLock; RunLock({str(out)!r}).acquire(); "
+    code = (f"from lomar.train.run_state import RunLock; lock = RunLock({str(out)!r}).acquire(); "
             f"import os; os._exit(3)")  # a crash: no clean-up code runs
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ}, timeout=120)
     assert proc.returncode == 3 and (out / ".lock").exists()
@@ -271,3 +271,37 @@ def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_bf16(monkeypatch, 
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == expected
     assert [resolve_precision(p, cpu) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+
+
+def test_the_saved_random_state_holds_the_normal_samplers_cached_value(tmp_path):
+    import random
+
+    import numpy as np
+
+    from lomar.train.rng import rng_state, set_rng_state
+
+    np.random.seed(3)
+    random.seed(3)
+    np.random.beta(1.0, 1.0)  # as timm's cutmix: the normal draw inside leaves one value cached
+    random.gauss(0, 1)
+    atomic_save({"rng": rng_state()}, tmp_path / "rng.pt")
+    ahead = [np.random.beta(1.0, 1.0), np.random.standard_normal(), random.gauss(0, 1)]
+    set_rng_state(safe_load(tmp_path / "rng.pt")["rng"])  # weights_only: plain data
+    assert [np.random.beta(1.0, 1.0), np.random.standard_normal(), random.gauss(0, 1)] == ahead
+
+
+@pytest.mark.slow
+def test_a_killed_run_frees_its_folder_at_once_though_its_forked_workers_live_on(tmp_path):
+    out = tmp_path / "run"
+    code = (f"import multiprocessing as mp, time, sys; from lomar.train.run_state import RunLock; "
+            f"lock = RunLock({str(out)!r}).acquire(); worker = mp.get_context('fork').Process(target=time.sleep, "
+            f"args=(60,)); worker.start(); print(worker.pid, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    worker = int(proc.stdout.readline())
+    try:
+        proc.kill()  # as kill -9: the loader worker outlives the run by seconds
+        proc.wait(timeout=30)
+        with RunLock(out):
+            pass
+    finally:
+        os.kill(worker, 9)

@@ -294,11 +294,27 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
     return removed
 
 
+_HELD_LOCKS: set[int] = set()  # the file descriptors of the run locks this process holds
+
+
+def _drop_run_locks() -> None:
+    """In a forked child (a loader worker), /dev/null in their place: a killed run frees its folder at once."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in _HELD_LOCKS:
+        os.dup2(null, fd)
+    os.close(null)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_run_locks)
+
+
 class RunLock:
     """An advisory ``fcntl.flock`` on ``OUT/.lock``, held for the run's life.
 
     A second run into the same folder refuses at once. The kernel drops the lock when the
-    process ends, crash or ``kill -9`` included, so a stale lock file never blocks a rerun.
+    process ends, crash or ``kill -9`` included, so a stale lock file never blocks a rerun;
+    forked children (loader workers) do not hold it.
     """
 
     def __init__(self, out: Path):
@@ -324,6 +340,7 @@ class RunLock:
         handle.write(str(os.getpid()))
         handle.flush()
         self.handle = handle
+        _HELD_LOCKS.add(handle.fileno())
         return self
 
     def release(self, remove_if_empty: bool = False) -> None:
@@ -335,6 +352,7 @@ class RunLock:
             (self.out / ".lock").unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 self.out.rmdir()
+        _HELD_LOCKS.discard(self.handle.fileno())
         self.handle.close()
         self.handle = None
 
