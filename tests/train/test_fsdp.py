@@ -327,7 +327,8 @@ def test_resume_auto_follows_last_json_and_falls_back_to_the_newest_intact_folde
     _fake_sharded(out / "checkpoint-000006.dcp", 6, readable=False)
     (out / "last.json").write_text('{"checkpoint": "checkpoint-000004.dcp", "step": 4}\n')
     (out / "last.pt").write_bytes(b"a consolidated model, never resumed from")
-    assert find_resume_checkpoint(out) == (out / "checkpoint-000004.dcp", [])
+    newer_unreadable = [f"{out / 'checkpoint-000006.dcp'} cannot be read, skipped"]
+    assert find_resume_checkpoint(out) == (out / "checkpoint-000004.dcp", newer_unreadable)
     (out / "last.json").write_text('{"checkpoint": "checkpoint-000009.dcp", "step": 9}\n')  # gone
     path, notes = find_resume_checkpoint(out)
     assert path == out / "checkpoint-000004.dcp"

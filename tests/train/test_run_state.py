@@ -17,6 +17,7 @@ from helpers import fill_disk
 from lomar.checkpoints.io import atomic_save, safe_load
 from lomar.errors import UsageError
 from lomar.train import runtime
+from lomar.train.precision import resolve_precision
 from lomar.train.run_state import (
     RunLock,
     SaveError,
@@ -25,7 +26,6 @@ from lomar.train.run_state import (
     find_resume_checkpoint,
     prepare_run_folder,
     remove_stale_temporaries,
-    resolve_precision,
     save_checkpoint,
     save_on_main_rank,
     truncate_metrics,
@@ -127,6 +127,27 @@ def test_resume_auto_falls_back_to_the_newest_intact_checkpoint(tmp_path):
     atomic_save(_state(12), tmp_path / "last.pt")
     assert find_resume_checkpoint(tmp_path) == (tmp_path / "last.pt", [])
     assert find_resume_checkpoint(tmp_path / "nothing") == (None, [])
+
+
+def test_resume_auto_takes_a_step_checkpoint_newer_than_last_pt(tmp_path):
+    """A run killed between writing checkpoint-N.pt and last.pt leaves last.pt a save behind."""
+    atomic_save(_state(10), tmp_path / "last.pt")
+    atomic_save(_state(10), tmp_path / "checkpoint-000010.pt")
+    atomic_save(_state(15), tmp_path / "checkpoint-000015.pt")
+    path, notes = find_resume_checkpoint(tmp_path)
+    assert path.name == "checkpoint-000015.pt"
+    assert notes[0] == f"{tmp_path / 'last.pt'} is at step 10, behind checkpoint-000015.pt"
+
+
+def test_an_older_checkpoint_does_not_rewind_a_folder_whose_last_pt_is_gone(tmp_path):
+    atomic_save(_state(55), tmp_path / "checkpoint-000055.pt")
+    atomic_save(_state(60), tmp_path / "checkpoint-000060.pt")
+    for last in (None, b"cut short"):  # missing, then unreadable
+        if last is not None:
+            (tmp_path / "last.pt").write_bytes(last)
+        with pytest.raises(UsageError, match=r"step 55\).*would rewind.*checkpoint-000060\.pt is at step 60"):
+            check_no_rewind(tmp_path / "checkpoint-000055.pt", tmp_path, overwrite=False)
+    check_no_rewind(tmp_path / "checkpoint-000060.pt", tmp_path, overwrite=False)
 
 
 def test_resuming_an_older_checkpoint_into_a_newer_folder_refuses(tmp_path):

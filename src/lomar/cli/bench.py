@@ -154,7 +154,7 @@ def _start(args: argparse.Namespace):
     and applies --threads."""
     import torch
 
-    from lomar.train.run_state import resolve_precision  # torch: not for --help
+    from lomar.train.precision import resolve_precision  # torch: not for --help
 
     device = torch.device(resolve_device(args.device))
     args.precision = resolve_precision(args.precision, device)

@@ -30,15 +30,14 @@ from lomar.errors import UsageError
 from lomar.train.distributed import DistInfo, cleanup_distributed, init_distributed
 from lomar.train.fsdp import load_sharded, save_run_checkpoint
 from lomar.train.monitor import Monitor, input_limit_note
+from lomar.train.precision import autocast_factory, resolve_precision
 from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_workers
 from lomar.train.rng import gather_rng_states, restore_rng_states, seed_everything
 from lomar.train.run_state import (
     RunLock,
     auto_resume,
-    autocast_factory,
     check_no_rewind,
     prepare_run_folder,
-    resolve_precision,
     save_checkpoint,
     save_on_main_rank,
     save_state,

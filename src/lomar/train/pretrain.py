@@ -27,8 +27,9 @@ from lomar.train.config import PretrainConfig, build_model, prepare_method
 from lomar.train.distributed import DistInfo
 from lomar.train.fsdp import consolidate, shard_model
 from lomar.train.lifecycle import Task, TrainingError, run
+from lomar.train.precision import resolve_precision
 from lomar.train.preemption import ignore_stop_signals
-from lomar.train.run_state import checkpoints_to_prune, newest_state, resolve_precision
+from lomar.train.run_state import checkpoints_to_prune, newest_state
 from lomar.train.schedule import param_groups
 from lomar.viz.curves import loss_curve
 from lomar.viz.reconstruction import reconstruction_snapshot

@@ -34,7 +34,7 @@ from lomar.train.settings import ConfigError
 __all__ = ["RunLock", "SaveError", "save_state", "checkpoints_to_prune", "save_checkpoint", "save_on_main_rank",
            "truncate_metrics", "remove_stale_temporaries", "find_resume_checkpoint", "auto_resume", "checkpoint_step",
            "check_no_rewind", "holds_run", "remove_newer_checkpoints", "check_out_folder", "read_meta",
-           "autocast_factory", "resolve_precision", "cpu_has_bf16", "LAST_POINTER", "newest_state", "refuse_held_run",
+           "LAST_POINTER", "newest_state", "refuse_held_run",
            "prepare_run_folder"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.(pt|dcp)$")  # .dcp: a sharded checkpoint folder
@@ -46,31 +46,6 @@ T = TypeVar("T")
 
 class SaveError(LomarError, OSError):
     """A checkpoint could not be written (e.g. the disk is full); the previous one is intact."""
-
-
-# ---- precision ------------------------------------------------------------------------
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 where the hardware multiplies bf16 natively (CUDA with bf16 support, a CPU
-    with AVX-512 BF16 or AMX), else fp32."""
-    if precision == "auto":
-        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_has_bf16()
-        return "bf16" if native else "fp32"
-    return precision
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has bf16 matrix instructions. With them oneDNN runs bf16 autocast's products
-    at 2-4x its fp32 rate; without them bf16 is emulated and slower than fp32."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-def autocast_factory(precision: str, device: torch.device):
-    """A zero-argument callable giving the autocast context of a resolved precision."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if dtype is None:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=dtype)
 
 
 # ---- checkpoints ----------------------------------------------------------------------
@@ -190,27 +165,28 @@ def newest_state(out: Path) -> Path:
 
 
 def find_resume_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
-    """(the newest intact state in ``out``, notes to print): ``last.pt`` (or the folder
-    ``last.json`` names), else the ``checkpoint-*.pt`` / ``checkpoint-*.dcp`` with the highest step
-    that reads; the notes name what was skipped."""
+    """(the newest intact state in ``out``, notes to print): ``last.pt`` (or the folder ``last.json`` names),
+    unless a ``checkpoint-*.pt`` / ``checkpoint-*.dcp`` that reads is at a later step (a run killed between
+    the two writes) or it does not read; the notes name what was skipped."""
     notes = []
     last = newest_state(out)
     sharded = (out / LAST_POINTER).exists()
-    if sharded or last.exists():
-        if checkpoint_step(last) is not None:
-            return last, notes
+    last_step = checkpoint_step(last) if sharded or last.exists() else None
+    if (sharded or last.exists()) and last_step is None:
         notes.append(f"{out / LAST_POINTER} names no intact checkpoint, skipped" if sharded
                      else f"{last} cannot be read, skipped")
     candidates = sorted((p for p in out.glob("checkpoint-*") if _checkpoint_number(p.name) is not None),
                         key=lambda p: -_checkpoint_number(p.name))
-    for path in candidates:
-        if checkpoint_step(path) is not None:
-            if not (sharded or last.exists()):
+    for path in (p for p in candidates if last_step is None or _checkpoint_number(p.name) > last_step):
+        if (step := checkpoint_step(path)) is not None and (last_step is None or step > last_step):
+            if last_step is not None:
+                notes.append(f"{last} is at step {last_step}, behind {path.name}")
+            elif not (sharded or last.exists()):
                 notes.append(f"{last} is missing")
             notes.append(f"resuming from the newest intact checkpoint, {path}")
             return path, notes
         notes.append(f"{path} cannot be read, skipped")
-    return None, notes
+    return (last if last_step is not None else None), notes
 
 
 def auto_resume(out: Path, overwrite: bool) -> tuple[Path | None, list[str]]:
@@ -234,13 +210,13 @@ def _foreign(resume: Path, out: Path) -> bool:
 
 
 def check_no_rewind(resume: Path, out: Path, overwrite: bool) -> None:
-    """Refuse, unless ``overwrite`` says so, to resume an older state into a folder whose ``last.pt`` is newer
+    """Refuse, unless ``overwrite`` says so, to resume an older state into a folder whose newest state is newer
     (it would be rewound: checkpoints pruned, metrics cut), or another folder's checkpoint into a folder that
     holds a run (the two runs' checkpoints, logs and figures would mix)."""
     if overwrite:
         return
-    last = newest_state(out)
-    if last.exists() and not (resume.exists() and last.samefile(resume)):
+    last, _ = find_resume_checkpoint(out)  # the newest intact state, if last.pt is missing, cut or behind
+    if last is not None and not (resume.exists() and last.samefile(resume)):
         newer, older = checkpoint_step(last), checkpoint_step(resume)
         if newer is not None and older is not None and newer > older:
             raise UsageError(f"--resume {resume} (step {older}) would rewind {out}, whose {last.name} is at step "
