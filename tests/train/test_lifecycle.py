@@ -255,6 +255,17 @@ def test_a_non_finite_loss_names_the_step(tmp_path):
     assert not (tmp_path / "run" / "last.pt").exists()  # the first checkpoint is due at step 4
 
 
+def test_a_non_finite_loss_suggests_only_flags_the_command_has():
+    from lomar.train.config import PretrainConfig
+    from lomar.train.finetune_config import FinetuneConfig
+    from lomar.train.segment_config import SegmentConfig
+    from lomar.train.task import steadier
+
+    assert steadier(PretrainConfig) == "lower --blr/--lr, set --clip-grad or use --precision fp32"
+    assert steadier(FinetuneConfig) == "lower --blr or use --precision fp32"  # no --lr, no --clip-grad
+    assert steadier(SegmentConfig) == "lower --lr or use --precision fp32"
+
+
 def test_the_regime_is_named_and_the_demo_names_the_model_it_trains(tmp_path, capsys):
     import yaml
 

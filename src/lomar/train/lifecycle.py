@@ -44,7 +44,7 @@ from lomar.train.run_state import (
 )
 from lomar.train.runtime import compile_model, default_threads, fast_adamw
 from lomar.train.schedule import lr_at, run_span, schedule_overrun, warmup_warning
-from lomar.train.task import EpochStream, Progress, SkippedFiles, Task, TrainingError
+from lomar.train.task import EpochStream, Progress, SkippedFiles, Task, TrainingError, steadier
 from lomar.viz.curves import loss_summary
 
 __all__ = ["Task", "Progress", "TrainingError", "run"]
@@ -282,8 +282,7 @@ class _Run:
         if not math.isfinite(value):
             last = self.out / "last.pt"
             kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-            raise TrainingError(f"loss is {value} at step {p.step} (epoch {p.epoch}); {kept}; lower --blr/--lr, "
-                                f"set --clip-grad or use --precision fp32")
+            raise TrainingError(f"loss is {value} at step {p.step} (epoch {p.epoch}); {kept}; {steadier(cfg)}")
         seen = learned * self.cfg.batch_size * self.info.world_size
         parts = {**{name: total / totals[-1] for name, total in zip(names, totals[1:-1])}, **self.task.step_info()}
         elapsed = max(time.perf_counter() - self.tick, 1e-9)

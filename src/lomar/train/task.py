@@ -42,7 +42,7 @@ import torch
 
 from lomar.data.collate import BadDataTracker
 
-__all__ = ["Task", "EpochStream", "Progress", "SkippedFiles", "TrainingError"]
+__all__ = ["Task", "EpochStream", "Progress", "SkippedFiles", "TrainingError", "steadier"]
 
 
 class TrainingError(RuntimeError):
@@ -113,6 +113,14 @@ class Task:
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters()) / 1e6
         return f"{len(self.train_loader.dataset)} images, {type(self.model).__name__} {params:.1f}M params"
+
+
+def steadier(config) -> str:
+    """What to change after a non-finite loss, in the flags the command has."""
+    fields = getattr(config, "__dataclass_fields__", {})
+    rates = "/".join(f"--{name}" for name in ("blr", "lr") if name in fields) or "the learning rate"
+    fixes = [f"lower {rates}", *(["set --clip-grad"] if "clip_grad" in fields else []), "use --precision fp32"]
+    return f"{', '.join(fixes[:-1])} or {fixes[-1]}"
 
 
 class SkippedFiles:
