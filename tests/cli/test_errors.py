@@ -63,6 +63,7 @@ BAD = [
     ("visualize", [CK, "{tmp}/missing.png"], "missing.png"),
     ("visualize", [CK, *["{tmp}/file"] * 65], "at most 64"),
     ("visualize", [CK, "--windows", "0"], "--windows"),
+    ("pretrain", ["--out", "{tmp}/run", "--figure-images", "65"], "--figure-images must be at most 64"),
     # load-original
     ("load-original", [CK, "--to", "{tmp}/new.pt", "--img-size", "0"], "--img-size"),
     ("load-original", [CK, "--to", "{tmp}/new.pt", "--num-heads", "0"], "--num-heads"),

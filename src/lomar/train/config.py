@@ -129,7 +129,7 @@ class PretrainConfig(TaskConfig):
                                                "machine (default: the cores shared among this machine's processes)")
     save_every: int = S.setting(20, "write a checkpoint every N epochs", above=0, resume="run-control")
     keep_last: int = S.setting(2, "checkpoints to keep", above=0, resume="run-control")
-    figure_images: int = S.setting(4, "images in the reconstruction figures", above=0, resume="run-control")
+    figure_images: int = S.setting(4, "images in the reconstruction figures", above=0, high=64, resume="run-control")
     knn_every: int = S.setting(0, "every N epochs, print and log the k-NN top-1 of the encoder on --knn-data "
                              "(0 = never)", low=0, resume="run-control")
     knn_data: str | None = S.setting(None, "ImageFolder root with train/ and val/ class folders, for --knn-every "

@@ -197,6 +197,8 @@ class PretrainTask(Task):
                 items.append(item["image"])
             if len(items) == self.config.figure_images:
                 break
+        if not items:
+            raise ValueError(f"none of the {self.size} training images could be read")
         return torch.stack(items).to(self.device)
 
 
