@@ -64,6 +64,8 @@ BAD = [
     ("visualize", [CK, *["{tmp}/file"] * 65], "at most 64"),
     ("visualize", [CK, "--windows", "0"], "--windows"),
     ("pretrain", ["--out", "{tmp}/run", "--figure-images", "65"], "--figure-images must be at most 64"),
+    ("linprobe", [CK, "--data", "{tmp}/data", "--json", "{tmp}/same.json", "--save", "{tmp}/same.json"],
+     "--json and --save both name"),
     # load-original
     ("load-original", [CK, "--to", "{tmp}/new.pt", "--img-size", "0"], "--img-size"),
     ("load-original", [CK, "--to", "{tmp}/new.pt", "--num-heads", "0"], "--num-heads"),

@@ -89,6 +89,9 @@ def _features(args: argparse.Namespace) -> list:
         raise UsageError(f"{args.pretrained} does not exist; pass a checkpoint file or an exported folder")
     check_output_file(args.json, "--json", create_parents=True)
     check_output_file(getattr(args, "save", None), "--save", create_parents=True)
+    if args.json and getattr(args, "save", None) and Path(args.json).resolve() == Path(args.save).resolve():
+        raise UsageError(f"--json and --save both name {args.json}; the probe's weights would be overwritten by the "
+                         f"scores: pass two files")
     torch.set_num_threads(args.threads or default_threads())  # the command owns the process
     return frozen_features(args, lambda msg: print(f"lomar {args.command}: {msg}", file=sys.stderr))
 
