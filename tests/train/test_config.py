@@ -35,7 +35,8 @@ def test_yaml_values_take_their_field_types(tmp_path, capsys):
 
 @pytest.mark.parametrize("text, message", [
     ("batch_size: 2.5\n", "must be a whole number"),
-    ("lr: fast\n", "is not a number"),
+    ("lr: fast\n", "is not a number; write e.g. lr: 1e-3"),
+    ("seed: four\n", "is not a number; write e.g. seed: 0"),  # a whole number's example is one
     ("compile: 'no'\n", "must be true or false"),
     ("model: null\n", "model needs a str value"),
     ("1: 2\n", "setting names"),

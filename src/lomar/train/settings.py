@@ -357,7 +357,8 @@ def _coerce_scalar(s: Setting, name: str, value: Any, where: str) -> Any:
             try:
                 value = float(value)
             except ValueError:
-                raise ConfigError(f"{where} is not a number; write e.g. {name}: 1e-3") from None
+                example = "1e-3" if s.kind is float else s.default if isinstance(s.default, int) else 1
+                raise ConfigError(f"{where} is not a number; write e.g. {name}: {example}") from None
     if s.kind is float:
         return float(value)
     if isinstance(value, float) and not value.is_integer():
