@@ -294,3 +294,15 @@ def test_a_detector_or_segmenter_given_as_an_encoder_is_named(marks, command, tm
     torch.save({"model": {"backbone.w": torch.zeros(1)}, **marks}, checkpoint)
     assert main(["knn", str(checkpoint), "--data", str(tmp_path)]) == 2
     assert f"is a whole `lomar {command}` model, not an encoder; pass the encoder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["export", "knn"])
+def test_a_plain_pickle_is_one_line_without_torchs_protocol_warning(command, tmp_path, capsys):
+    import pickle
+
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(pickle.dumps({"weights": [1.0, 2.0]}, protocol=4))
+    args = [str(path), "--to", str(tmp_path / "out")] if command == "export" else [str(path), "--data", str(tmp_path)]
+    assert main([command, *args]) == 2
+    line = _one_error_line(capsys.readouterr().err, command)
+    assert line.endswith(f"{path}: it is a Python pickle, not a checkpoint written by torch.save")

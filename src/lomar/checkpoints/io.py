@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -113,7 +114,9 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu", mmap: 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; check the path")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # a plain pickle's protocol: torch warns before refusing it, and the refusal below says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             data = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # corrupt, truncated, not a checkpoint, or holds disallowed objects
         text = _ANSI.sub("", str(exc)).strip()
@@ -123,8 +126,9 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu", mmap: 
             raise ValueError(f"cannot read checkpoint {path}: it holds Python objects{what} that a weights-only "
                              f"load refuses (lomar never unpickles arbitrary code); re-save it as a plain state "
                              f"dict") from exc
-        raise ValueError(f"cannot read checkpoint {path}: it is {describe_file(path)}, expected a PyTorch "
-                         f"checkpoint written by torch.save (.pt / .pth)") from exc
+        found = describe_file(path)
+        expected = "" if "torch.save" in found else ", expected a PyTorch checkpoint written by torch.save (.pt / .pth)"
+        raise ValueError(f"cannot read checkpoint {path}: it is {found}{expected}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"checkpoint {path} holds a {type(data).__name__}, expected a dict")
     return data
