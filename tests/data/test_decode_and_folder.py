@@ -188,3 +188,18 @@ def test_a_shard_member_over_the_byte_limit_is_skipped_unread(tmp_path, monkeypa
                                                                                          shuffle_buffer=1)}
     assert items["big.png"]["image"] is None and items["small.png"]["image"] is not None
     assert read == ["small.png"]
+
+
+def test_brace_patterns_are_counted_before_they_are_expanded(tmp_path):
+    from lomar.data.shards import shard_paths
+
+    for name in ("s-00.tar", "s-01.tar", "s-02.tar"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in shard_paths(str(tmp_path / "s-{00..02}.tar"))] == ["s-00.tar", "s-01.tar", "s-02.tar"]
+    with pytest.raises(ValueError, match=r"names 1,000,000,000 shards, over the 1,000,000 lomar reads"):
+        shard_paths(str(tmp_path / "s-{000000000..999999999}.tar"))  # refused at once, not made
+    with pytest.raises(ValueError, match=r"names 2,000,000 shards"):
+        shard_paths(str(tmp_path / "s-{0..1999}-{0..999}.tar"))
+    for bad in ("s-{00..0x}.tar", "s-{00..02.tar"):
+        with pytest.raises(ValueError, match=r"each brace must close and hold a range of whole numbers"):
+            shard_paths(str(tmp_path / bad))

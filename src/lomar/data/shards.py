@@ -42,6 +42,9 @@ _ORDER_INDEX = 2 ** 40
 _BUFFER_INDEX = 2 ** 40 + 1
 
 
+MAX_SHARD_NAMES = 1_000_000  # a brace pattern's names (LAION-5B has 231,350 shards); a typo can ask for 10^9
+
+
 def is_shard_pattern(data: str) -> bool:
     """A glob or brace pattern of ``.tar`` files, or one existing ``.tar`` file."""
     if not data.lower().endswith(".tar"):
@@ -64,8 +67,29 @@ def _expand_braces(pattern: str) -> list[str]:
     return [p for option in options for p in _expand_braces(head + option + tail)]
 
 
+def _brace_count(pattern: str) -> int:
+    """How many names :func:`_expand_braces` gives, without making them; ValueError for a bad brace."""
+    start = pattern.find("{")
+    if start < 0:
+        return 1
+    end = pattern.index("}", start)
+    body = pattern[start + 1:end]
+    if ".." in body:
+        lo, hi = body.split("..")
+        return max(0, int(hi) - int(lo) + 1) * _brace_count(pattern[end + 1:])
+    return len(body.split(",")) * _brace_count(pattern[end + 1:])
+
+
 def shard_paths(data: str) -> list[Path]:
     """Existing shard files matching a glob / brace pattern, sorted; ValueError when none."""
+    try:
+        names = _brace_count(data)
+    except ValueError:
+        raise ValueError(f"{data!r}: each brace must close and hold a range of whole numbers ({{000..099}}) or "
+                         f"a list ({{a,b}})") from None
+    if names > MAX_SHARD_NAMES:
+        raise ValueError(f"{data!r} names {names:,} shards, over the {MAX_SHARD_NAMES:,} lomar reads; check the "
+                         f"brace range")
     paths = sorted({Path(p) for pat in _expand_braces(data) for p in glob.glob(pat)})
     if not paths:
         raise ValueError(f"no tar shards match {data!r}; check the glob or brace pattern")
