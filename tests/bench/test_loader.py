@@ -159,6 +159,34 @@ def test_measure_loader_records_say_which_side_limits(photos):
     assert rec["limited_by"] == expected
 
 
+def test_unreadable_images_are_not_counted_as_loads(photos, tmp_path, capsys):
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(photos, mixed)
+    for i in range(4):
+        (mixed / f"junk{i}.jpg").write_bytes(b"not a jpeg" * 50)
+    (rec,) = measure_loader(mixed, [64], workers=0, windows=2, decode="full", images=8, batch_size=4,
+                            model="vit_tiny_patch8", model_rate=False)
+    assert rec["images"] == 8 and rec["unreadable"] == 4
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for i in range(4):
+        (broken / f"junk{i}.jpg").write_bytes(b"not a jpeg" * 50)
+    assert main(["bench", "--task", "loader", "--data", str(broken), "--sizes", "64", "--model", "vit_tiny_patch8",
+                 "--loader-windows", "2", "--no-model", "--quiet", "--workers", "0"]) == 2
+    assert "none of the 4 images timed could be read; check --data" in capsys.readouterr().err
+    # a plan that cannot fit the grid is one line, not every image "unreadable"
+    assert main(["bench", "--task", "loader", "--data", str(photos), "--sizes", "64", "--model", "vit_base_patch16",
+                 "--no-model", "--quiet", "--workers", "0"]) == 2
+    assert capsys.readouterr().err == ("lomar bench: error: 64px: a 7x7 window does not fit the 4x4 patch grid; use "
+                                       "a larger size (--sizes) or a model of smaller patches\n")
+    assert main(["bench", "--task", "loader", "--data", str(photos), "--sizes", "64", "--model", "vit_tiny_patch8",
+                 "--no-model", "--quiet", "--workers", "0"]) == 2  # 4 windows, placed as in pretraining, on 8x8
+    err = capsys.readouterr().err
+    assert err.endswith("ask for at most 2 (--loader-windows), or use a larger image\n")
+
+
 def test_loader_command_prints_rates_and_writes_json(photos, tmp_path, capsys):
     out = tmp_path / "loader.json"
     assert main(["bench", "--task", "loader", "--data", str(photos), "--sizes", "64", "--workers", "1", "--images", "8",

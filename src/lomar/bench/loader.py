@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -25,6 +26,7 @@ from lomar.data.device_decode import decode_dataset
 from lomar.data.fast_decode import jpeg_size
 from lomar.data.folder import build_pretrain_dataset, demo_image_paths
 from lomar.methods.base import method_runtime
+from lomar.models.masking import grid_size
 from lomar.models.vit import model_config
 
 __all__ = ["TEST_SET_SIZES", "make_test_set", "loader_dataset", "measure_loader", "time_loader", "cpu_ms_per_image",
@@ -89,7 +91,14 @@ def loader_dataset(data: str | Path, img_size: int, method: str = "lomar", windo
     JPEG decoding) or "windows" (draft + only the plan's windows resampled; a windowed method).
     """
     # The variant build_runner times (its MAE is the global one), with pretraining's window placement.
-    _, config = method_config(method, img_size, windows, window_size=window_size)
+    variant, config = method_config(method, img_size, windows, window_size=window_size)
+    try:  # else every sample's plan fails, as if the image were unreadable
+        variant.validate(config, grid_size(img_size, patch_size))
+    except ValueError as exc:  # in the loader bench's flags: its windows are 7x7, placed as pretraining places them
+        message = re.sub(r"use a window size of at most \d+ \(--window-size\) or a larger image",
+                         "use a larger size (--sizes) or a model of smaller patches", str(exc))
+        raise ValueError(f"{img_size}px: " + message.replace("(--windows)", "(--loader-windows)")
+                         .replace(", pass --window-placement distinct,", ",")) from None
     base = build_pretrain_dataset(str(data), img_size, masker=method_runtime(config, patch_size).masker)
     return decode_dataset(base, decode, patch_size, window_size, windows).dataset
 
@@ -109,24 +118,27 @@ def camera_crops(data: str | Path, count: int, size: int) -> tuple[list[torch.Te
     return [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas], boxes, flips
 
 
-def time_loader(dataset, workers: int, images: int, batch_size: int = 16, repeats: int = 1) -> float:
-    """Images/s of iterating ``images`` samples of ``dataset`` with ``workers`` loader workers.
+def time_loader(dataset, workers: int, images: int, batch_size: int = 16, repeats: int = 1) -> tuple[float, int]:
+    """(images/s of iterating ``images`` samples of ``dataset`` with ``workers`` loader workers, how many of
+    them could not be read). Only the images that read count: a failed read is no load.
 
     One untimed pass starts the (persistent) workers and warms their imports; each timed pass
     then runs from asking for the first batch to the last, so nothing is prefetched before
-    the clock starts. With several ``repeats`` the median rate is returned.
+    the clock starts. With several ``repeats`` the median rate is returned. ValueError when none reads.
     """
     count = min(images, len(dataset))
     # pretraining's collate: the batch is stacked in the worker, as training does
     loader = DataLoader(Subset(dataset, range(count)), batch_size=batch_size, num_workers=workers,
                         collate_fn=collate_pretrain, persistent_workers=workers > 0)
-    sum(1 for _ in loader)  # warm-up pass
+    unreadable = sum(len(batch["bad"]) for batch in loader)  # the warm-up pass
+    if unreadable == count:
+        raise ValueError(f"none of the {count} images timed could be read; check --data")
     rates = []
     for _ in range(repeats):
         start = time.perf_counter()
-        seen = sum(len(batch["paths"]) + len(batch["bad"]) for batch in loader)
+        seen = sum(len(batch["paths"]) for batch in loader)
         rates.append(seen / max(time.perf_counter() - start, 1e-9))
-    return statistics.median(rates)
+    return statistics.median(rates), unreadable
 
 
 def cpu_ms_per_image(dataset, images: int = 16) -> float:
@@ -166,14 +178,15 @@ def measure_loader(data: str | Path, sizes: list[int], workers: int = 1, method:
     records = []
     for size in sizes:
         dataset = loader_dataset(data, size, method, windows, patch, decode)
-        total = time_loader(dataset, workers, images, batch_size, repeats)
+        total, unreadable = time_loader(dataset, workers, images, batch_size, repeats)
         per_worker = total / max(workers, 1)
         cpu_ms = cpu_ms_per_image(dataset, min(images, 16))
         rec = dict(task="loader", method=method, img_size=size, windows=windows if method == "lomar" else None,
-                   decode=decode, workers=workers, images=min(images, len(dataset)), data=str(data),
-                   images_per_s=per_worker, loader_images_per_s=total, cpu_ms_per_image=cpu_ms,
+                   decode=decode, workers=workers, images=min(images, len(dataset)), unreadable=unreadable,
+                   data=str(data), images_per_s=per_worker, loader_images_per_s=total, cpu_ms_per_image=cpu_ms,
                    cpu_images_per_s=1000 / cpu_ms, model=model)
-        progress(f"{size}px {decode}: {per_worker:.1f} images/s per worker, {cpu_ms:.1f} CPU ms per image")
+        skipped = f" ({unreadable} unreadable, not counted)" if unreadable else ""
+        progress(f"{size}px {decode}: {per_worker:.1f} images/s per worker{skipped}, {cpu_ms:.1f} CPU ms per image")
         if model_rate:
             runner = build_runner(method, model, size, windows, model_batch or batch_size, device, precision,
                                   compile, tiny=tiny, compile_mode=compile_mode)
