@@ -118,6 +118,7 @@ def test_visualize_errors_are_one_line(converted, tmp_path, capsys):
     assert main(["visualize", conv, str(tmp_path / "missing.png"), "--out", str(tmp_path)]) == 2
     assert main(["visualize", conv, str(converted / "a.png"), "--attention", "--target-patch", "20", "0",
                  "--out", str(tmp_path)]) == 2
+    assert not (tmp_path / "reconstruction.png").exists()  # refused before any figure is drawn
     assert main(["export", conv, "--to", str(tmp_path / "exp")]) == 0
     assert main(["visualize", str(tmp_path / "exp"), str(converted / "a.png"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from lomar.data.transforms import denormalize  # torch: not for --help
     from lomar.models import MAE, LoMaR  # torch: not for --help
     from lomar.models.vit import VisionTransformer  # torch: not for --help
-    from lomar.viz.attention import attention_figure, window_attention  # torch: not for --help
+    from lomar.viz.attention import attention_figure, attention_request, window_attention  # torch: not for --help
     from lomar.viz.reconstruction import reconstruction_figure  # torch: not for --help
 
     model = load_for_cli(args.checkpoint, args)
@@ -83,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     name = type(model).__name__ if can_reconstruct else "encoder"
     target = tuple(args.target_patch) if args.target_patch else None
     try:  # unreadable images, windows or a target that do not fit
+        if args.attention:  # checked before any figure is written
+            attention_request(model, encoder.grid, target, args.attention_window, args.context, args.masked)
         images = torch.stack([prepare_image(p, encoder.config.img_size) for p in paths])
         if can_reconstruct:
             title = f"{name} reconstruction of {Path(args.checkpoint).name}, seed {args.seed}"

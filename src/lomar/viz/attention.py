@@ -22,8 +22,8 @@ from lomar.models.rpe import bucket_table
 from lomar.models.vit import Attention, VisionTransformer
 from lomar.viz.reconstruction import save_figure
 
-__all__ = ["attention_probs", "block_attention", "WindowAttention", "window_attention", "attention_figure",
-           "draw_attention"]
+__all__ = ["attention_probs", "block_attention", "WindowAttention", "attention_request", "window_attention",
+           "attention_figure", "draw_attention"]
 
 
 def attention_probs(attn: Attention, x: torch.Tensor, buckets: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,6 +73,26 @@ class WindowAttention:
         return self.target[0] - self.top_left[0], self.target[1] - self.top_left[1]
 
 
+def attention_request(model, grid: tuple[int, int], target: tuple[int, int] | None = None,
+                      window_size: int | None = None, context: str | None = None,
+                      masked: bool = False) -> tuple[int, str, tuple[int, int]]:
+    """(K, context, target) of :func:`window_attention` on a ``grid`` of patches, defaults filled in;
+    ValueError naming what does not fit (checked before any figure is drawn)."""
+    is_lomar = isinstance(model, LoMaR)
+    k = window_size or (model.window_size if is_lomar else 7)
+    context = context or ("window" if is_lomar else "image")
+    if context not in ("window", "image"):
+        raise ValueError(f"context must be 'window' or 'image', got {context!r}")
+    if masked and not (is_lomar and context == "window"):
+        raise ValueError("masked attention needs a LoMaR model in window context (it has the mask token)")
+    if k > min(grid):
+        raise ValueError(f"a {k}x{k} window does not fit the {grid[0]}x{grid[1]} patch grid")
+    target = target if target is not None else (grid[0] // 2, grid[1] // 2)
+    if not (0 <= target[0] < grid[0] and 0 <= target[1] < grid[1]):
+        raise ValueError(f"target patch {tuple(target)} is outside the {grid[0]}x{grid[1]} patch grid")
+    return k, context, tuple(target)
+
+
 @torch.no_grad()
 def window_attention(model, image: torch.Tensor, target: tuple[int, int] | None = None,
                      window_size: int | None = None, context: str | None = None, masked: bool = False,
@@ -86,20 +106,9 @@ def window_attention(model, image: torch.Tensor, target: tuple[int, int] | None 
     replace floor(K·K·mask_ratio) window tokens, the target among them, by the mask token.
     """
     encoder: VisionTransformer = getattr(model, "encoder", model)
-    is_lomar = isinstance(model, LoMaR)
-    k = window_size or (model.window_size if is_lomar else 7)
-    context = context or ("window" if is_lomar else "image")
-    if context not in ("window", "image"):
-        raise ValueError(f"context must be 'window' or 'image', got {context!r}")
-    if masked and not (is_lomar and context == "window"):
-        raise ValueError("masked attention needs a LoMaR model in window context (it has the mask token)")
     p = encoder.config.patch_size
     grid = (image.shape[-2] // p, image.shape[-1] // p)
-    if k > min(grid):
-        raise ValueError(f"a {k}x{k} window does not fit the {grid[0]}x{grid[1]} patch grid")
-    target = target if target is not None else (grid[0] // 2, grid[1] // 2)
-    if not (0 <= target[0] < grid[0] and 0 <= target[1] < grid[1]):
-        raise ValueError(f"target patch {tuple(target)} is outside the {grid[0]}x{grid[1]} patch grid")
+    k, context, target = attention_request(model, grid, target, window_size, context, masked)
     # the K×K window centred on the target, shifted to fit inside the grid
     top, left = min(max(target[0] - k // 2, 0), grid[0] - k), min(max(target[1] - k // 2, 0), grid[1] - k)
     ty, tx = target[0] - top, target[1] - left
