@@ -110,3 +110,19 @@ def test_a_split_without_one_readable_image_is_one_line(setup, tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.splitlines()[-1] == (f"lomar {command}: error: no image in {data / 'val'} could be read (5 tried); "
                                     f"fix or replace them") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["knn", "finetune"])
+def test_weights_holding_nan_are_one_line_not_a_silent_result(setup, tmp_path, capsys, command):
+    torch.manual_seed(0)
+    encoder = VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2))
+    with torch.no_grad():
+        encoder.blocks[1].mlp.fc1.weight[0, 0] = float("nan")
+    export_encoder(encoder, tmp_path / "diverged")
+    if command == "knn":
+        args = ["knn", str(tmp_path / "diverged"), "--data", str(setup / "data"), "--img-size", "32", "--workers", "0"]
+    else:
+        args = ["finetune", "--pretrained", str(tmp_path / "diverged"), "--data", str(setup / "data"), "--img-size",
+                "32", "--workers", "0", "--out", str(tmp_path / "ft"), "--device", "cpu"]
+    assert main(args) == 2
+    assert "blocks.1.mlp.fc1.weight holds NaN or infinite values" in capsys.readouterr().err
