@@ -21,6 +21,14 @@ def test_bad_invocations_are_one_line_errors(argv, message, capsys):
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_an_out_that_is_a_file_is_refused_before_the_preset_composes_its_data(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert main(["study", "--preset", "digits", "--out", str(tmp_path / "afile"), "--budget", "1steps"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"lomar study: error: --out {tmp_path / 'afile'} is a file, not a folder; pass a folder\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 def test_a_bad_spec_file_names_the_key(tmp_path, capsys):
     spec = tmp_path / "s.yaml"
     spec.write_text("budget: 30s\ngrid: {method: [lomar]}\neval: {metrics: [knn]}\n")

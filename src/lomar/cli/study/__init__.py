@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
+from lomar.cli.common import check_output_dir
 from lomar.cli.study.presets import PRESETS, SCALES, build_preset, describe
 from lomar.cli.study.spec import load_spec, parse_budget, seed_list
 from lomar.errors import UsageError
@@ -46,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     budget = None if args.budget is None else parse_budget(args.budget, "--budget")
     if args.scale != "small" and not args.preset:
         raise UsageError("--scale is for presets; a spec states its own settings")
+    if args.out:  # before a preset composes its data there
+        check_output_dir(args.out, "--out")
     if args.preset:
         out = args.out or f"studies/{args.preset}"
         spec = build_preset(args.preset, args.data, args.budget, args.seeds, out, scale=args.scale)
@@ -62,8 +64,7 @@ def run(args: argparse.Namespace) -> int:
         spec.budget, spec.seeds = budget or spec.budget, seeds or spec.seeds
         spec.check_size()
         out = args.out or spec.out or f"studies/{spec.name}"
-    if Path(out).exists() and not Path(out).is_dir():
-        raise UsageError(f"--out {out} is a file; pass a folder")
+    check_output_dir(out, "--out")
     print(f"lomar study: {spec.name}, {len(spec.cells())} cell(s), {spec.budget} each, into {out}", flush=True)
     try:
         run_study(spec, out, command="lomar study " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
