@@ -306,3 +306,32 @@ def test_a_plain_pickle_is_one_line_without_torchs_protocol_warning(command, tmp
     assert main([command, *args]) == 2
     line = _one_error_line(capsys.readouterr().err, command)
     assert line.endswith(f"{path}: it is a Python pickle, not a checkpoint written by torch.save")
+
+
+@pytest.mark.slow
+def test_sigterm_outside_training_cleans_up_and_exits_143(tmp_path):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "digits"
+    proc = subprocess.Popen([sys.executable, "-m", "lomar", "compose-digits", "--out", str(out), "--images",
+                             "1000000", "--img-size", "32"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".digits.tmp-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert list(tmp_path.glob(".digits.tmp-*")), "the composition never started"
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and err.endswith("lomar compose-digits: terminated (SIGTERM)\n"), err
+    assert list(tmp_path.iterdir()) == []  # its temporary folder removed, nothing half-written
+
+
+def test_the_sigterm_handler_is_given_back(monkeypatch):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    _fail_with(monkeypatch, ValueError("any end"))
+    with pytest.raises(ValueError):
+        main(["export", "ckpt", "--to", "out"])
+    assert signal.getsignal(signal.SIGTERM) is before

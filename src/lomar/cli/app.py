@@ -14,7 +14,9 @@ import errno
 import importlib
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Iterable
 
 from lomar import __version__
@@ -106,6 +108,15 @@ def describe_os_error(exc: OSError) -> tuple[str, int] | None:
     return fixes.get(code, f"{path}: {exc.strerror or type(exc).__name__}; check the path"), 2
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside a training loop (which checkpoints on it instead): the command unwinds as on Ctrl-C,
+    so that its temporary files are removed and its run folder's lock released, and exits 143."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -126,11 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"{prefix}: error: {exc}", file=sys.stderr)
         return 2
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return int(args._run(args) or 0)
     except LomarError as exc:
         print(f"{prefix}: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"{prefix}: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
@@ -141,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         message, code = described
         print(f"{prefix}: error: {message}", file=sys.stderr)
         return code
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def run() -> None:
