@@ -51,5 +51,5 @@ def test_sizes_above_the_image_bound_and_grids_below_a_window_are_one_line_error
     assert main(["bench", "--model", "vit_tiny_patch8", "--sizes", "100000", "--device", "cpu"]) == 2
     assert "--sizes must be <= 8192" in capsys.readouterr().err
     assert main(["bench", "--model", "vit_tiny_patch8", "--sizes", "32", "--windows", "1", "--device", "cpu"]) == 2
-    assert capsys.readouterr().err == ("lomar bench: error: 32px: its 4x4 patch grid is smaller than bench's 7x7 "
-                                       "windows; drop 32 from --sizes (the least is 56)\n")
+    assert capsys.readouterr().err == ("lomar bench: error: 32px: bench's 7x7 windows do not fit its 4x4 patch grid; "
+                                       "drop 32 from --sizes (the least is 56)\n")

@@ -137,7 +137,7 @@ def test_probes_take_the_checkpoint_as_flag_or_positional(command, tmp_path, cap
 def test_bench_advises_only_flags_it_has(capsys):
     assert main(["bench", "--tiny", "--model", "vit_tiny_patch16", "--sizes", "64", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "does not fit" in err and "--window-size" not in err and "--sizes" in err
+    assert "do not fit" in err and "--window-size" not in err and "--sizes" in err
 
 
 def test_pretrain_help_names_every_method():

@@ -141,8 +141,8 @@ def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str
                 check_window_request(grid, 7, n, 0.8 if method == "lomar" else 0.75)
             except ValueError as exc:  # bench's windows are 7x7 patches: the fix is the size or the count
                 if min(grid) < 7:
-                    raise UsageError(f"{size}px: its {grid[0]}x{grid[1]} patch grid is smaller than bench's 7x7 "
-                                     f"windows; drop {size} from --sizes (the least is {7 * patch})") from None
+                    raise UsageError(f"{size}px: bench's 7x7 windows do not fit its {grid[0]}x{grid[1]} patch grid; "
+                                     f"drop {size} from --sizes (the least is {7 * patch})") from None
                 raise UsageError(f"{size}px: {str(exc).replace(' (--window-size)', '')}; drop {size} from --sizes "
                                  f"or lower --windows") from None
         plan[size] = configs
