@@ -123,3 +123,6 @@ def test_visualize_errors_are_one_line(converted, tmp_path, capsys):
     assert main(["visualize", str(tmp_path / "exp"), str(converted / "a.png"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("lomar visualize: error:") == 3 and "outside the 14x14 patch grid" in err
+    assert main(["export", conv, "--to", str(tmp_path / "exp2"), "--img-size", "448", "--windows", "2"]) == 2
+    assert capsys.readouterr().err.endswith("carries its own settings; drop --img-size, --windows (settings for "
+                                            "original checkpoints)\n")  # not silently ignored

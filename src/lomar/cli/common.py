@@ -129,8 +129,9 @@ def load_for_cli(path: str, args: argparse.Namespace, original: bool = False):
         return (load_original if original else load_model)(
             path, **{k: getattr(args, k) for k in OVERRIDES if getattr(args, k, None) is not None})
     except (ValueError, FileNotFoundError, TypeError) as exc:
-        raise UsageError(re.sub(r"pass (\w+)=\.\.\. to load_original", lambda m: f"pass --{m[1].replace('_', '-')}",
-                                str(exc))) from None
+        message = re.sub(r"pass (\w+)=\.\.\. to load_original", lambda m: f"pass --{m[1].replace('_', '-')}", str(exc))
+        flags = {name: setting.name_flag(name) for name, setting in OVERRIDES.items()}  # num_windows: --windows
+        raise UsageError(re.sub(r"\b(\w+)=\.\.\.", lambda m: flags.get(m[1], m[0]), message)) from None
 
 
 def report_run_failure(command: str, exc: Exception) -> int:
