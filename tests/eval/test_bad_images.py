@@ -126,3 +126,11 @@ def test_weights_holding_nan_are_one_line_not_a_silent_result(setup, tmp_path, c
                 "32", "--workers", "0", "--out", str(tmp_path / "ft"), "--device", "cpu"]
     assert main(args) == 2
     assert "blocks.1.mlp.fc1.weight holds NaN or infinite values" in capsys.readouterr().err
+
+
+def test_knn_says_when_k_is_capped_at_the_training_set(setup, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["knn", str(setup / "enc"), "--data", str(setup / "data"), "--img-size", "32", "--workers", "0",
+                 "--k", "1000", "--json", str(out)]) == 0
+    assert "k-NN (k=8, every training image: --k 1000 asks for more," in capsys.readouterr().out
+    assert json.loads(out.read_text())["k"] == 8

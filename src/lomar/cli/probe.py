@@ -100,11 +100,13 @@ def knn_run(args: argparse.Namespace) -> int:
     from lomar.eval.knn import knn_top1  # torch: not for --help
 
     train_x, train_y, val_x, val_y = _features(args)
-    top1 = knn_top1(train_x, train_y, val_x, val_y, args.k, args.temperature)
-    print(f"k-NN (k={args.k}, T={args.temperature}, {args.pool} features) top-1: {100 * top1:.2f}% "
+    k = min(args.k, len(train_y))  # knn_top1's own cap, said
+    top1 = knn_top1(train_x, train_y, val_x, val_y, k, args.temperature)
+    capped = f", every training image: --k {args.k} asks for more" if k < args.k else ""
+    print(f"k-NN (k={k}{capped}, T={args.temperature}, {args.pool} features) top-1: {100 * top1:.2f}% "
           f"({len(val_y)} val / {len(train_y)} train images)")
     if args.json:
-        write_json(args.json, {"knn_top1": top1, "k": args.k, "temperature": args.temperature, "pool": args.pool,
+        write_json(args.json, {"knn_top1": top1, "k": k, "temperature": args.temperature, "pool": args.pool,
                                "train_images": len(train_y), "val_images": len(val_y)})
     return 0
 
