@@ -335,3 +335,11 @@ def test_the_sigterm_handler_is_given_back(monkeypatch):
     with pytest.raises(ValueError):
         main(["export", "ckpt", "--to", "out"])
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_dvae_that_is_not_a_pickle_is_not_called_one(tmp_path, capsys):
+    path = tmp_path / "random.pt"
+    path.write_bytes(b"\x01" + bytes(range(256)))
+    assert main(["tokenizer", "convert", str(path), "--to", str(tmp_path / "tok.safetensors")]) == 2
+    line = _one_error_line(capsys.readouterr().err, "tokenizer convert")
+    assert f"refusing to load {path}: it is a file in an unknown format, not a dVAE; use" in line

@@ -13,6 +13,7 @@ Reading a checkpoint *as a model* (format detection, key maps) lives in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import warnings
@@ -23,7 +24,7 @@ from typing import BinaryIO
 import torch
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_save", "safe_load", "describe_file",
-           "write_error", "FILE_MODE"]
+           "quiet_pickle_protocol", "write_error", "FILE_MODE"]
 
 # Exports and checkpoints are meant to be shared: rw-r--r-- whatever mkstemp-like defaults say.
 FILE_MODE = 0o644
@@ -104,6 +105,14 @@ def describe_file(path: str | Path) -> str:
     return "a file in an unknown format"
 
 
+@contextlib.contextmanager
+def quiet_pickle_protocol():
+    """torch warns of a plain pickle's protocol before it reads or refuses it; what follows says it all."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        yield
+
+
 def safe_load(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
     """``torch.load`` with ``weights_only=True``; argparse.Namespace is the one allowed class.
 
@@ -114,9 +123,7 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu", mmap: 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; check the path")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
-            # a plain pickle's protocol: torch warns before refusing it, and the refusal below says it all
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        with torch.serialization.safe_globals([argparse.Namespace]), quiet_pickle_protocol():
             data = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # corrupt, truncated, not a checkpoint, or holds disallowed objects
         text = _ANSI.sub("", str(exc)).strip()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from torch import nn
 
-from lomar.checkpoints.io import atomic_write_bytes, describe_file
+from lomar.checkpoints.io import atomic_write_bytes, describe_file, quiet_pickle_protocol
 from lomar.tokenizers.base import FORMAT_KEY, Tokenizer, check_tokenizer_file, safetensors_metadata
 
 __all__ = ["DVAEConfig", "DVAEEncoder", "map_pixels", "load_dvae", "convert_dvae", "dvae_from_pickled",
@@ -159,13 +159,15 @@ _STAND_INS = [(type(name.rsplit(".", 1)[1], (_Inert,), {"pickled_name": name}), 
 
 def _read(path: Path):
     try:
-        with torch.serialization.safe_globals(_STAND_INS):
+        with torch.serialization.safe_globals(_STAND_INS), quiet_pickle_protocol():  # encoder.pkl is a plain pickle
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         text = str(exc)
         found = re.search(r"GLOBAL ([\w.]+)", text)
+        kind = describe_file(path)
         what = (f"it references {found[1]}, which is not a tensor or dVAE class, so it could run code" if found
-                else f"it is {describe_file(path)}, which only a full unpickling (that could run code) would read")
+                else f"it is {kind}, which only a full unpickling (that could run code) would read"
+                if "pickle" in kind else f"it is {kind}, not a dVAE")
         raise ValueError(f"refusing to load {path}: {what}; use the official encoder.pkl, a {{'model': state_dict}} "
                          f"or a safetensors file from convert_dvae") from exc
 

@@ -83,7 +83,7 @@ def check_cells(spec: StudySpec) -> None:
             steps_per_epoch(cell_config(spec, cell, Path("/nonexistent-study-check"), check=True))
         except (UsageError, ValueError) as exc:
             raise UsageError(f"cell '{cell.setting_label}' is not a valid `lomar pretrain` setting: {exc}; "
-                             f"fix grid/settings") from None
+                             f"fix the study's data, grid or settings") from None
     check_options(spec)
 
 
