@@ -255,6 +255,15 @@ def test_a_non_finite_loss_names_the_step(tmp_path):
     assert not (tmp_path / "run" / "last.pt").exists()  # the first checkpoint is due at step 4
 
 
+def test_a_finished_run_resumed_says_where_it_ends_and_why(tmp_path, capsys):
+    assert run(ToyConfig(out=str(tmp_path / "run")), ToyTask) == 0  # 3 epochs of 4 steps
+    capsys.readouterr()
+    assert run(ToyConfig(out=str(tmp_path / "run"), resume="auto", max_steps=20), ToyTask) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "lomar toy: nothing to do, the run is at step 12; it ends at 12 (--max-steps 20 or --epochs 3 of 4 steps, "
+        "whichever ends first)")
+
+
 def test_a_non_finite_loss_suggests_only_flags_the_command_has():
     from lomar.train.config import PretrainConfig
     from lomar.train.finetune_config import FinetuneConfig

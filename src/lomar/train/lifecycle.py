@@ -149,7 +149,9 @@ class _Run:
         cfg, p, task = self.cfg, self.p, self.task
         if p.step >= self.last_step:
             if self.info.is_main:
-                print(f"lomar {task.name}: nothing to do, the run is at step {p.step} of {self.last_step}")
+                print(f"lomar {task.name}: nothing to do, the run is at step {p.step}; it ends at {self.last_step} "
+                      f"({f'--max-steps {cfg.max_steps} or ' if cfg.max_steps else ''}--epochs {cfg.epochs} of "
+                      f"{self.steps_per_epoch} steps, whichever ends first)")
             return 0
         self.monitor = Monitor(self.out, self.info.is_main, self.last_step, cfg.log_every, task.name, p.step)
         if self.info.is_main:
