@@ -34,6 +34,7 @@ from lomar.checkpoints.export_beit import timm_beit_args
 from lomar.checkpoints.io import safe_load
 from lomar.checkpoints.keys import args_dict, drop_final_norm, infer_vit_config
 from lomar.checkpoints.keys_beit import beit_to_timm, load_original_beit
+from lomar.checkpoints.kinds import FINETUNE_FORMAT, run_command
 from lomar.checkpoints.reader import (
     CLASSIFIER_FORMAT,
     PRETRAIN_FORMAT,
@@ -262,7 +263,7 @@ class BEiTFinetuneReader(BEiTReader):
 
     def detect(self, data, state):
         config = data.get("config")
-        return data.get("format") == "lomar-finetune-1" and isinstance(config, dict) and "vocab_size" in config
+        return data.get("format") == FINETUNE_FORMAT and isinstance(config, dict) and "vocab_size" in config
 
     def model(self, src, overrides):
         raise ValueError(f"{src.path} is a finetuned BEiT classifier, which lomar does not read back yet; load "
@@ -298,8 +299,7 @@ def read(path: str | Path) -> tuple[Reader, Source]:
     for reader in readers():
         if reader.detect(data, state):
             return reader, Source(path, reader.name, data, state)
-    dense = {"lomar-detect-1": "detect"}.get(data.get("format"), "segment" if data.get("task") == "segment" else None)
-    if dense:  # its encoder is there, inside a detector or segmenter, but no command reads it back out
+    if (dense := run_command(data)) in ("detect", "segment"):  # its encoder is inside, but no command reads it out
         raise ValueError(f"checkpoint {path} is a whole `lomar {dense}` model, not an encoder; pass the encoder that "
                          f"run started from (its --pretrained), or a pretraining checkpoint or export")
     sample = ", ".join(sorted(state)[:4]) or "no tensors"

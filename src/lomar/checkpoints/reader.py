@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lomar.checkpoints.kinds import CLASSIFIER_FORMAT, PRETRAIN_FORMAT
 from lomar.models.beit import BEiTConfig
 from lomar.models.masking import grid_size
 from lomar.models.spec import build_from_spec
@@ -20,8 +21,6 @@ from lomar.models.windows import window_geometry
 __all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "PRETRAIN_FORMAT", "CLASSIFIER_FORMAT",
            "saved_settings", "pretrain_spec", "build_strict"]
 
-PRETRAIN_FORMAT = "lomar-pretrain-2"  # 2: `windows` is meant for every method (an MAE run saved 4 unused)
-CLASSIFIER_FORMAT = "lomar-classifier-1"
 
 
 @dataclass

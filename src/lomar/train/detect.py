@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
 from lomar.checkpoints.io import atomic_write_text, safe_load
+from lomar.checkpoints.kinds import DETECT_FORMAT
 from lomar.data.coco import (
     collate_detection,
     collate_detection_refill,
@@ -38,13 +39,13 @@ from lomar.eval.features import load_pretrained_encoder
 from lomar.integrations.detection import build_mask_rcnn, detector_param_groups
 from lomar.models.attention import vitdet_global_blocks
 from lomar.models.vit import VisionTransformer, ViTConfig, model_config
-from lomar.train.detect_config import CHECKPOINT_FORMAT, DetectConfig, detect_checkpoint
+from lomar.train.detect_config import DetectConfig, detect_checkpoint
 from lomar.train.distributed import DistInfo, init_distributed
 from lomar.train.lifecycle import Task, run
 from lomar.train.run_state import RunLock
 from lomar.train.settings_resume import encoder_layout
 
-__all__ = ["DetectTask", "CHECKPOINT_FORMAT", "detect_checkpoint", "step_lr_factor", "detect"]
+__all__ = ["DetectTask", "detect_checkpoint", "step_lr_factor", "detect"]
 
 
 def step_lr_factor(step: int, total: int, warmup: int) -> float:
@@ -180,7 +181,7 @@ class DetectTask(Task):
 
     def state(self) -> dict:
         return {"categories": self.categories, "encoder_config": self.model.backbone.encoder.config.to_dict(),
-                "format": CHECKPOINT_FORMAT, "settings": self.config.to_dict()}
+                "format": DETECT_FORMAT, "settings": self.config.to_dict()}
 
     def load(self, state: dict) -> None:
         if state.get("categories") != self.categories:

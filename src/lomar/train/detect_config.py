@@ -11,14 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lomar.checkpoints.kinds import DETECT_FORMAT
 from lomar.train import settings as S
 from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.settings_resume import TaskConfig, check_img_size, check_pretrained, check_windows, refuse_fp16
 
-__all__ = ["DetectConfig", "CHECKPOINT_FORMAT", "detect_checkpoint", "DETECTOR_LAYOUT"]
+__all__ = ["DetectConfig", "detect_checkpoint", "DETECTOR_LAYOUT"]
 
 _RUN = "run-control"
-CHECKPOINT_FORMAT = "lomar-detect-1"
 # What a detector started from a `lomar detect` checkpoint takes from that run unless given: its input size
 # and its encoder's attention layout (the weights fit any, the model was trained and is scored with these).
 DETECTOR_LAYOUT = ("img_size", "window_size", "global_blocks", "attention", "drop_path")
@@ -33,7 +33,7 @@ def detect_checkpoint(path: str | Path) -> Path | None:
     for candidate in candidates:
         if candidate.is_file() and candidate.suffix == ".pt":
             try:
-                if safe_load(candidate, mmap=True).get("format") == CHECKPOINT_FORMAT:
+                if safe_load(candidate, mmap=True).get("format") == DETECT_FORMAT:
                     return candidate
             except (OSError, ValueError, RuntimeError):
                 continue
@@ -90,7 +90,7 @@ class DetectConfig(TaskConfig):
     @staticmethod
     def saved_settings(checkpoint: dict, path: Path) -> dict | None:
         """The settings a `lomar detect` checkpoint saved; None for another file."""
-        if checkpoint.get("format") != CHECKPOINT_FORMAT or "optimizer" not in checkpoint:
+        if checkpoint.get("format") != DETECT_FORMAT or "optimizer" not in checkpoint:
             return None
         return checkpoint.get("settings", {})
 

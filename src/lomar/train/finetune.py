@@ -21,6 +21,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from torch.utils.data import DataLoader, Subset
 
+from lomar.checkpoints.kinds import FINETUNE_FORMAT
 from lomar.data.classify import classification_transforms, eval_crop_ratio
 from lomar.data.collate import collate_labelled, collate_labelled_refill
 from lomar.data.folder import LabelledImageFolder
@@ -130,7 +131,7 @@ class FinetuneTask(Task):
 
     def state(self) -> dict:
         return {"config": self.model.config.to_dict(), "num_classes": len(self.classes), "classes": self.classes,
-                "settings": self.config.to_dict(), "format": "lomar-finetune-1",
+                "settings": self.config.to_dict(), "format": FINETUNE_FORMAT,
                 "global_pool": self.config.global_pool}
 
 

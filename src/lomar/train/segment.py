@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from torchvision.io import encode_png
 
 from lomar.checkpoints.io import atomic_write_bytes
+from lomar.checkpoints.kinds import SEGMENT_TASK
 from lomar.data.collate import Skipped
 from lomar.data.samplers import EpochSampler
 from lomar.data.segmentation import SegmentationFolder, collate_segmentation
@@ -141,7 +142,7 @@ class SegmentTask(Task):
 
     def state(self) -> dict:
         """What ``--resume`` reads back (the settings) besides the lifecycle's position and weights."""
-        return {"task": "segment", "settings": self.config.to_dict()}
+        return {"task": SEGMENT_TASK, "settings": self.config.to_dict()}
 
 
 def segment(config: SegmentConfig) -> int:

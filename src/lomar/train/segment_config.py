@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lomar.checkpoints.kinds import SEGMENT_TASK
 from lomar.train import settings as S
 from lomar.train.settings import ConfigError
 from lomar.train.settings_resume import TaskConfig, check_img_size, check_pretrained
@@ -64,7 +65,7 @@ class SegmentConfig(TaskConfig):
     @staticmethod
     def saved_settings(checkpoint: dict, path: Path) -> dict | None:
         """The settings a `lomar segment` checkpoint saved; None for another file."""
-        return checkpoint.get("settings") if checkpoint.get("task") == "segment" else None
+        return checkpoint.get("settings") if checkpoint.get("task") == SEGMENT_TASK else None
 
     def check_settings(self) -> None:
         check_img_size(self)

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from lomar.checkpoints.kinds import run_command
 from lomar.train import settings as S
 from lomar.train.runtime import default_workers
 from lomar.train.settings import ConfigError, coerce_all, declarations, shown
@@ -98,7 +99,7 @@ class TaskConfig:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--resume {path}: {exc}; pass an intact checkpoint-NNNNNN.dcp folder" if path.is_dir()
                               else f"--resume: {exc}") from None
-        command = _command_of(checkpoint)
+        command = run_command(checkpoint)
         if command not in (None, cls.COMMAND):
             raise ConfigError(f"--resume {path} is a `lomar {command}` checkpoint, not a `lomar {cls.COMMAND}` one; "
                               f"resume it with `lomar {command}`, or start a new run with another --out")
@@ -141,17 +142,6 @@ class TaskConfig:
 
     def check_inputs(self) -> None:
         """The checks of the data and files named (not made for --print-config)."""
-
-
-# How each training command's checkpoints name themselves ("format", or segment's "task").
-_CHECKPOINT_COMMANDS = {"lomar-pretrain-1": "pretrain", "lomar-pretrain-2": "pretrain",
-                        "lomar-finetune-1": "finetune", "lomar-detect-1": "detect", "segment": "segment"}
-
-
-def _command_of(checkpoint: dict) -> str | None:
-    """The lomar command whose run wrote ``checkpoint``; None when it does not say (e.g. an older file)."""
-    kind = checkpoint.get("format", checkpoint.get("task"))
-    return _CHECKPOINT_COMMANDS.get(kind) if isinstance(kind, str) else None
 
 
 def check_flex_device(device: str) -> None:
