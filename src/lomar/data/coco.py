@@ -23,7 +23,6 @@ import contextlib
 import copy
 import io
 import json
-import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from lomar.data.collate import LabelledBatch, Skipped, refilled
+from lomar.data.collate import LabelledBatch, Skipped, refilled, split_skipped
 from lomar.data.decode import load_image
 from lomar.data.transforms import sample_generator, sample_key
 from lomar.errors import UsageError
@@ -46,7 +45,6 @@ from lomar.errors import UsageError
 __all__ = ["CocoSplit", "CocoSummary", "read_coco", "training_split", "CocoInstances", "train_transforms",
            "eval_transforms", "detection_dataset", "DetectionSamples", "collate_detection", "collate_detection_refill"]
 
-log = logging.getLogger("lomar.data")
 
 _IMAGE_KEYS = ("id", "file_name", "width", "height")
 _ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox", "segmentation")
@@ -282,10 +280,7 @@ class DetectionSamples(Dataset):
                 torch.manual_seed(sample_generator(self.seed, epoch, index).initial_seed())
                 return self.dataset[index]
         except _Skipped as exc:
-            if index not in self.skipped:
-                self.skipped.add(index)
-                log.warning("skipped image: %s", exc)
-            return Skipped(str(exc).splitlines()[0])
+            return Skipped.warned(exc, index, self.skipped)
 
 
 class _CropAtMost(v2.Transform):
@@ -354,11 +349,10 @@ def collate_detection(batch: list, refill: bool = False) -> LabelledBatch:
     """(images, targets) as lists (images differ in size, targets in box count), ``bad`` the skipped samples'
     lines; those are dropped, or with ``refill`` replaced by the batch's others in turn (a training batch
     keeps its size)."""
-    good = [item for item in batch if not isinstance(item, Skipped)]
+    good, bad = split_skipped(batch)
     if refill and good:
         good = refilled(good, len(batch))
-    return LabelledBatch([image for image, _ in good], [target for _, target in good],
-                         [item for item in batch if isinstance(item, Skipped)])
+    return LabelledBatch([image for image, _ in good], [target for _, target in good], bad)
 
 
 collate_detection_refill = partial(collate_detection, refill=True)  # a partial pickles for loader workers

@@ -14,13 +14,29 @@ from functools import partial
 import torch
 
 __all__ = ["collate_pretrain", "collate_labelled", "collate_labelled_refill", "refilled", "LabelledBatch",
-           "Skipped", "BadDataTracker"]
+           "Skipped", "split_skipped", "BadDataTracker"]
 
 log = logging.getLogger("lomar.data")
 
 
 class Skipped(str):
     """A sample the dataset could not use, in its place: the file and why, in one line."""
+
+    @classmethod
+    def warned(cls, exc: Exception, index: int, warned: set[int]) -> Skipped:
+        """``exc``'s first line as the sample's place; a warning of it once per sample and process (``warned``:
+        the indices warned of), not every epoch."""
+        line = cls(str(exc).splitlines()[0])
+        if index not in warned:
+            warned.add(index)
+            log.warning("skipped image: %s", line)
+        return line
+
+
+def split_skipped(batch: list) -> tuple[list, list[Skipped]]:
+    """(the usable items of ``batch``, its :class:`Skipped` ones), each in order."""
+    skipped = [item for item in batch if isinstance(item, Skipped)]
+    return [item for item in batch if not isinstance(item, Skipped)], skipped
 
 
 class LabelledBatch(tuple):

@@ -13,7 +13,6 @@ fills its place in a training batch and reports it, evaluation leaves it out).
 
 from __future__ import annotations
 
-import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,11 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from lomar.data.collate import LabelledBatch, Skipped, refilled
+from lomar.data.collate import LabelledBatch, Skipped, refilled, split_skipped
 from lomar.data.decode import is_image_name, load_image, open_pil, oriented_size, read_image_bytes
 from lomar.data.transforms import sample_generator, sample_key
-
-log = logging.getLogger("lomar.data")
 
 __all__ = ["IGNORE", "MAX_CLASS_ID", "MEAN", "STD", "SegmentationFolder", "read_labels", "eval_scale",
            "collate_segmentation"]
@@ -145,10 +142,7 @@ class SegmentationFolder(Dataset):
         try:
             image, labels = self.load(index)
         except ValueError as exc:  # checked at start-up from the headers; the data may still be cut short
-            if index not in self.skipped:  # once per image and process, not every epoch
-                self.skipped.add(index)
-                log.warning("skipped image: %s", str(exc).splitlines()[0])
-            return Skipped(str(exc).splitlines()[0])
+            return Skipped.warned(exc, index, self.skipped)
         if not self.train:
             size = eval_scale(*image.shape[-2:], self.crop)
             return (_resize(image.float(), size) - MEAN) / STD, labels, self.pairs[index][0].stem
@@ -190,8 +184,7 @@ def collate_segmentation(batch: list) -> LabelledBatch:
     """Training items -> (images (B, 3, S, S), labels (B, S, S)), ``bad`` the skipped items' lines; a skipped
     item is replaced by the batch's others in turn, so the batch keeps its size; (empty, empty) when every
     item was skipped."""
-    good = [item for item in batch if not isinstance(item, Skipped)]
-    bad = [item for item in batch if isinstance(item, Skipped)]
+    good, bad = split_skipped(batch)
     if not good:
         return LabelledBatch(torch.empty(0), torch.empty(0, dtype=torch.long), bad)
     good = refilled(good, len(batch))
