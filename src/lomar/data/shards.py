@@ -52,32 +52,35 @@ def is_shard_pattern(data: str) -> bool:
     return any(c in data for c in "*?[{") or Path(data).is_file()
 
 
-def _expand_braces(pattern: str) -> list[str]:
-    """Expand ``{000..009}`` and ``{a,b}`` (WebDataset's shard notation)."""
+def _first_brace(pattern: str) -> tuple[str, range | list[str], int, str] | None:
+    """(head, options, zero-padded width, tail) of ``pattern``'s first brace: a range for ``{000..009}``, a
+    list for ``{a,b}``; None without a brace. ValueError when it does not close or its range is not of
+    whole numbers."""
     start = pattern.find("{")
     if start < 0:
-        return [pattern]
-    end = pattern.index("}", start)
-    body, head, tail = pattern[start + 1:end], pattern[:start], pattern[end + 1:]
-    if ".." in body:
-        lo, hi = body.split("..")
-        options = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
-    else:
-        options = body.split(",")
-    return [p for option in options for p in _expand_braces(head + option + tail)]
-
-
-def _brace_count(pattern: str) -> int:
-    """How many names :func:`_expand_braces` gives, without making them; ValueError for a bad brace."""
-    start = pattern.find("{")
-    if start < 0:
-        return 1
+        return None
     end = pattern.index("}", start)
     body = pattern[start + 1:end]
     if ".." in body:
         lo, hi = body.split("..")
-        return max(0, int(hi) - int(lo) + 1) * _brace_count(pattern[end + 1:])
-    return len(body.split(",")) * _brace_count(pattern[end + 1:])
+        return pattern[:start], range(int(lo), int(hi) + 1), len(lo), pattern[end + 1:]
+    return pattern[:start], body.split(","), 0, pattern[end + 1:]
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    """Expand ``{000..009}`` and ``{a,b}`` (WebDataset's shard notation)."""
+    if (brace := _first_brace(pattern)) is None:
+        return [pattern]
+    head, options, width, tail = brace
+    names = [str(i).zfill(width) for i in options] if isinstance(options, range) else options
+    return [p for name in names for p in _expand_braces(head + name + tail)]
+
+
+def _brace_count(pattern: str) -> int:
+    """How many names :func:`_expand_braces` gives, without making them."""
+    if (brace := _first_brace(pattern)) is None:
+        return 1
+    return len(brace[1]) * _brace_count(brace[3])
 
 
 def shard_paths(data: str) -> list[Path]:
