@@ -38,6 +38,18 @@ def test_beit_pretrains_fits_its_tokenizer_and_resumes_exactly(tmp_path, image_d
     assert (straight / "reconstruction.png").read_bytes()[:4] == b"\x89PNG"  # the token-map figure
 
 
+def test_beit_warms_up_as_its_code_does(tmp_path, image_dir, capsys):
+    """BEiT's lr reaches its peak at the warm-up's last step (linspace), where MAE's reaches it one step
+    later: a 6-step warm-up of a 60-step schedule, stopped after 6 steps, has trained at the peak."""
+    out = tmp_path / "run"
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--method", "beit", "--max-steps", "6",
+                    "--schedule-steps", "60", "--epochs", "20", "--warmup-epochs", "2", "--log-every", "1") == 0
+    assert "warm-up" not in capsys.readouterr().out  # it reaches the peak
+    lrs = [r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    peak = yaml.safe_load((out / "config.yaml").read_text())["lr"]
+    assert lrs == pytest.approx([peak * s / 5 for s in range(6)], rel=1e-12)
+
+
 @pytest.mark.parametrize("method,extra", [("beit", ["--windows", "global"]), ("beit", ["--mask-ratio", "0.5"]),
                                           ("mae", ["--decoder-embed-dim", "16", "--decoder-depth", "1",
                                                    "--decoder-num-heads", "2", "--mask-ratio", "0.5"]),

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from lomar.data.samplers import EpochSampler
 from lomar.models import MAE, LoMaR
 from lomar.models.vit import model_config
 from lomar.train.pretrain import checkpoints_to_prune
-from lomar.train.schedule import lr_at, param_groups, schedule_span
+from lomar.train.schedule import lr_at, lr_at_whole_steps, param_groups, schedule_span, warmup_warning
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -38,6 +39,27 @@ def test_a_schedule_over_steps_keeps_the_recipes_warmup_share():
     assert (total, warmup) == (20, 2)
     lrs = [lr_at(s, total, warmup, base_lr=1.0) for s in range(20)]
     assert lrs[2] == max(lrs) == 1.0 and lrs[1] == 0.5 and lrs[-1] < 0.01
+
+
+def test_beits_schedule_is_its_linspace_warmup_then_the_same_cosine():
+    """BEiT's cosine_scheduler: linspace(0, base, W) over the first W steps (the peak at step W - 1),
+    then final + (base - final)(1 + cos(pi i / (T - W))) / 2 for i = step - W."""
+    total, warmup, base, final = 50, 8, 1.5e-3, 1e-5
+    expected = np.concatenate([np.linspace(0, base, warmup),
+                               final + 0.5 * (base - final) * (1 + np.cos(np.pi * np.arange(total - warmup)
+                                                                          / (total - warmup)))])
+    ours = [lr_at_whole_steps(s, total, warmup, base, final) for s in range(total)]
+    np.testing.assert_allclose(ours, expected, rtol=1e-12, atol=0)
+    assert ours[warmup - 1] == base and lr_at(warmup - 1, total, warmup, base, final) < base  # MAE's peaks at W
+    assert [lr_at_whole_steps(s, 10, 1, 1.0) for s in range(2)] == [0.0, 1.0]  # linspace(0, base, 1) is [0]
+
+
+def test_the_warmup_warning_follows_the_runs_schedule():
+    assert "peaks at 0.6 instead of 1" in warmup_warning(4, 100, 5, 1.0)  # steps 0-3 of MAE's: 0.6 at step 3
+    assert warmup_warning(5, 100, 5, 1.0) is not None  # step 4 is 0.8 of the peak
+    assert warmup_warning(6, 100, 5, 1.0) is None
+    assert warmup_warning(5, 100, 5, 1.0, schedule=lr_at_whole_steps) is None  # BEiT's peaks at step 4
+    assert "peaks at 0.75" in warmup_warning(4, 100, 5, 1.0, schedule=lr_at_whole_steps)
 
 
 def test_decay_groups_follow_the_original_rule():

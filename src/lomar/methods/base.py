@@ -60,6 +60,8 @@ class Method:
     # method, under the YAML file and the flags; ``recipe_source`` says where the values come from.
     recipe: Mapping[str, Any] = field(default_factory=lambda: dict(MAE_RECIPE))
     recipe_source: str = MAE_RECIPE_SOURCE
+    # lr(step, total, warm-up, base lr, min lr) as the paper's code schedules it; None: MAE's (lomar.train.schedule)
+    lr_schedule: Callable[..., float] | None = None
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from lomar.models.beit import BEiTConfig
 from lomar.models.beit_pretrain import BEiTPretrain, tokenizer_view
 from lomar.models.masking import grid_size
 from lomar.tokenizers import fit_kmeans_tokenizer, load_tokenizer
+from lomar.train.schedule import lr_at_whole_steps
 from lomar.viz.tokens import token_figure
 
 __all__ = ["METHOD", "RECIPE", "prepare", "fit_on_training_images", "layer_scale_init", "FIT_IMAGES", "MAX_VOCAB"]
@@ -129,4 +130,4 @@ METHOD = Method(
     validate=validate, prepare=prepare, build=build, masker=plan_masker, forward_kwargs=plan_kwargs,
     export=lambda model, out, metadata: export_beit_encoder(model.beit, out, metadata=metadata),
     figure=token_figure, step_metrics={"masked_token_accuracy": lambda output: output.accuracy},
-    recipe=RECIPE, recipe_source=RECIPE_SOURCE)
+    recipe=RECIPE, recipe_source=RECIPE_SOURCE, lr_schedule=lr_at_whole_steps)

@@ -65,7 +65,7 @@ class _Run:
             raise ValueError(f"the training data ({len(task.train_loader.dataset)} images over {info.world_size} "
                              f"process(es)) cannot fill one step of {self.accum} batch(es) of {config.batch_size}; "
                              f"lower --batch-size or --accum-steps")
-        self.schedule = run_span(config, self.steps_per_epoch)
+        self.schedule, self.min_lr = run_span(config, self.steps_per_epoch), getattr(config, "min_lr", 0.0)
         lr = getattr(config, "lr", None)
         self.base_lr = lr if lr is not None else config.blr * config.batch_size * self.accum * info.world_size / 256
         self.optimizer = fast_adamw(task.param_groups(), lr=self.base_lr, betas=task.betas,
@@ -74,11 +74,10 @@ class _Run:
         self.compiled = bool(getattr(config, "compile", False))
         mode = getattr(config, "compile_mode", "default")
         task.net = compile_model(task.model, mode) if self.compiled else task.model
-        # Under CUDA graphs a backward returns the gradients in memory that the next replay reuses, and
-        # a parameter whose .grad is None takes that memory as its .grad: the next micro-batch then
-        # overwrites the gradient it should add to (pytorch/pytorch#169545). Gradients that stay
-        # allocated are added to instead; where every parameter gets a gradient each step (as DDP
-        # requires), zeros instead of None change no update.
+        # Under CUDA graphs a backward returns the gradients in memory that the next replay reuses, and a parameter
+        # whose .grad is None takes that memory as its .grad: the next micro-batch then overwrites the gradient it
+        # should add to (pytorch/pytorch#169545). Gradients that stay allocated are added to instead; where every
+        # parameter gets a gradient each step (as DDP requires), zeros instead of None change no update.
         self.keep_grads = self.compiled and mode in ("reduce-overhead", "max-autotune") and not task.sharded
         if self.keep_grads:
             for param in task.model.parameters():
@@ -92,7 +91,7 @@ class _Run:
         self.skipped = SkippedFiles(self.steps_per_epoch * self.accum, config.batch_size, not task.skips_warned)
         total = config.epochs * self.steps_per_epoch
         self.last_step = min(total, config.max_steps) if config.max_steps else total
-        if overrun := schedule_overrun(self.last_step, self.schedule[0], getattr(config, "min_lr", 0.0)):
+        if overrun := schedule_overrun(self.last_step, self.schedule[0], self.min_lr):
             raise ValueError(overrun)
 
     # ---- checkpoints -------------------------------------------------------------------
@@ -177,7 +176,7 @@ class _Run:
         print(f"lomar {task.name}: {task.describe()}; {steps} ({self.steps_per_epoch} an epoch, batch "
               f"{cfg.batch_size} x accum {self.accum} x {self.info.world_size} process(es)); out {self.out}; "
               f"device {self.device}, precision {self.precision}", flush=True)
-        warning = warmup_warning(self.last_step, self.schedule[1], self.base_lr)
+        warning = warmup_warning(self.last_step, *self.schedule, self.base_lr, self.min_lr, task.lr_schedule or lr_at)
         if warning:
             print(f"lomar {task.name}: warning: {warning}", flush=True)
 
@@ -270,7 +269,7 @@ class _Run:
             self.optimizer.zero_grad(set_to_none=not self.keep_grads)
             return False
         schedule = self.task.lr_schedule or lr_at
-        lr = schedule(p.step, *self.schedule, self.base_lr, getattr(cfg, "min_lr", 0.0))
+        lr = schedule(p.step, *self.schedule, self.base_lr, self.min_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         if getattr(cfg, "clip_grad", None):

@@ -50,6 +50,7 @@ class PretrainTask(Task):
         self.patch = self.model.config.patch_size
         self.runtime = method_runtime(config, self.patch)
         self.step_metrics = tuple(self.runtime.method.step_metrics)
+        self.lr_schedule = self.runtime.method.lr_schedule
         self.sharded, self.spec = config.fsdp, model_spec(self.model)  # the spec: of the class, before sharding
         if config.fsdp:  # before the optimizer: it must hold the sharded parameters
             precision = resolve_precision(config.precision, device)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
-__all__ = ["lr_at", "schedule_span", "run_span", "warmup_warning", "schedule_overrun", "param_groups"]
+__all__ = ["lr_at", "lr_at_whole_steps", "schedule_span", "run_span", "warmup_warning", "schedule_overrun",
+           "param_groups"]
 
 
 def schedule_span(steps_per_epoch: int, epochs: float, warmup_epochs: float,
@@ -35,12 +37,29 @@ def lr_at(step: float, total_steps: float, warmup_steps: float, base_lr: float, 
     return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def warmup_warning(last_step: int, warmup_steps: float, base_lr: float) -> str | None:
-    """What to tell a run that will stop inside its warm-up (its lr never reaches the recipe's peak)."""
-    if last_step >= warmup_steps:
+def lr_at_whole_steps(step: float, total_steps: float, warmup_steps: float, base_lr: float,
+                      min_lr: float = 0.0) -> float:
+    """BEiT's schedule (``cosine_scheduler`` of its ``utils.py``): the warm-up is ``n = round(warmup_steps)``
+    whole steps evenly spaced from 0 to ``base_lr`` (numpy's ``linspace``), so it peaks at step ``n - 1``,
+    one step before :func:`lr_at` (MAE's fractional-epoch warm-up) does; the cosine from step ``n`` is the same.
+    """
+    n = round(warmup_steps)
+    if step < n:
+        return base_lr * step / (n - 1) if n > 1 else 0.0
+    return lr_at(step, total_steps, n, base_lr, min_lr)
+
+
+def warmup_warning(last_step: int, total_steps: float, warmup_steps: float, base_lr: float, min_lr: float = 0.0,
+                   schedule: Callable[..., float] = lr_at) -> str | None:
+    """What to tell a run that will stop inside its warm-up (its lr never reaches the recipe's peak);
+    ``schedule`` is the run's, rising through the warm-up, so its last step's lr is the run's highest."""
+    if last_step < 1 or last_step - 1 >= warmup_steps:
+        return None
+    peak = schedule(last_step - 1, total_steps, warmup_steps, base_lr, min_lr)
+    if peak >= base_lr * (1 - 1e-9):
         return None
     return (f"this run stops at step {last_step}, inside its {warmup_steps:g}-step warm-up: the lr peaks at "
-            f"{base_lr * last_step / warmup_steps:.3g} instead of {base_lr:.3g}; drop --epochs to lay the schedule "
+            f"{peak:.3g} instead of {base_lr:.3g}; drop --epochs to lay the schedule "
             f"over --max-steps, or lower --warmup-epochs")
 
 
