@@ -186,3 +186,16 @@ def test_export_original_and_converted_agree(tmp_path):
 def test_import_lomar_does_not_import_timm():
     code = "import sys, lomar, lomar.cli.app; lomar.cli.app.build_parser(); sys.exit('timm' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_a_trained_position_table_is_interpolated_for_another_size(tmp_path):
+    """A finetuned MAE encoder's table is no longer sin-cos: at another --img-size it is resampled, not replaced."""
+    ours = VisionTransformer(replace(TINY, pos="abs"))
+    with torch.no_grad():
+        ours.pos_embed.normal_()
+    export_encoder(ours, tmp_path / "abs")
+    wider = timm.create_model(f"local-dir:{tmp_path / 'abs'}", pretrained=True, img_size=2 * TINY.img_size)
+    grid = [2 * g for g in ours.grid]
+    expected = timm.layers.resample_abs_pos_embed(ours.pos_embed.detach(), grid, antialias=False)
+    torch.testing.assert_close(wider.pos_embed.detach(), expected)
+    assert wider.pos_embed.requires_grad  # trained in finetuning, as timm's and MAE's

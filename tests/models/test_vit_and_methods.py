@@ -223,3 +223,10 @@ def test_global_blocks_outside_the_encoder_are_named_with_the_flag():
     with pytest.raises(ValueError, match=r"global blocks \[5\] are not blocks of this 2-block encoder "
                                          r"\(--global-blocks takes indices 0..1\)"):
         VisionTransformer(config)
+
+
+def test_pretraining_keeps_an_absolute_table_fixed_and_the_encoder_alone_trains_it():
+    config = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, pos="abs")
+    assert VisionTransformer(config).pos_embed.requires_grad  # finetuning, detection, segmentation
+    assert not LoMaR(config, 3, 2).encoder.pos_embed.requires_grad
+    assert not MAE(config, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2).encoder.pos_embed.requires_grad

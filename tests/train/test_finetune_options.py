@@ -16,7 +16,7 @@ from torchvision.transforms import CenterCrop, Resize
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
 from lomar.eval.features import load_pretrained_encoder
-from lomar.models.vit import VisionTransformer, ViTConfig
+from lomar.models.vit import VisionTransformer, ViTConfig, sincos_pos_embed_2d
 from lomar.train import finetune as finetune_module
 from lomar.train.finetune import classification_transforms, eval_crop_ratio
 
@@ -181,3 +181,26 @@ def test_each_epoch_end_evaluation_names_the_epoch_it_evaluated(tmp_path, pretra
     assert [r["epoch"] for r in evals] == [0, 1]
     for evaluation in evals:
         assert {r["epoch"] for r in records if "loss" in r and r["step"] <= evaluation["step"]} >= {evaluation["epoch"]}
+
+
+def test_mae_pretraining_keeps_the_position_table_and_finetuning_trains_it(tmp_path, image_dir, folder, monkeypatch):
+    """MAE pretrains with a fixed sin-cos table; its finetuning (timm's ViT) trains the loaded table, at
+    layer 0's lr scale and without weight decay."""
+    from helpers import pretrain
+
+    pre = tmp_path / "mae"
+    assert pretrain("--data", str(image_dir), "--out", str(pre), "--method", "mae", "--windows", "0",
+                    "--max-steps", "2", "--decoder-embed-dim", "16", "--decoder-depth", "1",
+                    "--decoder-num-heads", "2") == 0
+    table = sincos_pos_embed_2d(32, (4, 4))[None]
+    torch.testing.assert_close(safe_load(pre / "last.pt")["model"]["encoder.pos_embed"], table, rtol=0, atol=0)
+    groups = []
+    original = finetune_module.FinetuneTask.param_groups
+    monkeypatch.setattr(finetune_module.FinetuneTask, "param_groups",
+                        lambda self: groups.extend(original(self)) or groups)
+    assert _finetune(pre / "last.pt", folder, tmp_path / "ft", "--batch-size", "4", "--max-steps", "1",
+                     "--layer-decay", "0.5", "--warmup-epochs", "0") == 0
+    tuned = safe_load(tmp_path / "ft" / "last.pt")["model"]["pos_embed"]
+    assert not torch.equal(tuned, table)
+    (group,) = [g for g in groups if any(p.shape == table.shape for p in g["params"])]
+    assert group["weight_decay"] == 0.0 and group["lr_scale"] == 0.5 ** 3  # stem of 2 blocks + head: 4 layers

@@ -32,7 +32,7 @@ import logging
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import global_pool_nlc, trunc_normal_
+from timm.layers import global_pool_nlc, resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
@@ -167,9 +167,11 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: LomarVision
     own = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     for key, value in encoder_keys(state).items():
+        if key == "pos_embed" and key in own and own[key].shape != value.shape:  # finetuned: bicubic, cls row kept
+            value = resample_abs_pos_embed(value, list(model.grid), antialias=False)
         if key not in own or own[key].shape != value.shape:
             if key.startswith(("head.", "fc_norm.", "norm.", "pos_embed")):
-                continue  # classifier/norm layout chosen by the model's args; pos_embed is fixed sin-cos
+                continue  # classifier/norm layout chosen by the model's args; an RPE model has no pos_embed
             raise ValueError(f"weight {key} {tuple(value.shape)} does not fit this model"
                              + (f" ({tuple(own[key].shape)})" if key in own else "")
                              + "; create the model with the exported architecture (see config.json's model_args)")

@@ -41,6 +41,7 @@ class LoMaR(nn.Module):
                  mask_ratio: float = 0.8, norm_pix_loss: bool = True):
         super().__init__()
         self.encoder = VisionTransformer(config)
+        self.encoder.freeze_pos_embed()
         check_window_request(self.encoder.grid, window_size, num_windows, mask_ratio)
         self.window_size = window_size
         self.num_windows = num_windows

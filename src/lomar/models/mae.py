@@ -33,6 +33,7 @@ class MAE(nn.Module):
         if not 0 < mask_ratio < 1:
             raise ValueError(f"MAE mask ratio must be in (0, 1), got {mask_ratio}")
         self.encoder = VisionTransformer(config)
+        self.encoder.freeze_pos_embed()
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.decoder_settings = dict(decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,

@@ -242,9 +242,8 @@ class VisionTransformer(nn.Module):
         self.grid = grid_size(c.img_size, c.patch_size)
         self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, c.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
-        if c.pos == "abs":  # fixed, as in MAE; interpolated for other grids
-            table = sincos_pos_embed_2d(c.embed_dim, self.grid)[None]
-            self.pos_embed = nn.Parameter(table, requires_grad=False)
+        if c.pos == "abs":  # sin-cos; pretraining keeps it fixed (freeze_pos_embed), finetuning trains it as MAE's
+            self.pos_embed = nn.Parameter(sincos_pos_embed_2d(c.embed_dim, self.grid)[None])
         else:
             self.pos_embed = None
         rates = torch.linspace(0, c.drop_path, c.depth, device="cpu").tolist()  # under meta too
@@ -279,6 +278,11 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_embed"}
+
+    def freeze_pos_embed(self) -> None:
+        """Keep the absolute sin-cos table fixed, as MAE's pretraining does (its finetuning trains it)."""
+        if self.pos_embed is not None:
+            self.pos_embed.requires_grad_(False)
 
     def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
         """Absolute table (1, 1+Hg·Wg, D) for a grid, bicubically interpolated if needed."""
