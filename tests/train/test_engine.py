@@ -56,8 +56,8 @@ def test_beits_schedule_is_its_linspace_warmup_then_the_same_cosine():
 
 def test_the_warmup_warning_follows_the_runs_schedule():
     assert "peaks at 0.6 instead of 1" in warmup_warning(4, 100, 5, 1.0)  # steps 0-3 of MAE's: 0.6 at step 3
-    assert warmup_warning(5, 100, 5, 1.0) is not None  # step 4 is 0.8 of the peak
-    assert warmup_warning(6, 100, 5, 1.0) is None
+    assert warmup_warning(5, 100, 5, 1.0) is None  # a run that ends with its warm-up is not warned
+    assert warmup_warning(8, 100, 8.4, 1.0, schedule=lr_at_whole_steps) is None  # 8 whole steps: the peak at 7
     assert warmup_warning(5, 100, 5, 1.0, schedule=lr_at_whole_steps) is None  # BEiT's peaks at step 4
     assert "peaks at 0.75" in warmup_warning(4, 100, 5, 1.0, schedule=lr_at_whole_steps)
 

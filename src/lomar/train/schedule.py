@@ -53,7 +53,7 @@ def warmup_warning(last_step: int, total_steps: float, warmup_steps: float, base
                    schedule: Callable[..., float] = lr_at) -> str | None:
     """What to tell a run that will stop inside its warm-up (its lr never reaches the recipe's peak);
     ``schedule`` is the run's, rising through the warm-up, so its last step's lr is the run's highest."""
-    if last_step < 1 or last_step - 1 >= warmup_steps:
+    if last_step < 1 or last_step >= warmup_steps:
         return None
     peak = schedule(last_step - 1, total_steps, warmup_steps, base_lr, min_lr)
     if peak >= base_lr * (1 - 1e-9):
