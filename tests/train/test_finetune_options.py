@@ -204,3 +204,12 @@ def test_mae_pretraining_keeps_the_position_table_and_finetuning_trains_it(tmp_p
     assert not torch.equal(tuned, table)
     (group,) = [g for g in groups if any(p.shape == table.shape for p in g["params"])]
     assert group["weight_decay"] == 0.0 and group["lr_scale"] == 0.5 ** 3  # stem of 2 blocks + head: 4 layers
+
+
+def test_fp16_finetunes_with_a_loss_scaler(tmp_path, pretrained, folder):
+    """The original finetunes in fp16 autocast with a loss scaler; the lifecycle's GradScaler does the scaling."""
+    out = tmp_path / "fp16"
+    assert _finetune(pretrained, folder, out, "--batch-size", "4", "--max-steps", "2", "--precision", "fp16") == 0
+    ckpt = safe_load(out / "last.pt")
+    assert ckpt["step"] == 2 and ckpt["scaler"]["scale"] >= 1.0  # an active scaler's state (a disabled one saves {})
+    assert yaml.safe_load((out / "config.yaml").read_text())["precision"] == "fp16"

@@ -14,7 +14,7 @@ from typing import Any
 from lomar.checkpoints.kinds import DETECT_FORMAT
 from lomar.train import settings as S
 from lomar.train.settings import ConfigError, coerce_all
-from lomar.train.settings_resume import TaskConfig, check_img_size, check_pretrained, check_windows, refuse_fp16
+from lomar.train.settings_resume import TaskConfig, check_img_size, check_pretrained, check_windows
 
 __all__ = ["DetectConfig", "detect_checkpoint", "DETECTOR_LAYOUT"]
 
@@ -114,7 +114,6 @@ class DetectConfig(TaskConfig):
         if not 0 < low <= high < 100:
             raise ConfigError(f"--jitter must be LOW HIGH with 0 < LOW <= HIGH, got {low:g} {high:g}; e.g. 0.1 2.0")
         check_windows(self)
-        refuse_fp16(self)
 
     def check_inputs(self) -> None:
         if not self.val_ann:

@@ -14,7 +14,7 @@ from typing import Any
 
 from lomar.train import settings as S
 from lomar.train.settings import ConfigError
-from lomar.train.settings_resume import TaskConfig, check_pretrained, check_windows, refuse_fp16
+from lomar.train.settings_resume import TaskConfig, check_pretrained, check_windows
 
 __all__ = ["FinetuneConfig", "add_finetune_arguments", "resolve_finetune_config", "split_roots"]
 
@@ -83,7 +83,6 @@ class FinetuneConfig(TaskConfig):
         S.check_warmup(self)
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
             raise ConfigError(f"mixup/cutmix pair images: --batch-size must be even, got {self.batch_size}")
-        refuse_fp16(self)
 
     def check_inputs(self) -> None:
         if not (self.data or (self.train and self.val)):

@@ -18,7 +18,7 @@ from lomar.train.runtime import default_workers
 from lomar.train.settings import ConfigError, coerce_all, declarations, shown
 
 __all__ = ["TaskConfig", "resume_values", "resume_target",
-           "check_windows", "encoder_layout", "check_img_size", "check_pretrained", "refuse_fp16"]
+           "check_windows", "encoder_layout", "check_img_size", "check_pretrained"]
 
 
 @dataclasses.dataclass
@@ -181,11 +181,6 @@ def check_img_size(config: Any) -> None:
     if config.img_size % 32:
         raise ConfigError(f"--img-size must be a multiple of 32 (the coarsest pyramid stride), got {config.img_size}; "
                           f"e.g. {max(32, round(config.img_size / 32) * 32)}")
-
-
-def refuse_fp16(config: Any) -> None:
-    if config.precision == "fp16":
-        raise ConfigError(f"--precision fp16 is not supported by {config.COMMAND} (no loss scaling); use bf16 or fp32")
 
 
 def check_pretrained(config: Any, fix: str = "") -> None:
