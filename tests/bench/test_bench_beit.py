@@ -24,6 +24,16 @@ def test_bench_writes_beit_and_window_records(tmp_path):
     assert ratios["img_size"] == 160 and ratios["beit_over_lomar_time"] > 0
 
 
+def test_windowed_baselines_take_lomars_paper_count_at_any_patch_size(tmp_path):
+    """--windows paper: MAE + windows and BEiT + windows use LoMaR's count for the model's own grid."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--tiny", "--model", "vit_mini_patch8", "--methods", "lomar", "mae_window", "beit",
+                 "--sizes", "96", "--batch-size", "1", "--steps", "1", "--warmup", "0", "--device", "cpu", "--quiet",
+                 "--json", str(out)]) == 0
+    windows = {r["method"]: r["windows"] for r in json.loads(out.read_text())["records"]}
+    assert windows["lomar"] == windows["mae_window"] == windows["beit_window"] == 3  # a 12x12 grid, 7x7 windows
+
+
 def test_beit_step_flops_include_the_tokenizer():
     runner = build_runner("beit", "vit_base_patch16", 112, None, 1, torch.device("cpu"), "fp32", False, tiny=True)
     model = runner.model

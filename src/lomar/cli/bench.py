@@ -131,7 +131,7 @@ def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str
         for setting in args.windows if "lomar" in args.methods else ():
             lomar.setdefault(paper_windows(size, patch, 7) if setting == "paper" else setting,
                              "paper" if setting == "paper" else "fixed")
-        windowed = paper_windows(size) if paper else args.windows[0]
+        windowed = paper_windows(size, patch, 7) if paper else args.windows[0]
         configs = [("lomar", n, setting) for n, setting in lomar.items()]
         configs += [(m, None, "-") for m in names()[1:] if m in args.methods]  # every method but LoMaR: global
         configs += [(m, windowed, "paper" if paper else "fixed") for m, flag in
