@@ -130,6 +130,21 @@ def test_load_pretrained_encoder_from_each_source(pretrained, tmp_path):
         load_pretrained_encoder(pretrained, embed_dim=64, num_heads=2)
 
 
+def test_the_same_weights_in_any_form_give_the_same_new_head_and_later_draws(pretrained, tmp_path):
+    """Reading a checkpoint draws nothing from the global RNG (some formats build a model to read it), so a
+    finetune from last.pt, its export or an original checkpoint starts from the same head and streams."""
+    export_encoder(load_pretrained_encoder(pretrained), tmp_path / "exp")
+    original = tmp_path / "orig.pth"
+    torch.save({"model": lomar_to_original(safe_load(pretrained)["model"])}, original)
+    heads, draws = [], []
+    for source in (pretrained, tmp_path / "exp", original):
+        torch.manual_seed(0)
+        heads.append(load_pretrained_encoder(source, num_classes=3).head.weight.detach())
+        draws.append(torch.rand(4))
+    for head, draw in zip(heads[1:], draws[1:]):
+        assert torch.equal(head, heads[0]) and torch.equal(draw, draws[0])
+
+
 def test_load_mae_checkpoints_and_interpolate_position(tmp_path):
     path = _checkpoint(tmp_path / "mae.pt", "mae")
     encoder = load_pretrained_encoder(path)

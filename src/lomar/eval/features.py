@@ -79,10 +79,14 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a checkpoint file or an exported folder")
-    reader, src = read(path)
+    # Reading draws nothing from the global RNG (some formats build a model to read it): the new head and every
+    # later draw of a run are then the same whatever form the same weights come in.
+    heads = {"num_heads": overrides["num_heads"]} if overrides.get("num_heads") else {}
+    with torch.random.fork_rng(devices=[]):
+        reader, src = read(path)
+        weights = reader.timm_weights(src, heads) if isinstance(reader, BEiTReader) else reader.encoder(src, heads)
     if isinstance(reader, BEiTReader):
-        return _load_beit(reader, src, num_classes, global_pool, overrides)
-    weights = reader.encoder(src, {"num_heads": overrides["num_heads"]} if overrides.get("num_heads") else {})
+        return _load_beit(weights, src, num_classes, global_pool, overrides)
     config, state = weights.config, dict(weights.state)
     unknown = sorted(set(overrides) - set(ViTConfig.__dataclass_fields__))
     if unknown:
@@ -136,7 +140,7 @@ def _check_finite(model: torch.nn.Module, path) -> None:
         raise ValueError(f"{path}: {bad} holds NaN or infinite values; pass weights saved before the run diverged")
 
 
-def _load_beit(reader: BEiTReader, src, num_classes: int, global_pool: str, overrides: dict):
+def _load_beit(weights, src, num_classes: int, global_pool: str, overrides: dict):
     """timm ``Beit`` from a BEiT source; ``overrides``: ``img_size``, ``drop_path`` (``num_heads`` is read).
 
     ``num_classes > 0`` adds a fresh head: ``global_pool='avg'`` mean-pools the un-normed patch
@@ -149,7 +153,6 @@ def _load_beit(reader: BEiTReader, src, num_classes: int, global_pool: str, over
     if unknown:
         raise ValueError(f"unknown BEiT encoder setting(s) {', '.join(unknown)}; a BEiT encoder takes "
                          f"img_size and drop_path")
-    weights = reader.timm_weights(src, {k: v for k, v in overrides.items() if k == "num_heads" and v})
     if global_pool not in ("avg", "cls"):
         raise ValueError(f"global_pool must be avg or cls, got {global_pool!r}")
     img_size, drop_path = overrides.get("img_size"), overrides.get("drop_path")
