@@ -199,3 +199,18 @@ def test_a_trained_position_table_is_interpolated_for_another_size(tmp_path):
     expected = timm.layers.resample_abs_pos_embed(ours.pos_embed.detach(), grid, antialias=False)
     torch.testing.assert_close(wider.pos_embed.detach(), expected)
     assert wider.pos_embed.requires_grad  # trained in finetuning, as timm's and MAE's
+
+
+def test_a_cls_pooling_classifier_round_trips_through_lomar_and_timm(tmp_path):
+    torch.manual_seed(3)
+    ours = _perturb(VisionTransformer(TINY, num_classes=5, global_pool="cls")).eval()
+    export_encoder(ours, tmp_path / "cls")
+    assert json.loads((tmp_path / "cls" / "config.json").read_text())["global_pool"] == "cls"
+    again = create_encoder(tmp_path / "cls").eval()
+    assert again.global_pool == "cls" and torch.equal(again(X), ours(X))
+    timm_model = timm.create_model(f"local-dir:{tmp_path / 'cls'}", pretrained=True).eval()
+    torch.testing.assert_close(timm_model(X), ours(X))
+    plain = create_encoder(tmp_path / "cls", num_classes=0)  # the encoder alone keeps its final norm
+    torch.testing.assert_close(plain.forward_features(X), ours.forward_features(X))
+    with pytest.raises(ValueError, match="unknown encoder setting.*num_class;"):
+        create_encoder(tmp_path / "cls", num_class=3)

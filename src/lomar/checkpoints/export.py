@@ -33,7 +33,7 @@ _BOUNDS: dict[str, tuple[type | tuple[type, ...], float, float]] = {
 }
 
 
-def timm_architecture(config: ViTConfig, num_classes: int = 0) -> tuple[str, dict, dict]:
+def timm_architecture(config: ViTConfig, num_classes: int = 0, global_pool: str = "avg") -> tuple[str, dict, dict]:
     """timm name (``lomar_vit_{size}_patch{p}``), constructor args and pretrained_cfg of an encoder.
 
     The args always spell out the architecture, so non-standard widths rebuild exactly. Written
@@ -51,6 +51,8 @@ def timm_architecture(config: ViTConfig, num_classes: int = 0) -> tuple[str, dic
                                               "num_heads", "mlp_ratio", "pos")}
     if config.window_size > 0:  # only then: plain exports keep the config.json they always had
         args.update(window_size=config.window_size, global_blocks=list(config.global_blocks))
+    if num_classes and global_pool == "cls":  # timm's name for the cls token's pooling
+        args["global_pool"] = "token"
     return f"lomar_vit_{size}_patch{patch}", args, timm_pretrained_cfg(config.in_chans, config.img_size, num_classes)
 
 
@@ -88,16 +90,20 @@ def export_encoder(encoder: VisionTransformer, out_dir: str | Path, weights_name
         raise UsageError(f"{out / CONFIG_NAME} exists and is not a lomar export; pass --overwrite "
                          f"(overwrite=True) to replace it, or export to another folder")
     state = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
-    name, model_args, pretrained_cfg = timm_architecture(encoder.config, encoder.num_classes)
+    pool = encoder.global_pool if encoder.num_classes else "avg"
+    name, model_args, pretrained_cfg = timm_architecture(encoder.config, encoder.num_classes, pool)
     config = {"architecture": name, "weights": weights_name, **encoder.config.to_dict(),
-              "num_classes": encoder.num_classes, "model_args": model_args, "pretrained_cfg": pretrained_cfg,
-              **(metadata or {})}
+              "num_classes": encoder.num_classes, **({"global_pool": pool} if pool != "avg" else {}),
+              "model_args": model_args, "pretrained_cfg": pretrained_cfg, **(metadata or {})}
     return write_export(out, weights_name, state, config)
 
 
-def _check_config(where: Path, data, overrides: dict) -> tuple[ViTConfig, int]:
+def _check_config(where: Path, data, overrides: dict) -> tuple[ViTConfig, int, str]:
     if not isinstance(data, dict):
         raise UsageError(f"{where} holds a JSON {type(data).__name__}, expected an object; re-export the encoder")
+    if unknown := sorted(set(overrides) - set(ViTConfig.__dataclass_fields__) - {"num_classes", "global_pool"}):
+        raise UsageError(f"unknown encoder setting(s) {', '.join(unknown)}; pass ViTConfig fields, num_classes or "
+                         f"global_pool")
     data = {**data, **overrides}
     for key, (kind, low, high) in _BOUNDS.items():
         value = data.get(key)  # the finite bounds also refuse inf and nan
@@ -110,6 +116,8 @@ def _check_config(where: Path, data, overrides: dict) -> tuple[ViTConfig, int]:
     if not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= MAX_IMG_SIZE for s in sides):
         raise UsageError(f"{where}: img_size must be an integer (or [height, width]) in [1, {MAX_IMG_SIZE}], "
                          f"got {img!r}")
+    if data.get("global_pool", "avg") not in ("avg", "cls"):
+        raise UsageError(f"{where}: global_pool must be 'avg' or 'cls', got {data.get('global_pool')!r}")
     if data.get("pos", "rpe") not in ("rpe", "abs", "none"):
         raise UsageError(f"{where}: pos must be 'rpe', 'abs' or 'none', got {data.get('pos')!r}")
     blocks, depth = data.get("global_blocks", []), data.get("depth", ViTConfig.depth)
@@ -128,11 +136,11 @@ def _check_config(where: Path, data, overrides: dict) -> tuple[ViTConfig, int]:
         raise UsageError(f"{where}: embed_dim {config.embed_dim} is not divisible by num_heads {config.num_heads}")
     if any(s % config.patch_size for s in sides):
         raise UsageError(f"{where}: img_size {img} is not a multiple of patch_size {config.patch_size}")
-    return config, int(data.get("num_classes", 0))
+    return config, int(data.get("num_classes", 0)), data.get("global_pool", "avg")
 
 
-def expected_shapes(config: ViTConfig, num_classes: int = 0) -> dict[str, tuple[int, ...]]:
-    """The state dict shapes of ``VisionTransformer(config, num_classes)``, without building it.
+def expected_shapes(config: ViTConfig, num_classes: int = 0, global_pool: str = "avg") -> dict[str, tuple[int, ...]]:
+    """The state dict shapes of ``VisionTransformer(config, num_classes, global_pool)``, without building it.
 
     (Building on the meta device is not possible: the drop-path schedule reads tensor values.)
     A test compares this with real models, so it cannot drift from :mod:`lomar.models.vit`.
@@ -151,17 +159,18 @@ def expected_shapes(config: ViTConfig, num_classes: int = 0) -> dict[str, tuple[
             shapes[b + "attn.rpe.table"] = (1, d // config.num_heads, 50)
         shapes.update({b + "norm2.weight": (d,), b + "norm2.bias": (d,), b + "mlp.fc1.weight": (hidden, d),
                        b + "mlp.fc1.bias": (hidden,), b + "mlp.fc2.weight": (d, hidden), b + "mlp.fc2.bias": (d,)})
-    norm = "fc_norm" if num_classes else "norm"  # a classifier pools un-normed tokens into fc_norm
+    # an averaging classifier pools un-normed tokens into fc_norm; a cls one keeps the final norm
+    norm = "fc_norm" if num_classes and global_pool == "avg" else "norm"
     shapes.update({f"{norm}.weight": (d,), f"{norm}.bias": (d,)})
     if num_classes:
         shapes.update({"head.weight": (num_classes, d), "head.bias": (num_classes,)})
     return shapes
 
 
-def read_export(path: str | Path, **overrides) -> tuple[ViTConfig, int, Path]:
-    """Validate an export folder; returns (config, num_classes, weights file). Builds no model.
+def read_export(path: str | Path, **overrides) -> tuple[ViTConfig, int, Path, str]:
+    """Validate an export folder; returns (config, num_classes, weights file, global_pool). Builds no model.
 
-    ``overrides`` (ViTConfig fields, ``num_classes``) replace config.json's values. Raises
+    ``overrides`` (ViTConfig fields, ``num_classes``, ``global_pool``) replace config.json's values. Raises
     FileNotFoundError when there is no config.json, UsageError for anything malformed.
     """
     path = Path(path)
@@ -172,7 +181,7 @@ def read_export(path: str | Path, **overrides) -> tuple[ViTConfig, int, Path]:
         data = json.loads(config_path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise UsageError(f"{config_path} is not valid JSON ({exc}); re-export the encoder") from None
-    config, num_classes = _check_config(config_path, data, overrides)
+    config, num_classes, pool = _check_config(config_path, data, overrides)
     name = data.get("weights", ENCODER_WEIGHTS)
     if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
         raise UsageError(f"{config_path}: weights must be a file name in the same folder, got {name!r}")
@@ -185,25 +194,26 @@ def read_export(path: str | Path, **overrides) -> tuple[ViTConfig, int, Path]:
     except Exception as exc:  # safetensors raises its own error types for any malformed header
         raise UsageError(f"{weights} is not a safetensors file ({str(exc).splitlines()[0][:120]}); "
                          f"re-export the encoder with `lomar export`") from None
-    expected = expected_shapes(config, num_classes)
-    new_head = num_classes != data.get("num_classes", 0)  # a caller asking for another head: it starts fresh
+    expected = expected_shapes(config, num_classes, pool)
+    # a caller asking for another head (or pooling): it starts fresh
+    new_head = num_classes != data.get("num_classes", 0) or pool != data.get("global_pool", "avg")
     head = ("head.", "fc_norm.")
-    missing = [k for k in expected if k not in shapes and not (new_head and k.startswith(head))]
+    missing = [k for k in expected if k not in shapes and not (new_head and k.startswith(head + ("norm.",)))]
     unexpected = [k for k in shapes if k not in expected and not (new_head and k.startswith(head + ("norm.",)))]
     wrong = [f"{k} {shapes[k]} (expected {expected[k]})" for k in shapes
              if k in expected and shapes[k] != expected[k] and not (new_head and k.startswith(head))]
     if missing or unexpected or wrong:
         raise UsageError(f"{weights} does not match {config_path}: missing {missing[:4] or 'nothing'}, unexpected "
                          f"{unexpected[:4] or 'nothing'}, wrong shapes {wrong[:4] or 'none'}")
-    return config, num_classes, weights
+    return config, num_classes, weights, pool
 
 
 def create_encoder(path: str | Path, **overrides) -> VisionTransformer:
     """Rebuild an exported encoder from its directory (config.json + safetensors weights).
 
     Everything is validated first (:func:`read_export`); ``overrides`` as there."""
-    config, num_classes, weights = read_export(path, **overrides)
-    encoder = VisionTransformer(config, num_classes=num_classes)
+    config, num_classes, weights, pool = read_export(path, **overrides)
+    encoder = VisionTransformer(config, num_classes=num_classes, global_pool=pool)
     state = load_file(str(weights))
     own = encoder.state_dict()
     if any(k.startswith(("head.", "fc_norm.")) and (k not in own or own[k].shape != v.shape)
