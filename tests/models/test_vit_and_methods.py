@@ -230,3 +230,19 @@ def test_pretraining_keeps_an_absolute_table_fixed_and_the_encoder_alone_trains_
     assert VisionTransformer(config).pos_embed.requires_grad  # finetuning, detection, segmentation
     assert not LoMaR(config, 3, 2).encoder.pos_embed.requires_grad
     assert not MAE(config, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2).encoder.pos_embed.requires_grad
+
+
+@pytest.mark.parametrize("images, words", [
+    (torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8), "images are torch.uint8 but the model's weights are"),
+    (torch.randn(1, 3, 32, 32).half(), "images are torch.float16"),
+    (torch.randn(1, 3, 32, 32).double(), "images are torch.float64"),
+    (torch.randn(3, 32, 32), "expected images of shape (N, 3, H, W), got (3, 32, 32)"),
+])
+def test_images_of_another_dtype_or_rank_are_named(images, words):
+    config = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    for model in (VisionTransformer(config), LoMaR(config, 3, 2)):
+        with pytest.raises(ValueError) as info:
+            model(images)
+        assert words in str(info.value)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts inside: bf16 images are fine
+        assert VisionTransformer(config)(torch.randn(1, 3, 32, 32).bfloat16()).shape == (1, 32)

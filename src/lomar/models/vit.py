@@ -331,10 +331,15 @@ class VisionTransformer(nn.Module):
         return out
 
     def image_grid(self, images: torch.Tensor) -> tuple[int, int]:
-        """Patch grid of a batch (N, C, H, W); ValueError for a wrong rank, channels or size."""
+        """Patch grid of a batch (N, C, H, W); ValueError for a wrong rank, channels, size or dtype."""
         if images.ndim != 4 or images.shape[1] != self.config.in_chans:
             raise ValueError(f"expected images of shape (N, {self.config.in_chans}, H, W), got "
                              f"{tuple(images.shape)}")
+        weight = self.patch_embed.proj.weight.dtype
+        if not images.is_floating_point() or (images.dtype != weight and
+                                              not torch.is_autocast_enabled(images.device.type)):
+            raise ValueError(f"images are {images.dtype} but the model's weights are {weight}: pass float images "
+                             f"normalised with the ImageNet mean and std, as {weight} (or run under torch.autocast)")
         return grid_size(tuple(images.shape[-2:]), self.config.patch_size)
 
     def prepare_tokens(self, inputs: torch.Tensor, grid: tuple[int, int] | None = None,
@@ -368,10 +373,12 @@ class VisionTransformer(nn.Module):
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, C, H, W) -> [cls]+patch tokens (B, 1+Hg·Wg, D) with APE added, and the grid."""
-        return self.prepare_tokens(images), self.image_grid(images)
+        grid = self.image_grid(images)  # first: a wrong rank is named as such
+        return self.prepare_tokens(images, grid), grid
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> normed tokens (B, 1+Hg·Wg, D), cls first."""
+        """(B, C, H, W) -> tokens (B, 1+Hg·Wg, D), cls first: normed, except in an averaging classifier
+        (``num_classes > 0``, ``global_pool='avg'``), whose norm is ``fc_norm`` after pooling."""
         x, grid = self.embed(images)
         return self.norm(self.forward_blocks(x, grid))
 
