@@ -214,3 +214,23 @@ def test_a_cls_pooling_classifier_round_trips_through_lomar_and_timm(tmp_path):
     torch.testing.assert_close(plain.forward_features(X), ours.forward_features(X))
     with pytest.raises(ValueError, match="unknown encoder setting.*num_class;"):
         create_encoder(tmp_path / "cls", num_class=3)
+
+
+def test_weights_with_nan_are_refused_by_create_encoder_and_load_original(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lomar.checkpoints.keys import lomar_to_original
+
+    ours = VisionTransformer(TINY)
+    export_encoder(ours, tmp_path / "exp")
+    state = load_file(str(tmp_path / "exp" / "model.safetensors"))
+    state["blocks.1.mlp.fc2.weight"][0, 0] = float("nan")
+    save_file(state, str(tmp_path / "exp" / "model.safetensors"))
+    with pytest.raises(ValueError, match="blocks.1.mlp.fc2.weight holds NaN"):
+        create_encoder(tmp_path / "exp")
+    model = LoMaR(TINY, 3, 2)
+    original = lomar_to_original(model.state_dict())
+    original["blocks.0.attn.qkv.weight"][1, 1] = float("inf")
+    torch.save({"model": original}, tmp_path / "orig.pth")
+    with pytest.raises(ValueError, match="blocks.0.attn.qkv.weight holds NaN or infinite"):
+        load_original(tmp_path / "orig.pth", window_size=3, num_windows=2)

@@ -90,3 +90,24 @@ def test_backbone_from_export_and_mae_encoder(tmp_path):
     assert backbone.encoder.num_classes == 0  # the classifier head is not part of the backbone
     out = backbone(torch.randn(1, 3, 128, 96))  # absolute table interpolated to the 8x6 grid
     assert tuple(out["p5"].shape) == (1, 8, 4, 3)
+
+
+def test_feature_map_indices_outside_the_encoder_are_refused(encoder):
+    depth, x = len(encoder.blocks), torch.randn(1, 3, 64, 64)
+    assert [m.shape for m in feature_maps(encoder, x, indices=depth - 1)] == [m.shape for m in feature_maps(encoder, x)]
+    for bad in ((depth,), (-depth - 1,), ()):
+        with pytest.raises(ValueError, match="must be block indices"):
+            feature_maps(encoder, x, indices=bad)
+
+
+def test_a_whole_pretraining_model_gives_its_encoder(tmp_path):
+    from lomar import LoMaR
+
+    model = LoMaR(ViTConfig(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2), 3, 2)
+    assert ViTDetBackbone(model, window_size=0).encoder.embed_dim == 32
+    export_encoder(model, tmp_path / "exp")  # its encoder
+    assert (tmp_path / "exp" / "model.safetensors").is_file()
+    with pytest.raises(TypeError, match="no lomar ViT encoder"):
+        ViTDetBackbone(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="must be a file name"):
+        export_encoder(model, tmp_path / "sub", weights_name="sub/x.safetensors")

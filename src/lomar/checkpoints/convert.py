@@ -20,7 +20,8 @@ def encoder_of(model: nn.Module) -> VisionTransformer:
     """The encoder of a LoMaR / MAE model, or the VisionTransformer itself."""
     encoder = getattr(model, "encoder", model)
     if not isinstance(encoder, VisionTransformer):
-        raise TypeError(f"{type(model).__name__} has no ViT encoder")
+        raise TypeError(f"{type(model).__name__} has no lomar ViT encoder; pass a lomar.VisionTransformer, a LoMaR or "
+                        f"MAE model, an export folder or a checkpoint")
     return encoder
 
 

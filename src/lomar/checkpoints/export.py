@@ -13,7 +13,7 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text
+from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text, check_finite
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.errors import UsageError
 from lomar.limits import MAX_IMG_SIZE
@@ -83,8 +83,16 @@ def export_encoder(encoder: VisionTransformer, out_dir: str | Path, weights_name
     """Write ``weights_name`` (safetensors) and ``config.json`` for the encoder into ``out_dir``.
 
     Both are written atomically with mode 0644. A ``config.json`` already in ``out_dir`` that
-    is not one of ours is never replaced unless ``overwrite`` (UsageError).
+    is not one of ours is never replaced unless ``overwrite`` (UsageError). A LoMaR or MAE model
+    exports its ``encoder``.
     """
+    if not isinstance(encoder, VisionTransformer):
+        if not isinstance(getattr(encoder, "encoder", None), VisionTransformer):
+            raise TypeError(f"export_encoder takes a lomar.VisionTransformer (or a LoMaR / MAE model), got "
+                            f"{type(encoder).__name__}")
+        encoder = encoder.encoder
+    if Path(weights_name).name != weights_name or weights_name in ("", ".", ".."):
+        raise ValueError(f"weights_name must be a file name (the export is one folder), got {weights_name!r}")
     out = Path(out_dir)
     if (out / CONFIG_NAME).exists() and not overwrite and not _is_our_config(out / CONFIG_NAME):
         raise UsageError(f"{out / CONFIG_NAME} exists and is not a lomar export; pass --overwrite "
@@ -220,4 +228,5 @@ def create_encoder(path: str | Path, **overrides) -> VisionTransformer:
            for k, v in state.items()):  # another head than the one asked for: it starts fresh
         state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))}
     encoder.load_state_dict(state, strict=False)
+    check_finite(encoder, weights)
     return encoder

@@ -23,8 +23,8 @@ from typing import BinaryIO
 
 import torch
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_save", "safe_load", "describe_file",
-           "quiet_pickle_protocol", "write_error", "FILE_MODE"]
+__all__ = ["check_finite", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_save", "safe_load",
+           "describe_file", "quiet_pickle_protocol", "write_error", "FILE_MODE"]
 
 # Exports and checkpoints are meant to be shared: rw-r--r-- whatever mkstemp-like defaults say.
 FILE_MODE = 0o644
@@ -139,3 +139,12 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu", mmap: 
     if not isinstance(data, dict):
         raise ValueError(f"checkpoint {path} holds a {type(data).__name__}, expected a dict")
     return data
+
+
+def check_finite(model: torch.nn.Module, path: str | Path) -> None:
+    """ValueError naming the first weight with NaN or inf: a run that diverged, or a damaged file, would
+    otherwise give silently wrong results."""
+    bad = next((name for name, value in model.state_dict().items()
+                if value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
+    if bad is not None:
+        raise ValueError(f"{path}: {bad} holds NaN or infinite values; pass weights saved before the run diverged")

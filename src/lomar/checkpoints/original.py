@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
-from lomar.checkpoints.io import safe_load
+from lomar.checkpoints.io import check_finite, safe_load
 from lomar.checkpoints.keys import (
     CLASSIFIER_PREFIXES,
     ENCODER_PREFIXES,
@@ -118,7 +118,9 @@ def load_original(path: str | Path, **overrides) -> nn.Module:
     Returns a :class:`LoMaR`, :class:`MAE` or classifier :class:`VisionTransformer`, with
     weights loaded strictly (the unused LoMaR ``pos_embed`` is dropped, SPEC §6.3).
     """
-    return _original_model(safe_load(path), Path(path), overrides)
+    model = _original_model(safe_load(path), Path(path), overrides)
+    check_finite(model, path)
+    return model
 
 
 class OriginalReader(Reader):

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from lomar.checkpoints.formats import BEiTReader, read
+from lomar.checkpoints.io import check_finite
 from lomar.checkpoints.keys import CLASSIFIER_PREFIXES, drop_final_norm
 from lomar.data.collate import BadDataTracker, collate_labelled
 from lomar.data.folder import LabelledImageFolder
@@ -127,17 +128,9 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
         raise ValueError(f"{path} does not hold a complete encoder for {config}: missing "
                          f"{not_classifier or 'nothing'}, unexpected {unexpected or 'nothing'}")
     report.loaded, report.fresh = len(state), list(missing)
-    _check_finite(model, path)
+    check_finite(model, path)
     model.load_report = report
     return model
-
-
-def _check_finite(model: torch.nn.Module, path) -> None:
-    """Weights holding NaN or inf (a run that diverged, a damaged file) would give silently wrong results."""
-    bad = next((name for name, value in model.state_dict().items()
-                if value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
-    if bad is not None:
-        raise ValueError(f"{path}: {bad} holds NaN or infinite values; pass weights saved before the run diverged")
 
 
 def _load_beit(weights, src, num_classes: int, global_pool: str, overrides: dict):
@@ -179,7 +172,7 @@ def _load_beit(weights, src, num_classes: int, global_pool: str, overrides: dict
         raise ValueError(f"the BEiT weights do not fit timm Beit({args}): missing "
                          f"{sorted(set(missing) - set(report.fresh)) or 'nothing'}, "
                          f"unexpected {unexpected or 'nothing'}")
-    _check_finite(model, src.path)
+    check_finite(model, src.path)
     model.load_report = report
     # What our encoders carry too: finetune checkpoints record it.
     model.config = replace(weights.config, img_size=model.patch_embed.img_size[0], drop_path_rate=drop_path or 0.0)

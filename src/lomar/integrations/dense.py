@@ -93,6 +93,10 @@ def feature_maps(encoder: VisionTransformer, images: torch.Tensor, indices=(-1,)
     (False leaves the encoder's own flag in charge).
     """
     depth = len(encoder.blocks)
+    indices = (indices,) if isinstance(indices, int) else tuple(indices)
+    if not indices or any(not isinstance(i, int) or not -depth <= i < depth for i in indices):
+        raise ValueError(f"indices {indices} must be block indices in [{-depth}, {depth - 1}] of this "
+                         f"{depth}-block encoder (negative from the end), at least one")
     take = sorted({i % depth for i in indices})
     tokens, grid = encoder.embed(images)
     out = {}
@@ -105,9 +109,10 @@ def feature_maps(encoder: VisionTransformer, images: torch.Tensor, indices=(-1,)
 
 
 def load_encoder(source: str | Path | VisionTransformer) -> VisionTransformer:
-    """An encoder from an export folder, any checkpoint (see ``lomar.checkpoints.convert.load_model``), or as is."""
-    if isinstance(source, VisionTransformer):
-        return source
+    """An encoder from an export folder, any checkpoint (see ``lomar.checkpoints.convert.load_model``), a LoMaR or
+    MAE model (its encoder), or as is."""
+    if isinstance(source, nn.Module):
+        return encoder_of(source)
     return encoder_of(load_model(source))
 
 
