@@ -190,3 +190,10 @@ def test_an_error_raised_from_none_keeps_its_own_type(tmp_path):
     with pytest.raises(ValueError, match="not this one"):
         lomar.checkpoints.io.atomic_write(tmp_path / "f.bin", refuses)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_or_one_of_our_checkpoints_given_as_an_original_says_what_it_is(tmp_path, pretrained):
+    with pytest.raises(ValueError, match="is a folder, not a checkpoint file"):
+        safe_load(tmp_path)
+    with pytest.raises(ValueError, match="it is one of lomar's own: lomar.eval.features.load_pretrained_encoder"):
+        load_original(pretrained)

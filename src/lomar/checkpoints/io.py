@@ -120,6 +120,9 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu", mmap: 
     (config, step) are wanted. Raises FileNotFoundError or ValueError with a one-line message.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder, not a checkpoint file: pass its file (a run's last.pt); "
+                         f"an export folder loads with lomar.create_encoder")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; check the path")
     try:

@@ -44,7 +44,10 @@ def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
     state = data.get("model", data)
     args = args_dict(data)
     if "patch_embed.proj.weight" not in state:
-        raise ValueError("not an original LoMaR/MAE checkpoint: no 'patch_embed.proj.weight' in its model")
+        ours = "format" in data or "model_spec" in data
+        raise ValueError("not an original LoMaR/MAE checkpoint: no 'patch_embed.proj.weight' in its model"
+                         + ("; it is one of lomar's own: lomar.eval.features.load_pretrained_encoder reads its encoder"
+                            if ours else ""))
     method = _method(state)
     config = infer_vit_config({rename_rpe(k): v for k, v in state.items()}, args,
                               num_heads=overrides.pop("num_heads", None), img_size=overrides.pop("img_size", None))
