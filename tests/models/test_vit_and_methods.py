@@ -196,7 +196,7 @@ def test_abs_interpolates_and_classifier():
 def test_unknown_model_and_heads():
     with pytest.raises(ValueError, match="unknown model 'vit_giant_patch16'"):
         model_config("vit_giant_patch16")
-    with pytest.raises(ValueError, match="not divisible by 5 heads"):
+    with pytest.raises(ValueError, match="not divisible by num_heads 5; pick a divisor of"):
         VisionTransformer(ViTConfig(embed_dim=24, depth=1, num_heads=5))
     with pytest.raises(ValueError, match="position encoding"):
         VisionTransformer(ViTConfig(embed_dim=24, depth=1, num_heads=2, pos="learned"))
@@ -246,3 +246,20 @@ def test_images_of_another_dtype_or_rank_are_named(images, words):
         assert words in str(info.value)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts inside: bf16 images are fine
         assert VisionTransformer(config)(torch.randn(1, 3, 32, 32).bfloat16()).shape == (1, 32)
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(num_heads=0), "ViTConfig.num_heads must be a positive integer, got 0"),
+    (dict(depth=-1), "ViTConfig.depth must be a positive integer, got -1"),
+    (dict(embed_dim=0), "ViTConfig.embed_dim must be a positive integer"),
+    (dict(img_size="224"), "ViTConfig.img_size must be a positive integer (or a (height, width) pair), got '224'"),
+    (dict(img_size=(32, 48, 64)), "ViTConfig.img_size must be"),
+    (dict(depth=True), "ViTConfig.depth must be a positive integer, got True"),
+    (dict(drop_path=2.0), "drop_path in [0, 1)"),
+    (dict(embed_dim=100), "ViTConfig.embed_dim 100 is not divisible by num_heads 3; pick a divisor of 100"),
+])
+def test_a_config_that_builds_no_encoder_is_refused_on_construction(change, words):
+    with pytest.raises(ValueError) as info:
+        model_config("vit_tiny_patch16", **change)
+    assert words in str(info.value)
+    assert model_config("vit_tiny_patch16", img_size=[32, 48]).img_size == (32, 48)  # JSON's pair

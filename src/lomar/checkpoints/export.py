@@ -138,10 +138,11 @@ def _check_config(where: Path, data, overrides: dict) -> tuple[ViTConfig, int, s
         raise UsageError(f"{where}: attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
     # The recorded attention mode was the exporting machine's choice (flex needs CUDA to train);
     # all modes agree, so the export is rebuilt with `auto` unless the caller asks otherwise.
-    config = ViTConfig.from_dict({**data, "img_size": tuple(sides) if len(sides) == 2 else sides[0],
-                                  "attention": overrides.get("attention", "auto")})
-    if config.embed_dim % config.num_heads:
-        raise UsageError(f"{where}: embed_dim {config.embed_dim} is not divisible by num_heads {config.num_heads}")
+    try:
+        config = ViTConfig.from_dict({**data, "img_size": tuple(sides) if len(sides) == 2 else sides[0],
+                                      "attention": overrides.get("attention", "auto")})
+    except ValueError as exc:  # the sizes' relations (width over heads)
+        raise UsageError(f"{where}: {exc}; re-export the encoder with `lomar export`") from None
     if any(s % config.patch_size for s in sides):
         raise UsageError(f"{where}: img_size {img} is not a multiple of patch_size {config.patch_size}")
     return config, int(data.get("num_classes", 0)), data.get("global_pool", "avg")

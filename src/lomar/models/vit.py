@@ -7,8 +7,6 @@ whole image (finetuning, MAE, features); LoMaR reuses its parts on window tokens
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +17,13 @@ from torch.utils.checkpoint import checkpoint
 from lomar.models.attention import ATTENTION_MODES, rpe_attention, windowed_attention
 from lomar.models.masking import grid_size
 from lomar.models.rpe import ContextualRPE
+from lomar.models.vit_config import MODEL_SIZES, PATCH_SIZES, EncoderShape, ViTConfig, list_models, model_config
 
 __all__ = [
     "ViTConfig",
+    "EncoderShape",
     "MODEL_SIZES",
+    "PATCH_SIZES",
     "model_config",
     "list_models",
     "sincos_pos_embed_2d",
@@ -31,79 +32,6 @@ __all__ = [
     "Block",
     "VisionTransformer",
 ]
-
-PosMode = Literal["rpe", "abs", "none"]
-
-# name -> (embed_dim, depth, num_heads)
-MODEL_SIZES: dict[str, tuple[int, int, int]] = {
-    "mini": (128, 4, 4),  # the demo's (lomar pretrain without --data)
-    "tiny": (192, 12, 3),
-    "small": (384, 12, 6),
-    "base": (768, 12, 12),
-    "large": (1024, 24, 16),
-    "huge": (1280, 32, 16),
-}
-PATCH_SIZES = (8, 14, 16)
-
-
-@dataclass(frozen=True)
-class EncoderShape:
-    """The sizes of a ViT and of BEiT, and the dict a model spec stores (:mod:`lomar.models.spec`).
-
-    ``from_dict`` takes the known fields only, so a richer dict (a golden case's meta, a config saved
-    by another version) can be passed whole.
-    """
-
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict):
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
-
-
-@dataclass(frozen=True)
-class ViTConfig(EncoderShape):
-    """Architecture of an encoder; everything needed to rebuild it.
-
-    ``attention``: how the iRPE bias is computed (``auto``, ``dense``, ``chunked``, ``flex``; same
-    result, see :mod:`lomar.models.attention`). ``window_size`` > 0: ViTDet-style blocks that
-    attend inside ``window_size``² windows of the patch grid, except the blocks listed in
-    ``global_blocks`` (e.g. 14 and (2, 5, 8, 11) for ViT-B); see :meth:`Block.forward`.
-    """
-
-    pos: PosMode = "rpe"
-    drop_path: float = 0.0
-    attention: str = "auto"
-    window_size: int = 0
-    global_blocks: tuple[int, ...] = ()
-    extra: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "global_blocks", tuple(int(i) for i in self.global_blocks))
-
-
-def list_models() -> list[str]:
-    return [f"vit_{s}_patch{p}" for s in MODEL_SIZES for p in PATCH_SIZES]
-
-
-def model_config(name: str, **overrides) -> ViTConfig:
-    """Config for a named model such as ``vit_base_patch16``; keyword arguments override."""
-    if name not in list_models():
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
-    _, size, patch = name.split("_")
-    dim, depth, heads = MODEL_SIZES[size]
-    base = ViTConfig(patch_size=int(patch.removeprefix("patch")), embed_dim=dim, depth=depth, num_heads=heads)
-    return replace(base, **overrides)
-
 
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], cls_token: bool = True) -> torch.Tensor:
     """MAE's fixed 2-D sin-cos table (SPEC §5): (Hg·Wg [+1], dim), x in the first half."""

@@ -216,8 +216,6 @@ class PretrainConfig(TaskConfig):
             self.layer_scale_init = layer_scale_init(vit.embed_dim)
         elif self.method != "beit" and self.layer_scale_init is not None:
             raise ConfigError(f"--layer-scale-init is for --method beit only (got --method {self.method}); drop it")
-        if vit.embed_dim % vit.num_heads:
-            raise ConfigError(f"--embed-dim {vit.embed_dim} is not divisible by --num-heads {vit.num_heads}")
         try:
             grid = grid_size(self.img_size, vit.patch_size)
             get_method(self.method).validate(self, grid)
@@ -303,9 +301,13 @@ def vit_config(config: PretrainConfig) -> ViTConfig:
     overrides = {k: getattr(config, k) for k in ("embed_dim", "depth", "num_heads", "patch_size")
                  if getattr(config, k) is not None}
     try:
-        return model_config(config.model, img_size=config.img_size, pos=config.pos, **overrides)
+        base = model_config(config.model)
+        dim, heads = overrides.get("embed_dim", base.embed_dim), overrides.get("num_heads", base.num_heads)
+        if dim % heads == 0:
+            return dataclasses.replace(base, img_size=config.img_size, pos=config.pos, **overrides)
     except ValueError as exc:
         raise ConfigError(f"--model: {exc}") from None
+    raise ConfigError(f"--embed-dim {dim} is not divisible by --num-heads {heads}; pick a divisor of {dim}")
 
 
 def build_model(config: PretrainConfig, prepared: dict | None = None):

@@ -1,0 +1,98 @@
+"""A ViT's architecture as data: :class:`ViTConfig` (every setting that rebuilds an encoder), the named
+sizes and :func:`model_config`. Checked on construction; imports no torch."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
+
+__all__ = ["ViTConfig", "EncoderShape", "MODEL_SIZES", "PATCH_SIZES", "model_config", "list_models"]
+
+PosMode = Literal["rpe", "abs", "none"]
+
+# name -> (embed_dim, depth, num_heads)
+MODEL_SIZES: dict[str, tuple[int, int, int]] = {
+    "mini": (128, 4, 4),  # the demo's (lomar pretrain without --data)
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
+PATCH_SIZES = (8, 14, 16)
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    """The sizes of a ViT and of BEiT, and the dict a model spec stores (:mod:`lomar.models.spec`).
+
+    ``from_dict`` takes the known fields only, so a richer dict (a golden case's meta, a config saved
+    by another version) can be passed whole.
+    """
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class ViTConfig(EncoderShape):
+    """Architecture of an encoder; everything needed to rebuild it.
+
+    ``attention``: how the iRPE bias is computed (``auto``, ``dense``, ``chunked``, ``flex``; same
+    result, see :mod:`lomar.models.attention`). ``window_size`` > 0: ViTDet-style blocks that
+    attend inside ``window_size``² windows of the patch grid, except the blocks listed in
+    ``global_blocks`` (e.g. 14 and (2, 5, 8, 11) for ViT-B); see :meth:`Block.forward`.
+    """
+
+    pos: PosMode = "rpe"
+    drop_path: float = 0.0
+    attention: str = "auto"
+    window_size: int = 0
+    global_blocks: tuple[int, ...] = ()
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "global_blocks", tuple(int(i) for i in self.global_blocks))
+        if isinstance(self.img_size, list):
+            object.__setattr__(self, "img_size", tuple(self.img_size))
+        sides = self.img_size if isinstance(self.img_size, tuple) else (self.img_size,)
+        whole = {"img_size": sides, "patch_size": (self.patch_size,), "in_chans": (self.in_chans,),
+                 "embed_dim": (self.embed_dim,), "depth": (self.depth,), "num_heads": (self.num_heads,)}
+        for name, values in whole.items():  # a bool is an int to Python, never a size here
+            if not values or len(values) > 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                        for v in values):
+                raise ValueError(f"ViTConfig.{name} must be a positive integer"
+                                 f"{' (or a (height, width) pair)' if name == 'img_size' else ''}, "
+                                 f"got {getattr(self, name)!r}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"ViTConfig.embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; "
+                             f"pick a divisor of {self.embed_dim}")
+        if not self.mlp_ratio > 0 or not 0 <= self.drop_path < 1:
+            raise ValueError(f"ViTConfig needs mlp_ratio > 0 and drop_path in [0, 1), got {self.mlp_ratio!r} and "
+                             f"{self.drop_path!r}")
+
+
+def list_models() -> list[str]:
+    return [f"vit_{s}_patch{p}" for s in MODEL_SIZES for p in PATCH_SIZES]
+
+
+def model_config(name: str, **overrides) -> ViTConfig:
+    """Config for a named model such as ``vit_base_patch16``; keyword arguments override."""
+    if name not in list_models():
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
+    _, size, patch = name.split("_")
+    dim, depth, heads = MODEL_SIZES[size]
+    base = ViTConfig(patch_size=int(patch.removeprefix("patch")), embed_dim=dim, depth=depth, num_heads=heads)
+    return replace(base, **overrides)
