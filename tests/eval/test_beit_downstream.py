@@ -11,6 +11,7 @@ from timm.models.beit import Beit
 from helpers import pretrain, write_images
 from lomar.checkpoints.export_beit import create_timm_beit
 from lomar.cli.app import main
+from lomar.data.compose import compose_digits
 from lomar.eval.features import extract_features, knn_loaders, load_pretrained_encoder
 
 EVAL = ["--img-size", "32", "--workers", "0", "--device", "cpu", "--batch-size", "4"]
@@ -121,3 +122,13 @@ def test_a_beit_export_claiming_huge_widths_or_a_path_outside_is_refused_before_
         with pytest.raises(ValueError, match=words):
             formats.load_model(tmp_path / "ex")
     assert all(device == "meta" for device in built)  # shapes were compared without storage
+
+
+def test_segment_refuses_a_beit_encoder_in_one_line(beit_run, tmp_path, capsys):
+    compose_digits(tmp_path / "set", img_size=32, images=4, seed=0, digit_scale=(0.3, 0.5))
+    code = main(["segment", "--data", str(tmp_path / "set"), "--num-classes", "10", "--img-size", "32",
+                 "--pretrained", str(beit_run / "run" / "last.pt"), "--workers", "0", "--device", "cpu",
+                 "--out", str(tmp_path / "seg")])
+    err = capsys.readouterr().err
+    assert code == 2 and "only LoMaR / MAE ViT encoders can be segmentation backbones, not Beit" in err
+    assert "Traceback" not in err

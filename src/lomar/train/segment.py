@@ -23,6 +23,7 @@ from lomar.checkpoints.kinds import SEGMENT_TASK
 from lomar.data.collate import Skipped
 from lomar.data.samplers import EpochSampler
 from lomar.data.segmentation import SegmentationFolder, collate_segmentation
+from lomar.errors import UsageError
 from lomar.eval.features import load_pretrained_encoder
 from lomar.eval.segmentation import confusion_matrix, predict_logits, segmentation_metrics
 from lomar.integrations.segmenter import UperNetSegmenter, layer_decay_groups, segmentation_losses
@@ -62,6 +63,9 @@ class SegmentTask(Task):
         else:  # anything `lomar export` reads
             encoder = load_pretrained_encoder(config.pretrained, **layout)
             source = f"pretrained: {encoder.load_report.summary()}"
+            if not isinstance(encoder, VisionTransformer):
+                raise UsageError(f"--pretrained {config.pretrained}: only LoMaR / MAE ViT encoders can be segmentation "
+                                 f"backbones, not {type(encoder).__name__}")
         if info.is_main:
             print(f"lomar segment: {source}", file=sys.stderr, flush=True)
         # The pyramid taps blocks, never the final norm: left trainable, DDP would wait for its gradient.
