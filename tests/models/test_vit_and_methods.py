@@ -263,3 +263,16 @@ def test_a_config_that_builds_no_encoder_is_refused_on_construction(change, word
         model_config("vit_tiny_patch16", **change)
     assert words in str(info.value)
     assert model_config("vit_tiny_patch16", img_size=[32, 48]).img_size == (32, 48)  # JSON's pair
+
+
+def test_window_requests_of_the_wrong_kind_are_named():
+    with pytest.raises(ValueError, match="a 1x1 window cannot be partly masked"):
+        lomar.sample_plan(2, (8, 8), 1, 1, 0.8)
+    with pytest.raises(ValueError, match="window size must be a positive integer, got 3.0"):
+        lomar.sample_plan(2, (8, 8), 3.0, 1, 0.8)
+    with pytest.raises(ValueError, match="number of windows must be a positive integer, got 2.0"):
+        lomar.sample_plan(2, (8, 8), 3, 2.0, 0.8)
+    plan = lomar.sample_plan(2, (8, 8), 3, 2, 0.8)
+    empty = MaskingPlan(plan.top_left[:, :0], plan.mask[:, :0], 3)
+    with pytest.raises(ValueError, match="with n >= 1 windows"):
+        empty.validate((8, 8))

@@ -55,8 +55,9 @@ def grid_size(img_size: int | tuple[int, int], patch_size: int) -> tuple[int, in
 
 def num_masked(window_size: int, mask_ratio: float) -> int:
     """Masked tokens per window, floor(K·K·ratio); raises unless 0 < M < K·K."""
-    if window_size <= 0:
-        raise ValueError(f"window size must be positive, got {window_size}")
+    if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 2:
+        raise ValueError(f"window size must be an integer of at least 2 (a 1x1 window cannot be partly masked), "
+                         f"got {window_size!r}")
     tokens = window_size * window_size
     # the printed bounds are rounded inwards, so that both ends really are valid ratios
     lowest, highest = math.ceil(1000 / tokens) / 1000, math.floor(1000 * (tokens - 1) / tokens) / 1000
@@ -95,9 +96,11 @@ def max_windows(grid: tuple[int, int], window_size: int, placement: str = "disti
 def check_window_request(grid: tuple[int, int], window_size: int, num_windows: int,
                          mask_ratio: float, placement: str = "distinct") -> int:
     """Validate a sampling request; returns the number of masked tokens per window."""
+    if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 1:
+        raise ValueError(f"window size must be a positive integer, got {window_size!r}")
     rows, cols = window_positions(grid, window_size)
-    if num_windows <= 0:
-        raise ValueError(f"number of windows must be positive, got {num_windows}")
+    if not isinstance(num_windows, int) or isinstance(num_windows, bool) or num_windows <= 0:
+        raise ValueError(f"number of windows must be a positive integer, got {num_windows!r}")
     most = max_windows(grid, window_size, placement)
     if placement == "permutation" and num_windows > most:
         raise ValueError(
@@ -145,8 +148,9 @@ class MaskingPlan:
         """Raise ValueError unless the plan is well formed for this patch grid."""
         k = self.window_size
         n_img, n_win = self.top_left.shape[:2]
-        if self.top_left.shape != (n_img, n_win, 2):
-            raise ValueError(f"plan.top_left must have shape (N, n, 2), got {tuple(self.top_left.shape)}")
+        if self.top_left.shape != (n_img, n_win, 2) or n_win == 0:
+            raise ValueError(f"plan.top_left must have shape (N, n, 2) with n >= 1 windows, got "
+                             f"{tuple(self.top_left.shape)}")
         if self.mask.shape != (n_img, n_win, k * k):
             raise ValueError(
                 f"plan.mask must have shape (N, n, {k * k}) = {(n_img, n_win, k * k)}, "
