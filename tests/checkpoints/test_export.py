@@ -234,3 +234,10 @@ def test_weights_with_nan_are_refused_by_create_encoder_and_load_original(tmp_pa
     torch.save({"model": original}, tmp_path / "orig.pth")
     with pytest.raises(ValueError, match="blocks.0.attn.qkv.weight holds NaN or infinite"):
         load_original(tmp_path / "orig.pth", window_size=3, num_windows=2)
+
+
+def test_timm_weights_of_a_shallower_export_name_what_they_lack(tmp_path):
+    export_encoder(VisionTransformer(replace(TINY, depth=1)), tmp_path / "one")
+    with pytest.raises(ValueError, match="the weights lack blocks.1.norm1.weight.*see config.json's model_args"):
+        timm.create_model("lomar_vit_tiny_patch16", pretrained=True, embed_dim=32, depth=2, num_heads=2, img_size=64,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "one" / "model.safetensors")))

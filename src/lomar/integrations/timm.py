@@ -166,7 +166,8 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: LomarVision
     state = state_dict.get("model", state_dict) if isinstance(state_dict.get("model"), dict) else state_dict
     own = model.state_dict()
     out: dict[str, torch.Tensor] = {}
-    for key, value in encoder_keys(state).items():
+    weights = encoder_keys(state)
+    for key, value in weights.items():
         if key == "pos_embed" and key in own and own[key].shape != value.shape:  # finetuned: bicubic, cls row kept
             value = resample_abs_pos_embed(value, list(model.grid), antialias=False)
         if key not in own or own[key].shape != value.shape:
@@ -176,8 +177,14 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: LomarVision
                              + (f" ({tuple(own[key].shape)})" if key in own else "")
                              + "; create the model with the exported architecture (see config.json's model_args)")
         out[key] = value
-    fresh = [k for k in own if k not in out and k.startswith(("head.", "fc_norm.", "pos_embed"))]
+    # a classifier's weights (fc_norm, no final norm) give an encoder a fresh final norm, as lomar's loader does
+    from_classifier = any(k.startswith("fc_norm.") for k in weights)
+    fresh = [k for k in own if k not in out and k.startswith(("head.", "fc_norm.", "pos_embed")
+                                                              + (("norm.",) if from_classifier else ()))]
     out.update({key: own[key] for key in fresh})
+    if missing := [k for k in own if k not in out]:
+        raise ValueError(f"the weights lack {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} of this "
+                         f"model; create the model with the exported architecture (see config.json's model_args)")
     if any(k.startswith("head.") for k in fresh):
         _log.info("classifier head not in the weights (or of another size): freshly initialised")
     return out
