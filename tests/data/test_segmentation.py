@@ -104,3 +104,41 @@ def test_an_image_cut_short_is_skipped_and_its_place_filled(tmp_path, caplog):
     assert batch.bad == [items[0]]  # the run counts it (lomar.train.task.SkippedFiles)
     nothing = collate_segmentation([items[0]])
     assert nothing[0].shape == (0,) and nothing.bad == [items[0]]
+
+
+def test_hsv_round_trips_and_matches_colorsys():
+    import colorsys
+
+    from lomar.data.segmentation import _hsv_to_rgb, _rgb_to_hsv
+
+    image = torch.randint(0, 256, (3, 16, 16), generator=torch.Generator().manual_seed(0)).float()
+    assert torch.equal(_hsv_to_rgb(*_rgb_to_hsv(image)), image)
+    hue, sat, value = _rgb_to_hsv(image)
+    for y, x in ((0, 0), (5, 9), (15, 3)):
+        h, s, v = colorsys.rgb_to_hsv(*(image[:, y, x] / 255).tolist())
+        assert (float(hue[y, x]), float(sat[y, x]), float(value[y, x])) == pytest.approx((h * 180, s, v * 255),
+                                                                                          abs=1e-4)
+
+
+def test_photometric_distortion_is_mmsegs_four_coin_steps():
+    from lomar.data.segmentation import photometric_distortion
+
+    image = torch.randint(0, 256, (3, 8, 8), generator=torch.Generator().manual_seed(1)).float()
+    outs = [photometric_distortion(image, torch.Generator().manual_seed(s)) for s in range(400)]
+    assert all(o.min() >= 0 and o.max() <= 255 and torch.equal(o, o.round()) for o in outs)
+    unchanged = sum(torch.equal(o, image) for o in outs)
+    assert 10 < unchanged < 45  # each of the four steps is skipped with probability 1/2: 400/16 = 25 expected
+    again = photometric_distortion(image, torch.Generator().manual_seed(7))
+    assert torch.equal(again, outs[7])  # a function of the sample's generator
+
+
+def test_the_distortion_changes_pixels_only(tmp_path):
+    _layout(tmp_path, (40, 32), (40, 32))
+    plain = SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1, photometric=False)
+    distorted = SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1)
+    changed = 0
+    for epoch in range(8):
+        (a, la), (b, lb) = plain[(0, epoch)], distorted[(0, epoch)]
+        assert torch.equal(la, lb)  # the same crop and flip: the distortion draws after them
+        changed += not torch.equal(a, b)
+    assert changed >= 4

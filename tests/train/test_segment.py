@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,12 +13,14 @@ import torch
 from PIL import Image
 
 from lomar.checkpoints.io import safe_load
+from lomar.checkpoints.kinds import SEGMENT_TASK
 from lomar.cli.app import main
 from lomar.data.compose import compose_digits
 from lomar.eval.segmentation import confusion_matrix, predict_logits, segmentation_metrics
 from lomar.integrations.segmenter import UperNetSegmenter, layer_decay_groups, spread_indices
 from lomar.models.upernet import UPerHead
 from lomar.models.vit import VisionTransformer, ViTConfig
+from lomar.train.segment_config import SegmentConfig
 
 
 def _encoder(depth: int = 4) -> VisionTransformer:
@@ -262,3 +265,10 @@ def test_torchrun_two_processes_train_and_gather_every_prediction(digits, tmp_pa
     stems = sorted(p.stem for p in (digits / "images" / "validation").glob("*.jpg"))
     assert sorted(p.stem for p in (out / "predictions").glob("*.png")) == stems
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+
+
+def test_a_run_saved_before_the_distortion_resumes_without_it():
+    old = SegmentConfig.saved_settings({"task": SEGMENT_TASK, "settings": {"lr": 1e-4}}, Path("old.pt"))
+    new = SegmentConfig.saved_settings({"task": SEGMENT_TASK, "settings": {"photometric": True}}, Path("new.pt"))
+    assert old["photometric"] is False and new["photometric"] is True
+    assert SegmentConfig().photometric is True  # a new run follows mmseg's pipeline

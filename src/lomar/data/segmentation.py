@@ -105,15 +105,16 @@ class SegmentationFolder(Dataset):
 
     ``train=True`` items: ``(image (3, crop, crop) float normalised, labels (crop, crop) long)``,
     mmseg's training pipeline (random resize of the test scale by 0.5-2.0, random crop with
-    cat_max_ratio 0.75, flip, padding with 0 / IGNORE; no photometric distortion), drawn from a
-    generator seeded by (seed, epoch, index): keys are ``(index, epoch)``. ``train=False`` items:
+    cat_max_ratio 0.75, flip, :func:`photometric_distortion` unless ``photometric=False``, padding
+    with 0 / IGNORE), drawn from a generator seeded by (seed, epoch, index): keys are ``(index, epoch)``.
+    ``train=False`` items:
     ``(image (3, h, w) at :func:`eval_scale`, labels (H, W) long at the file's size, stem)``.
     """
 
     def __init__(self, root: str | Path, split: str, num_classes: int, crop: int = 512, train: bool = True,
-                 seed: int = 0, workers: int = 4):
+                 seed: int = 0, workers: int = 4, photometric: bool = True):
         self.root, self.split, self.num_classes, self.crop = Path(root), split, num_classes, crop
-        self.train, self.seed, self.skipped = train, seed, set()
+        self.train, self.seed, self.skipped, self.photometric = train, seed, set(), photometric
         self.pairs = _pairs(self.root, split)
         with ThreadPoolExecutor(max(1, workers)) as pool:
             tops = list(pool.map(lambda pair: _check_pair(*pair), self.pairs))
@@ -166,12 +167,63 @@ class SegmentationFolder(Dataset):
         image, labels = image[:, top:top + crop, left:left + crop], labels[top:top + crop, left:left + crop]
         if float(torch.rand((), generator=gen)) < 0.5:
             image, labels = image.flip(-1), labels.flip(-1)
+        if self.photometric:
+            image = photometric_distortion(image, gen)
         image = (image - MEAN) / STD
         pad_h, pad_w = crop - image.shape[1], crop - image.shape[2]
         if pad_h or pad_w:
             image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
             labels = F.pad(labels, (0, pad_w, 0, pad_h), value=IGNORE)
         return image, labels
+
+
+def photometric_distortion(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """mmseg's PhotoMetricDistortion on a (3, H, W) RGB image in [0, 255]: each step with probability 1/2,
+    brightness + U(-32, 32), contrast x U(0.5, 1.5) before or after (1/2 each) saturation x U(0.5, 1.5) and
+    a hue shift by an integer in [-18, 18] of OpenCV's 0-180 hue scale; clipped to [0, 255] and truncated
+    after each step as mmseg's uint8 ``convert`` does, in float arithmetic (not OpenCV's uint8 HSV tables)."""
+    def coin() -> bool:
+        return bool(torch.randint(0, 2, (), generator=gen))
+
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand((), generator=gen))
+
+    def contrast(img: torch.Tensor) -> torch.Tensor:
+        return (img * uniform(0.5, 1.5)).clamp(0, 255).floor() if coin() else img
+
+    image = (image + uniform(-32, 32)).clamp(0, 255).floor() if coin() else image
+    contrast_first = coin()
+    image = contrast(image) if contrast_first else image
+    if coin():
+        hue, sat, value = _rgb_to_hsv(image)
+        image = _hsv_to_rgb(hue, (sat * uniform(0.5, 1.5)).clamp(max=1.0), value)
+    if coin():
+        hue, sat, value = _rgb_to_hsv(image)
+        image = _hsv_to_rgb((hue + int(torch.randint(-18, 19, (), generator=gen))) % 180, sat, value)
+    return image if contrast_first else contrast(image)
+
+
+def _rgb_to_hsv(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(3, H, W) RGB in [0, 255] -> hue in [0, 180) (OpenCV's scale), saturation in [0, 1], value in [0, 255]."""
+    r, g, b = image
+    value, low = image.max(0).values, image.min(0).values
+    delta = value - low
+    sat = torch.where(value > 0, delta / value.clamp(min=1e-12), 0.0)
+    safe = delta.clamp(min=1e-12)
+    hue = torch.where(value == r, ((g - b) / safe) % 6, torch.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    return torch.where(delta > 0, hue * 30, 0.0), sat, value
+
+
+def _hsv_to_rgb(hue: torch.Tensor, sat: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_rgb_to_hsv`, rounded to whole values in [0, 255] (as OpenCV's saturating cast)."""
+    sector = hue / 30
+    i, f = sector.floor() % 6, sector - sector.floor()
+    p, q, t = value * (1 - sat), value * (1 - sat * f), value * (1 - sat * (1 - f))
+    choices = [(value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value), (value, p, q)]
+    out = torch.zeros(3, *hue.shape, dtype=hue.dtype)
+    for k, channels in enumerate(choices):
+        out = torch.where(i == k, torch.stack(channels), out)
+    return out.clamp(0, 255).round()
 
 
 def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -53,7 +53,8 @@ class SegmentTask(Task):
         self.eval_steps = config.eval_every
         workers = config.workers or 0
         self.train_set = SegmentationFolder(config.data, "training", config.num_classes, config.img_size,
-                                            train=True, seed=config.seed, workers=max(1, workers))
+                                            train=True, seed=config.seed, workers=max(1, workers),
+                                            photometric=config.photometric)
         self.val_set = SegmentationFolder(config.data, "validation", config.num_classes, config.img_size,
                                           train=False, workers=max(1, workers))
         layout = dict(img_size=config.img_size, drop_path=config.drop_path)

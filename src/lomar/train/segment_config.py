@@ -52,6 +52,8 @@ class SegmentConfig(TaskConfig):
     layer_decay: float = S.LAYER_DECAY.field()
     weight_decay: float = S.WEIGHT_DECAY.field()
     drop_path: float = S.DROP_PATH.field()
+    photometric: bool = S.setting(True, "mmseg's PhotoMetricDistortion on each training crop (brightness, contrast, "
+                                        "saturation, hue)")
     head_channels: int = S.setting(768, "UperNet head width (mmseg's ViT-B recipe: 768)", above=0)
     aux_weight: float = S.setting(0.4, "loss weight of the auxiliary FCN head on the stride-16 map (0 = no "
                                        "auxiliary head)", low=0)
@@ -67,7 +69,9 @@ class SegmentConfig(TaskConfig):
     @staticmethod
     def saved_settings(checkpoint: dict, path: Path) -> dict | None:
         """The settings a `lomar segment` checkpoint saved; None for another file."""
-        return checkpoint.get("settings") if checkpoint.get("task") == SEGMENT_TASK else None
+        settings = checkpoint.get("settings") if checkpoint.get("task") == SEGMENT_TASK else None
+        # runs saved before the setting existed trained without the distortion, and resume without it
+        return {"photometric": False, **settings} if isinstance(settings, dict) else settings
 
     def check_settings(self) -> None:
         check_img_size(self)
