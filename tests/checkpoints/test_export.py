@@ -241,3 +241,9 @@ def test_timm_weights_of_a_shallower_export_name_what_they_lack(tmp_path):
     with pytest.raises(ValueError, match="the weights lack blocks.1.norm1.weight.*see config.json's model_args"):
         timm.create_model("lomar_vit_tiny_patch16", pretrained=True, embed_dim=32, depth=2, num_heads=2, img_size=64,
                           pretrained_cfg_overlay=dict(file=str(tmp_path / "one" / "model.safetensors")))
+
+
+def test_features_only_takes_every_block_of_an_encoder_shallower_than_three():
+    model = timm.create_model("lomar_vit_tiny_patch16", features_only=True, depth=2, embed_dim=32, num_heads=2,
+                              img_size=64)
+    assert [tuple(f.shape) for f in model(torch.randn(1, 3, 64, 64))] == [(1, 32, 4, 4)] * 2

@@ -204,10 +204,10 @@ default_cfgs = generate_default_cfgs({variant: dict(_CFG) for variant in _VARIAN
 def _register(variant: str) -> None:
     """One timm constructor per size and patch, named as timm lists it (``timm.list_models('lomar_*')``)."""
     def constructor(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
+        args = {**_VARIANTS[variant], **kwargs}  # features_only: the last 3 blocks, or all of a shallower encoder
         return build_model_with_cfg(LomarVisionTransformer, variant, pretrained,
                                     pretrained_filter_fn=checkpoint_filter_fn,
-                                    feature_cfg=dict(feature_cls="getter", out_indices=3),
-                                    **{**_VARIANTS[variant], **kwargs})
+                                    feature_cfg=dict(feature_cls="getter", out_indices=min(3, args["depth"])), **args)
 
     constructor.__name__ = constructor.__qualname__ = variant
     constructor.__doc__ = f"LoMaR's ViT {variant.removeprefix('lomar_vit_')}; kwargs go to the model."
