@@ -132,3 +132,32 @@ def test_segment_refuses_a_beit_encoder_in_one_line(beit_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "only LoMaR / MAE ViT encoders can be segmentation backbones, not Beit" in err
     assert "Traceback" not in err
+
+
+def test_a_beit_encoder_is_finetuned_with_beits_recipe(beit_run, tmp_path, capsys, monkeypatch):
+    """lr 4e-3 at batch 1024 (blr 1e-3) and 20 warm-up epochs unless given; the relative position tables are
+    decayed as BEiT's finetuning decays them (timm's Beit exempts them)."""
+    import yaml
+
+    from lomar.train import finetune as finetune_module
+
+    ckpt, data = str(beit_run / "run" / "last.pt"), str(beit_run / "data")
+    for source, expected in ((ckpt, (1e-3, 20)), (str(beit_run / "run"), (1e-3, 20))):
+        assert main(["finetune", "--pretrained", source, "--data", data, "--print-config"]) == 0
+        shown = yaml.safe_load(capsys.readouterr().out)
+        assert (shown["blr"], shown["warmup_epochs"]) == expected
+    assert main(["finetune", "--pretrained", ckpt, "--data", data, "--blr", "2e-4", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["blr"] == 2e-4
+    groups = []
+    original = finetune_module.FinetuneTask.param_groups
+    monkeypatch.setattr(finetune_module.FinetuneTask, "param_groups",
+                        lambda self: groups.extend(original(self)) or groups)
+    assert main(["finetune", "--pretrained", ckpt, "--data", data, "--img-size", "32", "--batch-size", "4",
+                 "--workers", "0", "--threads", "1", "--device", "cpu", "--precision", "fp32", "--max-steps", "1",
+                 "--out", str(tmp_path / "ft")]) == 0
+    model = torch.load(tmp_path / "ft" / "last.pt", weights_only=True)["model"]
+    tables = {k for k in model if "relative_position_bias_table" in k}
+    assert tables
+    shapes = {tuple(model[k].shape) for k in tables}
+    assert any(tuple(p.shape) in shapes for g in groups if g["weight_decay"] > 0 for p in g["params"])
+    assert not any(tuple(p.shape) in shapes for g in groups if g["weight_decay"] == 0 for p in g["params"])

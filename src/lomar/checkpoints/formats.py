@@ -280,8 +280,9 @@ register(BEiTExportReader(), 25)
 register(OriginalBEiTReader(), 60)
 
 
-def read(path: str | Path) -> tuple[Reader, Source]:
-    """Load ``path`` once and find its reader. Raises FileNotFoundError or ValueError naming the problem."""
+def read(path: str | Path, mmap: bool = False) -> tuple[Reader, Source]:
+    """Load ``path`` once and find its reader (``mmap``: map a checkpoint's tensors instead of reading them, enough
+    to tell its format). Raises FileNotFoundError or ValueError naming the problem."""
     path = Path(path)
     if path.is_dir() and (path / ".metadata").is_file():  # a sharded `lomar pretrain --fsdp` checkpoint
         data = read_sharded(path)
@@ -292,7 +293,7 @@ def read(path: str | Path) -> tuple[Reader, Source]:
         reader = next(r for r in readers() if r.detect_folder(path))
         return reader, Source(path, reader.name, {}, {})
     else:
-        data = safe_load(path)
+        data = safe_load(path, mmap=mmap)
     state = data.get("model", data)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {path} holds no state dict (a dict of tensors) under 'model'")

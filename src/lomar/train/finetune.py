@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models.beit import Beit
 from timm.optim import param_groups_layer_decay
 from torch.utils.data import DataLoader, Subset
 
@@ -92,9 +93,10 @@ class FinetuneTask(Task):
             self.criterion = torch.nn.CrossEntropyLoss()
 
     def param_groups(self) -> list[dict]:
-        """timm's layer-wise lr decay groups; each carries the ``lr_scale`` the lifecycle applies."""
-        return param_groups_layer_decay(self.model, self.config.weight_decay, self.model.no_weight_decay(),
-                                        layer_decay=self.config.layer_decay)
+        """timm's layer-wise lr decay groups; each carries the ``lr_scale`` the lifecycle applies. BEiT's finetuning
+        decays the relative position tables, which timm's ``Beit.no_weight_decay`` exempts."""
+        skip = {"pos_embed", "cls_token"} if isinstance(self.model, Beit) else self.model.no_weight_decay()
+        return param_groups_layer_decay(self.model, self.config.weight_decay, skip, layer_decay=self.config.layer_decay)
 
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters()) / 1e6

@@ -60,6 +60,14 @@ class FinetuneConfig(TaskConfig):
         "<= 1); the default is timm's, the original recipe's; raise LOW for small images, e.g. 0.5 1.0",
         finite=False, nargs=2, metavar=("LOW", "HIGH"))
 
+    @classmethod
+    def fresh_values(cls, explicit: dict[str, Any]) -> dict[str, Any]:
+        """A new run's settings; a BEiT encoder is finetuned with BEiT's recipe where it differs from MAE's."""
+        values = super().fresh_values(explicit)
+        if values.get("pretrained") and _is_beit(values["pretrained"]):
+            values.update({k: v for k, v in BEIT_FINETUNE.items() if k not in explicit})
+        return values
+
     @staticmethod
     def saved_settings(checkpoint: dict, path: Path) -> dict | None:
         """The settings a `lomar finetune` checkpoint saved ("args": runs before FinetuneConfig saved them)."""
@@ -103,6 +111,22 @@ class FinetuneConfig(TaskConfig):
         except Exception as exc:  # timm reports an unknown policy with an AssertionError / KeyError
             raise ConfigError(f"--aa {self.aa!r} is not a timm auto-augment policy ({exc}); e.g. "
                               f"rand-m9-mstd0.5-inc1, augmix-m5, original, or none") from None
+
+
+# BEiT's finetuning of a self-supervised BEiT-base (unilm beit/get_started_for_image_classification.md): lr 4e-3
+# at batch 1024, here the base lr that gives it there (scaled with the batch as every finetune lr), 20 warm-up
+# epochs; layer decay 0.65, drop path 0.1, 100 epochs, mixup/cutmix and the rest are MAE's values too.
+BEIT_FINETUNE = {"blr": 1e-3, "warmup_epochs": 20}
+
+
+def _is_beit(pretrained: str) -> bool:
+    """Whether ``pretrained`` holds a BEiT encoder (an unreadable one is reported where the encoder is read)."""
+    from lomar.checkpoints.formats import BEiTReader, read  # torch: not for --help
+
+    try:
+        return isinstance(read(pretrained, mmap=True)[0], BEiTReader)
+    except (OSError, ValueError, RuntimeError):
+        return False
 
 
 add_finetune_arguments = FinetuneConfig.add_arguments
