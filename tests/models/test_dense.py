@@ -111,3 +111,13 @@ def test_a_whole_pretraining_model_gives_its_encoder(tmp_path):
         ViTDetBackbone(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="must be a file name"):
         export_encoder(model, tmp_path / "sub", weights_name="sub/x.safetensors")
+
+
+def test_a_backbone_trains_an_absolute_table_whatever_form_the_encoder_came_in(tmp_path):
+    from lomar import MAE
+
+    mae = MAE(ViTConfig(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, pos="abs"),
+              decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    assert not mae.encoder.pos_embed.requires_grad  # pretraining keeps it fixed
+    assert ViTDetBackbone(mae, window_size=0).encoder.pos_embed.requires_grad
+    assert MultiLevelBackbone(mae, out_indices=(0, 1)).encoder.pos_embed.requires_grad

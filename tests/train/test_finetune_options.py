@@ -204,6 +204,14 @@ def test_mae_pretraining_keeps_the_position_table_and_finetuning_trains_it(tmp_p
     assert not torch.equal(tuned, table)
     (group,) = [g for g in groups if any(p.shape == table.shape for p in g["params"])]
     assert group["weight_decay"] == 0.0 and group["lr_scale"] == 0.5 ** 3  # stem of 2 blocks + head: 4 layers
+    # read at another size (export --img-size, load_model), the trained table is resampled, not replaced
+    from timm.layers import resample_abs_pos_embed
+
+    from lomar.checkpoints.convert import load_model
+
+    wider = load_model(tmp_path / "ft" / "last.pt", img_size=64)
+    torch.testing.assert_close(wider.pos_embed.detach(), resample_abs_pos_embed(tuned, [8, 8], [4, 4],
+                                                                                antialias=False))
 
 
 def test_fp16_finetunes_with_a_loss_scaler(tmp_path, pretrained, folder):
@@ -213,3 +221,23 @@ def test_fp16_finetunes_with_a_loss_scaler(tmp_path, pretrained, folder):
     ckpt = safe_load(out / "last.pt")
     assert ckpt["step"] == 2 and ckpt["scaler"]["scale"] >= 1.0  # an active scaler's state (a disabled one saves {})
     assert yaml.safe_load((out / "config.yaml").read_text())["precision"] == "fp16"
+
+
+def test_a_finetune_saved_before_the_table_was_trained_resumes_with_it_fixed(tmp_path, image_dir, folder):
+    """A run of the previous version (no train_pos_embed setting, the table outside the optimizer) resumes."""
+    from helpers import pretrain
+
+    pre = tmp_path / "mae"
+    assert pretrain("--data", str(image_dir), "--out", str(pre), "--method", "mae", "--windows", "0",
+                    "--max-steps", "1", "--decoder-embed-dim", "16", "--decoder-depth", "1",
+                    "--decoder-num-heads", "2") == 0
+    out = tmp_path / "ft"
+    assert _finetune(pre / "last.pt", folder, out, "--batch-size", "4", "--max-steps", "1", "--epochs", "2",
+                     "--no-train-pos-embed") == 0
+    ckpt = safe_load(out / "last.pt")
+    del ckpt["settings"]["train_pos_embed"]
+    torch.save(ckpt, out / "last.pt")
+    assert main(["finetune", "--out", str(out), "--resume", "auto", "--max-steps", "2"]) == 0
+    resumed = safe_load(out / "last.pt")
+    assert resumed["step"] == 2 and resumed["settings"]["train_pos_embed"] is False
+    assert torch.equal(resumed["model"]["pos_embed"], ckpt["model"]["pos_embed"])  # still fixed

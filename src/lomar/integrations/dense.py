@@ -122,6 +122,8 @@ def backbone_encoder(source: str | Path | VisionTransformer, window_size: int | 
     layout (None keeps the encoder's): ``window_size`` > 0 for ViTDet-style windowed blocks
     except ``global_blocks``; ``attention`` auto/dense/chunked/flex."""
     encoder = load_encoder(source)
+    if encoder.pos_embed is not None:  # trained downstream, as MAE's finetuning does (pretraining froze it)
+        encoder.pos_embed.requires_grad_(True)
     changes = {k: v for k, v in dict(window_size=window_size, attention=attention,
                                      global_blocks=None if global_blocks is None else tuple(global_blocks)).items()
                if v is not None}

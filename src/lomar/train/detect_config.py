@@ -80,6 +80,7 @@ class DetectConfig(TaskConfig):
     global_blocks: tuple[int, ...] | None = S.GLOBAL_BLOCKS.field()
     attention: str = S.ATTENTION.field()
     grad_checkpointing: bool = S.GRAD_CHECKPOINTING.field()
+    train_pos_embed: bool = S.TRAIN_POS_EMBED.field()
     rois_per_image: int = S.setting(512, "RoIs sampled per image for the box and mask heads (ViTDet: 512; fewer "
                                     "is faster on CPU)", above=0)
     eval_every: int | None = S.EVAL_EVERY.field()
@@ -92,7 +93,7 @@ class DetectConfig(TaskConfig):
         """The settings a `lomar detect` checkpoint saved; None for another file."""
         if checkpoint.get("format") != DETECT_FORMAT or "optimizer" not in checkpoint:
             return None
-        return checkpoint.get("settings", {})
+        return {"train_pos_embed": False, **checkpoint.get("settings", {})}  # runs saved before it: a fixed table
 
     def complete(self, explicit: dict[str, Any]) -> None:
         for split in ("train", "val"):

@@ -78,6 +78,8 @@ class FinetuneTask(Task):
                                                  drop_path=config.drop_path, **encoder_layout(config))
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+        if not config.train_pos_embed and hasattr(self.model, "freeze_pos_embed"):  # timm's Beit has no table
+            self.model.freeze_pos_embed()
         if info.is_main:
             print(f"lomar finetune: {self.model.load_report.summary()}", flush=True)
         self.model.set_grad_checkpointing(config.grad_checkpointing)

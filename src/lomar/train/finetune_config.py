@@ -43,6 +43,7 @@ class FinetuneConfig(TaskConfig):
     weight_decay: float = S.WEIGHT_DECAY.field()
     drop_path: float = S.DROP_PATH.field()
     grad_checkpointing: bool = S.GRAD_CHECKPOINTING.field()
+    train_pos_embed: bool = S.TRAIN_POS_EMBED.field()
     # ViTDet's attention window, not LoMaR's K (pretrain --window-size): the flag predates the split
     window_size: int | None = S.setting(
         None, "ViTDet-style blocks at high resolution: attend inside N x N patch windows (iRPE inside each) except in "
@@ -73,7 +74,8 @@ class FinetuneConfig(TaskConfig):
         """The settings a `lomar finetune` checkpoint saved ("args": runs before FinetuneConfig saved them)."""
         if not {"optimizer", "batches_done", "best_top1"} <= set(checkpoint):
             return None
-        return next((checkpoint[k] for k in ("settings", "args") if isinstance(checkpoint.get(k), dict)), {})
+        saved = next((checkpoint[k] for k in ("settings", "args") if isinstance(checkpoint.get(k), dict)), {})
+        return {"train_pos_embed": False, **saved}  # runs saved before the setting kept the table fixed
 
     def complete(self, explicit: dict[str, Any]) -> None:
         if "warmup_epochs" not in explicit and 0 < self.epochs < self.warmup_epochs:

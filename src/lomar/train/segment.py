@@ -71,6 +71,8 @@ class SegmentTask(Task):
             print(f"lomar segment: {source}", file=sys.stderr, flush=True)
         # The pyramid taps blocks, never the final norm: left trainable, DDP would wait for its gradient.
         encoder.norm.requires_grad_(False)
+        if not config.train_pos_embed:
+            encoder.freeze_pos_embed()
         self.model = UperNetSegmenter(encoder, config.num_classes, channels=config.head_channels,
                                       aux_weight=config.aux_weight,
                                       grad_checkpointing=config.grad_checkpointing).to(self.device)

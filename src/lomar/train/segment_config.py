@@ -65,13 +65,14 @@ class SegmentConfig(TaskConfig):
                                         above=0, resume="run-control")
     eval_every: int | None = S.EVAL_EVERY.field()
     grad_checkpointing: bool = S.GRAD_CHECKPOINTING.field()
+    train_pos_embed: bool = S.TRAIN_POS_EMBED.field()
 
     @staticmethod
     def saved_settings(checkpoint: dict, path: Path) -> dict | None:
         """The settings a `lomar segment` checkpoint saved; None for another file."""
         settings = checkpoint.get("settings") if checkpoint.get("task") == SEGMENT_TASK else None
-        # runs saved before the setting existed trained without the distortion, and resume without it
-        return {"photometric": False, **settings} if isinstance(settings, dict) else settings
+        # runs saved before these settings existed trained without the distortion, with a fixed position table
+        return {"photometric": False, "train_pos_embed": False, **settings} if isinstance(settings, dict) else settings
 
     def check_settings(self) -> None:
         check_img_size(self)

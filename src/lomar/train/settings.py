@@ -190,6 +190,8 @@ WINDOW_SIZE = Setting(7, "LoMaR window size K, in patches", above=0)
 # finetune, detect, segment: the encoder under a task head
 LAYER_DECAY = Setting(0.65, "lr scale per layer below the top", above=0, high=1)
 DROP_PATH = Setting(0.1, "stochastic depth rate", low=0, below=1)
+TRAIN_POS_EMBED = Setting(True, "train an absolute position table (MAE encoders) as MAE's finetuning does; "
+                          "--no-train-pos-embed keeps it fixed, as runs of lomar before 2026-12-05 did")
 GRAD_CHECKPOINTING = Setting(False, "recompute each block in the backward pass: less memory at high resolution")
 GLOBAL_BLOCKS = Setting(None, "with --window-size N > 0: the blocks (0-based) that keep global attention (default: "
                         "ViTDet's, the last block of each quarter of the depth: 2 5 8 11 for ViT-B)", low=0,
