@@ -247,3 +247,18 @@ def test_features_only_takes_every_block_of_an_encoder_shallower_than_three():
     model = timm.create_model("lomar_vit_tiny_patch16", features_only=True, depth=2, embed_dim=32, num_heads=2,
                               img_size=64)
     assert [tuple(f.shape) for f in model(torch.randn(1, 3, 64, 64))] == [(1, 32, 4, 4)] * 2
+
+
+def test_timm_keeps_exact_sincos_for_a_fixed_table_and_loads_non_strictly_when_asked(tmp_path):
+    from lomar.models.vit import sincos_pos_embed_2d
+
+    wide = VisionTransformer(ViTConfig(img_size=(16, 64), patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                       pos="abs"))
+    export_encoder(wide, tmp_path / "wide")  # a 2x8 grid: 16 tokens, which a square reading takes for 4x4
+    resized = timm.create_model(f"local-dir:{tmp_path / 'wide'}", pretrained=True, img_size=(32, 128))
+    assert torch.equal(resized.pos_embed.detach(), sincos_pos_embed_2d(32, (4, 16))[None])
+    export_encoder(VisionTransformer(replace(TINY, depth=1)), tmp_path / "one")
+    loose = timm.create_model("lomar_vit_tiny_patch16", pretrained=True, embed_dim=32, depth=2, num_heads=2,
+                              img_size=64, pretrained_strict=False,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "one" / "model.safetensors")))
+    assert len(loose.blocks) == 2

@@ -27,7 +27,9 @@ equal those of our finetuned classifier.
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 
 import timm
 import torch
@@ -38,7 +40,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from lomar.checkpoints.keys import encoder_keys
-from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig
+from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig, sincos_pos_embed_2d
 
 __all__ = ["LomarVisionTransformer", "checkpoint_filter_fn", "create_from_export"]
 
@@ -155,21 +157,38 @@ class LomarVisionTransformer(VisionTransformer):
         return take
 
 
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: LomarVisionTransformer) -> dict:
+def _sized_table(table: torch.Tensor, model: LomarVisionTransformer) -> torch.Tensor | None:
+    """An absolute table (1, 1+N, D) for the model's grid: None (keep the model's own sin-cos) when it is the fixed
+    sin-cos table of some grid, else resampled (a finetuned table) from a square grid, as timm's ViT assumes."""
+    n, dim = table.shape[1] - 1, table.shape[2]
+    if any(n % h == 0 and torch.allclose(table[0], sincos_pos_embed_2d(dim, (h, n // h)).to(table.dtype))
+           for h in range(1, n + 1)):
+        return None
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"a trained position table of {n} tokens (a non-square grid) cannot be resized to the "
+                         f"{model.grid[0]}x{model.grid[1]} grid here; load it at its own size (lomar.create_encoder)")
+    return resample_abs_pos_embed(table, list(model.grid), [side, side], antialias=False)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: LomarVisionTransformer,
+                         strict: bool = True) -> dict:
     """Any of our or the original weights -> the keys of ``model``.
 
     Accepts an exported encoder or classifier (``lomar export``), the ``model`` of our LoMaR / MAE
     pretraining checkpoint (``encoder.*``), and original LoMaR / MAE state dicts (their pixel head,
     mask token and decoder are dropped). A classifier head and ``fc_norm`` missing from the
-    weights or of another shape keep the model's fresh initialisation.
+    weights or of another shape keep the model's fresh initialisation; ``strict`` (timm's
+    ``pretrained_strict``): any other missing weight is an error.
     """
     state = state_dict.get("model", state_dict) if isinstance(state_dict.get("model"), dict) else state_dict
     own = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     weights = encoder_keys(state)
     for key, value in weights.items():
-        if key == "pos_embed" and key in own and own[key].shape != value.shape:  # finetuned: bicubic, cls row kept
-            value = resample_abs_pos_embed(value, list(model.grid), antialias=False)
+        if key == "pos_embed" and key in own and own[key].shape != value.shape:
+            if (value := _sized_table(value, model)) is None:
+                continue  # the fixed sin-cos: the model's own is exact for its grid
         if key not in own or own[key].shape != value.shape:
             if key.startswith(("head.", "fc_norm.", "norm.", "pos_embed")):
                 continue  # classifier/norm layout chosen by the model's args; an RPE model has no pos_embed
@@ -182,7 +201,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: LomarVision
     fresh = [k for k in own if k not in out and k.startswith(("head.", "fc_norm.", "pos_embed")
                                                               + (("norm.",) if from_classifier else ()))]
     out.update({key: own[key] for key in fresh})
-    if missing := [k for k in own if k not in out]:
+    if strict and (missing := [k for k in own if k not in out]):
         raise ValueError(f"the weights lack {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} of this "
                          f"model; create the model with the exported architecture (see config.json's model_args)")
     if any(k.startswith("head.") for k in fresh):
@@ -205,8 +224,9 @@ def _register(variant: str) -> None:
     """One timm constructor per size and patch, named as timm lists it (``timm.list_models('lomar_*')``)."""
     def constructor(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
         args = {**_VARIANTS[variant], **kwargs}  # features_only: the last 3 blocks, or all of a shallower encoder
+        strict = kwargs.get("pretrained_strict", True)
         return build_model_with_cfg(LomarVisionTransformer, variant, pretrained,
-                                    pretrained_filter_fn=checkpoint_filter_fn,
+                                    pretrained_filter_fn=functools.partial(checkpoint_filter_fn, strict=strict),
                                     feature_cfg=dict(feature_cls="getter", out_indices=min(3, args["depth"])), **args)
 
     constructor.__name__ = constructor.__qualname__ = variant
