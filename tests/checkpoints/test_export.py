@@ -262,3 +262,25 @@ def test_timm_keeps_exact_sincos_for_a_fixed_table_and_loads_non_strictly_when_a
                               img_size=64, pretrained_strict=False,
                               pretrained_cfg_overlay=dict(file=str(tmp_path / "one" / "model.safetensors")))
     assert len(loose.blocks) == 2
+
+
+def test_timms_token_pooling_exports_as_cls_and_a_pooling_change_starts_a_fresh_head(tmp_path):
+    torch.manual_seed(4)
+    token = timm.create_model("lomar_vit_tiny_patch16", embed_dim=32, depth=2, num_heads=2, img_size=64,
+                              num_classes=5, global_pool="token").eval()
+    export_encoder(token, tmp_path / "token")
+    assert json.loads((tmp_path / "token" / "config.json").read_text())["global_pool"] == "cls"
+    torch.testing.assert_close(create_encoder(tmp_path / "token").eval()(X), token(X))
+    with pytest.raises(ValueError, match="pooling by 'avg' or 'cls'"):
+        export_encoder(timm.create_model("lomar_vit_tiny_patch16", embed_dim=32, depth=2, num_heads=2, img_size=64,
+                                         num_classes=5, global_pool="max"), tmp_path / "max")
+    exported = _exported_head(tmp_path / "token")
+    for pool in ("avg", "cls"):
+        rebuilt = create_encoder(tmp_path / "token", global_pool=pool)
+        assert torch.equal(rebuilt.head.weight.detach(), exported) == (pool == "cls")  # the trained head fits cls only
+
+
+def _exported_head(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))["head.weight"]

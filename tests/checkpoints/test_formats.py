@@ -207,8 +207,9 @@ def test_bad_export_folders_are_refused_before_building(tmp_path, name, corrupt,
 
 def test_read_export_accepts_a_new_head(tmp_path):
     folder = _export(tmp_path)
-    config, num_classes, _, pool = read_export(folder, num_classes=4)
-    assert num_classes == 4 and pool == "avg" and create_encoder(folder, num_classes=4).head.out_features == 4
+    found = read_export(folder, num_classes=4)
+    assert (found.num_classes, found.global_pool, found.new_head) == (4, "avg", True)
+    assert create_encoder(folder, num_classes=4).head.out_features == 4
 
 
 def test_export_files_are_0644_and_an_unrelated_config_is_kept(tmp_path):

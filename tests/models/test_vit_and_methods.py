@@ -254,6 +254,7 @@ def test_images_of_another_dtype_or_rank_are_named(images, words):
     (dict(embed_dim=0), "ViTConfig.embed_dim must be a positive integer"),
     (dict(img_size="224"), "ViTConfig.img_size must be a positive integer (or a (height, width) pair), got '224'"),
     (dict(img_size=(32, 48, 64)), "ViTConfig.img_size must be"),
+    (dict(img_size=(32,)), "ViTConfig.img_size must be"),
     (dict(depth=True), "ViTConfig.depth must be a positive integer, got True"),
     (dict(drop_path=2.0), "drop_path in [0, 1)"),
     (dict(embed_dim=100), "ViTConfig.embed_dim 100 is not divisible by num_heads 3; pick a divisor of 100"),
@@ -263,6 +264,8 @@ def test_a_config_that_builds_no_encoder_is_refused_on_construction(change, word
         model_config("vit_tiny_patch16", **change)
     assert words in str(info.value)
     assert model_config("vit_tiny_patch16", img_size=[32, 48]).img_size == (32, 48)  # JSON's pair
+    numpy_sized = model_config("vit_tiny_patch16", img_size=np.int64(32), depth=np.int64(2))
+    assert (numpy_sized.img_size, numpy_sized.depth) == (32, 2) and type(numpy_sized.depth) is int
 
 
 def test_window_requests_of_the_wrong_kind_are_named():

@@ -44,7 +44,6 @@ def test_beit_warms_up_as_its_code_does(tmp_path, image_dir, capsys):
     out = tmp_path / "run"
     assert pretrain("--data", str(image_dir), "--out", str(out), "--method", "beit", "--max-steps", "6",
                     "--schedule-steps", "60", "--epochs", "20", "--warmup-epochs", "2", "--log-every", "1") == 0
-    assert "warm-up" not in capsys.readouterr().out  # it reaches the peak
     lrs = [r["lr"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     peak = yaml.safe_load((out / "config.yaml").read_text())["lr"]
     assert lrs == pytest.approx([peak * s / 5 for s in range(6)], rel=1e-12)

@@ -267,8 +267,8 @@ def test_torchrun_two_processes_train_and_gather_every_prediction(digits, tmp_pa
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
 
 
-def test_a_run_saved_before_the_distortion_resumes_without_it():
+def test_settings_saved_before_the_distortion_and_the_trained_table_read_as_off():
     old = SegmentConfig.saved_settings({"task": SEGMENT_TASK, "settings": {"lr": 1e-4}}, Path("old.pt"))
     new = SegmentConfig.saved_settings({"task": SEGMENT_TASK, "settings": {"photometric": True}}, Path("new.pt"))
-    assert old["photometric"] is False and new["photometric"] is True
+    assert old["photometric"] is False and new["photometric"] is True and old["train_pos_embed"] is False
     assert SegmentConfig().photometric is True  # a new run follows mmseg's pipeline

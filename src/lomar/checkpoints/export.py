@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 from safetensors import safe_open
 from safetensors.torch import load_file, save
@@ -20,8 +21,8 @@ from lomar.limits import MAX_IMG_SIZE
 from lomar.models.attention import ATTENTION_MODES
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig
 
-__all__ = ["export_encoder", "create_encoder", "read_export", "expected_shapes", "timm_architecture", "ENCODER_WEIGHTS",
-           "CONFIG_NAME"]
+__all__ = ["Export", "export_encoder", "create_encoder", "read_export", "expected_shapes", "timm_architecture",
+           "ENCODER_WEIGHTS", "CONFIG_NAME"]
 
 ENCODER_WEIGHTS = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -98,7 +99,10 @@ def export_encoder(encoder: VisionTransformer, out_dir: str | Path, weights_name
         raise UsageError(f"{out / CONFIG_NAME} exists and is not a lomar export; pass --overwrite "
                          f"(overwrite=True) to replace it, or export to another folder")
     state = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
-    pool = encoder.global_pool if encoder.num_classes else "avg"
+    pool = {"avg": "avg", "cls": "cls", "token": "cls"}.get(encoder.global_pool) if encoder.num_classes else "avg"
+    if pool is None:  # timm's "max" or "" pooling: no export format rebuilds it
+        raise ValueError(f"an export holds an encoder, or a classifier pooling by 'avg' or 'cls' (timm's 'token'); "
+                         f"got global_pool {encoder.global_pool!r}")
     name, model_args, pretrained_cfg = timm_architecture(encoder.config, encoder.num_classes, pool)
     config = {"architecture": name, "weights": weights_name, **encoder.config.to_dict(),
               "num_classes": encoder.num_classes, **({"global_pool": pool} if pool != "avg" else {}),
@@ -176,8 +180,18 @@ def expected_shapes(config: ViTConfig, num_classes: int = 0, global_pool: str = 
     return shapes
 
 
-def read_export(path: str | Path, **overrides) -> tuple[ViTConfig, int, Path, str]:
-    """Validate an export folder; returns (config, num_classes, weights file, global_pool). Builds no model.
+class Export(NamedTuple):
+    """What :func:`read_export` found: the architecture, the classifier asked for and where the weights are."""
+
+    config: ViTConfig
+    num_classes: int
+    weights: Path
+    global_pool: str
+    new_head: bool  # another head (size or pooling) than the export's: it starts fresh
+
+
+def read_export(path: str | Path, **overrides) -> Export:
+    """Validate an export folder (:class:`Export`). Builds no model.
 
     ``overrides`` (ViTConfig fields, ``num_classes``, ``global_pool``) replace config.json's values. Raises
     FileNotFoundError when there is no config.json, UsageError for anything malformed.
@@ -214,20 +228,18 @@ def read_export(path: str | Path, **overrides) -> tuple[ViTConfig, int, Path, st
     if missing or unexpected or wrong:
         raise UsageError(f"{weights} does not match {config_path}: missing {missing[:4] or 'nothing'}, unexpected "
                          f"{unexpected[:4] or 'nothing'}, wrong shapes {wrong[:4] or 'none'}")
-    return config, num_classes, weights, pool
+    return Export(config, num_classes, weights, pool, new_head)
 
 
 def create_encoder(path: str | Path, **overrides) -> VisionTransformer:
     """Rebuild an exported encoder from its directory (config.json + safetensors weights).
 
     Everything is validated first (:func:`read_export`); ``overrides`` as there."""
-    config, num_classes, weights, pool = read_export(path, **overrides)
-    encoder = VisionTransformer(config, num_classes=num_classes, global_pool=pool)
-    state = load_file(str(weights))
-    own = encoder.state_dict()
-    if any(k.startswith(("head.", "fc_norm.")) and (k not in own or own[k].shape != v.shape)
-           for k, v in state.items()):  # another head than the one asked for: it starts fresh
+    found = read_export(path, **overrides)
+    encoder = VisionTransformer(found.config, num_classes=found.num_classes, global_pool=found.global_pool)
+    state = load_file(str(found.weights))
+    if found.new_head:  # another head (size or pooling) than the one exported: it starts fresh
         state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))}
     encoder.load_state_dict(state, strict=False)
-    check_finite(encoder, weights)
+    check_finite(encoder, found.weights)
     return encoder

@@ -180,8 +180,9 @@ class SegmentationFolder(Dataset):
 def photometric_distortion(image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """mmseg's PhotoMetricDistortion on a (3, H, W) RGB image in [0, 255]: each step with probability 1/2,
     brightness + U(-32, 32), contrast x U(0.5, 1.5) before or after (1/2 each) saturation x U(0.5, 1.5) and
-    a hue shift by an integer in [-18, 18] of OpenCV's 0-180 hue scale; clipped to [0, 255] and truncated
-    after each step as mmseg's uint8 ``convert`` does, in float arithmetic (not OpenCV's uint8 HSV tables)."""
+    a hue shift by an integer in [-18, 17] (numpy's ``randint(-18, 18)``) of OpenCV's 0-180 hue scale;
+    clipped to [0, 255] and truncated after each step as mmseg's uint8 ``convert`` does, in float arithmetic
+    (not OpenCV's uint8 HSV tables)."""
     def coin() -> bool:
         return bool(torch.randint(0, 2, (), generator=gen))
 
@@ -199,7 +200,7 @@ def photometric_distortion(image: torch.Tensor, gen: torch.Generator) -> torch.T
         image = _hsv_to_rgb(hue, (sat * uniform(0.5, 1.5)).clamp(max=1.0), value)
     if coin():
         hue, sat, value = _rgb_to_hsv(image)
-        image = _hsv_to_rgb((hue + int(torch.randint(-18, 19, (), generator=gen))) % 180, sat, value)
+        image = _hsv_to_rgb((hue + int(torch.randint(-18, 18, (), generator=gen))) % 180, sat, value)
     return image if contrast_first else contrast(image)
 
 

@@ -3,6 +3,7 @@ sizes and :func:`model_config`. Checked on construction; imports no torch."""
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
@@ -65,17 +66,18 @@ class ViTConfig(EncoderShape):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "global_blocks", tuple(int(i) for i in self.global_blocks))
-        if isinstance(self.img_size, list):
-            object.__setattr__(self, "img_size", tuple(self.img_size))
-        sides = self.img_size if isinstance(self.img_size, tuple) else (self.img_size,)
-        whole = {"img_size": sides, "patch_size": (self.patch_size,), "in_chans": (self.in_chans,),
-                 "embed_dim": (self.embed_dim,), "depth": (self.depth,), "num_heads": (self.num_heads,)}
-        for name, values in whole.items():  # a bool is an int to Python, never a size here
-            if not values or len(values) > 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-                                                        for v in values):
+        square = not isinstance(self.img_size, (tuple, list))
+        sizes = {"img_size": (self.img_size,) if square else tuple(self.img_size), "patch_size": (self.patch_size,),
+                 "in_chans": (self.in_chans,), "embed_dim": (self.embed_dim,), "depth": (self.depth,),
+                 "num_heads": (self.num_heads,)}
+        for name, values in sizes.items():  # numpy's integers are sizes too; a bool is not
+            if len(values) != (1 if name != "img_size" or square else 2) or not all(
+                    isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in values):
                 raise ValueError(f"ViTConfig.{name} must be a positive integer"
                                  f"{' (or a (height, width) pair)' if name == 'img_size' else ''}, "
                                  f"got {getattr(self, name)!r}")
+            whole = tuple(int(v) for v in values)
+            object.__setattr__(self, name, whole if name == "img_size" and not square else whole[0])
         if self.embed_dim % self.num_heads:
             raise ValueError(f"ViTConfig.embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; "
                              f"pick a divisor of {self.embed_dim}")

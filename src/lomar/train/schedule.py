@@ -39,11 +39,11 @@ def lr_at(step: float, total_steps: float, warmup_steps: float, base_lr: float, 
 
 def lr_at_whole_steps(step: float, total_steps: float, warmup_steps: float, base_lr: float,
                       min_lr: float = 0.0) -> float:
-    """BEiT's schedule (``cosine_scheduler`` of its ``utils.py``): the warm-up is ``n = round(warmup_steps)``
+    """BEiT's schedule (``cosine_scheduler`` of its ``utils.py``): the warm-up is ``warmup_steps`` rounded half up,
     whole steps evenly spaced from 0 to ``base_lr`` (numpy's ``linspace``), so it peaks at step ``n - 1``,
     one step before :func:`lr_at` (MAE's fractional-epoch warm-up) does; the cosine from step ``n`` is the same.
     """
-    n = round(warmup_steps)
+    n = math.floor(warmup_steps + 0.5)
     if step < n:
         return base_lr * step / (n - 1) if n > 1 else 0.0
     return lr_at(step, total_steps, n, base_lr, min_lr)

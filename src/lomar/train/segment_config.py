@@ -1,9 +1,9 @@
 """``lomar segment`` settings: mmsegmentation's MAE / BEiT ADE20K UperNet recipe as the defaults
 (AdamW lr 1e-4, weight decay 0.05, layer decay 0.65, 1500 warm-up iterations, poly decay, 512
-crops, batch 16, 160k iterations, sliding-window evaluation with stride 341 as BEiT's config; mmseg's MAE
-config uses 256), YAML + flags, and
-the checks made before any work. Resolution as in ``lomar finetune``: recipe → YAML → flags, or
-a resumed run's saved settings with only run-control ones changed.
+crops, batch 16, 160k iterations, sliding-window evaluation with stride 341 as BEiT's config;
+mmseg 1.x's MAE config uses 256), YAML + flags, and the checks made before any work. Resolution as
+in ``lomar finetune``: recipe → YAML → flags, or a resumed run's saved settings with only run-control
+ones changed.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class SegmentConfig(TaskConfig):
                                         "(mmseg's), whole = the whole image at once", choices=("slide", "whole"),
                                resume="run-control")
     eval_stride: int | None = S.setting(None, "sliding-window stride in pixels (default: 2/3 of --img-size, 341 "
-                                              "for 512, as BEiT's config; mmseg's MAE config uses 256)", kind=int,
+                                              "for 512, as BEiT's config; mmseg 1.x's MAE config uses 256)", kind=int,
                                         above=0, resume="run-control")
     eval_every: int | None = S.EVAL_EVERY.field()
     grad_checkpointing: bool = S.GRAD_CHECKPOINTING.field()
