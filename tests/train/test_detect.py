@@ -13,6 +13,7 @@ import pytest
 import torch
 from coco_tiny import write_tiny_coco
 
+from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
 from lomar.data.coco import (
     collate_detection,
@@ -354,3 +355,24 @@ def test_detect_resume_is_exact(tiny, tmp_path, capsys):
     losses = [[json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
               for run in (straight, split)]
     assert losses[0] == losses[1] and len(losses[0]) == 4
+
+
+@pytest.mark.slow
+def test_an_mae_tables_training_follows_train_pos_embed(tiny, image_dir, tmp_path, capsys):
+    from helpers import pretrain
+
+    pre = tmp_path / "mae"
+    assert pretrain("--data", str(image_dir), "--out", str(pre), "--method", "mae", "--windows", "0",
+                    "--model", "vit_tiny_patch16", "--img-size", "64", "--max-steps", "1",
+                    "--decoder-embed-dim", "16", "--decoder-depth", "1", "--decoder-num-heads", "2") == 0
+    (train_ann, train_images), (val_ann, val_images) = tiny
+    counts = {}
+    for trained in (True, False):
+        out = tmp_path / f"det-{trained}"
+        assert main(["detect", "--train-ann", str(train_ann), "--train-images", str(train_images), "--val-ann",
+                     str(val_ann), "--val-images", str(val_images), "--pretrained", str(pre / "last.pt"),
+                     "--img-size", "64", "--batch-size", "2", "--max-steps", "1", "--warmup-steps", "0",
+                     "--rois-per-image", "16", "--workers", "0", "--threads", "1", "--device", "cpu",
+                     "--out", str(out), *([] if trained else ["--no-train-pos-embed"])]) == 0, capsys.readouterr().err
+        counts[trained] = sum(len(g["params"]) for g in safe_load(out / "last.pt")["optimizer"]["param_groups"])
+    assert counts[True] == counts[False] + 1

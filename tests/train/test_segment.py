@@ -272,3 +272,24 @@ def test_settings_saved_before_the_distortion_and_the_trained_table_read_as_off(
     new = SegmentConfig.saved_settings({"task": SEGMENT_TASK, "settings": {"photometric": True}}, Path("new.pt"))
     assert old["photometric"] is False and new["photometric"] is True and old["train_pos_embed"] is False
     assert SegmentConfig().photometric is True  # a new run follows mmseg's pipeline
+
+
+def test_an_mae_tables_training_follows_train_pos_embed(digits, image_dir, tmp_path):
+    """The backbone trains an absolute table by default; --no-train-pos-embed keeps it out of the optimizer."""
+    from helpers import pretrain
+
+    pre = tmp_path / "mae"
+    assert pretrain("--data", str(image_dir), "--out", str(pre), "--method", "mae", "--windows", "0",
+                    "--max-steps", "1", "--decoder-embed-dim", "16", "--decoder-depth", "1",
+                    "--decoder-num-heads", "2") == 0
+    table = safe_load(pre / "last.pt")["model"]["encoder.pos_embed"]
+    counts = {}
+    for trained in (True, False):
+        out = tmp_path / f"seg-{trained}"
+        flags = [] if trained else ["--no-train-pos-embed"]
+        assert _segment(digits, out, "--pretrained", str(pre / "last.pt"), "--max-steps", "1", "--eval-mode",
+                        "whole", "--lr", "1e-2", "--warmup-steps", "0", *flags) == 0
+        ckpt = safe_load(out / "last.pt")
+        assert torch.equal(ckpt["model"]["backbone.encoder.pos_embed"], table) != trained
+        counts[trained] = sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"])
+    assert counts[True] == counts[False] + 1

@@ -129,9 +129,11 @@ class DetectTask(Task):
             encoder = VisionTransformer(model_config(cfg.model, **_layout(cfg, config.depth)))
             self.log(f"lomar detect: no --pretrained: {cfg.model} randomly initialised")
         encoder.set_grad_checkpointing(cfg.grad_checkpointing)
-        if not cfg.train_pos_embed:
-            encoder.freeze_pos_embed()
         model = build_mask_rcnn(encoder, len(self.categories), cfg.img_size)
+        if not cfg.train_pos_embed:  # after the backbone is built: it trains the table by default
+            for module in model.modules():
+                if isinstance(module, VisionTransformer):
+                    module.freeze_pos_embed()
         model.roi_heads.fg_bg_sampler.batch_size_per_image = cfg.rois_per_image
         if saved is not None:
             model.load_state_dict(ckpt["model"])
