@@ -161,3 +161,28 @@ def test_a_beit_encoder_is_finetuned_with_beits_recipe(beit_run, tmp_path, capsy
     shapes = {tuple(model[k].shape) for k in tables}
     assert any(tuple(p.shape) in shapes for g in groups if g["weight_decay"] > 0 for p in g["params"])
     assert not any(tuple(p.shape) in shapes for g in groups if g["weight_decay"] == 0 for p in g["params"])
+
+
+def test_a_beit_finetune_saved_before_the_decay_change_resumes(beit_run, tmp_path):
+    from lomar.checkpoints.io import safe_load
+
+    ckpt, data, out = str(beit_run / "run" / "last.pt"), str(beit_run / "data"), tmp_path / "ft"
+    common = ["--data", data, "--img-size", "32", "--batch-size", "4", "--workers", "0", "--threads", "1",
+              "--device", "cpu", "--precision", "fp32"]
+    assert main(["finetune", "--pretrained", ckpt, *common, "--max-steps", "1", "--epochs", "2", "--out", str(out),
+                 "--no-decay-rel-pos-bias"]) == 0
+    saved = safe_load(out / "last.pt")
+    del saved["settings"]["decay_rel_pos_bias"], saved["settings"]["train_pos_embed"]  # the older layout
+    torch.save(saved, out / "last.pt")
+    assert main(["finetune", "--out", str(out), "--resume", "auto", "--max-steps", "2"]) == 0
+    assert safe_load(out / "last.pt")["settings"]["decay_rel_pos_bias"] is False
+
+
+def test_a_legacy_format_beit_checkpoint_still_gets_beits_recipe(beit_run, tmp_path, capsys):
+    import yaml
+
+    legacy = tmp_path / "legacy.pt"
+    torch.save(torch.load(beit_run / "run" / "last.pt", weights_only=True), legacy,
+               _use_new_zipfile_serialization=False)
+    assert main(["finetune", "--pretrained", str(legacy), "--data", str(beit_run / "data"), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["warmup_epochs"] == 20

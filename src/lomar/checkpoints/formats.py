@@ -51,7 +51,7 @@ from lomar.checkpoints.reader import (
 from lomar.checkpoints.sharded import read_sharded
 from lomar.models.beit import BEiT, BEiTConfig
 from lomar.models.masking import grid_size
-from lomar.models.vit import VisionTransformer, ViTConfig
+from lomar.models.vit import VisionTransformer, ViTConfig, sincos_pos_embed_2d
 
 __all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "read", "load_model", "encoder_weights",
            "saved_settings", "PRETRAIN_FORMAT", "CLASSIFIER_FORMAT", "BEiTReader", "BEiTPretrainReader",
@@ -118,11 +118,14 @@ class VitReader(Reader):
         # `lomar finetune --global-pool cls` saves its pooling; a classifier without fc_norm pools the cls token
         pool = src.data.get("global_pool") or ("cls" if num_classes and "fc_norm.weight" not in state else "avg")
         model = VisionTransformer(config, num_classes=num_classes, global_pool=pool)
-        if config.pos == "abs" and state["pos_embed"].shape != model.pos_embed.shape:  # finetuning trains it
+        if config.pos == "abs" and state["pos_embed"].shape != model.pos_embed.shape:
             saved = _inferred_config(src, {k: v for k, v in overrides.items() if k != "img_size"})
-            old = grid_size(saved.img_size, saved.patch_size)
-            state = {**state, "pos_embed": resample_abs_pos_embed(state["pos_embed"], list(model.grid), list(old),
-                                                                  antialias=False)}
+            old, table = grid_size(saved.img_size, saved.patch_size), state["pos_embed"]
+            if torch.allclose(table[0], sincos_pos_embed_2d(table.shape[-1], old).to(table.dtype)):
+                state = {k: v for k, v in state.items() if k != "pos_embed"}  # fixed sin-cos: the model's is exact
+            else:  # trained by finetuning: resampled from its own grid
+                state = {**state, "pos_embed": resample_abs_pos_embed(table, list(model.grid), list(old),
+                                                                      antialias=False)}
         if num_classes and pool == "avg":
             state, _ = drop_final_norm(state)
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -97,7 +97,8 @@ class FinetuneTask(Task):
     def param_groups(self) -> list[dict]:
         """timm's layer-wise lr decay groups; each carries the ``lr_scale`` the lifecycle applies. BEiT's finetuning
         decays the relative position tables, which timm's ``Beit.no_weight_decay`` exempts."""
-        skip = {"pos_embed", "cls_token"} if isinstance(self.model, Beit) else self.model.no_weight_decay()
+        beit = isinstance(self.model, Beit) and self.config.decay_rel_pos_bias
+        skip = {"pos_embed", "cls_token"} if beit else self.model.no_weight_decay()
         return param_groups_layer_decay(self.model, self.config.weight_decay, skip, layer_decay=self.config.layer_decay)
 
     def describe(self) -> str:

@@ -44,6 +44,9 @@ class FinetuneConfig(TaskConfig):
     drop_path: float = S.DROP_PATH.field()
     grad_checkpointing: bool = S.GRAD_CHECKPOINTING.field()
     train_pos_embed: bool = S.TRAIN_POS_EMBED.field()
+    decay_rel_pos_bias: bool = S.setting(True, "decay a BEiT encoder's relative position tables, as BEiT's finetuning "
+                                               "does; --no-decay-rel-pos-bias exempts them (timm's choice, and runs "
+                                               "of lomar before 2026-12-05)")
     # ViTDet's attention window, not LoMaR's K (pretrain --window-size): the flag predates the split
     window_size: int | None = S.setting(
         None, "ViTDet-style blocks at high resolution: attend inside N x N patch windows (iRPE inside each) except in "
@@ -75,7 +78,7 @@ class FinetuneConfig(TaskConfig):
         if not {"optimizer", "batches_done", "best_top1"} <= set(checkpoint):
             return None
         saved = next((checkpoint[k] for k in ("settings", "args") if isinstance(checkpoint.get(k), dict)), {})
-        return {"train_pos_embed": False, **saved}  # runs saved before the setting kept the table fixed
+        return {"train_pos_embed": False, "decay_rel_pos_bias": False, **saved}  # as runs before these settings did
 
     def complete(self, explicit: dict[str, Any]) -> None:
         if "warmup_epochs" not in explicit and 0 < self.epochs < self.warmup_epochs:
@@ -125,10 +128,12 @@ def _is_beit(pretrained: str) -> bool:
     """Whether ``pretrained`` holds a BEiT encoder (an unreadable one is reported where the encoder is read)."""
     from lomar.checkpoints.formats import BEiTReader, read  # torch: not for --help
 
-    try:
-        return isinstance(read(pretrained, mmap=True)[0], BEiTReader)
-    except (OSError, ValueError, RuntimeError):
-        return False
+    for mmap in (True, False):  # a checkpoint in torch's legacy (non-zip) format cannot be mapped
+        try:
+            return isinstance(read(pretrained, mmap=mmap)[0], BEiTReader)
+        except (OSError, ValueError, RuntimeError):
+            continue
+    return False
 
 
 add_finetune_arguments = FinetuneConfig.add_arguments
