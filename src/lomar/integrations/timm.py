@@ -29,18 +29,17 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import global_pool_nlc, resample_abs_pos_embed, trunc_normal_
+from timm.layers import global_pool_nlc, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
 
 from lomar.checkpoints.keys import encoder_keys
-from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig, sincos_pos_embed_2d
+from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig, table_for_grid
 
 __all__ = ["LomarVisionTransformer", "checkpoint_filter_fn", "create_from_export"]
 
@@ -157,20 +156,6 @@ class LomarVisionTransformer(VisionTransformer):
         return take
 
 
-def _sized_table(table: torch.Tensor, model: LomarVisionTransformer) -> torch.Tensor | None:
-    """An absolute table (1, 1+N, D) for the model's grid: None (keep the model's own sin-cos) when it is the fixed
-    sin-cos table of some grid, else resampled (a finetuned table) from a square grid, as timm's ViT assumes."""
-    n, dim = table.shape[1] - 1, table.shape[2]
-    if any(n % h == 0 and torch.allclose(table[0], sincos_pos_embed_2d(dim, (h, n // h)).to(table.dtype))
-           for h in range(1, n + 1)):
-        return None
-    side = math.isqrt(n)
-    if side * side != n:
-        raise ValueError(f"a trained position table of {n} tokens (a non-square grid) cannot be resized to the "
-                         f"{model.grid[0]}x{model.grid[1]} grid here; load it at its own size (lomar.create_encoder)")
-    return resample_abs_pos_embed(table, list(model.grid), [side, side], antialias=False)
-
-
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: LomarVisionTransformer,
                          strict: bool = True) -> dict:
     """Any of our or the original weights -> the keys of ``model``.
@@ -187,7 +172,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: LomarVision
     weights = encoder_keys(state)
     for key, value in weights.items():
         if key == "pos_embed" and key in own and own[key].shape != value.shape:
-            if (value := _sized_table(value, model)) is None:
+            if (value := table_for_grid(value, model.grid)) is None:
                 continue  # the fixed sin-cos: the model's own is exact for its grid
         if key not in own or own[key].shape != value.shape:
             if key.startswith(("head.", "fc_norm.", "norm.", "pos_embed")):

@@ -6,6 +6,7 @@ whole image (finetuning, MAE, features); LoMaR reuses its parts on window tokens
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -27,6 +28,7 @@ __all__ = [
     "model_config",
     "list_models",
     "sincos_pos_embed_2d",
+    "table_for_grid",
     "PatchEmbed",
     "Attention",
     "Block",
@@ -49,6 +51,25 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], cls_token: bool = True)
     if cls_token:
         table = torch.cat([torch.zeros(1, dim), table], dim=0)
     return table
+
+
+def table_for_grid(table: torch.Tensor, grid: tuple[int, int],
+                   source: tuple[int, int] | None = None) -> torch.Tensor | None:
+    """An absolute table (1, 1+N, D) for another ``grid``: None when it is MAE's fixed sin-cos table of
+    ``source`` (unknown: of any grid of N tokens), for which a model's own table is exact; else (a table that
+    finetuning trained) resampled bicubically from ``source``, or, unknown, from a square grid as timm's ViT
+    assumes (N not a square: ValueError)."""
+    n, dim = table.shape[1] - 1, table.shape[2]
+    sources = [source] if source else [(h, n // h) for h in range(1, n + 1) if n % h == 0]
+    if any(torch.allclose(table[0], sincos_pos_embed_2d(dim, g).to(table.dtype)) for g in sources):
+        return None
+    if source is None:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"a trained position table of {n} tokens (a non-square grid) cannot be resized to the "
+                             f"{grid[0]}x{grid[1]} grid here; load it at its own size (lomar.create_encoder)")
+        source = (side, side)
+    return resample_abs_pos_embed(table, list(grid), list(source), antialias=False)
 
 
 class PatchEmbed(nn.Module):
