@@ -53,9 +53,14 @@ def grid_size(img_size: int | tuple[int, int], patch_size: int) -> tuple[int, in
     return h // patch_size, w // patch_size
 
 
+def _whole(value) -> bool:
+    """An int that is not a bool (Python's bools are ints, never a count here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def num_masked(window_size: int, mask_ratio: float) -> int:
     """Masked tokens per window, floor(K·K·ratio); raises unless 0 < M < K·K."""
-    if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 2:
+    if not _whole(window_size) or window_size < 2:
         raise ValueError(f"window size must be an integer of at least 2 (a 1x1 window cannot be partly masked), "
                          f"got {window_size!r}")
     tokens = window_size * window_size
@@ -96,10 +101,10 @@ def max_windows(grid: tuple[int, int], window_size: int, placement: str = "disti
 def check_window_request(grid: tuple[int, int], window_size: int, num_windows: int,
                          mask_ratio: float, placement: str = "distinct") -> int:
     """Validate a sampling request; returns the number of masked tokens per window."""
-    if not isinstance(window_size, int) or isinstance(window_size, bool) or window_size < 1:
+    if not _whole(window_size) or window_size < 1:
         raise ValueError(f"window size must be a positive integer, got {window_size!r}")
     rows, cols = window_positions(grid, window_size)
-    if not isinstance(num_windows, int) or isinstance(num_windows, bool) or num_windows <= 0:
+    if not _whole(num_windows) or num_windows <= 0:
         raise ValueError(f"number of windows must be a positive integer, got {num_windows!r}")
     most = max_windows(grid, window_size, placement)
     if placement == "permutation" and num_windows > most:
