@@ -236,6 +236,21 @@ def test_weights_with_nan_are_refused_by_create_encoder_and_load_original(tmp_pa
         load_original(tmp_path / "orig.pth", window_size=3, num_windows=2)
 
 
+def test_a_dense_tasks_relative_position_term_is_not_exported(tmp_path):
+    """timm's ViT has no place for ViTDet's or mmsegmentation's term: refused on the way out and on the way in."""
+    from lomar.errors import UsageError
+
+    detector_encoder = VisionTransformer(replace(TINY, pos="abs", rel_pos="decomposed"))
+    with pytest.raises(ValueError, match="carries a dense task's relative position term"):
+        export_encoder(detector_encoder, tmp_path / "dense")
+    assert not (tmp_path / "dense").exists()
+    export_encoder(VisionTransformer(replace(TINY, pos="abs")), tmp_path / "mae")
+    config = json.loads((tmp_path / "mae" / "config.json").read_text())
+    (tmp_path / "mae" / "config.json").write_text(json.dumps({**config, "rel_pos": "bias"}))
+    with pytest.raises(UsageError, match="rel_pos must be 'none' in an export"):
+        create_encoder(tmp_path / "mae")
+
+
 def test_timm_weights_of_a_shallower_export_name_what_they_lack(tmp_path):
     export_encoder(VisionTransformer(replace(TINY, depth=1)), tmp_path / "one")
     with pytest.raises(ValueError, match="the weights lack blocks.1.norm1.weight.*see config.json's model_args"):

@@ -105,6 +105,18 @@ def test_bad_settings_are_one_line(args, expected, tiny, tmp_path, capsys):
     assert expected in err and "\n" not in err, err
 
 
+def test_a_relative_position_term_on_a_lomar_encoder_is_one_line_and_makes_no_folder(tiny, tmp_path, capsys):
+    (train_ann, train_images), (val_ann, val_images) = tiny
+    out = tmp_path / "run"
+    assert main(["detect", "--train-ann", str(train_ann), "--train-images", str(train_images), "--val-ann",
+                 str(val_ann), "--val-images", str(val_images), "--model", "vit_tiny_patch16", "--img-size", "64",
+                 "--rel-pos", "decomposed", "--device", "cpu", "--out", str(out)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == ("lomar detect: error: --rel-pos decomposed: rel_pos 'decomposed' is for encoders without iRPE "
+                    "(MAE's); a LoMaR encoder has its own relative position: use auto or none")
+    assert not out.exists()
+
+
 def test_boxes_clipped_zero_area_skipped_crowd_kept_for_evaluation_only(tiny, tmp_path):
     (ann, images), _ = tiny
     data = json.loads(ann.read_text())
@@ -376,3 +388,16 @@ def test_an_mae_tables_training_follows_train_pos_embed(tiny, image_dir, tmp_pat
                      "--out", str(out), *([] if trained else ["--no-train-pos-embed"])]) == 0, capsys.readouterr().err
         counts[trained] = sum(len(g["params"]) for g in safe_load(out / "last.pt")["optimizer"]["param_groups"])
     assert counts[True] == counts[False] + 1
+    # ViTDet's decomposed term in every block, from zero: window tables span 14 (capped by the 4x4 grid), trained
+    detector = safe_load(out / "last.pt")
+    assert detector["settings"]["rel_pos"] == "decomposed" and detector["encoder_config"]["rel_pos"] == "decomposed"
+    tables = {k: v for k, v in detector["model"].items() if k.endswith((".attn.rel_pos_h", ".attn.rel_pos_w"))}
+    assert len(tables) == 2 * detector["encoder_config"]["depth"]
+    assert {v.shape[0] for v in tables.values()} == {7} and all(v.abs().sum() > 0 for v in tables.values())
+    # scored at another size: the per-axis tables are resampled to the 6x6 grid; another term is refused
+    evaluate = ["detect", "--val-ann", str(val_ann), "--val-images", str(val_images), "--eval-only", "--pretrained",
+                str(out / "last.pt"), "--workers", "0", "--threads", "1", "--device", "cpu"]
+    assert main([*evaluate, "--img-size", "96", "--out", str(tmp_path / "at96")]) == 0, capsys.readouterr().err
+    assert "96 px input" in capsys.readouterr().err
+    assert main([*evaluate, "--rel-pos", "bias", "--out", str(tmp_path / "bias")]) == 2
+    assert "--rel-pos bias differs from the detector's own (decomposed)" in capsys.readouterr().err

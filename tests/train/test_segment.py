@@ -153,6 +153,7 @@ def test_random_init_is_said_and_resume_is_exact(digits, tmp_path, capsys):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert _segment(digits, straight, *common, "--max-steps", "4") == 0
     assert "random init vit_tiny_patch16" in capsys.readouterr().err
+    assert safe_load(straight / "last.pt")["settings"]["rel_pos"] == "none"  # LoMaR's encoder keeps its iRPE only
     assert _segment(digits, split, *common, "--max-steps", "2") == 0
     assert _segment(digits, split, "--resume", "auto", "--max-steps", "4") == 0
     a = torch.load(straight / "last.pt", weights_only=True)["model"]
@@ -271,6 +272,7 @@ def test_settings_saved_before_the_distortion_and_the_trained_table_read_as_off(
     old = SegmentConfig.saved_settings({"task": SEGMENT_TASK, "settings": {"lr": 1e-4}}, Path("old.pt"))
     new = SegmentConfig.saved_settings({"task": SEGMENT_TASK, "settings": {"photometric": True}}, Path("new.pt"))
     assert old["photometric"] is False and new["photometric"] is True and old["train_pos_embed"] is False
+    assert old["rel_pos"] == "none"  # those runs' encoders had no relative position table
     assert SegmentConfig().photometric is True  # a new run follows mmseg's pipeline
 
 
@@ -288,8 +290,17 @@ def test_an_mae_tables_training_follows_train_pos_embed(digits, image_dir, tmp_p
         out = tmp_path / f"seg-{trained}"
         flags = [] if trained else ["--no-train-pos-embed"]
         assert _segment(digits, out, "--pretrained", str(pre / "last.pt"), "--max-steps", "1", "--eval-mode",
-                        "whole", "--lr", "1e-2", "--warmup-steps", "0", *flags) == 0
+                        "whole", "--lr", "1e-2", "--warmup-steps", "0", "--schedule-steps", "2", *flags) == 0
         ckpt = safe_load(out / "last.pt")
         assert torch.equal(ckpt["model"]["backbone.encoder.pos_embed"], table) != trained
         counts[trained] = sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"])
     assert counts[True] == counts[False] + 1
+    # mmsegmentation's MAE backbone: a relative position table per block, from zero, trained (weight decay: 2-D)
+    assert ckpt["settings"]["rel_pos"] == "bias"
+    tables = [v for k, v in ckpt["model"].items() if k.endswith(".attn.relative_position_bias_table")]
+    assert len(tables) == sum(k.startswith("backbone.encoder.blocks.") and k.endswith(".attn.qkv.weight")
+                              for k in ckpt["model"])
+    assert tables and all(t.shape == (7 * 7 + 3, tables[0].shape[1]) and t.abs().sum() > 0 for t in tables)
+    assert main(["segment", "--out", str(out), "--resume", "auto", "--max-steps", "2", "--workers", "0",
+                 "--threads", "1"]) == 0  # the recorded (resolved) term is rebuilt
+    assert safe_load(out / "last.pt")["step"] == 2

@@ -92,6 +92,10 @@ def export_encoder(encoder: VisionTransformer, out_dir: str | Path, weights_name
             raise TypeError(f"export_encoder takes a lomar.VisionTransformer (or a LoMaR / MAE model), got "
                             f"{type(encoder).__name__}")
         encoder = encoder.encoder
+    if encoder.config.rel_pos != "none":
+        raise ValueError(f"this encoder carries a dense task's relative position term (rel_pos="
+                         f"{encoder.config.rel_pos!r}), which an export (timm's ViT) has no place for; keep the task's "
+                         f"checkpoint, or export the pretrained encoder it started from")
     if Path(weights_name).name != weights_name or weights_name in ("", ".", ".."):
         raise ValueError(f"weights_name must be a file name (the export is one folder), got {weights_name!r}")
     out = Path(out_dir)
@@ -130,6 +134,9 @@ def _check_config(where: Path, data, overrides: dict) -> tuple[ViTConfig, int, s
                          f"got {img!r}")
     if data.get("global_pool", "avg") not in ("avg", "cls"):
         raise UsageError(f"{where}: global_pool must be 'avg' or 'cls', got {data.get('global_pool')!r}")
+    if data.get("rel_pos", "none") != "none":
+        raise UsageError(f"{where}: rel_pos must be 'none' in an export (a dense task's term is not exported), got "
+                         f"{data.get('rel_pos')!r}")
     if data.get("pos", "rpe") not in ("rpe", "abs", "none"):
         raise UsageError(f"{where}: pos must be 'rpe', 'abs' or 'none', got {data.get('pos')!r}")
     blocks, depth = data.get("global_blocks", []), data.get("depth", ViTConfig.depth)

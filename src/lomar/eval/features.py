@@ -25,6 +25,7 @@ from lomar.data.folder import LabelledImageFolder
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.errors import UsageError
 from lomar.models.attention import vitdet_global_blocks
+from lomar.models.relpos import REL_POS_PARAMS
 from lomar.models.vit import VisionTransformer, ViTConfig
 from lomar.train.monitor import progress
 
@@ -122,8 +123,10 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
         raise ValueError(f"{path}: {k} has shape {tuple(state[k].shape)} but the encoder expects "
                          f"{tuple(own[k].shape)}; the overrides do not fit these weights")
     missing, unexpected = model.load_state_dict(state, strict=False)
+    # a relative position term the source lacks starts at zero, as ViTDet's and mmsegmentation's do
     not_classifier = [k for k in missing if not k.startswith(CLASSIFIER_PREFIXES)
-                      and not (from_classifier and k.startswith("norm."))]
+                      and not (from_classifier and k.startswith("norm."))
+                      and k.rsplit(".", 1)[-1] not in REL_POS_PARAMS]
     if not_classifier or unexpected:
         raise ValueError(f"{path} does not hold a complete encoder for {config}: missing "
                          f"{not_classifier or 'nothing'}, unexpected {unexpected or 'nothing'}")

@@ -17,10 +17,11 @@ from timm.layers import LayerNorm2d  # LayerNorm over the channels of a (B, C, H
 from torch import nn
 
 from lomar.checkpoints.convert import encoder_of, load_model
+from lomar.models.relpos import fit_axis_tables
 from lomar.models.vit import VisionTransformer
 
 __all__ = ["LayerNorm2d", "SimpleFeaturePyramid", "feature_maps", "ViTDetBackbone", "MultiLevelBackbone",
-           "load_encoder", "backbone_encoder", "layer_decay_param_groups"]
+           "load_encoder", "backbone_encoder", "with_rel_pos", "layer_decay_param_groups"]
 
 
 def _conv_norm(cin: int, cout: int, kernel: int) -> nn.Sequential:
@@ -117,22 +118,37 @@ def load_encoder(source: str | Path | VisionTransformer) -> VisionTransformer:
 
 
 def backbone_encoder(source: str | Path | VisionTransformer, window_size: int | None = None,
-                     global_blocks=None, attention: str | None = None) -> VisionTransformer:
+                     global_blocks=None, attention: str | None = None, rel_pos: str | None = None) -> VisionTransformer:
     """:func:`load_encoder` without a classifier's head and fc_norm, with the given attention
     layout (None keeps the encoder's): ``window_size`` > 0 for ViTDet-style windowed blocks
-    except ``global_blocks``; ``attention`` auto/dense/chunked/flex."""
+    except ``global_blocks``; ``attention`` auto/dense/chunked/flex; ``rel_pos`` a relative position
+    term (:func:`with_rel_pos`; a new one starts at zero, trained per-axis tables are resampled to new
+    window sizes)."""
     encoder = load_encoder(source)
     if encoder.pos_embed is not None:  # trained downstream, as MAE's finetuning does (pretraining froze it)
         encoder.pos_embed.requires_grad_(True)
-    changes = {k: v for k, v in dict(window_size=window_size, attention=attention,
+    changes = {k: v for k, v in dict(window_size=window_size, attention=attention, rel_pos=rel_pos,
                                      global_blocks=None if global_blocks is None else tuple(global_blocks)).items()
                if v is not None}
     if not encoder.num_classes and all(getattr(encoder.config, k) == v for k, v in changes.items()):
         return encoder
     plain = VisionTransformer(replace(encoder.config, **changes))
-    plain.load_state_dict(encoder.state_dict(), strict=False)
+    own = plain.state_dict()
+    plain.load_state_dict(fit_axis_tables(encoder.state_dict(), {k: v.shape for k, v in own.items()}), strict=False)
     plain.set_grad_checkpointing(encoder.grad_checkpointing)
     return plain.to(encoder.cls_token.device)
+
+
+def with_rel_pos(encoder: VisionTransformer, choice: str, recipe: str) -> VisionTransformer:
+    """``encoder`` with the relative position term ``choice`` (none, decomposed, bias; auto: ``recipe``'s for
+    an encoder without iRPE, none for a LoMaR one), zero-initialised where new. ValueError for a term on
+    a LoMaR encoder, which has its own relative position."""
+    if choice == "auto":
+        choice = "none" if encoder.config.pos == "rpe" else recipe
+    if choice != "none" and encoder.config.pos == "rpe":
+        raise ValueError(f"rel_pos {choice!r} is for encoders without iRPE (MAE's); a LoMaR encoder has its own "
+                         f"relative position: use auto or none")
+    return encoder if choice == encoder.config.rel_pos else backbone_encoder(encoder, rel_pos=choice)
 
 
 class ViTDetBackbone(nn.Module):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
+from lomar.models.relpos import relative_position_index, table_bias
 from lomar.models.vit import EncoderShape, PatchEmbed
 
 __all__ = ["BEiTConfig", "BEiT", "BEiTOutput", "RelativePositionBias", "relative_position_index", "table_bias"]
@@ -85,45 +86,6 @@ class BEiTConfig(EncoderShape):
         if meta.get("method", "beit") != "beit":
             raise ValueError(f"meta method={meta.get('method')!r} is not a BEiT case; pass a beit_meta.json")
         return cls.from_dict(meta)
-
-
-def relative_position_index(grid: tuple[int, int], table_grid: tuple[int, int] | None = None) -> torch.Tensor:
-    """(L+1, L+1) int64 rows of a bias table built for ``table_grid`` (default ``grid``), cls at 0.
-
-    Patch pairs use (Δy + Th−1)·(2Tw−1) + (Δx + Tw−1) with Δ = query − key; the last three rows of
-    the table are cls→patch, patch→cls and cls→cls. A grid smaller than ``table_grid`` uses the
-    subset of offsets it can reach, so a model built for 14×14 can attend within 7×7 windows.
-    """
-    gh, gw = grid
-    th, tw = table_grid or grid
-    if not (1 <= gh <= th and 1 <= gw <= tw):
-        raise ValueError(f"grid {gh}x{gw} does not fit a bias table built for {th}x{tw}; build the model "
-                         f"for a grid at least that large")
-    n_rel = (2 * th - 1) * (2 * tw - 1) + 3
-    ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
-    ys, xs = ys.flatten(), xs.flatten()
-    dy = ys[:, None] - ys[None, :] + th - 1
-    dx = xs[:, None] - xs[None, :] + tw - 1
-    index = torch.empty(gh * gw + 1, gh * gw + 1, dtype=torch.long)
-    index[1:, 1:] = dy * (2 * tw - 1) + dx
-    index[0, :] = n_rel - 3
-    index[:, 0] = n_rel - 2
-    index[0, 0] = n_rel - 1
-    return index
-
-
-# A dict, not lru_cache, and on the table's device: torch.compile reads it as a device tensor, so a compiled
-# step holds no host constant (which would copy to the GPU each step and keep CUDA graphs off).
-_INDEX_CACHE: dict[tuple[tuple[int, int], tuple[int, int], str], torch.Tensor] = {}
-
-
-def table_bias(table: torch.Tensor, table_grid: tuple[int, int], grid: tuple[int, int] | None = None) -> torch.Tensor:
-    """table ((2Th−1)(2Tw−1)+3, heads) → bias (heads, L+1, L+1) for ``grid`` (default ``table_grid``)."""
-    key = (tuple(grid or table_grid), tuple(table_grid), str(table.device))
-    if key not in _INDEX_CACHE:
-        _INDEX_CACHE[key] = relative_position_index(*key[:2]).to(table.device)
-    index = _INDEX_CACHE[key]
-    return table[index.flatten()].view(*index.shape, -1).permute(2, 0, 1).contiguous()
 
 
 def _zero_table(grid: tuple[int, int], num_heads: int) -> nn.Parameter:

@@ -1,4 +1,5 @@
-"""Plain ViT encoder with contextual RPE (LoMaR), 2-D sin-cos APE (MAE) or no position.
+"""Plain ViT encoder with contextual RPE (LoMaR), 2-D sin-cos APE (MAE) or no position; an encoder
+without RPE may also carry a dense task's relative position term (``ViTConfig.rel_pos``).
 
 Tokens are always [cls] + spatial tokens in raster order. ``VisionTransformer`` embeds a
 whole image (finetuning, MAE, features); LoMaR reuses its parts on window tokens only.
@@ -17,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lomar.models.attention import ATTENTION_MODES, rpe_attention, windowed_attention
 from lomar.models.masking import grid_size
+from lomar.models.relpos import decomposed_bias, grid_table_bias
 from lomar.models.rpe import ContextualRPE
 from lomar.models.vit_config import MODEL_SIZES, PATCH_SIZES, EncoderShape, ViTConfig, list_models, model_config
 
@@ -90,9 +92,16 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; with RPE the contextual bias enters SDPA as an additive mask."""
+    """Multi-head self-attention; with RPE the contextual bias enters SDPA as an additive mask.
 
-    def __init__(self, dim: int, num_heads: int, rpe: bool):
+    ``rel_pos`` (an encoder without RPE, for dense transfer): ``decomposed`` owns ViTDet's per-axis
+    tables ``rel_pos_h`` / ``rel_pos_w`` (2S−1, head_dim) for ``rel_pos_size`` (S, S'), ``bias``
+    mmsegmentation's per-block table ``relative_position_bias_table`` for a grid of that size; both
+    zero-initialised (:mod:`lomar.models.relpos`).
+    """
+
+    def __init__(self, dim: int, num_heads: int, rpe: bool, rel_pos: str = "none",
+                 rel_pos_size: tuple[int, int] = (1, 1)):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads; pick a divisor of {dim}")
@@ -100,6 +109,22 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
         self.rpe = ContextualRPE(dim // num_heads) if rpe else None
+        self.rel_pos, self.rel_pos_size = rel_pos, tuple(rel_pos_size)
+        height, width = self.rel_pos_size
+        if rel_pos == "decomposed":
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * height - 1, dim // num_heads))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * width - 1, dim // num_heads))
+        elif rel_pos == "bias":
+            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * height - 1) * (2 * width - 1) + 3,
+                                                                         num_heads))
+
+    def position_bias(self, q: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor | None:
+        """The ``rel_pos`` term for queries q (B, h, 1+H·W, d) on ``grid``: (B or 1, h, L, L), or None."""
+        if self.rel_pos == "decomposed":
+            return decomposed_bias(q, self.rel_pos_h, self.rel_pos_w, grid)
+        if self.rel_pos == "bias":
+            return grid_table_bias(self.relative_position_bias_table, self.rel_pos_size, grid)[None].to(q.dtype)
+        return None
 
     def forward(self, x: torch.Tensor, buckets: torch.Tensor | None = None, grid: tuple[int, int] | None = None,
                 mode: str = "auto", key_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,11 +132,17 @@ class Attention(nn.Module):
 
         Either ``buckets`` (L, L) from ``bucket_table`` (the dense bias), or the ``grid`` the
         [cls]+tokens lie on and an attention ``mode`` (:func:`lomar.models.attention.rpe_attention`;
-        ``key_bias`` (B, 1, 1, L) masks keys). Without RPE neither is needed.
+        ``key_bias`` (B, 1, 1, L) masks keys). Without RPE neither is needed, except for ``rel_pos``,
+        which needs the ``grid``.
         """
         b, length, dim = x.shape
         q, k, v = self.qkv(x).view(b, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        if grid is not None and buckets is None:
+        if self.rel_pos != "none":
+            if grid is None:
+                raise ValueError(f"rel_pos={self.rel_pos!r} needs the grid of the [cls]+tokens")
+            bias = self.position_bias(q, grid)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias if key_bias is None else bias + key_bias)
+        elif grid is not None and buckets is None:
             table = self.rpe.table[0] if self.rpe is not None else None
             out = rpe_attention(q, k, v, table, grid, mode, key_bias)
         else:
@@ -134,10 +165,10 @@ class Block(nn.Module):
     """Pre-norm transformer block: x += Attn(LN(x)); x += MLP(LN(x))."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, rpe: bool = False,
-                 drop_path: float = 0.0):
+                 drop_path: float = 0.0, rel_pos: str = "none", rel_pos_size: tuple[int, int] = (1, 1)):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, rpe)
+        self.attn = Attention(dim, num_heads, rpe, rel_pos, rel_pos_size)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -196,9 +227,11 @@ class VisionTransformer(nn.Module):
         else:
             self.pos_embed = None
         rates = torch.linspace(0, c.drop_path, c.depth, device="cpu").tolist()  # under meta too
+        # ViTDet sizes a block's relative position tables by the grid it attends over: its window, or the image's
         self.blocks = nn.ModuleList(
-            Block(c.embed_dim, c.num_heads, c.mlp_ratio, rpe=c.pos == "rpe", drop_path=r)
-            for r in rates
+            Block(c.embed_dim, c.num_heads, c.mlp_ratio, rpe=c.pos == "rpe", drop_path=r, rel_pos=c.rel_pos,
+                  rel_pos_size=self.block_grid(i))
+            for i, r in enumerate(rates)
         )
         # An avg-pooling classifier pools un-normed patch tokens into fc_norm (SPEC §3), as the
         # original, which deletes this norm; a parameter without gradient would also break DDP.
@@ -226,7 +259,7 @@ class VisionTransformer(nn.Module):
         return dict(stem=r"^cls_token|^pos_embed|^patch_embed", blocks=r"^blocks\.(\d+)")
 
     def no_weight_decay(self) -> set[str]:
-        return {"cls_token", "pos_embed"}
+        return {"cls_token", "pos_embed"}  # ViTDet and mmsegmentation decay the relative position tables
 
     def freeze_pos_embed(self) -> None:
         """Keep the absolute sin-cos table fixed, as MAE's pretraining does (its finetuning trains it)."""
@@ -246,6 +279,11 @@ class VisionTransformer(nn.Module):
         c = self.config
         return 0 if index in c.global_blocks else c.window_size
 
+    def block_grid(self, index: int) -> tuple[int, int]:
+        """The grid block ``index`` attends over at the configured image size: its window, or the whole grid."""
+        window = self.block_window(index)
+        return (window, window) if 0 < window < max(self.grid) else self.grid
+
     def iter_blocks(self, x: torch.Tensor, grid: tuple[int, int], attention: str | None = None,
                     grad_checkpointing: bool | None = None, stop: int | None = None
                     ) -> Iterator[tuple[int, torch.Tensor]]:
@@ -260,7 +298,7 @@ class VisionTransformer(nn.Module):
         ckpt = self.grad_checkpointing if grad_checkpointing is None else grad_checkpointing
         ckpt = ckpt and torch.is_grad_enabled()
         full = x.shape[1] == 1 + grid[0] * grid[1]
-        if not full and self.config.pos == "rpe":
+        if not full and (self.config.pos == "rpe" or self.config.rel_pos != "none"):
             raise ValueError(f"{x.shape[1]} tokens are not [cls] + the {grid[0]}x{grid[1]} grid; relative "
                              f"position needs every token of the grid")
         for i, block in enumerate(self.blocks[:stop]):

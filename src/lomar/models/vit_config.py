@@ -10,6 +10,7 @@ from typing import Literal
 __all__ = ["ViTConfig", "EncoderShape", "MODEL_SIZES", "PATCH_SIZES", "model_config", "list_models"]
 
 PosMode = Literal["rpe", "abs", "none"]
+REL_POS_MODES = ("none", "decomposed", "bias")  # lomar.models.relpos's terms
 
 # name -> (embed_dim, depth, num_heads)
 MODEL_SIZES: dict[str, tuple[int, int, int]] = {
@@ -62,6 +63,7 @@ class ViTConfig(EncoderShape):
     attention: str = "auto"
     window_size: int = 0
     global_blocks: tuple[int, ...] = ()
+    rel_pos: str = "none"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -81,6 +83,11 @@ class ViTConfig(EncoderShape):
         if self.embed_dim % self.num_heads:
             raise ValueError(f"ViTConfig.embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; "
                              f"pick a divisor of {self.embed_dim}")
+        if self.rel_pos not in REL_POS_MODES:
+            raise ValueError(f"ViTConfig.rel_pos must be one of {', '.join(REL_POS_MODES)}, got {self.rel_pos!r}")
+        if self.rel_pos != "none" and self.pos == "rpe":
+            raise ValueError(f"ViTConfig.rel_pos={self.rel_pos!r} is for encoders without iRPE (pos 'abs' or 'none'); "
+                             f"a LoMaR encoder has its own relative position")
         if not self.mlp_ratio > 0 or not 0 <= self.drop_path < 1:
             raise ValueError(f"ViTConfig needs mlp_ratio > 0 and drop_path in [0, 1), got {self.mlp_ratio!r} and "
                              f"{self.drop_path!r}")

@@ -36,9 +36,12 @@ from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError
 from lomar.eval.coco import coco_metrics, to_coco_results
 from lomar.eval.features import load_pretrained_encoder
+from lomar.integrations.dense import with_rel_pos
 from lomar.integrations.detection import build_mask_rcnn, detector_param_groups
 from lomar.models.attention import vitdet_global_blocks
-from lomar.models.vit import VisionTransformer, ViTConfig, model_config
+from lomar.models.masking import grid_size
+from lomar.models.relpos import fit_axis_tables
+from lomar.models.vit import VisionTransformer, ViTConfig, model_config, table_for_grid
 from lomar.train.detect_config import DetectConfig, detect_checkpoint
 from lomar.train.distributed import DistInfo, init_distributed
 from lomar.train.lifecycle import Task, run
@@ -63,6 +66,19 @@ def _layout(config: DetectConfig, depth: int | None) -> dict:
     if depth is not None and layout["global_blocks"] is None:
         layout["global_blocks"] = vitdet_global_blocks(depth)
     return layout
+
+
+def _fit_to_layout(state: dict, model: torch.nn.Module, saved: ViTConfig) -> dict:
+    """A saved detector's weights for ``model``, whose input or window size may differ from the ``saved``
+    encoder's: per-axis relative position tables and a trained absolute table are resampled (an untrained
+    sin-cos table is the model's own, exact at any size)."""
+    own = model.state_dict()
+    state = fit_axis_tables(state, {k: v.shape for k, v in own.items()})
+    source, grid = grid_size(saved.img_size, saved.patch_size), model.backbone.encoder.grid
+    for key in [k for k, v in state.items() if k.endswith("encoder.pos_embed") and v.shape != own.get(k, v).shape]:
+        table = table_for_grid(state[key], grid, source)
+        state[key] = own[key] if table is None else table
+    return state
 
 
 class DetectTask(Task):
@@ -111,6 +127,9 @@ class DetectTask(Task):
                                  f"{self.categories}; evaluate on the split it was trained for")
             # the detector's own layout, unless given (DetectConfig.complete): the same weights either way
             encoder_config = ViTConfig.from_dict(ckpt["encoder_config"])
+            if cfg.rel_pos not in ("auto", encoder_config.rel_pos):
+                raise UsageError(f"--rel-pos {cfg.rel_pos} differs from the detector's own ({encoder_config.rel_pos}) "
+                                 f"in {saved}; drop --rel-pos")
             encoder = VisionTransformer(replace(encoder_config, **_layout(cfg, encoder_config.depth)))
         elif cfg.eval_only:
             raise UsageError(f"--pretrained {cfg.pretrained} is not a `lomar detect` run or checkpoint; --eval-only "
@@ -128,6 +147,12 @@ class DetectTask(Task):
             config = model_config(cfg.model)
             encoder = VisionTransformer(model_config(cfg.model, **_layout(cfg, config.depth)))
             self.log(f"lomar detect: no --pretrained: {cfg.model} randomly initialised")
+        if saved is None:
+            try:
+                encoder = with_rel_pos(encoder, cfg.rel_pos, "decomposed")
+            except ValueError as exc:
+                raise UsageError(f"--rel-pos {cfg.rel_pos}: {exc}") from None
+        cfg.rel_pos = encoder.config.rel_pos  # auto resolved: what the checkpoint records and a resume rebuilds
         encoder.set_grad_checkpointing(cfg.grad_checkpointing)
         model = build_mask_rcnn(encoder, len(self.categories), cfg.img_size)
         if not cfg.train_pos_embed:  # after the backbone is built: it trains the table by default
@@ -136,7 +161,7 @@ class DetectTask(Task):
                     module.freeze_pos_embed()
         model.roi_heads.fg_bg_sampler.batch_size_per_image = cfg.rois_per_image
         if saved is not None:
-            model.load_state_dict(ckpt["model"])
+            model.load_state_dict(_fit_to_layout(ckpt["model"], model, encoder_config))
             self.log(f"lomar detect: detector loaded from {saved} (step {ckpt.get('step', '?')}), "
                      f"{cfg.img_size} px input")
         return model

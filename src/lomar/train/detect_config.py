@@ -21,7 +21,7 @@ __all__ = ["DetectConfig", "detect_checkpoint", "DETECTOR_LAYOUT"]
 _RUN = "run-control"
 # What a detector started from a `lomar detect` checkpoint takes from that run unless given: its input size
 # and its encoder's attention layout (the weights fit any, the model was trained and is scored with these).
-DETECTOR_LAYOUT = ("img_size", "window_size", "global_blocks", "attention", "drop_path")
+DETECTOR_LAYOUT = ("img_size", "window_size", "global_blocks", "attention", "drop_path", "rel_pos")
 
 
 def detect_checkpoint(path: str | Path) -> Path | None:
@@ -81,6 +81,7 @@ class DetectConfig(TaskConfig):
     attention: str = S.ATTENTION.field()
     grad_checkpointing: bool = S.GRAD_CHECKPOINTING.field()
     train_pos_embed: bool = S.TRAIN_POS_EMBED.field()
+    rel_pos: str = S.REL_POS.field()
     rois_per_image: int = S.setting(512, "RoIs sampled per image for the box and mask heads (ViTDet: 512; fewer "
                                     "is faster on CPU)", above=0)
     eval_every: int | None = S.EVAL_EVERY.field()
@@ -93,7 +94,8 @@ class DetectConfig(TaskConfig):
         """The settings a `lomar detect` checkpoint saved; None for another file."""
         if checkpoint.get("format") != DETECT_FORMAT or "optimizer" not in checkpoint:
             return None
-        return {"train_pos_embed": False, **checkpoint.get("settings", {})}  # runs saved before it: a fixed table
+        # runs saved before these settings: a fixed position table, no relative position term
+        return {"train_pos_embed": False, "rel_pos": "none", **checkpoint.get("settings", {})}
 
     def complete(self, explicit: dict[str, Any]) -> None:
         for split in ("train", "val"):
@@ -105,6 +107,7 @@ class DetectConfig(TaskConfig):
 
             settings = safe_load(saved, mmap=True).get("settings")
             if isinstance(settings, dict):
+                settings = {"rel_pos": "none", **settings}  # a detector saved before the setting had none
                 taken = {k: v for k, v in settings.items() if k in DETECTOR_LAYOUT and k not in explicit}
                 for name, value in coerce_all(type(self), taken, str(saved), strict=False).items():
                     setattr(self, name, value)

@@ -26,6 +26,7 @@ from lomar.data.segmentation import SegmentationFolder, collate_segmentation
 from lomar.errors import UsageError
 from lomar.eval.features import load_pretrained_encoder
 from lomar.eval.segmentation import confusion_matrix, predict_logits, segmentation_metrics
+from lomar.integrations.dense import with_rel_pos
 from lomar.integrations.segmenter import UperNetSegmenter, layer_decay_groups, segmentation_losses
 from lomar.models.vit import VisionTransformer, model_config
 from lomar.train.distributed import DistInfo
@@ -67,8 +68,13 @@ class SegmentTask(Task):
             if not isinstance(encoder, VisionTransformer):
                 raise UsageError(f"--pretrained {config.pretrained}: only LoMaR / MAE ViT encoders can be segmentation "
                                  f"backbones, not {type(encoder).__name__}")
+        try:
+            encoder = with_rel_pos(encoder, config.rel_pos, "bias")
+        except ValueError as exc:
+            raise UsageError(f"--rel-pos {config.rel_pos}: {exc}") from None
+        config.rel_pos = encoder.config.rel_pos  # auto resolved: what the checkpoint records and a resume rebuilds
         if info.is_main:
-            print(f"lomar segment: {source}", file=sys.stderr, flush=True)
+            print(f"lomar segment: {source}; relative position term: {config.rel_pos}", file=sys.stderr, flush=True)
         # The pyramid taps blocks, never the final norm: left trainable, DDP would wait for its gradient.
         encoder.norm.requires_grad_(False)
         self.model = UperNetSegmenter(encoder, config.num_classes, channels=config.head_channels,

@@ -66,13 +66,16 @@ class SegmentConfig(TaskConfig):
     eval_every: int | None = S.EVAL_EVERY.field()
     grad_checkpointing: bool = S.GRAD_CHECKPOINTING.field()
     train_pos_embed: bool = S.TRAIN_POS_EMBED.field()
+    rel_pos: str = S.REL_POS.field()
 
     @staticmethod
     def saved_settings(checkpoint: dict, path: Path) -> dict | None:
         """The settings a `lomar segment` checkpoint saved; None for another file."""
         settings = checkpoint.get("settings") if checkpoint.get("task") == SEGMENT_TASK else None
-        # runs saved before these settings existed trained without the distortion, with a fixed position table
-        return {"photometric": False, "train_pos_embed": False, **settings} if isinstance(settings, dict) else settings
+        # runs saved before these settings existed trained without the distortion, with a fixed position table and
+        # no relative position term
+        legacy = {"photometric": False, "train_pos_embed": False, "rel_pos": "none"}
+        return {**legacy, **settings} if isinstance(settings, dict) else settings
 
     def check_settings(self) -> None:
         check_img_size(self)

@@ -155,8 +155,7 @@ MIN_LR = Setting(0.0, "lr at the end of the cosine schedule", low=0)
 WARMUP_EPOCHS = Setting(40, "epochs of linear lr warm-up, in [0, --epochs]", kind=float)
 WEIGHT_DECAY = Setting(0.05, "AdamW weight decay", low=0)
 PRECISION = Setting("auto", "auto = bf16 autocast where the hardware has bf16 products (CUDA with bf16, a CPU "
-                    "with AVX-512 BF16 or AMX), else fp32",
-                    choices=("auto", "fp32", "bf16", "fp16"))
+                    "with AVX-512 BF16 or AMX), else fp32", choices=("auto", "fp32", "bf16", "fp16"))
 LOG_EVERY = Setting(20, "print the training loss every N optimizer steps (metrics.jsonl and TensorBoard get every "
                     "step)", above=0, resume=_RUN)
 EVAL_EVERY = Setting(None, "evaluate (and checkpoint) every N optimizer steps and at the end, instead of at each "
@@ -169,9 +168,8 @@ OVERWRITE = Setting(False, "replace a run already in --out (or rewind it to an o
 COMPILE = Setting(False, "torch.compile the model", resume=_RUN)
 COMPILE_MODE = Setting("default", "torch.compile mode with --compile: reduce-overhead adds CUDA graphs (the step's "
                        "launches replayed as one), max-autotune also tunes the kernels (minutes of compiling); "
-                       "the two differ from default on CUDA only",
-                       choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-                       resume=_RUN)
+                       "the two differ from default on CUDA only", resume=_RUN,
+                       choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
 DATA = Setting(None, "ImageFolder root holding train/ and val/ (default: --train and --val)", kind=str, resume=_RUN)
 TRAIN = Setting(None, "ImageFolder root of the training split, instead of --data (default: ROOT/train)", kind=str,
                 resume=_RUN)
@@ -192,6 +190,10 @@ LAYER_DECAY = Setting(0.65, "lr scale per layer below the top", above=0, high=1)
 DROP_PATH = Setting(0.1, "stochastic depth rate", low=0, below=1)
 TRAIN_POS_EMBED = Setting(True, "train an absolute position table (MAE encoders) as MAE's finetuning does; "
                           "--no-train-pos-embed keeps it fixed, as runs of lomar before 2026-12-05 did")
+REL_POS = Setting("auto", "relative position term added to an encoder without iRPE (MAE's), zero-initialised: auto = "
+                  "the recipe's (detect: ViTDet's decomposed, segment: mmsegmentation's bias table; none for a "
+                  "LoMaR encoder), none, decomposed or bias", choices=("auto", "none", "decomposed", "bias"),
+                  resume="derived")
 GRAD_CHECKPOINTING = Setting(False, "recompute each block in the backward pass: less memory at high resolution")
 GLOBAL_BLOCKS = Setting(None, "with --window-size N > 0: the blocks (0-based) that keep global attention (default: "
                         "ViTDet's, the last block of each quarter of the depth: 2 5 8 11 for ViT-B)", low=0,
