@@ -42,6 +42,18 @@ def test_backbone_bench_runs_each_variant(tmp_path):
     assert data["meta"]["task"] == "backbone" and len(data["meta"]["load_avg_before"]) == 3
 
 
+@pytest.mark.slow
+def test_mae_encoders_with_and_without_a_relative_position_term_are_timed_side_by_side(tmp_path):
+    out = tmp_path / "bb.json"
+    assert main(["bench", "--task", "backbone", "--tiny", "--sizes", "64", "--attention", "windowed",
+                 "--encoders", "lomar", "mae", "mae+decomposed", "mae+bias", "--batch-size", "1", "--steps", "1",
+                 "--warmup", "0", "--threads", "1", "--quiet", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert [r["encoder"] for r in records] == ["lomar", "mae", "mae+decomposed", "mae+bias"]
+    assert all(r["status"] == "ok" and r["step_s"] > 0 and r["attention"] == "windowed" for r in records), records
+    assert records[2]["estimated_bytes"] >= records[1]["estimated_bytes"]  # the whole bias in every block
+
+
 def test_bad_sizes_are_one_line_errors(capsys):
     assert main(["bench", "--task", "backbone", "--sizes", "1000", "--attention", "dense"]) == 2
     assert "multiples of the patch size 16" in capsys.readouterr().err

@@ -4,7 +4,9 @@ One record per (image size, attention variant): seconds per forward + backward o
 (no head, no optimizer) on a random batch, and the peak memory of that step. Variants:
 ``dense``, ``chunked``, ``flex`` (CUDA), ``auto`` (the encoder's own choice) and ``windowed``
 (ViTDet blocks: 14×14 windows except blocks 2, 5, 8, 11 of 12, scaled to the depth; ``auto``
-attention in the global blocks).
+attention in the global blocks). ``encoders`` adds a second axis: ``lomar`` (iRPE, the default),
+``mae`` (absolute table, no relative term) and ``mae+decomposed`` / ``mae+bias`` (the terms ``detect`` and
+``segment`` add to an MAE encoder, :mod:`lomar.models.relpos`), so their cost is measured side by side.
 
 Each variant runs in a child process, so that its memory high-water mark is its own and a
 variant that dies (out of memory) becomes a record saying so instead of ending the bench. On CPU
@@ -37,7 +39,11 @@ from lomar.models.attention import (
 )
 from lomar.models.vit import VisionTransformer, model_config
 
-__all__ = ["estimate_bytes", "model_flops", "available_bytes", "run_variant", "bench_backbone"]
+__all__ = ["ENCODERS", "estimate_bytes", "model_flops", "available_bytes", "run_variant", "bench_backbone"]
+
+# encoder name -> (pos, rel_pos) of its ViTConfig
+ENCODERS = {"lomar": ("rpe", "none"), "mae": ("abs", "none"), "mae+decomposed": ("abs", "decomposed"),
+            "mae+bias": ("abs", "bias")}
 
 # glibc serves blocks above this size by mmap and returns them on free. Its default threshold
 # rises to 32 MiB after the first large free, and the many 1-32 MiB temporaries of chunked
@@ -54,13 +60,15 @@ def _arch(model: str, tiny: bool, depth: int | None = None) -> tuple[int, int, i
 
 
 def estimate_bytes(variant: str, model: str, img_size: int, batch: int, grad_checkpointing: bool,
-                   precision: str = "fp32", tiny: bool = False, depth: int | None = None) -> int:
+                   precision: str = "fp32", tiny: bool = False, depth: int | None = None, full_bias: bool = False
+                   ) -> int:
     """Rough peak of one forward + backward (activations, gradients, temporaries), bytes.
 
     Per block the encoder keeps ~20 (B, L, D) tensors for the backward pass; with checkpointing
     one per block, plus ~60 while a block is recomputed and backpropagated (MLP hidden, SDPA
     temporaries; fitted to the CPU measurements in benchmarks/). Dense attention adds its
     (B, h, L, L) bias, probabilities and their gradients (4 of them); chunked ~8 chunk biases.
+    ``full_bias``: every mode builds the whole bias (an MAE encoder's relative position term).
     """
     patch, dim, depth, heads = _arch(model, tiny, depth)
     e = DTYPES[precision].itemsize
@@ -69,6 +77,8 @@ def estimate_bytes(variant: str, model: str, img_size: int, batch: int, grad_che
 
     def attention_bytes(n: int, count: int, mode: str) -> int:
         dense = 4 * batch * count * heads * n * n * e  # bias, probabilities and their gradients
+        if full_bias:
+            mode = "dense"
         if mode == "auto":
             mode = "dense" if n <= DENSE_MAX_TOKENS or dense <= 4 * DENSE_BIAS_BYTES else "chunked"
         return dense if mode == "dense" else min(dense, 8 * CHUNK_BIAS_BYTES)
@@ -110,8 +120,9 @@ def run_variant(spec: dict) -> dict:
     attention, windowing = spec["variant"], {}
     if attention == "windowed":
         attention, windowing = "auto", dict(window_size=_WINDOW, global_blocks=vitdet_global_blocks(depth))
+    pos, rel_pos = ENCODERS[spec.get("encoder", "lomar")]
     config = model_config(spec["model"], img_size=spec["img_size"], attention=attention, embed_dim=dim, depth=depth,
-                          num_heads=heads, **windowing)
+                          num_heads=heads, pos=pos, rel_pos=rel_pos, **windowing)
     torch.manual_seed(0)
     encoder = VisionTransformer(config).to(device).train()
     encoder.set_grad_checkpointing(spec["grad_checkpointing"])
@@ -160,8 +171,8 @@ def _child(spec: dict) -> dict:
 def bench_backbone(model: str, sizes: list[int], variants: list[str], batch_size: int, grad_checkpointing: bool,
                    device: str, precision: str = "fp32", steps: int = 1, warmup: int = 1,
                    threads: int | None = None, tiny: bool = False, say=lambda msg: None,
-                   on_record=lambda records: None, depth: int | None = None) -> list[dict]:
-    """One record per (size, variant), in the order given; see the module docstring.
+                   on_record=lambda records: None, depth: int | None = None, encoders=("lomar",)) -> list[dict]:
+    """One record per (size, variant, encoder), in the order given; see the module docstring.
 
     ``depth`` overrides the model's number of blocks (the cost of fewer blocks, for quick checks).
     ``on_record(records)`` is called after each record (to save partial results of a long run).
@@ -169,10 +180,11 @@ def bench_backbone(model: str, sizes: list[int], variants: list[str], batch_size
     records = []
     for size in sizes:
         flops = model_flops(model, size, batch_size, tiny, depth)
-        for variant in variants:
-            need = estimate_bytes(variant, model, size, batch_size, grad_checkpointing, precision, tiny, depth)
+        for variant, encoder in ((v, e) for v in variants for e in encoders):
+            need = estimate_bytes(variant, model, size, batch_size, grad_checkpointing, precision, tiny, depth,
+                                  full_bias=ENCODERS[encoder][1] != "none")
             free = available_bytes(device)
-            rec = dict(task="backbone", method=model, attention=variant, img_size=size, windows=None,
+            rec = dict(task="backbone", method=model, attention=variant, encoder=encoder, img_size=size, windows=None,
                        window_setting="-", batch_size=batch_size, grad_checkpointing=grad_checkpointing,
                        precision=precision, compile=False, device=device, flops=flops, flops_kind="analytic",
                        depth=_arch(model, tiny, depth)[2], estimated_bytes=need, available_bytes=free, step_s=None,
@@ -184,15 +196,15 @@ def bench_backbone(model: str, sizes: list[int], variants: list[str], batch_size
                 rec.update(status="skipped", reason=f"estimated {need / 2**30:.1f} GiB > 90% of the "
                            f"{free / 2**30:.1f} GiB available")
             else:
-                say(f"{size}px {variant}: estimated {need / 2**30:.2f} GiB, running")
-                spec = dict(model=model, img_size=size, variant=variant, batch_size=batch_size, device=device,
-                            grad_checkpointing=grad_checkpointing, precision=precision, steps=steps,
+                say(f"{size}px {variant} {encoder}: estimated {need / 2**30:.2f} GiB, running")
+                spec = dict(model=model, img_size=size, variant=variant, encoder=encoder, batch_size=batch_size,
+                            device=device, grad_checkpointing=grad_checkpointing, precision=precision, steps=steps,
                             warmup=warmup, threads=threads, tiny=tiny, depth=depth)
                 rec.update(_child(spec))
             if rec["status"] == "ok":
                 step_s = sorted(rec["step_times_s"])[len(rec["step_times_s"]) // 2]
                 rec.update(step_s=step_s, images_per_s=batch_size / step_s, achieved_flops=flops / step_s)
-            say(f"{size}px {variant}: {rec['status']}" + (f" {rec['step_s']:.2f} s, peak "
+            say(f"{size}px {variant} {encoder}: {rec['status']}" + (f" {rec['step_s']:.2f} s, peak "
                 f"{rec['peak_mem_bytes'] / 2**20:,.0f} MiB" if rec["status"] == "ok" else f" ({rec['reason']})"))
             records.append(rec)
             on_record(records)
@@ -200,13 +212,15 @@ def bench_backbone(model: str, sizes: list[int], variants: list[str], batch_size
 
 
 def format_table(records: list[dict]) -> str:
-    head = f"{'px':>5} {'attention':<9} {'status':<8} {'s/step':>8} {'peak mem':>10} {'estimate':>10}  note"
+    head = (f"{'px':>5} {'attention':<9} {'encoder':<14} {'status':<8} {'s/step':>8} {'peak mem':>10} "
+            f"{'estimate':>10}  note")
     lines = [head, "-" * len(head)]
     for r in records:
         ok = r["status"] == "ok"
         step = f"{r['step_s']:.2f}" if ok else "-"
         peak = f"{r['peak_mem_bytes'] / 2**20:,.0f} MiB" if ok else "-"
-        lines.append(f"{r['img_size']:>5} {r['attention']:<9} {r['status']:<8} {step:>8} {peak:>10} "
+        lines.append(f"{r['img_size']:>5} {r['attention']:<9} {r.get('encoder', 'lomar'):<14} {r['status']:<8} "
+                     f"{step:>8} {peak:>10} "
                      f"{r['estimated_bytes'] / 2**20:>6,.0f} MiB  {r.get('reason', '')}")
     return "\n".join(lines)
 

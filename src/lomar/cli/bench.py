@@ -85,6 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "per --attention variant", choices=("pretrain", "loader", "backbone")),
         "attention": Setting(["dense", "chunked"], "backbone task: attention variants", kind=str, nargs="+",
                              choices=("auto", "dense", "chunked", "flex", "windowed")),
+        "encoders": Setting(["lomar"], "backbone task: encoders timed side by side: lomar (iRPE), mae (absolute "
+                            "table), mae+decomposed / mae+bias (with the relative position term detect / segment "
+                            "add)", kind=str, nargs="+", choices=("lomar", "mae", "mae+decomposed", "mae+bias")),
         "grad_checkpointing": Setting(False, "backbone task: recompute each block in the backward pass"),
         "depth": S.DEPTH.but(help="backbone task: override the model's number of blocks, for a quick per-block "
                              "measurement (default: the model's)"),
@@ -265,7 +268,7 @@ def _run_backbone(args: argparse.Namespace) -> int:
 
     records = bench_backbone(args.model, args.sizes, args.attention, args.batch_size, args.grad_checkpointing,
                              str(device), args.precision, args.steps, args.warmup, args.threads, args.tiny, say=say,
-                             on_record=save, depth=args.depth)
+                             on_record=save, depth=args.depth, encoders=args.encoders)
     print(format_table(records))
     save(records, done=True)
     return 0
