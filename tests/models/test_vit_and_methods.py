@@ -279,3 +279,11 @@ def test_window_requests_of_the_wrong_kind_are_named():
     empty = MaskingPlan(plan.top_left[:, :0], plan.mask[:, :0], 3)
     with pytest.raises(ValueError, match="with n >= 1 windows"):
         empty.validate((8, 8))
+    # numpy's integers are sizes and counts, as in ViTConfig: the same plan, held as Python ints
+    gen = torch.Generator().manual_seed(0)
+    numpy_plan = lomar.sample_plan(2, (8, 8), np.int64(3), np.int32(2), 0.8, generator=gen)
+    ints = lomar.sample_plan(2, (8, 8), 3, 2, 0.8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(numpy_plan.top_left, ints.top_left) and torch.equal(numpy_plan.mask, ints.mask)
+    assert type(numpy_plan.window_size) is int
+    with pytest.raises(ValueError, match="number of windows must be a positive integer, got True"):
+        lomar.sample_plan(2, (8, 8), 3, True, 0.8)

@@ -21,6 +21,7 @@ Everything random comes from one ``torch.Generator``: the same seed gives the sa
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -54,8 +55,8 @@ def grid_size(img_size: int | tuple[int, int], patch_size: int) -> tuple[int, in
 
 
 def _whole(value) -> bool:
-    """An int that is not a bool (Python's bools are ints, never a count here)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (numpy's too, as ViTConfig takes them) that is not a bool (never a count here)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def num_masked(window_size: int, mask_ratio: float) -> int:
@@ -224,6 +225,7 @@ def sample_plan(
     if num_images <= 0:
         raise ValueError(f"number of images must be positive, got {num_images}")
     masked = check_window_request(grid, window_size, num_windows, mask_ratio, placement)
+    window_size, num_windows = int(window_size), int(num_windows)  # the plan holds Python ints
     rows, cols = window_positions(grid, window_size)
     gen_device = generator.device if generator is not None else torch.device("cpu")
     if placement == "permutation":
