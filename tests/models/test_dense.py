@@ -121,3 +121,8 @@ def test_a_backbone_trains_an_absolute_table_whatever_form_the_encoder_came_in(t
     assert not mae.encoder.pos_embed.requires_grad  # pretraining keeps it fixed
     assert ViTDetBackbone(mae, window_size=0).encoder.pos_embed.requires_grad
     assert MultiLevelBackbone(mae, out_indices=(0, 1)).encoder.pos_embed.requires_grad
+    # train_pos_embed=False: fixed, both for the encoder as it came and for one the layout rebuilt
+    for backbone in (ViTDetBackbone(mae, train_pos_embed=False),
+                     ViTDetBackbone(mae, window_size=2, train_pos_embed=False),
+                     MultiLevelBackbone(mae, out_indices=(0, 1), train_pos_embed=False)):
+        assert not backbone.encoder.pos_embed.requires_grad

@@ -118,25 +118,27 @@ def load_encoder(source: str | Path | VisionTransformer) -> VisionTransformer:
 
 
 def backbone_encoder(source: str | Path | VisionTransformer, window_size: int | None = None,
-                     global_blocks=None, attention: str | None = None, rel_pos: str | None = None) -> VisionTransformer:
+                     global_blocks=None, attention: str | None = None, rel_pos: str | None = None,
+                     train_pos_embed: bool = True) -> VisionTransformer:
     """:func:`load_encoder` without a classifier's head and fc_norm, with the given attention
     layout (None keeps the encoder's): ``window_size`` > 0 for ViTDet-style windowed blocks
     except ``global_blocks``; ``attention`` auto/dense/chunked/flex; ``rel_pos`` a relative position
     term (:func:`with_rel_pos`; a new one starts at zero, trained per-axis tables are resampled to new
-    window sizes)."""
+    window sizes). An absolute position table is trained, as MAE's finetuning does (its pretraining
+    froze it), unless ``train_pos_embed`` is False."""
     encoder = load_encoder(source)
-    if encoder.pos_embed is not None:  # trained downstream, as MAE's finetuning does (pretraining froze it)
-        encoder.pos_embed.requires_grad_(True)
     changes = {k: v for k, v in dict(window_size=window_size, attention=attention, rel_pos=rel_pos,
                                      global_blocks=None if global_blocks is None else tuple(global_blocks)).items()
                if v is not None}
-    if not encoder.num_classes and all(getattr(encoder.config, k) == v for k, v in changes.items()):
-        return encoder
-    plain = VisionTransformer(replace(encoder.config, **changes))
-    own = plain.state_dict()
-    plain.load_state_dict(fit_axis_tables(encoder.state_dict(), {k: v.shape for k, v in own.items()}), strict=False)
-    plain.set_grad_checkpointing(encoder.grad_checkpointing)
-    return plain.to(encoder.cls_token.device)
+    if encoder.num_classes or any(getattr(encoder.config, k) != v for k, v in changes.items()):
+        plain = VisionTransformer(replace(encoder.config, **changes))
+        shapes = {k: v.shape for k, v in plain.state_dict().items()}
+        plain.load_state_dict(fit_axis_tables(encoder.state_dict(), shapes), strict=False)
+        plain.set_grad_checkpointing(encoder.grad_checkpointing)
+        encoder = plain.to(encoder.cls_token.device)
+    if encoder.pos_embed is not None:
+        encoder.pos_embed.requires_grad_(train_pos_embed)
+    return encoder
 
 
 def with_rel_pos(encoder: VisionTransformer, choice: str, recipe: str) -> VisionTransformer:
@@ -157,15 +159,17 @@ class ViTDetBackbone(nn.Module):
     Follows detectron2's ``Backbone`` protocol (``output_shape()``, ``size_divisibility``,
     ``padding_constraints``, ``_out_features``) without importing detectron2; see
     docs/dense.md for the three-line subclass that registers it there. ``window_size`` /
-    ``global_blocks`` / ``attention``: see :func:`backbone_encoder` (ViTDet: 14, (2, 5, 8, 11)).
+    ``global_blocks`` / ``attention`` / ``train_pos_embed``: see :func:`backbone_encoder` (ViTDet: 14,
+    (2, 5, 8, 11)).
     """
 
     def __init__(self, encoder: VisionTransformer | str | Path, out_channels: int = 256,
                  scale_factors=(4.0, 2.0, 1.0, 0.5), top_block: bool = False, norm: bool = True,
                  grad_checkpointing: bool = False, square_pad: int = 0, window_size: int | None = None,
-                 global_blocks=None, attention: str | None = None):
+                 global_blocks=None, attention: str | None = None, train_pos_embed: bool = True):
         super().__init__()
-        self.encoder = backbone_encoder(encoder, window_size, global_blocks, attention)
+        self.encoder = backbone_encoder(encoder, window_size, global_blocks, attention,
+                                        train_pos_embed=train_pos_embed)
         self.pyramid = SimpleFeaturePyramid(self.encoder.embed_dim, out_channels, scale_factors,
                                             in_stride=self.encoder.config.patch_size, top_block=top_block)
         self.norm = norm
@@ -201,14 +205,16 @@ class MultiLevelBackbone(nn.Module):
     The backbone mmsegmentation's ViT/MAE recipes expect (``out_indices`` (3, 5, 7, 11) of a
     12-block encoder), to be followed by its ``MultiLevelNeck`` (rescales to strides 4-32) and
     ``UPerHead``. With ``pyramid=True`` the maps are instead rescaled here by 4, 2, 1, 0.5
-    (transposed convs / max pool, BEiT-style), so a plain UPerHead can follow directly.
+    (transposed convs / max pool, BEiT-style), so a plain UPerHead can follow directly. The layout
+    settings and ``train_pos_embed``: see :func:`backbone_encoder`.
     """
 
     def __init__(self, encoder: VisionTransformer | str | Path, out_indices=(3, 5, 7, 11), norm: bool = False,
                  pyramid: bool = False, grad_checkpointing: bool = False, window_size: int | None = None,
-                 global_blocks=None, attention: str | None = None):
+                 global_blocks=None, attention: str | None = None, train_pos_embed: bool = True):
         super().__init__()
-        self.encoder = backbone_encoder(encoder, window_size, global_blocks, attention)
+        self.encoder = backbone_encoder(encoder, window_size, global_blocks, attention,
+                                        train_pos_embed=train_pos_embed)
         depth = len(self.encoder.blocks)
         if any(not -depth <= i < depth for i in out_indices):
             raise ValueError(f"out_indices {tuple(out_indices)} out of range for a {depth}-block encoder")

@@ -39,12 +39,14 @@ class PyramidBackbone(nn.Module):
     """:class:`ViTDetBackbone` as torchvision's detectors want it: ``out_channels`` and an
     OrderedDict of maps. forward: (B, 3, H, W) -> {"p2": (B, C, H/4, W/4), ..., "p6": (B, C, H/64, W/64)}."""
 
-    def __init__(self, encoder: VisionTransformer, out_channels: int = 256, grad_checkpointing: bool = False):
+    def __init__(self, encoder: VisionTransformer, out_channels: int = 256, grad_checkpointing: bool = False,
+                 train_pos_embed: bool = True):
         super().__init__()
         if encoder.config.patch_size != 16:
             raise ValueError(f"the feature pyramid needs patch size 16 (strides 4-32), got "
                              f"{encoder.config.patch_size}; use a *_patch16 encoder")
-        self.body = ViTDetBackbone(encoder, out_channels, top_block=True, grad_checkpointing=grad_checkpointing)
+        self.body = ViTDetBackbone(encoder, out_channels, top_block=True, grad_checkpointing=grad_checkpointing,
+                                   train_pos_embed=train_pos_embed)
         self.out_channels = out_channels
 
     @property
@@ -88,8 +90,10 @@ def roi_pool(output_size: int) -> MultiScaleRoIAlign:
 
 
 def build_mask_rcnn(encoder: VisionTransformer, num_classes: int, size: int, out_channels: int = 256,
-                    grad_checkpointing: bool = False, detections_per_image: int = 100) -> MaskRCNN:
-    """Mask R-CNN with ``num_classes`` foreground classes (labels 1..num_classes) on ``encoder``.
+                    grad_checkpointing: bool = False, detections_per_image: int = 100,
+                    train_pos_embed: bool = True) -> MaskRCNN:
+    """Mask R-CNN with ``num_classes`` foreground classes (labels 1..num_classes) on ``encoder``
+    (an absolute position table trained unless ``train_pos_embed`` is False).
 
     In training, ``model(images, targets)`` -> dict of losses; in eval, ``model(images)`` -> per
     image {"boxes" (N, 4) xyxy, "labels" (N,), "scores" (N,), "masks" (N, 1, H, W) in [0, 1]} in
@@ -97,7 +101,7 @@ def build_mask_rcnn(encoder: VisionTransformer, num_classes: int, size: int, out
     """
     if size % 32:
         raise ValueError(f"the input size must be a multiple of 32 (the coarsest pyramid stride), got {size}")
-    backbone = PyramidBackbone(encoder, out_channels, grad_checkpointing)
+    backbone = PyramidBackbone(encoder, out_channels, grad_checkpointing, train_pos_embed)
     anchors = AnchorGenerator(sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
     rpn_head = RPNHead(out_channels, anchors.num_anchors_per_location()[0], conv_depth=2)
     box_head = FastRCNNConvFCHead((out_channels, 7, 7), [256] * 4, [1024], norm_layer=LayerNorm2d)

@@ -28,15 +28,17 @@ class UperNetSegmenter(nn.Module):
     """images (B, 3, H, W), sides multiples of 32 -> logits (B, num_classes, H, W).
 
     ``out_indices``: blocks feeding the pyramid (default :func:`spread_indices`); ``channels``:
-    the head's width (768 in mmseg's ViT-B recipe); ``aux_weight``: 0 drops the auxiliary head.
+    the head's width (768 in mmseg's ViT-B recipe); ``aux_weight``: 0 drops the auxiliary head;
+    ``train_pos_embed`` False keeps an absolute position table fixed.
     """
 
     def __init__(self, encoder: VisionTransformer, num_classes: int, out_indices=None, channels: int = 768,
-                 aux_channels: int = 256, aux_weight: float = 0.4, grad_checkpointing: bool = False):
+                 aux_channels: int = 256, aux_weight: float = 0.4, grad_checkpointing: bool = False,
+                 train_pos_embed: bool = True):
         super().__init__()
         depth = len(encoder.blocks)
         self.backbone = MultiLevelBackbone(encoder, out_indices or spread_indices(depth), pyramid=True,
-                                           grad_checkpointing=grad_checkpointing)
+                                           grad_checkpointing=grad_checkpointing, train_pos_embed=train_pos_embed)
         dim = self.backbone.encoder.embed_dim
         self.num_classes = num_classes
         self.decode_head = UPerHead([dim] * 4, num_classes, channels)

@@ -154,11 +154,7 @@ class DetectTask(Task):
                 raise UsageError(f"--rel-pos {cfg.rel_pos}: {exc}") from None
         cfg.rel_pos = encoder.config.rel_pos  # auto resolved: what the checkpoint records and a resume rebuilds
         encoder.set_grad_checkpointing(cfg.grad_checkpointing)
-        model = build_mask_rcnn(encoder, len(self.categories), cfg.img_size)
-        if not cfg.train_pos_embed:  # after the backbone is built: it trains the table by default
-            for module in model.modules():
-                if isinstance(module, VisionTransformer):
-                    module.freeze_pos_embed()
+        model = build_mask_rcnn(encoder, len(self.categories), cfg.img_size, train_pos_embed=cfg.train_pos_embed)
         model.roi_heads.fg_bg_sampler.batch_size_per_image = cfg.rois_per_image
         if saved is not None:
             model.load_state_dict(_fit_to_layout(ckpt["model"], model, encoder_config))

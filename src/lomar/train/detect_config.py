@@ -19,8 +19,9 @@ from lomar.train.settings_resume import TaskConfig, check_img_size, check_pretra
 __all__ = ["DetectConfig", "detect_checkpoint", "DETECTOR_LAYOUT"]
 
 _RUN = "run-control"
-# What a detector started from a `lomar detect` checkpoint takes from that run unless given: its input size
-# and its encoder's attention layout (the weights fit any, the model was trained and is scored with these).
+# What a detector started from a `lomar detect` checkpoint takes from that run unless given: its input size,
+# its encoder's attention layout (the weights fit any, the model was trained and is scored with these) and its
+# relative position term (part of the weights: it must match).
 DETECTOR_LAYOUT = ("img_size", "window_size", "global_blocks", "attention", "drop_path", "rel_pos")
 
 

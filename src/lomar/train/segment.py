@@ -79,9 +79,8 @@ class SegmentTask(Task):
         encoder.norm.requires_grad_(False)
         self.model = UperNetSegmenter(encoder, config.num_classes, channels=config.head_channels,
                                       aux_weight=config.aux_weight,
-                                      grad_checkpointing=config.grad_checkpointing).to(self.device)
-        if not config.train_pos_embed:  # after the backbone is built: it trains the table by default
-            self.model.backbone.encoder.freeze_pos_embed()
+                                      grad_checkpointing=config.grad_checkpointing,
+                                      train_pos_embed=config.train_pos_embed).to(self.device)
         self.loss_parts = ("loss_decode", "loss_aux") if self.model.aux_head is not None else ("loss_decode",)
         if world_size > 1 and self.device.type == "cuda":
             # mmseg's SyncBN: statistics over the whole batch, not each process's share (CUDA only in
