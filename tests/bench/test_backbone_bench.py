@@ -51,7 +51,6 @@ def test_mae_encoders_with_and_without_a_relative_position_term_are_timed_side_b
     records = json.loads(out.read_text())["records"]
     assert [r["encoder"] for r in records] == ["lomar", "mae", "mae+decomposed", "mae+bias"]
     assert all(r["status"] == "ok" and r["step_s"] > 0 and r["attention"] == "windowed" for r in records), records
-    assert records[2]["estimated_bytes"] >= records[1]["estimated_bytes"]  # the whole bias in every block
 
 
 def test_bad_sizes_are_one_line_errors(capsys):

@@ -128,3 +128,42 @@ def test_a_pretrained_encoder_loads_with_its_new_term_reported_fresh(tmp_path):
     assert encoder.config.rel_pos == "bias"
     assert sorted(encoder.load_report.fresh) == [f"blocks.{i}.attn.relative_position_bias_table" for i in range(4)]
     assert all(torch.equal(encoder.state_dict()[k], v) for k, v in pretrained.state_dict().items())
+
+
+@pytest.mark.parametrize("rel_pos", ["decomposed", "bias"])
+def test_chunked_attention_gives_the_dense_terms_result_and_gradients(rel_pos):
+    """By query chunks (the path `auto` takes where the whole bias would be large), with each chunk's bias
+    recomputed in the backward pass: the same output and gradients as the whole bias."""
+    torch.manual_seed(0)
+    models = {mode: VisionTransformer(replace(MAE, rel_pos=rel_pos, attention=mode, window_size=0, global_blocks=()))
+              for mode in ("dense", "chunked")}
+    for name, p in models["dense"].named_parameters():
+        if name.rsplit(".", 1)[-1] in ("rel_pos_h", "rel_pos_w", "relative_position_bias_table"):
+            torch.nn.init.normal_(p, std=0.2)  # a term that matters
+    models["chunked"].load_state_dict(models["dense"].state_dict())
+    images = torch.randn(2, 3, 128, 128)  # 8x8 grid, 65 tokens: chunks of 16 queries, the last one of 1
+    outs = {}
+    for mode, model in models.items():
+        outs[mode] = model.forward_features(images)
+        outs[mode].square().sum().backward()
+    torch.testing.assert_close(outs["chunked"], outs["dense"])
+    named = dict(models["dense"].named_parameters())
+    for name, p in models["chunked"].named_parameters():
+        torch.testing.assert_close(p.grad, named[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_bias_rows_are_the_rows_of_the_whole_bias():
+    from lomar.models.attention import biased_attention
+    from lomar.models.relpos import decomposed_rows, table_rows
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 2, 1 + 3 * 4, 8).unbind(0)
+    rows = decomposed_rows(q, torch.randn(5, 8), torch.randn(7, 8), (3, 4))
+    whole = rows(0, 13)
+    assert torch.equal(torch.cat([rows(0, 1), rows(1, 6), rows(6, 13)], dim=2), whole)
+    table = table_rows(torch.randn(5 * 7 + 3, 2), (3, 4), (3, 4))
+    assert torch.equal(torch.cat([table(0, 5), table(5, 13)], dim=2), table(0, 13))
+    key_bias = torch.zeros(2, 1, 1, 13).masked_fill(torch.arange(13) > 10, float("-inf"))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=whole + key_bias)
+    for chunk in (1, 4, 13):
+        torch.testing.assert_close(biased_attention(q, k, v, rows, "chunked", key_bias, chunk=chunk), want)

@@ -60,15 +60,13 @@ def _arch(model: str, tiny: bool, depth: int | None = None) -> tuple[int, int, i
 
 
 def estimate_bytes(variant: str, model: str, img_size: int, batch: int, grad_checkpointing: bool,
-                   precision: str = "fp32", tiny: bool = False, depth: int | None = None, full_bias: bool = False
-                   ) -> int:
+                   precision: str = "fp32", tiny: bool = False, depth: int | None = None) -> int:
     """Rough peak of one forward + backward (activations, gradients, temporaries), bytes.
 
     Per block the encoder keeps ~20 (B, L, D) tensors for the backward pass; with checkpointing
     one per block, plus ~60 while a block is recomputed and backpropagated (MLP hidden, SDPA
     temporaries; fitted to the CPU measurements in benchmarks/). Dense attention adds its
     (B, h, L, L) bias, probabilities and their gradients (4 of them); chunked ~8 chunk biases.
-    ``full_bias``: every mode builds the whole bias (an MAE encoder's relative position term).
     """
     patch, dim, depth, heads = _arch(model, tiny, depth)
     e = DTYPES[precision].itemsize
@@ -77,8 +75,6 @@ def estimate_bytes(variant: str, model: str, img_size: int, batch: int, grad_che
 
     def attention_bytes(n: int, count: int, mode: str) -> int:
         dense = 4 * batch * count * heads * n * n * e  # bias, probabilities and their gradients
-        if full_bias:
-            mode = "dense"
         if mode == "auto":
             mode = "dense" if n <= DENSE_MAX_TOKENS or dense <= 4 * DENSE_BIAS_BYTES else "chunked"
         return dense if mode == "dense" else min(dense, 8 * CHUNK_BIAS_BYTES)
@@ -181,8 +177,7 @@ def bench_backbone(model: str, sizes: list[int], variants: list[str], batch_size
     for size in sizes:
         flops = model_flops(model, size, batch_size, tiny, depth)
         for variant, encoder in ((v, e) for v in variants for e in encoders):
-            need = estimate_bytes(variant, model, size, batch_size, grad_checkpointing, precision, tiny, depth,
-                                  full_bias=ENCODERS[encoder][1] != "none")
+            need = estimate_bytes(variant, model, size, batch_size, grad_checkpointing, precision, tiny, depth)
             free = available_bytes(device)
             rec = dict(task="backbone", method=model, attention=variant, encoder=encoder, img_size=size, windows=None,
                        window_setting="-", batch_size=batch_size, grad_checkpointing=grad_checkpointing,

@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from lomar.models.rpe import CLS_BUCKET, bucket_rows, bucket_table, irpe_bias, offset_buckets
 
 __all__ = ["ATTENTION_MODES", "DENSE_MAX_TOKENS", "DENSE_BIAS_BYTES", "offset_buckets", "bucket_rows", "select_mode",
-           "chunk_rows", "rpe_attention", "flex_available", "irpe_score_mod", "windowed_attention",
+           "chunk_rows", "rpe_attention", "biased_attention", "flex_available", "irpe_score_mod", "windowed_attention",
            "vitdet_global_blocks"]
 
 AttentionMode = Literal["auto", "dense", "chunked", "flex"]
@@ -148,6 +148,30 @@ def rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
         raise ValueError(f"attention='flex' needs CUDA for training (on {q.device.type} FlexAttention "
                          f"has no backward); use 'chunked' or 'auto'")
     return _flex(q, k, v, table, grid, key_bias, compiled=q.device.type == "cuda")
+
+
+def _rows_chunk(q, k, v, rows, start: int, key_bias: torch.Tensor | None) -> torch.Tensor:
+    return _biased(q, k, v, rows(start, start + q.shape[2]).to(q.dtype), key_bias)
+
+
+def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows, mode: str = "auto",
+                     key_bias: torch.Tensor | None = None, chunk: int | None = None,
+                     recompute: bool = True) -> torch.Tensor:
+    """Attention with an additive bias given by rows: q, k, v (B, h, L, d) -> (B, h, L, d).
+
+    ``rows(start, stop)`` gives the bias of queries start..stop−1, (B or 1, h, stop − start, L) (a dense
+    task's relative position term, :mod:`lomar.models.relpos`). ``dense`` builds it whole; ``chunked``
+    (and ``flex``, which has no path for these terms) by ``chunk`` queries at a time, each recomputed in
+    the backward pass, as :func:`rpe_attention` does; ``auto`` as :func:`select_mode` picks.
+    """
+    b, h, length, _ = q.shape
+    if select_mode(mode, b, h, length, q.device, q.element_size()) == "dense":
+        return _rows_chunk(q, k, v, rows, 0, key_bias)
+    chunk = chunk or chunk_rows(b, h, length, q.element_size())
+    run = _rows_chunk
+    if recompute and torch.is_grad_enabled():
+        run = functools.partial(checkpoint, _rows_chunk, use_reentrant=False)
+    return torch.cat([run(q[:, :, s:s + chunk], k, v, rows, s, key_bias) for s in range(0, length, chunk)], dim=2)
 
 
 def windowed_attention(attn, x: torch.Tensor, grid: tuple[int, int], window: int,

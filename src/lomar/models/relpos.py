@@ -13,14 +13,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from lomar.models.vit_config import REL_POS_MODES
 
 __all__ = ["REL_POS_MODES", "REL_POS_PARAMS", "relative_position_index", "table_bias", "resize_bias_table",
-           "grid_table_bias", "resize_axis_table", "axis_table", "fit_axis_tables", "decomposed_bias"]
+           "table_rows", "grid_table_bias", "resize_axis_table", "axis_table", "fit_axis_tables",
+           "decomposed_rows", "decomposed_bias", "BiasRows"]
 
+# rows(start, stop) -> the bias rows of queries start..stop-1, (B or 1, heads, stop - start, L)
+BiasRows = Callable[[int, int], torch.Tensor]
 # The parameter names of the terms in a ViT's attention blocks (ViTDet's and mmsegmentation's own names)
 REL_POS_PARAMS = ("rel_pos_h", "rel_pos_w", "relative_position_bias_table")
 
@@ -73,13 +78,22 @@ def resize_bias_table(table: torch.Tensor, table_grid: tuple[int, int], grid: tu
     return torch.cat([resized.to(table.dtype).flatten(2)[0].T, table[-3:]])
 
 
+def table_rows(table: torch.Tensor, table_grid: tuple[int, int], grid: tuple[int, int]) -> BiasRows:
+    """:func:`table_bias` for any ``grid``, as rows: ``rows(start, stop)`` -> (1, heads, stop − start, L+1).
+    A grid larger than the table's resamples it first (:func:`resize_bias_table`)."""
+    if grid[0] > table_grid[0] or grid[1] > table_grid[1]:
+        wider = (max(grid[0], table_grid[0]), max(grid[1], table_grid[1]))
+        table, table_grid = resize_bias_table(table, table_grid, wider), wider
+    key = (tuple(grid), tuple(table_grid), str(table.device))
+    if key not in _INDEX_CACHE:
+        _INDEX_CACHE[key] = relative_position_index(*key[:2]).to(table.device)
+    index = _INDEX_CACHE[key]
+    return lambda start, stop: table[index[start:stop]].permute(2, 0, 1)[None]
+
+
 def grid_table_bias(table: torch.Tensor, table_grid: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
-    """:func:`table_bias` for any ``grid``: a larger one than the table's resamples it first
-    (:func:`resize_bias_table`). -> (heads, L+1, L+1)."""
-    if grid[0] <= table_grid[0] and grid[1] <= table_grid[1]:
-        return table_bias(table, table_grid, grid)
-    wider = (max(grid[0], table_grid[0]), max(grid[1], table_grid[1]))
-    return table_bias(resize_bias_table(table, table_grid, wider), wider, grid)
+    """:func:`table_rows` whole: (heads, L+1, L+1)."""
+    return table_rows(table, table_grid, grid)(0, grid[0] * grid[1] + 1)[0]
 
 
 def resize_axis_table(table: torch.Tensor, length: int) -> torch.Tensor:
@@ -103,17 +117,30 @@ def fit_axis_tables(state: dict[str, torch.Tensor], shapes: dict[str, torch.Size
             and v.ndim == 2 and v.shape[1:] == shapes[k][1:] else v for k, v in state.items()}
 
 
-def decomposed_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
-                    grid: tuple[int, int]) -> torch.Tensor:
-    """ViTDet's decomposed relative position term of queries q (B, h, 1+H·W, d) (unscaled) on ``grid``:
-    bias (B, h, 1+H·W, 1+H·W) whose entry for patch query (y, x) and patch key (y', x') is
-    q·R_h[y − y'] + q·R_w[x − x']; pairs with the cls token get 0 (ViTDet has no cls token)."""
+def decomposed_rows(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+                    grid: tuple[int, int]) -> BiasRows:
+    """ViTDet's decomposed relative position term of queries q (B, h, 1+H·W, d) (unscaled) on ``grid``, as
+    rows: ``rows(start, stop)`` -> (B, h, stop − start, 1+H·W), the rows of :func:`decomposed_bias`. Holds
+    only the per-axis products q·R_h (B, h, H·W, H) and q·R_w (B, h, H·W, W)."""
     b, heads, length, dim = q.shape
     height, width = grid
     if length != 1 + height * width:
         raise ValueError(f"{length} tokens do not match [cls] + a {height}x{width} grid")
     spatial = q[:, :, 1:].reshape(b, heads, height, width, dim)
-    along_h = torch.einsum("bnyxc,ykc->bnyxk", spatial, axis_table(rel_pos_h, height).to(q.dtype))
-    along_w = torch.einsum("bnyxc,xkc->bnyxk", spatial, axis_table(rel_pos_w, width).to(q.dtype))
-    bias = (along_h[..., :, None] + along_w[..., None, :]).reshape(b, heads, height * width, height * width)
-    return F.pad(bias, (1, 0, 1, 0))
+    along_h = torch.einsum("bnyxc,ykc->bnyxk", spatial, axis_table(rel_pos_h, height).to(q.dtype)).flatten(2, 3)
+    along_w = torch.einsum("bnyxc,xkc->bnyxk", spatial, axis_table(rel_pos_w, width).to(q.dtype)).flatten(2, 3)
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        first, last = max(start, 1) - 1, stop - 1  # the patch queries among the rows (query 0 is cls)
+        part = (along_h[:, :, first:last, :, None] + along_w[:, :, first:last, None, :]).flatten(-2)
+        return F.pad(part, (1, 0, int(start == 0), 0))  # cls key column, and the cls query's row: 0
+
+    return rows
+
+
+def decomposed_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+                    grid: tuple[int, int]) -> torch.Tensor:
+    """ViTDet's decomposed relative position term, whole: bias (B, h, 1+H·W, 1+H·W) whose entry for patch
+    query (y, x) and patch key (y', x') is q·R_h[y − y'] + q·R_w[x − x']; pairs with the cls token get 0
+    (ViTDet has no cls token)."""
+    return decomposed_rows(q, rel_pos_h, rel_pos_w, grid)(0, q.shape[2])

@@ -16,9 +16,9 @@ from timm.layers import DropPath, resample_abs_pos_embed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lomar.models.attention import ATTENTION_MODES, rpe_attention, windowed_attention
+from lomar.models.attention import ATTENTION_MODES, biased_attention, rpe_attention, windowed_attention
 from lomar.models.masking import grid_size
-from lomar.models.relpos import decomposed_bias, grid_table_bias
+from lomar.models.relpos import decomposed_rows, table_rows
 from lomar.models.rpe import ContextualRPE
 from lomar.models.vit_config import MODEL_SIZES, PATCH_SIZES, EncoderShape, ViTConfig, list_models, model_config
 
@@ -118,13 +118,12 @@ class Attention(nn.Module):
             self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * height - 1) * (2 * width - 1) + 3,
                                                                          num_heads))
 
-    def position_bias(self, q: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor | None:
-        """The ``rel_pos`` term for queries q (B, h, 1+H·W, d) on ``grid``: (B or 1, h, L, L), or None."""
+    def position_rows(self, q: torch.Tensor, grid: tuple[int, int]):
+        """The ``rel_pos`` term for queries q (B, h, 1+H·W, d) on ``grid``, as rows
+        (:data:`lomar.models.relpos.BiasRows`)."""
         if self.rel_pos == "decomposed":
-            return decomposed_bias(q, self.rel_pos_h, self.rel_pos_w, grid)
-        if self.rel_pos == "bias":
-            return grid_table_bias(self.relative_position_bias_table, self.rel_pos_size, grid)[None].to(q.dtype)
-        return None
+            return decomposed_rows(q, self.rel_pos_h, self.rel_pos_w, grid)
+        return table_rows(self.relative_position_bias_table, self.rel_pos_size, grid)
 
     def forward(self, x: torch.Tensor, buckets: torch.Tensor | None = None, grid: tuple[int, int] | None = None,
                 mode: str = "auto", key_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,15 +132,14 @@ class Attention(nn.Module):
         Either ``buckets`` (L, L) from ``bucket_table`` (the dense bias), or the ``grid`` the
         [cls]+tokens lie on and an attention ``mode`` (:func:`lomar.models.attention.rpe_attention`;
         ``key_bias`` (B, 1, 1, L) masks keys). Without RPE neither is needed, except for ``rel_pos``,
-        which needs the ``grid``.
+        which needs the ``grid`` (and takes the ``mode``: :func:`lomar.models.attention.biased_attention`).
         """
         b, length, dim = x.shape
         q, k, v = self.qkv(x).view(b, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         if self.rel_pos != "none":
             if grid is None:
                 raise ValueError(f"rel_pos={self.rel_pos!r} needs the grid of the [cls]+tokens")
-            bias = self.position_bias(q, grid)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias if key_bias is None else bias + key_bias)
+            out = biased_attention(q, k, v, self.position_rows(q, grid), mode, key_bias)
         elif grid is not None and buckets is None:
             table = self.rpe.table[0] if self.rpe is not None else None
             out = rpe_attention(q, k, v, table, grid, mode, key_bias)
