@@ -1,11 +1,14 @@
 """Relative position terms that enter attention as an additive bias over [cls] + a grid of tokens.
 
 - BEiT's table (Bao et al.): one learned bias per head for each (Δy, Δx) of a query–key pair, plus
-  three for the pairs with the cls token; :func:`table_bias`. BEiT pretrains with it, and
-  mmsegmentation's MAE backbone adds one per block, zero-initialised, for segmentation.
+  three for the pairs with the cls token; :func:`table_bias` (BEiT pretrains with it) and
+  :func:`table_rows` (mmsegmentation's MAE backbone adds one per block, zero-initialised, for segmentation).
 - ViTDet's decomposed term (Li et al., 2022): q_i·R_h[Δy] + q_i·R_w[Δx] with learned per-axis
-  tables (2S−1, head_dim), zero-initialised; :func:`decomposed_bias`. ViTDet adds it to every block
+  tables (2S−1, head_dim), zero-initialised; :func:`decomposed_rows`. ViTDet adds it to every block
   of an MAE backbone for detection.
+
+The dense tasks' terms come as rows (:data:`BiasRows`), so that attention can build the bias of a few
+queries at a time (:func:`lomar.models.attention.biased_attention`); ``*_bias`` give it whole.
 
 ``REL_POS_MODES`` names the choice a :class:`~lomar.models.vit.ViTConfig` records: ``none``,
 ``decomposed`` or ``bias``. LoMaR's own contextual RPE is :mod:`lomar.models.rpe`.
