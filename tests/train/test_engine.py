@@ -288,3 +288,8 @@ def test_knn_every_epoch(tmp_path, image_dir, capsys):
     assert "k-NN top-1" in capsys.readouterr().out
     assert pretrain("--data", str(image_dir), "--out", str(tmp_path / "r2"), "--knn-every", "1") == 2
     assert "--knn-data" in capsys.readouterr().err
+    # the reverse: a k-NN set with no schedule would be read by nothing; a resumed run keeps what it saved
+    assert pretrain("--data", str(image_dir), "--out", str(tmp_path / "r3"), "--knn-data", str(root)) == 2
+    assert capsys.readouterr().err.strip().endswith("--knn-data is used only with --knn-every N (a k-NN evaluation "
+                                                    "every N epochs); add --knn-every 1, or drop --knn-data")
+    assert not (tmp_path / "r3").exists()

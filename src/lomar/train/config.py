@@ -173,16 +173,16 @@ class PretrainConfig(TaskConfig):
         if "blr" in explicit and "lr" not in explicit:
             values["lr"] = None  # a given base lr scales with the batch, over a recipe's absolute lr (BEiT's)
         values["preset"] = explicit.get("preset") or ("demo" if explicit.get("data") is None else "paper")
-        if values["preset"] == "demo":
-            preset = dict(DEMO_PRESET)
-            if "model" in explicit:  # a named model brings its own widths
-                for key in ("embed_dim", "depth", "num_heads"):
-                    preset.pop(key)
-            values.update(preset)
+        if values["preset"] == "demo":  # a named model brings its own widths
+            values.update({k: v for k, v in DEMO_PRESET.items()
+                           if "model" not in explicit or k not in ("embed_dim", "depth", "num_heads")})
         values.update(explicit)
         return values
 
     def complete(self, explicit: dict[str, Any]) -> None:
+        if "knn_data" in explicit and not self.knn_every:  # else it would be read by nothing, silently
+            raise ConfigError("--knn-data is used only with --knn-every N (a k-NN evaluation every N epochs); add "
+                              "--knn-every 1, or drop --knn-data")
         if self.method in names():  # an unknown one is reported by validate
             method = get_method(self.method)
             self.mask_ratio = method.default_mask_ratio if self.mask_ratio is None else self.mask_ratio
