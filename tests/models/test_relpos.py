@@ -12,7 +12,6 @@ from lomar.models.relpos import (
     decomposed_bias,
     fit_axis_tables,
     grid_table_bias,
-    relative_position_index,
     resize_axis_table,
     table_bias,
 )
@@ -59,9 +58,10 @@ def test_grid_table_bias_reads_subgrids_and_resamples_for_larger_grids():
     torch.testing.assert_close(grid_table_bias(table, (3, 4), (2, 3)), table_bias(table, (3, 4), (2, 3)))
     larger = grid_table_bias(table, (3, 4), (5, 6))
     assert larger.shape == (2, 31, 31)
-    index = relative_position_index((5, 6))
     assert torch.equal(larger[:, 0, 0], table[-1]) and torch.equal(larger[:, 0, 1], table[-3])
-    assert torch.equal(larger[:, 1, 0], table[-2]) and index.shape == (31, 31)
+    assert torch.equal(larger[:, 1, 0], table[-2])  # the cls entries are kept
+    # the resampling is centred: offset (0, 0) of the 9x11 offsets lands on the 5x7 table's centre, 2 * 7 + 3
+    torch.testing.assert_close(torch.diagonal(larger[:, 1:, 1:], dim1=1, dim2=2), table[17][:, None].expand(2, 30))
     constant = grid_table_bias(torch.full((38, 2), 0.25), (3, 4), (5, 6))
     torch.testing.assert_close(constant, torch.full_like(constant, 0.25))
 
