@@ -11,9 +11,9 @@ from lomar.models.relpos import (
     axis_table,
     decomposed_bias,
     fit_axis_tables,
-    grid_table_bias,
     resize_axis_table,
     table_bias,
+    table_rows,
 )
 from lomar.models.vit import VisionTransformer, ViTConfig
 
@@ -52,17 +52,20 @@ def test_axis_tables_are_resampled_linearly_to_another_size():
     assert fitted["a.attn.qkv.weight"].shape == (3, 2)  # not a table: left for load_state_dict to refuse
 
 
-def test_grid_table_bias_reads_subgrids_and_resamples_for_larger_grids():
+def test_table_rows_read_subgrids_and_resample_for_larger_grids():
+    def whole(table, table_grid, grid):
+        return table_rows(table, table_grid, grid)(0, grid[0] * grid[1] + 1)[0]
+
     torch.manual_seed(0)
     table = torch.randn(5 * 7 + 3, 2)  # built for a 3x4 grid
-    torch.testing.assert_close(grid_table_bias(table, (3, 4), (2, 3)), table_bias(table, (3, 4), (2, 3)))
-    larger = grid_table_bias(table, (3, 4), (5, 6))
+    torch.testing.assert_close(whole(table, (3, 4), (2, 3)), table_bias(table, (3, 4), (2, 3)))
+    larger = whole(table, (3, 4), (5, 6))
     assert larger.shape == (2, 31, 31)
     assert torch.equal(larger[:, 0, 0], table[-1]) and torch.equal(larger[:, 0, 1], table[-3])
     assert torch.equal(larger[:, 1, 0], table[-2])  # the cls entries are kept
     # the resampling is centred: offset (0, 0) of the 9x11 offsets lands on the 5x7 table's centre, 2 * 7 + 3
     torch.testing.assert_close(torch.diagonal(larger[:, 1:, 1:], dim1=1, dim2=2), table[17][:, None].expand(2, 30))
-    constant = grid_table_bias(torch.full((38, 2), 0.25), (3, 4), (5, 6))
+    constant = whole(torch.full((38, 2), 0.25), (3, 4), (5, 6))
     torch.testing.assert_close(constant, torch.full_like(constant, 0.25))
 
 
@@ -154,7 +157,7 @@ def test_chunked_attention_gives_the_dense_terms_result_and_gradients(rel_pos):
 
 def test_bias_rows_are_the_rows_of_the_whole_bias():
     from lomar.models.attention import biased_attention
-    from lomar.models.relpos import decomposed_rows, table_rows
+    from lomar.models.relpos import decomposed_rows
 
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 2, 2, 1 + 3 * 4, 8).unbind(0)

@@ -8,7 +8,7 @@
   of an MAE backbone for detection.
 
 The dense tasks' terms come as rows (:data:`BiasRows`), so that attention can build the bias of a few
-queries at a time (:func:`lomar.models.attention.biased_attention`); ``*_bias`` give it whole.
+queries at a time (:func:`lomar.models.attention.biased_attention`); ``rows(0, L)`` is the whole bias.
 
 ``REL_POS_MODES`` names the choice a :class:`~lomar.models.vit.ViTConfig` records: ``none``,
 ``decomposed`` or ``bias``. LoMaR's own contextual RPE is :mod:`lomar.models.rpe`.
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from lomar.models.vit_config import REL_POS_MODES
 
 __all__ = ["REL_POS_MODES", "REL_POS_PARAMS", "relative_position_index", "table_bias", "resize_bias_table",
-           "table_rows", "grid_table_bias", "resize_axis_table", "axis_table", "fit_axis_tables",
+           "table_rows", "resize_axis_table", "axis_table", "fit_axis_tables",
            "decomposed_rows", "decomposed_bias", "BiasRows"]
 
 # rows(start, stop) -> the bias rows of queries start..stop-1, (B or 1, heads, stop - start, L)
@@ -63,12 +63,16 @@ def relative_position_index(grid: tuple[int, int], table_grid: tuple[int, int] |
 _INDEX_CACHE: dict[tuple[tuple[int, int], tuple[int, int], str], torch.Tensor] = {}
 
 
+def _cached_index(grid: tuple[int, int], table_grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+    key = (tuple(grid), tuple(table_grid), str(device))
+    if key not in _INDEX_CACHE:
+        _INDEX_CACHE[key] = relative_position_index(*key[:2]).to(device)
+    return _INDEX_CACHE[key]
+
+
 def table_bias(table: torch.Tensor, table_grid: tuple[int, int], grid: tuple[int, int] | None = None) -> torch.Tensor:
     """table ((2Th−1)(2Tw−1)+3, heads) → bias (heads, L+1, L+1) for ``grid`` (default ``table_grid``)."""
-    key = (tuple(grid or table_grid), tuple(table_grid), str(table.device))
-    if key not in _INDEX_CACHE:
-        _INDEX_CACHE[key] = relative_position_index(*key[:2]).to(table.device)
-    index = _INDEX_CACHE[key]
+    index = _cached_index(grid or table_grid, table_grid, table.device)
     return table[index.flatten()].view(*index.shape, -1).permute(2, 0, 1).contiguous()
 
 
@@ -87,16 +91,8 @@ def table_rows(table: torch.Tensor, table_grid: tuple[int, int], grid: tuple[int
     if grid[0] > table_grid[0] or grid[1] > table_grid[1]:
         wider = (max(grid[0], table_grid[0]), max(grid[1], table_grid[1]))
         table, table_grid = resize_bias_table(table, table_grid, wider), wider
-    key = (tuple(grid), tuple(table_grid), str(table.device))
-    if key not in _INDEX_CACHE:
-        _INDEX_CACHE[key] = relative_position_index(*key[:2]).to(table.device)
-    index = _INDEX_CACHE[key]
+    index = _cached_index(grid, table_grid, table.device)
     return lambda start, stop: table[index[start:stop]].permute(2, 0, 1)[None]
-
-
-def grid_table_bias(table: torch.Tensor, table_grid: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
-    """:func:`table_rows` whole: (heads, L+1, L+1)."""
-    return table_rows(table, table_grid, grid)(0, grid[0] * grid[1] + 1)[0]
 
 
 def resize_axis_table(table: torch.Tensor, length: int) -> torch.Tensor:
