@@ -50,7 +50,7 @@ from lomar.checkpoints.reader import (
 from lomar.checkpoints.sharded import read_sharded
 from lomar.models.beit import BEiT, BEiTConfig
 from lomar.models.masking import grid_size
-from lomar.models.vit import VisionTransformer, ViTConfig, table_for_grid
+from lomar.models.vit import VisionTransformer, ViTConfig
 
 __all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "read", "load_model", "encoder_weights",
            "saved_settings", "PRETRAIN_FORMAT", "CLASSIFIER_FORMAT", "BEiTReader", "BEiTPretrainReader",
@@ -119,10 +119,8 @@ class VitReader(Reader):
         model = VisionTransformer(config, num_classes=num_classes, global_pool=pool)
         if config.pos == "abs" and state["pos_embed"].shape != model.pos_embed.shape:
             saved = _inferred_config(src, {k: v for k, v in overrides.items() if k != "img_size"})
-            table = table_for_grid(state["pos_embed"], model.grid, grid_size(saved.img_size, saved.patch_size))
-            state = {k: v for k, v in state.items() if k != "pos_embed"}  # a fixed sin-cos: the model's is exact
-            if table is not None:  # trained by finetuning: resampled from its own grid
-                state["pos_embed"] = table
+            source = grid_size(saved.img_size, saved.patch_size)
+            state = {**state, "pos_embed": model.fit_pos_embed(state["pos_embed"], source)}
         if num_classes and pool == "avg":
             state, _ = drop_final_norm(state)
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -39,7 +39,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from lomar.checkpoints.keys import encoder_keys
-from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig, table_for_grid
+from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig
 
 __all__ = ["LomarVisionTransformer", "checkpoint_filter_fn", "create_from_export"]
 
@@ -172,8 +172,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: LomarVision
     weights = encoder_keys(state)
     for key, value in weights.items():
         if key == "pos_embed" and key in own and own[key].shape != value.shape:
-            if (value := table_for_grid(value, model.grid)) is None:
-                continue  # the fixed sin-cos: the model's own is exact for its grid
+            value = model.fit_pos_embed(value)
         if key not in own or own[key].shape != value.shape:
             if key.startswith(("head.", "fc_norm.", "norm.", "pos_embed")):
                 continue  # classifier/norm layout chosen by the model's args; an RPE model has no pos_embed

@@ -264,6 +264,12 @@ class VisionTransformer(nn.Module):
         if self.pos_embed is not None:
             self.pos_embed.requires_grad_(False)
 
+    def fit_pos_embed(self, table: torch.Tensor, source: tuple[int, int] | None = None) -> torch.Tensor:
+        """A saved absolute table (1, 1+N, D) for this model's grid: the model's own for MAE's fixed sin-cos
+        (exact at any size), else resampled from ``source`` (:func:`table_for_grid`)."""
+        fitted = table_for_grid(table, self.grid, source)
+        return self.pos_embed.detach() if fitted is None else fitted
+
     def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
         """Absolute table (1, 1+Hg·Wg, D) for a grid, bicubically interpolated if needed."""
         return resample_abs_pos_embed(self.pos_embed, grid, self.grid, antialias=False)

@@ -41,7 +41,7 @@ from lomar.integrations.detection import build_mask_rcnn, detector_param_groups
 from lomar.models.attention import vitdet_global_blocks
 from lomar.models.masking import grid_size
 from lomar.models.relpos import fit_axis_tables
-from lomar.models.vit import VisionTransformer, ViTConfig, model_config, table_for_grid
+from lomar.models.vit import VisionTransformer, ViTConfig, model_config
 from lomar.train.detect_config import DetectConfig, detect_checkpoint
 from lomar.train.distributed import DistInfo, init_distributed
 from lomar.train.lifecycle import Task, run
@@ -74,10 +74,9 @@ def _fit_to_layout(state: dict, model: torch.nn.Module, saved: ViTConfig) -> dic
     sin-cos table is the model's own, exact at any size)."""
     own = model.state_dict()
     state = fit_axis_tables(state, {k: v.shape for k, v in own.items()})
-    source, grid = grid_size(saved.img_size, saved.patch_size), model.backbone.encoder.grid
+    source = grid_size(saved.img_size, saved.patch_size)
     for key in [k for k, v in state.items() if k.endswith("encoder.pos_embed") and v.shape != own.get(k, v).shape]:
-        table = table_for_grid(state[key], grid, source)
-        state[key] = own[key] if table is None else table
+        state[key] = model.backbone.encoder.fit_pos_embed(state[key], source)
     return state
 
 
