@@ -225,6 +225,18 @@ def test_model_flag_lists_the_models():
     assert all(name in help_text for name in MODEL_NAMES)
 
 
+
+def test_torch_free_choices_equal_the_models_own():
+    """The flags' choices are written out (no torch for --help); they must name what the code builds."""
+    from lomar.bench.backbone import ENCODERS
+    from lomar.models.vit_config import REL_POS_MODES
+    from lomar.train.settings import REL_POS
+
+    assert REL_POS.choices == ("auto", *REL_POS_MODES)
+    bench = _subparsers()["bench"]
+    assert next(a.choices for a in bench._actions if "--encoders" in a.option_strings) == tuple(ENCODERS)
+
+
 def _torch_free(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 

@@ -23,6 +23,8 @@ _RUN = "run-control"
 # its encoder's attention layout (the weights fit any, the model was trained and is scored with these) and its
 # relative position term (part of the weights: it must match).
 DETECTOR_LAYOUT = ("img_size", "window_size", "global_blocks", "attention", "drop_path", "rel_pos")
+# What a checkpoint saved before these settings existed trained with: a fixed position table, no relative term
+_SAVED_BEFORE = {"train_pos_embed": False, "rel_pos": "none"}
 
 
 def detect_checkpoint(path: str | Path) -> Path | None:
@@ -95,8 +97,7 @@ class DetectConfig(TaskConfig):
         """The settings a `lomar detect` checkpoint saved; None for another file."""
         if checkpoint.get("format") != DETECT_FORMAT or "optimizer" not in checkpoint:
             return None
-        # runs saved before these settings: a fixed position table, no relative position term
-        return {"train_pos_embed": False, "rel_pos": "none", **checkpoint.get("settings", {})}
+        return {**_SAVED_BEFORE, **checkpoint.get("settings", {})}
 
     def complete(self, explicit: dict[str, Any]) -> None:
         for split in ("train", "val"):
@@ -108,7 +109,7 @@ class DetectConfig(TaskConfig):
 
             settings = safe_load(saved, mmap=True).get("settings")
             if isinstance(settings, dict):
-                settings = {"rel_pos": "none", **settings}  # a detector saved before the setting had none
+                settings = {**_SAVED_BEFORE, **settings}
                 taken = {k: v for k, v in settings.items() if k in DETECTOR_LAYOUT and k not in explicit}
                 for name, value in coerce_all(type(self), taken, str(saved), strict=False).items():
                     setattr(self, name, value)
