@@ -114,6 +114,23 @@ def test_a_cls_pooled_classifier_loads_as_it_was_trained(tmp_path, saved_pool):
     torch.testing.assert_close(loaded.eval()(x), classifier.eval()(x))
 
 
+def test_a_non_square_classifier_loads_at_its_saved_size_and_a_bare_one_asks_for_it(tmp_path):
+    """A (height, width) size saved in the checkpoint's config rebuilds that grid; without it no shape tells a
+    4 x 6 grid from a 6 x 4 one, so the reader asks rather than guessing a square."""
+    torch.manual_seed(0)
+    config = ViTConfig(img_size=(32, 48), patch_size=8, embed_dim=32, depth=2, num_heads=2, pos="abs")
+    classifier = VisionTransformer(config, num_classes=3)
+    atomic_save({"model": classifier.state_dict(), "config": config.to_dict()}, tmp_path / "saved.pt")
+    loaded = formats.load_model(tmp_path / "saved.pt")
+    x = torch.randn(2, 3, 32, 48)
+    assert loaded.config.img_size == (32, 48)
+    torch.testing.assert_close(loaded.eval()(x), classifier.eval()(x))
+    atomic_save({"model": classifier.state_dict()}, tmp_path / "bare.pt")
+    with pytest.raises(ValueError, match=r"holds 24 patches, not a square grid.*pass img_size=\(height, width\)"):
+        formats.load_model(tmp_path / "bare.pt", num_heads=2)
+    assert formats.load_model(tmp_path / "bare.pt", num_heads=2, img_size=(32, 48)).config.img_size == (32, 48)
+
+
 def test_unknown_format_is_named(tmp_path):
     atomic_save({"model": {"foo.weight": torch.zeros(1)}}, tmp_path / "x.pt")
     with pytest.raises(ValueError, match=r"x.pt is in no format lomar reads \(keys: foo.weight"):

@@ -57,12 +57,18 @@ __all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "read", 
            "BEiTExportReader", "OriginalBEiTReader", "BEiTFinetuneReader", "TimmBeitWeights"]
 
 
+def _a_size(value) -> bool:
+    """An int, or a (height, width) pair as a ViTConfig saves a non-square size."""
+    pair = isinstance(value, (list, tuple)) and len(value) == 2
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in (value if pair else [value]))
+
+
 def _inferred_config(src: Source, overrides: dict) -> ViTConfig:
     """The encoder's config from its shapes and saved sizes, with the ViTDet windows of the ViTConfig a
     classifier checkpoint saved (``lomar finetune``: ``config``, :func:`pretrain_checkpoint`: ``vit_config``):
     no shape tells them, and the same weights with global attention are another model."""
     hints = args_dict(src.data, ("config", "vit_config", "args"))
-    hints = {k: v for k, v in hints.items() if k in ("num_heads", "img_size", "input_size") and isinstance(v, int)}
+    hints = {k: v for k, v in hints.items() if k in ("num_heads", "img_size", "input_size") and _a_size(v)}
     config = infer_vit_config(src.state, hints, **overrides)
     for key in ("config", "vit_config"):
         saved = src.data.get(key)

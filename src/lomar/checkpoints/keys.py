@@ -7,6 +7,7 @@ checkpoint filter.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 
 import torch
@@ -115,11 +116,17 @@ def infer_vit_config(state: dict[str, torch.Tensor], hints: dict | None = None, 
                          f"pass num_heads=... to load_original")
     img_size = overrides.get("img_size") or hints.get("img_size") or hints.get("input_size")
     if not img_size and "pos_embed" in state:
-        img_size = int(round((state["pos_embed"].shape[1] - 1) ** 0.5)) * patch
-    if img_size and not 1 <= int(img_size) <= MAX_IMG_SIZE:  # an absolute table is built for it: bound it first
+        cells = state["pos_embed"].shape[1] - 1
+        side = math.isqrt(cells)
+        if side * side != cells:  # no shape tells a 12 x 16 grid from a 16 x 12 one
+            raise ValueError(f"the position table holds {cells} patches, not a square grid, and the checkpoint "
+                             f"saves no image size; pass img_size=(height, width) for the size it was trained at")
+        img_size = side * patch
+    sides = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size,) if img_size else ()
+    if not all(1 <= int(v) <= MAX_IMG_SIZE for v in sides):  # an absolute table is built for it: bound it first
         raise ValueError(f"image size {img_size} (from the checkpoint's saved settings) is outside "
                          f"[1, {MAX_IMG_SIZE}]; pass img_size=... for the size to load it at")
     pos = "rpe" if rpe_key in state else "abs" if "pos_embed" in state else "none"
-    return ViTConfig(img_size=int(img_size or 224), patch_size=patch, in_chans=in_chans, embed_dim=dim,
+    return ViTConfig(img_size=img_size or 224, patch_size=patch, in_chans=in_chans, embed_dim=dim,
                      depth=depth, num_heads=int(heads), mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / dim,
                      pos=pos)
