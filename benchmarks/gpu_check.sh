@@ -25,6 +25,8 @@
 #     -imagenet reads ImageNet-size photos (500x375) instead of camera ones: with full-imagenet the workers
 #     outrun the model, so the run measures the training loop's own rate, input aside)
 #   GPU_CHECK_BACKBONE_SIZES="1024 1536 2048"  GPU_CHECK_BACKBONE_ATTENTION="dense chunked flex windowed"
+#   GPU_CHECK_BACKBONE_ENCODERS="lomar mae mae+decomposed mae+bias" (windowed, at GPU_CHECK_BACKBONE_RELPOS_SIZES:
+#     the first backbone size): backbone-relpos.json
 #   GPU_CHECK_T_ENV/_BENCH/_PRETRAIN/_LOADER/_TESTS/_FINETUNE/_BACKBONE: per-part timeouts (s)
 #   GPU_CHECK_BUDGET=470 (s, whole check: bench runs, last, are skipped when it is spent)
 #   GPU_CHECK_VENV=/tmp/lomar-gpu-check-venv (an existing venv not made by this script is used as is)
@@ -64,6 +66,8 @@ COUNT=${GPU_CHECK_CAMERA_COUNT:-$D_COUNT}; FSTEPS=${GPU_CHECK_FINETUNE_STEPS:-$D
 [ "$COUNT" -lt "$PBATCH" ] && PBATCH=$COUNT  # one pretraining step needs a whole batch of test images
 BB_SIZES=${GPU_CHECK_BACKBONE_SIZES:-$D_BB}
 BB_ATTENTION=${GPU_CHECK_BACKBONE_ATTENTION:-$D_BBATT}
+BB_ENCODERS=${GPU_CHECK_BACKBONE_ENCODERS:-lomar mae mae+decomposed mae+bias}
+BB_RP_SIZES=${GPU_CHECK_BACKBONE_RELPOS_SIZES:-${BB_SIZES%% *}}  # the encoders at the first backbone size
 COMPILE_SIZES=${GPU_CHECK_COMPILE_SIZES-$D_CSIZES}  # torch.compile costs ~45 s per model: one size
 PARTS=${GPU_CHECK_PARTS:-env tests loader pretrain bench}
 DECODES=${GPU_CHECK_DECODE:-$D_DECODE}
@@ -372,6 +376,12 @@ if want backbone; then
       --attention $BB_ATTENTION --grad-checkpointing --device "$DEVICE" --precision "$PRECISION" \
       --json "$DEST/backbone.json" 2>&1 | tee -a "$LOG"
     status backbone "${PIPESTATUS[0]}"
+    # the encoders a dense task builds, side by side: LoMaR's iRPE against MAE without and with its recipe's
+    # relative position term (detect: decomposed, segment: bias), in ViTDet's layout
+    timeout "${GPU_CHECK_T_BACKBONE:-90}" "${LOMAR[@]}" bench --task backbone --model "$MODEL" --sizes $BB_RP_SIZES \
+      --attention windowed --encoders $BB_ENCODERS --grad-checkpointing --device "$DEVICE" --precision "$PRECISION" \
+      --json "$DEST/backbone-relpos.json" 2>&1 | tee -a "$LOG"
+    status backbone-relpos "${PIPESTATUS[0]}"
   else
     status backbone 0 "skipped: this lomar has no 'bench --task backbone' (see lomar bench --help)"
   fi

@@ -32,7 +32,7 @@ def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
     log = (tmp_path / "out" / "summary.log").read_text()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     reports = {line.split("part ")[1].split(":")[0]: line for line in log.splitlines() if "] part " in line}
-    expected = set(PARTS.split()) - {"bench"} | {"bench-64", "bench-compile-64-lomar", "bench-compile-64-mae",
+    expected = set(PARTS.split()) - {"bench"} | {"bench-64", "bench-compile-64-lomar", "bench-compile-64-mae", "backbone-relpos",
                                                   "mfu-tests", "mfu-2-eager", "mfu-2-reduce-overhead"}
     assert expected <= reports.keys(), log[-3000:]
     failed = [line for line in reports.values() if ": ok (rc 0)" not in line]
@@ -62,6 +62,8 @@ def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
     settings = yaml.safe_load((tmp_path / "work" / "pretrain-draft-inline-imagenet" / "config.yaml").read_text())
     assert settings["decode"] == "draft" and settings["decode_ahead"] == 0
     assert Path(settings["data"]).name == "imagenet-repeated"
+    relpos = json.loads((out / "backbone-relpos.json").read_text())
+    assert {r["encoder"] for r in relpos["records"]} == {"lomar", "mae", "mae+decomposed", "mae+bias"}, relpos
     loader = json.loads((out / "loader.json").read_text())
     assert {r["decode"] for r in loader["records"]} >= {"full", "draft"}
     # the MFU sweep: its two runs (profiled) and the bench part's LoMaR rows, best MFU first
