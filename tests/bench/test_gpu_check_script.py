@@ -32,8 +32,9 @@ def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
     log = (tmp_path / "out" / "summary.log").read_text()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     reports = {line.split("part ")[1].split(":")[0]: line for line in log.splitlines() if "] part " in line}
-    expected = set(PARTS.split()) - {"bench"} | {"bench-64", "bench-compile-64-lomar", "bench-compile-64-mae", "backbone-relpos",
-                                                  "mfu-tests", "mfu-2-eager", "mfu-2-reduce-overhead"}
+    expected = set(PARTS.split()) - {"bench"} | {"bench-64", "bench-compile-64-lomar", "bench-compile-64-mae",
+                                                  "backbone-relpos", "mfu-tests", "mfu-2-eager",
+                                                  "mfu-2-reduce-overhead"}
     assert expected <= reports.keys(), log[-3000:]
     failed = [line for line in reports.values() if ": ok (rc 0)" not in line]
     assert not failed, "\n".join(failed) + "\n" + log[-3000:]
