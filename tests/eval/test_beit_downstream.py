@@ -132,6 +132,14 @@ def test_segment_refuses_a_beit_encoder_in_one_line(beit_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "only LoMaR / MAE ViT encoders can be segmentation backbones, not Beit" in err
     assert "Traceback" not in err
+    # detect asks its ViTDet layout of the encoder: refused before that, for the same reason
+    ann = tmp_path / "set" / "annotations" / "instances_train.json"
+    images = str(tmp_path / "set" / "images" / "train")
+    code = main(["detect", "--train-ann", str(ann), "--train-images", images, "--val-ann", str(ann), "--val-images",
+                 images, "--img-size", "32", "--workers", "0",
+                 "--pretrained", str(beit_run / "run" / "last.pt"), "--device", "cpu", "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert code == 2 and "only LoMaR / MAE ViT encoders can be detection backbones, not BEiT" in err
 
 
 def test_a_beit_encoder_is_finetuned_with_beits_recipe(beit_run, tmp_path, capsys, monkeypatch):

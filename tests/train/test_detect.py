@@ -70,6 +70,24 @@ BAD = {  # how the file is broken -> what its one line must say
                         and d["images"][0].update(id="a"), "image id 'a' is not an integer"),
     "image listed but missing": (lambda d: d["images"][0].update(file_name="gone.png"),
                                  "not found under"),
+    "list image id": (lambda d: d["annotations"][0].update(image_id=[1]), "has image_id [1], not an integer id"),
+    "list category id": (lambda d: d["annotations"][0].update(category_id=[3]),
+                         "has category_id [3], not an integer id"),
+    "empty string id": (lambda d: d["annotations"][1].update(id=""), "annotation id '' is not an integer"),
+    "string area": (lambda d: d["annotations"][0].update(area="abc"), "has area 'abc'; an area is a finite number"),
+    "infinite width": (lambda d: d["images"][0].update(width=math.inf), "has width inf, height 96"),
+    "string iscrowd": (lambda d: d["annotations"][0].update(iscrowd="0"), "has iscrowd '0'; it is 0 or 1"),
+    "RLE runs short of its mask": (lambda d: d["annotations"][0].update(segmentation={"size": [96, 128],
+                                                                                      "counts": [5, 3]}),
+                                   "counts totalling 8 pixels, where its 96x128 mask needs runs totalling 12288"),
+    "RLE with a negative run": (lambda d: d["annotations"][0].update(segmentation={"size": [96, 128],
+                                                                                   "counts": [-5, 12293]}),
+                                "an RLE with malformed counts"),
+    "RLE string out of the alphabet": (lambda d: d["annotations"][0].update(segmentation={"size": [96, 128],
+                                                                                          "counts": "!!!garbage"}),
+                                       "an RLE with malformed counts"),
+    "nothing to score": (lambda d: d.update(annotations=[a | {"iscrowd": 1} for a in d["annotations"]]),
+                         "no annotation to score (each is a crowd region or of zero area)"),
     "empty split": (_set("images", []), "lists no images"),
     "no categories": (_set("categories", []), "lists no categories"),
 }
@@ -82,10 +100,38 @@ def test_bad_coco_file_is_one_line_naming_it(case, tiny, tmp_path, capsys):
     bad = _edit(val_ann, tmp_path, change)
     code = main(["detect", "--train-ann", bad, "--train-images", str(train_images), "--val-ann", bad,
                  "--val-images", str(val_images), "--model", "vit_tiny_patch16", "--img-size", "64",
+                 "--max-steps", "1", "--rois-per-image", "16", "--workers", "0",  # a file let through fails fast
                  "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith(f"lomar detect: error: {bad}: ") and expected in err and "\n" not in err, err
+
+
+def test_valid_rles_pass_the_run_length_check():
+    """pycocotools' own encodings, compressed and not, total their masks' pixels (the check reads the string as
+    pycocotools reads it: sign-extended, runs after the second as differences)."""
+    from pycocotools import mask as coco_mask
+
+    from lomar.data.coco import _segmentation_error
+
+    rng = torch.Generator().manual_seed(0)
+    for height, width, density in ((96, 128, 0.5), (7, 5, 0.1), (40, 33, 0.9), (3, 3, 0.0), (2, 4, 1.0)):
+        mask = (torch.rand(height, width, generator=rng) < density).numpy().astype("uint8")
+        encoded = coco_mask.encode(mask.copy(order="F"))
+        rle = {"size": [height, width], "counts": encoded["counts"].decode()}
+        assert _segmentation_error(rle, width, height) is None, rle
+        flat, runs, value = mask.flatten(order="F"), [], 0
+        for bit in flat:  # uncompressed counts: runs of 0, 1, 0, ... in column-major order
+            if bit != value:
+                runs.append(0)
+                value = bit
+            runs[-1:] = [runs[-1] + 1] if runs else [1]
+        if flat.size and flat[0]:
+            runs = [0, *runs]
+        assert sum(runs) == height * width
+        assert _segmentation_error({"size": [height, width], "counts": runs}, width, height) is None
+        assert (coco_mask.decode(coco_mask.frPyObjects({"size": [height, width], "counts": runs}, height, width))
+                == mask).all()
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -401,3 +447,11 @@ def test_an_mae_tables_training_follows_train_pos_embed(tiny, image_dir, tmp_pat
     assert "96 px input" in capsys.readouterr().err
     assert main([*evaluate, "--rel-pos", "bias", "--out", str(tmp_path / "bias")]) == 2
     assert "--rel-pos bias differs from the detector's own (decomposed)" in capsys.readouterr().err
+    # a validation batch whose images are all unreadable is skipped, not fed to the model as an empty list
+    broken = tmp_path / "broken"
+    shutil.copytree(val_images, broken)
+    for image in broken.iterdir():
+        image.write_bytes(image.read_bytes()[:100])
+    scored = ["--val-images", str(broken), "--out", str(tmp_path / "broken-eval")]
+    assert main([*evaluate[:3], *evaluate[5:], *scored]) == 0, capsys.readouterr().err
+    assert "box AP 0.00, mask AP 0.00" in capsys.readouterr().err  # nothing detected: every AP is 0

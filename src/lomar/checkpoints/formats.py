@@ -52,7 +52,8 @@ from lomar.models.beit import BEiT, BEiTConfig
 from lomar.models.masking import grid_size
 from lomar.models.vit import VisionTransformer, ViTConfig
 
-__all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "read", "load_model", "encoder_weights",
+__all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "read", "holds_beit", "load_model",
+           "encoder_weights",
            "saved_settings", "PRETRAIN_FORMAT", "CLASSIFIER_FORMAT", "BEiTReader", "BEiTPretrainReader",
            "BEiTExportReader", "OriginalBEiTReader", "BEiTFinetuneReader", "TimmBeitWeights"]
 
@@ -315,6 +316,16 @@ def read(path: str | Path, mmap: bool = False) -> tuple[Reader, Source]:
     sample = ", ".join(sorted(state)[:4]) or "no tensors"
     raise ValueError(f"checkpoint {path} is in no format lomar reads (keys: {sample}, ...); expected ours "
                      f"(lomar pretrain / finetune / export) or an original LoMaR / MAE / BEiT checkpoint")
+
+
+def holds_beit(path: str | Path) -> bool:
+    """Whether ``path`` holds a BEiT encoder (False for one that cannot be read: it is reported where it is read)."""
+    for mmap in (True, False):  # a checkpoint in torch's legacy (non-zip) format cannot be mapped
+        try:
+            return isinstance(read(path, mmap=mmap)[0], BEiTReader)
+        except (OSError, ValueError, RuntimeError):
+            continue
+    return False
 
 
 def load_model(path: str | Path, **overrides) -> nn.Module:

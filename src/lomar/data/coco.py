@@ -127,6 +127,32 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _run_lengths(counts: list | str) -> list[int] | None:
+    """An RLE's run lengths: a list as given, a compressed string read as pycocotools reads it (6-bit
+    characters from '0', 5 bits of value each, the last one's sign extended, each run after the second
+    a difference from the one two before); None where malformed or a run is negative."""
+    if isinstance(counts, list):
+        return counts if all(_integer(v) and v >= 0 for v in counts) else None
+    runs, value, shift = [], 0, 0
+    for char in counts:
+        code = ord(char) - 48
+        if not 0 <= code < 64:
+            return None
+        value |= (code & 0x1F) << shift
+        shift += 5
+        if code & 0x20:  # more characters to this run
+            continue
+        if code & 0x10:
+            value -= 1 << shift
+        runs.append(value + (runs[-2] if len(runs) > 2 else 0))
+        value, shift = 0, 0
+    return runs if not shift and all(v >= 0 for v in runs) else None
+
+
 def _segmentation_error(seg, width: float, height: float) -> str | None:
     """Why ``seg`` is not a COCO segmentation of a ``width`` x ``height`` image; None when it is one."""
     if isinstance(seg, list):
@@ -144,6 +170,11 @@ def _segmentation_error(seg, width: float, height: float) -> str | None:
             return "an RLE without an integer size [height, width] and counts"
         if size != [int(height), int(width)]:
             return f"an RLE of size {size}, but its image is {int(height)}x{int(width)} (height x width)"
+        # pycocotools decodes runs of another total into memory it never wrote, or past the mask's end
+        runs = _run_lengths(counts)
+        if runs is None or sum(runs) != size[0] * size[1]:
+            what = "malformed counts" if runs is None else f"counts totalling {sum(runs)} pixels"
+            return f"an RLE with {what}, where its {size[0]}x{size[1]} mask needs runs totalling {size[0] * size[1]}"
         return None
     return f"a {type(seg).__name__}, neither polygons nor an RLE"
 
@@ -169,9 +200,13 @@ def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train
     annotations = _entries(path, data, "annotations", _ANNOTATION_KEYS)
     categories = _entries(path, data, "categories", ("id", "name"))
     for what, entries in (("image", images), ("annotation", annotations), ("category", categories)):
-        if bad := next((e["id"] for e in entries if not isinstance(e["id"], int) or isinstance(e["id"], bool)), None):
-            raise _fail(path, f"{what} id {bad!r} is not an integer; COCO ids (and pycocotools) are integers")
+        if bad := [e["id"] for e in entries if not _integer(e["id"])]:
+            raise _fail(path, f"{what} id {bad[0]!r} is not an integer; COCO ids (and pycocotools) are integers")
         _unique(path, entries, what)
+    for i, ann in enumerate(annotations):  # before they are looked up: a list would not even hash
+        for key in ("image_id", "category_id"):
+            if not _integer(ann[key]):
+                raise _fail(path, f"annotations[{i}] (id {ann['id']!r}) has {key} {ann[key]!r}, not an integer id")
     if not images:
         raise _fail(path, "lists no images; an empty split cannot be trained or evaluated")
     if not categories:
@@ -179,7 +214,7 @@ def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train
     sizes = {}
     for i, image in enumerate(images):
         w, h = image["width"], image["height"]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (w, h)):
+        if not all(_number(v) and v > 0 for v in (w, h)):
             raise _fail(path, f"images[{i}] (id {image['id']!r}) has width {w!r}, height {h!r}; both must be positive")
         sizes[image["id"]] = (float(w), float(h))
     missing = [image["file_name"] for image in images if not (root / str(image["file_name"])).is_file()]
@@ -206,12 +241,16 @@ def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train
         if fitted is None:
             summary.zero_area += 1
             continue
-        crowd = bool(ann.get("iscrowd", 0))
+        crowd, area = ann.get("iscrowd", 0), ann.get("area")
+        if crowd not in (0, 1) or not isinstance(crowd, int):
+            raise _fail(path, f"{where} has iscrowd {crowd!r}; it is 0 or 1 (a crowd region), or left out")
+        if area is not None and not (_number(area) and area >= 0):
+            raise _fail(path, f"{where} has area {area!r}; an area is a finite number >= 0, or left out")
         summary.crowd += crowd
         summary.boxes += not crowd
         summary.clipped += fitted[1]
         kept.append({**ann, "bbox": fitted[0], "iscrowd": int(crowd),
-                     "area": float(ann.get("area", fitted[0][2] * fitted[0][3]))})
+                     "area": float(fitted[0][2] * fitted[0][3] if area is None else area)})
     clean = {"images": images, "annotations": kept, "categories": categories}
     return CocoSplit(path, root, clean, sorted(known), summary)
 

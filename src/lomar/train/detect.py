@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
+from lomar.checkpoints.formats import holds_beit
 from lomar.checkpoints.io import atomic_write_text, safe_load
 from lomar.checkpoints.kinds import DETECT_FORMAT
 from lomar.data.coco import (
@@ -92,6 +93,9 @@ class DetectTask(Task):
         rank, world_size, self.eval_steps = info.rank, info.world_size, config.eval_every
         log = self.log = stderr_log if info.is_main else (lambda message: None)  # the main process says it
         self.val = read_coco(config.val_ann, config.val_images, "--val-ann", "--val-images")
+        if not self.val.summary.boxes:  # pycocotools would score nothing and every AP would be undefined
+            raise UsageError(f"{self.val.path}: no annotation to score (each is a crowd region or of zero area); "
+                             f"COCO AP needs non-crowd boxes in the validation split")
         log(f"lomar detect: val {self.val.path}: {self.val.summary.line()}")
         self.categories = self.val.categories
         saved = detect_checkpoint(config.pretrained) if config.pretrained else None
@@ -134,6 +138,9 @@ class DetectTask(Task):
             raise UsageError(f"--pretrained {cfg.pretrained} is not a `lomar detect` run or checkpoint; --eval-only "
                              f"scores a trained detector")
         elif cfg.pretrained:
+            if holds_beit(cfg.pretrained):  # before the ViTDet layout is asked of an encoder that has none
+                raise UsageError(f"--pretrained {cfg.pretrained}: only LoMaR / MAE ViT encoders can be detection "
+                                 f"backbones, not BEiT")
             try:
                 encoder = load_pretrained_encoder(cfg.pretrained, **_layout(cfg, None))
             except ValueError as exc:
@@ -187,6 +194,8 @@ class DetectTask(Task):
         self.model.eval()
         results = []
         for images, targets in self.val_loader:
+            if not images:  # every image of the batch was skipped (with a warning)
+                continue
             outputs = self.model([image.to(self.device) for image in images])
             for output, target in zip(outputs, targets):
                 results.extend(to_coco_results(output, int(target["image_id"]), self.categories))

@@ -125,15 +125,9 @@ BEIT_FINETUNE = {"blr": 1e-3, "warmup_epochs": 20}
 
 
 def _is_beit(pretrained: str) -> bool:
-    """Whether ``pretrained`` holds a BEiT encoder (an unreadable one is reported where the encoder is read)."""
-    from lomar.checkpoints.formats import BEiTReader, read  # torch: not for --help
+    from lomar.checkpoints.formats import holds_beit  # torch: not for --help
 
-    for mmap in (True, False):  # a checkpoint in torch's legacy (non-zip) format cannot be mapped
-        try:
-            return isinstance(read(pretrained, mmap=mmap)[0], BEiTReader)
-        except (OSError, ValueError, RuntimeError):
-            continue
-    return False
+    return holds_beit(pretrained)
 
 
 add_finetune_arguments = FinetuneConfig.add_arguments
