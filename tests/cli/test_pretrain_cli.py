@@ -27,7 +27,7 @@ def _env() -> dict:
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--model", "vit_gigantic_patch16"], "unknown model"),
+    (["--model", "vit_gigantic_patch16"], "invalid choice: 'vit_gigantic_patch16' (choose from 'vit_mini_patch8'"),
     (["--window-size", "5"], "does not fit"),
     (["--windows", "5"], "window positions"),
     (["--batch-size", "0"], "--batch-size must be positive"),
@@ -150,6 +150,20 @@ def test_sigterm_checkpoints_and_exits_0(tmp_path, image_dir):
     assert "SIGTERM" in output and "--resume auto" in output
     step = safe_load(out / "last.pt")["step"]
     assert step >= 2 and step == len(metrics.read_text().splitlines())
+
+
+@pytest.mark.slow
+def test_a_reader_that_leaves_early_does_not_stop_the_run(tmp_path, image_dir):
+    """`lomar pretrain | head -1`: the pipe breaks at the next line; the run goes on to its checkpoint."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lomar", "pretrain", *TINY, "--data", str(image_dir), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=600)
+    assert first.startswith("lomar pretrain: ") and proc.returncode == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
+    assert safe_load(out / "last.pt")["step"] == len((out / "metrics.jsonl").read_text().splitlines()) == 8
 
 
 def test_sigusr1_in_process_checkpoints_and_resumes(tmp_path, image_dir, capsys, monkeypatch):

@@ -150,3 +150,30 @@ def test_a_format_1_mae_run_is_read_as_global_mae():
     new = {"format": PRETRAIN_FORMAT, "config": {"method": "mae", "windows": 4}}
     assert saved_settings(new)["windows"] == 4  # mae_window
     assert saved_settings({"format": "lomar-pretrain-1", "config": {"method": "lomar", "windows": 4}})["windows"] == 4
+
+
+@pytest.mark.parametrize("command", [["pretrain", "--data", "DATA"], ["pretrain", "--method", "mae", "--data", "DATA"],
+                                     ["detect", "--train-ann", "ANN", "--val-ann", "ANN"],
+                                     ["segment", "--data", "DATA", "--num-classes", "3"]])
+def test_a_printed_config_reads_back_as_the_same_config(tmp_path, capsys, command):
+    """What --print-config shows (and a run saves as config.yaml), given back as --config, is the same run:
+    its nulls are defaults, not settings given."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "ann.json").write_text("{}")
+    values = {"DATA": str(tmp_path / "data"), "ANN": str(tmp_path / "ann.json")}
+    args = [values.get(a, a) for a in command] + ["--out", str(tmp_path / "run"), "--print-config"]
+    assert main(args) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    saved = _yaml(tmp_path, printed)
+    assert main([command[0], "--config", saved, "--print-config"]) == 0, capsys.readouterr().err
+    assert yaml.safe_load(capsys.readouterr().out) == yaml.safe_load(printed)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00 binary", None])
+def test_a_config_that_is_no_text_file_is_one_line(tmp_path, capsys, content):
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(content) if content is not None else path.mkdir()
+    assert main(["pretrain", "--config", str(path), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and "Traceback" not in err
+    assert ("is not valid YAML" if content else "is not a file; give one") in err

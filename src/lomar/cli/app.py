@@ -162,6 +162,30 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
+class OutlivedStdout:
+    """``sys.stdout`` for a command whose reader may leave first (``lomar pretrain | head``): on a broken pipe the
+    output goes to /dev/null from then on, and the run goes on to its checkpoint instead of dying mid-step."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _forward(self, method: str, *args):
+        try:
+            return getattr(self._stream, method)(*args)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())  # what is still buffered goes there
+            return getattr(self._stream, method)(*args)
+
+    def write(self, text: str) -> int:
+        return self._forward("write", text)
+
+    def flush(self) -> None:
+        self._forward("flush")
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def run() -> None:
     """The process entry point (``lomar``, ``python -m lomar``): :func:`main`, then exit with its code.
 
@@ -170,6 +194,7 @@ def run() -> None:
     interpreter's own teardown can abort (SIGABRT) while gloo's threads are still being joined,
     which turns a finished run into a failed one for torchrun and the scheduler.
     """
+    sys.stdout = OutlivedStdout(sys.stdout)
     code = main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import logging

@@ -180,7 +180,7 @@ class PretrainConfig(TaskConfig):
         return values
 
     def complete(self, explicit: dict[str, Any]) -> None:
-        if "knn_data" in explicit and not self.knn_every:  # else it would be read by nothing, silently
+        if explicit.get("knn_data") is not None and not self.knn_every:  # else read by nothing (null: a saved yaml)
             raise ConfigError("--knn-data is used only with --knn-every N (a k-NN evaluation every N epochs); add "
                               "--knn-every 1, or drop --knn-data")
         if self.method in names():  # an unknown one is reported by validate

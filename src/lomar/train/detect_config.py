@@ -14,7 +14,13 @@ from typing import Any
 from lomar.checkpoints.kinds import DETECT_FORMAT
 from lomar.train import settings as S
 from lomar.train.settings import ConfigError, coerce_all
-from lomar.train.settings_resume import TaskConfig, check_img_size, check_pretrained, check_windows
+from lomar.train.settings_resume import (
+    TaskConfig,
+    check_img_size,
+    check_pretrained,
+    check_windows,
+    model_only_without_pretrained,
+)
 
 __all__ = ["DetectConfig", "detect_checkpoint", "DETECTOR_LAYOUT"]
 
@@ -56,7 +62,8 @@ class DetectConfig(TaskConfig):
                                        kind=str, resume=_RUN, metavar="DIR")
     pretrained: str | None = S.PRETRAINED.field(help=S.PRETRAINED.help + ", or a `lomar detect` run or checkpoint "
                                                 "(default: a randomly initialised --model)")
-    model: str = S.MODEL.field(help=S.MODEL.help + "; used without --pretrained")
+    model: str | None = S.MODEL.field(None, help=S.MODEL.help + "; the random encoder's architecture (default: "
+                                             "vit_base_patch16 without --pretrained, whose encoder brings its own)")
     out: str | None = S.OUT.field(help="output folder: last.pt, metrics.jsonl, predictions.json "
                                   "(default: runs/<timestamp>)")
     img_size: int = S.IMG_SIZE.field(1024, help="fixed input size in pixels, a multiple of 32: training crops "
@@ -100,6 +107,7 @@ class DetectConfig(TaskConfig):
         return {**_SAVED_BEFORE, **checkpoint.get("settings", {})}
 
     def complete(self, explicit: dict[str, Any]) -> None:
+        model_only_without_pretrained(self, explicit)
         for split in ("train", "val"):
             if getattr(self, f"{split}_ann") and not getattr(self, f"{split}_images"):
                 setattr(self, f"{split}_images", str(Path(getattr(self, f"{split}_ann")).parent))

@@ -14,7 +14,7 @@ from pathlib import Path
 from lomar.checkpoints.kinds import SEGMENT_TASK
 from lomar.train import settings as S
 from lomar.train.settings import ConfigError
-from lomar.train.settings_resume import TaskConfig, check_img_size, check_pretrained
+from lomar.train.settings_resume import TaskConfig, check_img_size, check_pretrained, model_only_without_pretrained
 
 __all__ = ["SegmentConfig"]
 
@@ -30,8 +30,8 @@ class SegmentConfig(TaskConfig):
                                         high=254)
     pretrained: str | None = S.PRETRAINED.field(help=S.PRETRAINED.help + " (default: none: a randomly initialised "
                                                      "--model encoder, said in the log)")
-    model: str = S.MODEL.field(help=S.MODEL.help + "; the random encoder's architecture (a --pretrained one "
-                                                   "brings its own)")
+    model: str | None = S.MODEL.field(None, help=S.MODEL.help + "; the random encoder's architecture (default: "
+                                             "vit_base_patch16 without --pretrained, whose encoder brings its own)")
     out: str | None = S.OUT.field(help="output folder: last.pt, metrics.jsonl, predictions/ (default: "
                                        "runs/<timestamp>)")
     img_size: int = S.IMG_SIZE.field(512, help="training crop and evaluation scale (short side) in pixels, a "
@@ -77,8 +77,14 @@ class SegmentConfig(TaskConfig):
         legacy = {"photometric": False, "train_pos_embed": False, "rel_pos": "none"}
         return {**legacy, **settings} if isinstance(settings, dict) else settings
 
+    def complete(self, explicit: dict) -> None:
+        model_only_without_pretrained(self, explicit)
+
     def check_settings(self) -> None:
         check_img_size(self)
+        if self.eval_stride is not None and self.eval_stride > self.img_size:  # mmseg asserts the same
+            raise ConfigError(f"--eval-stride {self.eval_stride} is larger than the --img-size {self.img_size} windows "
+                              f"it moves: pixels between them would go unscored; use at most {self.img_size}")
 
     def check_inputs(self) -> None:
         if self.data is None:

@@ -181,7 +181,7 @@ PRETRAINED = Setting(None, "our pretrain/finetune checkpoint or run folder, an e
 # keeps the two equal).
 MODEL_NAMES = tuple(f"vit_{size}_patch{patch}" for size in ("mini", "tiny", "small", "base", "large", "huge")
                     for patch in (8, 14, 16))
-MODEL = Setting("vit_base_patch16", f"encoder: {', '.join(MODEL_NAMES)}", metavar="NAME")
+MODEL = Setting("vit_base_patch16", f"encoder: {', '.join(MODEL_NAMES)}", choices=MODEL_NAMES, metavar="NAME")
 DEPTH = Setting(None, "transformer blocks (default: the --model's)", kind=int, above=0)
 NUM_HEADS = Setting(None, "attention heads (default: the --model's)", kind=int, above=0)
 WINDOW_SIZE = Setting(7, "LoMaR window size K, in patches", above=0)
@@ -390,10 +390,10 @@ def coerce_all(cls: type, raw: dict, source: str, strict: bool = True) -> dict[s
 def read_yaml(cls: type, path: Path, strict: bool = True) -> dict[str, Any]:
     """The settings of a YAML file, typed."""
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} {'is not a file' if path.exists() else 'does not exist'}; give one")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:  # YAML is text: a binary file is no config either
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings")

@@ -193,6 +193,16 @@ def check_pretrained(config: Any, fix: str = "") -> None:
         raise ConfigError(f"--pretrained {config.pretrained} does not exist{fix}")
 
 
+def model_only_without_pretrained(config: Any, explicit: dict[str, Any]) -> None:
+    """--model names a random encoder's architecture (default vit_base_patch16): with --pretrained, which brings
+    its own, a given one would be ignored (an error), and the run records none rather than an unused default."""
+    if config.pretrained is None:
+        config.model = config.model or "vit_base_patch16"
+    elif explicit.get("model") is not None:
+        raise ConfigError(f"--model {explicit['model']} is the architecture of a random encoder, but --pretrained "
+                          f"{config.pretrained} brings its own; drop --model (or --pretrained)")
+
+
 def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[str, Any]) -> dict[str, Any]:
     """The saved run's settings, with the explicit run-control ones on top; any other explicit
     setting must equal the saved one (a different model or batch cannot continue the run)."""
