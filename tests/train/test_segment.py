@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from lomar.checkpoints.io import safe_load
@@ -17,7 +18,7 @@ from lomar.checkpoints.kinds import SEGMENT_TASK
 from lomar.cli.app import main
 from lomar.data.compose import compose_digits
 from lomar.eval.segmentation import confusion_matrix, predict_logits, segmentation_metrics
-from lomar.integrations.segmenter import UperNetSegmenter, layer_decay_groups, spread_indices
+from lomar.integrations.segmenter import UperNetSegmenter, layer_decay_groups, segmentation_losses, spread_indices
 from lomar.models.upernet import UPerHead
 from lomar.models.vit import VisionTransformer, ViTConfig
 from lomar.train.segment_config import SegmentConfig
@@ -131,6 +132,30 @@ def test_without_the_auxiliary_head_the_loss_is_the_decode_heads(digits, tmp_pat
     assert step["step"] == 1 and "loss_aux" not in step and step["loss"] == step["loss_decode"]
 
 
+def test_the_loss_is_mmsegs_mean_over_every_pixel_and_unlabelled_data_scores_nothing(digits, tmp_path, capsys):
+    """mmseg averages the cross-entropy over all pixels, an ignored one counting 0 (avg_non_ignore=False): a
+    batch without a labelled pixel trains on 0, not NaN. A validation split without one has no metric (null in
+    metrics.jsonl, which must stay JSON), and the printed line says so."""
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 4, 3, 5), torch.randint(0, 4, (2, 3, 5))
+    labels[0, 0] = 255
+    losses = segmentation_losses(logits, logits * 2, labels, 0.4)
+    labelled = labels != 255
+    expected = F.cross_entropy(logits, labels.clamp(max=3), reduction="none")[labelled].sum() / labels.numel()
+    torch.testing.assert_close(losses["loss_decode"], expected)
+    assert float(segmentation_losses(logits, None, torch.full_like(labels, 255), 0.4)["loss_decode"]) == 0
+
+    data = tmp_path / "unlabelled"
+    shutil.copytree(digits, data)
+    for label in (data / "annotations").rglob("*.png"):  # 0: no class (ignored, as mmseg's reduce_zero_label)
+        Image.fromarray(np.zeros_like(np.asarray(Image.open(label)))).save(label)
+    out = tmp_path / "run"
+    assert _segment(data, out, "--max-steps", "1") == 0, capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["loss"] == 0 and records[-1]["mIoU"] is None and records[-1]["aAcc"] is None
+    assert "no metric defined: the validation split held nothing to score" in capsys.readouterr().out
+
+
 def test_two_step_run_writes_miou_and_predictions(digits, pretrained, tmp_path, capsys):
     out = tmp_path / "run"
     assert _segment(digits, out, "--pretrained", str(pretrained), "--max-steps", "2", "--eval-mode", "whole") == 0
@@ -229,6 +254,7 @@ def test_too_many_images_cut_short_stop_the_run_in_one_line(digits, tmp_path, ca
 @pytest.mark.parametrize("flags, message", [
     (["--img-size", "48"], "--img-size must be a multiple of 32"),
     (["--num-classes", "300"], "--num-classes"),
+    (["--eval-stride", "40"], "--eval-stride 40 is larger than the --img-size 32 windows it moves"),
 ])
 def test_bad_flags_end_in_one_line(digits, tmp_path, capsys, flags, message):
     assert _segment(digits, tmp_path / "run", *flags) == 2

@@ -72,10 +72,16 @@ def segmentation_losses(logits: torch.Tensor, extra: torch.Tensor | None, labels
     """The terms of :meth:`UperNetSegmenter.loss` from the outputs of ``forward(images, aux=True)``: logits
     and ``extra`` (B, N, H, W), labels (B, H, W); apart, so that a DDP wrapper's forward computes them.
     ``loss_decode``, and with the auxiliary head ``loss_aux`` (its cross-entropy x ``aux_weight``)."""
-    losses = {"loss_decode": F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)}
+    losses = {"loss_decode": _pixel_mean_loss(logits, labels, ignore_index)}
     if extra is not None:
-        losses["loss_aux"] = aux_weight * F.cross_entropy(extra.float(), labels, ignore_index=ignore_index)
+        losses["loss_aux"] = aux_weight * _pixel_mean_loss(extra, labels, ignore_index)
     return losses
+
+
+def _pixel_mean_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    # mmseg's default (avg_non_ignore=False): the mean over every pixel, an ignored one counting 0, so that a
+    # batch without a labelled pixel gives 0 where a mean over the labelled ones would give NaN
+    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum") / labels.numel()
 
 
 def layer_decay_groups(model: UperNetSegmenter, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:

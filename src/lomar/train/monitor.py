@@ -99,6 +99,7 @@ class Monitor:
                           for k, v in defined.items())
         best = [f"best {100 * v:.2f}%" if k[5:] in _LABELS else f"best {v:.4g}"
                 for k, v in extra.items() if k.startswith("best_")]
+        shown = shown or "no metric defined: the validation split held nothing to score"
         message = f"epoch {epoch} step {step}: {shown}" + (f" ({best[0]})" if best else "")
         self.bar.write(message, file=sys.stdout)
 

@@ -9,6 +9,7 @@ the confusion matrices are summed and the main process writes every prediction.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -115,7 +116,7 @@ class SegmentTask(Task):
         return segmentation_losses(*self.net(images, aux=True), labels, self.model.aux_weight)
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self) -> dict[str, float | None]:
         """mIoU, mAcc, aAcc (percent) over the validation split at the labels' own size (every process
         gets them); each prediction written as ``OUT/predictions/<stem>.png`` (class + 1) by the main
         process, replacing the last evaluation's."""
@@ -150,7 +151,8 @@ class SegmentTask(Task):
             for stem, data in pngs:
                 atomic_write_bytes(folder / f"{stem}.png", data)
         metrics = segmentation_metrics(confusion.cpu())
-        return {k: metrics[k] for k in ("mIoU", "mAcc", "aAcc")}
+        # NaN: no labelled pixel was scored; None says undefined, as detect's metrics do (and JSON has no NaN)
+        return {k: None if math.isnan(metrics[k]) else metrics[k] for k in ("mIoU", "mAcc", "aAcc")}
 
     def state(self) -> dict:
         """What ``--resume`` reads back (the settings) besides the lifecycle's position and weights."""
