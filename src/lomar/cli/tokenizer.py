@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 from lomar.cli.common import check_output_file
 from lomar.errors import UsageError
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings(fit, {
         "data": S.DATA.but(required=True, help="image folder (recursive) or .txt list of paths"),
         "vocab": Setting(8192, "vocabulary size", above=0),
-        "out": S.OUT.but(required=True, metavar="FILE.safetensors", help="where to write the tokenizer"),
+        "out": S.OUT.but(required=True, metavar="FILE.safetensors", help="where to write the tokenizer (safetensors)"),
         "size": Setting(112, "view size in px (default: 112, 14x14 tokens)", above=0),
         "patch": Setting(8, "pixels per token", above=0),
         "iters": Setting(20, "Lloyd iterations at most", above=0),
@@ -40,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings(conv, {
         "source": Setting(None, "official dall_e encoder.pkl, {'model': sd} or sd", kind=str, flag="",
                           metavar="encoder.pkl"),
-        "to": S.TO.but(metavar="dvae.safetensors", help="where to write the dVAE encoder"),
+        "to": S.TO.but(metavar="dvae.safetensors", help="where to write the dVAE encoder (safetensors)"),
     })
 
 
@@ -77,10 +78,11 @@ _FLAGS = {"vocab_size": "--vocab", "input_size": "--size", "patch": "--patch"}
 def run(args: argparse.Namespace) -> int:
     from lomar.tokenizers import convert_dvae, fit_kmeans_tokenizer  # torch: not for --help
 
-    if args.tokenizer_command == "convert":
-        check_output_file(args.to, "--to", create_parents=True)
-    else:
-        check_output_file(args.out, "--out", create_parents=True)
+    flag, target = ("--to", args.to) if args.tokenizer_command == "convert" else ("--out", args.out)
+    check_output_file(target, flag, create_parents=True)
+    if Path(target).suffix.lower() != ".safetensors":  # torch.load and the like would take x.pt for a pickle
+        raise UsageError(f"{flag} {target}: a tokenizer is written as safetensors; give a name ending in "
+                         f".safetensors, e.g. {flag} {Path(target).with_suffix('.safetensors')}")
     try:
         if args.tokenizer_command == "convert":
             path = convert_dvae(args.source, args.to)

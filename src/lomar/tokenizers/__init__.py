@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from lomar.tokenizers import dvae, kmeans
-from lomar.tokenizers.base import FORMAT_KEY, Tokenizer, check_tokenizer_file, safetensors_metadata
+from lomar.tokenizers.base import (
+    CONVERT_HINT,
+    FIT_HINT,
+    FORMAT_KEY,
+    Tokenizer,
+    check_tokenizer_file,
+    is_safetensors,
+    safetensors_metadata,
+)
 from lomar.tokenizers.dvae import DVAEConfig, DVAEEncoder, convert_dvae, load_dvae, map_pixels
 from lomar.tokenizers.kmeans import KMeansTokenizer, fit_kmeans_tokenizer
 
@@ -16,15 +24,16 @@ __all__ = ["Tokenizer", "load_tokenizer", "DVAEConfig", "DVAEEncoder", "convert_
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a dVAE (pickled module, ``{'model': sd}`` or safetensors) or a k-means tokenizer.
 
-    safetensors files say their kind in the metadata; anything else is read as a dVAE
-    checkpoint without executing pickled code. ValueError (FileNotFoundError) naming the file
-    and the fix for anything else, before any model is built.
+    safetensors files (known by their content, whatever their name) say their kind in the
+    metadata; anything else is read as a dVAE checkpoint without executing pickled code.
+    ValueError (FileNotFoundError) naming the file and the fix for anything else, before any
+    model is built.
     """
     path = Path(path)
     check_tokenizer_file(path)
-    kind = safetensors_metadata(path).get(FORMAT_KEY) if path.suffix == ".safetensors" else dvae.FORMAT
+    kind = safetensors_metadata(path).get(FORMAT_KEY) if is_safetensors(path) else dvae.FORMAT
     loaders = {kmeans.FORMAT: kmeans.KMeansTokenizer.load, dvae.FORMAT: dvae.load_dvae}
     if kind not in loaders:
         raise ValueError(f"{path} has metadata {FORMAT_KEY}={kind!r}, expected {dvae.FORMAT!r} or "
-                         f"{kmeans.FORMAT!r}; write it with convert_dvae or KMeansTokenizer.save")
+                         f"{kmeans.FORMAT!r}; write a dVAE with {CONVERT_HINT} or a k-means tokenizer with {FIT_HINT}")
     return loaders[kind](path)

@@ -8,9 +8,13 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-__all__ = ["Tokenizer", "FORMAT_KEY", "check_tokenizer_file", "safetensors_metadata"]
+__all__ = ["Tokenizer", "FORMAT_KEY", "check_tokenizer_file", "is_safetensors", "safetensors_metadata",
+           "CONVERT_HINT", "FIT_HINT"]
 
 FORMAT_KEY = "lomar_tokenizer"  # safetensors metadata key naming the tokenizer kind
+# Both the command a CLI user runs and the function a Python user calls: the messages reach both.
+CONVERT_HINT = "`lomar tokenizer convert` (lomar.tokenizers.convert_dvae)"
+FIT_HINT = "`lomar tokenizer fit` (lomar.tokenizers.fit_kmeans_tokenizer)"
 
 
 class Tokenizer(nn.Module):
@@ -50,6 +54,21 @@ def check_tokenizer_file(path: Path, what: str = "tokenizer file") -> None:
     if not path.is_file():
         raise ValueError(f"{what} {path} is not a regular file; pass a dVAE (.pkl, .pth, .safetensors) or "
                          f"k-means (.safetensors) tokenizer file")
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether ``path`` is named .safetensors or holds one: an 8-byte little-endian header length,
+    then the JSON header. By content too, as a tokenizer saved under another name (``x.pt``) is
+    still one, and reading it as a pickle would only refuse it."""
+    if path.suffix == ".safetensors":
+        return True  # a damaged one is then called a damaged safetensors file, not an unknown format
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:

@@ -18,7 +18,15 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from lomar.checkpoints.io import atomic_write_bytes, describe_file, quiet_pickle_protocol
-from lomar.tokenizers.base import FORMAT_KEY, Tokenizer, check_tokenizer_file, safetensors_metadata
+from lomar.tokenizers.base import (
+    CONVERT_HINT,
+    FORMAT_KEY,
+    Tokenizer,
+    check_tokenizer_file,
+    is_safetensors,
+    safetensors_metadata,
+)
+from lomar.tokenizers.kmeans import FORMAT as KMEANS_FORMAT
 
 __all__ = ["DVAEConfig", "DVAEEncoder", "map_pixels", "load_dvae", "convert_dvae", "dvae_from_pickled",
            "FORMAT"]
@@ -169,7 +177,7 @@ def _read(path: Path):
                 else f"it is {kind}, which only a full unpickling (that could run code) would read"
                 if "pickle" in kind else f"it is {kind}, not a dVAE")
         raise ValueError(f"refusing to load {path}: {what}; use the official encoder.pkl, a {{'model': state_dict}} "
-                         f"or a safetensors file from convert_dvae") from exc
+                         f"or a safetensors file from {CONVERT_HINT}") from exc
 
 
 def dvae_from_pickled(obj: _Inert) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -217,6 +225,9 @@ def _config_from_state(state: dict[str, torch.Tensor], fields: dict) -> DVAEConf
     if clash:
         raise ValueError(f"dVAE settings disagree with the tensor shapes: {clash} (stated, from shapes); "
                          f"the file is inconsistent")
+    if channels != 3:  # Tokenizer.tokens feeds RGB views: any other encoder fails only mid-training
+        raise ValueError(f"the dVAE has input_channels={channels}, but BEiT's tokenizer reads RGB views; use an "
+                         f"encoder with 3 input channels, as DALL-E's")
     input_size = int(fields.get("input_size", 112))
     return DVAEConfig(input_size=input_size, **inferred)
 
@@ -244,15 +255,19 @@ def _build(state: dict[str, torch.Tensor], fields: dict, source: Path) -> DVAEEn
 
 
 def load_dvae(path: str | Path, input_size: int | None = None) -> DVAEEncoder:
-    """Read a dVAE encoder from the official pickle, ``{'model': sd}`` / a bare sd, or safetensors."""
+    """Read a dVAE encoder from the official pickle, ``{'model': sd}`` / a bare sd, or safetensors
+    (known by its content, whatever its name). ValueError unless it reads RGB (3 input channels)."""
     path = Path(path)
     check_tokenizer_file(path, "dVAE file")
     fields: dict = {}
-    if path.suffix == ".safetensors":
+    if is_safetensors(path):
         meta = safetensors_metadata(path)
+        if meta.get(FORMAT_KEY) == KMEANS_FORMAT:
+            raise ValueError(f"{path} is a k-means tokenizer, not a dVAE encoder: it needs no conversion; pass it "
+                             f"as it is to `lomar pretrain --tokenizer` (lomar.tokenizers.load_tokenizer)")
         if meta.get(FORMAT_KEY) != FORMAT:
             raise ValueError(f"{path} metadata {FORMAT_KEY}={meta.get(FORMAT_KEY)!r}, expected {FORMAT!r}; "
-                             f"write it with convert_dvae")
+                             f"it is not a dVAE encoder: convert the official encoder.pkl with {CONVERT_HINT}")
         state = load_file(str(path))
         fields = {k: v for k, v in meta.items() if k in DVAEConfig.__dataclass_fields__}
         bad = {k: v for k, v in fields.items() if not v.isdigit()}

@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 
 from lomar.checkpoints.io import atomic_write_bytes
-from lomar.tokenizers.base import FORMAT_KEY, Tokenizer, check_tokenizer_file, safetensors_metadata
+from lomar.tokenizers.base import FIT_HINT, FORMAT_KEY, Tokenizer, check_tokenizer_file, safetensors_metadata
 
 __all__ = ["KMeansTokenizer", "fit_kmeans_tokenizer", "patch_features", "FORMAT", "MAX_INPUT_SIZE"]
 
@@ -101,7 +101,7 @@ class KMeansTokenizer(Tokenizer):
         fix = "the file is damaged; fit a new one with `lomar tokenizer fit`"
         if meta.get(FORMAT_KEY) != FORMAT:
             raise ValueError(f"{path} metadata {FORMAT_KEY}={meta.get(FORMAT_KEY)!r}, expected {FORMAT!r}; "
-                             f"write it with KMeansTokenizer.save")
+                             f"fit one with {FIT_HINT}")
         settings = {}
         for key in ("patch", "input_size", "vocab_size"):
             text = meta.get(key)
