@@ -1,7 +1,10 @@
 """`lomar study` on the command line: one-line errors (exit 2) and the presets' grids."""
 
+from pathlib import Path
+
 import pytest
 
+from helpers import write_images
 from lomar.cli.app import build_parser, main
 from lomar.cli.study.presets import DIGITS, DIGITS_EVAL, DIGITS_FINETUNE, build_preset, method_available
 from lomar.cli.study.runner import check_cells, settings_flags
@@ -34,6 +37,18 @@ def test_a_bad_spec_file_names_the_key(tmp_path, capsys):
     spec.write_text("budget: 30s\ngrid: {method: [lomar]}\neval: {metrics: [knn]}\n")
     assert main(["study", str(spec)]) == 2
     assert "eval.metrics knn need labelled data" in capsys.readouterr().err
+
+
+def test_a_missing_data_path_names_the_spec_folder_it_was_read_against(capsys):
+    """data: paths are relative to the spec's folder, so a path that exists from the working
+    directory can still be missing: the message shows where it was looked for."""
+    write_images(Path("digits/train"), 1)
+    Path("st").mkdir()
+    Path("st/a.yaml").write_text("data: {pretrain: digits/train}\nbudget: 1steps\ngrid: {method: [mae]}\n")
+    assert main(["study", "st/a.yaml"]) == 2
+    assert capsys.readouterr().err == (
+        "lomar study: error: data.pretrain: digits/train (relative to the spec's folder: st/digits/train) "
+        "does not exist; give a path relative to st/ or an absolute one\n")
 
 
 def test_enc_dec_preset_compares_lomar_windowed_mae_and_global_mae():

@@ -124,6 +124,28 @@ def test_a_finetune_stopped_by_a_signal_is_not_a_result(tmp_path):
         _check_finished({"epoch": 0, "step": 3, "partial": True, "top1": 0.1}, {"max_steps": 5}, tmp_path)
 
 
+def test_the_heldout_loss_reads_class_folders_as_the_probes_do(tmp_path, pretrained):
+    """`lomar compose-digits --classify-images` leaves some class folders empty; the loss needs the
+    images only, so empty class folders and unreadable images are skipped, and no image at all is one line."""
+    from lomar.cli.study.evals import heldout_loss
+    from lomar.errors import LomarError
+
+    write_images(tmp_path / "clean" / "a", 3, size=(36, 36))
+    write_images(tmp_path / "mixed" / "a", 3, size=(36, 36))
+    (tmp_path / "mixed" / "b").mkdir()
+    (tmp_path / "mixed" / "c").mkdir()
+    (tmp_path / "mixed" / "c" / "bad.png").write_bytes(b"not a png")
+    loss = heldout_loss(pretrained, str(tmp_path / "mixed"), 32)
+    assert loss > 0 and loss == heldout_loss(pretrained, str(tmp_path / "clean"), 32)
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(LomarError, match=r"^heldout_loss: no images found in the class folders of .*empty; "):
+        heldout_loss(pretrained, str(tmp_path / "empty"), 32)
+    (tmp_path / "unreadable" / "c").mkdir(parents=True)
+    (tmp_path / "unreadable" / "c" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(LomarError, match=r"^heldout_loss: no image of .*unreadable could be read; set data.val"):
+        heldout_loss(pretrained, str(tmp_path / "unreadable"), 32)
+
+
 @pytest.mark.parametrize("options, pool", [({}, "mean"), ({"protocol": "mae"}, "cls"),
                                            ({"protocol": "mae", "pool": "mean"}, "mean")])
 def test_the_study_linear_probe_reads_its_options_as_lomar_linprobe(tmp_path, labelled, options, pool, monkeypatch):

@@ -12,11 +12,12 @@ import os
 from pathlib import Path
 
 import torch
-from torchvision.datasets import ImageFolder
 
 from lomar.checkpoints.formats import load_model
 from lomar.cli.probe import fit_linprobe, frozen_features, knn_add_arguments, linprobe_add_arguments, resolve_linprobe
 from lomar.cli.study.spec import Cell, StudySpec, StudyStopped, parse_flags, settings_flags
+from lomar.data.collate import collate_labelled
+from lomar.data.folder import LabelledImageFolder
 from lomar.errors import LomarError, UsageError
 from lomar.eval.features import eval_transform
 from lomar.eval.knn import knn_top1
@@ -114,12 +115,20 @@ def _check_finished(last: dict, options: dict, where: Path) -> None:
 @torch.no_grad()
 def heldout_loss(checkpoint: Path, val_root: str, img_size: int, seed: int = 0, batch_size: int = 128) -> float:
     """Mean masked-reconstruction loss (the training objective, same masks for every model of a
-    seed) on the held-out images: centre crops, as the evaluations see them."""
+    seed) on the held-out images: centre crops, as the evaluations see them. The images are read as
+    the k-NN and the probes read them (:class:`LabelledImageFolder`): empty class folders are fine,
+    unreadable images are skipped."""
+    try:
+        images = LabelledImageFolder(val_root, eval_transform(img_size))
+    except ValueError as exc:
+        raise LomarError(f"heldout_loss: {exc}; set data.val to a folder of class folders with images") from None
     model = load_model(checkpoint).eval()
-    loader = torch.utils.data.DataLoader(ImageFolder(val_root, transform=eval_transform(img_size)), batch_size)
+    loader = torch.utils.data.DataLoader(images, batch_size, collate_fn=collate_labelled)
     gen = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
-    for images, _ in loader:
-        loss = model(images, generator=gen).loss
-        total, count = total + float(loss) * len(images), count + len(images)
-    return round(total / max(count, 1), 4)
+    for batch, _ in loader:
+        if len(batch):  # a batch of unreadable images only is empty
+            total, count = total + float(model(batch, generator=gen).loss) * len(batch), count + len(batch)
+    if not count:
+        raise LomarError(f"heldout_loss: no image of {val_root} could be read; set data.val to readable images")
+    return round(total / count, 4)

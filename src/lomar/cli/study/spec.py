@@ -3,7 +3,8 @@
 A spec (YAML or dict)::
 
     name: windows
-    data: {pretrain: imgs/, train: labelled/train, val: labelled/val}   # any may be null
+    data: {pretrain: imgs/, train: labelled/train, val: labelled/val}   # any may be null; relative
+                           # to the spec file's folder, not the working directory
     budget: 60s            # per cell: '60s', '2min', '500steps' or '3epochs'
     seeds: 3               # or a list, e.g. [0, 1, 2]
     slice: 10s             # cells of one seed take turns training in slices of this length
@@ -257,9 +258,14 @@ def parse_spec(raw: Any, source: str = "the spec", base: Path | None = None, not
         raise UsageError(f"budget: missing in {source}; add e.g. budget: 60s (or 500steps, 3epochs)")
     paths = {}
     for key, value in _mapping(raw.get("data"), "data", ("pretrain", "train", "val")).items():
-        path = (base or Path()) / Path(str(value)).expanduser()  # an absolute path stays as it is
+        given = Path(str(value)).expanduser()
+        path = (base or Path()) / given  # an absolute path stays as it is
         if value is not None and not path.exists():
-            raise UsageError(f"data.{key}: {value} does not exist; give an existing folder")
+            # the spec's folder, not the working directory, is the base: say so, or the path seems to exist
+            if path == given:
+                raise UsageError(f"data.{key}: {value} does not exist; give an existing folder")
+            raise UsageError(f"data.{key}: {value} (relative to the spec's folder: {path}) does not exist; "
+                             f"give a path relative to {base}/ or an absolute one")
         paths[key] = None if value is None else str(path)
     if bool(paths.get("train")) != bool(paths.get("val")):
         raise UsageError("data.train and data.val go together (labelled ImageFolder splits); give both or neither")
