@@ -61,6 +61,20 @@ def test_load_original_keeps_the_originals_capped_window_count_and_says_so(tmp_p
     assert "ask for 4 5x5 windows, which the original capped at 3" in caplog.text
 
 
+def test_the_window_cap_warning_speaks_of_args_only_when_there_are_some(tmp_path, caplog):
+    model = LoMaR(model_config("vit_mini_patch8", img_size=32), window_size=2, num_windows=3)
+    state = lomar_to_original(model.state_dict())
+    state["pos_embed"] = torch.zeros(1, 17, 128)
+    path = tmp_path / "noargs.pth"
+    torch.save({"model": state}, path)  # no args: the original's default of 4 windows, capped at 3
+    with caplog.at_level("WARNING", logger="lomar.checkpoints"):
+        assert load_original(path, img_size=32, window_size=2, num_windows=2).num_windows == 2
+        assert not caplog.text  # the explicit count was loaded: no cap to report
+        assert load_original(path, img_size=32, window_size=2).num_windows == 3
+    assert "its args ask" not in caplog.text
+    assert "no window count in its args, and the original's default of 4 2x2 windows is capped at 3" in caplog.text
+
+
 def test_unpickling_arbitrary_objects_is_refused(tmp_path):
     class Evil:
         def __reduce__(self):

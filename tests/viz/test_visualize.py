@@ -1,16 +1,19 @@
 """`lomar load-original`, `lomar visualize` and the in-window attention maps."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from helpers import reference_dir
-from lomar import MAE, LoMaR, VisionTransformer, ViTConfig, load_original
-from lomar.checkpoints.convert import load_model
+from lomar import MAE, LoMaR, VisionTransformer, ViTConfig, load_original, model_config
+from lomar.checkpoints.convert import load_model, pretrain_checkpoint
+from lomar.checkpoints.io import atomic_save
 from lomar.cli.app import main
 from lomar.models.rpe import bucket_table
-from lomar.viz.attention import attention_probs, block_attention, window_attention
+from lomar.viz.attention import attention_probs, attention_request, block_attention, window_attention
 
 ORIGINAL = reference_dir() / "lomar_224_4win" / "checkpoint.pth"
 ORIGINAL_MAE = reference_dir() / "mae_64" / "mae_checkpoint.pth"
@@ -67,6 +70,21 @@ def test_window_attention_lomar_and_image_context():
     assert whole.context == "image" and bool((whole.inside <= 1 + 1e-6).all())
     with pytest.raises(ValueError, match="outside"):
         window_attention(model, image, target=(6, 0))
+
+
+def test_attention_window_defaults_to_the_checkpoints_own_or_what_the_grid_holds(tmp_path, capsys):
+    config = model_config("vit_mini_patch8", img_size=32)  # a 4x4 patch grid: 7 does not fit
+    assert attention_request(LoMaR(config, window_size=2, num_windows=3), (4, 4))[0] == 2
+    mae = MAE(replace(config, pos="abs"), decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    assert attention_request(mae.encoder, (4, 4))[0] == 4 and attention_request(mae, (9, 8))[0] == 7
+    atomic_save(pretrain_checkpoint(mae), tmp_path / "mae.pt")
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    run = ["visualize", str(tmp_path / "mae.pt"), str(tmp_path / "a.png"), "--attention", "--out", str(tmp_path)]
+    assert main(run) == 0  # the command a pretraining run suggests
+    assert (tmp_path / "attention-00-a.png").is_file()
+    assert main([*run, "--attention-window", "5"]) == 2
+    assert capsys.readouterr().err.endswith("a 5x5 window does not fit the 4x4 patch grid of "
+                                            f"{tmp_path / 'mae.pt'}; pass --attention-window 4 or less\n")
 
 
 @needs_reference

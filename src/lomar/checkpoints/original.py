@@ -56,12 +56,15 @@ def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
         window = int(overrides.get("window_size", args.get("window_size", 7)))
         rows, cols = window_positions(grid_size(config.img_size, config.patch_size), window)
         # The original silently caps the window count at the grid (SPEC §6.2): the model it trained used the cap.
+        # An explicit num_windows is the caller's choice (applied below, checked by LoMaR): nothing to warn about.
         asked = int(args.get("num_window", 4))
-        if asked > min(rows, cols):
-            log.warning("original checkpoint: its args ask for %d %dx%d windows, which the original capped at %d on "
-                        "a %d px image; loaded with %d", asked, window, window, min(rows, cols), config.img_size,
-                        min(rows, cols))
-        settings.update(window_size=window, num_windows=min(asked, rows, cols),
+        cap = min(rows, cols)
+        if asked > cap and "num_windows" not in overrides:
+            asks = ("its args ask for %d %dx%d windows, which the original capped" if "num_window" in args
+                    else "no window count in its args, and the original's default of %d %dx%d windows is capped")
+            log.warning("original checkpoint: " + asks + " at %d on a %d px image; loaded with %d",
+                        asked, window, window, cap, config.img_size, cap)
+        settings.update(window_size=window, num_windows=min(asked, cap),
                         mask_ratio=args.get("mask_ratio", 0.8), norm_pix_loss=args.get("norm_pix_loss", True))
     elif method == "mae":
         settings["config"] = replace(config, pos="abs")

@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "context": Setting(None, "attention with cls + window tokens only or the whole image (default: window for "
                            "LoMaR, image for MAE and encoders)", kind=str, choices=("window", "image")),
         "masked": Setting(False, "attention with the window masked as in pretraining (target masked; LoMaR)"),
-        "attention_window": Setting(None, "window size in patches for models without one (default: 7)", kind=int,
+        "attention_window": Setting(None, "attention window size K in patches (default: a LoMaR checkpoint's own "
+                                    "window size; otherwise 7, or the patch grid's side if smaller)", kind=int,
                                     above=0, metavar="K"),
     })
     add_override_arguments(parser)
@@ -82,9 +83,13 @@ def run(args: argparse.Namespace) -> int:
     out, written = Path(args.out), []
     name = type(model).__name__ if can_reconstruct else "encoder"
     target = tuple(args.target_patch) if args.target_patch else None
+    k, grid = args.attention_window, encoder.grid
+    if args.attention and k is not None and k > min(grid):  # the library's message names window_size=, not the flag
+        raise UsageError(f"--attention-window {k}: a {k}x{k} window does not fit the {grid[0]}x{grid[1]} patch grid "
+                         f"of {args.checkpoint}; pass --attention-window {min(grid)} or less")
     try:  # unreadable images, windows or a target that do not fit
         if args.attention:  # checked before any figure is written
-            attention_request(model, encoder.grid, target, args.attention_window, args.context, args.masked)
+            attention_request(model, grid, target, k, args.context, args.masked)
         images = torch.stack([prepare_image(p, encoder.config.img_size) for p in paths])
         if can_reconstruct:
             title = f"{name} reconstruction of {Path(args.checkpoint).name}, seed {args.seed}"
@@ -93,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         if args.attention:
             pixels = denormalize(images)
             for i, (path, image) in enumerate(zip(paths, images)):
-                result = window_attention(model, image, target=target, window_size=args.attention_window,
+                result = window_attention(model, image, target=target, window_size=k,
                                           context=args.context, masked=args.masked, seed=args.seed)
                 title = f"{name} {Path(args.checkpoint).name}: {path.name}"
                 written.append(attention_figure(result, pixels[i], encoder.config.patch_size,

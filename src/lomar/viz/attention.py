@@ -22,8 +22,10 @@ from lomar.models.rpe import bucket_table
 from lomar.models.vit import Attention, VisionTransformer
 from lomar.viz.reconstruction import save_figure
 
-__all__ = ["attention_probs", "block_attention", "WindowAttention", "attention_request", "window_attention",
-           "attention_figure", "draw_attention"]
+__all__ = ["attention_probs", "block_attention", "WindowAttention", "default_window", "attention_request",
+           "window_attention", "attention_figure", "draw_attention", "DEFAULT_WINDOW"]
+
+DEFAULT_WINDOW = 7  # the paper's K, for models that carry no window of their own
 
 
 def attention_probs(attn: Attention, x: torch.Tensor, buckets: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,20 +75,27 @@ class WindowAttention:
         return self.target[0] - self.top_left[0], self.target[1] - self.top_left[1]
 
 
+def default_window(model, grid: tuple[int, int]) -> int:
+    """K of the attention window when none is asked for: a LoMaR model's own window size, else
+    :data:`DEFAULT_WINDOW` capped to the patch grid (a small model's grid may hold less)."""
+    return model.window_size if isinstance(model, LoMaR) else min(DEFAULT_WINDOW, *grid)
+
+
 def attention_request(model, grid: tuple[int, int], target: tuple[int, int] | None = None,
                       window_size: int | None = None, context: str | None = None,
                       masked: bool = False) -> tuple[int, str, tuple[int, int]]:
     """(K, context, target) of :func:`window_attention` on a ``grid`` of patches, defaults filled in;
     ValueError naming what does not fit (checked before any figure is drawn)."""
     is_lomar = isinstance(model, LoMaR)
-    k = window_size or (model.window_size if is_lomar else 7)
+    k = window_size or default_window(model, grid)
     context = context or ("window" if is_lomar else "image")
     if context not in ("window", "image"):
         raise ValueError(f"context must be 'window' or 'image', got {context!r}")
     if masked and not (is_lomar and context == "window"):
         raise ValueError("masked attention needs a LoMaR model in window context (it has the mask token)")
     if k > min(grid):
-        raise ValueError(f"a {k}x{k} window does not fit the {grid[0]}x{grid[1]} patch grid")
+        raise ValueError(f"a {k}x{k} window does not fit the {grid[0]}x{grid[1]} patch grid; "
+                         f"pass window_size={min(grid)} or less")
     target = target if target is not None else (grid[0] // 2, grid[1] // 2)
     if not (0 <= target[0] < grid[0] and 0 <= target[1] < grid[1]):
         raise ValueError(f"target patch {tuple(target)} is outside the {grid[0]}x{grid[1]} patch grid")
@@ -100,7 +109,8 @@ def window_attention(model, image: torch.Tensor, target: tuple[int, int] | None 
     """Attention of patch ``target`` (row, col in the image's patch grid; default: the centre).
 
     model: a LoMaR / MAE model or a VisionTransformer; image (3, H, W) normalised. The window
-    is the model's K×K (``window_size`` for other models, default 7) around the target.
+    is K×K around the target: ``window_size``, by default :func:`default_window` (a LoMaR
+    model's own K, else 7 or the patch grid's side if smaller).
     ``context``: ``'window'`` (default for LoMaR) runs the encoder on cls + the window tokens
     only; ``'image'`` (default otherwise) on the whole image. ``masked`` (window context):
     replace floor(K·K·mask_ratio) window tokens, the target among them, by the mask token.
