@@ -60,6 +60,8 @@ BAD = [
     ("visualize", [CK, "--out", "{tmp}/file"], "is a file"),
     ("visualize", [CK, "--out", "{tmp}/file/sub"], "is a file"),
     ("visualize", [CK, "--out", "/proc/lomar-figures"], "/proc"),
+    ("visualize", [CK, "--out", ""], "--out is empty; give a path"),  # Path("") is the working folder
+    ("export", [CK, "--to", ""], "--to is empty; give a path"),
     ("visualize", [CK, "{tmp}/missing.png"], "missing.png"),
     ("visualize", [CK, *["{tmp}/file"] * 65], "at most 64"),
     ("visualize", [CK, "--windows", "0"], "--windows"),

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,17 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, capsys, pretr
     monkeypatch.undo()
     assert (out / "last.pt").read_bytes() == before
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_one_class_is_refused_by_finetune_and_the_probes(tmp_path, capsys, pretrained, folder):
+    """With one class every score is 100 %: there is nothing to classify."""
+    single = tmp_path / "single"
+    for split in ("train", "val"):
+        first = sorted(p for p in (folder / split).iterdir() if p.is_dir())[0]
+        shutil.copytree(first, single / split / first.name)
+    for command in (_args(pretrained, single, tmp_path / "ft"),
+                    ["knn", str(pretrained), "--data", str(single), "--workers", "0", "--img-size", "32"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "holds one class folder" in err and "a classifier needs at least two" in err and err.count("\n") == 1
+    assert not (tmp_path / "ft").exists()

@@ -235,6 +235,8 @@ def _bad_out(tmp_path, kind: str) -> str:
     (["--resume", "auto", "--out", None], "--resume auto needs --out"),
     (["--out", "file"], "is a file"),
     (["--out", "under a file"], "which is a file"),
+    (["--out", ""], "--out must be non-empty, got ''"),  # Path("") is the working folder
+    (["--out", "inside the data"], "is inside --data"),  # the run's figures would become training images
 ])
 def test_bad_invocations_are_one_line_and_create_no_folder(tmp_path, capsys, image_dir, flags, message):
     out = tmp_path / "run"
@@ -243,7 +245,9 @@ def test_bad_invocations_are_one_line_and_create_no_folder(tmp_path, capsys, ima
         i = flags.index("--out")
         if flags[i + 1] is None:
             del flags[i:i + 2]
-        else:
+        elif flags[i + 1] == "inside the data":
+            flags[i + 1] = str(image_dir / "run")
+        elif flags[i + 1]:
             flags[i + 1] = _bad_out(tmp_path, flags[i + 1])
     else:
         flags += ["--out", str(out)]

@@ -200,6 +200,9 @@ def test_brace_patterns_are_counted_before_they_are_expanded(tmp_path):
         shard_paths(str(tmp_path / "s-{000000000..999999999}.tar"))  # refused at once, not made
     with pytest.raises(ValueError, match=r"names 2,000,000 shards"):
         shard_paths(str(tmp_path / "s-{0..1999}-{0..999}.tar"))
+    with pytest.raises(ValueError, match=r"names 2 shard\(s\) that do not exist, e.g. .*s-03.tar; fix the brace range"):
+        shard_paths(str(tmp_path / "s-{00..04}.tar"))  # named one by one: a missing one is no smaller data set
+    assert len(shard_paths(str(tmp_path / "s-{00..04}*.tar"))) == 3  # a wildcard may match nothing
     for bad in ("s-{00..0x}.tar", "s-{00..02.tar"):
         with pytest.raises(ValueError, match=r"each brace must close and hold a range of whole numbers"):
             shard_paths(str(tmp_path / bad))

@@ -108,6 +108,9 @@ def test_text_list_and_errors(tmp_path, odd_folder):
         build_pretrain_dataset(str(tmp_path / "empty"), 32)
     with pytest.raises(ValueError, match="no tar shards"):
         build_pretrain_dataset(str(tmp_path / "shard-{000..002}.tar"), 32)
+    listing.write_bytes(b"\xff\xfe\x00x\n")
+    with pytest.raises(ValueError, match=r"list.txt is not a UTF-8 text list of image paths; pass a .txt"):
+        build_image_list(listing)
 
 
 def test_augmentation_is_pure_function_of_seed_epoch_index(odd_folder):

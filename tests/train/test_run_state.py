@@ -232,6 +232,10 @@ def test_metrics_truncation_drops_later_and_broken_lines(tmp_path):
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
     truncate_metrics(path, 2)
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    # lines that are no record of this log (damaged, or written by something else) go too, and never stop a resume
+    path.write_bytes(b'{"step": 1}\n[1, 2]\n{"step": "a"}\n"text"\n\xff\xfe\n{"step": 2, "loss": 0.5}\n')
+    truncate_metrics(path, 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2, "loss": 0.5}\n'
 
 
 def test_thread_and_worker_defaults_fit_the_machine(monkeypatch):

@@ -73,6 +73,7 @@ def check_output_file(path: str | Path | None, flag: str, overwrite: bool = True
     """
     if path is None:
         return
+    _non_empty(path, flag)
     target = Path(path)
     if target.is_dir():
         raise UsageError(f"{flag} {target} is a folder; give a file name such as {target / 'result'}")
@@ -87,8 +88,14 @@ def check_output_file(path: str | Path | None, flag: str, overwrite: bool = True
     _check_writable_dir(_existing_ancestor(target.parent, flag, target), flag, target)
 
 
+def _non_empty(path: str | Path, flag: str) -> None:
+    if not str(path).strip():  # Path("") is the working folder: an unset shell variable would write there
+        raise UsageError(f"{flag} is empty; give a path")
+
+
 def check_output_dir(path: str | Path, flag: str) -> None:
     """Fail now if ``path`` cannot become (or is not) a writable folder; it may not exist yet."""
+    _non_empty(path, flag)
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise UsageError(f"{flag} {target} is a file, not a folder; pass a folder")

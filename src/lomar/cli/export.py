@@ -37,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from lomar.models.beit import BEiT  # torch: not for --help
     from lomar.models.vit import VisionTransformer  # torch: not for --help
 
+    check_output_dir(args.to, "--to")  # the text given: Path("") would be the working folder
     out = Path(args.to)
-    check_output_dir(out, "--to")
     for name in (ENCODER_WEIGHTS, CONFIG_NAME):
         if (out / name).exists() and not args.overwrite:
             raise UsageError(f"{out / name} already exists; pass --overwrite to replace it, or another --to")
@@ -86,8 +86,8 @@ def load_original_run(args: argparse.Namespace) -> int:
     from lomar.checkpoints.convert import encoder_of, pretrain_checkpoint  # torch: not for --help
     from lomar.checkpoints.io import atomic_save  # torch: not for --help
 
+    check_output_file(args.to, "--to", overwrite=args.overwrite)
     out = Path(args.to)
-    check_output_file(out, "--to", overwrite=args.overwrite)
     if not Path(args.path).is_file():
         raise UsageError(f"{args.path} is not a file; pass an original LoMaR / MAE checkpoint (.pth)")
     model = load_for_cli(args.path, args, original=True)

@@ -78,7 +78,11 @@ def build_image_list(data: str | Path) -> list[Path]:
     if path.is_file():
         if path.suffix.lower() != ".txt":
             raise ValueError(f"{path} is a file but not a .txt list of images; pass its folder instead")
-        lines = [ln.strip() for ln in path.read_text().splitlines()]
+        try:
+            lines = [ln.strip() for ln in path.read_text().splitlines()]
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not a UTF-8 text list of image paths; pass a .txt with one path a line, "
+                             f"or the folder of the images") from None
         images = [Path(ln) if Path(ln).is_absolute() else path.parent / ln
                   for ln in lines if ln and not ln.startswith("#")]
     else:
@@ -169,6 +173,12 @@ class LabelledImageFolder(Dataset):
             raise ValueError(f"no images found in the class folders of {self.root}; "
                              f"supported extensions: {', '.join(IMAGE_EXTENSIONS)}")
         self.targets = [label for _, label in self.samples]
+
+    def check_classes(self) -> None:
+        """ValueError unless there are two classes to tell apart: with one, every score is 100 %."""
+        if len(self.classes) < 2:
+            raise ValueError(f"{self.root} holds one class folder ({self.classes[0]}); a classifier needs at least "
+                             f"two (ImageFolder layout: ROOT/CLASS/IMAGE)")
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -93,9 +93,15 @@ def shard_paths(data: str) -> list[Path]:
     if names > MAX_SHARD_NAMES:
         raise ValueError(f"{data!r} names {names:,} shards, over the {MAX_SHARD_NAMES:,} lomar reads; check the "
                          f"brace range")
-    paths = sorted({Path(p) for pat in _expand_braces(data) for p in glob.glob(pat)})
+    patterns = _expand_braces(data)
+    paths = sorted({Path(p) for pat in patterns for p in glob.glob(pat)})
     if not paths:
         raise ValueError(f"no tar shards match {data!r}; check the glob or brace pattern")
+    # a name without wildcards is a shard asked for by name: one missing would shrink the data unsaid
+    missing = [pat for pat in patterns if not glob.has_magic(pat) and not Path(pat).is_file()]
+    if missing:
+        raise ValueError(f"{data!r} names {len(missing)} shard(s) that do not exist, e.g. {missing[0]}; fix the "
+                         f"brace range or add the shards")
     return paths
 
 

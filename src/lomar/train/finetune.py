@@ -43,6 +43,7 @@ def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
     train_tf, val_tf = classification_transforms(config.img_size, config.aa, config.reprob, config.crop_scale)
     try:
         train_set, val_set = LabelledImageFolder(train_root, train_tf), LabelledImageFolder(val_root, val_tf)
+        train_set.check_classes()
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if train_set.classes != val_set.classes:

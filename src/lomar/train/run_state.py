@@ -123,12 +123,13 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Drop the log lines written after the checkpoint we resume from (a crash between the two)."""
     if path.exists():
         keep = []
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():  # a cut can split a character too
             try:
-                if line and json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
+                record = json.loads(line) if line else None
             except json.JSONDecodeError:  # a line cut by a crash mid-write
                 continue
+            if isinstance(record, dict) and isinstance(record.get("step", 0), int) and record.get("step", 0) <= step:
+                keep.append(line)  # anything else is no record of this log's
         atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 

@@ -101,8 +101,8 @@ class Setting:
             return "a finite number"
         if choices and self.choices is not None and v not in self.choices:
             return "one of " + ", ".join(map(str, self.choices))
-        if not isinstance(v, (int, float)):
-            return None
+        if not isinstance(v, (int, float)):  # an empty path would be the working folder
+            return "non-empty" if isinstance(v, str) and not v.strip() else None
         lo, hi = (self.low, "[") if self.low is not None else (self.above, "("), \
             (self.high, "]") if self.high is not None else (self.below, ")")
         if isinstance(v, float) and lo[0] is not None and hi[0] is not None:  # a fraction reads best as an interval
