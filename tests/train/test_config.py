@@ -135,6 +135,9 @@ def test_resume_auto_before_the_first_checkpoint_reads_config_yaml(tmp_path, cap
     assert resolved["max_steps"] == 7 and resolved["resume"] == "auto"
     assert _resolve(tmp_path, "--resume", "auto", "--batch-size", "16") == 2
     assert "--batch-size 16 differs from 32" in capsys.readouterr().err
+    (tmp_path / "run" / "config.yaml").write_text("batch_size: 32\n")  # its lr derived from --blr
+    assert _resolve(tmp_path, "--resume", "auto", "--lr", "0.1") == 2
+    assert "--lr 0.1 differs from the default (unset) in the run being resumed" in capsys.readouterr().err
     (tmp_path / "run" / "config.yaml").write_text("batch_size: 2.5\n")
     assert _resolve(tmp_path, "--resume", "auto") == 2
     assert "batch_size: 2.5" in capsys.readouterr().err

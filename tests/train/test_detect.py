@@ -392,7 +392,11 @@ def test_detect_trains_and_predictions_rescore_to_the_reported_ap(tiny, tmp_path
     assert code == 0
     assert "96 px input" in capsys.readouterr().err  # the detector's own size, not the 1024 default
     again = json.loads((evaluated / "metrics.jsonl").read_text().splitlines()[-1])
-    assert {k: again[k] for k in rescored} == {k: metrics[k] for k in rescored}
+    assert {k: again[k] for k in rescored} == {k: metrics[k] for k in rescored} and again["img_size"] == 96
+    # the predictions written are not replaced by another scoring unless asked to
+    code = main(["detect", "--val-ann", str(val_ann), "--val-images", str(val_images), "--eval-only",
+                 "--pretrained", str(out / "last.pt"), "--workers", "0", "--out", str(evaluated)])
+    assert code == 2 and "already holds a predictions.json" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -330,3 +330,13 @@ def test_a_killed_run_frees_its_folder_at_once_though_its_forked_workers_live_on
             pass
     finally:
         os.kill(worker, 9)
+
+
+def test_a_resume_mismatch_names_what_differs():
+    """torch's first line of a failed load_state_dict is a header: the one-line error takes the difference."""
+    from lomar.train.run_state import mismatch
+
+    with pytest.raises(RuntimeError) as caught:
+        torch.nn.Linear(4, 3).load_state_dict(torch.nn.Linear(4, 2).state_dict())
+    assert mismatch(caught.value).startswith("size mismatch for weight: copying a param with shape")
+    assert mismatch(KeyError("optimizer")) == "'optimizer'" and mismatch(ValueError()) == "ValueError"

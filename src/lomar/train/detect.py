@@ -246,7 +246,8 @@ def evaluate_only(config: DetectConfig) -> int:
         task = DetectTask(config, DistInfo(), device)
         metrics = task.evaluate()
         with open(lock.out / "metrics.jsonl", "a") as log:
-            log.write(json.dumps({"eval_only": True, "pretrained": config.pretrained, **metrics}) + "\n")
+            log.write(json.dumps({"eval_only": True, "pretrained": config.pretrained, "img_size": config.img_size,
+                                  **metrics}) + "\n")
         task.finish(lock.out)
     ap = {k: "n/a" if metrics.get(k) is None else f"{metrics[k]:.2f}" for k in ("box_AP", "mask_AP")}
     stderr_log(f"lomar detect: box AP {ap['box_AP']}, mask AP {ap['mask_AP']}; {lock.out / 'predictions.json'}")

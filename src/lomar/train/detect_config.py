@@ -137,4 +137,7 @@ class DetectConfig(TaskConfig):
             raise ConfigError("pass --train-ann FILE and --train-images DIR (COCO instances), or --eval-only")
         if self.eval_only and not self.pretrained:
             raise ConfigError("--eval-only needs --pretrained RUN (a `lomar detect` run folder or checkpoint)")
+        if self.eval_only and (Path(self.out) / "predictions.json").exists() and not self.overwrite:
+            raise ConfigError(f"--out {self.out} already holds a predictions.json (a run's last evaluation, or an "
+                              f"earlier --eval-only); pass another --out, or --overwrite to replace it")
         check_pretrained(self)

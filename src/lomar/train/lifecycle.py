@@ -37,6 +37,7 @@ from lomar.train.run_state import (
     RunLock,
     auto_resume,
     check_no_rewind,
+    mismatch,
     prepare_run_folder,
     save_checkpoint,
     save_on_main_rank,
@@ -111,8 +112,8 @@ class _Run:
                 task.model.load_state_dict(ckpt["model"])
                 self.optimizer.load_state_dict(ckpt["optimizer"])
             except (ValueError, RuntimeError, KeyError) as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise UsageError(f"--resume {path} does not fit this run: {first}") from None
+                raise UsageError(f"--resume {path} does not fit this run: {mismatch(exc)}; resume with the data and "
+                                 f"--pretrained it started with, or start a new run with another --out") from None
         if "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.p.step, self.p.epoch, self.p.batches_done = ckpt["step"], ckpt["epoch"], ckpt["batches_done"]

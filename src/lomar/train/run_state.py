@@ -35,7 +35,7 @@ __all__ = ["RunLock", "SaveError", "save_state", "checkpoints_to_prune", "save_c
            "truncate_metrics", "remove_stale_temporaries", "find_resume_checkpoint", "auto_resume", "checkpoint_step",
            "check_no_rewind", "holds_run", "remove_newer_checkpoints", "check_out_folder", "read_meta",
            "LAST_POINTER", "newest_state", "refuse_held_run",
-           "prepare_run_folder"]
+           "prepare_run_folder", "mismatch"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.(pt|dcp)$")  # .dcp: a sharded checkpoint folder
 _SHARDED_TMP = re.compile(r"^checkpoint-\d+\.dcp\.tmp$")  # a sharded save cut before its rename
@@ -117,6 +117,13 @@ def save_on_main_rank(save: Callable[[], T], is_main: bool, device: torch.device
     if error is not None:
         raise error
     return result
+
+
+def mismatch(exc: Exception) -> str:
+    """What a failed ``load_state_dict`` says differs, in one line: torch's first line is only a header
+    ("Error(s) in loading state_dict for …:"), the first difference follows it."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    return lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -218,8 +218,9 @@ def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[
                 (value in (None, "auto") and policy[name] == "derived"):
             continue
         flag = "--" + name.replace("_", "-")
-        raise ConfigError(f"{flag} {shown(value)} differs from {shown(values[name])} in the run being resumed "
-                          f"({source}); drop {flag} to continue the run, or start a new run with another --out")
+        had = "the default (unset)" if values[name] is None else shown(values[name])  # not "None"
+        raise ConfigError(f"{flag} {shown(value)} differs from {had} in the run being resumed ({source}); "
+                          f"drop {flag} to continue the run, or start a new run with another --out")
     values.update({k: v for k, v in explicit.items() if policy[k] in ("run-control", "per-invocation")})
     if "epochs" in explicit and "max_steps" not in explicit and "max_steps" in values:
         values["max_steps"] = None  # a new --epochs is where the run now ends, not the old --max-steps
