@@ -82,13 +82,16 @@ collate_labelled_refill = partial(collate_labelled, refill=True)  # a partial pi
 def collate_pretrain(batch: list[dict], listed: tuple[str, ...] = ()) -> dict:
     """Stack the readable items; report the unreadable ones' paths under ``"bad"``.
 
-    -> {"images": (B', 3, S, S), "bad": [paths], "paths": [paths], **other stacked fields}; B' may be 0.
+    -> {"images": (B', 3, S, S), "bad": [paths], "why": {bad path: reason}, "paths": [paths], **other stacked
+    fields}; B' may be 0.
     ``listed``: the fields kept as lists instead (None where an item has none), for items that may
     hold their file ``"encoded"`` instead of an image (:func:`lomar.data.device_decode.collate_encoded`).
     """
     good = [item for item in batch if item["image"] is not None or item.get("encoded") is not None]
-    out: dict = {"bad": [item["path"] for item in batch if item["image"] is None and item.get("encoded") is None],
-                 "paths": [item["path"] for item in good], **{key: [item.get(key) for item in good] for key in listed}}
+    bad = [item for item in batch if item["image"] is None and item.get("encoded") is None]
+    out: dict = {"bad": [item["path"] for item in bad], "paths": [item["path"] for item in good],
+                 "why": {item["path"]: item["why"] for item in bad if item.get("why")},
+                 **{key: [item.get(key) for item in good] for key in listed}}
     if not good:
         size = batch[0].get("size", 0) if batch else 0
         out["images"] = torch.empty(0, 3, size, size)

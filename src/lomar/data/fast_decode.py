@@ -25,7 +25,6 @@ on the header's (EXIF-oriented) size: every sample gets the reference path's cro
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -40,7 +39,6 @@ from lomar.data.transforms import SampleDraw, draw_sample, unreadable_item
 __all__ = ["FAST_MODES", "FastPretrainDataset", "draft_decode_crop", "resample_windows", "window_boxes",
            "gpu_decode_crops", "jpeg_size"]
 
-log = logging.getLogger("lomar.data")
 FAST_MODES = ("draft", "windows", "gpu")
 _JPEG_SCALES = (8, 4, 2, 1)
 
@@ -153,8 +151,7 @@ class FastPretrainDataset(Dataset):
                 draw = draw_sample(base.transform, base.masker, *oriented_size(img), gen)
                 item = self._decode(img, data, draw)
         except (ValueError, OSError, RuntimeError, SyntaxError, Image.DecompressionBombError) as exc:
-            log.debug("skipping %s: %s", path, exc)
-            return unreadable_item(path, base.transform.size)
+            return unreadable_item(path, base.transform.size, str(exc))
         # None: no DCT scale keeps the crop >= S px (small photos), where the reference path is the
         # fastest, and exact; it draws the same box, flip and plan from a fresh generator.
         return base[key] if item is None else {**item, "path": path, **draw.plan}

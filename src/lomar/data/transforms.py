@@ -10,7 +10,6 @@ however many processes share the batch, and after any resume.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -21,7 +20,6 @@ import torch
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Masker", "denormalize", "sample_key", "sample_generator",
            "SampleDraw", "draw_sample", "PretrainTransform", "make_item", "unreadable_item"]
 
-log = logging.getLogger("lomar.data")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -135,9 +133,10 @@ class PretrainTransform:
         return self.normalize(crop.flip(-1) if draw.flip else crop)
 
 
-def unreadable_item(path: str, size: int) -> dict:
-    """The item of a file that cannot be read; ``size`` lets the collate shape an all-bad batch (0, 3, S, S)."""
-    return {"image": None, "path": path, "size": size}
+def unreadable_item(path: str, size: int, why: str = "") -> dict:
+    """The item of a file that cannot be read, and why; ``size`` lets the collate shape an all-bad batch (0, 3, S,
+    S)."""
+    return {"image": None, "path": path, "size": size, "why": why}
 
 
 def make_item(path: str, decode: Callable[[], torch.Tensor], transform: PretrainTransform,
@@ -149,6 +148,5 @@ def make_item(path: str, decode: Callable[[], torch.Tensor], transform: Pretrain
         draw = draw_sample(transform, masker, image.shape[-2], image.shape[-1], gen)
         pixels = transform.apply(image, draw)
     except (ValueError, RuntimeError, OSError) as exc:
-        log.debug("skipping %s: %s", path, exc)
-        return unreadable_item(path, transform.size)
+        return unreadable_item(path, transform.size, str(exc))
     return {"image": pixels, "path": path, **draw.plan}

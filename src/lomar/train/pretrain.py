@@ -111,7 +111,8 @@ class PretrainTask(Task):
         return self.decoding.batches(self.train_loader, self.device, self.config.decode_ahead)
 
     def skipped(self, batch: dict) -> list[str]:
-        return batch["bad"]
+        why = batch.get("why", {})  # the size limit, a truncated file: the warning and a run's final error say it
+        return [f"{path} ({why[path]})" if path in why else path for path in batch["bad"]]
 
     def loss(self, batch: dict) -> torch.Tensor | dict[str, torch.Tensor] | None:
         if not batch["images"].numel():  # every image of the batch was unreadable
