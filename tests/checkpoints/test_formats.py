@@ -257,3 +257,13 @@ def test_atomic_write_leaves_no_temporary_on_failure(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         atomic_write_text(target, "new")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_heads_no_shape_tells_are_asked_for_with_the_command_that_takes_them():
+    from helpers import reference_dir
+
+    mae = reference_dir() / "mae_64" / "mae_checkpoint.pth"  # 48 wide, 2 deep: no standard size
+    with pytest.raises(ValueError, match=r"pass num_heads=\.\.\. to load_original, or convert it first: lomar "
+                                         r"load-original CKPT --num-heads N --to FILE"):
+        formats.encoder_weights(mae)
+    assert formats.encoder_weights(mae, num_heads=4).config.num_heads == 4

@@ -93,6 +93,15 @@ def test_set_up_failures_are_one_line_and_exit_2(tmp_path, capsys, image_dir, ca
     assert err.count("\n") == 1 and err.startswith("lomar pretrain: error:")
 
 
+def test_shards_without_a_readable_image_blame_the_data_not_the_batch(tmp_path, capsys):
+    shard = tmp_path / "random.tar"
+    shard.write_bytes(bytes(range(256)) * 12)
+    code = main(["pretrain", *TINY, "--data", str(shard), "--out", str(tmp_path / "run")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and last == (f"lomar pretrain: error: --data {shard} holds no image that could be read (see the "
+                                  f"skipped files above); fix the data")
+
+
 def test_out_holding_another_run_needs_resume_or_overwrite(tmp_path, capsys, image_dir):
     out = tmp_path / "run"
     out.mkdir()

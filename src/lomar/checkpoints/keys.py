@@ -112,8 +112,9 @@ def infer_vit_config(state: dict[str, torch.Tensor], hints: dict | None = None, 
     heads = heads or hints.get("num_heads") or by_name
     heads = heads or {(d, n): h for d, n, h in MODEL_SIZES.values()}.get((dim, depth))
     if not heads:
-        raise ValueError(f"cannot infer the number of heads of this {dim}-wide, {depth}-deep model; "
-                         f"pass num_heads=... to load_original")
+        raise ValueError(f"cannot infer the number of heads of this {dim}-wide, {depth}-deep model; pass "
+                         f"num_heads=... to load_original, or convert it first: lomar load-original CKPT --num-heads N "
+                         f"--to FILE")
     img_size = overrides.get("img_size") or hints.get("img_size") or hints.get("input_size")
     if not img_size and "pos_embed" in state:
         cells = state["pos_embed"].shape[1] - 1

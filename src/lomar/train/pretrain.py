@@ -83,6 +83,9 @@ class PretrainTask(Task):
         return param_groups(self.model, self.config.weight_decay)
 
     def batches_per_epoch(self) -> int:
+        if not self.size:  # every shard or file unreadable: the batch size is not what to change
+            raise ValueError(f"--data {self.config.data} holds no image that could be read (see the skipped files "
+                             f"above); fix the data")
         if self.per_rank < self.config.batch_size * self.config.accum_steps:
             raise ValueError(f"{self.size} images cannot fill one step of batch {self.config.batch_size} x accum "
                              f"{self.config.accum_steps} x {self.info.world_size} process(es); lower --batch-size")
