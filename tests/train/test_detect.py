@@ -140,6 +140,7 @@ def test_valid_rles_pass_the_run_length_check():
     (["--val-images", "/no/such/folder"], "--val-images /no/such/folder is not a folder"),
     (["--global-blocks", "1", "--window-size", "0"], "--global-blocks needs --window-size"),
     (["--eval-only"], "--eval-only needs --pretrained"),
+    (["--model", "vit_tiny_patch14"], "--model vit_tiny_patch14: the feature pyramid needs patch size 16"),
 ])
 def test_bad_settings_are_one_line(args, expected, tiny, tmp_path, capsys):
     (train_ann, train_images), (val_ann, val_images) = tiny

@@ -20,6 +20,7 @@ from lomar.train.settings_resume import (
     check_pretrained,
     check_windows,
     model_only_without_pretrained,
+    random_encoder_patch,
 )
 
 __all__ = ["DetectConfig", "detect_checkpoint", "DETECTOR_LAYOUT"]
@@ -123,6 +124,8 @@ class DetectConfig(TaskConfig):
                     setattr(self, name, value)
 
     def check_settings(self) -> None:
+        if random_encoder_patch(self) not in (None, 16):  # ViTDet's pyramid: strides 4-32 from the 1/16 map
+            raise ConfigError(f"--model {self.model}: the feature pyramid needs patch size 16; use a *_patch16 model")
         check_img_size(self)
         low, high = self.jitter
         if not 0 < low <= high < 100:

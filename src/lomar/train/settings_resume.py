@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -180,11 +181,20 @@ def encoder_layout(config: Any) -> dict:
     return layout
 
 
+def random_encoder_patch(config: Any) -> int | None:
+    """The patch size of the --model a dense task builds without --pretrained (a pretrained one has its own)."""
+    return int(config.model.rsplit("patch", 1)[1]) if config.pretrained is None and config.model else None
+
+
 def check_img_size(config: Any) -> None:
-    """A detection or segmentation pyramid's coarsest stride divides the image."""
-    if config.img_size % 32:
-        raise ConfigError(f"--img-size must be a multiple of 32 (the coarsest pyramid stride), got {config.img_size}; "
-                          f"e.g. {max(32, round(config.img_size / 32) * 32)}")
+    """A detection or segmentation pyramid's coarsest stride divides the image, and so does a random encoder's
+    patch (a pretrained one's is checked where it is read)."""
+    patch = random_encoder_patch(config) or 32
+    step = math.lcm(32, patch)
+    if config.img_size % step:
+        why = "the coarsest pyramid stride" + (f", and the patch size {patch} of --model" if step > 32 else "")
+        raise ConfigError(f"--img-size must be a multiple of {step} ({why}), got {config.img_size}; "
+                          f"e.g. {max(step, round(config.img_size / step) * step)}")
 
 
 def check_pretrained(config: Any, fix: str = "") -> None:
