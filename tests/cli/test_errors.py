@@ -61,6 +61,8 @@ BAD = [
     ("visualize", [CK, "--out", "{tmp}/file/sub"], "is a file"),
     ("visualize", [CK, "--out", "/proc/lomar-figures"], "/proc"),
     ("visualize", [CK, "--out", ""], "--out is empty; give a path"),  # Path("") is the working folder
+    ("visualize", [CK, "--attention-window", "3"], "--attention-window is for the attention figures; add --attention"),
+    ("visualize", [CK, "--masked"], "--masked is for the attention figures; add --attention"),
     ("export", [CK, "--to", ""], "--to is empty; give a path"),
     ("visualize", [CK, "{tmp}/missing.png"], "missing.png"),
     ("visualize", [CK, *["{tmp}/file"] * 65], "at most 64"),

@@ -60,6 +60,11 @@ def run(args: argparse.Namespace) -> int:
         if not Path(image).is_file():
             raise UsageError(f"image {image} is not a file; pass image files (PNG, JPEG, …)")
     check_output_dir(args.out, "--out")
+    given = [flag for flag, value in (("--target-patch", args.target_patch), ("--context", args.context),
+                                      ("--masked", args.masked), ("--attention-window", args.attention_window))
+             if value]
+    if given and not args.attention:  # they shape the attention figures only: without them, nothing would use them
+        raise UsageError(f"{given[0]} is for the attention figures; add --attention, or drop {given[0]}")
     import torch
 
     from lomar.data.folder import demo_image_paths  # torch: not for --help
