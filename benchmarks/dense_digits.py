@@ -87,12 +87,13 @@ def main() -> int:
     if not (data / "compose.json").is_file():
         _lomar("compose-digits", "--out", str(data), "--img-size", str(args.img_size), "--images", str(args.images),
                "--seed", "0")
-    common = ["--model", args.model, "--img-size", str(args.img_size), "--threads", str(args.threads),
-              "--workers", "1", "--device", args.device]
+    # --model names the pretrained encoders and the random one; a --pretrained encoder brings its own
+    common = ["--img-size", str(args.img_size), "--threads", str(args.threads), "--workers", "1", "--device",
+              args.device]
     # lr 1e-3 with a warm-up over the first 10 % (a new run given --max-steps spans its schedule
     # over them); MAE's decoder scaled to the tiny encoder (MAE-base's is 512 wide, 8 blocks)
-    pretrain = [*common, "--data", str(data / "images" / "train"), "--batch-size", "16", "--max-steps",
-                str(args.pretrain_steps), "--lr", "1e-3", "--log-every", "100"]
+    pretrain = [*common, "--model", args.model, "--data", str(data / "images" / "train"), "--batch-size", "16",
+                "--max-steps", str(args.pretrain_steps), "--lr", "1e-3", "--log-every", "100"]
     mae_decoder = ["--decoder-embed-dim", "128", "--decoder-depth", "2", "--decoder-num-heads", "4"]
     # Mask R-CNN: lr 2e-4 at batch 4 (blr x 4 / 256), 32 RoIs per image (ViTDet's 4conv1fc box head
     # on 512 RoIs is most of a CPU step), ViTDet's step schedule over the run
@@ -110,7 +111,7 @@ def main() -> int:
     started = time.time()
     for seed in args.seeds:
         for encoder in ENCODERS:
-            source = []
+            source = ["--model", args.model]
             if encoder != "random":
                 pre = args.work / f"pretrain-{encoder}-s{seed}"
                 if not (pre / "last.pt").is_file():
