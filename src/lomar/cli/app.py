@@ -162,9 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-class OutlivedStdout:
-    """``sys.stdout`` for a command whose reader may leave first (``lomar pretrain | head``): on a broken pipe the
-    output goes to /dev/null from then on, and the run goes on to its checkpoint instead of dying mid-step."""
+class OutlivedStream:
+    """``sys.stdout`` / ``sys.stderr`` for a command whose reader may leave first (``lomar pretrain | head``): on a
+    broken pipe the output goes to /dev/null from then on, and the run goes on to its checkpoint instead of dying
+    mid-step."""
 
     def __init__(self, stream):
         self._stream = stream
@@ -194,7 +195,7 @@ def run() -> None:
     interpreter's own teardown can abort (SIGABRT) while gloo's threads are still being joined,
     which turns a finished run into a failed one for torchrun and the scheduler.
     """
-    sys.stdout = OutlivedStdout(sys.stdout)
+    sys.stdout, sys.stderr = OutlivedStream(sys.stdout), OutlivedStream(sys.stderr)
     code = main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import logging

@@ -134,8 +134,7 @@ class PretrainTransform:
 
 
 def unreadable_item(path: str, size: int, why: str = "") -> dict:
-    """The item of a file that cannot be read, and why; ``size`` lets the collate shape an all-bad batch (0, 3, S,
-    S)."""
+    """The item of a file that cannot be read, and why; ``size`` shapes an all-bad batch (0, 3, S, S)."""
     return {"image": None, "path": path, "size": size, "why": why}
 
 

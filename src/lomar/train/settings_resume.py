@@ -211,7 +211,7 @@ def model_only_without_pretrained(config: Any, explicit: dict[str, Any]) -> None
     """--model names a random encoder's architecture (default vit_base_patch16): with --pretrained, which brings
     its own, a given one would be ignored (an error), and the run records none rather than an unused default."""
     if config.pretrained is None:
-        config.model = config.model or "vit_base_patch16"
+        config.model = config.model or S.MODEL.default
     elif explicit.get("model") is not None:
         raise ConfigError(f"--model {explicit['model']} is the architecture of a random encoder, but --pretrained "
                           f"{config.pretrained} brings its own; drop --model (or --pretrained)")
