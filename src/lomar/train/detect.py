@@ -138,16 +138,15 @@ class DetectTask(Task):
             raise UsageError(f"--pretrained {cfg.pretrained} is not a `lomar detect` run or checkpoint; --eval-only "
                              f"scores a trained detector")
         elif cfg.pretrained:
-            if holds_beit(cfg.pretrained):  # before the ViTDet layout is asked of an encoder that has none
-                raise UsageError(f"--pretrained {cfg.pretrained}: only LoMaR / MAE ViT encoders can be detection "
-                                 f"backbones, not BEiT")
             try:
                 encoder = load_pretrained_encoder(cfg.pretrained, **_layout(cfg, None))
             except ValueError as exc:
-                raise UsageError(f"--pretrained {cfg.pretrained}: {exc}") from None
+                if not holds_beit(cfg.pretrained):
+                    raise UsageError(f"--pretrained {cfg.pretrained}: {exc}") from None
+                encoder = None  # a BEiT encoder refuses the ViTDet layout it has no place for
             if not isinstance(encoder, VisionTransformer):
                 raise UsageError(f"--pretrained {cfg.pretrained}: only LoMaR / MAE ViT encoders can be detection "
-                                 f"backbones, not {type(encoder).__name__}")
+                                 f"backbones, not {'BEiT' if encoder is None else type(encoder).__name__}")
             self.log(f"lomar detect: {encoder.load_report.summary()}")
         else:
             config = model_config(cfg.model)
