@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import math
 import shutil
@@ -120,14 +121,8 @@ def test_valid_rles_pass_the_run_length_check():
         encoded = coco_mask.encode(mask.copy(order="F"))
         rle = {"size": [height, width], "counts": encoded["counts"].decode()}
         assert _segmentation_error(rle, width, height) is None, rle
-        flat, runs, value = mask.flatten(order="F"), [], 0
-        for bit in flat:  # uncompressed counts: runs of 0, 1, 0, ... in column-major order
-            if bit != value:
-                runs.append(0)
-                value = bit
-            runs[-1:] = [runs[-1] + 1] if runs else [1]
-        if flat.size and flat[0]:
-            runs = [0, *runs]
+        flat = mask.flatten(order="F")  # uncompressed counts: runs of 0, 1, 0, ... in column-major order
+        runs = [0] * int(flat[0]) + [len(list(run)) for _, run in itertools.groupby(flat)]
         assert sum(runs) == height * width
         assert _segmentation_error({"size": [height, width], "counts": runs}, width, height) is None
         assert (coco_mask.decode(coco_mask.frPyObjects({"size": [height, width], "counts": runs}, height, width))
