@@ -75,6 +75,19 @@ def test_a_huge_grid_is_refused_before_any_cell_is_built(tmp_path, monkeypatch):
         parse_spec(_raw(tmp_path, seeds=list(range(1000))))
 
 
+def test_a_spec_files_out_is_read_from_its_folder_as_its_data_is(tmp_path):
+    from lomar.cli.study.spec import load_spec
+
+    (tmp_path / "st" / "imgs").mkdir(parents=True)
+    common = "budget: 1steps\ngrid: {method: [mae]}\neval: {metrics: []}\n"
+    (tmp_path / "st" / "a.yaml").write_text("data: {pretrain: imgs}\nout: runs/a\n" + common)
+    spec = load_spec(tmp_path / "st" / "a.yaml")
+    assert (spec.data_pretrain, spec.out) == (str(tmp_path / "st" / "imgs"), str(tmp_path / "st" / "runs" / "a"))
+    (tmp_path / "st" / "b.yaml").write_text(f"out: {tmp_path / 'abs'}\n" + common)
+    assert load_spec(tmp_path / "st" / "b.yaml").out == str(tmp_path / "abs")
+    assert parse_spec(_raw(tmp_path, out="rel")).out == "rel"  # a spec given as a mapping has no folder
+
+
 def test_accuracy_metrics_need_labelled_data(tmp_path):
     raw = _raw(tmp_path, eval={"metrics": ["knn"]})
     raw["data"] = {"pretrain": raw["data"]["pretrain"]}

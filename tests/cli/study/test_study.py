@@ -108,6 +108,43 @@ def test_a_bad_cell_is_refused_before_any_training(tmp_path, labelled):
     assert not (tmp_path / "study" / "cells").exists()
 
 
+@pytest.mark.parametrize("metrics, split, folders, message", [
+    (["heldout_loss"], "val", ["a"], r"^data.val: no images found in the class folders of .*val; supported"),
+    (["knn"], "train", ["a", "b"], r"^data.train: no images found in the class folders of .*train; supported"),
+    (["knn"], "train", [], r"^data.train: .*train holds no class folders"),
+    (["knn"], "val", [], r"^data.val: .*val holds no class folders"),
+])
+def test_evaluation_data_without_images_is_refused_before_any_training(tmp_path, labelled, metrics, split, folders,
+                                                                      message):
+    """Caught when the first cell has trained (a slice of the budget, minutes at paper scale) is caught late."""
+    import shutil
+
+    from lomar.errors import UsageError
+
+    data = tmp_path / "data"
+    shutil.copytree(labelled, data)
+    shutil.rmtree(data / split)
+    (data / split).mkdir()
+    for folder in folders:
+        (data / split / folder).mkdir()
+    spec = parse_spec(_spec(data, eval={"metrics": metrics}, data={
+        "pretrain": str(labelled / "train"), "train": str(data / "train"), "val": str(data / "val")}))
+    with pytest.raises(UsageError, match=message):
+        run_study(spec, tmp_path / "study", log=lambda line: None)
+    assert not (tmp_path / "study" / "cells").exists()
+
+
+def test_a_labelled_evaluation_of_one_class_is_refused_before_any_training(tmp_path, labelled):
+    from lomar.errors import UsageError
+
+    for split in ("train", "val"):
+        write_images(tmp_path / split / "only", 2)
+    spec = parse_spec(_spec(tmp_path, eval={"metrics": ["knn"]}, data={
+        "pretrain": str(labelled / "train"), "train": str(tmp_path / "train"), "val": str(tmp_path / "val")}))
+    with pytest.raises(UsageError, match=r"^data.train: .*train holds one class folder \(only\)"):
+        run_study(spec, tmp_path / "study", log=lambda line: None)
+
+
 def test_a_finetune_stopped_by_a_signal_is_not_a_result(tmp_path):
     """`lomar finetune` exits 0 when a signal stops it (checkpoint written, resumable); its last
     record is then an earlier epoch's, which must not be stored as the evaluation's value."""

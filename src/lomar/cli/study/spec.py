@@ -5,6 +5,8 @@ A spec (YAML or dict)::
     name: windows
     data: {pretrain: imgs/, train: labelled/train, val: labelled/val}   # any may be null; relative
                            # to the spec file's folder, not the working directory
+    out: runs/windows      # the study's folder (default: studies/NAME in the working directory);
+                           # relative to the spec file's folder too, as compose files and make do
     budget: 60s            # per cell: '60s', '2min', '500steps' or '3epochs'
     seeds: 3               # or a list, e.g. [0, 1, 2]
     slice: 10s             # cells of one seed take turns training in slices of this length
@@ -283,7 +285,7 @@ def parse_spec(raw: Any, source: str = "the spec", base: Path | None = None, not
         seeds=seed_list(raw.get("seeds", 1)), slice_s=slice_b.value, settings=settings, grid=grid,
         eval=_eval(raw.get("eval")), data_pretrain=paths.get("pretrain"), data_train=paths.get("train"),
         data_val=paths.get("val"), random_init=bool(raw.get("random_init", False)),
-        out=str(raw["out"]) if raw.get("out") else None, notes=list(notes))
+        out=str((base or Path()) / Path(str(raw["out"])).expanduser()) if raw.get("out") else None, notes=list(notes))
     spec.check_size()
     if spec.eval.every is not None and spec.eval.every.unit != spec.budget.unit:
         raise UsageError(f"eval.every: {spec.eval.every} must use the budget's unit ({spec.budget.unit}), "
