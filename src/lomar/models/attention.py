@@ -73,15 +73,20 @@ def _biased(q, k, v, bias: torch.Tensor, key_bias: torch.Tensor | None) -> torch
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias if key_bias is None else bias + key_bias)
 
 
-def _chunked(q, k, v, table, grid, key_bias, chunk: int | None, recompute: bool) -> torch.Tensor:
+def _by_query_chunks(attend, q, k, v, chunk: int | None, checkpointed: bool, **rest) -> torch.Tensor:
+    """``attend(q_chunk, k, v, start=, **rest)`` over ``chunk`` queries at a time, concatenated; each chunk
+    ``checkpointed``: q, k, v are kept and the backward pass rebuilds the chunk's bias."""
     b, h, length, _ = q.shape
     chunk = chunk or chunk_rows(b, h, length, q.element_size())
-    offsets = offset_buckets(grid, q.device)
-    run = _chunk
-    if recompute and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, table)):
-        run = functools.partial(checkpoint, _chunk, use_reentrant=False)  # keep q, k, v; backward rebuilds the bias
-    outs = [run(q[:, :, s:s + chunk], k, v, table, offsets, grid, s, key_bias) for s in range(0, length, chunk)]
-    return torch.cat(outs, dim=2)
+    if checkpointed:
+        attend = functools.partial(checkpoint, attend, use_reentrant=False)
+    return torch.cat([attend(q[:, :, s:s + chunk], k, v, start=s, **rest) for s in range(0, length, chunk)], dim=2)
+
+
+def _chunked(q, k, v, table, grid, key_bias, chunk: int | None, recompute: bool) -> torch.Tensor:
+    checkpointed = recompute and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, table))
+    return _by_query_chunks(_chunk, q, k, v, chunk, checkpointed, table=table,
+                            offsets=offset_buckets(grid, q.device), grid=grid, key_bias=key_bias)
 
 
 @functools.cache
@@ -167,11 +172,9 @@ def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows, mo
     b, h, length, _ = q.shape
     if select_mode(mode, b, h, length, q.device, q.element_size()) == "dense":
         return _rows_chunk(q, k, v, rows, 0, key_bias)
-    chunk = chunk or chunk_rows(b, h, length, q.element_size())
-    run = _rows_chunk
-    if recompute and torch.is_grad_enabled():
-        run = functools.partial(checkpoint, _rows_chunk, use_reentrant=False)
-    return torch.cat([run(q[:, :, s:s + chunk], k, v, rows, s, key_bias) for s in range(0, length, chunk)], dim=2)
+    # rows' parameters (a bias table) are not visible here: checkpointing goes by the grad mode alone
+    return _by_query_chunks(_rows_chunk, q, k, v, chunk, recompute and torch.is_grad_enabled(),
+                            rows=rows, key_bias=key_bias)
 
 
 def windowed_attention(attn, x: torch.Tensor, grid: tuple[int, int], window: int,
