@@ -42,6 +42,7 @@ def test_yaml_values_take_their_field_types(tmp_path, capsys):
     ("1: 2\n", "setting names"),
     ("windows: [1, 2]\n", "must be a string"),
     ("seed: true\n", "must be a number"),
+    ("batch_size: 8\nlr: 1e-3\nbatch_size: 16\n", "batch_size is given twice (lines 1 and 3); keep one"),
 ])
 def test_yaml_values_of_the_wrong_type_are_usage_errors(tmp_path, capsys, text, message):
     assert main(["pretrain", "--config", _yaml(tmp_path, text), "--print-config"]) == 2

@@ -21,10 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lomar.errors import UsageError
 from lomar.limits import MAX_IMG_SIZE
+from lomar.yaml_io import YAMLError, load_yaml
 
 __all__ = ["ConfigError", "Setting", "setting", "declarations", "add_settings", "coerce_all", "read_yaml", "help_text"]
 
@@ -392,8 +391,8 @@ def read_yaml(cls: type, path: Path, strict: bool = True) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} {'is not a file' if path.exists() else 'does not exist'}; give one")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:  # YAML is text: a binary file is no config either
+        raw = load_yaml(path.read_text()) or {}
+    except (YAMLError, UnicodeDecodeError) as exc:  # YAML is text: a binary file is no config either
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings")

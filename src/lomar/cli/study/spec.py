@@ -35,9 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lomar.errors import LomarError, UsageError
+from lomar.yaml_io import YAMLError, load_yaml
 
 __all__ = ["Budget", "Cell", "EvalSpec", "StudySpec", "parse_budget", "parse_spec", "load_spec", "METRICS",
            "MAX_SEEDS", "MAX_CELLS", "StudyStopped", "parse_flags", "settings_flags"]
@@ -306,7 +305,7 @@ def load_spec(path: str | Path) -> StudySpec:
     if not path.is_file():
         raise UsageError(f"study spec {path} does not exist; pass a YAML file or --preset NAME")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+        raw = load_yaml(path.read_text())
+    except YAMLError as exc:
         raise UsageError(f"study spec {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     return parse_spec(raw, str(path), base=path.parent)
