@@ -444,3 +444,19 @@ def test_resume_auto_never_starts_over_on_top_of_unreadable_checkpoints(tmp_path
     capsys.readouterr()
     assert run(ToyConfig(out=str(tmp_path / "new"), max_steps=2, resume="auto"), ToyTask) == 0
     assert f"nothing to resume in {tmp_path / 'new'}: a new run starts" in capsys.readouterr().out
+
+
+def test_a_run_trained_by_another_number_of_processes_is_not_resumed_silently(tmp_path):
+    """The process count sets the global batch (and a --blr run's lr), the epoch's length and what
+    ``batches_done`` counts: a 2-process checkpoint resumed by one process would train another run."""
+    from lomar.checkpoints.io import atomic_save
+    from lomar.errors import UsageError
+
+    out = tmp_path / "run"
+    run(ToyConfig(out=str(out), max_steps=2), ToyTask)
+    ckpt = safe_load(out / "last.pt")
+    ckpt["rng_ranks"] = ckpt["rng_ranks"] * 2  # as two processes save it
+    atomic_save(ckpt, out / "last.pt")
+    with pytest.raises(UsageError, match=r"trained by 2 process\(es\) and this launch has 1; .* launch it with 2"):
+        run(ToyConfig(out=str(out), max_steps=4, resume="auto"), ToyTask)
+    assert safe_load(out / "last.pt")["step"] == 2 and len(_losses(out)) == 2

@@ -55,10 +55,18 @@ def gather_rng_states(info: DistInfo, device: torch.device) -> list[dict]:
 
 
 def restore_rng_states(ckpt: dict, info: DistInfo, device: torch.device, seed: int) -> None:
-    """This rank's streams from a checkpoint's ``rng_ranks`` (:func:`gather_rng_states`). One of another number
-    of ranks, or an older one holding rank 0's ``rng`` alone, gives ranks past 0 fresh streams of their own."""
+    """This rank's streams from a checkpoint's ``rng_ranks`` (:func:`gather_rng_states`), whose length is the
+    number of processes that trained the run: another number is refused (ValueError), since the global batch,
+    an lr derived from it, the epoch's length and the position in its data order (``batches_done`` counts each
+    process's batches) all depend on it. An older checkpoint, holding rank 0's ``rng`` alone, gives ranks past 0
+    fresh streams of their own."""
     ranks = ckpt.get("rng_ranks")
-    if ranks is not None and len(ranks) == info.world_size:
+    if ranks is not None and len(ranks) != info.world_size:
+        raise ValueError(f"--resume: this run was trained by {len(ranks)} process(es) and this launch has "
+                         f"{info.world_size}; its global batch, lr and place in the epoch's data order depend on that "
+                         f"number: launch it with {len(ranks)} (torchrun --nproc-per-node), or start a new run with "
+                         f"another --out")
+    if ranks is not None:
         set_rng_state(ranks[info.rank], device)
     elif "rng" in ckpt:
         set_rng_state(ckpt["rng"], device)
