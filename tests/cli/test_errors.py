@@ -353,6 +353,31 @@ def test_the_sigterm_handler_is_given_back(monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_sigusr1_outside_training_unwinds_as_sigterm_does(monkeypatch, capsys):
+    """A scheduler's early warning (SLURM --signal=USR1) that comes before the training loop, which checkpoints on
+    it, ends the command with one line and its clean-up instead of killing it unannounced."""
+    import os
+    import signal
+    import time
+
+    def run(args):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(10)  # the handler interrupts this
+        return 0
+
+    monkeypatch.setattr("lomar.cli.export.run", run)
+    def ignored(*_):  # should lomar leave the signal alone, pytest survives it
+        pass
+
+    before = signal.signal(signal.SIGUSR1, ignored)
+    try:
+        code = main(["export", "ckpt", "--to", "out"])
+        assert signal.getsignal(signal.SIGUSR1) is ignored  # given back
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    assert code == 128 + signal.SIGUSR1 and capsys.readouterr().err == "lomar export: terminated (SIGUSR1)\n"
+
+
 def test_a_dvae_that_is_not_a_pickle_is_not_called_one(tmp_path, capsys):
     path = tmp_path / "random.pt"
     path.write_bytes(b"\x01" + bytes(range(256)))

@@ -109,12 +109,14 @@ def describe_os_error(exc: OSError) -> tuple[str, int] | None:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM outside a training loop (which checkpoints on it instead): the command unwinds as on Ctrl-C,
-    so that its temporary files are removed and its run folder's lock released, and exits 143."""
+    """SIGTERM or SIGUSR1 outside a training loop (which checkpoints on them instead): the command unwinds as on
+    Ctrl-C, so that its temporary files are removed and its run folder's lock released, and exits 128 + the
+    signal (143 for SIGTERM). SIGUSR1 is what a scheduler sends ahead of a time limit (SLURM's --signal); left
+    to its default action it would kill a run still starting (reading its data, fitting a tokenizer) unannounced."""
 
 
 def _terminate(signum, frame) -> None:
-    raise Terminated
+    raise Terminated(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,15 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}: error: {exc}", file=sys.stderr)
         return 2
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGUSR1)} if main_thread else {}
     try:
         return int(args._run(args) or 0)
     except LomarError as exc:
         print(f"{prefix}: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
-    except Terminated:
-        print(f"{prefix}: terminated (SIGTERM)", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except Terminated as exc:
+        signum = exc.args[0] if exc.args else signal.SIGTERM
+        print(f"{prefix}: terminated ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
@@ -158,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}: error: {message}", file=sys.stderr)
         return code
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 class OutlivedStream:
