@@ -91,6 +91,19 @@ def test_symlinked_folders_are_followed_once_and_dangling_links_kept(tmp_path, c
         load_image(root / "gone.png")
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "symlink"), reason="needs symlinks")
+def test_a_class_folder_linking_back_to_the_root_does_not_take_the_other_classes_images(tmp_path, caplog):
+    for label in ("cat", "dog"):
+        (tmp_path / label).mkdir()
+        _png(tmp_path / label / "0.png")
+    (tmp_path / "cat" / "up").symlink_to(tmp_path, target_is_directory=True)
+    with caplog.at_level(logging.WARNING, logger="lomar.data"):
+        dataset = LabelledImageFolder(tmp_path)
+    assert [(Path(p).relative_to(tmp_path).as_posix(), y) for p, y in dataset.samples] == [("cat/0.png", 0),
+                                                                                          ("dog/0.png", 1)]
+    assert "loop" in caplog.text
+
+
 def test_labelled_folder_skips_and_reports_unreadable_images(tmp_path):
     for label in ("cat", "dog"):
         (tmp_path / label).mkdir()

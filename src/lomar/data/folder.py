@@ -1,9 +1,9 @@
 """Image discovery and the map-style datasets: pretraining image lists, labelled class folders.
 
 Folders are searched recursively and symlinked sub-folders are followed, each real folder at
-most once (a link back to an ancestor is not a loop forever). A dangling link with an image
-name is kept in the list: reading it fails, and the dataset skips and counts it like any other
-unreadable file.
+most once (a link back to the searched folder or an ancestor of it is not a loop forever). A
+dangling link with an image name is kept in the list: reading it fails, and the dataset skips
+and counts it like any other unreadable file.
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ def find_images(root: str | Path) -> list[Path]:
     """Image-named entries under ``root``, sorted (see the module docstring); a folder reached a second time
     through a link is skipped with a warning."""
     found: list[Path] = []
-    seen: set[tuple[int, int]] = set()
+    # A link to an ancestor of root leads back into root (a class folder's link to the ImageFolder root
+    # would give that class every other class's images): searched already, as root itself is.
+    seen = {(info.st_dev, info.st_ino) for info in map(os.stat, Path(root).resolve().parents)}
     loops = 0
     for folder, dirs, files in os.walk(root, followlinks=True):
         info = os.stat(folder)
