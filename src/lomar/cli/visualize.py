@@ -18,13 +18,14 @@ MAX_IMAGES = 64  # one figure row each: more would make a PNG no screen shows
 
 def prepare_image(path: str | Path, size: int):
     """Image file -> (3, size, size) float tensor, ImageNet-normalised: shorter side resized (bicubic),
-    centre crop."""
+    centre crop (of a strip's central 16:1 part: :func:`lomar.data.classify.bound_aspect`)."""
     from torchvision.transforms.v2 import functional as TF
 
+    from lomar.data.classify import bound_aspect  # torch: not for --help
     from lomar.data.decode import load_image  # torch: not for --help
     from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # torch: not for --help
 
-    image = load_image(path)
+    image = bound_aspect(load_image(path))  # a strip resized whole would be gigabytes
     image = TF.resize(image, [size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     return TF.normalize(TF.center_crop(image, [size, size]).float() / 255.0, IMAGENET_MEAN, IMAGENET_STD)
 

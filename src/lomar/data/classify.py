@@ -4,7 +4,26 @@ from __future__ import annotations
 
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["classification_transforms", "eval_crop_ratio"]
+__all__ = ["classification_transforms", "eval_crop_ratio", "bound_aspect", "MAX_ASPECT"]
+
+MAX_ASPECT = 16  # long side / short side up to which an evaluation transform resizes an image whole
+
+
+def bound_aspect(image):
+    """``image`` (PIL or tensor) with its long side centre-cropped to at most :data:`MAX_ASPECT` times its short one.
+
+    An evaluation resizes the short side to about the crop size and keeps the centre: resized whole,
+    a 100,000 x 1 strip (a PNG of a few hundred bytes, far under the pixel limit) would first become
+    gigabytes of pixels at 224 px. The centre crop lies well inside the central 16:1 part, so only
+    such strips change, by under a pixel of the resize's rounding.
+    """
+    from torchvision.transforms.v2 import functional as TF
+
+    height, width = TF.get_size(image)
+    longest = MAX_ASPECT * min(height, width)
+    if max(height, width) <= longest:
+        return image
+    return TF.center_crop(image, [min(height, longest), min(width, longest)])
 
 
 def _posterize_any_bits(img, bits_to_keep, **_):
@@ -33,8 +52,9 @@ def classification_transforms(img_size: int, aa: str = "rand-m9-mstd0.5-inc1", r
     """(train, eval) transforms of the finetune recipe: timm's random resized crop (area range
     ``crop_scale``) + flip, RandAugment + random erasing, bicubic resize; evaluation centre-crops
     0.875 of the resized image at <= 224 px and the whole image (crop ratio 1.0) above, as the
-    original does. The train transform's posterize ops are the guarded ones above, so every
-    RandAugment policy works with every Pillow we allow."""
+    original does; strips are cut to :data:`MAX_ASPECT` first (:func:`bound_aspect`). The train
+    transform's posterize ops are the guarded ones above, so every RandAugment policy works with
+    every Pillow we allow."""
     from timm.data import create_transform
     from timm.data.auto_augment import AugmentOp
 
@@ -47,4 +67,5 @@ def classification_transforms(img_size: int, aa: str = "rand-m9-mstd0.5-inc1", r
                 op.aug_fn = _posterize_any_bits
     val_tf = create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=eval_crop_ratio(img_size),
                               mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    val_tf.transforms.insert(0, bound_aspect)  # its Resize is of the short side: strips first
     return train_tf, val_tf

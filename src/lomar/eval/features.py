@@ -20,6 +20,7 @@ from torchvision.transforms import v2
 from lomar.checkpoints.formats import BEiTReader, read
 from lomar.checkpoints.io import check_finite
 from lomar.checkpoints.keys import CLASSIFIER_PREFIXES, drop_final_norm
+from lomar.data.classify import bound_aspect
 from lomar.data.collate import BadDataTracker, collate_labelled
 from lomar.data.folder import LabelledImageFolder
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -183,8 +184,9 @@ def _load_beit(weights, src, num_classes: int, global_pool: str, overrides: dict
 
 
 def eval_transform(img_size: int):
-    """Resize the short side to img_size/0.875 (bicubic), centre-crop, ImageNet-normalise."""
-    return v2.Compose([v2.ToImage(), v2.RGB(),
+    """Resize the short side to img_size/0.875 (bicubic), centre-crop, ImageNet-normalise (strips cut to
+    :data:`lomar.data.classify.MAX_ASPECT` first: :func:`~lomar.data.classify.bound_aspect`)."""
+    return v2.Compose([bound_aspect, v2.ToImage(), v2.RGB(),
                        v2.Resize(int(round(img_size / 0.875)), interpolation=v2.InterpolationMode.BICUBIC,
                                  antialias=True),
                        v2.CenterCrop(img_size), v2.ToDtype(torch.float32, scale=True),
