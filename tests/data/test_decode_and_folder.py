@@ -153,6 +153,7 @@ def test_a_damaged_shard_is_reported_once_and_counted(tmp_path, caplog):
     assert len(items) == 2 and list(dataset.damaged) == [str(tmp_path / "b.tar")]
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "b.tar" in warnings[0].getMessage()
+    assert "\n" not in warnings[0].getMessage()  # tarfile's reason lists each compression it tried, a line each
 
 
 def _rotated(fmt: str, size=(40, 24)) -> bytes:

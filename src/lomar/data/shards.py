@@ -252,7 +252,8 @@ def _image_members(shard: Path, read: bool = True,
     try:
         archive = tarfile.open(shard)
     except (OSError, tarfile.TarError) as exc:
-        _damaged(damaged, shard, f"unreadable, skipped ({exc})")
+        # one line: tarfile's auto-detection gives each compression it tried a line of its own
+        _damaged(damaged, shard, f"unreadable, skipped ({' '.join(str(exc).split())})")
         return
     limit = max_image_bytes()
     with archive:
