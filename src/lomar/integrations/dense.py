@@ -157,8 +157,8 @@ class ViTDetBackbone(nn.Module):
     """Encoder + :class:`SimpleFeaturePyramid` from its last block: images -> {"p2".."p5"[, "p6"]}.
 
     Follows detectron2's ``Backbone`` protocol (``output_shape()``, ``size_divisibility``,
-    ``padding_constraints``, ``_out_features``) without importing detectron2; see
-    docs/dense.md for the three-line subclass that registers it there. ``window_size`` /
+    ``padding_constraints``, ``_out_features``) without importing detectron2 (not tested with it:
+    docs/dense.md, "Other toolkits"). ``window_size`` /
     ``global_blocks`` / ``attention`` / ``train_pos_embed``: see :func:`backbone_encoder` (ViTDet: 14,
     (2, 5, 8, 11)).
     """
