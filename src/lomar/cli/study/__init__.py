@@ -20,8 +20,9 @@ from lomar.errors import UsageError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("Re-run the same command to continue a stopped study: finished cells and evaluations "
                      f"are skipped. Presets: {', '.join(PRESETS)} (see lomar.cli.study.presets).")
-    parser.add_argument("spec", nargs="?", metavar="SPEC.yaml", help="the study's spec (see lomar.cli.study.spec); "
-                                                                        "its data: paths are relative to its folder")
+    parser.add_argument("spec", nargs="?", metavar="SPEC.yaml",
+                        help="the study's spec (see lomar.cli.study.spec); its relative data: and out: paths are "
+                             "read from its folder")
     parser.add_argument("--preset", help=f"a preset instead of a spec: {', '.join(PRESETS)} (default: none)")
     parser.add_argument("--data", help="for a preset: image folder; with train/ and val/ class folders "
                                        "the accuracies are measured too (default: the demo photos)")
