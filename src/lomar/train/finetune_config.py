@@ -36,9 +36,10 @@ class FinetuneConfig(TaskConfig):
     epochs: int = S.EPOCHS.field(100)
     max_steps: int | None = S.MAX_STEPS.field()
     schedule_steps: int | None = S.SCHEDULE_STEPS.field()
-    blr: float = S.BLR.field(5e-4)
+    blr: float = S.BLR.field(5e-4, help=S.BLR.help + " (default: 5e-4; a BEiT encoder: 1e-3, BEiT's recipe)")
     min_lr: float = S.MIN_LR.field(1e-6)
-    warmup_epochs: float = S.WARMUP_EPOCHS.field(5)
+    warmup_epochs: float = S.WARMUP_EPOCHS.field(5, help=S.WARMUP_EPOCHS.help + " (default: 5; a BEiT "
+                                                 "encoder: 20, BEiT's recipe)")
     layer_decay: float = S.LAYER_DECAY.field()
     weight_decay: float = S.WEIGHT_DECAY.field()
     drop_path: float = S.DROP_PATH.field()
