@@ -384,3 +384,13 @@ def test_a_dvae_that_is_not_a_pickle_is_not_called_one(tmp_path, capsys):
     assert main(["tokenizer", "convert", str(path), "--to", str(tmp_path / "tok.safetensors")]) == 2
     line = _one_error_line(capsys.readouterr().err, "tokenizer convert")
     assert f"refusing to load {path}: it is a file in an unknown format, not a dVAE; use" in line
+
+
+@pytest.mark.parametrize("pattern", ["shard-*.tar", "shard-000.tar"])
+def test_tokenizer_fit_says_it_reads_no_tar_shards(tmp_path, capsys, pattern):
+    (tmp_path / "shard-000.tar").write_bytes(b"")
+    data = str(tmp_path / pattern)
+    assert main(["tokenizer", "fit", "--data", data, "--out", str(tmp_path / "tok.safetensors")]) == 2
+    line = _one_error_line(capsys.readouterr().err, "tokenizer fit")
+    assert f"--data {data}: tokenizer fit reads an image folder or a .txt list of paths, not tar shards" in line
+    assert "lomar pretrain --method beit" in line

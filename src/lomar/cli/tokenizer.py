@@ -52,7 +52,12 @@ def _views(data: str, size: int, limit: int):
 
     from lomar.data.decode import load_image  # torch: not for --help
     from lomar.data.folder import build_image_list  # torch: not for --help
+    from lomar.data.shards import is_shard_pattern  # torch: not for --help
 
+    if is_shard_pattern(data):  # build_image_list's advice would go round: a shard -> its folder -> a pattern
+        raise ValueError(f"--data {data}: tokenizer fit reads an image folder or a .txt list of paths, not tar "
+                         f"shards; pass a folder of some of the images, or let `lomar pretrain --method beit "
+                         f"--data {data}` fit the tokenizer on the shards (saved as OUT/tokenizer.safetensors)")
     paths = build_image_list(data)[:limit]
     views, bad = [], 0
     for path in paths:
