@@ -460,3 +460,19 @@ def test_a_run_trained_by_another_number_of_processes_is_not_resumed_silently(tm
     with pytest.raises(UsageError, match=r"trained by 2 process\(es\) and this launch has 1; .* launch it with 2"):
         run(ToyConfig(out=str(out), max_steps=4, resume="auto"), ToyTask)
     assert safe_load(out / "last.pt")["step"] == 2 and len(_losses(out)) == 2
+
+
+def test_a_resumed_run_hides_what_a_killed_one_logged_to_tensorboard_past_its_checkpoint(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    out = tmp_path / "run"
+    run(ToyConfig(out=str(out), max_steps=4), ToyTask)
+    with SummaryWriter(str(out / "tb")) as killed:  # steps 5-6 of a run killed before its next checkpoint
+        for step in (5, 6):
+            killed.add_scalar("train/loss", 99.0, step)
+    run(ToyConfig(out=str(out), max_steps=8, resume="auto"), ToyTask)
+    logged = EventAccumulator(str(out / "tb"))
+    logged.Reload()
+    steps = [(event.step, event.value) for event in logged.Scalars("train/loss")]
+    assert [step for step, _ in steps] == list(range(1, 9)) and 99.0 not in [value for _, value in steps]

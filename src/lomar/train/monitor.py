@@ -57,7 +57,8 @@ class Monitor:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(out / "tb"))
+            # a resumed run hides what a killed one logged past its checkpoint, as metrics.jsonl is cut back
+            self.writer = SummaryWriter(str(out / "tb"), purge_step=start + 1 if start else None)
         except ImportError:  # tensorboard is a dependency, but a run must not die for a log
             self.writer = None
         self.bar = progress(total=total, desc=name, initial=start, unit="step")
