@@ -113,6 +113,12 @@ def test_text_list_and_errors(tmp_path, odd_folder):
         build_image_list(listing)
 
 
+def test_a_text_list_saved_with_a_byte_order_mark_and_crlf_keeps_its_first_path(tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_bytes("\ufeffa.jpg\r\nb.jpg\r\n".encode())  # as Windows editors save it
+    assert build_image_list(listing) == [tmp_path / "a.jpg", tmp_path / "b.jpg"]
+
+
 def test_augmentation_is_pure_function_of_seed_epoch_index(odd_folder):
     ds = build_pretrain_dataset(str(odd_folder), 32, seed=3)
     a, b = ds[(0, 1)]["image"], ds[(0, 1)]["image"]

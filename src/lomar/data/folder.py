@@ -81,7 +81,8 @@ def build_image_list(data: str | Path) -> list[Path]:
         if path.suffix.lower() != ".txt":
             raise ValueError(f"{path} is a file but not a .txt list of images; pass its folder instead")
         try:
-            lines = [ln.strip() for ln in path.read_text().splitlines()]
+            # -sig: a byte order mark (Windows editors write one) is not part of the first path
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()]
         except UnicodeDecodeError:
             raise ValueError(f"{path} is not a UTF-8 text list of image paths; pass a .txt with one path a line, "
                              f"or the folder of the images") from None
