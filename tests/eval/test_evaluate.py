@@ -66,16 +66,27 @@ def test_knn_on_hand_made_features():
     query = torch.tensor([[2.0, 0.1], [0.05, 1.0]])  # scale must not matter (cosine)
     scores = knn_predict(bank, labels, query, 3, k=3, temperature=0.07, chunk=1)
     assert scores.argmax(1).tolist() == [0, 1]
-    # exact votes: sum over the 3 nearest of exp(cos / T), by class
+    # exact votes: sum over the 3 nearest of exp(cos / T), by class, over the nearest one's exp(cos / T)
     unit = torch.nn.functional.normalize(bank, dim=1)
     sims = torch.nn.functional.normalize(query, dim=1) @ unit.T
     for row in range(2):
         top = sims[row].topk(3)
         expected = torch.zeros(3).index_add_(0, labels[top.indices], (top.values / 0.07).exp())
+        expected /= (top.values[0] / 0.07).exp()
         torch.testing.assert_close(scores[row], expected)
     assert scores[0, 2] > 0 and scores[0, 1] == 0  # class 2 (diagonal) is a neighbour, class 1 is not
     # k larger than the bank: every item votes
     assert knn_predict(bank, labels, query, 3, k=50).gt(0).all()
+
+
+@pytest.mark.parametrize("temperature", [0.005, 1e-4])
+def test_knn_votes_stay_finite_at_a_small_temperature(temperature):
+    """exp(cos / T) overflows float32 past cos / T = 88: the nearer class must still win, not the first of two infs."""
+    bank = torch.tensor([[1.0, 0.3], [1.0, 0.31], [0.3, 1.0], [0.31, 1.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    query = torch.tensor([[0.9, 1.0]])  # cos 0.90 to class 1, 0.85 to class 0
+    scores = knn_predict(bank, labels, query, 2, k=4, temperature=temperature)
+    assert torch.isfinite(scores).all() and scores.argmax(1).tolist() == [1]
 
 
 def test_knn_accuracy_on_loaders_and_restores_mode():

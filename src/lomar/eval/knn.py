@@ -15,7 +15,9 @@ __all__ = ["knn_predict", "knn_top1", "knn_accuracy", "KnnMonitor"]
 
 def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query: torch.Tensor,
                 num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
-    """Cosine k-NN with exp(sim / T)-weighted votes (InstDisc / DINO): class scores (Q, C).
+    """Cosine k-NN with exp(sim / T)-weighted votes (InstDisc / DINO): class scores (Q, C), each query's divided
+    by its nearest neighbour's weight exp(max sim / T): the same ratios, but float32's exp overflows past 88, so
+    unscaled votes at T = 0.01 could be inf for several classes, and argmax then picked the first of them.
 
     train_feats (M, D), train_labels (M,) in [0, C), query (Q, D); computed on the device of
     ``train_feats``, ``chunk`` queries at a time so memory stays O(chunk · M).
@@ -28,7 +30,7 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query: to
         q = F.normalize(query[start:start + chunk].to(bank.device).float(), dim=1)
         sim, idx = (q @ bank.T).topk(k, dim=1)  # (q, k)
         votes = torch.zeros(q.shape[0], num_classes, device=bank.device)
-        votes.scatter_add_(1, labels[idx], (sim / temperature).exp())
+        votes.scatter_add_(1, labels[idx], ((sim - sim[:, :1]) / temperature).exp())  # topk: the max first
         scores.append(votes)
     return torch.cat(scores)
 
