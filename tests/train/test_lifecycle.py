@@ -273,6 +273,21 @@ def test_a_non_finite_loss_suggests_only_flags_the_command_has():
     assert steadier(PretrainConfig) == "lower --blr/--lr, set --clip-grad or use --precision fp32"
     assert steadier(FinetuneConfig) == "lower --blr or use --precision fp32"  # no --lr, no --clip-grad
     assert steadier(SegmentConfig) == "lower --lr or use --precision fp32"
+    # nothing the run already does: an fp32 run is not told to use fp32, a clipped one to set --clip-grad
+    assert steadier(FinetuneConfig(), "fp32") == "lower --blr"
+    assert steadier(PretrainConfig(clip_grad=3.0), "bf16") == ("lower --blr/--lr, lower --clip-grad (now 3) or use "
+                                                               "--precision fp32")
+
+
+def test_a_non_finite_fp32_loss_is_not_told_to_use_fp32(tmp_path):
+    from lomar.train.lifecycle import TrainingError
+
+    class Diverging(ToyTask):
+        def loss(self, batch):
+            return super().loss(batch) * float("inf")
+
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf) at step 1 .*; lower --blr$"):
+        run(ToyConfig(out=str(tmp_path / "run")), Diverging)
 
 
 def test_the_regime_is_named_and_the_demo_names_the_model_it_trains(tmp_path, capsys):

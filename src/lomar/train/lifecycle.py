@@ -7,9 +7,8 @@ checkpoints, stop signals (SIGTERM/SIGUSR1: checkpoint, exit 0; Ctrl-C: 130), th
 cosine, ``accum_steps`` (DDP ``no_sync`` between), autocast + GradScaler, ``clip_grad``, the non-finite
 loss stop, the start-up line, ``Monitor`` (metrics.jsonl, TensorBoard, progress), ``last.pt`` /
 ``checkpoint-N.pt`` (with ``config.keep_last``) / ``best.pt`` (on ``task.best_metric``) and the final line.
-A resumed run skips the batches its checkpoint consumed of the (seed, epoch) data order: it continues
-exactly. Optional config fields: ``lr``, ``clip_grad``, ``compile`` and ``compile_mode``, ``save_every`` (default
-1), ``keep_last``.
+A resumed run skips the batches its checkpoint consumed of the (seed, epoch) data order: it continues exactly.
+Optional config fields: ``lr``, ``clip_grad``, ``compile``, ``compile_mode``, ``save_every`` (default 1), ``keep_last``.
 
 The Task interface, its required and optional hooks: :mod:`lomar.train.task`.
 """
@@ -284,7 +283,8 @@ class _Run:
         if not math.isfinite(value):
             last = self.out / "last.pt"
             kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-            raise TrainingError(f"loss is {value} at step {p.step} (epoch {p.epoch}); {kept}; {steadier(cfg)}")
+            raise TrainingError(f"loss is {value} at step {p.step} (epoch {p.epoch}); {kept}; "
+                                f"{steadier(cfg, self.precision)}")
         seen = learned * self.cfg.batch_size * self.info.world_size
         parts = {**{name: total / totals[-1] for name, total in zip(names, totals[1:-1])}, **self.task.step_info()}
         elapsed = max(time.perf_counter() - self.tick, 1e-9)

@@ -115,12 +115,16 @@ class Task:
         return f"{len(self.train_loader.dataset)} images, {type(self.model).__name__} {params:.1f}M params"
 
 
-def steadier(config) -> str:
-    """What to change after a non-finite loss, in the flags the command has."""
+def steadier(config, precision: str | None = None) -> str:
+    """What to change after a non-finite loss, in the flags the command has, leaving out what the run already does
+    (``precision``: the one it ran in, None if unknown): advice to use fp32 in an fp32 run changes nothing."""
     fields = getattr(config, "__dataclass_fields__", {})
     rates = "/".join(f"--{name}" for name in ("blr", "lr") if name in fields) or "the learning rate"
-    fixes = [f"lower {rates}", *(["set --clip-grad"] if "clip_grad" in fields else []), "use --precision fp32"]
-    return f"{', '.join(fixes[:-1])} or {fixes[-1]}"
+    clip = getattr(config, "clip_grad", None)
+    fixes = [f"lower {rates}", *([f"lower --clip-grad (now {clip:g})" if clip else "set --clip-grad"]
+                                 if "clip_grad" in fields else []),
+             *(["use --precision fp32"] if precision != "fp32" else [])]
+    return f"{', '.join(fixes[:-1])} or {fixes[-1]}" if len(fixes) > 1 else fixes[0]
 
 
 class SkippedFiles:
