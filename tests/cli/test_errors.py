@@ -378,6 +378,24 @@ def test_sigusr1_outside_training_unwinds_as_sigterm_does(monkeypatch, capsys):
     assert code == 128 + signal.SIGUSR1 and capsys.readouterr().err == "lomar export: terminated (SIGUSR1)\n"
 
 
+def test_a_rank_whose_peer_died_says_so_in_one_line(monkeypatch, capsys):
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:24990: "
+                        "Connection reset by peer. This is typically caused by a remote worker hanging or bugs in the "
+                        "application. Check the logs of the remote worker before reporting an error. GLHF!")
+    _fail_with(monkeypatch, gloo)
+    with pytest.raises(RuntimeError):  # one process: no peer to lose, so a bug, kept as a traceback
+        main(["export", "ckpt", "--to", "out"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["export", "ckpt", "--to", "out"]) == 1
+    line = _one_error_line(capsys.readouterr().err, "export")
+    assert "rank 0: another process of this run stopped (connection reset by peer)" in line
+    assert line.endswith("relaunch every process with --resume auto (the last checkpoint is kept)")
+    _fail_with(monkeypatch, RuntimeError("CUDA error: an illegal memory access was encountered"))
+    with pytest.raises(RuntimeError):  # any other failure under torchrun keeps its traceback
+        main(["export", "ckpt", "--to", "out"])
+
+
 def test_a_dvae_that_is_not_a_pickle_is_not_called_one(tmp_path, capsys):
     path = tmp_path / "random.pt"
     path.write_bytes(b"\x01" + bytes(range(256)))

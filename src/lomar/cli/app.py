@@ -109,6 +109,22 @@ def describe_os_error(exc: OSError) -> tuple[str, int] | None:
     return fixes.get(code, f"{path}: {exc.strerror or type(exc).__name__}; check the path"), 2
 
 
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer")  # gloo's words for a process that is gone
+
+
+def describe_lost_peer(exc: RuntimeError) -> str | None:
+    """The one line for a process of a multi-process run (torchrun) whose collective failed because another
+    process died (killed, out of memory, its own error): that process's error is the cause, this rank's
+    traceback would bury it. None for any other error, or outside a process group (a bug: kept as a traceback)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    lost = next((words for words in _PEER_LOST if words in str(exc)), None)
+    if lost is None:
+        return None
+    return (f"rank {os.environ.get('RANK', '?')}: another process of this run stopped ({lost.lower()}); its own "
+            f"error says why; fix that, then relaunch every process with --resume auto (the last checkpoint is kept)")
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGUSR1 outside a training loop (which checkpoints on them instead): the command unwinds as on
     Ctrl-C, so that its temporary files are removed and its run folder's lock released, and exits 128 + the
@@ -154,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        if (lost := describe_lost_peer(exc)) is None:
+            raise
+        print(f"{prefix}: error: {lost}", file=sys.stderr)
+        return 1
     except OSError as exc:
         described = describe_os_error(exc)
         if described is None:
