@@ -174,8 +174,8 @@ TRAIN = Setting(None, "ImageFolder root of the training split, instead of --data
                 resume=_RUN)
 VAL = Setting(None, "ImageFolder root of the validation split, instead of --data (default: ROOT/val)", kind=str,
               resume=_RUN)
-PRETRAINED = Setting(None, "our pretrain/finetune checkpoint or run folder, an exported folder, or an original "
-                     "LoMaR / MAE checkpoint", kind=str, resume=_RUN)
+PRETRAINED = Setting(None, "our pretrain/finetune checkpoint, a finished pretrain run's folder, an exported folder, "
+                     "or an original LoMaR / MAE checkpoint", kind=str, resume=_RUN)
 # The names lomar.models.vit.list_models() returns, written out so that --help needs no torch (a test
 # keeps the two equal).
 MODEL_NAMES = tuple(f"vit_{size}_patch{patch}" for size in ("mini", "tiny", "small", "base", "large", "huge")
