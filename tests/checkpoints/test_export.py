@@ -299,3 +299,19 @@ def _exported_head(folder):
     from safetensors.torch import load_file
 
     return load_file(str(folder / "model.safetensors"))["head.weight"]
+
+
+def test_timm_refuses_an_export_whose_model_args_ask_for_a_huge_image(pretrained, tmp_path):
+    """timm builds from config.json's model_args alone: 100,000 px with an absolute table would be ~120 GB."""
+    import shutil
+
+    _, root = pretrained
+    shutil.copytree(root / "exp", tmp_path / "exp")
+    config = json.loads((tmp_path / "exp" / "config.json").read_text())
+    config["model_args"]["img_size"] = 100_000  # an RPE encoder: the old code built it, cheaply
+    (tmp_path / "exp" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"img_size must be at most 8192 \(lomar.limits.MAX_IMG_SIZE\), got 100000"):
+        timm.create_model(f"local-dir:{tmp_path / 'exp'}", pretrained=True)
+    with pytest.raises(ValueError, match="img_size must be at most 8192"):
+        ViTConfig(img_size=(16, 8208))
+    assert ViTConfig(img_size=8192).img_size == 8192

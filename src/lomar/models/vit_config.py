@@ -7,6 +7,8 @@ import numbers
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
+from lomar.limits import MAX_IMG_SIZE
+
 __all__ = ["ViTConfig", "EncoderShape", "MODEL_SIZES", "PATCH_SIZES", "model_config", "list_models"]
 
 PosMode = Literal["rpe", "abs", "none"]
@@ -80,6 +82,9 @@ class ViTConfig(EncoderShape):
                                  f"got {getattr(self, name)!r}")
             whole = tuple(int(v) for v in values)
             object.__setattr__(self, name, whole if name == "img_size" and not square else whole[0])
+        if max(sizes["img_size"]) > MAX_IMG_SIZE:  # timm builds an export from its config.json's model_args alone
+            raise ValueError(f"ViTConfig.img_size must be at most {MAX_IMG_SIZE} (lomar.limits.MAX_IMG_SIZE), got "
+                             f"{self.img_size!r}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"ViTConfig.embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; "
                              f"pick a divisor of {self.embed_dim}")
