@@ -104,6 +104,15 @@ def test_a_class_folder_linking_back_to_the_root_does_not_take_the_other_classes
     assert "loop" in caplog.text
 
 
+def test_a_hidden_folder_is_no_class(tmp_path):
+    for label in ("cat", "dog"):
+        (tmp_path / label).mkdir()
+        _png(tmp_path / label / "0.png")
+    (tmp_path / ".ipynb_checkpoints").mkdir()  # Jupyter makes one wherever a notebook is opened
+    dataset = LabelledImageFolder(tmp_path)
+    assert dataset.classes == ["cat", "dog"] and dataset.targets == [0, 1]
+
+
 def test_labelled_folder_skips_and_reports_unreadable_images(tmp_path):
     for label in ("cat", "dog"):
         (tmp_path / label).mkdir()

@@ -155,7 +155,8 @@ def build_pretrain_dataset(data: str | None, img_size: int, seed: int = 0,
 
 
 class LabelledImageFolder(Dataset):
-    """``ROOT/CLASS/**/IMAGE`` (torchvision's ImageFolder layout) that survives unreadable images.
+    """``ROOT/CLASS/**/IMAGE`` (torchvision's ImageFolder layout, hidden folders no class) that survives
+    unreadable images.
 
     Items: ``(transform(PIL image) or None if unreadable, class index, path)``; batch them with
     :func:`lomar.data.collate.collate_labelled`, which drops and reports the bad ones. ``classes``
@@ -167,7 +168,9 @@ class LabelledImageFolder(Dataset):
         self.root, self.transform = Path(root), transform
         if not self.root.is_dir():
             raise ValueError(f"{self.root} is not a folder of class folders (ImageFolder layout: ROOT/CLASS/IMAGE)")
-        self.classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir())
+        # hidden folders (Jupyter's .ipynb_checkpoints, a .git) are no classes: each would add an output, and
+        # shift every class index after it
+        self.classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
         if not self.classes:
             raise ValueError(f"{self.root} holds no class folders (ImageFolder layout: ROOT/CLASS/IMAGE)")
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
