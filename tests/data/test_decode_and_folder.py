@@ -113,6 +113,18 @@ def test_a_hidden_folder_is_no_class(tmp_path):
     assert dataset.classes == ["cat", "dog"] and dataset.targets == [0, 1]
 
 
+def test_splits_with_other_class_folders_are_refused_naming_the_odd_ones(tmp_path):
+    for split, labels in (("train", ("cat", "dog", "owl")), ("val", ("cat", "dog", "yak"))):
+        for label in labels:
+            (tmp_path / split / label).mkdir(parents=True)
+            _png(tmp_path / split / label / "0.png")
+    train, val = LabelledImageFolder(tmp_path / "train"), LabelledImageFolder(tmp_path / "val")
+    with pytest.raises(ValueError, match=rf"only in {tmp_path / 'train'}: \['owl'\], only in {tmp_path / 'val'}: "
+                                         rf"\['yak'\]; give both splits the same class folders"):
+        train.check_same_classes(val)
+    train.check_same_classes(train)
+
+
 def test_labelled_folder_skips_and_reports_unreadable_images(tmp_path):
     for label in ("cat", "dog"):
         (tmp_path / label).mkdir()

@@ -186,6 +186,14 @@ class LabelledImageFolder(Dataset):
             raise ValueError(f"{self.root} holds one class folder ({self.classes[0]}); a classifier needs at least "
                              f"two (ImageFolder layout: ROOT/CLASS/IMAGE)")
 
+    def check_same_classes(self, val: LabelledImageFolder) -> None:
+        """ValueError naming the class folders that only one of the two splits holds: labels are indices."""
+        if self.classes != val.classes:
+            train_only, val_only = (sorted(set(a) - set(b)) for a, b in ((self.classes, val.classes),
+                                                                          (val.classes, self.classes)))
+            raise ValueError(f"train and val class folders differ: only in {self.root}: {train_only or 'none'}, only "
+                             f"in {val.root}: {val_only or 'none'}; give both splits the same class folders")
+
     def __len__(self) -> int:
         return len(self.samples)
 

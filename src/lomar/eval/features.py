@@ -203,8 +203,7 @@ def knn_loaders(train: str | Path, val: str | Path | None = None, img_size: int 
     """
     roots = (Path(train), Path(val)) if val is not None else (Path(train) / "train", Path(train) / "val")
     sets = [LabelledImageFolder(root, eval_transform(img_size)) for root in roots]
-    if sets[0].classes != sets[1].classes:
-        raise ValueError(f"train and val class folders differ: {sets[0].classes} vs {sets[1].classes}")
+    sets[0].check_same_classes(sets[1])
     sets[0].check_classes()
     return tuple(DataLoader(s, batch_size, shuffle=False, num_workers=workers,  # type: ignore[return-value]
                             collate_fn=collate_labelled) for s in sets)

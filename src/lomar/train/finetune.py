@@ -44,10 +44,9 @@ def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
     try:
         train_set, val_set = LabelledImageFolder(train_root, train_tf), LabelledImageFolder(val_root, val_tf)
         train_set.check_classes()
+        train_set.check_same_classes(val_set)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if train_set.classes != val_set.classes:
-        raise UsageError(f"train and val class folders differ: {train_set.classes} vs {val_set.classes}")
     sampler = EpochSampler(len(train_set), config.seed, info.rank, info.world_size, keys=False)
     # Each rank scores a disjoint slice of val (no padding duplicates), counts are summed.
     val_part = Subset(val_set, range(info.rank, len(val_set), info.world_size))
