@@ -38,6 +38,18 @@ def test_beit_pretrains_fits_its_tokenizer_and_resumes_exactly(tmp_path, image_d
     assert (straight / "reconstruction.png").read_bytes()[:4] == b"\x89PNG"  # the token-map figure
 
 
+def test_a_beit_run_started_with_a_relative_out_resumes_from_another_working_folder(tmp_path, image_dir, monkeypatch):
+    """The fitted tokenizer's path is recorded absolute: recorded as given (runs/beit/tokenizer.safetensors), it was
+    looked for under the working folder of the resume, and --tokenizer given again 'differed' from it."""
+    (tmp_path / "first").mkdir()
+    monkeypatch.chdir(tmp_path / "first")
+    assert pretrain("--data", str(image_dir), "--out", "runs/beit", "--method", "beit", "--max-steps", "2",
+                    "--schedule-steps", "4") == 0
+    monkeypatch.chdir(tmp_path)
+    assert pretrain("--out", "first/runs/beit", "--max-steps", "4", "--resume", "auto") == 0
+    assert safe_load(tmp_path / "first/runs/beit/last.pt")["step"] == 4
+
+
 def test_beit_warms_up_as_its_code_does(tmp_path, image_dir, capsys):
     """BEiT's lr reaches its peak at the warm-up's last step (linspace), where MAE's reaches it one step
     later: a 6-step warm-up of a 60-step schedule, stopped after 6 steps, has trained at the peak."""

@@ -89,7 +89,8 @@ def prepare(config, grid) -> dict:
     """Without ``config.tokenizer``: fit one, save it as OUT/tokenizer.safetensors (main process) and
     set ``config.tokenizer``; -> ``{"tokenizer": ...}`` for :func:`build`, so that no process reads
     the file before the main one has written it."""
-    if config.tokenizer:
+    if config.tokenizer:  # recorded absolute: a resume from another working folder reads the same file
+        config.tokenizer = str(Path(config.tokenizer).absolute())
         return {}
     tokenizer = fit_on_training_images(config, grid)
     path = Path(config.out) / "tokenizer.safetensors"
@@ -97,7 +98,7 @@ def prepare(config, grid) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         tokenizer.save(path)
         print(f"lomar: tokenizer saved to {path}", flush=True)
-    config.tokenizer = str(path)
+    config.tokenizer = str(path.absolute())
     return {"tokenizer": tokenizer}
 
 
