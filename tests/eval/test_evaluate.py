@@ -1,6 +1,7 @@
 """Downstream: pretrained-encoder loading, k-NN, linear probe, finetune (tiny models, CPU)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +206,16 @@ def test_knn_and_linprobe_commands(pretrained, folder, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "k-NN (k=3" in captured.out and "linear probe" in captured.out and "loaded" in captured.err
     assert "linear.weight" in safe_load(tmp_path / "p.pt")["probe"]
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_knn_takes_train_or_val_in_place_of_the_data_roots_split(pretrained, folder, tmp_path, split, capsys):
+    other = tmp_path / split
+    shutil.copytree(folder / split / "class0", other / "class0")
+    shutil.copytree(folder / split / "class0", other / "extra")
+    code = main(["knn", str(pretrained), "--data", str(folder), f"--{split}", str(other), "--img-size", "32",
+                 "--workers", "0", "--device", "cpu"])
+    assert code == 2 and f"only in {other}: ['extra']" in capsys.readouterr().err
 
 
 def test_knn_monitor_for_the_pretraining_hook(pretrained, folder):

@@ -62,8 +62,10 @@ def frozen_features(args: argparse.Namespace, say=lambda msg: None) -> list:
     try:
         encoder = load_pretrained_encoder(args.pretrained, **size).to(device)
         args.img_size = args.img_size or encoder.config.img_size  # the checkpoint's training size
-        loaders = knn_loaders(args.train or args.data, args.val if args.train else None, args.img_size,
-                              args.batch_size, default_workers() if args.workers is None else args.workers)
+        # --train / --val each replace ROOT/train / ROOT/val of --data, as in finetune
+        train, val = args.train or Path(args.data) / "train", args.val or Path(args.data) / "val"
+        loaders = knn_loaders(train, val, args.img_size, args.batch_size,
+                              default_workers() if args.workers is None else args.workers)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     say(f"{encoder.load_report.summary()}, {args.img_size} px crops")
