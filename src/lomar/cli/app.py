@@ -27,7 +27,8 @@ __all__ = ["SUBCOMMANDS", "build_parser", "main", "run", "describe_os_error"]
 
 # (name, module, one-line help)
 SUBCOMMANDS: list[tuple[str, str, str]] = [
-    ("bench", "lomar.cli.bench", "time LoMaR vs MAE training steps across image sizes on this machine"),
+    ("bench", "lomar.cli.bench", "time LoMaR, MAE and BEiT training steps across image sizes on this machine (also "
+                                 "the loader, or the encoder alone at high resolution: --task)"),
     ("pretrain", "lomar.cli.train", "pretrain an encoder with LoMaR, MAE or BEiT (no arguments: a demo on CPU)"),
     ("finetune", "lomar.cli.train", "finetune a pretrained encoder for classification (original recipe)"),
     ("detect", "lomar.cli.train", "train and evaluate Mask R-CNN (ViTDet) on COCO-format detection data"),
