@@ -201,6 +201,22 @@ def test_a_trained_position_table_is_interpolated_for_another_size(tmp_path):
     assert wider.pos_embed.requires_grad  # trained in finetuning, as timm's and MAE's
 
 
+def test_create_encoder_fits_an_absolute_table_to_another_img_size_as_timm_does(tmp_path):
+    from lomar.models.vit import sincos_pos_embed_2d
+
+    ours = VisionTransformer(replace(TINY, pos="abs"))
+    with torch.no_grad():
+        ours.pos_embed.normal_()
+    export_encoder(ours, tmp_path / "abs")
+    wider = create_encoder(tmp_path / "abs", img_size=2 * TINY.img_size)
+    timms = timm.create_model(f"local-dir:{tmp_path / 'abs'}", pretrained=True, img_size=2 * TINY.img_size)
+    assert torch.equal(wider.pos_embed, timms.pos_embed)
+    wide = VisionTransformer(ViTConfig(img_size=(16, 64), patch_size=8, embed_dim=32, depth=2, num_heads=2, pos="abs"))
+    export_encoder(wide, tmp_path / "wide")  # fixed sin-cos of a 2x8 grid: exact at any grid
+    assert torch.equal(create_encoder(tmp_path / "wide", img_size=[32, 128]).pos_embed.detach(),
+                       sincos_pos_embed_2d(32, (4, 16))[None])
+
+
 def test_a_cls_pooling_classifier_round_trips_through_lomar_and_timm(tmp_path):
     torch.manual_seed(3)
     ours = _perturb(VisionTransformer(TINY, num_classes=5, global_pool="cls")).eval()

@@ -19,6 +19,7 @@ from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.errors import UsageError
 from lomar.limits import MAX_IMG_SIZE
 from lomar.models.attention import ATTENTION_MODES
+from lomar.models.masking import grid_size
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig
 
 __all__ = ["Export", "export_encoder", "create_encoder", "read_export", "expected_shapes", "timm_architecture",
@@ -195,6 +196,7 @@ class Export(NamedTuple):
     weights: Path
     global_pool: str
     new_head: bool  # another head (size or pooling) than the export's: it starts fresh
+    table_grid: tuple[int, int] | None = None  # the saved absolute table's grid, when img_size=... asks for another
 
 
 def read_export(path: str | Path, **overrides) -> Export:
@@ -225,6 +227,11 @@ def read_export(path: str | Path, **overrides) -> Export:
         raise UsageError(f"{weights} is not a safetensors file ({str(exc).splitlines()[0][:120]}); "
                          f"re-export the encoder with `lomar export`") from None
     expected = expected_shapes(config, num_classes, pool)
+    table_grid = None
+    if "pos_embed" in expected and "img_size" in overrides:  # the saved table is of the exported size: fitted later
+        saved, _, _ = _check_config(config_path, data, {**overrides, "img_size": data.get("img_size", 224)})
+        expected["pos_embed"] = expected_shapes(saved)["pos_embed"]
+        table_grid = grid_size(saved.img_size, saved.patch_size)
     # a caller asking for another head (or pooling): it starts fresh
     new_head = num_classes != data.get("num_classes", 0) or pool != data.get("global_pool", "avg")
     head = ("head.", "fc_norm.")
@@ -235,7 +242,7 @@ def read_export(path: str | Path, **overrides) -> Export:
     if missing or unexpected or wrong:
         raise UsageError(f"{weights} does not match {config_path}: missing {missing[:4] or 'nothing'}, unexpected "
                          f"{unexpected[:4] or 'nothing'}, wrong shapes {wrong[:4] or 'none'}")
-    return Export(config, num_classes, weights, pool, new_head)
+    return Export(config, num_classes, weights, pool, new_head, table_grid)
 
 
 def create_encoder(path: str | Path, **overrides) -> VisionTransformer:
@@ -247,6 +254,8 @@ def create_encoder(path: str | Path, **overrides) -> VisionTransformer:
     state = load_file(str(found.weights))
     if found.new_head:  # another head (size or pooling) than the one exported: it starts fresh
         state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))}
+    if found.table_grid and state["pos_embed"].shape != encoder.pos_embed.shape:  # as timm's local-dir: does
+        state["pos_embed"] = encoder.fit_pos_embed(state["pos_embed"], found.table_grid)
     encoder.load_state_dict(state, strict=False)
     check_finite(encoder, found.weights)
     return encoder
