@@ -218,6 +218,20 @@ def test_knn_takes_train_or_val_in_place_of_the_data_roots_split(pretrained, fol
     assert code == 2 and f"only in {other}: ['extra']" in capsys.readouterr().err
 
 
+def test_finetune_resume_refuses_renamed_class_folders(pretrained, folder, tmp_path, capsys):
+    data, out = tmp_path / "data", tmp_path / "ft"
+    shutil.copytree(folder, data)
+    args = ["finetune", "--pretrained", str(pretrained), "--data", str(data), "--img-size", "32", "--batch-size", "4",
+            "--workers", "0", "--out", str(out), "--device", "cpu", "--epochs", "2", "--max-steps", "1"]
+    assert main(args) == 0
+    for split in ("train", "val"):  # as many classes, so every weight still fits: labels 0 and 1 would swap
+        (data / split / "class0").rename(data / split / "zebra")
+    capsys.readouterr()
+    assert main([*args[:-2], "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "only in the checkpoint: ['class0'], only in the data: ['zebra']" in err and err.count("\n") == 1
+
+
 def test_knn_monitor_for_the_pretraining_hook(pretrained, folder):
     from lomar.eval.knn import KnnMonitor
 

@@ -134,6 +134,14 @@ class FinetuneTask(Task):
         count = max(float(totals[2]), 1.0)
         return {"top1": float(totals[0]) / count, "top5": float(totals[1]) / count}
 
+    def load(self, state: dict) -> None:
+        saved = list(state.get("classes") or self.classes)  # as many under other names would swap labels silently
+        if saved != self.classes:
+            only = [sorted(set(a) - set(b)) or "none" for a, b in ((saved, self.classes), (self.classes, saved))]
+            raise UsageError(f"--resume: the checkpoint's class folders differ from the data's (only in the "
+                             f"checkpoint: {only[0]}, only in the data: {only[1]}); resume with the data it started "
+                             f"with")
+
     def state(self) -> dict:
         return {"config": self.model.config.to_dict(), "num_classes": len(self.classes), "classes": self.classes,
                 "settings": self.config.to_dict(), "format": FINETUNE_FORMAT,
