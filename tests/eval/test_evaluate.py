@@ -232,6 +232,23 @@ def test_finetune_resume_refuses_renamed_class_folders(pretrained, folder, tmp_p
     assert "only in the checkpoint: ['class0'], only in the data: ['zebra']" in err and err.count("\n") == 1
 
 
+def test_finetune_evaluates_past_a_batch_of_only_unreadable_images(pretrained, folder, tmp_path, capsys):
+    data, out = tmp_path / "data", tmp_path / "ft"
+    shutil.copytree(folder, data)
+    args = ["finetune", "--pretrained", str(pretrained), "--data", str(data), "--img-size", "32", "--batch-size", "4",
+            "--workers", "0", "--device", "cpu", "--epochs", "1"]
+    for name in ("1.png", "2.png"):  # val batches of 4 and 2: the last one wholly unreadable
+        (data / "val" / "class1" / name).write_bytes(b"")
+    assert main([*args, "--out", str(out)]) == 0
+    assert safe_load(out / "best.pt")["metrics"]["top1"] in (0, 0.25, 0.5, 0.75, 1)  # of the 4 read
+    for path in (data / "val").rglob("*.png"):
+        path.write_bytes(b"")
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == f"lomar finetune: error: no image of {data / 'val'} could be read; fix or replace them"
+
+
 def test_knn_monitor_for_the_pretraining_hook(pretrained, folder):
     from lomar.eval.knn import KnnMonitor
 

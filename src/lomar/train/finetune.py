@@ -31,7 +31,7 @@ from lomar.errors import UsageError
 from lomar.eval.features import load_pretrained_encoder
 from lomar.train.distributed import DistInfo
 from lomar.train.finetune_config import FinetuneConfig, split_roots
-from lomar.train.lifecycle import Task, run
+from lomar.train.lifecycle import Task, TrainingError, run
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.settings_resume import encoder_layout
 
@@ -123,6 +123,8 @@ class FinetuneTask(Task):
         model.eval()
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct@1, correct@5, count
         for images, targets in self.val_loader:
+            if not len(targets):  # every image of the batch unreadable (each warned about)
+                continue
             with self.autocast():
                 logits = model(images.to(device))
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -131,8 +133,10 @@ class FinetuneTask(Task):
         if self.info.enabled:
             dist.all_reduce(totals)
         model.train(was_training)
-        count = max(float(totals[2]), 1.0)
-        return {"top1": float(totals[0]) / count, "top5": float(totals[1]) / count}
+        if not totals[2]:
+            val_root = self.val_loader.dataset.dataset.root
+            raise TrainingError(f"no image of {val_root} could be read; fix or replace them")
+        return {"top1": float(totals[0] / totals[2]), "top5": float(totals[1] / totals[2])}
 
     def load(self, state: dict) -> None:
         saved = list(state.get("classes") or self.classes)  # as many under other names would swap labels silently
