@@ -69,6 +69,8 @@ def test_undecodable_bytes_name_the_file(data, words):
     with pytest.raises(ValueError, match=words) as info:
         decode_bytes(data, "photo.png")
     assert "BytesIO" not in str(info.value) and "photo.png" in str(info.value)
+    with pytest.raises(ValueError, match=words):  # what --decode draft / windows / gpu read first
+        open_pil(data, "photo.png")
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "symlink"), reason="needs symlinks")

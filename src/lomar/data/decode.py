@@ -86,6 +86,8 @@ def _check_pixels(name: str, width: int, height: int, limit: int) -> None:
 def _checked_header(data: bytes, name: str, max_pixels: int | None) -> tuple[str | None, tuple[int, int] | None, int]:
     """(format, size from the header its own decoder reads, pixel limit: ``max_pixels`` or the default), the
     size checked against the limit. A JPEG or WebP without a readable size is refused, as libjpeg / libwebp do."""
+    if not data:
+        raise ValueError(f"cannot decode image {name}: the file is empty (0 bytes)")
     limit = max_pixels if max_pixels is not None else max_image_pixels()
     kind, size = declared_size(data)
     if kind in ("jpeg", "webp") and size is None:
@@ -155,8 +157,6 @@ def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = No
     header before decoding. PNG goes to Pillow: libpng, through torchvision, crashes the process
     on an IDAT stream shorter than the header promises.
     """
-    if not data:
-        raise ValueError(f"cannot decode image {name}: the file is empty (0 bytes)")
     kind, _, limit = _checked_header(data, name, max_pixels)
     if kind == "jpeg" or (kind == "webp" and _upright(data, name, limit)):
         # libjpeg / libwebp through torchvision, unless it refuses (CMYK, ...); its WebP decoder ignores EXIF.
