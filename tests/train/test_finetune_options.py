@@ -137,6 +137,21 @@ def test_resume_with_accumulation_equals_an_uninterrupted_run(tmp_path, pretrain
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
 
 
+def test_a_run_resumed_mid_epoch_with_loader_workers_augments_as_an_uninterrupted_one(tmp_path, pretrained, folder):
+    """timm's augmentation draws from each worker's global streams, seeded once per worker: a resumed run's new
+    workers started them over, so the rest of the epoch got other crops, ops and erasings (now seeded per sample)."""
+    common = ("--batch-size", "2", "--epochs", "2", "--workers", "1", "--aa", "rand-m9-mstd0.5-inc1",
+              "--reprob", "0.25", "--schedule-steps", "8")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert _finetune(pretrained, folder, straight, *common, "--max-steps", "3") == 0
+    assert _finetune(pretrained, folder, resumed, *common, "--max-steps", "1") == 0
+    assert main(["finetune", "--out", str(resumed), "--resume", "auto", "--max-steps", "3"]) == 0
+    a, b = safe_load(straight / "last.pt"), safe_load(resumed / "last.pt")
+    assert a["step"] == b["step"] == 3 and a["batches_done"] == b["batches_done"] != 0  # still in the first epoch
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
+
+
 def test_window_size_finetunes_vitdet_blocks_and_keeps_them(tmp_path, capsys, pretrained, folder):
     from lomar.checkpoints.convert import load_model
     from lomar.models.attention import vitdet_global_blocks

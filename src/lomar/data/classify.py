@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+import random
 
-__all__ = ["classification_transforms", "eval_crop_ratio", "bound_aspect", "MAX_ASPECT"]
+import numpy as np
+import torch
+
+from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD, sample_generator, sample_key
+
+__all__ = ["classification_transforms", "eval_crop_ratio", "bound_aspect", "MAX_ASPECT", "SeededSamples"]
 
 MAX_ASPECT = 16  # long side / short side up to which an evaluation transform resizes an image whole
 
@@ -69,3 +74,31 @@ def classification_transforms(img_size: int, aa: str = "rand-m9-mstd0.5-inc1", r
                               mean=IMAGENET_MEAN, std=IMAGENET_STD)
     val_tf.transforms.insert(0, bound_aspect)  # its Resize is of the short side: strips first
     return train_tf, val_tf
+
+
+class SeededSamples:
+    """A map-style dataset whose item ``(index, epoch)`` (the engine's sampler keys) is ``dataset[index]`` with
+    python's, numpy's and torch's CPU random streams seeded by (seed, epoch, index) while it is made, and the
+    caller's streams put back after. timm's transforms draw from those global streams: in loader workers,
+    seeded once per worker, a resumed run's workers would start their streams over, and the rest of the
+    interrupted epoch would get other crops and RandAugment ops than an uninterrupted run's."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, epoch = sample_key(key)
+        seed = int(sample_generator(self.seed, epoch, index).initial_seed())
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.default_generator.manual_seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])

@@ -6,8 +6,9 @@ and the layer-wise lr decay parameter groups (``param_groups_layer_decay``, driv
 ``VisionTransformer.group_matcher``: stem = layer 0, block i = layer i+1, final norm and head
 = top layer, scaled decay^(top − layer)). The lr follows ``lomar.train.schedule.lr_at`` per
 iteration: linear warm-up, cosine to ``--min-lr``. The run itself (checkpoints, ``best.pt`` on top-1,
-resume with the RNG state, so a resumed run continues exactly when loading runs in the training
-process, ``--workers 0``, the lock, preemption, logging) is :mod:`lomar.train.lifecycle`'s.
+resume with the RNG state, so a resumed run continues exactly: each training image's augmentation is
+seeded by (seed, epoch, index), whichever worker makes it; the lock, preemption, logging) is
+:mod:`lomar.train.lifecycle`'s.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from timm.optim import param_groups_layer_decay
 from torch.utils.data import DataLoader, Subset
 
 from lomar.checkpoints.kinds import FINETUNE_FORMAT
-from lomar.data.classify import classification_transforms, eval_crop_ratio
+from lomar.data.classify import SeededSamples, classification_transforms, eval_crop_ratio
 from lomar.data.collate import collate_labelled, collate_labelled_refill
 from lomar.data.folder import LabelledImageFolder
 from lomar.data.samplers import EpochSampler
@@ -47,7 +48,8 @@ def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
         train_set.check_same_classes(val_set)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    sampler = EpochSampler(len(train_set), config.seed, info.rank, info.world_size, keys=False)
+    sampler = EpochSampler(len(train_set), config.seed, info.rank, info.world_size)  # (index, epoch) keys
+    train_items = SeededSamples(train_set, config.seed)  # augmentation seeded per sample: resumes exactly
     # Each rank scores a disjoint slice of val (no padding duplicates), counts are summed.
     val_part = Subset(val_set, range(info.rank, len(val_set), info.world_size))
     workers = config.workers
@@ -55,7 +57,7 @@ def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
     # which the augmentation uses and the checkpoint saves (exact resume).
     common = dict(num_workers=workers, persistent_workers=workers > 0,
                   worker_init_fn=ignore_stop_signals if workers > 0 else None)
-    train = DataLoader(train_set, config.batch_size, sampler=sampler, drop_last=True,
+    train = DataLoader(train_items, config.batch_size, sampler=sampler, drop_last=True,
                        collate_fn=collate_labelled_refill,
                        generator=torch.Generator().manual_seed(config.seed + info.rank), **common)
     val = DataLoader(val_part, config.batch_size, collate_fn=collate_labelled, generator=torch.Generator(),
