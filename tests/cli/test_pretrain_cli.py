@@ -67,8 +67,8 @@ def test_the_hardware_decoder_without_its_package_is_one_line(tmp_path, capsys, 
     assert err.count("\n") == 1 and not out.exists()
 
 
-@pytest.mark.parametrize("case", ["device", "empty folder", "too few images", "decoder heads", "corrupt resume",
-                                  "gpu decode without a gpu"])
+@pytest.mark.parametrize("case", ["device", "empty folder", "too few images", "too many batches a step",
+                                  "decoder heads", "corrupt resume", "gpu decode without a gpu"])
 def test_set_up_failures_are_one_line_and_exit_2(tmp_path, capsys, image_dir, case):
     if case == "gpu decode without a gpu" and torch.cuda.is_available():
         pytest.skip("this machine has the GPU the case is about")
@@ -78,6 +78,8 @@ def test_set_up_failures_are_one_line_and_exit_2(tmp_path, capsys, image_dir, ca
         "device": (["--device", "tpu"], "--device tpu"),
         "empty folder": (["--data", str(empty)], "no images found"),
         "too few images": (["--batch-size", "32"], "cannot fill one step"),
+        "too many batches a step": (["--batch-size", "1", "--accum-steps", "1000"],
+                                    "lower --batch-size or --accum-steps"),
         "decoder heads": (["--method", "mae", "--pos", "abs", "--mask-ratio", "0.75", "--decoder-embed-dim", "16",
                            "--decoder-num-heads", "5"], "not divisible by 5 heads"),
         "corrupt resume": (["--resume", str(out / "last.pt")], "cannot read checkpoint"),

@@ -88,7 +88,8 @@ class PretrainTask(Task):
                              f"above); fix the data")
         if self.per_rank < self.config.batch_size * self.config.accum_steps:
             raise ValueError(f"{self.size} images cannot fill one step of batch {self.config.batch_size} x accum "
-                             f"{self.config.accum_steps} x {self.info.world_size} process(es); lower --batch-size")
+                             f"{self.config.accum_steps} x {self.info.world_size} process(es); lower --batch-size"
+                             + (" or --accum-steps" if self.config.accum_steps > 1 else ""))
         return self.per_rank // self.config.batch_size
 
     def set_epoch(self, epoch: int, skip_batches: int, epochs: int = 1, batches: int | None = None) -> int:
