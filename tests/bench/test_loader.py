@@ -40,6 +40,17 @@ def _window_mask(top_left: torch.Tensor, patch: int, size: int) -> torch.Tensor:
     return mask
 
 
+def test_make_test_set_writes_into_no_folder_of_other_files(tmp_path, capsys):
+    from lomar.cli.app import main
+
+    (tmp_path / "photo.png").write_bytes(b"mine")
+    code = main(["bench", "--task", "loader", "--data", str(tmp_path), "--make-test-set", "imagenet",
+                 "--test-set-count", "1", "--images", "1", "--sizes", "64", "--no-model", "--repeats", "1",
+                 "--workers", "0", "--loader-windows", "1", "--quiet"])
+    assert code == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"]
+    assert f"{tmp_path} holds photo.png, which is not a test-set file" in capsys.readouterr().err
+
+
 def test_make_test_set_writes_jpegs_of_the_kind_and_reuses_them(tmp_path):
     paths = make_test_set(tmp_path, "imagenet", 3, processes=1)
     assert [p.name for p in sorted(tmp_path.iterdir())] == [p.name for p in paths]  # no temp files left

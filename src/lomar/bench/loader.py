@@ -60,12 +60,18 @@ def make_test_set(out: str | Path, kind: str = "camera", count: int = 32, qualit
 
     The sources are scikit-image's demo photographs, resampled to the target size (mostly
     upsampled: smooth content, but the decoder's work depends on the pixel count and quality,
-    which match real photos). Existing files of the same name are reused.
+    which match real photos). Existing files of the same name are reused; ``out`` holds nothing else
+    (ValueError otherwise).
     """
     if kind not in TEST_SET_SIZES:
         raise ValueError(f"unknown test-set kind {kind!r}; choose one of {', '.join(TEST_SET_SIZES)}")
     if count <= 0:
         raise ValueError(f"count must be positive, got {count}")
+    ours = re.compile(rf"({'|'.join(TEST_SET_SIZES)})-\d{{5}}\.jpg")
+    if Path(out).is_dir() and (other := next((e.name for e in os.scandir(out) if not ours.fullmatch(e.name)), None)):
+        # a dataset's folder would get synthetic photos among its own, and the benchmark would read both
+        raise ValueError(f"{out} holds {other}, which is not a test-set file; the test set is written into a folder "
+                         f"of its own: pass a new or empty one")
 
     sources = demo_image_paths()
     out = Path(out)
