@@ -144,6 +144,19 @@ def test_resume_auto_before_the_first_checkpoint_reads_config_yaml(tmp_path, cap
     assert "batch_size: 2.5" in capsys.readouterr().err
 
 
+def test_a_resume_names_the_yaml_file_a_differing_setting_came_from(tmp_path, capsys):
+    """"drop --lr" said nothing to a user whose lr came from --config: the fix is a line of that file."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("batch_size: 32\nlr: 0.001\n")
+    (tmp_path / "more.yaml").write_text("lr: 0.5\n")
+    assert _resolve(tmp_path, "--resume", "auto", "--config", str(tmp_path / "more.yaml")) == 2
+    assert (f"lr: 0.5 in {tmp_path / 'more.yaml'} differs from 0.001 in the run being resumed "
+            f"({tmp_path / 'run' / 'config.yaml'}); remove it from {tmp_path / 'more.yaml'} to continue the run"
+            in capsys.readouterr().err)
+    assert _resolve(tmp_path, "--resume", "auto", "--config", str(tmp_path / "more.yaml"), "--lr", "0.7") == 2
+    assert "--lr 0.7 differs from 0.001" in capsys.readouterr().err  # a flag over the file: the flag's
+
+
 def test_a_format_1_mae_run_is_read_as_global_mae():
     """Before windows applied to every method, MAE runs saved LoMaR's `windows: 4` unused."""
     from lomar.train.config import PRETRAIN_FORMAT, saved_settings

@@ -54,8 +54,10 @@ class TaskConfig:
         """Recipe defaults, YAML, flags (or the resumed run's saved settings) -> a validated config."""
         # the settings the user gave: the YAML file's, then the flags' on top
         explicit = S.read_yaml(cls, Path(args.config)) if getattr(args, "config", None) else {}
-        explicit.update((k, v) for k, v in vars(args).items() if k in cls.__dataclass_fields__)
-        values = cls.start_values(explicit)
+        flags = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__}
+        in_file = {name: args.config for name in explicit.keys() - flags.keys()}  # to name where a setting came from
+        explicit.update(flags)
+        values = cls.start_values(explicit, in_file)
         if values.get("out") is None:
             values["out"] = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
         config = cls(**values)
@@ -67,12 +69,13 @@ class TaskConfig:
         return config
 
     @classmethod
-    def start_values(cls, explicit: dict[str, Any]) -> dict[str, Any]:
+    def start_values(cls, explicit: dict[str, Any], in_file: dict[str, str] | None = None) -> dict[str, Any]:
         """The settings before :meth:`complete`: ``explicit`` (the YAML file's and the flags') over the resumed
-        run's (:meth:`saved_run`), or over :meth:`fresh_values` with the schedule laid over a new ``--max-steps``."""
+        run's (:meth:`saved_run`), or over :meth:`fresh_values` with the schedule laid over a new ``--max-steps``.
+        ``in_file``: the YAML file each setting that no flag gave came from."""
         saved = cls.saved_run(explicit)
         if saved is not None:
-            return resume_values(cls, *saved, explicit)
+            return resume_values(cls, *saved, explicit, in_file)
         values = cls.fresh_values(explicit)
         if values.get("max_steps") and "epochs" not in explicit and "schedule_steps" not in explicit:
             # the lr schedule spans the steps that will run: a short run warms up and anneals instead of stopping
@@ -217,9 +220,11 @@ def model_only_without_pretrained(config: Any, explicit: dict[str, Any]) -> None
                           f"{config.pretrained} brings its own; drop --model (or --pretrained)")
 
 
-def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[str, Any]) -> dict[str, Any]:
+def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[str, Any],
+                  in_file: dict[str, str] | None = None) -> dict[str, Any]:
     """The saved run's settings, with the explicit run-control ones on top; any other explicit
-    setting must equal the saved one (a different model or batch cannot continue the run)."""
+    setting must equal the saved one (a different model or batch cannot continue the run). ``in_file``: the
+    YAML file of each setting given there, not by a flag (the error names the file's line to remove)."""
     policy = {name: s.resume for name, s in declarations(cls).items()}
     fresh = {name: getattr(cls(), name) for name, p in policy.items() if p == "per-invocation"}
     values = {**dataclasses.asdict(cls()), **saved, **fresh}
@@ -227,10 +232,12 @@ def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[
         if policy[name] in ("run-control", "per-invocation") or value == values[name] or \
                 (value in (None, "auto") and policy[name] == "derived"):
             continue
-        flag = "--" + name.replace("_", "-")
+        flag, file = "--" + name.replace("_", "-"), (in_file or {}).get(name)
         had = "the default (unset)" if values[name] is None else shown(values[name])  # not "None"
-        raise ConfigError(f"{flag} {shown(value)} differs from {had} in the run being resumed ({source}); "
-                          f"drop {flag} to continue the run, or start a new run with another --out")
+        given, fix = (f"{name}: {shown(value)} in {file}", f"remove it from {file}") if file else \
+            (f"{flag} {shown(value)}", f"drop {flag}")
+        raise ConfigError(f"{given} differs from {had} in the run being resumed ({source}); "
+                          f"{fix} to continue the run, or start a new run with another --out")
     values.update({k: v for k, v in explicit.items() if policy[k] in ("run-control", "per-invocation")})
     if "epochs" in explicit and "max_steps" not in explicit and "max_steps" in values:
         values["max_steps"] = None  # a new --epochs is where the run now ends, not the old --max-steps
