@@ -92,3 +92,13 @@ def test_command_writes_and_refuses_a_full_folder(tmp_path, capsys):
     assert str(out) in err and "--overwrite" in err and err.count("\n") == 1
     assert main(["compose-digits", "--out", str(out), "--img-size", "16"]) == 2
     assert "--img-size must be >= 32" in capsys.readouterr().err
+    assert main(["compose-digits", "--out", str(out), "--img-size", "48", "--images", "3", "--overwrite"]) == 0
+
+
+def test_overwrite_deletes_no_folder_compose_digits_did_not_write(tmp_path, capsys):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "mine.jpg").write_bytes(b"precious")
+    code = main(["compose-digits", "--out", str(tmp_path), "--img-size", "48", "--images", "3", "--overwrite"])
+    assert code == 2 and (tmp_path / "photos" / "mine.jpg").read_bytes() == b"precious"
+    err = capsys.readouterr().err
+    assert f"{tmp_path} holds files compose-digits did not write (no compose.json)" in err and err.count("\n") == 1

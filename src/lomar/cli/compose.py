@@ -26,7 +26,7 @@ SETTINGS = {
     "classify_images": Setting(0, "also write this many one-digit pictures as ImageFolder classify/train|val/DIGIT "
                                "(0 = none)", low=0),
     "classify_size": Setting(224, "side of the one-digit pictures in pixels", low=32),
-    "overwrite": S.OVERWRITE.but(help="replace --out when it already holds files"),
+    "overwrite": S.OVERWRITE.but(help="replace --out when it holds a set compose-digits wrote before"),
 }
 
 

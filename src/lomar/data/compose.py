@@ -166,16 +166,20 @@ def compose_digits(out: str | Path, img_size: int = 256, images: int = 200, seed
     samples) for validation; ``per_image``: digits per picture (fewer when no free spot is found);
     ``classify_images``: one-digit pictures of ``classify_size`` px for the classification variant,
     split alike (0: none). Raises ValueError on bad arguments and FileExistsError when ``out``
-    holds files and not ``overwrite``.
+    holds files and not ``overwrite``, or files of another origin (no compose.json).
     """
     from sklearn.datasets import load_digits
 
     per_image, digit_scale = tuple(per_image), tuple(digit_scale)  # as the CLI's lists, so messages read alike
     _check(img_size, images, val_fraction, per_image, digit_scale, classify_images, classify_size)
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True (--overwrite) "
-                              f"or choose another folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True (--overwrite) "
+                                  f"or choose another folder")
+        if not (out / "compose.json").is_file():  # replacing is deleting: only a set this wrote
+            raise FileExistsError(f"{out} holds files compose-digits did not write (no compose.json); overwrite "
+                                  f"replaces only a set it wrote: choose another folder")
     rng = np.random.default_rng(seed)
     bunch = load_digits()
     order = rng.permutation(len(bunch.target))
