@@ -194,3 +194,40 @@ def test_a_config_that_is_no_text_file_is_one_line(tmp_path, capsys, content):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(path) in err and "Traceback" not in err
     assert ("is not valid YAML" if content else "is not a file; give one") in err
+
+
+def test_file_and_folder_settings_are_recorded_absolute_so_a_run_resumes_from_any_folder(tmp_path, monkeypatch):
+    """Recorded as given, ``--data images`` was looked for under the working folder of the resume."""
+    from helpers import pretrain, write_images
+    from lomar.checkpoints.io import safe_load
+
+    write_images(tmp_path / "first" / "images", 8)
+    monkeypatch.chdir(tmp_path / "first")
+    assert pretrain("--data", "images", "--out", "runs/a", "--max-steps", "1", "--schedule-steps", "2") == 0
+    saved = yaml.safe_load((tmp_path / "first/runs/a/config.yaml").read_text())
+    assert saved["data"] == str(tmp_path / "first" / "images")
+    monkeypatch.chdir(tmp_path)
+    assert pretrain("--out", "first/runs/a", "--max-steps", "2", "--resume", "auto") == 0
+    assert safe_load(tmp_path / "first/runs/a/last.pt")["step"] == 2
+    monkeypatch.chdir(tmp_path / "first")  # the same path given again, relative to another folder, is no change
+    assert pretrain("--data", "images", "--out", "runs/a", "--max-steps", "2", "--resume", "auto") == 0
+
+
+@pytest.mark.parametrize("command, paths", [
+    ("finetune", {"pretrained": "ckpt.pt", "data": "d", "train": "tr", "val": "va"}),
+    ("detect", {"train_ann": "a.json", "train_images": "im", "val_ann": "b.json", "val_images": "im",
+                "pretrained": "p"}),
+    ("segment", {"data": "ade", "pretrained": "p"}),
+    ("pretrain", {"data": "shards/*.tar", "knn_data": "knn", "tokenizer": "~/tok.safetensors"}),
+])
+def test_every_commands_file_and_folder_settings_resolve_absolute(command, paths):
+    from lomar.train.config import PretrainConfig
+    from lomar.train.detect_config import DetectConfig
+    from lomar.train.finetune_config import FinetuneConfig
+    from lomar.train.segment_config import SegmentConfig
+    from lomar.train.settings_resume import absolute_paths
+
+    cls = {"finetune": FinetuneConfig, "detect": DetectConfig, "segment": SegmentConfig, "pretrain": PretrainConfig}
+    expected = {k: str(Path(v).expanduser().absolute()) for k, v in paths.items()}
+    assert absolute_paths(cls[command], {**paths, "out": "o", "seed": 1}) == expected
+    assert absolute_paths(cls[command], dict.fromkeys(paths, " ")) == {}  # the non-empty check names them

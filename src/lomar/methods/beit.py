@@ -89,8 +89,7 @@ def prepare(config, grid) -> dict:
     """Without ``config.tokenizer``: fit one, save it as OUT/tokenizer.safetensors (main process) and
     set ``config.tokenizer``; -> ``{"tokenizer": ...}`` for :func:`build`, so that no process reads
     the file before the main one has written it."""
-    if config.tokenizer:  # recorded absolute: a resume from another working folder reads the same file
-        config.tokenizer = str(Path(config.tokenizer).absolute())
+    if config.tokenizer:
         return {}
     tokenizer = fit_on_training_images(config, grid)
     path = Path(config.out) / "tokenizer.safetensors"

@@ -76,7 +76,7 @@ class PretrainConfig(TaskConfig):
     decoder_num_heads: int = S.DECODER_NUM_HEADS.field()
     tokenizer: str | None = S.setting(None, "--method beit: dVAE (encoder.pkl, state dict, safetensors) or k-means "
                                     "tokenizer file (default: fit the built-in k-means tokenizer on the data into "
-                                    "OUT/tokenizer.safetensors)", kind=str)
+                                    "OUT/tokenizer.safetensors)", kind=str, path=True)
     # optimisation (original recipe)
     batch_size: int = S.BATCH_SIZE.field()
     accum_steps: int = S.ACCUM_STEPS.field()
@@ -133,7 +133,7 @@ class PretrainConfig(TaskConfig):
     knn_every: int = S.setting(0, "every N epochs, print and log the k-NN top-1 of the encoder on --knn-data "
                              "(0 = never)", low=0, resume="run-control")
     knn_data: str | None = S.setting(None, "ImageFolder root with train/ and val/ class folders, for --knn-every "
-                                   "(default: none)", resume="run-control", kind=str)
+                                   "(default: none)", resume="run-control", kind=str, path=True)
 
     @classmethod
     def saved_run(cls, explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None:

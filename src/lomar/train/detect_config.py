@@ -54,13 +54,14 @@ def detect_checkpoint(path: str | Path) -> Path | None:
 class DetectConfig(TaskConfig):
     COMMAND = "detect"
     train_ann: str | None = S.setting(None, "COCO instances JSON of the training split (default: none; required to "
-                                      "train)", kind=str, resume=_RUN, metavar="FILE")
+                                      "train)", kind=str, path=True, resume=_RUN, metavar="FILE")
     train_images: str | None = S.setting(None, "folder of the training images (file_name is relative to it; "
-                                         "default: the folder of --train-ann)", kind=str, resume=_RUN, metavar="DIR")
+                                         "default: the folder of --train-ann)", kind=str, path=True, resume=_RUN,
+                                         metavar="DIR")
     val_ann: str | None = S.setting(None, "COCO instances JSON of the validation split (default: none; required)",
-                                    kind=str, resume=_RUN, metavar="FILE")
+                                    kind=str, path=True, resume=_RUN, metavar="FILE")
     val_images: str | None = S.setting(None, "folder of the validation images (default: the folder of --val-ann)",
-                                       kind=str, resume=_RUN, metavar="DIR")
+                                       kind=str, path=True, resume=_RUN, metavar="DIR")
     pretrained: str | None = S.PRETRAINED.field(help=S.PRETRAINED.help + ", or a `lomar detect` run or checkpoint "
                                                 "(default: a randomly initialised --model)")
     model: str | None = S.MODEL.field(None, help=S.MODEL.help + "; the random encoder's architecture (default: "

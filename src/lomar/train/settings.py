@@ -32,7 +32,7 @@ class ConfigError(UsageError):
     """A configuration that cannot run; the CLI reports it in one line with exit code 2."""
 
 
-_FIXED_RULE = ("kind", "choices", "low", "above", "high", "below", "finite", "parse", "resume")
+_FIXED_RULE = ("kind", "choices", "low", "above", "high", "below", "finite", "parse", "resume", "path")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +60,7 @@ class Setting:
     aliases: tuple[str, ...] = ()  # deprecated flags: still accepted, with a one-line note
     old_keys: tuple[str, ...] = ()  # YAML / saved-settings keys of a renamed setting
     required: bool = False
+    path: bool = False  # a file or folder: a training command records it absolute (resumable from any folder)
 
     def __post_init__(self) -> None:
         if self.kind is None:  # from the default (a list's: its first item's); a None default names its kind
@@ -169,13 +170,13 @@ COMPILE_MODE = Setting("default", "torch.compile mode with --compile: reduce-ove
                        "launches replayed as one), max-autotune also tunes the kernels (minutes of compiling); "
                        "the two differ from default on CUDA only", resume=_RUN,
                        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
-DATA = Setting(None, "ImageFolder root holding train/ and val/ (default: --train and --val)", kind=str, resume=_RUN)
+DATA = Setting(None, "ImageFolder root of train/ and val/ (default: --train, --val)", kind=str, path=True, resume=_RUN)
 TRAIN = Setting(None, "ImageFolder root of the training split, instead of --data (default: ROOT/train)", kind=str,
-                resume=_RUN)
+                path=True, resume=_RUN)
 VAL = Setting(None, "ImageFolder root of the validation split, instead of --data (default: ROOT/val)", kind=str,
-              resume=_RUN)
+              path=True, resume=_RUN)
 PRETRAINED = Setting(None, "our pretrain/finetune checkpoint, a finished pretrain run's folder, an exported folder, "
-                     "or an original LoMaR / MAE checkpoint", kind=str, resume=_RUN)
+                     "or an original LoMaR / MAE checkpoint", kind=str, path=True, resume=_RUN)
 # The names lomar.models.vit.list_models() returns, written out so that --help needs no torch (a test
 # keeps the two equal).
 MODEL_NAMES = tuple(f"vit_{size}_patch{patch}" for size in ("mini", "tiny", "small", "base", "large", "huge")

@@ -57,6 +57,7 @@ class TaskConfig:
         flags = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__}
         in_file = {name: args.config for name in explicit.keys() - flags.keys()}  # to name where a setting came from
         explicit.update(flags)
+        explicit.update(absolute_paths(cls, explicit))
         values = cls.start_values(explicit, in_file)
         if values.get("out") is None:
             values["out"] = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
@@ -218,6 +219,15 @@ def model_only_without_pretrained(config: Any, explicit: dict[str, Any]) -> None
     elif explicit.get("model") is not None:
         raise ConfigError(f"--model {explicit['model']} is the architecture of a random encoder, but --pretrained "
                           f"{config.pretrained} brings its own; drop --model (or --pretrained)")
+
+
+def absolute_paths(cls: type, given: dict[str, Any]) -> dict[str, str]:
+    """``given``'s file and folder settings (declared ``path``) made absolute: the run records them so, and a
+    resume started in another working folder reads the same files (and finds a path given again unchanged).
+    An empty one is left to the "non-empty" check: it would name the working folder."""
+    declared = declarations(cls)
+    return {name: str(Path(value).expanduser().absolute()) for name, value in given.items()
+            if name in declared and declared[name].path and isinstance(value, str) and value.strip()}
 
 
 def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[str, Any],
