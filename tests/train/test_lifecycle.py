@@ -198,6 +198,17 @@ def test_the_input_note_needs_a_median_wait_over_the_bound():
     assert note([0.9]) is None and note([]) is None
 
 
+def test_the_resume_hint_of_a_multi_process_run_asks_for_the_same_launch():
+    """A resume checks the number of processes: a single-process command was no way to continue a torchrun run."""
+    from pathlib import Path
+
+    from lomar.train.monitor import resume_hint
+
+    assert resume_hint("pretrain", Path("runs/a"), 1) == "Resume with: lomar pretrain --out runs/a --resume auto"
+    assert resume_hint("detect", Path("r"), 8) == ("Resume with the same launch (8 processes, torchrun): "
+                                                   "lomar detect --out r --resume auto")
+
+
 class Regularised(ToyTask):
     """A loss of two parts, logged apart."""
 

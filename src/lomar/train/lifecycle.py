@@ -28,7 +28,7 @@ from lomar.checkpoints.io import safe_load
 from lomar.errors import UsageError
 from lomar.train.distributed import DistInfo, cleanup_distributed, init_distributed
 from lomar.train.fsdp import load_sharded, save_run_checkpoint
-from lomar.train.monitor import Monitor, input_limit_note
+from lomar.train.monitor import Monitor, input_limit_note, resume_hint
 from lomar.train.precision import autocast_factory, resolve_precision
 from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_workers
 from lomar.train.rng import gather_rng_states, restore_rng_states, seed_everything
@@ -334,8 +334,8 @@ class _Run:
         name, out = self.task.name, self.out
         if preempted:
             self.task.stopped(out)
-            print(f"lomar {name}: stopped by {self.stop.name} at step {self.p.step}; checkpoint {path}. Resume with: "
-                  f"lomar {name} --out {out} --resume auto", flush=True)
+            print(f"lomar {name}: stopped by {self.stop.name} at step {self.p.step}; checkpoint {path}. "
+                  + resume_hint(name, out, self.info.world_size), flush=True)
             return
         self.task.finish(out)
         losses = loss_summary(out / "metrics.jsonl", mean_of_last=10)

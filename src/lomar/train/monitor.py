@@ -123,3 +123,9 @@ def input_limit_note(waits: list[float], workers: int | None, decode: str | None
     return (f"the input limited this run: the loop waited for batches {median:.0%} of a step's time (median "
             f"of {len(waits)} steps); try more --workers{'' if workers is None else f' (now {workers})'}"
             f"{_FASTER.get(decode, '')}")
+
+
+def resume_hint(command: str, out: Path, processes: int) -> str:
+    """The command that continues a stopped run; a resume must be launched with the run's number of processes."""
+    launch = f" the same launch ({processes} processes, torchrun)" if processes > 1 else ""
+    return f"Resume with{launch}: lomar {command} --out {out} --resume auto"
