@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -411,3 +412,19 @@ def test_max_steps_inside_an_explicit_warmup_warns_up_front(tmp_path, capsys, im
                  "--warmup-epochs", "2"]) == 0
     out = capsys.readouterr().out
     assert "warning: this run stops at step 2, inside its 8-step warm-up" in out and "drop --epochs" in out
+
+
+@pytest.mark.slow  # starts a loader worker process
+def test_a_loader_worker_the_system_killed_is_one_line_and_exit_1(tmp_path, capsys, image_dir, monkeypatch):
+    """As the kernel's out-of-memory killer stops a worker: torch's RuntimeError was a traceback."""
+    from lomar.train import pretrain as pretrain_module
+
+    monkeypatch.setattr(pretrain_module, "ignore_stop_signals", lambda worker_id: os.kill(os.getpid(), signal.SIGKILL))
+    code = main(["pretrain", *TINY, "--data", str(image_dir), "--out", str(tmp_path / "run"), "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    # torch says "is killed by signal: Killed." or, when its watchdog sees it first, "exited unexpectedly"
+    assert re.fullmatch(r"lomar pretrain: error: DataLoader worker \(pid(\(s\))? \d+\) (is killed by signal: Killed\.|"
+                        r"exited unexpectedly) \(the "
+                        r"system kills a worker that runs out of memory: lower --workers or --batch-size\); the last "
+                        r"checkpoint is kept, resume with --resume auto\n", err), err
