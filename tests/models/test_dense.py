@@ -126,3 +126,22 @@ def test_a_backbone_trains_an_absolute_table_whatever_form_the_encoder_came_in(t
                      ViTDetBackbone(mae, window_size=2, train_pos_embed=False),
                      MultiLevelBackbone(mae, out_indices=(0, 1), train_pos_embed=False)):
         assert not backbone.encoder.pos_embed.requires_grad
+
+
+@torch.no_grad()
+def test_an_empty_batch_gives_empty_outputs_of_every_shape(encoder):
+    # A batch of 0 is valid (an empty shard, a filtered batch); reshapes that inferred a size from
+    # 0 elements (view(..., -1)) refused it.
+    import timm
+
+    import lomar.timm_models  # noqa: F401
+
+    empty = torch.randn(0, 3, 64, 64)
+    assert tuple(encoder.forward_features(empty).shape) == (0, 17, 32)
+    assert tuple(encoder(empty).shape) == (0, 32)
+    pyramid = ViTDetBackbone(encoder, out_channels=8).eval()(empty)
+    assert {k: tuple(v.shape) for k, v in pyramid.items()} == {
+        "p2": (0, 8, 16, 16), "p3": (0, 8, 8, 8), "p4": (0, 8, 4, 4), "p5": (0, 8, 2, 2)}
+    assert [tuple(m.shape) for m in feature_maps(encoder, empty, (0, 1))] == [(0, 32, 4, 4)] * 2
+    tm = timm.create_model("lomar_vit_mini_patch16", img_size=64, depth=1).eval()
+    assert [tuple(m.shape) for m in tm.forward_intermediates(empty, intermediates_only=True)] == [(0, 128, 4, 4)]

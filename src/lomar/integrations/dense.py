@@ -105,7 +105,7 @@ def feature_maps(encoder: VisionTransformer, images: torch.Tensor, indices=(-1,)
                                     stop=take[-1] + 1):
         if i in take:
             y = encoder.norm(x) if norm else x
-            out[i] = y[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, *grid)
+            out[i] = y[:, 1:].transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
     return [out[i % depth] for i in indices]
 
 

@@ -137,7 +137,7 @@ class LomarVisionTransformer(VisionTransformer):
         prefix = [y[:, :1] for y in outputs]
         maps = [y[:, 1:] for y in outputs]
         if output_fmt == "NCHW":
-            maps = [y.reshape(y.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous() for y in maps]
+            maps = [y.reshape(y.shape[0], *grid, y.shape[-1]).permute(0, 3, 1, 2).contiguous() for y in maps]
         if return_prefix_tokens:
             maps = list(zip(maps, prefix))
         if intermediates_only:

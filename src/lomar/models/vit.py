@@ -135,7 +135,7 @@ class Attention(nn.Module):
         which needs the ``grid`` (and takes the ``mode``: :func:`lomar.models.attention.biased_attention`).
         """
         b, length, dim = x.shape
-        q, k, v = self.qkv(x).view(b, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(b, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
         if self.rel_pos != "none":
             if grid is None:
                 raise ValueError(f"rel_pos={self.rel_pos!r} needs the grid of the [cls]+tokens")
