@@ -72,6 +72,18 @@ def test_windows_decoding_refuses_a_plan_without_windows(photos):
         FastPretrainDataset(base, "windows", 8, 2, 1)
 
 
+def test_windows_decoding_of_one_global_window_fills_the_whole_crop(photos):
+    # --windows 0: the plan's one window is the whole grid, not --window-size's K (2 here): decoding K x K
+    # left three quarters of every crop black
+    global_lomar = type("Cfg", (), {"window_size": 2, "windows": 0, "mask_ratio": 0.75})()
+    masker = get_method("lomar").masker(global_lomar, (SIZE // 8, SIZE // 8))
+    base = build_pretrain_dataset(str(photos), SIZE, seed=5, masker=masker)
+    windows = FastPretrainDataset(base, "windows", 8, 2, 0)
+    for index in range(len(base)):
+        reference, item = base[(index, 1)], windows[(index, 1)]
+        assert (item["image"] - reference["image"]).abs().mean() < 0.5, index  # reduced decode: not bit for bit
+
+
 def _bomb(path: Path, source: Path, height: int, width: int) -> None:
     """``source`` with its JPEG header (SOF0) claiming ``height`` x ``width``."""
     data = bytearray(source.read_bytes())

@@ -25,6 +25,7 @@ on the header's (EXIF-oriented) size: every sample gets the reference path's cro
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -131,6 +132,8 @@ class FastPretrainDataset(Dataset):
         if mode == "windows" and (patch_size is None or window_size is None or "top_left" not in plan):
             raise ValueError("--decode windows needs a windowed method (a masking plan of windows); "
                              "use --decode draft")
+        if mode == "windows":  # the plan's windows: --windows 0 draws one of the whole grid, whatever K is set
+            window_size, num_windows = math.isqrt(plan["mask"].shape[-1]), len(plan["top_left"])
         self.base, self.mode, self.patch_size, self.window_size = base, mode, patch_size, window_size
         # Resampling windows one by one only pays when they cover well under the crop (e.g. 4
         # windows of 112 px fill a 224 px crop, but 6 % of an 896 px one) or the decode shrinks.
