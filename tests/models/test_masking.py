@@ -160,3 +160,27 @@ def test_ratio_errors_print_bounds_that_are_valid():
     for message in (str(nan_error.value), str(error.value)):
         low, high = (float(x) for x in message.rsplit("[", 1)[1].split("]")[0].split(","))
         assert 0 < num_masked(7, low) and num_masked(7, high) < 49
+
+
+@pytest.mark.parametrize("call, named", [
+    (lambda: sample_plan("2", (8, 8), 3, 2, 0.5), "number of images must be a positive integer, got '2'"),
+    (lambda: sample_plan(2.0, (8, 8), 3, 2, 0.5), "number of images must be a positive integer, got 2.0"),
+    (lambda: sample_plan(True, (8, 8), 3, 2, 0.5), "number of images must be a positive integer, got True"),
+    (lambda: sample_plan(2, 8, 3, 2, 0.5), "grid must be the patch grid (rows, columns)"),
+    (lambda: sample_plan(2, (8, 8, 8), 3, 2, 0.5), "grid must be the patch grid (rows, columns)"),
+    (lambda: sample_plan(2, (8.0, 8.0), 3, 2, 0.5), "got (8.0, 8.0)"),
+    (lambda: sample_plan(2, (-8, 8), 3, 2, 0.5), "got (-8, 8)"),
+    (lambda: sample_plan(2, (8, 8), 3, 2, "0.5"), "mask ratio must be a number in [0.112, 0.888], got '0.5'"),
+    (lambda: sample_plan(2, (8, 8), 3, 2, None), "mask ratio must be a number"),
+    (lambda: sample_plan(2, (8, 8), 3, 2, 0.5, 0), "generator must be a torch.Generator or None, got int"),
+    (lambda: MaskingPlan(torch.zeros(1, 1, 2).long(), torch.ones(1, 1, 9).bool(), "3"),
+     "MaskingPlan.window_size must be a positive integer (K of K×K windows), got '3'"),
+    (lambda: MaskingPlan([[[0, 0]]], torch.ones(1, 1, 9).bool(), 3), "MaskingPlan.top_left must be a torch.Tensor"),
+])
+def test_wrong_argument_types_are_named(call, named):
+    # They raised torch's or Python's errors from deep inside (rand()'s signature, "cannot unpack",
+    # "'int' object has no attribute 'device'"), or a plan of window_size "3" was refused as
+    # "plan has 3x3 windows but the model uses 3x3".
+    with pytest.raises((ValueError, TypeError)) as info:
+        call()
+    assert named in str(info.value)

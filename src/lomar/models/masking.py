@@ -67,8 +67,8 @@ def num_masked(window_size: int, mask_ratio: float) -> int:
     tokens = window_size * window_size
     # the printed bounds are rounded inwards, so that both ends really are valid ratios
     lowest, highest = math.ceil(1000 / tokens) / 1000, math.floor(1000 * (tokens - 1) / tokens) / 1000
-    if not math.isfinite(mask_ratio):
-        raise ValueError(f"mask ratio must be a number in [{lowest:.3f}, {highest:.3f}], got {mask_ratio}")
+    if not isinstance(mask_ratio, numbers.Real) or isinstance(mask_ratio, bool) or not math.isfinite(mask_ratio):
+        raise ValueError(f"mask ratio must be a number in [{lowest:.3f}, {highest:.3f}], got {mask_ratio!r}")
     masked = int(math.floor(tokens * mask_ratio + 1e-9))  # 100 * 0.29 is 28.999...: floor the ratio as written
     if not 0 < masked < tokens:
         raise ValueError(
@@ -81,6 +81,9 @@ def num_masked(window_size: int, mask_ratio: float) -> int:
 
 def window_positions(grid: tuple[int, int], window_size: int) -> tuple[int, int]:
     """Number of valid top-left rows and columns for a K×K window on the grid."""
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2 or not all(_whole(g) and g > 0 for g in grid):
+        raise ValueError(f"grid must be the patch grid (rows, columns), two positive integers, got {grid!r}; "
+                         f"e.g. lomar.models.masking.grid_size(img_size, patch_size)")
     hg, wg = grid
     if window_size > hg or window_size > wg:
         raise ValueError(
@@ -138,6 +141,15 @@ class MaskingPlan:
     top_left: torch.Tensor
     mask: torch.Tensor
     window_size: int
+
+    def __post_init__(self) -> None:
+        # Types only (no data-dependent check): plans are built on the device every training step.
+        for name in ("top_left", "mask"):
+            if not isinstance(getattr(self, name), torch.Tensor):
+                raise TypeError(f"MaskingPlan.{name} must be a torch.Tensor, got {type(getattr(self, name)).__name__}")
+        if not _whole(self.window_size) or self.window_size < 1:
+            raise ValueError(f"MaskingPlan.window_size must be a positive integer (K of K×K windows), got "
+                             f"{self.window_size!r}")
 
     @property
     def num_images(self) -> int:
@@ -222,10 +234,12 @@ def sample_plan(
     The draw happens on the generator's device (CPU when none is given) and the plan is
     then moved to ``device``.
     """
-    if num_images <= 0:
-        raise ValueError(f"number of images must be positive, got {num_images}")
+    if not _whole(num_images) or num_images <= 0:
+        raise ValueError(f"number of images must be a positive integer, got {num_images!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     masked = check_window_request(grid, window_size, num_windows, mask_ratio, placement)
-    window_size, num_windows = int(window_size), int(num_windows)  # the plan holds Python ints
+    window_size, num_windows, num_images = int(window_size), int(num_windows), int(num_images)  # Python ints
     rows, cols = window_positions(grid, window_size)
     gen_device = generator.device if generator is not None else torch.device("cpu")
     if placement == "permutation":
