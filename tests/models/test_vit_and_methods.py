@@ -287,3 +287,26 @@ def test_window_requests_of_the_wrong_kind_are_named():
     assert type(numpy_plan.window_size) is int
     with pytest.raises(ValueError, match="number of windows must be a positive integer, got True"):
         lomar.sample_plan(2, (8, 8), 3, True, 0.8)
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (dict(window_size="14"), "ViTConfig.window_size must be an integer >= 0 (0: global attention), got '14'"),
+    (dict(window_size=-1), "ViTConfig.window_size must be an integer >= 0"),
+    (dict(global_blocks="25"), "ViTConfig.global_blocks must be a sequence of block indices (integers), got '25'"),
+    (dict(global_blocks=2), "ViTConfig.global_blocks must be a sequence"),
+    (dict(drop_path="0.1"), "drop_path in [0, 1), got 4.0 and '0.1'"),
+    (dict(mlp_ratio="4"), "mlp_ratio > 0"),
+])
+def test_config_names_a_wrong_setting(overrides, named):
+    # A str global_blocks was read digit by digit ('25' -> blocks 2 and 5); the others raised
+    # "'<' not supported between 'str' and 'int'" (or nothing until the encoder was built).
+    with pytest.raises(ValueError) as info:
+        ViTConfig(embed_dim=16, depth=2, num_heads=2, **overrides)
+    assert named in str(info.value)
+    assert ViTConfig(window_size=np.int64(14), global_blocks=[np.int64(1)]).window_size == 14
+
+
+@pytest.mark.parametrize("num_classes", [-1, "10", True, 2.0])
+def test_encoder_names_a_wrong_number_of_classes(num_classes):
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 0"):  # torch: "negative dimension -1"
+        VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2), num_classes)

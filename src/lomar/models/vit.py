@@ -8,6 +8,7 @@ whole image (finetuning, MAE, features); LoMaR reuses its parts on window tokens
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 
 import torch
@@ -211,8 +212,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"unknown position encoding {c.pos!r}; choose rpe, abs or none")
         if c.attention not in ATTENTION_MODES:
             raise ValueError(f"unknown attention {c.attention!r}; choose one of {', '.join(ATTENTION_MODES)}")
-        if c.window_size < 0:
-            raise ValueError(f"window_size {c.window_size} must be >= 0 (0: global attention)")
+        if not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, bool) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0 (0: no head), got {num_classes!r}")
         if outside := [i for i in c.global_blocks if not 0 <= i < c.depth]:
             raise ValueError(f"global blocks {outside} are not blocks of this {c.depth}-block encoder (--global-blocks "
                              f"takes indices 0..{c.depth - 1})")

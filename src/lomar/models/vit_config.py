@@ -69,7 +69,15 @@ class ViTConfig(EncoderShape):
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "global_blocks", tuple(int(i) for i in self.global_blocks))
+        blocks = self.global_blocks
+        if isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__iter__") or not all(
+                _count(i) for i in blocks):  # a str would be read digit by digit
+            raise ValueError(f"ViTConfig.global_blocks must be a sequence of block indices (integers), got {blocks!r}")
+        object.__setattr__(self, "global_blocks", tuple(int(i) for i in blocks))
+        if not _count(self.window_size) or self.window_size < 0:
+            raise ValueError(f"ViTConfig.window_size must be an integer >= 0 (0: global attention), got "
+                             f"{self.window_size!r}")
+        object.__setattr__(self, "window_size", int(self.window_size))
         square = not isinstance(self.img_size, (tuple, list))
         sizes = {"img_size": (self.img_size,) if square else tuple(self.img_size), "patch_size": (self.patch_size,),
                  "in_chans": (self.in_chans,), "embed_dim": (self.embed_dim,), "depth": (self.depth,),
@@ -93,9 +101,19 @@ class ViTConfig(EncoderShape):
         if self.rel_pos != "none" and self.pos == "rpe":
             raise ValueError(f"ViTConfig.rel_pos={self.rel_pos!r} is for encoders without iRPE (pos 'abs' or 'none'); "
                              f"a LoMaR encoder has its own relative position")
-        if not self.mlp_ratio > 0 or not 0 <= self.drop_path < 1:
+        if not (_real(self.mlp_ratio) and self.mlp_ratio > 0) or not (
+                _real(self.drop_path) and 0 <= self.drop_path < 1):
             raise ValueError(f"ViTConfig needs mlp_ratio > 0 and drop_path in [0, 1), got {self.mlp_ratio!r} and "
                              f"{self.drop_path!r}")
+
+
+def _count(value) -> bool:
+    """An integer, numpy's too; not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def list_models() -> list[str]:
