@@ -201,3 +201,32 @@ def test_beit_decay_groups_follow_the_original():
     decayed = {names[id(p)] for p in decay["params"]}
     assert "beit.cls_token" in skipped and "beit.blocks.0.gamma_1" in skipped
     assert {"beit.mask_token", "beit.rel_pos_bias.relative_position_bias_table", "beit.lm_head.weight"} <= decayed
+
+
+@pytest.mark.parametrize("images, ids, named", [
+    # input_ids one column short: the windows' token positions indexed past its rows' end, or not
+    (torch.randn(2, 3, 48, 48), torch.zeros(2, 35, dtype=torch.long), "input_ids must be (N, L) = (2, 36)"),
+    (torch.randn(3, 48, 48), None, "images must be (N, 3, 48, 48), got (3, 48, 48)"),  # was: 'not enough values'
+    (torch.randn(2, 1, 48, 48), None, "images must be (N, 3, 48, 48)"),  # was: 'mat1 and mat2 shapes'
+    (torch.zeros(2, 3, 48, 48, dtype=torch.uint8), None, "images are torch.uint8 but the model's weights are "
+                                                          "torch.float32"),
+])
+def test_beit_pretraining_names_wrong_images_and_ids(images, ids, named):
+    model = BEiTPretrain(BEiTConfig(**CFG), _tokenizer(), window_size=3, num_windows=2)
+    with pytest.raises(ValueError) as info:
+        model(images, generator=torch.Generator().manual_seed(0), input_ids=ids)
+    assert named in str(info.value)
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (dict(img_size="48"), "BEiTConfig.img_size must be an integer, got '48'"),  # was: 'not all arguments converted'
+    (dict(img_size=(48, 48)), "BEiTConfig.img_size must be an integer, got (48, 48)"),
+    (dict(vocab_size=16.0), "BEiTConfig.vocab_size must be an integer, got 16.0"),
+])
+def test_beit_config_names_a_non_integer_size(overrides, named):
+    with pytest.raises(ValueError) as info:
+        BEiTConfig(**{**CFG, **overrides})
+    assert named in str(info.value)
+    model = BEiT(BEiTConfig(**CFG))
+    with pytest.raises(ValueError, match="images are torch.float64 but the model's weights are torch.float32"):
+        model(torch.randn(1, 3, 48, 48, dtype=torch.float64), torch.zeros(1, 36, dtype=torch.bool))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -49,6 +50,10 @@ class BEiTConfig(EncoderShape):
         return cls(**{name: getattr(vit, name) for name in EncoderShape.__dataclass_fields__}, vocab_size=vocab_size)
 
     def __post_init__(self) -> None:
+        for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "vocab_size"):
+            value = getattr(self, name)  # BEiT's grid is square: one side, not a (height, width) pair
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise ValueError(f"BEiTConfig.{name} must be an integer, got {value!r}")
         checks = [
             (self.patch_size >= 1 and self.img_size % self.patch_size == 0,
              f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}; "
@@ -248,6 +253,11 @@ class BEiT(nn.Module):
         if images.ndim != 4 or tuple(images.shape[-2:]) != (size, size) or images.shape[1] != self.config.in_chans:
             raise ValueError(f"images must be (N, {self.config.in_chans}, {size}, {size}), got "
                              f"{tuple(images.shape)}; resize to img_size={size} or build with that img_size")
+        weight = self.patch_embed.proj.weight.dtype
+        autocast = images.is_floating_point() and torch.is_autocast_enabled(images.device.type)
+        if images.dtype != weight and not autocast:
+            raise ValueError(f"images are {images.dtype} but the model's weights are {weight}: pass float images "
+                             f"normalised with the ImageNet mean and std, as {weight} (or run under torch.autocast)")
         if bool_masked_pos is None:
             return None
         if bool_masked_pos.ndim == 3:

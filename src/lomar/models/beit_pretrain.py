@@ -132,8 +132,11 @@ class BEiTPretrain(nn.Module):
         """images (N, 3, H, W) normalised; plan with K×K windows; input_ids (N, L) overrides the tokenizer."""
         beit, p = self.beit, self.config.patch_size
         grid = self.config.grid
-        if tuple(images.shape[-2:]) != (grid[0] * p, grid[1] * p):
-            raise ValueError(f"images must be {grid[0] * p}x{grid[1] * p} px, got {tuple(images.shape[-2:])}")
+        beit._check_inputs(images, None)
+        if input_ids is not None and tuple(input_ids.flatten(1).shape) != (images.shape[0], grid[0] * grid[1]):
+            # a narrower row was indexed past its end by the windows' token positions
+            raise ValueError(f"input_ids must be (N, L) = {(images.shape[0], grid[0] * grid[1])} (or (N, {grid[0]}, "
+                             f"{grid[1]})), one id per patch, got {tuple(input_ids.shape)}")
         plan = self.sample_plan(images, generator) if plan is None else plan.for_batch(images, self.window_size, grid)
         ids = self.tokens(images) if input_ids is None else input_ids.flatten(1).to(images.device)
         image_index, top_left, mask = plan.flat()
