@@ -310,3 +310,16 @@ def test_config_names_a_wrong_setting(overrides, named):
 def test_encoder_names_a_wrong_number_of_classes(num_classes):
     with pytest.raises(ValueError, match="num_classes must be an integer >= 0"):  # torch: "negative dimension -1"
         VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2), num_classes)
+
+
+def test_mae_names_an_empty_batch_noise_on_another_device_and_a_text_ratio():
+    config = model_config("vit_tiny_patch16", img_size=64, pos="abs", **TINY)
+    model = MAE(config, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    with pytest.raises(ValueError, match="MAE needs at least one image"):  # was a NaN loss (0 / 0)
+        model(torch.randn(0, 3, 64, 64))
+    # the meta device stands in for a GPU here: noise elsewhere gave a NaN loss, on a GPU torch's device error
+    with pytest.raises(ValueError, match=r"noise must have shape \(N, L\) = \(2, 16\) on the images' device cpu, "
+                                         r"got \(2, 16\) on meta"):
+        model(torch.randn(2, 3, 64, 64), noise=torch.rand(2, 16, device="meta"))
+    with pytest.raises(ValueError, match="MAE mask ratio must be a number in \\(0, 1\\), got '0.75'"):
+        MAE(config, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, mask_ratio="0.75")

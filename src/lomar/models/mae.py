@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -30,8 +31,8 @@ class MAE(nn.Module):
         super().__init__()
         if config.pos != "abs":
             raise ValueError(f"MAE needs absolute position embeddings (pos='abs'), got pos={config.pos!r}")
-        if not 0 < mask_ratio < 1:
-            raise ValueError(f"MAE mask ratio must be in (0, 1), got {mask_ratio}")
+        if not isinstance(mask_ratio, numbers.Real) or isinstance(mask_ratio, bool) or not 0 < mask_ratio < 1:
+            raise ValueError(f"MAE mask ratio must be a number in (0, 1), got {mask_ratio!r}")
         self.encoder = VisionTransformer(config)
         self.encoder.freeze_pos_embed()
         self.mask_ratio = mask_ratio
@@ -83,10 +84,13 @@ class MAE(nn.Module):
             raise ValueError(f"MAE was built for {enc.config.img_size}px images, got "
                              f"{images.shape[-2]}x{images.shape[-1]}; build it with that img_size")
         n, length = images.shape[0], grid[0] * grid[1]
+        if n == 0:  # as LoMaR's: the loss over no masked patch is 0 / 0
+            raise ValueError("MAE needs at least one image; got an empty batch")
         if noise is None:
             noise = _uniform_noise(n, length, generator, images.device)
-        elif noise.shape != (n, length):
-            raise ValueError(f"noise must have shape (N, L) = {(n, length)}, got {tuple(noise.shape)}")
+        elif noise.shape != (n, length) or noise.device != images.device:
+            raise ValueError(f"noise must have shape (N, L) = {(n, length)} on the images' device {images.device}, "
+                             f"got {tuple(noise.shape)} on {noise.device}")
         ids_shuffle = noise.argsort(dim=1)
         ids_keep = ids_shuffle[:, :int(length * (1 - self.mask_ratio))]
         x = enc.norm(enc.forward_blocks(enc.prepare_tokens(images, token_index=ids_keep), grid))
