@@ -60,3 +60,9 @@ def test_vocabulary_larger_than_the_patches_is_an_error():
 def test_large_vocabulary_fits_quickly():
     tok = fit_kmeans_tokenizer(_images(), vocab_size=2048, iters=5)
     assert tok.centroids.shape == (2048, 192) and torch.isfinite(tok.centroids).all()
+
+
+def test_uint8_pixels_are_refused_not_tokenized_as_saturated():
+    tokenizer = KMeansTokenizer(torch.randn(4, 3 * 8 * 8), patch=8, input_size=16)
+    with pytest.raises(ValueError, match=r"needs float images in \[0, 1\], got torch.uint8; divide uint8 pixels by"):
+        tokenizer.tokens(torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8))

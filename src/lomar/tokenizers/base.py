@@ -40,6 +40,9 @@ class Tokenizer(nn.Module):
         if images01.ndim != 4 or images01.shape[1] != 3 or tuple(images01.shape[-2:]) != (size, size):
             raise ValueError(f"{type(self).__name__} needs images (N, 3, {size}, {size}) in [0, 1], got "
                              f"{tuple(images01.shape)}; resize the view to {size} px first")
+        if not images01.is_floating_point():  # uint8 pixels in [0, 255] would all read as saturated
+            raise ValueError(f"{type(self).__name__} needs float images in [0, 1], got {images01.dtype}; "
+                             f"divide uint8 pixels by 255")
         return self._tokens(images01).flatten(1).long()
 
     def _tokens(self, images01: torch.Tensor) -> torch.Tensor:  # (N, Gh, Gw) or (N, Gh·Gw)
