@@ -33,6 +33,18 @@ class _CropAtMost(v2.Transform):
     _get_params, _transform = make_params, transform  # torchvision < 0.21 calls these names
 
 
+class _ScaleJitter(v2.ScaleJitter):
+    """torchvision's, each side at least 1 px: at the low end of the scale the short side of a strip
+    (a 5 x 700 image at size 1024) rounds to 0, which resize refuses (the loader worker failed)."""
+
+    def make_params(self, flat_inputs: list) -> dict:
+        drawn = v2.ScaleJitter.make_params if hasattr(v2.ScaleJitter, "make_params") else v2.ScaleJitter._get_params
+        height, width = drawn(self, flat_inputs)["size"]
+        return {"size": (max(1, height), max(1, width))}
+
+    _get_params = make_params  # torchvision < 0.21 calls this name
+
+
 def _boxes_from_masks(image, target: dict):
     """ViTDet's ``recompute_boxes``: after the crop each box is its mask's extent (pixel edges, detectron2's
     ``BitMasks.get_bounding_boxes``); a mask the crop emptied leaves an empty box, which is then dropped."""
@@ -52,7 +64,7 @@ def train_transforms(size: int, scale_range: tuple[float, float] = (0.1, 2.0)) -
     emptied ones dropped."""
     return v2.Compose([
         v2.RandomHorizontalFlip(),
-        v2.ScaleJitter((size, size), scale_range=scale_range, antialias=True),
+        _ScaleJitter((size, size), scale_range=scale_range, antialias=True),
         _CropAtMost(size),
         _boxes_from_masks,
         v2.ClampBoundingBoxes(),

@@ -1,0 +1,19 @@
+"""ViTDet's large-scale jitter on inputs at the edge of what COCO files hold."""
+
+import torch
+from torchvision import tv_tensors
+
+from lomar.data.jitter import train_transforms
+
+
+def test_a_strip_scaled_to_under_a_pixel_keeps_one():
+    # 5 x 700 at size 1024 and scale 0.1: the short side is 0.73 px, which resize refused
+    height, width = 5, 700
+    image = tv_tensors.Image(torch.full((3, height, width), 128, dtype=torch.uint8))
+    masks = torch.zeros(1, height, width, dtype=torch.uint8)
+    masks[0, :, 100:400] = 1
+    target = {"boxes": tv_tensors.BoundingBoxes([[100, 0, 400, height]], format="XYXY", canvas_size=(height, width)),
+              "masks": tv_tensors.Mask(masks), "labels": torch.tensor([1])}
+    out, target = train_transforms(1024, (0.1, 0.1))(image, target)
+    assert out.shape == (3, 1, 102) and out.dtype == torch.float32
+    assert target["masks"].shape[1:] == (1, 102) and len(target["boxes"]) == len(target["labels"])
