@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from lomar import VisionTransformer, ViTConfig, export_encoder
-from lomar.integrations.dense import MultiLevelBackbone, SimpleFeaturePyramid, ViTDetBackbone, feature_maps
+from lomar.integrations.dense import (
+    MultiLevelBackbone,
+    SimpleFeaturePyramid,
+    ViTDetBackbone,
+    feature_maps,
+    with_rel_pos,
+)
 
 # Tiny width and depth: a 1024-px image is a 64x64 grid of 4096 tokens with global attention.
 TINY = ViTConfig(img_size=224, patch_size=16, embed_dim=32, depth=2, num_heads=2)
@@ -145,3 +151,20 @@ def test_an_empty_batch_gives_empty_outputs_of_every_shape(encoder):
     assert [tuple(m.shape) for m in feature_maps(encoder, empty, (0, 1))] == [(0, 32, 4, 4)] * 2
     tm = timm.create_model("lomar_vit_mini_patch16", img_size=64, depth=1).eval()
     assert [tuple(m.shape) for m in tm.forward_intermediates(empty, intermediates_only=True)] == [(0, 128, 4, 4)]
+
+
+@pytest.mark.parametrize("build, named", [
+    (lambda e: ViTDetBackbone(e, out_channels="256"), "out_channels must be a positive integer (channels), got '256'"),
+    (lambda e: ViTDetBackbone(e, out_channels=0), "out_channels must be a positive integer (channels), got 0"),
+    (lambda e: MultiLevelBackbone(e, out_indices="1"), "out_indices must be a sequence of block indices (integers)"),
+    (lambda e: MultiLevelBackbone(e, out_indices=1), "out_indices must be a sequence of block indices"),
+    (lambda e: MultiLevelBackbone(e, out_indices=()), "out_indices must be a sequence of block indices"),
+    (lambda e: with_rel_pos("export/", "auto", "bias"), "with_rel_pos takes a lomar VisionTransformer"),
+])
+def test_backbone_arguments_are_named(encoder, build, named):
+    # Before: zero-channel convolutions built silently, "not all arguments converted during string
+    # formatting", "'<=' not supported between 'int' and 'str'", "'str' object has no attribute 'config'".
+    with pytest.raises((ValueError, TypeError)) as info:
+        build(encoder)
+    assert named in str(info.value)
+    assert MultiLevelBackbone(encoder, out_indices=(i for i in (0, 1))).out_indices == (0, 1)

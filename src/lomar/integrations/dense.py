@@ -44,6 +44,9 @@ class SimpleFeaturePyramid(nn.Module):
     def __init__(self, in_channels: int, out_channels: int = 256, scale_factors=(4.0, 2.0, 1.0, 0.5),
                  in_stride: int = 16, top_block: bool = False):
         super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer (channels), got {value!r}")
         self.scale_factors = tuple(float(s) for s in scale_factors)
         self.in_stride = in_stride
         self.out_channels = out_channels
@@ -145,6 +148,9 @@ def with_rel_pos(encoder: VisionTransformer, choice: str, recipe: str) -> Vision
     """``encoder`` with the relative position term ``choice`` (none, decomposed, bias; auto: ``recipe``'s for
     an encoder without iRPE, none for a LoMaR one), zero-initialised where new. ValueError for a term on
     a LoMaR encoder, which has its own relative position."""
+    if not isinstance(encoder, VisionTransformer):
+        raise TypeError(f"with_rel_pos takes a lomar VisionTransformer (lomar.dense.load_encoder reads one from a "
+                        f"checkpoint or export), got {type(encoder).__name__}")
     if choice == "auto":
         choice = "none" if encoder.config.pos == "rpe" else recipe
     if choice != "none" and encoder.config.pos == "rpe":
@@ -216,9 +222,13 @@ class MultiLevelBackbone(nn.Module):
         self.encoder = backbone_encoder(encoder, window_size, global_blocks, attention,
                                         train_pos_embed=train_pos_embed)
         depth = len(self.encoder.blocks)
-        if any(not -depth <= i < depth for i in out_indices):
-            raise ValueError(f"out_indices {tuple(out_indices)} out of range for a {depth}-block encoder")
-        self.out_indices = tuple(out_indices)
+        indices = () if isinstance(out_indices, (str, bytes)) or not hasattr(out_indices, "__iter__") else tuple(
+            out_indices)
+        if not indices or any(not isinstance(i, int) or isinstance(i, bool) for i in indices):
+            raise ValueError(f"out_indices must be a sequence of block indices (integers), got {out_indices!r}")
+        if any(not -depth <= i < depth for i in indices):
+            raise ValueError(f"out_indices {indices} out of range for a {depth}-block encoder")
+        self.out_indices = indices
         self.norm = norm
         self.grad_checkpointing = grad_checkpointing
         dim = self.encoder.embed_dim
