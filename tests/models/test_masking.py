@@ -184,3 +184,13 @@ def test_wrong_argument_types_are_named(call, named):
     with pytest.raises((ValueError, TypeError)) as info:
         call()
     assert named in str(info.value)
+
+
+def test_a_plan_of_another_type_is_named():
+    from lomar.models.lomar import LoMaR
+    from lomar.models.vit import ViTConfig
+
+    model = LoMaR(ViTConfig(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2), 2, 2, 0.5)
+    plan = sample_plan(1, (4, 4), 2, 2, 0.5)
+    with pytest.raises(TypeError, match="plan must be a lomar.MaskingPlan .* got dict"):  # was: AttributeError
+        model(torch.randn(1, 3, 32, 32), plan={"top_left": plan.top_left, "mask": plan.mask})

@@ -137,7 +137,8 @@ class BEiTPretrain(nn.Module):
             # a narrower row was indexed past its end by the windows' token positions
             raise ValueError(f"input_ids must be (N, L) = {(images.shape[0], grid[0] * grid[1])} (or (N, {grid[0]}, "
                              f"{grid[1]})), one id per patch, got {tuple(input_ids.shape)}")
-        plan = self.sample_plan(images, generator) if plan is None else plan.for_batch(images, self.window_size, grid)
+        plan = (self.sample_plan(images, generator) if plan is None
+                else MaskingPlan.for_batch(plan, images, self.window_size, grid))
         ids = self.tokens(images) if input_ids is None else input_ids.flatten(1).to(images.device)
         image_index, top_left, mask = plan.flat()
         k = plan.window_size

@@ -72,7 +72,7 @@ class LoMaR(nn.Module):
                 generator: torch.Generator | None = None) -> LoMaROutput:
         """images (N, C, H, W) normalised -> loss, pred (N·n, K·K, p·p·C), plan."""
         plan = (self.sample_plan(images, generator) if plan is None
-                else plan.for_batch(images, self.window_size, self.encoder.image_grid(images)))
+                else MaskingPlan.for_batch(plan, images, self.window_size, self.encoder.image_grid(images)))
         return LoMaROutput(*self.forward_windows(images, *plan.flat()), plan)
 
     def forward_windows(self, images: torch.Tensor, image_index: torch.Tensor,

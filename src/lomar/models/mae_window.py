@@ -68,7 +68,7 @@ class MAEWindow(MAE):
         """images (N, C, H, W) normalised → loss, pred (N·n, K·K, p·p·C), plan."""
         enc, p, k = self.encoder, self.config.patch_size, self.window_size
         grid = enc.image_grid(images)
-        plan = self.sample_plan(images, generator) if plan is None else plan.for_batch(images, k, grid)
+        plan = self.sample_plan(images, generator) if plan is None else MaskingPlan.for_batch(plan, images, k, grid)
         image_index, top_left, mask = plan.flat()
         keep = k * k - self._masked_per_window(mask)
         token_index = window_token_index(top_left, k, grid[1])

@@ -191,7 +191,11 @@ class MaskingPlan:
 
     def for_batch(self, images: torch.Tensor, window_size: int, grid: tuple[int, int]) -> MaskingPlan:
         """This plan on the images' device, checked against a model's K and the batch (images (N, C, H, W) on a
-        ``grid`` of patches). The data-dependent checks run eagerly only: compiled steps get the masker's plans."""
+        ``grid`` of patches). The data-dependent checks run eagerly only: compiled steps get the masker's plans.
+        Models call it unbound, ``MaskingPlan.for_batch(plan, ...)``, so that a plan of another type is named."""
+        if not isinstance(self, MaskingPlan):
+            raise TypeError(f"plan must be a lomar.MaskingPlan (or None to sample one), got {type(self).__name__}; "
+                            f"build it with lomar.MaskingPlan(top_left, mask, window_size) or lomar.sample_plan")
         if self.window_size != window_size:
             raise ValueError(f"plan has {self.window_size}x{self.window_size} windows but the model uses "
                              f"{window_size}x{window_size}")
