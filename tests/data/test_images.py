@@ -187,6 +187,18 @@ def test_tar_shards(tmp_path):
     assert cut == [f"{tmp_path / 'cut.tar'}:00000.jpeg"]
 
 
+def test_a_resume_in_a_second_pass_over_the_shards_continues_the_stream(tmp_path):
+    # 5 samples, 4 batches of 2: the reader goes over its shard twice; the second pass's shuffle drew from
+    # the last decoded sample's generator, which a resume (skipping the first pass undecoded) never made
+    _write_shard(tmp_path / "one.tar", 5, fmt="PNG")
+    ds = build_pretrain_dataset(str(tmp_path / "one.tar"), 16, rank=0, world_size=1)
+    ds.count_samples()
+    ds.set_epoch(0, batch_size=2, batches=4)
+    stream = [it["path"] for it in ds]
+    ds.set_epoch(0, skip=6, batch_size=2, batches=4)
+    assert [it["path"] for it in ds] == stream[6:]
+
+
 def test_tar_epoch_and_resume_reach_persistent_workers(tmp_path):
     _write_shard(tmp_path / "one.tar", 6, fmt="PNG")
     ds = build_pretrain_dataset(str(tmp_path / "one.tar"), 16)

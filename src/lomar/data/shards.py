@@ -193,7 +193,7 @@ class TarShardDataset(IterableDataset):
         usable = [shard for shard in self.shards if self.counts.get(str(shard), 1)]
         order = torch.randperm(len(usable), generator=sample_generator(self.seed, epoch, _ORDER_INDEX))
         shards = [usable[i] for i in order.tolist()]
-        gen = sample_generator(self.seed, epoch, _BUFFER_INDEX + slot)
+        mixing = sample_generator(self.seed, epoch, _BUFFER_INDEX + slot)  # every pass's buffer, in turn
 
         def one_pass() -> Iterator[tuple[str, bytes | int]]:
             if len(shards) >= slots:
@@ -202,7 +202,7 @@ class TarShardDataset(IterableDataset):
             else:
                 members = (m for i, m in enumerate(chain.from_iterable(map(_image_members, shards)))
                            if i % slots == slot)
-            return _buffer_shuffle(members, self.shuffle_buffer, gen) if self.shuffle_buffer > 1 else members
+            return _buffer_shuffle(members, self.shuffle_buffer, mixing) if self.shuffle_buffer > 1 else members
 
         stream: Iterable[tuple[str, bytes | int]] = one_pass()
         if batches:  # exactly this part's share of the epoch, its shards read again if they hold less
