@@ -194,3 +194,27 @@ def test_a_plan_of_another_type_is_named():
     plan = sample_plan(1, (4, 4), 2, 2, 0.5)
     with pytest.raises(TypeError, match="plan must be a lomar.MaskingPlan .* got dict"):  # was: AttributeError
         model(torch.randn(1, 3, 32, 32), plan={"top_left": plan.top_left, "mask": plan.mask})
+
+
+def test_a_plan_checked_where_it_was_built_is_not_checked_again_on_the_device(monkeypatch):
+    # The training loop's plans reached the model on the GPU and were validated there at every step:
+    # each bool(tensor.any()) waited for the device. Now they are checked on the host by plan_kwargs.
+    import types
+
+    from lomar.methods.base import plan_kwargs
+
+    plan = sample_plan(2, (8, 8), 3, 2, 0.5, torch.Generator().manual_seed(0))
+    config = types.SimpleNamespace(window_size=3, windows=2)
+    built = plan_kwargs(config, (8, 8))({"top_left": plan.top_left, "mask": plan.mask}, torch.device("cpu"))["plan"]
+    assert built.checked_grid == (8, 8) and built == plan
+    bad = MaskingPlan(plan.top_left + 6, plan.mask, 3)
+    with pytest.raises(ValueError, match="outside the 8x8 grid"):  # still checked, on the host
+        plan_kwargs(config, (8, 8))({"top_left": bad.top_left, "mask": bad.mask}, torch.device("cpu"))
+    calls = []
+    monkeypatch.setattr(MaskingPlan, "validate", lambda self, grid: calls.append(grid))
+    images = torch.zeros(2, 3, 64, 64)
+    built.for_batch(images, 3, (8, 8))
+    assert calls == []
+    built.for_batch(images, 3, (9, 8))  # another grid than the one it was checked for
+    plan.for_batch(images, 3, (8, 8))  # built by hand: checked here
+    assert calls == [(9, 8), (8, 8)]

@@ -102,7 +102,8 @@ def plan_kwargs(config, grid) -> ToKwargs:
     k, _ = window_geometry(grid, config.window_size, config.windows)
 
     def to_kwargs(batch: dict, device: torch.device) -> dict:
-        return {"plan": MaskingPlan(batch["top_left"].to(device), batch["mask"].to(device), k)}
+        # checked on the host: on the device its checks would wait for the GPU at every step
+        return {"plan": MaskingPlan(batch["top_left"], batch["mask"], k).checked(grid).to(device)}
 
     return to_kwargs
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -136,11 +136,14 @@ class MaskingPlan:
         mask: (N, n, K·K) bool, True where the token is replaced by the mask token;
             tokens in raster order inside the window.
         window_size: K.
+        checked_grid: the patch grid :meth:`checked` validated the plan for (where it was built, on the
+            host), so that a model given it on a GPU skips the checks that would wait for the device.
     """
 
     top_left: torch.Tensor
     mask: torch.Tensor
     window_size: int
+    checked_grid: tuple[int, int] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # Types only (no data-dependent check): plans are built on the device every training step.
@@ -160,7 +163,12 @@ class MaskingPlan:
         return self.top_left.shape[1]
 
     def to(self, device: torch.device | str) -> MaskingPlan:
-        return MaskingPlan(self.top_left.to(device), self.mask.to(device), self.window_size)
+        return MaskingPlan(self.top_left.to(device), self.mask.to(device), self.window_size, self.checked_grid)
+
+    def checked(self, grid: tuple[int, int]) -> MaskingPlan:
+        """This plan, validated for ``grid`` (:meth:`validate`); validate it on the host, before moving it."""
+        self.validate(grid)
+        return replace(self, checked_grid=tuple(grid))
 
     def validate(self, grid: tuple[int, int]) -> None:
         """Raise ValueError unless the plan is well formed for this patch grid."""
@@ -201,8 +209,8 @@ class MaskingPlan:
                              f"{window_size}x{window_size}")
         if self.num_images != images.shape[0]:
             raise ValueError(f"plan is for {self.num_images} images but the batch has {images.shape[0]}")
-        if not torch.compiler.is_compiling():
-            self.validate(grid)
+        if not torch.compiler.is_compiling() and self.checked_grid != tuple(grid):
+            self.validate(grid)  # on a GPU each check is a wait for the device
         return self.to(images.device)
 
     def flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
