@@ -323,3 +323,13 @@ def test_mae_names_an_empty_batch_noise_on_another_device_and_a_text_ratio():
         model(torch.randn(2, 3, 64, 64), noise=torch.rand(2, 16, device="meta"))
     with pytest.raises(ValueError, match="MAE mask ratio must be a number in \\(0, 1\\), got '0.75'"):
         MAE(config, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, mask_ratio="0.75")
+
+
+def test_norm_pix_loss_must_be_a_bool():
+    # "no" (or "False" from a hand-written config) was truthy: normalised targets, silently
+    config = ViTConfig(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2)
+    with pytest.raises(TypeError, match="norm_pix_loss must be True or False, got 'no'"):
+        LoMaR(config, window_size=2, num_windows=2, norm_pix_loss="no")
+    with pytest.raises(TypeError, match="norm_pix_loss must be True or False, got 'False'"):
+        MAE(ViTConfig(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, pos="abs"),
+            decoder_embed_dim=8, decoder_depth=1, decoder_num_heads=2, norm_pix_loss="False")

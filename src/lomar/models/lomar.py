@@ -43,6 +43,8 @@ class LoMaR(nn.Module):
         self.encoder = VisionTransformer(config)
         self.encoder.freeze_pos_embed()
         check_window_request(self.encoder.grid, window_size, num_windows, mask_ratio)
+        if not isinstance(norm_pix_loss, bool):  # a str such as "no" would be true
+            raise TypeError(f"norm_pix_loss must be True or False, got {norm_pix_loss!r}")
         self.window_size = window_size
         self.num_windows = num_windows
         self.mask_ratio = mask_ratio

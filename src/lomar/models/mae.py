@@ -33,6 +33,8 @@ class MAE(nn.Module):
             raise ValueError(f"MAE needs absolute position embeddings (pos='abs'), got pos={config.pos!r}")
         if not isinstance(mask_ratio, numbers.Real) or isinstance(mask_ratio, bool) or not 0 < mask_ratio < 1:
             raise ValueError(f"MAE mask ratio must be a number in (0, 1), got {mask_ratio!r}")
+        if not isinstance(norm_pix_loss, bool):  # a str such as "no" would be true
+            raise TypeError(f"norm_pix_loss must be True or False, got {norm_pix_loss!r}")
         self.encoder = VisionTransformer(config)
         self.encoder.freeze_pos_embed()
         self.mask_ratio = mask_ratio
