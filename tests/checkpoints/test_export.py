@@ -331,3 +331,11 @@ def test_timm_refuses_an_export_whose_model_args_ask_for_a_huge_image(pretrained
     with pytest.raises(ValueError, match="img_size must be at most 8192"):
         ViTConfig(img_size=(16, 8208))
     assert ViTConfig(img_size=8192).img_size == 8192
+
+
+def test_create_encoder_given_a_checkpoint_file_says_it_is_not_a_folder(tmp_path):
+    # It said "ckpt.pt/config.json not found; export an encoder with `lomar export` first".
+    checkpoint = tmp_path / "ckpt.pt"
+    checkpoint.write_bytes(b"not read")
+    with pytest.raises(FileNotFoundError, match=r"ckpt.pt is a file, not an export folder .*formats\.load_model"):
+        create_encoder(checkpoint)
