@@ -168,3 +168,9 @@ def test_backbone_arguments_are_named(encoder, build, named):
         build(encoder)
     assert named in str(info.value)
     assert MultiLevelBackbone(encoder, out_indices=(i for i in (0, 1))).out_indices == (0, 1)
+
+
+def test_pyramid_names_tokens_given_for_a_map():
+    # torch said "expected input[1, 1, 17, 32] to have 32 channels, but got 1 channels instead"
+    with pytest.raises(ValueError, match=r"takes a map \(B, 32, h, w\), got \(1, 17, 32\); .*dense\.feature_maps"):
+        SimpleFeaturePyramid(32, 8)(torch.randn(1, 17, 32))

@@ -48,7 +48,7 @@ class SimpleFeaturePyramid(nn.Module):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer (channels), got {value!r}")
         self.scale_factors = tuple(float(s) for s in scale_factors)
-        self.in_stride = in_stride
+        self.in_channels, self.in_stride = in_channels, in_stride
         self.out_channels = out_channels
         self.top_block = top_block
         self.stages = nn.ModuleList()
@@ -80,6 +80,9 @@ class SimpleFeaturePyramid(nn.Module):
             self.strides[f"p{int(math.log2(last)) + 1}"] = 2 * last
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"SimpleFeaturePyramid takes a map (B, {self.in_channels}, h, w), got {tuple(x.shape)}; "
+                             f"an encoder's tokens (B, 1+h·w, D) become one with lomar.dense.feature_maps")
         names = list(self.strides)
         out = {name: stage(x) for name, stage in zip(names, self.stages)}
         if self.top_block:
