@@ -66,3 +66,9 @@ def test_uint8_pixels_are_refused_not_tokenized_as_saturated():
     tokenizer = KMeansTokenizer(torch.randn(4, 3 * 8 * 8), patch=8, input_size=16)
     with pytest.raises(ValueError, match=r"needs float images in \[0, 1\], got torch.uint8; divide uint8 pixels by"):
         tokenizer.tokens(torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8))
+
+
+def test_non_integer_patch_or_input_size_is_named():
+    # a str patch raised "'<=' not supported between instances of 'int' and 'str'"
+    with pytest.raises(ValueError, match="patch='8' and input_size=16 must be integers"):
+        KMeansTokenizer(torch.randn(4, 3 * 8 * 8), patch="8", input_size=16)

@@ -17,6 +17,7 @@ Choices:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -64,9 +65,10 @@ class KMeansTokenizer(Tokenizer):
 
     def __init__(self, centroids: torch.Tensor, patch: int = 8, input_size: int = 112):
         super().__init__()
-        if not 1 <= patch <= input_size <= MAX_INPUT_SIZE:
-            raise ValueError(f"patch={patch} and input_size={input_size} must satisfy 1 <= patch <= input_size <= "
-                             f"{MAX_INPUT_SIZE}; use patch 8 with input_size 112")
+        whole = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (patch, input_size))
+        if not whole or not 1 <= patch <= input_size <= MAX_INPUT_SIZE:  # a str compared as "'<=' not supported"
+            raise ValueError(f"patch={patch!r} and input_size={input_size!r} must be integers, 1 <= patch <= "
+                             f"input_size <= {MAX_INPUT_SIZE}; use patch 8 with input_size 112")
         if centroids.ndim != 2 or centroids.shape[1] != 3 * patch * patch:
             raise ValueError(f"centroids must be (vocab, 3·{patch}·{patch}={3 * patch * patch}), got "
                              f"{tuple(centroids.shape)}; was it fitted with another patch size?")
