@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 
 from lomar.models.relpos import relative_position_index, table_bias
 from lomar.models.vit import EncoderShape, PatchEmbed
+from lomar.values import is_integer
 
 __all__ = ["BEiTConfig", "BEiT", "BEiTOutput", "RelativePositionBias", "relative_position_index", "table_bias"]
 
@@ -52,7 +52,7 @@ class BEiTConfig(EncoderShape):
     def __post_init__(self) -> None:
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "vocab_size"):
             value = getattr(self, name)  # BEiT's grid is square: one side, not a (height, width) pair
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            if not is_integer(value):
                 raise ValueError(f"BEiTConfig.{name} must be an integer, got {value!r}")
         checks = [
             (self.patch_size >= 1 and self.img_size % self.patch_size == 0,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple
 
 import torch
@@ -10,6 +9,7 @@ from torch import nn
 
 from lomar.models.objective import masked_mse, normalize_targets, patchify
 from lomar.models.vit import Block, VisionTransformer, ViTConfig, init_weights, sincos_pos_embed_2d
+from lomar.values import is_real
 
 __all__ = ["MAE", "MAEOutput"]
 
@@ -31,7 +31,7 @@ class MAE(nn.Module):
         super().__init__()
         if config.pos != "abs":
             raise ValueError(f"MAE needs absolute position embeddings (pos='abs'), got pos={config.pos!r}")
-        if not isinstance(mask_ratio, numbers.Real) or isinstance(mask_ratio, bool) or not 0 < mask_ratio < 1:
+        if not is_real(mask_ratio) or not 0 < mask_ratio < 1:
             raise ValueError(f"MAE mask ratio must be a number in (0, 1), got {mask_ratio!r}")
         if not isinstance(norm_pix_loss, bool):  # a str such as "no" would be true
             raise TypeError(f"norm_pix_loss must be True or False, got {norm_pix_loss!r}")

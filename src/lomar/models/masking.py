@@ -21,10 +21,11 @@ Everything random comes from one ``torch.Generator``: the same seed gives the sa
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field, replace
 
 import torch
+
+from lomar.values import is_integer, is_real
 
 __all__ = [
     "MaskingPlan",
@@ -54,20 +55,15 @@ def grid_size(img_size: int | tuple[int, int], patch_size: int) -> tuple[int, in
     return h // patch_size, w // patch_size
 
 
-def _whole(value) -> bool:
-    """An integer (numpy's too, as ViTConfig takes them) that is not a bool (never a count here)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def num_masked(window_size: int, mask_ratio: float) -> int:
     """Masked tokens per window, floor(K·K·ratio); raises unless 0 < M < K·K."""
-    if not _whole(window_size) or window_size < 2:
+    if not is_integer(window_size) or window_size < 2:
         raise ValueError(f"window size must be an integer of at least 2 (a 1x1 window cannot be partly masked), "
                          f"got {window_size!r}")
     tokens = window_size * window_size
     # the printed bounds are rounded inwards, so that both ends really are valid ratios
     lowest, highest = math.ceil(1000 / tokens) / 1000, math.floor(1000 * (tokens - 1) / tokens) / 1000
-    if not isinstance(mask_ratio, numbers.Real) or isinstance(mask_ratio, bool) or not math.isfinite(mask_ratio):
+    if not is_real(mask_ratio) or not math.isfinite(mask_ratio):
         raise ValueError(f"mask ratio must be a number in [{lowest:.3f}, {highest:.3f}], got {mask_ratio!r}")
     masked = int(math.floor(tokens * mask_ratio + 1e-9))  # 100 * 0.29 is 28.999...: floor the ratio as written
     if not 0 < masked < tokens:
@@ -81,7 +77,7 @@ def num_masked(window_size: int, mask_ratio: float) -> int:
 
 def window_positions(grid: tuple[int, int], window_size: int) -> tuple[int, int]:
     """Number of valid top-left rows and columns for a K×K window on the grid."""
-    if not isinstance(grid, (tuple, list)) or len(grid) != 2 or not all(_whole(g) and g > 0 for g in grid):
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2 or not all(is_integer(g) and g > 0 for g in grid):
         raise ValueError(f"grid must be the patch grid (rows, columns), two positive integers, got {grid!r}; "
                          f"e.g. lomar.models.masking.grid_size(img_size, patch_size)")
     hg, wg = grid
@@ -105,10 +101,10 @@ def max_windows(grid: tuple[int, int], window_size: int, placement: str = "disti
 def check_window_request(grid: tuple[int, int], window_size: int, num_windows: int,
                          mask_ratio: float, placement: str = "distinct") -> int:
     """Validate a sampling request; returns the number of masked tokens per window."""
-    if not _whole(window_size) or window_size < 1:
+    if not is_integer(window_size) or window_size < 1:
         raise ValueError(f"window size must be a positive integer, got {window_size!r}")
     rows, cols = window_positions(grid, window_size)
-    if not _whole(num_windows) or num_windows <= 0:
+    if not is_integer(num_windows) or num_windows <= 0:
         raise ValueError(f"number of windows must be a positive integer, got {num_windows!r}")
     most = max_windows(grid, window_size, placement)
     if placement == "permutation" and num_windows > most:
@@ -150,7 +146,7 @@ class MaskingPlan:
         for name in ("top_left", "mask"):
             if not isinstance(getattr(self, name), torch.Tensor):
                 raise TypeError(f"MaskingPlan.{name} must be a torch.Tensor, got {type(getattr(self, name)).__name__}")
-        if not _whole(self.window_size) or self.window_size < 1:
+        if not is_integer(self.window_size) or self.window_size < 1:
             raise ValueError(f"MaskingPlan.window_size must be a positive integer (K of K×K windows), got "
                              f"{self.window_size!r}")
 
@@ -246,7 +242,7 @@ def sample_plan(
     The draw happens on the generator's device (CPU when none is given) and the plan is
     then moved to ``device``.
     """
-    if not _whole(num_images) or num_images <= 0:
+    if not is_integer(num_images) or num_images <= 0:
         raise ValueError(f"number of images must be a positive integer, got {num_images!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")

@@ -8,7 +8,6 @@ whole image (finetuning, MAE, features); LoMaR reuses its parts on window tokens
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterator
 
 import torch
@@ -22,6 +21,7 @@ from lomar.models.masking import grid_size
 from lomar.models.relpos import decomposed_rows, table_rows
 from lomar.models.rpe import ContextualRPE
 from lomar.models.vit_config import MODEL_SIZES, PATCH_SIZES, EncoderShape, ViTConfig, list_models, model_config
+from lomar.values import is_integer
 
 __all__ = [
     "ViTConfig",
@@ -212,7 +212,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"unknown position encoding {c.pos!r}; choose rpe, abs or none")
         if c.attention not in ATTENTION_MODES:
             raise ValueError(f"unknown attention {c.attention!r}; choose one of {', '.join(ATTENTION_MODES)}")
-        if not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, bool) or num_classes < 0:
+        if not is_integer(num_classes) or num_classes < 0:
             raise ValueError(f"num_classes must be an integer >= 0 (0: no head), got {num_classes!r}")
         if outside := [i for i in c.global_blocks if not 0 <= i < c.depth]:
             raise ValueError(f"global blocks {outside} are not blocks of this {c.depth}-block encoder (--global-blocks "

@@ -3,11 +3,11 @@ sizes and :func:`model_config`. Checked on construction; imports no torch."""
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from lomar.limits import MAX_IMG_SIZE
+from lomar.values import is_integer, is_real
 
 __all__ = ["ViTConfig", "EncoderShape", "MODEL_SIZES", "PATCH_SIZES", "model_config", "list_models"]
 
@@ -71,10 +71,10 @@ class ViTConfig(EncoderShape):
     def __post_init__(self) -> None:
         blocks = self.global_blocks
         if isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__iter__") or not all(
-                _count(i) for i in blocks):  # a str would be read digit by digit
+                is_integer(i) for i in blocks):  # a str would be read digit by digit
             raise ValueError(f"ViTConfig.global_blocks must be a sequence of block indices (integers), got {blocks!r}")
         object.__setattr__(self, "global_blocks", tuple(int(i) for i in blocks))
-        if not _count(self.window_size) or self.window_size < 0:
+        if not is_integer(self.window_size) or self.window_size < 0:
             raise ValueError(f"ViTConfig.window_size must be an integer >= 0 (0: global attention), got "
                              f"{self.window_size!r}")
         object.__setattr__(self, "window_size", int(self.window_size))
@@ -84,7 +84,7 @@ class ViTConfig(EncoderShape):
                  "num_heads": (self.num_heads,)}
         for name, values in sizes.items():  # numpy's integers are sizes too; a bool is not
             if len(values) != (1 if name != "img_size" or square else 2) or not all(
-                    isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in values):
+                    is_integer(v) and v > 0 for v in values):
                 raise ValueError(f"ViTConfig.{name} must be a positive integer"
                                  f"{' (or a (height, width) pair)' if name == 'img_size' else ''}, "
                                  f"got {getattr(self, name)!r}")
@@ -101,19 +101,10 @@ class ViTConfig(EncoderShape):
         if self.rel_pos != "none" and self.pos == "rpe":
             raise ValueError(f"ViTConfig.rel_pos={self.rel_pos!r} is for encoders without iRPE (pos 'abs' or 'none'); "
                              f"a LoMaR encoder has its own relative position")
-        if not (_real(self.mlp_ratio) and self.mlp_ratio > 0) or not (
-                _real(self.drop_path) and 0 <= self.drop_path < 1):
+        if not (is_real(self.mlp_ratio) and self.mlp_ratio > 0) or not (
+                is_real(self.drop_path) and 0 <= self.drop_path < 1):
             raise ValueError(f"ViTConfig needs mlp_ratio > 0 and drop_path in [0, 1), got {self.mlp_ratio!r} and "
                              f"{self.drop_path!r}")
-
-
-def _count(value) -> bool:
-    """An integer, numpy's too; not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def list_models() -> list[str]:

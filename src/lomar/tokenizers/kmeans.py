@@ -17,7 +17,6 @@ Choices:
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from safetensors import safe_open
 
 from lomar.checkpoints.io import atomic_write_bytes
 from lomar.tokenizers.base import FIT_HINT, FORMAT_KEY, Tokenizer, check_tokenizer_file, safetensors_metadata
+from lomar.values import is_integer
 
 __all__ = ["KMeansTokenizer", "fit_kmeans_tokenizer", "patch_features", "FORMAT", "MAX_INPUT_SIZE"]
 
@@ -65,7 +65,7 @@ class KMeansTokenizer(Tokenizer):
 
     def __init__(self, centroids: torch.Tensor, patch: int = 8, input_size: int = 112):
         super().__init__()
-        whole = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (patch, input_size))
+        whole = all(is_integer(v) for v in (patch, input_size))
         if not whole or not 1 <= patch <= input_size <= MAX_INPUT_SIZE:  # a str compared as "'<=' not supported"
             raise ValueError(f"patch={patch!r} and input_size={input_size!r} must be integers, 1 <= patch <= "
                              f"input_size <= {MAX_INPUT_SIZE}; use patch 8 with input_size 112")
