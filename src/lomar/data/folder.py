@@ -21,7 +21,7 @@ from lomar.data.shards import TarShardDataset, is_shard_pattern, shard_paths
 from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator, sample_key
 
 __all__ = ["demo_image_paths", "find_images", "build_image_list", "ImageListDataset", "build_pretrain_dataset",
-           "LabelledImageFolder"]
+           "LabelledImageFolder", "classes_only_in"]
 
 log = logging.getLogger("lomar.data")
 # Real photographs that ship inside scikit-image's wheel (no download needed).
@@ -189,10 +189,9 @@ class LabelledImageFolder(Dataset):
     def check_same_classes(self, val: LabelledImageFolder) -> None:
         """ValueError naming the class folders that only one of the two splits holds: labels are indices."""
         if self.classes != val.classes:
-            train_only, val_only = (sorted(set(a) - set(b)) for a, b in ((self.classes, val.classes),
-                                                                          (val.classes, self.classes)))
-            raise ValueError(f"train and val class folders differ: only in {self.root}: {train_only or 'none'}, only "
-                             f"in {val.root}: {val_only or 'none'}; give both splits the same class folders")
+            train_only, val_only = classes_only_in(self.classes, val.classes)
+            raise ValueError(f"train and val class folders differ: only in {self.root}: {train_only}, only "
+                             f"in {val.root}: {val_only}; give both splits the same class folders")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -205,3 +204,9 @@ class LabelledImageFolder(Dataset):
         except (ValueError, RuntimeError, OSError) as exc:
             log.warning("skipped unreadable image %s", exc)
             return None, label, str(path)
+
+
+def classes_only_in(first: list[str], second: list[str]) -> tuple[list[str] | str, list[str] | str]:
+    """(the class names only ``first`` holds, those only ``second`` holds), each sorted or "none": what a message
+    names when two class lists differ (labels are indices, so a renamed class swaps them)."""
+    return (sorted(set(first) - set(second)) or "none", sorted(set(second) - set(first)) or "none")

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Subset
 from lomar.checkpoints.kinds import FINETUNE_FORMAT
 from lomar.data.classify import SeededSamples, classification_transforms, eval_crop_ratio
 from lomar.data.collate import collate_labelled, collate_labelled_refill
-from lomar.data.folder import LabelledImageFolder
+from lomar.data.folder import LabelledImageFolder, classes_only_in
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError
 from lomar.eval.features import load_pretrained_encoder
@@ -143,7 +143,7 @@ class FinetuneTask(Task):
     def load(self, state: dict) -> None:
         saved = list(state.get("classes") or self.classes)  # as many under other names would swap labels silently
         if saved != self.classes:
-            only = [sorted(set(a) - set(b)) or "none" for a, b in ((saved, self.classes), (self.classes, saved))]
+            only = classes_only_in(saved, self.classes)
             raise UsageError(f"--resume: the checkpoint's class folders differ from the data's (only in the "
                              f"checkpoint: {only[0]}, only in the data: {only[1]}); resume with the data it started "
                              f"with")
