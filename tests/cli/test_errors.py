@@ -412,3 +412,14 @@ def test_tokenizer_fit_says_it_reads_no_tar_shards(tmp_path, capsys, pattern):
     line = _one_error_line(capsys.readouterr().err, "tokenizer fit")
     assert f"--data {data}: tokenizer fit reads an image folder or a .txt list of paths, not tar shards" in line
     assert "lomar pretrain --method beit" in line
+
+
+def test_a_killed_loader_worker_is_one_line_in_every_command_and_only_training_ones_say_resume():
+    from lomar.cli.app import describe_dead_worker
+
+    killed = RuntimeError("DataLoader worker (pid 7) is killed by signal: Killed. ")
+    assert describe_dead_worker(killed, "knn") == ("DataLoader worker (pid 7) is killed by signal: Killed. (the system "
+                                                   "kills a worker that runs out of memory: lower --workers or "
+                                                   "--batch-size)")
+    assert describe_dead_worker(killed, "finetune").endswith("; the last checkpoint is kept, resume with --resume auto")
+    assert describe_dead_worker(RuntimeError("Caught ValueError in DataLoader worker process 0."), "knn") is None

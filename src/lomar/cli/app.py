@@ -126,6 +126,16 @@ def describe_lost_peer(exc: RuntimeError) -> str | None:
             f"error says why; fix that, then relaunch every process with --resume auto (the last checkpoint is kept)")
 
 
+def describe_dead_worker(exc: RuntimeError, command: str) -> str | None:
+    """The one line for a data-loading worker that the system killed (out of memory, most often): torch's
+    RuntimeError names the worker; a worker's own exception arrives as itself (a bug: kept as a traceback)."""
+    if not str(exc).startswith("DataLoader worker (pid"):
+        return None
+    trains = any(name == command and module == "lomar.cli.train" for name, module, _ in SUBCOMMANDS)
+    return (f"{str(exc).strip().splitlines()[0]} (the system kills a worker that runs out of memory: lower --workers "
+            f"or --batch-size){'; the last checkpoint is kept, resume with --resume auto' if trains else ''}")
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGUSR1 outside a training loop (which checkpoints on them instead): the command unwinds as on
     Ctrl-C, so that its temporary files are removed and its run folder's lock released, and exits 128 + the
@@ -172,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as exc:
-        if (lost := describe_lost_peer(exc)) is None:
+        if (line := describe_lost_peer(exc) or describe_dead_worker(exc, args.command)) is None:
             raise
-        print(f"{prefix}: error: {lost}", file=sys.stderr)
+        print(f"{prefix}: error: {line}", file=sys.stderr)
         return 1
     except OSError as exc:
         described = describe_os_error(exc)

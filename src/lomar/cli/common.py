@@ -173,11 +173,5 @@ def training_command(config_cls, runner: str, epilog: str):
             return getattr(importlib.import_module(module), function)(config)
         except (TrainingError, SaveError) as exc:
             return report_run_failure(config_cls.COMMAND, exc)
-        except RuntimeError as exc:  # a worker the system killed (its own exceptions come as theirs: a bug's traceback)
-            if not str(exc).startswith("DataLoader worker (pid"):
-                raise
-            return report_run_failure(config_cls.COMMAND, RuntimeError(
-                f"{str(exc).strip().splitlines()[0]} (the system kills a worker that runs out of memory: lower "
-                f"--workers or --batch-size); the last checkpoint is kept, resume with --resume auto"))
 
     return add_arguments, run
