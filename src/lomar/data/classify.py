@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD, sample_generator, sample_key
+from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD, sample_key, sample_seed
 
 __all__ = ["classification_transforms", "eval_crop_ratio", "bound_aspect", "MAX_ASPECT", "SeededSamples"]
 
@@ -91,7 +91,7 @@ class SeededSamples:
 
     def __getitem__(self, key):
         index, epoch = sample_key(key)
-        seed = int(sample_generator(self.seed, epoch, index).initial_seed())
+        seed = sample_seed(self.seed, epoch, index)
         saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
         random.seed(seed)
         np.random.seed(seed % 2**32)

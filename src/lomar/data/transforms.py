@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Masker", "denormalize", "sample_key", "sample_generator",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Masker", "denormalize", "sample_key", "sample_seed", "sample_generator",
            "SampleDraw", "draw_sample", "PretrainTransform", "make_item", "unreadable_item"]
 
 
@@ -39,10 +39,15 @@ def sample_key(key: int | tuple[int, int]) -> tuple[int, int]:
     return (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A seed that is a pure function of (seed, epoch, index), below 2**63."""
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 31 ^ int(state[1])
+
+
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """A generator that is a pure function of (seed, epoch, index)."""
-    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+    return torch.Generator().manual_seed(sample_seed(seed, epoch, index))
 
 
 class SampleDraw(NamedTuple):
