@@ -51,15 +51,14 @@ def check_options(spec: StudySpec) -> None:
     """Each evaluation's options parse as its command's flags, and its data holds images (two classes for
     the labelled ones); else a UsageError naming them. Checked before any cell trains, not at its first score."""
     labelled = set(spec.eval.metrics) - {"heldout_loss"}
-    roots = [("data.train", spec.data_train), ("data.val", spec.data_val)] if labelled else \
-        [("data.val", spec.data_val)] if spec.eval.metrics else []
-    for key, root in roots:
+    read = ("train", "val") if labelled else ("val",) if spec.eval.metrics else ()  # what the metrics read
+    for split in read:
         try:
-            images = LabelledImageFolder(root)
-            if labelled and key == "data.train":
+            images = LabelledImageFolder(getattr(spec, f"data_{split}"))
+            if split == "train":  # read by the labelled metrics alone
                 images.check_classes()
         except ValueError as exc:
-            raise UsageError(f"{key}: {exc}") from None
+            raise UsageError(f"data.{split}: {exc}") from None
     cell = Cell({}, dict(spec.settings), spec.seeds[0])
     for metric in set(spec.eval.metrics) - {"heldout_loss"}:
         try:
