@@ -253,11 +253,7 @@ class BEiT(nn.Module):
         if images.ndim != 4 or tuple(images.shape[-2:]) != (size, size) or images.shape[1] != self.config.in_chans:
             raise ValueError(f"images must be (N, {self.config.in_chans}, {size}, {size}), got "
                              f"{tuple(images.shape)}; resize to img_size={size} or build with that img_size")
-        weight = self.patch_embed.proj.weight.dtype
-        autocast = images.is_floating_point() and torch.is_autocast_enabled(images.device.type)
-        if images.dtype != weight and not autocast:
-            raise ValueError(f"images are {images.dtype} but the model's weights are {weight}: pass float images "
-                             f"normalised with the ImageNet mean and std, as {weight} (or run under torch.autocast)")
+        self.patch_embed.check_dtype(images)
         if bool_masked_pos is None:
             return None
         if bool_masked_pos.ndim == 3:

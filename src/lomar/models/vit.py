@@ -91,6 +91,14 @@ class PatchEmbed(nn.Module):
         """(..., C·p·p) patches in (channel, row, col) order -> (..., D); same as the conv."""
         return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
 
+    def check_dtype(self, images: torch.Tensor) -> None:
+        """ValueError unless ``images`` are floats of the weights' dtype, or any floats under autocast."""
+        weight = self.proj.weight.dtype
+        if not images.is_floating_point() or (images.dtype != weight and
+                                              not torch.is_autocast_enabled(images.device.type)):
+            raise ValueError(f"images are {images.dtype} but the model's weights are {weight}: pass float images "
+                             f"normalised with the ImageNet mean and std, as {weight} (or run under torch.autocast)")
+
 
 class Attention(nn.Module):
     """Multi-head self-attention; with RPE the contextual bias enters SDPA as an additive mask.
@@ -327,11 +335,7 @@ class VisionTransformer(nn.Module):
         if images.ndim != 4 or images.shape[1] != self.config.in_chans:
             raise ValueError(f"expected images of shape (N, {self.config.in_chans}, H, W), got "
                              f"{tuple(images.shape)}")
-        weight = self.patch_embed.proj.weight.dtype
-        if not images.is_floating_point() or (images.dtype != weight and
-                                              not torch.is_autocast_enabled(images.device.type)):
-            raise ValueError(f"images are {images.dtype} but the model's weights are {weight}: pass float images "
-                             f"normalised with the ImageNet mean and std, as {weight} (or run under torch.autocast)")
+        self.patch_embed.check_dtype(images)
         return grid_size(tuple(images.shape[-2:]), self.config.patch_size)
 
     def prepare_tokens(self, inputs: torch.Tensor, grid: tuple[int, int] | None = None,
