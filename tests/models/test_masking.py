@@ -216,5 +216,42 @@ def test_a_plan_checked_where_it_was_built_is_not_checked_again_on_the_device(mo
     built.for_batch(images, 3, (8, 8))
     assert calls == []
     built.for_batch(images, 3, (9, 8))  # another grid than the one it was checked for
-    plan.for_batch(images, 3, (8, 8))  # built by hand: checked here
+    MaskingPlan(plan.top_left, plan.mask, 3).for_batch(images, 3, (8, 8))  # built by hand: checked here
+    plan.for_batch(images, 3, (8, 8))  # drawn by sample_plan: valid by construction
     assert calls == [(9, 8), (8, 8)]
+
+
+def test_a_plan_carries_its_masked_counts_from_where_it_was_built():
+    # MAE with windows and BEiT size a tensor by these counts: read from a plan on a GPU, each was a
+    # wait for the device at every eager step.
+    import random
+
+    from lomar.models.windows import with_block_masks
+
+    drawn = sample_plan(2, (8, 8), 3, 2, 0.5, torch.Generator().manual_seed(0))
+    assert drawn.masked_range == (4, 4) and drawn.checked_grid == (8, 8)
+    assert drawn.to("cpu").masked_range == (4, 4)
+    mask = drawn.mask.clone()
+    mask[0, 0, :] = True
+    mask[1, 1, :] = False
+    by_hand = MaskingPlan(drawn.top_left, mask, 3)
+    assert by_hand.masked_range is None and by_hand.masked_counts() == (0, 9)
+    assert by_hand.checked((8, 8)).masked_range == (0, 9)
+    assert by_hand.for_batch(torch.zeros(2, 3, 64, 64), 3, (8, 8)).masked_range == (0, 9)
+    blockwise = with_block_masks(drawn, random.Random(0))
+    counts = blockwise.mask.sum(-1)
+    assert blockwise.masked_range == (int(counts.min()), int(counts.max()))
+    assert blockwise.checked_grid is None  # not checked: a blockwise draw may mask nothing at all
+
+
+def test_mae_with_windows_names_a_plan_with_differing_counts():
+    from lomar.models.mae_window import MAEWindow
+    from lomar.models.vit import ViTConfig
+
+    model = MAEWindow(ViTConfig(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, pos="abs"), 2, 2, 0.5,
+                      decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    plan = sample_plan(1, (4, 4), 2, 2, 0.5, torch.Generator().manual_seed(0))
+    mask = plan.mask.clone()
+    mask[0, 0] = torch.tensor([True, True, True, False])
+    with pytest.raises(ValueError, match="same number of masked tokens .* mask 2 to 3"):
+        model(torch.randn(1, 3, 32, 32), plan=MaskingPlan(plan.top_left, mask, 2))

@@ -142,7 +142,7 @@ class BEiTPretrain(nn.Module):
         ids = self.tokens(images) if input_ids is None else input_ids.flatten(1).to(images.device)
         image_index, top_left, mask = plan.flat()
         k = plan.window_size
-        slots, slot_mask = self._mask_slots(mask)
+        slots, slot_mask = self._mask_slots(plan, mask)
         token_index = window_token_index(top_left, k, grid[1])  # (R, K²)
         pixels = gather_patches(images, p, image_index, token_index).flatten(2)  # (R, K², C·p·p)
         x = beit.prepare_tokens(beit.patch_embed.embed_patches(pixels), mask, token_index)
@@ -155,19 +155,19 @@ class BEiTPretrain(nn.Module):
         loss = (losses * weight).sum() / weight.sum()  # the mean over masked tokens, as BEiT
         return BEiTPretrainOutput(loss, logits, targets, slot_mask, plan)
 
-    def _mask_slots(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """mask (R, K²) -> the window positions of S slots (R, S) and which slots are masked (R, S).
+    def _mask_slots(self, plan: MaskingPlan, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """plan.flat()'s mask (R, K²) -> the window positions of S slots (R, S) and which slots are masked (R, S).
 
         S is :attr:`mask_slots` (static: the compiled step has fixed shapes); eagerly it grows to
-        the largest count of a hand-made plan. Compiled, a plan masking more is an error, not a drop.
+        the largest count of a hand-made plan (:meth:`MaskingPlan.masked_counts`, taken where the plan
+        was built). Compiled, a plan masking more is an error, not a drop.
         """
-        counts = mask.sum(1)
         if torch.compiler.is_compiling():
             slots = self.mask_slots
-            torch._assert_async((counts <= slots).all(), "a window of the plan masks more tokens than the "
+            torch._assert_async((mask.sum(1) <= slots).all(), "a window of the plan masks more tokens than the "
                                 "model's masking can (BEiTPretrain.mask_slots); run such plans uncompiled")
         else:
-            slots = min(mask.shape[1], max(self.mask_slots, int(counts.max())))
+            slots = min(mask.shape[1], max(self.mask_slots, plan.masked_counts()[1]))
         # Masked positions first, each group in raster order (stable sort of the negated 0/1 mask).
         order = (~mask).to(torch.uint8).argsort(dim=1, stable=True)[:, :slots]
         return order, mask.gather(1, order)

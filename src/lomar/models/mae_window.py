@@ -47,21 +47,22 @@ class MAEWindow(MAE):
         return sample_plan(images.shape[0], self.encoder.image_grid(images), self.window_size, self.num_windows,
                            self.mask_ratio, generator=generator, device=images.device)
 
-    def _masked_per_window(self, mask: torch.Tensor) -> int:
-        """The one count of masked tokens of every window of mask (R, K²).
+    def _masked_per_window(self, plan: MaskingPlan) -> int:
+        """The one count of masked tokens of every window of the plan.
 
-        Compiled, it is the model's floor(K²·ratio) (a static shape), checked on the device.
+        Compiled, it is the model's floor(K²·ratio) (a static shape), checked on the device. Eagerly,
+        the plan's own count (:meth:`MaskingPlan.masked_counts`, taken where it was built).
         """
-        counts = mask.sum(1)
         if torch.compiler.is_compiling():
             masked = num_masked(self.window_size, self.mask_ratio)
-            torch._assert_async((counts == masked).all(), "MAE with windows, compiled, needs exactly "
+            torch._assert_async((plan.mask.sum(-1) == masked).all(), "MAE with windows, compiled, needs exactly "
                                 "floor(K*K*mask_ratio) masked tokens in every window; run other plans uncompiled")
             return masked
-        if bool((counts != counts[0]).any()):
-            raise ValueError("MAE with windows needs the same number of masked tokens in every window "
-                             "(random in-window masking); got differing counts")
-        return int(counts[0])
+        fewest, most = plan.masked_counts()
+        if fewest != most:
+            raise ValueError(f"MAE with windows needs the same number of masked tokens in every window "
+                             f"(random in-window masking); the plan's windows mask {fewest} to {most}")
+        return fewest
 
     def forward(self, images: torch.Tensor, plan: MaskingPlan | None = None,
                 generator: torch.Generator | None = None) -> MAEWindowOutput:
@@ -70,7 +71,7 @@ class MAEWindow(MAE):
         grid = enc.image_grid(images)
         plan = self.sample_plan(images, generator) if plan is None else MaskingPlan.for_batch(plan, images, k, grid)
         image_index, top_left, mask = plan.flat()
-        keep = k * k - self._masked_per_window(mask)
+        keep = k * k - self._masked_per_window(plan)
         token_index = window_token_index(top_left, k, grid[1])
         pixels = gather_patches(images, p, image_index, token_index)  # (R, K², C, p, p)
         rows = pixels.shape[0]

@@ -134,12 +134,16 @@ class MaskingPlan:
         window_size: K.
         checked_grid: the patch grid :meth:`checked` validated the plan for (where it was built, on the
             host), so that a model given it on a GPU skips the checks that would wait for the device.
+        masked_range: (fewest, most) masked tokens of a window, counted where the plan was built
+            (:meth:`checked`, the samplers), so that a model sizing a tensor by them does not read them
+            back from the device (:meth:`masked_counts`).
     """
 
     top_left: torch.Tensor
     mask: torch.Tensor
     window_size: int
     checked_grid: tuple[int, int] | None = field(default=None, compare=False, repr=False)
+    masked_range: tuple[int, int] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # Types only (no data-dependent check): plans are built on the device every training step.
@@ -159,12 +163,23 @@ class MaskingPlan:
         return self.top_left.shape[1]
 
     def to(self, device: torch.device | str) -> MaskingPlan:
-        return MaskingPlan(self.top_left.to(device), self.mask.to(device), self.window_size, self.checked_grid)
+        return replace(self, top_left=self.top_left.to(device), mask=self.mask.to(device))
 
     def checked(self, grid: tuple[int, int]) -> MaskingPlan:
-        """This plan, validated for ``grid`` (:meth:`validate`); validate it on the host, before moving it."""
+        """This plan, validated for ``grid`` (:meth:`validate`) and its masked counts taken
+        (:attr:`masked_range`); do it on the host, before moving the plan to a GPU."""
         self.validate(grid)
-        return replace(self, checked_grid=tuple(grid))
+        return replace(self.with_masked_range(), checked_grid=tuple(grid))
+
+    def with_masked_range(self) -> MaskingPlan:
+        """This plan with :attr:`masked_range` counted from its mask (one read of the mask's values)."""
+        counts = self.mask.sum(-1).flatten()
+        fewest, most = torch.stack([counts.min(), counts.max()]).tolist() if counts.numel() else (0, 0)
+        return replace(self, masked_range=(fewest, most))
+
+    def masked_counts(self) -> tuple[int, int]:
+        """(fewest, most) masked tokens of a window: :attr:`masked_range`, or counted (a wait on a GPU)."""
+        return self.masked_range if self.masked_range is not None else self.with_masked_range().masked_range
 
     def validate(self, grid: tuple[int, int]) -> None:
         """Raise ValueError unless the plan is well formed for this patch grid."""
@@ -206,7 +221,7 @@ class MaskingPlan:
         if self.num_images != images.shape[0]:
             raise ValueError(f"plan is for {self.num_images} images but the batch has {images.shape[0]}")
         if not torch.compiler.is_compiling() and self.checked_grid != tuple(grid):
-            self.validate(grid)  # on a GPU each check is a wait for the device
+            return self.checked(grid).to(images.device)  # on a GPU each check is a wait for the device
         return self.to(images.device)
 
     def flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -267,5 +282,6 @@ def sample_plan(
     chosen = keys.topk(masked, dim=-1, largest=False).indices
     mask = torch.zeros(num_images, num_windows, tokens, dtype=torch.bool, device=gen_device)
     mask.scatter_(-1, chosen, True)
-    plan = MaskingPlan(top_left, mask, window_size)
+    # Valid by construction, so a model given it on a GPU does not check it there.
+    plan = MaskingPlan(top_left, mask, window_size, (int(grid[0]), int(grid[1])), (masked, masked))
     return plan.to(device) if device is not None else plan

@@ -82,7 +82,10 @@ SELECTION_LIMIT = 1 << 22
 
 def bucket_selection(buckets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """buckets (L', L) -> (L', 50, L) 0/1 matrix: entry [i, n, j] is 1 where bucket(i, j) = n."""
-    return nn.functional.one_hot(buckets, NUM_BUCKETS).transpose(1, 2).to(dtype)
+    # A comparison, not one_hot: one_hot reads the ids' min and max back on the CPU, so a CPU test could not
+    # tell it from a read that waits for a GPU (tests/bench/test_step_host_reads.py).
+    ids = torch.arange(NUM_BUCKETS, device=buckets.device)
+    return (buckets[:, None, :] == ids[:, None]).to(dtype)
 
 
 def irpe_bias(q: torch.Tensor, table: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,65 @@
+"""The eager training step of every method never reads a tensor's value back on the host.
+
+On a GPU each such read (``int(t)``, ``bool(t)``, ``.item()``, ``nonzero``) makes the host wait for
+the device, so it cannot queue the next step's kernels meanwhile. The training loop reads the loss
+once a step on purpose (its non-finite check); the model and the optimizer read nothing. On the CPU
+the same reads go through ``aten._local_scalar_dense`` (and ``nonzero`` and friends), which a
+dispatch mode sees.
+"""
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lomar.bench.timing import build_runner
+
+CPU = torch.device("cpu")
+HOST_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::nonzero_static", "aten::masked_select",
+              "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim"}
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that read a tensor's values back to the host (on CUDA: a wait for the device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        boolean_index = name in ("aten::index", "aten::index_put", "aten::index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()))
+        if name in HOST_READS or boolean_index:  # a boolean index is a nonzero below the dispatcher
+            self.reads[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_counter_sees_the_reads_a_step_could_make():
+    with HostReads() as counter:
+        t = torch.tensor([0, 3, 1])
+        int(t.max()), bool(t.any()), t.nonzero(), t[t > 0]
+    assert counter.reads == {"aten._local_scalar_dense.default": 2, "aten.nonzero.default": 1,
+                             "aten.index.Tensor": 1}
+
+
+@pytest.mark.parametrize("method,windows", [("lomar", 2), ("mae", None), ("mae_window", 2), ("beit", None),
+                                            ("beit_window", 2)])
+def test_the_training_step_reads_nothing_back(method, windows):
+    # The plan as the training loop builds it (collated, checked on the host, then moved): MAE with
+    # windows sized its visible tokens by int(mask count) and BEiT its slots by int(counts.max()).
+    runner = build_runner(method, "vit_base_patch16", 128, windows, 2, CPU, "fp32", False, tiny=True)
+    runner.step()  # first-call set-up (caches) is not the steady step
+    with HostReads() as counter:
+        runner.step()
+    assert not counter.reads, dict(counter.reads)
+
+
+# Not BEiT: its blockwise draw takes a Python seed from the generator, read on the generator's device.
+@pytest.mark.parametrize("method,windows", [("lomar", 2), ("mae_window", 2)])
+def test_a_model_drawing_its_own_plan_reads_nothing_back(method, windows):
+    runner = build_runner(method, "vit_base_patch16", 128, windows, 2, CPU, "fp32", False, tiny=True)
+    with HostReads() as counter:
+        runner.model(runner.images, generator=torch.Generator().manual_seed(3)).loss.backward()
+    assert not counter.reads, dict(counter.reads)
