@@ -76,3 +76,34 @@ def test_the_training_steps_inputs_keep_the_step_one_graph(method, windows):
     assert set(kwargs) == set(runner.inputs)
     explained = torch._dynamo.explain(runner.model)(runner.images, **kwargs)
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+
+@pytest.mark.parametrize("method,windows", CASES)
+def test_the_compiled_step_compiles_once(method, windows, monkeypatch):
+    # Cold position caches used to be filled while tracing: dynamo guarded on the key's absence and the
+    # second call compiled the whole step again. A blockwise plan's host-side counts
+    # (MaskingPlan.masked_range) change every batch: the step must not guard on them.
+    from torch._dynamo.testing import CompileCounter
+
+    from lomar.models import relpos, rpe
+    from lomar.models.masking import MaskingPlan
+
+    monkeypatch.setattr(relpos, "_INDEX_CACHE", {})
+    monkeypatch.setattr(rpe, "_DEVICE_CACHE", {})
+    torch._dynamo.reset()
+    runner = build_runner(method, "vit_base_patch16", 128, windows, 2, CPU, "fp32", False, tiny=True)
+    counter = CompileCounter()
+    compiled = torch.compile(runner.model, backend=counter, fullgraph=True, dynamic=False)
+    ranges = set()
+    for fewest in (1, 2, 3):
+        inputs = dict(runner.inputs)
+        if method.startswith("beit"):  # one window masks `fewest` tokens: another masked_range each call
+            plan = inputs["plan"]
+            mask = plan.mask.clone()
+            mask[0, 0] = torch.arange(mask.shape[-1]) < fewest
+            inputs["plan"] = MaskingPlan(plan.top_left, mask, plan.window_size).checked(plan.checked_grid)
+            ranges.add(inputs["plan"].masked_range)
+        compiled(runner.images, **inputs)
+    assert counter.frame_count == 1
+    assert len(ranges) == (3 if method.startswith("beit") else 0)

@@ -58,11 +58,12 @@ def relative_position_index(grid: tuple[int, int], table_grid: tuple[int, int] |
     return index
 
 
-# A dict, not lru_cache, and on the table's device: torch.compile reads it as a device tensor, so a compiled
-# step holds no host constant (which would copy to the GPU each step and keep CUDA graphs off).
+# On the table's device, so that a compiled step holds no host constant (which would copy to the GPU each step
+# and keep CUDA graphs off).
 _INDEX_CACHE: dict[tuple[tuple[int, int], tuple[int, int], str], torch.Tensor] = {}
 
 
+@torch.compiler.assume_constant_result  # as lomar.models.rpe.bucket_table: no second compile on a cold cache
 def _cached_index(grid: tuple[int, int], table_grid: tuple[int, int], device: torch.device) -> torch.Tensor:
     key = (tuple(grid), tuple(table_grid), str(device))
     if key not in _INDEX_CACHE:

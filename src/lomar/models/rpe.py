@@ -64,9 +64,12 @@ def bucket_rows(offsets: torch.Tensor, grid: tuple[int, int], start: int, stop: 
     return torch.cat([cls_col, spatial], dim=1)
 
 
-_DEVICE_CACHE: dict[tuple[int, int, str], torch.Tensor] = {}  # a dict, not lru_cache: torch.compile reads it
+_DEVICE_CACHE: dict[tuple[int, int, str], torch.Tensor] = {}
 
 
+# A constant of the compiled graph, on its device. Traced instead, a first call (key missing) stored into the
+# cache and guarded on the key's absence, so the compiled step compiled a second time on its second call.
+@torch.compiler.assume_constant_result
 def bucket_table(grid: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
     """Bucket id of every (query, key) pair, cls first: (Hg·Wg+1, Hg·Wg+1) int64, cached."""
     height, width = int(grid[0]), int(grid[1])
