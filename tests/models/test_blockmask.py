@@ -86,7 +86,7 @@ def test_does_not_touch_global_random():
 def test_argument_checks(kwargs, word):
     with pytest.raises(ValueError, match=word):
         BlockMaskGenerator(**{"input_size": 14, "num_masking_patches": 75, "min_num_patches": 16, **kwargs})
-    with pytest.raises(ValueError, match="K=1"):
-        window_blockmask_args(1)
+    with pytest.raises(ValueError, match="K=2 is too small .* K >= 3"):
+        window_blockmask_args(2)
     with pytest.raises(ValueError, match="n=None"):
         block_mask_batch(BlockMaskGenerator(14, 75))

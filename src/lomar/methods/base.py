@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from lomar.methods import get_method
+from lomar.models.blockmask import SMALLEST_BLOCK_GRID
 from lomar.models.masking import MaskingPlan, check_window_request, grid_size
 from lomar.models.windows import sample_method_plan, window_geometry
 
@@ -109,8 +110,11 @@ def plan_kwargs(config, grid) -> ToKwargs:
 
 
 def check_windows(config, grid, ratio: float | None) -> None:
-    """The window request fits the grid; ``ratio`` None = blockwise masks (any K >= 2 that fits)."""
+    """The window request fits the grid; ``ratio`` None = blockwise masks (any K >= 3 that fits)."""
     k, n = window_geometry(grid, config.window_size, config.windows)
     check_window_request(grid, k, n, 0.5 if ratio is None else ratio, _placement(config))
-    if ratio is None and k < 2:
-        raise ValueError(f"--window-size {k} is too small for block masking; use K >= 2 or set --mask-ratio")
+    if ratio is None and k < SMALLEST_BLOCK_GRID:
+        what = (f"--window-size {k}" if config.windows else
+                f"the {k}x{k} patch grid (--windows 0: one window of the whole image; use a larger --img-size)")
+        raise ValueError(f"{what} is too small for block masking (about 1 draw in 75 of a 2x2 grid masks nothing); "
+                         f"use K >= {SMALLEST_BLOCK_GRID} or set --mask-ratio")
