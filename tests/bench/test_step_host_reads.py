@@ -1,16 +1,18 @@
-"""The eager training step of every method never reads a tensor's value back on the host.
+"""The eager training step of every method never makes the host wait for the device.
 
-On a GPU each such read (``int(t)``, ``bool(t)``, ``.item()``, ``nonzero``) makes the host wait for
-the device, so it cannot queue the next step's kernels meanwhile. The training loop reads the loss
-once a step on purpose (its non-finite check); the model and the optimizer read nothing. On the CPU
-the same reads go through ``aten._local_scalar_dense`` (and ``nonzero`` and friends), which a
-dispatch mode sees.
+On a GPU each read of a tensor's value (``int(t)``, ``bool(t)``, ``.item()``, ``nonzero``) and each
+blocking copy to the device makes the host wait for the work queued before it, so it cannot queue
+the next step's kernels meanwhile. The training loop reads the loss once a step on purpose (its
+non-finite check); the model, the optimizer and the step's inputs wait for nothing. On the CPU the
+same reads go through ``aten._local_scalar_dense`` (and ``nonzero`` and friends), which a dispatch
+mode sees.
 """
 
 import collections
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lomar.bench.timing import build_runner
@@ -63,3 +65,35 @@ def test_a_model_drawing_its_own_plan_reads_nothing_back(method, windows):
     with HostReads() as counter:
         runner.model(runner.images, generator=torch.Generator().manual_seed(3)).loss.backward()
     assert not counter.reads, dict(counter.reads)
+
+
+class Copies(TorchFunctionMode):
+    """Records the ``non_blocking`` of every ``Tensor.to``."""
+
+    def __init__(self):
+        super().__init__()
+        self.non_blocking = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.to:
+            self.non_blocking.append(bool((kwargs or {}).get("non_blocking", False)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method,windows", [("lomar", 2), ("mae", 0), ("mae", 2), ("beit", 0)])
+def test_the_steps_masking_goes_to_the_device_without_blocking(method, windows):
+    # The images were copied with non_blocking=True but the plan (or MAE's noise) was not: from the loader's
+    # pinned memory, a blocking copy waits for the previous step's optimizer update to finish on the GPU.
+    from types import SimpleNamespace
+
+    from lomar.methods import get_method
+    from lomar.methods.base import method_runtime
+
+    config = SimpleNamespace(method=method, img_size=64, window_size=3, windows=windows,
+                             mask_ratio=get_method(method).default_mask_ratio)
+    runtime = method_runtime(config, 16)
+    samples = [runtime.masker(torch.Generator().manual_seed(i)) for i in range(2)]
+    batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+    with Copies() as copies:
+        runtime.forward_kwargs(batch, CPU)
+    assert copies.non_blocking and all(copies.non_blocking), copies.non_blocking

@@ -103,8 +103,10 @@ def plan_kwargs(config, grid) -> ToKwargs:
     k, _ = window_geometry(grid, config.window_size, config.windows)
 
     def to_kwargs(batch: dict, device: torch.device) -> dict:
-        # checked on the host: on the device its checks would wait for the GPU at every step
-        return {"plan": MaskingPlan(batch["top_left"], batch["mask"], k).checked(grid).to(device)}
+        # Checked on the host: on the device its checks would wait for the GPU at every step. Copied without
+        # blocking, as the images are: a blocking copy to a GPU waits for everything queued before it.
+        plan = MaskingPlan(batch["top_left"], batch["mask"], k).checked(grid)
+        return {"plan": plan.to(device, non_blocking=True)}
 
     return to_kwargs
 

@@ -42,7 +42,8 @@ def masker(config, grid):
 def forward_kwargs(config, grid):
     if config.windows:
         return plan_kwargs(config, grid)
-    return lambda batch, device: {"noise": batch["noise"].to(device)}
+    # without blocking, as the images: a blocking copy to a GPU waits for everything queued before it
+    return lambda batch, device: {"noise": batch["noise"].to(device, non_blocking=True)}
 
 
 METHOD = Method(

@@ -162,8 +162,9 @@ class MaskingPlan:
     def num_windows(self) -> int:
         return self.top_left.shape[1]
 
-    def to(self, device: torch.device | str) -> MaskingPlan:
-        return replace(self, top_left=self.top_left.to(device), mask=self.mask.to(device))
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MaskingPlan:
+        return replace(self, top_left=self.top_left.to(device, non_blocking=non_blocking),
+                       mask=self.mask.to(device, non_blocking=non_blocking))
 
     def checked(self, grid: tuple[int, int]) -> MaskingPlan:
         """This plan, validated for ``grid`` (:meth:`validate`) and its masked counts taken
