@@ -58,10 +58,10 @@ def test_the_training_step_reads_nothing_back(method, windows):
     assert not counter.reads, dict(counter.reads)
 
 
-# Not BEiT: its blockwise draw takes a Python seed from the generator, read on the generator's device.
-@pytest.mark.parametrize("method,windows", [("lomar", 2), ("mae_window", 2)])
-def test_a_model_drawing_its_own_plan_reads_nothing_back(method, windows):
-    runner = build_runner(method, "vit_base_patch16", 128, windows, 2, CPU, "fp32", False, tiny=True)
+def test_lomar_drawing_its_own_plan_reads_nothing_back():
+    # The others count a plan they draw themselves (MAE with windows, BEiT) or seed its blockwise masks
+    # from the generator (BEiT): outside the training loop, which hands them plans counted on the host.
+    runner = build_runner("lomar", "vit_base_patch16", 128, 2, 2, CPU, "fp32", False, tiny=True)
     with HostReads() as counter:
         runner.model(runner.images, generator=torch.Generator().manual_seed(3)).loss.backward()
     assert not counter.reads, dict(counter.reads)

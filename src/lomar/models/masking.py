@@ -134,9 +134,12 @@ class MaskingPlan:
         window_size: K.
         checked_grid: the patch grid :meth:`checked` validated the plan for (where it was built, on the
             host), so that a model given it on a GPU skips the checks that would wait for the device.
-        masked_range: (fewest, most) masked tokens of a window, counted where the plan was built
-            (:meth:`checked`, the samplers), so that a model sizing a tensor by them does not read them
-            back from the device (:meth:`masked_counts`).
+        masked_range: (fewest, most) masked tokens of a window, counted by :meth:`checked`, so that a
+            model sizing a tensor by them does not read them back from the device (:meth:`masked_counts`).
+
+    The training loop checks each batch's plan on the host (:meth:`checked`) and hands it to the model
+    untouched. A plan sampled or built by hand is checked by the model it is given to (on a GPU, a wait
+    for the device): its tensors may have been edited in place since it was built.
     """
 
     top_left: torch.Tensor
@@ -170,17 +173,18 @@ class MaskingPlan:
         """This plan, validated for ``grid`` (:meth:`validate`) and its masked counts taken
         (:attr:`masked_range`); do it on the host, before moving the plan to a GPU."""
         self.validate(grid)
-        return replace(self.with_masked_range(), checked_grid=tuple(grid))
-
-    def with_masked_range(self) -> MaskingPlan:
-        """This plan with :attr:`masked_range` counted from its mask (one read of the mask's values)."""
-        counts = self.mask.sum(-1).flatten()
-        fewest, most = torch.stack([counts.min(), counts.max()]).tolist() if counts.numel() else (0, 0)
-        return replace(self, masked_range=(fewest, most))
+        return replace(self, checked_grid=tuple(grid), masked_range=self._count_masked())
 
     def masked_counts(self) -> tuple[int, int]:
         """(fewest, most) masked tokens of a window: :attr:`masked_range`, or counted (a wait on a GPU)."""
-        return self.masked_range if self.masked_range is not None else self.with_masked_range().masked_range
+        return self.masked_range if self.masked_range is not None else self._count_masked()
+
+    def _count_masked(self) -> tuple[int, int]:
+        counts = self.mask.sum(-1).flatten()
+        if not counts.numel():
+            return 0, 0
+        fewest, most = torch.stack([counts.min(), counts.max()]).tolist()  # one read of the values
+        return fewest, most
 
     def validate(self, grid: tuple[int, int]) -> None:
         """Raise ValueError unless the plan is well formed for this patch grid."""
@@ -283,6 +287,5 @@ def sample_plan(
     chosen = keys.topk(masked, dim=-1, largest=False).indices
     mask = torch.zeros(num_images, num_windows, tokens, dtype=torch.bool, device=gen_device)
     mask.scatter_(-1, chosen, True)
-    # Valid by construction, so a model given it on a GPU does not check it there.
-    plan = MaskingPlan(top_left, mask, window_size, (int(grid[0]), int(grid[1])), (masked, masked))
+    plan = MaskingPlan(top_left, mask, window_size)
     return plan.to(device) if device is not None else plan

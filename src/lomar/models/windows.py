@@ -10,7 +10,6 @@ to the window (:func:`with_block_masks`, the original 75 of 196 patches on a 14Ã
 from __future__ import annotations
 
 import random
-from dataclasses import replace
 
 import torch
 
@@ -40,11 +39,7 @@ def with_block_masks(plan: MaskingPlan, rng: random.Random) -> MaskingPlan:
     generator = BlockMaskGenerator(**window_blockmask_args(k), rng=rng)
     n_img, n_win = plan.top_left.shape[:2]
     masks = torch.stack([generator().flatten() for _ in range(n_img * n_win)])
-    # Counted here, on the host, so that a model given the plan on a GPU does not read them back; not
-    # checked: a blockwise draw can leave every window unmasked, which a model given the plan refuses.
-    blockwise = replace(plan, mask=masks.view(n_img, n_win, k * k), checked_grid=None, masked_range=None)
-    blockwise = blockwise.with_masked_range()
-    return blockwise.to(plan.mask.device)
+    return MaskingPlan(plan.top_left, masks.view(n_img, n_win, k * k).to(plan.mask.device), k)
 
 
 @torch.compiler.disable  # as lomar.models.masking.sample_plan: random draws run eagerly under torch.compile
