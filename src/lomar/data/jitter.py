@@ -42,7 +42,18 @@ class _ScaleJitter(v2.ScaleJitter):
         height, width = drawn(self, flat_inputs)["size"]
         return {"size": (max(1, height), max(1, width))}
 
-    _get_params = make_params  # torchvision < 0.21 calls this name
+    def transform(self, inpt, params: dict):
+        if isinstance(inpt, tv_tensors.Mask):
+            # torchvision resizes masks by NEAREST, which samples source pixel floor(x * in / out): at a scale that
+            # is not a whole number the mask (and the box recomputed from it) lands up to half a pixel right of and
+            # below the bilinear image; NEAREST_EXACT samples at pixel centres, as detectron2's PIL resize does
+            resized = TF.resize_image(inpt.as_subclass(torch.Tensor), list(params["size"]),
+                                      interpolation=v2.InterpolationMode.NEAREST_EXACT)
+            return tv_tensors.wrap(resized, like=inpt)
+        resize = v2.ScaleJitter.transform if hasattr(v2.ScaleJitter, "transform") else v2.ScaleJitter._transform
+        return resize(self, inpt, params)
+
+    _get_params, _transform = make_params, transform  # torchvision < 0.21 calls these names
 
 
 def _boxes_from_masks(image, target: dict):
