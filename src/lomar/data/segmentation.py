@@ -154,7 +154,9 @@ class SegmentationFolder(Dataset):
         height, width = eval_scale(*image.shape[-2:], self.crop)
         size = max(1, round(height * ratio)), max(1, round(width * ratio))
         image = _resize(image.float(), size)
-        labels = F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].long()
+        # at pixel centres, as the bilinear image: "nearest" (like mmseg's cv2 INTER_NEAREST) samples
+        # floor(x * in / out), which puts the labels up to half a pixel right of and below the image
+        labels = F.interpolate(labels[None, None].float(), size=size, mode="nearest-exact")[0, 0].long()
         crop = self.crop
         for _ in range(10):  # mmseg's cat_max_ratio: no crop mostly of one class, if 10 draws allow
             top = int(torch.randint(0, max(1, size[0] - crop + 1), (), generator=gen))
