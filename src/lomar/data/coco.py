@@ -8,7 +8,8 @@ category, images listed but absent from the image folder, an empty split) is a
 a box of zero area after clipping is skipped and counted (:class:`CocoSummary`). Crowd
 annotations are left out of training targets and kept for evaluation, as detectron2 does;
 training also leaves out images without a box (detectron2's ``FILTER_EMPTY_ANNOTATIONS``).
-Each segmentation is checked to be polygons (lists of at least 3 x, y pairs) or an RLE of its image's size.
+Each segmentation is checked to be polygons (lists of at least 3 x, y pairs) or an RLE of its image's size; an
+``area`` left out is the segmentation's pixel count (COCO's definition, which pycocotools' APs/m/l read).
 
 Images are read as every command reads them (:func:`lomar.data.decode.load_image`: bounded, EXIF
 upright, 16-bit scaled by depth); one that cannot be read, or whose upright size is not the size the
@@ -177,6 +178,18 @@ def _segmentation_error(seg, width: float, height: float) -> str | None:
     return f"a {type(seg).__name__}, neither polygons nor an RLE"
 
 
+def _mask_area(seg, width: float, height: float) -> float:
+    """A checked segmentation's pixel count: COCO's ``area``, which pycocotools' APs/m/l read for boxes and masks
+    alike (detectron2 writes the same when it converts a set to COCO)."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(seg, list):
+        return float(mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(seg, int(height), int(width)))))
+    if isinstance(seg["counts"], list):
+        seg = mask_utils.frPyObjects(seg, int(height), int(width))
+    return float(mask_utils.area(seg))
+
+
 def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train-ann",
               images_flag: str = "--train-images") -> CocoSplit:
     """Read and check a COCO instances file and its image folder (see the module docstring)."""
@@ -248,7 +261,7 @@ def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train
         summary.boxes += not crowd
         summary.clipped += fitted[1]
         kept.append({**ann, "bbox": fitted[0], "iscrowd": int(crowd),
-                     "area": float(fitted[0][2] * fitted[0][3] if area is None else area)})
+                     "area": _mask_area(ann["segmentation"], *sizes[ann["image_id"]]) if area is None else float(area)})
     clean = {"images": images, "annotations": kept, "categories": categories}
     return CocoSplit(path, root, clean, sorted(known), summary)
 

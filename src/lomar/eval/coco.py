@@ -50,13 +50,22 @@ def to_coco_results(output: dict[str, torch.Tensor], image_id: int, categories: 
     return results
 
 
+def _no_detections(gt):
+    """An empty results set over ``gt``'s images (``loadRes`` refuses an empty list): scored, each AP is 0 where
+    there is ground truth to find and undefined where there is none, as for any other results."""
+    from pycocotools.coco import COCO
+
+    empty = COCO()
+    empty.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": []}
+    empty.createIndex()
+    return empty
+
+
 def _score(gt, results: list[dict], kind: str) -> list[float | None]:
     from pycocotools.cocoeval import COCOeval
 
-    if not results:  # loadRes refuses an empty list; no detection scores 0 (detectron2 says the same)
-        return [0.0] * len(METRIC_NAMES)
     with contextlib.redirect_stdout(io.StringIO()):
-        predictions = gt.loadRes(copy.deepcopy(results))
+        predictions = gt.loadRes(copy.deepcopy(results)) if results else _no_detections(gt)
         evaluator = COCOeval(gt, predictions, kind)
         evaluator.evaluate()
         evaluator.accumulate()
@@ -69,9 +78,7 @@ def coco_metrics(gt, results: list[dict]) -> dict[str, float | None]:
     """{"box_AP", "box_AP50", ..., "mask_APl"} in percent. ``gt``: a pycocotools ``COCO``."""
     boxes = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
     metrics = {f"box_{name}": value for name, value in zip(METRIC_NAMES, _score(gt, boxes, "bbox"))}
-    if results and "segmentation" in results[0]:
+    if not results or "segmentation" in results[0]:
         masks = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
         metrics.update({f"mask_{name}": value for name, value in zip(METRIC_NAMES, _score(gt, masks, "segm"))})
-    elif not results:
-        metrics.update({f"mask_{name}": 0.0 for name in METRIC_NAMES})
     return metrics

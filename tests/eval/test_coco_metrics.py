@@ -1,0 +1,117 @@
+"""COCO box and mask AP on hand-built cases, against what pycocotools itself makes of them: perfect detections
+score 100 whatever the segmentation's form (polygons, RLE) and the category ids; crowd regions and images without
+annotations are handled as COCO handles them; no detection at all scores as pycocotools scores it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from lomar.data.coco import read_coco
+from lomar.eval.coco import METRIC_NAMES, coco_metrics, to_coco_results
+
+HEIGHT, WIDTH = 37, 53  # odd sizes: a transposed mask or a swapped size would show
+CATEGORIES = [1, 3, 90]  # not contiguous: labels 1, 2, 3
+
+
+def _box_mask(x1, y1, x2, y2) -> np.ndarray:
+    mask = np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
+    mask[y1:y2, x1:x2] = 1
+    return mask
+
+
+def _rle(mask: np.ndarray, compressed: bool = True) -> dict:
+    if compressed:
+        rle = mask_utils.encode(np.asfortranarray(mask))
+        return {"size": [HEIGHT, WIDTH], "counts": rle["counts"].decode("ascii")}
+    flat = mask.flatten(order="F")  # COCO's uncompressed crowd RLE: runs of 0s and 1s, column-major, 0s first
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    return {"size": [HEIGHT, WIDTH], "counts": ([0] if flat[0] else []) + runs}
+
+
+SQUARE = _box_mask(3, 5, 30, 20)
+CROWD = _box_mask(40, 0, 52, 10)
+POLYGON = [[31.0, 22.0, 50.0, 22.0, 50.0, 35.0, 31.0, 35.0]]
+
+
+@pytest.fixture
+def split(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        Image.fromarray(np.zeros((HEIGHT, WIDTH, 3), np.uint8)).save(images / name)
+    data = {
+        "images": [{"id": 7, "file_name": "a.png", "width": WIDTH, "height": HEIGHT},
+                   {"id": 9, "file_name": "b.png", "width": WIDTH, "height": HEIGHT},
+                   {"id": 11, "file_name": "c.png", "width": WIDTH, "height": HEIGHT}],  # no annotation
+        "categories": [{"id": c, "name": str(c)} for c in CATEGORIES],
+        "annotations": [
+            {"id": 1, "image_id": 7, "category_id": 3, "bbox": [3, 5, 27, 15], "segmentation": _rle(SQUARE),
+             "iscrowd": 0},
+            {"id": 2, "image_id": 7, "category_id": 90, "bbox": [31, 22, 19, 13], "segmentation": POLYGON,
+             "iscrowd": 0},
+            {"id": 3, "image_id": 9, "category_id": 1, "bbox": [3, 5, 27, 15], "segmentation": _rle(SQUARE, False),
+             "iscrowd": 0},
+            {"id": 4, "image_id": 9, "category_id": 1, "bbox": [40, 0, 12, 10], "segmentation": _rle(CROWD, False),
+             "iscrowd": 1}]}
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data))
+    return read_coco(path, images)
+
+
+def _output(boxes, categories, masks, scores=None) -> dict[str, torch.Tensor]:
+    """A detector's output for one image: xyxy boxes, labels 1..K, masks (N, 1, H, W) in [0, 1]."""
+    return {"boxes": torch.tensor(boxes, dtype=torch.float), "scores": torch.tensor(scores or [0.9] * len(boxes)),
+            "labels": torch.tensor([CATEGORIES.index(c) + 1 for c in categories]),
+            "masks": torch.tensor(np.stack(masks), dtype=torch.float)[:, None]}
+
+
+def _perfect() -> list[dict]:
+    polygon = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(POLYGON, HEIGHT, WIDTH)))
+    return (to_coco_results(_output([[3, 5, 30, 20], [31, 22, 50, 35]], [3, 90], [SQUARE, polygon]), 7, CATEGORIES)
+            + to_coco_results(_output([[3, 5, 30, 20]], [1], [SQUARE]), 9, CATEGORIES))
+
+
+def test_perfect_detections_score_100_with_any_segmentation_form_and_category_ids(split):
+    results = _perfect()
+    assert [r["category_id"] for r in results] == [3, 90, 1]
+    assert results[0]["bbox"] == [3, 5, 27, 15]  # xyxy out of the detector, xywh into COCO
+    metrics = coco_metrics(split.coco(), results)
+    for kind in ("box", "mask"):
+        assert [metrics[f"{kind}_{m}"] for m in ("AP", "AP50", "AP75", "APs")] == pytest.approx([100.0] * 4)
+        assert metrics[f"{kind}_APm"] is metrics[f"{kind}_APl"] is None  # no ground truth of those sizes
+
+
+def test_a_detection_of_a_crowd_region_is_ignored_and_one_on_an_empty_image_is_a_false_positive(split):
+    crowd = to_coco_results(_output([[40, 0, 52, 10]], [1], [CROWD], [0.99]), 9, CATEGORIES)
+    assert coco_metrics(split.coco(), _perfect() + crowd)["box_AP"] == pytest.approx(100.0)
+    stray = to_coco_results(_output([[3, 5, 30, 20]], [1], [SQUARE], [0.95]), 11, CATEGORIES)
+    metrics = coco_metrics(split.coco(), _perfect() + stray)
+    assert metrics["box_AP"] == metrics["mask_AP"] == pytest.approx(100 * (1 + 1 + 0.5) / 3)  # category 1: AP 0.5
+
+
+def test_no_detection_at_all_scores_as_pycocotools_does(split):
+    # 0 where there is ground truth to find; undefined (None) in the size ranges that hold none, as with detections
+    metrics = coco_metrics(split.coco(), [])
+    for kind in ("box", "mask"):
+        assert [metrics[f"{kind}_{m}"] for m in METRIC_NAMES] == [0.0, 0.0, 0.0, 0.0, None, None]
+
+
+def test_an_area_left_out_is_the_masks_as_coco_defines_it(split, tmp_path):
+    # a disc's box is 4/pi times its area: the box's area put objects in the wrong APs/m/l range
+    yy, xx = np.mgrid[:HEIGHT, :WIDTH]
+    disc = (((yy - 18) ** 2 + (xx - 26) ** 2) <= 15 ** 2).astype(np.uint8)
+    data = json.loads(split.path.read_text())
+    data["annotations"][0].update(segmentation=_rle(disc), bbox=[11, 3, 31, 31])
+    path = tmp_path / "disc.json"
+    path.write_text(json.dumps(data))
+    areas = {a["id"]: a["area"] for a in read_coco(path, split.root).data["annotations"]}
+    assert areas[1] == disc.sum() and areas[1] != 31 * 31
+    assert areas[2] == mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(POLYGON, HEIGHT, WIDTH)))
+    assert areas[3] == SQUARE.sum() and areas[4] == CROWD.sum()  # uncompressed RLEs
