@@ -233,3 +233,58 @@ def test_the_enc_dec_preset_runs_every_cell(tmp_path, capsys):
     configs = {r["setting"]: (Path(r["run"]) / "config.yaml").read_text() for r in records}
     assert "windows: 4" in configs["design=mae (encoder-decoder, windows)"]
     assert "windows: 0" in configs["design=mae (encoder-decoder, global)"]
+
+
+@pytest.mark.slow  # one cell of 1 step, then refused re-runs: ~5 s
+def test_a_re_run_with_an_edited_spec_is_refused_before_it_replaces_anything(tmp_path, labelled):
+    """A finished cell was skipped whatever the spec now said: another budget, setting or evaluation showed the
+    old numbers as the new spec's (eval.every even scored 'at-2steps' at step 4). The cell's spec is kept."""
+    from lomar.errors import UsageError
+
+    out = tmp_path / "study"
+    spec = _spec(labelled, budget="1steps", grid={"method": ["lomar"]}, random_init=False,
+                 eval={"metrics": ["knn"], "knn": {"k": 3}})
+    run_study(parse_spec(spec), out, log=lambda line: None)
+    before = (out / "spec.json").read_text()
+    for change, message in [
+        ({"budget": "2steps"}, 'budget "1 steps", the spec now gives "2 steps"'),
+        ({"settings": {**TINY, "mask_ratio": 0.5}}, "settings.mask_ratio unset, the spec now gives 0.5"),
+        ({"eval": {"metrics": ["knn", "linprobe"], "knn": {"k": 3}}}, 'eval.metrics \\["knn"\\], the spec now'),
+        ({"eval": {"metrics": ["knn"], "knn": {"k": 5}}}, "eval.knn.k 3, the spec now gives 5"),
+        ({"eval": {"metrics": ["knn"], "knn": {"k": 3}, "every": "1steps"}}, "eval.every unset"),
+    ]:
+        with pytest.raises(UsageError, match=f"^cell method-lomar_seed0 in {out} was run with {message}.*; restore "
+                                             f"the spec, pass another --out, or delete {out}/cells/method-lomar_seed0"):
+            run_study(parse_spec({**spec, **change}), out, log=lambda line: None)
+        assert (out / "spec.json").read_text() == before
+    # what a cell's numbers do not depend on may change: the slice, more seeds
+    records = run_study(parse_spec({**spec, "slice": "3s", "seeds": [0, 1]}), out, log=lambda line: None)
+    assert sorted(r["seed"] for r in records) == [0, 1]
+
+
+def test_a_stop_signal_that_a_slice_took_after_its_last_step_stops_the_study(tmp_path, labelled, monkeypatch):
+    """The training loop heeds a signal between steps only; one that comes during the slice's final checkpoint
+    and figures (most of a short slice) leaves the slice complete, exit 0. The study went on with the next
+    slice as if Ctrl-C had not been pressed."""
+    import os
+    import signal
+
+    from lomar.train.preemption import StopFlag
+
+    steps = [0]
+
+    def slice_signalled_at_its_end(config):  # reaches its target, then Ctrl-C while it saves
+        steps[0] = config.max_steps
+        flag = StopFlag()  # the handler a run has until it has saved its last checkpoint
+        flag.install()
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        finally:
+            flag.restore()
+        return 0
+
+    monkeypatch.setattr(runner, "read_progress", lambda folder, batch: (steps[0], 1.0, 0.5))
+    monkeypatch.setattr(runner, "pretrain", slice_signalled_at_its_end)
+    spec = _spec(labelled, budget="1steps", grid={"method": ["lomar"]}, random_init=False, eval={"metrics": []})
+    with pytest.raises(StudyStopped, match="stopped at step 1 .signal.; re-run the same command to continue"):
+        run_study(parse_spec(spec), tmp_path / "study", log=lambda line: None)

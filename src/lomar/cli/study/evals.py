@@ -15,7 +15,7 @@ import torch
 
 from lomar.checkpoints.formats import load_model
 from lomar.cli.probe import fit_linprobe, frozen_features, knn_add_arguments, linprobe_add_arguments, resolve_linprobe
-from lomar.cli.study.spec import Cell, StudySpec, StudyStopped, parse_flags, settings_flags
+from lomar.cli.study.spec import Cell, StudySpec, StudyStopped, parse_flags, settings_flags, stop_signals_seen
 from lomar.data.collate import collate_labelled
 from lomar.data.folder import LabelledImageFolder
 from lomar.errors import LomarError, UsageError
@@ -99,9 +99,9 @@ def _finetune(args) -> float:
         config, where = resolve_finetune_config(args), Path(args.out)
     except ConfigError as exc:
         raise UsageError(f"eval.finetune: {exc}") from None
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # errors still reach stderr
-        rc = finetune(config)
-    if rc == 130:
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), stop_signals_seen() as signals:
+        rc = finetune(config)  # its errors still reach stderr
+    if rc == 130 or signals:
         raise StudyStopped(f"finetuning in {where} was interrupted; re-run the same command to continue")
     if rc != 0:
         raise LomarError(f"finetuning in {where} failed (exit code {rc}; its error is above)")

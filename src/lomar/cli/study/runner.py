@@ -29,7 +29,7 @@ from typing import Any
 from lomar.checkpoints.io import atomic_write_text
 from lomar.cli.common import write_json
 from lomar.cli.study.evals import Scorer, check_options
-from lomar.cli.study.spec import Budget, Cell, StudySpec, StudyStopped, parse_flags, settings_flags
+from lomar.cli.study.spec import Budget, Cell, StudySpec, StudyStopped, parse_flags, settings_flags, stop_signals_seen
 from lomar.data.folder import build_pretrain_dataset
 from lomar.errors import LomarError, UsageError
 from lomar.train.config import PretrainConfig, add_config_arguments, resolve_config
@@ -106,6 +106,40 @@ def read_progress(folder: Path, batch: int) -> tuple[int, float, float | None]:
     return (records[-1]["step"] if records else 0), seconds, (sum(tail) / len(tail) if tail else None)
 
 
+def cell_spec(spec: StudySpec, cell: Cell, total: Budget) -> dict[str, Any]:
+    """What a cell's records depend on, as JSON gives it back: its settings, budget, data and evaluations
+    (not the slice length, the seeds or the other cells)."""
+    ev = {k: str(v) if isinstance(v, Budget) else v for k, v in vars(spec.eval).items() if k != "equal_steps"}
+    return json.loads(json.dumps({"settings": cell.settings, "budget": str(total), "eval": ev, "data": {
+        "pretrain": spec.data_pretrain, "train": spec.data_train, "val": spec.data_val}}, default=str))
+
+
+def check_same_spec(state: dict, spec: StudySpec, cell: Cell, folder: Path, total: Budget) -> None:
+    """A cell folder holds the runs and scores of the spec it was started with: a re-run with another
+    budget, setting, data or evaluation would skip its finished points (or score them at the wrong step)
+    and show the old numbers as the new spec's; a UsageError naming the first difference instead."""
+    if "spec" not in state:  # started before cells recorded their spec
+        return
+    had, now = _flat(state["spec"]), _flat(cell_spec(spec, cell, total))
+    key = next((k for k in sorted(set(had) | set(now)) if had.get(k) != now.get(k)), None)
+    if key is not None:
+        shown = [json.dumps(v) if v is not None else "unset" for v in (had.get(key), now.get(key))]
+        raise UsageError(f"cell {folder.name} in {folder.parent.parent} was run with {key} {shown[0]}, the "
+                         f"spec now gives {shown[1]}; restore "
+                         f"the spec, pass another --out, or delete {folder} to redo that cell")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'eval': {'knn': {'k': 3}}} -> {'eval.knn.k': 3}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):  # an empty one adds no key: {} and a missing mapping are the same
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 class CellRun:
     """A cell's run folder and its study state; ``advance()`` does one slice or one evaluation."""
 
@@ -118,6 +152,8 @@ class CellRun:
         self.state_path = folder / "study-state.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else \
             {"points": {}, "slices": 0, "wall_seconds": 0.0, "loads": [], "cell": cell.name}
+        check_same_spec(self.state, study.spec, cell, folder, total)
+        self.state["spec"] = cell_spec(study.spec, cell, total)
         every, steps = study.spec.eval.every, cell.random_init or total.unit == "epochs"
         end = 1 if cell.random_init else total.value * per_epoch if total.unit == "epochs" else total.value
         self.points: dict[str, Budget] = {}  # 'at-100steps', 'at-15s', ..., 'end': where each is evaluated
@@ -147,13 +183,14 @@ class CellRun:
         target = min(steps + (max(1, round(rate * left)) if rate else 2), self.end)
         target = min(target, int(point.value)) if point.unit == "steps" else target
         start, load = time.perf_counter(), os.getloadavg()[0]
-        rc = pretrain(cell_config(self.study.spec, self.cell, self.folder, max_steps=target))
+        with stop_signals_seen() as signals:
+            rc = pretrain(cell_config(self.study.spec, self.cell, self.folder, max_steps=target))
         self.state["slices"] += 1
         self.state["wall_seconds"] += time.perf_counter() - start
         self.state["loads"].append(round(load, 2))
         self._save()
         reached = read_progress(self.folder, self.batch)[0]
-        if rc == 130 or reached < target:  # Ctrl-C, or a stop signal: the run checkpointed, the study stops too
+        if rc == 130 or reached < target or signals:  # a stop signal: the run checkpointed, the study stops too
             raise StudyStopped(f"pretraining of {self.folder.name} stopped at step {reached} (signal); "
                                f"re-run the same command to continue")
         if rc != 0:
@@ -249,6 +286,10 @@ def run_study(spec: StudySpec, out: str | Path, log: Callable[[str], None] | Non
     out = Path(out)
     log = log or (lambda line: print(line, flush=True))
     check_cells(spec)
+    for cell in spec.cells():  # before spec.json is replaced, or a refused re-run would leave the new spec there
+        state = out / "cells" / cell.name / "study-state.json"
+        if state.exists():
+            check_same_spec(json.loads(state.read_text()), spec, cell, state.parent, spec.budget)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "spec.json", {"name": spec.name, "budget": str(spec.budget), "seeds": spec.seeds,
                                    "settings": spec.settings, "grid": spec.grid,

@@ -27,10 +27,14 @@ Every mistake is a :class:`lomar.errors.UsageError` naming the key and the fix.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import math
+import os
 import re
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +43,7 @@ from lomar.errors import LomarError, UsageError
 from lomar.yaml_io import YAMLError, load_yaml
 
 __all__ = ["Budget", "Cell", "EvalSpec", "StudySpec", "parse_budget", "parse_spec", "load_spec", "METRICS",
-           "MAX_SEEDS", "MAX_CELLS", "StudyStopped", "parse_flags", "settings_flags"]
+           "MAX_SEEDS", "MAX_CELLS", "StudyStopped", "parse_flags", "settings_flags", "stop_signals_seen"]
 
 METRICS = ("knn", "linprobe", "finetune", "heldout_loss")
 _UNITS = {"s": "seconds", "sec": "seconds", "seconds": "seconds", "min": "minutes", "m": "minutes",
@@ -55,6 +59,34 @@ MAX_CELLS = 1000
 
 class StudyStopped(LomarError):
     """A run was interrupted (Ctrl-C, SIGTERM): the study stops; re-run it to continue."""
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def stop_signals_seen() -> Iterator[list[int]]:
+    """The stop signals (Ctrl-C, SIGTERM, SIGUSR1) that arrived while the block ran, whichever Python handler
+    took them. A training run heeds one only between its steps: one that comes during its last step or its
+    final checkpoint and figures (most of a short slice) leaves the run complete and exit 0, and the study,
+    seeing a finished slice, would go on as if it had never been sent. Python writes every handled signal's
+    number to the wakeup fd, so the study reads them there."""
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield seen
+        return
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    try:
+        yield seen
+    finally:
+        signal.set_wakeup_fd(previous)
+        with contextlib.suppress(BlockingIOError):
+            seen.extend(sig for sig in os.read(read, 4096) if sig in _STOP_SIGNALS)
+        os.close(read)
+        os.close(write)
 
 
 class _Flags(argparse.ArgumentParser):
