@@ -115,13 +115,15 @@ def test_a_beit_export_claiming_huge_widths_or_a_path_outside_is_refused_before_
     built = []
     monkeypatch.setattr(beit.BEiT, "__init__", lambda self, *a, _real=beit.BEiT.__init__, **k:
                         built.append(str(torch.get_default_device())) or _real(self, *a, **k))
-    for change, words in (({"beit_config": {**config["beit_config"], "embed_dim": 16384, "depth": 64,
-                                             "num_heads": 16}}, "does not fit BEiT"),
+    huge = {"embed_dim": 8192, "depth": 64, "num_heads": 16}  # within the bounds, and timm_args agree: shapes decide
+    for change, words in (({"beit_config": {**config["beit_config"], **huge}, "timm_args": {**config["timm_args"],
+                                                                                          **huge}}, "does not match"),
+                          ({"beit_config": {**config["beit_config"], "embed_dim": 16384}}, r"in \[1, 8192\]"),
                           ({"weights": "../../etc/passwd"}, "must be a file name in the same folder")):
         (tmp_path / "ex" / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(ValueError, match=words):
             formats.load_model(tmp_path / "ex")
-    assert all(device == "meta" for device in built)  # shapes were compared without storage
+    assert built and all(device == "meta" for device in built)  # shapes were compared without storage
 
 
 def test_segment_refuses_a_beit_encoder_in_one_line(beit_run, tmp_path, capsys):

@@ -75,7 +75,7 @@ def write_export(out: Path, weights_name: str, state: dict, config: dict) -> Pat
 def _is_our_config(path: Path) -> bool:
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(data, dict) and str(data.get("architecture", "")).startswith("lomar_") and "model_args" in data
 
@@ -115,19 +115,54 @@ def export_encoder(encoder: VisionTransformer, out_dir: str | Path, weights_name
     return write_export(out, weights_name, state, config)
 
 
-def _check_config(where: Path, data, overrides: dict) -> tuple[ViTConfig, int, str]:
-    if not isinstance(data, dict):
-        raise UsageError(f"{where} holds a JSON {type(data).__name__}, expected an object; re-export the encoder")
-    if unknown := sorted(set(overrides) - set(ViTConfig.__dataclass_fields__) - {"num_classes", "global_pool"}):
-        raise UsageError(f"unknown encoder setting(s) {', '.join(unknown)}; pass ViTConfig fields, num_classes or "
-                         f"global_pool")
-    data = {**data, **overrides}
-    for key, (kind, low, high) in _BOUNDS.items():
+def check_bounds(where: Path, data: dict, bounds: dict | None = None) -> None:
+    """UsageError naming the first architecture field of ``data`` outside its type and bounds (:data:`_BOUNDS`)."""
+    for key, (kind, low, high) in (bounds or _BOUNDS).items():
         value = data.get(key)  # the finite bounds also refuse inf and nan
         if key in data and not (isinstance(value, kind) and not isinstance(value, bool) and low <= value <= high):
             names = kind.__name__ if isinstance(kind, type) else "number"
             raise UsageError(f"{where}: {key} must be a{'n' if names[0] in 'ai' else ''} {names} in [{low}, {high}], "
                              f"got {value!r}; re-export the encoder with `lomar export`")
+
+
+def read_config_json(config_path: Path) -> dict:
+    """An export's config.json as a dict; UsageError for anything else (deep nesting included: a RecursionError)."""
+    try:
+        data = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise UsageError(f"{config_path} is not valid JSON ({reason}); re-export the encoder") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{config_path} holds a JSON {type(data).__name__}, expected an object; re-export the encoder")
+    return data
+
+
+def weights_path(folder: Path, data: dict, default: str = ENCODER_WEIGHTS) -> Path:
+    """The weights file config.json names (``weights``): a file in the export's own folder, or UsageError."""
+    name = data.get("weights", default)
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise UsageError(f"{folder / CONFIG_NAME}: weights must be a file name in the same folder, got {name!r}")
+    if not (folder / name).is_file():
+        raise UsageError(f"{folder / name} not found (named by {folder / CONFIG_NAME}); re-export the encoder")
+    return folder / name
+
+
+def header_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape from a safetensors file's header, reading no tensor; UsageError if it is not one."""
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error types for any malformed header
+        raise UsageError(f"{weights} is not a safetensors file ({str(exc).splitlines()[0][:120]}); "
+                         f"re-export the encoder with `lomar export`") from None
+
+
+def _check_config(where: Path, data: dict, overrides: dict) -> tuple[ViTConfig, int, str]:
+    if unknown := sorted(set(overrides) - set(ViTConfig.__dataclass_fields__) - {"num_classes", "global_pool"}):
+        raise UsageError(f"unknown encoder setting(s) {', '.join(unknown)}; pass ViTConfig fields, num_classes or "
+                         f"global_pool")
+    data = {**data, **overrides}
+    check_bounds(where, data)
     img = data.get("img_size", 224)
     sides = img if isinstance(img, list) and len(img) == 2 else [img]
     if not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= MAX_IMG_SIZE for s in sides):
@@ -212,23 +247,10 @@ def read_export(path: str | Path, **overrides) -> Export:
                                 f"`lomar export`, or load a checkpoint with lomar.checkpoints.formats.load_model")
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found; export an encoder with `lomar export` first")
-    try:
-        data = json.loads(config_path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{config_path} is not valid JSON ({exc}); re-export the encoder") from None
+    data = read_config_json(config_path)
     config, num_classes, pool = _check_config(config_path, data, overrides)
-    name = data.get("weights", ENCODER_WEIGHTS)
-    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-        raise UsageError(f"{config_path}: weights must be a file name in the same folder, got {name!r}")
-    weights = path / name
-    if not weights.is_file():
-        raise UsageError(f"{weights} not found (named by {config_path}); re-export the encoder")
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    except Exception as exc:  # safetensors raises its own error types for any malformed header
-        raise UsageError(f"{weights} is not a safetensors file ({str(exc).splitlines()[0][:120]}); "
-                         f"re-export the encoder with `lomar export`") from None
+    weights = weights_path(path, data)
+    shapes = header_shapes(weights)
     expected = expected_shapes(config, num_classes, pool)
     table_grid = None
     if "pos_embed" in expected and "img_size" in overrides:  # the saved table is of the exported size: fitted later

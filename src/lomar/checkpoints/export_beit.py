@@ -8,25 +8,35 @@ whose ``forward_features`` then equals our ``BEiT.forward_features`` (final Laye
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from timm.models.beit import Beit
 
-from lomar.checkpoints.export import CONFIG_NAME, timm_pretrained_cfg, write_export
+from lomar.checkpoints.export import (
+    _BOUNDS,
+    CONFIG_NAME,
+    check_bounds,
+    header_shapes,
+    read_config_json,
+    timm_pretrained_cfg,
+    weights_path,
+    write_export,
+)
 from lomar.checkpoints.keys_beit import beit_to_timm
-from lomar.models.beit import BEiT
+from lomar.errors import UsageError
+from lomar.limits import MAX_IMG_SIZE
+from lomar.models.beit import BEiT, BEiTConfig
 
-__all__ = ["export_beit_encoder", "timm_beit_args", "create_timm_beit"]
+__all__ = ["export_beit_encoder", "timm_beit_args", "read_beit_export", "create_timm_beit"]
 
 TIMM_ARCHITECTURE = "beit_base_patch16_224"  # its model_args override every size
 
 
-def timm_beit_args(beit: BEiT) -> dict:
+def timm_beit_args(beit: BEiT | BEiTConfig) -> dict:
     """Constructor arguments of the timm ``Beit`` the export loads into (no classifier)."""
-    c = beit.config
+    c = beit if isinstance(beit, BEiTConfig) else beit.config
     if c.attn_head_dim is not None or c.qk_scale is not None:
         raise ValueError("timm's Beit has no attn_head_dim / qk_scale; this BEiT cannot be exported to it")
     return dict(img_size=c.img_size, patch_size=c.patch_size, in_chans=c.in_chans, embed_dim=c.embed_dim,
@@ -52,15 +62,64 @@ def export_beit_encoder(beit: BEiT, out_dir: str | Path, weights_name: str = "en
     return write_export(out, weights_name, state, config)
 
 
-def create_timm_beit(path: str | Path) -> torch.nn.Module:
-    """The timm ``Beit`` of an exported folder, weights loaded (strict)."""
+# beit_config's sizes: those of a ViT export, the image side and the tokenizer's vocabulary (the lm_head's rows)
+_BEIT_BOUNDS = {**_BOUNDS, "img_size": (int, 1, MAX_IMG_SIZE), "vocab_size": (int, 2, 1_000_000)}
+
+
+def read_beit_export(path: str | Path) -> tuple[BEiTConfig, dict, Path]:
+    """Validate a BEiT export folder: (its BEiTConfig, timm ``Beit`` args, weights file). Builds no model.
+
+    config.json is untrusted: ``beit_config`` is checked for types and bounds, ``timm_args`` must be what it
+    implies (timm would otherwise build whatever they ask for, any size), and the weights' names and shapes
+    (from the safetensors header) must be that model's. UsageError names what is wrong.
+    """
     path = Path(path)
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found; export a BEiT encoder first")
-    data = json.loads(config_path.read_text())
+        raise FileNotFoundError(f"{config_path} not found; export a BEiT encoder with `lomar export` first")
+    data = read_config_json(config_path)
     if data.get("method") != "beit":
-        raise ValueError(f"{config_path} is not a BEiT export (method={data.get('method')!r})")
-    model = Beit(**data["timm_args"])
-    model.load_state_dict(load_file(str(path / data["weights"])), strict=True)
+        raise UsageError(f"{config_path} is not a BEiT export (method={data.get('method')!r}); load it with "
+                         f"lomar.create_encoder")
+    saved = data.get("beit_config")
+    if not isinstance(saved, dict):
+        raise UsageError(f"{config_path}: beit_config must be an object, got {saved!r}; re-export the BEiT encoder")
+    check_bounds(config_path, saved, _BEIT_BOUNDS)
+    flags = [k for k in ("qkv_bias", "use_shared_rel_pos_bias", "use_rel_pos_bias", "use_abs_pos_emb")
+             if k in saved and not isinstance(saved[k], bool)]
+    scale = saved.get("init_values")
+    number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+    if flags or not (scale is None or number and 0 <= scale < 1e3):
+        what = f"{flags[0]} must be true or false, got {saved[flags[0]]!r}" if flags else \
+            f"init_values must be null or a number in [0, 1000), got {scale!r}"
+        raise UsageError(f"{config_path}: beit_config: {what}; re-export the BEiT encoder")
+    try:
+        config = BEiTConfig.from_dict(saved)
+        args = timm_beit_args(config)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{config_path}: beit_config: {exc}; re-export the BEiT encoder") from None
+    given = data.get("timm_args")
+    if not isinstance(given, dict) or given != args:
+        differ = [f"{k}={given.get(k, '(missing)')!r} where beit_config gives {args.get(k, '(none)')!r}"
+                  for k in sorted(set(args) | set(given)) if given.get(k) != args.get(k)] if isinstance(given, dict) \
+            else [f"{given!r}, not an object"]
+        raise UsageError(f"{config_path}: timm_args {'; '.join(differ[:3])}; re-export the BEiT encoder")
+    weights = weights_path(path, data, default="encoder.safetensors")
+    with torch.device("meta"):  # shapes without storage
+        wanted = {k: tuple(v.shape) for k, v in beit_to_timm(BEiT(config).state_dict(), per_block=True).items()}
+    shapes = header_shapes(weights)
+    missing, unexpected = sorted(set(wanted) - set(shapes)), sorted(set(shapes) - set(wanted))
+    wrong = sorted(f"{k} {shapes[k]} (expected {wanted[k]})" for k in set(wanted) & set(shapes)
+                   if shapes[k] != wanted[k])
+    if missing or unexpected or wrong:
+        raise UsageError(f"{weights} does not match {config_path}: missing {missing[:4] or 'nothing'}, unexpected "
+                         f"{unexpected[:4] or 'nothing'}, wrong shapes {wrong[:4] or 'none'}")
+    return config, args, weights
+
+
+def create_timm_beit(path: str | Path) -> torch.nn.Module:
+    """The timm ``Beit`` of an exported folder, validated first (:func:`read_beit_export`), weights loaded (strict)."""
+    _, args, weights = read_beit_export(path)
+    model = Beit(**args)
+    model.load_state_dict(load_file(str(weights)), strict=True)
     return model.eval()

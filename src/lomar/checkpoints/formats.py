@@ -30,7 +30,7 @@ from torch import nn
 
 import lomar.checkpoints.original  # noqa: F401  registers the original-LoMaR/MAE readers
 from lomar.checkpoints.export import CONFIG_NAME, create_encoder
-from lomar.checkpoints.export_beit import timm_beit_args
+from lomar.checkpoints.export_beit import read_beit_export, timm_beit_args
 from lomar.checkpoints.io import safe_load
 from lomar.checkpoints.keys import args_dict, drop_final_norm, infer_vit_config
 from lomar.checkpoints.keys_beit import beit_to_timm, load_original_beit
@@ -218,18 +218,11 @@ class BEiTExportReader(BEiTReader):
     def detect_folder(self, path: Path) -> bool:
         try:
             return json.loads((path / CONFIG_NAME).read_text()).get("method") == "beit"
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):  # not ours to report: the export reader does
             return False
 
     def model(self, src, overrides):
-        weights = self.timm_weights(src, overrides)
-        # The export holds per-block tables, all equal to the shared one it was written from. Shapes first,
-        # without storage: a small export whose config claims huge widths allocates nothing.
-        with torch.device("meta"):
-            wanted = {k: tuple(v.shape) for k, v in beit_to_timm(BEiT(weights.config).state_dict(),
-                                                                 per_block=True).items()}
-        if wanted != {k: tuple(v.shape) for k, v in weights.state.items()}:
-            raise ValueError(f"{src.path} does not fit BEiT({weights.config}); re-export it")
+        weights = self.timm_weights(src, overrides)  # validated: the shapes are those of BEiT(weights.config)
         model = BEiT(weights.config)
         state = {k: v for k, v in weights.state.items() if ".attn.relative_position_bias_table" not in k}
         if model.config.use_shared_rel_pos_bias:
@@ -241,17 +234,10 @@ class BEiTExportReader(BEiTReader):
         return model
 
     def timm_weights(self, src, overrides):
-        data = json.loads((src.path / CONFIG_NAME).read_text())
-        if "timm_args" not in data or "weights" not in data:
-            raise ValueError(f"{src.path / CONFIG_NAME} has no timm_args / weights; re-export the BEiT encoder")
-        name = data["weights"]
-        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-            raise ValueError(f"{src.path / CONFIG_NAME}: weights must be a file name in the same folder, got {name!r}")
-        weights = src.path / name
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} not found; the BEiT export in {src.path} is incomplete")
-        config = BEiTConfig.from_dict(data.get("beit_config", {}))
-        return TimmBeitWeights(config, dict(data["timm_args"]), load_file(str(weights)), [], "exported folder (beit)")
+        # The export holds per-block tables, all equal to the shared one it was written from. Validated before
+        # anything is read or built: a small export whose config claims huge widths allocates nothing.
+        config, args, weights = read_beit_export(src.path)
+        return TimmBeitWeights(config, args, load_file(str(weights)), [], "exported folder (beit)")
 
 
 class OriginalBEiTReader(BEiTReader):

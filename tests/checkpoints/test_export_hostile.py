@@ -1,0 +1,77 @@
+"""Export folders edited by hand or taken from elsewhere: refused in one line, before any model is built."""
+
+import json
+
+import pytest
+import torch
+
+from lomar.checkpoints.export_beit import create_timm_beit, export_beit_encoder
+from lomar.checkpoints.formats import load_model
+from lomar.errors import UsageError
+from lomar.eval.features import load_pretrained_encoder
+from lomar.models.beit import BEiT, BEiTConfig
+
+BEIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, vocab_size=16)
+
+
+@pytest.fixture(scope="module")
+def beit_export(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("beit")
+    torch.manual_seed(0)
+    export_beit_encoder(BEiT(BEiTConfig(**BEIT)).eval(), folder)
+    return folder
+
+
+def _edited(source, target, edit):
+    target.mkdir()
+    (target / "encoder.safetensors").write_bytes((source / "encoder.safetensors").read_bytes())
+    config = json.loads((source / "config.json").read_text())
+    edit(config)
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+@pytest.mark.parametrize("edit, message", [
+    # timm's Beit was built from timm_args as written: a terabyte allocation, or a TypeError's traceback
+    (lambda c: c["timm_args"].update(embed_dim=2**20), r"timm_args embed_dim=1048576 where beit_config gives 32"),
+    (lambda c: c["timm_args"].update(foo=1), r"timm_args foo=1 where beit_config gives '\(none\)'"),
+    (lambda c: c["timm_args"].update(depth="2"), r"timm_args depth='2' where beit_config gives 2"),
+    (lambda c: c.pop("timm_args"), r"timm_args None, not an object"),
+    (lambda c: c["beit_config"].update(depth=10**5), r"depth must be an int in \[1, 64\], got 100000"),
+    (lambda c: c.update(beit_config=[1]), r"beit_config must be an object, got \[1\]"),
+    (lambda c: c["beit_config"].update(qkv_bias="no"), r"qkv_bias must be true or false, got 'no'"),
+    (lambda c: c.update(weights="../x/encoder.safetensors"), r"weights must be a file name in the same folder"),
+])
+def test_a_hand_edited_beit_export_is_refused_in_one_line_by_every_reader(beit_export, tmp_path, edit, message):
+    folder = _edited(beit_export, tmp_path / "edited", edit)
+    for read in (create_timm_beit, load_pretrained_encoder, load_model):
+        with pytest.raises(UsageError, match=message) as caught:
+            read(folder)
+        assert "\n" not in str(caught.value)
+
+
+def test_a_beit_export_whose_weights_are_another_models_is_refused_before_they_are_read(beit_export, tmp_path):
+    from safetensors.torch import save_file
+
+    folder = _edited(beit_export, tmp_path / "other", lambda c: None)
+    save_file({"blocks.0.norm1.weight": torch.ones(64)}, str(folder / "encoder.safetensors"))
+    with pytest.raises(UsageError, match=r"does not match .*config.json: missing \['blocks.0.attn.proj.bias'"):
+        create_timm_beit(folder)
+
+
+def test_a_deeply_nested_config_json_is_one_line_not_a_recursion_error(beit_export, tmp_path):
+    from lomar import create_encoder
+
+    folder = _edited(beit_export, tmp_path / "deep", lambda c: None)
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    for read in (create_encoder, load_model):
+        with pytest.raises(UsageError, match=r"config.json is not valid JSON \(nested too deeply\)"):
+            read(folder)
+
+
+def test_an_intact_beit_export_still_loads_everywhere(beit_export):
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = create_timm_beit(beit_export).forward_features(images)
+        torch.testing.assert_close(load_pretrained_encoder(beit_export).eval().forward_features(images), expected)
+        torch.testing.assert_close(load_model(beit_export).eval().forward_features(images), expected)
