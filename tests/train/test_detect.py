@@ -455,3 +455,18 @@ def test_an_mae_tables_training_follows_train_pos_embed(tiny, image_dir, tmp_pat
     scored = ["--val-images", str(broken), "--out", str(tmp_path / "broken-eval")]
     assert main([*evaluate[:3], *evaluate[5:], *scored]) == 0, capsys.readouterr().err
     assert "box AP 0.00, mask AP 0.00" in capsys.readouterr().err  # nothing detected: every AP is 0
+
+
+def test_evaluation_shrinks_a_large_image_with_antialiasing_as_training_does():
+    # torchvision's evaluation resize is bilinear without antialiasing: a 1-pixel checkerboard shrunk to the
+    # 64 px input was point-sampled into patterns (std 0.73 after normalisation) instead of its mean grey
+    transform = FixedSizeTransform(64).eval()
+    yy, xx = torch.meshgrid(torch.arange(300), torch.arange(200), indexing="ij")
+    board = ((yy + xx) % 2).float().expand(3, -1, -1)
+    batch, _ = transform([board])
+    assert batch.image_sizes == [(64, 43)]
+    assert float(batch.tensors[0, :, :64, :43].flatten(1).std(1).max()) < 0.05
+    detections = [{"boxes": torch.tensor([[0.0, 0.0, 43.0, 64.0]]), "labels": torch.tensor([1]),
+                   "scores": torch.tensor([1.0]), "masks": torch.ones(1, 1, 28, 28)}]
+    back = transform.postprocess(detections, batch.image_sizes, [(300, 200)])[0]  # the image's own pixels again
+    assert back["boxes"].tolist() == [[0.0, 0.0, 200.0, 300.0]] and back["masks"].shape == (1, 1, 300, 200)

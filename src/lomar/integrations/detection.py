@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -58,13 +59,23 @@ class PyramidBackbone(nn.Module):
 
 
 class FixedSizeTransform(GeneralizedRCNNTransform):
-    """Normalise, resize for evaluation (longest side ``size``; training images come jittered and
+    """Normalise, resize for evaluation (longest side ``size``, antialiased; training images come jittered and
     are not resized again), and pad each image at its bottom-right into a ``size`` x ``size`` batch.
     Padding is 0 after normalisation, the mean pixel, as ViTDet's."""
 
     def __init__(self, size: int):
         super().__init__(size, size, list(IMAGENET_MEAN), list(IMAGENET_STD), size_divisible=32, _skip_resize=True)
         self.size = size
+
+    def resize(self, image: torch.Tensor, target: dict | None = None) -> tuple[torch.Tensor, dict | None]:
+        if self.training or target is not None:
+            return super().resize(image, target)
+        # torchvision's own resize is bilinear without antialiasing: an image larger than the input was
+        # point-sampled (aliased), unlike the antialiased jitter the detector trains on
+        height, width = image.shape[-2:]
+        scale = self.size / max(height, width)
+        size = [max(1, min(self.size, round(height * scale))), max(1, min(self.size, round(width * scale)))]
+        return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0], None
 
     def batch_images(self, images: list[torch.Tensor], size_divisible: int = 32) -> torch.Tensor:
         too_big = [tuple(i.shape[-2:]) for i in images if max(i.shape[-2:]) > self.size]
