@@ -159,3 +159,11 @@ def test_labels_stay_on_the_image_through_the_random_rescale(tmp_path):
         bright = (image * STD + MEAN)[0] > 127.5
         keep = labels != IGNORE
         assert (bright[keep] != (labels[keep] == 0)).sum() <= 1  # a tie at an edge at most
+
+
+def test_the_evaluation_scale_rounds_halves_up_as_mmcv_does():
+    from lomar.data.segmentation import eval_scale
+
+    assert eval_scale(1024, 1365, 512) == (512, 683)  # 682.5: Python's round() gave 682
+    assert eval_scale(1365, 1024, 512) == (683, 512)
+    assert eval_scale(37, 53, 32) == (32, 46)

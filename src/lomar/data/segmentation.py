@@ -97,7 +97,8 @@ def eval_scale(height: int, width: int, crop: int) -> tuple[int, int]:
     """mmseg's test Resize(scale=(4·crop, crop), keep_ratio): the largest size whose long side is
     at most 4·crop and short side at most crop."""
     factor = min(4 * crop / max(height, width), crop / min(height, width))
-    return max(1, round(height * factor)), max(1, round(width * factor))
+    # mmcv rounds halves up (int(x + 0.5)); Python's round() rounds them to even: 1024 x 1365 gave 512 x 682, not 683
+    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
 
 
 class SegmentationFolder(Dataset):
