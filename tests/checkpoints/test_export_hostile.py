@@ -75,3 +75,26 @@ def test_an_intact_beit_export_still_loads_everywhere(beit_export):
         expected = create_timm_beit(beit_export).forward_features(images)
         torch.testing.assert_close(load_pretrained_encoder(beit_export).eval().forward_features(images), expected)
         torch.testing.assert_close(load_model(beit_export).eval().forward_features(images), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64, torch.float8_e4m3fn])
+def test_weights_of_a_dtype_no_encoder_is_saved_in_are_refused_not_cast(tmp_path, dtype):
+    """Integers, booleans, complex numbers and float8 were cast into the float weights without a word."""
+    import timm
+    from safetensors.torch import load_file, save_file
+
+    import lomar.integrations.timm  # noqa: F401  (registers lomar_vit_*)
+    from lomar import VisionTransformer, ViTConfig, create_encoder, export_encoder
+
+    config = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    export_encoder(VisionTransformer(config), tmp_path)
+    weights = str(tmp_path / "model.safetensors")
+    state = load_file(weights)
+    save_file({**state, "cls_token": state["cls_token"].to(dtype)}, weights)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(UsageError, match=r"holds tensors in a dtype no weights are saved in: cls_token \("):
+        create_encoder(tmp_path)
+    with pytest.raises(ValueError, match=rf"weight cls_token is torch.{name}, which no weights are saved in"):
+        timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
+    save_file({**state, "cls_token": state["cls_token"].half()}, weights)
+    assert create_encoder(tmp_path).cls_token.dtype == torch.float32  # half precision is a dtype weights come in

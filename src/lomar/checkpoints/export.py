@@ -26,6 +26,8 @@ __all__ = ["Export", "export_encoder", "create_encoder", "read_export", "expecte
            "ENCODER_WEIGHTS", "CONFIG_NAME"]
 
 ENCODER_WEIGHTS = "model.safetensors"
+# safetensors' names of the dtypes weights may come in (float8 would lose them: no encoder is saved so)
+_WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")
 CONFIG_NAME = "config.json"
 # (type, lowest, highest) of each architecture field; generous, but far below what exhausts memory.
 _BOUNDS: dict[str, tuple[type | tuple[type, ...], float, float]] = {
@@ -148,13 +150,20 @@ def weights_path(folder: Path, data: dict, default: str = ENCODER_WEIGHTS) -> Pa
 
 
 def header_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
-    """Every tensor's shape from a safetensors file's header, reading no tensor; UsageError if it is not one."""
+    """Every tensor's shape from a safetensors file's header, reading no tensor; UsageError if it is not one, or
+    if a tensor is not floating-point (loading would cast integers, booleans or complex numbers into weights)."""
     try:
         with safe_open(str(weights), framework="pt") as handle:
-            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            slices = {key: handle.get_slice(key) for key in handle.keys()}
+            shapes = {key: tuple(item.get_shape()) for key, item in slices.items()}
+            dtypes = {key: item.get_dtype() for key, item in slices.items()}
     except Exception as exc:  # safetensors raises its own error types for any malformed header
         raise UsageError(f"{weights} is not a safetensors file ({str(exc).splitlines()[0][:120]}); "
                          f"re-export the encoder with `lomar export`") from None
+    if odd := sorted(f"{key} ({dtype})" for key, dtype in dtypes.items() if dtype not in _WEIGHT_DTYPES):
+        raise UsageError(f"{weights} holds tensors in a dtype no weights are saved in: {', '.join(odd[:3])}; "
+                         f"pass an encoder's weights (F32, F16, BF16 or F64), or re-export it with `lomar export`")
+    return shapes
 
 
 def _check_config(where: Path, data: dict, overrides: dict) -> tuple[ViTConfig, int, str]:

@@ -171,6 +171,9 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: LomarVision
     out: dict[str, torch.Tensor] = {}
     weights = encoder_keys(state)
     for key, value in weights.items():
+        if not value.is_floating_point() or value.dtype.itemsize < 2:  # loading would cast it into a weight
+            raise ValueError(f"weight {key} is {value.dtype}, which no weights are saved in; pass an encoder's "
+                             f"weights (float32, float16, bfloat16 or float64), or re-export it with `lomar export`")
         if key == "pos_embed" and key in own and own[key].shape != value.shape:
             value = model.fit_pos_embed(value)
         if key not in own or own[key].shape != value.shape:
