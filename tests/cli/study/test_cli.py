@@ -17,6 +17,8 @@ from lomar.cli.study.runner import check_cells, settings_flags
     (["study", "--preset", "windows", "--budget", "fast"], "--budget: 'fast' is not a budget"),
     (["study", "--preset", "windows", "--data", "/no/such/dir"], "--data /no/such/dir is not a folder"),
     (["study", "/no/such/spec.yaml"], "study spec /no/such/spec.yaml does not exist"),
+    # not studies/NAME in the working folder: `--out "$DIR"` with DIR unset
+    (["study", "--preset", "windows", "--out", ""], "--out is empty; give a path"),
 ])
 def test_bad_invocations_are_one_line_errors(argv, message, capsys):
     assert main(argv) == 2

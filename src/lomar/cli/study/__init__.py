@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     budget = None if args.budget is None else parse_budget(args.budget, "--budget")
     if args.scale != "small" and not args.preset:
         raise UsageError("--scale is for presets; a spec states its own settings")
-    if args.out:  # before a preset composes its data there
+    if args.out is not None:  # before a preset composes its data there; an empty one (an unset variable) too
         check_output_dir(args.out, "--out")
     if args.preset:
         out = args.out or f"studies/{args.preset}"
