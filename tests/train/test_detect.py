@@ -470,3 +470,42 @@ def test_evaluation_shrinks_a_large_image_with_antialiasing_as_training_does():
                    "scores": torch.tensor([1.0]), "masks": torch.ones(1, 1, 28, 28)}]
     back = transform.postprocess(detections, batch.image_sizes, [(300, 200)])[0]  # the image's own pixels again
     assert back["boxes"].tolist() == [[0.0, 0.0, 200.0, 300.0]] and back["masks"].shape == (1, 1, 300, 200)
+
+
+class _Oracle(torch.nn.Module):
+    """A perfect detector: each call answers with the ground truth of the next images in ``ids``."""
+
+    def __init__(self, split, ids):
+        super().__init__()
+        self.coco, self.ids, self.label_of = split.coco(), list(ids), {c: i + 1 for i, c in enumerate(split.categories)}
+
+    def forward(self, images):
+        outputs = []
+        for _ in images:
+            anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=self.ids.pop(0), iscrowd=False))
+            boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)])
+            masks = torch.stack([torch.from_numpy(self.coco.annToMask(a)).float() for a in anns])[:, None]
+            outputs.append({"boxes": boxes, "labels": torch.tensor([self.label_of[a["category_id"]] for a in anns]),
+                            "scores": torch.ones(len(anns)), "masks": masks})
+        return outputs
+
+
+def test_a_validation_image_that_cannot_be_read_is_left_out_of_the_ap_not_counted_as_missed(tiny, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from lomar.train.distributed import DistInfo
+
+    _, (ann, images) = tiny
+    folder = tmp_path / "images"
+    shutil.copytree(images, folder)
+    split = read_coco(ann, folder)
+    first = folder / split.data["images"][0]["file_name"]
+    first.write_bytes(first.read_bytes()[:200])  # cut short: skipped with a warning when read
+    task = DetectTask.__new__(DetectTask)  # the evaluation alone, with a detector that knows the answers
+    task.val, task.categories, task.info, task.device = split, split.categories, DistInfo(), torch.device("cpu")
+    task.val_loader = DataLoader(detection_dataset(split, eval_transforms(), train=False), 2,
+                                 collate_fn=collate_detection)
+    task.model = _Oracle(split, [image["id"] for image in split.data["images"][1:]])
+    metrics = task.evaluate()
+    assert metrics["box_AP"] == pytest.approx(100.0) and metrics["mask_AP"] == pytest.approx(100.0)
+    assert {r["image_id"] for r in task.predictions} == {image["id"] for image in split.data["images"][1:]}

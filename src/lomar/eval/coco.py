@@ -61,12 +61,14 @@ def _no_detections(gt):
     return empty
 
 
-def _score(gt, results: list[dict], kind: str) -> list[float | None]:
+def _score(gt, results: list[dict], kind: str, image_ids: list[int] | None) -> list[float | None]:
     from pycocotools.cocoeval import COCOeval
 
     with contextlib.redirect_stdout(io.StringIO()):
         predictions = gt.loadRes(copy.deepcopy(results)) if results else _no_detections(gt)
         evaluator = COCOeval(gt, predictions, kind)
+        if image_ids is not None:
+            evaluator.params.imgIds = sorted(set(image_ids))
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -74,11 +76,14 @@ def _score(gt, results: list[dict], kind: str) -> list[float | None]:
     return [float(v) * 100 if v >= 0 else None for v in evaluator.stats[:len(METRIC_NAMES)]]
 
 
-def coco_metrics(gt, results: list[dict]) -> dict[str, float | None]:
-    """{"box_AP", "box_AP50", ..., "mask_APl"} in percent. ``gt``: a pycocotools ``COCO``."""
+def coco_metrics(gt, results: list[dict], image_ids: list[int] | None = None) -> dict[str, float | None]:
+    """{"box_AP", "box_AP50", ..., "mask_APl"} in percent. ``gt``: a pycocotools ``COCO``; ``image_ids``: the
+    images the detector saw (default: all of ``gt``'s), so that one it could not read is left out of the
+    scores rather than having its objects counted as missed."""
     boxes = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
-    metrics = {f"box_{name}": value for name, value in zip(METRIC_NAMES, _score(gt, boxes, "bbox"))}
+    metrics = {f"box_{name}": value for name, value in zip(METRIC_NAMES, _score(gt, boxes, "bbox", image_ids))}
     if not results or "segmentation" in results[0]:
         masks = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
-        metrics.update({f"mask_{name}": value for name, value in zip(METRIC_NAMES, _score(gt, masks, "segm"))})
+        scores = _score(gt, masks, "segm", image_ids)
+        metrics.update({f"mask_{name}": value for name, value in zip(METRIC_NAMES, scores)})
     return metrics

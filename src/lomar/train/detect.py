@@ -191,23 +191,24 @@ class DetectTask(Task):
         process keeps the predictions."""
         was_training = self.model.training
         self.model.eval()
-        results = []
+        results, seen = [], []  # seen: the images read; one skipped (with a warning) is left out of the scores
         for images, targets in self.val_loader:
-            if not images:  # every image of the batch was skipped (with a warning)
+            if not images:  # every image of the batch was skipped
                 continue
             outputs = self.model([image.to(self.device) for image in images])
             for output, target in zip(outputs, targets):
-                results.extend(to_coco_results(output, int(target["image_id"]), self.categories))
+                seen.append(int(target["image_id"]))
+                results.extend(to_coco_results(output, seen[-1], self.categories))
         self.model.train(was_training)
         if not self.info.enabled:
             self.predictions = results
-            return coco_metrics(self.val.coco(), results)
+            return coco_metrics(self.val.coco(), results, seen)
         gathered = [None] * self.info.world_size if self.info.is_main else None
-        dist.gather_object(results, gathered, dst=0)
+        dist.gather_object((results, seen), gathered, dst=0)
         metrics = [None]
         if self.info.is_main:
-            self.predictions = sorted((r for part in gathered for r in part), key=lambda r: r["image_id"])
-            metrics = [coco_metrics(self.val.coco(), self.predictions)]
+            self.predictions = sorted((r for part, _ in gathered for r in part), key=lambda r: r["image_id"])
+            metrics = [coco_metrics(self.val.coco(), self.predictions, [i for _, ids in gathered for i in ids])]
         dist.broadcast_object_list(metrics, src=0)
         return metrics[0]
 
