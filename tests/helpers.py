@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import importlib.util
 import json
 import os
@@ -10,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lomar.cli.app import main
 
@@ -117,3 +122,42 @@ def fill_disk(monkeypatch, room: int = 4096) -> None:
         return FillingFile(handle, room) if "w" in mode else handle
 
     monkeypatch.setattr("lomar.checkpoints.io.open", opener, raising=False)
+
+
+_ATEN_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::nonzero_static", "aten::masked_select",
+               "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim"}
+_VALUE_READS = {torch.Tensor.tolist, torch.Tensor.numpy}  # on the CPU these read without an aten op
+
+
+class _AtenReads(TorchDispatchMode):
+    def __init__(self, reads: collections.Counter):
+        super().__init__()
+        self.reads = reads
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        boolean_index = name in ("aten::index", "aten::index_put", "aten::index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()))
+        if name in _ATEN_READS or boolean_index:  # a boolean index is a nonzero below the dispatcher
+            self.reads[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _ValueReads(TorchFunctionMode):
+    def __init__(self, reads: collections.Counter):
+        super().__init__()
+        self.reads = reads
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _VALUE_READS:
+            self.reads[func.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def host_reads():
+    """A Counter of the reads of tensor values back to the host made inside (``int(t)``, ``bool(t)``,
+    ``.item()``, ``.tolist()``, ``nonzero``, a boolean index...): on a GPU, each waits for the device."""
+    reads = collections.Counter()
+    with _ValueReads(reads), _AtenReads(reads):
+        yield reads

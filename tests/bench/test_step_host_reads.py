@@ -4,46 +4,25 @@ On a GPU each read of a tensor's value (``int(t)``, ``bool(t)``, ``.item()``, ``
 blocking copy to the device makes the host wait for the work queued before it, so it cannot queue
 the next step's kernels meanwhile. The training loop reads the loss once a step on purpose (its
 non-finite check); the model, the optimizer and the step's inputs wait for nothing. On the CPU the
-same reads go through ``aten._local_scalar_dense`` (and ``nonzero`` and friends), which a dispatch
-mode sees.
+same reads are seen by ``helpers.host_reads``.
 """
-
-import collections
 
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers import host_reads
 from lomar.bench.timing import build_runner
 
 CPU = torch.device("cpu")
-HOST_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::nonzero_static", "aten::masked_select",
-              "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim"}
-
-
-class HostReads(TorchDispatchMode):
-    """Counts the ops that read a tensor's values back to the host (on CUDA: a wait for the device)."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        boolean_index = name in ("aten::index", "aten::index_put", "aten::index_put_") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()))
-        if name in HOST_READS or boolean_index:  # a boolean index is a nonzero below the dispatcher
-            self.reads[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_the_counter_sees_the_reads_a_step_could_make():
-    with HostReads() as counter:
+    with host_reads() as reads:
         t = torch.tensor([0, 3, 1])
-        int(t.max()), bool(t.any()), t.nonzero(), t[t > 0]
-    assert counter.reads == {"aten._local_scalar_dense.default": 2, "aten.nonzero.default": 1,
-                             "aten.index.Tensor": 1}
+        int(t.max()), bool(t.any()), t.nonzero(), t[t > 0], t.tolist()
+    assert reads == {"aten._local_scalar_dense.default": 2, "aten.nonzero.default": 1, "aten.index.Tensor": 1,
+                     "tolist": 1}
 
 
 @pytest.mark.parametrize("method,windows", [("lomar", 2), ("mae", None), ("mae_window", 2), ("beit", None),
@@ -53,18 +32,18 @@ def test_the_training_step_reads_nothing_back(method, windows):
     # windows sized its visible tokens by int(mask count) and BEiT its slots by int(counts.max()).
     runner = build_runner(method, "vit_base_patch16", 128, windows, 2, CPU, "fp32", False, tiny=True)
     runner.step()  # first-call set-up (caches) is not the steady step
-    with HostReads() as counter:
+    with host_reads() as reads:
         runner.step()
-    assert not counter.reads, dict(counter.reads)
+    assert not reads, dict(reads)
 
 
 def test_lomar_drawing_its_own_plan_reads_nothing_back():
     # The others count a plan they draw themselves (MAE with windows, BEiT) or seed its blockwise masks
     # from the generator (BEiT): outside the training loop, which hands them plans counted on the host.
     runner = build_runner("lomar", "vit_base_patch16", 128, 2, 2, CPU, "fp32", False, tiny=True)
-    with HostReads() as counter:
+    with host_reads() as reads:
         runner.model(runner.images, generator=torch.Generator().manual_seed(3)).loss.backward()
-    assert not counter.reads, dict(counter.reads)
+    assert not reads, dict(reads)
 
 
 class Copies(TorchFunctionMode):

@@ -211,7 +211,7 @@ def test_a_plan_checked_where_it_was_built_is_not_checked_again_on_the_device(mo
     with pytest.raises(ValueError, match="outside the 8x8 grid"):  # still checked, on the host
         plan_kwargs(config, (8, 8))({"top_left": bad.top_left, "mask": bad.mask}, torch.device("cpu"))
     calls = []
-    monkeypatch.setattr(MaskingPlan, "validate", lambda self, grid: calls.append(grid))
+    monkeypatch.setattr(MaskingPlan, "validate", lambda self, grid: calls.append(grid) or (1, 1))
     images = torch.zeros(2, 3, 64, 64)
     built.for_batch(images, 3, (8, 8))
     assert calls == []
@@ -248,3 +248,15 @@ def test_mae_with_windows_names_a_plan_with_differing_counts():
     mask[0, 0] = torch.tensor([True, True, True, False])
     with pytest.raises(ValueError, match="same number of masked tokens .* mask 2 to 3"):
         model(torch.randn(1, 3, 32, 32), plan=MaskingPlan(plan.top_left, mask, 2))
+
+
+def test_checking_a_plan_reads_its_values_once():
+    # On a GPU each read waits for the device: a hand-made plan given to a model was read four times
+    # to check it, and once more by MAE with windows or BEiT for its masked counts.
+    from helpers import host_reads
+
+    plan = sample_plan(2, (8, 8), 3, 2, 0.5, torch.Generator().manual_seed(0))
+    with host_reads() as reads:
+        checked = MaskingPlan(plan.top_left, plan.mask, 3).checked((8, 8))
+        checked.masked_counts()
+    assert reads == {"tolist": 1}

@@ -172,22 +172,18 @@ class MaskingPlan:
     def checked(self, grid: tuple[int, int]) -> MaskingPlan:
         """This plan, validated for ``grid`` (:meth:`validate`) and its masked counts taken
         (:attr:`masked_range`); do it on the host, before moving the plan to a GPU."""
-        self.validate(grid)
-        return replace(self, checked_grid=tuple(grid), masked_range=self._count_masked())
+        return replace(self, checked_grid=tuple(grid), masked_range=self.validate(grid))
 
     def masked_counts(self) -> tuple[int, int]:
         """(fewest, most) masked tokens of a window: :attr:`masked_range`, or counted (a wait on a GPU)."""
-        return self.masked_range if self.masked_range is not None else self._count_masked()
-
-    def _count_masked(self) -> tuple[int, int]:
+        if self.masked_range is not None:
+            return self.masked_range
         counts = self.mask.sum(-1).flatten()
-        if not counts.numel():
-            return 0, 0
-        fewest, most = torch.stack([counts.min(), counts.max()]).tolist()  # one read of the values
-        return fewest, most
+        return tuple(torch.stack([counts.min(), counts.max()]).tolist()) if counts.numel() else (0, 0)
 
-    def validate(self, grid: tuple[int, int]) -> None:
-        """Raise ValueError unless the plan is well formed for this patch grid."""
+    def validate(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """Raise ValueError unless the plan is well formed for this patch grid; returns the (fewest, most)
+        masked tokens of a window. The values are read once, all together: on a GPU a read waits for it."""
         k = self.window_size
         n_img, n_win = self.top_left.shape[:2]
         if self.top_left.shape != (n_img, n_win, 2) or n_win == 0:
@@ -203,15 +199,20 @@ class MaskingPlan:
         if self.mask.dtype != torch.bool:
             raise ValueError(f"plan.mask must be a bool tensor (True = masked), got {self.mask.dtype}; "
                              f"convert it with mask.bool()")
-        if self.mask.numel() and not bool(self.mask.any()):
-            raise ValueError("plan.mask masks no token at all: the loss (over masked tokens) is undefined")
         rows, cols = window_positions(grid, k)
-        tl = self.top_left
-        if bool((tl < 0).any()) or bool((tl[..., 0] >= rows).any()) or bool((tl[..., 1] >= cols).any()):
+        if n_img == 0:
+            return 0, 0
+        counts, tl = self.mask.sum(-1).flatten(), self.top_left.reshape(-1, 2).long()
+        fewest, most, lowest, last_row, last_col = torch.stack(
+            [counts.min(), counts.max(), tl.min(), tl[:, 0].max(), tl[:, 1].max()]).tolist()
+        if most == 0:
+            raise ValueError("plan.mask masks no token at all: the loss (over masked tokens) is undefined")
+        if lowest < 0 or last_row >= rows or last_col >= cols:
             raise ValueError(
                 f"plan has windows outside the {grid[0]}x{grid[1]} grid: top-left rows must be in "
                 f"[0, {rows - 1}] and columns in [0, {cols - 1}] for {k}x{k} windows"
             )
+        return fewest, most
 
     def for_batch(self, images: torch.Tensor, window_size: int, grid: tuple[int, int]) -> MaskingPlan:
         """This plan on the images' device, checked against a model's K and the batch (images (N, C, H, W) on a
