@@ -288,3 +288,17 @@ def test_a_stop_signal_that_a_slice_took_after_its_last_step_stops_the_study(tmp
     spec = _spec(labelled, budget="1steps", grid={"method": ["lomar"]}, random_init=False, eval={"metrics": []})
     with pytest.raises(StudyStopped, match="stopped at step 1 .signal.; re-run the same command to continue"):
         run_study(parse_spec(spec), tmp_path / "study", log=lambda line: None)
+
+
+def test_a_second_study_into_a_folder_in_use_is_refused(tmp_path, labelled, monkeypatch):
+    """Only each cell's run folder was locked while it trained: a second study into the same folder scored
+    the finished cells again and overwrote the first one's states and results."""
+    from lomar.errors import UsageError
+    from lomar.train.run_state import RunLock
+
+    monkeypatch.setattr(runner, "pretrain", lambda config: pytest.fail(f"trained {config.out}"))
+    spec = _spec(labelled, budget="1steps", grid={"method": ["lomar"]}, random_init=False, eval={"metrics": []})
+    out = tmp_path / "study"
+    with RunLock(out), pytest.raises(UsageError, match=f"^--out {out} is in use by another run .pid [0-9]+.; "):
+        run_study(parse_spec(spec), out, log=lambda line: None)
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]

@@ -34,7 +34,7 @@ from lomar.data.folder import build_pretrain_dataset
 from lomar.errors import LomarError, UsageError
 from lomar.train.config import PretrainConfig, add_config_arguments, resolve_config
 from lomar.train.pretrain import TrainingError, train
-from lomar.train.run_state import SaveError
+from lomar.train.run_state import RunLock, SaveError
 from lomar.viz.reconstruction import save_figure
 from lomar.viz.study import draw_ablation, draw_time_to_accuracy, group, plotted_metrics
 
@@ -286,18 +286,20 @@ def run_study(spec: StudySpec, out: str | Path, log: Callable[[str], None] | Non
     out = Path(out)
     log = log or (lambda line: print(line, flush=True))
     check_cells(spec)
-    for cell in spec.cells():  # before spec.json is replaced, or a refused re-run would leave the new spec there
-        state = out / "cells" / cell.name / "study-state.json"
-        if state.exists():
-            check_same_spec(json.loads(state.read_text()), spec, cell, state.parent, spec.budget)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "spec.json", {"name": spec.name, "budget": str(spec.budget), "seeds": spec.seeds,
-                                   "settings": spec.settings, "grid": spec.grid,
-                                   "eval": {k: str(v) if isinstance(v, Budget) else v
-                                            for k, v in vars(spec.eval).items()}})
-    study = Study(spec, out, log)
-    records = study.run()
-    figures = write_results(records, spec, out, (time.perf_counter() - study.started) / 60, command)
+    # Each cell's run folder is locked while it trains, not the study's: a second study into the same
+    # folder would score the same cells again and overwrite the first one's states and results.
+    with RunLock(out):
+        for cell in spec.cells():  # before spec.json is replaced, or a refused re-run would leave the new spec
+            state = out / "cells" / cell.name / "study-state.json"
+            if state.exists():
+                check_same_spec(json.loads(state.read_text()), spec, cell, state.parent, spec.budget)
+        write_json(out / "spec.json", {"name": spec.name, "budget": str(spec.budget), "seeds": spec.seeds,
+                                       "settings": spec.settings, "grid": spec.grid,
+                                       "eval": {k: str(v) if isinstance(v, Budget) else v
+                                                for k, v in vars(spec.eval).items()}})
+        study = Study(spec, out, log)
+        records = study.run()
+        figures = write_results(records, spec, out, (time.perf_counter() - study.started) / 60, command)
     log(f"[study] done: {out / 'results.md'}, {out / 'results.json'}, {len(figures)} figure(s)")
     return records
 
