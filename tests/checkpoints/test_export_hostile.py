@@ -98,3 +98,26 @@ def test_weights_of_a_dtype_no_encoder_is_saved_in_are_refused_not_cast(tmp_path
         timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
     save_file({**state, "cls_token": state["cls_token"].half()}, weights)
     assert create_encoder(tmp_path).cls_token.dtype == torch.float32  # half precision is a dtype weights come in
+
+
+def test_an_original_beit_checkpoint_is_named_by_the_lomar_and_mae_readers_not_asked_for_heads(tmp_path, capsys):
+    """load-original on BEiT's checkpoint asked for --num-heads, then failed to load it as a LoMaR model; a finetuned
+    BEiT (no lm_head) did the same in export, knn and finetune."""
+    from helpers import reference_dir
+    from lomar import load_original
+    from lomar.cli.app import main
+
+    beit = reference_dir() / "beit_112" / "beit_checkpoint.pth"
+    with pytest.raises(ValueError, match=r"beit_checkpoint.pth is an original BEiT pretraining checkpoint, not a "
+                                         r"LoMaR / MAE one: `lomar export`"):
+        load_original(beit, num_heads=4)
+    assert main(["load-original", str(beit), "--to", str(tmp_path / "x.pt")]) == 2
+    assert "is an original BEiT pretraining checkpoint" in capsys.readouterr().err
+    state = {k: v for k, v in torch.load(beit, weights_only=True)["model"].items()
+             if not k.startswith(("lm_head.", "mask_token"))}
+    torch.save({"model": {**state, "head.weight": torch.zeros(10, 48), "head.bias": torch.zeros(10)}},
+               tmp_path / "ft.pth")
+    for read in (load_model, load_pretrained_encoder):
+        with pytest.raises(ValueError, match=r"ft.pth is a BEiT checkpoint without its lm_head"):
+            read(tmp_path / "ft.pth")
+    assert main(["export", str(beit), "--to", str(tmp_path / "ex")]) == 0  # the pretraining one still exports

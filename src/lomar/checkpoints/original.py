@@ -31,6 +31,19 @@ log = logging.getLogger("lomar.checkpoints")
 __all__ = ["infer_original_config", "load_original", "OriginalReader"]
 
 
+def _refuse_beit(state: dict, where: object = "this checkpoint") -> None:
+    """A BEiT state dict (layer scale, q/v biases, relative position tables, lm_head) has the ViT's key names too: read
+    as LoMaR or MAE it asked for --num-heads and then failed to load, which hid what it is."""
+    if not any(k.startswith("lm_head.") or k.endswith(("relative_position_bias_table", ".gamma_1", ".attn.q_bias"))
+               for k in state):
+        return
+    if "lm_head.weight" in state:
+        raise ValueError(f"{where} is an original BEiT pretraining checkpoint, not a LoMaR / MAE one: `lomar export`, "
+                         "`knn`, `linprobe` and `finetune --pretrained` read it as it is (a timm Beit)")
+    raise ValueError(f"{where} is a BEiT checkpoint without its lm_head (a finetuned BEiT, or a timm Beit), which "
+                     "lomar does not read; pass the original BEiT pretraining checkpoint")
+
+
 def _method(state: dict) -> str:
     return "mae" if "decoder_embed.weight" in state else "classifier" if "head.weight" in state else "lomar"
 
@@ -48,6 +61,7 @@ def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
         raise ValueError("not an original LoMaR/MAE checkpoint: no 'patch_embed.proj.weight' in its model"
                          + ("; it is one of lomar's own: lomar.eval.features.load_pretrained_encoder reads its encoder"
                             if ours else ""))
+    _refuse_beit(state)
     method = _method(state)
     config = infer_vit_config({rename_rpe(k): v for k, v in state.items()}, args,
                               num_heads=overrides.pop("num_heads", None), img_size=overrides.pop("img_size", None))
@@ -98,6 +112,7 @@ def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
 
 
 def _original_model(data: dict, path: Path, overrides: dict) -> nn.Module:
+    _refuse_beit(data.get("model", data), path)
     method, settings = infer_original_config(data, **overrides)
     state = data.get("model", data)
     if method == "lomar":
@@ -142,6 +157,7 @@ class OriginalReader(Reader):
         return _original_model(src.data, src.path, dict(overrides))
 
     def encoder(self, src, overrides):
+        _refuse_beit(src.state, src.path)
         config = infer_vit_config({rename_rpe(k): v for k, v in src.state.items()}, args_dict(src.data),
                                   num_heads=overrides.get("num_heads"))
         keep = ENCODER_PREFIXES + CLASSIFIER_PREFIXES
