@@ -311,7 +311,7 @@ class _Run:
             if seconds is not None:
                 extra["epoch_s"] = round(seconds, 2)
             metric = self.task.best_metric
-            if metric in metrics and not self.p.batches_done:
+            if metrics.get(metric) is not None and not self.p.batches_done:  # None: nothing was scored
                 extra[f"best_{metric}"] = max(self.best, metrics[metric])
             epoch = self.p.epoch - 1 if self.task.eval_epoch_index and self.p.epoch and not self.p.batches_done \
                 else self.p.epoch
