@@ -121,3 +121,27 @@ def test_an_original_beit_checkpoint_is_named_by_the_lomar_and_mae_readers_not_a
         with pytest.raises(ValueError, match=r"ft.pth is a BEiT checkpoint without its lm_head"):
             read(tmp_path / "ft.pth")
     assert main(["export", str(beit), "--to", str(tmp_path / "ex")]) == 0  # the pretraining one still exports
+
+
+def test_tokenizer_fit_and_convert_replace_an_existing_file_only_with_overwrite(tmp_path, capsys):
+    """A BEiT run names its tokenizer by path: `tokenizer fit --out RUN/tokenizer.safetensors` replaced it unasked,
+    and `pretrain --resume` then trained against another tokenizer's targets."""
+    from PIL import Image
+
+    from lomar.cli.app import main
+    from lomar.tokenizers import DVAEConfig, DVAEEncoder
+
+    for i in range(4):
+        Image.new("RGB", (40, 40), (i * 60, 30, 60)).save(tmp_path / f"{i}.png")
+    out = tmp_path / "tok.safetensors"
+    out.write_bytes(b"the run's tokenizer")
+    fit = ["tokenizer", "fit", "--data", str(tmp_path), "--vocab", "4", "--size", "16", "--out", str(out)]
+    assert main(fit) == 2
+    assert "tok.safetensors already exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert out.read_bytes() == b"the run's tokenizer"
+    assert main([*fit, "--overwrite"]) == 0 and out.read_bytes() != b"the run's tokenizer"
+    torch.save({"model": DVAEEncoder(DVAEConfig(n_hid=8, n_blk_per_group=1, vocab_size=10)).state_dict()},
+               tmp_path / "dvae.pt")
+    convert = ["tokenizer", "convert", str(tmp_path / "dvae.pt"), "--to", str(out)]
+    assert main(convert) == 2 and "already exists" in capsys.readouterr().err
+    assert main([*convert, "--overwrite"]) == 0

@@ -115,7 +115,8 @@ def test_tokenizer_cli_fit_and_convert(tmp_path, image_dir, capsys):
                  "--out", str(out)]) == 0
     tok = load_tokenizer(out)
     assert tok.vocab_size == 12 and tok.tokens(torch.rand(2, 3, 32, 32)).shape == (2, 16)
-    assert main(["tokenizer", "fit", "--data", str(image_dir), "--vocab", "100000", "--out", str(out)]) == 2
+    assert main(["tokenizer", "fit", "--data", str(image_dir), "--vocab", "100000", "--out", str(out),
+                 "--overwrite"]) == 2
     assert "vocab" in capsys.readouterr().err
     dvae = DVAEEncoder(DVAEConfig(n_hid=8, n_blk_per_group=1, vocab_size=10))
     state = tmp_path / "dvae.pt"

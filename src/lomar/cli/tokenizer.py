@@ -36,12 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "iters": Setting(20, "Lloyd iterations at most", above=0),
         "max_images": Setting(2048, "images used at most", above=0),
         "seed": S.SEED,
+        "overwrite": S.OVERWRITE.but(help="replace FILE if it exists"),
     })
     conv = sub.add_parser("convert", help="write a dVAE encoder (encoder.pkl or state dict) as safetensors")
     add_settings(conv, {
         "source": Setting(None, "official dall_e encoder.pkl, {'model': sd} or sd", kind=str, flag="",
                           metavar="encoder.pkl"),
         "to": S.TO.but(metavar="dvae.safetensors", help="where to write the dVAE encoder (safetensors)"),
+        "overwrite": S.OVERWRITE.but(help="replace dvae.safetensors if it exists"),
     })
 
 
@@ -84,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
     from lomar.tokenizers import convert_dvae, fit_kmeans_tokenizer  # torch: not for --help
 
     flag, target = ("--to", args.to) if args.tokenizer_command == "convert" else ("--out", args.out)
-    check_output_file(target, flag, create_parents=True)
+    # A BEiT run names its tokenizer by path (OUT/tokenizer.safetensors when fitted): replacing that file unasked
+    # would resume the run against another tokenizer's targets.
+    check_output_file(target, flag, overwrite=args.overwrite, create_parents=True)
     if Path(target).suffix.lower() != ".safetensors":  # torch.load and the like would take x.pt for a pickle
         raise UsageError(f"{flag} {target}: a tokenizer is written as safetensors; give a name ending in "
                          f".safetensors, e.g. {flag} {Path(target).with_suffix('.safetensors')}")
