@@ -145,3 +145,17 @@ def test_tokenizer_fit_and_convert_replace_an_existing_file_only_with_overwrite(
     convert = ["tokenizer", "convert", str(tmp_path / "dvae.pt"), "--to", str(out)]
     assert main(convert) == 2 and "already exists" in capsys.readouterr().err
     assert main([*convert, "--overwrite"]) == 0
+
+
+def test_export_drop_head_names_the_classifier_it_came_from(tmp_path, capsys):
+    """--drop-head recorded and printed the source as a "visiontransformer": the encoder built to drop the head."""
+    from lomar import VisionTransformer, ViTConfig, create_encoder
+    from lomar.cli.app import main
+
+    config = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    classifier = VisionTransformer(config, num_classes=3)
+    torch.save({"model": classifier.state_dict()}, tmp_path / "cls.pt")
+    assert main(["export", str(tmp_path / "cls.pt"), "--to", str(tmp_path / "ex"), "--drop-head"]) == 0
+    assert "(classifier, head dropped, final norm new (identity))" in capsys.readouterr().out
+    assert json.loads((tmp_path / "ex" / "config.json").read_text())["method"] == "classifier"
+    assert create_encoder(tmp_path / "ex").num_classes == 0

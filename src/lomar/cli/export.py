@@ -52,15 +52,18 @@ def run(args: argparse.Namespace) -> int:
                 f"lomar finetune / linprobe / knn")
     else:
         encoder = encoder_of(model)
+        # named before --drop-head replaces the classifier, which then read as a "visiontransformer"
+        method = type(model).__name__ if model is not encoder else "classifier" if encoder.num_classes else "encoder"
+        head = f", head of {encoder.num_classes} classes" if encoder.num_classes else ""
         if args.drop_head and encoder.num_classes:
             plain = VisionTransformer(encoder.config)
-            plain.load_state_dict(encoder.state_dict(), strict=False)
+            missing, _ = plain.load_state_dict(encoder.state_dict(), strict=False)
+            # an averaging classifier pooled into fc_norm and has no final norm: the encoder's starts as identity
+            head = ", head dropped" + (", final norm new (identity)" if missing else "")
             encoder = plain
-        method = type(model).__name__ if model is not encoder else "classifier" if encoder.num_classes else "encoder"
         export_encoder(encoder, out, metadata={"source": str(args.checkpoint), "method": method.lower()},
                        overwrite=args.overwrite)
         c = encoder.config
-        head = f", head of {encoder.num_classes} classes" if encoder.num_classes else ""
         what = f"encoder of {args.checkpoint} ({method.lower()}{head})"
         load = (f"lomar.create_encoder('{out}') or, after `import lomar.timm_models`, "
                 f"timm.create_model('local-dir:{out}', pretrained=True)")
