@@ -184,7 +184,7 @@ MODEL_NAMES = tuple(f"vit_{size}_patch{patch}" for size in ("mini", "tiny", "sma
 MODEL = Setting("vit_base_patch16", f"encoder: {', '.join(MODEL_NAMES)}", choices=MODEL_NAMES, metavar="NAME")
 DEPTH = Setting(None, "transformer blocks (default: the --model's)", kind=int, above=0)
 NUM_HEADS = Setting(None, "attention heads (default: the --model's)", kind=int, above=0)
-WINDOW_SIZE = Setting(7, "LoMaR window size K, in patches", above=0)
+WINDOW_SIZE = Setting(7, "window size K in patches, every method's (BEiT's blockwise masks: K >= 3)", above=0)
 # finetune, detect, segment: the encoder under a task head
 LAYER_DECAY = Setting(0.65, "lr scale per layer below the top", above=0, high=1)
 DROP_PATH = Setting(0.1, "stochastic depth rate", low=0, below=1)
