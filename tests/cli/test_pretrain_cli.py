@@ -33,7 +33,7 @@ def _env() -> dict:
     (["--windows", "5"], "window positions"),
     # a 2x2 blockwise mask is empty in about 1 draw of 75, which stopped the run at batch size 1
     (["--method", "beit", "--window-size", "2", "--windows", "2"], "--window-size 2 is too small for block"),
-    (["--method", "beit", "--windows", "0", "--img-size", "16"], "the 2x2 patch grid (--windows 0"),
+    (["--method", "beit", "--windows", "0", "--img-size", "16"], "2x2 patch grid (--windows 0) is too small"),
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--data", "/no/such/folder"], "does not exist"),
     (["--mask-ratio", "0.05"], "mask ratio"),

@@ -116,7 +116,7 @@ def check_windows(config, grid, ratio: float | None) -> None:
     k, n = window_geometry(grid, config.window_size, config.windows)
     check_window_request(grid, k, n, 0.5 if ratio is None else ratio, _placement(config))
     if ratio is None and k < SMALLEST_BLOCK_GRID:
-        what = (f"--window-size {k}" if config.windows else
-                f"the {k}x{k} patch grid (--windows 0: one window of the whole image; use a larger --img-size)")
+        what, fix = ((f"--window-size {k}", f"--window-size {SMALLEST_BLOCK_GRID} or more") if config.windows else
+                     (f"the {k}x{k} patch grid (--windows 0)", "a larger --img-size"))
         raise ValueError(f"{what} is too small for block masking (about 1 draw in 75 of a 2x2 grid masks nothing); "
-                         f"use K >= {SMALLEST_BLOCK_GRID} or set --mask-ratio")
+                         f"use {fix} or set --mask-ratio")

@@ -159,8 +159,8 @@ class BEiTPretrain(nn.Module):
         """plan.flat()'s mask (R, K²) -> the window positions of S slots (R, S) and which slots are masked (R, S).
 
         S is :attr:`mask_slots` (static: the compiled step has fixed shapes); eagerly it grows to
-        the largest count of a hand-made plan (:meth:`MaskingPlan.masked_counts`, taken where the plan
-        was built). Compiled, a plan masking more is an error, not a drop.
+        the largest count of a hand-made plan (:meth:`MaskingPlan.masked_counts`: counted on the host
+        when the training loop checked the plan). Compiled, a plan masking more is an error, not a drop.
         """
         if torch.compiler.is_compiling():
             slots = self.mask_slots

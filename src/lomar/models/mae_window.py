@@ -51,7 +51,8 @@ class MAEWindow(MAE):
         """The one count of masked tokens of every window of the plan.
 
         Compiled, it is the model's floor(K²·ratio) (a static shape), checked on the device. Eagerly,
-        the plan's own count (:meth:`MaskingPlan.masked_counts`, taken where it was built).
+        the plan's own count (:meth:`MaskingPlan.masked_counts`: counted on the host when the training
+        loop checked the plan).
         """
         if torch.compiler.is_compiling():
             masked = num_masked(self.window_size, self.mask_ratio)
