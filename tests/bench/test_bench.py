@@ -93,3 +93,22 @@ def test_bench_smoke_writes_json_and_plot(tmp_path, capsys):
 def test_bench_rejects_bad_flags(flags, capsys):
     assert main(["bench", "--tiny", *flags]) == 2
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    # were ignored without a word: no plot written, the eager encoder timed as if compiled, ...
+    (["--task", "backbone", "--plot", "b.png"], "--plot is for --task pretrain; --task backbone does not read it"),
+    (["--task", "backbone", "--compile"], "--compile is for --task pretrain or --task loader; --task backbone does"),
+    (["--task", "loader", "--data", ".", "--methods", "beit"], "--methods is for --task pretrain; --task loader"),
+    (["--data", "."], "--data is for --task loader; --task pretrain does not read it: drop it"),
+    (["--depth", "1"], "--depth is for --task backbone; --task pretrain does not read it: drop it"),
+    # the later write replaced the earlier: the results JSON became the profile or the PNG
+    (["--json", "r.json", "--plot", "./r.json"], "--plot ./r.json is also --json's file; give each output a file"),
+    (["--json", "r.json", "--profile", "r.json"], "--profile r.json is also --json's file"),
+])
+def test_bench_refuses_flags_its_task_ignores_and_outputs_on_one_file(flags, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--tiny", "--sizes", "64", "--device", "cpu", "--steps", "1", "--quiet", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lomar bench: error: {message}") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []

@@ -109,6 +109,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     }, group="--task loader")
 
 
+# Besides the flags every task reads (the model, sizes, batch, precision, device, threads, steps, --json):
+# a flag of another task was ignored without a word (--task backbone --compile timed the eager encoder).
+_TASK_FLAGS = {
+    "pretrain": {"methods", "windows", "compile", "compile_mode", "plot", "profile"},
+    "backbone": {"attention", "encoders", "grad_checkpointing", "depth"},
+    "loader": {"compile", "compile_mode", "data", "workers", "images", "decode", "loader_method", "loader_windows",
+               "make_test_set", "test_set_count", "repeats", "no_model"},
+}
+
+
+def _check_task_flags(args: argparse.Namespace) -> None:
+    """A flag changed from its default that ``--task`` does not read, or two outputs on one file: UsageError."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    defaults = vars(parser.parse_args([]))
+    others = set().union(*_TASK_FLAGS.values()) - _TASK_FLAGS[args.task]
+    for name in sorted(others):
+        if getattr(args, name) != defaults[name]:
+            readers = " or ".join(f"--task {task}" for task, flags in _TASK_FLAGS.items() if name in flags)
+            raise UsageError(f"--{name.replace('_', '-')} is for {readers}; --task {args.task} does not read it: "
+                             f"drop it")
+    outputs: dict[Path, str] = {}
+    for flag in ("json", "plot", "profile"):
+        if getattr(args, flag):
+            path = Path(getattr(args, flag)).resolve()
+            if path in outputs:  # the later write would replace the earlier one's results
+                raise UsageError(f"--{flag} {getattr(args, flag)} is also --{outputs[path]}'s file; give each "
+                                 f"output a file of its own")
+            outputs[path] = flag
+
+
 def _patch_size(args: argparse.Namespace) -> int:
     from lomar.models.vit import model_config  # torch: not for --help
 
@@ -180,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
     if args.profile and args.task != "pretrain":
         raise UsageError(f"--profile profiles training steps, which --task {args.task} does not time; "
                          f"drop --profile or use --task pretrain")
+    _check_task_flags(args)
     if args.task == "backbone":
         return _run_backbone(args)
     if args.task == "loader":
