@@ -1,6 +1,7 @@
 """Export folders edited by hand or taken from elsewhere: refused in one line, before any model is built."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -159,3 +160,22 @@ def test_export_drop_head_names_the_classifier_it_came_from(tmp_path, capsys):
     assert "(classifier, head dropped, final norm new (identity))" in capsys.readouterr().out
     assert json.loads((tmp_path / "ex" / "config.json").read_text())["method"] == "classifier"
     assert create_encoder(tmp_path / "ex").num_classes == 0
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda c: c.update(window_size=2, global_blocks=[1]), "model_args window_size=0 but window_size=2"),
+    (lambda c: c["model_args"].update(window_size=2, global_blocks=[1]), "model_args window_size=2 but window_size=0"),
+    (lambda c: c["model_args"].update(pos="none"), "model_args pos='none' but pos='rpe'"),
+])
+def test_an_export_whose_model_args_disagree_with_its_top_level_is_refused(tmp_path, edit, words):
+    """timm builds from model_args, lomar from the top level: a window size edited in one place (no weight changes
+    shape) gave two different models from one folder, without a word."""
+    from lomar import VisionTransformer, ViTConfig, create_encoder, export_encoder
+
+    vit = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    export_encoder(VisionTransformer(vit), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    edit(config)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UsageError, match=re.escape(words) + ".*timm builds from model_args and lomar from the top"):
+        create_encoder(tmp_path)

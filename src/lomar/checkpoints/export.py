@@ -204,6 +204,24 @@ def _check_config(where: Path, data: dict, overrides: dict) -> tuple[ViTConfig, 
     return config, int(data.get("num_classes", 0)), data.get("global_pool", "avg")
 
 
+# What config.json says twice: timm builds from model_args, lomar from the top level (absent: these defaults)
+_TWICE = {"img_size": 224, "patch_size": 16, "in_chans": 3, "embed_dim": 768, "depth": 12, "num_heads": 12,
+          "mlp_ratio": 4.0, "pos": "rpe", "window_size": 0, "global_blocks": []}
+
+
+def _check_model_args(where: Path, data: dict) -> None:
+    """UsageError where model_args and the top level disagree: one export would be two models, lomar's and timm's
+    (a window size edited in one place changes attention, not a single weight's shape)."""
+    args = data.get("model_args")
+    if not isinstance(args, dict):  # timm refuses such a folder itself; lomar needs only the top level
+        return
+    for key, default in _TWICE.items():
+        top, arg = data.get(key, default), args.get(key, default)
+        if top != arg and not (key == "img_size" and isinstance(top, list) and top == [arg, arg]):
+            raise UsageError(f"{where}: model_args {key}={arg!r} but {key}={top!r}; timm builds from model_args and "
+                             f"lomar from the top level, so they must agree: re-export the encoder with `lomar export`")
+
+
 def expected_shapes(config: ViTConfig, num_classes: int = 0, global_pool: str = "avg") -> dict[str, tuple[int, ...]]:
     """The state dict shapes of ``VisionTransformer(config, num_classes, global_pool)``, without building it.
 
@@ -276,6 +294,7 @@ def read_export(path: str | Path, **overrides) -> Export:
     if missing or unexpected or wrong:
         raise UsageError(f"{weights} does not match {config_path}: missing {missing[:4] or 'nothing'}, unexpected "
                          f"{unexpected[:4] or 'nothing'}, wrong shapes {wrong[:4] or 'none'}")
+    _check_model_args(config_path, data)  # after the shapes: a weights file that does not fit is the first problem
     return Export(config, num_classes, weights, pool, new_head, table_grid)
 
 
