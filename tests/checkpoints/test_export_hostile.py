@@ -179,3 +179,13 @@ def test_an_export_whose_model_args_disagree_with_its_top_level_is_refused(tmp_p
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UsageError, match=re.escape(words) + ".*timm builds from model_args and lomar from the top"):
         create_encoder(tmp_path)
+
+
+def test_a_device_or_pipe_given_as_a_checkpoint_is_named_as_such_not_missing(tmp_path):
+    """/dev/null was "checkpoint /dev/null does not exist; check the path"."""
+    import os
+
+    os.mkfifo(tmp_path / "pipe")
+    for path in ("/dev/null", tmp_path / "pipe"):
+        with pytest.raises(ValueError, match=r"is not a regular file \(a device, pipe or socket\)"):
+            load_model(path)

@@ -123,6 +123,8 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu", mmap: 
     if path.is_dir():
         raise ValueError(f"checkpoint {path} is a folder, not a checkpoint file: pass its file (a run's last.pt); "
                          f"an export folder loads with lomar.create_encoder")
+    if path.exists() and not path.is_file():  # a FIFO would block the read; a device is no checkpoint either
+        raise ValueError(f"checkpoint {path} is not a regular file (a device, pipe or socket); pass a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; check the path")
     try:
