@@ -144,3 +144,12 @@ def test_visualize_errors_are_one_line(converted, tmp_path, capsys):
     assert main(["export", conv, "--to", str(tmp_path / "exp2"), "--img-size", "448", "--windows", "2"]) == 2
     assert capsys.readouterr().err.endswith("carries its own settings; drop --img-size, --windows (settings for "
                                             "original checkpoints)\n")  # not silently ignored
+
+
+def test_visualize_a_run_folder_draws_its_reconstruction(pretrained, tmp_path, capsys):
+    """Given the run folder, as knn and linprobe take it, its export (an encoder without a pixel head, or none
+    yet while the run has not finished) was read: 'cannot reconstruct ... pass a pretraining checkpoint'."""
+    run = pretrained.parent
+    assert (run / "encoder.safetensors").is_file()
+    assert main(["visualize", str(run), "--out", str(tmp_path / "figs")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "figs" / "reconstruction.png").stat().st_size > 1000

@@ -33,8 +33,9 @@ def prepare_image(path: str | Path, size: int):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("Writes OUT/reconstruction.png (one row per image: original | sampled windows | masked "
                      "input | reconstruction) and, with --attention, OUT/attention-NN-NAME.png per image. "
-                     "CKPT: our pretraining checkpoint, one from `lomar load-original`, or an original one "
-                     "(an encoder-only checkpoint or export folder gives attention figures only).")
+                     "CKPT: our pretraining checkpoint (or its run folder: its last.pt is read), one from "
+                     "`lomar load-original`, or an original one (an encoder-only checkpoint or export folder gives "
+                     "attention figures only).")
     add_settings(parser, {
         "checkpoint": CHECKPOINT,
         "images": Setting(None, f"image files, at most {MAX_IMAGES} (default: four photographs bundled with "
@@ -75,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
     from lomar.viz.attention import attention_figure, attention_request, window_attention  # torch: not for --help
     from lomar.viz.reconstruction import reconstruction_figure  # torch: not for --help
 
+    if Path(args.checkpoint).is_dir() and (Path(args.checkpoint) / "last.pt").is_file():
+        # A run folder: its last.pt has the pixel head; its export (encoder.safetensors, once finished) has not,
+        # which refused a reconstruction asked of the run that made it.
+        args.checkpoint = str(Path(args.checkpoint) / "last.pt")
     model = load_for_cli(args.checkpoint, args)
     model.eval()
     encoder = getattr(model, "encoder", model)
