@@ -1,5 +1,6 @@
 """`lomar load-original`, `lomar visualize` and the in-window attention maps."""
 
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -153,3 +154,17 @@ def test_visualize_a_run_folder_draws_its_reconstruction(pretrained, tmp_path, c
     assert (run / "encoder.safetensors").is_file()
     assert main(["visualize", str(run), "--out", str(tmp_path / "figs")]) == 0, capsys.readouterr().err
     assert (tmp_path / "figs" / "reconstruction.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("flags, message", [
+    # the library's words reached the user, naming neither the flag nor the fix
+    (["--target-patch", "4", "0"], "--target-patch 4 0 is outside the 4x4 patch grid of .*; pass a row below 4 and "
+                                   "a column below 4"),
+    (["--masked", "--context", "image"], "--masked masks the window with LoMaR's mask token, in window context; "
+                                         "drop --context image"),
+])
+def test_visualize_attention_errors_name_the_flag_and_the_fix(pretrained, tmp_path, capsys, flags, message):
+    assert main(["visualize", str(pretrained), "--attention", *flags, "--out", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.match(f"lomar visualize: error: {message}$", err.strip())
+    assert not (tmp_path / "f").exists()

@@ -98,6 +98,13 @@ def run(args: argparse.Namespace) -> int:
     if args.attention and k is not None and k > min(grid):  # the library's message names window_size=, not the flag
         raise UsageError(f"--attention-window {k}: a {k}x{k} window does not fit the {grid[0]}x{grid[1]} patch grid "
                          f"of {args.checkpoint}; pass --attention-window {min(grid)} or less")
+    if args.attention and target is not None and not (target[0] < grid[0] and target[1] < grid[1]):
+        raise UsageError(f"--target-patch {target[0]} {target[1]} is outside the {grid[0]}x{grid[1]} patch grid of "
+                         f"{args.checkpoint}; pass a row below {grid[0]} and a column below {grid[1]}")
+    if args.masked and not (isinstance(model, LoMaR) and args.context in (None, "window")):
+        fix = "drop --context image" if isinstance(model, LoMaR) else \
+            f"{args.checkpoint} holds a {type(model).__name__}: drop --masked"
+        raise UsageError(f"--masked masks the window with LoMaR's mask token, in window context; {fix}")
     try:  # unreadable images, windows or a target that do not fit
         if args.attention:  # checked before any figure is written
             attention_request(model, grid, target, k, args.context, args.masked)
