@@ -189,3 +189,16 @@ def test_a_device_or_pipe_given_as_a_checkpoint_is_named_as_such_not_missing(tmp
     for path in ("/dev/null", tmp_path / "pipe"):
         with pytest.raises(ValueError, match=r"is not a regular file \(a device, pipe or socket\)"):
             load_model(path)
+
+
+def test_a_timm_model_folder_is_named_as_not_lomars(tmp_path):
+    """A timm / Hugging Face folder (config.json + model.safetensors) was refused for its global_pool 'token'."""
+    import timm
+    from timm.models._hub import save_for_hf
+
+    from lomar import create_encoder
+
+    save_for_hf(timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32), tmp_path)
+    for read in (create_encoder, load_pretrained_encoder):
+        with pytest.raises(UsageError, match=r"describes 'vit_tiny_patch16_224', not a lomar encoder"):
+            read(tmp_path)

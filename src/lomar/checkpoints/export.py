@@ -275,6 +275,10 @@ def read_export(path: str | Path, **overrides) -> Export:
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found; export an encoder with `lomar export` first")
     data = read_config_json(config_path)
+    if not str(data.get("architecture", "lomar_")).startswith("lomar_"):  # every lomar export's name starts so
+        raise UsageError(f"{config_path} describes {data['architecture']!r}, not a lomar encoder (a timm or Hugging "
+                         f"Face folder?); lomar reads folders written by `lomar export` / `lomar pretrain`, and "
+                         f"original LoMaR / MAE / BEiT checkpoints; load this one with timm")
     config, num_classes, pool = _check_config(config_path, data, overrides)
     weights = weights_path(path, data)
     shapes = header_shapes(weights)
