@@ -202,3 +202,16 @@ def test_a_timm_model_folder_is_named_as_not_lomars(tmp_path):
     for read in (create_encoder, load_pretrained_encoder):
         with pytest.raises(UsageError, match=r"describes 'vit_tiny_patch16_224', not a lomar encoder"):
             read(tmp_path)
+
+
+def test_the_window_cap_warning_of_an_original_checkpoint_loaded_at_a_non_square_size_is_logged(caplog):
+    """The warning formatted a (height, width) size with %d: logging printed its own traceback instead."""
+    import logging
+
+    from helpers import reference_dir
+    from lomar import load_original
+
+    with caplog.at_level(logging.WARNING, logger="lomar.checkpoints"):
+        model = load_original(reference_dir() / "lomar_112" / "checkpoint.pth", img_size=(112, 224))
+    assert model.encoder.config.img_size == (112, 224)
+    assert "capped at 1 on a 112x224 px image; loaded with 1" in caplog.text

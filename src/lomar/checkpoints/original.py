@@ -76,8 +76,9 @@ def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
         if asked > cap and "num_windows" not in overrides:
             asks = ("its args ask for %d %dx%d windows, which the original capped" if "num_window" in args
                     else "no window count in its args, and the original's default of %d %dx%d windows is capped")
-            log.warning("original checkpoint: " + asks + " at %d on a %d px image; loaded with %d",
-                        asked, window, window, cap, config.img_size, cap)
+            side = config.img_size if isinstance(config.img_size, int) else "x".join(map(str, config.img_size))
+            log.warning("original checkpoint: " + asks + " at %d on a %s px image; loaded with %d",
+                        asked, window, window, cap, side, cap)
         settings.update(window_size=window, num_windows=min(asked, cap),
                         mask_ratio=args.get("mask_ratio", 0.8), norm_pix_loss=args.get("norm_pix_loss", True))
     elif method == "mae":
