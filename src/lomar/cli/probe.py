@@ -50,6 +50,8 @@ LINPROBE = {
 }
 
 
+_PROTOCOL_FLAGS = {"adamw": ("lr", "weight_decay"), "mae": ("blr", "warmup_epochs")}  # what only one protocol reads
+
 knn_add_arguments = functools.partial(add_settings, settings=KNN)
 linprobe_add_arguments = functools.partial(add_settings, settings=LINPROBE)
 
@@ -116,6 +118,14 @@ def knn_run(args: argparse.Namespace) -> int:
 def resolve_linprobe(args: argparse.Namespace) -> None:
     """The protocol's own defaults, as ``lomar linprobe`` and the study both read them: MAE's probes the
     cls token and warms up within its epochs; AdamW's probes the mean of the patch tokens."""
+    # A flag of the other protocol was ignored without a word (--protocol mae --weight-decay 0.05 ran without it).
+    other = "adamw" if args.protocol == "mae" else "mae"
+    for name in _PROTOCOL_FLAGS[other]:
+        if getattr(args, name) != LINPROBE[name].default:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} is for --protocol {other}; --protocol {args.protocol} does not read it: drop "
+                             f"{flag}" + (" (LARS here has no weight decay, as MAE's probe)"
+                                          if name == "weight_decay" else ""))
     if args.protocol == "mae" and not 0 <= args.warmup_epochs <= args.epochs:  # only MAE's protocol warms up
         raise UsageError(f"--warmup-epochs must be in [0, --epochs {args.epochs}], got {args.warmup_epochs}")
     args.pool = args.pool or ("cls" if args.protocol == "mae" else "mean")
