@@ -215,3 +215,16 @@ def test_the_window_cap_warning_of_an_original_checkpoint_loaded_at_a_non_square
         model = load_original(reference_dir() / "lomar_112" / "checkpoint.pth", img_size=(112, 224))
     assert model.encoder.config.img_size == (112, 224)
     assert "capped at 1 on a 112x224 px image; loaded with 1" in caplog.text
+
+
+def test_create_encoder_takes_a_height_width_tuple_and_blames_a_bad_setting_on_its_caller(tmp_path):
+    """img_size=(h, w), as ViTConfig spells it, was refused (only a JSON list passed); a bad num_classes given to
+    create_encoder was reported as the file's, with "re-export the encoder"."""
+    from lomar import VisionTransformer, ViTConfig, create_encoder, export_encoder
+
+    vit = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, pos="abs")
+    export_encoder(VisionTransformer(vit), tmp_path)
+    assert create_encoder(tmp_path, img_size=(32, 64)).config.img_size == (32, 64)
+    with pytest.raises(UsageError, match=r"^the encoder settings given: num_classes must be an int in \[0, 1000000\], "
+                                         r"got -1; pass another value$"):
+        create_encoder(tmp_path, num_classes=-1)

@@ -117,14 +117,15 @@ def export_encoder(encoder: VisionTransformer, out_dir: str | Path, weights_name
     return write_export(out, weights_name, state, config)
 
 
-def check_bounds(where: Path, data: dict, bounds: dict | None = None) -> None:
+def check_bounds(where: Path | str, data: dict, bounds: dict | None = None,
+                 fix: str = "re-export the encoder with `lomar export`") -> None:
     """UsageError naming the first architecture field of ``data`` outside its type and bounds (:data:`_BOUNDS`)."""
     for key, (kind, low, high) in (bounds or _BOUNDS).items():
         value = data.get(key)  # the finite bounds also refuse inf and nan
         if key in data and not (isinstance(value, kind) and not isinstance(value, bool) and low <= value <= high):
             names = kind.__name__ if isinstance(kind, type) else "number"
             raise UsageError(f"{where}: {key} must be a{'n' if names[0] in 'ai' else ''} {names} in [{low}, {high}], "
-                             f"got {value!r}; re-export the encoder with `lomar export`")
+                             f"got {value!r}; {fix}")
 
 
 def read_config_json(config_path: Path) -> dict:
@@ -170,10 +171,12 @@ def _check_config(where: Path, data: dict, overrides: dict) -> tuple[ViTConfig, 
     if unknown := sorted(set(overrides) - set(ViTConfig.__dataclass_fields__) - {"num_classes", "global_pool"}):
         raise UsageError(f"unknown encoder setting(s) {', '.join(unknown)}; pass ViTConfig fields, num_classes or "
                          f"global_pool")
+    # a bad value the caller gave is the caller's to fix, not the file's
+    check_bounds("the encoder settings given", overrides, fix="pass another value")
     data = {**data, **overrides}
     check_bounds(where, data)
     img = data.get("img_size", 224)
-    sides = img if isinstance(img, list) and len(img) == 2 else [img]
+    sides = list(img) if isinstance(img, (list, tuple)) and len(img) == 2 else [img]  # a caller's (h, w) too
     if not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= MAX_IMG_SIZE for s in sides):
         raise UsageError(f"{where}: img_size must be an integer (or [height, width]) in [1, {MAX_IMG_SIZE}], "
                          f"got {img!r}")
