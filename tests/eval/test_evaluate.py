@@ -360,3 +360,33 @@ def test_finetune_sigusr1_checkpoints_mid_epoch_and_resumes(pretrained, folder, 
     assert main([*args, "--resume", "auto"]) == 0  # the rest: 1 step of epoch 0, 3 of epoch 1
     last = safe_load(out / "last.pt")
     assert (last["step"], last["epoch"]) == (6, 2) and (out / "best.pt").is_file()
+
+
+def test_knn_of_a_stopped_run_folder_reads_its_last_checkpoint(pretrained, folder, tmp_path, capsys):
+    """A run stopped by a signal has last.pt but no export yet: 'a folder without config.json; pass ... a folder
+    written by lomar pretrain', which it was. Its last checkpoint is read instead."""
+    run = tmp_path / "stopped"
+    run.mkdir()
+    shutil.copy(pretrained, run / "last.pt")
+    common = ["--data", str(folder), "--img-size", "32", "--workers", "0", "--device", "cpu", "--k", "3"]
+    assert main(["knn", str(run), *common, "--json", str(tmp_path / "a.json")]) == 0, capsys.readouterr().err
+    assert main(["knn", str(pretrained), *common, "--json", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "a.json").read_text()) == json.loads((tmp_path / "b.json").read_text())
+
+
+def test_knn_and_linprobe_score_trivially_separable_classes_at_100_percent(pretrained, tmp_path, capsys):
+    """Red against blue images: any encoder's features separate them, so anything below 100 % is a bug in the
+    scoring (labels, pooling, the probe's training), not the model's."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("val", 4)):
+        for label, colour in (("blue", (30, 30, 220)), ("red", (220, 30, 30))):
+            (tmp_path / split / label).mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(colour) + rng.integers(-20, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / label / f"{i}.png")
+    common = ["--data", str(tmp_path), "--img-size", "32", "--workers", "0", "--device", "cpu"]
+    assert main(["knn", str(pretrained), *common, "--k", "3"]) == 0
+    assert main(["linprobe", str(pretrained), *common, "--epochs", "20"]) == 0
+    assert main(["linprobe", str(pretrained), *common, "--pool", "cls", "--epochs", "20"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "top-1" in ln]
+    assert len(lines) == 3 and all("top-1: 100.00% (8 val / 12 train images)" in ln for ln in lines), lines

@@ -82,6 +82,10 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a checkpoint file or an exported folder")
+    if path.is_dir() and not (path / "config.json").exists() and (path / "last.pt").is_file():
+        # a run folder its run has not finished (stopped by a signal): no export yet, its last checkpoint instead
+        # of "a folder without config.json; pass ... a folder written by lomar pretrain", which it is
+        path = path / "last.pt"
     # Reading draws nothing from the global RNG (some formats build a model to read it): the new head and every
     # later draw of a run are then the same whatever form the same weights come in.
     heads = {"num_heads": overrides["num_heads"]} if overrides.get("num_heads") else {}
