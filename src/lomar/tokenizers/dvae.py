@@ -249,6 +249,11 @@ def _build(state: dict[str, torch.Tensor], fields: dict, source: Path) -> DVAEEn
         raise ValueError(f"{source} does not fit the dVAE encoder {config}: missing {missing[:4]}, "
                          f"unexpected {unexpected[:4]}, wrong shape or dtype {wrong[:2]}; the file is damaged "
                          f"or not a DALL-E dVAE encoder")
+    # NaN weights give NaN logits, whose argmax labels every patch alike: BEiT would train on one token silently
+    bad = next((k for k, v in state.items() if not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise ValueError(f"{source}: {bad} holds NaN or infinite values; the file is damaged: convert the official "
+                         f"encoder.pkl again with {CONVERT_HINT}")
     model = DVAEEncoder(config)
     model.load_state_dict(state)
     return model.eval()
