@@ -2,6 +2,7 @@
 
 import pytest
 
+from helpers import write_images
 from lomar.cli.study.presets import scaled_windows
 from lomar.cli.study.spec import Budget, parse_budget, parse_spec
 from lomar.errors import UsageError
@@ -49,6 +50,11 @@ def test_budgets_parse(text, expected):
     ({"data": {"images": "x"}}, "data: unknown key(s) images"),
     ({"name": "../../escape"}, "name: '../../escape' must be letters, digits"),
     ({"name": "/etc"}, "(it names the folder studies/NAME)"),
+    # bool() read the quoted 'false' as true: a random-init row nobody asked for
+    ({"random_init": "false"}, "random_init: 'false' must be true or false"),
+    ({"eval": {"equal_steps": "no"}}, "eval.equal_steps: 'no' must be true or false"),
+    ({"seeds": True}, "seeds: True must be a count"),  # was named 'None'
+    ({"eval": {"img_size": True}}, "eval.img_size: True must be a positive"),  # was an image size of 1
 ])
 def test_bad_specs_name_the_key_and_the_fix(tmp_path, changes, message):
     with pytest.raises(UsageError) as info:
@@ -118,3 +124,15 @@ def test_windows_scale_with_the_grid():
     assert [(w["window_size"], w["windows"]) for w in scaled_windows(8)] == [(3, 8), (4, 4), (5, 3), (6, 2), (8, 1)]
     sizes = [w["window_size"] for w in scaled_windows(12)]
     assert sizes == sorted(set(sizes)) and sizes[-1] == 12  # distinct, the largest covers the grid
+
+
+def test_bad_finetune_options_are_refused_before_any_cell_trains(tmp_path):
+    """Its bounds are the config's, which only the first score (after a cell's whole budget) read."""
+    from lomar.cli.study.evals import check_options
+
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            write_images(tmp_path / split / label, 1)
+    spec = parse_spec(_raw(tmp_path, eval={"metrics": ["finetune"], "finetune": {"epochs": 0}}))
+    with pytest.raises(UsageError, match=r"^eval.finetune: --epochs must be positive, got 0; fix the spec's "):
+        check_options(spec)

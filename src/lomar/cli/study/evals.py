@@ -62,7 +62,10 @@ def check_options(spec: StudySpec) -> None:
     cell = Cell({}, dict(spec.settings), spec.seeds[0])
     for metric in set(spec.eval.metrics) - {"heldout_loss"}:
         try:
-            _args(metric, spec, cell, Path("last.pt"), Path("finetune"))
+            args = _args(metric, spec, cell, Path("last.pt"), Path("/nonexistent-study-check/finetune"))
+            if metric == "finetune":  # its bounds (epochs > 0, ...) are the config's: as --print-config reads them
+                args.print_config = True
+                resolve_finetune_config(args)
         except UsageError as exc:
             raise UsageError(f"eval.{metric}: {exc}; fix the spec's eval.{metric} options") from None
 

@@ -252,16 +252,23 @@ def _axis(name: str, values: Any) -> list[tuple[str, dict[str, Any]]]:
 
 def seed_list(value: Any, key: str = "seeds") -> list[int]:
     """A count N (seeds 0 .. N-1) or a list of distinct seeds, at most MAX_SEEDS of them."""
-    value = None if isinstance(value, bool) else value
-    count = value if isinstance(value, int) else len(value) if isinstance(value, list) else 0
+    count = value if isinstance(value, int) and not isinstance(value, bool) else \
+        len(value) if isinstance(value, list) else 0
     if count > MAX_SEEDS:
         raise UsageError(f"{key}: {count} seeds is more than a study runs (at most {MAX_SEEDS}); pass fewer")
-    if isinstance(value, int) and value > 0:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return list(range(value))
     if isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
                                                  for s in value) and len(set(value)) == len(value):
         return list(value)
     raise UsageError(f"{key}: {value!r} must be a count (e.g. 3) or a list of distinct seeds (e.g. [0, 1, 2])")
+
+
+def _flag(value: Any, key: str) -> bool:
+    """true or false; bool() would read the string 'false' (or 'no', quoted) as true."""
+    if not isinstance(value, bool):
+        raise UsageError(f"{key}: {value!r} must be true or false")
+    return value
 
 
 def _eval(raw: Any) -> EvalSpec:
@@ -274,9 +281,9 @@ def _eval(raw: Any) -> EvalSpec:
     if not isinstance(metrics, list) or not set(metrics) <= set(METRICS):
         raise UsageError(f"eval.metrics: {metrics!r} must be a list drawn from {', '.join(METRICS)}")
     img_size = raw.get("img_size")
-    if img_size is not None and (not isinstance(img_size, int) or img_size <= 0):
+    if img_size is not None and (not isinstance(img_size, int) or isinstance(img_size, bool) or img_size <= 0):
         raise UsageError(f"eval.img_size: {img_size!r} must be a positive whole number")
-    return EvalSpec(every, bool(raw.get("equal_steps", False)), tuple(metrics), img_size,
+    return EvalSpec(every, _flag(raw.get("equal_steps", False), "eval.equal_steps"), tuple(metrics), img_size,
                     **{name: _mapping(raw.get(name), f"eval.{name}") for name in ("knn", "linprobe", "finetune")})
 
 
@@ -315,7 +322,7 @@ def parse_spec(raw: Any, source: str = "the spec", base: Path | None = None, not
         name=name, budget=parse_budget(raw["budget"], "budget"),
         seeds=seed_list(raw.get("seeds", 1)), slice_s=slice_b.value, settings=settings, grid=grid,
         eval=_eval(raw.get("eval")), data_pretrain=paths.get("pretrain"), data_train=paths.get("train"),
-        data_val=paths.get("val"), random_init=bool(raw.get("random_init", False)),
+        data_val=paths.get("val"), random_init=_flag(raw.get("random_init", False), "random_init"),
         out=str((base or Path()) / Path(str(raw["out"])).expanduser()) if raw.get("out") else None, notes=list(notes))
     spec.check_size()
     if spec.eval.every is not None and spec.eval.every.unit != spec.budget.unit:
