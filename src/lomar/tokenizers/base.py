@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -47,6 +48,16 @@ class Tokenizer(nn.Module):
 
     def _tokens(self, images01: torch.Tensor) -> torch.Tensor:  # (N, Gh, Gw) or (N, Gh·Gw)
         raise NotImplementedError
+
+    def digest(self) -> str:
+        """sha256 of the tensors (names, dtypes, shapes, values): the same tokenizer in whatever file or format.
+        A BEiT checkpoint keeps it, since it names its tokenizer by path only and the file could be replaced."""
+        digest = hashlib.sha256()
+        for name, value in sorted(self.state_dict().items()):
+            flat = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name} {flat.dtype} {tuple(value.shape)}\n".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
 
 def check_tokenizer_file(path: Path, what: str = "tokenizer file") -> None:

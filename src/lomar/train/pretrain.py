@@ -20,6 +20,7 @@ from lomar.checkpoints.io import safe_load
 from lomar.data.device_decode import decode_dataset
 from lomar.data.folder import build_pretrain_dataset
 from lomar.data.samplers import EpochSampler
+from lomar.errors import UsageError
 from lomar.eval.knn import KnnMonitor
 from lomar.methods.base import method_runtime
 from lomar.models.spec import model_spec
@@ -52,6 +53,8 @@ class PretrainTask(Task):
         self.step_metrics = tuple(self.runtime.method.step_metrics)
         self.lr_schedule = self.runtime.method.lr_schedule
         self.sharded, self.spec = config.fsdp, model_spec(self.model)  # the spec: of the class, before sharding
+        tokenizer = getattr(self.model, "tokenizer", None)  # BEiT's, named by path only: its content is checked
+        self.tokenizer_digest = tokenizer.digest() if tokenizer is not None else None
         if config.fsdp:  # before the optimizer: it must hold the sharded parameters
             precision = resolve_precision(config.precision, device)
             shard_model(self.model, "bf16" if precision == "bf16" else "fp32")
@@ -138,7 +141,15 @@ class PretrainTask(Task):
         return {"knn_top1": self.knn(self.model.encoder, self.device)}
 
     def state(self) -> dict:
-        return {"config": self.config.to_dict(), "model_spec": self.spec, "format": PRETRAIN_FORMAT}
+        digest = {"tokenizer_digest": self.tokenizer_digest} if self.tokenizer_digest else {}
+        return {"config": self.config.to_dict(), "model_spec": self.spec, "format": PRETRAIN_FORMAT, **digest}
+
+    def load(self, state: dict) -> None:
+        saved = state.get("tokenizer_digest")  # none in runs saved before it was kept
+        if saved is not None and saved != self.tokenizer_digest:
+            raise UsageError(f"--resume: the tokenizer {self.config.tokenizer} is not the one this run trained with "
+                             f"(its tensors changed since the checkpoint), so the targets would change mid-run; "
+                             f"restore that file, or start a new run with another --out")
 
     def begin(self) -> None:
         if not self.sharded:  # the untrained model, what the last figure is compared with; sharded: at the end

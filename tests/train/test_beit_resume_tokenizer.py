@@ -1,0 +1,32 @@
+"""A BEiT run resumes only with the tokenizer it trained with: the checkpoint names it by path, and keeps its digest."""
+
+from __future__ import annotations
+
+from helpers import pretrain
+from lomar.checkpoints.io import safe_load
+from lomar.tokenizers import fit_kmeans_tokenizer, load_tokenizer
+
+
+def test_a_resumed_beit_run_refuses_a_replaced_tokenizer_file(tmp_path, image_dir, capsys):
+    """The file was read again by path: one replaced since (the same vocabulary, other centroids) silently changed
+    the targets of the rest of the run."""
+    import torch
+
+    run = tmp_path / "run"
+    flags = ("--data", str(image_dir), "--out", str(run))
+    assert pretrain(*flags, "--method", "beit", "--max-steps", "1", "--schedule-steps", "4") == 0
+    path = run / "tokenizer.safetensors"
+    original = load_tokenizer(path)
+    assert safe_load(run / "last.pt")["tokenizer_digest"] == original.digest()
+    assert pretrain(*flags, "--max-steps", "2", "--resume", "auto") == 0  # the same file: resumes
+    side = original.input_size
+    views = torch.rand(original.vocab_size, 3, side, side, generator=torch.Generator().manual_seed(1))
+    other = fit_kmeans_tokenizer(views, vocab_size=original.vocab_size, patch=original.stride, seed=1,
+                                 input_size=side)
+    other.save(path)
+    capsys.readouterr()
+    assert pretrain(*flags, "--max-steps", "3", "--resume", "auto") == 2
+    err = capsys.readouterr().err
+    assert f"the tokenizer {path} is not the one this run trained with" in err and err.count("\n") == 1
+    original.save(path)  # restored: the run goes on
+    assert pretrain(*flags, "--max-steps", "3", "--resume", "auto") == 0
