@@ -228,3 +228,17 @@ def test_create_encoder_takes_a_height_width_tuple_and_blames_a_bad_setting_on_i
     with pytest.raises(UsageError, match=r"^the encoder settings given: num_classes must be an int in \[0, 1000000\], "
                                          r"got -1; pass another value$"):
         create_encoder(tmp_path, num_classes=-1)
+
+
+def test_a_bad_value_in_an_original_checkpoints_saved_args_names_the_checkpoint(tmp_path):
+    """norm_pix_loss='no' in the run's args was reported bare, as if a flag had been given wrong."""
+    import argparse
+
+    from helpers import reference_dir
+    from lomar import load_original
+
+    state = torch.load(reference_dir() / "lomar_112" / "checkpoint.pth", weights_only=True)["model"]
+    torch.save({"model": state, "args": argparse.Namespace(norm_pix_loss="no")}, tmp_path / "orig.pth")
+    with pytest.raises(ValueError, match=r"^checkpoint .*orig.pth: norm_pix_loss must be True or False, got 'no' "
+                                         r"\(from its saved args, or an override given\)$"):
+        load_original(tmp_path / "orig.pth")

@@ -116,14 +116,16 @@ def _original_model(data: dict, path: Path, overrides: dict) -> nn.Module:
     _refuse_beit(data.get("model", data), path)
     method, settings = infer_original_config(data, **overrides)
     state = data.get("model", data)
+    try:  # a value the run's saved args give (norm_pix_loss='no', say) would otherwise read as a flag's
+        model: nn.Module = (LoMaR(**settings) if method == "lomar" else MAE(**settings) if method == "mae"
+                            else VisionTransformer(settings.pop("config"), **settings))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"checkpoint {path}: {exc} (from its saved args, or an override given)") from None
     if method == "lomar":
-        model: nn.Module = LoMaR(**settings)
         converted = lomar_from_original(state, keep_pos_embed=model.encoder.pos_embed is not None)
     elif method == "mae":
-        model = MAE(**settings)
         converted = mae_from_original(state)
     else:
-        model = VisionTransformer(settings.pop("config"), **settings)
         converted = classifier_from_original(state, model)
     try:
         model.load_state_dict(converted, strict=True)
