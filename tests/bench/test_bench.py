@@ -112,3 +112,20 @@ def test_bench_refuses_flags_its_task_ignores_and_outputs_on_one_file(flags, mes
     err = capsys.readouterr().err
     assert err.startswith(f"lomar bench: error: {message}") and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_plot_draws_every_method_timed(tmp_path, monkeypatch):
+    """Only MAE and LoMaR were drawn: BEiT, BEiT + windows and MAE per window were timed and left off the plot."""
+    from lomar.bench import report
+
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path, dpi: figures.append(fig) or path)
+    records = [dict(method=method, window_setting=setting, windows=windows, img_size=size, step_s=0.1 * size)
+               for size in (224, 448)
+               for method, setting, windows in (("lomar", "paper", 4), ("mae", "-", None), ("beit", "-", None),
+                                                ("mae_window", "paper", 4), ("beit_window", "paper", 4))]
+    report.plot_times(records, tmp_path / "p.png")
+    labels = [text.get_text() for text in figures[0].axes[0].get_legend().get_texts()]
+    assert [label.split(",")[0].split(" (")[0] for label in labels] == [
+        "LoMaR", "MAE", "BEiT", "MAE per 7x7 window", "BEiT + 7x7 windows"]
+    assert all(len(line.get_xdata()) == 2 for line in figures[0].axes[0].get_lines())
