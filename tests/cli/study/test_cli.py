@@ -41,6 +41,16 @@ def test_a_bad_spec_file_names_the_key(tmp_path, capsys):
     assert "eval.metrics knn need labelled data" in capsys.readouterr().err
 
 
+def test_a_budget_flag_in_another_unit_than_the_specs_eval_every_is_refused(tmp_path, capsys):
+    """The spec's check ran before --budget replaced its budget: 'at-2steps' points were scored in a seconds budget."""
+    spec = tmp_path / "s.yaml"
+    spec.write_text("budget: 4steps\ngrid: {method: [lomar]}\neval: {every: 2steps, metrics: []}\n")
+    assert main(["study", str(spec), "--budget", "3s", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == ("lomar study: error: eval.every: 2 steps must use the budget's unit (seconds, "
+                                       "from --budget 3s), e.g. every: 10s with budget: 30s\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_missing_data_path_names_the_spec_folder_it_was_read_against(capsys):
     """data: paths are relative to the spec's folder, so a path that exists from the working
     directory can still be missing: the message shows where it was looked for."""

@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         spec = load_spec(args.spec)
         spec.budget, spec.seeds = budget or spec.budget, seeds or spec.seeds
         spec.check_size()
+        spec.check_every(f"--budget {args.budget}" if budget else None)  # an at-Nsteps point in a seconds budget
         out = args.out or spec.out or f"studies/{spec.name}"
     check_output_dir(out, "--out")
     print(f"lomar study: {spec.name}, {len(spec.cells())} cell(s), {spec.budget} each, into {out}", flush=True)

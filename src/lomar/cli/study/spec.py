@@ -196,6 +196,13 @@ class StudySpec:
             raise UsageError(f"the grid has {count} cells ({shape} seed(s)); a study runs at most {MAX_CELLS}: "
                              f"shorten an axis or use fewer seeds")
 
+    def check_every(self, budget_flag: str | None = None) -> None:
+        """eval.every in the budget's unit (``budget_flag``: the budget came from that flag, not the spec)."""
+        if self.eval.every is not None and self.eval.every.unit != self.budget.unit:
+            given = f", from {budget_flag}" if budget_flag else ""
+            raise UsageError(f"eval.every: {self.eval.every} must use the budget's unit ({self.budget.unit}{given}), "
+                             f"e.g. every: 10s with budget: 30s")
+
     def cells(self) -> list[Cell]:
         """Every (grid point, seed), seeds outermost; the random-init baseline first per seed."""
         axes, points = list(self.grid), list(itertools.product(*self.grid.values()))  # no axes: one point
@@ -325,9 +332,7 @@ def parse_spec(raw: Any, source: str = "the spec", base: Path | None = None, not
         data_val=paths.get("val"), random_init=_flag(raw.get("random_init", False), "random_init"),
         out=str((base or Path()) / Path(str(raw["out"])).expanduser()) if raw.get("out") else None, notes=list(notes))
     spec.check_size()
-    if spec.eval.every is not None and spec.eval.every.unit != spec.budget.unit:
-        raise UsageError(f"eval.every: {spec.eval.every} must use the budget's unit ({spec.budget.unit}), "
-                         f"e.g. every: 10s with budget: 30s")
+    spec.check_every()
     needs_labels = sorted(set(spec.eval.metrics) - {"heldout_loss"})
     if needs_labels and not (spec.data_train and spec.data_val):
         raise UsageError(f"eval.metrics {', '.join(needs_labels)} need labelled data: set data.train and data.val "
