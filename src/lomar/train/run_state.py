@@ -145,8 +145,15 @@ def read_meta(path: Path) -> dict:
     passed :func:`check_metadata`), else the file memory-mapped; OSError or ValueError when it cannot be read."""
     if path.is_dir():
         check_metadata(path)
-        return safe_load(path / "meta.pt")
-    return safe_load(path, mmap=True)
+        ckpt = safe_load(path / "meta.pt")
+    else:
+        ckpt = safe_load(path, mmap=True)
+    # a damaged or crafted file's step 'x' stopped the run with a traceback, a step -5 trained from step -4
+    counts = {k: ckpt[k] for k in ("step", "epoch", "batches_done") if k in ckpt}
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in counts.values()):
+        raise ValueError(f"checkpoint {path} holds {counts}, not counts of steps; the file is damaged: resume from "
+                         f"another checkpoint")
+    return ckpt
 
 
 def checkpoint_step(path: Path) -> int | None:
