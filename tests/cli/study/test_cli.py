@@ -129,3 +129,23 @@ def test_digits_checks_preset_has_the_lr_and_window_cells_and_all_are_valid_runs
     assert build_preset("digits-checks", seeds=2, out=str(tmp_path / "study")).seeds == [0, 1]
     with pytest.raises(Exception, match="--preset digits-checks builds its own data"):
         build_preset("digits-checks", data=str(tmp_path), out=str(tmp_path / "study"))
+
+
+def test_a_cell_whose_training_fails_is_exit_1_not_a_usage_error(tmp_path, monkeypatch, capsys):
+    """A non-finite loss is the work failing (exit 1, as `lomar pretrain` says it); 2 says nothing was computed."""
+    from lomar.cli.study import runner
+    from lomar.train.task import TrainingError
+
+    def nan(config):
+        raise TrainingError("loss is nan at step 2 (epoch 0); lower --blr/--lr or set --clip-grad")
+
+    monkeypatch.setattr(runner, "train", nan)
+    write_images(tmp_path / "images" / "a", 4)
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"budget: 2steps\ngrid: {{method: [lomar]}}\ndata: {{pretrain: {tmp_path / 'images'}}}\n"
+                    "settings: {model: vit_tiny_patch8, img_size: 32, batch_size: 2, window_size: 3, windows: 1}\n"
+                    "eval: {metrics: []}\n")
+    assert main(["study", str(spec), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lomar study: error: pretraining in ") and "loss is nan at step 2" in err
+    assert err.count("\n") == 1

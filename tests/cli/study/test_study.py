@@ -302,3 +302,20 @@ def test_a_second_study_into_a_folder_in_use_is_refused(tmp_path, labelled, monk
     with RunLock(out), pytest.raises(UsageError, match=f"^--out {out} is in use by another run .pid [0-9]+.; "):
         run_study(parse_spec(spec), out, log=lambda line: None)
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+def test_a_finetune_that_fails_is_one_line_not_a_traceback(tmp_path, labelled, pretrained, monkeypatch):
+    """`lomar finetune` reports a non-finite loss in one line (exit 1); the study's finetune let it through as a
+    RuntimeError, a traceback."""
+    from lomar.cli.study import evals
+    from lomar.cli.study.spec import Cell, StudyFailed
+    from lomar.train.task import TrainingError
+
+    def nan(config):
+        raise TrainingError("loss is nan at step 3")
+
+    spec = parse_spec(_spec(labelled, eval={"metrics": ["finetune"], "finetune": {"epochs": 1}}))
+    args = evals._args("finetune", spec, Cell({}, dict(spec.settings), 0), pretrained, tmp_path / "ft")
+    monkeypatch.setattr(evals, "finetune", nan)
+    with pytest.raises(StudyFailed, match="^finetuning in .*ft failed: loss is nan at step 3$"):
+        evals._finetune(args)

@@ -13,7 +13,7 @@ import sys
 
 from lomar.cli.common import check_output_dir
 from lomar.cli.study.presets import PRESETS, SCALES, build_preset, describe
-from lomar.cli.study.spec import load_spec, parse_budget, seed_list
+from lomar.cli.study.spec import StudyFailed, load_spec, parse_budget, seed_list
 from lomar.errors import UsageError
 
 
@@ -74,4 +74,7 @@ def run(args: argparse.Namespace) -> int:
     except StudyStopped as exc:
         print(f"lomar study: stopped: {exc}", file=sys.stderr)
         return 130
+    except StudyFailed as exc:  # the work failed (exit 1), as the cell's own command would say
+        print(f"lomar study: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
     return 0

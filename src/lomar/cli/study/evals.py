@@ -15,7 +15,15 @@ import torch
 
 from lomar.checkpoints.formats import load_model
 from lomar.cli.probe import fit_linprobe, frozen_features, knn_add_arguments, linprobe_add_arguments, resolve_linprobe
-from lomar.cli.study.spec import Cell, StudySpec, StudyStopped, parse_flags, settings_flags, stop_signals_seen
+from lomar.cli.study.spec import (
+    Cell,
+    StudyFailed,
+    StudySpec,
+    StudyStopped,
+    parse_flags,
+    settings_flags,
+    stop_signals_seen,
+)
 from lomar.data.collate import collate_labelled
 from lomar.data.folder import LabelledImageFolder
 from lomar.errors import LomarError, UsageError
@@ -23,7 +31,9 @@ from lomar.eval.features import eval_transform
 from lomar.eval.knn import knn_top1
 from lomar.train.finetune import finetune
 from lomar.train.finetune_config import add_finetune_arguments, resolve_finetune_config
+from lomar.train.run_state import SaveError
 from lomar.train.settings import ConfigError
+from lomar.train.task import TrainingError
 
 __all__ = ["Scorer", "check_options", "heldout_loss", "eval_img_size"]
 
@@ -103,11 +113,14 @@ def _finetune(args) -> float:
     except ConfigError as exc:
         raise UsageError(f"eval.finetune: {exc}") from None
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), stop_signals_seen() as signals:
-        rc = finetune(config)  # its errors still reach stderr
+        try:
+            rc = finetune(config)  # its errors still reach stderr
+        except (TrainingError, SaveError) as exc:  # what `lomar finetune` reports in one line, not a traceback
+            raise StudyFailed(f"finetuning in {where} failed: {exc}") from None
     if rc == 130 or signals:
         raise StudyStopped(f"finetuning in {where} was interrupted; re-run the same command to continue")
     if rc != 0:
-        raise LomarError(f"finetuning in {where} failed (exit code {rc}; its error is above)")
+        raise StudyFailed(f"finetuning in {where} failed (exit code {rc}; its error is above)")
     path = where / "metrics.jsonl"
     scored = [r for r in map(json.loads, path.read_text().splitlines()) if "top1" in r] if path.exists() else []
     if not scored:

@@ -29,9 +29,18 @@ from typing import Any
 from lomar.checkpoints.io import atomic_write_text
 from lomar.cli.common import write_json
 from lomar.cli.study.evals import Scorer, check_options
-from lomar.cli.study.spec import Budget, Cell, StudySpec, StudyStopped, parse_flags, settings_flags, stop_signals_seen
+from lomar.cli.study.spec import (
+    Budget,
+    Cell,
+    StudyFailed,
+    StudySpec,
+    StudyStopped,
+    parse_flags,
+    settings_flags,
+    stop_signals_seen,
+)
 from lomar.data.folder import build_pretrain_dataset
-from lomar.errors import LomarError, UsageError
+from lomar.errors import UsageError
 from lomar.train.config import PretrainConfig, add_config_arguments, resolve_config
 from lomar.train.pretrain import TrainingError, train
 from lomar.train.run_state import RunLock, SaveError
@@ -94,7 +103,7 @@ def pretrain(config) -> int:
         try:
             return train(config)
         except (TrainingError, SaveError) as exc:
-            raise LomarError(f"pretraining in {config.out} failed: {exc}") from None
+            raise StudyFailed(f"pretraining in {config.out} failed: {exc}") from None
 
 
 def read_progress(folder: Path, batch: int) -> tuple[int, float, float | None]:
@@ -194,7 +203,7 @@ class CellRun:
             raise StudyStopped(f"pretraining of {self.folder.name} stopped at step {reached} (signal); "
                                f"re-run the same command to continue")
         if rc != 0:
-            raise LomarError(f"pretraining in {self.folder} ended with exit code {rc}")
+            raise StudyFailed(f"pretraining in {self.folder} ended with exit code {rc}")
 
     def _evaluate(self, key: str, steps: int, seconds: float) -> None:
         loss, loads, random = read_progress(self.folder, self.batch)[2], self.state["loads"], self.cell.random_init

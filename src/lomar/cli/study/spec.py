@@ -43,7 +43,8 @@ from lomar.errors import LomarError, UsageError
 from lomar.yaml_io import YAMLError, load_yaml
 
 __all__ = ["Budget", "Cell", "EvalSpec", "StudySpec", "parse_budget", "parse_spec", "load_spec", "METRICS",
-           "MAX_SEEDS", "MAX_CELLS", "StudyStopped", "parse_flags", "settings_flags", "stop_signals_seen"]
+           "MAX_SEEDS", "MAX_CELLS", "StudyStopped", "StudyFailed", "parse_flags", "settings_flags",
+           "stop_signals_seen"]
 
 METRICS = ("knn", "linprobe", "finetune", "heldout_loss")
 _UNITS = {"s": "seconds", "sec": "seconds", "seconds": "seconds", "min": "minutes", "m": "minutes",
@@ -59,6 +60,11 @@ MAX_CELLS = 1000
 
 class StudyStopped(LomarError):
     """A run was interrupted (Ctrl-C, SIGTERM): the study stops; re-run it to continue."""
+
+
+class StudyFailed(LomarError):
+    """A cell's training or finetuning failed on its way (a non-finite loss, too many unreadable images): exit 1,
+    as the command itself exits, not 2, which says that nothing was computed."""
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
