@@ -236,7 +236,7 @@ def test_the_enc_dec_preset_runs_every_cell(tmp_path, capsys):
 
 
 @pytest.mark.slow  # one cell of 1 step, then refused re-runs: ~5 s
-def test_a_re_run_with_an_edited_spec_is_refused_before_it_replaces_anything(tmp_path, labelled):
+def test_a_re_run_with_an_edited_spec_is_refused_before_it_replaces_anything(tmp_path, labelled, monkeypatch):
     """A finished cell was skipped whatever the spec now said: another budget, setting or evaluation showed the
     old numbers as the new spec's (eval.every even scored 'at-2steps' at step 4). The cell's spec is kept."""
     from lomar.errors import UsageError
@@ -254,11 +254,14 @@ def test_a_re_run_with_an_edited_spec_is_refused_before_it_replaces_anything(tmp
         ({"eval": {"metrics": ["knn"], "knn": {"k": 3}, "every": "1steps"}}, "eval.every unset"),
     ]:
         with pytest.raises(UsageError, match=f"^cell method-lomar_seed0 in {out} was run with {message}.*; restore "
-                                             f"the spec, pass another --out, or delete {out}/cells/method-lomar_seed0"):
+                                             f"the spec .or flags., pass another --out, or delete "
+                                             f"{out}/cells/method-lomar_seed0"):
             run_study(parse_spec({**spec, **change}), out, log=lambda line: None)
         assert (out / "spec.json").read_text() == before
-    # what a cell's numbers do not depend on may change: the slice, more seeds
-    records = run_study(parse_spec({**spec, "slice": "3s", "seeds": [0, 1]}), out, log=lambda line: None)
+    # what a cell's numbers do not depend on may change: the slice, more seeds, the data's spelling
+    monkeypatch.chdir(labelled)
+    data = {"pretrain": "train", "train": "./train", "val": "val"}
+    records = run_study(parse_spec({**spec, "slice": "3s", "seeds": [0, 1], "data": data}), out, log=lambda line: None)
     assert sorted(r["seed"] for r in records) == [0, 1]
 
 

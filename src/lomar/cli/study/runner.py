@@ -119,8 +119,10 @@ def cell_spec(spec: StudySpec, cell: Cell, total: Budget) -> dict[str, Any]:
     """What a cell's records depend on, as JSON gives it back: its settings, budget, data and evaluations
     (not the slice length, the seeds or the other cells)."""
     ev = {k: str(v) if isinstance(v, Budget) else v for k, v in vars(spec.eval).items() if k != "equal_steps"}
-    return json.loads(json.dumps({"settings": cell.settings, "budget": str(total), "eval": ev, "data": {
-        "pretrain": spec.data_pretrain, "train": spec.data_train, "val": spec.data_val}}, default=str))
+    data = {"pretrain": spec.data_pretrain, "train": spec.data_train, "val": spec.data_val}
+    data = {k: v and os.path.abspath(v) for k, v in data.items()}  # --data sep and --data ./sep are one folder
+    return json.loads(json.dumps({"settings": cell.settings, "budget": str(total), "eval": ev, "data": data},
+                                 default=str))
 
 
 def check_same_spec(state: dict, spec: StudySpec, cell: Cell, folder: Path, total: Budget) -> None:
@@ -134,8 +136,8 @@ def check_same_spec(state: dict, spec: StudySpec, cell: Cell, folder: Path, tota
     if key is not None:
         shown = [json.dumps(v) if v is not None else "unset" for v in (had.get(key), now.get(key))]
         raise UsageError(f"cell {folder.name} in {folder.parent.parent} was run with {key} {shown[0]}, the "
-                         f"spec now gives {shown[1]}; restore "
-                         f"the spec, pass another --out, or delete {folder} to redo that cell")
+                         f"spec now gives {shown[1]}; restore the spec (or flags), pass another --out, or delete "
+                         f"{folder} to redo that cell")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
