@@ -74,6 +74,20 @@ def frozen_features(args: argparse.Namespace, say=lambda msg: None) -> list:
     return [part for loader in loaders for part in extract_features(encoder, loader, device, args.pool)]
 
 
+# What a run or export folder's readers load: an output on one of them replaced the checkpoint it scored.
+_READ_IN_FOLDER = ("last.pt", "config.json", "model.safetensors", "encoder.safetensors")
+
+
+def _check_not_read(path: str | None, flag: str, pretrained: str) -> None:
+    if path is None:
+        return
+    source = Path(pretrained).resolve()
+    read = [source / name for name in _READ_IN_FOLDER] if source.is_dir() else [source]
+    if Path(path).resolve() in read:
+        raise UsageError(f"{flag} {path} is a file of the checkpoint {pretrained} being scored: writing it would "
+                         f"replace that checkpoint; give another file")
+
+
 def _features(args: argparse.Namespace) -> list:
     """The features of :func:`frozen_features`, after everything that can be checked before (outputs too)."""
     import torch
@@ -91,8 +105,9 @@ def _features(args: argparse.Namespace) -> list:
             raise UsageError(f"{flag} {root} is not a folder; pass an ImageFolder root")
     if not Path(args.pretrained).exists():
         raise UsageError(f"{args.pretrained} does not exist; pass a checkpoint file or an exported folder")
-    check_output_file(args.json, "--json", create_parents=True)
-    check_output_file(getattr(args, "save", None), "--save", create_parents=True)
+    for flag, path in (("--json", args.json), ("--save", getattr(args, "save", None))):
+        _check_not_read(path, flag, args.pretrained)
+        check_output_file(path, flag, create_parents=True)
     if args.json and getattr(args, "save", None) and Path(args.json).resolve() == Path(args.save).resolve():
         raise UsageError(f"--json and --save both name {args.json}; the probe's weights would be overwritten by the "
                          f"scores: pass two files")
