@@ -322,3 +322,14 @@ def test_a_finetune_that_fails_is_one_line_not_a_traceback(tmp_path, labelled, p
     monkeypatch.setattr(evals, "finetune", nan)
     with pytest.raises(StudyFailed, match="^finetuning in .*ft failed: loss is nan at step 3$"):
         evals._finetune(args)
+
+
+def test_the_heldout_loss_of_a_beit_cell_is_none_not_a_crash(tmp_path, labelled):
+    """fig3 scores BEiT beside LoMaR and MAE with heldout_loss: its model was called with a generator it does
+    not take, a TypeError traceback after the cell's whole budget. BEiT has no pixel loss: '–'."""
+    from helpers import pretrain
+    from lomar.cli.study.evals import heldout_loss
+
+    assert pretrain("--data", str(labelled / "train"), "--out", str(tmp_path / "run"), "--method", "beit",
+                    "--max-steps", "1") == 0
+    assert heldout_loss(tmp_path / "run" / "last.pt", str(labelled / "val"), 32) is None

@@ -29,6 +29,7 @@ from lomar.data.folder import LabelledImageFolder
 from lomar.errors import LomarError, UsageError
 from lomar.eval.features import eval_transform
 from lomar.eval.knn import knn_top1
+from lomar.models import MAE, LoMaR
 from lomar.train.finetune import finetune
 from lomar.train.finetune_config import add_finetune_arguments, resolve_finetune_config
 from lomar.train.run_state import SaveError
@@ -88,7 +89,7 @@ class Scorer:
         self.spec, self.cell, self.checkpoint, self.where = spec, cell, checkpoint, where
         self._features: dict[tuple, list[torch.Tensor]] = {}
 
-    def __call__(self, metric: str) -> float:
+    def __call__(self, metric: str) -> float | None:
         if metric == "heldout_loss":
             return heldout_loss(self.checkpoint, self.spec.data_val, eval_img_size(self.spec, self.cell),
                                 seed=self.cell.seed)
@@ -139,16 +140,19 @@ def _check_finished(last: dict, options: dict, where: Path) -> None:
 
 
 @torch.no_grad()
-def heldout_loss(checkpoint: Path, val_root: str, img_size: int, seed: int = 0, batch_size: int = 128) -> float:
+def heldout_loss(checkpoint: Path, val_root: str, img_size: int, seed: int = 0,
+                 batch_size: int = 128) -> float | None:
     """Mean masked-reconstruction loss (the training objective, same masks for every model of a
     seed) on the held-out images: centre crops, as the evaluations see them. The images are read as
     the k-NN and the probes read them (:class:`LabelledImageFolder`): empty class folders are fine,
-    unreadable images are skipped."""
+    unreadable images are skipped. None for a BEiT (shown as '–')."""
     try:
         images = LabelledImageFolder(val_root, eval_transform(img_size))
     except ValueError as exc:
         raise LomarError(f"heldout_loss: {exc}; set data.val to a folder of class folders with images") from None
     model = load_model(checkpoint).eval()
+    if not isinstance(model, (LoMaR, MAE)):  # BEiT predicts visual tokens: it has no pixel loss to stand beside these
+        return None
     loader = torch.utils.data.DataLoader(images, batch_size, collate_fn=collate_labelled)
     gen = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0

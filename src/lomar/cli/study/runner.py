@@ -384,6 +384,8 @@ def write_results(records: list[dict[str, Any]], spec: StudySpec, out: Path, min
     lines.append(f"- Evaluations: {', '.join(ev.metrics) or 'none'}; knn `{json.dumps(ev.knn)}`, linprobe "
                  f"`{json.dumps(ev.linprobe)}`, finetune `{json.dumps(ev.finetune)}` (fixed before running; "
                  f"finetune reports its last epoch's top-1, not the best).")
+    if any("heldout_loss" in r and r["heldout_loss"] is None for r in records):
+        lines.append("- held-out reconstruction loss: – for BEiT, which predicts visual tokens, not pixels.")
     lines += [f"- {note}" for note in spec.notes]
     if figures:
         lines += ["", "## Figures", "", *[f"![{f.stem}]({f.name})" for f in figures]]
