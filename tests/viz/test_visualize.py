@@ -168,3 +168,44 @@ def test_visualize_attention_errors_name_the_flag_and_the_fix(pretrained, tmp_pa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.match(f"lomar visualize: error: {message}$", err.strip())
     assert not (tmp_path / "f").exists()
+
+
+def _beit(**overrides):
+    from lomar.models.beit import BEiT, BEiTConfig
+
+    torch.manual_seed(0)
+    beit = BEiT(BEiTConfig(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=4, vocab_size=16,
+                           use_rel_pos_bias=True, **overrides)).eval()
+    with torch.no_grad():  # the tables and q/v biases start at zero: make each of them count
+        for name, p in beit.named_parameters():
+            if "relative_position" in name or name.endswith(("q_bias", "v_bias")):
+                p.normal_(std=0.5)
+    return beit
+
+
+def test_beit_attention_probs_reproduce_its_fast_path():
+    from lomar.viz.attention import beit_attention_probs
+
+    beit = _beit()
+    attn, x = beit.blocks[1].attn, torch.randn(2, 17, 32)
+    bias = beit.rel_pos_bias_for_grid((4, 4))[1]  # the shared table and the block's own
+    probs = beit_attention_probs(attn, x, bias)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 17))
+    v = (x @ attn.qkv.weight.T).view(2, 17, 3, 4, 8)[:, :, 2].transpose(1, 2) + attn.v_bias.view(4, 1, 8)
+    out = attn.proj((probs @ v).transpose(1, 2).reshape(2, 17, 32))
+    torch.testing.assert_close(out, attn(x, beit.rel_pos_bias((4, 4)), (4, 4)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("abs_pos", [False, True])
+def test_window_attention_of_a_beit_in_both_contexts(abs_pos):
+    beit, image = _beit(use_abs_pos_emb=abs_pos), torch.randn(3, 64, 64)
+    window = window_attention(beit, image, target=(3, 3), window_size=3, context="window")
+    assert window.maps.shape == (2, 3, 3) and window.top_left == (1, 1) and window.target_in_window == (2, 2)
+    torch.testing.assert_close(window.maps.flatten(1).sum(1) + window.cls, torch.ones(2))
+    whole = window_attention(beit, image, target=(3, 3), window_size=3)
+    assert whole.context == "image" and bool((whole.maps.flatten(1).sum(1) + whole.cls < 1).all())
+    # the window context is the forward on cls + the window's tokens at their places, as BEiT + windows trains
+    index = torch.tensor([5, 6, 7, 9, 10, 11, 13, 14, 15])
+    tokens = beit.prepare_tokens(beit.patch_embed(image[None])[:, index], None, index[None])
+    row = block_attention(beit, tokens, (3, 3))[0][0, :, 1 + 8].mean(0)
+    torch.testing.assert_close(window.maps[0].flatten(), row[1:])

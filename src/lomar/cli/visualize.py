@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from lomar.data.folder import demo_image_paths  # torch: not for --help
     from lomar.data.transforms import denormalize  # torch: not for --help
     from lomar.models import MAE, LoMaR  # torch: not for --help
-    from lomar.models.vit import VisionTransformer  # torch: not for --help
+    from lomar.models.beit import BEiT  # torch: not for --help
     from lomar.viz.attention import attention_figure, attention_request, window_attention  # torch: not for --help
     from lomar.viz.reconstruction import reconstruction_figure  # torch: not for --help
 
@@ -83,16 +83,15 @@ def run(args: argparse.Namespace) -> int:
     model = load_for_cli(args.checkpoint, args)
     model.eval()
     encoder = getattr(model, "encoder", model)
-    if not isinstance(encoder, VisionTransformer):  # BEiT: its own blocks
-        raise UsageError(f"{args.checkpoint} holds a {type(model).__name__}: it predicts visual tokens, not pixels, "
-                         f"and its attention figures are not drawn; visualize a LoMaR or MAE checkpoint or export")
     can_reconstruct = isinstance(model, (LoMaR, MAE))
     if not can_reconstruct and not args.attention:
-        raise UsageError(f"{args.checkpoint} holds an encoder without a pixel head: it cannot reconstruct; "
-                         f"pass --attention for attention figures, or a pretraining checkpoint")
+        what = ("a BEiT: it predicts visual tokens, not pixels, so it cannot reconstruct" if isinstance(model, BEiT)
+                else "an encoder without a pixel head: it cannot reconstruct")
+        raise UsageError(f"{args.checkpoint} holds {what}; pass --attention for attention figures"
+                         + ("" if isinstance(model, BEiT) else ", or a pretraining checkpoint"))
     paths = [Path(p) for p in args.images] or demo_image_paths()[:4]
     out, written = Path(args.out), []
-    name = type(model).__name__ if can_reconstruct else "encoder"
+    name = type(model).__name__ if can_reconstruct or isinstance(model, BEiT) else "encoder"
     target = tuple(args.target_patch) if args.target_patch else None
     k, grid = args.attention_window, encoder.grid
     if args.attention and k is not None and k > min(grid):  # the library's message names window_size=, not the flag

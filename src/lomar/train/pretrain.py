@@ -179,9 +179,9 @@ class PretrainTask(Task):
         workers = "" if share is None or share.decoded_share is None else (
             f"; the workers decoded {share.decoded_share:.0%} of the photos the device could have decoded "
             f"(--cpu-decode-share {'auto, last ' if share.auto else ''}{share.value:.2f})")
-        visualize = "" if self.config.method == "beit" else f"lomar visualize {out / 'last.pt'} --attention; "
+        last = out / "last.pt"
         return (f"encoder {out / 'encoder.safetensors'}, figures {out}/reconstruction-*.png and loss.png"
-                f"{workers}. Next: {visualize}lomar export {out / 'last.pt'} --to DIR")
+                f"{workers}. Next: lomar visualize {last} --attention; lomar export {last} --to DIR")
 
     # ---- outputs -------------------------------------------------------------------------
     def _consolidate(self, out: Path):

@@ -3,7 +3,8 @@ to each of its K×K window neighbours.
 
 The encoder's fast path (SDPA) never forms the attention probabilities; :func:`attention_probs`
 recomputes them from a block's own ``qkv`` and RPE modules, softmax(q·kᵀ·d^-½ + B_rpe), so the
-normal forward pays nothing for this figure.
+normal forward pays nothing for this figure. A BEiT encoder's blocks get theirs the same way
+(:func:`beit_attention_probs`: its q/v biases and relative position bias).
 """
 
 from __future__ import annotations
@@ -13,17 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from lomar.models import LoMaR
+from lomar.models.beit import Attention as BEiTAttention
+from lomar.models.beit import BEiT
 from lomar.models.masking import num_masked, window_token_index
 from lomar.models.rpe import bucket_table
 from lomar.models.vit import Attention, VisionTransformer
 from lomar.viz.reconstruction import save_figure
 
-__all__ = ["attention_probs", "block_attention", "WindowAttention", "default_window", "attention_request",
-           "window_attention", "attention_figure", "draw_attention", "DEFAULT_WINDOW"]
+__all__ = ["attention_probs", "beit_attention_probs", "block_attention", "WindowAttention", "default_window",
+           "attention_request", "window_attention", "attention_figure", "draw_attention", "DEFAULT_WINDOW"]
 
 DEFAULT_WINDOW = 7  # the paper's K, for models that carry no window of their own
 
@@ -38,9 +42,32 @@ def attention_probs(attn: Attention, x: torch.Tensor, buckets: torch.Tensor | No
     return logits.softmax(dim=-1)
 
 
+def beit_attention_probs(attn: BEiTAttention, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Attention probabilities of a BEiT attention module: x (B, L, D) normed input, bias (h, L, L) of its
+    block (shared and own relative position terms) or None -> (B, h, L, L)."""
+    b, length, _ = x.shape
+    qkv_bias = None if attn.q_bias is None else torch.cat((attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias))
+    qkv = F.linear(x, attn.qkv.weight, qkv_bias).view(b, length, 3, attn.num_heads, attn.head_dim)
+    q, k, _ = qkv.permute(2, 0, 3, 1, 4)
+    logits = (q @ k.transpose(-2, -1)) * attn.scale
+    return (logits if bias is None else logits + bias).softmax(dim=-1)
+
+
+def _beit_block_attention(beit: BEiT, tokens: torch.Tensor, grid: tuple[int, int]) -> list[torch.Tensor]:
+    shared = beit.rel_pos_bias(grid) if beit.rel_pos_bias is not None else None
+    maps, x = [], tokens
+    for block, bias in zip(beit.blocks, beit.rel_pos_bias_for_grid(grid)):
+        maps.append(beit_attention_probs(block.attn, block.norm1(x), bias))
+        x = block(x, shared, grid)
+    return maps
+
+
 @torch.no_grad()
-def block_attention(encoder: VisionTransformer, tokens: torch.Tensor, grid: tuple[int, int]) -> list[torch.Tensor]:
+def block_attention(encoder: VisionTransformer | BEiT, tokens: torch.Tensor,
+                    grid: tuple[int, int]) -> list[torch.Tensor]:
     """Run the blocks on [cls]+tokens laid out on ``grid``; attention (B, h, L, L) of every block."""
+    if isinstance(encoder, BEiT):
+        return _beit_block_attention(encoder, tokens, grid)
     if any(encoder.block_window(i) and encoder.block_window(i) < max(grid) for i in range(len(encoder.blocks))):
         raise ValueError("attention maps of windowed blocks are not drawn; use an encoder with window_size=0")
     buckets = bucket_table(grid, tokens.device) if encoder.config.pos == "rpe" else None
@@ -108,14 +135,14 @@ def window_attention(model, image: torch.Tensor, target: tuple[int, int] | None 
                      seed: int = 0) -> WindowAttention:
     """Attention of patch ``target`` (row, col in the image's patch grid; default: the centre).
 
-    model: a LoMaR / MAE model or a VisionTransformer; image (3, H, W) normalised. The window
+    model: a LoMaR / MAE model, a VisionTransformer or a BEiT; image (3, H, W) normalised. The window
     is K×K around the target: ``window_size``, by default :func:`default_window` (a LoMaR
     model's own K, else 7 or the patch grid's side if smaller).
     ``context``: ``'window'`` (default for LoMaR) runs the encoder on cls + the window tokens
     only; ``'image'`` (default otherwise) on the whole image. ``masked`` (window context):
     replace floor(K·K·mask_ratio) window tokens, the target among them, by the mask token.
     """
-    encoder: VisionTransformer = getattr(model, "encoder", model)
+    encoder: VisionTransformer | BEiT = getattr(model, "encoder", model)
     p = encoder.config.patch_size
     grid = (image.shape[-2] // p, image.shape[-1] // p)
     k, context, target = attention_request(model, grid, target, window_size, context, masked)
@@ -136,23 +163,31 @@ def window_attention(model, image: torch.Tensor, target: tuple[int, int] | None 
             mask = torch.zeros(k * k, dtype=torch.bool)
             mask[keys.topk(num_masked(k, model.mask_ratio), largest=False).indices] = True
             x = torch.where(mask.to(x.device)[None, :, None], model.mask_token.to(x.dtype), x)
-        cls = encoder.cls_token
-        if encoder.pos_embed is not None:
-            table = encoder.pos_embed_for(grid)[0]
-            x = x + table[1:][index]
-            cls = cls + table[:1]
-        tokens = torch.cat([cls.expand(1, -1, -1).to(x.dtype), x], dim=1)
-        rows = [a[0, :, 1 + ty * k + tx].mean(dim=0) for a in block_attention(encoder, tokens, (k, k))]
-        maps = torch.stack([r[1:].reshape(k, k) for r in rows])
+        tokens, token_grid, query, origin = _window_tokens(encoder, x, index, grid), (k, k), ty * k + tx, (0, 0)
     else:
-        tokens, grid = encoder.embed(images)
-        rows = [a[0, :, 1 + target[0] * grid[1] + target[1]].mean(dim=0)
-                for a in block_attention(encoder, tokens, grid)]
-        maps = torch.stack([r[1:].reshape(grid)[top:top + k, left:left + k] for r in rows])
+        tokens, token_grid = ((encoder.prepare_tokens(encoder.patch_embed(images)), encoder.grid)
+                              if isinstance(encoder, BEiT) else encoder.embed(images))
+        query, origin = target[0] * token_grid[1] + target[1], (top, left)
+    rows = [a[0, :, 1 + query].mean(dim=0) for a in block_attention(encoder, tokens, token_grid)]
     encoder.train(was_training)
+    r0, c0 = origin
+    maps = torch.stack([r[1:].reshape(token_grid)[r0:r0 + k, c0:c0 + k] for r in rows])
     cls_share = torch.stack([r[0] for r in rows])
     return WindowAttention(maps.float().cpu(), cls_share.float().cpu(), maps.flatten(1).sum(1).float().cpu(),
                            (top, left), tuple(int(t) for t in target), k, context, mask)
+
+
+def _window_tokens(encoder: VisionTransformer | BEiT, x: torch.Tensor, index: torch.Tensor,
+                   grid: tuple[int, int]) -> torch.Tensor:
+    """[cls] + the window's tokens x (1, K², D) at their places ``index`` (K²,) of the image's ``grid``, with
+    the absolute position table (if any) as pretraining on windows adds it -> (1, 1 + K², D)."""
+    if isinstance(encoder, BEiT):
+        return encoder.prepare_tokens(x, None, index[None])
+    cls = encoder.cls_token
+    if encoder.pos_embed is not None:
+        table = encoder.pos_embed_for(grid)[0]
+        x, cls = x + table[1:][index], cls + table[:1]
+    return torch.cat([cls.expand(1, -1, -1).to(x.dtype), x], dim=1)
 
 
 def attention_figure(result: WindowAttention, pixels: torch.Tensor, patch_size: int, path: str | Path,
