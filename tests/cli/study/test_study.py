@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from helpers import write_images
+from lomar.cli.app import main
 from lomar.cli.study import runner
 from lomar.cli.study.runner import StudyStopped, run_study
 from lomar.cli.study.spec import parse_spec
@@ -215,7 +216,6 @@ def test_a_study_linear_probe_warm_up_beyond_its_epochs_is_refused_up_front(labe
 
 @pytest.mark.slow  # 3 small ViTs x 2 steps and their k-NN, probe and held-out loss: ~30 s on 2 cores
 def test_the_enc_dec_preset_runs_every_cell(tmp_path, capsys):
-    from lomar.cli.app import main
 
     for split in ("train", "val"):
         for label in ("a", "b"):
@@ -291,6 +291,34 @@ def test_a_stop_signal_that_a_slice_took_after_its_last_step_stops_the_study(tmp
     spec = _spec(labelled, budget="1steps", grid={"method": ["lomar"]}, random_init=False, eval={"metrics": []})
     with pytest.raises(StudyStopped, match="stopped at step 1 .signal.; re-run the same command to continue"):
         run_study(parse_spec(spec), tmp_path / "study", log=lambda line: None)
+
+
+@pytest.mark.parametrize("signum, code", [("SIGINT", 130), ("SIGTERM", 143), ("SIGUSR1", 138)])
+def test_a_stopped_study_exits_with_its_signals_code(tmp_path, labelled, monkeypatch, capsys, signum, code):
+    # it exited 130 whatever the signal; a scheduler reads 143 as "stopped by SIGTERM", as the README says
+    import os
+    import signal
+
+    import yaml
+
+    from lomar.train.preemption import StopFlag
+
+    def slice_signalled(config):
+        flag = StopFlag()
+        flag.install()
+        try:
+            os.kill(os.getpid(), getattr(signal, signum))
+        finally:
+            flag.restore()
+        return 0
+
+    monkeypatch.setattr(runner, "read_progress", lambda folder, batch: (0, 1.0, 0.5))
+    monkeypatch.setattr(runner, "pretrain", slice_signalled)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(_spec(labelled, budget="1steps", grid={"method": ["lomar"]}, random_init=False,
+                                         eval={"metrics": []})))
+    assert main(["study", str(spec), "--out", str(tmp_path / "study")]) == code
+    assert "lomar study: stopped: pretraining of" in capsys.readouterr().err
 
 
 def test_a_second_study_into_a_folder_in_use_is_refused(tmp_path, labelled, monkeypatch):

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         run_study(spec, out, command="lomar study " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
     except StudyStopped as exc:
         print(f"lomar study: stopped: {exc}", file=sys.stderr)
-        return 130
+        return 128 + exc.signum
     except StudyFailed as exc:  # the work failed (exit 1), as the cell's own command would say
         print(f"lomar study: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1

@@ -119,7 +119,7 @@ def _finetune(args) -> float:
         except (TrainingError, SaveError) as exc:  # what `lomar finetune` reports in one line, not a traceback
             raise StudyFailed(f"finetuning in {where} failed: {exc}") from None
     if rc == 130 or signals:
-        raise StudyStopped(f"finetuning in {where} was interrupted; re-run the same command to continue")
+        raise StudyStopped(f"finetuning in {where} was interrupted; re-run the same command to continue", signals)
     if rc != 0:
         raise StudyFailed(f"finetuning in {where} failed (exit code {rc}; its error is above)")
     path = where / "metrics.jsonl"

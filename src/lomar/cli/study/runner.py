@@ -203,7 +203,7 @@ class CellRun:
         reached = read_progress(self.folder, self.batch)[0]
         if rc == 130 or reached < target or signals:  # a stop signal: the run checkpointed, the study stops too
             raise StudyStopped(f"pretraining of {self.folder.name} stopped at step {reached} (signal); "
-                               f"re-run the same command to continue")
+                               f"re-run the same command to continue", signals)
         if rc != 0:
             raise StudyFailed(f"pretraining in {self.folder} ended with exit code {rc}")
 

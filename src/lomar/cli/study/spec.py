@@ -59,7 +59,12 @@ MAX_CELLS = 1000
 
 
 class StudyStopped(LomarError):
-    """A run was interrupted (Ctrl-C, SIGTERM): the study stops; re-run it to continue."""
+    """A run was interrupted (Ctrl-C, SIGTERM, SIGUSR1): the study stops; re-run it to continue. It exits
+    128 + ``signum``, as a command stopped outside a training loop does (130, 143, 138)."""
+
+    def __init__(self, message: str, signals: list[int] | None = None):
+        super().__init__(message)
+        self.signum = signals[-1] if signals else int(signal.SIGINT)  # none seen: the run's own Ctrl-C (exit 130)
 
 
 class StudyFailed(LomarError):
