@@ -216,7 +216,6 @@ def test_a_study_linear_probe_warm_up_beyond_its_epochs_is_refused_up_front(labe
 
 @pytest.mark.slow  # 3 small ViTs x 2 steps and their k-NN, probe and held-out loss: ~30 s on 2 cores
 def test_the_enc_dec_preset_runs_every_cell(tmp_path, capsys):
-
     for split in ("train", "val"):
         for label in ("a", "b"):
             write_images(tmp_path / "data" / split / label, 8)
