@@ -39,6 +39,7 @@ def _env() -> dict:
     (["--mask-ratio", "0.05"], "mask ratio"),
     (["--method", "mae", "--pos", "rpe"], "--pos abs"),
     (["--resume", "/no/such.pt"], "does not exist"),
+    (["--resume", "/dev/null"], "--resume /dev/null is not a regular file (a device or pipe)"),
     (["--decode", "windows", "--method", "mae", "--pos", "abs", "--windows", "0"], "use --decode draft"),
     (["--decode", "gpu"], "not --device cpu"),
     (["--cpu-decode-share", "0.3"], "this run is --decode full; drop it, or use --decode gpu"),

@@ -274,5 +274,6 @@ def resume_target(explicit: dict[str, Any], sharded_ok: bool = False) -> Path | 
     if path.is_dir():
         raise ConfigError(f"--resume {path} is a folder; pass {path / 'last.pt'}, or --out {path} --resume auto")
     if not path.is_file():
-        raise ConfigError(f"--resume {path} does not exist; pass a checkpoint file or 'auto'")
+        what = "is not a regular file (a device or pipe)" if path.exists() else "does not exist"
+        raise ConfigError(f"--resume {path} {what}; pass a checkpoint file or 'auto'")
     return path
