@@ -343,7 +343,7 @@ class _Run:
         if metric:
             best = out / "best.pt"
             extra = ", ".join(filter(None, [f"best {metric} {self.best:.4f} in {best}" if best.exists() else
-                                            f"no full epoch evaluated yet, so no {best.name}", extra]))
+                                            f"no {best.name}: no full epoch scored a {metric} yet", extra]))
         cfg = self.cfg
         note = input_limit_note(self.monitor.input_waits, getattr(cfg, "workers", None), getattr(cfg, "decode", None))
         if note:
