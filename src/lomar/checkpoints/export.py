@@ -167,6 +167,20 @@ def header_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def check_fits(weights: Path, config_path: Path, expected: dict[str, tuple[int, ...]],
+               shapes: dict[str, tuple[int, ...]], absent_ok: tuple[str, ...] = (),
+               reshaped_ok: tuple[str, ...] = ()) -> None:
+    """UsageError unless the weights' names and ``shapes`` are the ``expected`` ones; keys starting with
+    ``absent_ok`` may be missing or extra, those with ``reshaped_ok`` of another shape (a new head)."""
+    missing = [k for k in expected if k not in shapes and not k.startswith(absent_ok)]
+    unexpected = [k for k in shapes if k not in expected and not k.startswith(absent_ok)]
+    wrong = [f"{k} {shapes[k]} (expected {expected[k]})" for k in shapes
+             if k in expected and shapes[k] != expected[k] and not k.startswith(reshaped_ok)]
+    if missing or unexpected or wrong:
+        raise UsageError(f"{weights} does not match {config_path}: missing {missing[:4] or 'nothing'}, unexpected "
+                         f"{unexpected[:4] or 'nothing'}, wrong shapes {wrong[:4] or 'none'}")
+
+
 def _check_config(where: Path, data: dict, overrides: dict) -> tuple[ViTConfig, int, str]:
     if unknown := sorted(set(overrides) - set(ViTConfig.__dataclass_fields__) - {"num_classes", "global_pool"}):
         raise UsageError(f"unknown encoder setting(s) {', '.join(unknown)}; pass ViTConfig fields, num_classes or "
@@ -293,14 +307,9 @@ def read_export(path: str | Path, **overrides) -> Export:
         table_grid = grid_size(saved.img_size, saved.patch_size)
     # a caller asking for another head (or pooling): it starts fresh
     new_head = num_classes != data.get("num_classes", 0) or pool != data.get("global_pool", "avg")
-    head = ("head.", "fc_norm.")
-    missing = [k for k in expected if k not in shapes and not (new_head and k.startswith(head + ("norm.",)))]
-    unexpected = [k for k in shapes if k not in expected and not (new_head and k.startswith(head + ("norm.",)))]
-    wrong = [f"{k} {shapes[k]} (expected {expected[k]})" for k in shapes
-             if k in expected and shapes[k] != expected[k] and not (new_head and k.startswith(head))]
-    if missing or unexpected or wrong:
-        raise UsageError(f"{weights} does not match {config_path}: missing {missing[:4] or 'nothing'}, unexpected "
-                         f"{unexpected[:4] or 'nothing'}, wrong shapes {wrong[:4] or 'none'}")
+    head = ("head.", "fc_norm.") if new_head else ()
+    check_fits(weights, config_path, expected, shapes, absent_ok=head + ("norm.",) if new_head else (),
+               reshaped_ok=head)
     _check_model_args(config_path, data)  # after the shapes: a weights file that does not fit is the first problem
     return Export(config, num_classes, weights, pool, new_head, table_grid)
 

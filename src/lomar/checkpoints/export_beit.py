@@ -18,6 +18,7 @@ from lomar.checkpoints.export import (
     _BOUNDS,
     CONFIG_NAME,
     check_bounds,
+    check_fits,
     header_shapes,
     read_config_json,
     timm_pretrained_cfg,
@@ -107,13 +108,7 @@ def read_beit_export(path: str | Path) -> tuple[BEiTConfig, dict, Path]:
     weights = weights_path(path, data, default="encoder.safetensors")
     with torch.device("meta"):  # shapes without storage
         wanted = {k: tuple(v.shape) for k, v in beit_to_timm(BEiT(config).state_dict(), per_block=True).items()}
-    shapes = header_shapes(weights)
-    missing, unexpected = sorted(set(wanted) - set(shapes)), sorted(set(shapes) - set(wanted))
-    wrong = sorted(f"{k} {shapes[k]} (expected {wanted[k]})" for k in set(wanted) & set(shapes)
-                   if shapes[k] != wanted[k])
-    if missing or unexpected or wrong:
-        raise UsageError(f"{weights} does not match {config_path}: missing {missing[:4] or 'nothing'}, unexpected "
-                         f"{unexpected[:4] or 'nothing'}, wrong shapes {wrong[:4] or 'none'}")
+    check_fits(weights, config_path, dict(sorted(wanted.items())), dict(sorted(header_shapes(weights).items())))
     return config, args, weights
 
 
