@@ -30,6 +30,7 @@ from lomar.checkpoints.io import atomic_save, atomic_write_text, safe_load
 from lomar.checkpoints.sharded import check_metadata
 from lomar.errors import LomarError, UsageError
 from lomar.train.settings import ConfigError
+from lomar.values import is_integer
 
 __all__ = ["RunLock", "SaveError", "save_state", "checkpoints_to_prune", "save_checkpoint", "save_on_main_rank",
            "truncate_metrics", "remove_stale_temporaries", "find_resume_checkpoint", "auto_resume", "checkpoint_step",
@@ -150,7 +151,7 @@ def read_meta(path: Path) -> dict:
         ckpt = safe_load(path, mmap=True)
     # a damaged or crafted file's step 'x' stopped the run with a traceback, a step -5 trained from step -4
     counts = {k: ckpt[k] for k in ("step", "epoch", "batches_done") if k in ckpt}
-    if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in counts.values()):
+    if any(not is_integer(v) or v < 0 for v in counts.values()):
         raise ValueError(f"checkpoint {path} holds {counts}, not counts of steps; the file is damaged: resume from "
                          f"another checkpoint")
     return ckpt

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from lomar.errors import LomarError, UsageError
+from lomar.values import is_integer
 from lomar.yaml_io import YAMLError, load_yaml
 
 __all__ = ["Budget", "Cell", "EvalSpec", "StudySpec", "parse_budget", "parse_spec", "load_spec", "METRICS",
@@ -270,14 +271,13 @@ def _axis(name: str, values: Any) -> list[tuple[str, dict[str, Any]]]:
 
 def seed_list(value: Any, key: str = "seeds") -> list[int]:
     """A count N (seeds 0 .. N-1) or a list of distinct seeds, at most MAX_SEEDS of them."""
-    count = value if isinstance(value, int) and not isinstance(value, bool) else \
-        len(value) if isinstance(value, list) else 0
+    count = value if is_integer(value) else len(value) if isinstance(value, list) else 0
     if count > MAX_SEEDS:
         raise UsageError(f"{key}: {count} seeds is more than a study runs (at most {MAX_SEEDS}); pass fewer")
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+    if is_integer(value) and value > 0:
         return list(range(value))
-    if isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                                 for s in value) and len(set(value)) == len(value):
+    if isinstance(value, list) and value and all(is_integer(s) and s >= 0 for s in value) \
+            and len(set(value)) == len(value):
         return list(value)
     raise UsageError(f"{key}: {value!r} must be a count (e.g. 3) or a list of distinct seeds (e.g. [0, 1, 2])")
 
@@ -299,7 +299,7 @@ def _eval(raw: Any) -> EvalSpec:
     if not isinstance(metrics, list) or not set(metrics) <= set(METRICS):
         raise UsageError(f"eval.metrics: {metrics!r} must be a list drawn from {', '.join(METRICS)}")
     img_size = raw.get("img_size")
-    if img_size is not None and (not isinstance(img_size, int) or isinstance(img_size, bool) or img_size <= 0):
+    if img_size is not None and (not is_integer(img_size) or img_size <= 0):
         raise UsageError(f"eval.img_size: {img_size!r} must be a positive whole number")
     return EvalSpec(every, _flag(raw.get("equal_steps", False), "eval.equal_steps"), tuple(metrics), img_size,
                     **{name: _mapping(raw.get(name), f"eval.{name}") for name in ("knn", "linprobe", "finetune")})
