@@ -29,6 +29,7 @@ from lomar.checkpoints.keys_beit import beit_to_timm
 from lomar.errors import UsageError
 from lomar.limits import MAX_IMG_SIZE
 from lomar.models.beit import BEiT, BEiTConfig
+from lomar.values import is_real
 
 __all__ = ["export_beit_encoder", "timm_beit_args", "read_beit_export", "create_timm_beit"]
 
@@ -89,8 +90,7 @@ def read_beit_export(path: str | Path) -> tuple[BEiTConfig, dict, Path]:
     flags = [k for k in ("qkv_bias", "use_shared_rel_pos_bias", "use_rel_pos_bias", "use_abs_pos_emb")
              if k in saved and not isinstance(saved[k], bool)]
     scale = saved.get("init_values")
-    number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
-    if flags or not (scale is None or number and 0 <= scale < 1e3):
+    if flags or not (scale is None or is_real(scale) and 0 <= scale < 1e3):
         what = f"{flags[0]} must be true or false, got {saved[flags[0]]!r}" if flags else \
             f"init_values must be null or a number in [0, 1000), got {scale!r}"
         raise UsageError(f"{config_path}: beit_config: {what}; re-export the BEiT encoder")
