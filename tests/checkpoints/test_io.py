@@ -211,3 +211,9 @@ def test_a_folder_or_one_of_our_checkpoints_given_as_an_original_says_what_it_is
         safe_load(tmp_path)
     with pytest.raises(ValueError, match="it is one of lomar's own: lomar.eval.features.load_pretrained_encoder"):
         load_original(pretrained)
+
+
+@pytest.mark.parametrize("path", [5, None, b"ckpt.pth", ["a.pth"]])
+def test_load_original_names_a_path_that_is_not_one(path):
+    with pytest.raises(TypeError, match=r"load_original takes the checkpoint's path \(a str or Path\), got "):
+        load_original(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -142,6 +143,9 @@ def load_original(path: str | Path, **overrides) -> nn.Module:
     Returns a :class:`LoMaR`, :class:`MAE` or classifier :class:`VisionTransformer`, with
     weights loaded strictly (the unused LoMaR ``pos_embed`` is dropped, SPEC §6.3).
     """
+    if not isinstance(path, (str, os.PathLike)):  # else torch's "expected str, bytes or os.PathLike" names no argument
+        raise TypeError(f"load_original takes the checkpoint's path (a str or Path), got {type(path).__name__} "
+                        f"{path!r}")
     model = _original_model(safe_load(path), Path(path), overrides)
     check_finite(model, path)
     return model
