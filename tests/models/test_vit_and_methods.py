@@ -333,3 +333,10 @@ def test_norm_pix_loss_must_be_a_bool():
     with pytest.raises(TypeError, match="norm_pix_loss must be True or False, got 'False'"):
         MAE(ViTConfig(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, pos="abs"),
             decoder_embed_dim=8, decoder_depth=1, decoder_num_heads=2, norm_pix_loss="False")
+
+
+def test_configs_hash_as_they_compare():
+    a, b = model_config("vit_tiny_patch16"), model_config("vit_tiny_patch16")
+    assert hash(a) == hash(b) and len({a, b, model_config("vit_tiny_patch16", img_size=448)}) == 2
+    assert {a: "cached"}[b] == "cached"
+    assert ViTConfig(extra={"note": 1}) != ViTConfig()  # extra is left out of the hash, not out of equality

@@ -66,7 +66,7 @@ class ViTConfig(EncoderShape):
     window_size: int = 0
     global_blocks: tuple[int, ...] = ()
     rel_pos: str = "none"
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict, hash=False)  # a dict cannot be hashed; equality still compares it
 
     def __post_init__(self) -> None:
         blocks = self.global_blocks
