@@ -136,3 +136,9 @@ def test_bad_finetune_options_are_refused_before_any_cell_trains(tmp_path):
     spec = parse_spec(_raw(tmp_path, eval={"metrics": ["finetune"], "finetune": {"epochs": 0}}))
     with pytest.raises(UsageError, match=r"^eval.finetune: --epochs must be positive, got 0; fix the spec's "):
         check_options(spec)
+
+
+@pytest.mark.parametrize("budget, text", [(Budget(1, "steps"), "1 step"), (Budget(2, "steps"), "2 steps"),
+                                          (Budget(1, "epochs"), "1 epoch"), (Budget(1, "seconds"), "1s")])
+def test_budgets_print_in_words(budget, text):
+    assert str(budget) == text

@@ -136,7 +136,9 @@ class Budget:
     unit: str
 
     def __str__(self) -> str:
-        return f"{self.value:g}s" if self.unit == "seconds" else f"{int(self.value)} {self.unit}"
+        if self.unit == "seconds":
+            return f"{self.value:g}s"
+        return f"{int(self.value)} {self.unit if self.value != 1 else self.unit.removesuffix('s')}"
 
 
 def parse_budget(text: Any, key: str) -> Budget:
