@@ -19,6 +19,7 @@ a dependency, with its own ones, to pin). Damaged shards are reported once, by
 from __future__ import annotations
 
 import glob
+import io
 import logging
 import tarfile
 import zlib
@@ -195,22 +196,23 @@ class TarShardDataset(IterableDataset):
         shards = [usable[i] for i in order.tolist()]
         mixing = sample_generator(self.seed, epoch, _BUFFER_INDEX + slot)  # every pass's buffer, in turn
 
-        def one_pass() -> Iterator[tuple[str, bytes | int]]:
+        def one_pass() -> Iterator[tuple[str, bytes | int | str]]:
             if len(shards) >= slots:
-                members: Iterable[tuple[str, bytes | int]] = chain.from_iterable(
+                members: Iterable[tuple[str, bytes | int | str]] = chain.from_iterable(
                     map(_image_members, shards[slot::slots]))
             else:
                 members = (m for i, m in enumerate(chain.from_iterable(map(_image_members, shards)))
                            if i % slots == slot)
             return _buffer_shuffle(members, self.shuffle_buffer, mixing) if self.shuffle_buffer > 1 else members
 
-        stream: Iterable[tuple[str, bytes | int]] = one_pass()
+        stream: Iterable[tuple[str, bytes | int | str]] = one_pass()
         if batches:  # exactly this part's share of the epoch, its shards read again if they hold less
             stream = islice(_passes(one_pass), _batches_of(part, batches, workers) * batch)
         for position, (name, data) in enumerate(stream):
             if position < mine:
                 continue  # consumed before the resume: not decoded again
-            gen = sample_generator(self.seed, epoch, zlib.crc32(name.encode()))
+            # surrogateescape: a member name that is not UTF-8 (tarfile decodes it so) seeds by its own bytes
+            gen = sample_generator(self.seed, epoch, zlib.crc32(name.encode("utf-8", "surrogateescape")))
             yield make_item(name, lambda data=data, name=name: _decode_member(name, data), self.transform, gen,
                             self.masker)
 
@@ -231,8 +233,11 @@ def _passes(one_pass: Callable[[], Iterator[T]]) -> Iterator[T]:
             return
 
 
-def _decode_member(name: str, data: bytes | int) -> torch.Tensor:
-    """A member's pixels; ``data`` an int is the size of a member over the byte limit, left unread."""
+def _decode_member(name: str, data: bytes | int | str) -> torch.Tensor:
+    """A member's pixels; ``data`` an int is the size of a member over the byte limit, left unread, a str why a
+    link member has no file to read."""
+    if isinstance(data, str):
+        raise ValueError(f"cannot read {name}: {data}; fix or remove the link")
     if isinstance(data, int):
         raise ValueError(f"cannot read {name}: {data:,} bytes is over the limit of {max_image_bytes():,} for one "
                          f"image; shrink it or raise LOMAR_MAX_IMAGE_BYTES")
@@ -240,7 +245,7 @@ def _decode_member(name: str, data: bytes | int) -> torch.Tensor:
 
 
 def _image_members(shard: Path, read: bool = True,
-                   damaged: dict[str, str] | None = None) -> Iterator[tuple[str, bytes | int | None]]:
+                   damaged: dict[str, str] | None = None) -> Iterator[tuple[str, bytes | int | str | None]]:
     """("shard:member", bytes (its size instead when over :func:`max_image_bytes`), or None unless ``read``)
     for the image members of one shard.
 
@@ -259,19 +264,36 @@ def _image_members(shard: Path, read: bool = True,
     with archive:
         try:
             for member in archive:
-                if not (member.isfile() and is_image_name(member.name)):
+                # a hard or symbolic link (tar stores a file's second name so) is a sample, read from its target
+                if not ((member.isfile() or member.islnk() or member.issym()) and is_image_name(member.name)):
                     continue
                 name = f"{shard}:{member.name}"
                 if not read:
                     yield name, None
                     continue
-                if member.size > limit:  # the folder path's bound, from the header: never read into memory
+                if not member.isfile():
+                    yield name, _read_link(archive, member, limit)
+                elif member.size > limit:  # the folder path's bound, from the header: never read into memory
                     yield name, member.size
-                    continue
-                handle = archive.extractfile(member)
-                yield name, handle.read() if handle else b""
+                else:
+                    handle = archive.extractfile(member)
+                    yield name, handle.read() if handle else b""
         except (OSError, tarfile.TarError) as exc:  # a truncated shard: keep what was read
             _damaged(damaged, shard, f"damaged after some samples, the rest skipped ({exc})")
+
+
+def _read_link(archive: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes | int | str:
+    """What a link member's target within the shard holds: its bytes, its size when over ``limit`` (left
+    unread), or why it has none."""
+    try:
+        handle = archive.extractfile(member)  # resolves the link inside the archive only, as tar would
+    except (KeyError, RecursionError):  # a target the shard does not hold; a loop of symbolic links
+        return f"a link to {member.linkname}, which the shard does not hold as a file"
+    if handle is None:
+        return f"a link to {member.linkname}, which is not a file"
+    with handle:
+        size = handle.seek(0, io.SEEK_END)
+        return size if size > limit else (handle.seek(0), handle.read())[1]
 
 
 def _damaged(record: dict[str, str] | None, shard: Path, reason: str) -> None:

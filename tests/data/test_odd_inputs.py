@@ -1,0 +1,54 @@
+"""Inputs real data sets hold that the usual fixtures do not: odd tar members, odd pixel types."""
+
+import io
+import tarfile
+
+import numpy as np
+from PIL import Image
+
+from lomar.data.shards import TarShardDataset
+from lomar.data.transforms import PretrainTransform
+
+
+def _jpeg() -> bytes:
+    out = io.BytesIO()
+    Image.fromarray((np.random.RandomState(0).rand(20, 30, 3) * 255).astype(np.uint8)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def _add(archive: tarfile.TarFile, name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = ""):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.size = kind, link, len(data)
+    archive.addfile(info, io.BytesIO(data) if data else None)
+
+
+def _items(shard) -> dict:
+    dataset = TarShardDataset([shard], PretrainTransform(16), shuffle_buffer=1)
+    dataset.count_samples()
+    return {item["path"].split(":")[-1]: item for item in dataset}
+
+
+def test_a_shard_member_named_in_another_encoding_is_a_sample_not_a_crash(tmp_path):
+    shard = tmp_path / "a.tar"
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as archive:
+        _add(archive, "caf\xe9.jpg", _jpeg())  # the byte 0xE9: not UTF-8, read back with a surrogate
+    items = list(TarShardDataset([shard], PretrainTransform(16), shuffle_buffer=1))
+    assert len(items) == 1 and items[0]["image"].shape == (3, 16, 16)
+
+
+def test_linked_shard_members_are_samples_or_skipped_and_counted(tmp_path):
+    shard = tmp_path / "a.tar"
+    with tarfile.open(shard, "w") as archive:  # GNU tar stores a file's second name as a hard link
+        _add(archive, "a.jpg", _jpeg())
+        _add(archive, "hard.jpg", kind=tarfile.LNKTYPE, link="a.jpg")
+        _add(archive, "sym.jpg", kind=tarfile.SYMTYPE, link="a.jpg")
+        _add(archive, "out.jpg", kind=tarfile.SYMTYPE, link="/etc/hostname")  # never read outside the shard
+        _add(archive, "loop.jpg", kind=tarfile.SYMTYPE, link="loop.jpg")
+    dataset = TarShardDataset([shard], PretrainTransform(16), shuffle_buffer=1)
+    assert dataset.count_samples() == 5
+    items = _items(shard)
+    assert sorted(items) == ["a.jpg", "hard.jpg", "loop.jpg", "out.jpg", "sym.jpg"]
+    assert all(items[name]["image"] is not None for name in ("a.jpg", "hard.jpg", "sym.jpg"))
+    assert items["out.jpg"]["image"] is None and "a link to /etc/hostname, which the shard does not hold" in (
+        items["out.jpg"]["why"])
+    assert items["loop.jpg"]["image"] is None and "\n" not in items["loop.jpg"]["why"]
