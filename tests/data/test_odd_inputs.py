@@ -4,8 +4,13 @@ import io
 import tarfile
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
+from lomar.data.decode import decode_bytes
+from lomar.data.fast_decode import FastPretrainDataset
+from lomar.data.folder import ImageListDataset
 from lomar.data.shards import TarShardDataset
 from lomar.data.transforms import PretrainTransform
 
@@ -52,3 +57,15 @@ def test_linked_shard_members_are_samples_or_skipped_and_counted(tmp_path):
     assert items["out.jpg"]["image"] is None and "a link to /etc/hostname, which the shard does not hold" in (
         items["out.jpg"]["why"])
     assert items["loop.jpg"]["image"] is None and "\n" not in items["loop.jpg"]["why"]
+
+
+def test_a_floating_point_tiff_is_refused_not_clipped_to_black(tmp_path):
+    out = io.BytesIO()
+    Image.fromarray(np.random.RandomState(0).rand(40, 60).astype(np.float32)).save(out, format="TIFF")  # 0..1
+    with pytest.raises(ValueError, match=r"t.tif: a 32-bit floating-point image has no known value range; convert"):
+        decode_bytes(out.getvalue(), "t.tif")
+    (tmp_path / "t.tif").write_bytes(out.getvalue())
+    masker = lambda gen: {"top_left": torch.zeros(1, 2, dtype=torch.long), "mask": torch.zeros(4)}  # noqa: E731
+    base = ImageListDataset([tmp_path / "t.tif"], PretrainTransform(16), masker=masker)
+    for dataset in (base, FastPretrainDataset(base, "windows", patch_size=2, window_size=2, num_windows=1)):
+        assert dataset[0]["image"] is None and "floating-point" in dataset[0]["why"]

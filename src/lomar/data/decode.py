@@ -178,6 +178,9 @@ def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = No
         with open_pil(data, name, limit) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
+            if img.mode == "F":  # Pillow's convert would clip it to 0..255: a 0..1 image would come out black
+                raise ValueError(f"cannot decode image {name}: a 32-bit floating-point image has no known value range; "
+                                 f"convert it to 8 or 16 bits")
             if img.mode in WIDE_MODES:  # 16 bits, as torchvision scales them; a 32-bit "I" holds no depth
                 arr = np.asarray(img, dtype=np.float64)
                 arr = arr / (255.0 if img.mode == "I" and arr.max() <= 255 else 65535.0) * 255.0

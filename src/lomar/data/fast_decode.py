@@ -161,7 +161,7 @@ class FastPretrainDataset(Dataset):
 
     def _takes(self, img: Image.Image) -> bool:
         """Whether this mode decodes ``img`` itself (else the reference path does)."""
-        if img.mode in WIDE_MODES:  # only the reference path scales them to 8 bits
+        if img.mode in (*WIDE_MODES, "F"):  # only the reference path scales them to 8 bits (or refuses floats)
             return False
         return self.sparse or (img.format == "JPEG" and exif_orientation(img) in (0, 1)
                                and (self.mode != "gpu" or img.mode in ("RGB", "L")))
