@@ -396,6 +396,30 @@ def test_a_rank_whose_peer_died_says_so_in_one_line(monkeypatch, capsys):
         main(["export", "ckpt", "--to", "out"])
 
 
+def test_a_sigterm_while_a_rank_reports_its_lost_peer_leaves_the_one_line(monkeypatch, capsys):
+    """torchrun SIGTERMs the processes that outlive a failed one: a rank already reporting its lost peer ends with
+    its one line and exit 1; the handler used to raise Terminated there, a traceback after the line."""
+    import os
+    import signal
+
+    _fail_with(monkeypatch, RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error: Connection reset by peer."))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    describe = app.describe_lost_peer
+
+    def described_then_stopped(exc):
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun stopping this survivor while it reports
+        return describe(exc)
+
+    monkeypatch.setattr(app, "describe_lost_peer", described_then_stopped)
+    try:
+        code = main(["export", "ckpt", "--to", "out"])
+    except KeyboardInterrupt as exc:  # Terminated: caught here, else it would stop pytest itself
+        pytest.fail(f"the SIGTERM after the command had failed escaped as {exc!r}")
+    assert code == 1
+    assert "rank 0: another process of this run stopped" in _one_error_line(capsys.readouterr().err, "export")
+
+
 def test_a_dvae_that_is_not_a_pickle_is_not_called_one(tmp_path, capsys):
     path = tmp_path / "random.pt"
     path.write_bytes(b"\x01" + bytes(range(256)))

@@ -143,8 +143,22 @@ class Terminated(KeyboardInterrupt):
     to its default action it would kill a run still starting (reading its data, fitting a tokenizer) unannounced."""
 
 
+_running = [False]  # whether a command is running: a stop signal after it has ended changes nothing
+
+
 def _terminate(signum, frame) -> None:
-    raise Terminated(signum)
+    # Once the command has ended (say, reporting a lost peer), a SIGTERM, such as the one torchrun sends the
+    # survivors of a failed process, must not turn its one line into a traceback: it exits with its code anyway.
+    if _running[0]:
+        raise Terminated(signum)
+
+
+def _run_command(args: argparse.Namespace):
+    before, _running[0] = _running[0], True
+    try:
+        return args._run(args)
+    finally:
+        _running[0] = before
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
     previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGUSR1)} if main_thread else {}
     try:
-        return int(args._run(args) or 0)
+        return int(_run_command(args) or 0)
     except LomarError as exc:
         print(f"{prefix}: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
