@@ -1,7 +1,9 @@
 """Inputs real data sets hold that the usual fixtures do not: odd tar members, odd pixel types."""
 
 import io
+import struct
 import tarfile
+import zlib
 
 import numpy as np
 import pytest
@@ -69,3 +71,18 @@ def test_a_floating_point_tiff_is_refused_not_clipped_to_black(tmp_path):
     base = ImageListDataset([tmp_path / "t.tif"], PretrainTransform(16), masker=masker)
     for dataset in (base, FastPretrainDataset(base, "windows", patch_size=2, window_size=2, num_windows=1)):
         assert dataset[0]["image"] is None and "floating-point" in dataset[0]["why"]
+
+
+def test_an_annotation_with_a_broken_chunk_is_one_line_naming_it(tmp_path):
+    from lomar.data.segmentation import read_labels
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    pixels = zlib.compress(b"".join(b"\0" + bytes(range(8)) for _ in range(8)))
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0))
+    # the pixel data goes on in a chunk with a garbled type: Pillow raises SyntaxError while decoding, not OSError
+    body = chunk(b"IDAT", pixels[:10]) + chunk(b"\x99\xae\xe9\x81", pixels[10:]) + chunk(b"IEND", b"")
+    (tmp_path / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + body)
+    with pytest.raises(ValueError, match=r"annotation .*a.png cannot be read \(broken PNG file .*\); rewrite it as a"):
+        read_labels(tmp_path / "a.png")

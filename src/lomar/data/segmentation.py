@@ -49,8 +49,9 @@ def read_labels(path: Path) -> np.ndarray:
                              f"(mode L or P) PNG, 0 = ignored, 1..N the classes")
         try:
             return np.asarray(image)
-        except OSError as exc:  # cut short after its header
-            raise ValueError(f"annotation {path} cannot be read ({exc}); rewrite it as a PNG of class ids") from None
+        except Exception as exc:  # cut short after its header (OSError), a broken chunk (SyntaxError), ...
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(f"annotation {path} cannot be read ({why}); rewrite it as a PNG of class ids") from None
 
 
 def _check_pair(image: Path, annotation: Path) -> int:
