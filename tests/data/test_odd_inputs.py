@@ -86,3 +86,12 @@ def test_an_annotation_with_a_broken_chunk_is_one_line_naming_it(tmp_path):
     (tmp_path / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + body)
     with pytest.raises(ValueError, match=r"annotation .*a.png cannot be read \(broken PNG file .*\); rewrite it as a"):
         read_labels(tmp_path / "a.png")
+
+
+@pytest.mark.parametrize("images, fraction", [(2, 0.75), (4, 0.0001)])
+def test_compose_digits_gives_each_split_a_picture_at_any_val_fraction(tmp_path, images, fraction):
+    from lomar.data.compose import compose_digits
+
+    summary = compose_digits(tmp_path / "s", img_size=32, images=images, val_fraction=fraction, per_image=(1, 1))
+    assert all(summary["splits"][split]["images"] >= 1 for split in ("train", "val"))
+    assert all(any((tmp_path / "s" / "images" / split).iterdir()) for split in ("train", "val"))

@@ -183,9 +183,10 @@ def compose_digits(out: str | Path, img_size: int = 256, images: int = 200, seed
     rng = np.random.default_rng(seed)
     bunch = load_digits()
     order = rng.permutation(len(bunch.target))
-    n_val_digits = int(round(len(order) * val_fraction))
+    # each split at least one picture and one digit sample, however close to 0 or 1 the fraction rounds
+    n_val_digits = min(len(order) - 1, max(1, int(round(len(order) * val_fraction))))
     pools = {"val": order[:n_val_digits], "train": order[n_val_digits:]}
-    n_val = max(1, int(round(images * val_fraction)))
+    n_val = min(images - 1, max(1, int(round(images * val_fraction))))
     counts = {"train": images - n_val, "val": n_val}
     photos = _photos()
     out.parent.mkdir(parents=True, exist_ok=True)
