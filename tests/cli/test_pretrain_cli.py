@@ -418,6 +418,22 @@ def test_max_steps_inside_an_explicit_warmup_warns_up_front(tmp_path, capsys, im
     assert "warning: this run stops at step 2, inside its 8-step warm-up" in out and "drop --epochs" in out
 
 
+def test_a_warm_up_that_schedule_steps_set_is_not_blamed_on_epochs(tmp_path, capsys, image_dir):
+    """--schedule-steps 40 (not --epochs) lays this warm-up over 10 steps: the warning told the run to drop --epochs,
+    which changes nothing; it names --schedule-steps, and a resumed run (whose schedule is its checkpoint's)
+    the --max-steps that finishes the warm-up."""
+    out = tmp_path / "run"
+    assert main(["pretrain", *TINY, "--data", str(image_dir), "--out", str(out), "--max-steps", "1",
+                 "--schedule-steps", "40"]) == 0
+    printed = capsys.readouterr().out
+    assert "inside its 10-step warm-up" in printed and "drop --epochs" not in printed
+    assert "lower --schedule-steps" in printed
+    assert main(["pretrain", "--out", str(out), "--resume", "auto", "--max-steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "inside its 10-step warm-up" in printed and "drop --epochs" not in printed
+    assert "a resumed run keeps its schedule: pass --max-steps 10 or more" in printed
+
+
 @pytest.mark.slow  # starts a loader worker process
 def test_a_loader_worker_the_system_killed_is_one_line_and_exit_1(tmp_path, capsys, image_dir, monkeypatch):
     """As the kernel's out-of-memory killer stops a worker: torch's RuntimeError was a traceback."""

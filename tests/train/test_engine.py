@@ -62,6 +62,17 @@ def test_the_warmup_warning_follows_the_runs_schedule():
     assert "peaks at 0.75" in warmup_warning(4, 100, 5, 1.0, schedule=lr_at_whole_steps)
 
 
+def test_the_warmup_warning_names_the_setting_that_made_the_warm_up():
+    from types import SimpleNamespace
+
+    detect = SimpleNamespace(warmup_steps=250, schedule_steps=None)  # detect, segment: no --warmup-epochs
+    assert warmup_warning(10, 1000, 250, 1.0, config=detect).endswith("lower --warmup-steps to at most --max-steps")
+    given = SimpleNamespace(schedule_steps=400)
+    assert "lower --schedule-steps" in warmup_warning(2, 400, 40, 1.0, config=given)
+    assert "pass --max-steps 41 or more" in warmup_warning(2, 400, 40.5, 1.0, config=given, resumed=True)
+    assert "drop --epochs" in warmup_warning(2, 400, 40, 1.0, config=SimpleNamespace(schedule_steps=None))
+
+
 def test_decay_groups_follow_the_original_rule():
     model = LoMaR(model_config("vit_tiny_patch16", depth=1, img_size=112), 7, 1)
     no_decay, decay = param_groups(model, 0.05)

@@ -176,8 +176,8 @@ class _Run:
         print(f"lomar {task.name}: {task.describe()}; {steps} ({self.steps_per_epoch} an epoch, batch "
               f"{cfg.batch_size} x accum {self.accum} x {self.info.world_size} process(es)); out {self.out}; "
               f"device {self.device}, precision {self.precision}", flush=True)
-        warning = warmup_warning(self.last_step, *self.schedule, self.base_lr, self.min_lr, task.lr_schedule or lr_at)
-        if warning:
+        if warning := warmup_warning(self.last_step, *self.schedule, self.base_lr, self.min_lr, task.lr_schedule,
+                                     config=cfg, resumed=self.p.step > 0):
             print(f"lomar {task.name}: warning: {warning}", flush=True)
 
     def _train_epoch(self, stream: EpochStream) -> bool:

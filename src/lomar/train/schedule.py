@@ -50,17 +50,29 @@ def lr_at_whole_steps(step: float, total_steps: float, warmup_steps: float, base
 
 
 def warmup_warning(last_step: int, total_steps: float, warmup_steps: float, base_lr: float, min_lr: float = 0.0,
-                   schedule: Callable[..., float] = lr_at) -> str | None:
+                   schedule: Callable[..., float] | None = None, config=None, resumed: bool = False) -> str | None:
     """What to tell a run that will stop inside its warm-up (its lr never reaches the recipe's peak);
-    ``schedule`` is the run's, rising through the warm-up, so its last step's lr is the run's highest."""
+    ``schedule`` is the run's (None: :func:`lr_at`), rising through the warm-up, so its last step's lr is the run's
+    highest. The fix named follows what set the schedule: the run's ``config`` (:func:`run_span`), ``resumed``."""
     if last_step < 1 or last_step >= warmup_steps:
         return None
-    peak = schedule(last_step - 1, total_steps, warmup_steps, base_lr, min_lr)
+    peak = (schedule or lr_at)(last_step - 1, total_steps, warmup_steps, base_lr, min_lr)
     if peak >= base_lr * (1 - 1e-9):
         return None
     return (f"this run stops at step {last_step}, inside its {warmup_steps:g}-step warm-up: the lr peaks at "
-            f"{peak:.3g} instead of {base_lr:.3g}; drop --epochs to lay the schedule "
-            f"over --max-steps, or lower --warmup-epochs")
+            f"{peak:.3g} instead of {base_lr:.3g}; {_warmup_fix(config, warmup_steps, resumed)}")
+
+
+def _warmup_fix(config, warmup_steps: float, resumed: bool) -> str:
+    if resumed:  # its schedule is the checkpoint's
+        return (f"a resumed run keeps its schedule: pass --max-steps {math.ceil(warmup_steps)} or more to finish the "
+                f"warm-up")
+    if getattr(config, "warmup_steps", None) is not None:  # detect, segment: a warm-up of so many steps
+        return "lower --warmup-steps to at most --max-steps"
+    if getattr(config, "schedule_steps", None) is not None:  # given, or kept from the run's config.yaml
+        return ("lower --schedule-steps (the schedule's length, which --max-steps sets when neither it nor --epochs "
+                "is given), or lower --warmup-epochs")
+    return "drop --epochs to lay the schedule over --max-steps, or lower --warmup-epochs"
 
 
 def schedule_overrun(last_step: int, total_steps: float, min_lr: float) -> str | None:
