@@ -246,7 +246,7 @@ def test_a_re_run_with_an_edited_spec_is_refused_before_it_replaces_anything(tmp
     run_study(parse_spec(spec), out, log=lambda line: None)
     before = (out / "spec.json").read_text()
     for change, message in [
-        ({"budget": "2steps"}, 'budget "1 steps", the spec now gives "2 steps"'),
+        ({"budget": "2steps"}, 'budget "1 step", the spec now gives "2 steps"'),
         ({"settings": {**TINY, "mask_ratio": 0.5}}, "settings.mask_ratio unset, the spec now gives 0.5"),
         ({"eval": {"metrics": ["knn", "linprobe"], "knn": {"k": 3}}}, 'eval.metrics \\["knn"\\], the spec now'),
         ({"eval": {"metrics": ["knn"], "knn": {"k": 5}}}, "eval.knn.k 3, the spec now gives 5"),
