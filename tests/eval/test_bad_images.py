@@ -41,11 +41,32 @@ def test_features_skip_and_count_unreadable_images(setup):
 
 
 @pytest.mark.parametrize("command, extra", [("knn", ["--k", "3"]), ("linprobe", ["--epochs", "2"])])
-def test_probe_commands_survive_a_broken_image(setup, tmp_path, command, extra):
-    out = tmp_path / "r.json"
-    assert main([command, str(setup / "enc"), "--data", str(setup / "data"), "--img-size", "32", "--workers", "0",
+def test_probe_commands_survive_a_broken_image(setup, tmp_path, capsys, command, extra):
+    out, data = tmp_path / "r.json", _more_images(setup, tmp_path / "data", 4)  # 1 broken of 17 and of 13
+    assert main([command, str(setup / "enc"), "--data", str(data), "--img-size", "32", "--workers", "0",
                  "--device", "cpu", "--json", str(out), *extra]) == 0
-    assert json.loads(out.read_text())["val_images"] == 4
+    assert json.loads(out.read_text())["val_images"] == 12
+    assert f"val split {data / 'val'}: 1 unreadable image(s) skipped, at most 10% of a split" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["knn", "linprobe"])
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_probe_commands_stop_when_over_a_tenth_of_a_split_is_unreadable(setup, tmp_path, capsys, command, split):
+    data = _more_images(setup, tmp_path / "data", 4, splits=[s for s in ("train", "val") if s != split])
+    assert main([command, str(setup / "enc"), "--data", str(data), "--img-size", "32", "--workers", "0",
+                 "--device", "cpu", "--json", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    total = 9 if split == "train" else 5
+    assert f"error: {split} split {data / split}: 1 of {total} images (over 10%) could not be used, e.g. " in err
+    assert "broken.png" in err and "Traceback" not in err and not (tmp_path / "r.json").exists()
+
+
+def test_finetune_stops_when_over_a_tenth_of_its_validation_split_is_unreadable(setup, tmp_path, capsys):
+    data = _more_images(setup, tmp_path / "data", 4, splits=["train"])  # training 1 of 17, validation 1 of 5
+    assert _finetune(setup, data, tmp_path / "ft") == 1
+    err = capsys.readouterr().err
+    assert f"1 of 5 validation images in {data / 'val'} (over 10%) could not be used; fix or remove them" in err
+    assert "Traceback" not in err
 
 
 def _finetune(setup, data, out, *extra) -> int:
@@ -53,21 +74,22 @@ def _finetune(setup, data, out, *extra) -> int:
                  "--batch-size", "4", "--workers", "0", "--out", str(out), "--device", "cpu", "--epochs", "1", *extra])
 
 
-def _more_training_images(setup, root, count: int):
-    """A copy of the setup's data with ``count`` more readable training images per class."""
+def _more_images(setup, root, count: int, splits=("train", "val")):
+    """A copy of the setup's data with ``count`` more readable images per class in each of ``splits``."""
     import shutil
 
     shutil.copytree(setup / "data", root)
     rng = np.random.default_rng(1)
-    for label in ("a", "b"):
-        for i in range(count):
-            pixels = rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / "train" / label / f"x{i}.png")
+    for split in splits:
+        for label in ("a", "b"):
+            for i in range(count):
+                pixels = rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / label / f"x{i}.png")
     return root
 
 
 def test_finetune_survives_a_broken_image(setup, tmp_path, capsys):
-    data = _more_training_images(setup, tmp_path / "data", 4)  # 1 broken of 17: under 10 %
+    data = _more_images(setup, tmp_path / "data", 4)  # 1 broken of 17 (train), of 13 (val): under 10 %
     assert _finetune(setup, data, tmp_path / "ft") == 0
     assert (tmp_path / "ft" / "last.pt").is_file()
     assert "1 unusable image(s) skipped, e.g. " in capsys.readouterr().out
@@ -93,17 +115,14 @@ def test_finetune_steps_over_a_batch_without_one_readable_image(setup, tmp_path,
     monkeypatch.setattr(finetune, "collate_labelled_refill", second_batch_unreadable)
     monkeypatch.setattr(BadDataTracker, "check", lambda self, threshold=0.1: None)  # a whole batch is the point
     out = tmp_path / "ft"
-    assert _finetune(setup, _more_training_images(setup, tmp_path / "data", 4), out) == 0
+    assert _finetune(setup, _more_images(setup, tmp_path / "data", 4), out) == 0
     steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(steps) == 3  # 4 batches an epoch, one with nothing to learn from
 
 
 @pytest.mark.parametrize("command", ["knn", "linprobe"])
 def test_a_split_without_one_readable_image_is_one_line(setup, tmp_path, capsys, command):
-    import shutil
-
-    data = tmp_path / "data"
-    shutil.copytree(setup / "data", data)
+    data = _more_images(setup, tmp_path / "data", 4, splits=["train"])  # training: 1 broken of 17
     for path in (data / "val").rglob("*.png"):
         path.write_bytes(b"junk")
     assert main([command, str(setup / "enc"), "--data", str(data), "--img-size", "32", "--workers", "0"]) == 2
@@ -129,8 +148,8 @@ def test_weights_holding_nan_are_one_line_not_a_silent_result(setup, tmp_path, c
 
 
 def test_knn_says_when_k_is_capped_at_the_training_set(setup, tmp_path, capsys):
-    out = tmp_path / "r.json"
-    assert main(["knn", str(setup / "enc"), "--data", str(setup / "data"), "--img-size", "32", "--workers", "0",
+    out, data = tmp_path / "r.json", _more_images(setup, tmp_path / "data", 4)
+    assert main(["knn", str(setup / "enc"), "--data", str(data), "--img-size", "32", "--workers", "0",
                  "--k", "1000", "--json", str(out)]) == 0
-    assert "k-NN (k=8, every training image: --k 1000 asks for more," in capsys.readouterr().out
-    assert json.loads(out.read_text())["k"] == 8
+    assert "k-NN (k=16, every training image: --k 1000 asks for more," in capsys.readouterr().out
+    assert json.loads(out.read_text())["k"] == 16

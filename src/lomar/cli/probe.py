@@ -58,6 +58,7 @@ linprobe_add_arguments = functools.partial(add_settings, settings=LINPROBE)
 
 def frozen_features(args: argparse.Namespace, say=lambda msg: None) -> list:
     """(train_x, train_y, val_x, val_y): the frozen encoder's features of both splits; UsageError on bad input."""
+    from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker  # torch: not for --help
     from lomar.eval.features import extract_features, knn_loaders, load_pretrained_encoder  # torch: not for --help
 
     device, size = resolve_device(args.device), {"img_size": args.img_size} if args.img_size else {}
@@ -71,7 +72,19 @@ def frozen_features(args: argparse.Namespace, say=lambda msg: None) -> list:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     say(f"{encoder.load_report.summary()}, {args.img_size} px crops")
-    return [part for loader in loaders for part in extract_features(encoder, loader, device, args.pool)]
+    features = []
+    for split, loader in zip(("train", "val"), loaders):
+        # pretraining's rule: a score over much less than the split asked for is not that split's score
+        skipped = BadDataTracker(len(loader.dataset), warn=False)  # the loader warned of each file
+        features += extract_features(encoder, loader, device, args.pool, bad=skipped)
+        try:
+            skipped.check(UNREADABLE_LIMIT)
+        except ValueError as exc:
+            raise UsageError(f"{split} split {loader.dataset.root}: {exc}") from None
+        if skipped.count:
+            say(f"{split} split {loader.dataset.root}: {skipped.count} unreadable image(s) skipped, at most "
+                f"{UNREADABLE_LIMIT:.0%} of a split")
+    return features
 
 
 # What a run or export folder's readers load: an output on one of them replaced the checkpoint it scored.

@@ -14,9 +14,11 @@ from functools import partial
 import torch
 
 __all__ = ["collate_pretrain", "collate_labelled", "collate_labelled_refill", "refilled", "LabelledBatch",
-           "Skipped", "split_skipped", "BadDataTracker"]
+           "Skipped", "split_skipped", "BadDataTracker", "UNREADABLE_LIMIT"]
 
 log = logging.getLogger("lomar.data")
+
+UNREADABLE_LIMIT = 0.1  # the share of a split's files that may be unreadable before a run or a score stops
 
 
 class Skipped(str):
@@ -134,7 +136,7 @@ class BadDataTracker:
                 if self.warn:
                     log.warning("skipped unreadable image %s", path)
 
-    def check(self, threshold: float = 0.1) -> None:
+    def check(self, threshold: float = UNREADABLE_LIMIT) -> None:
         if self.total:
             share = f"{self.count} of {self.total} images (over {100 * threshold:.0f}%)"
             failed = self.count > threshold * self.total

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Subset
 
 from lomar.checkpoints.kinds import FINETUNE_FORMAT
 from lomar.data.classify import SeededSamples, classification_transforms, eval_crop_ratio
-from lomar.data.collate import collate_labelled, collate_labelled_refill
+from lomar.data.collate import UNREADABLE_LIMIT, collate_labelled, collate_labelled_refill
 from lomar.data.folder import LabelledImageFolder, classes_only_in
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError
@@ -123,7 +123,8 @@ class FinetuneTask(Task):
         model, device = self.model, self.device
         was_training = model.training
         model.eval()
-        totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct@1, correct@5, count
+        totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, scored, files
+        totals[3] = len(self.val_loader.dataset)
         for images, targets in self.val_loader:
             if not len(targets):  # every image of the batch unreadable (each warned about)
                 continue
@@ -131,13 +132,16 @@ class FinetuneTask(Task):
                 logits = model(images.to(device))
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hit = top == targets.to(device)[:, None]
-            totals += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(targets), device=device)])
+            totals[:3] += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(targets), device=device)])
         if self.info.enabled:
             dist.all_reduce(totals)
         model.train(was_training)
-        if not totals[2]:
-            val_root = self.val_loader.dataset.dataset.root
+        val_root, (scored, files) = self.val_loader.dataset.dataset.root, totals[2:].long().tolist()
+        if not scored:
             raise TrainingError(f"no image of {val_root} could be read; fix or replace them")
+        if files - scored > UNREADABLE_LIMIT * files:  # a top-1 over part of the split is not the split's
+            raise TrainingError(f"{files - scored} of {files} validation images in {val_root} (over "
+                                f"{UNREADABLE_LIMIT:.0%}) could not be used; fix or remove them")
         return {"top1": float(totals[0] / totals[2]), "top5": float(totals[1] / totals[2])}
 
     def load(self, state: dict) -> None:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lomar.data.collate import BadDataTracker
+from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker
 
 __all__ = ["Task", "EpochStream", "Progress", "SkippedFiles", "TrainingError", "steadier"]
 
@@ -132,7 +132,7 @@ class SkippedFiles:
     files the process reads an epoch (``batches`` of ``batch_size``) stops the run (:class:`BadDataTracker`'s
     exact rule). ``warn``: log each file once (else the data did)."""
 
-    def __init__(self, batches: int, batch_size: int, warn: bool, threshold: float = 0.1):
+    def __init__(self, batches: int, batch_size: int, warn: bool, threshold: float = UNREADABLE_LIMIT):
         self.tracker = BadDataTracker(batches * batch_size, warn=warn)
         self.batch_size, self.threshold = batch_size, threshold
 
