@@ -205,6 +205,19 @@ def test_a_rewind_removes_the_figures_of_the_steps_it_drops(tmp_path):
         "reconstruction-000000.png", "reconstruction-000003.png", "reconstruction.png"]
 
 
+def test_a_rewind_makes_the_state_it_resumed_from_the_newest(tmp_path):
+    """A rewound run that dies before its first checkpoint (killed, out of memory) left last.pt at the dropped
+    step 5 while checkpoint-000005.pt and the metrics past step 3 were gone: --resume auto took step 5 up again."""
+    out = _run_folder(tmp_path / "run", 5, seed=0)
+    atomic_save(_state(3), out / "checkpoint-000003.pt")
+    prepare_run_folder(_Config(str(out), str(out / "checkpoint-000003.pt"), True), _Task(),
+                       out / "checkpoint-000003.pt", 3, 0)
+    newest, _ = find_resume_checkpoint(out)
+    assert safe_load(newest)["step"] == 3 and safe_load(out / "last.pt")["step"] == 3
+    assert sorted(p.name for p in out.glob("*.pt")) == ["checkpoint-000003.pt", "last.pt"]
+    assert not list(out.glob(".*.tmp*"))
+
+
 def test_a_resume_cuts_the_evaluation_log_back_too(tmp_path):
     out = _run_folder(tmp_path / "run", 5, seed=0)
     prepare_run_folder(_Config(str(out), "auto"), _Task(), out / "checkpoint-000005.pt", 3, 0)

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from lomar.checkpoints.io import atomic_save, atomic_write_text, safe_load
+from lomar.checkpoints.io import atomic_save, atomic_write, atomic_write_text, safe_load
 from lomar.checkpoints.sharded import check_metadata
 from lomar.errors import LomarError, UsageError
 from lomar.train.settings import ConfigError
@@ -242,9 +242,14 @@ def check_no_rewind(resume: Path, out: Path, overwrite: bool) -> None:
                          f"pass --out NEW_FOLDER to branch off, or --overwrite to replace that run")
 
 
-def remove_newer_checkpoints(out: Path, step: int, outputs: tuple[str, ...] = ()) -> None:
+def remove_newer_checkpoints(out: Path, step: int, outputs: tuple[str, ...] = (), resume: Path | None = None) -> None:
     """After an explicit rewind: drop the history written past ``step``: checkpoints, and the files of the
-    ``outputs`` patterns whose name carries a later step (``reconstruction-000402.png``)."""
+    ``outputs`` patterns whose name carries a later step (``reconstruction-000402.png``); a ``last.pt`` past it
+    becomes a copy of ``resume``, else a run that died before its first checkpoint would leave the dropped steps
+    as the newest state, and --resume auto would take them up again."""
+    if resume is not None and resume.is_file() and (checkpoint_step(last := out / "last.pt") or 0) > step:
+        with open(resume, "rb") as source:
+            atomic_write(last, lambda handle: shutil.copyfileobj(source, handle))
     for path in [*out.glob("checkpoint-*"), *(p for pattern in outputs for p in out.glob(pattern))]:
         number = _checkpoint_number(path.name) if path.name.startswith("checkpoint-") else _output_step(path.name)
         if number is not None and number > step:
@@ -380,7 +385,7 @@ def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int)
         print(f"lomar {name}: resumed from {resume} at step {step} (epoch {epoch})", flush=True)
     if resume is not None and not _foreign(resume, out):
         if config.overwrite:
-            remove_newer_checkpoints(out, step, task.outputs)
+            remove_newer_checkpoints(out, step, task.outputs, resume)
         for log in {"metrics.jsonl", task.eval_log}:
             truncate_metrics(out / log, step)
     else:
