@@ -274,6 +274,16 @@ def test_timm_weights_of_a_shallower_export_name_what_they_lack(tmp_path):
                           pretrained_cfg_overlay=dict(file=str(tmp_path / "one" / "model.safetensors")))
 
 
+def test_timm_adapts_the_stem_of_pretrained_weights_to_other_input_channels(pretrained):
+    """timm's in_chans=1 sums an RGB stem over its channels (load_pretrained, after the filter); the filter refused
+    the 3-channel weight, telling the user to create the model with the exported architecture."""
+    model, root = pretrained
+    gray = timm.create_model(f"local-dir:{root / 'exp'}", pretrained=True, in_chans=1).eval()
+    stem = model.encoder.patch_embed.proj.weight
+    assert torch.allclose(gray.patch_embed.proj.weight, stem.sum(1, keepdim=True))
+    assert torch.allclose(gray(X[:, :1]), model.encoder(X[:, :1].expand(-1, 3, -1, -1)), atol=1e-5)
+
+
 def test_features_only_takes_every_block_of_an_encoder_shallower_than_three():
     model = timm.create_model("lomar_vit_tiny_patch16", features_only=True, depth=2, embed_dim=32, num_heads=2,
                               img_size=64)

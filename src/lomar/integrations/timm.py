@@ -176,7 +176,10 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: LomarVision
                              f"weights (float32, float16, bfloat16 or float64), or re-export it with `lomar export`")
         if key == "pos_embed" and key in own and own[key].shape != value.shape:
             value = model.fit_pos_embed(value)
-        if key not in own or own[key].shape != value.shape:
+        # a stem for other input channels (in_chans=1): timm's load_pretrained adapts it after this filter
+        other_chans = key == "patch_embed.proj.weight" and key in own and value.ndim == 4 and \
+            own[key].shape[:1] + own[key].shape[2:] == value.shape[:1] + value.shape[2:]
+        if (key not in own or own[key].shape != value.shape) and not other_chans:
             if key.startswith(("head.", "fc_norm.", "norm.", "pos_embed")):
                 continue  # classifier/norm layout chosen by the model's args; an RPE model has no pos_embed
             raise ValueError(f"weight {key} {tuple(value.shape)} does not fit this model"
