@@ -182,3 +182,19 @@ def test_tokenizer_fit_errors_name_its_flags_and_check_the_output_first(tmp_path
     assert "error: --vocab 100000 is more than the " in capsys.readouterr().err
     assert main([*fit, str(tmp_path)]) == 2  # a folder: refused before the images are read
     assert "--out" in capsys.readouterr().err
+
+
+def test_tokenizer_fit_stops_when_over_a_tenth_of_its_images_is_unreadable(tmp_path, capsys):
+    from PIL import Image
+
+    for i in range(10):
+        Image.new("RGB", (24, 24), (i * 20, 30, 60)).save(tmp_path / f"{i}.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")
+    fit = ["tokenizer", "fit", "--data", str(tmp_path), "--vocab", "4", "--size", "16", "--out"]
+    assert main([*fit, str(tmp_path / "t.safetensors")]) == 0  # 1 of 11: fitted, and said
+    assert "(vocabulary 4, 10 images, 1 unreadable skipped)" in capsys.readouterr().out
+    (tmp_path / "9.png").write_bytes(b"")
+    assert main([*fit, str(tmp_path / "u.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lomar tokenizer fit: error: 2 of 11 images (over 10%) could not be used, e.g. ")
+    assert "9.png: the file is empty" in err and err.count("\n") == 1 and not (tmp_path / "u.safetensors").exists()

@@ -52,6 +52,7 @@ def _views(data: str, size: int, limit: int):
     import torch
     import torch.nn.functional as F
 
+    from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker  # torch: not for --help
     from lomar.data.decode import load_image  # torch: not for --help
     from lomar.data.folder import build_image_list  # torch: not for --help
     from lomar.data.shards import is_shard_pattern  # torch: not for --help
@@ -61,13 +62,14 @@ def _views(data: str, size: int, limit: int):
                          f"shards; pass a folder of some of the images, or let `lomar pretrain --method beit "
                          f"--data {data}` fit the tokenizer on the shards (saved as OUT/tokenizer.safetensors)")
     paths = build_image_list(data)[:limit]
-    views, bad = [], 0
+    views, bad = [], BadDataTracker(len(paths))  # logs each unreadable file once, with why
     for path in paths:
         try:
             image = load_image(path)
-        except ValueError:
-            bad += 1
+        except ValueError as exc:
+            bad.update([str(exc)], 1)  # names the file and why
             continue
+        bad.update([], 1)
         h, w = image.shape[-2:]
         side = min(h, w)
         top, left = (h - side) // 2, (w - side) // 2
@@ -76,7 +78,8 @@ def _views(data: str, size: int, limit: int):
                                    align_corners=False).clamp(0, 1)[0])
     if not views:
         raise ValueError(f"none of the {len(paths)} images in {data} could be read")
-    return torch.stack(views), bad
+    bad.check(UNREADABLE_LIMIT)  # as pretraining: a tokenizer of another set of images than the one asked for
+    return torch.stack(views), bad.count
 
 
 _FLAGS = {"vocab_size": "--vocab", "input_size": "--size", "patch": "--patch"}
