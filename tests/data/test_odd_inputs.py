@@ -95,3 +95,16 @@ def test_compose_digits_gives_each_split_a_picture_at_any_val_fraction(tmp_path,
     summary = compose_digits(tmp_path / "s", img_size=32, images=images, val_fraction=fraction, per_image=(1, 1))
     assert all(summary["splits"][split]["images"] >= 1 for split in ("train", "val"))
     assert all(any((tmp_path / "s" / "images" / split).iterdir()) for split in ("train", "val"))
+
+
+def test_compose_digits_bounds_the_classify_pictures_before_allocating_them(tmp_path, capsys):
+    from lomar.cli.app import main
+    from lomar.data.compose import compose_digits
+
+    code = main(["compose-digits", "--out", str(tmp_path / "s"), "--img-size", "32", "--images", "2",
+                 "--classify-images", "2", "--classify-size", "90000"])  # was a 97 GB canvas: killed for memory
+    err = capsys.readouterr().err
+    assert code == 2 and "--classify-size" in err and "8192" in err and err.count("\n") == 1
+    for size in ({"classify_size": 90000, "classify_images": 2}, {"img_size": 90000}):
+        with pytest.raises(ValueError, match="8192"):
+            compose_digits(tmp_path / "t", **{"img_size": 32, "images": 2, **size})

@@ -6,6 +6,7 @@ import argparse
 
 from lomar.cli.common import check_output_dir
 from lomar.errors import UsageError
+from lomar.limits import MAX_IMG_SIZE
 from lomar.train import settings as S
 from lomar.train.settings import Setting, add_settings
 
@@ -25,7 +26,7 @@ SETTINGS = {
                            above=0, high=1, nargs=2, metavar=("LOW", "HIGH")),
     "classify_images": Setting(0, "also write this many one-digit pictures as ImageFolder classify/train|val/DIGIT "
                                "(0 = none)", low=0),
-    "classify_size": Setting(224, "side of the one-digit pictures in pixels", low=32),
+    "classify_size": Setting(224, "side of the one-digit pictures in pixels", low=32, high=MAX_IMG_SIZE),
     "overwrite": S.OVERWRITE.but(help="replace --out when it holds a set compose-digits wrote before"),
 }
 

@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from lomar.data.folder import demo_image_paths
+from lomar.limits import MAX_IMG_SIZE
 
 __all__ = ["MIN_DIGIT", "compose_digits", "rle_encode", "COCO_SPLITS", "ADE_SPLITS"]
 
@@ -151,9 +152,11 @@ def _check(img_size, images, val_fraction, per_image, digit_scale, classify_imag
         raise ValueError(f"per_image must be LOW HIGH with 1 <= LOW <= HIGH, got {per_image}")
     if not 0 < digit_scale[0] <= digit_scale[1] <= 1:
         raise ValueError(f"digit_scale must be LOW HIGH with 0 < LOW <= HIGH <= 1, got {digit_scale}")
-    if classify_images < 0 or (classify_images and classify_size < 32):
-        raise ValueError(f"classify_images must be >= 0 and classify_size >= 32, got {classify_images}, "
-                         f"{classify_size}")
+    if classify_images < 0 or (classify_images and not 32 <= classify_size <= MAX_IMG_SIZE):
+        raise ValueError(f"classify_images must be >= 0 and classify_size in 32..{MAX_IMG_SIZE}, got "
+                         f"{classify_images}, {classify_size}")
+    if img_size > MAX_IMG_SIZE:  # a float picture of 90000 px a side is 97 GB: the system kills the process
+        raise ValueError(f"img_size must be <= {MAX_IMG_SIZE} pixels, got {img_size}")
 
 
 def compose_digits(out: str | Path, img_size: int = 256, images: int = 200, seed: int = 0,
