@@ -1,5 +1,7 @@
 """Window sampling and in-window masks: properties and errors."""
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -150,6 +152,20 @@ def test_validate_rejects_outside_and_bad_shapes():
     plan = MaskingPlan(torch.tensor([[[0, 0]]]), torch.zeros(1, 1, 48, dtype=torch.bool), k)
     with pytest.raises(ValueError, match="plan.mask must have shape"):
         plan.validate((14, 14))
+
+
+@pytest.mark.parametrize("top_left", [torch.zeros(2, dtype=torch.long), torch.tensor(3)])
+def test_a_top_left_of_too_few_dims_is_named_by_its_shape(top_left):
+    """A (N,) or 0-d top_left ended in Python's 'not enough values to unpack' (or an IndexError in the model)."""
+    from lomar import LoMaR, model_config
+
+    plan = MaskingPlan(top_left, torch.ones(2, 1, 9, dtype=torch.bool), 3)
+    with pytest.raises(ValueError, match=r"plan.top_left must have shape \(N, n, 2\)"):
+        plan.validate((8, 8))
+    model = LoMaR(model_config("vit_mini_patch8", img_size=32, depth=1), window_size=3, num_windows=1)
+    shape = re.escape(str(tuple(top_left.shape)))
+    with pytest.raises(ValueError, match=rf"plan.top_left must have shape \(N, n, 2\).*got {shape}"):
+        model(torch.randn(2, 3, 32, 32), plan=plan)
 
 
 def test_ratio_errors_print_bounds_that_are_valid():

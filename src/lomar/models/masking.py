@@ -185,7 +185,7 @@ class MaskingPlan:
         """Raise ValueError unless the plan is well formed for this patch grid; returns the (fewest, most)
         masked tokens of a window. The values are read once, all together: on a GPU a read waits for it."""
         k = self.window_size
-        n_img, n_win = self.top_left.shape[:2]
+        n_img, n_win = (*self.top_left.shape, 0, 0)[:2]  # a tensor of fewer dims is named below, not unpacked
         if self.top_left.shape != (n_img, n_win, 2) or n_win == 0:
             raise ValueError(f"plan.top_left must have shape (N, n, 2) with n >= 1 windows, got "
                              f"{tuple(self.top_left.shape)}")
@@ -224,6 +224,8 @@ class MaskingPlan:
         if self.window_size != window_size:
             raise ValueError(f"plan has {self.window_size}x{self.window_size} windows but the model uses "
                              f"{window_size}x{window_size}")
+        if self.top_left.ndim != 3:
+            self.validate(grid)  # names the shape of a top_left with another number of dims
         if self.num_images != images.shape[0]:
             raise ValueError(f"plan is for {self.num_images} images but the batch has {images.shape[0]}")
         if not torch.compiler.is_compiling() and self.checked_grid != tuple(grid):
