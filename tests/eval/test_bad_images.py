@@ -31,13 +31,13 @@ def setup(tmp_path_factory):
     return root
 
 
-def test_features_skip_and_count_unreadable_images(setup):
-    train, val = knn_loaders(setup / "data", img_size=32, batch_size=3, workers=0)
+def test_features_skip_and_count_unreadable_images(setup, tmp_path):
+    train, val = knn_loaders(_more_images(setup, tmp_path / "data", 4), img_size=32, batch_size=3, workers=0)
     encoder = VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2))
     bad = BadDataTracker(total=len(train.dataset))
     feats, labels = extract_features(encoder, train, bad=bad)
-    assert feats.shape == (8, 32) and labels.tolist() == [0] * 4 + [1] * 4
-    assert bad.count == 1 and bad.seen == 9 and "broken.png" in next(iter(bad.bad))
+    assert feats.shape == (16, 32) and labels.tolist() == [0] * 8 + [1] * 8
+    assert bad.count == 1 and bad.seen == 17 and "broken.png" in next(iter(bad.bad))
 
 
 @pytest.mark.parametrize("command, extra", [("knn", ["--k", "3"]), ("linprobe", ["--epochs", "2"])])
@@ -46,7 +46,7 @@ def test_probe_commands_survive_a_broken_image(setup, tmp_path, capsys, command,
     assert main([command, str(setup / "enc"), "--data", str(data), "--img-size", "32", "--workers", "0",
                  "--device", "cpu", "--json", str(out), *extra]) == 0
     assert json.loads(out.read_text())["val_images"] == 12
-    assert f"val split {data / 'val'}: 1 unreadable image(s) skipped, at most 10% of a split" in capsys.readouterr().err
+    assert f"{data / 'val'}: 1 unreadable image(s) skipped, at most 10% of a split" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["knn", "linprobe"])
@@ -57,7 +57,7 @@ def test_probe_commands_stop_when_over_a_tenth_of_a_split_is_unreadable(setup, t
                  "--device", "cpu", "--json", str(tmp_path / "r.json")]) == 2
     err = capsys.readouterr().err
     total = 9 if split == "train" else 5
-    assert f"error: {split} split {data / split}: 1 of {total} images (over 10%) could not be used, e.g. " in err
+    assert f"error: {data / split}: 1 of {total} images (over 10%) could not be used, e.g. " in err
     assert "broken.png" in err and "Traceback" not in err and not (tmp_path / "r.json").exists()
 
 
@@ -153,3 +153,12 @@ def test_knn_says_when_k_is_capped_at_the_training_set(setup, tmp_path, capsys):
                  "--k", "1000", "--json", str(out)]) == 0
     assert "k-NN (k=16, every training image: --k 1000 asks for more," in capsys.readouterr().out
     assert json.loads(out.read_text())["k"] == 16
+
+
+def test_the_pretraining_knn_monitor_follows_the_same_rule(setup):
+    from lomar.errors import UsageError
+    from lomar.eval.knn import KnnMonitor
+
+    encoder = VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2))
+    with pytest.raises(UsageError, match=r"data/train: 1 of 9 images \(over 10%\) could not be used, e\.g\. .*broken"):
+        KnnMonitor(setup / "data", img_size=32, batch_size=4, workers=0, k=3)(encoder)

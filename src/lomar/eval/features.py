@@ -21,7 +21,7 @@ from lomar.checkpoints.formats import BEiTReader, read
 from lomar.checkpoints.io import check_finite
 from lomar.checkpoints.keys import CLASSIFIER_PREFIXES, drop_final_norm
 from lomar.data.classify import bound_aspect
-from lomar.data.collate import BadDataTracker, collate_labelled
+from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker, collate_labelled
 from lomar.data.folder import LabelledImageFolder
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.errors import UsageError
@@ -223,17 +223,18 @@ def extract_features(encoder: VisionTransformer, loader, device: torch.device | 
     cls token. LoMaR never gives the cls token a summarising role (each sequence only
     reconstructs its own window, and the cls output is dropped), so the mean is the fair
     feature for both methods; MAE's own linear probe reads the cls token. Unreadable images
-    (batches from :func:`knn_loaders`) are skipped and, with ``bad``, counted there. Progress (``desc``)
-    goes to stderr (:func:`lomar.train.monitor.progress`).
+    (batches from :func:`knn_loaders`) are skipped and counted (in ``bad`` when given); more than
+    ``UNREADABLE_LIMIT`` of the split is a UsageError naming its folder: a score over part of a split
+    is not that split's score. Progress (``desc``) goes to stderr (:func:`lomar.train.monitor.progress`).
     """
+    bad = BadDataTracker(len(loader.dataset), warn=False) if bad is None else bad  # the loader warned of each
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
     try:
         for batch in progress(loader, total=len(loader), desc=desc, unit="batch"):
             images, targets = batch[0], batch[1]
-            if bad is not None:
-                bad.update(list(getattr(batch, "bad", [])), len(targets) + len(getattr(batch, "bad", [])))
+            bad.update(list(getattr(batch, "bad", [])), len(targets) + len(getattr(batch, "bad", [])))
             if len(targets) == 0:  # every image of the batch was unreadable
                 continue
             tokens = encoder.forward_features(images.to(device, non_blocking=True))  # (B, 1+L, D)
@@ -241,8 +242,12 @@ def extract_features(encoder: VisionTransformer, loader, device: torch.device | 
             labels.append(torch.as_tensor(targets).cpu())
     finally:
         encoder.train(was_training)
+    root = getattr(loader.dataset, "root", None)
     if not feats:  # every image unreadable: nothing to evaluate on
-        root = getattr(loader.dataset, "root", None)
         raise UsageError(f"no image {f'in {root} ' if root else ''}could be read ({len(loader.dataset)} tried); "
                          f"fix or replace them")
+    try:
+        bad.check(UNREADABLE_LIMIT)
+    except ValueError as exc:
+        raise UsageError(f"{root or 'the split'}: {exc}") from None
     return torch.cat(feats), torch.cat(labels)
