@@ -12,7 +12,7 @@ from PIL import Image
 
 from lomar.data.decode import decode_bytes
 from lomar.data.fast_decode import FastPretrainDataset
-from lomar.data.folder import ImageListDataset
+from lomar.data.folder import ImageListDataset, LabelledImageFolder
 from lomar.data.shards import TarShardDataset
 from lomar.data.transforms import PretrainTransform
 
@@ -108,3 +108,19 @@ def test_compose_digits_bounds_the_classify_pictures_before_allocating_them(tmp_
     for size in ({"classify_size": 90000, "classify_images": 2}, {"img_size": 90000}):
         with pytest.raises(ValueError, match="8192"):
             compose_digits(tmp_path / "t", **{"img_size": 32, "images": 2, **size})
+
+
+def test_images_beside_the_class_folders_and_empty_classes_are_not_passed_over_unsaid(tmp_path, caplog):
+    import logging
+
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "empty").mkdir()
+    for path in (tmp_path / "cat" / "a.jpg", tmp_path / "dog" / "b.jpg", tmp_path / "stray.jpg"):
+        path.write_bytes(_jpeg())
+    with caplog.at_level(logging.WARNING, logger="lomar.data"):
+        folder = LabelledImageFolder(tmp_path)
+    assert len(folder) == 2 and folder.classes == ["cat", "dog", "empty"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("1 image(s) outside the class folders, e.g. stray.jpg, are not used" in line for line in lines)
+    assert any("1 class folder(s) without an image, e.g. empty" in line for line in lines)

@@ -179,6 +179,15 @@ class LabelledImageFolder(Dataset):
             raise ValueError(f"no images found in the class folders of {self.root}; "
                              f"supported extensions: {', '.join(IMAGE_EXTENSIONS)}")
         self.targets = [label for _, label in self.samples]
+        # what ImageFolder passes over without a word: images beside the class folders, classes without an image
+        stray = sorted(e.name for e in os.scandir(self.root) if not e.is_dir() and is_image_name(e.name))
+        if stray:
+            log.warning("%s: %d image(s) outside the class folders, e.g. %s, are not used; move them into their "
+                        "class folder (ImageFolder layout: ROOT/CLASS/IMAGE)", self.root, len(stray), stray[0])
+        seen = set(self.targets)
+        if empty := [name for i, name in enumerate(self.classes) if i not in seen]:
+            log.warning("%s: %d class folder(s) without an image, e.g. %s: no sample of that class here; add its "
+                        "images or remove the folder", self.root, len(empty), empty[0])
 
     def check_classes(self) -> None:
         """ValueError unless there are two classes to tell apart: with one, every score is 100 %."""
