@@ -325,6 +325,24 @@ def test_mae_names_an_empty_batch_noise_on_another_device_and_a_text_ratio():
         MAE(config, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, mask_ratio="0.75")
 
 
+def test_mae_names_noise_that_is_no_float_tensor_a_wrong_generator_and_its_decoder_sizes():
+    """Bool noise masked the same patches of every image, silently; a list of noise or an int generator was an
+    AttributeError, a zero-wide decoder a ZeroDivisionError."""
+    config = model_config("vit_tiny_patch16", img_size=64, pos="abs", **TINY)
+    model = MAE(config, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    images = torch.randn(2, 3, 64, 64)
+    for noise, named in ((torch.zeros(2, 16, dtype=torch.bool), "torch.bool"), (torch.randint(9, (2, 16)), "int64"),
+                         ([[0.5] * 16] * 2, "list")):
+        with pytest.raises(TypeError, match=rf"noise must be a float tensor \(N, L\).*torch.rand\(2, 16\).*{named}"):
+            model(images, noise=noise)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        model(images, generator=0)
+    with pytest.raises(ValueError, match="MAE decoder_embed_dim must be a positive integer, got 0"):
+        MAE(config, decoder_embed_dim=0, decoder_depth=1, decoder_num_heads=2)
+    with pytest.raises(ValueError, match="MAE decoder_depth must be a positive integer, got 1.5"):
+        MAE(config, decoder_embed_dim=16, decoder_depth=1.5, decoder_num_heads=2)
+
+
 def test_norm_pix_loss_must_be_a_bool():
     # "no" (or "False" from a hand-written config) was truthy: normalised targets, silently
     config = ViTConfig(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2)

@@ -9,7 +9,7 @@ from torch import nn
 
 from lomar.models.objective import masked_mse, normalize_targets, patchify
 from lomar.models.vit import Block, VisionTransformer, ViTConfig, init_weights, sincos_pos_embed_2d
-from lomar.values import is_real
+from lomar.values import is_integer, is_real
 
 __all__ = ["MAE", "MAEOutput"]
 
@@ -35,6 +35,10 @@ class MAE(nn.Module):
             raise ValueError(f"MAE mask ratio must be a number in (0, 1), got {mask_ratio!r}")
         if not isinstance(norm_pix_loss, bool):  # a str such as "no" would be true
             raise TypeError(f"norm_pix_loss must be True or False, got {norm_pix_loss!r}")
+        for name, value in (("decoder_embed_dim", decoder_embed_dim), ("decoder_depth", decoder_depth),
+                            ("decoder_num_heads", decoder_num_heads)):
+            if not is_integer(value) or value < 1:
+                raise ValueError(f"MAE {name} must be a positive integer, got {value!r} (MAE's: 512, 8, 16)")
         self.encoder = VisionTransformer(config)
         self.encoder.freeze_pos_embed()
         self.mask_ratio = mask_ratio
@@ -88,8 +92,13 @@ class MAE(nn.Module):
         n, length = images.shape[0], grid[0] * grid[1]
         if n == 0:  # as LoMaR's: the loss over no masked patch is 0 / 0
             raise ValueError("MAE needs at least one image; got an empty batch")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if noise is None:
             noise = _uniform_noise(n, length, generator, images.device)
+        elif not isinstance(noise, torch.Tensor) or not noise.is_floating_point():  # bool noise: the same mask always
+            raise TypeError(f"noise must be a float tensor (N, L) of uniform draws, e.g. torch.rand({n}, {length}), "
+                            f"got {noise.dtype if isinstance(noise, torch.Tensor) else type(noise).__name__}")
         elif noise.shape != (n, length) or noise.device != images.device:
             raise ValueError(f"noise must have shape (N, L) = {(n, length)} on the images' device {images.device}, "
                              f"got {tuple(noise.shape)} on {noise.device}")
