@@ -455,6 +455,24 @@ def test_a_run_that_would_go_past_its_lr_schedule_is_refused_before_a_step(tmp_p
     assert safe_load(out / "last.pt")["step"] == 3
 
 
+def test_a_max_steps_past_the_epochs_with_the_schedule_laid_over_it_is_refused(tmp_path):
+    """A new run given --max-steps and no --epochs lays its schedule over those steps; when the (default) epochs
+    end it first (3 epochs of 4 steps here), it stopped at step 12 with the lr mid-cosine, never annealed."""
+    from lomar.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"--max-steps 20 is past the end of --epochs 3 \(step 12, at 4 steps an "
+                                         r"epoch\), .* 20-step lr schedule .* pass --epochs 5 --max-steps 20 "
+                                         r"--schedule-steps 20 to train all 20 steps, or --max-steps 12"):
+        run(ToyConfig(out=str(tmp_path / "a"), max_steps=20, schedule_steps=20), ToyTask)
+    assert not (tmp_path / "a").exists()
+    run(ToyConfig(out=str(tmp_path / "b"), epochs=5, max_steps=20, schedule_steps=20), ToyTask)
+    records = map(json.loads, (tmp_path / "b" / "metrics.jsonl").read_text().splitlines())
+    lrs = [record["lr"] for record in records if "lr" in record]
+    assert len(lrs) == 20 and lrs[-1] < 0.01 * max(lrs)  # annealed
+    run(ToyConfig(out=str(tmp_path / "c"), max_steps=20), ToyTask)  # the schedule spans the epochs: whichever first
+    assert len(_losses(tmp_path / "c")) == 12
+
+
 def test_resume_auto_never_starts_over_on_top_of_unreadable_checkpoints(tmp_path, capsys):
     from lomar.errors import UsageError
 

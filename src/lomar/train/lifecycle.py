@@ -91,7 +91,7 @@ class _Run:
         self.skipped = SkippedFiles(self.steps_per_epoch * self.accum, config.batch_size, not task.skips_warned)
         total = config.epochs * self.steps_per_epoch
         self.last_step = min(total, config.max_steps) if config.max_steps else total
-        if overrun := schedule_overrun(self.last_step, self.schedule[0], self.min_lr):
+        if overrun := schedule_overrun(self.last_step, self.schedule[0], self.min_lr, config, self.steps_per_epoch):
             raise ValueError(overrun)
 
     # ---- checkpoints -------------------------------------------------------------------

@@ -75,9 +75,19 @@ def _warmup_fix(config, warmup_steps: float, resumed: bool) -> str:
     return "drop --epochs to lay the schedule over --max-steps, or lower --warmup-epochs"
 
 
-def schedule_overrun(last_step: int, total_steps: float, min_lr: float) -> str | None:
+def schedule_overrun(last_step: int, total_steps: float, min_lr: float, config=None,
+                     steps_per_epoch: int = 0) -> str | None:
     """What stops a run that would go on past its lr schedule's end (``schedule_steps`` fixed by a first
-    ``--max-steps``, then a larger one on resume): every step past it would train at ``min_lr``."""
+    ``--max-steps``, then a larger one on resume): every step past it would train at ``min_lr``; or, given the
+    run's ``config`` and ``steps_per_epoch``, one whose ``--epochs`` end it before the ``--max-steps`` its schedule
+    was laid over: it would stop with the lr mid-schedule, never annealed."""
+    max_steps = getattr(config, "max_steps", None)
+    if max_steps and last_step < min(max_steps, total_steps):
+        return (f"--max-steps {max_steps} is past the end of --epochs {config.epochs} (step {last_step}, at "
+                f"{steps_per_epoch} steps an epoch), where the run would stop with its {total_steps:g}-step lr "
+                f"schedule (schedule_steps) unfinished, the lr never annealed; pass --epochs "
+                f"{math.ceil(max_steps / steps_per_epoch)} --max-steps {max_steps} --schedule-steps {total_steps:g} "
+                f"to train all {max_steps} steps, or --max-steps {last_step}")
     if last_step <= total_steps:
         return None
     return (f"this run's lr schedule ends at step {total_steps:g} (schedule_steps), but it would go on to step "
