@@ -105,6 +105,7 @@ def test_bench_rejects_bad_flags(flags, capsys):
     # the later write replaced the earlier: the results JSON became the profile or the PNG
     (["--json", "r.json", "--plot", "./r.json"], "--plot ./r.json is also --json's file; give each output a file"),
     (["--json", "r.json", "--profile", "r.json"], "--profile r.json is also --json's file"),
+    (["--plot", "times.txt"], "--plot times.txt: name the figure .png, .pdf or .svg"),  # was a PNG named .txt
 ])
 def test_bench_refuses_flags_its_task_ignores_and_outputs_on_one_file(flags, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -129,3 +130,17 @@ def test_the_plot_draws_every_method_timed(tmp_path, monkeypatch):
     assert [label.split(",")[0].split(" (")[0] for label in labels] == [
         "LoMaR", "MAE", "BEiT", "MAE per 7x7 window", "BEiT + 7x7 windows"]
     assert all(len(line.get_xdata()) == 2 for line in figures[0].axes[0].get_lines())
+
+
+@pytest.mark.parametrize("name, magic", [("f.png", b"\x89PNG"), ("f.pdf", b"%PDF"), ("f.SVG", b"<?xml")])
+def test_figures_are_written_in_the_format_their_name_gives(tmp_path, name, magic):
+    from matplotlib.figure import Figure
+
+    from lomar.viz.reconstruction import save_figure
+
+    fig = Figure()
+    fig.add_subplot().plot([0, 1], [1, 0])
+    assert save_figure(fig, tmp_path / name, dpi=50).read_bytes().startswith(magic)
+    with pytest.raises(ValueError, match=r"figure .*f\.txt: name it \.png, \.pdf or \.svg \(got '\.txt'\)"):
+        save_figure(fig, tmp_path / "f.txt", dpi=50)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]

@@ -73,8 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "warmup": Setting(1, "plain untimed steps per configuration before timing (after one FLOP-counting and one "
                           "memory step)", low=0),
         "json": S.JSON.but(help="write results as JSON (default: not written)"),
-        "plot": Setting(None, "plot time per step against image size (default: no plot)", kind=str,
-                        metavar="FILE.png"),
+        "plot": Setting(None, "plot time per step against image size into a .png, .pdf or .svg (default: no plot)",
+                        kind=str, metavar="FILE.png"),
         "profile": Setting(None, "after timing, profile one step per configuration and write where its time goes "
                            "(matrix products, attention, fused kernels, optimizer, other; the longest kernels) to "
                            "this JSON (default: no profile)", kind=str, metavar="FILE"),
@@ -216,6 +216,10 @@ def run(args: argparse.Namespace) -> int:
         return _run_backbone(args)
     if args.task == "loader":
         return _run_loader(args)
+    from lomar.viz.reconstruction import FIGURE_FORMATS  # torch: not for --help
+
+    if args.plot and Path(args.plot).suffix.lower() not in FIGURE_FORMATS:  # else a PNG under any name
+        raise UsageError(f"--plot {args.plot}: name the figure .png, .pdf or .svg")
     plan = _plan(args)
     check_output_file(args.plot, "--plot", create_parents=True)
     check_output_file(args.profile, "--profile", create_parents=True)

@@ -22,7 +22,7 @@ from lomar.models.masking import MaskingPlan, window_token_index
 from lomar.models.objective import patchify, unpatchify
 
 __all__ = ["reconstruct", "reconstruction_figure", "reconstruction_snapshot", "draw_reconstruction", "save_figure",
-           "image_rows"]
+           "FIGURE_FORMATS", "image_rows"]
 
 _DIM = 0.35  # brightness of the parts of the image no window covers
 
@@ -166,11 +166,17 @@ def _caption(norm_pix: bool, windows: bool) -> str:
     return textwrap.fill(text + ("; dimmed: outside every window" if windows else ""), 120, break_on_hyphens=False)
 
 
+FIGURE_FORMATS = (".png", ".pdf", ".svg")  # what a figure's file name may end in
+
+
 def save_figure(fig: Figure, path: str | Path, dpi: int) -> Path:
     """Lay out (unless the figure has its own layout engine) and write atomically: a reader never
-    sees half a PNG."""
+    sees half a file. The format follows the name: PNG, or PDF / SVG (vector, for papers)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FIGURE_FORMATS:
+        raise ValueError(f"figure {path}: name it .png, .pdf or .svg (got {suffix or 'no suffix'!r})")
     if fig.get_layout_engine() is None:
         fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=dpi, format="png")
+    fig.savefig(buffer, dpi=dpi, format=suffix[1:])
     return atomic_write_bytes(path, buffer.getvalue())
