@@ -102,6 +102,20 @@ def test_accum_iter_is_a_deprecated_alias(tmp_path, capsys):
     assert yaml.safe_load(capsys.readouterr().out)["accum_steps"] == 2
 
 
+def test_a_config_file_giving_one_setting_under_two_spellings_is_refused(tmp_path, capsys):
+    """The YAML reader refuses a key given twice, but max_steps and max-steps (or accum_iter and accum_steps) are
+    two keys to it: the later one won without a word."""
+    from lomar.train.config import PretrainConfig
+
+    for text, keys in (("max_steps: 1\nmax-steps: 2\n", "max_steps and max-steps"),
+                       ("accum_iter: 2\naccum_steps: 3\n", "accum_iter and accum_steps")):
+        config = tmp_path / "twice.yaml"
+        config.write_text(text)
+        assert main(["pretrain", "--config", str(config), "--print-config"]) == 2
+        assert f"{keys} in {config} are one setting" in capsys.readouterr().err
+    assert coerce_all(PretrainConfig, {"window-size": 5, "img_size": 64}, "ok") == {"window_size": 5, "img_size": 64}
+
+
 def test_an_old_finetune_checkpoint_saying_accum_iter_resumes(tmp_path, capsys):
     assert coerce_all(FinetuneConfig, {"accum_iter": 4}, "old") == {"accum_steps": 4}
     settings = {**dataclasses.asdict(FinetuneConfig()), "accum_iter": 2, "batch_size": 8, "out": str(tmp_path)}

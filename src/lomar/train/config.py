@@ -21,7 +21,7 @@ import yaml
 from lomar.methods import get_method, names
 from lomar.train import settings as S
 from lomar.train.settings import ConfigError
-from lomar.train.settings_resume import TaskConfig
+from lomar.train.settings_resume import TaskConfig, check_warmup
 from lomar.windows import WINDOWS_RULE, paper_windows, parse_windows, windows_source
 
 if TYPE_CHECKING:
@@ -192,7 +192,7 @@ class PretrainConfig(TaskConfig):
         """The checks that need no output folder; resolves ``--windows auto`` to its count (which they need)."""
         from lomar.models.masking import grid_size  # torch: not for --help
 
-        S.check_warmup(self)
+        check_warmup(self)
         S.check_compile_mode(self)
         if self.lr is not None and self.min_lr > self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} is above --lr {self.lr}; lower --min-lr")

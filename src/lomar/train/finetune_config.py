@@ -14,7 +14,7 @@ from typing import Any
 
 from lomar.train import settings as S
 from lomar.train.settings import ConfigError
-from lomar.train.settings_resume import TaskConfig, check_pretrained, check_windows
+from lomar.train.settings_resume import TaskConfig, check_pretrained, check_warmup, check_windows
 
 __all__ = ["FinetuneConfig", "add_finetune_arguments", "resolve_finetune_config", "split_roots"]
 
@@ -94,7 +94,7 @@ class FinetuneConfig(TaskConfig):
             raise ConfigError(f"--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1 (finite fractions of the "
                               f"image area), got {low:g} {high:g}; e.g. --crop-scale 0.08 1.0 (the recipe) or 0.5 1.0")
         check_windows(self)
-        S.check_warmup(self)
+        check_warmup(self)
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
             raise ConfigError(f"mixup/cutmix pair images: --batch-size must be even, got {self.batch_size}")
 

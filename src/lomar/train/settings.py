@@ -217,18 +217,6 @@ def declarations(cls: type) -> dict[str, Setting]:
     return {f.name: f.metadata["setting"] for f in fields}
 
 
-def check_warmup(config: Any) -> None:
-    """The warm-up within the run: the one bound a training command's settings set each other."""
-    if config.warmup_epochs < 0:
-        raise ConfigError(f"--warmup-epochs must be >= 0, got {config.warmup_epochs}")
-    if config.warmup_epochs > config.epochs:
-        fix = (f"a resumed run keeps its warm-up: pass --epochs {config.warmup_epochs:g} or more, and --max-steps N "
-               f"to stop sooner" if getattr(config, "resume", None) else "lower --warmup-epochs or raise --epochs")
-        raise ConfigError(f"--warmup-epochs must be in [0, --epochs {config.epochs}], got {config.warmup_epochs}; "
-                          f"{fix}")
-
-
-
 def check_compile_mode(config: Any) -> None:
     """``--compile-mode`` only with ``--compile`` (``config``: any settings holding both)."""
     if config.compile_mode != "default" and not config.compile:
@@ -378,7 +366,10 @@ def coerce_all(cls: type, raw: dict, source: str, strict: bool = True) -> dict[s
     renamed = {old: name for name, s in declarations(cls).items() for old in s.old_keys}
     if bad_keys := [repr(k) for k in raw if not isinstance(k, str)]:
         raise ConfigError(f"setting names in {source} must be strings, got {', '.join(bad_keys)}")
-    raw = {renamed.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in raw.items()}
+    names = {k: renamed.get(k.replace("-", "_"), k.replace("-", "_")) for k in raw}
+    if strict and (twice := [k for k in raw if list(names.values()).count(names[k]) > 1]):  # else the last won
+        raise ConfigError(f"{' and '.join(twice)} in {source} are one setting, {names[twice[0]]}; keep one")
+    raw = {names[k]: v for k, v in raw.items()}
     unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
     if unknown and strict:
         raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in {source}; "

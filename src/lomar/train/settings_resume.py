@@ -18,7 +18,7 @@ from lomar.train import settings as S
 from lomar.train.runtime import default_workers
 from lomar.train.settings import ConfigError, coerce_all, declarations, shown
 
-__all__ = ["TaskConfig", "resume_values", "resume_target",
+__all__ = ["TaskConfig", "resume_values", "resume_target", "check_warmup",
            "check_windows", "encoder_layout", "check_img_size", "check_pretrained"]
 
 
@@ -151,6 +151,17 @@ class TaskConfig:
 
     def check_inputs(self) -> None:
         """The checks of the data and files named (not made for --print-config)."""
+
+
+def check_warmup(config: Any) -> None:
+    """The warm-up within the run: the one bound a training command's settings set each other."""
+    if config.warmup_epochs < 0:
+        raise ConfigError(f"--warmup-epochs must be >= 0, got {config.warmup_epochs}")
+    if config.warmup_epochs > config.epochs:
+        fix = (f"a resumed run keeps its warm-up: pass --epochs {config.warmup_epochs:g} or more, and --max-steps N "
+               f"to stop sooner" if getattr(config, "resume", None) else "lower --warmup-epochs or raise --epochs")
+        raise ConfigError(f"--warmup-epochs must be in [0, --epochs {config.epochs}], got {config.warmup_epochs}; "
+                          f"{fix}")
 
 
 def check_flex_device(device: str) -> None:
