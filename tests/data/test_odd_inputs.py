@@ -124,3 +124,24 @@ def test_images_beside_the_class_folders_and_empty_classes_are_not_passed_over_u
     lines = [r.getMessage() for r in caplog.records]
     assert any("1 image(s) outside the class folders, e.g. stray.jpg, are not used" in line for line in lines)
     assert any("1 class folder(s) without an image, e.g. empty" in line for line in lines)
+
+
+def test_a_text_list_none_of_whose_first_paths_exists_is_refused_up_front(tmp_path):
+    from lomar.data.folder import build_pretrain_dataset
+
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        (tmp_path / "images" / f"{i}.jpg").write_bytes(_jpeg())
+    labelled = tmp_path / "train.txt"  # ImageNet's form: a label after each path
+    labelled.write_text("".join(f"images/{i}.jpg {i}\n" for i in range(3)))
+    with pytest.raises(ValueError, match=r"train.txt: none of its first 3 paths exists, e.g. .*images/0.jpg 0; its "
+                                         r"lines look like 'path label': list one path a line, without labels"):
+        build_pretrain_dataset(str(labelled), 16)
+    elsewhere = tmp_path / "images" / "list.txt"  # relative to the working folder, not to the list's
+    elsewhere.write_text("images/0.jpg\nimages/1.jpg\n")
+    with pytest.raises(ValueError, match=r"relative paths are read from the list's folder .*images$"):
+        build_pretrain_dataset(str(elsewhere), 16)
+    fine = tmp_path / "fine.txt"  # some missing: skipped and counted when read, as before
+    fine.write_text("images/missing.jpg\nimages/1.jpg\n")
+    dataset = build_pretrain_dataset(str(fine), 16)
+    assert dataset[0]["image"] is None and dataset[1]["image"] is not None

@@ -151,7 +151,24 @@ def build_pretrain_dataset(data: str | None, img_size: int, seed: int = 0,
                                 cache_decoded=True)
     if is_shard_pattern(str(data)):
         return TarShardDataset(shard_paths(str(data)), transform, seed, masker, rank, world_size)
-    return ImageListDataset(build_image_list(data), transform, seed, masker)
+    images = build_image_list(data)
+    if Path(data).is_file():
+        _check_listed(Path(data), images)
+    return ImageListDataset(images, transform, seed, masker)
+
+
+def _check_listed(listing: Path, images: list[Path], first: int = 20) -> None:
+    """ValueError when none of the first ``first`` paths of a .txt list exists: a list of another form (``path
+    label`` lines) or read from another folder, which would otherwise be found out as a whole epoch of
+    unreadable images. Some missing ones are skipped and counted when read, as any unreadable image."""
+    if any(os.path.exists(path) for path in images[:first]):
+        return
+    parts = str(images[0]).rsplit(None, 1)
+    labels = len(parts) == 2 and os.path.exists(parts[0])  # ImageNet's train.txt: 'n01440764/x.JPEG 0'
+    hint = ("its lines look like 'path label': list one path a line, without labels" if labels else
+            f"relative paths are read from the list's folder {listing.parent}")
+    raise ValueError(f"{listing}: none of its first {min(first, len(images))} paths exists, e.g. {images[0]}; "
+                     f"{hint}")
 
 
 class LabelledImageFolder(Dataset):
