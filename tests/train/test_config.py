@@ -231,3 +231,26 @@ def test_every_commands_file_and_folder_settings_resolve_absolute(command, paths
     expected = {k: str(Path(v).expanduser().absolute()) for k, v in paths.items()}
     assert absolute_paths(cls[command], {**paths, "out": "o", "seed": 1}) == expected
     assert absolute_paths(cls[command], dict.fromkeys(paths, " ")) == {}  # the non-empty check names them
+
+
+@pytest.mark.parametrize("layout, expected", [
+    ("coco", "val2017"), ("digits", "images/val2017"), ("flat", "annotations"), ("coco+digits", "val2017")])
+def test_detect_finds_a_coco_layouts_images_when_none_are_given(tmp_path, layout, expected):
+    """The default was always the annotation file's folder: neither COCO's nor compose-digits' layout."""
+    from lomar.train.detect_config import DetectConfig, default_image_folder
+
+    ann = tmp_path / "annotations" / "instances_val2017.json"
+    ann.parent.mkdir()
+    ann.write_text("{}")
+    for name in {"coco": ["val2017"], "digits": ["images/val2017"], "flat": ["train2017", "images/train2017"],
+                 "coco+digits": ["val2017", "images/val2017"]}[layout]:
+        (tmp_path / name).mkdir(parents=True)
+    assert default_image_folder(ann) == tmp_path / expected
+    assert default_image_folder(tmp_path / "elsewhere" / "instances_val2017.json") == tmp_path / "elsewhere"
+    assert default_image_folder(tmp_path / "annotations" / "val2017.json") == tmp_path / "annotations"
+    config = DetectConfig(train_ann=str(ann), val_ann=str(ann))
+    config.complete({})
+    assert config.val_images == config.train_images == str(tmp_path / expected)
+    config = DetectConfig(val_ann=str(ann), val_images=str(tmp_path))
+    config.complete({"val_images": str(tmp_path)})
+    assert config.val_images == str(tmp_path)  # a given folder is kept

@@ -23,7 +23,7 @@ from lomar.train.settings_resume import (
     random_encoder_patch,
 )
 
-__all__ = ["DetectConfig", "detect_checkpoint", "DETECTOR_LAYOUT"]
+__all__ = ["DetectConfig", "detect_checkpoint", "default_image_folder", "DETECTOR_LAYOUT"]
 
 _RUN = "run-control"
 # What a detector started from a `lomar detect` checkpoint takes from that run unless given: its input size,
@@ -32,6 +32,22 @@ _RUN = "run-control"
 DETECTOR_LAYOUT = ("img_size", "window_size", "global_blocks", "attention", "drop_path", "rel_pos")
 # What a checkpoint saved before these settings existed trained with: a fixed position table, no relative term
 _SAVED_BEFORE = {"train_pos_embed": False, "rel_pos": "none"}
+
+
+_IMAGES_DEFAULT = ("for {flag} ROOT/annotations/instances_SPLIT.json, ROOT/SPLIT or ROOT/images/SPLIT where it "
+                   "exists (COCO's and compose-digits' layouts), else the file's folder")
+
+
+def default_image_folder(ann: Path) -> Path:
+    """Where a COCO instances file's images are when no folder is given (see ``_IMAGES_DEFAULT``): COCO's
+    ``annotations/instances_val2017.json`` -> ``val2017/``, compose-digits' ``instances_val.json`` ->
+    ``images/val/``."""
+    split = ann.stem.removeprefix("instances_")
+    if ann.parent.name == "annotations" and split != ann.stem:
+        for folder in (ann.parent.parent / split, ann.parent.parent / "images" / split):
+            if folder.is_dir():
+                return folder
+    return ann.parent
 
 
 def detect_checkpoint(path: str | Path) -> Path | None:
@@ -56,12 +72,13 @@ class DetectConfig(TaskConfig):
     train_ann: str | None = S.setting(None, "COCO instances JSON of the training split (default: none; required to "
                                       "train)", kind=str, path=True, resume=_RUN, metavar="FILE")
     train_images: str | None = S.setting(None, "folder of the training images (file_name is relative to it; "
-                                         "default: the folder of --train-ann)", kind=str, path=True, resume=_RUN,
-                                         metavar="DIR")
+                                         f"default: {_IMAGES_DEFAULT.format(flag='--train-ann')})", kind=str,
+                                         path=True, resume=_RUN, metavar="DIR")
     val_ann: str | None = S.setting(None, "COCO instances JSON of the validation split (default: none; required)",
                                     kind=str, path=True, resume=_RUN, metavar="FILE")
-    val_images: str | None = S.setting(None, "folder of the validation images (default: the folder of --val-ann)",
-                                       kind=str, path=True, resume=_RUN, metavar="DIR")
+    val_images: str | None = S.setting(None, "folder of the validation images (default: "
+                                       f"{_IMAGES_DEFAULT.format(flag='--val-ann')})", kind=str, path=True,
+                                       resume=_RUN, metavar="DIR")
     pretrained: str | None = S.PRETRAINED.field(help=S.PRETRAINED.help + ", or a `lomar detect` run or checkpoint "
                                                 "(default: a randomly initialised --model)")
     model: str | None = S.MODEL.field(None, help=S.MODEL.help + "; the random encoder's architecture (default: "
@@ -112,7 +129,7 @@ class DetectConfig(TaskConfig):
         model_only_without_pretrained(self, explicit)
         for split in ("train", "val"):
             if getattr(self, f"{split}_ann") and not getattr(self, f"{split}_images"):
-                setattr(self, f"{split}_images", str(Path(getattr(self, f"{split}_ann")).parent))
+                setattr(self, f"{split}_images", str(default_image_folder(Path(getattr(self, f"{split}_ann")))))
         saved = detect_checkpoint(self.pretrained) if self.pretrained and not self.resume else None
         if saved is not None:  # a resumed run has its own saved settings, the ones it started with
             from lomar.checkpoints.io import safe_load  # torch: not for --help
