@@ -218,6 +218,22 @@ def test_a_rewind_makes_the_state_it_resumed_from_the_newest(tmp_path):
     assert not list(out.glob(".*.tmp*"))
 
 
+def test_a_new_run_does_not_delete_files_of_a_folder_that_holds_no_run(tmp_path):
+    """--out DIR holding no run of lomar's (no config.yaml, no checkpoint) but a tb/ or metrics.jsonl of something
+    else: a new run, not told --overwrite, deleted them (tb/ with rmtree) as an earlier run's leftovers."""
+    out = tmp_path / "mine"
+    (out / "tb").mkdir(parents=True)
+    (out / "tb" / "events").write_text("someone's logs")
+    (out / "metrics.jsonl").write_text('{"mine": 1}\n')
+    with pytest.raises(UsageError, match=r"--out .*mine holds metrics.jsonl, tb, which a new run would delete, but no "
+                                         r"run \(no config.yaml or checkpoint\); pass --overwrite to let it"):
+        prepare_run_folder(_Config(str(out)), _Task(), None, 0, 0)
+    assert (out / "tb" / "events").is_file() and (out / "metrics.jsonl").is_file()
+    prepare_run_folder(_Config(str(out), None, True), _Task(), None, 0, 0)
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+    prepare_run_folder(_Config(str(tmp_path / "new")), _Task(), None, 0, 0)  # an empty folder: nothing to refuse
+
+
 def test_a_resume_cuts_the_evaluation_log_back_too(tmp_path):
     out = _run_folder(tmp_path / "run", 5, seed=0)
     prepare_run_folder(_Config(str(out), "auto"), _Task(), out / "checkpoint-000005.pt", 3, 0)

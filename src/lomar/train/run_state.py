@@ -389,9 +389,12 @@ def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int)
         for log in {"metrics.jsonl", task.eval_log}:
             truncate_metrics(out / log, step)
     else:
-        for pattern in ("last.pt", "best.pt", "last.json", "metrics.jsonl", "checkpoint-*.pt", "checkpoint-*.dcp",
-                        "tb", *task.outputs):
-            for stale in out.glob(pattern):
-                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        stale = sorted(p for pattern in ("last.pt", "best.pt", "last.json", "metrics.jsonl", "checkpoint-*.pt",
+                                         "checkpoint-*.dcp", "tb", *task.outputs) for p in out.glob(pattern))
+        if stale and not config.overwrite and not holds_run(out):  # no run of ours: files someone else put there
+            raise UsageError(f"--out {out} holds {', '.join(p.name for p in stale)}, which a new run would delete, but "
+                             f"no run (no config.yaml or checkpoint); pass --overwrite to let it, or another --out")
+        for path in stale:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     text = config.dump() if hasattr(config, "dump") else yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
     atomic_write_text(out / "config.yaml", text)
