@@ -145,3 +145,22 @@ def test_a_text_list_none_of_whose_first_paths_exists_is_refused_up_front(tmp_pa
     fine.write_text("images/missing.jpg\nimages/1.jpg\n")
     dataset = build_pretrain_dataset(str(fine), 16)
     assert dataset[0]["image"] is None and dataset[1]["image"] is not None
+
+
+def test_a_file_of_another_format_named_as_an_image_reaches_no_other_pillow_plugin(tmp_path, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    rendered = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: rendered.append(a))  # EPS is run by gs
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    ppm, ico = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(ppm, format="PPM")
+    Image.new("RGB", (16, 16), "red").save(ico, format="ICO")
+    for data in (eps, ppm.getvalue(), ico.getvalue()):
+        with pytest.raises(ValueError, match=r"photo.jpg: not an image format lomar reads \(JPEG, PNG, GIF, BMP, TIFF"):
+            decode_bytes(data, "photo.jpg")
+    assert not rendered
+    mpo = io.BytesIO()  # a camera's JPEG of two pictures: Pillow's JPEG opener names it MPO
+    Image.new("RGB", (30, 20), "red").save(mpo, format="MPO", save_all=True,
+                                           append_images=[Image.new("RGB", (30, 20), "blue")])
+    assert decode_bytes(mpo.getvalue(), "camera.jpg").shape == (3, 20, 30)

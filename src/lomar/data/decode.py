@@ -28,9 +28,13 @@ from lomar.limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, env_
 
 __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_IMAGE_BYTES", "WIDE_MODES", "is_image_name",
            "max_image_pixels", "max_image_bytes", "read_image_bytes", "open_pil", "exif_orientation", "oriented_size",
-           "decode_bytes", "load_image", "pil_to_tensor"]
+           "decode_bytes", "load_image", "pil_to_tensor", "PIL_FORMATS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+# What Pillow may identify a file as: the formats of IMAGE_EXTENSIONS (its JPEG opener also gives MPO, a JPEG of
+# several pictures). Any other plugin would parse a file whose extension lies, e.g. EPS, which Pillow hands to
+# Ghostscript to render.
+PIL_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
 # Pillow modes of more than 8 bits a channel: scaled to 8 bits here, where Pillow's convert would clip.
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")
 
@@ -107,7 +111,7 @@ def open_pil(data: bytes, name: str = "<bytes>", max_pixels: int | None = None):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
     except Image.DecompressionBombError as exc:  # over Pillow's own global limit, which we do not change
         found = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(exc))
         pixels, pil_limit = (int(found[1]), int(found[2])) if found else (0, limit)
@@ -116,8 +120,8 @@ def open_pil(data: bytes, name: str = "<bytes>", max_pixels: int | None = None):
                          f"shrink it") from None
     except Exception:  # UnidentifiedImageError, or whatever a plugin raises on a malformed header
         # Pillow's own message names an anonymous BytesIO: say what the file is instead.
-        raise ValueError(f"cannot decode image {name}: not an image format Pillow or torchvision can read "
-                         f"({len(data):,} bytes starting {data[:8]!r})") from None
+        raise ValueError(f"cannot decode image {name}: not an image format lomar reads (JPEG, PNG, GIF, BMP, TIFF, "
+                         f"WebP; {len(data):,} bytes starting {data[:8]!r})") from None
     try:
         if kind == "jpeg" and img.format in ("JPEG", "MPO") and img.size != size:
             raise ValueError(f"cannot decode image {name}: its JPEG frame headers disagree on the size ({size[0]}x"
