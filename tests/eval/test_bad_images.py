@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from lomar import VisionTransformer, ViTConfig, export_encoder
+from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
 from lomar.data.collate import BadDataTracker
 from lomar.eval.features import extract_features, knn_loaders
@@ -67,6 +68,8 @@ def test_finetune_stops_when_over_a_tenth_of_its_validation_split_is_unreadable(
     err = capsys.readouterr().err
     assert f"1 of 5 validation images in {data / 'val'} (over 10%) could not be used; fix or remove them" in err
     assert "Traceback" not in err
+    # the epoch it trained is kept: the scoring's data failed, not the training
+    assert safe_load(tmp_path / "ft" / "last.pt")["step"] == 4 and not (tmp_path / "ft" / "best.pt").exists()
 
 
 def _finetune(setup, data, out, *extra) -> int:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from lomar.checkpoints.io import safe_load
-from lomar.errors import UsageError
+from lomar.errors import LomarError, UsageError
 from lomar.train.distributed import DistInfo, cleanup_distributed, init_distributed
 from lomar.train.fsdp import load_sharded, save_run_checkpoint
 from lomar.train.monitor import Monitor, input_limit_note, resume_hint
@@ -236,24 +236,11 @@ class _Run:
                     loss, weight = task.idle_loss(self.spare), 0.0
             if loss is None:
                 return
-            loss, values = self._values(loss)
+            loss, values = task.loss_values(loss)
             self.scaler.scale(loss * weight).backward()
         if weight:
             self.loss_sum = values if self.loss_sum is None else self.loss_sum + values
             self.learned += 1
-
-    def _values(self, loss: torch.Tensor | dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the loss to backpropagate, float32 (1 + P + M,) detached copy of it, its P ``task.loss_parts`` and
-        its M ``task.step_metrics``). A copy: under CUDA graphs the loss's memory is reused by the next step."""
-        if not isinstance(loss, dict):
-            return loss, loss.detach().float().reshape(1).clone()
-        task, summed = self.task, self.task.loss_parts or ("loss",)
-        if set(loss) != {*summed, *task.step_metrics}:
-            raise ValueError(f"the {task.name} loss has parts {sorted(loss)}, not its declared loss_parts "
-                             f"{sorted(summed)} and step_metrics {sorted(task.step_metrics)}")
-        total = sum(loss[name] for name in summed)
-        logged = [loss[name] for name in (*task.loss_parts, *task.step_metrics)]
-        return total, torch.stack([total, *logged]).detach().float()
 
     def _optimizer_step(self) -> bool:
         """Apply the accumulated gradient and log; False when no rank had a batch to learn from."""
@@ -304,7 +291,12 @@ class _Run:
     def _evaluate(self, seconds: float | None = None) -> dict:
         if self.evaluated_step == self.p.step:
             return {}
-        metrics = self.task.evaluate()
+        try:
+            metrics = self.task.evaluate()
+        except (TrainingError, LomarError):  # the evaluation's data failed, not the training: keep what it trained
+            if not self.info.enabled:  # under DDP a main-only scoring (k-NN) fails alone: no collective save
+                self.save()
+            raise
         if metrics:
             self.evaluated_step = self.p.step
             extra = {"partial": True} if self.p.batches_done else {}

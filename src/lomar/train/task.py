@@ -94,6 +94,20 @@ class Task:
     def loss(self, batch) -> torch.Tensor | dict[str, torch.Tensor] | None:
         raise NotImplementedError
 
+    def loss_values(self, loss: torch.Tensor | dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss to backpropagate, float32 (1 + P + M,) detached copy of it, its P ``loss_parts`` and its M
+        ``step_metrics``) of what ``loss`` returned. A copy: under CUDA graphs the loss's memory is reused by the
+        next step."""
+        if not isinstance(loss, dict):
+            return loss, loss.detach().float().reshape(1).clone()
+        summed = self.loss_parts or ("loss",)
+        if set(loss) != {*summed, *self.step_metrics}:
+            raise ValueError(f"the {self.name} loss has parts {sorted(loss)}, not its declared loss_parts "
+                             f"{sorted(summed)} and step_metrics {sorted(self.step_metrics)}")
+        total = sum(loss[name] for name in summed)
+        logged = [loss[name] for name in (*self.loss_parts, *self.step_metrics)]
+        return total, torch.stack([total, *logged]).detach().float()
+
     def batches(self) -> Iterator:
         """The training batches that ``set_epoch`` arranged, in order."""
         return iter(self.train_loader)
