@@ -97,6 +97,21 @@ def test_input_validation():
         model(images, mask, ids[:, :5])
 
 
+def test_a_mask_of_no_patch_and_ids_that_are_no_integers_are_named():
+    """Nothing masked (or an empty batch) gave a NaN loss silently; float ids torch's 'expected target dtype to be
+    Long', int32 ids (a valid token per patch) the same error, a list an AttributeError."""
+    model = BEiT(BEiTConfig(**TINY)).eval()
+    images, mask, ids = _inputs()
+    with pytest.raises(ValueError, match="bool_masked_pos masks no patch"):
+        model(images, torch.zeros_like(mask), ids)
+    with pytest.raises(ValueError, match="bool_masked_pos masks no patch"):
+        model(images[:0], mask[:0], ids[:0])
+    for bad, named in ((ids.float(), "torch.float32"), (ids.tolist(), "list"), (ids.bool(), "torch.bool")):
+        with pytest.raises(TypeError, match=f"input_ids must be a tensor of integer token ids.*got {named}"):
+            model(images, mask, bad)
+    assert torch.equal(model(images, mask, ids.int()).loss, model(images, mask, ids).loss)
+
+
 def test_original_initialisation():
     torch.manual_seed(0)
     cfg = BEiTConfig(**{**TINY, "depth": 3, "init_values": 0.1})

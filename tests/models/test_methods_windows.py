@@ -43,6 +43,16 @@ def test_global_beit_on_a_plan_equals_the_beit_model():
     assert 0 < int(mask.sum(1).max()) <= 14
 
 
+def test_windowed_beit_reads_any_integer_ids_and_names_float_ones():
+    model = BEiTPretrain(BEiTConfig(**CFG), _tokenizer(), window_size=3, num_windows=2).eval()
+    images = torch.randn(2, 3, 48, 48)
+    plan = model.sample_plan(images, torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 16, (2, 36))
+    assert torch.equal(model(images, plan=plan, input_ids=ids.int()).loss, model(images, plan=plan, input_ids=ids).loss)
+    with pytest.raises(TypeError, match="input_ids must be a tensor of integer token ids.*got torch.float32"):
+        model(images, plan=plan, input_ids=ids.float())  # was torch's 'expected target dtype to be Long'
+
+
 def test_windowed_beit_sees_only_its_windows_and_gathers_their_tokens():
     torch.manual_seed(0)
     model = BEiTPretrain(BEiTConfig(**CFG), _tokenizer(), window_size=3, num_windows=2).eval()

@@ -180,6 +180,14 @@ class Block(nn.Module):
         return x + self.drop_path(m if self.gamma_2 is None else self.gamma_2 * m)
 
 
+def check_token_ids(input_ids) -> None:
+    """TypeError unless ``input_ids`` is a tensor of integer token ids (any integer dtype: read as int64)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex() \
+            or input_ids.dtype == torch.bool:
+        got = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise TypeError(f"input_ids must be a tensor of integer token ids (torch.long), got {got}")
+
+
 class BEiTOutput(NamedTuple):
     loss: torch.Tensor | None  # () mean cross-entropy over all masked tokens; None without input_ids
     logits: torch.Tensor  # (M, V) masked tokens in row-major order, or (N, L, V) with return_all_tokens
@@ -319,8 +327,12 @@ class BEiT(nn.Module):
         logits = all_logits[bool_masked_pos]
         loss = None
         if input_ids is not None:
+            check_token_ids(input_ids)
             if input_ids.flatten(1).shape != bool_masked_pos.shape:
                 raise ValueError(f"input_ids must be (N, L) = {tuple(bool_masked_pos.shape)}, got "
                                  f"{tuple(input_ids.shape)}; tokenize the view on the same patch grid")
-            loss = F.cross_entropy(logits.float(), self.masked_labels(input_ids, bool_masked_pos))
+            if not bool_masked_pos.any():  # cross-entropy over no token: NaN
+                raise ValueError("bool_masked_pos masks no patch: the loss (over the masked patches) is undefined; "
+                                 "mask some, or leave input_ids out for the logits alone")
+            loss = F.cross_entropy(logits.float(), self.masked_labels(input_ids, bool_masked_pos).long())
         return BEiTOutput(loss, all_logits if return_all_tokens else logits)

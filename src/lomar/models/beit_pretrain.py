@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from lomar.models.beit import BEiT, BEiTConfig
+from lomar.models.beit import BEiT, BEiTConfig, check_token_ids
 from lomar.models.blockmask import window_blockmask_args
 from lomar.models.masking import MaskingPlan, num_masked, window_token_index
 from lomar.models.objective import gather_patches
@@ -133,13 +133,15 @@ class BEiTPretrain(nn.Module):
         beit, p = self.beit, self.config.patch_size
         grid = self.config.grid
         beit._check_inputs(images, None)
+        if input_ids is not None:
+            check_token_ids(input_ids)
         if input_ids is not None and tuple(input_ids.flatten(1).shape) != (images.shape[0], grid[0] * grid[1]):
             # a narrower row was indexed past its end by the windows' token positions
             raise ValueError(f"input_ids must be (N, L) = {(images.shape[0], grid[0] * grid[1])} (or (N, {grid[0]}, "
                              f"{grid[1]})), one id per patch, got {tuple(input_ids.shape)}")
         plan = (self.sample_plan(images, generator) if plan is None
                 else MaskingPlan.for_batch(plan, images, self.window_size, grid))
-        ids = self.tokens(images) if input_ids is None else input_ids.flatten(1).to(images.device)
+        ids = self.tokens(images) if input_ids is None else input_ids.flatten(1).to(images.device, torch.long)
         image_index, top_left, mask = plan.flat()
         k = plan.window_size
         slots, slot_mask = self._mask_slots(plan, mask)
