@@ -116,6 +116,16 @@ def test_a_config_file_giving_one_setting_under_two_spellings_is_refused(tmp_pat
     assert coerce_all(PretrainConfig, {"window-size": 5, "img_size": 64}, "ok") == {"window_size": 5, "img_size": 64}
 
 
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "detect", "segment"])
+def test_an_empty_config_path_is_refused_not_read_as_no_config(tmp_path, capsys, command, monkeypatch):
+    """--config "$CONFIG" with CONFIG unset ran every default (the demo, for pretrain) without a word."""
+    monkeypatch.chdir(tmp_path)
+    assert main([command, "--config", "", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert "--config must be non-empty, got ''; pass a YAML file of settings, or drop --config" in err
+    assert err.count("\n") == 1
+
+
 def test_an_old_finetune_checkpoint_saying_accum_iter_resumes(tmp_path, capsys):
     assert coerce_all(FinetuneConfig, {"accum_iter": 4}, "old") == {"accum_steps": 4}
     settings = {**dataclasses.asdict(FinetuneConfig()), "accum_iter": 2, "batch_size": 8, "out": str(tmp_path)}

@@ -53,6 +53,8 @@ class TaskConfig:
     def resolve(cls, args: argparse.Namespace) -> TaskConfig:
         """Recipe defaults, YAML, flags (or the resumed run's saved settings) -> a validated config."""
         # the settings the user gave: the YAML file's, then the flags' on top
+        if getattr(args, "config", None) == "":  # an unset shell variable: not "no config" (the defaults would run)
+            raise ConfigError("--config must be non-empty, got ''; pass a YAML file of settings, or drop --config")
         explicit = S.read_yaml(cls, Path(args.config)) if getattr(args, "config", None) else {}
         flags = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__}
         in_file = {name: args.config for name in explicit.keys() - flags.keys()}  # to name where a setting came from
