@@ -134,6 +134,19 @@ def test_a_backbone_trains_an_absolute_table_whatever_form_the_encoder_came_in(t
         assert not backbone.encoder.pos_embed.requires_grad
 
 
+def test_a_layout_change_keeps_the_encoders_frozen_weights_dtype_and_mode():
+    """window_size / global_blocks / attention rebuild the encoder: it came back trainable, fp32 and in train mode
+    whatever the encoder given, so a frozen backbone trained and a bf16 one refused bf16 images."""
+    encoder = VisionTransformer(ViTConfig(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2))
+    encoder.requires_grad_(False)
+    built = ViTDetBackbone(encoder.bfloat16().eval(), out_channels=8, window_size=2, global_blocks=(1,)).encoder
+    assert built.config.window_size == 2 and built is not encoder
+    assert not any(param.requires_grad for param in built.parameters())
+    assert {param.dtype for param in built.parameters()} == {torch.bfloat16} and not built.training
+    with torch.no_grad():
+        assert feature_maps(built, torch.randn(1, 3, 64, 64, dtype=torch.bfloat16))[0].dtype == torch.bfloat16
+
+
 @torch.no_grad()
 def test_an_empty_batch_gives_empty_outputs_of_every_shape(encoder):
     # A batch of 0 is valid (an empty shard, a filtered batch); reshapes that inferred a size from

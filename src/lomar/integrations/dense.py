@@ -141,7 +141,10 @@ def backbone_encoder(source: str | Path | VisionTransformer, window_size: int | 
         shapes = {k: v.shape for k, v in plain.state_dict().items()}
         plain.load_state_dict(fit_axis_tables(encoder.state_dict(), shapes), strict=False)
         plain.set_grad_checkpointing(encoder.grad_checkpointing)
-        encoder = plain.to(encoder.cls_token.device)
+        frozen = {name for name, param in encoder.named_parameters() if not param.requires_grad}
+        for name, param in plain.named_parameters():  # a frozen encoder stays frozen (new tables train)
+            param.requires_grad_(name not in frozen)
+        encoder = plain.to(encoder.cls_token.device, encoder.cls_token.dtype).train(encoder.training)
     if encoder.pos_embed is not None:
         encoder.pos_embed.requires_grad_(train_pos_embed)
     return encoder
