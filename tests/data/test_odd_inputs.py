@@ -164,3 +164,15 @@ def test_a_file_of_another_format_named_as_an_image_reaches_no_other_pillow_plug
     Image.new("RGB", (30, 20), "red").save(mpo, format="MPO", save_all=True,
                                            append_images=[Image.new("RGB", (30, 20), "blue")])
     assert decode_bytes(mpo.getvalue(), "camera.jpg").shape == (3, 20, 30)
+
+
+def test_a_jpeg_of_a_thousand_repeated_scans_is_refused_before_libjpeg_works_through_them():
+    out = io.BytesIO()
+    Image.new("L", (64, 64), 128).save(out, format="JPEG", progressive=True)
+    data = out.getvalue()
+    starts = [i for i in range(len(data) - 1) if data[i:i + 2] == b"\xff\xda"]
+    end = data.rfind(b"\xff\xd9")
+    scan = data[starts[-1]:end]  # each copy is decoded over the whole frame again: minutes on a large one
+    assert decode_bytes(data, "ok.jpg").shape == (3, 64, 64)
+    with pytest.raises(ValueError, match=r"bomb.jpg: a JPEG of 1,00\d scans, over the 100 any encoder writes"):
+        decode_bytes(data[:end] + scan * 1000 + data[end:], "bomb.jpg")

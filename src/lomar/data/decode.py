@@ -35,6 +35,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 # several pictures). Any other plugin would parse a file whose extension lies, e.g. EPS, which Pillow hands to
 # Ghostscript to render.
 PIL_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
+MAX_JPEG_SCANS = 100  # scans (SOS markers) in a JPEG, embedded thumbnails' included
 # Pillow modes of more than 8 bits a channel: scaled to 8 bits here, where Pillow's convert would clip.
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")
 
@@ -100,6 +101,11 @@ def _checked_header(data: bytes, name: str, max_pixels: int | None) -> tuple[str
         raise ValueError(f"cannot decode image {name}: {what}; the file is damaged or crafted")
     if size is not None:
         _check_pixels(name, *size, limit)
+    # libjpeg decodes every scan over the whole frame: a repeated 31-byte scan cost 10 ms on a 16 MP frame, so a
+    # few hundred kB of them stall a worker for minutes. FF DA (a scan's start) cannot occur in entropy-coded data.
+    if kind == "jpeg" and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+        raise ValueError(f"cannot decode image {name}: a JPEG of {scans:,} scans, over the {MAX_JPEG_SCANS} any "
+                         f"encoder writes (progressive ones write about 10); the file is damaged or crafted")
     return kind, size, limit
 
 
