@@ -473,6 +473,24 @@ def test_a_max_steps_past_the_epochs_with_the_schedule_laid_over_it_is_refused(t
     assert len(_losses(tmp_path / "c")) == 12
 
 
+def test_a_resume_that_finds_the_run_at_its_end_writes_the_end_of_run_files_it_lacks(tmp_path, capsys):
+    """A run whose end-of-run export failed after its last checkpoint (a full disk: '... free space, then rerun')
+    was told 'nothing to do' by --resume auto, exit 0, and never got its export."""
+    class Exporting(ToyTask):
+        final_outputs = ("finished",)
+
+    out = tmp_path / "run"
+    run(ToyConfig(out=str(out), max_steps=3), Exporting)
+    (out / "finished").unlink()
+    capsys.readouterr()
+    assert run(ToyConfig(out=str(out), max_steps=3, resume="auto"), Exporting) == 0
+    assert (out / "finished").read_text() == "yes"
+    assert "nothing to do, the run is at step 3" in capsys.readouterr().out
+    (out / "finished").write_text("kept")
+    assert run(ToyConfig(out=str(out), max_steps=3, resume="auto"), Exporting) == 0
+    assert (out / "finished").read_text() == "kept"  # present: not written again
+
+
 def test_resume_auto_never_starts_over_on_top_of_unreadable_checkpoints(tmp_path, capsys):
     from lomar.errors import UsageError
 

@@ -147,10 +147,14 @@ class _Run:
         """Train to ``--max-steps`` / ``--epochs`` or until a stop signal; the exit code."""
         cfg, p, task = self.cfg, self.p, self.task
         if p.step >= self.last_step:
+            missing = [name for name in task.final_outputs if not (self.out / name).exists()]  # e.g. a full disk
             if self.info.is_main:
                 print(f"lomar {task.name}: nothing to do, the run is at step {p.step}; it ends at {self.last_step} "
                       f"({f'--max-steps {cfg.max_steps} or ' if cfg.max_steps else ''}--epochs {cfg.epochs} of "
-                      f"{self.steps_per_epoch} steps, whichever ends first)")
+                      f"{self.steps_per_epoch} steps, whichever ends first)"
+                      + (f"; writing its missing {', '.join(missing)}" if missing else ""), flush=True)
+            if missing:  # the end of the run was cut short after its last checkpoint
+                save_on_main_rank(lambda: task.finish(self.out), self.info.is_main, self.device)
             return 0
         self.monitor = Monitor(self.out, self.info.is_main, self.last_step, cfg.log_every, task.name, p.step)
         if self.info.is_main:

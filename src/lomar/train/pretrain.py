@@ -43,6 +43,7 @@ class PretrainTask(Task):
     eval_log = "knn.jsonl"
     skips_warned = False  # the loader reports unreadable files in the batch; the run's count warns of them
     outputs = ("config.yaml", "knn.jsonl", "encoder.safetensors", "config.json", "reconstruction*.png", "loss.png")
+    final_outputs = ("encoder.safetensors", "config.json")
 
     def __init__(self, config: PretrainConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, device

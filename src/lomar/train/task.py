@@ -23,7 +23,8 @@ Required of a Task: ``name``, ``model``, ``train_loader``, ``loss(batch)``. Opti
 - ``sharded`` (FSDP: sharded checkpoints, no DDP), ``betas``, ``eval_log`` (the evaluations' file),
 - ``eval_epoch_index``: an epoch-end evaluation record's ``epoch`` is the 0-based index of the epoch
   evaluated (MAE's finetuning log, which `lomar study` reads) instead of the count of epochs done,
-  ``outputs`` (names or globs a fresh run clears),
+  ``outputs`` (names or globs a fresh run clears), ``final_outputs`` (the files ``finish`` writes: a resume that
+  finds the run at its end, some of them missing, calls ``finish`` again),
   ``batches()`` (default: ``iter(train_loader)``), ``batches_per_epoch()``,
   ``set_epoch(epoch, skip_batches, epochs, batches)`` (default: the train loader's sampler's, which can run on
   across epochs: see :class:`EpochStream`),
@@ -75,6 +76,7 @@ class Task:
     eval_log = "metrics.jsonl"
     eval_epoch_index = False
     outputs: tuple[str, ...] = ()
+    final_outputs: tuple[str, ...] = ()
     loss_parts: tuple[str, ...] = ()
     skips_warned = True
     step_metrics: tuple[str, ...] = ()
