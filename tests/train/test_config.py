@@ -24,6 +24,17 @@ def _yaml(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
+def test_a_given_blr_sets_the_lr_in_the_demo_preset_too(tmp_path, capsys):
+    """The demo preset's absolute lr 1e-3 was applied after --blr cleared the recipe's lr: --blr changed nothing."""
+    assert _resolve(tmp_path, "--blr", "1e-2") == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["preset"] == "demo" and resolved["blr"] == 1e-2 and resolved["lr"] is None
+    assert _resolve(tmp_path, "--blr", "1e-2", "--lr", "2e-3") == 0  # both given: the absolute lr wins, as ever
+    assert yaml.safe_load(capsys.readouterr().out)["lr"] == 2e-3
+    assert _resolve(tmp_path) == 0  # neither: the demo's own lr
+    assert yaml.safe_load(capsys.readouterr().out)["lr"] == 1e-3
+
+
 def test_yaml_values_take_their_field_types(tmp_path, capsys):
     config = _yaml(tmp_path, "lr: 1e-3\nmin-lr: 1e-6\nbatch_size: 8.0\nblr: 2\nepochs: '50'\nout: 2024\n")
     assert main(["pretrain", "--config", config, "--print-config"]) == 0

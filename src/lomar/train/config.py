@@ -170,12 +170,12 @@ class PretrainConfig(TaskConfig):
         """Recipe defaults, demo preset, YAML, flags."""
         values = PretrainConfig().to_dict()
         values.update(method_recipe(explicit.get("method", values["method"])))
-        if "blr" in explicit and "lr" not in explicit:
-            values["lr"] = None  # a given base lr scales with the batch, over a recipe's absolute lr (BEiT's)
         values["preset"] = explicit.get("preset") or ("demo" if explicit.get("data") is None else "paper")
         if values["preset"] == "demo":  # a named model brings its own widths
             values.update({k: v for k, v in DEMO_PRESET.items()
                            if "model" not in explicit or k not in ("embed_dim", "depth", "num_heads")})
+        if "blr" in explicit and "lr" not in explicit:  # after the demo's lr 1e-3, which ignored a given --blr
+            values["lr"] = None  # a given base lr scales with the batch, over a recipe's absolute lr (BEiT's)
         values.update(explicit)
         return values
 
