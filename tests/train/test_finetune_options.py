@@ -175,6 +175,19 @@ def test_window_size_finetunes_vitdet_blocks_and_keeps_them(tmp_path, capsys, pr
     assert "--window-size 0 differs from 2" in capsys.readouterr().err
 
 
+def test_a_window_size_that_windows_no_block_is_said(tmp_path, capsys, pretrained, folder):
+    """ViTDet's default global blocks (the last of each quarter) are every block of an encoder under 8 blocks deep:
+    --window-size then changed nothing, without a word."""
+    encoder = load_pretrained_encoder(pretrained, window_size=2, global_blocks=None)
+    assert "window_size 2 windows no block: all 2 blocks attend globally (global_blocks [0, 1]); give fewer global " \
+           "blocks (--global-blocks 1)" in encoder.load_report.summary()
+    assert "windows no block" not in load_pretrained_encoder(pretrained, window_size=2, global_blocks=(1,)) \
+        .load_report.summary()
+    assert _finetune(pretrained, folder, tmp_path / "run", "--batch-size", "4", "--max-steps", "1",
+                     "--window-size", "2") == 0
+    assert "window_size 2 windows no block" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--global-blocks", "1"], "--global-blocks needs --window-size N > 0"),
     (["--window-size", "-1"], "--window-size must be >= 0"),

@@ -103,6 +103,10 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     config = replace(config, **overrides)
     model = VisionTransformer(config, num_classes=num_classes, global_pool=global_pool)
     report = LoadReport(weights.source, str(path), dropped=list(weights.dropped))
+    if config.window_size and len(set(config.global_blocks)) >= config.depth:  # ViTDet's layout below 8 blocks, say
+        report.notes.append(f"window_size {config.window_size} windows no block: all {config.depth} blocks attend "
+                            f"globally (global_blocks {list(config.global_blocks)}); give fewer global blocks "
+                            f"(--global-blocks {config.depth - 1}) to window the others")
     own = model.state_dict()
     # A finetuned classifier has no final norm (it pools into fc_norm): as a plain encoder
     # it gets a fresh, identity-initialised one.
