@@ -126,6 +126,20 @@ def test_an_empty_config_path_is_refused_not_read_as_no_config(tmp_path, capsys,
     assert err.count("\n") == 1
 
 
+def test_an_out_under_home_written_with_a_tilde_is_expanded_as_data_is(tmp_path, capsys, monkeypatch):
+    """`out: ~/runs/a` in a --config file (or --out=~/runs/a, which no shell expands) made a folder named '~' in the
+    working folder, where `data: ~/images` was read from the home folder."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "c.yaml"
+    config.write_text("out: ~/runs/a\n")
+    for args in (["--config", str(config)], ["--out=~/runs/a"]):
+        assert main(["pretrain", *args, "--print-config"]) == 0
+        assert yaml.safe_load(capsys.readouterr().out)["out"] == str(tmp_path / "home" / "runs" / "a")
+    assert main(["pretrain", "--out", "runs/b", "--print-config"]) == 0  # a relative one stays as given
+    assert yaml.safe_load(capsys.readouterr().out)["out"] == "runs/b"
+
+
 def test_an_old_finetune_checkpoint_saying_accum_iter_resumes(tmp_path, capsys):
     assert coerce_all(FinetuneConfig, {"accum_iter": 4}, "old") == {"accum_steps": 4}
     settings = {**dataclasses.asdict(FinetuneConfig()), "accum_iter": 2, "batch_size": 8, "out": str(tmp_path)}
