@@ -176,3 +176,20 @@ def test_a_jpeg_of_a_thousand_repeated_scans_is_refused_before_libjpeg_works_thr
     assert decode_bytes(data, "ok.jpg").shape == (3, 64, 64)
     with pytest.raises(ValueError, match=r"bomb.jpg: a JPEG of 1,00\d scans, over the 100 any encoder writes"):
         decode_bytes(data[:end] + scan * 1000 + data[end:], "bomb.jpg")
+
+
+def test_macos_metadata_files_beside_the_photos_are_no_images(tmp_path, caplog):
+    import logging
+
+    from lomar.data.folder import find_images
+
+    (tmp_path / "a.jpg").write_bytes(_jpeg())
+    (tmp_path / "._a.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")  # AppleDouble header
+    with caplog.at_level(logging.WARNING, logger="lomar.data"):
+        assert find_images(tmp_path) == [tmp_path / "a.jpg"]
+    assert any("1 macOS metadata file(s) named ._IMAGE skipped" in r.getMessage() for r in caplog.records)
+    shard = tmp_path / "a.tar"
+    with tarfile.open(shard, "w") as archive:  # macOS tar adds ._NAME members alike
+        _add(archive, "x/a.jpg", _jpeg())
+        _add(archive, "x/._a.jpg", b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    assert TarShardDataset([shard], PretrainTransform(16)).count_samples() == 1 and list(_items(shard)) == ["x/a.jpg"]

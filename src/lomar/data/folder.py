@@ -48,7 +48,7 @@ def find_images(root: str | Path) -> list[Path]:
     # A link to an ancestor of root leads back into root (a class folder's link to the ImageFolder root
     # would give that class every other class's images): searched already, as root itself is.
     seen = {(info.st_dev, info.st_ino) for info in map(os.stat, Path(root).resolve().parents)}
-    loops = 0
+    loops = forks = 0
     for folder, dirs, files in os.walk(root, followlinks=True):
         info = os.stat(folder)
         if (info.st_dev, info.st_ino) in seen:
@@ -57,10 +57,16 @@ def find_images(root: str | Path) -> list[Path]:
             continue
         seen.add((info.st_dev, info.st_ino))
         dirs.sort()
-        found.extend(Path(folder) / name for name in files if is_image_name(name))  # dangling links land here
+        # macOS writes ._NAME beside NAME on foreign disks and in zips (AppleDouble metadata): never an image,
+        # and one per photo would make half the set unreadable, stopping the run
+        named = [name for name in files if is_image_name(name)]
+        forks += sum(name.startswith("._") for name in named)
+        found.extend(Path(folder) / name for name in named if not name.startswith("._"))  # dangling links land here
     if loops:
         log.warning("%s: %d symlinked folder(s) lead to a folder already searched (a loop or a duplicate); "
                     "searched once", root, loops)
+    if forks:
+        log.warning("%s: %d macOS metadata file(s) named ._IMAGE skipped (AppleDouble, not images)", root, forks)
     return sorted(set(found))
 
 
