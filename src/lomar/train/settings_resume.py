@@ -60,7 +60,7 @@ class TaskConfig:
         in_file = {name: args.config for name in explicit.keys() - flags.keys()}  # to name where a setting came from
         explicit.update(flags)
         explicit.update(absolute_paths(cls, explicit))
-        if isinstance(explicit.get("out"), str):  # as --data's (and a study's out:): not a folder named ~ here
+        if str(explicit.get("out")).startswith("~"):  # as --data's (and a study's out:): not a folder named ~ here
             explicit["out"] = str(Path(explicit["out"]).expanduser())
         values = cls.start_values(explicit, in_file)
         if values.get("out") is None:
