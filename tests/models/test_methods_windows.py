@@ -53,6 +53,24 @@ def test_windowed_beit_reads_any_integer_ids_and_names_float_ones():
         model(images, plan=plan, input_ids=ids.float())  # was torch's 'expected target dtype to be Long'
 
 
+def test_a_plan_a_model_returned_is_checked_again_when_given_back_after_an_edit():
+    """The plan in a model's output carried the marks of the check it had passed: edited in place (its tensors are
+    the caller's) and given back, it skipped the checks a hand-made plan gets: a NaN loss, an IndexError."""
+    from lomar.models.lomar import LoMaR
+
+    vit = dict(img_size=48, depth=1)
+    models = [LoMaR(model_config("vit_mini_patch8", **vit), window_size=3, num_windows=2),
+              MAEWindow(model_config("vit_mini_patch8", pos="abs", **vit), window_size=3, num_windows=2,
+                        decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2),
+              BEiTPretrain(BEiTConfig(**CFG), _tokenizer(), window_size=3, num_windows=2)]
+    images = torch.randn(2, 3, 48, 48)
+    for model in models:
+        out = model(images, plan=sample_plan(2, (6, 6), 3, 2, 0.75, torch.Generator().manual_seed(0)))
+        out.plan.top_left.fill_(5)  # a 3x3 window at row 5 leaves the 6x6 grid
+        with pytest.raises(ValueError, match="plan has windows outside the 6x6 grid"):
+            model(images, plan=out.plan)
+
+
 def test_windowed_beit_sees_only_its_windows_and_gathers_their_tokens():
     torch.manual_seed(0)
     model = BEiTPretrain(BEiTConfig(**CFG), _tokenizer(), window_size=3, num_windows=2).eval()

@@ -155,7 +155,7 @@ class BEiTPretrain(nn.Module):
         losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
         weight = slot_mask.flatten().to(losses.dtype)
         loss = (losses * weight).sum() / weight.sum()  # the mean over masked tokens, as BEiT
-        return BEiTPretrainOutput(loss, logits, targets, slot_mask, plan)
+        return BEiTPretrainOutput(loss, logits, targets, slot_mask, plan.as_output())
 
     def _mask_slots(self, plan: MaskingPlan, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """plan.flat()'s mask (R, K²) -> the window positions of S slots (R, S) and which slots are masked (R, S).

@@ -75,7 +75,7 @@ class LoMaR(nn.Module):
         """images (N, C, H, W) normalised -> loss, pred (N·n, K·K, p·p·C), plan."""
         plan = (self.sample_plan(images, generator) if plan is None
                 else MaskingPlan.for_batch(plan, images, self.window_size, self.encoder.image_grid(images)))
-        return LoMaROutput(*self.forward_windows(images, *plan.flat()), plan)
+        return LoMaROutput(*self.forward_windows(images, *plan.flat()), plan.as_output())
 
     def forward_windows(self, images: torch.Tensor, image_index: torch.Tensor,
                         top_left: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

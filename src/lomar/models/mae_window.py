@@ -84,4 +84,4 @@ class MAEWindow(MAE):
         x = enc.norm(enc.forward_blocks(torch.cat([cls, x], dim=1), (k, k)))
         pred = self._decode(x, ids_shuffle, self.decoder_window_pos)
         target = normalize_targets(pixels.permute(0, 1, 3, 4, 2).flatten(2).float(), self.norm_pix_loss)
-        return MAEWindowOutput(masked_mse(pred, target, mask), pred, plan)
+        return MAEWindowOutput(masked_mse(pred, target, mask), pred, plan.as_output())

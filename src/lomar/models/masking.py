@@ -174,6 +174,11 @@ class MaskingPlan:
         (:attr:`masked_range`); do it on the host, before moving the plan to a GPU."""
         return replace(self, checked_grid=tuple(grid), masked_range=self.validate(grid))
 
+    def as_output(self) -> MaskingPlan:
+        """This plan as a model returns it: without :meth:`checked`'s marks, so that given back, after any edit of
+        its tensors in place (they are the caller's), it is checked again as a plan built by hand is."""
+        return self if self.checked_grid is None else replace(self, checked_grid=None, masked_range=None)
+
     def masked_counts(self) -> tuple[int, int]:
         """(fewest, most) masked tokens of a window: :attr:`masked_range`, or counted (a wait on a GPU)."""
         if self.masked_range is not None:
