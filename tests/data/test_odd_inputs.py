@@ -193,3 +193,27 @@ def test_macos_metadata_files_beside_the_photos_are_no_images(tmp_path, caplog):
         _add(archive, "x/a.jpg", _jpeg())
         _add(archive, "x/._a.jpg", b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
     assert TarShardDataset([shard], PretrainTransform(16)).count_samples() == 1 and list(_items(shard)) == ["x/a.jpg"]
+
+
+def test_a_folder_that_cannot_be_listed_is_reported_not_passed_over(tmp_path, monkeypatch, caplog):
+    import logging
+    import os
+
+    from lomar.data.folder import find_images
+
+    (tmp_path / "open").mkdir()
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "open" / "a.jpg").write_bytes(_jpeg())
+    (tmp_path / "locked" / "b.jpg").write_bytes(_jpeg())
+    real = os.scandir
+
+    def scandir(path="."):  # what chmod 000 on another user's folder gives (the tests may run as root)
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level(logging.WARNING, logger="lomar.data"):
+        assert find_images(tmp_path) == [tmp_path / "open" / "a.jpg"]
+    assert any("1 folder(s) could not be listed, e.g. " in r.getMessage() and "locked (Permission denied)" in
+               r.getMessage() for r in caplog.records)

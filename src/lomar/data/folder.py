@@ -49,7 +49,8 @@ def find_images(root: str | Path) -> list[Path]:
     # would give that class every other class's images): searched already, as root itself is.
     seen = {(info.st_dev, info.st_ino) for info in map(os.stat, Path(root).resolve().parents)}
     loops = forks = 0
-    for folder, dirs, files in os.walk(root, followlinks=True):
+    unlisted: list[OSError] = []  # os.walk passes over a folder it cannot list (no permission) without a word
+    for folder, dirs, files in os.walk(root, followlinks=True, onerror=unlisted.append):
         info = os.stat(folder)
         if (info.st_dev, info.st_ino) in seen:
             loops += 1
@@ -67,6 +68,9 @@ def find_images(root: str | Path) -> list[Path]:
                     "searched once", root, loops)
     if forks:
         log.warning("%s: %d macOS metadata file(s) named ._IMAGE skipped (AppleDouble, not images)", root, forks)
+    if unlisted:
+        log.warning("%s: %d folder(s) could not be listed, e.g. %s (%s); their images are not used: fix the "
+                    "permissions", root, len(unlisted), unlisted[0].filename, unlisted[0].strerror or unlisted[0])
     return sorted(set(found))
 
 
