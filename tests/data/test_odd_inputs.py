@@ -217,3 +217,18 @@ def test_a_folder_that_cannot_be_listed_is_reported_not_passed_over(tmp_path, mo
         assert find_images(tmp_path) == [tmp_path / "open" / "a.jpg"]
     assert any("1 folder(s) could not be listed, e.g. " in r.getMessage() and "locked (Permission denied)" in
                r.getMessage() for r in caplog.records)
+
+
+def test_a_coco_file_saved_with_a_byte_order_mark_is_read(tmp_path):
+    import json
+
+    from lomar.data.coco import read_coco
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.jpg").write_bytes(_jpeg())
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 30, "height": 20}],
+            "categories": [{"id": 1, "name": "x"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10],
+                             "segmentation": [[0, 0, 10, 0, 10, 10]]}]}
+    (tmp_path / "ann.json").write_bytes("\ufeff".encode() + json.dumps(coco).encode())  # as PowerShell writes it
+    assert read_coco(tmp_path / "ann.json", tmp_path / "images").summary.boxes == 1

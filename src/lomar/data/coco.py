@@ -199,7 +199,7 @@ def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train
     if not root.is_dir():
         raise UsageError(f"{images_flag} {root} is not a folder; pass the folder holding {path.name}'s images")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: Windows tools write a byte order mark
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise _fail(path, f"not valid JSON ({exc}); pass a COCO instances file") from None
     if not isinstance(data, dict):
