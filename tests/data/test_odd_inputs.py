@@ -232,3 +232,15 @@ def test_a_coco_file_saved_with_a_byte_order_mark_is_read(tmp_path):
                              "segmentation": [[0, 0, 10, 0, 10, 10]]}]}
     (tmp_path / "ann.json").write_bytes("\ufeff".encode() + json.dumps(coco).encode())  # as PowerShell writes it
     assert read_coco(tmp_path / "ann.json", tmp_path / "images").summary.boxes == 1
+
+
+def test_macos_metadata_files_in_a_segmentation_folder_are_no_pairs(tmp_path):
+    from lomar.data.segmentation import SegmentationFolder
+
+    for kind in ("images", "annotations"):
+        (tmp_path / kind / "training").mkdir(parents=True)
+    (tmp_path / "images" / "training" / "a.jpg").write_bytes(_jpeg())
+    Image.fromarray(np.ones((20, 30), np.uint8)).save(tmp_path / "annotations" / "training" / "a.png")
+    for kind, name in (("images", "._a.jpg"), ("annotations", "._a.png")):
+        (tmp_path / kind / "training" / name).write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    assert len(SegmentationFolder(tmp_path, "training", num_classes=1, crop=16, workers=1)) == 1

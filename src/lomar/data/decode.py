@@ -41,7 +41,10 @@ WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")
 
 
 def is_image_name(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+    """An image extension, and not macOS's AppleDouble metadata (``._NAME``, which macOS writes beside each file on
+    foreign disks, in zips and tar files): never an image, and one per photo would make half a set unreadable."""
+    path = Path(name)
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("._")
 
 
 def max_image_pixels() -> int:

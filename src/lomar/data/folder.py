@@ -58,11 +58,8 @@ def find_images(root: str | Path) -> list[Path]:
             continue
         seen.add((info.st_dev, info.st_ino))
         dirs.sort()
-        # macOS writes ._NAME beside NAME on foreign disks and in zips (AppleDouble metadata): never an image,
-        # and one per photo would make half the set unreadable, stopping the run
-        named = [name for name in files if is_image_name(name)]
-        forks += sum(name.startswith("._") for name in named)
-        found.extend(Path(folder) / name for name in named if not name.startswith("._"))  # dangling links land here
+        forks += sum(name.startswith("._") and is_image_name(name[2:]) for name in files)  # see is_image_name
+        found.extend(Path(folder) / name for name in files if is_image_name(name))  # dangling links land here
     if loops:
         log.warning("%s: %d symlinked folder(s) lead to a folder already searched (a loop or a duplicate); "
                     "searched once", root, loops)

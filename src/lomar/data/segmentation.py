@@ -81,7 +81,8 @@ def _pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
         twins = sorted(n for n in names if sum(Path(m).stem == Path(n).stem for m in names) > 1)
         raise ValueError(f"images {twins[0]} and {twins[1]} in {images_dir} share the stem {Path(twins[0]).stem!r}, "
                          f"so one annotation would serve both; rename or remove one")
-    labels = {Path(n).stem: labels_dir / n for n in os.listdir(labels_dir) if n.lower().endswith(".png")}
+    labels = {Path(n).stem: labels_dir / n for n in os.listdir(labels_dir)
+              if n.lower().endswith(".png") and is_image_name(n)}  # not macOS's ._NAME.png metadata
     if not images:
         raise ValueError(f"{images_dir} holds no images (an empty split); add images with their annotations, or "
                          f"point --data at the dataset root")

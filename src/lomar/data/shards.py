@@ -267,8 +267,6 @@ def _image_members(shard: Path, read: bool = True,
                 # a hard or symbolic link (tar stores a file's second name so) is a sample, read from its target
                 if not ((member.isfile() or member.islnk() or member.issym()) and is_image_name(member.name)):
                     continue
-                if Path(member.name).name.startswith("._"):  # macOS tar's AppleDouble metadata, not an image
-                    continue
                 name = f"{shard}:{member.name}"
                 if not read:
                     yield name, None
