@@ -343,6 +343,31 @@ def test_mae_names_noise_that_is_no_float_tensor_a_wrong_generator_and_its_decod
         MAE(config, decoder_embed_dim=16, decoder_depth=1.5, decoder_num_heads=2)
 
 
+def test_models_built_from_numpy_numbers_save_checkpoints_and_exports_that_load(tmp_path):
+    """numpy's ints and floats pass every size check, and were kept: the checkpoint then held numpy scalars, which
+    the weights-only load refuses ('holds Python objects'), and config.json could not be written."""
+    import json
+    from dataclasses import replace
+
+    from lomar.checkpoints.convert import load_model, pretrain_checkpoint
+    from lomar.checkpoints.io import atomic_save
+    from lomar.models.beit import BEiTConfig
+    from lomar.models.mae_window import MAEWindow
+
+    vit = model_config("vit_tiny_patch16", img_size=np.int64(64), mlp_ratio=np.float32(2.0), drop_path=np.float64(0.1),
+                       **TINY)
+    json.dumps(vit.to_dict())
+    json.dumps(BEiTConfig(img_size=np.int64(32), patch_size=8, embed_dim=16, depth=1, num_heads=2, vocab_size=16,
+                          init_values=np.float32(0.1), drop_path_rate=np.float64(0.1)).to_dict())
+    abs_vit = replace(vit, pos="abs")
+    decoder = dict(decoder_embed_dim=np.int64(16), decoder_depth=np.int64(1), decoder_num_heads=np.int64(2))
+    for i, model in enumerate([LoMaR(vit, np.int64(3), np.int64(2), np.float64(0.75)),
+                               MAE(abs_vit, mask_ratio=np.float64(0.75), **decoder),
+                               MAEWindow(abs_vit, np.int64(3), np.int64(2), np.float64(0.75), **decoder)]):
+        atomic_save(pretrain_checkpoint(model), tmp_path / f"{i}.pt")
+        assert type(load_model(tmp_path / f"{i}.pt")) is type(model)
+
+
 def test_norm_pix_loss_must_be_a_bool():
     # "no" (or "False" from a hand-written config) was truthy: normalised targets, silently
     config = ViTConfig(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2)

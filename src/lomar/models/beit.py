@@ -54,6 +54,7 @@ class BEiTConfig(EncoderShape):
             value = getattr(self, name)  # BEiT's grid is square: one side, not a (height, width) pair
             if not is_integer(value):
                 raise ValueError(f"BEiTConfig.{name} must be an integer, got {value!r}")
+            object.__setattr__(self, name, int(value))  # numpy's: a weights-only load refuses them in a checkpoint
         checks = [
             (self.patch_size >= 1 and self.img_size % self.patch_size == 0,
              f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}; "
@@ -73,6 +74,10 @@ class BEiTConfig(EncoderShape):
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        for name in ("mlp_ratio", "norm_eps", "init_std", "drop_path_rate", "init_values", "qk_scale", "attn_head_dim"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                object.__setattr__(self, name, int(value) if name == "attn_head_dim" else float(value))
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -45,9 +45,8 @@ class LoMaR(nn.Module):
         check_window_request(self.encoder.grid, window_size, num_windows, mask_ratio)
         if not isinstance(norm_pix_loss, bool):  # a str such as "no" would be true
             raise TypeError(f"norm_pix_loss must be True or False, got {norm_pix_loss!r}")
-        self.window_size = window_size
-        self.num_windows = num_windows
-        self.mask_ratio = mask_ratio
+        # Python numbers (numpy's, say, would make a checkpoint that a weights-only load refuses)
+        self.window_size, self.num_windows, self.mask_ratio = int(window_size), int(num_windows), float(mask_ratio)
         self.norm_pix_loss = norm_pix_loss
         dim, p = config.embed_dim, config.patch_size
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))

@@ -41,8 +41,10 @@ class MAE(nn.Module):
                 raise ValueError(f"MAE {name} must be a positive integer, got {value!r} (MAE's: 512, 8, 16)")
         self.encoder = VisionTransformer(config)
         self.encoder.freeze_pos_embed()
-        self.mask_ratio = mask_ratio
+        self.mask_ratio = float(mask_ratio)  # Python numbers: numpy's would make a checkpoint no safe load reads
         self.norm_pix_loss = norm_pix_loss
+        decoder_embed_dim, decoder_depth, decoder_num_heads = (int(decoder_embed_dim), int(decoder_depth),
+                                                               int(decoder_num_heads))
         self.decoder_settings = dict(decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
                                      decoder_num_heads=decoder_num_heads)
         dim, ddim, p = config.embed_dim, decoder_embed_dim, config.patch_size

@@ -34,7 +34,7 @@ class MAEWindow(MAE):
                  norm_pix_loss: bool = True):
         super().__init__(config, decoder_embed_dim, decoder_depth, decoder_num_heads, mask_ratio, norm_pix_loss)
         check_window_request(self.encoder.grid, window_size, num_windows, mask_ratio)
-        self.window_size, self.num_windows = window_size, num_windows
+        self.window_size, self.num_windows = int(window_size), int(num_windows)  # Python ints, as MAE's settings
         k = (window_size, window_size)
         # Not persistent: fixed tables, so the state dict stays MAE's.
         self.register_buffer("window_pos", sincos_pos_embed_2d(config.embed_dim, k), persistent=False)

@@ -105,6 +105,8 @@ class ViTConfig(EncoderShape):
                 is_real(self.drop_path) and 0 <= self.drop_path < 1):
             raise ValueError(f"ViTConfig needs mlp_ratio > 0 and drop_path in [0, 1), got {self.mlp_ratio!r} and "
                              f"{self.drop_path!r}")
+        for name in ("mlp_ratio", "drop_path"):  # numpy's floats would not go into config.json or a checkpoint
+            object.__setattr__(self, name, float(getattr(self, name)))
 
 
 def list_models() -> list[str]:
