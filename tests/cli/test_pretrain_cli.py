@@ -109,6 +109,23 @@ def test_shards_without_a_readable_image_blame_the_data_not_the_batch(tmp_path, 
                                   f"skipped files above); fix the data")
 
 
+def test_config_yaml_records_neither_overwrite_nor_resume(tmp_path, capsys, image_dir):
+    """config.yaml recorded the invocation's --overwrite (and --resume): given back as --config to start another
+    run, it replaced the run held in that --out without a word."""
+    victim, first = tmp_path / "victim", tmp_path / "first"
+    assert main(["pretrain", *TINY, "--data", str(image_dir), "--out", str(victim), "--max-steps", "1"]) == 0
+    assert main(["pretrain", *TINY, "--data", str(image_dir), "--out", str(first), "--max-steps", "1",
+                 "--overwrite"]) == 0
+    recorded = yaml.safe_load((first / "config.yaml").read_text())
+    assert recorded["overwrite"] is False and recorded["resume"] is None and recorded["max_steps"] == 1
+    capsys.readouterr()
+    assert main(["pretrain", "--config", str(first / "config.yaml"), "--out", str(victim)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["pretrain", "--out", str(first), "--resume", "auto", "--overwrite", "--print-config"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)  # --print-config shows the invocation's
+    assert shown["resume"] == "auto" and shown["overwrite"] is True
+
+
 def test_out_holding_another_run_needs_resume_or_overwrite(tmp_path, capsys, image_dir):
     out = tmp_path / "run"
     out.mkdir()

@@ -163,7 +163,7 @@ def training_command(config_cls, runner: str, epilog: str):
     def run(args: argparse.Namespace) -> int:
         config = config_cls.resolve(args)  # a ConfigError is a UsageError: one line, exit 2
         if args.print_config:
-            sys.stdout.write(config.dump())
+            sys.stdout.write(config.dump(invocation=True))
             return 0
         from lomar.train.run_state import SaveError  # torch: not for --help
         from lomar.train.task import TrainingError  # torch: not for --help

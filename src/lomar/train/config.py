@@ -230,9 +230,9 @@ class PretrainConfig(TaskConfig):
                               f"got {self.knn_data!r}")
         # --resume PATH was checked when its saved config was read (saved_run)
 
-    def dump(self) -> str:
-        """The config as YAML, with a comment saying what ``--windows auto`` gives here."""
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+    def dump(self, invocation: bool = False) -> str:
+        """:meth:`TaskConfig.dump`, with a comment saying what ``--windows auto`` gives here."""
+        text = yaml.safe_dump(self.to_dict(record=not invocation), sort_keys=False)
         if self.method in names():
             text = f"# recipe defaults: {get_method(self.method).recipe_source}\n" + text
         if self.method not in names() or get_method(self.method).default_windows is not None:

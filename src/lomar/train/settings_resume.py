@@ -38,12 +38,17 @@ class TaskConfig:
     resume: str | None = S.RESUME.field()
     overwrite: bool = S.OVERWRITE.field()
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, record: bool = False) -> dict[str, Any]:
+        """The settings by name; ``record``: as config.yaml keeps them, the per-invocation ones (--resume,
+        --overwrite) at their defaults, so that the file given back as --config neither resumes nor overwrites."""
         values = dataclasses.asdict(self)
-        return {name: values[name] for name in declarations(type(self))}
+        return {name: s.default if record and s.resume == "per-invocation" else values[name]
+                for name, s in declarations(type(self)).items()}
 
-    def dump(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+    def dump(self, invocation: bool = False) -> str:
+        """YAML of :meth:`to_dict` as config.yaml records it (``invocation``: with this invocation's --resume and
+        --overwrite, as --print-config shows them)."""
+        return yaml.safe_dump(self.to_dict(record=not invocation), sort_keys=False)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
