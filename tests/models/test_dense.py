@@ -1,5 +1,7 @@
 """Dense prediction: the ViTDet feature pyramid and the detectron2 / mmsegmentation backbones."""
 
+import re
+
 import pytest
 import torch
 
@@ -181,6 +183,21 @@ def test_backbone_arguments_are_named(encoder, build, named):
         build(encoder)
     assert named in str(info.value)
     assert MultiLevelBackbone(encoder, out_indices=(i for i in (0, 1))).out_indices == (0, 1)
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    (dict(in_channels=3), "scale factor 4 upsamples into in_channels // 4 channels: in_channels must be at least 4"),
+    (dict(in_channels=1, scale_factors=(2.0, 1.0)), "in_channels must be at least 2, got 1"),
+    (dict(in_channels=16, scale_factors=(4.0, 4.0)), "scale_factors must be distinct"),
+    (dict(in_channels=16, scale_factors=()), "scale_factors must be distinct factors among 4, 2, 1 and 0.5, at least"),
+    (dict(in_channels=16, in_stride=0), "in_stride must be a positive integer"),
+])
+def test_a_pyramid_that_cannot_be_built_is_named_when_built(kwargs, named):
+    """Fewer than 4 channels built, then failed in forward (torch: 'non-empty 2D or 4D weight tensor expected');
+    a repeated factor built a level no output name reached (its weights never trained); stride 0 was
+    'math domain error'."""
+    with pytest.raises(ValueError, match=re.escape(named)):
+        SimpleFeaturePyramid(out_channels=8, **kwargs)
 
 
 def test_pyramid_names_tokens_given_for_a_map():

@@ -48,6 +48,16 @@ class SimpleFeaturePyramid(nn.Module):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer (channels), got {value!r}")
         self.scale_factors = tuple(float(s) for s in scale_factors)
+        if not self.scale_factors or len(set(self.scale_factors)) < len(self.scale_factors):  # one level per name
+            raise ValueError(f"scale_factors must be distinct factors among 4, 2, 1 and 0.5, at least one, got "
+                             f"{tuple(scale_factors)!r}")
+        if not isinstance(in_stride, int) or isinstance(in_stride, bool) or in_stride < 1:
+            raise ValueError(f"in_stride must be a positive integer (the map's stride: the patch size), got "
+                             f"{in_stride!r}")
+        if (least := max((int(s) for s in self.scale_factors if s in (4.0, 2.0)), default=1)) > in_channels:
+            # 4 upsamples into in_channels // 4 channels, 2 into in_channels // 2
+            raise ValueError(f"scale factor {least} upsamples into in_channels // {least} channels: in_channels must "
+                             f"be at least {least}, got {in_channels}")
         self.in_channels, self.in_stride = in_channels, in_stride
         self.out_channels = out_channels
         self.top_block = top_block
