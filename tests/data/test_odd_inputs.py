@@ -244,3 +244,35 @@ def test_macos_metadata_files_in_a_segmentation_folder_are_no_pairs(tmp_path):
     for kind, name in (("images", "._a.jpg"), ("annotations", "._a.png")):
         (tmp_path / kind / "training" / name).write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
     assert len(SegmentationFolder(tmp_path, "training", num_classes=1, crop=16, workers=1)) == 1
+
+
+def _exif_jpeg(orientation: int, count: bytes = b"\x00\x00\x00\x01") -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    out = io.BytesIO()
+    Image.fromarray((np.random.RandomState(1).rand(20, 40, 3) * 255).astype(np.uint8)).save(
+        out, format="JPEG", quality=95, exif=exif)
+    entry = b"\x01\x12\x00\x03\x00\x00\x00\x01"  # orientation, SHORT, count 1 (Pillow writes big-endian "MM")
+    assert entry in out.getvalue()
+    return out.getvalue().replace(entry, entry[:4] + count)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_jpeg_pixels_are_turned_as_pillow_turns_them(orientation):
+    from PIL import ImageOps
+
+    stored = decode_bytes(_exif_jpeg(1))
+    upright = Image.fromarray(stored.permute(1, 2, 0).numpy())
+    upright.getexif()[0x0112] = orientation
+    upright.info["exif"] = upright.getexif().tobytes()
+    want = torch.from_numpy(np.asarray(ImageOps.exif_transpose(upright))).permute(2, 0, 1)
+    assert torch.equal(decode_bytes(_exif_jpeg(orientation)), want)
+
+
+def test_a_damaged_exif_block_turns_the_pixels_as_the_header_size_says():
+    from lomar.data.decode import open_pil, oriented_size
+
+    data = _exif_jpeg(6, count=b"\xf4\x00\x00\x01")  # an absurd count: Pillow skips the tag, libjpeg's reader did not
+    with open_pil(data) as img:
+        size = oriented_size(img)
+    assert tuple(decode_bytes(data).shape[1:]) == size == (20, 40)  # was (40, 20): labels checked on 20x40 misfit

@@ -180,7 +180,11 @@ def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = No
 
                 encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
                 if kind == "jpeg":  # EXIF orientation: phone photos are often stored sideways with a rotation tag
-                    image = decode_jpeg(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+                    # as Pillow reads it, which every size taken from the header (oriented_size) follows: libjpeg's
+                    # reader differs on a damaged EXIF block, which would rotate the pixels but not the size
+                    turn = _jpeg_orientation(data)
+                    image = _orient(decode_jpeg(encoded, mode=ImageReadMode.RGB,
+                                                apply_exif_orientation=turn is None), turn or 1)
                 else:
                     image = decode_webp(encoded, mode=ImageReadMode.RGB)
             if image.dtype == torch.uint8 and image.shape[0] == 3 and image.numel() > 0:
@@ -204,6 +208,26 @@ def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = No
     except Exception as exc:
         raise ValueError(f"cannot decode image {name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
                          ) from exc
+
+
+def _jpeg_orientation(data: bytes) -> int | None:
+    """A JPEG's EXIF orientation as :func:`oriented_size` reads it (1 where Pillow reads none, or no EXIF block);
+    None where Pillow cannot open the file at all, which libjpeg may still decode (junk between markers)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a damaged EXIF block's notes; Pillow's bomb warning (limits are ours)
+            with Image.open(io.BytesIO(data), formats=("JPEG",)) as img:
+                return exif_orientation(img) or 1
+    except Exception:
+        return None
+
+
+def _orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """(3, H, W) ``image`` turned upright as EXIF ``orientation`` says, as ``ImageOps.exif_transpose`` turns it."""
+    turned = {2: lambda x: x.flip(-1), 3: lambda x: x.flip(-2, -1), 4: lambda x: x.flip(-2),
+              5: lambda x: x.transpose(-2, -1), 6: lambda x: x.transpose(-2, -1).flip(-1),
+              7: lambda x: x.transpose(-2, -1).flip(-2, -1), 8: lambda x: x.transpose(-2, -1).flip(-2)}
+    return turned[orientation](image).contiguous() if orientation in turned else image
 
 
 def _upright(data: bytes, name: str, limit: int) -> bool:
