@@ -276,3 +276,16 @@ def test_a_damaged_exif_block_turns_the_pixels_as_the_header_size_says():
     with open_pil(data) as img:
         size = oriented_size(img)
     assert tuple(decode_bytes(data).shape[1:]) == size == (20, 40)  # was (40, 20): labels checked on 20x40 misfit
+
+
+def test_an_annotation_that_is_a_jpeg_named_png_is_refused(tmp_path):
+    from lomar.data.segmentation import read_labels
+
+    y, x = np.mgrid[0:100, 0:100]
+    labels = np.where((x - 47) ** 2 + (y - 53) ** 2 < 30 ** 2, 12, 3).astype(np.uint8)
+    Image.fromarray(labels).save(tmp_path / "a.png", format="JPEG")  # 12 and 3 ring into 0..15 along the circle
+    with Image.open(tmp_path / "a.png") as image:
+        assert (np.asarray(image) != labels).any()
+    with pytest.raises(ValueError, match=r"annotation .*a.png is a JPEG file, whose lossy compression can change "
+                                         r"class ids along edges; write class ids as a PNG"):
+        read_labels(tmp_path / "a.png")

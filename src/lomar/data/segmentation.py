@@ -44,6 +44,9 @@ def read_labels(path: Path) -> np.ndarray:
         raise ValueError(f"annotation {path} cannot be read ({str(exc).splitlines()[0]}); rewrite it as a PNG of "
                          f"class ids") from None
     with image:
+        if image.format in ("JPEG", "MPO", "WEBP"):  # named .png, but lossy: ids can blur into others at edges
+            raise ValueError(f"annotation {path} is a {image.format} file, whose lossy compression can change class "
+                             f"ids along edges; write class ids as a PNG")
         if image.mode not in ("L", "P", "I;16", "I"):
             raise ValueError(f"annotation {path} is a {image.mode} image; write class ids as a single-channel "
                              f"(mode L or P) PNG, 0 = ignored, 1..N the classes")
