@@ -368,6 +368,16 @@ def test_models_built_from_numpy_numbers_save_checkpoints_and_exports_that_load(
         assert type(load_model(tmp_path / f"{i}.pt")) is type(model)
 
 
+@pytest.mark.parametrize("model", [VisionTransformer, LoMaR, MAE])
+def test_a_model_name_or_a_dict_given_as_the_config_is_named(model):
+    """LoMaR("vit_base_patch16") was "AttributeError: 'str' object has no attribute 'pos'"."""
+    with pytest.raises(TypeError, match=r"config must be a lomar.ViTConfig, got str; build one with "
+                                        r"lomar.model_config\('vit_base_patch16'\)"):
+        model("vit_base_patch16")
+    with pytest.raises(TypeError, match="config must be a lomar.ViTConfig, got dict"):
+        model({"img_size": 64})
+
+
 def test_norm_pix_loss_must_be_a_bool():
     # "no" (or "False" from a hand-written config) was truthy: normalised targets, silently
     config = ViTConfig(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2)

@@ -29,6 +29,7 @@ class MAE(nn.Module):
     def __init__(self, config: ViTConfig, decoder_embed_dim: int = 512, decoder_depth: int = 8,
                  decoder_num_heads: int = 16, mask_ratio: float = 0.75, norm_pix_loss: bool = True):
         super().__init__()
+        ViTConfig.require(config)
         if config.pos != "abs":
             raise ValueError(f"MAE needs absolute position embeddings (pos='abs'), got pos={config.pos!r}")
         if not is_real(mask_ratio) or not 0 < mask_ratio < 1:

@@ -211,6 +211,7 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, config: ViTConfig, num_classes: int = 0, global_pool: str = "avg"):
         super().__init__()
+        ViTConfig.require(config)
         if global_pool not in ("avg", "cls"):
             raise ValueError(f"global_pool must be avg or cls, got {global_pool!r}")
         self.global_pool = global_pool

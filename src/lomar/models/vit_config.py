@@ -68,6 +68,14 @@ class ViTConfig(EncoderShape):
     rel_pos: str = "none"
     extra: dict = field(default_factory=dict, hash=False)  # a dict cannot be hashed; equality still compares it
 
+    @staticmethod
+    def require(config) -> None:
+        """TypeError unless ``config`` is a ViTConfig (a model's name or a dict was an AttributeError further in)."""
+        if not isinstance(config, ViTConfig):
+            make = f"lomar.model_config({config!r})" if isinstance(config, str) else "lomar.model_config(NAME, ...)"
+            raise TypeError(f"config must be a lomar.ViTConfig, got {type(config).__name__}; build one with {make} "
+                            f"or lomar.ViTConfig(...)")
+
     def __post_init__(self) -> None:
         blocks = self.global_blocks
         if isinstance(blocks, (str, bytes)) or not hasattr(blocks, "__iter__") or not all(
