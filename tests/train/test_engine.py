@@ -149,6 +149,20 @@ def test_exact_resume_matches_an_uninterrupted_run(tmp_path, image_dir, image_sh
     assert len(losses(resumed)) == 4
 
 
+def test_a_mid_epoch_resume_on_tar_shards_keeps_the_worker_count(tmp_path, image_shard, capsys):
+    """Tar shards are dealt to the loader's workers: resumed in the middle of an epoch with another --workers, the
+    run went on with another stream of samples than the uninterrupted run's, without a word."""
+    out = tmp_path / "run"
+    assert pretrain("--data", str(image_shard), "--out", str(out), "--max-steps", "2") == 0
+    capsys.readouterr()
+    assert pretrain("--out", str(out), "--max-steps", "4", "--resume", "auto", "--workers", "2") == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "--workers 2: this run reads tar shards, dealt to 1 loader worker(s) when it stopped in the middle of epoch 0; "
+        "another count may repeat or miss samples of that epoch: resume with --workers 1")
+    assert safe_load(out / "last.pt")["step"] == 2 and len(losses(out)) == 2
+    assert pretrain("--out", str(out), "--max-steps", "4", "--resume", "auto", "--workers", "1") == 0  # 1 reader too
+
+
 def test_checkpoint_contents_load_weights_only(tmp_path, image_dir):
     out = tmp_path / "run"
     assert pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "1") == 0

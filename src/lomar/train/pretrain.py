@@ -151,6 +151,12 @@ class PretrainTask(Task):
             raise UsageError(f"--resume: the tokenizer {self.config.tokenizer} is not the one this run trained with "
                              f"(its tensors changed since the checkpoint), so the targets would change mid-run; "
                              f"restore that file, or start a new run with another --out")
+        # Tar shards are dealt to the loader's workers: another count mid-epoch reads another stream of samples
+        was, now = max(1, state.get("config", {}).get("workers") or 0), max(1, self.config.workers)
+        if self.iterable and state.get("batches_done") and was != now:
+            raise UsageError(f"--workers {self.config.workers}: this run reads tar shards, dealt to {was} loader "
+                             f"worker(s) when it stopped in the middle of epoch {state['epoch']}; another count may "
+                             f"repeat or miss samples of that epoch: resume with --workers {was}")
 
     def begin(self) -> None:
         if not self.sharded:  # the untrained model, what the last figure is compared with; sharded: at the end
