@@ -289,3 +289,18 @@ def test_an_annotation_that_is_a_jpeg_named_png_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"annotation .*a.png is a JPEG file, whose lossy compression can change "
                                          r"class ids along edges; write class ids as a PNG"):
         read_labels(tmp_path / "a.png")
+
+
+def test_shards_in_a_folder_whose_name_holds_brackets_are_found(tmp_path):
+    from lomar.data.shards import shard_paths
+
+    folder = tmp_path / "set [v2]"  # glob would read [v2] as one character of v or 2
+    folder.mkdir()
+    for name in ("s-000.tar", "s-001.tar"):
+        with tarfile.open(folder / name, "w") as archive:
+            _add(archive, "a.jpg", _jpeg())
+    both = [folder / "s-000.tar", folder / "s-001.tar"]
+    assert shard_paths(str(folder / "s-000.tar")) == both[:1]
+    assert shard_paths(str(folder / "s-{000..001}.tar")) == shard_paths(str(folder / "*.tar")) == both
+    with pytest.raises(ValueError, match=r"names 1 shard\(s\) that do not exist, e.g. .*s-002.tar"):
+        shard_paths(str(folder / "s-{000..002}.tar"))

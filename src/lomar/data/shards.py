@@ -21,6 +21,7 @@ from __future__ import annotations
 import glob
 import io
 import logging
+import os
 import tarfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -95,15 +96,24 @@ def shard_paths(data: str) -> list[Path]:
         raise ValueError(f"{data!r} names {names:,} shards, over the {MAX_SHARD_NAMES:,} lomar reads; check the "
                          f"brace range")
     patterns = _expand_braces(data)
-    paths = sorted({Path(p) for pat in patterns for p in glob.glob(pat)})
+    paths = sorted({Path(p) for pat in patterns for p in _matches(pat)})
     if not paths:
         raise ValueError(f"no tar shards match {data!r}; check the glob or brace pattern")
     # a name without wildcards is a shard asked for by name: one missing would shrink the data unsaid
-    missing = [pat for pat in patterns if not glob.has_magic(pat) and not Path(pat).is_file()]
+    missing = [pat for pat in patterns if not glob.has_magic(os.path.basename(pat)) and not _matches(pat)]
     if missing:
         raise ValueError(f"{data!r} names {len(missing)} shard(s) that do not exist, e.g. {missing[0]}; fix the "
                          f"brace range or add the shards")
     return paths
+
+
+def _matches(pattern: str) -> list[str]:
+    """The files ``pattern`` names: itself when it is one (a folder named 'set [v2]' is no character class), else
+    its glob matches, else those of its last part in its folder taken literally."""
+    if Path(pattern).is_file():
+        return [pattern]
+    folder, name = os.path.split(pattern)
+    return glob.glob(pattern) or (glob.glob(os.path.join(glob.escape(folder), name)) if folder else [])
 
 
 def _buffer_shuffle(items: Iterable[T], size: int, gen: torch.Generator) -> Iterator[T]:
