@@ -304,3 +304,19 @@ def test_shards_in_a_folder_whose_name_holds_brackets_are_found(tmp_path):
     assert shard_paths(str(folder / "s-{000..001}.tar")) == shard_paths(str(folder / "*.tar")) == both
     with pytest.raises(ValueError, match=r"names 1 shard\(s\) that do not exist, e.g. .*s-002.tar"):
         shard_paths(str(folder / "s-{000..002}.tar"))
+
+
+def test_a_data_root_holding_train_and_val_says_both_are_read(tmp_path, caplog):
+    import logging
+
+    from lomar.data.folder import build_image_list
+
+    for split in ("train", "val"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+        (tmp_path / split / "cat" / "a.jpg").write_bytes(_jpeg())
+    with caplog.at_level(logging.WARNING, logger="lomar.data"):
+        assert len(build_image_list(tmp_path)) == 2
+        assert len(build_image_list(tmp_path / "train")) == 1
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and f"holds train/ and val/: every image under it is read, val/ included; pass " \
+        f"{tmp_path / 'train'}" in lines[0]

@@ -97,6 +97,10 @@ def build_image_list(data: str | Path) -> list[Path]:
                   for ln in lines if ln and not ln.startswith("#")]
     else:
         images = find_images(path)
+        held_out = [name for name in ("val", "validation", "test") if (path / name).is_dir()]
+        if (path / "train").is_dir() and held_out:  # ImageNet's root: its val images would be trained on too
+            log.warning("%s holds train/ and %s/: every image under it is read, %s/ included; pass %s to leave "
+                        "the held-out images out", path, held_out[0], held_out[0], path / "train")
     if not images:
         shards = path.is_dir() and any(path.glob("*.tar"))
         hint = (f"for tar shards pass a pattern such as {path / '*.tar'}" if shards
