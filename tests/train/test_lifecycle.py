@@ -453,6 +453,10 @@ def test_a_run_that_would_go_past_its_lr_schedule_is_refused_before_a_step(tmp_p
                                          r"4-8 would all train at min_lr 0; end it at --max-steps 3"):
         run(ToyConfig(out=str(out), max_steps=8, schedule_steps=3, resume="auto"), ToyTask)
     assert safe_load(out / "last.pt")["step"] == 3
+    # a new run is told to lengthen its schedule, not to go to another --out (its own is fine)
+    with pytest.raises(UsageError, match=r"steps 4-8 would all train at min_lr 0; end it at --max-steps 3, or raise "
+                                         r"--schedule-steps to 8$"):
+        run(ToyConfig(out=str(tmp_path / "new"), max_steps=8, schedule_steps=3), ToyTask)
 
 
 def test_a_max_steps_past_the_epochs_with_the_schedule_laid_over_it_is_refused(tmp_path):

@@ -90,10 +90,11 @@ def schedule_overrun(last_step: int, total_steps: float, min_lr: float, config=N
                 f"to train all {max_steps} steps, or --max-steps {last_step}")
     if last_step <= total_steps:
         return None
+    fix = ("start a new run (another --out) whose --max-steps or --schedule-steps covers the steps you want"
+           if getattr(config, "resume", None) else f"raise --schedule-steps to {last_step}")  # a new run: this --out
     return (f"this run's lr schedule ends at step {total_steps:g} (schedule_steps), but it would go on to step "
             f"{last_step}: steps {math.floor(total_steps) + 1}-{last_step} would all train at min_lr {min_lr:g}; "
-            f"end it at --max-steps {math.floor(total_steps)}, or start a new run (another --out) whose "
-            f"--max-steps or --schedule-steps covers the steps you want")
+            f"end it at --max-steps {math.floor(total_steps)}, or {fix}")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
