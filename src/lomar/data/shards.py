@@ -96,11 +96,12 @@ def shard_paths(data: str) -> list[Path]:
         raise ValueError(f"{data!r} names {names:,} shards, over the {MAX_SHARD_NAMES:,} lomar reads; check the "
                          f"brace range")
     patterns = _expand_braces(data)
-    paths = sorted({Path(p) for pat in patterns for p in _matches(pat)})
+    found = {pat: _matches(pat) for pat in patterns}
+    paths = sorted({Path(p) for matches in found.values() for p in matches})
     if not paths:
         raise ValueError(f"no tar shards match {data!r}; check the glob or brace pattern")
     # a name without wildcards is a shard asked for by name: one missing would shrink the data unsaid
-    missing = [pat for pat in patterns if not glob.has_magic(os.path.basename(pat)) and not _matches(pat)]
+    missing = [pat for pat in patterns if not glob.has_magic(os.path.basename(pat)) and not found[pat]]
     if missing:
         raise ValueError(f"{data!r} names {len(missing)} shard(s) that do not exist, e.g. {missing[0]}; fix the "
                          f"brace range or add the shards")
