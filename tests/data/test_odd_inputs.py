@@ -320,3 +320,16 @@ def test_a_data_root_holding_train_and_val_says_both_are_read(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and f"holds train/ and val/: every image under it is read, val/ included; pass " \
         f"{tmp_path / 'train'}" in lines[0]
+
+
+def test_a_named_pipe_among_the_shards_is_refused_not_waited_on(tmp_path):
+    import os
+
+    from lomar.data.shards import shard_paths
+
+    with tarfile.open(tmp_path / "a.tar", "w") as archive:
+        _add(archive, "a.jpg", _jpeg())
+    os.mkfifo(tmp_path / "b.tar")  # tarfile.open on it blocked the start-up count for ever
+    with pytest.raises(ValueError, match=r"matches .*b.tar, which is not a regular file \(a folder, a named pipe or a "
+                                         r"device\); narrow the pattern or remove it"):
+        shard_paths(str(tmp_path / "*.tar"))

@@ -100,6 +100,9 @@ def shard_paths(data: str) -> list[Path]:
     paths = sorted({Path(p) for matches in found.values() for p in matches})
     if not paths:
         raise ValueError(f"no tar shards match {data!r}; check the glob or brace pattern")
+    if odd := [path for path in paths if not path.is_file()]:  # opening a FIFO blocks until something writes to it
+        raise ValueError(f"{data!r} matches {odd[0]}, which is not a regular file (a folder, a named pipe or a "
+                         f"device); narrow the pattern or remove it")
     # a name without wildcards is a shard asked for by name: one missing would shrink the data unsaid
     missing = [pat for pat in patterns if not glob.has_magic(os.path.basename(pat)) and not found[pat]]
     if missing:
