@@ -1,4 +1,5 @@
-"""Inputs real data sets hold that the usual fixtures do not: odd tar members, odd pixel types."""
+"""Inputs real data sets hold that the usual fixtures do not: odd tar members and shard names, float and
+lossy files, damaged EXIF and scan bombs, macOS metadata, lists and folders of the wrong shape."""
 
 import io
 import struct
