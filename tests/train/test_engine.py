@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import losses, pretrain, write_images
+from helpers import TINY, losses, pretrain, write_images
 from lomar.checkpoints.io import safe_load
+from lomar.cli.app import main
 from lomar.data.samplers import EpochSampler
 from lomar.models import MAE, LoMaR
 from lomar.models.vit import model_config
@@ -161,6 +162,19 @@ def test_a_mid_epoch_resume_on_tar_shards_keeps_the_worker_count(tmp_path, image
         "another count may repeat or miss samples of that epoch: resume with --workers 1")
     assert safe_load(out / "last.pt")["step"] == 2 and len(losses(out)) == 2
     assert pretrain("--out", str(out), "--max-steps", "4", "--resume", "auto", "--workers", "1") == 0  # 1 reader too
+
+
+def test_a_min_lr_above_the_peak_lr_that_blr_gives_is_refused(tmp_path, image_dir, capsys):
+    """--min-lr above --lr is refused, but with the lr from --blr (1e-3 x 4 / 256 here) nothing compared them: the
+    'cosine' rose from the peak to --min-lr 0.5 and the run diverged (loss 1.9 -> 127 in 6 steps)."""
+    i = TINY.index("--lr")
+    flags = [*TINY[:i], *TINY[i + 2:], "--data", str(image_dir), "--blr", "1e-3"]
+    assert main(["pretrain", *flags, "--out", str(tmp_path / "a"), "--min-lr", "0.5", "--max-steps", "2"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "lomar pretrain: error: --min-lr 0.5 is above the peak lr 1.56e-05 (--blr 0.001 x effective batch / 256): "
+        "the lr would rise to it; lower --min-lr or raise --blr")
+    assert not (tmp_path / "a").exists()
+    assert main(["pretrain", *flags, "--out", str(tmp_path / "b"), "--min-lr", "1e-6", "--max-steps", "2"]) == 0
 
 
 def test_checkpoint_contents_load_weights_only(tmp_path, image_dir):

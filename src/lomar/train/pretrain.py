@@ -48,6 +48,10 @@ class PretrainTask(Task):
     def __init__(self, config: PretrainConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, device
         self.betas = tuple(config.betas)  # the method's recipe unless set
+        peak = config.lr or config.blr * config.batch_size * config.accum_steps * info.world_size / 256  # the run's
+        if config.lr is None and config.min_lr > peak:  # as --lr's check (config.py), for the lr --blr gives
+            raise ValueError(f"--min-lr {config.min_lr:g} is above the peak lr {peak:.3g} (--blr {config.blr:g} x "
+                             f"effective batch / 256): the lr would rise to it; lower --min-lr or raise --blr")
         self.model = build_model(config, prepare_method(config)).to(device)
         self.patch = self.model.config.patch_size
         self.runtime = method_runtime(config, self.patch)
