@@ -334,3 +334,18 @@ def test_a_named_pipe_among_the_shards_is_refused_not_waited_on(tmp_path):
     with pytest.raises(ValueError, match=r"matches .*b.tar, which is not a regular file \(a folder, a named pipe or a "
                                          r"device\); narrow the pattern or remove it"):
         shard_paths(str(tmp_path / "*.tar"))
+
+
+def test_a_palette_png_with_transparency_decodes_without_pillows_warning():
+    import warnings
+
+    from PIL import ImageOps
+
+    image = Image.fromarray((np.random.RandomState(0).rand(20, 30, 3) * 255).astype(np.uint8)).convert("P")
+    out = io.BytesIO()
+    image.save(out, format="PNG", transparency=bytes([0, 255, 128] + [255] * 253))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # was 'Palette images with Transparency expressed in bytes should be ...'
+        pixels = decode_bytes(out.getvalue())
+    via_rgba = ImageOps.exif_transpose(Image.open(io.BytesIO(out.getvalue())).convert("RGBA")).convert("RGB")
+    assert torch.equal(pixels, torch.from_numpy(np.asarray(via_rgba)).permute(2, 0, 1))

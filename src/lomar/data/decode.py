@@ -159,8 +159,11 @@ def oriented_size(img: Image.Image) -> tuple[int, int]:
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """A PIL image as uint8 (3, H, W) RGB."""
-    return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+    """A PIL image as uint8 (3, H, W) RGB (transparency dropped, as torchvision's ImageFolder drops it)."""
+    with warnings.catch_warnings():  # Pillow's advice to convert a palette image with transparency through RGBA,
+        warnings.simplefilter("ignore", UserWarning)  # printed by every worker: its RGB colours are these
+        rgb = img.convert("RGB")
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
 
 
 def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = None) -> torch.Tensor:
