@@ -266,7 +266,7 @@ def test_jpeg_pixels_are_turned_as_pillow_turns_them(orientation):
     upright = Image.fromarray(stored.permute(1, 2, 0).numpy())
     upright.getexif()[0x0112] = orientation
     upright.info["exif"] = upright.getexif().tobytes()
-    want = torch.from_numpy(np.asarray(ImageOps.exif_transpose(upright))).permute(2, 0, 1)
+    want = torch.from_numpy(np.array(ImageOps.exif_transpose(upright))).permute(2, 0, 1)
     assert torch.equal(decode_bytes(_exif_jpeg(orientation)), want)
 
 
@@ -348,4 +348,16 @@ def test_a_palette_png_with_transparency_decodes_without_pillows_warning():
         warnings.simplefilter("error")  # was 'Palette images with Transparency expressed in bytes should be ...'
         pixels = decode_bytes(out.getvalue())
     via_rgba = ImageOps.exif_transpose(Image.open(io.BytesIO(out.getvalue())).convert("RGBA")).convert("RGB")
-    assert torch.equal(pixels, torch.from_numpy(np.asarray(via_rgba)).permute(2, 0, 1))
+    assert torch.equal(pixels, torch.from_numpy(np.array(via_rgba)).permute(2, 0, 1))
+
+
+def test_a_damaged_exif_block_is_read_without_pillows_warnings():
+    import warnings
+
+    from lomar.data.decode import exif_orientation, open_pil
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with open_pil(_exif_jpeg(6, count=b"\xf4\x00\x00\x01")) as img:
+            assert exif_orientation(img) == 1  # the tag Pillow skips
+    assert not caught  # was 'Tag data larger than file. Skipping tag 274', from every loader worker

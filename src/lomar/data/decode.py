@@ -120,6 +120,7 @@ def open_pil(data: bytes, name: str = "<bytes>", max_pixels: int | None = None):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)  # a damaged EXIF block's notes, read at open: every worker
             img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
     except Image.DecompressionBombError as exc:  # over Pillow's own global limit, which we do not change
         found = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(exc))
@@ -146,7 +147,9 @@ def exif_orientation(img: Image.Image) -> int | None:
     """The EXIF orientation tag of an opened image (1: as stored); None when the EXIF block cannot be read.
     Any other than 0 or 1 asks (or may ask) for a rotation/flip, which every decode path applies."""
     try:
-        return int(img.getexif().get(0x0112, 1))
+        with warnings.catch_warnings():  # a damaged block's 'Tag data larger than file' and such, from every worker
+            warnings.simplefilter("ignore", UserWarning)
+            return int(img.getexif().get(0x0112, 1))
     except Exception:
         return None
 
