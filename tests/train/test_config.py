@@ -155,6 +155,19 @@ def test_resume_auto_before_the_first_checkpoint_reads_config_yaml(tmp_path, cap
     assert "batch_size: 2.5" in capsys.readouterr().err
 
 
+def test_the_config_file_given_again_with_resume_keeps_the_runs_max_steps(tmp_path, capsys):
+    """`--config c.yaml --max-steps 3`, then the same `--config c.yaml --resume auto`: the file's unchanged epochs
+    counted as a new --epochs, dropped the run's --max-steps 3 and trained on to the epochs' end."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("epochs: 2\nmax_steps: 3\nwarmup_epochs: 1\n")
+    config = _yaml(tmp_path, "epochs: 2\n")
+    assert _resolve(tmp_path, "--config", config, "--resume", "auto") == 0
+    assert yaml.safe_load(capsys.readouterr().out)["max_steps"] == 3
+    for changed in (["--config", _yaml(tmp_path, "epochs: 5\n")], ["--epochs", "2"]):  # a new end, as before
+        assert _resolve(tmp_path, *changed, "--resume", "auto") == 0
+        assert yaml.safe_load(capsys.readouterr().out)["max_steps"] is None
+
+
 def test_a_resume_names_the_yaml_file_a_differing_setting_came_from(tmp_path, capsys):
     """"drop --lr" said nothing to a user whose lr came from --config: the fix is a line of that file."""
     (tmp_path / "run").mkdir()

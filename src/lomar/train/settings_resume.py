@@ -269,8 +269,11 @@ def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[
         raise ConfigError(f"{given} differs from {had} in the run being resumed ({source}); "
                           f"{fix} to continue the run, or start a new run with another --out")
     values.update({k: v for k, v in explicit.items() if policy[k] in ("run-control", "per-invocation")})
-    if "epochs" in explicit and "max_steps" not in explicit and "max_steps" in values:
-        values["max_steps"] = None  # a new --epochs is where the run now ends, not the old --max-steps
+    # a new --epochs is where the run now ends, not the old --max-steps; the same epochs of the --config file the
+    # run started with, given again with --resume, are not (the run went on to the epochs' end)
+    new_end = "epochs" in explicit and ("epochs" not in (in_file or {}) or explicit["epochs"] != saved.get("epochs"))
+    if new_end and "max_steps" not in explicit and "max_steps" in values:
+        values["max_steps"] = None
     return values
 
 
