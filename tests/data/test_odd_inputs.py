@@ -361,3 +361,15 @@ def test_a_damaged_exif_block_is_read_without_pillows_warnings():
         with open_pil(_exif_jpeg(6, count=b"\xf4\x00\x00\x01")) as img:
             assert exif_orientation(img) == 1  # the tag Pillow skips
     assert not caught  # was 'Tag data larger than file. Skipping tag 274', from every loader worker
+
+
+@pytest.mark.parametrize("low, high", [(-1024, 3000), (0, 70000)])
+def test_a_32_bit_integer_image_outside_16_bits_is_refused_not_clipped(low, high):
+    out = io.BytesIO()  # a CT slice in Hounsfield units (signed), or counts wider than 16 bits
+    Image.fromarray(np.linspace(low, high, 40 * 60).reshape(40, 60).astype(np.int32)).save(out, format="TIFF")
+    with pytest.raises(ValueError, match=rf"ct.tif: a 32-bit integer image with values from {low} to {high} has no "
+                                         r"known range; convert it to 8 or 16 bits"):
+        decode_bytes(out.getvalue(), "ct.tif")
+    inside = io.BytesIO()  # 0..65535 in a 32-bit container: scaled by 16 bits, as before
+    Image.fromarray(np.full((4, 4), 65535, np.int32)).save(inside, format="TIFF")
+    assert int(decode_bytes(inside.getvalue())[0, 0, 0]) == 255
