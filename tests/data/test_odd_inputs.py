@@ -373,3 +373,17 @@ def test_a_32_bit_integer_image_outside_16_bits_is_refused_not_clipped(low, high
     inside = io.BytesIO()  # 0..65535 in a 32-bit container: scaled by 16 bits, as before
     Image.fromarray(np.full((4, 4), 65535, np.int32)).save(inside, format="TIFF")
     assert int(decode_bytes(inside.getvalue())[0, 0, 0]) == 255
+
+
+def test_window_decoding_of_a_palette_png_with_transparency_prints_no_pillow_warning(tmp_path):
+    import warnings
+
+    image = Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype(np.uint8)).convert("P")
+    image.save(tmp_path / "p.png", transparency=bytes([0, 255, 128] + [255] * 253))
+    masker = lambda gen: {"top_left": torch.zeros(1, 2, dtype=torch.long), "mask": torch.zeros(4)}  # noqa: E731
+    base = ImageListDataset([tmp_path / "p.png"], PretrainTransform(32), masker=masker)
+    windows = FastPretrainDataset(base, "windows", patch_size=2, window_size=2, num_windows=1)
+    assert windows.sparse
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert windows[0]["image"].shape == (3, 32, 32)

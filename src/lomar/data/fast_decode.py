@@ -26,6 +26,7 @@ on the header's (EXIF-oriented) size: every sample gets the reference path's cro
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -65,7 +66,9 @@ def _reduce(img, box: tuple[int, int, int, int], size: int):
                 # Pillow decodes at the largest scale of 8, 4, 2 at most width // requested width: ask floor.
                 img.draft("RGB", (width // scale, height // scale))
                 break
-    img = img.convert("RGB")  # decodes (at the draft scale, if one was set)
+    with warnings.catch_warnings():  # Pillow's advice on palette transparency, from every worker (see pil_to_tensor)
+        warnings.simplefilter("ignore", UserWarning)
+        img = img.convert("RGB")  # decodes (at the draft scale, if one was set)
     if exif_orientation(img) not in (0, 1) and img.size == (width, height):
         img = ImageOps.exif_transpose(img)
         width, height = img.size
