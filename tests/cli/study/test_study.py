@@ -360,3 +360,17 @@ def test_the_heldout_loss_of_a_beit_cell_is_none_not_a_crash(tmp_path, labelled)
     assert pretrain("--data", str(labelled / "train"), "--out", str(tmp_path / "run"), "--method", "beit",
                     "--max-steps", "1") == 0
     assert heldout_loss(tmp_path / "run" / "last.pt", str(labelled / "val"), 32) is None
+
+
+def test_a_step_budget_past_the_cells_epochs_is_refused_before_any_training(tmp_path, labelled):
+    """Each cell stopped at its epochs' end, short of the budget, its lr schedule (laid over the budget) unfinished."""
+    from lomar.errors import UsageError
+
+    settings = {k: v for k, v in TINY.items() if k != "epochs"}  # the recipe's 400 epochs of 3 steps: 1200 < 4000
+    spec = parse_spec(_spec(labelled, budget="4000steps", settings=settings, random_init=False,
+                            eval={"metrics": ["heldout_loss"]}))
+    with pytest.raises(UsageError, match=r"^cell method-lomar_seed0: its 400 epochs of 3 steps end at step 1200, "
+                                         r"before its 4000-step lr schedule; add epochs: 1334 and schedule_steps: "
+                                         r"4000 to the spec's settings, or lower the budget$"):
+        run_study(spec, tmp_path / "study", log=lambda line: None)
+    assert not list((tmp_path / "study").glob("cells/*/last.pt"))

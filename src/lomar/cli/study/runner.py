@@ -160,6 +160,11 @@ class CellRun:
         config = cell_config(study.spec, cell, folder, check=True)
         self.batch, per_epoch = config.batch_size * config.accum_steps, steps_per_epoch(config)
         self.end = config.epochs * per_epoch  # where the cell's own schedule ends
+        if config.schedule_steps and self.end < config.schedule_steps and not cell.random_init:  # lr never annealed
+            raise UsageError(f"cell {cell.name}: its {config.epochs} epochs of {per_epoch} steps end at step "
+                             f"{self.end}, before its {config.schedule_steps}-step lr schedule; add epochs: "
+                             f"{-(-config.schedule_steps // per_epoch)} and schedule_steps: {config.schedule_steps} "
+                             f"to the spec's settings, or lower the budget")
         self.state_path = folder / "study-state.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else \
             {"points": {}, "slices": 0, "wall_seconds": 0.0, "loads": [], "cell": cell.name}
