@@ -387,3 +387,30 @@ def test_window_decoding_of_a_palette_png_with_transparency_prints_no_pillow_war
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert windows[0]["image"].shape == (3, 32, 32)
+
+
+def test_jpegs_under_their_other_names_are_images(tmp_path):
+    """A photo Chrome saved as .jfif (or a .jpe) was not found, without a word."""
+    from lomar.data.decode import load_image
+    from lomar.data.folder import find_images
+
+    for name in ("a.JFIF", "b.jpe", "c.jpg"):
+        (tmp_path / name).write_bytes(_jpeg())
+    assert find_images(tmp_path) == [tmp_path / n for n in ("a.JFIF", "b.jpe", "c.jpg")]
+    assert load_image(tmp_path / "a.JFIF").shape == load_image(tmp_path / "c.jpg").shape
+
+
+def test_hidden_and_thumbnail_folders_are_not_searched_and_said(tmp_path, caplog):
+    """A NAS's thumbnails (@eaDir), a viewer's .thumbnails and macOS zips' __MACOSX were trained on as photos."""
+    import logging
+
+    from lomar.data.folder import find_images
+
+    for name in ("a.jpg", "sub/b.jpg", "@eaDir/a.jpg/SYNOPHOTO_THUMB_M.jpg", ".thumbnails/normal/c.png",
+                 "sub/__MACOSX/d.jpg", ".hidden/e.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(_jpeg())
+    with caplog.at_level(logging.WARNING, logger="lomar.data"):
+        assert find_images(tmp_path) == [tmp_path / "a.jpg", tmp_path / "sub" / "b.jpg"]
+    assert any("4 hidden or thumbnail folder(s) not searched, e.g. " in r.getMessage() for r in caplog.records)
+    assert find_images(tmp_path / ".hidden") == [tmp_path / ".hidden" / "e.jpg"]  # asked for by name: searched

@@ -30,7 +30,8 @@ __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_IMAGE_BY
            "max_image_pixels", "max_image_bytes", "read_image_bytes", "open_pil", "exif_orientation", "oriented_size",
            "decode_bytes", "load_image", "pil_to_tensor", "PIL_FORMATS"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+# .jfif and .jpe are JPEG's other names (Chrome on Windows saves photos as .jfif)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 # What Pillow may identify a file as: the formats of IMAGE_EXTENSIONS (its JPEG opener also gives MPO, a JPEG of
 # several pictures). Any other plugin would parse a file whose extension lies, e.g. EPS, which Pillow hands to
 # Ghostscript to render.

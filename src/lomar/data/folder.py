@@ -1,7 +1,9 @@
 """Image discovery and the map-style datasets: pretraining image lists, labelled class folders.
 
 Folders are searched recursively and symlinked sub-folders are followed, each real folder at
-most once (a link back to the searched folder or an ancestor of it is not a loop forever). A
+most once (a link back to the searched folder or an ancestor of it is not a loop forever); hidden
+sub-folders (``.thumbnails``, ``.cache``) and thumbnail caches (Synology's ``@eaDir``, macOS zips'
+``__MACOSX``) are not searched, with a warning of their count. A
 dangling link with an image name is kept in the list: reading it fails, and the dataset skips
 and counts it like any other unreadable file.
 """
@@ -50,6 +52,7 @@ def find_images(root: str | Path) -> list[Path]:
     seen = {(info.st_dev, info.st_ino) for info in map(os.stat, Path(root).resolve().parents)}
     loops = forks = 0
     unlisted: list[OSError] = []  # os.walk passes over a folder it cannot list (no permission) without a word
+    hidden: list[Path] = []  # thumbnail caches (.thumbnails, Synology's @eaDir, __MACOSX): copies, not photos
     for folder, dirs, files in os.walk(root, followlinks=True, onerror=unlisted.append):
         info = os.stat(folder)
         if (info.st_dev, info.st_ino) in seen:
@@ -57,12 +60,16 @@ def find_images(root: str | Path) -> list[Path]:
             dirs[:] = []
             continue
         seen.add((info.st_dev, info.st_ino))
-        dirs.sort()
+        hidden += [Path(folder) / name for name in dirs if name.startswith((".", "@eaDir", "__MACOSX"))]
+        dirs[:] = sorted(name for name in dirs if not name.startswith((".", "@eaDir", "__MACOSX")))
         forks += sum(name.startswith("._") and is_image_name(name[2:]) for name in files)  # see is_image_name
         found.extend(Path(folder) / name for name in files if is_image_name(name))  # dangling links land here
     if loops:
         log.warning("%s: %d symlinked folder(s) lead to a folder already searched (a loop or a duplicate); "
                     "searched once", root, loops)
+    if hidden:
+        log.warning("%s: %d hidden or thumbnail folder(s) not searched, e.g. %s (name it without a leading '.' to "
+                    "use its images)", root, len(hidden), hidden[0])
     if forks:
         log.warning("%s: %d macOS metadata file(s) named ._IMAGE skipped (AppleDouble, not images)", root, forks)
     if unlisted:
