@@ -414,3 +414,23 @@ def test_hidden_and_thumbnail_folders_are_not_searched_and_said(tmp_path, caplog
         assert find_images(tmp_path) == [tmp_path / "a.jpg", tmp_path / "sub" / "b.jpg"]
     assert any("4 hidden or thumbnail folder(s) not searched, e.g. " in r.getMessage() for r in caplog.records)
     assert find_images(tmp_path / ".hidden") == [tmp_path / ".hidden" / "e.jpg"]  # asked for by name: searched
+
+
+def test_only_a_jpeg_libjpeg_may_read_several_scans_of_is_counted():
+    """Counting scans reads the whole file (10 ms for a 10 MB photo, every time a worker opens it): a sequential
+    frame whose first scan holds every component has one scan, as libjpeg refuses a second (JERR_EOI_EXPECTED)."""
+    from lomar.data.headers import jpeg_single_scan
+
+    pixels = (np.random.RandomState(0).rand(48, 64, 3) * 255).astype(np.uint8)
+    for mode, progressive in (("RGB", False), ("L", False), ("RGB", True), ("L", True)):
+        out = io.BytesIO()
+        Image.fromarray(pixels).convert(mode).save(out, format="JPEG", progressive=progressive)
+        assert jpeg_single_scan(out.getvalue()) is not progressive
+    assert not jpeg_single_scan(b"\xff\xd8\xff\xd9") and not jpeg_single_scan(_jpeg()[:40])
+    out = io.BytesIO()
+    Image.new("RGB", (640, 480), (128, 100, 50)).save(out, format="JPEG")
+    data = out.getvalue()
+    start, end = data.rfind(b"\xff\xda"), data.rfind(b"\xff\xd9")
+    scan = data[start:start + 2 + int.from_bytes(data[start + 2:start + 4], "big") + 17]  # 31 bytes, as the bomb's
+    with pytest.raises(ValueError, match="bomb.jpg: broken data stream"):  # libjpeg's own refusal, at the second
+        decode_bytes(data[:end] + scan * 1000 + data[end:], "bomb.jpg")

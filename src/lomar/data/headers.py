@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import struct
 
-__all__ = ["image_format", "declared_size", "jpeg_frame_size", "png_size", "webp_size"]
+__all__ = ["image_format", "declared_size", "jpeg_frame_size", "jpeg_single_scan", "png_size", "webp_size"]
 
 # SOF0-15 except DHT (C4), JPG (C8) and DAC (CC), which share the range.
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _PARAMETERLESS = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RST0-7
+_PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -37,13 +38,11 @@ def image_format(data: bytes) -> str | None:
     return None
 
 
-def jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of the frame header, found as libjpeg finds it; None where libjpeg
-    refuses the file: no frame header before the scan, or two of them."""
-    if data[:2] != b"\xff\xd8":
-        return None
+def _jpeg_header_markers(data: bytes):
+    """(marker, offset just past it) of each marker up to and including the first scan (SOS), as libjpeg's
+    ``read_markers`` finds them: junk and fill bytes between markers skipped, each segment skipped by its length.
+    Ends early at SOI or EOI (libjpeg errors there) or at the end of the data."""
     i, n = 2, len(data)
-    size = None
     while True:
         while True:  # next_marker(): junk until 0xFF, then fill bytes; FF 00 is stuffed data
             while i < n and data[i] != 0xFF:
@@ -51,24 +50,48 @@ def jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
             while i < n and data[i] == 0xFF:
                 i += 1
             if i >= n:
-                return None
+                return
             marker, i = data[i], i + 1
             if marker:
                 break
+        yield marker, i
+        if marker in (0xDA, 0xD8, 0xD9):
+            return
+        if marker in _PARAMETERLESS:
+            continue
+        if i + 2 > n:
+            return
+        i += max(struct.unpack_from(">H", data, i)[0], 2)  # the length counts its own two bytes
+
+
+def jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of the frame header, found as libjpeg finds it; None where libjpeg
+    refuses the file: no frame header before the scan, or two of them."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    size = None
+    for marker, i in _jpeg_header_markers(data):
         if marker in _SOF:
-            if size is not None or i + 7 > n:
+            if size is not None or i + 7 > len(data):
                 return None
             height, width = struct.unpack_from(">HH", data, i + 3)  # after length (2) and precision (1)
             size = width, height  # then skipped by its length, as any segment
         elif marker == 0xDA:  # the scan: the header is complete
             return size
-        elif marker in (0xD8, 0xD9):  # SOI again, or EOI, before the scan: libjpeg errors
-            return None
-        elif marker in _PARAMETERLESS:
-            continue
-        if i + 2 > n:
-            return None
-        i += max(struct.unpack_from(">H", data, i)[0], 2)  # the length counts its own two bytes
+    return None  # SOI again, or EOI, before the scan (libjpeg errors), or the data ended
+
+
+def jpeg_single_scan(data: bytes) -> bool:
+    """Whether libjpeg reads at most one scan of this JPEG: a sequential (not progressive) frame whose first scan
+    holds every component, after which libjpeg takes another scan for an error (``JERR_EOI_EXPECTED``, jdinput.c).
+    False where that is not certain."""
+    components = None
+    for marker, i in _jpeg_header_markers(data):
+        if marker in _SOF and i + 8 <= len(data):
+            components = None if marker in _PROGRESSIVE_SOF else data[i + 7]  # Nf, after the frame's size
+        elif marker == 0xDA:
+            return components is not None and i + 3 <= len(data) and data[i + 2] == components  # Ns == Nf
+    return False
 
 
 def png_size(data: bytes) -> tuple[int, int] | None:
