@@ -43,7 +43,7 @@ from lomar.train.run_state import (
     save_state,
 )
 from lomar.train.runtime import compile_model, default_threads, fast_adamw
-from lomar.train.schedule import lr_at, run_span, schedule_overrun, warmup_warning
+from lomar.train.schedule import lr_at, peak_lr, run_span, schedule_overrun, warmup_warning
 from lomar.train.task import EpochStream, Progress, SkippedFiles, Task, TrainingError, steadier
 from lomar.viz.curves import loss_summary
 
@@ -66,8 +66,7 @@ class _Run:
                              f"process(es)) cannot fill one step of {self.accum} batch(es) of {config.batch_size}; "
                              f"lower --batch-size or --accum-steps")
         self.schedule, self.min_lr = run_span(config, self.steps_per_epoch), getattr(config, "min_lr", 0.0)
-        lr = getattr(config, "lr", None)
-        self.base_lr = lr if lr is not None else config.blr * config.batch_size * self.accum * info.world_size / 256
+        self.base_lr = peak_lr(config, info.world_size)
         self.optimizer = fast_adamw(task.param_groups(), lr=self.base_lr, betas=task.betas,
                                     weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
