@@ -43,6 +43,10 @@ def demo_image_paths() -> list[Path]:
     return paths
 
 
+# Hidden sub-folders and thumbnail caches (.thumbnails, Synology's @eaDir, macOS zips' __MACOSX): copies, not photos
+_NOT_SEARCHED = (".", "@eaDir", "__MACOSX")
+
+
 def find_images(root: str | Path) -> list[Path]:
     """Image-named entries under ``root``, sorted (see the module docstring); a folder reached a second time
     through a link is skipped with a warning."""
@@ -52,7 +56,7 @@ def find_images(root: str | Path) -> list[Path]:
     seen = {(info.st_dev, info.st_ino) for info in map(os.stat, Path(root).resolve().parents)}
     loops = forks = 0
     unlisted: list[OSError] = []  # os.walk passes over a folder it cannot list (no permission) without a word
-    hidden: list[Path] = []  # thumbnail caches (.thumbnails, Synology's @eaDir, __MACOSX): copies, not photos
+    hidden: list[Path] = []  # sub-folders named _NOT_SEARCHED
     for folder, dirs, files in os.walk(root, followlinks=True, onerror=unlisted.append):
         info = os.stat(folder)
         if (info.st_dev, info.st_ino) in seen:
@@ -60,8 +64,8 @@ def find_images(root: str | Path) -> list[Path]:
             dirs[:] = []
             continue
         seen.add((info.st_dev, info.st_ino))
-        hidden += [Path(folder) / name for name in dirs if name.startswith((".", "@eaDir", "__MACOSX"))]
-        dirs[:] = sorted(name for name in dirs if not name.startswith((".", "@eaDir", "__MACOSX")))
+        hidden += [Path(folder) / name for name in dirs if name.startswith(_NOT_SEARCHED)]
+        dirs[:] = sorted(name for name in dirs if not name.startswith(_NOT_SEARCHED))
         forks += sum(name.startswith("._") and is_image_name(name[2:]) for name in files)  # see is_image_name
         found.extend(Path(folder) / name for name in files if is_image_name(name))  # dangling links land here
     if loops:
