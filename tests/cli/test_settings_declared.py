@@ -102,6 +102,18 @@ def test_accum_iter_is_a_deprecated_alias(tmp_path, capsys):
     assert yaml.safe_load(capsys.readouterr().out)["accum_steps"] == 2
 
 
+def test_one_command_line_giving_a_setting_under_two_spellings_is_refused(tmp_path, capsys):
+    for order in (("--accum-iter", "--accum-steps"), ("--accum-steps", "--accum-iter")):
+        args = ["pretrain", "--out", str(tmp_path / "r"), order[0], "2", order[1], "3", "--print-config"]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"{order[0]} and {order[1]} are one setting; give it once" in err, err
+    # the same spelling twice is argparse's usual "the later one wins"
+    assert main(["pretrain", "--out", str(tmp_path / "r"), "--accum-steps", "2", "--accum-steps", "3",
+                 "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["accum_steps"] == 3
+
+
 def test_a_config_file_giving_one_setting_under_two_spellings_is_refused(tmp_path, capsys):
     """The YAML reader refuses a key given twice, but max_steps and max-steps (or accum_iter and accum_steps) are
     two keys to it: the later one won without a word."""

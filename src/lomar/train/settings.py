@@ -229,6 +229,10 @@ class _Store(argparse.Action):
     deprecated spelling of the flag still works, with a one-line note naming the new one."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
+        # two spellings on one line: argparse would keep the later one without a word
+        spelled = namespace.__dict__.setdefault("_spelled", {})
+        if spelled.setdefault(self.dest, option_string) != option_string:
+            parser.error(f"{spelled[self.dest]} and {option_string} are one setting; give it once")
         if option_string not in (None, self.option_strings[0]):
             print(f"{parser.prog}: note: {option_string} is deprecated; use {self.option_strings[0]}", file=sys.stderr)
         setattr(namespace, self.dest, tuple(values) if isinstance(values, list) else values)
