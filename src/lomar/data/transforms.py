@@ -115,13 +115,15 @@ class PretrainTransform:
         return (height - h) // 2, (width - w) // 2, h, w
 
     def jitter_draw(self, gen: torch.Generator) -> tuple[tuple[str, float], ...]:
-        """ColorJitter's random order and factors (each uniform in [1 - j, 1 + j]); () when off."""
+        """ColorJitter's random order and factors (each uniform in [max(0, 1 - j), 1 + j]); () when off."""
         if not self.color_jitter:
             return ()
         order = torch.randperm(len(JITTER_OPS), generator=gen).tolist()
         u = torch.rand(len(JITTER_OPS), generator=gen).tolist()
         j = self.color_jitter
-        return tuple((JITTER_OPS[i], max(0.0, 1 - j + 2 * j * u[i])) for i in order)
+        # Above 1, torchvision draws in [0, 1 + j]; clipping a draw in [1 - j, 1 + j] at 0 instead gave factor 0
+        # (a black, grey or colourless image) to 1 draw in 6 at j = 1.5
+        return tuple((JITTER_OPS[i], 1 - j + 2 * j * u[i] if j <= 1 else (1 + j) * u[i]) for i in order)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (..., 3, h, w) -> float32, ImageNet-normalised, on the pixels' device."""

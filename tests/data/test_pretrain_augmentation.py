@@ -1,0 +1,29 @@
+"""The pretraining augmentation against the recipes (SPEC §4, BEIT_SPEC §4) and torchvision's own
+RandomResizedCrop and ColorJitter, whose draws ``PretrainTransform`` re-implements on a per-sample generator."""
+
+from __future__ import annotations
+
+import torchvision.transforms as T
+
+from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PretrainTransform, draw_sample, sample_generator
+
+
+def test_defaults_are_the_recipes_crop_flip_and_normalisation():
+    # RandomResizedCrop(size, scale (0.2, 1.0), ratio torchvision's (3/4, 4/3), bicubic), flip p 0.5, ImageNet mean/std
+    transform = PretrainTransform(32)
+    crop = T.RandomResizedCrop(32)
+    assert transform.scale == (0.2, 1.0) and transform.ratio == crop.ratio and transform.color_jitter == 0
+    assert IMAGENET_MEAN == (0.485, 0.456, 0.406) and IMAGENET_STD == (0.229, 0.224, 0.225)
+    flips = [draw_sample(transform, None, 40, 50, sample_generator(0, 0, i)).flip for i in range(400)]
+    assert 0.42 < sum(flips) / len(flips) < 0.58
+
+
+def test_jitter_factors_are_drawn_as_torchvision_draws_them():
+    # ColorJitter(j): each factor uniform in [max(0, 1 - j), 1 + j]; above j = 1 it never piles up at 0
+    for j in (0.4, 1.5):
+        transform = PretrainTransform(32, color_jitter=j)
+        low, high = T.ColorJitter(j, j, j).brightness
+        factors = [f for i in range(300) for _, f in transform.jitter_draw(sample_generator(0, 0, i))]
+        assert low <= min(factors) and max(factors) <= high
+        assert sum(f < low + (high - low) / 4 for f in factors) / len(factors) < 0.32, j  # a quarter of the range
+        assert not any(f == 0 for f in factors), j
