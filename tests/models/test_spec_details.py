@@ -112,3 +112,18 @@ def test_mae_defaults_are_vit_b_recipe():
     lomar = {name: p.default for name, p in inspect.signature(LoMaR.__init__).parameters.items()}
     assert (lomar["window_size"], lomar["num_windows"], lomar["mask_ratio"]) == (7, 4, 0.8)
     assert lomar["norm_pix_loss"] is True
+
+
+def test_mae_decays_its_tokens_and_leaves_its_fixed_position_tables_out():
+    # SPEC §4 (MAE's rule too): decay all but biases and 1-D parameters, so cls and mask tokens are decayed;
+    # the sin-cos tables are fixed in pretraining (§5) and not trained at all
+    from lomar.train.schedule import param_groups  # the optimizer's groups live in the training layer
+
+    model = MAE(ViTConfig(**TINY, pos="abs"), decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    no_decay, decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert {"encoder.cls_token", "mask_token", "encoder.patch_embed.proj.weight"} <= decayed
+    grouped = decayed | {names[id(p)] for p in no_decay["params"]}
+    assert not {"encoder.pos_embed", "decoder_pos_embed"} & grouped
+    assert not model.encoder.pos_embed.requires_grad and not model.decoder_pos_embed.requires_grad

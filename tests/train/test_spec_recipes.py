@@ -1,0 +1,37 @@
+"""What a run takes from the recipes, written out here independently: a pretraining run's model and optimizer
+(SPEC §1.6, §4), and `lomar finetune`'s defaults, the original finetuning recipe (SPEC §3, the published ViT-B
+command; not the script's defaults blr 1e-3, layer decay 0.75, 50 epochs, no mixup/cutmix)."""
+
+from __future__ import annotations
+
+import yaml
+
+from lomar.checkpoints.io import safe_load
+from lomar.cli.app import main
+from lomar.train.finetune import FinetuneTask
+
+SPEC_3 = dict(blr=5e-4, layer_decay=0.65, weight_decay=0.05, drop_path=0.1, mixup=0.8, cutmix=1.0, smoothing=0.1,
+              reprob=0.25, aa="rand-m9-mstd0.5-inc1", epochs=100, warmup_epochs=5, min_lr=1e-6, global_pool="avg",
+              crop_scale=[0.08, 1.0], accum_steps=1)
+
+
+def test_a_lomar_encoder_is_finetuned_with_the_original_recipe(pretrained, labelled_folder, tmp_path, capsys):
+    assert main(["finetune", "--pretrained", str(pretrained), "--data", str(labelled_folder), "--out",
+                 str(tmp_path / "ft"), "--print-config"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    for key, value in SPEC_3.items():
+        assert resolved[key] == value, key
+    assert "clip_grad" not in resolved and "lr" not in resolved  # no clipping; lr = blr x effective batch / 256
+    assert FinetuneTask.betas == (0.9, 0.999)  # AdamW with torch's default betas
+
+
+def test_a_lomar_pretraining_run_has_no_drop_path_and_the_recipes_optimizer(pretrained):
+    # SPEC §1.6: no dropout in pretraining; §4: AdamW (0.9, 0.95), wd 0.05 on all but biases and 1-D parameters
+    ckpt = safe_load(pretrained)
+    assert ckpt["model_spec"]["config"]["drop_path"] == 0.0
+    groups = ckpt["optimizer"]["param_groups"]
+    assert {g["betas"] for g in groups} == {(0.9, 0.95)} and {g["eps"] for g in groups} == {1e-8}
+    decay = {g["weight_decay"]: len(g["params"]) for g in groups}
+    state = ckpt["model"]
+    one_d = sum(v.ndim == 1 for k, v in state.items())  # the biases are 1-D too
+    assert decay == {0.0: one_d, 0.05: len(state) - one_d}
