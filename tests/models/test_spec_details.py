@@ -127,3 +127,23 @@ def test_mae_decays_its_tokens_and_leaves_its_fixed_position_tables_out():
     grouped = decayed | {names[id(p)] for p in no_decay["params"]}
     assert not {"encoder.pos_embed", "decoder_pos_embed"} & grouped
     assert not model.encoder.pos_embed.requires_grad and not model.decoder_pos_embed.requires_grad
+
+
+def test_beit_pretraining_builds_the_recipes_model():
+    # BEIT_SPEC §4: shared relative position bias, no absolute or per-block one, q/v biases, LN eps 1e-6,
+    # drop path 0.1 (linspace over the blocks), layer scale 0.1 (ViT-B and smaller; 1e-5 from ViT-L's width)
+    from types import SimpleNamespace
+
+    from lomar.methods.beit import build, layer_scale_init  # the method module sits above the models
+    from lomar.models.vit import model_config
+    from lomar.tokenizers import KMeansTokenizer
+
+    tokenizer = KMeansTokenizer(torch.randn(16, 3 * 8 * 8), patch=8, input_size=32)
+    config = SimpleNamespace(layer_scale_init=None, window_size=7, windows=0, mask_ratio=None, tokenizer="given")
+    model = build(config, model_config("vit_small_patch16", depth=3, img_size=64), tokenizer)
+    beit = model.beit.config
+    assert (beit.use_shared_rel_pos_bias, beit.use_rel_pos_bias, beit.use_abs_pos_emb) == (True, False, False)
+    assert beit.qkv_bias and beit.norm_eps == 1e-6 and beit.drop_path_rate == 0.1 and beit.vocab_size == 16
+    assert [round(block.drop_path.drop_prob, 6) for block in model.beit.blocks[1:]] == [0.05, 0.1]
+    assert all(torch.all(block.gamma_1 == 0.1) for block in model.beit.blocks)
+    assert layer_scale_init(768) == 0.1 and layer_scale_init(1024) == layer_scale_init(1280) == 1e-5
