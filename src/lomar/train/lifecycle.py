@@ -5,8 +5,9 @@ run folder (lock, ``--resume PATH|auto``, ``config.yaml``, metrics cut back on r
 checkpoints, stop signals (SIGTERM/SIGUSR1: checkpoint, exit 0; Ctrl-C: 130), the position (epoch,
 ``batches_done``, step), AdamW over ``task.param_groups()`` (a group's ``lr_scale`` scales its lr), warm-up +
 cosine, ``accum_steps`` (DDP ``no_sync`` between), autocast + GradScaler, ``clip_grad``, the non-finite
-loss stop, the start-up line, ``Monitor`` (metrics.jsonl, TensorBoard, progress), ``last.pt`` /
-``checkpoint-N.pt`` (with ``config.keep_last``) / ``best.pt`` (on ``task.best_metric``) and the final line.
+loss stop (before the update; non-finite weights are never saved), the start-up line, ``Monitor`` (metrics.jsonl,
+TensorBoard, progress), ``last.pt`` / ``checkpoint-N.pt`` (with ``config.keep_last``) / ``best.pt`` (on
+``task.best_metric``) and the final line.
 A resumed run skips the batches its checkpoint consumed of the (seed, epoch) data order: it continues exactly.
 Optional config fields: ``lr``, ``clip_grad``, ``compile``, ``compile_mode``, ``save_every`` (default 1), ``keep_last``.
 
@@ -44,7 +45,7 @@ from lomar.train.run_state import (
 )
 from lomar.train.runtime import compile_model, default_threads, fast_adamw
 from lomar.train.schedule import lr_at, peak_lr, run_span, schedule_overrun, warmup_warning
-from lomar.train.task import EpochStream, Progress, SkippedFiles, Task, TrainingError, steadier
+from lomar.train.task import EpochStream, Progress, SkippedFiles, Task, TrainingError, diverged, non_finite_weight
 from lomar.viz.curves import loss_summary
 
 __all__ = ["Task", "Progress", "TrainingError", "run"]
@@ -112,6 +113,9 @@ class _Run:
             except (ValueError, RuntimeError, KeyError) as exc:
                 raise UsageError(f"--resume {path} does not fit this run: {mismatch(exc)}; resume with the data and "
                                  f"--pretrained it started with, or start a new run with another --out") from None
+        if (bad := non_finite_weight(task.model, self.info.enabled)) is not None:  # saved before this check
+            raise UsageError(f"--resume {path}: its weight {bad} holds NaN or inf (saved after the run diverged); "
+                             f"resume from an earlier checkpoint-N.pt, or start a new run with another --out")
         if "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.p.step, self.p.epoch, self.p.batches_done = ckpt["step"], ckpt["epoch"], ckpt["batches_done"]
@@ -122,6 +126,9 @@ class _Run:
     def save(self, metrics: dict | None = None) -> Path | None:
         """``last.pt`` (+ ``checkpoint-N.pt`` with ``keep_last``; a sharded run: ``checkpoint-N.dcp``), and
         ``best.pt`` when ``metrics`` (a finished epoch's) hold the best ``best_metric`` so far. A collective."""
+        if (bad := non_finite_weight(self.task.model, self.info.enabled)) is not None:  # the good one is kept
+            raise diverged(f"weight {bad} holds NaN or inf after the update of step {self.p.step}, whose loss was "
+                           f"finite; not saved", self.out, self.cfg, self.precision)
         self.rngs = gather_rng_states(self.info, self.device)
         keep = getattr(self.cfg, "keep_last", None)
         if self.task.sharded:  # collective
@@ -258,6 +265,8 @@ class _Run:
         if totals[-1] == 0:
             self.optimizer.zero_grad(set_to_none=not self.keep_grads)
             return False
+        if not math.isfinite(value := totals[0] / totals[-1]):  # before the update: the weights stay as saved
+            raise diverged(f"loss is {value} at step {p.step + 1} (epoch {p.epoch})", self.out, cfg, self.precision)
         schedule = self.task.lr_schedule or lr_at
         lr = schedule(p.step, *self.schedule, self.base_lr, self.min_lr)
         for group in self.optimizer.param_groups:
@@ -269,12 +278,6 @@ class _Run:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=not self.keep_grads)
         p.step += 1
-        value = totals[0] / totals[-1]
-        if not math.isfinite(value):
-            last = self.out / "last.pt"
-            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-            raise TrainingError(f"loss is {value} at step {p.step} (epoch {p.epoch}); {kept}; "
-                                f"{steadier(cfg, self.precision)}")
         seen = learned * self.cfg.batch_size * self.info.world_size
         parts = {**{name: total / totals[-1] for name, total in zip(names, totals[1:-1])}, **self.task.step_info()}
         elapsed = max(time.perf_counter() - self.tick, 1e-9)

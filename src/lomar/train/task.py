@@ -38,12 +38,16 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker
+from lomar.train.run_state import newest_state
 
-__all__ = ["Task", "EpochStream", "Progress", "SkippedFiles", "TrainingError", "steadier"]
+__all__ = ["Task", "EpochStream", "Progress", "SkippedFiles", "TrainingError", "steadier", "non_finite_weight",
+           "diverged"]
 
 
 class TrainingError(RuntimeError):
@@ -141,6 +145,27 @@ def steadier(config, precision: str | None = None) -> str:
                                  if "clip_grad" in fields else []),
              *(["use --precision fp32"] if precision != "fp32" else [])]
     return f"{', '.join(fixes[:-1])} or {fixes[-1]}" if len(fixes) > 1 else fixes[0]
+
+
+def diverged(what: str, out: Path, config, precision: str | None) -> TrainingError:
+    """The error that stops a run whose loss or weights went non-finite: ``what``, the checkpoint kept, the fix."""
+    last = newest_state(Path(out))
+    kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+    return TrainingError(f"{what}; {kept}; {steadier(config, precision)}")
+
+
+def non_finite_weight(model: torch.nn.Module, distributed: bool = False) -> str | None:
+    """The name of a parameter of ``model`` that holds NaN or inf, None when none does; ``distributed``: a
+    collective, any process's (a sharded model's shard: its local part) counts. One host read."""
+    named = [(name, p.to_local() if hasattr(p, "to_local") else p) for name, p in model.named_parameters()]
+    finite = torch.stack([torch.isfinite(value).all() for _, value in named]).float()
+    bad = (finite.numel() - finite.sum()).reshape(1)
+    if distributed:
+        dist.all_reduce(bad)
+    *flags, count = torch.cat([finite, bad]).tolist()
+    if not count:
+        return None
+    return next((name for (name, _), ok in zip(named, flags) if not ok), "a weight of another process's shard")
 
 
 class SkippedFiles:
