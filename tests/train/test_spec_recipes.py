@@ -4,8 +4,10 @@ command; not the script's defaults blr 1e-3, layer decay 0.75, 50 epochs, no mix
 
 from __future__ import annotations
 
+import torch
 import yaml
 
+from helpers import pretrain
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
 from lomar.train.finetune import FinetuneTask
@@ -35,3 +37,19 @@ def test_a_lomar_pretraining_run_has_no_drop_path_and_the_recipes_optimizer(pret
     state = ckpt["model"]
     one_d = sum(v.ndim == 1 for k, v in state.items())  # the biases are 1-D too
     assert decay == {0.0: one_d, 0.05: len(state) - one_d}
+
+
+def test_beit_clips_at_3_with_betas_0_9_0_999_and_lomar_does_not_clip(image_dir, tmp_path, monkeypatch):
+    # BEIT_SPEC §4: AdamW (0.9, 0.999), gradient norm clipped to 3.0; SPEC §4: LoMaR never clips
+    clipped = []
+    original = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm, *a, **k: (
+        clipped.append(max_norm), original(params, max_norm, *a, **k))[1])
+    assert pretrain("--data", str(image_dir), "--out", str(tmp_path / "beit"), "--method", "beit",
+                    "--max-steps", "2") == 0
+    assert clipped == [3.0, 3.0]
+    groups = safe_load(tmp_path / "beit" / "last.pt")["optimizer"]["param_groups"]
+    assert {g["betas"] for g in groups} == {(0.9, 0.999)}
+    clipped.clear()
+    assert pretrain("--data", str(image_dir), "--out", str(tmp_path / "lomar"), "--max-steps", "1") == 0
+    assert clipped == []
