@@ -4,6 +4,7 @@ command; not the script's defaults blr 1e-3, layer decay 0.75, 50 epochs, no mix
 
 from __future__ import annotations
 
+import pytest
 import torch
 import yaml
 
@@ -53,3 +54,13 @@ def test_beit_clips_at_3_with_betas_0_9_0_999_and_lomar_does_not_clip(image_dir,
     clipped.clear()
     assert pretrain("--data", str(image_dir), "--out", str(tmp_path / "lomar"), "--max-steps", "1") == 0
     assert clipped == []
+
+
+def test_finetuning_drops_paths_at_rates_rising_to_0_1_over_the_blocks(pretrained):
+    # SPEC §3: drop path 0.1, as MAE's finetuning builds it: linspace(0, 0.1, depth), the first block none
+    from lomar.eval.features import load_pretrained_encoder  # the downstream loader sits beside the training layer
+
+    model = load_pretrained_encoder(pretrained, num_classes=3, drop_path=0.1)
+    rates = [getattr(block.drop_path, "drop_prob", 0.0) for block in model.blocks]
+    assert rates == pytest.approx(torch.linspace(0, 0.1, len(model.blocks)).tolist())
+    assert isinstance(model.blocks[0].drop_path, torch.nn.Identity)
