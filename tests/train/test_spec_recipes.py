@@ -64,3 +64,27 @@ def test_finetuning_drops_paths_at_rates_rising_to_0_1_over_the_blocks(pretraine
     rates = [getattr(block.drop_path, "drop_prob", 0.0) for block in model.blocks]
     assert rates == pytest.approx(torch.linspace(0, 0.1, len(model.blocks)).tolist())
     assert isinstance(model.blocks[0].drop_path, torch.nn.Identity)
+
+
+def _scales(groups: list[dict], model) -> dict[str, float]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+
+
+def test_a_cls_pooling_beit_classifier_trains_its_final_norm_at_the_top_layers_lr():
+    # BEiT's (and MAE's) layer ids put every parameter outside the stem and the blocks in the top layer; timm's Beit
+    # matcher joins the final norm to the last block. BEiT's groups (the default) follow BEiT; timm's (as runs saved
+    # before 2026-12-05 resume) keep timm's grouping
+    from types import SimpleNamespace
+
+    from timm.models.beit import Beit
+
+    model = Beit(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=3, global_pool="token",
+                 use_rel_pos_bias=True, init_values=0.1)
+    config = SimpleNamespace(decay_rel_pos_bias=True, weight_decay=0.05, layer_decay=0.5)
+    scale = _scales(FinetuneTask.param_groups(SimpleNamespace(model=model, config=config)), model)
+    assert scale["norm.weight"] == scale["norm.bias"] == scale["head.weight"] == 1.0
+    assert scale["blocks.2.attn.qkv.weight"] == 0.5 and scale["blocks.0.attn.qkv.weight"] == 0.5 ** 3
+    assert scale["cls_token"] == scale["patch_embed.proj.weight"] == 0.5 ** 4
+    timm_groups = SimpleNamespace(model=model, config=SimpleNamespace(**{**vars(config), "decay_rel_pos_bias": False}))
+    assert _scales(FinetuneTask.param_groups(timm_groups), model)["norm.weight"] == 0.5

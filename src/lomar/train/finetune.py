@@ -65,6 +65,17 @@ def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
     return train, val, train_set.classes
 
 
+class _BEiTLayers:
+    """A timm ``Beit`` grouped as BEiT's ``get_num_layer_for_vit``: stem, blocks, and all else (the final norm too)
+    the top layer; timm's matcher joins ``norm`` to the last block."""
+
+    def __init__(self, model: Beit):
+        self.model, self.named_parameters = model, model.named_parameters
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return {**self.model.group_matcher(coarse), "blocks": r"^blocks\.(\d+)"}
+
+
 class FinetuneTask(Task):
     """The classifier on a pretrained encoder, the recipe's augmentation and loss, top-1/top-5 on val."""
 
@@ -98,10 +109,12 @@ class FinetuneTask(Task):
 
     def param_groups(self) -> list[dict]:
         """timm's layer-wise lr decay groups; each carries the ``lr_scale`` the lifecycle applies. BEiT's finetuning
-        decays the relative position tables, which timm's ``Beit.no_weight_decay`` exempts."""
+        decays the relative position tables, which timm's ``Beit.no_weight_decay`` exempts, and trains a cls-pooling
+        model's final norm at the top layer's lr, where timm's ``Beit.group_matcher`` gives it the last block's."""
         beit = isinstance(self.model, Beit) and self.config.decay_rel_pos_bias
         skip = {"pos_embed", "cls_token"} if beit else self.model.no_weight_decay()
-        return param_groups_layer_decay(self.model, self.config.weight_decay, skip, layer_decay=self.config.layer_decay)
+        layers = _BEiTLayers(self.model) if beit else self.model
+        return param_groups_layer_decay(layers, self.config.weight_decay, skip, layer_decay=self.config.layer_decay)
 
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters()) / 1e6

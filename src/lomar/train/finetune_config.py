@@ -45,9 +45,10 @@ class FinetuneConfig(TaskConfig):
     drop_path: float = S.DROP_PATH.field()
     grad_checkpointing: bool = S.GRAD_CHECKPOINTING.field()
     train_pos_embed: bool = S.TRAIN_POS_EMBED.field()
-    decay_rel_pos_bias: bool = S.setting(True, "decay a BEiT encoder's relative position tables, as BEiT's finetuning "
-                                               "does; --no-decay-rel-pos-bias exempts them (timm's choice, and runs "
-                                               "of lomar before 2026-12-05)")
+    decay_rel_pos_bias: bool = S.setting(True, "BEiT's finetuning groups for a BEiT encoder: its relative position "
+                                               "tables decayed, a cls-pooling model's final norm at the top layer's "
+                                               "lr; --no-decay-rel-pos-bias gives timm's (tables exempt, that norm at "
+                                               "the last block's lr), as runs of lomar before 2026-12-05")
     # ViTDet's attention window, not LoMaR's K (pretrain --window-size): the flag predates the split
     window_size: int | None = S.setting(
         None, "ViTDet-style blocks at high resolution: attend inside N x N patch windows (iRPE inside each) except in "
