@@ -147,3 +147,22 @@ def test_beit_pretraining_builds_the_recipes_model():
     assert [round(block.drop_path.drop_prob, 6) for block in model.beit.blocks[1:]] == [0.05, 0.1]
     assert all(torch.all(block.gamma_1 == 0.1) for block in model.beit.blocks)
     assert layer_scale_init(768) == 0.1 and layer_scale_init(1024) == layer_scale_init(1280) == 1e-5
+
+
+@pytest.mark.parametrize("grid", [(5, 31), (31, 5), (2, 2)])
+def test_irpe_buckets_follow_the_specs_integer_map_on_any_grid(grid):
+    # SPEC §2: f(x) = 0, ±1, ±2 for |x| in 2..3, ±3 from 4 on; bucket = (f(dy)+3)*7 + (f(dx)+3), 49 for cls pairs
+    # (the golden vectors cover square 7x7 and 14x14 grids only: offsets up to 13, one axis length)
+    from lomar.models.rpe import bucket_rows, bucket_table, offset_buckets
+
+    def f(x: int) -> int:
+        return 0 if x == 0 else (1 if abs(x) == 1 else 2 if abs(x) <= 3 else 3) * (1 if x > 0 else -1)
+
+    height, width = grid
+    cells = [(y, x) for y in range(height) for x in range(width)]
+    expected = torch.full((len(cells) + 1, len(cells) + 1), 49, dtype=torch.long)
+    for i, (yi, xi) in enumerate(cells, start=1):
+        for j, (yj, xj) in enumerate(cells, start=1):
+            expected[i, j] = (f(yi - yj) + 3) * 7 + (f(xi - xj) + 3)
+    assert torch.equal(bucket_table(grid), expected)
+    assert torch.equal(bucket_rows(offset_buckets(grid), grid, 3, len(cells) + 1), expected[3:])
