@@ -96,6 +96,27 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_no_temporary(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000001.pt", "last.pt"]
 
 
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_a_folder_gone_unwritable_mid_run_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch, code):
+    # a file system remounted read-only, or a folder whose permissions changed: the traceback-free line said
+    # "choose a writable location" (exit 2, as for a bad flag), not that last.pt is intact and how to go on
+    from lomar.checkpoints import io
+
+    save_checkpoint(_state(1), tmp_path, step=1, keep_last=2)
+
+    def refused(path, *args, **kwargs):
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(io, "open", refused, raising=False)
+    with pytest.raises(SaveError) as info:
+        save_checkpoint(_state(2), tmp_path, step=2, keep_last=2)
+    monkeypatch.undo()
+    assert str(info.value) == (f"cannot write {tmp_path / 'checkpoint-000002.pt'} ({os.strerror(code)}); "
+                               f"{tmp_path / 'last.pt'} is intact; make {tmp_path} writable and resume with "
+                               f"--resume auto")
+    assert info.value.errno == code and safe_load(tmp_path / "last.pt")["step"] == 1
+
+
 def test_a_disk_filled_by_the_step_checkpoint_names_it_as_the_intact_state(tmp_path, monkeypatch):
     """The first save of a run writes checkpoint-N.pt, then last.pt: if only the first fits, the
     state is safe in it, and the message says so (not "no earlier checkpoint")."""

@@ -35,8 +35,7 @@ from lomar.values import is_integer
 __all__ = ["RunLock", "SaveError", "save_state", "checkpoints_to_prune", "save_checkpoint", "save_on_main_rank",
            "truncate_metrics", "remove_stale_temporaries", "find_resume_checkpoint", "auto_resume", "checkpoint_step",
            "check_no_rewind", "holds_run", "remove_newer_checkpoints", "check_out_folder", "read_meta",
-           "LAST_POINTER", "newest_state", "refuse_held_run",
-           "prepare_run_folder", "mismatch"]
+           "LAST_POINTER", "newest_state", "refuse_held_run", "prepare_run_folder", "mismatch"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.(pt|dcp)$")  # .dcp: a sharded checkpoint folder
 _SHARDED_TMP = re.compile(r"^checkpoint-\d+\.dcp\.tmp$")  # a sharded save cut before its rename
@@ -71,22 +70,23 @@ def checkpoints_to_prune(paths: list[Path], keep: int) -> list[Path]:
 
 
 def save_state(state: dict, path: Path, previous: Path) -> None:
-    """``atomic_save``, with a full disk reported as SaveError naming ``previous`` (the state kept)."""
+    """``atomic_save``; a full disk or a folder gone unwritable is a SaveError naming ``previous`` (the state kept)."""
     try:
         atomic_save(state, path)
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not full and exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise
         kept = f"{previous} is intact" if previous.exists() else "no earlier checkpoint exists"
-        error = SaveError(f"no space left on the device to write {path}; {kept}; free space and "
-                          f"resume with --resume auto")
+        what, fix = ((f"no space left on the device to write {path}", "free space") if full else
+                     (f"cannot write {path} ({exc.strerror})", f"make {path.parent} writable"))
+        error = SaveError(f"{what}; {kept}; {fix} and resume with --resume auto")
         error.errno = exc.errno
         raise error from None
 
 
 def save_checkpoint(state: dict, out: Path, step: int | None = None, keep_last: int = 0) -> Path:
-    """Write ``last.pt`` (and ``checkpoint-<step>.pt`` when ``step`` is given, pruned to
-    ``keep_last``), each atomically. A full disk raises SaveError and leaves no temporary file."""
+    """Write ``last.pt`` (+ ``checkpoint-<step>.pt`` given ``step``, pruned to ``keep_last``), each atomically."""
     last = out / "last.pt"
     if step is not None:
         path = out / f"checkpoint-{step:06d}.pt"
