@@ -376,6 +376,7 @@ def test_sigusr1_outside_training_unwinds_as_sigterm_does(monkeypatch, capsys):
     finally:
         signal.signal(signal.SIGUSR1, before)
     assert code == 128 + signal.SIGUSR1 and capsys.readouterr().err == "lomar export: terminated (SIGUSR1)\n"
+    assert f"{code} SIGUSR1" in app.EXIT_CODES  # lomar --help lists it
 
 
 def test_a_rank_whose_peer_died_says_so_in_one_line(monkeypatch, capsys):

@@ -45,8 +45,8 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("tokenizer", "lomar.cli.tokenizer", "BEiT visual tokenizers: fit a k-means one on images, convert a dVAE"),
 ]
 EXIT_CODES = ("exit codes: 0 done; 1 the work failed (e.g. a full disk: free space and rerun); "
-              "2 a bad flag, input or output path (nothing was computed); 130 interrupted; 143 SIGTERM outside a "
-              "training loop (which checkpoints on it and exits 0)")
+              "2 a bad flag, input or output path (nothing was computed); 130 interrupted; 143 SIGTERM and 138 "
+              "SIGUSR1 outside a training loop (which checkpoints on them and exits 0)")
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
