@@ -88,6 +88,19 @@ def test_bench_smoke_writes_json_and_plot(tmp_path, capsys):
     assert "GEMM ceiling" in table and "(the faster of torch.mm " in table and "MAE / LoMaR" in table
 
 
+def test_table_legend_does_not_call_the_rule_s_counts_the_paper_s():
+    import io
+
+    from lomar.bench.report import print_table
+
+    rec = dict(method="lomar", img_size=672, windows=paper_windows(672), window_setting="paper", step_s=1.0,
+               images_per_s=4.0, flops=1e9, achieved_flops=1e9, mfu=0.5, peak_mem_bytes=0, base_size=672,
+               peak_mem_kind="cpu_rss_growth")
+    out = io.StringIO()
+    print_table([rec], [], 2e9, out)
+    assert " 20p " in out.getvalue() and "else pretrain's auto rule" in out.getvalue()  # 672 px: no paper count
+
+
 @pytest.mark.parametrize("flags", [["--windows", "50", "--sizes", "128"], ["--sizes", "100"],
                                    ["--model", "vit_nope_patch16"]])
 def test_bench_rejects_bad_flags(flags, capsys):

@@ -92,7 +92,8 @@ def print_table(records: list[dict], comparisons: list[dict], ceiling: float, st
           f"{r['flops'] / 1e9:>8.1f} {r['achieved_flops'] / 1e9:>8.1f} {r['mfu']:>5.0%} {rel:>8} {mem:>10}\n")
     if records:
         kind = records[0]["peak_mem_kind"]
-        w(f"win: windows per image, p = paper setting; vs base: time / own {records[0]['base_size']}px time; "
+        w("win: windows per image, p = --windows paper (the paper's count where it gives one, else pretrain's "
+          f"auto rule); vs base: time / own {records[0]['base_size']}px time; "
           f"peak mem: {'max allocated' if kind == 'cuda_max_allocated' else 'RSS growth during a step (CPU)'}\n")
     if comparisons:
         w("\nMAE / LoMaR per size\n")
