@@ -1,4 +1,5 @@
-"""The Python examples of README.md and docs/dense.md run as written, and give the shapes their comments state.
+"""The Python examples of README.md and docs/dense.md run as written, and give the shapes their comments state;
+every `lomar` command line of the documents names flags and choices its command has.
 
 Each block is read from the document itself, so an edit that breaks an example fails here. Only sizes are
 shrunk, where the code path stays the same: ViT-Ti for ViT-B in the README, a 256 px input for the dense
@@ -7,13 +8,16 @@ page's 1024 px (its stated shapes are checked divided by 4).
 
 from __future__ import annotations
 
+import argparse
 import ast
 import re
+import shlex
 from pathlib import Path
 
 import torch
 
 import lomar
+from lomar.cli.app import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,3 +55,55 @@ def test_dense_page_backbone_example_gives_the_stated_pyramid() -> None:
     strides = ns["backbone"].output_shape()
     assert strides["p2"] == {"channels": 256, "stride": 4}
     assert [s["stride"] for s in strides.values()] == [4, 8, 16, 32, 64]
+
+
+DOCS = ("README.md", "docs/dense.md", "docs/multinode.md", "benchmarks/README.md")
+
+
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def doc_command_lines(doc: str, names: set[str]) -> list[str]:
+    """`lomar CMD ...` as written in the document's code blocks (continuation lines joined) and inline code."""
+    text = (ROOT / doc).read_text()
+    found = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            found += re.findall(r"(?:^|\s)(lomar [a-z][^#'|]*)", line)
+    found += re.findall(r"`(lomar [a-z][^`]*)`", re.sub(r"\s*\n\s*", " ", text))
+    return [c for c in found if c.split()[1] in names]
+
+
+def flag_problems(command: str, parser: argparse.ArgumentParser) -> list[str]:
+    """Flags the command does not have, and values outside a flag's choices (placeholders such as DIR skipped)."""
+    tokens = shlex.split(re.sub(r"\[|\]|…|\.\.\.", " ", command))[1:]
+    sub, rest = _commands(parser)[tokens[0]], tokens[1:]
+    nested = [a.choices for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+    if nested and rest and rest[0] in nested[0]:  # lomar tokenizer fit ...
+        sub, rest = nested[0][rest[0]], rest[1:]
+    options = {s: a for a in sub._actions for s in a.option_strings}
+    problems = []
+    for i, token in enumerate(rest):
+        action = options.get(token.split("=")[0]) if token.startswith("--") else None
+        if token.startswith("--") and action is None:
+            problems.append(f"{token}: no such flag")
+        for value in rest[i + 1:] if action is not None and action.choices else ():
+            if value.startswith("-") or not re.fullmatch(r"[a-z0-9][a-z0-9_+-]*", value):
+                break
+            if value not in action.choices:
+                problems.append(f"{token} {value}: not a choice")
+            if action.nargs not in ("+", "*"):
+                break
+    return problems
+
+
+def test_every_documented_command_line_uses_flags_and_choices_its_command_has():
+    parser = build_parser()
+    names = set(_commands(parser))
+    lines = {doc: doc_command_lines(doc, names) for doc in DOCS}
+    assert all(len(found) >= 5 for found in lines.values()), {doc: len(found) for doc, found in lines.items()}
+    bad = {line: p for found in lines.values() for line in found if (p := flag_problems(line, parser))}
+    assert not bad, bad
+    assert flag_problems("lomar bench --methods lomar mea --precision bf32 --accum-iters 2", parser) == [
+        "--methods mea: not a choice", "--precision bf32: not a choice", "--accum-iters: no such flag"]
