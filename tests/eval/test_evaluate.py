@@ -208,6 +208,22 @@ def test_knn_and_linprobe_commands(pretrained, folder, tmp_path, capsys):
     assert "linear.weight" in safe_load(tmp_path / "p.pt")["probe"]
 
 
+def test_a_linear_probe_that_diverges_is_an_error_naming_the_flag_not_a_score(pretrained, tmp_path, capsys):
+    # NaN logits still gave an argmax: the run printed a top-1 (the share of class 0) and exited 0
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):  # classes of the same noise: no probe separates them, LARS's steps grow on
+        for label in ("a", "b"):
+            (tmp_path / split / label).mkdir(parents=True)
+            for i in range(4):
+                noise = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(noise).save(tmp_path / split / label / f"{i}.png")
+    common = ["--data", str(tmp_path), "--img-size", "32", "--workers", "0", "--device", "cpu", "--epochs", "20",
+              "--probe-batch-size", "4", "--protocol", "mae", "--warmup-epochs", "0"]
+    assert main(["linprobe", str(pretrained), *common, "--blr", "1e37"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == ("lomar linprobe: error: the linear probe diverged: its weights "
+                                                        "hold NaN or inf after 20 epochs; lower --blr (now 1e+37)")
+
+
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_knn_takes_train_or_val_in_place_of_the_data_roots_split(pretrained, folder, tmp_path, split, capsys):
     other = tmp_path / split

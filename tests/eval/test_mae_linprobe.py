@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lomar.eval.linear_probe import LARS, train_linear_probe, train_mae_linear_probe
@@ -29,3 +30,10 @@ def test_mae_protocol_learns_separable_features_like_the_default():
     _, mae = train_mae_linear_probe(x[:240], y[:240], x[240:], y[240:], epochs=30, batch_size=64, blr=25.6)
     _, adamw = train_linear_probe(x[:240], y[:240], x[240:], y[240:], epochs=30, batch_size=64)
     assert mae > 0.9 and adamw > 0.9
+
+
+def test_a_probe_that_diverges_is_an_error_not_a_score():
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(16) % 2
+    with pytest.raises(ValueError, match=r"^the linear probe diverged: .* after 3 epochs; lower blr \(now 1e\+10\)$"):
+        train_mae_linear_probe(x, y, x, y, epochs=3, batch_size=4, blr=1e10, warmup_epochs=0)

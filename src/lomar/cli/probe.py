@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 import sys
 from pathlib import Path
 
@@ -173,8 +174,8 @@ def linprobe_run(args: argparse.Namespace) -> int:
     train_y, val_y = features[1], features[3]
     try:
         probe, top1 = fit_linprobe(args, features)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    except ValueError as exc:  # the library's "lower blr (now 100)" is the flag's
+        raise UsageError(re.sub(r"lower (b?lr) \(", r"lower --\1 (", str(exc))) from None
     print(f"linear probe ({args.protocol} protocol, {args.pool} features, {args.epochs} epochs) top-1: "
           f"{100 * top1:.2f}% ({len(val_y)} val / {len(train_y)} train images)")
     if args.save:

@@ -41,13 +41,14 @@ def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torc
     total = epochs * max(1, train_x.shape[0] // batch_size)
     return _fit(train_x, train_y, val_x, val_y, epochs, batch_size, seed,
                 lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay),
-                lambda step, t: lr * 0.5 * (1 + math.cos(math.pi * step / total)))
+                lambda step, t: lr * 0.5 * (1 + math.cos(math.pi * step / total)), f"lr (now {lr:g})")
 
 
 def _fit(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, epochs: int,
-         batch_size: int, seed: int, make_opt, lr_at) -> tuple[LinearProbe, float]:
+         batch_size: int, seed: int, make_opt, lr_at, rate: str) -> tuple[LinearProbe, float]:
     """Train a fresh probe with ``make_opt(params)``, setting ``lr_at(step, fractional epoch)`` before each
-    step; returns (probe, val top-1 in [0, 1])."""
+    step; returns (probe, val top-1 in [0, 1]). ValueError naming ``rate`` (the setting to lower) when the
+    probe diverged: its NaN logits would score a top-1 all the same."""
     if train_x.shape[0] < 2:
         raise ValueError("the linear probe needs at least 2 training images (BatchNorm statistics)")
     gen = torch.Generator().manual_seed(seed)
@@ -67,6 +68,8 @@ def _fit(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    if not all(bool(torch.isfinite(value).all()) for value in probe.state_dict().values() if value.is_floating_point()):
+        raise ValueError(f"the linear probe diverged: its weights hold NaN or inf after {epochs} epochs; lower {rate}")
     probe.eval()
     with torch.no_grad():
         accuracy = float((probe(val_x).argmax(1) == val_y).float().mean())
@@ -124,4 +127,4 @@ def train_mae_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: 
         return lr * 0.5 * (1 + math.cos(math.pi * (t - warmup_epochs) / max(1e-12, epochs - warmup_epochs)))
 
     return _fit(train_x, train_y, val_x, val_y, epochs, batch_size, seed,
-                lambda params: LARS(params, lr=lr, weight_decay=0.0), lr_at)
+                lambda params: LARS(params, lr=lr, weight_decay=0.0), lr_at, f"blr (now {blr:g})")
