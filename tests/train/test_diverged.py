@@ -1,7 +1,11 @@
-"""A run that diverges (the lifecycle's toy Task): a non-finite loss stops it before the update, weights gone
-non-finite are never saved over the last good checkpoint, and such a checkpoint is not resumed."""
+"""Numerics of the lifecycle (its toy Task): a non-finite loss stops the run before the update, weights gone
+non-finite are never saved over the last good checkpoint nor resumed, clipping bounds the whole accumulated
+unscaled gradient, and each step's record holds its micro-batches' mean loss and the lr it applied."""
 
 from __future__ import annotations
+
+import dataclasses
+import json
 
 import pytest
 import torch
@@ -55,3 +59,58 @@ def test_a_checkpoint_with_non_finite_weights_is_not_resumed(tmp_path):
     torch.save(state, out / "last.pt")
     with pytest.raises(UsageError, match=r"last\.pt: its weight weight holds NaN or inf .*earlier checkpoint"):
         run(ToyConfig(out=str(out), resume="auto"), ToyTask)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_clipping_bounds_the_whole_accumulated_unscaled_gradient(tmp_path, precision):
+    # clipped per micro-batch, or before fp16's loss scale is taken out, the gradient the optimizer
+    # applies would not have the norm --clip-grad names
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    @dataclasses.dataclass
+    class Clipped(ToyConfig):
+        clip_grad: float | None = 0.01
+
+    def applied(optimizer, *_):  # the fused AdamW takes the loss scale and the overflow flag from the GradScaler
+        grads = [p.grad.flatten() for group in optimizer.param_groups for p in group["params"]]
+        norm = torch.linalg.vector_norm(torch.cat(grads))
+        scale, skipped = getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
+        if skipped is None or not float(skipped):  # fp16: a step whose scaled gradient overflowed is skipped
+            norms.append(float(norm / (1.0 if scale is None else scale)))
+
+    norms = []
+    hook = register_optimizer_step_pre_hook(applied)
+    try:
+        assert run(Clipped(out=str(tmp_path / "run"), precision=precision, epochs=1), ToyTask) == 0  # accum 2
+    finally:
+        hook.remove()
+    assert len(norms) >= 2 and norms == pytest.approx([0.01] * len(norms), rel=1e-3)
+    last = safe_load(tmp_path / "run" / "last.pt")
+    assert _finite(last["model"]) and (precision == "fp32" or last["scaler"]["scale"] < 2.0 ** 16)
+
+
+def test_each_steps_record_holds_the_mean_of_its_micro_batches_and_the_lr_it_applied(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lomar.train.schedule import lr_at
+
+    micro = []
+
+    class Recording(ToyTask):
+        def loss(self, batch):
+            loss = super().loss(batch)
+            micro.append(float(loss.detach()))
+            return loss
+
+    out = tmp_path / "run"  # 32 points, batch 4 x accum 2: 4 steps an epoch, 12 in all, warm-up 4 steps
+    assert run(ToyConfig(out=str(out), blr=0.5), Recording) == 0
+    records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert [r["loss"] for r in records] == pytest.approx([(a + b) / 2 for a, b in zip(micro[::2], micro[1::2])])
+    peak = 0.5 * 4 * 2 / 256
+    assert [r["lr"] for r in records] == pytest.approx([lr_at(s, 12, 4, peak) for s in range(12)])
+    scalars = EventAccumulator(str(out / "tb")).Reload().Scalars
+    for key in ("loss", "lr"):  # TensorBoard keeps float32
+        events = scalars(f"train/{key}")
+        assert [e.step for e in events] == list(range(1, 13))
+        assert [e.value for e in events] == pytest.approx([r[key] for r in records], rel=1e-6)
