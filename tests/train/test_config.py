@@ -278,3 +278,44 @@ def test_detect_finds_a_coco_layouts_images_when_none_are_given(tmp_path, layout
     config = DetectConfig(val_ann=str(ann), val_images=str(tmp_path))
     config.complete({"val_images": str(tmp_path)})
     assert config.val_images == str(tmp_path)  # a given folder is kept
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "lomar", "--decoder-depth", "4"], "--decoder-depth 4 is for --method mae only (got --method lomar)"),
+    (["--method", "beit", "--decoder-embed-dim", "64"], "--decoder-embed-dim 64 is for --method mae only"),
+    (["--method", "beit", "--no-norm-pix-loss"], "--no-norm-pix-loss is for --method lomar and mae only"),
+    (["--method", "mae", "--layer-scale-init", "0.1"], "--layer-scale-init 0.1 is for --method beit only"),
+])
+def test_a_setting_the_run_would_not_read_is_refused(tmp_path, capsys, flags, message):
+    """Each used to run, ignored without a word (MAE's decoder under LoMaR, say)."""
+    assert _resolve(tmp_path, *flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and "drop it" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("flags, method", [(["--method", "mae", "--window-size", "5"], "mae"),
+                                           (["--windows", "global", "--window-size", "5"], "lomar")])
+def test_a_window_size_without_windows_is_noted(tmp_path, capsys, flags, method):
+    """A sweep over --windows keeps its window size: noted (once the settings are valid), not refused."""
+    assert _resolve(tmp_path, *flags) == 0
+    assert capsys.readouterr().err == (f"lomar pretrain: note: --window-size 5 is unused: this --method {method} run "
+                                       f"has no windows (--windows 0: the whole image)\n")
+    assert _resolve(tmp_path, *flags, "--crop-scale", "0.9", "0.1") == 2
+    assert capsys.readouterr().err.count("\n") == 1  # an invalid run gets its one-line error alone
+
+
+@pytest.mark.parametrize("flags", [["--method", "mae", "--decoder-depth", "4"],
+                                   ["--method", "lomar", "--no-norm-pix-loss"],
+                                   ["--method", "mae", "--window-size", "5", "--windows", "4"],
+                                   ["--method", "beit", "--decoder-depth", "8"]])  # its default, as config.yaml has
+def test_settings_the_run_reads_are_accepted(tmp_path, capsys, flags):
+    assert _resolve(tmp_path, *flags) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_a_runs_own_config_yaml_passes_the_unread_settings_check(tmp_path, capsys):
+    for method in ("lomar", "mae", "beit"):
+        assert _resolve(tmp_path, "--method", method) == 0
+        config = _yaml(tmp_path, capsys.readouterr().out)
+        assert main(["pretrain", "--config", config, "--out", str(tmp_path / method), "--print-config"]) == 0, method
+        capsys.readouterr()

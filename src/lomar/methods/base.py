@@ -61,6 +61,9 @@ class Method:
     # method, under the YAML file and the flags; ``recipe_source`` says where the values come from.
     recipe: Mapping[str, Any] = field(default_factory=lambda: dict(MAE_RECIPE))
     recipe_source: str = MAE_RECIPE_SOURCE
+    # The settings that only some methods read (a decoder's, a tokenizer's) which this one reads; a new run of
+    # another method refuses them at other than their default (lomar.train.config_checks).
+    reads: tuple[str, ...] = ()
     # lr(step, total, warm-up, base lr, min lr) as the paper's code schedules it; None: MAE's (lomar.train.schedule)
     lr_schedule: Callable[..., float] | None = None
 

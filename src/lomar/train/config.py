@@ -10,8 +10,6 @@ A resumed run (``--resume``) starts from its saved config instead, and only run-
 from __future__ import annotations
 
 import dataclasses
-import glob
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +18,7 @@ import yaml
 
 from lomar.methods import get_method, names
 from lomar.train import settings as S
+from lomar.train.config_checks import check_data, check_decode, check_fsdp, check_method_settings, parse_share
 from lomar.train.settings import ConfigError
 from lomar.train.settings_resume import TaskConfig, check_warmup
 from lomar.windows import WINDOWS_RULE, paper_windows, parse_windows, windows_source
@@ -118,7 +117,7 @@ class PretrainConfig(TaskConfig):
         "auto", "--decode gpu: share of the photos the loader workers decode themselves (at reduced size, as "
         "--decode draft) beside the device's decoder, 0-1; auto = balanced after every batch from the measured "
         "cost of both (0 without --workers)", kind=float, low=0, high=1,
-        parse=lambda text: _share(text), resume="run-control")
+        parse=parse_share, resume="run-control")
     gpu_decoder: str = S.setting(
         "torchvision", "--decode gpu: the device's JPEG decoder: torchvision (batched nvjpeg) or nvimgcodec (the "
         "GPU's hardware JPEG engines, not its streaming multiprocessors; pip install nvidia-nvimgcodec-cu13 "
@@ -177,6 +176,7 @@ class PretrainConfig(TaskConfig):
         if "blr" in explicit and "lr" not in explicit:  # after the demo's lr 1e-3, which ignored a given --blr
             values["lr"] = None  # a given base lr scales with the batch, over a recipe's absolute lr (BEiT's)
         values.update(explicit)
+        check_method_settings(values, S.declarations(cls))
         return values
 
     def complete(self, explicit: dict[str, Any]) -> None:
@@ -187,6 +187,12 @@ class PretrainConfig(TaskConfig):
             method = get_method(self.method)
             self.mask_ratio = method.default_mask_ratio if self.mask_ratio is None else self.mask_ratio
             self.pos = method.default_pos if self.pos is None else self.pos
+
+    def notes(self) -> list[str]:
+        if self.windows == 0 and self.window_size != S.WINDOW_SIZE.default:  # a sweep over --windows keeps one
+            return [f"--window-size {self.window_size} is unused: this --method {self.method} run has no windows "
+                    f"(--windows 0: the whole image)"]
+        return []
 
     def check_settings(self) -> None:
         """The checks that need no output folder; resolves ``--windows auto`` to its count (which they need)."""
@@ -200,8 +206,6 @@ class PretrainConfig(TaskConfig):
         check_fsdp(self)
         if self.method == "mae" and self.pos != "abs":
             raise ConfigError(f"--method mae needs --pos abs (got {self.pos})")
-        if self.tokenizer is not None and self.method != "beit":
-            raise ConfigError(f"--tokenizer is for --method beit only (got --method {self.method}); drop it")
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:  # also false for nan
             raise ConfigError(f"--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1 (fractions of the image area), "
@@ -214,8 +218,6 @@ class PretrainConfig(TaskConfig):
             from lomar.methods.beit import layer_scale_init  # torch: not for --help
 
             self.layer_scale_init = layer_scale_init(vit.embed_dim)
-        elif self.method != "beit" and self.layer_scale_init is not None:
-            raise ConfigError(f"--layer-scale-init is for --method beit only (got --method {self.method}); drop it")
         try:
             grid = grid_size(self.img_size, vit.patch_size)
             get_method(self.method).validate(self, grid)
@@ -327,74 +329,3 @@ def prepare_method(config: PretrainConfig) -> dict:
     if method.prepare is None:
         return {}
     return method.prepare(config, grid_size(config.img_size, vit_config(config).patch_size))
-
-
-def check_fsdp(config: PretrainConfig) -> None:
-    """--fsdp shards across torchrun processes; refuse what the sharded path does not do."""
-    if not config.fsdp:
-        return
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world < 2:
-        raise ConfigError("--fsdp shards the model across processes but this is a single process; launch with "
-                          "torchrun --nproc-per-node N (N >= 2), or drop --fsdp")
-    if config.precision == "fp16":
-        raise ConfigError("--precision fp16 is not supported with --fsdp (its loss scaling is not wired for "
-                          "sharded gradients); use --precision bf16 or fp32")
-    if config.knn_every:
-        raise ConfigError("--knn-every is not supported with --fsdp (the encoder is sharded); set --knn-every 0 "
-                          "and run `lomar knn` on RUN/last.pt")
-
-
-def check_data(data: str) -> None:
-    """A folder or .txt list that exists, or a tar shard pattern that matches."""
-    from lomar.data.shards import is_shard_pattern, shard_paths  # torch: not for --help
-
-    if is_shard_pattern(data):
-        try:
-            shard_paths(data)
-        except ValueError as exc:
-            raise ConfigError(f"--data: {exc}") from None
-    elif glob.has_magic(data) or "{" in data:
-        if not Path(data).exists():  # a folder may have [ or { in its name
-            raise ConfigError(f"--data {data}: a pattern must name .tar shards, e.g. shards/*.tar; "
-                              f"for images pass their folder")
-    elif not Path(data).exists():
-        raise ConfigError(f"--data {data} does not exist; pass a folder of images, a .txt list "
-                          f"or a tar shard pattern, or omit --data for the demo")
-
-
-def _share(text: str) -> float | str:
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"--cpu-decode-share must be auto or a share in [0, 1], e.g. 0.3; got {text!r}") from None
-
-
-def check_decode(config: PretrainConfig) -> None:
-    """--decode other than full reads image files one by one; windows needs LoMaR's windows, gpu a GPU."""
-    if config.cpu_decode_share != "auto" and config.decode != "gpu":
-        raise ConfigError(f"--cpu-decode-share {config.cpu_decode_share:g} shares --decode gpu's photos with the "
-                          f"workers, but this run is --decode {config.decode}; drop it, or use --decode gpu")
-    if config.gpu_decoder != "torchvision" and config.decode != "gpu":
-        raise ConfigError(f"--gpu-decoder {config.gpu_decoder} decodes --decode gpu's photos, but this run is "
-                          f"--decode {config.decode}; drop it, or use --decode gpu")
-    if config.decode == "full":
-        return
-    from lomar.data.shards import is_shard_pattern  # torch: not for --help
-
-    if config.data is not None and is_shard_pattern(config.data):
-        raise ConfigError(f"--decode {config.decode} reads image files, not tar shards (--data {config.data}); "
-                          f"use --decode full with shards")
-    if config.decode == "windows" and (config.method != "lomar" or not config.windows):
-        raise ConfigError(f"--decode windows resamples only LoMaR's windows, but this run is --method "
-                          f"{config.method} with --windows {config.windows}; use --decode draft")
-    if config.decode == "gpu" and config.device != "auto" and not config.device.startswith("cuda"):
-        raise ConfigError(f"--decode gpu decodes JPEGs on a CUDA device, not --device {config.device}; "
-                          f"use --decode draft on CPU")
-    if config.gpu_decoder == "nvimgcodec":
-        from lomar.data.gpu_jpeg import nvimgcodec_missing  # torch: not for --help
-
-        if missing := nvimgcodec_missing():
-            raise ConfigError(f"--gpu-decoder nvimgcodec: {missing}")

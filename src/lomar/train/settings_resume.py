@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,7 @@ class TaskConfig:
             declared.check(name, getattr(self, name))
         self.check_settings()
         if not check_out:
+            self.print_notes()
             return
         self.check_inputs()
         if getattr(self, "attention", None) == "flex" and not getattr(self, "eval_only", False):
@@ -154,9 +156,18 @@ class TaskConfig:
                               f"the data it reads; put the run elsewhere")
         if not getattr(self, "eval_only", False):
             refuse_held_run(Path(self.out), self.resume, self.overwrite)
+        self.print_notes()
 
     def check_settings(self) -> None:
         """The checks of the settings alone."""
+
+    def notes(self) -> list[str]:
+        """What a valid run should still be told (a setting it leaves unused), once every check has passed."""
+        return []
+
+    def print_notes(self) -> None:
+        for note in self.notes():
+            print(f"lomar {self.COMMAND}: note: {note}", file=sys.stderr)
 
     def check_inputs(self) -> None:
         """The checks of the data and files named (not made for --print-config)."""

@@ -1,0 +1,105 @@
+"""The pretraining settings' checks across settings: ``lomar pretrain``'s ``--fsdp``, ``--data``, ``--decode``
+and the settings that only some methods read. Each raises :class:`ConfigError` naming the fix. Imports no torch."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Any
+
+from lomar.methods import get_method, names
+from lomar.train import settings as S
+from lomar.train.settings import ConfigError
+
+__all__ = ["check_fsdp", "check_data", "check_decode", "check_method_settings", "parse_share"]
+
+
+def check_method_settings(values: dict[str, Any], declared: dict[str, S.Setting]) -> None:
+    """A new run's settings (``values`` by name; ``declared``: their declarations) that its ``--method``
+    leaves unread, at other than their default (MAE's decoder under LoMaR), refused. A resumed run is not checked
+    again: it keeps what it started with."""
+    method = values.get("method")
+    if method not in names():  # reported by validate
+        return
+    readers: dict[str, list[str]] = {}
+    for name in names():
+        for setting in get_method(name).reads:
+            readers.setdefault(setting, []).append(name)
+    for name in (name for name in readers if name not in get_method(method).reads):
+        if (value := values.get(name, declared[name].default)) != declared[name].default:
+            flag = declared[name].name_flag(name)
+            given = f"--no-{flag[2:]}" if value is False else f"{flag} {S.shown(value)}"
+            raise ConfigError(f"{given} is for --method {' and '.join(readers[name])} only (got --method {method}); "
+                              f"drop it")
+
+
+def check_fsdp(config: Any) -> None:
+    """--fsdp shards across torchrun processes; refuse what the sharded path does not do."""
+    if not config.fsdp:
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2:
+        raise ConfigError("--fsdp shards the model across processes but this is a single process; launch with "
+                          "torchrun --nproc-per-node N (N >= 2), or drop --fsdp")
+    if config.precision == "fp16":
+        raise ConfigError("--precision fp16 is not supported with --fsdp (its loss scaling is not wired for "
+                          "sharded gradients); use --precision bf16 or fp32")
+    if config.knn_every:
+        raise ConfigError("--knn-every is not supported with --fsdp (the encoder is sharded); set --knn-every 0 "
+                          "and run `lomar knn` on RUN/last.pt")
+
+
+def check_data(data: str) -> None:
+    """A folder or .txt list that exists, or a tar shard pattern that matches."""
+    from lomar.data.shards import is_shard_pattern, shard_paths  # torch: not for --help
+
+    if is_shard_pattern(data):
+        try:
+            shard_paths(data)
+        except ValueError as exc:
+            raise ConfigError(f"--data: {exc}") from None
+    elif glob.has_magic(data) or "{" in data:
+        if not Path(data).exists():  # a folder may have [ or { in its name
+            raise ConfigError(f"--data {data}: a pattern must name .tar shards, e.g. shards/*.tar; "
+                              f"for images pass their folder")
+    elif not Path(data).exists():
+        raise ConfigError(f"--data {data} does not exist; pass a folder of images, a .txt list "
+                          f"or a tar shard pattern, or omit --data for the demo")
+
+
+def parse_share(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--cpu-decode-share must be auto or a share in [0, 1], e.g. 0.3; got {text!r}") from None
+
+
+def check_decode(config: Any) -> None:
+    """--decode other than full reads image files one by one; windows needs LoMaR's windows, gpu a GPU."""
+    if config.cpu_decode_share != "auto" and config.decode != "gpu":
+        raise ConfigError(f"--cpu-decode-share {config.cpu_decode_share:g} shares --decode gpu's photos with the "
+                          f"workers, but this run is --decode {config.decode}; drop it, or use --decode gpu")
+    if config.gpu_decoder != "torchvision" and config.decode != "gpu":
+        raise ConfigError(f"--gpu-decoder {config.gpu_decoder} decodes --decode gpu's photos, but this run is "
+                          f"--decode {config.decode}; drop it, or use --decode gpu")
+    if config.decode == "full":
+        return
+    from lomar.data.shards import is_shard_pattern  # torch: not for --help
+
+    if config.data is not None and is_shard_pattern(config.data):
+        raise ConfigError(f"--decode {config.decode} reads image files, not tar shards (--data {config.data}); "
+                          f"use --decode full with shards")
+    if config.decode == "windows" and (config.method != "lomar" or not config.windows):
+        raise ConfigError(f"--decode windows resamples only LoMaR's windows, but this run is --method "
+                          f"{config.method} with --windows {config.windows}; use --decode draft")
+    if config.decode == "gpu" and config.device != "auto" and not config.device.startswith("cuda"):
+        raise ConfigError(f"--decode gpu decodes JPEGs on a CUDA device, not --device {config.device}; "
+                          f"use --decode draft on CPU")
+    if config.gpu_decoder == "nvimgcodec":
+        from lomar.data.gpu_jpeg import nvimgcodec_missing  # torch: not for --help
+
+        if missing := nvimgcodec_missing():
+            raise ConfigError(f"--gpu-decoder nvimgcodec: {missing}")
