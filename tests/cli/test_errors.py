@@ -391,7 +391,7 @@ def test_a_rank_whose_peer_died_says_so_in_one_line(monkeypatch, capsys):
     assert main(["export", "ckpt", "--to", "out"]) == 1
     line = _one_error_line(capsys.readouterr().err, "export")
     assert "rank 0: another process of this run stopped (connection reset by peer)" in line
-    assert line.endswith("relaunch every process with --resume auto (the last checkpoint is kept)")
+    assert line.endswith("relaunch every process with --resume auto (from the last checkpoint, if one was written)")
     _fail_with(monkeypatch, RuntimeError("CUDA error: an illegal memory access was encountered"))
     with pytest.raises(RuntimeError):  # any other failure under torchrun keeps its traceback
         main(["export", "ckpt", "--to", "out"])
@@ -446,5 +446,6 @@ def test_a_killed_loader_worker_is_one_line_in_every_command_and_only_training_o
     assert describe_dead_worker(killed, "knn") == ("DataLoader worker (pid 7) is killed by signal: Killed. (the system "
                                                    "kills a worker that runs out of memory: lower --workers or "
                                                    "--batch-size)")
-    assert describe_dead_worker(killed, "finetune").endswith("; the last checkpoint is kept, resume with --resume auto")
+    assert describe_dead_worker(killed, "finetune").endswith(
+        "; resume with --resume auto (from the last checkpoint, if one was written)")
     assert describe_dead_worker(RuntimeError("Caught ValueError in DataLoader worker process 0."), "knn") is None

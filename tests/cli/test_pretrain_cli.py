@@ -463,5 +463,5 @@ def test_a_loader_worker_the_system_killed_is_one_line_and_exit_1(tmp_path, caps
     # torch says "is killed by signal: Killed." or, when its watchdog sees it first, "exited unexpectedly"
     assert re.fullmatch(r"lomar pretrain: error: DataLoader worker \(pid(\(s\))? \d+\) (is killed by signal: Killed\.|"
                         r"exited unexpectedly) \(the "
-                        r"system kills a worker that runs out of memory: lower --workers or --batch-size\); the last "
-                        r"checkpoint is kept, resume with --resume auto\n", err), err
+                        r"system kills a worker that runs out of memory: lower --workers or --batch-size\); resume "
+                        r"with --resume auto \(from the last checkpoint, if one was written\)\n", err), err

@@ -110,6 +110,8 @@ def describe_os_error(exc: OSError) -> tuple[str, int] | None:
     return fixes.get(code, f"{path}: {exc.strerror or type(exc).__name__}; check the path"), 2
 
 
+# a run stopped before its first checkpoint has none to keep: --resume auto then starts it afresh
+_RESUME = "--resume auto (from the last checkpoint, if one was written)"
 _PEER_LOST = ("Connection reset by peer", "Connection closed by peer")  # gloo's words for a process that is gone
 
 
@@ -123,7 +125,7 @@ def describe_lost_peer(exc: RuntimeError) -> str | None:
     if lost is None:
         return None
     return (f"rank {os.environ.get('RANK', '?')}: another process of this run stopped ({lost.lower()}); its own "
-            f"error says why; fix that, then relaunch every process with --resume auto (the last checkpoint is kept)")
+            f"error says why; fix that, then relaunch every process with {_RESUME}")
 
 
 def describe_dead_worker(exc: RuntimeError, command: str) -> str | None:
@@ -133,7 +135,7 @@ def describe_dead_worker(exc: RuntimeError, command: str) -> str | None:
         return None
     trains = any(name == command and module == "lomar.cli.train" for name, module, _ in SUBCOMMANDS)
     return (f"{str(exc).strip().splitlines()[0]} (the system kills a worker that runs out of memory: lower --workers "
-            f"or --batch-size){'; the last checkpoint is kept, resume with --resume auto' if trains else ''}")
+            f"or --batch-size){f'; resume with {_RESUME}' if trains else ''}")
 
 
 class Terminated(KeyboardInterrupt):
