@@ -189,7 +189,7 @@ class _Config:
 
 
 class _Task:
-    name, eval_log, outputs = "toy", "knn.jsonl", ("knn.jsonl", "figure.png")
+    name, eval_log, outputs, final_outputs = "toy", "knn.jsonl", ("knn.jsonl", "figure.png"), ()
 
 
 def _run_folder(out, step: int, seed: int):
@@ -224,6 +224,23 @@ def test_a_rewind_removes_the_figures_of_the_steps_it_drops(tmp_path):
     prepare_run_folder(_Config(str(out), str(out / "checkpoint-000003.pt"), True), Figures(), out / "x.pt", 3, 0)
     assert sorted(p.name for p in out.glob("reconstruction*")) == [
         "reconstruction-000000.png", "reconstruction-000003.png", "reconstruction.png"]
+
+
+def test_a_rewind_removes_the_export_of_the_steps_it_drops(tmp_path):
+    """The export written at the run's end (step 5) stayed beside the run rewound to step 3: a user took the
+    dropped steps' weights for the run's own, until its new end wrote them again."""
+    class Exports(_Task):
+        final_outputs = ("encoder.safetensors", "config.json")
+
+    out = _run_folder(tmp_path / "run", 5, seed=0)
+    for name in Exports.final_outputs:
+        (out / name).write_text("step 5")
+    prepare_run_folder(_Config(str(out), str(out / "checkpoint-000003.pt"), True), Exports(), out / "x.pt", 3, 0)
+    assert not (out / "encoder.safetensors").exists() and not (out / "config.json").exists()
+    for name in Exports.final_outputs:  # a resume that rewinds nothing keeps them
+        (out / name).write_text("step 5")
+    prepare_run_folder(_Config(str(out), str(out / "last.pt"), False), Exports(), out / "last.pt", 5, 0)
+    assert (out / "encoder.safetensors").read_text() == "step 5"
 
 
 def test_a_rewind_makes_the_state_it_resumed_from_the_newest(tmp_path):

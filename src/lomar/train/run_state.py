@@ -1,11 +1,10 @@
 """What every training run does with its folder: lock it, clean it, checkpoint into it, resume from it.
 
-Shared by pretraining (``engine``) and finetuning (``finetune``). A run folder holds
-``last.pt`` (the newest state), ``checkpoint-<step>.pt`` (kept history), ``metrics.jsonl``
-and ``.lock``; checkpoints carry every rank's RNG state (:mod:`lomar.train.rng`) so that a resumed run
-continues exactly.
-A sharded run (``--fsdp``) keeps ``checkpoint-<step>.dcp/`` folders instead, ``last.json``
-naming the newest, and ``last.pt`` holds its consolidated model (no optimizer) for export.
+Shared by every training command (:mod:`lomar.train.lifecycle`). A run folder holds ``last.pt`` (the newest
+state), ``checkpoint-<step>.pt`` (kept history), ``metrics.jsonl`` and ``.lock``; checkpoints carry every rank's
+RNG state (:mod:`lomar.train.rng`) so that a resumed run continues exactly. A sharded run (``--fsdp``) keeps
+``checkpoint-<step>.dcp/`` folders instead, ``last.json`` naming the newest, and ``last.pt`` holds its
+consolidated model (no optimizer) for export.
 """
 
 from __future__ import annotations
@@ -62,9 +61,8 @@ def _output_step(name: str) -> int | None:
 
 
 def checkpoints_to_prune(paths: list[Path], keep: int) -> list[Path]:
-    """All but the ``keep`` newest ``checkpoint-<step>.pt`` (or ``.dcp``), by step number (past
-    999,999 steps the names outgrow their zero padding and no longer sort by age); other names are
-    left alone."""
+    """All but the ``keep`` newest ``checkpoint-<step>.pt`` (or ``.dcp``), by step number (past 999,999 steps the
+    names outgrow their zero padding and no longer sort by age); other names are left alone."""
     ours = [f for f in paths if _checkpoint_number(f.name) is not None]
     return sorted(ours, key=lambda f: _checkpoint_number(f.name))[:-keep]
 
@@ -226,9 +224,8 @@ def _foreign(resume: Path, out: Path) -> bool:
 
 
 def check_no_rewind(resume: Path, out: Path, overwrite: bool) -> None:
-    """Refuse, unless ``overwrite`` says so, to resume an older state into a folder whose newest state is newer
-    (it would be rewound: checkpoints pruned, metrics cut), or another folder's checkpoint into a folder that
-    holds a run (the two runs' checkpoints, logs and figures would mix)."""
+    """Refuse, unless ``overwrite``, to resume an older state into a folder whose newest state is newer (it would
+    be rewound), or another folder's checkpoint into a folder that holds a run (their files would mix)."""
     if overwrite:
         return
     last, _ = find_resume_checkpoint(out)  # the newest intact state, if last.pt is missing, cut or behind
@@ -242,11 +239,14 @@ def check_no_rewind(resume: Path, out: Path, overwrite: bool) -> None:
                          f"pass --out NEW_FOLDER to branch off, or --overwrite to replace that run")
 
 
-def remove_newer_checkpoints(out: Path, step: int, outputs: tuple[str, ...] = (), resume: Path | None = None) -> None:
-    """After an explicit rewind: drop the history written past ``step``: checkpoints, and the files of the
-    ``outputs`` patterns whose name carries a later step (``reconstruction-000402.png``); a ``last.pt`` past it
-    becomes a copy of ``resume``, else a run that died before its first checkpoint would leave the dropped steps
-    as the newest state, and --resume auto would take them up again."""
+def remove_newer_checkpoints(out: Path, step: int, outputs: tuple[str, ...] = (), resume: Path | None = None,
+                             final: tuple[str, ...] = ()) -> None:
+    """After an explicit rewind: drop what was written past ``step``: checkpoints, ``outputs`` files whose name
+    carries a later step (``reconstruction-000402.png``), the ``final`` files of the run's end (its export). A
+    ``last.pt`` past it becomes a copy of ``resume``: a run dying before its first checkpoint would leave the
+    dropped steps newest, for --resume auto to take up again."""
+    for name in final:
+        (out / name).unlink(missing_ok=True)
     if resume is not None and resume.is_file() and (checkpoint_step(last := out / "last.pt") or 0) > step:
         with open(resume, "rb") as source:
             atomic_write(last, lambda handle: shutil.copyfileobj(source, handle))
@@ -385,7 +385,7 @@ def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int)
         print(f"lomar {name}: resumed from {resume} at step {step} (epoch {epoch})", flush=True)
     if resume is not None and not _foreign(resume, out):
         if config.overwrite:
-            remove_newer_checkpoints(out, step, task.outputs, resume)
+            remove_newer_checkpoints(out, step, task.outputs, resume, task.final_outputs)
         for log in {"metrics.jsonl", task.eval_log}:
             truncate_metrics(out / log, step)
     else:
