@@ -207,3 +207,28 @@ def test_a_declared_kind_is_its_fields_type(cls):
     for field in dataclasses.fields(cls):
         base = field.type.split(" | ")[0].removeprefix("tuple[").split(",")[0].rstrip("]")
         assert field.metadata["setting"].kind.__name__ == base, field.name
+
+
+def _numbers(text: str) -> set[float]:
+    import re
+
+    return {float(n) for n in re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?:e-?\d+)?", text)}
+
+
+def test_a_help_that_words_its_own_default_states_its_value():
+    """help_text appends "(default: VALUE)" unless the help speaks of its default itself; such a help must then
+    give the value too (finetune's --crop-scale said "the default is timm's" and never 0.08 1.0)."""
+    from lomar.train.detect_config import DetectConfig
+    from lomar.train.segment_config import SegmentConfig
+    from lomar.train.settings import declarations
+
+    missing = []
+    for cls in (PretrainConfig, FinetuneConfig, DetectConfig, SegmentConfig):
+        for name, s in declarations(cls).items():
+            if s.default in (None, False) or "default" not in s.help.lower():
+                continue
+            values = s.default if isinstance(s.default, tuple) else (s.default,)
+            if not all(isinstance(v, (int, float)) and float(v) in _numbers(s.help) or str(v) in s.help
+                       for v in values):
+                missing.append(f"{cls.__name__}.{name}: {s.help}")
+    assert not missing, missing

@@ -63,7 +63,7 @@ class FinetuneConfig(TaskConfig):
     aa: str = S.setting("rand-m9-mstd0.5-inc1", "timm auto-augment policy ('none' = off)")
     crop_scale: tuple[float, float] = S.setting(  # checked as a pair in validate
         (0.08, 1.0), "area range of the training random resized crop, as fractions of the image (0 < LOW <= HIGH "
-        "<= 1); the default is timm's, the original recipe's; raise LOW for small images, e.g. 0.5 1.0",
+        "<= 1); raise LOW for small images, e.g. 0.5 1.0 (default: 0.08 1.0, timm's, the original recipe's)",
         finite=False, nargs=2, metavar=("LOW", "HIGH"))
 
     @classmethod
