@@ -135,10 +135,10 @@ class BEiTPretrain(nn.Module):
         beit._check_inputs(images, None)
         if input_ids is not None:
             check_token_ids(input_ids)
-        if input_ids is not None and tuple(input_ids.flatten(1).shape) != (images.shape[0], grid[0] * grid[1]):
-            # a narrower row was indexed past its end by the windows' token positions
-            raise ValueError(f"input_ids must be (N, L) = {(images.shape[0], grid[0] * grid[1])} (or (N, {grid[0]}, "
-                             f"{grid[1]})), one id per patch, got {tuple(input_ids.shape)}")
+            if tuple(input_ids.flatten(1).shape) != (images.shape[0], grid[0] * grid[1]):
+                # a narrower row was indexed past its end by the windows' token positions
+                raise ValueError(f"input_ids must be (N, L) = {(images.shape[0], grid[0] * grid[1])} (or (N, "
+                                 f"{grid[0]}, {grid[1]})), one id per patch, got {tuple(input_ids.shape)}")
         plan = (self.sample_plan(images, generator) if plan is None
                 else MaskingPlan.for_batch(plan, images, self.window_size, grid))
         ids = self.tokens(images) if input_ids is None else input_ids.flatten(1).to(images.device, torch.long)
