@@ -57,7 +57,8 @@ def test_a_checkpoint_with_non_finite_weights_is_not_resumed(tmp_path):
     state = safe_load(out / "last.pt")
     state["model"]["weight"][0, 1] = float("nan")  # as a version without the check saved after a NaN update
     torch.save(state, out / "last.pt")
-    with pytest.raises(UsageError, match=r"last\.pt: its weight weight holds NaN or inf .*earlier checkpoint"):
+    with pytest.raises(UsageError, match=r"last\.pt: its weight weight holds NaN or inf .*; pass --resume "
+                                         r"\S+/checkpoint-N\.pt --overwrite \(an earlier one\), or another --out$"):
         run(ToyConfig(out=str(out), resume="auto"), ToyTask)
 
 

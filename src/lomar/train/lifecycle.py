@@ -114,8 +114,8 @@ class _Run:
                 raise UsageError(f"--resume {path} does not fit this run: {mismatch(exc)}; resume with the data and "
                                  f"--pretrained it started with, or start a new run with another --out") from None
         if (bad := non_finite_weight(task.model, self.info.enabled)) is not None:  # saved before this check
-            raise UsageError(f"--resume {path}: its weight {bad} holds NaN or inf (saved after the run diverged); "
-                             f"resume from an earlier checkpoint-N.pt, or start a new run with another --out")
+            raise UsageError(f"--resume {path}: its weight {bad} holds NaN or inf (saved after the run diverged); pass "
+                             f"--resume {path.parent}/checkpoint-N.pt --overwrite (an earlier one), or another --out")
         if "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.p.step, self.p.epoch, self.p.batches_done = ckpt["step"], ckpt["epoch"], ckpt["batches_done"]
