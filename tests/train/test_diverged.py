@@ -33,6 +33,8 @@ def test_a_finite_loss_whose_gradient_is_not_never_overwrites_the_last_good_chec
         run(ToyConfig(out=str(out)), NanGradient)
     last = safe_load(out / "last.pt")
     assert last["step"] == 4 and _finite(last["model"]) and _finite(safe_load(out / "best.pt")["model"])
+    scored = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "score" in r]
+    assert scored == [4]  # step 8's weights were not scored either (a NaN score, or k-NN's top-1 of NaN features)
 
 
 def test_a_non_finite_loss_stops_the_run_before_its_update(tmp_path):

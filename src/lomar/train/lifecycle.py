@@ -45,7 +45,7 @@ from lomar.train.run_state import (
 )
 from lomar.train.runtime import compile_model, default_threads, fast_adamw
 from lomar.train.schedule import lr_at, peak_lr, run_span, schedule_overrun, warmup_warning
-from lomar.train.task import EpochStream, Progress, SkippedFiles, Task, TrainingError, diverged, non_finite_weight
+from lomar.train.task import EpochStream, Progress, SkippedFiles, Task, TrainingError, check_weights, diverged
 from lomar.viz.curves import loss_summary
 
 __all__ = ["Task", "Progress", "TrainingError", "run"]
@@ -113,9 +113,7 @@ class _Run:
             except (ValueError, RuntimeError, KeyError) as exc:
                 raise UsageError(f"--resume {path} does not fit this run: {mismatch(exc)}; resume with the data and "
                                  f"--pretrained it started with, or start a new run with another --out") from None
-        if (bad := non_finite_weight(task.model, self.info.enabled)) is not None:  # saved before this check
-            raise UsageError(f"--resume {path}: its weight {bad} holds NaN or inf (saved after the run diverged); pass "
-                             f"--resume {path.parent}/checkpoint-N.pt --overwrite (an earlier one), or another --out")
+        check_weights(task.model, self.info.enabled, resume=path)  # one saved before saves were checked
         if "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.p.step, self.p.epoch, self.p.batches_done = ckpt["step"], ckpt["epoch"], ckpt["batches_done"]
@@ -126,9 +124,7 @@ class _Run:
     def save(self, metrics: dict | None = None) -> Path | None:
         """``last.pt`` (+ ``checkpoint-N.pt`` with ``keep_last``; a sharded run: ``checkpoint-N.dcp``), and
         ``best.pt`` when ``metrics`` (a finished epoch's) hold the best ``best_metric`` so far. A collective."""
-        if (bad := non_finite_weight(self.task.model, self.info.enabled)) is not None:  # the good one is kept
-            raise diverged(f"weight {bad} holds NaN or inf after the update of step {self.p.step}, whose loss was "
-                           f"finite; not saved", self.out, self.cfg, self.precision)
+        check_weights(self.task.model, self.info.enabled, self.p.step, self.out, self.cfg, self.precision)
         self.rngs = gather_rng_states(self.info, self.device)
         keep = getattr(self.cfg, "keep_last", None)
         if self.task.sharded:  # collective
@@ -297,6 +293,7 @@ class _Run:
     def _evaluate(self, seconds: float | None = None) -> dict:
         if self.evaluated_step == self.p.step:
             return {}
+        check_weights(self.task.model, self.info.enabled, self.p.step, self.out, self.cfg, self.precision)
         try:
             metrics = self.task.evaluate()
         except (TrainingError, LomarError):  # the evaluation's data failed, not the training: keep what it trained

@@ -44,10 +44,11 @@ import torch
 import torch.distributed as dist
 
 from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker
+from lomar.errors import UsageError
 from lomar.train.run_state import newest_state
 
 __all__ = ["Task", "EpochStream", "Progress", "SkippedFiles", "TrainingError", "steadier", "non_finite_weight",
-           "diverged"]
+           "diverged", "check_weights"]
 
 
 class TrainingError(RuntimeError):
@@ -152,6 +153,20 @@ def diverged(what: str, out: Path, config, precision: str | None) -> TrainingErr
     last = newest_state(Path(out))
     kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
     return TrainingError(f"{what}; {kept}; {steadier(config, precision)}")
+
+
+def check_weights(model: torch.nn.Module, distributed: bool, step: int = 0, out: Path | None = None, config=None,
+                  precision: str | None = None, resume: Path | None = None) -> None:
+    """:func:`diverged` naming a weight of ``model`` that holds NaN or inf after the update of ``step`` (its loss was
+    checked finite): before a save, which would overwrite the last good checkpoint, and before an evaluation, which
+    would score it; ``resume``: UsageError, the model loaded from that checkpoint. A collective when ``distributed``."""
+    if (bad := non_finite_weight(model, distributed)) is None:
+        return
+    if resume is not None:
+        raise UsageError(f"--resume {resume}: its weight {bad} holds NaN or inf (saved after the run diverged); pass "
+                         f"--resume {resume.parent}/checkpoint-N.pt --overwrite (an earlier one), or another --out")
+    raise diverged(f"weight {bad} holds NaN or inf after the update of step {step}, whose loss was finite; not saved",
+                   out, config, precision)
 
 
 def non_finite_weight(model: torch.nn.Module, distributed: bool = False) -> str | None:
