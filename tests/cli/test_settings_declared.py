@@ -232,3 +232,16 @@ def test_a_help_that_words_its_own_default_states_its_value():
                        for v in values):
                 missing.append(f"{cls.__name__}.{name}: {s.help}")
     assert not missing, missing
+
+
+def test_a_help_states_its_integer_upper_bound():
+    """--img-size refuses 8193 in every command (lomar.limits): its help says so, as --figure-images' says 64."""
+    from lomar.limits import MAX_IMG_SIZE
+
+    helps = {(command, a.option_strings[-1]): a.help for command, parser in COMMANDS for a in parser._actions
+             if a.option_strings}
+    assert helps[("pretrain", "--img-size")] == f"image size in pixels (default: 224; at most {MAX_IMG_SIZE})"
+    assert helps[("pretrain", "--figure-images")].endswith("(default: 4; at most 64)")
+    assert helps[("knn", "--img-size")].endswith(f"training size; at most {MAX_IMG_SIZE})")  # its own default text
+    assert helps[("segment", "--num-classes")].count("254") == 1  # a bound the help gives already is not repeated
+    assert "at most 1)" not in helps[("finetune", "--reprob")]  # nor a probability's

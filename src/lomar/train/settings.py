@@ -244,11 +244,15 @@ def shown(value: Any) -> str:
 
 
 def help_text(declared: Setting) -> str:
-    """The help with its default; a None or off default is explained by the help itself."""
-    text = declared.help
+    """The help with its default (a None or off default is explained by the help itself) and an integer upper
+    bound it does not state (--img-size's 8192; a probability's 1 goes without saying)."""
+    text, high = declared.help, declared.high
+    bound = "" if (not isinstance(high, int) or isinstance(high, bool) or high <= 1
+                   or re.search(rf"(?<!\d){high}(?!\d)", text)) else f"at most {high}"
     if "default" in text.lower() or declared.default is None or declared.default is False or declared.required:
-        return text
-    return f"{text} (default: {shown(declared.default)})" if text else f"default: {shown(declared.default)}"
+        return (text[:-1] + f"; {bound})" if text.endswith(")") else f"{text} ({bound})") if bound else text
+    default = f"default: {shown(declared.default)}{'; ' + bound if bound else ''}"
+    return f"{text} ({default})" if text else default
 
 
 _EXPECTED = {"positive": (">= 1", "> 0"), "a finite number": ("", "")}
