@@ -53,6 +53,18 @@ def test_a_non_finite_loss_stops_the_run_before_its_update(tmp_path):
     assert _finite(tasks[0].model.state_dict())  # what a caller that catches the error would save
 
 
+@pytest.mark.parametrize("precision, fix", [("fp32", "the data"), ("bf16", "the data, or use --precision fp32")])
+def test_a_non_finite_loss_before_any_update_is_not_blamed_on_the_lr(tmp_path, precision, fix):
+    # BEiT's --layer-scale-init 1e30 gave "loss is nan at step 1; ... lower --blr/--lr or lower --clip-grad"
+    class Broken(ToyTask):
+        def loss(self, batch):
+            return super().loss(batch) * float("inf")
+
+    with pytest.raises(TrainingError, match=rf"^loss is (nan|inf) at step 1 \(epoch 0\), before any update \(not the "
+                                            rf"lr's doing\); no checkpoint was written yet; check .*{fix}$"):
+        run(ToyConfig(out=str(tmp_path / "run"), precision=precision), Broken)
+
+
 def test_a_checkpoint_with_non_finite_weights_is_not_resumed(tmp_path):
     out = tmp_path / "run"
     assert run(ToyConfig(out=str(out), max_steps=4), ToyTask) == 0

@@ -262,7 +262,8 @@ class _Run:
             self.optimizer.zero_grad(set_to_none=not self.keep_grads)
             return False
         if not math.isfinite(value := totals[0] / totals[-1]):  # before the update: the weights stay as saved
-            raise diverged(f"loss is {value} at step {p.step + 1} (epoch {p.epoch})", self.out, cfg, self.precision)
+            raise diverged(f"loss is {value} at step {p.step + 1} (epoch {p.epoch})", self.out, cfg, self.precision,
+                           untrained=p.step == 0)
         schedule = self.task.lr_schedule or lr_at
         lr = schedule(p.step, *self.schedule, self.base_lr, self.min_lr)
         for group in self.optimizer.param_groups:

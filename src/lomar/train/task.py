@@ -148,10 +148,17 @@ def steadier(config, precision: str | None = None) -> str:
     return f"{', '.join(fixes[:-1])} or {fixes[-1]}" if len(fixes) > 1 else fixes[0]
 
 
-def diverged(what: str, out: Path, config, precision: str | None) -> TrainingError:
-    """The error that stops a run whose loss or weights went non-finite: ``what``, the checkpoint kept, the fix."""
+def diverged(what: str, out: Path, config, precision: str | None, untrained: bool = False) -> TrainingError:
+    """The error that stops a run whose loss or weights went non-finite: ``what``, the checkpoint kept, the fix;
+    ``untrained``: the loss of the run's first step, before any update, which no lr or clipping can have caused."""
     last = newest_state(Path(out))
     kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+    if untrained:
+        fp32 = "" if precision == "fp32" else ", or use --precision fp32"
+        fields = getattr(config, "__dataclass_fields__", {})
+        scale = " (--layer-scale-init, say)" if "layer_scale_init" in fields else ""
+        return TrainingError(f"{what}, before any update (not the lr's doing); {kept}; check the settings that build "
+                             f"the model{scale} and the data{fp32}")
     return TrainingError(f"{what}; {kept}; {steadier(config, precision)}")
 
 
