@@ -319,3 +319,11 @@ def test_a_runs_own_config_yaml_passes_the_unread_settings_check(tmp_path, capsy
         config = _yaml(tmp_path, capsys.readouterr().out)
         assert main(["pretrain", "--config", config, "--out", str(tmp_path / method), "--print-config"]) == 0, method
         capsys.readouterr()
+
+
+def test_a_refused_recipe_default_is_named_as_the_recipes(tmp_path, capsys):
+    """BEiT's recipe jitters colour, which --decode draft cannot: the refusal named a --color-jitter never typed."""
+    assert _resolve(tmp_path, "--method", "beit", "--decode", "draft") == 2
+    assert "--color-jitter 0.4 (--method beit's recipe) is applied by --decode full only" in capsys.readouterr().err
+    assert _resolve(tmp_path, "--method", "beit", "--decode", "draft", "--color-jitter", "0.3") == 2
+    assert "--color-jitter 0.3 is applied by" in capsys.readouterr().err

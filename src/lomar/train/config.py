@@ -211,8 +211,10 @@ class PretrainConfig(TaskConfig):
             raise ConfigError(f"--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1 (fractions of the image area), "
                               f"got {low:g} {high:g}; e.g. --crop-scale 0.2 1.0 (LoMaR's recipe) or 0.08 1.0 (BEiT's)")
         if self.color_jitter and self.decode != "full":
-            raise ConfigError(f"--color-jitter {self.color_jitter:g} is applied by --decode full only (got --decode "
-                              f"{self.decode}); pass --decode full, or --color-jitter 0")
+            recipe = (f" (--method {self.method}'s recipe)" if method_recipe(self.method).get("color_jitter")
+                      == self.color_jitter else "")
+            raise ConfigError(f"--color-jitter {self.color_jitter:g}{recipe} is applied by --decode full only (got "
+                              f"--decode {self.decode}); pass --decode full, or --color-jitter 0")
         vit = vit_config(self)
         if self.method == "beit" and self.layer_scale_init is None:
             from lomar.methods.beit import layer_scale_init  # torch: not for --help
