@@ -292,9 +292,10 @@ class _Run:
             self.save(metrics)
 
     def _evaluate(self, seconds: float | None = None) -> dict:
+        # every rank, first: a main-only scoring (k-NN) marks the step scored on the main rank alone
+        check_weights(self.task.model, self.info.enabled, self.p.step, self.out, self.cfg, self.precision)
         if self.evaluated_step == self.p.step:
             return {}
-        check_weights(self.task.model, self.info.enabled, self.p.step, self.out, self.cfg, self.precision)
         try:
             metrics = self.task.evaluate()
         except (TrainingError, LomarError):  # the evaluation's data failed, not the training: keep what it trained
