@@ -407,3 +407,40 @@ def test_a_resume_mismatch_names_what_differs():
         torch.nn.Linear(4, 3).load_state_dict(torch.nn.Linear(4, 2).state_dict())
     assert mismatch(caught.value).startswith("size mismatch for weight: copying a param with shape")
     assert mismatch(KeyError("optimizer")) == "'optimizer'" and mismatch(ValueError()) == "ValueError"
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EIO])
+def test_a_log_write_that_fails_mid_run_names_the_file(tmp_path, code):
+    # a write's OSError names no file: a folder gone read-only under metrics.jsonl was a traceback
+    from lomar.cli.app import describe_os_error
+    from lomar.train.monitor import Monitor
+
+    class Refusing:
+        def write(self, text):
+            raise OSError(code, os.strerror(code))
+
+        def close(self):
+            pass
+
+    monitor = Monitor(tmp_path, active=True, total=3, log_every=1)
+    monitor.file.close()
+    monitor.file = Refusing()
+    with pytest.raises(OSError) as info:
+        monitor.step(1, 0, 0.5, 1e-3, 10.0)
+    monitor.close()
+    assert info.value.errno == code and info.value.filename == str(tmp_path / "metrics.jsonl")
+    message, _ = describe_os_error(info.value)
+    assert str(tmp_path / "metrics.jsonl") in message and "\n" not in message
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_an_evaluation_record_on_a_full_disk_names_its_file(tmp_path, monkeypatch):
+    # /dev/full: the kernel's ENOSPC at the flush, and again when the file is closed, which named nothing
+    from lomar.train import monitor as monitor_module
+
+    monitor = monitor_module.Monitor(tmp_path, active=True, total=3, log_every=1)
+    monkeypatch.setattr(monitor_module, "open", lambda path, mode: open("/dev/full", mode), raising=False)
+    with pytest.raises(OSError) as info:
+        monitor.evaluation("knn.jsonl", 1, 0, {"knn_top1": 0.5}, {})
+    monitor.close()
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "knn.jsonl")

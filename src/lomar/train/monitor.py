@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -74,8 +75,7 @@ class Monitor:
         record = {"step": step, "epoch": epoch, "loss": loss, **(parts or {}), "lr": lr, "img_s": round(ips, 2),
                   "input_wait": round(input_wait, 3)}
         self.input_waits.append(record["input_wait"])
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        _append(self.file, self.out / "metrics.jsonl", json.dumps(record) + "\n")
         if self.writer is not None:
             for key in record.keys() - {"step", "epoch"}:
                 self.writer.add_scalar(f"train/{key}", record[key], step)
@@ -91,7 +91,7 @@ class Monitor:
         if not self.active:
             return
         with open(self.out / file, "a") as handle:
-            handle.write(json.dumps({"step": step, "epoch": epoch, **metrics, **extra}) + "\n")
+            _append(handle, self.out / file, json.dumps({"step": step, "epoch": epoch, **metrics, **extra}) + "\n")
         defined = {k: v for k, v in metrics.items() if v is not None}  # None: undefined (no such objects)
         for key, value in defined.items():
             if self.writer is not None:
@@ -108,6 +108,19 @@ class Monitor:
         for thing in (self.bar, self.writer, self.file):
             if thing is not None:
                 thing.close()
+
+
+def _append(handle, path: Path, text: str) -> None:
+    """Write and flush ``text``; a failed write (a full disk, a folder gone read-only) names ``path``: the
+    OSError of a write names no file, and without one the command could only show a traceback. The handle is
+    then closed, its unwritten buffer dropped: a later close would fail on it again, naming nothing."""
+    try:
+        handle.write(text)
+        handle.flush()
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            handle.close()
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
 
 
 def input_limit_note(waits: list[float], workers: int | None, decode: str | None = None) -> str | None:
