@@ -29,6 +29,12 @@ FLOORS = {
     "timm": ((1, 0, 29), "`local-dir:` on a folder with two .safetensors files (a BEiT run folder): NameError before; "
                          "global_pool_nlc, Beit's checkpoint_filter_fn, timm.optim.param_groups_layer_decay: 1.0.16"),
     "pillow": ((9, 1), "Image.Resampling, Image.Transpose"),
+    # numpy>=1.24 admits numpy 2, under which older builds of these fail to import ("numpy.dtype size changed",
+    # "numpy.core.multiarray failed to import"); checked on numpy 2.4: 2.0.7, 3.7.5, 0.21.0, 1.3.2 fail.
+    "pycocotools": ((2, 0, 8), "numpy 2"),
+    "matplotlib": ((3, 8, 4), "numpy 2"),
+    "scikit-image": ((0, 23, 2), "numpy 2 (`import skimage`, which the demo's photographs need)"),
+    "scikit-learn": ((1, 4, 2), "numpy 2"),
 }
 
 
