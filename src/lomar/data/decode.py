@@ -235,11 +235,13 @@ def _jpeg_orientation(data: bytes) -> int | None:
 
 
 def _orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
-    """(3, H, W) ``image`` turned upright as EXIF ``orientation`` says, as ``ImageOps.exif_transpose`` turns it."""
-    turned = {2: lambda x: x.flip(-1), 3: lambda x: x.flip(-2, -1), 4: lambda x: x.flip(-2),
-              5: lambda x: x.transpose(-2, -1), 6: lambda x: x.transpose(-2, -1).flip(-1),
-              7: lambda x: x.transpose(-2, -1).flip(-2, -1), 8: lambda x: x.transpose(-2, -1).flip(-2)}
-    return turned[orientation](image).contiguous() if orientation in turned else image
+    """(3, H, W) ``image`` turned upright as EXIF ``orientation`` says, as ``ImageOps.exif_transpose`` turns it:
+    flipped as stored (a copy in the decoder's layout), then transposed as a view, as torchvision turns it;
+    the crop that follows copies only itself (copying a transposed 12 MP photo whole took 0.3-0.6 s)."""
+    flips, transpose = {2: ((-1,), False), 3: ((-2, -1), False), 4: ((-2,), False), 5: ((), True),
+                        6: ((-2,), True), 7: ((-2, -1), True), 8: ((-1,), True)}.get(orientation, ((), False))
+    image = image.flip(flips) if flips else image
+    return image.transpose(-2, -1) if transpose else image
 
 
 def _upright(data: bytes, name: str, limit: int) -> bool:
