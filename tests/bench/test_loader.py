@@ -64,6 +64,30 @@ def test_make_test_set_writes_jpegs_of_the_kind_and_reuses_them(tmp_path):
         make_test_set(tmp_path, "phone", 1)
 
 
+
+def test_draft_decodes_a_photo_stored_sideways_reduced_and_upright(photos, tmp_path, monkeypatch):
+    """A phone stores a portrait photo sideways with EXIF orientation 6: --decode draft decoded it whole
+    (the reference path), so a phone's portrait photos gained nothing."""
+    from PIL import JpegImagePlugin
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise for display: stored turned the other way, it shows as the original
+    for path in sorted(photos.iterdir()):
+        with Image.open(path) as img:
+            img.transpose(Image.Transpose.ROTATE_90).save(tmp_path / path.name, quality=90, exif=exif)
+    scales = []
+    draft = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda img, mode, size: scales.append(img.size[0] // size[0]) or draft(img, mode, size))
+    for sideways in (True, False):  # the same crops and plans as the upright photos, and about the same pixels
+        full = loader_dataset(photos, 64, "lomar", 2, 8, "full", window_size=WINDOW)
+        fast = loader_dataset(tmp_path if sideways else photos, 64, "lomar", 2, 8, "draft", window_size=WINDOW)
+        for index in range(8):
+            a, b = full[(index, 3)], fast[(index, 3)]
+            assert torch.equal(a["top_left"], b["top_left"]) and torch.equal(a["mask"], b["mask"])
+            assert float((_pixels(a) - _pixels(b)).abs().mean()) < 4.0
+    assert len(scales) == 16 and min(scales) >= 2, scales  # every one decoded at 1/2 scale or less
+
 @pytest.mark.parametrize("size, patch", [(64, 8), (224, 16)])
 def test_draft_decoding_keeps_crops_and_plans_with_bounded_pixel_differences(photos, size, patch):
     full = loader_dataset(photos, size, "lomar", 2, patch, "full", window_size=WINDOW)

@@ -58,9 +58,10 @@ def _reduce(img, box: tuple[int, int, int, int], size: int):
 
     Returns (decoded PIL image, box in its coordinates as floats (left, top, right, bottom)).
     """
-    width, height = img.size
+    width, height = img.size  # as stored
+    upright_h, upright_w = oriented_size(img)  # the box's frame: a phone's portrait photo is stored sideways
     top, left, h, w = box
-    if img.format == "JPEG" and exif_orientation(img) in (0, 1):
+    if img.format == "JPEG":  # the same scale either way up: both sides of the crop stay >= size
         for scale in _JPEG_SCALES:
             if h / scale >= size and w / scale >= size:
                 # Pillow decodes at the largest scale of 8, 4, 2 at most width // requested width: ask floor.
@@ -69,10 +70,9 @@ def _reduce(img, box: tuple[int, int, int, int], size: int):
     with warnings.catch_warnings():  # Pillow's advice on palette transparency, from every worker (see pil_to_tensor)
         warnings.simplefilter("ignore", UserWarning)
         img = img.convert("RGB")  # decodes (at the draft scale, if one was set)
-    if exif_orientation(img) not in (0, 1) and img.size == (width, height):
+    if exif_orientation(img) not in (0, 1):  # turned upright after the reduced decode, on a few megapixels
         img = ImageOps.exif_transpose(img)
-        width, height = img.size
-    sx, sy = img.size[0] / width, img.size[1] / height
+    sx, sy = img.size[0] / upright_w, img.size[1] / upright_h
     return img, (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
 
 
@@ -166,8 +166,8 @@ class FastPretrainDataset(Dataset):
         """Whether this mode decodes ``img`` itself (else the reference path does)."""
         if img.mode in (*WIDE_MODES, "F"):  # only the reference path scales them to 8 bits (or refuses floats)
             return False
-        return self.sparse or (img.format == "JPEG" and exif_orientation(img) in (0, 1)
-                               and (self.mode != "gpu" or img.mode in ("RGB", "L")))
+        return self.sparse or (img.format == "JPEG" and (self.mode != "gpu" or (  # the device ignores EXIF
+            exif_orientation(img) in (0, 1) and img.mode in ("RGB", "L"))))
 
     def _decode(self, img: Image.Image, data: bytes, draw: SampleDraw) -> dict | None:
         """The item's image fields by this mode; None when the reference path is as fast."""
