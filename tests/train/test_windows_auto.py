@@ -69,3 +69,16 @@ def test_bad_windows_are_one_line_errors(tmp_path, capsys, value, message):
     assert main(["pretrain", "--windows", value, "--print-config"]) == 2
     err = capsys.readouterr().err
     assert message in err and value in err and err.count("\n") == 1
+
+
+def test_the_start_line_says_how_many_windows_a_step_trains_on(tmp_path, capsys):
+    """--windows auto grows with the image (9 at 448 px, 36 at 896): the run's first line says the count,
+    which config.yaml alone said."""
+    from helpers import pretrain, write_images
+
+    data = write_images(tmp_path / "images", 4, (64, 64))
+    assert pretrain("--data", str(data), "--out", str(tmp_path / "run"), "--img-size", "64", "--windows", "auto",
+                    "--max-steps", "1", "--figure-images", "1") == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    count = paper_windows(64, 8, 3)
+    assert first.startswith("lomar pretrain:") and f", {count} windows of 3x3 patches, " in first, first
