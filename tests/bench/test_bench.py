@@ -101,6 +101,22 @@ def test_table_legend_does_not_call_the_rule_s_counts_the_paper_s():
     assert " 20p " in out.getvalue() and "else pretrain's auto rule" in out.getvalue()  # 672 px: no paper count
 
 
+
+def test_table_legend_says_sizes_are_not_timed_side_by_side():
+    """On a loaded 2-core machine LoMaR's 4 windows measured 4.5x slower at 896 px than at 448 px with the same
+    FLOPs: the sizes ran a minute apart, the load changed; interleaved in one process they took the same time."""
+    import io
+
+    from lomar.bench.report import print_table
+
+    records = [dict(method="lomar", img_size=size, windows=4, window_setting="4", step_s=1.0, images_per_s=4.0,
+                    flops=1e9, achieved_flops=1e9, mfu=0.5, peak_mem_bytes=0, base_size=224,
+                    peak_mem_kind="cpu_rss_growth") for size in (224, 896)]
+    for rows, said in ((records, True), (records[:1], False)):
+        out = io.StringIO()
+        print_table(rows, [], 2e9, out)
+        assert ("the sizes one after another" in out.getvalue()) is said
+
 @pytest.mark.parametrize("flags", [["--windows", "50", "--sizes", "128"], ["--sizes", "100"],
                                    ["--model", "vit_nope_patch16"]])
 def test_bench_rejects_bad_flags(flags, capsys):

@@ -95,6 +95,9 @@ def print_table(records: list[dict], comparisons: list[dict], ceiling: float, st
         w("win: windows per image, p = --windows paper (the paper's count where it gives one, else pretrain's "
           f"auto rule); vs base: time / own {records[0]['base_size']}px time; "
           f"peak mem: {'max allocated' if kind == 'cuda_max_allocated' else 'RSS growth during a step (CPU)'}\n")
+        if len({r["img_size"] for r in records}) > 1:  # a load that comes or goes between sizes shows as a size's cost
+            w("the methods of one size run interleaved, the sizes one after another: on a busy machine compare "
+              "times within a size, and across sizes the GFLOP column\n")
     if comparisons:
         w("\nMAE / LoMaR per size\n")
         for c in comparisons:
