@@ -35,8 +35,8 @@ def retain_freed_memory() -> bool:
 
     Returns True when the setting is in effect (Linux with glibc), False otherwise. Set
     ``LOMAR_DEFAULT_MALLOC=1`` to leave the allocator alone (e.g. to use jemalloc or tcmalloc
-    through ``LD_PRELOAD``, which solve the same problem). Idempotent; only the process that
-    calls it (not DataLoader workers started before) is affected.
+    through ``LD_PRELOAD``, which solve the same problem). Idempotent; the process that calls it
+    and the DataLoader workers it starts after (forked: they inherit it) are affected.
     """
     global _applied
     if _applied:
