@@ -93,6 +93,12 @@ def test_command_writes_and_refuses_a_full_folder(tmp_path, capsys):
     assert main(["compose-digits", "--out", str(out), "--img-size", "16"]) == 2
     assert "--img-size must be >= 32" in capsys.readouterr().err
     assert main(["compose-digits", "--out", str(out), "--img-size", "48", "--images", "3", "--overwrite"]) == 0
+    capsys.readouterr()
+    assert main(["compose-digits", "--out", str(out), "--img-size", "48", "--images", "3", "--overwrite",
+                 "--classify-images", "4", "--classify-size", "32"]) == 0
+    printed = capsys.readouterr().out  # the classification set is said, and 1 is not "1 pictures"
+    assert "val: 1 picture, " in printed and ", 1 one-digit picture in classify/val/" in printed, printed
+    assert ", 3 one-digit pictures in classify/train/" in printed, printed
 
 
 def test_overwrite_deletes_no_folder_compose_digits_did_not_write(tmp_path, capsys):

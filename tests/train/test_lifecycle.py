@@ -542,3 +542,8 @@ def test_a_resumed_run_hides_what_a_killed_one_logged_to_tensorboard_past_its_ch
     logged.Reload()
     steps = [(event.step, event.value) for event in logged.Scalars("train/loss")]
     assert [step for step, _ in steps] == list(range(1, 9)) and 99.0 not in [value for _, value in steps]
+
+
+def test_a_one_step_run_says_1_step(tmp_path, capsys):
+    assert run(ToyConfig(out=str(tmp_path / "one"), max_steps=1, warmup_epochs=0), ToyTask) == 0
+    assert "; 1 step (4 an epoch" in capsys.readouterr().out

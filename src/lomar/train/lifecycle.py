@@ -178,7 +178,8 @@ class _Run:
 
     def _announce(self) -> None:
         cfg, task = self.cfg, self.task
-        steps = f"steps {self.p.step + 1}-{self.last_step}" if self.p.step else f"{self.last_step} steps"
+        steps = (f"steps {self.p.step + 1}-{self.last_step}" if self.p.step
+                 else f"{self.last_step} step{'s' * (self.last_step != 1)}")
         print(f"lomar {task.name}: {task.describe()}; {steps} ({self.steps_per_epoch} an epoch, batch "
               f"{cfg.batch_size} x accum {self.accum} x {self.info.world_size} process(es)); out {self.out}; "
               f"device {self.device}, precision {self.precision}", flush=True)
