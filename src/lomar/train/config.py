@@ -255,8 +255,8 @@ class PretrainConfig(TaskConfig):
 
 
 # A tiny model on 96 px crops of the 15 bundled photographs (120 crops an epoch, 7 steps of 16,
-# 3 windows per image by --windows auto): ~0.17 s a step, so 672 steps train for about 2 minutes
-# on an idle 2-core machine (the data worker takes the other core), long enough for the
+# 3 windows per image by --windows auto): 0.1-0.3 s a step, so 672 steps train for 1 to 3.5 minutes
+# by CPU model on an idle 2-core machine (the data worker takes the other core), long enough for the
 # reconstructions to turn from coloured noise into the images' shapes. Figures at steps 0, 224,
 # 448 and 672.
 DEMO_PRESET: dict[str, Any] = dict(
