@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from test_lifecycle import ToyConfig, ToyTask
+from test_lifecycle import ToyConfig, ToyTask, run_two_ranks
 
 from lomar.checkpoints.io import safe_load
 from lomar.errors import UsageError
@@ -141,32 +141,10 @@ class ScoredOnMainOnly(ToyTask):
         return super().evaluate() if torch.distributed.get_rank() == 0 else {}
 
 
-def _ddp_scored_run(rank: int, port: int, out: str) -> None:
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
-    os._exit(run(ToyConfig(out=out, epochs=1, accum_steps=1), ScoredOnMainOnly))
-
-
 @pytest.mark.slow
 def test_the_weights_check_before_an_evaluation_is_joined_by_every_rank(tmp_path):
     # The end of the last epoch and the end of the run evaluate the same step: the main rank, having scored it,
     # skips the second; a check (a collective) made only by the ranks that go on would wait for it forever.
-    import socket
-    import time
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = mp.start_processes(_ddp_scored_run, args=(port, str(tmp_path)), nprocs=2, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the ranks' collectives went out of step at the end of the run")
+    run_two_ranks(ScoredOnMainOnly, tmp_path, "the ranks' collectives went out of step at the end of the run",
+                  epochs=1)
     assert safe_load(tmp_path / "last.pt")["step"] == 4 and '"score"' in (tmp_path / "metrics.jsonl").read_text()

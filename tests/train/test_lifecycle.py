@@ -412,17 +412,18 @@ class EmptyOnRankOne(ToyTask):
         return super().loss(batch)
 
 
-def _ddp_empty_run(rank: int, port: int, out: str) -> None:
+def _ranked_run(rank: int, port: int, out: str, task: type, settings: dict) -> None:
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
-    os._exit(run(ToyConfig(out=out, max_steps=3, accum_steps=1), EmptyOnRankOne))
+    os._exit(run(ToyConfig(out=out, accum_steps=1, **settings), task))
 
 
-@pytest.mark.slow
-def test_a_ddp_rank_with_nothing_to_learn_joins_the_step_with_an_idle_loss(tmp_path):
-    # Its backward, weighted 0, is what lets the other rank's all-reduce finish: without it the run hangs.
+def run_two_ranks(task: type, out, hang: str, timeout: float = 120, **settings) -> None:
+    """A :class:`ToyConfig` run of ``task`` (a module-level class: spawn pickles it by name) in two spawned
+    processes; fails with ``hang`` (what went out of step) when they have not both ended after ``timeout`` s,
+    killing them: a collective that one rank never joins waits forever."""
     import socket
     import time
 
@@ -431,14 +432,21 @@ def test_a_ddp_rank_with_nothing_to_learn_joins_the_step_with_an_idle_loss(tmp_p
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    context = mp.start_processes(_ddp_empty_run, args=(port, str(tmp_path)), nprocs=2, join=False,
+    context = mp.start_processes(_ranked_run, args=(port, str(out), task, settings), nprocs=2, join=False,
                                  start_method="spawn")
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
-            pytest.fail("a rank without a loss left the other waiting in the all-reduce")
+            pytest.fail(hang)
+
+
+@pytest.mark.slow
+def test_a_ddp_rank_with_nothing_to_learn_joins_the_step_with_an_idle_loss(tmp_path):
+    # Its backward, weighted 0, is what lets the other rank's all-reduce finish: without it the run hangs.
+    run_two_ranks(EmptyOnRankOne, tmp_path, "a rank without a loss left the other waiting in the all-reduce",
+                  max_steps=3)
     assert safe_load(tmp_path / "last.pt")["step"] == 3 and len(_losses(tmp_path)) == 3
 
 
