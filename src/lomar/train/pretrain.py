@@ -31,7 +31,7 @@ from lomar.train.lifecycle import Task, TrainingError, run
 from lomar.train.precision import resolve_precision
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.run_state import checkpoints_to_prune, newest_state
-from lomar.train.schedule import param_groups, peak_lr
+from lomar.train.schedule import param_groups
 from lomar.viz.curves import loss_curve
 from lomar.viz.reconstruction import reconstruction_snapshot
 
@@ -48,10 +48,6 @@ class PretrainTask(Task):
     def __init__(self, config: PretrainConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, device
         self.betas = tuple(config.betas)  # the method's recipe unless set
-        peak = peak_lr(config, info.world_size)
-        if config.lr is None and config.min_lr > peak:  # as --lr's check (config.py), for the lr --blr gives
-            raise ValueError(f"--min-lr {config.min_lr:g} is above the peak lr {peak:.3g} (--blr {config.blr:g} x "
-                             f"effective batch / 256): the lr would rise to it; lower --min-lr or raise --blr")
         self.model = build_model(config, prepare_method(config)).to(device)
         self.patch = self.model.config.patch_size
         self.runtime = method_runtime(config, self.patch)
