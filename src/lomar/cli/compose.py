@@ -9,6 +9,7 @@ from lomar.errors import UsageError
 from lomar.limits import MAX_IMG_SIZE
 from lomar.train import settings as S
 from lomar.train.settings import Setting, add_settings
+from lomar.values import counted
 
 __all__ = ["add_arguments", "run", "SETTINGS"]
 
@@ -53,12 +54,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"lomar compose-digits: note: digits under {MIN_DIGIT} px are drawn at {MIN_DIGIT} px (--digit-scale "
               f"{args.digit_scale[0]:g} x --img-size {args.img_size} = {smallest:.3g} px)")
     splits = summary["splits"]
-    parts = [f"{name}: {_count(s['images'], 'picture')}, {_count(s['instances'], 'digit')}"
-             + (f", {_count(s['classify_images'], 'one-digit picture')} in classify/{name}/"
+    parts = [f"{name}: {counted(s['images'], 'picture')}, {counted(s['instances'], 'digit')}"
+             + (f", {counted(s['classify_images'], 'one-digit picture')} in classify/{name}/"
                 if s.get("classify_images") else "") for name, s in splits.items()]
     print(f"lomar compose-digits: wrote {args.out} ({'; '.join(parts)}; COCO and ADE20K layouts)")
     return 0
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -46,6 +46,7 @@ from lomar.train.run_state import (
 from lomar.train.runtime import compile_model, default_threads, fast_adamw
 from lomar.train.schedule import lr_at, peak_lr, run_span, schedule_overrun, warmup_warning
 from lomar.train.task import EpochStream, Progress, SkippedFiles, Task, TrainingError, check_weights, diverged
+from lomar.values import counted
 from lomar.viz.curves import loss_summary
 
 __all__ = ["Task", "Progress", "TrainingError", "run"]
@@ -178,8 +179,7 @@ class _Run:
 
     def _announce(self) -> None:
         cfg, task = self.cfg, self.task
-        steps = (f"steps {self.p.step + 1}-{self.last_step}" if self.p.step
-                 else f"{self.last_step} step{'s' * (self.last_step != 1)}")
+        steps = f"steps {self.p.step + 1}-{self.last_step}" if self.p.step else counted(self.last_step, "step")
         print(f"lomar {task.name}: {task.describe()}; {steps} ({self.steps_per_epoch} an epoch, batch "
               f"{cfg.batch_size} x accum {self.accum} x {self.info.world_size} process(es)); out {self.out}; "
               f"device {self.device}, precision {self.precision}", flush=True)

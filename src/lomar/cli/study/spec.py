@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from lomar.errors import LomarError, UsageError
-from lomar.values import is_integer
+from lomar.values import counted, is_integer
 from lomar.yaml_io import YAMLError, load_yaml
 
 __all__ = ["Budget", "Cell", "EvalSpec", "StudySpec", "parse_budget", "parse_spec", "load_spec", "METRICS",
@@ -138,7 +138,7 @@ class Budget:
     def __str__(self) -> str:
         if self.unit == "seconds":
             return f"{self.value:g}s"
-        return f"{int(self.value)} {self.unit if self.value != 1 else self.unit.removesuffix('s')}"
+        return counted(int(self.value), self.unit.removesuffix("s"))
 
 
 def parse_budget(text: Any, key: str) -> Budget:
