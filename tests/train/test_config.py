@@ -73,6 +73,8 @@ def test_yaml_values_of_the_wrong_type_are_usage_errors(tmp_path, capsys, text, 
     (["--img-size", "0"], "--img-size must be positive"),
     (["--mask-ratio", "nan"], "--mask-ratio must be a finite number"),
     (["--lr", "inf"], "--lr must be a finite number"),
+    # layer scale multiplies each residual branch: 1e30 was accepted and gave a NaN loss at step 1
+    (["--method", "beit", "--layer-scale-init", "1e30"], "--layer-scale-init must be in (0, 1], got 1e+30"),
 ])
 def test_out_of_range_numbers_are_usage_errors(tmp_path, capsys, flags, message):
     assert _resolve(tmp_path, *flags) == 2

@@ -104,7 +104,8 @@ class PretrainConfig(TaskConfig):
                                     low=0)
     layer_scale_init: float | None = S.setting(
         None, "--method beit: layer-scale start (default: BEiT's by model size: 0.1 up to ViT-B, 1e-5 from ViT-L's "
-        "width 1024)", kind=float, above=0, resume="derived")
+        "width 1024; at most 1, where the branch passes unscaled)", kind=float, above=0, high=1.0,
+        resume="derived")
     compile: bool = S.COMPILE.field()
     compile_mode: str = S.COMPILE_MODE.field()
     fsdp: bool = S.setting(False, "shard the model, gradients and optimizer state across the torchrun processes "
