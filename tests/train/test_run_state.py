@@ -433,6 +433,17 @@ def test_a_log_write_that_fails_mid_run_names_the_file(tmp_path, code):
     assert str(tmp_path / "metrics.jsonl") in message and "\n" not in message
 
 
+def test_a_full_disk_mid_run_says_resume_not_rerun(tmp_path):
+    # "then rerun" sent a training run's user to a command that refuses the folder the run holds
+    from lomar.cli.app import describe_os_error
+
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.jsonl"))
+    message, code = describe_os_error(full, "pretrain")
+    assert code == 1 and message == (f"writing {tmp_path / 'metrics.jsonl'}: no space left on the device; free space, "
+                                     f"then resume with --resume auto (from the last checkpoint, if one was written)")
+    assert describe_os_error(full, "export")[0].endswith("free space or choose another location, then rerun")
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_an_evaluation_record_on_a_full_disk_names_its_file(tmp_path, monkeypatch):
     # /dev/full: the kernel's ENOSPC at the flush, and again when the file is closed, which named nothing

@@ -87,14 +87,17 @@ def _one_line(message: str) -> str:
     return " ".join(part.strip() for part in _ANSI.sub("", message).splitlines() if part.strip())
 
 
-def describe_os_error(exc: OSError) -> tuple[str, int] | None:
+def describe_os_error(exc: OSError, command: str | None = None) -> tuple[str, int] | None:
     """(one-line message naming the path and the fix, exit code) for an OSError on a path;
-    None for one without a path (left as a traceback: it is not about the user's input)."""
+    None for one without a path (left as a traceback: it is not about the user's input). A training
+    ``command`` that ran out of space mid-run (a log file) is resumed, not rerun: its folder holds a run."""
     path = exc.filename2 if exc.filename2 is not None else exc.filename
     code = exc.errno
     if code in (errno.ENOSPC, errno.EDQUOT):
         where = f"writing {path}: " if path is not None else ""
-        return f"{where}no space left on the device; free space or choose another location, then rerun", 1
+        fix = f"free space, then resume with {_RESUME}" if _trains(command) else \
+            "free space or choose another location, then rerun"
+        return f"{where}no space left on the device; {fix}", 1
     if path is None:
         return None
     fixes = {
@@ -133,9 +136,12 @@ def describe_dead_worker(exc: RuntimeError, command: str) -> str | None:
     RuntimeError names the worker; a worker's own exception arrives as itself (a bug: kept as a traceback)."""
     if not str(exc).startswith("DataLoader worker (pid"):
         return None
-    trains = any(name == command and module == "lomar.cli.train" for name, module, _ in SUBCOMMANDS)
     return (f"{str(exc).strip().splitlines()[0]} (the system kills a worker that runs out of memory: lower --workers "
-            f"or --batch-size){f'; resume with {_RESUME}' if trains else ''}")
+            f"or --batch-size){f'; resume with {_RESUME}' if _trains(command) else ''}")
+
+
+def _trains(command: str | None) -> bool:
+    return any(name == command and module == "lomar.cli.train" for name, module, _ in SUBCOMMANDS)
 
 
 class Terminated(KeyboardInterrupt):
@@ -203,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}: error: {line}", file=sys.stderr)
         return 1
     except OSError as exc:
-        described = describe_os_error(exc)
+        described = describe_os_error(exc, args.command)
         if described is None:
             raise
         message, code = described
