@@ -136,8 +136,8 @@ def test_fsdp_bf16_policy_keeps_fp32_weights_and_trains(tmp_path):
 
 
 def _full_disk_worker(rank: int, world: int, port: int, out: str, where: str) -> None:
-    """Save once, then save again with a full disk hitting rank 1's shards or rank 0's meta.pt;
-    each rank writes what the second save raised to ``out/rank<r>.txt``."""
+    """Save once, then save again with a full disk hitting rank 1's shards or rank 0's meta.pt (or rank 1's
+    shards meeting a folder gone read-only); each rank writes what the second save raised to ``out/rank<r>.txt``."""
     import contextlib
     import errno
     from unittest import mock
@@ -158,6 +158,9 @@ def _full_disk_worker(rank: int, world: int, port: int, out: str, where: str) ->
                     raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
 
             patch = mock.patch("torch.distributed.checkpoint.filesystem._write_item", zip_writer_on_a_full_disk)
+        elif where == "read-only" and rank == 1:
+            patch = mock.patch("torch.distributed.checkpoint.filesystem._write_item",
+                               side_effect=OSError(errno.EROFS, "Read-only file system"))
         elif where == "meta" and rank == 0:
             patch = mock.patch("lomar.train.fsdp.atomic_save",
                                side_effect=OSError(errno.ENOSPC, "No space left on device"))
@@ -178,9 +181,10 @@ def _full_disk_worker(rank: int, world: int, port: int, out: str, where: str) ->
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["shards", "meta"])
+@pytest.mark.parametrize("where", ["shards", "meta", "read-only"])
 def test_a_full_disk_during_a_sharded_save_is_one_line_on_every_rank_and_keeps_the_last_checkpoint(tmp_path,
                                                                                                     where):
+    # a folder gone read-only was DCP's multi-rank traceback, where the same on a single process is one line
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -188,7 +192,8 @@ def test_a_full_disk_during_a_sharded_save_is_one_line_on_every_rank_and_keeps_t
     mp.start_processes(_full_disk_worker, args=(2, port, str(tmp_path), where), nprocs=2, start_method="spawn")
     for rank in range(2):
         raised = (tmp_path / f"rank{rank}.txt").read_text()
-        assert raised.startswith("SaveError: no space left on the device to write"), (rank, raised)
+        expected = "cannot write" if where == "read-only" else "no space left on the device to write"
+        assert raised.startswith(f"SaveError: {expected} {tmp_path / 'sharded'}"), (rank, raised)
         assert "\n" not in raised and "resume with --resume auto" in raised
     assert not (tmp_path / "sharded.tmp").exists()  # the partial folder is gone
     from lomar.train.fsdp import consolidate

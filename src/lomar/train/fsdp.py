@@ -92,32 +92,40 @@ def _writer(directory: Path):
     return Writer(str(directory))
 
 
-def _full_disk(failure: BaseException) -> bool:
-    """Whether ``failure`` (an OSError, or DCP's exception wrapping each rank's) is a full disk.
-    The writers involved (:func:`_writer`, DCP's metadata pickle, ``atomic_save``) fail with the
-    OSError itself, so it is found without a chain of causes (which DCP's pickling drops anyway)."""
+_FULL, _UNWRITABLE = (errno.ENOSPC, errno.EDQUOT), (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _failure_code(failure: BaseException | None) -> int:
+    """0 none, 3 a full disk, 2 a folder that cannot be written, 1 anything else; of ``failure`` (an OSError, or
+    DCP's exception wrapping each rank's). The writers involved (:func:`_writer`, DCP's metadata pickle,
+    ``atomic_save``) fail with the OSError itself, so it is found without a chain of causes (which DCP's
+    pickling drops anyway)."""
     from torch.distributed.checkpoint.api import CheckpointException
 
+    if failure is None:
+        return 0
     causes = [exc for exc, _ in failure.failures.values()] if isinstance(failure, CheckpointException) else [failure]
-    return any(isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) for exc in causes)
+    errnos = {exc.errno for exc in causes if isinstance(exc, OSError)}
+    return 3 if errnos & set(_FULL) else 2 if errnos & set(_UNWRITABLE) else 1
 
 
 def _agree_on_failure(failure: BaseException | None, directory: Path, tmp: Path) -> None:
     """Collective: if any rank failed to write its part, every rank raises (rank 0 having removed
-    the partial ``tmp``); a full disk anywhere is a one-line SaveError on all ranks."""
-    code = 0 if failure is None else 2 if _full_disk(failure) else 1
+    the partial ``tmp``); a full disk or an unwritable folder anywhere is a one-line SaveError on all ranks."""
     nccl = dist.get_backend() == "nccl"  # reduces CUDA tensors only
-    verdict = torch.tensor([code], device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
+    verdict = torch.tensor([_failure_code(failure)],
+                           device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
     dist.all_reduce(verdict, op=dist.ReduceOp.MAX)  # every rank has finished its part when this returns
     if not verdict.item():
         return
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    if verdict.item() == 2:
-        error = SaveError(f"no space left on the device to write {directory}; nothing written before it was "
-                          f"changed; free space and resume with --resume auto")
-        error.errno = errno.ENOSPC
+    if verdict.item() > 1:
+        what, fix = ((f"no space left on the device to write {directory}", "free space") if verdict.item() == 3 else
+                     (f"cannot write {directory} (read-only or not permitted)", f"make {directory.parent} writable"))
+        error = SaveError(f"{what}; nothing written before it was changed; {fix} and resume with --resume auto")
+        error.errno = _FULL[0] if verdict.item() == 3 else _UNWRITABLE[1]
         raise error from None
     if failure is not None:
         raise failure
