@@ -50,7 +50,7 @@ def test_windowed_beit_reads_any_integer_ids_and_names_float_ones():
     ids = torch.randint(0, 16, (2, 36))
     assert torch.equal(model(images, plan=plan, input_ids=ids.int()).loss, model(images, plan=plan, input_ids=ids).loss)
     with pytest.raises(TypeError, match="input_ids must be a tensor of integer token ids.*got torch.float32"):
-        model(images, plan=plan, input_ids=ids.float())  # was torch's 'expected target dtype to be Long'
+        model(images, plan=plan, input_ids=ids.float())  # not torch's 'expected target dtype to be Long'
 
 
 def test_a_plan_a_model_returned_is_checked_again_when_given_back_after_an_edit():
@@ -232,10 +232,10 @@ def test_beit_decay_groups_follow_the_original():
 
 
 @pytest.mark.parametrize("images, ids, named", [
-    # input_ids one column short: the windows' token positions indexed past its rows' end, or not
+    # input_ids one column short: the windows' token positions would index past its rows' end, or not
     (torch.randn(2, 3, 48, 48), torch.zeros(2, 35, dtype=torch.long), "input_ids must be (N, L) = (2, 36)"),
-    (torch.randn(3, 48, 48), None, "images must be (N, 3, 48, 48), got (3, 48, 48)"),  # was: 'not enough values'
-    (torch.randn(2, 1, 48, 48), None, "images must be (N, 3, 48, 48)"),  # was: 'mat1 and mat2 shapes'
+    (torch.randn(3, 48, 48), None, "images must be (N, 3, 48, 48), got (3, 48, 48)"),  # not 'not enough values'
+    (torch.randn(2, 1, 48, 48), None, "images must be (N, 3, 48, 48)"),  # not the matmul's 'mat1 and mat2 shapes'
     (torch.zeros(2, 3, 48, 48, dtype=torch.uint8), None, "images are torch.uint8 but the model's weights are "
                                                           "torch.float32"),
 ])
@@ -247,7 +247,7 @@ def test_beit_pretraining_names_wrong_images_and_ids(images, ids, named):
 
 
 @pytest.mark.parametrize("overrides, named", [
-    (dict(img_size="48"), "BEiTConfig.img_size must be an integer, got '48'"),  # was: 'not all arguments converted'
+    (dict(img_size="48"), "BEiTConfig.img_size must be an integer, got '48'"),  # not 'not all arguments converted'
     (dict(img_size=(48, 48)), "BEiTConfig.img_size must be an integer, got (48, 48)"),
     (dict(vocab_size=16.0), "BEiTConfig.vocab_size must be an integer, got 16.0"),
 ])

@@ -110,7 +110,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # Besides the flags every task reads (the model, sizes, batch, precision, device, threads, steps, --json):
-# a flag of another task was ignored without a word (--task backbone --compile timed the eager encoder).
+# a flag of another task is refused: ignored, it would mislead (--task backbone --compile would time the
+# eager encoder).
 _TASK_FLAGS = {
     "pretrain": {"methods", "windows", "compile", "compile_mode", "plot", "profile"},
     "backbone": {"attention", "encoders", "grad_checkpointing", "depth"},

@@ -83,7 +83,7 @@ def frozen_features(args: argparse.Namespace, say=lambda msg: None) -> list:
     return features
 
 
-# What a run or export folder's readers load: an output on one of them replaced the checkpoint it scored.
+# What a run or export folder's readers load: an output on one of them would replace the checkpoint it scores.
 _READ_IN_FOLDER = ("last.pt", "config.json", "model.safetensors", "encoder.safetensors")
 
 
@@ -142,7 +142,8 @@ def knn_run(args: argparse.Namespace) -> int:
 def resolve_linprobe(args: argparse.Namespace) -> None:
     """The protocol's own defaults, as ``lomar linprobe`` and the study both read them: MAE's probes the
     cls token and warms up within its epochs; AdamW's probes the mean of the patch tokens."""
-    # A flag of the other protocol was ignored without a word (--protocol mae --weight-decay 0.05 ran without it).
+    # A flag of the other protocol is refused: ignored, it would mislead (--protocol mae --weight-decay 0.05
+    # would run without it).
     other = "adamw" if args.protocol == "mae" else "mae"
     for name in _PROTOCOL_FLAGS[other]:
         if getattr(args, name) != LINPROBE[name].default:

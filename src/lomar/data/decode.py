@@ -208,7 +208,7 @@ def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = No
                                  f"convert it to 8 or 16 bits")
             if img.mode in WIDE_MODES:  # 16 bits, as torchvision scales them; a 32-bit "I" holds no depth
                 arr = np.asarray(img, dtype=np.float64)
-                if arr.size and (arr.min() < 0 or arr.max() > 65535):  # signed (CT in HU) or wider: clipped, it was
+                if arr.size and (arr.min() < 0 or arr.max() > 65535):  # signed (CT in HU) or wider: clipping loses it
                     raise ValueError(f"cannot decode image {name}: a 32-bit integer image with values from "
                                      f"{arr.min():.0f} to {arr.max():.0f} has no known range; convert it to 8 or 16 "
                                      f"bits")

@@ -70,7 +70,7 @@ class FixedSizeTransform(GeneralizedRCNNTransform):
     def resize(self, image: torch.Tensor, target: dict | None = None) -> tuple[torch.Tensor, dict | None]:
         if self.training or target is not None:
             return super().resize(image, target)
-        # torchvision's own resize is bilinear without antialiasing: an image larger than the input was
+        # torchvision's own resize is bilinear without antialiasing: an image larger than the input would be
         # point-sampled (aliased), unlike the antialiased jitter the detector trains on
         height, width = image.shape[-2:]
         scale = self.size / max(height, width)

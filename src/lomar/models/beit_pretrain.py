@@ -136,7 +136,7 @@ class BEiTPretrain(nn.Module):
         if input_ids is not None:
             check_token_ids(input_ids)
             if tuple(input_ids.flatten(1).shape) != (images.shape[0], grid[0] * grid[1]):
-                # a narrower row was indexed past its end by the windows' token positions
+                # the windows' token positions would index a narrower row past its end
                 raise ValueError(f"input_ids must be (N, L) = {(images.shape[0], grid[0] * grid[1])} (or (N, "
                                  f"{grid[0]}, {grid[1]})), one id per patch, got {tuple(input_ids.shape)}")
         plan = (self.sample_plan(images, generator) if plan is None
