@@ -148,3 +148,30 @@ def test_the_weights_check_before_an_evaluation_is_joined_by_every_rank(tmp_path
     run_two_ranks(ScoredOnMainOnly, tmp_path, "the ranks' collectives went out of step at the end of the run",
                   epochs=1)
     assert safe_load(tmp_path / "last.pt")["step"] == 4 and '"score"' in (tmp_path / "metrics.jsonl").read_text()
+
+
+class FailsToScoreOnMain(ToyTask):
+    """The main process's scoring data fail at the first epoch's end, as k-NN's can; the others score nothing."""
+
+    best_metric = None
+
+    def evaluate(self):
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return {}
+        raise TrainingError("no image of the k-NN data could be read; fix or replace them")
+
+
+def test_an_evaluation_that_fails_on_its_data_keeps_what_the_run_trained(tmp_path):
+    with pytest.raises(TrainingError, match="no image of the k-NN data could be read"):
+        run(ToyConfig(out=str(tmp_path / "run")), FailsToScoreOnMain)
+    assert safe_load(tmp_path / "run" / "last.pt")["step"] == 4
+
+
+@pytest.mark.slow
+def test_an_evaluation_that_fails_on_the_main_rank_alone_keeps_what_the_run_trained(tmp_path):
+    # under DDP the main rank raised without a save (the others could not join it): the epoch's 4 steps were lost
+    raised = run_two_ranks(FailsToScoreOnMain, tmp_path, "the other rank waited for the failed one", errors=True,
+                           epochs=2)
+    assert raised == ["TrainingError: no image of the k-NN data could be read; fix or replace them",
+                      "TrainingError: another process's evaluation failed; see its error"]
+    assert safe_load(tmp_path / "last.pt")["step"] == 4

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -417,13 +418,19 @@ def _ranked_run(rank: int, port: int, out: str, task: type, settings: dict) -> N
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
-    os._exit(run(ToyConfig(out=out, accum_steps=1, **settings), task))
+    try:
+        code = run(ToyConfig(out=out, accum_steps=1, **settings), task)
+    except Exception as exc:  # noqa: BLE001 - recorded for the test, which reads what each rank raised
+        (Path(out) / f"rank{rank}.error").write_text(f"{type(exc).__name__}: {exc}")
+        code = 1
+    os._exit(code)
 
 
-def run_two_ranks(task: type, out, hang: str, timeout: float = 120, **settings) -> None:
+def run_two_ranks(task: type, out, hang: str, timeout: float = 120, errors: bool = False, **settings) -> list[str]:
     """A :class:`ToyConfig` run of ``task`` (a module-level class: spawn pickles it by name) in two spawned
     processes; fails with ``hang`` (what went out of step) when they have not both ended after ``timeout`` s,
-    killing them: a collective that one rank never joins waits forever."""
+    killing them: a collective that one rank never joins waits forever. ``errors``: the ranks may raise; each
+    one's "Type: message" (or "") is returned; otherwise an error fails the test."""
     import socket
     import time
 
@@ -435,11 +442,17 @@ def run_two_ranks(task: type, out, hang: str, timeout: float = 120, **settings) 
     context = mp.start_processes(_ranked_run, args=(port, str(out), task, settings), nprocs=2, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + timeout
-    while not context.join(timeout=1):
+    while not all(process.exitcode is not None for process in context.processes):
+        time.sleep(0.2)
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
             pytest.fail(hang)
+    raised = [(Path(out) / f"rank{rank}.error").read_text() if (Path(out) / f"rank{rank}.error").exists() else ""
+              for rank in range(2)]
+    if not errors and (any(raised) or any(process.exitcode for process in context.processes)):
+        pytest.fail(f"the ranks raised {raised}, exit codes {[process.exitcode for process in context.processes]}")
+    return raised
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from lomar.train.runtime import retain_freed_memory
 
-__all__ = ["DistInfo", "init_distributed", "cleanup_distributed"]
+__all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "any_rank"]
 
 
 @dataclass(frozen=True)
@@ -56,3 +56,12 @@ def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on this process or any other rank (a collective under DDP)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    agreed = torch.tensor(float(flag), device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    return bool(agreed)

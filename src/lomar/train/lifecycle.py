@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lomar.checkpoints.io import safe_load
 from lomar.errors import LomarError, UsageError
-from lomar.train.distributed import DistInfo, cleanup_distributed, init_distributed
+from lomar.train.distributed import DistInfo, any_rank, cleanup_distributed, init_distributed
 from lomar.train.fsdp import load_sharded, save_run_checkpoint
 from lomar.train.monitor import Monitor, input_limit_note, resume_hint
 from lomar.train.precision import autocast_factory, resolve_precision
@@ -295,14 +295,16 @@ class _Run:
     def _evaluate(self, seconds: float | None = None) -> dict:
         # every rank, first: a main-only scoring (k-NN) marks the step scored on the main rank alone
         check_weights(self.task.model, self.info.enabled, self.p.step, self.out, self.cfg, self.precision)
-        if self.evaluated_step == self.p.step:
-            return {}
-        try:
-            metrics = self.task.evaluate()
-        except (TrainingError, LomarError):  # the evaluation's data failed, not the training: keep what it trained
-            if not self.info.enabled:  # under DDP a main-only scoring (k-NN) fails alone: no collective save
-                self.save()
-            raise
+        failure, metrics = None, {}
+        if self.evaluated_step != self.p.step:
+            try:
+                metrics = self.task.evaluate()
+            except (TrainingError, LomarError) as exc:  # the evaluation's data failed, not the training
+                failure = exc
+        # every rank, as a main-only scoring (k-NN) fails alone: all join the save that keeps what it trained
+        if any_rank(failure is not None, self.device):
+            self.save()
+            raise failure or TrainingError("another process's evaluation failed; see its error")
         if metrics:
             self.evaluated_step = self.p.step
             extra = {"partial": True} if self.p.batches_done else {}

@@ -7,7 +7,8 @@ import signal
 import threading
 
 import torch
-import torch.distributed as dist
+
+from lomar.train.distributed import any_rank
 
 __all__ = ["StopFlag", "ignore_stop_signals", "any_rank_stopping", "shut_down_workers"]
 
@@ -61,10 +62,7 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 def any_rank_stopping(stop: StopFlag, device: torch.device) -> bool:
     """True when this process or any other rank was signalled (a collective under DDP)."""
-    flag = torch.tensor(float(stop.signal is not None), device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag)
+    return any_rank(stop.signal is not None, device)
 
 
 def shut_down_workers(*loaders) -> None:
