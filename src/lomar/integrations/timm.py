@@ -1,4 +1,4 @@
-"""Our encoders in timm's model registry: ``lomar_vit_{tiny,small,base,large,huge}_patch{8,14,16}``.
+"""Our encoders in timm's model registry: ``lomar_vit_{mini,tiny,small,base,large,huge}_patch{8,14,16}``.
 
 Importing this module imports timm (seconds) and registers the models; ``import lomar`` alone
 never does. Typical use::
@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import logging
 
-import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import global_pool_nlc, trunc_normal_
@@ -41,7 +40,7 @@ from torch import nn
 from lomar.checkpoints.keys import encoder_keys
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig
 
-__all__ = ["LomarVisionTransformer", "checkpoint_filter_fn", "create_from_export"]
+__all__ = ["LomarVisionTransformer", "checkpoint_filter_fn"]
 
 _log = logging.getLogger("lomar.integrations.timm")
 _POOLS = ("", "avg", "token", "max")
@@ -226,9 +225,3 @@ def _register(variant: str) -> None:
 
 for _variant in _VARIANTS:
     _register(_variant)
-
-
-def create_from_export(path, pretrained: bool = True, **kwargs) -> nn.Module:
-    """``timm.create_model`` for a ``lomar export`` folder; kwargs (num_classes, features_only,
-    ...) go to timm. Same as ``timm.create_model('local-dir:PATH', pretrained=True, **kwargs)``."""
-    return timm.create_model(f"local-dir:{path}", pretrained=pretrained, **kwargs)

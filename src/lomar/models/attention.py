@@ -21,7 +21,6 @@ mode is plain SDPA, whose fused kernels are already O(L) in memory.
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +32,6 @@ __all__ = ["ATTENTION_MODES", "DENSE_MAX_TOKENS", "DENSE_BIAS_BYTES", "offset_bu
            "chunk_rows", "rpe_attention", "biased_attention", "flex_available", "irpe_score_mod", "windowed_attention",
            "vitdet_global_blocks"]
 
-AttentionMode = Literal["auto", "dense", "chunked", "flex"]
 ATTENTION_MODES = ("auto", "dense", "chunked", "flex")
 DENSE_MAX_TOKENS = 1025  # auto: dense up to [cls] + 32x32 tokens (512 px at patch 16)
 DENSE_BIAS_BYTES = 256 * 2**20  # auto: dense below this bias size per block (1 image, ViT-B: 48x48 grid)
