@@ -31,11 +31,10 @@ def _inputs(n: int = 2, seed: int = 1):
     return images, mask, ids
 
 
-def test_config_from_meta(tmp_path):
-    meta = tmp_path / "beit_meta.json"
-    meta.write_text('{"method": "beit", "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, '
-                    '"num_heads": 4, "vocab_size": 16, "seed": 0, "grid": [4, 4]}')
-    assert BEiTConfig.from_meta(meta) == BEiTConfig(**{**TINY, "drop_path_rate": 0.1})
+def test_config_from_dict_reads_its_own_keys_only():
+    meta = {"method": "beit", "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4,
+            "vocab_size": 16, "seed": 0, "grid": [4, 4]}  # a golden case's beit_meta.json
+    assert BEiTConfig.from_dict(meta) == BEiTConfig(**{**TINY, "drop_path_rate": 0.1})
 
 
 def test_shapes_and_all_tokens():

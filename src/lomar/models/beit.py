@@ -8,11 +8,9 @@ Parameter names are the original's, so converting an original checkpoint only dr
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 from functools import partial
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -87,15 +85,6 @@ class BEiTConfig(EncoderShape):
     @property
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
-
-    @classmethod
-    def from_meta(cls, meta: dict | str | Path) -> BEiTConfig:
-        """From a golden case's ``beit_meta.json`` (path or loaded dict)."""
-        if not isinstance(meta, dict):
-            meta = json.loads(Path(meta).read_text())
-        if meta.get("method", "beit") != "beit":
-            raise ValueError(f"meta method={meta.get('method')!r} is not a BEiT case; pass a beit_meta.json")
-        return cls.from_dict(meta)
 
 
 def _zero_table(grid: tuple[int, int], num_heads: int) -> nn.Parameter:
