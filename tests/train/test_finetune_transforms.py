@@ -44,3 +44,24 @@ def test_posterize_zero_bits_is_actually_drawn():
     levels = [op.level_fn(max(0.0, min(random.gauss(op.magnitude, op.magnitude_std), 10)), op.hparams)[0]
               for op in posterize for _ in range(3000)]
     assert min(levels) == 0
+
+
+@pytest.mark.parametrize("aa", ["v0", "original", "originalr", "v0r", "3a", "augmix-m5", "rand-m0"])
+def test_every_policy_kind_has_its_posterize_guarded(aa):
+    """AutoAugment (--aa original, v0, ...) keeps its ops in sub-policies, not in ``ops``: found too."""
+    from lomar.data.classify import _augment_ops
+
+    ops = _augment_ops(classification_transforms(16, aa=aa)[0])
+    assert ops
+    assert all(op.aug_fn is _posterize_any_bits for op in ops if op.name.startswith("Posterize"))
+
+
+def test_autoaugment_v0_survives_thousands_of_calls():
+    """v0's sub-policy ('Posterize', 0.8, 2) asks Pillow for 0 bits: about 1 call in 37 raised ValueError, which
+    a finetuning run counted as an unreadable image."""
+    train_tf, _ = classification_transforms(16, aa="v0")
+    random.seed(0)
+    torch.manual_seed(0)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    for _ in range(1000):
+        assert train_tf(image).shape == (3, 16, 16)

@@ -46,6 +46,19 @@ def _posterize_any_bits(img, bits_to_keep, **_):
     return ImageOps.posterize(img, bits_to_keep)
 
 
+def _augment_ops(transform) -> list:
+    """timm's ``AugmentOp``s of a composed transform: RandAugment's and AugMix's ``ops``, and AutoAugment's (``--aa
+    original``, ``v0``, ``3a``...) sub-policies, its ``policy`` (a list of lists of ops)."""
+    from timm.data.auto_augment import AugmentOp
+
+    found = []
+    for t in getattr(transform, "transforms", ()):
+        for op in [*getattr(t, "ops", ()), *(op for sub in getattr(t, "policy", ()) for op in sub)]:
+            if isinstance(op, AugmentOp):
+                found.append(op)
+    return found
+
+
 def eval_crop_ratio(img_size: int) -> float:
     """Centre-crop ratio of the evaluation transform: 0.875 up to 224 px, 1.0 above."""
     return 0.875 if img_size <= 224 else 1.0
@@ -57,18 +70,16 @@ def classification_transforms(img_size: int, aa: str = "rand-m9-mstd0.5-inc1", r
     ``crop_scale``) + flip, RandAugment + random erasing, bicubic resize; evaluation centre-crops
     0.875 of the resized image at <= 224 px and the whole image (crop ratio 1.0) above, as the
     original does; strips are cut to :data:`MAX_ASPECT` first (:func:`bound_aspect`). The train
-    transform's posterize ops are the guarded ones above, so every RandAugment policy works with
-    every Pillow we allow."""
+    transform's posterize ops are the guarded ones above, so every RandAugment, AutoAugment and AugMix
+    policy works with every Pillow we allow (AutoAugment's ``v0`` asks for 0 bits in one sub-policy)."""
     from timm.data import create_transform
-    from timm.data.auto_augment import AugmentOp
 
     train_tf = create_transform(img_size, is_training=True, scale=tuple(crop_scale), color_jitter=None,
                                 auto_augment=None if aa == "none" else aa, interpolation="bicubic",
                                 re_prob=reprob, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    for t in getattr(train_tf, "transforms", ()):
-        for op in getattr(t, "ops", ()):
-            if isinstance(op, AugmentOp) and op.name.startswith("Posterize"):
-                op.aug_fn = _posterize_any_bits
+    for op in _augment_ops(train_tf):
+        if op.name.startswith("Posterize"):
+            op.aug_fn = _posterize_any_bits
     val_tf = create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=eval_crop_ratio(img_size),
                               mean=IMAGENET_MEAN, std=IMAGENET_STD)
     val_tf.transforms.insert(0, bound_aspect)  # its Resize is of the short side: strips first
