@@ -3,13 +3,15 @@ order (under YAML and flags, over the generic defaults), and what the engine tak
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from lomar.cli.app import main
+from lomar.cli.app import build_parser, main
 from lomar.data.transforms import PretrainTransform, draw_sample, sample_generator
 from lomar.methods import get_method
 from lomar.methods.base import RECIPE_KEYS
@@ -116,3 +118,59 @@ def test_crop_scale_reaches_the_crop():
     for i in range(50):
         _, _, h, w = transform.crop_box(100, 100, sample_generator(0, 0, i))
         assert h * w <= 0.13 * 100 * 100  # rounding of h and w
+
+
+def _quoted(help_text: str, method: str, methods: tuple[str, ...]) -> str | None:
+    """The value a pretrain help writes out for ``method``: "lomar, mae: 400; beit: 800" -> "400" for mae;
+    "the --method's recipe: 0.05" (one value for every method) -> "0.05"."""
+    names = "|".join(methods)
+    for group, value in re.findall(rf"((?:(?:{names}), )*(?:{names})): ([^;)]+)", help_text):
+        if method in group.split(", "):
+            return value.split(",")[0].strip()
+    shared = re.search(r"recipe: ([^;)]+)", help_text)
+    return shared.group(1).strip() if shared else None
+
+
+def _written(value) -> str:
+    return " ".join(_written(v) for v in value) if isinstance(value, tuple) else f"{value:g}"
+
+
+def _numbers(text: str) -> list[float] | None:
+    try:
+        return [float(v) for v in text.split()]
+    except ValueError:
+        return None
+
+
+def help_drift(helps: dict[str, str], methods: dict) -> list[str]:
+    """Where a pretrain help's written-out value differs from a method's recipe (``methods``: name -> Method)."""
+    unset = {"clip_grad": "no clipping", "lr": "from --blr"}  # what a help says for a recipe's None
+    wrong = []
+    for name, method in methods.items():
+        for key in sorted(set(RECIPE_KEYS) - {"layer_scale_init"}):
+            value, quoted = method.recipe[key], _quoted(helps[key], name, tuple(methods))
+            if quoted is None and key == "blr" and method.recipe["lr"] is not None:
+                continue  # an absolute lr: blr is not read, and not quoted
+            expected = unset[key] if value is None else _written(value)
+            if quoted is None or quoted != expected and (value is None or _numbers(quoted) != _numbers(expected)):
+                wrong.append(f"--{key.replace('_', '-')} {name}: help says {quoted!r}, recipe {value!r}")
+        ratio = method.default_mask_ratio
+        if ratio is not None and f"{ratio:g} {name}" not in helps["mask_ratio"]:
+            wrong.append(f"--mask-ratio {name}: help {helps['mask_ratio']!r} lacks {ratio:g}")
+    return wrong
+
+
+def test_the_pretrain_help_quotes_each_methods_own_recipe():
+    """The pretrain help writes each method's recipe out (--help imports no method module: that would import
+    torch), so a recipe changed in its method module must change the help too."""
+    from lomar.methods import names
+
+    parser = build_parser(["pretrain"]).commands["pretrain"]
+    helps = {a.dest: a.help for a in parser._actions}
+    methods = {name: get_method(name) for name in names()}
+    assert help_drift(helps, methods) == []
+    beit = methods["beit"]
+    drifted = {**methods, "beit": dataclasses.replace(beit, recipe={**beit.recipe, "min_lr": 2e-5},
+                                                      default_mask_ratio=0.5)}
+    assert help_drift(helps, drifted) == ["--min-lr beit: help says '1e-5', recipe 2e-05",
+                                          "--mask-ratio beit: help " + repr(helps["mask_ratio"]) + " lacks 0.5"]
