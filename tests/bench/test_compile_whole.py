@@ -81,8 +81,8 @@ def test_the_training_steps_inputs_keep_the_step_one_graph(method, windows):
 
 @pytest.mark.parametrize("method,windows", CASES)
 def test_the_compiled_step_compiles_once(method, windows, monkeypatch):
-    # Cold position caches used to be filled while tracing: dynamo guarded on the key's absence and the
-    # second call compiled the whole step again. A blockwise plan's host-side counts
+    # A cold position cache filled while tracing would make dynamo guard on the key's absence, and the
+    # second call would compile the whole step again. A blockwise plan's host-side counts
     # (MaskingPlan.masked_range) change every batch: the step must not guard on them.
     from torch._dynamo.testing import CompileCounter
 

@@ -334,7 +334,7 @@ def test_timm_refuses_an_export_whose_model_args_ask_for_a_huge_image(pretrained
     _, root = pretrained
     shutil.copytree(root / "exp", tmp_path / "exp")
     config = json.loads((tmp_path / "exp" / "config.json").read_text())
-    config["model_args"]["img_size"] = 100_000  # an RPE encoder: the old code built it, cheaply
+    config["model_args"]["img_size"] = 100_000  # an RPE encoder builds cheaply at any size: only the bound stops it
     (tmp_path / "exp" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"img_size must be at most 8192 \(lomar.limits.MAX_IMG_SIZE\), got 100000"):
         timm.create_model(f"local-dir:{tmp_path / 'exp'}", pretrained=True)

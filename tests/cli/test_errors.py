@@ -399,7 +399,7 @@ def test_a_rank_whose_peer_died_says_so_in_one_line(monkeypatch, capsys):
 
 def test_a_sigterm_while_a_rank_reports_its_lost_peer_leaves_the_one_line(monkeypatch, capsys):
     """torchrun SIGTERMs the processes that outlive a failed one: a rank already reporting its lost peer ends with
-    its one line and exit 1; the handler used to raise Terminated there, a traceback after the line."""
+    its one line and exit 1, with no Terminated traceback after the line."""
     import os
     import signal
 

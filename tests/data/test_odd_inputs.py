@@ -103,7 +103,7 @@ def test_compose_digits_bounds_the_classify_pictures_before_allocating_them(tmp_
     from lomar.data.compose import compose_digits
 
     code = main(["compose-digits", "--out", str(tmp_path / "s"), "--img-size", "32", "--images", "2",
-                 "--classify-images", "2", "--classify-size", "90000"])  # was a 97 GB canvas: killed for memory
+                 "--classify-images", "2", "--classify-size", "90000"])  # a 97 GB canvas, unless refused
     err = capsys.readouterr().err
     assert code == 2 and "--classify-size" in err and "8192" in err and err.count("\n") == 1
     for size in ({"classify_size": 90000, "classify_images": 2}, {"img_size": 90000}):

@@ -194,8 +194,8 @@ def test_ratio_errors_print_bounds_that_are_valid():
     (lambda: MaskingPlan([[[0, 0]]], torch.ones(1, 1, 9).bool(), 3), "MaskingPlan.top_left must be a torch.Tensor"),
 ])
 def test_wrong_argument_types_are_named(call, named):
-    # They raised torch's or Python's errors from deep inside (rand()'s signature, "cannot unpack",
-    # "'int' object has no attribute 'device'"), or a plan of window_size "3" was refused as
+    # Unchecked, they raise torch's or Python's errors from deep inside (rand()'s signature, "cannot unpack",
+    # "'int' object has no attribute 'device'"), or a plan of window_size "3" is refused as
     # "plan has 3x3 windows but the model uses 3x3".
     with pytest.raises((ValueError, TypeError)) as info:
         call()
@@ -208,13 +208,13 @@ def test_a_plan_of_another_type_is_named():
 
     model = LoMaR(ViTConfig(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2), 2, 2, 0.5)
     plan = sample_plan(1, (4, 4), 2, 2, 0.5)
-    with pytest.raises(TypeError, match="plan must be a lomar.MaskingPlan .* got dict"):  # was: AttributeError
+    with pytest.raises(TypeError, match="plan must be a lomar.MaskingPlan .* got dict"):  # not an AttributeError
         model(torch.randn(1, 3, 32, 32), plan={"top_left": plan.top_left, "mask": plan.mask})
 
 
 def test_a_plan_checked_where_it_was_built_is_not_checked_again_on_the_device(monkeypatch):
-    # The training loop's plans reached the model on the GPU and were validated there at every step:
-    # each bool(tensor.any()) waited for the device. Now they are checked on the host by plan_kwargs.
+    # The training loop's plans are checked on the host by plan_kwargs: validated again on the GPU at every
+    # step, each bool(tensor.any()) would wait for the device.
     import types
 
     from lomar.methods.base import plan_kwargs
@@ -237,7 +237,7 @@ def test_a_plan_checked_where_it_was_built_is_not_checked_again_on_the_device(mo
 
 
 def test_a_checked_plan_carries_its_masked_counts():
-    # MAE with windows and BEiT size a tensor by these counts: read from a plan on a GPU, each was a
+    # MAE with windows and BEiT size a tensor by these counts: read from a plan on a GPU, each would be a
     # wait for the device at every eager step.
     drawn = sample_plan(2, (8, 8), 3, 2, 0.5, torch.Generator().manual_seed(0))
     assert drawn.masked_range is None and drawn.masked_counts() == (4, 4)
@@ -267,8 +267,8 @@ def test_mae_with_windows_names_a_plan_with_differing_counts():
 
 
 def test_checking_a_plan_reads_its_values_once():
-    # On a GPU each read waits for the device: a hand-made plan given to a model was read four times
-    # to check it, and once more by MAE with windows or BEiT for its masked counts.
+    # On a GPU each read waits for the device, so a hand-made plan given to a model is read once, not once
+    # per check and again by MAE with windows or BEiT for its masked counts.
     from helpers import host_reads
 
     plan = sample_plan(2, (8, 8), 3, 2, 0.5, torch.Generator().manual_seed(0))

@@ -298,8 +298,8 @@ def test_window_requests_of_the_wrong_kind_are_named():
     (dict(mlp_ratio="4"), "mlp_ratio > 0"),
 ])
 def test_config_names_a_wrong_setting(overrides, named):
-    # A str global_blocks was read digit by digit ('25' -> blocks 2 and 5); the others raised
-    # "'<' not supported between 'str' and 'int'" (or nothing until the encoder was built).
+    # Unchecked, a str global_blocks would be read digit by digit ('25' -> blocks 2 and 5), and the others
+    # would raise "'<' not supported between 'str' and 'int'" (or nothing until the encoder is built).
     with pytest.raises(ValueError) as info:
         ViTConfig(embed_dim=16, depth=2, num_heads=2, **overrides)
     assert named in str(info.value)
@@ -315,7 +315,7 @@ def test_encoder_names_a_wrong_number_of_classes(num_classes):
 def test_mae_names_an_empty_batch_noise_on_another_device_and_a_text_ratio():
     config = model_config("vit_tiny_patch16", img_size=64, pos="abs", **TINY)
     model = MAE(config, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
-    with pytest.raises(ValueError, match="MAE needs at least one image"):  # was a NaN loss (0 / 0)
+    with pytest.raises(ValueError, match="MAE needs at least one image"):  # not a NaN loss (0 / 0)
         model(torch.randn(0, 3, 64, 64))
     # the meta device stands in for a GPU here: noise elsewhere gave a NaN loss, on a GPU torch's device error
     with pytest.raises(ValueError, match=r"noise must have shape \(N, L\) = \(2, 16\) on the images' device cpu, "
@@ -379,7 +379,7 @@ def test_a_model_name_or_a_dict_given_as_the_config_is_named(model):
 
 
 def test_norm_pix_loss_must_be_a_bool():
-    # "no" (or "False" from a hand-written config) was truthy: normalised targets, silently
+    # "no" (or "False" from a hand-written config) is truthy: it would silently mean normalised targets
     config = ViTConfig(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2)
     with pytest.raises(TypeError, match="norm_pix_loss must be True or False, got 'no'"):
         LoMaR(config, window_size=2, num_windows=2, norm_pix_loss="no")

@@ -289,7 +289,7 @@ def test_detect_finds_a_coco_layouts_images_when_none_are_given(tmp_path, layout
     (["--method", "mae", "--layer-scale-init", "0.1"], "--layer-scale-init 0.1 is for --method beit only"),
 ])
 def test_a_setting_the_run_would_not_read_is_refused(tmp_path, capsys, flags, message):
-    """Each used to run, ignored without a word (MAE's decoder under LoMaR, say)."""
+    """Each would otherwise run ignored without a word (MAE's decoder under LoMaR, say)."""
     assert _resolve(tmp_path, *flags) == 2
     err = capsys.readouterr().err
     assert message in err and "drop it" in err and err.count("\n") == 1, err

@@ -53,8 +53,8 @@ def test_budgets_parse(text, expected):
     # bool() read the quoted 'false' as true: a random-init row nobody asked for
     ({"random_init": "false"}, "random_init: 'false' must be true or false"),
     ({"eval": {"equal_steps": "no"}}, "eval.equal_steps: 'no' must be true or false"),
-    ({"seeds": True}, "seeds: True must be a count"),  # was named 'None'
-    ({"eval": {"img_size": True}}, "eval.img_size: True must be a positive"),  # was an image size of 1
+    ({"seeds": True}, "seeds: True must be a count"),  # not named 'None'
+    ({"eval": {"img_size": True}}, "eval.img_size: True must be a positive"),  # not an image size of 1
 ])
 def test_bad_specs_name_the_key_and_the_fix(tmp_path, changes, message):
     with pytest.raises(UsageError) as info:
