@@ -125,7 +125,7 @@ def test_bench_rejects_bad_flags(flags, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    # were ignored without a word: no plot written, the eager encoder timed as if compiled, ...
+    # ignored, each would mislead without a word: no plot written, the eager encoder timed as if compiled, ...
     (["--task", "backbone", "--plot", "b.png"], "--plot is for --task pretrain; --task backbone does not read it"),
     (["--task", "backbone", "--compile"], "--compile is for --task pretrain or --task loader; --task backbone does"),
     (["--task", "loader", "--data", ".", "--methods", "beit"], "--methods is for --task pretrain; --task loader"),
@@ -134,7 +134,7 @@ def test_bench_rejects_bad_flags(flags, capsys):
     # the later write replaced the earlier: the results JSON became the profile or the PNG
     (["--json", "r.json", "--plot", "./r.json"], "--plot ./r.json is also --json's file; give each output a file"),
     (["--json", "r.json", "--profile", "r.json"], "--profile r.json is also --json's file"),
-    (["--plot", "times.txt"], "--plot times.txt: name the figure .png, .pdf or .svg"),  # was a PNG named .txt
+    (["--plot", "times.txt"], "--plot times.txt: name the figure .png, .pdf or .svg"),  # not a PNG named .txt
 ])
 def test_bench_refuses_flags_its_task_ignores_and_outputs_on_one_file(flags, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

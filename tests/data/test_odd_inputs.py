@@ -276,7 +276,7 @@ def test_a_damaged_exif_block_turns_the_pixels_as_the_header_size_says():
     data = _exif_jpeg(6, count=b"\xf4\x00\x00\x01")  # an absurd count: Pillow skips the tag, libjpeg's reader did not
     with open_pil(data) as img:
         size = oriented_size(img)
-    assert tuple(decode_bytes(data).shape[1:]) == size == (20, 40)  # was (40, 20): labels checked on 20x40 misfit
+    assert tuple(decode_bytes(data).shape[1:]) == size == (20, 40)  # not (40, 20): labels checked on 20x40 would misfit
 
 
 def test_an_annotation_that_is_a_jpeg_named_png_is_refused(tmp_path):
@@ -345,7 +345,7 @@ def test_a_palette_png_with_transparency_decodes_without_pillows_warning():
     out = io.BytesIO()
     image.save(out, format="PNG", transparency=bytes([0, 255, 128] + [255] * 253))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # was 'Palette images with Transparency expressed in bytes should be ...'
+        warnings.simplefilter("error")  # e.g. 'Palette images with Transparency expressed in bytes should be ...'
         pixels = decode_bytes(out.getvalue())
     via_rgba = ImageOps.exif_transpose(Image.open(io.BytesIO(out.getvalue())).convert("RGBA")).convert("RGB")
     assert torch.equal(pixels, torch.from_numpy(np.array(via_rgba)).permute(2, 0, 1))
@@ -360,7 +360,7 @@ def test_a_damaged_exif_block_is_read_without_pillows_warnings():
         warnings.simplefilter("always")
         with open_pil(_exif_jpeg(6, count=b"\xf4\x00\x00\x01")) as img:
             assert exif_orientation(img) == 1  # the tag Pillow skips
-    assert not caught  # was 'Tag data larger than file. Skipping tag 274', from every loader worker
+    assert not caught  # no 'Tag data larger than file. Skipping tag 274' from every loader worker
 
 
 @pytest.mark.parametrize("low, high", [(-1024, 3000), (0, 70000)])

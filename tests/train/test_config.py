@@ -171,7 +171,7 @@ def test_the_config_file_given_again_with_resume_keeps_the_runs_max_steps(tmp_pa
 
 
 def test_a_resume_names_the_yaml_file_a_differing_setting_came_from(tmp_path, capsys):
-    """"drop --lr" said nothing to a user whose lr came from --config: the fix is a line of that file."""
+    """"drop --lr" alone would say nothing to a user whose lr came from --config: the fix is a line of that file."""
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("batch_size: 32\nlr: 0.001\n")
     (tmp_path / "more.yaml").write_text("lr: 0.5\n")

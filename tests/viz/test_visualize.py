@@ -157,7 +157,7 @@ def test_visualize_a_run_folder_draws_its_reconstruction(pretrained, tmp_path, c
 
 
 @pytest.mark.parametrize("flags, message", [
-    # the library's words reached the user, naming neither the flag nor the fix
+    # the flag's own words, not the library's (which name neither the flag nor the fix)
     (["--target-patch", "4", "0"], "--target-patch 4 0 is outside the 4x4 patch grid of .*; pass a row below 4 and "
                                    "a column below 4"),
     (["--masked", "--context", "image"], "--masked masks the window with LoMaR's mask token, in window context; "
