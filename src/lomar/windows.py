@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["PAPER_COUNTS", "PAPER_WINDOW_SIZES", "PAPER_GRID_AREAS", "paper_windows", "windows_source",
+__all__ = ["PAPER_COUNTS", "PAPER_WINDOW_SIZES", "PAPER_GRID_AREAS", "PAPER_POINTS", "paper_windows", "windows_source",
            "parse_windows", "GLOBAL_WINDOWS", "WINDOWS_RULE"]
 
 GLOBAL_WINDOWS = 0  # --windows 0 / global: one window covering the whole (square) grid
@@ -29,12 +29,26 @@ GLOBAL_WINDOWS = 0  # --windows 0 / global: one window covering the whole (squar
 PAPER_WINDOW = 7  # the window size of PAPER_COUNTS, and the paper's default
 # (patch size, square image size in px) -> windows per image, as the paper reports them (7x7 windows)
 PAPER_COUNTS = {(16, 224): 4, (16, 384): 6, (16, 448): 9, (8, 224): 4}
-# window size K -> windows per image, B/16 at 224 px (the paper's Table 6)
+# window size K -> windows per image at ABLATION, (patch size, image size in px) of the paper's Table 6
+ABLATION = (16, 224)
 PAPER_WINDOW_SIZES = {5: 8, 7: 4, 9: 3, 11: 2, 14: 1}
 # the B/16 points by grid area: 196: 4, 576: 6, 784: 9
 PAPER_GRID_AREAS = {(size // patch) ** 2: n for (patch, size), n in PAPER_COUNTS.items() if patch == 16}
-WINDOWS_RULE = ("not a configuration the paper reports (7x7 windows, B/16: 4 at 224 px, 6 at 384, 9 at 448; B/8: 4 "
-                "at 224; B/16 at 224 px, 5x5: 8, 9x9: 3, 11x11: 2, 14x14: 1): linear in grid area between the B/16 "
+
+
+def _paper_points() -> str:
+    """Every count the paper reports, as a message says them: '7x7 windows, B/16: 4 at 224 px, 6 at 384, ...'."""
+    by_patch: dict[int, list[str]] = {}
+    for (patch, size), n in PAPER_COUNTS.items():
+        by_patch.setdefault(patch, []).append(f"{n} at {size}")
+    by_patch[next(iter(by_patch))][0] += " px"  # the unit once, on the first size
+    counts = "; ".join(f"B/{patch}: {', '.join(points)}" for patch, points in by_patch.items())
+    sizes = ", ".join(f"{k}x{k}: {n}" for k, n in PAPER_WINDOW_SIZES.items() if k != PAPER_WINDOW)
+    return f"{PAPER_WINDOW}x{PAPER_WINDOW} windows, {counts}; B/{ABLATION[0]} at {ABLATION[1]} px, {sizes}"
+
+
+PAPER_POINTS = _paper_points()  # for a help or a message: every count the paper reports
+WINDOWS_RULE = (f"not a configuration the paper reports ({PAPER_POINTS}): linear in grid area between the B/16 "
                 "points, proportional to grid area outside, times 49/K² for KxK windows, rounded, within the grid")
 
 
@@ -50,7 +64,7 @@ def _paper_count(img_size: int | tuple[int, int], patch_size: int, window_size: 
         return None
     if k == PAPER_WINDOW:
         return PAPER_COUNTS.get((patch_size, h))
-    return PAPER_WINDOW_SIZES.get(k) if (patch_size, h) == (16, 224) else None
+    return PAPER_WINDOW_SIZES.get(k) if (patch_size, h) == ABLATION else None
 
 
 def paper_windows(img_size: int | tuple[int, int], patch_size: int = 16, window_size: int | None = None,
