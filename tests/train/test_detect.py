@@ -396,6 +396,20 @@ def test_detect_trains_and_predictions_rescore_to_the_reported_ap(tiny, tmp_path
 
 
 @pytest.mark.slow
+def test_clip_grad_clips_the_gradient(tiny, tmp_path):
+    # a diverging detection run could only be told to lower --blr: it had no --clip-grad
+    from helpers import applied_grad_norms
+
+    (train_ann, train_images), _ = tiny
+    out = tmp_path / "run"
+    norms = applied_grad_norms(lambda: main([
+        "detect", "--train-ann", str(train_ann), "--train-images", str(train_images), "--val-ann", str(train_ann),
+        "--val-images", str(train_images), "--model", "vit_tiny_patch16", "--img-size", "64", "--batch-size", "2",
+        "--max-steps", "1", "--warmup-steps", "1", "--rois-per-image", "16", "--eval-every", "50", "--workers", "0",
+        "--threads", "2", "--clip-grad", "0.001", "--out", str(out)]))
+    assert norms == pytest.approx([0.001], rel=1e-3)
+
+
 def test_detect_resume_is_exact(tiny, tmp_path, capsys):
     """4 steps straight == 2 steps, then --resume auto to 4: same weights, same logged losses."""
     (train_ann, train_images), (val_ann, val_images) = tiny

@@ -284,7 +284,7 @@ def test_a_non_finite_loss_suggests_only_flags_the_command_has():
 
     assert steadier(PretrainConfig) == "lower --blr/--lr, set --clip-grad or use --precision fp32"
     assert steadier(FinetuneConfig) == "lower --blr, set --clip-grad or use --precision fp32"  # no --lr
-    assert steadier(SegmentConfig) == "lower --lr or use --precision fp32"  # no --clip-grad
+    assert steadier(SegmentConfig) == "lower --lr, set --clip-grad or use --precision fp32"
     # nothing the run already does: an fp32 run is not told to use fp32, a clipped one to set --clip-grad
     assert steadier(FinetuneConfig(), "fp32") == "lower --blr or set --clip-grad"
     assert steadier(PretrainConfig(clip_grad=3.0), "bf16") == ("lower --blr/--lr, lower --clip-grad (now 3) or use "

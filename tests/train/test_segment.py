@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 
+from helpers import applied_grad_norms
 from lomar.checkpoints.io import safe_load
 from lomar.checkpoints.kinds import SEGMENT_TASK
 from lomar.cli.app import main
@@ -130,6 +132,15 @@ def test_without_the_auxiliary_head_the_loss_is_the_decode_heads(digits, tmp_pat
     assert _segment(digits, out, "--max-steps", "1", "--eval-every", "50", "--aux-weight", "0") == 0
     step = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert step["step"] == 1 and "loss_aux" not in step and step["loss"] == step["loss_decode"]
+
+
+def test_clip_grad_clips_the_gradient(digits, tmp_path):
+    # a diverging segmentation run could only be told to lower --lr: it had no --clip-grad
+    out = tmp_path / "run"
+    norms = applied_grad_norms(lambda: _segment(digits, out, "--max-steps", "2", "--eval-every", "50", "--eval-mode",
+                                           "whole", "--clip-grad", "0.001"))
+    assert norms == pytest.approx([0.001, 0.001], rel=1e-3)
+    assert yaml.safe_load((out / "config.yaml").read_text())["clip_grad"] == 0.001
 
 
 def test_the_loss_is_mmsegs_mean_over_every_pixel_and_unlabelled_data_scores_nothing(digits, tmp_path, capsys):

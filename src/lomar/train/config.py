@@ -91,8 +91,8 @@ class PretrainConfig(TaskConfig):
     warmup_epochs: float = S.WARMUP_EPOCHS.field(help=S.WARMUP_EPOCHS.help + f" (default: the --method's recipe; "
                                                                              f"{_R}: 40; beit: 10)")
     weight_decay: float = S.WEIGHT_DECAY.field(help=S.WEIGHT_DECAY.help + " (default: the --method's recipe: 0.05)")
-    clip_grad: float | None = S.setting(None, f"clip the gradient norm to this (default: the --method's recipe; "
-                                              f"{_R}: no clipping; beit: 3.0)", kind=float, above=0)
+    clip_grad: float | None = S.CLIP_GRAD.field(help=f"clip the gradient norm to this (default: the --method's "
+                                                     f"recipe; {_R}: no clipping; beit: 3.0)")
     betas: tuple[float, float] = S.setting(
         (0.9, 0.95), f"AdamW betas (default: the --method's recipe; {_R}: 0.9 0.95; beit: 0.9 0.999)", low=0,
         below=1, nargs=2, metavar=("B1", "B2"))

@@ -100,6 +100,8 @@ class DetectConfig(TaskConfig):
                                   "(ViTDet's steps)", low=0)
     layer_decay: float = S.LAYER_DECAY.field(0.7)
     weight_decay: float = S.WEIGHT_DECAY.field(0.1)
+    clip_grad: float | None = S.CLIP_GRAD.field(help="clip the gradient norm to this (default: no clipping, as "
+                                                     "ViTDet's recipe)")
     drop_path: float = S.DROP_PATH.field()
     jitter: tuple[float, float] = S.setting((0.1, 2.0), "large-scale jitter: image resized to --img-size x a random "
                                             "factor in [LOW, HIGH]", finite=False, nargs=2, metavar=("LOW", "HIGH"))

@@ -42,8 +42,8 @@ class FinetuneConfig(TaskConfig):
                                                  "encoder: 20, BEiT's recipe)")
     layer_decay: float = S.LAYER_DECAY.field()
     weight_decay: float = S.WEIGHT_DECAY.field()
-    clip_grad: float | None = S.setting(None, "clip the gradient norm to this, as the original's --clip_grad (default: "
-                                              "no clipping, the recipe's)", kind=float, above=0)
+    clip_grad: float | None = S.CLIP_GRAD.field(help="clip the gradient norm to this, as the original's --clip_grad "
+                                                     "(default: no clipping, the recipe's)")
     drop_path: float = S.DROP_PATH.field()
     grad_checkpointing: bool = S.GRAD_CHECKPOINTING.field()
     train_pos_embed: bool = S.TRAIN_POS_EMBED.field()

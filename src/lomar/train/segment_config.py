@@ -51,6 +51,8 @@ class SegmentConfig(TaskConfig):
     poly_power: float = S.setting(1.0, "exponent of the poly decay after the warm-up", above=0)
     layer_decay: float = S.LAYER_DECAY.field()
     weight_decay: float = S.WEIGHT_DECAY.field()
+    clip_grad: float | None = S.CLIP_GRAD.field(help="clip the gradient norm to this (default: no clipping, as "
+                                                     "mmseg's UperNet recipe)")
     drop_path: float = S.DROP_PATH.field()
     photometric: bool = S.setting(True, "mmseg's PhotoMetricDistortion on each training crop (brightness, contrast, "
                                         "saturation, hue)")
