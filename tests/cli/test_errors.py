@@ -11,7 +11,7 @@ import pytest
 
 from lomar.cli import app
 from lomar.cli.app import build_parser, main
-from lomar.cli.common import MODEL_NAMES
+from lomar.train.settings import MODEL_NAMES
 
 CK = "{tmp}/ckpt.pt"  # exists but holds no checkpoint: every case must fail before reading it
 DATA = ["--data", "{tmp}/data"]

@@ -19,10 +19,8 @@ from lomar.errors import UsageError
 from lomar.train import settings as S
 from lomar.train.settings import Setting, add_settings
 
-__all__ = ["MODEL_NAMES", "resolve_device", "check_output_file", "check_output_dir", "write_json",
+__all__ = ["resolve_device", "check_output_file", "check_output_dir", "write_json",
            "add_override_arguments", "load_for_cli", "training_command"]
-
-MODEL_NAMES = S.MODEL_NAMES
 
 
 def resolve_device(text: str) -> str:
