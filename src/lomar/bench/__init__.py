@@ -1,1 +1,1 @@
-"""Timing and FLOP counting for ``lomar bench``."""
+"""``lomar bench``: training-step timing and FLOP counts, profiles, the loader and the high-resolution backbone."""

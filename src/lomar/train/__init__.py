@@ -1,1 +1,2 @@
-"""Training infrastructure: configuration, the pretraining engine, finetuning, schedules."""
+"""Training: settings and configs, the one run lifecycle every task runs in (pretraining, finetuning, detection,
+segmentation), schedules, DDP/FSDP."""

@@ -1,1 +1,1 @@
-"""Figures: reconstructions and attention maps."""
+"""Figures: reconstructions, BEiT token maps, attention maps, training curves, study plots."""
