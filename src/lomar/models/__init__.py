@@ -1,4 +1,5 @@
-"""Encoders and pretraining methods: the ViT, its position encodings, masking and objectives."""
+"""Plain nn.Modules: the ViT and its position encodings, masking plans, the objectives, the pretraining models
+(LoMaR, MAE, BEiT; :mod:`lomar.methods` puts them to work) and the UperNet head."""
 
 from lomar.models.lomar import LoMaR
 from lomar.models.mae import MAE
