@@ -70,7 +70,8 @@ class ViTConfig(EncoderShape):
 
     @staticmethod
     def require(config) -> None:
-        """TypeError unless ``config`` is a ViTConfig (a model's name or a dict was an AttributeError further in)."""
+        """TypeError unless ``config`` is a ViTConfig: a model's name or a dict would otherwise fail further in, as
+        an AttributeError."""
         if not isinstance(config, ViTConfig):
             make = f"lomar.model_config({config!r})" if isinstance(config, str) else "lomar.model_config(NAME, ...)"
             raise TypeError(f"config must be a lomar.ViTConfig, got {type(config).__name__}; build one with {make} "
