@@ -65,3 +65,19 @@ def test_autoaugment_v0_survives_thousands_of_calls():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8))
     for _ in range(1000):
         assert train_tf(image).shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("aa, section", [("rand-m9-mstd0.5-incl", "'incl' holds no number"),
+                                         ("augmix-m5-x", "'x' holds no number"), ("original-x", "'x' holds no"),
+                                         ("rand-m9-tbogus", "'tbogus' names no RandAugment op set")])
+def test_an_aa_section_timm_would_pass_over_is_refused(capsys, aa, section):
+    """timm skips a section without a digit (and takes its default op set for an unknown 't' one) without a word:
+    'incl' for 'inc1' trained the non-increasing ops."""
+    from lomar.cli.app import main
+
+    assert main(["finetune", "--aa", aa, "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert f"--aa {aa!r}: section {section}" in err and err.count("\n") == 1
+    for good in ("rand-m9-mstd0.5-inc1", "rand-m9-t3a", "augmix-m9-mstd0.5-w5-d2", "original-mstd0.5", "3a", "none"):
+        assert main(["finetune", "--aa", good, "--print-config"]) == 0
+    capsys.readouterr()

@@ -7,6 +7,7 @@ settings may change. Everything is checked before any folder is made.
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,7 @@ class FinetuneConfig(TaskConfig):
     def fresh_values(cls, explicit: dict[str, Any]) -> dict[str, Any]:
         """A new run's settings; a BEiT encoder is finetuned with BEiT's recipe where it differs from MAE's."""
         values = super().fresh_values(explicit)
+        _check_aa_sections(values["aa"])  # a new run's only: a resumed run keeps the policy it trained with
         if values.get("pretrained") and _is_beit(values["pretrained"]):
             values.update({k: v for k, v in BEIT_FINETUNE.items() if k not in explicit})
         return values
@@ -126,6 +128,25 @@ class FinetuneConfig(TaskConfig):
 # at batch 1024, here the base lr that gives it there (scaled with the batch as every finetune lr), 20 warm-up
 # epochs; layer decay 0.65, drop path 0.1, 100 epochs, mixup/cutmix and the rest are MAE's values too.
 BEIT_FINETUNE = {"blr": 1e-3, "warmup_epochs": 20}
+
+
+_RAND_SETS = ("tweights", "t3aw", "t3a")  # RandAugment's named op sets (its 't' sections); timm's default otherwise
+
+
+def _check_aa_sections(aa: str) -> None:
+    """ConfigError naming a section of ``--aa`` that timm passes over without a word: each section after the policy's
+    name is KEY + number (m9, mstd0.5, inc1), split at the first digit and skipped when there is none, so
+    ``rand-m9-mstd0.5-incl`` (an l for the 1) trained without inc1's increasing ops; an unknown RandAugment op set
+    (``t`` section) is timm's default set."""
+    name, *sections = aa.split("-")
+    for section in sections:
+        if name.startswith("rand") and section.startswith("t") and section not in _RAND_SETS:
+            raise ConfigError(f"--aa {aa!r}: section {section!r} names no RandAugment op set "
+                              f"({', '.join(_RAND_SETS)}), and timm would use its default set without a word; fix or "
+                              f"drop it")
+        if not (name.startswith("rand") and section.startswith("t")) and not re.search(r"\d", section):
+            raise ConfigError(f"--aa {aa!r}: section {section!r} holds no number, and timm would pass over it without "
+                              f"a word; each is KEY + number, e.g. rand-m9-mstd0.5-inc1")
 
 
 def _is_beit(pretrained: str) -> bool:
