@@ -276,6 +276,26 @@ def test_a_finished_run_resumed_says_where_it_ends_and_why(tmp_path, capsys):
         "whichever ends first)")
 
 
+@pytest.mark.parametrize("settings, end, by", [(dict(max_steps=5), 5, "--max-steps 5"),
+                                               (dict(epochs=1), 4, "--epochs 1 of 4 steps")])
+def test_a_resume_whose_settings_end_before_the_runs_step_is_refused(tmp_path, settings, end, by):
+    # it said "nothing to do" and wrote a missing export from step 8's weights as the end of a 5-step run
+    from lomar.errors import UsageError
+
+    class Exporting(ToyTask):
+        final_outputs = ("finished",)
+
+    out = tmp_path / "run"
+    assert run(ToyConfig(out=str(out), max_steps=8, schedule_steps=12), Exporting) == 0
+    (out / "finished").unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"}
+    with pytest.raises(UsageError, match=rf"^--resume: the run is at step 8, past step {end} where {by} ends it, and "
+                                         rf"a resume does not go back; pass --max-steps 8 or more, or resume an "
+                                         rf"earlier checkpoint: --resume {out}/checkpoint-N.pt --overwrite$"):
+        run(ToyConfig(out=str(out), resume="auto", schedule_steps=12, **settings), Exporting)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"} == kept  # config.yaml too
+
+
 def test_a_non_finite_loss_suggests_only_flags_the_command_has():
     from lomar.train.config import PretrainConfig
     from lomar.train.finetune_config import FinetuneConfig

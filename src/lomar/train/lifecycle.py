@@ -45,6 +45,7 @@ from lomar.train.run_state import (
 )
 from lomar.train.runtime import compile_model, default_threads, fast_adamw
 from lomar.train.schedule import lr_at, peak_lr, run_span, schedule_overrun, warmup_warning
+from lomar.train.settings_resume import resumed_past_end
 from lomar.train.task import EpochStream, Progress, SkippedFiles, Task, TrainingError, check_weights, diverged
 from lomar.values import counted
 from lomar.viz.curves import loss_summary
@@ -90,8 +91,7 @@ class _Run:
         self.best, self.evaluated_step, self.stop = -math.inf, -1, StopFlag()
         self.spare = None  # under DDP, the last batch that gave a loss: an idle step's (task.idle_loss)
         self.skipped = SkippedFiles(self.steps_per_epoch * self.accum, config.batch_size, not task.skips_warned)
-        total = config.epochs * self.steps_per_epoch
-        self.last_step = min(total, config.max_steps) if config.max_steps else total
+        self.last_step = min(config.epochs * self.steps_per_epoch, config.max_steps or math.inf)
         if overrun := schedule_overrun(self.last_step, self.schedule[0], self.min_lr, config, self.steps_per_epoch):
             raise ValueError(overrun)
 
@@ -121,6 +121,8 @@ class _Run:
         self.best = ckpt.get(f"best_{task.best_metric}", -math.inf) if task.best_metric else -math.inf
         task.load(ckpt)
         restore_rng_states(ckpt, self.info, self.device, self.cfg.seed)  # last: building the run drew from them
+        if self.p.step > self.last_step:
+            raise ValueError(resumed_past_end(self.p.step, self.last_step, self.cfg, self.steps_per_epoch))
 
     def save(self, metrics: dict | None = None) -> Path | None:
         """``last.pt`` (+ ``checkpoint-N.pt`` with ``keep_last``; a sharded run: ``checkpoint-N.dcp``), and
@@ -208,15 +210,13 @@ class _Run:
                     self.save(self._evaluate())
         if p.batches_done < per_epoch:  # going on would ask the same loader for the same batches forever
             raise UsageError(f"the training data gave {p.batches_done} of the {per_epoch} batches of epoch {p.epoch} "
-                             f"on this process: a loader worker found no readable image for its share (damaged "
-                             f"tar shards, or fewer images than processes x --workers); lower --workers or fix the "
-                             f"data")
+                             f"on this process: a loader worker found no readable image for its share (damaged tar "
+                             f"shards, or fewer images than processes x --workers); lower --workers or fix the data")
         return False
 
     def _timed(self, batches):
-        """``batches``, adding the seconds the loop waits for each to ``self.waited``. The step's one
-        host sync leaves the device at most the optimizer update to run meanwhile, so this is, all but
-        that, time the device waits for input."""
+        """``batches``, adding the seconds the loop waits for each to ``self.waited``: time the device waits for
+        input, all but the optimizer update that the step's one host sync leaves it to run meanwhile."""
         batches = iter(batches)
         while True:
             start = time.perf_counter()

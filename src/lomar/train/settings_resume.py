@@ -19,7 +19,7 @@ from lomar.train import settings as S
 from lomar.train.runtime import default_workers
 from lomar.train.settings import ConfigError, coerce_all, declarations, shown
 
-__all__ = ["TaskConfig", "resume_values", "resume_target", "check_warmup",
+__all__ = ["TaskConfig", "resume_values", "resume_target", "resumed_past_end", "check_warmup",
            "check_windows", "encoder_layout", "check_img_size", "check_pretrained"]
 
 
@@ -311,3 +311,14 @@ def resume_target(explicit: dict[str, Any], sharded_ok: bool = False) -> Path | 
         what = "is not a regular file (a device or pipe)" if path.exists() else "does not exist"
         raise ConfigError(f"--resume {path} {what}; pass a checkpoint file or 'auto'")
     return path
+
+
+def resumed_past_end(step: int, last_step: int, config, steps_per_epoch: int) -> str:
+    """The refusal of a resume whose settings end the run before the step its checkpoint holds: it would do
+    nothing, and a missing end-of-run export would be written from the later weights as if they were step
+    ``last_step``'s."""
+    by = (f"--max-steps {config.max_steps}" if config.max_steps == last_step else
+          f"--epochs {config.epochs} of {steps_per_epoch} steps")
+    return (f"--resume: the run is at step {step}, past step {last_step} where {by} ends it, and a resume does not "
+            f"go back; pass --max-steps {step} or more, or resume an earlier checkpoint: --resume "
+            f"{config.out}/checkpoint-N.pt --overwrite")
