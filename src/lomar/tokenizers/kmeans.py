@@ -25,15 +25,15 @@ import torch
 from safetensors import safe_open
 
 from lomar.checkpoints.io import atomic_write_bytes
+from lomar.limits import MAX_IMG_SIZE
 from lomar.tokenizers.base import FIT_HINT, FORMAT_KEY, Tokenizer, check_tokenizer_file, safetensors_metadata
 from lomar.values import is_integer
 
-__all__ = ["KMeansTokenizer", "fit_kmeans_tokenizer", "patch_features", "FORMAT", "MAX_INPUT_SIZE"]
+__all__ = ["KMeansTokenizer", "fit_kmeans_tokenizer", "patch_features", "FORMAT"]
 
 FORMAT = "kmeans_patch"
 _NORM_EPS = 1e-6
 _CHUNK = 4096  # rows per distance matmul: bounds memory at _CHUNK × vocab floats
-MAX_INPUT_SIZE = 8192  # px: far above any tokenizer view (112 by default, grid x patch in a run)
 
 
 def patch_features(images01: torch.Tensor, patch: int) -> torch.Tensor:
@@ -66,9 +66,10 @@ class KMeansTokenizer(Tokenizer):
     def __init__(self, centroids: torch.Tensor, patch: int = 8, input_size: int = 112):
         super().__init__()
         whole = all(is_integer(v) for v in (patch, input_size))
-        if not whole or not 1 <= patch <= input_size <= MAX_INPUT_SIZE:  # a str compared as "'<=' not supported"
+        # a view is at most an image (MAX_IMG_SIZE); a str compared would say "'<=' not supported"
+        if not whole or not 1 <= patch <= input_size <= MAX_IMG_SIZE:
             raise ValueError(f"patch={patch!r} and input_size={input_size!r} must be integers, 1 <= patch <= "
-                             f"input_size <= {MAX_INPUT_SIZE}; use patch 8 with input_size 112")
+                             f"input_size <= {MAX_IMG_SIZE}; use patch 8 with input_size 112")
         if centroids.ndim != 2 or centroids.shape[1] != 3 * patch * patch:
             raise ValueError(f"centroids must be (vocab, 3·{patch}·{patch}={3 * patch * patch}), got "
                              f"{tuple(centroids.shape)}; was it fitted with another patch size?")
