@@ -74,7 +74,7 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         if wanted is not None and name not in wanted:
             continue
-        module = importlib.import_module(target)
+        module = importlib.import_module(target)  # by name, once wanted: `lomar CMD` loads no other command's module
         prefix = name.replace("-", "_") + "_"
         prefix = prefix if hasattr(module, f"{prefix}run") else ""
         getattr(module, f"{prefix}add_arguments")(sub_parser)

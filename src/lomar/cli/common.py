@@ -168,7 +168,7 @@ def training_command(config_cls, runner: str, epilog: str):
 
         module, _, function = runner.partition(":")
         try:
-            return getattr(importlib.import_module(module), function)(config)
+            return getattr(importlib.import_module(module), function)(config)  # torch: not for --help
         except (TrainingError, SaveError) as exc:
             return report_run_failure(config_cls.COMMAND, exc)
 
