@@ -211,6 +211,19 @@ def test_each_epoch_end_evaluation_names_the_epoch_it_evaluated(tmp_path, pretra
         assert {r["epoch"] for r in records if "loss" in r and r["step"] <= evaluation["step"]} >= {evaluation["epoch"]}
 
 
+def test_top5_is_reported_only_where_it_can_miss(tmp_path, pretrained):
+    # over 2-5 classes every image is a top-5 hit: "top-5 100.00%" was printed as a score
+    from helpers import write_images
+
+    root = tmp_path / "six"
+    for split in ("train", "val"):
+        for label in "abcdef":
+            write_images(root / split / label, 1, size=(36, 36))
+    assert _finetune(pretrained, root, tmp_path / "run", "--batch-size", "6", "--max-steps", "1") == 0
+    evaluation = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert 0 <= evaluation["top5"] <= 1 and evaluation["top1"] <= evaluation["top5"]
+
+
 def test_mae_pretraining_keeps_the_position_table_and_finetuning_trains_it(tmp_path, image_dir, folder, monkeypatch):
     """MAE pretrains with a fixed sin-cos table; its finetuning (timm's ViT) trains the loaded table, at
     layer 0's lr scale and without weight decay."""

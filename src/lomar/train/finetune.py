@@ -132,7 +132,7 @@ class FinetuneTask(Task):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Top-1 / top-5 accuracy in [0, 1] over the whole validation set (all ranks)."""
+        """Top-1 (and, over more than 5 classes, top-5) accuracy in [0, 1] over the whole validation set (all ranks)."""
         model, device = self.model, self.device
         was_training = model.training
         model.eval()
@@ -155,7 +155,8 @@ class FinetuneTask(Task):
         if files - scored > UNREADABLE_LIMIT * files:  # a top-1 over part of the split is not the split's
             raise TrainingError(f"{files - scored} of {files} validation images in {val_root} (over "
                                 f"{UNREADABLE_LIMIT:.0%}) could not be used; fix or remove them")
-        return {"top1": float(totals[0] / totals[2]), "top5": float(totals[1] / totals[2])}
+        top5 = {"top5": float(totals[1] / totals[2])} if len(self.classes) > 5 else {}  # else always 1: noise
+        return {"top1": float(totals[0] / totals[2]), **top5}
 
     def load(self, state: dict) -> None:
         saved = list(state.get("classes") or self.classes)  # as many under other names would swap labels silently
