@@ -6,7 +6,13 @@ message that names the offending value and the fix, and never a traceback for th
 
 from __future__ import annotations
 
-__all__ = ["LomarError", "UsageError"]
+import re
+
+__all__ = ["LomarError", "UsageError", "ANSI_ESCAPE"]
+
+# A terminal colour code, as torch's and other libraries' messages carry: dropped from a message that is read
+# (lomar.checkpoints.io) or shown on one line (lomar.cli.app).
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class LomarError(Exception):

@@ -23,12 +23,13 @@ from typing import BinaryIO
 
 import torch
 
+from lomar.errors import ANSI_ESCAPE
+
 __all__ = ["check_finite", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_save", "safe_load",
            "describe_file", "quiet_pickle_protocol", "write_error", "FILE_MODE"]
 
 # Exports and checkpoints are meant to be shared: rw-r--r-- whatever mkstemp-like defaults say.
 FILE_MODE = 0o644
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], mode: int = FILE_MODE) -> Path:
@@ -131,7 +132,7 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu", mmap: 
         with torch.serialization.safe_globals([argparse.Namespace]), quiet_pickle_protocol():
             data = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # corrupt, truncated, not a checkpoint, or holds disallowed objects
-        text = _ANSI.sub("", str(exc)).strip()
+        text = ANSI_ESCAPE.sub("", str(exc)).strip()
         if "Unsupported global" in text or "GLOBAL" in text:  # not any weights-only failure: garbage fails too
             found = re.search(r"GLOBAL ([\w.]+)", text)
             what = f" ({found[1]})" if found else ""

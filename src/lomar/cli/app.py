@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterable
 
 from lomar import __version__
-from lomar.errors import LomarError
+from lomar.errors import ANSI_ESCAPE, LomarError
 from lomar.limits import check_env_limits
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main", "run", "describe_os_error"]
@@ -47,8 +47,6 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
 EXIT_CODES = ("exit codes: 0 done; 1 the work failed (e.g. a full disk: free space and rerun); "
               "2 a bad flag, input or output path (nothing was computed); 130 interrupted; 143 SIGTERM and 138 "
               "SIGUSR1 outside a training loop (which checkpoints on them and exits 0)")
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,7 +82,7 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
 
 def _one_line(message: str) -> str:
     """A message as one line without terminal colour codes."""
-    return " ".join(part.strip() for part in _ANSI.sub("", message).splitlines() if part.strip())
+    return " ".join(part.strip() for part in ANSI_ESCAPE.sub("", message).splitlines() if part.strip())
 
 
 def describe_os_error(exc: OSError, command: str | None = None) -> tuple[str, int] | None:
