@@ -34,7 +34,7 @@ __all__ = ["infer_original_config", "load_original", "OriginalReader"]
 
 def _refuse_beit(state: dict, where: object = "this checkpoint") -> None:
     """A BEiT state dict (layer scale, q/v biases, relative position tables, lm_head) has the ViT's key names too: read
-    as LoMaR or MAE it asked for --num-heads and then failed to load, which hid what it is."""
+    as LoMaR or MAE it would ask for --num-heads and then fail to load, which would hide what it is."""
     if not any(k.startswith("lm_head.") or k.endswith(("relative_position_bias_table", ".gamma_1", ".attn.q_bias"))
                for k in state):
         return
