@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     if Path(args.checkpoint).is_dir() and (Path(args.checkpoint) / "last.pt").is_file():
         # A run folder: its last.pt has the pixel head; its export (encoder.safetensors, once finished) has not,
-        # which refused a reconstruction asked of the run that made it.
+        # so read, the export would refuse a reconstruction asked of the run that made it.
         args.checkpoint = str(Path(args.checkpoint) / "last.pt")
     model = load_for_cli(args.checkpoint, args)
     model.eval()

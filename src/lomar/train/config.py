@@ -175,7 +175,7 @@ class PretrainConfig(TaskConfig):
         if values["preset"] == "demo":  # a named model brings its own widths
             values.update({k: v for k, v in DEMO_PRESET.items()
                            if "model" not in explicit or k not in ("embed_dim", "depth", "num_heads")})
-        if "blr" in explicit and "lr" not in explicit:  # after the demo's lr 1e-3, which ignored a given --blr
+        if "blr" in explicit and "lr" not in explicit:  # after the demo's lr 1e-3, which would hide a given --blr
             values["lr"] = None  # a given base lr scales with the batch, over a recipe's absolute lr (BEiT's)
         values.update(explicit)
         check_method_settings(values, S.declarations(cls))
