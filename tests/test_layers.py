@@ -51,7 +51,8 @@ def _called(func: ast.expr) -> str | None:
 def _dynamic_targets(node: ast.Call, modules) -> set[str]:
     """The lomar module an ``importlib.import_module(...)`` or ``__import__(...)`` call names by a literal:
     the deepest module the name starts with, and for an f-string the deepest one its literal beginning
-    names (``f"lomar.methods.{name}"``: lomar.methods). A name held in a variable is not seen."""
+    names (``f"lomar.methods.{name}"``, ``"lomar.methods." + name``: lomar.methods). A name held in a variable is
+    not seen."""
     if _called(node.func) not in {"import_module", "__import__"} or not node.args:
         return set()
     first = node.args[0]
@@ -59,6 +60,8 @@ def _dynamic_targets(node: ast.Call, modules) -> set[str]:
         name = first.value
     elif isinstance(first, ast.JoinedStr) and first.values and isinstance(first.values[0], ast.Constant):
         name = str(first.values[0].value).rpartition(".")[0]  # the part after the last dot is cut by the {...}
+    elif isinstance(first, ast.BinOp) and isinstance(first.left, ast.Constant) and isinstance(first.left.value, str):
+        name = first.left.value.rpartition(".")[0]  # "lomar.train." + name
     else:
         return set()
     if name.startswith("."):  # import_module(".config", "lomar.train") / (..., package="lomar.train")
@@ -210,6 +213,7 @@ def _crafted(source: str, importer: str = "lomar.models.vit") -> set[str]:
     "from importlib import import_module\ndef f():\n    return import_module('lomar.cli.app').main",
     "import importlib\nimportlib.import_module('.config', package='lomar.train')",
     "import importlib\nimportlib.import_module(f'lomar.methods.{1}')",
+    "import importlib\nimportlib.import_module('lomar.train.' + 'config')",
     "__import__('lomar.viz.curves')",
     "from lomar import dense",  # a top-level module re-exporting a higher layer
 ])
