@@ -8,8 +8,9 @@ category, images listed but absent from the image folder, an empty split) is a
 a box of zero area after clipping is skipped and counted (:class:`CocoSummary`). Crowd
 annotations are left out of training targets and kept for evaluation, as detectron2 does;
 training also leaves out images without a box (detectron2's ``FILTER_EMPTY_ANNOTATIONS``).
-Each segmentation is checked to be polygons (lists of at least 3 x, y pairs) or an RLE of its image's size; an
-``area`` left out is the segmentation's pixel count (COCO's definition, which pycocotools' APs/m/l read).
+Each segmentation is checked to be polygons (lists of at least 3 x, y pairs; one reaching far outside its image
+is clipped, :mod:`lomar.data.polygons`) or an RLE of its image's size; an ``area`` left out is the segmentation's
+pixel count (COCO's definition, which pycocotools' APs/m/l read).
 
 Images are read as every command reads them (:func:`lomar.data.decode.load_image`: bounded, EXIF
 upright, 16-bit scaled by depth); one that cannot be read, or whose upright size is not the size the
@@ -38,6 +39,7 @@ from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_
 from lomar.data.collate import LabelledBatch, Skipped, refilled, split_skipped
 from lomar.data.decode import load_image
 from lomar.data.jitter import eval_transforms, train_transforms
+from lomar.data.polygons import fit_polygons
 from lomar.data.transforms import sample_generator, sample_key
 from lomar.errors import UsageError
 
@@ -58,10 +60,12 @@ class CocoSummary:
     clipped: int = 0  # boxes reaching outside their image, clipped to it
     zero_area: int = 0  # boxes of no area (after clipping), skipped
     crowd: int = 0  # crowd regions: not training targets; evaluation ignores detections on them
+    far: int = 0  # polygons reaching far outside their image, clipped (lomar.data.polygons)
 
     def line(self) -> str:
         notes = [(self.crowd, "crowd regions (ignored in training)"), (self.clipped, "boxes clipped to their image"),
-                 (self.zero_area, "boxes of zero area skipped")]
+                 (self.zero_area, "boxes of zero area skipped"),
+                 (self.far, "polygons reaching far outside their image clipped")]
         return ", ".join([f"{self.images} images, {self.boxes} boxes"] + [f"{n} {text}" for n, text in notes if n])
 
 
@@ -257,11 +261,15 @@ def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train
             raise _fail(path, f"{where} has iscrowd {crowd!r}; it is 0 or 1 (a crowd region), or left out")
         if area is not None and not (_number(area) and area >= 0):
             raise _fail(path, f"{where} has area {area!r}; an area is a finite number >= 0, or left out")
+        seg = ann["segmentation"]
+        if isinstance(seg, list):  # before pycocotools rasterises it (for the area here, and at every load)
+            seg, far = fit_polygons(seg, *sizes[ann["image_id"]])
+            summary.far += far
         summary.crowd += crowd
         summary.boxes += not crowd
         summary.clipped += fitted[1]
-        kept.append({**ann, "bbox": fitted[0], "iscrowd": int(crowd),
-                     "area": _mask_area(ann["segmentation"], *sizes[ann["image_id"]]) if area is None else float(area)})
+        kept.append({**ann, "bbox": fitted[0], "iscrowd": int(crowd), "segmentation": seg,
+                     "area": _mask_area(seg, *sizes[ann["image_id"]]) if area is None else float(area)})
     clean = {"images": images, "annotations": kept, "categories": categories}
     return CocoSplit(path, root, clean, sorted(known), summary)
 

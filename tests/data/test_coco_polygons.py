@@ -1,0 +1,69 @@
+"""COCO polygons reaching far outside their image: clipped before pycocotools rasterises them, which
+took seconds a load at 1e7 px and crashed the process (a segmentation fault) past 4.3e8 px."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from lomar.data.coco import detection_dataset, read_coco, train_transforms, training_split
+from lomar.data.polygons import fit_polygons
+
+WIDTH, HEIGHT = 48, 40
+
+
+def _split(tmp_path, polygon, area=None):
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.full((HEIGHT, WIDTH, 3), 90, np.uint8)).save(tmp_path / "images" / "a.png")
+    ann = {"id": 1, "image_id": 1, "category_id": 4, "bbox": [5, 5, 20, 20], "segmentation": [polygon]}
+    if area is not None:
+        ann["area"] = area
+    data = {"images": [{"id": 1, "file_name": "a.png", "width": WIDTH, "height": HEIGHT}], "annotations": [ann],
+            "categories": [{"id": 4, "name": "thing"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    return read_coco(tmp_path / "ann.json", tmp_path / "images")
+
+
+def _mask(polygons):
+    return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polygons, HEIGHT, WIDTH)))
+
+
+@pytest.mark.parametrize("far", [1e5, 3e4])
+def test_a_clipped_polygon_covers_the_pixels_the_original_does(far):
+    # concave, with vertices far out on every side: what pycocotools rasterises inside the image is unchanged
+    polygon = [-far, -far, 20.3, 7.7, far, -far / 3, 30.5, 20.2, far, far, 21.1, 33.9, -far / 2, far, 9.4, 18.6]
+    fitted, clipped = fit_polygons([polygon], WIDTH, HEIGHT)
+    assert clipped == 1
+    assert all(-WIDTH <= x <= 2 * WIDTH for x in fitted[0][0::2])
+    assert all(-HEIGHT <= y <= 2 * HEIGHT for y in fitted[0][1::2])
+    assert 0 < _mask(fitted).sum() < WIDTH * HEIGHT
+    assert (_mask(fitted) == _mask([polygon])).all()
+
+
+def test_a_polygon_near_its_image_is_left_as_it_is():
+    polygon = [-10.0, -3.5, 60.0, 2.0, 90.0, 79.0]  # outside, but within a side's length
+    assert fit_polygons([polygon], WIDTH, HEIGHT) == ([polygon], 0)
+
+
+def test_a_vertex_past_pycocotools_integers_is_clipped_before_it_is_rasterised(tmp_path):
+    split = _split(tmp_path, [10, 10, 1e9, 10, 10, 1e9], area=100.0)
+    polygon = split.data["annotations"][0]["segmentation"][0]
+    assert max(polygon) <= 2 * WIDTH  # the raw polygon crashed the process wherever it was rasterised
+    assert "1 polygons reaching far outside their image clipped" in split.summary.line()
+    image, target = detection_dataset(training_split(split), train_transforms(64, (1.0, 1.0)), train=True, seed=0)[0]
+    assert target["masks"].shape[1:] == image.shape[1:] and target["masks"].any()
+
+
+def test_the_area_left_out_is_counted_on_the_clipped_polygon(tmp_path):
+    split = _split(tmp_path, [0, 0, 1e12, 0, 1e12, 1e12])  # a triangle over the image's upper-right half
+    ann = split.data["annotations"][0]
+    assert ann["area"] == float(_mask(ann["segmentation"]).sum()) > WIDTH * HEIGHT / 3
+
+
+def test_a_far_polygon_that_misses_the_image_leaves_an_empty_mask(tmp_path):
+    fitted, clipped = fit_polygons([[-1e9, -1e9, -1e9 + 5, -1e9, -1e9, -1e9 + 5]], WIDTH, HEIGHT)
+    assert clipped == 1 and len(fitted[0]) == 6 and _mask(fitted).sum() == 0
