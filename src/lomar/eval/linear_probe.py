@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lomar.train.monitor import progress
+from lomar.train.schedule import lr_at
 
 __all__ = ["LinearProbe", "LARS", "train_linear_probe", "train_mae_linear_probe"]
 
@@ -41,7 +40,7 @@ def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torc
     total = epochs * max(1, train_x.shape[0] // batch_size)
     return _fit(train_x, train_y, val_x, val_y, epochs, batch_size, seed,
                 lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay),
-                lambda step, t: lr * 0.5 * (1 + math.cos(math.pi * step / total)), f"lr (now {lr:g})")
+                lambda step, t: lr_at(step, total, 0, lr), f"lr (now {lr:g})")
 
 
 def _fit(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, epochs: int,
@@ -121,10 +120,7 @@ def train_mae_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: 
         raise ValueError(f"the probe's warm-up ({warmup_epochs} epochs) must be within its {epochs} epochs")
     lr = blr * batch_size / 256
 
-    def lr_at(step: int, t: float) -> float:  # t: MAE's fractional epoch
-        if t < warmup_epochs:
-            return lr * t / warmup_epochs
-        return lr * 0.5 * (1 + math.cos(math.pi * (t - warmup_epochs) / max(1e-12, epochs - warmup_epochs)))
-
     return _fit(train_x, train_y, val_x, val_y, epochs, batch_size, seed,
-                lambda params: LARS(params, lr=lr, weight_decay=0.0), lr_at, f"blr (now {blr:g})")
+                lambda params: LARS(params, lr=lr, weight_decay=0.0),
+                lambda step, t: lr_at(t, epochs, warmup_epochs, lr),  # by MAE's fractional epoch t
+                f"blr (now {blr:g})")
