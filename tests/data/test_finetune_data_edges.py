@@ -26,3 +26,24 @@ def test_a_failing_transform_is_raised_not_counted_as_an_unreadable_image(tmp_pa
         dataset[0]
     image, label, path = dataset[2]  # an unreadable file is still skipped, not raised
     assert image is None and path.endswith("broken.png") and label == 1
+
+
+def test_class_names_in_two_unicode_forms_are_told_apart(tmp_path):
+    """A split copied from macOS names 'café' decomposed (e + U+0301), one made on Linux composed: the names print
+    alike, so the message must say what differs."""
+    import unicodedata
+
+    for split, form in (("train", "NFD"), ("val", "NFC")):
+        for label in ("café", "dog"):
+            (tmp_path / split / unicodedata.normalize(form, label)).mkdir(parents=True)
+            Image.fromarray(np.full((6, 8, 3), 90, np.uint8)).save(tmp_path / split / unicodedata.normalize(form, label)
+                                                                   / "0.png")
+    train, val = LabelledImageFolder(tmp_path / "train"), LabelledImageFolder(tmp_path / "val")
+    with pytest.raises(ValueError) as caught:
+        train.check_same_classes(val)
+    assert r"('cafe\u0301' and 'caf\xe9' are one name in two Unicode forms" in str(caught.value)
+    assert "\n" not in str(caught.value)
+    other = LabelledImageFolder(_folder(tmp_path / "plain"))
+    with pytest.raises(ValueError) as caught:
+        train.check_same_classes(other)
+    assert "Unicode" not in str(caught.value)  # names that differ in letters: the plain message

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from lomar.data.shards import TarShardDataset, is_shard_pattern, shard_paths
 from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator, sample_key
 
 __all__ = ["demo_image_paths", "find_images", "build_image_list", "ImageListDataset", "build_pretrain_dataset",
-           "LabelledImageFolder", "classes_only_in"]
+           "LabelledImageFolder", "classes_only_in", "unicode_forms_note"]
 
 log = logging.getLogger("lomar.data")
 # Real photographs that ship inside scikit-image's wheel (no download needed).
@@ -239,7 +240,8 @@ class LabelledImageFolder(Dataset):
         if self.classes != val.classes:
             train_only, val_only = classes_only_in(self.classes, val.classes)
             raise ValueError(f"train and val class folders differ: only in {self.root}: {train_only}, only "
-                             f"in {val.root}: {val_only}; give both splits the same class folders")
+                             f"in {val.root}: {val_only}; give both splits the same class folders"
+                             f"{unicode_forms_note(self.classes, val.classes)}")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -261,3 +263,18 @@ def classes_only_in(first: list[str], second: list[str]) -> tuple[list[str] | st
     """(the class names only ``first`` holds, those only ``second`` holds), each sorted or "none": what a message
     names when two class lists differ (labels are indices, so a renamed class swaps them)."""
     return (sorted(set(first) - set(second)) or "none", sorted(set(second) - set(first)) or "none")
+
+
+def unicode_forms_note(first: list[str], second: list[str]) -> str:
+    """"" or a clause for a class-difference message when some name of ``first`` is one of ``second`` written in
+    another Unicode form (decomposed, as macOS writes file names: an accent after its letter, or composed): printed,
+    the two look alike, and the message would name the same names on both sides."""
+    composed = {unicodedata.normalize("NFC", name): name for name in second if name not in first}
+    twins = [(name, composed[nfc]) for name in first if name not in second
+             and (nfc := unicodedata.normalize("NFC", name)) in composed]
+    if not twins:
+        return ""
+    (one, other), more = twins[0], len(twins) - 1
+    return (f" ({ascii(one)} and {ascii(other)}{f' and {more} more' if more else ''} are one name in two Unicode "
+            f"forms, decomposed as macOS writes names and composed: rename one side's folders to the other's form, "
+            f"e.g. convmv -r -f utf8 -t utf8 --nfc --notest DIR)")

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Subset
 from lomar.checkpoints.kinds import FINETUNE_FORMAT
 from lomar.data.classify import SeededSamples, classification_transforms, eval_crop_ratio
 from lomar.data.collate import UNREADABLE_LIMIT, collate_labelled, collate_labelled_refill
-from lomar.data.folder import LabelledImageFolder, classes_only_in
+from lomar.data.folder import LabelledImageFolder, classes_only_in, unicode_forms_note
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError
 from lomar.eval.features import load_pretrained_encoder
@@ -164,7 +164,7 @@ class FinetuneTask(Task):
             only = classes_only_in(saved, self.classes)
             raise UsageError(f"--resume: the checkpoint's class folders differ from the data's (only in the "
                              f"checkpoint: {only[0]}, only in the data: {only[1]}); resume with the data it started "
-                             f"with")
+                             f"with{unicode_forms_note(saved, self.classes)}")
 
     def state(self) -> dict:
         return {"config": self.model.config.to_dict(), "num_classes": len(self.classes), "classes": self.classes,
