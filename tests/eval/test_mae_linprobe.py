@@ -37,3 +37,16 @@ def test_a_probe_that_diverges_is_an_error_not_a_score():
     y = torch.arange(16) % 2
     with pytest.raises(ValueError, match=r"^the linear probe diverged: .* after 3 epochs; lower blr \(now 1e\+10\)$"):
         train_mae_linear_probe(x, y, x, y, epochs=3, batch_size=4, blr=1e10, warmup_epochs=0)
+
+
+@pytest.mark.parametrize("train, rate", [(lambda x, y: train_linear_probe(x, y, x, y, epochs=2, batch_size=4, lr=1e300),
+                                          r"lr \(now 1e\+300\)"),
+                                         (lambda x, y: train_mae_linear_probe(x, y, x, y, epochs=2, batch_size=4,
+                                                                              blr=1e300, warmup_epochs=0),
+                                          r"blr \(now 1e\+300\)")])
+def test_an_lr_past_float32_is_an_error_naming_it(train, rate):
+    """torch refuses a step size past float32's range with a RuntimeError: `lomar linprobe --lr 1e300` (or 4e37,
+    over AdamW's first-step bias correction) printed a traceback."""
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=rf"^the linear probe's step overflowed float32 .*; lower {rate}$"):
+        train(x, torch.arange(16) % 2)

@@ -66,7 +66,13 @@ def _fit(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_
             loss = F.cross_entropy(probe(train_x[idx]), train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            try:
+                opt.step()
+            except RuntimeError as exc:  # an lr past float32's range: the step size itself is no number
+                if "overflow" not in str(exc):
+                    raise
+                raise ValueError(f"the linear probe's step overflowed float32 (the update is lr x a gradient over "
+                                 f"3.4e38); lower {rate}") from None
     if not all(bool(torch.isfinite(value).all()) for value in probe.state_dict().values() if value.is_floating_point()):
         raise ValueError(f"the linear probe diverged: its weights hold NaN or inf after {epochs} epochs; lower {rate}")
     probe.eval()
