@@ -34,3 +34,16 @@ def test_masks_stay_on_the_image_through_a_fractional_rescale(scale):
     out, target = train_transforms(200, (scale, scale))(image, target)
     assert max(out.shape[-2:]) < 200  # resized, not cropped
     assert ((out[0] > 0.5) != target["masks"][0].bool()).sum() <= 2  # a tie at an edge at most
+
+
+@pytest.mark.parametrize("height, width", [(2, 31), (40, 48), (700, 5)])
+def test_an_image_jittered_down_to_one_pixel_is_one_pixel_not_a_crash(height, width):
+    # --jitter 0.03 0.03 at --img-size 32: every image comes out 1 x 1, where PyTorch's uint8 antialiased resize
+    # failed an internal assert (num_channels == unpacked_output.size(0)) and the loader with it
+    image = tv_tensors.Image(torch.full((3, height, width), 200, dtype=torch.uint8))
+    masks = torch.ones(1, height, width, dtype=torch.uint8)
+    target = {"boxes": tv_tensors.BoundingBoxes([[0, 0, width, height]], format="XYXY", canvas_size=(height, width)),
+              "masks": tv_tensors.Mask(masks), "labels": torch.tensor([1])}
+    out, target = train_transforms(32, (0.03, 0.03))(image, target)
+    assert out.shape == (3, 1, 1) and torch.allclose(out, torch.full_like(out, 200 / 255))
+    assert target["masks"].shape == (1, 1, 1) and target["boxes"].tolist() == [[0, 0, 1, 1]]

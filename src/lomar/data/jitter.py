@@ -50,6 +50,11 @@ class _ScaleJitter(v2.ScaleJitter):
             resized = TF.resize_image(inpt.as_subclass(torch.Tensor), list(params["size"]),
                                       interpolation=v2.InterpolationMode.NEAREST_EXACT)
             return tv_tensors.wrap(resized, like=inpt)
+        if isinstance(inpt, tv_tensors.Image) and inpt.dtype == torch.uint8 and tuple(params["size"]) == (1, 1):
+            # PyTorch's uint8 antialiased kernel fails an internal assert on a 1 x 1 output from 2 or more rows (any
+            # image, where --jitter's LOW x --img-size < 2): the float kernel, rounded back as torchvision's fallback
+            resized = TF.resize_image(inpt.as_subclass(torch.Tensor).float(), [1, 1], antialias=True)
+            return tv_tensors.wrap(resized.round_().clamp_(0, 255).to(torch.uint8), like=inpt)
         resize = v2.ScaleJitter.transform if hasattr(v2.ScaleJitter, "transform") else v2.ScaleJitter._transform
         return resize(self, inpt, params)
 
