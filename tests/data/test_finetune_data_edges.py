@@ -47,3 +47,19 @@ def test_class_names_in_two_unicode_forms_are_told_apart(tmp_path):
     with pytest.raises(ValueError) as caught:
         train.check_same_classes(other)
     assert "Unicode" not in str(caught.value)  # names that differ in letters: the plain message
+
+
+def test_thumbnail_caches_are_no_class(tmp_path, caplog):
+    """A Synology NAS writes @eaDir/IMAGE/SYNOFILE_THUMB_*.jpg in every folder, train/ and val/ alike: taken as a
+    class, every image's thumbnails trained (and scored) as one more class, without a word."""
+    import logging
+
+    root = _folder(tmp_path / "train")
+    for name in ("@eaDir/0.png", "__MACOSX/dog"):
+        (root / name).mkdir(parents=True)
+        Image.fromarray(np.full((6, 8, 3), 90, np.uint8)).save(root / name / "SYNOFILE_THUMB_M.png")
+    (root / ".ipynb_checkpoints").mkdir()
+    with caplog.at_level(logging.WARNING, logger="lomar.data"):
+        dataset = LabelledImageFolder(root)
+    assert dataset.classes == ["cat", "dog"] and len(dataset) == 3
+    assert "2 thumbnail folder(s) are no class, e.g. @eaDir" in caplog.text

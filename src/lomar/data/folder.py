@@ -195,8 +195,8 @@ def _check_listed(listing: Path, images: list[Path], first: int = 20) -> None:
 
 
 class LabelledImageFolder(Dataset):
-    """``ROOT/CLASS/**/IMAGE`` (torchvision's ImageFolder layout, hidden folders no class) that survives
-    unreadable images.
+    """``ROOT/CLASS/**/IMAGE`` (torchvision's ImageFolder layout; hidden folders and thumbnail caches no class)
+    that survives unreadable images.
 
     Items: ``(transform(PIL image) or None if unreadable, class index, path)``; batch them with
     :func:`lomar.data.collate.collate_labelled`, which drops and reports the bad ones. ``classes``
@@ -208,9 +208,13 @@ class LabelledImageFolder(Dataset):
         self.root, self.transform = Path(root), transform
         if not self.root.is_dir():
             raise ValueError(f"{self.root} is not a folder of class folders (ImageFolder layout: ROOT/CLASS/IMAGE)")
-        # hidden folders (Jupyter's .ipynb_checkpoints, a .git) are no classes: each would add an output, and
+        # hidden folders (Jupyter's .ipynb_checkpoints, a .git) and thumbnail caches (a Synology NAS's @eaDir in every
+        # folder: a class of every image's thumbnails, in val too) are no classes: each would add an output, and
         # shift every class index after it
-        self.classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
+        folders = sorted(e.name for e in os.scandir(self.root) if e.is_dir())
+        self.classes = [name for name in folders if not name.startswith(_NOT_SEARCHED)]
+        if caches := [name for name in folders if name.startswith(_NOT_SEARCHED) and not name.startswith(".")]:
+            log.warning("%s: %d thumbnail folder(s) are no class, e.g. %s", self.root, len(caches), caches[0])
         if not self.classes:
             raise ValueError(f"{self.root} holds no class folders (ImageFolder layout: ROOT/CLASS/IMAGE)")
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
