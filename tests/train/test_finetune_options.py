@@ -297,3 +297,14 @@ def test_a_finetune_saved_before_the_table_was_trained_resumes_with_it_fixed(tmp
 
     wider = load_model(out / "last.pt", img_size=64)  # a fixed table at another size: exact sin-cos, not resampled
     assert torch.equal(wider.pos_embed.detach(), sincos_pos_embed_2d(32, (8, 8))[None])
+
+
+@pytest.mark.parametrize("extra, words", [(["--min-lr", "0.5"], "--min-lr 0.5 is above the peak lr 7.81e-06"),
+                                          (["--blr", "1e-5"], "--min-lr 1e-06 is above the peak lr 1.56e-07")])
+def test_a_min_lr_above_the_peak_lr_is_refused_before_a_step(capsys, extra, words):
+    """As pretrain refuses it: the 'cosine' would rise from the peak to --min-lr (--min-lr 0.5 diverged at the first
+    steps past the warm-up, with the advice to lower --blr)."""
+    assert main(["finetune", "--batch-size", "4", *extra, "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "lower --min-lr or raise --blr" in err and err.count("\n") == 1
+    assert main(["finetune", "--batch-size", "4", "--blr", "1e-5", "--min-lr", "0", "--print-config"]) == 0

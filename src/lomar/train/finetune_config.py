@@ -7,6 +7,7 @@ settings may change. Everything is checked before any folder is made.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -102,6 +103,11 @@ class FinetuneConfig(TaskConfig):
         check_warmup(self)
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
             raise ConfigError(f"mixup/cutmix pair images: --batch-size must be even, got {self.batch_size}")
+        from lomar.train.schedule import peak_lr  # torch: not for --help
+
+        if self.min_lr > (peak := peak_lr(self, int(os.environ.get("WORLD_SIZE", "1")))):  # as pretrain's check
+            raise ConfigError(f"--min-lr {self.min_lr:g} is above the peak lr {peak:.3g} (--blr {self.blr:g} x "
+                              f"effective batch / 256): the lr would rise to it; lower --min-lr or raise --blr")
 
     def check_inputs(self) -> None:
         if not (self.data or (self.train and self.val)):
