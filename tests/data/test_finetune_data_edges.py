@@ -63,3 +63,17 @@ def test_thumbnail_caches_are_no_class(tmp_path, caplog):
         dataset = LabelledImageFolder(root)
     assert dataset.classes == ["cat", "dog"] and len(dataset) == 3
     assert "2 thumbnail folder(s) are no class, e.g. @eaDir" in caplog.text
+
+
+def test_a_truncated_webp_is_named_as_one(tmp_path):
+    """Pillow's WebP opener reads the whole file, so a WebP cut short failed at open, and the message called it 'not an
+    image format lomar reads (JPEG, PNG, GIF, BMP, TIFF, WebP; ... starting b'RIFF')'."""
+    import io
+
+    from lomar.data.decode import decode_bytes
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(buffer, "WEBP")
+    with pytest.raises(ValueError, match=r"^cannot decode image cut.webp: a damaged or truncated WEBP file "
+                                         r"\([\d,]+ bytes\); replace or remove it$"):
+        decode_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2], "cut.webp")

@@ -132,6 +132,9 @@ def open_pil(data: bytes, name: str = "<bytes>", max_pixels: int | None = None):
                          f"shrink it") from None
     except Exception:  # UnidentifiedImageError, or whatever a plugin raises on a malformed header
         # Pillow's own message names an anonymous BytesIO: say what the file is instead.
+        if kind:  # its signature is one of ours (a WebP cut short fails here, at open): not another format
+            raise ValueError(f"cannot decode image {name}: a damaged or truncated {kind.upper()} file ({len(data):,} "
+                             f"bytes); replace or remove it") from None
         raise ValueError(f"cannot decode image {name}: not an image format lomar reads (JPEG, PNG, GIF, BMP, TIFF, "
                          f"WebP; {len(data):,} bytes starting {data[:8]!r})") from None
     try:
