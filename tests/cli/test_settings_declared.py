@@ -245,3 +245,14 @@ def test_a_help_states_its_integer_upper_bound():
     assert helps[("knn", "--img-size")].endswith(f"training size; at most {MAX_IMG_SIZE})")  # its own default text
     assert helps[("segment", "--num-classes")].count("254") == 1  # a bound the help gives already is not repeated
     assert "at most 1)" not in helps[("finetune", "--reprob")]  # nor a probability's
+
+
+def test_every_training_setting_has_a_known_resume_policy():
+    # the policy is a string: a typo ("run_control") would make the setting fixed on resume without a word
+    from lomar.train.detect_config import DetectConfig
+    from lomar.train.segment_config import SegmentConfig
+    from lomar.train.settings import declarations
+
+    for cls in (PretrainConfig, FinetuneConfig, DetectConfig, SegmentConfig):
+        for name, declared in declarations(cls).items():
+            assert declared.resume in ("fixed", "run-control", "per-invocation", "derived"), (cls.__name__, name)
