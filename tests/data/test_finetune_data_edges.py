@@ -77,3 +77,21 @@ def test_a_truncated_webp_is_named_as_one(tmp_path):
     with pytest.raises(ValueError, match=r"^cannot decode image cut.webp: a damaged or truncated WEBP file "
                                          r"\([\d,]+ bytes\); replace or remove it$"):
         decode_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2], "cut.webp")
+
+
+def test_what_the_class_folders_pass_over_is_said_once_for_the_split(tmp_path, caplog):
+    """A NAS's @eaDir (and macOS's ._IMAGE files) sit in every class folder: one warning per class was 1,000 lines
+    for ImageNet, per split."""
+    import logging
+
+    for label in ("cat", "dog", "owl"):
+        (tmp_path / label / "@eaDir").mkdir(parents=True)
+        Image.fromarray(np.full((6, 8, 3), 90, np.uint8)).save(tmp_path / label / "0.png")
+        (tmp_path / label / "._0.png").write_bytes(b"\x00\x05\x16\x07")
+    with caplog.at_level(logging.WARNING, logger="lomar.data"):
+        dataset = LabelledImageFolder(tmp_path)
+    assert len(dataset) == 3
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"{tmp_path}: 3 hidden or thumbnail folder(s) not searched, e.g. {tmp_path / 'cat'}")
+    assert lines[1] == f"{tmp_path}: 3 macOS metadata file(s) named ._IMAGE skipped (AppleDouble, not images)"

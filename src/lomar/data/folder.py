@@ -51,6 +51,14 @@ _NOT_SEARCHED = (".", "@eaDir", "__MACOSX")
 def find_images(root: str | Path) -> list[Path]:
     """Image-named entries under ``root``, sorted (see the module docstring); a folder reached a second time
     through a link is skipped with a warning."""
+    found, passed_over = _search(root)
+    _warn_passed_over(root, passed_over)
+    return found
+
+
+def _search(root: str | Path) -> tuple[list[Path], dict]:
+    """(:func:`find_images`'s list, what it passed over: {"loops": int, "hidden": [Path], "forks": int,
+    "unlisted": [OSError]}), for :func:`_warn_passed_over` to say once for any number of searches."""
     found: list[Path] = []
     # A link to an ancestor of root leads back into root (a class folder's link to the ImageFolder root
     # would give that class every other class's images): searched already, as root itself is.
@@ -69,6 +77,11 @@ def find_images(root: str | Path) -> list[Path]:
         dirs[:] = sorted(name for name in dirs if not name.startswith(_NOT_SEARCHED))
         forks += sum(name.startswith("._") and is_image_name(name[2:]) for name in files)  # see is_image_name
         found.extend(Path(folder) / name for name in files if is_image_name(name))  # dangling links land here
+    return sorted(set(found)), {"loops": loops, "hidden": hidden, "forks": forks, "unlisted": unlisted}
+
+
+def _warn_passed_over(root: str | Path, passed_over: dict) -> None:
+    loops, hidden, forks, unlisted = (passed_over[key] for key in ("loops", "hidden", "forks", "unlisted"))
     if loops:
         log.warning("%s: %d symlinked folder(s) lead to a folder already searched (a loop or a duplicate); "
                     "searched once", root, loops)
@@ -80,7 +93,6 @@ def find_images(root: str | Path) -> list[Path]:
     if unlisted:
         log.warning("%s: %d folder(s) could not be listed, e.g. %s (%s); their images are not used: fix the "
                     "permissions", root, len(unlisted), unlisted[0].filename, unlisted[0].strerror or unlisted[0])
-    return sorted(set(found))
 
 
 def build_image_list(data: str | Path) -> list[Path]:
@@ -218,7 +230,14 @@ class LabelledImageFolder(Dataset):
         if not self.classes:
             raise ValueError(f"{self.root} holds no class folders (ImageFolder layout: ROOT/CLASS/IMAGE)")
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-        self.samples = [(path, i) for i, name in enumerate(self.classes) for path in find_images(self.root / name)]
+        # searched class by class, said once for the split: a NAS's @eaDir in each of 1,000 class folders is one line
+        self.samples, passed_over = [], {"loops": 0, "hidden": [], "forks": 0, "unlisted": []}
+        for i, name in enumerate(self.classes):
+            found, passed = _search(self.root / name)
+            self.samples += [(path, i) for path in found]
+            for key, value in passed.items():
+                passed_over[key] += value
+        _warn_passed_over(self.root, passed_over)
         if not self.samples:
             raise ValueError(f"no images found in the class folders of {self.root}; "
                              f"supported extensions: {', '.join(IMAGE_EXTENSIONS)}")
