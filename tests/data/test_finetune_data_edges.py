@@ -95,3 +95,15 @@ def test_what_the_class_folders_pass_over_is_said_once_for_the_split(tmp_path, c
     assert len(lines) == 2, lines
     assert lines[0].startswith(f"{tmp_path}: 3 hidden or thumbnail folder(s) not searched, e.g. {tmp_path / 'cat'}")
     assert lines[1] == f"{tmp_path}: 3 macOS metadata file(s) named ._IMAGE skipped (AppleDouble, not images)"
+
+
+def test_an_unreadable_file_is_warned_of_once_not_every_epoch(tmp_path, caplog):
+    import logging
+
+    dataset = LabelledImageFolder(_folder(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="lomar.data"):
+        for _epoch in range(3):
+            assert [dataset[i][0] is None for i in range(len(dataset))] == [False, False, True]
+    assert [r.getMessage() for r in caplog.records if "broken.png" in r.getMessage()] == [
+        f"skipped unreadable image cannot decode image {tmp_path / 'dog' / 'broken.png'}: not an image format lomar "
+        f"reads (JPEG, PNG, GIF, BMP, TIFF, WebP; 7 bytes starting b'garbage')"]

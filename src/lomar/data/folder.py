@@ -218,6 +218,7 @@ class LabelledImageFolder(Dataset):
 
     def __init__(self, root: str | Path, transform=None):
         self.root, self.transform = Path(root), transform
+        self.warned: set[int] = set()  # the unreadable files this process has warned of
         if not self.root.is_dir():
             raise ValueError(f"{self.root} is not a folder of class folders (ImageFolder layout: ROOT/CLASS/IMAGE)")
         # hidden folders (Jupyter's .ipynb_checkpoints, a .git) and thumbnail caches (a Synology NAS's @eaDir in every
@@ -274,7 +275,9 @@ class LabelledImageFolder(Dataset):
         try:
             image = Image.fromarray(load_image(path).permute(1, 2, 0).numpy())  # what timm's transforms take
         except (ValueError, RuntimeError, OSError) as exc:
-            log.warning("skipped unreadable image %s", exc)
+            if index not in self.warned:  # once per file and process: a finetuning reads it again every epoch
+                self.warned.add(index)
+                log.warning("skipped unreadable image %s", exc)
             return None, label, str(path)
         # Not under the except: a decoded image is no fault of the file, so a transform's error is a bug to see.
         # Counted as an unreadable image, an augmentation that fails 1 draw in 40 blamed that many files, and
