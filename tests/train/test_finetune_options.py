@@ -308,3 +308,22 @@ def test_a_min_lr_above_the_peak_lr_is_refused_before_a_step(capsys, extra, word
     err = capsys.readouterr().err
     assert words in err and "lower --min-lr or raise --blr" in err and err.count("\n") == 1
     assert main(["finetune", "--batch-size", "4", "--blr", "1e-5", "--min-lr", "0", "--print-config"]) == 0
+
+
+def test_the_start_line_counts_the_split_and_this_process_share_of_it():
+    """Under torchrun the train count was the whole split's but said '(this process)', beside val's real share."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import Subset
+
+    from lomar.train.distributed import DistInfo
+    from lomar.train.finetune import FinetuneTask
+
+    model = torch.nn.Linear(2, 2)
+    model.config = SimpleNamespace(embed_dim=32, depth=2)
+    for world, expected in ((1, "10 training and 3 validation images, 2 classes"),
+                            (2, "10 training and 3 validation images (5 and 2 this process), 2 classes")):
+        stub = SimpleNamespace(model=model, classes=["a", "b"], config=SimpleNamespace(img_size=32),
+                               info=DistInfo(0, world), train_loader=SimpleNamespace(dataset=range(10)),
+                               val_loader=SimpleNamespace(dataset=Subset(range(3), range(0, 3, world))))
+        assert FinetuneTask.describe(stub).startswith(expected)

@@ -118,9 +118,12 @@ class FinetuneTask(Task):
 
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters()) / 1e6
-        return (f"{len(self.train_loader.dataset)} training and {len(self.val_loader.dataset)} validation images "
-                f"(this process), {len(self.classes)} classes; ViT {self.model.config.embed_dim} wide, "
-                f"{self.model.config.depth} blocks, {self.config.img_size} px, {params:.1f}M params")
+        train, val = len(self.train_loader.dataset), len(self.val_loader.dataset.dataset)  # the split, every process's
+        shares = (f" ({train // self.info.world_size} and {len(self.val_loader.dataset)} this process)"
+                  if self.info.world_size > 1 else "")
+        return (f"{train} training and {val} validation images{shares}, {len(self.classes)} classes; ViT "
+                f"{self.model.config.embed_dim} wide, {self.model.config.depth} blocks, {self.config.img_size} px, "
+                f"{params:.1f}M params")
 
     def loss(self, batch) -> torch.Tensor | None:
         if not batch[0].numel():  # every image of the batch was unreadable
