@@ -12,6 +12,7 @@ from pycocotools import mask as mask_utils
 
 from lomar.data.coco import detection_dataset, read_coco, train_transforms, training_split
 from lomar.data.polygons import fit_polygons
+from lomar.errors import UsageError
 
 WIDTH, HEIGHT = 48, 40
 
@@ -67,3 +68,23 @@ def test_the_area_left_out_is_counted_on_the_clipped_polygon(tmp_path):
 def test_a_far_polygon_that_misses_the_image_leaves_an_empty_mask(tmp_path):
     fitted, clipped = fit_polygons([[-1e9, -1e9, -1e9 + 5, -1e9, -1e9, -1e9 + 5]], WIDTH, HEIGHT)
     assert clipped == 1 and len(fitted[0]) == 6 and _mask(fitted).sum() == 0
+
+
+@pytest.mark.parametrize("segmentation, said", [(None, "has no 'segmentation'"),
+                                                ([], "has as segmentation an empty polygon list")])
+def test_a_box_only_file_is_one_line_that_counts_and_says_what_to_do(tmp_path, segmentation, said):
+    # CVAT's and Roboflow's detection exports write "segmentation": []; the line said "fix or remove the annotation"
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.full((HEIGHT, WIDTH, 3), 90, np.uint8)).save(tmp_path / "images" / "a.png")
+    annotations = [{"id": i + 1, "image_id": 1, "category_id": 4, "bbox": [5, 5, 10, 10]} for i in range(3)]
+    for ann in annotations[1:] if segmentation is None else annotations:
+        ann["segmentation"] = segmentation
+    annotations[2]["segmentation"] = [[5, 5, 15, 5, 15, 15]]
+    data = {"images": [{"id": 1, "file_name": "a.png", "width": WIDTH, "height": HEIGHT}], "annotations": annotations,
+            "categories": [{"id": 4, "name": "thing"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    with pytest.raises(UsageError) as caught:
+        read_coco(tmp_path / "ann.json", tmp_path / "images")
+    line = str(caught.value)
+    assert "\n" not in line and f"annotations[0] (id 1) {said}" in line, line
+    assert "(2 of 3 annotations have no mask)" in line and "as the polygon [[x, y, x+w, y, x+w, y+h, x, y+h]]" in line

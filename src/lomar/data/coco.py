@@ -48,7 +48,7 @@ __all__ = ["CocoSplit", "CocoSummary", "read_coco", "training_split", "CocoInsta
 
 
 _IMAGE_KEYS = ("id", "file_name", "width", "height")
-_ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox", "segmentation")
+_ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")  # and a segmentation: _maskless says why
 
 
 @dataclass
@@ -94,6 +94,17 @@ class CocoSplit:
 
 def _fail(path: Path, message: str) -> UsageError:
     return UsageError(f"{path}: {message}")
+
+
+def _maskless(path: Path, annotations: list[dict], i: int) -> UsageError:
+    """A box-only annotation (CVAT's and Roboflow's detection exports write ``"segmentation": []``), with the count."""
+    count = sum(a.get("segmentation") in (None, [], {}) for a in annotations)
+    seg = annotations[i].get("segmentation")
+    what = "no 'segmentation'" if seg is None else f"as segmentation an empty {'polygon list' if seg == [] else 'RLE'}"
+    return _fail(path, f"annotations[{i}] (id {annotations[i]['id']!r}) has {what} ({count} of {len(annotations)} "
+                       f"annotations have no mask): Mask R-CNN trains on each object's mask; add polygons or RLE "
+                       f"masks, or give a box-only object its box [x, y, w, h] as the polygon "
+                       f"[[x, y, x+w, y, x+w, y+h, x, y+h]]")
 
 
 def _unique(path: Path, entries: list[dict], what: str) -> None:
@@ -250,6 +261,8 @@ def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train
         box = ann["bbox"]
         if not (isinstance(box, list) and len(box) == 4 and all(_number(v) for v in box)):
             raise _fail(path, f"{where} has bbox {box!r}; a bbox is [x, y, width, height], four finite numbers")
+        if ann.get("segmentation") in (None, [], {}):
+            raise _maskless(path, annotations, i)
         if why := _segmentation_error(ann["segmentation"], *sizes[ann["image_id"]]):
             raise _fail(path, f"{where} has as segmentation {why}; fix or remove the annotation")
         fitted = _clip_box([float(v) for v in box], *sizes[ann["image_id"]])
