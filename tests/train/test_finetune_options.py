@@ -327,3 +327,21 @@ def test_the_start_line_counts_the_split_and_this_process_share_of_it():
                                info=DistInfo(0, world), train_loader=SimpleNamespace(dataset=range(10)),
                                val_loader=SimpleNamespace(dataset=Subset(range(3), range(0, 3, world))))
         assert FinetuneTask.describe(stub).startswith(expected)
+
+
+def test_resuming_a_run_that_trained_a_thumbnail_class_says_why_it_cannot():
+    """Runs before thumbnail caches stopped being classes hold '@eaDir' among their classes: the data did not
+    change, so 'resume with the data it started with' would send the user looking for a change that is not theirs."""
+    from types import SimpleNamespace
+
+    from lomar.errors import UsageError
+    from lomar.train.finetune import FinetuneTask
+
+    stub = SimpleNamespace(classes=["cat", "dog"])
+    with pytest.raises(UsageError, match=r"^--resume: the checkpoint has a class of thumbnails \(@eaDir\), which lomar "
+                                         r"now leaves out of the class folders; its scores counted them: start a new "
+                                         r"run$"):
+        FinetuneTask.load(stub, {"classes": ["@eaDir", "cat", "dog"]})
+    with pytest.raises(UsageError, match="only in the checkpoint: \\['owl'\\]"):
+        FinetuneTask.load(stub, {"classes": ["cat", "dog", "owl"]})
+    FinetuneTask.load(stub, {"classes": ["cat", "dog"]})

@@ -24,7 +24,7 @@ from lomar.data.shards import TarShardDataset, is_shard_pattern, shard_paths
 from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator, sample_key
 
 __all__ = ["demo_image_paths", "find_images", "build_image_list", "ImageListDataset", "build_pretrain_dataset",
-           "LabelledImageFolder", "classes_only_in", "unicode_forms_note"]
+           "LabelledImageFolder", "classes_only_in", "unicode_forms_note", "THUMBNAIL_FOLDERS"]
 
 log = logging.getLogger("lomar.data")
 # Real photographs that ship inside scikit-image's wheel (no download needed).
@@ -45,7 +45,8 @@ def demo_image_paths() -> list[Path]:
 
 
 # Hidden sub-folders and thumbnail caches (.thumbnails, Synology's @eaDir, macOS zips' __MACOSX): copies, not photos
-_NOT_SEARCHED = (".", "@eaDir", "__MACOSX")
+THUMBNAIL_FOLDERS = ("@eaDir", "__MACOSX")
+_NOT_SEARCHED = (".", *THUMBNAIL_FOLDERS)
 
 
 def find_images(root: str | Path) -> list[Path]:
@@ -226,7 +227,7 @@ class LabelledImageFolder(Dataset):
         # shift every class index after it
         folders = sorted(e.name for e in os.scandir(self.root) if e.is_dir())
         self.classes = [name for name in folders if not name.startswith(_NOT_SEARCHED)]
-        if caches := [name for name in folders if name.startswith(_NOT_SEARCHED) and not name.startswith(".")]:
+        if caches := [name for name in folders if name.startswith(THUMBNAIL_FOLDERS)]:
             log.warning("%s: %d thumbnail folder(s) are no class, e.g. %s", self.root, len(caches), caches[0])
         if not self.classes:
             raise ValueError(f"{self.root} holds no class folders (ImageFolder layout: ROOT/CLASS/IMAGE)")

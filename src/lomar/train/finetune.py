@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Subset
 from lomar.checkpoints.kinds import FINETUNE_FORMAT
 from lomar.data.classify import SeededSamples, classification_transforms, eval_crop_ratio
 from lomar.data.collate import UNREADABLE_LIMIT, collate_labelled, collate_labelled_refill
-from lomar.data.folder import LabelledImageFolder, classes_only_in, unicode_forms_note
+from lomar.data.folder import THUMBNAIL_FOLDERS, LabelledImageFolder, classes_only_in, unicode_forms_note
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError
 from lomar.eval.features import load_pretrained_encoder
@@ -165,6 +165,9 @@ class FinetuneTask(Task):
         saved = list(state.get("classes") or self.classes)  # as many under other names would swap labels silently
         if saved != self.classes:
             only = classes_only_in(saved, self.classes)
+            if only[1] == "none" and all(name.startswith(THUMBNAIL_FOLDERS) for name in only[0]):
+                raise UsageError(f"--resume: the checkpoint has a class of thumbnails ({only[0][0]}), which lomar now "
+                                 f"leaves out of the class folders; its scores counted them: start a new run")
             raise UsageError(f"--resume: the checkpoint's class folders differ from the data's (only in the "
                              f"checkpoint: {only[0]}, only in the data: {only[1]}); resume with the data it started "
                              f"with{unicode_forms_note(saved, self.classes)}")
