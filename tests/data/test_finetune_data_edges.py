@@ -107,3 +107,15 @@ def test_an_unreadable_file_is_warned_of_once_not_every_epoch(tmp_path, caplog):
     assert [r.getMessage() for r in caplog.records if "broken.png" in r.getMessage()] == [
         f"skipped unreadable image cannot decode image {tmp_path / 'dog' / 'broken.png'}: not an image format lomar "
         f"reads (JPEG, PNG, GIF, BMP, TIFF, WebP; 7 bytes starting b'garbage')"]
+
+
+def test_a_class_folder_linked_to_nowhere_is_named(tmp_path, caplog):
+    """A class linked to an unmounted disk is no folder: the class left both splits without a word."""
+    import logging
+
+    root = _folder(tmp_path / "train")
+    (root / "owl").symlink_to(tmp_path / "unmounted" / "owl", target_is_directory=True)
+    with caplog.at_level(logging.WARNING, logger="lomar.data"):
+        assert LabelledImageFolder(root).classes == ["cat", "dog"]
+    assert f"1 link(s) lead nowhere, e.g. owl -> {tmp_path / 'unmounted' / 'owl'}: no class; mount its target" in \
+        caplog.text

@@ -229,6 +229,11 @@ class LabelledImageFolder(Dataset):
         self.classes = [name for name in folders if not name.startswith(_NOT_SEARCHED)]
         if caches := [name for name in folders if name.startswith(THUMBNAIL_FOLDERS)]:
             log.warning("%s: %d thumbnail folder(s) are no class, e.g. %s", self.root, len(caches), caches[0])
+        # a class folder linked to an unmounted disk leads nowhere: no class, in train and val alike, without a word
+        if broken := sorted(e.name for e in os.scandir(self.root)
+                            if e.is_symlink() and not os.path.exists(e.path) and not is_image_name(e.name)):
+            log.warning("%s: %d link(s) lead nowhere, e.g. %s -> %s: no class; mount its target or fix the link",
+                        self.root, len(broken), broken[0], os.readlink(self.root / broken[0]))
         if not self.classes:
             raise ValueError(f"{self.root} holds no class folders (ImageFolder layout: ROOT/CLASS/IMAGE)")
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
