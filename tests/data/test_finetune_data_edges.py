@@ -119,3 +119,17 @@ def test_a_class_folder_linked_to_nowhere_is_named(tmp_path, caplog):
         assert LabelledImageFolder(root).classes == ["cat", "dog"]
     assert f"1 link(s) lead nowhere, e.g. owl -> {tmp_path / 'unmounted' / 'owl'}: no class; mount its target" in \
         caplog.text
+
+
+def test_photos_in_formats_lomar_does_not_read_are_named(tmp_path, caplog):
+    """An iPhone saves HEIC: a class of them was an empty class, a mixed one lost them, each without a word about
+    the format."""
+    import logging
+
+    root = _folder(tmp_path / "train")
+    for name in ("IMG_0001.HEIC", "IMG_0002.heic", "x.avif"):
+        (root / "cat" / name).write_bytes(b"\x00\x00\x00\x18ftypheic")
+    with caplog.at_level(logging.WARNING, logger="lomar.data"):
+        assert len(LabelledImageFolder(root)) == 3
+    assert (f"{root}: 3 image(s) in a format lomar does not read, e.g. {root / 'cat' / 'IMG_0001.HEIC'}, are not "
+            f"used; convert them to JPEG or PNG") in caplog.text

@@ -47,6 +47,8 @@ def demo_image_paths() -> list[Path]:
 # Hidden sub-folders and thumbnail caches (.thumbnails, Synology's @eaDir, macOS zips' __MACOSX): copies, not photos
 THUMBNAIL_FOLDERS = ("@eaDir", "__MACOSX")
 _NOT_SEARCHED = (".", *THUMBNAIL_FOLDERS)
+# Photo formats that IMAGE_EXTENSIONS leaves out (iPhones save HEIC): passed over like any other file, but said
+_FOREIGN_IMAGES = (".heic", ".heif", ".avif", ".jxl")
 
 
 def find_images(root: str | Path) -> list[Path]:
@@ -59,7 +61,7 @@ def find_images(root: str | Path) -> list[Path]:
 
 def _search(root: str | Path) -> tuple[list[Path], dict]:
     """(:func:`find_images`'s list, what it passed over: {"loops": int, "hidden": [Path], "forks": int,
-    "unlisted": [OSError]}), for :func:`_warn_passed_over` to say once for any number of searches."""
+    "unlisted": [OSError], "foreign": [Path]}), for :func:`_warn_passed_over` to say once for any number of searches."""
     found: list[Path] = []
     # A link to an ancestor of root leads back into root (a class folder's link to the ImageFolder root
     # would give that class every other class's images): searched already, as root itself is.
@@ -67,6 +69,7 @@ def _search(root: str | Path) -> tuple[list[Path], dict]:
     loops = forks = 0
     unlisted: list[OSError] = []  # os.walk passes over a folder it cannot list (no permission) without a word
     hidden: list[Path] = []  # sub-folders named _NOT_SEARCHED
+    foreign: list[Path] = []  # photos in formats lomar does not decode
     for folder, dirs, files in os.walk(root, followlinks=True, onerror=unlisted.append):
         info = os.stat(folder)
         if (info.st_dev, info.st_ino) in seen:
@@ -78,11 +81,14 @@ def _search(root: str | Path) -> tuple[list[Path], dict]:
         dirs[:] = sorted(name for name in dirs if not name.startswith(_NOT_SEARCHED))
         forks += sum(name.startswith("._") and is_image_name(name[2:]) for name in files)  # see is_image_name
         found.extend(Path(folder) / name for name in files if is_image_name(name))  # dangling links land here
-    return sorted(set(found)), {"loops": loops, "hidden": hidden, "forks": forks, "unlisted": unlisted}
+        foreign += [Path(folder) / name for name in sorted(files) if Path(name).suffix.lower() in _FOREIGN_IMAGES]
+    return sorted(set(found)), {"loops": loops, "hidden": hidden, "forks": forks, "unlisted": unlisted,
+                                "foreign": foreign}
 
 
 def _warn_passed_over(root: str | Path, passed_over: dict) -> None:
-    loops, hidden, forks, unlisted = (passed_over[key] for key in ("loops", "hidden", "forks", "unlisted"))
+    loops, hidden, forks, unlisted, foreign = (passed_over[key] for key in ("loops", "hidden", "forks", "unlisted",
+                                                                           "foreign"))
     if loops:
         log.warning("%s: %d symlinked folder(s) lead to a folder already searched (a loop or a duplicate); "
                     "searched once", root, loops)
@@ -94,6 +100,9 @@ def _warn_passed_over(root: str | Path, passed_over: dict) -> None:
     if unlisted:
         log.warning("%s: %d folder(s) could not be listed, e.g. %s (%s); their images are not used: fix the "
                     "permissions", root, len(unlisted), unlisted[0].filename, unlisted[0].strerror or unlisted[0])
+    if foreign:
+        log.warning("%s: %d image(s) in a format lomar does not read, e.g. %s, are not used; convert them to JPEG or "
+                    "PNG", root, len(foreign), foreign[0])
 
 
 def build_image_list(data: str | Path) -> list[Path]:
@@ -238,7 +247,7 @@ class LabelledImageFolder(Dataset):
             raise ValueError(f"{self.root} holds no class folders (ImageFolder layout: ROOT/CLASS/IMAGE)")
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         # searched class by class, said once for the split: a NAS's @eaDir in each of 1,000 class folders is one line
-        self.samples, passed_over = [], {"loops": 0, "hidden": [], "forks": 0, "unlisted": []}
+        self.samples, passed_over = [], {"loops": 0, "hidden": [], "forks": 0, "unlisted": [], "foreign": []}
         for i, name in enumerate(self.classes):
             found, passed = _search(self.root / name)
             self.samples += [(path, i) for path in found]
