@@ -588,3 +588,42 @@ def test_a_resumed_run_hides_what_a_killed_one_logged_to_tensorboard_past_its_ch
 def test_a_one_step_run_says_1_step(tmp_path, capsys):
     assert run(ToyConfig(out=str(tmp_path / "one"), max_steps=1, warmup_epochs=0), ToyTask) == 0
     assert "; 1 step (4 an epoch" in capsys.readouterr().out
+
+
+
+class EvaluatedEvery2Steps(ToyTask):
+    eval_steps = 2
+
+    def evaluate(self):  # positive, as the commands' metrics are
+        return {"score": 1 / (1 - super().evaluate()["score"])}
+
+
+class StoppedOnAnEvaluationStep(EvaluatedEvery2Steps):
+    """A stop signal comes during step 4, one that is evaluated."""
+
+    def loss(self, batch):
+        if self.progress.step == 3 and not self.finished:
+            import signal
+
+            self.finished = True
+            signal.raise_signal(signal.SIGUSR1)
+        return super().loss(batch)
+
+
+def test_a_run_stopped_on_an_evaluation_step_evaluates_it_when_resumed(tmp_path):
+    """The stop checkpoints before the step's evaluation; the resumed run scores that step first, so its
+    evaluations and best.pt are an uninterrupted run's (that step's score was missing, and best.pt could differ)."""
+    straight, stopped = tmp_path / "a", tmp_path / "b"
+    assert run(ToyConfig(out=str(straight), blr=0.05), EvaluatedEvery2Steps) == 0
+    assert run(ToyConfig(out=str(stopped), blr=0.05), StoppedOnAnEvaluationStep) == 0
+    assert safe_load(stopped / "last.pt")["step"] == 4
+    assert run(ToyConfig(out=str(stopped), blr=0.05, resume="auto"), StoppedOnAnEvaluationStep) == 0
+
+    def scores(out):
+        return [(r["step"], r["score"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                if "score" in r]
+
+    assert [step for step, _ in scores(straight)] == [2, 4, 6, 8, 10, 12]
+    assert scores(stopped) == scores(straight) and _losses(stopped) == _losses(straight)
+    a, b = safe_load(straight / "best.pt"), safe_load(stopped / "best.pt")
+    assert a["step"] == b["step"] and a["metrics"] == b["metrics"]

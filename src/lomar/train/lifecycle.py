@@ -1,15 +1,14 @@
 """The one run lifecycle of every training command: a command provides a :class:`Task`, :func:`run` does the rest.
 
-``run(config, make_task)``, ``make_task(config, info, device) -> Task``, owns the process group and DDP, the
-run folder (lock, ``--resume PATH|auto``, ``config.yaml``, metrics cut back on resume), the RNG state in
-checkpoints, stop signals (SIGTERM/SIGUSR1: checkpoint, exit 0; Ctrl-C: 130), the position (epoch,
-``batches_done``, step), AdamW over ``task.param_groups()`` (a group's ``lr_scale`` scales its lr), warm-up +
-cosine, ``accum_steps`` (DDP ``no_sync`` between), autocast + GradScaler, ``clip_grad``, the non-finite
-loss stop (before the update; non-finite weights are never saved), the start-up line, ``Monitor`` (metrics.jsonl,
-TensorBoard, progress), ``last.pt`` / ``checkpoint-N.pt`` (with ``config.keep_last``) / ``best.pt`` (on
-``task.best_metric``) and the final line.
-A resumed run skips the batches its checkpoint consumed of the (seed, epoch) data order: it continues exactly.
-Optional config fields: ``lr``, ``clip_grad``, ``compile``, ``compile_mode``, ``save_every`` (default 1), ``keep_last``.
+``run(config, make_task)``, ``make_task(config, info, device) -> Task``, owns the process group and DDP, the run folder
+(lock, ``--resume PATH|auto``, ``config.yaml``, metrics cut back on resume), the RNG state in checkpoints, stop signals
+(SIGTERM/SIGUSR1: checkpoint, exit 0; Ctrl-C: 130), the position (epoch, ``batches_done``, step), AdamW over
+``task.param_groups()`` (a group's ``lr_scale`` scales its lr), warm-up + cosine, ``accum_steps`` (DDP ``no_sync``
+between), autocast + GradScaler, ``clip_grad``, the non-finite loss stop (before the update; non-finite weights are
+never saved), the start-up line, ``Monitor`` (metrics.jsonl, TensorBoard, progress), ``last.pt`` / ``checkpoint-N.pt``
+(with ``config.keep_last``) / ``best.pt`` (on ``task.best_metric``) and the final line. A resumed run skips the batches
+its checkpoint consumed of the (seed, epoch) data order: it continues exactly. Optional config fields: ``lr``,
+``clip_grad``, ``compile``, ``compile_mode``, ``save_every`` (default 1), ``keep_last``.
 
 The Task interface, its required and optional hooks: :mod:`lomar.train.task`.
 """
@@ -98,9 +97,9 @@ class _Run:
     # ---- checkpoints -------------------------------------------------------------------
     def meta(self) -> dict:
         """Everything of a checkpoint but model and optimizer."""
-        return {"scaler": self.scaler.state_dict(), "step": self.p.step, "epoch": self.p.epoch,
-                "batches_done": self.p.batches_done, "rng": self.rngs[0], "rng_ranks": self.rngs, **self.task.state(),
-                **({f"best_{self.task.best_metric}": max(self.best, 0.0)} if self.task.best_metric else {})}
+        return {"scaler": self.scaler.state_dict(), "step": self.p.step, "epoch": self.p.epoch, "rng": self.rngs[0],
+                "batches_done": self.p.batches_done, "evaluated_step": self.evaluated_step, "rng_ranks": self.rngs,
+                **self.task.state(), **({f"best_{m}": max(self.best, 0.0)} if (m := self.task.best_metric) else {})}
 
     def load(self, path: Path) -> None:
         task = self.task
@@ -119,6 +118,7 @@ class _Run:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.p.step, self.p.epoch, self.p.batches_done = ckpt["step"], ckpt["epoch"], ckpt["batches_done"]
         self.best = ckpt.get(f"best_{task.best_metric}", -math.inf) if task.best_metric else -math.inf
+        self.evaluated_step = ckpt.get("evaluated_step")  # None: a checkpoint written before it was kept
         task.load(ckpt)
         restore_rng_states(ckpt, self.info, self.device, self.cfg.seed)  # last: building the run drew from them
         if self.p.step > self.last_step:
@@ -168,6 +168,8 @@ class _Run:
         if self.info.is_main and p.step == 0:
             task.begin()
         stopping, self.signalled, self.epoch_tick = False, False, time.perf_counter()
+        if p.step and task.eval_steps and p.step % task.eval_steps == 0 and self.evaluated_step not in (None, p.step):
+            self.save(self._evaluate())  # a stop that checkpointed this step came before its evaluation
         stream = EpochStream(task)
         with contextlib.closing(stream):  # its readers stop when the loop ends, however it ends
             while p.epoch < cfg.epochs and not stopping:
@@ -191,8 +193,7 @@ class _Run:
 
     def _train_epoch(self, stream: EpochStream) -> bool:
         """The rest of the current epoch; True when a stop signal or the last step ends the run now."""
-        p, accum = self.p, self.accum
-        per_epoch = self.steps_per_epoch * accum
+        p, accum, per_epoch = self.p, self.accum, self.steps_per_epoch * self.accum
         if per_epoch - p.batches_done <= 0:
             return False
         self.loss_sum, self.learned, self.tick, self.waited, micro = None, 0, time.perf_counter(), 0.0, 0
@@ -331,7 +332,7 @@ class _Run:
         return self.stop.exit_code if preempted else 0
 
     def _outputs(self, path: Path, preempted: bool) -> None:
-        name, out = self.task.name, self.out
+        name, out, cfg = self.task.name, self.out, self.cfg
         if preempted:
             self.task.stopped(out)
             print(f"lomar {name}: stopped by {self.stop.name} at step {self.p.step}; checkpoint {path}. "
@@ -344,7 +345,6 @@ class _Run:
             best = out / "best.pt"
             extra = ", ".join(filter(None, [f"best {metric} {self.best:.4f} in {best}" if best.exists() else
                                             f"no {best.name}: no full epoch scored a {metric} yet", extra]))
-        cfg = self.cfg
         note = input_limit_note(self.monitor.input_waits, getattr(cfg, "workers", None), getattr(cfg, "decode", None))
         if note:
             print(f"lomar {name}: {note}", flush=True)
