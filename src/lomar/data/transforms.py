@@ -151,8 +151,8 @@ def make_item(path: str, decode: Callable[[], torch.Tensor], transform: Pretrain
     ``{"image": (3, S, S), "path", **plan}``, or :func:`unreadable_item`."""
     try:
         image = decode()
-        draw = draw_sample(transform, masker, image.shape[-2], image.shape[-1], gen)
-        pixels = transform.apply(image, draw)
     except (ValueError, RuntimeError, OSError) as exc:
         return unreadable_item(path, transform.size, str(exc))
-    return {"image": pixels, "path": path, **draw.plan}
+    # outside the try: a crop or mask that fails on a decoded image is a bug to raise, not a file to blame
+    draw = draw_sample(transform, masker, image.shape[-2], image.shape[-1], gen)
+    return {"image": transform.apply(image, draw), "path": path, **draw.plan}
