@@ -269,6 +269,7 @@ def test_too_many_images_cut_short_stop_the_run_in_one_line(digits, tmp_path, ca
     (["--img-size", "48"], "--img-size must be a multiple of 32"),
     (["--num-classes", "300"], "--num-classes"),
     (["--eval-stride", "40"], "--eval-stride 40 is larger than the --img-size 32 windows it moves"),
+    (["--batch-size", "1"], "--batch-size 1: UperNet's BatchNorm needs at least 2 crops per"),
     (["--model", "vit_tiny_patch14"], "--img-size must be a multiple of 224 (the coarsest pyramid stride, and the "
                                       "patch size 14 of --model), got 32; e.g. 224"),
 ])

@@ -32,7 +32,7 @@ from lomar.integrations.segmenter import UperNetSegmenter, layer_decay_groups, s
 from lomar.models.vit import VisionTransformer, model_config
 from lomar.train.distributed import DistInfo
 from lomar.train.lifecycle import Task, run
-from lomar.train.segment_config import SegmentConfig
+from lomar.train.segment_config import SegmentConfig, check_batch_norm_batch
 
 __all__ = ["SegmentTask", "poly_schedule", "segment"]
 
@@ -87,6 +87,8 @@ class SegmentTask(Task):
             # mmseg's SyncBN: statistics over the whole batch, not each process's share (CUDA only in
             # PyTorch; a CPU run keeps each process's own statistics)
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        else:
+            check_batch_norm_batch(config.batch_size)
         self.sampler = EpochSampler(len(self.train_set), config.seed, rank, world_size, keys=True)
         # its own generator: a new iterator (each epoch, each resume) must not draw from the global
         # stream that drop path uses, or a resumed run would drift from an uninterrupted one

@@ -8,6 +8,7 @@ ones changed.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,8 @@ class SegmentConfig(TaskConfig):
 
     def check_settings(self) -> None:
         check_img_size(self)
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) < 2 or self.device == "cpu":  # else the task checks, on CPU
+            check_batch_norm_batch(self.batch_size)
         if self.eval_stride is not None and self.eval_stride > self.img_size:  # mmseg asserts the same
             raise ConfigError(f"--eval-stride {self.eval_stride} is larger than the --img-size {self.img_size} windows "
                               f"it moves: pixels between them would go unscored; use at most {self.img_size}")
@@ -97,3 +100,10 @@ class SegmentConfig(TaskConfig):
         if self.num_classes is None:
             raise ConfigError("pass --num-classes N (the annotations' class ids are 1..N; 150 for ADE20K)")
         check_pretrained(self, "; pass a checkpoint or an exported folder, or leave it out for a random encoder")
+
+
+def check_batch_norm_batch(batch_size: int) -> None:
+    """UperNet's BatchNorm on the pooled 1x1 map of one crop has one value per channel: no batch statistics."""
+    if batch_size < 2:
+        raise ConfigError(f"--batch-size {batch_size}: UperNet's BatchNorm needs at least 2 crops per process "
+                          f"(SyncBatchNorm pools them across processes on CUDA only); use --batch-size 2 or more")
