@@ -347,3 +347,30 @@ def test_an_mae_tables_training_follows_train_pos_embed(digits, image_dir, tmp_p
     assert main(["segment", "--out", str(out), "--resume", "auto", "--max-steps", "2", "--workers", "0",
                  "--threads", "1"]) == 0  # the recorded (resolved) term is rebuilt
     assert safe_load(out / "last.pt")["step"] == 2
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_checkpoints_and_exits_0(digits, tmp_path):
+    """As a scheduler (or torchrun) signals it: the loader workers get SIGTERM too, and they leave it to the main
+    process; one that died of it ended the run in a 'worker killed' error, without the stop's checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lomar", "segment", "--data", str(digits), "--num-classes", "10", "--img-size", "32",
+           "--batch-size", "2", "--head-channels", "16", "--warmup-steps", "1", "--epochs", "1000", "--workers", "1",
+           "--threads", "1", "--device", "cpu", "--log-every", "1", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    metrics, deadline = out / "metrics.jsonl", time.time() + 600
+    while not (metrics.exists() and metrics.read_text().count('"loss"') >= 2):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "stopped by SIGTERM" in output, output
+    assert safe_load(out / "last.pt")["step"] >= 2

@@ -46,6 +46,7 @@ from lomar.models.vit import VisionTransformer, ViTConfig, model_config
 from lomar.train.detect_config import DetectConfig, detect_checkpoint
 from lomar.train.distributed import DistInfo, init_distributed
 from lomar.train.lifecycle import Task, run
+from lomar.train.preemption import ignore_stop_signals
 from lomar.train.run_state import RunLock
 from lomar.train.settings_resume import encoder_layout
 
@@ -113,12 +114,13 @@ class DetectTask(Task):
             sampler = EpochSampler(len(dataset), config.seed, rank, world_size)
             self.train_loader = DataLoader(dataset, config.batch_size, sampler=sampler, drop_last=True,
                                            collate_fn=collate_detection_refill, num_workers=config.workers,
+                                           worker_init_fn=ignore_stop_signals,
                                            generator=torch.Generator().manual_seed(config.seed + rank))
         val_set = detection_dataset(self.val, eval_transforms(), train=False)
         # Its own generator: an evaluation then draws nothing from the global stream (resume stays exact).
         self.val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world_size)), config.batch_size,
                                      collate_fn=collate_detection, num_workers=config.workers,
-                                     generator=torch.Generator())
+                                     worker_init_fn=ignore_stop_signals, generator=torch.Generator())
         self.predictions: list[dict] = []
 
     def _build_model(self, saved: Path | None):

@@ -32,6 +32,7 @@ from lomar.integrations.segmenter import UperNetSegmenter, layer_decay_groups, s
 from lomar.models.vit import VisionTransformer, model_config
 from lomar.train.distributed import DistInfo
 from lomar.train.lifecycle import Task, run
+from lomar.train.preemption import ignore_stop_signals
 from lomar.train.segment_config import SegmentConfig, check_batch_norm_batch
 
 __all__ = ["SegmentTask", "poly_schedule", "segment"]
@@ -94,7 +95,7 @@ class SegmentTask(Task):
         # stream that drop path uses, or a resumed run would drift from an uninterrupted one
         self.train_loader = DataLoader(self.train_set, config.batch_size, sampler=self.sampler, drop_last=True,
                                        collate_fn=collate_segmentation, num_workers=workers,
-                                       persistent_workers=workers > 0,
+                                       persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals,
                                        generator=torch.Generator().manual_seed(config.seed))
 
     def param_groups(self) -> list[dict]:
