@@ -334,3 +334,31 @@ def test_knn_every_epoch(tmp_path, image_dir, capsys):
     assert capsys.readouterr().err.strip().endswith("--knn-data is used only with --knn-every N (a k-NN evaluation "
                                                     "every N epochs); add --knn-every 1, or drop --knn-data")
     assert not (tmp_path / "r3").exists()
+
+
+def test_the_knn_loader_workers_leave_a_group_sigterm_to_the_run(tmp_path, image_dir, monkeypatch):
+    """A scheduler's SIGTERM reaches every process of the group, the k-NN scoring's loader workers too: they
+    leave it to the run (which checkpoints at its next step) instead of dying of it, which failed the run."""
+    import os
+    import signal
+
+    from torch.utils.data import get_worker_info
+
+    import lomar.eval.features as features
+
+    root = tmp_path / "knn"
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            write_images(root / split / label, 3, size=(32, 32))
+    item = features.LabelledImageFolder.__getitem__
+
+    def signalled(self, index):  # in a worker, as a signal to the process group reaches it
+        if get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return item(self, index)
+
+    monkeypatch.setattr(features.LabelledImageFolder, "__getitem__", signalled)
+    out = tmp_path / "run"
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--knn-every", "1", "--knn-data", str(root),
+                    "--workers", "1", "--epochs", "1") == 0
+    assert [json.loads(line)["epoch"] for line in (out / "knn.jsonl").read_text().splitlines()] == [1]

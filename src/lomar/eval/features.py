@@ -202,8 +202,9 @@ def eval_transform(img_size: int):
 
 
 def knn_loaders(train: str | Path, val: str | Path | None = None, img_size: int = 224, batch_size: int = 128,
-                workers: int = 4) -> tuple[DataLoader, DataLoader]:
-    """(train, val) loaders of class-folder splits with :func:`eval_transform`, unshuffled.
+                workers: int = 4, worker_init_fn=None) -> tuple[DataLoader, DataLoader]:
+    """(train, val) loaders of class-folder splits with :func:`eval_transform`, unshuffled (``worker_init_fn``: the
+    DataLoader's, e.g. a training run's, whose workers leave its stop signals to it).
 
     ``train`` alone is a root holding ``train/`` and ``val/``. Unreadable images are skipped
     (each batch is a :class:`lomar.data.collate.LabelledBatch` naming them). Raises ValueError
@@ -214,7 +215,7 @@ def knn_loaders(train: str | Path, val: str | Path | None = None, img_size: int 
     sets[0].check_same_classes(sets[1])
     sets[0].check_classes()
     return tuple(DataLoader(s, batch_size, shuffle=False, num_workers=workers,  # type: ignore[return-value]
-                            collate_fn=collate_labelled) for s in sets)
+                            collate_fn=collate_labelled, worker_init_fn=worker_init_fn) for s in sets)
 
 
 @torch.no_grad()

@@ -62,8 +62,9 @@ class KnnMonitor:
     """
 
     def __init__(self, root: str | Path, img_size: int, batch_size: int = 128, workers: int = 2,
-                 k: int = 20, temperature: float = 0.07):
-        self.loaders = knn_loaders(root, img_size=img_size, batch_size=batch_size, workers=workers)
+                 k: int = 20, temperature: float = 0.07, worker_init_fn=None):
+        self.loaders = knn_loaders(root, img_size=img_size, batch_size=batch_size, workers=workers,
+                                   worker_init_fn=worker_init_fn)
         self.k, self.temperature = k, temperature
 
     def __call__(self, encoder: VisionTransformer, device: torch.device | str = "cpu") -> float:

@@ -80,7 +80,9 @@ class PretrainTask(Task):
             generator=torch.Generator().manual_seed(config.seed))
         self.knn = None
         if config.knn_every and info.is_main:
-            self.knn = KnnMonitor(config.knn_data, img_size=config.img_size, workers=min(config.workers, 4))
+            # its workers, forked for each scoring, leave a stop signal sent to the process group to the run
+            self.knn = KnnMonitor(config.knn_data, img_size=config.img_size, workers=min(config.workers, 4),
+                                  worker_init_fn=ignore_stop_signals)
 
     # ---- the lifecycle's hooks -----------------------------------------------------------
     def param_groups(self) -> list[dict]:
