@@ -276,9 +276,9 @@ def test_a_finished_run_resumed_says_where_it_ends_and_why(tmp_path, capsys):
         "whichever ends first)")
 
 
-@pytest.mark.parametrize("settings, end, by", [(dict(max_steps=5), 5, "--max-steps 5"),
-                                               (dict(epochs=1), 4, "--epochs 1 of 4 steps")])
-def test_a_resume_whose_settings_end_before_the_runs_step_is_refused(tmp_path, settings, end, by):
+@pytest.mark.parametrize("settings, end, by, fix", [(dict(max_steps=5), 5, "--max-steps 5", "--max-steps 8"),
+                                                    (dict(epochs=1), 4, "--epochs 1 of 4 steps", "--epochs 2")])
+def test_a_resume_whose_settings_end_before_the_runs_step_is_refused(tmp_path, settings, end, by, fix):
     # it said "nothing to do" and wrote a missing export from step 8's weights as the end of a 5-step run
     from lomar.errors import UsageError
 
@@ -290,7 +290,7 @@ def test_a_resume_whose_settings_end_before_the_runs_step_is_refused(tmp_path, s
     (out / "finished").unlink()
     kept = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"}
     with pytest.raises(UsageError, match=rf"^--resume: the run is at step 8, past step {end} where {by} ends it, and "
-                                         rf"a resume does not go back; pass --max-steps 8 or more, or resume an "
+                                         rf"a resume does not go back; pass {fix} or more, or resume an "
                                          rf"earlier checkpoint: --resume {out}/checkpoint-N.pt --overwrite$"):
         run(ToyConfig(out=str(out), resume="auto", schedule_steps=12, **settings), Exporting)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"} == kept  # config.yaml too

@@ -317,8 +317,9 @@ def resumed_past_end(step: int, last_step: int, config, steps_per_epoch: int) ->
     """The refusal of a resume whose settings end the run before the step its checkpoint holds: it would do
     nothing, and a missing end-of-run export would be written from the later weights as if they were step
     ``last_step``'s."""
-    by = (f"--max-steps {config.max_steps}" if config.max_steps == last_step else
-          f"--epochs {config.epochs} of {steps_per_epoch} steps")
+    epochs = math.ceil(step / steps_per_epoch)
+    by, fix = ((f"--max-steps {config.max_steps}", f"--max-steps {step}") if config.max_steps == last_step else
+               (f"--epochs {config.epochs} of {steps_per_epoch} steps", f"--epochs {epochs}"))
     return (f"--resume: the run is at step {step}, past step {last_step} where {by} ends it, and a resume does not "
-            f"go back; pass --max-steps {step} or more, or resume an earlier checkpoint: --resume "
-            f"{config.out}/checkpoint-N.pt --overwrite")
+            f"go back; pass {fix} or more, or resume an earlier checkpoint: --resume {config.out}/checkpoint-N.pt "
+            f"--overwrite")
