@@ -10,7 +10,6 @@ A resumed run (``--resume``) starts from its saved config instead, and only run-
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +20,7 @@ from lomar.methods import get_method, names
 from lomar.train import settings as S
 from lomar.train.config_checks import check_data, check_decode, check_fsdp, check_method_settings, parse_share
 from lomar.train.settings import ConfigError
-from lomar.train.settings_resume import TaskConfig, check_warmup
+from lomar.train.settings_resume import TaskConfig, check_min_lr, check_warmup
 from lomar.windows import WINDOWS_RULE, paper_windows, parse_windows, windows_source
 
 if TYPE_CHECKING:
@@ -202,13 +201,7 @@ class PretrainConfig(TaskConfig):
 
         check_warmup(self)
         S.check_compile_mode(self)
-        from lomar.train.schedule import peak_lr  # torch: not for --help
-
-        if self.lr is not None and self.min_lr > self.lr:
-            raise ConfigError(f"--min-lr {self.min_lr} is above --lr {self.lr}; lower --min-lr")
-        if self.min_lr > (peak := peak_lr(self, int(os.environ.get("WORLD_SIZE", "1")))):  # the lr --blr gives
-            raise ConfigError(f"--min-lr {self.min_lr:g} is above the peak lr {peak:.3g} (--blr {self.blr:g} x "
-                              f"effective batch / 256): the lr would rise to it; lower --min-lr or raise --blr")
+        check_min_lr(self)
         self.windows = resolve_windows(self)
         check_fsdp(self)
         if self.method == "mae" and self.pos != "abs":

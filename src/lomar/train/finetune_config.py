@@ -7,7 +7,6 @@ settings may change. Everything is checked before any folder is made.
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Any
 
 from lomar.train import settings as S
 from lomar.train.settings import ConfigError
-from lomar.train.settings_resume import TaskConfig, check_pretrained, check_warmup, check_windows
+from lomar.train.settings_resume import TaskConfig, check_min_lr, check_pretrained, check_warmup, check_windows
 
 __all__ = ["FinetuneConfig", "add_finetune_arguments", "resolve_finetune_config", "split_roots"]
 
@@ -103,11 +102,7 @@ class FinetuneConfig(TaskConfig):
         check_warmup(self)
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
             raise ConfigError(f"mixup/cutmix pair images: --batch-size must be even, got {self.batch_size}")
-        from lomar.train.schedule import peak_lr  # torch: not for --help
-
-        if self.min_lr > (peak := peak_lr(self, int(os.environ.get("WORLD_SIZE", "1")))):  # as pretrain's check
-            raise ConfigError(f"--min-lr {self.min_lr:g} is above the peak lr {peak:.3g} (--blr {self.blr:g} x "
-                              f"effective batch / 256): the lr would rise to it; lower --min-lr or raise --blr")
+        check_min_lr(self)
 
     def check_inputs(self) -> None:
         if not (self.data or (self.train and self.val)):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from lomar.train import settings as S
 from lomar.train.runtime import default_workers
 from lomar.train.settings import ConfigError, coerce_all, declarations, shown
 
-__all__ = ["TaskConfig", "resume_values", "resume_target", "resumed_past_end", "check_warmup",
+__all__ = ["TaskConfig", "resume_values", "resume_target", "resumed_past_end", "check_warmup", "check_min_lr",
            "check_windows", "encoder_layout", "check_img_size", "check_pretrained"]
 
 
@@ -182,6 +183,17 @@ def check_warmup(config: Any) -> None:
                f"to stop sooner" if getattr(config, "resume", None) else "lower --warmup-epochs or raise --epochs")
         raise ConfigError(f"--warmup-epochs must be in [0, --epochs {config.epochs}], got {config.warmup_epochs}; "
                           f"{fix}")
+
+
+def check_min_lr(config: Any) -> None:
+    """``--min-lr`` at most the peak lr (``--lr``, or the one ``--blr`` gives): above it, the cosine would rise."""
+    from lomar.train.schedule import peak_lr  # torch: not for --help
+
+    if getattr(config, "lr", None) is not None and config.min_lr > config.lr:
+        raise ConfigError(f"--min-lr {config.min_lr} is above --lr {config.lr}; lower --min-lr")
+    if config.min_lr > (peak := peak_lr(config, int(os.environ.get("WORLD_SIZE", "1")))):  # the lr --blr gives
+        raise ConfigError(f"--min-lr {config.min_lr:g} is above the peak lr {peak:.3g} (--blr {config.blr:g} x "
+                          f"effective batch / 256): the lr would rise to it; lower --min-lr or raise --blr")
 
 
 def check_flex_device(device: str) -> None:
