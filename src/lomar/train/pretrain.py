@@ -24,7 +24,7 @@ from lomar.errors import UsageError
 from lomar.eval.knn import KnnMonitor
 from lomar.methods.base import method_runtime
 from lomar.models.spec import model_spec
-from lomar.train.config import PretrainConfig, build_model, prepare_method, resolve_windows
+from lomar.train.config import PretrainConfig, build_model, prepare_method
 from lomar.train.distributed import DistInfo
 from lomar.train.fsdp import consolidate, shard_model
 from lomar.train.lifecycle import Task, TrainingError, run
@@ -112,9 +112,9 @@ class PretrainTask(Task):
         preset = {"demo": "preset demo (a small model for a few CPU minutes; --preset paper: the paper's recipe)",
                   "paper": "preset paper (the original recipe; --preset demo: a small model for a few CPU minutes)"}
         data = f"{self.size} images in {c.data}" if c.data else f"{self.size} crops an epoch of the demo photographs"
-        # what --windows auto chose is a step's cost: say it here, not only in config.yaml
-        count = resolve_windows(c)
-        windows = f"{count} windows of {c.window_size}x{c.window_size} patches, " if count else ""
+        # what --windows auto chose (the count the settings resolved it to) is a step's cost: said here, not only in
+        # config.yaml
+        windows = f"{c.windows} windows of {c.window_size}x{c.window_size} patches, " if c.windows else ""
         return (f"{preset.get(c.preset, 'no preset')}; {data}; "
                 f"{c.method} {c.model} "
                 f"({self.model.config.embed_dim} wide, {self.model.config.depth} blocks, {c.img_size} px, "
