@@ -6,13 +6,18 @@ message that names the offending value and the fix, and never a traceback for th
 
 from __future__ import annotations
 
+import errno
 import re
 
-__all__ = ["LomarError", "UsageError", "ANSI_ESCAPE"]
+__all__ = ["LomarError", "UsageError", "ANSI_ESCAPE", "FULL_DISK", "UNWRITABLE"]
 
 # A terminal colour code, as torch's and other libraries' messages carry: dropped from a message that is read
 # (lomar.checkpoints.io) or shown on one line (lomar.cli.app).
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# The errnos of a write that failed for its place, not its data: a full disk (or quota), and a folder that cannot be
+# written (read-only, not permitted). Saves (single-process and sharded) and the CLI's messages read the same groups.
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class LomarError(Exception):

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterable
 
 from lomar import __version__
-from lomar.errors import ANSI_ESCAPE, LomarError
+from lomar.errors import ANSI_ESCAPE, FULL_DISK, LomarError
 from lomar.limits import check_env_limits
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main", "run", "describe_os_error"]
@@ -91,7 +91,7 @@ def describe_os_error(exc: OSError, command: str | None = None) -> tuple[str, in
     ``command`` that ran out of space mid-run (a log file) is resumed, not rerun: its folder holds a run."""
     path = exc.filename2 if exc.filename2 is not None else exc.filename
     code = exc.errno
-    if code in (errno.ENOSPC, errno.EDQUOT):
+    if code in FULL_DISK:
         where = f"writing {path}: " if path is not None else ""
         fix = f"free space, then resume with {_RESUME}" if _trains(command) else \
             "free space or choose another location, then rerun"

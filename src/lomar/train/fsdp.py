@@ -33,7 +33,7 @@ from torch import nn
 
 from lomar.checkpoints.io import atomic_save, atomic_write_text, safe_load, write_error
 from lomar.checkpoints.sharded import check_metadata, consolidate, safe_planner, safe_reader
-from lomar.errors import UsageError
+from lomar.errors import FULL_DISK, UNWRITABLE, UsageError
 from lomar.train.run_state import LAST_POINTER, SaveError, checkpoints_to_prune
 
 __all__ = ["shard_model", "block_modules", "save_sharded", "load_sharded", "consolidate", "save_run_checkpoint"]
@@ -92,9 +92,6 @@ def _writer(directory: Path):
     return Writer(str(directory))
 
 
-_FULL, _UNWRITABLE = (errno.ENOSPC, errno.EDQUOT), (errno.EROFS, errno.EACCES, errno.EPERM)
-
-
 def _failure_code(failure: BaseException | None) -> int:
     """0 none, 3 a full disk, 2 a folder that cannot be written, 1 anything else; of ``failure`` (an OSError, or
     DCP's exception wrapping each rank's). The writers involved (:func:`_writer`, DCP's metadata pickle,
@@ -106,7 +103,7 @@ def _failure_code(failure: BaseException | None) -> int:
         return 0
     causes = [exc for exc, _ in failure.failures.values()] if isinstance(failure, CheckpointException) else [failure]
     errnos = {exc.errno for exc in causes if isinstance(exc, OSError)}
-    return 3 if errnos & set(_FULL) else 2 if errnos & set(_UNWRITABLE) else 1
+    return 3 if errnos & set(FULL_DISK) else 2 if errnos & set(UNWRITABLE) else 1
 
 
 def _agree_on_failure(failure: BaseException | None, directory: Path, tmp: Path) -> None:
@@ -125,7 +122,7 @@ def _agree_on_failure(failure: BaseException | None, directory: Path, tmp: Path)
         what, fix = ((f"no space left on the device to write {directory}", "free space") if verdict.item() == 3 else
                      (f"cannot write {directory} (read-only or not permitted)", f"make {directory.parent} writable"))
         error = SaveError(f"{what}; nothing written before it was changed; {fix} and resume with --resume auto")
-        error.errno = _FULL[0] if verdict.item() == 3 else _UNWRITABLE[1]
+        error.errno = errno.ENOSPC if verdict.item() == 3 else errno.EACCES
         raise error from None
     if failure is not None:
         raise failure

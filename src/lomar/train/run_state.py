@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import fcntl
 import json
 import os
@@ -27,7 +26,7 @@ import yaml
 
 from lomar.checkpoints.io import atomic_save, atomic_write, atomic_write_text, safe_load
 from lomar.checkpoints.sharded import check_metadata
-from lomar.errors import LomarError, UsageError
+from lomar.errors import FULL_DISK, UNWRITABLE, LomarError, UsageError
 from lomar.train.settings import ConfigError
 from lomar.values import is_integer
 
@@ -72,8 +71,8 @@ def save_state(state: dict, path: Path, previous: Path) -> None:
     try:
         atomic_save(state, path)
     except OSError as exc:
-        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-        if not full and exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+        full = exc.errno in FULL_DISK
+        if not full and exc.errno not in UNWRITABLE:
             raise
         kept = f"{previous} is intact" if previous.exists() else "no earlier checkpoint exists"
         what, fix = ((f"no space left on the device to write {path}", "free space") if full else
