@@ -37,6 +37,32 @@ def test_a_finite_loss_whose_gradient_is_not_never_overwrites_the_last_good_chec
     assert scored == [4]  # step 8's weights were not scored either (a NaN score, or k-NN's top-1 of NaN features)
 
 
+def test_an_fp16_run_whose_steps_all_overflow_stops_and_each_record_holds_its_loss_scale(tmp_path):
+    # GradScaler skips such a step and halves its scale: the loss stays finite, the weights unchanged, and the run
+    # went on for as long as it was set to, learning nothing
+    def overflowing(steps):
+        class Overflowing(ToyTask):  # over ``steps``, a loss of 0 more and a gradient of NaN
+            def loss(self, batch):
+                extra = 0.0 * (self.model.weight - self.model.weight.detach()).sum().sqrt()
+                small = 1e-3 * super().loss(batch)  # no overflow of its own at fp16's first scale, 2**16
+                return small + (extra if self.progress.step in steps else 0.0)
+        return Overflowing
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"^fp16: the gradients of the 30 steps before step 33 all overflowed, so "
+                                            r"none was applied \(the loss scale fell to 6\.10352e-05\); the last good "
+                                            r"checkpoint is .*last\.pt; lower --blr or use --precision fp32$"):
+        run(ToyConfig(out=str(out), precision="fp16", epochs=20), overflowing(range(2, 80)))
+    scales = [r["loss_scale"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert scales == [2.0 ** 16] * 3 + [2.0 ** (15 - i) for i in range(29)]  # step 33's record was not written
+    assert safe_load(out / "last.pt")["step"] == 32  # the skipped steps changed no weight: its checkpoints stand
+    survived = tmp_path / "survived"  # one skipped step fewer in a row: the run recovers and ends
+    assert run(ToyConfig(out=str(survived), precision="fp16", epochs=10), overflowing(range(2, 31))) == 0
+    fp32 = tmp_path / "fp32"
+    assert run(ToyConfig(out=str(fp32), max_steps=2), ToyTask) == 0
+    assert all("loss_scale" not in line for line in (fp32 / "metrics.jsonl").read_text().splitlines())
+
+
 def test_a_non_finite_loss_stops_the_run_before_its_update(tmp_path):
     tasks = []
 

@@ -29,7 +29,7 @@ from lomar.errors import LomarError, UsageError
 from lomar.train.distributed import DistInfo, any_rank, cleanup_distributed, init_distributed
 from lomar.train.fsdp import load_sharded, save_run_checkpoint
 from lomar.train.monitor import Monitor, input_limit_note, resume_hint
-from lomar.train.precision import autocast_factory, resolve_precision
+from lomar.train.precision import WatchedScaler, autocast_factory, resolve_precision
 from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_workers
 from lomar.train.rng import gather_rng_states, restore_rng_states, seed_everything
 from lomar.train.run_state import (
@@ -51,9 +51,6 @@ from lomar.viz.curves import loss_summary
 
 __all__ = ["Task", "Progress", "TrainingError", "run"]
 
-_END = object()  # the end of an iterator, for next()'s default
-
-
 class _Run:
     """One run of a Task: optimizer, scaler, position, checkpoints and the loop."""
 
@@ -71,7 +68,7 @@ class _Run:
         self.base_lr = peak_lr(config, info.world_size)
         self.optimizer = fast_adamw(task.param_groups(), lr=self.base_lr, betas=task.betas,
                                     weight_decay=config.weight_decay)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.scaler = WatchedScaler(device.type, self.precision, self.out, config)
         self.compiled = bool(getattr(config, "compile", False))
         mode = getattr(config, "compile_mode", "default")
         task.net = compile_model(task.model, mode) if self.compiled else task.model
@@ -218,13 +215,11 @@ class _Run:
     def _timed(self, batches):
         """``batches``, adding the seconds the loop waits for each to ``self.waited``: time the device waits for
         input, all but the optimizer update that the step's one host sync leaves it to run meanwhile."""
-        batches = iter(batches)
-        while True:
-            start = time.perf_counter()
-            if (batch := next(batches, _END)) is _END:
-                return
+        start = time.perf_counter()
+        for batch in batches:
             self.waited += time.perf_counter() - start
             yield batch
+            start = time.perf_counter()
 
     def _backward(self, batch, sync: bool) -> None:
         """Accumulate one micro-batch's gradient (all-reduced under DDP only when ``sync``); its loss
@@ -266,6 +261,7 @@ class _Run:
         if not math.isfinite(value := totals[0] / totals[-1]):  # before the update: the weights stay as saved
             raise diverged(f"loss is {value} at step {p.step + 1} (epoch {p.epoch})", self.out, cfg, self.precision,
                            untrained=p.step == 0)
+        parts = {**self.task.step_info(), **self.scaler.watch(p.step + 1)}  # before the update: fp16 stuck stops
         schedule = self.task.lr_schedule or lr_at
         lr = schedule(p.step, *self.schedule, self.base_lr, self.min_lr)
         for group in self.optimizer.param_groups:
@@ -278,7 +274,7 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=not self.keep_grads)
         p.step += 1
         seen = learned * self.cfg.batch_size * self.info.world_size
-        parts = {**{name: total / totals[-1] for name, total in zip(names, totals[1:-1])}, **self.task.step_info()}
+        parts = {**{name: total / totals[-1] for name, total in zip(names, totals[1:-1])}, **parts}
         elapsed = max(time.perf_counter() - self.tick, 1e-9)
         self.monitor.step(p.step, p.epoch, value, lr, seen / elapsed, parts, min(1.0, self.waited / elapsed))
         self.tick, self.learned, self.waited = time.perf_counter(), 0, 0.0

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
-__all__ = ["resolve_precision", "cpu_has_bf16", "autocast_factory"]
+from lomar.train.task import diverged
+
+__all__ = ["resolve_precision", "cpu_has_bf16", "autocast_factory", "WatchedScaler", "OVERFLOWS_IN_A_ROW"]
+
+# fp16 steps skipped in a row that stop a run: its loss scale fell 2**30-fold, and no model trains at such a scale
+OVERFLOWS_IN_A_ROW = 30
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -31,3 +37,28 @@ def autocast_factory(precision: str, device: torch.device):
     if dtype is None:
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+class WatchedScaler(torch.amp.GradScaler):
+    """fp16's GradScaler (disabled, a pass-through), whose skipped steps are counted. It skips the update of a step
+    whose scaled gradients overflowed and halves its scale; a run whose every step overflows keeps a finite loss and
+    unchanged weights, so nothing else would show that it learns nothing: :func:`diverged` stops a run (folder
+    ``out``, settings ``config``) after ``OVERFLOWS_IN_A_ROW`` skipped steps in a row."""
+
+    def __init__(self, device_type: str, precision: str, out: Path, config):
+        super().__init__(device_type, enabled=precision == "fp16")
+        self.out, self.config, self.last_scale, self.overflowed = out, config, None, 0
+
+    def watch(self, step: int) -> dict[str, float]:
+        """The scale of step ``step``'s loss, for its record ({} outside fp16). Read after the step's host sync, it
+        waits for nothing; a drop since the previous step's reading is that step skipped."""
+        if not self.is_enabled():
+            return {}
+        scale = self.get_scale()
+        if self.last_scale is not None:
+            self.overflowed = self.overflowed + 1 if scale < self.last_scale else 0
+        self.last_scale = scale
+        if self.overflowed >= OVERFLOWS_IN_A_ROW:
+            raise diverged(f"fp16: the gradients of the {self.overflowed} steps before step {step} all overflowed, "
+                           f"so none was applied (the loss scale fell to {scale:g})", self.out, self.config, "fp16")
+        return {"loss_scale": scale}
