@@ -1,6 +1,11 @@
 """YAML for the files users write (``--config``, study specs): ``yaml.safe_load``, except that a key given twice
 in one mapping is an error. PyYAML keeps the last value silently, so ``batch_size: 64`` written again further
-down a long config would win without a word, where YAML itself requires the keys of a mapping to be unique."""
+down a long config would win without a word, where YAML itself requires the keys of a mapping to be unique.
+
+A file from elsewhere is bounded too: aliases (``*name``) share one object, so a few lines of nested aliases
+("billion laughs") load in no time into a value that every message, check or copy of it walks in full (a config
+whose ``seed`` was such a list hung ``lomar pretrain --config``); and PyYAML reads nesting by recursion, so a
+few hundred brackets raised a RecursionError. Both are a :class:`YAMLError` here, before anything is built."""
 
 from __future__ import annotations
 
@@ -9,7 +14,11 @@ from typing import Any
 import yaml
 from yaml import YAMLError
 
-__all__ = ["YAMLError", "load_yaml"]
+__all__ = ["YAMLError", "load_yaml", "MAX_VALUES"]
+
+# Values (scalars, lists, mappings) a file may hold once its aliases are expanded: a config holds about a hundred,
+# a large study spec a few thousand.
+MAX_VALUES = 100_000
 
 _MERGE = "tag:yaml.org,2002:merge"  # `<<: *base` then a key of base: an override YAML allows, not a duplicate
 
@@ -35,6 +44,39 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _expanded_values(root: yaml.Node) -> int:
+    """The values under ``root`` with every alias expanded, counted without expanding any: each node once, as
+    1 + its children's counts (a node an alias reaches from inside itself, a recursive value, counts 1)."""
+    counts: dict[int, int] = {}
+    stack, open_nodes = [(root, False)], set()
+    while stack:
+        node, children_done = stack.pop()
+        children = [part for pair in node.value for part in pair] if isinstance(node, yaml.MappingNode) else \
+            node.value if isinstance(node, yaml.SequenceNode) else []
+        if children_done:
+            counts[id(node)] = min(1 + sum(counts.get(id(child), 1) for child in children), MAX_VALUES + 1)
+            open_nodes.discard(id(node))
+        elif id(node) not in counts and id(node) not in open_nodes:
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in children)
+    return counts[id(root)]
+
+
 def load_yaml(text: str) -> Any:
-    """``yaml.safe_load(text)``, refusing a mapping that repeats a key (:class:`DuplicateKeyError`)."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    """``yaml.safe_load(text)``, refusing a mapping that repeats a key (:class:`DuplicateKeyError`), nesting
+    deeper than PyYAML's recursion reaches, and more than :data:`MAX_VALUES` values once aliases are expanded."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_values(node) > MAX_VALUES:
+            raise YAMLError(f"it holds more than {MAX_VALUES:,} values once its aliases (*name) are expanded; "
+                            f"write the values out, or share fewer nested aliases")
+        return loader.construct_document(node)
+    except RecursionError:
+        raise YAMLError("it nests lists or mappings too deep to read (hundreds of levels); "
+                        "write the settings flat") from None
+    finally:
+        loader.dispose()
