@@ -2,8 +2,15 @@
 in a message; imports no torch."""
 
 import numbers
+import reprlib
 
-__all__ = ["is_integer", "is_real", "counted"]
+__all__ = ["is_integer", "is_real", "counted", "brief"]
+
+# A value a message quotes, cut to what a line can show: a value from a file (a checkpoint's saved settings, a
+# YAML file) may be nested thousands deep (repr: a RecursionError) or hold millions of items (a repr for minutes).
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxtuple, _BRIEF.maxdict, _BRIEF.maxset = 3, 8, 8, 8, 8
+_BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlong = 200, 200, 60
 
 
 def is_integer(value) -> bool:
@@ -19,3 +26,8 @@ def is_real(value) -> bool:
 def counted(n: int, noun: str) -> str:
     """``n`` and the singular ``noun`` as a message says them: '1 step', '3 steps', '0 pictures'."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def brief(value) -> str:
+    """``repr(value)`` for a message, at most 3 levels deep, 8 items a level and 200 characters a string."""
+    return _BRIEF.repr(value)

@@ -329,3 +329,17 @@ def test_a_refused_recipe_default_is_named_as_the_recipes(tmp_path, capsys):
     assert "--color-jitter 0.4 (--method beit's recipe) is applied by --decode full only" in capsys.readouterr().err
     assert _resolve(tmp_path, "--method", "beit", "--decode", "draft", "--color-jitter", "0.3") == 2
     assert "--color-jitter 0.3 is applied by" in capsys.readouterr().err
+
+
+def test_a_saved_setting_nested_thousands_deep_is_quoted_briefly_not_a_recursion_error():
+    from lomar.train.config import PretrainConfig
+    from lomar.train.settings import ConfigError, coerce_all
+
+    deep: list = []
+    for _ in range(50_000):  # what a crafted checkpoint's pickled settings can hold (its unpickler does not recurse)
+        deep = [deep]
+    with pytest.raises(ConfigError, match=r"^seed: \[\[\[\[\.\.\.\]\]\]\] in crafted.pt must be a number$"):
+        coerce_all(PretrainConfig, {"seed": deep}, "crafted.pt", strict=False)
+    with pytest.raises(ConfigError, match=r"^data: \['x+\.\.\.x+'\] in crafted.pt must be a string$") as error:
+        coerce_all(PretrainConfig, {"data": ["x" * 10**6]}, "crafted.pt", strict=False)
+    assert len(str(error.value)) < 300  # a line, not a megabyte

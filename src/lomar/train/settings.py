@@ -7,8 +7,7 @@ settings shared by several commands (below) are declared once, so their bounds, 
 cannot drift between commands; a command may give one its own default or help (``Setting.but``).
 A setting's flag is ``--window-size`` for ``window_size``, its YAML key ``window_size`` (or
 ``window-size``); a ``tuple[float, float]`` field takes two values on the command line and a
-list in YAML. Imports no torch: every parser is built from here.
-"""
+list in YAML. Imports no torch: every parser is built from here."""
 
 from __future__ import annotations
 
@@ -23,6 +22,7 @@ from typing import Any
 
 from lomar.errors import UsageError
 from lomar.limits import MAX_IMG_SIZE
+from lomar.values import brief
 from lomar.yaml_io import YAMLError, load_yaml
 
 __all__ = ["ConfigError", "Setting", "setting", "declarations", "add_settings", "coerce_all", "read_yaml", "help_text"]
@@ -319,7 +319,7 @@ def add_settings(parser: argparse.ArgumentParser, settings: dict[str, Setting], 
 # ---- YAML and saved settings ----------------------------------------------------------------
 def _coerce(s: Setting, name: str, value: Any, source: str) -> Any:
     """A YAML or saved value as its setting's kind; YAML 1.1 reads ``1e-3`` as a string."""
-    where = f"{name}: {value!r} in {source}"
+    where = f"{name}: {brief(value)} in {source}"
     if value is None:
         if s.default is None:
             return None
