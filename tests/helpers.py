@@ -135,7 +135,7 @@ def fill_disk(monkeypatch, room: int = 4096) -> None:
 
     def opener(path, mode="r", *args, **kwargs):
         handle = builtins.open(path, mode, *args, **kwargs)
-        return FillingFile(handle, room) if "w" in mode else handle
+        return FillingFile(handle, room) if "w" in mode or "x" in mode else handle
 
     monkeypatch.setattr("lomar.checkpoints.io.open", opener, raising=False)
 

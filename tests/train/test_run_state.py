@@ -450,7 +450,7 @@ def test_an_evaluation_record_on_a_full_disk_names_its_file(tmp_path, monkeypatc
     from lomar.train import monitor as monitor_module
 
     monitor = monitor_module.Monitor(tmp_path, active=True, total=3, log_every=1)
-    monkeypatch.setattr(monitor_module, "open", lambda path, mode: open("/dev/full", mode), raising=False)
+    monkeypatch.setattr(monitor_module, "open_in_place", lambda path, mode: open("/dev/full", mode))
     with pytest.raises(OSError) as info:
         monitor.evaluation("knn.jsonl", 1, 0, {"knn_top1": 0.5}, {})
     monitor.close()

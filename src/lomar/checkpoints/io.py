@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import re
+import stat
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 import torch
 
-from lomar.errors import ANSI_ESCAPE
+from lomar.errors import ANSI_ESCAPE, UsageError
 
 __all__ = ["check_finite", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_save", "safe_load",
-           "describe_file", "quiet_pickle_protocol", "write_error", "FILE_MODE"]
+           "describe_file", "quiet_pickle_protocol", "write_error", "open_in_place", "read_in_place",
+           "FILE_MODE"]
 
 # Exports and checkpoints are meant to be shared: rw-r--r-- whatever mkstemp-like defaults say.
 FILE_MODE = 0o644
@@ -35,8 +38,9 @@ FILE_MODE = 0o644
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], mode: int = FILE_MODE) -> Path:
     """Call ``write(handle)`` on a temporary file beside ``path``, fsync, chmod, rename over ``path``.
 
-    The temporary name carries the pid, so two processes never share one. On any failure the
-    temporary is removed and ``path`` is untouched. A failed write surfaces as the OSError behind
+    The temporary name carries the pid, so two processes never share one; it is created afresh, never opened
+    through a link of that name (a folder from elsewhere may hold one, aimed at a file to create or change).
+    On any failure the temporary is removed and ``path`` is untouched. A failed write surfaces as the OSError behind
     it, naming ``path`` (not the temporary), even where the writer wrapped it in its own error:
     ``torch.save`` on a full disk raises a RuntimeError from its zip writer.
     """
@@ -44,11 +48,12 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], mode: int 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as handle:
+        tmp.unlink(missing_ok=True)  # a dead writer's of this pid, or planted
+        with open(tmp, "xb") as handle:  # O_EXCL: a new file, never opened through a link (dangling or not)
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
+            os.fchmod(handle.fileno(), mode)
         os.replace(tmp, path)
     except Exception as exc:
         error = write_error(exc, path)
@@ -56,9 +61,36 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], mode: int 
             raise
         raise error from exc
     finally:
-        if tmp.exists():
+        if tmp.is_file() and not tmp.is_symlink():
             tmp.unlink()
     return path
+
+
+def open_in_place(path: str | Path, mode: str = "r", **text) -> IO:
+    """``open(path, mode)`` ("r", "a" or "a+") of a file in a folder lomar writes into but may not have made (a run
+    folder from elsewhere): UsageError naming ``path`` when it is a symbolic link, which lomar neither writes
+    nor reads through (through a ``.lock`` link the run's pid would replace the file it names), or not a
+    regular file (a FIFO blocks, /dev/zero fills memory). ``text``: ``open``'s encoding or errors."""
+    flags = {"r": os.O_RDONLY, "a": os.O_WRONLY | os.O_APPEND | os.O_CREAT, "a+": os.O_RDWR | os.O_APPEND | os.O_CREAT}
+    try:
+        fd = os.open(path, flags[mode] | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0), FILE_MODE)
+    except OSError as exc:
+        if not (os.path.islink(path) or exc.errno in (errno.ELOOP, errno.ENXIO)):  # ENXIO: a FIFO, no reader
+            raise
+        fd = None
+    if fd is not None and stat.S_ISREG(os.fstat(fd).st_mode):
+        return os.fdopen(fd, mode, **text)
+    if fd is not None:
+        os.close(fd)
+    link = os.path.islink(path)
+    what = f"a symbolic link (to {os.readlink(path)})" if link else "not a regular file (a pipe or device)"
+    raise UsageError(f"{path} is {what}, which lomar does not write or read through; remove it, or use another folder")
+
+
+def read_in_place(path: str | Path, errors: str = "replace") -> str:
+    """The text of ``path``, opened as :func:`open_in_place` opens it; ``errors``: ``open``'s."""
+    with open_in_place(path, errors=errors) as handle:
+        return handle.read()
 
 
 def write_error(exc: BaseException, path: str | Path) -> OSError | None:

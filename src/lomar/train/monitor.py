@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from lomar.checkpoints.io import open_in_place
+
 __all__ = ["Monitor", "progress", "input_limit_note", "INPUT_BOUND"]
 
 _LABELS = {"top1": "top-1", "top5": "top-5", "knn_top1": "k-NN top-1"}  # accuracies, printed in percent
@@ -54,7 +56,7 @@ class Monitor:
         self.input_waits: list[float] = []  # this run's steps, for input_limit_note
         if not active:
             return
-        self.file = open(out / "metrics.jsonl", "a")
+        self.file = open_in_place(out / "metrics.jsonl", "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -90,7 +92,7 @@ class Monitor:
         """An evaluation: a record in ``file``, TensorBoard ``eval/KEY`` and one printed line."""
         if not self.active:
             return
-        with open(self.out / file, "a") as handle:
+        with open_in_place(self.out / file, "a") as handle:
             _append(handle, self.out / file, json.dumps({"step": step, "epoch": epoch, **metrics, **extra}) + "\n")
         defined = {k: v for k, v in metrics.items() if v is not None}  # None: undefined (no such objects)
         for key, value in defined.items():

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from lomar.checkpoints.io import atomic_save, atomic_write, atomic_write_text, safe_load
+from lomar.checkpoints.io import atomic_save, atomic_write, atomic_write_text, open_in_place, read_in_place, safe_load
 from lomar.checkpoints.sharded import check_metadata
 from lomar.errors import FULL_DISK, UNWRITABLE, LomarError, UsageError
 from lomar.train.settings import ConfigError
@@ -128,7 +128,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Drop the log lines written after the checkpoint we resume from (a crash between the two)."""
     if path.exists():
         keep = []
-        for line in path.read_text(errors="replace").splitlines():  # a cut can split a character too
+        for line in read_in_place(path, errors="replace").splitlines():  # a cut can split a character too
             try:
                 record = json.loads(line) if line else None
             except json.JSONDecodeError:  # a line cut by a crash mid-write
@@ -320,7 +320,7 @@ class RunLock:
         self.created = not self.out.exists()
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            handle = open(self.out / ".lock", "a+")
+            handle = open_in_place(self.out / ".lock", "a+")
         except OSError as exc:
             raise UsageError(f"--out {self.out}: {exc.strerror or exc}; pass a folder you can write to") from None
         try:
@@ -394,6 +394,6 @@ def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int)
             raise UsageError(f"--out {out} holds {', '.join(p.name for p in stale)}, which a new run would delete, but "
                              f"no run (no config.yaml or checkpoint); pass --overwrite to let it, or another --out")
         for path in stale:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()  # a link, not its target
     text = config.dump() if hasattr(config, "dump") else yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
     atomic_write_text(out / "config.yaml", text)
