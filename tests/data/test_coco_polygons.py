@@ -88,3 +88,32 @@ def test_a_box_only_file_is_one_line_that_counts_and_says_what_to_do(tmp_path, s
     line = str(caught.value)
     assert "\n" not in line and f"annotations[0] (id 1) {said}" in line, line
     assert "(2 of 3 annotations have no mask)" in line and "as the polygon [[x, y, x+w, y, x+w, y+h, x, y+h]]" in line
+
+
+def _write(tmp_path, text: str):
+    (tmp_path / "images").mkdir(exist_ok=True)
+    Image.fromarray(np.full((HEIGHT, WIDTH, 3), 90, np.uint8)).save(tmp_path / "images" / "a.png")
+    (tmp_path / "ann.json").write_text(text)
+    return tmp_path / "ann.json", tmp_path / "images"
+
+
+@pytest.mark.parametrize("side", [100_000, 2_000_000_000])
+def test_an_image_declared_past_the_pixel_limit_is_refused_before_its_polygons_are_rasterised(tmp_path, side):
+    # 2e9 x 2e9 with a polygon over it: pycocotools crashed the process (a segmentation fault) reading the
+    # file; such an image is never decoded (load_image refuses it), so its annotations could not be trained on
+    ann = {"id": 1, "image_id": 1, "category_id": 4, "bbox": [0, 0, side, side],
+           "segmentation": [[0, 0, side, 0, side, side, 0, side]]}
+    data = {"images": [{"id": 1, "file_name": "a.png", "width": side, "height": side}], "annotations": [ann],
+            "categories": [{"id": 4, "name": "thing"}]}
+    with pytest.raises(UsageError, match=rf"images\[0\] \(id 1\) is {side}x{side} pixels, over the 178,956,970 an "
+                                         r"image is decoded at \(LOMAR_MAX_IMAGE_PIXELS\)"):
+        read_coco(*_write(tmp_path, json.dumps(data)))
+
+
+@pytest.mark.parametrize("text, said", [
+    ('{"images": ' + "[" * 5000 + "]" * 5000 + "}", "nests arrays or objects too deep to read"),
+    ('{"images": [{"id": 1' + "0" * 5000 + "}]}", r"not valid JSON \(Exceeds the limit \(4300 digits\) for integer "
+                                                  r"string conversion: value has 5001 digits\); pass a COCO")])
+def test_json_that_pythons_reader_cannot_hold_is_one_line_naming_the_file(tmp_path, text, said):
+    with pytest.raises(UsageError, match=f"ann.json: {said}"):  # a RecursionError, and a ValueError naming nothing
+        read_coco(*_write(tmp_path, text))

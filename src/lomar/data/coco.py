@@ -37,11 +37,12 @@ from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_transforms_v2
 
 from lomar.data.collate import LabelledBatch, Skipped, refilled, split_skipped
-from lomar.data.decode import load_image
+from lomar.data.decode import load_image, max_image_pixels
 from lomar.data.jitter import eval_transforms, train_transforms
 from lomar.data.polygons import fit_polygons
 from lomar.data.transforms import sample_generator, sample_key
 from lomar.errors import UsageError
+from lomar.values import brief
 
 __all__ = ["CocoSplit", "CocoSummary", "read_coco", "training_split", "CocoInstances", "train_transforms",
            "eval_transforms", "detection_dataset", "DetectionSamples", "collate_detection", "collate_detection_refill"]
@@ -215,8 +216,10 @@ def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train
         raise UsageError(f"{images_flag} {root} is not a folder; pass the folder holding {path.name}'s images")
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: Windows tools write a byte order mark
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _fail(path, f"not valid JSON ({exc}); pass a COCO instances file") from None
+    except RecursionError:  # json reads nesting by recursion
+        raise _fail(path, "nests arrays or objects too deep to read; pass a COCO instances file") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, or an integer of more digits than Python reads
+        raise _fail(path, f"not valid JSON ({str(exc).split('; use ')[0]}); pass a COCO instances file") from None
     if not isinstance(data, dict):
         raise _fail(path, "must hold a JSON object with images, annotations and categories")
     for key in ("images", "annotations", "categories"):
@@ -227,21 +230,25 @@ def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train
     categories = _entries(path, data, "categories", ("id", "name"))
     for what, entries in (("image", images), ("annotation", annotations), ("category", categories)):
         if bad := [e["id"] for e in entries if not _integer(e["id"])]:
-            raise _fail(path, f"{what} id {bad[0]!r} is not an integer; COCO ids (and pycocotools) are integers")
+            raise _fail(path, f"{what} id {brief(bad[0])} is not an integer; COCO ids (and pycocotools) are integers")
         _unique(path, entries, what)
     for i, ann in enumerate(annotations):  # before they are looked up: a list would not even hash
         for key in ("image_id", "category_id"):
             if not _integer(ann[key]):
-                raise _fail(path, f"annotations[{i}] (id {ann['id']!r}) has {key} {ann[key]!r}, not an integer id")
+                raise _fail(path, f"annotations[{i}] (id {ann['id']!r}) has {key} {brief(ann[key])}, not an integer id")
     if not images:
         raise _fail(path, "lists no images; an empty split cannot be trained or evaluated")
     if not categories:
         raise _fail(path, "lists no categories; add the classes under 'categories'")
-    sizes = {}
+    sizes, limit = {}, max_image_pixels()
     for i, image in enumerate(images):
         w, h = image["width"], image["height"]
         if not all(_number(v) and v > 0 for v in (w, h)):
-            raise _fail(path, f"images[{i}] (id {image['id']!r}) has width {w!r}, height {h!r}; both must be positive")
+            raise _fail(path, f"images[{i}] (id {image['id']!r}) has width {brief(w)}, height {brief(h)}; both must be "
+                              f"positive")
+        if w * h > limit:  # never decoded (load_image refuses it); pycocotools would rasterise polygons at its size
+            raise _fail(path, f"images[{i}] (id {image['id']!r}) is {w:.0f}x{h:.0f} pixels, over the {limit:,} an "
+                              f"image is decoded at (LOMAR_MAX_IMAGE_PIXELS); leave it out, or raise the limit")
         sizes[image["id"]] = (float(w), float(h))
     missing = [image["file_name"] for image in images if not (root / str(image["file_name"])).is_file()]
     if missing:
@@ -260,7 +267,7 @@ def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train
                               f"add the category or fix the annotation")
         box = ann["bbox"]
         if not (isinstance(box, list) and len(box) == 4 and all(_number(v) for v in box)):
-            raise _fail(path, f"{where} has bbox {box!r}; a bbox is [x, y, width, height], four finite numbers")
+            raise _fail(path, f"{where} has bbox {brief(box)}; a bbox is [x, y, width, height], four finite numbers")
         if ann.get("segmentation") in (None, [], {}):
             raise _maskless(path, annotations, i)
         if why := _segmentation_error(ann["segmentation"], *sizes[ann["image_id"]]):
@@ -271,9 +278,9 @@ def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train
             continue
         crowd, area = ann.get("iscrowd", 0), ann.get("area")
         if crowd not in (0, 1) or not isinstance(crowd, int):
-            raise _fail(path, f"{where} has iscrowd {crowd!r}; it is 0 or 1 (a crowd region), or left out")
+            raise _fail(path, f"{where} has iscrowd {brief(crowd)}; it is 0 or 1 (a crowd region), or left out")
         if area is not None and not (_number(area) and area >= 0):
-            raise _fail(path, f"{where} has area {area!r}; an area is a finite number >= 0, or left out")
+            raise _fail(path, f"{where} has area {brief(area)}; an area is a finite number >= 0, or left out")
         seg = ann["segmentation"]
         if isinstance(seg, list):  # before pycocotools rasterises it (for the area here, and at every load)
             seg, far = fit_polygons(seg, *sizes[ann["image_id"]])
