@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterable
 
 from lomar import __version__
+from lomar.cli.suggest import command_parser, suggest_flags
 from lomar.errors import ANSI_ESCAPE, FULL_DISK, LomarError
 from lomar.limits import check_env_limits
 
@@ -50,7 +51,12 @@ EXIT_CODES = ("exit codes: 0 done; 1 the work failed (e.g. a full disk: free spa
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors in one line, ``lomar CMD: error: …``, with a pointer to --help."""
+    """Usage errors in one line, ``lomar CMD: error: …``, with a pointer to --help. No prefix of a flag stands for
+    it (``lomar.cli.suggest`` says why); an unknown flag gets a suggestion instead."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # the subcommands' parsers too: argparse makes them of this class
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         # "argument --k: --k must be positive" -> "--k must be positive": a declaration's check names its flag
@@ -174,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, unknown = parser.parse_known_args(argv)
         if unknown:
-            parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+            own = command_parser(parser, args)
+            own.error(f"unrecognized arguments: {' '.join(unknown)}{suggest_flags(own, unknown)}")
     except SystemExit as exc:  # --help, --version, a usage error: already printed
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if getattr(args, "_run", None) is None:

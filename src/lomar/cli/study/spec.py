@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lomar.cli.suggest import suggest_flags
 from lomar.errors import LomarError, UsageError
 from lomar.values import counted, is_integer
 from lomar.yaml_io import YAMLError, load_yaml
@@ -107,10 +108,14 @@ class _Flags(argparse.ArgumentParser):
 
 
 def parse_flags(add_arguments: Callable[[argparse.ArgumentParser], None], argv: list[str]) -> argparse.Namespace:
-    """``argv`` parsed by a command's own flag declarations; a bad flag is a UsageError."""
-    parser = _Flags(add_help=False)
+    """``argv`` parsed by a command's own flag declarations; a bad flag is a UsageError. A spec's key that is a
+    prefix of a flag is unknown, as on the command line: ``warmup: 5`` is not ``warmup_epochs``."""
+    parser = _Flags(add_help=False, allow_abbrev=False)
     add_arguments(parser)
-    return parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}{suggest_flags(parser, unknown)}")
+    return args
 
 
 def settings_flags(settings: dict[str, Any]) -> list[str]:

@@ -1,0 +1,59 @@
+"""A flag is given in full: no prefix stands for one, and an unknown flag is one line with a suggestion."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from lomar.cli.app import build_parser, main
+from lomar.cli.study.spec import parse_flags, settings_flags
+from lomar.errors import UsageError
+from lomar.train.config import PretrainConfig
+
+SUGGESTED = [
+    (["pretrain", "--num-workers", "2"], "pretrain", "--num-workers 2; did you mean --workers?"),
+    (["pretrain", "--max_steps=4"], "pretrain", "--max_steps=4; did you mean --max-steps?"),
+    (["pretrain", "--output", "x"], "pretrain", "--output x; did you mean --out?"),
+    (["pretrain", "--batch-szie", "3"], "pretrain", "--batch-szie 3; did you mean --batch-size?"),
+    (["pretrain", "--window", "5"], "pretrain",
+     "--window 5; did you mean --window-placement, --window-size or --windows?"),
+    (["detect", "--warmup", "5"], "detect", "--warmup 5; did you mean --warmup-steps?"),  # the unit shows
+    (["finetune", "--batch_size", "4", "--epoch", "3"], "finetune",
+     "--batch_size 4 --epoch 3; did you mean --batch-size for --batch_size; --epochs for --epoch?"),
+    (["tokenizer", "fit", "--data", "d", "--out", "t.safetensors", "--iter", "1"], "tokenizer fit",
+     "--iter 1; did you mean --iters?"),
+    (["export", "ck.pt", "--to", "x", "--output-dir", "y"], "export", "--output-dir y; did you mean --to?"),
+    (["pretrain", "--to", "x"], "pretrain", "--to x"),  # --tokenizer starts so, but is not what was meant
+]
+
+
+@pytest.mark.parametrize("argv, command, said", SUGGESTED, ids=[" ".join(a)[:40] for a, _, _ in SUGGESTED])
+def test_an_unknown_flag_is_one_line_with_a_suggestion(argv, command, said, capsys):
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (f"lomar {command}: error: unrecognized arguments: {said} "
+                                       f"(see lomar {command} --help)\n")
+
+
+@pytest.mark.parametrize("argv", [["pretrain", "--warmup", "5", "--print-config"],  # was --warmup-epochs 5
+                                  ["study", "--seed", "3", "--preset", "digits", "--budget", "x"],  # was 3 seeds
+                                  ["export", "ck.pt", "--to", "x", "--drop"]])  # was --drop-head
+def test_no_prefix_stands_for_a_flag(argv, capsys):
+    assert main(argv) == 2
+    assert "unrecognized arguments: " in capsys.readouterr().err
+
+
+def test_every_parser_takes_whole_flags_only():
+    def parsers(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    assert [p.prog for p in parsers(build_parser()) if p.allow_abbrev] == []
+
+
+def test_a_study_setting_is_a_whole_flag_name():
+    with pytest.raises(UsageError, match=r"--warmup 5; did you mean --warmup-epochs\?$"):
+        parse_flags(PretrainConfig.add_arguments, settings_flags({"warmup": 5}))
