@@ -6,6 +6,7 @@ atomically with :func:`lomar.viz.reconstruction.save_figure`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -14,7 +15,7 @@ from matplotlib.figure import Figure
 
 from lomar.viz.reconstruction import save_figure
 
-__all__ = ["read_losses", "loss_summary", "draw_loss_curve", "loss_curve"]
+__all__ = ["read_losses", "loss_summary", "draw_loss_curve", "running_mean", "loss_curve"]
 
 
 def read_losses(metrics: str | Path) -> tuple[list[int], list[float]]:
@@ -58,15 +59,34 @@ def draw_loss_curve(steps: list[int], losses: list[float], title: str = "trainin
     ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="per step")
     width = max(1, len(losses) // 20)
     if width > 1:
-        smooth = [sum(losses[max(0, i - width + 1):i + 1]) / len(losses[max(0, i - width + 1):i + 1])
-                  for i in range(len(losses))]
-        ax.plot(steps, smooth, color="tab:blue", linewidth=1.8, label=f"mean of {width}")
+        ax.plot(steps, running_mean(losses, width), color="tab:blue", linewidth=1.8, label=f"mean of {width}")
         ax.legend(loc="upper right")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("reconstruction loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     return fig
+
+
+def running_mean(values: list[float], width: int) -> list[float]:
+    """The mean of each value and the ``width`` - 1 before it (fewer at the start), in O(n). The figure is drawn at
+    every checkpoint of a run in the main process, and its window grows with the run (5 % of it): summing each
+    window anew made a figure O(n²), 8 s at 100,000 logged steps and hours at the millions a single-GPU ImageNet
+    run logs. Sums within blocks of ``width``: a window is a block's suffix plus the next one's prefix, so each
+    mean adds only its window's values (a running sum over the whole run would carry the rounding of a huge early
+    loss into every later mean)."""
+    n = len(values)
+    prefix, suffix = [0.0] * n, [0.0] * n
+    for start in range(0, n, width):
+        block = values[start:start + width]
+        prefix[start:start + len(block)] = itertools.accumulate(block)
+        suffix[start:start + len(block)] = list(itertools.accumulate(reversed(block)))[::-1]
+    means = []
+    for i in range(n):
+        first = max(0, i - width + 1)
+        total = prefix[i] if first // width == i // width else suffix[first] + prefix[i]
+        means.append(total / (i + 1 - first))
+    return means
 
 
 def loss_curve(metrics: str | Path, path: str | Path, title: str = "training loss") -> Path | None:
