@@ -418,7 +418,7 @@ def test_max_steps_without_epochs_warms_up_to_the_peak_within_the_run(tmp_path, 
     flags = _without(TINY, "--epochs", "--warmup-epochs", "--lr")
     out = tmp_path / "run"
     assert main(["pretrain", *flags, "--data", str(image_dir), "--out", str(out), "--max-steps", "10"]) == 0
-    assert "warning" not in capsys.readouterr().out
+    assert "warning" not in capsys.readouterr().err
     lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     peak = 1.5e-4 * 4 / 256
     assert len(lrs) == 10 and max(lrs) == pytest.approx(peak) and lrs[-1] < peak / 10
@@ -431,8 +431,10 @@ def test_max_steps_inside_an_explicit_warmup_warns_up_front(tmp_path, capsys, im
     out = tmp_path / "run"
     assert main(["pretrain", *flags, "--data", str(image_dir), "--out", str(out), "--max-steps", "2",
                  "--warmup-epochs", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "warning: this run stops at step 2, inside its 8-step warm-up" in out and "drop --epochs" in out
+    printed = capsys.readouterr()  # a warning goes to stderr, as every warning and note does
+    assert "warning: this run stops at step 2, inside its 8-step warm-up" in printed.err
+    assert "drop --epochs" in printed.err
+    assert "warning" not in printed.out
 
 
 def test_a_warm_up_that_schedule_steps_set_is_not_blamed_on_epochs(tmp_path, capsys, image_dir):

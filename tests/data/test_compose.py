@@ -85,8 +85,9 @@ def test_rle_is_pycocotools_rle():
 def test_command_writes_and_refuses_a_full_folder(tmp_path, capsys):
     out = tmp_path / "set"
     assert main(["compose-digits", "--out", str(out), "--img-size", "48", "--images", "3"]) == 0
-    printed = capsys.readouterr().out  # the default LOW 0.12 of 48 px is 5.76 px: drawn at 8, and said so
-    assert "wrote" in printed and "digits under 8 px are drawn at 8 px (--digit-scale 0.12 x --img-size 48" in printed
+    printed = capsys.readouterr()  # the default LOW 0.12 of 48 px is 5.76 px: drawn at 8, and said so on stderr
+    assert "wrote" in printed.out
+    assert "note: digits under 8 px are drawn at 8 px (--digit-scale 0.12 x --img-size 48" in printed.err
     assert main(["compose-digits", "--out", str(out), "--img-size", "48", "--images", "3"]) == 2
     err = capsys.readouterr().err
     assert str(out) in err and "--overwrite" in err and err.count("\n") == 1

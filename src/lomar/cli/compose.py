@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from lomar.cli.common import check_output_dir
 from lomar.errors import UsageError
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     smallest = args.digit_scale[0] * args.img_size
     if smallest < MIN_DIGIT:
         print(f"lomar compose-digits: note: digits under {MIN_DIGIT} px are drawn at {MIN_DIGIT} px (--digit-scale "
-              f"{args.digit_scale[0]:g} x --img-size {args.img_size} = {smallest:.3g} px)")
+              f"{args.digit_scale[0]:g} x --img-size {args.img_size} = {smallest:.3g} px)", file=sys.stderr)
     splits = summary["splits"]
     parts = [f"{name}: {counted(s['images'], 'picture')}, {counted(s['instances'], 'digit')}"
              + (f", {counted(s['classify_images'], 'one-digit picture')} in classify/{name}/"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -186,7 +187,7 @@ class _Run:
               f"device {self.device}, precision {self.precision}", flush=True)
         if warning := warmup_warning(self.last_step, *self.schedule, self.base_lr, self.min_lr, task.lr_schedule,
                                      config=cfg, resumed=self.p.step > 0):
-            print(f"lomar {task.name}: warning: {warning}", flush=True)
+            print(f"lomar {task.name}: warning: {warning}", file=sys.stderr, flush=True)  # as every warning and note
 
     def _train_epoch(self, stream: EpochStream) -> bool:
         """The rest of the current epoch; True when a stop signal or the last step ends the run now."""
