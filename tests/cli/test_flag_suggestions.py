@@ -57,3 +57,11 @@ def test_every_parser_takes_whole_flags_only():
 def test_a_study_setting_is_a_whole_flag_name():
     with pytest.raises(UsageError, match=r"--warmup 5; did you mean --warmup-epochs\?$"):
         parse_flags(PretrainConfig.add_arguments, settings_flags({"warmup": 5}))
+
+
+@pytest.mark.parametrize("argv, usage", [(["help", "knn"], "usage: lomar knn "),
+                                         (["help", "tokenizer", "fit"], "usage: lomar tokenizer fit "),
+                                         (["help"], "usage: lomar ")])
+def test_lomar_help_cmd_is_lomar_cmd_help(argv, usage, capsys):
+    assert main(argv) == 0
+    assert capsys.readouterr().out.startswith(usage)

@@ -69,7 +69,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
     """The ``lomar`` parser; ``commands`` limits which subcommands get their flags (None: all)."""
     wanted = None if commands is None else set(commands)
-    parser = _Parser(prog="lomar", epilog=EXIT_CODES,
+    parser = _Parser(prog="lomar", epilog=f"a command's flags: lomar CMD --help (or lomar help CMD); {EXIT_CODES}",
                      description="Self-supervised ViT pretraining by local masked reconstruction (LoMaR).")
     parser.add_argument("--version", action="version", version=f"lomar {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -175,6 +175,8 @@ def _run_command(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["help"]:  # git's and pip's spelling: `lomar help CMD` is `lomar CMD --help`
+        argv = [*argv[1:], "--help"]
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser([command] if command else [])
     try:
