@@ -3,12 +3,21 @@ in a message; imports no torch."""
 
 import numbers
 import reprlib
+from itertools import islice
 
 __all__ = ["is_integer", "is_real", "counted", "brief"]
 
 # A value a message quotes, cut to what a line can show: a value from a file (a checkpoint's saved settings, a
 # YAML file) may be nested thousands deep (repr: a RecursionError) or hold millions of items (a repr for minutes).
-_BRIEF = reprlib.Repr()
+class _Brief(reprlib.Repr):
+    def repr_dict(self, x, level):  # in the dict's own order, as repr shows it (reprlib sorts the keys)
+        if not x or level <= 0:
+            return "{...}" if x else "{}"
+        pieces = [f"{self.repr1(k, level - 1)}: {self.repr1(v, level - 1)}" for k, v in islice(x.items(), self.maxdict)]
+        return "{" + ", ".join(pieces + ["..."] * (len(x) > self.maxdict)) + "}"
+
+
+_BRIEF = _Brief()
 _BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxtuple, _BRIEF.maxdict, _BRIEF.maxset = 3, 8, 8, 8, 8
 _BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlong = 200, 200, 60
 

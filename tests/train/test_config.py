@@ -343,3 +343,18 @@ def test_a_saved_setting_nested_thousands_deep_is_quoted_briefly_not_a_recursion
     with pytest.raises(ConfigError, match=r"^data: \['x+\.\.\.x+'\] in crafted.pt must be a string$") as error:
         coerce_all(PretrainConfig, {"data": ["x" * 10**6]}, "crafted.pt", strict=False)
     assert len(str(error.value)) < 300  # a line, not a megabyte
+
+
+def test_a_megabyte_value_from_a_crafted_checkpoint_is_quoted_in_a_line(tmp_path):
+    import torch
+
+    from lomar.train.run_state import read_meta
+    from lomar.train.settings import ConfigError, Setting
+
+    with pytest.raises(ConfigError, match=r"^--method must be one of a, b, got 'x+\.\.\.x+'$") as error:
+        Setting("a", "the method", choices=("a", "b")).check("method", "x" * 10**6)  # a saved method resumed
+    assert len(str(error.value)) < 300
+    torch.save({"step": "x" * 10**6}, tmp_path / "crafted.pt")
+    with pytest.raises(ValueError, match=r"holds \{'step': 'x+\.\.\.x+'\}, not counts of steps") as error:
+        read_meta(tmp_path / "crafted.pt")
+    assert len(str(error.value)) < 500

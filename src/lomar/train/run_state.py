@@ -28,7 +28,7 @@ from lomar.checkpoints.io import atomic_save, atomic_write, atomic_write_text, o
 from lomar.checkpoints.sharded import check_metadata
 from lomar.errors import FULL_DISK, UNWRITABLE, LomarError, UsageError
 from lomar.train.settings import ConfigError
-from lomar.values import is_integer
+from lomar.values import brief, is_integer
 
 __all__ = ["RunLock", "SaveError", "save_state", "checkpoints_to_prune", "save_checkpoint", "save_on_main_rank",
            "truncate_metrics", "remove_stale_temporaries", "find_resume_checkpoint", "auto_resume", "checkpoint_step",
@@ -149,8 +149,8 @@ def read_meta(path: Path) -> dict:
     # a damaged or crafted file's step 'x' stopped the run with a traceback, a step -5 trained from step -4
     counts = {k: ckpt[k] for k in ("step", "epoch", "batches_done") if k in ckpt}
     if any(not is_integer(v) or v < 0 for v in counts.values()):
-        raise ValueError(f"checkpoint {path} holds {counts}, not counts of steps; the file is damaged: resume from "
-                         f"another checkpoint")
+        raise ValueError(f"checkpoint {path} holds {brief(counts)}, not counts of steps; the file is damaged: resume "
+                         f"from another checkpoint")
     return ckpt
 
 

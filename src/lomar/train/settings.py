@@ -92,7 +92,7 @@ class Setting:
         for item in value if isinstance(value, (tuple, list)) else (value,):
             rule = self._broken(item, choices)
             if rule:
-                raise ConfigError(f"{self.name_flag(name)} must be {rule}, got {item!r}")
+                raise ConfigError(f"{self.name_flag(name)} must be {rule}, got {brief(item)}")
 
     def _broken(self, v: Any, choices: bool) -> str | None:
         if v is None or isinstance(v, bool):
