@@ -256,9 +256,11 @@ class PretrainConfig(TaskConfig):
 
 # A tiny model on 96 px crops of the 15 bundled photographs (120 crops an epoch, 7 steps of 16,
 # 3 windows per image by --windows auto): 0.1-0.3 s a step, so 672 steps train for 1 to 3.5 minutes
-# by CPU model on an idle 2-core machine (the data worker takes the other core), long enough for the
-# reconstructions to turn from coloured noise into the images' shapes. Figures at steps 0, 224,
-# 448 and 672.
+# by CPU model on an idle 2-core machine, long enough for the reconstructions to turn from coloured
+# noise into the images' shapes. Figures at steps 0, 224, 448 and 672. One torch thread although the
+# data worker needs only ~5 % of the other core (3.5 of 56 CPU-seconds in 120 steps): on a busy
+# 2-core machine a second thread made a step 2.5-8x slower (lomar bench, 2026-12-05; not timed on an
+# idle one), and another count also changes the run's float sums.
 DEMO_PRESET: dict[str, Any] = dict(
     model="vit_mini_patch8", embed_dim=128, depth=4, num_heads=4, img_size=96,
     batch_size=16, epochs=96, lr=1e-3, warmup_epochs=5, save_every=32, workers=1, threads=1, log_every=50,
