@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lomar.checkpoints.io import open_in_place
 
-__all__ = ["Monitor", "progress", "input_limit_note", "INPUT_BOUND"]
+__all__ = ["Monitor", "progress", "input_limit_note", "read_records", "INPUT_BOUND"]
 
 _LABELS = {"top1": "top-1", "top5": "top-5", "knn_top1": "k-NN top-1"}  # accuracies, printed in percent
 QUIET_INTERVAL = 30.0  # seconds between progress lines when stderr is not a terminal (a log file)
@@ -123,6 +123,18 @@ def _append(handle, path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             handle.close()
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a run's log (``metrics.jsonl``, ``knn.jsonl``, ...; none when it is missing). A line that is
+    no JSON record with an integer ``step`` is skipped: a killed run can leave its last line torn, which only the
+    run's resume cuts off."""
+    records = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else ():
+        with contextlib.suppress(json.JSONDecodeError):
+            if isinstance(record := json.loads(line), dict) and isinstance(record.get("step"), int):
+                records.append(record)
+    return records
 
 
 def input_limit_note(waits: list[float], workers: int | None, decode: str | None = None) -> str | None:

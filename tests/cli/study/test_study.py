@@ -374,3 +374,13 @@ def test_a_step_budget_past_the_cells_epochs_is_refused_before_any_training(tmp_
                                          r"4000 to the spec's settings, or lower the budget$"):
         run_study(spec, tmp_path / "study", log=lambda line: None)
     assert not list((tmp_path / "study").glob("cells/*/last.pt"))
+
+
+def test_a_resumed_study_reads_past_the_torn_last_line_of_a_killed_runs_log(tmp_path):
+    # the study reads each cell's metrics.jsonl before the run's resume cuts the torn line off: a JSONDecodeError
+    # traceback instead of the study going on
+    records = [{"step": s, "epoch": 0, "loss": 1.0 / s, "lr": 1e-3, "img_s": 8.0} for s in (1, 2, 3)]
+    lines = [json.dumps(r) for r in records] + [json.dumps({"step": 4, "epoch": 0, "loss": 0.2})[:17]]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    steps, seconds, loss = runner.read_progress(tmp_path, batch=4)
+    assert (steps, seconds) == (3, 1.5) and loss == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)

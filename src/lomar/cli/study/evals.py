@@ -7,7 +7,6 @@ and the held-out masked-reconstruction loss computed here."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from lomar.eval.knn import knn_top1
 from lomar.models import MAE, LoMaR
 from lomar.train.finetune import finetune
 from lomar.train.finetune_config import add_finetune_arguments, resolve_finetune_config
+from lomar.train.monitor import read_records
 from lomar.train.run_state import SaveError
 from lomar.train.settings import ConfigError
 from lomar.train.task import TrainingError
@@ -123,7 +123,7 @@ def _finetune(args) -> float:
     if rc != 0:
         raise StudyFailed(f"finetuning in {where} failed (exit code {rc}; its error is above)")
     path = where / "metrics.jsonl"
-    scored = [r for r in map(json.loads, path.read_text().splitlines()) if "top1" in r] if path.exists() else []
+    scored = [r for r in read_records(path) if "top1" in r]
     if not scored:
         raise LomarError(f"finetuning wrote no top-1 into {path}")
     _check_finished(scored[-1], {"max_steps": config.max_steps, "epochs": config.epochs}, where)

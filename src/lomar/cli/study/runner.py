@@ -42,6 +42,7 @@ from lomar.cli.study.spec import (
 from lomar.data.folder import build_pretrain_dataset
 from lomar.errors import UsageError
 from lomar.train.config import PretrainConfig, add_config_arguments, resolve_config
+from lomar.train.monitor import read_records
 from lomar.train.pretrain import TrainingError, train
 from lomar.train.run_state import RunLock, SaveError
 from lomar.viz.reconstruction import save_figure
@@ -108,8 +109,7 @@ def pretrain(config) -> int:
 
 def read_progress(folder: Path, batch: int) -> tuple[int, float, float | None]:
     """(steps, training seconds, mean loss of the last 10 steps) from a run's metrics.jsonl."""
-    path = folder / "metrics.jsonl"
-    records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    records = [r for r in read_records(folder / "metrics.jsonl") if "loss" in r]
     seconds = sum(batch / r["img_s"] for r in records if r.get("img_s"))
     tail = [r["loss"] for r in records[-10:]]
     return (records[-1]["step"] if records else 0), seconds, (sum(tail) / len(tail) if tail else None)
