@@ -390,7 +390,13 @@ def test_knn_of_a_stopped_run_folder_reads_its_last_checkpoint(pretrained, folde
     shutil.copy(pretrained, run / "last.pt")
     common = ["--data", str(folder), "--img-size", "32", "--workers", "0", "--device", "cpu", "--k", "3"]
     assert main(["knn", str(run), *common, "--json", str(tmp_path / "a.json")]) == 0, capsys.readouterr().err
+    step = safe_load(pretrained)["step"]  # `lomar pretrain ... && lomar knn RUN` gets here after a stop (exit 0)
+    said = capsys.readouterr()
+    assert f"{run} holds no export, so its run has not finished: loaded its last checkpoint, saved at step {step}" \
+        in said.out + said.err
     assert main(["knn", str(pretrained), *common, "--json", str(tmp_path / "b.json")]) == 0
+    said = capsys.readouterr()
+    assert f"saved at step {step}" in said.out + said.err and "no export" not in said.out + said.err
     assert json.loads((tmp_path / "a.json").read_text()) == json.loads((tmp_path / "b.json").read_text())
 
 

@@ -29,6 +29,7 @@ from lomar.models.attention import vitdet_global_blocks
 from lomar.models.relpos import REL_POS_PARAMS
 from lomar.models.vit import VisionTransformer, ViTConfig
 from lomar.train.monitor import progress
+from lomar.values import is_integer
 
 __all__ = ["LoadReport", "load_pretrained_encoder", "eval_transform", "knn_loaders", "extract_features",
            "Pool"]
@@ -82,18 +83,23 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a checkpoint file or an exported folder")
-    if path.is_dir() and not (path / "config.json").exists() and (path / "last.pt").is_file():
-        # a run folder its run has not finished (stopped by a signal): no export yet, its last checkpoint instead
-        # of "a folder without config.json; pass ... a folder written by lomar pretrain", which it is
-        path = path / "last.pt"
+    unfinished = path.is_dir() and not (path / "config.json").exists() and (path / "last.pt").is_file()
+    if unfinished:  # a run stopped by a signal has no export yet: its last checkpoint, not "a folder without
+        path = path / "last.pt"  # config.json; pass ... a folder written by lomar pretrain", which it is
     # Reading draws nothing from the global RNG (some formats build a model to read it): the new head and every
     # later draw of a run are then the same whatever form the same weights come in.
     heads = {"num_heads": overrides["num_heads"]} if overrides.get("num_heads") else {}
     with torch.random.fork_rng(devices=[]):
         reader, src = read(path)
         weights = reader.timm_weights(src, heads) if isinstance(reader, BEiTReader) else reader.encoder(src, heads)
+    # a stopped run's checkpoint, which `lomar pretrain ... && lomar knn RUN` reaches too (a stop exits 0)
+    step = src.data.get("step") if is_integer(src.data.get("step")) else None
+    trained = [f"{path.parent} holds no export, so its run has not finished: loaded its last checkpoint, saved at "
+               f"step {step}" if unfinished else f"saved at step {step}"] if step is not None else []
     if isinstance(reader, BEiTReader):
-        return _load_beit(weights, src, num_classes, global_pool, overrides)
+        model = _load_beit(weights, src, num_classes, global_pool, overrides)
+        model.load_report.notes[:0] = trained
+        return model
     config, state = weights.config, dict(weights.state)
     unknown = sorted(set(overrides) - set(ViTConfig.__dataclass_fields__))
     if unknown:
@@ -102,7 +108,7 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
         overrides["global_blocks"] = vitdet_global_blocks(config.depth)
     config = replace(config, **overrides)
     model = VisionTransformer(config, num_classes=num_classes, global_pool=global_pool)
-    report = LoadReport(weights.source, str(path), dropped=list(weights.dropped))
+    report = LoadReport(weights.source, str(path), dropped=list(weights.dropped), notes=trained)
     if config.window_size and len(set(config.global_blocks)) >= config.depth:  # ViTDet's layout below 8 blocks, say
         report.notes.append(f"window_size {config.window_size} windows no block: all {config.depth} blocks attend "
                             f"globally (global_blocks {list(config.global_blocks)}); give fewer global blocks "
