@@ -65,3 +65,17 @@ def test_a_study_setting_is_a_whole_flag_name():
 def test_lomar_help_cmd_is_lomar_cmd_help(argv, usage, capsys):
     assert main(argv) == 0
     assert capsys.readouterr().out.startswith(usage)
+
+
+@pytest.mark.parametrize("yaml_text, said", [
+    ("num_workers: 2\nepoch: 3\n",
+     "epoch, num_workers in {path}; did you mean epochs for epoch; workers for num_workers?"),
+    ("batch-szie: 4\n", "batch_szie in {path}; did you mean batch_size?"),
+    ("colour: red\n", "colour in {path}; see `lomar pretrain --help` for the valid ones"),
+])
+def test_an_unknown_key_of_a_settings_file_is_one_line_with_a_suggestion(tmp_path, capsys, yaml_text, said):
+    path = tmp_path / "settings.yaml"
+    path.write_text(yaml_text)
+    assert main(["pretrain", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == f"lomar pretrain: error: unknown setting(s) {said.format(path=path)}\n"
+    assert not (tmp_path / "run").exists()

@@ -22,6 +22,7 @@ from typing import Any
 
 from lomar.errors import UsageError
 from lomar.limits import MAX_IMG_SIZE
+from lomar.train.setting_names import unknown_settings
 from lomar.values import brief
 from lomar.yaml_io import YAMLError, load_yaml
 
@@ -381,8 +382,7 @@ def coerce_all(cls: type, raw: dict, source: str, strict: bool = True) -> dict[s
     raw = {names[k]: v for k, v in raw.items()}
     unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
     if unknown and strict:
-        raise ConfigError(f"unknown setting(s) {', '.join(unknown)} in {source}; "
-                          f"see `lomar {getattr(cls, 'COMMAND', '<command>')} --help` for the valid ones")
+        raise ConfigError(unknown_settings(unknown, [f.name for f in dataclasses.fields(cls)], source, cls))
     declared = declarations(cls)
     return {k: _coerce(declared[k], k, v, source) for k, v in raw.items() if k not in unknown}
 

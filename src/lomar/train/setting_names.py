@@ -1,0 +1,86 @@
+"""What a user types for a setting's name, and the name lomar has for it; text only (no torch), for the command
+line's flags (:mod:`lomar.cli.suggest`) and a YAML file's keys (:func:`lomar.train.settings.coerce_all`) alike."""
+
+from __future__ import annotations
+
+import difflib
+
+__all__ = ["closest_flags", "either", "did_you_mean", "unknown_settings"]
+
+# Other tools' spellings (MAE's and timm's scripts, Hugging Face, detectron2, Lightning) and common shortenings
+# -> our flags, the first one the command has. Keys are written with dashes, lower case, without the leading --.
+_ALIASES: dict[str, tuple[str, ...]] = {}
+for _names, _flags in [
+    ("num-workers workers-per-gpu nworkers num-worker worker dataloader-num-workers j", ("--workers",)),
+    ("batch batchsize bs per-device-train-batch-size ims-per-batch", ("--batch-size",)),
+    ("epoch num-epochs n-epochs num-train-epochs max-epochs", ("--epochs",)),
+    ("max-step max-iter max-iters iters num-steps total-steps", ("--max-steps", "--steps")),
+    ("lr-min min-learning-rate minlr eta-min", ("--min-lr",)),
+    ("learning-rate base-lr", ("--lr", "--blr")),
+    ("warmup warmup-epoch warmup-iters warmup-step warmup-steps warmup-epochs",
+     ("--warmup-epochs", "--warmup-steps", "--warmup")),
+    ("output output-dir output-path outdir out-dir save-dir work-dir log-dir logdir run-dir", ("--out", "--to")),
+    ("resume-from resume-path auto-resume", ("--resume",)),
+    ("finetune weights pretrained-path pretrained-weights init-from", ("--pretrained",)),
+    ("input-size image-size img resolution crop-size", ("--img-size", "--size")),
+    ("data-path data-dir data-root dataset root", ("--data",)),
+    ("nb-classes num-class n-classes", ("--num-classes",)),
+    ("gpu gpus cuda", ("--device",)),
+    ("grad-accum gradient-accumulation-steps accumulate-grad-batches", ("--accum-steps",)),
+    ("wd", ("--weight-decay",)),
+    ("amp fp16 bf16 mixed-precision dtype", ("--precision",)),
+    ("cfg config-file", ("--config",)),
+    ("num-threads", ("--threads",)),
+    ("random-seed", ("--seed", "--seeds")),
+    ("save-freq save-interval checkpoint-every ckpt-every", ("--save-every",)),
+    ("print-freq log-freq log-interval", ("--log-every",)),
+    ("num-windows num-window n-windows", ("--windows",)),
+    ("force", ("--overwrite",)),
+    ("dry-run", ("--print-config",)),
+]:
+    _ALIASES.update(dict.fromkeys(_names.split(), _flags))
+
+
+def closest_flags(token: str, flags: list[str]) -> list[str]:
+    """The flags among ``flags`` that ``token`` (``--num_workers``, ``--num-workers=2``, ``num_workers``) most
+    likely meant: its own spelling with dashes, another tool's name for one, the flags it starts (2 to 4), else
+    the closest spelling; [] when none is close."""
+    name = token.split("=", 1)[0].lstrip("-").lower().replace("_", "-")
+    if f"--{name}" in flags:  # --batch_size, --Max-Steps
+        return [f"--{name}"]
+    own = [flag for flag in _ALIASES.get(name, ()) if flag in flags]
+    if own:
+        return own[:1]
+    # --window: one of --window-placement, --window-size, --windows (a single flag that starts so, as --tokenizer
+    # for --to, is another concept as often as not: only a close spelling names it)
+    prefixed = sorted(flag for flag in flags if flag.startswith(f"--{name}"))
+    if 1 < len(prefixed) <= 4:
+        return prefixed
+    return difflib.get_close_matches(f"--{name}", flags, n=1, cutoff=0.75)
+
+
+def either(flags: list[str]) -> str:
+    """'--a', '--a or --b', '--a, --b or --c'."""
+    return flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} or {flags[-1]}"
+
+
+def did_you_mean(given: list[str], flags: list[str], as_keys: bool = False) -> str:
+    """'; did you mean --workers?' (or '; did you mean --workers for --num-workers; --epochs for --epoch?') for the
+    names among ``given`` that resemble ``flags``; '' when none does. ``as_keys``: the suggestions as YAML keys
+    (``workers``), as a settings file names them."""
+    pairs = [(name.split("=", 1)[0], found) for name in given if (found := closest_flags(name, flags))]
+    if as_keys:
+        pairs = [(name, [flag[2:].replace("-", "_") for flag in found]) for name, found in pairs]
+    if not pairs:
+        return ""
+    if len(pairs) == 1:
+        return f"; did you mean {either(pairs[0][1])}?"
+    return "; did you mean " + "; ".join(f"{either(ours)} for {name}" for name, ours in pairs) + "?"
+
+
+def unknown_settings(unknown: list[str], names: list[str], source: str, config: type) -> str:
+    """The error for the keys ``unknown`` of a settings file ``source`` whose settings (``config``'s) are ``names``:
+    what each most likely meant, else where the valid ones are listed."""
+    hint = did_you_mean(unknown, [f"--{name.replace('_', '-')}" for name in names], as_keys=True)
+    return (f"unknown setting(s) {', '.join(unknown)} in {source}"
+            + (hint or f"; see `lomar {getattr(config, 'COMMAND', '<command>')} --help` for the valid ones"))
