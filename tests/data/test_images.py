@@ -50,7 +50,7 @@ BAD = {"zero.jpg", "garbage.png", "truncated.png"}
 
 
 def test_folder_discovery_is_recursive_and_sorted(odd_folder):
-    paths = build_image_list(odd_folder)
+    paths = list(build_image_list(odd_folder))
     assert {p.name for p in paths} == GOOD | BAD
     assert paths == sorted(paths)
 
@@ -116,7 +116,7 @@ def test_text_list_and_errors(tmp_path, odd_folder):
 def test_a_text_list_saved_with_a_byte_order_mark_and_crlf_keeps_its_first_path(tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_bytes("\ufeffa.jpg\r\nb.jpg\r\n".encode())  # as Windows editors save it
-    assert build_image_list(listing) == [tmp_path / "a.jpg", tmp_path / "b.jpg"]
+    assert list(build_image_list(listing)) == [tmp_path / "a.jpg", tmp_path / "b.jpg"]
 
 
 def test_augmentation_is_pure_function_of_seed_epoch_index(odd_folder):

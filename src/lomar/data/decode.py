@@ -27,8 +27,8 @@ from lomar.data.headers import declared_size, jpeg_single_scan
 from lomar.limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, env_limit
 
 __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_IMAGE_BYTES", "WIDE_MODES", "is_image_name",
-           "max_image_pixels", "max_image_bytes", "read_image_bytes", "open_pil", "exif_orientation", "oriented_size",
-           "decode_bytes", "load_image", "pil_to_tensor", "PIL_FORMATS"]
+           "file_suffix", "max_image_pixels", "max_image_bytes", "read_image_bytes", "open_pil", "exif_orientation",
+           "oriented_size", "decode_bytes", "load_image", "pil_to_tensor", "PIL_FORMATS"]
 
 # .jfif and .jpe are JPEG's other names (Chrome on Windows saves photos as .jfif)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -44,8 +44,15 @@ WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")
 def is_image_name(name: str) -> bool:
     """An image extension, and not macOS's AppleDouble metadata (``._NAME``, which macOS writes beside each file on
     foreign disks, in zips and tar files): never an image, and one per photo would make half a set unreadable."""
-    path = Path(name)
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("._")
+    base = name.rstrip("/").rpartition("/")[2]
+    return file_suffix(base).lower() in IMAGE_EXTENSIONS and not base.startswith("._")
+
+
+def file_suffix(name: str) -> str:
+    """``PurePath(name).suffix`` of a file name without a directory, without building a Path: a folder search calls
+    this for every file, and a Path each cost 13 of the 23 s of listing 1.28M ImageNet names on a 2-core machine."""
+    dot = name.rfind(".")
+    return name[dot:] if 0 < dot < len(name) - 1 else ""
 
 
 def max_image_pixels() -> int:

@@ -13,13 +13,16 @@ from __future__ import annotations
 import logging
 import os
 import unicodedata
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from lomar.data.decode import IMAGE_EXTENSIONS, is_image_name, load_image
+from lomar.data.decode import IMAGE_EXTENSIONS, file_suffix, is_image_name, load_image
+from lomar.data.pathtable import PathTable, sort_like_paths
 from lomar.data.shards import TarShardDataset, is_shard_pattern, shard_paths
 from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator, sample_key
 
@@ -54,15 +57,20 @@ _FOREIGN_IMAGES = (".heic", ".heif", ".avif", ".jxl")
 def find_images(root: str | Path) -> list[Path]:
     """Image-named entries under ``root``, sorted (see the module docstring); a folder reached a second time
     through a link is skipped with a warning."""
+    return list(_find_table(root))
+
+
+def _find_table(root: str | Path) -> PathTable:
+    """:func:`find_images`'s paths as a :class:`PathTable`, without a Path object per image on the way."""
     found, passed_over = _search(root)
     _warn_passed_over(root, passed_over)
-    return found
+    return PathTable(found)
 
 
-def _search(root: str | Path) -> tuple[list[Path], dict]:
-    """(:func:`find_images`'s list, what it passed over: {"loops": int, "hidden": [Path], "forks": int,
+def _search(root: str | Path) -> tuple[list[str], dict]:
+    """(``str`` of :func:`find_images`'s paths, what it passed over: {"loops": int, "hidden": [Path], "forks": int,
     "unlisted": [OSError], "foreign": [Path]}), for :func:`_warn_passed_over` to say once for any number of searches."""
-    found: list[Path] = []
+    found: list[str] = []
     # A link to an ancestor of root leads back into root (a class folder's link to the ImageFolder root
     # would give that class every other class's images): searched already, as root itself is.
     seen = {(info.st_dev, info.st_ino) for info in map(os.stat, Path(root).resolve().parents)}
@@ -80,10 +88,15 @@ def _search(root: str | Path) -> tuple[list[Path], dict]:
         hidden += [Path(folder) / name for name in dirs if name.startswith(_NOT_SEARCHED)]
         dirs[:] = sorted(name for name in dirs if not name.startswith(_NOT_SEARCHED))
         forks += sum(name.startswith("._") and is_image_name(name[2:]) for name in files)  # see is_image_name
-        found.extend(Path(folder) / name for name in files if is_image_name(name))  # dangling links land here
-        foreign += [Path(folder) / name for name in sorted(files) if Path(name).suffix.lower() in _FOREIGN_IMAGES]
-    return sorted(set(found)), {"loops": loops, "hidden": hidden, "forks": forks, "unlisted": unlisted,
-                                "foreign": foreign}
+        # the strings str(Path(folder) / name) would be (os.walk's names hold no separator, no "." or ".."), made
+        # without a Path object each: building and sorting ImageNet's 1.28M Paths took 66 s on a 2-core machine,
+        # the whole listing now 5-7 s
+        prefix = str(Path(folder))
+        prefix = "" if prefix == "." else prefix if prefix.endswith(os.sep) else prefix + os.sep
+        found.extend(prefix + name for name in files if is_image_name(name))  # dangling links land here
+        foreign += [Path(folder) / name for name in sorted(files) if file_suffix(name).lower() in _FOREIGN_IMAGES]
+    return sort_like_paths(found), {"loops": loops, "hidden": hidden, "forks": forks, "unlisted": unlisted,
+                                    "foreign": foreign}
 
 
 def _warn_passed_over(root: str | Path, passed_over: dict) -> None:
@@ -105,8 +118,9 @@ def _warn_passed_over(root: str | Path, passed_over: dict) -> None:
                     "PNG", root, len(foreign), foreign[0])
 
 
-def build_image_list(data: str | Path) -> list[Path]:
-    """Image paths of a folder (searched recursively, sorted) or of a .txt list (in its order).
+def build_image_list(data: str | Path) -> PathTable:
+    """Image paths of a folder (searched recursively, sorted) or of a .txt list (in its order), as a
+    :class:`PathTable` (a sequence of Paths that loader workers read without copying it).
 
     Entries are not opened here: one that is not a regular file (a FIFO, a device) or is too
     large is refused when read (:func:`lomar.data.decode.read_image_bytes`), skipped and counted.
@@ -127,10 +141,10 @@ def build_image_list(data: str | Path) -> list[Path]:
         except UnicodeDecodeError:
             raise ValueError(f"{path} is not a UTF-8 text list of image paths; pass a .txt with one path a line, "
                              f"or the folder of the images") from None
-        images = [Path(ln) if Path(ln).is_absolute() else path.parent / ln
-                  for ln in lines if ln and not ln.startswith("#")]
+        images = PathTable(Path(ln) if Path(ln).is_absolute() else path.parent / ln
+                           for ln in lines if ln and not ln.startswith("#"))
     else:
-        images = find_images(path)
+        images = _find_table(path)
         held_out = [name for name in ("val", "validation", "test") if (path / name).is_dir()]
         if (path / "train").is_dir() and held_out:  # ImageNet's root: its val images would be trained on too
             log.warning("%s holds train/ and %s/: every image under it is read, %s/ included; pass %s to leave "
@@ -149,9 +163,10 @@ class ImageListDataset(Dataset):
     Items: ``{"image": (3, S, S) float32 or None if unreadable, "path": str, **masker(gen)}``.
     """
 
-    def __init__(self, paths: list[Path], transform: PretrainTransform, seed: int = 0,
+    def __init__(self, paths: Sequence[Path], transform: PretrainTransform, seed: int = 0,
                  masker: Masker | None = None, repeats: int = 1, cache_decoded: bool = False):
-        self.paths, self.transform, self.seed, self.masker = list(paths), transform, seed, masker
+        self.paths = paths if isinstance(paths, PathTable) else PathTable(paths)  # see lomar.data.pathtable
+        self.transform, self.seed, self.masker = transform, seed, masker
         self.repeats = repeats  # the tiny demo set shows each photo several times per epoch
         # Decoded uint8 images kept per process (each loader worker fills its own): only for
         # small sets such as the demo, where decoding the same photos again dominates a step.
@@ -169,13 +184,13 @@ class ImageListDataset(Dataset):
         decode path of :mod:`lomar.data.fast_decode` reads and draws from."""
         index, epoch = sample_key(key)
         i = index % len(self.paths)
-        return i, str(self.paths[i]), sample_generator(self.seed, epoch, index)
+        return i, self.paths.text(i), sample_generator(self.seed, epoch, index)
 
     def _load(self, i: int) -> torch.Tensor:
         if self.decoded is None:
-            return load_image(self.paths[i])
+            return load_image(self.paths.text(i))
         if i not in self.decoded:
-            self.decoded[i] = load_image(self.paths[i])
+            self.decoded[i] = load_image(self.paths.text(i))
         return self.decoded[i]
 
 
@@ -202,7 +217,7 @@ def build_pretrain_dataset(data: str | None, img_size: int, seed: int = 0,
     return ImageListDataset(images, transform, seed, masker)
 
 
-def _check_listed(listing: Path, images: list[Path], first: int = 20) -> None:
+def _check_listed(listing: Path, images: Sequence[Path], first: int = 20) -> None:
     """ValueError when none of the first ``first`` paths of a .txt list exists: a list of another form (``path
     label`` lines) or read from another folder, which would otherwise be found out as a whole epoch of
     unreadable images. Some missing ones are skipped and counted when read, as any unreadable image."""
@@ -247,23 +262,27 @@ class LabelledImageFolder(Dataset):
             raise ValueError(f"{self.root} holds no class folders (ImageFolder layout: ROOT/CLASS/IMAGE)")
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         # searched class by class, said once for the split: a NAS's @eaDir in each of 1,000 class folders is one line
-        self.samples, passed_over = [], {"loops": 0, "hidden": [], "forks": 0, "unlisted": [], "foreign": []}
-        for i, name in enumerate(self.classes):
+        paths, counts, passed_over = [], [], {"loops": 0, "hidden": [], "forks": 0, "unlisted": [], "foreign": []}
+        for name in self.classes:
             found, passed = _search(self.root / name)
-            self.samples += [(path, i) for path in found]
+            paths += found
+            counts.append(len(found))
             for key, value in passed.items():
                 passed_over[key] += value
         _warn_passed_over(self.root, passed_over)
-        if not self.samples:
+        if not paths:
             raise ValueError(f"no images found in the class folders of {self.root}; "
                              f"supported extensions: {', '.join(IMAGE_EXTENSIONS)}")
-        self.targets = [label for _, label in self.samples]
+        # packed, not a list of (Path, label) tuples: each loader worker would copy the pages of the tuples it
+        # reads (lomar.data.pathtable); samples and targets, ImageFolder's lists, are made when asked for
+        self.paths = PathTable(paths)
+        self.labels = np.repeat(np.arange(len(self.classes), dtype=np.int64), counts)
         # what ImageFolder passes over without a word: images beside the class folders, classes without an image
         stray = sorted(e.name for e in os.scandir(self.root) if not e.is_dir() and is_image_name(e.name))
         if stray:
             log.warning("%s: %d image(s) outside the class folders, e.g. %s, are not used; move them into their "
                         "class folder (ImageFolder layout: ROOT/CLASS/IMAGE)", self.root, len(stray), stray[0])
-        seen = set(self.targets)
+        seen = set(np.unique(self.labels).tolist())
         if empty := [name for i, name in enumerate(self.classes) if i not in seen]:
             log.warning("%s: %d class folder(s) without an image, e.g. %s: no sample of that class here; add its "
                         "images or remove the folder", self.root, len(empty), empty[0])
@@ -282,22 +301,32 @@ class LabelledImageFolder(Dataset):
                              f"in {val.root}: {val_only}; give both splits the same class folders"
                              f"{unicode_forms_note(self.classes, val.classes)}")
 
+    @property
+    def samples(self) -> list[tuple[Path, int]]:
+        """ImageFolder's ``[(path, class index), ...]``, a new list each time."""
+        return list(zip(self.paths, self.targets))
+
+    @property
+    def targets(self) -> list[int]:
+        """ImageFolder's class index of every sample, a new list each time."""
+        return self.labels.tolist()
+
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple:
-        path, label = self.samples[index]
+        path, label = self.paths.text(index), int(self.labels[index])
         try:
             image = Image.fromarray(load_image(path).permute(1, 2, 0).numpy())  # what timm's transforms take
         except (ValueError, RuntimeError, OSError) as exc:
             if index not in self.warned:  # once per file and process: a finetuning reads it again every epoch
                 self.warned.add(index)
                 log.warning("skipped unreadable image %s", exc)
-            return None, label, str(path)
+            return None, label, path
         # Not under the except: a decoded image is no fault of the file, so a transform's error is a bug to see.
         # Counted as an unreadable image, an augmentation that fails 1 draw in 40 blamed that many files, and
         # stopped runs with "fix or remove them" once a tenth of the set had drawn it.
-        return (self.transform(image) if self.transform else image), label, str(path)
+        return (self.transform(image) if self.transform else image), label, path
 
 
 def classes_only_in(first: list[str], second: list[str]) -> tuple[list[str] | str, list[str] | str]:
