@@ -64,6 +64,7 @@ class TaskConfig:
             raise ConfigError("--config must be non-empty, got ''; pass a YAML file of settings, or drop --config")
         explicit = S.read_yaml(cls, Path(args.config)) if getattr(args, "config", None) else {}
         flags = {k: v for k, v in vars(args).items() if k in cls.__dataclass_fields__}
+        check_recorded_invocation(cls, explicit, getattr(args, "config", None), flags)
         in_file = {name: args.config for name in explicit.keys() - flags.keys()}  # to name where a setting came from
         explicit.update(flags)
         explicit.update(absolute_paths(cls, explicit))
@@ -262,6 +263,24 @@ def model_only_without_pretrained(config: Any, explicit: dict[str, Any]) -> None
     elif explicit.get("model") is not None:
         raise ConfigError(f"--model {explicit['model']} is the architecture of a random encoder, but --pretrained "
                           f"{config.pretrained} brings its own; drop --model (or --pretrained)")
+
+
+def check_recorded_invocation(cls: type, in_file: dict[str, Any], path: str | None, flags: dict[str, Any]) -> None:
+    """Refuse a run's config.yaml written by a lomar that recorded the invocation's per-invocation settings (all
+    before 5 Dec 2026): given back as --config, its ``overwrite: true`` replaced the run held in the new --out and
+    its ``resume: PATH`` branched off that checkpoint. A record holds every per-invocation setting and most others;
+    a hand-written file's ``overwrite: true`` is the user's and applies."""
+    declared = declarations(cls)
+    per_invocation = [name for name, s in declared.items() if s.resume == "per-invocation"]
+    if not set(per_invocation) <= in_file.keys() or len(in_file) < len(declared) // 2:
+        return
+    kept = [f"{name}: {str(value).lower() if isinstance(value := in_file[name], bool) else shown(value)}"
+            for name in per_invocation if name not in flags and in_file[name] != declared[name].default]
+    if kept:
+        raise ConfigError(f"{path} is a run's config.yaml written by an older lomar, which recorded that "
+                          f"invocation's {' and '.join(kept)} (it would replace the run held in --out, or resume "
+                          f"another run's checkpoint); delete {'those lines' if len(kept) > 1 else 'that line'} "
+                          f"from it, and give --overwrite or --resume on the command line when meant")
 
 
 def absolute_paths(cls: type, given: dict[str, Any]) -> dict[str, str]:
