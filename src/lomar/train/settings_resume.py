@@ -277,10 +277,12 @@ def check_recorded_invocation(cls: type, in_file: dict[str, Any], path: str | No
     kept = [f"{name}: {str(value).lower() if isinstance(value := in_file[name], bool) else shown(value)}"
             for name in per_invocation if name not in flags and in_file[name] != declared[name].default]
     if kept:
+        flags_named = " or ".join("--" + item.split(":")[0].replace("_", "-") for item in kept)
         raise ConfigError(f"{path} is a run's config.yaml written by an older lomar, which recorded that "
-                          f"invocation's {' and '.join(kept)} (it would replace the run held in --out, or resume "
-                          f"another run's checkpoint); delete {'those lines' if len(kept) > 1 else 'that line'} "
-                          f"from it, and give --overwrite or --resume on the command line when meant")
+                          f"invocation's {' and '.join(kept)} (given back as --config, it would act on this --out: "
+                          f"replace the run held there, or resume another run's checkpoint); delete "
+                          f"{'those lines' if len(kept) > 1 else 'that line'} from it, and give {flags_named} on the "
+                          f"command line when meant")
 
 
 def absolute_paths(cls: type, given: dict[str, Any]) -> dict[str, str]:
