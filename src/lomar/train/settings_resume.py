@@ -265,6 +265,15 @@ def model_only_without_pretrained(config: Any, explicit: dict[str, Any]) -> None
                           f"{config.pretrained} brings its own; drop --model (or --pretrained)")
 
 
+class ResumeMismatch(ConfigError):
+    """A setting given to a resume that differs from the run's: ``name``, both values as shown, ``source`` (the
+    checkpoint), for a caller that passed the setting itself (a study's cell) to say so its own way."""
+
+    def __init__(self, message: str, name: str, given: str, had: str, source: str):
+        super().__init__(message)
+        self.name, self.given, self.had, self.source = name, given, had, source
+
+
 def check_recorded_invocation(cls: type, in_file: dict[str, Any], path: str | None, flags: dict[str, Any]) -> None:
     """Refuse a run's config.yaml written by a lomar that recorded the invocation's per-invocation settings (all
     before 5 Dec 2026): given back as --config, its ``overwrite: true`` replaced the run held in the new --out and
@@ -310,8 +319,9 @@ def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[
         had = "the default (unset)" if values[name] is None else shown(values[name])  # not "None"
         given, fix = (f"{name}: {shown(value)} in {file}", f"remove it from {file}") if file else \
             (f"{flag} {shown(value)}", f"drop {flag}")
-        raise ConfigError(f"{given} differs from {had} in the run being resumed ({source}); "
-                          f"{fix} to continue the run, or start a new run with another --out")
+        raise ResumeMismatch(f"{given} differs from {had} in the run being resumed ({source}); "
+                             f"{fix} to continue the run, or start a new run with another --out",
+                             name, shown(value), had, source)
     values.update({k: v for k, v in explicit.items() if policy[k] in ("run-control", "per-invocation")})
     # a new --epochs is where the run now ends, not the old --max-steps; the same epochs of the --config file the
     # run started with, given again with --resume, are not (the run went on to the epochs' end)

@@ -384,3 +384,31 @@ def test_a_resumed_study_reads_past_the_torn_last_line_of_a_killed_runs_log(tmp_
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
     steps, seconds, loss = runner.read_progress(tmp_path, batch=4)
     assert (steps, seconds) == (3, 1.5) and loss == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+
+
+@pytest.mark.slow  # one cell of 1 step, then a refused re-run: ~5 s
+def test_a_cell_started_by_an_older_lomar_is_named_not_told_to_drop_a_flag(tmp_path, labelled):
+    """Before 3 Dec 2026 a steps budget left the lr schedule to the epochs: such a cell's checkpoint records no
+    schedule_steps (and its state no spec). Re-run, the study stopped with pretrain's '--schedule-steps 1 differs
+    ...; drop --schedule-steps', a flag the user never gave (measured with the study of 35c877b)."""
+    import torch
+
+    from lomar.errors import UsageError
+
+    out = tmp_path / "study"
+    settings = {k: v for k, v in TINY.items() if k != "epochs"}  # the budget's steps then lay the lr schedule
+    spec = _spec(labelled, budget="1steps", grid={"method": ["lomar"]}, random_init=False, settings=settings,
+                 eval={"metrics": ["knn"], "knn": {"k": 3}})
+    run_study(parse_spec(spec), out, log=lambda line: None)
+    cell = out / "cells" / "method-lomar_seed0"
+    for path in cell.glob("*.pt"):  # as the older lomar wrote them
+        checkpoint = torch.load(path, weights_only=False)
+        del checkpoint["config"]["schedule_steps"]
+        torch.save(checkpoint, path)
+    state = json.loads((cell / "study-state.json").read_text())
+    del state["spec"]
+    (cell / "study-state.json").write_text(json.dumps(state))
+    with pytest.raises(UsageError, match=f"^cell method-lomar_seed0 in {out} holds a run trained with schedule_steps: "
+                                         f"the default .unset. .{cell}/last.pt., which the spec as this lomar runs it "
+                                         f"gives 1: the cell was started by an older lomar.*delete {cell} to redo"):
+        run_study(parse_spec(spec), out, log=lambda line: None)

@@ -35,6 +35,7 @@ from lomar.cli.study.spec import (
     StudyFailed,
     StudySpec,
     StudyStopped,
+    cell_run_fits,
     parse_flags,
     settings_flags,
     stop_signals_seen,
@@ -157,7 +158,8 @@ class CellRun:
     def __init__(self, study: Study, cell: Cell, folder: Path, total: Budget, point_kind: str | None = None):
         self.study, self.cell, self.folder, self.total = study, cell, folder, total
         self.point_kind = point_kind  # record every point under this kind (the equal-steps copies)
-        config = cell_config(study.spec, cell, folder, check=True)
+        with cell_run_fits(cell.name, folder):
+            config = cell_config(study.spec, cell, folder, check=True)
         self.batch, per_epoch = config.batch_size * config.accum_steps, steps_per_epoch(config)
         self.end = config.epochs * per_epoch  # where the cell's own schedule ends
         if config.schedule_steps and self.end < config.schedule_steps and not cell.random_init:  # lr never annealed

@@ -41,6 +41,7 @@ from typing import Any
 
 from lomar.cli.suggest import suggest_flags
 from lomar.errors import LomarError, UsageError
+from lomar.train.settings_resume import ResumeMismatch
 from lomar.values import counted, is_integer
 from lomar.yaml_io import YAMLError, load_yaml
 
@@ -105,6 +106,20 @@ def stop_signals_seen() -> Iterator[list[int]]:
 class _Flags(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(message)
+
+
+@contextlib.contextmanager
+def cell_run_fits(name: str, folder: Path) -> Iterator[None]:
+    """A cell's run that the study's own settings for it do not continue, in one line for the study: pretrain's
+    'drop --schedule-steps' names a flag the study passes itself (a steps budget set no schedule_steps before
+    3 Dec 2026: such a cell has none recorded)."""
+    try:
+        yield
+    except ResumeMismatch as exc:
+        raise UsageError(f"cell {name} in {folder.parent.parent} holds a run trained with {exc.name}: {exc.had} "
+                         f"({exc.source}), which the spec as this lomar runs it gives {exc.given}: the cell was "
+                         f"started by an older lomar or under another spec; pass another --out, or delete {folder} "
+                         f"to redo that cell") from None
 
 
 def parse_flags(add_arguments: Callable[[argparse.ArgumentParser], None], argv: list[str]) -> argparse.Namespace:
