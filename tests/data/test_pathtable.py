@@ -30,13 +30,16 @@ def _growth_in_fork(read, indices) -> float:
             for i in indices:
                 read(i)
             os.write(w, f"{_private_mib() - before:.3f}".encode())
+        except BaseException as exc:  # noqa: BLE001 - said in the parent's failure, not lost with the child
+            os.write(w, f"the forked child failed: {exc!r}".encode())
         finally:
             os._exit(0)
     os.close(w)
     with os.fdopen(r) as pipe:
-        grown = float(pipe.read())
+        said = pipe.read()
     os.waitpid(pid, 0)
-    return grown
+    assert said.replace(".", "", 1).lstrip("-").isdigit(), said or "the forked child died without a word"
+    return float(said)
 
 
 def _copied_by_reading(read, count: int) -> float:
