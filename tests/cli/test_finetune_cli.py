@@ -179,8 +179,8 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, capsys, pretr
     fill_disk(monkeypatch)  # torch.save's zip writer meets ENOSPC part-way, as on a real disk
     capsys.readouterr()
     assert main([*_args(pretrained, folder, out), "--epochs", "2", "--max-steps", "2", "--resume", "auto"]) == 1
-    err = capsys.readouterr().err
-    assert "no space left" in err and "last.pt is intact" in err and err.count("\n") == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning:" not in line]  # the short warm-up's
+    assert len(err) == 1 and "no space left" in err[0] and "last.pt is intact" in err[0]
     monkeypatch.undo()
     assert (out / "last.pt").read_bytes() == before
     assert not [p for p in out.iterdir() if ".tmp" in p.name]

@@ -444,11 +444,11 @@ def test_a_warm_up_that_schedule_steps_set_is_not_blamed_on_epochs(tmp_path, cap
     out = tmp_path / "run"
     assert main(["pretrain", *TINY, "--data", str(image_dir), "--out", str(out), "--max-steps", "1",
                  "--schedule-steps", "40"]) == 0
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # a warning: stderr
     assert "inside its 10-step warm-up" in printed and "drop --epochs" not in printed
     assert "lower --schedule-steps" in printed
     assert main(["pretrain", "--out", str(out), "--resume", "auto", "--max-steps", "2"]) == 0
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # a warning: stderr
     assert "inside its 10-step warm-up" in printed and "drop --epochs" not in printed
     assert "a resumed run keeps its schedule: pass --max-steps 10 or more" in printed
 
