@@ -86,6 +86,8 @@ def test_classifier_pooling_and_a_new_grid(beit_run):
     big = load_pretrained_encoder(ckpt, img_size=48)  # 4x4 -> 6x6 patches: tables resized, (2·6-1)²+3 rows
     assert big.blocks[0].attn.relative_position_bias_table.shape[0] == 11 * 11 + 3
     assert "resized to the 6x6 grid" in big.load_report.summary()
+    step = torch.load(ckpt, weights_only=True)["step"]  # the step is said first, as for any other encoder
+    assert f"saved at step {step}; relative position tables resized" in big.load_report.summary()
     assert big.forward_features(torch.randn(1, 3, 48, 48)).shape == (1, 37, 32)
     with pytest.raises(ValueError, match="img_size=50 is not a multiple"):
         load_pretrained_encoder(ckpt, img_size=50)

@@ -92,14 +92,12 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     with torch.random.fork_rng(devices=[]):
         reader, src = read(path)
         weights = reader.timm_weights(src, heads) if isinstance(reader, BEiTReader) else reader.encoder(src, heads)
-    # a stopped run's checkpoint, which `lomar pretrain ... && lomar knn RUN` reaches too (a stop exits 0)
-    step = src.data.get("step") if is_integer(src.data.get("step")) else None
-    trained = [f"{path.parent} holds no export, so its run has not finished: loaded its last checkpoint, saved at "
-               f"step {step}" if unfinished else f"saved at step {step}"] if step is not None else []
+    trained = []  # a stopped run's checkpoint, which `lomar pretrain ... && lomar knn RUN` reaches too (a stop exits 0)
+    if is_integer(step := src.data.get("step")):
+        trained.append(f"{path.parent} holds no export, so its run has not finished: loaded its last checkpoint, "
+                       f"saved at step {step}" if unfinished else f"saved at step {step}")
     if isinstance(reader, BEiTReader):
-        model = _load_beit(weights, src, num_classes, global_pool, overrides)
-        model.load_report.notes[:0] = trained
-        return model
+        return _load_beit(weights, src, num_classes, global_pool, overrides, trained)
     config, state = weights.config, dict(weights.state)
     unknown = sorted(set(overrides) - set(ViTConfig.__dataclass_fields__))
     if unknown:
@@ -151,8 +149,9 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     return model
 
 
-def _load_beit(weights, src, num_classes: int, global_pool: str, overrides: dict):
-    """timm ``Beit`` from a BEiT source; ``overrides``: ``img_size``, ``drop_path`` (``num_heads`` is read).
+def _load_beit(weights, src, num_classes: int, global_pool: str, overrides: dict, notes: list[str]):
+    """timm ``Beit`` from a BEiT source; ``overrides``: ``img_size``, ``drop_path`` (``num_heads`` is read);
+    ``notes``: its ``load_report``'s first notes.
 
     ``num_classes > 0`` adds a fresh head: ``global_pool='avg'`` mean-pools the un-normed patch
     tokens into a fresh ``fc_norm`` (the final norm dropped: the original BEiT finetuning),
@@ -176,7 +175,7 @@ def _load_beit(weights, src, num_classes: int, global_pool: str, overrides: dict
     model = Beit(**args)
     state, dropped = drop_final_norm(weights.state) if args["global_pool"] == "avg" else (dict(weights.state), [])
     report = LoadReport(weights.source, str(src.path), loaded=len(weights.state) - len(dropped),
-                        dropped=weights.dropped + dropped)
+                        dropped=weights.dropped + dropped, notes=list(notes))
     patch = weights.timm_args.get("patch_size", 16)
     if img_size is not None and img_size % patch:
         raise ValueError(f"img_size={img_size} is not a multiple of the BEiT patch size {patch}; "
