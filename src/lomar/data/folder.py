@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from lomar.data.decode import IMAGE_EXTENSIONS, file_suffix, is_image_name, load_image
-from lomar.data.pathtable import PathTable, sort_like_paths
+from lomar.data.pathtable import PathTable, join_text, sort_like_paths
 from lomar.data.shards import TarShardDataset, is_shard_pattern, shard_paths
 from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator, sample_key
 
@@ -118,6 +118,23 @@ def _warn_passed_over(root: str | Path, passed_over: dict) -> None:
                     "PNG", root, len(foreign), foreign[0])
 
 
+def _without_junk(listing: Path, paths: list[str]) -> list[str]:
+    """``paths`` of a .txt list less macOS's ``._NAME`` files and what lies in thumbnail caches, said in one line: a
+    list written by ``find DIR -name '*.jpg'`` holds them as a folder search would meet them (an AppleDouble file
+    beside each photo copied from a Mac: half the list unreadable, and the run stopped at the 10 % rule)."""
+    marks = (f"{os.sep}._", *(f"{os.sep}{name}{os.sep}" for name in THUMBNAIL_FOLDERS))
+    whole = os.sep + f"\n{os.sep}".join(paths)  # one search of the whole list: the usual list holds none
+    if not any(mark in whole for mark in marks):
+        return paths
+    junk = [i for i, text in enumerate(paths) if (os.sep + text).rpartition(os.sep)[2].startswith("._")
+            or any(mark in os.sep + text for mark in marks[1:])]
+    if junk:
+        log.warning("%s: %d line(s) name macOS metadata files (._NAME) or thumbnails (%s), e.g. %s; left out, as a "
+                    "folder search leaves them out", listing, len(junk), ", ".join(THUMBNAIL_FOLDERS), paths[junk[0]])
+    left_out = set(junk)
+    return [text for i, text in enumerate(paths) if i not in left_out]
+
+
 def build_image_list(data: str | Path) -> PathTable:
     """Image paths of a folder (searched recursively, sorted) or of a .txt list (in its order), as a
     :class:`PathTable` (a sequence of Paths that loader workers read without copying it).
@@ -141,8 +158,9 @@ def build_image_list(data: str | Path) -> PathTable:
         except UnicodeDecodeError:
             raise ValueError(f"{path} is not a UTF-8 text list of image paths; pass a .txt with one path a line, "
                              f"or the folder of the images") from None
-        images = PathTable(Path(ln) if Path(ln).is_absolute() else path.parent / ln
-                           for ln in lines if ln and not ln.startswith("#"))
+        folder = str(path.parent)
+        listed = [join_text(folder, ln) for ln in lines if ln and not ln.startswith("#")]
+        images = PathTable(_without_junk(path, listed))
     else:
         images = _find_table(path)
         held_out = [name for name in ("val", "validation", "test") if (path / name).is_dir()]

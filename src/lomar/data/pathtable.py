@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["PathTable", "sort_like_paths"]
+__all__ = ["PathTable", "sort_like_paths", "join_text"]
 
 
 class PathTable(Sequence):
@@ -62,3 +62,18 @@ def sort_like_paths(paths: Iterable[str]) -> list[str]:
     other character ("a/b" before "a-c", as the component "a" is before "a-c"). A million paths sort in a second
     here, where building and sorting Path objects took about a minute on a 2-core machine."""
     return sorted(dict.fromkeys(paths), key=lambda text: text.replace(os.sep, "\0"))
+
+
+def join_text(folder: str, text: str) -> str:
+    """``str(Path(text))`` when ``text`` is absolute, else ``str(Path(folder) / text)`` (``folder`` already normalised,
+    as ``str(Path(...))`` gives it), without building a Path for a name that needs no normalising: a .txt list of
+    1.28M lines took 14.5 s of CPU through two Paths a line (2-core machine)."""
+    if os.sep != "/" or os.altsep:  # Windows' drives and separators: pathlib's rules
+        return str(Path(text)) if Path(text).is_absolute() else str(Path(folder) / text)
+    while text.startswith("./"):  # find . > list.txt writes every line so
+        text = text[2:].lstrip("/")
+    if not text or text == "." or "//" in text or "/./" in text or text.endswith(("/", "/.")):
+        return str(Path(text)) if text.startswith("/") else str(Path(folder) / text)
+    if text.startswith("/") or folder == ".":
+        return text
+    return (folder if folder.endswith("/") else folder + "/") + text
