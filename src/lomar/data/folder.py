@@ -69,7 +69,8 @@ def _find_table(root: str | Path) -> PathTable:
 
 def _search(root: str | Path) -> tuple[list[str], dict]:
     """(``str`` of :func:`find_images`'s paths, what it passed over: {"loops": int, "hidden": [Path], "forks": int,
-    "unlisted": [OSError], "foreign": [Path]}), for :func:`_warn_passed_over` to say once for any number of searches."""
+    "unlisted": [OSError], "foreign": [Path]}), for :func:`_warn_passed_over` to say once for any number of searches;
+    and under "folders" [((st_dev, st_ino), folder)] of each folder searched, for class folders to compare."""
     found: list[str] = []
     # A link to an ancestor of root leads back into root (a class folder's link to the ImageFolder root
     # would give that class every other class's images): searched already, as root itself is.
@@ -78,6 +79,7 @@ def _search(root: str | Path) -> tuple[list[str], dict]:
     unlisted: list[OSError] = []  # os.walk passes over a folder it cannot list (no permission) without a word
     hidden: list[Path] = []  # sub-folders named _NOT_SEARCHED
     foreign: list[Path] = []  # photos in formats lomar does not decode
+    folders: list[tuple[tuple[int, int], str]] = []
     for folder, dirs, files in os.walk(root, followlinks=True, onerror=unlisted.append):
         info = os.stat(folder)
         if (info.st_dev, info.st_ino) in seen:
@@ -85,6 +87,7 @@ def _search(root: str | Path) -> tuple[list[str], dict]:
             dirs[:] = []
             continue
         seen.add((info.st_dev, info.st_ino))
+        folders.append(((info.st_dev, info.st_ino), folder))
         hidden += [Path(folder) / name for name in dirs if name.startswith(_NOT_SEARCHED)]
         dirs[:] = sorted(name for name in dirs if not name.startswith(_NOT_SEARCHED))
         forks += sum(name.startswith("._") and is_image_name(name[2:]) for name in files)  # see is_image_name
@@ -96,7 +99,7 @@ def _search(root: str | Path) -> tuple[list[str], dict]:
         found.extend(prefix + name for name in files if is_image_name(name))  # dangling links land here
         foreign += [Path(folder) / name for name in sorted(files) if file_suffix(name).lower() in _FOREIGN_IMAGES]
     return sort_like_paths(found), {"loops": loops, "hidden": hidden, "forks": forks, "unlisted": unlisted,
-                                    "foreign": foreign}
+                                    "foreign": foreign, "folders": folders}
 
 
 def _warn_passed_over(root: str | Path, passed_over: dict) -> None:
@@ -281,13 +284,23 @@ class LabelledImageFolder(Dataset):
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         # searched class by class, said once for the split: a NAS's @eaDir in each of 1,000 class folders is one line
         paths, counts, passed_over = [], [], {"loops": 0, "hidden": [], "forks": 0, "unlisted": [], "foreign": []}
+        self.folders: dict[tuple[int, int], tuple[str, str]] = {}  # each folder searched: (its class, its path)
+        shared: dict[tuple[str, str], tuple[str, str]] = {}  # (class, a later class) -> (a folder, its link)
         for name in self.classes:
             found, passed = _search(self.root / name)
+            for key, folder in passed.pop("folders"):
+                if (first := self.folders.setdefault(key, (name, folder)))[0] != name:
+                    shared.setdefault((first[0], name), (first[1], folder))
             paths += found
             counts.append(len(found))
             for key, value in passed.items():
                 passed_over[key] += value
         _warn_passed_over(self.root, passed_over)
+        if shared:  # a link from one class folder to another's (torchvision's ImageFolder follows it without a word)
+            (first, second), (folder, link) = next(iter(shared.items()))
+            log.warning("%s: %d pair(s) of class folders reach one folder through a link, e.g. %s (class %s) is %s "
+                        "(class %s): its images are samples of both classes, under two labels; remove the link, or "
+                        "copy the images that belong to both", self.root, len(shared), link, second, folder, first)
         if not paths:
             raise ValueError(f"no images found in the class folders of {self.root}; "
                              f"supported extensions: {', '.join(IMAGE_EXTENSIONS)}")
@@ -313,6 +326,10 @@ class LabelledImageFolder(Dataset):
 
     def check_same_classes(self, val: LabelledImageFolder) -> None:
         """ValueError naming the class folders that only one of the two splits holds: labels are indices."""
+        if common := self.folders.keys() & val.folders.keys():  # val/cat linked to train/cat: scored on trained images
+            example = val.folders[next(iter(common))][1]
+            log.warning("%s and %s share %d folder(s) through links, e.g. %s: their images are trained on and scored; "
+                        "give the held-out split images of its own", self.root, val.root, len(common), example)
         if self.classes != val.classes:
             train_only, val_only = classes_only_in(self.classes, val.classes)
             raise ValueError(f"train and val class folders differ: only in {self.root}: {train_only}, only "
