@@ -62,3 +62,43 @@ def test_class_folders_reaching_one_folder_through_a_link_are_said(tmp_path, cap
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path / 'train'} and {tmp_path / 'val'} share 1 folder(s) through links, e.g. {tmp_path / 'val' / 'dog'}:"
         f" their images are trained on and scored; give the held-out split images of its own"]
+
+
+def _shard(path: Path, members: int = 2) -> bytes:
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (24, 24), "red").save(out, format="JPEG")
+    with tarfile.open(path, "w") as archive:
+        for i in range(members):
+            info = tarfile.TarInfo(f"{i:04d}.jpg")
+            info.size = len(out.getvalue())
+            archive.addfile(info, io.BytesIO(out.getvalue()))
+    return path.read_bytes()
+
+
+def test_gzipped_shards_are_read_and_bzip2_or_xz_ones_refused_in_one_line(tmp_path):
+    import bz2
+    import gzip
+    import lzma
+
+    import pytest
+
+    from lomar.data.folder import build_pretrain_dataset
+
+    plain = _shard(tmp_path / "plain.tar")
+    (tmp_path / "s-000.tar.gz").write_bytes(gzip.compress(plain))
+    (tmp_path / "s-001.tgz").write_bytes(gzip.compress(plain))
+    for data in (str(tmp_path / "s-*.tar.gz"), str(tmp_path / "s-001.tgz"), str(tmp_path / "s-{000..000}.tar.gz")):
+        dataset = build_pretrain_dataset(data, 16)
+        assert dataset.count_samples() == 2 and not dataset.damaged, data  # decoding: as for a plain shard
+    (tmp_path / "b.tar").write_bytes(bz2.compress(plain))  # a compressed shard named .tar: tarfile reads it unsaid
+    (tmp_path / "x.tar.xz").write_bytes(lzma.compress(plain))
+    for data, kind, command in ((tmp_path / "b.tar", "bzip2", "bunzip2 -c"), (tmp_path / "x.tar.xz", "xz", "xz -dc")):
+        with pytest.raises(ValueError, match=rf"^tar shard {data} is {kind}-compressed, whose decompression costs .* "
+                                             rf"decoding its images, each epoch and again at every start; decompress "
+                                             rf"it \({command} {data} > NEW.tar\), or gzip the tar"):
+            build_pretrain_dataset(str(data), 16)

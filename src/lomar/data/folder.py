@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from lomar.data.decode import IMAGE_EXTENSIONS, file_suffix, is_image_name, load_image
 from lomar.data.pathtable import PathTable, join_text, sort_like_paths
-from lomar.data.shards import TarShardDataset, is_shard_pattern, shard_paths
+from lomar.data.shards import SHARD_SUFFIXES, TarShardDataset, is_shard_pattern, shard_paths
 from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator, sample_key
 
 __all__ = ["demo_image_paths", "find_images", "build_image_list", "ImageListDataset", "build_pretrain_dataset",
@@ -171,8 +171,8 @@ def build_image_list(data: str | Path) -> PathTable:
             log.warning("%s holds train/ and %s/: every image under it is read, %s/ included; pass %s to leave "
                         "the held-out images out", path, held_out[0], held_out[0], path / "train")
     if not images:
-        shards = path.is_dir() and any(path.glob("*.tar"))
-        hint = (f"for tar shards pass a pattern such as {path / '*.tar'}" if shards
+        shards = [suffix for suffix in SHARD_SUFFIXES if path.is_dir() and any(path.glob(f"*{suffix}"))]
+        hint = (f"for tar shards pass a pattern such as {path / ('*' + shards[0])}" if shards
                 else f"supported extensions: {', '.join(IMAGE_EXTENSIONS)}")
         raise ValueError(f"no images found in {path}; {hint}")
     return images
