@@ -102,3 +102,21 @@ def test_gzipped_shards_are_read_and_bzip2_or_xz_ones_refused_in_one_line(tmp_pa
                                              rf"decoding its images, each epoch and again at every start; decompress "
                                              rf"it \({command} {data} > NEW.tar\), or gzip the tar"):
             build_pretrain_dataset(str(data), 16)
+
+
+def test_the_not_searched_warning_gives_the_rename_advice_only_for_a_hidden_folder(tmp_path, caplog):
+    from lomar.data.folder import find_images
+
+    for name in ("a.jpg", "@eaDir/a.jpg/SYNOPHOTO_THUMB_M.jpg", "z/.thumbnails/a.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    with caplog.at_level(logging.WARNING, logger="lomar.data"):
+        find_images(tmp_path)
+        (tmp_path / "z" / ".thumbnails" / "a.png").unlink()
+        (tmp_path / "z" / ".thumbnails").rmdir()
+        find_images(tmp_path)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path}: 2 hidden or thumbnail folder(s) not searched, e.g. {tmp_path / 'z' / '.thumbnails'} (name it "
+        f"without a leading '.' to use its images)",
+        f"{tmp_path}: 1 hidden or thumbnail folder(s) not searched, e.g. {tmp_path / '@eaDir'} (thumbnails a NAS or a "
+        f"macOS zip made of the photos)"]

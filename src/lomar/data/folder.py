@@ -108,9 +108,12 @@ def _warn_passed_over(root: str | Path, passed_over: dict) -> None:
     if loops:
         log.warning("%s: %d symlinked folder(s) lead to a folder already searched (a loop or a duplicate); "
                     "searched once", root, loops)
-    if hidden:
-        log.warning("%s: %d hidden or thumbnail folder(s) not searched, e.g. %s (name it without a leading '.' to "
-                    "use its images)", root, len(hidden), hidden[0])
+    if hidden:  # a hidden folder is the example when there is one: renaming it is advice only it can take
+        example = next((path for path in hidden if path.name.startswith(".")), hidden[0])
+        advice = ("name it without a leading '.' to use its images" if example.name.startswith(".") else
+                  "thumbnails a NAS or a macOS zip made of the photos")
+        log.warning("%s: %d hidden or thumbnail folder(s) not searched, e.g. %s (%s)", root, len(hidden), example,
+                    advice)
     if forks:
         log.warning("%s: %d macOS metadata file(s) named ._IMAGE skipped (AppleDouble, not images)", root, forks)
     if unlisted:
