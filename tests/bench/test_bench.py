@@ -8,7 +8,7 @@ import torch
 from lomar.bench import timing
 from lomar.bench.timing import build_runner
 from lomar.cli.app import main
-from lomar.windows import paper_windows
+from lomar.window_counts import paper_windows
 
 CPU = torch.device("cpu")
 

@@ -17,7 +17,7 @@ from lomar.models.masking import MaskingPlan, sample_plan
 from lomar.models.vit import model_config
 from lomar.models.windows import sample_method_plan, window_geometry, with_block_masks
 from lomar.tokenizers import KMeansTokenizer
-from lomar.windows import parse_windows
+from lomar.window_counts import parse_windows
 
 CFG = dict(img_size=48, patch_size=8, embed_dim=32, depth=2, num_heads=2, vocab_size=16, drop_path_rate=0.0)
 

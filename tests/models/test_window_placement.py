@@ -11,7 +11,7 @@ import yaml
 
 from lomar.cli.app import main
 from lomar.models.masking import max_windows, sample_plan
-from lomar.windows import PAPER_COUNTS, paper_windows, windows_source
+from lomar.window_counts import PAPER_COUNTS, paper_windows, windows_source
 
 
 def test_permutation_windows_never_share_a_row_or_a_column():

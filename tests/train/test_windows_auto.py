@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from lomar.cli.app import main
-from lomar.windows import paper_windows
+from lomar.window_counts import paper_windows
 
 
 def _print_config(tmp_path, capsys, *args: str) -> tuple[dict, str]:

@@ -6,7 +6,7 @@ reporting medians, FLOPs counted by ``torch.utils.flop_counter`` and the share o
 GEMM's FLOP/s (measured in the same run, same dtype) the step achieves.
 
 Window settings: ``paper`` uses the paper's windows per image, 4 at 224 px, 6 at 384 and 9 at
-448, and ``--windows auto``'s rule at other sizes (:func:`lomar.windows.paper_windows`: linear in
+448, and ``--windows auto``'s rule at other sizes (:func:`lomar.window_counts.paper_windows`: linear in
 the grid's area between those points, in proportion to it outside, e.g. 20 at 672 and 36 at 896).
 An integer N uses N windows at every size: LoMaR's cost is then independent of the image size.
 
@@ -31,7 +31,7 @@ from lomar.methods import names
 from lomar.train import settings as S
 from lomar.train.runtime import retain_freed_memory
 from lomar.train.settings import Setting, add_settings
-from lomar.windows import paper_windows
+from lomar.window_counts import paper_windows
 
 __all__ = ["add_arguments", "run"]
 

@@ -44,7 +44,7 @@ class Method:
     name: str
     default_mask_ratio: float | None
     default_pos: str
-    default_windows: int | None  # for --windows auto; None = the paper's rule (lomar.windows.paper_windows)
+    default_windows: int | None  # for --windows auto; None = the paper's rule (lomar.window_counts.paper_windows)
     validate: Callable[[Any, tuple[int, int]], None]  # ValueError naming the fix
     build: Callable[[Any, Any], torch.nn.Module]  # (config, ViTConfig) -> the training model; no I/O but reads
     masker: Callable[[Any, tuple[int, int]], Masker]  # per-sample draw in the data workers: gen -> {name: tensor}

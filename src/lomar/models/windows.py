@@ -15,7 +15,7 @@ import torch
 
 from lomar.models.blockmask import BlockMaskGenerator, window_blockmask_args
 from lomar.models.masking import MaskingPlan, sample_plan
-from lomar.windows import GLOBAL_WINDOWS
+from lomar.window_counts import GLOBAL_WINDOWS
 
 __all__ = ["window_geometry", "with_block_masks", "sample_method_plan"]
 

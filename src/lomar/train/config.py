@@ -21,7 +21,7 @@ from lomar.train import settings as S
 from lomar.train.config_checks import check_data, check_decode, check_fsdp, check_method_settings, parse_share
 from lomar.train.settings import ConfigError
 from lomar.train.settings_resume import TaskConfig, check_min_lr, check_warmup
-from lomar.windows import WINDOWS_RULE, paper_windows, parse_windows, windows_source
+from lomar.window_counts import WINDOWS_RULE, paper_windows, parse_windows, windows_source
 
 if TYPE_CHECKING:
     from lomar.models.vit import ViTConfig
@@ -287,7 +287,7 @@ def __getattr__(name: str):
 def resolve_windows(config: PretrainConfig) -> int:
     """``config.windows`` as a count (0 = the whole image): a number as given; ``auto`` (or None)
     is the method's default (``Method.default_windows``; None there = the paper's rule at this image
-    and patch size, :func:`lomar.windows.paper_windows`). ConfigError otherwise."""
+    and patch size, :func:`lomar.window_counts.paper_windows`). ConfigError otherwise."""
     value = config.windows
     if value is None or value == "auto":
         default = get_method(config.method).default_windows

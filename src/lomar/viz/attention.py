@@ -25,7 +25,7 @@ from lomar.models.masking import num_masked, window_token_index
 from lomar.models.rpe import bucket_table
 from lomar.models.vit import Attention, VisionTransformer
 from lomar.viz.reconstruction import save_figure
-from lomar.windows import PAPER_WINDOW
+from lomar.window_counts import PAPER_WINDOW
 
 __all__ = ["attention_probs", "beit_attention_probs", "block_attention", "WindowAttention", "default_window",
            "attention_request", "window_attention", "attention_figure", "draw_attention"]
@@ -103,7 +103,7 @@ class WindowAttention:
 
 def default_window(model, grid: tuple[int, int]) -> int:
     """K of the attention window when none is asked for: a LoMaR model's own window size, else
-    :data:`lomar.windows.PAPER_WINDOW` (the paper's K) capped to the patch grid (a small model's grid may hold
+    :data:`lomar.window_counts.PAPER_WINDOW` (the paper's K) capped to the patch grid (a small model's grid may hold
     less)."""
     return model.window_size if isinstance(model, LoMaR) else min(PAPER_WINDOW, *grid)
 

@@ -31,7 +31,7 @@ from typing import Any
 from lomar.cli.study.spec import Budget, StudySpec, parse_budget, parse_flags, parse_spec
 from lomar.errors import UsageError
 from lomar.train.config import add_config_arguments, method_recipe, resolve_config
-from lomar.windows import PAPER_WINDOW_SIZES
+from lomar.window_counts import PAPER_WINDOW_SIZES
 
 __all__ = ["PRESETS", "PAPER_PRESETS", "SCALES", "build_preset", "describe", "scaled_windows", "digits_data",
            "method_available"]
