@@ -40,6 +40,7 @@ from lomar.data.collate import LabelledBatch, Skipped, refilled, split_skipped
 from lomar.data.decode import load_image, max_image_pixels
 from lomar.data.jitter import eval_transforms, train_transforms
 from lomar.data.polygons import fit_polygons
+from lomar.data.records import IntTable, PackedRecords
 from lomar.data.transforms import sample_generator, sample_key
 from lomar.errors import UsageError
 from lomar.values import brief
@@ -312,29 +313,37 @@ class _Skipped(Exception):
 class CocoInstances(CocoDetection):
     """``CocoDetection`` over a checked :class:`CocoSplit` (not re-read from disk), category ids
     mapped to contiguous labels 1..K (0 is torchvision's background), images read by
-    :func:`lomar.data.decode.load_image`."""
+    :func:`lomar.data.decode.load_image`. Each image's file, size and annotations are one pickled record
+    (:class:`~lomar.data.records.PackedRecords`), not pycocotools' index of Python objects, which every loader
+    worker would come to copy; the targets are those ``CocoDetection`` gives (its annotations in file order)."""
 
     def __init__(self, split: CocoSplit, transforms=None):
         VisionDataset.__init__(self, str(split.root), transforms=transforms)
-        self.coco = split.coco()
-        self.ids = [image["id"] for image in split.data["images"]]
-        self.label_of = {cat: i + 1 for i, cat in enumerate(split.categories)}
+        label_of = {cat: i + 1 for i, cat in enumerate(split.categories)}
+        by_image = {image["id"]: [] for image in split.data["images"]}
+        for ann in split.data["annotations"]:
+            if ann["image_id"] in by_image:
+                by_image[ann["image_id"]].append({**ann, "category_id": label_of[ann["category_id"]]})
+        self.records = PackedRecords((image["file_name"], image["width"], image["height"], by_image[image["id"]])
+                                     for image in split.data["images"])
+        self.ids = IntTable(image["id"] for image in split.data["images"])  # the v2 wrapper reads ids[index]
         self.source = split.path
 
-    def _load_image(self, id: int) -> tv_tensors.Image:  # noqa: A002 (torchvision's signature)
-        info = self.coco.loadImgs(id)[0]
+    def _read_image(self, file_name, width, height) -> tv_tensors.Image:
+        path = Path(self.root) / file_name
         try:
-            image = load_image(Path(self.root) / info["file_name"])
+            image = load_image(path)
         except ValueError as exc:
             raise _Skipped(str(exc)) from None
-        height, width = image.shape[-2:]
-        if (height, width) != (round(info["height"]), round(info["width"])):
-            raise _Skipped(f"{Path(self.root) / info['file_name']} is {width}x{height} upright, but {self.source} "
-                           f"gives it {info['width']}x{info['height']}: its annotations would not fit")
+        if tuple(image.shape[-2:]) != (round(height), round(width)):
+            raise _Skipped(f"{path} is {image.shape[-1]}x{image.shape[-2]} upright, but {self.source} gives it "
+                           f"{width}x{height}: its annotations would not fit")
         return tv_tensors.Image(image)
 
-    def _load_target(self, id: int) -> list[dict]:  # noqa: A002 (torchvision's signature)
-        return [{**a, "category_id": self.label_of[a["category_id"]]} for a in super()._load_target(id)]
+    def __getitem__(self, index: int) -> tuple:
+        file_name, width, height, target = self.records[index]
+        image = self._read_image(file_name, width, height)
+        return (image, target) if self.transforms is None else self.transforms(image, target)
 
 
 class DetectionSamples(Dataset):

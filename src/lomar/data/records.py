@@ -1,0 +1,69 @@
+"""Per-item records (a COCO image's file, size and annotations) pickled into one byte buffer and an offset array.
+
+The reason is :mod:`lomar.data.pathtable`'s: loader workers are forked from the process that read the data, and a
+worker that reads a Python object writes its reference count (and a garbage collection writes every container's
+header), so each worker comes to copy the pages of every record it reads. COCO's annotations are millions of objects
+(each polygon a list of floats): a worker reading the targets of 30k synthetic COCO images (208k objects) grew to
+505 MiB private memory over one pass, which is about 2 GiB per worker on train2017 (118k images), times the workers
+and the processes. A record here is unpickled anew at each read, and the buffer it comes from is never written, so
+the workers' pages stay the parent's (detectron2's ``DatasetFromList(serialize=True)`` does the same).
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["PackedRecords", "IntTable"]
+
+
+class PackedRecords(Sequence):
+    """An immutable sequence of picklable records; ``records[i]`` is a fresh copy of the i-th (equal to it, as
+    pickling keeps floats, ints, strings, lists and dicts exactly)."""
+
+    def __init__(self, records: Iterable[Any] = ()):
+        blobs = [pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL) for record in records]
+        self._offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs)), out=self._offsets[1:])
+        self._buffer = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return PackedRecords(self[i] for i in range(*index.indices(len(self))))
+        size, i = len(self), int(index)
+        i = i + size if i < 0 else i
+        if not 0 <= i < size:
+            raise IndexError(f"record index {index} out of range for {size} records")
+        return pickle.loads(memoryview(self._buffer[self._offsets[i]:self._offsets[i + 1]]))
+
+    def __repr__(self) -> str:
+        return f"PackedRecords({len(self)} records, {self._buffer.nbytes} bytes)"
+
+
+class IntTable(Sequence):
+    """Integers (ids) in one numpy array; ``table[i]`` is a Python ``int``, as a list of them would give. Ids beyond
+    64 bits (JSON has no limit) are kept as Python ints, as few as a dataset has images."""
+
+    def __init__(self, values: Iterable[int] = ()):
+        values = list(values)
+        try:
+            self._values = np.array(values, dtype=np.int64)
+        except OverflowError:
+            self._values = np.array(values, dtype=object)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return IntTable(self._values[index].tolist())
+        return int(self._values[index])
+
+    def __repr__(self) -> str:
+        return f"IntTable({len(self)} values)"
