@@ -276,6 +276,21 @@ def test_a_finished_run_resumed_says_where_it_ends_and_why(tmp_path, capsys):
         "whichever ends first)")
 
 
+def test_a_finished_run_resumed_leaves_its_folder_as_it_is(tmp_path):
+    # "nothing to do" rewrote config.yaml (recording the resume's run-control flags) and metrics.jsonl
+    out = tmp_path / "run"
+    assert run(ToyConfig(out=str(out)), ToyTask) == 0
+
+    def files():
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()
+                if p.is_file() and p.name != ".lock"}
+
+    before = files()
+    assert {"config.yaml", "metrics.jsonl", "last.pt"} <= before.keys()
+    assert run(ToyConfig(out=str(out), resume="auto", max_steps=20, log_every=7), ToyTask) == 0
+    assert files() == before
+
+
 @pytest.mark.parametrize("settings, end, by, fix", [(dict(max_steps=5), 5, "--max-steps 5", "--max-steps 8"),
                                                     (dict(epochs=1), 4, "--epochs 1 of 4 steps", "--epochs 2")])
 def test_a_resume_whose_settings_end_before_the_runs_step_is_refused(tmp_path, settings, end, by, fix):

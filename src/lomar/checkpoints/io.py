@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
 import os
 import re
+import shutil
 import stat
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, BinaryIO
 
@@ -29,7 +31,7 @@ from lomar.errors import ANSI_ESCAPE, UsageError
 
 __all__ = ["check_finite", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_save", "safe_load",
            "describe_file", "quiet_pickle_protocol", "write_error", "open_in_place", "read_in_place",
-           "FILE_MODE"]
+           "read_log", "refuse_link", "remove_tree", "mismatch", "FILE_MODE"]
 
 # Exports and checkpoints are meant to be shared: rw-r--r-- whatever mkstemp-like defaults say.
 FILE_MODE = 0o644
@@ -82,15 +84,51 @@ def open_in_place(path: str | Path, mode: str = "r", **text) -> IO:
         return os.fdopen(fd, mode, **text)
     if fd is not None:
         os.close(fd)
-    link = os.path.islink(path)
-    what = f"a symbolic link (to {os.readlink(path)})" if link else "not a regular file (a pipe or device)"
-    raise UsageError(f"{path} is {what}, which lomar does not write or read through; remove it, or use another folder")
+    raise _not_in_place(path, "not a regular file (a pipe or device)")
+
+
+def _not_in_place(path: str | Path, what: str) -> UsageError:
+    """The refusal of ``path``, which is ``what`` (unless a symbolic link: then that, and where it points)."""
+    if os.path.islink(path):
+        what = f"a symbolic link (to {os.readlink(path)})"
+    return UsageError(f"{path} is {what}, which lomar does not write or read through; remove it, or use another folder")
 
 
 def read_in_place(path: str | Path, errors: str = "replace") -> str:
     """The text of ``path``, opened as :func:`open_in_place` opens it; ``errors``: ``open``'s."""
     with open_in_place(path, errors=errors) as handle:
         return handle.read()
+
+
+def read_log(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """(line, record) for each line of a run's JSON-lines log (``metrics.jsonl``, ``knn.jsonl``) that holds a JSON
+    object with an integer ``step``, the line without its end; opened as :func:`open_in_place` opens it. A line at a
+    time: a single-GPU ImageNet run logs 8 million steps. Any other line is skipped: a killed run can leave its last
+    line torn, even mid-character; the resume (lomar.train.run_state), the loss curve (lomar.viz.curves) and the
+    study's readers (lomar.train.monitor) all read the log through this one parser."""
+    with open_in_place(path, encoding="utf-8", errors="replace") as handle:
+        for text in handle:
+            line = text.rstrip("\n")
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                yield line, record
+
+
+def refuse_link(path: str | Path) -> None:
+    """UsageError naming ``path`` when it is a symbolic link: in a folder lomar writes into but may not have made (a
+    run folder from elsewhere) it neither writes nor reads through one, nor removes what one points to."""
+    if os.path.islink(path):
+        raise _not_in_place(path, "")
+
+
+def remove_tree(path: str | Path, ignore_errors: bool = False) -> None:
+    """``shutil.rmtree(path, ignore_errors)`` of one of lomar's folders in a run folder: :func:`refuse_link` first,
+    as rmtree refuses a link with a traceback (with ``ignore_errors``, silently: it stays, taken for a checkpoint)."""
+    refuse_link(path)
+    shutil.rmtree(path, ignore_errors=ignore_errors)
 
 
 def write_error(exc: BaseException, path: str | Path) -> OSError | None:
@@ -177,6 +215,13 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu", mmap: 
     if not isinstance(data, dict):
         raise ValueError(f"checkpoint {path} holds a {type(data).__name__}, expected a dict")
     return data
+
+
+def mismatch(exc: Exception) -> str:
+    """What a failed ``load_state_dict`` says differs, in one line: torch's first line is only a header
+    ("Error(s) in loading state_dict for …:"), the first difference follows it."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    return lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
 
 
 def check_finite(model: torch.nn.Module, path: str | Path) -> None:

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lomar.checkpoints.io import atomic_save, atomic_write_text, safe_load, write_error
+from lomar.checkpoints.io import atomic_save, atomic_write_text, refuse_link, remove_tree, safe_load, write_error
 from lomar.checkpoints.sharded import check_metadata, consolidate, safe_planner, safe_reader
 from lomar.errors import FULL_DISK, UNWRITABLE, UsageError
 from lomar.train.run_state import LAST_POINTER, SaveError, checkpoints_to_prune
@@ -137,8 +137,10 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
 
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
-    if dist.get_rank() == 0 and tmp.exists():
-        shutil.rmtree(tmp)  # a crash during an earlier save
+    if dist.get_rank() == 0:
+        refuse_link(directory)  # a link of its name would be moved aside, then removed
+        if tmp.exists() or tmp.is_symlink():
+            remove_tree(tmp)  # a crash during an earlier save
     dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     failure: BaseException | None = None
@@ -203,7 +205,7 @@ def save_run_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, meta
         atomic_write_text(out / LAST_POINTER, json.dumps({"checkpoint": path.name, "step": step}) + "\n")
         for old in checkpoints_to_prune(list(out.glob("checkpoint-*.dcp")), keep_last):
             if old.name != path.name:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_tree(old, ignore_errors=True)
     dist.barrier()
     return path
 

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from lomar.checkpoints.io import safe_load
+from lomar.checkpoints.io import mismatch, safe_load
 from lomar.errors import LomarError, UsageError
 from lomar.train.distributed import DistInfo, any_rank, cleanup_distributed, init_distributed
 from lomar.train.fsdp import load_sharded, save_run_checkpoint
@@ -37,7 +37,6 @@ from lomar.train.run_state import (
     RunLock,
     auto_resume,
     check_no_rewind,
-    mismatch,
     prepare_run_folder,
     save_checkpoint,
     save_on_main_rank,
@@ -380,7 +379,8 @@ def run(config, make_task: Callable[..., Task]) -> int:
         except (ValueError, FileNotFoundError) as exc:
             raise UsageError(str(exc)) from None
         if info.is_main:
-            prepare_run_folder(config, task, resume, trainer.p.step, trainer.p.epoch)
+            prepare_run_folder(config, task, resume, trainer.p.step, trainer.p.epoch,
+                               finished=trainer.p.step >= trainer.last_step)
         code = trainer.train()
         if info.enabled:  # leave together: a rank that tears gloo down while rank 0 still exports can abort
             dist.barrier()

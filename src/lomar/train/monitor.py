@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
-from lomar.checkpoints.io import open_in_place
+from lomar.checkpoints.io import open_in_place, read_log, refuse_link
 
 __all__ = ["Monitor", "progress", "input_limit_note", "read_records", "INPUT_BOUND"]
 
@@ -57,11 +59,13 @@ class Monitor:
         if not active:
             return
         self.file = open_in_place(out / "metrics.jsonl", "a")
+        refuse_link(out / "tb")  # TensorBoard would write its event files wherever the link points
         try:
             from torch.utils.tensorboard import SummaryWriter
 
+            _quiet_board_threads()
             # a resumed run hides what a killed one logged past its checkpoint, as metrics.jsonl is cut back
-            self.writer = SummaryWriter(str(out / "tb"), purge_step=start + 1 if start else None)
+            self.writer = _board(out, lambda: SummaryWriter(str(out / "tb"), purge_step=start + 1 if start else None))
         except ImportError:  # tensorboard is a dependency, but a run must not die for a log
             self.writer = None
         self.bar = progress(total=total, desc=name, initial=start, unit="step")
@@ -79,8 +83,8 @@ class Monitor:
         self.input_waits.append(record["input_wait"])
         _append(self.file, self.out / "metrics.jsonl", json.dumps(record) + "\n")
         if self.writer is not None:
-            for key in record.keys() - {"step", "epoch"}:
-                self.writer.add_scalar(f"train/{key}", record[key], step)
+            _board(self.out, lambda: [self.writer.add_scalar(f"train/{key}", record[key], step)
+                                      for key in record.keys() - {"step", "epoch"}])
         self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}",
                              input_wait=f"{input_wait:.0%}", refresh=False)
         self.bar.update(step - self.bar.n)
@@ -95,9 +99,8 @@ class Monitor:
         with open_in_place(self.out / file, "a") as handle:
             _append(handle, self.out / file, json.dumps({"step": step, "epoch": epoch, **metrics, **extra}) + "\n")
         defined = {k: v for k, v in metrics.items() if v is not None}  # None: undefined (no such objects)
-        for key, value in defined.items():
-            if self.writer is not None:
-                self.writer.add_scalar(f"eval/{key}", value, step)
+        if self.writer is not None:
+            _board(self.out, lambda: [self.writer.add_scalar(f"eval/{key}", v, step) for key, v in defined.items()])
         shown = ", ".join(f"{_LABELS[k]} {100 * v:.2f}%" if k in _LABELS else f"{k} {v:.4g}"
                           for k, v in defined.items())
         best = [f"best {100 * v:.2f}%" if k[5:] in _LABELS else f"best {v:.4g}"
@@ -107,9 +110,35 @@ class Monitor:
         self.bar.write(message, file=sys.stdout)
 
     def close(self) -> None:
-        for thing in (self.bar, self.writer, self.file):
+        for thing in (self.bar, self.file):
             if thing is not None:
                 thing.close()
+        if self.writer is not None:  # flushed first: what failed in TensorBoard's writer thread is raised there
+            _board(self.out, lambda: (self.writer.flush(), self.writer.close()))
+
+
+def _board(out: Path, call: Callable):
+    """``call()`` of TensorBoard's writer of ``out/tb``; a failed write (a full disk, a folder gone read-only) is an
+    OSError naming that folder, as :func:`_append` makes one for metrics.jsonl (TensorBoard's names no file)."""
+    try:
+        return call()
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(out / "tb")) from None
+
+
+def _quiet_board_threads() -> None:
+    """TensorBoard's writer thread keeps the OSError of a failed write for the next write or flush to raise (then
+    :func:`_board` names the folder), but ends with it too, and threading's hook would first print its traceback."""
+    if getattr(threading.excepthook, "quiets_tensorboard", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if not (type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError)):
+            previous(args)
+
+    hook.quiets_tensorboard = True
+    threading.excepthook = hook
 
 
 def _append(handle, path: Path, text: str) -> None:
@@ -126,15 +155,10 @@ def _append(handle, path: Path, text: str) -> None:
 
 
 def read_records(path: Path) -> list[dict]:
-    """The records of a run's log (``metrics.jsonl``, ``knn.jsonl``, ...; none when it is missing). A line that is
-    no JSON record with an integer ``step`` is skipped: a killed run can leave its last line torn, which only the
-    run's resume cuts off."""
-    records = []
-    for line in path.read_text(errors="replace").splitlines() if path.exists() else ():
-        with contextlib.suppress(json.JSONDecodeError):
-            if isinstance(record := json.loads(line), dict) and isinstance(record.get("step"), int):
-                records.append(record)
-    return records
+    """The records of a run's log (``metrics.jsonl``, ``knn.jsonl``, ...; none when it is missing), as
+    :func:`lomar.checkpoints.io.read_log` reads them: a line that is no JSON record with an integer ``step`` (a
+    killed run can leave its last line torn, which only the run's resume cuts off) is skipped."""
+    return [record for _, record in read_log(path)] if path.exists() else []
 
 
 def input_limit_note(waits: list[float], workers: int | None, decode: str | None = None) -> str | None:

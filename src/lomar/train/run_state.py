@@ -24,7 +24,16 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from lomar.checkpoints.io import atomic_save, atomic_write, atomic_write_text, open_in_place, read_in_place, safe_load
+from lomar.checkpoints.io import (
+    atomic_save,
+    atomic_write,
+    atomic_write_text,
+    open_in_place,
+    read_log,
+    refuse_link,
+    remove_tree,
+    safe_load,
+)
 from lomar.checkpoints.sharded import check_metadata
 from lomar.errors import FULL_DISK, UNWRITABLE, LomarError, UsageError
 from lomar.train.settings import ConfigError
@@ -33,7 +42,7 @@ from lomar.values import brief, is_integer
 __all__ = ["RunLock", "SaveError", "save_state", "checkpoints_to_prune", "save_checkpoint", "save_on_main_rank",
            "truncate_metrics", "remove_stale_temporaries", "find_resume_checkpoint", "auto_resume", "checkpoint_step",
            "check_no_rewind", "holds_run", "remove_newer_checkpoints", "check_out_folder", "read_meta",
-           "LAST_POINTER", "newest_state", "refuse_held_run", "prepare_run_folder", "mismatch"]
+           "LAST_POINTER", "newest_state", "refuse_held_run", "prepare_run_folder"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.(pt|dcp)$")  # .dcp: a sharded checkpoint folder
 _SHARDED_TMP = re.compile(r"^checkpoint-\d+\.dcp\.tmp$")  # a sharded save cut before its rename
@@ -117,25 +126,11 @@ def save_on_main_rank(save: Callable[[], T], is_main: bool, device: torch.device
     return result
 
 
-def mismatch(exc: Exception) -> str:
-    """What a failed ``load_state_dict`` says differs, in one line: torch's first line is only a header
-    ("Error(s) in loading state_dict for …:"), the first difference follows it."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-    return lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
-
-
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the log lines written after the checkpoint we resume from (a crash between the two)."""
+    """Drop the log lines after the checkpoint resumed from (a crash between the two) and torn ones; streamed."""
     if path.exists():
-        keep = []
-        for line in read_in_place(path, errors="replace").splitlines():  # a cut can split a character too
-            try:
-                record = json.loads(line) if line else None
-            except json.JSONDecodeError:  # a line cut by a crash mid-write
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step", 0), int) and record.get("step", 0) <= step:
-                keep.append(line)  # anything else is no record of this log's
-        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+        atomic_write(path, lambda handle: handle.writelines(
+            f"{line}\n".encode() for line, record in read_log(path) if record["step"] <= step))
 
 
 def read_meta(path: Path) -> dict:
@@ -253,7 +248,7 @@ def remove_newer_checkpoints(out: Path, step: int, outputs: tuple[str, ...] = ()
         number = _checkpoint_number(path.name) if path.name.startswith("checkpoint-") else _output_step(path.name)
         if number is not None and number > step:
             if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
+                remove_tree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
 
@@ -284,8 +279,8 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
         if _TMP.match(path.name) and path.is_file():
             path.unlink(missing_ok=True)
             removed.append(path)
-        elif _SHARDED_TMP.match(path.name) and path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
+        elif _SHARDED_TMP.match(path.name) and (path.is_dir() or path.is_symlink()):
+            path.unlink() if path.is_symlink() else shutil.rmtree(path, ignore_errors=True)  # a link, not its target
             removed.append(path)
     return removed
 
@@ -370,19 +365,24 @@ def refuse_held_run(out: Path, resume: str | None, overwrite: bool, locked_here:
                           f"--overwrite to replace it, or another --out")
 
 
-def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int) -> None:
+def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int, finished: bool = False) -> None:
     """Main process, lock held: a fresh run, or one branched off another folder's checkpoint, clears what an
     earlier run left here (the task's ``outputs`` too); a resume cuts the logs back to its checkpoint;
-    ``config.yaml`` is written (a TaskConfig's dump, else the fields)."""
+    ``config.yaml`` is written (a TaskConfig's dump, else the fields). A resume of a run at its end (``finished``:
+    nothing to do) in its own folder, not rewinding it, leaves the folder as it is."""
     out, name = Path(config.out), task.name
     if resume is None:  # another run may have got here since the config was checked
         refuse_held_run(out, config.resume, config.overwrite, locked_here=True)
-    removed = remove_stale_temporaries(out)
-    if removed:
+    at_end = finished and resume is not None and not _foreign(resume, out) and not config.overwrite
+    if removed := [] if at_end else remove_stale_temporaries(out):
         print(f"lomar {name}: removed {len(removed)} stale temporary file(s) in {out}, e.g. {removed[0].name}")
     if resume is not None:
         print(f"lomar {name}: resumed from {resume} at step {step} (epoch {epoch})", flush=True)
+    if at_end:
+        return
     if resume is not None and not _foreign(resume, out):
+        for path in out.glob("checkpoint-*.dcp"):  # a sharded run prunes them, never through a link
+            refuse_link(path)
         if config.overwrite:
             remove_newer_checkpoints(out, step, task.outputs, resume, task.final_outputs)
         for log in {"metrics.jsonl", task.eval_log}:

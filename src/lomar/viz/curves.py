@@ -7,38 +7,30 @@ atomically with :func:`lomar.viz.reconstruction.save_figure`.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from lomar.checkpoints.io import read_log
 from lomar.viz.reconstruction import save_figure
 
 __all__ = ["read_losses", "loss_summary", "draw_loss_curve", "running_mean", "loss_curve"]
 
 
 def read_losses(metrics: str | Path) -> tuple[list[int], list[float]]:
-    """(steps, losses) of the training records in a ``metrics.jsonl``; lines that are not JSON
-    objects with a finite ``step`` and ``loss`` (a k-NN or epoch record, a torn last line) are skipped.
+    """(steps, losses) of the training records in a ``metrics.jsonl``; records without a finite ``loss`` (a k-NN or
+    epoch record) are skipped, as :func:`lomar.checkpoints.io.read_log` skips lines that are no record (a torn one).
 
     Read a line at a time: the run's main process reads the whole log at every checkpoint (loss.png), and with the
     file and its lines held at once a figure of a million logged steps took 472 MiB more at its peak, not 262 (a
     single-GPU ImageNet run logs 8 million steps; lomar.train.runtime's malloc settings keep the heap's peak)."""
     steps, losses = [], []
-    with open(metrics, encoding="utf-8", errors="replace") as lines:  # a cut can split a character
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(record, dict):
-                continue
-            step, loss = record.get("step"), record.get("loss")
-            if isinstance(step, int) and isinstance(loss, (int, float)) and not isinstance(loss, bool) \
-                    and math.isfinite(loss):
-                steps.append(step)
-                losses.append(float(loss))
+    for _, record in read_log(metrics):
+        loss = record.get("loss")
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss):
+            steps.append(record["step"])
+            losses.append(float(loss))
     return steps, losses
 
 
