@@ -120,3 +120,25 @@ def test_the_not_searched_warning_gives_the_rename_advice_only_for_a_hidden_fold
         f"without a leading '.' to use its images)",
         f"{tmp_path}: 1 hidden or thumbnail folder(s) not searched, e.g. {tmp_path / '@eaDir'} (thumbnails a NAS or a "
         f"macOS zip made of the photos)"]
+
+
+def test_shard_members_in_thumbnail_caches_are_skipped_and_said(tmp_path, caplog):
+    import io
+    import tarfile
+
+    from lomar.data.shards import TarShardDataset
+    from lomar.data.transforms import PretrainTransform
+
+    with tarfile.open(tmp_path / "nas.tar", "w") as archive:  # tar cf of a Synology share: thumbnails beside photos
+        for name in ("p/a.jpg", "p/@eaDir/a.jpg/SYNOPHOTO_THUMB_M.jpg", "p/@eaDir/a.jpg/SYNOPHOTO_THUMB_XL.jpg",
+                     "__MACOSX/p/b.jpg", "p/my@eaDir.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            archive.addfile(info, io.BytesIO(b"x"))
+    dataset = TarShardDataset([tmp_path / "nas.tar"], PretrainTransform(16), shuffle_buffer=0)
+    with caplog.at_level(logging.WARNING, logger="lomar.data"):
+        assert dataset.count_samples() == 2
+    assert [item["path"] for item in dataset] == [f"{tmp_path / 'nas.tar'}:p/{n}" for n in ("a.jpg", "my@eaDir.jpg")]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"tar shards: 3 member(s) in thumbnail caches (@eaDir, __MACOSX) skipped, e.g. {tmp_path / 'nas.tar'}:"
+        f"p/@eaDir/a.jpg/SYNOPHOTO_THUMB_M.jpg (copies a NAS or a macOS zip made of the photos)"]

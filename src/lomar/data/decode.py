@@ -28,10 +28,12 @@ from lomar.limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, env_
 
 __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_IMAGE_BYTES", "WIDE_MODES", "is_image_name",
            "file_suffix", "max_image_pixels", "max_image_bytes", "read_image_bytes", "open_pil", "exif_orientation",
-           "oriented_size", "decode_bytes", "load_image", "pil_to_tensor", "PIL_FORMATS"]
+           "oriented_size", "decode_bytes", "load_image", "pil_to_tensor", "PIL_FORMATS", "THUMBNAIL_FOLDERS"]
 
 # .jfif and .jpe are JPEG's other names (Chrome on Windows saves photos as .jfif)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+# Thumbnail caches (Synology's @eaDir, macOS zips' __MACOSX): copies, not photos; folders and shards pass them over
+THUMBNAIL_FOLDERS = ("@eaDir", "__MACOSX")
 # What Pillow may identify a file as: the formats of IMAGE_EXTENSIONS (its JPEG opener also gives MPO, a JPEG of
 # several pictures). Any other plugin would parse a file whose extension lies, e.g. EPS, which Pillow hands to
 # Ghostscript to render.

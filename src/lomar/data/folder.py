@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from lomar.data.decode import IMAGE_EXTENSIONS, file_suffix, is_image_name, load_image
+from lomar.data.decode import IMAGE_EXTENSIONS, THUMBNAIL_FOLDERS, file_suffix, is_image_name, load_image
 from lomar.data.pathtable import PathTable, join_text, sort_like_paths
 from lomar.data.shards import SHARD_SUFFIXES, TarShardDataset, is_shard_pattern, shard_paths
 from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator, sample_key
@@ -48,7 +48,6 @@ def demo_image_paths() -> list[Path]:
 
 
 # Hidden sub-folders and thumbnail caches (.thumbnails, Synology's @eaDir, macOS zips' __MACOSX): copies, not photos
-THUMBNAIL_FOLDERS = ("@eaDir", "__MACOSX")
 _NOT_SEARCHED = (".", *THUMBNAIL_FOLDERS)
 # Photo formats that IMAGE_EXTENSIONS leaves out (iPhones save HEIC): passed over like any other file, but said
 _FOREIGN_IMAGES = (".heic", ".heif", ".avif", ".jxl")

@@ -32,7 +32,7 @@ from typing import TypeVar
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lomar.data.decode import decode_bytes, is_image_name, max_image_bytes
+from lomar.data.decode import THUMBNAIL_FOLDERS, decode_bytes, is_image_name, max_image_bytes
 from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator
 
 __all__ = ["TarShardDataset", "is_shard_pattern", "shard_paths"]
@@ -203,11 +203,16 @@ class TarShardDataset(IterableDataset):
         Unreadable or damaged shards are warned about here, once, and listed in ``damaged``
         (shard -> reason); iterating over them later only logs at debug level."""
         self.damaged: dict[str, str] = {}
-        self.counts = {str(shard): sum(1 for _ in _image_members(shard, read=False, damaged=self.damaged))
+        thumbnails: list[str] = []
+        self.counts = {str(shard): sum(1 for _ in _image_members(shard, read=False, damaged=self.damaged,
+                                                                 thumbnails=thumbnails))
                        for shard in self.shards}
         total = sum(self.counts.values())
         for shard, reason in self.damaged.items():
             log.warning("tar shard %s: %s", shard, reason)
+        if thumbnails:
+            log.warning("tar shards: %d member(s) in thumbnail caches (%s) skipped, e.g. %s (copies a NAS or a "
+                        "macOS zip made of the photos)", len(thumbnails), ", ".join(THUMBNAIL_FOLDERS), thumbnails[0])
         return total
 
     def _readers(self) -> tuple[int, int, int, int]:
@@ -286,10 +291,11 @@ def _decode_member(name: str, data: bytes | int | str) -> torch.Tensor:
     return decode_bytes(data, name)
 
 
-def _image_members(shard: Path, read: bool = True,
-                   damaged: dict[str, str] | None = None) -> Iterator[tuple[str, bytes | int | str | None]]:
+def _image_members(shard: Path, read: bool = True, damaged: dict[str, str] | None = None,
+                   thumbnails: list[str] | None = None) -> Iterator[tuple[str, bytes | int | str | None]]:
     """("shard:member", bytes (its size instead when over :func:`max_image_bytes`), or None unless ``read``)
-    for the image members of one shard.
+    for the image members of one shard, less those in thumbnail caches (listed in ``thumbnails`` when given: a tar
+    of a Synology NAS's folder holds several thumbnails of each photo in @eaDir, readable JPEGs).
 
     An unreadable shard yields nothing and a truncated one what precedes the damage; the
     reason goes into ``damaged`` (when given) and to the debug log. Without ``read`` only
@@ -310,6 +316,10 @@ def _image_members(shard: Path, read: bool = True,
                 if not ((member.isfile() or member.islnk() or member.issym()) and is_image_name(member.name)):
                     continue
                 name = f"{shard}:{member.name}"
+                if any(part.startswith(THUMBNAIL_FOLDERS) for part in member.name.split("/")[:-1]):
+                    if thumbnails is not None:
+                        thumbnails.append(name)
+                    continue
                 if not read:
                     yield name, None
                     continue
