@@ -80,6 +80,28 @@ def test_knn_on_hand_made_features():
     assert knn_predict(bank, labels, query, 3, k=50).gt(0).all()
 
 
+def test_knn_scores_blocks_of_queries_within_the_byte_budget_with_the_same_scores(monkeypatch):
+    """A fixed 1,024 queries a block held 5.2 GB of similarities against ImageNet's 1.28M features; a byte budget
+    sets the block, and every query's row is still scored whole: ties at the k-th neighbour fall the same way."""
+    from types import SimpleNamespace
+
+    import lomar.eval.knn as knn
+
+    gen = torch.Generator().manual_seed(0)
+    # unit vectors of +-0.5: every cosine is exact whatever the matrix product's blocking (BLAS computes a block of
+    # fewer than 8 rows in another order), and 16 vectors among 50 rows of 7 classes tie at the 5th neighbour
+    bank = torch.randint(0, 2, (50, 4), generator=gen) - 0.5
+    labels = torch.randint(0, 7, (50,), generator=gen)
+    query = torch.randint(0, 2, (10, 4), generator=gen) - 0.5
+    whole = knn_predict(bank, labels, query, 7, k=5, chunk=10)
+    rows, normalize = [], knn.F.normalize
+    spy = SimpleNamespace(normalize=lambda x, dim: rows.append(len(x)) or normalize(x, dim=dim))
+    monkeypatch.setattr(knn, "F", spy)
+    blocked = knn_predict(bank, labels, query, 7, k=5, max_bytes=4 * 50 * 3)  # 3 rows of 50 float32 similarities
+    assert rows == [50, 3, 3, 3, 1]  # the bank, then the query blocks
+    assert torch.equal(blocked, whole)
+
+
 @pytest.mark.parametrize("temperature", [0.005, 1e-4])
 def test_knn_votes_stay_finite_at_a_small_temperature(temperature):
     """exp(cos / T) overflows float32 past cos / T = 88: the nearer class must still win, not the first of two infs."""

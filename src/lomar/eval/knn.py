@@ -13,18 +13,29 @@ from lomar.models.vit import VisionTransformer
 __all__ = ["knn_predict", "knn_top1", "knn_accuracy", "KnnMonitor"]
 
 
+# Bytes of one block of query-bank similarities: 1,024 queries against ImageNet's 1.28M training features would
+# be 5.2 GB beside the bank; this keeps blocks of 1,024 queries up to a bank of 262,144 (209 at ImageNet's).
+SIMILARITY_BYTES = 2**30
+
+
 def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query: torch.Tensor,
-                num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+                num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int | None = None,
+                max_bytes: int = SIMILARITY_BYTES) -> torch.Tensor:
     """Cosine k-NN with exp(sim / T)-weighted votes (InstDisc / DINO): class scores (Q, C), each query's divided
     by its nearest neighbour's weight exp(max sim / T): the same ratios, but float32's exp overflows past 88, so
     unscaled votes at T = 0.01 could be inf for several classes, and argmax then picked the first of them.
 
     train_feats (M, D), train_labels (M,) in [0, C), query (Q, D); computed on the device of
-    ``train_feats``, ``chunk`` queries at a time so memory stays O(chunk · M).
+    ``train_feats``, ``chunk`` queries at a time (default: as many as keep their (chunk, M) similarities
+    within ``max_bytes``, at most 1,024). Each query's top k is taken over its whole row of similarities, so
+    the chunk decides no tie at the k-th neighbour (the matrix product may round a block of under 8 rows in
+    another order: BLAS's small-size kernels).
     """
     bank = F.normalize(train_feats.float(), dim=1)
     labels = train_labels.to(bank.device)
     k = min(k, bank.shape[0])
+    if chunk is None:
+        chunk = max(1, min(1024, max_bytes // (4 * max(1, bank.shape[0]))))
     scores = []
     for start in range(0, query.shape[0], chunk):
         q = F.normalize(query[start:start + chunk].to(bank.device).float(), dim=1)
