@@ -60,6 +60,19 @@ def test_bad_configuration_is_one_line_and_exit_2(tmp_path, capsys, image_dir, f
     assert not out.exists()  # nothing was done
 
 
+@pytest.mark.parametrize("local_rank, shown", [("0", 1), ("1", 0)])
+def test_under_torchrun_the_first_process_of_a_machine_alone_prints_a_bad_configuration(
+        tmp_path, capsys, image_dir, monkeypatch, local_rank, shown):
+    # every process printed the same error (and note): torchrun --nproc-per-node 8 showed each line 8 times
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    args = ["pretrain", *TINY, "--data", str(image_dir), "--out", str(tmp_path / "run"), "--windows", "0",
+            "--window-size", "5"]
+    assert main([*args, "--batch-size", "0"]) == 2  # every process stops
+    assert capsys.readouterr().err == "lomar pretrain: error: --batch-size must be positive, got 0\n" * shown
+    assert main([*args, "--print-config"]) == 0
+    assert capsys.readouterr().err.count("note: --window-size 5 is unused") == shown
+
+
 def test_the_hardware_decoder_without_its_package_is_one_line(tmp_path, capsys, image_dir, monkeypatch):
     from lomar.data import gpu_jpeg
 

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lomar.errors import UsageError
+from lomar.errors import LomarError, UsageError
 from lomar.train import settings as S
 from lomar.train.settings import Setting, add_settings
 
@@ -139,6 +139,11 @@ def load_for_cli(path: str, args: argparse.Namespace, original: bool = False):
         raise UsageError(re.sub(r"\b(\w+)=\.\.\.", lambda m: flags.get(m[1], m[0]), message)) from None
 
 
+def first_on_machine() -> bool:
+    """Whether this process is the first of its machine: the only one without torchrun, else ``LOCAL_RANK`` 0."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
 def report_run_failure(command: str, exc: Exception) -> int:
     """Print why a run stopped (``lomar COMMAND: error: ...``) and return exit code 1. A failed
     checkpoint save is raised on every torchrun rank; only rank 0 prints it."""
@@ -159,7 +164,14 @@ def training_command(config_cls, runner: str, epilog: str):
         config_cls.add_arguments(parser)
 
     def run(args: argparse.Namespace) -> int:
-        config = config_cls.resolve(args)  # a ConfigError is a UsageError: one line, exit 2
+        try:
+            config = config_cls.resolve(args)  # a ConfigError is a UsageError: one line, exit 2
+        except LomarError:
+            # Under torchrun every process of a machine resolves the same flags from the same files, and each printed
+            # the same line; the first one says it (one per machine: another machine's files may differ).
+            if not first_on_machine():
+                return 2
+            raise
         if args.print_config:
             sys.stdout.write(config.dump(invocation=True))
             return 0

@@ -168,7 +168,8 @@ class TaskConfig:
         return []
 
     def print_notes(self) -> None:
-        for note in self.notes():
+        """On stderr; under torchrun by the first process of each machine only (each would print the same)."""
+        for note in self.notes() if int(os.environ.get("LOCAL_RANK", "0")) == 0 else ():
             print(f"lomar {self.COMMAND}: note: {note}", file=sys.stderr)
 
     def check_inputs(self) -> None:
