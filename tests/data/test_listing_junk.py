@@ -22,12 +22,13 @@ def test_a_find_written_list_leaves_out_macos_metadata_and_thumbnails(tmp_path, 
     (tmp_path / "a.jpg").write_bytes(b"x")
     listing = tmp_path / "list.txt"  # find . -name '*.jpg' on a photo folder copied from a Mac to a Synology NAS
     listing.write_text("./a.jpg\n./._a.jpg\n./sub/._b.jpg\n./@eaDir/a.jpg/SYNOPHOTO_THUMB_M.jpg\n./__MACOSX/._c.jpg\n"
-                       "./my._photo.jpg\n./x@eaDir/d.jpg\n")
+                       "./my._photo.jpg\n./x@eaDir/d.jpg\n./#recycle/e.jpg\n./#snapshot/GMT+00_2026.12.01/a.jpg\n")
     with caplog.at_level(logging.WARNING, logger="lomar.data"):
         images = build_image_list(listing)
     assert [p.relative_to(tmp_path).as_posix() for p in images] == ["a.jpg", "my._photo.jpg", "x@eaDir/d.jpg"]
     assert [r.getMessage() for r in caplog.records] == [
-        f"{listing}: 4 line(s) name macOS metadata files (._NAME) or thumbnails (@eaDir, __MACOSX), e.g. "
+        f"{listing}: 6 line(s) name macOS metadata files (._NAME) or files in thumbnail or system folders (@eaDir, "
+        f"__MACOSX, #recycle, #snapshot, $RECYCLE.BIN, System Volume Information, lost+found), e.g. "
         f"{tmp_path / '._a.jpg'}; left out, as a folder search leaves them out"]
     listing.write_text("./a.jpg\n")
     caplog.clear()
@@ -142,3 +143,19 @@ def test_shard_members_in_thumbnail_caches_are_skipped_and_said(tmp_path, caplog
     assert [r.getMessage() for r in caplog.records] == [
         f"tar shards: 3 member(s) in thumbnail caches (@eaDir, __MACOSX) skipped, e.g. {tmp_path / 'nas.tar'}:"
         f"p/@eaDir/a.jpg/SYNOPHOTO_THUMB_M.jpg (copies a NAS or a macOS zip made of the photos)"]
+
+
+def test_recycle_bins_snapshots_and_system_folders_are_no_images_and_no_class(tmp_path, caplog):
+    from lomar.data.folder import LabelledImageFolder, find_images
+
+    for name in ("cat/a.jpg", "dog/b.jpg", "#recycle/cat/old.jpg", "#snapshot/GMT+00_2026.12.01/cat/a.jpg",
+                 "$RECYCLE.BIN/S-1-5-21/$R1.jpg", "System Volume Information/x.jpg", "lost+found/#1234.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    with caplog.at_level(logging.WARNING, logger="lomar.data"):
+        assert find_images(tmp_path) == [tmp_path / "cat" / "a.jpg", tmp_path / "dog" / "b.jpg"]
+        assert LabelledImageFolder(tmp_path).classes == ["cat", "dog"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path}: 5 hidden or thumbnail folder(s) not searched, e.g. {tmp_path / '#recycle'} (deleted files, "
+        f"snapshot copies or a disk's own files)",
+        f"{tmp_path}: 5 recycle bin, snapshot or system folder(s) are no class, e.g. #recycle"]

@@ -27,7 +27,7 @@ from lomar.data.shards import SHARD_SUFFIXES, TarShardDataset, is_shard_pattern,
 from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator, sample_key
 
 __all__ = ["demo_image_paths", "find_images", "build_image_list", "ImageListDataset", "build_pretrain_dataset",
-           "LabelledImageFolder", "classes_only_in", "unicode_forms_note", "THUMBNAIL_FOLDERS"]
+           "LabelledImageFolder", "classes_only_in", "unicode_forms_note", "THUMBNAIL_FOLDERS", "SYSTEM_FOLDERS"]
 
 log = logging.getLogger("lomar.data")
 # Real photographs that ship inside scikit-image's wheel (no download needed).
@@ -48,7 +48,10 @@ def demo_image_paths() -> list[Path]:
 
 
 # Hidden sub-folders and thumbnail caches (.thumbnails, Synology's @eaDir, macOS zips' __MACOSX): copies, not photos
-_NOT_SEARCHED = (".", *THUMBNAIL_FOLDERS)
+# What a NAS or a disk keeps at a share's or a drive's root: deleted files (Synology's #recycle, Windows' $RECYCLE.BIN),
+# a copy of the whole share per snapshot (#snapshot, when made visible), fsck's and Windows' own folders
+SYSTEM_FOLDERS = ("#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information", "lost+found")
+_NOT_SEARCHED = (".", *THUMBNAIL_FOLDERS, *SYSTEM_FOLDERS)
 # Photo formats that IMAGE_EXTENSIONS leaves out (iPhones save HEIC): passed over like any other file, but said
 _FOREIGN_IMAGES = (".heic", ".heif", ".avif", ".jxl")
 
@@ -108,9 +111,10 @@ def _warn_passed_over(root: str | Path, passed_over: dict) -> None:
         log.warning("%s: %d symlinked folder(s) lead to a folder already searched (a loop or a duplicate); "
                     "searched once", root, loops)
     if hidden:  # a hidden folder is the example when there is one: renaming it is advice only it can take
-        example = next((path for path in hidden if path.name.startswith(".")), hidden[0])
+        example = min((path for path in hidden if path.name.startswith(".")), default=min(hidden))  # os.walk's order
         advice = ("name it without a leading '.' to use its images" if example.name.startswith(".") else
-                  "thumbnails a NAS or a macOS zip made of the photos")
+                  "thumbnails a NAS or a macOS zip made of the photos" if example.name.startswith(THUMBNAIL_FOLDERS)
+                  else "deleted files, snapshot copies or a disk's own files")
         log.warning("%s: %d hidden or thumbnail folder(s) not searched, e.g. %s (%s)", root, len(hidden), example,
                     advice)
     if forks:
@@ -124,18 +128,20 @@ def _warn_passed_over(root: str | Path, passed_over: dict) -> None:
 
 
 def _without_junk(listing: Path, paths: list[str]) -> list[str]:
-    """``paths`` of a .txt list less macOS's ``._NAME`` files and what lies in thumbnail caches, said in one line: a
-    list written by ``find DIR -name '*.jpg'`` holds them as a folder search would meet them (an AppleDouble file
-    beside each photo copied from a Mac: half the list unreadable, and the run stopped at the 10 % rule)."""
-    marks = (f"{os.sep}._", *(f"{os.sep}{name}{os.sep}" for name in THUMBNAIL_FOLDERS))
+    """``paths`` of a .txt list less macOS's ``._NAME`` files and what lies in thumbnail caches or system folders
+    (:data:`SYSTEM_FOLDERS`), said in one line: a list written by ``find DIR -name '*.jpg'`` holds them as a folder
+    search would meet them (an AppleDouble file beside each photo copied from a Mac: half the list unreadable, and
+    the run stopped at the 10 % rule; a NAS share's deleted photos and snapshot copies)."""
+    marks = (f"{os.sep}._", *(f"{os.sep}{name}{os.sep}" for name in THUMBNAIL_FOLDERS + SYSTEM_FOLDERS))
     whole = os.sep + f"\n{os.sep}".join(paths)  # one search of the whole list: the usual list holds none
     if not any(mark in whole for mark in marks):
         return paths
     junk = [i for i, text in enumerate(paths) if (os.sep + text).rpartition(os.sep)[2].startswith("._")
             or any(mark in os.sep + text for mark in marks[1:])]
     if junk:
-        log.warning("%s: %d line(s) name macOS metadata files (._NAME) or thumbnails (%s), e.g. %s; left out, as a "
-                    "folder search leaves them out", listing, len(junk), ", ".join(THUMBNAIL_FOLDERS), paths[junk[0]])
+        log.warning("%s: %d line(s) name macOS metadata files (._NAME) or files in thumbnail or system folders (%s), "
+                    "e.g. %s; left out, as a folder search leaves them out", listing, len(junk),
+                    ", ".join(THUMBNAIL_FOLDERS + SYSTEM_FOLDERS), paths[junk[0]])
     left_out = set(junk)
     return [text for i, text in enumerate(paths) if i not in left_out]
 
@@ -276,6 +282,9 @@ class LabelledImageFolder(Dataset):
         self.classes = [name for name in folders if not name.startswith(_NOT_SEARCHED)]
         if caches := [name for name in folders if name.startswith(THUMBNAIL_FOLDERS)]:
             log.warning("%s: %d thumbnail folder(s) are no class, e.g. %s", self.root, len(caches), caches[0])
+        if system := [name for name in folders if name.startswith(SYSTEM_FOLDERS)]:
+            log.warning("%s: %d recycle bin, snapshot or system folder(s) are no class, e.g. %s", self.root,
+                        len(system), system[0])
         # a class folder linked to an unmounted disk leads nowhere: no class, in train and val alike, without a word
         if broken := sorted(e.name for e in os.scandir(self.root)
                             if e.is_symlink() and not os.path.exists(e.path) and not is_image_name(e.name)):
