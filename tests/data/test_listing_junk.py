@@ -159,3 +159,18 @@ def test_recycle_bins_snapshots_and_system_folders_are_no_images_and_no_class(tm
         f"{tmp_path}: 5 hidden or thumbnail folder(s) not searched, e.g. {tmp_path / '#recycle'} (deleted files, "
         f"snapshot copies or a disk's own files)",
         f"{tmp_path}: 5 recycle bin, snapshot or system folder(s) are no class, e.g. #recycle"]
+
+
+def test_a_list_written_on_windows_is_refused_with_its_separator_named(tmp_path):
+    import pytest
+
+    from lomar.data.folder import build_pretrain_dataset
+
+    (tmp_path / "train" / "n01").mkdir(parents=True)
+    (tmp_path / "train" / "n01" / "a.jpg").write_bytes(b"x")
+    listing = tmp_path / "list.txt"
+    listing.write_text("train\\n01\\a.jpg\n")
+    with pytest.raises(ValueError, match=r"^.*list.txt: none of its first 1 paths exists, e.g. .*train\\n01\\a.jpg; "
+                                         r"its paths are separated by '\\', as Windows writes them: separate them by "
+                                         r"'/'$"):
+        build_pretrain_dataset(str(listing), 16)

@@ -255,7 +255,8 @@ def _check_listed(listing: Path, images: Sequence[Path], first: int = 20) -> Non
     parts = str(images[0]).rsplit(None, 1)
     labels = len(parts) == 2 and os.path.exists(parts[0])  # ImageNet's train.txt: 'n01440764/x.JPEG 0'
     hint = ("its lines look like 'path label': list one path a line, without labels" if labels else
-            f"relative paths are read from the list's folder {listing.parent}")
+            "its paths are separated by '\\', as Windows writes them: separate them by '/'" if "\\" in str(images[0])
+            and os.sep == "/" else f"relative paths are read from the list's folder {listing.parent}")
     raise ValueError(f"{listing}: none of its first {min(first, len(images))} paths exists, e.g. {images[0]}; "
                      f"{hint}")
 
@@ -264,14 +265,14 @@ class LabelledImageFolder(Dataset):
     """``ROOT/CLASS/**/IMAGE`` (torchvision's ImageFolder layout; hidden folders and thumbnail caches no class)
     that survives unreadable images.
 
-    Items: ``(transform(PIL image) or None if unreadable, class index, path)``; batch them with
+    Items: ``(transform(PIL image of load(path)) or None if unreadable, class index, path)``; batch them with
     :func:`lomar.data.collate.collate_labelled`, which drops and reports the bad ones. ``classes``
     and ``targets`` are as in ImageFolder. Raises ValueError naming the root when it holds no
     class folder or no image.
     """
 
-    def __init__(self, root: str | Path, transform=None):
-        self.root, self.transform = Path(root), transform
+    def __init__(self, root: str | Path, transform=None, load=load_image):
+        self.root, self.transform, self.load = Path(root), transform, load
         self.warned: set[int] = set()  # the unreadable files this process has warned of
         if not self.root.is_dir():
             raise ValueError(f"{self.root} is not a folder of class folders (ImageFolder layout: ROOT/CLASS/IMAGE)")
@@ -363,7 +364,7 @@ class LabelledImageFolder(Dataset):
     def __getitem__(self, index: int) -> tuple:
         path, label = self.paths.text(index), int(self.labels[index])
         try:
-            image = Image.fromarray(load_image(path).permute(1, 2, 0).numpy())  # what timm's transforms take
+            image = Image.fromarray(self.load(path).permute(1, 2, 0).numpy())  # what timm's transforms take
         except (ValueError, RuntimeError, OSError) as exc:
             if index not in self.warned:  # once per file and process: a finetuning reads it again every epoch
                 self.warned.add(index)
