@@ -271,8 +271,8 @@ class LabelledImageFolder(Dataset):
     class folder or no image.
     """
 
-    def __init__(self, root: str | Path, transform=None, load=load_image):
-        self.root, self.transform, self.load = Path(root), transform, load
+    def __init__(self, root: str | Path, transform=None, load=None):
+        self.root, self.transform, self.load = Path(root), transform, load or load_image  # looked up now, not at import
         self.warned: set[int] = set()  # the unreadable files this process has warned of
         if not self.root.is_dir():
             raise ValueError(f"{self.root} is not a folder of class folders (ImageFolder layout: ROOT/CLASS/IMAGE)")
