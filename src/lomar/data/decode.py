@@ -28,7 +28,8 @@ from lomar.limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, env_
 
 __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_IMAGE_BYTES", "WIDE_MODES", "is_image_name",
            "file_suffix", "max_image_pixels", "max_image_bytes", "read_image_bytes", "open_pil", "exif_orientation",
-           "oriented_size", "decode_bytes", "load_image", "pil_to_tensor", "PIL_FORMATS", "THUMBNAIL_FOLDERS"]
+           "oriented_size", "decode_bytes", "load_image", "load_image_reduced", "pil_to_tensor", "PIL_FORMATS",
+           "THUMBNAIL_FOLDERS"]
 
 # .jfif and .jpe are JPEG's other names (Chrome on Windows saves photos as .jfif)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -266,3 +267,27 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> torch.Tensor:
     """Read and decode an image file: uint8 (3, H, W) RGB; ValueError naming the file when unreadable."""
     return decode_bytes(read_image_bytes(path), str(path), max_pixels)
 
+
+
+def load_image_reduced(path: str | Path, min_side: int, max_pixels: int | None = None) -> torch.Tensor:
+    """:func:`load_image`'s image shrunk by the largest of 8, 4, 2 that divides both sides of a JPEG and leaves its
+    shorter side at least ``min_side`` px, decoded at that scale (libjpeg's DCT scaling, Pillow's ``draft``): a
+    12 MP photo that an evaluation resizes to 256 px is decoded at 1/8. The sides divide, so the image keeps the
+    full one's proportions exactly and a resize of its short side gives the full decode's size; the pixels differ
+    slightly (a DCT-domain low-pass, not a resampling). Any other file, or one that Pillow fails to decode this way,
+    is :func:`load_image`'s, bit for bit, and unreadable where it is."""
+    data, name = read_image_bytes(path), str(path)
+    with open_pil(data, name, max_pixels) as img:
+        width, height = img.size  # as stored: each scale divides both sides either way up
+        scale = next((s for s in (8, 4, 2) if width % s == height % s == 0 and min(width, height) // s >= min_side), 1)
+        if img.format == "JPEG" and img.mode in ("RGB", "L") and scale > 1:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # a damaged EXIF block's notes, from every worker
+                    img.draft("RGB", (width // scale, height // scale))
+                    pixels = pil_to_tensor(img)
+                if pixels.shape[-2:] == (height // scale, width // scale):
+                    return _orient(pixels, exif_orientation(img) or 1)  # as decode_bytes reads the tag
+            except Exception:  # what Pillow cannot decode, libjpeg through torchvision may: the reference decides
+                pass
+    return decode_bytes(data, name, max_pixels)

@@ -8,6 +8,7 @@ format are read through :mod:`lomar.checkpoints.formats`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +23,7 @@ from lomar.checkpoints.io import check_finite
 from lomar.checkpoints.keys import CLASSIFIER_PREFIXES, drop_final_norm
 from lomar.data.classify import bound_aspect
 from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker, collate_labelled
+from lomar.data.decode import load_image, load_image_reduced
 from lomar.data.folder import LabelledImageFolder
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.errors import UsageError
@@ -31,7 +33,7 @@ from lomar.models.vit import VisionTransformer, ViTConfig
 from lomar.train.monitor import progress
 from lomar.values import is_integer
 
-__all__ = ["LoadReport", "load_pretrained_encoder", "eval_transform", "knn_loaders", "extract_features",
+__all__ = ["LoadReport", "load_pretrained_encoder", "eval_transform", "eval_resize", "knn_loaders", "extract_features",
            "Pool"]
 
 Pool = Literal["mean", "cls"]
@@ -200,23 +202,32 @@ def eval_transform(img_size: int):
     """Resize the short side to img_size/0.875 (bicubic), centre-crop, ImageNet-normalise (strips cut to
     :data:`lomar.data.classify.MAX_ASPECT` first: :func:`~lomar.data.classify.bound_aspect`)."""
     return v2.Compose([bound_aspect, v2.ToImage(), v2.RGB(),
-                       v2.Resize(int(round(img_size / 0.875)), interpolation=v2.InterpolationMode.BICUBIC,
-                                 antialias=True),
+                       v2.Resize(eval_resize(img_size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
                        v2.CenterCrop(img_size), v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def eval_resize(img_size: int) -> int:
+    """The short side :func:`eval_transform` resizes an image to before its centre crop of ``img_size``."""
+    return int(round(img_size / 0.875))
+
+
 def knn_loaders(train: str | Path, val: str | Path | None = None, img_size: int = 224, batch_size: int = 128,
-                workers: int = 4, worker_init_fn=None) -> tuple[DataLoader, DataLoader]:
+                workers: int = 4, worker_init_fn=None, decode: str = "full") -> tuple[DataLoader, DataLoader]:
     """(train, val) loaders of class-folder splits with :func:`eval_transform`, unshuffled (``worker_init_fn``: the
-    DataLoader's, e.g. a training run's, whose workers leave its stop signals to it).
+    DataLoader's, e.g. a training run's, whose workers leave its stop signals to it). ``decode="draft"`` decodes a
+    JPEG at the smallest DCT scale that keeps its short side at least the resize's
+    (:func:`lomar.data.decode.load_image_reduced`: a 12 MP photo at 1/8, 4x faster; pixels within about a level).
 
     ``train`` alone is a root holding ``train/`` and ``val/``. Unreadable images are skipped
     (each batch is a :class:`lomar.data.collate.LabelledBatch` naming them). Raises ValueError
     naming a missing split or a class mismatch.
     """
     roots = (Path(train), Path(val)) if val is not None else (Path(train) / "train", Path(train) / "val")
-    sets = [LabelledImageFolder(root, eval_transform(img_size)) for root in roots]
+    if decode not in ("full", "draft"):
+        raise ValueError(f"decode must be full or draft, got {decode!r}")
+    load = partial(load_image_reduced, min_side=eval_resize(img_size)) if decode == "draft" else load_image
+    sets = [LabelledImageFolder(root, eval_transform(img_size), load) for root in roots]
     sets[0].check_same_classes(sets[1])
     sets[0].check_classes()
     return tuple(DataLoader(s, batch_size, shuffle=False, num_workers=workers,  # type: ignore[return-value]

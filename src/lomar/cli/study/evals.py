@@ -96,7 +96,7 @@ class Scorer:
         args = _args(metric, self.spec, self.cell, self.checkpoint, self.where.with_name(f"{self.where.name}-finetune"))
         if metric == "finetune":
             return _finetune(args)
-        key = (args.img_size, args.pool, args.batch_size, args.device)
+        key = (args.img_size, args.pool, args.batch_size, args.device, args.decode)
         try:
             if key not in self._features:
                 self._features[key] = frozen_features(args)

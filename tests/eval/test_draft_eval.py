@@ -1,0 +1,74 @@
+"""knn / linprobe --decode draft: camera JPEGs decoded at a DCT scale, with the full decode's crops."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, JpegImagePlugin
+
+from lomar import VisionTransformer, ViTConfig, export_encoder
+from lomar.cli.app import main
+from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from lomar.eval.features import knn_loaders
+
+
+def _scene(height: int, width: int) -> np.ndarray:
+    """Smooth shading with a few sharp edges, as photos have (not noise: a DCT-scaled decode is a low-pass)."""
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    rgb = np.stack([128 + 100 * np.sin(7 * x + 3 * y), 128 + 100 * np.cos(5 * y), 255 * x * y], axis=-1)
+    rgb[height // 3:height // 2, width // 4:width // 2] = (250, 20, 40)
+    return rgb.clip(0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("draft")
+    portrait = _scene(1024, 768)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a phone's portrait photo, stored sideways: turned upright by a quarter turn clockwise
+    for split in ("train", "val"):
+        (root / split / "a").mkdir(parents=True)
+        (root / split / "b").mkdir(parents=True)
+        Image.fromarray(portrait).transpose(Image.Transpose.ROTATE_90).save(root / split / "a" / "side.jpg",
+                                                                             quality=90, exif=exif)
+        Image.fromarray(_scene(766, 1020)).save(root / split / "a" / "odd.jpg", quality=90)  # sides divide by 2 only
+        Image.fromarray(_scene(300, 400)).save(root / split / "b" / "small.png")
+        data = (root / split / "a" / "odd.jpg").read_bytes()
+        (root / split / "b" / "cut.jpg").write_bytes(data[:len(data) * 2 // 3])  # unreadable
+    return root
+
+
+def _levels(image: torch.Tensor) -> torch.Tensor:
+    return image * torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255 + torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
+
+
+def test_draft_decodes_jpegs_reduced_with_the_full_decodes_crops(photos, monkeypatch):
+    """The 12 MP photo the evaluation resizes to 256 px was decoded whole; now at the DCT scale that keeps its short
+    side at least the resize's and divides its sides (same proportions, same resized size), upright as the tag says."""
+    scales, draft = [], JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda img, mode, size: scales.append(img.size[0] // size[0]) or draft(img, mode, size))
+    full = knn_loaders(photos, img_size=32, workers=0, decode="full")[0].dataset
+    reduced = knn_loaders(photos, img_size=32, workers=0, decode="draft")[0].dataset
+    assert scales == []
+    items = {full.paths.text(i).rsplit("/", 1)[1]: (full[i][0], reduced[i][0]) for i in range(len(full))}
+    assert scales == [2, 8, 2]  # the odd-sized photo, the sideways one, the cut one (that decode fails)
+    for name in ("side.jpg", "odd.jpg"):
+        a, b = items[name]
+        diff = (_levels(a) - _levels(b)).abs()
+        assert a.shape == b.shape == (3, 32, 32) and float(diff.mean()) < 2.0 and float(diff.max()) < 48, name
+    assert torch.equal(*items["small.png"])  # no reduced decode: the reference path, bit for bit
+    assert items["cut.jpg"] == (None, None)  # unreadable, as the reference path finds it
+
+
+def test_knn_decode_draft_scores_and_refuses_the_pretraining_only_modes(photos, tmp_path, capsys):
+    torch.manual_seed(0)
+    export_encoder(VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)),
+                   tmp_path / "enc")
+    shutil.copytree(photos, tmp_path / "data", ignore=shutil.ignore_patterns("cut.jpg"))
+    common = [str(tmp_path / "enc"), "--data", str(tmp_path / "data"), "--workers", "0", "--k", "1"]
+    assert main(["knn", *common, "--decode", "draft"]) == 0, capsys.readouterr().err
+    assert "k-NN (k=1" in capsys.readouterr().out
+    assert main(["knn", *common, "--decode", "windows"]) == 2  # only the pretraining transform has windows
+    assert "--decode windows is for lomar pretrain; lomar knn takes --decode full or draft" in capsys.readouterr().err
