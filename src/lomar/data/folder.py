@@ -18,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from lomar.data.decode import IMAGE_EXTENSIONS, THUMBNAIL_FOLDERS, file_suffix, is_image_name, load_image
+from lomar.data.decode import IMAGE_EXTENSIONS, THUMBNAIL_FOLDERS, file_suffix, is_image_name, load_image, tensor_to_pil
 from lomar.data.pathtable import PathTable, join_text, sort_like_paths
 from lomar.data.shards import SHARD_SUFFIXES, TarShardDataset, is_shard_pattern, shard_paths
 from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator, sample_key
@@ -364,7 +363,7 @@ class LabelledImageFolder(Dataset):
     def __getitem__(self, index: int) -> tuple:
         path, label = self.paths.text(index), int(self.labels[index])
         try:
-            image = Image.fromarray(self.load(path).permute(1, 2, 0).numpy())  # what timm's transforms take
+            image = tensor_to_pil(self.load(path))  # what timm's transforms take
         except (ValueError, RuntimeError, OSError) as exc:
             if index not in self.warned:  # once per file and process: a finetuning reads it again every epoch
                 self.warned.add(index)
