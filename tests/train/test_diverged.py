@@ -97,9 +97,17 @@ def test_a_checkpoint_with_non_finite_weights_is_not_resumed(tmp_path):
     state = safe_load(out / "last.pt")
     state["model"]["weight"][0, 1] = float("nan")  # as a version without the check saved after a NaN update
     torch.save(state, out / "last.pt")
+    built = []
+
+    class Built(ToyTask):
+        def __init__(self, *args):
+            built.append(self)
+            super().__init__(*args)
+
     with pytest.raises(UsageError, match=r"last\.pt: its weight weight holds NaN or inf .*; pass --resume "
                                          r"\S+/checkpoint-N\.pt --overwrite \(an earlier one\), or another --out$"):
-        run(ToyConfig(out=str(out), resume="auto"), ToyTask)
+        run(ToyConfig(out=str(out), resume="auto"), Built)
+    assert built == []  # refused before the run was built: a ViT-B's build and its data's listing (2.5 s on a CPU)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])

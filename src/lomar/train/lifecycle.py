@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from lomar.checkpoints.io import mismatch, safe_load
+from lomar.checkpoints.io import mismatch
 from lomar.errors import LomarError, UsageError
 from lomar.train.distributed import DistInfo, any_rank, cleanup_distributed, init_distributed
 from lomar.train.fsdp import load_sharded, save_run_checkpoint
@@ -45,7 +45,7 @@ from lomar.train.run_state import (
 from lomar.train.runtime import compile_model, default_threads, fast_adamw
 from lomar.train.schedule import lr_at, peak_lr, run_span, schedule_overrun, warmup_warning
 from lomar.train.settings_resume import resumed_past_end
-from lomar.train.task import EpochStream, Progress, SkippedFiles, Task, TrainingError, check_weights, diverged
+from lomar.train.task import EpochStream, Progress, SkippedFiles, Task, TrainingError, check_weights, diverged, preload
 from lomar.values import counted
 from lomar.viz.curves import loss_summary
 
@@ -98,25 +98,23 @@ class _Run:
                 "batches_done": self.p.batches_done, "evaluated_step": self.evaluated_step, "rng_ranks": self.rngs,
                 **self.task.state(), **({f"best_{m}": max(self.best, 0.0)} if (m := self.task.best_metric) else {})}
 
-    def load(self, path: Path) -> None:
-        task = self.task
-        if path.is_dir():  # a sharded checkpoint: every rank loads its shards
-            ckpt = load_sharded(task.model, self.optimizer, path)
+    def load(self, path: Path, ckpt: dict | None) -> None:
+        if ckpt is None:  # a sharded folder (a file's ckpt comes from preload): every rank loads its shards
+            ckpt = load_sharded(self.task.model, self.optimizer, path)
+            check_weights(self.task.model, self.info.enabled, resume=path)  # a file's are checked as it is read
         else:
-            ckpt = safe_load(path, map_location=self.device)
             try:
-                task.model.load_state_dict(ckpt["model"])
+                self.task.model.load_state_dict(ckpt["model"])
                 self.optimizer.load_state_dict(ckpt["optimizer"])
             except (ValueError, RuntimeError, KeyError) as exc:
                 raise UsageError(f"--resume {path} does not fit this run: {mismatch(exc)}; resume with the data and "
                                  f"--pretrained it started with, or start a new run with another --out") from None
-        check_weights(task.model, self.info.enabled, resume=path)  # one saved before saves were checked
         if "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.p.step, self.p.epoch, self.p.batches_done = ckpt["step"], ckpt["epoch"], ckpt["batches_done"]
-        self.best = ckpt.get(f"best_{task.best_metric}", -math.inf) if task.best_metric else -math.inf
+        self.best = ckpt.get(f"best_{self.task.best_metric}", -math.inf) if self.task.best_metric else -math.inf
         self.evaluated_step = ckpt.get("evaluated_step")  # None: a checkpoint written before it was kept
-        task.load(ckpt)
+        self.task.load(ckpt)
         restore_rng_states(ckpt, self.info, self.device, self.cfg.seed)  # last: building the run drew from them
         if self.p.step > self.last_step:
             raise ValueError(resumed_past_end(self.p.step, self.last_step, self.cfg, self.steps_per_epoch))
@@ -369,13 +367,15 @@ def run(config, make_task: Callable[..., Task]) -> int:
             if resume is not None and info.is_main:
                 check_no_rewind(resume, out, config.overwrite)
             torch.set_num_threads(config.threads or default_threads())
+            saved = preload(resume, device)  # a checkpoint that cannot resume is refused before the build
             seed_everything(config.seed)  # the same initial weights on every rank
             task = make_task(config, info, device)
             if info.enabled:  # then a stream of its own for each: drop path, mixup, augmentation in this process
                 seed_everything(config.seed + info.rank)
             trainer = _Run(config, task, info, device)
             if resume is not None:
-                trainer.load(resume)
+                trainer.load(resume, saved)
+            del saved  # the run would hold the whole checkpoint to its end
         except (ValueError, FileNotFoundError) as exc:
             raise UsageError(str(exc)) from None
         if info.is_main:
