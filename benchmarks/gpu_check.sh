@@ -48,13 +48,14 @@ say() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
 if [ "$DEVICE" = cpu ]; then  # tiny mode: proves the script runs, measures nothing useful
   D_MODEL=vit_tiny_patch8; D_SIZES="64"; D_CSIZES=""; D_BATCH=2; D_STEPS=1; D_WARMUP=0
   D_PSTEPS=3; D_PREPEAT=1; D_PSIZE=64; D_PBATCH=4; D_WORKERS=1; D_COUNT=8; D_FSTEPS=2; D_BB="64"; D_BBATT="dense chunked"
+  BB_TINY=(--depth 1 --steps 1 --warmup 0)  # one block timed once: each backbone run took ~1 min in CI
   TINY=(--embed-dim 32 --depth 1 --num-heads 2 --window-size 3 --windows 2); D_WINDOWS="2"
   BENCH_TINY=(--tiny); PRECISION=fp32; D_DECODE="draft"; D_MSIZE=64; D_MWIN=2; D_SWEEP="2:eager 2:reduce-overhead"
 else
   D_MODEL=vit_base_patch16; D_SIZES="224 384 448"; D_CSIZES="448"; D_BATCH=64; D_STEPS=5
   D_WARMUP=2; D_PSTEPS=80; D_PREPEAT=4; D_PSIZE=448; D_PBATCH=64; D_WORKERS=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))
   D_COUNT=512  # x D_PREPEAT: 32 steps an epoch, more than 14 workers prefetch (28 batches)
-  D_FSTEPS=20; D_BB="1024 1536 2048"; D_BBATT="dense chunked flex windowed"; TINY=(); D_WINDOWS="paper"; BENCH_TINY=(); PRECISION=bf16
+  D_FSTEPS=20; D_BB="1024 1536 2048"; D_BBATT="dense chunked flex windowed"; BB_TINY=(); TINY=(); D_WINDOWS="paper"; BENCH_TINY=(); PRECISION=bf16
   D_DECODE="gpu"; D_MSIZE=448; D_MWIN=9; D_SWEEP="128:default 256:default 256:reduce-overhead"
 fi
 MODEL=${GPU_CHECK_MODEL:-$D_MODEL}; SIZES=${GPU_CHECK_SIZES-$D_SIZES}; WINDOWS=${GPU_CHECK_WINDOWS:-$D_WINDOWS}
@@ -373,13 +374,14 @@ fi
 if want backbone; then
   if "${LOMAR[@]}" bench --help 2>&1 | grep -q -- 'backbone'; then
     timeout "${GPU_CHECK_T_BACKBONE:-90}" "${LOMAR[@]}" bench --task backbone --model "$MODEL" --sizes $BB_SIZES \
-      --attention $BB_ATTENTION --grad-checkpointing --device "$DEVICE" --precision "$PRECISION" \
+      --attention $BB_ATTENTION --grad-checkpointing --device "$DEVICE" --precision "$PRECISION" "${BB_TINY[@]}" \
       --json "$DEST/backbone.json" 2>&1 | tee -a "$LOG"
     status backbone "${PIPESTATUS[0]}"
     # the encoders a dense task builds, side by side: LoMaR's iRPE against MAE without and with its recipe's
     # relative position term (detect: decomposed, segment: bias), in ViTDet's layout
     timeout "${GPU_CHECK_T_BACKBONE:-90}" "${LOMAR[@]}" bench --task backbone --model "$MODEL" --sizes $BB_RP_SIZES \
       --attention windowed --encoders $BB_ENCODERS --grad-checkpointing --device "$DEVICE" --precision "$PRECISION" \
+      "${BB_TINY[@]}" \
       --json "$DEST/backbone-relpos.json" 2>&1 | tee -a "$LOG"
     status backbone-relpos "${PIPESTATUS[0]}"
   else
