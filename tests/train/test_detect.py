@@ -13,6 +13,7 @@ import shutil
 import pytest
 import torch
 from coco_tiny import write_tiny_coco
+from PIL import Image
 
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
@@ -156,6 +157,26 @@ def test_a_relative_position_term_on_a_lomar_encoder_is_one_line_and_makes_no_fo
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == ("lomar detect: error: --rel-pos decomposed: rel_pos 'decomposed' is for encoders without iRPE "
                     "(MAE's); a LoMaR encoder has its own relative position: use auto or none")
+    assert not out.exists()
+
+
+def test_a_validation_folder_of_other_images_is_refused_before_training(tiny, tmp_path, capsys):
+    # --val-images at half-size copies: each was skipped at the first evaluation, after an epoch of training, and
+    # the run went on unscored ("no metric defined"), exit 0
+    (train_ann, train_images), (val_ann, val_images) = tiny
+    (small := tmp_path / "small").mkdir()
+    for path in sorted(val_images.iterdir()):
+        with Image.open(path) as image:
+            image.resize((image.width // 2, image.height // 2)).save(small / path.name)
+    out = tmp_path / "run"
+    assert main(["detect", "--train-ann", str(train_ann), "--train-images", str(train_images), "--val-ann",
+                 str(val_ann), "--val-images", str(small), "--model", "vit_tiny_patch16", "--img-size", "64",
+                 "--batch-size", "2", "--max-steps", "1", "--warmup-steps", "1", "--rois-per-image", "16",
+                 "--workers", "0", "--threads", "1", "--device", "cpu", "--out", str(out)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"lomar detect: error: 3 of the 3 images {val_ann} lists (over 10%) cannot be used, e.g. "
+                           f"{small / 'img000.png'} is 64x48 upright, but {val_ann} gives it 128x96")
+    assert last.endswith("pass the folder of the images it was written for as --val-images, or fix the file")
     assert not out.exists()
 
 
@@ -502,6 +523,24 @@ class _Oracle(torch.nn.Module):
             outputs.append({"boxes": boxes, "labels": torch.tensor([self.label_of[a["category_id"]] for a in anns]),
                             "scores": torch.ones(len(anns)), "masks": masks})
         return outputs
+
+
+def test_a_resume_on_files_that_name_the_categories_otherwise_is_refused_in_one_line(tiny, tmp_path):
+    # other annotation files may resume a run (their paths are run-control), other classes may not: a re-export
+    # that numbered the same classes anew (square 7, disc 3) was resumed as the same set, labels silently swapped
+    _, (ann, images) = tiny
+    task = DetectTask.__new__(DetectTask)
+    renumbered = [{"id": 3, "name": "disc"}, {"id": 7, "name": "square"}]  # its annotations too, in such a file
+    task.val = read_coco(_edit(ann, tmp_path, lambda d: d.update(categories=renumbered)), images)
+    task.categories = task.val.categories
+    state = {"categories": [3, 7], "category_names": ["square", "disc"], "settings": {"val_ann": "/data/val.json"}}
+    with pytest.raises(UsageError, match=r"^--resume: category 3 is 'square' in the checkpoint but 'disc' in .*"
+                                         r"bad.json \(2 of 2 categories named otherwise.*--val-ann /data/val.json\)"):
+        task.load(state)
+    with pytest.raises(UsageError, match=r"category ids are \[3, 8\] in the checkpoint but \[3, 7\] in"):
+        task.load({**state, "categories": [3, 8]})
+    task.load({**state, "category_names": ["disc", "square"]})  # the same classes from other files: allowed
+    task.load({"categories": [3, 7]})  # a checkpoint saved before names were kept: by its ids
 
 
 def test_a_validation_image_that_cannot_be_read_is_left_out_of_the_ap_not_counted_as_missed(tiny, tmp_path):

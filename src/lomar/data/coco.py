@@ -82,6 +82,13 @@ class CocoSplit:
     categories: list[int]
     summary: CocoSummary = field(default_factory=CocoSummary)
 
+    @property
+    def names(self) -> list[str]:
+        """The categories' names, in ``categories``' order: what a checkpoint keeps beside the ids, so that a file
+        whose ids name other classes (a re-export that numbered them anew) is not resumed as the same set."""
+        by_id = {c["id"]: str(c["name"]) for c in self.data["categories"]}
+        return [by_id[i] for i in self.categories]
+
     def coco(self):
         """A pycocotools ``COCO`` over a copy of the cleaned dict (its evaluation rewrites polygons as RLE in
         place; its index printout swallowed)."""

@@ -25,6 +25,7 @@ from lomar.checkpoints.formats import holds_beit
 from lomar.checkpoints.io import atomic_write_text, open_in_place, safe_load
 from lomar.checkpoints.kinds import DETECT_FORMAT
 from lomar.data.coco import (
+    CocoSplit,
     collate_detection,
     collate_detection_refill,
     detection_dataset,
@@ -33,6 +34,7 @@ from lomar.data.coco import (
     train_transforms,
     training_split,
 )
+from lomar.data.coco_images import check_split_images
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError
 from lomar.eval.coco import coco_metrics, to_coco_results
@@ -50,7 +52,7 @@ from lomar.train.preemption import ignore_stop_signals
 from lomar.train.run_state import RunLock
 from lomar.train.settings_resume import encoder_layout
 
-__all__ = ["DetectTask", "detect_checkpoint", "step_lr_factor", "detect"]
+__all__ = ["DetectTask", "detect_checkpoint", "step_lr_factor", "detect", "category_change"]
 
 
 def step_lr_factor(step: int, total: int, warmup: int) -> float:
@@ -98,6 +100,7 @@ class DetectTask(Task):
             raise UsageError(f"{self.val.path}: no annotation to score (each is a crowd region or of zero area); "
                              f"COCO AP needs non-crowd boxes in the validation split")
         log(f"lomar detect: val {self.val.path}: {self.val.summary.line()}")
+        check_split_images(self.val, "--val-images", config.workers or 1)  # not first found after an epoch
         self.categories = self.val.categories
         saved = detect_checkpoint(config.pretrained) if config.pretrained else None
         self.model = self._build_model(saved)
@@ -106,9 +109,8 @@ class DetectTask(Task):
         if not config.eval_only:
             train = training_split(read_coco(config.train_ann, config.train_images, "--train-ann", "--train-images"))
             log(f"lomar detect: train {train.path}: {train.summary.line()}")
-            if train.categories != self.categories:
-                raise UsageError(f"{train.path} and {self.val.path} list different category ids "
-                                 f"({train.categories} vs {self.categories}); both splits need the same categories")
+            if why := category_change(self.val.categories, self.val.names, train, f"in {self.val.path}"):
+                raise UsageError(f"{why}; both splits need the same categories")
             dataset = detection_dataset(train, train_transforms(config.img_size, config.jitter), train=True,
                                         seed=config.seed)
             sampler = EpochSampler(len(dataset), config.seed, rank, world_size)
@@ -127,9 +129,8 @@ class DetectTask(Task):
         cfg = self.config
         if saved is not None:
             ckpt = safe_load(saved)
-            if ckpt["categories"] != self.categories:
-                raise UsageError(f"{saved} was trained on category ids {ckpt['categories']}, {self.val.path} lists "
-                                 f"{self.categories}; evaluate on the split it was trained for")
+            if why := category_change(ckpt["categories"], ckpt.get("category_names"), self.val, f"in {saved}"):
+                raise UsageError(f"--pretrained: {why}; evaluate on the split it was trained for")
             # the detector's own layout, unless given (DetectConfig.complete): the same weights either way
             encoder_config = ViTConfig.from_dict(ckpt["encoder_config"])
             if cfg.rel_pos not in ("auto", encoder_config.rel_pos):
@@ -215,17 +216,35 @@ class DetectTask(Task):
         return metrics[0]
 
     def state(self) -> dict:
-        return {"categories": self.categories, "encoder_config": self.model.backbone.encoder.config.to_dict(),
-                "format": DETECT_FORMAT, "settings": self.config.to_dict()}
+        return {"categories": self.categories, "category_names": self.val.names,
+                "encoder_config": self.model.backbone.encoder.config.to_dict(), "format": DETECT_FORMAT,
+                "settings": self.config.to_dict()}
 
     def load(self, state: dict) -> None:
-        if state.get("categories") != self.categories:
-            raise UsageError(f"the checkpoint's category ids {state.get('categories')} differ from "
-                             f"{self.val.path}'s {self.categories}")
+        """Refuses a checkpoint of other categories (ids, or names where it kept them): other annotation files
+        may resume a run (their paths are run-control settings), other classes may not."""
+        if why := category_change(state.get("categories"), state.get("category_names"), self.val, "in the checkpoint"):
+            started = state.get("settings", {}).get("val_ann")
+            raise UsageError(f"--resume: {why}; resume with annotation files of the run's categories"
+                             f"{f' (it started with --val-ann {started})' if started else ''}, or start a new run "
+                             f"with another --out")
 
     def finish(self, out: Path) -> None:
         """``OUT/predictions.json``: the last evaluation's detections, a COCO results file."""
         atomic_write_text(Path(out) / "predictions.json", json.dumps(self.predictions))
+
+
+def category_change(ids: list[int] | None, names: list[str] | None, split: CocoSplit, where: str) -> str | None:
+    """How ``split``'s categories differ from ``ids`` (and ``names``, None where not kept) ``where`` says they
+    are; None when they are the same."""
+    if ids != split.categories:
+        return f"the category ids are {ids} {where} but {split.categories} in {split.path}"
+    if names is not None and names != split.names:
+        differ = [(i, a, b) for i, a, b in zip(ids, names, split.names) if a != b]
+        i, was, now = differ[0]
+        return (f"category {i} is {was!r} {where} but {now!r} in {split.path} ({len(differ)} of {len(ids)} "
+                f"categories named otherwise: the ids would mean other classes)")
+    return None
 
 
 def stderr_log(message: str) -> None:

@@ -1,0 +1,43 @@
+"""A COCO split's images checked from their headers, before any training: an evaluation finds an image that
+cannot be read, or whose upright size is not the one its annotations are for, only when it reads it, after
+the first epoch (hours into a COCO run), and then scores without it."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from lomar.data.coco import CocoSplit
+from lomar.data.collate import UNREADABLE_LIMIT
+from lomar.data.decode import open_pil, oriented_size, read_image_bytes
+from lomar.errors import UsageError
+
+__all__ = ["unusable_image", "check_split_images"]
+
+
+def unusable_image(split: CocoSplit, image: dict) -> str | None:
+    """Why ``image`` (an entry of ``split``'s images) cannot be used, in the words the loader's warning uses;
+    None when its header reads and gives the size the file does (EXIF orientation applied)."""
+    path = Path(split.root) / str(image["file_name"])
+    try:
+        with open_pil(read_image_bytes(path), str(path)) as opened:
+            height, width = oriented_size(opened)
+    except (ValueError, OSError) as exc:
+        return str(exc).splitlines()[0]
+    if (height, width) != (round(image["height"]), round(image["width"])):
+        return (f"{path} is {width}x{height} upright, but {split.path} gives it {image['width']}x{image['height']}: "
+                f"its annotations would not fit")
+    return None
+
+
+def check_split_images(split: CocoSplit, flag: str, workers: int = 1) -> None:
+    """A UsageError when more than :data:`~lomar.data.collate.UNREADABLE_LIMIT` of ``split``'s images cannot be
+    used (a score over part of a split is not the split's score); ``flag`` names the image folder's option.
+    Fewer are left to the loader, which skips each with a warning."""
+    images = split.data["images"]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        reasons = [why for why in pool.map(lambda image: unusable_image(split, image), images) if why]
+    if len(reasons) > UNREADABLE_LIMIT * len(images):
+        raise UsageError(f"{len(reasons)} of the {len(images)} images {split.path} lists (over "
+                         f"{UNREADABLE_LIMIT:.0%}) cannot be used, e.g. {reasons[0]}; pass the folder of the images "
+                         f"it was written for as {flag}, or fix the file")
