@@ -17,6 +17,7 @@ import yaml
 
 from helpers import TINY, fill_disk, losses, pretrain
 from lomar.checkpoints.io import safe_load
+from lomar.cli import app
 from lomar.cli.app import main
 
 BIN = Path(sys.executable).parent
@@ -60,17 +61,28 @@ def test_bad_configuration_is_one_line_and_exit_2(tmp_path, capsys, image_dir, f
     assert not out.exists()  # nothing was done
 
 
-@pytest.mark.parametrize("local_rank, shown", [("0", 1), ("1", 0)])
+@pytest.mark.parametrize("local_rank, stopped, code, shown", [("0", False, 2, 1), ("1", True, 143, 0),
+                                                              ("1", False, 2, 1)])
 def test_under_torchrun_the_first_process_of_a_machine_alone_prints_a_bad_configuration(
-        tmp_path, capsys, image_dir, monkeypatch, local_rank, shown):
+        tmp_path, capsys, image_dir, monkeypatch, local_rank, stopped, code, shown):
     # every process printed the same error (and note): torchrun --nproc-per-node 8 showed each line 8 times
+    import signal
+
+    from lomar.cli import common
+
+    def wait(seconds):  # for the first process to fail: torchrun then stops the others (stopped), or it did not
+        assert seconds == common.FIRST_PROCESS_WAIT
+        if stopped:
+            raise app.Terminated(signal.SIGTERM)
+
+    monkeypatch.setattr(time, "sleep", wait)
     monkeypatch.setenv("LOCAL_RANK", local_rank)
     args = ["pretrain", *TINY, "--data", str(image_dir), "--out", str(tmp_path / "run"), "--windows", "0",
             "--window-size", "5"]
-    assert main([*args, "--batch-size", "0"]) == 2  # every process stops
+    assert main([*args, "--batch-size", "0"]) == code  # every process stops
     assert capsys.readouterr().err == "lomar pretrain: error: --batch-size must be positive, got 0\n" * shown
     assert main([*args, "--print-config"]) == 0
-    assert capsys.readouterr().err.count("note: --window-size 5 is unused") == shown
+    assert capsys.readouterr().err.count("note: --window-size 5 is unused") == (local_rank == "0")
 
 
 def test_the_hardware_decoder_without_its_package_is_one_line(tmp_path, capsys, image_dir, monkeypatch):

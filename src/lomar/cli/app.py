@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Terminated as exc:
         signum = exc.args[0] if exc.args else signal.SIGTERM
-        print(f"{prefix}: terminated ({signal.Signals(signum).name})", file=sys.stderr)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # torchrun signals every process: one line a machine
+            print(f"{prefix}: terminated ({signal.Signals(signum).name})", file=sys.stderr)
         return 128 + signum
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)

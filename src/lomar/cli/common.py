@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from lomar.errors import LomarError, UsageError
@@ -139,6 +140,9 @@ def load_for_cli(path: str, args: argparse.Namespace, original: bool = False):
         raise UsageError(re.sub(r"\b(\w+)=\.\.\.", lambda m: flags.get(m[1], m[0]), message)) from None
 
 
+FIRST_PROCESS_WAIT = 30.0  # seconds a torchrun process waits for the first one to report a bad configuration
+
+
 def first_on_machine() -> bool:
     """Whether this process is the first of its machine: the only one without torchrun, else ``LOCAL_RANK`` 0."""
     return int(os.environ.get("LOCAL_RANK", "0")) == 0
@@ -168,9 +172,11 @@ def training_command(config_cls, runner: str, epilog: str):
             config = config_cls.resolve(args)  # a ConfigError is a UsageError: one line, exit 2
         except LomarError:
             # Under torchrun every process of a machine resolves the same flags from the same files, and each printed
-            # the same line; the first one says it (one per machine: another machine's files may differ).
+            # the same line; the first one says it (one per machine: another machine's files may differ). The others
+            # wait for it to fail and torchrun to stop them (silently: lomar.cli.app): ending first, one would have
+            # torchrun stop the first before it said why. One still running after the wait says it itself.
             if not first_on_machine():
-                return 2
+                time.sleep(FIRST_PROCESS_WAIT)
             raise
         if args.print_config:
             sys.stdout.write(config.dump(invocation=True))
