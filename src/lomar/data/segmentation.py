@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from lomar.data.collate import LabelledBatch, Skipped, refilled, split_skipped
 from lomar.data.decode import is_image_name, load_image, open_pil, oriented_size, read_image_bytes
+from lomar.data.pathtable import PathTable
 from lomar.data.transforms import sample_generator, sample_key
 
 __all__ = ["IGNORE", "MAX_CLASS_ID", "MEAN", "STD", "SegmentationFolder", "read_labels", "eval_scale",
@@ -121,26 +122,29 @@ class SegmentationFolder(Dataset):
                  seed: int = 0, workers: int = 4, photometric: bool = True):
         self.root, self.split, self.num_classes, self.crop = Path(root), split, num_classes, crop
         self.train, self.seed, self.skipped, self.photometric = train, seed, set(), photometric
-        self.pairs = _pairs(self.root, split)
+        pairs = _pairs(self.root, split)
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            tops = list(pool.map(lambda pair: _check_pair(*pair), self.pairs))
+            tops = list(pool.map(lambda pair: _check_pair(*pair), pairs))
         top = max(tops)  # over the whole split: the --num-classes to suggest is the highest id of all
         if top > MAX_CLASS_ID:
-            annotation = self.pairs[tops.index(top)][1]
+            annotation = pairs[tops.index(top)][1]
             raise ValueError(f"annotation {annotation} holds class id {top}; ids are 1..{MAX_CLASS_ID} for the "
                              f"classes, 0 and {IGNORE} ignored; fix the annotations")
         if top > num_classes:
-            annotation = self.pairs[tops.index(top)][1]
+            annotation = pairs[tops.index(top)][1]
             raise ValueError(f"annotation {annotation} holds class id {top}, above --num-classes {num_classes} (ids: "
                              f"0 ignored, 1..N the classes; {top} is the highest in {split}); pass --num-classes "
                              f"{top} or fix the annotations")
 
+        # packed (lomar.data.pathtable): a list of Path pairs is copied into every loader worker that reads it
+        self.images, self.labels = PathTable(image for image, _ in pairs), PathTable(label for _, label in pairs)
+
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.images)
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(uint8 image (3, H, W), long labels (H, W): 0..N-1 or IGNORE)."""
-        image_path, label_path = self.pairs[index]
+        image_path, label_path = self.images[index], self.labels[index]
         labels = torch.from_numpy(read_labels(label_path).astype(np.int64))
         return load_image(image_path), torch.where((labels == 0) | (labels == IGNORE), IGNORE, labels - 1)
 
@@ -152,7 +156,7 @@ class SegmentationFolder(Dataset):
             return Skipped.warned(exc, index, self.skipped)
         if not self.train:
             size = eval_scale(*image.shape[-2:], self.crop)
-            return (_resize(image.float(), size) - MEAN) / STD, labels, self.pairs[index][0].stem
+            return (_resize(image.float(), size) - MEAN) / STD, labels, self.images[index].stem
         return self._augment(image, labels, sample_generator(self.seed, epoch, index))
 
     def _augment(self, image: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
