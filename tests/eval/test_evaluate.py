@@ -14,6 +14,7 @@ from lomar import MAE, LoMaR, VisionTransformer, ViTConfig, export_encoder
 from lomar.checkpoints.io import atomic_save, safe_load
 from lomar.checkpoints.keys import lomar_to_original
 from lomar.cli.app import main
+from lomar.eval import knn
 from lomar.eval.features import load_pretrained_encoder
 from lomar.eval.knn import knn_accuracy, knn_predict
 from lomar.eval.linear_probe import train_linear_probe
@@ -100,6 +101,15 @@ def test_knn_scores_blocks_of_queries_within_the_byte_budget_with_the_same_score
     blocked = knn_predict(bank, labels, query, 7, k=5, max_bytes=4 * 50 * 3)  # 3 rows of 50 float32 similarities
     assert rows == [50, 3, 3, 3, 1]  # the bank, then the query blocks
     assert torch.equal(blocked, whole)
+
+
+def test_knn_scores_on_a_cuda_device_only_where_the_bank_fits_beside_a_block(monkeypatch):
+    bank = torch.zeros(1000, 64)  # 2 x 256 kB of bank beside the 1 GiB block
+    need = 2 * 1000 * 64 * 4 + knn.SIMILARITY_BYTES
+    for free, expected in ((need, "cuda:1"), (need - 1, "cpu")):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 80 * 2**30))
+        assert knn.scoring_device(bank, "cuda:1") == torch.device(expected)
+    assert knn.scoring_device(bank, "cpu") == torch.device("cpu")
 
 
 @pytest.mark.parametrize("temperature", [0.005, 1e-4])
@@ -218,10 +228,13 @@ def test_layer_decay_groups_follow_depth(pool):
     assert decay[id(named["blocks.0.attn.rpe.table"])] == 0.05 and decay[id(named["head.weight"])] == 0.05
 
 
-def test_knn_and_linprobe_commands(pretrained, folder, tmp_path, capsys):
+def test_knn_and_linprobe_commands(pretrained, folder, tmp_path, capsys, monkeypatch):
     out = tmp_path / "knn.json"
     common = ["--data", str(folder), "--img-size", "32", "--workers", "0", "--device", "cpu"]
+    devices, score = [], knn.knn_top1  # the scoring runs on --device (it ran on the CPU whatever the flag said)
+    monkeypatch.setattr(knn, "knn_top1", lambda *args, **kw: devices.append(kw.get("device")) or score(*args, **kw))
     assert main(["knn", str(pretrained), *common, "--k", "3", "--json", str(out)]) == 0
+    assert devices == ["cpu"]
     result = json.loads(out.read_text())
     assert 0 <= result["knn_top1"] <= 1 and result["val_images"] == 6
     assert main(["linprobe", str(pretrained), *common, "--epochs", "5", "--save", str(tmp_path / "p.pt")]) == 0

@@ -135,7 +135,7 @@ def knn_run(args: argparse.Namespace) -> int:
 
     train_x, train_y, val_x, val_y = _features(args)
     k = min(args.k, len(train_y))  # knn_top1's own cap, said
-    top1 = knn_top1(train_x, train_y, val_x, val_y, k, args.temperature)
+    top1 = knn_top1(train_x, train_y, val_x, val_y, k, args.temperature, device=resolve_device(args.device))
     capped = f", every training image: --k {args.k} asks for more" if k < args.k else ""
     print(f"k-NN (k={k}{capped}, T={args.temperature}, {args.pool} features) top-1: {100 * top1:.2f}% "
           f"({len(val_y)} val / {len(train_y)} train images)")

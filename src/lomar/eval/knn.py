@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lomar.eval.features import Pool, extract_features, knn_loaders
 from lomar.models.vit import VisionTransformer
 
-__all__ = ["knn_predict", "knn_top1", "knn_accuracy", "KnnMonitor"]
+__all__ = ["knn_predict", "scoring_device", "knn_top1", "knn_accuracy", "KnnMonitor"]
 
 
 # Bytes of one block of query-bank similarities: 1,024 queries against ImageNet's 1.28M training features would
@@ -46,11 +46,24 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query: to
     return torch.cat(scores)
 
 
+def scoring_device(bank: torch.Tensor, device: torch.device | str) -> torch.device:
+    """Where to score against ``bank`` (M, D): ``device``, unless it is a CUDA device without the free memory for the
+    normalised bank and a block of similarities beside it (ImageNet's ViT-B bank is 3.9 GB): then the CPU, which
+    is slower but holds it (a k-NN score is worth more than the minutes it saves)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device
+    need = 2 * bank.shape[0] * bank.shape[1] * 4 + SIMILARITY_BYTES  # the float32 copy and its normalised one
+    return device if torch.cuda.mem_get_info(device)[0] >= need else torch.device("cpu")
+
+
 def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, k: int = 20,
              temperature: float = 0.07, device: torch.device | str = "cpu") -> float:
-    """Top-1 in [0, 1] of the k-NN classifier on features: train_x (M, D), train_y (M,), val_x (Q, D), val_y (Q,)."""
+    """Top-1 in [0, 1] of the k-NN classifier on features: train_x (M, D), train_y (M,), val_x (Q, D), val_y (Q,);
+    scored on ``device`` where the bank fits (:func:`scoring_device`)."""
     classes = int(max(train_y.max(), val_y.max())) + 1
-    pred = knn_predict(train_x.to(device), train_y, val_x, classes, k, temperature).argmax(dim=1).cpu()
+    bank = train_x.to(scoring_device(train_x, device))
+    pred = knn_predict(bank, train_y, val_x, classes, k, temperature).argmax(dim=1).cpu()
     return float((pred == val_y).float().mean())
 
 

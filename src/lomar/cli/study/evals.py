@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from lomar.checkpoints.formats import load_model
+from lomar.cli.common import resolve_device
 from lomar.cli.probe import fit_linprobe, frozen_features, knn_add_arguments, linprobe_add_arguments, resolve_linprobe
 from lomar.cli.study.spec import (
     Cell,
@@ -101,7 +102,8 @@ class Scorer:
             if key not in self._features:
                 self._features[key] = frozen_features(args)
             if metric == "knn":
-                return round(knn_top1(*self._features[key], args.k, args.temperature), 4)
+                return round(knn_top1(*self._features[key], args.k, args.temperature,
+                                      device=resolve_device(args.device)), 4)
             return round(fit_linprobe(args, self._features[key])[1], 4)
         except ValueError as exc:
             raise LomarError(f"{metric} of {self.checkpoint}: {exc}") from None
