@@ -324,6 +324,29 @@ def test_metrics_truncation_holds_one_line_at_a_time_and_keeps_the_lines_as_they
     assert peak - held < size / 4
 
 
+@pytest.mark.slow
+def test_tensorboard_keeps_every_step_of_a_run_that_stops_with_an_error(tmp_path):
+    # such a run closes no Monitor, and at exit TensorBoard's writer thread dropped what it had not written yet: the
+    # steps before the error (its writes slowed here, as a busy disk would: it then always had some left)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    script = (
+        "import sys, time\n"
+        "from tensorboard.summary.writer.record_writer import RecordWriter\n"
+        "from lomar.train.monitor import Monitor\n"
+        "write = RecordWriter.write\n"
+        "RecordWriter.write = lambda self, data: (time.sleep(0.002), write(self, data))\n"
+        "monitor = Monitor(__import__('pathlib').Path(sys.argv[1]), active=True, total=30, log_every=100)\n"
+        "for step in range(1, 31):\n"
+        "    monitor.step(step, 0, 1.0 / step, 1e-3, 10.0)\n"
+        "raise SystemExit('the run stopped')\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.endswith("the run stopped\n"), done.stderr[-2000:]
+    logged = EventAccumulator(str(tmp_path / "tb"))
+    logged.Reload()
+    assert [event.step for event in logged.Scalars("train/loss")] == list(range(1, 31))
+
+
 def test_thread_and_worker_defaults_fit_the_machine(monkeypatch):
     monkeypatch.setattr(runtime, "available_cores", lambda: 2)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,6 +67,9 @@ class Monitor:
             _quiet_board_threads()
             # a resumed run hides what a killed one logged past its checkpoint, as metrics.jsonl is cut back
             self.writer = _board(out, lambda: SummaryWriter(str(out / "tb"), purge_step=start + 1 if start else None))
+            # A run stopped by an error (a non-finite loss, a full disk) closes no Monitor, and at exit TensorBoard's
+            # writer thread dropped what it had not written yet: the last steps before the error.
+            weakref.finalize(self, _close_quietly, self.writer)
         except ImportError:  # tensorboard is a dependency, but a run must not die for a log
             self.writer = None
         self.bar = progress(total=total, desc=name, initial=start, unit="step")
@@ -124,6 +128,12 @@ def _board(out: Path, call: Callable):
         return call()
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror or str(exc), str(out / "tb")) from None
+
+
+def _close_quietly(writer) -> None:
+    """Close TensorBoard's ``writer`` of a run that ended with an error: that error is the one to report."""
+    with contextlib.suppress(Exception):
+        writer.close()
 
 
 def _quiet_board_threads() -> None:
