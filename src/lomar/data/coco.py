@@ -329,9 +329,9 @@ class CocoInstances(CocoDetection):
         label_of = {cat: i + 1 for i, cat in enumerate(split.categories)}
         by_image = {image["id"]: [] for image in split.data["images"]}
         for ann in split.data["annotations"]:
-            if ann["image_id"] in by_image:
-                by_image[ann["image_id"]].append({**ann, "category_id": label_of[ann["category_id"]]})
-        self.records = PackedRecords((image["file_name"], image["width"], image["height"], by_image[image["id"]])
+            by_image.get(ann["image_id"], []).append(ann)
+        self.records = PackedRecords((image["file_name"], image["width"], image["height"],
+                                      [{**a, "category_id": label_of[a["category_id"]]} for a in by_image[image["id"]]])
                                      for image in split.data["images"])
         self.ids = IntTable(image["id"] for image in split.data["images"])  # the v2 wrapper reads ids[index]
         self.source = split.path
