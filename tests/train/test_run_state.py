@@ -374,8 +374,14 @@ def _save_worker(rank: int, world: int, port: int, out: str) -> None:
         except Exception as exc:  # noqa: BLE001 - the test records whatever came out
             raised = f"{type(exc).__name__}: {exc}"
         written = save_on_main_rank(lambda: "written", rank == 0, torch.device("cpu"))
+        from types import SimpleNamespace
+
+        from lomar.train.distributed import main_rank_out
+
+        # a default --out is each process's clock's: two that read it in different seconds split a sharded checkpoint
+        folder = main_rank_out(SimpleNamespace(out=f"runs/2026120{rank}-000000"))
         with open(f"{out}/rank{rank}.txt", "w") as f:
-            f.write(f"{raised}|{written}")
+            f.write(f"{raised}|{written}|{folder}")
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -392,9 +398,10 @@ def test_a_failed_save_on_the_main_rank_stops_every_rank_with_a_save_error(tmp_p
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     mp.start_processes(_save_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
-    assert (tmp_path / "rank0.txt").read_text() == "SaveError: no space left on the device to write last.pt|written"
+    assert (tmp_path / "rank0.txt").read_text() == \
+        "SaveError: no space left on the device to write last.pt|written|runs/20261200-000000"
     assert (tmp_path / "rank1.txt").read_text() == \
-        "SaveError: the main process could not write the checkpoint; see its message|None"
+        "SaveError: the main process could not write the checkpoint; see its message|None|runs/20261200-000000"
 
 
 @pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, "fp32"), (True, False, "bf16"),

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from lomar.train.runtime import retain_freed_memory
 
-__all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "any_rank"]
+__all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "any_rank", "main_rank_out"]
 
 
 @dataclass(frozen=True)
@@ -65,3 +65,14 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     agreed = torch.tensor(float(flag), device=device)
     dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
     return bool(agreed)
+
+
+def main_rank_out(config) -> str:
+    """``config.out``, made the main rank's on every rank (a collective under torchrun): the default ``--out``,
+    runs/<time>, is each process's own clock's, and processes that read it in different seconds wrote one sharded
+    checkpoint into two folders (the one ``last.json`` names lacked a rank's shards)."""
+    if dist.is_available() and dist.is_initialized():
+        shared = [config.out]
+        dist.broadcast_object_list(shared, src=0)
+        config.out = shared[0]
+    return config.out

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lomar.checkpoints.io import mismatch
 from lomar.errors import LomarError, UsageError
-from lomar.train.distributed import DistInfo, any_rank, cleanup_distributed, init_distributed
+from lomar.train.distributed import DistInfo, any_rank, cleanup_distributed, init_distributed, main_rank_out
 from lomar.train.fsdp import load_sharded, save_run_checkpoint
 from lomar.train.monitor import Monitor, input_limit_note, resume_hint
 from lomar.train.precision import WatchedScaler, autocast_factory, resolve_precision
@@ -353,7 +353,7 @@ def run(config, make_task: Callable[..., Task]) -> int:
     except (ValueError, RuntimeError) as exc:
         message = str(exc).splitlines()[0]
         raise UsageError(message if "--device" in message else f"--device {config.device}: {message}") from None
-    out, name = Path(config.out), config.COMMAND
+    out, name = Path(main_rank_out(config)), config.COMMAND  # one run folder: a default's time is rank 0's
     lock, task, trainer = RunLock(out), None, None
     try:
         if info.is_main:  # only the main process writes into the folder
