@@ -18,7 +18,7 @@ from lomar.train.settings import Setting, add_settings
 
 __all__ = ["add_arguments", "run"]
 
-_MAX_VIEW_BYTES = 4 << 30  # 2048 views of 112 px take 0.3 GiB; of 512 px, 6 GiB
+_MAX_VIEW_BYTES = 4 << 30  # the patches of 2048 views of 112 px take 0.3 GiB; of 512 px, 6 GiB
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "size": Setting(112, "view size in px (default: 112, 14x14 tokens)", above=0),
         "patch": Setting(8, "pixels per token", above=0),
         "iters": Setting(20, "Lloyd iterations at most", above=0),
-        "max_images": Setting(2048, "images used at most", above=0),
+        "max_images": Setting(2048, "images used at most, drawn at random (--seed) across --data", above=0),
         "seed": S.SEED,
         "overwrite": S.OVERWRITE.but(help="replace FILE if it exists"),
     })
@@ -47,9 +47,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     })
 
 
-def _views(data: str, size: int, limit: int):
-    """(n, 3, size, size) in [0, 1]: the images' centre squares, resized (bicubic, antialiased)."""
+def _sample(paths, limit: int, seed: int) -> list:
+    """``limit`` of ``paths`` drawn (seeded) across the whole list, in list order. A folder is listed
+    sorted, so its first images are its first classes: ImageNet's first 2048 are two kinds of fish."""
     import torch
+
+    if len(paths) <= limit:
+        return list(paths)
+    picked = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+    return [paths[i] for i in picked.tolist()]
+
+
+def _views(data: str, size: int, limit: int, seed: int, read: dict):
+    """Yields (3, size, size) in [0, 1]: the sampled images' centre squares, resized (bicubic,
+    antialiased), one at a time, so that only their patches are held; ``read`` gets the counts."""
     import torch.nn.functional as F
 
     from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker  # torch: not for --help
@@ -61,8 +72,9 @@ def _views(data: str, size: int, limit: int):
         raise ValueError(f"--data {data}: tokenizer fit reads an image folder or a .txt list of paths, not tar "
                          f"shards; pass a folder of some of the images, or let `lomar pretrain --method beit "
                          f"--data {data}` fit the tokenizer on the shards (saved as OUT/tokenizer.safetensors)")
-    paths = build_image_list(data)[:limit]
-    views, bad = [], BadDataTracker(len(paths))  # logs each unreadable file once, with why
+    paths = _sample(build_image_list(data), limit, seed)
+    bad = BadDataTracker(len(paths))  # logs each unreadable file once, with why
+    read.update(images=0, bad=0)
     for path in paths:
         try:
             image = load_image(path)
@@ -74,12 +86,13 @@ def _views(data: str, size: int, limit: int):
         side = min(h, w)
         top, left = (h - side) // 2, (w - side) // 2
         square = image[:, top:top + side, left:left + side].float()[None] / 255
-        views.append(F.interpolate(square, size=(size, size), mode="bicubic", antialias=True,
-                                   align_corners=False).clamp(0, 1)[0])
-    if not views:
+        read["images"] += 1
+        yield F.interpolate(square, size=(size, size), mode="bicubic", antialias=True,
+                            align_corners=False).clamp(0, 1)[0]
+    if not read["images"]:
         raise ValueError(f"none of the {len(paths)} images in {data} could be read")
     bad.check(UNREADABLE_LIMIT)  # as pretraining: a tokenizer of another set of images than the one asked for
-    return torch.stack(views), bad.count
+    read["bad"] = bad.count
 
 
 _FLAGS = {"vocab_size": "--vocab", "input_size": "--size", "patch": "--patch"}
@@ -100,19 +113,20 @@ def run(args: argparse.Namespace) -> int:
             path = convert_dvae(args.source, args.to)
             print(f"lomar: wrote {path}")
             return 0
-        view_bytes = args.max_images * 3 * args.size ** 2 * 4  # float32 views, then as many patch features
+        view_bytes = args.max_images * 3 * args.size ** 2 * 4  # the float32 patch features k-means holds
         if view_bytes > _MAX_VIEW_BYTES:
             largest = int((_MAX_VIEW_BYTES / (args.max_images * 12)) ** 0.5)
             raise ValueError(f"--size {args.size} with --max-images {args.max_images} needs "
                              f"{view_bytes / 2**30:,.1f} GiB of views (limit {_MAX_VIEW_BYTES >> 30} GiB); "
                              f"pass --size {largest} or less (default 112) or fewer --max-images")
-        views, bad = _views(args.data, args.size, args.max_images)
+        read: dict = {}
+        views = _views(args.data, args.size, args.max_images, args.seed, read)
         tokenizer = fit_kmeans_tokenizer(views, vocab_size=args.vocab, patch=args.patch, seed=args.seed,
                                          iters=args.iters, input_size=args.size)
-        tokenizer.save(args.out, extra={"fitted_on": str(args.data), "images": str(views.shape[0])})
+        tokenizer.save(args.out, extra={"fitted_on": str(args.data), "images": str(read["images"])})
     except (ValueError, FileNotFoundError) as exc:  # the library's argument names, as the flags spell them
         message = re.sub(r"\b(vocab_size|input_size|patch)=", lambda m: f"{_FLAGS[m[1]]} ", str(exc).splitlines()[0])
         raise UsageError(re.sub(r"\bpass vocab_size\b", "pass --vocab", message)) from None
-    skipped = f", {bad} unreadable skipped" if bad else ""
-    print(f"lomar: wrote {args.out} (vocabulary {tokenizer.vocab_size}, {views.shape[0]} images{skipped})")
+    skipped = f", {read['bad']} unreadable skipped" if read["bad"] else ""
+    print(f"lomar: wrote {args.out} (vocabulary {tokenizer.vocab_size}, {read['images']} images{skipped})")
     return 0

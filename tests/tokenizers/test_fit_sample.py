@@ -1,0 +1,47 @@
+"""`lomar tokenizer fit --max-images N` fits on N images drawn across the whole folder, read one at a
+time: a folder is listed sorted, so its first N images are its first classes (ImageNet's first 2048
+are tench and goldfish), and holding every view besides its patches doubled the memory."""
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lomar.cli import tokenizer as tokenizer_cli
+from lomar.cli.app import main
+
+
+def _folder(root: Path, classes: int = 3, per_class: int = 3) -> Path:
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+def _recording_loads(monkeypatch) -> list[Path]:
+    import lomar.data.decode as decode
+
+    loaded, real = [], decode.load_image
+    monkeypatch.setattr(decode, "load_image", lambda path: loaded.append(Path(path)) or real(path))
+    return loaded
+
+
+def test_max_images_are_drawn_across_the_folder_not_its_first_classes(tmp_path, monkeypatch, capsys):
+    data = _folder(tmp_path / "data")
+    loaded = _recording_loads(monkeypatch)
+    args = ["tokenizer", "fit", "--data", str(data), "--vocab", "2", "--size", "8", "--max-images", "3"]
+    assert main([*args, "--out", str(tmp_path / "a.safetensors")]) == 0
+    first = list(loaded)
+    assert len(set(first)) == 3 and {p.parent.name for p in first} != {"c0"}, first
+    assert "3 images" in capsys.readouterr().out
+    loaded.clear()  # the same seed draws the same images
+    assert main([*args, "--out", str(tmp_path / "b.safetensors")]) == 0
+    assert loaded == first
+
+
+def test_views_are_read_one_at_a_time(tmp_path, monkeypatch):
+    loaded = _recording_loads(monkeypatch)
+    views = tokenizer_cli._views(str(_folder(tmp_path / "data")), 8, 9, 0, {})
+    assert tuple(next(views).shape) == (3, 8, 8) and len(loaded) == 1
