@@ -291,6 +291,26 @@ def test_a_finished_run_resumed_leaves_its_folder_as_it_is(tmp_path):
     assert files() == before
 
 
+def test_a_resume_the_task_refuses_names_its_cause_not_the_weights_shapes(tmp_path):
+    # finetune resumed on data of 4 classes, not 3: "does not fit this run: size mismatch for head.weight ..."
+    from lomar.errors import UsageError
+
+    class Classes(ToyTask):
+        def __init__(self, config, info, device):
+            super().__init__(config, info, device)
+            self.model = torch.nn.Linear(3, 1 if config.resume is None else 2)
+
+        def state(self):
+            return {"classes": ["a"]}
+
+        def load(self, state):
+            raise UsageError(f"--resume: the checkpoint's classes {state['classes']} differ from the data's")
+
+    assert run(ToyConfig(out=str(tmp_path / "run"), max_steps=4), Classes) == 0
+    with pytest.raises(UsageError, match=r"^--resume: the checkpoint's classes \['a'\] differ from the data's$"):
+        run(ToyConfig(out=str(tmp_path / "run"), resume="auto"), Classes)
+
+
 @pytest.mark.parametrize("settings, end, by, fix", [(dict(max_steps=5), 5, "--max-steps 5", "--max-steps 8"),
                                                     (dict(epochs=1), 4, "--epochs 1 of 4 steps", "--epochs 2")])
 def test_a_resume_whose_settings_end_before_the_runs_step_is_refused(tmp_path, settings, end, by, fix):

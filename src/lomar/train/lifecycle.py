@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from lomar.checkpoints.io import mismatch
+from lomar.checkpoints.io import mismatch, safe_load
 from lomar.errors import LomarError, UsageError
 from lomar.train.distributed import DistInfo, any_rank, cleanup_distributed, init_distributed, main_rank_out
 from lomar.train.fsdp import load_sharded, save_run_checkpoint
@@ -99,6 +99,7 @@ class _Run:
                 **self.task.state(), **({f"best_{m}": max(self.best, 0.0)} if (m := self.task.best_metric) else {})}
 
     def load(self, path: Path, ckpt: dict | None) -> None:
+        self.task.load(safe_load(path / "meta.pt") if ckpt is None else ckpt)  # first: its refusal names the cause
         if ckpt is None:  # a sharded folder (a file's ckpt comes from preload): every rank loads its shards
             ckpt = load_sharded(self.task.model, self.optimizer, path)
             check_weights(self.task.model, self.info.enabled, resume=path)  # a file's are checked as it is read
@@ -114,7 +115,6 @@ class _Run:
         self.p.step, self.p.epoch, self.p.batches_done = ckpt["step"], ckpt["epoch"], ckpt["batches_done"]
         self.best = ckpt.get(f"best_{self.task.best_metric}", -math.inf) if self.task.best_metric else -math.inf
         self.evaluated_step = ckpt.get("evaluated_step")  # None: a checkpoint written before it was kept
-        self.task.load(ckpt)
         restore_rng_states(ckpt, self.info, self.device, self.cfg.seed)  # last: building the run drew from them
         if self.p.step > self.last_step:
             raise ValueError(resumed_past_end(self.p.step, self.last_step, self.cfg, self.steps_per_epoch))
