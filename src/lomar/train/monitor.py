@@ -59,8 +59,8 @@ class Monitor:
         self.input_waits: list[float] = []  # this run's steps, for input_limit_note
         if not active:
             return
-        self.file = open_in_place(out / "metrics.jsonl", "a")
         refuse_link(out / "tb")  # TensorBoard would write its event files wherever the link points
+        self.file = open_in_place(out / "metrics.jsonl", "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
