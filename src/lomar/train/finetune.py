@@ -13,6 +13,7 @@ seeded by (seed, epoch, index), whichever worker makes it; the lock, preemption,
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,10 +23,13 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.beit import Beit
 from timm.optim import param_groups_layer_decay
 from torch.utils.data import DataLoader, Subset
+from torchvision.transforms import Resize
 
 from lomar.checkpoints.kinds import FINETUNE_FORMAT
 from lomar.data.classify import SeededSamples, classification_transforms, eval_crop_ratio
 from lomar.data.collate import UNREADABLE_LIMIT, collate_labelled, collate_labelled_refill
+from lomar.data.decode import load_image_reduced
+from lomar.data.draft_classify import DraftCropFolder
 from lomar.data.folder import THUMBNAIL_FOLDERS, LabelledImageFolder, classes_only_in, unicode_forms_note
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError
@@ -43,13 +47,15 @@ def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
              info: DistInfo) -> tuple[DataLoader, DataLoader, list[str]]:
     train_tf, val_tf = classification_transforms(config.img_size, config.aa, config.reprob, config.crop_scale)
     try:
-        train_set, val_set = LabelledImageFolder(train_root, train_tf), LabelledImageFolder(val_root, val_tf)
+        train_set = LabelledImageFolder(train_root, train_tf)
+        val_set = LabelledImageFolder(val_root, val_tf, _val_load(val_tf) if config.decode == "draft" else None)
         train_set.check_classes()
         train_set.check_same_classes(val_set)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     sampler = EpochSampler(len(train_set), config.seed, info.rank, info.world_size)  # (index, epoch) keys
-    train_items = SeededSamples(train_set, config.seed)  # augmentation seeded per sample: resumes exactly
+    # augmentation seeded per sample: resumes exactly (and draft crops draw full's boxes from the same stream)
+    train_items = SeededSamples(DraftCropFolder(train_set) if config.decode == "draft" else train_set, config.seed)
     # Each rank scores a disjoint slice of val (no padding duplicates), counts are summed.
     val_part = Subset(val_set, range(info.rank, len(val_set), info.world_size))
     workers = config.workers
@@ -63,6 +69,15 @@ def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
     val = DataLoader(val_part, config.batch_size, collate_fn=collate_labelled, generator=torch.Generator(),
                      **common)
     return train, val, train_set.classes
+
+
+def _val_load(val_tf):
+    """The evaluation's loader for --decode draft: a JPEG at the DCT scale that keeps its short side at least the
+    transform's resize (its centre crop is then the full decode's)."""
+    resize = next((t.size for t in val_tf.transforms if isinstance(t, Resize)), None)
+    if resize is None:  # no short-side resize to keep: the whole photo
+        return None
+    return partial(load_image_reduced, min_side=resize if isinstance(resize, int) else min(resize))
 
 
 class _BEiTLayers:

@@ -68,6 +68,10 @@ class FinetuneConfig(TaskConfig):
         (0.08, 1.0), "area range of the training random resized crop, as fractions of the image (0 < LOW <= HIGH "
         "<= 1); raise LOW for small images, e.g. 0.5 1.0 (default: 0.08 1.0, timm's, the original recipe's)",
         finite=False, nargs=2, metavar=("LOW", "HIGH"))
+    decode: str = S.DECODE.field(help="how images are decoded: full = the whole photo (reference); draft = a JPEG at "
+                                 "1/2-1/8 scale while the training crop's sides (and val's resize) stay at least "
+                                 "--img-size (same crops and augmentation, pixels within about a level of 255; a 12 MP "
+                                 "photo's sample 5x faster); windows and gpu are pretrain's alone")
 
     @classmethod
     def fresh_values(cls, explicit: dict[str, Any]) -> dict[str, Any]:
@@ -98,6 +102,9 @@ class FinetuneConfig(TaskConfig):
         if not 0 < low <= high <= 1:  # also false for nan; inf fails <= 1
             raise ConfigError(f"--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1 (finite fractions of the "
                               f"image area), got {low:g} {high:g}; e.g. --crop-scale 0.08 1.0 (the recipe) or 0.5 1.0")
+        if self.decode not in ("full", "draft"):  # pretrain's shared declaration: its crops are not the recipe's
+            raise ConfigError(f"--decode {self.decode} is for lomar pretrain; lomar finetune takes --decode full or "
+                              f"draft")
         check_windows(self)
         check_warmup(self)
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
