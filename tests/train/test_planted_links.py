@@ -74,6 +74,7 @@ def test_tensorboard_writes_no_event_file_through_a_tb_link(tmp_path):
     with pytest.raises(UsageError, match=r"run/tb is a symbolic link \(to .*mine\), which lomar does not write"):
         Monitor(tmp_path / "run", active=True, total=1, log_every=1)
     assert list((tmp_path / "mine").iterdir()) == []  # it held TensorBoard's events.out.tfevents.*
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused first, not left open
 
 
 @pytest.mark.parametrize("when", ["at the start", "in the run"])
