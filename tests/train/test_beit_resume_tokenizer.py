@@ -1,4 +1,5 @@
-"""A BEiT run resumes only with the tokenizer it trained with: the checkpoint names it by path, and keeps its digest."""
+"""A BEiT run resumes only with the tokenizer it trained with: the checkpoint names it by path, and keeps its digest;
+a moved run folder reads its own fitted tokenizer where it now is."""
 
 from __future__ import annotations
 
@@ -30,3 +31,8 @@ def test_a_resumed_beit_run_refuses_a_replaced_tokenizer_file(tmp_path, image_di
     assert f"the tokenizer {path} is not the one this run trained with" in err and err.count("\n") == 1
     original.save(path)  # restored: the run goes on
     assert pretrain(*flags, "--max-steps", "3", "--resume", "auto") == 0
+    # A run folder moved since: its fitted tokenizer was looked for where the folder had been ("does not exist"),
+    # and --tokenizer naming where it is now was refused as a change of setting, so the run could not go on.
+    moved = run.rename(tmp_path / "moved")
+    assert pretrain("--resume", str(moved / "last.pt"), "--max-steps", "4") == 0
+    assert safe_load(moved / "last.pt")["config"]["tokenizer"] == str(moved / "tokenizer.safetensors")

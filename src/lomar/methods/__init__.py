@@ -15,9 +15,10 @@ import pkgutil
 from functools import cache
 from pathlib import Path
 
-__all__ = ["names", "get_method", "variant_name"]
+__all__ = ["names", "get_method", "variant_name", "FITTED_TOKENIZER"]
 
 _NOT_METHODS = {"base"}
+FITTED_TOKENIZER = "tokenizer.safetensors"  # BEiT's k-means tokenizer, fitted into OUT when no --tokenizer is given
 
 
 @cache

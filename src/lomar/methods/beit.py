@@ -19,6 +19,7 @@ from torch.utils.data import IterableDataset
 
 from lomar.checkpoints.export_beit import export_beit_encoder
 from lomar.data.folder import build_pretrain_dataset
+from lomar.methods import FITTED_TOKENIZER
 from lomar.methods.base import Method, check_windows, plan_kwargs, plan_masker
 from lomar.models.beit import BEiTConfig
 from lomar.models.beit_pretrain import BEiTPretrain, tokenizer_view
@@ -92,7 +93,7 @@ def prepare(config, grid) -> dict:
     if config.tokenizer:
         return {}
     tokenizer = fit_on_training_images(config, grid)
-    path = Path(config.out) / "tokenizer.safetensors"
+    path = Path(config.out) / FITTED_TOKENIZER
     if int(os.environ.get("RANK", "0")) == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tokenizer.save(path)

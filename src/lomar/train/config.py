@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from lomar.methods import get_method, names
+from lomar.methods import FITTED_TOKENIZER, get_method, names
 from lomar.train import settings as S
 from lomar.train.config_checks import check_data, check_decode, check_fsdp, check_method_settings, parse_share
 from lomar.train.settings import ConfigError
@@ -145,6 +145,12 @@ class PretrainConfig(TaskConfig):
             saved = S.read_yaml(PretrainConfig, yaml_path, strict=False), str(yaml_path)
         if saved is not None and "window_placement" not in saved[0]:
             saved[0]["window_placement"] = "distinct"  # a run saved before placements existed drew distinct cells
+        if saved is not None and saved[0].get("tokenizer"):
+            # BEiT's fitted tokenizer lives in the run's folder, recorded by its absolute path: a run folder moved
+            # since reads it where the checkpoint now is (the checkpoint's tokenizer digest checks it is the same)
+            recorded, beside = Path(saved[0]["tokenizer"]), Path(saved[1]).parent / FITTED_TOKENIZER
+            if recorded.name == FITTED_TOKENIZER and not recorded.exists() and beside.is_file():
+                saved[0]["tokenizer"] = str(beside.absolute())
         return saved
 
     @staticmethod
