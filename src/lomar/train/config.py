@@ -40,8 +40,9 @@ class PretrainConfig(TaskConfig):
                                    "the --method's recipe (ViT-B/16, 224 px; lomar, mae 400 epochs, beit 800) "
                                    "(default: demo without --data, paper with it)", choices=("demo", "paper"),
                                    resume="derived", kind=str)
-    data: str | None = S.DATA.field(help="image folder (recursive), .txt list of paths, or tar shards ('shards/*.tar', "
-                                       "'shard-{000..009}.tar') (default: the built-in demo photographs)")
+    data: str | None = S.DATA.field(help="image folder (recursive), .txt list of paths, or tar shards, gzipped or not "
+                                       "('shards/*.tar', 'shard-{000..009}.tar.gz') (default: the built-in demo "
+                                       "photographs)")
     out: str | None = S.OUT.field()
     # method and model
     method: str = S.setting("lomar", "pretraining method: lomar (local windows), mae (encoder-decoder), beit (token "

@@ -71,7 +71,7 @@ class FinetuneConfig(TaskConfig):
     decode: str = S.DECODE.field(help="how images are decoded: full = the whole photo (reference); draft = a JPEG at "
                                  "1/2-1/8 scale while the training crop's sides (and val's resize) stay at least "
                                  "--img-size (same crops and augmentation, pixels within about a level of 255; a 12 MP "
-                                 "photo's sample 5x faster); windows and gpu are pretrain's alone")
+                                 "photo's sample 4x faster); windows and gpu are pretrain's alone")
 
     @classmethod
     def fresh_values(cls, explicit: dict[str, Any]) -> dict[str, Any]:
