@@ -45,3 +45,18 @@ def test_views_are_read_one_at_a_time(tmp_path, monkeypatch):
     loaded = _recording_loads(monkeypatch)
     views = tokenizer_cli._views(str(_folder(tmp_path / "data")), 8, 9, 0, {})
     assert tuple(next(views).shape) == (3, 8, 8) and len(loaded) == 1
+
+
+def test_views_given_one_at_a_time_are_turned_into_patches_in_groups(monkeypatch):
+    """Image by image, a busy CPU's thread pool took 4x as long over the small operations (2048 views of 112 px:
+    7 s against 1.8 s batched); the groups give the same features."""
+    import torch
+
+    from lomar.tokenizers import kmeans
+
+    calls, real = [], kmeans.patch_features
+    monkeypatch.setattr(kmeans, "patch_features", lambda x, p: calls.append(x.shape[0]) or real(x, p))
+    views = torch.rand(67, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    grouped = kmeans._gather_features(iter(views), 8, 16)
+    assert sum(calls) == 67 and len(calls) <= 2, calls
+    assert torch.equal(grouped, real(views, 8).flatten(0, 1))
