@@ -14,6 +14,7 @@ from typing import NamedTuple
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
+from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS
 from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text, check_finite
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.errors import UsageError
@@ -25,10 +26,8 @@ from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTCon
 __all__ = ["Export", "export_encoder", "create_encoder", "read_export", "expected_shapes", "timm_architecture",
            "ENCODER_WEIGHTS", "CONFIG_NAME"]
 
-ENCODER_WEIGHTS = "model.safetensors"
 # safetensors' names of the dtypes weights may come in (float8 would lose them: no encoder is saved so)
 _WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")
-CONFIG_NAME = "config.json"
 # (type, lowest, highest) of each architecture field; generous, but far below what exhausts memory.
 _BOUNDS: dict[str, tuple[type | tuple[type, ...], float, float]] = {
     "patch_size": (int, 1, 1024), "in_chans": (int, 1, 64), "embed_dim": (int, 1, 8192), "depth": (int, 1, 64),

@@ -25,6 +25,7 @@ from lomar.checkpoints.export import (
     weights_path,
     write_export,
 )
+from lomar.checkpoints.file_names import RUN_ENCODER
 from lomar.checkpoints.keys_beit import beit_to_timm
 from lomar.errors import UsageError
 from lomar.limits import MAX_IMG_SIZE
@@ -48,7 +49,7 @@ def timm_beit_args(beit: BEiT | BEiTConfig) -> dict:
                 use_shared_rel_pos_bias=False, num_classes=0, global_pool="token")
 
 
-def export_beit_encoder(beit: BEiT, out_dir: str | Path, weights_name: str = "encoder.safetensors",
+def export_beit_encoder(beit: BEiT, out_dir: str | Path, weights_name: str = RUN_ENCODER,
                         metadata: dict | None = None) -> Path:
     """Write ``weights_name`` (timm ``Beit`` keys, no lm_head / mask_token) and ``config.json``."""
     out = Path(out_dir)
@@ -105,7 +106,7 @@ def read_beit_export(path: str | Path) -> tuple[BEiTConfig, dict, Path]:
                   for k in sorted(set(args) | set(given)) if given.get(k) != args.get(k)] if isinstance(given, dict) \
             else [f"{given!r}, not an object"]
         raise UsageError(f"{config_path}: timm_args {'; '.join(differ[:3])}; re-export the BEiT encoder")
-    weights = weights_path(path, data, default="encoder.safetensors")
+    weights = weights_path(path, data, default=RUN_ENCODER)
     with torch.device("meta"):  # shapes without storage
         wanted = {k: tuple(v.shape) for k, v in beit_to_timm(BEiT(config).state_dict(), per_block=True).items()}
     check_fits(weights, config_path, dict(sorted(wanted.items())), dict(sorted(header_shapes(weights).items())))

@@ -12,6 +12,7 @@ import re
 import sys
 from pathlib import Path
 
+from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS, LAST, RUN_ENCODER
 from lomar.cli.common import check_output_file, resolve_device, write_json
 from lomar.errors import UsageError
 from lomar.train import settings as S
@@ -87,7 +88,7 @@ def frozen_features(args: argparse.Namespace, say=lambda msg: None) -> list:
 
 
 # What a run or export folder's readers load: an output on one of them would replace the checkpoint it scores.
-_READ_IN_FOLDER = ("last.pt", "config.json", "model.safetensors", "encoder.safetensors")
+_READ_IN_FOLDER = (LAST, CONFIG_NAME, ENCODER_WEIGHTS, RUN_ENCODER)
 
 
 def _check_not_read(path: str | None, flag: str, pretrained: str) -> None:

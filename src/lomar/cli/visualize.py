@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lomar.checkpoints.file_names import LAST
 from lomar.cli.common import add_override_arguments, check_output_dir, load_for_cli
 from lomar.cli.export import CHECKPOINT
 from lomar.errors import UsageError
@@ -76,10 +77,10 @@ def run(args: argparse.Namespace) -> int:
     from lomar.viz.attention import attention_figure, attention_request, window_attention  # torch: not for --help
     from lomar.viz.reconstruction import reconstruction_figure  # torch: not for --help
 
-    if Path(args.checkpoint).is_dir() and (Path(args.checkpoint) / "last.pt").is_file():
+    if Path(args.checkpoint).is_dir() and (Path(args.checkpoint) / LAST).is_file():
         # A run folder: its last.pt has the pixel head; its export (encoder.safetensors, once finished) has not,
         # so read, the export would refuse a reconstruction asked of the run that made it.
-        args.checkpoint = str(Path(args.checkpoint) / "last.pt")
+        args.checkpoint = str(Path(args.checkpoint) / LAST)
     model = load_for_cli(args.checkpoint, args)
     model.eval()
     encoder = getattr(model, "encoder", model)

@@ -18,6 +18,7 @@ from timm.models.beit import Beit, checkpoint_filter_fn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
+from lomar.checkpoints.file_names import CONFIG_NAME, LAST
 from lomar.checkpoints.formats import BEiTReader, read
 from lomar.checkpoints.io import check_finite
 from lomar.checkpoints.keys import CLASSIFIER_PREFIXES, drop_final_norm
@@ -85,9 +86,9 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a checkpoint file or an exported folder")
-    unfinished = path.is_dir() and not (path / "config.json").exists() and (path / "last.pt").is_file()
+    unfinished = path.is_dir() and not (path / CONFIG_NAME).exists() and (path / LAST).is_file()
     if unfinished:  # a run stopped by a signal has no export yet: its last checkpoint, not "a folder without
-        path = path / "last.pt"  # config.json; pass ... a folder written by lomar pretrain", which it is
+        path = path / LAST  # config.json; pass ... a folder written by lomar pretrain", which it is
     # Reading draws nothing from the global RNG (some formats build a model to read it): the new head and every
     # later draw of a run are then the same whatever form the same weights come in.
     heads = {"num_heads": overrides["num_heads"]} if overrides.get("num_heads") else {}

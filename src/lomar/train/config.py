@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from lomar.checkpoints.file_names import RUN_CONFIG
 from lomar.methods import FITTED_TOKENIZER, get_method, names
 from lomar.train import settings as S
 from lomar.train.config_checks import check_data, check_decode, check_fsdp, check_method_settings, parse_share
@@ -141,7 +142,7 @@ class PretrainConfig(TaskConfig):
         """The checkpoint's settings (:meth:`TaskConfig.saved_run`), or with ``--resume auto`` and none in OUT
         its config.yaml (a run stopped before its first checkpoint: the engine then starts it afresh)."""
         saved = super().saved_run(explicit)
-        yaml_path = Path(explicit["out"]) / "config.yaml" if explicit.get("resume") == "auto" else None
+        yaml_path = Path(explicit["out"]) / RUN_CONFIG if explicit.get("resume") == "auto" else None
         if saved is None and yaml_path is not None and yaml_path.is_file():
             saved = S.read_yaml(PretrainConfig, yaml_path, strict=False), str(yaml_path)
         if saved is not None and "window_placement" not in saved[0]:

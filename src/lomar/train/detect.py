@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
+from lomar.checkpoints.file_names import METRICS
 from lomar.checkpoints.formats import holds_beit
 from lomar.checkpoints.io import atomic_write_text, open_in_place, safe_load
 from lomar.checkpoints.kinds import DETECT_FORMAT
@@ -266,7 +267,7 @@ def evaluate_only(config: DetectConfig) -> int:
     with RunLock(Path(config.out)) as lock:
         task = DetectTask(config, DistInfo(), device)
         metrics = task.evaluate()
-        with open_in_place(lock.out / "metrics.jsonl", "a") as log:
+        with open_in_place(lock.out / METRICS, "a") as log:
             log.write(json.dumps({"eval_only": True, "pretrained": config.pretrained, "img_size": config.img_size,
                                   **metrics}) + "\n")
         task.finish(lock.out)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lomar.checkpoints.file_names import BEST, LAST
 from lomar.checkpoints.kinds import DETECT_FORMAT
 from lomar.train import settings as S
 from lomar.train.settings import ConfigError, coerce_all
@@ -55,7 +56,7 @@ def detect_checkpoint(path: str | Path) -> Path | None:
     from lomar.checkpoints.io import safe_load  # torch: not for --help
 
     path = Path(path)
-    candidates = [path] if path.is_file() else [path / "best.pt", path / "last.pt"]
+    candidates = [path] if path.is_file() else [path / BEST, path / LAST]
     for candidate in candidates:
         if candidate.is_file() and candidate.suffix == ".pt":
             try:

@@ -31,10 +31,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lomar.checkpoints.file_names import LAST_POINTER
 from lomar.checkpoints.io import atomic_save, atomic_write_text, refuse_link, remove_tree, safe_load, write_error
 from lomar.checkpoints.sharded import check_metadata, consolidate, safe_planner, safe_reader
 from lomar.errors import FULL_DISK, UNWRITABLE, UsageError
-from lomar.train.run_state import LAST_POINTER, SaveError, checkpoints_to_prune
+from lomar.train.run_state import SaveError, checkpoints_to_prune
 
 __all__ = ["shard_model", "block_modules", "save_sharded", "load_sharded", "consolidate", "save_run_checkpoint"]
 

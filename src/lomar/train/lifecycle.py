@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from lomar.checkpoints.file_names import BEST, LAST, METRICS
 from lomar.checkpoints.io import mismatch, safe_load
 from lomar.errors import LomarError, UsageError
 from lomar.train.distributed import DistInfo, any_rank, cleanup_distributed, init_distributed, main_rank_out
@@ -136,7 +137,7 @@ class _Run:
             self.best = metrics[metric]
             state = {"model": self.task.model.state_dict(), **self.task.state(), "epoch": self.p.epoch,
                      "step": self.p.step, "metrics": metrics}
-            save_state(state, self.out / "best.pt", previous=self.out / "last.pt")
+            save_state(state, self.out / BEST, previous=self.out / LAST)
         state = {"model": self.task.model.state_dict(), "optimizer": self.optimizer.state_dict(), **self.meta()}
         path = save_checkpoint(state, self.out, self.p.step if keep else None, keep or 0)
         self.task.saved(path)
@@ -333,10 +334,10 @@ class _Run:
                   + resume_hint(name, out, self.info.world_size), flush=True)
             return
         self.task.finish(out)
-        losses = loss_summary(out / "metrics.jsonl", mean_of_last=10)
+        losses = loss_summary(out / METRICS, mean_of_last=10)
         extra, metric = "; ".join(filter(None, [self.skipped.summary(), self.task.final_line()])), self.task.best_metric
         if metric:
-            best = out / "best.pt"
+            best = out / BEST
             extra = ", ".join(filter(None, [f"best {metric} {self.best:.4f} in {best}" if best.exists() else
                                             f"no {best.name}: no full epoch scored a {metric} yet", extra]))
         note = input_limit_note(self.monitor.input_waits, getattr(cfg, "workers", None), getattr(cfg, "decode", None))

@@ -10,6 +10,7 @@ import weakref
 from collections.abc import Callable
 from pathlib import Path
 
+from lomar.checkpoints.file_names import METRICS
 from lomar.checkpoints.io import open_in_place, read_log, refuse_link
 
 __all__ = ["Monitor", "progress", "input_limit_note", "read_records", "INPUT_BOUND"]
@@ -60,7 +61,7 @@ class Monitor:
         if not active:
             return
         refuse_link(out / "tb")  # TensorBoard would write its event files wherever the link points
-        self.file = open_in_place(out / "metrics.jsonl", "a")
+        self.file = open_in_place(out / METRICS, "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -85,7 +86,7 @@ class Monitor:
         record = {"step": step, "epoch": epoch, "loss": loss, **(parts or {}), "lr": lr, "img_s": round(ips, 2),
                   "input_wait": round(input_wait, 3)}
         self.input_waits.append(record["input_wait"])
-        _append(self.file, self.out / "metrics.jsonl", json.dumps(record) + "\n")
+        _append(self.file, self.out / METRICS, json.dumps(record) + "\n")
         if self.writer is not None:
             _board(self.out, lambda: [self.writer.add_scalar(f"train/{key}", record[key], step)
                                       for key in record.keys() - {"step", "epoch"}])

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from lomar.checkpoints.export import export_encoder
+from lomar.checkpoints.file_names import CONFIG_NAME, KNN_LOG, LAST, LOSS_CURVE, METRICS, RUN_CONFIG, RUN_ENCODER
 from lomar.checkpoints.formats import PRETRAIN_FORMAT
 from lomar.checkpoints.io import safe_load
 from lomar.data.device_decode import decode_dataset
@@ -40,10 +41,10 @@ __all__ = ["PretrainTask", "TrainingError", "train", "checkpoints_to_prune"]
 
 class PretrainTask(Task):
     name = "pretrain"
-    eval_log = "knn.jsonl"
+    eval_log = KNN_LOG
     skips_warned = False  # the loader reports unreadable files in the batch; the run's count warns of them
-    outputs = ("config.yaml", "knn.jsonl", "encoder.safetensors", "config.json", "reconstruction*.png", "loss.png")
-    final_outputs = ("encoder.safetensors", "config.json")
+    outputs = (RUN_CONFIG, KNN_LOG, RUN_ENCODER, CONFIG_NAME, "reconstruction*.png", LOSS_CURVE)
+    final_outputs = (RUN_ENCODER, CONFIG_NAME)
 
     def __init__(self, config: PretrainConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, device
@@ -179,7 +180,7 @@ class PretrainTask(Task):
         if self.runtime.method.export is not None:
             self.runtime.method.export(model, out, meta)
         else:
-            export_encoder(model.encoder, out, weights_name="encoder.safetensors", metadata=meta)
+            export_encoder(model.encoder, out, weights_name=RUN_ENCODER, metadata=meta)
 
     def step_info(self) -> dict[str, float]:
         share = self.decoding.share  # --decode gpu: the workers' share of the decoding, as balanced so far
@@ -191,7 +192,7 @@ class PretrainTask(Task):
         workers = "" if share is None or share.decoded_share is None else (
             f"; the workers decoded {share.decoded_share:.0%} of the photos the device could have decoded "
             f"(--cpu-decode-share {'auto, last ' if share.auto else ''}{share.value:.2f})")
-        last = out / "last.pt"
+        last = out / LAST
         return (f"encoder {out / 'encoder.safetensors'}, figures {out}/reconstruction-*.png and loss.png"
                 f"{workers}. Next: lomar visualize {last} --attention; lomar export {last} --to DIR")
 
@@ -201,7 +202,7 @@ class PretrainTask(Task):
         if not self.sharded:
             return self.model
         model = build_model(self.config).to(self.device)
-        model.load_state_dict(safe_load(consolidate(newest_state(out), out / "last.pt"))["model"])
+        model.load_state_dict(safe_load(consolidate(newest_state(out), out / LAST))["model"])
         self.figure(model)
         return model
 
@@ -214,7 +215,7 @@ class PretrainTask(Task):
         try:
             reconstruction_snapshot(model or self.model, self.fixed_images(), out, step, seed=self.config.seed,
                                     title=f"{self.config.method} step {step}", draw=self.runtime.method.figure)
-            loss_curve(out / "metrics.jsonl", out / "loss.png", f"{self.config.method} training loss")
+            loss_curve(out / METRICS, out / LOSS_CURVE, f"{self.config.method} training loss")
         except Exception as exc:  # a figure must never kill a run
             print(f"lomar: could not draw the reconstruction figure: {exc}", file=sys.stderr)
 

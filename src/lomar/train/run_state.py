@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from lomar.checkpoints.file_names import BEST, LAST, LAST_POINTER, METRICS, RUN_CONFIG
 from lomar.checkpoints.io import (
     atomic_save,
     atomic_write,
@@ -42,11 +43,10 @@ from lomar.values import brief, is_integer
 __all__ = ["RunLock", "SaveError", "save_state", "checkpoints_to_prune", "save_checkpoint", "save_on_main_rank",
            "truncate_metrics", "remove_stale_temporaries", "find_resume_checkpoint", "auto_resume", "checkpoint_step",
            "check_no_rewind", "holds_run", "remove_newer_checkpoints", "check_out_folder", "read_meta",
-           "LAST_POINTER", "newest_state", "refuse_held_run", "prepare_run_folder"]
+           "newest_state", "refuse_held_run", "prepare_run_folder"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.(pt|dcp)$")  # .dcp: a sharded checkpoint folder
 _SHARDED_TMP = re.compile(r"^checkpoint-\d+\.dcp\.tmp$")  # a sharded save cut before its rename
-LAST_POINTER = "last.json"  # a sharded run's pointer to its newest checkpoint folder
 _TMP = re.compile(r"^\..+\.tmp(-(\d+))?$")
 T = TypeVar("T")
 
@@ -93,7 +93,7 @@ def save_state(state: dict, path: Path, previous: Path) -> None:
 
 def save_checkpoint(state: dict, out: Path, step: int | None = None, keep_last: int = 0) -> Path:
     """Write ``last.pt`` (+ ``checkpoint-<step>.pt`` given ``step``, pruned to ``keep_last``), each atomically."""
-    last = out / "last.pt"
+    last = out / LAST
     if step is not None:
         path = out / f"checkpoint-{step:06d}.pt"
         save_state(state, path, last)
@@ -168,8 +168,8 @@ def newest_state(out: Path) -> Path:
     try:
         name = str(json.loads((out / LAST_POINTER).read_text())["checkpoint"])
     except (OSError, ValueError, KeyError, TypeError):
-        return out / "last.pt"
-    return out / name if name.endswith(".dcp") and _CHECKPOINT.match(name) else out / "last.pt"
+        return out / LAST
+    return out / name if name.endswith(".dcp") and _CHECKPOINT.match(name) else out / LAST
 
 
 def find_resume_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
@@ -209,7 +209,7 @@ def auto_resume(out: Path, overwrite: bool) -> tuple[Path | None, list[str]]:
 
 def holds_run(out: Path) -> bool:
     """Whether ``out`` holds a run: a checkpoint, or the settings of one stopped before its first."""
-    return any((Path(out) / name).exists() for name in ("last.pt", "last.json", "config.yaml"))
+    return any((Path(out) / name).exists() for name in (LAST, LAST_POINTER, RUN_CONFIG))
 
 
 def _foreign(resume: Path, out: Path) -> bool:
@@ -241,7 +241,7 @@ def remove_newer_checkpoints(out: Path, step: int, outputs: tuple[str, ...] = ()
     dropped steps newest, for --resume auto to take up again."""
     for name in final:
         (out / name).unlink(missing_ok=True)
-    if resume is not None and resume.is_file() and (checkpoint_step(last := out / "last.pt") or 0) > step:
+    if resume is not None and resume.is_file() and (checkpoint_step(last := out / LAST) or 0) > step:
         with open(resume, "rb") as source:
             atomic_write(last, lambda handle: shutil.copyfileobj(source, handle))
     for path in [*out.glob("checkpoint-*"), *(p for pattern in outputs for p in out.glob(pattern))]:
@@ -385,10 +385,10 @@ def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int,
             refuse_link(path)
         if config.overwrite:
             remove_newer_checkpoints(out, step, task.outputs, resume, task.final_outputs)
-        for log in {"metrics.jsonl", task.eval_log}:
+        for log in {METRICS, task.eval_log}:
             truncate_metrics(out / log, step)
     else:
-        stale = sorted(p for pattern in ("last.pt", "best.pt", "last.json", "metrics.jsonl", "checkpoint-*.pt",
+        stale = sorted(p for pattern in (LAST, BEST, LAST_POINTER, METRICS, "checkpoint-*.pt",
                                          "checkpoint-*.dcp", "tb", *task.outputs) for p in out.glob(pattern))
         if stale and not config.overwrite and not holds_run(out):  # no run of ours: files someone else put there
             raise UsageError(f"--out {out} holds {', '.join(p.name for p in stale)}, which a new run would delete, but "
@@ -396,4 +396,4 @@ def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int,
         for path in stale:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()  # a link, not its target
     text = config.dump() if hasattr(config, "dump") else yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)
-    atomic_write_text(out / "config.yaml", text)
+    atomic_write_text(out / RUN_CONFIG, text)

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lomar.checkpoints.file_names import METRICS
 from lomar.checkpoints.io import safe_load
 from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker
 from lomar.errors import UsageError
@@ -79,7 +80,7 @@ class Task:
     betas = (0.9, 0.999)
     lr_schedule: Callable[..., float] | None = None
     eval_steps: int | None = None
-    eval_log = "metrics.jsonl"
+    eval_log = METRICS
     eval_epoch_index = False
     outputs: tuple[str, ...] = ()
     final_outputs: tuple[str, ...] = ()

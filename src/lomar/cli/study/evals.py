@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from lomar.checkpoints.file_names import LAST, METRICS
 from lomar.checkpoints.formats import load_model
 from lomar.cli.common import resolve_device
 from lomar.cli.probe import fit_linprobe, frozen_features, knn_add_arguments, linprobe_add_arguments, resolve_linprobe
@@ -74,7 +75,7 @@ def check_options(spec: StudySpec) -> None:
     cell = Cell({}, dict(spec.settings), spec.seeds[0])
     for metric in set(spec.eval.metrics) - {"heldout_loss"}:
         try:
-            args = _args(metric, spec, cell, Path("last.pt"), Path("/nonexistent-study-check/finetune"))
+            args = _args(metric, spec, cell, Path(LAST), Path("/nonexistent-study-check/finetune"))
             if metric == "finetune":  # its bounds (epochs > 0, ...) are the config's: as --print-config reads them
                 args.print_config = True
                 resolve_finetune_config(args)
@@ -124,7 +125,7 @@ def _finetune(args) -> float:
         raise StudyStopped(f"finetuning in {where} was interrupted; re-run the same command to continue", signals)
     if rc != 0:
         raise StudyFailed(f"finetuning in {where} failed (exit code {rc}; its error is above)")
-    path = where / "metrics.jsonl"
+    path = where / METRICS
     scored = [r for r in read_records(path) if "top1" in r]
     if not scored:
         raise LomarError(f"finetuning wrote no top-1 into {path}")

@@ -1,17 +1,15 @@
 """Run a study: every cell an ordinary ``lomar pretrain`` run folder, trained in slices.
 
-A cell's settings resolve to its PretrainConfig through ``lomar pretrain``'s own flags
-(``--resume auto``); a slice is the pretraining library call with ``--max-steps N``, and what it
-did is read back from the run folder (``metrics.jsonl``), never from what it printed. Cells of
-one seed take turns by slices of about ``slice`` seconds, so load from other processes falls on
-every cell alike; a cell's clock is its *training* time (images per step / img_s of each step),
-so start-up, checkpointing and evaluation never count against its budget. No slice goes past the
-end of the cell's own schedule (its epochs): one that stops short of its target was signalled.
-Each evaluation point's record goes into ``CELL/study-state.json`` atomically, so a killed study
-redoes at most the slice or evaluation it was in. At the end: results.json (one record per cell x
-evaluation point), results.md (paper-like tables) and the figures: accuracy against pretraining time
-per setting (the paper's Fig. 3) and one bar chart per ablation (the metrics at the end of the
-budget, mean ± sd over seeds), drawn by :mod:`lomar.viz.study`.
+A cell's settings resolve to its PretrainConfig through ``lomar pretrain``'s own flags (``--resume auto``); a slice
+is the pretraining library call with ``--max-steps N``, and what it did is read back from the run folder
+(``metrics.jsonl``), never from what it printed. Cells of one seed take turns by slices of about ``slice`` seconds,
+so load from other processes falls on every cell alike; a cell's clock is its *training* time (images per step /
+img_s of each step), so start-up, checkpointing and evaluation never count against its budget. No slice goes past
+the end of the cell's own schedule (its epochs): one that stops short of its target was signalled. Each evaluation
+point's record goes into ``CELL/study-state.json`` atomically, so a killed study redoes at most the slice or
+evaluation it was in. At the end: results.json (one record per cell x evaluation point), results.md (paper-like
+tables) and the figures: accuracy against pretraining time per setting (the paper's Fig. 3) and one bar chart per
+ablation (the metrics at the end of the budget, mean ± sd over seeds), drawn by :mod:`lomar.viz.study`.
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lomar.checkpoints.file_names import LAST, METRICS
 from lomar.checkpoints.io import atomic_write_text
 from lomar.cli.common import write_json
 from lomar.cli.study.evals import Scorer, check_options
@@ -110,7 +109,7 @@ def pretrain(config) -> int:
 
 def read_progress(folder: Path, batch: int) -> tuple[int, float, float | None]:
     """(steps, training seconds, mean loss of the last 10 steps) from a run's metrics.jsonl."""
-    records = [r for r in read_records(folder / "metrics.jsonl") if "loss" in r]
+    records = [r for r in read_records(folder / METRICS) if "loss" in r]
     seconds = sum(batch / r["img_s"] for r in records if r.get("img_s"))
     tail = [r["loss"] for r in records[-10:]]
     return (records[-1]["step"] if records else 0), seconds, (sum(tail) / len(tail) if tail else None)
@@ -227,7 +226,7 @@ class CellRun:
         if same:  # a slice overshot several points: the checkpoint is the one already scored
             record.update({m: same[0][m] for m in self.study.spec.eval.metrics})
         else:
-            score = Scorer(self.study.spec, self.cell, self.folder / "last.pt", self.folder / "evals" / key)
+            score = Scorer(self.study.spec, self.cell, self.folder / LAST, self.folder / "evals" / key)
             for metric in self.study.spec.eval.metrics:
                 self.study.log(f"[study] {self.folder.name}: {metric} at step {steps} ({self.study.time_left()})")
                 start = time.perf_counter()
