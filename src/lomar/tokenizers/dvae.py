@@ -173,6 +173,9 @@ def _read(path: Path):
         text = str(exc)
         found = re.search(r"GLOBAL ([\w.]+)", text)
         kind = describe_file(path)
+        if found and found[1].startswith("dall_e.decoder."):  # downloaded beside encoder.pkl; nothing of it ran
+            raise ValueError(f"{path} is a pickled {found[1]}, DALL-E's decoder, not its encoder; BEiT's tokenizer "
+                             f"is the encoder: pass encoder.pkl (or its conversion by {CONVERT_HINT})") from exc
         what = (f"it references {found[1]}, which is not a tensor or dVAE class, so it could run code" if found
                 else f"it is {kind}, which only a full unpickling (that could run code) would read"
                 if "pickle" in kind else f"it is {kind}, not a dVAE")
@@ -212,7 +215,7 @@ def dvae_from_pickled(obj: _Inert) -> tuple[dict, dict[str, torch.Tensor]]:
 def _config_from_state(state: dict[str, torch.Tensor], fields: dict) -> DVAEConfig:
     if "blocks.input.w" not in state or "blocks.output.conv.w" not in state:
         raise ValueError(f"not a dVAE encoder state dict: missing blocks.input.w / blocks.output.conv.w "
-                         f"(has {sorted(state)[:4]}...)")
+                         f"(has {sorted(state)[:4]}...); pass DALL-E's encoder.pkl or its conversion by {CONVERT_HINT}")
     for key in ("blocks.input.w", "blocks.output.conv.w"):
         if state[key].ndim != 4:
             raise ValueError(f"{key} has shape {tuple(state[key].shape)}, expected a convolution's 4 dimensions")
