@@ -103,12 +103,14 @@ def test_knn_scores_blocks_of_queries_within_the_byte_budget_with_the_same_score
     assert torch.equal(blocked, whole)
 
 
-def test_knn_scores_on_a_cuda_device_only_where_the_bank_fits_beside_a_block(monkeypatch):
+def test_knn_scores_on_a_cuda_device_only_where_the_bank_fits_beside_a_block(monkeypatch, caplog):
     bank = torch.zeros(1000, 64)  # 2 x 256 kB of bank beside the 1 GiB block
     need = 2 * 1000 * 64 * 4 + knn.SIMILARITY_BYTES
-    for free, expected in ((need, "cuda:1"), (need - 1, "cpu")):
-        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 80 * 2**30))
-        assert knn.scoring_device(bank, "cuda:1") == torch.device(expected)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (need, 80 * 2**30))
+    assert knn.scoring_device(bank, "cuda:1") == torch.device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (need - 1, 80 * 2**30))
+    assert knn.scoring_device(bank, "cuda:1") == torch.device("cpu")
+    assert "k-NN scores on the CPU: cuda:1 has 1.0 GiB free, the bank of 1000 features needs 1.0 GiB" in caplog.text
     assert knn.scoring_device(bank, "cpu") == torch.device("cpu")
 
 

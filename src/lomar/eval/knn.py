@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from lomar.models.vit import VisionTransformer
 
 __all__ = ["knn_predict", "scoring_device", "knn_top1", "knn_accuracy", "KnnMonitor"]
 
+log = logging.getLogger("lomar.eval")
 
 # Bytes of one block of query-bank similarities: 1,024 queries against ImageNet's 1.28M training features would
 # be 5.2 GB beside the bank; this keeps blocks of 1,024 queries up to a bank of 262,144 (209 at ImageNet's).
@@ -54,7 +56,12 @@ def scoring_device(bank: torch.Tensor, device: torch.device | str) -> torch.devi
     if device.type != "cuda":
         return device
     need = 2 * bank.shape[0] * bank.shape[1] * 4 + SIMILARITY_BYTES  # the float32 copy and its normalised one
-    return device if torch.cuda.mem_get_info(device)[0] >= need else torch.device("cpu")
+    free = torch.cuda.mem_get_info(device)[0]
+    if free >= need:
+        return device
+    log.warning("k-NN scores on the CPU: %s has %.1f GiB free, the bank of %d features needs %.1f GiB", device,
+                free / 2**30, bank.shape[0], need / 2**30)
+    return torch.device("cpu")
 
 
 def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, k: int = 20,
