@@ -34,3 +34,19 @@ def test_another_models_state_dict_says_what_to_pass(tmp_path):
     with pytest.raises(ValueError, match=r"vit\.pth: not a dVAE encoder state dict: missing .*; pass DALL-E's "
                                          r"encoder\.pkl or its conversion by `lomar tokenizer convert`"):
         load_tokenizer(tmp_path / "vit.pth")
+
+
+def test_a_cut_short_download_in_torchs_legacy_format_is_not_called_a_plain_pickle(tmp_path):
+    """DALL-E's encoder.pkl era wrote torch.save's legacy format; cut short, it was 'a Python pickle, not a
+    checkpoint written by torch.save, which only a full unpickling (that could run code) would read'."""
+    from lomar.tokenizers import DVAEConfig, DVAEEncoder
+
+    whole = tmp_path / "encoder.pkl"
+    torch.save({"model": DVAEEncoder(DVAEConfig(n_hid=4, n_blk_per_group=1, vocab_size=8)).state_dict()}, whole,
+               _use_new_zipfile_serialization=False)
+    for size in (12, whole.stat().st_size // 2):
+        (tmp_path / "cut.pkl").write_bytes(whole.read_bytes()[:size])
+        with pytest.raises(ValueError, match=r"cut\.pkl: it is a torch\.save checkpoint in the legacy format \(before "
+                                             r"PyTorch 1\.6\) that is cut short or damaged \(download or save it "
+                                             r"again\); use the official encoder\.pkl"):
+            load_tokenizer(tmp_path / "cut.pkl")

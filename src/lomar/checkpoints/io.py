@@ -158,15 +158,22 @@ def atomic_save(obj, path: str | Path) -> Path:
     return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
+# torch.save's format before PyTorch 1.6 (DALL-E's encoder.pkl among others) opens with its pickled magic number
+_LEGACY_HEAD = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
 def describe_file(path: str | Path) -> str:
     """What a file that is not a PyTorch checkpoint looks like, for an error message ("a text file", ...)."""
     try:
         with open(path, "rb") as handle:
-            head = handle.read(8)
+            head = handle.read(len(_LEGACY_HEAD))
     except OSError:
         return "an unreadable file"
     if not head:
         return "an empty file"
+    if len(head) >= 4 and head == _LEGACY_HEAD[:len(head)]:  # told a plain pickle, a user might unpickle it
+        return ("a torch.save checkpoint in the legacy format (before PyTorch 1.6) that is cut short or damaged "
+                "(download or save it again)")
     if head.startswith(b"PK"):
         return "a zip archive that is not a complete PyTorch checkpoint"
     if head[:1] in (b"{", b"[") or head.isascii() and all(32 <= b < 127 or b in b"\r\n\t" for b in head):

@@ -178,7 +178,7 @@ def _read(path: Path):
                              f"is the encoder: pass encoder.pkl (or its conversion by {CONVERT_HINT})") from exc
         what = (f"it references {found[1]}, which is not a tensor or dVAE class, so it could run code" if found
                 else f"it is {kind}, which only a full unpickling (that could run code) would read"
-                if "pickle" in kind else f"it is {kind}, not a dVAE")
+                if "pickle" in kind else f"it is {kind}" if "cut short" in kind else f"it is {kind}, not a dVAE")
         raise ValueError(f"refusing to load {path}: {what}; use the official encoder.pkl, a {{'model': state_dict}} "
                          f"or a safetensors file from {CONVERT_HINT}") from exc
 
