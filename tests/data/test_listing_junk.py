@@ -123,7 +123,7 @@ def test_the_not_searched_warning_gives_the_rename_advice_only_for_a_hidden_fold
         f"macOS zip made of the photos)"]
 
 
-def test_shard_members_in_thumbnail_caches_are_skipped_and_said(tmp_path, caplog):
+def test_shard_members_in_folders_a_search_passes_over_are_skipped_and_said(tmp_path, caplog):
     import io
     import tarfile
 
@@ -132,17 +132,19 @@ def test_shard_members_in_thumbnail_caches_are_skipped_and_said(tmp_path, caplog
 
     with tarfile.open(tmp_path / "nas.tar", "w") as archive:  # tar cf of a Synology share: thumbnails beside photos
         for name in ("p/a.jpg", "p/@eaDir/a.jpg/SYNOPHOTO_THUMB_M.jpg", "p/@eaDir/a.jpg/SYNOPHOTO_THUMB_XL.jpg",
-                     "__MACOSX/p/b.jpg", "p/my@eaDir.jpg"):
+                     "__MACOSX/p/b.jpg", "p/my@eaDir.jpg", "#recycle/p/c.jpg", "#snapshot/GMT+00_2026/p/a.jpg",
+                     ".thumbnails/a.jpg", "./p/d.jpg"):  # tar cf ROOT.: ./ is the archive's root, not hidden
             info = tarfile.TarInfo(name)
             info.size = 1
             archive.addfile(info, io.BytesIO(b"x"))
     dataset = TarShardDataset([tmp_path / "nas.tar"], PretrainTransform(16), shuffle_buffer=0)
     with caplog.at_level(logging.WARNING, logger="lomar.data"):
-        assert dataset.count_samples() == 2
-    assert [item["path"] for item in dataset] == [f"{tmp_path / 'nas.tar'}:p/{n}" for n in ("a.jpg", "my@eaDir.jpg")]
+        assert dataset.count_samples() == 3
+    assert [item["path"] for item in dataset] == [f"{tmp_path / 'nas.tar'}:{n}" for n in ("p/a.jpg", "p/my@eaDir.jpg",
+                                                                                           "./p/d.jpg")]
     assert [r.getMessage() for r in caplog.records] == [
-        f"tar shards: 3 member(s) in thumbnail caches (@eaDir, __MACOSX) skipped, e.g. {tmp_path / 'nas.tar'}:"
-        f"p/@eaDir/a.jpg/SYNOPHOTO_THUMB_M.jpg (copies a NAS or a macOS zip made of the photos)"]
+        f"tar shards: 6 member(s) in hidden, thumbnail or recycle-bin folders skipped, e.g. {tmp_path / 'nas.tar'}:"
+        f"p/@eaDir/a.jpg/SYNOPHOTO_THUMB_M.jpg (as a folder search passes them over)"]
 
 
 def test_recycle_bins_snapshots_and_system_folders_are_no_images_and_no_class(tmp_path, caplog):

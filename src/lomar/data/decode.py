@@ -29,12 +29,15 @@ from lomar.limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, env_
 __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_IMAGE_BYTES", "WIDE_MODES", "is_image_name",
            "file_suffix", "max_image_pixels", "max_image_bytes", "read_image_bytes", "open_pil", "exif_orientation",
            "oriented_size", "decode_bytes", "load_image", "load_image_reduced", "pil_to_tensor", "tensor_to_pil",
-           "PIL_FORMATS", "THUMBNAIL_FOLDERS"]
+           "PIL_FORMATS", "THUMBNAIL_FOLDERS", "SYSTEM_FOLDERS", "passed_over_folder"]
 
 # .jfif and .jpe are JPEG's other names (Chrome on Windows saves photos as .jfif)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 # Thumbnail caches (Synology's @eaDir, macOS zips' __MACOSX): copies, not photos; folders and shards pass them over
 THUMBNAIL_FOLDERS = ("@eaDir", "__MACOSX")
+# What a NAS or a disk keeps at a share's or a drive's root: deleted files (Synology's #recycle, Windows' $RECYCLE.BIN),
+# a copy of the whole share per snapshot (#snapshot, when made visible), fsck's and Windows' own folders
+SYSTEM_FOLDERS = ("#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information", "lost+found")
 # What Pillow may identify a file as: the formats of IMAGE_EXTENSIONS (its JPEG opener also gives MPO, a JPEG of
 # several pictures). Any other plugin would parse a file whose extension lies, e.g. EPS, which Pillow hands to
 # Ghostscript to render.
@@ -49,6 +52,12 @@ def is_image_name(name: str) -> bool:
     foreign disks, in zips and tar files): never an image, and one per photo would make half a set unreadable."""
     base = name.rstrip("/").rpartition("/")[2]
     return file_suffix(base).lower() in IMAGE_EXTENSIONS and not base.startswith("._")
+
+
+def passed_over_folder(name: str) -> bool:
+    """Whether a folder of this name is passed over by a folder search and a tar shard alike: hidden (``.NAME``; a
+    tar member's ``./`` is the archive's root), a thumbnail cache or a NAS's or a disk's housekeeping folder."""
+    return name.startswith((".", *THUMBNAIL_FOLDERS, *SYSTEM_FOLDERS)) and name not in (".", "..")
 
 
 def file_suffix(name: str) -> str:

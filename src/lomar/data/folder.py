@@ -20,13 +20,22 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lomar.data.decode import IMAGE_EXTENSIONS, THUMBNAIL_FOLDERS, file_suffix, is_image_name, load_image, tensor_to_pil
+from lomar.data.decode import (
+    IMAGE_EXTENSIONS,
+    SYSTEM_FOLDERS,
+    THUMBNAIL_FOLDERS,
+    file_suffix,
+    is_image_name,
+    load_image,
+    passed_over_folder,
+    tensor_to_pil,
+)
 from lomar.data.pathtable import PathTable, join_text, sort_like_paths
 from lomar.data.shards import SHARD_SUFFIXES, TarShardDataset, is_shard_pattern, shard_paths
 from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator, sample_key
 
 __all__ = ["demo_image_paths", "find_images", "build_image_list", "ImageListDataset", "build_pretrain_dataset",
-           "LabelledImageFolder", "classes_only_in", "unicode_forms_note", "THUMBNAIL_FOLDERS", "SYSTEM_FOLDERS"]
+           "LabelledImageFolder", "classes_only_in", "unicode_forms_note"]
 
 log = logging.getLogger("lomar.data")
 # Real photographs that ship inside scikit-image's wheel (no download needed).
@@ -46,11 +55,6 @@ def demo_image_paths() -> list[Path]:
     return paths
 
 
-# Hidden sub-folders and thumbnail caches (.thumbnails, Synology's @eaDir, macOS zips' __MACOSX): copies, not photos
-# What a NAS or a disk keeps at a share's or a drive's root: deleted files (Synology's #recycle, Windows' $RECYCLE.BIN),
-# a copy of the whole share per snapshot (#snapshot, when made visible), fsck's and Windows' own folders
-SYSTEM_FOLDERS = ("#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information", "lost+found")
-_NOT_SEARCHED = (".", *THUMBNAIL_FOLDERS, *SYSTEM_FOLDERS)
 # Photo formats that IMAGE_EXTENSIONS leaves out (iPhones save HEIC): passed over like any other file, but said
 _FOREIGN_IMAGES = (".heic", ".heif", ".avif", ".jxl")
 
@@ -78,7 +82,7 @@ def _search(root: str | Path) -> tuple[list[str], dict]:
     seen = {(info.st_dev, info.st_ino) for info in map(os.stat, Path(root).resolve().parents)}
     loops = forks = 0
     unlisted: list[OSError] = []  # os.walk passes over a folder it cannot list (no permission) without a word
-    hidden: list[Path] = []  # sub-folders named _NOT_SEARCHED
+    hidden: list[Path] = []  # sub-folders passed over (decode.passed_over_folder)
     foreign: list[Path] = []  # photos in formats lomar does not decode
     folders: list[tuple[tuple[int, int], str]] = []
     for folder, dirs, files in os.walk(root, followlinks=True, onerror=unlisted.append):
@@ -89,8 +93,8 @@ def _search(root: str | Path) -> tuple[list[str], dict]:
             continue
         seen.add((info.st_dev, info.st_ino))
         folders.append(((info.st_dev, info.st_ino), folder))
-        hidden += [Path(folder) / name for name in dirs if name.startswith(_NOT_SEARCHED)]
-        dirs[:] = sorted(name for name in dirs if not name.startswith(_NOT_SEARCHED))
+        hidden += [Path(folder) / name for name in dirs if passed_over_folder(name)]
+        dirs[:] = sorted(name for name in dirs if not passed_over_folder(name))
         forks += sum(name.startswith("._") and is_image_name(name[2:]) for name in files)  # see is_image_name
         # the strings str(Path(folder) / name) would be (os.walk's names hold no separator, no "." or ".."), made
         # without a Path object each: building and sorting ImageNet's 1.28M Paths took 66 s on a 2-core machine,
@@ -279,7 +283,7 @@ class LabelledImageFolder(Dataset):
         # folder: a class of every image's thumbnails, in val too) are no classes: each would add an output, and
         # shift every class index after it
         folders = sorted(e.name for e in os.scandir(self.root) if e.is_dir())
-        self.classes = [name for name in folders if not name.startswith(_NOT_SEARCHED)]
+        self.classes = [name for name in folders if not passed_over_folder(name)]
         if caches := [name for name in folders if name.startswith(THUMBNAIL_FOLDERS)]:
             log.warning("%s: %d thumbnail folder(s) are no class, e.g. %s", self.root, len(caches), caches[0])
         if system := [name for name in folders if name.startswith(SYSTEM_FOLDERS)]:

@@ -32,7 +32,7 @@ from typing import TypeVar
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lomar.data.decode import THUMBNAIL_FOLDERS, decode_bytes, is_image_name, max_image_bytes
+from lomar.data.decode import decode_bytes, is_image_name, max_image_bytes, passed_over_folder
 from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator
 
 __all__ = ["TarShardDataset", "is_shard_pattern", "shard_paths"]
@@ -211,8 +211,8 @@ class TarShardDataset(IterableDataset):
         for shard, reason in self.damaged.items():
             log.warning("tar shard %s: %s", shard, reason)
         if thumbnails:
-            log.warning("tar shards: %d member(s) in thumbnail caches (%s) skipped, e.g. %s (copies a NAS or a "
-                        "macOS zip made of the photos)", len(thumbnails), ", ".join(THUMBNAIL_FOLDERS), thumbnails[0])
+            log.warning("tar shards: %d member(s) in hidden, thumbnail or recycle-bin folders skipped, e.g. %s (as a "
+                        "folder search passes them over)", len(thumbnails), thumbnails[0])
         return total
 
     def _readers(self) -> tuple[int, int, int, int]:
@@ -294,8 +294,9 @@ def _decode_member(name: str, data: bytes | int | str) -> torch.Tensor:
 def _image_members(shard: Path, read: bool = True, damaged: dict[str, str] | None = None,
                    thumbnails: list[str] | None = None) -> Iterator[tuple[str, bytes | int | str | None]]:
     """("shard:member", bytes (its size instead when over :func:`max_image_bytes`), or None unless ``read``)
-    for the image members of one shard, less those in thumbnail caches (listed in ``thumbnails`` when given: a tar
-    of a Synology NAS's folder holds several thumbnails of each photo in @eaDir, readable JPEGs).
+    for the image members of one shard, less those in folders a folder search passes over (listed in ``thumbnails``
+    when given: a tar of a Synology NAS's folder holds several thumbnails of each photo in @eaDir, readable JPEGs,
+    and a share's #recycle its deleted photos).
 
     An unreadable shard yields nothing and a truncated one what precedes the damage; the
     reason goes into ``damaged`` (when given) and to the debug log. Without ``read`` only
@@ -316,7 +317,7 @@ def _image_members(shard: Path, read: bool = True, damaged: dict[str, str] | Non
                 if not ((member.isfile() or member.islnk() or member.issym()) and is_image_name(member.name)):
                     continue
                 name = f"{shard}:{member.name}"
-                if any(part.startswith(THUMBNAIL_FOLDERS) for part in member.name.split("/")[:-1]):
+                if any(passed_over_folder(part) for part in member.name.split("/")[:-1]):
                     if thumbnails is not None:
                         thumbnails.append(name)
                     continue

@@ -28,9 +28,9 @@ from torchvision.transforms import Resize
 from lomar.checkpoints.kinds import FINETUNE_FORMAT
 from lomar.data.classify import SeededSamples, classification_transforms, eval_crop_ratio
 from lomar.data.collate import UNREADABLE_LIMIT, collate_labelled, collate_labelled_refill
-from lomar.data.decode import load_image_reduced
+from lomar.data.decode import THUMBNAIL_FOLDERS, load_image_reduced
 from lomar.data.draft_classify import DraftCropFolder
-from lomar.data.folder import THUMBNAIL_FOLDERS, LabelledImageFolder, classes_only_in, unicode_forms_note
+from lomar.data.folder import LabelledImageFolder, classes_only_in, unicode_forms_note
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError
 from lomar.eval.features import load_pretrained_encoder
