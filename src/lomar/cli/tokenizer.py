@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import time
 from pathlib import Path
 
 from lomar.cli.common import check_output_file
@@ -121,8 +122,16 @@ def run(args: argparse.Namespace) -> int:
                              f"pass --size {largest} or less (default 112) or fewer --max-images")
         read: dict = {}
         views = _views(args.data, args.size, args.max_images, args.seed, read)
+        start = time.monotonic()
+        print(f"lomar: fitting a k-means tokenizer (vocabulary {args.vocab}) on up to {args.max_images} images of "
+              f"{args.data} at {args.size} px", flush=True)
+
+        def progress(iteration: int, patches: int, changed: int) -> None:  # the default fit runs for minutes
+            print(f"lomar: k-means iteration {iteration}/{args.iters}: {changed:,} of {patches:,} patches "
+                  f"changed token ({time.monotonic() - start:.0f} s)", flush=True)
+
         tokenizer = fit_kmeans_tokenizer(views, vocab_size=args.vocab, patch=args.patch, seed=args.seed,
-                                         iters=args.iters, input_size=args.size)
+                                         iters=args.iters, input_size=args.size, progress=progress)
         tokenizer.save(args.out, extra={"fitted_on": str(args.data), "images": str(read["images"])})
     except (ValueError, FileNotFoundError) as exc:  # the library's argument names, as the flags spell them
         message = re.sub(r"\b(vocab_size|input_size|patch)=", lambda m: f"{_FLAGS[m[1]]} ", str(exc).splitlines()[0])

@@ -17,7 +17,7 @@ Choices:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import safetensors.torch
@@ -155,10 +155,12 @@ def _gather_features(images: torch.Tensor | Iterable[torch.Tensor], patch: int, 
 
 def fit_kmeans_tokenizer(images: torch.Tensor | Iterable[torch.Tensor], vocab_size: int = 8192, patch: int = 8,
                          seed: int = 0, iters: int = 20, input_size: int = 112,
-                         max_patches: int | None = None) -> KMeansTokenizer:
+                         max_patches: int | None = None,
+                         progress: Callable[[int, int, int], None] | None = None) -> KMeansTokenizer:
     """Fit centroids on every patch of ``images`` ((N, 3, S, S) in [0, 1], or an iterable of such
     images / batches). ``max_patches`` subsamples (seeded) to bound memory. Stops early once no
-    assignment changes."""
+    assignment changes. ``progress(iteration, patches, changed)`` is called after each iteration's
+    assignment (at ImageNet's scale one takes the better part of a minute on a CPU)."""
     if vocab_size < 2:
         raise ValueError(f"vocab_size={vocab_size} must be >= 2")
     if iters < 1:
@@ -178,9 +180,12 @@ def fit_kmeans_tokenizer(images: torch.Tensor | Iterable[torch.Tensor], vocab_si
                          f"({per_image} patches each)")
     centroids = x[torch.randperm(x.shape[0], generator=gen)[:vocab_size]].clone()
     assign = None
-    for _ in range(iters):
+    for iteration in range(1, iters + 1):
         new_assign, dist = _nearest(x, centroids)
-        if assign is not None and torch.equal(new_assign, assign):
+        changed = x.shape[0] if assign is None else int((new_assign != assign).sum())
+        if progress is not None:
+            progress(iteration, x.shape[0], changed)
+        if not changed:
             break
         assign = new_assign
         counts = torch.bincount(assign, minlength=vocab_size)
