@@ -83,6 +83,9 @@ def test_under_torchrun_the_first_process_of_a_machine_alone_prints_a_bad_config
     assert capsys.readouterr().err == "lomar pretrain: error: --batch-size must be positive, got 0\n" * shown
     assert main([*args, "--print-config"]) == 0
     assert capsys.readouterr().err.count("note: --window-size 5 is unused") == (local_rank == "0")
+    (tmp_path / "empty").mkdir()  # found once the run starts, not by the settings
+    assert main([*args, "--data", str(tmp_path / "empty")]) == code
+    assert capsys.readouterr().err.count(f"lomar pretrain: error: no images found in {tmp_path / 'empty'}") == shown
 
 
 def test_the_hardware_decoder_without_its_package_is_one_line(tmp_path, capsys, image_dir, monkeypatch):

@@ -140,7 +140,7 @@ def load_for_cli(path: str, args: argparse.Namespace, original: bool = False):
         raise UsageError(re.sub(r"\b(\w+)=\.\.\.", lambda m: flags.get(m[1], m[0]), message)) from None
 
 
-FIRST_PROCESS_WAIT = 30.0  # seconds a torchrun process waits for the first one to report a bad configuration
+FIRST_PROCESS_WAIT = 30.0  # seconds a torchrun process waits for the first one to report a bad setting or input
 
 
 def first_on_machine() -> bool:
@@ -171,12 +171,7 @@ def training_command(config_cls, runner: str, epilog: str):
         try:
             config = config_cls.resolve(args)  # a ConfigError is a UsageError: one line, exit 2
         except LomarError:
-            # Under torchrun every process of a machine resolves the same flags from the same files, and each printed
-            # the same line; the first one says it (one per machine: another machine's files may differ). The others
-            # wait for it to fail and torchrun to stop them (silently: lomar.cli.app): ending first, one would have
-            # torchrun stop the first before it said why. One still running after the wait says it itself.
-            if not first_on_machine():
-                time.sleep(FIRST_PROCESS_WAIT)
+            _leave_it_to_the_first_process()
             raise
         if args.print_config:
             sys.stdout.write(config.dump(invocation=True))
@@ -189,5 +184,17 @@ def training_command(config_cls, runner: str, epilog: str):
             return getattr(importlib.import_module(module), function)(config)  # torch: not for --help
         except (TrainingError, SaveError) as exc:
             return report_run_failure(config_cls.COMMAND, exc)
+        except LomarError:  # the data's, the device's, the run folder's: found by every process alike
+            _leave_it_to_the_first_process()
+            raise
 
     return add_arguments, run
+
+
+def _leave_it_to_the_first_process() -> None:
+    """Under torchrun every process of a machine meets the same bad flag, file or folder, and each printed the same
+    line: the first one says it (one per machine: another machine's files may differ). The others wait for it to fail
+    and torchrun to stop them (silently: lomar.cli.app); ending first, one would have torchrun stop the first before
+    it said why. One still running after the wait (its error was its own) says it itself."""
+    if not first_on_machine():
+        time.sleep(FIRST_PROCESS_WAIT)
