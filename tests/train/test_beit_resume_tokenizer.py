@@ -34,5 +34,7 @@ def test_a_resumed_beit_run_refuses_a_replaced_tokenizer_file(tmp_path, image_di
     # A run folder moved since: its fitted tokenizer was looked for where the folder had been ("does not exist"),
     # and --tokenizer naming where it is now was refused as a change of setting, so the run could not go on.
     moved = run.rename(tmp_path / "moved")
+    run.mkdir()
+    other.save(path)  # a new run in the old folder since: its own tokenizer there
     assert pretrain("--resume", str(moved / "last.pt"), "--max-steps", "4") == 0
     assert safe_load(moved / "last.pt")["config"]["tokenizer"] == str(moved / "tokenizer.safetensors")

@@ -149,9 +149,10 @@ class PretrainConfig(TaskConfig):
             saved[0]["window_placement"] = "distinct"  # a run saved before placements existed drew distinct cells
         if saved is not None and saved[0].get("tokenizer"):
             # BEiT's fitted tokenizer lives in the run's folder, recorded by its absolute path: a run folder moved
-            # since reads it where the checkpoint now is (the checkpoint's tokenizer digest checks it is the same)
+            # since reads it where the checkpoint now is, not what is at the old place (gone, or another run's
+            # there since); the checkpoint's tokenizer digest still checks that it is the one the run trained with
             recorded, beside = Path(saved[0]["tokenizer"]), Path(saved[1]).parent / FITTED_TOKENIZER
-            if recorded.name == FITTED_TOKENIZER and not recorded.exists() and beside.is_file():
+            if recorded.name == FITTED_TOKENIZER and beside.is_file():
                 saved[0]["tokenizer"] = str(beside.absolute())
         return saved
 
