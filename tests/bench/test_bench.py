@@ -1,6 +1,7 @@
 """``lomar bench``: exact FLOP counts and a smoke run on a tiny model. Nothing here is timed."""
 
 import json
+import types
 
 import pytest
 import torch
@@ -40,6 +41,34 @@ def test_cpu_attention_flops_are_counted():
     with FlopCounterMode(display=False) as counter:
         torch.nn.functional.scaled_dot_product_attention(q, q, q)
     assert counter.get_total_flops() == 2 * (2 * 2 * 3 * 10 * 10 * 8)
+
+
+class _Attend(torch.nn.Module):
+    """One attention over (2, 3, 10, 8) inputs, fused (no mask) or as plain matmuls (a bias with a gradient)."""
+
+    def __init__(self, biased: bool):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(8))
+        self.bias = torch.nn.Parameter(torch.zeros(2, 3, 10, 10)) if biased else None
+
+    def forward(self, images):
+        q = images * self.scale
+        return types.SimpleNamespace(loss=torch.nn.functional.scaled_dot_product_attention(
+            q, q, q, attn_mask=self.bias).sum())
+
+
+def test_step_counts_attention_backward_as_its_four_products_whatever_the_kernel():
+    # A fused kernel's backward recomputes the scores (torch counts five products); the MFU's model FLOPs
+    # count the gradient's four, as the same attention run as matmuls does: one model, one count.
+    counts = []
+    for biased in (False, True):
+        model = _Attend(biased)
+        runner = timing.StepRunner("x", 8, None, 2, model, model, torch.optim.SGD(model.parameters(), lr=0.0),
+                                   torch.randn(2, 3, 10, 8), CPU, torch.float32,
+                                   torch.amp.GradScaler("cpu", enabled=False))
+        counts.append(runner.count_flops())
+    forward = 2 * (2 * 2 * 3 * 10 * 10 * 8)
+    assert counts == [3 * forward, 3 * forward]
 
 
 def test_cpu_gemm_ceiling_is_the_faster_of_mkl_and_onednn(monkeypatch):
