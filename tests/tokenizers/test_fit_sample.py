@@ -61,3 +61,28 @@ def test_views_given_one_at_a_time_are_turned_into_patches_in_groups(monkeypatch
     grouped = kmeans._gather_features(iter(views), 8, 16)
     assert sum(calls) == 67 and len(calls) <= 2, calls
     assert torch.equal(grouped, real(views, 8).flatten(0, 1))
+
+
+def test_the_fit_runs_on_device_and_a_missing_one_is_one_line(tmp_path, monkeypatch, capsys):
+    """The k-means iterations ran on the CPU whatever the machine (the default's 20 take about 13 minutes on 2
+    cores); the seeded draws stay on the CPU, so a device changes only the float sums."""
+    import torch
+
+    from lomar.tokenizers import fit_kmeans_tokenizer, kmeans
+
+    views = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    devices, nearest = [], kmeans._nearest
+    monkeypatch.setattr(kmeans, "_nearest", lambda x, c: devices.append((x.device, c.device)) or nearest(x, c))
+    fitted = fit_kmeans_tokenizer(views, vocab_size=3, input_size=16, iters=2, device="cpu")
+    assert fitted.centroids.device.type == "cpu" and set(devices) == {(torch.device("cpu"),) * 2}
+    assert torch.equal(fitted.centroids, fit_kmeans_tokenizer(views, vocab_size=3, input_size=16, iters=2).centroids)
+
+    data = _folder(tmp_path / "data")
+    args = ["tokenizer", "fit", "--data", str(data), "--vocab", "2", "--size", "8", "--out",
+            str(tmp_path / "t.safetensors")]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*args, "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == ("lomar tokenizer fit: error: --device cuda: CUDA is not available on this "
+                                       "machine; pass --device cpu\n")
+    assert main([*args, "--device", "auto"]) == 0
+    assert "at 8 px on cpu" in capsys.readouterr().out

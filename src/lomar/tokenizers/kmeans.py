@@ -156,11 +156,13 @@ def _gather_features(images: torch.Tensor | Iterable[torch.Tensor], patch: int, 
 def fit_kmeans_tokenizer(images: torch.Tensor | Iterable[torch.Tensor], vocab_size: int = 8192, patch: int = 8,
                          seed: int = 0, iters: int = 20, input_size: int = 112,
                          max_patches: int | None = None,
-                         progress: Callable[[int, int, int], None] | None = None) -> KMeansTokenizer:
+                         progress: Callable[[int, int, int], None] | None = None,
+                         device: torch.device | str = "cpu") -> KMeansTokenizer:
     """Fit centroids on every patch of ``images`` ((N, 3, S, S) in [0, 1], or an iterable of such
     images / batches). ``max_patches`` subsamples (seeded) to bound memory. Stops early once no
     assignment changes. ``progress(iteration, patches, changed)`` is called after each iteration's
-    assignment (at ImageNet's scale one takes the better part of a minute on a CPU)."""
+    assignment (at ImageNet's scale one takes the better part of a minute on a CPU; the iterations run on
+    ``device``, the seeded draws on the CPU, so a device changes only the float sums)."""
     if vocab_size < 2:
         raise ValueError(f"vocab_size={vocab_size} must be >= 2")
     if iters < 1:
@@ -178,7 +180,8 @@ def fit_kmeans_tokenizer(images: torch.Tensor | Iterable[torch.Tensor], vocab_si
         raise ValueError(f"vocab_size={vocab_size} is more than the {x.shape[0]} patches to fit on; pass "
                          f"vocab_size <= {x.shape[0]} or at least {-(-vocab_size // per_image)} images "
                          f"({per_image} patches each)")
-    centroids = x[torch.randperm(x.shape[0], generator=gen)[:vocab_size]].clone()
+    x = x.to(device)
+    centroids = x[torch.randperm(x.shape[0], generator=gen)[:vocab_size].to(device)].clone()
     assign = None
     for iteration in range(1, iters + 1):
         new_assign, dist = _nearest(x, centroids)
@@ -196,4 +199,4 @@ def fit_kmeans_tokenizer(images: torch.Tensor | Iterable[torch.Tensor], vocab_si
         if empty.numel():
             far = dist.topk(empty.numel()).indices  # ties broken by index: deterministic
             centroids[empty] = x[far]
-    return KMeansTokenizer(centroids, patch=patch, input_size=input_size)
+    return KMeansTokenizer(centroids.cpu(), patch=patch, input_size=input_size)
