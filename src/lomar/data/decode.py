@@ -287,7 +287,6 @@ def load_image(path: str | Path, max_pixels: int | None = None) -> torch.Tensor:
     return decode_bytes(read_image_bytes(path), str(path), max_pixels)
 
 
-
 def load_image_reduced(path: str | Path, min_side: int, max_pixels: int | None = None) -> torch.Tensor:
     """:func:`load_image`'s image shrunk by the largest of 8, 4, 2 that divides both sides of a JPEG and leaves its
     shorter side at least ``min_side`` px, decoded at that scale (libjpeg's DCT scaling, Pillow's ``draft``): a
