@@ -305,6 +305,16 @@ def test_metrics_truncation_drops_later_and_broken_lines(tmp_path):
     assert path.read_text() == '{"step": 1}\n{"step": 2, "loss": 0.5}\n'
 
 
+def test_metrics_truncation_keeps_records_without_a_step(tmp_path):
+    # detect --eval-only appends its scores to --out's metrics.jsonl without a step; a resume of the run there
+    # dropped them
+    path = tmp_path / "metrics.jsonl"
+    scores = json.dumps({"eval_only": True, "pretrained": "run/last.pt", "img_size": 64, "box_AP": 12.5})
+    path.write_text(f'{{"step": 1}}\n{scores}\n{{"step": 3}}\n')
+    truncate_metrics(path, 2)
+    assert path.read_text() == f'{{"step": 1}}\n{scores}\n'
+
+
 def test_metrics_truncation_holds_one_line_at_a_time_and_keeps_the_lines_as_they_were(tmp_path):
     # every resume held the whole log and its lines at once: a single-GPU ImageNet run logs 8 million steps
     import tracemalloc

@@ -100,12 +100,13 @@ def read_in_place(path: str | Path, errors: str = "replace") -> str:
         return handle.read()
 
 
-def read_log(path: str | Path) -> Iterator[tuple[str, dict]]:
+def read_log(path: str | Path, stepless: bool = False) -> Iterator[tuple[str, dict]]:
     """(line, record) for each line of a run's JSON-lines log (``metrics.jsonl``, ``knn.jsonl``) that holds a JSON
     object with an integer ``step``, the line without its end; opened as :func:`open_in_place` opens it. A line at a
     time: a single-GPU ImageNet run logs 8 million steps. Any other line is skipped: a killed run can leave its last
     line torn, even mid-character; the resume (lomar.train.run_state), the loss curve (lomar.viz.curves) and the
-    study's readers (lomar.train.monitor) all read the log through this one parser."""
+    study's readers (lomar.train.monitor) all read the log through this one parser. ``stepless``: objects with no
+    ``step`` key too, for the resume to keep (detect --eval-only appends its scores without one)."""
     with open_in_place(path, encoding="utf-8", errors="replace") as handle:
         for text in handle:
             line = text.rstrip("\n")
@@ -113,7 +114,7 @@ def read_log(path: str | Path) -> Iterator[tuple[str, dict]]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int):
+            if isinstance(record, dict) and isinstance(record.get("step", 0 if stepless else None), int):
                 yield line, record
 
 

@@ -130,7 +130,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Drop the log lines after the checkpoint resumed from (a crash between the two) and torn ones; streamed."""
     if path.exists():
         atomic_write(path, lambda handle: handle.writelines(
-            f"{line}\n".encode() for line, record in read_log(path) if record["step"] <= step))
+            f"{line}\n".encode() for line, record in read_log(path, stepless=True) if record.get("step", 0) <= step))
 
 
 def read_meta(path: Path) -> dict:
