@@ -36,6 +36,19 @@ def test_a_find_written_list_leaves_out_macos_metadata_and_thumbnails(tmp_path, 
         assert list(build_image_list(listing)) == [tmp_path / "a.jpg"] and not caplog.records
 
 
+def test_a_list_kept_inside_a_snapshot_folder_names_its_photos(tmp_path):
+    # a folder search of a NAS's snapshot copy finds its photos (it judges the folders below its root only), so the
+    # list beside them must too: every line was left out as 'in a system folder', then 'no images found'
+    folder = tmp_path / "#snapshot" / "GMT+00_2026.12.01" / "photos"
+    (folder / "@eaDir").mkdir(parents=True)
+    for name in ("a.jpg", "b.jpg", "@eaDir/a.jpg"):
+        (folder / name).write_bytes(b"x")
+    listing = folder / "list.txt"
+    listing.write_text(f"a.jpg\n{folder / 'b.jpg'}\n@eaDir/a.jpg\n._a.jpg\n{tmp_path / '#recycle' / 'c.jpg'}\n")
+    assert list(build_image_list(listing)) == [folder / "a.jpg", folder / "b.jpg"]
+    assert list(build_image_list(folder)) == [folder / "a.jpg", folder / "b.jpg"]
+
+
 def test_class_folders_reaching_one_folder_through_a_link_are_said(tmp_path, caplog):
     from lomar.data.folder import LabelledImageFolder
 

@@ -132,21 +132,21 @@ def _warn_passed_over(root: str | Path, passed_over: dict) -> None:
 
 def _without_junk(listing: Path, paths: list[str]) -> list[str]:
     """``paths`` of a .txt list less macOS's ``._NAME`` files and what lies in thumbnail caches or system folders
-    (:data:`SYSTEM_FOLDERS`), said in one line: a list written by ``find DIR -name '*.jpg'`` holds them as a folder
-    search would meet them (an AppleDouble file beside each photo copied from a Mac: half the list unreadable, and
-    the run stopped at the 10 % rule; a NAS share's deleted photos and snapshot copies)."""
+    (:data:`SYSTEM_FOLDERS`) below the list's own folder, as a folder search judges only what is below its root, said
+    in one line: ``find DIR -name '*.jpg'`` lists them as a folder search meets them (an AppleDouble file beside each
+    photo copied from a Mac: half the list unreadable, stopped at the 10 % rule; a NAS's deleted photos, snapshots)."""
     marks = (f"{os.sep}._", *(f"{os.sep}{name}{os.sep}" for name in THUMBNAIL_FOLDERS + SYSTEM_FOLDERS))
     whole = os.sep + f"\n{os.sep}".join(paths)  # one search of the whole list: the usual list holds none
     if not any(mark in whole for mark in marks):
         return paths
-    junk = [i for i, text in enumerate(paths) if (os.sep + text).rpartition(os.sep)[2].startswith("._")
-            or any(mark in os.sep + text for mark in marks[1:])]
+    base = str(listing.parent).rstrip(os.sep) + os.sep  # a list kept in a NAS's #snapshot copy names its photos
+    junk = {i for i, text in enumerate(paths) if (os.sep + text).rpartition(os.sep)[2].startswith("._")
+            or any(mark in os.sep + text[len(base) if text.startswith(base) else 0:] for mark in marks[1:])}
     if junk:
         log.warning("%s: %d line(s) name macOS metadata files (._NAME) or files in thumbnail or system folders (%s), "
                     "e.g. %s; left out, as a folder search leaves them out", listing, len(junk),
-                    ", ".join(THUMBNAIL_FOLDERS + SYSTEM_FOLDERS), paths[junk[0]])
-    left_out = set(junk)
-    return [text for i, text in enumerate(paths) if i not in left_out]
+                    ", ".join(THUMBNAIL_FOLDERS + SYSTEM_FOLDERS), paths[min(junk)])
+    return [text for i, text in enumerate(paths) if i not in junk]
 
 
 def build_image_list(data: str | Path) -> PathTable:
