@@ -101,6 +101,13 @@ def _check_not_read(path: str | None, flag: str, pretrained: str) -> None:
                          f"replace that checkpoint; give another file")
 
 
+def check_decode(decode: str, command: str) -> None:
+    """UsageError unless ``decode`` is one that knn and linprobe read: the declaration is pretrain's, whose windows
+    and gpu make its training crops, not an evaluation's (the study checks its specs' options with this too)."""
+    if decode not in ("full", "draft"):
+        raise UsageError(f"--decode {decode} is for lomar pretrain; lomar {command} takes --decode full or draft")
+
+
 def _features(args: argparse.Namespace) -> list:
     """The features of :func:`frozen_features`, after everything that can be checked before (outputs too)."""
     import torch
@@ -111,9 +118,7 @@ def _features(args: argparse.Namespace) -> list:
     args.pretrained = args.pretrained or args.pretrained_path
     if not args.pretrained:
         raise UsageError(f"pass the checkpoint: lomar {args.command} PRETRAINED, or --pretrained PRETRAINED")
-    if args.decode not in ("full", "draft"):  # pretrain's shared declaration: its crops are not an evaluation's
-        raise UsageError(f"--decode {args.decode} is for lomar pretrain; lomar {args.command} takes --decode full or "
-                         f"draft")
+    check_decode(args.decode, args.command)
     if not (args.data or (args.train and args.val)):
         raise UsageError("pass --data ROOT (with train/ and val/) or both --train and --val")
     for flag, root in (("--data", args.data), ("--train", args.train), ("--val", args.val)):

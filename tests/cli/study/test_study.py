@@ -214,6 +214,19 @@ def test_a_study_linear_probe_warm_up_beyond_its_epochs_is_refused_up_front(labe
         check_options(spec)
 
 
+@pytest.mark.parametrize("metric", ["knn", "linprobe"])
+def test_a_study_evaluation_decoding_as_pretrain_alone_does_is_refused_up_front(labelled, metric):
+    """--decode windows parses as knn's and linprobe's flag (pretrain's declaration); refused at the first score,
+    after a cell's whole budget, it was."""
+    from lomar.cli.study.evals import check_options
+    from lomar.errors import UsageError
+
+    spec = parse_spec(_spec(labelled, eval={"metrics": [metric], metric: {"decode": "windows"}}))
+    with pytest.raises(UsageError, match=rf"^eval.{metric}: --decode windows is for lomar pretrain; lomar {metric} "
+                                         r"takes --decode full or draft; fix the spec's"):
+        check_options(spec)
+
+
 @pytest.mark.slow  # 3 small ViTs x 2 steps and their k-NN, probe and held-out loss: ~30 s on 2 cores
 def test_the_enc_dec_preset_runs_every_cell(tmp_path, capsys):
     for split in ("train", "val"):

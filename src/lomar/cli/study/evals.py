@@ -15,7 +15,14 @@ import torch
 from lomar.checkpoints.file_names import LAST, METRICS
 from lomar.checkpoints.formats import load_model
 from lomar.cli.common import resolve_device
-from lomar.cli.probe import fit_linprobe, frozen_features, knn_add_arguments, linprobe_add_arguments, resolve_linprobe
+from lomar.cli.probe import (
+    check_decode,
+    fit_linprobe,
+    frozen_features,
+    knn_add_arguments,
+    linprobe_add_arguments,
+    resolve_linprobe,
+)
 from lomar.cli.study.spec import (
     Cell,
     StudyFailed,
@@ -55,6 +62,8 @@ def _args(metric: str, spec: StudySpec, cell: Cell, checkpoint: Path, where: Pat
     options = spec.eval.knn if metric == "knn" else {"seed": cell.seed, **getattr(spec.eval, metric)}
     add = {"knn": knn_add_arguments, "linprobe": linprobe_add_arguments, "finetune": add_finetune_arguments}[metric]
     args = parse_flags(add, argv + settings_flags(options))
+    if metric != "finetune":  # before any cell trains: pretrain's --decode windows / gpu parse as these flags too
+        check_decode(args.decode, metric)
     if metric == "linprobe":
         resolve_linprobe(args)
     return args
