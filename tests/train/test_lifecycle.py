@@ -291,6 +291,17 @@ def test_a_finished_run_resumed_leaves_its_folder_as_it_is(tmp_path):
     assert files() == before
 
 
+def test_a_finished_run_resumed_removes_stale_temporaries(tmp_path, capsys):
+    # a run killed while writing its end-of-run files leaves a temporary (an export's: the encoder's size); the
+    # resume that writes them again left it there for good
+    out = tmp_path / "run"
+    assert run(ToyConfig(out=str(out)), ToyTask) == 0
+    stale = out / ".encoder.safetensors.tmp-999"
+    stale.write_bytes(b"x" * 100)
+    assert run(ToyConfig(out=str(out), resume="auto"), ToyTask) == 0
+    assert not stale.exists() and "removed 1 stale temporary file(s)" in capsys.readouterr().out
+
+
 def test_a_resume_the_task_refuses_names_its_cause_not_the_weights_shapes(tmp_path):
     # finetune resumed on data of 4 classes, not 3: "does not fit this run: size mismatch for head.weight ..."
     from lomar.errors import UsageError

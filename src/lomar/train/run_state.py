@@ -369,12 +369,12 @@ def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int,
     """Main process, lock held: a fresh run, or one branched off another folder's checkpoint, clears what an
     earlier run left here (the task's ``outputs`` too); a resume cuts the logs back to its checkpoint;
     ``config.yaml`` is written (a TaskConfig's dump, else the fields). A resume of a run at its end (``finished``:
-    nothing to do) in its own folder, not rewinding it, leaves the folder as it is."""
+    nothing to do) in its own folder, not rewinding it, leaves the folder as it is, but for stale temporaries."""
     out, name = Path(config.out), task.name
     if resume is None:  # another run may have got here since the config was checked
         refuse_held_run(out, config.resume, config.overwrite, locked_here=True)
     at_end = finished and resume is not None and not _foreign(resume, out) and not config.overwrite
-    if removed := [] if at_end else remove_stale_temporaries(out):
+    if removed := remove_stale_temporaries(out):  # even at the end: a killed final write left them
         print(f"lomar {name}: removed {len(removed)} stale temporary file(s) in {out}, e.g. {removed[0].name}")
     if resume is not None:
         print(f"lomar {name}: resumed from {resume} at step {step} (epoch {epoch})", flush=True)
