@@ -189,3 +189,21 @@ def test_a_list_written_on_windows_is_refused_with_its_separator_named(tmp_path)
                                          r"its paths are separated by '\\', as Windows writes them: separate them by "
                                          r"'/'$"):
         build_pretrain_dataset(str(listing), 16)
+
+
+def test_folders_are_passed_over_by_their_exact_names_not_a_prefix(tmp_path):
+    """`lost+found_2` or `#recycled_paper` is a class of images like any other (a .txt list's lines are matched by
+    exact folder names too); `lost+found` and `@eaDir` are not."""
+    from PIL import Image
+
+    from lomar.data.decode import passed_over_folder
+    from lomar.data.folder import LabelledImageFolder
+
+    for name in ("lost+found_2", "#recycled_paper", "@eaDirt", "a"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (4, 4)).save(tmp_path / name / "x.png")
+    for name in ("lost+found", "@eaDir", ".hidden"):
+        (tmp_path / name).mkdir()
+    assert LabelledImageFolder(tmp_path).classes == ["#recycled_paper", "@eaDirt", "a", "lost+found_2"]
+    assert [passed_over_folder(n) for n in (".", "..", ".x", "#snapshot", "#snapshots")] == [
+        False, False, True, True, False]

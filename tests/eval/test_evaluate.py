@@ -106,9 +106,12 @@ def test_knn_scores_blocks_of_queries_within_the_byte_budget_with_the_same_score
 def test_knn_scores_on_a_cuda_device_only_where_the_bank_fits_beside_a_block(monkeypatch, caplog):
     bank = torch.zeros(1000, 64)  # 2 x 256 kB of bank beside the 1 GiB block
     need = 2 * 1000 * 64 * 4 + knn.SIMILARITY_BYTES
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (need, 80 * 2**30))
+    # a training run's allocator cache (reserved, unused: 3 bytes here) counts as free for the bank
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 5)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (need - 3, 80 * 2**30))
     assert knn.scoring_device(bank, "cuda:1") == torch.device("cuda:1")
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (need - 1, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (need - 4, 80 * 2**30))
     assert knn.scoring_device(bank, "cuda:1") == torch.device("cpu")
     assert "k-NN scores on the CPU: cuda:1 has 1.0 GiB free, the bank of 1000 features needs 1.0 GiB" in caplog.text
     assert knn.scoring_device(bank, "cpu") == torch.device("cpu")

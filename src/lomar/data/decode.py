@@ -56,8 +56,9 @@ def is_image_name(name: str) -> bool:
 
 def passed_over_folder(name: str) -> bool:
     """Whether a folder of this name is passed over by a folder search and a tar shard alike: hidden (``.NAME``; a
-    tar member's ``./`` is the archive's root), a thumbnail cache or a NAS's or a disk's housekeeping folder."""
-    return name.startswith((".", *THUMBNAIL_FOLDERS, *SYSTEM_FOLDERS)) and name not in (".", "..")
+    tar member's ``./`` is the archive's root), a thumbnail cache or a NAS's or a disk's housekeeping folder, by its
+    exact name, as a .txt list's lines are matched (``lost+found_2`` is a class)."""
+    return name in THUMBNAIL_FOLDERS or name in SYSTEM_FOLDERS or (name.startswith(".") and name not in (".", ".."))
 
 
 def file_suffix(name: str) -> str:

@@ -116,7 +116,7 @@ def _warn_passed_over(root: str | Path, passed_over: dict) -> None:
     if hidden:  # a hidden folder is the example when there is one: renaming it is advice only it can take
         example = min((path for path in hidden if path.name.startswith(".")), default=min(hidden))  # os.walk's order
         advice = ("name it without a leading '.' to use its images" if example.name.startswith(".") else
-                  "thumbnails a NAS or a macOS zip made of the photos" if example.name.startswith(THUMBNAIL_FOLDERS)
+                  "thumbnails a NAS or a macOS zip made of the photos" if example.name in THUMBNAIL_FOLDERS
                   else "deleted files, snapshot copies or a disk's own files")
         log.warning("%s: %d hidden or thumbnail folder(s) not searched, e.g. %s (%s)", root, len(hidden), example,
                     advice)
@@ -284,9 +284,9 @@ class LabelledImageFolder(Dataset):
         # shift every class index after it
         folders = sorted(e.name for e in os.scandir(self.root) if e.is_dir())
         self.classes = [name for name in folders if not passed_over_folder(name)]
-        if caches := [name for name in folders if name.startswith(THUMBNAIL_FOLDERS)]:
+        if caches := [name for name in folders if name in THUMBNAIL_FOLDERS]:
             log.warning("%s: %d thumbnail folder(s) are no class, e.g. %s", self.root, len(caches), caches[0])
-        if system := [name for name in folders if name.startswith(SYSTEM_FOLDERS)]:
+        if system := [name for name in folders if name in SYSTEM_FOLDERS]:
             log.warning("%s: %d recycle bin, snapshot or system folder(s) are no class, e.g. %s", self.root,
                         len(system), system[0])
         # a class folder linked to an unmounted disk leads nowhere: no class, in train and val alike, without a word

@@ -51,12 +51,13 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query: to
 def scoring_device(bank: torch.Tensor, device: torch.device | str) -> torch.device:
     """Where to score against ``bank`` (M, D): ``device``, unless it is a CUDA device without the free memory for the
     normalised bank and a block of similarities beside it (ImageNet's ViT-B bank is 3.9 GB): then the CPU, which
-    is slower but holds it (a k-NN score is worth more than the minutes it saves)."""
+    is slower but holds it (a k-NN score is worth more than the minutes it saves), with a warning saying so."""
     device = torch.device(device)
     if device.type != "cuda":
         return device
     need = 2 * bank.shape[0] * bank.shape[1] * 4 + SIMILARITY_BYTES  # the float32 copy and its normalised one
-    free = torch.cuda.mem_get_info(device)[0]
+    # what the card has free, and what this process's allocator holds unused (a training run's cache, at --knn-every)
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if free >= need:
         return device
     log.warning("k-NN scores on the CPU: %s has %.1f GiB free, the bank of %d features needs %.1f GiB", device,
