@@ -7,9 +7,10 @@ message that names the offending value and the fix, and never a traceback for th
 from __future__ import annotations
 
 import errno
+import os
 import re
 
-__all__ = ["LomarError", "UsageError", "ANSI_ESCAPE", "FULL_DISK", "UNWRITABLE"]
+__all__ = ["LomarError", "UsageError", "ANSI_ESCAPE", "FULL_DISK", "UNWRITABLE", "first_on_machine"]
 
 # A terminal colour code, as torch's and other libraries' messages carry: dropped from a message that is read
 # (lomar.checkpoints.io) or shown on one line (lomar.cli.app).
@@ -18,6 +19,13 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # written (read-only, not permitted). Saves (single-process and sharded) and the CLI's messages read the same groups.
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def first_on_machine() -> bool:
+    """Whether this process prints a run's errors and notes: the only one without torchrun, else the first of its
+    machine (``LOCAL_RANK`` 0). A single process (``WORLD_SIZE`` unset or 1) is the first whatever ``LOCAL_RANK`` a
+    job's environment left set, as :func:`lomar.train.distributed.init_distributed` takes it."""
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
 class LomarError(Exception):

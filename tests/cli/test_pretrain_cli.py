@@ -77,15 +77,33 @@ def test_under_torchrun_the_first_process_of_a_machine_alone_prints_a_bad_config
 
     monkeypatch.setattr(time, "sleep", wait)
     monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
     args = ["pretrain", *TINY, "--data", str(image_dir), "--out", str(tmp_path / "run"), "--windows", "0",
             "--window-size", "5"]
     assert main([*args, "--batch-size", "0"]) == code  # every process stops
     assert capsys.readouterr().err == "lomar pretrain: error: --batch-size must be positive, got 0\n" * shown
     assert main([*args, "--print-config"]) == 0
     assert capsys.readouterr().err.count("note: --window-size 5 is unused") == (local_rank == "0")
-    (tmp_path / "empty").mkdir()  # found once the run starts, not by the settings
+    (tmp_path / "empty").mkdir()  # found once the run starts, not by the settings: one process, taken for rank N
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setattr(common, "first_on_machine", lambda: local_rank == "0")
     assert main([*args, "--data", str(tmp_path / "empty")]) == code
     assert capsys.readouterr().err.count(f"lomar pretrain: error: no images found in {tmp_path / 'empty'}") == shown
+
+
+def test_a_single_process_prints_its_errors_whatever_local_rank_a_job_left_set(monkeypatch):
+    # LOCAL_RANK=1 alone (no WORLD_SIZE) made a single process wait 30 s on any error, then hide its notes
+    from lomar.errors import first_on_machine
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert first_on_machine()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert first_on_machine()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not first_on_machine()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert first_on_machine()
 
 
 def test_the_hardware_decoder_without_its_package_is_one_line(tmp_path, capsys, image_dir, monkeypatch):

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 
 from lomar import __version__
 from lomar.cli.suggest import command_parser, suggest_flags
-from lomar.errors import ANSI_ESCAPE, FULL_DISK, LomarError
+from lomar.errors import ANSI_ESCAPE, FULL_DISK, LomarError, first_on_machine
 from lomar.limits import check_env_limits
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main", "run", "describe_os_error"]
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Terminated as exc:
         signum = exc.args[0] if exc.args else signal.SIGTERM
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # torchrun signals every process: one line a machine
+        if first_on_machine():  # torchrun signals every process: one line a machine
             print(f"{prefix}: terminated ({signal.Signals(signum).name})", file=sys.stderr)
         return 128 + signum
     except KeyboardInterrupt:

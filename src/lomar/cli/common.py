@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lomar.errors import LomarError, UsageError
+from lomar.errors import LomarError, UsageError, first_on_machine
 from lomar.train import settings as S
 from lomar.train.settings import Setting, add_settings
 
@@ -141,11 +141,6 @@ def load_for_cli(path: str, args: argparse.Namespace, original: bool = False):
 
 
 FIRST_PROCESS_WAIT = 30.0  # seconds a torchrun process waits for the first one to report a bad setting or input
-
-
-def first_on_machine() -> bool:
-    """Whether this process is the first of its machine: the only one without torchrun, else ``LOCAL_RANK`` 0."""
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
 def report_run_failure(command: str, exc: Exception) -> int:

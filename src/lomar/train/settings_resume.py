@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from lomar.checkpoints.kinds import run_command
+from lomar.errors import first_on_machine
 from lomar.train import settings as S
 from lomar.train.runtime import default_workers
 from lomar.train.settings import ConfigError, coerce_all, declarations, shown
@@ -169,7 +170,7 @@ class TaskConfig:
 
     def print_notes(self) -> None:
         """On stderr; under torchrun by the first process of each machine only (each would print the same)."""
-        for note in self.notes() if int(os.environ.get("LOCAL_RANK", "0")) == 0 else ():
+        for note in self.notes() if first_on_machine() else ():
             print(f"lomar {self.COMMAND}: note: {note}", file=sys.stderr)
 
     def check_inputs(self) -> None:
