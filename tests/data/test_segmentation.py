@@ -173,10 +173,10 @@ def test_the_evaluation_scale_rounds_halves_up_as_mmcv_does():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps_rollup")
 def test_forked_workers_do_not_copy_the_pair_lists(tmp_path, monkeypatch):
-    # 5,000 pairs (ADE20K has 20k, COCO-Stuff 118k): a list of (Path, Path) tuples that a worker writes to (a
-    # refcount per item) grew 3.3 MiB here, 8.9 MiB over 20k; packed as lomar.data.pathtable packs image lists:
-    # under 0.1 here, 1.1 over 20k
-    count = 5_000
+    # 20,000 pairs (ADE20K's count; COCO-Stuff has 118k): a list of (Path, Path) tuples that a worker writes to (a
+    # refcount per item) grew 8.9-13 MiB (3.3 over 5,000); packed as lomar.data.pathtable packs image lists: 1.0-1.1.
+    # The allocator's churn varies by up to 2 MiB between runs (2.1 over 5,000 in one CI run), hence the count
+    count = 20_000
     monkeypatch.setattr("lomar.data.segmentation._pairs", lambda root, split: [
         (root / "images" / f"ADE_{i:08d}.jpg", root / "annotations" / f"ADE_{i:08d}.png") for i in range(count)])
     monkeypatch.setattr("lomar.data.segmentation._check_pair", lambda image, annotation: 1)
@@ -185,4 +185,4 @@ def test_forked_workers_do_not_copy_the_pair_lists(tmp_path, monkeypatch):
     monkeypatch.setattr("lomar.data.segmentation.load_image", lambda path: torch.zeros(3, 8, 8, dtype=torch.uint8))
     assert data[count - 1][2] == f"ADE_{count - 1:08d}" and len(data) == count
     copied = _copied_by_reading(data.__getitem__, count)
-    assert copied < 1.5, copied
+    assert copied < 4, copied
