@@ -38,7 +38,8 @@ def _polygon(rng: random.Random, width: int, height: int) -> list[float]:
 def test_forked_workers_do_not_copy_the_coco_annotations(monkeypatch):
     # 200 images of COCO's 7 objects (3 polygons of 6-40 points each): a worker reading their targets through
     # pycocotools' index wrote to every annotation's objects (refcounts) and grew 7.3 MiB here, 505 MiB over 30k
-    # images (208k objects of one polygon); reading packed records: 0.6-0.8 MiB here, 30 MiB over the 30k
+    # images (208k objects of one polygon); reading packed records: 0.6-0.8 MiB here, 30 MiB over the 30k. The
+    # allocator's churn varies by up to 2 MiB between runs (a CI run measured 2.1 in test_segmentation's twin)
     rng, size = random.Random(0), (16, 12)
     images = [{"id": 7 * i + 3, "file_name": f"{i}.jpg", "width": size[0], "height": size[1]} for i in range(200)]
     annotations = [{"id": len(images) * k + i, "image_id": image["id"], "category_id": 1 + k % 3, "iscrowd": 0,
@@ -50,7 +51,7 @@ def test_forked_workers_do_not_copy_the_coco_annotations(monkeypatch):
     dataset = detection_dataset(split, None, train=True)
     del split, data, annotations
     copied = _copied_by_reading(dataset.__getitem__, len(images))
-    assert copied < 1.5, copied
+    assert copied < 3.5, copied
 
 
 class _Pycocotools(CocoDetection):
