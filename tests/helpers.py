@@ -66,6 +66,14 @@ TINY = ["--model", "vit_tiny_patch8", "--embed-dim", "32", "--depth", "2", "--nu
         "--warmup-epochs", "0.5", "--precision", "fp32"]
 
 
+def photo_like(height: int, width: int) -> np.ndarray:
+    """Smooth shading with a few sharp edges, as photos have (not noise: a DCT-scaled decode is a low-pass)."""
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    rgb = np.stack([128 + 100 * np.sin(7 * x + 3 * y), 128 + 100 * np.cos(5 * y), 255 * x * y], axis=-1)
+    rgb[height // 3:height // 2, width // 4:width // 2] = (250, 20, 40)
+    return rgb.clip(0, 255).astype(np.uint8)
+
+
 def write_images(folder: Path, count: int, size: tuple[int, int] = (40, 48)) -> Path:
     from PIL import Image
 

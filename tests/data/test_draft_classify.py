@@ -3,25 +3,17 @@
 import random
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image, JpegImagePlugin
 
+from helpers import photo_like
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
 from lomar.data.classify import SeededSamples, classification_transforms
 from lomar.data.draft_classify import DraftCropFolder
 from lomar.data.folder import LabelledImageFolder
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-
-def _scene(height: int, width: int) -> np.ndarray:
-    """Smooth shading with a few sharp edges, as photos have (not noise: a DCT-scaled decode is a low-pass)."""
-    y, x = np.mgrid[0:height, 0:width] / max(height, width)
-    rgb = np.stack([128 + 100 * np.sin(7 * x + 3 * y), 128 + 100 * np.cos(5 * y), 255 * x * y], axis=-1)
-    rgb[height // 3:height // 2, width // 4:width // 2] = (250, 20, 40)
-    return rgb.clip(0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +24,11 @@ def photos(tmp_path_factory):
     for split in ("train", "val"):
         (root / split / "a").mkdir(parents=True)
         (root / split / "b").mkdir(parents=True)
-        Image.fromarray(_scene(512, 384)).transpose(Image.Transpose.ROTATE_90).save(root / split / "a" / "side.jpg",
+        Image.fromarray(photo_like(512, 384)).transpose(Image.Transpose.ROTATE_90).save(root / split / "a" / "side.jpg",
                                                                                      quality=90, exif=exif)
-        Image.fromarray(_scene(384, 512)).save(root / split / "a" / "wide.jpg", quality=90)
-        Image.fromarray(_scene(48, 64)).save(root / split / "b" / "tiny.jpg", quality=90)  # no box of 2 x 32 px
-        Image.fromarray(_scene(300, 400)).save(root / split / "b" / "small.png")
+        Image.fromarray(photo_like(384, 512)).save(root / split / "a" / "wide.jpg", quality=90)
+        Image.fromarray(photo_like(48, 64)).save(root / split / "b" / "tiny.jpg", quality=90)  # no box of 2 x 32 px
+        Image.fromarray(photo_like(300, 400)).save(root / split / "b" / "small.png")
     data = (root / "train" / "a" / "wide.jpg").read_bytes()
     (root / "train" / "b" / "cut.jpg").write_bytes(data[:len(data) // 3])  # unreadable
     return root

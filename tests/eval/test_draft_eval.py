@@ -8,6 +8,7 @@ import torch
 from PIL import Image, JpegImagePlugin
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers import photo_like
 from lomar import VisionTransformer, ViTConfig, export_encoder
 from lomar.cli.app import main
 from lomar.data.decode import load_image, tensor_to_pil
@@ -15,18 +16,10 @@ from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.eval.features import extract_features, knn_loaders
 
 
-def _scene(height: int, width: int) -> np.ndarray:
-    """Smooth shading with a few sharp edges, as photos have (not noise: a DCT-scaled decode is a low-pass)."""
-    y, x = np.mgrid[0:height, 0:width] / max(height, width)
-    rgb = np.stack([128 + 100 * np.sin(7 * x + 3 * y), 128 + 100 * np.cos(5 * y), 255 * x * y], axis=-1)
-    rgb[height // 3:height // 2, width // 4:width // 2] = (250, 20, 40)
-    return rgb.clip(0, 255).astype(np.uint8)
-
-
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     root = tmp_path_factory.mktemp("draft")
-    portrait = _scene(1024, 768)
+    portrait = photo_like(1024, 768)
     exif = Image.Exif()
     exif[0x0112] = 6  # a phone's portrait photo, stored sideways: turned upright by a quarter turn clockwise
     for split in ("train", "val"):
@@ -34,8 +27,9 @@ def photos(tmp_path_factory):
         (root / split / "b").mkdir(parents=True)
         Image.fromarray(portrait).transpose(Image.Transpose.ROTATE_90).save(root / split / "a" / "side.jpg",
                                                                              quality=90, exif=exif)
-        Image.fromarray(_scene(766, 1020)).save(root / split / "a" / "odd.jpg", quality=90)  # sides divide by 2 only
-        Image.fromarray(_scene(300, 400)).save(root / split / "b" / "small.png")
+        # sides that divide by 2 only
+        Image.fromarray(photo_like(766, 1020)).save(root / split / "a" / "odd.jpg", quality=90)
+        Image.fromarray(photo_like(300, 400)).save(root / split / "b" / "small.png")
         data = (root / split / "a" / "odd.jpg").read_bytes()
         (root / split / "b" / "cut.jpg").write_bytes(data[:len(data) * 2 // 3])  # unreadable
     return root
@@ -82,7 +76,7 @@ def test_an_upright_turned_photo_reaches_the_transforms_as_pillow_transposes_it(
     (the whole of a sideways photo's extra 430 ms in knn, linprobe and finetune), Pillow's own transpose 123 ms."""
     exif = Image.Exif()
     exif[0x0112] = orientation
-    Image.fromarray(_scene(48, 64)).save(tmp_path / "photo.jpg", quality=90, exif=exif)
+    Image.fromarray(photo_like(48, 64)).save(tmp_path / "photo.jpg", quality=90, exif=exif)
     image = load_image(tmp_path / "photo.jpg")
     turned = tensor_to_pil(image)
     assert turned.mode == "RGB" and np.array_equal(np.asarray(turned), image.permute(1, 2, 0).numpy())
