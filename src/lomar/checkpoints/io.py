@@ -29,9 +29,9 @@ import torch
 
 from lomar.errors import ANSI_ESCAPE, UsageError
 
-__all__ = ["check_finite", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_save", "safe_load",
-           "describe_file", "quiet_pickle_protocol", "write_error", "open_in_place", "read_in_place",
-           "read_log", "refuse_link", "remove_tree", "mismatch", "FILE_MODE"]
+__all__ = ["check_finite", "first_non_finite", "atomic_write", "atomic_write_bytes", "atomic_write_text",
+           "atomic_save", "safe_load", "describe_file", "quiet_pickle_protocol", "write_error", "open_in_place",
+           "read_in_place", "read_log", "refuse_link", "remove_tree", "mismatch", "FILE_MODE"]
 
 # Exports and checkpoints are meant to be shared: rw-r--r-- whatever mkstemp-like defaults say.
 FILE_MODE = 0o644
@@ -232,10 +232,17 @@ def mismatch(exc: Exception) -> str:
     return lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
 
 
+def first_non_finite(weights: dict) -> str | None:
+    """The name of the first floating-point tensor of ``weights`` (a state dict) that holds NaN or inf, None when
+    none does (entries that are no tensors are passed over); one host read."""
+    named = [(name, value) for name, value in weights.items() if torch.is_tensor(value) and value.is_floating_point()]
+    device = named[0][1].device if named else None  # a state dict may hold tensors on two devices
+    finite = torch.stack([torch.isfinite(value).all().to(device) for _, value in named]).tolist() if named else []
+    return next((name for (name, _), ok in zip(named, finite) if not ok), None)
+
+
 def check_finite(model: torch.nn.Module, path: str | Path) -> None:
     """ValueError naming the first weight with NaN or inf: a run that diverged, or a damaged file, would
     otherwise give silently wrong results."""
-    bad = next((name for name, value in model.state_dict().items()
-                if value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
-    if bad is not None:
+    if (bad := first_non_finite(model.state_dict())) is not None:
         raise ValueError(f"{path}: {bad} holds NaN or infinite values; pass weights saved before the run diverged")

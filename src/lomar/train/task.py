@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from lomar.checkpoints.file_names import METRICS
-from lomar.checkpoints.io import safe_load
+from lomar.checkpoints.io import first_non_finite, safe_load
 from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker
 from lomar.errors import UsageError
 from lomar.train.run_state import newest_state
@@ -190,10 +190,7 @@ def preload(path: Path | None, device: torch.device) -> dict | None:
         return None
     ckpt = safe_load(path, map_location=device)
     model = ckpt.get("model")  # not a dict: the load names what does not fit
-    weights = [(k, v) for k, v in (model.items() if isinstance(model, dict) else ()) if torch.is_tensor(v)
-               and v.is_floating_point()]
-    finite = torch.stack([torch.isfinite(v).all() for _, v in weights]).tolist() if weights else []
-    if (bad := next((name for (name, _), ok in zip(weights, finite) if not ok), None)) is not None:
+    if isinstance(model, dict) and (bad := first_non_finite(model)) is not None:
         raise _diverged_checkpoint(path, bad)
     return ckpt
 
