@@ -16,6 +16,7 @@ from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS, LAST, RUN
 from lomar.cli.common import check_output_file, resolve_device, write_json
 from lomar.errors import UsageError
 from lomar.train import settings as S
+from lomar.train.config_checks import check_eval_decode
 from lomar.train.runtime import default_threads, default_workers
 from lomar.train.settings import Setting, add_settings
 
@@ -101,13 +102,6 @@ def _check_not_read(path: str | None, flag: str, pretrained: str) -> None:
                          f"replace that checkpoint; give another file")
 
 
-def check_decode(decode: str, command: str) -> None:
-    """UsageError unless ``decode`` is one that knn and linprobe read: the declaration is pretrain's, whose windows
-    and gpu make its training crops, not an evaluation's (the study checks its specs' options with this too)."""
-    if decode not in ("full", "draft"):
-        raise UsageError(f"--decode {decode} is for lomar pretrain; lomar {command} takes --decode full or draft")
-
-
 def _features(args: argparse.Namespace) -> list:
     """The features of :func:`frozen_features`, after everything that can be checked before (outputs too)."""
     import torch
@@ -118,7 +112,7 @@ def _features(args: argparse.Namespace) -> list:
     args.pretrained = args.pretrained or args.pretrained_path
     if not args.pretrained:
         raise UsageError(f"pass the checkpoint: lomar {args.command} PRETRAINED, or --pretrained PRETRAINED")
-    check_decode(args.decode, args.command)
+    check_eval_decode(args.decode, args.command)
     if not (args.data or (args.train and args.val)):
         raise UsageError("pass --data ROOT (with train/ and val/) or both --train and --val")
     for flag, root in (("--data", args.data), ("--train", args.train), ("--val", args.val)):

@@ -12,7 +12,7 @@ from lomar.methods import get_method, names
 from lomar.train import settings as S
 from lomar.train.settings import ConfigError
 
-__all__ = ["check_fsdp", "check_data", "check_decode", "check_method_settings", "parse_share"]
+__all__ = ["check_fsdp", "check_data", "check_decode", "check_eval_decode", "check_method_settings", "parse_share"]
 
 
 def check_method_settings(values: dict[str, Any], declared: dict[str, S.Setting]) -> None:
@@ -75,6 +75,13 @@ def parse_share(text: str) -> float | str:
         return float(text)
     except ValueError:
         raise ValueError(f"--cpu-decode-share must be auto or a share in [0, 1], e.g. 0.3; got {text!r}") from None
+
+
+def check_eval_decode(decode: str, command: str) -> None:
+    """ConfigError unless ``decode`` is one that knn, linprobe and finetune read (full, draft): the declaration is
+    pretrain's, whose windows and gpu make its training crops, not an evaluation's or the finetune recipe's."""
+    if decode not in ("full", "draft"):
+        raise ConfigError(f"--decode {decode} is for lomar pretrain; lomar {command} takes --decode full or draft")
 
 
 def check_decode(config: Any) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lomar.train import settings as S
+from lomar.train.config_checks import check_eval_decode
 from lomar.train.settings import ConfigError
 from lomar.train.settings_resume import TaskConfig, check_min_lr, check_pretrained, check_warmup, check_windows
 
@@ -102,9 +103,7 @@ class FinetuneConfig(TaskConfig):
         if not 0 < low <= high <= 1:  # also false for nan; inf fails <= 1
             raise ConfigError(f"--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1 (finite fractions of the "
                               f"image area), got {low:g} {high:g}; e.g. --crop-scale 0.08 1.0 (the recipe) or 0.5 1.0")
-        if self.decode not in ("full", "draft"):  # pretrain's shared declaration: its crops are not the recipe's
-            raise ConfigError(f"--decode {self.decode} is for lomar pretrain; lomar finetune takes --decode full or "
-                              f"draft")
+        check_eval_decode(self.decode, "finetune")
         check_windows(self)
         check_warmup(self)
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
