@@ -101,7 +101,8 @@ class DetectTask(Task):
             raise UsageError(f"{self.val.path}: no annotation to score (each is a crowd region or of zero area); "
                              f"COCO AP needs non-crowd boxes in the validation split")
         log(f"lomar detect: val {self.val.path}: {self.val.summary.line()}")
-        check_split_images(self.val, "--val-images", config.workers or 1)  # not first found after an epoch
+        if info.is_main:  # not first found after an epoch; one process reads the headers, its error stops all
+            check_split_images(self.val, "--val-images", config.workers or 1)
         self.categories = self.val.categories
         saved = detect_checkpoint(config.pretrained) if config.pretrained else None
         self.model = self._build_model(saved)
