@@ -106,3 +106,39 @@ def test_features_fill_one_block_instead_of_joining_a_list_of_batches(monkeypatc
     sampler = [i % 10 for i in range(25)]  # more rows than the dataset: the block grows
     feats, labels = extract_features(Encoder(), DataLoader(data, batch_size=4, sampler=sampler))
     assert feats.shape == (25, 4) and torch.equal(feats[:, 0], torch.tensor(sampler, dtype=torch.float32) + 1.5)
+
+
+def test_knn_every_follows_the_runs_draft_decode_and_a_resume_keeps_what_the_run_started_with(tmp_path, image_dir,
+                                                                                               monkeypatch, capsys):
+    """--knn-every decoded --knn-data's photos whole under --decode draft (12 MP photos at 64 px: 145 ms an image,
+    17 drafted); it now follows the run's decode, recorded at the start as --knn-decode: a resume keeps it whatever
+    its --decode, and a run saved before the setting keeps the full decode it scored with."""
+    import lomar.eval.features as features
+    from helpers import pretrain
+
+    reduced, load = [], features.load_image_reduced
+    monkeypatch.setattr(features, "load_image_reduced", lambda *a, **kw: reduced.append(1) or load(*a, **kw))
+    root = tmp_path / "knn"
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            Image.fromarray(photo_like(96, 128)).save(root / split / label / "p.jpg", quality=90)
+    out = tmp_path / "run"
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--decode", "draft", "--knn-every", "1",
+                    "--knn-data", str(root), "--max-steps", "1") == 0
+    assert len(reduced) == 4  # the k-NN's train and val photos, each read once at the draft scale
+    capsys.readouterr()
+
+    def resumed(*args: str) -> str:
+        code = main(["pretrain", "--out", str(out), "--resume", "auto", *args, "--print-config"])
+        captured = capsys.readouterr()
+        return captured.out if code == 0 else captured.err.strip()
+
+    assert "knn_decode: draft" in resumed("--decode", "full")  # --decode may change on resume; the k-NN's may not
+    assert "error: --knn-decode full differs from draft in the run being resumed" in resumed("--knn-decode", "full")
+    checkpoint = torch.load(out / "last.pt", weights_only=False)
+    del checkpoint["config"]["knn_decode"]  # as a run saved before the setting
+    torch.save(checkpoint, out / "last.pt")
+    assert "knn_decode: full" in resumed("--decode", "draft")
+    new = main(["pretrain", "--data", str(image_dir), "--out", str(tmp_path / "r2"), "--print-config"])
+    assert new == 0 and "knn_decode: full" in capsys.readouterr().out  # --decode full's

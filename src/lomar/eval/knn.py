@@ -90,13 +90,14 @@ class KnnMonitor:
     """k-NN top-1 of an encoder on a fixed ImageFolder root, for ``pretrain --knn-every N``.
 
     Build it once (on the main process; it checks the folders at once and raises ValueError
-    naming what is wrong), then call it with the encoder whenever a score is wanted.
+    naming what is wrong), then call it with the encoder whenever a score is wanted. ``decode``: full or draft, as
+    :func:`~lomar.eval.features.knn_loaders` reads it.
     """
 
     def __init__(self, root: str | Path, img_size: int, batch_size: int = 128, workers: int = 2,
-                 k: int = 20, temperature: float = 0.07, worker_init_fn=None):
+                 k: int = 20, temperature: float = 0.07, worker_init_fn=None, decode: str = "full"):
         self.loaders = knn_loaders(root, img_size=img_size, batch_size=batch_size, workers=workers,
-                                   worker_init_fn=worker_init_fn)
+                                   worker_init_fn=worker_init_fn, decode=decode)
         self.k, self.temperature = k, temperature
 
     def __call__(self, encoder: VisionTransformer, device: torch.device | str = "cpu") -> float:

@@ -136,6 +136,12 @@ class PretrainConfig(TaskConfig):
                              "(0 = never)", low=0, resume="run-control")
     knn_data: str | None = S.setting(None, "ImageFolder root with train/ and val/ class folders, for --knn-every "
                                    "(default: none)", resume="run-control", kind=str, path=True)
+    # fixed for the run, unlike --decode: a k-NN curve whose pixels changed mid-run would not compare with itself
+    knn_decode: str = S.setting(
+        "auto", "how --knn-every decodes --knn-data's JPEGs, as lomar knn --decode: full or draft (at the 1/2-1/8 "
+        "DCT scale the resize allows; pixels within about a level); auto = full with --decode full, draft with the "
+        "others. A run keeps what it started with (one saved before this setting: full)",
+        choices=("auto", "full", "draft"), resume="derived")
 
     @classmethod
     def saved_run(cls, explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
@@ -147,6 +153,8 @@ class PretrainConfig(TaskConfig):
             saved = S.read_yaml(PretrainConfig, yaml_path, strict=False), str(yaml_path)
         if saved is not None and "window_placement" not in saved[0]:
             saved[0]["window_placement"] = "distinct"  # a run saved before placements existed drew distinct cells
+        if saved is not None and "knn_decode" not in saved[0]:
+            saved[0]["knn_decode"] = "full"  # a run saved before the setting scored its k-NN on full decodes
         if saved is not None and saved[0].get("tokenizer"):
             # BEiT's fitted tokenizer lives in the run's folder, recorded by its absolute path: a run folder moved
             # since reads it where the checkpoint now is, not what is at the old place (gone, or another run's
@@ -197,6 +205,8 @@ class PretrainConfig(TaskConfig):
             method = get_method(self.method)
             self.mask_ratio = method.default_mask_ratio if self.mask_ratio is None else self.mask_ratio
             self.pos = method.default_pos if self.pos is None else self.pos
+        if self.knn_decode == "auto":  # a new run's; a resumed one's was resolved when it started
+            self.knn_decode = "full" if self.decode == "full" else "draft"
 
     def notes(self) -> list[str]:
         if self.windows == 0 and self.window_size != S.WINDOW_SIZE.default:  # a sweep over --windows keeps one

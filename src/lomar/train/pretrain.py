@@ -83,7 +83,7 @@ class PretrainTask(Task):
         if config.knn_every and info.is_main:
             # its workers, forked for each scoring, leave a stop signal sent to the process group to the run
             self.knn = KnnMonitor(config.knn_data, img_size=config.img_size, workers=min(config.workers, 4),
-                                  worker_init_fn=ignore_stop_signals)
+                                  worker_init_fn=ignore_stop_signals, decode=config.knn_decode)
 
     # ---- the lifecycle's hooks -----------------------------------------------------------
     def param_groups(self) -> list[dict]:
