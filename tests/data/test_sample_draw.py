@@ -134,10 +134,10 @@ def test_a_16_bit_photo_takes_the_reference_path_in_every_mode(tmp_path):
 
 @pytest.mark.parametrize("size", [(999, 1001), (1000, 1000), (2001, 3001)])
 def test_the_draft_decode_shrinks_by_the_scale_it_chose(tmp_path, size):
-    from lomar.data.fast_decode import _reduce  # the scale is its own business; the pixels are tested elsewhere
+    from lomar.data.decode import decode_box_reduced  # the scale is its own business; the pixels are tested elsewhere
 
     height, width = size
     _jpeg(tmp_path / "odd.jpg", height, width)
     with Image.open(tmp_path / "odd.jpg") as img:
-        reduced, _ = _reduce(img, (0, 0, height, width), height // 8)
+        reduced, _ = decode_box_reduced(img, (0, 0, height, width), height // 8)
         assert reduced.size == (-(-width // 8), -(-height // 8))

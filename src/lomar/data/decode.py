@@ -28,8 +28,8 @@ from lomar.limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, env_
 
 __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_IMAGE_BYTES", "WIDE_MODES", "is_image_name",
            "file_suffix", "max_image_pixels", "max_image_bytes", "read_image_bytes", "open_pil", "exif_orientation",
-           "oriented_size", "decode_bytes", "load_image", "load_image_reduced", "pil_to_tensor", "tensor_to_pil",
-           "PIL_FORMATS", "THUMBNAIL_FOLDERS", "SYSTEM_FOLDERS", "passed_over_folder"]
+           "oriented_size", "decode_bytes", "load_image", "load_image_reduced", "decode_box_reduced", "pil_to_tensor",
+           "tensor_to_pil", "PIL_FORMATS", "THUMBNAIL_FOLDERS", "SYSTEM_FOLDERS", "passed_over_folder"]
 
 # .jfif and .jpe are JPEG's other names (Chrome on Windows saves photos as .jfif)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -286,6 +286,31 @@ def _upright(data: bytes, name: str, limit: int) -> bool:
 def load_image(path: str | Path, max_pixels: int | None = None) -> torch.Tensor:
     """Read and decode an image file: uint8 (3, H, W) RGB; ValueError naming the file when unreadable."""
     return decode_bytes(read_image_bytes(path), str(path), max_pixels)
+
+
+def decode_box_reduced(img: Image.Image, box: tuple[int, int, int, int], size: int) -> tuple[Image.Image, tuple]:
+    """Decode the opened photo ``img`` (header read) at the first JPEG scale of 1/8, 1/4, 1/2 that keeps the crop
+    ``box`` (top, left, height, width in upright full-size pixels) >= ``size`` px on each side: the one DCT-scale rule
+    of the training crops (pretrain's and finetune's ``--decode draft``). Anything but a JPEG is decoded whole.
+
+    Returns (decoded PIL image, box in its coordinates as floats (left, top, right, bottom)).
+    """
+    width, height = img.size  # as stored
+    upright_h, upright_w = oriented_size(img)  # the box's frame: a phone's portrait photo is stored sideways
+    top, left, h, w = box
+    if img.format == "JPEG":  # the same scale either way up: both sides of the crop stay >= size
+        for scale in (8, 4, 2, 1):
+            if h / scale >= size and w / scale >= size:
+                # Pillow decodes at the largest scale of 8, 4, 2 at most width // requested width: ask floor.
+                img.draft("RGB", (width // scale, height // scale))
+                break
+    with warnings.catch_warnings():  # Pillow's advice on palette transparency, from every worker (see pil_to_tensor)
+        warnings.simplefilter("ignore", UserWarning)
+        img = img.convert("RGB")  # decodes (at the draft scale, if one was set)
+    if exif_orientation(img) not in (0, 1):  # turned upright after the reduced decode, on a few megapixels
+        img = ImageOps.exif_transpose(img)
+    sx, sy = img.size[0] / upright_w, img.size[1] / upright_h
+    return img, (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
 
 
 def load_image_reduced(path: str | Path, min_side: int, max_pixels: int | None = None) -> torch.Tensor:

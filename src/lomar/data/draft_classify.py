@@ -21,8 +21,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import Compose
 from torchvision.transforms.functional import InterpolationMode, pil_modes_mapping
 
-from lomar.data.decode import open_pil, oriented_size, read_image_bytes
-from lomar.data.fast_decode import _reduce  # pretrain's reduced decode of a box, shared: one scale rule, one tested
+from lomar.data.decode import decode_box_reduced, open_pil, oriented_size, read_image_bytes
 from lomar.data.folder import LabelledImageFolder
 
 __all__ = ["DraftCropFolder"]
@@ -73,6 +72,6 @@ class DraftCropFolder(Dataset):
         out_h, out_w = self.crop.size
         if min(h, w) < 2 * max(out_h, out_w):
             return None
-        reduced, fbox = _reduce(img, (top, left, h, w), max(out_h, out_w))
+        reduced, fbox = decode_box_reduced(img, (top, left, h, w), max(out_h, out_w))
         resample = pil_modes_mapping[interpolation] if isinstance(interpolation, InterpolationMode) else interpolation
         return reduced.resize((out_w, out_h), resample, box=fbox)

@@ -26,14 +26,21 @@ on the header's (EXIF-oriented) size: every sample gets the reference path's cro
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 
-from lomar.data.decode import WIDE_MODES, exif_orientation, open_pil, oriented_size, pil_to_tensor, read_image_bytes
+from lomar.data.decode import (
+    WIDE_MODES,
+    decode_box_reduced,
+    exif_orientation,
+    open_pil,
+    oriented_size,
+    pil_to_tensor,
+    read_image_bytes,
+)
 from lomar.data.folder import ImageListDataset
 from lomar.data.gpu_jpeg import decode_jpegs, frees_outside_torch
 from lomar.data.transforms import SampleDraw, draw_sample, unreadable_item
@@ -42,7 +49,6 @@ __all__ = ["FAST_MODES", "FastPretrainDataset", "draft_decode_crop", "resample_w
            "gpu_decode_crops", "jpeg_size"]
 
 FAST_MODES = ("draft", "windows", "gpu")
-_JPEG_SCALES = (8, 4, 2, 1)
 
 
 def jpeg_size(source: str | Path | bytes) -> tuple[int, int]:
@@ -53,33 +59,10 @@ def jpeg_size(source: str | Path | bytes) -> tuple[int, int]:
         return oriented_size(img)
 
 
-def _reduce(img, box: tuple[int, int, int, int], size: int):
-    """Decode ``img`` at the smallest JPEG scale keeping the crop >= ``size`` px on each side.
-
-    Returns (decoded PIL image, box in its coordinates as floats (left, top, right, bottom)).
-    """
-    width, height = img.size  # as stored
-    upright_h, upright_w = oriented_size(img)  # the box's frame: a phone's portrait photo is stored sideways
-    top, left, h, w = box
-    if img.format == "JPEG":  # the same scale either way up: both sides of the crop stay >= size
-        for scale in _JPEG_SCALES:
-            if h / scale >= size and w / scale >= size:
-                # Pillow decodes at the largest scale of 8, 4, 2 at most width // requested width: ask floor.
-                img.draft("RGB", (width // scale, height // scale))
-                break
-    with warnings.catch_warnings():  # Pillow's advice on palette transparency, from every worker (see pil_to_tensor)
-        warnings.simplefilter("ignore", UserWarning)
-        img = img.convert("RGB")  # decodes (at the draft scale, if one was set)
-    if exif_orientation(img) not in (0, 1):  # turned upright after the reduced decode, on a few megapixels
-        img = ImageOps.exif_transpose(img)
-    sx, sy = img.size[0] / upright_w, img.size[1] / upright_h
-    return img, (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-
-
 def draft_decode_crop(img: Image.Image, size: int, draw: SampleDraw) -> torch.Tensor:
     """``draw``'s crop of the opened photo ``img`` (header read, not decoded), decoded at reduced size:
     uint8 (3, size, size), already flipped if ``draw.flip``."""
-    reduced, fbox = _reduce(img, draw.box, size)
+    reduced, fbox = decode_box_reduced(img, draw.box, size)
     pixels = pil_to_tensor(reduced.resize((size, size), Image.Resampling.BICUBIC, box=fbox))
     return pixels.flip(-1) if draw.flip else pixels
 
@@ -106,7 +89,7 @@ def resample_windows(img: Image.Image, size: int, draw: SampleDraw, patch_size: 
     """Only the windows of ``draw.plan`` (``top_left`` (n, 2) in patch units) of ``draw``'s crop of the
     opened photo ``img``, resampled from a reduced-size decode: uint8 (3, size, size), zeros outside them."""
     extent = window_size * patch_size
-    reduced, fbox = _reduce(img, draw.box, size)
+    reduced, fbox = decode_box_reduced(img, draw.box, size)
     out = torch.zeros(3, size, size, dtype=torch.uint8)
     for sub, r, c in window_boxes(fbox, size, draw.plan["top_left"] * patch_size, extent, draw.flip):
         patch = pil_to_tensor(reduced.resize((extent, extent), Image.Resampling.BICUBIC, box=sub))
