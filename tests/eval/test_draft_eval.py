@@ -1,5 +1,6 @@
 """knn / linprobe --decode draft: camera JPEGs decoded at a DCT scale, with the full decode's crops."""
 
+import json
 import shutil
 
 import numpy as np
@@ -64,8 +65,14 @@ def test_knn_decode_draft_scores_and_refuses_the_pretraining_only_modes(photos, 
                    tmp_path / "enc")
     shutil.copytree(photos, tmp_path / "data", ignore=shutil.ignore_patterns("cut.jpg"))
     common = [str(tmp_path / "enc"), "--data", str(tmp_path / "data"), "--workers", "0", "--k", "1"]
-    assert main(["knn", *common, "--decode", "draft"]) == 0, capsys.readouterr().err
+    assert main(["knn", *common, "--decode", "draft", "--json", str(tmp_path / "knn.json")]) == 0, \
+        capsys.readouterr().err
     assert "k-NN (k=1" in capsys.readouterr().out
+    result = json.loads((tmp_path / "knn.json").read_text())  # how the score was had: it did not say
+    assert (result["decode"], result["img_size"]) == ("draft", 32)
+    probe = ["linprobe", *common[:-2], "--decode", "draft", "--epochs", "1", "--json", str(tmp_path / "lp.json")]
+    assert main(probe) == 0
+    assert json.loads((tmp_path / "lp.json").read_text())["decode"] == "draft"
     assert main(["knn", *common, "--decode", "windows"]) == 2  # only the pretraining transform has windows
     assert "--decode windows is for lomar pretrain; lomar knn takes --decode full or draft" in capsys.readouterr().err
 

@@ -140,7 +140,9 @@ def knn_run(args: argparse.Namespace) -> int:
     print(f"k-NN (k={k}{capped}, T={args.temperature}, {args.pool} features) top-1: {100 * top1:.2f}% "
           f"({len(val_y)} val / {len(train_y)} train images)")
     if args.json:
+        # the crop size and decode too: a draft decode's pixels, or another size, score differently
         write_json(args.json, {"knn_top1": top1, "k": k, "temperature": args.temperature, "pool": args.pool,
+                               "img_size": args.img_size, "decode": args.decode,
                                "train_images": len(train_y), "val_images": len(val_y)})
     return 0
 
@@ -190,5 +192,6 @@ def linprobe_run(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, {"linprobe_top1": top1, "protocol": args.protocol, "epochs": args.epochs,
                                "lr": args.lr if args.protocol == "adamw" else args.blr * args.probe_batch_size / 256,
-                               "pool": args.pool, "train_images": len(train_y), "val_images": len(val_y)})
+                               "pool": args.pool, "img_size": args.img_size, "decode": args.decode,
+                               "train_images": len(train_y), "val_images": len(val_y)})
     return 0
