@@ -86,3 +86,42 @@ def test_the_fit_runs_on_device_and_a_missing_one_is_one_line(tmp_path, monkeypa
                                        "machine; pass --device cpu\n")
     assert main([*args, "--device", "auto"]) == 0
     assert "at 8 px on cpu" in capsys.readouterr().out
+
+
+def _class_shards(root: Path, shards: int = 16, per_shard: int = 64) -> str:
+    """Shards written class by class, one class each, as ImageNet's often are."""
+    import io
+    import tarfile
+
+    root.mkdir()
+    for s in range(shards):
+        encoded = io.BytesIO()
+        Image.fromarray(np.full((8, 8, 3), s * 15, np.uint8)).save(encoded, "PNG")
+        with tarfile.open(root / f"shard-{s:02d}.tar", "w") as archive:
+            for i in range(per_shard):
+                info = tarfile.TarInfo(f"class{s:02d}_{i:03d}.png")
+                info.size = len(encoded.getvalue())
+                archive.addfile(info, io.BytesIO(encoded.getvalue()))
+    return str(root / f"shard-{{00..{shards - 1:02d}}}.tar")
+
+
+def test_the_built_in_tokenizer_is_fitted_on_samples_drawn_across_all_shards_alike_in_every_process(
+        tmp_path, monkeypatch):
+    """Its fit sample was the shard stream's first crops, from the one or two shards the shuffle buffer had filled
+    from: 64 crops of 1 class of 128 shards of 1,000, one class each. And the stream is dealt by rank, so under
+    torchrun each process fitted a tokenizer of its own and trained against it (rank 0's saved and recorded)."""
+    import torch
+
+    import lomar.data.shards as shards
+    from lomar.methods import beit
+    from lomar.train.config import PretrainConfig
+
+    config = PretrainConfig(data=_class_shards(tmp_path / "shards"), img_size=16, method="beit")
+    decoded, real = [], shards.decode_bytes
+    monkeypatch.setattr(shards, "decode_bytes", lambda data, name: decoded.append(name) or real(data, name))
+    alone = beit._sample_views(config, 16, 16)
+    assert len({name.rsplit(":", 1)[1][:7] for name in decoded}) == 16, decoded  # every class (old code: 5)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # the second of two processes
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    assert torch.equal(beit._sample_views(config, 16, 16), alone)

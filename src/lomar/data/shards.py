@@ -22,6 +22,7 @@ import glob
 import io
 import logging
 import os
+import random
 import tarfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -42,6 +43,7 @@ log = logging.getLogger("lomar.data")
 # Generator "indices" for stream-level randomness, above every crc32 sample index (< 2**32).
 _ORDER_INDEX = 2 ** 40
 _BUFFER_INDEX = 2 ** 40 + 1
+_SPREAD_INDEX = 2 ** 41  # above every slot's _BUFFER_INDEX + slot
 
 
 MAX_SHARD_NAMES = 1_000_000  # a brace pattern's names (LAION-5B has 231,350 shards); a typo can ask for 10^9
@@ -258,10 +260,23 @@ class TarShardDataset(IterableDataset):
         for position, (name, data) in enumerate(stream):
             if position < mine:
                 continue  # consumed before the resume: not decoded again
-            # surrogateescape: a member name that is not UTF-8 (tarfile decodes it so) seeds by its own bytes
-            gen = sample_generator(self.seed, epoch, zlib.crc32(name.encode("utf-8", "surrogateescape")))
-            yield make_item(name, lambda data=data, name=name: _decode_member(name, data), self.transform, gen,
-                            self.masker)
+            yield self._item(name, data, epoch)
+
+    def spread(self, count: int) -> Iterator[dict]:
+        """Epoch-0 items drawn (seeded) across the shards, the same in every process, for a fit that is to see the
+        whole set (BEiT's tokenizer): the stream's first ``count`` come from the one or two shards its reader opens
+        first (a few classes, when shards are written class by class), and another set in each process. The shards
+        in a seeded order, ``ceil(count / shards)`` members drawn from each, until the caller stops."""
+        gen = sample_generator(self.seed, 0, _SPREAD_INDEX)
+        each, rng = -(-count // max(1, len(self.shards))), random.Random(int(torch.randint(2 ** 62, (), generator=gen)))
+        for i in torch.randperm(len(self.shards), generator=gen).tolist():
+            for name, data in _drawn_members(self.shards[i], each, rng):
+                yield self._item(name, data, 0)
+
+    def _item(self, name: str, data: bytes | int | str, epoch: int) -> dict:
+        # surrogateescape: a member name that is not UTF-8 (tarfile decodes it so) seeds by its own bytes
+        gen = sample_generator(self.seed, epoch, zlib.crc32(name.encode("utf-8", "surrogateescape")))
+        return make_item(name, lambda: _decode_member(name, data), self.transform, gen, self.masker)
 
 
 def _batches_of(part: int, batches: int, workers: int) -> int:
@@ -313,26 +328,55 @@ def _image_members(shard: Path, read: bool = True, damaged: dict[str, str] | Non
     with archive:
         try:
             for member in archive:
-                # a hard or symbolic link (tar stores a file's second name so) is a sample, read from its target
-                if not ((member.isfile() or member.islnk() or member.issym()) and is_image_name(member.name)):
+                if not _is_image(member):
                     continue
                 name = f"{shard}:{member.name}"
-                if any(passed_over_folder(part) for part in member.name.split("/")[:-1]):
+                if _passed_over(member):
                     if thumbnails is not None:
                         thumbnails.append(name)
                     continue
-                if not read:
-                    yield name, None
-                    continue
-                if not member.isfile():
-                    yield name, _read_link(archive, member, limit)
-                elif member.size > limit:  # the folder path's bound, from the header: never read into memory
-                    yield name, member.size
-                else:
-                    handle = archive.extractfile(member)
-                    yield name, handle.read() if handle else b""
+                yield name, _member_data(archive, member, limit) if read else None
         except (OSError, tarfile.TarError) as exc:  # a truncated shard: keep what was read
             _damaged(damaged, shard, f"damaged after some samples, the rest skipped ({exc})")
+
+
+def _drawn_members(shard: Path, count: int, rng: random.Random) -> list[tuple[str, bytes | int | str]]:
+    """``count`` of :func:`_image_members`'s members drawn with ``rng``, in file order, in one pass: a reservoir whose
+    entrants' bytes alone are read (going back for the drawn ones after the headers decompresses a gzipped shard
+    again, up to its end); from a truncated shard, of the members before the damage."""
+    kept: list[tuple[int, str, bytes | int | str]] = []
+    seen = 0
+    try:
+        with tarfile.open(shard) as archive:
+            for member in archive:
+                if not _is_image(member) or _passed_over(member):
+                    continue
+                slot = seen if seen < count else rng.randrange(seen + 1)
+                seen += 1
+                if slot < count:  # appended while the reservoir fills, then replacing the one drawn
+                    kept[slot:slot + 1] = [(seen, f"{shard}:{member.name}",
+                                            _member_data(archive, member, max_image_bytes()))]
+    except (OSError, tarfile.TarError):
+        pass
+    return [(name, data) for _, name, data in sorted(kept)]
+
+
+def _is_image(member: tarfile.TarInfo) -> bool:
+    # a hard or symbolic link (tar stores a file's second name so) is a sample, read from its target
+    return (member.isfile() or member.islnk() or member.issym()) and is_image_name(member.name)
+
+
+def _passed_over(member: tarfile.TarInfo) -> bool:
+    return any(passed_over_folder(part) for part in member.name.split("/")[:-1])
+
+
+def _member_data(archive: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes | int | str:
+    if not member.isfile():
+        return _read_link(archive, member, limit)
+    if member.size > limit:  # the folder path's bound, from the header: never read into memory
+        return member.size
+    handle = archive.extractfile(member)
+    return handle.read() if handle else b""
 
 
 def _read_link(archive: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes | int | str:

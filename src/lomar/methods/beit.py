@@ -15,10 +15,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch.utils.data import IterableDataset
 
 from lomar.checkpoints.export_beit import export_beit_encoder
 from lomar.data.folder import build_pretrain_dataset
+from lomar.data.shards import TarShardDataset
 from lomar.methods import FITTED_TOKENIZER
 from lomar.methods.base import Method, check_windows, plan_kwargs, plan_masker
 from lomar.models.beit import BEiTConfig
@@ -56,11 +56,12 @@ def validate(config, grid) -> None:
 
 
 def _sample_views(config, view_size: int, count: int) -> torch.Tensor:
-    """(n, 3, view, view) in [0, 1]: epoch-0 crops of a seeded sample of the training images."""
+    """(n, 3, view, view) in [0, 1]: epoch-0 crops of a seeded sample drawn across the training images, the same in
+    every process (each trains against the tokenizer it fitted)."""
     dataset = build_pretrain_dataset(config.data, config.img_size, config.seed, config.crop_scale,
                                      color_jitter=config.color_jitter)
-    if isinstance(dataset, IterableDataset):
-        source = iter(dataset)
+    if isinstance(dataset, TarShardDataset):
+        source = dataset.spread(count)
     else:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed)).tolist()
         source = (dataset[(i, 0)] for i in order)
