@@ -1,10 +1,16 @@
 """ViTDet's large-scale jitter on inputs at the edge of what COCO files hold."""
 
+import random
+
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
-from lomar.data.jitter import train_transforms
+from lomar.data.jitter import crop_of_resized_masks, train_transforms
 
 
 def test_a_strip_scaled_to_under_a_pixel_keeps_one():
@@ -47,3 +53,65 @@ def test_an_image_jittered_down_to_one_pixel_is_one_pixel_not_a_crash(height, wi
     out, target = train_transforms(32, (0.03, 0.03))(image, target)
     assert out.shape == (3, 1, 1) and torch.allclose(out, torch.full_like(out, 200 / 255))
     assert target["masks"].shape == (1, 1, 1) and target["boxes"].tolist() == [[0, 0, 1, 1]]
+
+
+def _reference(masks, size, top, left, height, width):
+    resized = TF.resize_image(masks, list(size), interpolation=v2.InterpolationMode.NEAREST_EXACT)
+    return TF.crop(resized, top, left, height, width)
+
+
+def test_the_crop_of_resized_masks_is_bit_for_bit_the_crop_of_the_resize():
+    # sources and sizes where torch's float32 rounding of (i + 0.5) * in / out lands on a tie (2 -> 3571 reads row 1
+    # at 1785, which floor((i + 0.5) * float32(in / out)) puts at row 0: that formula fails here), then random ones:
+    # up and down, odd, 1 px, 0 to 90 masks
+    cases = [((n, 2, 5), (3571, 7)) for n in (1, 2)] + [((n, 5, 152), (9, 3572)) for n in (1, 3)]
+    cases += [((1, 1, 7), (5, 3)), ((3, 6, 1), (2, 9)), ((2, 1, 1), (4, 4)), ((2, 9, 9), (1, 1))]
+    rng = random.Random(0)
+    for _ in range(100):
+        count = rng.choice([0, 1, 1, 2, 5, 90])
+        side = 30 if count == 90 else 120
+        height, width = rng.randint(1, side), rng.randint(1, side)
+        cases.append(((count, height, width), (rng.randint(1, 3 * side), rng.randint(1, 3 * side))))
+    generator = torch.Generator().manual_seed(0)
+    for shape, size in cases:
+        masks = (torch.rand(shape, generator=generator) < 0.5).to(torch.uint8)
+        if rng.random() < 0.5:  # the jitter flips before it resizes
+            masks = TF.horizontal_flip(masks)
+        height, width = rng.randint(1, size[0]), rng.randint(1, size[1])
+        top, left = rng.randint(0, size[0] - height), rng.randint(0, size[1] - width)
+        if max(size) > 3000:  # the ties: the whole frame
+            top, left, height, width = 0, 0, *size
+        expected = _reference(masks, size, top, left, height, width)
+        got = crop_of_resized_masks(masks, size, top, left, height, width)
+        assert got.shape == expected.shape and torch.equal(got, expected), (shape, size, top, left, height, width)
+
+
+class _LargestMade(TorchDispatchMode):
+    """The bytes of the largest storage any operation inside makes (views of its inputs are not made)."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
+                 if isinstance(t, torch.Tensor)}
+        for made in pytree.tree_leaves(out):
+            if isinstance(made, torch.Tensor) and made.untyped_storage().data_ptr() not in given:
+                self.largest = max(self.largest, made.untyped_storage().nbytes())
+        return out
+
+
+def test_the_jitter_makes_masks_at_the_crop_only():
+    # at jitter 2 each mask was resized whole before the crop: 90 objects of a 640 x 480 image at 1024 px made
+    # 90 x 1536 x 2048 bytes (270 MiB) for a 90 MiB crop; here 16 x 96 x 128 for 16 x 64 x 64 from 16 x 60 x 80
+    count, height, width = 16, 60, 80
+    masks = torch.zeros(count, height, width, dtype=torch.uint8)
+    masks[:, 10:50, 20:70] = 1
+    image = tv_tensors.Image(torch.zeros(3, height, width, dtype=torch.uint8))
+    target = {"boxes": tv_tensors.BoundingBoxes([[20, 10, 70, 50]] * count, format="XYXY", canvas_size=(height, width)),
+              "masks": tv_tensors.Mask(masks), "labels": torch.ones(count, dtype=torch.int64)}
+    torch.manual_seed(0)
+    with _LargestMade() as made:
+        out, target = train_transforms(64, (2.0, 2.0))(image, target)
+    assert target["masks"].shape == (count, 64, 64)
+    assert made.largest <= max(masks.numel(), target["masks"].numel())  # the flip copies the source
