@@ -3,6 +3,8 @@ a moved run folder reads its own fitted tokenizer where it now is."""
 
 from __future__ import annotations
 
+import shutil
+
 from helpers import pretrain
 from lomar.checkpoints.io import safe_load
 from lomar.tokenizers import fit_kmeans_tokenizer, load_tokenizer
@@ -15,7 +17,7 @@ def test_a_resumed_beit_run_refuses_a_replaced_tokenizer_file(tmp_path, image_di
 
     run = tmp_path / "run"
     flags = ("--data", str(image_dir), "--out", str(run))
-    assert pretrain(*flags, "--method", "beit", "--max-steps", "1", "--schedule-steps", "4") == 0
+    assert pretrain(*flags, "--method", "beit", "--max-steps", "1", "--schedule-steps", "5") == 0
     path = run / "tokenizer.safetensors"
     original = load_tokenizer(path)
     assert safe_load(run / "last.pt")["tokenizer_digest"] == original.digest()
@@ -38,3 +40,17 @@ def test_a_resumed_beit_run_refuses_a_replaced_tokenizer_file(tmp_path, image_di
     other.save(path)  # a new run in the old folder since: its own tokenizer there
     assert pretrain("--resume", str(moved / "last.pt"), "--max-steps", "4") == 0
     assert safe_load(moved / "last.pt")["config"]["tokenizer"] == str(moved / "tokenizer.safetensors")
+    # A tokenizer file moved (or rewritten by `lomar tokenizer convert`) is the same tokenizer: --tokenizer naming it
+    # was refused as a change of setting. Its digest is the checkpoint's: the run goes on, reading it from there.
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    shutil.copyfile(moved / "tokenizer.safetensors", elsewhere)
+    capsys.readouterr()
+    assert pretrain("--resume", str(moved / "last.pt"), "--max-steps", "5", "--tokenizer", str(elsewhere)) == 0
+    assert (f"note: --tokenizer {elsewhere} holds the tokenizer the run recorded as {moved / 'tokenizer.safetensors'}"
+            in capsys.readouterr().err)
+    assert safe_load(moved / "last.pt")["config"]["tokenizer"] == str(elsewhere)
+    # another tokenizer: one line naming both, before any work
+    assert pretrain("--resume", str(moved / "last.pt"), "--max-steps", "5", "--tokenizer", str(path)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--tokenizer {path} (tensors' sha256 {other.digest()[:12]})" in err
+    assert f"trained with, {elsewhere} ({original.digest()[:12]})" in err

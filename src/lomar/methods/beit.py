@@ -25,10 +25,12 @@ from lomar.models.beit import BEiTConfig
 from lomar.models.beit_pretrain import BEiTPretrain, tokenizer_view
 from lomar.models.masking import grid_size
 from lomar.tokenizers import fit_kmeans_tokenizer, load_tokenizer
+from lomar.train.run_state import read_meta
 from lomar.train.schedule import lr_at_whole_steps
 from lomar.viz.tokens import token_figure
 
-__all__ = ["METHOD", "RECIPE", "prepare", "fit_on_training_images", "layer_scale_init", "FIT_IMAGES", "MAX_VOCAB"]
+__all__ = ["METHOD", "RECIPE", "prepare", "fit_on_training_images", "layer_scale_init", "same_tokenizer",
+           "FIT_IMAGES", "MAX_VOCAB"]
 
 FIT_IMAGES = 64  # sample of training crops the built-in tokenizer is fitted on
 MAX_VOCAB = 8192  # BEiT's vocabulary
@@ -101,6 +103,31 @@ def prepare(config, grid) -> dict:
         print(f"lomar: tokenizer saved to {path}", flush=True)
     config.tokenizer = str(path.absolute())
     return {"tokenizer": tokenizer}
+
+
+def same_tokenizer(given: str, recorded: str, checkpoint: str | None, source: str) -> str:
+    """Check that ``given``, a --tokenizer other than the file ``recorded`` by the run being resumed (from ``source``),
+    holds the same tokenizer (a moved file, or one `lomar tokenizer convert` rewrote): the digest of its tensors is
+    the one ``checkpoint`` keeps, else the recorded file's. -> the note to print; ValueError naming both otherwise."""
+    def digest(path: str, what: str) -> str:
+        try:
+            return load_tokenizer(path).digest()
+        except (ValueError, FileNotFoundError) as exc:
+            raise ValueError(f"{what}: {exc}") from None
+
+    kept = read_meta(Path(checkpoint)).get("tokenizer_digest") if checkpoint else None
+    if kept is None and not Path(recorded).is_file():
+        raise ValueError(f"--tokenizer {given} differs from {recorded} in the run being resumed ({source}), which is "
+                         f"gone, and the run kept no digest to check it against; restore {recorded}, or start a new "
+                         f"run with another --out")
+    kept = kept or digest(recorded, "the run's recorded tokenizer")
+    if (new := digest(given, "--tokenizer")) != kept:
+        raise ValueError(f"--tokenizer {given} (tensors' sha256 {new[:12]}) is not the tokenizer the run being "
+                         f"resumed ({source}) trained with, {recorded} ({kept[:12]}): its targets would change "
+                         f"mid-run; pass --tokenizer {recorded} (or a copy, or its conversion), or start a new run "
+                         f"with another --out")
+    return f"--tokenizer {given} holds the tokenizer the run recorded as {recorded} (the same tensors, sha256 " \
+           f"{kept[:12]}): the run reads it from there"
 
 
 def _tokenizer_for(config, grid, tokenizer=None):

@@ -10,6 +10,7 @@ A resumed run (``--resume``) starts from its saved config instead, and only run-
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from lomar.checkpoints.file_names import RUN_CONFIG
+from lomar.errors import first_on_machine
 from lomar.methods import FITTED_TOKENIZER, get_method, names
 from lomar.train import settings as S
 from lomar.train.config_checks import check_data, check_decode, check_fsdp, check_method_settings, parse_share
@@ -162,6 +164,17 @@ class PretrainConfig(TaskConfig):
             recorded, beside = Path(saved[0]["tokenizer"]), Path(saved[1]).parent / FITTED_TOKENIZER
             if recorded.name == FITTED_TOKENIZER and beside.is_file():
                 saved[0]["tokenizer"] = str(beside.absolute())
+            if (given := explicit.get("tokenizer")) and given != saved[0]["tokenizer"]:
+                from lomar.methods.beit import same_tokenizer  # torch: not for --help
+
+                checkpoint = None if saved[1] == str(yaml_path) else saved[1]
+                try:
+                    note = same_tokenizer(given, saved[0]["tokenizer"], checkpoint, saved[1])
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
+                saved[0]["tokenizer"] = given
+                if first_on_machine():
+                    print(f"lomar pretrain: note: {note}", file=sys.stderr)
         return saved
 
     @staticmethod
