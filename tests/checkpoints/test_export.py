@@ -349,3 +349,21 @@ def test_create_encoder_given_a_checkpoint_file_says_it_is_not_a_folder(tmp_path
     checkpoint.write_bytes(b"not read")
     with pytest.raises(FileNotFoundError, match=r"ckpt.pt is a file, not an export folder .*formats\.load_model"):
         create_encoder(checkpoint)
+
+
+def test_the_pretrained_cfg_gives_timm_the_exported_input_size_and_lomars_eval_crop(tmp_path):
+    """A non-square export wrote input_size [3, [64, 96], [64, 96]], on which timm's eval transform failed; a
+    classifier above 224 px gave crop_pct 0.875 where `lomar finetune` scored it with the whole image (1.0)."""
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    export_encoder(VisionTransformer(replace(TINY, img_size=(64, 96))), tmp_path / "wide")
+    model = timm.create_model(f"local-dir:{tmp_path / 'wide'}", pretrained=True)
+    transform = create_transform(**resolve_data_config(model=model))
+    assert transform(Image.new("RGB", (150, 100))).shape == (3, 64, 96)
+    crops = []
+    for side, classes in ((224, 3), (256, 3), (256, 0)):
+        folder = tmp_path / f"{side}-{classes}"
+        export_encoder(VisionTransformer(replace(TINY, img_size=side), num_classes=classes), folder)
+        crops.append(json.loads((folder / "config.json").read_text())["pretrained_cfg"]["crop_pct"])
+    assert crops == [0.875, 1.0, 0.875]  # an encoder at 256 px: as knn and linprobe crop

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save
 
 from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS
 from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text, check_finite
+from lomar.data.classify import eval_crop_ratio
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.errors import UsageError
 from lomar.limits import MAX_IMG_SIZE
@@ -56,12 +57,20 @@ def timm_architecture(config: ViTConfig, num_classes: int = 0, global_pool: str 
         args.update(window_size=config.window_size, global_blocks=list(config.global_blocks))
     if num_classes and global_pool == "cls":  # timm's name for the cls token's pooling
         args["global_pool"] = "token"
-    return f"lomar_vit_{size}_patch{patch}", args, timm_pretrained_cfg(config.in_chans, config.img_size, num_classes)
+    # a classifier is scored as `lomar finetune` scored it (crop 1.0 above 224 px); an encoder as knn / linprobe do
+    crop = eval_crop_ratio(max(_sides(config.img_size))) if num_classes else 0.875
+    return (f"lomar_vit_{size}_patch{patch}", args,
+            timm_pretrained_cfg(config.in_chans, config.img_size, num_classes, crop_pct=crop))
 
 
-def timm_pretrained_cfg(in_chans: int, side: int, num_classes: int, crop_pct: float = 0.875) -> dict:
-    """The ``pretrained_cfg`` an export's config.json gives timm: input size, ImageNet normalisation."""
-    return {"input_size": [in_chans, side, side], "interpolation": "bicubic", "crop_pct": crop_pct,
+def _sides(img_size: int | tuple[int, int]) -> tuple[int, int]:
+    return tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
+
+
+def timm_pretrained_cfg(in_chans: int, img_size: int | tuple[int, int], num_classes: int,
+                        crop_pct: float = 0.875) -> dict:
+    """The ``pretrained_cfg`` an export's config.json gives timm: input size (C, H, W), ImageNet normalisation."""
+    return {"input_size": [in_chans, *_sides(img_size)], "interpolation": "bicubic", "crop_pct": crop_pct,
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "num_classes": num_classes,
             "first_conv": "patch_embed.proj", "fixed_input_size": False, "license": "apache-2.0"}
 
