@@ -267,3 +267,22 @@ def test_heads_no_shape_tells_are_asked_for_with_the_command_that_takes_them():
                                          r"load-original CKPT --num-heads N --to FILE"):
         formats.encoder_weights(mae)
     assert formats.encoder_weights(mae, num_heads=4).config.num_heads == 4
+
+
+def test_an_exports_weights_file_is_read_with_what_its_folder_says(sources, tmp_path):
+    """Passed alone, an export's safetensors file was read as a bare state dict: an RPE encoder exported at 32 px
+    came back at 224 px (no table tells the size), and a BEiT export's weights were in no format lomar reads."""
+    from lomar.checkpoints.export_beit import export_beit_encoder
+    from lomar.models.beit import BEiT, BEiTConfig
+
+    _, root = sources
+    reader, src = formats.read(root / "export" / "model.safetensors")
+    assert src.path == root / "export" and reader.encoder(src, {}).config.img_size == 32
+    copy = tmp_path / "copy.safetensors"  # a file its folder's config.json does not name is read on its own
+    copy.write_bytes((root / "export" / "model.safetensors").read_bytes())
+    (tmp_path / "config.json").write_text((root / "export" / "config.json").read_text())
+    assert formats.read(copy)[1].path == copy
+    beit = tmp_path / "beit"
+    export_beit_encoder(BEiT(BEiTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                        vocab_size=16)), beit)
+    assert formats.holds_beit(beit / "encoder.safetensors")

@@ -31,6 +31,7 @@ from torch import nn
 import lomar.checkpoints.original  # noqa: F401  registers the original-LoMaR/MAE readers
 from lomar.checkpoints.export import CONFIG_NAME, create_encoder
 from lomar.checkpoints.export_beit import read_beit_export, timm_beit_args
+from lomar.checkpoints.file_names import ENCODER_WEIGHTS, RUN_ENCODER
 from lomar.checkpoints.io import safe_load
 from lomar.checkpoints.keys import args_dict, drop_final_norm, infer_vit_config
 from lomar.checkpoints.keys_beit import beit_to_timm, load_original_beit
@@ -276,6 +277,25 @@ register(BEiTExportReader(), 25)
 register(OriginalBEiTReader(), 60)
 
 
+def _export_folder_of(path: Path) -> Path | None:
+    """The export folder whose config.json names the file ``path`` as its weights, else None. Read alone, such a
+    file loses what only config.json says (the image size an RPE encoder was trained at, its ViTDet windows), and
+    a BEiT export's weights are in no checkpoint format."""
+    config = path.parent / CONFIG_NAME
+    if path.suffix != ".safetensors" or not path.is_file() or not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError, RecursionError):  # not an export's: the file is read on its own
+        return None
+    if not isinstance(data, dict):
+        return None
+    beit = data.get("method") == "beit"
+    if not beit and not str(data.get("architecture", "")).startswith("lomar_"):
+        return None
+    return path.parent if data.get("weights", RUN_ENCODER if beit else ENCODER_WEIGHTS) == path.name else None
+
+
 def read(path: str | Path, mmap: bool = False) -> tuple[Reader, Source]:
     """Load ``path`` once and find its reader (``mmap``: map a checkpoint's tensors instead of reading them, enough
     to tell its format). Raises FileNotFoundError or ValueError naming the problem."""
@@ -288,6 +308,8 @@ def read(path: str | Path, mmap: bool = False) -> tuple[Reader, Source]:
                              f"written by `lomar export` / `lomar pretrain`")
         reader = next(r for r in readers() if r.detect_folder(path))
         return reader, Source(path, reader.name, {}, {})
+    elif (folder := _export_folder_of(path)) is not None:  # an export's weights file: read with what its folder says
+        return read(folder)
     else:
         data = safe_load(path, mmap=mmap)
     state = data.get("model", data)
