@@ -125,3 +125,16 @@ def test_the_built_in_tokenizer_is_fitted_on_samples_drawn_across_all_shards_ali
     monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
     assert torch.equal(beit._sample_views(config, 16, 16), alone)
+
+
+def test_under_torchrun_one_process_a_machine_says_it_fits_the_built_in_tokenizer(image_dir, monkeypatch, capsys):
+    """Every process fits it (the same one, without waiting for the main one's file), and each printed the line."""
+    from lomar.methods import beit
+    from lomar.train.config import PretrainConfig
+
+    config = PretrainConfig(data=str(image_dir), img_size=16, method="beit")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for local_rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        assert beit.fit_on_training_images(config, (1, 1), count=8).vocab_size == 2
+        assert capsys.readouterr().out.count("fitting the built-in k-means tokenizer") == lines

@@ -19,6 +19,7 @@ import torch
 from lomar.checkpoints.export_beit import export_beit_encoder
 from lomar.data.folder import build_pretrain_dataset
 from lomar.data.shards import TarShardDataset
+from lomar.errors import first_on_machine
 from lomar.methods import FITTED_TOKENIZER
 from lomar.methods.base import Method, check_windows, plan_kwargs, plan_masker
 from lomar.models.beit import BEiTConfig
@@ -84,8 +85,9 @@ def fit_on_training_images(config, grid: tuple[int, int], count: int = FIT_IMAGE
     images = _sample_views(config, view, count)
     patches = images.shape[0] * grid[0] * grid[1]
     vocab = max(2, min(MAX_VOCAB, patches // 4))
-    print(f"lomar: no --tokenizer: fitting the built-in k-means tokenizer (vocabulary {vocab} = min(8192, "
-          f"patches/4), {images.shape[0]} training crops at {view} px); it is not the paper's dVAE", flush=True)
+    if first_on_machine():  # under torchrun every process fits the same one; each printed this line
+        print(f"lomar: no --tokenizer: fitting the built-in k-means tokenizer (vocabulary {vocab} = min(8192, "
+              f"patches/4), {images.shape[0]} training crops at {view} px); it is not the paper's dVAE", flush=True)
     return fit_kmeans_tokenizer(images, vocab_size=vocab, patch=KMEANS_PATCH, seed=config.seed, input_size=view)
 
 
