@@ -86,32 +86,35 @@ def test_the_crop_of_resized_masks_is_bit_for_bit_the_crop_of_the_resize():
         assert got.shape == expected.shape and torch.equal(got, expected), (shape, size, top, left, height, width)
 
 
-class _LargestMade(TorchDispatchMode):
-    """The bytes of the largest storage any operation inside makes (views of its inputs are not made)."""
+class _Made(TorchDispatchMode):
+    """The bytes of each storage an operation inside makes (views of its inputs are not made)."""
 
-    largest = 0
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         given = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
                  if isinstance(t, torch.Tensor)}
-        for made in pytree.tree_leaves(out):
-            if isinstance(made, torch.Tensor) and made.untyped_storage().data_ptr() not in given:
-                self.largest = max(self.largest, made.untyped_storage().nbytes())
+        self.sizes += [made.untyped_storage().nbytes() for made in pytree.tree_leaves(out)
+                       if isinstance(made, torch.Tensor) and made.untyped_storage().data_ptr() not in given]
         return out
 
 
-def test_the_jitter_makes_masks_at_the_crop_only():
-    # at jitter 2 each mask was resized whole before the crop: 90 objects of a 640 x 480 image at 1024 px made
-    # 90 x 1536 x 2048 bytes (270 MiB) for a 90 MiB crop; here 16 x 96 x 128 for 16 x 64 x 64 from 16 x 60 x 80
-    count, height, width = 16, 60, 80
+def test_the_jitter_makes_the_masks_once_at_the_crop():
+    # each mask was resized whole before the crop (90 objects of a 640 x 480 image at 2x and 1024 px: 90 x 1536 x
+    # 2048 bytes, 270 MiB, for a 90 MiB crop; here 16 x 102 x 128 for 16 x 64 x 64), then copied 4 times for the
+    # boxes (two bool copies, an index of the filled masks, torchvision's SanitizeBoundingBoxes' index)
+    count, height, width = 16, 40, 50
     masks = torch.zeros(count, height, width, dtype=torch.uint8)
-    masks[:, 10:50, 20:70] = 1
+    masks[:, 5:35, 10:45] = 1
     image = tv_tensors.Image(torch.zeros(3, height, width, dtype=torch.uint8))
-    target = {"boxes": tv_tensors.BoundingBoxes([[20, 10, 70, 50]] * count, format="XYXY", canvas_size=(height, width)),
+    target = {"boxes": tv_tensors.BoundingBoxes([[10, 5, 45, 35]] * count, format="XYXY", canvas_size=(height, width)),
               "masks": tv_tensors.Mask(masks), "labels": torch.ones(count, dtype=torch.int64)}
     torch.manual_seed(0)
-    with _LargestMade() as made:
+    with _Made() as made:
         out, target = train_transforms(64, (2.0, 2.0))(image, target)
-    assert target["masks"].shape == (count, 64, 64)
-    assert made.largest <= max(masks.numel(), target["masks"].numel())  # the flip copies the source
+    cropped = target["masks"].numel()
+    assert target["masks"].shape == (count, 64, 64) and len(target["boxes"]) == count
+    assert max(made.sizes) == cropped and made.sizes.count(cropped) == 1, sorted(made.sizes)[-5:]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 from torchvision import tv_tensors
-from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -87,15 +86,27 @@ class _JitterAndCrop(v2.ScaleJitter):
 
 def _boxes_from_masks(image, target: dict):
     """ViTDet's ``recompute_boxes``: after the crop each box is its mask's extent (pixel edges, detectron2's
-    ``BitMasks.get_bounding_boxes``); a mask the crop emptied leaves an empty box, which is then dropped."""
-    masks, boxes = target["masks"], torch.zeros(len(target["masks"]), 4)
-    filled = masks.flatten(1).bool().any(1)
-    if filled.any():
-        extent = masks_to_boxes(masks[filled])
-        extent[:, 2:] += 1
-        boxes[filled] = extent
+    ``BitMasks.get_bounding_boxes``), and an instance the crop emptied is dropped (box, mask and label; the masks
+    are copied only then). From the rows and columns each mask touches, two passes over the masks: torchvision's
+    ``masks_to_boxes`` (a ``where`` per mask) and ``SanitizeBoundingBoxes`` (which copies every mask) took 10x as
+    long, about 1 s for 90 masks of 1024 x 1024."""
+    masks = target["masks"]
+    rows, cols = masks.any(-1).bool(), masks.any(-2).bool()  # (N, height), (N, width)
+    filled = rows.any(-1)
+    (top, bottom), (left, right) = _extent(rows), _extent(cols)
+    boxes = torch.stack([left, top, right, bottom], -1) * filled[:, None]
     target["boxes"] = tv_tensors.wrap(boxes.to(target["boxes"].dtype), like=target["boxes"])
+    if not filled.all():
+        for key in ("boxes", "masks", "labels"):
+            value = target[key]
+            target[key] = tv_tensors.wrap(value[filled], like=value) if isinstance(value, tv_tensors.TVTensor) \
+                else value[filled]
     return image, target
+
+
+def _extent(hit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``hit`` (N, L) bool: the first index hit and one past the last, each (N,) (0 and L where none is)."""
+    return hit.byte().argmax(-1), hit.shape[-1] - hit.flip(-1).byte().argmax(-1)
 
 
 def train_transforms(size: int, scale_range: tuple[float, float] = (0.1, 2.0)) -> v2.Compose:
@@ -106,8 +117,6 @@ def train_transforms(size: int, scale_range: tuple[float, float] = (0.1, 2.0)) -
         v2.RandomHorizontalFlip(),
         _JitterAndCrop(size, scale_range),
         _boxes_from_masks,
-        v2.ClampBoundingBoxes(),
-        v2.SanitizeBoundingBoxes(min_size=1.0),
         *eval_transforms().transforms,
     ])
 
