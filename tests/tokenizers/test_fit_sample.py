@@ -138,3 +138,30 @@ def test_under_torchrun_one_process_a_machine_says_it_fits_the_built_in_tokenize
         monkeypatch.setenv("LOCAL_RANK", local_rank)
         assert beit.fit_on_training_images(config, (1, 1), count=8).vocab_size == 2
         assert capsys.readouterr().out.count("fitting the built-in k-means tokenizer") == lines
+
+
+def test_under_torchrun_the_first_process_fits_the_built_in_tokenizer_and_sends_it_to_the_others(
+        image_dir, monkeypatch):
+    """Each process fitted its own from the same sample: on machines whose CPUs round a tie another way, a process
+    would train against other targets than the saved tokenizer's. The first fits; the others read no image."""
+    import pytest
+    import torch
+
+    from lomar.methods import beit
+    from lomar.train.config import PretrainConfig
+
+    dist, rank, sent = torch.distributed, [0], []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: rank[0])
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    monkeypatch.setattr(dist, "broadcast", lambda tensor, src: sent.append(tensor.clone()) if rank[0] == src
+                        else tensor.copy_(sent.pop(0)))
+    config = PretrainConfig(data=str(image_dir), img_size=16, method="beit")
+    first = beit.fit_on_training_images(config, (1, 1), count=8)
+    assert [tuple(t.shape) for t in sent] == [(2,), tuple(first.centroids.shape)]
+    rank[0] = 1
+    monkeypatch.setattr(beit, "_sample_views", lambda *a: pytest.fail("the second process read training images"))
+    second = beit.fit_on_training_images(config, (1, 1), count=8)
+    assert torch.equal(second.centroids, first.centroids) and second.input_size == first.input_size == 8
+    assert not sent

@@ -25,7 +25,7 @@ from lomar.methods.base import Method, check_windows, plan_kwargs, plan_masker
 from lomar.models.beit import BEiTConfig
 from lomar.models.beit_pretrain import BEiTPretrain, tokenizer_view
 from lomar.models.masking import grid_size
-from lomar.tokenizers import fit_kmeans_tokenizer, load_tokenizer
+from lomar.tokenizers import KMeansTokenizer, fit_kmeans_tokenizer, load_tokenizer
 from lomar.train.run_state import read_meta
 from lomar.train.schedule import lr_at_whole_steps
 from lomar.viz.tokens import token_figure
@@ -59,8 +59,8 @@ def validate(config, grid) -> None:
 
 
 def _sample_views(config, view_size: int, count: int) -> torch.Tensor:
-    """(n, 3, view, view) in [0, 1]: epoch-0 crops of a seeded sample drawn across the training images, the same in
-    every process (each trains against the tokenizer it fitted)."""
+    """(n, 3, view, view) in [0, 1]: epoch-0 crops of a seeded sample drawn across the training images, the same
+    whichever process draws them."""
     dataset = build_pretrain_dataset(config.data, config.img_size, config.seed, config.crop_scale,
                                      color_jitter=config.color_jitter)
     if isinstance(dataset, TarShardDataset):
@@ -79,16 +79,39 @@ def _sample_views(config, view_size: int, count: int) -> torch.Tensor:
     return tokenizer_view(torch.stack(images), view_size)
 
 
+def _process_group() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def _share_centroids(centroids: torch.Tensor | None) -> torch.Tensor:
+    """Rank 0's centroids (vocab, dim), sent to every process (``None`` on the others): each fitting its own, on
+    another machine's CPU, could round a tie another way and train against other targets than the saved ones."""
+    dist = torch.distributed
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    shape = torch.tensor(centroids.shape if centroids is not None else (0, 0), dtype=torch.int64, device=device)
+    dist.broadcast(shape, src=0)
+    sent = centroids.to(device) if centroids is not None else torch.empty(*shape.tolist(), device=device)
+    dist.broadcast(sent, src=0)
+    return sent.cpu()
+
+
 def fit_on_training_images(config, grid: tuple[int, int], count: int = FIT_IMAGES):
-    """A k-means tokenizer for the run's patch grid, fitted on ``count`` training crops."""
+    """A k-means tokenizer for the run's patch grid, fitted on ``count`` training crops (under torchrun by the
+    first process, and sent to the others)."""
     view = grid[0] * KMEANS_PATCH
+    if _process_group() and torch.distributed.get_rank() != 0:
+        return KMeansTokenizer(_share_centroids(None), patch=KMEANS_PATCH, input_size=view)
     images = _sample_views(config, view, count)
     patches = images.shape[0] * grid[0] * grid[1]
     vocab = max(2, min(MAX_VOCAB, patches // 4))
     if first_on_machine():  # under torchrun every process fits the same one; each printed this line
         print(f"lomar: no --tokenizer: fitting the built-in k-means tokenizer (vocabulary {vocab} = min(8192, "
               f"patches/4), {images.shape[0]} training crops at {view} px); it is not the paper's dVAE", flush=True)
-    return fit_kmeans_tokenizer(images, vocab_size=vocab, patch=KMEANS_PATCH, seed=config.seed, input_size=view)
+    tokenizer = fit_kmeans_tokenizer(images, vocab_size=vocab, patch=KMEANS_PATCH, seed=config.seed, input_size=view)
+    if _process_group():
+        _share_centroids(tokenizer.centroids)
+    return tokenizer
 
 
 def prepare(config, grid) -> dict:
