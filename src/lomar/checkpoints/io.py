@@ -31,7 +31,7 @@ from lomar.errors import ANSI_ESCAPE, UsageError
 
 __all__ = ["check_finite", "first_non_finite", "atomic_write", "atomic_write_bytes", "atomic_write_text",
            "atomic_save", "safe_load", "describe_file", "quiet_pickle_protocol", "write_error", "open_in_place",
-           "read_in_place", "read_log", "refuse_link", "remove_tree", "mismatch", "FILE_MODE"]
+           "read_in_place", "read_log", "log_record", "refuse_link", "remove_tree", "mismatch", "FILE_MODE"]
 
 # Exports and checkpoints are meant to be shared: rw-r--r-- whatever mkstemp-like defaults say.
 FILE_MODE = 0o644
@@ -69,13 +69,14 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], mode: int 
 
 
 def open_in_place(path: str | Path, mode: str = "r", **text) -> IO:
-    """``open(path, mode)`` ("r", "a" or "a+") of a file in a folder lomar writes into but may not have made (a run
-    folder from elsewhere): UsageError naming ``path`` when it is a symbolic link, which lomar neither writes
-    nor reads through (through a ``.lock`` link the run's pid would replace the file it names), or not a
+    """``open(path, mode)`` ("r", "a" or "a+"; with "b", binary) of a file in a folder lomar writes into but may not
+    have made (a run folder from elsewhere): UsageError naming ``path`` when it is a symbolic link, which lomar neither
+    writes nor reads through (through a ``.lock`` link the run's pid would replace the file it names), or not a
     regular file (a FIFO blocks, /dev/zero fills memory). ``text``: ``open``'s encoding or errors."""
     flags = {"r": os.O_RDONLY, "a": os.O_WRONLY | os.O_APPEND | os.O_CREAT, "a+": os.O_RDWR | os.O_APPEND | os.O_CREAT}
     try:
-        fd = os.open(path, flags[mode] | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0), FILE_MODE)
+        flag = flags[mode.replace("b", "")] | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        fd = os.open(path, flag, FILE_MODE)
     except OSError as exc:
         if not (os.path.islink(path) or exc.errno in (errno.ELOOP, errno.ENXIO)):  # ENXIO: a FIFO, no reader
             raise
@@ -110,12 +111,19 @@ def read_log(path: str | Path, stepless: bool = False) -> Iterator[tuple[str, di
     with open_in_place(path, encoding="utf-8", errors="replace") as handle:
         for text in handle:
             line = text.rstrip("\n")
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step", 0 if stepless else None), int):
+            if (record := log_record(line, stepless)) is not None:
                 yield line, record
+
+
+def log_record(line: str, stepless: bool = False) -> dict | None:
+    """The record of one line of a run's log as :func:`read_log` reads it (``stepless`` too), None for a line that
+    holds none."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step", 0 if stepless else None), int) \
+        else None
 
 
 def refuse_link(path: str | Path) -> None:

@@ -30,13 +30,13 @@ from lomar.checkpoints.io import (
     atomic_write,
     atomic_write_text,
     open_in_place,
-    read_log,
     refuse_link,
     remove_tree,
     safe_load,
 )
 from lomar.checkpoints.sharded import check_metadata
 from lomar.errors import FULL_DISK, UNWRITABLE, LomarError, UsageError
+from lomar.train.run_logs import truncate_metrics
 from lomar.train.settings import ConfigError
 from lomar.values import brief, is_integer
 
@@ -124,13 +124,6 @@ def save_on_main_rank(save: Callable[[], T], is_main: bool, device: torch.device
     if error is not None:
         raise error
     return result
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the log lines after the checkpoint resumed from (a crash between the two) and torn ones; streamed."""
-    if path.exists():
-        atomic_write(path, lambda handle: handle.writelines(
-            f"{line}\n".encode() for line, record in read_log(path, stepless=True) if record.get("step", 0) <= step))
 
 
 def read_meta(path: Path) -> dict:
