@@ -19,7 +19,7 @@ from lomar.cli.app import main
 from lomar.data import device_decode
 from lomar.data.device_decode import decode_batch
 from lomar.data.gpu_jpeg import nvimgcodec_missing
-from lomar.train import lifecycle
+from lomar.train import lifecycle, pretrain
 
 GPU_CHECK = BENCHMARKS / "gpu_check.sh"
 TINY = ["--model", "vit_tiny_patch8", "--embed-dim", "32", "--depth", "1", "--num-heads", "2",
@@ -74,13 +74,24 @@ def test_resume_auto_alone_continues_with_the_saved_settings(data, tmp_path, cap
     assert safe_load(resumed / "last.pt")["step"] == 4  # nothing was done
 
 
-def test_resume_from_a_checkpoint_path_uses_its_out(data, tmp_path, capsys):
+def test_resume_from_a_checkpoint_path_uses_its_out_and_a_finished_one_builds_nothing(data, tmp_path, capsys,
+                                                                                       monkeypatch):
     out = tmp_path / "run"
     assert _run("--data", data, "--out", out, "--max-steps", "1") == 0
     capsys.readouterr()
     assert main(["pretrain", "--resume", str(out / "last.pt"), "--print-config"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["out"] == str(out) and resolved["data"] == str(data) and resolved["embed_dim"] == 32
+    # the run is at its end: the resume built the model to say so, and did not draw a deleted loss.png again
+
+    def build(*args):
+        raise AssertionError("the run was built")
+
+    (out / "loss.png").unlink()
+    monkeypatch.setattr(pretrain.PretrainTask, "__init__", build)
+    assert main(["pretrain", "--out", str(out), "--resume", "auto"]) == 0
+    assert "nothing to do, the run is at step 1" in capsys.readouterr().out
+    assert Image.open(out / "loss.png").size == (600, 350)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ from lomar.train.monitor import Monitor, input_limit_note, resume_hint
 from lomar.train.precision import WatchedScaler, autocast_factory, resolve_precision
 from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_workers
 from lomar.train.rng import gather_rng_states, restore_rng_states, seed_everything
+from lomar.train.run_end import answer_at_end, run_end
 from lomar.train.run_state import (
     RunLock,
     auto_resume,
@@ -96,6 +96,7 @@ class _Run:
     def meta(self) -> dict:
         """Everything of a checkpoint but model and optimizer."""
         return {"scaler": self.scaler.state_dict(), "step": self.p.step, "epoch": self.p.epoch, "rng": self.rngs[0],
+                "steps_per_epoch": self.steps_per_epoch,  # a resume at the run's end tells so unbuilt (run_end)
                 "batches_done": self.p.batches_done, "evaluated_step": self.evaluated_step, "rng_ranks": self.rngs,
                 **self.task.state(), **({f"best_{m}": max(self.best, 0.0)} if (m := self.task.best_metric) else {})}
 
@@ -148,15 +149,8 @@ class _Run:
         """Train to ``--max-steps`` / ``--epochs`` or until a stop signal; the exit code."""
         cfg, p, task = self.cfg, self.p, self.task
         if p.step >= self.last_step:
-            missing = [name for name in task.final_outputs if not (self.out / name).exists()]  # e.g. a full disk
-            if self.info.is_main:
-                print(f"lomar {task.name}: nothing to do, the run is at step {p.step}; it ends at {self.last_step} "
-                      f"({f'--max-steps {cfg.max_steps} or ' if cfg.max_steps else ''}--epochs {cfg.epochs} of "
-                      f"{self.steps_per_epoch} steps, whichever ends first)"
-                      + (f"; writing its missing {', '.join(missing)}" if missing else ""), flush=True)
-            if missing:  # the end of the run was cut short after its last checkpoint
-                save_on_main_rank(lambda: task.finish(self.out), self.info.is_main, self.device)
-            return 0
+            return answer_at_end(task, self.out, p.step, self.last_step, self.steps_per_epoch, cfg, self.info.is_main,
+                                 self.device)
         self.monitor = Monitor(self.out, self.info.is_main, self.last_step, cfg.log_every, task.name, p.step)
         if self.info.is_main:
             self._announce()
@@ -347,7 +341,7 @@ class _Run:
               + (f"; {extra}" if extra else ""), flush=True)
 
 
-def run(config, make_task: Callable[..., Task]) -> int:
+def run(config, make_task: type[Task]) -> int:
     """Run (or resume) the training ``make_task(config, info, device)`` builds; the process exit code."""
     try:  # what fails before the first step is the set-up's fault: a one-line error, exit 2
         info, device = init_distributed(config.device)
@@ -367,22 +361,26 @@ def run(config, make_task: Callable[..., Task]) -> int:
         try:
             if resume is not None and info.is_main:
                 check_no_rewind(resume, out, config.overwrite)
-            torch.set_num_threads(config.threads or default_threads())
-            saved = preload(resume, device)  # a checkpoint that cannot resume is refused before the build
-            seed_everything(config.seed)  # the same initial weights on every rank
-            task = make_task(config, info, device)
-            if info.enabled:  # then a stream of its own for each: drop path, mixup, augmentation in this process
-                seed_everything(config.seed + info.rank)
-            trainer = _Run(config, task, info, device)
-            if resume is not None:
-                trainer.load(resume, saved)
-            del saved  # the run would hold the whole checkpoint to its end
+            end = run_end(config, make_task, resume, out, info.world_size)  # then nothing to build: the run ends there
+            if end is None:
+                torch.set_num_threads(config.threads or default_threads())
+                saved = preload(resume, device)  # a checkpoint that cannot resume is refused before the build
+                seed_everything(config.seed)  # the same initial weights on every rank
+                task = make_task(config, info, device)
+                if info.enabled:  # then a stream of its own for each: drop path, mixup, augmentation in this process
+                    seed_everything(config.seed + info.rank)
+                trainer = _Run(config, task, info, device)
+                if resume is not None:
+                    trainer.load(resume, saved)
+                del saved  # the run would hold the whole checkpoint to its end
         except (ValueError, FileNotFoundError) as exc:
             raise UsageError(str(exc)) from None
+        step, epoch = (end.step, end.epoch) if end else (trainer.p.step, trainer.p.epoch)
         if info.is_main:
-            prepare_run_folder(config, task, resume, trainer.p.step, trainer.p.epoch,
-                               finished=trainer.p.step >= trainer.last_step)
-        code = trainer.train()
+            prepare_run_folder(config, task or make_task, resume, step, epoch,
+                               finished=end is not None or step >= trainer.last_step)
+        code = trainer.train() if end is None else answer_at_end(make_task, out, step, step, end.steps_per_epoch,
+                                                                 config, info.is_main, device)
         if info.enabled:  # leave together: a rank that tears gloo down while rank 0 still exports can abort
             dist.barrier()
         return code

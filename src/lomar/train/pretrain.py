@@ -45,6 +45,7 @@ class PretrainTask(Task):
     skips_warned = False  # the loader reports unreadable files in the batch; the run's count warns of them
     outputs = (RUN_CONFIG, KNN_LOG, RUN_ENCODER, CONFIG_NAME, "reconstruction*.png", LOSS_CURVE)
     final_outputs = (RUN_ENCODER, CONFIG_NAME)
+    curves = (LOSS_CURVE,)
 
     def __init__(self, config: PretrainConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, device
@@ -215,9 +216,13 @@ class PretrainTask(Task):
         try:
             reconstruction_snapshot(model or self.model, self.fixed_images(), out, step, seed=self.config.seed,
                                     title=f"{self.config.method} step {step}", draw=self.runtime.method.figure)
-            loss_curve(out / METRICS, out / LOSS_CURVE, f"{self.config.method} training loss")
+            self.draw_curves(self.config, out)
         except Exception as exc:  # a figure must never kill a run
             print(f"lomar: could not draw the reconstruction figure: {exc}", file=sys.stderr)
+
+    @staticmethod
+    def draw_curves(config: PretrainConfig, out: Path) -> None:
+        loss_curve(out / METRICS, out / LOSS_CURVE, f"{config.method} training loss")
 
     def fixed_images(self) -> torch.Tensor:
         items, data = [], self.base_dataset

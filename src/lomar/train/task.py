@@ -24,7 +24,8 @@ Required of a Task: ``name``, ``model``, ``train_loader``, ``loss(batch)``. Opti
 - ``eval_epoch_index``: an epoch-end evaluation record's ``epoch`` is the 0-based index of the epoch
   evaluated (MAE's finetuning log, which `lomar study` reads) instead of the count of epochs done,
   ``outputs`` (names or globs a fresh run clears), ``final_outputs`` (the files ``finish`` writes: a resume that
-  finds the run at its end, some of them missing, calls ``finish`` again),
+  finds the run at its end, some of them missing, calls ``finish`` again), ``curves`` (the files drawn from the run's
+  log alone, by the static ``draw_curves(config, out)``: such a resume draws a missing one again without the model),
   ``batches()`` (default: ``iter(train_loader)``), ``batches_per_epoch()``,
   ``set_epoch(epoch, skip_batches, epochs, batches)`` (default: the train loader's sampler's, which can run on
   across epochs: see :class:`EpochStream`),
@@ -84,12 +85,17 @@ class Task:
     eval_epoch_index = False
     outputs: tuple[str, ...] = ()
     final_outputs: tuple[str, ...] = ()
+    curves: tuple[str, ...] = ()
     loss_parts: tuple[str, ...] = ()
     skips_warned = True
     step_metrics: tuple[str, ...] = ()
     net: torch.nn.Module  # and ``progress``, ``autocast`` (its precision's context): set by the lifecycle
     load = finish = stopped = begin = saved = _nothing
     evaluate, state, final_line, step_info = (lambda self: {}), (lambda self: {}), (lambda self: ""), (lambda self: {})
+
+    @staticmethod
+    def draw_curves(config, out: Path) -> None:
+        """Draw ``curves`` into ``out`` from its log; called on the class too (a resume at the run's end, unbuilt)."""
 
     def skipped(self, batch) -> list[str]:
         return list(getattr(batch, "bad", ()))

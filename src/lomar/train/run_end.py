@@ -1,0 +1,76 @@
+"""A resume that finds its run at its end ("nothing to do"): what it says and writes, and when it can tell so from the
+checkpoint's counts alone, before the run is built.
+
+The step, epoch and batches of a checkpoint, with the steps an epoch it was saved with, tell where the resume's
+``--max-steps`` / ``--epochs`` end the run. At that end a resume trains nothing; unless an end-of-run file written
+from the model (an export: ``Task.final_outputs``) is missing, it then builds neither the model nor the data and
+reads no weights: for a ViT-B that build and the checkpoint's full read cost seconds. What the end of a run draws from
+its log alone (pretrain's ``loss.png``: ``Task.curves``) is drawn again when missing, built or not.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from lomar.checkpoints.file_names import METRICS
+from lomar.train.run_state import read_meta, save_on_main_rank
+
+__all__ = ["RunEnd", "run_end", "answer_at_end"]
+
+
+class RunEnd(NamedTuple):
+    step: int
+    epoch: int
+    steps_per_epoch: int
+
+
+def run_end(config, task_class, resume: Path | None, out: Path, world_size: int) -> RunEnd | None:
+    """Where the checkpoint ``resume`` stands when it is the end of the run the settings make, in ``out`` its own folder
+    (a resume into another, or with ``--overwrite``, prepares the folder as any resume does) and nothing the model
+    writes at the end is missing; None otherwise, and wherever only the built run can tell: a checkpoint past the end
+    or of another process count (both refused, naming the epoch's length or the count), one that does not read."""
+    if resume is None or config.overwrite or resume.resolve().parent != Path(out).resolve():
+        return None
+    if any(not (Path(out) / name).exists() for name in task_class.final_outputs):
+        return None
+    try:
+        ckpt = read_meta(resume)
+    except (OSError, ValueError):
+        return None
+    step, epoch, done, ranks = (ckpt.get(k) for k in ("step", "epoch", "batches_done", "rng_ranks"))
+    if not all(isinstance(v, int) for v in (step, epoch, done)) or ranks is not None and len(ranks) != world_size:
+        return None
+    per_epoch = ckpt.get("steps_per_epoch")  # saved since; before, an epoch's whole steps tell it
+    if not isinstance(per_epoch, int) and epoch:
+        per_epoch = (step - done // config.accum_steps) // epoch
+    if not isinstance(per_epoch, int) or per_epoch <= 0:
+        return None
+    last = min(config.epochs * per_epoch, config.max_steps or math.inf)
+    return RunEnd(step, epoch, per_epoch) if step == last else None
+
+
+def answer_at_end(task, out: Path, step: int, last_step: int, steps_per_epoch: int, config, is_main: bool,
+                  device: torch.device) -> int:
+    """Say that the run at ``step`` ends at ``last_step`` and write the end-of-run files it lacks (a full disk cut
+    its end short, or they were deleted): ``task.finish`` those of the model, ``task.draw_curves`` those of the log.
+    ``task``: the built Task, or its class when :func:`run_end` found nothing of the model's missing. Exit code 0."""
+    missing = [name for name in task.final_outputs if not (out / name).exists()]
+    curves = [name for name in task.curves if not (out / name).exists()] if (out / METRICS).is_file() else []
+    if is_main:
+        print(f"lomar {task.name}: nothing to do, the run is at step {step}; it ends at {last_step} "
+              f"({f'--max-steps {config.max_steps} or ' if config.max_steps else ''}--epochs {config.epochs} of "
+              f"{steps_per_epoch} steps, whichever ends first)"
+              + (f"; writing its missing {', '.join(missing + curves)}" if missing or curves else ""), flush=True)
+    if missing:  # the end of the run was cut short after its last checkpoint
+        save_on_main_rank(lambda: task.finish(out), is_main, device)
+    if curves and is_main:
+        try:
+            task.draw_curves(config, out)
+        except Exception as exc:  # noqa: BLE001 - a figure must never fail a run, as during it
+            print(f"lomar {task.name}: could not draw {', '.join(curves)}: {exc}", file=sys.stderr)
+    return 0
