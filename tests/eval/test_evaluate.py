@@ -18,6 +18,7 @@ from lomar.eval import knn
 from lomar.eval.features import load_pretrained_encoder
 from lomar.eval.knn import knn_accuracy, knn_predict
 from lomar.eval.linear_probe import train_linear_probe
+from lomar.train import finetune
 from lomar.train.config import PretrainConfig
 
 VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
@@ -274,7 +275,7 @@ def test_knn_takes_train_or_val_in_place_of_the_data_roots_split(pretrained, fol
     assert code == 2 and f"only in {other}: ['extra']" in capsys.readouterr().err
 
 
-def test_finetune_resume_refuses_renamed_class_folders(pretrained, folder, tmp_path, capsys):
+def test_finetune_resume_refuses_renamed_class_folders(pretrained, folder, tmp_path, capsys, monkeypatch):
     data, out = tmp_path / "data", tmp_path / "ft"
     shutil.copytree(folder, data)
     args = ["finetune", "--pretrained", str(pretrained), "--data", str(data), "--img-size", "32", "--batch-size", "4",
@@ -283,6 +284,11 @@ def test_finetune_resume_refuses_renamed_class_folders(pretrained, folder, tmp_p
     for split in ("train", "val"):  # as many classes, so every weight still fits: labels 0 and 1 would swap
         (data / split / "class0").rename(data / split / "zebra")
     capsys.readouterr()
+
+    def build(*args, **kwargs):  # the refusal came after the model's build and the pretrained weights' read
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(finetune, "load_pretrained_encoder", build)
     assert main([*args[:-2], "--resume", "auto"]) == 2
     err = capsys.readouterr().err
     assert "only in the checkpoint: ['class0'], only in the data: ['zebra']" in err and err.count("\n") == 1

@@ -543,6 +543,26 @@ def test_a_resume_on_files_that_name_the_categories_otherwise_is_refused_in_one_
     task.load({"categories": [3, 7]})  # a checkpoint saved before names were kept: by its ids
 
 
+def test_a_resume_of_other_categories_is_refused_before_the_images_are_checked_and_the_model_built(tiny,
+                                                                                                   monkeypatch):
+    from types import SimpleNamespace
+
+    from lomar.train import detect
+    from lomar.train.distributed import DistInfo
+    from lomar.train.task_resume import building
+
+    def build(*args, **kwargs):  # a header read of every val image (0.8 GB for val2017), then the model
+        raise AssertionError("the run was built")
+
+    monkeypatch.setattr(detect, "check_split_images", build)
+    monkeypatch.setattr(DetectTask, "_build_model", build)
+    _, (ann, images) = tiny
+    config = SimpleNamespace(val_ann=str(ann), val_images=str(images), eval_every=None, workers=0, pretrained=None)
+    with building({"categories": [1, 2]}), pytest.raises(UsageError, match=r"^--resume: the category ids are \[1, "
+                                                                           r"2\] in the checkpoint but \[3, 7\]"):
+        DetectTask(config, DistInfo(), torch.device("cpu"))
+
+
 def test_a_validation_image_that_cannot_be_read_is_left_out_of_the_ap_not_counted_as_missed(tiny, tmp_path):
     from torch.utils.data import DataLoader
 

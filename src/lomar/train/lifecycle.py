@@ -47,6 +47,7 @@ from lomar.train.runtime import compile_model, default_threads, fast_adamw
 from lomar.train.schedule import lr_at, peak_lr, run_span, schedule_overrun, warmup_warning
 from lomar.train.settings_resume import resumed_past_end
 from lomar.train.task import EpochStream, Progress, SkippedFiles, Task, TrainingError, check_weights, diverged, preload
+from lomar.train.task_resume import building
 from lomar.values import counted
 from lomar.viz.curves import loss_summary
 
@@ -366,7 +367,8 @@ def run(config, make_task: type[Task]) -> int:
                 torch.set_num_threads(config.threads or default_threads())
                 saved = preload(resume, device)  # a checkpoint that cannot resume is refused before the build
                 seed_everything(config.seed)  # the same initial weights on every rank
-                task = make_task(config, info, device)
+                with building(saved):  # a Task that refuses the checkpoint for its data does so before its model
+                    task = make_task(config, info, device)
                 if info.enabled:  # then a stream of its own for each: drop path, mixup, augmentation in this process
                     seed_everything(config.seed + info.rank)
                 trainer = _Run(config, task, info, device)
