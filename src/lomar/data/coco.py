@@ -22,7 +22,6 @@ the uninterrupted one did whatever the worker count.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 import math
@@ -90,12 +89,14 @@ class CocoSplit:
         return [by_id[i] for i in self.categories]
 
     def coco(self):
-        """A pycocotools ``COCO`` over a copy of the cleaned dict (its evaluation rewrites polygons as RLE in
-        place; its index printout swallowed)."""
+        """A pycocotools ``COCO`` over a copy of the cleaned dict's entries (its evaluation sets their keys in place:
+        a polygon's RLE, ``ignore``; it never changes the polygons, which the copies share: a deep copy of a
+        val2017-sized split took 6.4 s per evaluation, this 0.2); its index printout swallowed."""
         from pycocotools.coco import COCO
 
         coco = COCO()
-        coco.dataset = copy.deepcopy(self.data)
+        coco.dataset = {**self.data, **{key: [dict(entry) for entry in self.data[key]]
+                                        for key in ("images", "annotations", "categories")}}
         with contextlib.redirect_stdout(io.StringIO()):
             coco.createIndex()
         return coco
