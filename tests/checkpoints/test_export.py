@@ -212,9 +212,11 @@ def test_create_encoder_fits_an_absolute_table_to_another_img_size_as_timm_does(
     timms = timm.create_model(f"local-dir:{tmp_path / 'abs'}", pretrained=True, img_size=2 * TINY.img_size)
     assert torch.equal(wider.pos_embed, timms.pos_embed)
     wide = VisionTransformer(ViTConfig(img_size=(16, 64), patch_size=8, embed_dim=32, depth=2, num_heads=2, pos="abs"))
-    export_encoder(wide, tmp_path / "wide")  # fixed sin-cos of a 2x8 grid: exact at any grid
-    assert torch.equal(create_encoder(tmp_path / "wide", img_size=[32, 128]).pos_embed.detach(),
-                       sincos_pos_embed_2d(32, (4, 16))[None])
+    export_encoder(wide, tmp_path / "wide")  # fixed sin-cos of a 2x8 grid: resampled from it, as a trained table
+    table = create_encoder(tmp_path / "wide", img_size=[32, 128]).pos_embed.detach()
+    torch.testing.assert_close(table, timm.layers.resample_abs_pos_embed(sincos_pos_embed_2d(32, (2, 8))[None],
+                                                                         [4, 16], [2, 8], antialias=False))
+    assert not torch.allclose(table, sincos_pos_embed_2d(32, (4, 16))[None], atol=1e-3)  # not the new grid's sin-cos
 
 
 def test_a_cls_pooling_classifier_round_trips_through_lomar_and_timm(tmp_path):
@@ -290,14 +292,12 @@ def test_features_only_takes_every_block_of_an_encoder_shallower_than_three():
     assert [tuple(f.shape) for f in model(torch.randn(1, 3, 64, 64))] == [(1, 32, 4, 4)] * 2
 
 
-def test_timm_keeps_exact_sincos_for_a_fixed_table_and_loads_non_strictly_when_asked(tmp_path):
-    from lomar.models.vit import sincos_pos_embed_2d
-
+def test_timm_resamples_a_fixed_table_from_the_grid_it_names_and_loads_non_strictly_when_asked(tmp_path):
     wide = VisionTransformer(ViTConfig(img_size=(16, 64), patch_size=8, embed_dim=32, depth=2, num_heads=2,
                                        pos="abs"))
     export_encoder(wide, tmp_path / "wide")  # a 2x8 grid: 16 tokens, which a square reading takes for 4x4
     resized = timm.create_model(f"local-dir:{tmp_path / 'wide'}", pretrained=True, img_size=(32, 128))
-    assert torch.equal(resized.pos_embed.detach(), sincos_pos_embed_2d(32, (4, 16))[None])
+    torch.testing.assert_close(resized.pos_embed.detach(), wide.pos_embed_for((4, 16)))
     export_encoder(VisionTransformer(replace(TINY, depth=1)), tmp_path / "one")
     loose = timm.create_model("lomar_vit_tiny_patch16", pretrained=True, embed_dim=32, depth=2, num_heads=2,
                               img_size=64, pretrained_strict=False,
@@ -367,3 +367,43 @@ def test_the_pretrained_cfg_gives_timm_the_exported_input_size_and_lomars_eval_c
         export_encoder(VisionTransformer(replace(TINY, img_size=side), num_classes=classes), folder)
         crops.append(json.loads((folder / "config.json").read_text())["pretrained_cfg"]["crop_pct"])
     assert crops == [0.875, 1.0, 0.875]  # an encoder at 256 px: as knn and linprobe crop
+
+
+def test_every_loader_resamples_an_mae_export_at_another_size_as_its_forward_does(tmp_path):
+    """One rule for an absolute table at another size, MAE's fixed sin-cos included: bicubic from the exported
+    grid (MAE's finetuning, timm), as the encoder built at the export size does when run at that size. Each loader
+    built the new grid's exact sin-cos (create_encoder, load_model, timm, a saved detector) or read the 2x8 table
+    as 4x4 (load_pretrained_encoder), and the transposed grid of as many tokens kept the table as it was."""
+    from lomar.eval.features import load_pretrained_encoder
+    from lomar.train.detect import _fit_to_layout
+
+    mae = _perturb(VisionTransformer(ViTConfig(img_size=(16, 64), patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                               pos="abs")))  # 2x8: 16 tokens, which a square reading takes for 4x4
+    export_encoder(mae, tmp_path / "mae")
+    atomic_save({"model": mae.state_dict(), "config": mae.config.to_dict()}, tmp_path / "finetune.pt")
+    args = json.loads((tmp_path / "mae" / "config.json").read_text())["model_args"]
+
+    def detector(size):  # a saved detector's encoder weights, read for a detector at another size
+        det = torch.nn.Module()
+        det.backbone = torch.nn.Module()
+        det.backbone.encoder = VisionTransformer(replace(mae.config, img_size=size))
+        det.load_state_dict(_fit_to_layout({f"backbone.encoder.{k}": v for k, v in mae.state_dict().items()}, det,
+                                           mae.config))
+        return det.backbone.encoder
+
+    loaders = {"load_pretrained_encoder": lambda size: load_pretrained_encoder(tmp_path / "mae", img_size=size),
+               "create_encoder": lambda size: create_encoder(tmp_path / "mae", img_size=size),
+               "load_model": lambda size: load_model(tmp_path / "mae", img_size=size),
+               "load_model, finetune checkpoint": lambda size: load_model(tmp_path / "finetune.pt", img_size=size),
+               "timm local-dir": lambda size: timm.create_model(f"local-dir:{tmp_path / 'mae'}", pretrained=True,
+                                                                img_size=size),
+               "timm overlay": lambda size: timm.create_model(
+                   "lomar_vit_tiny_patch8", pretrained=True, **{**args, "img_size": size},
+                   pretrained_cfg_overlay=dict(file=str(tmp_path / "mae" / "model.safetensors"))),
+               "saved detector": detector}
+    for size in ((24, 40), (64, 16)):  # another grid; the transposed one, of as many tokens
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            expected = mae.forward_features(x)
+            for name, load in loaders.items():
+                torch.testing.assert_close(load(size).eval().forward_features(x), expected, msg=f"{name} at {size}")

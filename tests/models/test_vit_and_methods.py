@@ -170,6 +170,26 @@ def test_sincos_table_is_maes_formula_at_every_frequency(dim, grid):
     np.testing.assert_allclose(sincos_pos_embed_2d(dim, grid).numpy(), expected, atol=1e-6)
 
 
+def test_a_table_at_another_grid_is_resampled_from_the_grid_it_was_made_for():
+    """One rule (MAE's finetuning, timm): bicubic from the source grid, which a sin-cos table names when no setting
+    does; a table at its own grid is untouched, and a grid that cannot be the table's is refused."""
+    from timm.layers import resample_abs_pos_embed
+
+    from lomar.models.vit import table_for_grid
+
+    fixed = sincos_pos_embed_2d(8, (2, 6))[None]  # 12 tokens: also 3x4, 4x3, 6x2, ...
+    for grid in ((3, 5), (6, 2)):  # another grid; the transposed one, of as many tokens
+        torch.testing.assert_close(table_for_grid(fixed, grid), resample_abs_pos_embed(fixed, list(grid), [2, 6],
+                                                                                       antialias=False))
+    assert table_for_grid(fixed, (2, 6)) is fixed
+    trained = torch.randn(1, 13, 8)
+    assert table_for_grid(trained, (3, 4)) is trained  # no grid known: the model's, whose token count it has
+    with pytest.raises(ValueError, match=r"12 tokens \(a non-square grid\) cannot be resized to the 4x4 grid"):
+        table_for_grid(trained, (4, 4))
+    with pytest.raises(ValueError, match="a position table of 12 tokens is not of the 4x4 grid"):
+        table_for_grid(trained, (4, 4), (4, 4))
+
+
 def test_a_new_classifier_head_is_initialised_as_the_finetuning_recipe_says():
     torch.manual_seed(0)
     head = VisionTransformer(model_config("vit_small_patch16"), num_classes=1000).head

@@ -293,10 +293,14 @@ def test_a_finetune_saved_before_the_table_was_trained_resumes_with_it_fixed(tmp
     resumed = safe_load(out / "last.pt")
     assert resumed["step"] == 2 and resumed["settings"]["train_pos_embed"] is False
     assert torch.equal(resumed["model"]["pos_embed"], ckpt["model"]["pos_embed"])  # still fixed
+    from timm.layers import resample_abs_pos_embed
+
     from lomar.checkpoints.convert import load_model
 
-    wider = load_model(out / "last.pt", img_size=64)  # a fixed table at another size: exact sin-cos, not resampled
-    assert torch.equal(wider.pos_embed.detach(), sincos_pos_embed_2d(32, (8, 8))[None])
+    wider = load_model(out / "last.pt", img_size=64)  # a fixed table at another size: resampled as a trained one
+    fixed = sincos_pos_embed_2d(32, (4, 4))[None]
+    assert torch.equal(ckpt["model"]["pos_embed"], fixed)
+    torch.testing.assert_close(wider.pos_embed.detach(), resample_abs_pos_embed(fixed, [8, 8], [4, 4], antialias=False))
 
 
 @pytest.mark.parametrize("extra, words", [(["--min-lr", "0.5"], "--min-lr 0.5 is above the peak lr 7.81e-06"),

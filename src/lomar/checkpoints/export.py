@@ -331,7 +331,7 @@ def create_encoder(path: str | Path, **overrides) -> VisionTransformer:
     state = load_file(str(found.weights))
     if found.new_head:  # another head (size or pooling) than the one exported: it starts fresh
         state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))}
-    if found.table_grid and state["pos_embed"].shape != encoder.pos_embed.shape:  # as timm's local-dir: does
+    if found.table_grid:  # resampled from the exported grid (untouched at it), as every loader does
         state["pos_embed"] = encoder.fit_pos_embed(state["pos_embed"], found.table_grid)
     encoder.load_state_dict(state, strict=False)
     check_finite(encoder, found.weights)

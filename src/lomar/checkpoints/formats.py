@@ -125,8 +125,14 @@ class VitReader(Reader):
         # `lomar finetune --global-pool cls` saves its pooling; a classifier without fc_norm pools the cls token
         pool = src.data.get("global_pool") or ("cls" if num_classes and "fc_norm.weight" not in state else "avg")
         model = VisionTransformer(config, num_classes=num_classes, global_pool=pool)
-        if config.pos == "abs" and state["pos_embed"].shape != model.pos_embed.shape:
-            saved = _inferred_config(src, {k: v for k, v in overrides.items() if k != "img_size"})
+        if config.pos == "abs" and ("img_size" in overrides or state["pos_embed"].shape != model.pos_embed.shape):
+            # resampled from the saved grid (untouched at it), as every loader does
+            try:
+                saved = _inferred_config(src, {k: v for k, v in overrides.items() if k != "img_size"})
+            except ValueError:  # no size saved and a non-square table: img_size named the table's own grid
+                if state["pos_embed"].shape != model.pos_embed.shape:
+                    raise
+                saved = config
             source = grid_size(saved.img_size, saved.patch_size)
             state = {**state, "pos_embed": model.fit_pos_embed(state["pos_embed"], source)}
         if num_classes and pool == "avg":

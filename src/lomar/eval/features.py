@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from timm.layers import resample_abs_pos_embed
 from timm.models.beit import Beit, checkpoint_filter_fn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
@@ -29,6 +28,7 @@ from lomar.data.folder import LabelledImageFolder
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.errors import UsageError
 from lomar.models.attention import vitdet_global_blocks
+from lomar.models.masking import grid_size
 from lomar.models.relpos import REL_POS_PARAMS
 from lomar.models.vit import VisionTransformer, ViTConfig
 from lomar.train.monitor import progress
@@ -129,10 +129,11 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
         if model.pos_embed is None:  # e.g. an abs-trained table offered to an RPE encoder
             report.dropped.append("pos_embed")
             del state["pos_embed"]
-        elif state["pos_embed"].shape != own["pos_embed"].shape:
-            # bicubic, the cls row kept
-            state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(model.grid), antialias=False)
-            report.notes.append(f"position table interpolated to the {model.grid[0]}x{model.grid[1]} grid")
+        elif (source := grid_size(weights.config.img_size, weights.config.patch_size)) != model.grid:
+            # from the saved grid (a 2x8 one is not 4x4; a 4x6 one cannot be read as square), as every loader does
+            state["pos_embed"] = model.fit_pos_embed(state["pos_embed"], source)
+            report.notes.append(f"position table interpolated from the {source[0]}x{source[1]} grid to the "
+                                f"{model.grid[0]}x{model.grid[1]} grid")
     bad_shapes = [k for k in state if k in own and state[k].shape != own[k].shape]
     if bad_shapes:
         k = bad_shapes[0]

@@ -173,7 +173,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: LomarVision
         if not value.is_floating_point() or value.dtype.itemsize < 2:  # loading would cast it into a weight
             raise ValueError(f"weight {key} is {value.dtype}, which no weights are saved in; pass an encoder's "
                              f"weights (float32, float16, bfloat16 or float64), or re-export it with `lomar export`")
-        if key == "pos_embed" and key in own and own[key].shape != value.shape:
+        if key == "pos_embed" and key in own:  # resampled from the grid a sin-cos table names, as every loader does
             value = model.fit_pos_embed(value)
         # a stem for other input channels (in_chans=1): timm's load_pretrained adapts it after this filter
         other_chans = key == "patch_embed.proj.weight" and key in own and value.ndim == 4 and \

@@ -7,7 +7,6 @@ whole image (finetuning, MAE, features); LoMaR reuses its parts on window tokens
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
@@ -16,6 +15,7 @@ from timm.layers import DropPath, resample_abs_pos_embed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lomar.models.abs_pos import sincos_grid, sincos_pos_embed_2d, table_for_grid
 from lomar.models.attention import ATTENTION_MODES, biased_attention, rpe_attention, windowed_attention
 from lomar.models.masking import grid_size
 from lomar.models.relpos import decomposed_rows, table_rows
@@ -31,48 +31,13 @@ __all__ = [
     "model_config",
     "list_models",
     "sincos_pos_embed_2d",
+    "sincos_grid",
     "table_for_grid",
     "PatchEmbed",
     "Attention",
     "Block",
     "VisionTransformer",
 ]
-
-def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], cls_token: bool = True) -> torch.Tensor:
-    """MAE's fixed 2-D sin-cos table (SPEC §5): (Hg·Wg [+1], dim), x in the first half."""
-    if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    ys, xs = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64),
-                            torch.arange(grid[1], dtype=torch.float64), indexing="ij")
-
-    def encode(pos: torch.Tensor) -> torch.Tensor:
-        angles = pos.flatten()[:, None] * omega[None, :]
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    table = torch.cat([encode(xs), encode(ys)], dim=1).float()
-    if cls_token:
-        table = torch.cat([torch.zeros(1, dim), table], dim=0)
-    return table
-
-
-def table_for_grid(table: torch.Tensor, grid: tuple[int, int],
-                   source: tuple[int, int] | None = None) -> torch.Tensor | None:
-    """An absolute table (1, 1+N, D) for another ``grid``: None when it is MAE's fixed sin-cos table of
-    ``source`` (unknown: of any grid of N tokens), for which a model's own table is exact; else (a table that
-    finetuning trained) resampled bicubically from ``source``, or, unknown, from a square grid as timm's ViT
-    assumes (N not a square: ValueError)."""
-    n, dim = table.shape[1] - 1, table.shape[2]
-    sources = [source] if source else [(h, n // h) for h in range(1, n + 1) if n % h == 0]
-    if any(torch.allclose(table[0], sincos_pos_embed_2d(dim, g).to(table.dtype)) for g in sources):
-        return None
-    if source is None:
-        side = math.isqrt(n)
-        if side * side != n:
-            raise ValueError(f"a trained position table of {n} tokens (a non-square grid) cannot be resized to the "
-                             f"{grid[0]}x{grid[1]} grid here; load it at its own size (lomar.create_encoder)")
-        source = (side, side)
-    return resample_abs_pos_embed(table, list(grid), list(source), antialias=False)
 
 
 class PatchEmbed(nn.Module):
@@ -275,10 +240,10 @@ class VisionTransformer(nn.Module):
             self.pos_embed.requires_grad_(False)
 
     def fit_pos_embed(self, table: torch.Tensor, source: tuple[int, int] | None = None) -> torch.Tensor:
-        """A saved absolute table (1, 1+N, D) for this model's grid: the model's own for MAE's fixed sin-cos
-        (exact at any size), else resampled from ``source`` (:func:`table_for_grid`)."""
-        fitted = table_for_grid(table, self.grid, source)
-        return self.pos_embed.detach() if fitted is None else fitted
+        """A saved absolute table (1, 1+N, D) of the ``source`` grid for this model's grid, resampled as
+        :meth:`pos_embed_for` resamples at another input size (:func:`table_for_grid`), MAE's fixed sin-cos too:
+        built at one size or run at it, the same model."""
+        return table_for_grid(table, self.grid, source)
 
     def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
         """Absolute table (1, 1+Hg·Wg, D) for a grid, bicubically interpolated if needed."""

@@ -76,12 +76,12 @@ def _layout(config: DetectConfig, depth: int | None) -> dict:
 
 def _fit_to_layout(state: dict, model: torch.nn.Module, saved: ViTConfig) -> dict:
     """A saved detector's weights for ``model``, whose input or window size may differ from the ``saved``
-    encoder's: per-axis relative position tables and a trained absolute table are resampled (an untrained
-    sin-cos table is the model's own, exact at any size)."""
+    encoder's: per-axis relative position tables and the absolute table (trained or not, as every loader does)
+    are resampled."""
     own = model.state_dict()
     state = fit_axis_tables(state, {k: v.shape for k, v in own.items()})
     source = grid_size(saved.img_size, saved.patch_size)
-    for key in [k for k, v in state.items() if k.endswith("encoder.pos_embed") and v.shape != own.get(k, v).shape]:
+    for key in [k for k in state if k.endswith("encoder.pos_embed") and k in own]:
         state[key] = model.backbone.encoder.fit_pos_embed(state[key], source)
     return state
 
