@@ -407,3 +407,14 @@ def test_every_loader_resamples_an_mae_export_at_another_size_as_its_forward_doe
             expected = mae.forward_features(x)
             for name, load in loaders.items():
                 torch.testing.assert_close(load(size).eval().forward_features(x), expected, msg=f"{name} at {size}")
+
+
+def test_timms_dynamic_img_size_is_taken_since_any_size_works():
+    torch.manual_seed(0)
+    plain = timm.create_model("lomar_vit_tiny_patch16", embed_dim=32, depth=1, num_heads=2, img_size=32, pos="abs")
+    dynamic = timm.create_model("lomar_vit_tiny_patch16", embed_dim=32, depth=1, num_heads=2, img_size=32, pos="abs",
+                                dynamic_img_size=True)  # TypeError before
+    dynamic.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 3, 48, 64)
+    torch.testing.assert_close(dynamic.eval()(x), plain.eval()(x))
+    assert dynamic.dynamic_img_size

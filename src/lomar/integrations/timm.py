@@ -53,7 +53,10 @@ class LomarVisionTransformer(VisionTransformer):
                  num_classes: int = 0, global_pool: str = "avg", embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, pos: str = "rpe", fc_norm: bool | None = None,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, attention: str = "auto",
-                 window_size: int = 0, global_blocks: tuple[int, ...] = (), device=None, dtype=None):
+                 window_size: int = 0, global_blocks: tuple[int, ...] = (), dynamic_img_size: bool = False,
+                 device=None, dtype=None):
+        # any input whose sides are multiples of the patch size works either way (an absolute table is resampled
+        # per forward): timm's dynamic_img_size is taken (it raised TypeError) and changes nothing
         if isinstance(img_size, (tuple, list)):
             img_size = int(img_size[0]) if img_size[0] == img_size[1] else tuple(int(s) for s in img_size)
         config = ViTConfig(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
@@ -61,7 +64,7 @@ class LomarVisionTransformer(VisionTransformer):
                            drop_path=drop_path_rate, attention=attention, window_size=window_size,
                            global_blocks=tuple(global_blocks))
         super().__init__(config, num_classes=0)
-        self.in_chans = in_chans
+        self.in_chans, self.dynamic_img_size = in_chans, True
         self.num_prefix_tokens = 1
         self.has_class_token = True
         self.num_features = self.head_hidden_size = embed_dim
