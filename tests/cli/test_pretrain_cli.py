@@ -11,14 +11,18 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from helpers import TINY, fill_disk, losses, pretrain
 from lomar.checkpoints.io import safe_load
 from lomar.cli import app
 from lomar.cli.app import main
+from lomar.eval.features import load_pretrained_encoder
+from lomar.eval.knn import KnnMonitor
 
 BIN = Path(sys.executable).parent
 
@@ -273,11 +277,31 @@ def test_sigusr1_in_process_checkpoints_and_resumes(tmp_path, image_dir, capsys,
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one_process_with_the_global_batch(tmp_path, image_dir):
     common = [*TINY, "--data", str(image_dir), "--max-steps", "3", "--warmup-epochs", "0"]
-    ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "lomar", "pretrain",
-           *common, "--out", str(ddp_out)]
+    ddp_out, single_out, knn, logs = tmp_path / "ddp", tmp_path / "single", tmp_path / "knn", tmp_path / "logs"
+    # k-NN at the end (epoch 2 of 2 steps is not reached): batches of 128, 140 train and 133 val images, so rank 1
+    # extracts the last batch of each, the unreadable val image among them; the classes' brightness ranges overlap,
+    # so that the score is neither a class's share nor 1
+    for split, label, count in (("train", "a", 70), ("train", "b", 70), ("val", "a", 70), ("val", "b", 62)):
+        (knn / split / label).mkdir(parents=True)
+        for i in range(count):
+            draw = np.random.RandomState(i + 1000 * (split == "val"))
+            pixels = draw.randint(0, 100) + 60 * (label == "b") + draw.randint(0, 96, (8, 8, 3))
+            Image.fromarray(pixels.astype(np.uint8)).save(knn / split / label / f"img{i:03d}.png")
+    (knn / "val" / "b" / "zz-broken.png").write_bytes(b"")
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--tee", "3", "--log-dir", str(logs),
+           "-m", "lomar", "pretrain", *common, "--out", str(ddp_out), "--knn-every", "2", "--knn-data", str(knn)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # every process extracted its share, and the score is the one a single process gives on the same weights
+    errs = {int(path.parent.name): path.read_text() for path in logs.glob("*/attempt_0/*/stderr.log")}
+    assert ["zz-broken.png" in errs[rank] for rank in (0, 1)] == [False, True], errs
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each process ran
+    try:
+        one = KnnMonitor(knn, img_size=32, workers=0)(load_pretrained_encoder(ddp_out / "last.pt"))
+    finally:
+        torch.set_num_threads(threads)
+    assert [json.loads(line)["knn_top1"] for line in (ddp_out / "knn.jsonl").read_text().splitlines()] == [one]
     assert main(["pretrain", *common, "--batch-size", "8", "--out", str(single_out)]) == 0
     ddp, single = safe_load(ddp_out / "last.pt"), safe_load(single_out / "last.pt")
     assert ddp["step"] == single["step"] == 3

@@ -35,7 +35,7 @@ from lomar.train.monitor import progress
 from lomar.values import is_integer
 
 __all__ = ["LoadReport", "load_pretrained_encoder", "eval_transform", "eval_resize", "knn_loaders", "extract_features",
-           "Pool"]
+           "read_features", "check_read", "Pool"]
 
 Pool = Literal["mean", "cls"]
 
@@ -251,13 +251,23 @@ def extract_features(encoder: VisionTransformer, loader, device: torch.device | 
     is not that split's score. Progress (``desc``) goes to stderr (:func:`lomar.train.monitor.progress`).
     """
     bad = BadDataTracker(len(loader.dataset), warn=False) if bad is None else bad  # the loader warned of each
+    feats, labels = read_features(encoder, loader, device, pool, bad, desc)
+    check_read(loader.dataset, len(feats), bad)
+    return feats, labels
+
+
+@torch.no_grad()
+def read_features(encoder: VisionTransformer, loader, device: torch.device | str, pool: Pool, bad: BadDataTracker,
+                  desc: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`extract_features` without its checks: (N, D) features ((0,) when none was read) and (N,) labels;
+    ``desc`` None: no progress bar."""
     was_training = encoder.training
     encoder.eval()
     # One (N, D) block filled batch by batch: a list of batches joined at the end held every feature twice (3.9 GB
     # more for ImageNet's training split with ViT-B). More rows than the dataset (a sampler that repeats) grow it.
     feats, filled, labels = torch.empty(0), 0, []
     try:
-        for batch in progress(loader, total=len(loader), desc=desc, unit="batch"):
+        for batch in loader if desc is None else progress(loader, total=len(loader), desc=desc, unit="batch"):
             images, targets = batch[0], batch[1]
             bad.update(list(getattr(batch, "bad", [])), len(targets) + len(getattr(batch, "bad", [])))
             if len(targets) == 0:  # every image of the batch was unreadable
@@ -274,13 +284,17 @@ def extract_features(encoder: VisionTransformer, loader, device: torch.device | 
             labels.append(torch.as_tensor(targets).cpu())
     finally:
         encoder.train(was_training)
-    feats = feats[:filled]
-    root = getattr(loader.dataset, "root", None)
+    return feats[:filled], torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
+
+
+def check_read(dataset, filled: int, bad: BadDataTracker) -> None:
+    """UsageError naming ``dataset``'s folder when none of its images (``filled`` were read) or more than
+    ``UNREADABLE_LIMIT`` of them (``bad``) could not be used: a score over part of a split is not that split's."""
+    root = getattr(dataset, "root", None)
     if not filled:  # every image unreadable: nothing to evaluate on
-        raise UsageError(f"no image {f'in {root} ' if root else ''}could be read ({len(loader.dataset)} tried); "
+        raise UsageError(f"no image {f'in {root} ' if root else ''}could be read ({len(dataset)} tried); "
                          f"fix or replace them")
     try:
         bad.check(UNREADABLE_LIMIT)
     except ValueError as exc:
         raise UsageError(f"{root or 'the split'}: {exc}") from None
-    return feats, torch.cat(labels)

@@ -6,9 +6,11 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from lomar.eval.features import Pool, extract_features, knn_loaders
+from lomar.eval.knn_shared import share_loader, shared_features
 from lomar.models.vit import VisionTransformer
 
 __all__ = ["knn_predict", "scoring_device", "knn_top1", "knn_accuracy", "KnnMonitor"]
@@ -89,16 +91,28 @@ def knn_accuracy(encoder: VisionTransformer, train_loader, val_loader, k: int = 
 class KnnMonitor:
     """k-NN top-1 of an encoder on a fixed ImageFolder root, for ``pretrain --knn-every N``.
 
-    Build it once (on the main process; it checks the folders at once and raises ValueError
-    naming what is wrong), then call it with the encoder whenever a score is wanted. ``decode``: full or draft, as
-    :func:`~lomar.eval.features.knn_loaders` reads it.
+    Build it once (it checks the folders at once and raises ValueError naming what is wrong), then call it with the
+    encoder whenever a score is wanted. ``decode``: full or draft, as :func:`~lomar.eval.features.knn_loaders`
+    reads it. Under torchrun (``world_size`` > 1) build and call it on every process: each extracts its share of
+    the bank and the queries (:mod:`lomar.eval.knn_shared`), the main one scores, and every one returns the score.
     """
 
     def __init__(self, root: str | Path, img_size: int, batch_size: int = 128, workers: int = 2,
-                 k: int = 20, temperature: float = 0.07, worker_init_fn=None, decode: str = "full"):
+                 k: int = 20, temperature: float = 0.07, worker_init_fn=None, decode: str = "full",
+                 rank: int = 0, world_size: int = 1):
         self.loaders = knn_loaders(root, img_size=img_size, batch_size=batch_size, workers=workers,
                                    worker_init_fn=worker_init_fn, decode=decode)
         self.k, self.temperature = k, temperature
+        self.shares = tuple(share_loader(loader, rank, world_size) for loader in self.loaders) \
+            if world_size > 1 else None
 
     def __call__(self, encoder: VisionTransformer, device: torch.device | str = "cpu") -> float:
-        return knn_accuracy(encoder, *self.loaders, k=self.k, temperature=self.temperature, device=device)
+        if self.shares is None:
+            return knn_accuracy(encoder, *self.loaders, k=self.k, temperature=self.temperature, device=device)
+        train, val = (shared_features(encoder, loader, share, device, f"k-NN {name} features")
+                      for loader, share, name in zip(self.loaders, self.shares, ("train", "val")))
+        score = torch.zeros((), dtype=torch.float64, device=device)
+        if train is not None:  # the main process
+            score.fill_(knn_top1(*train, *val, self.k, self.temperature, device))
+        dist.broadcast(score, src=0)
+        return float(score)

@@ -284,7 +284,7 @@ class _Run:
             self.save(metrics)
 
     def _evaluate(self, seconds: float | None = None) -> dict:
-        # every rank, first: a main-only scoring (k-NN) marks the step scored on the main rank alone
+        # every rank, first: a main-only scoring would mark the step scored on the main rank alone
         check_weights(self.task.model, self.info.enabled, self.p.step, self.out, self.cfg, self.precision)
         failure, metrics = None, {}
         if self.evaluated_step != self.p.step:
@@ -292,7 +292,7 @@ class _Run:
                 metrics = self.task.evaluate()
             except (TrainingError, LomarError) as exc:  # the evaluation's data failed, not the training
                 failure = exc
-        # every rank, as a main-only scoring (k-NN) fails alone: all join the save that keeps what it trained
+        # every rank, as a main-only scoring would fail alone: all join the save that keeps what it trained
         if any_rank(failure is not None, self.device):
             self.save()
             raise failure or TrainingError("another process's evaluation failed; see its error")

@@ -81,10 +81,11 @@ class PretrainTask(Task):
             # which drop path draws from, untouched.
             generator=torch.Generator().manual_seed(config.seed))
         self.knn = None
-        if config.knn_every and info.is_main:
+        if config.knn_every:  # on every process: each extracts its share of the k-NN features
             # its workers, forked for each scoring, leave a stop signal sent to the process group to the run
             self.knn = KnnMonitor(config.knn_data, img_size=config.img_size, workers=min(config.workers, 4),
-                                  worker_init_fn=ignore_stop_signals, decode=config.knn_decode)
+                                  worker_init_fn=ignore_stop_signals, decode=config.knn_decode, rank=info.rank,
+                                  world_size=info.world_size)
 
     # ---- the lifecycle's hooks -----------------------------------------------------------
     def param_groups(self) -> list[dict]:
@@ -141,8 +142,8 @@ class PretrainTask(Task):
         return {"loss": output.loss, **metrics}
 
     def evaluate(self) -> dict[str, float]:
-        """k-NN top-1 on --knn-data every --knn-every epochs and at the end (main process; the others
-        wait at their next collective)."""
+        """k-NN top-1 on --knn-data every --knn-every epochs and at the end (a collective: every process extracts
+        its share of the features, and gets the score)."""
         p, every = self.progress, self.config.knn_every
         if self.knn is None or not (p.final or (p.batches_done == 0 and p.epoch % every == 0)):
             return {}
