@@ -286,3 +286,16 @@ def test_an_exports_weights_file_is_read_with_what_its_folder_says(sources, tmp_
     export_beit_encoder(BEiT(BEiTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                                         vocab_size=16)), beit)
     assert formats.holds_beit(beit / "encoder.safetensors")
+
+
+def test_a_run_folder_without_an_export_names_the_checkpoints_it_keeps(tmp_path, capsys):
+    """`lomar export FINETUNE_RUN` said only 'a folder without config.json'; the run's checkpoints are its files."""
+    run = tmp_path / "ft"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"")
+    (run / "best.pt").write_bytes(b"")
+    assert main(["export", str(run), "--to", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"pass its checkpoint, {run / 'best.pt'} or {run / 'last.pt'}") and len(err.splitlines()) == 1
+    with pytest.raises(ValueError, match="a checkpoint file or a folder written by `lomar export`"):
+        formats.read(tmp_path)  # no checkpoint kept either

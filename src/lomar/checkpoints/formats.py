@@ -31,7 +31,7 @@ from torch import nn
 import lomar.checkpoints.original  # noqa: F401  registers the original-LoMaR/MAE readers
 from lomar.checkpoints.export import CONFIG_NAME, create_encoder
 from lomar.checkpoints.export_beit import read_beit_export, timm_beit_args
-from lomar.checkpoints.file_names import ENCODER_WEIGHTS, RUN_ENCODER
+from lomar.checkpoints.file_names import BEST, ENCODER_WEIGHTS, LAST, RUN_ENCODER
 from lomar.checkpoints.io import safe_load
 from lomar.checkpoints.keys import args_dict, drop_final_norm, infer_vit_config
 from lomar.checkpoints.keys_beit import beit_to_timm, load_original_beit
@@ -310,8 +310,11 @@ def read(path: str | Path, mmap: bool = False) -> tuple[Reader, Source]:
         data = read_sharded(path)
     elif path.is_dir():
         if not (path / CONFIG_NAME).is_file():
-            raise ValueError(f"{path} is a folder without {CONFIG_NAME}; pass a checkpoint file or a folder "
-                             f"written by `lomar export` / `lomar pretrain`")
+            # a run folder without an export (finetune's, or a stopped pretraining): name the checkpoints it keeps
+            kept = " or ".join(str(path / name) for name in (BEST, LAST) if (path / name).is_file())
+            raise ValueError(f"{path} is a folder without {CONFIG_NAME}; pass " + (
+                f"its checkpoint, {kept}" if kept else "a checkpoint file or a folder written by `lomar export` / "
+                                                      "`lomar pretrain`"))
         reader = next(r for r in readers() if r.detect_folder(path))
         return reader, Source(path, reader.name, {}, {})
     elif (folder := _export_folder_of(path)) is not None:  # an export's weights file: read with what its folder says

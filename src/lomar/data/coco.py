@@ -39,7 +39,7 @@ from lomar.data.collate import LabelledBatch, Skipped, refilled, split_skipped
 from lomar.data.decode import load_image, max_image_pixels
 from lomar.data.jitter import eval_transforms, train_transforms
 from lomar.data.polygons import fit_polygons
-from lomar.data.records import IntTable, PackedRecords
+from lomar.data.records import IntTable, PackedRecords, pack_images
 from lomar.data.transforms import sample_generator, sample_key
 from lomar.errors import UsageError
 from lomar.values import brief
@@ -80,6 +80,7 @@ class CocoSplit:
     data: dict
     categories: list[int]
     summary: CocoSummary = field(default_factory=CocoSummary)
+    packed: tuple[PackedRecords, IntTable] | None = None  # (records, ids) packed by lomar.data.coco_shared
 
     @property
     def names(self) -> list[str]:
@@ -327,14 +328,7 @@ class CocoInstances(CocoDetection):
 
     def __init__(self, split: CocoSplit, transforms=None):
         VisionDataset.__init__(self, str(split.root), transforms=transforms)
-        label_of = {cat: i + 1 for i, cat in enumerate(split.categories)}
-        by_image = {image["id"]: [] for image in split.data["images"]}
-        for ann in split.data["annotations"]:
-            by_image.get(ann["image_id"], []).append(ann)
-        self.records = PackedRecords((image["file_name"], image["width"], image["height"],
-                                      [{**a, "category_id": label_of[a["category_id"]]} for a in by_image[image["id"]]])
-                                     for image in split.data["images"])
-        self.ids = IntTable(image["id"] for image in split.data["images"])  # the v2 wrapper reads ids[index]
+        self.records, self.ids = split.packed or pack_images(split.data, split.categories)  # ids: the v2 wrapper's
         self.source = split.path
 
     def _read_image(self, file_name, width, height) -> tv_tensors.Image:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PackedRecords", "IntTable"]
+__all__ = ["PackedRecords", "IntTable", "pack_images"]
 
 
 class PackedRecords(Sequence):
@@ -34,6 +34,17 @@ class PackedRecords(Sequence):
             ends.append(buffer.tell())
         self._offsets = np.array(ends, dtype=np.int64)
         self._buffer = np.frombuffer(buffer.getvalue(), dtype=np.uint8)  # the bytes BytesIO holds, not a copy
+
+    @classmethod
+    def from_arrays(cls, offsets: np.ndarray, buffer: np.ndarray) -> PackedRecords:
+        """Records from what :meth:`arrays` gave (a memory-mapped file's views: :mod:`lomar.data.coco_shared`)."""
+        packed = cls.__new__(cls)
+        packed._offsets, packed._buffer = offsets, buffer
+        return packed
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets, record bytes): record i is ``bytes[offsets[i]:offsets[i + 1]]``."""
+        return self._offsets, self._buffer
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
@@ -72,3 +83,16 @@ class IntTable(Sequence):
 
     def __repr__(self) -> str:
         return f"IntTable({len(self)} values)"
+
+
+def pack_images(data: dict, categories: list[int]) -> tuple[PackedRecords, IntTable]:
+    """A COCO dict's images as records (file name, width, height, its annotations in file order with category ids
+    made labels 1..K in ``categories``' order) and their ids."""
+    label_of = {cat: i + 1 for i, cat in enumerate(categories)}
+    by_image = {image["id"]: [] for image in data["images"]}
+    for ann in data["annotations"]:
+        by_image.get(ann["image_id"], []).append(ann)
+    records = PackedRecords((image["file_name"], image["width"], image["height"],
+                             [{**a, "category_id": label_of[a["category_id"]]} for a in by_image[image["id"]]])
+                            for image in data["images"])
+    return records, IntTable(image["id"] for image in data["images"])

@@ -36,6 +36,7 @@ from lomar.data.coco import (
     training_split,
 )
 from lomar.data.coco_images import check_split_images
+from lomar.data.coco_shared import shared_split
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError
 from lomar.eval.coco import coco_metrics, to_coco_results
@@ -97,7 +98,9 @@ class DetectTask(Task):
         self.config, self.info, self.device = config, info, device
         rank, world_size, self.eval_steps = info.rank, info.world_size, config.eval_every
         log = self.log = stderr_log if info.is_main else (lambda message: None)  # the main process says it
-        self.val = read_coco(config.val_ann, config.val_images, "--val-ann", "--val-images")
+        # one process per machine parses each file (lomar.data.coco_shared); the main one also keeps the val dict
+        self.val = shared_split(lambda: read_coco(config.val_ann, config.val_images, "--val-ann", "--val-images"),
+                                config.val_ann, config.val_images, "val", keep=info.is_main)
         if not self.val.summary.boxes:  # pycocotools would score nothing and every AP would be undefined
             raise UsageError(f"{self.val.path}: no annotation to score (each is a crowd region or of zero area); "
                              f"COCO AP needs non-crowd boxes in the validation split")
@@ -112,7 +115,9 @@ class DetectTask(Task):
         self.model.to(device)
         self.train_loader = None
         if not config.eval_only:
-            train = training_split(read_coco(config.train_ann, config.train_images, "--train-ann", "--train-images"))
+            train = shared_split(lambda: training_split(read_coco(config.train_ann, config.train_images, "--train-ann",
+                                                                  "--train-images")),
+                                 config.train_ann, config.train_images, "train")
             log(f"lomar detect: train {train.path}: {train.summary.line()}")
             if why := category_change(self.val.categories, self.val.names, train, f"in {self.val.path}"):
                 raise UsageError(f"{why}; both splits need the same categories")

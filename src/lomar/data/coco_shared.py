@@ -1,0 +1,264 @@
+"""A COCO split read once per machine under torchrun: the first process packs it into a cache file, the others
+memory-map that file instead of each parsing the JSON.
+
+``json.loads`` of COCO's train2017 file holds about 5 GB of Python objects while it is checked and packed, and every
+process of a machine did it at the same moment (a synthetic 30k-image file: 0.77 GiB over each process's 0.67 GiB of
+imports). Here the first process of the machine (:func:`lomar.errors.first_on_machine`) reads and packs the split in a
+forked child, whose memory is returned when it ends, and writes the packed records
+(:class:`~lomar.data.records.PackedRecords`), the image ids, the categories and the summary to one file; every process
+then maps that file read-only, so the machine holds the records once, in the page cache, and loader workers forked
+later share those pages too. A single process, or one process per machine, writes nothing: its child sends the packed
+records back through a pipe (108 MB for 30k images, a fraction of a second beside the parse).
+
+The file lives in a folder of the user's (``$LOMAR_CACHE_DIR``, else ``$XDG_CACHE_HOME/lomar``, else
+``~/.cache/lomar``; subfolder ``coco``): the annotation folder may be read-only and is not ours, and the run folder
+is created by the main process alone, maybe on another machine. It is kept, so a resumed or later run on the same
+file maps it at once (train2017's is about 0.4 GB; one file per annotation file, image folder and split, rewritten
+when any of them changes; delete the folder to reclaim it). It is named by the annotation file's and image folder's
+resolved paths and the split, and records their identity (size, mtime_ns), the pixel limit and a digest of the code
+that packs it: a file that does not match is rewritten, never used.
+
+The records are pickled (they are what :class:`PackedRecords` holds in memory; JSON took 10x pickle's time to write,
+about 200 us a record, and 4x to read). Unpickling runs whatever a crafted file says, so a cache file is read only from
+a folder of this user's (owned by us, writable by no one else, not a link; made with mode 0700) and only if it is a
+regular file of ours: anyone who can write there can already run code as us. The file is one uint8 ``.npy`` (read with
+``allow_pickle=False``): two int64 lengths, the JSON header, the int64 offsets and the record bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import stat
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from lomar.data import coco, polygons, records
+from lomar.data.coco import CocoSplit, CocoSummary
+from lomar.data.decode import max_image_pixels
+from lomar.data.records import IntTable, PackedRecords, pack_images
+from lomar.errors import FULL_DISK, UsageError, first_on_machine
+
+__all__ = ["shared_split", "cache_folder", "WAIT_S"]
+
+WAIT_S = 1800.0  # how long a process waits for its machine's first one to write the file (30k images: 30 s)
+_POLL_S = 0.2
+_STALE_S = 3600.0  # a temporary untouched this long is a killed writer's
+_FORMAT = 1
+
+
+def cache_folder() -> Path:
+    """Where the packed splits live: ``$LOMAR_CACHE_DIR``, else ``$XDG_CACHE_HOME/lomar``, else ``~/.cache/lomar``;
+    subfolder ``coco``."""
+    if root := os.environ.get("LOMAR_CACHE_DIR"):
+        return Path(root) / "coco"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lomar" / "coco"
+
+
+def _shared() -> bool:
+    """Whether other processes of this machine read the same split: torchrun's LOCAL_WORLD_SIZE above 1."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) > 1
+
+
+def _our_folder() -> Path | None:
+    """The cache folder, made if missing (mode 0700); None where it cannot be ours: not writable, or a link or
+    another user's folder (whose pickles we would run)."""
+    folder = cache_folder()
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(folder)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022 \
+            or not os.access(folder, os.W_OK | os.X_OK):
+        return None
+    return folder
+
+
+def _code_digest() -> str:
+    digest = hashlib.sha256()
+    for module in (coco, polygons, records, sys.modules[__name__]):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _identity(ann_file: Path, image_root: Path, split: str) -> tuple[str, dict]:
+    """(the cache file's name, what its header must hold to be used)."""
+    ann, root = Path(ann_file).resolve(), Path(image_root).resolve()
+    a, r = os.stat(ann), os.stat(root)
+    name = hashlib.sha256(json.dumps([str(ann), str(root), split]).encode()).hexdigest()[:24]
+    return f"{name}.npy", {"format": _FORMAT, "ann": str(ann), "size": a.st_size, "mtime_ns": a.st_mtime_ns,
+                           "root": str(root), "root_mtime_ns": r.st_mtime_ns, "split": split,
+                           "max_pixels": max_image_pixels(), "code": _code_digest()}
+
+
+def _header(split: CocoSplit, packed: tuple[PackedRecords, IntTable], identity: dict) -> bytes:
+    """What the split is besides its records, as JSON: ids kept exact, whatever their size."""
+    return json.dumps({"identity": identity, "ids": list(packed[1]), "categories": split.categories,
+                       "category_entries": [{"id": c["id"], "name": c["name"]} for c in split.data["categories"]],
+                       "summary": vars(split.summary)}).encode()
+
+
+def _write(path: Path, split: CocoSplit, packed: tuple[PackedRecords, IntTable], identity: dict) -> None:
+    """``path`` written atomically: a temporary beside it (this pid's), renamed over it."""
+    offsets, buffer = packed[0].arrays()
+    header = _header(split, packed, identity)
+    header += b" " * (-len(header) % 8)  # the offsets start 8-aligned, so they map as int64
+    total = 16 + len(header) + offsets.nbytes + buffer.nbytes
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # a killed writer's; a live one's is written to, not stale
+        with contextlib.suppress(OSError):
+            if time.time() - stale.lstat().st_mtime > _STALE_S:
+                stale.unlink()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.unlink(missing_ok=True)
+        with open(tmp, "xb") as handle:
+            np.lib.format.write_array_header_1_0(handle, {"descr": "|u1", "fortran_order": False, "shape": (total,)})
+            handle.write(np.array([len(header), len(offsets)], dtype="<i8").tobytes())
+            for part in (header, offsets.astype("<i8", copy=False), buffer):
+                handle.write(memoryview(part).cast("B") if isinstance(part, np.ndarray) else part)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        fix = "free space there" if exc.errno in FULL_DISK else "make it writable"
+        raise UsageError(f"cannot write the packed annotations {path} ({exc.strerror}); {fix}, or set "
+                         f"LOMAR_CACHE_DIR to another folder") from None
+
+
+def _load(path: Path, identity: dict) -> tuple[dict, tuple[PackedRecords, IntTable]] | None:
+    """(header, (records, ids)) mapped from ``path``; None unless it is a whole file of ours for ``identity``."""
+    try:
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+            return None
+        data = np.load(path, mmap_mode="r", allow_pickle=False)
+        if data.dtype != np.uint8 or data.ndim != 1 or data.size < 16:
+            return None
+        size, count = (int(v) for v in np.frombuffer(data[:16], dtype="<i8"))
+        header = json.loads(bytes(data[16:16 + size]))
+        if header.get("identity") != identity or count != len(header["ids"]) + 1:
+            return None
+        offsets = data[16 + size:16 + size + 8 * count].view("<i8")
+        buffer = data[16 + size + 8 * count:]
+        if len(offsets) != count or offsets[0] != 0 or offsets[-1] != buffer.size:
+            return None
+    except (OSError, ValueError, KeyError, TypeError):  # absent, cut short or not ours: written anew
+        return None
+    return header, (PackedRecords.from_arrays(offsets, buffer), IntTable(header["ids"]))
+
+
+def _child(read: Callable[[], CocoSplit], path: Path | None, identity: dict, send) -> None:
+    try:
+        split = read()
+        packed = pack_images(split.data, split.categories)
+        if path is not None:
+            _write(path, split, packed, identity)
+            send.send(None)
+            return
+        parts = (_header(split, packed, identity), *packed[0].arrays())
+        views = [memoryview(part).cast("B") for part in parts]
+        send.send(("sent", [len(view) for view in views]))
+        for view in views:  # raw, after that message: the parent reads each into place
+            while view:
+                view = view[os.write(send.fileno(), view):]
+    except UsageError as exc:
+        send.send(("usage", str(exc)))
+    except BaseException:  # a bug: its traceback goes to the parent, which raises it
+        send.send(("bug", traceback.format_exc()))
+
+
+def _read_in_child(read: Callable[[], CocoSplit], path: Path | None, identity: dict):
+    """``read()`` packed by a forked child, written to ``path`` (None: sent back, -> (header, packed)): the parsed
+    JSON's objects never enter this process, whose peak stays that of its imports, and whose heap is not left
+    fragmented by them for the loader workers it forks."""
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child, args=(read, path, identity, send), name="lomar-coco-reader")
+    child.start()
+    send.close()
+    try:
+        outcome = receive.recv()
+        if outcome and outcome[0] == "sent":  # read before the join: the child blocks until the pipe is drained
+            header, offsets, buffer = (np.empty(size, dtype=np.uint8) for size in outcome[1])
+            for part in (header, offsets, buffer):  # into place: recv_bytes(_into) holds each twice for a while
+                view = memoryview(part)
+                while view:
+                    if not (count := os.readv(receive.fileno(), [view])):
+                        raise EOFError
+                    view = view[count:]
+    except EOFError:  # ended without a word: killed (by the system, short of memory) or crashed
+        child.join()
+        raise UsageError(f"the process reading {identity['ann']} ended with exit code {child.exitcode} before "
+                         f"packing it{' (the system kills a process short of memory)' if child.exitcode == -9 else ''}"
+                         ) from None
+    child.join()
+    if outcome is None:
+        return None
+    kind, text = outcome
+    if kind == "usage":
+        raise UsageError(text)
+    if kind == "bug":
+        raise RuntimeError(f"reading {identity['ann']} failed in its reading process:\n{text}")
+    header = json.loads(header.tobytes())
+    records = PackedRecords.from_arrays(offsets.view(np.int64), buffer)
+    return header, (records, IntTable(header["ids"]))
+
+
+def _split(ann_file, image_root, header: dict, packed) -> CocoSplit:
+    return CocoSplit(Path(ann_file), Path(image_root), {"categories": header["category_entries"]},
+                     header["categories"], CocoSummary(**header["summary"]), packed=packed)
+
+
+def shared_split(read: Callable[[], CocoSplit], ann_file, image_root, split: str, keep: bool = False) -> CocoSplit:
+    """``read()`` (a :func:`~lomar.data.coco.read_coco`, maybe through ``training_split``) of ``ann_file``, as this
+    machine's processes share it (on Linux; elsewhere ``read()`` itself). Outside torchrun, or with one process per
+    machine, a forked child reads and packs it and sends the records back; else the first process of the machine has a
+    child write them to a file (unless a matching one is there) and every process maps it. Either way the split returned
+    holds only its categories in ``data`` and its records in ``packed``. ``split`` names the reading (e.g. "train",
+    "val"); ``keep``: this process needs the whole dict too (the evaluating one), so it reads it itself, and shares what
+    it packed."""
+    if not sys.platform.startswith("linux"):  # the child is forked: macOS's fork is unsafe beside its frameworks
+        return read()
+    if not _shared() or (folder := _our_folder()) is None:  # each process reads; the dict stays in a child
+        return read() if keep else _split(ann_file, image_root, *_read_in_child(read, None, {"ann": str(ann_file)}))
+    name, identity = _identity(ann_file, image_root, split)
+    path = folder / name
+    if first_on_machine():
+        found = _load(path, identity)
+        if keep:
+            whole = read()
+            if found is None:
+                packed = pack_images(whole.data, whole.categories)
+                _write(path, whole, packed, identity)
+                whole.packed = packed
+            else:
+                whole.packed = found[1]
+            return whole
+        if found is None:
+            _read_in_child(read, path, identity)
+            found = _load(path, identity)
+            if found is None:
+                raise UsageError(f"the packed annotations {path} were written but cannot be read back; delete the "
+                                 f"file, or set LOMAR_CACHE_DIR to another folder")
+        return _split(ann_file, image_root, *found)
+    start = time.monotonic()
+    while (found := _load(path, identity)) is None:
+        if time.monotonic() - start > WAIT_S:
+            raise UsageError(f"waited {WAIT_S:g} s for this machine's first process to pack {ann_file} into "
+                             f"{path}; see its messages, or set LOMAR_CACHE_DIR to a folder of this machine")
+        time.sleep(_POLL_S)
+    if keep:
+        whole = read()
+        whole.packed = found[1]
+        return whole
+    return _split(ann_file, image_root, *found)

@@ -1,0 +1,122 @@
+"""A COCO split under torchrun: the machine's first process packs it into one file (parsing in a forked child), the
+others map that file; one process alone parses in a child too and writes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from lomar.data import coco_shared
+from lomar.data.coco import CocoInstances, read_coco, training_split
+from lomar.errors import UsageError
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reader is forked on Linux only")
+
+
+def _coco(root: Path, images: int = 7) -> tuple[Path, Path]:
+    (root / "images").mkdir(parents=True)
+    data = {"images": [], "annotations": [], "categories": [{"id": 9, "name": "a"}, {"id": 4, "name": "b"}]}
+    for i in range(images):
+        (root / "images" / f"{i}.jpg").touch()  # read_coco checks that they are files; nothing here decodes them
+        data["images"].append({"id": 10 * i + 1, "file_name": f"{i}.jpg", "width": 16, "height": 12})
+        for k in range(i % 3):  # images 0, 3 and 6 have no box: training leaves it out
+            data["annotations"].append({"id": 100 * i + k, "image_id": 10 * i + 1, "category_id": (9, 4)[k],
+                                        "bbox": [1.0, 2.0, 8.5, 6.0], "iscrowd": int(i == 5 and k == 1),
+                                        "segmentation": [[1.0, 2.0, 9.5, 2.0, 9.5, 8.0 + k / 3]]})
+    (root / "ann.json").write_text(json.dumps(data))
+    return root / "ann.json", root / "images"
+
+
+@pytest.fixture
+def split_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOMAR_CACHE_DIR", str(tmp_path / "cache"))
+    ann, images = _coco(tmp_path / "coco")
+    calls = tmp_path / "calls"
+
+    def read():  # counts the parses in a file: the first process's happens in its child
+        with open(calls, "a") as log:
+            log.write(f"{os.getpid()}\n")
+        return training_split(read_coco(ann, images))
+
+    return ann, images, read, lambda: calls.read_text().split() if calls.exists() else []
+
+
+def _torchrun(monkeypatch, local_rank: int) -> None:
+    for key, value in (("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "2"), ("LOCAL_RANK", str(local_rank))):
+        monkeypatch.setenv(key, value)
+
+
+def _targets(split) -> list:
+    dataset = CocoInstances(split)
+    return [dataset.records[i] for i in range(len(dataset.records))], list(dataset.ids)
+
+
+def test_the_first_process_packs_once_and_the_others_map_it(split_files, monkeypatch):
+    ann, images, read, parses = split_files
+    expected = read()
+    assert len(parses()) == 1
+    _torchrun(monkeypatch, 1)
+    monkeypatch.setattr(coco_shared, "WAIT_S", 0.5)
+    with pytest.raises(UsageError, match=r"waited 0.5 s for this machine's first process to pack .*ann\.json"):
+        coco_shared.shared_split(read, ann, images, "train")  # nothing written yet
+    _torchrun(monkeypatch, 0)
+    first = coco_shared.shared_split(read, ann, images, "train")
+    assert len(parses()) == 2 and parses()[-1] != str(os.getpid())  # parsed in a child, not in this process
+    _torchrun(monkeypatch, 1)
+    other = coco_shared.shared_split(read, ann, images, "train")
+    assert len(parses()) == 2  # mapped, not parsed
+    assert _targets(first) == _targets(other) == _targets(expected) and len(first.packed[0]) == 4
+    for split in (first, other):
+        assert (split.categories, split.names, split.summary) == (expected.categories, expected.names, expected.summary)
+    assert [p.name for p in (Path(os.environ["LOMAR_CACHE_DIR"]) / "coco").iterdir()] == [
+        coco_shared._identity(ann, images, "train")[0]]  # one file, no temporary left
+
+
+def test_a_changed_file_is_packed_anew_and_the_evaluating_process_keeps_its_dict(split_files, monkeypatch):
+    ann, images, read, parses = split_files
+    _torchrun(monkeypatch, 0)
+    coco_shared.shared_split(read, ann, images, "train")
+    data = json.loads(ann.read_text())
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 21]
+    ann.write_text(json.dumps(data))
+    os.utime(ann, ns=(1, 1))  # another size and mtime: the file written for the old one is not read
+    name = coco_shared._identity(ann, images, "train")[0]
+    dead, live = (Path(os.environ["LOMAR_CACHE_DIR"]) / "coco" / f".{name}.tmp-{pid}" for pid in (999998, 999999))
+    dead.write_bytes(b"x" * 100)
+    live.write_bytes(b"x")
+    os.utime(dead, (1, 1))  # a killed writer's temporary; the live one may be another job's, being written
+    whole = coco_shared.shared_split(read, ann, images, "train", keep=True)
+    assert len(parses()) == 2 and "annotations" in whole.data and len(whole.packed[0]) == 3
+    assert not dead.exists() and live.exists()
+    _torchrun(monkeypatch, 1)
+    mapped = coco_shared.shared_split(read, ann, images, "train")
+    assert len(parses()) == 2 and _targets(mapped) == _targets(read())
+
+
+def test_the_first_processs_error_is_its_one_line(split_files, monkeypatch, tmp_path):
+    ann, images, read, _ = split_files
+    ann.write_text('{"images": [')
+    _torchrun(monkeypatch, 0)
+    with pytest.raises(UsageError, match=r"ann\.json: not valid JSON"):
+        coco_shared.shared_split(read, ann, images, "train")
+
+
+def test_one_process_reads_in_a_child_and_writes_nothing(split_files, monkeypatch, tmp_path):
+    ann, images, read, parses = split_files
+    for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    split = coco_shared.shared_split(read, ann, images, "train")  # sent back through a pipe
+    assert parses()[-1] != str(os.getpid()) and _targets(split) == _targets(read())
+    assert "annotations" in coco_shared.shared_split(read, ann, images, "val", keep=True).data
+    assert parses()[-1] == str(os.getpid()) and not (tmp_path / "cache").exists()
+    _torchrun(monkeypatch, 0)  # torchrun, but a cache folder that is a link (whose files another may write)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "coco").symlink_to(tmp_path / "elsewhere")
+    monkeypatch.setenv("LOMAR_CACHE_DIR", str(tmp_path / "linked"))
+    assert _targets(coco_shared.shared_split(read, ann, images, "train")) == _targets(split)
+    assert len(parses()) == 4 and not any((tmp_path / "elsewhere").iterdir())
