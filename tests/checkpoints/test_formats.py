@@ -299,3 +299,21 @@ def test_a_run_folder_without_an_export_names_the_checkpoints_it_keeps(tmp_path,
     assert err.endswith(f"pass its checkpoint, {run / 'best.pt'} or {run / 'last.pt'}") and len(err.splitlines()) == 1
     with pytest.raises(ValueError, match="a checkpoint file or a folder written by `lomar export`"):
         formats.read(tmp_path)  # no checkpoint kept either
+
+
+def test_a_finetune_run_folder_is_not_said_to_be_unfinished(tmp_path):
+    """load_pretrained_encoder (knn, linprobe, finetune, ...) reads a run folder without an export through its
+    last.pt; only a pretraining run ends with an export, so only its folder without one is a stopped run."""
+    from lomar.checkpoints.kinds import FINETUNE_FORMAT, PRETRAIN_FORMAT
+    from lomar.eval.features import load_pretrained_encoder
+
+    config = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    classifier = VisionTransformer(config, num_classes=3)
+    atomic_save({"model": classifier.state_dict(), "config": config.to_dict(), "format": FINETUNE_FORMAT,
+                 "step": 7}, tmp_path / "ft" / "last.pt")
+    summary = load_pretrained_encoder(tmp_path / "ft").load_report.summary()
+    assert summary.endswith("; saved at step 7") and "not finished" not in summary
+    atomic_save({**pretrain_checkpoint(LoMaR(config, window_size=2, num_windows=1)), "format": PRETRAIN_FORMAT,
+                 "step": 5}, tmp_path / "pre" / "last.pt")
+    stopped = load_pretrained_encoder(tmp_path / "pre").load_report.summary()
+    assert "holds no export, so its run has not finished" in stopped

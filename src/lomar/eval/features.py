@@ -21,6 +21,7 @@ from lomar.checkpoints.file_names import CONFIG_NAME, LAST
 from lomar.checkpoints.formats import BEiTReader, read
 from lomar.checkpoints.io import check_finite
 from lomar.checkpoints.keys import CLASSIFIER_PREFIXES, drop_final_norm
+from lomar.checkpoints.kinds import run_command
 from lomar.data.classify import bound_aspect
 from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker, collate_labelled
 from lomar.data.decode import load_image, load_image_reduced
@@ -97,8 +98,10 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
         weights = reader.timm_weights(src, heads) if isinstance(reader, BEiTReader) else reader.encoder(src, heads)
     trained = []  # a stopped run's checkpoint, which `lomar pretrain ... && lomar knn RUN` reaches too (a stop exits 0)
     if is_integer(step := src.data.get("step")):
+        # only pretraining ends with an export: a finetune run's folder holds none when it has finished too
+        stopped = unfinished and run_command(src.data) == "pretrain"
         trained.append(f"{path.parent} holds no export, so its run has not finished: loaded its last checkpoint, "
-                       f"saved at step {step}" if unfinished else f"saved at step {step}")
+                       f"saved at step {step}" if stopped else f"saved at step {step}")
     if isinstance(reader, BEiTReader):
         return _load_beit(weights, src, num_classes, global_pool, overrides, trained)
     config, state = weights.config, dict(weights.state)
