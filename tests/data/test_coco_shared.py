@@ -120,3 +120,21 @@ def test_one_process_reads_in_a_child_and_writes_nothing(split_files, monkeypatc
     monkeypatch.setenv("LOMAR_CACHE_DIR", str(tmp_path / "linked"))
     assert _targets(coco_shared.shared_split(read, ann, images, "train")) == _targets(split)
     assert len(parses()) == 4 and not any((tmp_path / "elsewhere").iterdir())
+
+
+def test_a_cache_file_others_may_write_is_not_unpickled(split_files, monkeypatch):
+    ann, images, read, parses = split_files
+    _torchrun(monkeypatch, 0)
+    previous = os.umask(0o002)  # a group-writable default, as many systems' users have
+    try:
+        coco_shared.shared_split(read, ann, images, "train")
+    finally:
+        os.umask(previous)
+    folder = coco_shared.cache_folder()
+    path = folder / coco_shared._identity(ann, images, "train")[0]
+    assert path.stat().st_mode & 0o077 == 0  # no one else may read or write it
+    folder.chmod(0o750)  # a folder the group may enter (not write): accepted as ours
+    path.chmod(0o664)  # but a file the group could rewrite with a crafted pickle
+    split = coco_shared.shared_split(read, ann, images, "train")
+    assert len(parses()) == 2 and _targets(split) == _targets(read())  # parsed again, not read from that file
+    assert path.stat().st_mode & 0o077 == 0

@@ -21,8 +21,10 @@ that packs it: a file that does not match is rewritten, never used.
 The records are pickled (they are what :class:`PackedRecords` holds in memory; JSON took 10x pickle's time to write,
 about 200 us a record, and 4x to read). Unpickling runs whatever a crafted file says, so a cache file is read only from
 a folder of this user's (owned by us, writable by no one else, not a link; made with mode 0700) and only if it is a
-regular file of ours: anyone who can write there can already run code as us. The file is one uint8 ``.npy`` (read with
-``allow_pickle=False``): two int64 lengths, the JSON header, the int64 offsets and the record bytes.
+regular file of ours that no one else may write (written with mode 0600: a group-writable one, as umask 002 makes, in
+a folder others may enter, could be rewritten by them): anyone who can write there can already run code as us. The
+file is one uint8 ``.npy`` (read with ``allow_pickle=False``): two int64 lengths, the JSON header, the int64 offsets
+and the record bytes.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def _write(path: Path, split: CocoSplit, packed: tuple[PackedRecords, IntTable],
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.unlink(missing_ok=True)
-        with open(tmp, "xb") as handle:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
             np.lib.format.write_array_header_1_0(handle, {"descr": "|u1", "fortran_order": False, "shape": (total,)})
             handle.write(np.array([len(header), len(offsets)], dtype="<i8").tobytes())
             for part in (header, offsets.astype("<i8", copy=False), buffer):
@@ -139,7 +141,7 @@ def _load(path: Path, identity: dict) -> tuple[dict, tuple[PackedRecords, IntTab
     """(header, (records, ids)) mapped from ``path``; None unless it is a whole file of ours for ``identity``."""
     try:
         info = os.lstat(path)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
             return None
         data = np.load(path, mmap_mode="r", allow_pickle=False)
         if data.dtype != np.uint8 or data.ndim != 1 or data.size < 16:
