@@ -138,3 +138,17 @@ def test_a_cache_file_others_may_write_is_not_unpickled(split_files, monkeypatch
     split = coco_shared.shared_split(read, ann, images, "train")
     assert len(parses()) == 2 and _targets(split) == _targets(read())  # parsed again, not read from that file
     assert path.stat().st_mode & 0o077 == 0
+
+
+def test_another_machines_writer_of_the_same_pid_keeps_its_temporary(split_files, monkeypatch):
+    ann, images, read, parses = split_files
+    _torchrun(monkeypatch, 0)
+    folder = coco_shared._our_folder()
+    name = coco_shared._identity(ann, images, "train")[0]
+    theirs = folder / f".{name}.tmp-{os.getpid()}"  # being written by a process of this pid on another machine
+    theirs.write_bytes(b"partly written")
+    whole = coco_shared.shared_split(read, ann, images, "train", keep=True)  # written by this process itself
+    assert theirs.read_bytes() == b"partly written"  # neither removed nor renamed into place
+    _torchrun(monkeypatch, 1)
+    assert _targets(coco_shared.shared_split(read, ann, images, "train")) == _targets(whole)
+    assert len(parses()) == 1

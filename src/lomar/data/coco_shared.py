@@ -34,6 +34,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import secrets
 import stat
 import sys
 import time
@@ -110,7 +111,7 @@ def _header(split: CocoSplit, packed: tuple[PackedRecords, IntTable], identity: 
 
 
 def _write(path: Path, split: CocoSplit, packed: tuple[PackedRecords, IntTable], identity: dict) -> None:
-    """``path`` written atomically: a temporary beside it (this pid's), renamed over it."""
+    """``path`` written atomically: a temporary beside it (this writer's own), renamed over it."""
     offsets, buffer = packed[0].arrays()
     header = _header(split, packed, identity)
     header += b" " * (-len(header) % 8)  # the offsets start 8-aligned, so they map as int64
@@ -119,9 +120,10 @@ def _write(path: Path, split: CocoSplit, packed: tuple[PackedRecords, IntTable],
         with contextlib.suppress(OSError):
             if time.time() - stale.lstat().st_mtime > _STALE_S:
                 stale.unlink()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # pid and a random part: a folder shared by machines (a home on NFS) may see the same pid on two of them (each
+    # in its own container), and the other's live temporary is neither removed nor renamed in place of ours
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(8)}")
     try:
-        tmp.unlink(missing_ok=True)
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
             np.lib.format.write_array_header_1_0(handle, {"descr": "|u1", "fortran_order": False, "shape": (total,)})
             handle.write(np.array([len(header), len(offsets)], dtype="<i8").tobytes())
