@@ -3,6 +3,7 @@ others map that file; one process alone parses in a child too and writes nothing
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -152,3 +153,14 @@ def test_another_machines_writer_of_the_same_pid_keeps_its_temporary(split_files
     _torchrun(monkeypatch, 1)
     assert _targets(coco_shared.shared_split(read, ann, images, "train")) == _targets(whole)
     assert len(parses()) == 1
+
+
+def test_a_missing_file_or_folder_is_refused_naming_its_flag(split_files, monkeypatch, tmp_path):
+    ann, images, _, _ = split_files
+    for local_rank in (0, 1):
+        _torchrun(monkeypatch, local_rank)
+        for missing_ann, missing_root, flag in ((tmp_path / "no.json", images, "--val-ann"),
+                                                (ann, tmp_path / "none", "--val-images")):
+            with pytest.raises(UsageError, match=f"^{flag} .* (does not exist|is not a folder); pass "):
+                read = functools.partial(read_coco, missing_ann, missing_root, "--val-ann", "--val-images")
+                coco_shared.shared_split(read, missing_ann, missing_root, "val", keep=local_rank == 0)

@@ -235,6 +235,8 @@ def shared_split(read: Callable[[], CocoSplit], ann_file, image_root, split: str
         return read()
     if not _shared() or (folder := _our_folder()) is None:  # each process reads; the dict stays in a child
         return read() if keep else _split(ann_file, image_root, *_read_in_child(read, None, {"ann": str(ann_file)}))
+    if not Path(ann_file).is_file() or not Path(image_root).is_dir():  # read() refuses it naming its flag
+        return read()
     name, identity = _identity(ann_file, image_root, split)
     path = folder / name
     if first_on_machine():
