@@ -164,3 +164,28 @@ def test_a_missing_file_or_folder_is_refused_naming_its_flag(split_files, monkey
             with pytest.raises(UsageError, match=f"^{flag} .* (does not exist|is not a folder); pass "):
                 read = functools.partial(read_coco, missing_ann, missing_root, "--val-ann", "--val-images")
                 coco_shared.shared_split(read, missing_ann, missing_root, "val", keep=local_rank == 0)
+
+
+def test_a_process_stopped_while_its_child_reads_does_not_wait_for_the_child(split_files, monkeypatch):
+    import multiprocessing
+    import signal
+    import time
+
+    ann, images, _, _ = split_files
+
+    def slow():
+        time.sleep(30)
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, stop)  # as lomar's SIGTERM handler raises in the main thread
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    start = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            coco_shared.shared_split(slow, ann, images, "train")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not multiprocessing.active_children() and time.monotonic() - start < 10  # at exit it joined the child

@@ -205,6 +205,10 @@ def _read_in_child(read: Callable[[], CocoSplit], path: Path | None, identity: d
         raise UsageError(f"the process reading {identity['ann']} ended with exit code {child.exitcode} before "
                          f"packing it{' (the system kills a process short of memory)' if child.exitcode == -9 else ''}"
                          ) from None
+    except BaseException:  # this process stopped (a signal's exception, Ctrl-C): its exit would wait out the parse
+        child.kill()  # not terminate: a child caught by SIGTERM mid-send would block on the undrained pipe
+        child.join()
+        raise
     child.join()
     if outcome is None:
         return None
