@@ -98,8 +98,9 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
         weights = reader.timm_weights(src, heads) if isinstance(reader, BEiTReader) else reader.encoder(src, heads)
     trained = []  # a stopped run's checkpoint, which `lomar pretrain ... && lomar knn RUN` reaches too (a stop exits 0)
     if is_integer(step := src.data.get("step")):
-        # only pretraining ends with an export: a finetune run's folder holds none when it has finished too
-        stopped = unfinished and run_command(src.data) == "pretrain"
+        # only pretraining ends with an export (a finetune run's folder holds none when it has finished too); a
+        # checkpoint that names no kind is a pretraining one saved before checkpoints named it
+        stopped = unfinished and run_command(src.data) in ("pretrain", None)
         trained.append(f"{path.parent} holds no export, so its run has not finished: loaded its last checkpoint, "
                        f"saved at step {step}" if stopped else f"saved at step {step}")
     if isinstance(reader, BEiTReader):
