@@ -722,3 +722,29 @@ def test_a_run_stopped_on_an_evaluation_step_evaluates_it_when_resumed(tmp_path)
     assert scores(stopped) == scores(straight) and _losses(stopped) == _losses(straight)
     a, b = safe_load(straight / "best.pt"), safe_load(stopped / "best.pt")
     assert a["step"] == b["step"] and a["metrics"] == b["metrics"]
+
+
+def test_a_resume_at_the_end_rewrites_an_export_of_an_earlier_end(tmp_path, capsys):
+    # a run extended past its end and stopped between its new last checkpoint and its new export kept the earlier
+    # export: every later resume said "nothing to do" and left it, built or not
+    class Exported(ToyTask):
+        final_outputs = ("config.json",)
+        stop_in_finish = False
+
+        def finish(self, out):
+            if self.stop_in_finish:
+                raise KeyboardInterrupt  # a stop after the last checkpoint
+            step = safe_load(out / "last.pt")["step"]
+            (out / "config.json").write_text(json.dumps({"step": step}))
+
+    out = tmp_path / "run"
+    assert run(ToyConfig(out=str(out), max_steps=3), Exported) == 0
+    Exported.stop_in_finish = True
+    with pytest.raises(KeyboardInterrupt):
+        run(ToyConfig(out=str(out), max_steps=5, resume="auto"), Exported)
+    Exported.stop_in_finish = False
+    assert json.loads((out / "config.json").read_text()) == {"step": 3} and safe_load(out / "last.pt")["step"] == 5
+    capsys.readouterr()
+    assert run(ToyConfig(out=str(out), max_steps=5, resume="auto"), Exported) == 0
+    assert json.loads((out / "config.json").read_text()) == {"step": 5}
+    assert "nothing to do, the run is at step 5" in capsys.readouterr().out

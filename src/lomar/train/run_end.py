@@ -10,6 +10,7 @@ its log alone (pretrain's ``loss.png``: ``Task.curves``) is drawn again when mis
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -17,16 +18,30 @@ from typing import NamedTuple
 
 import torch
 
-from lomar.checkpoints.file_names import METRICS
+from lomar.checkpoints.file_names import CONFIG_NAME, METRICS
 from lomar.train.run_state import read_meta, save_on_main_rank
 
-__all__ = ["RunEnd", "run_end", "answer_at_end"]
+__all__ = ["RunEnd", "run_end", "answer_at_end", "missing_outputs"]
 
 
 class RunEnd(NamedTuple):
     step: int
     epoch: int
     steps_per_epoch: int
+
+
+def missing_outputs(names: tuple[str, ...], out: Path, step: int) -> list[str]:
+    """Those of ``names`` (a task's ``final_outputs``) that ``out`` lacks, or all of them when the export's
+    ``config.json`` there is of another step than ``step`` (or does not read): a run extended past an earlier end and
+    stopped between its new last checkpoint and its new export keeps the earlier export, which would stay for good."""
+    missing = [name for name in names if not (out / name).exists()]
+    if CONFIG_NAME not in names or CONFIG_NAME in missing:
+        return missing
+    try:
+        saved = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8")).get("step")
+    except (OSError, ValueError, AttributeError):
+        return list(names)
+    return list(names) if saved is not None and saved != step else missing  # None: an export that kept no step
 
 
 def run_end(config, task_class, resume: Path | None, out: Path, world_size: int) -> RunEnd | None:
@@ -36,14 +51,14 @@ def run_end(config, task_class, resume: Path | None, out: Path, world_size: int)
     or of another process count (both refused, naming the epoch's length or the count), one that does not read."""
     if resume is None or config.overwrite or resume.resolve().parent != Path(out).resolve():
         return None
-    if any(not (Path(out) / name).exists() for name in task_class.final_outputs):
-        return None
     try:
         ckpt = read_meta(resume)
     except (OSError, ValueError):
         return None
     step, epoch, done, ranks = (ckpt.get(k) for k in ("step", "epoch", "batches_done", "rng_ranks"))
     if not all(isinstance(v, int) for v in (step, epoch, done)) or ranks is not None and len(ranks) != world_size:
+        return None
+    if missing_outputs(task_class.final_outputs, Path(out), step):
         return None
     per_epoch = ckpt.get("steps_per_epoch")  # saved since; before, an epoch's whole steps tell it
     if not isinstance(per_epoch, int) and epoch:
@@ -59,7 +74,7 @@ def answer_at_end(task, out: Path, step: int, last_step: int, steps_per_epoch: i
     """Say that the run at ``step`` ends at ``last_step`` and write the end-of-run files it lacks (a full disk cut
     its end short, or they were deleted): ``task.finish`` those of the model, ``task.draw_curves`` those of the log.
     ``task``: the built Task, or its class when :func:`run_end` found nothing of the model's missing. Exit code 0."""
-    missing = [name for name in task.final_outputs if not (out / name).exists()]
+    missing = missing_outputs(task.final_outputs, out, step)
     curves = [name for name in task.curves if not (out / name).exists()] if (out / METRICS).is_file() else []
     if is_main:
         print(f"lomar {task.name}: nothing to do, the run is at step {step}; it ends at {last_step} "
