@@ -189,3 +189,14 @@ def test_a_process_stopped_while_its_child_reads_does_not_wait_for_the_child(spl
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert not multiprocessing.active_children() and time.monotonic() - start < 10  # at exit it joined the child
+
+
+def test_a_reader_the_system_killed_is_one_line_with_the_fix(split_files, monkeypatch):
+    import signal
+
+    ann, images, _, _ = split_files
+    for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(UsageError, match=r"ended with exit code -9 before packing it; the system kills a process "
+                                         r"short of memory: free memory on this machine \(fewer processes"):
+        coco_shared.shared_split(lambda: os.kill(os.getpid(), signal.SIGKILL), ann, images, "train")  # the child's

@@ -202,9 +202,10 @@ def _read_in_child(read: Callable[[], CocoSplit], path: Path | None, identity: d
                     view = view[count:]
     except EOFError:  # ended without a word: killed (by the system, short of memory) or crashed
         child.join()
+        fix = "the system kills a process short of memory: free memory on this machine (fewer processes or loader " \
+              "workers beside it)" if child.exitcode == -9 else "see its messages above"
         raise UsageError(f"the process reading {identity['ann']} ended with exit code {child.exitcode} before "
-                         f"packing it{' (the system kills a process short of memory)' if child.exitcode == -9 else ''}"
-                         ) from None
+                         f"packing it; {fix}") from None
     except BaseException:  # this process stopped (a signal's exception, Ctrl-C): its exit would wait out the parse
         child.kill()  # not terminate: a child caught by SIGTERM mid-send would block on the undrained pipe
         child.join()
