@@ -369,6 +369,21 @@ def test_the_pretrained_cfg_gives_timm_the_exported_input_size_and_lomars_eval_c
     assert crops == [0.875, 1.0, 0.875]  # an encoder at 256 px: as knn and linprobe crop
 
 
+def test_a_one_channel_exports_pretrained_cfg_normalises_a_grey_image_for_timm(tmp_path):
+    """An in_chans=1 export gave timm ImageNet's three means and stds, so its eval transform failed on a grey image (a
+    broadcast error); one grey channel takes their mean, as timm's stem adaptation sums the RGB weights."""
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    export_encoder(VisionTransformer(replace(TINY, in_chans=1)), tmp_path / "grey")
+    model = timm.create_model(f"local-dir:{tmp_path / 'grey'}", pretrained=True).eval()
+    config = resolve_data_config(model=model)
+    assert (config["mean"], config["std"]) == ([0.449], [0.226])
+    image = create_transform(**config)(Image.new("L", (80, 70), 128))
+    assert image.shape == (1, 64, 64) and torch.allclose(image, torch.full_like(image, (128 / 255 - 0.449) / 0.226))
+    assert model(image[None]).shape == (1, 32)
+
+
 def test_every_loader_resamples_an_mae_export_at_another_size_as_its_forward_does(tmp_path):
     """One rule for an absolute table at another size, MAE's fixed sin-cos included: bicubic from the exported
     grid (MAE's finetuning, timm), as the encoder built at the export size does when run at that size. Each loader

@@ -69,10 +69,20 @@ def _sides(img_size: int | tuple[int, int]) -> tuple[int, int]:
 
 def timm_pretrained_cfg(in_chans: int, img_size: int | tuple[int, int], num_classes: int,
                         crop_pct: float = 0.875) -> dict:
-    """The ``pretrained_cfg`` an export's config.json gives timm: input size (C, H, W), ImageNet normalisation."""
+    """The ``pretrained_cfg`` an export's config.json gives timm: input size (C, H, W), ImageNet normalisation with
+    one value per input channel (timm's eval transform normalises with them as given)."""
     return {"input_size": [in_chans, *_sides(img_size)], "interpolation": "bicubic", "crop_pct": crop_pct,
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "num_classes": num_classes,
+            "mean": _per_channel(IMAGENET_MEAN, in_chans), "std": _per_channel(IMAGENET_STD, in_chans),
+            "num_classes": num_classes,
             "first_conv": "patch_embed.proj", "fixed_input_size": False, "license": "apache-2.0"}
+
+
+def _per_channel(rgb: tuple[float, ...], in_chans: int) -> list[float]:
+    """ImageNet's RGB statistic for ``in_chans`` channels as timm's adapt_input_conv maps an RGB stem onto them: one
+    grey channel takes all three (their mean: the stem's weights summed), others cycle through R, G, B."""
+    if in_chans == 1:
+        return [round(sum(rgb) / len(rgb), 4)]
+    return [rgb[c % len(rgb)] for c in range(in_chans)]
 
 
 def write_export(out: Path, weights_name: str, state: dict, config: dict) -> Path:
