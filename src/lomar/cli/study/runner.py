@@ -267,24 +267,19 @@ class Study:
                 self.log(f"[study] {run.folder.name}: {done} ({self.time_left()})")
                 run.advance()
 
-    def _equal_steps(self) -> list[CellRun]:
-        """The cells at the step count of the slowest one (their own run at ``N`` steps: a copy
-        trained to exactly N steps with the same seed and settings, evaluated there)."""
+    def _equal_steps(self) -> list[dict[str, Any]]:
+        """The records at the step count N of this seed's slowest cell: its end record, and each other cell's own
+        run at N steps (a copy trained to exactly N steps with the same seed and settings, evaluated there). Made
+        anew each time, never kept in a cell's state: N changes when the grid grows."""
         trained = [r for r in self.runs if not r.cell.random_init]
         if len(trained) < 2:
             return []
-        n, copies = min(r.state["points"]["end"]["step"] for r in trained), []
-        for run in trained:
-            points = run.state["points"]
-            if points["end"]["step"] > n:
-                copies.append(CellRun(self, run.cell, self.out / "cells" / f"{run.cell.name}@{n}steps",
-                                      Budget(n, "steps"), point_kind="equal_steps"))
-            elif "equal_steps" not in points:  # this cell *is* at N steps: its end record serves
-                points["equal_steps"] = {**points["end"], "point": "equal_steps"}
-                run._save()
-        self.runs = copies
+        n = min(r.state["points"]["end"]["step"] for r in trained)
+        self.runs = [CellRun(self, run.cell, self.out / "cells" / f"{run.cell.name}@{n}steps", Budget(n, "steps"),
+                             point_kind="equal_steps") for run in trained if run.state["points"]["end"]["step"] > n]
         self._interleave()
-        return copies
+        return [{**r.state["points"]["end"], "point": "equal_steps"} for r in trained
+                if r.state["points"]["end"]["step"] == n] + [dict(r.state["points"]["end"]) for r in self.runs]
 
     def run(self) -> list[dict[str, Any]]:
         records, cells = [], self.spec.cells()
@@ -292,8 +287,10 @@ class Study:
             self.runs = [CellRun(self, c, self.out / "cells" / c.name, self.spec.budget)
                          for c in cells if c.seed == seed]
             self._interleave()
-            finished = self.runs + (self._equal_steps() if self.spec.eval.equal_steps else [])
-            records += [dict(rec) for run in finished for rec in run.state["points"].values()]
+            # a cell's own points; 'equal_steps' kept in its state by an earlier lomar may be of another N
+            records += [dict(rec) for run in self.runs for key, rec in run.state["points"].items()
+                        if key != "equal_steps"]
+            records += self._equal_steps() if self.spec.eval.equal_steps else []
         return records
 
 
