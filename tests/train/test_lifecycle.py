@@ -748,3 +748,38 @@ def test_a_resume_at_the_end_rewrites_an_export_of_an_earlier_end(tmp_path, caps
     assert run(ToyConfig(out=str(out), max_steps=5, resume="auto"), Exported) == 0
     assert json.loads((out / "config.json").read_text()) == {"step": 5}
     assert "nothing to do, the run is at step 5" in capsys.readouterr().out
+
+
+def test_a_resume_at_the_end_runs_a_missing_final_evaluation_once(tmp_path, capsys):
+    # a run extended past its end and stopped after its new last checkpoint, before its final evaluation: every later
+    # resume said "nothing to do" (the step-3 score stayed the last), built or not
+    class Scored(ToyTask):
+        stop_in_evaluate, builds, evaluations = False, 0, 0
+
+        def __init__(self, config, info, device):
+            super().__init__(config, info, device)
+            Scored.builds += 1
+
+        def evaluate(self):
+            if Scored.stop_in_evaluate and self.progress.final:
+                raise KeyboardInterrupt  # a stop after the last checkpoint
+            Scored.evaluations += 1
+            return super().evaluate()
+
+    def scored_steps():
+        return [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "score" in r]
+
+    out = tmp_path / "run"
+    assert run(ToyConfig(out=str(out), max_steps=3), Scored) == 0 and scored_steps() == [3]  # 4 steps an epoch
+    Scored.stop_in_evaluate = True
+    with pytest.raises(KeyboardInterrupt):
+        run(ToyConfig(out=str(out), max_steps=5, resume="auto"), Scored)
+    Scored.stop_in_evaluate = False
+    assert safe_load(out / "last.pt")["step"] == 5 and scored_steps() == [3, 4]
+    Scored.builds = Scored.evaluations = 0
+    capsys.readouterr()
+    assert run(ToyConfig(out=str(out), max_steps=5, resume="auto"), Scored) == 0
+    assert scored_steps() == [3, 4, 5] and (Scored.builds, Scored.evaluations) == (1, 1)
+    assert "nothing to do, the run is at step 5" in capsys.readouterr().out
+    assert run(ToyConfig(out=str(out), max_steps=5, resume="auto"), Scored) == 0  # done: never scored twice
+    assert scored_steps() == [3, 4, 5] and (Scored.builds, Scored.evaluations) == (1, 1)

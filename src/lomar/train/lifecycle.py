@@ -151,7 +151,7 @@ class _Run:
         cfg, p, task = self.cfg, self.p, self.task
         if p.step >= self.last_step:
             return answer_at_end(task, self.out, p.step, self.last_step, self.steps_per_epoch, cfg, self.info.is_main,
-                                 self.device)
+                                 self.device, trainer=self)
         self.monitor = Monitor(self.out, self.info.is_main, self.last_step, cfg.log_every, task.name, p.step)
         if self.info.is_main:
             self._announce()

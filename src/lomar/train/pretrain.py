@@ -149,6 +149,10 @@ class PretrainTask(Task):
             return {}
         return {"knn_top1": self.knn(self.model.encoder, self.device)}
 
+    @classmethod
+    def scores_end(cls, config: PretrainConfig) -> bool:
+        return bool(config.knn_every)
+
     def state(self) -> dict:
         digest = {"tokenizer_digest": self.tokenizer_digest} if self.tokenizer_digest else {}
         return {"config": self.config.to_dict(), "model_spec": self.spec, "format": PRETRAIN_FORMAT, **digest}

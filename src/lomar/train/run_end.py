@@ -5,7 +5,10 @@ The step, epoch and batches of a checkpoint, with the steps an epoch it was save
 ``--max-steps`` / ``--epochs`` end the run. At that end a resume trains nothing; unless an end-of-run file written
 from the model (an export: ``Task.final_outputs``) is missing, it then builds neither the model nor the data and
 reads no weights: for a ViT-B that build and the checkpoint's full read cost seconds. What the end of a run draws from
-its log alone (pretrain's ``loss.png``: ``Task.curves``) is drawn again when missing, built or not.
+its log alone (pretrain's ``loss.png``: ``Task.curves``) is drawn again when missing, built or not. A run that scores
+its end (``Task.scores_end``) and was stopped between its last checkpoint and that evaluation (the checkpoint is saved
+first) is built to run it: its ``eval_log`` record of the last step, or the checkpoint's ``evaluated_step``, says it
+was done.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ from typing import NamedTuple
 import torch
 
 from lomar.checkpoints.file_names import CONFIG_NAME, METRICS
+from lomar.train.distributed import any_rank
+from lomar.train.monitor import Monitor
+from lomar.train.run_logs import evaluation_logged
 from lomar.train.run_state import read_meta, save_on_main_rank
 
-__all__ = ["RunEnd", "run_end", "answer_at_end", "missing_outputs"]
+__all__ = ["RunEnd", "run_end", "answer_at_end", "missing_outputs", "evaluation_missing"]
 
 
 class RunEnd(NamedTuple):
@@ -44,6 +50,13 @@ def missing_outputs(names: tuple[str, ...], out: Path, step: int) -> list[str]:
     return list(names) if saved is not None and saved != step else missing  # None: an export that kept no step
 
 
+def evaluation_missing(task, config, out: Path, step: int, evaluated_step) -> bool:
+    """Whether the run at its last ``step`` lacks the evaluation of that step that ``task`` (or its class) makes for
+    ``config``: neither the checkpoint's ``evaluated_step`` nor a record of ``task.eval_log`` says it was made."""
+    return evaluated_step != step and task.scores_end(config) and not evaluation_logged(Path(out) / task.eval_log,
+                                                                                          step)
+
+
 def run_end(config, task_class, resume: Path | None, out: Path, world_size: int) -> RunEnd | None:
     """Where the checkpoint ``resume`` stands when it is the end of the run the settings make, in ``out`` its own folder
     (a resume into another, or with ``--overwrite``, prepares the folder as any resume does) and nothing the model
@@ -58,7 +71,8 @@ def run_end(config, task_class, resume: Path | None, out: Path, world_size: int)
     step, epoch, done, ranks = (ckpt.get(k) for k in ("step", "epoch", "batches_done", "rng_ranks"))
     if not all(isinstance(v, int) for v in (step, epoch, done)) or ranks is not None and len(ranks) != world_size:
         return None
-    if missing_outputs(task_class.final_outputs, Path(out), step):
+    if missing_outputs(task_class.final_outputs, Path(out), step) or \
+            evaluation_missing(task_class, config, out, step, ckpt.get("evaluated_step")):
         return None
     per_epoch = ckpt.get("steps_per_epoch")  # saved since; before, an epoch's whole steps tell it
     if not isinstance(per_epoch, int) and epoch:
@@ -70,17 +84,24 @@ def run_end(config, task_class, resume: Path | None, out: Path, world_size: int)
 
 
 def answer_at_end(task, out: Path, step: int, last_step: int, steps_per_epoch: int, config, is_main: bool,
-                  device: torch.device) -> int:
+                  device: torch.device, trainer=None) -> int:
     """Say that the run at ``step`` ends at ``last_step`` and write the end-of-run files it lacks (a full disk cut
     its end short, or they were deleted): ``task.finish`` those of the model, ``task.draw_curves`` those of the log.
-    ``task``: the built Task, or its class when :func:`run_end` found nothing of the model's missing. Exit code 0."""
+    ``task``: the built Task, or its class when :func:`run_end` found nothing of the model's missing. ``trainer``:
+    the built run (lomar.train.lifecycle's ``_Run``), which first evaluates the step if that evaluation is missing
+    (the main process decides: every one joins it). Exit code 0."""
+    score = trainer is not None and any_rank(is_main and evaluation_missing(
+        task, config, out, step, trainer.evaluated_step), device)
     missing = missing_outputs(task.final_outputs, out, step)
     curves = [name for name in task.curves if not (out / name).exists()] if (out / METRICS).is_file() else []
     if is_main:
         print(f"lomar {task.name}: nothing to do, the run is at step {step}; it ends at {last_step} "
               f"({f'--max-steps {config.max_steps} or ' if config.max_steps else ''}--epochs {config.epochs} of "
               f"{steps_per_epoch} steps, whichever ends first)"
+              + (f"; evaluating step {step}, which its end did not" if score else "")
               + (f"; writing its missing {', '.join(missing + curves)}" if missing or curves else ""), flush=True)
+    if score:
+        _score_end(trainer)
     if missing:  # the end of the run was cut short after its last checkpoint
         save_on_main_rank(lambda: task.finish(out), is_main, device)
     if curves and is_main:
@@ -89,3 +110,17 @@ def answer_at_end(task, out: Path, step: int, last_step: int, steps_per_epoch: i
         except Exception as exc:  # noqa: BLE001 - a figure must never fail a run, as during it
             print(f"lomar {task.name}: could not draw {', '.join(curves)}: {exc}", file=sys.stderr)
     return 0
+
+
+def _score_end(trainer) -> None:
+    """The evaluation that ``trainer``'s ``_finish`` makes after its last checkpoint, logged and kept as it keeps it."""
+    task, p = trainer.task, trainer.p
+    trainer.monitor = Monitor(trainer.out, trainer.info.is_main, trainer.last_step, trainer.cfg.log_every, task.name,
+                              p.step)
+    try:
+        p.final = True
+        metrics = trainer._evaluate()
+        if metrics and task.eval_steps:  # a step-evaluated run's final score may be its best
+            trainer.save(metrics)
+    finally:
+        trainer.monitor.close()

@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 from lomar.checkpoints.io import atomic_write, log_record, open_in_place, read_log
 
-__all__ = ["truncate_metrics"]
+__all__ = ["truncate_metrics", "evaluation_logged"]
 
 _BLOCK = 1 << 14  # the bytes read at a time: a resume holds the log a block at a time, not whole
 
@@ -53,6 +53,23 @@ def truncate_metrics(path: Path, step: int) -> None:
             return
     atomic_write(path, lambda out: out.writelines(
         f"{line}\n".encode() for line, record in read_log(path, stepless=True) if record.get("step", 0) <= step))
+
+
+def evaluation_logged(path: Path, step: int) -> bool:
+    """Whether the log ``path`` holds an evaluation's record of ``step`` (one without the ``lr`` of a training step's
+    record), read backwards from its end down to the records of earlier steps."""
+    if not path.is_file():
+        return False
+    with open_in_place(path, "rb") as handle:
+        for _, line in _lines_backward(handle):
+            record = log_record(line.decode("utf-8", "replace"))
+            if record is None or record["step"] > step:
+                continue
+            if record["step"] < step:
+                return False
+            if "lr" not in record:
+                return True
+    return False
 
 
 def _ends_line(handle: BinaryIO) -> bool:

@@ -26,6 +26,7 @@ Required of a Task: ``name``, ``model``, ``train_loader``, ``loss(batch)``. Opti
   ``outputs`` (names or globs a fresh run clears), ``final_outputs`` (the files ``finish`` writes: a resume that
   finds the run at its end, some of them missing, calls ``finish`` again), ``curves`` (the files drawn from the run's
   log alone, by the static ``draw_curves(config, out)``: such a resume draws a missing one again without the model),
+  ``scores_end(config)`` (the run evaluates its last step: such a resume runs that evaluation when it is missing),
   ``batches()`` (default: ``iter(train_loader)``), ``batches_per_epoch()``,
   ``set_epoch(epoch, skip_batches, epochs, batches)`` (default: the train loader's sampler's, which can run on
   across epochs: see :class:`EpochStream`),
@@ -96,6 +97,12 @@ class Task:
     @staticmethod
     def draw_curves(config, out: Path) -> None:
         """Draw ``curves`` into ``out`` from its log; called on the class too (a resume at the run's end, unbuilt)."""
+
+    @classmethod
+    def scores_end(cls, config) -> bool:
+        """Whether a run of ``config`` evaluates its last step (default: the Task has an ``evaluate``); called on the
+        class too: a resume at the run's end whose ``eval_log`` lacks that evaluation builds the run to run it."""
+        return cls.evaluate is not Task.evaluate
 
     def skipped(self, batch) -> list[str]:
         return list(getattr(batch, "bad", ()))
