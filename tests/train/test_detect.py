@@ -160,6 +160,31 @@ def test_a_relative_position_term_on_a_lomar_encoder_is_one_line_and_makes_no_fo
     assert not out.exists()
 
 
+def test_an_encoder_the_pyramid_cannot_use_is_refused_from_its_shapes_before_the_coco_files(tiny, tmp_path, capsys):
+    """A patch-8 --pretrained was refused only after the validation file's parse, its images' check and the whole
+    checkpoint's read (a broken --val-ann here: the COCO error came first); the stem's mapped shape or config.json
+    tells it."""
+    from lomar import LoMaR, export_encoder
+    from lomar.checkpoints.convert import pretrain_checkpoint
+    from lomar.checkpoints.io import atomic_save
+
+    (train_ann, train_images), _ = tiny
+    model = LoMaR(model_config("vit_mini_patch8", img_size=32), window_size=2, num_windows=1)
+    atomic_save(pretrain_checkpoint(model), tmp_path / "p8.pt")
+    export_encoder(model.encoder, tmp_path / "p8")
+    broken = tmp_path / "val.json"
+    broken.write_text("{")
+    for source in (tmp_path / "p8.pt", tmp_path / "p8"):
+        out = tmp_path / f"run-{source.name}"
+        assert main(["detect", "--train-ann", str(train_ann), "--train-images", str(train_images), "--val-ann",
+                     str(broken), "--val-images", str(train_images), "--pretrained", str(source), "--img-size", "64",
+                     "--device", "cpu", "--out", str(out)]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"lomar detect: error: --pretrained {source}: the feature pyramid needs patch size 16 (strides 4-32), its "
+            f"encoder's is 8; pass a patch-16 encoder")
+        assert not out.exists()
+
+
 def test_a_validation_folder_of_other_images_is_refused_before_training(tiny, tmp_path, capsys):
     # --val-images at half-size copies: each was skipped at the first evaluation, after an epoch of training, and
     # the run went on unscored ("no metric defined"), exit 0

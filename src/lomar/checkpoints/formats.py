@@ -53,8 +53,8 @@ from lomar.models.beit import BEiT, BEiTConfig
 from lomar.models.masking import grid_size
 from lomar.models.vit import VisionTransformer, ViTConfig
 
-__all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "read", "holds_beit", "load_model",
-           "encoder_weights",
+__all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "read", "holds_beit", "peek_encoder",
+           "load_model", "encoder_weights",
            "saved_settings", "PRETRAIN_FORMAT", "CLASSIFIER_FORMAT", "BEiTReader", "BEiTPretrainReader",
            "BEiTExportReader", "OriginalBEiTReader", "BEiTFinetuneReader", "TimmBeitWeights"]
 
@@ -343,6 +343,29 @@ def holds_beit(path: str | Path) -> bool:
         except (OSError, ValueError, RuntimeError):
             continue
     return False
+
+
+def peek_encoder(path: str | Path) -> tuple[str, int | None] | None:
+    """("beit" or "vit", its patch size or None) for the encoder ``path`` holds, told from its config.json or the
+    shape of its mapped patch-embedding weight, no weight read; None where that cannot tell (a sharded or unmappable
+    checkpoint, one in no format: the full read reports it), so that a caller can refuse an encoder it cannot use
+    before reading one."""
+    path = Path(path)
+    if path.is_dir() and not (path / CONFIG_NAME).exists() and (path / LAST).is_file():
+        path = path / LAST  # a stopped run's folder, read as load_pretrained_encoder reads it
+    if path.is_dir() and (path / ".metadata").is_file():
+        return None
+    try:
+        reader, src = read(path, mmap=True)
+        kind = "beit" if isinstance(reader, BEiTReader) else "vit"
+        if not src.state:  # an export folder
+            args = json.loads((src.path / CONFIG_NAME).read_text()).get("model_args")
+            patch = args.get("patch_size") if isinstance(args, dict) else None
+            return kind, patch if isinstance(patch, int) else None
+    except (OSError, ValueError, RuntimeError, RecursionError, AttributeError):
+        return None
+    stem = next((v for k, v in src.state.items() if k.endswith("patch_embed.proj.weight") and v.ndim == 4), None)
+    return kind, int(stem.shape[-1]) if stem is not None else None
 
 
 def load_model(path: str | Path, **overrides) -> nn.Module:

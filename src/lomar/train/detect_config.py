@@ -147,6 +147,8 @@ class DetectConfig(TaskConfig):
     def check_settings(self) -> None:
         if random_encoder_patch(self) not in (None, 16):  # ViTDet's pyramid: strides 4-32 from the 1/16 map
             raise ConfigError(f"--model {self.model}: the feature pyramid needs patch size 16; use a *_patch16 model")
+        if self.pretrained:
+            _check_backbone(self.pretrained)
         check_img_size(self)
         low, high = self.jitter
         if not 0 < low <= high < 100:
@@ -165,3 +167,17 @@ class DetectConfig(TaskConfig):
             raise ConfigError(f"--out {self.out} already holds a predictions.json (a run's last evaluation, or an "
                               f"earlier --eval-only); pass another --out, or --overwrite to replace it")
         check_pretrained(self)
+
+
+def _check_backbone(pretrained: str) -> None:
+    """Refuse an encoder the detector cannot use from its config or weight shapes, before the run reads its weights
+    (seconds for a large file) and the COCO files."""
+    from lomar.checkpoints.formats import peek_encoder  # torch: not for --help
+
+    kind, patch = peek_encoder(pretrained) or ("vit", None)
+    if kind == "beit":
+        raise ConfigError(f"--pretrained {pretrained}: only LoMaR / MAE ViT encoders can be detection backbones, "
+                          f"not BEiT")
+    if patch not in (None, 16):  # ViTDet's pyramid: strides 4-32 from the 1/16 map
+        raise ConfigError(f"--pretrained {pretrained}: the feature pyramid needs patch size 16 (strides 4-32), its "
+                          f"encoder's is {patch}; pass a patch-16 encoder")
