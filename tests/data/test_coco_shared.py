@@ -200,3 +200,26 @@ def test_a_reader_the_system_killed_is_one_line_with_the_fix(split_files, monkey
     with pytest.raises(UsageError, match=r"ended with exit code -9 before packing it; the system kills a process "
                                          r"short of memory: free memory on this machine \(fewer processes"):
         coco_shared.shared_split(lambda: os.kill(os.getpid(), signal.SIGKILL), ann, images, "train")  # the child's
+
+
+def test_two_jobs_of_other_pixel_limits_keep_their_own_files(split_files, monkeypatch):
+    # the file was named by the paths and split alone: job B's first process overwrote job A's file, and A's other
+    # processes, waiting for it, found B's identity in it until they gave up (its first one: "cannot be read back")
+    ann, images, read, parses = split_files
+    monkeypatch.setattr(coco_shared, "WAIT_S", 0.5)
+    folder = Path(os.environ["LOMAR_CACHE_DIR"]) / "coco"
+    _torchrun(monkeypatch, 0)
+    coco_shared.shared_split(read, ann, images, "train")  # job A, the default limit
+    a_file = next(folder.glob("*.npy"))
+    monkeypatch.setenv("LOMAR_MAX_IMAGE_PIXELS", "1000")
+    coco_shared.shared_split(read, ann, images, "train")  # job B, running at the same time
+    monkeypatch.delenv("LOMAR_MAX_IMAGE_PIXELS")
+    _torchrun(monkeypatch, 1)
+    assert _targets(coco_shared.shared_split(read, ann, images, "train")) == _targets(read())  # A's second process
+    assert len(parses()) == 3 and len(list(folder.glob("*.npy"))) == 2
+    # a file of another identity is removed only once no job can still be waiting to map it
+    os.utime(a_file, (1, 1))
+    monkeypatch.setenv("LOMAR_MAX_IMAGE_PIXELS", "1000")
+    _torchrun(monkeypatch, 0)
+    coco_shared.shared_split(read, ann, images, "train")  # B's again: maps its own file, and prunes A's
+    assert len(parses()) == 3 and [p.name for p in folder.iterdir()] == [coco_shared._identity(ann, images, "train")[0]]

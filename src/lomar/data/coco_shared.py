@@ -13,10 +13,14 @@ records back through a pipe (108 MB for 30k images, a fraction of a second besid
 The file lives in a folder of the user's (``$LOMAR_CACHE_DIR``, else ``$XDG_CACHE_HOME/lomar``, else
 ``~/.cache/lomar``; subfolder ``coco``): the annotation folder may be read-only and is not ours, and the run folder
 is created by the main process alone, maybe on another machine. It is kept, so a resumed or later run on the same
-file maps it at once (train2017's is about 0.4 GB; one file per annotation file, image folder and split, rewritten
-when any of them changes; delete the folder to reclaim it). It is named by the annotation file's and image folder's
-resolved paths and the split, and records their identity (size, mtime_ns), the pixel limit and a digest of the code
-that packs it: a file that does not match is rewritten, never used.
+file maps it at once (train2017's is about 0.4 GB; delete the folder to reclaim it). It is named by the annotation
+file's and image folder's resolved paths and the split, then by what decides its content: their identity (size,
+mtime_ns), the pixel limit and a digest of the code that packs it, which its header records too (a file that does not
+match is never used). So two jobs on the same files with another lomar or ``LOMAR_MAX_IMAGE_PIXELS`` each keep a file
+of their own, where one name made them overwrite each other's: one failed "cannot be read back", the other's
+processes waited out ``WAIT_S``. A first process removes the files of its paths and split of another identity unused
+for ``WAIT_S`` (using one touches it): every process of the job that wrote or used it has mapped it by then, and a
+mapped file that is unlinked stays readable; another job's writer renames its file into place fresh.
 
 The records are pickled (they are what :class:`PackedRecords` holds in memory; JSON took 10x pickle's time to write,
 about 200 us a record, and 4x to read). Unpickling runs whatever a crafted file says, so a cache file is read only from
@@ -93,14 +97,30 @@ def _code_digest() -> str:
     return digest.hexdigest()[:16]
 
 
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:24]
+
+
 def _identity(ann_file: Path, image_root: Path, split: str) -> tuple[str, dict]:
-    """(the cache file's name, what its header must hold to be used)."""
+    """(the cache file's name: its paths' and split's part, then its identity's; what its header must hold)."""
     ann, root = Path(ann_file).resolve(), Path(image_root).resolve()
     a, r = os.stat(ann), os.stat(root)
-    name = hashlib.sha256(json.dumps([str(ann), str(root), split]).encode()).hexdigest()[:24]
-    return f"{name}.npy", {"format": _FORMAT, "ann": str(ann), "size": a.st_size, "mtime_ns": a.st_mtime_ns,
-                           "root": str(root), "root_mtime_ns": r.st_mtime_ns, "split": split,
-                           "max_pixels": max_image_pixels(), "code": _code_digest()}
+    identity = {"format": _FORMAT, "ann": str(ann), "size": a.st_size, "mtime_ns": a.st_mtime_ns, "root": str(root),
+                "root_mtime_ns": r.st_mtime_ns, "split": split, "max_pixels": max_image_pixels(),
+                "code": _code_digest()}
+    return f"{_digest([str(ann), str(root), split])}-{_digest(identity)}.npy", identity
+
+
+def _prune(path: Path) -> None:
+    """Mark ``path`` used now, and remove the files of its paths and split of another identity (or named by paths and
+    split alone, as before) that no job used for ``WAIT_S``, and their writers' temporaries left ``_STALE_S``."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
+    key, now = path.name.split("-")[0], time.time()
+    for other in (*path.parent.glob(f"{key}*.npy"), *path.parent.glob(f".{key}*.npy.tmp-*")):
+        with contextlib.suppress(OSError):
+            if other != path and now - other.lstat().st_mtime > (_STALE_S if other.name[0] == "." else WAIT_S):
+                other.unlink()
 
 
 def _header(split: CocoSplit, packed: tuple[PackedRecords, IntTable], identity: dict) -> bytes:
@@ -116,10 +136,6 @@ def _write(path: Path, split: CocoSplit, packed: tuple[PackedRecords, IntTable],
     header = _header(split, packed, identity)
     header += b" " * (-len(header) % 8)  # the offsets start 8-aligned, so they map as int64
     total = 16 + len(header) + offsets.nbytes + buffer.nbytes
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # a killed writer's; a live one's is written to, not stale
-        with contextlib.suppress(OSError):
-            if time.time() - stale.lstat().st_mtime > _STALE_S:
-                stale.unlink()
     # pid and a random part: a folder shared by machines (a home on NFS) may see the same pid on two of them (each
     # in its own container), and the other's live temporary is neither removed nor renamed in place of ours
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(8)}")
@@ -245,6 +261,7 @@ def shared_split(read: Callable[[], CocoSplit], ann_file, image_root, split: str
     name, identity = _identity(ann_file, image_root, split)
     path = folder / name
     if first_on_machine():
+        _prune(path)  # before the read: touched first, the file our other processes wait for is not another's to prune
         found = _load(path, identity)
         if keep:
             whole = read()
