@@ -33,7 +33,7 @@ from lomar.train.monitor import Monitor, input_limit_note, resume_hint
 from lomar.train.precision import WatchedScaler, autocast_factory, resolve_precision
 from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_workers
 from lomar.train.rng import gather_rng_states, restore_rng_states, seed_everything
-from lomar.train.run_end import answer_at_end, run_end
+from lomar.train.run_end import answer_at_end, evaluate_end, run_end
 from lomar.train.run_state import (
     RunLock,
     auto_resume,
@@ -312,10 +312,7 @@ class _Run:
     def _finish(self, preempted: bool) -> int:
         path = self.save()
         if not preempted:
-            self.p.final = True
-            metrics = self._evaluate()
-            if metrics and self.task.eval_steps:  # a step-evaluated run's final score may be its best
-                self.save(metrics)
+            evaluate_end(self)
         self.monitor.close()
         # Collective: the other ranks wait for the main one's files, and stop with it if it fails.
         save_on_main_rank(lambda: self._outputs(path, preempted), self.info.is_main, self.device)

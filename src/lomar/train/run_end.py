@@ -27,7 +27,7 @@ from lomar.train.monitor import Monitor
 from lomar.train.run_logs import evaluation_logged
 from lomar.train.run_state import read_meta, save_on_main_rank
 
-__all__ = ["RunEnd", "run_end", "answer_at_end", "missing_outputs", "evaluation_missing"]
+__all__ = ["RunEnd", "run_end", "answer_at_end", "missing_outputs", "evaluation_missing", "evaluate_end"]
 
 
 class RunEnd(NamedTuple):
@@ -112,15 +112,20 @@ def answer_at_end(task, out: Path, step: int, last_step: int, steps_per_epoch: i
     return 0
 
 
+def evaluate_end(trainer) -> None:
+    """The run's last evaluation, made after its last checkpoint (``trainer``: lomar.train.lifecycle's ``_Run``, its
+    monitor open), logged, and kept in ``best.pt`` when it is the best of a step-evaluated run."""
+    trainer.p.final = True
+    metrics = trainer._evaluate()
+    if metrics and trainer.task.eval_steps:
+        trainer.save(metrics)
+
+
 def _score_end(trainer) -> None:
-    """The evaluation that ``trainer``'s ``_finish`` makes after its last checkpoint, logged and kept as it keeps it."""
-    task, p = trainer.task, trainer.p
-    trainer.monitor = Monitor(trainer.out, trainer.info.is_main, trainer.last_step, trainer.cfg.log_every, task.name,
-                              p.step)
+    """:func:`evaluate_end` for a resume that finds it missing: the run at its end opened no monitor."""
+    trainer.monitor = Monitor(trainer.out, trainer.info.is_main, trainer.last_step, trainer.cfg.log_every,
+                              trainer.task.name, trainer.p.step)
     try:
-        p.final = True
-        metrics = trainer._evaluate()
-        if metrics and task.eval_steps:  # a step-evaluated run's final score may be its best
-            trainer.save(metrics)
+        evaluate_end(trainer)
     finally:
         trainer.monitor.close()
