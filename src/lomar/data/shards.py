@@ -19,7 +19,6 @@ a dependency, with its own ones, to pin). Damaged shards are reported once, by
 from __future__ import annotations
 
 import glob
-import io
 import logging
 import os
 import random
@@ -33,7 +32,8 @@ from typing import TypeVar
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lomar.data.decode import decode_bytes, is_image_name, max_image_bytes, passed_over_folder
+from lomar.data.decode import decode_bytes, max_image_bytes
+from lomar.data.shard_members import drawn_members, image_members, scanned_count
 from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator
 
 __all__ = ["TarShardDataset", "is_shard_pattern", "shard_paths"]
@@ -206,9 +206,11 @@ class TarShardDataset(IterableDataset):
         (shard -> reason); iterating over them later only logs at debug level."""
         self.damaged: dict[str, str] = {}
         thumbnails: list[str] = []
-        self.counts = {str(shard): sum(1 for _ in _image_members(shard, read=False, damaged=self.damaged,
-                                                                 thumbnails=thumbnails))
-                       for shard in self.shards}
+        self.counts = {}
+        for shard in self.shards:  # a shard the tokenizer's draw (spread) read whole is not read again
+            known = scanned_count(shard, thumbnails)
+            self.counts[str(shard)] = known if known is not None else sum(
+                1 for _ in image_members(shard, read=False, damaged=self.damaged, thumbnails=thumbnails))
         total = sum(self.counts.values())
         for shard, reason in self.damaged.items():
             log.warning("tar shard %s: %s", shard, reason)
@@ -248,9 +250,9 @@ class TarShardDataset(IterableDataset):
         def one_pass() -> Iterator[tuple[str, bytes | int | str]]:
             if len(shards) >= slots:
                 members: Iterable[tuple[str, bytes | int | str]] = chain.from_iterable(
-                    map(_image_members, shards[slot::slots]))
+                    map(image_members, shards[slot::slots]))
             else:
-                members = (m for i, m in enumerate(chain.from_iterable(map(_image_members, shards)))
+                members = (m for i, m in enumerate(chain.from_iterable(map(image_members, shards)))
                            if i % slots == slot)
             return _buffer_shuffle(members, self.shuffle_buffer, mixing) if self.shuffle_buffer > 1 else members
 
@@ -270,7 +272,7 @@ class TarShardDataset(IterableDataset):
         gen = sample_generator(self.seed, 0, _SPREAD_INDEX)
         each, rng = -(-count // max(1, len(self.shards))), random.Random(int(torch.randint(2 ** 62, (), generator=gen)))
         for i in torch.randperm(len(self.shards), generator=gen).tolist():
-            for name, data in _drawn_members(self.shards[i], each, rng):
+            for name, data in drawn_members(self.shards[i], each, rng):
                 yield self._item(name, data, 0)
 
     def _item(self, name: str, data: bytes | int | str, epoch: int) -> dict:
@@ -304,96 +306,3 @@ def _decode_member(name: str, data: bytes | int | str) -> torch.Tensor:
         raise ValueError(f"cannot read {name}: {data:,} bytes is over the limit of {max_image_bytes():,} for one "
                          f"image; shrink it or raise LOMAR_MAX_IMAGE_BYTES")
     return decode_bytes(data, name)
-
-
-def _image_members(shard: Path, read: bool = True, damaged: dict[str, str] | None = None,
-                   thumbnails: list[str] | None = None) -> Iterator[tuple[str, bytes | int | str | None]]:
-    """("shard:member", bytes (its size instead when over :func:`max_image_bytes`), or None unless ``read``)
-    for the image members of one shard, less those in folders a folder search passes over (listed in ``thumbnails``
-    when given: a tar of a Synology NAS's folder holds several thumbnails of each photo in @eaDir, readable JPEGs,
-    and a share's #recycle its deleted photos).
-
-    An unreadable shard yields nothing and a truncated one what precedes the damage; the
-    reason goes into ``damaged`` (when given) and to the debug log. Without ``read`` only
-    headers are read, so a member whose data is cut off still
-    counts (the epoch length is an estimate for damaged shards; its bad samples are skipped).
-    """
-    try:
-        archive = tarfile.open(shard)
-    except (OSError, tarfile.TarError) as exc:
-        # one line: tarfile's auto-detection gives each compression it tried a line of its own
-        _damaged(damaged, shard, f"unreadable, skipped ({' '.join(str(exc).split())})")
-        return
-    limit = max_image_bytes()
-    with archive:
-        try:
-            for member in archive:
-                if not _is_image(member):
-                    continue
-                name = f"{shard}:{member.name}"
-                if _passed_over(member):
-                    if thumbnails is not None:
-                        thumbnails.append(name)
-                    continue
-                yield name, _member_data(archive, member, limit) if read else None
-        except (OSError, tarfile.TarError) as exc:  # a truncated shard: keep what was read
-            _damaged(damaged, shard, f"damaged after some samples, the rest skipped ({exc})")
-
-
-def _drawn_members(shard: Path, count: int, rng: random.Random) -> list[tuple[str, bytes | int | str]]:
-    """``count`` of :func:`_image_members`'s members drawn with ``rng``, in file order, in one pass: a reservoir whose
-    entrants' bytes alone are read (going back for the drawn ones after the headers decompresses a gzipped shard
-    again, up to its end); from a truncated shard, of the members before the damage."""
-    kept: list[tuple[int, str, bytes | int | str]] = []
-    seen = 0
-    try:
-        with tarfile.open(shard) as archive:
-            for member in archive:
-                if not _is_image(member) or _passed_over(member):
-                    continue
-                slot = seen if seen < count else rng.randrange(seen + 1)
-                seen += 1
-                if slot < count:  # appended while the reservoir fills, then replacing the one drawn
-                    kept[slot:slot + 1] = [(seen, f"{shard}:{member.name}",
-                                            _member_data(archive, member, max_image_bytes()))]
-    except (OSError, tarfile.TarError):
-        pass
-    return [(name, data) for _, name, data in sorted(kept)]
-
-
-def _is_image(member: tarfile.TarInfo) -> bool:
-    # a hard or symbolic link (tar stores a file's second name so) is a sample, read from its target
-    return (member.isfile() or member.islnk() or member.issym()) and is_image_name(member.name)
-
-
-def _passed_over(member: tarfile.TarInfo) -> bool:
-    return any(passed_over_folder(part) for part in member.name.split("/")[:-1])
-
-
-def _member_data(archive: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes | int | str:
-    if not member.isfile():
-        return _read_link(archive, member, limit)
-    if member.size > limit:  # the folder path's bound, from the header: never read into memory
-        return member.size
-    handle = archive.extractfile(member)
-    return handle.read() if handle else b""
-
-
-def _read_link(archive: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes | int | str:
-    """What a link member's target within the shard holds: its bytes, its size when over ``limit`` (left
-    unread), or why it has none."""
-    try:
-        handle = archive.extractfile(member)  # resolves the link inside the archive only, as tar would
-    except (KeyError, RecursionError):  # a target the shard does not hold; a loop of symbolic links
-        return f"a link to {member.linkname}, which the shard does not hold as a file"
-    if handle is None:
-        return f"a link to {member.linkname}, which is not a file"
-    with handle:
-        size = handle.seek(0, io.SEEK_END)
-        return size if size > limit else (handle.seek(0), handle.read())[1]
-
-
-def _damaged(record: dict[str, str] | None, shard: Path, reason: str) -> None:
-    log.debug("tar shard %s: %s", shard, reason)
-    if record is not None:
-        record[str(shard)] = reason
