@@ -199,3 +199,30 @@ def test_under_torchrun_the_first_process_fits_the_built_in_tokenizer_and_sends_
     second = beit.fit_on_training_images(config, (1, 1), count=8)
     assert torch.equal(second.centroids, first.centroids) and second.input_size == first.input_size == 8
     assert not sent
+
+
+def test_under_torchrun_the_other_processes_read_the_shards_headers_while_the_first_fits(tmp_path, monkeypatch):
+    """They waited for the first process's tokenizer, then read every header to count the shards: for one tar of
+    ImageNet ~90 s after the first's draw had read them, not beside it."""
+    import collections
+    import tarfile
+
+    import torch
+
+    from lomar.data.shards import TarShardDataset
+    from lomar.data.transforms import PretrainTransform
+    from lomar.methods import beit
+    from lomar.train.config import PretrainConfig
+
+    dist, sent = torch.distributed, [torch.tensor([2, 192]), torch.rand(2, 192)]
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    monkeypatch.setattr(dist, "broadcast", lambda tensor, src: tensor.copy_(sent.pop(0)))
+    config = PretrainConfig(data=_class_shards(tmp_path / "shards", shards=2, per_shard=4), img_size=16, method="beit")
+    beit.fit_on_training_images(config, (1, 1), count=8)
+    opened, real = collections.Counter(), tarfile.open
+    monkeypatch.setattr(tarfile, "open", lambda name, *a, **k: opened.update([Path(name).name]) or real(name, *a, **k))
+    dataset = TarShardDataset(sorted((tmp_path / "shards").glob("*.tar")), PretrainTransform(16))
+    assert dataset.count_samples() == 8 and not opened  # old code: both shards read again

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lomar.data.decode import is_image_name, max_image_bytes, passed_over_folder
 
-__all__ = ["image_members", "drawn_members", "scanned_count"]
+__all__ = ["image_members", "drawn_members", "scanned_count", "read_ahead"]
 
 log = logging.getLogger("lomar.data")
 # str(shard) -> (its identity when read, image members, members passed over): whole clean passes of drawn_members
@@ -38,6 +38,13 @@ def scanned_count(shard: Path, thumbnails: list[str]) -> int | None:
         return None
     thumbnails.extend(record[2])
     return record[1]
+
+
+def read_ahead(shards: list[Path]) -> None:
+    """Read the shards' headers now, for :func:`scanned_count` to take: a process that waits on another (for BEiT's
+    tokenizer under torchrun) counts its shards meanwhile, not after."""
+    for shard in shards:
+        drawn_members(shard, 0, random.Random(0))
 
 
 def image_members(shard: Path, read: bool = True, damaged: dict[str, str] | None = None,

@@ -18,7 +18,8 @@ import torch
 
 from lomar.checkpoints.export_beit import export_beit_encoder
 from lomar.data.folder import build_pretrain_dataset
-from lomar.data.shards import TarShardDataset
+from lomar.data.shard_members import read_ahead
+from lomar.data.shards import TarShardDataset, is_shard_pattern, shard_paths
 from lomar.errors import first_on_machine
 from lomar.methods import FITTED_TOKENIZER
 from lomar.methods.base import Method, check_windows, plan_kwargs, plan_masker
@@ -101,6 +102,8 @@ def fit_on_training_images(config, grid: tuple[int, int], count: int = FIT_IMAGE
     first process, and sent to the others)."""
     view = grid[0] * KMEANS_PATCH
     if _process_group() and torch.distributed.get_rank() != 0:
+        if config.data and is_shard_pattern(config.data):  # the run counts them next: read while the first draws
+            read_ahead(shard_paths(config.data))
         return KMeansTokenizer(_share_centroids(None), patch=KMEANS_PATCH, input_size=view)
     images = _sample_views(config, view, count)
     patches = images.shape[0] * grid[0] * grid[1]
