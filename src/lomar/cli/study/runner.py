@@ -88,6 +88,7 @@ def steps_per_epoch(config) -> int:
 
 def check_cells(spec: StudySpec) -> None:
     """Every cell's settings and every evaluation's options must be valid; else a UsageError naming them."""
+    spec.check_folders()
     for cell in {json.dumps(c.settings, sort_keys=True, default=str): c for c in spec.cells()}.values():
         try:
             steps_per_epoch(cell_config(spec, cell, Path("/nonexistent-study-check"), check=True))

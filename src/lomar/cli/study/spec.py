@@ -237,6 +237,14 @@ class StudySpec:
             raise UsageError(f"eval.every: {self.eval.every} must use the budget's unit ({self.budget.unit}{given}), "
                              f"e.g. every: 10s with budget: 30s")
 
+    def check_folders(self) -> None:
+        """Each cell its own run folder: a folder's name keeps only the letters, digits and _.=- of its labels."""
+        folders: dict[str, str] = {}
+        for cell in self.cells():
+            if (other := folders.setdefault(cell.name, cell.setting_label)) != cell.setting_label:
+                raise UsageError(f"grid: '{other}' and '{cell.setting_label}' would share the cell folder "
+                                 f"{cell.name}; give them labels that differ in letters or digits")
+
     def cells(self) -> list[Cell]:
         """Every (grid point, seed), seeds outermost; the random-init baseline first per seed."""
         axes, points = list(self.grid), list(itertools.product(*self.grid.values()))  # no axes: one point
