@@ -100,13 +100,13 @@ def test_knn_scores_blocks_of_queries_within_the_byte_budget_with_the_same_score
     spy = SimpleNamespace(normalize=lambda x, dim: rows.append(len(x)) or normalize(x, dim=dim))
     monkeypatch.setattr(knn, "F", spy)
     blocked = knn_predict(bank, labels, query, 7, k=5, max_bytes=4 * 50 * 3)  # 3 rows of 50 float32 similarities
-    assert rows == [50, 3, 3, 3, 1]  # the bank, then the query blocks
+    assert rows == [3, 3, 3, 1]  # the query blocks (the bank is divided by its norms block by block)
     assert torch.equal(blocked, whole)
 
 
 def test_knn_scores_on_a_cuda_device_only_where_the_bank_fits_beside_a_block(monkeypatch, caplog):
-    bank = torch.zeros(1000, 64)  # 2 x 256 kB of bank beside the 1 GiB block
-    need = 2 * 1000 * 64 * 4 + knn.SIMILARITY_BYTES
+    bank = torch.zeros(1000, 64)  # 256 kB of bank, its norms and a normalised block (the whole bank) beside 1 GiB
+    need = 4 * (2 * 1000 * 64 + 1000) + knn.SIMILARITY_BYTES
     # a training run's allocator cache (reserved, unused: 3 bytes here) counts as free for the bank
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 5)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 2)
@@ -116,6 +116,65 @@ def test_knn_scores_on_a_cuda_device_only_where_the_bank_fits_beside_a_block(mon
     assert knn.scoring_device(bank, "cuda:1") == torch.device("cpu")
     assert "k-NN scores on the CPU: cuda:1 has 1.0 GiB free, the bank of 1000 features needs 1.0 GiB" in caplog.text
     assert knn.scoring_device(bank, "cpu") == torch.device("cpu")
+    # ImageNet-scale banks need no room for a normalised copy (586 MiB here), only for a block of 2 x 10,922 rows
+    big, block = torch.empty(200_000, 768, device="meta"), 2 * (knn.BANK_BLOCK_BYTES // (4 * 768))
+    need = 4 * (200_000 * 769 + block * 768) + knn.SIMILARITY_BYTES
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (need - 3, 80 * 2**30))
+    assert knn.scoring_device(big, "cuda:1") == torch.device("cuda:1")
+
+
+def _knn_before_blocks(bank, labels, query, classes, k, chunk):
+    """knn_predict as it was with a whole normalised copy of the bank: the reference the blocks must match."""
+    unit, scores = torch.nn.functional.normalize(bank, dim=1), []
+    for start in range(0, len(query), chunk):
+        sim, idx = (torch.nn.functional.normalize(query[start:start + chunk], dim=1) @ unit.T).topk(k, dim=1)
+        votes = torch.zeros(len(sim), classes).scatter_add_(1, labels[idx], ((sim - sim[:, :1]) / 0.07).exp())
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+@pytest.mark.parametrize("rows", [64, 100, 128, 300])
+def test_knn_normalises_the_bank_by_blocks_bit_for_bit(monkeypatch, rows):
+    """Blocks of bank rows divided by F.normalize's denominators give its similarities bit for bit: ties at the
+    k-th neighbour (rows repeated, and scaled by 2, under other labels) fall as with the whole normalised bank."""
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.randn(300, 48, generator=gen)
+    bank[100:150], bank[150:200] = bank[:50], 2 * bank[:50]  # each of the first 50 rows, three times
+    labels = torch.randint(0, 9, (300,), generator=gen)
+    query = torch.cat([bank[:20] + 0.01 * torch.randn(20, 48, generator=gen), torch.randn(20, 48, generator=gen)])
+    monkeypatch.setattr(knn, "BANK_BLOCK_BYTES", 4 * 48 * rows, raising=False)
+    unit, q = torch.nn.functional.normalize(bank, dim=1), torch.nn.functional.normalize(query, dim=1)
+    norms = bank.norm(2.0, 1, keepdim=True).clamp_min(1e-12)
+    assert torch.equal(knn._similarities(q, bank, norms, rows), q @ unit.T)
+    for k, chunk in ((2, 16), (3, 40), (20, 7)):  # k = 2, 3: the 2nd and 3rd copy tie with the 1st
+        whole = _knn_before_blocks(bank, labels, query, 9, k, chunk)
+        assert torch.equal(knn_predict(bank, labels, query, 9, k=k, chunk=chunk), whole)
+
+
+def test_knn_holds_no_normalised_copy_of_the_bank(monkeypatch):
+    """The whole normalised bank was a second bank beside it (3.9 GB at ImageNet's ViT-B): the largest tensor
+    k-NN scoring makes is now a block of it or the queries' similarities."""
+    from torch.utils import _pytree
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        made = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            given = {t.untyped_storage().data_ptr() for t in _pytree.tree_leaves((args, kwargs))
+                     if isinstance(t, torch.Tensor)}
+            for t in _pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in given:
+                    self.made = max(self.made, t.untyped_storage().nbytes())
+            return out
+
+    bank, labels = torch.randn(2000, 256), torch.randint(0, 5, (2000,))
+    monkeypatch.setattr(knn, "BANK_BLOCK_BYTES", 4 * 256 * 128, raising=False)  # blocks of 128 rows (128 kB)
+    with Largest() as largest:
+        knn_predict(bank, labels, torch.randn(8, 256), 5, k=10)
+    # the largest: room for the last block, which takes the remainder (up to 2 x 128 rows); the bank is 2,000
+    assert largest.made <= 4 * 256 * 256, f"{largest.made} bytes in one tensor; the bank is {bank.nbytes}"
 
 
 @pytest.mark.parametrize("temperature", [0.005, 1e-4])

@@ -20,11 +20,16 @@ log = logging.getLogger("lomar.eval")
 # Bytes of one block of query-bank similarities: 1,024 queries against ImageNet's 1.28M training features would
 # be 5.2 GB beside the bank; this keeps blocks of 1,024 queries up to a bank of 262,144 (209 at ImageNet's).
 SIMILARITY_BYTES = 2**30
+# Bytes of bank rows normalised at a time: a whole normalised copy of ImageNet's ViT-B bank was 3.9 GB beside it.
+BANK_BLOCK_BYTES = 2**25
+# Fewest bank rows a block multiplies: MKL rounded some similarities of 8- and 16-row blocks 1 ulp away from the
+# whole product's (measured; 32 rows and more matched bit for bit), which would move ties at the k-th neighbour.
+MIN_BLOCK_ROWS = 64
 
 
 def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query: torch.Tensor,
                 num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int | None = None,
-                max_bytes: int = SIMILARITY_BYTES) -> torch.Tensor:
+                max_bytes: int = SIMILARITY_BYTES, block_bytes: int | None = None) -> torch.Tensor:
     """Cosine k-NN with exp(sim / T)-weighted votes (InstDisc / DINO): class scores (Q, C), each query's divided
     by its nearest neighbour's weight exp(max sim / T): the same ratios, but float32's exp overflows past 88, so
     unscaled votes at T = 0.01 could be inf for several classes, and argmax then picked the first of them.
@@ -33,9 +38,13 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query: to
     ``train_feats``, ``chunk`` queries at a time (default: as many as keep their (chunk, M) similarities
     within ``max_bytes``, at most 1,024). Each query's top k is taken over its whole row of similarities, so
     the chunk decides no tie at the k-th neighbour (the matrix product may round a block of under 8 rows in
-    another order: BLAS's small-size kernels).
+    another order: BLAS's small-size kernels). The bank is normalised ``block_bytes`` of rows at a time (default
+    :data:`BANK_BLOCK_BYTES`; :func:`_similarities`), never whole.
     """
-    bank = F.normalize(train_feats.float(), dim=1)
+    bank = train_feats.float()
+    # F.normalize's own denominators, once: each block divided by them is F.normalize's output bit for bit
+    denominators = bank.norm(2.0, 1, keepdim=True).clamp_min(1e-12)
+    rows = _block_rows(bank, block_bytes)
     labels = train_labels.to(bank.device)
     k = min(k, bank.shape[0])
     if chunk is None:
@@ -43,21 +52,42 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query: to
     scores = []
     for start in range(0, query.shape[0], chunk):
         q = F.normalize(query[start:start + chunk].to(bank.device).float(), dim=1)
-        sim, idx = (q @ bank.T).topk(k, dim=1)  # (q, k)
+        sim, idx = _similarities(q, bank, denominators, rows).topk(k, dim=1)  # (q, k)
         votes = torch.zeros(q.shape[0], num_classes, device=bank.device)
         votes.scatter_add_(1, labels[idx], ((sim - sim[:, :1]) / temperature).exp())  # topk: the max first
         scores.append(votes)
     return torch.cat(scores)
 
 
+def _block_rows(bank: torch.Tensor, block_bytes: int | None = None) -> int:
+    """Bank rows (M, D) normalised at a time: ``block_bytes`` of float32 rows, at least :data:`MIN_BLOCK_ROWS`."""
+    return max(MIN_BLOCK_ROWS, (block_bytes or BANK_BLOCK_BYTES) // (4 * max(1, bank.shape[1])))
+
+
+def _similarities(q: torch.Tensor, bank: torch.Tensor, denominators: torch.Tensor, rows: int) -> torch.Tensor:
+    """``q @ F.normalize(bank).T`` (Q, M), bit for bit, without the normalised bank: blocks of ``rows`` bank rows
+    divided by their ``denominators`` just in time. The last block takes the remainder, so none is narrower than
+    ``rows`` (or the bank), whose products BLAS would round in another order."""
+    sim = torch.empty(q.shape[0], bank.shape[0], device=q.device)
+    blocks = max(1, bank.shape[0] // rows)
+    unit = torch.empty(min(2 * rows, bank.shape[0]), bank.shape[1], device=q.device)
+    for i in range(blocks):
+        start, end = i * rows, bank.shape[0] if i == blocks - 1 else (i + 1) * rows
+        block = torch.div(bank[start:end], denominators[start:end], out=unit[:end - start])
+        torch.mm(q, block.T, out=sim[:, start:end])  # no (Q, rows) copy
+    return sim
+
+
 def scoring_device(bank: torch.Tensor, device: torch.device | str) -> torch.device:
     """Where to score against ``bank`` (M, D): ``device``, unless it is a CUDA device without the free memory for the
-    normalised bank and a block of similarities beside it (ImageNet's ViT-B bank is 3.9 GB): then the CPU, which
+    float32 bank and a block of similarities beside it (ImageNet's ViT-B bank is 3.9 GB): then the CPU, which
     is slower but holds it (a k-NN score is worth more than the minutes it saves), with a warning saying so."""
     device = torch.device(device)
     if device.type != "cuda":
         return device
-    need = 2 * bank.shape[0] * bank.shape[1] * 4 + SIMILARITY_BYTES  # the float32 copy and its normalised one
+    (count, dim), rows = bank.shape, 2 * _block_rows(bank)  # the last block: up to twice as many rows
+    # the float32 bank, its norms, a normalised block of it and the similarities
+    need = 4 * (count * dim + count + min(count, rows) * dim) + SIMILARITY_BYTES
     # what the card has free, and what this process's allocator holds unused (a training run's cache, at --knn-every)
     free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if free >= need:
