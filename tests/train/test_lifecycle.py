@@ -783,3 +783,29 @@ def test_a_resume_at_the_end_runs_a_missing_final_evaluation_once(tmp_path, caps
     assert "nothing to do, the run is at step 5" in capsys.readouterr().out
     assert run(ToyConfig(out=str(out), max_steps=5, resume="auto"), Scored) == 0  # done: never scored twice
     assert scored_steps() == [3, 4, 5] and (Scored.builds, Scored.evaluations) == (1, 1)
+
+
+def test_a_resume_that_runs_the_missing_final_evaluation_writes_the_end_files_from_it(tmp_path):
+    # detect's finish writes predictions.json from the last evaluation: after the resumed one it kept the earlier
+    # end's predictions (step 3) beside the step-5 score, as final_outputs names none of them
+    class Predicting(ToyTask):
+        stop_in_evaluate, scored = False, -1
+
+        def evaluate(self):
+            if Predicting.stop_in_evaluate and self.progress.final:
+                raise KeyboardInterrupt  # a stop after the last checkpoint
+            self.scored = self.progress.step
+            return super().evaluate()
+
+        def finish(self, out):
+            (out / "predictions").write_text(str(self.scored))
+
+    out = tmp_path / "run"
+    assert run(ToyConfig(out=str(out), max_steps=3), Predicting) == 0
+    assert (out / "predictions").read_text() == "3"
+    Predicting.stop_in_evaluate = True
+    with pytest.raises(KeyboardInterrupt):
+        run(ToyConfig(out=str(out), max_steps=5, resume="auto"), Predicting)
+    Predicting.stop_in_evaluate = False
+    assert run(ToyConfig(out=str(out), max_steps=5, resume="auto"), Predicting) == 0
+    assert (out / "predictions").read_text() == "5"  # old code: "3"
