@@ -434,3 +434,19 @@ def test_only_a_jpeg_libjpeg_may_read_several_scans_of_is_counted():
     scan = data[start:start + 2 + int.from_bytes(data[start + 2:start + 4], "big") + 17]  # 31 bytes, as the bomb's
     with pytest.raises(ValueError, match="bomb.jpg: broken data stream"):  # libjpeg's own refusal, at the second
         decode_bytes(data[:end] + scan * 1000 + data[end:], "bomb.jpg")
+
+
+def test_a_truncated_gzipped_shard_keeps_what_precedes_the_damage(tmp_path):
+    # gzip raises EOFError (neither OSError nor TarError) at a cut-off stream: the count, the tokenizer's draw and
+    # the loader's readers crashed on it instead of skipping the damage
+    whole, shard = tmp_path / "whole.tar.gz", tmp_path / "a.tar.gz"
+    rng = np.random.RandomState(0)
+    with tarfile.open(whole, "w:gz") as archive:
+        for i in range(40):  # noise: gzip cannot shrink it, so the cut falls among the members
+            _add(archive, f"{i:02d}.jpg", _jpeg() + rng.bytes(2000))
+    shard.write_bytes(whole.read_bytes()[:whole.stat().st_size // 2])
+    dataset = TarShardDataset([shard], PretrainTransform(16), shuffle_buffer=1)
+    count = dataset.count_samples()
+    assert 0 < count < 40 and "damaged after some samples" in dataset.damaged[str(shard)]
+    assert len(list(dataset)) in (count - 1, count)  # the count reads headers: the member cut off in its data too
+    assert 0 < len(list(TarShardDataset([shard], PretrainTransform(16)).spread(4))) <= 4

@@ -19,6 +19,8 @@ __all__ = ["image_members", "drawn_members", "scanned_count", "read_ahead"]
 log = logging.getLogger("lomar.data")
 # str(shard) -> (its identity when read, image members, members passed over): whole clean passes of drawn_members
 _SCANNED: dict[str, tuple[tuple[int, ...], int, list[str]]] = {}
+# what a damaged shard raises; EOFError: gzip's, at a compressed stream cut off (a .tar.gz shard copied in part)
+_DAMAGE = (OSError, EOFError, tarfile.TarError)
 
 
 def _identity(shard: Path) -> tuple[int, ...] | None:
@@ -61,7 +63,7 @@ def image_members(shard: Path, read: bool = True, damaged: dict[str, str] | None
     """
     try:
         archive = tarfile.open(shard)
-    except (OSError, tarfile.TarError) as exc:
+    except _DAMAGE as exc:
         # one line: tarfile's auto-detection gives each compression it tried a line of its own
         _damaged(damaged, shard, f"unreadable, skipped ({' '.join(str(exc).split())})")
         return
@@ -77,7 +79,7 @@ def image_members(shard: Path, read: bool = True, damaged: dict[str, str] | None
                         thumbnails.append(name)
                     continue
                 yield name, _member_data(archive, member, limit) if read else None
-        except (OSError, tarfile.TarError) as exc:  # a truncated shard: keep what was read
+        except _DAMAGE as exc:  # a truncated shard: keep what was read
             _damaged(damaged, shard, f"damaged after some samples, the rest skipped ({exc})")
 
 
@@ -101,7 +103,7 @@ def drawn_members(shard: Path, count: int, rng: random.Random) -> list[tuple[str
                 if slot < count:  # appended while the reservoir fills, then replacing the one drawn
                     kept[slot:slot + 1] = [(seen, f"{shard}:{member.name}",
                                             _member_data(archive, member, max_image_bytes()))]
-    except (OSError, tarfile.TarError):
+    except _DAMAGE:
         identity = None  # a damaged shard: counted and reported by count_samples' own pass
     if identity is not None:
         _SCANNED[str(shard)] = (identity, seen, passed)
