@@ -264,7 +264,7 @@ def expected_shapes(config: ViTConfig, num_classes: int = 0, global_pool: str = 
     A test compares this with real models, so it cannot drift from :mod:`lomar.models.vit`.
     """
     d, p, hidden = config.embed_dim, config.patch_size, int(config.embed_dim * config.mlp_ratio)
-    sides = config.img_size if isinstance(config.img_size, tuple) else (config.img_size, config.img_size)
+    sides = _sides(config.img_size)
     shapes: dict[str, tuple[int, ...]] = {"cls_token": (1, 1, d), "patch_embed.proj.weight": (d, config.in_chans, p, p),
                                           "patch_embed.proj.bias": (d,)}
     if config.pos == "abs":
