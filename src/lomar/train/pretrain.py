@@ -199,7 +199,7 @@ class PretrainTask(Task):
             f"; the workers decoded {share.decoded_share:.0%} of the photos the device could have decoded "
             f"(--cpu-decode-share {'auto, last ' if share.auto else ''}{share.value:.2f})")
         last = out / LAST
-        return (f"encoder {out / 'encoder.safetensors'}, figures {out}/reconstruction-*.png and loss.png"
+        return (f"encoder {out / RUN_ENCODER}, figures {out}/reconstruction-*.png and {LOSS_CURVE}"
                 f"{workers}. Next: lomar visualize {last} --attention; lomar export {last} --to DIR")
 
     # ---- outputs -------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from lomar.checkpoints.file_names import LAST
 from lomar.checkpoints.kinds import run_command
 from lomar.errors import first_on_machine
 from lomar.train import settings as S
@@ -351,7 +352,7 @@ def resume_target(explicit: dict[str, Any], sharded_ok: bool = False) -> Path | 
     if sharded_ok and path.is_dir() and (path / ".metadata").is_file():
         return path
     if path.is_dir():
-        raise ConfigError(f"--resume {path} is a folder; pass {path / 'last.pt'}, or --out {path} --resume auto")
+        raise ConfigError(f"--resume {path} is a folder; pass {path / LAST}, or --out {path} --resume auto")
     if not path.is_file():
         what = "is not a regular file (a device or pipe)" if path.exists() else "does not exist"
         raise ConfigError(f"--resume {path} {what}; pass a checkpoint file or 'auto'")
