@@ -15,7 +15,7 @@ from timm.layers import DropPath, resample_abs_pos_embed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lomar.models.abs_pos import sincos_grid, sincos_pos_embed_2d, table_for_grid
+from lomar.models.abs_pos import sincos_pos_embed_2d, table_for_grid
 from lomar.models.attention import ATTENTION_MODES, biased_attention, rpe_attention, windowed_attention
 from lomar.models.masking import grid_size
 from lomar.models.relpos import decomposed_rows, table_rows
@@ -31,7 +31,6 @@ __all__ = [
     "model_config",
     "list_models",
     "sincos_pos_embed_2d",
-    "sincos_grid",
     "table_for_grid",
     "PatchEmbed",
     "Attention",
