@@ -108,7 +108,7 @@ def fit_on_training_images(config, grid: tuple[int, int], count: int = FIT_IMAGE
     images = _sample_views(config, view, count)
     patches = images.shape[0] * grid[0] * grid[1]
     vocab = max(2, min(MAX_VOCAB, patches // 4))
-    if first_on_machine():  # under torchrun every process fits the same one; each printed this line
+    if first_on_machine():  # WORLD_SIZE set without a process group: every process fits, one a machine says so
         print(f"lomar: no --tokenizer: fitting the built-in k-means tokenizer (vocabulary {vocab} = min(8192, "
               f"patches/4), {images.shape[0]} training crops at {view} px); it is not the paper's dVAE", flush=True)
     tokenizer = fit_kmeans_tokenizer(images, vocab_size=vocab, patch=KMEANS_PATCH, seed=config.seed, input_size=view)
