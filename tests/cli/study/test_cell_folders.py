@@ -18,3 +18,13 @@ def test_labels_that_differ_only_in_punctuation_are_refused_before_they_share_a_
     assert [c.name for c in parse_spec(dict(name="x", budget="2steps", grid=grid, eval={"metrics": []})).cells()] == \
         ["window-7-4_seed0", "window-7-1_seed0"]
 
+
+
+def test_labels_that_differ_only_in_case_are_refused_as_one_folder_where_case_is_ignored():
+    """'A' and 'a' gave the folders method-A_seed0 and method-a_seed0: one folder on macOS's and Windows' default
+    file systems, where the second cell silently took the first one's run and scores."""
+    grid = {"window": [dict(label="Wide", window_size=3, windows=2), dict(label="wide", window_size=3, windows=1)]}
+    with pytest.raises(UsageError, match=r"^grid: 'window=Wide' and 'window=wide' would share one cell folder on a "
+                                         r"file system that ignores case \(macOS, Windows\): window-Wide_seed0 and "
+                                         r"window-wide_seed0; give them labels that differ in more than case$"):
+        check_cells(parse_spec(dict(name="x", budget="2steps", grid=grid, eval={"metrics": []})))

@@ -238,12 +238,16 @@ class StudySpec:
                              f"e.g. every: 10s with budget: 30s")
 
     def check_folders(self) -> None:
-        """Each cell its own run folder: a folder's name keeps only the letters, digits and _.=- of its labels."""
-        folders: dict[str, str] = {}
+        """Each cell its own run folder: a folder's name keeps only the letters, digits and _.=- of its labels,
+        and where case is ignored (macOS's and Windows' default file systems) 'A' and 'a' are one folder."""
+        folders: dict[str, tuple[str, str]] = {}
         for cell in self.cells():
-            if (other := folders.setdefault(cell.name, cell.setting_label)) != cell.setting_label:
-                raise UsageError(f"grid: '{other}' and '{cell.setting_label}' would share the cell folder "
-                                 f"{cell.name}; give them labels that differ in letters or digits")
+            other, name = folders.setdefault(cell.name.lower(), (cell.setting_label, cell.name))
+            if other != cell.setting_label:
+                where = f"the cell folder {name}" if name == cell.name else \
+                    f"one cell folder on a file system that ignores case (macOS, Windows): {name} and {cell.name}"
+                raise UsageError(f"grid: '{other}' and '{cell.setting_label}' would share {where}; give them labels "
+                                 f"that differ in {'letters or digits' if name == cell.name else 'more than case'}")
 
     def cells(self) -> list[Cell]:
         """Every (grid point, seed), seeds outermost; the random-init baseline first per seed."""
