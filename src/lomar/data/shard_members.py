@@ -28,7 +28,8 @@ def _identity(shard: Path) -> tuple[int, ...] | None:
         st = os.stat(shard)
     except OSError:
         return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    # ctime too: a tool that rewrites a file in place and restores its mtime (rsync --inplace -t) cannot set it back
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def scanned_count(shard: Path, thumbnails: list[str]) -> int | None:
