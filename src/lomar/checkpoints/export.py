@@ -57,21 +57,20 @@ def timm_architecture(config: ViTConfig, num_classes: int = 0, global_pool: str 
         args.update(window_size=config.window_size, global_blocks=list(config.global_blocks))
     if num_classes and global_pool == "cls":  # timm's name for the cls token's pooling
         args["global_pool"] = "token"
-    # a classifier is scored as `lomar finetune` scored it (crop 1.0 above 224 px); an encoder as knn / linprobe do
-    crop = eval_crop_ratio(max(_sides(config.img_size))) if num_classes else 0.875
-    return (f"lomar_vit_{size}_patch{patch}", args,
-            timm_pretrained_cfg(config.in_chans, config.img_size, num_classes, crop_pct=crop))
+    return f"lomar_vit_{size}_patch{patch}", args, timm_pretrained_cfg(config.in_chans, config.img_size, num_classes)
 
 
 def _sides(img_size: int | tuple[int, int]) -> tuple[int, int]:
     return tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
 
 
-def timm_pretrained_cfg(in_chans: int, img_size: int | tuple[int, int], num_classes: int,
-                        crop_pct: float = 0.875) -> dict:
+def timm_pretrained_cfg(in_chans: int, img_size: int | tuple[int, int], num_classes: int) -> dict:
     """The ``pretrained_cfg`` an export's config.json gives timm: input size (C, H, W), ImageNet normalisation with
-    one value per input channel (timm's eval transform normalises with them as given)."""
-    return {"input_size": [in_chans, *_sides(img_size)], "interpolation": "bicubic", "crop_pct": crop_pct,
+    one value per input channel (timm's eval transform normalises with them as given), and lomar's own eval crop:
+    a classifier's as `lomar finetune` scored it (1.0 above 224 px), an encoder's (any method's) as knn and
+    linprobe crop."""
+    crop = eval_crop_ratio(max(_sides(img_size))) if num_classes else 0.875
+    return {"input_size": [in_chans, *_sides(img_size)], "interpolation": "bicubic", "crop_pct": crop,
             "mean": _per_channel(IMAGENET_MEAN, in_chans), "std": _per_channel(IMAGENET_STD, in_chans),
             "num_classes": num_classes,
             "first_conv": "patch_embed.proj", "fixed_input_size": False, "license": "apache-2.0"}

@@ -58,7 +58,7 @@ def export_beit_encoder(beit: BEiT, out_dir: str | Path, weights_name: str = RUN
     args = timm_beit_args(beit)
     # A registered timm name whose constructor takes every argument in model_args, which spell out this
     # architecture: timm.create_model('local-dir:DIR', pretrained=True) rebuilds it with no lomar import.
-    pretrained_cfg = timm_pretrained_cfg(beit.config.in_chans, beit.config.img_size, 0, crop_pct=0.9)
+    pretrained_cfg = timm_pretrained_cfg(beit.config.in_chans, beit.config.img_size, 0)
     config = {"architecture": TIMM_ARCHITECTURE, "num_classes": 0, "model_args": args, "pretrained_cfg": pretrained_cfg,
               "method": "beit", "weights": weights_name, "timm_args": args, "beit_config": beit.config.to_dict(),
               **(metadata or {})}
