@@ -298,7 +298,7 @@ def test_a_stop_signal_that_a_slice_took_after_its_last_step_stops_the_study(tmp
             flag.restore()
         return 0
 
-    monkeypatch.setattr(runner, "read_progress", lambda folder, batch: (steps[0], 1.0, 0.5))
+    monkeypatch.setattr(runner, "read_progress", lambda folder, batch: (steps[0], [1.0], 0.5))
     monkeypatch.setattr(runner, "pretrain", slice_signalled_at_its_end)
     spec = _spec(labelled, budget="1steps", grid={"method": ["lomar"]}, random_init=False, eval={"metrics": []})
     with pytest.raises(StudyStopped, match="stopped at step 1 .signal.; re-run the same command to continue"):
@@ -324,7 +324,7 @@ def test_a_stopped_study_exits_with_its_signals_code(tmp_path, labelled, monkeyp
             flag.restore()
         return 0
 
-    monkeypatch.setattr(runner, "read_progress", lambda folder, batch: (0, 1.0, 0.5))
+    monkeypatch.setattr(runner, "read_progress", lambda folder, batch: (0, [1.0], 0.5))
     monkeypatch.setattr(runner, "pretrain", slice_signalled)
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(_spec(labelled, budget="1steps", grid={"method": ["lomar"]}, random_init=False,
@@ -395,8 +395,34 @@ def test_a_resumed_study_reads_past_the_torn_last_line_of_a_killed_runs_log(tmp_
     records = [{"step": s, "epoch": 0, "loss": 1.0 / s, "lr": 1e-3, "img_s": 8.0} for s in (1, 2, 3)]
     lines = [json.dumps(r) for r in records] + [json.dumps({"step": 4, "epoch": 0, "loss": 0.2})[:17]]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
-    steps, seconds, loss = runner.read_progress(tmp_path, batch=4)
-    assert (steps, seconds) == (3, 1.5) and loss == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+    steps, times, loss = runner.read_progress(tmp_path, batch=4)
+    assert (steps, times) == (3, [0.5] * 3) and loss == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+
+
+def test_a_seconds_budgets_next_slice_is_planned_at_the_latest_slices_pace(tmp_path, labelled, monkeypatch):
+    """A machine twice as busy since the second of three 10 s slices (80 steps of 1/8 s, then 40 of 1/4 s): the
+    mean pace over the run planned the last slice to step 180, 15 s at the pace it trains at, 5 s (17 %) past the
+    30 s budget."""
+    spec = parse_spec(_spec(labelled, budget="30s", slice="10s", grid={"method": ["lomar"]}, random_init=False,
+                            eval={"metrics": []}))
+    cell = spec.cells()[0]
+    run = runner.CellRun(runner.Study(spec, tmp_path), cell, tmp_path / "cells" / cell.name, spec.budget)
+    run.folder.mkdir(parents=True)
+    records = [{"step": i + 1, "loss": 1.0, "img_s": run.batch / t} for i, t in enumerate([0.125] * 80 + [0.25] * 40)]
+    (run.folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    planned = []
+
+    def slice_at_its_pace(config):
+        planned.append(config.max_steps)
+        more = [{"step": s, "loss": 1.0, "img_s": run.batch / 0.25} for s in range(121, config.max_steps + 1)]
+        with open(run.folder / "metrics.jsonl", "a") as file:
+            file.writelines(json.dumps(r) + "\n" for r in more)
+        return 0
+
+    monkeypatch.setattr(runner, "pretrain", slice_at_its_pace)
+    run.advance()
+    assert planned == [160]  # old code: 180
+    assert sum(runner.read_progress(run.folder, run.batch)[1]) == 30.0
 
 
 @pytest.mark.slow  # one cell of 1 step, then a refused re-run: ~5 s

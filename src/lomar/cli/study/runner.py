@@ -24,10 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lomar.checkpoints.file_names import LAST, METRICS
+from lomar.checkpoints.file_names import LAST
 from lomar.checkpoints.io import atomic_write_text
 from lomar.cli.common import write_json
 from lomar.cli.study.evals import Scorer, check_options
+from lomar.cli.study.progress import pace, read_progress
 from lomar.cli.study.spec import (
     Budget,
     Cell,
@@ -42,7 +43,6 @@ from lomar.cli.study.spec import (
 from lomar.data.folder import build_pretrain_dataset
 from lomar.errors import UsageError
 from lomar.train.config import PretrainConfig, add_config_arguments, resolve_config
-from lomar.train.monitor import read_records
 from lomar.train.pretrain import TrainingError, train
 from lomar.train.run_state import RunLock, SaveError
 from lomar.viz.reconstruction import save_figure
@@ -106,14 +106,6 @@ def pretrain(config) -> int:
             return train(config)
         except (TrainingError, SaveError) as exc:
             raise StudyFailed(f"pretraining in {config.out} failed: {exc}") from None
-
-
-def read_progress(folder: Path, batch: int) -> tuple[int, float, float | None]:
-    """(steps, training seconds, mean loss of the last 10 steps) from a run's metrics.jsonl."""
-    records = [r for r in read_records(folder / METRICS) if "loss" in r]
-    seconds = sum(batch / r["img_s"] for r in records if r.get("img_s"))
-    tail = [r["loss"] for r in records[-10:]]
-    return (records[-1]["step"] if records else 0), seconds, (sum(tail) / len(tail) if tail else None)
 
 
 def cell_spec(spec: StudySpec, cell: Cell, total: Budget) -> dict[str, Any]:
@@ -192,8 +184,8 @@ class CellRun:
 
     def advance(self) -> None:
         key, point = next((k, p) for k, p in self.points.items() if k not in self.state["points"])
-        steps, seconds, _ = read_progress(self.folder, self.batch)
-        rate = steps / seconds if steps and seconds else None
+        steps, times, _ = read_progress(self.folder, self.batch)
+        seconds, rate = sum(times), pace(times, self.study.spec.slice_s)
         if steps >= self.end or (steps >= point.value if point.unit == "steps" else
                                  steps > 0 and seconds >= point.value - (0.5 / rate if rate else 0.0)):
             return self._evaluate(key, steps, seconds)  # past the schedule's end: every point is evaluated here
@@ -252,7 +244,7 @@ class Study:
         train_left, evals_left = 0.0, 0
         for run in self.runs:
             if run.total.unit == "seconds" and not run.cell.random_init:
-                train_left += max(0.0, run.total.value - read_progress(run.folder, run.batch)[1])
+                train_left += max(0.0, run.total.value - sum(read_progress(run.folder, run.batch)[1]))
             evals_left += sum(key not in run.state["points"] for key in run.points) * len(self.spec.eval.metrics)
         per_eval = sum(self.eval_seconds) / len(self.eval_seconds) if self.eval_seconds else 5.0
         left = train_left * 1.3 + evals_left * per_eval
@@ -261,7 +253,8 @@ class Study:
     def _interleave(self) -> None:
         while not all(r.done for r in self.runs):
             for run in [r for r in self.runs if not r.done]:
-                steps, seconds, _ = read_progress(run.folder, run.batch)
+                steps, times, _ = read_progress(run.folder, run.batch)
+                seconds = sum(times)
                 done = "random init, 1 step at lr 0" if run.cell.random_init else \
                     f"step {steps}, {seconds:.0f}s/{run.total} trained" if run.total.unit == "seconds" else \
                     f"step {steps}/{run.points['end'].value:g}, {seconds:.0f}s trained"
