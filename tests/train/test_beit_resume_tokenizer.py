@@ -54,3 +54,37 @@ def test_a_resumed_beit_run_refuses_a_replaced_tokenizer_file(tmp_path, image_di
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--tokenizer {path} (tensors' sha256 {other.digest()[:12]})" in err
     assert f"trained with, {elsewhere} ({original.digest()[:12]})" in err
+
+
+def test_a_run_stopped_before_its_first_checkpoint_checks_a_given_tokenizer_against_its_recorded_file(tmp_path,
+                                                                                                       capsys):
+    """``--resume auto`` with only OUT/config.yaml: the run's fitted tokenizer is read where the folder now is, and a
+    --tokenizer given again is checked against that file's digest (no checkpoint keeps one)."""
+    import pytest
+    import torch
+    import yaml
+
+    from lomar.train.config import PretrainConfig
+    from lomar.train.settings import ConfigError
+
+    views = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    fitted, other = (fit_kmeans_tokenizer(views, vocab_size=3, patch=8, seed=seed, input_size=16) for seed in (0, 1))
+    run = tmp_path / "moved"  # recorded at tmp_path / "run", gone since
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"method": "beit",
+                                                     "tokenizer": str(tmp_path / "run" / "tokenizer.safetensors")}))
+    fitted.save(run / "tokenizer.safetensors")
+    explicit = {"out": str(run), "resume": "auto"}
+    saved, source = PretrainConfig.saved_run(explicit)
+    assert saved["tokenizer"] == str(run / "tokenizer.safetensors") and source == str(run / "config.yaml")
+    shutil.copyfile(run / "tokenizer.safetensors", tmp_path / "copy.safetensors")
+    saved, _ = PretrainConfig.saved_run({**explicit, "tokenizer": str(tmp_path / "copy.safetensors")})
+    assert saved["tokenizer"] == str(tmp_path / "copy.safetensors")
+    assert f"note: --tokenizer {tmp_path / 'copy.safetensors'} holds the tokenizer" in capsys.readouterr().err
+    other.save(tmp_path / "other.safetensors")
+    with pytest.raises(ConfigError, match=f"sha256 {other.digest()[:12]}.*, {run / 'tokenizer.safetensors'} "
+                                          f"\\({fitted.digest()[:12]}\\)"):
+        PretrainConfig.saved_run({**explicit, "tokenizer": str(tmp_path / "other.safetensors")})
+    (run / "tokenizer.safetensors").unlink()
+    with pytest.raises(ConfigError, match="which is gone, and the run kept no digest"):
+        PretrainConfig.saved_run({**explicit, "tokenizer": str(tmp_path / "copy.safetensors")})

@@ -4,7 +4,7 @@ export folder, for every command that writes or reads one; torch-free, for the c
 from __future__ import annotations
 
 __all__ = ["LAST", "BEST", "LAST_POINTER", "METRICS", "RUN_CONFIG", "KNN_LOG", "RUN_ENCODER", "LOSS_CURVE",
-           "ENCODER_WEIGHTS", "CONFIG_NAME"]
+           "FITTED_TOKENIZER", "ENCODER_WEIGHTS", "CONFIG_NAME"]
 
 # a run folder
 LAST = "last.pt"  # the newest checkpoint, written beside its checkpoint-N.pt
@@ -15,6 +15,7 @@ RUN_CONFIG = "config.yaml"  # the run's settings, as --config reads them back
 KNN_LOG = "knn.jsonl"  # pretrain's --knn-every scores
 RUN_ENCODER = "encoder.safetensors"  # pretrain's encoder at the end of the run, beside CONFIG_NAME
 LOSS_CURVE = "loss.png"
+FITTED_TOKENIZER = "tokenizer.safetensors"  # pretrain --method beit's k-means tokenizer, without --tokenizer
 
 # an export folder (lomar export; timm's and Hugging Face's names)
 ENCODER_WEIGHTS = "model.safetensors"

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from lomar.checkpoints.export_beit import export_beit_encoder
+from lomar.checkpoints.file_names import FITTED_TOKENIZER
 from lomar.data.folder import build_pretrain_dataset
 from lomar.data.shard_members import read_ahead
 from lomar.data.shards import TarShardDataset, is_shard_pattern, shard_paths
 from lomar.errors import first_on_machine
-from lomar.methods import FITTED_TOKENIZER
 from lomar.methods.base import Method, check_windows, plan_kwargs, plan_masker
 from lomar.models.beit import BEiTConfig
 from lomar.models.beit_pretrain import BEiTPretrain, tokenizer_view
@@ -31,8 +31,8 @@ from lomar.train.run_state import read_meta
 from lomar.train.schedule import lr_at_whole_steps
 from lomar.viz.tokens import token_figure
 
-__all__ = ["METHOD", "RECIPE", "prepare", "fit_on_training_images", "layer_scale_init", "same_tokenizer",
-           "FIT_IMAGES", "MAX_VOCAB"]
+__all__ = ["METHOD", "RECIPE", "prepare", "fit_on_training_images", "layer_scale_init", "resume_settings",
+           "same_tokenizer", "FIT_IMAGES", "MAX_VOCAB"]
 
 FIT_IMAGES = 64  # sample of training crops the built-in tokenizer is fitted on
 MAX_VOCAB = 8192  # BEiT's vocabulary
@@ -158,6 +158,24 @@ def same_tokenizer(given: str, recorded: str, checkpoint: str | None, source: st
            f"{kept[:12]}): the run reads it from there"
 
 
+def resume_settings(saved: dict, source: str, checkpoint: str | None, explicit: dict) -> str | None:
+    """The tokenizer a resumed run reads (:attr:`Method.resume_settings`): its fitted one where the run folder now
+    is, or a ``--tokenizer`` given again that holds the same tokenizer (:func:`same_tokenizer`)."""
+    if not saved.get("tokenizer"):
+        return None
+    # The fitted tokenizer lives in the run's folder, recorded by its absolute path: a run folder moved since reads
+    # it where the checkpoint now is, not what is at the old place (gone, or another run's there since); the
+    # checkpoint's tokenizer digest still checks that it is the one the run trained with.
+    recorded, beside = Path(saved["tokenizer"]), Path(source).parent / FITTED_TOKENIZER
+    if recorded.name == FITTED_TOKENIZER and beside.is_file():
+        saved["tokenizer"] = str(beside.absolute())
+    if not (given := explicit.get("tokenizer")) or given == saved["tokenizer"]:
+        return None
+    note = same_tokenizer(given, saved["tokenizer"], checkpoint, source)
+    saved["tokenizer"] = given
+    return note
+
+
 def _tokenizer_for(config, grid, tokenizer=None):
     """``config.tokenizer`` loaded (or the one :func:`prepare` fitted), its view set to grid × stride px
     (both kinds are convolutional / per patch, so any multiple of the stride works)."""
@@ -187,4 +205,5 @@ METHOD = Method(
     validate=validate, prepare=prepare, build=build, masker=plan_masker, forward_kwargs=plan_kwargs,
     export=lambda model, out, metadata: export_beit_encoder(model.beit, out, metadata=metadata),
     figure=token_figure, step_metrics={"masked_token_accuracy": lambda output: output.accuracy},
-    recipe=RECIPE, recipe_source=RECIPE_SOURCE, lr_schedule=lr_at_whole_steps, reads=("tokenizer", "layer_scale_init"))
+    recipe=RECIPE, recipe_source=RECIPE_SOURCE, lr_schedule=lr_at_whole_steps, reads=("tokenizer", "layer_scale_init"),
+    resume_settings=resume_settings)
