@@ -3,6 +3,8 @@ processes: tests/cli/test_pretrain_cli.py's torchrun test)."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from helpers import write_images
 from lomar import VisionTransformer, ViTConfig
 from lomar.data.collate import BadDataTracker
 from lomar.eval.features import extract_features, knn_loaders, read_features
+from lomar.eval.knn import KnnMonitor
 from lomar.eval.knn_shared import batch_share, share_loader
 
 
@@ -38,3 +41,21 @@ def test_the_shares_features_joined_are_the_single_process_features(tmp_path):
         assert [len(y) for _, y in parts] == ([3, 7] if world == 2 else [0, 3, 4, 3])  # the unreadable one left out
         assert torch.equal(torch.cat([f.reshape(len(y), whole.shape[1]) for f, y in parts]), whole)  # bit for bit
         assert torch.equal(torch.cat([y for _, y in parts]), labels)
+
+
+@pytest.mark.parametrize("local_rank, says", [("0", True), ("1", False)])
+def test_under_torchrun_the_first_process_of_a_machine_alone_says_what_the_folders_hold(
+        tmp_path, caplog, monkeypatch, local_rank, says):
+    # every process lists the k-NN folders: torchrun --nproc-per-node 8 printed each of these warnings 8 times
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            write_images(tmp_path / split / label, 1, size=(12, 12))
+        write_images(tmp_path / split, 1, size=(12, 12))  # an image outside the class folders: a warning
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    with caplog.at_level("WARNING", logger="lomar.data"):
+        monitor = KnnMonitor(tmp_path, img_size=32, batch_size=2, workers=0, rank=int(local_rank), world_size=2)
+    said = [r.getMessage() for r in caplog.records if "outside the class folders" in r.getMessage()]
+    assert len(said) == (2 if says else 0), said  # train's and val's
+    assert [len(loader.dataset) for loader in monitor.loaders] == [2, 2]
+    assert not logging.getLogger("lomar.data").filters  # the next warning is said again

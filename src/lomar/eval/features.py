@@ -7,6 +7,9 @@ format are read through :mod:`lomar.checkpoints.formats`.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -17,8 +20,7 @@ from timm.models.beit import Beit, checkpoint_filter_fn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from lomar.checkpoints.file_names import CONFIG_NAME, LAST
-from lomar.checkpoints.formats import BEiTReader, read
+from lomar.checkpoints.formats import BEiTReader, read, stopped_run_checkpoint
 from lomar.checkpoints.io import check_finite
 from lomar.checkpoints.keys import CLASSIFIER_PREFIXES, drop_final_norm
 from lomar.checkpoints.kinds import run_command
@@ -87,9 +89,10 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a checkpoint file or an exported folder")
-    unfinished = path.is_dir() and not (path / CONFIG_NAME).exists() and (path / LAST).is_file()
-    if unfinished:  # a run stopped by a signal has no export yet: its last checkpoint, not "a folder without
-        path = path / LAST  # config.json; pass ... a folder written by lomar pretrain", which it is
+    # a run stopped by a signal has no export yet: its last checkpoint, not "a folder without config.json; pass ...
+    # a folder written by lomar pretrain", which it is
+    unfinished = (last := stopped_run_checkpoint(path)) is not None
+    path = last or path
     # Reading draws nothing from the global RNG (some formats build a model to read it): the new head and every
     # later draw of a run are then the same whatever form the same weights come in.
     heads = {"num_heads": overrides["num_heads"]} if overrides.get("num_heads") else {}
@@ -219,7 +222,8 @@ def eval_resize(img_size: int) -> int:
 
 
 def knn_loaders(train: str | Path, val: str | Path | None = None, img_size: int = 224, batch_size: int = 128,
-                workers: int = 4, worker_init_fn=None, decode: str = "full") -> tuple[DataLoader, DataLoader]:
+                workers: int = 4, worker_init_fn=None, decode: str = "full",
+                warn: bool = True) -> tuple[DataLoader, DataLoader]:
     """(train, val) loaders of class-folder splits with :func:`eval_transform`, unshuffled (``worker_init_fn``: the
     DataLoader's, e.g. a training run's, whose workers leave its stop signals to it). ``decode="draft"`` decodes a
     JPEG at the smallest DCT scale that keeps its short side at least the resize's
@@ -227,17 +231,30 @@ def knn_loaders(train: str | Path, val: str | Path | None = None, img_size: int 
 
     ``train`` alone is a root holding ``train/`` and ``val/``. Unreadable images are skipped
     (each batch is a :class:`lomar.data.collate.LabelledBatch` naming them). Raises ValueError
-    naming a missing split or a class mismatch.
+    naming a missing split or a class mismatch. ``warn`` False: what listing the folders finds (files left out,
+    links, empty classes) is not said, as by the torchrun processes of a machine but its first, which says it.
     """
     roots = (Path(train), Path(val)) if val is not None else (Path(train) / "train", Path(train) / "val")
     if decode not in ("full", "draft"):
         raise ValueError(f"decode must be full or draft, got {decode!r}")
     load = partial(load_image_reduced, min_side=eval_resize(img_size)) if decode == "draft" else load_image
-    sets = [LabelledImageFolder(root, eval_transform(img_size), load) for root in roots]
-    sets[0].check_same_classes(sets[1])
-    sets[0].check_classes()
+    with contextlib.nullcontext() if warn else _unsaid(logging.getLogger("lomar.data")):
+        sets = [LabelledImageFolder(root, eval_transform(img_size), load) for root in roots]
+        sets[0].check_same_classes(sets[1])
+        sets[0].check_classes()
     return tuple(DataLoader(s, batch_size, shuffle=False, num_workers=workers,  # type: ignore[return-value]
                             collate_fn=collate_labelled, worker_init_fn=worker_init_fn) for s in sets)
+
+
+@contextlib.contextmanager
+def _unsaid(logger: logging.Logger) -> Iterator[None]:
+    """``logger``'s own records dropped for the block, by a filter of its own: its other settings stay as they are."""
+    drop = logging.Filter("-")  # passes no record: no logger has that name
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 @torch.no_grad()

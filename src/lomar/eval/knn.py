@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from lomar.errors import first_on_machine
 from lomar.eval.features import Pool, extract_features, knn_loaders
 from lomar.eval.knn_shared import share_loader, shared_features
 from lomar.models.vit import VisionTransformer
@@ -131,8 +132,10 @@ class KnnMonitor:
     def __init__(self, root: str | Path, img_size: int, batch_size: int = 128, workers: int = 2,
                  k: int = 20, temperature: float = 0.07, worker_init_fn=None, decode: str = "full",
                  rank: int = 0, world_size: int = 1):
+        # every process lists the folders: the first of each machine says what it found (another's may differ)
         self.loaders = knn_loaders(root, img_size=img_size, batch_size=batch_size, workers=workers,
-                                   worker_init_fn=worker_init_fn, decode=decode)
+                                   worker_init_fn=worker_init_fn, decode=decode,
+                                   warn=world_size <= 1 or first_on_machine())
         self.k, self.temperature = k, temperature
         self.shares = tuple(share_loader(loader, rank, world_size) for loader in self.loaders) \
             if world_size > 1 else None
