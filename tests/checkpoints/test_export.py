@@ -351,6 +351,16 @@ def test_create_encoder_given_a_checkpoint_file_says_it_is_not_a_folder(tmp_path
         create_encoder(checkpoint)
 
 
+def test_export_paths_that_are_no_folder_are_named_for_the_python_caller(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(NotADirectoryError, match=r"file is a file, not a folder: an export is a folder"):
+        export_encoder(VisionTransformer(TINY), tmp_path / "file")  # was mkdir's "[Errno 17] File exists"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty/config.json not found; export an encoder first "
+                                                r"\(lomar.export_encoder, or `lomar export`\)$"):
+        create_encoder(tmp_path / "empty")
+
+
 def test_the_pretrained_cfg_gives_timm_the_exported_input_size_and_lomars_eval_crop(tmp_path):
     """A non-square export wrote input_size [3, [64, 96], [64, 96]], on which timm's eval transform failed; a
     classifier above 224 px gave crop_pct 0.875 where `lomar finetune` scored it with the whole image (1.0)."""

@@ -86,6 +86,9 @@ def _per_channel(rgb: tuple[float, ...], in_chans: int) -> list[float]:
 
 def write_export(out: Path, weights_name: str, state: dict, config: dict) -> Path:
     """Write ``state`` as safetensors and ``config`` as config.json into ``out``, both atomically."""
+    if out.exists() and not out.is_dir():  # making it a folder would fail with "[Errno 17] File exists"
+        raise NotADirectoryError(f"{out} is a file, not a folder: an export is a folder (config.json + weights); "
+                                 f"pass a folder path")
     atomic_write_bytes(out / weights_name, save(state))
     atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     return out
@@ -307,7 +310,8 @@ def read_export(path: str | Path, **overrides) -> Export:
         raise FileNotFoundError(f"{path} is a file, not an export folder (config.json + weights); export it with "
                                 f"`lomar export`, or load a checkpoint with lomar.checkpoints.formats.load_model")
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found; export an encoder with `lomar export` first")
+        raise FileNotFoundError(f"{config_path} not found; export an encoder first (lomar.export_encoder, or "
+                                f"`lomar export`)")
     data = read_config_json(config_path)
     if not str(data.get("architecture", "lomar_")).startswith("lomar_"):  # every lomar export's name starts so
         raise UsageError(f"{config_path} describes {data['architecture']!r}, not a lomar encoder (a timm or Hugging "
