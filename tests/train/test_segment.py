@@ -103,6 +103,18 @@ def test_sliding_window_equals_whole_image_for_a_pointwise_model():
     torch.testing.assert_close(small, whole[..., :20, :20])
 
 
+
+@pytest.mark.parametrize("patch, padded", [(14, (56, 84)), (16, (64, 96))])
+def test_whole_image_evaluation_pads_to_the_pyramids_coarsest_stride(patch, padded):
+    # a fixed 32 gave a patch-14 encoder (ViT-H/14) sides that are no multiple of its patch: a crash at the first
+    # --eval-mode whole evaluation, after training
+    encoder = VisionTransformer(ViTConfig(img_size=2 * patch, patch_size=patch, embed_dim=16, depth=4, num_heads=2))
+    model = UperNetSegmenter(encoder, num_classes=3, channels=8, aux_channels=8).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda _, args: seen.append(tuple(args[0].shape[-2:])))
+    assert predict_logits(model, torch.randn(1, 3, 42, 70), 3, "whole").shape == (1, 3, 42, 70)
+    assert seen == [padded]
+
 # ---- the command ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):

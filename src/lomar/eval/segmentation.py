@@ -47,16 +47,19 @@ def segmentation_metrics(confusion: torch.Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def predict_logits(model, image: torch.Tensor, num_classes: int, mode: str = "whole", crop: int = 512,
-                   stride: int = 341, size_divisor: int = 32) -> torch.Tensor:
+                   stride: int = 341, size_divisor: int | None = None) -> torch.Tensor:
     """Logits (1, N, h, w) of one image (1, 3, h, w).
 
-    ``whole``: the image padded (bottom/right) to a multiple of ``size_divisor``, one forward.
+    ``whole``: the image padded (bottom/right) to a multiple of ``size_divisor`` (default: the model's
+    ``size_divisor``, a :class:`~lomar.integrations.segmenter.UperNetSegmenter`'s coarsest stride, else 32),
+    one forward.
     ``slide``: mmseg's ``slide_inference``: ``crop``-sized windows every ``stride`` pixels (the
     last one flush with the border), logits averaged where windows overlap; an image smaller
     than ``crop`` is padded to it.
     """
     h, w = image.shape[-2:]
     if mode == "whole":
+        size_divisor = size_divisor or getattr(model, "size_divisor", 32)
         pad_h, pad_w = -h % size_divisor, -w % size_divisor
         logits = model(F.pad(image, (0, pad_w, 0, pad_h)))
         return logits[..., :h, :w]

@@ -41,6 +41,9 @@ class UperNetSegmenter(nn.Module):
                                            grad_checkpointing=grad_checkpointing, train_pos_embed=train_pos_embed)
         dim = self.backbone.encoder.embed_dim
         self.num_classes = num_classes
+        # the coarsest pyramid stride (max pool of the patch grid): a whole image padded to a multiple of it maps
+        # onto every level exactly; 32 for patch 16, mmseg's size divisor
+        self.size_divisor = 2 * self.backbone.encoder.config.patch_size
         self.decode_head = UPerHead([dim] * 4, num_classes, channels)
         self.aux_weight = aux_weight
         self.aux_head = FCNHead(dim, num_classes, aux_channels) if aux_weight else None
