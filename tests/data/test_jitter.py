@@ -10,7 +10,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from lomar.data.jitter import crop_of_resized_masks, train_transforms
+from lomar.data.jitter import _boxes_from_masks, crop_of_resized_masks, train_transforms
 
 
 def test_a_strip_scaled_to_under_a_pixel_keeps_one():
@@ -75,15 +75,14 @@ def test_the_crop_of_resized_masks_is_bit_for_bit_the_crop_of_the_resize():
     generator = torch.Generator().manual_seed(0)
     for shape, size in cases:
         masks = (torch.rand(shape, generator=generator) < 0.5).to(torch.uint8)
-        if rng.random() < 0.5:  # the jitter flips before it resizes
-            masks = TF.horizontal_flip(masks)
         height, width = rng.randint(1, size[0]), rng.randint(1, size[1])
         top, left = rng.randint(0, size[0] - height), rng.randint(0, size[1] - width)
         if max(size) > 3000:  # the ties: the whole frame
             top, left, height, width = 0, 0, *size
-        expected = _reference(masks, size, top, left, height, width)
-        got = crop_of_resized_masks(masks, size, top, left, height, width)
-        assert got.shape == expected.shape and torch.equal(got, expected), (shape, size, top, left, height, width)
+        for flip in (False, True):  # the jitter's flip, folded into the columns gathered
+            expected = _reference(TF.horizontal_flip(masks) if flip else masks, size, top, left, height, width)
+            got = crop_of_resized_masks(masks, size, top, left, height, width, flip=flip)
+            assert got.shape == expected.shape and torch.equal(got, expected), (shape, size, top, left, width, flip)
 
 
 class _Made(TorchDispatchMode):
@@ -113,8 +112,71 @@ def test_the_jitter_makes_the_masks_once_at_the_crop():
     target = {"boxes": tv_tensors.BoundingBoxes([[10, 5, 45, 35]] * count, format="XYXY", canvas_size=(height, width)),
               "masks": tv_tensors.Mask(masks), "labels": torch.ones(count, dtype=torch.int64)}
     torch.manual_seed(0)
+    assert torch.rand(1) < 0.5  # seed 0 flips the sample
+    torch.manual_seed(0)
     with _Made() as made:
         out, target = train_transforms(64, (2.0, 2.0))(image, target)
     cropped = target["masks"].numel()
     assert target["masks"].shape == (count, 64, 64) and len(target["boxes"]) == count
     assert max(made.sizes) == cropped and made.sizes.count(cropped) == 1, sorted(made.sizes)[-5:]
+    assert masks.numel() not in made.sizes  # the flip copied every mask whole before the jitter
+
+
+class _ReferenceJitter(v2.ScaleJitter):
+    """The jitter composed of torchvision's own ops: after RandomHorizontalFlip, ScaleJitter's scale then a crop
+    drawn as lomar's, every input resized whole (masks by NEAREST_EXACT) and then cropped."""
+
+    def __init__(self, size, scale_range):
+        super().__init__((size, size), scale_range=scale_range, antialias=True)
+        self.size = size
+
+    def make_params(self, flat_inputs):
+        height, width = (max(1, side) for side in v2.ScaleJitter.make_params(self, flat_inputs)["size"])
+        h, w = min(height, self.size), min(width, self.size)
+        top, left = int(torch.randint(height - h + 1, ())), int(torch.randint(width - w + 1, ()))
+        return {"size": (height, width), "window": (top, left, h, w)}
+
+    def transform(self, inpt, params):
+        mode = v2.InterpolationMode.NEAREST_EXACT if isinstance(inpt, tv_tensors.Mask) else self.interpolation
+        resized = self._call_kernel(TF.resize, inpt, size=list(params["size"]), interpolation=mode, antialias=True)
+        return self._call_kernel(TF.crop, resized, *params["window"])
+
+
+def _reference_pipeline(size, scale_range):
+    return v2.Compose([v2.RandomHorizontalFlip(), _ReferenceJitter(size, scale_range), _boxes_from_masks,
+                       v2.ToImage(), v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)])
+
+
+def test_the_jitter_is_bit_for_bit_torchvisions_flip_resize_and_crop():
+    # the flip is folded into the columns the crop gathers (no full-size copy of the masks): images, boxes, masks,
+    # labels and the random stream after each sample as flipping every mask whole, then resizing and cropping it
+    rng = random.Random(1)
+    flipped = 0
+    for case in range(150):
+        height, width = rng.choice([1, 2, 3, 7, 31, 60]), rng.choice([1, 2, 5, 33, 64])
+        count = rng.choice([0, 1, 3, 12])
+        generator = torch.Generator().manual_seed(case)
+        image = tv_tensors.Image(torch.randint(0, 256, (3, height, width), generator=generator, dtype=torch.uint8))
+        masks = (torch.rand(count, height, width, generator=generator) < rng.choice([0.02, 0.5])).to(torch.uint8)
+        masks[:count // 3] = 0  # empty instances
+        boxes = torch.tensor([[0, 0, width, height]] * count, dtype=torch.float32).view(count, 4)
+        labels = torch.arange(count)
+        size = rng.choice([32, 48, 64])
+        low = rng.choice([0.1, 0.3, 1.0])
+        scale_range = (low, rng.choice([low, 1.7, 2.0]))
+        outputs = []
+        for pipeline in (_reference_pipeline(size, scale_range), train_transforms(size, scale_range)):
+            target = {"boxes": tv_tensors.BoundingBoxes(boxes.clone(), format="XYXY", canvas_size=(height, width)),
+                      "masks": tv_tensors.Mask(masks.clone()), "labels": labels.clone(), "image_id": case}
+            torch.manual_seed(case)
+            outputs.append((*pipeline(image.clone(), target), torch.get_rng_state()))
+        torch.manual_seed(case)
+        flipped += bool(torch.rand(1) < 0.5)
+        (image_ref, target_ref, state_ref), (image_got, target_got, state_got) = outputs
+        assert torch.equal(image_got, image_ref) and torch.equal(state_got, state_ref), case
+        assert target_got.keys() == target_ref.keys() and target_got["image_id"] == case
+        for key in ("boxes", "masks", "labels"):
+            got, ref = target_got[key], target_ref[key]
+            assert type(got) is type(ref) and got.dtype == ref.dtype and torch.equal(got, ref), (case, key)
+        assert target_got["boxes"].canvas_size == target_ref["boxes"].canvas_size == tuple(image_got.shape[-2:])
+    assert 50 < flipped < 100

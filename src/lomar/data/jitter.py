@@ -12,15 +12,19 @@ __all__ = ["train_transforms", "eval_transforms", "crop_of_resized_masks"]
 
 
 def crop_of_resized_masks(masks: torch.Tensor, size: tuple[int, int], top: int, left: int, height: int,
-                          width: int) -> torch.Tensor:
+                          width: int, flip: bool = False) -> torch.Tensor:
     """``masks`` (N, H, W), contiguous, resized to ``size`` (H', W') by NEAREST_EXACT, then cropped to rows ``top``
     to ``top + height`` and columns ``left`` to ``left + width`` of the resized frame: (N, height, width), bit for
     bit ``TF.crop(TF.resize_image(masks, size, NEAREST_EXACT), top, left, height, width)`` for a window inside the
     frame, without making the (N, H', W') masks (90 objects of a 640 x 480 image at 2x jitter and 1024 px: 270 MiB
     for a 90 MiB crop). A nearest resize reads one source pixel per output pixel, so the crop gathers them: the
-    columns (into (N, H, width)), then the rows; gather is 5x as fast as one advanced index of both on uint8."""
+    columns (into (N, H, width)), then the rows; gather is 5x as fast as one advanced index of both on uint8.
+    ``flip``: of the masks mirrored left to right first (``TF.horizontal_flip``), without that full-size copy: the
+    mirror has the masks' shape and layout, so its resize reads the same columns c of it: columns W - 1 - c here."""
     rows = _nearest_sources(masks, size[0], dim=-2)[top:top + height]
     cols = _nearest_sources(masks, size[1], dim=-1)[left:left + width]
+    if flip:
+        cols = masks.shape[-1] - 1 - cols
     return masks.gather(-1, cols.expand(len(masks), masks.shape[-2], width)).index_select(-2, rows)
 
 
@@ -42,17 +46,19 @@ def _nearest_sources(masks: torch.Tensor, resized: int, dim: int) -> torch.Tenso
     return read[0, 0].flatten().long()
 
 
-class _JitterAndCrop(v2.ScaleJitter):
-    """ViTDet's large-scale jitter and fixed-size crop: resize to ``size`` x a random scale (aspect kept), then a
-    random crop of at most ``size`` x ``size`` (a smaller image is left whole: the model pads every image to the
-    fixed input size at its bottom-right, as ViTDet's FixedSizeCrop). One transform, so that masks are made at the
-    crop only (:func:`crop_of_resized_masks`); the draws are those of torchvision's ScaleJitter, then the crop's."""
+class _FlipJitterAndCrop(v2.ScaleJitter):
+    """ViTDet's horizontal flip (half the samples), large-scale jitter and fixed-size crop: resize to ``size`` x a
+    random scale (aspect kept), then a random crop of at most ``size`` x ``size`` (a smaller image is left whole: the
+    model pads every image to the fixed input size at its bottom-right, as ViTDet's FixedSizeCrop). One transform,
+    so that masks are made at the crop only, flipped there (:func:`crop_of_resized_masks`); the draws are those of
+    torchvision's RandomHorizontalFlip (one uniform number), then ScaleJitter's, then the crop's."""
 
     def __init__(self, size: int, scale_range: tuple[float, float]):
         super().__init__((size, size), scale_range=scale_range, antialias=True)
         self.crop_size = size
 
     def make_params(self, flat_inputs: list) -> dict:
+        flip = bool(torch.rand(1) < 0.5)  # RandomHorizontalFlip(0.5) leaves a sample whose draw is >= 0.5
         drawn = v2.ScaleJitter.make_params if hasattr(v2.ScaleJitter, "make_params") else v2.ScaleJitter._get_params
         height, width = drawn(self, flat_inputs)["size"]
         # each side at least 1 px: at the low end of the scale the short side of a strip (a 5 x 700 image at size
@@ -61,15 +67,18 @@ class _JitterAndCrop(v2.ScaleJitter):
         h, w = min(height, self.crop_size), min(width, self.crop_size)
         top = int(torch.randint(height - h + 1, ()))
         left = int(torch.randint(width - w + 1, ()))
-        return {"size": (height, width), "window": {"top": top, "left": left, "height": h, "width": w}}
+        return {"flip": flip, "size": (height, width), "window": {"top": top, "left": left, "height": h, "width": w}}
 
     def transform(self, inpt, params: dict):
         if isinstance(inpt, tv_tensors.Mask):
             # torchvision resizes masks by NEAREST, which samples source pixel floor(x * in / out): at a scale that
             # is not a whole number the mask (and the box recomputed from it) lands up to half a pixel right of and
             # below the bilinear image; NEAREST_EXACT samples at pixel centres, as detectron2's PIL resize does
-            cropped = crop_of_resized_masks(inpt.as_subclass(torch.Tensor), params["size"], **params["window"])
+            cropped = crop_of_resized_masks(inpt.as_subclass(torch.Tensor), params["size"], **params["window"],
+                                            flip=params["flip"])
             return tv_tensors.wrap(cropped, like=inpt)
+        if params["flip"]:  # the image whole: its antialiased resize is no gather, and it is one mask's size x 3
+            inpt = self._call_kernel(TF.horizontal_flip, inpt)
         return self._call_kernel(TF.crop, self._resize(inpt, params["size"]), **params["window"])
 
     def _resize(self, inpt, size: tuple[int, int]):
@@ -114,8 +123,7 @@ def train_transforms(size: int, scale_range: tuple[float, float] = (0.1, 2.0)) -
     scale in ``scale_range`` (aspect kept), crop to at most ``size``; boxes recomputed from the masks,
     emptied ones dropped."""
     return v2.Compose([
-        v2.RandomHorizontalFlip(),
-        _JitterAndCrop(size, scale_range),
+        _FlipJitterAndCrop(size, scale_range),
         _boxes_from_masks,
         *eval_transforms().transforms,
     ])
