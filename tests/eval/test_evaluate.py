@@ -374,6 +374,24 @@ def test_finetune_evaluates_past_a_batch_of_only_unreadable_images(pretrained, f
     assert err[-1] == f"lomar finetune: error: no image of {data / 'val'} could be read; fix or replace them"
 
 
+def test_finetune_top1_and_top5_count_every_validation_image_once_not_a_mean_of_batches():
+    """Batches 4 and 3: 4 of 7 right is top-1 4/7, where a mean of the batches' accuracies would say (1 + 0) / 2."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from torch.utils.data import Subset
+
+    from lomar.train.distributed import DistInfo
+
+    logits = torch.arange(6.0).repeat(7, 1)  # every image ranks class 5 first, class 0 last
+    images = TensorDataset(logits, torch.tensor([5, 5, 5, 5, 4, 3, 0]))  # the last batch: 2 of 3 in the top 5
+    images.root = Path("val")
+    task = SimpleNamespace(model=torch.nn.Identity(), device=torch.device("cpu"), info=DistInfo(),
+                           val_loader=DataLoader(Subset(images, range(7)), batch_size=4),
+                           autocast=contextlib.nullcontext, classes=list("abcdef"))
+    assert finetune.FinetuneTask.evaluate(task) == {"top1": pytest.approx(4 / 7), "top5": pytest.approx(6 / 7)}
+
+
 def test_knn_monitor_for_the_pretraining_hook(pretrained, folder):
     from lomar.eval.knn import KnnMonitor
 
