@@ -18,12 +18,13 @@ from lomar.errors import UsageError
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reader is forked on Linux only")
 
 
-def _coco(root: Path, images: int = 7) -> tuple[Path, Path]:
-    (root / "images").mkdir(parents=True)
+def _coco(root: Path, images: int = 7, folder: str = "") -> tuple[Path, Path]:
+    (root / "images" / folder).mkdir(parents=True)
     data = {"images": [], "annotations": [], "categories": [{"id": 9, "name": "a"}, {"id": 4, "name": "b"}]}
     for i in range(images):
-        (root / "images" / f"{i}.jpg").touch()  # read_coco checks that they are files; nothing here decodes them
-        data["images"].append({"id": 10 * i + 1, "file_name": f"{i}.jpg", "width": 16, "height": 12})
+        file_name = os.path.join(folder, f"{i}.jpg")
+        (root / "images" / file_name).touch()  # read_coco checks that they are files; nothing here decodes them
+        data["images"].append({"id": 10 * i + 1, "file_name": file_name, "width": 16, "height": 12})
         for k in range(i % 3):  # images 0, 3 and 6 have no box: training leaves it out
             data["annotations"].append({"id": 100 * i + k, "image_id": 10 * i + 1, "category_id": (9, 4)[k],
                                         "bbox": [1.0, 2.0, 8.5, 6.0], "iscrowd": int(i == 5 and k == 1),
@@ -223,3 +224,24 @@ def test_two_jobs_of_other_pixel_limits_keep_their_own_files(split_files, monkey
     _torchrun(monkeypatch, 0)
     coco_shared.shared_split(read, ann, images, "train")  # B's again: maps its own file, and prunes A's
     assert len(parses()) == 3 and [p.name for p in folder.iterdir()] == [coco_shared._identity(ann, images, "train")[0]]
+
+
+def test_an_image_deleted_in_a_subfolder_is_not_read_from_the_packed_file(tmp_path, monkeypatch):
+    # file_names in a subfolder (Objects365's "patch0/x.jpg"): deleting one changes that folder's mtime alone, and the
+    # file packed before, keyed by the image folder's, was mapped as if the image were there
+    monkeypatch.setenv("LOMAR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(coco_shared, "WAIT_S", 0.5)
+    ann, images = _coco(tmp_path / "coco", folder="patch0")
+    read = functools.partial(read_coco, ann, images)
+    _torchrun(monkeypatch, 0)
+    packed = coco_shared.shared_split(read, ann, images, "train")
+    _torchrun(monkeypatch, 1)
+    assert _targets(coco_shared.shared_split(read, ann, images, "train")) == _targets(packed)  # mapped
+    unchanged = os.stat(images).st_mtime_ns
+    (images / "patch0" / "4.jpg").unlink()
+    assert os.stat(images).st_mtime_ns == unchanged
+    with pytest.raises(UsageError, match="waited 0.5 s"):  # the file written for the old folder is not theirs
+        coco_shared.shared_split(read, ann, images, "train")
+    _torchrun(monkeypatch, 0)
+    with pytest.raises(UsageError, match=r"lists 1 image\(s\) not found under .*images, e\.g\. patch0/4\.jpg"):
+        coco_shared.shared_split(read, ann, images, "train")  # parsed anew, as for an image deleted at the top

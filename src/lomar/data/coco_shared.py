@@ -15,12 +15,13 @@ The file lives in a folder of the user's (``$LOMAR_CACHE_DIR``, else ``$XDG_CACH
 is created by the main process alone, maybe on another machine. It is kept, so a resumed or later run on the same
 file maps it at once (train2017's is about 0.4 GB; delete the folder to reclaim it). It is named by the annotation
 file's and image folder's resolved paths and the split, then by what decides its content: their identity (size,
-mtime_ns), the pixel limit and a digest of the code that packs it, which its header records too (a file that does not
-match is never used). So two jobs on the same files with another lomar or ``LOMAR_MAX_IMAGE_PIXELS`` each keep a file
-of their own, where one name made them overwrite each other's: one failed "cannot be read back", the other's
-processes waited out ``WAIT_S``. A first process removes the files of its paths and split of another identity unused
-for ``WAIT_S`` (using one touches it): every process of the job that wrote or used it has mapped it by then, and a
-mapped file that is unlinked stays readable; another job's writer renames its file into place fresh.
+mtime_ns), the pixel limit and a digest of the code that packs it, which its header records too (a file that does
+not match is never used), with the mtime_ns of each folder the split's images are in, known once it is parsed. So
+two jobs on the same files with another lomar or ``LOMAR_MAX_IMAGE_PIXELS`` each keep a file of their own, where one
+name made them overwrite each other's: one failed "cannot be read back", the other's processes waited out
+``WAIT_S``. A first process removes the files of its paths and split of another identity unused for ``WAIT_S``
+(using one touches it): every process of the job that wrote or used it has mapped it by then, and a mapped file that
+is unlinked stays readable; another job's writer renames its file into place fresh.
 
 The records are pickled (they are what :class:`PackedRecords` holds in memory; JSON took 10x pickle's time to write,
 about 200 us a record, and 4x to read). Unpickling runs whatever a crafted file says, so a cache file is read only from
@@ -124,10 +125,18 @@ def _prune(path: Path) -> None:
 
 
 def _header(split: CocoSplit, packed: tuple[PackedRecords, IntTable], identity: dict) -> bytes:
-    """What the split is besides its records, as JSON: ids kept exact, whatever their size."""
+    """What the split is besides its records, as JSON: ids kept exact, whatever their size; and the mtime_ns of each
+    folder its images are in (file_names such as Objects365's "patch0/x.jpg"): deleting or adding an image there
+    changes that folder's time alone, not the image folder's of the identity."""
+    folders = sorted({os.path.dirname(str(image["file_name"])) for image in split.data["images"]})
     return json.dumps({"identity": identity, "ids": list(packed[1]), "categories": split.categories,
                        "category_entries": [{"id": c["id"], "name": c["name"]} for c in split.data["categories"]],
-                       "summary": vars(split.summary)}).encode()
+                       "summary": vars(split.summary),
+                       "folders": {folder: _mtime_ns(str(split.root), folder) for folder in folders}}).encode()
+
+
+def _mtime_ns(root: str, folder: str) -> int:
+    return os.stat(os.path.join(root, folder)).st_mtime_ns
 
 
 def _write(path: Path, split: CocoSplit, packed: tuple[PackedRecords, IntTable], identity: dict) -> None:
@@ -167,6 +176,8 @@ def _load(path: Path, identity: dict) -> tuple[dict, tuple[PackedRecords, IntTab
         size, count = (int(v) for v in np.frombuffer(data[:16], dtype="<i8"))
         header = json.loads(bytes(data[16:16 + size]))
         if header.get("identity") != identity or count != len(header["ids"]) + 1:
+            return None
+        if any(_mtime_ns(identity["root"], folder) != mtime for folder, mtime in header["folders"].items()):
             return None
         offsets = data[16 + size:16 + size + 8 * count].view("<i8")
         buffer = data[16 + size + 8 * count:]
