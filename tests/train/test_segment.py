@@ -291,6 +291,18 @@ def test_bad_flags_end_in_one_line(digits, tmp_path, capsys, flags, message):
     assert message in err and err.count("\n") == 1
 
 
+
+def test_a_pretrained_encoders_patch_sets_the_img_size_multiple(digits, tmp_path, capsys):
+    # building it named the patch only and suggested 56, a size the next run refused (not a multiple of 32)
+    from lomar.checkpoints.export import export_encoder
+
+    encoder = VisionTransformer(ViTConfig(img_size=28, patch_size=14, embed_dim=16, depth=4, num_heads=2))
+    export_encoder(encoder, tmp_path / "p14")
+    assert _segment(digits, tmp_path / "run", "--pretrained", str(tmp_path / "p14")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--img-size must be a multiple of 224 (the coarsest pyramid stride, and the " \
+        f"patch size 14 of --pretrained {tmp_path / 'p14'}), got 32; e.g. 224" in err, err
+
 @pytest.mark.slow
 def test_torchrun_two_processes_train_and_gather_every_prediction(digits, tmp_path):
     """2 gloo processes: DDP training, the confusion matrices summed, every rank's predictions written."""

@@ -8,6 +8,7 @@ ones changed.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,8 @@ class SegmentConfig(TaskConfig):
 
     def check_settings(self) -> None:
         check_img_size(self)
+        if self.pretrained:
+            check_pretrained_patch(self.pretrained, self.img_size)
         if int(os.environ.get("WORLD_SIZE", "1") or 1) < 2 or self.device == "cpu":  # else the task checks, on CPU
             check_batch_norm_batch(self.batch_size)
         if self.eval_stride is not None and self.eval_stride > self.img_size:  # mmseg asserts the same
@@ -100,6 +103,20 @@ class SegmentConfig(TaskConfig):
         if self.num_classes is None:
             raise ConfigError("pass --num-classes N (the annotations' class ids are 1..N; 150 for ADE20K)")
         check_pretrained(self, "; pass a checkpoint or an exported folder, or leave it out for a random encoder")
+
+
+def check_pretrained_patch(pretrained: str, img_size: int) -> None:
+    """--img-size is a multiple of the pretrained encoder's patch as well as of 32 (:func:`check_img_size` for a
+    random one), told from its config or weight shapes before its weights or the data are read; building the
+    encoder would name only the patch, and a size it suggests (56 for patch 14) would be refused next."""
+    from lomar.checkpoints.formats import peek_encoder  # torch: not for --help
+
+    patch = (peek_encoder(pretrained) or ("vit", None))[1]
+    step = math.lcm(32, patch or 32)
+    if img_size % step:
+        raise ConfigError(f"--img-size must be a multiple of {step} (the coarsest pyramid stride, and the patch size "
+                          f"{patch} of --pretrained {pretrained}), got {img_size}; e.g. "
+                          f"{max(step, round(img_size / step) * step)}")
 
 
 def check_batch_norm_batch(batch_size: int) -> None:
