@@ -10,7 +10,7 @@ import errno
 import os
 import re
 
-__all__ = ["LomarError", "UsageError", "ANSI_ESCAPE", "FULL_DISK", "UNWRITABLE", "first_on_machine"]
+__all__ = ["LomarError", "UsageError", "ANSI_ESCAPE", "FULL_DISK", "UNWRITABLE", "first_on_machine", "in_flags"]
 
 # A terminal colour code, as torch's and other libraries' messages carry: dropped from a message that is read
 # (lomar.checkpoints.io) or shown on one line (lomar.cli.app).
@@ -26,6 +26,19 @@ def first_on_machine() -> bool:
     machine (``LOCAL_RANK`` 0). A single process (``WORLD_SIZE`` unset or 1) is the first whatever ``LOCAL_RANK`` a
     job's environment left set, as :func:`lomar.train.distributed.init_distributed` takes it."""
     return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+def in_flags(message: str, flags: dict[str, str]) -> str:
+    """A library message, which names the Python parameters it was given, in the words of the command line that
+    passed them: ``flags`` maps a parameter to its flag. ``name=value`` (a value quoted or not) reads ``--flag
+    value``; a bare name reads ``--flag`` where it has an underscore, which no word of the prose has (``pass
+    window_size <= 7``), and is left as it is without one (``patch``, ``windows``), which prose may hold."""
+    if not flags:
+        return message
+    names = "|".join(map(re.escape, sorted(flags, key=len, reverse=True)))
+    message = re.sub(rf"(?<![\w.-])({names})=(['\"]?)([^\s,;'\"]*)\2", lambda m: f"{flags[m[1]]} {m[3]}", message)
+    bare = "|".join(map(re.escape, sorted((name for name in flags if "_" in name), key=len, reverse=True)))
+    return re.sub(rf"(?<![\w.-])({bare})\b", lambda m: flags[m[1]], message) if bare else message
 
 
 class LomarError(Exception):

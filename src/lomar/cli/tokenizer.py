@@ -8,12 +8,11 @@ pickled ``encoder.pkl``, read without executing its code, or a state dict) as sa
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from pathlib import Path
 
 from lomar.cli.common import check_output_file, resolve_device
-from lomar.errors import UsageError
+from lomar.errors import UsageError, in_flags
 from lomar.train import settings as S
 from lomar.train.settings import Setting, add_settings
 
@@ -137,8 +136,7 @@ def run(args: argparse.Namespace) -> int:
                                          iters=args.iters, input_size=args.size, progress=progress, device=device)
         tokenizer.save(args.out, extra={"fitted_on": str(args.data), "images": str(read["images"])})
     except (ValueError, FileNotFoundError) as exc:  # the library's argument names, as the flags spell them
-        message = re.sub(r"\b(vocab_size|input_size|patch)=", lambda m: f"{_FLAGS[m[1]]} ", str(exc).splitlines()[0])
-        raise UsageError(re.sub(r"\bpass vocab_size\b", "pass --vocab", message)) from None
+        raise UsageError(in_flags(str(exc).splitlines()[0], _FLAGS)) from None
     skipped = f", {read['bad']} unreadable skipped" if read["bad"] else ""
     print(f"lomar: wrote {args.out} (vocabulary {tokenizer.vocab_size}, {read['images']} images{skipped})")
     return 0

@@ -1,0 +1,22 @@
+"""lomar.errors.in_flags: a library message, which names Python parameters, in a command's flags."""
+
+from __future__ import annotations
+
+from lomar.errors import in_flags
+
+FLAGS = {"window_size": "--window-size", "num_windows": "--windows", "placement": "--window-placement",
+         "patch": "--patch"}
+
+
+def test_values_and_underscored_names_read_as_flags_and_prose_stays():
+    message = ("num_windows=5 asks for more 7x7 windows than fit: the patch grid's window positions hold at most 2; "
+               "pass num_windows <= 2, placement='distinct', or use a larger image; window_size must be >= 2")
+    assert in_flags(message, FLAGS) == (
+        "--windows 5 asks for more 7x7 windows than fit: the patch grid's window positions hold at most 2; "
+        "pass --windows <= 2, --window-placement distinct, or use a larger image; --window-size must be >= 2")
+
+
+def test_names_inside_other_names_flags_or_attributes_are_left_alone():
+    message = "config.window_size=3 and the --window-size flag; max_num_windows=2 and patch_size=8, patch grid"
+    assert in_flags(message, FLAGS) == message
+    assert in_flags(message, {}) == message
