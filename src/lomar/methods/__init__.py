@@ -2,7 +2,8 @@
 
 A method module defines ``METHOD``, a :class:`lomar.methods.base.Method`: its defaults, checks,
 the explicit preparation step (BEiT's tokenizer), the model it builds, the per-sample masking
-drawn in the data workers, the batch → forward arguments, and its export and figure. Adding a
+drawn in the data workers, the batch → forward arguments, its export and figure, and what a
+resumed run reads again (BEiT's tokenizer, where a moved run folder now keeps it). Adding a
 method is one module here plus its model in :mod:`lomar.models`; nothing else lists methods.
 
 This package's ``__init__`` imports no torch, so ``--method`` choices cost nothing in ``--help``.
@@ -15,10 +16,9 @@ import pkgutil
 from functools import cache
 from pathlib import Path
 
-__all__ = ["names", "get_method", "variant_name", "FITTED_TOKENIZER"]
+__all__ = ["names", "get_method", "variant_name"]
 
 _NOT_METHODS = {"base"}
-FITTED_TOKENIZER = "tokenizer.safetensors"  # BEiT's k-means tokenizer, fitted into OUT when no --tokenizer is given
 
 
 @cache

@@ -19,7 +19,7 @@ import yaml
 
 from lomar.checkpoints.file_names import RUN_CONFIG
 from lomar.errors import first_on_machine
-from lomar.methods import FITTED_TOKENIZER, get_method, names
+from lomar.methods import get_method, names
 from lomar.train import settings as S
 from lomar.train.config_checks import check_data, check_decode, check_fsdp, check_method_settings, parse_share
 from lomar.train.settings import ConfigError
@@ -157,24 +157,14 @@ class PretrainConfig(TaskConfig):
             saved[0]["window_placement"] = "distinct"  # a run saved before placements existed drew distinct cells
         if saved is not None and "knn_decode" not in saved[0]:
             saved[0]["knn_decode"] = "full"  # a run saved before the setting scored its k-NN on full decodes
-        if saved is not None and saved[0].get("tokenizer"):
-            # BEiT's fitted tokenizer lives in the run's folder, recorded by its absolute path: a run folder moved
-            # since reads it where the checkpoint now is, not what is at the old place (gone, or another run's
-            # there since); the checkpoint's tokenizer digest still checks that it is the one the run trained with
-            recorded, beside = Path(saved[0]["tokenizer"]), Path(saved[1]).parent / FITTED_TOKENIZER
-            if recorded.name == FITTED_TOKENIZER and beside.is_file():
-                saved[0]["tokenizer"] = str(beside.absolute())
-            if (given := explicit.get("tokenizer")) and given != saved[0]["tokenizer"]:
-                from lomar.methods.beit import same_tokenizer  # torch: not for --help
-
-                checkpoint = None if saved[1] == str(yaml_path) else saved[1]
-                try:
-                    note = same_tokenizer(given, saved[0]["tokenizer"], checkpoint, saved[1])
-                except ValueError as exc:
-                    raise ConfigError(str(exc)) from None
-                saved[0]["tokenizer"] = given
-                if first_on_machine():
-                    print(f"lomar pretrain: note: {note}", file=sys.stderr)
+        if saved is not None and saved[0].get("method") in names():  # an unknown one is reported by validate
+            checkpoint = None if saved[1] == str(yaml_path) else saved[1]
+            try:
+                note = get_method(saved[0]["method"]).resume_settings(saved[0], saved[1], checkpoint, explicit)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            if note and first_on_machine():
+                print(f"lomar pretrain: note: {note}", file=sys.stderr)
         return saved
 
     @staticmethod
