@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from helpers import reference_dir
-from lomar import LoMaR, VisionTransformer, ViTConfig, create_encoder, export_encoder, load_original
+from lomar import LoMaR, VisionTransformer, ViTConfig, create_encoder, export_encoder, load_original, model_config
 from lomar.checkpoints.convert import load_model, pretrain_checkpoint
 from lomar.checkpoints.io import atomic_save
+from lomar.checkpoints.keys import lomar_to_original
 from lomar.cli.app import main
 
 timm = pytest.importorskip("timm")
@@ -180,6 +181,22 @@ def test_export_original_and_converted_agree(tmp_path):
     a, b = create_encoder(tmp_path / "a"), create_encoder(tmp_path / "b")
     assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
     assert isinstance(load_model(tmp_path / "c.pt"), LoMaR)
+
+
+def test_load_original_names_a_window_that_does_not_fit_by_its_parameter_and_the_command_by_its_flag(
+        tmp_path, capsys):
+    model = LoMaR(model_config("vit_tiny_patch16", img_size=64, embed_dim=32, depth=1, num_heads=2), window_size=3,
+                  num_windows=1)
+    path = tmp_path / "orig.pth"
+    torch.save({"model": lomar_to_original(model.state_dict()), "args": {"input_size": 64}}, path)
+    with pytest.raises(ValueError) as info:
+        load_original(path, window_size=5, num_heads=2)
+    assert str(info.value) == ("window_size=5: a 5x5 window does not fit the 4x4 patch grid; pass window_size <= 4 "
+                               "or use a larger image")
+    assert main(["load-original", str(path), "--to", str(tmp_path / "c.pt"), "--num-heads", "2",
+                 "--window-size", "5"]) == 2
+    assert capsys.readouterr().err == ("lomar load-original: error: --window-size 5: a 5x5 window does not fit the "
+                                       "4x4 patch grid; pass --window-size <= 4 or use a larger image\n")
 
 
 @pytest.mark.slow

@@ -132,7 +132,8 @@ def test_blockwise_window_masks_are_seeded_and_scaled():
 def test_window_geometry_and_windows_flag():
     assert window_geometry((14, 14), 7, 0) == (14, 1)
     assert window_geometry((14, 14), 7, 4) == (7, 4)
-    with pytest.raises(ValueError, match="square"):
+    with pytest.raises(ValueError, match=r"^windows=0 \(one global window\) needs a square patch grid, got 4x6; use a "
+                                         r"square image size or pass windows=N \(N local windows\)$"):
         window_geometry((4, 6), 3, 0)
     assert parse_windows("global") == 0 and parse_windows("3") == 3
     with pytest.raises(ValueError, match="--windows"):

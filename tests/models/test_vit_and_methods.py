@@ -288,12 +288,40 @@ def test_a_config_that_builds_no_encoder_is_refused_on_construction(change, word
     assert (numpy_sized.img_size, numpy_sized.depth) == (32, 2) and type(numpy_sized.depth) is int
 
 
+@pytest.mark.parametrize("call, words", [
+    (lambda c: LoMaR(c, window_size=9), ["window_size=9", "8x8 patch grid", "pass window_size <= 8"]),
+    (lambda c: LoMaR(c, window_size=7, num_windows=5), ["num_windows=5", "pass num_windows <= 4"]),
+    (lambda c: LoMaR(c, window_size=3, num_windows=1, mask_ratio=1.2), ["mask_ratio=1.2", "pass mask_ratio in ["]),
+    (lambda c: lomar.sample_plan(1, (8, 8), 7, 3, 0.8, placement="permutation"),
+     ["num_windows=3", "pass num_windows <= 2, placement='distinct'"]),
+    (lambda c: lomar.sample_plan(1, (8, 8), 3, 1, 0.8, placement="rows"), ["placement='rows'", "'distinct'"]),
+])
+def test_public_api_errors_name_its_parameters_not_flags(call, words):
+    # `lomar pretrain` words them as its flags (lomar.errors.in_flags); a Python caller passed parameters
+    config = model_config("vit_mini_patch8", img_size=64, depth=1)
+    with pytest.raises(ValueError) as info:
+        call(config)
+    message = str(info.value)
+    assert all(word in message for word in words) and "--" not in message, message
+
+
+def test_forward_refuses_what_is_no_batch_of_images_at_the_entry():
+    model = LoMaR(model_config("vit_mini_patch8", img_size=32, depth=1), window_size=3, num_windows=1)
+    with pytest.raises(TypeError, match=r"images must be a torch.Tensor \(N, 3, H, W\), got ndarray; convert it "
+                                        r"with torch.as_tensor\(images\)"):
+        model(np.zeros((1, 3, 32, 32), dtype=np.float32))  # was an AttributeError from inside the dtype check
+    with pytest.raises(TypeError, match="images must be a torch.Tensor"):
+        model.encoder([[0.0]])
+    with pytest.raises(ValueError, match="LoMaR needs at least one image; got an empty batch"):
+        model(torch.zeros(0, 3, 32, 32))  # was "num_images must be a positive integer", a parameter never passed
+
+
 def test_window_requests_of_the_wrong_kind_are_named():
     with pytest.raises(ValueError, match="a 1x1 window cannot be partly masked"):
         lomar.sample_plan(2, (8, 8), 1, 1, 0.8)
-    with pytest.raises(ValueError, match="window size must be a positive integer, got 3.0"):
+    with pytest.raises(ValueError, match="window_size must be a positive integer, got 3.0"):
         lomar.sample_plan(2, (8, 8), 3.0, 1, 0.8)
-    with pytest.raises(ValueError, match="number of windows must be a positive integer, got 2.0"):
+    with pytest.raises(ValueError, match="num_windows must be a positive integer, got 2.0"):
         lomar.sample_plan(2, (8, 8), 3, 2.0, 0.8)
     plan = lomar.sample_plan(2, (8, 8), 3, 2, 0.8)
     empty = MaskingPlan(plan.top_left[:, :0], plan.mask[:, :0], 3)
@@ -305,7 +333,7 @@ def test_window_requests_of_the_wrong_kind_are_named():
     ints = lomar.sample_plan(2, (8, 8), 3, 2, 0.8, generator=torch.Generator().manual_seed(0))
     assert torch.equal(numpy_plan.top_left, ints.top_left) and torch.equal(numpy_plan.mask, ints.mask)
     assert type(numpy_plan.window_size) is int
-    with pytest.raises(ValueError, match="number of windows must be a positive integer, got True"):
+    with pytest.raises(ValueError, match="num_windows must be a positive integer, got True"):
         lomar.sample_plan(2, (8, 8), 3, True, 0.8)
 
 
@@ -341,7 +369,7 @@ def test_mae_names_an_empty_batch_noise_on_another_device_and_a_text_ratio():
     with pytest.raises(ValueError, match=r"noise must have shape \(N, L\) = \(2, 16\) on the images' device cpu, "
                                          r"got \(2, 16\) on meta"):
         model(torch.randn(2, 3, 64, 64), noise=torch.rand(2, 16, device="meta"))
-    with pytest.raises(ValueError, match="MAE mask ratio must be a number in \\(0, 1\\), got '0.75'"):
+    with pytest.raises(ValueError, match="MAE mask_ratio must be a number in \\(0, 1\\), got '0.75'"):
         MAE(config, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, mask_ratio="0.75")
 
 

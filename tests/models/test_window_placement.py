@@ -47,7 +47,7 @@ def test_permutation_matches_the_originals_distribution():
 
 def test_how_many_windows_a_grid_holds():
     assert max_windows((14, 14), 7, "permutation") == 8 and max_windows((14, 14), 7, "distinct") == 64
-    with pytest.raises(ValueError, match="--window-placement distinct"):
+    with pytest.raises(ValueError, match="pass num_windows <= 2, placement='distinct', or use a larger image"):
         sample_plan(1, (8, 8), 7, 3, 0.8, placement="permutation")
     assert sample_plan(1, (8, 8), 7, 3, 0.8, placement="distinct").num_windows == 3
 
@@ -63,6 +63,10 @@ def test_training_default_is_the_originals_and_refuses_what_it_cannot_place(tmp_
     assert code == 0 and config["window_placement"] == "permutation"
     code, err = _config(tmp_path, capsys, "--img-size", "96", "--model", "vit_small_patch8", "--windows", "7")
     assert code == 2 and "at most 6" in err and "--window-placement distinct" in err and err.count("\n") == 1
+    assert "pass --windows <= 6," in err and "num_windows" not in err and "placement=" not in err  # in its flags
+    code, err = _config(tmp_path, capsys, "--img-size", "96", "--model", "vit_small_patch8", "--window-size", "13")
+    assert code == 2 and err.endswith("at --img-size 96: --window-size 13: a 13x13 window does not fit the 12x12 "
+                                      "patch grid; pass --window-size <= 12 or use a larger image\n"), err
     code, config = _config(tmp_path, capsys, "--img-size", "96", "--model", "vit_small_patch8", "--windows", "7",
                            "--window-placement", "distinct")
     assert code == 0 and config["windows"] == 7

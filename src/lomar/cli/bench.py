@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from lomar.cli.common import check_output_file, resolve_device, write_json
-from lomar.errors import UsageError
+from lomar.errors import UsageError, in_flags
 from lomar.limits import MAX_IMG_SIZE
 from lomar.methods import names
 from lomar.train import settings as S
@@ -178,8 +178,8 @@ def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str
                 if min(grid) < 7:
                     raise UsageError(f"{size}px: bench's 7x7 windows do not fit its {grid[0]}x{grid[1]} patch grid; "
                                      f"drop {size} from --sizes (the least is {7 * patch})") from None
-                raise UsageError(f"{size}px: {str(exc).replace(' (--window-size)', '')}; drop {size} from --sizes "
-                                 f"or lower --windows") from None
+                message = in_flags(str(exc), {"num_windows": "--windows"})
+                raise UsageError(f"{size}px: {message}; drop {size} from --sizes or lower --windows") from None
         plan[size] = configs
     return plan
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lomar.errors import LomarError, UsageError, first_on_machine
+from lomar.errors import LomarError, UsageError, first_on_machine, in_flags
 from lomar.train import settings as S
 from lomar.train.settings import Setting, add_settings
 
@@ -127,7 +127,8 @@ def add_override_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_for_cli(path: str, args: argparse.Namespace, original: bool = False):
     """Our model of the checkpoint at ``path`` (``original``: of an original LoMaR / MAE one) with the override
-    flags; UsageError on bad input, the library's "pass num_heads=... to load_original" read as "pass --num-heads"."""
+    flags; UsageError on bad input, the library's "pass num_heads=... to load_original" read as "pass --num-heads", its
+    other parameters (``window_size=9``) as their flags (:func:`lomar.errors.in_flags`)."""
     from lomar.checkpoints.convert import load_model  # torch: not for --help
     from lomar.checkpoints.original import load_original  # torch: not for --help
 
@@ -137,7 +138,7 @@ def load_for_cli(path: str, args: argparse.Namespace, original: bool = False):
     except (ValueError, FileNotFoundError, TypeError) as exc:
         message = re.sub(r"pass (\w+)=\.\.\. to load_original", lambda m: f"pass --{m[1].replace('_', '-')}", str(exc))
         flags = {name: setting.name_flag(name) for name, setting in OVERRIDES.items()}  # num_windows: --windows
-        raise UsageError(re.sub(r"\b(\w+)=\.\.\.", lambda m: flags.get(m[1], m[0]), message)) from None
+        raise UsageError(in_flags(re.sub(r"\b(\w+)=\.\.\.", lambda m: flags.get(m[1], m[0]), message), flags)) from None
 
 
 FIRST_PROCESS_WAIT = 30.0  # seconds a torchrun process waits for the first one to report a bad setting or input

@@ -72,8 +72,11 @@ class LoMaR(nn.Module):
     def forward(self, images: torch.Tensor, plan: MaskingPlan | None = None,
                 generator: torch.Generator | None = None) -> LoMaROutput:
         """images (N, C, H, W) normalised -> loss, pred (N·n, K·K, p·p·C), plan."""
+        grid = self.encoder.image_grid(images)
+        if images.shape[0] == 0:  # as MAE's: the loss over no masked token is 0 / 0
+            raise ValueError("LoMaR needs at least one image; got an empty batch")
         plan = (self.sample_plan(images, generator) if plan is None
-                else MaskingPlan.for_batch(plan, images, self.window_size, self.encoder.image_grid(images)))
+                else MaskingPlan.for_batch(plan, images, self.window_size, grid))
         return LoMaROutput(*self.forward_windows(images, *plan.flat()), plan.as_output())
 
     def forward_windows(self, images: torch.Tensor, image_index: torch.Tensor,

@@ -33,7 +33,7 @@ class MAE(nn.Module):
         if config.pos != "abs":
             raise ValueError(f"MAE needs absolute position embeddings (pos='abs'), got pos={config.pos!r}")
         if not is_real(mask_ratio) or not 0 < mask_ratio < 1:
-            raise ValueError(f"MAE mask ratio must be a number in (0, 1), got {mask_ratio!r}")
+            raise ValueError(f"MAE mask_ratio must be a number in (0, 1), got {mask_ratio!r}")
         if not isinstance(norm_pix_loss, bool):  # a str such as "no" would be true
             raise TypeError(f"norm_pix_loss must be True or False, got {norm_pix_loss!r}")
         for name, value in (("decoder_embed_dim", decoder_embed_dim), ("decoder_depth", decoder_depth),

@@ -58,19 +58,18 @@ def grid_size(img_size: int | tuple[int, int], patch_size: int) -> tuple[int, in
 def num_masked(window_size: int, mask_ratio: float) -> int:
     """Masked tokens per window, floor(K·K·ratio); raises unless 0 < M < K·K."""
     if not is_integer(window_size) or window_size < 2:
-        raise ValueError(f"window size must be an integer of at least 2 (a 1x1 window cannot be partly masked), "
+        raise ValueError(f"window_size must be an integer of at least 2 (a 1x1 window cannot be partly masked), "
                          f"got {window_size!r}")
     tokens = window_size * window_size
     # the printed bounds are rounded inwards, so that both ends really are valid ratios
     lowest, highest = math.ceil(1000 / tokens) / 1000, math.floor(1000 * (tokens - 1) / tokens) / 1000
     if not is_real(mask_ratio) or not math.isfinite(mask_ratio):
-        raise ValueError(f"mask ratio must be a number in [{lowest:.3f}, {highest:.3f}], got {mask_ratio!r}")
+        raise ValueError(f"mask_ratio must be a number in [{lowest:.3f}, {highest:.3f}], got {mask_ratio!r}")
     masked = int(math.floor(tokens * mask_ratio + 1e-9))  # 100 * 0.29 is 28.999...: floor the ratio as written
     if not 0 < masked < tokens:
         raise ValueError(
-            f"mask ratio {mask_ratio} masks {masked} of the {tokens} tokens of a "
-            f"{window_size}x{window_size} window; choose a ratio in "
-            f"[{lowest:.3f}, {highest:.3f}] so that some but not all are masked"
+            f"mask_ratio={mask_ratio} masks {masked} of the {tokens} tokens of a {window_size}x{window_size} "
+            f"window, and a mask ratio must mask some but not all; pass mask_ratio in [{lowest:.3f}, {highest:.3f}]"
         )
     return masked
 
@@ -83,8 +82,8 @@ def window_positions(grid: tuple[int, int], window_size: int) -> tuple[int, int]
     hg, wg = grid
     if window_size > hg or window_size > wg:
         raise ValueError(
-            f"a {window_size}x{window_size} window does not fit the {hg}x{wg} patch grid; "
-            f"use a window size of at most {min(hg, wg)} (--window-size) or a larger image"
+            f"window_size={window_size}: a {window_size}x{window_size} window does not fit the {hg}x{wg} patch grid; "
+            f"pass window_size <= {min(hg, wg)} or use a larger image"
         )
     return hg - window_size + 1, wg - window_size + 1
 
@@ -94,7 +93,7 @@ def max_windows(grid: tuple[int, int], window_size: int, placement: str = "disti
     for ``distinct``."""
     rows, cols = window_positions(grid, window_size)
     if placement not in PLACEMENTS:
-        raise ValueError(f"window placement {placement!r} is unknown; choose one of {', '.join(PLACEMENTS)}")
+        raise ValueError(f"placement={placement!r} is unknown; pass one of {', '.join(map(repr, PLACEMENTS))}")
     return min(rows, cols) if placement == "permutation" else rows * cols
 
 
@@ -102,23 +101,23 @@ def check_window_request(grid: tuple[int, int], window_size: int, num_windows: i
                          mask_ratio: float, placement: str = "distinct") -> int:
     """Validate a sampling request; returns the number of masked tokens per window."""
     if not is_integer(window_size) or window_size < 1:
-        raise ValueError(f"window size must be a positive integer, got {window_size!r}")
+        raise ValueError(f"window_size must be a positive integer, got {window_size!r}")
     rows, cols = window_positions(grid, window_size)
     if not is_integer(num_windows) or num_windows <= 0:
-        raise ValueError(f"number of windows must be a positive integer, got {num_windows!r}")
+        raise ValueError(f"num_windows must be a positive integer, got {num_windows!r}")
     most = max_windows(grid, window_size, placement)
     if placement == "permutation" and num_windows > most:
         raise ValueError(
-            f"{num_windows} {window_size}x{window_size} windows requested but, placed as the original places "
-            f"them (no two share a top row or a left column), the {grid[0]}x{grid[1]} patch grid's {rows} x {cols} "
-            f"window positions hold at most {most}; ask for at most {most} (--windows), pass "
-            f"--window-placement distinct, or use a larger image"
+            f"num_windows={num_windows} asks for more {window_size}x{window_size} windows than fit: placed as the "
+            f"original places them (no two share a top row or a left column), the {grid[0]}x{grid[1]} patch grid's "
+            f"{rows} x {cols} window positions hold at most {most}; pass num_windows <= {most}, placement='distinct', "
+            f"or use a larger image"
         )
     if num_windows > rows * cols:
         raise ValueError(
-            f"{num_windows} distinct {window_size}x{window_size} windows requested but the "
+            f"num_windows={num_windows} asks for more distinct {window_size}x{window_size} windows than fit: the "
             f"{grid[0]}x{grid[1]} patch grid has only {rows * cols} window positions; "
-            f"ask for at most {rows * cols} (--windows) or use a larger image"
+            f"pass num_windows <= {rows * cols} or use a larger image"
         )
     return num_masked(window_size, mask_ratio)
 
@@ -271,7 +270,7 @@ def sample_plan(
     then moved to ``device``.
     """
     if not is_integer(num_images) or num_images <= 0:
-        raise ValueError(f"number of images must be a positive integer, got {num_images!r}")
+        raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     masked = check_window_request(grid, window_size, num_windows, mask_ratio, placement)

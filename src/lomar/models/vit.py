@@ -296,7 +296,11 @@ class VisionTransformer(nn.Module):
         return out
 
     def image_grid(self, images: torch.Tensor) -> tuple[int, int]:
-        """Patch grid of a batch (N, C, H, W); ValueError for a wrong rank, channels, size or dtype."""
+        """Patch grid of a batch (N, C, H, W); TypeError for what is no tensor, ValueError for a wrong rank, channels,
+        size or dtype."""
+        if not isinstance(images, torch.Tensor):  # a numpy array would fail on an attribute torch's tensors have
+            raise TypeError(f"images must be a torch.Tensor (N, {self.config.in_chans}, H, W), got "
+                            f"{type(images).__name__}; convert it with torch.as_tensor(images)")
         if images.ndim != 4 or images.shape[1] != self.config.in_chans:
             raise ValueError(f"expected images of shape (N, {self.config.in_chans}, H, W), got "
                              f"{tuple(images.shape)}")

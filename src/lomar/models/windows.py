@@ -24,8 +24,8 @@ def window_geometry(grid: tuple[int, int], window_size: int, windows: int) -> tu
     """(K, windows per image): ``windows == 0`` is one window of the whole grid, which must be square."""
     if windows == GLOBAL_WINDOWS:
         if grid[0] != grid[1]:
-            raise ValueError(f"--windows 0 (global) needs a square patch grid, got {grid[0]}x{grid[1]}; "
-                             f"use a square image size or --windows N")
+            raise ValueError(f"windows=0 (one global window) needs a square patch grid, got {grid[0]}x{grid[1]}; "
+                             f"use a square image size or pass windows=N (N local windows)")
         return grid[0], 1
     return window_size, windows
 

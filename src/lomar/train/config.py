@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from lomar.checkpoints.file_names import RUN_CONFIG
-from lomar.errors import first_on_machine
+from lomar.errors import first_on_machine, in_flags
 from lomar.methods import get_method, names
 from lomar.train import settings as S
 from lomar.train.config_checks import check_data, check_decode, check_fsdp, check_method_settings, parse_share
@@ -33,6 +33,9 @@ __all__ = ["PretrainConfig", "DEMO_PRESET", "add_config_arguments", "resolve_con
            "vit_config", "method_recipe", "ConfigError"]
 
 _R = "lomar, mae"  # the methods whose recipe the generic defaults are
+# lomar.models.masking's and .windows' parameters -> the settings that give them
+_MASKING_SETTINGS = {"window_size": "window_size", "num_windows": "windows", "windows": "windows",
+                     "mask_ratio": "mask_ratio", "placement": "window_placement"}
 
 
 @dataclass
@@ -246,7 +249,9 @@ class PretrainConfig(TaskConfig):
             grid = grid_size(self.img_size, vit.patch_size)
             get_method(self.method).validate(self, grid)
         except ValueError as exc:
-            raise ConfigError(f"at --img-size {self.img_size}: {exc}") from None
+            declared = S.declarations(type(self))  # the masking's parameters, named as this command's flags
+            flags = {param: declared[name].name_flag(name) for param, name in _MASKING_SETTINGS.items()}
+            raise ConfigError(f"at --img-size {self.img_size}: {in_flags(str(exc), flags)}") from None
         check_decode(self)
         if self.data is not None:
             check_data(self.data)
