@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -288,6 +289,7 @@ def test_torchrun_two_processes_match_one_process_with_the_global_batch(tmp_path
             pixels = draw.randint(0, 100) + 60 * (label == "b") + draw.randint(0, 96, (8, 8, 3))
             Image.fromarray(pixels.astype(np.uint8)).save(knn / split / label / f"img{i:03d}.png")
     (knn / "val" / "b" / "zz-broken.png").write_bytes(b"")
+    shutil.copy(knn / "train" / "a" / "img000.png", knn / "train" / "stray.png")  # outside the classes: a warning
     cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--tee", "3", "--log-dir", str(logs),
            "-m", "lomar", "pretrain", *common, "--out", str(ddp_out), "--knn-every", "2", "--knn-data", str(knn)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
@@ -295,6 +297,8 @@ def test_torchrun_two_processes_match_one_process_with_the_global_batch(tmp_path
     # every process extracted its share, and the score is the one a single process gives on the same weights
     errs = {int(path.parent.name): path.read_text() for path in logs.glob("*/attempt_0/*/stderr.log")}
     assert ["zz-broken.png" in errs[rank] for rank in (0, 1)] == [False, True], errs
+    # what listing the folders found is said by the machine's first process alone (it was said by each)
+    assert ["outside the class folders" in errs[rank] for rank in (0, 1)] == [True, False], errs
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each process ran
     try:
