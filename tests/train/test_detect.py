@@ -372,6 +372,26 @@ def test_roi_scales_follow_the_pyramid_not_the_first_batchs_image_sizes():
         assert (pool.map_levels.k_min, pool.map_levels.k_max) == (2, 5)
 
 
+def test_rois_keep_fp32_coordinates_under_bf16_autocast():
+    # torchvision's BoxCoder cast anchors and proposals to the bf16 deltas (a GPU's default precision): the ground
+    # truth box joined the RoIs with x1 100.5 for 100.3, and above 512 px every RoI lay on a 4 px grid
+    torch.manual_seed(0)
+    model = build_mask_rcnn(VisionTransformer(model_config("vit_tiny_patch16", img_size=128, depth=1)), 2, 128)
+    gt = torch.tensor([[100.3, 60.7, 120.1, 90.2]])
+    masks = torch.zeros(1, 128, 128, dtype=torch.uint8)
+    masks[0, 61:90, 100:120] = 1
+    rois, add = [], model.roi_heads.add_gt_proposals
+
+    def sampled(proposals, boxes):  # the RoIs the heads would train on; the heads themselves are not needed
+        rois.extend(add(proposals, boxes))
+        raise StopIteration
+
+    model.roi_heads.add_gt_proposals = sampled
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(StopIteration):
+        model.train()([torch.rand(3, 128, 128)], [{"boxes": gt, "labels": torch.tensor([1]), "masks": masks}])
+    assert rois[0].dtype == torch.float32 and torch.equal(rois[0][-1:], gt)
+
+
 def test_step_schedule_is_vitdets():
     assert step_lr_factor(0, 1000, 250) == pytest.approx(0.001)
     assert step_lr_factor(250, 1000, 250) == 1.0

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
@@ -30,7 +31,7 @@ from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.integrations.dense import LayerNorm2d, ViTDetBackbone, layer_decay_param_groups
 from lomar.models.vit import VisionTransformer
 
-__all__ = ["PyramidBackbone", "FixedSizeTransform", "build_mask_rcnn", "detector_param_groups"]
+__all__ = ["PyramidBackbone", "FixedSizeTransform", "Fp32BoxCoder", "build_mask_rcnn", "detector_param_groups"]
 
 ROI_LEVELS = ["p2", "p3", "p4", "p5"]
 ROI_STRIDES = (4, 8, 16, 32)  # of ROI_LEVELS, in input pixels
@@ -87,6 +88,20 @@ class FixedSizeTransform(GeneralizedRCNNTransform):
         return batch
 
 
+class Fp32BoxCoder(BoxCoder):
+    """torchvision's ``BoxCoder``, encoding and decoding in fp32 whatever the heads' dtype. Under bf16 autocast
+    (what ``--precision auto`` picks on a GPU) the RPN's and box head's deltas come in bf16, and ``BoxCoder`` casts
+    the anchors and proposals to them: 8 significant bits, so every RoI coordinate from 512 to 1024 px lands on a
+    grid of 4 px (2 px from 256) and each regression target is taken from a centre rounded as much. detectron2's
+    ``Box2BoxTransform``, which ViTDet trains with under autocast, decodes in fp32 for that reason."""
+
+    def encode_single(self, reference_boxes: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
+        return super().encode_single(reference_boxes.float(), proposals.float())
+
+    def decode_single(self, rel_codes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return super().decode_single(rel_codes.float(), boxes.float())
+
+
 def roi_pool(output_size: int) -> MultiScaleRoIAlign:
     """RoIAlign over ROI_LEVELS with the levels' scales fixed by their strides. torchvision infers them
     on its first call from that batch's largest unpadded image, and keeps them: here every image is
@@ -126,6 +141,8 @@ def build_mask_rcnn(encoder: VisionTransformer, num_classes: int, size: int, out
         mask_head=mask_head, box_detections_per_img=detections_per_image,
     )
     model.transform = FixedSizeTransform(size)
+    for owner in (model.rpn, model.roi_heads):
+        owner.box_coder = Fp32BoxCoder(owner.box_coder.weights, owner.box_coder.bbox_xform_clip)
     return model
 
 
