@@ -84,10 +84,11 @@ class DetectConfig(TaskConfig):
                                                 "(default: a randomly initialised --model)")
     model: str | None = S.MODEL.field(None, help=S.MODEL.help + "; the random encoder's architecture (default: "
                                              "vit_base_patch16 without --pretrained, whose encoder brings its own)")
-    out: str | None = S.OUT.field(help="output folder: last.pt, metrics.jsonl, predictions.json "
-                                  "(default: runs/<timestamp>)")
-    img_size: int = S.IMG_SIZE.field(1024, help="fixed input size in pixels, a multiple of 32: training crops "
-                                     "and evaluation images (longest side) are padded to it")
+    out: str | None = S.OUT.field(help="output folder: config.yaml, last.pt, best.pt (the best-scoring box AP), "
+                                  "metrics.jsonl, predictions.json (default: runs/<timestamp>)")
+    img_size: int = S.IMG_SIZE.field(1024, help="fixed input size in pixels, a multiple of 32: training crops (at "
+                                     "most this) and evaluation images (resized to this longest side, boxes and "
+                                     "masks mapped back to the original) are padded to it")
     batch_size: int = S.BATCH_SIZE.field(2, help="images per device per step (ViTDet: 64 in all)")
     accum_steps: int = S.ACCUM_STEPS.field()
     epochs: int = S.EPOCHS.field(100)
