@@ -150,7 +150,8 @@ def detector_param_groups(model: MaskRCNN, weight_decay: float, layer_decay: flo
     """AdamW groups as detectron2's ViTDet builds them: encoder parameters of layer l (0 the stem,
     i + 1 block i) at ``lr_scale`` = layer_decay^(depth + 1 - l), the pyramid and heads at 1
     (:func:`~lomar.integrations.dense.layer_decay_param_groups`); no weight decay on normalisation
-    layers and the encoder's cls token / position table."""
+    layers (ViTDet's decays its pyramid's and heads' channel LayerNorms: docs/dense.md) and the encoder's cls token /
+    position table."""
     encoder = model.backbone.encoder
     no_decay = {id(p) for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d))
                 for p in m.parameters(recurse=False)}
