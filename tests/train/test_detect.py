@@ -392,6 +392,22 @@ def test_rois_keep_fp32_coordinates_under_bf16_autocast():
     assert rois[0].dtype == torch.float32 and torch.equal(rois[0][-1:], gt)
 
 
+def test_a_detector_checkpoint_is_known_by_its_content_not_its_suffix(tmp_path):
+    # a detector saved or renamed as .pth was "not a `lomar detect` run or checkpoint" to --eval-only, and an encoder
+    # to be loaded otherwise
+    from lomar.checkpoints.io import atomic_save
+    from lomar.checkpoints.kinds import DETECT_FORMAT
+    from lomar.train.detect_config import detect_checkpoint
+
+    for name in ("model_final.pth", "detector.ckpt", "last.pt"):
+        atomic_save({"format": DETECT_FORMAT, "model": {}}, tmp_path / name)
+        assert detect_checkpoint(tmp_path / name) == tmp_path / name
+    atomic_save({"model": {}}, tmp_path / "encoder.pth")
+    (tmp_path / "notes.json").write_text("{}")
+    assert detect_checkpoint(tmp_path / "encoder.pth") is None and detect_checkpoint(tmp_path / "notes.json") is None
+    assert detect_checkpoint(tmp_path) == tmp_path / "last.pt"  # a run folder: best.pt, else last.pt
+
+
 def test_step_schedule_is_vitdets():
     assert step_lr_factor(0, 1000, 250) == pytest.approx(0.001)
     assert step_lr_factor(250, 1000, 250) == 1.0

@@ -52,13 +52,14 @@ def default_image_folder(ann: Path) -> Path:
 
 
 def detect_checkpoint(path: str | Path) -> Path | None:
-    """The `lomar detect` checkpoint ``path`` names (a file, or a run folder's best.pt / last.pt); None if not one."""
+    """The `lomar detect` checkpoint ``path`` names (a file, whatever its suffix: ``model_final.pth`` too, or a run
+    folder's best.pt / last.pt); None if not one."""
     from lomar.checkpoints.io import safe_load  # torch: not for --help
 
     path = Path(path)
     candidates = [path] if path.is_file() else [path / BEST, path / LAST]
     for candidate in candidates:
-        if candidate.is_file() and candidate.suffix == ".pt":
+        if candidate.is_file():
             try:
                 if safe_load(candidate, mmap=True).get("format") == DETECT_FORMAT:
                     return candidate
