@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import tracemalloc
+from types import SimpleNamespace
 
+import pytest
 import torch
 from PIL import Image
 
@@ -101,3 +103,18 @@ def test_read_losses_holds_one_line_at_a_time(tmp_path):
         tracemalloc.stop()
     assert steps == list(range(1, 10_001)) and losses[-1] == 1e-4
     assert peak - held < metrics.stat().st_size / 4
+
+
+@pytest.mark.parametrize("method, label", [("beit", "masked-token cross-entropy"), ("lomar", "reconstruction loss")])
+def test_pretrain_curve_names_the_methods_loss(method, label, tmp_path, monkeypatch):
+    """BEiT's logged loss is a cross-entropy over visual tokens: its loss.png called it a reconstruction loss."""
+    import lomar.viz.curves as curves
+    from lomar.train.pretrain import PretrainTask
+
+    drawn = []
+    monkeypatch.setattr(curves, "draw_loss_curve", lambda *a: drawn.append(draw_loss_curve(*a)) or drawn[-1])
+    _metrics(tmp_path / "metrics.jsonl", [{"step": s, "loss": 1.0 / s} for s in range(1, 4)])
+    PretrainTask.draw_curves(SimpleNamespace(method=method), tmp_path)
+    assert (tmp_path / "loss.png").is_file()
+    assert drawn[0].axes[0].get_title() == f"{method} training loss"
+    assert drawn[0].axes[0].get_ylabel() == label

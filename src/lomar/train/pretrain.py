@@ -227,7 +227,8 @@ class PretrainTask(Task):
 
     @staticmethod
     def draw_curves(config: PretrainConfig, out: Path) -> None:
-        loss_curve(out / METRICS, out / LOSS_CURVE, f"{config.method} training loss")
+        loss_curve(out / METRICS, out / LOSS_CURVE, f"{config.method} training loss",
+                   "masked-token cross-entropy" if config.method == "beit" else "reconstruction loss")
 
     def fixed_images(self) -> torch.Tensor:
         items, data = [], self.base_dataset

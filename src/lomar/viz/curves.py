@@ -48,9 +48,11 @@ def loss_summary(metrics: str | Path, mean_of_last: int = 0) -> str | None:
     return f"{mean}loss {losses[0]:.4f} at step {steps[0]} -> {losses[-1]:.4f} at step {steps[-1]}"
 
 
-def draw_loss_curve(steps: list[int], losses: list[float], title: str = "training loss") -> Figure:
+def draw_loss_curve(steps: list[int], losses: list[float], title: str = "training loss",
+                    ylabel: str = "reconstruction loss") -> Figure:
     """Loss against optimizer step: every logged value, faint, and a running mean over ~5 % of the
-    run, which shows the trend through the noise of small batches."""
+    run, which shows the trend through the noise of small batches. ``ylabel`` names the loss (BEiT's is a
+    cross-entropy over visual tokens, not a reconstruction)."""
     fig = Figure(figsize=(6, 3.5), layout="constrained")
     ax = fig.subplots()
     ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="per step")
@@ -59,7 +61,7 @@ def draw_loss_curve(steps: list[int], losses: list[float], title: str = "trainin
         ax.plot(steps, running_mean(losses, width), color="tab:blue", linewidth=1.8, label=f"mean of {width}")
         ax.legend(loc="upper right")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("reconstruction loss")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     return fig
@@ -86,9 +88,10 @@ def running_mean(values: list[float], width: int) -> list[float]:
     return means
 
 
-def loss_curve(metrics: str | Path, path: str | Path, title: str = "training loss") -> Path | None:
+def loss_curve(metrics: str | Path, path: str | Path, title: str = "training loss",
+               ylabel: str = "reconstruction loss") -> Path | None:
     """Write the loss curve of ``metrics`` (a ``metrics.jsonl``) to ``path``; None when it holds no loss yet."""
     steps, losses = read_losses(metrics)
     if not steps:
         return None
-    return save_figure(draw_loss_curve(steps, losses, title), path, dpi=100)
+    return save_figure(draw_loss_curve(steps, losses, title, ylabel), path, dpi=100)
