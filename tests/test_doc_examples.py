@@ -1,5 +1,6 @@
 """The Python examples of README.md and docs/dense.md run as written, and give the shapes their comments state;
-every `lomar` command line of the documents names flags and choices its command has.
+every `lomar` command line of the documents names flags and choices its command has; the README's window
+counts, demo steps and Layout are the code's.
 
 Each block is read from the document itself, so an edit that breaks an example fails here. Only sizes are
 shrunk, where the code path stays the same: ViT-Ti for ViT-B in the README, a 256 px input for the dense
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import re
 import shlex
 from pathlib import Path
@@ -107,3 +109,40 @@ def test_every_documented_command_line_uses_flags_and_choices_its_command_has():
     assert not bad, bad
     assert flag_problems("lomar bench --methods lomar mea --precision bf32 --accum-iters 2", parser) == [
         "--methods mea: not a choice", "--precision bf32: not a choice", "--accum-iters: no such flag"]
+
+
+def _readme_text() -> str:
+    return re.sub(r"\s+", " ", (ROOT / "README.md").read_text())
+
+
+def test_readme_window_counts_and_demo_steps_match_the_code():
+    from lomar.data.folder import build_pretrain_dataset, demo_image_paths
+    from lomar.train.config import DEMO_PRESET
+    from lomar.window_counts import paper_windows
+
+    text = _readme_text()
+    counts = re.search(r"(\d+) windows at 224 px, (\d+) at 448, (\d+) at 896", text)
+    assert counts, "the README's windows-per-size sentence moved: update this test"
+    assert [int(n) for n in counts.groups()] == [paper_windows(px, 16, 7) for px in (224, 448, 896)]
+    repeats = inspect.signature(build_pretrain_dataset).parameters["demo_repeats"].default
+    per_epoch = len(demo_image_paths()) * repeats // DEMO_PRESET["batch_size"]
+    demo = re.search(r"trains for (\d+) steps on (\d+) px crops of (\d+) photographs", text)
+    assert demo, "the README's demo sentence moved: update this test"
+    assert [int(n) for n in demo.groups()] == [DEMO_PRESET["epochs"] * per_epoch, DEMO_PRESET["img_size"],
+                                               len(demo_image_paths())]
+    figures = [int(n) for n in re.findall(r"reconstruction-(\d{6})\.png", text)]
+    assert figures[:3] == [0, DEMO_PRESET["save_every"] * per_epoch, DEMO_PRESET["epochs"] * per_epoch]
+
+
+def test_readme_layout_names_every_package_and_top_level_module():
+    block = re.search(r"## Layout\n+```\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    source = block.split("\ntests/")[0].replace("src/lomar/", " " * len("src/lomar/"))
+    # a package's entry: its folder name(s) at the start of a line, then its description
+    described = {name for line in source.splitlines()
+                 if (m := re.match(r"\s*((?:[a-z_]+/ )*[a-z_]+/)\s+\S", line))
+                 for name in re.findall(r"([a-z_]+)/", m.group(1))}
+    package = Path(lomar.__file__).parent
+    subpackages = {p.name for p in package.iterdir() if (p / "__init__.py").is_file()}
+    modules = {p.stem for p in package.glob("*.py")} - {"__init__", "__main__"}
+    assert described == subpackages, (subpackages - described, described - subpackages)
+    assert modules - set(re.findall(r"[a-z_]+", source)) == set()
