@@ -70,3 +70,13 @@ def test_library_modules_change_no_global_state_on_import():
              for mod, attr, line in _module_level_calls(ast.parse(path.read_text()))
              if (mod, attr) in _GLOBAL_CALLS or (mod == "torch" and attr.startswith("set_"))]
     assert not found, found
+
+
+@pytest.mark.parametrize("method, note", [
+    ("lomar", "1 window of 3x3 patches, 7 of each window's 9 masked (mask ratio 0.8)"),
+    ("mae", "12 of the image's 16 patches masked (mask ratio 0.75)"),
+])
+def test_reconstruction_title_says_how_the_image_was_masked(method, note):
+    """A title naming the checkpoint only left the window size and mask ratio of what is shown unsaid."""
+    fig = draw_reconstruction(_model(method), torch.randn(1, 3, 32, 32), title="run")
+    assert fig._suptitle.get_text().split("\n")[1] == note

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import reference_dir
+from helpers import reference_dir, write_images
 from lomar import MAE, LoMaR, VisionTransformer, ViTConfig, load_original, model_config
 from lomar.checkpoints.convert import load_model, pretrain_checkpoint
 from lomar.checkpoints.io import atomic_save
@@ -154,6 +154,20 @@ def test_visualize_a_run_folder_draws_its_reconstruction(pretrained, tmp_path, c
     assert (run / "encoder.safetensors").is_file()
     assert main(["visualize", str(run), "--out", str(tmp_path / "figs")]) == 0, capsys.readouterr().err
     assert (tmp_path / "figs" / "reconstruction.png").stat().st_size > 1000
+
+
+def test_visualize_titles_name_the_checkpoint_step(pretrained, tmp_path, monkeypatch):
+    """A figure of last.pt said nothing of how far the run had trained; the checkpoint records its step."""
+    import lomar.viz.attention as attention
+    import lomar.viz.reconstruction as reconstruction
+
+    titles = []
+    for module, name in ((reconstruction, "reconstruction_figure"), (attention, "attention_figure")):
+        draw = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _draw=draw, **k: titles.append(k["title"]) or _draw(*a, **k))
+    image = write_images(tmp_path / "img", 1, (40, 40)) / "img000.png"
+    assert main(["visualize", str(pretrained), str(image), "--attention", "--out", str(tmp_path / "figs")]) == 0
+    assert titles == ["LoMaR reconstruction of last.pt at step 1, seed 0", "LoMaR last.pt at step 1: img000.png"]
 
 
 @pytest.mark.parametrize("flags, message", [

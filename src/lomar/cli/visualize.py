@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.checkpoint} holds {what}; pass --attention for attention figures"
                          + ("" if isinstance(model, BEiT) else ", or a pretraining checkpoint"))
     paths = [Path(p) for p in args.images] or demo_image_paths()[:4]
+    at_step = _at_step(Path(args.checkpoint))
     out, written = Path(args.out), []
     name = type(model).__name__ if can_reconstruct or isinstance(model, BEiT) else "encoder"
     target = tuple(args.target_patch) if args.target_patch else None
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
             attention_request(model, grid, target, k, args.context, args.masked)
         images = torch.stack([prepare_image(p, encoder.config.img_size) for p in paths])
         if can_reconstruct:
-            title = f"{name} reconstruction of {Path(args.checkpoint).name}, seed {args.seed}"
+            title = f"{name} reconstruction of {Path(args.checkpoint).name}{at_step}, seed {args.seed}"
             written.append(reconstruction_figure(model, images, path=out / "reconstruction.png", seed=args.seed,
                                                  title=title))
         if args.attention:
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
             for i, (path, image) in enumerate(zip(paths, images)):
                 result = window_attention(model, image, target=target, window_size=k,
                                           context=args.context, masked=args.masked, seed=args.seed)
-                title = f"{name} {Path(args.checkpoint).name}: {path.name}"
+                title = f"{name} {Path(args.checkpoint).name}{at_step}: {path.name}"
                 written.append(attention_figure(result, pixels[i], encoder.config.patch_size,
                                                 out / f"attention-{i:02d}-{path.stem}.png", title=title))
     except ValueError as exc:
@@ -126,3 +127,14 @@ def run(args: argparse.Namespace) -> int:
     for path in written:
         print(f"lomar: wrote {path}")
     return 0
+
+
+def _at_step(checkpoint: Path) -> str:
+    """' at step N' for a training checkpoint, which records its optimizer step; '' for an export or an original."""
+    from lomar.train.run_state import read_meta  # torch: not for --help
+
+    try:
+        step = read_meta(checkpoint).get("step") if checkpoint.is_file() else None
+    except (OSError, ValueError):  # the model was read from it: a file with no readable step has none to tell
+        return ""
+    return f" at step {step}" if isinstance(step, int) else ""

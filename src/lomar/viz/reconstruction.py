@@ -18,11 +18,11 @@ from lomar.checkpoints.io import atomic_write_bytes
 from lomar.data.transforms import denormalize
 from lomar.models import MAE, LoMaR
 from lomar.models.mae_window import MAEWindow
-from lomar.models.masking import MaskingPlan, window_token_index
+from lomar.models.masking import MaskingPlan, num_masked, window_token_index
 from lomar.models.objective import patchify, unpatchify
 
 __all__ = ["reconstruct", "reconstruction_figure", "reconstruction_snapshot", "draw_reconstruction", "save_figure",
-           "FIGURE_FORMATS", "image_rows"]
+           "FIGURE_FORMATS", "image_rows", "masking_note"]
 
 _DIM = 0.35  # brightness of the parts of the image no window covers
 
@@ -139,9 +139,24 @@ def draw_reconstruction(model, images: torch.Tensor, seed: int = 0, title: str |
             side = plan.window_size * p
             axes[row, 1].add_patch(Rectangle((left * p - 0.5, top * p - 0.5), side, side, fill=False,
                                              edgecolor="yellow", linewidth=1.5))
-    fig.suptitle(title or f"{type(model).__name__} reconstruction (loss {parts['loss']:.3f})")
+    fig.suptitle(f"{title or f'{type(model).__name__} reconstruction'} (loss {parts['loss']:.3f})\n"
+                 f"{masking_note(model, images.shape[-2:])}")
     fig.supxlabel(_caption(model.norm_pix_loss, plan is not None), fontsize=9)
     return fig
+
+
+def masking_note(model, size: tuple[int, int]) -> str:
+    """How a LoMaR / MAE model masks an image of ``size`` (H, W) pixels, in the words of a figure's title: the
+    windows, their side and the tokens masked in each, or MAE's share of the whole image."""
+    if isinstance(model, (LoMaR, MAEWindow)):
+        k = model.window_size
+        windows = f"{model.num_windows} window{'s' if model.num_windows > 1 else ''}"
+        return (f"{windows} of {k}x{k} patches, {num_masked(k, model.mask_ratio)} of each "
+                f"window's {k * k} masked (mask ratio {model.mask_ratio:g})")
+    p = model.config.patch_size
+    length = (size[0] // p) * (size[1] // p)
+    kept = int(length * (1 - model.mask_ratio))  # as MAE keeps them
+    return f"{length - kept} of the image's {length} patches masked (mask ratio {model.mask_ratio:g})"
 
 
 def image_rows(fig: Figure, columns: dict[str, torch.Tensor], **imshow):
