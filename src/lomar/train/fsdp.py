@@ -166,8 +166,10 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
     return directory
 
 
-def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | Path) -> dict:
-    """Load a sharded checkpoint into a sharded model and its optimizer (collective); -> meta.
+def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | Path,
+                 meta: dict | None = None) -> dict:
+    """Load a sharded checkpoint into a sharded model and its optimizer (collective); -> meta (``meta``: its
+    meta.pt as already read, else read here).
 
     The number of ranks may differ from the one that saved: DCP reshards on load.
     """
@@ -192,7 +194,7 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
             raise
         raise UsageError(f"--resume {directory}: {refused[0]}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    return safe_load(directory / "meta.pt")
+    return meta if meta is not None else safe_load(directory / "meta.pt")
 
 
 def save_run_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict, out: str | Path,
