@@ -324,7 +324,8 @@ def _fake_sharded(path, step: int, readable: bool = True):
 
 
 def test_resume_auto_follows_last_json_and_falls_back_to_the_newest_intact_folder(tmp_path):
-    from lomar.train.run_state import checkpoints_to_prune, find_resume_checkpoint, remove_stale_temporaries
+    from lomar.train.run_resume import find_resume_checkpoint
+    from lomar.train.run_state import checkpoints_to_prune, remove_stale_temporaries
 
     out = tmp_path / "run"
     for step in (2, 4):

@@ -3,6 +3,7 @@
 The other engine guarantees are tested in test_engine.py and test_pretrain_cli.py.
 """
 
+import collections
 import json
 import re
 from pathlib import Path
@@ -92,6 +93,30 @@ def test_resume_from_a_checkpoint_path_uses_its_out_and_a_finished_one_builds_no
     assert main(["pretrain", "--out", str(out), "--resume", "auto"]) == 0
     assert "nothing to do, the run is at step 1" in capsys.readouterr().out
     assert Image.open(out / "loss.png").size == (600, 350)
+
+
+def test_a_resume_reads_its_checkpoint_and_run_folder_once(data, tmp_path, monkeypatch):
+    # the settings, the refusals and the run's end are told from one mapped read; the weights are read once more
+    out = tmp_path / "run"
+    assert _run("--data", data, "--out", out, "--max-steps", "2") == 0
+    loads, listings = collections.Counter(), collections.Counter()
+    load, glob = torch.load, Path.glob
+
+    def counted_load(f, *args, **kwargs):
+        loads[Path(f).name, "mapped" if kwargs.get("mmap") else "whole"] += 1
+        return load(f, *args, **kwargs)
+
+    def counted_glob(self, pattern, *args, **kwargs):
+        listings[pattern] += 1
+        return glob(self, pattern, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counted_load)
+    monkeypatch.setattr(Path, "glob", counted_glob)
+    assert main(["pretrain", "--out", str(out), "--resume", "auto", "--max-steps", "4"]) == 0
+    assert loads == {("last.pt", "mapped"): 1, ("last.pt", "whole"): 1} and listings["checkpoint-*"] == 1
+    loads.clear(), listings.clear()
+    assert main(["pretrain", "--resume", str(out / "last.pt"), "--max-steps", "4"]) == 0  # nothing to do
+    assert loads == {("last.pt", "mapped"): 1} and listings["checkpoint-*"] == 1
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,11 @@ from lomar.checkpoints.io import atomic_save, safe_load
 from lomar.errors import UsageError
 from lomar.train import runtime
 from lomar.train.precision import resolve_precision
+from lomar.train.run_resume import check_no_rewind, find_resume_checkpoint
 from lomar.train.run_state import (
     RunLock,
     SaveError,
-    check_no_rewind,
     check_out_folder,
-    find_resume_checkpoint,
     prepare_run_folder,
     remove_stale_temporaries,
     save_checkpoint,

@@ -34,15 +34,8 @@ from lomar.train.precision import WatchedScaler, autocast_factory, resolve_preci
 from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_workers
 from lomar.train.rng import gather_rng_states, restore_rng_states, seed_everything
 from lomar.train.run_end import answer_at_end, evaluate_end, run_end
-from lomar.train.run_state import (
-    RunLock,
-    auto_resume,
-    check_no_rewind,
-    prepare_run_folder,
-    save_checkpoint,
-    save_on_main_rank,
-    save_state,
-)
+from lomar.train.run_resume import check_no_rewind, resume_point
+from lomar.train.run_state import RunLock, prepare_run_folder, save_checkpoint, save_on_main_rank, save_state
 from lomar.train.runtime import compile_model, default_threads, fast_adamw
 from lomar.train.schedule import lr_at, peak_lr, run_span, schedule_overrun, warmup_warning
 from lomar.train.settings_resume import resumed_past_end
@@ -101,10 +94,14 @@ class _Run:
                 "batches_done": self.p.batches_done, "evaluated_step": self.evaluated_step, "rng_ranks": self.rngs,
                 **self.task.state(), **({f"best_{m}": max(self.best, 0.0)} if (m := self.task.best_metric) else {})}
 
-    def load(self, path: Path, ckpt: dict | None) -> None:
-        self.task.load(safe_load(path / "meta.pt") if ckpt is None else ckpt)  # first: its refusal names the cause
+    def load(self, path: Path, ckpt: dict | None, meta: dict | None) -> None:
+        """Resume from ``path``: ``ckpt`` its full read (:func:`preload`), None for a sharded folder, whose ``meta``
+        (its meta.pt, as the resume point read it; None: not read) every rank loads with its shards."""
+        if ckpt is None and meta is None:
+            meta = safe_load(path / "meta.pt")
+        self.task.load(meta if ckpt is None else ckpt)  # first: its refusal names the cause
         if ckpt is None:  # a sharded folder (a file's ckpt comes from preload): every rank loads its shards
-            ckpt = load_sharded(self.task.model, self.optimizer, path)
+            ckpt = load_sharded(self.task.model, self.optimizer, path, meta)
             check_weights(self.task.model, self.info.enabled, resume=path)  # a file's are checked as it is read
         else:
             try:
@@ -351,15 +348,15 @@ def run(config, make_task: type[Task]) -> int:
     try:
         if info.is_main:  # only the main process writes into the folder
             lock.acquire()
-        resume = Path(config.resume) if config.resume else None
-        if config.resume == "auto":  # falls back to the newest intact checkpoint-* when last.pt is gone or unreadable
-            resume, notes = auto_resume(out, config.overwrite)
-            for note in notes if info.is_main else ():
-                print(f"lomar {name}: {note}", flush=True)
+        # --resume auto falls back to the newest intact checkpoint-* when last.pt is gone or unreadable
+        point = resume_point(config.resume, out, config.overwrite, getattr(config, "resume_point", None))
+        resume = point.path if point is not None else None
+        for note in point.notes if point is not None and info.is_main else ():
+            print(f"lomar {name}: {note}", flush=True)
         try:
             if resume is not None and info.is_main:
-                check_no_rewind(resume, out, config.overwrite)
-            end = run_end(config, make_task, resume, out, info.world_size)  # then nothing to build: the run ends there
+                check_no_rewind(resume, out, config.overwrite, point)
+            end = run_end(config, make_task, point, out, info.world_size)  # then nothing to build: the run ends there
             if end is None:
                 torch.set_num_threads(config.threads or default_threads())
                 saved = preload(resume, device)  # a checkpoint that cannot resume is refused before the build
@@ -370,7 +367,7 @@ def run(config, make_task: type[Task]) -> int:
                     seed_everything(config.seed + info.rank)
                 trainer = _Run(config, task, info, device)
                 if resume is not None:
-                    trainer.load(resume, saved)
+                    trainer.load(resume, saved, point.meta)
                 del saved  # the run would hold the whole checkpoint to its end
         except (ValueError, FileNotFoundError) as exc:
             raise UsageError(str(exc)) from None

@@ -25,7 +25,7 @@ from lomar.checkpoints.file_names import CONFIG_NAME, METRICS
 from lomar.train.distributed import any_rank
 from lomar.train.monitor import Monitor
 from lomar.train.run_logs import evaluation_logged
-from lomar.train.run_state import read_meta, save_on_main_rank
+from lomar.train.run_state import foreign, save_on_main_rank
 
 __all__ = ["RunEnd", "run_end", "answer_at_end", "missing_outputs", "evaluation_missing", "evaluate_end"]
 
@@ -57,17 +57,15 @@ def evaluation_missing(task, config, out: Path, step: int, evaluated_step) -> bo
                                                                                           step)
 
 
-def run_end(config, task_class, resume: Path | None, out: Path, world_size: int) -> RunEnd | None:
-    """Where the checkpoint ``resume`` stands when it is the end of the run the settings make, in ``out`` its own folder
-    (a resume into another, or with ``--overwrite``, prepares the folder as any resume does) and nothing the model
-    writes at the end is missing; None otherwise, and wherever only the built run can tell: a checkpoint past the end
-    or of another process count (both refused, naming the epoch's length or the count), one that does not read."""
-    if resume is None or config.overwrite or resume.resolve().parent != Path(out).resolve():
+def run_end(config, task_class, point, out: Path, world_size: int) -> RunEnd | None:
+    """Where the checkpoint resumed (``point``: what was read of it, a :class:`~lomar.train.run_resume.ResumePoint`)
+    stands when it is the end of the run the settings make, in ``out`` its own folder (a resume into another, or with
+    ``--overwrite``, prepares the folder as any resume does) and nothing the model writes at the end is missing; None
+    otherwise, and wherever only the built run can tell: a checkpoint past the end or of another process count (both
+    refused, naming the epoch's length or the count), one that does not read."""
+    if point is None or point.meta is None or config.overwrite or foreign(point.path, out):
         return None
-    try:
-        ckpt = read_meta(resume)
-    except (OSError, ValueError):
-        return None
+    ckpt = point.meta
     step, epoch, done, ranks = (ckpt.get(k) for k in ("step", "epoch", "batches_done", "rng_ranks"))
     if not all(isinstance(v, int) for v in (step, epoch, done)) or ranks is not None and len(ranks) != world_size:
         return None
@@ -92,7 +90,7 @@ def answer_at_end(task, out: Path, step: int, last_step: int, steps_per_epoch: i
     (the main process decides: every one joins it). Exit code 0."""
     score = trainer is not None and any_rank(is_main and evaluation_missing(
         task, config, out, step, trainer.evaluated_step), device)
-    missing = missing_outputs(task.final_outputs, out, step)
+    missing = [] if trainer is None else missing_outputs(task.final_outputs, out, step)  # unbuilt: run_end found none
     curves = [name for name in task.curves if not (out / name).exists()] if (out / METRICS).is_file() else []
     if is_main:
         print(f"lomar {task.name}: nothing to do, the run is at step {step}; it ends at {last_step} "

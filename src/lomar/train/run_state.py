@@ -41,8 +41,8 @@ from lomar.train.settings import ConfigError
 from lomar.values import brief, is_integer
 
 __all__ = ["RunLock", "SaveError", "save_state", "checkpoints_to_prune", "save_checkpoint", "save_on_main_rank",
-           "truncate_metrics", "remove_stale_temporaries", "find_resume_checkpoint", "auto_resume", "checkpoint_step",
-           "check_no_rewind", "holds_run", "remove_newer_checkpoints", "check_out_folder", "read_meta",
+           "truncate_metrics", "remove_stale_temporaries", "checkpoint_number", "checkpoint_step", "training_step",
+           "read_state", "holds_run", "foreign", "remove_newer_checkpoints", "check_out_folder", "read_meta",
            "newest_state", "refuse_held_run", "prepare_run_folder"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.(pt|dcp)$")  # .dcp: a sharded checkpoint folder
@@ -56,7 +56,7 @@ class SaveError(LomarError, OSError):
 
 
 # ---- checkpoints ----------------------------------------------------------------------
-def _checkpoint_number(name: str) -> int | None:
+def checkpoint_number(name: str) -> int | None:
     """The step in ``checkpoint-<step>.pt`` or ``checkpoint-<step>.dcp``; None for other names."""
     match = _CHECKPOINT.match(name)
     return int(match[1]) if match else None
@@ -71,8 +71,8 @@ def _output_step(name: str) -> int | None:
 def checkpoints_to_prune(paths: list[Path], keep: int) -> list[Path]:
     """All but the ``keep`` newest ``checkpoint-<step>.pt`` (or ``.dcp``), by step number (past 999,999 steps the
     names outgrow their zero padding and no longer sort by age); other names are left alone."""
-    ours = [f for f in paths if _checkpoint_number(f.name) is not None]
-    return sorted(ours, key=lambda f: _checkpoint_number(f.name))[:-keep]
+    ours = [f for f in paths if checkpoint_number(f.name) is not None]
+    return sorted(ours, key=lambda f: checkpoint_number(f.name))[:-keep]
 
 
 def save_state(state: dict, path: Path, previous: Path) -> None:
@@ -142,17 +142,28 @@ def read_meta(path: Path) -> dict:
     return ckpt
 
 
-def checkpoint_step(path: Path) -> int | None:
-    """The step of a training checkpoint (file or sharded folder); None when it cannot be read or
-    holds no training state."""
+def training_step(path: Path, ckpt: dict) -> int | None:
+    """The step of ``ckpt``, read from ``path``, when it is a training state (a sharded folder's, or a file's with
+    its optimizer); None otherwise."""
+    step = ckpt.get("step")
+    return int(step) if (path.is_dir() or "optimizer" in ckpt) and isinstance(step, int) else None
+
+
+def read_state(path: Path) -> dict | None:
+    """:func:`read_meta` of a training checkpoint (file or sharded folder); None when it cannot be read."""
     if path.is_dir() and not (path / ".metadata").is_file():  # not a folder written by fsdp.save_sharded
         return None
     try:
-        ckpt = read_meta(path)
+        return read_meta(path)
     except (OSError, ValueError):
         return None
-    step = ckpt.get("step")
-    return int(step) if (path.is_dir() or "optimizer" in ckpt) and isinstance(step, int) else None
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a training checkpoint (file or sharded folder); None when it cannot be read or
+    holds no training state."""
+    ckpt = read_state(path)
+    return None if ckpt is None else training_step(path, ckpt)
 
 
 def newest_state(out: Path) -> Path:
@@ -165,65 +176,14 @@ def newest_state(out: Path) -> Path:
     return out / name if name.endswith(".dcp") and _CHECKPOINT.match(name) else out / LAST
 
 
-def find_resume_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
-    """(the newest intact state in ``out``, notes to print): ``last.pt`` (or the folder ``last.json`` names),
-    unless a ``checkpoint-*.pt`` / ``checkpoint-*.dcp`` that reads is at a later step (a run killed between
-    the two writes) or it does not read; the notes name what was skipped."""
-    notes = []
-    last = newest_state(out)
-    sharded = (out / LAST_POINTER).exists()
-    last_step = checkpoint_step(last) if sharded or last.exists() else None
-    if (sharded or last.exists()) and last_step is None:
-        notes.append(f"{out / LAST_POINTER} names no intact checkpoint, skipped" if sharded
-                     else f"{last} cannot be read, skipped")
-    candidates = sorted((p for p in out.glob("checkpoint-*") if _checkpoint_number(p.name) is not None),
-                        key=lambda p: -_checkpoint_number(p.name))
-    for path in (p for p in candidates if last_step is None or _checkpoint_number(p.name) > last_step):
-        if (step := checkpoint_step(path)) is not None and (last_step is None or step > last_step):
-            if last_step is not None:
-                notes.append(f"{last} is at step {last_step}, behind {path.name}")
-            elif not (sharded or last.exists()):
-                notes.append(f"{last} is missing")
-            notes.append(f"resuming from the newest intact checkpoint, {path}")
-            return path, notes
-        notes.append(f"{path} cannot be read, skipped")
-    return (last if last_step is not None else None), notes
-
-
-def auto_resume(out: Path, overwrite: bool) -> tuple[Path | None, list[str]]:
-    """``--resume auto``: :func:`find_resume_checkpoint`, refusing (unless ``overwrite``) to start over on top
-    of checkpoints none of which reads: the new run would delete them."""
-    resume, notes = find_resume_checkpoint(out)
-    if resume is None and notes and not overwrite:
-        raise UsageError(f"--resume auto: no checkpoint in {out} can be read ({'; '.join(notes)}); restore one, "
-                         f"or pass --overwrite to start a new run there")
-    return resume, notes + ([f"nothing to resume in {out}: a new run starts"] if resume is None else [])
-
-
 def holds_run(out: Path) -> bool:
     """Whether ``out`` holds a run: a checkpoint, or the settings of one stopped before its first."""
     return any((Path(out) / name).exists() for name in (LAST, LAST_POINTER, RUN_CONFIG))
 
 
-def _foreign(resume: Path, out: Path) -> bool:
+def foreign(resume: Path, out: Path) -> bool:
     """Whether ``resume`` is a checkpoint of another run folder than ``out``."""
     return resume.resolve().parent != Path(out).resolve()
-
-
-def check_no_rewind(resume: Path, out: Path, overwrite: bool) -> None:
-    """Refuse, unless ``overwrite``, to resume an older state into a folder whose newest state is newer (it would
-    be rewound), or another folder's checkpoint into a folder that holds a run (their files would mix)."""
-    if overwrite:
-        return
-    last, _ = find_resume_checkpoint(out)  # the newest intact state, if last.pt is missing, cut or behind
-    if last is not None and not (resume.exists() and last.samefile(resume)):
-        newer, older = checkpoint_step(last), checkpoint_step(resume)
-        if newer is not None and older is not None and newer > older:
-            raise UsageError(f"--resume {resume} (step {older}) would rewind {out}, whose {last.name} is at step "
-                             f"{newer}; pass --out NEW_FOLDER to branch off, --overwrite to rewind, or resume {last}")
-    if _foreign(resume, out) and holds_run(out):
-        raise UsageError(f"--resume {resume} is another folder's checkpoint, and --out {out} already holds a run; "
-                         f"pass --out NEW_FOLDER to branch off, or --overwrite to replace that run")
 
 
 def remove_newer_checkpoints(out: Path, step: int, outputs: tuple[str, ...] = (), resume: Path | None = None,
@@ -238,7 +198,7 @@ def remove_newer_checkpoints(out: Path, step: int, outputs: tuple[str, ...] = ()
         with open(resume, "rb") as source:
             atomic_write(last, lambda handle: shutil.copyfileobj(source, handle))
     for path in [*out.glob("checkpoint-*"), *(p for pattern in outputs for p in out.glob(pattern))]:
-        number = _checkpoint_number(path.name) if path.name.startswith("checkpoint-") else _output_step(path.name)
+        number = checkpoint_number(path.name) if path.name.startswith("checkpoint-") else _output_step(path.name)
         if number is not None and number > step:
             if path.is_dir():
                 remove_tree(path, ignore_errors=True)
@@ -366,14 +326,14 @@ def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int,
     out, name = Path(config.out), task.name
     if resume is None:  # another run may have got here since the config was checked
         refuse_held_run(out, config.resume, config.overwrite, locked_here=True)
-    at_end = finished and resume is not None and not _foreign(resume, out) and not config.overwrite
+    at_end = finished and resume is not None and not foreign(resume, out) and not config.overwrite
     if removed := remove_stale_temporaries(out):  # even at the end: a killed final write left them
         print(f"lomar {name}: removed {len(removed)} stale temporary file(s) in {out}, e.g. {removed[0].name}")
     if resume is not None:
         print(f"lomar {name}: resumed from {resume} at step {step} (epoch {epoch})", flush=True)
     if at_end:
         return
-    if resume is not None and not _foreign(resume, out):
+    if resume is not None and not foreign(resume, out):
         for path in out.glob("checkpoint-*.dcp"):  # a sharded run prunes them, never through a link
             refuse_link(path)
         if config.overwrite:

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -21,6 +21,9 @@ from lomar.errors import first_on_machine
 from lomar.train import settings as S
 from lomar.train.runtime import default_workers
 from lomar.train.settings import ConfigError, coerce_all, declarations, shown
+
+if TYPE_CHECKING:  # torch: not at import
+    from lomar.train.run_resume import ResumePoint
 
 __all__ = ["TaskConfig", "resume_values", "resume_target", "resumed_past_end", "check_warmup", "check_min_lr",
            "check_windows", "encoder_layout", "check_img_size", "check_pretrained"]
@@ -33,6 +36,7 @@ class TaskConfig:
     resolution (:meth:`resolve`), whose steps a command may override; ``out`` defaults to runs/<timestamp>."""
 
     COMMAND = "task"
+    resume_point = None  # not a setting: what :meth:`resolve` read of the checkpoint resumed (run_resume.ResumePoint)
     precision: str = S.PRECISION.field()
     workers: int | None = S.WORKERS.field()
     threads: int | None = S.THREADS.field()
@@ -72,10 +76,12 @@ class TaskConfig:
         explicit.update(absolute_paths(cls, explicit))
         if str(explicit.get("out")).startswith("~"):  # as --data's (and a study's out:): not a folder named ~ here
             explicit["out"] = str(Path(explicit["out"]).expanduser())
-        values = cls.start_values(explicit, in_file)
+        saved = cls.saved_run(explicit)
+        values = cls.start_values(explicit, in_file, saved)
         if values.get("out") is None:
             values["out"] = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
         config = cls(**values)
+        config.resume_point = getattr(saved, "point", None)
         config.complete(explicit)
         if config.workers is None:
             config.workers = default_workers()
@@ -84,11 +90,11 @@ class TaskConfig:
         return config
 
     @classmethod
-    def start_values(cls, explicit: dict[str, Any], in_file: dict[str, str] | None = None) -> dict[str, Any]:
+    def start_values(cls, explicit: dict[str, Any], in_file: dict[str, str] | None,
+                     saved: tuple[dict[str, Any], str] | None) -> dict[str, Any]:
         """The settings before :meth:`complete`: ``explicit`` (the YAML file's and the flags') over the resumed
-        run's (:meth:`saved_run`), or over :meth:`fresh_values` with the schedule laid over a new ``--max-steps``.
-        ``in_file``: the YAML file each setting that no flag gave came from."""
-        saved = cls.saved_run(explicit)
+        run's (``saved``: :meth:`saved_run`'s), or over :meth:`fresh_values` with the schedule laid over a new
+        ``--max-steps``. ``in_file``: the YAML file each setting that no flag gave came from."""
         if saved is not None:
             return resume_values(cls, *saved, explicit, in_file)
         values = cls.fresh_values(explicit)
@@ -105,19 +111,13 @@ class TaskConfig:
 
     @classmethod
     def saved_run(cls, explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
-        """(settings, where from) of the checkpoint ``--resume`` names (:meth:`saved_settings`), or None for a new
-        run; a command with ``--fsdp`` may name a sharded folder (its meta.pt is read). A checkpoint resumes into
-        its own folder unless told otherwise."""
-        path = resume_target(explicit, sharded_ok="fsdp" in cls.__dataclass_fields__)
-        if path is None:
+        """(settings, where from) of the checkpoint ``--resume`` names (:meth:`saved_settings`), a :class:`SavedRun`
+        carrying what was read of it, or None for a new run; a command with ``--fsdp`` may name a sharded folder (its
+        meta.pt is read). A checkpoint resumes into its own folder unless told otherwise."""
+        point = resume_target(explicit, sharded_ok="fsdp" in cls.__dataclass_fields__)
+        if point is None:
             return None
-        from lomar.train.run_state import read_meta  # torch: not for --help
-
-        try:
-            checkpoint = read_meta(path)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"--resume {path}: {exc}; pass an intact checkpoint-NNNNNN.dcp folder" if path.is_dir()
-                              else f"--resume: {exc}") from None
+        path, checkpoint = point.path, point.meta
         command = run_command(checkpoint)
         if command not in (None, cls.COMMAND):
             raise ConfigError(f"--resume {path} is a `lomar {command}` checkpoint, not a `lomar {cls.COMMAND}` one; "
@@ -129,7 +129,7 @@ class TaskConfig:
         saved = coerce_all(cls, settings, str(path), strict=False)
         if "out" not in explicit:
             saved["out"] = str(path.parent)
-        return saved, str(path)
+        return SavedRun(saved, str(path), point)
 
     @staticmethod
     def saved_settings(checkpoint: dict, path: Path) -> dict | None:
@@ -268,6 +268,16 @@ def model_only_without_pretrained(config: Any, explicit: dict[str, Any]) -> None
                           f"{config.pretrained} brings its own; drop --model (or --pretrained)")
 
 
+class SavedRun(tuple):
+    """:meth:`TaskConfig.saved_run`'s (settings, where from), with ``point``: what was read of the checkpoint
+    (:class:`~lomar.train.run_resume.ResumePoint`), for the run to go on from without reading it again."""
+
+    def __new__(cls, settings: dict[str, Any], source: str, point: ResumePoint):
+        saved = super().__new__(cls, (settings, source))
+        saved.point = point
+        return saved
+
+
 class ResumeMismatch(ConfigError):
     """A setting given to a resume that differs from the run's: ``name``, both values as shown, ``source`` (the
     checkpoint), for a caller that passed the setting itself (a study's cell) to say so its own way."""
@@ -334,29 +344,33 @@ def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[
     return values
 
 
-def resume_target(explicit: dict[str, Any], sharded_ok: bool = False) -> Path | None:
-    """The checkpoint ``--resume`` names: None when not resuming, or when ``--resume auto`` finds
-    no intact checkpoint in ``--out``. ``sharded_ok``: a sharded (``.dcp``) folder may be named."""
+def resume_target(explicit: dict[str, Any], sharded_ok: bool = False) -> ResumePoint | None:
+    """The checkpoint ``--resume`` names, read without its weights (a :class:`~lomar.train.run_resume.ResumePoint`):
+    None when not resuming, or when ``--resume auto`` finds no intact checkpoint in ``--out``. ``sharded_ok``: a
+    sharded (``.dcp``) folder may be named."""
     resume = explicit.get("resume")
     if not resume:
         return None
+    from lomar.train.run_resume import find_resume_point, read_resume_point  # torch: not for --help
+
     if resume == "auto":
         if explicit.get("out") is None:
             raise ConfigError("--resume auto needs --out RUN_FOLDER (the run to continue); or pass "
                               "--resume RUN_FOLDER/last.pt")
-        from lomar.train.run_state import find_resume_checkpoint  # torch: not for --help
-
         out = Path(explicit["out"])
-        return find_resume_checkpoint(out)[0] if out.is_dir() else None
+        point = find_resume_point(out) if out.is_dir() else None
+        return point if point is not None and point.path is not None else None
     path = Path(resume)
-    if sharded_ok and path.is_dir() and (path / ".metadata").is_file():
-        return path
-    if path.is_dir():
+    if path.is_dir() and not (sharded_ok and (path / ".metadata").is_file()):
         raise ConfigError(f"--resume {path} is a folder; pass {path / LAST}, or --out {path} --resume auto")
-    if not path.is_file():
+    if not path.is_dir() and not path.is_file():
         what = "is not a regular file (a device or pipe)" if path.exists() else "does not exist"
         raise ConfigError(f"--resume {path} {what}; pass a checkpoint file or 'auto'")
-    return path
+    try:
+        return read_resume_point(path, resume)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume {path}: {exc}; pass an intact checkpoint-NNNNNN.dcp folder" if path.is_dir()
+                          else f"--resume: {exc}") from None
 
 
 def resumed_past_end(step: int, last_step: int, config, steps_per_epoch: int) -> str:

@@ -1,0 +1,187 @@
+"""What a resume reads of its run folder and checkpoint, read once and handed on: the :class:`ResumePoint`.
+
+``--resume auto`` looks through the run folder (:mod:`lomar.train.run_state` keeps it) for its newest intact state;
+``--resume PATH`` names one. Either is read without its weights (:func:`~lomar.train.run_state.read_meta`) when the
+settings are resolved (the run's saved settings come from it), and what was read goes with the settings to the run
+(:func:`lomar.train.lifecycle.run`): its refusals and its "nothing to do" at the run's end read nothing again, and
+only the weights are read (:func:`lomar.train.task.preload`). A run that saved into the folder meanwhile makes it
+stale: it is then read again.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+from lomar.checkpoints.file_names import LAST_POINTER
+from lomar.errors import UsageError
+from lomar.train.run_state import (
+    checkpoint_number,
+    checkpoint_step,
+    foreign,
+    holds_run,
+    newest_state,
+    read_meta,
+    read_state,
+    training_step,
+)
+
+__all__ = ["ResumePoint", "read_resume_point", "find_resume_point", "find_resume_checkpoint", "auto_resume",
+           "resume_point", "check_no_rewind"]
+
+
+def _stamp(*paths: Path) -> tuple:
+    """The identity of ``paths`` as they are now: a file replaced (every checkpoint is written by a rename), or an
+    entry of a folder added or renamed, changes it."""
+    def one(path: Path):
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    return tuple(one(p) for p in paths)
+
+
+@dataclasses.dataclass
+class ResumePoint:
+    """One read of what ``--resume`` starts from, handed on instead of read again: ``path`` (None: nothing to
+    resume), ``meta`` (its :func:`read_meta` without the weights, which :func:`lomar.train.task.preload` reads; None
+    when it does not read), ``notes`` (what ``--resume auto`` skipped). It answers ``resume`` (the --resume given)
+    in ``out`` (the folder searched, for ``auto``) while the files it was read from are as they were then."""
+
+    resume: str
+    path: Path | None
+    meta: dict | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+    out: Path | None = None
+    stamp: tuple = ()
+
+    @property
+    def step(self) -> int | None:
+        """The step of its training state; None when there is none."""
+        return None if self.path is None or self.meta is None else training_step(self.path, self.meta)
+
+    def answers(self, resume: str, out: Path) -> bool:
+        """Whether this is still what ``--resume resume --out out`` finds (a run may have saved since)."""
+        if self.resume != resume or (resume == "auto" and Path(out).resolve() != self.out):
+            return False
+        return self.stamp == _stamp(*self._stamped())
+
+    def _stamped(self) -> list[Path]:
+        return [p for p in (self.out, self.path) if p is not None]
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
+
+
+def _light(ckpt: dict | None) -> dict | None:
+    """``ckpt`` with its weights' entries None (only the full read, :func:`lomar.train.task.preload`, loads them)
+    and the rest copied: a mapped file's tensors (its RNG states) keep the whole file mapped, and the run holds
+    this to its end."""
+    if ckpt is None:
+        return None
+    return copy.deepcopy({k: None if k in ("model", "optimizer") else v for k, v in ckpt.items()})
+
+
+def read_resume_point(path: Path, resume: str | None = None, strict: bool = True) -> ResumePoint:
+    """The :class:`ResumePoint` of the checkpoint ``path`` (``resume``: the --resume that named it, default the
+    path); ``strict``: OSError or ValueError when it cannot be read, else its ``meta`` is None."""
+    point = ResumePoint(resume or str(path), path, stamp=_stamp(path))
+    try:
+        point.meta = _light(read_meta(path))
+    except (OSError, ValueError):
+        if strict:
+            raise
+    return point
+
+
+def find_resume_point(out: Path, known: ResumePoint | None = None) -> ResumePoint:
+    """``--resume auto``'s :class:`ResumePoint` in ``out``: ``last.pt`` (or the folder ``last.json`` names), unless
+    a ``checkpoint-*.pt`` / ``checkpoint-*.dcp`` that reads is at a later step (a run killed between the two
+    writes) or it does not read; the notes name what was skipped. ``known``: a checkpoint read already, not read
+    again."""
+    out = Path(out)
+
+    def state_of(path: Path) -> dict | None:
+        if known is not None and known.meta is not None and _same(path, known.path):
+            return known.meta
+        return read_state(path)
+
+    notes, stamp = [], _stamp(out.resolve())  # before the reads: a save meanwhile makes it stale
+    last = newest_state(out)
+    sharded = (out / LAST_POINTER).exists()
+    last_meta = state_of(last) if sharded or last.exists() else None
+    last_step = None if last_meta is None else training_step(last, last_meta)
+
+    def point(path: Path | None, meta: dict | None) -> ResumePoint:
+        return ResumePoint("auto", path, _light(meta), notes, out.resolve(), stamp + _stamp(path) if path else stamp)
+
+    if (sharded or last.exists()) and last_step is None:
+        notes.append(f"{out / LAST_POINTER} names no intact checkpoint, skipped" if sharded
+                     else f"{last} cannot be read, skipped")
+    candidates = sorted((p for p in out.glob("checkpoint-*") if checkpoint_number(p.name) is not None),
+                        key=lambda p: -checkpoint_number(p.name))
+    for path in (p for p in candidates if last_step is None or checkpoint_number(p.name) > last_step):
+        meta = state_of(path)
+        if (step := None if meta is None else training_step(path, meta)) is not None and \
+                (last_step is None or step > last_step):
+            if last_step is not None:
+                notes.append(f"{last} is at step {last_step}, behind {path.name}")
+            elif not (sharded or last.exists()):
+                notes.append(f"{last} is missing")
+            notes.append(f"resuming from the newest intact checkpoint, {path}")
+            return point(path, meta)
+        notes.append(f"{path} cannot be read, skipped")
+    return point(last, last_meta) if last_step is not None else point(None, None)
+
+
+def find_resume_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
+    """(the newest intact state in ``out``, notes to print): :func:`find_resume_point`'s."""
+    found = find_resume_point(out)
+    return found.path, found.notes
+
+
+def auto_resume(out: Path, overwrite: bool, found: ResumePoint | None = None) -> ResumePoint:
+    """``--resume auto``: :func:`find_resume_point` (``found``: what it found already), refusing (unless
+    ``overwrite``) to start over on top of checkpoints none of which reads: the new run would delete them."""
+    found = found or find_resume_point(out)
+    if found.path is None and found.notes and not overwrite:
+        raise UsageError(f"--resume auto: no checkpoint in {out} can be read ({'; '.join(found.notes)}); restore one, "
+                         f"or pass --overwrite to start a new run there")
+    notes = found.notes + ([f"nothing to resume in {out}: a new run starts"] if found.path is None else [])
+    return dataclasses.replace(found, notes=notes)
+
+
+def resume_point(resume: str | None, out: Path, overwrite: bool, read: ResumePoint | None = None) -> ResumePoint | None:
+    """What ``--resume`` (``resume``) starts from in ``out``: ``read`` (as the settings' resolution read it) while it
+    still answers them, else read now (a checkpoint that does not read is left to the full read to report);
+    ``auto``: :func:`auto_resume`. None when not resuming."""
+    if not resume:
+        return None
+    if read is None or not read.answers(resume, out):
+        read = find_resume_point(out) if resume == "auto" else read_resume_point(Path(resume), strict=False)
+    return auto_resume(out, overwrite, read) if resume == "auto" else read
+
+
+def check_no_rewind(resume: Path, out: Path, overwrite: bool, point: ResumePoint | None = None) -> None:
+    """Refuse, unless ``overwrite``, to resume an older state into a folder whose newest state is newer (it would
+    be rewound), or another folder's checkpoint into a folder that holds a run (their files would mix). ``point``:
+    what was read of ``resume`` (``--resume auto``'s: the newest state of ``out`` itself)."""
+    if overwrite or (point is not None and point.resume == "auto" and point.out == Path(out).resolve()):
+        return
+    newest = find_resume_point(out, point)  # the newest intact state, if last.pt is missing, cut or behind
+    last = newest.path
+    if last is not None and not (resume.exists() and last.samefile(resume)):
+        newer = newest.step
+        older = point.step if point is not None and point.path == resume else checkpoint_step(resume)
+        if newer is not None and older is not None and newer > older:
+            raise UsageError(f"--resume {resume} (step {older}) would rewind {out}, whose {last.name} is at step "
+                             f"{newer}; pass --out NEW_FOLDER to branch off, --overwrite to rewind, or resume {last}")
+    if foreign(resume, out) and holds_run(out):
+        raise UsageError(f"--resume {resume} is another folder's checkpoint, and --out {out} already holds a run; "
+                         f"pass --out NEW_FOLDER to branch off, or --overwrite to replace that run")
