@@ -54,7 +54,7 @@ from lomar.models.masking import grid_size
 from lomar.models.vit import VisionTransformer, ViTConfig
 
 __all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "read", "holds_beit", "peek_encoder",
-           "load_model", "encoder_weights",
+           "load_model", "encoder_weights", "stopped_run_checkpoint",
            "saved_settings", "PRETRAIN_FORMAT", "CLASSIFIER_FORMAT", "BEiTReader", "BEiTPretrainReader",
            "BEiTExportReader", "OriginalBEiTReader", "BEiTFinetuneReader", "TimmBeitWeights"]
 
@@ -345,14 +345,18 @@ def holds_beit(path: str | Path) -> bool:
     return False
 
 
+def stopped_run_checkpoint(path: Path) -> Path | None:
+    """The ``last.pt`` of a run folder that holds no export (a run stopped before its end writes none), the one
+    checkpoint of it to read an encoder from; None for any other ``path``."""
+    return path / LAST if path.is_dir() and not (path / CONFIG_NAME).exists() and (path / LAST).is_file() else None
+
+
 def peek_encoder(path: str | Path) -> tuple[str, int | None] | None:
     """("beit" or "vit", its patch size or None) for the encoder ``path`` holds, told from its config.json or the
     shape of its mapped patch-embedding weight, no weight read; None where that cannot tell (a sharded or unmappable
     checkpoint, one in no format: the full read reports it), so that a caller can refuse an encoder it cannot use
     before reading one."""
-    path = Path(path)
-    if path.is_dir() and not (path / CONFIG_NAME).exists() and (path / LAST).is_file():
-        path = path / LAST  # a stopped run's folder, read as load_pretrained_encoder reads it
+    path = stopped_run_checkpoint(Path(path)) or Path(path)  # read as load_pretrained_encoder reads it
     if path.is_dir() and (path / ".metadata").is_file():
         return None
     try:
