@@ -123,14 +123,17 @@ def test_cls_pool_keeps_the_pretrained_norm_and_finetunes(tmp_path, capsys, pret
     assert "invalid choice: 'max'" in capsys.readouterr().err
 
 
-def test_resume_with_accumulation_equals_an_uninterrupted_run(tmp_path, pretrained, folder):
+def test_resume_with_accumulation_equals_an_uninterrupted_run(tmp_path, pretrained, folder, monkeypatch):
     # batch 2 x accum 2: 2 steps of 4 batches an epoch; the stop at step 3 is mid-epoch 1
     common = ("--batch-size", "2", "--accum-steps", "2", "--epochs", "3", "--mixup", "0.8")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert _finetune(pretrained, folder, straight, *common, "--max-steps", "5") == 0
     assert _finetune(pretrained, folder, resumed, *common, "--max-steps", "3") == 0
     assert safe_load(resumed / "last.pt")["batches_done"] == 2  # two batches into epoch 1: one step
+    checked, load = [], finetune_module.FinetuneTask.load
+    monkeypatch.setattr(finetune_module.FinetuneTask, "load", lambda task, state: checked.append(load(task, state)))
     assert main(["finetune", "--out", str(resumed), "--resume", "auto", "--max-steps", "5"]) == 0
+    assert len(checked) == 1  # the class check, before the model is built; not again after
     a, b = safe_load(straight / "last.pt"), safe_load(resumed / "last.pt")
     assert (a["step"], a["epoch"]) == (b["step"], b["epoch"]) == (5, 2)
     for key, value in a["model"].items():

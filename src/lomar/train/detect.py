@@ -53,7 +53,7 @@ from lomar.train.lifecycle import Task, run
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.run_state import RunLock
 from lomar.train.settings_resume import encoder_layout
-from lomar.train.task_resume import resumed_state
+from lomar.train.task_resume import load_resumed
 
 __all__ = ["DetectTask", "detect_checkpoint", "step_lr_factor", "detect", "category_change"]
 
@@ -105,8 +105,7 @@ class DetectTask(Task):
             raise UsageError(f"{self.val.path}: no annotation to score (each is a crowd region or of zero area); "
                              f"COCO AP needs non-crowd boxes in the validation split")
         log(f"lomar detect: val {self.val.path}: {self.val.summary.line()}")
-        if (resumed := resumed_state()) is not None:  # other categories: refused before the images' check, the model
-            self.load(resumed)
+        load_resumed(self)  # other categories: refused before the images' check, the model
         if info.is_main:  # not first found after an epoch; one process reads the headers, its error stops all
             check_split_images(self.val, "--val-images", config.workers or 1)
         self.categories = self.val.categories

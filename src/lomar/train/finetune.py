@@ -39,7 +39,7 @@ from lomar.train.finetune_config import FinetuneConfig, split_roots
 from lomar.train.lifecycle import Task, TrainingError, run
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.settings_resume import encoder_layout
-from lomar.train.task_resume import resumed_state
+from lomar.train.task_resume import load_resumed
 
 __all__ = ["finetune", "classification_transforms", "eval_crop_ratio", "FinetuneTask"]
 
@@ -101,8 +101,7 @@ class FinetuneTask(Task):
     def __init__(self, config: FinetuneConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, device
         self.train_loader, self.val_loader, self.classes = _loaders(config, *split_roots(config), info)
-        if (resumed := resumed_state()) is not None:  # other classes: refused before the model and its weights
-            self.load(resumed)
+        load_resumed(self)  # other classes: refused before the model and its weights
         try:
             self.model = load_pretrained_encoder(config.pretrained, num_classes=len(self.classes),
                                                  global_pool=config.global_pool, img_size=config.img_size,

@@ -94,12 +94,14 @@ class _Run:
                 "batches_done": self.p.batches_done, "evaluated_step": self.evaluated_step, "rng_ranks": self.rngs,
                 **self.task.state(), **({f"best_{m}": max(self.best, 0.0)} if (m := self.task.best_metric) else {})}
 
-    def load(self, path: Path, ckpt: dict | None, meta: dict | None) -> None:
+    def load(self, path: Path, ckpt: dict | None, meta: dict | None, task_loaded: bool = False) -> None:
         """Resume from ``path``: ``ckpt`` its full read (:func:`preload`), None for a sharded folder, whose ``meta``
-        (its meta.pt, as the resume point read it; None: not read) every rank loads with its shards."""
+        (its meta.pt, as the resume point read it; None: not read) every rank loads with its shards.
+        ``task_loaded``: the Task loaded it while it was built (:func:`~lomar.train.task_resume.load_resumed`)."""
         if ckpt is None and meta is None:
             meta = safe_load(path / "meta.pt")
-        self.task.load(meta if ckpt is None else ckpt)  # first: its refusal names the cause
+        if not task_loaded:
+            self.task.load(meta if ckpt is None else ckpt)  # first: its refusal names the cause
         if ckpt is None:  # a sharded folder (a file's ckpt comes from preload): every rank loads its shards
             ckpt = load_sharded(self.task.model, self.optimizer, path, meta)
             check_weights(self.task.model, self.info.enabled, resume=path)  # a file's are checked as it is read
@@ -361,13 +363,13 @@ def run(config, make_task: type[Task]) -> int:
                 torch.set_num_threads(config.threads or default_threads())
                 saved = preload(resume, device)  # a checkpoint that cannot resume is refused before the build
                 seed_everything(config.seed)  # the same initial weights on every rank
-                with building(saved):  # a Task that refuses the checkpoint for its data does so before its model
+                with building(saved) as built:  # a Task refusing the checkpoint for its data: before its model
                     task = make_task(config, info, device)
                 if info.enabled:  # then a stream of its own for each: drop path, mixup, augmentation in this process
                     seed_everything(config.seed + info.rank)
                 trainer = _Run(config, task, info, device)
                 if resume is not None:
-                    trainer.load(resume, saved, point.meta)
+                    trainer.load(resume, saved, point.meta, built.loaded)
                 del saved  # the run would hold the whole checkpoint to its end
         except (ValueError, FileNotFoundError) as exc:
             raise UsageError(str(exc)) from None
