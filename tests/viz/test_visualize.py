@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import reference_dir, write_images
+from helpers import pretrain, reference_dir, write_images
 from lomar import MAE, LoMaR, VisionTransformer, ViTConfig, load_original, model_config
 from lomar.checkpoints.convert import load_model, pretrain_checkpoint
 from lomar.checkpoints.io import atomic_save
@@ -168,6 +168,26 @@ def test_visualize_titles_name_the_checkpoint_step(pretrained, tmp_path, monkeyp
     image = write_images(tmp_path / "img", 1, (40, 40)) / "img000.png"
     assert main(["visualize", str(pretrained), str(image), "--attention", "--out", str(tmp_path / "figs")]) == 0
     assert titles == ["LoMaR reconstruction of last.pt at step 1, seed 0", "LoMaR last.pt at step 1: img000.png"]
+
+
+def test_visualize_draws_a_beit_runs_token_figure(image_dir, tmp_path, capsys, monkeypatch):
+    """A BEiT pretraining checkpoint was refused ('cannot reconstruct; pass --attention') though its run's tokenizer
+    gives the figure BEiT has: true against predicted tokens of the masked patches. Its export has no tokenizer.
+    A title given to the figure keeps the accuracy line (a training snapshot's 'beit step N' replaced it)."""
+    import lomar.viz.tokens as tokens
+
+    figures, draw = [], tokens.draw_tokens
+    monkeypatch.setattr(tokens, "draw_tokens", lambda *a: figures.append(draw(*a)) or figures[-1])
+    run = tmp_path / "beit"
+    assert pretrain("--data", str(image_dir), "--out", str(run), "--method", "beit", "--max-steps", "1") == 0
+    capsys.readouterr()
+    assert main(["visualize", str(run), "--out", str(tmp_path / "figs")]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.split() == ["lomar:", "wrote", str(tmp_path / "figs" / "tokens.png")]
+    title = figures[-1]._suptitle.get_text().split("\n")
+    assert title[0] == "BEiT token prediction of last.pt at step 1, seed 0"
+    assert re.fullmatch(r"accuracy \d+\.\d% on masked tokens, loss \d+\.\d{3}", title[1]), title
+    assert main(["visualize", str(run / "encoder.safetensors"), "--out", str(tmp_path / "figs")]) == 2
+    assert "without its pretraining run's tokenizer" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -33,7 +33,9 @@ def prepare_image(path: str | Path, size: int):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("Writes OUT/reconstruction.png (one row per image: original | sampled windows | masked "
-                     "input | reconstruction) and, with --attention, OUT/attention-NN-NAME.png per image. "
+                     "input | reconstruction; for a BEiT pretraining checkpoint OUT/tokens.png: image | its "
+                     "tokenizer's tokens | the predicted ones | correct or wrong) and, with --attention, "
+                     "OUT/attention-NN-NAME.png per image. "
                      "CKPT: our pretraining checkpoint (or its run folder: its last.pt is read), one from "
                      "`lomar load-original`, or an original one (an encoder-only checkpoint or export folder gives "
                      "attention figures only).")
@@ -76,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from lomar.models.beit import BEiT  # torch: not for --help
     from lomar.viz.attention import attention_figure, attention_request, window_attention  # torch: not for --help
     from lomar.viz.reconstruction import reconstruction_figure  # torch: not for --help
+    from lomar.viz.tokens import token_figure  # torch: not for --help
 
     if Path(args.checkpoint).is_dir() and (Path(args.checkpoint) / LAST).is_file():
         # A run folder: its last.pt has the pixel head; its export (encoder.safetensors, once finished) has not,
@@ -85,8 +88,10 @@ def run(args: argparse.Namespace) -> int:
     model.eval()
     encoder = getattr(model, "encoder", model)
     can_reconstruct = isinstance(model, (LoMaR, MAE))
-    if not can_reconstruct and not args.attention:
-        what = ("a BEiT: it predicts visual tokens, not pixels, so it cannot reconstruct" if isinstance(model, BEiT)
+    token_model = _token_model(model, Path(args.checkpoint)) if isinstance(model, BEiT) else None
+    if not can_reconstruct and token_model is None and not args.attention:
+        what = ("a BEiT without its pretraining run's tokenizer: it predicts visual tokens, not pixels, so it "
+                "cannot reconstruct" if isinstance(model, BEiT)
                 else "an encoder without a pixel head: it cannot reconstruct")
         raise UsageError(f"{args.checkpoint} holds {what}; pass --attention for attention figures"
                          + ("" if isinstance(model, BEiT) else ", or a pretraining checkpoint"))
@@ -114,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
             title = f"{name} reconstruction of {Path(args.checkpoint).name}{at_step}, seed {args.seed}"
             written.append(reconstruction_figure(model, images, path=out / "reconstruction.png", seed=args.seed,
                                                  title=title))
+        if token_model is not None:
+            title = f"BEiT token prediction of {Path(args.checkpoint).name}{at_step}, seed {args.seed}"
+            written.append(token_figure(token_model, images, out / "tokens.png", seed=args.seed, title=title))
         if args.attention:
             pixels = denormalize(images)
             for i, (path, image) in enumerate(zip(paths, images)):
@@ -138,3 +146,30 @@ def _at_step(checkpoint: Path) -> str:
     except (OSError, ValueError):  # the model was read from it: a file with no readable step has none to tell
         return ""
     return f" at step {step}" if isinstance(step, int) else ""
+
+
+def _token_model(model, checkpoint: Path):
+    """The BEiT of a `lomar pretrain --method beit` checkpoint with its run's tokenizer (found as a resume finds
+    it) and masking, for the token figure; None where the file records no tokenizer (an export, an original)."""
+    from types import SimpleNamespace
+
+    from lomar.methods.beit import resume_settings, tokenizer_for  # torch: not for --help
+    from lomar.models.beit_pretrain import BEiTPretrain  # torch: not for --help
+    from lomar.train.run_state import read_meta  # torch: not for --help
+
+    try:
+        saved = read_meta(checkpoint).get("config") if checkpoint.is_file() else None
+    except (OSError, ValueError):  # the model was read from it: no readable settings, no tokenizer to name
+        return None
+    if not isinstance(saved, dict) or saved.get("method") != "beit" or not saved.get("tokenizer"):
+        return None
+    saved = dict(saved)
+    resume_settings(saved, str(checkpoint), None, {})
+    try:
+        tokenizer = tokenizer_for(SimpleNamespace(tokenizer=saved["tokenizer"]), model.config.grid)
+    except ValueError as exc:
+        raise UsageError(f"{checkpoint}: the tokenizer its run trained with cannot be read ({exc}); put it back, or "
+                         f"pass --attention for attention figures only") from None
+    pretrain = BEiTPretrain(model.config, tokenizer, saved["window_size"], saved["windows"], saved["mask_ratio"])
+    pretrain.beit = model
+    return pretrain.eval()

@@ -32,7 +32,7 @@ from lomar.train.schedule import lr_at_whole_steps
 from lomar.viz.tokens import token_figure
 
 __all__ = ["METHOD", "RECIPE", "prepare", "fit_on_training_images", "layer_scale_init", "resume_settings",
-           "same_tokenizer", "FIT_IMAGES", "MAX_VOCAB"]
+           "same_tokenizer", "tokenizer_for", "FIT_IMAGES", "MAX_VOCAB"]
 
 FIT_IMAGES = 64  # sample of training crops the built-in tokenizer is fitted on
 MAX_VOCAB = 8192  # BEiT's vocabulary
@@ -176,7 +176,7 @@ def resume_settings(saved: dict, source: str, checkpoint: str | None, explicit: 
     return note
 
 
-def _tokenizer_for(config, grid, tokenizer=None):
+def tokenizer_for(config, grid, tokenizer=None):
     """``config.tokenizer`` loaded (or the one :func:`prepare` fitted), its view set to grid × stride px
     (both kinds are convolutional / per patch, so any multiple of the stride works)."""
     if tokenizer is None:
@@ -194,7 +194,7 @@ def _tokenizer_for(config, grid, tokenizer=None):
 
 
 def build(config, vit, tokenizer=None) -> BEiTPretrain:
-    tokenizer = _tokenizer_for(config, grid_size(vit.img_size, vit.patch_size), tokenizer)
+    tokenizer = tokenizer_for(config, grid_size(vit.img_size, vit.patch_size), tokenizer)
     init = config.layer_scale_init if config.layer_scale_init is not None else layer_scale_init(vit.embed_dim)
     beit = replace(BEiTConfig.from_vit(vit, tokenizer.vocab_size), init_values=init)
     return BEiTPretrain(beit, tokenizer, config.window_size, config.windows, config.mask_ratio)

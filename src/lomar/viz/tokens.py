@@ -82,6 +82,6 @@ def draw_tokens(model, images: torch.Tensor, seed: int = 0, title: str | None = 
     fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=9, title_fontsize=9,
                title="token maps: one fixed colour per token id, the same in the true and the predicted map; "
                      "dimmed cells are not masked (true token shown)")
-    fig.suptitle(title or f"BEiT token prediction: accuracy {maps['accuracy']:.1%} on masked tokens, "
-                          f"loss {maps['loss']:.3f}")
+    fig.suptitle(f"{title or 'BEiT token prediction'}\naccuracy {maps['accuracy']:.1%} on masked tokens, "
+                 f"loss {maps['loss']:.3f}")
     return fig
