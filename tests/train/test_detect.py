@@ -413,6 +413,10 @@ def test_step_schedule_is_vitdets():
     assert step_lr_factor(250, 1000, 250) == 1.0
     assert step_lr_factor(888, 1000, 250) == 1.0 and step_lr_factor(889, 1000, 250) == pytest.approx(0.1)
     assert step_lr_factor(963, 1000, 250) == pytest.approx(0.01)
+    # ViTDet's 100-epoch milestones: steps 163,889 and 177,546 of 184,375 (0.889 and 0.963 put them 20 and 7 later)
+    assert step_lr_factor(163888, 184375, 250) == 1.0 and step_lr_factor(163889, 184375, 250) == pytest.approx(0.1)
+    assert step_lr_factor(177545, 184375, 250) == pytest.approx(0.1)
+    assert step_lr_factor(177546, 184375, 250) == pytest.approx(0.01)
 
 
 def _rescore(ann_file, predictions: list[dict]) -> dict[str, float | None]:
