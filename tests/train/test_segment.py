@@ -282,8 +282,8 @@ def test_too_many_images_cut_short_stop_the_run_in_one_line(digits, tmp_path, ca
     (["--num-classes", "300"], "--num-classes"),
     (["--eval-stride", "40"], "--eval-stride 40 is larger than the --img-size 32 windows it moves"),
     (["--batch-size", "1"], "--batch-size 1: UperNet's BatchNorm needs at least 2 crops per"),
-    (["--model", "vit_tiny_patch14"], "--img-size must be a multiple of 224 (the coarsest pyramid stride, and the "
-                                      "patch size 14 of --model), got 32; e.g. 224"),
+    (["--model", "vit_tiny_patch14"], "--img-size must be a multiple of 28 (the coarsest pyramid stride: twice the "
+                                      "patch size 14 of --model vit_tiny_patch14), got 32; e.g. 28"),
 ])
 def test_bad_flags_end_in_one_line(digits, tmp_path, capsys, flags, message):
     assert _segment(digits, tmp_path / "run", *flags) == 2
@@ -300,8 +300,19 @@ def test_a_pretrained_encoders_patch_sets_the_img_size_multiple(digits, tmp_path
     export_encoder(encoder, tmp_path / "p14")
     assert _segment(digits, tmp_path / "run", "--pretrained", str(tmp_path / "p14")) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--img-size must be a multiple of 224 (the coarsest pyramid stride, and the " \
-        f"patch size 14 of --pretrained {tmp_path / 'p14'}), got 32; e.g. 224" in err, err
+    assert err.count("\n") == 1 and "--img-size must be a multiple of 28 (the coarsest pyramid stride: twice the " \
+        f"patch size 14 of --pretrained {tmp_path / 'p14'}), got 32; e.g. 28" in err, err
+
+
+@pytest.mark.parametrize("model, size", [("vit_mini_patch14", "28"), ("vit_mini_patch8", "16")])
+def test_the_smallest_img_size_the_pyramid_tiles_trains_and_evaluates(digits, tmp_path, model, size):
+    # twice the patch is the coarsest stride (the max pool of the grid), which the whole-image evaluation pads to;
+    # a multiple of 32 as well was refused: 224 at least for patch 14, 32 for patch 8
+    out = tmp_path / "run"
+    assert _segment(digits, out, "--model", model, "--img-size", size, "--max-steps", "1", "--eval-mode", "whole") == 0
+    final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["step"] == 1 and 0 <= final["mIoU"] <= 100
+    assert np.asarray(Image.open(next((out / "predictions").glob("*.png")))).shape == (32, 32)
 
 @pytest.mark.slow
 def test_torchrun_two_processes_train_and_gather_every_prediction(digits, tmp_path):

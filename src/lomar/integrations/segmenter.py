@@ -25,7 +25,7 @@ def spread_indices(depth: int) -> tuple[int, ...]:
 
 
 class UperNetSegmenter(nn.Module):
-    """images (B, 3, H, W), sides multiples of 32 -> logits (B, num_classes, H, W).
+    """images (B, 3, H, W), sides multiples of ``size_divisor`` (twice the patch) -> logits (B, num_classes, H, W).
 
     ``out_indices``: blocks feeding the pyramid (default :func:`spread_indices`); ``channels``:
     the head's width (768 in mmseg's ViT-B recipe); ``aux_weight``: 0 drops the auxiliary head;

@@ -8,7 +8,6 @@ ones changed.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ class SegmentConfig(TaskConfig):
     out: str | None = S.OUT.field(help="output folder: last.pt, metrics.jsonl, predictions/ (default: "
                                        "runs/<timestamp>)")
     img_size: int = S.IMG_SIZE.field(512, help="training crop and evaluation scale (short side) in pixels, a "
-                                               "multiple of 32")
+                                               "multiple of twice the encoder's patch size (32 for patch 16)")
     batch_size: int = S.BATCH_SIZE.field(16, help="crops per process per step")
     accum_steps: int = S.ACCUM_STEPS.field()
     epochs: int = S.EPOCHS.field(127, help="passes over the training data (127 at batch 16 on ADE20K's 20,210 "
@@ -85,9 +84,7 @@ class SegmentConfig(TaskConfig):
         model_only_without_pretrained(self, explicit)
 
     def check_settings(self) -> None:
-        check_img_size(self)
-        if self.pretrained:
-            check_pretrained_patch(self.pretrained, self.img_size)
+        check_img_size(self, pretrained_patch(self.pretrained) if self.pretrained else None)
         if int(os.environ.get("WORLD_SIZE", "1") or 1) < 2 or self.device == "cpu":  # else the task checks, on CPU
             check_batch_norm_batch(self.batch_size)
         if self.eval_stride is not None and self.eval_stride > self.img_size:  # mmseg asserts the same
@@ -105,18 +102,12 @@ class SegmentConfig(TaskConfig):
         check_pretrained(self, "; pass a checkpoint or an exported folder, or leave it out for a random encoder")
 
 
-def check_pretrained_patch(pretrained: str, img_size: int) -> None:
-    """--img-size is a multiple of the pretrained encoder's patch as well as of 32 (:func:`check_img_size` for a
-    random one), told from its config or weight shapes before its weights or the data are read; building the
-    encoder would name only the patch, and a size it suggests (56 for patch 14) would be refused next."""
+def pretrained_patch(pretrained: str) -> int | None:
+    """The --pretrained encoder's patch size, told from its config or weight shapes before its weights or the data
+    are read (None where they cannot tell), so that --img-size is checked against it before either."""
     from lomar.checkpoints.formats import peek_encoder  # torch: not for --help
 
-    patch = (peek_encoder(pretrained) or ("vit", None))[1]
-    step = math.lcm(32, patch or 32)
-    if img_size % step:
-        raise ConfigError(f"--img-size must be a multiple of {step} (the coarsest pyramid stride, and the patch size "
-                          f"{patch} of --pretrained {pretrained}), got {img_size}; e.g. "
-                          f"{max(step, round(img_size / step) * step)}")
+    return (peek_encoder(pretrained) or ("vit", None))[1]
 
 
 def check_batch_norm_batch(batch_size: int) -> None:

@@ -237,15 +237,17 @@ def random_encoder_patch(config: Any) -> int | None:
     return int(config.model.rsplit("patch", 1)[1]) if config.pretrained is None and config.model else None
 
 
-def check_img_size(config: Any) -> None:
-    """A detection or segmentation pyramid's coarsest stride divides the image, and so does a random encoder's
-    patch (a pretrained one's is checked where it is read)."""
-    patch = random_encoder_patch(config) or 32
-    step = math.lcm(32, patch)
+def check_img_size(config: Any, patch: int | None = None) -> None:
+    """--img-size is a multiple of a detection or segmentation pyramid's coarsest stride: twice the encoder's patch
+    (the 2x2 max pool of its grid), so that the grid and every level tile the crop exactly. ``patch``: a --pretrained
+    encoder's, where its file tells it; else the random --model's; else 16 (32: mmseg's and detectron2's divisor)."""
+    source = f"--pretrained {config.pretrained}" if patch else f"--model {config.model}"
+    patch = patch or random_encoder_patch(config)
+    step = 2 * (patch or 16)
     if config.img_size % step:
-        why = "the coarsest pyramid stride" + (f", and the patch size {patch} of --model" if step > 32 else "")
-        raise ConfigError(f"--img-size must be a multiple of {step} ({why}), got {config.img_size}; "
-                          f"e.g. {max(step, round(config.img_size / step) * step)}")
+        why = f": twice the patch size {patch} of {source}" if patch else ""
+        raise ConfigError(f"--img-size must be a multiple of {step} (the coarsest pyramid stride{why}), got "
+                          f"{config.img_size}; e.g. {max(step, round(config.img_size / step) * step)}")
 
 
 def check_pretrained(config: Any, fix: str = "") -> None:
