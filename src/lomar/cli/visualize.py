@@ -32,10 +32,10 @@ def prepare_image(path: str | Path, size: int):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = ("Writes OUT/reconstruction.png (one row per image: original | sampled windows | masked "
-                     "input | reconstruction; for a BEiT pretraining checkpoint OUT/tokens.png: image | its "
-                     "tokenizer's tokens | the predicted ones | correct or wrong) and, with --attention, "
-                     "OUT/attention-NN-NAME.png per image. "
+    parser.epilog = ("Writes OUT/reconstruction.png (one row per image: original | sampled windows (none for "
+                     "MAE's whole-image mask) | masked input | reconstruction; for a BEiT pretraining checkpoint "
+                     "OUT/tokens.png: image | its tokenizer's tokens | the predicted ones | correct or wrong) and, "
+                     "with --attention, OUT/attention-NN-NAME.png per image. "
                      "CKPT: our pretraining checkpoint (or its run folder: its last.pt is read), one from "
                      "`lomar load-original`, or an original one (an encoder-only checkpoint or export folder gives "
                      "attention figures only).")

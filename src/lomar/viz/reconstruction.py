@@ -100,7 +100,7 @@ def reconstruct(model, images: torch.Tensor, seed: int = 0,
 
 def reconstruction_figure(model, images: torch.Tensor, path: str | Path, seed: int = 0,
                           title: str | None = None, plan: MaskingPlan | None = None) -> Path:
-    """Write a PNG, one row per image: original | windows | masked input | reconstruction.
+    """Write a PNG, one row per image: original | windows (LoMaR's) | masked input | reconstruction.
 
     images: (N, 3, H, W) normalised; ``plan``: optional fixed LoMaR windows/masks for them.
     """
@@ -130,10 +130,11 @@ def draw_reconstruction(model, images: torch.Tensor, seed: int = 0, title: str |
     p = model.config.patch_size
     # constrained layout reserves the title's height above the column headers at any row count
     fig = Figure(figsize=(12, 3 * images.shape[0] + 1.1), layout="constrained")
-    views = {"original": parts["original"], "sampled windows": parts["original"], "masked input": parts["masked"],
-             "reconstruction": parts["reconstruction"]}
-    axes = image_rows(fig, {name: view.permute(0, 2, 3, 1) for name, view in views.items()})
     plan = parts.get("plan")
+    # MAE masks the whole image: a windows column would repeat the original with nothing drawn on it
+    views = {"original": parts["original"], **({"sampled windows": parts["original"]} if plan is not None else {}),
+             "masked input": parts["masked"], "reconstruction": parts["reconstruction"]}
+    axes = image_rows(fig, {name: view.permute(0, 2, 3, 1) for name, view in views.items()})
     for row, windows in enumerate(plan.top_left.tolist() if plan is not None else []):
         for top, left in windows:
             side = plan.window_size * p
