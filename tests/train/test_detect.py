@@ -475,6 +475,8 @@ def test_detect_trains_and_predictions_rescore_to_the_reported_ap(tiny, tmp_path
     assert "96 px input" in capsys.readouterr().err  # the detector's own size, not the 1024 default
     again = json.loads((evaluated / "metrics.jsonl").read_text().splitlines()[-1])
     assert {k: again[k] for k in rescored} == {k: metrics[k] for k in rescored} and again["img_size"] == 96
+    # which file of the run was scored, and at which step (a run folder gives its best.pt, else last.pt)
+    assert again["checkpoint"] == str(out / "last.pt") and again["step"] == 2
     # the predictions written are not replaced by another scoring unless asked to
     code = main(["detect", "--val-ann", str(val_ann), "--val-images", str(val_images), "--eval-only",
                  "--pretrained", str(out / "last.pt"), "--workers", "0", "--out", str(evaluated)])

@@ -110,6 +110,7 @@ class DetectTask(Task):
             check_split_images(self.val, "--val-images", config.workers or 1)
         self.categories = self.val.categories
         saved = detect_checkpoint(config.pretrained) if config.pretrained else None
+        self.source: dict = {}  # a saved detector's file and step, which --eval-only's line names
         self.model = self._build_model(saved)
         self.model.to(device)
         self.train_loader = None
@@ -175,6 +176,7 @@ class DetectTask(Task):
         model.roi_heads.fg_bg_sampler.batch_size_per_image = cfg.rois_per_image
         if saved is not None:
             model.load_state_dict(_fit_to_layout(ckpt["model"], model, encoder_config))
+            self.source = {"checkpoint": str(saved), "step": ckpt.get("step")}  # of a folder: best.pt, else last.pt
             self.log(f"lomar detect: detector loaded from {saved} (step {ckpt.get('step', '?')}), "
                      f"{cfg.img_size} px input")
         return model
@@ -276,8 +278,8 @@ def evaluate_only(config: DetectConfig) -> int:
         task = DetectTask(config, DistInfo(), device)
         metrics = task.evaluate()
         with open_in_place(lock.out / METRICS, "a") as log:
-            log.write(json.dumps({"eval_only": True, "pretrained": config.pretrained, "img_size": config.img_size,
-                                  **metrics}) + "\n")
+            log.write(json.dumps({"eval_only": True, "pretrained": config.pretrained, **task.source,
+                                  "img_size": config.img_size, **metrics}) + "\n")
         task.finish(lock.out)
     ap = {k: "n/a" if metrics.get(k) is None else f"{metrics[k]:.2f}" for k in ("box_AP", "mask_AP")}
     stderr_log(f"lomar detect: box AP {ap['box_AP']}, mask AP {ap['mask_AP']}; {lock.out / 'predictions.json'}")
