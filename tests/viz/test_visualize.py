@@ -120,9 +120,9 @@ def test_load_original_mae_needs_and_takes_overrides(tmp_path, capsys):
 @needs_reference
 def test_visualize_writes_pngs(converted, capsys):
     out = converted / "figs"
-    images = [str(converted / "a.png"), str(converted / "b.jpg")]
-    assert main(["visualize", str(converted / "conv.pt"), *images, "--out", str(out), "--seed", "1",
-                 "--attention", "--target-patch", "3", "4", "--masked"]) == 0
+    a, b = str(converted / "a.png"), str(converted / "b.jpg")  # an image after the flags joins those before them
+    assert main(["visualize", str(converted / "conv.pt"), a, "--out", str(out), "--seed", "1",
+                 "--attention", "--target-patch", "3", "4", "--masked", b]) == 0
     written = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     assert written == ["attention-00-a.png", "attention-01-b.png", "reconstruction.png"]
     for name in written:

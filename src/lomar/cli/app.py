@@ -173,6 +173,18 @@ def _run_command(args: argparse.Namespace):
         _running[0] = before
 
 
+def _operands_after_flags(own: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> list[str]:
+    """What is left of ``unknown`` once operands typed after the flags (``lomar visualize CKPT --out D a.png``)
+    join the command's one list of operands, as they would before the flags: argparse fills a positional list
+    only up to the first flag."""
+    lists = [a for a in own._actions if not a.option_strings and a.nargs in ("*", "+")]
+    if len(lists) != 1 or any(u.startswith("-") for u in unknown):
+        return unknown
+    action = lists[0]
+    setattr(args, action.dest, [*(getattr(args, action.dest) or []), *map(action.type or str, unknown)])
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["help"]:  # git's and pip's spelling: `lomar help CMD` is `lomar CMD --help`
@@ -183,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         args, unknown = parser.parse_known_args(argv)
         if unknown:
             own = command_parser(parser, args)
-            own.error(f"unrecognized arguments: {' '.join(unknown)}{suggest_flags(own, unknown)}")
+            if unknown := _operands_after_flags(own, args, unknown):
+                own.error(f"unrecognized arguments: {' '.join(unknown)}{suggest_flags(own, unknown)}")
     except SystemExit as exc:  # --help, --version, a usage error: already printed
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if getattr(args, "_run", None) is None:
