@@ -6,11 +6,15 @@ message that names the offending value and the fix, and never a traceback for th
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import re
+from collections.abc import Iterator
 
-__all__ = ["LomarError", "UsageError", "ANSI_ESCAPE", "FULL_DISK", "UNWRITABLE", "first_on_machine", "in_flags"]
+__all__ = ["LomarError", "UsageError", "ANSI_ESCAPE", "FULL_DISK", "UNWRITABLE", "first_on_machine",
+           "said_by_first_on_machine", "in_flags"]
 
 # A terminal colour code, as torch's and other libraries' messages carry: dropped from a message that is read
 # (lomar.checkpoints.io) or shown on one line (lomar.cli.app).
@@ -26,6 +30,25 @@ def first_on_machine() -> bool:
     machine (``LOCAL_RANK`` 0). A single process (``WORLD_SIZE`` unset or 1) is the first whatever ``LOCAL_RANK`` a
     job's environment left set, as :func:`lomar.train.distributed.init_distributed` takes it."""
     return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+@contextlib.contextmanager
+def said_by_first_on_machine(logger: str = "lomar.data", say: bool | None = None) -> Iterator[None]:
+    """A block whose ``logger`` records every torchrun process of a machine would make alike (what listing a
+    dataset finds: files left out, hidden folders, links, empty classes), said by the first of each machine alone
+    (``say`` None: :func:`first_on_machine`), not once per process. Where not said, a filter of the logger's own drops
+    them until the block ends, by an exception too; the logger's level and handlers stay as they are. What one
+    process alone meets (an unreadable image of its share) belongs outside such a block."""
+    if first_on_machine() if say is None else say:
+        yield
+        return
+    drop = logging.Filter("-")  # passes no record: no logger has that name
+    quiet = logging.getLogger(logger)
+    quiet.addFilter(drop)
+    try:
+        yield
+    finally:
+        quiet.removeFilter(drop)
 
 
 def in_flags(message: str, flags: dict[str, str]) -> str:

@@ -277,7 +277,9 @@ def test_sigusr1_in_process_checkpoints_and_resumes(tmp_path, image_dir, capsys,
 
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one_process_with_the_global_batch(tmp_path, image_dir):
-    common = [*TINY, "--data", str(image_dir), "--max-steps", "3", "--warmup-epochs", "0"]
+    data = shutil.copytree(image_dir, tmp_path / "data")
+    (data / "._img000.png").write_bytes(b"")  # a macOS metadata file beside a photo: listing --data warns of it
+    common = [*TINY, "--data", str(data), "--max-steps", "3", "--warmup-epochs", "0"]
     ddp_out, single_out, knn, logs = tmp_path / "ddp", tmp_path / "single", tmp_path / "knn", tmp_path / "logs"
     # k-NN at the end (epoch 2 of 2 steps is not reached): batches of 128, 140 train and 133 val images, so rank 1
     # extracts the last batch of each, the unreadable val image among them; the classes' brightness ranges overlap,
@@ -299,6 +301,7 @@ def test_torchrun_two_processes_match_one_process_with_the_global_batch(tmp_path
     assert ["zz-broken.png" in errs[rank] for rank in (0, 1)] == [False, True], errs
     # what listing the folders found is said by the machine's first process alone (it was said by each)
     assert ["outside the class folders" in errs[rank] for rank in (0, 1)] == [True, False], errs
+    assert [errs[rank].count("macOS metadata file") for rank in (0, 1)] == [1, 0], errs  # so is what --data holds
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each process ran
     try:

@@ -352,3 +352,36 @@ def test_resuming_a_run_that_trained_a_thumbnail_class_says_why_it_cannot():
     with pytest.raises(UsageError, match="only in the checkpoint: \\['owl'\\]"):
         FinetuneTask.load(stub, {"classes": ["cat", "dog", "owl"]})
     FinetuneTask.load(stub, {"classes": ["cat", "dog"]})
+
+
+@pytest.mark.parametrize("local_rank, says", [("0", True), ("1", False)])
+def test_under_torchrun_the_first_process_of_a_machine_alone_says_what_the_class_folders_hold(
+        tmp_path, caplog, monkeypatch, local_rank, says):
+    """Every process lists the class folders: torchrun --nproc-per-node 8 printed each listing warning 8 times. An
+    unreadable image is still said by the process that reads it (its share), and a refused listing leaves no filter."""
+    import logging
+
+    from helpers import write_images
+    from lomar.errors import UsageError
+    from lomar.train.distributed import DistInfo
+    from lomar.train.finetune_config import FinetuneConfig
+
+    for split, label, count in (("train", "a", 2), ("train", "b", 2), ("val", "a", 2), ("val", "b", 1)):
+        write_images(tmp_path / split / label, count, size=(36, 36))
+    for split in ("train", "val"):
+        write_images(tmp_path / split, 1, size=(36, 36))  # an image outside the class folders: a warning
+    (tmp_path / "val" / "b" / "zz-broken.png").write_bytes(b"")  # val's 4th image: rank 1 reads it
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    config, rank = FinetuneConfig(img_size=32, batch_size=2, workers=0, aa="none"), int(local_rank)
+    with caplog.at_level("WARNING", logger="lomar.data"):
+        _, val, _ = finetune_module._loaders(config, tmp_path / "train", tmp_path / "val", DistInfo(rank, 2, rank))
+        said = [r.getMessage() for r in caplog.records if "outside the class folders" in r.getMessage()]
+        assert len(said) == (2 if says else 0), said  # train's and val's
+        assert [len(batch.bad) for batch in val] == [rank]  # val 0 and 2, 1 and 3 (the broken one): one batch each
+        assert ("zz-broken.png" in caplog.text) == (rank == 1)
+        (tmp_path / "val" / "c").mkdir()
+        write_images(tmp_path / "val" / "c", 1, size=(36, 36))
+        with pytest.raises(UsageError, match="class folders differ"):
+            finetune_module._loaders(config, tmp_path / "train", tmp_path / "val", DistInfo(rank, 2, rank))
+    assert not logging.getLogger("lomar.data").filters  # the next warning is said again

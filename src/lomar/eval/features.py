@@ -7,9 +7,6 @@ format are read through :mod:`lomar.checkpoints.formats`.
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -29,7 +26,7 @@ from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker, collate_labelle
 from lomar.data.decode import load_image, load_image_reduced
 from lomar.data.folder import LabelledImageFolder
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from lomar.errors import UsageError
+from lomar.errors import UsageError, said_by_first_on_machine
 from lomar.models.attention import vitdet_global_blocks
 from lomar.models.masking import grid_size
 from lomar.models.relpos import REL_POS_PARAMS
@@ -238,23 +235,12 @@ def knn_loaders(train: str | Path, val: str | Path | None = None, img_size: int 
     if decode not in ("full", "draft"):
         raise ValueError(f"decode must be full or draft, got {decode!r}")
     load = partial(load_image_reduced, min_side=eval_resize(img_size)) if decode == "draft" else load_image
-    with contextlib.nullcontext() if warn else _unsaid(logging.getLogger("lomar.data")):
+    with said_by_first_on_machine(say=warn):
         sets = [LabelledImageFolder(root, eval_transform(img_size), load) for root in roots]
         sets[0].check_same_classes(sets[1])
         sets[0].check_classes()
     return tuple(DataLoader(s, batch_size, shuffle=False, num_workers=workers,  # type: ignore[return-value]
                             collate_fn=collate_labelled, worker_init_fn=worker_init_fn) for s in sets)
-
-
-@contextlib.contextmanager
-def _unsaid(logger: logging.Logger) -> Iterator[None]:
-    """``logger``'s own records dropped for the block, by a filter of its own: its other settings stay as they are."""
-    drop = logging.Filter("-")  # passes no record: no logger has that name
-    logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ from lomar.data.decode import THUMBNAIL_FOLDERS, load_image_reduced
 from lomar.data.draft_classify import DraftCropFolder
 from lomar.data.folder import LabelledImageFolder, classes_only_in, unicode_forms_note
 from lomar.data.samplers import EpochSampler
-from lomar.errors import UsageError
+from lomar.errors import UsageError, said_by_first_on_machine
 from lomar.eval.features import load_pretrained_encoder
 from lomar.train.distributed import DistInfo
 from lomar.train.finetune_config import FinetuneConfig, split_roots
@@ -47,11 +47,12 @@ __all__ = ["finetune", "classification_transforms", "eval_crop_ratio", "Finetune
 def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
              info: DistInfo) -> tuple[DataLoader, DataLoader, list[str]]:
     train_tf, val_tf = classification_transforms(config.img_size, config.aa, config.reprob, config.crop_scale)
-    try:
-        train_set = LabelledImageFolder(train_root, train_tf)
-        val_set = LabelledImageFolder(val_root, val_tf, _val_load(val_tf) if config.decode == "draft" else None)
-        train_set.check_classes()
-        train_set.check_same_classes(val_set)
+    try:  # every process lists the class folders alike: the first of each machine says what it left out
+        with said_by_first_on_machine():
+            train_set = LabelledImageFolder(train_root, train_tf)
+            val_set = LabelledImageFolder(val_root, val_tf, _val_load(val_tf) if config.decode == "draft" else None)
+            train_set.check_classes()
+            train_set.check_same_classes(val_set)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     sampler = EpochSampler(len(train_set), config.seed, info.rank, info.world_size)  # (index, epoch) keys

@@ -21,7 +21,7 @@ from lomar.checkpoints.io import safe_load
 from lomar.data.device_decode import decode_dataset
 from lomar.data.folder import build_pretrain_dataset
 from lomar.data.samplers import EpochSampler
-from lomar.errors import UsageError
+from lomar.errors import UsageError, said_by_first_on_machine
 from lomar.eval.knn import KnnMonitor
 from lomar.methods.base import method_runtime
 from lomar.models.spec import model_spec
@@ -61,16 +61,19 @@ class PretrainTask(Task):
         if config.fsdp:  # before the optimizer: it must hold the sharded parameters
             precision = resolve_precision(config.precision, device)
             shard_model(self.model, "bf16" if precision == "bf16" else "fp32")
-        # The reference dataset draws the figures; the one the loader reads follows --decode.
-        self.base_dataset = build_pretrain_dataset(config.data, config.img_size, config.seed, config.crop_scale,
-                                                   masker=self.runtime.masker, color_jitter=config.color_jitter,
-                                                   rank=info.rank, world_size=info.world_size)
-        share = None if config.cpu_decode_share == "auto" else config.cpu_decode_share
-        self.decoding = decode_dataset(self.base_dataset, config.decode, self.patch, config.window_size,
-                                       config.windows, device, share, config.workers, config.gpu_decoder)
-        self.dataset = self.decoding.dataset
-        self.iterable = isinstance(self.dataset, IterableDataset)
-        self.size = self.dataset.count_samples() if self.iterable else len(self.dataset)
+        # Every process lists --data (a folder, a list, every shard's headers) and finds the same files left out or
+        # shards damaged: the first of each machine says it. The reference dataset draws the figures; the one the
+        # loader reads follows --decode.
+        with said_by_first_on_machine():
+            self.base_dataset = build_pretrain_dataset(config.data, config.img_size, config.seed, config.crop_scale,
+                                                       masker=self.runtime.masker, color_jitter=config.color_jitter,
+                                                       rank=info.rank, world_size=info.world_size)
+            share = None if config.cpu_decode_share == "auto" else config.cpu_decode_share
+            self.decoding = decode_dataset(self.base_dataset, config.decode, self.patch, config.window_size,
+                                           config.windows, device, share, config.workers, config.gpu_decoder)
+            self.dataset = self.decoding.dataset
+            self.iterable = isinstance(self.dataset, IterableDataset)
+            self.size = self.dataset.count_samples() if self.iterable else len(self.dataset)
         self.per_rank = self.size // info.world_size
         sampler = None if self.iterable else EpochSampler(self.size, config.seed, info.rank, info.world_size)
         self.train_loader = DataLoader(
