@@ -20,3 +20,18 @@ def test_names_inside_other_names_flags_or_attributes_are_left_alone():
     message = "config.window_size=3 and the --window-size flag; max_num_windows=2 and patch_size=8, patch grid"
     assert in_flags(message, FLAGS) == message
     assert in_flags(message, {}) == message
+
+
+def test_paths_in_a_message_stay_whole_though_their_folders_are_named_as_parameters(tmp_path, capsys):
+    # a sweep's folders are often named by their settings (hydra's runs/window_size=5/)
+    message = ("cannot read /runs/window_size=5/last.pt, runs\\num_windows-4\\x.pt or sweep/patch=8: "
+               "window_size=5: pass window_size <= 4")
+    assert in_flags(message, FLAGS) == ("cannot read /runs/window_size=5/last.pt, runs\\num_windows-4\\x.pt or "
+                                        "sweep/patch=8: --window-size 5: pass --window-size <= 4")
+    from lomar.cli.app import main
+
+    junk = tmp_path / "img_size-224" / "window_size=5" / "orig.pth"
+    junk.parent.mkdir(parents=True)
+    junk.write_text("not a checkpoint")
+    assert main(["load-original", str(junk), "--to", str(tmp_path / "c.pt")]) == 2
+    assert f"cannot read checkpoint {junk}: it is a text file" in capsys.readouterr().err

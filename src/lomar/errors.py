@@ -23,6 +23,7 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # written (read-only, not permitted). Saves (single-process and sharded) and the CLI's messages read the same groups.
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+_PATH_WORD = re.compile(r"(\S*[/\\]\S*)")  # in_flags: a message's word that is (or holds) a path
 
 
 def first_on_machine() -> bool:
@@ -55,13 +56,20 @@ def in_flags(message: str, flags: dict[str, str]) -> str:
     """A library message, which names the Python parameters it was given, in the words of the command line that
     passed them: ``flags`` maps a parameter to its flag. ``name=value`` (a value quoted or not) reads ``--flag
     value``; a bare name reads ``--flag`` where it has an underscore, which no word of the prose has (``pass
-    window_size <= 7``), and is left as it is without one (``patch``, ``windows``), which prose may hold."""
+    window_size <= 7``), and is left as it is without one (``patch``, ``windows``), which prose may hold. A word
+    holding ``/`` or ``\\`` is a path and stays whole."""
     if not flags:
         return message
     names = "|".join(map(re.escape, sorted(flags, key=len, reverse=True)))
-    message = re.sub(rf"(?<![\w.-])({names})=(['\"]?)([^\s,;'\"]*)\2", lambda m: f"{flags[m[1]]} {m[3]}", message)
     bare = "|".join(map(re.escape, sorted((name for name in flags if "_" in name), key=len, reverse=True)))
-    return re.sub(rf"(?<![\w.-])({bare})\b", lambda m: flags[m[1]], message) if bare else message
+
+    def reworded(text: str) -> str:
+        text = re.sub(rf"(?<![\w.-])({names})=(['\"]?)([^\s,;'\"]*)\2", lambda m: f"{flags[m[1]]} {m[3]}", text)
+        return re.sub(rf"(?<![\w.-])({bare})\b", lambda m: flags[m[1]], text) if bare else text
+
+    # A word holding a path separator is a file's path, whose folders may be named so (a sweep's runs/window_size=5/)
+    parts = _PATH_WORD.split(message)
+    return "".join(part if i % 2 else reworded(part) for i, part in enumerate(parts))
 
 
 class LomarError(Exception):
