@@ -14,6 +14,7 @@ import pytest
 import torch
 from coco_tiny import write_tiny_coco
 from PIL import Image
+from torchvision.models.detection.image_list import ImageList
 
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
@@ -370,6 +371,22 @@ def test_roi_scales_follow_the_pyramid_not_the_first_batchs_image_sizes():
     for pool in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool):
         assert pool.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
         assert (pool.map_levels.k_min, pool.map_levels.k_max) == (2, 5)
+
+
+@pytest.mark.parametrize("size, p6_grid", [(96, 2), (800, 13)])
+def test_anchors_lie_at_the_pyramids_strides(size, p6_grid):
+    # torchvision took a level's stride as input // grid: p6's (p5 subsampled by 2) at an odd multiple of 32 was
+    # 48 at 96 px, 61 at 800, while its cells lie 64 px apart
+    model = build_mask_rcnn(VisionTransformer(model_config("vit_tiny_patch16", img_size=32, depth=1)), 2, size)
+    grids = [(size // stride,) * 2 for stride in (4, 8, 16, 32)] + [(p6_grid,) * 2]
+    features = [torch.zeros(1, 1, *grid) for grid in grids]
+    images = ImageList(torch.zeros(1, 3, size, size), [(size, size)])
+    (anchors,) = model.rpn.anchor_generator(images, features)
+    levels = anchors.split([3 * h * w for h, w in grids])
+    for (h, w), stride, level in zip(grids, (4, 8, 16, 32, 64), levels):
+        centres = ((level[:, :2] + level[:, 2:]) / 2).unique(dim=0)
+        assert [sorted(set(centres[:, k].tolist())) for k in (1, 0)] == [[stride * i for i in range(n)]
+                                                                         for n in (h, w)], stride
 
 
 def test_rois_keep_fp32_coordinates_under_bf16_autocast():

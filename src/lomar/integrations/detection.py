@@ -31,7 +31,8 @@ from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.integrations.dense import LayerNorm2d, ViTDetBackbone, layer_decay_param_groups
 from lomar.models.vit import VisionTransformer
 
-__all__ = ["PyramidBackbone", "FixedSizeTransform", "Fp32BoxCoder", "build_mask_rcnn", "detector_param_groups"]
+__all__ = ["PyramidBackbone", "FixedSizeTransform", "Fp32BoxCoder", "PyramidAnchors", "build_mask_rcnn",
+           "detector_param_groups"]
 
 ROI_LEVELS = ["p2", "p3", "p4", "p5"]
 ROI_STRIDES = (4, 8, 16, 32)  # of ROI_LEVELS, in input pixels
@@ -102,6 +103,25 @@ class Fp32BoxCoder(BoxCoder):
         return super().decode_single(rel_codes.float(), boxes.float())
 
 
+class PyramidAnchors(AnchorGenerator):
+    """torchvision's ``AnchorGenerator`` at the pyramid's own strides (``strides``, one a level). torchvision takes a
+    level's stride as the input size // its grid, which p6 (p5 subsampled by 2, its last cell kept) misstates where
+    the input is an odd multiple of 32: at 800 px its 13 cells lie 64 px apart but the anchors 61 (the last
+    one 36 px off), at 96 px 48. detectron2's anchor generator takes the strides from the backbone."""
+
+    def __init__(self, strides, sizes, aspect_ratios):
+        super().__init__(sizes, aspect_ratios)
+        self.strides = tuple(strides)
+
+    def forward(self, image_list, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        grid_sizes = [feature_map.shape[-2:] for feature_map in feature_maps]
+        device = feature_maps[0].device
+        strides = [[torch.tensor(stride, dtype=torch.int64, device=device)] * 2 for stride in self.strides]
+        self.set_cell_anchors(feature_maps[0].dtype, device)
+        per_level = self.grid_anchors(grid_sizes, strides)
+        return [torch.cat(per_level) for _ in image_list.image_sizes]
+
+
 def roi_pool(output_size: int) -> MultiScaleRoIAlign:
     """RoIAlign over ROI_LEVELS with the levels' scales fixed by their strides. torchvision infers them
     on its first call from that batch's largest unpadded image, and keeps them: here every image is
@@ -128,7 +148,8 @@ def build_mask_rcnn(encoder: VisionTransformer, num_classes: int, size: int, out
     if size % 32:
         raise ValueError(f"the input size must be a multiple of 32 (the coarsest pyramid stride), got {size}")
     backbone = PyramidBackbone(encoder, out_channels, grad_checkpointing, train_pos_embed)
-    anchors = AnchorGenerator(sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
+    anchors = PyramidAnchors(backbone.body.pyramid.strides.values(), sizes=((32,), (64,), (128,), (256,), (512,)),
+                             aspect_ratios=((0.5, 1.0, 2.0),) * 5)
     rpn_head = RPNHead(out_channels, anchors.num_anchors_per_location()[0], conv_depth=2)
     box_head = FastRCNNConvFCHead((out_channels, 7, 7), [256] * 4, [1024], norm_layer=LayerNorm2d)
     mask_head = MaskRCNNHeads(out_channels, [256] * 4, 1, norm_layer=LayerNorm2d)
