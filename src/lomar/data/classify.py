@@ -10,7 +10,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD, sample_key, sample_seed
 
-__all__ = ["classification_transforms", "eval_crop_ratio", "ENCODER_CROP", "bound_aspect", "MAX_ASPECT",
+__all__ = ["classification_transforms", "eval_crop_ratio", "IMAGENET_CROP", "bound_aspect", "MAX_ASPECT",
            "SeededSamples"]
 
 MAX_ASPECT = 16  # long side / short side up to which an evaluation transform resizes an image whole
@@ -60,14 +60,14 @@ def _augment_ops(transform) -> list:
     return found
 
 
-# The centre crop that scores a frozen encoder (k-NN, linear probe) at every size, as MAE's linear probe does at
-# 224 px; a finetuned classifier's is eval_crop_ratio's
-ENCODER_CROP = 0.875
+# ImageNet evaluation's centre crop (224 of a 256 px resize): k-NN and linear probes crop every size by it, as
+# MAE's linear probe does at 224 px; finetune's evaluation up to 224 px (eval_crop_ratio)
+IMAGENET_CROP = 0.875
 
 
 def eval_crop_ratio(img_size: int) -> float:
     """Centre-crop ratio of the evaluation transform: 0.875 up to 224 px, 1.0 above."""
-    return ENCODER_CROP if img_size <= 224 else 1.0
+    return IMAGENET_CROP if img_size <= 224 else 1.0
 
 
 def classification_transforms(img_size: int, aa: str = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,
