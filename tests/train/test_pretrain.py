@@ -96,7 +96,8 @@ def test_resume_from_a_checkpoint_path_uses_its_out_and_a_finished_one_builds_no
 
 
 def test_a_resume_reads_its_checkpoint_and_run_folder_once(data, tmp_path, monkeypatch):
-    # the settings, the refusals and the run's end are told from one mapped read; the weights are read once more
+    # the settings, the refusals and the run's end are told from one mapped read; the weights are read once more.
+    # --resume auto searches the folder twice: for the settings, and under the run's lock (a save may have come)
     out = tmp_path / "run"
     assert _run("--data", data, "--out", out, "--max-steps", "2") == 0
     loads, listings = collections.Counter(), collections.Counter()
@@ -113,7 +114,7 @@ def test_a_resume_reads_its_checkpoint_and_run_folder_once(data, tmp_path, monke
     monkeypatch.setattr(torch, "load", counted_load)
     monkeypatch.setattr(Path, "glob", counted_glob)
     assert main(["pretrain", "--out", str(out), "--resume", "auto", "--max-steps", "4"]) == 0
-    assert loads == {("last.pt", "mapped"): 1, ("last.pt", "whole"): 1} and listings["checkpoint-*"] == 1
+    assert loads == {("last.pt", "mapped"): 1, ("last.pt", "whole"): 1} and listings["checkpoint-*"] == 2
     loads.clear(), listings.clear()
     assert main(["pretrain", "--resume", str(out / "last.pt"), "--max-steps", "4"]) == 0  # nothing to do
     assert loads == {("last.pt", "mapped"): 1} and listings["checkpoint-*"] == 1

@@ -18,7 +18,13 @@ from lomar.checkpoints.io import atomic_save, safe_load
 from lomar.errors import UsageError
 from lomar.train import runtime
 from lomar.train.precision import resolve_precision
-from lomar.train.run_resume import check_no_rewind, find_resume_checkpoint
+from lomar.train.run_resume import (
+    check_no_rewind,
+    find_resume_checkpoint,
+    find_resume_point,
+    read_resume_point,
+    resume_point,
+)
 from lomar.train.run_state import (
     RunLock,
     SaveError,
@@ -157,6 +163,35 @@ def test_resume_auto_takes_a_step_checkpoint_newer_than_last_pt(tmp_path):
     path, notes = find_resume_checkpoint(tmp_path)
     assert path.name == "checkpoint-000015.pt"
     assert notes[0] == f"{tmp_path / 'last.pt'} is at step 10, behind checkpoint-000015.pt"
+
+
+def test_resume_auto_under_the_lock_takes_a_newer_checkpoint_the_folders_time_does_not_show(tmp_path):
+    """The settings read last.pt; before the run's lock a run killed between its two writes left a newer
+    checkpoint-N.pt, on a filesystem whose clock (1-2 s) or cached attributes (NFS) show the folder unchanged."""
+    atomic_save(_state(2), tmp_path / "last.pt")
+    read = find_resume_point(tmp_path)
+    held = tmp_path.stat()
+    atomic_save(_state(4), tmp_path / "checkpoint-000004.pt")
+    os.utime(tmp_path, ns=(held.st_atime_ns, held.st_mtime_ns))
+    point = resume_point("auto", tmp_path, False, read)
+    assert point.path.name == "checkpoint-000004.pt" and point.step == 4
+
+
+def test_a_checkpoint_rewritten_in_place_since_the_settings_read_it_is_read_again(tmp_path):
+    """rsync --inplace -t: the same inode, size and mtime, but another state (its ctime tells)."""
+    path = tmp_path / "last.pt"
+    atomic_save(_state(2), path)
+    read = read_resume_point(path)
+    before = path.stat()
+    atomic_save(_state(3), tmp_path / "other.pt")
+    data = (tmp_path / "other.pt").read_bytes()
+    assert len(data) == before.st_size
+    with open(path, "r+b") as handle:
+        handle.write(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    while path.stat().st_ctime_ns == before.st_ctime_ns:  # a coarse clock: until it ticks
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert resume_point(str(path), tmp_path, False, read).step == 3
 
 
 def test_an_older_checkpoint_does_not_rewind_a_folder_whose_last_pt_is_gone(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lomar.data.decode import is_image_name, max_image_bytes, passed_over_folder
 
-__all__ = ["image_members", "drawn_members", "scanned_count", "read_ahead"]
+__all__ = ["image_members", "drawn_members", "scanned_count", "read_ahead", "file_identity"]
 
 log = logging.getLogger("lomar.data")
 # str(shard) -> (its identity when read, image members, members passed over): whole clean passes of drawn_members
@@ -23,9 +23,11 @@ _SCANNED: dict[str, tuple[tuple[int, ...], int, list[str]]] = {}
 _DAMAGE = (OSError, EOFError, tarfile.TarError)
 
 
-def _identity(shard: Path) -> tuple[int, ...] | None:
+def file_identity(path: Path) -> tuple[int, ...] | None:
+    """What tells ``path`` as it is now from any other version of it (None: it cannot be stat'ed): a file replaced by
+    a rename, or rewritten in place, has another."""
     try:
-        st = os.stat(shard)
+        st = os.stat(path)
     except OSError:
         return None
     # ctime too: a tool that rewrites a file in place and restores its mtime (rsync --inplace -t) cannot set it back
@@ -37,7 +39,7 @@ def scanned_count(shard: Path, thumbnails: list[str]) -> int | None:
     passed-over members appended to ``thumbnails``), if the file is unchanged since; else None. Taken once: the
     record is dropped, so that loader workers forked later do not carry it."""
     record = _SCANNED.pop(str(shard), None)
-    if record is None or record[0] != _identity(shard):
+    if record is None or record[0] != file_identity(shard):
         return None
     thumbnails.extend(record[2])
     return record[1]
@@ -90,7 +92,7 @@ def drawn_members(shard: Path, count: int, rng: random.Random) -> list[tuple[str
     again, up to its end); from a truncated shard, of the members before the damage. A clean pass's count is kept for
     :func:`scanned_count`."""
     kept: list[tuple[int, str, bytes | int | str]] = []
-    seen, passed, identity = 0, [], _identity(shard)
+    seen, passed, identity = 0, [], file_identity(shard)
     try:
         with tarfile.open(shard) as archive:
             for member in archive:

@@ -4,8 +4,9 @@
 ``--resume PATH`` names one. Either is read without its weights (:func:`~lomar.train.run_state.read_meta`) when the
 settings are resolved (the run's saved settings come from it), and what was read goes with the settings to the run
 (:func:`lomar.train.lifecycle.run`): its refusals and its "nothing to do" at the run's end read nothing again, and
-only the weights are read (:func:`lomar.train.task.preload`). A run that saved into the folder meanwhile makes it
-stale: it is then read again.
+only the weights are read (:func:`lomar.train.task.preload`). Under the run's lock ``auto`` searches the folder again:
+a run that saved meanwhile may have left a newer state, which the folder's time need not show (a clock of 1-2 s on
+some filesystems, attributes an NFS client cached); a checkpoint whose file changed since is read again.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import dataclasses
 from pathlib import Path
 
 from lomar.checkpoints.file_names import LAST_POINTER
+from lomar.data.shard_members import file_identity
 from lomar.errors import UsageError
 from lomar.train.run_state import (
     checkpoint_number,
@@ -31,31 +33,20 @@ __all__ = ["ResumePoint", "read_resume_point", "find_resume_point", "find_resume
            "resume_point", "check_no_rewind"]
 
 
-def _stamp(*paths: Path) -> tuple:
-    """The identity of ``paths`` as they are now: a file replaced (every checkpoint is written by a rename), or an
-    entry of a folder added or renamed, changes it."""
-    def one(path: Path):
-        try:
-            st = path.stat()
-        except OSError:
-            return None
-        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-    return tuple(one(p) for p in paths)
-
-
 @dataclasses.dataclass
 class ResumePoint:
     """One read of what ``--resume`` starts from, handed on instead of read again: ``path`` (None: nothing to
     resume), ``meta`` (its :func:`read_meta` without the weights, which :func:`lomar.train.task.preload` reads; None
     when it does not read), ``notes`` (what ``--resume auto`` skipped). It answers ``resume`` (the --resume given)
-    in ``out`` (the folder searched, for ``auto``) while the files it was read from are as they were then."""
+    in ``out`` (the folder searched, for ``auto``) while its file is as it was then (``stamp``: its
+    :func:`~lomar.data.shard_members.file_identity` before the read)."""
 
     resume: str
     path: Path | None
     meta: dict | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
     out: Path | None = None
-    stamp: tuple = ()
+    stamp: tuple | None = None
 
     @property
     def step(self) -> int | None:
@@ -63,13 +54,11 @@ class ResumePoint:
         return None if self.path is None or self.meta is None else training_step(self.path, self.meta)
 
     def answers(self, resume: str, out: Path) -> bool:
-        """Whether this is still what ``--resume resume --out out`` finds (a run may have saved since)."""
+        """Whether this read still answers ``--resume resume --out out``: its file is unchanged (a save replaces it by
+        a rename). For ``auto``, of that file only: a newer state the folder gained is :func:`find_resume_point`'s."""
         if self.resume != resume or (resume == "auto" and Path(out).resolve() != self.out):
             return False
-        return self.stamp == _stamp(*self._stamped())
-
-    def _stamped(self) -> list[Path]:
-        return [p for p in (self.out, self.path) if p is not None]
+        return self.path is not None and self.stamp == file_identity(self.path)
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -91,7 +80,7 @@ def _light(ckpt: dict | None) -> dict | None:
 def read_resume_point(path: Path, resume: str | None = None, strict: bool = True) -> ResumePoint:
     """The :class:`ResumePoint` of the checkpoint ``path`` (``resume``: the --resume that named it, default the
     path); ``strict``: OSError or ValueError when it cannot be read, else its ``meta`` is None."""
-    point = ResumePoint(resume or str(path), path, stamp=_stamp(path))
+    point = ResumePoint(resume or str(path), path, stamp=file_identity(path))
     try:
         point.meta = _light(read_meta(path))
     except (OSError, ValueError):
@@ -105,21 +94,23 @@ def find_resume_point(out: Path, known: ResumePoint | None = None) -> ResumePoin
     a ``checkpoint-*.pt`` / ``checkpoint-*.dcp`` that reads is at a later step (a run killed between the two
     writes) or it does not read; the notes name what was skipped. ``known``: a checkpoint read already, not read
     again."""
-    out = Path(out)
+    out, stamps = Path(out), {}
 
     def state_of(path: Path) -> dict | None:
         if known is not None and known.meta is not None and _same(path, known.path):
+            stamps[path] = known.stamp
             return known.meta
+        stamps[path] = file_identity(path)  # before the read: a save meanwhile makes it stale
         return read_state(path)
 
-    notes, stamp = [], _stamp(out.resolve())  # before the reads: a save meanwhile makes it stale
+    notes = []
     last = newest_state(out)
     sharded = (out / LAST_POINTER).exists()
     last_meta = state_of(last) if sharded or last.exists() else None
     last_step = None if last_meta is None else training_step(last, last_meta)
 
     def point(path: Path | None, meta: dict | None) -> ResumePoint:
-        return ResumePoint("auto", path, _light(meta), notes, out.resolve(), stamp + _stamp(path) if path else stamp)
+        return ResumePoint("auto", path, _light(meta), notes, out.resolve(), stamps.get(path))
 
     if (sharded or last.exists()) and last_step is None:
         notes.append(f"{out / LAST_POINTER} names no intact checkpoint, skipped" if sharded
@@ -158,14 +149,16 @@ def auto_resume(out: Path, overwrite: bool, found: ResumePoint | None = None) ->
 
 
 def resume_point(resume: str | None, out: Path, overwrite: bool, read: ResumePoint | None = None) -> ResumePoint | None:
-    """What ``--resume`` (``resume``) starts from in ``out``: ``read`` (as the settings' resolution read it) while it
-    still answers them, else read now (a checkpoint that does not read is left to the full read to report);
-    ``auto``: :func:`auto_resume`. None when not resuming."""
+    """What ``--resume`` (``resume``) starts from in ``out``, told under the run's lock: ``read`` (as the settings'
+    resolution read it) while it still answers them, else read now (a checkpoint that does not read is left to the
+    full read to report); ``auto``: :func:`auto_resume` of the folder searched again, ``read`` taken for its
+    checkpoint. None when not resuming."""
     if not resume:
         return None
-    if read is None or not read.answers(resume, out):
-        read = find_resume_point(out) if resume == "auto" else read_resume_point(Path(resume), strict=False)
-    return auto_resume(out, overwrite, read) if resume == "auto" else read
+    known = read if read is not None and read.answers(resume, out) else None
+    if resume == "auto":
+        return auto_resume(out, overwrite, find_resume_point(out, known))
+    return known or read_resume_point(Path(resume), strict=False)
 
 
 def check_no_rewind(resume: Path, out: Path, overwrite: bool, point: ResumePoint | None = None) -> None:
