@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from helpers import pretrain, reference_dir, write_images
-from lomar import MAE, LoMaR, VisionTransformer, ViTConfig, load_original, model_config
+from lomar import MAE, LoMaR, VisionTransformer, ViTConfig, export_encoder, load_original, model_config
 from lomar.checkpoints.convert import load_model, pretrain_checkpoint
 from lomar.checkpoints.io import atomic_save
 from lomar.cli.app import main
@@ -86,6 +86,19 @@ def test_attention_window_defaults_to_the_checkpoints_own_or_what_the_grid_holds
     assert main([*run, "--attention-window", "5"]) == 2
     assert capsys.readouterr().err.endswith("a 5x5 window does not fit the 4x4 patch grid of "
                                             f"{tmp_path / 'mae.pt'}; pass --attention-window 4 or less\n")
+
+
+def test_attention_of_a_windowed_encoder_is_refused_in_the_commands_words(tmp_path, capsys):
+    # a finetune --window-size 2 --global-blocks 0 encoder: block 1 attends inside 2x2 windows
+    config = model_config("vit_mini_patch8", img_size=32, depth=2, window_size=2, global_blocks=(0,))
+    encoder = VisionTransformer(config)
+    with pytest.raises(ValueError, match="use an encoder with window_size=0"):  # the Python caller's parameter
+        block_attention(encoder, torch.zeros(1, 17, encoder.config.embed_dim), (4, 4))
+    export_encoder(encoder, tmp_path / "ft")
+    assert main(["visualize", str(tmp_path / "ft"), "--attention", "--out", str(tmp_path / "f")]) == 2
+    assert capsys.readouterr().err == (f"lomar visualize: error: --attention: {tmp_path / 'ft'} has block 1 attending "
+                                       "inside 2x2 windows (a finetune's --window-size), whose attention maps are not "
+                                       "drawn; pass the checkpoint it was finetuned from\n")
 
 
 @needs_reference

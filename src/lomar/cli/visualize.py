@@ -76,7 +76,12 @@ def run(args: argparse.Namespace) -> int:
     from lomar.data.transforms import denormalize  # torch: not for --help
     from lomar.models import MAE, LoMaR  # torch: not for --help
     from lomar.models.beit import BEiT  # torch: not for --help
-    from lomar.viz.attention import attention_figure, attention_request, window_attention  # torch: not for --help
+    from lomar.viz.attention import (  # torch: not for --help
+        attention_figure,
+        attention_request,
+        window_attention,
+        windowed_blocks,
+    )
     from lomar.viz.reconstruction import reconstruction_figure  # torch: not for --help
     from lomar.viz.tokens import token_figure  # torch: not for --help
 
@@ -104,6 +109,12 @@ def run(args: argparse.Namespace) -> int:
     if args.attention and k is not None and k > min(grid):  # the library's message names window_size=, not the flag
         raise UsageError(f"--attention-window {k}: a {k}x{k} window does not fit the {grid[0]}x{grid[1]} patch grid "
                          f"of {args.checkpoint}; pass --attention-window {min(grid)} or less")
+    if args.attention and (windowed := windowed_blocks(encoder, grid)):  # the library's names window_size=0
+        raise UsageError(f"--attention: {args.checkpoint} has block{'s' * (len(windowed) > 1)} "
+                         f"{', '.join(map(str, windowed))} attending inside "
+                         f"{encoder.config.window_size}x{encoder.config.window_size} windows (a finetune's "
+                         f"--window-size), whose attention maps are not drawn; pass the checkpoint it was finetuned "
+                         f"from")
     if args.attention and target is not None and not (target[0] < grid[0] and target[1] < grid[1]):
         raise UsageError(f"--target-patch {target[0]} {target[1]} is outside the {grid[0]}x{grid[1]} patch grid of "
                          f"{args.checkpoint}; pass a row below {grid[0]} and a column below {grid[1]}")

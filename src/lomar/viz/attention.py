@@ -27,8 +27,8 @@ from lomar.models.vit import Attention, VisionTransformer
 from lomar.viz.reconstruction import save_figure
 from lomar.window_counts import PAPER_WINDOW
 
-__all__ = ["attention_probs", "beit_attention_probs", "block_attention", "WindowAttention", "default_window",
-           "attention_request", "window_attention", "attention_figure", "draw_attention"]
+__all__ = ["attention_probs", "beit_attention_probs", "block_attention", "windowed_blocks", "WindowAttention",
+           "default_window", "attention_request", "window_attention", "attention_figure", "draw_attention"]
 
 
 def attention_probs(attn: Attention, x: torch.Tensor, buckets: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,13 +61,21 @@ def _beit_block_attention(beit: BEiT, tokens: torch.Tensor, grid: tuple[int, int
     return maps
 
 
+def windowed_blocks(encoder: VisionTransformer | BEiT, grid: tuple[int, int]) -> list[int]:
+    """The blocks of ``encoder`` that attend inside windows smaller than ``grid`` (ViTDet's layout), whose
+    attention maps are not drawn; a BEiT has none."""
+    if isinstance(encoder, BEiT):
+        return []
+    return [i for i in range(len(encoder.blocks)) if 0 < encoder.block_window(i) < max(grid)]
+
+
 @torch.no_grad()
 def block_attention(encoder: VisionTransformer | BEiT, tokens: torch.Tensor,
                     grid: tuple[int, int]) -> list[torch.Tensor]:
     """Run the blocks on [cls]+tokens laid out on ``grid``; attention (B, h, L, L) of every block."""
     if isinstance(encoder, BEiT):
         return _beit_block_attention(encoder, tokens, grid)
-    if any(encoder.block_window(i) and encoder.block_window(i) < max(grid) for i in range(len(encoder.blocks))):
+    if windowed_blocks(encoder, grid):
         raise ValueError("attention maps of windowed blocks are not drawn; use an encoder with window_size=0")
     buckets = bucket_table(grid, tokens.device) if encoder.config.pos == "rpe" else None
     maps, x = [], tokens
