@@ -85,3 +85,15 @@ def test_reconstruction_title_says_how_the_image_was_masked(method, note):
     if method == "mae":  # no windows to draw: the column would repeat the original
         columns.remove("sampled windows")
     assert [ax.get_title() for ax in fig.axes] == columns
+
+
+def test_reconstruction_title_describes_a_given_plan():
+    """A plan given to the figure was described by the model's own sampling: 2 windows, 7 of 9 masked, for 1 window
+    with 4 masked drawn."""
+    from lomar.models.masking import sample_plan
+
+    torch.manual_seed(0)
+    model = LoMaR(replace(CONFIG, img_size=48), window_size=3, num_windows=2)
+    plan = sample_plan(2, (6, 6), 3, 1, 0.5, generator=torch.Generator().manual_seed(7))
+    title = draw_reconstruction(model, torch.randn(2, 3, 48, 48), plan=plan)._suptitle.get_text()
+    assert title.split("\n")[1] == "1 window of 3x3 patches, 4 of each window's 9 masked"

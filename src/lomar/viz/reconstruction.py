@@ -141,19 +141,24 @@ def draw_reconstruction(model, images: torch.Tensor, seed: int = 0, title: str |
             axes[row, 1].add_patch(Rectangle((left * p - 0.5, top * p - 0.5), side, side, fill=False,
                                              edgecolor="yellow", linewidth=1.5))
     fig.suptitle(f"{title or f'{type(model).__name__} reconstruction'} (loss {parts['loss']:.3f})\n"
-                 f"{masking_note(model, images.shape[-2:])}")
+                 f"{masking_note(model, images.shape[-2:], plan)}")
     fig.supxlabel(_caption(model.norm_pix_loss, plan is not None), fontsize=9)
     return fig
 
 
-def masking_note(model, size: tuple[int, int]) -> str:
+def masking_note(model, size: tuple[int, int], plan: MaskingPlan | None = None) -> str:
     """How a LoMaR / MAE model masks an image of ``size`` (H, W) pixels, in the words of a figure's title: the
-    windows, their side and the tokens masked in each, or MAE's share of the whole image."""
+    windows, their side and the tokens masked in each, or MAE's share of the whole image. ``plan``: the windows
+    and masks the figure drew, which a caller may have given otherwise than the model samples them."""
     if isinstance(model, (LoMaR, MAEWindow)):
-        k = model.window_size
-        windows = f"{model.num_windows} window{'s' if model.num_windows > 1 else ''}"
-        return (f"{windows} of {k}x{k} patches, {num_masked(k, model.mask_ratio)} of each "
-                f"window's {k * k} masked (mask ratio {model.mask_ratio:g})")
+        k, count, own = model.window_size, model.num_windows, num_masked(model.window_size, model.mask_ratio)
+        counts = [own]
+        if plan is not None:
+            count, counts = plan.num_windows, sorted(set(plan.mask.sum(-1).flatten().tolist()))
+        masked = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        ratio = f" (mask ratio {model.mask_ratio:g})" if counts == [own] else ""
+        return f"{count} window{'s' if count > 1 else ''} of {k}x{k} patches, {masked} of each window's {k * k} " \
+               f"masked{ratio}"
     p = model.config.patch_size
     length = (size[0] // p) * (size[1] // p)
     kept = int(length * (1 - model.mask_ratio))  # as MAE keeps them
