@@ -201,6 +201,14 @@ def test_visualize_draws_a_beit_runs_token_figure(image_dir, tmp_path, capsys, m
     assert re.fullmatch(r"accuracy \d+\.\d% on masked tokens, loss \d+\.\d{3}", title[1]), title
     assert main(["visualize", str(run / "encoder.safetensors"), "--out", str(tmp_path / "figs")]) == 2
     assert "without its pretraining run's tokenizer" in capsys.readouterr().err
+    # another tokenizer where the run's was (a moved folder reads the recorded path) scored other tokens silently
+    from lomar.tokenizers import load_tokenizer
+
+    other = load_tokenizer(run / "tokenizer.safetensors")
+    other.centroids += 1
+    other.save(run / "tokenizer.safetensors")
+    assert main(["visualize", str(run), "--out", str(tmp_path / "figs")]) == 2
+    assert "is not the one its run trained with" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -169,9 +169,10 @@ def _token_model(model, checkpoint: Path):
     from lomar.train.run_state import read_meta  # torch: not for --help
 
     try:
-        saved = read_meta(checkpoint).get("config") if checkpoint.is_file() else None
+        meta = read_meta(checkpoint) if checkpoint.is_file() else {}
     except (OSError, ValueError):  # the model was read from it: no readable settings, no tokenizer to name
         return None
+    saved = meta.get("config")
     if not isinstance(saved, dict) or saved.get("method") != "beit" or not saved.get("tokenizer"):
         return None
     saved = dict(saved)
@@ -181,6 +182,11 @@ def _token_model(model, checkpoint: Path):
     except ValueError as exc:
         raise UsageError(f"{checkpoint}: the tokenizer its run trained with cannot be read ({exc}); put it back, or "
                          f"pass --attention for attention figures only") from None
+    # A moved run folder without its tokenizer reads the recorded path, which another run may have refilled since
+    if (kept := meta.get("tokenizer_digest")) is not None and tokenizer.digest() != kept:
+        raise UsageError(f"{checkpoint}: the tokenizer {saved['tokenizer']} is not the one its run trained with (its "
+                         f"tensors differ), so the figure would score other tokens; restore the run's tokenizer there, "
+                         f"or pass --attention for attention figures only")
     pretrain = BEiTPretrain(model.config, tokenizer, saved["window_size"], saved["windows"], saved["mask_ratio"])
     pretrain.beit = model
     return pretrain.eval()
