@@ -84,6 +84,25 @@ def test_255_is_ignored_as_mmseg_does_and_ids_above_254_are_refused(tmp_path):
         SegmentationFolder(tmp_path, "training", num_classes=254, crop=16, workers=1)
 
 
+def test_zero_label_class_reads_0_as_the_first_class_and_checks_ids_below_n(tmp_path):
+    """reduce_zero_label=False (VOC-style, binary masks): the file's 0..N-1 are the classes, only 255 ignored; an
+    id of N or more is refused naming the value, the file and the fix. The default keeps ADE's 1..N."""
+    _layout(tmp_path, (16, 16), (16, 16))
+    labels = np.ones((16, 16), dtype=np.uint8)
+    labels[0, :4] = (0, 255, 2, 1)
+    path = tmp_path / "annotations" / "training" / "a.png"
+    Image.fromarray(labels).save(path)
+    data = SegmentationFolder(tmp_path, "training", num_classes=3, crop=16, workers=1, reduce_zero_label=False)
+    assert data.load(0)[1][0, :4].tolist() == [0, 255, 2, 1]
+    with pytest.raises(ValueError) as caught:
+        SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1, reduce_zero_label=False)
+    message = str(caught.value)
+    assert "\n" not in message and f"annotation {path} holds class id 2, above the ids 0..1 of --num-classes 2" \
+        in message and "pass --num-classes 3, or --zero-label ignore if the ids are 1..N" in message, message
+    assert SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1).load(0)[1][0, :4].tolist() \
+        == [255, 255, 1, 0]  # ADE's convention for the same file: 2 is its second class
+
+
 def test_two_images_of_one_stem_are_refused(tmp_path):
     _layout(tmp_path, (16, 16), (16, 16))
     Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "images" / "training" / "a.png")

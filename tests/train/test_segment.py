@@ -215,6 +215,38 @@ def test_random_init_is_said_and_resume_is_exact(digits, tmp_path, capsys):
     assert losses[0] == losses[1] and len(losses[0]) == 4
 
 
+def test_binary_masks_with_zero_label_class_train_and_score_the_background(digits, tmp_path, capsys):
+    """VOC-style data (0 = background, a class): --zero-label class trains and scores label 0, predictions are the
+    class ids, the mIoU is the hand count over every pixel; a resume keeps the mode and refuses another."""
+    from torchmetrics.classification import MulticlassJaccardIndex
+
+    data = tmp_path / "binary"
+    shutil.copytree(digits, data)
+    for label in (data / "annotations").rglob("*.png"):  # 0 background, 1 any digit
+        Image.fromarray((np.asarray(Image.open(label)) > 0).astype(np.uint8)).save(label)
+    out = tmp_path / "run"
+    assert _segment(data, out, "--num-classes", "2", "--zero-label", "class", "--model", "vit_tiny_patch16",
+                    "--max-steps", "1", "--schedule-steps", "2", "--eval-every", "50", "--eval-mode", "whole") == 0, \
+        capsys.readouterr().err
+    resume = ["segment", "--out", str(out), "--resume", "auto", "--workers", "0", "--threads", "1"]
+    assert main([*resume, "--max-steps", "2"]) == 0, capsys.readouterr().err
+    ckpt = safe_load(out / "last.pt")
+    assert ckpt["step"] == 2 and ckpt["settings"]["zero_label"] == "class"
+    final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    stems = sorted(p.stem for p in (data / "images" / "validation").glob("*.jpg"))
+    pred = torch.stack([torch.from_numpy(np.asarray(Image.open(out / "predictions" / f"{s}.png")).astype(np.int64))
+                        for s in stems])
+    labels = torch.stack([torch.from_numpy(np.asarray(Image.open(data / "annotations" / "validation" / f"{s}.png"))
+                                           .astype(np.int64)) for s in stems])
+    assert pred.max() <= 1 and (labels == 0).any()  # class ids, not class + 1; the background is labelled
+    assert final["mIoU"] == pytest.approx(100 * float(MulticlassJaccardIndex(2, average="macro")(pred, labels)),
+                                          abs=1e-3)
+    capsys.readouterr()
+    assert main([*resume, "--max-steps", "3", "--zero-label", "ignore"]) == 2
+    err = capsys.readouterr().err
+    assert "--zero-label" in err and err.count("\n") == 1, err
+
+
 def _bad(root, case):
     """Break a copy of the digits set the way ``case`` says; the file the error must name."""
     labels, images = root / "annotations" / "training", root / "images" / "training"
@@ -351,6 +383,7 @@ def test_settings_saved_before_the_distortion_and_the_trained_table_read_as_off(
     new = SegmentConfig.saved_settings({"task": SEGMENT_TASK, "settings": {"photometric": True}}, Path("new.pt"))
     assert old["photometric"] is False and new["photometric"] is True and old["train_pos_embed"] is False
     assert old["rel_pos"] == "none"  # those runs' encoders had no relative position table
+    assert old["zero_label"] == "ignore"  # ADE's convention, the only one then
     assert SegmentConfig().photometric is True  # a new run follows mmseg's pipeline
 
 

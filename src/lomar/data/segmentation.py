@@ -3,12 +3,14 @@
 ``ROOT/images/<split>/<stem>.jpg`` pairs with ``ROOT/annotations/<split>/<stem>.png`` (split
 ``training`` or ``validation``); the PNG holds 0 for "ignored" and 1..N for the classes
 (ADE's ``reduce_zero_label``): items carry 0..N-1, and :data:`IGNORE` where the file says 0 or
-255 (mmseg's rule, which maps 255 back to ignored). Every pair is checked when the dataset is
-built (a missing partner, two images of one stem, an annotation of another size than its image,
-a class id above N, an empty split): each ends in one ValueError naming the file and the fix,
-before any training step. Only the headers of the images are read then: an image that fails to
-decode later is skipped with a warning (its item is a :class:`Skipped` line; :func:`collate_segmentation`
-fills its place in a training batch and reports it, evaluation leaves it out).
+255 (mmseg's rule, which maps 255 back to ignored). With ``reduce_zero_label=False`` (VOC-style
+data, binary masks) the file's 0..N-1 are the classes themselves and only 255 is ignored.
+Every pair is checked when the dataset is built (a missing partner, two images of one stem, an annotation
+of another size than its image, a class id above the N classes, an empty split): each ends in one
+ValueError naming the file and the fix, before any training step. Only the headers of the images are read
+then: an image that fails to decode later is skipped with a warning (its item is a :class:`Skipped` line;
+:func:`collate_segmentation` fills its place in a training batch and reports it, evaluation leaves it
+out).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def read_labels(path: Path) -> np.ndarray:
                              f"ids along edges; write class ids as a PNG")
         if image.mode not in ("L", "P", "I;16", "I"):
             raise ValueError(f"annotation {path} is a {image.mode} image; write class ids as a single-channel "
-                             f"(mode L or P) PNG, 0 = ignored, 1..N the classes")
+                             f"(mode L or P) PNG of class ids")
         try:
             return np.asarray(image)
         except Exception as exc:  # cut short after its header (OSError), a broken chunk (SyntaxError), ...
@@ -119,22 +121,30 @@ class SegmentationFolder(Dataset):
     """
 
     def __init__(self, root: str | Path, split: str, num_classes: int, crop: int = 512, train: bool = True,
-                 seed: int = 0, workers: int = 4, photometric: bool = True):
+                 seed: int = 0, workers: int = 4, photometric: bool = True, reduce_zero_label: bool = True):
         self.root, self.split, self.num_classes, self.crop = Path(root), split, num_classes, crop
         self.train, self.seed, self.skipped, self.photometric = train, seed, set(), photometric
+        self.reduce_zero_label = reduce_zero_label
         pairs = _pairs(self.root, split)
         with ThreadPoolExecutor(max(1, workers)) as pool:
             tops = list(pool.map(lambda pair: _check_pair(*pair), pairs))
         top = max(tops)  # over the whole split: the --num-classes to suggest is the highest id of all
+        first = 1 if reduce_zero_label else 0  # the file's id of the first class
         if top > MAX_CLASS_ID:
             annotation = pairs[tops.index(top)][1]
-            raise ValueError(f"annotation {annotation} holds class id {top}; ids are 1..{MAX_CLASS_ID} for the "
-                             f"classes, 0 and {IGNORE} ignored; fix the annotations")
-        if top > num_classes:
+            ignored = f"0 and {IGNORE}" if reduce_zero_label else f"{IGNORE}"
+            raise ValueError(f"annotation {annotation} holds class id {top}; ids are {first}..{MAX_CLASS_ID} for the "
+                             f"classes, {ignored} ignored; fix the annotations")
+        if top > num_classes - 1 + first:
             annotation = pairs[tops.index(top)][1]
-            raise ValueError(f"annotation {annotation} holds class id {top}, above --num-classes {num_classes} (ids: "
-                             f"0 ignored, 1..N the classes; {top} is the highest in {split}); pass --num-classes "
-                             f"{top} or fix the annotations")
+            if reduce_zero_label:
+                raise ValueError(f"annotation {annotation} holds class id {top}, above --num-classes {num_classes} "
+                                 f"(ids: 0 ignored, 1..N the classes; {top} is the highest in {split}); pass "
+                                 f"--num-classes {top} or fix the annotations")
+            raise ValueError(f"annotation {annotation} holds class id {top}, above the ids 0..{num_classes - 1} of "
+                             f"--num-classes {num_classes} with --zero-label class (0..N-1 the classes, {IGNORE} "
+                             f"ignored; {top} is the highest in {split}); pass --num-classes {top + 1}, or "
+                             f"--zero-label ignore if the ids are 1..N with 0 unlabelled, or fix the annotations")
 
         # packed (lomar.data.pathtable): a list of Path pairs is copied into every loader worker that reads it
         self.images, self.labels = PathTable(image for image, _ in pairs), PathTable(label for _, label in pairs)
@@ -146,6 +156,8 @@ class SegmentationFolder(Dataset):
         """(uint8 image (3, H, W), long labels (H, W): 0..N-1 or IGNORE)."""
         image_path, label_path = self.images[index], self.labels[index]
         labels = torch.from_numpy(read_labels(label_path).astype(np.int64))
+        if not self.reduce_zero_label:
+            return load_image(image_path), labels
         return load_image(image_path), torch.where((labels == 0) | (labels == IGNORE), IGNORE, labels - 1)
 
     def __getitem__(self, key):

@@ -55,11 +55,12 @@ class SegmentTask(Task):
         rank, world_size = info.rank, info.world_size
         self.eval_steps = config.eval_every
         workers = config.workers or 0
+        reduce_zero_label = config.zero_label == "ignore"
         self.train_set = SegmentationFolder(config.data, "training", config.num_classes, config.img_size,
                                             train=True, seed=config.seed, workers=max(1, workers),
-                                            photometric=config.photometric)
+                                            photometric=config.photometric, reduce_zero_label=reduce_zero_label)
         self.val_set = SegmentationFolder(config.data, "validation", config.num_classes, config.img_size,
-                                          train=False, workers=max(1, workers))
+                                          train=False, workers=max(1, workers), reduce_zero_label=reduce_zero_label)
         layout = dict(img_size=config.img_size, drop_path=config.drop_path)
         if config.pretrained is None:
             encoder = VisionTransformer(model_config(config.model, **layout))
@@ -108,7 +109,7 @@ class SegmentTask(Task):
 
     def describe(self) -> str:
         return (f"{len(self.train_set)} training / {len(self.val_set)} validation images in {self.config.data}, "
-                f"{self.config.num_classes} classes, {self.config.img_size} px")
+                f"{self.config.num_classes} classes (label 0: {self.config.zero_label}), {self.config.img_size} px")
 
     def loss(self, batch) -> dict[str, torch.Tensor] | None:
         """The decode head's and the weighted auxiliary head's cross-entropy (``loss_parts``); None when
@@ -121,14 +122,14 @@ class SegmentTask(Task):
     @torch.no_grad()
     def evaluate(self) -> dict[str, float | None]:
         """mIoU, mAcc, aAcc (percent) over the validation split at the labels' own size (every process
-        gets them); each prediction written as ``OUT/predictions/<stem>.png`` (class + 1) by the main
-        process, replacing the last evaluation's."""
+        gets them); each prediction written as ``OUT/predictions/<stem>.png`` in the annotations' encoding
+        (class + 1, or the class with ``--zero-label class``) by the main process, replacing the last evaluation's."""
         model, config, info = self.model, self.config, self.info
         was_training = model.training
         model.eval()
         stride = config.eval_stride or config.img_size * 2 // 3
         confusion = torch.zeros(config.num_classes, config.num_classes, dtype=torch.int64)
-        pngs = []
+        pngs, first_id = [], 1 if config.zero_label == "ignore" else 0
         try:
             for index in range(info.rank, len(self.val_set), info.world_size):
                 if isinstance(item := self.val_set[index], Skipped):  # skipped with a warning
@@ -139,7 +140,7 @@ class SegmentTask(Task):
                 logits = F.interpolate(logits.float(), size=labels.shape, mode="bilinear", align_corners=False)
                 pred = logits.argmax(1)[0].cpu()
                 confusion += confusion_matrix(pred, labels, config.num_classes)
-                pngs.append((stem, encode_png((pred + 1).to(torch.uint8)[None]).numpy().tobytes()))
+                pngs.append((stem, encode_png((pred + first_id).to(torch.uint8)[None]).numpy().tobytes()))
         finally:
             model.train(was_training)
         if info.enabled:

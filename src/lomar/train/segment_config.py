@@ -24,11 +24,16 @@ __all__ = ["SegmentConfig"]
 class SegmentConfig(TaskConfig):
     COMMAND = "segment"
     data: str | None = S.DATA.field(help="ADE20K-layout root: images/{training,validation}/*.jpg and "
-                                         "annotations/{training,validation}/*.png, 0 = ignored, 1..N the classes "
-                                         "(default: none; required)")
-    num_classes: int | None = S.setting(None, "classes, the annotations' ids 1..N (default: none; required; 150 "
-                                        "for ADE20K; at most 254: predictions are 8-bit PNGs)", kind=int, above=0,
-                                        high=254)
+                                         "annotations/{training,validation}/*.png of class ids, 255 ignored, 0 as "
+                                         "--zero-label says (default: none; required)")
+    num_classes: int | None = S.setting(None, "classes, the annotations' ids 1..N (0..N-1 with --zero-label class) "
+                                        "(default: none; required; 150 for ADE20K; at most 254: predictions are "
+                                        "8-bit PNGs)", kind=int, above=0, high=254)
+    zero_label: str = S.setting("ignore", "what an annotation's 0 is: ignore = unlabelled, ids 1..N the classes "
+                                          "(ADE20K's, mmseg's reduce_zero_label), predictions saved as class + 1; "
+                                          "class = the first class, ids 0..N-1 (VOC-style, binary masks with "
+                                          "--num-classes 2), predictions saved as the class id",
+                                choices=("ignore", "class"))
     pretrained: str | None = S.PRETRAINED.field(help=S.PRETRAINED.help + " (default: none: a randomly initialised "
                                                      "--model encoder, said in the log)")
     model: str | None = S.MODEL.field(None, help=S.MODEL.help + "; the random encoder's architecture (default: "
@@ -77,7 +82,7 @@ class SegmentConfig(TaskConfig):
         settings = checkpoint.get("settings") if checkpoint.get("task") == SEGMENT_TASK else None
         # runs saved before these settings existed trained without the distortion, with a fixed position table and
         # no relative position term
-        legacy = {"photometric": False, "train_pos_embed": False, "rel_pos": "none"}
+        legacy = {"photometric": False, "train_pos_embed": False, "rel_pos": "none", "zero_label": "ignore"}
         return {**legacy, **settings} if isinstance(settings, dict) else settings
 
     def complete(self, explicit: dict) -> None:
@@ -98,7 +103,8 @@ class SegmentConfig(TaskConfig):
         if not Path(self.data).is_dir():
             raise ConfigError(f"--data {self.data} is not a folder; pass the root of an ADE20K-layout dataset")
         if self.num_classes is None:
-            raise ConfigError("pass --num-classes N (the annotations' class ids are 1..N; 150 for ADE20K)")
+            raise ConfigError("pass --num-classes N (the annotations' class ids are 1..N, or 0..N-1 with --zero-label "
+                              "class; 150 for ADE20K)")
         check_pretrained(self, "; pass a checkpoint or an exported folder, or leave it out for a random encoder")
 
 
