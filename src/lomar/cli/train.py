@@ -24,4 +24,4 @@ segment_add_arguments, segment_run = training_command(
     SegmentConfig, "lomar.train.segment:segment",
     "Data: lomar compose-digits --out DIR writes a small ADE20K-layout set (then --data DIR --num-classes 10). "
     "Metrics (percent) go to OUT/metrics.jsonl; the last evaluation's predictions to OUT/predictions/<stem>.png "
-    "(class + 1).")
+    "(class + 1; the class id with --zero-label class).")
