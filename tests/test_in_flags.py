@@ -35,3 +35,33 @@ def test_paths_in_a_message_stay_whole_though_their_folders_are_named_as_paramet
     junk.write_text("not a checkpoint")
     assert main(["load-original", str(junk), "--to", str(tmp_path / "c.pt")]) == 2
     assert f"cannot read checkpoint {junk}: it is a text file" in capsys.readouterr().err
+
+
+def test_a_python_alternative_the_command_has_no_flag_for_is_dropped():
+    message = ("cannot infer the number of heads of this 40-wide, 2-deep model; pass num_heads=... to load_original, "
+               "or convert it first: lomar load-original CKPT --num-heads N --to FILE")
+    assert in_flags(message, {"img_size": "--img-size"}) == (
+        "cannot infer the number of heads of this 40-wide, 2-deep model; convert it first: lomar load-original CKPT "
+        "--num-heads N --to FILE")
+    assert in_flags(message, {"num_heads": "--num-heads"}).count("--num-heads") == 2  # kept where the flag exists
+
+
+def test_commands_reading_a_checkpoint_tell_their_user_what_to_type(tmp_path, capsys, labelled_folder):
+    """finetune and knn have no --num-heads: the library's load_original alternative is none for their user."""
+    from lomar.checkpoints.io import atomic_save
+    from lomar.cli.app import main
+    from lomar.models.vit import VisionTransformer, ViTConfig
+
+    odd = tmp_path / "odd.pt"  # no RPE table, no saved settings, no standard width: its heads stay unknown
+    atomic_save({"model": VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=40, depth=2,
+                                                      num_heads=2, pos="abs")).state_dict()}, odd)
+    finetune = ["finetune", "--data", str(labelled_folder), "--img-size", "32", "--workers", "0", "--device", "cpu",
+                "--batch-size", "4", "--max-steps", "1", "--out", str(tmp_path / "run")]
+    for argv, words in [
+        (["knn", str(odd), "--data", str(labelled_folder), "--device", "cpu"],
+         "; convert it first: lomar load-original"),
+        ([*finetune, "--pretrained", str(odd)], "; convert it first: lomar load-original"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert words in err and "load_original" not in err and "_size" not in err.replace("patch_size", ""), err

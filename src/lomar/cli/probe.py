@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS, LAST, RUN_ENCODER
 from lomar.cli.common import check_output_file, resolve_device, write_json
-from lomar.errors import UsageError
+from lomar.errors import UsageError, in_flags
 from lomar.train import settings as S
 from lomar.train.config_checks import check_eval_decode
 from lomar.train.runtime import default_threads, default_workers
@@ -75,8 +75,9 @@ def frozen_features(args: argparse.Namespace, say=lambda msg: None) -> list:
         train, val = args.train or Path(args.data) / "train", args.val or Path(args.data) / "val"
         loaders = knn_loaders(train, val, args.img_size, args.batch_size,
                               default_workers() if args.workers is None else args.workers, decode=args.decode)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    except ValueError as exc:  # the library's parameters (an original checkpoint's num_heads=...) as flags
+        settings = KNN if args.command == "knn" else LINPROBE
+        raise UsageError(in_flags(str(exc), {name: s.name_flag(name) for name, s in settings.items()})) from None
     say(f"{encoder.load_report.summary()}, {args.img_size} px crops")
     features = []
     for loader in loaders:  # more than UNREADABLE_LIMIT of a split unreadable stops here (extract_features)
