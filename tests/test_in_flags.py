@@ -47,7 +47,8 @@ def test_a_python_alternative_the_command_has_no_flag_for_is_dropped():
 
 
 def test_commands_reading_a_checkpoint_tell_their_user_what_to_type(tmp_path, capsys, labelled_folder):
-    """finetune and knn have no --num-heads: the library's load_original alternative is none for their user."""
+    """finetune and knn have no --num-heads: the library's load_original alternative is none for their user; a
+    finetune's encoder build errors name its flags."""
     from lomar.checkpoints.io import atomic_save
     from lomar.cli.app import main
     from lomar.models.vit import VisionTransformer, ViTConfig
@@ -55,12 +56,19 @@ def test_commands_reading_a_checkpoint_tell_their_user_what_to_type(tmp_path, ca
     odd = tmp_path / "odd.pt"  # no RPE table, no saved settings, no standard width: its heads stay unknown
     atomic_save({"model": VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=40, depth=2,
                                                       num_heads=2, pos="abs")).state_dict()}, odd)
+    encoder = tmp_path / "encoder.pt"  # heads from its RPE table
+    atomic_save({"model": VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2,
+                                                      num_heads=2)).state_dict()}, encoder)
     finetune = ["finetune", "--data", str(labelled_folder), "--img-size", "32", "--workers", "0", "--device", "cpu",
                 "--batch-size", "4", "--max-steps", "1", "--out", str(tmp_path / "run")]
     for argv, words in [
         (["knn", str(odd), "--data", str(labelled_folder), "--device", "cpu"],
          "; convert it first: lomar load-original"),
         ([*finetune, "--pretrained", str(odd)], "; convert it first: lomar load-original"),
+        ([*finetune, "--pretrained", str(encoder), "--window-size", "2", "--global-blocks", "7"],
+         "(--global-blocks takes indices 0..1)"),
+        ([*finetune, "--pretrained", str(encoder), "--img-size", "36"],
+         "--img-size 36 is not divisible by the encoder's patch_size 8"),
     ]:
         assert main(argv) == 2
         err = capsys.readouterr().err

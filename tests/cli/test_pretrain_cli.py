@@ -137,7 +137,8 @@ def test_set_up_failures_are_one_line_and_exit_2(tmp_path, capsys, image_dir, ca
         "too many batches a step": (["--batch-size", "1", "--accum-steps", "1000"],
                                     "lower --batch-size or --accum-steps"),
         "decoder heads": (["--method", "mae", "--pos", "abs", "--mask-ratio", "0.75", "--decoder-embed-dim", "16",
-                           "--decoder-num-heads", "5"], "not divisible by 5 heads"),
+                           "--decoder-num-heads", "5"],
+                          "--decoder-embed-dim 16 is not divisible by --decoder-num-heads 5"),
         "corrupt resume": (["--resume", str(out / "last.pt")], "cannot read checkpoint"),
         "gpu decode without a gpu": (["--device", "auto", "--decode", "gpu"], "needs a CUDA device"),
     }[case]

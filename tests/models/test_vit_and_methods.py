@@ -35,7 +35,7 @@ def test_encoder_shapes(name, img, pos):
     heads = model_config(name).num_heads
     cfg = model_config(name, img_size=img, pos=pos, embed_dim=8 * heads, depth=1)
     if img % cfg.patch_size:
-        with pytest.raises(ValueError, match="not divisible by the patch size"):
+        with pytest.raises(ValueError, match=f"img_size {img} is not divisible by the encoder's patch_size"):
             VisionTransformer(cfg)
         return
     model = VisionTransformer(cfg)
@@ -235,14 +235,22 @@ def test_compiled_models_sample_masks_at_a_second_image_size():
         assert torch.isfinite(torch.compile(mae, backend="eager")(torch.randn(2, 3, size, size)).loss)
 
 
-def test_global_blocks_outside_the_encoder_are_named_with_the_flag():
-    from lomar import VisionTransformer, ViTConfig
-
+def test_model_build_errors_name_the_python_parameters_not_flags():
+    """A Python caller passed global_blocks, img_size, decoder_num_heads: the commands reword them as flags."""
     config = ViTConfig(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, window_size=2,
                        global_blocks=(1, 5))
-    with pytest.raises(ValueError, match=r"global blocks \[5\] are not blocks of this 2-block encoder "
-                                         r"\(--global-blocks takes indices 0..1\)"):
-        VisionTransformer(config)
+    cases = [(lambda: VisionTransformer(config), r"global blocks \[5\] are not blocks of this 2-block encoder "
+                                                 r"\(global_blocks takes indices 0..1\)"),
+             (lambda: VisionTransformer(ViTConfig(img_size=(36, 32), patch_size=8, embed_dim=16, depth=1,
+                                                  num_heads=2)),
+              r"img_size 36x32 is not divisible by the encoder's patch_size 8; use a multiple of 8 \(e.g. 32x32\)"),
+             (lambda: MAE(ViTConfig(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, pos="abs"),
+                          decoder_embed_dim=100, decoder_depth=1, decoder_num_heads=16),
+              "decoder_embed_dim 100 is not divisible by decoder_num_heads 16; pick a divisor of 100")]
+    for build, words in cases:
+        with pytest.raises(ValueError, match=words) as info:
+            build()
+        assert "--" not in str(info.value)
 
 
 def test_pretraining_keeps_an_absolute_table_fixed_and_the_encoder_alone_trains_it():

@@ -40,6 +40,9 @@ class MAE(nn.Module):
                             ("decoder_num_heads", decoder_num_heads)):
             if not is_integer(value) or value < 1:
                 raise ValueError(f"MAE {name} must be a positive integer, got {value!r} (MAE's: 512, 8, 16)")
+        if decoder_embed_dim % decoder_num_heads:  # else the decoder's Attention names neither parameter
+            raise ValueError(f"MAE decoder_embed_dim {decoder_embed_dim} is not divisible by decoder_num_heads "
+                             f"{decoder_num_heads}; pick a divisor of {decoder_embed_dim}")
         self.encoder = VisionTransformer(config)
         self.encoder.freeze_pos_embed()
         self.mask_ratio = float(mask_ratio)  # Python numbers: numpy's would make a checkpoint no safe load reads

@@ -188,8 +188,13 @@ class VisionTransformer(nn.Module):
         if not is_integer(num_classes) or num_classes < 0:
             raise ValueError(f"num_classes must be an integer >= 0 (0: no head), got {num_classes!r}")
         if outside := [i for i in c.global_blocks if not 0 <= i < c.depth]:
-            raise ValueError(f"global blocks {outside} are not blocks of this {c.depth}-block encoder (--global-blocks "
+            raise ValueError(f"global blocks {outside} are not blocks of this {c.depth}-block encoder (global_blocks "
                              f"takes indices 0..{c.depth - 1})")
+        sides = (c.img_size,) if isinstance(c.img_size, int) else c.img_size
+        if any(side % c.patch_size for side in sides):  # grid_size's words are for images, not this parameter
+            fits = "x".join(str(max(1, side // c.patch_size) * c.patch_size) for side in sides)
+            raise ValueError(f"img_size {'x'.join(map(str, sides))} is not divisible by the encoder's patch_size "
+                             f"{c.patch_size}; use a multiple of {c.patch_size} (e.g. {fits})")
         self.grad_checkpointing = False  # recompute each block in the backward pass (set_grad_checkpointing)
         self.grid = grid_size(c.img_size, c.patch_size)
         self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, c.embed_dim)
