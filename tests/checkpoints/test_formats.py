@@ -131,6 +131,21 @@ def test_a_non_square_classifier_loads_at_its_saved_size_and_a_bare_one_asks_for
     assert formats.load_model(tmp_path / "bare.pt", num_heads=2, img_size=(32, 48)).config.img_size == (32, 48)
 
 
+def test_a_command_takes_a_non_square_size_for_a_bare_checkpoint(tmp_path, capsys):
+    """--img-size took one integer, which the library's 'pass img_size=(height, width)' was reworded into."""
+    from lomar.cli.app import main
+
+    config = ViTConfig(img_size=(32, 48), patch_size=8, embed_dim=32, depth=2, num_heads=2, pos="abs")
+    atomic_save({"model": VisionTransformer(config, num_classes=3).state_dict()}, tmp_path / "bare.pt")
+    export = ["export", str(tmp_path / "bare.pt"), "--num-heads", "2", "--to", str(tmp_path / "out")]
+    assert main(export) == 2
+    assert "saves no image size; pass --img-size HEIGHT WIDTH for the size" in capsys.readouterr().err
+    assert main([*export, "--img-size", "32", "48", "1"]) == 2
+    assert "--img-size takes SIZE or HEIGHT WIDTH, got 32 48 1" in capsys.readouterr().err
+    assert main([*export, "--img-size", "32", "48"]) == 0
+    assert formats.load_model(tmp_path / "out").config.img_size == (32, 48)
+
+
 def test_unknown_format_is_named(tmp_path):
     atomic_save({"model": {"foo.weight": torch.zeros(1)}}, tmp_path / "x.pt")
     with pytest.raises(ValueError, match=r"x.pt is in no format lomar reads \(keys: foo.weight"):

@@ -113,7 +113,9 @@ def write_json(path: str | Path, result: dict) -> Path:
 OVERRIDES = {
     "num_heads": S.NUM_HEADS.but(help="attention heads, needed for non-standard widths without an RPE table "
                                       "(default: inferred)"),
-    "img_size": S.IMG_SIZE.but(default=None, help="pretraining image size (default: from the checkpoint, else 224)"),
+    "img_size": S.IMG_SIZE.but(default=None, nargs="+", metavar="SIZE",
+                               help="pretraining image size: SIZE, or HEIGHT WIDTH (default: from the checkpoint, "
+                                    "else 224)"),
     "window_size": S.WINDOW_SIZE.but(default=None, help="LoMaR window size K (default: 7)"),
     "num_windows": Setting(None, "LoMaR windows per image (default: 4)", kind=int, above=0, flag="--windows"),
     "decoder_num_heads": S.DECODER_NUM_HEADS.but(default=None, help="MAE decoder heads (default: 16 for a 512-wide "
@@ -132,11 +134,17 @@ def load_for_cli(path: str, args: argparse.Namespace, original: bool = False):
     from lomar.checkpoints.convert import load_model  # torch: not for --help
     from lomar.checkpoints.original import load_original  # torch: not for --help
 
+    overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k, None) is not None}
+    if "img_size" in overrides:  # the library's (height, width) pair, or one side of a square
+        sides = tuple(overrides["img_size"])
+        if len(sides) > 2:
+            raise UsageError(f"--img-size takes SIZE or HEIGHT WIDTH, got {' '.join(map(str, sides))}")
+        overrides["img_size"] = sides if len(sides) == 2 else sides[0]
     try:
-        return (load_original if original else load_model)(
-            path, **{k: getattr(args, k) for k in OVERRIDES if getattr(args, k, None) is not None})
+        return (load_original if original else load_model)(path, **overrides)
     except (ValueError, FileNotFoundError, TypeError) as exc:
         message = re.sub(r"pass (\w+)=\.\.\. to load_original", lambda m: f"pass --{m[1].replace('_', '-')}", str(exc))
+        message = message.replace("img_size=(height, width)", "--img-size HEIGHT WIDTH")
         flags = {name: setting.name_flag(name) for name, setting in OVERRIDES.items()}  # num_windows: --windows
         raise UsageError(in_flags(re.sub(r"\b(\w+)=\.\.\.", lambda m: flags.get(m[1], m[0]), message), flags)) from None
 
