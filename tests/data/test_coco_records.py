@@ -3,6 +3,9 @@ targets pycocotools' index gave."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
 import json
 import random
 import sys
@@ -12,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools.coco import COCO
 from test_pathtable import _copied_by_reading
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_transforms_v2
@@ -59,7 +63,10 @@ class _Pycocotools(CocoDetection):
 
     def __init__(self, split: CocoSplit, transforms=None):
         VisionDataset.__init__(self, str(split.root), transforms=transforms)
-        self.coco, self.ids = split.coco(), [image["id"] for image in split.data["images"]]
+        self.coco, self.ids = COCO(), [image["id"] for image in split.data["images"]]
+        self.coco.dataset = copy.deepcopy(split.data)  # the targets (split.coco() is the file's, to score against)
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.coco.createIndex()
         self.label_of = {cat: i + 1 for i, cat in enumerate(split.categories)}
 
     def _load_image(self, id):  # noqa: A002

@@ -80,6 +80,8 @@ BAD = {  # how the file is broken -> what its one line must say
     "string area": (lambda d: d["annotations"][0].update(area="abc"), "has area 'abc'; an area is a finite number"),
     "infinite width": (lambda d: d["images"][0].update(width=math.inf), "has width inf, height 96"),
     "string iscrowd": (lambda d: d["annotations"][0].update(iscrowd="0"), "has iscrowd '0'; it is 0 or 1"),
+    "string iscrowd of an empty box": (lambda d: d["annotations"][0].update(bbox=[9, 9, 0, 4], iscrowd="0"),
+                                       "has iscrowd '0'; it is 0 or 1"),  # COCOeval scores that box too
     "RLE runs short of its mask": (lambda d: d["annotations"][0].update(segmentation={"size": [96, 128],
                                                                                       "counts": [5, 3]}),
                                    "counts totalling 8 pixels, where its 96x128 mask needs runs totalling 12288"),
@@ -115,18 +117,18 @@ def test_valid_rles_pass_the_run_length_check():
     pycocotools reads it: sign-extended, runs after the second as differences)."""
     from pycocotools import mask as coco_mask
 
-    from lomar.data.coco import _segmentation_error
+    from lomar.data.coco_values import segmentation_error
 
     rng = torch.Generator().manual_seed(0)
     for height, width, density in ((96, 128, 0.5), (7, 5, 0.1), (40, 33, 0.9), (3, 3, 0.0), (2, 4, 1.0)):
         mask = (torch.rand(height, width, generator=rng) < density).numpy().astype("uint8")
         encoded = coco_mask.encode(mask.copy(order="F"))
         rle = {"size": [height, width], "counts": encoded["counts"].decode()}
-        assert _segmentation_error(rle, width, height) is None, rle
+        assert segmentation_error(rle, width, height) is None, rle
         flat = mask.flatten(order="F")  # uncompressed counts: runs of 0, 1, 0, ... in column-major order
         runs = [0] * int(flat[0]) + [len(list(run)) for _, run in itertools.groupby(flat)]
         assert sum(runs) == height * width
-        assert _segmentation_error({"size": [height, width], "counts": runs}, width, height) is None
+        assert segmentation_error({"size": [height, width], "counts": runs}, width, height) is None
         assert (coco_mask.decode(coco_mask.frPyObjects({"size": [height, width], "counts": runs}, height, width))
                 == mask).all()
 
@@ -240,7 +242,7 @@ def test_jitter_keeps_boxes_masks_and_labels_together(tiny):
             n = len(target["boxes"])
             assert target["masks"].shape == (n, *image.shape[-2:]) and target["labels"].shape == (n,)
             assert set(target["labels"].tolist()) <= {1, 2}  # category ids 3, 7 -> labels 1, 2
-            cropped += n < len(split.coco().getAnnIds(imgIds=split.data["images"][i]["id"]))
+            cropped += n < sum(a["image_id"] == split.data["images"][i]["id"] for a in split.data["annotations"])
             for box, mask in zip(target["boxes"], target["masks"]):  # ViTDet: each box is its mask's extent
                 ys, xs = torch.nonzero(mask, as_tuple=True)
                 assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
@@ -592,16 +594,19 @@ def test_evaluation_shrinks_a_large_image_with_antialiasing_as_training_does():
 
 
 class _Oracle(torch.nn.Module):
-    """A perfect detector: each call answers with the ground truth of the next images in ``ids``."""
+    """A perfect detector: each call answers with the non-crowd ``annotations`` (default: the ground truth scored)
+    of the next images in ``ids``."""
 
-    def __init__(self, split, ids):
+    def __init__(self, split, ids, annotations=None):
         super().__init__()
         self.coco, self.ids, self.label_of = split.coco(), list(ids), {c: i + 1 for i, c in enumerate(split.categories)}
+        self.annotations = self.coco.dataset["annotations"] if annotations is None else annotations
 
     def forward(self, images):
         outputs = []
         for _ in images:
-            anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=self.ids.pop(0), iscrowd=False))
+            image_id = self.ids.pop(0)
+            anns = [a for a in self.annotations if a["image_id"] == image_id and not a["iscrowd"]]
             boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)])
             masks = torch.stack([torch.from_numpy(self.coco.annToMask(a)).float() for a in anns])[:, None]
             outputs.append({"boxes": boxes, "labels": torch.tensor([self.label_of[a["category_id"]] for a in anns]),
@@ -648,9 +653,7 @@ def test_a_resume_of_other_categories_is_refused_before_the_images_are_checked_a
 
 
 def test_a_validation_image_that_cannot_be_read_is_left_out_of_the_ap_not_counted_as_missed(tiny, tmp_path):
-    from torch.utils.data import DataLoader
 
-    from lomar.train.distributed import DistInfo
 
     _, (ann, images) = tiny
     folder = tmp_path / "images"
@@ -658,11 +661,45 @@ def test_a_validation_image_that_cannot_be_read_is_left_out_of_the_ap_not_counte
     split = read_coco(ann, folder)
     first = folder / split.data["images"][0]["file_name"]
     first.write_bytes(first.read_bytes()[:200])  # cut short: skipped with a warning when read
-    task = DetectTask.__new__(DetectTask)  # the evaluation alone, with a detector that knows the answers
+    metrics, task = _evaluated(split, _Oracle(split, [image["id"] for image in split.data["images"][1:]]))
+    assert metrics["box_AP"] == pytest.approx(100.0) and metrics["mask_AP"] == pytest.approx(100.0)
+    assert {r["image_id"] for r in task.predictions} == {image["id"] for image in split.data["images"][1:]}
+
+
+def _evaluated(split, model) -> tuple[dict, DetectTask]:
+    """(metrics, task) of DetectTask's evaluation alone, of ``split`` by ``model``, in this process."""
+    from torch.utils.data import DataLoader
+
+    from lomar.train.distributed import DistInfo
+
+    task = DetectTask.__new__(DetectTask)
     task.val, task.categories, task.info, task.device = split, split.categories, DistInfo(), torch.device("cpu")
     task.val_loader = DataLoader(detection_dataset(split, eval_transforms(), train=False), 2,
                                  collate_fn=collate_detection)
-    task.model = _Oracle(split, [image["id"] for image in split.data["images"][1:]])
-    metrics = task.evaluate()
-    assert metrics["box_AP"] == pytest.approx(100.0) and metrics["mask_AP"] == pytest.approx(100.0)
-    assert {r["image_id"] for r in task.predictions} == {image["id"] for image in split.data["images"][1:]}
+    task.model = model
+    return task.evaluate(), task
+
+
+def test_the_ap_is_cocoevals_on_the_file_as_written_not_on_the_boxes_clipped_for_training(tiny, tmp_path):
+    """Training clips a box to its image and leaves out one of zero area; the AP is scored, as detectron2 and papers
+    score it, by COCOeval on the file itself: a detector that finds every object inside its image misses the box
+    reaching outside it at the higher IoUs, and the object of zero area (its mask is not empty) altogether."""
+    _, (ann, images) = tiny
+    data = json.loads(ann.read_text())
+    outside, empty = data["annotations"][0], data["annotations"][-1]
+    assert outside["image_id"] != empty["image_id"]
+    width = next(image["width"] for image in data["images"] if image["id"] == outside["image_id"])
+    outside["bbox"][2] = (width - outside["bbox"][0]) * 1.5  # a third outside: IoU 2/3 with the clipped box
+    empty["bbox"][3] = 0.0
+    path = tmp_path / "raw.json"
+    path.write_text(json.dumps(data))
+    split = read_coco(path, images)
+    assert (split.summary.clipped, split.summary.zero_area) == (1, 1)
+    ids = [image["id"] for image in split.data["images"]]
+    metrics, task = _evaluated(split, _Oracle(split, ids, split.data["annotations"]))  # the targets trained on
+    by_hand = _rescore(path, task.predictions)
+    assert metrics.keys() == by_hand.keys()
+    for key, value in by_hand.items():
+        assert (metrics[key] is None) == (value is None), key
+        assert value is None or math.isclose(metrics[key], value), (key, metrics[key], value)  # the targets: 100
+    assert by_hand["box_AP"] < 95 and by_hand["mask_AP"] < 95

@@ -4,13 +4,15 @@ torchvision's ``CocoDetection`` through its v2 wrapper (ViTDet's large-scale jit
 A COCO instances file (``images``, ``annotations``, ``categories``) is read once and checked:
 a malformed file (missing keys, duplicate ids, an annotation naming an unknown image or
 category, images listed but absent from the image folder, an empty split) is a
-:class:`~lomar.errors.UsageError` naming the file and the fix. Boxes are clipped to their image;
-a box of zero area after clipping is skipped and counted (:class:`CocoSummary`). Crowd
+:class:`~lomar.errors.UsageError` naming the file and the fix. For the model, boxes are clipped to their image
+and a box of zero area after clipping is skipped, both counted (:class:`CocoSummary`); the AP is scored against
+the file's own boxes (:meth:`CocoSplit.coco`), as pycocotools' ``COCO(file)`` and detectron2 score them. Crowd
 annotations are left out of training targets and kept for evaluation, as detectron2 does;
 training also leaves out images without a box (detectron2's ``FILTER_EMPTY_ANNOTATIONS``).
 Each segmentation is checked to be polygons (lists of at least 3 x, y pairs; one reaching far outside its image
-is clipped, :mod:`lomar.data.polygons`) or an RLE of its image's size; an ``area`` left out is the segmentation's
-pixel count (COCO's definition, which pycocotools' APs/m/l read).
+is clipped, :mod:`lomar.data.polygons`) or an RLE of its image's size (:mod:`lomar.data.coco_values`); an ``area``
+left out is the segmentation's pixel count (COCO's definition, which APs/m/l read; COCOeval fails without it), an
+``iscrowd`` left out 0.
 
 Images are read as every command reads them (:func:`lomar.data.decode.load_image`: bounded, EXIF
 upright, 16-bit scaled by depth); one that cannot be read, or whose upright size is not the size the
@@ -24,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
@@ -35,6 +36,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_transforms_v2
 
+from lomar.data.coco_values import json_integer, json_number, mask_area, segmentation_error
 from lomar.data.collate import LabelledBatch, Skipped, refilled, split_skipped
 from lomar.data.decode import load_image, max_image_pixels
 from lomar.data.jitter import eval_transforms, train_transforms
@@ -62,18 +64,21 @@ class CocoSummary:
     zero_area: int = 0  # boxes of no area (after clipping), skipped
     crowd: int = 0  # crowd regions: not training targets; evaluation ignores detections on them
     far: int = 0  # polygons reaching far outside their image, clipped (lomar.data.polygons)
+    areas: int = 0  # annotations without an 'area', given their mask's pixel count
 
     def line(self) -> str:
         notes = [(self.crowd, "crowd regions (ignored in training)"), (self.clipped, "boxes clipped to their image"),
                  (self.zero_area, "boxes of zero area skipped"),
-                 (self.far, "polygons reaching far outside their image clipped")]
+                 (self.far, "polygons reaching far outside their image clipped"),
+                 (self.areas, "areas left out of the file taken from the masks")]
         return ", ".join([f"{self.images} images, {self.boxes} boxes"] + [f"{n} {text}" for n, text in notes if n])
 
 
 @dataclass
 class CocoSplit:
-    """A checked COCO file: ``data`` the cleaned dict (pycocotools' ground truth), ``root`` the
-    image folder, ``categories`` the category ids in order (label i + 1 is ``categories[i]``)."""
+    """A checked COCO file: ``data`` the cleaned dict (the model's targets), ``root`` the image folder,
+    ``categories`` the category ids in order (label i + 1 is ``categories[i]``), ``scored`` the file's annotations
+    as COCOeval scores them (:meth:`coco`; None for a training split, and another process's)."""
 
     path: Path
     root: Path
@@ -81,6 +86,7 @@ class CocoSplit:
     categories: list[int]
     summary: CocoSummary = field(default_factory=CocoSummary)
     packed: tuple[PackedRecords, IntTable] | None = None  # (records, ids) packed by lomar.data.coco_shared
+    scored: list[dict] | None = None
 
     @property
     def names(self) -> list[str]:
@@ -90,14 +96,17 @@ class CocoSplit:
         return [by_id[i] for i in self.categories]
 
     def coco(self):
-        """A pycocotools ``COCO`` over a copy of the cleaned dict's entries (its evaluation sets their keys in place:
-        a polygon's RLE, ``ignore``; it never changes the polygons, which the copies share: a deep copy of a
-        val2017-sized split took 6.4 s per evaluation, this 0.2); its index printout swallowed."""
+        """The ground truth to score: a pycocotools ``COCO`` of the file's annotations as ``COCO(file)`` reads them
+        (boxes unclipped, those of zero area kept; an ``area``, ``iscrowd`` left out filled, far polygons fitted),
+        over copies of the entries (its evaluation sets their keys in place: a polygon's RLE, ``ignore``; it never
+        changes the masks, which the copies share: a deep copy of a val2017-sized split took 6.4 s per evaluation,
+        this 0.2); its index printout swallowed."""
         from pycocotools.coco import COCO
 
-        coco = COCO()
-        coco.dataset = {**self.data, **{key: [dict(entry) for entry in self.data[key]]
-                                        for key in ("images", "annotations", "categories")}}
+        if self.scored is None:
+            raise ValueError(f"{self.path}: this split keeps only its training targets; score the one read_coco gave")
+        coco, parts = COCO(), {**self.data, "annotations": self.scored}
+        coco.dataset = {key: [dict(entry) for entry in parts[key]] for key in ("images", "annotations", "categories")}
         with contextlib.redirect_stdout(io.StringIO()):
             coco.createIndex()
         return coco
@@ -148,74 +157,6 @@ def _clip_box(box, width: float, height: float) -> tuple[list[float], bool] | No
     return clipped, clipped != [x, y, w, h]
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _integer(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _run_lengths(counts: list | str) -> list[int] | None:
-    """An RLE's run lengths: a list as given, a compressed string read as pycocotools reads it (6-bit
-    characters from '0', 5 bits of value each, the last one's sign extended, each run after the second
-    a difference from the one two before); None where malformed or a run is negative."""
-    if isinstance(counts, list):
-        return counts if all(_integer(v) and v >= 0 for v in counts) else None
-    runs, value, shift = [], 0, 0
-    for char in counts:
-        code = ord(char) - 48
-        if not 0 <= code < 64:
-            return None
-        value |= (code & 0x1F) << shift
-        shift += 5
-        if code & 0x20:  # more characters to this run
-            continue
-        if code & 0x10:
-            value -= 1 << shift
-        runs.append(value + (runs[-2] if len(runs) > 2 else 0))
-        value, shift = 0, 0
-    return runs if not shift and all(v >= 0 for v in runs) else None
-
-
-def _segmentation_error(seg, width: float, height: float) -> str | None:
-    """Why ``seg`` is not a COCO segmentation of a ``width`` x ``height`` image; None when it is one."""
-    if isinstance(seg, list):
-        if not seg:
-            return "an empty polygon list"
-        for polygon in seg:
-            if not (isinstance(polygon, list) and len(polygon) >= 6 and len(polygon) % 2 == 0
-                    and all(_number(v) for v in polygon)):
-                return f"polygon {str(polygon)[:40]}, which is not a list of at least 3 x, y pairs"
-        return None
-    if isinstance(seg, dict):
-        size, counts = seg.get("size"), seg.get("counts")
-        if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) for v in size)) or \
-                not isinstance(counts, (list, str)):
-            return "an RLE without an integer size [height, width] and counts"
-        if size != [int(height), int(width)]:
-            return f"an RLE of size {size}, but its image is {int(height)}x{int(width)} (height x width)"
-        # pycocotools decodes runs of another total into memory it never wrote, or past the mask's end
-        runs = _run_lengths(counts)
-        if runs is None or sum(runs) != size[0] * size[1]:
-            what = "malformed counts" if runs is None else f"counts totalling {sum(runs)} pixels"
-            return f"an RLE with {what}, where its {size[0]}x{size[1]} mask needs runs totalling {size[0] * size[1]}"
-        return None
-    return f"a {type(seg).__name__}, neither polygons nor an RLE"
-
-
-def _mask_area(seg, width: float, height: float) -> float:
-    """A checked segmentation's pixel count: COCO's ``area``, which pycocotools' APs/m/l read for boxes and masks
-    alike (detectron2 writes the same when it converts a set to COCO)."""
-    from pycocotools import mask as mask_utils
-
-    if isinstance(seg, list):
-        return float(mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(seg, int(height), int(width)))))
-    if isinstance(seg["counts"], list):
-        seg = mask_utils.frPyObjects(seg, int(height), int(width))
-    return float(mask_utils.area(seg))
-
-
 def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train-ann",
               images_flag: str = "--train-images") -> CocoSplit:
     """Read and check a COCO instances file and its image folder (see the module docstring)."""
@@ -239,12 +180,12 @@ def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train
     annotations = _entries(path, data, "annotations", _ANNOTATION_KEYS)
     categories = _entries(path, data, "categories", ("id", "name"))
     for what, entries in (("image", images), ("annotation", annotations), ("category", categories)):
-        if bad := [e["id"] for e in entries if not _integer(e["id"])]:
+        if bad := [e["id"] for e in entries if not json_integer(e["id"])]:
             raise _fail(path, f"{what} id {brief(bad[0])} is not an integer; COCO ids (and pycocotools) are integers")
         _unique(path, entries, what)
     for i, ann in enumerate(annotations):  # before they are looked up: a list would not even hash
         for key in ("image_id", "category_id"):
-            if not _integer(ann[key]):
+            if not json_integer(ann[key]):
                 raise _fail(path, f"annotations[{i}] (id {ann['id']!r}) has {key} {brief(ann[key])}, not an integer id")
     if not images:
         raise _fail(path, "lists no images; an empty split cannot be trained or evaluated")
@@ -253,7 +194,7 @@ def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train
     sizes, limit = {}, max_image_pixels()
     for i, image in enumerate(images):
         w, h = image["width"], image["height"]
-        if not all(_number(v) and v > 0 for v in (w, h)):
+        if not all(json_number(v) and v > 0 for v in (w, h)):
             raise _fail(path, f"images[{i}] (id {image['id']!r}) has width {brief(w)}, height {brief(h)}; both must be "
                               f"positive")
         if w * h > limit:  # never decoded (load_image refuses it); pycocotools would rasterise polygons at its size
@@ -266,7 +207,7 @@ def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train
                           f"holding them as {images_flag}, or fix the file_name entries")
     known = {c["id"] for c in categories}
     summary = CocoSummary(images=len(images))
-    kept = []
+    kept, scored = [], []
     for i, ann in enumerate(annotations):
         where = f"annotations[{i}] (id {ann['id']!r})"
         if ann["image_id"] not in sizes:
@@ -276,32 +217,36 @@ def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train
             raise _fail(path, f"{where} refers to category_id {ann['category_id']!r}, which is not in categories; "
                               f"add the category or fix the annotation")
         box = ann["bbox"]
-        if not (isinstance(box, list) and len(box) == 4 and all(_number(v) for v in box)):
+        if not (isinstance(box, list) and len(box) == 4 and all(json_number(v) for v in box)):
             raise _fail(path, f"{where} has bbox {brief(box)}; a bbox is [x, y, width, height], four finite numbers")
         if ann.get("segmentation") in (None, [], {}):
             raise _maskless(path, annotations, i)
-        if why := _segmentation_error(ann["segmentation"], *sizes[ann["image_id"]]):
+        if why := segmentation_error(ann["segmentation"], *sizes[ann["image_id"]]):
             raise _fail(path, f"{where} has as segmentation {why}; fix or remove the annotation")
-        fitted = _clip_box([float(v) for v in box], *sizes[ann["image_id"]])
-        if fitted is None:
-            summary.zero_area += 1
-            continue
-        crowd, area = ann.get("iscrowd", 0), ann.get("area")
+        crowd, area = ann.get("iscrowd", 0), ann.get("area")  # checked for every box: COCOeval scores each one
         if crowd not in (0, 1) or not isinstance(crowd, int):
             raise _fail(path, f"{where} has iscrowd {brief(crowd)}; it is 0 or 1 (a crowd region), or left out")
-        if area is not None and not (_number(area) and area >= 0):
+        if area is not None and not (json_number(area) and area >= 0):
             raise _fail(path, f"{where} has area {brief(area)}; an area is a finite number >= 0, or left out")
         seg = ann["segmentation"]
         if isinstance(seg, list):  # before pycocotools rasterises it (for the area here, and at every load)
             seg, far = fit_polygons(seg, *sizes[ann["image_id"]])
             summary.far += far
+        summary.areas += area is None
+        entry = {**ann, "iscrowd": int(crowd), "segmentation": seg,
+                 "area": mask_area(seg, *sizes[ann["image_id"]]) if area is None else float(area)}
+        fitted = _clip_box([float(v) for v in box], *sizes[ann["image_id"]])
+        if fitted is None:
+            summary.zero_area += 1
+            scored.append(entry)
+            continue
         summary.crowd += crowd
         summary.boxes += not crowd
         summary.clipped += fitted[1]
-        kept.append({**ann, "bbox": fitted[0], "iscrowd": int(crowd), "segmentation": seg,
-                     "area": _mask_area(seg, *sizes[ann["image_id"]]) if area is None else float(area)})
+        kept.append({**entry, "bbox": fitted[0]})
+        scored.append(entry if fitted[1] else kept[-1])  # equal boxes: one dict for both
     clean = {"images": images, "annotations": kept, "categories": categories}
-    return CocoSplit(path, root, clean, sorted(known), summary)
+    return CocoSplit(path, root, clean, sorted(known), summary, scored=scored)
 
 
 def training_split(split: CocoSplit) -> CocoSplit:

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lomar.data import coco, polygons, records
+from lomar.data import coco, coco_values, polygons, records
 from lomar.data.coco import CocoSplit, CocoSummary
 from lomar.data.decode import max_image_pixels
 from lomar.data.records import IntTable, PackedRecords, pack_images
@@ -93,7 +93,7 @@ def _our_folder() -> Path | None:
 
 def _code_digest() -> str:
     digest = hashlib.sha256()
-    for module in (coco, polygons, records, sys.modules[__name__]):
+    for module in (coco, coco_values, polygons, records, sys.modules[__name__]):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:16]
 
