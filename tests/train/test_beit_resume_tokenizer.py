@@ -13,6 +13,7 @@ from lomar.tokenizers import fit_kmeans_tokenizer, load_tokenizer
 def test_a_resumed_beit_run_refuses_a_replaced_tokenizer_file(tmp_path, image_dir, capsys):
     """The file was read again by path: one replaced since (the same vocabulary, other centroids) silently changed
     the targets of the rest of the run."""
+    import pytest
     import torch
 
     run = tmp_path / "run"
@@ -49,6 +50,16 @@ def test_a_resumed_beit_run_refuses_a_replaced_tokenizer_file(tmp_path, image_di
     assert (f"note: --tokenizer {elsewhere} holds the tokenizer the run recorded as {moved / 'tokenizer.safetensors'}"
             in capsys.readouterr().err)
     assert safe_load(moved / "last.pt")["config"]["tokenizer"] == str(elsewhere)
+    # the digest is the resume point's read of the checkpoint: the check reads the file no second time
+    from lomar.train.config import PretrainConfig
+
+    load, reads = torch.load, []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "load", lambda f, *a, **k: reads.append(str(f)) or load(f, *a, **k))
+        saved, _ = PretrainConfig.saved_run({"resume": str(moved / "last.pt"), "out": str(moved),
+                                             "tokenizer": str(moved / "tokenizer.safetensors")})
+    assert saved["tokenizer"] == str(moved / "tokenizer.safetensors") and reads == [str(moved / "last.pt")]
+    assert "holds the tokenizer the run recorded" in capsys.readouterr().err
     # another tokenizer: one line naming both, before any work
     assert pretrain("--resume", str(moved / "last.pt"), "--max-steps", "5", "--tokenizer", str(path)) == 2
     err = capsys.readouterr().err

@@ -27,7 +27,6 @@ from lomar.models.beit import BEiTConfig
 from lomar.models.beit_pretrain import BEiTPretrain, tokenizer_view
 from lomar.models.masking import grid_size
 from lomar.tokenizers import KMeansTokenizer, fit_kmeans_tokenizer, load_tokenizer
-from lomar.train.run_state import read_meta
 from lomar.train.schedule import lr_at_whole_steps
 from lomar.viz.tokens import token_figure
 
@@ -133,17 +132,17 @@ def prepare(config, grid) -> dict:
     return {"tokenizer": tokenizer}
 
 
-def same_tokenizer(given: str, recorded: str, checkpoint: str | None, source: str) -> str:
+def same_tokenizer(given: str, recorded: str, kept: str | None, source: str) -> str:
     """Check that ``given``, a --tokenizer other than the file ``recorded`` by the run being resumed (from ``source``),
     holds the same tokenizer (a moved file, or one `lomar tokenizer convert` rewrote): the digest of its tensors is
-    the one ``checkpoint`` keeps, else the recorded file's. -> the note to print; ValueError naming both otherwise."""
+    ``kept``, the one the run's checkpoint keeps, else (None) the recorded file's. -> the note to print; ValueError
+    naming both otherwise."""
     def digest(path: str, what: str) -> str:
         try:
             return load_tokenizer(path).digest()
         except (ValueError, FileNotFoundError) as exc:
             raise ValueError(f"{what}: {exc}") from None
 
-    kept = read_meta(Path(checkpoint)).get("tokenizer_digest") if checkpoint else None
     if kept is None and not Path(recorded).is_file():
         raise ValueError(f"--tokenizer {given} differs from {recorded} in the run being resumed ({source}), which is "
                          f"gone, and the run kept no digest to check it against; restore {recorded}, or start a new "
@@ -158,9 +157,10 @@ def same_tokenizer(given: str, recorded: str, checkpoint: str | None, source: st
            f"{kept[:12]}): the run reads it from there"
 
 
-def resume_settings(saved: dict, source: str, checkpoint: str | None, explicit: dict) -> str | None:
+def resume_settings(saved: dict, source: str, digest: str | None, explicit: dict) -> str | None:
     """The tokenizer a resumed run reads (:attr:`Method.resume_settings`): its fitted one where the run folder now
-    is, or a ``--tokenizer`` given again that holds the same tokenizer (:func:`same_tokenizer`)."""
+    is, or a ``--tokenizer`` given again that holds the same tokenizer (:func:`same_tokenizer`; ``digest``: the
+    tokenizer digest the run's checkpoint keeps, None where it keeps none or there is no checkpoint)."""
     if not saved.get("tokenizer"):
         return None
     # The fitted tokenizer lives in the run's folder, recorded by its absolute path: a run folder moved since reads
@@ -171,7 +171,7 @@ def resume_settings(saved: dict, source: str, checkpoint: str | None, explicit: 
         saved["tokenizer"] = str(beside.absolute())
     if not (given := explicit.get("tokenizer")) or given == saved["tokenizer"]:
         return None
-    note = same_tokenizer(given, saved["tokenizer"], checkpoint, source)
+    note = same_tokenizer(given, saved["tokenizer"], digest, source)
     saved["tokenizer"] = given
     return note
 
