@@ -438,6 +438,17 @@ def test_step_schedule_is_vitdets():
     assert step_lr_factor(177546, 184375, 250) == pytest.approx(0.01)
 
 
+def test_a_run_past_its_schedules_end_is_told_the_lr_detect_trains_at_there():
+    """Detect's step schedule ends at 0.01 x the peak lr, not at min_lr as a cosine does: the refusal names it."""
+    from lomar.train.schedule import schedule_overrun
+
+    lr_schedule = DetectTask.__new__(DetectTask).lr_schedule
+    message = schedule_overrun(8, 3.0, 1.0, 1e-4, 0.0, lr_schedule)
+    assert ("steps 4-8 would all train at lr 1e-06 (0.01 x the peak lr 0.0001, where its schedule ends); end it at "
+            "--max-steps 3, or raise --schedule-steps to 8") in message
+    assert "would all train at min_lr 0;" in schedule_overrun(8, 3.0, 1.0, 1e-4, 0.0)  # a cosine's end
+
+
 def _rescore(ann_file, predictions: list[dict]) -> dict[str, float | None]:
     """pycocotools alone, as detectron2 scores: boxes from bbox, masks with bbox dropped."""
     from pycocotools.coco import COCO

@@ -84,7 +84,8 @@ class _Run:
         self.spare = None  # under DDP, the last batch that gave a loss: an idle step's (task.idle_loss)
         self.skipped = SkippedFiles(self.steps_per_epoch * self.accum, config.batch_size, not task.skips_warned)
         self.last_step = min(config.epochs * self.steps_per_epoch, config.max_steps or math.inf)
-        if overrun := schedule_overrun(self.last_step, self.schedule[0], self.min_lr, config, self.steps_per_epoch):
+        if overrun := schedule_overrun(self.last_step, *self.schedule, self.base_lr, self.min_lr, task.lr_schedule,
+                                       config, self.steps_per_epoch):
             raise ValueError(overrun)
 
     # ---- checkpoints -------------------------------------------------------------------

@@ -75,10 +75,12 @@ def _warmup_fix(config, warmup_steps: float, resumed: bool) -> str:
     return "drop --epochs to lay the schedule over --max-steps, or lower --warmup-epochs"
 
 
-def schedule_overrun(last_step: int, total_steps: float, min_lr: float, config=None,
+def schedule_overrun(last_step: int, total_steps: float, warmup_steps: float, base_lr: float, min_lr: float = 0.0,
+                     schedule: Callable[..., float] | None = None, config=None,
                      steps_per_epoch: int = 0) -> str | None:
     """What stops a run that would go on past its lr schedule's end (``schedule_steps`` fixed by a first
-    ``--max-steps``, then a larger one on resume): every step past it would train at ``min_lr``; or, given the
+    ``--max-steps``, then a larger one on resume): every step past it would train at the lr the run's ``schedule``
+    (None: :func:`lr_at`) ends at, ``min_lr`` for a cosine, a share of ``base_lr`` for detect's steps; or, given the
     run's ``config`` and ``steps_per_epoch``, one whose ``--epochs`` end it before the ``--max-steps`` its schedule
     was laid over: it would stop with the lr mid-schedule, never annealed."""
     max_steps = getattr(config, "max_steps", None)
@@ -92,8 +94,11 @@ def schedule_overrun(last_step: int, total_steps: float, min_lr: float, config=N
         return None
     fix = ("start a new run (another --out) whose --max-steps or --schedule-steps covers the steps you want"
            if getattr(config, "resume", None) else f"raise --schedule-steps to {last_step}")  # a new run: this --out
+    end = (schedule or lr_at)(math.ceil(total_steps), total_steps, warmup_steps, base_lr, min_lr)
+    lr = f"min_lr {min_lr:g}" if math.isclose(end, min_lr) else \
+        f"lr {end:.3g} ({end / base_lr:.3g} x the peak lr {base_lr:.3g}, where its schedule ends)"
     return (f"this run's lr schedule ends at step {total_steps:g} (schedule_steps), but it would go on to step "
-            f"{last_step}: steps {math.floor(total_steps) + 1}-{last_step} would all train at min_lr {min_lr:g}; "
+            f"{last_step}: steps {math.floor(total_steps) + 1}-{last_step} would all train at {lr}; "
             f"end it at --max-steps {math.floor(total_steps)}, or {fix}")
 
 
