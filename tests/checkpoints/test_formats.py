@@ -134,6 +134,7 @@ def test_a_non_square_classifier_loads_at_its_saved_size_and_a_bare_one_asks_for
 def test_a_command_takes_a_non_square_size_for_a_bare_checkpoint(tmp_path, capsys):
     """--img-size took one integer, which the library's 'pass img_size=(height, width)' was reworded into."""
     from lomar.cli.app import main
+    from lomar.eval.features import load_pretrained_encoder
 
     config = ViTConfig(img_size=(32, 48), patch_size=8, embed_dim=32, depth=2, num_heads=2, pos="abs")
     atomic_save({"model": VisionTransformer(config, num_classes=3).state_dict()}, tmp_path / "bare.pt")
@@ -142,8 +143,16 @@ def test_a_command_takes_a_non_square_size_for_a_bare_checkpoint(tmp_path, capsy
     assert "saves no image size; pass --img-size HEIGHT WIDTH for the size" in capsys.readouterr().err
     assert main([*export, "--img-size", "32", "48", "1"]) == 2
     assert "--img-size takes SIZE or HEIGHT WIDTH, got 32 48 1" in capsys.readouterr().err
+    # read to be resampled (finetune's, knn's --img-size is the crop's): the export above is the way, named
+    bare = tmp_path / "bare.pt"
+    for read in (lambda: formats.encoder_weights(bare, num_heads=2),  # load_pretrained_encoder's
+                 lambda: formats.load_model(bare, num_heads=2, img_size=32)):
+        with pytest.raises(ValueError, match=f"saves no image size to resample it from; record the size it was "
+                                             f"trained at first: lomar export {bare} --img-size HEIGHT WIDTH --to DIR"):
+            read()
     assert main([*export, "--img-size", "32", "48"]) == 0
     assert formats.load_model(tmp_path / "out").config.img_size == (32, 48)
+    assert load_pretrained_encoder(tmp_path / "out", img_size=32).config.img_size == 32
 
 
 def test_unknown_format_is_named(tmp_path):

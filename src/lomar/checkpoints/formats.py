@@ -79,6 +79,13 @@ def _inferred_config(src: Source, overrides: dict) -> ViTConfig:
     return config
 
 
+def _unknown_grid(src: Source) -> ValueError:
+    """A non-square table without a saved size, to be resampled: an export keeps the (height, width) given it."""
+    return ValueError(f"{src.path}: its position table holds {src.state['pos_embed'].shape[1] - 1} patches, not a "
+                      f"square grid, and it saves no image size to resample it from; record the size it was trained "
+                      f"at first: lomar export {src.path} --img-size HEIGHT WIDTH --to DIR, and read DIR")
+
+
 class PretrainReader(Reader):
     """Ours: ``lomar pretrain`` / ``load-original`` output of LoMaR or MAE: ``{"model", "model_spec",
     "config"}`` (checkpoints before ``model_spec``: their ``config`` settings)."""
@@ -130,8 +137,8 @@ class VitReader(Reader):
             try:
                 saved = _inferred_config(src, {k: v for k, v in overrides.items() if k != "img_size"})
             except ValueError:  # no size saved and a non-square table: img_size named the table's own grid
-                if state["pos_embed"].shape != model.pos_embed.shape:
-                    raise
+                if state["pos_embed"].shape != model.pos_embed.shape:  # img_size is the size to resample to
+                    raise _unknown_grid(src) from None
                 saved = config
             source = grid_size(saved.img_size, saved.patch_size)
             state = {**state, "pos_embed": model.fit_pos_embed(state["pos_embed"], source)}
@@ -147,7 +154,11 @@ class VitReader(Reader):
         saved = src.data.get("config")
         if isinstance(saved, dict) and "embed_dim" in saved:  # a finetune checkpoint keeps its ViTConfig
             return EncoderWeights(ViTConfig.from_dict(saved), dict(src.state), [], "finetune checkpoint")
-        return EncoderWeights(_inferred_config(src, overrides), dict(src.state), [], "classifier checkpoint")
+        try:
+            config = _inferred_config(src, overrides)
+        except ValueError as exc:  # a caller's img_size is the size to resample to, not the table's
+            raise _unknown_grid(src) if "not a square grid" in str(exc) else exc from None
+        return EncoderWeights(config, dict(src.state), [], "classifier checkpoint")
 
 
 class ExportReader(Reader):
