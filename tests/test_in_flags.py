@@ -61,6 +61,9 @@ def test_commands_reading_a_checkpoint_tell_their_user_what_to_type(tmp_path, ca
                                                       num_heads=2)).state_dict()}, encoder)
     finetune = ["finetune", "--data", str(labelled_folder), "--img-size", "32", "--workers", "0", "--device", "cpu",
                 "--batch-size", "4", "--max-steps", "1", "--out", str(tmp_path / "run")]
+    assert main(["export", str(odd), "--to", str(tmp_path / "out")]) == 2  # it has the flag: nothing else to do
+    assert "cannot infer the number of heads of this 40-wide, 2-deep model; pass --num-heads N\n" in \
+        capsys.readouterr().err
     for argv, words in [
         (["knn", str(odd), "--data", str(labelled_folder), "--device", "cpu"],
          "; convert it first: lomar load-original"),

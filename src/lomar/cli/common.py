@@ -143,7 +143,9 @@ def load_for_cli(path: str, args: argparse.Namespace, original: bool = False):
     try:
         return (load_original if original else load_model)(path, **overrides)
     except (ValueError, FileNotFoundError, TypeError) as exc:
-        message = re.sub(r"pass (\w+)=\.\.\. to load_original", lambda m: f"pass --{m[1].replace('_', '-')}", str(exc))
+        # the flag is this command's: converting with load-original first is no other way
+        message = re.sub(r"pass (\w+)=\.\.\. to load_original(, or convert it first: [^;]*)?",
+                         lambda m: f"pass --{m[1].replace('_', '-')} N", str(exc))
         message = message.replace("img_size=(height, width)", "--img-size HEIGHT WIDTH")
         flags = {name: setting.name_flag(name) for name, setting in OVERRIDES.items()}  # num_windows: --windows
         raise UsageError(in_flags(re.sub(r"\b(\w+)=\.\.\.", lambda m: flags.get(m[1], m[0]), message), flags)) from None
