@@ -47,15 +47,14 @@ def test_knn_linprobe_finetune_and_export_accept_a_beit_checkpoint(beit_run, tmp
     assert json.loads((tmp_path / "ex" / "config.json").read_text())["method"] == "beit"
 
 
-def test_visualize_draws_beits_attention_and_says_in_one_line_it_cannot_reconstruct(beit_run, tmp_path, capsys):
+def test_visualize_draws_a_beit_checkpoints_tokens_and_its_attention(beit_run, tmp_path, capsys):
     run = ["visualize", str(beit_run / "run" / "last.pt"), "--out", str(tmp_path / "v")]
-    assert main(run) == 2
-    err = capsys.readouterr().err
-    assert "holds a BEiT: it predicts visual tokens, not pixels, so it cannot reconstruct; pass --attention" in err
-    assert err.count("\n") == 1
+    assert main(run) == 0, capsys.readouterr().err  # no pixels to reconstruct: the tokens it predicts
+    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["tokens.png"]
     assert main([*run, "--attention", "--context", "window", "--attention-window", "3"]) == 0
     assert sorted(p.name for p in (tmp_path / "v").iterdir()) == [
-        "attention-00-astronaut.png", "attention-01-chelsea.png", "attention-02-coffee.png", "attention-03-rocket.png"]
+        "attention-00-astronaut.png", "attention-01-chelsea.png", "attention-02-coffee.png", "attention-03-rocket.png",
+        "tokens.png"]
 
 
 def test_features_equal_the_exported_timm_beit(beit_run, tmp_path):
