@@ -158,7 +158,7 @@ def test_a_relative_position_term_on_a_lomar_encoder_is_one_line_and_makes_no_fo
                  str(val_ann), "--val-images", str(val_images), "--model", "vit_tiny_patch16", "--img-size", "64",
                  "--rel-pos", "decomposed", "--device", "cpu", "--out", str(out)]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last == ("lomar detect: error: --rel-pos decomposed: rel_pos 'decomposed' is for encoders without iRPE "
+    assert last == ("lomar detect: error: --rel-pos decomposed: --rel-pos 'decomposed' is for encoders without iRPE "
                     "(MAE's); a LoMaR encoder has its own relative position: use auto or none")
     assert not out.exists()
 

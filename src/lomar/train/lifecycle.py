@@ -38,8 +38,7 @@ from lomar.train.run_resume import check_no_rewind, resume_point
 from lomar.train.run_state import RunLock, prepare_run_folder, save_checkpoint, save_on_main_rank, save_state
 from lomar.train.runtime import compile_model, default_threads, fast_adamw
 from lomar.train.schedule import lr_at, peak_lr, run_span, schedule_overrun, warmup_warning
-from lomar.train.settings import declarations
-from lomar.train.settings_resume import resumed_past_end
+from lomar.train.settings_resume import command_flags, resumed_past_end
 from lomar.train.task import EpochStream, Progress, SkippedFiles, Task, TrainingError, check_weights, diverged, preload
 from lomar.train.task_resume import building
 from lomar.values import counted
@@ -374,8 +373,7 @@ def run(config, make_task: type[Task]) -> int:
                     trainer.load(resume, saved, point.meta, built.loaded)
                 del saved  # the run would hold the whole checkpoint to its end
         except (ValueError, FileNotFoundError) as exc:  # a library's (a model's build) names its parameters
-            flags = {field: setting.name_flag(field) for field, setting in declarations(type(config)).items()}
-            raise UsageError(in_flags(str(exc), flags)) from None
+            raise UsageError(in_flags(str(exc), command_flags(config))) from None
         step, epoch = (end.step, end.epoch) if end else (trainer.p.step, trainer.p.epoch)
         if info.is_main:
             prepare_run_folder(config, task or make_task, resume, step, epoch,

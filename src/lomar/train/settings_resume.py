@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # torch: not at import
     from lomar.train.run_resume import ResumePoint
 
 __all__ = ["TaskConfig", "resume_values", "resume_target", "resumed_past_end", "check_warmup", "check_min_lr",
-           "check_windows", "encoder_layout", "check_img_size", "check_pretrained"]
+           "check_windows", "encoder_layout", "check_img_size", "check_pretrained", "command_flags"]
 
 
 @dataclasses.dataclass
@@ -235,6 +235,13 @@ def encoder_layout(config: Any) -> dict:
 def random_encoder_patch(config: Any) -> int | None:
     """The patch size of the --model a dense task builds without --pretrained (a pretrained one has its own)."""
     return int(config.model.rsplit("patch", 1)[1]) if config.pretrained is None and config.model else None
+
+
+def command_flags(config: Any) -> dict[str, str]:
+    """{setting: the flag that gives it} of a command's settings ``config``, for :func:`lomar.errors.in_flags`; none
+    of a run's fields without a declaration (a caller's own settings class, as the tests' toy)."""
+    fields = getattr(config, "__dataclass_fields__", {})
+    return {name: f.metadata["setting"].name_flag(name) for name, f in fields.items() if "setting" in f.metadata}
 
 
 def check_img_size(config: Any, patch: int | None = None) -> None:
