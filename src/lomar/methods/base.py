@@ -66,11 +66,11 @@ class Method:
     reads: tuple[str, ...] = ()
     # lr(step, total, warm-up, base lr, min lr) as the paper's code schedules it; None: MAE's (lomar.train.schedule)
     lr_schedule: Callable[..., float] | None = None
-    # resume_settings(saved, source, digest, explicit) amends in place the settings ``saved`` a resumed run read
-    # from ``source`` (a checkpoint, keeping the tokenizer ``digest``; or the run's config.yaml, digest None) for the
-    # flags given again (``explicit``); -> a note to print, or None; ValueError naming the fix. By default they stay
-    # as saved.
-    resume_settings: Callable[[dict, str, str | None, dict], str | None] = lambda *_: None
+    # resume_settings(saved, source, checkpoint, explicit) amends in place the settings ``saved`` a resumed run read
+    # from ``source`` (a checkpoint, ``checkpoint`` as read without its weights; or the run's config.yaml, checkpoint
+    # None) for the flags given again (``explicit``); -> a note to print, or None; ValueError naming the fix. By
+    # default they stay as saved.
+    resume_settings: Callable[[dict, str, dict | None, dict], str | None] = lambda *_: None
 
 
 @dataclass(frozen=True)

@@ -157,10 +157,10 @@ def same_tokenizer(given: str, recorded: str, kept: str | None, source: str) -> 
            f"{kept[:12]}): the run reads it from there"
 
 
-def resume_settings(saved: dict, source: str, digest: str | None, explicit: dict) -> str | None:
+def resume_settings(saved: dict, source: str, checkpoint: dict | None, explicit: dict) -> str | None:
     """The tokenizer a resumed run reads (:attr:`Method.resume_settings`): its fitted one where the run folder now
-    is, or a ``--tokenizer`` given again that holds the same tokenizer (:func:`same_tokenizer`; ``digest``: the
-    tokenizer digest the run's checkpoint keeps, None where it keeps none or there is no checkpoint)."""
+    is, or a ``--tokenizer`` given again that holds the same tokenizer (:func:`same_tokenizer`, against the digest
+    the run's ``checkpoint`` keeps; None: no checkpoint)."""
     if not saved.get("tokenizer"):
         return None
     # The fitted tokenizer lives in the run's folder, recorded by its absolute path: a run folder moved since reads
@@ -171,7 +171,7 @@ def resume_settings(saved: dict, source: str, digest: str | None, explicit: dict
         saved["tokenizer"] = str(beside.absolute())
     if not (given := explicit.get("tokenizer")) or given == saved["tokenizer"]:
         return None
-    note = same_tokenizer(given, saved["tokenizer"], digest, source)
+    note = same_tokenizer(given, saved["tokenizer"], (checkpoint or {}).get("tokenizer_digest"), source)
     saved["tokenizer"] = given
     return note
 

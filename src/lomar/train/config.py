@@ -162,9 +162,9 @@ class PretrainConfig(TaskConfig):
             saved[0]["knn_decode"] = "full"  # a run saved before the setting scored its k-NN on full decodes
         if saved is not None and saved[0].get("method") in names():  # an unknown one is reported by validate
             point = getattr(saved, "point", None)  # the checkpoint as read: none for a config.yaml
-            digest = point.meta.get("tokenizer_digest") if point is not None and point.meta else None
+            checkpoint = point.meta if point is not None else None
             try:
-                note = get_method(saved[0]["method"]).resume_settings(saved[0], saved[1], digest, explicit)
+                note = get_method(saved[0]["method"]).resume_settings(saved[0], saved[1], checkpoint, explicit)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
             if note and first_on_machine():
