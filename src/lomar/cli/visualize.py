@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     model.eval()
     encoder = getattr(model, "encoder", model)
     can_reconstruct = isinstance(model, (LoMaR, MAE))
-    token_model = _token_model(model, Path(args.checkpoint)) if isinstance(model, BEiT) else None
+    meta = _meta(Path(args.checkpoint))
+    token_model = _token_model(model, Path(args.checkpoint), meta) if isinstance(model, BEiT) else None
     if not can_reconstruct and token_model is None and not args.attention:
         what = ("a BEiT without its pretraining run's tokenizer: it predicts visual tokens, not pixels, so it "
                 "cannot reconstruct" if isinstance(model, BEiT)
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.checkpoint} holds {what}; pass --attention for attention figures"
                          + ("" if isinstance(model, BEiT) else ", or a pretraining checkpoint"))
     paths = [Path(p) for p in args.images] or demo_image_paths()[:4]
-    at_step = _at_step(Path(args.checkpoint))
+    at_step = f" at step {meta['step']}" if isinstance(meta.get("step"), int) else ""  # a training checkpoint's
     out, written = Path(args.out), []
     name = type(model).__name__ if can_reconstruct or isinstance(model, BEiT) else "encoder"
     target = tuple(args.target_patch) if args.target_patch else None
@@ -148,30 +149,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _at_step(checkpoint: Path) -> str:
-    """' at step N' for a training checkpoint, which records its optimizer step; '' for an export or an original."""
+def _meta(checkpoint: Path) -> dict:
+    """What the checkpoint file records beside its weights (its step, its run's settings); {} for a folder (an
+    export) or a file with none readable (the model was read from it: no step or tokenizer to tell)."""
     from lomar.train.run_state import read_meta  # torch: not for --help
 
     try:
-        step = read_meta(checkpoint).get("step") if checkpoint.is_file() else None
-    except (OSError, ValueError):  # the model was read from it: a file with no readable step has none to tell
-        return ""
-    return f" at step {step}" if isinstance(step, int) else ""
+        return read_meta(checkpoint) if checkpoint.is_file() else {}
+    except (OSError, ValueError):
+        return {}
 
 
-def _token_model(model, checkpoint: Path):
-    """The BEiT of a `lomar pretrain --method beit` checkpoint with its run's tokenizer (found as a resume finds
-    it) and masking, for the token figure; None where the file records no tokenizer (an export, an original)."""
+def _token_model(model, checkpoint: Path, meta: dict):
+    """The BEiT of a `lomar pretrain --method beit` checkpoint (``meta``: its :func:`_meta`) with its run's tokenizer
+    (found as a resume finds it) and masking, for the token figure; None where the file records no tokenizer (an
+    export, an original)."""
     from types import SimpleNamespace
 
     from lomar.methods.beit import resume_settings, tokenizer_for  # torch: not for --help
     from lomar.models.beit_pretrain import BEiTPretrain  # torch: not for --help
-    from lomar.train.run_state import read_meta  # torch: not for --help
 
-    try:
-        meta = read_meta(checkpoint) if checkpoint.is_file() else {}
-    except (OSError, ValueError):  # the model was read from it: no readable settings, no tokenizer to name
-        return None
     saved = meta.get("config")
     if not isinstance(saved, dict) or saved.get("method") != "beit" or not saved.get("tokenizer"):
         return None
