@@ -105,7 +105,8 @@ def test_read_losses_holds_one_line_at_a_time(tmp_path):
     assert peak - held < metrics.stat().st_size / 4
 
 
-@pytest.mark.parametrize("method, label", [("beit", "masked-token cross-entropy"), ("lomar", "reconstruction loss")])
+@pytest.mark.parametrize("method, label", [("beit", "masked-token cross-entropy"), ("lomar", "reconstruction loss"),
+                                           ("mae", "reconstruction loss")])
 def test_pretrain_curve_names_the_methods_loss(method, label, tmp_path, monkeypatch):
     """BEiT's logged loss is a cross-entropy over visual tokens: its loss.png called it a reconstruction loss."""
     import lomar.viz.curves as curves

@@ -57,6 +57,8 @@ class Method:
     figure: Callable[..., Any] | None = None
     # Scalars of the model's output logged with each step's loss (name -> output -> () tensor), not learned from.
     step_metrics: Mapping[str, Callable[[Any], torch.Tensor]] = field(default_factory=dict)
+    # What the logged loss measures, the y axis of the run's loss.png.
+    loss_name: str = "reconstruction loss"
     # The paper's pretraining recipe (every key of RECIPE_KEYS): the defaults of a new run of this
     # method, under the YAML file and the flags; ``recipe_source`` says where the values come from.
     recipe: Mapping[str, Any] = field(default_factory=lambda: dict(MAE_RECIPE))

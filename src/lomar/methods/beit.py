@@ -205,5 +205,6 @@ METHOD = Method(
     validate=validate, prepare=prepare, build=build, masker=plan_masker, forward_kwargs=plan_kwargs,
     export=lambda model, out, metadata: export_beit_encoder(model.beit, out, metadata=metadata),
     figure=token_figure, step_metrics={"masked_token_accuracy": lambda output: output.accuracy},
+    loss_name="masked-token cross-entropy",
     recipe=RECIPE, recipe_source=RECIPE_SOURCE, lr_schedule=lr_at_whole_steps, reads=("tokenizer", "layer_scale_init"),
     resume_settings=resume_settings)

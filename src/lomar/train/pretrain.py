@@ -1,9 +1,8 @@
 """``lomar pretrain``'s Task: the method's model and masked-image data, unreadable images, figures, k-NN, export.
 
-Every sample's crop and masking is seeded by (seed, epoch, index), so a resumed run continues exactly
-(the rest is :mod:`lomar.train.lifecycle`'s). With ``--fsdp`` the model is sharded (``lomar.train.fsdp``)
-instead of wrapped in DDP, checkpoints are sharded folders, and the main process consolidates the last
-one to ``last.pt`` at the end.
+Every sample's crop and masking is seeded by (seed, epoch, index), so a resumed run continues exactly (the rest is
+:mod:`lomar.train.lifecycle`'s). With ``--fsdp`` the model is sharded (``lomar.train.fsdp``) instead of wrapped in
+DDP, checkpoints are sharded folders, and the main process consolidates the last one to ``last.pt`` at the end.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from lomar.data.folder import build_pretrain_dataset
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError, said_by_first_on_machine
 from lomar.eval.knn import KnnMonitor
+from lomar.methods import get_method
 from lomar.methods.base import method_runtime
 from lomar.models.spec import model_spec
 from lomar.train.config import PretrainConfig, build_model, prepare_method
@@ -231,7 +231,7 @@ class PretrainTask(Task):
     @staticmethod
     def draw_curves(config: PretrainConfig, out: Path) -> None:
         loss_curve(out / METRICS, out / LOSS_CURVE, f"{config.method} training loss",
-                   "masked-token cross-entropy" if config.method == "beit" else "reconstruction loss")
+                   get_method(config.method).loss_name)
 
     def fixed_images(self) -> torch.Tensor:
         items, data = [], self.base_dataset
