@@ -208,7 +208,9 @@ def test_visualize_draws_a_beit_runs_token_figure(image_dir, tmp_path, capsys, m
     other.centroids += 1
     other.save(run / "tokenizer.safetensors")
     assert main(["visualize", str(run), "--out", str(tmp_path / "figs")]) == 2
-    assert "is not the one its run trained with" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (f"the tokenizer {run / 'tokenizer.safetensors'} (tensors' sha256 {other.digest()[:12]}) is not the "
+            f"tokenizer the run of {run / 'last.pt'} trained with (" in err and err.count("\n") == 1), err
 
 
 @pytest.mark.parametrize("flags, message", [

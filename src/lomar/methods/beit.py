@@ -31,7 +31,7 @@ from lomar.train.schedule import lr_at_whole_steps
 from lomar.viz.tokens import token_figure
 
 __all__ = ["METHOD", "RECIPE", "prepare", "fit_on_training_images", "layer_scale_init", "resume_settings",
-           "same_tokenizer", "tokenizer_for", "FIT_IMAGES", "MAX_VOCAB"]
+           "not_trained_with", "same_tokenizer", "tokenizer_for", "FIT_IMAGES", "MAX_VOCAB"]
 
 FIT_IMAGES = 64  # sample of training crops the built-in tokenizer is fitted on
 MAX_VOCAB = 8192  # BEiT's vocabulary
@@ -132,6 +132,16 @@ def prepare(config, grid) -> dict:
     return {"tokenizer": tokenizer}
 
 
+def not_trained_with(name: str, digest: str, kept: str, run: str, then: str, recorded: str | None = None) -> str | None:
+    """The refusal of a tokenizer (``name``: how to name it, e.g. "--tokenizer FILE"; ``digest``: its tensors') other
+    than the one ``run`` (e.g. "the run being resumed (CKPT)") trained with, whose digest is ``kept`` (its file:
+    ``recorded``, where another); ``then``: what it would change, and the fix. None when it is that tokenizer."""
+    if digest == kept:
+        return None
+    trained = f"{run} trained with" + (f", {recorded}" if recorded else "")
+    return f"{name} (tensors' sha256 {digest[:12]}) is not the tokenizer {trained} ({kept[:12]}): {then}"
+
+
 def same_tokenizer(given: str, recorded: str, kept: str | None, source: str) -> str:
     """Check that ``given``, a --tokenizer other than the file ``recorded`` by the run being resumed (from ``source``),
     holds the same tokenizer (a moved file, or one `lomar tokenizer convert` rewrote): the digest of its tensors is
@@ -148,11 +158,11 @@ def same_tokenizer(given: str, recorded: str, kept: str | None, source: str) -> 
                          f"gone, and the run kept no digest to check it against; restore {recorded}, or start a new "
                          f"run with another --out")
     kept = kept or digest(recorded, "the run's recorded tokenizer")
-    if (new := digest(given, "--tokenizer")) != kept:
-        raise ValueError(f"--tokenizer {given} (tensors' sha256 {new[:12]}) is not the tokenizer the run being "
-                         f"resumed ({source}) trained with, {recorded} ({kept[:12]}): its targets would change "
-                         f"mid-run; pass --tokenizer {recorded} (or a copy, or its conversion), or start a new run "
-                         f"with another --out")
+    if refusal := not_trained_with(f"--tokenizer {given}", digest(given, "--tokenizer"), kept,
+                                   f"the run being resumed ({source})", f"its targets would change mid-run; pass "
+                                   f"--tokenizer {recorded} (or a copy, or its conversion), or start a new run with "
+                                   f"another --out", recorded):
+        raise ValueError(refusal)
     return f"--tokenizer {given} holds the tokenizer the run recorded as {recorded} (the same tensors, sha256 " \
            f"{kept[:12]}): the run reads it from there"
 
