@@ -74,6 +74,18 @@ def test_the_warmup_warning_names_the_setting_that_made_the_warm_up():
     assert "drop --epochs" in warmup_warning(2, 400, 40, 1.0, config=SimpleNamespace(schedule_steps=None))
 
 
+def test_a_warm_up_cut_to_the_schedule_is_said_with_both_lengths():
+    """run_span cuts --warmup-steps to the schedule (1500 in a 200-step run): the whole run warms up, never decays."""
+    from types import SimpleNamespace
+
+    segment = SimpleNamespace(warmup_steps=1500, schedule_steps=None)
+    said = warmup_warning(200, 200, 200, 1.0, config=segment)  # it ends with its (cut) warm-up: 0.995 at step 199
+    assert said.startswith("--warmup-steps 1500 is longer than this run's 200-step lr schedule") and \
+        "peaks at 0.995 instead of 1" in said and said.endswith("lower --warmup-steps below 200 (e.g. 20)")
+    assert warmup_warning(200, 200, 200, 1.0, config=SimpleNamespace(warmup_steps=200)) is None  # as asked
+    assert warmup_warning(200, 200, 200, 1.0, config=segment, resumed=True) is None  # told at its start
+
+
 def test_decay_groups_follow_the_original_rule():
     model = LoMaR(model_config("vit_tiny_patch16", depth=1, img_size=112), 7, 1)
     no_decay, decay = param_groups(model, 0.05)

@@ -139,9 +139,13 @@ def test_the_final_evaluation_can_be_the_best_checkpoint(digits, tmp_path, capsy
         (out / "metrics.jsonl").read_text().splitlines()[-1])["mIoU"]
 
 
-def test_without_the_auxiliary_head_the_loss_is_the_decode_heads(digits, tmp_path):
+def test_without_the_auxiliary_head_the_loss_is_the_decode_heads_and_a_cut_warm_up_is_said(digits, tmp_path, capsys):
     out = tmp_path / "run"
-    assert _segment(digits, out, "--max-steps", "1", "--eval-every", "50", "--aux-weight", "0") == 0
+    assert _segment(digits, out, "--max-steps", "1", "--eval-every", "50", "--aux-weight", "0",
+                    "--warmup-steps", "1500") == 0
+    # mmseg's 1500 warm-up steps in a 1-step run: cut to the run, which never reaches its lr; said once, at the start
+    err = capsys.readouterr().err
+    assert err.count("--warmup-steps 1500 is longer than this run's 1-step lr schedule") == 1, err
     step = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert step["step"] == 1 and "loss_aux" not in step and step["loss"] == step["loss_decode"]
 

@@ -53,12 +53,20 @@ def warmup_warning(last_step: int, total_steps: float, warmup_steps: float, base
                    schedule: Callable[..., float] | None = None, config=None, resumed: bool = False) -> str | None:
     """What to tell a run that will stop inside its warm-up (its lr never reaches the recipe's peak);
     ``schedule`` is the run's (None: :func:`lr_at`), rising through the warm-up, so its last step's lr is the run's
-    highest. The fix named follows what set the schedule: the run's ``config`` (:func:`run_span`), ``resumed``."""
-    if last_step < 1 or last_step >= warmup_steps:
+    highest. The fix named follows what set the schedule: the run's ``config`` (:func:`run_span`), ``resumed``.
+    A new run whose ``--warmup-steps`` :func:`run_span` cut to the schedule's length is told both numbers: all of it
+    is warm-up, the decay never starts (even where it ends with its warm-up, which is not otherwise warned)."""
+    asked = getattr(config, "warmup_steps", None)
+    cut = asked is not None and asked > warmup_steps and not resumed  # a resumed run was told at its start
+    if last_step < 1 or last_step >= warmup_steps and not cut:
         return None
     peak = (schedule or lr_at)(last_step - 1, total_steps, warmup_steps, base_lr, min_lr)
     if peak >= base_lr * (1 - 1e-9):
         return None
+    if cut:
+        return (f"--warmup-steps {asked} is longer than this run's {total_steps:g}-step lr schedule: it warms up over "
+                f"all of it, the lr peaks at {peak:.3g} instead of {base_lr:.3g} and never decays; lower "
+                f"--warmup-steps below {total_steps:g} (e.g. {max(1, math.floor(total_steps) // 10)})")
     return (f"this run stops at step {last_step}, inside its {warmup_steps:g}-step warm-up: the lr peaks at "
             f"{peak:.3g} instead of {base_lr:.3g}; {_warmup_fix(config, warmup_steps, resumed)}")
 
