@@ -245,3 +245,36 @@ def test_an_image_deleted_in_a_subfolder_is_not_read_from_the_packed_file(tmp_pa
     _torchrun(monkeypatch, 0)
     with pytest.raises(UsageError, match=r"lists 1 image\(s\) not found under .*images, e\.g\. patch0/4\.jpg"):
         coco_shared.shared_split(read, ann, images, "train")  # parsed anew, as for an image deleted at the top
+
+
+@pytest.mark.parametrize("folder", ["", "patch0"])
+def test_an_image_deleted_after_the_parse_is_not_packed_as_fresh(tmp_path, monkeypatch, folder):
+    # the folders' times were read after the parse: an image deleted in between left a file keyed by the folder
+    # without it, holding the image, which the other processes mapped
+    monkeypatch.setenv("LOMAR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(coco_shared, "WAIT_S", 0.5)
+    ann, images = _coco(tmp_path / "coco", folder=folder)
+
+    def racing_read():
+        split = training_split(read_coco(ann, images))
+        (images / folder / "4.jpg").unlink(missing_ok=True)
+        return split
+
+    _torchrun(monkeypatch, 0)
+    for keep in (False, True):
+        (images / folder / "4.jpg").touch()
+        with pytest.raises(UsageError, match=r"ann\.json or its images under .*images changed while it was read "
+                                             r"\((patch0/)?4\.jpg was deleted\); run again once they are settled"):
+            coco_shared.shared_split(racing_read, ann, images, "train", keep=keep)
+    (images / folder / "4.jpg").touch()
+
+    def rewritten():  # the annotation file rewritten while it is parsed
+        split = read_coco(ann, images)
+        os.utime(ann, ns=(1, 1))
+        return split
+
+    with pytest.raises(UsageError, match=r"\(its size or mtime moved\)"):
+        coco_shared.shared_split(rewritten, ann, images, "train")
+    _torchrun(monkeypatch, 1)
+    with pytest.raises(UsageError, match="waited 0.5 s"):
+        coco_shared.shared_split(functools.partial(read_coco, ann, images), ann, images, "train")
