@@ -77,7 +77,9 @@ def test_loss_uses_masked_tokens_only_and_mask_replaces_pixels():
 
 @pytest.mark.parametrize("bad, word", [(dict(img_size=30), "img_size=30"), (dict(num_heads=5), "num_heads=5"),
                                        (dict(norm_eps=0), "norm_eps=0"), (dict(vocab_size=1), "vocab_size=1"),
-                                       (dict(drop_path_rate=1.0), "drop_path_rate=1.0")])
+                                       (dict(drop_path_rate=1.0), "drop_path_rate=1.0"),
+                                       (dict(init_values=-0.1), "init_values=-0.1"),
+                                       (dict(init_values=float("nan")), "init_values=nan")])
 def test_config_validation(bad, word):
     with pytest.raises(ValueError, match=word.replace(".", r"\.")):
         BEiTConfig(**{**TINY, **bad})

@@ -68,6 +68,9 @@ class BEiTConfig(EncoderShape):
             (self.norm_eps > 0, f"norm_eps={self.norm_eps} must be > 0; the original uses 1e-6"),
             (0 <= self.drop_path_rate < 1, f"drop_path_rate={self.drop_path_rate} must be in [0, 1); use 0.1"),
             (self.init_std > 0, f"init_std={self.init_std} must be > 0; the original uses 0.02"),
+            # The original builds γ only for init_values > 0: a negative start would flip every branch's sign.
+            (self.init_values is None or self.init_values >= 0,
+             f"init_values={self.init_values} must be >= 0 or None (0 or None: no layer scale); BEiT-base uses 0.1"),
         ]
         for ok, message in checks:
             if not ok:
