@@ -11,7 +11,7 @@ from PIL import Image
 from test_pathtable import _copied_by_reading
 
 from lomar.data.collate import Skipped
-from lomar.data.segmentation import IGNORE, MEAN, STD, SegmentationFolder, collate_segmentation
+from lomar.data.segmentation import IGNORE, MEAN, STD, SegmentationFolder, class_names, collate_segmentation
 
 
 def _layout(root, image_size, label_size, orientation=1):
@@ -205,3 +205,11 @@ def test_forked_workers_do_not_copy_the_pair_lists(tmp_path, monkeypatch):
     assert data[count - 1][2] == f"ADE_{count - 1:08d}" and len(data) == count
     copied = _copied_by_reading(data.__getitem__, count)
     assert copied < 4, copied
+
+
+def test_class_names_are_read_from_ades_class_list(tmp_path):
+    assert class_names(tmp_path, 3) is None  # no list: the ids name the classes
+    (tmp_path / "objectInfo150.txt").write_text("Idx\tRatio\tTrain\tVal\tName\n1\t0.1576\t11664\t1172\twall\n"
+                                                "2\t0.1072\t6046\t612\tbuilding, edifice\n3\t0.0878\t8265\t796\tsky\n")
+    assert class_names(tmp_path, 3) == ["wall", "building", "sky"]  # the first synonym, as mmseg's list
+    assert class_names(tmp_path, 4) is None  # a list of other classes than --num-classes says

@@ -186,11 +186,20 @@ def test_the_loss_is_mmsegs_mean_over_every_pixel_and_unlabelled_data_scores_not
     assert "no best.pt: no full epoch scored a mIoU yet" in printed  # it said no epoch had been evaluated
 
 
-def test_two_step_run_writes_miou_and_predictions(digits, pretrained, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert _segment(digits, out, "--pretrained", str(pretrained), "--max-steps", "2", "--eval-mode", "whole") == 0
-    err = capsys.readouterr().err
+def test_two_step_run_writes_miou_per_class_scores_and_predictions(digits, pretrained, tmp_path, capsys):
+    data, out = tmp_path / "named", tmp_path / "run"
+    shutil.copytree(digits, data)
+    names = [f"digit{d}" for d in range(10)]  # ADE's class list beside the splits names the classes
+    (data / "objectInfo150.txt").write_text("Idx\tRatio\tTrain\tVal\tName\n" + "".join(
+        f"{d + 1}\t0.1\t1\t1\t{name}, synonym\n" for d, name in enumerate(names)))
+    assert _segment(data, out, "--pretrained", str(pretrained), "--max-steps", "2", "--eval-mode", "whole",
+                    "--eval-every", "1") == 0
+    captured = capsys.readouterr()
+    err = captured.err
     assert "pretrained: loaded" in err
+    # the per-class table at the final evaluation only, not at step 1's
+    assert captured.out.count("lomar segment: lowest IoU: ") == 1
+    assert f"every class in {out / 'per_class.md'}" in captured.out
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
     for r in (r for r in records if "loss" in r):  # the decode and the weighted auxiliary head's losses
@@ -201,6 +210,16 @@ def test_two_step_run_writes_miou_and_predictions(digits, pretrained, tmp_path, 
     assert sorted(p.stem for p in (out / "predictions").glob("*.png")) == stems
     pred = np.asarray(Image.open(out / "predictions" / f"{stems[0]}.png"))
     assert pred.shape == (32, 32) and 1 <= pred.min() and pred.max() <= 10
+    # each class's IoU and Acc, counted by hand from the predictions written and the annotations (0 unlabelled)
+    pred, labels = (np.stack([np.asarray(Image.open(folder / f"{s}.png")).astype(int) for s in stems])
+                    for folder in (out / "predictions", data / "annotations" / "validation"))
+    for c in range(1, 11):
+        tp, fp, fn = ((pred == c) & (labels == c)).sum(), ((pred == c) & (labels != c) & (labels > 0)).sum(), \
+            ((pred != c) & (labels == c)).sum()
+        assert final["IoU"][c - 1] == (pytest.approx(100 * tp / (tp + fp + fn)) if tp + fp + fn else None)
+        assert final["Acc"][c - 1] == (pytest.approx(100 * tp / (tp + fn)) if tp + fn else None)
+    table = (out / "per_class.md").read_text()
+    assert "| 1 digit0 |" in table and "| 10 digit9 |" in table and "synonym" not in table
 
 
 def test_random_init_is_said_and_resume_is_exact(digits, tmp_path, capsys):

@@ -29,13 +29,26 @@ from lomar.data.decode import is_image_name, load_image, open_pil, oriented_size
 from lomar.data.pathtable import PathTable
 from lomar.data.transforms import sample_generator, sample_key
 
-__all__ = ["IGNORE", "MAX_CLASS_ID", "MEAN", "STD", "SegmentationFolder", "read_labels", "eval_scale",
-           "collate_segmentation"]
+__all__ = ["IGNORE", "MAX_CLASS_ID", "MEAN", "STD", "CLASS_LIST", "SegmentationFolder", "read_labels", "eval_scale",
+           "collate_segmentation", "class_names"]
 
 IGNORE = 255  # in items and in annotation files (as 0 is in files)
 MAX_CLASS_ID = 254  # the highest class id a file can hold: predictions are written as 8-bit PNGs
 MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)  # mmseg's ImageNet statistics, 0..255 pixels
 STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+CLASS_LIST = "objectInfo150.txt"  # ADEChallengeData2016's: a header, then "Idx\tRatio\tTrain\tVal\tName" a class
+
+
+def class_names(root: str | Path, num_classes: int) -> list[str] | None:
+    """The classes' names (the first of each one's synonyms, as mmseg's ADE20K list), from ``root``'s
+    :data:`CLASS_LIST`: ids 1..N, ADE's annotation ids; None without that file, or where it lists other ids."""
+    try:
+        lines = (Path(root) / CLASS_LIST).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    rows = [line.split("\t") for line in lines]
+    named = {int(row[0]): row[-1].split(",")[0].strip() for row in rows if len(row) > 1 and row[0].strip().isdigit()}
+    return [named[i] for i in range(1, num_classes + 1)] if sorted(named) == list(range(1, num_classes + 1)) else None
 
 
 def read_labels(path: Path) -> np.ndarray:

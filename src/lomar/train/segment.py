@@ -19,14 +19,20 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision.io import encode_png
 
-from lomar.checkpoints.io import atomic_write_bytes
+from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text
 from lomar.checkpoints.kinds import SEGMENT_TASK
 from lomar.data.collate import Skipped
 from lomar.data.samplers import EpochSampler
-from lomar.data.segmentation import SegmentationFolder, collate_segmentation
+from lomar.data.segmentation import SegmentationFolder, class_names, collate_segmentation
 from lomar.errors import UsageError
 from lomar.eval.features import load_pretrained_encoder
-from lomar.eval.segmentation import confusion_matrix, predict_logits, segmentation_metrics
+from lomar.eval.segmentation import (
+    confusion_matrix,
+    lowest_classes,
+    per_class_table,
+    predict_logits,
+    segmentation_metrics,
+)
 from lomar.integrations.dense import with_rel_pos
 from lomar.integrations.segmenter import UperNetSegmenter, layer_decay_groups, segmentation_losses
 from lomar.models.vit import VisionTransformer, model_config
@@ -35,7 +41,9 @@ from lomar.train.lifecycle import Task, run
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.segment_config import SegmentConfig, check_batch_norm_batch
 
-__all__ = ["SegmentTask", "poly_schedule", "segment"]
+__all__ = ["SegmentTask", "poly_schedule", "segment", "PER_CLASS"]
+
+PER_CLASS = "per_class.md"  # the last evaluation's per-class table, in the run folder
 
 
 def poly_schedule(step: int, total: int, warmup: int, power: float = 1.0, floor: float = 0.0) -> float:
@@ -48,7 +56,7 @@ def poly_schedule(step: int, total: int, warmup: int, power: float = 1.0, floor:
 
 
 class SegmentTask(Task):
-    name, best_metric, outputs = "segment", "mIoU", ("predictions",)
+    name, best_metric, outputs = "segment", "mIoU", ("predictions", PER_CLASS)
 
     def __init__(self, config: SegmentConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, torch.device(device)
@@ -61,6 +69,11 @@ class SegmentTask(Task):
                                             photometric=config.photometric, reduce_zero_label=reduce_zero_label)
         self.val_set = SegmentationFolder(config.data, "validation", config.num_classes, config.img_size,
                                           train=False, workers=max(1, workers), reduce_zero_label=reduce_zero_label)
+        # each class as the annotations number it, with ADE's name where its class list is there (ids 1..N)
+        names = class_names(config.data, config.num_classes) if reduce_zero_label else None
+        self.class_labels = [f"{n + reduce_zero_label}{f' {names[n]}' if names else ''}"
+                             for n in range(config.num_classes)]
+        self.scored: dict = {}  # the last evaluation's metrics, which finish tabulates
         layout = dict(img_size=config.img_size, drop_path=config.drop_path)
         if config.pretrained is None:
             encoder = VisionTransformer(model_config(config.model, **layout))
@@ -120,10 +133,11 @@ class SegmentTask(Task):
         return segmentation_losses(*self.net(images, aux=True), labels, self.model.aux_weight)
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float | None]:
-        """mIoU, mAcc, aAcc (percent) over the validation split at the labels' own size (every process
-        gets them); each prediction written as ``OUT/predictions/<stem>.png`` in the annotations' encoding
-        (class + 1, or the class with ``--zero-label class``) by the main process, replacing the last evaluation's."""
+    def evaluate(self) -> dict[str, float | list | None]:
+        """mIoU, mAcc, aAcc (percent) and each class's IoU and Acc (lists, percent) over the validation split at
+        the labels' own size (every process gets them); each prediction written as ``OUT/predictions/<stem>.png``
+        in the annotations' encoding (class + 1, or the class with ``--zero-label class``) by the main process,
+        replacing the last evaluation's."""
         model, config, info = self.model, self.config, self.info
         was_training = model.training
         model.eval()
@@ -156,11 +170,32 @@ class SegmentTask(Task):
                 atomic_write_bytes(folder / f"{stem}.png", data)
         metrics = segmentation_metrics(confusion.cpu())
         # NaN: no labelled pixel was scored; None says undefined, as detect's metrics do (and JSON has no NaN)
-        return {k: None if math.isnan(metrics[k]) else metrics[k] for k in ("mIoU", "mAcc", "aAcc")}
+        self.scored = {k: [_defined(v) for v in metrics[k]] if isinstance(metrics[k], list) else _defined(metrics[k])
+                       for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc")}
+        return self.scored
+
+    def finish(self, out: Path) -> None:
+        """``OUT/per_class.md``: the last evaluation's table of every class; its five lowest IoUs on one line."""
+        if not self.scored:  # a resume found the run at its end, its evaluation made before
+            return
+        m = self.scored
+        head = (f"Per-class scores (percent) of {out}'s last evaluation: mIoU {_show(m['mIoU'])}, mAcc "
+                f"{_show(m['mAcc'])}, aAcc {_show(m['aAcc'])}; classes as the annotations number them\n\n")
+        path = atomic_write_text(Path(out) / PER_CLASS, head + per_class_table(m["IoU"], m["Acc"], self.class_labels))
+        lowest = lowest_classes(m["IoU"], self.class_labels)
+        print(f"lomar segment: lowest IoU: {lowest or 'none defined'}; every class in {path}", flush=True)
 
     def state(self) -> dict:
         """What ``--resume`` reads back (the settings) besides the lifecycle's position and weights."""
         return {"task": SEGMENT_TASK, "settings": self.config.to_dict()}
+
+
+def _defined(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def _show(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def segment(config: SegmentConfig) -> int:
