@@ -56,8 +56,8 @@ def test_a_resumed_beit_run_refuses_a_replaced_tokenizer_file(tmp_path, image_di
     load, reads = torch.load, []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch, "load", lambda f, *a, **k: reads.append(str(f)) or load(f, *a, **k))
-        saved, _ = PretrainConfig.saved_run({"resume": str(moved / "last.pt"), "out": str(moved),
-                                             "tokenizer": str(moved / "tokenizer.safetensors")})
+        saved = PretrainConfig.saved_run({"resume": str(moved / "last.pt"), "out": str(moved),
+                                          "tokenizer": str(moved / "tokenizer.safetensors")}).settings
     assert saved["tokenizer"] == str(moved / "tokenizer.safetensors") and reads == [str(moved / "last.pt")]
     assert "holds the tokenizer the run recorded" in capsys.readouterr().err
     # another tokenizer: one line naming both, before any work
@@ -86,10 +86,11 @@ def test_a_run_stopped_before_its_first_checkpoint_checks_a_given_tokenizer_agai
                                                      "tokenizer": str(tmp_path / "run" / "tokenizer.safetensors")}))
     fitted.save(run / "tokenizer.safetensors")
     explicit = {"out": str(run), "resume": "auto"}
-    saved, source = PretrainConfig.saved_run(explicit)
-    assert saved["tokenizer"] == str(run / "tokenizer.safetensors") and source == str(run / "config.yaml")
+    saved = PretrainConfig.saved_run(explicit)
+    assert saved.settings["tokenizer"] == str(run / "tokenizer.safetensors") and saved.point is None
+    assert saved.source == str(run / "config.yaml")
     shutil.copyfile(run / "tokenizer.safetensors", tmp_path / "copy.safetensors")
-    saved, _ = PretrainConfig.saved_run({**explicit, "tokenizer": str(tmp_path / "copy.safetensors")})
+    saved = PretrainConfig.saved_run({**explicit, "tokenizer": str(tmp_path / "copy.safetensors")}).settings
     assert saved["tokenizer"] == str(tmp_path / "copy.safetensors")
     assert f"note: --tokenizer {tmp_path / 'copy.safetensors'} holds the tokenizer" in capsys.readouterr().err
     other.save(tmp_path / "other.safetensors")

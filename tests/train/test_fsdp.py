@@ -324,7 +324,7 @@ def _fake_sharded(path, step: int, readable: bool = True):
 
 
 def test_resume_auto_follows_last_json_and_falls_back_to_the_newest_intact_folder(tmp_path):
-    from lomar.train.run_resume import find_resume_checkpoint
+    from lomar.train.run_resume import find_resume_point
     from lomar.train.run_state import checkpoints_to_prune, remove_stale_temporaries
 
     out = tmp_path / "run"
@@ -334,11 +334,12 @@ def test_resume_auto_follows_last_json_and_falls_back_to_the_newest_intact_folde
     (out / "last.json").write_text('{"checkpoint": "checkpoint-000004.dcp", "step": 4}\n')
     (out / "last.pt").write_bytes(b"a consolidated model, never resumed from")
     newer_unreadable = [f"{out / 'checkpoint-000006.dcp'} cannot be read, skipped"]
-    assert find_resume_checkpoint(out) == (out / "checkpoint-000004.dcp", newer_unreadable)
+    found = find_resume_point(out)
+    assert (found.path, found.notes) == (out / "checkpoint-000004.dcp", newer_unreadable)
     (out / "last.json").write_text('{"checkpoint": "checkpoint-000009.dcp", "step": 9}\n')  # gone
-    path, notes = find_resume_checkpoint(out)
-    assert path == out / "checkpoint-000004.dcp"
-    assert "names no intact checkpoint" in notes[0] and "checkpoint-000006.dcp cannot be read" in notes[1]
+    found = find_resume_point(out)
+    assert found.path == out / "checkpoint-000004.dcp"
+    assert "names no intact checkpoint" in found.notes[0] and "checkpoint-000006.dcp cannot be read" in found.notes[1]
     pruned = checkpoints_to_prune(sorted(out.glob("checkpoint-*")), keep=1)
     assert [p.name for p in pruned] == ["checkpoint-000002.dcp", "checkpoint-000004.dcp"]
     _fake_sharded(out / "checkpoint-000008.dcp.tmp", 8)

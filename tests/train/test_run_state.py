@@ -20,7 +20,6 @@ from lomar.train import runtime
 from lomar.train.precision import resolve_precision
 from lomar.train.run_resume import (
     check_no_rewind,
-    find_resume_checkpoint,
     find_resume_point,
     read_resume_point,
     resume_point,
@@ -138,21 +137,23 @@ def test_a_disk_filled_by_the_step_checkpoint_names_it_as_the_intact_state(tmp_p
     with pytest.raises(SaveError, match=r"last\.pt; .*checkpoint-000004\.pt is intact"):
         save_checkpoint(_state(4), tmp_path, step=4, keep_last=2)
     assert safe_load(tmp_path / "checkpoint-000004.pt")["step"] == 4
-    assert find_resume_checkpoint(tmp_path)[0].name == "checkpoint-000004.pt"
+    assert find_resume_point(tmp_path).path.name == "checkpoint-000004.pt"
 
 
 def test_resume_auto_falls_back_to_the_newest_intact_checkpoint(tmp_path):
     for step in (3, 6, 9):
         atomic_save(_state(step), tmp_path / f"checkpoint-{step:06d}.pt")
     (tmp_path / "checkpoint-000012.pt").write_bytes(b"truncated by a full disk")
-    path, notes = find_resume_checkpoint(tmp_path)
-    assert path.name == "checkpoint-000009.pt"
-    text = " | ".join(notes)
+    found = find_resume_point(tmp_path)
+    assert found.path.name == "checkpoint-000009.pt"
+    text = " | ".join(found.notes)
     assert "last.pt is missing" in text and "checkpoint-000012.pt cannot be read" in text
     assert "checkpoint-000009.pt" in text
     atomic_save(_state(12), tmp_path / "last.pt")
-    assert find_resume_checkpoint(tmp_path) == (tmp_path / "last.pt", [])
-    assert find_resume_checkpoint(tmp_path / "nothing") == (None, [])
+    found = find_resume_point(tmp_path)
+    assert (found.path, found.notes) == (tmp_path / "last.pt", [])
+    found = find_resume_point(tmp_path / "nothing")
+    assert (found.path, found.notes) == (None, [])
 
 
 def test_resume_auto_takes_a_step_checkpoint_newer_than_last_pt(tmp_path):
@@ -160,9 +161,9 @@ def test_resume_auto_takes_a_step_checkpoint_newer_than_last_pt(tmp_path):
     atomic_save(_state(10), tmp_path / "last.pt")
     atomic_save(_state(10), tmp_path / "checkpoint-000010.pt")
     atomic_save(_state(15), tmp_path / "checkpoint-000015.pt")
-    path, notes = find_resume_checkpoint(tmp_path)
-    assert path.name == "checkpoint-000015.pt"
-    assert notes[0] == f"{tmp_path / 'last.pt'} is at step 10, behind checkpoint-000015.pt"
+    found = find_resume_point(tmp_path)
+    assert found.path.name == "checkpoint-000015.pt"
+    assert found.notes[0] == f"{tmp_path / 'last.pt'} is at step 10, behind checkpoint-000015.pt"
 
 
 def test_resume_auto_under_the_lock_takes_a_newer_checkpoint_the_folders_time_does_not_show(tmp_path):
@@ -284,8 +285,7 @@ def test_a_rewind_makes_the_state_it_resumed_from_the_newest(tmp_path):
     atomic_save(_state(3), out / "checkpoint-000003.pt")
     prepare_run_folder(_Config(str(out), str(out / "checkpoint-000003.pt"), True), _Task(),
                        out / "checkpoint-000003.pt", 3, 0)
-    newest, _ = find_resume_checkpoint(out)
-    assert safe_load(newest)["step"] == 3 and safe_load(out / "last.pt")["step"] == 3
+    assert safe_load(find_resume_point(out).path)["step"] == 3 and safe_load(out / "last.pt")["step"] == 3
     assert sorted(p.name for p in out.glob("*.pt")) == ["checkpoint-000003.pt", "last.pt"]
     assert not list(out.glob(".*.tmp*"))
 

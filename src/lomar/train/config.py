@@ -23,7 +23,7 @@ from lomar.methods import get_method, names
 from lomar.train import settings as S
 from lomar.train.config_checks import check_data, check_decode, check_fsdp, check_method_settings, parse_share
 from lomar.train.settings import ConfigError
-from lomar.train.settings_resume import TaskConfig, check_min_lr, check_warmup
+from lomar.train.settings_resume import SavedRun, TaskConfig, check_min_lr, check_warmup
 from lomar.window_counts import WINDOWS_RULE, paper_windows, parse_windows, windows_source
 
 if TYPE_CHECKING:
@@ -149,22 +149,24 @@ class PretrainConfig(TaskConfig):
         choices=("auto", "full", "draft"), resume="derived")
 
     @classmethod
-    def saved_run(cls, explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
+    def saved_run(cls, explicit: dict[str, Any]) -> SavedRun | None:
         """The checkpoint's settings (:meth:`TaskConfig.saved_run`), or with ``--resume auto`` and none in OUT
         its config.yaml (a run stopped before its first checkpoint: the engine then starts it afresh)."""
         saved = super().saved_run(explicit)
         yaml_path = Path(explicit["out"]) / RUN_CONFIG if explicit.get("resume") == "auto" else None
         if saved is None and yaml_path is not None and yaml_path.is_file():
-            saved = S.read_yaml(PretrainConfig, yaml_path, strict=False), str(yaml_path)
-        if saved is not None and "window_placement" not in saved[0]:
-            saved[0]["window_placement"] = "distinct"  # a run saved before placements existed drew distinct cells
-        if saved is not None and "knn_decode" not in saved[0]:
-            saved[0]["knn_decode"] = "full"  # a run saved before the setting scored its k-NN on full decodes
-        if saved is not None and saved[0].get("method") in names():  # an unknown one is reported by validate
-            point = getattr(saved, "point", None)  # the checkpoint as read: none for a config.yaml
-            checkpoint = point.meta if point is not None else None
+            saved = SavedRun(S.read_yaml(PretrainConfig, yaml_path, strict=False), str(yaml_path))
+        if saved is None:
+            return None
+        settings = saved.settings
+        if "window_placement" not in settings:
+            settings["window_placement"] = "distinct"  # a run saved before placements existed drew distinct cells
+        if "knn_decode" not in settings:
+            settings["knn_decode"] = "full"  # a run saved before the setting scored its k-NN on full decodes
+        if settings.get("method") in names():  # an unknown one is reported by validate
+            checkpoint = saved.point.meta if saved.point is not None else None  # None: read from a config.yaml
             try:
-                note = get_method(saved[0]["method"]).resume_settings(saved[0], saved[1], checkpoint, explicit)
+                note = get_method(settings["method"]).resume_settings(settings, saved.source, checkpoint, explicit)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
             if note and first_on_machine():

@@ -29,7 +29,7 @@ from lomar.train.run_state import (
     training_step,
 )
 
-__all__ = ["ResumePoint", "read_resume_point", "find_resume_point", "find_resume_checkpoint", "auto_resume",
+__all__ = ["ResumePoint", "read_resume_point", "find_resume_point", "auto_resume",
            "resume_point", "check_no_rewind"]
 
 
@@ -129,12 +129,6 @@ def find_resume_point(out: Path, known: ResumePoint | None = None) -> ResumePoin
             return point(path, meta)
         notes.append(f"{path} cannot be read, skipped")
     return point(last, last_meta) if last_step is not None else point(None, None)
-
-
-def find_resume_checkpoint(out: Path) -> tuple[Path | None, list[str]]:
-    """(the newest intact state in ``out``, notes to print): :func:`find_resume_point`'s."""
-    found = find_resume_point(out)
-    return found.path, found.notes
 
 
 def auto_resume(out: Path, overwrite: bool, found: ResumePoint | None = None) -> ResumePoint:

@@ -81,7 +81,7 @@ class TaskConfig:
         if values.get("out") is None:
             values["out"] = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
         config = cls(**values)
-        config.resume_point = getattr(saved, "point", None)
+        config.resume_point = saved.point if saved is not None else None
         config.complete(explicit)
         if config.workers is None:
             config.workers = default_workers()
@@ -91,12 +91,12 @@ class TaskConfig:
 
     @classmethod
     def start_values(cls, explicit: dict[str, Any], in_file: dict[str, str] | None,
-                     saved: tuple[dict[str, Any], str] | None) -> dict[str, Any]:
+                     saved: SavedRun | None) -> dict[str, Any]:
         """The settings before :meth:`complete`: ``explicit`` (the YAML file's and the flags') over the resumed
         run's (``saved``: :meth:`saved_run`'s), or over :meth:`fresh_values` with the schedule laid over a new
         ``--max-steps``. ``in_file``: the YAML file each setting that no flag gave came from."""
         if saved is not None:
-            return resume_values(cls, *saved, explicit, in_file)
+            return resume_values(cls, saved.settings, saved.source, explicit, in_file)
         values = cls.fresh_values(explicit)
         if values.get("max_steps") and "epochs" not in explicit and "schedule_steps" not in explicit:
             # the lr schedule spans the steps that will run: a short run warms up and anneals instead of stopping
@@ -110,10 +110,10 @@ class TaskConfig:
         return {**dataclasses.asdict(cls()), **explicit}
 
     @classmethod
-    def saved_run(cls, explicit: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
-        """(settings, where from) of the checkpoint ``--resume`` names (:meth:`saved_settings`), a :class:`SavedRun`
-        carrying what was read of it, or None for a new run; a command with ``--fsdp`` may name a sharded folder (its
-        meta.pt is read). A checkpoint resumes into its own folder unless told otherwise."""
+    def saved_run(cls, explicit: dict[str, Any]) -> SavedRun | None:
+        """The :class:`SavedRun` of the checkpoint ``--resume`` names (its settings: :meth:`saved_settings`), or None
+        for a new run; a command with ``--fsdp`` may name a sharded folder (its meta.pt is read). A checkpoint resumes
+        into its own folder unless told otherwise."""
         point = resume_target(explicit, sharded_ok="fsdp" in cls.__dataclass_fields__)
         if point is None:
             return None
@@ -277,14 +277,14 @@ def model_only_without_pretrained(config: Any, explicit: dict[str, Any]) -> None
                           f"{config.pretrained} brings its own; drop --model (or --pretrained)")
 
 
-class SavedRun(tuple):
-    """:meth:`TaskConfig.saved_run`'s (settings, where from), with ``point``: what was read of the checkpoint
-    (:class:`~lomar.train.run_resume.ResumePoint`), for the run to go on from without reading it again."""
+@dataclasses.dataclass(frozen=True)
+class SavedRun:
+    """:meth:`TaskConfig.saved_run`'s: the run's ``settings``, read from ``source`` (its checkpoint or config.yaml), and
+    ``point``, the checkpoint as read (:class:`~lomar.train.run_resume.ResumePoint`; None for a config.yaml)."""
 
-    def __new__(cls, settings: dict[str, Any], source: str, point: ResumePoint):
-        saved = super().__new__(cls, (settings, source))
-        saved.point = point
-        return saved
+    settings: dict[str, Any]
+    source: str
+    point: ResumePoint | None = None
 
 
 class ResumeMismatch(ConfigError):
