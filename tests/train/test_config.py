@@ -82,6 +82,13 @@ def test_out_of_range_numbers_are_usage_errors(tmp_path, capsys, flags, message)
     assert message in err and err.count("\n") == 1
 
 
+def test_mae_takes_only_absolute_positions(tmp_path, capsys):
+    """MAE is built on fixed absolute position embeddings (Method.only_pos): another --pos is refused up front."""
+    assert _resolve(tmp_path, "--method", "mae", "--pos", "rpe") == 2
+    assert capsys.readouterr().err.endswith("--method mae needs --pos abs (got rpe)\n")
+    assert _resolve(tmp_path, "--method", "lomar", "--pos", "abs") == 0
+
+
 def test_print_config_with_an_out_that_holds_a_run(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("method: lomar\n")

@@ -66,6 +66,10 @@ class Method:
     # The settings that only some methods read (a decoder's, a tokenizer's) which this one reads; a new run of
     # another method refuses them at other than their default (lomar.train.config_checks).
     reads: tuple[str, ...] = ()
+    # The one --pos its model is built with (MAE: fixed sin-cos absolute embeddings); None: any.
+    only_pos: str | None = None
+    # --layer-scale-init when unset, from the encoder's width (BEiT's recipe: by model size); None: no layer scale.
+    layer_scale_by_width: Callable[[int], float] | None = None
     # lr(step, total, warm-up, base lr, min lr) as the paper's code schedules it; None: MAE's (lomar.train.schedule)
     lr_schedule: Callable[..., float] | None = None
     # resume_settings(saved, source, checkpoint, explicit) amends in place the settings ``saved`` a resumed run read

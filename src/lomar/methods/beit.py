@@ -217,4 +217,4 @@ METHOD = Method(
     figure=token_figure, step_metrics={"masked_token_accuracy": lambda output: output.accuracy},
     loss_name="masked-token cross-entropy",
     recipe=RECIPE, recipe_source=RECIPE_SOURCE, lr_schedule=lr_at_whole_steps, reads=("tokenizer", "layer_scale_init"),
-    resume_settings=resume_settings)
+    resume_settings=resume_settings, layer_scale_by_width=layer_scale_init)

@@ -14,7 +14,7 @@ from lomar.models.mae_window import MAEWindow
 
 
 def validate(config, grid) -> None:
-    # --pos abs is required by lomar.train.config.validate before this runs
+    # --pos abs (METHOD.only_pos) is required by lomar.train.config before this runs
     if not 0 < config.mask_ratio < 1:
         raise ValueError(f"--mask-ratio must be in (0, 1) for MAE, got {config.mask_ratio}")
     if config.windows:
@@ -49,4 +49,4 @@ def forward_kwargs(config, grid):
 METHOD = Method(
     "mae", default_mask_ratio=0.75, default_pos="abs", default_windows=0,
     validate=validate, build=build, masker=masker, forward_kwargs=forward_kwargs,  # recipe: MAE_RECIPE
-    reads=("norm_pix_loss", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"))
+    reads=("norm_pix_loss", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"), only_pos="abs")

@@ -232,8 +232,9 @@ class PretrainConfig(TaskConfig):
         check_min_lr(self)
         self.windows = resolve_windows(self)
         check_fsdp(self)
-        if self.method == "mae" and self.pos != "abs":
-            raise ConfigError(f"--method mae needs --pos abs (got {self.pos})")
+        method = get_method(self.method)
+        if method.only_pos is not None and self.pos != method.only_pos:
+            raise ConfigError(f"--method {self.method} needs --pos {method.only_pos} (got {self.pos})")
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:  # also false for nan
             raise ConfigError(f"--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1 (fractions of the image area), "
@@ -244,13 +245,11 @@ class PretrainConfig(TaskConfig):
             raise ConfigError(f"--color-jitter {self.color_jitter:g}{recipe} is applied by --decode full only (got "
                               f"--decode {self.decode}); pass --decode full, or --color-jitter 0")
         vit = vit_config(self)
-        if self.method == "beit" and self.layer_scale_init is None:
-            from lomar.methods.beit import layer_scale_init  # torch: not for --help
-
-            self.layer_scale_init = layer_scale_init(vit.embed_dim)
+        if self.layer_scale_init is None and method.layer_scale_by_width is not None:
+            self.layer_scale_init = method.layer_scale_by_width(vit.embed_dim)
         try:
             grid = grid_size(self.img_size, vit.patch_size)
-            get_method(self.method).validate(self, grid)
+            method.validate(self, grid)
         except ValueError as exc:
             declared = S.declarations(type(self))  # the masking's parameters, named as this command's flags
             flags = {param: declared[name].name_flag(name) for param, name in _MASKING_SETTINGS.items()}
