@@ -82,7 +82,12 @@ def test_does_not_touch_global_random():
                                           (dict(num_masking_patches=300), "num_masking_patches=300"),
                                           (dict(min_num_patches=0), "min_num_patches=0"),
                                           (dict(min_aspect=0), "min_aspect=0"),
-                                          (dict(min_aspect=0.5, max_aspect=0.2), "max_aspect=0.2")])
+                                          (dict(min_aspect=0.5, max_aspect=0.2), "max_aspect=0.2"),
+                                          # raw TypeError / unpacking error / OverflowError at the first draw
+                                          (dict(input_size=14.0), r"input_size=14\.0 must be a positive integer"),
+                                          (dict(input_size=(14,)), r"input_size=\(14,\) must be"),
+                                          (dict(num_masking_patches=75.5), r"num_masking_patches=75\.5 must be"),
+                                          (dict(max_aspect=float("inf")), "max_aspect=inf must be a finite number")])
 def test_argument_checks(kwargs, word):
     with pytest.raises(ValueError, match=word):
         BlockMaskGenerator(**{"input_size": 14, "num_masking_patches": 75, "min_num_patches": 16, **kwargs})

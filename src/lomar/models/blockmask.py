@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from lomar.values import is_integer, is_real
+
 __all__ = ["BlockMaskGenerator", "block_mask_batch", "window_blockmask_args"]
 
 _ATTEMPTS = 10  # tries per round to place one block; fixed in the original
@@ -30,10 +32,23 @@ class BlockMaskGenerator:
                  min_num_patches: int = 4, max_num_patches: int | None = None,
                  min_aspect: float = 0.3, max_aspect: float | None = None,
                  seed: int | None = None, rng: random.Random | None = None):
-        height, width = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-        if height < 1 or width < 1:
-            raise ValueError(f"input_size must be positive, got {input_size!r}; pass the patch grid, e.g. 14")
+        sizes = (input_size, input_size) if is_integer(input_size) else \
+            tuple(input_size) if isinstance(input_size, (tuple, list)) else ()
+        if len(sizes) != 2 or not all(is_integer(side) and side >= 1 for side in sizes):
+            raise ValueError(f"input_size={input_size!r} must be a positive integer or a (height, width) pair of "
+                             f"them; pass the patch grid, e.g. 14")
+        height, width = int(sizes[0]), int(sizes[1])
         total = height * width
+        counts = {"num_masking_patches": num_masking_patches, "min_num_patches": min_num_patches,
+                  "max_num_patches": 1 if max_num_patches is None else max_num_patches}
+        wrong = next((name for name, value in counts.items() if not is_integer(value)), None)
+        if wrong:
+            raise ValueError(f"{wrong}={counts[wrong]!r} must be a whole number of patches; use e.g. 75 of 196")
+        aspects = {"min_aspect": min_aspect, "max_aspect": 1.0 if max_aspect is None else max_aspect}
+        wrong = next((name for name, value in aspects.items() if not (is_real(value) and math.isfinite(value))), None)
+        if wrong:  # an infinite ratio would give a block side that round() cannot turn into an int, mid-draw
+            raise ValueError(f"{wrong}={aspects[wrong]!r} must be a finite number; use min_aspect=0.3 and "
+                             f"max_aspect=None (1/min_aspect)")
         if not 0 < num_masking_patches <= total:
             raise ValueError(f"num_masking_patches={num_masking_patches} must be in [1, {total}] for a "
                              f"{height}x{width} grid; use e.g. round(0.38*{total})")
