@@ -94,6 +94,8 @@ KMEANS = {  # file name -> (metadata changes, centroids, the refusal)
     "patch0": ({"patch": "0"}, None, "metadata patch='0' is not a positive whole number"),
     "patch-negative": ({"patch": "-8"}, None, "metadata patch='-8' is not a positive whole number"),
     "patch-text": ({"patch": "eight"}, None, "metadata patch='eight' is not a positive whole number"),
+    # a digit to str.isdigit, not to int(): "invalid literal for int()", naming neither the file nor the fix
+    "patch-superscript": ({"patch": "8²"}, None, "metadata patch='8²' is not a positive whole number"),
     "no-patch": ({"patch": None}, None, "metadata patch is missing"),
     "no-input-size": ({"input_size": None}, None, "metadata input_size is missing"),
     "no-vocab": ({"vocab_size": None}, None, "metadata vocab_size is missing"),
@@ -118,6 +120,16 @@ def test_crafted_kmeans_file_is_one_line_naming_it(tmp_path, name):
     with pytest.raises(ValueError, match=why) as info:
         load_tokenizer(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("n_hid", ["1⁶", "sixteen"])
+def test_a_dvae_file_whose_settings_are_not_whole_numbers_is_named(tmp_path, n_hid):
+    model = DVAEEncoder(DVAEConfig(n_hid=16, n_blk_per_group=1, vocab_size=64))
+    path = tmp_path / "dvae.safetensors"
+    save_file(model.state_dict(), str(path), metadata={**model.metadata(), "n_hid": n_hid})
+    with pytest.raises(ValueError, match=f"metadata {{'n_hid': '{n_hid}'}} is not a whole number") as info:
+        load_tokenizer(path)
+    assert str(path) in str(info.value)
 
 
 def test_damaged_or_missing_tensors_and_odd_paths(tmp_path):

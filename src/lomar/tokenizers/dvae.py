@@ -278,7 +278,7 @@ def load_dvae(path: str | Path, input_size: int | None = None) -> DVAEEncoder:
                              f"it is not a dVAE encoder: convert the official encoder.pkl with {CONVERT_HINT}")
         state = load_file(str(path))
         fields = {k: v for k, v in meta.items() if k in DVAEConfig.__dataclass_fields__}
-        bad = {k: v for k, v in fields.items() if not v.isdigit()}
+        bad = {k: v for k, v in fields.items() if not v.isdecimal()}  # isdigit() takes '²', which int() refuses
         if bad:
             raise ValueError(f"{path} metadata {bad} is not a whole number; the file is damaged")
         fields = {k: int(v) for k, v in fields.items()}

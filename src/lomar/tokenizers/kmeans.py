@@ -109,7 +109,7 @@ class KMeansTokenizer(Tokenizer):
         settings = {}
         for key in ("patch", "input_size", "vocab_size"):
             text = meta.get(key)
-            if text is None or not text.isdigit() or int(text) < 1:
+            if text is None or not text.isdecimal() or int(text) < 1:  # isdigit() takes '²', which int() refuses
                 problem = f"{key} is missing" if text is None else f"{key}={text!r} is not a positive whole number"
                 raise ValueError(f"{path}: metadata {problem}; {fix}")
             settings[key] = int(text)
