@@ -100,3 +100,26 @@ def test_a_crafted_non_tensor_entry_is_refused_on_resume(tmp_path):
         load_sharded(*_model_and_optimizer(), folder)
     assert "\n" not in str(info.value)
     assert not marker.exists()
+
+
+def test_a_resume_opens_the_metadata_once(tmp_path, monkeypatch):
+    # the resume point's read_meta, load_sharded's check and DCP's reader (its check, then its own pickle.load)
+    # opened .metadata 4 times in each process; a folder saved again (another file) is read anew
+    import builtins
+    import io
+
+    folder = _save(tmp_path / "checkpoint-000003.dcp", _state(*_model_and_optimizer()))
+    opened, real_open = [], builtins.open
+
+    def counting(file, *args, **kwargs):
+        opened.extend([file] if str(file).endswith(".metadata") else [])
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting)
+    monkeypatch.setattr(io, "open", counting)  # Path.open's, as DCP's file system opens it
+    meta = read_meta(folder)
+    assert load_sharded(*_model_and_optimizer(), folder, meta)["step"] == 3
+    assert len(opened) == 1
+    _save(folder, _state(*_model_and_optimizer()))  # rewritten: DCP replaces .metadata
+    assert load_sharded(*_model_and_optimizer(), folder)["step"] == 3
+    assert len(opened) == 2

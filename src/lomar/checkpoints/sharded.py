@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import pickle
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 
 from lomar.checkpoints.io import atomic_save, safe_load
 from lomar.checkpoints.reader import PRETRAIN_FORMAT
+from lomar.data.shard_members import file_identity
 
 __all__ = ["read_sharded", "consolidate", "check_metadata", "safe_reader", "safe_planner"]
 
@@ -27,6 +29,8 @@ _RECORD_MODULE = "torch.distributed.checkpoint.metadata"  # Metadata, TensorStor
 _GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
             ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
 _PATHS = ({"pathlib", "pathlib._local"}, {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"})
+_CHECKED: dict[str, tuple[tuple, bytes]] = {}  # a .metadata file -> (its file_identity, its bytes) once they passed
+_KEEP = 4  # files kept checked: a resume's candidates (--resume auto reads last's, then newer folders')
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -49,12 +53,29 @@ def check_metadata(directory: str | Path) -> None:
     """Raise ValueError unless every ``*.metadata`` file of ``directory`` unpickles from DCP's own
     record classes alone (nothing is called but their constructors)."""
     for path in sorted(p for p in Path(directory).iterdir() if p.name.endswith(".metadata")):
-        try:
-            with open(path, "rb") as handle:
-                _MetadataUnpickler(handle).load()
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as exc:
-            raise ValueError(f"{path} is not a sharded checkpoint's metadata ({exc}); refusing to load it: "
-                             f"pass a checkpoint-NNNNNN.dcp folder written by `lomar pretrain --fsdp`") from None
+        _checked_bytes(path)
+
+
+def _checked_bytes(path: Path) -> bytes:
+    """The bytes of the metadata file ``path`` once they passed :func:`check_metadata`'s unpickler. A resume checks
+    the file as it picks its checkpoint, again before DCP's load, and DCP reads it: the file is read once while it
+    is unchanged (its :func:`~lomar.data.shard_members.file_identity`, taken before the read, as it was)."""
+    key, identity = os.path.abspath(path), file_identity(path)
+    if identity is not None and (kept := _CHECKED.get(key)) is not None and kept[0] == identity:
+        return kept[1]
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+        _MetadataUnpickler(io.BytesIO(data)).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as exc:
+        raise ValueError(f"{path} is not a sharded checkpoint's metadata ({exc}); refusing to load it: "
+                         f"pass a checkpoint-NNNNNN.dcp folder written by `lomar pretrain --fsdp`") from None
+    _CHECKED.pop(key, None)
+    while len(_CHECKED) >= _KEEP:
+        del _CHECKED[next(iter(_CHECKED))]
+    if identity is not None:
+        _CHECKED[key] = (identity, data)
+    return data
 
 
 @functools.cache
@@ -62,11 +83,19 @@ def _classes() -> tuple[type, type, type]:
     # torch.distributed.checkpoint takes half a second to import: only when a sharded folder is read.
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.metadata import StorageMeta
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
-            check_metadata(self.path)
-            return super().read_metadata(*args, **kwargs)
+            check_metadata(self.path)  # every metadata file of the folder, as a lomar reader refuses the folder
+            # the checked bytes, rebuilt by the checking unpickler: FileSystemReader's pickle.load would open the
+            # file again; what it does after the load is done here alike
+            path = Path(self._get_metadata_path(kwargs.get("rank")))
+            metadata = _MetadataUnpickler(io.BytesIO(_checked_bytes(path))).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
 
     class SafeBytes:
         def load_bytes(self, read_item, value: io.BytesIO) -> None:
