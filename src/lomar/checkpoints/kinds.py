@@ -1,7 +1,12 @@
 """What a lomar checkpoint says it is, and which command's run wrote it. Imports no torch: the
 commands read it while checking their settings, before any model is built."""
 
-__all__ = ["PRETRAIN_FORMAT", "CLASSIFIER_FORMAT", "FINETUNE_FORMAT", "DETECT_FORMAT", "SEGMENT_TASK", "run_command"]
+from pathlib import Path
+
+from lomar.checkpoints.file_names import BEST, LAST
+
+__all__ = ["PRETRAIN_FORMAT", "CLASSIFIER_FORMAT", "FINETUNE_FORMAT", "DETECT_FORMAT", "SEGMENT_TASK", "run_command",
+           "command_checkpoint"]
 
 PRETRAIN_FORMAT = "lomar-pretrain-2"  # 2: `windows` is meant for every method (an MAE run saved 4 unused)
 CLASSIFIER_FORMAT = "lomar-classifier-1"
@@ -18,3 +23,19 @@ def run_command(checkpoint: dict) -> str | None:
     'segment'); None when it does not say (an export, an original checkpoint, an older file)."""
     kind = checkpoint.get("format", checkpoint.get("task"))
     return _COMMANDS.get(kind) if isinstance(kind, str) else None
+
+
+def command_checkpoint(path: str | Path, command: str) -> Path | None:
+    """The checkpoint of a `lomar COMMAND` run that ``path`` names (a file, whatever its suffix, or a run folder's
+    best.pt / last.pt); None if not one."""
+    from lomar.checkpoints.io import safe_load  # torch: not at import, for the commands' argument checks
+
+    path = Path(path)
+    for candidate in [path] if path.is_file() else [path / BEST, path / LAST]:
+        if candidate.is_file():
+            try:
+                if run_command(safe_load(candidate, mmap=True)) == command:
+                    return candidate
+            except (OSError, ValueError, RuntimeError):
+                continue
+    return None

@@ -12,7 +12,6 @@ image; the main process gathers the detections, scores them and sends every proc
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -21,9 +20,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
-from lomar.checkpoints.file_names import METRICS
 from lomar.checkpoints.formats import holds_beit
-from lomar.checkpoints.io import atomic_write_text, open_in_place, safe_load
+from lomar.checkpoints.io import atomic_write_text, safe_load
 from lomar.checkpoints.kinds import DETECT_FORMAT
 from lomar.data.coco import (
     CocoSplit,
@@ -48,11 +46,11 @@ from lomar.models.masking import grid_size
 from lomar.models.relpos import fit_axis_tables
 from lomar.models.vit import VisionTransformer, ViTConfig, model_config
 from lomar.train.detect_config import DetectConfig, detect_checkpoint
-from lomar.train.distributed import DistInfo, init_distributed
+from lomar.train.distributed import DistInfo
 from lomar.train.lifecycle import Task, run
 from lomar.train.preemption import ignore_stop_signals
-from lomar.train.run_state import RunLock
 from lomar.train.settings_resume import encoder_layout
+from lomar.train.task import score_only
 from lomar.train.task_resume import load_resumed
 
 __all__ = ["DetectTask", "detect_checkpoint", "step_lr_factor", "detect", "category_change"]
@@ -270,17 +268,7 @@ def detect(config: DetectConfig) -> int:
 def evaluate_only(config: DetectConfig) -> int:
     """Score ``--pretrained`` on the validation split in this process: a ``metrics.jsonl`` line and
     ``predictions.json`` in ``--out`` (the folder locked meanwhile)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError("--eval-only runs in one process; run it without torchrun")
-    _, device = init_distributed(config.device)
-    torch.manual_seed(config.seed)
-    with RunLock(Path(config.out)) as lock:
-        task = DetectTask(config, DistInfo(), device)
-        metrics = task.evaluate()
-        with open_in_place(lock.out / METRICS, "a") as log:
-            log.write(json.dumps({"eval_only": True, "pretrained": config.pretrained, **task.source,
-                                  "img_size": config.img_size, **metrics}) + "\n")
-        task.finish(lock.out)
+    _, metrics, out = score_only(config, DetectTask)
     ap = {k: "n/a" if metrics.get(k) is None else f"{metrics[k]:.2f}" for k in ("box_AP", "mask_AP")}
-    stderr_log(f"lomar detect: box AP {ap['box_AP']}, mask AP {ap['mask_AP']}; {lock.out / 'predictions.json'}")
+    stderr_log(f"lomar detect: box AP {ap['box_AP']}, mask AP {ap['mask_AP']}; {out / 'predictions.json'}")
     return 0

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lomar.checkpoints.file_names import BEST, LAST
-from lomar.checkpoints.kinds import DETECT_FORMAT
+from lomar.checkpoints.kinds import DETECT_FORMAT, command_checkpoint
 from lomar.train import settings as S
 from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.settings_resume import (
@@ -54,18 +53,7 @@ def default_image_folder(ann: Path) -> Path:
 def detect_checkpoint(path: str | Path) -> Path | None:
     """The `lomar detect` checkpoint ``path`` names (a file, whatever its suffix: ``model_final.pth`` too, or a run
     folder's best.pt / last.pt); None if not one."""
-    from lomar.checkpoints.io import safe_load  # torch: not for --help
-
-    path = Path(path)
-    candidates = [path] if path.is_file() else [path / BEST, path / LAST]
-    for candidate in candidates:
-        if candidate.is_file():
-            try:
-                if safe_load(candidate, mmap=True).get("format") == DETECT_FORMAT:
-                    return candidate
-            except (OSError, ValueError, RuntimeError):
-                continue
-    return None
+    return command_checkpoint(path, "detect")
 
 
 @dataclass

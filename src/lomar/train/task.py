@@ -38,6 +38,8 @@ Required of a Task: ``name``, ``model``, ``train_loader``, ``loss(batch)``. Opti
 from __future__ import annotations
 
 import itertools
+import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,13 +48,14 @@ import torch
 import torch.distributed as dist
 
 from lomar.checkpoints.file_names import METRICS
-from lomar.checkpoints.io import first_non_finite, safe_load
+from lomar.checkpoints.io import first_non_finite, open_in_place, safe_load
 from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker
 from lomar.errors import UsageError
-from lomar.train.run_state import newest_state
+from lomar.train.distributed import DistInfo, init_distributed
+from lomar.train.run_state import RunLock, newest_state
 
 __all__ = ["Task", "EpochStream", "Progress", "SkippedFiles", "TrainingError", "steadier", "non_finite_weight",
-           "diverged", "check_weights", "preload"]
+           "diverged", "check_weights", "preload", "score_only"]
 
 
 class TrainingError(RuntimeError):
@@ -149,6 +152,25 @@ class Task:
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters()) / 1e6
         return f"{len(self.train_loader.dataset)} images, {type(self.model).__name__} {params:.1f}M params"
+
+
+def score_only(config, make_task: type[Task]) -> tuple[Task, dict, Path]:
+    """``--eval-only``: the evaluation of ``config.pretrained``, a trained model, in this process without a training
+    run: one ``metrics.jsonl`` record (``eval_only``, the file and step scored as ``task.source`` names them, the
+    input size, the metrics) and ``task.finish``'s files in ``--out``, locked meanwhile. (The task, its metrics,
+    the folder.)"""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--eval-only runs in one process; run it without torchrun")
+    _, device = init_distributed(config.device)
+    torch.manual_seed(config.seed)
+    with RunLock(Path(config.out)) as lock:
+        task = make_task(config, DistInfo(), device)
+        metrics = task.evaluate()
+        with open_in_place(lock.out / METRICS, "a") as log:
+            log.write(json.dumps({"eval_only": True, "pretrained": config.pretrained, **task.source,
+                                  "img_size": config.img_size, **metrics}) + "\n")
+        task.finish(lock.out)
+    return task, metrics, lock.out
 
 
 def steadier(config, precision: str | None = None) -> str:
