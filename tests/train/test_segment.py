@@ -139,6 +139,42 @@ def test_the_final_evaluation_can_be_the_best_checkpoint(digits, tmp_path, capsy
         (out / "metrics.jsonl").read_text().splitlines()[-1])["mIoU"]
 
 
+def test_eval_only_scores_a_trained_segmenter_as_its_run_did(digits, tmp_path, capsys, monkeypatch):
+    """--eval-only --pretrained RUN: the run's classes, size and evaluation, the same scores and predictions as its own
+    final evaluation, the file and step scored in the record; what contradicts the segmenter is refused in one line."""
+    run = tmp_path / "run"
+    assert _segment(digits, run, "--model", "vit_tiny_patch16", "--max-steps", "2", "--eval-every", "50",
+                    "--eval-mode", "whole", "--lr", "1e-2") == 0
+    final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    evaluate = ["segment", "--eval-only", "--pretrained", str(run), "--workers", "0", "--threads", "1", "--device",
+                "cpu"]
+    capsys.readouterr()
+    assert main([*evaluate, "--out", str(tmp_path / "scored")]) == 0, capsys.readouterr().err
+    assert "segmenter loaded from " + str(run / "best.pt") + " (step 2), 32 px" in capsys.readouterr().err
+    scored = json.loads((tmp_path / "scored" / "metrics.jsonl").read_text())
+    assert scored["eval_only"] is True and scored["checkpoint"] == str(run / "best.pt") and scored["step"] == 2
+    assert {k: scored[k] for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc")} == \
+        {k: final[k] for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc")}
+    for png in (run / "predictions").glob("*.png"):
+        assert (tmp_path / "scored" / "predictions" / png.name).read_bytes() == png.read_bytes()
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    for flags, message in [
+        (["--num-classes", "5"], f"--num-classes 5 differs from the segmenter's own (10) in {run / 'best.pt'}; drop "
+                                 f"--num-classes"),
+        (["--img-size", "64"], "--img-size 64 differs from the segmenter's own (32)"),
+        (["--zero-label", "class"], "--zero-label class differs from the segmenter's own (ignore)"),
+        (["--pretrained", str(tmp_path / "other.pt")], f"--pretrained {tmp_path / 'other.pt'} is not a `lomar "
+                                                       f"segment` run or checkpoint; --eval-only scores a trained"),
+        ([], "already holds predictions/"),  # the scores just written are not replaced unless asked to
+    ]:
+        assert main([*evaluate, "--out", str(tmp_path / "scored"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([*evaluate, "--out", str(tmp_path / "ddp")]) == 2
+    assert "--eval-only runs in one process; run it without torchrun" in capsys.readouterr().err
+
+
 def test_without_the_auxiliary_head_the_loss_is_the_decode_heads_and_a_cut_warm_up_is_said(digits, tmp_path, capsys):
     out = tmp_path / "run"
     assert _segment(digits, out, "--max-steps", "1", "--eval-every", "50", "--aux-weight", "0",

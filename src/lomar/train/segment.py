@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision.io import encode_png
 
-from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text
+from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text, safe_load
 from lomar.checkpoints.kinds import SEGMENT_TASK
 from lomar.data.collate import Skipped
 from lomar.data.samplers import EpochSampler
@@ -35,11 +35,12 @@ from lomar.eval.segmentation import (
 )
 from lomar.integrations.dense import with_rel_pos
 from lomar.integrations.segmenter import UperNetSegmenter, layer_decay_groups, segmentation_losses
-from lomar.models.vit import VisionTransformer, model_config
+from lomar.models.vit import VisionTransformer, ViTConfig, model_config
 from lomar.train.distributed import DistInfo
 from lomar.train.lifecycle import Task, run
 from lomar.train.preemption import ignore_stop_signals
-from lomar.train.segment_config import SegmentConfig, check_batch_norm_batch
+from lomar.train.segment_config import SegmentConfig, check_batch_norm_batch, segment_checkpoint
+from lomar.train.task import score_only
 
 __all__ = ["SegmentTask", "poly_schedule", "segment", "PER_CLASS"]
 
@@ -64,9 +65,10 @@ class SegmentTask(Task):
         self.eval_steps = config.eval_every
         workers = config.workers or 0
         reduce_zero_label = config.zero_label == "ignore"
-        self.train_set = SegmentationFolder(config.data, "training", config.num_classes, config.img_size,
-                                            train=True, seed=config.seed, workers=max(1, workers),
-                                            photometric=config.photometric, reduce_zero_label=reduce_zero_label)
+        if not config.eval_only:
+            self.train_set = SegmentationFolder(config.data, "training", config.num_classes, config.img_size,
+                                                train=True, seed=config.seed, workers=max(1, workers),
+                                                photometric=config.photometric, reduce_zero_label=reduce_zero_label)
         self.val_set = SegmentationFolder(config.data, "validation", config.num_classes, config.img_size,
                                           train=False, workers=max(1, workers), reduce_zero_label=reduce_zero_label)
         # each class as the annotations number it, with ADE's name where its class list is there (ids 1..N)
@@ -74,8 +76,18 @@ class SegmentTask(Task):
         self.class_labels = [f"{n + reduce_zero_label}{f' {names[n]}' if names else ''}"
                              for n in range(config.num_classes)]
         self.scored: dict = {}  # the last evaluation's metrics, which finish tabulates
+        self.source: dict = {}  # --eval-only's segmenter: its file and step, which its record names
         layout = dict(img_size=config.img_size, drop_path=config.drop_path)
-        if config.pretrained is None:
+        saved = segment_checkpoint(config.pretrained) if config.eval_only else None
+        if saved is not None:  # SegmentConfig.complete took its classes, layout and size
+            ckpt = safe_load(saved)
+            if not isinstance(ckpt.get("encoder_config"), dict):
+                raise UsageError(f"--pretrained {saved} is a `lomar segment` checkpoint saved before they kept their "
+                                 f"encoder's layout; --eval-only cannot rebuild its model")
+            encoder = VisionTransformer(ViTConfig.from_dict(ckpt["encoder_config"]))
+            self.source = {"checkpoint": str(saved), "step": ckpt.get("step")}  # of a folder: best.pt, else last.pt
+            source = f"segmenter loaded from {saved} (step {ckpt.get('step', '?')}), {config.img_size} px"
+        elif config.pretrained is None:
             encoder = VisionTransformer(model_config(config.model, **layout))
             source = f"random init {config.model} (no --pretrained)"
         else:  # anything `lomar export` reads
@@ -85,7 +97,7 @@ class SegmentTask(Task):
                 raise UsageError(f"--pretrained {config.pretrained}: only LoMaR / MAE ViT encoders can be segmentation "
                                  f"backbones, not {type(encoder).__name__}")
         try:
-            encoder = with_rel_pos(encoder, config.rel_pos, "bias")
+            encoder = encoder if saved else with_rel_pos(encoder, config.rel_pos, "bias")
         except ValueError as exc:
             raise UsageError(f"--rel-pos {config.rel_pos}: {exc}") from None
         config.rel_pos = encoder.config.rel_pos  # auto resolved: what the checkpoint records and a resume rebuilds
@@ -98,6 +110,9 @@ class SegmentTask(Task):
                                       grad_checkpointing=config.grad_checkpointing,
                                       train_pos_embed=config.train_pos_embed).to(self.device)
         self.loss_parts = ("loss_decode", "loss_aux") if self.model.aux_head is not None else ("loss_decode",)
+        if saved is not None:
+            self.model.load_state_dict(ckpt["model"])
+            return
         if world_size > 1 and self.device.type == "cuda":
             # mmseg's SyncBN: statistics over the whole batch, not each process's share (CUDA only in
             # PyTorch; a CPU run keeps each process's own statistics)
@@ -187,7 +202,8 @@ class SegmentTask(Task):
 
     def state(self) -> dict:
         """What ``--resume`` reads back (the settings) besides the lifecycle's position and weights."""
-        return {"task": SEGMENT_TASK, "settings": self.config.to_dict()}
+        return {"task": SEGMENT_TASK, "settings": self.config.to_dict(),
+                "encoder_config": self.model.encoder.config.to_dict()}  # what --eval-only rebuilds
 
 
 def _defined(value: float) -> float | None:
@@ -199,5 +215,14 @@ def _show(value: float | None) -> str:
 
 
 def segment(config: SegmentConfig) -> int:
-    """Train (or resume) a segmenter; the process exit code."""
-    return run(config, SegmentTask)
+    """Train (or resume) a segmenter, or with ``--eval-only`` score one; the process exit code."""
+    return evaluate_only(config) if config.eval_only else run(config, SegmentTask)
+
+
+def evaluate_only(config: SegmentConfig) -> int:
+    """Score ``--pretrained`` on the validation split in this process: a ``metrics.jsonl`` record, predictions/ and
+    per_class.md in ``--out`` (the folder locked meanwhile)."""
+    _, metrics, out = score_only(config, SegmentTask)
+    print(f"lomar segment: mIoU {_show(metrics['mIoU'])}, mAcc {_show(metrics['mAcc'])}, aAcc "
+          f"{_show(metrics['aAcc'])}; {out / 'predictions'}", file=sys.stderr, flush=True)
+    return 0

@@ -12,12 +12,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lomar.checkpoints.kinds import SEGMENT_TASK
+from lomar.checkpoints.kinds import SEGMENT_TASK, command_checkpoint
 from lomar.train import settings as S
-from lomar.train.settings import ConfigError
+from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.settings_resume import TaskConfig, check_img_size, check_pretrained, model_only_without_pretrained
 
-__all__ = ["SegmentConfig"]
+__all__ = ["SegmentConfig", "segment_checkpoint", "SEGMENTER_OWN"]
+
+# What --eval-only takes from the segmenter it scores: the classes and what the annotations' 0 is (other ones would
+# score other classes), the weights' layout (they fit no other) and the input size (its position tables'); one given
+# otherwise is refused. How the run evaluated (its data, mode and stride) is taken too, unless given.
+SEGMENTER_OWN = ("num_classes", "zero_label", "head_channels", "aux_weight", "rel_pos", "train_pos_embed", "img_size")
+_EVALUATED = ("data", "eval_mode", "eval_stride")
 
 
 @dataclass
@@ -34,11 +40,12 @@ class SegmentConfig(TaskConfig):
                                           "class = the first class, ids 0..N-1 (VOC-style, binary masks with "
                                           "--num-classes 2), predictions saved as the class id",
                                 choices=("ignore", "class"))
-    pretrained: str | None = S.PRETRAINED.field(help=S.PRETRAINED.help + " (default: none: a randomly initialised "
-                                                     "--model encoder, said in the log)")
+    pretrained: str | None = S.PRETRAINED.field(help=S.PRETRAINED.help + ", or with --eval-only a `lomar segment` "
+                                                "run or checkpoint (default: none: a randomly initialised --model "
+                                                "encoder, said in the log)")
     model: str | None = S.MODEL.field(None, help=S.MODEL.help + "; the random encoder's architecture (default: "
                                              "vit_base_patch16 without --pretrained, whose encoder brings its own)")
-    out: str | None = S.OUT.field(help="output folder: last.pt, metrics.jsonl, predictions/ (default: "
+    out: str | None = S.OUT.field(help="output folder: last.pt, metrics.jsonl, predictions/, per_class.md (default: "
                                        "runs/<timestamp>)")
     img_size: int = S.IMG_SIZE.field(512, help="training crop and evaluation scale (short side) in pixels, a "
                                                "multiple of twice the encoder's patch size (32 for patch 16)")
@@ -75,6 +82,9 @@ class SegmentConfig(TaskConfig):
     grad_checkpointing: bool = S.GRAD_CHECKPOINTING.field()
     train_pos_embed: bool = S.TRAIN_POS_EMBED.field()
     rel_pos: str = S.REL_POS.field()
+    eval_only: bool = S.setting(False, "score --pretrained (a `lomar segment` run or checkpoint) on the validation "
+                                "split at its own classes and size, write predictions/, per_class.md and a "
+                                "metrics.jsonl record into --out, and stop", resume="per-invocation")
 
     @staticmethod
     def saved_settings(checkpoint: dict, path: Path) -> dict | None:
@@ -87,9 +97,22 @@ class SegmentConfig(TaskConfig):
 
     def complete(self, explicit: dict) -> None:
         model_only_without_pretrained(self, explicit)
+        if self.eval_only and self.pretrained and (saved := segment_checkpoint(self.pretrained)) is not None:
+            from lomar.checkpoints.io import safe_load  # torch: not for --help
+
+            own = self.saved_settings(safe_load(saved, mmap=True), saved) or {}
+            for name in (n for n in SEGMENTER_OWN if n in explicit and n in own):
+                if explicit[name] != own[name] and not (name == "rel_pos" and explicit[name] == "auto"):
+                    flag = "--" + name.replace("_", "-")
+                    raise ConfigError(f"{flag} {explicit[name]} differs from the segmenter's own ({own[name]}) in "
+                                      f"{saved}; drop {flag}")
+            taken = {k: v for k, v in own.items() if k in SEGMENTER_OWN + _EVALUATED and k not in explicit}
+            for name, value in coerce_all(type(self), taken, str(saved), strict=False).items():
+                setattr(self, name, value)
 
     def check_settings(self) -> None:
-        check_img_size(self, pretrained_patch(self.pretrained) if self.pretrained else None)
+        if not self.eval_only:  # a segmenter's --img-size is its own (complete), its patch known to its weights only
+            check_img_size(self, pretrained_patch(self.pretrained) if self.pretrained else None)
         if int(os.environ.get("WORLD_SIZE", "1") or 1) < 2 or self.device == "cpu":  # else the task checks, on CPU
             check_batch_norm_batch(self.batch_size)
         if self.eval_stride is not None and self.eval_stride > self.img_size:  # mmseg asserts the same
@@ -97,6 +120,16 @@ class SegmentConfig(TaskConfig):
                               f"it moves: pixels between them would go unscored; use at most {self.img_size}")
 
     def check_inputs(self) -> None:
+        if self.eval_only:
+            if not self.pretrained:
+                raise ConfigError("--eval-only needs --pretrained RUN (a `lomar segment` run folder or checkpoint)")
+            check_pretrained(self)
+            if segment_checkpoint(self.pretrained) is None:
+                raise ConfigError(f"--pretrained {self.pretrained} is not a `lomar segment` run or checkpoint; "
+                                  f"--eval-only scores a trained segmenter")
+            if (Path(self.out) / "predictions").exists() and not self.overwrite:
+                raise ConfigError(f"--out {self.out} already holds predictions/ (a run's last evaluation, or an "
+                                  f"earlier --eval-only); pass another --out, or --overwrite to replace it")
         if self.data is None:
             raise ConfigError("pass --data ROOT (ADE20K layout: images/{training,validation}, "
                               "annotations/{training,validation})")
@@ -106,6 +139,11 @@ class SegmentConfig(TaskConfig):
             raise ConfigError("pass --num-classes N (the annotations' class ids are 1..N, or 0..N-1 with --zero-label "
                               "class; 150 for ADE20K)")
         check_pretrained(self, "; pass a checkpoint or an exported folder, or leave it out for a random encoder")
+
+
+def segment_checkpoint(path: str | Path) -> Path | None:
+    """The `lomar segment` checkpoint ``path`` names (a file, or a run folder's best.pt / last.pt); None if not one."""
+    return command_checkpoint(path, "segment")
 
 
 def pretrained_patch(pretrained: str) -> int | None:
