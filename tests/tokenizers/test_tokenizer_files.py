@@ -43,6 +43,17 @@ def test_the_cli_writes_only_safetensors_names_and_says_so_first(tmp_path, capsy
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["fit", "convert"])
+def test_a_folder_given_as_the_file_is_answered_with_a_name_the_cli_takes(tmp_path, capsys, command):
+    flag = "--out" if command == "fit" else "--to"
+    args = ["--data", str(tmp_path)] if command == "fit" else [str(tmp_path / "encoder.pkl")]
+    folder = tmp_path / "tok.safetensors"
+    folder.mkdir()
+    assert main(["tokenizer", command, *args, flag, str(folder)]) == 2
+    line = _one_line(capsys.readouterr().err, command)
+    assert f"{flag} {folder} is a folder; give a file name such as {folder / 'tokenizer.safetensors'}" in line
+
+
 def test_converting_a_kmeans_tokenizer_says_it_needs_no_conversion(tmp_path, capsys):
     path = KMeansTokenizer(torch.randn(4, 192)).save(tmp_path / "t.safetensors")
     assert main(["tokenizer", "convert", str(path), "--to", str(tmp_path / "d.safetensors")]) == 2
