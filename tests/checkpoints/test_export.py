@@ -393,12 +393,13 @@ def test_the_pretrained_cfg_gives_timm_the_exported_input_size_and_lomars_eval_c
         folder = tmp_path / f"{side}-{classes}"
         export_encoder(VisionTransformer(replace(TINY, img_size=side), num_classes=classes), folder)
         crops.append(json.loads((folder / "config.json").read_text())["pretrained_cfg"]["crop_pct"])
-    assert crops == [0.875, 1.0, 0.875]  # an encoder at 256 px: as knn and linprobe crop
+    assert crops == [0.875, 1.0, 1.0]  # an encoder at 256 px: as knn and linprobe crop, finetune's rule
 
 
 def test_a_beit_exports_pretrained_cfg_gives_timm_the_crop_lomar_scores_its_encoder_with(tmp_path):
     """A BEiT export said crop_pct 0.9, so timm's eval transform of it cropped otherwise than lomar knn / linprobe,
-    which crop every encoder 0.875, BEiT's too; it follows the one rule of the ViT exports."""
+    which crop every encoder by eval_crop_ratio (1.0 at its 256 px), BEiT's too; it follows the one rule of the ViT
+    exports."""
     from timm.data import resolve_data_config
 
     from lomar.checkpoints.export_beit import export_beit_encoder
@@ -409,9 +410,9 @@ def test_a_beit_exports_pretrained_cfg_gives_timm_the_crop_lomar_scores_its_enco
     export_beit_encoder(BEiT(BEiTConfig(img_size=256, patch_size=64, embed_dim=32, depth=1, num_heads=2,
                                         vocab_size=16)), tmp_path / "beit")
     crops = [json.loads((folder / "config.json").read_text())["pretrained_cfg"] for folder in (vit, tmp_path / "beit")]
-    assert crops[1]["crop_pct"] == crops[0]["crop_pct"] == 0.875  # old code: 0.9
+    assert crops[1]["crop_pct"] == crops[0]["crop_pct"] == 1.0  # old code: 0.9
     model = timm.create_model(f"local-dir:{tmp_path / 'beit'}", pretrained=True)
-    assert resolve_data_config(model=model)["crop_pct"] == 0.875
+    assert resolve_data_config(model=model)["crop_pct"] == 1.0
 
 
 def test_a_one_channel_exports_pretrained_cfg_normalises_a_grey_image_for_timm(tmp_path):

@@ -39,6 +39,19 @@ def test_a_strip_is_not_resized_whole(make):
     assert width <= MAX_ASPECT * height
 
 
+@pytest.mark.parametrize("size", [32, 160, 224, 256, 384])
+def test_knn_and_linprobe_evaluate_each_size_as_finetune_does(size):
+    # features cropped 0.875 at every size (and rounded the resize): at 256 px they saw 256 of 293 px, finetune the
+    # whole 256, and at 160 px a 183 px resize against finetune's 182
+    image = Image.new("RGB", (3 * size // 2, 2 * size))
+    seen = []
+    for transform in (classification_transforms(size)[1], eval_transform(size)):
+        sizes = _resized_sizes(transform)
+        assert transform(image).shape == (3, size, size)
+        seen.append(sizes[0])
+    assert seen[0] == seen[1]
+
+
 def test_visualize_resizes_a_strip_after_cutting_it(tmp_path, monkeypatch):
     Image.fromarray(np.full((20000, 2, 3), 90, np.uint8)).save(tmp_path / "strip.png")
     sizes, resize = [], TF.resize

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save
 
 from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS
 from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text, check_finite
-from lomar.data.classify import IMAGENET_CROP, eval_crop_ratio
+from lomar.data.classify import eval_crop_ratio
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.errors import UsageError
 from lomar.limits import MAX_IMG_SIZE
@@ -66,10 +66,10 @@ def _sides(img_size: int | tuple[int, int]) -> tuple[int, int]:
 
 def timm_pretrained_cfg(in_chans: int, img_size: int | tuple[int, int], num_classes: int) -> dict:
     """The ``pretrained_cfg`` an export's config.json gives timm: input size (C, H, W), ImageNet normalisation with
-    one value per input channel (timm's eval transform normalises with them as given), and lomar's own eval crop:
-    a classifier's as `lomar finetune` scored it (1.0 above 224 px), an encoder's (any method's) as knn and
-    linprobe crop."""
-    crop = eval_crop_ratio(max(_sides(img_size))) if num_classes else IMAGENET_CROP
+    one value per input channel (timm's eval transform normalises with them as given), and lomar's own eval crop
+    (:func:`~lomar.data.classify.eval_crop_ratio`: a classifier's as `lomar finetune` scored it, an encoder's, any
+    method's, as knn and linprobe crop)."""
+    crop = eval_crop_ratio(max(_sides(img_size)))
     return {"input_size": [in_chans, *_sides(img_size)], "interpolation": "bicubic", "crop_pct": crop,
             "mean": _per_channel(IMAGENET_MEAN, in_chans), "std": _per_channel(IMAGENET_STD, in_chans),
             "num_classes": num_classes,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -10,8 +11,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD, sample_key, sample_seed
 
-__all__ = ["classification_transforms", "eval_crop_ratio", "IMAGENET_CROP", "bound_aspect", "MAX_ASPECT",
-           "SeededSamples"]
+__all__ = ["classification_transforms", "eval_crop_ratio", "eval_resize", "IMAGENET_CROP", "bound_aspect",
+           "MAX_ASPECT", "SeededSamples"]
 
 MAX_ASPECT = 16  # long side / short side up to which an evaluation transform resizes an image whole
 
@@ -60,14 +61,21 @@ def _augment_ops(transform) -> list:
     return found
 
 
-# ImageNet evaluation's centre crop (224 of a 256 px resize): k-NN and linear probes crop every size by it, as
-# MAE's linear probe does at 224 px; finetune's evaluation up to 224 px (eval_crop_ratio)
+# ImageNet evaluation's centre crop (224 of a 256 px resize), as MAE's linear probe and DeiT/BEiT/MAE's finetuning
+# evaluate at 224 px; an encoder export's crop_pct at 224 px and below (through eval_crop_ratio)
 IMAGENET_CROP = 0.875
 
 
 def eval_crop_ratio(img_size: int) -> float:
-    """Centre-crop ratio of the evaluation transform: 0.875 up to 224 px, 1.0 above."""
+    """Centre-crop ratio of every evaluation transform (finetune's, k-NN's and the linear probe's, an export's
+    crop_pct): 0.875 up to 224 px, 1.0 above, as DeiT/BEiT/MAE's finetuning evaluates."""
     return IMAGENET_CROP if img_size <= 224 else 1.0
+
+
+def eval_resize(img_size: int) -> int:
+    """The short side an image is resized to before its centre crop of ``img_size``: floored, as timm's eval
+    transform (finetune's) computes it from the crop ratio."""
+    return math.floor(img_size / eval_crop_ratio(img_size))
 
 
 def classification_transforms(img_size: int, aa: str = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,

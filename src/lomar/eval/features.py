@@ -21,7 +21,7 @@ from lomar.checkpoints.formats import BEiTReader, read, stopped_run_checkpoint
 from lomar.checkpoints.io import check_finite
 from lomar.checkpoints.keys import CLASSIFIER_PREFIXES, drop_final_norm
 from lomar.checkpoints.kinds import run_command
-from lomar.data.classify import IMAGENET_CROP, bound_aspect
+from lomar.data.classify import bound_aspect, eval_resize
 from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker, collate_labelled
 from lomar.data.decode import load_image, load_image_reduced
 from lomar.data.folder import LabelledImageFolder
@@ -205,17 +205,13 @@ def _load_beit(weights, src, num_classes: int, global_pool: str, overrides: dict
 
 
 def eval_transform(img_size: int):
-    """Resize the short side to img_size/IMAGENET_CROP (0.875, bicubic), centre-crop, ImageNet-normalise (strips cut to
+    """Resize the short side to :func:`~lomar.data.classify.eval_resize` (bicubic; crop ratio 0.875 up to 224 px, 1.0
+    above, as finetune evaluates), centre-crop, ImageNet-normalise (strips cut to
     :data:`lomar.data.classify.MAX_ASPECT` first: :func:`~lomar.data.classify.bound_aspect`)."""
     return v2.Compose([bound_aspect, v2.ToImage(), v2.RGB(),
                        v2.Resize(eval_resize(img_size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
                        v2.CenterCrop(img_size), v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-def eval_resize(img_size: int) -> int:
-    """The short side :func:`eval_transform` resizes an image to before its centre crop of ``img_size``."""
-    return int(round(img_size / IMAGENET_CROP))
 
 
 def knn_loaders(train: str | Path, val: str | Path | None = None, img_size: int = 224, batch_size: int = 128,
