@@ -242,3 +242,16 @@ def test_a_bad_value_in_an_original_checkpoints_saved_args_names_the_checkpoint(
     with pytest.raises(ValueError, match=r"^checkpoint .*orig.pth: norm_pix_loss must be True or False, got 'no' "
                                          r"\(from its saved args, or an override given\)$"):
         load_original(tmp_path / "orig.pth")
+
+
+def test_timm_gives_a_beit_export_a_fresh_head_of_the_classes_asked_for(beit_export):
+    """timm.create_model('local-dir:EXPORT', pretrained=True, num_classes=10), the start of a timm finetuning, failed
+    with a strict load's 'Missing key(s): head.weight, head.bias': the export's pretrained_cfg named no classifier."""
+    import timm
+
+    plain = timm.create_model(f"local-dir:{beit_export}", pretrained=True).eval()
+    ten = timm.create_model(f"local-dir:{beit_export}", pretrained=True, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert ten(x).shape == (2, 10)
+        assert torch.equal(ten.forward_features(x), plain.forward_features(x))

@@ -58,7 +58,9 @@ def export_beit_encoder(beit: BEiT, out_dir: str | Path, weights_name: str = RUN
     args = timm_beit_args(beit)
     # A registered timm name whose constructor takes every argument in model_args, which spell out this
     # architecture: timm.create_model('local-dir:DIR', pretrained=True) rebuilds it with no lomar import.
-    pretrained_cfg = timm_pretrained_cfg(beit.config.in_chans, beit.config.img_size, 0)
+    # classifier: timm drops the head it names and loads the rest non-strictly when num_classes=N asks for one,
+    # as its own BEiT configs do (without it, a new head was a strict load's missing head.weight)
+    pretrained_cfg = {**timm_pretrained_cfg(beit.config.in_chans, beit.config.img_size, 0), "classifier": "head"}
     config = {"architecture": TIMM_ARCHITECTURE, "num_classes": 0, "model_args": args, "pretrained_cfg": pretrained_cfg,
               "method": "beit", "weights": weights_name, "timm_args": args, "beit_config": beit.config.to_dict(),
               **(metadata or {})}
