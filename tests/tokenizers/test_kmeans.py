@@ -57,6 +57,18 @@ def test_vocabulary_larger_than_the_patches_is_an_error():
         tok.tokens(torch.rand(1, 3, 224, 224))
 
 
+@pytest.mark.parametrize("bad, named", [
+    (dict(vocab_size=2.5), r"vocab_size=2\.5 must be an integer"),  # TypeError: slice indices must be integers
+    (dict(iters=2.5), r"iters=2\.5 must be an integer"),
+    (dict(patch=8.0), r"patch=8\.0 must be an integer"),  # TypeError from reshape()
+    (dict(seed=1.5), r"seed=1\.5 must be an integer"),  # RuntimeError from manual_seed
+    (dict(max_patches=0), "max_patches=0 must be >= 1, or None"),  # "pass vocab_size <= 0"
+])
+def test_fit_arguments_that_are_no_counts_are_named(bad, named):
+    with pytest.raises(ValueError, match=named):
+        fit_kmeans_tokenizer(torch.rand(2, 3, 16, 16), **{"vocab_size": 4, "patch": 8, "input_size": 16, **bad})
+
+
 def test_large_vocabulary_fits_quickly():
     tok = fit_kmeans_tokenizer(_images(), vocab_size=2048, iters=5)
     assert tok.centroids.shape == (2048, 192) and torch.isfinite(tok.centroids).all()

@@ -163,8 +163,16 @@ def fit_kmeans_tokenizer(images: torch.Tensor | Iterable[torch.Tensor], vocab_si
     assignment changes. ``progress(iteration, patches, changed)`` is called after each iteration's
     assignment (at ImageNet's scale one takes the better part of a minute on a CPU; the iterations run on
     ``device``, the seeded draws on the CPU, so a device changes only the float sums)."""
+    whole = {"vocab_size": (vocab_size, 8192), "patch": (patch, 8), "iters": (iters, 20),
+             "input_size": (input_size, 112), "seed": (seed, 0),
+             "max_patches": (1 if max_patches is None else max_patches, "None (every patch)")}
+    wrong = next((name for name, (value, _) in whole.items() if not is_integer(value)), None)
+    if wrong:  # else a TypeError from deep in torch (a slice, reshape or manual_seed)
+        raise ValueError(f"{wrong}={whole[wrong][0]!r} must be an integer; use e.g. {wrong}={whole[wrong][1]}")
     if vocab_size < 2:
-        raise ValueError(f"vocab_size={vocab_size} must be >= 2")
+        raise ValueError(f"vocab_size={vocab_size} must be >= 2; use e.g. 8192")
+    if max_patches is not None and max_patches < 1:
+        raise ValueError(f"max_patches={max_patches} must be >= 1, or None to fit on every patch")
     if iters < 1:
         raise ValueError(f"iters={iters} must be >= 1; use e.g. 20")
     if not 1 <= patch <= input_size:
