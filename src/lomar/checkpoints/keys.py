@@ -17,7 +17,7 @@ from lomar.models.vit import MODEL_SIZES, VisionTransformer, ViTConfig
 
 __all__ = ["ENCODER_PREFIXES", "CLASSIFIER_PREFIXES", "PRETRAIN_ONLY", "rename_rpe", "drop_final_norm",
            "lomar_from_original", "lomar_to_original", "mae_from_original", "classifier_from_original",
-           "encoder_keys", "args_dict", "infer_vit_config"]
+           "encoder_keys", "position_encoding", "args_dict", "infer_vit_config"]
 
 _RPE_ORIGINAL = re.compile(r"^blocks\.(\d+)\.attn\.rpe_k\.lookup_table_weight$")
 ENCODER_PREFIXES = ("patch_embed.", "cls_token", "blocks.", "norm.", "pos_embed")
@@ -83,6 +83,12 @@ def encoder_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {rename_rpe(k): v for k, v in state.items() if not k.startswith(PRETRAIN_ONLY)}
 
 
+def position_encoding(state: dict[str, torch.Tensor]) -> str:
+    """The ``pos`` an encoder's weights (our key names) were trained with; an RPE table wins over the unused
+    absolute table an original LoMaR checkpoint keeps."""
+    return "rpe" if "blocks.0.attn.rpe.table" in state else "abs" if "pos_embed" in state else "none"
+
+
 # ---- shape inference --------------------------------------------------------------------------
 def args_dict(data: dict, keys: tuple[str, ...] = ("args",)) -> dict:
     """The run's saved arguments: the entries ``keys`` (argparse.Namespace or dict) merged in order."""
@@ -127,7 +133,6 @@ def infer_vit_config(state: dict[str, torch.Tensor], hints: dict | None = None, 
     if not all(1 <= int(v) <= MAX_IMG_SIZE for v in sides):  # an absolute table is built for it: bound it first
         raise ValueError(f"image size {img_size} (from the checkpoint's saved settings) is outside "
                          f"[1, {MAX_IMG_SIZE}]; pass img_size=... for the size to load it at")
-    pos = "rpe" if rpe_key in state else "abs" if "pos_embed" in state else "none"
     return ViTConfig(img_size=img_size or 224, patch_size=patch, in_chans=in_chans, embed_dim=dim,
                      depth=depth, num_heads=int(heads), mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / dim,
-                     pos=pos)
+                     pos=position_encoding(state))

@@ -37,7 +37,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from lomar.checkpoints.keys import encoder_keys
+from lomar.checkpoints.keys import encoder_keys, position_encoding
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig
 
 __all__ = ["LomarVisionTransformer", "checkpoint_filter_fn"]
@@ -172,6 +172,11 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: LomarVision
     own = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     weights = encoder_keys(state)
+    # an MAE table would be dropped by an RPE or pos='none' model (which keeps none), or leave its tables unloaded
+    if strict and "blocks.0.attn.qkv.weight" in weights and (pos := position_encoding(weights)) != model.config.pos:
+        raise ValueError(f"these weights encode positions with pos={pos!r}, this model with pos={model.config.pos!r}; "
+                         f"pass pos={pos!r} to timm.create_model (as an export's config.json model_args say), or "
+                         f"create it from the export folder: timm.create_model('local-dir:DIR', pretrained=True)")
     for key, value in weights.items():
         if not value.is_floating_point() or value.dtype.itemsize < 2:  # loading would cast it into a weight
             raise ValueError(f"weight {key} is {value.dtype}, which no weights are saved in; pass an encoder's "

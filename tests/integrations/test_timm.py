@@ -1,0 +1,30 @@
+"""The timm registration's weight filter (lomar.integrations.timm.checkpoint_filter_fn) on weights of another model."""
+
+import pytest
+import torch
+
+from lomar import VisionTransformer, ViTConfig, export_encoder
+
+timm = pytest.importorskip("timm")
+import lomar.integrations.timm  # noqa: E402,F401  (registers lomar_vit_* in timm)
+
+MAE_LIKE = ViTConfig(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, pos="abs")
+
+
+@pytest.mark.parametrize("pos", ["rpe", "none"])
+def test_weights_of_another_position_encoding_name_the_pos_to_pass(tmp_path, pos):
+    """README's pretrained_cfg_overlay route builds an RPE model unless told: an MAE export's weights then read 'the
+    weights lack blocks.0.attn.rpe.table' (no word of pos), and a pos='none' model took them silently, its absolute
+    table dropped."""
+    source = VisionTransformer(MAE_LIKE).eval()
+    with torch.no_grad():
+        source.pos_embed.add_(torch.randn_like(source.pos_embed))  # a trained table, not the sin-cos one a build gives
+    export_encoder(source, tmp_path)
+    create = dict(embed_dim=32, depth=1, num_heads=2, img_size=32,
+                  pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors")))
+    with pytest.raises(ValueError, match=f"positions with pos='abs', this model with pos='{pos}'; pass pos='abs'"):
+        timm.create_model("lomar_vit_tiny_patch16", pretrained=True, pos=pos, **create)
+    model = timm.create_model("lomar_vit_tiny_patch16", pretrained=True, pos="abs", **create).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), source.forward_features(x))
