@@ -6,10 +6,11 @@ never does. Typical use::
     import lomar.timm_models  # noqa: F401  (registers the models)
     import timm
 
+    # any exported architecture (custom widths, pos, image size included), from the folder's config.json:
+    model = timm.create_model("local-dir:export", pretrained=True)
+    # or the weights alone, into the name's model: pass what config.json's model_args add (an MAE export's pos="abs")
     model = timm.create_model("lomar_vit_base_patch16", pretrained=True,
                               pretrained_cfg_overlay=dict(file="export/model.safetensors"))
-    # or, for any exported architecture (custom widths included), from the folder's config.json:
-    model = timm.create_model("local-dir:export", pretrained=True)
 
 The models follow timm's ViT conventions: ``forward_features`` -> (B, 1+L, D) tokens,
 ``forward_head(x, pre_logits=False)``, ``forward_intermediates`` (NCHW maps), ``num_features``,
