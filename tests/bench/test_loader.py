@@ -222,6 +222,26 @@ def test_unreadable_images_are_not_counted_as_loads(photos, tmp_path, capsys):
     assert err.endswith("pass --loader-windows <= 2 or use a larger image\n") and "placement" not in err
 
 
+def test_a_plan_that_cannot_fit_is_told_in_the_benchs_terms_whatever_the_librarys_wording(photos, monkeypatch):
+    # the bench rewrote the library's message by matching its words: a rewording would have reached the user as is
+    from lomar.models import masking
+
+    init = masking.WindowsDoNotFit.__init__
+
+    def reworded(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.args = (f"{self.param} too large, at most {self.most}",)
+
+    monkeypatch.setattr(masking.WindowsDoNotFit, "__init__", reworded)
+    with pytest.raises(ValueError) as info:
+        loader_dataset(photos, 64, "lomar", 4, patch_size=16)
+    assert str(info.value) == ("64px: a 7x7 window does not fit the 4x4 patch grid; use a larger size (--sizes) or a "
+                               "model of smaller patches")
+    with pytest.raises(ValueError, match=r"^64px: --loader-windows 4 asks for more 7x7 windows than fit: .*; pass "
+                                         r"--loader-windows <= 2 or use a larger image$"):
+        loader_dataset(photos, 64, "lomar", 4, patch_size=8)
+
+
 def test_loader_command_prints_rates_and_writes_json(photos, tmp_path, capsys):
     out = tmp_path / "loader.json"
     assert main(["bench", "--task", "loader", "--data", str(photos), "--sizes", "64", "--workers", "1", "--images", "8",

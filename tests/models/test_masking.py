@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from lomar.models.masking import (
     MaskingPlan,
+    WindowsDoNotFit,
     check_window_request,
     grid_size,
     num_masked,
@@ -279,3 +280,13 @@ def test_checking_a_plan_reads_its_values_once():
         checked = MaskingPlan(plan.top_left, plan.mask, 3).checked((8, 8))
         checked.masked_counts()
     assert reads == {"tolist": 1}
+
+
+def test_a_request_the_grid_cannot_hold_says_what_fits_and_survives_a_pickle():
+    import pickle
+
+    with pytest.raises(WindowsDoNotFit) as info:
+        check_window_request((8, 8), 7, 5, 0.8, "permutation")
+    error = pickle.loads(pickle.dumps(info.value))  # as a loader worker's error comes back
+    assert (error.param, error.most, str(error)) == ("num_windows", 2, str(info.value))
+    assert str(error).endswith("hold at most 2; pass num_windows <= 2, placement='distinct', or use a larger image")

@@ -27,7 +27,7 @@ from lomar.data.fast_decode import jpeg_size
 from lomar.data.folder import build_pretrain_dataset, demo_image_paths
 from lomar.errors import in_flags
 from lomar.methods.base import method_runtime
-from lomar.models.masking import grid_size
+from lomar.models.masking import WindowsDoNotFit, grid_size
 from lomar.models.vit import model_config
 
 __all__ = ["TEST_SET_SIZES", "make_test_set", "loader_dataset", "measure_loader", "time_loader", "cpu_ms_per_image",
@@ -102,10 +102,12 @@ def loader_dataset(data: str | Path, img_size: int, method: str = "lomar", windo
     try:  # else every sample's plan fails, as if the image were unreadable
         variant.validate(config, grid_size(img_size, patch_size))
     except ValueError as exc:  # in the loader bench's flags: its windows are 7x7, placed as pretraining places them
-        message = re.sub(r"^window_size=\d+: (.*); pass window_size <= \d+ or use a larger image$",
-                         r"\1; use a larger size (--sizes) or a model of smaller patches", str(exc))
-        message = in_flags(message.replace(", placement='distinct', or", " or"), {"num_windows": "--loader-windows"})
-        raise ValueError(f"{img_size}px: {message}") from None
+        message = str(exc)
+        if isinstance(exc, WindowsDoNotFit):  # its fixes in the bench's terms: no window size or placement to pass
+            fix = "use a larger size (--sizes) or a model of smaller patches" if exc.param == "window_size" else \
+                f"pass num_windows <= {exc.most} or use a larger image"
+            message = f"{exc.detail}; {fix}"
+        raise ValueError(f"{img_size}px: {in_flags(message, {'num_windows': '--loader-windows'})}") from None
     base = build_pretrain_dataset(str(data), img_size, masker=method_runtime(config, patch_size).masker)
     return decode_dataset(base, decode, patch_size, window_size, windows).dataset
 

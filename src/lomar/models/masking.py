@@ -37,6 +37,7 @@ __all__ = [
     "window_token_index",
     "PLACEMENTS",
     "max_windows",
+    "WindowsDoNotFit",
 ]
 
 PLACEMENTS = ("permutation", "distinct")
@@ -74,6 +75,21 @@ def num_masked(window_size: int, mask_ratio: float) -> int:
     return masked
 
 
+class WindowsDoNotFit(ValueError):
+    """A window request the patch grid cannot hold, its message with the fix as any other's. For a caller that words
+    the fix in its own terms: ``detail`` (what does not fit, without the fix), ``param`` ("window_size" or
+    "num_windows") and ``most`` (the most of it that fits); ``others``: the message's other fixes, after the bound;
+    ``value``: the value the message names before ``detail`` (None: ``detail`` names it)."""
+
+    def __init__(self, detail: str, param: str, most: int, others: str = "", value: int | None = None):
+        named = detail if value is None else f"{param}={value}: {detail}"
+        super().__init__(f"{named}; pass {param} <= {most}{others} or use a larger image")
+        self.detail, self.param, self.most, self.others, self.value = detail, param, most, others, value
+
+    def __reduce__(self):  # pickled whole (a loader worker's error): its args are the message alone
+        return type(self), (self.detail, self.param, self.most, self.others, self.value)
+
+
 def window_positions(grid: tuple[int, int], window_size: int) -> tuple[int, int]:
     """Number of valid top-left rows and columns for a K×K window on the grid."""
     if not isinstance(grid, (tuple, list)) or len(grid) != 2 or not all(is_integer(g) and g > 0 for g in grid):
@@ -81,10 +97,8 @@ def window_positions(grid: tuple[int, int], window_size: int) -> tuple[int, int]
                          f"e.g. lomar.models.masking.grid_size(img_size, patch_size)")
     hg, wg = grid
     if window_size > hg or window_size > wg:
-        raise ValueError(
-            f"window_size={window_size}: a {window_size}x{window_size} window does not fit the {hg}x{wg} patch grid; "
-            f"pass window_size <= {min(hg, wg)} or use a larger image"
-        )
+        raise WindowsDoNotFit(f"a {window_size}x{window_size} window does not fit the {hg}x{wg} patch grid",
+                              "window_size", min(hg, wg), value=window_size)
     return hg - window_size + 1, wg - window_size + 1
 
 
@@ -107,18 +121,14 @@ def check_window_request(grid: tuple[int, int], window_size: int, num_windows: i
         raise ValueError(f"num_windows must be a positive integer, got {num_windows!r}")
     most = max_windows(grid, window_size, placement)
     if placement == "permutation" and num_windows > most:
-        raise ValueError(
+        raise WindowsDoNotFit(
             f"num_windows={num_windows} asks for more {window_size}x{window_size} windows than fit: placed as the "
             f"original places them (no two share a top row or a left column), the {grid[0]}x{grid[1]} patch grid's "
-            f"{rows} x {cols} window positions hold at most {most}; pass num_windows <= {most}, placement='distinct', "
-            f"or use a larger image"
-        )
+            f"{rows} x {cols} window positions hold at most {most}", "num_windows", most, ", placement='distinct',")
     if num_windows > rows * cols:
-        raise ValueError(
+        raise WindowsDoNotFit(
             f"num_windows={num_windows} asks for more distinct {window_size}x{window_size} windows than fit: the "
-            f"{grid[0]}x{grid[1]} patch grid has only {rows * cols} window positions; "
-            f"pass num_windows <= {rows * cols} or use a larger image"
-        )
+            f"{grid[0]}x{grid[1]} patch grid has only {rows * cols} window positions", "num_windows", rows * cols)
     return num_masked(window_size, mask_ratio)
 
 
