@@ -82,6 +82,7 @@ def test_a_warm_up_cut_to_the_schedule_is_said_with_both_lengths():
     said = warmup_warning(200, 200, 200, 1.0, config=segment)  # it ends with its (cut) warm-up: 0.995 at step 199
     assert said.startswith("--warmup-steps 1500 is longer than this run's 200-step lr schedule") and \
         "peaks at 0.995 instead of 1" in said and said.endswith("lower --warmup-steps below 200 (e.g. 20)")
+    assert warmup_warning(1, 1, 1, 1.0, config=segment).endswith("below 1 (e.g. 0)")  # 0: no warm-up, a valid fix
     assert warmup_warning(200, 200, 200, 1.0, config=SimpleNamespace(warmup_steps=200)) is None  # as asked
     assert warmup_warning(200, 200, 200, 1.0, config=segment, resumed=True) is None  # told at its start
 

@@ -66,7 +66,7 @@ def warmup_warning(last_step: int, total_steps: float, warmup_steps: float, base
     if cut:
         return (f"--warmup-steps {asked} is longer than this run's {total_steps:g}-step lr schedule: it warms up over "
                 f"all of it, the lr peaks at {peak:.3g} instead of {base_lr:.3g} and never decays; lower "
-                f"--warmup-steps below {total_steps:g} (e.g. {max(1, math.floor(total_steps) // 10)})")
+                f"--warmup-steps below {total_steps:g} (e.g. {math.floor(total_steps) // 10})")
     return (f"this run stops at step {last_step}, inside its {warmup_steps:g}-step warm-up: the lr peaks at "
             f"{peak:.3g} instead of {base_lr:.3g}; {_warmup_fix(config, warmup_steps, resumed)}")
 
