@@ -1,10 +1,11 @@
-"""``lomar segment``: UperNet on a ViT encoder, ADE20K-layout data, mmseg's recipe, mIoU / mAcc / aAcc
-and the last evaluation's predictions as PNGs.
+"""``lomar segment``: UperNet on a ViT encoder, ADE20K-layout data, mmseg's recipe, mIoU / mAcc / aAcc with
+each class's IoU and Acc (``per_class.md`` at the end) and the last evaluation's predictions as PNGs.
 
 :class:`SegmentTask` is a :class:`~lomar.train.task.Task` with its own ``lr_schedule`` (linear warm-up
 then poly); the run (folder, lock, resume, signals, DDP, checkpoints, logging) is
 :func:`lomar.train.lifecycle.run`'s. Under torchrun each process scores every W-th validation image,
-the confusion matrices are summed and the main process writes every prediction.
+the confusion matrices are summed and the main process writes every prediction. ``--eval-only`` scores a trained
+segmenter in one process, without a training run.
 """
 
 from __future__ import annotations
