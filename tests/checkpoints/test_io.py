@@ -100,6 +100,19 @@ def test_corrupt_checkpoint_gives_one_line_error(tmp_path, content):
     assert "cannot read checkpoint" in str(info.value) and "\n" not in str(info.value)
 
 
+def test_a_safetensors_file_cut_short_is_named_as_one(tmp_path):
+    """torch.load reads a whole safetensors file (lomar export takes one); cut short, it was 'a file in an unknown
+    format, expected a PyTorch checkpoint written by torch.save (.pt / .pth)'."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.ones(64, 64)}, path)
+    path.write_bytes(path.read_bytes()[:4000])
+    with pytest.raises(ValueError, match=r"it is a safetensors file that is cut short or damaged \(copy or export "
+                                         r"it again\)$"):
+        safe_load(path)
+
+
 def test_missing_file():
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_original("/nonexistent/ckpt.pth")

@@ -185,6 +185,10 @@ def describe_file(path: str | Path) -> str:
                 "(download or save it again)")
     if head.startswith(b"PK"):
         return "a zip archive that is not a complete PyTorch checkpoint"
+    # torch.load reads a whole one: an 8-byte little-endian header length (safetensors caps it at 100 MB; a text's
+    # first 8 bytes read as one are far more), then the JSON header
+    if head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "a safetensors file that is cut short or damaged (copy or export it again)"
     if head[:1] in (b"{", b"[") or head.isascii() and all(32 <= b < 127 or b in b"\r\n\t" for b in head):
         return "a text file"
     if head[:1] == b"\x80":
@@ -226,7 +230,8 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu", mmap: 
                              f"load refuses (lomar never unpickles arbitrary code); re-save it as a plain state "
                              f"dict") from exc
         found = describe_file(path)
-        expected = "" if "torch.save" in found else ", expected a PyTorch checkpoint written by torch.save (.pt / .pth)"
+        expected = "" if "torch.save" in found or "safetensors" in found else \
+            ", expected a PyTorch checkpoint written by torch.save (.pt / .pth)"
         raise ValueError(f"cannot read checkpoint {path}: it is {found}{expected}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"checkpoint {path} holds a {type(data).__name__}, expected a dict")
