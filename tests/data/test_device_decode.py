@@ -103,6 +103,10 @@ def test_a_file_the_decoder_refuses_leaves_the_batch(photos, tmp_path):
     assert all(item["encoded"] is not None for item in items)  # the header parses: the device gets it
     batch = decode_batch(collate_encoded(items), CPU, base.transform)
     assert [Path(p).name for p in batch["bad"]] == ["truncated.jpg"]
+    # said as the reference path says it (pretrain's warning and final error read "why"), not as a bare path
+    (why,) = batch["why"].values()
+    assert why.startswith(f"cannot decode image {tmp_path / 'truncated.jpg'}: ") and "refused" in why
+    assert ".cpp:" not in why and "\n" not in why
     assert [Path(p).name for p in batch["paths"]] == ["good.jpg", "zgood.jpg"]
     assert batch["images"].shape[0] == batch["top_left"].shape[0] == batch["mask"].shape[0] == 2
     torch.testing.assert_close(batch["images"][1], base[(2, 0)]["image"], rtol=0, atol=0)

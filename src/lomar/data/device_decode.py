@@ -18,8 +18,8 @@ so that the workers' cores add to the device's decoder.
 from __future__ import annotations
 
 import contextlib
-import logging
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -37,9 +37,9 @@ from lomar.data.folder import ImageListDataset
 __all__ = ["DEVICE_DECODE_TYPES", "Decoding", "decode_dataset", "EncodedPretrainDataset", "collate_encoded",
            "decode_batch", "DeviceDecode", "decoded_ahead"]
 
-log = logging.getLogger("lomar.data")
 
 DEVICE_DECODE_TYPES = ("cuda",)  # devices with a batched JPEG decoder in torchvision
+_SOURCE_PLACE = re.compile(r"^.*\.(?:cpp|cu|h):\d+,\s*")
 
 
 class Decoding(NamedTuple):
@@ -129,16 +129,21 @@ def decode_batch(batch: dict, device: torch.device, transform, decoder: str = "t
     the same batch with ``"images"`` (B', 3, S, S) float32 on ``device``, normalised as ``transform``
     (the dataset's :class:`lomar.data.transforms.PretrainTransform`) does.
 
-    A file whose header parsed but whose data the decoder refuses joins ``"bad"`` and leaves the
-    batch (the plan fields are cut to match), as an unreadable file does on the reference path.
+    A file whose header parsed but whose data the decoder refuses joins ``"bad"``, with the decoder's
+    reason under ``"why"``, and leaves the batch (the plan fields are cut to match), as an unreadable
+    file does on the reference path.
     """
     # Rows drafted by the workers and rows decoded here are uint8 until one normalisation of them all:
     # a few launches a batch, not a few a photo (the step shares the device with this thread).
     images = [None if pixels is None else pixels.to(device, non_blocking=True) for pixels in batch["image"]]
     rows = [i for i, data in enumerate(batch["encoded"]) if data is not None]
     lists = ([batch[key][i] for i in rows] for key in ("encoded", "box", "flip"))
+    refused: dict[str, str] = {}  # path -> why, said as the reference path says an unreadable file
     for i, pixels in zip(rows, _decode_rows(*lists, transform.size, device, decoder)):
-        images[i] = pixels
+        if isinstance(pixels, str):
+            refused[batch["paths"][i]] = f"cannot decode image {batch['paths'][i]}: {pixels}"
+        else:
+            images[i] = pixels
     uint8_rows = [i for i, image in enumerate(images) if image is not None and image.dtype == torch.uint8]
     normalised = transform.normalize(torch.stack([images[i] for i in uint8_rows])) if uint8_rows else None
     for i, pixels in zip(uint8_rows, normalised.unbind(0) if uint8_rows else ()):
@@ -148,6 +153,7 @@ def decode_batch(batch: dict, device: torch.device, transform, decoder: str = "t
     out = {key: value[mask.to(value.device)] if isinstance(value, torch.Tensor) else value
            for key, value in batch.items() if key not in _LISTED}
     out["bad"] = batch["bad"] + [p for p, k in zip(batch["paths"], keep) if not k]
+    out["why"] = {**batch["why"], **refused}
     out["paths"] = [p for p, k in zip(batch["paths"], keep) if k]
     kept = [image for image in images if image is not None]
     if len(uint8_rows) == len(kept) and kept:  # every row normalised in one batch, in order: no second copy
@@ -180,20 +186,23 @@ class DeviceDecode:
 
 
 def _decode_rows(datas: list[torch.Tensor], boxes: list[torch.Tensor], flips: list[bool], size: int,
-                 device: torch.device, decoder: str) -> list[torch.Tensor | None]:
-    """uint8 (3, S, S) per row, None where the decoder refused it; one bad file does not cost the batch."""
+                 device: torch.device, decoder: str) -> list[torch.Tensor | str]:
+    """uint8 (3, S, S) per row, or why the decoder refused it; one bad file does not cost the batch."""
     boxes = [tuple(box.tolist()) for box in boxes]
     try:
         return list(gpu_decode_crops(datas, boxes, size, flips, device, decoder)) if datas else []
     except RuntimeError:
         pass
-    out: list[torch.Tensor | None] = []
-    for j, (data, box, flip) in enumerate(zip(datas, boxes, flips)):
+    out: list[torch.Tensor | str] = []
+    for data, box, flip in zip(datas, boxes, flips):
         try:
             out.append(gpu_decode_crops([data], [box], size, [flip], device, decoder)[0])
         except RuntimeError as exc:
-            log.debug("device decoder refused image %d of the batch: %s", j, exc)
-            out.append(None)
+            # torchvision's first line leads with its source file and line ("decode_jpeg, .../decode_jpeg.cpp:171,
+            # Image is incomplete or truncated"): the user needs the last part
+            line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            out.append(f"the {decoder} device JPEG decoder refused it ({_SOURCE_PLACE.sub('', line)}); replace or "
+                       f"remove it")
     return out
 
 
