@@ -16,6 +16,12 @@ def test_values_and_underscored_names_read_as_flags_and_prose_stays():
         "pass --windows <= 2, --window-placement distinct, or use a larger image; --window-size must be >= 2")
 
 
+def test_a_tuple_or_list_of_numbers_reads_as_the_flags_values():
+    message = "(global_blocks=(0, 1)); give fewer (global_blocks=(1,)) or global_blocks=[2, 5]"
+    assert in_flags(message, {"global_blocks": "--global-blocks"}) == (
+        "(--global-blocks 0 1); give fewer (--global-blocks 1) or --global-blocks 2 5")
+
+
 def test_names_inside_other_names_flags_or_attributes_are_left_alone():
     message = "config.window_size=3 and the --window-size flag; max_num_windows=2 and patch_size=8, patch grid"
     assert in_flags(message, FLAGS) == message

@@ -55,10 +55,11 @@ def said_by_first_on_machine(logger: str = "lomar.data", say: bool | None = None
 def in_flags(message: str, flags: dict[str, str]) -> str:
     """A library message, which names the Python parameters it was given, in the words of the command line that
     passed them: ``flags`` maps a parameter to its flag. ``name=value`` (a value quoted or not) reads ``--flag
-    value``; a bare name reads ``--flag`` where it has an underscore, which no word of the prose has (``pass
-    window_size <= 7``), and is left as it is without one (``patch``, ``windows``), which prose may hold. A Python
-    alternative for a name the command has no flag for (``pass num_heads=... to load_original, or ...``) is dropped,
-    its other fix kept. A word holding ``/`` or ``\\`` is a path and stays whole."""
+    value``, a tuple or list of numbers (``name=(3,)``, ``name=[2, 5]``) ``--flag 3``, ``--flag 2 5``; a bare name
+    reads ``--flag`` where it has an underscore, which no word of the prose has (``pass window_size <= 7``), and is
+    left as it is without one (``patch``, ``windows``), which prose may hold. A Python alternative for a name the
+    command has no flag for (``pass num_heads=... to load_original, or ...``) is dropped, its other fix kept. A word
+    holding ``/`` or ``\\`` is a path and stays whole."""
     if not flags:
         return message
     names = "|".join(map(re.escape, sorted(flags, key=len, reverse=True)))
@@ -66,6 +67,8 @@ def in_flags(message: str, flags: dict[str, str]) -> str:
 
     def reworded(text: str) -> str:
         text = re.sub(r"\bpass (\w+)=\.\.\. to [\w.]+, or ", lambda m: m[0] if m[1] in flags else "", text)
+        text = re.sub(rf"(?<![\w.-])({names})=[\[(]([\d.,\s]*)[\])]",
+                      lambda m: " ".join([flags[m[1]], *re.findall(r"[\d.]+", m[2])]), text)
         text = re.sub(rf"(?<![\w.-])({names})=(['\"]?)([^\s,;'\"]*)\2", lambda m: f"{flags[m[1]]} {m[3]}", text)
         return re.sub(rf"(?<![\w.-])({bare})\b", lambda m: flags[m[1]], text) if bare else text
 

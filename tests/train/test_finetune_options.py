@@ -182,13 +182,15 @@ def test_a_window_size_that_windows_no_block_is_said(tmp_path, capsys, pretraine
     """ViTDet's default global blocks (the last of each quarter) are every block of an encoder under 8 blocks deep:
     --window-size then changed nothing, without a word."""
     encoder = load_pretrained_encoder(pretrained, window_size=2, global_blocks=None)
-    assert "window_size 2 windows no block: all 2 blocks attend globally (global_blocks [0, 1]); give fewer global " \
-           "blocks (--global-blocks 1)" in encoder.load_report.summary()
+    # the library's words are the Python caller's parameters, the command's its flags
+    assert "window_size=2 windows no block: all 2 blocks attend globally (global_blocks=(0, 1)); give fewer global " \
+           "blocks (global_blocks=(1,)) to window the others" in encoder.load_report.summary()
     assert "windows no block" not in load_pretrained_encoder(pretrained, window_size=2, global_blocks=(1,)) \
         .load_report.summary()
     assert _finetune(pretrained, folder, tmp_path / "run", "--batch-size", "4", "--max-steps", "1",
                      "--window-size", "2") == 0
-    assert "window_size 2 windows no block" in capsys.readouterr().out
+    assert "--window-size 2 windows no block: all 2 blocks attend globally (--global-blocks 0 1); give fewer global " \
+           "blocks (--global-blocks 1) to window the others" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -26,7 +26,7 @@ from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker, collate_labelle
 from lomar.data.decode import load_image, load_image_reduced
 from lomar.data.folder import LabelledImageFolder
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from lomar.errors import UsageError, said_by_first_on_machine
+from lomar.errors import UsageError, in_flags, said_by_first_on_machine
 from lomar.models.attention import vitdet_global_blocks
 from lomar.models.masking import grid_size
 from lomar.models.relpos import REL_POS_PARAMS
@@ -51,13 +51,14 @@ class LoadReport:
     dropped: list[str] = field(default_factory=list)  # source keys the encoder does not use
     notes: list[str] = field(default_factory=list)  # e.g. interpolated position table
 
-    def summary(self) -> str:
+    def summary(self, flags: dict[str, str] | None = None) -> str:
+        """One line; its notes, which name the Python parameters, in a command's ``flags`` (:func:`in_flags`)."""
         def short(keys: list[str]) -> str:
             return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "") if keys else "none"
 
         text = (f"loaded {self.loaded} tensors from {self.source} {self.path}; "
                 f"newly initialised: {short(self.fresh)}; not used: {short(self.dropped)}")
-        return text + "".join(f"; {note}" for note in self.notes)
+        return text + "".join(f"; {in_flags(note, flags or {})}" for note in self.notes)
 
 
 def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool: str = "avg",
@@ -115,9 +116,9 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     model = VisionTransformer(config, num_classes=num_classes, global_pool=global_pool)
     report = LoadReport(weights.source, str(path), dropped=list(weights.dropped), notes=trained)
     if config.window_size and len(set(config.global_blocks)) >= config.depth:  # ViTDet's layout below 8 blocks, say
-        report.notes.append(f"window_size {config.window_size} windows no block: all {config.depth} blocks attend "
-                            f"globally (global_blocks {list(config.global_blocks)}); give fewer global blocks "
-                            f"(--global-blocks {config.depth - 1}) to window the others")
+        report.notes.append(f"window_size={config.window_size} windows no block: all {config.depth} blocks attend "
+                            f"globally (global_blocks={tuple(config.global_blocks)}); give fewer global blocks "
+                            f"(global_blocks=({config.depth - 1},)) to window the others")
     own = model.state_dict()
     # A finetuned classifier has no final norm (it pools into fc_norm): as a plain encoder
     # it gets a fresh, identity-initialised one.

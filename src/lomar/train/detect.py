@@ -49,7 +49,7 @@ from lomar.train.detect_config import DetectConfig, detect_checkpoint
 from lomar.train.distributed import DistInfo
 from lomar.train.lifecycle import Task, run
 from lomar.train.preemption import ignore_stop_signals
-from lomar.train.settings_resume import encoder_layout
+from lomar.train.settings_resume import command_flags, encoder_layout
 from lomar.train.task import score_only
 from lomar.train.task_resume import load_resumed
 
@@ -158,7 +158,7 @@ class DetectTask(Task):
             if not isinstance(encoder, VisionTransformer):
                 raise UsageError(f"--pretrained {cfg.pretrained}: only LoMaR / MAE ViT encoders can be detection "
                                  f"backbones, not {'BEiT' if encoder is None else type(encoder).__name__}")
-            self.log(f"lomar detect: {encoder.load_report.summary()}")
+            self.log(f"lomar detect: {encoder.load_report.summary(command_flags(cfg))}")
         else:
             config = model_config(cfg.model)
             encoder = VisionTransformer(model_config(cfg.model, **_layout(cfg, config.depth)))

@@ -38,7 +38,7 @@ from lomar.train.distributed import DistInfo
 from lomar.train.finetune_config import FinetuneConfig, split_roots
 from lomar.train.lifecycle import Task, TrainingError, run
 from lomar.train.preemption import ignore_stop_signals
-from lomar.train.settings_resume import encoder_layout
+from lomar.train.settings_resume import command_flags, encoder_layout
 from lomar.train.task_resume import load_resumed
 
 __all__ = ["finetune", "classification_transforms", "eval_crop_ratio", "FinetuneTask"]
@@ -112,7 +112,7 @@ class FinetuneTask(Task):
         if not config.train_pos_embed and hasattr(self.model, "freeze_pos_embed"):  # timm's Beit has no table
             self.model.freeze_pos_embed()
         if info.is_main:
-            print(f"lomar finetune: {self.model.load_report.summary()}", flush=True)
+            print(f"lomar finetune: {self.model.load_report.summary(command_flags(config))}", flush=True)
         self.model.set_grad_checkpointing(config.grad_checkpointing)
         self.model.to(device)
         self.mixup = None
