@@ -255,3 +255,24 @@ def test_timm_gives_a_beit_export_a_fresh_head_of_the_classes_asked_for(beit_exp
     with torch.no_grad():
         assert ten(x).shape == (2, 10)
         assert torch.equal(ten.forward_features(x), plain.forward_features(x))
+
+
+def test_load_original_given_lomars_own_checkpoint_or_export_says_it_needs_no_conversion(tmp_path, capsys):
+    """A pretraining checkpoint read 'lomar.eval.features.load_pretrained_encoder reads its encoder' (a Python call) and
+    an export's weights file a strict load's 'Missing key(s) ... mask_token ...; pass overrides to load_original'."""
+    from lomar import LoMaR, ViTConfig, export_encoder
+    from lomar.checkpoints.convert import pretrain_checkpoint
+    from lomar.checkpoints.io import atomic_save
+    from lomar.cli.app import main
+
+    model = LoMaR(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2), window_size=2,
+                  num_windows=1)
+    atomic_save(pretrain_checkpoint(model), tmp_path / "last.pt")
+    export_encoder(model, tmp_path / "ex")
+    for path, kind in ((tmp_path / "last.pt", "lomar-pretrain"), (tmp_path / "ex" / "model.safetensors", "export")):
+        assert main(["load-original", str(path), "--to", str(tmp_path / "c.pt")]) == 2
+        err = capsys.readouterr().err
+        assert f"{path} is lomar's own ({kind} format), not an original LoMaR / MAE checkpoint: it needs no " \
+               f"conversion; pass it as it is to lomar export" in err
+        assert "load_pretrained_encoder" not in err and "pass overrides" not in err
+    assert not (tmp_path / "c.pt").exists()

@@ -93,7 +93,11 @@ def load_original_run(args: argparse.Namespace) -> int:
     out = Path(args.to)
     if not Path(args.path).is_file():
         raise UsageError(f"{args.path} is not a file; pass an original LoMaR / MAE checkpoint (.pth)")
-    model = load_for_cli(args.path, args, original=True)
+    try:
+        model = load_for_cli(args.path, args, original=True)
+    except UsageError:
+        _refuse_our_own(args.path)
+        raise
     ckpt = pretrain_checkpoint(model, source=str(args.path))
     atomic_save(ckpt, out)
     vit = encoder_of(model).config
@@ -103,3 +107,19 @@ def load_original_run(args: argparse.Namespace) -> int:
           f"heads, patch {vit.patch_size}, {params / 1e6:.2f} M parameters) -> {out}")
     print(f"lomar: next: lomar export {out} --to DIR   |   lomar visualize {out} IMAGE...")
     return 0
+
+
+def _refuse_our_own(path: str) -> None:
+    """UsageError where an original checkpoint failed to load because ``path`` is lomar's own (a pretraining
+    checkpoint, an export or its weights file): the library's words for it name Python calls, or a strict load's
+    missing keys, where the command's user needs no conversion at all."""
+    from lomar.checkpoints.formats import read  # torch: not for --help
+
+    try:
+        reader, _ = read(path, mmap=True)
+    except (OSError, ValueError, RuntimeError):  # unreadable here too: the load's own message says why
+        return
+    if reader.name.startswith(("lomar-pretrain", "lomar-finetune", "export")):
+        raise UsageError(f"{path} is lomar's own ({reader.name} format), not an original LoMaR / MAE checkpoint: it "
+                         f"needs no conversion; pass it as it is to lomar export, knn, linprobe or finetune "
+                         f"--pretrained")
