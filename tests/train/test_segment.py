@@ -132,7 +132,8 @@ def _segment(data, out, *extra) -> int:
 def test_the_final_evaluation_can_be_the_best_checkpoint(digits, tmp_path, capsys):
     # evaluated only at the end (--eval-every beyond the run): that score is the run's best so far
     out = tmp_path / "run"
-    assert _segment(digits, out, "--max-steps", "2", "--eval-every", "50", "--eval-mode", "whole") == 0
+    assert _segment(digits, out, "--model", "vit_tiny_patch16", "--max-steps", "2", "--eval-every", "50",
+                    "--eval-mode", "whole") == 0
     assert "best mIoU" in capsys.readouterr().out
     best = safe_load(out / "best.pt")
     assert best["step"] == 2 and best["metrics"]["mIoU"] == json.loads(
@@ -177,8 +178,8 @@ def test_eval_only_scores_a_trained_segmenter_as_its_run_did(digits, tmp_path, c
 
 def test_without_the_auxiliary_head_the_loss_is_the_decode_heads_and_a_cut_warm_up_is_said(digits, tmp_path, capsys):
     out = tmp_path / "run"
-    assert _segment(digits, out, "--max-steps", "1", "--eval-every", "50", "--aux-weight", "0",
-                    "--warmup-steps", "1500") == 0
+    assert _segment(digits, out, "--model", "vit_tiny_patch16", "--max-steps", "1", "--eval-every", "50",
+                    "--aux-weight", "0", "--warmup-steps", "1500") == 0
     # mmseg's 1500 warm-up steps in a 1-step run: cut to the run, which never reaches its lr; said once, at the start
     err = capsys.readouterr().err
     assert err.count("--warmup-steps 1500 is longer than this run's 1-step lr schedule") == 1, err
@@ -189,8 +190,8 @@ def test_without_the_auxiliary_head_the_loss_is_the_decode_heads_and_a_cut_warm_
 def test_clip_grad_clips_the_gradient(digits, tmp_path):
     # a diverging segmentation run could only be told to lower --lr: it had no --clip-grad
     out = tmp_path / "run"
-    norms = applied_grad_norms(lambda: _segment(digits, out, "--max-steps", "2", "--eval-every", "50", "--eval-mode",
-                                           "whole", "--clip-grad", "0.001"))
+    norms = applied_grad_norms(lambda: _segment(digits, out, "--model", "vit_tiny_patch16", "--max-steps", "2",
+                                                "--eval-every", "50", "--eval-mode", "whole", "--clip-grad", "0.001"))
     assert norms == pytest.approx([0.001, 0.001], rel=1e-3)
     assert yaml.safe_load((out / "config.yaml").read_text())["clip_grad"] == 0.001
 
