@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from lomar.data.collate import collate_labelled, collate_labelled_refill
 from lomar.data.decode import decode_bytes, load_image, max_image_pixels, open_pil, oriented_size
-from lomar.data.folder import LabelledImageFolder, build_image_list, find_images
+from lomar.data.folder import LabelledImageFolder, build_image_list, build_pretrain_dataset, find_images
 from lomar.data.shards import TarShardDataset
 from lomar.data.transforms import PretrainTransform
 
@@ -199,6 +199,29 @@ def test_every_format_is_decoded_as_its_exif_orientation_says(fmt):
     assert image.shape == (3, 40, 24)
     if fmt != "JPEG":  # lossless: Pillow's rotation of the same pixels
         assert torch.equal(image, upright)
+
+
+def test_a_png_whose_pixel_data_breaks_is_skipped_by_every_reader_that_reads_its_orientation(tmp_path):
+    """Pillow's PNG reader decodes the pixels to find an EXIF chunk after them; once that failed, its next decode
+    gave the rows before the damage and zeros, without an error: --decode windows trained on what full skips."""
+    from lomar.data.fast_decode import FastPretrainDataset
+    from lomar.methods import get_method
+
+    y, x = np.mgrid[0:64, 0:96]
+    out = io.BytesIO()
+    Image.fromarray(np.stack([x * 2, y * 3, x + y], -1).astype(np.uint8)).save(out, format="PNG")
+    data = out.getvalue()
+    at = data.index(b"IDAT") + 4 + int.from_bytes(data[data.index(b"IDAT") - 4:data.index(b"IDAT")], "big") // 2
+    (tmp_path / "broken.png").write_bytes(data[:at] + b"\xff" * 4 + data[at + 4:])  # chunk lengths kept
+    with open_pil((tmp_path / "broken.png").read_bytes()) as img, pytest.raises(OSError):
+        oriented_size(img)
+
+    class Windows:  # two 2x2-patch windows of an 8x8 grid: sparse, so the windows path reads the PNG itself
+        window_size, windows, mask_ratio = 2, 2, 0.75
+    base = build_pretrain_dataset(str(tmp_path), 64, seed=1, masker=get_method("lomar").masker(Windows(), (8, 8)))
+    windows = FastPretrainDataset(base, "windows", patch_size=8, window_size=2, num_windows=2)
+    assert windows.sparse and base[(0, 0)]["image"] is None
+    assert windows[(0, 0)]["image"] is None and "broken data stream" in windows[(0, 0)]["why"]
 
 
 def test_a_photo_stored_sideways_decodes_about_as_fast_as_one_stored_upright():

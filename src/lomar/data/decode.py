@@ -170,7 +170,19 @@ def open_pil(data: bytes, name: str = "<bytes>", max_pixels: int | None = None):
 
 def exif_orientation(img: Image.Image) -> int | None:
     """The EXIF orientation tag of an opened image (1: as stored); None when the EXIF block cannot be read.
-    Any other than 0 or 1 asks (or may ask) for a rotation/flip, which every decode path applies."""
+    Any other than 0 or 1 asks (or may ask) for a rotation/flip, which every decode path applies.
+
+    OSError when the image is a PNG whose pixel data cannot be decoded: Pillow's PNG reader decodes the pixels to
+    look for an EXIF chunk after them, and once that has failed, its next decode returns the rows read before the
+    damage and zeros below them, without an error (``--decode windows`` trained on them where ``full`` skipped
+    the file)."""
+    if img.format == "PNG":
+        try:
+            img.load()
+        except OSError:
+            raise
+        except Exception as exc:  # SyntaxError, EOFError...: a damaged file, as the datasets' readers catch it
+            raise OSError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
     try:
         with warnings.catch_warnings():  # a damaged block's 'Tag data larger than file' and such, from every worker
             warnings.simplefilter("ignore", UserWarning)
