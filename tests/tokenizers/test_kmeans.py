@@ -1,5 +1,6 @@
 """k-means patch tokenizer: determinism, nearest-centroid tokens, save/load, vocabulary limits."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,14 @@ def test_vocabulary_larger_than_the_patches_is_an_error():
 def test_fit_arguments_that_are_no_counts_are_named(bad, named):
     with pytest.raises(ValueError, match=named):
         fit_kmeans_tokenizer(torch.rand(2, 3, 16, 16), **{"vocab_size": 4, "patch": 8, "input_size": 16, **bad})
+
+
+def test_numpy_integers_fit_as_python_ones():  # a seed from a config read back from a file
+    images = torch.rand(2, 3, 16, 16)
+    given = dict(vocab_size=np.int64(4), patch=np.int64(8), input_size=np.int64(16), iters=np.int64(3))
+    tok = fit_kmeans_tokenizer(images, **given, seed=np.int64(5), max_patches=np.int64(6))
+    plain = fit_kmeans_tokenizer(images, vocab_size=4, patch=8, input_size=16, iters=3, seed=5, max_patches=6)
+    torch.testing.assert_close(tok.centroids, plain.centroids, atol=0, rtol=0)
 
 
 def test_large_vocabulary_fits_quickly():

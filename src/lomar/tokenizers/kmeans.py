@@ -180,7 +180,7 @@ def fit_kmeans_tokenizer(images: torch.Tensor | Iterable[torch.Tensor], vocab_si
     if input_size % patch:
         raise ValueError(f"input_size={input_size} is not a multiple of patch={patch}; use 112 with 8")
     x = _gather_features(images, patch, input_size)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(int(seed))  # numpy's: manual_seed takes Python ints only
     if max_patches is not None and x.shape[0] > max_patches:
         x = x[torch.randperm(x.shape[0], generator=gen)[:max_patches]]
     if vocab_size > x.shape[0]:
