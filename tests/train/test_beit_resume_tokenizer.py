@@ -31,7 +31,9 @@ def test_a_resumed_beit_run_refuses_a_replaced_tokenizer_file(tmp_path, image_di
     capsys.readouterr()
     assert pretrain(*flags, "--max-steps", "3", "--resume", "auto") == 2
     err = capsys.readouterr().err
-    assert f"the tokenizer {path} is not the one this run trained with" in err and err.count("\n") == 1
+    assert (f"--resume: the tokenizer {path} (tensors' sha256 {other.digest()[:12]}) is not the tokenizer this run "
+            f"trained with ({original.digest()[:12]}): its targets would change mid-run" in err
+            and err.count("\n") == 1), err
     original.save(path)  # restored: the run goes on
     assert pretrain(*flags, "--max-steps", "3", "--resume", "auto") == 0
     # A run folder moved since: its fitted tokenizer was looked for where the folder had been ("does not exist"),
@@ -100,3 +102,25 @@ def test_a_run_stopped_before_its_first_checkpoint_checks_a_given_tokenizer_agai
     (run / "tokenizer.safetensors").unlink()
     with pytest.raises(ConfigError, match="which is gone, and the run kept no digest"):
         PretrainConfig.saved_run({**explicit, "tokenizer": str(tmp_path / "copy.safetensors")})
+
+
+def test_the_loaded_tokenizer_is_checked_against_the_checkpoints_digest():
+    """A file replaced in place keeps its recorded path, so only the loaded tensors' digest shows the change: the
+    refusal names both digests, as --tokenizer's and lomar visualize's (methods.beit.not_trained_with)."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from lomar.errors import UsageError
+    from lomar.train.pretrain import PretrainTask
+
+    task = SimpleNamespace(config=SimpleNamespace(tokenizer="/runs/a/tokenizer.safetensors", workers=1),
+                           tokenizer_digest="a" * 64, iterable=False)
+    with pytest.raises(UsageError) as refused:
+        PretrainTask.load(task, {"tokenizer_digest": "b" * 64})
+    assert str(refused.value) == (
+        "--resume: the tokenizer /runs/a/tokenizer.safetensors (tensors' sha256 aaaaaaaaaaaa) is not the tokenizer "
+        "this run trained with (bbbbbbbbbbbb): its targets would change mid-run; restore that file, or start a new run "
+        "with another --out")
+    PretrainTask.load(task, {"tokenizer_digest": "a" * 64})  # the same tensors
+    PretrainTask.load(task, {})  # a run saved before the digest was kept

@@ -24,6 +24,7 @@ from lomar.errors import UsageError, said_by_first_on_machine
 from lomar.eval.knn import KnnMonitor
 from lomar.methods import get_method
 from lomar.methods.base import method_runtime
+from lomar.methods.beit import not_trained_with
 from lomar.models.spec import model_spec
 from lomar.train.config import PretrainConfig, build_model, prepare_method
 from lomar.train.distributed import DistInfo
@@ -162,10 +163,10 @@ class PretrainTask(Task):
 
     def load(self, state: dict) -> None:
         saved = state.get("tokenizer_digest")  # none in runs saved before it was kept
-        if saved is not None and saved != self.tokenizer_digest:
-            raise UsageError(f"--resume: the tokenizer {self.config.tokenizer} is not the one this run trained with "
-                             f"(its tensors changed since the checkpoint), so the targets would change mid-run; "
-                             f"restore that file, or start a new run with another --out")
+        if saved is not None and (refusal := not_trained_with(
+                f"--resume: the tokenizer {self.config.tokenizer}", self.tokenizer_digest, saved, "this run",
+                "its targets would change mid-run; restore that file, or start a new run with another --out")):
+            raise UsageError(refusal)
         # Tar shards are dealt to the loader's workers: another count mid-epoch reads another stream of samples
         was, now = max(1, state.get("config", {}).get("workers") or 0), max(1, self.config.workers)
         if self.iterable and state.get("batches_done") and was != now:
