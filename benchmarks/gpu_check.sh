@@ -28,6 +28,7 @@
 #   GPU_CHECK_BACKBONE_ENCODERS="lomar mae mae+decomposed mae+bias" (windowed, at GPU_CHECK_BACKBONE_RELPOS_SIZES:
 #     the first backbone size): backbone-relpos.json
 #   GPU_CHECK_T_ENV/_BENCH/_PRETRAIN/_LOADER/_TESTS/_FINETUNE/_BACKBONE: per-part timeouts (s)
+#   GPU_CHECK_TESTS_COLLECT=1: the tests and mfu parts only collect their pytest selection (CI's CPU mode)
 #   GPU_CHECK_BUDGET=470 (s, whole check: bench runs, last, are skipped when it is spent)
 #   GPU_CHECK_VENV=/tmp/lomar-gpu-check-venv (an existing venv not made by this script is used as is)
 #   GPU_CHECK_PARTS="env tests loader pretrain bench" (also: finetune backbone mfu, outside the 8 minutes)
@@ -105,11 +106,13 @@ status() {
     "$part" "$state" "$rc" "$note" > "$DEST/$part.json"
 }
 # run_tests FILE LINES PYTEST_ARGS...: pytest's whole output (failures' messages and values) in $DEST/FILE,
-# its last LINES lines in the summary; returns pytest's exit status
+# its last LINES lines in the summary; returns pytest's exit status. GPU_CHECK_TESTS_COLLECT=1 only collects
+# them: the CI test of this script's CPU mode, whose suite runs the same tests on the same device itself.
 run_tests() {
-  local file=$1 lines=$2; shift 2
-  timeout "${GPU_CHECK_T_TESTS:-120}" "$PY" -m pytest -q -p no:cacheprovider -p no:logging --tb=short "$@" \
-    > "$DEST/$file" 2>&1
+  local file=$1 lines=$2 collect=(); shift 2
+  [ "${GPU_CHECK_TESTS_COLLECT:-0}" = 1 ] && collect=(--collect-only)
+  timeout "${GPU_CHECK_T_TESTS:-120}" "$PY" -m pytest -q -p no:cacheprovider -p no:logging --tb=short \
+    "${collect[@]}" "$@" > "$DEST/$file" 2>&1
   local rc=$?
   tail -n "$lines" "$DEST/$file" | tee -a "$LOG"
   return $rc

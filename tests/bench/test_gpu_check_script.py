@@ -26,8 +26,12 @@ def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path / "work"),
            "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_PARTS": PARTS, "GPU_CHECK_DECODE": "draft draft-inline-imagenet",
            "GPU_CHECK_METHODS": "lomar mae", "GPU_CHECK_COMPILE_SIZES": "64",
+           # the selected tests are this suite's own, run here on this device: the script's selection is checked
+           "GPU_CHECK_TESTS_COLLECT": "1",
            # the device's 90 s per backbone run is a budget, not a check: a busy 2-core CPU took longer
            "GPU_CHECK_T_BACKBONE": "240",
+           # the device's 470 s plan, too: a loaded CPU spent it before the bench parts and they were skipped
+           "GPU_CHECK_BUDGET": "100000",
            # this interpreter's environment, used as it is (the script installs nothing into it)
            "GPU_CHECK_VENV": sys.prefix, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
@@ -42,9 +46,12 @@ def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
     assert not failed, "\n".join(failed) + "\n" + log[-3000:]
 
     out = tmp_path / "out"
-    # the tests' whole output is kept (a failure's message, not only its name)
-    assert "passed" in (out / "cuda_graph_tests.log").read_text()
-    assert "deselected" in (out / "cuda_tests.log").read_text()
+    # the tests' whole output is kept (a failure's message, not only its name); each part selects its tests
+    graph_tests, cuda_tests = (out / "cuda_graph_tests.log").read_text(), (out / "cuda_tests.log").read_text()
+    assert "test_pretrain.py::test_reduce_overhead_trains_as_eager_with_accumulation[cpu]" in graph_tests
+    assert "1/" in graph_tests and "tests collected" in graph_tests, graph_tests
+    assert "test_pretrain.py::test_decode_gpu_trains_on_the_reference_pixels" in cuda_tests
+    assert "deselected" in cuda_tests and "reduce_overhead" not in cuda_tests, cuda_tests
     ratios = json.loads((out / "ratios.json").read_text())  # eager: one file; compiled: one file per method
     assert sorted((r["compile"], r["other"], r["source"]) for r in ratios) == [
         (False, "mae", "bench-64.json"), (True, "mae", "bench-compile-64-lomar.json, bench-compile-64-mae.json")]
