@@ -159,6 +159,24 @@ def test_mae_needs_heads_for_nonstandard_width(tmp_path):
     assert isinstance(loaded, MAE) and loaded.config.img_size == 64
 
 
+def test_an_img_size_off_the_mae_tables_grid_names_the_size_it_was_trained_at(tmp_path, capsys):
+    """--img-size is the pretraining size; another one read 'does not match the inferred mae model: size mismatch for
+    decoder_pos_embed: copying a param with shape ...; pass overrides to load_original', no word of the value."""
+    from lomar.cli.app import main
+
+    model = MAE(model_config("vit_tiny_patch16", img_size=64, pos="abs", **TINY),
+                decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
+    path = tmp_path / "mae.pth"
+    torch.save({"model": {k.removeprefix("encoder."): v for k, v in model.state_dict().items()}}, path)
+    with pytest.raises(ValueError, match=r"^img_size=96 makes a 6x6 grid of patch_size 16, but the checkpoint's "
+                                         r"position table is a 4x4 grid; pass img_size=64, the size it was trained at"):
+        load_original(path, num_heads=4, decoder_num_heads=4, img_size=96)
+    flags = ["--num-heads", "4", "--decoder-num-heads", "4", "--img-size", "64", "96", "--to", str(tmp_path / "o")]
+    assert main(["export", str(path), *flags]) == 2 and not (tmp_path / "o").exists()
+    assert "error: --img-size 64 96 makes a 4x6 grid of patch_size 16, but the checkpoint's position table is a 4x4 " \
+           "grid; pass --img-size 64, the size it was trained at, or leave --img-size out\n" in capsys.readouterr().err
+
+
 def test_standard_sizes_are_inferred_without_args():
     dim, depth = 192, 12
     state = {"patch_embed.proj.weight": torch.zeros(dim, 3, 16, 16),

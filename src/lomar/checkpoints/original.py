@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -125,6 +126,7 @@ def _original_model(data: dict, path: Path, overrides: dict) -> nn.Module:
     if method == "lomar":
         converted = lomar_from_original(state, keep_pos_embed=model.encoder.pos_embed is not None)
     elif method == "mae":
+        _check_table(state, model.encoder)
         converted = mae_from_original(state)
     else:
         converted = classifier_from_original(state, model)
@@ -135,6 +137,24 @@ def _original_model(data: dict, path: Path, overrides: dict) -> nn.Module:
         raise ValueError(f"checkpoint {path} does not match the inferred {method} model: {details[:400]}; "
                          f"pass overrides to load_original") from exc
     return model
+
+
+def _check_table(state: dict, encoder: VisionTransformer) -> None:
+    """ValueError naming the img_size (saved or given) whose grid is not that of the checkpoint's position table: a
+    strict load's size mismatch names keys and shapes (decoder_pos_embed's first), not the value to change."""
+    table = state.get("pos_embed")
+    if table is None or table.ndim != 3 or table.shape == encoder.pos_embed.shape:
+        return
+    c = encoder.config
+    rows, cols = grid_size(c.img_size, c.patch_size)
+    cells = table.shape[1] - 1
+    side = math.isqrt(cells)
+    size = c.img_size if isinstance(c.img_size, int) else tuple(c.img_size)
+    fix = f"is a {side}x{side} grid; pass img_size={side * c.patch_size}, the size it was trained at, or leave " \
+        f"img_size out" if side * side == cells else \
+        f"holds {cells} patches, not a square grid; pass img_size=(height, width) for the size it was trained at"
+    raise ValueError(f"img_size={size} makes a {rows}x{cols} grid of patch_size {c.patch_size}, but the checkpoint's "
+                     f"position table {fix}")
 
 
 def load_original(path: str | Path, **overrides) -> nn.Module:
