@@ -83,6 +83,11 @@ def test_a_warm_up_cut_to_the_schedule_is_said_with_both_lengths():
     assert said.startswith("--warmup-steps 1500 is longer than this run's 200-step lr schedule") and \
         "peaks at 0.995 instead of 1" in said and said.endswith("lower --warmup-steps below 200 (e.g. 20)")
     assert warmup_warning(1, 1, 1, 1.0, config=segment).endswith("below 1 (e.g. 0)")  # 0: no warm-up, a valid fix
+    # --max-steps 50 in a 1000-step schedule: the fix must end the warm-up before the run stops, not the schedule
+    longer = SimpleNamespace(warmup_steps=1500, schedule_steps=1000)
+    said = warmup_warning(50, 1000, 1000, 1.0, config=longer)
+    assert said.endswith("never decays, and this run stops at step 50; lower --warmup-steps below 50 (e.g. 5)"), said
+    assert warmup_warning(50, 1000, 5, 1.0, config=SimpleNamespace(warmup_steps=5, schedule_steps=1000)) is None
     assert warmup_warning(200, 200, 200, 1.0, config=SimpleNamespace(warmup_steps=200)) is None  # as asked
     assert warmup_warning(200, 200, 200, 1.0, config=segment, resumed=True) is None  # told at its start
 

@@ -64,9 +64,13 @@ def warmup_warning(last_step: int, total_steps: float, warmup_steps: float, base
     if peak >= base_lr * (1 - 1e-9):
         return None
     if cut:
+        # a run stopping before its schedule's end (--max-steps below --schedule-steps or --epochs') must also
+        # finish its warm-up before it stops, or the warm-up suggested would be cut by the stop in turn
+        stops = f", and this run stops at step {last_step}" if last_step < total_steps else ""
+        below = min(last_step, math.floor(total_steps))
         return (f"--warmup-steps {asked} is longer than this run's {total_steps:g}-step lr schedule: it warms up over "
-                f"all of it, the lr peaks at {peak:.3g} instead of {base_lr:.3g} and never decays; lower "
-                f"--warmup-steps below {total_steps:g} (e.g. {math.floor(total_steps) // 10})")
+                f"all of it, the lr peaks at {peak:.3g} instead of {base_lr:.3g} and never decays{stops}; lower "
+                f"--warmup-steps below {below} (e.g. {below // 10})")
     return (f"this run stops at step {last_step}, inside its {warmup_steps:g}-step warm-up: the lr peaks at "
             f"{peak:.3g} instead of {base_lr:.3g}; {_warmup_fix(config, warmup_steps, resumed)}")
 
