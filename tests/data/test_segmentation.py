@@ -213,3 +213,6 @@ def test_class_names_are_read_from_ades_class_list(tmp_path):
                                                 "2\t0.1072\t6046\t612\tbuilding, edifice\n3\t0.0878\t8265\t796\tsky\n")
     assert class_names(tmp_path, 3) == ["wall", "building", "sky"]  # the first synonym, as mmseg's list
     assert class_names(tmp_path, 4) is None  # a list of other classes than --num-classes says
+    # ADE's own file holds ids followed by a space ("22 \t"); a row of a digit int() does not read is no class
+    (tmp_path / "objectInfo150.txt").write_text("Idx\tName\n1\twall\n2 \tsky\n3\tfloor\n3\u00b2\tbed\n")
+    assert class_names(tmp_path, 3) == ["wall", "sky", "floor"]

@@ -47,7 +47,7 @@ def class_names(root: str | Path, num_classes: int) -> list[str] | None:
     except OSError:
         return None
     rows = [line.split("\t") for line in lines]
-    named = {int(row[0]): row[-1].split(",")[0].strip() for row in rows if len(row) > 1 and row[0].strip().isdigit()}
+    named = {int(row[0]): row[-1].split(",")[0].strip() for row in rows if len(row) > 1 and row[0].strip().isdecimal()}
     return [named[i] for i in range(1, num_classes + 1)] if sorted(named) == list(range(1, num_classes + 1)) else None
 
 
