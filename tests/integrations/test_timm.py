@@ -28,3 +28,17 @@ def test_weights_of_another_position_encoding_name_the_pos_to_pass(tmp_path, pos
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x), source.forward_features(x))
+
+
+def test_beit_weights_are_named_as_beits_not_read_as_a_vits(tmp_path):
+    """A BEiT export's weights into a lomar_vit_* model read as a ViT without positions: 'pass pos='none'', which
+    then failed on their q/v biases."""
+    from lomar.checkpoints.export_beit import export_beit_encoder
+    from lomar.models.beit import BEiT, BEiTConfig
+
+    export_beit_encoder(BEiT(BEiTConfig(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2,
+                                        vocab_size=16)), tmp_path)
+    for pos in ("rpe", "none"):
+        with pytest.raises(ValueError, match=r"these are BEiT weights .*: timm.create_model\('local-dir:DIR'"):
+            timm.create_model("lomar_vit_tiny_patch16", pretrained=True, embed_dim=32, depth=1, num_heads=2, pos=pos,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "encoder.safetensors")))

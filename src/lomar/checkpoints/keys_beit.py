@@ -15,8 +15,15 @@ import torch
 from lomar.checkpoints.io import safe_load
 from lomar.models.beit import BEiT, BEiTConfig
 
-__all__ = ["beit_from_original", "load_original_beit", "beit_to_timm", "per_block_from_shared"]
+__all__ = ["beit_from_original", "load_original_beit", "beit_to_timm", "per_block_from_shared", "holds_beit_keys"]
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def holds_beit_keys(state: dict) -> bool:
+    """Whether a state dict is BEiT's (layer scale, q/v biases, relative position tables, lm_head): its other key
+    names are the ViT's, so read as a ViT it would only miss or mismatch weights."""
+    return any(k.startswith("lm_head.") or k.endswith(("relative_position_bias_table", ".gamma_1", ".attn.q_bias"))
+               for k in state)
 
 
 def _rel_grid(n_rel: int, key: str) -> tuple[int, int]:

@@ -23,6 +23,7 @@ from lomar.checkpoints.keys import (
     mae_from_original,
     rename_rpe,
 )
+from lomar.checkpoints.keys_beit import holds_beit_keys
 from lomar.checkpoints.reader import EncoderWeights, Reader, register
 from lomar.models import MAE, LoMaR
 from lomar.models.masking import grid_size, window_positions
@@ -36,8 +37,7 @@ __all__ = ["infer_original_config", "load_original", "OriginalReader"]
 def _refuse_beit(state: dict, where: object = "this checkpoint") -> None:
     """A BEiT state dict (layer scale, q/v biases, relative position tables, lm_head) has the ViT's key names too: read
     as LoMaR or MAE it would ask for --num-heads and then fail to load, which would hide what it is."""
-    if not any(k.startswith("lm_head.") or k.endswith(("relative_position_bias_table", ".gamma_1", ".attn.q_bias"))
-               for k in state):
+    if not holds_beit_keys(state):
         return
     if "lm_head.weight" in state:
         raise ValueError(f"{where} is an original BEiT pretraining checkpoint, not a LoMaR / MAE one: `lomar export`, "

@@ -39,6 +39,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from lomar.checkpoints.keys import encoder_keys, position_encoding
+from lomar.checkpoints.keys_beit import holds_beit_keys
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig
 
 __all__ = ["LomarVisionTransformer", "checkpoint_filter_fn"]
@@ -172,6 +173,9 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: LomarVision
     state = state_dict.get("model", state_dict) if isinstance(state_dict.get("model"), dict) else state_dict
     own = model.state_dict()
     out: dict[str, torch.Tensor] = {}
+    if holds_beit_keys(state):  # else read as a ViT's: "pos='none'", or a q_bias that "does not fit"
+        raise ValueError("these are BEiT weights (a BEiT export or checkpoint), which no lomar_vit_* model holds; "
+                         "load a BEiT export as timm's Beit: timm.create_model('local-dir:DIR', pretrained=True)")
     weights = encoder_keys(state)
     # an MAE table would be dropped by an RPE or pos='none' model (which keeps none), or leave its tables unloaded
     if strict and "blocks.0.attn.qkv.weight" in weights and (pos := position_encoding(weights)) != model.config.pos:
