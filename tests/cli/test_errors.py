@@ -6,6 +6,7 @@ import argparse
 import errno
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,7 +44,7 @@ BAD = [
     ("linprobe", [CK, *DATA, "--probe-batch-size", "0"], "--probe-batch-size"),
     ("linprobe", [CK, *DATA, "--probe-batch-size", "1"], "--probe-batch-size"),
     ("linprobe", [CK, *DATA, "--save", "{tmp}/file/probe.pt"], "is a file"),
-    ("linprobe", [CK, *DATA, "--save", "{tmp}/dir"], "is a folder"),
+    ("linprobe", [CK, *DATA, "--save", "{tmp}/dir"], "is a folder; give a file name such as "),
     ("linprobe", [CK, *DATA, "--json", "/proc/self/x/out.json"], "/proc"),
     # export
     ("export", [CK, "--to", "{tmp}/file"], "is a file"),
@@ -89,7 +90,7 @@ BAD = [
     ("bench", ["--tiny", "--warmup", "-1"], "--warmup"),
     ("bench", ["--tiny", "--sizes", "0"], "--sizes"),
     ("bench", ["--tiny", "--model", "vit_nope_patch16"], "--model"),
-    ("bench", ["--tiny", "--sizes", "128", "--json", "{tmp}/dir"], "is a folder"),
+    ("bench", ["--tiny", "--sizes", "128", "--json", "{tmp}/dir"], "is a folder; give a file name such as "),
     ("bench", ["--tiny", "--sizes", "128", "--json", "/dev/null"], "/dev/null"),
     ("bench", ["--tiny", "--sizes", "128", "--json", "/proc/bench.json"], "/proc"),
     ("bench", ["--tiny", "--sizes", "128", "--plot", "{tmp}/file/plot.png"], "is a file"),
@@ -126,6 +127,9 @@ def test_bad_invocation_is_one_line(command, flags, named, tmp, capsys):
     line = _one_error_line(capsys.readouterr().err, command)
     assert code == 2
     assert named in line  # the message names the value or flag at fault
+    if "is a folder; give a file name such as " in named:  # a name the command takes, not a bare "result"
+        example = Path(line.split("such as ")[1])
+        assert example.parent == tmp / "dir" and example.suffix in (".json", ".pt"), line
     assert sorted(p.relative_to(tmp) for p in tmp.rglob("*")) == before  # nothing written
 
 

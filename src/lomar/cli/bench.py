@@ -207,7 +207,7 @@ def _write(args: argparse.Namespace, say, **result) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output_file(args.json, "--json", create_parents=True)
+    check_output_file(args.json, "--json", create_parents=True, example="bench.json")
     S.check_compile_mode(args)
     if args.profile and args.task != "pretrain":
         raise UsageError(f"--profile profiles training steps, which --task {args.task} does not time; "
@@ -222,8 +222,8 @@ def run(args: argparse.Namespace) -> int:
     if args.plot and Path(args.plot).suffix.lower() not in FIGURE_FORMATS:  # else a PNG under any name
         raise UsageError(f"--plot {args.plot}: name the figure .png, .pdf or .svg")
     plan = _plan(args)
-    check_output_file(args.plot, "--plot", create_parents=True)
-    check_output_file(args.profile, "--profile", create_parents=True)
+    check_output_file(args.plot, "--plot", create_parents=True, example="bench.png")
+    check_output_file(args.profile, "--profile", create_parents=True, example="profile.json")
     import torch
 
     from lomar.bench import report  # torch: not for --help

@@ -64,18 +64,19 @@ def _existing_ancestor(path: Path, flag: str, target: Path) -> Path:
 
 
 def check_output_file(path: str | Path | None, flag: str, overwrite: bool = True,
-                      create_parents: bool = False) -> None:
+                      create_parents: bool = False, example: str = "result") -> None:
     """Fail now if a result cannot be written to ``path`` later (None: nothing to check).
 
     The parent must exist (or, with ``create_parents``, its nearest existing ancestor) and
     accept a new file; ``path`` must not be a folder or a device, nor exist unless ``overwrite``.
+    ``example``: a file name the command takes, suggested inside a folder given instead of a file.
     """
     if path is None:
         return
     _non_empty(path, flag)
     target = Path(path)
     if target.is_dir():
-        raise UsageError(f"{flag} {target} is a folder; give a file name such as {target / 'result'}")
+        raise UsageError(f"{flag} {target} is a folder; give a file name such as {target / example}")
     if target.exists() or target.is_symlink():
         if not target.is_file():
             raise UsageError(f"{flag} {target} is not a regular file (a device or special file); "

@@ -121,9 +121,10 @@ def _features(args: argparse.Namespace) -> list:
             raise UsageError(f"{flag} {root} is not a folder; pass an ImageFolder root")
     if not Path(args.pretrained).exists():
         raise UsageError(f"{args.pretrained} does not exist; pass a checkpoint file or an exported folder")
-    for flag, path in (("--json", args.json), ("--save", getattr(args, "save", None))):
+    outputs = (("--json", args.json, "scores.json"), ("--save", getattr(args, "save", None), "probe.pt"))
+    for flag, path, example in outputs:
         _check_not_read(path, flag, args.pretrained)
-        check_output_file(path, flag, create_parents=True)
+        check_output_file(path, flag, create_parents=True, example=example)
     if args.json and getattr(args, "save", None) and Path(args.json).resolve() == Path(args.save).resolve():
         raise UsageError(f"--json and --save both name {args.json}; the probe's weights would be overwritten by the "
                          f"scores: pass two files")

@@ -104,12 +104,9 @@ def run(args: argparse.Namespace) -> int:
     from lomar.tokenizers import convert_dvae, fit_kmeans_tokenizer  # torch: not for --help
 
     flag, target = ("--to", args.to) if args.tokenizer_command == "convert" else ("--out", args.out)
-    if str(target).strip() and Path(target).is_dir():  # check_output_file's example name would fail the check below
-        raise UsageError(f"{flag} {target} is a folder; give a file name such as "
-                         f"{Path(target) / 'tokenizer.safetensors'}")
     # A BEiT run names its tokenizer by path (OUT/tokenizer.safetensors when fitted): replacing that file unasked
     # would resume the run against another tokenizer's targets.
-    check_output_file(target, flag, overwrite=args.overwrite, create_parents=True)
+    check_output_file(target, flag, overwrite=args.overwrite, create_parents=True, example="tokenizer.safetensors")
     if Path(target).suffix.lower() != ".safetensors":  # torch.load and the like would take x.pt for a pickle
         raise UsageError(f"{flag} {target}: a tokenizer is written as safetensors; give a name ending in "
                          f".safetensors, e.g. {flag} {Path(target).with_suffix('.safetensors')}")
