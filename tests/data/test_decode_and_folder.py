@@ -211,8 +211,11 @@ def test_a_png_whose_pixel_data_breaks_is_skipped_by_every_reader_that_reads_its
     out = io.BytesIO()
     Image.fromarray(np.stack([x * 2, y * 3, x + y], -1).astype(np.uint8)).save(out, format="PNG")
     data = out.getvalue()
-    at = data.index(b"IDAT") + 4 + int.from_bytes(data[data.index(b"IDAT") - 4:data.index(b"IDAT")], "big") // 2
-    (tmp_path / "broken.png").write_bytes(data[:at] + b"\xff" * 4 + data[at + 4:])  # chunk lengths kept
+    start = data.index(b"IDAT")
+    end = start + 4 + int.from_bytes(data[start - 4:start], "big")
+    at = (start + end) // 2
+    broken = data[:at] + b"\xff" * 4 + data[at + 4:end]  # an encoder's fault: the chunk's CRC matches its bytes
+    (tmp_path / "broken.png").write_bytes(broken + struct.pack(">I", zlib.crc32(broken[start:])) + data[end + 4:])
     with open_pil((tmp_path / "broken.png").read_bytes()) as img, pytest.raises(OSError):
         oriented_size(img)
 
@@ -222,6 +225,24 @@ def test_a_png_whose_pixel_data_breaks_is_skipped_by_every_reader_that_reads_its
     windows = FastPretrainDataset(base, "windows", patch_size=8, window_size=2, num_windows=2)
     assert windows.sparse and base[(0, 0)]["image"] is None
     assert windows[(0, 0)]["image"] is None and "broken data stream" in windows[(0, 0)]["why"]
+
+
+def test_a_png_damaged_on_disk_is_refused_by_its_crc_not_decoded_into_garbage(tmp_path):
+    """Pillow checks no IDAT chunk's CRC (libpng does): bytes zeroed inside one decoded without an error, the rows
+    from the damage on garbage, on every decode path."""
+    y, x = np.mgrid[0:64, 0:96]
+    out = io.BytesIO()
+    Image.fromarray(np.stack([x * 2, y * 3, x + y], -1).astype(np.uint8)).save(out, format="PNG")
+    data = out.getvalue()
+    start = data.index(b"IDAT")
+    at = start + 4 + int.from_bytes(data[start - 4:start], "big") // 2
+    path = tmp_path / "rotted.png"
+    path.write_bytes(data[:at] + bytes(16) + data[at + 16:])
+    with pytest.raises(ValueError, match=r"rotted\.png: a damaged PNG file \(its IDAT chunk at byte 33 fails its CRC"):
+        load_image(path)
+    with pytest.raises(ValueError, match="CRC"):
+        open_pil(path.read_bytes())
+    assert decode_bytes(data).shape == (3, 64, 96)  # the file as written: every CRC matches
 
 
 def test_a_photo_stored_sideways_decodes_about_as_fast_as_one_stored_upright():

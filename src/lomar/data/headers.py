@@ -7,7 +7,8 @@ Pillow cannot identify can still make libjpeg allocate gigabytes. Each parser he
 * JPEG: libjpeg's ``read_markers`` (jdmarker.c): from SOI, skip junk bytes and fill bytes
   between markers and each segment by its length, up to the scan; the one SOFn frame header
   (libjpeg refuses a second one, where Pillow keeps the last).
-* PNG: the IHDR chunk, which must come first.
+* PNG: the IHDR chunk, which must come first; and the critical chunks' CRCs, which libpng checks and
+  Pillow does not.
 * WebP: the VP8X canvas and the first VP8 / VP8L bitstream header (libwebp decodes at the
   bitstream's size and refuses a still image whose size differs from the canvas).
 """
@@ -15,8 +16,10 @@ Pillow cannot identify can still make libjpeg allocate gigabytes. Each parser he
 from __future__ import annotations
 
 import struct
+import zlib
 
-__all__ = ["image_format", "declared_size", "jpeg_frame_size", "jpeg_single_scan", "png_size", "webp_size"]
+__all__ = ["image_format", "declared_size", "jpeg_frame_size", "jpeg_single_scan", "png_size", "png_bad_chunk",
+           "webp_size"]
 
 # SOF0-15 except DHT (C4), JPG (C8) and DAC (CC), which share the range.
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -99,6 +102,26 @@ def png_size(data: bytes) -> tuple[int, int] | None:
     if data[:8] != _PNG_SIGNATURE or len(data) < 24 or data[8:16] != b"\x00\x00\x00\x0dIHDR":
         return None
     return struct.unpack_from(">II", data, 16)
+
+
+def png_bad_chunk(data: bytes) -> tuple[str, int] | None:
+    """(type, offset) of the first critical chunk (IHDR, PLTE, IDAT, IEND: an upper-case first letter) whose CRC does
+    not match its bytes, as libpng refuses it; None when every complete one matches. Pillow checks no IDAT's CRC: a
+    PNG damaged on disk decodes without an error, its rows from the damage on garbage. A chunk cut short by the end
+    of the file is left to the decoder, which calls the file truncated."""
+    i, n = 8, len(data)
+    while i + 12 <= n:
+        length = struct.unpack_from(">I", data, i)[0]
+        end = i + 8 + length
+        if end + 4 > n:
+            return None
+        kind = data[i + 4:i + 8]
+        if not kind[0] & 0x20 and zlib.crc32(data[i + 4:end]) != struct.unpack_from(">I", data, end)[0]:
+            return kind.decode("latin-1"), i
+        if kind == b"IEND":
+            return None
+        i = end + 4
+    return None
 
 
 def webp_size(data: bytes) -> tuple[int, int] | None:
