@@ -278,3 +278,33 @@ def test_an_image_deleted_after_the_parse_is_not_packed_as_fresh(tmp_path, monke
     _torchrun(monkeypatch, 1)
     with pytest.raises(UsageError, match="waited 0.5 s"):
         coco_shared.shared_split(functools.partial(read_coco, ann, images), ann, images, "train")
+
+
+@pytest.mark.parametrize("listing", ["other case", "not listable"])
+def test_images_a_listing_does_not_name_as_written_are_not_taken_for_deleted(tmp_path, monkeypatch, listing):
+    # the writer checked each file_name against its folder's listing alone: a case-insensitive file system lists
+    # "4.jpg" for a file_name "4.JPG" (read_coco finds it), and a folder of mode 711 cannot be listed; both were
+    # refused as changed while read, on every run
+    monkeypatch.setenv("LOMAR_CACHE_DIR", str(tmp_path / "cache"))
+    ann, images = _coco(tmp_path / "coco", folder="patch0")
+    real = os.listdir
+
+    def listdir(path="."):
+        if not str(path).startswith(str(images)):
+            return real(path)
+        if listing == "not listable":
+            raise PermissionError(13, "Permission denied", str(path))
+        return [name.upper() for name in real(path)]
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    _torchrun(monkeypatch, 0)
+    split = coco_shared.shared_split(functools.partial(read_coco, ann, images), ann, images, "train")
+    assert len(split.packed[0]) == 7
+
+    def racing_read():  # a name the listing lacks is still refused once it is gone
+        split = read_coco(ann, images)
+        (images / "patch0" / "4.jpg").unlink()
+        return split
+
+    with pytest.raises(UsageError, match=r"\(patch0/4\.jpg was deleted\)"):
+        coco_shared.shared_split(racing_read, ann, images, "val")
