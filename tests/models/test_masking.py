@@ -290,3 +290,20 @@ def test_a_request_the_grid_cannot_hold_says_what_fits_and_survives_a_pickle():
     error = pickle.loads(pickle.dumps(info.value))  # as a loader worker's error comes back
     assert (error.param, error.most, str(error)) == ("num_windows", 2, str(info.value))
     assert str(error).endswith("hold at most 2; pass num_windows <= 2, placement='distinct', or use a larger image")
+
+
+def test_a_request_the_grid_cannot_hold_is_still_a_valueerror_from_a_loader_worker():
+    # a DataLoader re-raises a worker's error as its type called with one message: a type that required its fields
+    # came back as a RuntimeError, past callers catching ValueError
+    from torch.utils.data import DataLoader
+
+    class Plans(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            return check_window_request((8, 8), 7, 5, 0.8, "permutation")
+
+    with pytest.raises(WindowsDoNotFit, match=r"Caught WindowsDoNotFit in DataLoader worker process 0(.|\n)*pass "
+                                              r"num_windows <= 2, placement='distinct', or use a larger image"):
+        next(iter(DataLoader(Plans(), num_workers=1)))

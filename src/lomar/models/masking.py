@@ -79,14 +79,17 @@ class WindowsDoNotFit(ValueError):
     """A window request the patch grid cannot hold, its message with the fix as any other's. For a caller that words
     the fix in its own terms: ``detail`` (what does not fit, without the fix), ``param`` ("window_size" or
     "num_windows") and ``most`` (the most of it that fits); ``others``: the message's other fixes, after the bound;
-    ``value``: the value the message names before ``detail`` (None: ``detail`` names it)."""
+    ``value``: the value the message names before ``detail`` (None: ``detail`` names it). Built from a message
+    alone (``param`` None), as a DataLoader re-raises a worker's error (its type called with the traceback's text),
+    it stays a ValueError of this type, that message its only field."""
 
-    def __init__(self, detail: str, param: str, most: int, others: str = "", value: int | None = None):
+    def __init__(self, detail: str, param: str | None = None, most: int | None = None, others: str = "",
+                 value: int | None = None):
         named = detail if value is None else f"{param}={value}: {detail}"
-        super().__init__(f"{named}; pass {param} <= {most}{others} or use a larger image")
+        super().__init__(named if param is None else f"{named}; pass {param} <= {most}{others} or use a larger image")
         self.detail, self.param, self.most, self.others, self.value = detail, param, most, others, value
 
-    def __reduce__(self):  # pickled whole (a loader worker's error): its args are the message alone
+    def __reduce__(self):  # pickled whole (a multiprocessing pool's or a future's error): args hold the message alone
         return type(self), (self.detail, self.param, self.most, self.others, self.value)
 
 
