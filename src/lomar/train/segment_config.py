@@ -49,7 +49,8 @@ class SegmentConfig(TaskConfig):
                                        "runs/<timestamp>)")
     img_size: int = S.IMG_SIZE.field(512, help="training crop and evaluation scale (short side) in pixels, a "
                                                "multiple of twice the encoder's patch size (32 for patch 16)")
-    batch_size: int = S.BATCH_SIZE.field(16, help="crops per process per step")
+    batch_size: int = S.BATCH_SIZE.field(16, help="crops per process per step (training; an evaluation scores one "
+                                                  "image at a time)")
     accum_steps: int = S.ACCUM_STEPS.field()
     epochs: int = S.EPOCHS.field(127, help="passes over the training data (127 at batch 16 on ADE20K's 20,210 "
                                            "images: mmseg's 160k iterations)")
@@ -113,8 +114,9 @@ class SegmentConfig(TaskConfig):
     def check_settings(self) -> None:
         if not self.eval_only:  # a segmenter's --img-size is its own (complete), its patch known to its weights only
             check_img_size(self, pretrained_patch(self.pretrained) if self.pretrained else None)
-        if int(os.environ.get("WORLD_SIZE", "1") or 1) < 2 or self.device == "cpu":  # else the task checks, on CPU
-            check_batch_norm_batch(self.batch_size)
+        # --eval-only trains nothing: its BatchNorm keeps the segmenter's statistics, each image scored on its own
+        if not self.eval_only and (int(os.environ.get("WORLD_SIZE", "1") or 1) < 2 or self.device == "cpu"):
+            check_batch_norm_batch(self.batch_size)  # else the task checks, on CPU
         if self.eval_stride is not None and self.eval_stride > self.img_size:  # mmseg asserts the same
             raise ConfigError(f"--eval-stride {self.eval_stride} is larger than the --img-size {self.img_size} windows "
                               f"it moves: pixels between them would go unscored; use at most {self.img_size}")
