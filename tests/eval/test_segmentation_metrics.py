@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lomar.eval.segmentation import lowest_classes, per_class_table, segmentation_metrics
+from lomar.eval.segmentation import lowest_classes, per_class_table, score_text, segmentation_metrics
 
 
 def test_per_class_iou_and_acc_are_the_hand_count():
@@ -30,3 +30,5 @@ def test_the_table_and_the_lowest_classes():
                          "| 4 | 100.00 | 100.00 |"]
     assert lowest_classes(iou, labels) == "3: 0.00, 1 wall: 54.55, 4: 100.00"  # the undefined one left out
     assert lowest_classes(iou, labels, count=1) == "3: 0.00"
+    # the one formatting of the table, the lowest-IoU line and lomar segment's score lines
+    assert score_text(None) == score_text(float("nan")) == "n/a" and score_text(54.5454) == "54.55"

@@ -16,7 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["confusion_matrix", "segmentation_metrics", "per_class_table", "lowest_classes", "predict_logits"]
+__all__ = ["confusion_matrix", "segmentation_metrics", "score_text", "per_class_table", "lowest_classes",
+           "predict_logits"]
 
 
 def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255
@@ -45,21 +46,23 @@ def segmentation_metrics(confusion: torch.Tensor) -> dict[str, float]:
             "IoU": [100 * float(v) for v in iou], "Acc": [100 * float(v) for v in acc]}
 
 
-def _score(value: float | None) -> str:
+def score_text(value: float | None) -> str:
+    """A score (percent) as the table and the command's lines print it: two decimals, n/a where undefined (None or
+    NaN)."""
     return "n/a" if value is None or math.isnan(value) else f"{value:.2f}"
 
 
 def per_class_table(iou: list, acc: list, labels: list[str]) -> str:
     """mmseg's per-class table as Markdown: one row a class (``labels``: its id and, where known, name), IoU and
     accuracy in percent, n/a where undefined (None or NaN)."""
-    rows = [f"| {label} | {_score(i)} | {_score(a)} |" for label, i, a in zip(labels, iou, acc)]
+    rows = [f"| {label} | {score_text(i)} | {score_text(a)} |" for label, i, a in zip(labels, iou, acc)]
     return "\n".join(["| class | IoU | Acc |", "|---|---:|---:|", *rows]) + "\n"
 
 
 def lowest_classes(iou: list, labels: list[str], count: int = 5) -> str:
     """The ``count`` classes of the lowest defined IoU, lowest first, as ``label: IoU`` pairs."""
     scored = sorted((v, n) for n, v in enumerate(iou) if v is not None and not math.isnan(v))
-    return ", ".join(f"{labels[n]}: {v:.2f}" for v, n in scored[:count])
+    return ", ".join(f"{labels[n]}: {score_text(v)}" for v, n in scored[:count])
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from lomar.eval.segmentation import (
     lowest_classes,
     per_class_table,
     predict_logits,
+    score_text,
     segmentation_metrics,
 )
 from lomar.integrations.dense import with_rel_pos
@@ -195,8 +196,9 @@ class SegmentTask(Task):
         if not self.scored:  # a resume found the run at its end, its evaluation made before
             return
         m = self.scored
-        head = (f"Per-class scores (percent) of {out}'s last evaluation: mIoU {_show(m['mIoU'])}, mAcc "
-                f"{_show(m['mAcc'])}, aAcc {_show(m['aAcc'])}; classes as the annotations number them\n\n")
+        head = (f"Per-class scores (percent) of {out}'s last evaluation: mIoU {score_text(m['mIoU'])}, mAcc "
+                f"{score_text(m['mAcc'])}, aAcc {score_text(m['aAcc'])}; classes as the annotations number "
+                f"them\n\n")
         path = atomic_write_text(Path(out) / PER_CLASS, head + per_class_table(m["IoU"], m["Acc"], self.class_labels))
         lowest = lowest_classes(m["IoU"], self.class_labels)
         print(f"lomar segment: lowest IoU: {lowest or 'none defined'}; every class in {path}", flush=True)
@@ -211,10 +213,6 @@ def _defined(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def _show(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
 def segment(config: SegmentConfig) -> int:
     """Train (or resume) a segmenter, or with ``--eval-only`` score one; the process exit code."""
     return evaluate_only(config) if config.eval_only else run(config, SegmentTask)
@@ -224,6 +222,6 @@ def evaluate_only(config: SegmentConfig) -> int:
     """Score ``--pretrained`` on the validation split in this process: a ``metrics.jsonl`` record, predictions/ and
     per_class.md in ``--out`` (the folder locked meanwhile)."""
     _, metrics, out = score_only(config, SegmentTask)
-    print(f"lomar segment: mIoU {_show(metrics['mIoU'])}, mAcc {_show(metrics['mAcc'])}, aAcc "
-          f"{_show(metrics['aAcc'])}; {out / 'predictions'}", file=sys.stderr, flush=True)
+    print(f"lomar segment: mIoU {score_text(metrics['mIoU'])}, mAcc {score_text(metrics['mAcc'])}, aAcc "
+          f"{score_text(metrics['aAcc'])}; {out / 'predictions'}", file=sys.stderr, flush=True)
     return 0
