@@ -103,8 +103,9 @@ class Monitor:
             return
         with open_in_place(self.out / file, "a") as handle:
             _append(handle, self.out / file, json.dumps({"step": step, "epoch": epoch, **metrics, **extra}) + "\n")
-        # None: undefined (no such objects); a list (segment's per-class scores) is for the record only
-        defined = {k: v for k, v in metrics.items() if v is not None and not isinstance(v, list)}
+        # None: undefined (no such objects); a list (segment's per-class scores) or a dict (how segment evaluated) is
+        # for the record only
+        defined = {k: v for k, v in metrics.items() if v is not None and not isinstance(v, (list, dict))}
         if self.writer is not None:
             _board(self.out, lambda: [self.writer.add_scalar(f"eval/{key}", v, step) for key, v in defined.items()])
         shown = ", ".join(f"{_LABELS[k]} {100 * v:.2f}%" if k in _LABELS else f"{k} {v:.4g}"
