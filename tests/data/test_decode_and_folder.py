@@ -245,6 +245,49 @@ def test_a_png_damaged_on_disk_is_refused_by_its_crc_not_decoded_into_garbage(tm
     assert decode_bytes(data).shape == (3, 64, 96)  # the file as written: every CRC matches
 
 
+def test_a_pngs_crc_walk_runs_once_a_decode_and_copies_no_chunk(monkeypatch):
+    """The walk reads the whole file (25 ms on a 36 MB PNG): decode_bytes checked it, then its Pillow open again;
+    and each chunk's slice was a copy (a one-IDAT 36 MB PNG: 36 MB more per read)."""
+    import tracemalloc
+
+    import lomar.data.decode as decode
+    from lomar.data.headers import png_bad_chunk
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    walks = []
+    monkeypatch.setattr(decode, "png_bad_chunk", lambda data: walks.append(len(data)) or png_bad_chunk(data))
+    assert decode_bytes(_png_header(8, 1)).shape == (3, 1, 8) and len(walks) == 1
+    one_idat = _png_header(8, 1)[:33] + chunk(b"IDAT", bytes(4 << 20)) + chunk(b"IEND", b"")
+    tracemalloc.start()
+    try:
+        assert png_bad_chunk(one_idat) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+def test_a_pngs_exif_before_its_pixels_is_read_without_decoding_them_and_a_malformed_one_is_ignored():
+    """An eXIf chunk before IDAT is read at open (Pillow decodes the pixels only to look for one after them): a size
+    read from the header stays a header read (200 ms on a 12 MP PNG). A malformed EXIF block is no orientation."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    out, exif = io.BytesIO(), Image.Exif()
+    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(out, format="PNG")
+    data, exif[0x0112] = out.getvalue(), 6
+    with open_pil(data[:33] + chunk(b"eXIf", exif.tobytes()) + data[33:]) as img:
+        assert oriented_size(img) == (6, 4) and img.tile  # turned, and not decoded
+    iend = data.rindex(b"IEND") - 4
+    for broken in (data[:33] + chunk(b"eXIf", b"MM\x00*junk") + data[33:],
+                   data[:iend] + chunk(b"eXIf", b"MM\x00*junk") + data[iend:]):
+        with open_pil(broken) as img:
+            assert oriented_size(img) == (4, 6)
+        assert decode_bytes(broken).shape == (3, 4, 6)
+
+
 def test_a_photo_stored_sideways_decodes_about_as_fast_as_one_stored_upright():
     """Phones store a portrait photo sideways with orientation 6; turning it upright copied the whole
     transposed image, 10-15x the decode of a 6 MP photo (0.6 s against 0.04 s at 12 MP)."""

@@ -141,7 +141,11 @@ def open_pil(data: bytes, name: str = "<bytes>", max_pixels: int | None = None):
     """``PIL.Image.open`` on checked bytes: ValueError naming ``name`` when unidentified, when a
     header is over the pixel limit (ours or Pillow's), or when Pillow and libjpeg would read a
     JPEG's size differently (every decoder that may decode it must agree)."""
-    kind, size, limit = _checked_header(data, name, max_pixels)
+    return _open_checked(data, name, *_checked_header(data, name, max_pixels))
+
+
+def _open_checked(data: bytes, name: str, kind: str | None, size: tuple[int, int] | None, limit: int):
+    """:func:`open_pil` on bytes :func:`_checked_header` passed: one check a decode (a PNG's CRC walk reads it all)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -175,11 +179,11 @@ def exif_orientation(img: Image.Image) -> int | None:
     """The EXIF orientation tag of an opened image (1: as stored); None when the EXIF block cannot be read.
     Any other than 0 or 1 asks (or may ask) for a rotation/flip, which every decode path applies.
 
-    OSError when the image is a PNG whose pixel data cannot be decoded: Pillow's PNG reader decodes the pixels to
-    look for an EXIF chunk after them, and once that has failed, its next decode returns the rows read before the
-    damage and zeros below them, without an error (``--decode windows`` trained on them where ``full`` skipped
-    the file)."""
-    if img.format == "PNG":
+    OSError when the image is a PNG whose pixel data cannot be decoded and no EXIF chunk comes before it: Pillow's
+    PNG reader then decodes the pixels to look for one after them, and once that has failed, its next decode returns
+    the rows read before the damage and zeros below them, without an error (``--decode windows`` trained on them
+    where ``full`` skipped the file). An EXIF chunk before the pixels is read at open: the pixels stay undecoded."""
+    if img.format == "PNG" and "exif" not in img.info:  # Pillow's own condition for decoding them in getexif
         try:
             img.load()
         except OSError:
@@ -226,7 +230,7 @@ def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = No
     header before decoding. PNG goes to Pillow: libpng, through torchvision, crashes the process
     on an IDAT stream shorter than the header promises.
     """
-    kind, _, limit = _checked_header(data, name, max_pixels)
+    kind, size, limit = _checked_header(data, name, max_pixels)
     if kind == "jpeg" or (kind == "webp" and _upright(data, name, limit)):
         # libjpeg / libwebp through torchvision, unless it refuses (CMYK, ...); its WebP decoder ignores EXIF.
         try:
@@ -248,7 +252,7 @@ def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = No
         except Exception:  # torchvision refuses: Pillow tries
             pass
     try:  # Pillow: PNG, GIF's first frame, BMP, TIFF; CMYK or 16-bit JPEG
-        with open_pil(data, name, limit) as img:
+        with _open_checked(data, name, kind, size, limit) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
             if img.mode == "F":  # Pillow's convert would clip it to 0..255: a 0..1 image would come out black
