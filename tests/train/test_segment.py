@@ -155,10 +155,15 @@ def test_eval_only_scores_a_trained_segmenter_as_its_run_did(digits, tmp_path, c
     assert "segmenter loaded from " + str(run / "best.pt") + " (step 2), 32 px" in capsys.readouterr().err
     scored = json.loads((tmp_path / "scored" / "metrics.jsonl").read_text())
     assert scored["eval_only"] is True and scored["checkpoint"] == str(run / "best.pt") and scored["step"] == 2
-    assert {k: scored[k] for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc")} == \
-        {k: final[k] for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc")}
+    assert {k: scored[k] for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc", "eval")} == \
+        {k: final[k] for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc", "eval")}
+    assert final["eval"] == {"mode": "whole", "stride": None}  # the run's records and --eval-only's say how they scored
     for png in (run / "predictions").glob("*.png"):
         assert (tmp_path / "scored" / "predictions" / png.name).read_bytes() == png.read_bytes()
+    # another mode and stride than the run's: the record says which
+    assert main([*evaluate, "--out", str(tmp_path / "slid"), "--eval-mode", "slide", "--eval-stride", "16"]) == 0
+    assert json.loads((tmp_path / "slid" / "metrics.jsonl").read_text())["eval"] == {"mode": "slide", "stride": 16}
+    capsys.readouterr()
     torch.save({"model": {}}, tmp_path / "other.pt")
     for flags, message in [
         (["--num-classes", "5"], f"--num-classes 5 differs from the segmenter's own (10) in {run / 'best.pt'}; drop "

@@ -150,9 +150,10 @@ class SegmentTask(Task):
         return segmentation_losses(*self.net(images, aux=True), labels, self.model.aux_weight)
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float | list | None]:
+    def evaluate(self) -> dict[str, float | list | dict | None]:
         """mIoU, mAcc, aAcc (percent) and each class's IoU and Acc (lists, percent) over the validation split at
-        the labels' own size (every process gets them); each prediction written as ``OUT/predictions/<stem>.png``
+        the labels' own size, and ``eval``: the mode and stride (None for ``whole``) scored with (every process gets
+        them); each prediction written as ``OUT/predictions/<stem>.png``
         in the annotations' encoding (class + 1, or the class with ``--zero-label class``) by the main process,
         replacing the last evaluation's."""
         model, config, info = self.model, self.config, self.info
@@ -189,6 +190,8 @@ class SegmentTask(Task):
         # NaN: no labelled pixel was scored; None says undefined, as detect's metrics do (and JSON has no NaN)
         self.scored = {k: [_defined(v) for v in metrics[k]] if isinstance(metrics[k], list) else _defined(metrics[k])
                        for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc")}
+        # how: --eval-mode / --eval-stride may change on a resume, and --eval-only may score otherwise than the run did
+        self.scored["eval"] = {"mode": config.eval_mode, "stride": stride if config.eval_mode == "slide" else None}
         return self.scored
 
     def finish(self, out: Path) -> None:
