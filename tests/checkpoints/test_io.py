@@ -113,6 +113,30 @@ def test_a_safetensors_file_cut_short_is_named_as_one(tmp_path):
         safe_load(path)
 
 
+def test_a_whole_safetensors_file_torch_load_does_not_read_is_not_called_cut_short(tmp_path, monkeypatch):
+    """torch.load reads a safetensors file only by its name (an older PyTorch not at all): a whole one named model.pt,
+    or any on such a PyTorch, was 'cut short or damaged (copy or export it again)', which copying cannot mend."""
+    from safetensors.torch import save_file
+
+    whole = tmp_path / "model.safetensors"
+    save_file({"w": torch.ones(4, 4)}, whole)
+    (tmp_path / "model.pt").write_bytes(whole.read_bytes())
+    with pytest.raises(ValueError, match=r"it is a whole safetensors file, which torch.load reads only under a name "
+                                         r"ending in .safetensors; rename it to model.safetensors$"):
+        safe_load(tmp_path / "model.pt")
+    (tmp_path / "trailing.safetensors").write_bytes(whole.read_bytes() + bytes(8))  # the reader refuses it too
+    with pytest.raises(ValueError, match=r"it is a safetensors file that is cut short or damaged"):
+        safe_load(tmp_path / "trailing.safetensors")
+
+    def older_torch_load(*args, **kwargs):
+        raise pickle.UnpicklingError("invalid load key, '\\x80'.")
+
+    monkeypatch.setattr(torch, "load", older_torch_load)
+    with pytest.raises(ValueError, match=r"it is a whole safetensors file, which torch.load of PyTorch \S+ does not "
+                                         r"read$"):
+        safe_load(whole)
+
+
 def test_missing_file():
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_original("/nonexistent/ckpt.pth")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, BinaryIO
 
 import torch
+from safetensors import safe_open
 
 from lomar.errors import ANSI_ESCAPE, UsageError
 
@@ -185,15 +186,30 @@ def describe_file(path: str | Path) -> str:
                 "(download or save it again)")
     if head.startswith(b"PK"):
         return "a zip archive that is not a complete PyTorch checkpoint"
-    # torch.load reads a whole one: an 8-byte little-endian header length (safetensors caps it at 100 MB; a text's
-    # first 8 bytes read as one are far more), then the JSON header
+    # an 8-byte little-endian header length (safetensors caps it at 100 MB; a text's first 8 bytes read as one are
+    # far more), then the JSON header
     if head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
-        return "a safetensors file that is cut short or damaged (copy or export it again)"
+        return _safetensors_kind(Path(path))
     if head[:1] in (b"{", b"[") or head.isascii() and all(32 <= b < 127 or b in b"\r\n\t" for b in head):
         return "a text file"
     if head[:1] == b"\x80":
         return "a Python pickle, not a checkpoint written by torch.save"
     return "a file in an unknown format"
+
+
+def _safetensors_kind(path: Path) -> str:
+    """A file that torch.load refused although it opens as safetensors: whole or damaged, as the safetensors reader
+    tells by its header (bounded before it is read) and the data it must cover. torch.load reads a whole one only
+    under a name ending in .safetensors, and an older PyTorch none at all."""
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception:  # safetensors' own error type is not a ValueError
+        return "a safetensors file that is cut short or damaged (copy or export it again)"
+    if not path.name.endswith(".safetensors"):  # torch.load's own test, case included
+        return f"a whole safetensors file, which torch.load reads only under a name ending in .safetensors; " \
+               f"rename it to {path.stem}.safetensors"
+    return f"a whole safetensors file, which torch.load of PyTorch {torch.__version__} does not read"
 
 
 @contextlib.contextmanager
