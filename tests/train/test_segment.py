@@ -150,8 +150,12 @@ def test_eval_only_scores_a_trained_segmenter_as_its_run_did(digits, tmp_path, c
     evaluate = ["segment", "--eval-only", "--pretrained", str(run), "--workers", "0", "--threads", "1", "--device",
                 "cpu"]
     capsys.readouterr()
+    reads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(f) or load(f, *a, **k))
     # --batch-size 1: scoring trains nothing, so training's BatchNorm minimum of 2 crops is not asked for
     assert main([*evaluate, "--out", str(tmp_path / "scored"), "--batch-size", "1"]) == 0, capsys.readouterr().err
+    assert reads == [run / "best.pt"]  # read once: the settings checked and the weights scored are of one read
+    monkeypatch.undo()
     assert "segmenter loaded from " + str(run / "best.pt") + " (step 2), 32 px" in capsys.readouterr().err
     scored = json.loads((tmp_path / "scored" / "metrics.jsonl").read_text())
     assert scored["eval_only"] is True and scored["checkpoint"] == str(run / "best.pt") and scored["step"] == 2

@@ -1,12 +1,13 @@
 """What a lomar checkpoint says it is, and which command's run wrote it. Imports no torch: the
 commands read it while checking their settings, before any model is built."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from lomar.checkpoints.file_names import BEST, LAST
 
 __all__ = ["PRETRAIN_FORMAT", "CLASSIFIER_FORMAT", "FINETUNE_FORMAT", "DETECT_FORMAT", "SEGMENT_TASK", "run_command",
-           "command_checkpoint"]
+           "command_checkpoint", "FoundCheckpoint", "find_command_checkpoint"]
 
 PRETRAIN_FORMAT = "lomar-pretrain-2"  # 2: `windows` is meant for every method (an MAE run saved 4 unused)
 CLASSIFIER_FORMAT = "lomar-classifier-1"
@@ -25,17 +26,33 @@ def run_command(checkpoint: dict) -> str | None:
     return _COMMANDS.get(kind) if isinstance(kind, str) else None
 
 
-def command_checkpoint(path: str | Path, command: str) -> Path | None:
+@dataclass(frozen=True)
+class FoundCheckpoint:
+    """A command's checkpoint as :func:`find_command_checkpoint` read it, handed on instead of read again: ``path``,
+    and ``checkpoint``, its contents with the tensors mapped from that file (read where they are used)."""
+
+    path: Path
+    checkpoint: dict
+
+
+def find_command_checkpoint(path: str | Path, command: str) -> FoundCheckpoint | None:
     """The checkpoint of a `lomar COMMAND` run that ``path`` names (a file, whatever its suffix, or a run folder's
-    best.pt / last.pt); None if not one."""
+    best.pt / last.pt), read once; None if not one."""
     from lomar.checkpoints.io import safe_load  # torch: not at import, for the commands' argument checks
 
     path = Path(path)
     for candidate in [path] if path.is_file() else [path / BEST, path / LAST]:
         if candidate.is_file():
             try:
-                if run_command(safe_load(candidate, mmap=True)) == command:
-                    return candidate
+                checkpoint = safe_load(candidate, mmap=True)
             except (OSError, ValueError, RuntimeError):
                 continue
+            if run_command(checkpoint) == command:
+                return FoundCheckpoint(candidate, checkpoint)
     return None
+
+
+def command_checkpoint(path: str | Path, command: str) -> Path | None:
+    """The path of :func:`find_command_checkpoint`'s checkpoint; None if not one."""
+    found = find_command_checkpoint(path, command)
+    return found.path if found is not None else None

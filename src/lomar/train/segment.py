@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision.io import encode_png
 
-from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text, safe_load
+from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text
 from lomar.checkpoints.kinds import SEGMENT_TASK
 from lomar.data.collate import Skipped
 from lomar.data.samplers import EpochSampler
@@ -41,7 +41,7 @@ from lomar.models.vit import VisionTransformer, ViTConfig, model_config
 from lomar.train.distributed import DistInfo
 from lomar.train.lifecycle import Task, run
 from lomar.train.preemption import ignore_stop_signals
-from lomar.train.segment_config import SegmentConfig, check_batch_norm_batch, segment_checkpoint
+from lomar.train.segment_config import SegmentConfig, check_batch_norm_batch
 from lomar.train.task import score_only
 
 __all__ = ["SegmentTask", "poly_schedule", "segment", "PER_CLASS"]
@@ -80,9 +80,9 @@ class SegmentTask(Task):
         self.scored: dict = {}  # the last evaluation's metrics, which finish tabulates
         self.source: dict = {}  # --eval-only's segmenter: its file and step, which its record names
         layout = dict(img_size=config.img_size, drop_path=config.drop_path)
-        saved = segment_checkpoint(config.pretrained) if config.eval_only else None
-        if saved is not None:  # SegmentConfig.complete took its classes, layout and size
-            ckpt = safe_load(saved)
+        found = config.segmenter if config.eval_only else None
+        if found is not None:  # SegmentConfig.complete read it and took its classes, layout and size
+            saved, ckpt = found.path, found.checkpoint
             if not isinstance(ckpt.get("encoder_config"), dict):
                 raise UsageError(f"--pretrained {saved} is a `lomar segment` checkpoint saved before they kept their "
                                  f"encoder's layout; --eval-only cannot rebuild its model")
@@ -99,7 +99,7 @@ class SegmentTask(Task):
                 raise UsageError(f"--pretrained {config.pretrained}: only LoMaR / MAE ViT encoders can be segmentation "
                                  f"backbones, not {type(encoder).__name__}")
         try:
-            encoder = encoder if saved else with_rel_pos(encoder, config.rel_pos, "bias")
+            encoder = encoder if found else with_rel_pos(encoder, config.rel_pos, "bias")
         except ValueError as exc:
             raise UsageError(f"--rel-pos {config.rel_pos}: {exc}") from None
         config.rel_pos = encoder.config.rel_pos  # auto resolved: what the checkpoint records and a resume rebuilds
@@ -112,7 +112,7 @@ class SegmentTask(Task):
                                       grad_checkpointing=config.grad_checkpointing,
                                       train_pos_embed=config.train_pos_embed).to(self.device)
         self.loss_parts = ("loss_decode", "loss_aux") if self.model.aux_head is not None else ("loss_decode",)
-        if saved is not None:
+        if found is not None:
             self.model.load_state_dict(ckpt["model"])
             return
         if world_size > 1 and self.device.type == "cuda":

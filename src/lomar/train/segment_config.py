@@ -12,12 +12,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lomar.checkpoints.kinds import SEGMENT_TASK, command_checkpoint
+from lomar.checkpoints.kinds import SEGMENT_TASK, find_command_checkpoint
 from lomar.train import settings as S
 from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.settings_resume import TaskConfig, check_img_size, check_pretrained, model_only_without_pretrained
 
-__all__ = ["SegmentConfig", "segment_checkpoint", "SEGMENTER_OWN"]
+__all__ = ["SegmentConfig", "SEGMENTER_OWN"]
 
 # What --eval-only takes from the segmenter it scores: the classes and what the annotations' 0 is (other ones would
 # score other classes), the weights' layout (they fit no other) and the input size (its position tables'); one given
@@ -29,6 +29,8 @@ _EVALUATED = ("data", "eval_mode", "eval_stride")
 @dataclass
 class SegmentConfig(TaskConfig):
     COMMAND = "segment"
+    # not a setting: --eval-only's checkpoint as complete read it (kinds.FoundCheckpoint), which the task loads
+    segmenter = None
     data: str | None = S.DATA.field(help="ADE20K-layout root: images/{training,validation}/*.jpg and "
                                          "annotations/{training,validation}/*.png of class ids, 255 ignored, 0 as "
                                          "--zero-label says (default: none; required)")
@@ -98,10 +100,13 @@ class SegmentConfig(TaskConfig):
 
     def complete(self, explicit: dict) -> None:
         model_only_without_pretrained(self, explicit)
-        if self.eval_only and self.pretrained and (saved := segment_checkpoint(self.pretrained)) is not None:
-            from lomar.checkpoints.io import safe_load  # torch: not for --help
-
-            own = self.saved_settings(safe_load(saved, mmap=True), saved) or {}
+        if self.eval_only and self.pretrained:
+            # one read (its tensors mapped, read as the task loads them): the settings taken here and the weights
+            # scored are of one file, even if a run still training there renames a newer best.pt over it meanwhile
+            self.segmenter = find_command_checkpoint(self.pretrained, self.COMMAND)
+        if self.segmenter is not None:
+            saved = self.segmenter.path
+            own = self.saved_settings(self.segmenter.checkpoint, saved) or {}
             for name in (n for n in SEGMENTER_OWN if n in explicit and n in own):
                 if explicit[name] != own[name] and not (name == "rel_pos" and explicit[name] == "auto"):
                     flag = "--" + name.replace("_", "-")
@@ -126,7 +131,7 @@ class SegmentConfig(TaskConfig):
             if not self.pretrained:
                 raise ConfigError("--eval-only needs --pretrained RUN (a `lomar segment` run folder or checkpoint)")
             check_pretrained(self)
-            if segment_checkpoint(self.pretrained) is None:
+            if self.segmenter is None:
                 raise ConfigError(f"--pretrained {self.pretrained} is not a `lomar segment` run or checkpoint; "
                                   f"--eval-only scores a trained segmenter")
             if (Path(self.out) / "predictions").exists() and not self.overwrite:
@@ -141,11 +146,6 @@ class SegmentConfig(TaskConfig):
             raise ConfigError("pass --num-classes N (the annotations' class ids are 1..N, or 0..N-1 with --zero-label "
                               "class; 150 for ADE20K)")
         check_pretrained(self, "; pass a checkpoint or an exported folder, or leave it out for a random encoder")
-
-
-def segment_checkpoint(path: str | Path) -> Path | None:
-    """The `lomar segment` checkpoint ``path`` names (a file, or a run folder's best.pt / last.pt); None if not one."""
-    return command_checkpoint(path, "segment")
 
 
 def pretrained_patch(pretrained: str) -> int | None:
