@@ -40,8 +40,9 @@ CLASS_LIST = "objectInfo150.txt"  # ADEChallengeData2016's: a header, then "Idx\
 
 
 def class_names(root: str | Path, num_classes: int) -> list[str] | None:
-    """The classes' names (the first of each one's synonyms, as mmseg's ADE20K list), from ``root``'s
-    :data:`CLASS_LIST`: ids 1..N, ADE's annotation ids; None without that file, or where it lists other ids."""
+    """The classes' names (the first of each one's synonyms: mmseg's ADE20K names but id 90's, 'television' for
+    mmseg's 'television receiver'), from ``root``'s :data:`CLASS_LIST`: ids 1..N, ADE's annotation ids; None without
+    that file, or where it lists other ids."""
     try:
         lines = (Path(root) / CLASS_LIST).read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
