@@ -1,11 +1,11 @@
-"""What counts as a number where a setting, a size or a count is taken from Python callers, and how a count reads
-in a message; imports no torch."""
+"""What counts as a number where a setting, a size or a count is taken from Python callers, what counts as an image
+size, and how a count reads in a message; imports no torch."""
 
 import numbers
 import reprlib
 from itertools import islice
 
-__all__ = ["is_integer", "is_real", "counted", "brief"]
+__all__ = ["is_integer", "is_real", "is_size", "as_sides", "counted", "brief"]
 
 # A value a message quotes, cut to what a line can show: a value from a file (a checkpoint's saved settings, a
 # YAML file) may be nested thousands deep (repr: a RecursionError) or hold millions of items (a repr for minutes).
@@ -30,6 +30,24 @@ def is_integer(value) -> bool:
 def is_real(value) -> bool:
     """A real number, numpy's too; not a bool (a ratio or rate given as True is a mistake)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_size(value) -> bool:
+    """An image or grid size as a ViTConfig takes one: an integer (a square) or a (height, width) tuple or list of
+    integers, numpy's too; the sides' bounds are the caller's to check."""
+    if isinstance(value, (tuple, list)):
+        return len(value) == 2 and all(is_integer(v) for v in value)
+    return is_integer(value)
+
+
+def as_sides(size, name: str = "img_size") -> tuple[int, int]:
+    """``size`` (see :func:`is_size`) as its (height, width): n is (n, n). ValueError naming ``name`` and the value
+    for anything else (a bool, a float, a string, one side or three)."""
+    if not is_size(size):
+        raise ValueError(f"{name} must be an integer or a (height, width) pair of integers, got {brief(size)}; pass "
+                         f"e.g. 224 or (224, 320)")
+    height, width = size if isinstance(size, (tuple, list)) else (size, size)
+    return int(height), int(width)
 
 
 def counted(n: int, noun: str) -> str:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 
+from lomar.values import as_sides
+
 __all__ = ["PAPER_COUNTS", "PAPER_WINDOW_SIZES", "PAPER_GRID_AREAS", "PAPER_POINTS", "paper_windows", "windows_source",
            "parse_windows", "GLOBAL_WINDOWS", "WINDOWS_RULE"]
 
@@ -58,7 +60,7 @@ def windows_source(img_size: int | tuple[int, int], patch_size: int = 16, window
 
 
 def _paper_count(img_size: int | tuple[int, int], patch_size: int, window_size: int | None) -> int | None:
-    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    h, w = as_sides(img_size)
     k = PAPER_WINDOW if window_size is None else window_size
     if h != w:
         return None
@@ -75,7 +77,7 @@ def paper_windows(img_size: int | tuple[int, int], patch_size: int = 16, window_
     most the windows a K×K window can take: min(Hg−K+1, Wg−K+1) for the original's ``permutation``
     placement, (Hg−K+1)·(Wg−K+1) for ``distinct``.
     """
-    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    h, w = as_sides(img_size)
     hg, wg = h // patch_size, w // patch_size
     paper = _paper_count((h, w), patch_size, window_size)
     if paper is not None:

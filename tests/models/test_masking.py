@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -133,6 +134,14 @@ def test_image_size_not_divisible():
     with pytest.raises(ValueError, match="not divisible by the patch size 16"):
         grid_size(225, 16)
     assert grid_size((224, 448), 16) == (14, 28)
+
+
+def test_a_numpy_integer_is_an_image_size():
+    """A size read back from a file or computed with numpy: grid_size failed to unpack np.int64(224) (TypeError)."""
+    assert grid_size(np.int64(224), 16) == (14, 14)
+    with pytest.raises(ValueError, match=r"img_size must be an integer or a \(height, width\) pair of integers, got "
+                                         r"224\.0"):
+        grid_size(224.0, 16)
 
 
 def test_sample_plan_rejects_bad_counts():

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import yaml
 
@@ -32,6 +33,10 @@ def test_other_sizes_scale_with_the_grid_area_and_stay_monotone():
     assert paper_windows(112) == 1  # a quarter of 224's area: 1 of its 4
     assert paper_windows(96, patch_size=8) == 3  # the grid, not the pixels, counts: 12x12 of 14x14
     assert paper_windows((224, 448)) == 5  # 14x28 = 392 patches: 4 + 2 * 196/380 = 5.03 -> 5
+
+
+def test_a_numpy_size_counts_as_its_integer():
+    assert paper_windows(np.int64(384)) == paper_windows((np.int64(224), 448), np.int64(16)) + 1 == 6
 
 
 @pytest.mark.parametrize("window, windows", [(5, 8), (7, 4), (9, 3), (11, 2), (14, 1)])

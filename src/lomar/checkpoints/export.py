@@ -23,6 +23,7 @@ from lomar.limits import MAX_IMG_SIZE
 from lomar.models.attention import ATTENTION_MODES
 from lomar.models.masking import grid_size
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig
+from lomar.values import as_sides
 
 __all__ = ["Export", "export_encoder", "create_encoder", "read_export", "expected_shapes", "timm_architecture",
            "ENCODER_WEIGHTS", "CONFIG_NAME"]
@@ -60,17 +61,13 @@ def timm_architecture(config: ViTConfig, num_classes: int = 0, global_pool: str 
     return f"lomar_vit_{size}_patch{patch}", args, timm_pretrained_cfg(config.in_chans, config.img_size, num_classes)
 
 
-def _sides(img_size: int | tuple[int, int]) -> tuple[int, int]:
-    return tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
-
-
 def timm_pretrained_cfg(in_chans: int, img_size: int | tuple[int, int], num_classes: int) -> dict:
     """The ``pretrained_cfg`` an export's config.json gives timm: input size (C, H, W), ImageNet normalisation with
     one value per input channel (timm's eval transform normalises with them as given), and lomar's own eval crop
     (:func:`~lomar.data.classify.eval_crop_ratio`: a classifier's as `lomar finetune` scored it, an encoder's, any
     method's, as knn and linprobe crop)."""
-    crop = eval_crop_ratio(max(_sides(img_size)))
-    return {"input_size": [in_chans, *_sides(img_size)], "interpolation": "bicubic", "crop_pct": crop,
+    crop = eval_crop_ratio(max(as_sides(img_size)))
+    return {"input_size": [in_chans, *as_sides(img_size)], "interpolation": "bicubic", "crop_pct": crop,
             "mean": _per_channel(IMAGENET_MEAN, in_chans), "std": _per_channel(IMAGENET_STD, in_chans),
             "num_classes": num_classes,
             "first_conv": "patch_embed.proj", "fixed_input_size": False, "license": "apache-2.0"}
@@ -266,7 +263,7 @@ def expected_shapes(config: ViTConfig, num_classes: int = 0, global_pool: str = 
     A test compares this with real models, so it cannot drift from :mod:`lomar.models.vit`.
     """
     d, p, hidden = config.embed_dim, config.patch_size, int(config.embed_dim * config.mlp_ratio)
-    sides = _sides(config.img_size)
+    sides = as_sides(config.img_size)
     shapes: dict[str, tuple[int, ...]] = {"cls_token": (1, 1, d), "patch_embed.proj.weight": (d, config.in_chans, p, p),
                                           "patch_embed.proj.bias": (d,)}
     if config.pos == "abs":

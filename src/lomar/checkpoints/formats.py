@@ -52,6 +52,7 @@ from lomar.checkpoints.sharded import read_sharded
 from lomar.models.beit import BEiT, BEiTConfig
 from lomar.models.masking import grid_size
 from lomar.models.vit import VisionTransformer, ViTConfig
+from lomar.values import is_size
 
 __all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "read", "holds_beit", "peek_encoder",
            "load_model", "encoder_weights", "stopped_run_checkpoint",
@@ -59,18 +60,12 @@ __all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "read", 
            "BEiTExportReader", "OriginalBEiTReader", "BEiTFinetuneReader", "TimmBeitWeights"]
 
 
-def _a_size(value) -> bool:
-    """An int, or a (height, width) pair as a ViTConfig saves a non-square size."""
-    pair = isinstance(value, (list, tuple)) and len(value) == 2
-    return all(isinstance(v, int) and not isinstance(v, bool) for v in (value if pair else [value]))
-
-
 def _inferred_config(src: Source, overrides: dict) -> ViTConfig:
     """The encoder's config from its shapes and saved sizes, with the ViTDet windows of the ViTConfig a
     classifier checkpoint saved (``lomar finetune``: ``config``, :func:`pretrain_checkpoint`: ``vit_config``):
     no shape tells them, and the same weights with global attention are another model."""
     hints = args_dict(src.data, ("config", "vit_config", "args"))
-    hints = {k: v for k, v in hints.items() if k in ("num_heads", "img_size", "input_size") and _a_size(v)}
+    hints = {k: v for k, v in hints.items() if k in ("num_heads", "img_size", "input_size") and is_size(v)}
     config = infer_vit_config(src.state, hints, **overrides)
     for key in ("config", "vit_config"):
         saved = src.data.get(key)

@@ -14,6 +14,7 @@ import torch
 
 from lomar.limits import MAX_IMG_SIZE
 from lomar.models.vit import MODEL_SIZES, VisionTransformer, ViTConfig
+from lomar.values import as_sides, is_size
 
 __all__ = ["ENCODER_PREFIXES", "CLASSIFIER_PREFIXES", "PRETRAIN_ONLY", "rename_rpe", "drop_final_norm",
            "lomar_from_original", "lomar_to_original", "mae_from_original", "classifier_from_original",
@@ -129,8 +130,9 @@ def infer_vit_config(state: dict[str, torch.Tensor], hints: dict | None = None, 
             raise ValueError(f"the position table holds {cells} patches, not a square grid, and the checkpoint "
                              f"saves no image size; pass img_size=(height, width) for the size it was trained at")
         img_size = side * patch
-    sides = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size,) if img_size else ()
-    if not all(1 <= int(v) <= MAX_IMG_SIZE for v in sides):  # an absolute table is built for it: bound it first
+    # none saved: 224; one that is no size (a string, a float): ViTConfig's message names it
+    sides = as_sides(img_size) if img_size and is_size(img_size) else ()
+    if not all(1 <= v <= MAX_IMG_SIZE for v in sides):  # an absolute table is built for it: bound it first
         raise ValueError(f"image size {img_size} (from the checkpoint's saved settings) is outside "
                          f"[1, {MAX_IMG_SIZE}]; pass img_size=... for the size to load it at")
     return ViTConfig(img_size=img_size or 224, patch_size=patch, in_chans=in_chans, embed_dim=dim,

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lomar.values import is_integer, is_real
+from lomar.values import as_sides, is_integer, is_real, is_size
 
 __all__ = ["BlockMaskGenerator", "block_mask_batch", "window_blockmask_args"]
 
@@ -32,12 +32,10 @@ class BlockMaskGenerator:
                  min_num_patches: int = 4, max_num_patches: int | None = None,
                  min_aspect: float = 0.3, max_aspect: float | None = None,
                  seed: int | None = None, rng: random.Random | None = None):
-        sizes = (input_size, input_size) if is_integer(input_size) else \
-            tuple(input_size) if isinstance(input_size, (tuple, list)) else ()
-        if len(sizes) != 2 or not all(is_integer(side) and side >= 1 for side in sizes):
+        if not is_size(input_size) or min(as_sides(input_size)) < 1:
             raise ValueError(f"input_size={input_size!r} must be a positive integer or a (height, width) pair of "
                              f"them; pass the patch grid, e.g. 14")
-        height, width = int(sizes[0]), int(sizes[1])
+        height, width = as_sides(input_size)
         total = height * width
         counts = {"num_masking_patches": num_masking_patches, "min_num_patches": min_num_patches,
                   "max_num_patches": 1 if max_num_patches is None else max_num_patches}

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from lomar.values import is_integer, is_real
+from lomar.values import as_sides, is_integer, is_real
 
 __all__ = [
     "MaskingPlan",
@@ -45,7 +45,7 @@ PLACEMENTS = ("permutation", "distinct")
 
 def grid_size(img_size: int | tuple[int, int], patch_size: int) -> tuple[int, int]:
     """Patch grid (Hg, Wg) of an image; raises if the image does not tile into patches."""
-    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    h, w = as_sides(img_size)
     if patch_size <= 0:
         raise ValueError(f"patch size must be positive, got {patch_size}")
     if h % patch_size or w % patch_size:

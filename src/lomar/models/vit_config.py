@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from lomar.limits import MAX_IMG_SIZE
-from lomar.values import is_integer, is_real
+from lomar.values import as_sides, is_integer, is_real, is_size
 
 __all__ = ["ViTConfig", "EncoderShape", "MODEL_SIZES", "PATCH_SIZES", "model_config", "list_models"]
 
@@ -87,19 +87,17 @@ class ViTConfig(EncoderShape):
             raise ValueError(f"ViTConfig.window_size must be an integer >= 0 (0: global attention), got "
                              f"{self.window_size!r}")
         object.__setattr__(self, "window_size", int(self.window_size))
-        square = not isinstance(self.img_size, (tuple, list))
-        sizes = {"img_size": (self.img_size,) if square else tuple(self.img_size), "patch_size": (self.patch_size,),
-                 "in_chans": (self.in_chans,), "embed_dim": (self.embed_dim,), "depth": (self.depth,),
-                 "num_heads": (self.num_heads,)}
-        for name, values in sizes.items():  # numpy's integers are sizes too; a bool is not
-            if len(values) != (1 if name != "img_size" or square else 2) or not all(
-                    is_integer(v) and v > 0 for v in values):
-                raise ValueError(f"ViTConfig.{name} must be a positive integer"
-                                 f"{' (or a (height, width) pair)' if name == 'img_size' else ''}, "
-                                 f"got {getattr(self, name)!r}")
-            whole = tuple(int(v) for v in values)
-            object.__setattr__(self, name, whole if name == "img_size" and not square else whole[0])
-        if max(sizes["img_size"]) > MAX_IMG_SIZE:  # timm builds an export from its config.json's model_args alone
+        # numpy's integers are sizes too; a bool is not. A square size stays the int (config.json, a checkpoint)
+        if not is_size(self.img_size) or min(as_sides(self.img_size)) <= 0:
+            raise ValueError(f"ViTConfig.img_size must be a positive integer (or a (height, width) pair), got "
+                             f"{self.img_size!r}")
+        sides = as_sides(self.img_size)
+        object.__setattr__(self, "img_size", sides[0] if is_integer(self.img_size) else sides)
+        for name in ("patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+            if not (is_integer(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"ViTConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, int(getattr(self, name)))
+        if max(sides) > MAX_IMG_SIZE:  # timm builds an export from its config.json's model_args alone
             raise ValueError(f"ViTConfig.img_size must be at most {MAX_IMG_SIZE} (lomar.limits.MAX_IMG_SIZE), got "
                              f"{self.img_size!r}")
         if self.embed_dim % self.num_heads:
