@@ -1,5 +1,6 @@
 """The timm registration's weight filter (lomar.integrations.timm.checkpoint_filter_fn) on weights of another model."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,3 +43,16 @@ def test_beit_weights_are_named_as_beits_not_read_as_a_vits(tmp_path):
         with pytest.raises(ValueError, match=r"these are BEiT weights .*: timm.create_model\('local-dir:DIR'"):
             timm.create_model("lomar_vit_tiny_patch16", pretrained=True, embed_dim=32, depth=1, num_heads=2, pos=pos,
                               pretrained_cfg_overlay=dict(file=str(tmp_path / "encoder.safetensors")))
+
+
+def test_a_size_pair_is_taken_as_a_vitconfig_takes_one():
+    """timm hands img_size as (height, width): a square pair is the int an export's config.json saves, a pair of
+    floats is refused as 32.5 alone is, not truncated to 32."""
+    from lomar.integrations.timm import LomarVisionTransformer
+
+    shape = dict(patch_size=16, embed_dim=32, depth=1, num_heads=2)
+    assert LomarVisionTransformer(img_size=(np.int64(32), 32), **shape).config.img_size == 32
+    assert LomarVisionTransformer(img_size=[32, 64], **shape).config.img_size == (32, 64)
+    with pytest.raises(ValueError, match=r"ViTConfig\.img_size must be a positive integer \(or a \(height, width\) "
+                                         r"pair\), got \(32\.5, 32\.5\)"):
+        LomarVisionTransformer(img_size=(32.5, 32.5), **shape)

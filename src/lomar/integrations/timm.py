@@ -41,6 +41,7 @@ from torch import nn
 from lomar.checkpoints.keys import encoder_keys, position_encoding
 from lomar.checkpoints.keys_beit import holds_beit_keys
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig
+from lomar.values import is_size
 
 __all__ = ["LomarVisionTransformer", "checkpoint_filter_fn"]
 
@@ -59,8 +60,8 @@ class LomarVisionTransformer(VisionTransformer):
                  device=None, dtype=None):
         # any input whose sides are multiples of the patch size works either way (an absolute table is resampled
         # per forward): timm's dynamic_img_size is taken (it raised TypeError) and changes nothing
-        if isinstance(img_size, (tuple, list)):
-            img_size = int(img_size[0]) if img_size[0] == img_size[1] else tuple(int(s) for s in img_size)
+        if isinstance(img_size, (tuple, list)) and is_size(img_size):  # else ViTConfig's message names it
+            img_size = img_size[0] if img_size[0] == img_size[1] else img_size
         config = ViTConfig(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, pos=pos,
                            drop_path=drop_path_rate, attention=attention, window_size=window_size,
