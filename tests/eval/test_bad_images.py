@@ -101,7 +101,8 @@ def test_finetune_survives_a_broken_image(setup, tmp_path, capsys):
 def test_finetune_with_too_many_broken_images_stops_in_one_line(setup, tmp_path, capsys):
     assert _finetune(setup, setup / "data", tmp_path / "ft") == 1  # 1 broken of the 8 read an epoch
     err = capsys.readouterr().err
-    assert "1 of 8 images (over 10%) could not be used, e.g. " in err and "broken.png" in err
+    assert "1 image could not be used so far, over 10% of the 8 an epoch reads (2 batch(es) of 4 per process)" in err
+    assert "broken.png" in err
     assert "Traceback" not in err
 
 

@@ -310,7 +310,8 @@ def test_too_many_unusable_training_images_stop_the_run_in_one_line(tiny, tmp_pa
                  "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
-    assert f"1 of 6 images (over 10%) could not be used, e.g. cannot decode image {truncated}" in err
+    assert (f"1 image could not be used so far, over 10% of the 6 an epoch reads (3 batch(es) of 2 per process), e.g. "
+            f"cannot decode image {truncated}") in err
 
 
 def test_exif_rotated_image_is_read_upright(tiny, tmp_path):

@@ -96,6 +96,77 @@ def test_a_toy_task_trains_evaluates_and_resumes_exactly(tmp_path, capsys):
     assert b["best_score"] == a["best_score"]
 
 
+class SkippingToy(ToyTask):
+    """ToyTask whose points numbered in ``bad`` are unusable files ("img{i}.png"): the run skips and counts them."""
+
+    bad: frozenset = frozenset()
+
+    def __init__(self, config, info, device):
+        super().__init__(config, info, device)
+        numbered = TensorDataset(*self.data.tensors, torch.arange(len(self.data)))
+        sampler = EpochSampler(len(self.data), config.seed, info.rank, info.world_size, keys=False)
+        self.train_loader = DataLoader(numbered, config.batch_size, sampler=sampler, drop_last=True)
+
+    def skipped(self, batch):
+        return [f"img{i}.png" for i in batch[2].tolist() if i in self.bad]
+
+    def loss(self, batch):
+        return super().loss(batch[:2])
+
+
+def test_skips_are_counted_over_the_whole_run_across_a_stop_and_resume(tmp_path, capsys):
+    """A resumed process counted only its own skips: its summary said 1 where the epoch had 3, and 2 + 2 bad files
+    (over 10 % of 32 together) went through a stop that an uninterrupted run refuses."""
+    from lomar.train.task import SkippedFiles, TrainingError
+
+    class Three(SkippingToy):
+        bad = frozenset({12, 3, 0})  # points 12 and 3 come in the epoch's first 2 steps, 0 after (seed 0's order)
+
+    class Four(SkippingToy):
+        bad = frozenset({12, 3, 0, 7})
+
+    def last_line():
+        return capsys.readouterr().out.rstrip().splitlines()[-1]
+
+    assert run(ToyConfig(out=str(tmp_path / "a"), epochs=1), Three) == 0
+    assert ", 3 unusable image(s) skipped, e.g. img" in last_line()
+    assert run(ToyConfig(out=str(tmp_path / "b"), epochs=1, max_steps=2), Three) == 0
+    assert ", 2 unusable image(s) skipped, e.g. img" in last_line()  # the stop splits them
+    assert safe_load(tmp_path / "b" / "last.pt")["skipped_ranks"] == [["img12.png", "img3.png"]]
+    assert run(ToyConfig(out=str(tmp_path / "b"), epochs=1, resume="auto"), Three) == 0
+    assert ", 3 unusable image(s) skipped, e.g. img" in last_line()
+    with pytest.raises(TrainingError, match="^4 images could not be used so far, over 10% of the 32 an epoch"):
+        run(ToyConfig(out=str(tmp_path / "c"), epochs=1), Four)
+    assert run(ToyConfig(out=str(tmp_path / "d"), epochs=1, max_steps=2), Four) == 0
+    with pytest.raises(TrainingError, match="^4 images could not be used so far, over 10% of the 32 an epoch"):
+        run(ToyConfig(out=str(tmp_path / "d"), epochs=1, resume="auto"), Four)
+    older = SkippedFiles(8, 4, warn=False)
+    older.restore(None, 0)  # a checkpoint saved before the skipped files were kept: counted from 0
+    assert older.summary() == "" and older.tracker.count == 0
+
+
+def test_too_many_skips_are_told_in_numbers_the_user_can_check(tmp_path):
+    """36 points, all unusable, in batches of 4 x accum 2: an epoch reads 32 (the 9th batch is left out). The
+    message said '4 of 32 images (over 10%)', which read as 32 files in the data."""
+    from lomar.train.task import TrainingError
+
+    class AllBad(SkippingToy):
+        bad = frozenset(range(36))
+
+        def __init__(self, config, info, device):
+            x = torch.randn(36, 3, generator=torch.Generator().manual_seed(2))
+            sampler = EpochSampler(36, config.seed, info.rank, info.world_size, keys=False)
+            self.train_loader = DataLoader(TensorDataset(x, x.sum(1), torch.arange(36)), config.batch_size,
+                                           sampler=sampler, drop_last=True)
+            self.model = torch.nn.Linear(3, 1)
+
+    with pytest.raises(TrainingError) as caught:
+        run(ToyConfig(out=str(tmp_path / "run")), AllBad)
+    message = str(caught.value)
+    assert re.fullmatch(r"4 images could not be used so far, over 10% of the 32 an epoch reads \(8 batch\(es\) of "
+                        r"4 per process\), e\.g\. img\d+\.png; fix or remove them", message), message
+
+
 class Recording(ToyTask):
     """Records each batch's inputs and how often it opens its batches; 36 points in batches of 4 x accum 2:
     an epoch is 4 steps (32 points), and the 9th batch is left out."""

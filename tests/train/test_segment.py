@@ -375,7 +375,8 @@ def test_too_many_images_cut_short_stop_the_run_in_one_line(digits, tmp_path, ca
     assert _segment(root, tmp_path / "run", "--max-steps", "4", "--eval-every", "50") == 1
     err = capsys.readouterr().err
     read = len(photos) // 2 * 2  # a whole number of batches of 2 an epoch
-    assert f"1 of {read} images (over 10%) could not be used, e.g. cannot decode image {photos[0]}" in err
+    assert (f"1 image could not be used so far, over 10% of the {read} an epoch reads ({read // 2} batch(es) of 2 per "
+            f"process), e.g. cannot decode image {photos[0]}") in err
     assert "Traceback" not in err
 
 

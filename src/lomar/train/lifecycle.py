@@ -93,6 +93,7 @@ class _Run:
         return {"scaler": self.scaler.state_dict(), "step": self.p.step, "epoch": self.p.epoch, "rng": self.rngs[0],
                 "steps_per_epoch": self.steps_per_epoch,  # a resume at the run's end tells so unbuilt (run_end)
                 "batches_done": self.p.batches_done, "evaluated_step": self.evaluated_step, "rng_ranks": self.rngs,
+                "skipped_ranks": self.skips,  # the files each rank skipped: a resume's count goes on from them
                 **self.task.state(), **({f"best_{m}": max(self.best, 0.0)} if (m := self.task.best_metric) else {})}
 
     def load(self, path: Path, ckpt: dict | None, meta: dict | None, task_loaded: bool = False) -> None:
@@ -118,6 +119,7 @@ class _Run:
         self.p.step, self.p.epoch, self.p.batches_done = ckpt["step"], ckpt["epoch"], ckpt["batches_done"]
         self.best = ckpt.get(f"best_{self.task.best_metric}", -math.inf) if self.task.best_metric else -math.inf
         self.evaluated_step = ckpt.get("evaluated_step")  # None: a checkpoint written before it was kept
+        self.skipped.restore(ckpt.get("skipped_ranks"), self.info.rank)
         restore_rng_states(ckpt, self.info, self.device, self.cfg.seed)  # last: building the run drew from them
         if self.p.step > self.last_step:
             raise ValueError(resumed_past_end(self.p.step, self.last_step, self.cfg, self.steps_per_epoch))
@@ -126,7 +128,7 @@ class _Run:
         """``last.pt`` (+ ``checkpoint-N.pt`` with ``keep_last``; a sharded run: ``checkpoint-N.dcp``), and
         ``best.pt`` when ``metrics`` (a finished epoch's) hold the best ``best_metric`` so far. A collective."""
         check_weights(self.task.model, self.info.enabled, self.p.step, self.out, self.cfg, self.precision)
-        self.rngs = gather_rng_states(self.info, self.device)
+        self.rngs, self.skips = gather_rng_states(self.info, self.device), self.skipped.gathered(self.info)
         keep = getattr(self.cfg, "keep_last", None)
         if self.task.sharded:  # collective
             path = save_run_checkpoint(self.task.model, self.optimizer, self.meta(), self.out, self.p.step, keep)

@@ -53,6 +53,7 @@ from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker
 from lomar.errors import UsageError
 from lomar.train.distributed import DistInfo, init_distributed
 from lomar.train.run_state import RunLock, newest_state
+from lomar.values import counted
 
 __all__ = ["Task", "EpochStream", "Progress", "SkippedFiles", "TrainingError", "steadier", "non_finite_weight",
            "diverged", "check_weights", "preload", "score_only"]
@@ -245,23 +246,40 @@ def non_finite_weight(model: torch.nn.Module, distributed: bool = False) -> str 
 
 
 class SkippedFiles:
-    """The files one process skipped (``Task.skipped``), each counted once; more than ``threshold`` of the
-    files the process reads an epoch (``batches`` of ``batch_size``) stops the run (:class:`BadDataTracker`'s
-    exact rule). ``warn``: log each file once (else the data did)."""
+    """The files one process skipped (``Task.skipped``), each counted once over the whole run (a checkpoint carries
+    them: :meth:`gathered`, :meth:`restore`); more than ``threshold`` of the files the process reads an epoch
+    (``batches`` of ``batch_size``) stops the run (:class:`BadDataTracker`'s exact rule). ``warn``: log each file
+    once (else the data did)."""
 
     def __init__(self, batches: int, batch_size: int, warn: bool, threshold: float = UNREADABLE_LIMIT):
         self.tracker = BadDataTracker(batches * batch_size, warn=warn)
-        self.batch_size, self.threshold = batch_size, threshold
+        self.batches, self.batch_size, self.threshold = batches, batch_size, threshold
 
     def count(self, files: list[str]) -> None:
-        self.tracker.update(files, self.batch_size)
+        tracker = self.tracker
+        tracker.update(files, self.batch_size)
         try:
-            self.tracker.check(self.threshold)
-        except ValueError as exc:
-            raise TrainingError(str(exc)) from None
+            tracker.check(self.threshold)
+        except ValueError:  # said in what a user can count: the epoch's reads, not the data's files
+            raise TrainingError(f"{counted(tracker.count, 'image')} could not be used so far, over "
+                                f"{self.threshold:.0%} of the {tracker.total} an epoch reads ({self.batches} "
+                                f"batch(es) of {self.batch_size} per process), e.g. {next(iter(tracker.bad))}; fix "
+                                f"or remove them") from None
+
+    def gathered(self, info: DistInfo) -> list[list[str]]:
+        """Every rank's skipped files, in rank order, for a checkpoint (a collective under DDP)."""
+        if not info.enabled:
+            return [list(self.tracker.bad)]
+        files: list = [None] * info.world_size
+        dist.all_gather_object(files, list(self.tracker.bad))
+        return files
+
+    def restore(self, ranks: list[list[str]] | None, rank: int) -> None:
+        """Go on from this rank's files of a checkpoint's :meth:`gathered` (None: one saved before they were kept)."""
+        self.tracker.bad = dict.fromkeys(ranks[rank] if ranks and rank < len(ranks) else ())
 
     def summary(self) -> str:
-        """'N unusable image(s) skipped, e.g. FILE', or '' when none was."""
+        """'N unusable image(s) skipped, e.g. FILE' over the whole run, or '' when none was."""
         tracker = self.tracker
         return f"{tracker.count} unusable image(s) skipped, e.g. {next(iter(tracker.bad))}" if tracker.count else ""
 
