@@ -1,9 +1,12 @@
 """`lomar export`, create_encoder and the timm registration (the one test module importing timm)."""
 
+import errno
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -376,6 +379,30 @@ def test_export_paths_that_are_no_folder_are_named_for_the_python_caller(tmp_pat
     with pytest.raises(FileNotFoundError, match=r"empty/config.json not found; export an encoder first "
                                                 r"\(lomar.export_encoder, or `lomar export`\)$"):
         create_encoder(tmp_path / "empty")
+
+
+def test_an_overwrite_that_fails_after_the_weights_leaves_the_old_export_whole(tmp_path, monkeypatch):
+    """The weights and config.json were two separate renames: a failure between them left the new weights beside the
+    old config.json, which rebuilds them with the old ViTDet window size (the same shapes: no check caught it)."""
+    torch.manual_seed(0)
+    before = VisionTransformer(WINDOWED).eval()
+    export_encoder(before, tmp_path / "exp")
+    rename, failed = os.replace, []
+
+    def fail_once_at_config(src, dst):
+        if Path(dst).name == "config.json" and not failed:
+            failed.append(src)
+            raise OSError(errno.EIO, "Input/output error", str(dst))
+        return rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_once_at_config)
+    with pytest.raises(OSError, match="Input/output error"):
+        export_encoder(VisionTransformer(replace(WINDOWED, window_size=2)), tmp_path / "exp", overwrite=True)
+    monkeypatch.undo()
+    assert failed and sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["config.json", "model.safetensors"]
+    after = create_encoder(tmp_path / "exp").eval()
+    assert after.config == before.config
+    assert all(torch.equal(v, after.state_dict()[k]) for k, v in before.state_dict().items())
 
 
 def test_the_pretrained_cfg_gives_timm_the_exported_input_size_and_lomars_eval_crop(tmp_path):

@@ -8,6 +8,7 @@ bounds and the weights file's format, names and shapes (from its header, against
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS
-from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text, check_finite
+from lomar.checkpoints.io import atomic_write_bytes, check_finite, write_error
 from lomar.data.classify import eval_crop_ratio
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.errors import UsageError
@@ -82,12 +83,41 @@ def _per_channel(rgb: tuple[float, ...], in_chans: int) -> list[float]:
 
 
 def write_export(out: Path, weights_name: str, state: dict, config: dict) -> Path:
-    """Write ``state`` as safetensors and ``config`` as config.json into ``out``, both atomically."""
+    """Write ``state`` as safetensors and ``config`` as config.json into ``out`` as one change: a reader finds the
+    old export, the new one or (after a kill in the instant between) no config.json, never new weights beside the old
+    config.json (a window size it would build them with). Both are written in full under temporary names first; the
+    old pair is set aside, config.json first (no reader takes a folder without it for an export), the new pair
+    renamed in, config.json last. On a failure the old pair goes back and no temporary file stays.
+
+    The swap is of the two files, not of the folder: a run's folder holds its checkpoints beside its export."""
     if out.exists() and not out.is_dir():  # making it a folder would fail with "[Errno 17] File exists"
         raise NotADirectoryError(f"{out} is a file, not a folder: an export is a folder (config.json + weights); "
                                  f"pass a folder path")
-    atomic_write_bytes(out / weights_name, save(state))
-    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    contents = {weights_name: save(state), CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode("utf-8")}
+    new = {name: out / f".{name}.new-{os.getpid()}" for name in contents}
+    old = {name: out / f".{name}.old-{os.getpid()}" for name in contents}
+    aside = []
+    try:
+        for name, data in contents.items():
+            try:
+                atomic_write_bytes(new[name], data)
+            except OSError as exc:  # named as the file the caller asked for, not its temporary
+                raise (write_error(exc, out / name) or exc) from exc
+        for name in (CONFIG_NAME, weights_name):
+            if (out / name).exists():
+                os.replace(out / name, old[name])
+                aside.append(name)
+        os.replace(new[weights_name], out / weights_name)
+        os.replace(new[CONFIG_NAME], out / CONFIG_NAME)
+    except BaseException:
+        for name in aside:  # a failure to put one back leaves it at its .old name, not deleted
+            os.replace(old[name], out / name)
+        raise
+    finally:
+        for path in new.values():
+            path.unlink(missing_ok=True)
+    for path in old.values():
+        path.unlink(missing_ok=True)
     return out
 
 
@@ -103,7 +133,7 @@ def export_encoder(encoder: VisionTransformer, out_dir: str | Path, weights_name
                    metadata: dict | None = None, overwrite: bool = False) -> Path:
     """Write ``weights_name`` (safetensors) and ``config.json`` for the encoder into ``out_dir``.
 
-    Both are written atomically with mode 0644. A ``config.json`` already in ``out_dir`` that
+    Both change at once (:func:`write_export`), with mode 0644. A ``config.json`` already in ``out_dir`` that
     is not one of ours is never replaced unless ``overwrite`` (UsageError). A LoMaR or MAE model
     exports its ``encoder``.
     """
