@@ -220,6 +220,16 @@ def test_original_checkpoint_round_trip(tmp_path, flags):
         beit_from_original({k: v for k, v in state.items() if not k.startswith("lm_head")})
 
 
+def test_a_position_table_of_no_square_grid_is_named_not_built_at_its_floor():
+    """Without a relative table the grid comes from pos_embed: 20 patches are no square grid, and the root's floor
+    (4x4) would build a BEiT the table does not fit."""
+    state = _original_state(BEiT(BEiTConfig(**{**TINY, "use_shared_rel_pos_bias": False, "use_abs_pos_emb": True})))
+    assert beit_from_original(state)[0]["img_size"] == 32
+    state["pos_embed"] = torch.zeros(1, 21, 32)
+    with pytest.raises(ValueError, match=r"pos_embed holds 20 patches, not a square grid; a BEiT takes square"):
+        beit_from_original(state)
+
+
 @pytest.mark.parametrize("per_block", [False, True])
 def test_timm_beit_gives_equal_features(per_block):
     from functools import partial

@@ -7,12 +7,12 @@ checkpoint filter.
 from __future__ import annotations
 
 import argparse
-import math
 import re
 
 import torch
 
 from lomar.limits import MAX_IMG_SIZE
+from lomar.models.abs_pos import square_side
 from lomar.models.vit import MODEL_SIZES, VisionTransformer, ViTConfig
 from lomar.values import as_sides, is_size
 
@@ -124,11 +124,11 @@ def infer_vit_config(state: dict[str, torch.Tensor], hints: dict | None = None, 
                          f"--to FILE")
     img_size = overrides.get("img_size") or hints.get("img_size") or hints.get("input_size")
     if not img_size and "pos_embed" in state:
-        cells = state["pos_embed"].shape[1] - 1
-        side = math.isqrt(cells)
-        if side * side != cells:  # no shape tells a 12 x 16 grid from a 16 x 12 one
-            raise ValueError(f"the position table holds {cells} patches, not a square grid, and the checkpoint "
-                             f"saves no image size; pass img_size=(height, width) for the size it was trained at")
+        side = square_side(state["pos_embed"])
+        if side is None:
+            raise ValueError(f"the position table holds {state['pos_embed'].shape[1] - 1} patches, not a square grid, "
+                             f"and the checkpoint saves no image size; pass img_size=(height, width) for the size it "
+                             f"was trained at")
         img_size = side * patch
     # none saved: 224; one that is no size (a string, a float): ViTConfig's message names it
     sides = as_sides(img_size) if img_size and is_size(img_size) else ()

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from lomar.checkpoints.io import safe_load
+from lomar.models.abs_pos import square_side
 from lomar.models.beit import BEiT, BEiTConfig
 
 __all__ = ["beit_from_original", "load_original_beit", "beit_to_timm", "per_block_from_shared", "holds_beit_keys"]
@@ -65,7 +66,10 @@ def beit_from_original(state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, 
         n_rel, info["num_heads"] = state[table_key].shape
         info["img_size"] = _rel_grid(n_rel, table_key)[0] * patch
     elif "pos_embed" in state:
-        side = math.isqrt(state["pos_embed"].shape[1] - 1)
+        side = square_side(state["pos_embed"])
+        if side is None:  # a BEiT's grid is square: the root's floor would build one the table does not fit
+            raise ValueError(f"pos_embed holds {state['pos_embed'].shape[1] - 1} patches, not a square grid; a BEiT "
+                             f"takes square images only, so this is no BEiT pretraining state dict")
         info["img_size"] = side * patch
     return info, ours
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -26,8 +25,10 @@ from lomar.checkpoints.keys import (
 from lomar.checkpoints.keys_beit import holds_beit_keys
 from lomar.checkpoints.reader import EncoderWeights, Reader, register
 from lomar.models import MAE, LoMaR
+from lomar.models.abs_pos import square_side
 from lomar.models.masking import grid_size, window_positions
 from lomar.models.vit import VisionTransformer, ViTConfig
+from lomar.values import as_sides
 
 log = logging.getLogger("lomar.checkpoints")
 
@@ -67,6 +68,7 @@ def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
     method = _method(state)
     config = infer_vit_config({rename_rpe(k): v for k, v in state.items()}, args,
                               num_heads=overrides.pop("num_heads", None), img_size=overrides.pop("img_size", None))
+    _check_tiles(config)
     settings: dict = {"config": config}
     if method == "lomar":
         window = int(overrides.get("window_size", args.get("window_size", 7)))
@@ -114,6 +116,18 @@ def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
     return method, settings
 
 
+def _check_tiles(config: ViTConfig) -> None:
+    """ValueError naming img_size (saved or given) where it does not tile into the checkpoint's patches: the grid's
+    own message names no parameter, which a command reads as its flag (lomar.errors.in_flags)."""
+    sides, p = as_sides(config.img_size), config.patch_size
+    if all(side % p == 0 for side in sides):
+        return
+    fit = tuple(max(1, side // p) * p for side in sides)
+    size, fit = (sides[0], fit[0]) if isinstance(config.img_size, int) else (sides, fit)
+    raise ValueError(f"img_size={size} is not divisible by the checkpoint's patch size {p}; pass a multiple of {p}, "
+                     f"e.g. img_size={fit}")
+
+
 def _original_model(data: dict, path: Path, overrides: dict) -> nn.Module:
     _refuse_beit(data.get("model", data), path)
     method, settings = infer_original_config(data, **overrides)
@@ -147,12 +161,11 @@ def _check_table(state: dict, encoder: VisionTransformer) -> None:
         return
     c = encoder.config
     rows, cols = grid_size(c.img_size, c.patch_size)
-    cells = table.shape[1] - 1
-    side = math.isqrt(cells)
+    side = square_side(table)
     size = c.img_size if isinstance(c.img_size, int) else tuple(c.img_size)
     fix = f"is a {side}x{side} grid; pass img_size={side * c.patch_size}, the size it was trained at, or leave " \
-        f"img_size out" if side * side == cells else \
-        f"holds {cells} patches, not a square grid; pass img_size=(height, width) for the size it was trained at"
+        f"img_size out" if side is not None else f"holds {table.shape[1] - 1} patches, not a square grid; pass " \
+        f"img_size=(height, width) for the size it was trained at"
     raise ValueError(f"img_size={size} makes a {rows}x{cols} grid of patch_size {c.patch_size}, but the checkpoint's "
                      f"position table {fix}")
 

@@ -8,7 +8,7 @@ import math
 import torch
 from timm.layers import resample_abs_pos_embed
 
-__all__ = ["sincos_pos_embed_2d", "sincos_grid", "table_for_grid"]
+__all__ = ["sincos_pos_embed_2d", "sincos_grid", "square_side", "table_for_grid"]
 
 
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], cls_token: bool = True) -> torch.Tensor:
@@ -37,6 +37,14 @@ def sincos_grid(table: torch.Tensor) -> tuple[int, int] | None:
     return next((g for g in grids if torch.allclose(table[0], sincos_pos_embed_2d(dim, g).to(table.dtype))), None)
 
 
+def square_side(table: torch.Tensor) -> int | None:
+    """The side of the square patch grid an absolute table (1, 1+N, D) is of, or None when N is no square: no shape
+    tells a 12x16 grid from a 16x12 one, so a caller needs the size the table was trained at."""
+    cells = table.shape[1] - 1
+    side = math.isqrt(cells)
+    return side if side * side == cells else None
+
+
 def table_for_grid(table: torch.Tensor, grid: tuple[int, int],
                    source: tuple[int, int] | None = None) -> torch.Tensor:
     """An absolute table (1, 1+N, D) of the ``source`` grid for another ``grid``, resampled bicubically with the
@@ -48,8 +56,8 @@ def table_for_grid(table: torch.Tensor, grid: tuple[int, int],
     if source is None and n == grid[0] * grid[1]:
         return table
     if source is None:
-        side = math.isqrt(n)
-        if side * side != n:
+        side = square_side(table)
+        if side is None:
             raise ValueError(f"a trained position table of {n} tokens (a non-square grid) cannot be resized to the "
                              f"{grid[0]}x{grid[1]} grid here; load it at its own size (lomar.create_encoder)")
         source = (side, side)
