@@ -45,7 +45,10 @@ PLACEMENTS = ("permutation", "distinct")
 
 def grid_size(img_size: int | tuple[int, int], patch_size: int) -> tuple[int, int]:
     """Patch grid (Hg, Wg) of an image; raises if the image does not tile into patches."""
-    h, w = as_sides(img_size)
+    # a traced forward's shape (torch.export, make_fx) holds SymInts, which are no Python int: int() would fix the
+    # traced size into the graph, so they are taken as they are
+    traced = isinstance(img_size, tuple) and len(img_size) == 2 and any(isinstance(s, torch.SymInt) for s in img_size)
+    h, w = img_size if traced else as_sides(img_size)
     if patch_size <= 0:
         raise ValueError(f"patch size must be positive, got {patch_size}")
     if h % patch_size or w % patch_size:
