@@ -29,6 +29,18 @@ def test_a_tokenizer_saved_under_another_name_is_still_read(tmp_path):
     assert not is_safetensors(tmp_path / "sd.pt")  # a torch.save zip is still read as a checkpoint
 
 
+def test_a_tokenizer_under_another_name_cut_in_its_header_is_called_a_damaged_safetensors_file(tmp_path):
+    """The header length it starts with no longer fits the file, yet it starts as a safetensors file: read as one,
+    its reader names the damage, as for a file cut in its data (not a dVAE pickle and the files to use instead)."""
+    whole = KMeansTokenizer(torch.randn(4, 192)).save(tmp_path / "x.pt").read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole[:8 + int.from_bytes(whole[:8], "little") // 2])
+    assert is_safetensors(cut)
+    with pytest.raises(ValueError, match=r"cut\.pt is not a readable safetensors file \(.*\); the file is damaged or "
+                                         r"not a tokenizer$"):
+        load_tokenizer(cut)
+
+
 @pytest.mark.parametrize("command", ["fit", "convert"])
 def test_the_cli_writes_only_safetensors_names_and_says_so_first(tmp_path, capsys, monkeypatch, command):
     monkeypatch.setattr("lomar.data.folder.build_image_list", lambda *a: pytest.fail("read the data"))

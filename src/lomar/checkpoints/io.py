@@ -30,9 +30,10 @@ from safetensors import safe_open
 
 from lomar.errors import ANSI_ESCAPE, UsageError
 
-__all__ = ["check_finite", "first_non_finite", "atomic_write", "atomic_write_bytes", "atomic_write_text",
-           "atomic_save", "safe_load", "describe_file", "quiet_pickle_protocol", "write_error", "open_in_place",
-           "read_in_place", "read_log", "log_record", "refuse_link", "remove_tree", "mismatch", "FILE_MODE"]
+__all__ = ["check_finite", "first_non_finite", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_save",
+           "safe_load", "describe_file", "starts_as_safetensors", "quiet_pickle_protocol", "write_error",
+           "open_in_place", "read_in_place", "read_log", "log_record", "refuse_link", "remove_tree", "mismatch",
+           "FILE_MODE"]
 
 # Exports and checkpoints are meant to be shared: rw-r--r-- whatever mkstemp-like defaults say.
 FILE_MODE = 0o644
@@ -172,6 +173,13 @@ def atomic_save(obj, path: str | Path) -> Path:
 _LEGACY_HEAD = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
 
+def starts_as_safetensors(head: bytes) -> bool:
+    """Whether a file's first bytes (9 or more) are a safetensors file's: an 8-byte little-endian header length
+    within the reader's own 100 MB cap (a text's first 8 bytes read as one are far more), then the JSON header's
+    '{'. A file cut short, in its header too, still starts so: its reader then names it damaged."""
+    return len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= 100_000_000
+
+
 def describe_file(path: str | Path) -> str:
     """What a file that is not a PyTorch checkpoint looks like, for an error message ("a text file", ...)."""
     try:
@@ -186,9 +194,7 @@ def describe_file(path: str | Path) -> str:
                 "(download or save it again)")
     if head.startswith(b"PK"):
         return "a zip archive that is not a complete PyTorch checkpoint"
-    # an 8-byte little-endian header length (safetensors caps it at 100 MB; a text's first 8 bytes read as one are
-    # far more), then the JSON header
-    if head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+    if starts_as_safetensors(head):
         return _safetensors_kind(Path(path))
     if head[:1] in (b"{", b"[") or head.isascii() and all(32 <= b < 127 or b in b"\r\n\t" for b in head):
         return "a text file"

@@ -9,6 +9,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from lomar.checkpoints.io import starts_as_safetensors
+
 __all__ = ["Tokenizer", "FORMAT_KEY", "check_tokenizer_file", "is_safetensors", "safetensors_metadata",
            "CONVERT_HINT", "FIT_HINT"]
 
@@ -78,11 +80,9 @@ def is_safetensors(path: Path) -> bool:
         return True  # a damaged one is then called a damaged safetensors file, not an unknown format
     try:
         with open(path, "rb") as handle:
-            head = handle.read(9)
-        size = path.stat().st_size
+            return starts_as_safetensors(handle.read(9))
     except OSError:
         return False
-    return len(head) == 9 and head[8:] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:
