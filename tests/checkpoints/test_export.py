@@ -202,6 +202,24 @@ def test_load_original_names_a_window_that_does_not_fit_by_its_parameter_and_the
                                        "4x4 patch grid; pass --window-size <= 4 or use a larger image\n")
 
 
+def test_an_image_size_that_does_not_tile_into_patches_is_named_by_its_flag_with_one_that_does(tmp_path, capsys):
+    """The grid's own 'image size 70x70 is not divisible by the patch size 16' named no flag."""
+    model = LoMaR(model_config("vit_tiny_patch16", img_size=64, embed_dim=32, depth=1, num_heads=2), window_size=3,
+                  num_windows=1)
+    path = tmp_path / "orig.pth"
+    torch.save({"model": lomar_to_original(model.state_dict()), "args": {"input_size": 64, "window_size": 3}}, path)
+    with pytest.raises(ValueError, match=r"^img_size=\(70, 64\) is not divisible by the checkpoint's patch size 16; "
+                                         r"pass a multiple of 16, e.g. img_size=\(64, 64\)$"):
+        load_original(path, num_heads=2, img_size=(70, 64))
+    for size, fit in (("70", "64"), ("64 90", "64 80")):
+        assert main(["export", str(path), "--to", str(tmp_path / "e"), "--num-heads", "2", "--img-size",
+                     *size.split()]) == 2
+        assert capsys.readouterr().err == (f"lomar export: error: --img-size {size} is not divisible by the "
+                                           f"checkpoint's patch size 16; pass a multiple of 16, e.g. --img-size "
+                                           f"{fit}\n")
+    assert main(["export", str(path), "--to", str(tmp_path / "e"), "--num-heads", "2", "--img-size", "64", "80"]) == 0
+
+
 @pytest.mark.slow
 def test_import_lomar_does_not_import_timm():
     code = "import sys, lomar, lomar.cli.app; lomar.cli.app.build_parser(); sys.exit('timm' in sys.modules)"
