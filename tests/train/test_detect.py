@@ -423,8 +423,11 @@ def test_a_detector_checkpoint_is_known_by_its_content_not_its_suffix(tmp_path):
     # a detector saved or renamed as .pth was "not a `lomar detect` run or checkpoint" to --eval-only, and an encoder
     # to be loaded otherwise
     from lomar.checkpoints.io import atomic_save
-    from lomar.checkpoints.kinds import DETECT_FORMAT
-    from lomar.train.detect_config import detect_checkpoint
+    from lomar.checkpoints.kinds import DETECT_FORMAT, find_command_checkpoint
+
+    def detect_checkpoint(path):
+        found = find_command_checkpoint(path, "detect")
+        return found.path if found is not None else None
 
     for name in ("model_final.pth", "detector.ckpt", "last.pt"):
         atomic_save({"format": DETECT_FORMAT, "model": {}}, tmp_path / name)
@@ -476,7 +479,7 @@ def _rescore(ann_file, predictions: list[dict]) -> dict[str, float | None]:
 
 
 @pytest.mark.slow
-def test_detect_trains_and_predictions_rescore_to_the_reported_ap(tiny, tmp_path, capsys):
+def test_detect_trains_and_predictions_rescore_to_the_reported_ap(tiny, tmp_path, capsys, monkeypatch):
     (train_ann, train_images), (val_ann, val_images) = tiny
     out = tmp_path / "run"
     data = ["--train-ann", str(train_ann), "--train-images", str(train_images), "--val-ann", str(val_ann),
@@ -507,9 +510,13 @@ def test_detect_trains_and_predictions_rescore_to_the_reported_ap(tiny, tmp_path
     # --eval-only on the finished run scores the same detector the same way
     (out / "predictions.json").rename(tmp_path / "first.json")
     evaluated = tmp_path / "evaluated"
+    reads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(f) or load(f, *a, **k))
     code = main(["detect", "--val-ann", str(val_ann), "--val-images", str(val_images), "--eval-only",
                  "--pretrained", str(out / "last.pt"), "--workers", "0", "--out", str(evaluated)])
     assert code == 0
+    assert reads == [out / "last.pt"]  # read once: the settings taken and the weights scored are of one read
+    monkeypatch.undo()
     assert "96 px input" in capsys.readouterr().err  # the detector's own size, not the 1024 default
     again = json.loads((evaluated / "metrics.jsonl").read_text().splitlines()[-1])
     assert {k: again[k] for k in rescored} == {k: metrics[k] for k in rescored} and again["img_size"] == 96

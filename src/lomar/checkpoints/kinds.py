@@ -7,7 +7,7 @@ from pathlib import Path
 from lomar.checkpoints.file_names import BEST, LAST
 
 __all__ = ["PRETRAIN_FORMAT", "CLASSIFIER_FORMAT", "FINETUNE_FORMAT", "DETECT_FORMAT", "SEGMENT_TASK", "run_command",
-           "command_checkpoint", "FoundCheckpoint", "find_command_checkpoint"]
+           "FoundCheckpoint", "find_command_checkpoint"]
 
 PRETRAIN_FORMAT = "lomar-pretrain-2"  # 2: `windows` is meant for every method (an MAE run saved 4 unused)
 CLASSIFIER_FORMAT = "lomar-classifier-1"
@@ -50,9 +50,3 @@ def find_command_checkpoint(path: str | Path, command: str) -> FoundCheckpoint |
             if run_command(checkpoint) == command:
                 return FoundCheckpoint(candidate, checkpoint)
     return None
-
-
-def command_checkpoint(path: str | Path, command: str) -> Path | None:
-    """The path of :func:`find_command_checkpoint`'s checkpoint; None if not one."""
-    found = find_command_checkpoint(path, command)
-    return found.path if found is not None else None

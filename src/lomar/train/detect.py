@@ -21,8 +21,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
 from lomar.checkpoints.formats import holds_beit
-from lomar.checkpoints.io import atomic_write_text, safe_load
-from lomar.checkpoints.kinds import DETECT_FORMAT
+from lomar.checkpoints.io import atomic_write_text
+from lomar.checkpoints.kinds import DETECT_FORMAT, FoundCheckpoint
 from lomar.data.coco import (
     CocoSplit,
     collate_detection,
@@ -45,7 +45,7 @@ from lomar.models.attention import vitdet_global_blocks
 from lomar.models.masking import grid_size
 from lomar.models.relpos import fit_axis_tables
 from lomar.models.vit import VisionTransformer, ViTConfig, model_config
-from lomar.train.detect_config import DetectConfig, detect_checkpoint
+from lomar.train.detect_config import DetectConfig
 from lomar.train.distributed import DistInfo
 from lomar.train.lifecycle import Task, run
 from lomar.train.preemption import ignore_stop_signals
@@ -53,7 +53,7 @@ from lomar.train.settings_resume import command_flags, encoder_layout
 from lomar.train.task import score_only
 from lomar.train.task_resume import load_resumed
 
-__all__ = ["DetectTask", "detect_checkpoint", "step_lr_factor", "detect", "category_change"]
+__all__ = ["DetectTask", "step_lr_factor", "detect", "category_change"]
 
 
 def step_lr_factor(step: int, total: int, warmup: int) -> float:
@@ -107,9 +107,8 @@ class DetectTask(Task):
         if info.is_main:  # not first found after an epoch; one process reads the headers, its error stops all
             check_split_images(self.val, "--val-images", config.workers or 1)
         self.categories = self.val.categories
-        saved = detect_checkpoint(config.pretrained) if config.pretrained else None
         self.source: dict = {}  # a saved detector's file and step, which --eval-only's line names
-        self.model = self._build_model(saved)
+        self.model = self._build_model(config.detector)
         self.model.to(device)
         self.train_loader = None
         if not config.eval_only:
@@ -133,10 +132,11 @@ class DetectTask(Task):
                                      worker_init_fn=ignore_stop_signals, generator=torch.Generator())
         self.predictions: list[dict] = []
 
-    def _build_model(self, saved: Path | None):
+    def _build_model(self, found: FoundCheckpoint | None):
         cfg = self.config
-        if saved is not None:
-            ckpt = safe_load(saved)
+        saved = found.path if found is not None else None
+        if found is not None:  # DetectConfig.complete read it and took its layout
+            ckpt = found.checkpoint
             if why := category_change(ckpt["categories"], ckpt.get("category_names"), self.val, f"in {saved}"):
                 raise UsageError(f"--pretrained: {why}; evaluate on the split it was trained for")
             # the detector's own layout, unless given (DetectConfig.complete): the same weights either way

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lomar.checkpoints.kinds import DETECT_FORMAT, command_checkpoint
+from lomar.checkpoints.kinds import DETECT_FORMAT, find_command_checkpoint
 from lomar.train import settings as S
 from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.settings_resume import (
@@ -23,7 +23,7 @@ from lomar.train.settings_resume import (
     random_encoder_patch,
 )
 
-__all__ = ["DetectConfig", "detect_checkpoint", "default_image_folder", "DETECTOR_LAYOUT"]
+__all__ = ["DetectConfig", "default_image_folder", "DETECTOR_LAYOUT"]
 
 _RUN = "run-control"
 # What a detector started from a `lomar detect` checkpoint takes from that run unless given: its input size,
@@ -50,15 +50,12 @@ def default_image_folder(ann: Path) -> Path:
     return ann.parent
 
 
-def detect_checkpoint(path: str | Path) -> Path | None:
-    """The `lomar detect` checkpoint ``path`` names (a file, whatever its suffix: ``model_final.pth`` too, or a run
-    folder's best.pt / last.pt); None if not one."""
-    return command_checkpoint(path, "detect")
-
-
 @dataclass
 class DetectConfig(TaskConfig):
     COMMAND = "detect"
+    # not a setting: --pretrained's `lomar detect` checkpoint as complete read it (kinds.FoundCheckpoint; a file
+    # whatever its suffix, or a run folder's best.pt / last.pt), which the task builds the detector from
+    detector = None
     train_ann: str | None = S.setting(None, "COCO instances JSON of the training split (default: none; required to "
                                       "train)", kind=str, path=True, resume=_RUN, metavar="FILE")
     train_images: str | None = S.setting(None, "folder of the training images (file_name is relative to it; "
@@ -123,21 +120,22 @@ class DetectConfig(TaskConfig):
         for split in ("train", "val"):
             if getattr(self, f"{split}_ann") and not getattr(self, f"{split}_images"):
                 setattr(self, f"{split}_images", str(default_image_folder(Path(getattr(self, f"{split}_ann")))))
-        saved = detect_checkpoint(self.pretrained) if self.pretrained and not self.resume else None
-        if saved is not None:  # a resumed run has its own saved settings, the ones it started with
-            from lomar.checkpoints.io import safe_load  # torch: not for --help
-
-            settings = safe_load(saved, mmap=True).get("settings")
+        if self.pretrained:
+            # one read (its tensors mapped, read as the task loads them): the layout taken here and the weights
+            # loaded are of one file, even if a run still training there renames a newer best.pt over it meanwhile
+            self.detector = find_command_checkpoint(self.pretrained, self.COMMAND)
+        if self.detector is not None and not self.resume:  # a resumed run has its own settings, those it started with
+            settings = self.detector.checkpoint.get("settings")
             if isinstance(settings, dict):
                 settings = {**_SAVED_BEFORE, **settings}
                 taken = {k: v for k, v in settings.items() if k in DETECTOR_LAYOUT and k not in explicit}
-                for name, value in coerce_all(type(self), taken, str(saved), strict=False).items():
+                for name, value in coerce_all(type(self), taken, str(self.detector.path), strict=False).items():
                     setattr(self, name, value)
 
     def check_settings(self) -> None:
         if random_encoder_patch(self) not in (None, 16):  # ViTDet's pyramid: strides 4-32 from the 1/16 map
             raise ConfigError(f"--model {self.model}: the feature pyramid needs patch size 16; use a *_patch16 model")
-        if self.pretrained:
+        if self.pretrained and self.detector is None:  # a detector's encoder is one the pyramid was built on
             _check_backbone(self.pretrained)
         check_img_size(self)
         low, high = self.jitter
