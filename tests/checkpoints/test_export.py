@@ -17,6 +17,7 @@ from lomar.checkpoints.convert import load_model, pretrain_checkpoint
 from lomar.checkpoints.io import atomic_save
 from lomar.checkpoints.keys import lomar_to_original
 from lomar.cli.app import main
+from lomar.models.mae_window import MAEWindow
 
 timm = pytest.importorskip("timm")
 import timm.optim  # noqa: E402,F811  (not imported by `import timm`)
@@ -397,6 +398,17 @@ def test_export_paths_that_are_no_folder_are_named_for_the_python_caller(tmp_pat
     with pytest.raises(FileNotFoundError, match=r"empty/config.json not found; export an encoder first "
                                                 r"\(lomar.export_encoder, or `lomar export`\)$"):
         create_encoder(tmp_path / "empty")
+
+
+def test_an_mae_run_with_windows_exports_under_the_method_it_was_trained_with(tmp_path, capsys):
+    """Its method read 'maewindow' (the model's class) in the output line and config.json."""
+    model = MAEWindow(replace(TINY, pos="abs"), window_size=2, num_windows=3, decoder_embed_dim=16, decoder_depth=1,
+                      decoder_num_heads=2)
+    atomic_save(pretrain_checkpoint(model), tmp_path / "last.pt")
+    assert main(["export", str(tmp_path / "last.pt"), "--to", str(tmp_path / "exp")]) == 0
+    assert f"-block encoder of {tmp_path / 'last.pt'} (mae, 3 windows) -> " in capsys.readouterr().out
+    config = json.loads((tmp_path / "exp" / "config.json").read_text())
+    assert (config["method"], config["windows"]) == ("mae", 3)
 
 
 def test_an_overwrite_that_fails_after_the_weights_leaves_the_old_export_whole(tmp_path, monkeypatch):

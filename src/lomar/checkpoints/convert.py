@@ -13,7 +13,7 @@ from lomar.models import MAE, LoMaR
 from lomar.models.spec import build_from_spec, model_spec
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer
 
-__all__ = ["load_model", "encoder_of", "pretrain_checkpoint"]
+__all__ = ["load_model", "encoder_of", "pretrain_method", "pretrain_checkpoint"]
 
 
 def encoder_of(model: nn.Module) -> VisionTransformer:
@@ -23,6 +23,16 @@ def encoder_of(model: nn.Module) -> VisionTransformer:
         raise TypeError(f"{type(model).__name__} has no lomar ViT encoder; pass a lomar.VisionTransformer, a LoMaR or "
                         f"MAE model, an export folder or a checkpoint")
     return encoder
+
+
+def pretrain_method(model: nn.Module) -> str:
+    """The ``lomar pretrain --method`` a LoMaR / MAE model is trained by, as its run's settings name it: 'mae' for
+    MAE with windows too (an MAEWindow)."""
+    if isinstance(model, MAE):
+        return "mae"
+    if isinstance(model, LoMaR):
+        return "lomar"
+    raise TypeError(f"cannot write a pretraining checkpoint for {type(model).__name__}")
 
 
 # ---- writing -------------------------------------------------------------------------------
@@ -38,13 +48,12 @@ def pretrain_checkpoint(model: nn.Module, source: str | None = None) -> dict:
     if isinstance(model, VisionTransformer):
         return {"model": model.state_dict(), "vit_config": vit.to_dict(), "num_classes": model.num_classes,
                 "format": CLASSIFIER_FORMAT, "source": source}
-    if not isinstance(model, (LoMaR, MAE)):
-        raise TypeError(f"cannot write a pretraining checkpoint for {type(model).__name__}")
+    method = pretrain_method(model)
     spec = model_spec(model)
     shape = (vit.embed_dim, vit.depth, vit.num_heads)
     size = next((s for s, v in MODEL_SIZES.items() if v == shape), "base")
     patch = vit.patch_size if vit.patch_size in PATCH_SIZES else 16
-    settings = dict(method="mae" if isinstance(model, MAE) else "lomar", model=f"vit_{size}_patch{patch}",
+    settings = dict(method=method, model=f"vit_{size}_patch{patch}",
                     embed_dim=vit.embed_dim, depth=vit.depth, num_heads=vit.num_heads, patch_size=vit.patch_size,
                     img_size=vit.img_size, pos=vit.pos, windows=0, **spec["args"])
     if "num_windows" in settings:

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lomar.checkpoints.convert import encoder_of  # torch: not for --help
+    from lomar.checkpoints.convert import encoder_of, pretrain_method  # torch: not for --help
     from lomar.checkpoints.export import CONFIG_NAME, ENCODER_WEIGHTS, export_encoder  # torch: not for --help
     from lomar.models.beit import BEiT  # torch: not for --help
     from lomar.models.vit import VisionTransformer  # torch: not for --help
@@ -53,18 +53,21 @@ def run(args: argparse.Namespace) -> int:
     else:
         encoder = encoder_of(model)
         # named before --drop-head replaces the classifier, which then read as a "visiontransformer"
-        method = type(model).__name__ if model is not encoder else "classifier" if encoder.num_classes else "encoder"
+        method = pretrain_method(model) if model is not encoder else "classifier" if encoder.num_classes else "encoder"
+        # MAE with windows is the run's --method mae with --windows N, not its class's name (MAEWindow)
+        windows = {"windows": model.num_windows} if method == "mae" and getattr(model, "num_windows", 0) else {}
         head = f", head of {encoder.num_classes} classes" if encoder.num_classes else ""
+        head = f", {windows['windows']} windows{head}" if windows else head
         if args.drop_head and encoder.num_classes:
             plain = VisionTransformer(encoder.config)
             missing, _ = plain.load_state_dict(encoder.state_dict(), strict=False)
             # an averaging classifier pooled into fc_norm and has no final norm: the encoder's starts as identity
             head = ", head dropped" + (", final norm new (identity)" if missing else "")
             encoder = plain
-        export_encoder(encoder, out, metadata={"source": str(args.checkpoint), "method": method.lower()},
+        export_encoder(encoder, out, metadata={"source": str(args.checkpoint), "method": method, **windows},
                        overwrite=args.overwrite)
         c = encoder.config
-        what = f"encoder of {args.checkpoint} ({method.lower()}{head})"
+        what = f"encoder of {args.checkpoint} ({method}{head})"
         load = (f"lomar.create_encoder('{out}') or, after `import lomar.timm_models`, "
                 f"timm.create_model('local-dir:{out}', pretrained=True)")
     print(f"lomar: exported the {c.embed_dim}-wide, {c.depth}-block {what} -> {out / ENCODER_WEIGHTS}, "
