@@ -145,6 +145,24 @@ def test_skips_are_counted_over_the_whole_run_across_a_stop_and_resume(tmp_path,
     assert older.summary() == "" and older.tracker.count == 0
 
 
+def test_a_run_that_skipped_a_detection_or_segmentation_sample_resumes(tmp_path, capsys):
+    """coco's and segmentation's datasets name a skipped sample by a Skipped line (a str subclass): saved as one in
+    skipped_ranks, its checkpoint was refused by torch.load(weights_only=True), so the run could not resume."""
+    from lomar.data.collate import Skipped
+
+    class Lines(SkippingToy):
+        bad = frozenset({12, 3, 0})
+
+        def skipped(self, batch):
+            return [Skipped(line) for line in super().skipped(batch)]
+
+    assert run(ToyConfig(out=str(tmp_path / "run"), epochs=1, max_steps=2), Lines) == 0
+    assert safe_load(tmp_path / "run" / "last.pt")["skipped_ranks"] == [["img12.png", "img3.png"]]
+    capsys.readouterr()
+    assert run(ToyConfig(out=str(tmp_path / "run"), epochs=1, resume="auto"), Lines) == 0
+    assert ", 3 unusable image(s) skipped, e.g. img" in capsys.readouterr().out.rstrip().splitlines()[-1]
+
+
 def test_too_many_skips_are_told_in_numbers_the_user_can_check(tmp_path):
     """36 points, all unusable, in batches of 4 x accum 2: an epoch reads 32 (the 9th batch is left out). The
     message said '4 of 32 images (over 10%)', which read as 32 files in the data."""

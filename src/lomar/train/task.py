@@ -268,10 +268,12 @@ class SkippedFiles:
 
     def gathered(self, info: DistInfo) -> list[list[str]]:
         """Every rank's skipped files, in rank order, for a checkpoint (a collective under DDP)."""
+        # plain str: a dataset's Skipped line (a str subclass) is a global a weights-only load refuses
+        mine = [str(file) for file in self.tracker.bad]
         if not info.enabled:
-            return [list(self.tracker.bad)]
+            return [mine]
         files: list = [None] * info.world_size
-        dist.all_gather_object(files, list(self.tracker.bad))
+        dist.all_gather_object(files, mine)
         return files
 
     def restore(self, ranks: list[list[str]] | None, rank: int) -> None:
