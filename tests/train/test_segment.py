@@ -267,6 +267,12 @@ def test_two_step_run_writes_miou_per_class_scores_and_predictions(digits, pretr
         assert final["Acc"][c - 1] == (pytest.approx(100 * tp / (tp + fn)) if tp + fn else None)
     table = (out / "per_class.md").read_text()
     assert "| 1 digit0 |" in table and "| 10 digit9 |" in table and "synonym" not in table
+    # a run stopped between its last evaluation and its end: a resume there, nothing left to train, writes the table
+    # again from that evaluation's record
+    (out / "per_class.md").unlink()
+    assert _segment(data, out, "--resume", "auto", "--max-steps", "2") == 0
+    assert "nothing to do" in (said := capsys.readouterr().out) and "writing its missing per_class.md" in said
+    assert (out / "per_class.md").read_text() == table
 
 
 def test_random_init_is_said_and_resume_is_exact(digits, tmp_path, capsys):

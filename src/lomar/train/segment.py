@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchvision.io import encode_png
 
+from lomar.checkpoints.file_names import METRICS
 from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text
 from lomar.checkpoints.kinds import SEGMENT_TASK
 from lomar.data.collate import Skipped
@@ -40,6 +41,7 @@ from lomar.integrations.segmenter import UperNetSegmenter, layer_decay_groups, s
 from lomar.models.vit import VisionTransformer, ViTConfig, model_config
 from lomar.train.distributed import DistInfo
 from lomar.train.lifecycle import Task, run
+from lomar.train.monitor import read_records
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.segment_config import SegmentConfig, check_batch_norm_batch
 from lomar.train.task import score_only
@@ -60,6 +62,8 @@ def poly_schedule(step: int, total: int, warmup: int, power: float = 1.0, floor:
 
 class SegmentTask(Task):
     name, best_metric, outputs = "segment", "mIoU", ("predictions", PER_CLASS)
+    # drawn from the log alone: a resume at the run's end (stopped after its last evaluation) writes a missing one
+    curves = (PER_CLASS,)
 
     def __init__(self, config: SegmentConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, torch.device(device)
@@ -73,10 +77,7 @@ class SegmentTask(Task):
                                                 photometric=config.photometric, reduce_zero_label=reduce_zero_label)
         self.val_set = SegmentationFolder(config.data, "validation", config.num_classes, config.img_size,
                                           train=False, workers=max(1, workers), reduce_zero_label=reduce_zero_label)
-        # each class as the annotations number it, with ADE's name where its class list is there (ids 1..N)
-        names = class_names(config.data, config.num_classes) if reduce_zero_label else None
-        self.class_labels = [f"{n + reduce_zero_label}{f' {names[n]}' if names else ''}"
-                             for n in range(config.num_classes)]
+        self.class_labels = _class_labels(config)
         self.scored: dict = {}  # the last evaluation's metrics, which finish tabulates
         self.source: dict = {}  # --eval-only's segmenter: its file and step, which its record names
         layout = dict(img_size=config.img_size, drop_path=config.drop_path)
@@ -196,20 +197,39 @@ class SegmentTask(Task):
 
     def finish(self, out: Path) -> None:
         """``OUT/per_class.md``: the last evaluation's table of every class; its five lowest IoUs on one line."""
-        if not self.scored:  # a resume found the run at its end, its evaluation made before
+        if not self.scored:  # a resume found the run at its end, its evaluation made before: draw_curves' file
             return
-        m = self.scored
-        head = (f"Per-class scores (percent) of {out}'s last evaluation: mIoU {score_text(m['mIoU'])}, mAcc "
-                f"{score_text(m['mAcc'])}, aAcc {score_text(m['aAcc'])}; classes as the annotations number "
-                f"them\n\n")
-        path = atomic_write_text(Path(out) / PER_CLASS, head + per_class_table(m["IoU"], m["Acc"], self.class_labels))
-        lowest = lowest_classes(m["IoU"], self.class_labels)
+        path = _write_per_class(Path(out), self.scored, self.class_labels)
+        lowest = lowest_classes(self.scored["IoU"], self.class_labels)
         print(f"lomar segment: lowest IoU: {lowest or 'none defined'}; every class in {path}", flush=True)
+
+    @staticmethod
+    def draw_curves(config: SegmentConfig, out: Path) -> None:
+        """``OUT/per_class.md`` from the log's last evaluation record, which holds every class's IoU and Acc: for a
+        resume at the run's end, unbuilt, that finds it missing (a run stopped between that evaluation and its
+        finish), with nothing scored in memory."""
+        scored = next((r for r in reversed(read_records(Path(out) / METRICS)) if "IoU" in r), None)
+        if scored is not None:
+            _write_per_class(Path(out), scored, _class_labels(config))
 
     def state(self) -> dict:
         """What ``--resume`` reads back (the settings) besides the lifecycle's position and weights."""
         return {"task": SEGMENT_TASK, "settings": self.config.to_dict(),
                 "encoder_config": self.model.encoder.config.to_dict()}  # what --eval-only rebuilds
+
+
+def _class_labels(config: SegmentConfig) -> list[str]:
+    """Each class as the annotations number it, with ADE's name where its class list is there (ids 1..N)."""
+    reduce_zero_label = config.zero_label == "ignore"
+    names = class_names(config.data, config.num_classes) if reduce_zero_label else None
+    return [f"{n + reduce_zero_label}{f' {names[n]}' if names else ''}" for n in range(config.num_classes)]
+
+
+def _write_per_class(out: Path, m: dict, labels: list[str]) -> Path:
+    """``OUT/per_class.md`` of an evaluation's metrics ``m`` (mIoU, mAcc, aAcc and the per-class lists)."""
+    head = (f"Per-class scores (percent) of {out}'s last evaluation: mIoU {score_text(m['mIoU'])}, mAcc "
+            f"{score_text(m['mAcc'])}, aAcc {score_text(m['aAcc'])}; classes as the annotations number them\n\n")
+    return atomic_write_text(out / PER_CLASS, head + per_class_table(m["IoU"], m["Acc"], labels))
 
 
 def _defined(value: float) -> float | None:
