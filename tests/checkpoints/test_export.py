@@ -435,6 +435,35 @@ def test_an_overwrite_that_fails_after_the_weights_leaves_the_old_export_whole(t
     assert all(torch.equal(v, after.state_dict()[k]) for k, v in before.state_dict().items())
 
 
+def test_a_failed_swap_never_shows_the_old_config_beside_the_new_weights_nor_leaves_a_first_exports(tmp_path,
+                                                                                                      monkeypatch):
+    """Putting the old pair back took config.json first: for an instant (for good, if the weights' return failed) the
+    old config.json stood beside the new weights. A first export that failed at config.json left its weights."""
+    export_encoder(VisionTransformer(WINDOWED), tmp_path / "exp")
+    folder = tmp_path / "exp"
+    old_pair = ((folder / "config.json").read_bytes(), (folder / "model.safetensors").read_bytes())
+    rename, mixes = os.replace, []
+
+    def fail_at_new_config(src, dst):
+        if Path(dst).name == "config.json" and ".new-" in Path(src).name:
+            raise OSError(errno.EIO, "Input/output error", str(dst))
+        rename(src, dst)
+        if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+            old_config = (folder / "config.json").read_bytes() == old_pair[0]
+            if old_config != ((folder / "model.safetensors").read_bytes() == old_pair[1]):
+                mixes.append(Path(dst).name)
+
+    monkeypatch.setattr(os, "replace", fail_at_new_config)
+    with pytest.raises(OSError, match="Input/output error"):
+        export_encoder(VisionTransformer(replace(WINDOWED, window_size=2)), folder, overwrite=True)
+    with pytest.raises(OSError, match="Input/output error"):
+        export_encoder(VisionTransformer(WINDOWED), tmp_path / "first")
+    monkeypatch.undo()
+    assert mixes == []
+    assert ((folder / "config.json").read_bytes(), (folder / "model.safetensors").read_bytes()) == old_pair
+    assert list((tmp_path / "first").iterdir()) == []
+
+
 def test_the_pretrained_cfg_gives_timm_the_exported_input_size_and_lomars_eval_crop(tmp_path):
     """A non-square export wrote input_size [3, [64, 96], [64, 96]], on which timm's eval transform failed; a
     classifier above 224 px gave crop_pct 0.875 where `lomar finetune` scored it with the whole image (1.0)."""

@@ -96,7 +96,7 @@ def write_export(out: Path, weights_name: str, state: dict, config: dict) -> Pat
     contents = {weights_name: save(state), CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode("utf-8")}
     new = {name: out / f".{name}.new-{os.getpid()}" for name in contents}
     old = {name: out / f".{name}.old-{os.getpid()}" for name in contents}
-    aside = []
+    aside, weights_in = [], False
     try:
         for name, data in contents.items():
             try:
@@ -108,9 +108,14 @@ def write_export(out: Path, weights_name: str, state: dict, config: dict) -> Pat
                 os.replace(out / name, old[name])
                 aside.append(name)
         os.replace(new[weights_name], out / weights_name)
+        weights_in = True
         os.replace(new[CONFIG_NAME], out / CONFIG_NAME)
     except BaseException:
-        for name in aside:  # a failure to put one back leaves it at its .old name, not deleted
+        if weights_in and weights_name not in aside:  # no file of that name was there before
+            (out / weights_name).unlink(missing_ok=True)
+        # weights before config.json: the old config.json back beside the new weights would be the mix this prevents;
+        # a failure to put one back leaves it (and config.json) at its .old name, not deleted
+        for name in reversed(aside):
             os.replace(old[name], out / name)
         raise
     finally:
