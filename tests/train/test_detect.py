@@ -595,13 +595,20 @@ def test_an_mae_tables_training_follows_train_pos_embed(tiny, one_val, image_dir
     assert "96 px input" in capsys.readouterr().err
     assert main([*evaluate, "--rel-pos", "bias", "--out", str(tmp_path / "bias")]) == 2
     assert "--rel-pos bias differs from the detector's own (decomposed)" in capsys.readouterr().err
-    # a validation batch whose images are all unreadable is skipped, not fed to the model as an empty list
+    # a validation batch whose images are all unreadable is skipped, not fed to the model as an empty list: a JPEG
+    # cut short passes the up-front check (its header is whole; a PNG's check decodes it) and fails in the loader
+    data = json.loads(val_ann.read_text())
     broken = tmp_path / "broken"
-    shutil.copytree(val_images, broken)
-    for image in broken.iterdir():
-        image.write_bytes(image.read_bytes()[:100])
-    scored = ["--val-images", str(broken), "--out", str(tmp_path / "broken-eval")]
-    assert main([*evaluate[:3], *evaluate[5:], *scored]) == 0, capsys.readouterr().err
+    broken.mkdir()
+    for image in data["images"]:
+        jpeg = broken / image["file_name"].replace(".png", ".jpg")
+        Image.open(val_images / image["file_name"]).save(jpeg, quality=95)
+        jpeg.write_bytes(jpeg.read_bytes()[:len(jpeg.read_bytes()) // 2])
+        image["file_name"] = jpeg.name
+    (broken / "instances.json").write_text(json.dumps(data))
+    scored = ["--val-ann", str(broken / "instances.json"), "--val-images", str(broken),
+              "--out", str(tmp_path / "broken-eval")]
+    assert main([*evaluate[:1], *evaluate[5:], *scored]) == 0, capsys.readouterr().err
     assert "box AP n/a, mask AP n/a" in capsys.readouterr().err  # no image read: nothing scored, no AP defined
 
 
