@@ -411,6 +411,32 @@ def test_an_mae_run_with_windows_exports_under_the_method_it_was_trained_with(tm
     assert (config["method"], config["windows"]) == ("mae", 3)
 
 
+def test_an_original_mae_exports_its_encoder_without_the_heads_of_a_decoder_it_does_not_write(tmp_path, capsys):
+    """A decoder not 512 wide stopped the export with 'cannot infer the number of heads of the 64-wide MAE decoder;
+    pass --decoder-num-heads N', though only the encoder is written; load-original, which writes the decoder, asks."""
+    from lomar import MAE
+
+    model = _perturb(MAE(replace(TINY, pos="abs"), decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4))
+    original = {k.removeprefix("encoder."): v for k, v in model.state_dict().items()}
+    path = tmp_path / "mae.pth"
+    torch.save({"model": original, "args": {"input_size": 64}}, path)
+    assert main(["export", str(path), "--to", str(tmp_path / "exp"), "--num-heads", "2"]) == 0
+    assert f"-block encoder of {path} (mae) -> " in capsys.readouterr().out
+    exported, loaded = create_encoder(tmp_path / "exp"), load_original(path, num_heads=2, decoder_num_heads=4).encoder
+    assert exported.config == loaded.config
+    assert {k: v.tolist() for k, v in exported.state_dict().items()} == {
+        k: v.tolist() for k, v in loaded.state_dict().items()}
+    assert main(["load-original", str(path), "--to", str(tmp_path / "c.pt"), "--num-heads", "2"]) == 2
+    assert "pass --decoder-num-heads N" in capsys.readouterr().err
+    # the export's checks stay: --img-size names the size the table was trained at, and weights must be finite
+    assert main(["export", str(path), "--to", str(tmp_path / "e2"), "--num-heads", "2", "--img-size", "128"]) == 2
+    assert "pass --img-size 64, the size it was trained at" in capsys.readouterr().err
+    original["blocks.0.attn.qkv.weight"][0, 0] = float("inf")
+    torch.save({"model": original}, path)
+    assert main(["export", str(path), "--to", str(tmp_path / "e3"), "--num-heads", "2"]) == 2
+    assert "blocks.0.attn.qkv.weight holds NaN or infinite" in capsys.readouterr().err
+
+
 def test_an_overwrite_that_fails_after_the_weights_leaves_the_old_export_whole(tmp_path, monkeypatch):
     """The weights and config.json were two separate renames: a failure between them left the new weights beside the
     old config.json, which rebuilds them with the old ViTDet window size (the same shapes: no check caught it)."""
@@ -462,6 +488,23 @@ def test_a_failed_swap_never_shows_the_old_config_beside_the_new_weights_nor_lea
     assert mixes == []
     assert ((folder / "config.json").read_bytes(), (folder / "model.safetensors").read_bytes()) == old_pair
     assert list((tmp_path / "first").iterdir()) == []
+
+
+def test_an_export_over_a_run_folder_removes_the_weights_its_old_config_named_and_no_other_file(tmp_path):
+    """`lomar export RUN/last.pt --to RUN --overwrite` left pretrain's encoder.safetensors beside the new
+    model.safetensors: read directly, it was taken without its config.json (its ViTDet windows)."""
+    model = LoMaR(WINDOWED, window_size=3, num_windows=2)
+    atomic_save(pretrain_checkpoint(model), tmp_path / "last.pt")
+    export_encoder(model.encoder, tmp_path, weights_name="encoder.safetensors", metadata={"method": "lomar"})
+    assert main(["export", str(tmp_path / "last.pt"), "--to", str(tmp_path), "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "last.pt", "model.safetensors"]
+    # a config.json edited to name a checkpoint (or the tokenizer) never takes it along
+    for name in ("last.pt", "tokenizer.safetensors"):
+        (tmp_path / "tokenizer.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes())
+        config = json.loads((tmp_path / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps({**config, "weights": name}))
+        export_encoder(model.encoder, tmp_path, overwrite=True)
+        assert (tmp_path / "last.pt").is_file() and (tmp_path / "tokenizer.safetensors").is_file()
 
 
 def test_the_pretrained_cfg_gives_timm_the_exported_input_size_and_lomars_eval_crop(tmp_path):
