@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from coco_tiny import write_tiny_coco
 from PIL import Image
 from torchvision.models.detection.image_list import ImageList
@@ -436,6 +437,22 @@ def test_a_detector_checkpoint_is_known_by_its_content_not_its_suffix(tmp_path):
     (tmp_path / "notes.json").write_text("{}")
     assert detect_checkpoint(tmp_path / "encoder.pth") is None and detect_checkpoint(tmp_path / "notes.json") is None
     assert detect_checkpoint(tmp_path) == tmp_path / "last.pt"  # a run folder: best.pt, else last.pt
+
+
+@pytest.mark.parametrize("resume", [[], ["--resume", "auto"]])
+def test_a_new_run_from_a_detector_takes_its_layout_even_with_resume_auto(tmp_path, capsys, resume):
+    # --resume auto in a job script that always passes it: with no checkpoint in --out the run is new, and it trained
+    # at the defaults' layout (1024 px, 14-patch windows) instead of the detector's
+    from lomar.checkpoints.io import atomic_save
+    from lomar.checkpoints.kinds import DETECT_FORMAT
+
+    atomic_save({"format": DETECT_FORMAT, "model": {}, "settings": {"img_size": 256, "window_size": 7}},
+                detector := tmp_path / "det.pt")
+    (ann := tmp_path / "ann.json").write_text('{"images": [], "annotations": [], "categories": []}')
+    assert main(["detect", "--pretrained", str(detector), "--train-ann", str(ann), "--val-ann", str(ann),
+                 "--out", str(tmp_path / "run"), *resume, "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["img_size"], printed["window_size"]) == (256, 7) and "detector" not in printed
 
 
 def test_step_schedule_is_vitdets():

@@ -124,7 +124,8 @@ class DetectConfig(TaskConfig):
             # one read (its tensors mapped, read as the task loads them): the layout taken here and the weights
             # loaded are of one file, even if a run still training there renames a newer best.pt over it meanwhile
             self.detector = find_command_checkpoint(self.pretrained, self.COMMAND)
-        if self.detector is not None and not self.resume:  # a resumed run has its own settings, those it started with
+        # a resumed run has its own settings, those it started with; --resume auto that finds no checkpoint starts one
+        if self.detector is not None and self.resume_point is None:
             settings = self.detector.checkpoint.get("settings")
             if isinstance(settings, dict):
                 settings = {**_SAVED_BEFORE, **settings}
