@@ -507,6 +507,21 @@ def test_an_export_over_a_run_folder_removes_the_weights_its_old_config_named_an
         assert (tmp_path / "last.pt").is_file() and (tmp_path / "tokenizer.safetensors").is_file()
 
 
+def test_the_next_export_removes_what_a_killed_one_left_but_not_a_live_ones(tmp_path):
+    """A kill between write_export's renames leaves .NAME.old-PID / .NAME.new-PID files (and atomic_write's temporary)
+    that no later export removed: an export holds no lock, so only those of a dead process are stale."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, live = int(child.stdout), os.getppid()
+    export_encoder(VisionTransformer(TINY), tmp_path)
+    stale = [f".config.json.old-{dead}", f".model.safetensors.old-{dead}", f".encoder.safetensors.new-{dead}",
+             f"..config.json.new-{dead}.tmp-{dead}"]
+    kept = [f".config.json.new-{live}", f".last.pt.old-{dead}", "last.pt"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x")
+    export_encoder(VisionTransformer(TINY), tmp_path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["config.json", "model.safetensors"])
+
+
 def test_the_pretrained_cfg_gives_timm_the_exported_input_size_and_lomars_eval_crop(tmp_path):
     """A non-square export wrote input_size [3, [64, 96], [64, 96]], on which timm's eval transform failed; a
     classifier above 224 px gave crop_pct 0.875 where `lomar finetune` scored it with the whole image (1.0)."""

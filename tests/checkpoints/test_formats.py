@@ -5,6 +5,8 @@ import os
 import pickle
 import re
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -323,6 +325,31 @@ def test_a_run_folder_without_an_export_names_the_checkpoints_it_keeps(tmp_path,
     assert err.endswith(f"pass its checkpoint, {run / 'best.pt'} or {run / 'last.pt'}") and len(err.splitlines()) == 1
     with pytest.raises(ValueError, match="a checkpoint file or a folder written by `lomar export`"):
         formats.read(tmp_path)  # no checkpoint kept either
+
+
+def _dead_pid() -> int:
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(child.stdout)
+
+
+def test_a_folder_whose_export_was_killed_midway_names_its_set_aside_files(tmp_path, capsys):
+    """A kill between write_export's renames leaves the old pair at .NAME.old-PID and no config.json: the reader said
+    only 'a folder without config.json', so the export looked lost."""
+    run, pid = tmp_path / "run", _dead_pid()
+    export_encoder(VisionTransformer(VIT), run, weights_name="encoder.safetensors")
+    atomic_save({}, run / "last.pt")
+    for name in ("config.json", "encoder.safetensors"):
+        os.replace(run / name, run / f".{name}.old-{pid}")
+    assert main(["export", str(run), "--to", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and (
+        f"{run} is a folder without config.json; an export into it was interrupted: its previous files are "
+        f".config.json.old-{pid}, .encoder.safetensors.old-{pid} (export again, or rename them back to config.json, "
+        f"encoder.safetensors); pass its checkpoint, {run / 'last.pt'}") in err
+    for name in ("config.json", "encoder.safetensors"):
+        os.replace(run / f".{name}.old-{pid}", run / f".{name}.old-{os.getppid()}")  # a live export's: mid-swap
+    with pytest.raises(ValueError, match=r"without config.json; pass its checkpoint"):
+        formats.read(run)
 
 
 def test_a_finetune_run_folder_is_not_said_to_be_unfinished(tmp_path):

@@ -15,7 +15,8 @@ from typing import NamedTuple
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS
+from lomar.checkpoints.export_leftovers import stale_leftovers
+from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS, FITTED_TOKENIZER
 from lomar.checkpoints.io import atomic_write_bytes, check_finite, write_error
 from lomar.data.classify import eval_crop_ratio
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -87,7 +88,9 @@ def write_export(out: Path, weights_name: str, state: dict, config: dict) -> Pat
     old export, the new one or (after a kill in the instant between) no config.json, never new weights beside the old
     config.json (a window size it would build them with). Both are written in full under temporary names first; the
     old pair is set aside, config.json first (no reader takes a folder without it for an export), the new pair
-    renamed in, config.json last. On a failure the old pair goes back and no temporary file stays.
+    renamed in, config.json last. On a failure the old pair goes back and no temporary file stays. Weights of another
+    name that the replaced config.json named are removed once the new pair is in: read directly, they would be taken
+    without the config (a ViTDet window size) they go with, as are the leftovers of an export killed midway.
 
     The swap is of the two files, not of the folder: a run's folder holds its checkpoints beside its export."""
     if out.exists() and not out.is_dir():  # making it a folder would fail with "[Errno 17] File exists"
@@ -96,7 +99,7 @@ def write_export(out: Path, weights_name: str, state: dict, config: dict) -> Pat
     contents = {weights_name: save(state), CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode("utf-8")}
     new = {name: out / f".{name}.new-{os.getpid()}" for name in contents}
     old = {name: out / f".{name}.old-{os.getpid()}" for name in contents}
-    aside, weights_in = [], False
+    aside, weights_in, previous = [], False, _previous_weights(out, weights_name)
     try:
         for name, data in contents.items():
             try:
@@ -121,9 +124,20 @@ def write_export(out: Path, weights_name: str, state: dict, config: dict) -> Pat
     finally:
         for path in new.values():
             path.unlink(missing_ok=True)
-    for path in old.values():
+    for path in (*old.values(), *previous, *(path for path, _ in stale_leftovers(out))):
         path.unlink(missing_ok=True)
     return out
+
+
+def _previous_weights(out: Path, weights_name: str) -> list[Path]:
+    """The weights file of another name than ``weights_name`` that ``out``'s config.json names (its ``weights``), if
+    any. Only a safetensors file of an export's name: a hand-edited config.json never takes a checkpoint with it."""
+    try:
+        name = json.loads((out / CONFIG_NAME).read_text()).get("weights")
+    except (OSError, ValueError, RecursionError, AttributeError):  # no export there, or not one of ours
+        return []
+    named = isinstance(name, str) and Path(name).name == name and name.endswith(".safetensors")
+    return [out / name] if named and name not in (weights_name, FITTED_TOKENIZER) and (out / name).is_file() else []
 
 
 def _is_our_config(path: Path) -> bool:

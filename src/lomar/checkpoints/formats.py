@@ -31,6 +31,7 @@ from torch import nn
 import lomar.checkpoints.original  # noqa: F401  registers the original-LoMaR/MAE readers
 from lomar.checkpoints.export import CONFIG_NAME, create_encoder
 from lomar.checkpoints.export_beit import read_beit_export, timm_beit_args
+from lomar.checkpoints.export_leftovers import interrupted_export
 from lomar.checkpoints.file_names import BEST, ENCODER_WEIGHTS, LAST, RUN_ENCODER
 from lomar.checkpoints.io import safe_load
 from lomar.checkpoints.keys import args_dict, drop_final_norm, infer_vit_config
@@ -318,7 +319,7 @@ def read(path: str | Path, mmap: bool = False) -> tuple[Reader, Source]:
         if not (path / CONFIG_NAME).is_file():
             # a run folder without an export (finetune's, or a stopped pretraining): name the checkpoints it keeps
             kept = " or ".join(str(path / name) for name in (BEST, LAST) if (path / name).is_file())
-            raise ValueError(f"{path} is a folder without {CONFIG_NAME}; pass " + (
+            raise ValueError(f"{path} is a folder without {CONFIG_NAME}; {interrupted_export(path)}pass " + (
                 f"its checkpoint, {kept}" if kept else "a checkpoint file or a folder written by `lomar export` / "
                                                       "`lomar pretrain`"))
         reader = next(r for r in readers() if r.detect_folder(path))
