@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import reference_dir
+from helpers import pretrain, reference_dir, write_images
 from lomar import LoMaR, VisionTransformer, ViTConfig, create_encoder, export_encoder, load_original, model_config
 from lomar.checkpoints.convert import load_model, pretrain_checkpoint
 from lomar.checkpoints.io import atomic_save
@@ -435,6 +435,18 @@ def test_an_original_mae_exports_its_encoder_without_the_heads_of_a_decoder_it_d
     torch.save({"model": original}, path)
     assert main(["export", str(path), "--to", str(tmp_path / "e3"), "--num-heads", "2"]) == 2
     assert "blocks.0.attn.qkv.weight holds NaN or infinite" in capsys.readouterr().err
+
+
+def test_pretrains_own_export_and_lomar_export_of_its_last_checkpoint_name_the_method_alike(tmp_path):
+    """pretrain's final export of `--method mae --windows 2` wrote 'method': 'mae' without the 'windows' that
+    `lomar export` of its last.pt writes: one run, two descriptions."""
+    images = write_images(tmp_path / "imgs", 4, size=(32, 32))
+    assert pretrain("--data", str(images), "--out", str(tmp_path / "run"), "--method", "mae", "--max-steps", "1",
+                    "--figure-images", "0") == 0
+    assert main(["export", str(tmp_path / "run" / "last.pt"), "--to", str(tmp_path / "exp")]) == 0
+    ours, theirs = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("run", "exp"))
+    assert {k: ours.get(k) for k in ("method", "windows")} == {k: theirs.get(k) for k in ("method", "windows")}
+    assert (ours["method"], ours["windows"], ours["step"]) == ("mae", 2, 1)
 
 
 def test_an_overwrite_that_fails_after_the_weights_leaves_the_old_export_whole(tmp_path, monkeypatch):

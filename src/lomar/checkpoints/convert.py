@@ -6,14 +6,17 @@ format) is re-exported here for the commands; this module writes our checkpoints
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
-from lomar.checkpoints.formats import CLASSIFIER_FORMAT, PRETRAIN_FORMAT, load_model
+from lomar.checkpoints.formats import CLASSIFIER_FORMAT, PRETRAIN_FORMAT, load_model, read
+from lomar.checkpoints.original import OriginalReader
 from lomar.models import MAE, LoMaR
 from lomar.models.spec import build_from_spec, model_spec
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer
 
-__all__ = ["load_model", "encoder_of", "pretrain_method", "pretrain_checkpoint"]
+__all__ = ["load_model", "export_model", "encoder_of", "pretrain_method", "pretrain_checkpoint"]
 
 
 def encoder_of(model: nn.Module) -> VisionTransformer:
@@ -33,6 +36,18 @@ def pretrain_method(model: nn.Module) -> str:
     if isinstance(model, LoMaR):
         return "lomar"
     raise TypeError(f"cannot write a pretraining checkpoint for {type(model).__name__}")
+
+
+def export_model(path: str | Path, **overrides) -> tuple[nn.Module, str | None]:
+    """What ``lomar export`` writes of the checkpoint at ``path`` (:func:`load_model`'s model, but an original LoMaR /
+    MAE pretraining checkpoint's encoder alone: its decoder's heads are not asked for), and the ``lomar pretrain
+    --method`` of a pretraining checkpoint (None for a classifier, an encoder or a BEiT)."""
+    reader, src = read(path)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if isinstance(reader, OriginalReader) and reader.method != "classifier":
+        return reader.export_model(src, overrides), reader.method
+    model = reader.model(src, overrides)
+    return model, pretrain_method(model) if isinstance(model, (MAE, LoMaR)) else None
 
 
 # ---- writing -------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from lomar.checkpoints.keys import (
     rename_rpe,
 )
 from lomar.checkpoints.keys_beit import holds_beit_keys
-from lomar.checkpoints.reader import EncoderWeights, Reader, register
+from lomar.checkpoints.reader import EncoderWeights, Reader, Source, register
 from lomar.models import MAE, LoMaR
 from lomar.models.abs_pos import square_side
 from lomar.models.masking import grid_size, window_positions
@@ -57,6 +57,12 @@ def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
     Shapes decide what they can; ``args`` (the run's arguments) and then ``overrides``
     supply the rest. Raises ValueError naming any value that stays unknown.
     """
+    return _infer(data, overrides, whole=True)
+
+
+def _infer(data: dict, overrides: dict, whole: bool) -> tuple[str, dict]:
+    """:func:`infer_original_config`; not ``whole``: a pretraining model's encoder settings alone (``config``),
+    nothing asked of the parts an encoder leaves out (an MAE decoder's heads, which no shape tells; LoMaR's windows)."""
     state = data.get("model", data)
     args = args_dict(data)
     if "patch_embed.proj.weight" not in state:
@@ -70,7 +76,7 @@ def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
                               num_heads=overrides.pop("num_heads", None), img_size=overrides.pop("img_size", None))
     _check_tiles(config)
     settings: dict = {"config": config}
-    if method == "lomar":
+    if method == "lomar" and whole:
         window = int(overrides.get("window_size", args.get("window_size", 7)))
         rows, cols = window_positions(grid_size(config.img_size, config.patch_size), window)
         # The original silently caps the window count at the grid (SPEC §6.2): the model it trained used the cap.
@@ -87,6 +93,7 @@ def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
                         mask_ratio=args.get("mask_ratio", 0.8), norm_pix_loss=args.get("norm_pix_loss", True))
     elif method == "mae":
         settings["config"] = replace(config, pos="abs")
+    if method == "mae" and whole:
         ddim = state["decoder_embed.weight"].shape[0]
         ddepth = len({k.split(".")[1] for k in state if k.startswith("decoder_blocks.")})
         dheads = overrides.pop("decoder_num_heads", None)
@@ -97,7 +104,7 @@ def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
                              f"pass decoder_num_heads=... to load_original")
         settings.update(decoder_embed_dim=ddim, decoder_depth=ddepth, decoder_num_heads=int(dheads),
                         mask_ratio=args.get("mask_ratio", 0.75), norm_pix_loss=args.get("norm_pix_loss", True))
-    else:
+    elif method == "classifier":
         settings["num_classes"] = state["head.weight"].shape[0]
     # window_size is LoMaR's K (above), never the encoder's ViTDet windows: a LoMaR encoder attends globally
     config_overrides = {k: overrides.pop(k) for k in list(overrides)
@@ -112,7 +119,8 @@ def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
         known = set().union(*accepted.values(), ViTConfig.__dataclass_fields__)
         raise ValueError(f"unknown override(s) {', '.join(unknown)} for load_original; "
                          f"accepted: {', '.join(sorted(known))}")
-    settings.update({k: v for k, v in overrides.items() if k in accepted[method]})
+    if whole or method == "classifier":
+        settings.update({k: v for k, v in overrides.items() if k in accepted[method]})
     return method, settings
 
 
@@ -128,22 +136,28 @@ def _check_tiles(config: ViTConfig) -> None:
                      f"e.g. img_size={fit}")
 
 
-def _original_model(data: dict, path: Path, overrides: dict) -> nn.Module:
+def _original_model(data: dict, path: Path, overrides: dict, whole: bool = True) -> nn.Module:
+    """The model of an original checkpoint; not ``whole``: a pretraining model's encoder alone (see :func:`_infer`),
+    checked and loaded as the whole model's is."""
     _refuse_beit(data.get("model", data), path)
-    method, settings = infer_original_config(data, **overrides)
+    method, settings = _infer(data, dict(overrides), whole)
     state = data.get("model", data)
     try:  # a value the run's saved args give (norm_pix_loss='no', say) would otherwise read as a flag's
-        model: nn.Module = (LoMaR(**settings) if method == "lomar" else MAE(**settings) if method == "mae"
-                            else VisionTransformer(settings.pop("config"), **settings))
+        model: nn.Module = (LoMaR(**settings) if method == "lomar" and whole else MAE(**settings)
+                            if method == "mae" and whole else VisionTransformer(settings.pop("config"), **settings))
     except (ValueError, TypeError) as exc:
         raise ValueError(f"checkpoint {path}: {exc} (from its saved args, or an override given)") from None
+    encoder = getattr(model, "encoder", model)
     if method == "lomar":
-        converted = lomar_from_original(state, keep_pos_embed=model.encoder.pos_embed is not None)
+        converted = lomar_from_original(state, keep_pos_embed=encoder.pos_embed is not None)
     elif method == "mae":
-        _check_table(state, model.encoder)
+        _check_table(state, encoder)
         converted = mae_from_original(state)
     else:
         converted = classifier_from_original(state, model)
+    if model is encoder and method != "classifier":  # the pretraining model's encoder alone, as LoMaR / MAE build it
+        encoder.freeze_pos_embed()
+        converted = {k.removeprefix("encoder."): v for k, v in converted.items() if k.startswith("encoder.")}
     try:
         model.load_state_dict(converted, strict=True)
     except RuntimeError as exc:
@@ -195,6 +209,13 @@ class OriginalReader(Reader):
 
     def model(self, src, overrides):
         return _original_model(src.data, src.path, dict(overrides))
+
+    def export_model(self, src: Source, overrides: dict) -> nn.Module:
+        """What ``lomar export`` writes: a pretraining checkpoint's encoder alone (nothing asked of its decoder),
+        weights checked finite; a classifier whole."""
+        model = _original_model(src.data, src.path, dict(overrides), whole=False)
+        check_finite(model, src.path)
+        return model
 
     def encoder(self, src, overrides):
         _refuse_beit(src.state, src.path)

@@ -128,10 +128,11 @@ def add_override_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings(parser, OVERRIDES, group="for original checkpoints (what the weights cannot tell)")
 
 
-def load_for_cli(path: str, args: argparse.Namespace, original: bool = False):
-    """Our model of the checkpoint at ``path`` (``original``: of an original LoMaR / MAE one) with the override
-    flags; UsageError on bad input, the library's "pass num_heads=... to load_original" read as "pass --num-heads", its
-    other parameters (``window_size=9``) as their flags (:func:`lomar.errors.in_flags`)."""
+def load_for_cli(path: str, args: argparse.Namespace, original: bool = False, loader=None):
+    """Our model of the checkpoint at ``path`` (``original``: of an original LoMaR / MAE one; ``loader``: what it
+    returns, called as load_model is) with the override flags; UsageError on bad input, the library's "pass
+    num_heads=... to load_original" read as "pass --num-heads", its other parameters (``window_size=9``) as their
+    flags (:func:`lomar.errors.in_flags`)."""
     from lomar.checkpoints.convert import load_model  # torch: not for --help
     from lomar.checkpoints.original import load_original  # torch: not for --help
 
@@ -142,7 +143,7 @@ def load_for_cli(path: str, args: argparse.Namespace, original: bool = False):
             raise UsageError(f"--img-size takes SIZE or HEIGHT WIDTH, got {' '.join(map(str, sides))}")
         overrides["img_size"] = sides if len(sides) == 2 else sides[0]
     try:
-        return (load_original if original else load_model)(path, **overrides)
+        return (loader or (load_original if original else load_model))(path, **overrides)
     except (ValueError, FileNotFoundError, TypeError) as exc:
         # the flag is this command's: converting with load-original first is no other way
         message = re.sub(r"pass (\w+)=\.\.\. to load_original(, or convert it first: [^;]*)?",

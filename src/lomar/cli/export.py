@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lomar.checkpoints.convert import encoder_of, pretrain_method  # torch: not for --help
+    from lomar.checkpoints.convert import encoder_of, export_model  # torch: not for --help
     from lomar.checkpoints.export import CONFIG_NAME, ENCODER_WEIGHTS, export_encoder  # torch: not for --help
     from lomar.models.beit import BEiT  # torch: not for --help
     from lomar.models.vit import VisionTransformer  # torch: not for --help
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     for name in (ENCODER_WEIGHTS, CONFIG_NAME):
         if (out / name).exists() and not args.overwrite:
             raise UsageError(f"{out / name} already exists; pass --overwrite to replace it, or another --to")
-    model = load_for_cli(args.checkpoint, args)
+    model, method = load_for_cli(args.checkpoint, args, loader=export_model)
     if isinstance(model, BEiT):  # timm's Beit layout: per-block relative position bias, no lm_head
         from lomar.checkpoints.export_beit import export_beit_encoder  # torch: not for --help
 
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         encoder = encoder_of(model)
         # named before --drop-head replaces the classifier, which then read as a "visiontransformer"
-        method = pretrain_method(model) if model is not encoder else "classifier" if encoder.num_classes else "encoder"
+        method = method or ("classifier" if encoder.num_classes else "encoder")
         # MAE with windows is the run's --method mae with --windows N, not its class's name (MAEWindow)
         windows = {"windows": model.num_windows} if method == "mae" and getattr(model, "num_windows", 0) else {}
         head = f", head of {encoder.num_classes} classes" if encoder.num_classes else ""
