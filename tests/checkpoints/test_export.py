@@ -437,12 +437,15 @@ def test_an_original_mae_exports_its_encoder_without_the_heads_of_a_decoder_it_d
     assert "blocks.0.attn.qkv.weight holds NaN or infinite" in capsys.readouterr().err
 
 
-def test_pretrains_own_export_and_lomar_export_of_its_last_checkpoint_name_the_method_alike(tmp_path):
+def test_pretrains_own_export_and_lomar_export_of_its_last_checkpoint_name_the_method_alike(tmp_path, monkeypatch):
     """pretrain's final export of `--method mae --windows 2` wrote 'method': 'mae' without the 'windows' that
     `lomar export` of its last.pt writes: one run, two descriptions."""
+    from lomar.train.pretrain import PretrainTask
+
+    monkeypatch.setattr(PretrainTask, "figure", lambda self, model=None: None)  # most of the run's time, not asked
     images = write_images(tmp_path / "imgs", 4, size=(32, 32))
     assert pretrain("--data", str(images), "--out", str(tmp_path / "run"), "--method", "mae", "--max-steps", "1",
-                    "--figure-images", "0") == 0
+                    "--decoder-embed-dim", "16", "--decoder-depth", "1", "--decoder-num-heads", "2") == 0
     assert main(["export", str(tmp_path / "run" / "last.pt"), "--to", str(tmp_path / "exp")]) == 0
     ours, theirs = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("run", "exp"))
     assert {k: ours.get(k) for k in ("method", "windows")} == {k: theirs.get(k) for k in ("method", "windows")}

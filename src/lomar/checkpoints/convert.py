@@ -16,7 +16,7 @@ from lomar.models import MAE, LoMaR
 from lomar.models.spec import build_from_spec, model_spec
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer
 
-__all__ = ["load_model", "export_model", "encoder_of", "pretrain_method", "pretrain_checkpoint"]
+__all__ = ["load_model", "export_model", "encoder_of", "pretrain_method", "method_metadata", "pretrain_checkpoint"]
 
 
 def encoder_of(model: nn.Module) -> VisionTransformer:
@@ -36,6 +36,15 @@ def pretrain_method(model: nn.Module) -> str:
     if isinstance(model, LoMaR):
         return "lomar"
     raise TypeError(f"cannot write a pretraining checkpoint for {type(model).__name__}")
+
+
+def method_metadata(model: nn.Module, method: str | None = None) -> dict:
+    """The method fields of an export's config.json, ``lomar pretrain``'s own and ``lomar export``'s alike: ``method``
+    (``method`` as given, else :func:`pretrain_method`) and, for MAE with windows (an MAEWindow), ``windows``: N, as
+    the run's settings name it (--method mae --windows N)."""
+    method = method or pretrain_method(model)
+    windows = getattr(model, "num_windows", 0) if method == "mae" else 0
+    return {"method": method, **({"windows": windows} if windows else {})}
 
 
 def export_model(path: str | Path, **overrides) -> tuple[nn.Module, str | None]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from lomar.checkpoints.convert import method_metadata
 from lomar.checkpoints.export import export_encoder
 from lomar.checkpoints.file_names import CONFIG_NAME, KNN_LOG, LAST, LOSS_CURVE, METRICS, RUN_CONFIG, RUN_ENCODER
 from lomar.checkpoints.formats import PRETRAIN_FORMAT
@@ -186,7 +187,7 @@ class PretrainTask(Task):
 
     def finish(self, out: Path) -> None:
         model = self._consolidate(out)
-        meta = {"method": self.config.method, "step": self.progress.step}
+        meta = {**method_metadata(model, self.config.method), "step": self.progress.step}  # as `lomar export` writes
         if self.runtime.method.export is not None:
             self.runtime.method.export(model, out, meta)
         else:
