@@ -276,3 +276,28 @@ def test_load_original_given_lomars_own_checkpoint_or_export_says_it_needs_no_co
                f"conversion; pass it as it is to lomar export" in err
         assert "load_pretrained_encoder" not in err and "pass overrides" not in err
     assert not (tmp_path / "c.pt").exists()
+
+
+def test_load_original_refuses_lomars_own_finetune_or_classifier_checkpoint_in_one_line(tmp_path, capsys):
+    """A `lomar finetune` best.pt has an original finetuned model's keys: it was converted as one, its saved image
+    size (64) read as 224 and the class names dropped; a cls-pooling one failed on a missing fc_norm."""
+    from lomar import VisionTransformer, ViTConfig, load_original
+    from lomar.checkpoints.convert import pretrain_checkpoint
+    from lomar.checkpoints.io import atomic_save
+    from lomar.cli.app import main
+
+    config = ViTConfig(img_size=64, patch_size=16, embed_dim=32, depth=1, num_heads=2)
+    classifier = VisionTransformer(config, num_classes=3)
+    atomic_save({"model": classifier.state_dict(), "config": config.to_dict(), "num_classes": 3,
+                 "classes": ["a", "b", "c"], "format": "lomar-finetune-1", "global_pool": "avg"},
+                tmp_path / "best.pt")
+    atomic_save(pretrain_checkpoint(classifier), tmp_path / "cls.pt")
+    for path, kind in ((tmp_path / "best.pt", "lomar-finetune-1"), (tmp_path / "cls.pt", "lomar-classifier-1")):
+        with pytest.raises(ValueError, match=rf"lomar's own \({kind} format\), not an original .*load_model reads"):
+            load_original(path)
+        assert main(["load-original", str(path), "--to", str(tmp_path / "c.pt")]) == 2
+        assert capsys.readouterr().err == (
+            f"lomar load-original: error: {path} is lomar's own ({kind} format), not an original LoMaR / MAE "
+            f"checkpoint: it needs no conversion; pass it as it is to lomar export, knn, linprobe or finetune "
+            f"--pretrained\n")
+    assert not (tmp_path / "c.pt").exists()

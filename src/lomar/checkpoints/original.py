@@ -23,6 +23,7 @@ from lomar.checkpoints.keys import (
     rename_rpe,
 )
 from lomar.checkpoints.keys_beit import holds_beit_keys
+from lomar.checkpoints.kinds import CLASSIFIER_FORMAT, FINETUNE_FORMAT
 from lomar.checkpoints.reader import EncoderWeights, Reader, Source, register
 from lomar.models import MAE, LoMaR
 from lomar.models.abs_pos import square_side
@@ -184,6 +185,16 @@ def _check_table(state: dict, encoder: VisionTransformer) -> None:
                      f"position table {fix}")
 
 
+def _refuse_our_classifier(data: dict, path: str | os.PathLike) -> None:
+    """A classifier of lomar's own (``lomar finetune``'s checkpoint, load_original's of a classifier) has an original
+    finetuned model's keys and would load as one, but without what only its saved ViTConfig and pooling say (its
+    image size, ViTDet windows; a cls-pooling one fails on a missing fc_norm)."""
+    kind = data.get("format")
+    if kind in (FINETUNE_FORMAT, CLASSIFIER_FORMAT):
+        raise ValueError(f"{path} is lomar's own ({kind} format), not an original LoMaR / MAE checkpoint: it needs no "
+                         f"conversion; lomar.checkpoints.convert.load_model reads it as it is")
+
+
 def load_original(path: str | Path, **overrides) -> nn.Module:
     """Build our model from an original LoMaR / MAE (pretraining or finetuned) checkpoint.
 
@@ -193,7 +204,9 @@ def load_original(path: str | Path, **overrides) -> nn.Module:
     if not isinstance(path, (str, os.PathLike)):  # else torch's "expected str, bytes or os.PathLike" names no argument
         raise TypeError(f"load_original takes the checkpoint's path (a str or Path), got {type(path).__name__} "
                         f"{path!r}")
-    model = _original_model(safe_load(path), Path(path), overrides)
+    data = safe_load(path)
+    _refuse_our_classifier(data, path)
+    model = _original_model(data, Path(path), overrides)
     check_finite(model, path)
     return model
 

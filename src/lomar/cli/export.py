@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lomar.checkpoints.convert import encoder_of, export_model  # torch: not for --help
+    from lomar.checkpoints.convert import encoder_of, export_model, method_metadata  # torch: not for --help
     from lomar.checkpoints.export import CONFIG_NAME, ENCODER_WEIGHTS, export_encoder  # torch: not for --help
     from lomar.models.beit import BEiT  # torch: not for --help
     from lomar.models.vit import VisionTransformer  # torch: not for --help
@@ -53,21 +53,18 @@ def run(args: argparse.Namespace) -> int:
     else:
         encoder = encoder_of(model)
         # named before --drop-head replaces the classifier, which then read as a "visiontransformer"
-        method = method or ("classifier" if encoder.num_classes else "encoder")
-        # MAE with windows is the run's --method mae with --windows N, not its class's name (MAEWindow)
-        windows = {"windows": model.num_windows} if method == "mae" and getattr(model, "num_windows", 0) else {}
+        meta = method_metadata(model, method or ("classifier" if encoder.num_classes else "encoder"))
         head = f", head of {encoder.num_classes} classes" if encoder.num_classes else ""
-        head = f", {windows['windows']} windows{head}" if windows else head
+        head = f", {meta['windows']} windows{head}" if "windows" in meta else head
         if args.drop_head and encoder.num_classes:
             plain = VisionTransformer(encoder.config)
             missing, _ = plain.load_state_dict(encoder.state_dict(), strict=False)
             # an averaging classifier pooled into fc_norm and has no final norm: the encoder's starts as identity
             head = ", head dropped" + (", final norm new (identity)" if missing else "")
             encoder = plain
-        export_encoder(encoder, out, metadata={"source": str(args.checkpoint), "method": method, **windows},
-                       overwrite=args.overwrite)
+        export_encoder(encoder, out, metadata={"source": str(args.checkpoint), **meta}, overwrite=args.overwrite)
         c = encoder.config
-        what = f"encoder of {args.checkpoint} ({method}{head})"
+        what = f"encoder of {args.checkpoint} ({meta['method']}{head})"
         load = (f"lomar.create_encoder('{out}') or, after `import lomar.timm_models`, "
                 f"timm.create_model('local-dir:{out}', pretrained=True)")
     print(f"lomar: exported the {c.embed_dim}-wide, {c.depth}-block {what} -> {out / ENCODER_WEIGHTS}, "
@@ -113,16 +110,17 @@ def load_original_run(args: argparse.Namespace) -> int:
 
 
 def _refuse_our_own(path: str) -> None:
-    """UsageError where an original checkpoint failed to load because ``path`` is lomar's own (a pretraining
-    checkpoint, an export or its weights file): the library's words for it name Python calls, or a strict load's
-    missing keys, where the command's user needs no conversion at all."""
+    """UsageError where an original checkpoint failed to load because ``path`` is lomar's own (a pretraining,
+    finetune or classifier checkpoint, an export or its weights file): the library's words for it name Python calls,
+    or a strict load's missing keys, where the command's user needs no conversion at all."""
     from lomar.checkpoints.formats import read  # torch: not for --help
 
     try:
-        reader, _ = read(path, mmap=True)
+        reader, src = read(path, mmap=True)
     except (OSError, ValueError, RuntimeError):  # unreadable here too: the load's own message says why
         return
-    if reader.name.startswith(("lomar-pretrain", "lomar-finetune", "export")):
-        raise UsageError(f"{path} is lomar's own ({reader.name} format), not an original LoMaR / MAE checkpoint: it "
+    kind = src.data.get("format") if reader.name == "lomar-vit" else reader.name  # a classifier says which it is
+    if str(kind).startswith(("lomar-pretrain", "lomar-finetune", "lomar-classifier", "export")):
+        raise UsageError(f"{path} is lomar's own ({kind} format), not an original LoMaR / MAE checkpoint: it "
                          f"needs no conversion; pass it as it is to lomar export, knn, linprobe or finetune "
                          f"--pretrained")
