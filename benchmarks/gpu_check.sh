@@ -48,7 +48,7 @@ say() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
 
 if [ "$DEVICE" = cpu ]; then  # tiny mode: proves the script runs, measures nothing useful
   D_MODEL=vit_tiny_patch8; D_SIZES="64"; D_CSIZES=""; D_BATCH=2; D_STEPS=1; D_WARMUP=0
-  D_PSTEPS=3; D_PREPEAT=1; D_PSIZE=64; D_PBATCH=4; D_WORKERS=1; D_COUNT=8; D_FSTEPS=2; D_BB="64"; D_BBATT="dense chunked"
+  D_PSTEPS=3; D_PREPEAT=1; D_PSIZE=64; D_PBATCH=4; D_WORKERS=1; D_COUNT=8; D_FSTEPS=2; D_BB="64"
   BB_TINY=(--depth 1 --steps 1 --warmup 0)  # one block timed once: each backbone run took ~1 min in CI
   TINY=(--embed-dim 32 --depth 1 --num-heads 2 --window-size 3 --windows 2); D_WINDOWS="2"
   BENCH_TINY=(--tiny); PRECISION=fp32; D_DECODE="draft"; D_MSIZE=64; D_MWIN=2; D_SWEEP="2:eager 2:reduce-overhead"
@@ -56,7 +56,7 @@ else
   D_MODEL=vit_base_patch16; D_SIZES="224 384 448"; D_CSIZES="448"; D_BATCH=64; D_STEPS=5
   D_WARMUP=2; D_PSTEPS=80; D_PREPEAT=4; D_PSIZE=448; D_PBATCH=64; D_WORKERS=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))
   D_COUNT=512  # x D_PREPEAT: 32 steps an epoch, more than 14 workers prefetch (28 batches)
-  D_FSTEPS=20; D_BB="1024 1536 2048"; D_BBATT="dense chunked flex windowed"; BB_TINY=(); TINY=(); D_WINDOWS="paper"; BENCH_TINY=(); PRECISION=bf16
+  D_FSTEPS=20; D_BB="1024 1536 2048"; BB_TINY=(); TINY=(); D_WINDOWS="paper"; BENCH_TINY=(); PRECISION=bf16
   D_DECODE="gpu"; D_MSIZE=448; D_MWIN=9; D_SWEEP="128:default 256:default 256:reduce-overhead"
 fi
 MODEL=${GPU_CHECK_MODEL:-$D_MODEL}; SIZES=${GPU_CHECK_SIZES-$D_SIZES}; WINDOWS=${GPU_CHECK_WINDOWS:-$D_WINDOWS}
@@ -67,7 +67,7 @@ PBATCH=${GPU_CHECK_PRETRAIN_BATCH:-$D_PBATCH}; WORKERS=${GPU_CHECK_WORKERS:-$D_W
 COUNT=${GPU_CHECK_CAMERA_COUNT:-$D_COUNT}; FSTEPS=${GPU_CHECK_FINETUNE_STEPS:-$D_FSTEPS}
 [ "$COUNT" -lt "$PBATCH" ] && PBATCH=$COUNT  # one pretraining step needs a whole batch of test images
 BB_SIZES=${GPU_CHECK_BACKBONE_SIZES:-$D_BB}
-BB_ATTENTION=${GPU_CHECK_BACKBONE_ATTENTION:-$D_BBATT}
+BB_ATTENTION=${GPU_CHECK_BACKBONE_ATTENTION:-dense chunked flex windowed}  # the CPU mode skips flex, with its reason
 BB_ENCODERS=${GPU_CHECK_BACKBONE_ENCODERS:-lomar mae mae+decomposed mae+bias}
 BB_RP_SIZES=${GPU_CHECK_BACKBONE_RELPOS_SIZES:-${BB_SIZES%% *}}  # the encoders at the first backbone size
 COMPILE_SIZES=${GPU_CHECK_COMPILE_SIZES-$D_CSIZES}  # torch.compile costs ~45 s per model: one size

@@ -1,8 +1,10 @@
-"""``lomar bench --task backbone``: records per (size, attention), skips with reasons, memory estimates."""
+"""``lomar bench --task backbone``: records per (size, attention), skips with reasons, memory estimates.
 
-import json
+Running every attention variant and encoder (one child process each, ~5 s of imports apiece) is checked
+once, by ``benchmarks/gpu_check.sh``'s CPU mode: ``tests/bench/test_gpu_check_script.py``.
+"""
 
-import pytest
+
 
 from lomar.bench.backbone import bench_backbone, estimate_bytes, model_flops
 from lomar.cli.app import main
@@ -22,35 +24,6 @@ def test_a_variant_too_large_for_this_machine_gets_a_record_not_a_crash():
     (rec,) = bench_backbone("vit_base_patch16", [16384], ["dense"], 1, True, "cpu")
     assert rec["status"] == "skipped" and "GiB available" in rec["reason"]
     assert rec["task"] == "backbone" and rec["attention"] == "dense" and rec["step_s"] is None
-
-
-@pytest.mark.slow
-def test_backbone_bench_runs_each_variant(tmp_path):
-    out = tmp_path / "bb.json"
-    assert main(["bench", "--task", "backbone", "--tiny", "--sizes", "32", "--attention", "dense", "chunked",
-                 "windowed", "flex", "--batch-size", "1", "--grad-checkpointing", "--steps", "1",
-                 "--warmup", "0", "--threads", "1", "--quiet", "--json", str(out)]) == 0
-    data = json.loads(out.read_text())
-    records = {r["attention"]: r for r in data["records"]}
-    assert list(records) == ["dense", "chunked", "windowed", "flex"]
-    for name in ("dense", "chunked", "windowed"):
-        rec = records[name]
-        assert rec["status"] == "ok", rec
-        assert rec["step_s"] > 0 and rec["peak_mem_bytes"] > 0 and rec["grad_checkpointing"]
-        assert rec["method"] == "vit_base_patch16" and rec["task"] == "backbone" and rec["img_size"] == 32
-    assert records["flex"]["status"] == "skipped" and "CUDA" in records["flex"]["reason"]
-    assert data["meta"]["task"] == "backbone" and len(data["meta"]["load_avg_before"]) == 3
-
-
-@pytest.mark.slow
-def test_mae_encoders_with_and_without_a_relative_position_term_are_timed_side_by_side(tmp_path):
-    out = tmp_path / "bb.json"
-    assert main(["bench", "--task", "backbone", "--tiny", "--sizes", "64", "--attention", "windowed",
-                 "--encoders", "lomar", "mae", "mae+decomposed", "mae+bias", "--batch-size", "1", "--steps", "1",
-                 "--warmup", "0", "--threads", "1", "--quiet", "--json", str(out)]) == 0
-    records = json.loads(out.read_text())["records"]
-    assert [r["encoder"] for r in records] == ["lomar", "mae", "mae+decomposed", "mae+bias"]
-    assert all(r["status"] == "ok" and r["step_s"] > 0 and r["attention"] == "windowed" for r in records), records
 
 
 def test_bad_sizes_are_one_line_errors(capsys):

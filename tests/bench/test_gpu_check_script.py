@@ -72,8 +72,18 @@ def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
     settings = yaml.safe_load((tmp_path / "work" / "pretrain-draft-inline-imagenet" / "config.yaml").read_text())
     assert settings["decode"] == "draft" and settings["decode_ahead"] == 0
     assert Path(settings["data"]).name == "imagenet-repeated"
-    relpos = json.loads((out / "backbone-relpos.json").read_text())
-    assert {r["encoder"] for r in relpos["records"]} == {"lomar", "mae", "mae+decomposed", "mae+bias"}, relpos
+    # the backbone bench, one child process per variant: every attention, then every encoder side by side
+    backbone = json.loads((out / "backbone.json").read_text())
+    records = {r["attention"]: r for r in backbone["records"]}
+    assert list(records) == ["dense", "chunked", "flex", "windowed"]
+    for rec in (records[name] for name in ("dense", "chunked", "windowed")):
+        assert rec["status"] == "ok" and rec["step_s"] > 0 and rec["peak_mem_bytes"] > 0, rec
+        assert rec["grad_checkpointing"] and rec["task"] == "backbone" and rec["img_size"] == 64, rec
+    assert records["flex"]["status"] == "skipped" and "CUDA" in records["flex"]["reason"]
+    assert backbone["meta"]["task"] == "backbone" and len(backbone["meta"]["load_avg_before"]) == 3
+    relpos = json.loads((out / "backbone-relpos.json").read_text())["records"]
+    assert [r["encoder"] for r in relpos] == ["lomar", "mae", "mae+decomposed", "mae+bias"], relpos
+    assert all(r["status"] == "ok" and r["step_s"] > 0 and r["attention"] == "windowed" for r in relpos), relpos
     loader = json.loads((out / "loader.json").read_text())
     assert {r["decode"] for r in loader["records"]} >= {"full", "draft"}
     # the MFU sweep: its two runs (profiled) and the bench part's LoMaR rows, best MFU first
