@@ -15,6 +15,7 @@ from lomar.models.masking import (
     grid_size,
     num_masked,
     sample_plan,
+    tile_grid,
     window_token_index,
 )
 
@@ -146,15 +147,16 @@ def test_a_numpy_integer_is_an_image_size():
 
 def test_a_traced_shape_is_an_image_size_and_stays_symbolic():
     """torch.export / make_fx trace a forward's image shape as SymInts (the ViT's image_grid, LoMaR's windows):
-    they were refused as no size (ValueError), and int() of them would fix the traced size into the graph."""
+    int() of them would fix the traced size into the graph."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     def patches(images):
-        rows, cols = grid_size(tuple(images.shape[-2:]), 16)
+        rows, cols = tile_grid(*images.shape[-2:], 16)
         return images.new_zeros(rows, cols)
 
     traced = make_fx(patches, tracing_mode="symbolic")(torch.zeros(1, 3, 32, 48))
     assert traced(torch.zeros(1, 3, 64, 16)).shape == (4, 1)
+
 
 def test_sample_plan_rejects_bad_counts():
     with pytest.raises(ValueError, match="images"):

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from lomar.models.masking import MaskingPlan, check_window_request, grid_size, sample_plan, window_token_index
+from lomar.models.masking import MaskingPlan, check_window_request, sample_plan, tile_grid, window_token_index
 from lomar.models.objective import gather_patches, masked_mse, normalize_targets
 from lomar.models.vit import VisionTransformer, ViTConfig
 
@@ -86,7 +86,7 @@ class LoMaR(nn.Module):
         Returns (loss, pred (R, K·K, p·p·C)).
         """
         encoder, k, p = self.encoder, self.window_size, self.config.patch_size
-        grid = grid_size(tuple(images.shape[-2:]), p)
+        grid = tile_grid(*images.shape[-2:], p)
         token_index = window_token_index(top_left, k, grid[1])  # (R, K·K)
         pixels = gather_patches(images, p, image_index, token_index)  # (R, K·K, C, p, p)
         x = encoder.prepare_tokens(pixels.flatten(2), grid, token_index, mask, self.mask_token)

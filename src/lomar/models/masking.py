@@ -30,6 +30,7 @@ from lomar.values import as_sides, is_integer, is_real
 __all__ = [
     "MaskingPlan",
     "grid_size",
+    "tile_grid",
     "num_masked",
     "window_positions",
     "check_window_request",
@@ -44,19 +45,22 @@ PLACEMENTS = ("permutation", "distinct")
 
 
 def grid_size(img_size: int | tuple[int, int], patch_size: int) -> tuple[int, int]:
-    """Patch grid (Hg, Wg) of an image; raises if the image does not tile into patches."""
-    # a traced forward's shape (torch.export, make_fx) holds SymInts, which are no Python int: int() would fix the
-    # traced size into the graph, so they are taken as they are
-    traced = isinstance(img_size, tuple) and len(img_size) == 2 and any(isinstance(s, torch.SymInt) for s in img_size)
-    h, w = img_size if traced else as_sides(img_size)
+    """Patch grid (Hg, Wg) of an image size (one side or two); raises if the image does not tile into patches."""
+    return tile_grid(*as_sides(img_size), patch_size)
+
+
+def tile_grid(height, width, patch_size: int) -> tuple[int, int]:
+    """Patch grid (Hg, Wg) of an image ``height`` x ``width``, e.g. a forward's ``images.shape[-2:]``: a traced
+    forward's sides (torch.export, make_fx) are SymInts, kept as they are so that the size is not fixed in the graph.
+    Raises if the image does not tile into patches."""
     if patch_size <= 0:
         raise ValueError(f"patch size must be positive, got {patch_size}")
-    if h % patch_size or w % patch_size:
+    if height % patch_size or width % patch_size:
         raise ValueError(
-            f"image size {h}x{w} is not divisible by the patch size {patch_size}; "
-            f"use a multiple of {patch_size} (e.g. {max(1, h // patch_size) * patch_size})"
+            f"image size {height}x{width} is not divisible by the patch size {patch_size}; "
+            f"use a multiple of {patch_size} (e.g. {max(1, height // patch_size) * patch_size})"
         )
-    return h // patch_size, w // patch_size
+    return height // patch_size, width // patch_size
 
 
 def num_masked(window_size: int, mask_ratio: float) -> int:

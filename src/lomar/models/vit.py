@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lomar.models.abs_pos import sincos_pos_embed_2d, table_for_grid
 from lomar.models.attention import ATTENTION_MODES, biased_attention, rpe_attention, windowed_attention
-from lomar.models.masking import grid_size
+from lomar.models.masking import grid_size, tile_grid
 from lomar.models.relpos import decomposed_rows, table_rows
 from lomar.models.rpe import ContextualRPE
 from lomar.models.vit_config import MODEL_SIZES, PATCH_SIZES, EncoderShape, ViTConfig, list_models, model_config
@@ -310,7 +310,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"expected images of shape (N, {self.config.in_chans}, H, W), got "
                              f"{tuple(images.shape)}")
         self.patch_embed.check_dtype(images)
-        return grid_size(tuple(images.shape[-2:]), self.config.patch_size)
+        return tile_grid(*images.shape[-2:], self.config.patch_size)
 
     def prepare_tokens(self, inputs: torch.Tensor, grid: tuple[int, int] | None = None,
                        token_index: torch.Tensor | None = None, mask: torch.Tensor | None = None,
