@@ -2,9 +2,12 @@
 
 import errno
 import json
+import multiprocessing
 import os
+import socket
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from lomar.checkpoints.convert import load_model, pretrain_checkpoint
 from lomar.checkpoints.io import atomic_save
 from lomar.checkpoints.keys import lomar_to_original
 from lomar.cli.app import main
+from lomar.errors import UsageError
 from lomar.models.mae_window import MAEWindow
 
 timm = pytest.importorskip("timm")
@@ -522,19 +526,99 @@ def test_an_export_over_a_run_folder_removes_the_weights_its_old_config_named_an
         assert (tmp_path / "last.pt").is_file() and (tmp_path / "tokenizer.safetensors").is_file()
 
 
-def test_the_next_export_removes_what_a_killed_one_left_but_not_a_live_ones(tmp_path):
+def test_the_next_export_removes_what_a_killed_one_left_but_not_a_live_ones(tmp_path, monkeypatch):
     """A kill between write_export's renames leaves .NAME.old-PID / .NAME.new-PID files (and atomic_write's temporary)
-    that no later export removed: an export holds no lock, so only those of a dead process are stale."""
+    that no later export removed. Under the folder's export lock no other export is writing, so all are stale, also
+    those whose PID is a live process here (another machine's export on a share, a PID reused), which were kept; where
+    the filesystem has no flock the export warns and keeps those of a live PID (one may be mid-swap)."""
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead, live = int(child.stdout), os.getppid()
     export_encoder(VisionTransformer(TINY), tmp_path)
     stale = [f".config.json.old-{dead}", f".model.safetensors.old-{dead}", f".encoder.safetensors.new-{dead}",
              f"..config.json.new-{dead}.tmp-{dead}"]
-    kept = [f".config.json.new-{live}", f".last.pt.old-{dead}", "last.pt"]
-    for name in stale + kept:
+    kept = [f".last.pt.old-{dead}", "last.pt"]
+    for name in stale + kept + [f".config.json.new-{live}"]:
         (tmp_path / name).write_bytes(b"x")
     export_encoder(VisionTransformer(TINY), tmp_path, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["config.json", "model.safetensors"])
+
+    def no_flock(handle, flags):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr("fcntl.flock", no_flock)
+    for name in stale + [f".config.json.new-{live}"]:
+        (tmp_path / name).write_bytes(b"x")
+    with pytest.warns(UserWarning, match=rf"{tmp_path}: no file lock there \(No locks available\); exporting unlocked"):
+        export_encoder(VisionTransformer(TINY), tmp_path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + [f".config.json.new-{live}", "config.json",
+                                                                        "model.safetensors"])
+
+
+def _export_pausing(model: VisionTransformer, folder: Path, ready, pause_s: float) -> None:
+    """Export ``model`` into ``folder``, pausing once its weights are renamed in and before its config.json is: where
+    another export's pair, put in meanwhile, would end beside the wrong file."""
+    rename = os.replace
+
+    def rename_then_pause(src, dst):
+        rename(src, dst)
+        if Path(dst).name == "model.safetensors" and ".new-" in Path(src).name:
+            ready.set()
+            time.sleep(pause_s)
+
+    os.replace = rename_then_pause
+    export_encoder(model, folder, overwrite=True)
+
+
+def _pausing_export(model: VisionTransformer, folder: Path, pause_s: float):
+    context = multiprocessing.get_context("fork")  # the model as it is, without a new interpreter's imports
+    ready = context.Event()
+    child = context.Process(target=_export_pausing, args=(model, folder, ready, pause_s))
+    child.start()
+    assert ready.wait(20), "the child export never reached its pause"
+    return child
+
+
+def test_two_exports_into_one_folder_at_once_take_turns_and_leave_one_whole_export(tmp_path):
+    """Nothing locked an export's folder: a second export whose pair went in while the first was between its two
+    renames left the first's config.json (2 blocks) beside the second's weights (1 block), unreadable. It waits for
+    the first to end, then replaces its export whole."""
+    first, second = VisionTransformer(TINY), _perturb(VisionTransformer(replace(TINY, depth=1)))
+    child = _pausing_export(first, tmp_path, pause_s=1.0)
+    export_encoder(second, tmp_path, overwrite=True)
+    child.join(20)
+    assert child.exitcode == 0
+    assert json.loads((tmp_path / "config.json").read_text())["depth"] == 1  # old code: 2, the first's
+    loaded = create_encoder(tmp_path)  # old code: UsageError, the weights do not match config.json
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in second.state_dict().items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]  # no lock file left
+
+
+def test_an_export_waits_a_bounded_time_for_another_and_clears_a_killed_ones_leftovers(tmp_path, monkeypatch):
+    """An export into a folder another is writing waits LOCK_WAIT_S, then says in one line which folder and who
+    writes it; once that writer is killed (mid-swap, its lock file left), the next export takes the folder and
+    removes what it left, and a reader names them as an interrupted export's only then."""
+    from lomar.checkpoints import export_leftovers
+    from lomar.checkpoints.export_leftovers import interrupted_export
+
+    export_encoder(VisionTransformer(TINY), tmp_path)
+    child = _pausing_export(VisionTransformer(TINY), tmp_path, pause_s=60)
+    try:
+        assert not (tmp_path / "config.json").exists() and interrupted_export(tmp_path) == ""  # mid-swap: alive
+        monkeypatch.setattr(export_leftovers, "LOCK_WAIT_S", 0.3)
+        with pytest.raises(UsageError) as caught:
+            export_encoder(VisionTransformer(TINY), tmp_path, overwrite=True)  # old code: went ahead
+        assert str(caught.value) == (f"{tmp_path} is being written by another export (pid {child.pid} on "
+                                     f"{socket.gethostname()}), waited for 0.3 s; export again once it ends, or export "
+                                     f"to another folder")
+    finally:
+        child.kill()
+        child.join(20)
+    assert (tmp_path / ".export.lock").is_file()  # a killed holder's file: its lock went with it
+    assert "an export into it was interrupted" in interrupted_export(tmp_path)
+    model = _perturb(VisionTransformer(TINY))
+    export_encoder(model, tmp_path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert torch.equal(create_encoder(tmp_path).cls_token, model.cls_token)
 
 
 def test_the_pretrained_cfg_gives_timm_the_exported_input_size_and_lomars_eval_crop(tmp_path):

@@ -15,7 +15,7 @@ from typing import NamedTuple
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from lomar.checkpoints.export_leftovers import stale_leftovers
+from lomar.checkpoints.export_leftovers import export_lock, stale_leftovers
 from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS, FITTED_TOKENIZER
 from lomar.checkpoints.io import atomic_write_bytes, check_finite, write_error
 from lomar.data.classify import eval_crop_ratio
@@ -92,40 +92,42 @@ def write_export(out: Path, weights_name: str, state: dict, config: dict) -> Pat
     name that the replaced config.json named are removed once the new pair is in: read directly, they would be taken
     without the config (a ViTDet window size) they go with, as are the leftovers of an export killed midway.
 
-    The swap is of the two files, not of the folder: a run's folder holds its checkpoints beside its export."""
+    The swap is of the two files, not of the folder: a run's folder holds its checkpoints beside its export. Exports
+    into one folder take turns: the write and swap hold its lock (:func:`export_leftovers.export_lock`)."""
     if out.exists() and not out.is_dir():  # making it a folder would fail with "[Errno 17] File exists"
         raise NotADirectoryError(f"{out} is a file, not a folder: an export is a folder (config.json + weights); "
                                  f"pass a folder path")
     contents = {weights_name: save(state), CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode("utf-8")}
-    new = {name: out / f".{name}.new-{os.getpid()}" for name in contents}
-    old = {name: out / f".{name}.old-{os.getpid()}" for name in contents}
-    aside, weights_in, previous = [], False, _previous_weights(out, weights_name)
-    try:
-        for name, data in contents.items():
-            try:
-                atomic_write_bytes(new[name], data)
-            except OSError as exc:  # named as the file the caller asked for, not its temporary
-                raise (write_error(exc, out / name) or exc) from exc
-        for name in (CONFIG_NAME, weights_name):
-            if (out / name).exists():
-                os.replace(out / name, old[name])
-                aside.append(name)
-        os.replace(new[weights_name], out / weights_name)
-        weights_in = True
-        os.replace(new[CONFIG_NAME], out / CONFIG_NAME)
-    except BaseException:
-        if weights_in and weights_name not in aside:  # no file of that name was there before
-            (out / weights_name).unlink(missing_ok=True)
-        # weights before config.json: the old config.json back beside the new weights would be the mix this prevents;
-        # a failure to put one back leaves it (and config.json) at its .old name, not deleted
-        for name in reversed(aside):
-            os.replace(old[name], out / name)
-        raise
-    finally:
-        for path in new.values():
+    with export_lock(out) as locked:
+        new = {name: out / f".{name}.new-{os.getpid()}" for name in contents}
+        old = {name: out / f".{name}.old-{os.getpid()}" for name in contents}
+        aside, weights_in, previous = [], False, _previous_weights(out, weights_name)
+        try:
+            for name, data in contents.items():
+                try:
+                    atomic_write_bytes(new[name], data)
+                except OSError as exc:  # named as the file the caller asked for, not its temporary
+                    raise (write_error(exc, out / name) or exc) from exc
+            for name in (CONFIG_NAME, weights_name):
+                if (out / name).exists():
+                    os.replace(out / name, old[name])
+                    aside.append(name)
+            os.replace(new[weights_name], out / weights_name)
+            weights_in = True
+            os.replace(new[CONFIG_NAME], out / CONFIG_NAME)
+        except BaseException:
+            if weights_in and weights_name not in aside:  # no file of that name was there before
+                (out / weights_name).unlink(missing_ok=True)
+            # weights before config.json: the old config.json back beside the new weights would be the mix this
+            # prevents; a failure to put one back leaves it (and config.json) at its .old name, not deleted
+            for name in reversed(aside):
+                os.replace(old[name], out / name)
+            raise
+        finally:
+            for path in new.values():
+                path.unlink(missing_ok=True)
+        for path in (*old.values(), *previous, *(path for path, _ in stale_leftovers(out, locked))):
             path.unlink(missing_ok=True)
-    for path in (*old.values(), *previous, *(path for path, _ in stale_leftovers(out))):
-        path.unlink(missing_ok=True)
     return out
 
 

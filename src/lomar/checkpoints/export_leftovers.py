@@ -1,21 +1,41 @@
-"""What a write_export killed midway leaves in an export folder: the files it set aside (``.NAME.old-PID``), those it
-was renaming in (``.NAME.new-PID``) and their temporaries. A reader names them; the next export removes them.
+"""An export folder's lock, and what a write_export killed midway leaves there: the files it set aside
+(``.NAME.old-PID``), those it was renaming in (``.NAME.new-PID``) and their temporaries. A reader names them; the next
+export removes them.
 
-An export holds no lock, so only a dead process's are stale: a live one's may be in the middle of its swap.
+A write_export holds :func:`export_lock` for its whole write and swap, so two exports into one folder take turns. It is
+an advisory ``fcntl.flock`` that the kernel drops when its holder ends, a kill included: a leftover is stale when no
+export holds the lock, which also judges a writer on another machine where the share honours flock (NFS does), whose
+PID means nothing here. Where no lock is to be had (a filesystem without flock: the export warns and goes on unlocked;
+files of an export that took none) a leftover is stale when its PID is no live process on this machine.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from lomar.checkpoints.file_names import CONFIG_NAME
+from lomar.checkpoints.io import open_in_place
+from lomar.errors import UsageError
 
-__all__ = ["stale_leftovers", "interrupted_export"]
+__all__ = ["stale_leftovers", "interrupted_export", "export_lock", "EXPORT_LOCK", "LOCK_WAIT_S"]
 
 # ".config.json.old-PID", ".model.safetensors.new-PID" and atomic_write's "..config.json.new-PID.tmp-PID"
 _LEFTOVER = re.compile(r"\.\.?(?P<name>.+?)\.(?P<kind>old|new)-(?P<pid>\d+)(?:\.tmp-\d+)?")
+# Hidden, and there only while an export writes (or after one was killed): no reader of the folder takes it
+EXPORT_LOCK = ".export.lock"
+# How long an export waits for another one's write and swap (seconds of disk writing, not of training)
+LOCK_WAIT_S = 120.0
+_HELD = threading.local()  # the folders this thread's exports hold: write_export inside a caller's hold
 
 
 def _alive(pid: int) -> bool:
@@ -32,14 +52,88 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def stale_leftovers(folder: Path) -> list[tuple[Path, str]]:
+def _locked(handle: IO, path: Path, flags: int) -> bool:
+    """flock ``handle`` (of ``path``) with ``flags``; False when the file there is no longer it: its holder removes it
+    before unlocking, so a lock won on a removed file guards nothing. BlockingIOError while another holds it."""
+    fcntl.flock(handle, flags)
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path, follow_symlinks=False))
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def export_lock(folder: Path, wait_s: float | None = None) -> Iterator[bool]:
+    """Hold ``folder``'s export lock (made if need be) for the block; yields whether it is held. Waits up to
+    ``wait_s`` (:data:`LOCK_WAIT_S`) for another export's, then UsageError naming the folder. Not held: the folder
+    cannot be made or written (the export's own write then says why), or its filesystem has no flock (a warning)."""
+    held, key = _HELD.__dict__.setdefault("folders", set()), os.path.realpath(folder)
+    handle = None if key in held else _acquire(folder, LOCK_WAIT_S if wait_s is None else wait_s)
+    if handle is None:
+        yield key in held
+        return
+    held.add(key)
+    try:
+        yield True
+    finally:
+        held.discard(key)
+        (folder / EXPORT_LOCK).unlink(missing_ok=True)  # while held: a waiter finds its file gone and opens anew
+        handle.close()
+
+
+def _acquire(folder: Path, wait_s: float) -> IO | None:
+    path, deadline = folder / EXPORT_LOCK, time.monotonic() + wait_s
+    while True:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle = open_in_place(path, "a+")
+        except OSError:
+            return None
+        try:
+            got = _locked(handle, path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "pid unknown"
+            handle.close()
+            if time.monotonic() > deadline:
+                raise UsageError(f"{folder} is being written by another export ({owner}), waited for {wait_s:g} s; "
+                                 f"export again once it ends, or export to another folder") from None
+            time.sleep(0.05)
+            continue
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP: a filesystem without flock
+            handle.close()
+            path.unlink(missing_ok=True)
+            warnings.warn(f"{folder}: no file lock there ({exc.strerror or exc}); exporting unlocked: run no other "
+                          f"export into it meanwhile", stacklevel=4)
+            return None
+        if got:
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            handle.flush()
+            return handle
+        handle.close()
+
+
+def _lock_state(folder: Path) -> bool | None:
+    """Whether an export holds ``folder``'s lock now; None where that cannot be told (no lock file, no flock)."""
+    try:
+        with open_in_place(folder / EXPORT_LOCK) as handle:
+            return False if _locked(handle, folder / EXPORT_LOCK, fcntl.LOCK_SH | fcntl.LOCK_NB) else None
+    except BlockingIOError:
+        return True
+    except (OSError, UsageError):
+        return None
+
+
+def stale_leftovers(folder: Path, locked: bool = False) -> list[tuple[Path, str]]:
     """Each leftover of a dead write_export in ``folder`` (of config.json or a safetensors file), with its kind: 'old'
-    (the previous export's file) or 'new'."""
+    (the previous export's file) or 'new'. ``locked``: the caller holds the folder's export lock, so all are."""
+    held = False if locked else _lock_state(folder)
     found = []
-    for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+    for path in sorted(folder.iterdir()) if folder.is_dir() and not held else ():
         match = _LEFTOVER.fullmatch(path.name)
         if match and (match["name"] == CONFIG_NAME or match["name"].endswith(".safetensors")) and path.is_file():
-            if not _alive(int(match["pid"])):
+            if held is False or not _alive(int(match["pid"])):
                 found.append((path, match["kind"]))
     return found
 
