@@ -526,6 +526,28 @@ def test_an_export_over_a_run_folder_removes_the_weights_its_old_config_named_an
         assert (tmp_path / "last.pt").is_file() and (tmp_path / "tokenizer.safetensors").is_file()
 
 
+def test_lomar_export_refuses_a_folder_another_export_wrote_while_it_loaded(pretrained, tmp_path, monkeypatch,
+                                                                           capsys):
+    """`lomar export` without --overwrite looked at --to only before loading its checkpoint: an export into the folder
+    that ended meanwhile was replaced, rc 0. It looks again under the folder's lock, held through the write."""
+    from lomar.cli import export as cli_export
+
+    _, root = pretrained
+    load = cli_export.load_for_cli
+
+    def load_while_another_exports(*args, **kwargs):
+        found = load(*args, **kwargs)
+        export_encoder(VisionTransformer(TINY), tmp_path)
+        return found
+
+    monkeypatch.setattr(cli_export, "load_for_cli", load_while_another_exports)
+    assert main(["export", str(root / "last.pt"), "--to", str(tmp_path)]) == 2  # old code: 0
+    assert capsys.readouterr().err.strip() == (f"lomar export: error: {tmp_path / 'model.safetensors'} already exists; "
+                                               f"pass --overwrite to replace it, or another --to")
+    assert "source" not in json.loads((tmp_path / "config.json").read_text())  # the other export's, kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
 def test_the_next_export_removes_what_a_killed_one_left_but_not_a_live_ones(tmp_path, monkeypatch):
     """A kill between write_export's renames leaves .NAME.old-PID / .NAME.new-PID files (and atomic_write's temporary)
     that no later export removed. Under the folder's export lock no other export is writing, so all are stale, also

@@ -34,19 +34,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lomar.checkpoints.convert import encoder_of, export_model, method_metadata  # torch: not for --help
     from lomar.checkpoints.export import CONFIG_NAME, ENCODER_WEIGHTS, export_encoder  # torch: not for --help
+    from lomar.checkpoints.export_leftovers import export_lock  # torch: not for --help
     from lomar.models.beit import BEiT  # torch: not for --help
     from lomar.models.vit import VisionTransformer  # torch: not for --help
 
     check_output_dir(args.to, "--to")  # the text given: Path("") would be the working folder
     out = Path(args.to)
-    for name in (ENCODER_WEIGHTS, CONFIG_NAME):
-        if (out / name).exists() and not args.overwrite:
-            raise UsageError(f"{out / name} already exists; pass --overwrite to replace it, or another --to")
+    _refuse_existing(out, (ENCODER_WEIGHTS, CONFIG_NAME), args.overwrite)  # before loading: at once
     model, method = load_for_cli(args.checkpoint, args, loader=export_model)
     if isinstance(model, BEiT):  # timm's Beit layout: per-block relative position bias, no lm_head
         from lomar.checkpoints.export_beit import export_beit_encoder  # torch: not for --help
 
-        export_beit_encoder(model, out, weights_name=ENCODER_WEIGHTS, metadata={"source": str(args.checkpoint)})
+        write = lambda: export_beit_encoder(model, out, weights_name=ENCODER_WEIGHTS,
+                                            metadata={"source": str(args.checkpoint)})
         c, what = model.config, f"BEiT encoder of {args.checkpoint}"
         load = (f"lomar.checkpoints.export_beit.create_timm_beit('{out}') (a timm Beit), or pass {out} to "
                 f"lomar finetune / linprobe / knn")
@@ -62,15 +62,27 @@ def run(args: argparse.Namespace) -> int:
             # an averaging classifier pooled into fc_norm and has no final norm: the encoder's starts as identity
             head = ", head dropped" + (", final norm new (identity)" if missing else "")
             encoder = plain
-        export_encoder(encoder, out, metadata={"source": str(args.checkpoint), **meta}, overwrite=args.overwrite)
+        write = lambda: export_encoder(encoder, out, metadata={"source": str(args.checkpoint), **meta},
+                                       overwrite=args.overwrite)
         c = encoder.config
         what = f"encoder of {args.checkpoint} ({meta['method']}{head})"
         load = (f"lomar.create_encoder('{out}') or, after `import lomar.timm_models`, "
                 f"timm.create_model('local-dir:{out}', pretrained=True)")
+    # checked again under the folder's lock, held through the write: an export into it that ended while this one
+    # loaded is refused as if this one had started after it
+    with export_lock(out):
+        _refuse_existing(out, (ENCODER_WEIGHTS, CONFIG_NAME), args.overwrite)
+        write()
     print(f"lomar: exported the {c.embed_dim}-wide, {c.depth}-block {what} -> {out / ENCODER_WEIGHTS}, "
           f"{out / CONFIG_NAME}")
     print(f"lomar: load with {load}")
     return 0
+
+
+def _refuse_existing(out: Path, names: tuple[str, ...], overwrite: bool) -> None:
+    for name in names:
+        if (out / name).exists() and not overwrite:
+            raise UsageError(f"{out / name} already exists; pass --overwrite to replace it, or another --to")
 
 
 def load_original_add_arguments(parser: argparse.ArgumentParser) -> None:
