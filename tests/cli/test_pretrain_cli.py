@@ -46,7 +46,12 @@ def _env() -> dict:
     (["--method", "mae", "--pos", "rpe"], "--pos abs"),
     (["--resume", "/no/such.pt"], "does not exist"),
     (["--resume", "/dev/null"], "--resume /dev/null is not a regular file (a device or pipe)"),
-    (["--decode", "windows", "--method", "mae", "--pos", "abs", "--windows", "0"], "use --decode draft"),
+    (["--decode", "windows", "--method", "mae", "--pos", "abs", "--windows", "0"], "this run is --method mae with "
+                                                                               "--windows 0, which reads the whole "
+                                                                               "crop; use --decode draft"),
+    # BEiT's tokenizer labels the whole crop: blank pixels around the windows would change its targets
+    (["--decode", "windows", "--method", "beit", "--color-jitter", "0"], "--method beit labels its targets with a "
+                                                                         "tokenizer that reads the whole crop"),
     (["--decode", "gpu"], "not --device cpu"),
     (["--cpu-decode-share", "0.3"], "this run is --decode full; drop it, or use --decode gpu"),
     (["--cpu-decode-share", "1.5"], "--cpu-decode-share must be"),

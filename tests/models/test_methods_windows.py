@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import functools
+import math
 import random
 
 import pytest
 import torch
 
-from lomar.methods import get_method, variant_name
+from lomar.methods import get_method, names, variant_name
 from lomar.methods.base import method_runtime
 from lomar.models.beit import BEiT, BEiTConfig
-from lomar.models.beit_pretrain import BEiTPretrain
+from lomar.models.beit_pretrain import BEiTPretrain, tokenizer_view
 from lomar.models.mae_window import MAEWindow
 from lomar.models.masking import MaskingPlan, sample_plan
 from lomar.models.vit import model_config
@@ -187,6 +188,39 @@ def test_registry_maskers_draw_what_the_engine_drew_before():
     assert isinstance(kwargs["plan"], MaskingPlan) and kwargs["plan"].window_size == 4
     with pytest.raises(ValueError, match="unknown"):
         get_method("simclr")
+
+
+@pytest.mark.parametrize("name", names())
+def test_a_method_serves_window_decoding_only_if_its_loss_reads_nothing_outside_the_windows(name):
+    """--decode windows leaves every pixel outside the plan's windows blank (lomar.data.fast_decode): a method
+    serves it (Method.outside_windows None) only if those pixels leave its loss as it is. BEiT's tokenizer labels
+    the whole crop: the view it reads (here 16 px patches, 8 px tokens: resized to half) changes inside them."""
+    method = get_method(name)
+    config = _Config(method=name, img_size=96, windows=2, mask_ratio=0.5, norm_pix_loss=True, decoder_embed_dim=16,
+                     decoder_depth=1, decoder_num_heads=2, tokenizer=None, layer_scale_init=0.1)
+    vit = model_config("vit_mini_patch8", img_size=96, patch_size=16, depth=1, pos=method.only_pos or "none")
+    torch.manual_seed(0)
+    model = method.build(config, vit, *([_tokenizer()] if name == "beit" else [])).eval()
+    runtime = method_runtime(config, 16)
+    gen = torch.Generator().manual_seed(1)
+    draws = [runtime.masker(gen) for _ in range(2)]
+    batch = {key: torch.stack([draw[key] for draw in draws]) for key in draws[0]}
+    k = math.isqrt(batch["mask"].shape[-1])
+    inside = torch.zeros(2, 96, 96, dtype=torch.bool)
+    for i, top_left in enumerate(batch["top_left"] * 16):
+        for r, c in top_left.tolist():
+            inside[i, r:r + k * 16, c:c + k * 16] = True
+    images = torch.randn(2, 3, 96, 96, generator=gen)
+    blank = torch.where(inside[:, None], images, 0.0)  # what --decode windows gives outside them: the mean
+    with torch.no_grad():
+        losses = [model(x, **runtime.forward_kwargs(batch, torch.device("cpu"))).loss for x in (images, blank)]
+    assert bool((~inside).any()) and torch.isfinite(losses[0])
+    if method.outside_windows is None:
+        assert torch.equal(*losses), (name, losses)
+    else:
+        assert name == "beit", f"check here that --method {name} reads what it declares: {method.outside_windows}"
+        moved = (tokenizer_view(images, 48) - tokenizer_view(blank, 48)).abs().amax(1)
+        assert float(moved[inside[:, ::2, ::2]].max()) > 0.05
 
 
 def test_beit_export_loads_in_timm_with_equal_features(tmp_path):

@@ -17,7 +17,7 @@ from PIL import Image
 from helpers import BENCHMARKS
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
-from lomar.data import device_decode
+from lomar.data import device_decode, fast_decode
 from lomar.data.device_decode import decode_batch
 from lomar.data.gpu_jpeg import nvimgcodec_missing
 from lomar.train import lifecycle, pretrain
@@ -195,6 +195,21 @@ def test_reduced_decoding_trains_and_resumes_exactly(jpegs, tmp_path, decode):
     # the reduced decode does change pixels: the run is not the reference one
     assert _run("--data", jpegs, "--out", tmp_path / "ref", "--max-steps", 6) == 0
     assert _losses(tmp_path / "ref") != _losses(full)
+
+
+def test_windows_decoding_trains_mae_with_windows_as_draft_does(jpegs, tmp_path, monkeypatch):
+    """--decode windows resamples the windows as --decode draft's crop has them and leaves the rest blank: MAE with
+    windows, which reads nothing else (as LoMaR; tests/models/test_methods_windows.py), trains loss for loss as on
+    draft's whole crops."""
+    monkeypatch.setattr(pretrain.PretrainTask, "figure", lambda self, model=None: None)  # most of a run's time
+    resampled = []
+    resample = fast_decode.resample_windows
+    monkeypatch.setattr(fast_decode, "resample_windows", lambda *a: resampled.append(1) or resample(*a))
+    for decode in ("draft", "windows"):
+        assert _run("--data", jpegs, "--out", tmp_path / decode, "--method", "mae", "--decoder-embed-dim", 16,
+                    "--decoder-depth", 1, "--decoder-num-heads", 2, "--decode", decode, "--max-steps", 3) == 0
+    assert len(resampled) >= 6  # the windows run's samples had blank pixels around their windows
+    assert _losses(tmp_path / "windows") == _losses(tmp_path / "draft") and len(_losses(tmp_path / "draft")) == 3
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

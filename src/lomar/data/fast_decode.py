@@ -13,8 +13,10 @@ only looks at a few K·p px windows of it. Here:
   antialiased bicubic resize (bounded in ``tests/bench/test_loader.py``).
 * **window-only resampling** (:func:`resample_windows`): the output is (3, S, S) with only
   the pixels of the plan's windows filled in (zeros elsewhere, i.e. the ImageNet mean after
-  normalisation); each window is resampled from its own source sub-box. LoMaR reads nothing
-  else, so its loss depends only on the filled pixels.
+  normalisation); each window is resampled from its own source sub-box (the pixels the draft
+  path's crop has there, where that path decodes the photo itself). LoMaR and MAE with windows
+  read nothing else, so their loss depends only on the filled pixels (BEiT's tokenizer reads the
+  whole crop).
 * **GPU decoding** (:func:`gpu_decode_crops`): torchvision's batched CUDA JPEG decoder, with
   crop, resize and flip on the device (the batch side is :mod:`lomar.data.device_decode`).
 

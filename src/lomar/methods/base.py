@@ -66,6 +66,9 @@ class Method:
     # The settings that only some methods read (a decoder's, a tokenizer's) which this one reads; a new run of
     # another method refuses them at other than their default (lomar.train.config_checks).
     reads: tuple[str, ...] = ()
+    # Why a windowed run of it reads pixels outside its windows, which --decode windows leaves blank (a phrase after
+    # "--method NAME"); None: its encoder inputs and targets are the windows' pixels alone.
+    outside_windows: str | None = "is not declared to read only its windows' pixels"
     # The one --pos its model is built with (MAE: fixed sin-cos absolute embeddings); None: any.
     only_pos: str | None = None
     # --layer-scale-init when unset, from the encoder's width (BEiT's recipe: by model size); None: no layer scale.

@@ -217,4 +217,7 @@ METHOD = Method(
     figure=token_figure, step_metrics={"masked_token_accuracy": lambda output: output.accuracy},
     loss_name="masked-token cross-entropy",
     recipe=RECIPE, recipe_source=RECIPE_SOURCE, lr_schedule=lr_at_whole_steps, reads=("tokenizer", "layer_scale_init"),
-    resume_settings=resume_settings, layer_scale_by_width=layer_scale_init)
+    resume_settings=resume_settings, layer_scale_by_width=layer_scale_init,
+    outside_windows="labels its targets with a tokenizer that reads the whole crop, where a token's id can depend "
+                    "on pixels around its patch (the resize to the tokenizer's view, the dVAE's convolutions): blank "
+                    "pixels outside the windows would change the targets inside them")

@@ -18,7 +18,7 @@ def build(config, vit) -> LoMaR:
 METHOD = Method(
     "lomar", default_mask_ratio=0.8, default_pos="rpe", default_windows=None,
     validate=lambda config, grid: check_windows(config, grid, config.mask_ratio),
-    build=build, masker=plan_masker, forward_kwargs=plan_kwargs, reads=("norm_pix_loss",),
+    build=build, masker=plan_masker, forward_kwargs=plan_kwargs, reads=("norm_pix_loss",), outside_windows=None,
     # recipe: MAE's, the default (SPEC §4: betas 0.9/0.95, blr 1.5e-4, min lr 0, no clipping, crops 0.2-1,
     # no jitter); the paper warms up 20-40 epochs, its longest runs 40.
     recipe_source="LoMaR's pretraining recipe (SPEC §4: the original main_pretrain.py, which keeps MAE's)")

@@ -49,4 +49,5 @@ def forward_kwargs(config, grid):
 METHOD = Method(
     "mae", default_mask_ratio=0.75, default_pos="abs", default_windows=0,
     validate=validate, build=build, masker=masker, forward_kwargs=forward_kwargs,  # recipe: MAE_RECIPE
-    reads=("norm_pix_loss", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"), only_pos="abs")
+    reads=("norm_pix_loss", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"), only_pos="abs",
+    outside_windows=None)  # with --windows N: per-window patches in, per-patch (normalised) pixel targets

@@ -85,7 +85,8 @@ def check_eval_decode(decode: str, command: str) -> None:
 
 
 def check_decode(config: Any) -> None:
-    """--decode other than full reads image files one by one; windows needs LoMaR's windows, gpu a GPU."""
+    """--decode other than full reads image files one by one; windows needs windows and a method that reads nothing
+    else (:attr:`lomar.methods.base.Method.outside_windows`), gpu a GPU."""
     if config.cpu_decode_share != "auto" and config.decode != "gpu":
         raise ConfigError(f"--cpu-decode-share {config.cpu_decode_share:g} shares --decode gpu's photos with the "
                           f"workers, but this run is --decode {config.decode}; drop it, or use --decode gpu")
@@ -99,9 +100,12 @@ def check_decode(config: Any) -> None:
     if config.data is not None and is_shard_pattern(config.data):
         raise ConfigError(f"--decode {config.decode} reads image files, not tar shards (--data {config.data}); "
                           f"use --decode full with shards")
-    if config.decode == "windows" and (config.method != "lomar" or not config.windows):
-        raise ConfigError(f"--decode windows resamples only LoMaR's windows, but this run is --method "
-                          f"{config.method} with --windows {config.windows}; use --decode draft")
+    if config.decode == "windows" and not config.windows:
+        raise ConfigError(f"--decode windows resamples only the windows' pixels, but this run is --method "
+                          f"{config.method} with --windows 0, which reads the whole crop; use --decode draft")
+    if config.decode == "windows" and (outside := get_method(config.method).outside_windows) is not None:
+        raise ConfigError(f"--decode windows resamples only the windows' pixels, but --method {config.method} "
+                          f"{outside}; use --decode draft")
     if config.decode == "gpu" and config.device != "auto" and not config.device.startswith("cuda"):
         raise ConfigError(f"--decode gpu decodes JPEGs on a CUDA device, not --device {config.device}; "
                           f"use --decode draft on CPU")
