@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 from torchvision.io import encode_png
 
 from lomar.checkpoints.file_names import METRICS
-from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text
-from lomar.checkpoints.kinds import SEGMENT_TASK
+from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text, mismatch
+from lomar.checkpoints.kinds import SEGMENT_TASK, FoundCheckpoint
 from lomar.data.collate import Skipped
 from lomar.data.samplers import EpochSampler
 from lomar.data.segmentation import SegmentationFolder, class_names, collate_segmentation
@@ -43,7 +43,7 @@ from lomar.train.distributed import DistInfo
 from lomar.train.lifecycle import Task, run
 from lomar.train.monitor import read_records
 from lomar.train.preemption import ignore_stop_signals
-from lomar.train.segment_config import SegmentConfig, check_batch_norm_batch
+from lomar.train.segment_config import ENCODER_KEYS, SegmentConfig, check_batch_norm_batch
 from lomar.train.task import score_only
 
 __all__ = ["SegmentTask", "poly_schedule", "segment", "PER_CLASS"]
@@ -84,12 +84,13 @@ class SegmentTask(Task):
         found = config.segmenter if config.eval_only else None
         if found is not None:  # SegmentConfig.complete read it and took its classes, layout and size
             saved, ckpt = found.path, found.checkpoint
-            if not isinstance(ckpt.get("encoder_config"), dict):
-                raise UsageError(f"--pretrained {saved} is a `lomar segment` checkpoint saved before they kept their "
-                                 f"encoder's layout; --eval-only cannot rebuild its model")
-            encoder = VisionTransformer(ViTConfig.from_dict(ckpt["encoder_config"]))
-            self.source = {"checkpoint": str(saved), "step": ckpt.get("step")}  # of a folder: best.pt, else last.pt
-            source = f"segmenter loaded from {saved} (step {ckpt.get('step', '?')}), {config.img_size} px"
+            encoder, rebuilt = _trained_encoder(found)
+            trained = encoder.config.img_size
+            # of a folder: best.pt, else last.pt
+            self.source = {"checkpoint": str(saved), "step": ckpt.get("step"), "trained_img_size": trained}
+            other = "" if trained == config.img_size else f", not its trained {trained} px"
+            other += f"; its encoder{rebuilt}" if rebuilt else ""
+            source = f"segmenter loaded from {saved} (step {ckpt.get('step', '?')}), {config.img_size} px{other}"
         elif config.pretrained is None:
             encoder = VisionTransformer(model_config(config.model, **layout))
             source = f"random init {config.model} (no --pretrained)"
@@ -199,7 +200,8 @@ class SegmentTask(Task):
         """``OUT/per_class.md``: the last evaluation's table of every class; its five lowest IoUs on one line."""
         if not self.scored:  # a resume found the run at its end, its evaluation made before: draw_curves' file
             return
-        path = _write_per_class(Path(out), self.scored, self.class_labels)
+        sizes = (self.config.img_size, self.source["trained_img_size"]) if self.source else None
+        path = _write_per_class(Path(out), self.scored, self.class_labels, sizes)
         lowest = lowest_classes(self.scored["IoU"], self.class_labels)
         print(f"lomar segment: lowest IoU: {lowest or 'none defined'}; every class in {path}", flush=True)
 
@@ -225,11 +227,54 @@ def _class_labels(config: SegmentConfig) -> list[str]:
     return [f"{n + reduce_zero_label}{f' {names[n]}' if names else ''}" for n in range(config.num_classes)]
 
 
-def _write_per_class(out: Path, m: dict, labels: list[str]) -> Path:
-    """``OUT/per_class.md`` of an evaluation's metrics ``m`` (mIoU, mAcc, aAcc and the per-class lists)."""
-    head = (f"Per-class scores (percent) of {out}'s last evaluation: mIoU {score_text(m['mIoU'])}, mAcc "
+def _write_per_class(out: Path, m: dict, labels: list[str], sizes: tuple[int, int] | None = None) -> Path:
+    """``OUT/per_class.md`` of an evaluation's metrics ``m`` (mIoU, mAcc, aAcc and the per-class lists); ``sizes``:
+    the size --eval-only scored at and the one the segmenter was trained at."""
+    at = ""
+    if sizes is not None:
+        at = f" at {sizes[0]} px, " + ("its trained size" if sizes[0] == sizes[1] else f"not its trained {sizes[1]} px")
+    head = (f"Per-class scores (percent) of {out}'s last evaluation{at}: mIoU {score_text(m['mIoU'])}, mAcc "
             f"{score_text(m['mAcc'])}, aAcc {score_text(m['aAcc'])}; classes as the annotations number them\n\n")
     return atomic_write_text(out / PER_CLASS, head + per_class_table(m["IoU"], m["Acc"], labels))
+
+
+def _trained_encoder(found: FoundCheckpoint) -> tuple[VisionTransformer, str]:
+    """--eval-only's segmenter's encoder as it was trained, and how it was rebuilt ('' from its ``encoder_config``):
+    in a checkpoint saved before those, from its settings as a resume of its run builds it (its --model, or the
+    --pretrained encoder it started from, at its size, with its relative position term)."""
+    ckpt, path = found.checkpoint, found.path
+    if isinstance(ckpt.get("encoder_config"), dict):
+        return VisionTransformer(ViTConfig.from_dict(ckpt["encoder_config"])), ""
+    own = SegmentConfig.saved_settings(ckpt, path) or {}
+    layout = dict(img_size=own.get("img_size"), drop_path=own.get("drop_path", 0.0))
+    start, name = own.get("pretrained"), own.get("model")
+    old = f"--pretrained {path} is a `lomar segment` checkpoint saved without its encoder's layout"
+    retrain = "retrain it with `lomar segment`, whose checkpoints keep the layout"
+    from_start = f"{old}: it is rebuilt from the encoder its run started from, {start}"
+    if start and Path(start).exists():
+        try:
+            encoder = load_pretrained_encoder(start, **layout)
+        except ValueError as exc:
+            raise UsageError(f"{from_start}, which fails: {exc}") from None
+        if not isinstance(encoder, VisionTransformer):
+            raise UsageError(f"{from_start}, a {type(encoder).__name__}, not its run's ViT; put its encoder back there")
+        how = f" rebuilt from its run's starting encoder {start}"
+    elif start:
+        raise UsageError(f"{from_start}, which is missing; put that encoder (a copy or its export) back at {start}")
+    elif name and layout["img_size"]:
+        encoder, how = VisionTransformer(model_config(name, **layout)), f" rebuilt as its run's --model {name}"
+    else:
+        raise UsageError(f"{old}, and its settings name no --model or --pretrained to rebuild it from; {retrain}")
+    encoder = with_rel_pos(encoder, own["rel_pos"], "bias")
+    # here, before the task says what it loaded: a file at that path replaced since, or another lomar's --model
+    try:
+        encoder.load_state_dict({k.removeprefix(ENCODER_KEYS): v for k, v in ckpt["model"].items()
+                                 if k.startswith(ENCODER_KEYS)})
+    except RuntimeError as exc:
+        fix = f"put the encoder its run started from back at {start}" if start else retrain
+        why = mismatch(exc).rstrip(".")
+        raise UsageError(f"{old}; its encoder{how} does not fit its weights: {why}; {fix}") from None
+    return encoder, how
 
 
 def _defined(value: float) -> float | None:

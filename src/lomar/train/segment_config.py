@@ -20,10 +20,13 @@ from lomar.train.settings_resume import TaskConfig, check_img_size, check_pretra
 __all__ = ["SegmentConfig", "SEGMENTER_OWN"]
 
 # What --eval-only takes from the segmenter it scores: the classes and what the annotations' 0 is (other ones would
-# score other classes), the weights' layout (they fit no other) and the input size (its position tables'); one given
-# otherwise is refused. How the run evaluated (its data, mode and stride) is taken too, unless given.
-SEGMENTER_OWN = ("num_classes", "zero_label", "head_channels", "aux_weight", "rel_pos", "train_pos_embed", "img_size")
-_EVALUATED = ("data", "eval_mode", "eval_stride")
+# score other classes) and the weights' layout (they fit no other); one given otherwise is refused. Its input size and
+# how the run evaluated (its data, mode and stride) are taken too, unless given: at another --img-size its position
+# tables are resampled to that grid as for any image of another size, and the run's stride, of its own windows, is
+# not taken.
+SEGMENTER_OWN = ("num_classes", "zero_label", "head_channels", "aux_weight", "rel_pos", "train_pos_embed")
+_EVALUATED = ("img_size", "data", "eval_mode", "eval_stride")
+ENCODER_KEYS = "backbone.encoder."  # the prefix of the encoder's weights in a segmenter's state
 
 
 @dataclass
@@ -86,8 +89,8 @@ class SegmentConfig(TaskConfig):
     train_pos_embed: bool = S.TRAIN_POS_EMBED.field()
     rel_pos: str = S.REL_POS.field()
     eval_only: bool = S.setting(False, "score --pretrained (a `lomar segment` run or checkpoint) on the validation "
-                                "split at its own classes and size, write predictions/, per_class.md and a "
-                                "metrics.jsonl record into --out, and stop", resume="per-invocation")
+                                "split at its own classes and at its size unless --img-size, write predictions/, "
+                                "per_class.md and a metrics.jsonl record into --out, and stop", resume="per-invocation")
 
     @staticmethod
     def saved_settings(checkpoint: dict, path: Path) -> dict | None:
@@ -113,11 +116,15 @@ class SegmentConfig(TaskConfig):
                     raise ConfigError(f"{flag} {explicit[name]} differs from the segmenter's own ({own[name]}) in "
                                       f"{saved}; drop {flag}")
             taken = {k: v for k, v in own.items() if k in SEGMENTER_OWN + _EVALUATED and k not in explicit}
+            if explicit.get("img_size", own.get("img_size")) != own.get("img_size"):
+                taken.pop("eval_stride", None)
             for name, value in coerce_all(type(self), taken, str(saved), strict=False).items():
                 setattr(self, name, value)
 
     def check_settings(self) -> None:
-        if not self.eval_only:  # a segmenter's --img-size is its own (complete), its patch known to its weights only
+        if self.segmenter is not None:  # --eval-only: its patch is its weights'
+            check_img_size(self, segmenter_patch(self.segmenter.checkpoint))
+        elif not self.eval_only:
             check_img_size(self, pretrained_patch(self.pretrained) if self.pretrained else None)
         # --eval-only trains nothing: its BatchNorm keeps the segmenter's statistics, each image scored on its own
         if not self.eval_only and (int(os.environ.get("WORLD_SIZE", "1") or 1) < 2 or self.device == "cpu"):
@@ -154,6 +161,12 @@ def pretrained_patch(pretrained: str) -> int | None:
     from lomar.checkpoints.formats import peek_encoder  # torch: not for --help
 
     return (peek_encoder(pretrained) or ("vit", None))[1]
+
+
+def segmenter_patch(checkpoint: dict) -> int | None:
+    """The patch size of a `lomar segment` checkpoint's encoder, its patch embedding's kernel (None without one)."""
+    weight = (checkpoint.get("model") or {}).get(f"{ENCODER_KEYS}patch_embed.proj.weight")
+    return None if weight is None else int(weight.shape[-1])
 
 
 def check_batch_norm_batch(batch_size: int) -> None:
