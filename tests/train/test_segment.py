@@ -246,12 +246,20 @@ def test_eval_only_rebuilds_an_older_segmenter_from_the_encoder_its_run_started_
     old = f"--pretrained {tmp_path / 'old.pt'} is a `lomar segment` checkpoint saved without its encoder's layout"
     ckpt["settings"]["pretrained"] = str(tmp_path / "wider")
     torch.save(ckpt, tmp_path / "wider.pt")
+    # a LoMaR encoder of the same shapes there, which takes no bias table
+    export_encoder(VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)),
+                   tmp_path / "lomar")
+    ckpt["settings"]["pretrained"] = str(tmp_path / "lomar")
+    torch.save(ckpt, tmp_path / "lomar.pt")
     shutil.move(start, tmp_path / "moved")
     for name, message in [
         ("old.pt", f"{old}: it is rebuilt from the encoder its run started from, {start}, which is missing; put that "
                    f"encoder (a copy or its export) back at {start}"),
         ("wider.pt", f"its encoder rebuilt from its run's starting encoder {tmp_path / 'wider'} does not fit its "
                      f"weights: size mismatch for cls_token"),
+        ("lomar.pt", f"its encoder rebuilt from its run's starting encoder {tmp_path / 'lomar'} takes no --rel-pos "
+                     f"bias (its run's): a LoMaR encoder, with its own relative position; put the encoder its run "
+                     f"started from back at {tmp_path / 'lomar'}"),
     ]:
         assert main([*evaluate, str(tmp_path / "refused"), "--pretrained", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err

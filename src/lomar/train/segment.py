@@ -265,13 +265,18 @@ def _trained_encoder(found: FoundCheckpoint) -> tuple[VisionTransformer, str]:
         encoder, how = VisionTransformer(model_config(name, **layout)), f" rebuilt as its run's --model {name}"
     else:
         raise UsageError(f"{old}, and its settings name no --model or --pretrained to rebuild it from; {retrain}")
-    encoder = with_rel_pos(encoder, own["rel_pos"], "bias")
+    fix = f"put the encoder its run started from back at {start}" if start else retrain
+    try:
+        encoder = with_rel_pos(encoder, own["rel_pos"], "bias")
+    except ValueError as exc:  # a LoMaR encoder there now, where its run's took a term (an MAE one)
+        why = "a LoMaR encoder, with its own relative position" if encoder.config.pos == "rpe" else exc
+        raise UsageError(f"{old}; its encoder{how} takes no --rel-pos {own['rel_pos']} (its run's): {why}; "
+                         f"{fix}") from None
     # here, before the task says what it loaded: a file at that path replaced since, or another lomar's --model
     try:
         encoder.load_state_dict({k.removeprefix(ENCODER_KEYS): v for k, v in ckpt["model"].items()
                                  if k.startswith(ENCODER_KEYS)})
     except RuntimeError as exc:
-        fix = f"put the encoder its run started from back at {start}" if start else retrain
         why = mismatch(exc).rstrip(".")
         raise UsageError(f"{old}; its encoder{how} does not fit its weights: {why}; {fix}") from None
     return encoder, how
