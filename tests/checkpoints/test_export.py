@@ -576,6 +576,23 @@ def test_the_next_export_removes_what_a_killed_one_left_but_not_a_live_ones(tmp_
                                                                         "model.safetensors"])
 
 
+def test_lomar_export_into_a_folder_without_flock_warns_once(tmp_path, monkeypatch):
+    """`lomar export` holds the folder's lock around the write, which takes it again: where the filesystem has no
+    flock, each of the two tries warned, the same words twice."""
+    export_encoder(VisionTransformer(TINY), tmp_path / "src")
+
+    def no_flock(handle, flags):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr("fcntl.flock", no_flock)
+    with pytest.warns(UserWarning) as caught:
+        assert main(["export", str(tmp_path / "src"), "--to", str(tmp_path / "out")]) == 0
+    assert [str(w.message) for w in caught if "no file lock" in str(w.message)] == [  # old code: twice
+        f"{tmp_path / 'out'}: no file lock there (No locks available); exporting unlocked: run no other export into "
+        f"it meanwhile"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+
+
 def _export_pausing(model: VisionTransformer, folder: Path, ready, pause_s: float) -> None:
     """Export ``model`` into ``folder``, pausing once its weights are renamed in and before its config.json is: where
     another export's pair, put in meanwhile, would end beside the wrong file."""

@@ -35,7 +35,7 @@ _LEFTOVER = re.compile(r"\.\.?(?P<name>.+?)\.(?P<kind>old|new)-(?P<pid>\d+)(?:\.
 EXPORT_LOCK = ".export.lock"
 # How long an export waits for another one's write and swap (seconds of disk writing, not of training)
 LOCK_WAIT_S = 120.0
-_HELD = threading.local()  # the folders this thread's exports hold: write_export inside a caller's hold
+_HELD = threading.local()  # folder -> locked, of this thread's holds: write_export inside a caller's hold
 
 
 def _alive(pid: int) -> bool:
@@ -67,18 +67,19 @@ def export_lock(folder: Path, wait_s: float | None = None) -> Iterator[bool]:
     """Hold ``folder``'s export lock (made if need be) for the block; yields whether it is held. Waits up to
     ``wait_s`` (:data:`LOCK_WAIT_S`) for another export's, then UsageError naming the folder. Not held: the folder
     cannot be made or written (the export's own write then says why), or its filesystem has no flock (a warning)."""
-    held, key = _HELD.__dict__.setdefault("folders", set()), os.path.realpath(folder)
-    handle = None if key in held else _acquire(folder, LOCK_WAIT_S if wait_s is None else wait_s)
-    if handle is None:
-        yield key in held
+    held, key = _HELD.__dict__.setdefault("folders", {}), os.path.realpath(folder)
+    if key in held:  # inside this thread's own hold, locked or not: no second try, no second warning
+        yield held[key]
         return
-    held.add(key)
+    handle = _acquire(folder, LOCK_WAIT_S if wait_s is None else wait_s)
+    held[key] = handle is not None
     try:
-        yield True
+        yield held[key]
     finally:
-        held.discard(key)
-        (folder / EXPORT_LOCK).unlink(missing_ok=True)  # while held: a waiter finds its file gone and opens anew
-        handle.close()
+        del held[key]
+        if handle is not None:
+            (folder / EXPORT_LOCK).unlink(missing_ok=True)  # while held: a waiter finds its file gone and opens anew
+            handle.close()
 
 
 def _acquire(folder: Path, wait_s: float) -> IO | None:
