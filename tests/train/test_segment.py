@@ -257,9 +257,10 @@ def test_eval_only_rebuilds_an_older_segmenter_from_the_encoder_its_run_started_
                    f"encoder (a copy or its export) back at {start}"),
         ("wider.pt", f"its encoder rebuilt from its run's starting encoder {tmp_path / 'wider'} does not fit its "
                      f"weights: size mismatch for cls_token"),
-        ("lomar.pt", f"its encoder rebuilt from its run's starting encoder {tmp_path / 'lomar'} takes no --rel-pos "
-                     f"bias (its run's): a LoMaR encoder, with its own relative position; put the encoder its run "
-                     f"started from back at {tmp_path / 'lomar'}"),
+        ("lomar.pt", f"its encoder rebuilt from its run's starting encoder {tmp_path / 'lomar'} fails: --rel-pos "
+                     f"bias: rel_pos 'bias' is for encoders without iRPE (MAE's); a LoMaR encoder has its own "
+                     f"relative position: use auto or none; put the encoder its run started from back at "
+                     f"{tmp_path / 'lomar'}"),
     ]:
         assert main([*evaluate, str(tmp_path / "refused"), "--pretrained", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err

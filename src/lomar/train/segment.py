@@ -26,7 +26,7 @@ from lomar.checkpoints.kinds import SEGMENT_TASK, FoundCheckpoint
 from lomar.data.collate import Skipped
 from lomar.data.samplers import EpochSampler
 from lomar.data.segmentation import SegmentationFolder, class_names, collate_segmentation
-from lomar.errors import UsageError
+from lomar.errors import LomarError, UsageError
 from lomar.eval.features import load_pretrained_encoder
 from lomar.eval.segmentation import (
     confusion_matrix,
@@ -91,19 +91,8 @@ class SegmentTask(Task):
             other = "" if trained == config.img_size else f", not its trained {trained} px"
             other += f"; its encoder{rebuilt}" if rebuilt else ""
             source = f"segmenter loaded from {saved} (step {ckpt.get('step', '?')}), {config.img_size} px{other}"
-        elif config.pretrained is None:
-            encoder = VisionTransformer(model_config(config.model, **layout))
-            source = f"random init {config.model} (no --pretrained)"
-        else:  # anything `lomar export` reads
-            encoder = load_pretrained_encoder(config.pretrained, **layout)
-            source = f"pretrained: {encoder.load_report.summary()}"
-            if not isinstance(encoder, VisionTransformer):
-                raise UsageError(f"--pretrained {config.pretrained}: only LoMaR / MAE ViT encoders can be segmentation "
-                                 f"backbones, not {type(encoder).__name__}")
-        try:
-            encoder = encoder if found else with_rel_pos(encoder, config.rel_pos, "bias")
-        except ValueError as exc:
-            raise UsageError(f"--rel-pos {config.rel_pos}: {exc}") from None
+        else:
+            encoder, source = _starting_encoder(config.model, config.pretrained, config.rel_pos, layout)
         config.rel_pos = encoder.config.rel_pos  # auto resolved: what the checkpoint records and a resume rebuilds
         if info.is_main:
             print(f"lomar segment: {source}; relative position term: {config.rel_pos}", file=sys.stderr, flush=True)
@@ -238,6 +227,23 @@ def _write_per_class(out: Path, m: dict, labels: list[str], sizes: tuple[int, in
     return atomic_write_text(out / PER_CLASS, head + per_class_table(m["IoU"], m["Acc"], labels))
 
 
+def _starting_encoder(model: str, pretrained: str | None, rel_pos: str, layout: dict) -> tuple[VisionTransformer, str]:
+    """A run's encoder before training, and what it is: ``model`` at random, or the ``pretrained`` encoder (anything
+    `lomar export` reads), with the relative position term ``rel_pos``. UsageError in one line otherwise."""
+    if pretrained is None:
+        encoder, source = VisionTransformer(model_config(model, **layout)), f"random init {model} (no --pretrained)"
+    else:
+        encoder = load_pretrained_encoder(pretrained, **layout)
+        source = f"pretrained: {encoder.load_report.summary()}"
+        if not isinstance(encoder, VisionTransformer):
+            raise UsageError(f"--pretrained {pretrained}: only LoMaR / MAE ViT encoders can be segmentation "
+                             f"backbones, not {type(encoder).__name__}")
+    try:
+        return with_rel_pos(encoder, rel_pos, "bias"), source
+    except ValueError as exc:
+        raise UsageError(f"--rel-pos {rel_pos}: {exc}") from None
+
+
 def _trained_encoder(found: FoundCheckpoint) -> tuple[VisionTransformer, str]:
     """--eval-only's segmenter's encoder as it was trained, and how it was rebuilt ('' from its ``encoder_config``):
     in a checkpoint saved before those, from its settings as a resume of its run builds it (its --model, or the
@@ -249,33 +255,22 @@ def _trained_encoder(found: FoundCheckpoint) -> tuple[VisionTransformer, str]:
     layout = dict(img_size=own.get("img_size"), drop_path=own.get("drop_path", 0.0))
     start, name = own.get("pretrained"), own.get("model")
     old = f"--pretrained {path} is a `lomar segment` checkpoint saved without its encoder's layout"
-    retrain = "retrain it with `lomar segment`, whose checkpoints keep the layout"
-    from_start = f"{old}: it is rebuilt from the encoder its run started from, {start}"
-    if start and Path(start).exists():
-        try:
-            encoder = load_pretrained_encoder(start, **layout)
-        except ValueError as exc:
-            raise UsageError(f"{from_start}, which fails: {exc}") from None
-        if not isinstance(encoder, VisionTransformer):
-            raise UsageError(f"{from_start}, a {type(encoder).__name__}, not its run's ViT; put its encoder back there")
-        how = f" rebuilt from its run's starting encoder {start}"
-    elif start:
-        raise UsageError(f"{from_start}, which is missing; put that encoder (a copy or its export) back at {start}")
-    elif name and layout["img_size"]:
-        encoder, how = VisionTransformer(model_config(name, **layout)), f" rebuilt as its run's --model {name}"
-    else:
-        raise UsageError(f"{old}, and its settings name no --model or --pretrained to rebuild it from; {retrain}")
-    fix = f"put the encoder its run started from back at {start}" if start else retrain
+    if start and not Path(start).exists():
+        raise UsageError(f"{old}: it is rebuilt from the encoder its run started from, {start}, which is missing; "
+                         f"put that encoder (a copy or its export) back at {start}")
+    if not (start or (name and layout["img_size"])):
+        raise UsageError(f"{old}, and its settings name no --model or --pretrained to rebuild it from; retrain it "
+                         f"with `lomar segment`, whose checkpoints keep the layout")
+    how = f" rebuilt from its run's starting encoder {start}" if start else f" rebuilt as its run's --model {name}"
+    fix = (f"put the encoder its run started from back at {start}" if start
+           else "retrain it with `lomar segment`, whose checkpoints keep the layout")
     try:
-        encoder = with_rel_pos(encoder, own["rel_pos"], "bias")
-    except ValueError as exc:  # a LoMaR encoder there now, where its run's took a term (an MAE one)
-        why = "a LoMaR encoder, with its own relative position" if encoder.config.pos == "rpe" else exc
-        raise UsageError(f"{old}; its encoder{how} takes no --rel-pos {own['rel_pos']} (its run's): {why}; "
-                         f"{fix}") from None
-    # here, before the task says what it loaded: a file at that path replaced since, or another lomar's --model
-    try:
+        encoder, _ = _starting_encoder(name, start, own["rel_pos"], layout)
+        # here, before the task says what it loaded: a file at that path replaced since, or another lomar's --model
         encoder.load_state_dict({k.removeprefix(ENCODER_KEYS): v for k, v in ckpt["model"].items()
                                  if k.startswith(ENCODER_KEYS)})
+    except (LomarError, ValueError) as exc:
+        raise UsageError(f"{old}; its encoder{how} fails: {str(exc).rstrip('.')}; {fix}") from None
     except RuntimeError as exc:
         why = mismatch(exc).rstrip(".")
         raise UsageError(f"{old}; its encoder{how} does not fit its weights: {why}; {fix}") from None
