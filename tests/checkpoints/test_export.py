@@ -632,6 +632,40 @@ def test_two_exports_into_one_folder_at_once_take_turns_and_leave_one_whole_expo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]  # no lock file left
 
 
+def test_an_export_waits_for_another_users_export_whose_lock_file_it_cannot_write(tmp_path, monkeypatch):
+    """Another user's lock file (made 0644) cannot be opened for writing: the export went on unlocked and said nothing,
+    its pair going in while theirs was between its renames (their config.json beside its weights). flock needs no
+    write access: it waits for theirs as for its own user's, and a file it cannot remove stays, the export done."""
+    from lomar.checkpoints import export_leftovers
+
+    first, second = VisionTransformer(TINY), _perturb(VisionTransformer(replace(TINY, depth=1)))
+    child = _pausing_export(first, tmp_path, pause_s=1.0)
+    opened, unlink = export_leftovers.open_in_place, Path.unlink
+
+    def theirs(path, mode="r", **text):  # the file there is theirs; one this export makes is its own
+        if "a" in mode and os.path.exists(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return opened(path, mode, **text)
+
+    def kept_if_theirs(path, missing_ok=False):  # a sticky folder: another user's file stays
+        if path.name == ".export.lock" and path.exists() and path.read_text() == "pid 1 on elsewhere":
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+        return unlink(path, missing_ok)
+
+    monkeypatch.setattr(export_leftovers, "open_in_place", theirs)
+    export_encoder(second, tmp_path, overwrite=True)
+    child.join(20)
+    assert child.exitcode == 0
+    assert json.loads((tmp_path / "config.json").read_text())["depth"] == 1  # old code: 2, theirs
+    loaded = create_encoder(tmp_path)  # old code: UsageError, the weights do not match config.json
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in second.state_dict().items())
+    (tmp_path / ".export.lock").write_text("pid 1 on elsewhere")  # a killed export's, theirs, in a sticky folder
+    monkeypatch.setattr(Path, "unlink", kept_if_theirs)
+    export_encoder(first, tmp_path, overwrite=True)  # locked on their file, which it cannot remove: done all the same
+    assert json.loads((tmp_path / "config.json").read_text())["depth"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".export.lock", "config.json", "model.safetensors"]
+
+
 def test_an_export_waits_a_bounded_time_for_another_and_clears_a_killed_ones_leftovers(tmp_path, monkeypatch):
     """An export into a folder another is writing waits LOCK_WAIT_S, then says in one line which folder and who
     writes it; once that writer is killed (mid-swap, its lock file left), the next export takes the folder and

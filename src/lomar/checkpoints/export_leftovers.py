@@ -78,7 +78,8 @@ def export_lock(folder: Path, wait_s: float | None = None) -> Iterator[bool]:
     finally:
         del held[key]
         if handle is not None:
-            (folder / EXPORT_LOCK).unlink(missing_ok=True)  # while held: a waiter finds its file gone and opens anew
+            with contextlib.suppress(OSError):  # another user's file in a sticky folder stays: held by none, it is free
+                (folder / EXPORT_LOCK).unlink(missing_ok=True)  # while held: a waiter finds it gone and opens anew
             handle.close()
 
 
@@ -87,7 +88,9 @@ def _acquire(folder: Path, wait_s: float) -> IO | None:
     while True:
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            handle = open_in_place(path, "a+")
+            handle = _open_lock(path)
+        except FileNotFoundError:  # another user's file, gone between its two opens: its export ended
+            continue
         except OSError:
             return None
         try:
@@ -102,17 +105,30 @@ def _acquire(folder: Path, wait_s: float) -> IO | None:
             time.sleep(0.05)
             continue
         except OSError as exc:  # ENOLCK, EOPNOTSUPP: a filesystem without flock
+            if handle.writable():  # not another user's
+                path.unlink(missing_ok=True)
             handle.close()
-            path.unlink(missing_ok=True)
             warnings.warn(f"{folder}: no file lock there ({exc.strerror or exc}); exporting unlocked: run no other "
                           f"export into it meanwhile", stacklevel=4)
             return None
         if got:
-            handle.truncate(0)
-            handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
-            handle.flush()
+            if handle.writable():
+                handle.truncate(0)
+                handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+                handle.flush()
             return handle
         handle.close()
+
+
+def _open_lock(path: Path) -> IO:
+    """The lock file, to write the holder's name in; read-only where it is another user's (made 0644), which flock
+    needs no write access to lock: an export into a shared folder waits for theirs, as for its own user's."""
+    try:
+        return open_in_place(path, "a+")
+    except PermissionError:
+        if not path.exists():  # the folder cannot be written: the export's own write says why
+            raise
+        return open_in_place(path)
 
 
 def _lock_state(folder: Path) -> bool | None:
