@@ -548,7 +548,7 @@ def test_lomar_export_refuses_a_folder_another_export_wrote_while_it_loaded(pret
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
 
 
-def test_the_next_export_removes_what_a_killed_one_left_but_not_a_live_ones(tmp_path, monkeypatch):
+def test_the_next_export_removes_what_a_killed_one_left_but_not_a_live_ones(tmp_path, monkeypatch, caplog):
     """A kill between write_export's renames leaves .NAME.old-PID / .NAME.new-PID files (and atomic_write's temporary)
     that no later export removed. Under the folder's export lock no other export is writing, so all are stale, also
     those whose PID is a live process here (another machine's export on a share, a PID reused), which were kept; where
@@ -570,13 +570,14 @@ def test_the_next_export_removes_what_a_killed_one_left_but_not_a_live_ones(tmp_
     monkeypatch.setattr("fcntl.flock", no_flock)
     for name in stale + [f".config.json.new-{live}"]:
         (tmp_path / name).write_bytes(b"x")
-    with pytest.warns(UserWarning, match=rf"{tmp_path}: no file lock there \(No locks available\); exporting unlocked"):
+    with caplog.at_level("WARNING", "lomar.checkpoints"):
         export_encoder(VisionTransformer(TINY), tmp_path, overwrite=True)
+    assert f"{tmp_path}: no file lock there (No locks available); exporting unlocked" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + [f".config.json.new-{live}", "config.json",
                                                                         "model.safetensors"])
 
 
-def test_lomar_export_into_a_folder_without_flock_warns_once(tmp_path, monkeypatch):
+def test_lomar_export_into_a_folder_without_flock_warns_once(tmp_path, monkeypatch, caplog):
     """`lomar export` holds the folder's lock around the write, which takes it again: where the filesystem has no
     flock, each of the two tries warned, the same words twice."""
     export_encoder(VisionTransformer(TINY), tmp_path / "src")
@@ -585,9 +586,9 @@ def test_lomar_export_into_a_folder_without_flock_warns_once(tmp_path, monkeypat
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr("fcntl.flock", no_flock)
-    with pytest.warns(UserWarning) as caught:
+    with caplog.at_level("WARNING", "lomar.checkpoints"):
         assert main(["export", str(tmp_path / "src"), "--to", str(tmp_path / "out")]) == 0
-    assert [str(w.message) for w in caught if "no file lock" in str(w.message)] == [  # old code: twice
+    assert [r.getMessage() for r in caplog.records if "no file lock" in r.getMessage()] == [  # old code: twice
         f"{tmp_path / 'out'}: no file lock there (No locks available); exporting unlocked: run no other export into "
         f"it meanwhile"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
@@ -666,7 +667,8 @@ def test_an_export_waits_for_another_users_export_whose_lock_file_it_cannot_writ
     assert sorted(p.name for p in tmp_path.iterdir()) == [".export.lock", "config.json", "model.safetensors"]
 
 
-def test_an_export_waits_a_bounded_time_for_another_and_clears_a_killed_ones_leftovers(tmp_path, monkeypatch):
+def test_an_export_waits_a_bounded_time_for_another_and_clears_a_killed_ones_leftovers(tmp_path, monkeypatch,
+                                                                                       caplog):
     """An export into a folder another is writing waits LOCK_WAIT_S, then says in one line which folder and who
     writes it; once that writer is killed (mid-swap, its lock file left), the next export takes the folder and
     removes what it left, and a reader names them as an interrupted export's only then."""
@@ -678,8 +680,10 @@ def test_an_export_waits_a_bounded_time_for_another_and_clears_a_killed_ones_lef
     try:
         assert not (tmp_path / "config.json").exists() and interrupted_export(tmp_path) == ""  # mid-swap: alive
         monkeypatch.setattr(export_leftovers, "LOCK_WAIT_S", 0.3)
-        with pytest.raises(UsageError) as caught:
+        with pytest.raises(UsageError) as caught, caplog.at_level("WARNING", "lomar.checkpoints"):
             export_encoder(VisionTransformer(TINY), tmp_path, overwrite=True)  # old code: went ahead
+        assert caplog.messages == [f"{tmp_path} is being written by another export (pid {child.pid} on "
+                                   f"{socket.gethostname()}): waiting for it, up to 0.3 s"]  # once, as it starts
         assert str(caught.value) == (f"{tmp_path} is being written by another export (pid {child.pid} on "
                                      f"{socket.gethostname()}), waited for 0.3 s; export again once it ends, or export "
                                      f"to another folder")

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import re
 import socket
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -35,6 +35,7 @@ _LEFTOVER = re.compile(r"\.\.?(?P<name>.+?)\.(?P<kind>old|new)-(?P<pid>\d+)(?:\.
 EXPORT_LOCK = ".export.lock"
 # How long an export waits for another one's write and swap (seconds of disk writing, not of training)
 LOCK_WAIT_S = 120.0
+log = logging.getLogger("lomar.checkpoints")
 _HELD = threading.local()  # folder -> locked, of this thread's holds: write_export inside a caller's hold
 
 
@@ -84,7 +85,7 @@ def export_lock(folder: Path, wait_s: float | None = None) -> Iterator[bool]:
 
 
 def _acquire(folder: Path, wait_s: float) -> IO | None:
-    path, deadline = folder / EXPORT_LOCK, time.monotonic() + wait_s
+    path, deadline, said = folder / EXPORT_LOCK, time.monotonic() + wait_s, False
     while True:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -102,14 +103,18 @@ def _acquire(folder: Path, wait_s: float) -> IO | None:
             if time.monotonic() > deadline:
                 raise UsageError(f"{folder} is being written by another export ({owner}), waited for {wait_s:g} s; "
                                  f"export again once it ends, or export to another folder") from None
+            if not said:
+                log.warning("%s is being written by another export (%s): waiting for it, up to %g s", folder, owner,
+                            wait_s)
+                said = True
             time.sleep(0.05)
             continue
         except OSError as exc:  # ENOLCK, EOPNOTSUPP: a filesystem without flock
             if handle.writable():  # not another user's
                 path.unlink(missing_ok=True)
             handle.close()
-            warnings.warn(f"{folder}: no file lock there ({exc.strerror or exc}); exporting unlocked: run no other "
-                          f"export into it meanwhile", stacklevel=4)
+            log.warning("%s: no file lock there (%s); exporting unlocked: run no other export into it meanwhile",
+                        folder, exc.strerror or exc)
             return None
         if got:
             if handle.writable():
