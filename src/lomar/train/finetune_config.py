@@ -8,7 +8,6 @@ settings may change. Everything is checked before any folder is made.
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,11 +91,16 @@ class FinetuneConfig(TaskConfig):
         return {"train_pos_embed": False, "decay_rel_pos_bias": False, **saved}  # as runs before these settings did
 
     def complete(self, explicit: dict[str, Any]) -> None:
+        self._warmup_note = None
         if "warmup_epochs" not in explicit and 0 < self.epochs < self.warmup_epochs:
-            # The default warm-up (the recipe's 5 epochs) in a shorter run: warm up over the whole run, saying so.
-            print(f"lomar finetune: warming up for all {self.epochs} epoch(s) (the default "
-                  f"{self.warmup_epochs:g} is longer than --epochs)", file=sys.stderr)
+            # The default warm-up (the recipe's 5 epochs) in a shorter run: warm up over the whole run, saying so
+            # once the settings are valid (a note before an error is noise), by one process per machine.
+            self._warmup_note = (f"warming up for all {self.epochs} epoch(s) (the default {self.warmup_epochs:g} is "
+                                 f"longer than --epochs)")
             self.warmup_epochs = float(self.epochs)
+
+    def notes(self) -> list[str]:
+        return [self._warmup_note] if getattr(self, "_warmup_note", None) else []
 
     def check_settings(self) -> None:
         low, high = self.crop_scale
