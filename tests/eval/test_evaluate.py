@@ -210,6 +210,36 @@ def test_linear_probe_separates_separable_features():
     assert not any(p.requires_grad for p in probe.norm.parameters())  # no affine BatchNorm
 
 
+def test_a_finetuned_head_is_kept_only_for_the_classes_it_was_trained_on(tmp_path, capsys):
+    """Row i of a head is its i-th class: a finetuned head over as many classes under other names starts afresh (the
+    encoder and fc_norm kept), as --resume refuses other classes; the same classes, or none named, keep it."""
+    torch.manual_seed(0)
+    classifier = VisionTransformer(ViTConfig(**VIT), num_classes=3)
+    atomic_save({"model": classifier.state_dict(), "config": classifier.config.to_dict(), "num_classes": 3,
+                 "classes": ["cat", "dog", "owl"], "format": "lomar-finetune-1", "global_pool": "avg"},
+                tmp_path / "best.pt")
+    for classes in (["cat", "dog", "owl"], None):
+        kept = load_pretrained_encoder(tmp_path / "best.pt", num_classes=3, classes=classes)
+        assert torch.equal(kept.head.weight, classifier.head.weight) and kept.load_report.fresh == []
+    other = load_pretrained_encoder(tmp_path / "best.pt", num_classes=3, classes=["ant", "bee", "cat"])
+    assert not torch.equal(other.head.weight, classifier.head.weight)
+    assert torch.equal(other.fc_norm.weight, classifier.fc_norm.weight)
+    assert torch.equal(other.blocks[0].attn.qkv.weight, classifier.blocks[0].attn.qkv.weight)
+    assert other.load_report.fresh == ["head.weight", "head.bias"]
+    assert "trained on other classes (3, e.g. 'dog' is not one of the data's)" in other.load_report.summary()
+    # lomar finetune names its classes: a run over other class folders starts its head afresh, and says so
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for name in ("ant", "bee", "cat"):
+            (data / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(data / split / name / f"{i}.png")
+    assert main(["finetune", "--pretrained", str(tmp_path / "best.pt"), "--data", str(data), "--img-size", "32",
+                 "--batch-size", "6", "--max-steps", "1", "--workers", "0", "--device", "cpu", "--aa", "none",
+                 "--out", str(tmp_path / "ft")]) == 0
+    assert "so the head is initialised afresh" in capsys.readouterr().out
+
+
 def test_load_pretrained_encoder_from_each_source(pretrained, tmp_path):
     ours = load_pretrained_encoder(pretrained)
     model_state = safe_load(pretrained)["model"]

@@ -62,7 +62,7 @@ class LoadReport:
 
 
 def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool: str = "avg",
-                            **overrides) -> VisionTransformer:
+                            classes: list[str] | None = None, **overrides) -> VisionTransformer:
     """An encoder, optionally with a new classifier head, from anything pretrained.
 
     ``path``: our ``lomar pretrain`` checkpoint (``last.pt``: ``model`` + ``config``; its
@@ -78,7 +78,8 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     ``global_blocks``, None there meaning ViTDet's layout for the depth); an absolute position table
     is interpolated to a new ``img_size``. ``num_classes > 0`` adds ``fc_norm`` + ``head``
     (``global_pool='cls'``: the pretrained final norm + ``head``), freshly initialised unless the
-    source holds a head of the same size.
+    source holds a head of the same size, and, where ``classes`` (the names of the head's rows) is given and the
+    source saved its own (a ``lomar finetune`` checkpoint), of the same classes.
 
     Loading is strict about the encoder (any missing or misshapen encoder weight is an
     error naming it) and non-strict only for the classifier. The returned module carries
@@ -123,8 +124,11 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     # A finetuned classifier has no final norm (it pools into fc_norm): as a plain encoder
     # it gets a fresh, identity-initialised one.
     from_classifier = any(k.startswith("fc_norm.") for k in state)
+    relabel = _other_classes(src.data.get("classes"), classes)
+    if relabel:
+        report.notes.append(relabel)
     for key in [k for k in state if k.startswith(CLASSIFIER_PREFIXES)]:
-        if key not in own or own[key].shape != state[key].shape:  # another task's head
+        if key not in own or own[key].shape != state[key].shape or (relabel and key.startswith("head.")):
             report.dropped.append(key)
             del state[key]
     if num_classes and global_pool == "avg":
@@ -156,6 +160,17 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     check_finite(model, path)
     model.load_report = report
     return model
+
+
+def _other_classes(saved, classes: list[str] | None) -> str | None:
+    """The note that a source's head, trained on other named classes than ``classes``, starts afresh; None when
+    either list is unknown or they are the same. Row i of a head is its i-th class: kept for as many classes under
+    other names, it would relabel them silently (as ``lomar finetune --resume`` refuses to)."""
+    if classes is None or not isinstance(saved, (list, tuple)) or list(saved) == list(classes):
+        return None
+    only = sorted(set(saved) - set(classes))
+    differ = f"e.g. {only[0]!r} is not one of the data's" if only else "in another order"
+    return (f"its head was trained on other classes ({len(saved)}, {differ}), so the head is initialised afresh")
 
 
 def _load_beit(weights, src, num_classes: int, global_pool: str, overrides: dict, notes: list[str]):

@@ -105,7 +105,8 @@ class FinetuneTask(Task):
         load_resumed(self)  # other classes: refused before the model and its weights
         try:
             self.model = load_pretrained_encoder(config.pretrained, num_classes=len(self.classes),
-                                                 global_pool=config.global_pool, img_size=config.img_size,
+                                                 classes=self.classes, global_pool=config.global_pool,
+                                                 img_size=config.img_size,
                                                  drop_path=config.drop_path, **encoder_layout(config))
         except ValueError as exc:
             raise UsageError(str(exc)) from None
