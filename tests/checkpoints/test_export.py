@@ -637,11 +637,11 @@ def test_an_export_waits_for_another_users_export_whose_lock_file_it_cannot_writ
     """Another user's lock file (made 0644) cannot be opened for writing: the export went on unlocked and said nothing,
     its pair going in while theirs was between its renames (their config.json beside its weights). flock needs no
     write access: it waits for theirs as for its own user's, and a file it cannot remove stays, the export done."""
-    from lomar.checkpoints import export_leftovers
+    from lomar.checkpoints import file_lock
 
     first, second = VisionTransformer(TINY), _perturb(VisionTransformer(replace(TINY, depth=1)))
     child = _pausing_export(first, tmp_path, pause_s=1.0)
-    opened, unlink = export_leftovers.open_in_place, Path.unlink
+    opened, unlink = file_lock.open_in_place, Path.unlink
 
     def theirs(path, mode="r", **text):  # the file there is theirs; one this export makes is its own
         if "a" in mode and os.path.exists(path):
@@ -653,7 +653,7 @@ def test_an_export_waits_for_another_users_export_whose_lock_file_it_cannot_writ
             raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
         return unlink(path, missing_ok)
 
-    monkeypatch.setattr(export_leftovers, "open_in_place", theirs)
+    monkeypatch.setattr(file_lock, "open_in_place", theirs)
     export_encoder(second, tmp_path, overwrite=True)
     child.join(20)
     assert child.exitcode == 0

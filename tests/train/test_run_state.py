@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import json
 import os
 import subprocess
@@ -29,11 +30,13 @@ from lomar.train.run_state import (
     SaveError,
     check_out_folder,
     prepare_run_folder,
+    refuse_held_run,
     remove_stale_temporaries,
     save_checkpoint,
     save_on_main_rank,
     truncate_metrics,
 )
+from lomar.train.settings import ConfigError
 
 
 def _state(step: int) -> dict:
@@ -47,6 +50,45 @@ def test_a_second_lock_on_the_folder_refuses_at_once(tmp_path):
             RunLock(out).acquire()
     with RunLock(out):  # released on exit
         pass
+
+
+def test_a_refusal_names_the_holder_and_its_machine_where_it_is_another(tmp_path):
+    """The lock file says "pid N on HOST": a run on another machine sharing the folder is named with its host (its
+    PID means nothing here); a bare PID, as a lock file of an older lomar holds, reads as before."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for text, owner in (("pid 4242 on elsewhere", "pid 4242 on elsewhere"), ("4242", "pid 4242"), ("", "pid unknown")):
+        (out / ".lock").write_text(text)
+        with open(out / ".lock") as holder:
+            fcntl.flock(holder, fcntl.LOCK_EX)  # another open file: another holder, as far as flock goes
+            with pytest.raises(UsageError, match=rf"in use by another run \({owner}\); wait for it"):
+                RunLock(out).acquire()
+
+
+def test_a_run_on_a_filesystem_without_flock_starts_unlocked_with_one_warning(tmp_path, monkeypatch, caplog):
+    """Lustre mounted -o noflock (ENOSYS), some NFS setups (ENOLCK): flock's every OSError read as another run's hold,
+    and a run there refused to start, "in use by another run (pid unknown)". It starts, saying once that the folder is
+    not locked; the check for a run already there and the run's export into its folder do not say it again, and a
+    failed set-up leaves no folder."""
+    from lomar.checkpoints.export_leftovers import export_lock
+
+    def no_flock(handle, flags):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr("fcntl.flock", no_flock)
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        with RunLock(out):  # old code: UsageError, in use by another run
+            (out / "last.pt").write_bytes(b"x")
+            with pytest.raises(ConfigError, match="already holds a run"):
+                refuse_held_run(out, None, False)
+            with export_lock(out) as locked:
+                assert not locked
+        assert caplog.messages == [f"--out {out}: no file lock there (Function not implemented); the folder is not "
+                                   f"locked against a second run: start no other run into it meanwhile"]
+        with pytest.raises(RuntimeError), RunLock(tmp_path / "new"):
+            raise RuntimeError("set-up failed")
+    assert sorted(p.name for p in out.iterdir()) == ["last.pt"] and not (tmp_path / "new").exists()
 
 
 @pytest.mark.slow

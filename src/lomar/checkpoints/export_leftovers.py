@@ -16,13 +16,12 @@ import fcntl
 import logging
 import os
 import re
-import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from lomar.checkpoints.file_lock import LockHeld, flock_in_place, take_file_lock
 from lomar.checkpoints.file_names import CONFIG_NAME
 from lomar.checkpoints.io import open_in_place
 from lomar.errors import UsageError
@@ -53,16 +52,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _locked(handle: IO, path: Path, flags: int) -> bool:
-    """flock ``handle`` (of ``path``) with ``flags``; False when the file there is no longer it: its holder removes it
-    before unlocking, so a lock won on a removed file guards nothing. BlockingIOError while another holds it."""
-    fcntl.flock(handle, flags)
-    try:
-        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path, follow_symlinks=False))
-    except FileNotFoundError:
-        return False
-
-
 @contextlib.contextmanager
 def export_lock(folder: Path, wait_s: float | None = None) -> Iterator[bool]:
     """Hold ``folder``'s export lock (made if need be) for the block; yields whether it is held. Waits up to
@@ -85,62 +74,27 @@ def export_lock(folder: Path, wait_s: float | None = None) -> Iterator[bool]:
 
 
 def _acquire(folder: Path, wait_s: float) -> IO | None:
-    path, deadline, said = folder / EXPORT_LOCK, time.monotonic() + wait_s, False
-    while True:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            handle = _open_lock(path)
-        except FileNotFoundError:  # another user's file, gone between its two opens: its export ended
-            continue
-        except OSError:
-            return None
-        try:
-            got = _locked(handle, path, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "pid unknown"
-            handle.close()
-            if time.monotonic() > deadline:
-                raise UsageError(f"{folder} is being written by another export ({owner}), waited for {wait_s:g} s; "
-                                 f"export again once it ends, or export to another folder") from None
-            if not said:
-                log.warning("%s is being written by another export (%s): waiting for it, up to %g s", folder, owner,
-                            wait_s)
-                said = True
-            time.sleep(0.05)
-            continue
-        except OSError as exc:  # ENOLCK, EOPNOTSUPP: a filesystem without flock
-            if handle.writable():  # not another user's
-                path.unlink(missing_ok=True)
-            handle.close()
-            log.warning("%s: no file lock there (%s); exporting unlocked: run no other export into it meanwhile",
-                        folder, exc.strerror or exc)
-            return None
-        if got:
-            if handle.writable():
-                handle.truncate(0)
-                handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
-                handle.flush()
-            return handle
-        handle.close()
+    def waiting(owner: str) -> None:
+        log.warning("%s is being written by another export (%s): waiting for it, up to %g s", folder, owner, wait_s)
 
+    def unlocked(reason: str) -> None:
+        log.warning("%s: no file lock there (%s); exporting unlocked: run no other export into it meanwhile", folder,
+                    reason)
 
-def _open_lock(path: Path) -> IO:
-    """The lock file, to write the holder's name in; read-only where it is another user's (made 0644), which flock
-    needs no write access to lock: an export into a shared folder waits for theirs, as for its own user's."""
     try:
-        return open_in_place(path, "a+")
-    except PermissionError:
-        if not path.exists():  # the folder cannot be written: the export's own write says why
-            raise
-        return open_in_place(path)
+        return take_file_lock(folder / EXPORT_LOCK, wait_s, waiting, unlocked)
+    except LockHeld as held:
+        raise UsageError(f"{folder} is being written by another export ({held.owner}), waited for {wait_s:g} s; "
+                         f"export again once it ends, or export to another folder") from None
+    except OSError:  # the folder cannot be made or written: the export's own write says why
+        return None
 
 
 def _lock_state(folder: Path) -> bool | None:
     """Whether an export holds ``folder``'s lock now; None where that cannot be told (no lock file, no flock)."""
     try:
         with open_in_place(folder / EXPORT_LOCK) as handle:
-            return False if _locked(handle, folder / EXPORT_LOCK, fcntl.LOCK_SH | fcntl.LOCK_NB) else None
+            return False if flock_in_place(handle, folder / EXPORT_LOCK, fcntl.LOCK_SH | fcntl.LOCK_NB) else None
     except BlockingIOError:
         return True
     except (OSError, UsageError):

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
+import errno
 import json
+import logging
 import os
 import re
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -24,12 +26,12 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from lomar.checkpoints.file_lock import LockHeld, take_file_lock
 from lomar.checkpoints.file_names import BEST, LAST, LAST_POINTER, METRICS, RUN_CONFIG
 from lomar.checkpoints.io import (
     atomic_save,
     atomic_write,
     atomic_write_text,
-    open_in_place,
     refuse_link,
     remove_tree,
     safe_load,
@@ -48,6 +50,7 @@ __all__ = ["RunLock", "SaveError", "save_state", "checkpoints_to_prune", "save_c
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.(pt|dcp)$")  # .dcp: a sharded checkpoint folder
 _SHARDED_TMP = re.compile(r"^checkpoint-\d+\.dcp\.tmp$")  # a sharded save cut before its rename
 _TMP = re.compile(r"^\..+\.tmp(-(\d+))?$")
+log = logging.getLogger("lomar.train")
 T = TypeVar("T")
 
 
@@ -254,51 +257,53 @@ os.register_at_fork(after_in_child=_drop_run_locks)
 
 
 class RunLock:
-    """An advisory ``fcntl.flock`` on ``OUT/.lock``, held for the run's life.
+    """An advisory ``fcntl.flock`` on ``OUT/.lock`` (:func:`take_file_lock`), held for the run's life.
 
     A second run into the same folder refuses at once. The kernel drops the lock when the
     process ends, crash or ``kill -9`` included, so a stale lock file never blocks a rerun;
-    forked children (loader workers) do not hold it.
+    forked children (loader workers) do not hold it. On a filesystem without flock the run
+    goes on unlocked, with a warning.
     """
 
     def __init__(self, out: Path):
-        self.out, self.handle, self.created = Path(out), None, False
+        self.out, self.handle, self.created, self.taken = Path(out), None, False, False
 
-    def acquire(self) -> RunLock:
+    def acquire(self, warn: bool = True) -> RunLock:
+        """Lock the folder (made if need be); ``warn``: say so where it cannot be locked (no flock there)."""
         self.created = not self.out.exists()
         try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            handle = open_in_place(self.out / ".lock", "a+")
+            handle = take_file_lock(self.out / ".lock", on_unlocked=self._unlocked if warn else None)
+            if handle is not None and not handle.writable():  # another user's lock file, which cannot name this run
+                handle.close()
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        except LockHeld as held:
+            owner = held.owner.removesuffix(f" on {socket.gethostname()}")  # a PID of this machine, as ps shows it
+            raise UsageError(f"--out {self.out} is in use by another run ({owner}); wait for it to end "
+                             f"or pass another --out") from None
         except OSError as exc:
             raise UsageError(f"--out {self.out}: {exc.strerror or exc}; pass a folder you can write to") from None
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            owner = handle.read().strip() or "unknown"
-            handle.close()
-            raise UsageError(f"--out {self.out} is in use by another run (pid {owner}); wait for it to end "
-                             f"or pass another --out") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        self.handle = handle
-        _HELD_LOCKS.add(handle.fileno())
+        self.handle, self.taken = handle, True
+        if handle is not None:
+            _HELD_LOCKS.add(handle.fileno())
         return self
+
+    def _unlocked(self, reason: str) -> None:
+        log.warning("--out %s: no file lock there (%s); the folder is not locked against a second run: start no "
+                    "other run into it meanwhile", self.out, reason)
 
     def release(self, remove_if_empty: bool = False) -> None:
         """Unlock; ``remove_if_empty``: also remove the folder if this run created it and
         wrote nothing (a set-up failure leaves no empty run folder behind)."""
-        if self.handle is None:
+        if not self.taken:
             return
         if remove_if_empty and self.created and {p.name for p in self.out.iterdir()} <= {".lock"}:
             (self.out / ".lock").unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 self.out.rmdir()
-        _HELD_LOCKS.discard(self.handle.fileno())
-        self.handle.close()
-        self.handle = None
+        if self.handle is not None:
+            _HELD_LOCKS.discard(self.handle.fileno())
+            self.handle.close()
+        self.handle, self.taken = None, False
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -313,7 +318,7 @@ def refuse_held_run(out: Path, resume: str | None, overwrite: bool, locked_here:
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 may already have started
     if holds_run(out) and is_main and not resume and not overwrite:
         if not locked_here:  # a live run: say so, not "pass --resume auto", which it would refuse
-            RunLock(out).acquire().release()
+            RunLock(out).acquire(warn=False).release()  # the run's own lock warns, if need be
         raise ConfigError(f"--out {out} already holds a run; pass --resume auto to continue it, "
                           f"--overwrite to replace it, or another --out")
 

@@ -1,0 +1,107 @@
+"""A folder's advisory lock: an exclusive ``fcntl.flock`` of a lock file in it, held by the open handle.
+
+The kernel drops it when its holder ends, a kill included, so a stale lock file never blocks. A training run's lock
+(``OUT/.lock``) and an export's (``DIR/.export.lock``) are both this one; each caller words its own refusal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from lomar.checkpoints.io import open_in_place
+
+__all__ = ["LockHeld", "take_file_lock", "flock_in_place"]
+
+# The folders found without flock, each told once in a process: a run's export into its folder, unlocked as the
+# run is, would say it again
+_TOLD: set[str] = set()
+
+
+class LockHeld(Exception):
+    """Another process holds the lock; ``owner``: what its holder wrote in the file ("pid N on HOST", or "pid
+    unknown")."""
+
+    def __init__(self, owner: str):
+        super().__init__(owner)
+        self.owner = owner
+
+
+def flock_in_place(handle: IO, path: Path, flags: int) -> bool:
+    """flock ``handle`` (of ``path``) with ``flags``; False when the file there is no longer it: an export's holder
+    removes its lock file before unlocking, so a lock won on a removed file guards nothing. BlockingIOError while
+    another holds it."""
+    fcntl.flock(handle, flags)
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path, follow_symlinks=False))
+    except FileNotFoundError:
+        return False
+
+
+def take_file_lock(path: Path, wait_s: float = 0.0, on_wait: Callable[[str], None] | None = None,
+                   on_unlocked: Callable[[str], None] | None = None) -> IO | None:
+    """Lock ``path`` (made, with its folder, if need be) -> its handle, with "pid N on HOST" written in it; closing
+    the handle unlocks. Held by another: waits up to ``wait_s``, telling ``on_wait(owner)`` once as it starts, then
+    LockHeld. None where the filesystem has no flock (ENOLCK, EOPNOTSUPP, ENOSYS): ``on_unlocked(reason)`` is told
+    (the first time for the folder in this process) and a lock file it made is removed. OSError where the file
+    cannot be opened (UsageError: a link or a pipe there). Another user's lock file (0644) is locked read-only, its
+    holder's name left as it is: flock needs no write access, so an export into a shared folder waits for theirs as
+    for its own user's."""
+    deadline, said = time.monotonic() + wait_s, False
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = _open_lock(path)
+        except FileNotFoundError:  # another user's file, gone between its two opens: its holder ended
+            continue
+        try:
+            got = flock_in_place(handle, path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _owner(handle)
+            if time.monotonic() > deadline:
+                raise LockHeld(owner) from None
+            if not said and on_wait is not None:
+                on_wait(owner)
+            said = True
+            time.sleep(0.05)
+            continue
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP, ENOSYS: a filesystem without flock
+            if handle.writable():  # not another user's
+                with contextlib.suppress(OSError):  # a folder that cannot be written: its own writes say why
+                    path.unlink(missing_ok=True)
+            handle.close()
+            if on_unlocked is not None and (folder := os.path.realpath(path.parent)) not in _TOLD:
+                _TOLD.add(folder)
+                on_unlocked(exc.strerror or str(exc))
+            return None
+        if got:
+            if handle.writable():
+                with contextlib.suppress(OSError):  # a full disk: the lock holds all the same, its holder unnamed
+                    os.ftruncate(handle.fileno(), 0)  # unbuffered: nothing left to fail at close
+                    os.write(handle.fileno(), f"pid {os.getpid()} on {socket.gethostname()}".encode())
+            return handle
+        handle.close()  # locked a file its holder had removed: open the one there now
+
+
+def _owner(handle: IO) -> str:
+    """What the lock's holder wrote (a bare PID as "pid N"), else "pid unknown"; closes ``handle``."""
+    with handle:
+        handle.seek(0)
+        owner = handle.read().strip()
+    return f"pid {owner}" if owner.isdigit() else owner or "pid unknown"
+
+
+def _open_lock(path: Path) -> IO:
+    """The lock file, to write the holder's name in; read-only where it is another user's."""
+    try:
+        return open_in_place(path, "a+", errors="replace")
+    except PermissionError:
+        if not path.exists():  # the folder cannot be written
+            raise
+        return open_in_place(path, errors="replace")
