@@ -8,8 +8,10 @@ import errno
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,6 +91,43 @@ def test_a_run_on_a_filesystem_without_flock_starts_unlocked_with_one_warning(tm
         with pytest.raises(RuntimeError), RunLock(tmp_path / "new"):
             raise RuntimeError("set-up failed")
     assert sorted(p.name for p in out.iterdir()) == ["last.pt"] and not (tmp_path / "new").exists()
+
+
+def test_a_run_without_flock_leaves_the_lock_file_of_a_run_on_a_machine_with_it(tmp_path, monkeypatch):
+    """An NFS folder, one client mounted with flock and this one without: the lock file there may be a live run's.
+    Removing it (as one the run made is) would let a third run on the other client lock a new file beside it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text("pid 4242 on elsewhere")
+
+    def no_flock(handle, flags):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr("fcntl.flock", no_flock)
+    with RunLock(out):
+        assert (out / ".lock").read_text() == "pid 4242 on elsewhere"  # old code: removed
+    assert (out / ".lock").read_text() == "pid 4242 on elsewhere"
+
+
+def test_a_run_into_a_removed_working_folder_is_refused_not_stuck(tmp_path, monkeypatch):
+    """--out run, relative, from a working folder removed meanwhile: making the folder fails with ENOENT each time,
+    which the lock retried forever at full CPU."""
+
+    def stuck(*_):
+        pytest.fail("still trying to lock the folder after 2 s")
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    before = signal.signal(signal.SIGALRM, stuck)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 2.0)
+        with pytest.raises(UsageError, match=r"^--out run: No such file or directory; pass a folder you can write"):
+            RunLock(Path("run")).acquire()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
 
 
 @pytest.mark.slow

@@ -49,17 +49,18 @@ def take_file_lock(path: Path, wait_s: float = 0.0, on_wait: Callable[[str], Non
     """Lock ``path`` (made, with its folder, if need be) -> its handle, with "pid N on HOST" written in it; closing
     the handle unlocks. Held by another: waits up to ``wait_s``, telling ``on_wait(owner)`` once as it starts, then
     LockHeld. None where the filesystem has no flock (ENOLCK, EOPNOTSUPP, ENOSYS): ``on_unlocked(reason)`` is told
-    (the first time for the folder in this process) and a lock file it made is removed. OSError where the file
-    cannot be opened (UsageError: a link or a pipe there). Another user's lock file (0644) is locked read-only, its
-    holder's name left as it is: flock needs no write access, so an export into a shared folder waits for theirs as
-    for its own user's."""
+    (the first time for the folder in this process) and a lock file it made is removed (one found there is left).
+    OSError where the folder cannot be made or the file opened (UsageError: a link or a pipe there). Another user's
+    lock file (0644) is locked read-only, its holder's name left as it is: flock needs no write access, so an export
+    into a shared folder waits for theirs as for its own user's."""
     deadline, said = time.monotonic() + wait_s, False
     while True:
+        path.parent.mkdir(parents=True, exist_ok=True)  # not retried: a removed working folder's ENOENT recurs
+        made = not os.path.lexists(path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             handle = _open_lock(path)
-        except FileNotFoundError:  # another user's file, gone between its two opens: its holder ended
-            continue
+        except FileNotFoundError:  # the folder removed by a holder leaving it, or another user's file gone between
+            continue  # its two opens: make them anew
         try:
             got = flock_in_place(handle, path, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -72,8 +73,10 @@ def take_file_lock(path: Path, wait_s: float = 0.0, on_wait: Callable[[str], Non
             time.sleep(0.05)
             continue
         except OSError as exc:  # ENOLCK, EOPNOTSUPP, ENOSYS: a filesystem without flock
-            if handle.writable():  # not another user's
-                with contextlib.suppress(OSError):  # a folder that cannot be written: its own writes say why
+            # One found there may be held from a machine whose mount has flock (an NFS client mounted otherwise):
+            # removed, a third process there would lock a new one beside it
+            if made:
+                with contextlib.suppress(OSError):
                     path.unlink(missing_ok=True)
             handle.close()
             if on_unlocked is not None and (folder := os.path.realpath(path.parent)) not in _TOLD:
