@@ -240,6 +240,18 @@ def test_a_finetuned_head_is_kept_only_for_the_classes_it_was_trained_on(tmp_pat
     assert "so the head is initialised afresh" in capsys.readouterr().out
 
 
+def test_a_head_over_the_same_names_in_another_unicode_form_says_so(tmp_path):
+    """Saved on macOS ('cafe' + a combining accent) and read on Linux (one accented letter): the two print alike,
+    so the note that drops the head names them in ASCII and the rename that would keep it."""
+    classifier = VisionTransformer(ViTConfig(**VIT), num_classes=2)
+    atomic_save({"model": classifier.state_dict(), "config": classifier.config.to_dict(), "num_classes": 2,
+                 "classes": ["cafe\u0301", "dog"], "format": "lomar-finetune-1", "global_pool": "avg"},
+                tmp_path / "best.pt")
+    model = load_pretrained_encoder(tmp_path / "best.pt", num_classes=2, classes=["caf\xe9", "dog"])
+    assert model.load_report.fresh == ["head.weight", "head.bias"]
+    assert "('cafe\\u0301' and 'caf\\xe9' are one name in two Unicode forms" in model.load_report.summary()
+
+
 def test_load_pretrained_encoder_from_each_source(pretrained, tmp_path):
     ours = load_pretrained_encoder(pretrained)
     model_state = safe_load(pretrained)["model"]

@@ -24,7 +24,7 @@ from lomar.checkpoints.kinds import run_command
 from lomar.data.classify import bound_aspect, eval_resize
 from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker, collate_labelled
 from lomar.data.decode import load_image, load_image_reduced
-from lomar.data.folder import LabelledImageFolder
+from lomar.data.folder import LabelledImageFolder, classes_only_in, unicode_forms_note
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.errors import UsageError, in_flags, said_by_first_on_machine
 from lomar.models.attention import vitdet_global_blocks
@@ -168,9 +168,10 @@ def _other_classes(saved, classes: list[str] | None) -> str | None:
     other names, it would relabel them silently (as ``lomar finetune --resume`` refuses to)."""
     if classes is None or not isinstance(saved, (list, tuple)) or list(saved) == list(classes):
         return None
-    only = sorted(set(saved) - set(classes))
-    differ = f"e.g. {only[0]!r} is not one of the data's" if only else "in another order"
-    return (f"its head was trained on other classes ({len(saved)}, {differ}), so the head is initialised afresh")
+    only = classes_only_in(saved, classes)[0]
+    differ = f"e.g. {only[0]!r} is not one of the data's" if only != "none" else "in another order"
+    return (f"its head was trained on other classes ({len(saved)}, {differ}), so the head is initialised afresh"
+            f"{unicode_forms_note(list(saved), classes)}")
 
 
 def _load_beit(weights, src, num_classes: int, global_pool: str, overrides: dict, notes: list[str]):
