@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.methods import get_method, names, variant_name
 from lomar.methods.base import method_runtime
 from lomar.models.beit import BEiT, BEiTConfig
@@ -211,7 +212,8 @@ def test_a_method_serves_window_decoding_only_if_its_loss_reads_nothing_outside_
         for r, c in top_left.tolist():
             inside[i, r:r + k * 16, c:c + k * 16] = True
     images = torch.randn(2, 3, 96, 96, generator=gen)
-    blank = torch.where(inside[:, None], images, 0.0)  # what --decode windows gives outside them: the mean
+    black = -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)  # --decode windows' zeros, normalised
+    blank = torch.where(inside[:, None], images, black[:, None, None])
     with torch.no_grad():
         losses = [model(x, **runtime.forward_kwargs(batch, torch.device("cpu"))).loss for x in (images, blank)]
     assert bool((~inside).any()) and torch.isfinite(losses[0])

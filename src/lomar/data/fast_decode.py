@@ -12,11 +12,11 @@ only looks at a few K·p px windows of it. Here:
   the pixels differ slightly because the DCT-scaled image is a different low-pass than the
   antialiased bicubic resize (bounded in ``tests/bench/test_loader.py``).
 * **window-only resampling** (:func:`resample_windows`): the output is (3, S, S) with only
-  the pixels of the plan's windows filled in (zeros elsewhere, i.e. the ImageNet mean after
-  normalisation); each window is resampled from its own source sub-box (the pixels the draft
-  path's crop has there, where that path decodes the photo itself). LoMaR and MAE with windows
-  read nothing else, so their loss depends only on the filled pixels (BEiT's tokenizer reads the
-  whole crop).
+  the pixels of the plan's windows filled in (zeros elsewhere: black, about -2 after
+  normalisation); each window is resampled from its own source sub-box of the same reduced
+  decode as the draft path's crop (its pixels there up to a level or two of rounding: the
+  sub-box's filter weights are computed apart). LoMaR and MAE with windows read nothing else, so
+  their loss depends only on the filled pixels (BEiT's tokenizer reads the whole crop).
 * **GPU decoding** (:func:`gpu_decode_crops`): torchvision's batched CUDA JPEG decoder, with
   crop, resize and flip on the device (the batch side is :mod:`lomar.data.device_decode`).
 
