@@ -78,6 +78,23 @@ def test_class_folders_reaching_one_folder_through_a_link_are_said(tmp_path, cap
         f" their images are trained on and scored; give the held-out split images of its own"]
 
 
+def test_a_held_out_split_nested_in_the_training_one_is_said_to_be_nested_not_linked(tmp_path, caplog):
+    """lomar knn --train ds --val ds/val: the shared folders are reached by nesting, and no link is involved."""
+    import pytest
+
+    from lomar.data.folder import LabelledImageFolder
+
+    for name in ("cat", "dog", "val/cat"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "a.jpg").write_bytes(b"x")
+    with caplog.at_level(logging.WARNING, logger="lomar.data"), pytest.raises(ValueError, match="only in"):
+        LabelledImageFolder(tmp_path).check_same_classes(LabelledImageFolder(tmp_path / "val"))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path} and {tmp_path / 'val'} share 1 folder(s) by nesting ({tmp_path / 'val'} lies in {tmp_path}), "
+        f"e.g. {tmp_path / 'val' / 'cat'}: their images are trained on and scored; give the held-out split images of "
+        f"its own"]
+
+
 def _shard(path: Path, members: int = 2) -> bytes:
     import io
     import tarfile

@@ -239,8 +239,7 @@ def build_pretrain_dataset(data: str | None, img_size: int, seed: int = 0,
     """
     transform = PretrainTransform(img_size, scale, color_jitter=color_jitter)
     if data is None:
-        return ImageListDataset(demo_image_paths(), transform, seed, masker, repeats=demo_repeats,
-                                cache_decoded=True)
+        return ImageListDataset(demo_image_paths(), transform, seed, masker, repeats=demo_repeats, cache_decoded=True)
     if is_shard_pattern(str(data)):
         return TarShardDataset(shard_paths(str(data)), transform, seed, masker, rank, world_size)
     images = build_image_list(data)
@@ -342,9 +341,10 @@ class LabelledImageFolder(Dataset):
     def check_same_classes(self, val: LabelledImageFolder) -> None:
         """ValueError naming the class folders that only one of the two splits holds: labels are indices."""
         if common := self.folders.keys() & val.folders.keys():  # val/cat linked to train/cat: scored on trained images
-            example = val.folders[next(iter(common))][1]
-            log.warning("%s and %s share %d folder(s) through links, e.g. %s: their images are trained on and scored; "
-                        "give the held-out split images of its own", self.root, val.root, len(common), example)
+            shared = next((f"by nesting ({a} lies in {b})" for a, b in ((val.root, self.root), (self.root, val.root))
+                        if a.resolve().is_relative_to(b.resolve())), "through links"), val.folders[min(common)][1]
+            log.warning("%s and %s share %d folder(s) %s, e.g. %s: their images are trained on and scored; give the "
+                        "held-out split images of its own", self.root, val.root, len(common), *shared)
         if self.classes != val.classes:
             train_only, val_only = classes_only_in(self.classes, val.classes)
             raise ValueError(f"train and val class folders differ: only in {self.root}: {train_only}, only "
