@@ -65,6 +65,12 @@ def test_a_refusal_names_the_holder_and_its_machine_where_it_is_another(tmp_path
             fcntl.flock(holder, fcntl.LOCK_EX)  # another open file: another holder, as far as flock goes
             with pytest.raises(UsageError, match=rf"in use by another run \({owner}\); wait for it"):
                 RunLock(out).acquire()
+    (out / ".lock").write_text("pid 7 on a\n" + "x" * 100_000)  # planted: its rest must not reach the message
+    with open(out / ".lock") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(UsageError) as caught:
+            RunLock(out).acquire()
+    assert "\n" not in str(caught.value) and f"(pid 7 on a {'x' * 69}); wait for it" in str(caught.value)
 
 
 def test_a_run_on_a_filesystem_without_flock_starts_unlocked_with_one_warning(tmp_path, monkeypatch, caplog):

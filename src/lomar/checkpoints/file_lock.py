@@ -96,8 +96,9 @@ def _owner(handle: IO) -> str:
     """What the lock's holder wrote (a bare PID as "pid N"), else "pid unknown"; closes ``handle``."""
     with handle:
         handle.seek(0)
-        owner = handle.read().strip()
-    return f"pid {owner}" if owner.isdigit() else owner or "pid unknown"
+        # what lomar writes is one short line; a planted file's rest must not reach a one-line message
+        owner = " ".join(handle.read(200).split()) if handle.readable() else ""
+    return f"pid {owner}" if owner.isdigit() else owner[:80] or "pid unknown"
 
 
 def _open_lock(path: Path) -> IO:
