@@ -48,7 +48,8 @@ def _env() -> dict:
     (["--resume", "/dev/null"], "--resume /dev/null is not a regular file (a device or pipe)"),
     (["--decode", "windows", "--method", "mae", "--pos", "abs", "--windows", "0"], "this run is --method mae with "
                                                                                "--windows 0, which reads the whole "
-                                                                               "crop; use --decode draft"),
+                                                                               "crop; pass --windows N (local "
+                                                                               "windows), or use --decode draft"),
     # BEiT's tokenizer labels the whole crop: blank pixels around the windows would change its targets
     (["--decode", "windows", "--method", "beit", "--color-jitter", "0"], "--method beit labels its targets with a "
                                                                          "tokenizer that reads the whole crop"),

@@ -102,7 +102,8 @@ def check_decode(config: Any) -> None:
                           f"use --decode full with shards")
     if config.decode == "windows" and not config.windows:
         raise ConfigError(f"--decode windows resamples only the windows' pixels, but this run is --method "
-                          f"{config.method} with --windows 0, which reads the whole crop; use --decode draft")
+                          f"{config.method} with --windows 0, which reads the whole crop; pass --windows N (local "
+                          f"windows), or use --decode draft")
     if config.decode == "windows" and (outside := get_method(config.method).outside_windows) is not None:
         raise ConfigError(f"--decode windows resamples only the windows' pixels, but --method {config.method} "
                           f"{outside}; use --decode draft")
