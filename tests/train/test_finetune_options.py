@@ -13,6 +13,7 @@ import yaml
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.transforms import CenterCrop, Resize
 
+from helpers import write_images
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
 from lomar.eval.features import load_pretrained_encoder
@@ -258,6 +259,13 @@ def test_mae_pretraining_keeps_the_position_table_and_finetuning_trains_it(tmp_p
     wider = load_model(tmp_path / "ft" / "last.pt", img_size=64)
     torch.testing.assert_close(wider.pos_embed.detach(), resample_abs_pos_embed(tuned, [8, 8], [4, 4],
                                                                                 antialias=False))
+    # and so is it where --eval-only scores the classifier at another size
+    built, trained_classifier = [], finetune_module._trained_classifier
+    monkeypatch.setattr(finetune_module, "_trained_classifier", lambda *a: built.append(trained_classifier(*a))
+                        or built[-1])
+    assert main(["finetune", "--eval-only", "--pretrained", str(tmp_path / "ft"), "--data", str(folder), "--img-size",
+                 "64", "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "at64")]) == 0
+    torch.testing.assert_close(built[0][0].pos_embed.detach(), wider.pos_embed.detach(), rtol=0, atol=0)
 
 
 def test_fp16_finetunes_with_a_loss_scaler(tmp_path, pretrained, folder):
@@ -387,3 +395,55 @@ def test_under_torchrun_the_first_process_of_a_machine_alone_says_what_the_class
         with pytest.raises(UsageError, match="class folders differ"):
             finetune_module._loaders(config, tmp_path / "train", tmp_path / "val", DistInfo(rank, 2, rank))
     assert not logging.getLogger("lomar.data").filters  # the next warning is said again
+
+
+def test_eval_only_scores_a_finetuned_classifier_as_its_run_did(tmp_path, capsys, monkeypatch, pretrained):
+    """--eval-only --pretrained RUN: its best.pt read once, its classes matched by name, its size unless --img-size,
+    the run's final top-1/top-5 again; a contradicting setting or other class folders are refused in one line."""
+    data = tmp_path / "data"
+    for k, name in enumerate("abcdef"):  # six classes: top-5 is scored
+        for split in ("train", "val"):
+            write_images(data / split / name, 1, size=(36 + k, 36))
+    run = tmp_path / "run"  # one step: an epoch of 6 images in batches of 4, then best.pt
+    assert _finetune(pretrained, data, run, "--batch-size", "4", "--epochs", "1", "--global-pool", "cls") == 0
+    final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    evaluate = ["finetune", "--eval-only", "--val", str(data / "val"), "--workers", "0", "--threads", "1",
+                "--device", "cpu", "--precision", "fp32", "--batch-size", "3"]
+    reads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(f) or load(f, *a, **k))
+    capsys.readouterr()
+    assert main([*evaluate, "--pretrained", str(run), "--out", str(tmp_path / "scored")]) == 0
+    assert reads == [run / "best.pt"]  # read once: the settings taken and the weights scored are of one read
+    monkeypatch.undo()
+    assert f"classifier loaded from {run / 'best.pt'} (step 1), 32 px, 6 classes" in capsys.readouterr().err
+    scored = json.loads((tmp_path / "scored" / "metrics.jsonl").read_text())
+    assert (scored["eval_only"], scored["checkpoint"], scored["step"]) == (True, str(run / "best.pt"), 1)
+    assert (scored["top1"], scored["top5"]) == (final["top1"], final["top5"])
+    assert scored["img_size"] == scored["trained_img_size"] == 32
+    # its head's rows in another order than the folder's: each image still scored against its class's row
+    ckpt = safe_load(run / "best.pt")
+    order = [5, 0, 4, 1, 3, 2]
+    ckpt["classes"] = [ckpt["classes"][i] for i in order]
+    ckpt["model"].update({k: ckpt["model"][k][order] for k in ("head.weight", "head.bias")})
+    torch.save(ckpt, tmp_path / "shuffled.pt")
+    assert main([*evaluate, "--pretrained", str(tmp_path / "shuffled.pt"), "--out", str(tmp_path / "shuffled")]) == 0
+    shuffled = json.loads((tmp_path / "shuffled" / "metrics.jsonl").read_text())
+    assert (shuffled["top1"], shuffled["top5"]) == (final["top1"], final["top5"])
+    # another size: its position table resampled there, the record says both sizes
+    assert main([*evaluate, "--pretrained", str(run), "--out", str(tmp_path / "48"), "--img-size", "48"]) == 0
+    assert "(step 1), 48 px, not its trained 32 px" in capsys.readouterr().err
+    at48 = json.loads((tmp_path / "48" / "metrics.jsonl").read_text())
+    assert (at48["img_size"], at48["trained_img_size"]) == (48, 32) and 0 <= at48["top1"] <= 1
+    write_images(tmp_path / "other" / "a", 1)
+    write_images(tmp_path / "other" / "zebra", 1)
+    for flags, message in [
+        (["--global-pool", "avg"], f"--global-pool avg differs from the classifier's own (cls) in {run / 'best.pt'}; "
+                                   f"drop --global-pool"),
+        (["--val", str(tmp_path / "other")], f"the class folders of {tmp_path / 'other'} differ from the classifier's "
+                                             f"in {run / 'best.pt'} (only in the classifier: ['b', 'c', 'd', 'e', "
+                                             f"'f'], only in {tmp_path / 'other'}: ['zebra'])"),
+        (["--pretrained", str(pretrained)], f"--pretrained {pretrained} is not a `lomar finetune` run or checkpoint"),
+    ]:
+        assert main([*evaluate, "--pretrained", str(run), "--out", str(tmp_path / "refused"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

@@ -5,17 +5,21 @@ timm supplies the recipe's pieces: the RandAugment / random-erasing transform
 and the layer-wise lr decay parameter groups (``param_groups_layer_decay``, driven by
 ``VisionTransformer.group_matcher``: stem = layer 0, block i = layer i+1, final norm and head
 = top layer, scaled decay^(top − layer)). The lr follows ``lomar.train.schedule.lr_at`` per
-iteration: linear warm-up, cosine to ``--min-lr``. The run itself (checkpoints, ``best.pt`` on top-1,
-resume with the RNG state, so a resumed run continues exactly: each training image's augmentation is
-seeded by (seed, epoch, index), whichever worker makes it; the lock, preemption, logging) is
+iteration: linear warm-up, cosine to ``--min-lr``. ``--eval-only`` scores a trained classifier (a run's best.pt,
+else last.pt, or a checkpoint) on a validation folder in one process, without a training run. The run itself
+(checkpoints, ``best.pt`` on top-1, resume with the RNG state, so a resumed run continues exactly: each training
+image's augmentation is seeded by (seed, epoch, index), whichever worker makes it; the lock, preemption, logging) is
 :mod:`lomar.train.lifecycle`'s.
 """
 
 from __future__ import annotations
 
+import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from timm.data import Mixup
@@ -25,7 +29,8 @@ from timm.optim import param_groups_layer_decay
 from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import Resize
 
-from lomar.checkpoints.kinds import FINETUNE_FORMAT
+from lomar.checkpoints.io import mismatch
+from lomar.checkpoints.kinds import FINETUNE_FORMAT, FoundCheckpoint
 from lomar.data.classify import SeededSamples, classification_transforms, eval_crop_ratio
 from lomar.data.collate import UNREADABLE_LIMIT, collate_labelled, collate_labelled_refill
 from lomar.data.decode import THUMBNAIL_FOLDERS, load_image_reduced
@@ -34,30 +39,35 @@ from lomar.data.folder import LabelledImageFolder, classes_only_in, unicode_form
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError, said_by_first_on_machine
 from lomar.eval.features import load_pretrained_encoder
+from lomar.models.masking import grid_size
+from lomar.models.vit import VisionTransformer, ViTConfig
 from lomar.train.distributed import DistInfo
 from lomar.train.finetune_config import FinetuneConfig, split_roots
 from lomar.train.lifecycle import Task, TrainingError, run
+from lomar.train.precision import autocast_factory, resolve_precision
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.settings_resume import command_flags, encoder_layout
+from lomar.train.task import score_only
 from lomar.train.task_resume import load_resumed
 
 __all__ = ["finetune", "classification_transforms", "eval_crop_ratio", "FinetuneTask"]
 
 
 def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
-             info: DistInfo) -> tuple[DataLoader, DataLoader, list[str]]:
+             info: DistInfo) -> tuple[DataLoader | None, DataLoader, list[str]]:
+    """(train, val, the class names); --eval-only: no training loader, val's classes as the classifier's."""
     train_tf, val_tf = classification_transforms(config.img_size, config.aa, config.reprob, config.crop_scale)
     try:  # every process lists the class folders alike: the first of each machine says what it left out
         with said_by_first_on_machine():
-            train_set = LabelledImageFolder(train_root, train_tf)
+            train_set = None if config.eval_only else LabelledImageFolder(train_root, train_tf)
             val_set = LabelledImageFolder(val_root, val_tf, _val_load(val_tf) if config.decode == "draft" else None)
-            train_set.check_classes()
-            train_set.check_same_classes(val_set)
+            if train_set is None:
+                _as_classifier_classes(val_set, config.classifier)
+            else:
+                train_set.check_classes()
+                train_set.check_same_classes(val_set)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    sampler = EpochSampler(len(train_set), config.seed, info.rank, info.world_size)  # (index, epoch) keys
-    # augmentation seeded per sample: resumes exactly (and draft crops draw full's boxes from the same stream)
-    train_items = SeededSamples(DraftCropFolder(train_set) if config.decode == "draft" else train_set, config.seed)
     # Each rank scores a disjoint slice of val (no padding duplicates), counts are summed.
     val_part = Subset(val_set, range(info.rank, len(val_set), info.world_size))
     workers = config.workers
@@ -65,12 +75,36 @@ def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
     # which the augmentation uses and the checkpoint saves (exact resume).
     common = dict(num_workers=workers, persistent_workers=workers > 0,
                   worker_init_fn=ignore_stop_signals if workers > 0 else None)
+    val = DataLoader(val_part, config.batch_size, collate_fn=collate_labelled, generator=torch.Generator(),
+                     **common)
+    if train_set is None:
+        return None, val, val_set.classes
+    sampler = EpochSampler(len(train_set), config.seed, info.rank, info.world_size)  # (index, epoch) keys
+    # augmentation seeded per sample: resumes exactly (and draft crops draw full's boxes from the same stream)
+    train_items = SeededSamples(DraftCropFolder(train_set) if config.decode == "draft" else train_set, config.seed)
     train = DataLoader(train_items, config.batch_size, sampler=sampler, drop_last=True,
                        collate_fn=collate_labelled_refill,
                        generator=torch.Generator().manual_seed(config.seed + info.rank), **common)
-    val = DataLoader(val_part, config.batch_size, collate_fn=collate_labelled, generator=torch.Generator(),
-                     **common)
     return train, val, train_set.classes
+
+
+def _as_classifier_classes(val_set: LabelledImageFolder, found: FoundCheckpoint) -> None:
+    """--eval-only: each validation label the row of the classifier's head of its class's name (a folder that sorts
+    them otherwise is relabelled); ValueError naming the classes only one side has (rows would score other classes)."""
+    ckpt, root = found.checkpoint, val_set.root
+    saved = list(ckpt.get("classes") or [])
+    if not saved:  # saved without their names: as many, in the folder's order
+        if ckpt.get("num_classes") != len(val_set.classes):
+            raise ValueError(f"the classifier in {found.path} has {ckpt.get('num_classes')} classes, {root} "
+                             f"{len(val_set.classes)} class folders; score it on a folder of its classes")
+        return
+    if set(saved) != set(val_set.classes):
+        only = classes_only_in(saved, val_set.classes)
+        raise ValueError(f"the class folders of {root} differ from the classifier's in {found.path} (only in the "
+                         f"classifier: {only[0]}, only in {root}: {only[1]}); score it on a folder of its classes"
+                         f"{unicode_forms_note(saved, val_set.classes)}")
+    val_set.labels = np.array([saved.index(name) for name in val_set.classes])[val_set.labels]
+    val_set.classes, val_set.class_to_idx = saved, {name: i for i, name in enumerate(saved)}
 
 
 def _val_load(val_tf):
@@ -102,6 +136,17 @@ class FinetuneTask(Task):
     def __init__(self, config: FinetuneConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, device
         self.train_loader, self.val_loader, self.classes = _loaders(config, *split_roots(config), info)
+        self.source: dict = {}  # --eval-only's classifier: its file and step, which its record names
+        if config.eval_only:
+            self.model, trained = _trained_classifier(config, len(self.classes))
+            self.model.to(device)
+            self.autocast = autocast_factory(resolve_precision(config.precision, device), device)  # as a run's
+            path, step = config.classifier.path, config.classifier.checkpoint.get("step")
+            self.source = {"checkpoint": str(path), "step": step, "trained_img_size": trained}
+            other = "" if trained == config.img_size else f", not its trained {trained} px"
+            print(f"lomar finetune: classifier loaded from {path} (step {step}), {config.img_size} px{other}, "
+                  f"{len(self.classes)} classes", file=sys.stderr, flush=True)
+            return
         load_resumed(self)  # other classes: refused before the model and its weights
         try:
             self.model = load_pretrained_encoder(config.pretrained, num_classes=len(self.classes),
@@ -197,6 +242,40 @@ class FinetuneTask(Task):
                 "global_pool": self.config.global_pool}
 
 
+def _trained_classifier(config: FinetuneConfig, num_classes: int) -> tuple[VisionTransformer, int]:
+    """--eval-only's classifier from its checkpoint as read once, at --img-size (an absolute position table resampled
+    from its trained grid as the loaders resample one), and its trained size. UsageError in one line."""
+    ckpt, path = config.classifier.checkpoint, config.classifier.path
+    saved = ckpt.get("config")
+    if not isinstance(saved, dict) or "embed_dim" not in saved:
+        raise UsageError(f"--pretrained {path} is a finetuned BEiT classifier, which --eval-only does not read back "
+                         f"yet; score it with timm's Beit from its 'model' state")
+    trained = ViTConfig.from_dict(saved)
+    attention = {} if config.attention == "auto" else {"attention": config.attention}
+    state = dict(ckpt["model"])
+    try:
+        model = VisionTransformer(replace(trained, img_size=config.img_size, **attention), num_classes=num_classes,
+                                  global_pool=config.global_pool)
+        grid = grid_size(trained.img_size, trained.patch_size)
+        if "pos_embed" in state and model.pos_embed is not None and grid != model.grid:
+            state["pos_embed"] = model.fit_pos_embed(state["pos_embed"], grid)
+        model.load_state_dict(state)
+    except ValueError as exc:
+        raise UsageError(f"--pretrained {path}: {exc}") from None
+    except RuntimeError as exc:
+        raise UsageError(f"--pretrained {path}: its weights do not fit its saved layout: {mismatch(exc)}") from None
+    return model, trained.img_size
+
+
 def finetune(config: FinetuneConfig) -> int:
-    """Run (or resume) a finetuning; returns the process exit code."""
-    return run(config, FinetuneTask)
+    """Run (or resume) a finetuning, or with ``--eval-only`` score a finetuned classifier; the process exit code."""
+    return evaluate_only(config) if config.eval_only else run(config, FinetuneTask)
+
+
+def evaluate_only(config: FinetuneConfig) -> int:
+    """Score ``--pretrained`` on the validation split in this process: a ``metrics.jsonl`` record in ``--out`` (the
+    folder locked meanwhile)."""
+    _, metrics, out = score_only(config, FinetuneTask)
+    top5 = f", top-5 {metrics['top5']:.2%}" if "top5" in metrics else ""
+    print(f"lomar finetune: top-1 {metrics['top1']:.2%}{top5}; {out / 'metrics.jsonl'}", file=sys.stderr, flush=True)
+    return 0

@@ -13,20 +13,27 @@ from pathlib import Path
 from typing import Any
 
 from lomar.checkpoints.file_names import BEST, LAST
-from lomar.checkpoints.kinds import run_command
+from lomar.checkpoints.kinds import find_command_checkpoint, run_command
 from lomar.train import settings as S
 from lomar.train.config_checks import check_eval_decode
-from lomar.train.settings import ConfigError
+from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.settings_resume import TaskConfig, check_min_lr, check_pretrained, check_warmup, check_windows
 
 __all__ = ["FinetuneConfig", "add_finetune_arguments", "resolve_finetune_config", "split_roots"]
 
 
+# What --eval-only takes from the classifier it scores, its weights' layout: one given otherwise is refused. Its size
+# is taken unless given: at another --img-size its position table is resampled as for any image of another size.
+CLASSIFIER_OWN = ("global_pool", "window_size", "global_blocks")
+
+
 @dataclass
 class FinetuneConfig(TaskConfig):
     COMMAND = "finetune"
+    classifier = None  # not a setting: --eval-only's checkpoint as complete read it (kinds.FoundCheckpoint)
     pretrained: str | None = S.PRETRAINED.field(help=S.PRETRAINED.help + " (default: none; required unless "
-                                                     "resuming, which reads it from the checkpoint)")
+                                                     "resuming, which reads it from the checkpoint), or with "
+                                                     "--eval-only a `lomar finetune` run or checkpoint")
     data: str | None = S.DATA.field()
     train: str | None = S.TRAIN.field()
     val: str | None = S.VAL.field()
@@ -74,13 +81,16 @@ class FinetuneConfig(TaskConfig):
                                  "1/2-1/8 scale while the training crop's sides (and val's resize) stay at least "
                                  "--img-size (same crops and augmentation, pixels within about a level of 255; a 12 MP "
                                  "photo's sample 4x faster); windows and gpu are pretrain's alone")
+    eval_only: bool = S.setting(False, "score --pretrained (a `lomar finetune` run or checkpoint) on the validation "
+                                "split (--val, or --data's val/) at its own classes and at its size unless "
+                                "--img-size, append a metrics.jsonl record to --out, and stop", resume="per-invocation")
 
     @classmethod
     def fresh_values(cls, explicit: dict[str, Any]) -> dict[str, Any]:
         """A new run's settings; a BEiT encoder is finetuned with BEiT's recipe where it differs from MAE's."""
         values = super().fresh_values(explicit)
         _check_aa_sections(values["aa"])  # a new run's only: a resumed run keeps the policy it trained with
-        if values.get("pretrained") and _is_beit(values["pretrained"]):
+        if values.get("pretrained") and not values.get("eval_only") and _is_beit(values["pretrained"]):
             values.update({k: v for k, v in BEIT_FINETUNE.items() if k not in explicit})
         return values
 
@@ -105,6 +115,28 @@ class FinetuneConfig(TaskConfig):
             self._warmup_note = (f"warming up for all {self.epochs} epoch(s) (the default {self.warmup_epochs:g} is "
                                  f"longer than --epochs)")
             self.warmup_epochs = float(self.epochs)
+        if self.eval_only and self.pretrained:
+            # one read (its tensors mapped, read as the task loads them): the settings taken here and the weights
+            # scored are of one file, even if a run still training there renames a newer best.pt over it meanwhile
+            self.classifier = find_command_checkpoint(self.pretrained, self.COMMAND)
+        if self.classifier is None:
+            return
+        ckpt, saved = self.classifier.checkpoint, self.classifier.path
+        layout = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+        pool = ckpt.get("global_pool") or ("avg" if "fc_norm.weight" in ckpt.get("model", {}) else "cls")
+        own = coerce_all(type(self), {"global_pool": pool, "img_size": layout.get("img_size"),
+                                      **{k: layout[k] for k in CLASSIFIER_OWN[1:] if k in layout}},
+                         str(saved), strict=False)
+        own["global_blocks"] = own.get("global_blocks") or None  # () of a global encoder: no --global-blocks
+        for name in (n for n in CLASSIFIER_OWN if n in explicit and n in own):
+            if explicit[name] != own[name]:
+                flag, value = "--" + name.replace("_", "-"), explicit[name]
+                given, its = (" ".join(map(str, v)) if isinstance(v, tuple) else "none" if v is None else v
+                              for v in (value, own[name]))
+                raise ConfigError(f"{flag} {given} differs from the classifier's own ({its}) in {saved}; drop {flag}")
+        for name, value in own.items():
+            if name not in explicit and value is not None:
+                setattr(self, name, value)
 
     def notes(self) -> list[str]:
         return [self._warmup_note] if getattr(self, "_warmup_note", None) else []
@@ -117,11 +149,14 @@ class FinetuneConfig(TaskConfig):
         check_eval_decode(self.decode, "finetune")
         check_windows(self)
         check_warmup(self)
-        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
+        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2 and not self.eval_only:
             raise ConfigError(f"mixup/cutmix pair images: --batch-size must be even, got {self.batch_size}")
         check_min_lr(self)
 
     def check_inputs(self) -> None:
+        if self.eval_only:
+            self._check_eval_only()
+            return
         if not (self.data or (self.train and self.val)):
             raise ConfigError("pass --data ROOT (with train/ and val/) or both --train and --val")
         for split in split_roots(self):
@@ -140,6 +175,18 @@ class FinetuneConfig(TaskConfig):
         except Exception as exc:  # timm reports an unknown policy with an AssertionError / KeyError
             raise ConfigError(f"--aa {self.aa!r} is not a timm auto-augment policy ({exc}); e.g. "
                               f"rand-m9-mstd0.5-inc1, augmix-m5, original, or none") from None
+
+    def _check_eval_only(self) -> None:
+        if not self.pretrained:
+            raise ConfigError("--eval-only needs --pretrained RUN (a `lomar finetune` run folder or checkpoint)")
+        check_pretrained(self)
+        if self.classifier is None:
+            raise ConfigError(f"--pretrained {self.pretrained} is not a `lomar finetune` run or checkpoint; "
+                              f"--eval-only scores a trained classifier")
+        if not (self.data or self.val):
+            raise ConfigError("pass --val DIR (class folders, ROOT/CLASS/IMAGE) or --data ROOT (with val/)")
+        if not (val := split_roots(self)[1]).is_dir():
+            raise ConfigError(f"{val} is not a folder; --eval-only scores ImageFolder class folders (VAL/CLASS/IMAGE)")
 
 
 # BEiT's finetuning of a self-supervised BEiT-base (unilm beit/get_started_for_image_classification.md): lr 4e-3
@@ -177,8 +224,8 @@ add_finetune_arguments = FinetuneConfig.add_arguments
 resolve_finetune_config = FinetuneConfig.resolve
 
 
-def split_roots(config: FinetuneConfig) -> tuple[Path, Path]:
-    """(train, val) ImageFolder roots."""
-    train = Path(config.train) if config.train else Path(config.data) / "train"
+def split_roots(config: FinetuneConfig) -> tuple[Path | None, Path]:
+    """(train, val) ImageFolder roots; train None for --eval-only given --val alone."""
+    train = Path(config.train) if config.train else Path(config.data) / "train" if config.data else None
     val = Path(config.val) if config.val else Path(config.data) / "val"
     return train, val
