@@ -408,7 +408,10 @@ def test_eval_only_scores_a_finetuned_classifier_as_its_run_did(tmp_path, capsys
     assert _finetune(pretrained, data, run, "--batch-size", "4", "--epochs", "1", "--global-pool", "cls") == 0
     final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     evaluate = ["finetune", "--eval-only", "--val", str(data / "val"), "--workers", "0", "--threads", "1",
-                "--device", "cpu", "--precision", "fp32", "--batch-size", "3"]
+                "--device", "cpu", "--batch-size", "3"]
+    capsys.readouterr()
+    assert main([*evaluate, "--pretrained", str(run), "--print-config"]) == 0  # scored as its run scored
+    assert yaml.safe_load(capsys.readouterr().out)["precision"] == "fp32"
     reads, load = [], torch.load
     monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(f) or load(f, *a, **k))
     capsys.readouterr()

@@ -23,7 +23,8 @@ __all__ = ["FinetuneConfig", "add_finetune_arguments", "resolve_finetune_config"
 
 
 # What --eval-only takes from the classifier it scores, its weights' layout: one given otherwise is refused. Its size
-# is taken unless given: at another --img-size its position table is resampled as for any image of another size.
+# and its run's precision are taken unless given: at another --img-size its position table is resampled as for any
+# image of another size.
 CLASSIFIER_OWN = ("global_pool", "window_size", "global_blocks")
 
 
@@ -124,9 +125,10 @@ class FinetuneConfig(TaskConfig):
         ckpt, saved = self.classifier.checkpoint, self.classifier.path
         layout = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
         pool = ckpt.get("global_pool") or ("avg" if "fc_norm.weight" in ckpt.get("model", {}) else "cls")
-        own = coerce_all(type(self), {"global_pool": pool, "img_size": layout.get("img_size"),
-                                      **{k: layout[k] for k in CLASSIFIER_OWN[1:] if k in layout}},
-                         str(saved), strict=False)
+        run = ckpt.get("settings") if isinstance(ckpt.get("settings"), dict) else {}
+        own = {"global_pool": pool, "img_size": layout.get("img_size"), "precision": run.get("precision"),
+               **{k: layout.get(k) for k in CLASSIFIER_OWN[1:]}}
+        own = coerce_all(type(self), {k: v for k, v in own.items() if v is not None}, str(saved), strict=False)
         own["global_blocks"] = own.get("global_blocks") or None  # () of a global encoder: no --global-blocks
         for name in (n for n in CLASSIFIER_OWN if n in explicit and n in own):
             if explicit[name] != own[name]:
