@@ -23,16 +23,3 @@ def test_short_run_warm_up_note_follows_the_checks_once_per_machine(tmp_path, ca
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert main([*base, "--print-config"]) == 0
     assert capsys.readouterr().err == ""
-
-
-def test_resuming_best_pt_names_the_checkpoint_that_resumes(tmp_path, capsys):
-    """best.pt is lomar finetune's own file without the run's state: the refusal says so and names last.pt and
-    --pretrained, not 'is not a `lomar finetune` checkpoint'."""
-    from lomar.checkpoints.io import atomic_save  # torch: this test alone needs it
-
-    atomic_save({"model": {}, "classes": ["a", "b"], "format": "lomar-finetune-1", "epoch": 3, "step": 9,
-                 "metrics": {"top1": 0.5}}, tmp_path / "best.pt")
-    assert main(["finetune", "--resume", str(tmp_path / "best.pt")]) == 2
-    (line,) = capsys.readouterr().err.splitlines()
-    assert "without its run's state" in line and f"--resume {tmp_path / 'last.pt'}" in line
-    assert f"--pretrained {tmp_path / 'best.pt'}" in line

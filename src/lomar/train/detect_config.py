@@ -53,6 +53,7 @@ def default_image_folder(ann: Path) -> Path:
 @dataclass
 class DetectConfig(TaskConfig):
     COMMAND = "detect"
+    TRAINS_FROM_OWN = True
     # not a setting: --pretrained's `lomar detect` checkpoint as complete read it (kinds.FoundCheckpoint; a file
     # whatever its suffix, or a run folder's best.pt / last.pt), which the task builds the detector from
     detector = None

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lomar.checkpoints.file_names import BEST, LAST
-from lomar.checkpoints.kinds import find_command_checkpoint, run_command
+from lomar.checkpoints.kinds import find_command_checkpoint
 from lomar.train import settings as S
 from lomar.train.config_checks import check_eval_decode
 from lomar.train.settings import ConfigError, coerce_all
@@ -31,6 +30,7 @@ CLASSIFIER_OWN = ("global_pool", "window_size", "global_blocks")
 @dataclass
 class FinetuneConfig(TaskConfig):
     COMMAND = "finetune"
+    TRAINS_FROM_OWN = True
     classifier = None  # not a setting: --eval-only's checkpoint as complete read it (kinds.FoundCheckpoint)
     pretrained: str | None = S.PRETRAINED.field(help=S.PRETRAINED.help + " (default: none; required unless "
                                                      "resuming, which reads it from the checkpoint), or with "
@@ -99,11 +99,6 @@ class FinetuneConfig(TaskConfig):
     def saved_settings(checkpoint: dict, path: Path) -> dict | None:
         """The settings a `lomar finetune` checkpoint saved ("args": runs before FinetuneConfig saved them)."""
         if not {"optimizer", "batches_done", "best_top1"} <= set(checkpoint):
-            if run_command(checkpoint) == "finetune":  # best.pt: its run's model alone, which nothing can resume
-                raise ConfigError(f"--resume {path} holds a finetuned model without its run's state (optimizer, "
-                                  f"step, RNG streams; {BEST} keeps the best epoch's weights alone); continue its "
-                                  f"run with --resume {path.parent / LAST}, or start a new run from these weights "
-                                  f"with --pretrained {path}")
             return None
         saved = next((checkpoint[k] for k in ("settings", "args") if isinstance(checkpoint.get(k), dict)), {})
         return {"train_pos_embed": False, "decay_rel_pos_bias": False, **saved}  # as runs before these settings did

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from lomar.checkpoints.file_names import LAST
+from lomar.checkpoints.file_names import BEST, LAST
 from lomar.checkpoints.kinds import run_command
 from lomar.errors import first_on_machine
 from lomar.train import settings as S
@@ -36,6 +36,7 @@ class TaskConfig:
     resolution (:meth:`resolve`), whose steps a command may override; ``out`` defaults to runs/<timestamp>."""
 
     COMMAND = "task"
+    TRAINS_FROM_OWN = False  # --pretrained may be this command's own checkpoint, to train further from
     resume_point = None  # not a setting: what :meth:`resolve` read of the checkpoint resumed (run_resume.ResumePoint)
     precision: str = S.PRECISION.field()
     workers: int | None = S.WORKERS.field()
@@ -92,9 +93,8 @@ class TaskConfig:
     @classmethod
     def start_values(cls, explicit: dict[str, Any], in_file: dict[str, str] | None,
                      saved: SavedRun | None) -> dict[str, Any]:
-        """The settings before :meth:`complete`: ``explicit`` (the YAML file's and the flags') over the resumed
-        run's (``saved``: :meth:`saved_run`'s), or over :meth:`fresh_values` with the schedule laid over a new
-        ``--max-steps``. ``in_file``: the YAML file each setting that no flag gave came from."""
+        """The settings before :meth:`complete`: ``explicit`` (YAML's, flags') over the resumed run's (``saved``), or
+        over :meth:`fresh_values`, the schedule laid over a new ``--max-steps``. ``in_file``: YAML file by setting."""
         if saved is not None:
             return resume_values(cls, saved.settings, saved.source, explicit, in_file)
         values = cls.fresh_values(explicit)
@@ -112,8 +112,7 @@ class TaskConfig:
     @classmethod
     def saved_run(cls, explicit: dict[str, Any]) -> SavedRun | None:
         """The :class:`SavedRun` of the checkpoint ``--resume`` names (its settings: :meth:`saved_settings`), or None
-        for a new run; a command with ``--fsdp`` may name a sharded folder (its meta.pt is read). A checkpoint resumes
-        into its own folder unless told otherwise."""
+        for a new run; a command with ``--fsdp`` may name a sharded folder (its meta.pt). It resumes into its folder."""
         point = resume_target(explicit, sharded_ok="fsdp" in cls.__dataclass_fields__)
         if point is None:
             return None
@@ -123,6 +122,13 @@ class TaskConfig:
             raise ConfigError(f"--resume {path} is a `lomar {command}` checkpoint, not a `lomar {cls.COMMAND}` one; "
                               f"resume it with `lomar {command}`, or start a new run with another --out")
         settings = cls.saved_settings(checkpoint, path)
+        if command == cls.COMMAND and "optimizer" not in checkpoint and not path.is_dir():  # its run's best.pt
+            last = path.parent / LAST
+            uses = ([f"continue its run with --resume {last}"] * (last.is_file() and last != path)
+                    + [f"start a new run from it with --pretrained {path}"] * cls.TRAINS_FROM_OWN
+                    + [f"score it with --eval-only --pretrained {path}"] * ("eval_only" in cls.__dataclass_fields__))
+            raise ConfigError(f"--resume {path} holds a `lomar {cls.COMMAND}` model without its run's state (optimizer,"
+                              f" step, RNG: {BEST} keeps the best evaluation's weights alone); " + ", or ".join(uses))
         if not isinstance(settings, dict):
             raise ConfigError(f"--resume {path} is not a `lomar {cls.COMMAND}` checkpoint; to start from "
                               f"pretrained weights pass them as --pretrained")

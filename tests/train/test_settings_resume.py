@@ -1,0 +1,33 @@
+"""lomar.train.settings_resume: what every training command's --resume reads, and refuses, before any work."""
+
+from __future__ import annotations
+
+import pytest
+
+from lomar.cli.app import main
+
+
+@pytest.mark.parametrize("command, saved", [
+    ("finetune", {"classes": ["a", "b"], "format": "lomar-finetune-1"}),
+    ("detect", {"format": "lomar-detect-1", "settings": {}}),
+    ("segment", {"task": "segment", "settings": {"num_classes": 3}}),
+])
+def test_resuming_best_pt_names_what_resumes_the_run_and_what_takes_the_model(tmp_path, capsys, command, saved):
+    """best.pt is the command's own file without the run's state: the refusal says so, names last.pt where there is
+    one, and what takes the model (--eval-only; --pretrained where the command trains from its own). Detect said
+    'is not a `lomar detect` checkpoint' and segment failed after building the run ('optimizer')."""
+    from lomar.checkpoints.io import atomic_save  # torch: this test alone needs it
+
+    atomic_save({"model": {}, "epoch": 3, "step": 9, "metrics": {}, **saved}, tmp_path / "best.pt")
+    best, last = tmp_path / "best.pt", tmp_path / "last.pt"
+    for with_last in (False, True):
+        if with_last:
+            last.write_bytes(b"")  # named only where it is
+        assert main([command, "--resume", str(best)]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        uses = ([f"continue its run with --resume {last}"] if with_last else []) + (
+            [] if command == "segment" else [f"start a new run from it with --pretrained {best}"]) + [
+            f"score it with --eval-only --pretrained {best}"]
+        assert line == (f"lomar {command}: error: --resume {best} holds a `lomar {command}` model without its run's "
+                        f"state (optimizer, step, RNG: best.pt keeps the best evaluation's weights alone); "
+                        + ", or ".join(uses))
