@@ -17,6 +17,7 @@ from helpers import write_images
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
 from lomar.eval.features import load_pretrained_encoder
+from lomar.models.beit import BEiTConfig
 from lomar.models.vit import VisionTransformer, ViTConfig, sincos_pos_embed_2d
 from lomar.train import finetune as finetune_module
 from lomar.train.finetune import classification_transforms, eval_crop_ratio
@@ -439,7 +440,16 @@ def test_eval_only_scores_a_finetuned_classifier_as_its_run_did(tmp_path, capsys
     assert (at48["img_size"], at48["trained_img_size"]) == (48, 32) and 0 <= at48["top1"] <= 1
     write_images(tmp_path / "other" / "a", 1)
     write_images(tmp_path / "other" / "zebra", 1)
+    # a BEiT encoder's classifier saves BEiT's config (embed_dim too): refused as one, not read as a ViT's weights
+    ckpt["config"] = BEiTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, vocab_size=8).to_dict()
+    torch.save(ckpt, tmp_path / "beit.pt")
+    log = (run / "metrics.jsonl").read_text()
     for flags, message in [
+        (["--pretrained", str(tmp_path / "beit.pt")], f"--pretrained {tmp_path / 'beit.pt'} is a finetuned BEiT "
+                                                      f"classifier, which --eval-only does not read back yet"),
+        # the run's log is its training's: a resume cuts it back by step, a study reads its last top-1
+        (["--out", str(run)], f"--out {run} holds a run, whose metrics.jsonl is its training's own"),
+        (["--resume", str(run / "last.pt")], "continues no run; drop --resume"),  # --out: the run's folder else
         (["--global-pool", "avg"], f"--global-pool avg differs from the classifier's own (cls) in {run / 'best.pt'}; "
                                    f"drop --global-pool"),
         (["--val", str(tmp_path / "other")], f"the class folders of {tmp_path / 'other'} differ from the classifier's "
@@ -450,3 +460,4 @@ def test_eval_only_scores_a_finetuned_classifier_as_its_run_did(tmp_path, capsys
         assert main([*evaluate, "--pretrained", str(run), "--out", str(tmp_path / "refused"), *flags]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+    assert (run / "metrics.jsonl").read_text() == log

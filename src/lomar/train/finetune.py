@@ -246,11 +246,7 @@ def _trained_classifier(config: FinetuneConfig, num_classes: int) -> tuple[Visio
     """--eval-only's classifier from its checkpoint as read once, at --img-size (an absolute position table resampled
     from its trained grid as the loaders resample one), and its trained size. UsageError in one line."""
     ckpt, path = config.classifier.checkpoint, config.classifier.path
-    saved = ckpt.get("config")
-    if not isinstance(saved, dict) or "embed_dim" not in saved:
-        raise UsageError(f"--pretrained {path} is a finetuned BEiT classifier, which --eval-only does not read back "
-                         f"yet; score it with timm's Beit from its 'model' state")
-    trained = ViTConfig.from_dict(saved)
+    trained = ViTConfig.from_dict(ckpt["config"])  # a BEiT classifier's is refused by FinetuneConfig
     attention = {} if config.attention == "auto" else {"attention": config.attention}
     state = dict(ckpt["model"])
     try:
