@@ -433,6 +433,12 @@ def test_eval_only_scores_a_finetuned_classifier_as_its_run_did(tmp_path, capsys
     assert main([*evaluate, "--pretrained", str(tmp_path / "shuffled.pt"), "--out", str(tmp_path / "shuffled")]) == 0
     shuffled = json.loads((tmp_path / "shuffled" / "metrics.jsonl").read_text())
     assert (shuffled["top1"], shuffled["top5"]) == (final["top1"], final["top5"])
+    ckpt["settings"]["decode"] = "draft"  # a run whose evaluations read draft JPEGs is scored on them again
+    torch.save(ckpt, tmp_path / "draft.pt")
+    assert main([*evaluate, "--pretrained", str(tmp_path / "draft.pt"), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["decode"] == "draft"
+    assert main([*evaluate, "--pretrained", str(tmp_path / "draft.pt"), "--print-config", "--decode", "full"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["decode"] == "full"
     # another size: its position table resampled there, the record says both sizes
     assert main([*evaluate, "--pretrained", str(run), "--out", str(tmp_path / "48"), "--img-size", "48"]) == 0
     assert "(step 1), 48 px, not its trained 32 px" in capsys.readouterr().err

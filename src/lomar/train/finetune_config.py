@@ -29,8 +29,8 @@ __all__ = ["FinetuneConfig", "add_finetune_arguments", "resolve_finetune_config"
 
 
 # What --eval-only takes from the classifier it scores, its weights' layout: one given otherwise is refused. Its size
-# and its run's precision are taken unless given: at another --img-size its position table is resampled as for any
-# image of another size.
+# and its run's precision and --decode (its evaluations' pixels) are taken unless given: at another --img-size its
+# position table is resampled as for any image of another size.
 CLASSIFIER_OWN = ("global_pool", "window_size", "global_blocks")
 
 
@@ -137,7 +137,7 @@ class FinetuneConfig(TaskConfig):
         pool = ckpt.get("global_pool") or ("avg" if "fc_norm.weight" in ckpt.get("model", {}) else "cls")
         run = ckpt.get("settings") if isinstance(ckpt.get("settings"), dict) else {}
         own = {"global_pool": pool, "img_size": layout.get("img_size"), "precision": run.get("precision"),
-               **{k: layout.get(k) for k in CLASSIFIER_OWN[1:]}}
+               "decode": run.get("decode"), **{k: layout.get(k) for k in CLASSIFIER_OWN[1:]}}
         own = coerce_all(type(self), {k: v for k, v in own.items() if v is not None}, str(saved), strict=False)
         own["global_blocks"] = own.get("global_blocks") or None  # () of a global encoder: no --global-blocks
         for name in (n for n in CLASSIFIER_OWN if n in explicit and n in own):
