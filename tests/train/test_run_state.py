@@ -675,3 +675,18 @@ def test_an_evaluation_record_on_a_full_disk_names_its_file(tmp_path, monkeypatc
         monitor.evaluation("knn.jsonl", 1, 0, {"knn_top1": 0.5}, {})
     monitor.close()
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "knn.jsonl")
+
+
+def test_scores_never_go_into_a_run_folder(tmp_path):
+    """An --eval-only record in a run's metrics.jsonl (detect and segment took one, --overwrite or not) is cut back
+    by the run's next resume and read by `lomar study` as the run's last evaluation: refused, whatever --overwrite
+    says; a folder of scores alone takes more."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"eval_only": true}\n')
+    refuse_held_run(out, None, False, eval_only=True)
+    (out / "last.pt").write_bytes(b"x")
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match=rf"^--out {out} holds a run, whose metrics.jsonl is its training's own; "
+                                              rf"pass another --out for the scores$"):
+            refuse_held_run(out, None, overwrite, eval_only=True)

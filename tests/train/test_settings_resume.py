@@ -31,3 +31,14 @@ def test_resuming_best_pt_names_what_resumes_the_run_and_what_takes_the_model(tm
         assert line == (f"lomar {command}: error: --resume {best} holds a `lomar {command}` model without its run's "
                         f"state (optimizer, step, RNG: best.pt keeps the best evaluation's weights alone); "
                         + ", or ".join(uses))
+
+
+@pytest.mark.parametrize("command", ["finetune", "detect", "segment"])
+def test_eval_only_continues_no_run(tmp_path, capsys, command):
+    """--eval-only with --resume was read as a resume (detect and segment: the run's settings against this
+    invocation's, its folder as --out): refused first, in one line."""
+    assert main([command, "--eval-only", "--pretrained", str(tmp_path / "run"), "--resume", "auto",
+                 "--out", str(tmp_path / "scores")]) == 2
+    assert capsys.readouterr().err == (f"lomar {command}: error: --eval-only scores --pretrained and continues no "
+                                       f"run; drop --resume auto\n")
+    assert not (tmp_path / "scores").exists()

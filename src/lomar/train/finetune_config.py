@@ -17,7 +17,6 @@ from lomar.train import settings as S
 from lomar.train.config_checks import check_eval_decode
 from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.settings_resume import (
-    SavedRun,
     TaskConfig,
     check_min_lr,
     check_pretrained,
@@ -101,14 +100,6 @@ class FinetuneConfig(TaskConfig):
         if values.get("pretrained") and not values.get("eval_only") and _is_beit(values["pretrained"]):
             values.update({k: v for k, v in BEIT_FINETUNE.items() if k not in explicit})
         return values
-
-    @classmethod
-    def saved_run(cls, explicit: dict[str, Any]) -> SavedRun | None:
-        """--eval-only resumes nothing: --resume is refused first (not as a run whose settings differ)."""
-        if explicit.get("eval_only") and explicit.get("resume"):  # before the run's settings would be checked
-            raise ConfigError(f"--eval-only scores --pretrained and continues no run; drop --resume "
-                              f"{explicit['resume']}")
-        return super().saved_run(explicit)
 
     @staticmethod
     def saved_settings(checkpoint: dict, path: Path) -> dict | None:
@@ -196,14 +187,10 @@ class FinetuneConfig(TaskConfig):
             raise ConfigError(f"--pretrained {self.pretrained} is not a `lomar finetune` run or checkpoint; "
                               f"--eval-only scores a trained classifier")
         from lomar.checkpoints.formats import BEiTFinetuneReader  # torch: not for --help
-        from lomar.train.run_state import holds_run  # torch: not for --help
 
         if BEiTFinetuneReader().detect(self.classifier.checkpoint, None):  # its config is BEiT's, not a ViT's
             raise ConfigError(f"--pretrained {self.classifier.path} is a finetuned BEiT classifier, which --eval-only "
                               f"does not read back yet; score it with timm's Beit from its 'model' state")
-        if holds_run(Path(self.out)):  # a resume cuts that log back by step, `lomar study` reads its last top-1
-            raise ConfigError(f"--out {self.out} holds a run, whose metrics.jsonl is its training's own; pass another "
-                              f"--out for the scores")
         if not (self.data or self.val):
             raise ConfigError("pass --val DIR (class folders, ROOT/CLASS/IMAGE) or --data ROOT (with val/)")
         if not (val := split_roots(self)[1]).is_dir():

@@ -312,9 +312,15 @@ class RunLock:
         self.release(remove_if_empty=exc[0] is not None)
 
 
-def refuse_held_run(out: Path, resume: str | None, overwrite: bool, locked_here: bool = False) -> None:
+def refuse_held_run(out: Path, resume: str | None, overwrite: bool, locked_here: bool = False,
+                    eval_only: bool = False) -> None:
     """The one check of every command that writes a run folder: a new run does not take over a
-    folder that holds one (a checkpoint, or the settings of a run stopped before its first)."""
+    folder that holds one (a checkpoint, or the settings of a run stopped before its first). An ``eval_only``
+    command's scores go to a folder of their own: a run's metrics.jsonl is its training's (a resume cuts it back by
+    step, `lomar study` reads its last evaluation), whatever --overwrite says."""
+    if eval_only and holds_run(out):
+        raise ConfigError(f"--out {out} holds a run, whose metrics.jsonl is its training's own; pass another --out "
+                          f"for the scores")
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 may already have started
     if holds_run(out) and is_main and not resume and not overwrite:
         if not locked_here:  # a live run: say so, not "pass --resume auto", which it would refuse

@@ -164,8 +164,7 @@ class TaskConfig:
         if data and Path(data).is_dir() and Path(self.out).resolve().is_relative_to(Path(data).resolve()):
             raise ConfigError(f"--out {self.out} is inside --data {data}: the run's figures and checkpoints would join "
                               f"the data it reads; put the run elsewhere")
-        if not getattr(self, "eval_only", False):
-            refuse_held_run(Path(self.out), self.resume, self.overwrite)
+        refuse_held_run(Path(self.out), self.resume, self.overwrite, eval_only=getattr(self, "eval_only", False))
         self.print_notes()
 
     def check_settings(self) -> None:
@@ -361,11 +360,12 @@ def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[
 
 def resume_target(explicit: dict[str, Any], sharded_ok: bool = False) -> ResumePoint | None:
     """The checkpoint ``--resume`` names, read without its weights (a :class:`~lomar.train.run_resume.ResumePoint`):
-    None when not resuming, or when ``--resume auto`` finds no intact checkpoint in ``--out``. ``sharded_ok``: a
-    sharded (``.dcp``) folder may be named."""
+    None when not resuming, or when ``--resume auto`` finds none in ``--out``. ``sharded_ok``: a ``.dcp`` folder too."""
     resume = explicit.get("resume")
     if not resume:
         return None
+    if explicit.get("eval_only"):  # before the run's settings would be checked against this invocation's
+        raise ConfigError(f"--eval-only scores --pretrained and continues no run; drop --resume {resume}")
     from lomar.train.run_resume import find_resume_point, read_resume_point  # torch: not for --help
 
     if resume == "auto":
