@@ -115,3 +115,15 @@ def check_decode(config: Any) -> None:
 
         if missing := nvimgcodec_missing():
             raise ConfigError(f"--gpu-decoder nvimgcodec: {missing}")
+
+
+def refuse_contradictions(explicit: dict[str, Any], own: dict[str, Any], names, whose: str, source,
+                          agrees=lambda name, given: False) -> None:
+    """--eval-only's model keeps its own settings ``names`` (``own``, as saved in ``source``): one given otherwise
+    (``explicit``) is refused, naming both values; ``agrees(name, given)``: a given value that asks for the model's
+    own anyway (segment's --rel-pos auto)."""
+    for name in (n for n in names if n in explicit and n in own):
+        if explicit[name] != own[name] and not agrees(name, explicit[name]):
+            flag, (given, its) = "--" + name.replace("_", "-"), (
+                "none" if v is None else S.shown(v) for v in (explicit[name], own[name]))
+            raise ConfigError(f"{flag} {given} differs from the {whose}'s own ({its}) in {source}; drop {flag}")

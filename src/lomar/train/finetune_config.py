@@ -14,7 +14,7 @@ from typing import Any
 
 from lomar.checkpoints.kinds import find_command_checkpoint
 from lomar.train import settings as S
-from lomar.train.config_checks import check_eval_decode
+from lomar.train.config_checks import check_eval_decode, refuse_contradictions
 from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.settings_resume import (
     TaskConfig,
@@ -131,12 +131,7 @@ class FinetuneConfig(TaskConfig):
                "decode": run.get("decode"), **{k: layout.get(k) for k in CLASSIFIER_OWN[1:]}}
         own = coerce_all(type(self), {k: v for k, v in own.items() if v is not None}, str(saved), strict=False)
         own["global_blocks"] = own.get("global_blocks") or None  # () of a global encoder: no --global-blocks
-        for name in (n for n in CLASSIFIER_OWN if n in explicit and n in own):
-            if explicit[name] != own[name]:
-                flag, value = "--" + name.replace("_", "-"), explicit[name]
-                given, its = (" ".join(map(str, v)) if isinstance(v, tuple) else "none" if v is None else v
-                              for v in (value, own[name]))
-                raise ConfigError(f"{flag} {given} differs from the classifier's own ({its}) in {saved}; drop {flag}")
+        refuse_contradictions(explicit, own, CLASSIFIER_OWN, "classifier", saved)
         for name, value in own.items():
             if name not in explicit and value is not None:
                 setattr(self, name, value)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lomar.checkpoints.kinds import SEGMENT_TASK, find_command_checkpoint
 from lomar.train import settings as S
+from lomar.train.config_checks import refuse_contradictions
 from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.settings_resume import TaskConfig, check_img_size, check_pretrained, model_only_without_pretrained
 
@@ -110,11 +111,8 @@ class SegmentConfig(TaskConfig):
         if self.segmenter is not None:
             saved = self.segmenter.path
             own = self.saved_settings(self.segmenter.checkpoint, saved) or {}
-            for name in (n for n in SEGMENTER_OWN if n in explicit and n in own):
-                if explicit[name] != own[name] and not (name == "rel_pos" and explicit[name] == "auto"):
-                    flag = "--" + name.replace("_", "-")
-                    raise ConfigError(f"{flag} {explicit[name]} differs from the segmenter's own ({own[name]}) in "
-                                      f"{saved}; drop {flag}")
+            refuse_contradictions(explicit, own, SEGMENTER_OWN, "segmenter", saved,
+                                  agrees=lambda name, given: name == "rel_pos" and given == "auto")
             taken = {k: v for k, v in own.items() if k in SEGMENTER_OWN + _EVALUATED and k not in explicit}
             if explicit.get("img_size", own.get("img_size")) != own.get("img_size"):
                 taken.pop("eval_stride", None)
