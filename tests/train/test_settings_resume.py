@@ -42,3 +42,19 @@ def test_eval_only_continues_no_run(tmp_path, capsys, command):
     assert capsys.readouterr().err == (f"lomar {command}: error: --eval-only scores --pretrained and continues no "
                                        f"run; drop --resume auto\n")
     assert not (tmp_path / "scores").exists()
+
+
+def test_out_inside_any_folder_the_run_reads_is_refused(tmp_path, capsys):
+    """--out inside --val (not --data): the run's folder showed up as an empty class of the folder it scores."""
+    from PIL import Image
+
+    for split in ("data/train/a", "held-out/a"):
+        (tmp_path / split).mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(tmp_path / split / "x.png")
+    (tmp_path / "encoder.pt").write_bytes(b"")
+    out = tmp_path / "held-out" / "scored"
+    assert main(["finetune", "--pretrained", str(tmp_path / "encoder.pt"), "--data", str(tmp_path / "data"),
+                 "--val", str(tmp_path / "held-out"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"lomar finetune: error: --out {out} is inside --val {tmp_path / 'held-out'}: "
+                                       f"the run's files would join the data it reads; put the run elsewhere\n")
+    assert not out.exists()

@@ -160,10 +160,10 @@ class TaskConfig:
         from lomar.train.run_state import check_out_folder, refuse_held_run  # torch: not for --help
 
         check_out_folder(Path(self.out))
-        data = getattr(self, "data", None)
-        if data and Path(data).is_dir() and Path(self.out).resolve().is_relative_to(Path(data).resolve()):
-            raise ConfigError(f"--out {self.out} is inside --data {data}: the run's figures and checkpoints would join "
-                              f"the data it reads; put the run elsewhere")
+        for name, data in ((n, getattr(self, n, None)) for n in ("data", "val", "train_images", "val_images")):
+            if data and Path(data).is_dir() and Path(self.out).resolve().is_relative_to(Path(data).resolve()):
+                raise ConfigError(f"--out {self.out} is inside --{name.replace('_', '-')} {data}: the run's files "
+                                  f"would join the data it reads; put the run elsewhere")
         refuse_held_run(Path(self.out), self.resume, self.overwrite, eval_only=getattr(self, "eval_only", False))
         self.print_notes()
 
