@@ -58,3 +58,25 @@ def test_out_inside_any_folder_the_run_reads_is_refused(tmp_path, capsys):
     assert capsys.readouterr().err == (f"lomar finetune: error: --out {out} is inside --val {tmp_path / 'held-out'}: "
                                        f"the run's files would join the data it reads; put the run elsewhere\n")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command, model, extra", [("finetune", "classifier", ["--val", "val"]),
+                                                   ("detect", "detector", ["--val-ann", "val.json"]),
+                                                   ("segment", "segmenter", ["--data", "ade"])])
+def test_eval_only_scores_only_the_commands_own_model(tmp_path, capsys, monkeypatch, command, model, extra):
+    """One check for the three: --eval-only's --pretrained is given, there, and the command's own run or checkpoint
+    (detect refused an encoder only after reading its COCO files)."""
+    from lomar.checkpoints.io import atomic_save  # torch: this test alone needs it
+
+    monkeypatch.chdir(tmp_path)
+    atomic_save({"model": {}}, tmp_path / "encoder.pt")
+    for pretrained, message in [([], f"--eval-only needs --pretrained RUN (a `lomar {command}` run folder or "
+                                     f"checkpoint)"),
+                                (["--pretrained", "missing.pt"],
+                                 f"--pretrained {tmp_path / 'missing.pt'} does not exist"),
+                                (["--pretrained", str(tmp_path / "encoder.pt")],
+                                 f"--pretrained {tmp_path / 'encoder.pt'} is not a `lomar {command}` run or "
+                                 f"checkpoint; --eval-only scores a trained {model}")]:
+        assert main([command, "--eval-only", *pretrained, *extra, "--out", "scores"]) == 2
+        assert capsys.readouterr().err == f"lomar {command}: error: {message}\n"
+    assert not (tmp_path / "scores").exists()

@@ -11,6 +11,7 @@ from typing import Any
 from lomar.methods import get_method, names
 from lomar.train import settings as S
 from lomar.train.settings import ConfigError
+from lomar.train.settings_resume import check_pretrained
 
 __all__ = ["check_fsdp", "check_data", "check_decode", "check_eval_decode", "check_method_settings", "parse_share"]
 
@@ -127,3 +128,14 @@ def refuse_contradictions(explicit: dict[str, Any], own: dict[str, Any], names, 
             flag, (given, its) = "--" + name.replace("_", "-"), (
                 "none" if v is None else S.shown(v) for v in (explicit[name], own[name]))
             raise ConfigError(f"{flag} {given} differs from the {whose}'s own ({its}) in {source}; drop {flag}")
+
+
+def check_eval_only_model(config: Any, found: Any, model: str) -> None:
+    """--eval-only's --pretrained: given, there, and a `lomar COMMAND` run or checkpoint (``found``: what the command's
+    complete() read of it; ``model``: what such a run trains, as the refusal names it)."""
+    if not config.pretrained:
+        raise ConfigError(f"--eval-only needs --pretrained RUN (a `lomar {config.COMMAND}` run folder or checkpoint)")
+    check_pretrained(config)
+    if found is None:
+        raise ConfigError(f"--pretrained {config.pretrained} is not a `lomar {config.COMMAND}` run or checkpoint; "
+                          f"--eval-only scores a trained {model}")

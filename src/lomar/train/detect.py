@@ -145,9 +145,6 @@ class DetectTask(Task):
                 raise UsageError(f"--rel-pos {cfg.rel_pos} differs from the detector's own ({encoder_config.rel_pos}) "
                                  f"in {saved}; drop --rel-pos")
             encoder = VisionTransformer(replace(encoder_config, **_layout(cfg, encoder_config.depth)))
-        elif cfg.eval_only:
-            raise UsageError(f"--pretrained {cfg.pretrained} is not a `lomar detect` run or checkpoint; --eval-only "
-                             f"scores a trained detector")
         elif cfg.pretrained:
             try:
                 encoder = load_pretrained_encoder(cfg.pretrained, **_layout(cfg, None))

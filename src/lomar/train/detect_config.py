@@ -13,6 +13,7 @@ from typing import Any
 
 from lomar.checkpoints.kinds import DETECT_FORMAT, find_command_checkpoint
 from lomar.train import settings as S
+from lomar.train.config_checks import check_eval_only_model
 from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.settings_resume import (
     TaskConfig,
@@ -151,8 +152,8 @@ class DetectConfig(TaskConfig):
                               "scored on")
         if not self.eval_only and not self.train_ann:
             raise ConfigError("pass --train-ann FILE and --train-images DIR (COCO instances), or --eval-only")
-        if self.eval_only and not self.pretrained:
-            raise ConfigError("--eval-only needs --pretrained RUN (a `lomar detect` run folder or checkpoint)")
+        if self.eval_only:
+            check_eval_only_model(self, self.detector, "detector")
         if self.eval_only and (Path(self.out) / "predictions.json").exists() and not self.overwrite:
             raise ConfigError(f"--out {self.out} already holds a predictions.json (a run's last evaluation, or an "
                               f"earlier --eval-only); pass another --out, or --overwrite to replace it")

@@ -14,7 +14,7 @@ from typing import Any
 
 from lomar.checkpoints.kinds import find_command_checkpoint
 from lomar.train import settings as S
-from lomar.train.config_checks import check_eval_decode, refuse_contradictions
+from lomar.train.config_checks import check_eval_decode, check_eval_only_model, refuse_contradictions
 from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.settings_resume import (
     TaskConfig,
@@ -175,12 +175,7 @@ class FinetuneConfig(TaskConfig):
                               f"rand-m9-mstd0.5-inc1, augmix-m5, original, or none") from None
 
     def _check_eval_only(self) -> None:
-        if not self.pretrained:
-            raise ConfigError("--eval-only needs --pretrained RUN (a `lomar finetune` run folder or checkpoint)")
-        check_pretrained(self)
-        if self.classifier is None:
-            raise ConfigError(f"--pretrained {self.pretrained} is not a `lomar finetune` run or checkpoint; "
-                              f"--eval-only scores a trained classifier")
+        check_eval_only_model(self, self.classifier, "classifier")
         from lomar.checkpoints.formats import BEiTFinetuneReader  # torch: not for --help
 
         if BEiTFinetuneReader().detect(self.classifier.checkpoint, None):  # its config is BEiT's, not a ViT's

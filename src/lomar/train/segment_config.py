@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lomar.checkpoints.kinds import SEGMENT_TASK, find_command_checkpoint
 from lomar.train import settings as S
-from lomar.train.config_checks import refuse_contradictions
+from lomar.train.config_checks import check_eval_only_model, refuse_contradictions
 from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.settings_resume import TaskConfig, check_img_size, check_pretrained, model_only_without_pretrained
 
@@ -133,12 +133,7 @@ class SegmentConfig(TaskConfig):
 
     def check_inputs(self) -> None:
         if self.eval_only:
-            if not self.pretrained:
-                raise ConfigError("--eval-only needs --pretrained RUN (a `lomar segment` run folder or checkpoint)")
-            check_pretrained(self)
-            if self.segmenter is None:
-                raise ConfigError(f"--pretrained {self.pretrained} is not a `lomar segment` run or checkpoint; "
-                                  f"--eval-only scores a trained segmenter")
+            check_eval_only_model(self, self.segmenter, "segmenter")
             if (Path(self.out) / "predictions").exists() and not self.overwrite:
                 raise ConfigError(f"--out {self.out} already holds predictions/ (a run's last evaluation, or an "
                                   f"earlier --eval-only); pass another --out, or --overwrite to replace it")
