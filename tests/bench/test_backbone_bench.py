@@ -1,12 +1,12 @@
 """``lomar bench --task backbone``: records per (size, attention), skips with reasons, memory estimates.
 
-Running every attention variant and encoder (one child process each, ~5 s of imports apiece) is checked
-once, by ``benchmarks/gpu_check.sh``'s CPU mode: ``tests/bench/test_gpu_check_script.py``.
+The command's child processes (one per variant, ~5 s of imports apiece) run in ``benchmarks/gpu_check.sh``'s
+CPU mode (``tests/bench/test_gpu_check_script.py``); each encoder's timed step is checked here in this process.
 """
 
 
 
-from lomar.bench.backbone import bench_backbone, estimate_bytes, model_flops
+from lomar.bench.backbone import ENCODERS, bench_backbone, estimate_bytes, model_flops, run_variant
 from lomar.cli.app import main
 
 
@@ -24,6 +24,16 @@ def test_a_variant_too_large_for_this_machine_gets_a_record_not_a_crash():
     (rec,) = bench_backbone("vit_base_patch16", [16384], ["dense"], 1, True, "cpu")
     assert rec["status"] == "skipped" and "GiB available" in rec["reason"]
     assert rec["task"] == "backbone" and rec["attention"] == "dense" and rec["step_s"] is None
+
+
+def test_every_encoder_is_timed_windowed_and_flex_is_skipped_with_its_reason_on_cpu():
+    for encoder in ENCODERS:  # lomar, mae, mae+decomposed, mae+bias: ViTDet windows over a 64 px tiny model
+        out = run_variant(dict(model="vit_base_patch16", img_size=64, variant="windowed", encoder=encoder, batch_size=1,
+                               device="cpu", grad_checkpointing=True, precision="fp32", steps=1, warmup=0, tiny=True))
+        assert len(out["step_times_s"]) == 1 and out["step_times_s"][0] > 0, encoder
+        assert out["peak_mem_kind"] == "cpu_rss_growth"
+    (rec,) = bench_backbone("vit_base_patch16", [64], ["flex"], 1, True, "cpu", tiny=True)
+    assert rec["status"] == "skipped" and "CUDA" in rec["reason"]
 
 
 def test_bad_sizes_are_one_line_errors(capsys):

@@ -25,7 +25,12 @@ PARTS = "env tests loader pretrain finetune bench mfu backbone"
 def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path / "work"),
            "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_PARTS": PARTS, "GPU_CHECK_DECODE": "draft draft-inline-imagenet",
-           "GPU_CHECK_METHODS": "lomar mae", "GPU_CHECK_COMPILE_SIZES": "64",
+           # compiled bench runs: the mfu part's reduce-overhead one (the same bench_run); their merge into
+           # ratios.json, one file per method: test_the_summary_merges_compiled_runs_of_one_file_per_method
+           "GPU_CHECK_METHODS": "lomar mae", "GPU_CHECK_COMPILE_SIZES": "",
+           # one child process per variant, ~5 s of imports each: windowed is the relpos part's, every encoder's
+           # step in-process in tests/bench/test_backbone_bench.py
+           "GPU_CHECK_BACKBONE_ATTENTION": "dense chunked flex", "GPU_CHECK_BACKBONE_ENCODERS": "lomar mae+bias",
            # the selected tests are this suite's own, run here on this device: the script's selection is checked
            "GPU_CHECK_TESTS_COLLECT": "1",
            # the device's 90 s per backbone run is a budget, not a check: a busy 2-core CPU took longer
@@ -38,8 +43,7 @@ def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
     log = (tmp_path / "out" / "summary.log").read_text()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     reports = {line.split("part ")[1].split(":")[0]: line for line in log.splitlines() if "] part " in line}
-    expected = set(PARTS.split()) - {"bench"} | {"bench-64", "bench-compile-64-lomar", "bench-compile-64-mae",
-                                                  "backbone-relpos", "mfu-tests", "mfu-2-eager",
+    expected = set(PARTS.split()) - {"bench"} | {"bench-64", "backbone-relpos", "mfu-tests", "mfu-2-eager",
                                                   "mfu-2-reduce-overhead"}
     assert expected <= reports.keys(), log[-3000:]
     failed = [line for line in reports.values() if ": ok (rc 0)" not in line]
@@ -52,9 +56,8 @@ def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
     assert "1/" in graph_tests and "tests collected" in graph_tests, graph_tests
     assert "test_pretrain.py::test_decode_gpu_trains_on_the_reference_pixels" in cuda_tests
     assert "deselected" in cuda_tests and "reduce_overhead" not in cuda_tests, cuda_tests
-    ratios = json.loads((out / "ratios.json").read_text())  # eager: one file; compiled: one file per method
-    assert sorted((r["compile"], r["other"], r["source"]) for r in ratios) == [
-        (False, "mae", "bench-64.json"), (True, "mae", "bench-compile-64-lomar.json, bench-compile-64-mae.json")]
+    ratios = json.loads((out / "ratios.json").read_text())
+    assert [(r["compile"], r["other"], r["source"]) for r in ratios] == [(False, "mae", "bench-64.json")]
     assert all(r["ratio"] > 0 and r["img_size"] == 64 for r in ratios)
     pretrain = json.loads((out / "pretrain.json").read_text())
     assert pretrain["rc"] == 0 and pretrain["steps"] == 3 and pretrain["loss_last"] is not None
@@ -75,22 +78,22 @@ def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
     # the backbone bench, one child process per variant: every attention, then every encoder side by side
     backbone = json.loads((out / "backbone.json").read_text())
     records = {r["attention"]: r for r in backbone["records"]}
-    assert list(records) == ["dense", "chunked", "flex", "windowed"]
-    for rec in (records[name] for name in ("dense", "chunked", "windowed")):
+    assert list(records) == ["dense", "chunked", "flex"]
+    for rec in (records[name] for name in ("dense", "chunked")):
         assert rec["status"] == "ok" and rec["step_s"] > 0 and rec["peak_mem_bytes"] > 0, rec
         assert rec["grad_checkpointing"] and rec["task"] == "backbone" and rec["img_size"] == 64, rec
     assert records["flex"]["status"] == "skipped" and "CUDA" in records["flex"]["reason"]
     assert backbone["meta"]["task"] == "backbone" and len(backbone["meta"]["load_avg_before"]) == 3
     relpos = json.loads((out / "backbone-relpos.json").read_text())["records"]
-    assert [r["encoder"] for r in relpos] == ["lomar", "mae", "mae+decomposed", "mae+bias"], relpos
+    assert [r["encoder"] for r in relpos] == ["lomar", "mae+bias"], relpos
     assert all(r["status"] == "ok" and r["step_s"] > 0 and r["attention"] == "windowed" for r in relpos), relpos
     loader = json.loads((out / "loader.json").read_text())
     assert {r["decode"] for r in loader["records"]} >= {"full", "draft"}
     # the MFU sweep: its two runs (profiled) and the bench part's LoMaR rows, best MFU first
     sweep = json.loads((out / "mfu.json").read_text())
     assert sorted((r["source"], r["compile_mode"], r["compile"]) for r in sweep) == [
-        ("bench-64.json", "default", False), ("bench-compile-64-lomar.json", "default", True),
-        ("mfu-2-eager.json", "default", False), ("mfu-2-reduce-overhead.json", "reduce-overhead", True)]
+        ("bench-64.json", "default", False), ("mfu-2-eager.json", "default", False),
+        ("mfu-2-reduce-overhead.json", "reduce-overhead", True)]
     assert [r["mfu"] for r in sweep] == sorted((r["mfu"] for r in sweep), reverse=True)
     assert all(r["source"].startswith("bench-") or tuple(r["time_shares"]) == KINDS for r in sweep)
     assert (out / "mfu-2-reduce-overhead-profile.json").exists() and "| 2 | reduce-overhead |" in (
@@ -106,6 +109,28 @@ def test_the_summary_script_stands_alone_and_knows_the_profile_kinds(tmp_path, c
     err = capsys.readouterr().err
     assert "got ratios " in err and "missing" in err and err.count("\n") == 1
     assert summary.main(["mfu", str(tmp_path)]) == 1  # an empty folder: nothing to rank
+
+
+def test_the_summary_merges_compiled_runs_of_one_file_per_method(tmp_path):
+    """The compiled bench runs come one process, one file, per method: their LoMaR / other ratio is of two files,
+    apart from the eager rows of one; the paper's windows win over a fixed count."""
+    summary = load_benchmark("gpu_summary")
+
+    def bench(name, compiled, *records):
+        (tmp_path / name).write_text(json.dumps({"meta": {"compile": compiled}, "records": [
+            {"img_size": 448, "window_setting": "fixed", "mfu": 0.3, **r} for r in records]}))
+
+    bench("bench-448.json", False, dict(method="lomar", step_s=1.0), dict(method="mae", step_s=2.5))
+    bench("bench-compile-448-lomar.json", True, dict(method="lomar", step_s=0.5),
+          dict(method="lomar", step_s=0.4, window_setting="paper"))
+    bench("bench-compile-448-mae.json", True, dict(method="mae", step_s=1.2))
+    bench("bench-compile-448-beit.json", True, dict(method="beit", step_s=0.0))  # no step time: no row
+    summary.main(["ratios", str(tmp_path)])
+    rows = json.loads((tmp_path / "ratios.json").read_text())
+    assert [(r["compile"], r["other"], r["ratio"], r["source"]) for r in rows] == [
+        (False, "mae", 2.5, "bench-448.json"),
+        (True, "mae", pytest.approx(3.0), "bench-compile-448-lomar.json, bench-compile-448-mae.json")]
+    assert rows[0]["paper"] is not None
 
 
 def test_an_unknown_decode_word_stops_the_check_before_any_part(tmp_path):
