@@ -36,7 +36,7 @@ from lomar.checkpoints.file_names import BEST, ENCODER_WEIGHTS, LAST, RUN_ENCODE
 from lomar.checkpoints.io import safe_load
 from lomar.checkpoints.keys import args_dict, drop_final_norm, infer_vit_config
 from lomar.checkpoints.keys_beit import beit_to_timm, load_original_beit
-from lomar.checkpoints.kinds import FINETUNE_FORMAT, run_command
+from lomar.checkpoints.kinds import FINETUNE_FORMAT, classifier_pool, run_command
 from lomar.checkpoints.reader import (
     CLASSIFIER_FORMAT,
     PRETRAIN_FORMAT,
@@ -125,8 +125,7 @@ class VitReader(Reader):
         config = _inferred_config(src, overrides)
         state = src.state
         num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
-        # `lomar finetune --global-pool cls` saves its pooling; a classifier without fc_norm pools the cls token
-        pool = src.data.get("global_pool") or ("cls" if num_classes and "fc_norm.weight" not in state else "avg")
+        pool = classifier_pool(src.data, state) if num_classes else src.data.get("global_pool") or "avg"
         model = VisionTransformer(config, num_classes=num_classes, global_pool=pool)
         if config.pos == "abs" and ("img_size" in overrides or state["pos_embed"].shape != model.pos_embed.shape):
             # resampled from the saved grid (untouched at it), as every loader does

@@ -7,7 +7,7 @@ from pathlib import Path
 from lomar.checkpoints.file_names import BEST, LAST
 
 __all__ = ["PRETRAIN_FORMAT", "CLASSIFIER_FORMAT", "FINETUNE_FORMAT", "DETECT_FORMAT", "SEGMENT_TASK", "run_command",
-           "FoundCheckpoint", "find_command_checkpoint"]
+           "FoundCheckpoint", "find_command_checkpoint", "classifier_pool"]
 
 PRETRAIN_FORMAT = "lomar-pretrain-2"  # 2: `windows` is meant for every method (an MAE run saved 4 unused)
 CLASSIFIER_FORMAT = "lomar-classifier-1"
@@ -50,3 +50,9 @@ def find_command_checkpoint(path: str | Path, command: str) -> FoundCheckpoint |
             if run_command(checkpoint) == command:
                 return FoundCheckpoint(candidate, checkpoint)
     return None
+
+
+def classifier_pool(checkpoint: dict, state: dict) -> str:
+    """How a classifier checkpoint (a head in ``state``, its weights) pools its tokens: as it saved (`lomar finetune
+    --global-pool`), else 'avg' where it holds fc_norm (the averaging head's norm), else 'cls'."""
+    return checkpoint.get("global_pool") or ("avg" if "fc_norm.weight" in state else "cls")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lomar.checkpoints.kinds import find_command_checkpoint
+from lomar.checkpoints.kinds import classifier_pool, find_command_checkpoint
 from lomar.train import settings as S
 from lomar.train.config_checks import check_eval_decode, check_eval_only_model, refuse_contradictions
 from lomar.train.settings import ConfigError, coerce_all
@@ -125,7 +125,7 @@ class FinetuneConfig(TaskConfig):
             return
         ckpt, saved = self.classifier.checkpoint, self.classifier.path
         layout = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-        pool = ckpt.get("global_pool") or ("avg" if "fc_norm.weight" in ckpt.get("model", {}) else "cls")
+        pool = classifier_pool(ckpt, ckpt.get("model", {}))
         run = ckpt.get("settings") if isinstance(ckpt.get("settings"), dict) else {}
         own = {"global_pool": pool, "img_size": layout.get("img_size"), "precision": run.get("precision"),
                "decode": run.get("decode"), **{k: layout.get(k) for k in CLASSIFIER_OWN[1:]}}
