@@ -92,7 +92,7 @@ def layer_decay_groups(model: UperNetSegmenter, lr: float, weight_decay: float, 
     (:func:`lomar.integrations.dense.layer_decay_param_groups`: the neck, heads and final norm at the full lr).
     Biases, norms, ``cls_token`` and ``pos_embed`` get no weight decay. Each group carries
     ``lr_scale`` (timm's key) and ``lr`` already scaled."""
-    no_decay = {id(p) for name, p in model.named_parameters() if p.ndim == 1 or name.endswith(".bias")
-                or name.removeprefix("backbone.encoder.") in ("cls_token", "pos_embed")}
+    no_decay = {id(p) for name, p in model.named_parameters() if p.ndim == 1 or name.endswith(".bias")}
+    no_decay |= {id(p) for name, p in model.encoder.named_parameters() if name in model.encoder.no_weight_decay()}
     groups = layer_decay_param_groups(model, model.encoder, weight_decay, layer_decay, no_decay)
     return [dict(group, lr=lr * group["lr_scale"]) for group in groups]
