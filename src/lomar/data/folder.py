@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lomar.data.class_names import classes_only_in, unicode_forms_note
 from lomar.data.decode import (
     IMAGE_EXTENSIONS,
     SYSTEM_FOLDERS,
@@ -35,7 +35,7 @@ from lomar.data.shards import SHARD_SUFFIXES, TarShardDataset, is_shard_pattern,
 from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator, sample_key
 
 __all__ = ["demo_image_paths", "find_images", "build_image_list", "ImageListDataset", "build_pretrain_dataset",
-           "LabelledImageFolder", "classes_only_in", "unicode_forms_note"]
+           "LabelledImageFolder"]
 
 log = logging.getLogger("lomar.data")
 # Real photographs that ship inside scikit-image's wheel (no download needed).
@@ -377,24 +377,3 @@ class LabelledImageFolder(Dataset):
         # Counted as an unreadable image, an augmentation that fails 1 draw in 40 blamed that many files, and
         # stopped runs with "fix or remove them" once a tenth of the set had drawn it.
         return (self.transform(image) if self.transform else image), label, path
-
-
-def classes_only_in(first: list[str], second: list[str]) -> tuple[list[str] | str, list[str] | str]:
-    """(the class names only ``first`` holds, those only ``second`` holds), each sorted or "none": what a message
-    names when two class lists differ (labels are indices, so a renamed class swaps them)."""
-    return (sorted(set(first) - set(second)) or "none", sorted(set(second) - set(first)) or "none")
-
-
-def unicode_forms_note(first: list[str], second: list[str]) -> str:
-    """"" or a clause for a class-difference message when some name of ``first`` is one of ``second`` written in
-    another Unicode form (decomposed, as macOS writes file names: an accent after its letter, or composed): printed,
-    the two look alike, and the message would name the same names on both sides."""
-    composed = {unicodedata.normalize("NFC", name): name for name in second if name not in first}
-    twins = [(name, composed[nfc]) for name in first if name not in second
-             and (nfc := unicodedata.normalize("NFC", name)) in composed]
-    if not twins:
-        return ""
-    (one, other), more = twins[0], len(twins) - 1
-    return (f" ({ascii(one)} and {ascii(other)}{f' and {more} more' if more else ''} are one name in two Unicode "
-            f"forms, decomposed as macOS writes names and composed: rename one side's folders to the other's form, "
-            f"e.g. convmv -r -f utf8 -t utf8 --nfc --notest DIR)")

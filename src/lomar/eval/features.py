@@ -21,10 +21,11 @@ from lomar.checkpoints.formats import BEiTReader, read, stopped_run_checkpoint
 from lomar.checkpoints.io import check_finite
 from lomar.checkpoints.keys import CLASSIFIER_PREFIXES, drop_final_norm
 from lomar.checkpoints.kinds import run_command
+from lomar.data.class_names import classes_only_in, unicode_forms_note
 from lomar.data.classify import bound_aspect, eval_resize
 from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker, collate_labelled
 from lomar.data.decode import load_image, load_image_reduced
-from lomar.data.folder import LabelledImageFolder, classes_only_in, unicode_forms_note
+from lomar.data.folder import LabelledImageFolder
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.errors import UsageError, in_flags, said_by_first_on_machine
 from lomar.models.attention import vitdet_global_blocks

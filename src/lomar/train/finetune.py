@@ -19,7 +19,6 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from timm.data import Mixup
@@ -31,11 +30,12 @@ from torchvision.transforms import Resize
 
 from lomar.checkpoints.io import mismatch
 from lomar.checkpoints.kinds import FINETUNE_FORMAT, FoundCheckpoint
+from lomar.data.class_names import classes_only_in, relabel, unicode_forms_note
 from lomar.data.classify import SeededSamples, classification_transforms, eval_crop_ratio
 from lomar.data.collate import UNREADABLE_LIMIT, collate_labelled, collate_labelled_refill
 from lomar.data.decode import THUMBNAIL_FOLDERS, load_image_reduced
 from lomar.data.draft_classify import DraftCropFolder
-from lomar.data.folder import LabelledImageFolder, classes_only_in, unicode_forms_note
+from lomar.data.folder import LabelledImageFolder
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError, said_by_first_on_machine
 from lomar.eval.features import load_pretrained_encoder
@@ -89,22 +89,9 @@ def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
 
 
 def _as_classifier_classes(val_set: LabelledImageFolder, found: FoundCheckpoint) -> None:
-    """--eval-only: each validation label the row of the classifier's head of its class's name (a folder that sorts
-    them otherwise is relabelled); ValueError naming the classes only one side has (rows would score other classes)."""
-    ckpt, root = found.checkpoint, val_set.root
-    saved = list(ckpt.get("classes") or [])
-    if not saved:  # saved without their names: as many, in the folder's order
-        if ckpt.get("num_classes") != len(val_set.classes):
-            raise ValueError(f"the classifier in {found.path} has {ckpt.get('num_classes')} classes, {root} "
-                             f"{len(val_set.classes)} class folders; score it on a folder of its classes")
-        return
-    if set(saved) != set(val_set.classes):
-        only = classes_only_in(saved, val_set.classes)
-        raise ValueError(f"the class folders of {root} differ from the classifier's in {found.path} (only in the "
-                         f"classifier: {only[0]}, only in {root}: {only[1]}); score it on a folder of its classes"
-                         f"{unicode_forms_note(saved, val_set.classes)}")
-    val_set.labels = np.array([saved.index(name) for name in val_set.classes])[val_set.labels]
-    val_set.classes, val_set.class_to_idx = saved, {name: i for i, name in enumerate(saved)}
+    """--eval-only: each validation label the row of the classifier's head of its class's name
+    (:func:`lomar.data.class_names.relabel`); ValueError naming the classes only one side has."""
+    relabel(val_set, found.checkpoint.get("classes"), found.checkpoint.get("num_classes"), found.path)
 
 
 def _val_load(val_tf):
