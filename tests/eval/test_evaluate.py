@@ -240,6 +240,25 @@ def test_a_finetuned_head_is_kept_only_for_the_classes_it_was_trained_on(tmp_pat
     assert "so the head is initialised afresh" in capsys.readouterr().out
 
 
+def test_a_finetuned_head_over_the_same_classes_in_another_order_keeps_its_rows_in_the_datas_order(tmp_path):
+    """--eval-only's rule for a new finetuning from a classifier: a head saved over ['dog', 'owl', 'cat'] continued on
+    folders that sort them ['cat', 'dog', 'owl'] keeps its rows (and biases), each moved to its class's index, so
+    every image scores each class as the checkpoint's model did; the note says so."""
+    torch.manual_seed(0)
+    classifier = VisionTransformer(ViTConfig(**VIT), num_classes=3).eval()
+    torch.nn.init.normal_(classifier.head.bias)  # rows told apart by their biases too
+    atomic_save({"model": classifier.state_dict(), "config": classifier.config.to_dict(), "num_classes": 3,
+                 "classes": ["dog", "owl", "cat"], "format": "lomar-finetune-1", "global_pool": "avg"},
+                tmp_path / "best.pt")
+    model = load_pretrained_encoder(tmp_path / "best.pt", num_classes=3, classes=["cat", "dog", "owl"]).eval()
+    assert model.load_report.fresh == []
+    assert "its head's rows put in the data's class order (the same 3 classes, saved in another order)" in (
+        model.load_report.summary())
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), classifier(images)[:, [2, 0, 1]])
+
+
 def test_a_head_over_the_same_names_in_another_unicode_form_says_so(tmp_path):
     """Saved on macOS ('cafe' + a combining accent) and read on Linux (one accented letter): the two print alike,
     so the note that drops the head names them in ASCII and the rename that would keep it."""

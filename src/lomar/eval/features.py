@@ -21,7 +21,7 @@ from lomar.checkpoints.formats import BEiTReader, read, stopped_run_checkpoint
 from lomar.checkpoints.io import check_finite
 from lomar.checkpoints.keys import CLASSIFIER_PREFIXES, drop_final_norm
 from lomar.checkpoints.kinds import run_command
-from lomar.data.class_names import classes_only_in, unicode_forms_note
+from lomar.data.class_names import classes_only_in, rows_by_name, unicode_forms_note
 from lomar.data.classify import bound_aspect, eval_resize
 from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker, collate_labelled
 from lomar.data.decode import load_image, load_image_reduced
@@ -80,7 +80,8 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     is interpolated to a new ``img_size``. ``num_classes > 0`` adds ``fc_norm`` + ``head``
     (``global_pool='cls'``: the pretrained final norm + ``head``), freshly initialised unless the
     source holds a head of the same size, and, where ``classes`` (the names of the head's rows) is given and the
-    source saved its own (a ``lomar finetune`` checkpoint), of the same classes.
+    source saved its own (a ``lomar finetune`` checkpoint), of the same classes: in another order, its rows are put
+    in the order of ``classes`` (:func:`_head_rows`).
 
     Loading is strict about the encoder (any missing or misshapen encoder weight is an
     error naming it) and non-strict only for the classifier. The returned module carries
@@ -125,13 +126,15 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     # A finetuned classifier has no final norm (it pools into fc_norm): as a plain encoder
     # it gets a fresh, identity-initialised one.
     from_classifier = any(k.startswith("fc_norm.") for k in state)
-    relabel = _other_classes(src.data.get("classes"), classes)
-    if relabel:
-        report.notes.append(relabel)
+    rows, note = _head_rows(src.data.get("classes"), classes)
+    report.notes += [note] if note else []
+    other_classes = note is not None and rows is None
     for key in [k for k in state if k.startswith(CLASSIFIER_PREFIXES)]:
-        if key not in own or own[key].shape != state[key].shape or (relabel and key.startswith("head.")):
+        if key not in own or own[key].shape != state[key].shape or (other_classes and key.startswith("head.")):
             report.dropped.append(key)
             del state[key]
+        elif rows is not None and key.startswith("head."):  # row i scores the data's class i
+            state[key] = state[key][rows]
     if num_classes and global_pool == "avg":
         state, unused = drop_final_norm(state)
         report.dropped.extend(unused)
@@ -163,16 +166,21 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     return model
 
 
-def _other_classes(saved, classes: list[str] | None) -> str | None:
-    """The note that a source's head, trained on other named classes than ``classes``, starts afresh; None when
-    either list is unknown or they are the same. Row i of a head is its i-th class: kept for as many classes under
-    other names, it would relabel them silently (as ``lomar finetune --resume`` refuses to)."""
+def _head_rows(saved, classes: list[str] | None) -> tuple[list[int] | None, str | None]:
+    """(the rows of a source's head in the data's order, the note that says so) where ``saved`` (the names of its
+    rows) are ``classes`` in another order; (None, the note that the head starts afresh) where they are other names
+    (kept, row i would score another class: relabelling them silently, as ``lomar finetune --resume`` refuses to);
+    (None, None) where either list is unknown or they are the same. One rule with --eval-only's
+    (:func:`lomar.data.class_names.rows_by_name`)."""
     if classes is None or not isinstance(saved, (list, tuple)) or list(saved) == list(classes):
-        return None
+        return None, None
+    if (rows := rows_by_name(saved, classes)) is not None:
+        return rows, (f"its head's rows put in the data's class order (the same {len(rows)} classes, saved in another "
+                      f"order)")
     only = classes_only_in(saved, classes)[0]
-    differ = f"e.g. {only[0]!r} is not one of the data's" if only != "none" else "in another order"
-    return (f"its head was trained on other classes ({len(saved)}, {differ}), so the head is initialised afresh"
-            f"{unicode_forms_note(list(saved), classes)}")
+    differ = f"e.g. {only[0]!r} is not one of the data's" if only != "none" else f"the data has {len(classes)}"
+    return None, (f"its head was trained on other classes ({len(saved)}, {differ}), so the head is initialised "
+                  f"afresh{unicode_forms_note(list(saved), classes)}")
 
 
 def _load_beit(weights, src, num_classes: int, global_pool: str, overrides: dict, notes: list[str]):
