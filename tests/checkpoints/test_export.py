@@ -21,6 +21,7 @@ from lomar.checkpoints.io import atomic_save
 from lomar.checkpoints.keys import lomar_to_original
 from lomar.cli.app import main
 from lomar.errors import UsageError
+from lomar.eval.features import load_pretrained_encoder
 from lomar.models.mae_window import MAEWindow
 
 timm = pytest.importorskip("timm")
@@ -167,6 +168,41 @@ def test_windowed_classifier_checkpoint_exports_its_windows(tmp_path, layout):
     m = timm.create_model(f"local-dir:{tmp_path / 'exp'}", pretrained=True).eval()
     for model in (load_model(tmp_path / "best.pt"), create_encoder(tmp_path / "exp"), m):
         assert torch.equal(model.eval()(X), ours(X))
+
+
+def test_a_finetuned_classifiers_export_names_its_classes_so_its_head_is_kept_only_for_them(tmp_path, capsys):
+    """Row i of a head is its i-th class: `lomar export` writes a finetune checkpoint's class names (timm's
+    label_names), so --pretrained EXPORT over as many other classes starts a fresh head and says so, as the
+    checkpoint itself does; the same classes in another order keep it, rows in the data's order. An export without
+    names (an older one) keeps a head of the same size; names that cannot be the rows' are refused in one line."""
+    torch.manual_seed(0)
+    ours = _perturb(VisionTransformer(TINY, num_classes=3)).eval()
+    atomic_save({"model": ours.state_dict(), "config": ours.config.to_dict(), "num_classes": 3,
+                 "classes": ["cat", "dog", "owl"], "format": "lomar-finetune-1", "global_pool": "avg"},
+                tmp_path / "best.pt")
+    exp = tmp_path / "exp"
+    assert main(["export", str(tmp_path / "best.pt"), "--to", str(exp)]) == 0
+    config = json.loads((exp / "config.json").read_text())
+    assert config["label_names"] == ["cat", "dog", "owl"]
+    assert timm.create_model(f"local-dir:{exp}", pretrained=True).pretrained_cfg["label_names"] == config["label_names"]
+    other = load_pretrained_encoder(exp, num_classes=3, classes=["ant", "bee", "cat"])
+    assert other.load_report.fresh == ["head.weight", "head.bias"] and "initialised afresh" in (
+        other.load_report.summary())
+    shuffled = load_pretrained_encoder(exp, num_classes=3, classes=["owl", "cat", "dog"]).eval()
+    torch.testing.assert_close(shuffled(X), ours(X)[:, [2, 0, 1]])
+    assert main(["export", str(exp), "--to", str(tmp_path / "again")]) == 0  # an export's export keeps them
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["label_names"] == config["label_names"]
+    assert main(["export", str(tmp_path / "best.pt"), "--to", str(tmp_path / "plain"), "--drop-head"]) == 0
+    assert "label_names" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    del config["label_names"]  # an export written without them reads as it always did
+    (exp / "config.json").write_text(json.dumps(config))
+    assert load_pretrained_encoder(exp, num_classes=3, classes=["ant", "bee", "cat"]).load_report.fresh == []
+    (exp / "config.json").write_text(json.dumps({**config, "label_names": ["cat", "dog"]}))
+    with pytest.raises(UsageError, match=r"config.json: label_names name 2 classes for a head of 3; re-export"):
+        create_encoder(exp)
+    capsys.readouterr()
+    assert main(["export", str(exp), "--to", str(tmp_path / "refused")]) == 2
+    assert "label_names name 2 classes for a head of 3" in capsys.readouterr().err
 
 
 def test_timm_reads_original_checkpoint():

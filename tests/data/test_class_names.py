@@ -3,7 +3,7 @@
 import pytest
 
 from helpers import write_images
-from lomar.data.class_names import relabel, rows_by_name
+from lomar.data.class_names import names_problem, relabel, rows_by_name
 from lomar.data.folder import LabelledImageFolder
 
 
@@ -28,3 +28,11 @@ def test_relabel_gives_each_image_the_row_of_its_class_name(tmp_path):
         relabel(folder, None, 2, "best.pt")
     with pytest.raises(ValueError, match=r"only in the classifier: \['emu'\], only in .*: \['owl'\]\); score it"):
         relabel(folder, ["cat", "dog", "emu"], 3, "best.pt")
+
+
+def test_names_read_from_a_file_must_be_as_many_distinct_strings_as_rows():
+    assert names_problem(["cat", "dog"], 2) is None
+    assert names_problem(["cat", "dog"], 3) == "name 2 classes for a head of 3"
+    assert names_problem(["cat", "cat"], 2) == "name 'cat' twice: each row is one class"
+    assert names_problem(["cat", 3], 2).startswith("must be a list of class names (strings)")
+    assert names_problem("cat", 3).startswith("must be a list of class names (strings), got cat")

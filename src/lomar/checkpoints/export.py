@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save
 from lomar.checkpoints.export_leftovers import export_lock, stale_leftovers
 from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS, FITTED_TOKENIZER
 from lomar.checkpoints.io import atomic_write_bytes, check_finite, write_error
+from lomar.data.class_names import names_problem
 from lomar.data.classify import eval_crop_ratio
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.errors import UsageError
@@ -78,9 +79,7 @@ def timm_pretrained_cfg(in_chans: int, img_size: int | tuple[int, int], num_clas
 def _per_channel(rgb: tuple[float, ...], in_chans: int) -> list[float]:
     """ImageNet's RGB statistic for ``in_chans`` channels as timm's adapt_input_conv maps an RGB stem onto them: one
     grey channel takes all three (their mean: the stem's weights summed), others cycle through R, G, B."""
-    if in_chans == 1:
-        return [round(sum(rgb) / len(rgb), 4)]
-    return [rgb[c % len(rgb)] for c in range(in_chans)]
+    return [round(sum(rgb) / len(rgb), 4)] if in_chans == 1 else [rgb[c % len(rgb)] for c in range(in_chans)]
 
 
 def write_export(out: Path, weights_name: str, state: dict, config: dict) -> Path:
@@ -344,6 +343,7 @@ class Export(NamedTuple):
     global_pool: str
     new_head: bool  # another head (size or pooling) than the export's: it starts fresh
     table_grid: tuple[int, int] | None = None  # the saved absolute table's grid, when img_size=... asks for another
+    classes: list[str] | None = None  # its head's rows' class names (config.json's label_names, timm's key), if kept
 
 
 def read_export(path: str | Path, **overrides) -> Export:
@@ -377,10 +377,11 @@ def read_export(path: str | Path, **overrides) -> Export:
     # a caller asking for another head (or pooling): it starts fresh
     new_head = num_classes != data.get("num_classes", 0) or pool != data.get("global_pool", "avg")
     head = ("head.", "fc_norm.") if new_head else ()
-    check_fits(weights, config_path, expected, shapes, absent_ok=head + ("norm.",) if new_head else (),
-               reshaped_ok=head)
+    check_fits(weights, config_path, expected, shapes, absent_ok=(*head, "norm.") if new_head else (), reshaped_ok=head)
     _check_model_args(config_path, data)  # after the shapes: a weights file that does not fit is the first problem
-    return Export(config, num_classes, weights, pool, new_head, table_grid)
+    if (names := data.get("label_names")) is not None and (bad := names_problem(names, data.get("num_classes", 0))):
+        raise UsageError(f"{config_path}: label_names {bad}; re-export the classifier")
+    return Export(config, num_classes, weights, pool, new_head, table_grid, None if new_head or not names else names)
 
 
 def create_encoder(path: str | Path, **overrides) -> VisionTransformer:

@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
             # an averaging classifier pooled into fc_norm and has no final norm: the encoder's starts as identity
             head = ", head dropped" + (", final norm new (identity)" if missing else "")
             encoder = plain
-        write = lambda: export_encoder(encoder, out, metadata={"source": str(args.checkpoint), **meta},
+        names = _label_names(args.checkpoint, encoder.num_classes) if encoder.num_classes else {}
+        write = lambda: export_encoder(encoder, out, metadata={"source": str(args.checkpoint), **meta, **names},
                                        overwrite=args.overwrite)
         c = encoder.config
         what = f"encoder of {args.checkpoint} ({meta['method']}{head})"
@@ -77,6 +78,26 @@ def run(args: argparse.Namespace) -> int:
           f"{out / CONFIG_NAME}")
     print(f"lomar: load with {load}")
     return 0
+
+
+def _label_names(path: str, rows: int) -> dict:
+    """config.json's ``label_names`` (timm's key) for a classifier's head of ``rows`` rows: the class names its
+    checkpoint (a `lomar finetune` one) or export saved, so that a reader keeps the head only for the same classes;
+    {} where it saved none. UsageError where they cannot name the rows."""
+    from lomar.checkpoints.export import read_export  # torch: not for --help
+    from lomar.checkpoints.formats import read  # torch: not for --help
+    from lomar.data.class_names import names_problem  # numpy: not for --help
+
+    try:
+        _, src = read(path, mmap=True)  # the weights mapped, not read again
+    except ValueError:  # torch's legacy format, which cannot be mapped: no lomar classifier is saved in it
+        return {}
+    names = read_export(src.path).classes if src.format == "export" else src.data.get("classes")
+    if names is None:
+        return {}
+    if problem := names_problem(names, rows):
+        raise UsageError(f"{path}: its classes {problem}; export it with --drop-head, or fix its classes")
+    return {"label_names": list(names)}
 
 
 def _refuse_existing(out: Path, names: tuple[str, ...], overwrite: bool) -> None:

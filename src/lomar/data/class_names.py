@@ -4,11 +4,12 @@ rows to a class folder's classes by name (labels are indices, so the same names 
 from __future__ import annotations
 
 import unicodedata
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["classes_only_in", "unicode_forms_note", "rows_by_name", "relabel"]
+__all__ = ["classes_only_in", "unicode_forms_note", "rows_by_name", "relabel", "names_problem"]
 
 
 def classes_only_in(first: list[str], second: list[str]) -> tuple[list[str] | str, list[str] | str]:
@@ -40,6 +41,16 @@ def rows_by_name(saved: Sequence[str], names: Sequence[str]) -> list[int] | None
         return None
     row = {name: i for i, name in enumerate(saved)}
     return [row[name] for name in names]
+
+
+def names_problem(names: object, count: int) -> str | None:
+    """Why ``names`` (read from a file) cannot name the ``count`` rows of a head, as the end of a message about them,
+    or None: they must be as many distinct strings."""
+    if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+        return f"must be a list of class names (strings), got {str(names)[:60]}"
+    if twice := sorted(name for name, times in Counter(names).items() if times > 1):
+        return f"name {twice[0]!r} twice: each row is one class"
+    return None if len(names) == count else f"name {len(names)} classes for a head of {count}"
 
 
 def relabel(dataset, names: Sequence[str] | None, count: int | None, source: object) -> None:

@@ -17,6 +17,7 @@ from timm.models.beit import Beit, checkpoint_filter_fn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
+from lomar.checkpoints.export import read_export
 from lomar.checkpoints.formats import BEiTReader, read, stopped_run_checkpoint
 from lomar.checkpoints.io import check_finite
 from lomar.checkpoints.keys import CLASSIFIER_PREFIXES, drop_final_norm
@@ -80,8 +81,8 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     is interpolated to a new ``img_size``. ``num_classes > 0`` adds ``fc_norm`` + ``head``
     (``global_pool='cls'``: the pretrained final norm + ``head``), freshly initialised unless the
     source holds a head of the same size, and, where ``classes`` (the names of the head's rows) is given and the
-    source saved its own (a ``lomar finetune`` checkpoint), of the same classes: in another order, its rows are put
-    in the order of ``classes`` (:func:`_head_rows`).
+    source saved its own (a ``lomar finetune`` checkpoint, its export), of the same classes: in another order, its
+    rows are put in the order of ``classes`` (:func:`_head_rows`).
 
     Loading is strict about the encoder (any missing or misshapen encoder weight is an
     error naming it) and non-strict only for the classifier. The returned module carries
@@ -126,7 +127,9 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     # A finetuned classifier has no final norm (it pools into fc_norm): as a plain encoder
     # it gets a fresh, identity-initialised one.
     from_classifier = any(k.startswith("fc_norm.") for k in state)
-    rows, note = _head_rows(src.data.get("classes"), classes)
+    # an export names its head's rows in its config.json (label_names), a finetune checkpoint in its "classes"
+    saved = read_export(src.path).classes if classes and src.format == "export" else src.data.get("classes")
+    rows, note = _head_rows(saved, classes)
     report.notes += [note] if note else []
     other_classes = note is not None and rows is None
     for key in [k for k in state if k.startswith(CLASSIFIER_PREFIXES)]:
