@@ -133,6 +133,48 @@ def test_a_non_square_classifier_loads_at_its_saved_size_and_a_bare_one_asks_for
     assert formats.load_model(tmp_path / "bare.pt", num_heads=2, img_size=(32, 48)).config.img_size == (32, 48)
 
 
+def test_a_classifier_is_rebuilt_from_the_vit_config_it_saved_and_a_held_checkpoint_is_not_read_again(
+        tmp_path, monkeypatch):
+    """A `lomar finetune` checkpoint's saved ViTConfig rebuilds it as trained, the settings no shape tells too (its
+    attention, drop path); a caller that holds the checkpoint (finetune --eval-only) identifies it without a read."""
+    from dataclasses import replace
+
+    from lomar.checkpoints.kinds import FINETUNE_FORMAT
+
+    torch.manual_seed(0)
+    config = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, pos="abs", attention="chunked",
+                       drop_path=0.1, window_size=2, global_blocks=(1,))
+    classifier = VisionTransformer(config, num_classes=3)
+    atomic_save({"model": classifier.state_dict(), "config": config.to_dict(), "global_pool": "avg",
+                 "format": FINETUNE_FORMAT}, tmp_path / "best.pt")
+    held = safe_load(tmp_path / "best.pt")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("read again"))
+    reader, src = formats.identify(tmp_path / "best.pt", held)
+    loaded = reader.model(src, {})
+    monkeypatch.undo()
+    assert (src.format, loaded.config) == ("lomar-vit", config)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.eval()(x), classifier.eval()(x))
+    wider = formats.load_model(tmp_path / "best.pt", img_size=48, attention="dense")
+    assert wider.config == replace(config, img_size=48, attention="dense")
+
+
+def test_a_saved_config_that_does_not_describe_its_weights_is_refused_before_a_model_is_built(tmp_path, monkeypatch):
+    """A checkpoint of tiny tensors whose saved ViTConfig claims a 200-billion-parameter encoder: every reader of
+    it refuses it in one line, naming what differs, and builds nothing."""
+    from lomar.eval.features import load_pretrained_encoder
+    from lomar.models import vit
+
+    claims = {**VIT.to_dict(), "embed_dim": 16384, "depth": 64, "num_heads": 16}
+    atomic_save({"model": VisionTransformer(VIT, num_classes=3).state_dict(), "config": claims}, tmp_path / "big.pt")
+    monkeypatch.setattr(vit.VisionTransformer, "__init__", lambda *a, **k: pytest.fail("a model was built"))
+    for read in (formats.load_model, formats.encoder_weights, load_pretrained_encoder):  # load_model's read first
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'big.pt'}: its saved config does not describe its "
+                                                       f"weights: embed_dim 16384 (its weights: 32), depth 64 (its "
+                                                       f"weights: 2), num_heads 16 (its weights: 2)")):
+            read(tmp_path / "big.pt")
+
+
 def test_a_command_takes_a_non_square_size_for_a_bare_checkpoint(tmp_path, capsys):
     """--img-size took one integer, which the library's 'pass img_size=(height, width)' was reworded into."""
     from lomar.cli.app import main

@@ -446,6 +446,8 @@ def test_eval_only_scores_a_finetuned_classifier_as_its_run_did(tmp_path, capsys
     assert (at48["img_size"], at48["trained_img_size"]) == (48, 32) and 0 <= at48["top1"] <= 1
     write_images(tmp_path / "other" / "a", 1)
     write_images(tmp_path / "other" / "zebra", 1)
+    deeper = tmp_path / "deeper.pt"  # a saved config that is not its weights': named by the checkpoint reader
+    torch.save({**ckpt, "config": {**ckpt["config"], "depth": 3}}, deeper)
     # a BEiT encoder's classifier saves BEiT's config (embed_dim too): refused as one, not read as a ViT's weights
     ckpt["config"] = BEiTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, vocab_size=8).to_dict()
     torch.save(ckpt, tmp_path / "beit.pt")
@@ -462,6 +464,8 @@ def test_eval_only_scores_a_finetuned_classifier_as_its_run_did(tmp_path, capsys
                                              f"in {run / 'best.pt'} (only in the classifier: ['b', 'c', 'd', 'e', "
                                              f"'f'], only in {tmp_path / 'other'}: ['zebra'])"),
         (["--pretrained", str(pretrained)], f"--pretrained {pretrained} is not a `lomar finetune` run or checkpoint"),
+        (["--pretrained", str(deeper)], f"--pretrained {deeper}: its saved config does not describe its weights: "
+                                        f"depth 3 (its weights: 2)"),
     ]:
         assert main([*evaluate, "--pretrained", str(run), "--out", str(tmp_path / "refused"), *flags]) == 2
         err = capsys.readouterr().err

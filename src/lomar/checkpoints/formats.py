@@ -1,42 +1,44 @@
 """Every checkpoint format lomar reads: detected once, one reader per format.
 
-:func:`read` loads a path, asks each registered :class:`~lomar.checkpoints.reader.Reader` in
-priority order whether the contents are its format, and returns a ``Source``. A reader turns a
-source into a full model (:meth:`Reader.model`, for ``export``/``visualize``) or into encoder
-weights with our key names (:meth:`Reader.encoder`, for finetuning and probes). Our formats and
-BEiT's are here; the original code's in :mod:`~lomar.checkpoints.original`. Priorities run from 5
-(BEiT's, whose keys overlap ours) over 10 (ours) to 90 (the original-LoMaR fallback).
+:func:`read` loads a path and :func:`identify` asks each registered
+:class:`~lomar.checkpoints.reader.Reader` in priority order whether the loaded contents are its format (a
+caller that holds them already identifies them without a second read), giving a ``Source``. A reader turns
+a source into a full model (:meth:`Reader.model`, for ``export``/``visualize``) or into encoder
+weights with our key names (:meth:`Reader.encoder`, for finetuning and probes). Our formats are here,
+BEiT's in :mod:`~lomar.checkpoints.formats_beit`, the original code's in :mod:`~lomar.checkpoints.original`.
+Priorities run from 5 (BEiT's, whose keys overlap ours) over 10 (ours) to 90 (the original-LoMaR fallback).
 
 A pretraining checkpoint holds a ``model_spec`` (:mod:`lomar.models.spec`), which rebuilds the
-model without training code; checkpoints written before it are read from their saved settings.
-
-A BEiT reader (our pretraining ``last.pt``, a BEiT export folder, an original BEiT pretraining
-checkpoint) gives the full pretraining :class:`~lomar.models.beit.BEiT` (:meth:`Reader.model`) and,
-for finetuning and probes, :meth:`BEiTReader.timm_weights`: the encoder in timm's ``Beit`` layout
-with the relative position bias per block, each block's table initialised from the shared
-pretraining one (BEiT's finetuning recipe), mask token and ``lm_head`` dropped.
+model without training code; checkpoints written before it are read from their saved settings. A
+classifier saves its :class:`ViTConfig` (``lomar finetune``: ``config``, a classifier checkpoint:
+``vit_config``), which rebuilds it as trained; the shapes of its weights tell the rest of an encoder.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 import lomar.checkpoints.original  # noqa: F401  registers the original-LoMaR/MAE readers
 from lomar.checkpoints.export import CONFIG_NAME, create_encoder
-from lomar.checkpoints.export_beit import read_beit_export, timm_beit_args
 from lomar.checkpoints.export_leftovers import interrupted_export
 from lomar.checkpoints.file_names import BEST, ENCODER_WEIGHTS, LAST, RUN_ENCODER
-from lomar.checkpoints.io import safe_load
+from lomar.checkpoints.formats_beit import (
+    BEiTExportReader,
+    BEiTFinetuneReader,
+    BEiTPretrainReader,
+    BEiTReader,
+    OriginalBEiTReader,
+    TimmBeitWeights,
+)
+from lomar.checkpoints.io import mismatch, safe_load
 from lomar.checkpoints.keys import args_dict, drop_final_norm, infer_vit_config
-from lomar.checkpoints.keys_beit import beit_to_timm, load_original_beit
-from lomar.checkpoints.kinds import FINETUNE_FORMAT, classifier_pool, run_command
+from lomar.checkpoints.kinds import classifier_pool, run_command
 from lomar.checkpoints.reader import (
     CLASSIFIER_FORMAT,
     PRETRAIN_FORMAT,
@@ -50,29 +52,48 @@ from lomar.checkpoints.reader import (
     saved_settings,
 )
 from lomar.checkpoints.sharded import read_sharded
-from lomar.models.beit import BEiT, BEiTConfig
 from lomar.models.masking import grid_size
 from lomar.models.vit import VisionTransformer, ViTConfig
 from lomar.values import is_size
 
-__all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "read", "holds_beit", "peek_encoder",
-           "load_model", "encoder_weights", "stopped_run_checkpoint",
+__all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "read", "identify", "VitReader", "holds_beit",
+           "peek_encoder", "load_model", "encoder_weights", "stopped_run_checkpoint",
            "saved_settings", "PRETRAIN_FORMAT", "CLASSIFIER_FORMAT", "BEiTReader", "BEiTPretrainReader",
            "BEiTExportReader", "OriginalBEiTReader", "BEiTFinetuneReader", "TimmBeitWeights"]
 
+# An encoder's settings that no weight fixes, which a caller may choose for a checkpoint that saved its ViTConfig
+# too (``window_size`` is LoMaR's K among load_model's overrides, not the ViTDet windows a classifier saved).
+_FREE = ("img_size", "attention", "drop_path")
+
+
+def _saved_config(src: Source) -> tuple[str, ViTConfig] | None:
+    """The key and the ViTConfig a classifier checkpoint saved (``lomar finetune``: ``config``,
+    :func:`pretrain_checkpoint`: ``vit_config``), None where it saved none. ValueError where it does not describe
+    the weights beside it, told before any model of it is built (a small file that claims huge widths builds none)."""
+    saved = [k for k in ("config", "vit_config") if isinstance(src.data.get(k), dict) and "embed_dim" in src.data[k]]
+    if not saved:
+        return None
+    key = saved[0]
+    try:
+        config = ViTConfig.from_dict(src.data[key])
+        shapes = infer_vit_config(src.state, {"num_heads": config.num_heads}, img_size=config.img_size)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{src.path}: its saved {key} is not its encoder's ViTConfig ({exc})") from None
+    differ = [f"{name} {getattr(config, name)!r} (its weights: {getattr(shapes, name)!r})" for name in
+              ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "pos", "rel_pos")
+              if getattr(config, name) != getattr(shapes, name)]
+    if (hidden := src.state["blocks.0.mlp.fc1.weight"].shape[0]) != int(config.embed_dim * config.mlp_ratio):
+        differ.append(f"mlp_ratio {config.mlp_ratio:g} (its weights: {hidden / config.embed_dim:g})")
+    if differ:
+        raise ValueError(f"{src.path}: its saved {key} does not describe its weights: {', '.join(differ)}")
+    return key, config
+
 
 def _inferred_config(src: Source, overrides: dict) -> ViTConfig:
-    """The encoder's config from its shapes and saved sizes, with the ViTDet windows of the ViTConfig a
-    classifier checkpoint saved (``lomar finetune``: ``config``, :func:`pretrain_checkpoint`: ``vit_config``):
-    no shape tells them, and the same weights with global attention are another model."""
+    """The encoder's config from its shapes and the sizes its run saved (an original checkpoint's ``args``)."""
     hints = args_dict(src.data, ("config", "vit_config", "args"))
     hints = {k: v for k, v in hints.items() if k in ("num_heads", "img_size", "input_size") and is_size(v)}
-    config = infer_vit_config(src.state, hints, **overrides)
-    for key in ("config", "vit_config"):
-        saved = src.data.get(key)
-        if isinstance(saved, dict) and "global_blocks" in saved:  # a PretrainConfig has none
-            return replace(config, window_size=saved.get("window_size", 0), global_blocks=saved["global_blocks"])
-    return config
+    return infer_vit_config(src.state, hints, **overrides)
 
 
 def _unknown_grid(src: Source) -> ValueError:
@@ -121,34 +142,50 @@ class VitReader(Reader):
     def detect(self, data, state):
         return "patch_embed.proj.weight" in state and all(_VIT_KEY.match(k) for k in state)
 
-    def model(self, src, overrides):
+    def trained_config(self, src: Source, overrides: dict | None = None) -> ViTConfig:
+        """The encoder's config as trained: the ViTConfig its checkpoint saved, else one inferred from its shapes
+        (``overrides``: ``num_heads``, and ``img_size`` where nothing else tells a non-square table's grid)."""
+        if (saved := _saved_config(src)) is not None:
+            return saved[1]
+        overrides = overrides or {}
+        try:
+            return _inferred_config(src, {k: v for k, v in overrides.items() if k != "img_size"})
+        except ValueError:  # no size saved and a non-square table: img_size can only name the table's own grid
+            if "img_size" not in overrides:
+                raise
         config = _inferred_config(src, overrides)
-        state = src.state
+        grid = grid_size(config.img_size, config.patch_size)
+        if config.pos == "abs" and src.state["pos_embed"].shape[1] - 1 != grid[0] * grid[1]:
+            raise _unknown_grid(src)  # img_size is the size to resample to
+        return config
+
+    def model(self, src, overrides):
+        trained, state = self.trained_config(src, overrides), src.state
+        config = replace(trained, **{k: v for k, v in overrides.items() if k in _FREE})
         num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
         pool = classifier_pool(src.data, state) if num_classes else src.data.get("global_pool") or "avg"
         model = VisionTransformer(config, num_classes=num_classes, global_pool=pool)
-        if config.pos == "abs" and ("img_size" in overrides or state["pos_embed"].shape != model.pos_embed.shape):
-            # resampled from the saved grid (untouched at it), as every loader does
-            try:
-                saved = _inferred_config(src, {k: v for k, v in overrides.items() if k != "img_size"})
-            except ValueError:  # no size saved and a non-square table: img_size named the table's own grid
-                if state["pos_embed"].shape != model.pos_embed.shape:  # img_size is the size to resample to
-                    raise _unknown_grid(src) from None
-                saved = config
-            source = grid_size(saved.img_size, saved.patch_size)
-            state = {**state, "pos_embed": model.fit_pos_embed(state["pos_embed"], source)}
+        table, source = state.get("pos_embed"), grid_size(trained.img_size, trained.patch_size)
+        if model.pos_embed is not None and table is not None and (
+                source != model.grid or table.shape != model.pos_embed.shape):
+            # resampled from the trained grid (untouched at it), as every loader does
+            state = {**state, "pos_embed": model.fit_pos_embed(table, source)}
         if num_classes and pool == "avg":
             state, _ = drop_final_norm(state)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        unfit = f"weights do not fit the {config.embed_dim}-wide, {config.depth}-deep encoder"
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # a shape that overrides changed (num_heads of an RPE encoder)
+            raise ValueError(f"{unfit}: {mismatch(exc)}") from None
         if unexpected or set(missing) - {"pos_embed"}:
-            raise ValueError(f"weights do not fit the inferred {config.embed_dim}-wide, {config.depth}-deep "
-                             f"encoder: missing {missing}, unexpected {unexpected}")
+            raise ValueError(f"{unfit}: missing {missing}, unexpected {unexpected}")
         return model
 
     def encoder(self, src, overrides):
-        saved = src.data.get("config")
-        if isinstance(saved, dict) and "embed_dim" in saved:  # a finetune checkpoint keeps its ViTConfig
-            return EncoderWeights(ViTConfig.from_dict(saved), dict(src.state), [], "finetune checkpoint")
+        if (saved := _saved_config(src)) is not None:
+            key, config = saved
+            return EncoderWeights(config, dict(src.state), [],
+                                  "finetune checkpoint" if key == "config" else "classifier checkpoint")
         try:
             config = _inferred_config(src, overrides)
         except ValueError as exc:  # a caller's img_size is the size to resample to, not the table's
@@ -179,115 +216,6 @@ register(VitReader(), 20)
 register(ExportReader(), 30)
 
 
-# ---- BEiT --------------------------------------------------------------------------------------
-@dataclass
-class TimmBeitWeights:
-    """A BEiT encoder as timm ``Beit(**timm_args)`` (no classifier) and its state dict under timm keys."""
-
-    config: BEiTConfig  # of the pretraining model
-    timm_args: dict
-    state: dict[str, torch.Tensor]
-    dropped: list[str] = field(default_factory=list)  # source keys the encoder does not use
-    source: str = ""
-
-
-class BEiTReader(Reader):
-    """A BEiT format: subclasses give :meth:`model` (our :class:`BEiT`, weights loaded)."""
-
-    source = ""  # what :class:`TimmBeitWeights` names as its source
-
-    def timm_weights(self, src: Source, overrides: dict) -> TimmBeitWeights:
-        beit = self.model(src, overrides)
-        state = beit.state_dict()
-        timm_state = beit_to_timm(state, per_block=True)
-        dropped = sorted(k for k in state if k.startswith(("lm_head.", "mask_token")))
-        return TimmBeitWeights(beit.config, timm_beit_args(beit), timm_state, dropped, self.source)
-
-    def encoder(self, src: Source, overrides: dict) -> EncoderWeights:
-        raise ValueError(f"{src.path} holds a BEiT encoder, which has no VisionTransformer form; load it with "
-                         f"lomar.eval.features.load_pretrained_encoder (a timm Beit)")
-
-
-class BEiTPretrainReader(BEiTReader):
-    """Ours: ``lomar pretrain --method beit`` output, ``{"model": BEiTPretrain state ('beit.*'), "config"}``."""
-
-    name, source = "lomar-pretrain-beit", "pretrain checkpoint (beit)"
-
-    def detect(self, data, state):
-        config = data.get("config")
-        return isinstance(config, dict) and config.get("method") == "beit" and any(k.startswith("beit.") for k in state)
-
-    def model(self, src, overrides):
-        if "beit.lm_head.weight" not in src.state:
-            raise ValueError(f"{src.path}: BEiT checkpoint without beit.lm_head.weight; it is incomplete")
-        return build_strict(pretrain_spec(src), src.state, src.path)
-
-
-class BEiTExportReader(BEiTReader):
-    """A folder from ``lomar export`` / ``lomar pretrain --method beit``: config.json ("method": "beit")."""
-
-    name = "export-beit"
-
-    def detect_folder(self, path: Path) -> bool:
-        try:
-            return json.loads((path / CONFIG_NAME).read_text()).get("method") == "beit"
-        except (OSError, ValueError, AttributeError, RecursionError):  # not ours to report: the export reader does
-            return False
-
-    def model(self, src, overrides):
-        weights = self.timm_weights(src, overrides)  # validated: the shapes are those of BEiT(weights.config)
-        model = BEiT(weights.config)
-        state = {k: v for k, v in weights.state.items() if ".attn.relative_position_bias_table" not in k}
-        if model.config.use_shared_rel_pos_bias:
-            shared = weights.state["blocks.0.attn.relative_position_bias_table"]
-            state["rel_pos_bias.relative_position_bias_table"] = shared
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or set(missing) - {"mask_token", "lm_head.weight", "lm_head.bias"}:
-            raise ValueError(f"{src.path} does not fit BEiT: missing {missing}, unexpected {unexpected}")
-        return model
-
-    def timm_weights(self, src, overrides):
-        # The export holds per-block tables, all equal to the shared one it was written from. Validated before
-        # anything is read or built: a small export whose config claims huge widths allocates nothing.
-        config, args, weights = read_beit_export(src.path)
-        return TimmBeitWeights(config, args, load_file(str(weights)), [], "exported folder (beit)")
-
-
-class OriginalBEiTReader(BEiTReader):
-    """The original BEiT code's pretraining checkpoint (``{'model': sd}``; lm_head, mask_token)."""
-
-    name, source = "original-beit", "original checkpoint (beit)"
-
-    def detect(self, data, state):
-        return "lm_head.weight" in state and "mask_token" in state and "blocks.0.attn.qkv.weight" in state
-
-    def model(self, src, overrides):
-        return load_original_beit(src.path, **{k: v for k, v in overrides.items() if k == "num_heads"})
-
-
-class BEiTFinetuneReader(BEiTReader):
-    """A ``lomar finetune`` checkpoint of a BEiT encoder: recognised, and refused with the way out."""
-
-    name = "lomar-finetune-beit"
-
-    def detect(self, data, state):
-        config = data.get("config")
-        return data.get("format") == FINETUNE_FORMAT and isinstance(config, dict) and "vocab_size" in config
-
-    def model(self, src, overrides):
-        raise ValueError(f"{src.path} is a finetuned BEiT classifier, which lomar does not read back yet; load "
-                         f"its 'model' state into timm.models.beit.Beit, or pass the BEiT pretraining checkpoint")
-
-    timm_weights = model
-
-
-# Before our own formats (a BEiT last.pt also has a "config"; a BEiT export is a config.json
-# folder too), and before the original-LoMaR/MAE fallbacks, whose keys a BEiT checkpoint shares.
-register(BEiTPretrainReader(), 5)
-register(BEiTFinetuneReader(), 6)
-register(BEiTExportReader(), 25)
-register(OriginalBEiTReader(), 60)
-
 
 def _export_folder_of(path: Path) -> Path | None:
     """The export folder whose config.json names the file ``path`` as its weights, else None. Read alone, such a
@@ -309,12 +237,12 @@ def _export_folder_of(path: Path) -> Path | None:
 
 
 def read(path: str | Path, mmap: bool = False) -> tuple[Reader, Source]:
-    """Load ``path`` once and find its reader (``mmap``: map a checkpoint's tensors instead of reading them, enough
-    to tell its format). Raises FileNotFoundError or ValueError naming the problem."""
+    """Load ``path`` once and :func:`identify` it (``mmap``: map a checkpoint's tensors instead of reading them,
+    enough to tell its format). Raises FileNotFoundError or ValueError naming the problem."""
     path = Path(path)
     if path.is_dir() and (path / ".metadata").is_file():  # a sharded `lomar pretrain --fsdp` checkpoint
-        data = read_sharded(path)
-    elif path.is_dir():
+        return identify(path, read_sharded(path))
+    if path.is_dir():
         if not (path / CONFIG_NAME).is_file():
             # a run folder without an export (finetune's, or a stopped pretraining): name the checkpoints it keeps
             kept = " or ".join(str(path / name) for name in (BEST, LAST) if (path / name).is_file())
@@ -323,10 +251,15 @@ def read(path: str | Path, mmap: bool = False) -> tuple[Reader, Source]:
                                                       "`lomar pretrain`"))
         reader = next(r for r in readers() if r.detect_folder(path))
         return reader, Source(path, reader.name, {}, {})
-    elif (folder := _export_folder_of(path)) is not None:  # an export's weights file: read with what its folder says
+    if (folder := _export_folder_of(path)) is not None:  # an export's weights file: read with what its folder says
         return read(folder)
-    else:
-        data = safe_load(path, mmap=mmap)
+    return identify(path, safe_load(path, mmap=mmap))
+
+
+def identify(path: str | Path, data: dict) -> tuple[Reader, Source]:
+    """The reader of the checkpoint ``data`` loaded from the file ``path`` (held by a caller that read it already:
+    it is not read again), and its source. ValueError naming a checkpoint in no format lomar reads."""
+    path = Path(path)
     state = data.get("model", data)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {path} holds no state dict (a dict of tensors) under 'model'")
@@ -382,7 +315,8 @@ def load_model(path: str | Path, **overrides) -> nn.Module:
     """A :class:`LoMaR`, :class:`MAE` or :class:`VisionTransformer` from any checkpoint or export.
 
     ``overrides`` (``num_heads``, ``img_size``, ``window_size``, ``num_windows``,
-    ``decoder_num_heads``) fill in what an original checkpoint cannot tell. Raises ValueError
+    ``decoder_num_heads``) fill in what an original checkpoint cannot tell; a classifier is rebuilt as it saved
+    itself, at another ``img_size`` or ``attention`` where given. Raises ValueError
     or FileNotFoundError with a message that names the problem.
     """
     reader, src = read(path)

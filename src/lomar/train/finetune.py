@@ -15,7 +15,6 @@ image's augmentation is seeded by (seed, epoch, index), whichever worker makes i
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from timm.optim import param_groups_layer_decay
 from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import Resize
 
-from lomar.checkpoints.io import mismatch
+from lomar.checkpoints.formats import VitReader, identify
 from lomar.checkpoints.kinds import FINETUNE_FORMAT, FoundCheckpoint
 from lomar.data.class_names import classes_only_in, relabel, unicode_forms_note
 from lomar.data.classify import SeededSamples, classification_transforms, eval_crop_ratio
@@ -39,8 +38,7 @@ from lomar.data.folder import LabelledImageFolder
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError, said_by_first_on_machine
 from lomar.eval.features import load_pretrained_encoder
-from lomar.models.masking import grid_size
-from lomar.models.vit import VisionTransformer, ViTConfig
+from lomar.models.vit import VisionTransformer
 from lomar.train.distributed import DistInfo
 from lomar.train.finetune_config import FinetuneConfig, split_roots
 from lomar.train.lifecycle import Task, TrainingError, run
@@ -230,24 +228,23 @@ class FinetuneTask(Task):
 
 
 def _trained_classifier(config: FinetuneConfig, num_classes: int) -> tuple[VisionTransformer, int]:
-    """--eval-only's classifier from its checkpoint as read once, at --img-size (an absolute position table resampled
-    from its trained grid as the loaders resample one), and its trained size. UsageError in one line."""
-    ckpt, path = config.classifier.checkpoint, config.classifier.path
-    trained = ViTConfig.from_dict(ckpt["config"])  # a BEiT classifier's is refused by FinetuneConfig
+    """--eval-only's classifier from its checkpoint as read once, rebuilt by the checkpoint reader that
+    ``load_model`` uses, at --img-size (an absolute position table resampled from its trained grid) and --attention
+    where given, and its trained size. UsageError in one line."""
+    path = config.classifier.path
     attention = {} if config.attention == "auto" else {"attention": config.attention}
-    state = dict(ckpt["model"])
     try:
-        model = VisionTransformer(replace(trained, img_size=config.img_size, **attention), num_classes=num_classes,
-                                  global_pool=config.global_pool)
-        grid = grid_size(trained.img_size, trained.patch_size)
-        if "pos_embed" in state and model.pos_embed is not None and grid != model.grid:
-            state["pos_embed"] = model.fit_pos_embed(state["pos_embed"], grid)
-        model.load_state_dict(state)
-    except ValueError as exc:
-        raise UsageError(f"--pretrained {path}: {exc}") from None
-    except RuntimeError as exc:
-        raise UsageError(f"--pretrained {path}: its weights do not fit its saved layout: {mismatch(exc)}") from None
-    return model, trained.img_size
+        reader, src = identify(path, config.classifier.checkpoint)
+        if not isinstance(reader, VitReader):  # a BEiT classifier's is refused by FinetuneConfig
+            raise ValueError(f"it holds no ViT classifier (its weights are in the {reader.name} format)")
+        model = reader.model(src, {"img_size": config.img_size, **attention})
+        trained = reader.trained_config(src).img_size
+    except ValueError as exc:  # the reader's own words may name the file first
+        raise UsageError(f"--pretrained {path}: {str(exc).removeprefix(f'{path}: ')}") from None
+    if model.num_classes != num_classes:
+        raise UsageError(f"--pretrained {path}: its head scores {model.num_classes} classes, not the {num_classes} "
+                         f"it names")
+    return model, trained
 
 
 def finetune(config: FinetuneConfig) -> int:

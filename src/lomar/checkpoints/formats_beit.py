@@ -1,0 +1,136 @@
+"""BEiT's checkpoint formats, registered with the other readers (:mod:`lomar.checkpoints.formats` asks them all).
+
+A BEiT reader (our pretraining ``last.pt``, a BEiT export folder, an original BEiT pretraining
+checkpoint) gives the full pretraining :class:`~lomar.models.beit.BEiT` (:meth:`Reader.model`) and,
+for finetuning and probes, :meth:`BEiTReader.timm_weights`: the encoder in timm's ``Beit`` layout
+with the relative position bias per block, each block's table initialised from the shared
+pretraining one (BEiT's finetuning recipe), mask token and ``lm_head`` dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from lomar.checkpoints.export import CONFIG_NAME
+from lomar.checkpoints.export_beit import read_beit_export, timm_beit_args
+from lomar.checkpoints.keys_beit import beit_to_timm, load_original_beit
+from lomar.checkpoints.kinds import FINETUNE_FORMAT
+from lomar.checkpoints.reader import EncoderWeights, Reader, Source, build_strict, pretrain_spec, register
+from lomar.models.beit import BEiT, BEiTConfig
+
+__all__ = ["TimmBeitWeights", "BEiTReader", "BEiTPretrainReader", "BEiTExportReader", "OriginalBEiTReader",
+           "BEiTFinetuneReader"]
+
+
+@dataclass
+class TimmBeitWeights:
+    """A BEiT encoder as timm ``Beit(**timm_args)`` (no classifier) and its state dict under timm keys."""
+
+    config: BEiTConfig  # of the pretraining model
+    timm_args: dict
+    state: dict[str, torch.Tensor]
+    dropped: list[str] = field(default_factory=list)  # source keys the encoder does not use
+    source: str = ""
+
+
+class BEiTReader(Reader):
+    """A BEiT format: subclasses give :meth:`model` (our :class:`BEiT`, weights loaded)."""
+
+    source = ""  # what :class:`TimmBeitWeights` names as its source
+
+    def timm_weights(self, src: Source, overrides: dict) -> TimmBeitWeights:
+        beit = self.model(src, overrides)
+        state = beit.state_dict()
+        timm_state = beit_to_timm(state, per_block=True)
+        dropped = sorted(k for k in state if k.startswith(("lm_head.", "mask_token")))
+        return TimmBeitWeights(beit.config, timm_beit_args(beit), timm_state, dropped, self.source)
+
+    def encoder(self, src: Source, overrides: dict) -> EncoderWeights:
+        raise ValueError(f"{src.path} holds a BEiT encoder, which has no VisionTransformer form; load it with "
+                         f"lomar.eval.features.load_pretrained_encoder (a timm Beit)")
+
+
+class BEiTPretrainReader(BEiTReader):
+    """Ours: ``lomar pretrain --method beit`` output, ``{"model": BEiTPretrain state ('beit.*'), "config"}``."""
+
+    name, source = "lomar-pretrain-beit", "pretrain checkpoint (beit)"
+
+    def detect(self, data, state):
+        config = data.get("config")
+        return isinstance(config, dict) and config.get("method") == "beit" and any(k.startswith("beit.") for k in state)
+
+    def model(self, src, overrides):
+        if "beit.lm_head.weight" not in src.state:
+            raise ValueError(f"{src.path}: BEiT checkpoint without beit.lm_head.weight; it is incomplete")
+        return build_strict(pretrain_spec(src), src.state, src.path)
+
+
+class BEiTExportReader(BEiTReader):
+    """A folder from ``lomar export`` / ``lomar pretrain --method beit``: config.json ("method": "beit")."""
+
+    name = "export-beit"
+
+    def detect_folder(self, path: Path) -> bool:
+        try:
+            return json.loads((path / CONFIG_NAME).read_text()).get("method") == "beit"
+        except (OSError, ValueError, AttributeError, RecursionError):  # not ours to report: the export reader does
+            return False
+
+    def model(self, src, overrides):
+        weights = self.timm_weights(src, overrides)  # validated: the shapes are those of BEiT(weights.config)
+        model = BEiT(weights.config)
+        state = {k: v for k, v in weights.state.items() if ".attn.relative_position_bias_table" not in k}
+        if model.config.use_shared_rel_pos_bias:
+            shared = weights.state["blocks.0.attn.relative_position_bias_table"]
+            state["rel_pos_bias.relative_position_bias_table"] = shared
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"mask_token", "lm_head.weight", "lm_head.bias"}:
+            raise ValueError(f"{src.path} does not fit BEiT: missing {missing}, unexpected {unexpected}")
+        return model
+
+    def timm_weights(self, src, overrides):
+        # The export holds per-block tables, all equal to the shared one it was written from. Validated before
+        # anything is read or built: a small export whose config claims huge widths allocates nothing.
+        config, args, weights = read_beit_export(src.path)
+        return TimmBeitWeights(config, args, load_file(str(weights)), [], "exported folder (beit)")
+
+
+class OriginalBEiTReader(BEiTReader):
+    """The original BEiT code's pretraining checkpoint (``{'model': sd}``; lm_head, mask_token)."""
+
+    name, source = "original-beit", "original checkpoint (beit)"
+
+    def detect(self, data, state):
+        return "lm_head.weight" in state and "mask_token" in state and "blocks.0.attn.qkv.weight" in state
+
+    def model(self, src, overrides):
+        return load_original_beit(src.path, **{k: v for k, v in overrides.items() if k == "num_heads"})
+
+
+class BEiTFinetuneReader(BEiTReader):
+    """A ``lomar finetune`` checkpoint of a BEiT encoder: recognised, and refused with the way out."""
+
+    name = "lomar-finetune-beit"
+
+    def detect(self, data, state):
+        config = data.get("config")
+        return data.get("format") == FINETUNE_FORMAT and isinstance(config, dict) and "vocab_size" in config
+
+    def model(self, src, overrides):
+        raise ValueError(f"{src.path} is a finetuned BEiT classifier, which lomar does not read back yet; load "
+                         f"its 'model' state into timm.models.beit.Beit, or pass the BEiT pretraining checkpoint")
+
+    timm_weights = model
+
+
+# Before our own formats (a BEiT last.pt also has a "config"; a BEiT export is a config.json
+# folder too), and before the original-LoMaR/MAE fallbacks, whose keys a BEiT checkpoint shares.
+register(BEiTPretrainReader(), 5)
+register(BEiTFinetuneReader(), 6)
+register(BEiTExportReader(), 25)
+register(OriginalBEiTReader(), 60)
