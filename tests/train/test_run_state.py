@@ -173,6 +173,19 @@ def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
 
 
+def test_an_export_running_into_the_folder_keeps_its_temporaries(tmp_path):
+    """A ``lomar export --to RUN`` writing while the run starts: its temporaries are its, not stale."""
+    from lomar.checkpoints.export_leftovers import export_lock
+
+    names = [".config.json.tmp-4242", ".model.safetensors.tmp-4242", ".last.pt.tmp-99"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"half")
+    with export_lock(tmp_path) as held:
+        assert held
+        assert [p.name for p in remove_stale_temporaries(tmp_path)] == [".last.pt.tmp-99"]
+    assert sorted(p.name for p in remove_stale_temporaries(tmp_path)) == sorted(names[:2])  # no export: stale
+
+
 def test_a_full_disk_keeps_the_previous_checkpoint_and_no_temporary(tmp_path, monkeypatch):
     save_checkpoint(_state(1), tmp_path, step=1, keep_last=2)
 

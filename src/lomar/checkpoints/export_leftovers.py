@@ -26,7 +26,8 @@ from lomar.checkpoints.file_names import CONFIG_NAME
 from lomar.checkpoints.io import open_in_place
 from lomar.errors import UsageError
 
-__all__ = ["stale_leftovers", "interrupted_export", "export_lock", "EXPORT_LOCK", "LOCK_WAIT_S"]
+__all__ = ["stale_leftovers", "interrupted_export", "export_lock", "export_running", "is_export_file", "EXPORT_LOCK",
+           "LOCK_WAIT_S"]
 
 # ".config.json.old-PID", ".model.safetensors.new-PID" and atomic_write's "..config.json.new-PID.tmp-PID"
 _LEFTOVER = re.compile(r"\.\.?(?P<name>.+?)\.(?P<kind>old|new)-(?P<pid>\d+)(?:\.tmp-\d+)?")
@@ -99,6 +100,16 @@ def _lock_state(folder: Path) -> bool | None:
         return True
     except (OSError, UsageError):
         return None
+
+
+def export_running(folder: Path) -> bool:
+    """Whether an export holds ``folder``'s lock now (False where no lock file or no flock tells it)."""
+    return _lock_state(folder) is True
+
+
+def is_export_file(name: str) -> bool:
+    """Whether ``name`` is one an export writes (config.json, a safetensors file), its temporaries included."""
+    return CONFIG_NAME in name or ".safetensors" in name
 
 
 def stale_leftovers(folder: Path, locked: bool = False) -> list[tuple[Path, str]]:

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from lomar.checkpoints.export_leftovers import export_running, is_export_file
 from lomar.checkpoints.file_lock import LockHeld, take_file_lock
 from lomar.checkpoints.file_names import BEST, LAST, LAST_POINTER, METRICS, RUN_CONFIG
 from lomar.checkpoints.io import (
@@ -229,10 +230,11 @@ def check_out_folder(out: Path, flag: str = "--out") -> None:
 def remove_stale_temporaries(out: Path) -> list[Path]:
     """Remove the temporary files (``.NAME.tmp``, ``.NAME.tmp-<pid>``) and sharded-checkpoint folders
     (``checkpoint-<step>.dcp.tmp``) that writers killed mid-write left behind. Call with the run's
-    lock held: no live writer can own them."""
-    removed = []
+    lock held: no live writer can own them, but a ``lomar export --to`` this folder running meanwhile (under its
+    export lock), whose temporaries stay."""
+    removed, exporting = [], out.is_dir() and export_running(out)
     for path in out.iterdir() if out.is_dir() else ():
-        if _TMP.match(path.name) and path.is_file():
+        if _TMP.match(path.name) and path.is_file() and not (exporting and is_export_file(path.name)):
             path.unlink(missing_ok=True)
             removed.append(path)
         elif _SHARDED_TMP.match(path.name) and (path.is_dir() or path.is_symlink()):
