@@ -175,6 +175,30 @@ def test_a_saved_config_that_does_not_describe_its_weights_is_refused_before_a_m
             read(tmp_path / "big.pt")
 
 
+def test_a_classifier_that_saved_its_config_refuses_another_num_heads_and_a_size_its_table_is_not_of(tmp_path):
+    """num_heads fills in what a checkpoint without a saved ViTConfig cannot tell: one that saved its config refuses
+    another in one line (not built as another model of the same weights, nor dropped without a word); a saved
+    img_size that its absolute position table is not of is named with the other differences, before any build."""
+    from dataclasses import replace
+
+    from lomar.eval.features import load_pretrained_encoder
+
+    config = replace(VIT, pos="abs")
+    classifier = pretrain_checkpoint(VisionTransformer(config, num_classes=3))
+    atomic_save(classifier, tmp_path / "classifier.pt")
+    assert formats.load_model(tmp_path / "classifier.pt", num_heads=2).config == config  # its own: taken
+    for read in (formats.load_model, formats.encoder_weights, load_pretrained_encoder):
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'classifier.pt'}: its saved vit_config gives "
+                                                       f"num_heads 2; drop num_heads=4 (a setting for checkpoints "
+                                                       f"that save no ViTConfig)")):
+            read(tmp_path / "classifier.pt", num_heads=4)
+    atomic_save({**classifier, "vit_config": {**config.to_dict(), "img_size": 48}}, tmp_path / "larger.pt")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'larger.pt'}: its saved vit_config does not describe "
+                                                   f"its weights: img_size 48 (its weights: a position table of 16 "
+                                                   f"patches)")):
+        formats.load_model(tmp_path / "larger.pt")
+
+
 def test_a_command_takes_a_non_square_size_for_a_bare_checkpoint(tmp_path, capsys):
     """--img-size took one integer, which the library's 'pass img_size=(height, width)' was reworded into."""
     from lomar.cli.app import main

@@ -66,10 +66,11 @@ __all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "read", 
 _FREE = ("img_size", "attention", "drop_path")
 
 
-def _saved_config(src: Source) -> tuple[str, ViTConfig] | None:
+def _saved_config(src: Source, num_heads: int | None = None) -> tuple[str, ViTConfig] | None:
     """The key and the ViTConfig a classifier checkpoint saved (``lomar finetune``: ``config``,
     :func:`pretrain_checkpoint`: ``vit_config``), None where it saved none. ValueError where it does not describe
-    the weights beside it, told before any model of it is built (a small file that claims huge widths builds none)."""
+    the weights beside it, told before any model of it is built (a small file that claims huge widths or sizes
+    builds none), or where a caller's ``num_heads`` contradicts it."""
     saved = [k for k in ("config", "vit_config") if isinstance(src.data.get(k), dict) and "embed_dim" in src.data[k]]
     if not saved:
         return None
@@ -84,8 +85,14 @@ def _saved_config(src: Source) -> tuple[str, ViTConfig] | None:
               if getattr(config, name) != getattr(shapes, name)]
     if (hidden := src.state["blocks.0.mlp.fc1.weight"].shape[0]) != int(config.embed_dim * config.mlp_ratio):
         differ.append(f"mlp_ratio {config.mlp_ratio:g} (its weights: {hidden / config.embed_dim:g})")
+    grid = grid_size(config.img_size, config.patch_size)
+    if config.pos == shapes.pos == "abs" and (patches := src.state["pos_embed"].shape[1] - 1) != grid[0] * grid[1]:
+        differ.append(f"img_size {config.img_size!r} (its weights: a position table of {patches} patches)")
     if differ:
         raise ValueError(f"{src.path}: its saved {key} does not describe its weights: {', '.join(differ)}")
+    if num_heads and num_heads != config.num_heads:  # what it fills in, this checkpoint says itself
+        raise ValueError(f"{src.path}: its saved {key} gives num_heads {config.num_heads}; drop num_heads={num_heads} "
+                         f"(a setting for checkpoints that save no ViTConfig)")
     return key, config
 
 
@@ -145,9 +152,9 @@ class VitReader(Reader):
     def trained_config(self, src: Source, overrides: dict | None = None) -> ViTConfig:
         """The encoder's config as trained: the ViTConfig its checkpoint saved, else one inferred from its shapes
         (``overrides``: ``num_heads``, and ``img_size`` where nothing else tells a non-square table's grid)."""
-        if (saved := _saved_config(src)) is not None:
-            return saved[1]
         overrides = overrides or {}
+        if (saved := _saved_config(src, overrides.get("num_heads"))) is not None:
+            return saved[1]
         try:
             return _inferred_config(src, {k: v for k, v in overrides.items() if k != "img_size"})
         except ValueError:  # no size saved and a non-square table: img_size can only name the table's own grid
@@ -182,7 +189,7 @@ class VitReader(Reader):
         return model
 
     def encoder(self, src, overrides):
-        if (saved := _saved_config(src)) is not None:
+        if (saved := _saved_config(src, overrides.get("num_heads"))) is not None:
             key, config = saved
             return EncoderWeights(config, dict(src.state), [],
                                   "finetune checkpoint" if key == "config" else "classifier checkpoint")
