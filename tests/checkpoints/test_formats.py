@@ -197,6 +197,12 @@ def test_a_classifier_that_saved_its_config_refuses_another_num_heads_and_a_size
                                                    f"its weights: img_size 48 (its weights: a position table of 16 "
                                                    f"patches)")):
         formats.load_model(tmp_path / "larger.pt")
+    rpe = VisionTransformer(VIT, num_classes=3).state_dict()  # saves no config: its RPE tables tell its 2 heads
+    atomic_save({"model": rpe}, tmp_path / "bare.pt")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'bare.pt'}: its weights do not fit the 32-wide, "
+                                                   f"2-deep, 4-head encoder: ")) as refused:
+        formats.load_model(tmp_path / "bare.pt", num_heads=4)
+    assert str(refused.value).endswith("; drop num_heads=... (its RPE tables tell its heads)")
 
 
 def test_a_command_takes_a_non_square_size_for_a_bare_checkpoint(tmp_path, capsys):

@@ -179,11 +179,13 @@ class VitReader(Reader):
             state = {**state, "pos_embed": model.fit_pos_embed(table, source)}
         if num_classes and pool == "avg":
             state, _ = drop_final_norm(state)
-        unfit = f"weights do not fit the {config.embed_dim}-wide, {config.depth}-deep encoder"
+        unfit = (f"{src.path}: its weights do not fit the {config.embed_dim}-wide, {config.depth}-deep, "
+                 f"{config.num_heads}-head encoder")
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as exc:  # a shape that overrides changed (num_heads of an RPE encoder)
-            raise ValueError(f"{unfit}: {mismatch(exc)}") from None
+            heads = "; drop num_heads=... (its RPE tables tell its heads)" if "num_heads" in overrides else ""
+            raise ValueError(f"{unfit}: {mismatch(exc).rstrip('.')}{heads}") from None
         if unexpected or set(missing) - {"pos_embed"}:
             raise ValueError(f"{unfit}: missing {missing}, unexpected {unexpected}")
         return model
