@@ -301,3 +301,22 @@ def test_load_original_refuses_lomars_own_finetune_or_classifier_checkpoint_in_o
             f"checkpoint: it needs no conversion; pass it as it is to lomar export, knn, linprobe or finetune "
             f"--pretrained\n")
     assert not (tmp_path / "c.pt").exists()
+
+
+def test_hand_written_label_names_are_quoted_short_on_one_line(tmp_path):
+    """An export's label_names may hold a name a megabyte long or with a line break: a refusal of them, or the load
+    line that names one the data lacks, quotes it cut short on one line."""
+    from lomar.checkpoints.export import create_encoder, export_encoder
+    from lomar.models.vit import VisionTransformer, ViTConfig
+
+    torch.manual_seed(0)
+    head = VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2), num_classes=2)
+    long = "x" * 10**6
+    for names in ([long, long], "cat\ndog"):
+        export_encoder(head, tmp_path / "dup", metadata={"label_names": names}, overwrite=True)
+        with pytest.raises(UsageError, match=r"label_names (name 'xxx|must be).*; re-export") as caught:
+            create_encoder(tmp_path / "dup")
+        assert len(str(caught.value)) < 500 and "\n" not in str(caught.value)
+    export_encoder(head, tmp_path / "other", metadata={"label_names": [long, "cat"]})
+    summary = load_pretrained_encoder(tmp_path / "other", num_classes=2, classes=["cat", "dog"]).load_report.summary()
+    assert "trained on other classes (2, e.g. 'xxx" in summary and len(summary) < 1000

@@ -35,4 +35,12 @@ def test_names_read_from_a_file_must_be_as_many_distinct_strings_as_rows():
     assert names_problem(["cat", "dog"], 3) == "name 2 classes for a head of 3"
     assert names_problem(["cat", "cat"], 2) == "name 'cat' twice: each row is one class"
     assert names_problem(["cat", 3], 2).startswith("must be a list of class names (strings)")
-    assert names_problem("cat", 3).startswith("must be a list of class names (strings), got cat")
+    assert names_problem("cat", 3) == "must be a list of class names (strings), got 'cat'"
+
+
+def test_what_a_file_names_is_quoted_on_one_short_line():
+    """label_names come from an export's config.json, which anyone may write: a line break or a megabyte name (or
+    list) is quoted cut short, so the refusal stays one line."""
+    assert names_problem("cat\ndog", 2) == "must be a list of class names (strings), got 'cat\\ndog'"
+    for problem in (names_problem(["x" * 10**6] * 2, 2), names_problem([[[[["deep"]]]], *range(10**5)], 2)):
+        assert len(problem) < 300 and "\n" not in problem

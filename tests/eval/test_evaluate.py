@@ -259,6 +259,26 @@ def test_a_finetuned_head_over_the_same_classes_in_another_order_keeps_its_rows_
         torch.testing.assert_close(model(images), classifier(images)[:, [2, 0, 1]])
 
 
+def test_a_finetuned_head_is_kept_only_for_the_pooling_it_was_trained_on(tmp_path):
+    """A head learnt on averaged tokens (through fc_norm) scores the normed cls token otherwise, and the other way
+    round: --global-pool other than the checkpoint's starts the head afresh and says so, as read_export does for
+    another pooling; the same pooling keeps it."""
+    torch.manual_seed(0)
+    for pool, other in (("avg", "cls"), ("cls", "avg")):
+        classifier = VisionTransformer(ViTConfig(**VIT), num_classes=3, global_pool=pool)
+        atomic_save({"model": classifier.state_dict(), "config": classifier.config.to_dict(), "num_classes": 3,
+                     "classes": ["cat", "dog", "owl"], "format": "lomar-finetune-1", "global_pool": pool},
+                    tmp_path / f"{pool}.pt")
+        kept = load_pretrained_encoder(tmp_path / f"{pool}.pt", num_classes=3, global_pool=pool,
+                                       classes=["cat", "dog", "owl"])
+        assert torch.equal(kept.head.weight, classifier.head.weight) and kept.load_report.notes == []
+        fresh = load_pretrained_encoder(tmp_path / f"{pool}.pt", num_classes=3, global_pool=other)
+        assert not torch.equal(fresh.head.weight, classifier.head.weight)
+        assert {"head.weight", "head.bias"} <= set(fresh.load_report.fresh)
+        assert (f"its head pooled by --global-pool {pool}, not {other}, so the head is initialised afresh" in
+                fresh.load_report.summary({"global_pool": "--global-pool"}))
+
+
 def test_a_head_over_the_same_names_in_another_unicode_form_says_so(tmp_path):
     """Saved on macOS ('cafe' + a combining accent) and read on Linux (one accented letter): the two print alike,
     so the note that drops the head names them in ASCII and the rename that would keep it."""

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lomar.values import brief
+
 __all__ = ["classes_only_in", "unicode_forms_note", "rows_by_name", "relabel", "names_problem"]
 
 
@@ -45,11 +47,12 @@ def rows_by_name(saved: Sequence[str], names: Sequence[str]) -> list[int] | None
 
 def names_problem(names: object, count: int) -> str | None:
     """Why ``names`` (read from a file) cannot name the ``count`` rows of a head, as the end of a message about them,
-    or None: they must be as many distinct strings."""
+    or None: they must be as many distinct strings. Values are quoted cut short (:func:`lomar.values.brief`): a file
+    may hold a million names, or one a megabyte long or with a line break."""
     if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
-        return f"must be a list of class names (strings), got {str(names)[:60]}"
+        return f"must be a list of class names (strings), got {brief(names)}"
     if twice := sorted(name for name, times in Counter(names).items() if times > 1):
-        return f"name {twice[0]!r} twice: each row is one class"
+        return f"name {brief(twice[0])} twice: each row is one class"
     return None if len(names) == count else f"name {len(names)} classes for a head of {count}"
 
 

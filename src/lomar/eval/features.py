@@ -21,7 +21,7 @@ from lomar.checkpoints.export import read_export
 from lomar.checkpoints.formats import BEiTReader, read, stopped_run_checkpoint
 from lomar.checkpoints.io import check_finite
 from lomar.checkpoints.keys import CLASSIFIER_PREFIXES, drop_final_norm
-from lomar.checkpoints.kinds import run_command
+from lomar.checkpoints.kinds import classifier_pool, run_command
 from lomar.data.class_names import classes_only_in, rows_by_name, unicode_forms_note
 from lomar.data.classify import bound_aspect, eval_resize
 from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker, collate_labelled
@@ -34,7 +34,7 @@ from lomar.models.masking import grid_size
 from lomar.models.relpos import REL_POS_PARAMS
 from lomar.models.vit import VisionTransformer, ViTConfig
 from lomar.train.monitor import progress
-from lomar.values import is_integer
+from lomar.values import brief, is_integer
 
 __all__ = ["LoadReport", "load_pretrained_encoder", "eval_transform", "eval_resize", "knn_loaders", "extract_features",
            "read_features", "check_read", "Pool"]
@@ -80,9 +80,9 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     ``global_blocks``, None there meaning ViTDet's layout for the depth); an absolute position table
     is interpolated to a new ``img_size``. ``num_classes > 0`` adds ``fc_norm`` + ``head``
     (``global_pool='cls'``: the pretrained final norm + ``head``), freshly initialised unless the
-    source holds a head of the same size, and, where ``classes`` (the names of the head's rows) is given and the
-    source saved its own (a ``lomar finetune`` checkpoint, its export), of the same classes: in another order, its
-    rows are put in the order of ``classes`` (:func:`_head_rows`).
+    source holds a head of the same size, pooled by ``global_pool``, and, where ``classes`` (the names of the head's
+    rows) is given and the source saved its own (a ``lomar finetune`` checkpoint, its export), of the same classes: in
+    another order, its rows are put in the order of ``classes`` (:func:`_head_rows`).
 
     Loading is strict about the encoder (any missing or misshapen encoder weight is an
     error naming it) and non-strict only for the classifier. The returned module carries
@@ -130,10 +130,15 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     # an export names its head's rows in its config.json (label_names), a finetune checkpoint in its "classes"
     saved = read_export(src.path).classes if classes and src.format == "export" else src.data.get("classes")
     rows, note = _head_rows(saved, classes)
+    same_size = "head.weight" in own and own["head.weight"].shape == getattr(state.get("head.weight"), "shape", None)
+    if same_size and (note is None or rows is not None) and (pooled := classifier_pool(src.data, state)) != global_pool:
+        # its rows would score other features than it learnt to (read_export's rule too: another pooling, another head)
+        rows, note = None, (f"its head pooled by global_pool={pooled}, not {global_pool}, so the head is initialised "
+                            f"afresh")
     report.notes += [note] if note else []
-    other_classes = note is not None and rows is None
+    fresh_head = note is not None and rows is None
     for key in [k for k in state if k.startswith(CLASSIFIER_PREFIXES)]:
-        if key not in own or own[key].shape != state[key].shape or (other_classes and key.startswith("head.")):
+        if key not in own or own[key].shape != state[key].shape or (fresh_head and key.startswith("head.")):
             report.dropped.append(key)
             del state[key]
         elif rows is not None and key.startswith("head."):  # row i scores the data's class i
@@ -181,7 +186,7 @@ def _head_rows(saved, classes: list[str] | None) -> tuple[list[int] | None, str 
         return rows, (f"its head's rows put in the data's class order (the same {len(rows)} classes, saved in another "
                       f"order)")
     only = classes_only_in(saved, classes)[0]
-    differ = f"e.g. {only[0]!r} is not one of the data's" if only != "none" else f"the data has {len(classes)}"
+    differ = f"e.g. {brief(only[0])} is not one of the data's" if only != "none" else f"the data has {len(classes)}"
     return None, (f"its head was trained on other classes ({len(saved)}, {differ}), so the head is initialised "
                   f"afresh{unicode_forms_note(list(saved), classes)}")
 
