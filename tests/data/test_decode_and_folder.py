@@ -14,7 +14,15 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
 from lomar.data.collate import collate_labelled, collate_labelled_refill
-from lomar.data.decode import decode_bytes, load_image, max_image_pixels, open_pil, oriented_size
+from lomar.data.decode import (
+    decode_box_reduced,
+    decode_bytes,
+    load_image,
+    load_image_reduced,
+    max_image_pixels,
+    open_pil,
+    oriented_size,
+)
 from lomar.data.folder import LabelledImageFolder, build_image_list, build_pretrain_dataset, find_images
 from lomar.data.shards import TarShardDataset
 from lomar.data.transforms import PretrainTransform
@@ -243,6 +251,48 @@ def test_a_png_damaged_on_disk_is_refused_by_its_crc_not_decoded_into_garbage(tm
     with pytest.raises(ValueError, match="CRC"):
         open_pil(path.read_bytes())
     assert decode_bytes(data).shape == (3, 64, 96)  # the file as written: every CRC matches
+
+
+def _jpeg(grey_corner: bool = False) -> bytes:
+    """A 96x128 JPEG of noise (its image data most of the file); ``grey_corner``: its last 16x16 block mid-grey."""
+    pixels = (np.random.RandomState(3).rand(96, 128, 3) * 255).astype(np.uint8)
+    if grey_corner:
+        pixels[-16:, -16:] = 128
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def test_a_jpeg_cut_short_then_closed_is_refused_by_every_decode_path_not_decoded_grey(tmp_path):
+    """A partial download closed by an EOI marker: libjpeg fills the blocks past the cut grey without an error,
+    saying so on stderr only, without the file's name; Pillow, silently. Refused, it is skipped and named."""
+    data = _jpeg()
+    (tmp_path / "c").mkdir()
+    cut = tmp_path / "c" / "cut.jpg"
+    cut.write_bytes(data[:len(data) // 2] + b"\xff\xd9")
+    (tmp_path / "c" / "whole.jpg").write_bytes(data)
+    words = r"cut\.jpg: its JPEG image data ends before its last rows \(the file was cut short"
+    with pytest.raises(ValueError, match=words):
+        load_image(cut)
+    with pytest.raises(ValueError, match=words):  # eval's --decode draft
+        load_image_reduced(cut, 16)
+    with open_pil(cut.read_bytes()) as img, pytest.raises(ValueError, match="ends before its last rows"):
+        decode_box_reduced(img, (0, 0, 96, 128), 16)  # the training crops' --decode draft and windows
+    to_tensor = lambda img: torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+    batches = list(DataLoader(LabelledImageFolder(tmp_path, to_tensor), batch_size=2, collate_fn=collate_labelled))
+    assert [p for b in batches for p in b.bad] == [str(cut)] and sum(len(b[1]) for b in batches) == 1
+
+
+def test_a_whole_jpeg_with_a_mid_grey_corner_decodes_on_every_path(tmp_path):
+    """A grey corner makes a JPEG suspect (a cut file's fill): a whole one passes the check of its data."""
+    data = _jpeg(grey_corner=True)
+    image = decode_bytes(data, "grey.jpg")
+    assert image.shape == (3, 96, 128) and image[:, -1, -1].tolist() == [128, 128, 128]
+    (tmp_path / "grey.jpg").write_bytes(data)
+    assert load_image_reduced(tmp_path / "grey.jpg", 16)[:, -1, -1].tolist() == [128, 128, 128]
+    with open_pil(data) as img:
+        reduced, _ = decode_box_reduced(img, (0, 0, 96, 128), 16)
+    assert reduced.size == (32, 24) and reduced.getpixel((31, 23)) == (128, 128, 128)
 
 
 def test_a_pngs_crc_walk_runs_once_a_decode_and_copies_no_chunk(monkeypatch):

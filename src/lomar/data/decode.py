@@ -7,7 +7,8 @@ decode it reads it (:mod:`lomar.data.headers`), is within :func:`max_image_pixel
 path is opened unless it is a regular file of at most :func:`max_image_bytes`. So a small
 crafted file cannot expand into gigabytes, and a FIFO or a device named like an image neither
 blocks nor streams forever: each is an unreadable image (ValueError naming it), skipped and
-counted by the datasets.
+counted by the datasets. So is a JPEG cut short and then closed, which libjpeg and Pillow would decode with the rest
+grey (:mod:`lomar.data.jpeg_cut`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from PIL import Image, ImageOps
 
 from lomar.data.headers import declared_size, jpeg_single_scan, png_bad_chunk
+from lomar.data.jpeg_cut import cut_message, cut_short, grey_corner
 from lomar.limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, env_limit
 
 __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_IMAGE_BYTES", "WIDE_MODES", "is_image_name",
@@ -247,10 +249,10 @@ def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = No
                                                 apply_exif_orientation=turn is None), turn or 1)
                 else:
                     image = decode_webp(encoded, mode=ImageReadMode.RGB)
-            if image.dtype == torch.uint8 and image.shape[0] == 3 and image.numel() > 0:
-                return image
         except Exception:  # torchvision refuses: Pillow tries
-            pass
+            image = None
+        if image is not None and image.dtype == torch.uint8 and image.shape[0] == 3 and image.numel() > 0:
+            return _whole(image, data, name, kind)
     try:  # Pillow: PNG, GIF's first frame, BMP, TIFF; CMYK or 16-bit JPEG
         with _open_checked(data, name, kind, size, limit) as img:
             img.load()
@@ -266,12 +268,19 @@ def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = No
                                      f"bits")
                 arr = arr / (255.0 if img.mode == "I" and arr.max() <= 255 else 65535.0) * 255.0
                 img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
-            return pil_to_tensor(img)
+            return _whole(pil_to_tensor(img), data, name, kind)
     except ValueError:
         raise
     except Exception as exc:
         raise ValueError(f"cannot decode image {name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
                          ) from exc
+
+
+def _whole(image: torch.Tensor, data: bytes, name: str, kind: str | None) -> torch.Tensor:
+    """``image``, unless it is a JPEG cut short whose rest libjpeg filled grey (:mod:`lomar.data.jpeg_cut`)."""
+    if kind == "jpeg" and grey_corner(image) and cut_short(data):
+        raise ValueError(cut_message(name))
+    return image
 
 
 def _jpeg_orientation(data: bytes) -> int | None:
@@ -323,9 +332,12 @@ def decode_box_reduced(img: Image.Image, box: tuple[int, int, int, int], size: i
                 # Pillow decodes at the largest scale of 8, 4, 2 at most width // requested width: ask floor.
                 img.draft("RGB", (width // scale, height // scale))
                 break
+    source, jpeg = getattr(img, "fp", None), img.format == "JPEG"  # opened from bytes, kept after decoding
     with warnings.catch_warnings():  # Pillow's advice on palette transparency, from every worker (see pil_to_tensor)
         warnings.simplefilter("ignore", UserWarning)
         img = img.convert("RGB")  # decodes (at the draft scale, if one was set)
+    if jpeg and hasattr(source, "getvalue") and grey_corner(img) and cut_short(source.getvalue()):
+        raise ValueError(cut_message("<bytes>"))
     if exif_orientation(img) not in (0, 1):  # turned upright after the reduced decode, on a few megapixels
         img = ImageOps.exif_transpose(img)
     sx, sy = img.size[0] / upright_w, img.size[1] / upright_h
@@ -349,7 +361,8 @@ def load_image_reduced(path: str | Path, min_side: int, max_pixels: int | None =
                     warnings.simplefilter("ignore")  # a damaged EXIF block's notes, from every worker
                     img.draft("RGB", (width // scale, height // scale))
                     pixels = pil_to_tensor(img)
-                if pixels.shape[-2:] == (height // scale, width // scale):
+                whole = not (grey_corner(pixels) and cut_short(data))  # else decode_bytes refuses it, named
+                if whole and pixels.shape[-2:] == (height // scale, width // scale):
                     return _orient(pixels, exif_orientation(img) or 1)  # as decode_bytes reads the tag
             except Exception:  # what Pillow cannot decode, libjpeg through torchvision may: the reference decides
                 pass
