@@ -275,8 +275,8 @@ def test_a_finetuned_head_is_kept_only_for_the_pooling_it_was_trained_on(tmp_pat
         fresh = load_pretrained_encoder(tmp_path / f"{pool}.pt", num_classes=3, global_pool=other)
         assert not torch.equal(fresh.head.weight, classifier.head.weight)
         assert {"head.weight", "head.bias"} <= set(fresh.load_report.fresh)
-        assert (f"its head pooled by --global-pool {pool}, not {other}, so the head is initialised afresh" in
-                fresh.load_report.summary({"global_pool": "--global-pool"}))
+        assert (f"its head pooled by --global-pool {pool}, not {other}, so the head is initialised afresh "
+                f"(--global-pool {pool} keeps it)") in fresh.load_report.summary({"global_pool": "--global-pool"})
 
 
 def test_a_head_over_the_same_names_in_another_unicode_form_says_so(tmp_path):

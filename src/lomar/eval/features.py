@@ -134,7 +134,7 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     if same_size and (note is None or rows is not None) and (pooled := classifier_pool(src.data, state)) != global_pool:
         # its rows would score other features than it learnt to (read_export's rule too: another pooling, another head)
         rows, note = None, (f"its head pooled by global_pool={pooled}, not {global_pool}, so the head is initialised "
-                            f"afresh")
+                            f"afresh (global_pool={pooled} keeps it)")
     report.notes += [note] if note else []
     fresh_head = note is not None and rows is None
     for key in [k for k in state if k.startswith(CLASSIFIER_PREFIXES)]:
