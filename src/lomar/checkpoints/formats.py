@@ -225,7 +225,6 @@ register(VitReader(), 20)
 register(ExportReader(), 30)
 
 
-
 def _export_folder_of(path: Path) -> Path | None:
     """The export folder whose config.json names the file ``path`` as its weights, else None. Read alone, such a
     file loses what only config.json says (the image size an RPE encoder was trained at, its ViTDet windows), and
