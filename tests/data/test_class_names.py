@@ -28,6 +28,10 @@ def test_relabel_gives_each_image_the_row_of_its_class_name(tmp_path):
         relabel(folder, None, 2, "best.pt")
     with pytest.raises(ValueError, match=r"only in the classifier: \['emu'\], only in .*: \['owl'\]\); score it"):
         relabel(folder, ["cat", "dog", "emu"], 3, "best.pt")
+    # a hand-made checkpoint's: a one-line refusal, not a TypeError (unhashable) or a string read as its letters
+    for names in ([["owl"], "cat", "dog"], "owl"):
+        with pytest.raises(ValueError, match=r"the classifier in best.pt: its classes must be a list of class names"):
+            relabel(folder, names, 3, "best.pt")
 
 
 def test_names_read_from_a_file_must_be_as_many_distinct_strings_as_rows():

@@ -1,6 +1,7 @@
 """Downstream: pretrained-encoder loading, k-NN, linear probe, finetune (tiny models, CPU)."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -277,6 +278,20 @@ def test_a_finetuned_head_is_kept_only_for_the_pooling_it_was_trained_on(tmp_pat
         assert {"head.weight", "head.bias"} <= set(fresh.load_report.fresh)
         assert (f"its head pooled by --global-pool {pool}, not {other}, so the head is initialised afresh "
                 f"(--global-pool {pool} keeps it)") in fresh.load_report.summary({"global_pool": "--global-pool"})
+
+
+def test_a_classifiers_saved_class_names_that_cannot_be_its_rows_are_refused_in_one_line(tmp_path):
+    """A hand-made checkpoint's classes (a name that is a list, a string, a name twice) name no rows: a ValueError
+    naming the file, which lomar finetune says as a usage error, not a TypeError's traceback or a silently kept
+    head."""
+    classifier = VisionTransformer(ViTConfig(**VIT), num_classes=3)
+    for names, words in (([["owl"], "cat", "dog"], "must be a list of class names"), ("owl", "got 'owl'"),
+                         (["cat", "cat", "dog"], "name 'cat' twice")):
+        atomic_save({"model": classifier.state_dict(), "config": classifier.config.to_dict(), "num_classes": 3,
+                     "classes": names, "format": "lomar-finetune-1", "global_pool": "avg"}, tmp_path / "best.pt")
+        with pytest.raises(ValueError, match=rf"best.pt: its classes .*{re.escape(words)}"):
+            load_pretrained_encoder(tmp_path / "best.pt", num_classes=3, classes=["cat", "dog", "owl"])
+        assert load_pretrained_encoder(tmp_path / "best.pt").num_classes == 0  # an encoder of it needs no names
 
 
 def test_a_head_over_the_same_names_in_another_unicode_form_says_so(tmp_path):

@@ -61,7 +61,9 @@ def relabel(dataset, names: Sequence[str] | None, count: int | None, source: obj
     name among ``names``, as the classifier in ``source`` names its head's rows (:func:`rows_by_name`: a folder that
     sorts them otherwise is relabelled), and its ``classes`` and ``class_to_idx`` with them. Without names (``count``
     rows, saved without them): as many classes, in the folder's order. ValueError naming the classes only one side
-    has (rows would score other classes)."""
+    has (rows would score other classes), or names that cannot be the rows' (:func:`names_problem`)."""
+    if names is not None and (problem := names_problem(names, count)):
+        raise ValueError(f"the classifier in {source}: its classes {problem}; pass a checkpoint `lomar finetune` wrote")
     root, names = dataset.root, list(names or [])
     if not names:
         if count != len(dataset.classes):

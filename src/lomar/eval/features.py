@@ -22,7 +22,7 @@ from lomar.checkpoints.formats import BEiTReader, read, stopped_run_checkpoint
 from lomar.checkpoints.io import check_finite
 from lomar.checkpoints.keys import CLASSIFIER_PREFIXES, drop_final_norm
 from lomar.checkpoints.kinds import classifier_pool, run_command
-from lomar.data.class_names import classes_only_in, rows_by_name, unicode_forms_note
+from lomar.data.class_names import classes_only_in, names_problem, rows_by_name, unicode_forms_note
 from lomar.data.classify import bound_aspect, eval_resize
 from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker, collate_labelled
 from lomar.data.decode import load_image, load_image_reduced
@@ -129,8 +129,11 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     from_classifier = any(k.startswith("fc_norm.") for k in state)
     # an export names its head's rows in its config.json (label_names), a finetune checkpoint in its "classes"
     saved = read_export(src.path).classes if classes and src.format == "export" else src.data.get("classes")
+    head = state.get("head.weight")
+    if classes and saved is not None and head is not None and (bad := names_problem(saved, len(head))):
+        raise ValueError(f"{path}: its classes {bad}; pass a checkpoint `lomar finetune` wrote")
     rows, note = _head_rows(saved, classes)
-    same_size = "head.weight" in own and own["head.weight"].shape == getattr(state.get("head.weight"), "shape", None)
+    same_size = head is not None and "head.weight" in own and own["head.weight"].shape == head.shape
     if same_size and (note is None or rows is not None) and (pooled := classifier_pool(src.data, state)) != global_pool:
         # its rows would score other features than it learnt to (read_export's rule too: another pooling, another head)
         rows, note = None, (f"its head pooled by global_pool={pooled}, not {global_pool}, so the head is initialised "
