@@ -205,6 +205,16 @@ def test_a_finetuned_classifiers_export_names_its_classes_so_its_head_is_kept_on
     assert "label_names name 2 classes for a head of 3" in capsys.readouterr().err
 
 
+def test_a_finetune_checkpoint_in_torchs_legacy_format_exports_its_class_names_too(tmp_path):
+    """Such a file cannot be mapped: its names are read from it whole, not left out (its export's head would then be
+    kept for any classes as many)."""
+    ours = VisionTransformer(TINY, num_classes=2)
+    torch.save({"model": ours.state_dict(), "config": ours.config.to_dict(), "num_classes": 2, "classes": ["a", "b"],
+                "format": "lomar-finetune-1"}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert main(["export", str(tmp_path / "legacy.pt"), "--to", str(tmp_path / "exp")]) == 0
+    assert json.loads((tmp_path / "exp" / "config.json").read_text())["label_names"] == ["a", "b"]
+
+
 def test_timm_reads_original_checkpoint():
     path = reference_dir() / "lomar_224_4win" / "checkpoint.pth"
     if not path.is_file():

@@ -90,8 +90,8 @@ def _label_names(path: str, rows: int) -> dict:
 
     try:
         _, src = read(path, mmap=True)  # the weights mapped, not read again
-    except ValueError:  # torch's legacy format, which cannot be mapped: no lomar classifier is saved in it
-        return {}
+    except ValueError:  # torch's legacy format cannot be mapped (a finetune checkpoint re-saved in it): read it whole
+        _, src = read(path)
     names = read_export(src.path).classes if src.format == "export" else src.data.get("classes")
     if names is None:
         return {}
