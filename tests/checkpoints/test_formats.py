@@ -135,8 +135,9 @@ def test_a_non_square_classifier_loads_at_its_saved_size_and_a_bare_one_asks_for
 
 def test_a_classifier_is_rebuilt_from_the_vit_config_it_saved_and_a_held_checkpoint_is_not_read_again(
         tmp_path, monkeypatch):
-    """A `lomar finetune` checkpoint's saved ViTConfig rebuilds it as trained, the settings no shape tells too (its
-    attention, drop path); a caller that holds the checkpoint (finetune --eval-only) identifies it without a read."""
+    """A `lomar finetune` checkpoint's saved ViTConfig rebuilds it as trained, the layout no shape tells too (its
+    ViTDet windows), but for its machine's attention and its training's drop path, which the reader's caller picks;
+    a caller that holds the checkpoint (finetune --eval-only) identifies it without a read."""
     from dataclasses import replace
 
     from lomar.checkpoints.kinds import FINETUNE_FORMAT
@@ -152,11 +153,12 @@ def test_a_classifier_is_rebuilt_from_the_vit_config_it_saved_and_a_held_checkpo
     reader, src = formats.identify(tmp_path / "best.pt", held)
     loaded = reader.model(src, {})
     monkeypatch.undo()
-    assert (src.format, loaded.config) == ("lomar-vit", config)
+    assert (src.format, loaded.config) == ("lomar-vit", replace(config, attention="auto", drop_path=0.0))
+    assert formats.encoder_weights(tmp_path / "best.pt").config == loaded.config
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded.eval()(x), classifier.eval()(x))
     wider = formats.load_model(tmp_path / "best.pt", img_size=48, attention="dense")
-    assert wider.config == replace(config, img_size=48, attention="dense")
+    assert wider.config == replace(config, img_size=48, attention="dense", drop_path=0.0)
 
 
 def test_a_saved_config_that_does_not_describe_its_weights_is_refused_before_a_model_is_built(tmp_path, monkeypatch):

@@ -93,7 +93,9 @@ def _saved_config(src: Source, num_heads: int | None = None) -> tuple[str, ViTCo
     if num_heads and num_heads != config.num_heads:  # what it fills in, this checkpoint says itself
         raise ValueError(f"{src.path}: its saved {key} gives num_heads {config.num_heads}; drop num_heads={num_heads} "
                          f"(a setting for checkpoints that save no ViTConfig)")
-    return key, config
+    # its attention was its machine's choice (flex trains on CUDA alone; all modes agree) and its drop path its
+    # training's: this machine picks its own, a caller's training sets its own, as an export's reader does
+    return key, replace(config, attention="auto", drop_path=0.0)
 
 
 def _inferred_config(src: Source, overrides: dict) -> ViTConfig:
