@@ -12,6 +12,7 @@ from helpers import fill_disk
 from lomar import MAE, LoMaR, load_original, lomar_from_original, lomar_to_original, model_config
 from lomar.checkpoints.io import atomic_save, safe_load
 from lomar.checkpoints.original import infer_original_config
+from lomar.models.vit import VisionTransformer, ViTConfig
 
 TINY = dict(embed_dim=48, depth=2, num_heads=4)
 
@@ -209,6 +210,15 @@ def test_standard_sizes_are_inferred_without_args():
              "decoder_embed.weight": torch.zeros(512, dim), "pos_embed": torch.zeros(1, 197, dim)}
     method, settings = infer_original_config({"model": state})
     assert method == "mae" and settings["config"].num_heads == 3 and settings["decoder_num_heads"] == 16
+
+
+def test_an_mlp_whose_width_over_the_embedding_is_no_exact_float_is_read_back(tmp_path):
+    """88 * (120 / 88) is 119.99... in floats: the inferred ratio builds the checkpoint's 120-wide MLP, not 119."""
+    from lomar.checkpoints.formats import load_model
+
+    config = ViTConfig(img_size=32, patch_size=8, embed_dim=88, depth=1, num_heads=2, mlp_ratio=1.364)
+    torch.save({"model": VisionTransformer(config).state_dict()}, tmp_path / "odd.pt")
+    assert load_model(tmp_path / "odd.pt").blocks[0].mlp.fc1.out_features == 120
 
 
 def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):

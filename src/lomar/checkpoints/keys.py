@@ -14,6 +14,7 @@ import torch
 from lomar.limits import MAX_IMG_SIZE
 from lomar.models.abs_pos import square_side
 from lomar.models.vit import MODEL_SIZES, VisionTransformer, ViTConfig
+from lomar.models.vit_config import mlp_ratio_of
 from lomar.values import as_sides, is_size
 
 __all__ = ["ENCODER_PREFIXES", "CLASSIFIER_PREFIXES", "PRETRAIN_ONLY", "rename_rpe", "drop_final_norm",
@@ -135,6 +136,6 @@ def infer_vit_config(state: dict[str, torch.Tensor], hints: dict | None = None, 
     if not all(1 <= v <= MAX_IMG_SIZE for v in sides):  # an absolute table is built for it: bound it first
         raise ValueError(f"image size {img_size} (from the checkpoint's saved settings) is outside "
                          f"[1, {MAX_IMG_SIZE}]; pass img_size=... for the size to load it at")
-    return ViTConfig(img_size=img_size or 224, patch_size=patch, in_chans=in_chans, embed_dim=dim,
-                     depth=depth, num_heads=int(heads), mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / dim,
-                     pos=position_encoding(state))
+    hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+    return ViTConfig(img_size=img_size or 224, patch_size=patch, in_chans=in_chans, embed_dim=dim, depth=depth,
+                     num_heads=int(heads), mlp_ratio=mlp_ratio_of(dim, hidden), pos=position_encoding(state))

@@ -15,6 +15,7 @@ import torch
 from lomar.checkpoints.io import safe_load
 from lomar.models.abs_pos import square_side
 from lomar.models.beit import BEiT, BEiTConfig
+from lomar.models.vit_config import mlp_ratio_of
 
 __all__ = ["beit_from_original", "load_original_beit", "beit_to_timm", "per_block_from_shared", "holds_beit_keys"]
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -56,7 +57,7 @@ def beit_from_original(state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, 
         raise ValueError("state dict has no blocks.{i}.* keys; pass the 'model' entry of a BEiT pretraining checkpoint")
     shared_key, block_key = "rel_pos_bias.relative_position_bias_table", "blocks.0.attn.relative_position_bias_table"
     info: dict = dict(embed_dim=dim, in_chans=in_chans, patch_size=patch, depth=depth,
-                      mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+                      mlp_ratio=mlp_ratio_of(dim, state["blocks.0.mlp.fc1.weight"].shape[0]),
                       qkv_bias="blocks.0.attn.q_bias" in state,
                       init_values=(0.1 if "blocks.0.gamma_1" in state else None),
                       use_shared_rel_pos_bias=shared_key in state, use_rel_pos_bias=block_key in state,

@@ -3,13 +3,14 @@ sizes and :func:`model_config`. Checked on construction; imports no torch."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from lomar.limits import MAX_IMG_SIZE
 from lomar.values import as_sides, is_integer, is_real, is_size
 
-__all__ = ["ViTConfig", "EncoderShape", "MODEL_SIZES", "PATCH_SIZES", "model_config", "list_models"]
+__all__ = ["ViTConfig", "EncoderShape", "MODEL_SIZES", "PATCH_SIZES", "model_config", "list_models", "mlp_ratio_of"]
 
 PosMode = Literal["rpe", "abs", "none"]
 REL_POS_MODES = ("none", "decomposed", "bias")  # lomar.models.relpos's terms
@@ -128,3 +129,10 @@ def model_config(name: str, **overrides) -> ViTConfig:
     dim, depth, heads = MODEL_SIZES[size]
     base = ViTConfig(patch_size=int(patch.removeprefix("patch")), embed_dim=dim, depth=depth, num_heads=heads)
     return replace(base, **overrides)
+
+
+def mlp_ratio_of(embed_dim: int, hidden: int) -> float:
+    """The ``mlp_ratio`` that builds a ``hidden``-wide MLP on ``embed_dim`` (a block takes ``int(embed_dim * ratio)``,
+    and ``hidden / embed_dim`` can build one too few in floats: 352 * (960 / 352) is 959.99...)."""
+    ratio = hidden / embed_dim
+    return ratio if int(embed_dim * ratio) == hidden else math.nextafter(ratio, math.inf)
