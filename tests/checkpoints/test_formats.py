@@ -199,6 +199,12 @@ def test_a_classifier_that_saved_its_config_refuses_another_num_heads_and_a_size
                                                    f"its weights: img_size 48 (its weights: a position table of 16 "
                                                    f"patches)")):
         formats.load_model(tmp_path / "larger.pt")
+    export_encoder(VisionTransformer(config), tmp_path / "export")  # its config.json gives its heads too
+    assert formats.load_model(tmp_path / "export", num_heads=2).config.num_heads == 2
+    for read in (formats.load_model, formats.encoder_weights, load_pretrained_encoder):
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'export'}: its config.json gives num_heads 2; "
+                                                       f"drop num_heads=4")):
+            read(tmp_path / "export", num_heads=4)
     rpe = VisionTransformer(VIT, num_classes=3).state_dict()  # saves no config: its RPE tables tell its 2 heads
     atomic_save({"model": rpe}, tmp_path / "bare.pt")
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'bare.pt'}: its weights do not fit the 32-wide, "

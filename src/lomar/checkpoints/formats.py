@@ -66,6 +66,14 @@ __all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "read", 
 _FREE = ("img_size", "attention", "drop_path")
 
 
+def _refuse_other_heads(src: Source, where: str, saved: int, asked: int | None) -> None:
+    """ValueError where a caller's ``num_heads`` (which fills in what a bare checkpoint cannot tell) contradicts the
+    heads a saved config gives: not another model of the same weights, nor dropped without a word."""
+    if asked and asked != saved:
+        raise ValueError(f"{src.path}: its {where} gives num_heads {saved}; drop num_heads={asked} (a setting for "
+                         f"checkpoints that save no ViTConfig)")
+
+
 def _saved_config(src: Source, num_heads: int | None = None) -> tuple[str, ViTConfig] | None:
     """The key and the ViTConfig a classifier checkpoint saved (``lomar finetune``: ``config``,
     :func:`pretrain_checkpoint`: ``vit_config``), None where it saved none. ValueError where it does not describe
@@ -90,9 +98,7 @@ def _saved_config(src: Source, num_heads: int | None = None) -> tuple[str, ViTCo
         differ.append(f"img_size {config.img_size!r} (its weights: a position table of {patches} patches)")
     if differ:
         raise ValueError(f"{src.path}: its saved {key} does not describe its weights: {', '.join(differ)}")
-    if num_heads and num_heads != config.num_heads:  # what it fills in, this checkpoint says itself
-        raise ValueError(f"{src.path}: its saved {key} gives num_heads {config.num_heads}; drop num_heads={num_heads} "
-                         f"(a setting for checkpoints that save no ViTConfig)")
+    _refuse_other_heads(src, f"saved {key}", config.num_heads, num_heads)
     # its attention was its machine's choice (flex trains on CUDA alone; all modes agree) and its drop path its
     # training's: this machine picks its own, a caller's training sets its own, as an export's reader does
     return key, replace(config, attention="auto", drop_path=0.0)
@@ -214,11 +220,14 @@ class ExportReader(Reader):
 
     def model(self, src, overrides):
         # window_size here is the command line's LoMaR window (K), not the export's ViTDet windows
-        fields = set(ViTConfig.__dataclass_fields__) - {"window_size"}
-        return create_encoder(src.path, **{k: v for k, v in overrides.items() if k in fields})
+        fields = set(ViTConfig.__dataclass_fields__) - {"window_size", "num_heads"}
+        encoder = create_encoder(src.path, **{k: v for k, v in overrides.items() if k in fields})
+        _refuse_other_heads(src, CONFIG_NAME, encoder.config.num_heads, overrides.get("num_heads"))
+        return encoder
 
     def encoder(self, src, overrides):
         encoder = create_encoder(src.path)
+        _refuse_other_heads(src, CONFIG_NAME, encoder.config.num_heads, overrides.get("num_heads"))
         return EncoderWeights(encoder.config, encoder.state_dict(), [], "exported folder")
 
 
