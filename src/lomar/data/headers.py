@@ -18,8 +18,8 @@ from __future__ import annotations
 import struct
 import zlib
 
-__all__ = ["image_format", "declared_size", "jpeg_frame_size", "jpeg_single_scan", "png_size", "png_bad_chunk",
-           "webp_size"]
+__all__ = ["image_format", "declared_size", "jpeg_frame_size", "jpeg_single_scan", "jpeg_scan_start", "png_size",
+           "png_bad_chunk", "webp_size"]
 
 # SOF0-15 except DHT (C4), JPG (C8) and DAC (CC), which share the range.
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -88,13 +88,20 @@ def jpeg_single_scan(data: bytes) -> bool:
     """Whether libjpeg reads at most one scan of this JPEG: a sequential (not progressive) frame whose first scan
     holds every component, after which libjpeg takes another scan for an error (``JERR_EOI_EXPECTED``, jdinput.c).
     False where that is not certain."""
+    return jpeg_scan_start(data) is not None
+
+
+def jpeg_scan_start(data: bytes) -> int | None:
+    """Offset of the image data (past the SOS segment, by its length) of a JPEG that :func:`jpeg_single_scan`
+    finds libjpeg reads one scan of; None for any other."""
     components = None
     for marker, i in _jpeg_header_markers(data):
         if marker in _SOF and i + 8 <= len(data):
             components = None if marker in _PROGRESSIVE_SOF else data[i + 7]  # Nf, after the frame's size
         elif marker == 0xDA:
-            return components is not None and i + 3 <= len(data) and data[i + 2] == components  # Ns == Nf
-    return False
+            single = components is not None and i + 3 <= len(data) and data[i + 2] == components  # Ns == Nf
+            return i + struct.unpack_from(">H", data, i)[0] if single else None
+    return None
 
 
 def png_size(data: bytes) -> tuple[int, int] | None:

@@ -9,8 +9,11 @@ scan never needs (libjpeg reads ahead 25 bits at most), and runs out of data whe
 The corner check costs 40 us on a 12 MP photo, whose decode takes 80 ms (200 such photos: 0.995 times the time
 without it in all, within noise); the check of a suspect, a Pillow decode (70 ms more on that photo).
 
-A progressive JPEG cut short decodes blurred past the cut, not grey, and is not recognised; nor are the other notes
-libjpeg prints (junk bytes before a marker, which it skips: the pixels are whole).
+Not recognised: a progressive JPEG cut short (blurred past the cut, not grey); a cut within the last few blocks
+(the corner's own, or whole ones its chroma upsampling blends in); an arithmetic-coded JPEG (Pillow's decoder stops
+on one with another error than running out of data) and a CMYK one (its fill is not grey); libjpeg's other
+notes (junk bytes before a marker, which it skips: the pixels are whole). Nor is what ``--decode gpu``'s device
+decoder (nvjpeg) decodes checked.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import warnings
 import torch
 from PIL import Image
 
-from lomar.data.headers import _jpeg_header_markers, jpeg_single_scan
+from lomar.data.headers import jpeg_scan_start
 
 __all__ = ["GREY", "grey_corner", "cut_short", "cut_message"]
 
@@ -36,14 +39,6 @@ def grey_corner(image: torch.Tensor | Image.Image) -> bool:
         corners = ((0, 0), (width - 1, 0), (0, height - 1), (width - 1, height - 1))
         return any(image.getpixel(corner) == (GREY, GREY, GREY) for corner in corners)
     return bool(image[:, [0, 0, -1, -1], [0, -1, 0, -1]].eq(GREY).all(0).any())
-
-
-def _scan_start(data: bytes) -> int | None:
-    """Offset of the first scan's entropy-coded data: past its SOS segment, as libjpeg's marker reader finds it."""
-    for marker, i in _jpeg_header_markers(data):
-        if marker == 0xDA and i + 2 <= len(data):
-            return i + int.from_bytes(data[i:i + 2], "big")
-    return None
 
 
 def _scan_end(data: bytes, start: int) -> int | None:
@@ -63,7 +58,7 @@ def cut_short(data: bytes) -> bool:
     grey: the scan ends at the file's closing marker (EOI) and Pillow, given zero bytes instead of that marker,
     runs out of data. False where that is not certain (a progressive or multi-scan file, another marker after the
     scan, a decoder error of another kind, Pillow's ``LOAD_TRUNCATED_IMAGES`` set)."""
-    start = _scan_start(data) if jpeg_single_scan(data) else None
+    start = jpeg_scan_start(data)
     end = _scan_end(data, start) if start is not None else None
     if end is None or data[end + 1] != 0xD9:
         return False
