@@ -17,9 +17,10 @@ from lomar.models.masking import grid_size
 from lomar.models.spec import build_from_spec
 from lomar.models.vit import ViTConfig, model_config
 from lomar.models.windows import window_geometry
+from lomar.values import as_sides, is_size
 
 __all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "PRETRAIN_FORMAT", "CLASSIFIER_FORMAT",
-           "saved_settings", "pretrain_spec", "build_strict"]
+           "saved_settings", "pretrain_spec", "build_strict", "refuse_unused"]
 
 
 
@@ -61,6 +62,31 @@ class Reader:
 
     def encoder(self, src: Source, overrides: dict) -> EncoderWeights:
         raise NotImplementedError
+
+
+# Why a reader that builds no pretraining model has no use for these of load_model's overrides.
+_PRETRAINING_ONLY = {"window_size": "LoMaR's window size", "num_windows": "LoMaR's window count",
+                     "decoder_num_heads": "an MAE decoder's heads"}
+
+
+def refuse_unused(src: Source, what: str, overrides: dict, used=(), saved: dict | None = None) -> None:
+    """ValueError naming each of ``overrides`` that the reader of ``src`` (``what`` it holds) neither uses (``used``)
+    nor finds equal to what the checkpoint ``saved``: a model built as if it were not given would mislead."""
+    saved = saved or {}
+
+    def same(key: str, value) -> bool:
+        if key == "img_size" and is_size(value) and is_size(saved[key]):  # 224 is (224, 224)
+            return as_sides(value) == as_sides(saved[key])
+        return value == saved[key]
+
+    def why(key: str) -> str:
+        if key in saved:
+            return f"it saved {saved[key]!r}"
+        return _PRETRAINING_ONLY.get(key, "no setting of it")
+
+    unused = [k for k in sorted(overrides) if k not in used and not (k in saved and same(k, overrides[k]))]
+    if unused:
+        raise ValueError(f"{src.path} is {what}; drop {', '.join(f'{k}={overrides[k]!r} ({why(k)})' for k in unused)}")
 
 
 _READERS: list[tuple[int, Reader]] = []
