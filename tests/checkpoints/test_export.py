@@ -145,8 +145,10 @@ def test_windowed_export_rebuilds_with_its_windows(tmp_path):
     for model in rebuilt:
         assert (model.config.window_size, model.config.global_blocks, model.config.attention) == (4, (1,), "auto")
         assert torch.equal(model.eval().forward_features(X), want)
-    # the command line's --window-size is LoMaR's K: it does not re-window an export
-    assert load_model(tmp_path / "exp", window_size=7).config.window_size == 4
+    # the command line's --window-size is LoMaR's K: it does not re-window an export, and is not dropped unsaid
+    with pytest.raises(ValueError, match=r"exp is an exported encoder, no pretraining model; drop window_size=7 "
+                                         r"\(LoMaR's window size\)"):
+        load_model(tmp_path / "exp", window_size=7)
 
 
 def test_plain_export_config_has_no_window_args(tmp_path):

@@ -78,6 +78,17 @@ def test_an_intact_beit_export_still_loads_everywhere(beit_export):
         torch.testing.assert_close(load_model(beit_export).eval().forward_features(images), expected)
 
 
+def test_a_beit_export_refuses_settings_it_does_not_take_and_takes_its_own(beit_export):
+    """A BEiT export dropped every override without a word (its config.json says all): another num_heads or a
+    LoMaR window size built the export as saved; the heads it saved are taken."""
+    message = f"{beit_export} is a BEiT export, which carries its own settings; drop num_heads=4 (it saved 2)"
+    with pytest.raises(ValueError, match=re.escape(f"{message}, window_size=5 (LoMaR's window size)")):
+        load_model(beit_export, num_heads=4, window_size=5)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_pretrained_encoder(beit_export, num_heads=4)
+    assert load_model(beit_export, num_heads=2, img_size=32).config.num_heads == 2
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64, torch.float8_e4m3fn])
 def test_weights_of_a_dtype_no_encoder_is_saved_in_are_refused_not_cast(tmp_path, dtype):
     """Integers, booleans, complex numbers and float8 were cast into the float weights without a word."""

@@ -213,6 +213,27 @@ def test_a_classifier_that_saved_its_config_refuses_another_num_heads_and_a_size
     assert str(refused.value).endswith("; drop num_heads=... (its RPE tables tell its heads)")
 
 
+def test_a_pretraining_setting_given_for_a_classifier_or_an_export_is_refused_not_dropped(sources, tmp_path, capsys):
+    """--window-size, --windows and --decoder-num-heads set a LoMaR / MAE pretraining model: `lomar export
+    classifier.pt --windows 9` wrote the classifier as if the flag were not given. Each is now named in one line, in
+    the command's words; a pretraining checkpoint's encoder refuses heads its saved model contradicts, takes its own."""
+    _, root = sources
+    for name, what in (("classifier.pt", "a ViT classifier or encoder"), ("export", "an exported encoder")):
+        with pytest.raises(ValueError, match=re.escape(f"{root / name} is {what}, no pretraining model; drop "
+                                                       f"decoder_num_heads=4 (an MAE decoder's heads), window_size=5 "
+                                                       f"(LoMaR's window size)")):
+            formats.load_model(root / name, window_size=5, decoder_num_heads=4)
+        assert main(["export", str(root / name), "--windows", "9", "--to", str(tmp_path / name)]) == 2
+        assert capsys.readouterr().err.endswith(f"{what}, no pretraining model; drop --windows 9 (LoMaR's window "
+                                                f"count)\n")
+        assert not (tmp_path / name).exists()
+    assert formats.load_model(root / "export", img_size=48).config.img_size == 48  # what an encoder takes: taken
+    with pytest.raises(ValueError, match=re.escape(f"{root / 'pretrain.pt'}: its saved model gives num_heads 2; "
+                                                   f"drop num_heads=4")):
+        formats.encoder_weights(root / "pretrain.pt", num_heads=4)
+    assert formats.encoder_weights(root / "pretrain.pt", num_heads=2).config.num_heads == 2
+
+
 def test_a_command_takes_a_non_square_size_for_a_bare_checkpoint(tmp_path, capsys):
     """--img-size took one integer, which the library's 'pass img_size=(height, width)' was reworded into."""
     from lomar.cli.app import main

@@ -48,6 +48,7 @@ from lomar.checkpoints.reader import (
     build_strict,
     pretrain_spec,
     readers,
+    refuse_unused,
     register,
     saved_settings,
 )
@@ -139,7 +140,9 @@ class PretrainReader(Reader):
         state = {k.removeprefix("encoder."): v for k, v in src.state.items() if k.startswith("encoder.")}
         dropped = [k for k in src.state if not k.startswith("encoder.")]  # mask token, pixel head, decoder
         method = "mae" if ".mae" in spec["arch"] else "lomar" if ".lomar:" in spec["arch"] else spec["arch"]
-        return EncoderWeights(ViTConfig.from_dict(spec["config"]), state, dropped, f"pretrain checkpoint ({method})")
+        config = ViTConfig.from_dict(spec["config"])
+        _refuse_other_heads(src, "saved model", config.num_heads, overrides.get("num_heads"))
+        return EncoderWeights(config, state, dropped, f"pretrain checkpoint ({method})")
 
 
 # Every key a VisionTransformer (encoder or classifier) has, and nothing else.
@@ -175,6 +178,7 @@ class VitReader(Reader):
         return config
 
     def model(self, src, overrides):
+        refuse_unused(src, "a ViT classifier or encoder, no pretraining model", overrides, {"num_heads", *_FREE})
         trained, state = self.trained_config(src, overrides), src.state
         config = replace(trained, **{k: v for k, v in overrides.items() if k in _FREE})
         num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
@@ -221,6 +225,7 @@ class ExportReader(Reader):
     def model(self, src, overrides):
         # window_size here is the command line's LoMaR window (K), not the export's ViTDet windows
         fields = set(ViTConfig.__dataclass_fields__) - {"window_size", "num_heads"}
+        refuse_unused(src, "an exported encoder, no pretraining model", overrides, {"num_heads", *fields})
         encoder = create_encoder(src.path, **{k: v for k, v in overrides.items() if k in fields})
         _refuse_other_heads(src, CONFIG_NAME, encoder.config.num_heads, overrides.get("num_heads"))
         return encoder
@@ -335,8 +340,9 @@ def load_model(path: str | Path, **overrides) -> nn.Module:
 
     ``overrides`` (``num_heads``, ``img_size``, ``window_size``, ``num_windows``,
     ``decoder_num_heads``) fill in what an original checkpoint cannot tell; a classifier is rebuilt as it saved
-    itself, at another ``img_size`` or ``attention`` where given. Raises ValueError
-    or FileNotFoundError with a message that names the problem.
+    itself, at another ``img_size`` or ``attention`` where given; one its reader has no use for (LoMaR's windows
+    for a classifier or an export) is refused. Raises ValueError or FileNotFoundError with a message that names the
+    problem.
     """
     reader, src = read(path)
     return reader.model(src, {k: v for k, v in overrides.items() if v is not None})

@@ -20,7 +20,15 @@ from lomar.checkpoints.export import CONFIG_NAME
 from lomar.checkpoints.export_beit import read_beit_export, timm_beit_args
 from lomar.checkpoints.keys_beit import beit_to_timm, load_original_beit
 from lomar.checkpoints.kinds import FINETUNE_FORMAT
-from lomar.checkpoints.reader import EncoderWeights, Reader, Source, build_strict, pretrain_spec, register
+from lomar.checkpoints.reader import (
+    EncoderWeights,
+    Reader,
+    Source,
+    build_strict,
+    pretrain_spec,
+    refuse_unused,
+    register,
+)
 from lomar.models.beit import BEiT, BEiTConfig
 
 __all__ = ["TimmBeitWeights", "BEiTReader", "BEiTPretrainReader", "BEiTExportReader", "OriginalBEiTReader",
@@ -67,7 +75,10 @@ class BEiTPretrainReader(BEiTReader):
     def model(self, src, overrides):
         if "beit.lm_head.weight" not in src.state:
             raise ValueError(f"{src.path}: BEiT checkpoint without beit.lm_head.weight; it is incomplete")
-        return build_strict(pretrain_spec(src), src.state, src.path)
+        spec = pretrain_spec(src)
+        refuse_unused(src, "a lomar BEiT pretraining checkpoint, which carries its own settings", overrides,
+                      saved=spec["config"])
+        return build_strict(spec, src.state, src.path)
 
 
 class BEiTExportReader(BEiTReader):
@@ -97,6 +108,7 @@ class BEiTExportReader(BEiTReader):
         # The export holds per-block tables, all equal to the shared one it was written from. Validated before
         # anything is read or built: a small export whose config claims huge widths allocates nothing.
         config, args, weights = read_beit_export(src.path)
+        refuse_unused(src, "a BEiT export, which carries its own settings", overrides, saved=config.to_dict())
         return TimmBeitWeights(config, args, load_file(str(weights)), [], "exported folder (beit)")
 
 
@@ -109,7 +121,8 @@ class OriginalBEiTReader(BEiTReader):
         return "lm_head.weight" in state and "mask_token" in state and "blocks.0.attn.qkv.weight" in state
 
     def model(self, src, overrides):
-        return load_original_beit(src.path, **{k: v for k, v in overrides.items() if k == "num_heads"})
+        refuse_unused(src, "an original BEiT pretraining checkpoint", overrides, {"num_heads"})
+        return load_original_beit(src.path, **overrides)
 
 
 class BEiTFinetuneReader(BEiTReader):
