@@ -215,8 +215,9 @@ def test_a_classifier_that_saved_its_config_refuses_another_num_heads_and_a_size
 
 def test_a_pretraining_setting_given_for_a_classifier_or_an_export_is_refused_not_dropped(sources, tmp_path, capsys):
     """--window-size, --windows and --decoder-num-heads set a LoMaR / MAE pretraining model: `lomar export
-    classifier.pt --windows 9` wrote the classifier as if the flag were not given. Each is now named in one line, in
-    the command's words; a pretraining checkpoint's encoder refuses heads its saved model contradicts, takes its own."""
+    classifier.pt --windows 9` wrote the classifier as if the flag were not given, and an original checkpoint took
+    another method's (an MAE decoder's heads for a LoMaR) so. Each is now named in one line, in the command's words; a
+    pretraining checkpoint's encoder refuses heads its saved model contradicts, takes its own."""
     _, root = sources
     for name, what in (("classifier.pt", "a ViT classifier or encoder"), ("export", "an exported encoder")):
         with pytest.raises(ValueError, match=re.escape(f"{root / name} is {what}, no pretraining model; drop "
@@ -228,6 +229,12 @@ def test_a_pretraining_setting_given_for_a_classifier_or_an_export_is_refused_no
                                                 f"count)\n")
         assert not (tmp_path / name).exists()
     assert formats.load_model(root / "export", img_size=48).config.img_size == 48  # what an encoder takes: taken
+    with pytest.raises(ValueError, match=re.escape(f"{root / 'original.pth'} is an original LoMaR pretraining "
+                                                   f"checkpoint; drop decoder_num_heads=4 (an MAE decoder's heads)")):
+        formats.load_model(root / "original.pth", decoder_num_heads=4)  # another method's setting, as an MAE's K
+    assert main(["load-original", str(root / "original.pth"), "--decoder-num-heads", "4", "--to",
+                 str(tmp_path / "lomar.pt")]) == 2
+    assert capsys.readouterr().err.endswith("drop --decoder-num-heads 4 (an MAE decoder's heads)\n")
     with pytest.raises(ValueError, match=re.escape(f"{root / 'pretrain.pt'}: its saved model gives num_heads 2; "
                                                    f"drop num_heads=4")):
         formats.encoder_weights(root / "pretrain.pt", num_heads=4)

@@ -178,7 +178,7 @@ class VitReader(Reader):
         return config
 
     def model(self, src, overrides):
-        refuse_unused(src, "a ViT classifier or encoder, no pretraining model", overrides, {"num_heads", *_FREE})
+        refuse_unused(src.path, "a ViT classifier or encoder, no pretraining model", overrides, {"num_heads", *_FREE})
         trained, state = self.trained_config(src, overrides), src.state
         config = replace(trained, **{k: v for k, v in overrides.items() if k in _FREE})
         num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
@@ -225,7 +225,7 @@ class ExportReader(Reader):
     def model(self, src, overrides):
         # window_size here is the command line's LoMaR window (K), not the export's ViTDet windows
         fields = set(ViTConfig.__dataclass_fields__) - {"window_size", "num_heads"}
-        refuse_unused(src, "an exported encoder, no pretraining model", overrides, {"num_heads", *fields})
+        refuse_unused(src.path, "an exported encoder, no pretraining model", overrides, {"num_heads", *fields})
         encoder = create_encoder(src.path, **{k: v for k, v in overrides.items() if k in fields})
         _refuse_other_heads(src, CONFIG_NAME, encoder.config.num_heads, overrides.get("num_heads"))
         return encoder

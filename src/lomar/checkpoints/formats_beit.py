@@ -76,7 +76,7 @@ class BEiTPretrainReader(BEiTReader):
         if "beit.lm_head.weight" not in src.state:
             raise ValueError(f"{src.path}: BEiT checkpoint without beit.lm_head.weight; it is incomplete")
         spec = pretrain_spec(src)
-        refuse_unused(src, "a lomar BEiT pretraining checkpoint, which carries its own settings", overrides,
+        refuse_unused(src.path, "a lomar BEiT pretraining checkpoint, which carries its own settings", overrides,
                       saved=spec["config"])
         return build_strict(spec, src.state, src.path)
 
@@ -108,7 +108,7 @@ class BEiTExportReader(BEiTReader):
         # The export holds per-block tables, all equal to the shared one it was written from. Validated before
         # anything is read or built: a small export whose config claims huge widths allocates nothing.
         config, args, weights = read_beit_export(src.path)
-        refuse_unused(src, "a BEiT export, which carries its own settings", overrides, saved=config.to_dict())
+        refuse_unused(src.path, "a BEiT export, which carries its own settings", overrides, saved=config.to_dict())
         return TimmBeitWeights(config, args, load_file(str(weights)), [], "exported folder (beit)")
 
 
@@ -121,7 +121,7 @@ class OriginalBEiTReader(BEiTReader):
         return "lm_head.weight" in state and "mask_token" in state and "blocks.0.attn.qkv.weight" in state
 
     def model(self, src, overrides):
-        refuse_unused(src, "an original BEiT pretraining checkpoint", overrides, {"num_heads"})
+        refuse_unused(src.path, "an original BEiT pretraining checkpoint", overrides, {"num_heads"})
         return load_original_beit(src.path, **overrides)
 
 

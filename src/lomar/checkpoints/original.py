@@ -24,7 +24,7 @@ from lomar.checkpoints.keys import (
 )
 from lomar.checkpoints.keys_beit import holds_beit_keys
 from lomar.checkpoints.kinds import CLASSIFIER_FORMAT, FINETUNE_FORMAT
-from lomar.checkpoints.reader import EncoderWeights, Reader, Source, register
+from lomar.checkpoints.reader import EncoderWeights, Reader, Source, refuse_unused, register
 from lomar.models import MAE, LoMaR
 from lomar.models.abs_pos import square_side
 from lomar.models.masking import grid_size, window_positions
@@ -61,9 +61,10 @@ def infer_original_config(data: dict, **overrides) -> tuple[str, dict]:
     return _infer(data, overrides, whole=True)
 
 
-def _infer(data: dict, overrides: dict, whole: bool) -> tuple[str, dict]:
-    """:func:`infer_original_config`; not ``whole``: a pretraining model's encoder settings alone (``config``),
-    nothing asked of the parts an encoder leaves out (an MAE decoder's heads, which no shape tells; LoMaR's windows)."""
+def _infer(data: dict, overrides: dict, whole: bool, where: object = "this checkpoint") -> tuple[str, dict]:
+    """:func:`infer_original_config` of the checkpoint ``where``; not ``whole``: a pretraining model's encoder settings
+    alone (``config``), nothing asked of the parts an encoder leaves out (an MAE decoder's heads, which no shape tells;
+    LoMaR's windows)."""
     state = data.get("model", data)
     args = args_dict(data)
     if "patch_embed.proj.weight" not in state:
@@ -111,8 +112,9 @@ def _infer(data: dict, overrides: dict, whole: bool) -> tuple[str, dict]:
     config_overrides = {k: overrides.pop(k) for k in list(overrides)
                         if k in ViTConfig.__dataclass_fields__ and k != "window_size"}
     settings["config"] = replace(settings["config"], **config_overrides)
-    # Settings of another method (a window size for an MAE checkpoint, say) are hints from
-    # callers that cannot know the method beforehand: ignored. Names no model takes are typos.
+    # Names no model takes are typos; a setting of another method (a window size for an MAE checkpoint) is refused, as
+    # the model built as if it were not given would mislead. One of this model's that an exported encoder leaves out
+    # (its decoder's heads) is this checkpoint's still: the same flags serve load-original and export.
     accepted = {name: set(inspect.signature(cls.__init__).parameters) - {"self", "config"}
                 for name, cls in (("lomar", LoMaR), ("mae", MAE), ("classifier", VisionTransformer))}
     unknown = sorted(set(overrides) - set().union(*accepted.values()))
@@ -120,8 +122,10 @@ def _infer(data: dict, overrides: dict, whole: bool) -> tuple[str, dict]:
         known = set().union(*accepted.values(), ViTConfig.__dataclass_fields__)
         raise ValueError(f"unknown override(s) {', '.join(unknown)} for load_original; "
                          f"accepted: {', '.join(sorted(known))}")
+    label = {"lomar": "LoMaR pretraining", "mae": "MAE pretraining", "classifier": "finetuned classifier"}[method]
+    refuse_unused(where, f"an original {label} checkpoint", overrides, accepted[method])
     if whole or method == "classifier":
-        settings.update({k: v for k, v in overrides.items() if k in accepted[method]})
+        settings.update(overrides)
     return method, settings
 
 
@@ -141,7 +145,7 @@ def _original_model(data: dict, path: Path, overrides: dict, whole: bool = True)
     """The model of an original checkpoint; not ``whole``: a pretraining model's encoder alone (see :func:`_infer`),
     checked and loaded as the whole model's is."""
     _refuse_beit(data.get("model", data), path)
-    method, settings = _infer(data, dict(overrides), whole)
+    method, settings = _infer(data, dict(overrides), whole, path)
     state = data.get("model", data)
     try:  # a value the run's saved args give (norm_pix_loss='no', say) would otherwise read as a flag's
         model: nn.Module = (LoMaR(**settings) if method == "lomar" and whole else MAE(**settings)

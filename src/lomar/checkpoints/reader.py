@@ -69,9 +69,10 @@ _PRETRAINING_ONLY = {"window_size": "LoMaR's window size", "num_windows": "LoMaR
                      "decoder_num_heads": "an MAE decoder's heads"}
 
 
-def refuse_unused(src: Source, what: str, overrides: dict, used=(), saved: dict | None = None) -> None:
-    """ValueError naming each of ``overrides`` that the reader of ``src`` (``what`` it holds) neither uses (``used``)
-    nor finds equal to what the checkpoint ``saved``: a model built as if it were not given would mislead."""
+def refuse_unused(where: object, what: str, overrides: dict, used=(), saved: dict | None = None) -> None:
+    """ValueError naming each of ``overrides`` that the reader of the checkpoint ``where`` (``what`` it holds) neither
+    uses (``used``) nor finds equal to what the checkpoint ``saved``: a model built as if it were not given would
+    mislead."""
     saved = saved or {}
 
     def same(key: str, value) -> bool:
@@ -82,11 +83,11 @@ def refuse_unused(src: Source, what: str, overrides: dict, used=(), saved: dict 
     def why(key: str) -> str:
         if key in saved:
             return f"it saved {saved[key]!r}"
-        return _PRETRAINING_ONLY.get(key, "no setting of it")
+        return _PRETRAINING_ONLY.get(key, "not a setting it takes")
 
     unused = [k for k in sorted(overrides) if k not in used and not (k in saved and same(k, overrides[k]))]
     if unused:
-        raise ValueError(f"{src.path} is {what}; drop {', '.join(f'{k}={overrides[k]!r} ({why(k)})' for k in unused)}")
+        raise ValueError(f"{where} is {what}; drop {', '.join(f'{k}={overrides[k]!r} ({why(k)})' for k in unused)}")
 
 
 _READERS: list[tuple[int, Reader]] = []
