@@ -75,15 +75,19 @@ def _refuse_other_heads(src: Source, where: str, saved: int, asked: int | None) 
                          f"checkpoints that save no ViTConfig)")
 
 
-def _saved_config(src: Source, num_heads: int | None = None) -> tuple[str, ViTConfig] | None:
-    """The key and the ViTConfig a classifier checkpoint saved (``lomar finetune``: ``config``,
-    :func:`pretrain_checkpoint`: ``vit_config``), None where it saved none. ValueError where it does not describe
-    the weights beside it, told before any model of it is built (a small file that claims huge widths or sizes
-    builds none), or where a caller's ``num_heads`` contradicts it."""
-    saved = [k for k in ("config", "vit_config") if isinstance(src.data.get(k), dict) and "embed_dim" in src.data[k]]
-    if not saved:
+def _saved_key(src: Source) -> str | None:
+    """Where a classifier checkpoint saved its ViTConfig (``lomar finetune``: ``config``, :func:`pretrain_checkpoint`:
+    ``vit_config``), None where it saved none (a ``config`` without a width is another run's settings)."""
+    saved = (k for k in ("config", "vit_config") if isinstance(src.data.get(k), dict) and "embed_dim" in src.data[k])
+    return next(saved, None)
+
+
+def _saved_config(src: Source, num_heads: int | None = None) -> ViTConfig | None:
+    """The ViTConfig a classifier checkpoint saved (at :func:`_saved_key`), None where it saved none. ValueError where
+    it does not describe the weights beside it, told before any model of it is built (a small file that claims huge
+    widths or sizes builds none), or where a caller's ``num_heads`` contradicts it."""
+    if (key := _saved_key(src)) is None:
         return None
-    key = saved[0]
     try:
         config = ViTConfig.from_dict(src.data[key])
         shapes = infer_vit_config(src.state, {"num_heads": config.num_heads}, img_size=config.img_size)
@@ -102,7 +106,7 @@ def _saved_config(src: Source, num_heads: int | None = None) -> tuple[str, ViTCo
     _refuse_other_heads(src, f"saved {key}", config.num_heads, num_heads)
     # its attention was its machine's choice (flex trains on CUDA alone; all modes agree) and its drop path its
     # training's: this machine picks its own, a caller's training sets its own, as an export's reader does
-    return key, replace(config, attention="auto", drop_path=0.0)
+    return replace(config, attention="auto", drop_path=0.0)
 
 
 def _inferred_config(src: Source, overrides: dict) -> ViTConfig:
@@ -165,7 +169,7 @@ class VitReader(Reader):
         (``overrides``: ``num_heads``, and ``img_size`` where nothing else tells a non-square table's grid)."""
         overrides = overrides or {}
         if (saved := _saved_config(src, overrides.get("num_heads"))) is not None:
-            return saved[1]
+            return saved
         try:
             return _inferred_config(src, {k: v for k, v in overrides.items() if k != "img_size"})
         except ValueError:  # no size saved and a non-square table: img_size can only name the table's own grid
@@ -203,15 +207,12 @@ class VitReader(Reader):
         return model
 
     def encoder(self, src, overrides):
-        if (saved := _saved_config(src, overrides.get("num_heads"))) is not None:
-            key, config = saved
-            return EncoderWeights(config, dict(src.state), [],
-                                  "finetune checkpoint" if key == "config" else "classifier checkpoint")
         try:
-            config = _inferred_config(src, overrides)
-        except ValueError as exc:  # a caller's img_size is the size to resample to, not the table's
+            config = self.trained_config(src, overrides)
+        except ValueError as exc:  # no size to resample from: a caller's img_size is the size to resample to
             raise _unknown_grid(src) if "not a square grid" in str(exc) else exc from None
-        return EncoderWeights(config, dict(src.state), [], "classifier checkpoint")
+        kind = "finetune" if _saved_key(src) == "config" else "classifier"
+        return EncoderWeights(config, dict(src.state), [], f"{kind} checkpoint")
 
 
 class ExportReader(Reader):
