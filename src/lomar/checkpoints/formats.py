@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import lomar.checkpoints.original  # noqa: F401  registers the original-LoMaR/MAE readers
-from lomar.checkpoints.export import CONFIG_NAME, create_encoder
+from lomar.checkpoints.export import CONFIG_NAME, create_encoder, read_export
 from lomar.checkpoints.export_leftovers import interrupted_export
 from lomar.checkpoints.file_names import BEST, ENCODER_WEIGHTS, LAST, RUN_ENCODER
 from lomar.checkpoints.formats_beit import (
@@ -58,7 +58,7 @@ from lomar.models.vit import VisionTransformer, ViTConfig
 from lomar.values import is_size
 
 __all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "read", "identify", "VitReader", "holds_beit",
-           "peek_encoder", "load_model", "encoder_weights", "stopped_run_checkpoint",
+           "peek_encoder", "load_model", "encoder_weights", "stopped_run_checkpoint", "saved_class_names",
            "saved_settings", "PRETRAIN_FORMAT", "CLASSIFIER_FORMAT", "BEiTReader", "BEiTPretrainReader",
            "BEiTExportReader", "OriginalBEiTReader", "BEiTFinetuneReader", "TimmBeitWeights"]
 
@@ -307,6 +307,12 @@ def holds_beit(path: str | Path) -> bool:
         except (OSError, ValueError, RuntimeError):
             continue
     return False
+
+
+def saved_class_names(src: Source) -> object:
+    """The names of a classifier's head rows as its file saved them (a ``lomar finetune`` checkpoint's ``classes``, an
+    export's ``label_names``, checked by :func:`~lomar.checkpoints.export.read_export`), None where it saved none."""
+    return read_export(src.path).classes if src.format == ExportReader.name else src.data.get("classes")
 
 
 def stopped_run_checkpoint(path: Path) -> Path | None:

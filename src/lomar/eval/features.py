@@ -17,8 +17,7 @@ from timm.models.beit import Beit, checkpoint_filter_fn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from lomar.checkpoints.export import read_export
-from lomar.checkpoints.formats import BEiTReader, read, stopped_run_checkpoint
+from lomar.checkpoints.formats import BEiTReader, read, saved_class_names, stopped_run_checkpoint
 from lomar.checkpoints.io import check_finite
 from lomar.checkpoints.keys import CLASSIFIER_PREFIXES, drop_final_norm
 from lomar.checkpoints.kinds import classifier_pool, run_command
@@ -127,8 +126,7 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     # A finetuned classifier has no final norm (it pools into fc_norm): as a plain encoder
     # it gets a fresh, identity-initialised one.
     from_classifier = any(k.startswith("fc_norm.") for k in state)
-    # an export names its head's rows in its config.json (label_names), a finetune checkpoint in its "classes"
-    saved = read_export(src.path).classes if classes and src.format == "export" else src.data.get("classes")
+    saved = saved_class_names(src) if classes else None
     head = state.get("head.weight")
     if classes and saved is not None and head is not None and (bad := names_problem(saved, len(head))):
         raise ValueError(f"{path}: its classes {bad}; pass a checkpoint `lomar finetune` wrote")
