@@ -50,9 +50,11 @@ def _env() -> dict:
                                                                                "--windows 0, which reads the whole "
                                                                                "crop; pass --windows N (local "
                                                                                "windows), or use --decode draft"),
-    # BEiT's tokenizer labels the whole crop: blank pixels around the windows would change its targets
-    (["--decode", "windows", "--method", "beit", "--color-jitter", "0"], "--method beit labels its targets with a "
-                                                                         "tokenizer that reads the whole crop"),
+    # BEiT's built-in tokenizer of 8 px patches reads a view resized from 16 px ones: blank pixels around the
+    # windows would change its targets (tests/models/test_methods_windows.py)
+    (["--decode", "windows", "--method", "beit", "--color-jitter", "0", "--patch-size", "16", "--img-size", "64"],
+     "--method beit labels its targets with the built-in k-means tokenizer, whose 8 px patches read the crop "
+     "resized for the model's 16 px patches"),
     (["--decode", "gpu"], "not --device cpu"),
     (["--cpu-decode-share", "0.3"], "this run is --decode full; drop it, or use --decode gpu"),
     (["--cpu-decode-share", "1.5"], "--cpu-decode-share must be"),

@@ -18,7 +18,7 @@ from lomar.models.mae_window import MAEWindow
 from lomar.models.masking import MaskingPlan, sample_plan
 from lomar.models.vit import model_config
 from lomar.models.windows import sample_method_plan, window_geometry, with_block_masks
-from lomar.tokenizers import KMeansTokenizer
+from lomar.tokenizers import DVAEConfig, DVAEEncoder, KMeansTokenizer
 from lomar.window_counts import parse_windows
 
 CFG = dict(img_size=48, patch_size=8, embed_dim=32, depth=2, num_heads=2, vocab_size=16, drop_path_rate=0.0)
@@ -191,38 +191,68 @@ def test_registry_maskers_draw_what_the_engine_drew_before():
         get_method("simclr")
 
 
-@pytest.mark.parametrize("name", names())
-def test_a_method_serves_window_decoding_only_if_its_loss_reads_nothing_outside_the_windows(name):
+@pytest.mark.parametrize("name, patch", [*((name, 16) for name in names()), ("beit", 8)])
+def test_a_method_serves_window_decoding_only_if_its_loss_reads_nothing_outside_the_windows(name, patch):
     """--decode windows leaves every pixel outside the plan's windows blank (lomar.data.fast_decode): a method
-    serves it (Method.outside_windows None) only if those pixels leave its loss as it is. BEiT's tokenizer labels
-    the whole crop: the view it reads (here 16 px patches, 8 px tokens: resized to half) changes inside them."""
+    serves it (Method.reads_outside_windows None) only if those pixels leave its loss as it is. BEiT's k-means
+    tokenizer of 8 px patches labels each patch alone on 8 px patches (the view is the crop itself); on 16 px
+    patches it reads the crop resized to half, which changes inside the windows."""
     method = get_method(name)
     config = _Config(method=name, img_size=96, windows=2, mask_ratio=0.5, norm_pix_loss=True, decoder_embed_dim=16,
                      decoder_depth=1, decoder_num_heads=2, tokenizer=None, layer_scale_init=0.1)
-    vit = model_config("vit_mini_patch8", img_size=96, patch_size=16, depth=1, pos=method.only_pos or "none")
+    vit = model_config("vit_mini_patch8", img_size=96, patch_size=patch, depth=1, pos=method.only_pos or "none")
     torch.manual_seed(0)
     model = method.build(config, vit, *([_tokenizer()] if name == "beit" else [])).eval()
-    runtime = method_runtime(config, 16)
+    runtime = method_runtime(config, patch)
     gen = torch.Generator().manual_seed(1)
     draws = [runtime.masker(gen) for _ in range(2)]
     batch = {key: torch.stack([draw[key] for draw in draws]) for key in draws[0]}
     k = math.isqrt(batch["mask"].shape[-1])
     inside = torch.zeros(2, 96, 96, dtype=torch.bool)
-    for i, top_left in enumerate(batch["top_left"] * 16):
+    for i, top_left in enumerate(batch["top_left"] * patch):
         for r, c in top_left.tolist():
-            inside[i, r:r + k * 16, c:c + k * 16] = True
+            inside[i, r:r + k * patch, c:c + k * patch] = True
     images = torch.randn(2, 3, 96, 96, generator=gen)
     black = -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)  # --decode windows' zeros, normalised
     blank = torch.where(inside[:, None], images, black[:, None, None])
     with torch.no_grad():
         losses = [model(x, **runtime.forward_kwargs(batch, torch.device("cpu"))).loss for x in (images, blank)]
     assert bool((~inside).any()) and torch.isfinite(losses[0])
-    if method.outside_windows is None:
-        assert torch.equal(*losses), (name, losses)
+    outside = method.reads_outside_windows(config, patch)
+    if outside is None:
+        assert torch.equal(*losses), (name, patch, losses)
+        if name == "beit":  # every token of a window, masked or not
+            window_patches = inside[:, ::patch, ::patch].flatten(1)
+            assert torch.equal(model.tokens(images)[window_patches], model.tokens(blank)[window_patches])
     else:
-        assert name == "beit", f"check here that --method {name} reads what it declares: {method.outside_windows}"
+        assert (name, patch) == ("beit", 16), f"check here that --method {name} reads what it declares: {outside}"
+        assert "8 px patches read the crop resized for the model's 16 px patches" in outside
         moved = (tokenizer_view(images, 48) - tokenizer_view(blank, 48)).abs().amax(1)
         assert float(moved[inside[:, ::2, ::2]].max()) > 0.05
+
+
+def test_beit_reads_outside_its_windows_unless_a_k_means_tokenizer_of_its_patch_labels_them(tmp_path):
+    """A --tokenizer file decides: a dVAE's convolutions read around each patch even at its own stride (its logits
+    inside the windows move with the pixels outside them); a k-means file serves the patch size it was fitted at."""
+    beit = get_method("beit")
+    dvae = DVAEEncoder(DVAEConfig(n_hid=16, n_blk_per_group=1, vocab_size=64)).eval()
+    torch.save({"model": dvae.state_dict()}, tmp_path / "dvae.pt")
+    outside = beit.reads_outside_windows(_Config(method="beit", tokenizer=str(tmp_path / "dvae.pt")), 8)
+    assert outside.startswith(f"labels its targets with the DALL-E dVAE (--tokenizer {tmp_path / 'dvae.pt'}), whose "
+                              f"convolutions read pixels around each patch")
+    images = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    blank = images.clone()
+    blank[..., 24:, :] = 0  # outside a window of token rows 0-2
+    with torch.no_grad():
+        logits = [dvae(x)[..., :3, :] for x in (images, blank)]
+    assert not torch.equal(*logits)
+    kmeans = KMeansTokenizer(torch.randn(4, 3 * 16 * 16), patch=16, input_size=32).save(tmp_path / "k16.safetensors")
+    config = _Config(method="beit", tokenizer=str(kmeans))
+    assert beit.reads_outside_windows(config, 16) is None
+    assert "whose 16 px patches read the crop resized for the model's 8 px patches" in beit.reads_outside_windows(
+        config, 8)
+    with pytest.raises(ValueError, match="^--tokenizer: tokenizer file .* does not exist"):
+        beit.reads_outside_windows(_Config(method="beit", tokenizer=str(tmp_path / "gone.safetensors")), 8)
 
 
 def test_beit_export_loads_in_timm_with_equal_features(tmp_path):

@@ -197,17 +197,21 @@ def test_reduced_decoding_trains_and_resumes_exactly(jpegs, tmp_path, decode):
     assert _losses(tmp_path / "ref") != _losses(full)
 
 
-def test_windows_decoding_trains_mae_with_windows_as_draft_does(jpegs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method, flags", [("mae", ("--decoder-embed-dim", 16, "--decoder-depth", 1,
+                                                    "--decoder-num-heads", 2)),
+                                           ("beit", ("--color-jitter", 0))])
+def test_windows_decoding_trains_with_windows_as_draft_does(jpegs, tmp_path, monkeypatch, method, flags):
     """--decode windows resamples the windows as --decode draft's crop has them and leaves the rest blank: MAE with
-    windows, which reads nothing else (as LoMaR; tests/models/test_methods_windows.py), trains loss for loss as on
-    draft's whole crops."""
+    windows, which reads nothing else (as LoMaR; tests/models/test_methods_windows.py), and BEiT with its built-in
+    k-means tokenizer of the model's 8 px patches (each target from its own patch's pixels), train loss for loss
+    as on draft's whole crops."""
     monkeypatch.setattr(pretrain.PretrainTask, "figure", lambda self, model=None: None)  # most of a run's time
     resampled = []
     resample = fast_decode.resample_windows
     monkeypatch.setattr(fast_decode, "resample_windows", lambda *a: resampled.append(1) or resample(*a))
     for decode in ("draft", "windows"):
-        assert _run("--data", jpegs, "--out", tmp_path / decode, "--method", "mae", "--decoder-embed-dim", 16,
-                    "--decoder-depth", 1, "--decoder-num-heads", 2, "--decode", decode, "--max-steps", 3) == 0
+        assert _run("--data", jpegs, "--out", tmp_path / decode, "--method", method, *flags, "--decode", decode,
+                    "--max-steps", 3) == 0
     assert len(resampled) >= 6  # the windows run's samples had blank pixels around their windows
     assert _losses(tmp_path / "windows") == _losses(tmp_path / "draft") and len(_losses(tmp_path / "draft")) == 3
 

@@ -67,8 +67,9 @@ class Method:
     # another method refuses them at other than their default (lomar.train.config_checks).
     reads: tuple[str, ...] = ()
     # Why a windowed run of it reads pixels outside its windows, which --decode windows leaves blank (a phrase after
-    # "--method NAME"); None: its encoder inputs and targets are the windows' pixels alone.
-    outside_windows: str | None = "is not declared to read only its windows' pixels"
+    # "--method NAME"), or (config, patch size) -> that phrase, where it depends on the run (BEiT's tokenizer); None:
+    # its encoder inputs and targets are the windows' pixels alone. Read through reads_outside_windows.
+    outside_windows: str | Callable[[Any, int], str | None] | None = "is not declared to read only its windows' pixels"
     # The one --pos its model is built with (MAE: fixed sin-cos absolute embeddings); None: any.
     only_pos: str | None = None
     # --layer-scale-init when unset, from the encoder's width (BEiT's recipe: by model size); None: no layer scale.
@@ -80,6 +81,11 @@ class Method:
     # None) for the flags given again (``explicit``); -> a note to print, or None; ValueError naming the fix. By
     # default they stay as saved.
     resume_settings: Callable[[dict, str, dict | None, dict], str | None] = lambda *_: None
+
+    def reads_outside_windows(self, config, patch_size: int) -> str | None:
+        """:attr:`outside_windows` for a windowed run of ``config`` with ``patch_size`` px patches; ValueError naming
+        the fix where it cannot tell (an unreadable --tokenizer)."""
+        return self.outside_windows(config, patch_size) if callable(self.outside_windows) else self.outside_windows
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,13 @@ from lomar.methods.base import Method, check_windows, plan_kwargs, plan_masker
 from lomar.models.beit import BEiTConfig
 from lomar.models.beit_pretrain import BEiTPretrain, tokenizer_view
 from lomar.models.masking import grid_size
-from lomar.tokenizers import KMeansTokenizer, fit_kmeans_tokenizer, load_tokenizer
+from lomar.tokenizers import KMeansTokenizer, fit_kmeans_tokenizer, load_tokenizer, tokenizer_format
+from lomar.tokenizers.kmeans import FORMAT as KMEANS_FORMAT
 from lomar.train.schedule import lr_at_whole_steps
 from lomar.viz.tokens import token_figure
 
 __all__ = ["METHOD", "RECIPE", "prepare", "fit_on_training_images", "layer_scale_init", "resume_settings",
-           "not_trained_with", "same_tokenizer", "tokenizer_for", "FIT_IMAGES", "MAX_VOCAB"]
+           "not_trained_with", "same_tokenizer", "tokenizer_for", "outside_windows", "FIT_IMAGES", "MAX_VOCAB"]
 
 FIT_IMAGES = 64  # sample of training crops the built-in tokenizer is fitted on
 MAX_VOCAB = 8192  # BEiT's vocabulary
@@ -203,6 +204,32 @@ def tokenizer_for(config, grid, tokenizer=None):
     return tokenizer
 
 
+def outside_windows(config, patch_size: int) -> str | None:
+    """:attr:`Method.outside_windows` of a windowed BEiT run with ``patch_size`` px patches: None where each target
+    reads its own patch's pixels alone, which is a k-means tokenizer of the model's patch size: its view is then the
+    crop itself (grid x stride px, no resize), un-normalised and clamped pixel by pixel, and each patch normalised
+    over its own pixels before its nearest centroid names it. A dVAE's convolutions read around each patch; a
+    k-means tokenizer of another patch size reads a view resized from the crop, whose antialiased bicubic kernel
+    blends neighbouring patches."""
+    if config.tokenizer:
+        try:
+            kind = tokenizer_format(config.tokenizer)
+            stride = KMeansTokenizer.load(config.tokenizer).stride if kind == KMEANS_FORMAT else None
+        except (ValueError, FileNotFoundError) as exc:
+            raise ValueError(f"--tokenizer: {exc}") from None
+        named = f"the k-means tokenizer {config.tokenizer}"
+    else:
+        stride, named = KMEANS_PATCH, "the built-in k-means tokenizer"
+    if stride == patch_size:
+        return None
+    reads = (f"the DALL-E dVAE (--tokenizer {config.tokenizer}), whose convolutions read pixels around each patch"
+             if stride is None else f"{named}, whose {stride} px patches read the crop resized for the model's "
+                                    f"{patch_size} px patches, a resize that blends neighbouring patches")
+    return (f"labels its targets with {reads}: blank pixels outside the windows would change the targets inside "
+            f"them (a k-means tokenizer of {patch_size} px patches, `lomar tokenizer fit --patch {patch_size}`, "
+            f"labels each patch from its own pixels)")
+
+
 def build(config, vit, tokenizer=None) -> BEiTPretrain:
     tokenizer = tokenizer_for(config, grid_size(vit.img_size, vit.patch_size), tokenizer)
     init = config.layer_scale_init if config.layer_scale_init is not None else layer_scale_init(vit.embed_dim)
@@ -218,6 +245,4 @@ METHOD = Method(
     loss_name="masked-token cross-entropy",
     recipe=RECIPE, recipe_source=RECIPE_SOURCE, lr_schedule=lr_at_whole_steps, reads=("tokenizer", "layer_scale_init"),
     resume_settings=resume_settings, layer_scale_by_width=layer_scale_init,
-    outside_windows="labels its targets with a tokenizer that reads the whole crop, where a token's id can depend "
-                    "on pixels around its patch (the resize to the tokenizer's view, the dVAE's convolutions): blank "
-                    "pixels outside the windows would change the targets inside them")
+    outside_windows=outside_windows)

@@ -17,23 +17,27 @@ from lomar.tokenizers.base import (
 from lomar.tokenizers.dvae import DVAEConfig, DVAEEncoder, convert_dvae, load_dvae, map_pixels
 from lomar.tokenizers.kmeans import KMeansTokenizer, fit_kmeans_tokenizer
 
-__all__ = ["Tokenizer", "load_tokenizer", "DVAEConfig", "DVAEEncoder", "convert_dvae", "load_dvae", "map_pixels",
-           "KMeansTokenizer", "fit_kmeans_tokenizer"]
+__all__ = ["Tokenizer", "load_tokenizer", "tokenizer_format", "DVAEConfig", "DVAEEncoder", "convert_dvae", "load_dvae",
+           "map_pixels", "KMeansTokenizer", "fit_kmeans_tokenizer"]
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a dVAE (pickled module, ``{'model': sd}`` or safetensors) or a k-means tokenizer.
-
-    safetensors files (known by their content, whatever their name) say their kind in the
-    metadata; anything else is read as a dVAE checkpoint without executing pickled code.
-    ValueError (FileNotFoundError) naming the file and the fix for anything else, before any
-    model is built.
-    """
+def tokenizer_format(path: str | Path) -> str:
+    """The kind of tokenizer file ``path`` holds, from its header alone: ``dvae.FORMAT`` or ``kmeans.FORMAT``.
+    safetensors files (known by their content, whatever their name) say their kind in the metadata; anything
+    else is read as a dVAE checkpoint. ValueError (FileNotFoundError) naming the file and the fix otherwise."""
     path = Path(path)
     check_tokenizer_file(path)
     kind = safetensors_metadata(path).get(FORMAT_KEY) if is_safetensors(path) else dvae.FORMAT
-    loaders = {kmeans.FORMAT: kmeans.KMeansTokenizer.load, dvae.FORMAT: dvae.load_dvae}
-    if kind not in loaders:
+    if kind not in (kmeans.FORMAT, dvae.FORMAT):
         raise ValueError(f"{path} has metadata {FORMAT_KEY}={kind!r}, expected {dvae.FORMAT!r} or "
                          f"{kmeans.FORMAT!r}; write a dVAE with {CONVERT_HINT} or a k-means tokenizer with {FIT_HINT}")
-    return loaders[kind](path)
+    return kind
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a dVAE (pickled module, ``{'model': sd}`` or safetensors) or a k-means tokenizer
+    (:func:`tokenizer_format` tells which), read without executing pickled code. ValueError
+    (FileNotFoundError) naming the file and the fix for anything else, before any model is built.
+    """
+    loaders = {kmeans.FORMAT: kmeans.KMeansTokenizer.load, dvae.FORMAT: dvae.load_dvae}
+    return loaders[tokenizer_format(path)](Path(path))

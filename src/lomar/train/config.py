@@ -254,7 +254,7 @@ class PretrainConfig(TaskConfig):
             declared = S.declarations(type(self))  # the masking's parameters, named as this command's flags
             flags = {param: declared[name].name_flag(name) for param, name in _MASKING_SETTINGS.items()}
             raise ConfigError(f"at --img-size {self.img_size}: {in_flags(str(exc), flags)}") from None
-        check_decode(self)
+        check_decode(self, vit.patch_size)
         if self.data is not None:
             check_data(self.data)
         if self.knn_every and not (self.knn_data and (Path(self.knn_data) / "train").is_dir()

@@ -85,9 +85,10 @@ def check_eval_decode(decode: str, command: str) -> None:
         raise ConfigError(f"--decode {decode} is for lomar pretrain; lomar {command} takes --decode full or draft")
 
 
-def check_decode(config: Any) -> None:
+def check_decode(config: Any, patch_size: int) -> None:
     """--decode other than full reads image files one by one; windows needs windows and a method that reads nothing
-    else (:attr:`lomar.methods.base.Method.outside_windows`), gpu a GPU."""
+    else with the run's settings and ``patch_size`` (:meth:`lomar.methods.base.Method.reads_outside_windows`), gpu a
+    GPU."""
     if config.cpu_decode_share != "auto" and config.decode != "gpu":
         raise ConfigError(f"--cpu-decode-share {config.cpu_decode_share:g} shares --decode gpu's photos with the "
                           f"workers, but this run is --decode {config.decode}; drop it, or use --decode gpu")
@@ -105,9 +106,14 @@ def check_decode(config: Any) -> None:
         raise ConfigError(f"--decode windows resamples only the windows' pixels, but this run is --method "
                           f"{config.method} with --windows 0, which reads the whole crop; pass --windows N (local "
                           f"windows), or use --decode draft")
-    if config.decode == "windows" and (outside := get_method(config.method).outside_windows) is not None:
-        raise ConfigError(f"--decode windows resamples only the windows' pixels, but --method {config.method} "
-                          f"{outside}; use --decode draft")
+    if config.decode == "windows":
+        try:
+            outside = get_method(config.method).reads_outside_windows(config, patch_size)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if outside is not None:
+            raise ConfigError(f"--decode windows resamples only the windows' pixels, but --method {config.method} "
+                              f"{outside}; use --decode draft")
     if config.decode == "gpu" and config.device != "auto" and not config.device.startswith("cuda"):
         raise ConfigError(f"--decode gpu decodes JPEGs on a CUDA device, not --device {config.device}; "
                           f"use --decode draft on CPU")
