@@ -16,7 +16,8 @@ only looks at a few K·p px windows of it. Here:
   normalisation); each window is resampled from its own source sub-box of the same reduced
   decode as the draft path's crop (its pixels there up to a level or two of rounding: the
   sub-box's filter weights are computed apart). LoMaR and MAE with windows read nothing else, so
-  their loss depends only on the filled pixels (BEiT's tokenizer reads the whole crop).
+  their loss depends only on the filled pixels; BEiT's too where its k-means tokenizer's patch is
+  the model's (a dVAE, or a view resized from other patches, reads around each patch).
 * **GPU decoding** (:func:`gpu_decode_crops`): torchvision's batched CUDA JPEG decoder, with
   crop, resize and flip on the device (the batch side is :mod:`lomar.data.device_decode`).
 
