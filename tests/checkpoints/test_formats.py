@@ -241,6 +241,21 @@ def test_a_pretraining_setting_given_for_a_classifier_or_an_export_is_refused_no
     assert formats.encoder_weights(root / "pretrain.pt", num_heads=2).config.num_heads == 2
 
 
+def test_a_beit_pretraining_checkpoint_takes_the_windows_its_run_saved_and_names_them(tmp_path):
+    """A BEiT run masks in LoMaR's windows and saves them (visualize draws them): its own --windows was refused as
+    'LoMaR's window count', another named so, not as what the run saved."""
+    from lomar.models.beit import BEiT, BEiTConfig
+
+    config = BEiTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, vocab_size=16)
+    spec = {"arch": "lomar.models.beit:BEiT", "config": config.to_dict(), "args": {}, "prefix": "beit."}
+    state = {f"beit.{k}": v for k, v in BEiT(config).state_dict().items()}
+    run = {"method": "beit", "img_size": 32, "window_size": 3, "windows": 2}
+    atomic_save({"model": state, "model_spec": spec, "config": run}, tmp_path / "beit.pt")
+    assert isinstance(formats.load_model(tmp_path / "beit.pt", window_size=3, num_windows=2, img_size=32), BEiT)
+    with pytest.raises(ValueError, match=re.escape("which carries its own settings; drop num_windows=4 (it saved 2)")):
+        formats.load_model(tmp_path / "beit.pt", num_windows=4)
+
+
 def test_a_command_takes_a_non_square_size_for_a_bare_checkpoint(tmp_path, capsys):
     """--img-size took one integer, which the library's 'pass img_size=(height, width)' was reworded into."""
     from lomar.cli.app import main

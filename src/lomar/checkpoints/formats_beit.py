@@ -28,6 +28,7 @@ from lomar.checkpoints.reader import (
     pretrain_spec,
     refuse_unused,
     register,
+    saved_settings,
 )
 from lomar.models.beit import BEiT, BEiTConfig
 
@@ -75,9 +76,11 @@ class BEiTPretrainReader(BEiTReader):
     def model(self, src, overrides):
         if "beit.lm_head.weight" not in src.state:
             raise ValueError(f"{src.path}: BEiT checkpoint without beit.lm_head.weight; it is incomplete")
-        spec = pretrain_spec(src)
+        spec, run = pretrain_spec(src), saved_settings(src.data)
+        # its run's masking windows are its own too (visualize draws them), though the BEiT built here takes none
+        windows = {"window_size": run.get("window_size"), "num_windows": run.get("windows")}
         refuse_unused(src.path, "a lomar BEiT pretraining checkpoint, which carries its own settings", overrides,
-                      saved=spec["config"])
+                      saved={**spec["config"], **{k: v for k, v in windows.items() if v is not None}})
         return build_strict(spec, src.state, src.path)
 
 
