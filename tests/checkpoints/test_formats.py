@@ -241,6 +241,18 @@ def test_a_pretraining_setting_given_for_a_classifier_or_an_export_is_refused_no
     assert formats.encoder_weights(root / "pretrain.pt", num_heads=2).config.num_heads == 2
 
 
+def test_a_pretraining_checkpoint_takes_the_settings_it_saved_and_names_them_for_another(sources):
+    """Its reader refused every override, even the window size it saved ('drop window_size=...'), where a BEiT's
+    took its own: one rule for both, another value named with the one it saved."""
+    _, root = sources
+    model = formats.load_model(root / "pretrain.pt", window_size=3, num_windows=2, num_heads=2, img_size=(32, 32))
+    assert (model.window_size, model.num_windows) == (3, 2)
+    with pytest.raises(ValueError, match=re.escape(f"{root / 'pretrain.pt'} is a lomar pretraining checkpoint, which "
+                                                   f"carries its own settings; drop decoder_num_heads=4 (an MAE "
+                                                   f"decoder's heads), window_size=5 (it saved 3)")):
+        formats.load_model(root / "pretrain.pt", window_size=5, num_windows=2, decoder_num_heads=4)
+
+
 def test_a_beit_pretraining_checkpoint_takes_the_windows_its_run_saved_and_names_them(tmp_path):
     """A BEiT run masks in LoMaR's windows and saves them (visualize draws them): its own --windows was refused as
     'LoMaR's window count', another named so, not as what the run saved."""

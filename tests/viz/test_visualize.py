@@ -156,8 +156,8 @@ def test_visualize_errors_are_one_line(converted, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("lomar visualize: error:") == 3 and "outside the 14x14 patch grid" in err
     assert main(["export", conv, "--to", str(tmp_path / "exp2"), "--img-size", "448", "--windows", "2"]) == 2
-    assert capsys.readouterr().err.endswith("carries its own settings; drop --img-size, --windows (settings for "
-                                            "original checkpoints)\n")  # not silently ignored
+    assert capsys.readouterr().err.endswith("carries its own settings; drop --img-size 448 (it saved 224), --windows 2 "
+                                            "(it saved 4)\n")  # not silently ignored
 
 
 def test_visualize_a_run_folder_draws_its_reconstruction(pretrained, tmp_path, capsys):

@@ -134,10 +134,10 @@ class PretrainReader(Reader):
             k.startswith("encoder.") for k in state)
 
     def model(self, src, overrides):
-        if overrides:  # what they fill in, this checkpoint says itself: taking them silently would mislead
-            raise ValueError(f"{src.path} is a lomar pretraining checkpoint and carries its own settings; drop "
-                             f"{', '.join(f'{k}=...' for k in sorted(overrides))} (settings for original checkpoints)")
-        return build_strict(pretrain_spec(src), src.state, src.path)
+        spec = pretrain_spec(src)  # what the overrides fill in for an original checkpoint, this one says itself
+        refuse_unused(src.path, "a lomar pretraining checkpoint, which carries its own settings", overrides,
+                      saved={**spec["config"], **spec["args"]})
+        return build_strict(spec, src.state, src.path)
 
     def encoder(self, src, overrides):
         spec = pretrain_spec(src)
