@@ -408,6 +408,7 @@ def test_eval_only_scores_a_finetuned_classifier_as_its_run_did(tmp_path, capsys
     run = tmp_path / "run"  # one step: an epoch of 6 images in batches of 4, then best.pt
     assert _finetune(pretrained, data, run, "--batch-size", "4", "--epochs", "1", "--global-pool", "cls") == 0
     final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"best top-1 {100 * final['top1']:.2f}% in {run / 'best.pt'}" in capsys.readouterr().out  # as epochs say
     evaluate = ["finetune", "--eval-only", "--val", str(data / "val"), "--workers", "0", "--threads", "1",
                 "--device", "cpu", "--batch-size", "3"]
     capsys.readouterr()

@@ -371,7 +371,7 @@ class LabelledImageFolder(Dataset):
         except (ValueError, RuntimeError, OSError) as exc:
             if index not in self.warned:  # once per file and process: a finetuning reads it again every epoch
                 self.warned.add(index)
-                log.warning("skipped unreadable image %s", exc)
+                log.warning("skipped an unreadable image: %s", exc)
             return None, label, path
         # Not under the except: a decoded image is no fault of the file, so a transform's error is a bug to see.
         # Counted as an unreadable image, an augmentation that fails 1 draw in 40 blamed that many files, and

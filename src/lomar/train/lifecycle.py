@@ -29,7 +29,7 @@ from lomar.checkpoints.io import mismatch, safe_load
 from lomar.errors import LomarError, UsageError, in_flags
 from lomar.train.distributed import DistInfo, any_rank, cleanup_distributed, init_distributed, main_rank_out
 from lomar.train.fsdp import load_sharded, save_run_checkpoint
-from lomar.train.monitor import Monitor, input_limit_note, resume_hint
+from lomar.train.monitor import Monitor, input_limit_note, metric_text, resume_hint
 from lomar.train.precision import WatchedScaler, autocast_factory, resolve_precision
 from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_workers
 from lomar.train.rng import gather_rng_states, restore_rng_states, seed_everything
@@ -332,7 +332,7 @@ class _Run:
         extra, metric = "; ".join(filter(None, [self.skipped.summary(), self.task.final_line()])), self.task.best_metric
         if metric:
             best = out / BEST
-            extra = ", ".join(filter(None, [f"best {metric} {self.best:.4f} in {best}" if best.exists() else
+            extra = ", ".join(filter(None, [f"best {metric_text(metric, self.best)} in {best}" if best.exists() else
                                             f"no {best.name}: no full epoch scored a {metric} yet", extra]))
         note = input_limit_note(self.monitor.input_waits, getattr(cfg, "workers", None), getattr(cfg, "decode", None))
         if note:

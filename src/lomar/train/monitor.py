@@ -13,7 +13,7 @@ from pathlib import Path
 from lomar.checkpoints.file_names import METRICS
 from lomar.checkpoints.io import open_in_place, read_log, refuse_link
 
-__all__ = ["Monitor", "progress", "input_limit_note", "read_records", "INPUT_BOUND"]
+__all__ = ["Monitor", "progress", "input_limit_note", "read_records", "metric_text", "metric_value", "INPUT_BOUND"]
 
 _LABELS = {"top1": "top-1", "top5": "top-5", "knn_top1": "k-NN top-1"}  # accuracies, printed in percent
 QUIET_INTERVAL = 30.0  # seconds between progress lines when stderr is not a terminal (a log file)
@@ -37,6 +37,16 @@ class _Lines:
 
     def flush(self) -> None:
         self.stream.flush()
+
+
+def metric_value(key: str, value: float) -> str:
+    """A score as the log prints it: an accuracy in percent ("27.78%"), another as it is."""
+    return f"{100 * value:.2f}%" if key in _LABELS else f"{value:.4g}"
+
+
+def metric_text(key: str, value: float) -> str:
+    """A score under its label, as the log prints it ("top-1 27.78%")."""
+    return f"{_LABELS.get(key, key)} {metric_value(key, value)}"
 
 
 def progress(iterable=None, total: int | None = None, desc: str = "", initial: int = 0, unit: str = "it"):
@@ -108,10 +118,8 @@ class Monitor:
         defined = {k: v for k, v in metrics.items() if v is not None and not isinstance(v, (list, dict))}
         if self.writer is not None:
             _board(self.out, lambda: [self.writer.add_scalar(f"eval/{key}", v, step) for key, v in defined.items()])
-        shown = ", ".join(f"{_LABELS[k]} {100 * v:.2f}%" if k in _LABELS else f"{k} {v:.4g}"
-                          for k, v in defined.items())
-        best = [f"best {100 * v:.2f}%" if k[5:] in _LABELS else f"best {v:.4g}"
-                for k, v in extra.items() if k.startswith("best_")]
+        shown = ", ".join(metric_text(k, v) for k, v in defined.items())
+        best = [f"best {metric_value(k[5:], v)}" for k, v in extra.items() if k.startswith("best_")]
         shown = shown or "no metric defined: the validation split held nothing to score"
         message = f"epoch {epoch} step {step}: {shown}" + (f" ({best[0]})" if best else "")
         self.bar.write(message, file=sys.stdout)
