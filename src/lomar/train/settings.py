@@ -206,8 +206,8 @@ ATTENTION = Setting("auto", "how the iRPE bias is computed, same result: auto = 
 DECODER_NUM_HEADS = Setting(16, "MAE decoder attention heads", above=0)
 DECODE = Setting("full", "how workers turn files into crops: full = decode the whole photo (reference); draft = JPEG "
                  "decoded at 1/2-1/8 scale when the crop allows (same crops, slightly different pixels); windows = "
-                 "draft + only the windows resampled (LoMaR, MAE with --windows N); gpu = JPEGs decoded in batches "
-                 "on the CUDA device", choices=("full", "draft", "windows", "gpu"), resume=_RUN)
+                 "draft + only the windows resampled (LoMaR; MAE, BEiT with --windows N: see README); gpu = JPEGs "
+                 "decoded in batches on the CUDA device", choices=("full", "draft", "windows", "gpu"), resume=_RUN)
 JSON = Setting(None, "also write the result to this JSON file (default: none)", kind=str, metavar="FILE")
 TO = Setting(None, "output path", kind=str, required=True)
 
