@@ -241,7 +241,7 @@ def test_a_pretraining_setting_given_for_a_classifier_or_an_export_is_refused_no
     assert formats.encoder_weights(root / "pretrain.pt", num_heads=2).config.num_heads == 2
 
 
-def test_a_pretraining_checkpoint_takes_the_settings_it_saved_and_names_them_for_another(sources):
+def test_a_pretraining_checkpoint_takes_the_settings_it_saved_and_names_them_for_another(sources, tmp_path):
     """Its reader refused every override, even the window size it saved ('drop window_size=...'), where a BEiT's
     took its own: one rule for both, another value named with the one it saved."""
     _, root = sources
@@ -251,6 +251,11 @@ def test_a_pretraining_checkpoint_takes_the_settings_it_saved_and_names_them_for
                                                    f"carries its own settings; drop decoder_num_heads=4 (an MAE "
                                                    f"decoder's heads), window_size=5 (it saved 3)")):
         formats.load_model(root / "pretrain.pt", window_size=5, num_windows=2, decoder_num_heads=4)
+    checkpoint = safe_load(root / "pretrain.pt")
+    del checkpoint["model_spec"]["config"]  # a spec without its config is named, not a KeyError
+    atomic_save(checkpoint, tmp_path / "no_config.pt")
+    with pytest.raises(ValueError, match="needs 'config' and 'args' mappings"):
+        formats.load_model(tmp_path / "no_config.pt")
 
 
 def test_a_beit_pretraining_checkpoint_takes_the_windows_its_run_saved_and_names_them(tmp_path):
@@ -266,6 +271,10 @@ def test_a_beit_pretraining_checkpoint_takes_the_windows_its_run_saved_and_names
     assert isinstance(formats.load_model(tmp_path / "beit.pt", window_size=3, num_windows=2, img_size=32), BEiT)
     with pytest.raises(ValueError, match=re.escape("which carries its own settings; drop num_windows=4 (it saved 2)")):
         formats.load_model(tmp_path / "beit.pt", num_windows=4)
+    del spec["config"]  # a spec without its config is named, not a KeyError
+    atomic_save({"model": state, "model_spec": spec, "config": run}, tmp_path / "no_config.pt")
+    with pytest.raises(ValueError, match="needs 'config' and 'args' mappings"):
+        formats.load_model(tmp_path / "no_config.pt")
 
 
 def test_a_command_takes_a_non_square_size_for_a_bare_checkpoint(tmp_path, capsys):

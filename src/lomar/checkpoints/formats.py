@@ -51,6 +51,7 @@ from lomar.checkpoints.reader import (
     refuse_unused,
     register,
     saved_settings,
+    spec_settings,
 )
 from lomar.checkpoints.sharded import read_sharded
 from lomar.models.masking import grid_size
@@ -136,7 +137,7 @@ class PretrainReader(Reader):
     def model(self, src, overrides):
         spec = pretrain_spec(src)  # what the overrides fill in for an original checkpoint, this one says itself
         refuse_unused(src.path, "a lomar pretraining checkpoint, which carries its own settings", overrides,
-                      saved={**spec["config"], **spec["args"]})
+                      saved=spec_settings(spec))
         return build_strict(spec, src.state, src.path)
 
     def encoder(self, src, overrides):

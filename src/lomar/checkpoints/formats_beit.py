@@ -29,6 +29,7 @@ from lomar.checkpoints.reader import (
     refuse_unused,
     register,
     saved_settings,
+    spec_settings,
 )
 from lomar.models.beit import BEiT, BEiTConfig
 
@@ -80,7 +81,7 @@ class BEiTPretrainReader(BEiTReader):
         # its run's masking windows are its own too (visualize draws them), though the BEiT built here takes none
         windows = {"window_size": run.get("window_size"), "num_windows": run.get("windows")}
         refuse_unused(src.path, "a lomar BEiT pretraining checkpoint, which carries its own settings", overrides,
-                      saved={**spec["config"], **{k: v for k, v in windows.items() if v is not None}})
+                      saved={**spec_settings(spec), **{k: v for k, v in windows.items() if v is not None}})
         return build_strict(spec, src.state, src.path)
 
 

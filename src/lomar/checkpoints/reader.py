@@ -20,7 +20,7 @@ from lomar.models.windows import window_geometry
 from lomar.values import as_sides, is_size
 
 __all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "PRETRAIN_FORMAT", "CLASSIFIER_FORMAT",
-           "saved_settings", "pretrain_spec", "build_strict", "refuse_unused"]
+           "saved_settings", "pretrain_spec", "spec_settings", "build_strict", "refuse_unused"]
 
 
 
@@ -148,6 +148,12 @@ def pretrain_spec(src: Source) -> dict:
         return spec if isinstance(spec, dict) else _spec_from_settings(saved_settings(src.data), src.state)
     except ValueError as exc:
         raise ValueError(f"{src.path}: {exc}") from None
+
+
+def spec_settings(spec: dict) -> dict:
+    """The settings a model spec saved (its ``config`` and ``args``), for :func:`refuse_unused`; a part that is no
+    mapping gives none (:func:`build_strict` names it)."""
+    return {k: v for part in (spec.get("config"), spec.get("args")) if isinstance(part, dict) for k, v in part.items()}
 
 
 def build_strict(spec: dict, state: dict, path: Path) -> nn.Module:
