@@ -169,6 +169,28 @@ def test_visualize_a_run_folder_draws_its_reconstruction(pretrained, tmp_path, c
     assert (tmp_path / "figs" / "reconstruction.png").stat().st_size > 1000
 
 
+def test_visualize_prepares_an_image_at_a_height_and_width(pretrained, tmp_path, capsys):
+    """--img-size H W: the photo resized to cover both sides and centre-cropped to them; one side: the shorter side
+    resized and a square cropped, as eval transforms do."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from lomar.cli.visualize import prepare_image
+    from lomar.data.decode import load_image
+
+    write_images(tmp_path / "photo", 1, size=(70, 50))
+    photo = next((tmp_path / "photo").iterdir())
+    image = load_image(photo)
+    square = TF.center_crop(TF.resize(image, [32], interpolation=TF.InterpolationMode.BICUBIC, antialias=True),
+                            [32, 32]).float() / 255.0
+    torch.testing.assert_close(prepare_image(photo, 32).mul(torch.tensor([0.229, 0.224, 0.225])[:, None, None])
+                               .add(torch.tensor([0.485, 0.456, 0.406])[:, None, None]), square)
+    assert prepare_image(photo, (32, 64)).shape == prepare_image(photo, [32, 64]).shape == (3, 32, 64)
+    assert prepare_image(photo, (64, 32)).shape == (3, 64, 32)
+    assert main(["visualize", str(pretrained), str(photo), "--img-size", "32", "32", "--out", str(tmp_path / "f")]) \
+        == 0, capsys.readouterr().err
+    assert (tmp_path / "f" / "reconstruction.png").is_file()
+
+
 def test_visualize_titles_name_the_checkpoint_step(pretrained, tmp_path, monkeypatch):
     """A figure of last.pt said nothing of how far the run had trained; the checkpoint records its step."""
     import lomar.viz.attention as attention

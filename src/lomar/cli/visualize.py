@@ -11,15 +11,17 @@ from lomar.cli.export import CHECKPOINT
 from lomar.errors import UsageError
 from lomar.train import settings as S
 from lomar.train.settings import Setting, add_settings
+from lomar.values import as_sides
 
 __all__ = ["add_arguments", "run", "prepare_image", "MAX_IMAGES"]
 
 MAX_IMAGES = 64  # one figure row each: more would make a PNG no screen shows
 
 
-def prepare_image(path: str | Path, size: int):
-    """Image file -> (3, size, size) float tensor, ImageNet-normalised: shorter side resized (bicubic),
-    centre crop (of a strip's central 16:1 part: :func:`lomar.data.classify.bound_aspect`)."""
+def prepare_image(path: str | Path, size: int | tuple[int, int]):
+    """Image file -> (3, height, width) float tensor (``size``: a side or the pair), ImageNet-normalised: resized
+    (bicubic) to cover the size, centre crop (of a strip's central 16:1 part:
+    :func:`lomar.data.classify.bound_aspect`)."""
     from torchvision.transforms.v2 import functional as TF
 
     from lomar.data.classify import bound_aspect  # torch: not for --help
@@ -27,8 +29,14 @@ def prepare_image(path: str | Path, size: int):
     from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # torch: not for --help
 
     image = bound_aspect(load_image(path))  # a strip resized whole would be gigabytes
-    image = TF.resize(image, [size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-    return TF.normalize(TF.center_crop(image, [size, size]).float() / 255.0, IMAGENET_MEAN, IMAGENET_STD)
+    (height, width), (h, w) = as_sides(size), image.shape[-2:]
+    # the side that limits takes its size, the other its share (truncated, as torchvision's shorter-side resize does)
+    if height * w >= width * h:
+        shape = [height, max(width, int(height * w / h))]
+    else:
+        shape = [max(height, int(width * h / w)), width]
+    image = TF.resize(image, shape, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    return TF.normalize(TF.center_crop(image, [height, width]).float() / 255.0, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
