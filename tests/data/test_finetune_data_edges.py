@@ -105,8 +105,8 @@ def test_an_unreadable_file_is_warned_of_once_not_every_epoch(tmp_path, caplog):
         for _epoch in range(3):
             assert [dataset[i][0] is None for i in range(len(dataset))] == [False, False, True]
     assert [r.getMessage() for r in caplog.records if "broken.png" in r.getMessage()] == [
-        f"skipped an unreadable image: cannot decode image {tmp_path / 'dog' / 'broken.png'}: not an image format lomar "
-        f"reads (JPEG, PNG, GIF, BMP, TIFF, WebP; 7 bytes starting b'garbage')"]
+        f"skipped an unreadable image: cannot decode image {tmp_path / 'dog' / 'broken.png'}: not an image format "
+        f"lomar reads (JPEG, PNG, GIF, BMP, TIFF, WebP; 7 bytes starting b'garbage')"]
 
 
 def test_a_class_folder_linked_to_nowhere_is_named(tmp_path, caplog):
