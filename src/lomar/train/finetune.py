@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import Resize
 
 from lomar.checkpoints.formats import VitReader, identify
-from lomar.checkpoints.kinds import FINETUNE_FORMAT, FoundCheckpoint
+from lomar.checkpoints.kinds import FINETUNE_FORMAT
 from lomar.data.class_names import classes_only_in, relabel, unicode_forms_note
 from lomar.data.classify import SeededSamples, classification_transforms, eval_crop_ratio
 from lomar.data.collate import UNREADABLE_LIMIT, collate_labelled, collate_labelled_refill
@@ -59,8 +59,9 @@ def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
         with said_by_first_on_machine():
             train_set = None if config.eval_only else LabelledImageFolder(train_root, train_tf)
             val_set = LabelledImageFolder(val_root, val_tf, _val_load(val_tf) if config.decode == "draft" else None)
-            if train_set is None:
-                _as_classifier_classes(val_set, config.classifier)
+            if train_set is None:  # --eval-only: each label the row of its class's name in the classifier's head
+                saved = config.classifier.checkpoint
+                relabel(val_set, saved.get("classes"), saved.get("num_classes"), config.classifier.path)
             else:
                 train_set.check_classes()
                 train_set.check_same_classes(val_set)
@@ -84,12 +85,6 @@ def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
                        collate_fn=collate_labelled_refill,
                        generator=torch.Generator().manual_seed(config.seed + info.rank), **common)
     return train, val, train_set.classes
-
-
-def _as_classifier_classes(val_set: LabelledImageFolder, found: FoundCheckpoint) -> None:
-    """--eval-only: each validation label the row of the classifier's head of its class's name
-    (:func:`lomar.data.class_names.relabel`); ValueError naming the classes only one side has."""
-    relabel(val_set, found.checkpoint.get("classes"), found.checkpoint.get("num_classes"), found.path)
 
 
 def _val_load(val_tf):
