@@ -139,11 +139,9 @@ class DetectTask(Task):
             ckpt = found.checkpoint
             if why := category_change(ckpt["categories"], ckpt.get("category_names"), self.val, f"in {saved}"):
                 raise UsageError(f"--pretrained: {why}; evaluate on the split it was trained for")
-            # the detector's own layout, unless given (DetectConfig.complete): the same weights either way
+            # the detector's own layout, unless given (DetectConfig.complete, which refuses another --rel-pos): the
+            # same weights either way
             encoder_config = ViTConfig.from_dict(ckpt["encoder_config"])
-            if cfg.rel_pos not in ("auto", encoder_config.rel_pos):
-                raise UsageError(f"--rel-pos {cfg.rel_pos} differs from the detector's own ({encoder_config.rel_pos}) "
-                                 f"in {saved}; drop --rel-pos")
             encoder = VisionTransformer(replace(encoder_config, **_layout(cfg, encoder_config.depth)))
         elif cfg.pretrained:
             try:

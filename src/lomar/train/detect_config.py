@@ -13,7 +13,7 @@ from typing import Any
 
 from lomar.checkpoints.kinds import DETECT_FORMAT, find_command_checkpoint
 from lomar.train import settings as S
-from lomar.train.config_checks import check_eval_only_model
+from lomar.train.config_checks import check_eval_only_model, refuse_contradictions
 from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.settings_resume import (
     TaskConfig,
@@ -126,6 +126,9 @@ class DetectConfig(TaskConfig):
             # one read (its tensors mapped, read as the task loads them): the layout taken here and the weights
             # loaded are of one file, even if a run still training there renames a newer best.pt over it meanwhile
             self.detector = find_command_checkpoint(self.pretrained, self.COMMAND)
+        if self.detector is not None and isinstance(own := self.detector.checkpoint.get("encoder_config"), dict):
+            refuse_contradictions(explicit, own, ("rel_pos",), "detector", self.detector.path,
+                                  agrees=lambda name, given: given == "auto")  # the same weights either way
         # a resumed run has its own settings, those it started with; --resume auto that finds no checkpoint starts one
         if self.detector is not None and self.resume_point is None:
             settings = self.detector.checkpoint.get("settings")
