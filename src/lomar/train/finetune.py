@@ -42,6 +42,7 @@ from lomar.models.vit import VisionTransformer
 from lomar.train.distributed import DistInfo
 from lomar.train.finetune_config import FinetuneConfig, split_roots
 from lomar.train.lifecycle import Task, TrainingError, run
+from lomar.train.monitor import metric_text
 from lomar.train.precision import autocast_factory, resolve_precision
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.settings_resume import command_flags, encoder_layout
@@ -251,6 +252,6 @@ def evaluate_only(config: FinetuneConfig) -> int:
     """Score ``--pretrained`` on the validation split in this process: a ``metrics.jsonl`` record in ``--out`` (the
     folder locked meanwhile)."""
     _, metrics, out = score_only(config, FinetuneTask)
-    top5 = f", top-5 {metrics['top5']:.2%}" if "top5" in metrics else ""
-    print(f"lomar finetune: top-1 {metrics['top1']:.2%}{top5}; {out / 'metrics.jsonl'}", file=sys.stderr, flush=True)
+    scores = ", ".join(metric_text(key, value) for key, value in metrics.items())  # as a run's evaluations print them
+    print(f"lomar finetune: {scores}; {out / 'metrics.jsonl'}", file=sys.stderr, flush=True)
     return 0
