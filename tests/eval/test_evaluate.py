@@ -459,9 +459,17 @@ def test_finetune_evaluates_past_a_batch_of_only_unreadable_images(pretrained, f
             shutil.copy(data / "val" / label / f"{i % 3}.png", data / "val" / label / f"x{i}.png")
     for name in ("x6.png", "x7.png"):  # 2 of 22: under the 10 % that stops a run
         (data / "val" / "class1" / name).write_bytes(b"")
+    capsys.readouterr()
     assert main([*args, "--out", str(out)]) == 0
     top1 = safe_load(out / "best.pt")["metrics"]["top1"]
     assert 20 * top1 == pytest.approx(round(20 * top1))  # a share of the 20 read
+    note = f"{data / 'val'}: 2 unreadable image(s) skipped, at most 10% of a split"  # as knn says it
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[lines.index(note) + 1].startswith("epoch 0 step 3: top-1")
+    assert main(["finetune", "--eval-only", "--pretrained", str(out), "--val", str(data / "val"), "--img-size", "32",
+                 "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "ev")]) == 0
+    assert capsys.readouterr().err.splitlines()[-1] == (f"lomar finetune: top-1 {100 * top1:.2f}% over 20 images "
+                                                        f"({note}); {tmp_path / 'ev' / 'metrics.jsonl'}")
     for path in (data / "val").rglob("*.png"):
         path.write_bytes(b"")
     capsys.readouterr()

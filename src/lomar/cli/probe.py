@@ -64,8 +64,13 @@ linprobe_add_arguments = functools.partial(add_settings, settings=LINPROBE)
 
 def frozen_features(args: argparse.Namespace, say=lambda msg: None) -> list:
     """(train_x, train_y, val_x, val_y): the frozen encoder's features of both splits; UsageError on bad input."""
-    from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker  # torch: not for --help
-    from lomar.eval.features import extract_features, knn_loaders, load_pretrained_encoder  # torch: not for --help
+    from lomar.data.collate import BadDataTracker  # torch: not for --help
+    from lomar.eval.features import (  # torch: not for --help
+        extract_features,
+        knn_loaders,
+        load_pretrained_encoder,
+        skipped_note,
+    )
 
     device, size = resolve_device(args.device), {"img_size": args.img_size} if args.img_size else {}
     try:
@@ -84,8 +89,7 @@ def frozen_features(args: argparse.Namespace, say=lambda msg: None) -> list:
         skipped = BadDataTracker(len(loader.dataset), warn=False)  # the loader warned of each file
         features += extract_features(encoder, loader, device, args.pool, bad=skipped)
         if skipped.count:
-            say(f"{loader.dataset.root}: {skipped.count} unreadable image(s) skipped, at most "
-                f"{UNREADABLE_LIMIT:.0%} of a split")
+            say(skipped_note(loader.dataset.root, skipped.count))
     return features
 
 

@@ -36,7 +36,7 @@ from lomar.train.monitor import progress
 from lomar.values import brief, is_integer
 
 __all__ = ["LoadReport", "load_pretrained_encoder", "eval_transform", "eval_resize", "knn_loaders", "extract_features",
-           "read_features", "check_read", "Pool"]
+           "read_features", "check_read", "skipped_note", "Pool"]
 
 Pool = Literal["mean", "cls"]
 
@@ -336,3 +336,9 @@ def check_read(dataset, filled: int, bad: BadDataTracker) -> None:
         bad.check(UNREADABLE_LIMIT)
     except ValueError as exc:
         raise UsageError(f"{root or 'the split'}: {exc}") from None
+
+
+def skipped_note(root, count: int) -> str:
+    """What a score over part of the split ``root`` says of its ``count`` unreadable images (each warned of by name
+    when read), within the ``UNREADABLE_LIMIT`` it allows."""
+    return f"{root}: {count} unreadable image(s) skipped, at most {UNREADABLE_LIMIT:.0%} of a split"

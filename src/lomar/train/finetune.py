@@ -37,7 +37,7 @@ from lomar.data.draft_classify import DraftCropFolder
 from lomar.data.folder import LabelledImageFolder
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError, said_by_first_on_machine
-from lomar.eval.features import load_pretrained_encoder
+from lomar.eval.features import load_pretrained_encoder, skipped_note
 from lomar.models.vit import VisionTransformer
 from lomar.train.distributed import DistInfo
 from lomar.train.finetune_config import FinetuneConfig, split_roots
@@ -48,6 +48,7 @@ from lomar.train.preemption import ignore_stop_signals
 from lomar.train.settings_resume import command_flags, encoder_layout
 from lomar.train.task import score_only
 from lomar.train.task_resume import load_resumed
+from lomar.values import counted
 
 __all__ = ["finetune", "classification_transforms", "eval_crop_ratio", "FinetuneTask"]
 
@@ -203,6 +204,9 @@ class FinetuneTask(Task):
         if files - scored > UNREADABLE_LIMIT * files:  # a top-1 over part of the split is not the split's
             raise TrainingError(f"{files - scored} of {files} validation images in {val_root} (over "
                                 f"{UNREADABLE_LIMIT:.0%}) could not be used; fix or remove them")
+        self.val_counts = scored, files - scored  # --eval-only's result line says them
+        if files > scored and self.info.is_main and self.train_loader is not None:  # a run's: its epoch line follows
+            print(skipped_note(val_root, files - scored), flush=True)  # each file warned of at its first read only
         top5 = {"top5": float(totals[1] / totals[2])} if len(self.classes) > 5 else {}  # else always 1: noise
         return {"top1": float(totals[0] / totals[2]), **top5}
 
@@ -251,7 +255,10 @@ def finetune(config: FinetuneConfig) -> int:
 def evaluate_only(config: FinetuneConfig) -> int:
     """Score ``--pretrained`` on the validation split in this process: a ``metrics.jsonl`` record in ``--out`` (the
     folder locked meanwhile)."""
-    _, metrics, out = score_only(config, FinetuneTask)
+    task, metrics, out = score_only(config, FinetuneTask)
     scores = ", ".join(metric_text(key, value) for key, value in metrics.items())  # as a run's evaluations print them
-    print(f"lomar finetune: {scores}; {out / 'metrics.jsonl'}", file=sys.stderr, flush=True)
+    scored, skipped = task.val_counts
+    over = f" over {counted(scored, 'image')} ({skipped_note(task.val_loader.dataset.dataset.root, skipped)})" \
+        if skipped else ""
+    print(f"lomar finetune: {scores}{over}; {out / 'metrics.jsonl'}", file=sys.stderr, flush=True)
     return 0
