@@ -23,8 +23,8 @@ from lomar.checkpoints.export import (
     read_config_json,
     timm_pretrained_cfg,
     weights_path,
-    write_export,
 )
+from lomar.checkpoints.export_write import write_export
 from lomar.checkpoints.file_names import RUN_ENCODER
 from lomar.checkpoints.keys_beit import beit_to_timm
 from lomar.errors import UsageError
