@@ -122,6 +122,27 @@ def test_timm_classifier_matches_ours(tmp_path):
     assert len(groups.param_groups) > 2
 
 
+def test_a_classifiers_model_args_name_its_head_as_timms_own_exports_do(tmp_path):
+    """timm's save_for_hf writes num_classes into model_args (its reconstruction arguments) too: a build from an
+    export's architecture and model_args alone had no head, so the weights' head.* were unexpected keys. An export
+    written without it (older) loads as it always did."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(1)
+    ours = _perturb(VisionTransformer(TINY, num_classes=5, global_pool="cls"))
+    export_encoder(ours, tmp_path / "cls")
+    config = json.loads((tmp_path / "cls" / "config.json").read_text())
+    assert config["model_args"]["num_classes"] == 5 and config["model_args"]["global_pool"] == "token"
+    rebuilt = timm.create_model(config["architecture"], **config["model_args"]).eval()
+    rebuilt.load_state_dict(load_file(str(tmp_path / "cls" / "model.safetensors")))
+    assert torch.equal(rebuilt(X), ours(X))
+    del config["model_args"]["num_classes"]
+    (tmp_path / "cls" / "config.json").write_text(json.dumps(config))
+    local = timm.create_model(f"local-dir:{tmp_path / 'cls'}", pretrained=True)
+    for older in (create_encoder(tmp_path / "cls"), local):
+        assert older.num_classes == 5 and torch.equal(older.eval()(X), ours(X))
+
+
 def _windowed(num_classes: int = 0) -> tuple[VisionTransformer, VisionTransformer]:
     """A windowed encoder and the same weights with global attention (which must give other outputs)."""
     torch.manual_seed(2)

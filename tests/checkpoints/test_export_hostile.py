@@ -177,6 +177,7 @@ def test_export_drop_head_names_the_classifier_it_came_from(tmp_path, capsys):
     (lambda c: c.update(window_size=2, global_blocks=[1]), "model_args window_size=0 but window_size=2"),
     (lambda c: c["model_args"].update(window_size=2, global_blocks=[1]), "model_args window_size=2 but window_size=0"),
     (lambda c: c["model_args"].update(pos="none"), "model_args pos='none' but pos='rpe'"),
+    (lambda c: c["model_args"].update(num_classes=4), "model_args num_classes=4 but num_classes=0"),
 ])
 def test_an_export_whose_model_args_disagree_with_its_top_level_is_refused(tmp_path, edit, words):
     """timm builds from model_args, lomar from the top level: a window size edited in one place (no weight changes

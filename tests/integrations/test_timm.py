@@ -56,3 +56,26 @@ def test_a_size_pair_is_taken_as_a_vitconfig_takes_one():
     with pytest.raises(ValueError, match=r"ViTConfig\.img_size must be a positive integer \(or a \(height, width\) "
                                          r"pair\), got \(32\.5, 32\.5\)"):
         LomarVisionTransformer(img_size=(32.5, 32.5), **shape)
+
+
+@pytest.mark.parametrize("pool", ["avg", "cls"])
+def test_a_classifiers_weights_loaded_by_name_keep_their_head(tmp_path, pool):
+    """README's pretrained_cfg_overlay route built the name's encoder (num_classes 0) and dropped a classifier
+    export's head without a word unless the caller knew to pass num_classes (and global_pool='token' for cls)."""
+    from lomar.checkpoints.formats import load_model
+
+    torch.manual_seed(0)
+    source = VisionTransformer(MAE_LIKE, num_classes=3, global_pool=pool)
+    with torch.no_grad():
+        source.head.weight.normal_()
+    export_encoder(source, tmp_path)
+    create = dict(embed_dim=32, depth=1, num_heads=2, img_size=32, pos="abs",
+                  pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors")))
+    model = timm.create_model("lomar_vit_tiny_patch16", pretrained=True, **create).eval()
+    assert model.num_classes == model.pretrained_cfg["num_classes"] == 3
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), load_model(tmp_path).eval()(x))
+        # the caller's choice wins: no head, or a fresh one of another size
+        assert timm.create_model("lomar_vit_tiny_patch16", pretrained=True, num_classes=0, **create)(x).shape == (2, 32)
+        assert timm.create_model("lomar_vit_tiny_patch16", pretrained=True, num_classes=7, **create)(x).shape == (2, 7)

@@ -58,6 +58,8 @@ def timm_architecture(config: ViTConfig, num_classes: int = 0, global_pool: str 
                                               "num_heads", "mlp_ratio", "pos")}
     if config.window_size > 0:  # only then: plain exports keep the config.json they always had
         args.update(window_size=config.window_size, global_blocks=list(config.global_blocks))
+    if num_classes:  # as timm's own exports: a build from the name and model_args alone holds the head
+        args["num_classes"] = num_classes
     if num_classes and global_pool == "cls":  # timm's name for the cls token's pooling
         args["global_pool"] = "token"
     return f"lomar_vit_{size}_patch{patch}", args, timm_pretrained_cfg(config.in_chans, config.img_size, num_classes)
@@ -230,7 +232,7 @@ def _check_config(where: Path, data: dict, overrides: dict) -> tuple[ViTConfig, 
 
 # What config.json says twice: timm builds from model_args, lomar from the top level (absent: these defaults)
 _TWICE = {"img_size": 224, "patch_size": 16, "in_chans": 3, "embed_dim": 768, "depth": 12, "num_heads": 12,
-          "mlp_ratio": 4.0, "pos": "rpe", "window_size": 0, "global_blocks": []}
+          "mlp_ratio": 4.0, "pos": "rpe", "window_size": 0, "global_blocks": [], "num_classes": 0}
 
 
 def _check_model_args(where: Path, data: dict) -> None:
@@ -240,6 +242,8 @@ def _check_model_args(where: Path, data: dict) -> None:
     if not isinstance(args, dict):  # timm refuses such a folder itself; lomar needs only the top level
         return
     for key, default in _TWICE.items():
+        if key == "num_classes" and key not in args:  # an export written before model_args named the head
+            continue
         top, arg = data.get(key, default), args.get(key, default)
         if top != arg and not (key == "img_size" and isinstance(top, list) and top == [arg, arg]):
             raise UsageError(f"{where}: model_args {key}={arg!r} but {key}={top!r}; timm builds from model_args and "

@@ -8,7 +8,8 @@ never does. Typical use::
 
     # any exported architecture (custom widths, pos, image size included), from the folder's config.json:
     model = timm.create_model("local-dir:export", pretrained=True)
-    # or the weights alone, into the name's model: pass what config.json's model_args add (an MAE export's pos="abs")
+    # or the weights alone, into the name's model: pass what config.json's model_args add (an MAE export's pos="abs");
+    # a classifier's weights keep their head unless num_classes is passed
     model = timm.create_model("lomar_vit_base_patch16", pretrained=True,
                               pretrained_cfg_overlay=dict(file="export/model.safetensors"))
 
@@ -19,7 +20,7 @@ checkpointing. Any image whose sides are multiples of the patch size works: the 
 encoding needs no interpolation.
 
 Pooling (``global_pool='avg'``, the default) follows the LoMaR finetuning recipe. Without a
-classifier (``num_classes=0``, the default for pretrained weights) the final LayerNorm is applied to
+classifier (``num_classes=0``, the default for an encoder's weights) the final LayerNorm is applied to
 the tokens and ``forward`` returns their mean patch token, exactly like
 ``lomar.VisionTransformer``. With a classifier the final norm moves after pooling (``fc_norm``, as in
 timm's and MAE's finetuned ViTs): ``forward_features`` then returns un-normed tokens and the logits
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -38,6 +40,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from lomar.checkpoints.export import header_shapes
 from lomar.checkpoints.keys import encoder_keys, position_encoding
 from lomar.checkpoints.keys_beit import holds_beit_keys
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig
@@ -223,9 +226,29 @@ _VARIANTS = {f"lomar_vit_{size}_patch{patch}": dict(patch_size=patch, embed_dim=
 default_cfgs = generate_default_cfgs({variant: dict(_CFG) for variant in _VARIANTS})
 
 
+def _with_weights_head(kwargs: dict) -> dict:
+    """``kwargs`` with the head of the classifier a ``pretrained_cfg_overlay`` file holds (an export's weights) where
+    the caller names no ``num_classes``: its rows as the pretrained cfg's ``num_classes``, which timm gives the model
+    unless the caller passes another (a folder's config.json says it for ``local-dir:``; the name's cfg says 0), and
+    its pooling unless given: beside the head, ``fc_norm`` is the mean's, the final norm the cls token's."""
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    file = overlay.get("file")
+    if kwargs.get("pretrained_cfg") or "num_classes" in overlay or not str(file or "").endswith(".safetensors"):
+        return kwargs
+    if not Path(file).is_file():  # timm's own loader names a missing file
+        return kwargs
+    shapes = encoder_keys(header_shapes(Path(file)))
+    if len(rows := shapes.get("head.weight", ())) != 2:
+        return kwargs
+    pool = "avg" if "fc_norm.weight" in shapes else "token"
+    return {"global_pool": pool, **kwargs, "pretrained_cfg_overlay": {**overlay, "num_classes": rows[0]}}
+
+
 def _register(variant: str) -> None:
     """One timm constructor per size and patch, named as timm lists it (``timm.list_models('lomar_*')``)."""
     def constructor(pretrained: bool = False, **kwargs) -> LomarVisionTransformer:
+        if pretrained:
+            kwargs = _with_weights_head(kwargs)
         args = {**_VARIANTS[variant], **kwargs}  # features_only: the last 3 blocks, or all of a shallower encoder
         strict = kwargs.get("pretrained_strict", True)
         return build_model_with_cfg(LomarVisionTransformer, variant, pretrained,
