@@ -13,6 +13,12 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: starts subprocesses or torchrun (make test-fast skips them)")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``longest`` run first. ``make test``'s ``-n 2`` hands tests out in this order (xdist's load
+    scheduling): a long test collected late would start near the end, one worker waiting alone on it."""
+    items.sort(key=lambda item: item.get_closest_marker("longest") is None)  # stable: the rest keep their order
+
+
 @pytest.fixture(autouse=True)
 def _isolated_working_directory(tmp_path_factory, monkeypatch):
     """Every test runs in an empty folder of its own: what a command writes by default (``runs/``)

@@ -22,6 +22,7 @@ PARTS = "env tests loader pretrain finetune bench mfu backbone"
 
 
 @pytest.mark.slow
+@pytest.mark.longest
 def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path / "work"),
            "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_PARTS": PARTS, "GPU_CHECK_DECODE": "draft draft-inline-imagenet",

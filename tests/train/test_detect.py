@@ -560,6 +560,7 @@ def test_clip_grad_clips_the_gradient(tiny, one_val, tmp_path):
     assert norms == pytest.approx([0.001], rel=1e-3)
 
 
+@pytest.mark.longest
 def test_detect_resume_is_exact(tiny, one_val, tmp_path, capsys):
     """4 steps straight == 2 steps, then --resume auto to 4: same weights, same logged losses."""
     (train_ann, train_images), _ = tiny

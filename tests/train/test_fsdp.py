@@ -223,6 +223,7 @@ def _torchrun(*args: str, resume: bool = False) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.longest
 def test_pretrain_fsdp_matches_one_process_resumes_exactly_and_exports(tmp_path, image_dir, capsys):
     from helpers import losses
     from lomar.cli.app import main
