@@ -528,6 +528,11 @@ def test_finetune_two_steps_and_resume(pretrained, folder, tmp_path, capsys):
     assert any("top1" in r for r in records) and not any("top5" in r for r in records)  # 2 classes: always 1
     # the finetuned checkpoint is itself a pretrained source (e.g. for k-NN)
     assert load_pretrained_encoder(out / "best.pt").load_report.source == "finetune checkpoint"
+    capsys.readouterr()
+    assert main([*args, "--epochs", "1", "--max-steps", "2", "--resume", "auto"]) == 2  # past step 3: refused unbuilt
+    captured = capsys.readouterr()
+    assert captured.err.startswith("lomar finetune: error: --resume: the run is at step 3, past step 2 where "
+                                   "--max-steps 2 ends it") and "loaded" not in captured.out
 
 
 @pytest.mark.parametrize("args, words", [

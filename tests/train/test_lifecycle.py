@@ -463,11 +463,16 @@ def test_a_resume_the_task_refuses_names_its_cause_not_the_weights_shapes(tmp_pa
 @pytest.mark.parametrize("settings, end, by, fix", [(dict(max_steps=5), 5, "--max-steps 5", "--max-steps 8"),
                                                     (dict(epochs=1), 4, "--epochs 1 of 4 steps", "--epochs 2")])
 def test_a_resume_whose_settings_end_before_the_runs_step_is_refused(tmp_path, settings, end, by, fix):
-    # it said "nothing to do" and wrote a missing export from step 8's weights as the end of a 5-step run
+    # it said "nothing to do" and wrote a missing export from step 8's weights as the end of a 5-step run; and it
+    # built the Task (finetune's: its pretrained encoder read, the load line printed) before this settings refusal
     from lomar.errors import UsageError
 
     class Exporting(ToyTask):
-        final_outputs = ("finished",)
+        final_outputs, built = ("finished",), 0
+
+        def __init__(self, config, info, device):
+            type(self).built += 1
+            super().__init__(config, info, device)
 
     out = tmp_path / "run"
     assert run(ToyConfig(out=str(out), max_steps=8, schedule_steps=12), Exporting) == 0
@@ -477,6 +482,7 @@ def test_a_resume_whose_settings_end_before_the_runs_step_is_refused(tmp_path, s
                                          rf"a resume does not go back; pass {fix} or more, or resume an "
                                          rf"earlier checkpoint: --resume {out}/checkpoint-N.pt --overwrite$"):
         run(ToyConfig(out=str(out), resume="auto", schedule_steps=12, **settings), Exporting)
+    assert Exporting.built == 1  # the first run's
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"} == kept  # config.yaml too
 
 

@@ -121,7 +121,7 @@ class _Run:
         self.evaluated_step = ckpt.get("evaluated_step")  # None: a checkpoint written before it was kept
         self.skipped.restore(ckpt.get("skipped_ranks"), self.info.rank)
         restore_rng_states(ckpt, self.info, self.device, self.cfg.seed)  # last: building the run drew from them
-        if self.p.step > self.last_step:
+        if self.p.step > self.last_step:  # where the checkpoint's counts could not tell it unbuilt (run_end)
             raise ValueError(resumed_past_end(self.p.step, self.last_step, self.cfg, self.steps_per_epoch))
 
     def save(self, metrics: dict | None = None) -> Path | None:

@@ -26,6 +26,7 @@ from lomar.train.distributed import any_rank
 from lomar.train.monitor import Monitor
 from lomar.train.run_logs import evaluation_logged
 from lomar.train.run_state import foreign, save_on_main_rank
+from lomar.train.settings_resume import resumed_past_end
 
 __all__ = ["RunEnd", "run_end", "answer_at_end", "missing_outputs", "evaluation_missing", "evaluate_end"]
 
@@ -61,16 +62,14 @@ def run_end(config, task_class, point, out: Path, world_size: int) -> RunEnd | N
     """Where the checkpoint resumed (``point``: what was read of it, a :class:`~lomar.train.run_resume.ResumePoint`)
     stands when it is the end of the run the settings make, in ``out`` its own folder (a resume into another, or with
     ``--overwrite``, prepares the folder as any resume does) and nothing the model writes at the end is missing; None
-    otherwise, and wherever only the built run can tell: a checkpoint past the end or of another process count (both
-    refused, naming the epoch's length or the count), one that does not read."""
-    if point is None or point.meta is None or config.overwrite or foreign(point.path, out):
+    otherwise, and wherever only the built run can tell: a checkpoint of another process count (refused, naming the
+    count), one that does not read. ValueError (:func:`resumed_past_end`) where its counts put it past that end: a
+    settings refusal, made before the model is built and its weights or pretrained encoder read."""
+    if point is None or point.meta is None:
         return None
     ckpt = point.meta
     step, epoch, done, ranks = (ckpt.get(k) for k in ("step", "epoch", "batches_done", "rng_ranks"))
     if not all(isinstance(v, int) for v in (step, epoch, done)) or ranks is not None and len(ranks) != world_size:
-        return None
-    if missing_outputs(task_class.final_outputs, Path(out), step) or \
-            evaluation_missing(task_class, config, out, step, ckpt.get("evaluated_step")):
         return None
     per_epoch = ckpt.get("steps_per_epoch")  # saved since; before, an epoch's whole steps tell it
     if not isinstance(per_epoch, int) and epoch:
@@ -78,6 +77,11 @@ def run_end(config, task_class, point, out: Path, world_size: int) -> RunEnd | N
     if not isinstance(per_epoch, int) or per_epoch <= 0:
         return None
     last = min(config.epochs * per_epoch, config.max_steps or math.inf)
+    if step > last:
+        raise ValueError(resumed_past_end(step, last, config, per_epoch))
+    if config.overwrite or foreign(point.path, out) or missing_outputs(task_class.final_outputs, Path(out), step) or \
+            evaluation_missing(task_class, config, out, step, ckpt.get("evaluated_step")):
+        return None
     return RunEnd(step, epoch, per_epoch) if step == last else None
 
 
