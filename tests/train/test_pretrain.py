@@ -79,7 +79,7 @@ def test_resume_from_a_checkpoint_path_uses_its_out_and_a_finished_one_builds_no
                                                                                        monkeypatch):
     out = tmp_path / "run"
     assert _run("--data", data, "--out", out, "--max-steps", "1") == 0
-    capsys.readouterr()
+    assert "lomar vit_tiny_patch8 (32 wide, 1 block, 32 px, " in capsys.readouterr().out  # TINY's depth: not '1 blocks'
     assert main(["pretrain", "--resume", str(out / "last.pt"), "--print-config"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["out"] == str(out) and resolved["data"] == str(data) and resolved["embed_dim"] == 32

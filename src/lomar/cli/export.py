@@ -10,6 +10,7 @@ from lomar.cli.common import add_override_arguments, check_output_dir, check_out
 from lomar.errors import UsageError
 from lomar.train import settings as S
 from lomar.train.settings import Setting, add_settings
+from lomar.values import counted
 
 __all__ = ["add_arguments", "run", "load_original_add_arguments", "load_original_run", "CHECKPOINT"]
 
@@ -135,7 +136,7 @@ def load_original_run(args: argparse.Namespace) -> int:
     vit = encoder_of(model).config
     params = sum(p.numel() for p in model.parameters())
     kind = ckpt["config"]["method"] if "config" in ckpt else "classifier"
-    print(f"lomar: converted {args.path} ({kind}, {vit.embed_dim} wide, {vit.depth} blocks, {vit.num_heads} "
+    print(f"lomar: converted {args.path} ({kind}, {vit.embed_dim} wide, {counted(vit.depth, 'block')}, {vit.num_heads} "
           f"heads, patch {vit.patch_size}, {params / 1e6:.2f} M parameters) -> {out}")
     print(f"lomar: next: lomar export {out} --to DIR   |   lomar visualize {out} IMAGE...")
     return 0

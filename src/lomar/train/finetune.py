@@ -168,8 +168,8 @@ class FinetuneTask(Task):
         shares = (f" ({train // self.info.world_size} and {len(self.val_loader.dataset)} this process)"
                   if self.info.world_size > 1 else "")
         return (f"{train} training and {val} validation images{shares}, {len(self.classes)} classes; ViT "
-                f"{self.model.config.embed_dim} wide, {self.model.config.depth} blocks, {self.config.img_size} px, "
-                f"{params:.1f}M params")
+                f"{self.model.config.embed_dim} wide, {counted(self.model.config.depth, 'block')}, "
+                f"{self.config.img_size} px, {params:.1f}M params")
 
     def loss(self, batch) -> torch.Tensor | None:
         if not batch[0].numel():  # every image of the batch was unreadable

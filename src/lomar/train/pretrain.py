@@ -35,6 +35,7 @@ from lomar.train.precision import resolve_precision
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.run_state import checkpoints_to_prune, newest_state
 from lomar.train.schedule import param_groups
+from lomar.values import counted
 from lomar.viz.curves import loss_curve
 from lomar.viz.reconstruction import reconstruction_snapshot
 
@@ -125,7 +126,7 @@ class PretrainTask(Task):
         windows = f"{c.windows} windows of {c.window_size}x{c.window_size} patches, " if c.windows else ""
         return (f"{preset.get(c.preset, 'no preset')}; {data}; "
                 f"{c.method} {c.model} "
-                f"({self.model.config.embed_dim} wide, {self.model.config.depth} blocks, {c.img_size} px, "
+                f"({self.model.config.embed_dim} wide, {counted(self.model.config.depth, 'block')}, {c.img_size} px, "
                 f"{windows}{params:.1f}M params)")
 
     def batches(self):
