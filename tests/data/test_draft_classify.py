@@ -115,3 +115,18 @@ def test_finetune_decode_draft_trains_and_refuses_the_pretraining_only_modes(pho
     err = capsys.readouterr().err
     assert "--decode gpu is for lomar pretrain; lomar finetune takes --decode full or draft" in err
     assert err.count("\n") == 1 and not (tmp_path / "gpu").exists()
+
+
+def test_a_cameras_mpo_photo_is_drafted_as_a_jpeg(tmp_path, monkeypatch):
+    """A camera's JPEG with its preview after the photo (Pillow's MPO) was decoded whole, as a PNG is."""
+    for name in ("a", "b"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        Image.fromarray(photo_like(384, 512)).save(tmp_path / "train" / name / "camera.jpg", "MPO", save_all=True,
+                                                   append_images=[Image.fromarray(photo_like(48, 64))], quality=90)
+    scales, draft = [], JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda img, mode, size: scales.append(img.size[0] // size[0]) or draft(img, mode, size))
+    _, s_full, s_draft, _ = _items(tmp_path, aa="none", reprob=0)
+    a, b = s_full[(0, 0)], s_draft[(0, 0)]
+    assert scales and min(scales) >= 2 and a[1:] == b[1:]
+    assert float((_levels(a[0]) - _levels(b[0])).abs().mean()) < 2.0

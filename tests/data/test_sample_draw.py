@@ -141,3 +141,38 @@ def test_the_draft_decode_shrinks_by_the_scale_it_chose(tmp_path, size):
     with Image.open(tmp_path / "odd.jpg") as img:
         reduced, _ = decode_box_reduced(img, (0, 0, height, width), height // 8)
         assert reduced.size == (-(-width // 8), -(-height // 8))
+
+
+def test_a_cameras_mpo_photo_is_decoded_reduced_as_any_jpeg(tmp_path, monkeypatch):
+    """Cameras and phones write JPEGs with a preview or gain map after the photo, which Pillow opens as MPO: draft and
+    windows decoded them whole (slower than --decode full), knn's draft too; the photo's first picture is a JPEG."""
+    from PIL import JpegImagePlugin
+
+    from lomar.data.decode import load_image, load_image_reduced
+
+    y, x = np.mgrid[0:256, 0:384]
+    photo = np.stack([x % 256, (y * 3) % 256, ((x + y) * 2) % 256], -1).astype(np.uint8)
+    Image.fromarray(photo).save(tmp_path / "camera.jpg", "MPO", save_all=True,
+                                append_images=[Image.fromarray(photo[::4, ::4])], quality=90)
+    with Image.open(tmp_path / "camera.jpg") as img:
+        assert img.format == "MPO"
+    scales, draft = [], JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda img, mode, size: scales.append(img.size[0] // size[0]) or draft(img, mode, size))
+    base = _base(tmp_path)
+    want = base[(0, 0)]["image"]
+    for mode, reader in _readers(base).items():
+        if mode in ("draft", "windows"):
+            scales.clear()
+            got = reader[(0, 0)]["image"]
+            assert scales and max(scales) >= 2, mode
+            filled = torch.ones(SIZE, SIZE, dtype=torch.bool)
+            if mode == "windows":  # only the windows are filled in
+                extent, filled[:] = 8 * _Cfg.window_size, False
+                for r, c in (reader[(0, 0)]["top_left"] * 8).tolist():
+                    filled[r:r + extent, c:c + extent] = True
+            assert (got - want).abs()[:, filled].mean() < 0.5, mode
+    scales.clear()
+    reduced = load_image_reduced(tmp_path / "camera.jpg", 100)
+    assert scales == [2] and reduced.shape == (3, 128, 192)
+    assert (reduced.float() - load_image(tmp_path / "camera.jpg")[:, ::2, ::2].float()).abs().mean() < 20

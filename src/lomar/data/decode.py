@@ -44,6 +44,9 @@ SYSTEM_FOLDERS = ("#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Inform
 # several pictures). Any other plugin would parse a file whose extension lies, e.g. EPS, which Pillow hands to
 # Ghostscript to render.
 PIL_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
+# Pillow's formats of a JPEG stream: MPO is a JPEG whose first picture is the photo and whose others a camera's
+# preview or a phone's HDR gain map; libjpeg decodes (and DCT-scales) its first picture as any JPEG's.
+JPEG_FORMATS = ("JPEG", "MPO")
 MAX_JPEG_SCANS = 100  # scans (SOS markers) in a JPEG, embedded thumbnails' included
 # Pillow modes of more than 8 bits a channel: scaled to 8 bits here, where Pillow's convert would clip.
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")
@@ -167,7 +170,7 @@ def _open_checked(data: bytes, name: str, kind: str | None, size: tuple[int, int
         raise ValueError(f"cannot decode image {name}: not an image format lomar reads (JPEG, PNG, GIF, BMP, TIFF, "
                          f"WebP; {len(data):,} bytes starting {data[:8]!r})") from None
     try:
-        if kind == "jpeg" and img.format in ("JPEG", "MPO") and img.size != size:
+        if kind == "jpeg" and img.format in JPEG_FORMATS and img.size != size:
             raise ValueError(f"cannot decode image {name}: its JPEG frame headers disagree on the size ({size[0]}x"
                              f"{size[1]} first, {img.size[0]}x{img.size[1]} last); the file is damaged or crafted")
         _check_pixels(name, *img.size, limit)
@@ -326,13 +329,13 @@ def decode_box_reduced(img: Image.Image, box: tuple[int, int, int, int], size: i
     width, height = img.size  # as stored
     upright_h, upright_w = oriented_size(img)  # the box's frame: a phone's portrait photo is stored sideways
     top, left, h, w = box
-    if img.format == "JPEG":  # the same scale either way up: both sides of the crop stay >= size
+    if img.format in JPEG_FORMATS:  # the same scale either way up: both sides of the crop stay >= size
         for scale in (8, 4, 2, 1):
             if h / scale >= size and w / scale >= size:
                 # Pillow decodes at the largest scale of 8, 4, 2 at most width // requested width: ask floor.
                 img.draft("RGB", (width // scale, height // scale))
                 break
-    source, jpeg = getattr(img, "fp", None), img.format == "JPEG"  # opened from bytes, kept after decoding
+    source, jpeg = getattr(img, "fp", None), img.format in JPEG_FORMATS  # opened from bytes, kept after decoding
     with warnings.catch_warnings():  # Pillow's advice on palette transparency, from every worker (see pil_to_tensor)
         warnings.simplefilter("ignore", UserWarning)
         img = img.convert("RGB")  # decodes (at the draft scale, if one was set)
@@ -355,7 +358,7 @@ def load_image_reduced(path: str | Path, min_side: int, max_pixels: int | None =
     with open_pil(data, name, max_pixels) as img:
         width, height = img.size  # as stored: each scale divides both sides either way up
         scale = next((s for s in (8, 4, 2) if width % s == height % s == 0 and min(width, height) // s >= min_side), 1)
-        if img.format == "JPEG" and img.mode in ("RGB", "L") and scale > 1:
+        if img.format in JPEG_FORMATS and img.mode in ("RGB", "L") and scale > 1:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # a damaged EXIF block's notes, from every worker

@@ -6,8 +6,9 @@ timm's own parameter draw on the header's EXIF-oriented size, from the same rand
 every sample gets the box (and then the flip, RandAugment ops and erasing) of ``--decode full``; the JPEG is decoded
 at the largest DCT scale (1/2-1/8) that keeps both sides of the box at least the image size, the box is resampled
 from it with the crop's interpolation, and the rest of timm's transform runs unchanged. Pixels differ slightly (a
-DCT-domain low-pass before the resize). Anything else (PNG, CMYK, MPO, a box under twice the image size, a file
-Pillow cannot decode this way) is the reference path's sample, bit for bit.
+DCT-domain low-pass before the resize), a camera's MPO file (its photo a JPEG, a preview or gain map after it)
+drafted as any JPEG. Anything else (PNG, CMYK, a box under twice the image size, a file Pillow cannot decode this
+way) is the reference path's sample, bit for bit.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import Compose
 from torchvision.transforms.functional import InterpolationMode, pil_modes_mapping
 
-from lomar.data.decode import decode_box_reduced, open_pil, oriented_size, read_image_bytes
+from lomar.data.decode import JPEG_FORMATS, decode_box_reduced, open_pil, oriented_size, read_image_bytes
 from lomar.data.folder import LabelledImageFolder
 
 __all__ = ["DraftCropFolder"]
@@ -51,7 +52,7 @@ class DraftCropFolder(Dataset):
         try:
             data = read_image_bytes(path)
             with open_pil(data, path) as img:  # the header only: its size is checked against the pixel limit
-                image = self._crop(img) if img.format == "JPEG" and img.mode in ("RGB", "L") else None
+                image = self._crop(img) if img.format in JPEG_FORMATS and img.mode in ("RGB", "L") else None
         except (ValueError, OSError, RuntimeError, SyntaxError, Image.DecompressionBombError):
             image = None  # the reference path reads the file again, and skips and reports it if it fails there too
         if image is None:

@@ -36,6 +36,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from lomar.data.decode import (
+    JPEG_FORMATS,
     WIDE_MODES,
     decode_box_reduced,
     exif_orientation,
@@ -152,8 +153,10 @@ class FastPretrainDataset(Dataset):
         """Whether this mode decodes ``img`` itself (else the reference path does)."""
         if img.mode in (*WIDE_MODES, "F"):  # only the reference path scales them to 8 bits (or refuses floats)
             return False
-        return self.sparse or (img.format == "JPEG" and (self.mode != "gpu" or (  # the device ignores EXIF
-            exif_orientation(img) in (0, 1) and img.mode in ("RGB", "L"))))
+        if self.mode == "gpu":  # the device ignores EXIF
+            return self.sparse or (img.format == "JPEG" and exif_orientation(img) in (0, 1)
+                                   and img.mode in ("RGB", "L"))
+        return self.sparse or img.format in JPEG_FORMATS
 
     def _decode(self, img: Image.Image, data: bytes, draw: SampleDraw) -> dict | None:
         """The item's image fields by this mode; None when the reference path is as fast."""
