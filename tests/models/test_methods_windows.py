@@ -255,6 +255,32 @@ def test_beit_reads_outside_its_windows_unless_a_k_means_tokenizer_of_its_patch_
         beit.reads_outside_windows(_Config(method="beit", tokenizer=str(tmp_path / "gone.safetensors")), 8)
 
 
+def test_beit_windows_check_reads_tokenizer_headers_only_and_refuses_what_is_no_tokenizer(tmp_path, monkeypatch):
+    """The check runs with the settings: a k-means file's stride comes from its header, not its centroids (25 MB
+    at 16 px patches); a file that is neither tokenizer was 'the DALL-E dVAE'; a dVAE in torch.save's legacy format
+    (DALL-E's encoder.pkl) still is one."""
+    beit = get_method("beit")
+    kmeans = KMeansTokenizer(torch.randn(4, 3 * 16 * 16), patch=16, input_size=32).save(tmp_path / "k16.safetensors")
+    monkeypatch.setattr(KMeansTokenizer, "load", lambda *a: pytest.fail("loaded the centroids"))
+    assert beit.reads_outside_windows(_Config(method="beit", tokenizer=str(kmeans)), 16) is None
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(kmeans.read_bytes().replace(b'"patch":"16"', b'"patch":"1x"'))
+    with pytest.raises(ValueError, match=r"^--tokenizer: .*bad\.safetensors: metadata patch='1x' is not a positive "
+                                         r"whole number; the file is damaged; fit a new one") as info:
+        beit.reads_outside_windows(_Config(method="beit", tokenizer=str(bad)), 16)
+    assert "\n" not in str(info.value)
+    (tmp_path / "notes.txt").write_text("tokenizer: see the wiki\n")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    for name, kind in (("notes.txt", "a text file"), ("other.pt", "a pickled file that holds no dVAE encoder")):
+        with pytest.raises(ValueError, match=f"^--tokenizer: {tmp_path / name} is {kind}.*, not a tokenizer file; a "
+                                             f"tokenizer file is a k-means tokenizer from `lomar tokenizer fit`"):
+            beit.reads_outside_windows(_Config(method="beit", tokenizer=str(tmp_path / name)), 8)
+    dvae = DVAEEncoder(DVAEConfig(n_hid=16, n_blk_per_group=1, vocab_size=64))
+    torch.save(dvae.state_dict(), tmp_path / "legacy.pkl", _use_new_zipfile_serialization=False)
+    assert beit.reads_outside_windows(_Config(method="beit", tokenizer=str(tmp_path / "legacy.pkl")), 8).startswith(
+        "labels its targets with the DALL-E dVAE")
+
+
 def test_beit_export_loads_in_timm_with_equal_features(tmp_path):
     from lomar.checkpoints.export_beit import create_timm_beit, export_beit_encoder
 

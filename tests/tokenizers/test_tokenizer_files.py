@@ -78,6 +78,10 @@ def test_refusals_name_the_command_as_well_as_the_function(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"\x01junk" * 8)
     with pytest.raises(ValueError, match=r"from `lomar tokenizer convert` \(lomar\.tokenizers\.convert_dvae\)$"):
         load_tokenizer(tmp_path / "junk.pt")
+    (tmp_path / "notes.txt").write_text("not a tokenizer\n")  # was 'not a dVAE', as if it were one but damaged
+    with pytest.raises(ValueError, match=r"notes\.txt is a text file, not a tokenizer file; a tokenizer file is a "
+                                         r"k-means tokenizer from `lomar tokenizer fit` .* or a DALL-E dVAE encoder"):
+        load_tokenizer(tmp_path / "notes.txt")
     save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"), metadata={FORMAT_KEY: "other"})
     with pytest.raises(ValueError, match=r"with `lomar tokenizer convert` \(lomar\.tokenizers\.convert_dvae\) or a "
                                          r"k-means tokenizer with `lomar tokenizer fit`"):

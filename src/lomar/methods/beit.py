@@ -27,7 +27,9 @@ from lomar.models.beit import BEiTConfig
 from lomar.models.beit_pretrain import BEiTPretrain, tokenizer_view
 from lomar.models.masking import grid_size
 from lomar.tokenizers import KMeansTokenizer, fit_kmeans_tokenizer, load_tokenizer, tokenizer_format
+from lomar.tokenizers.dvae import check_names_dvae
 from lomar.tokenizers.kmeans import FORMAT as KMEANS_FORMAT
+from lomar.tokenizers.kmeans import kmeans_settings
 from lomar.train.schedule import lr_at_whole_steps
 from lomar.viz.tokens import token_figure
 
@@ -213,8 +215,12 @@ def outside_windows(config, patch_size: int) -> str | None:
     blends neighbouring patches."""
     if config.tokenizer:
         try:
-            kind = tokenizer_format(config.tokenizer)
-            stride = KMeansTokenizer.load(config.tokenizer).stride if kind == KMEANS_FORMAT else None
+            # headers only: this runs with the settings, before a k-means file's centroids or a dVAE's weights load
+            if tokenizer_format(config.tokenizer) == KMEANS_FORMAT:
+                stride = kmeans_settings(config.tokenizer)["patch"]
+            else:
+                check_names_dvae(config.tokenizer)
+                stride = None
         except (ValueError, FileNotFoundError) as exc:
             raise ValueError(f"--tokenizer: {exc}") from None
         named = f"the k-means tokenizer {config.tokenizer}"

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lomar.checkpoints.io import describe_file
 from lomar.tokenizers import dvae, kmeans
 from lomar.tokenizers.base import (
     CONVERT_HINT,
     FIT_HINT,
     FORMAT_KEY,
+    TOKENIZER_FILES,
     Tokenizer,
     check_tokenizer_file,
+    is_pickled,
     is_safetensors,
     safetensors_metadata,
 )
@@ -23,10 +26,13 @@ __all__ = ["Tokenizer", "load_tokenizer", "tokenizer_format", "DVAEConfig", "DVA
 
 def tokenizer_format(path: str | Path) -> str:
     """The kind of tokenizer file ``path`` holds, from its header alone: ``dvae.FORMAT`` or ``kmeans.FORMAT``.
-    safetensors files (known by their content, whatever their name) say their kind in the metadata; anything
-    else is read as a dVAE checkpoint. ValueError (FileNotFoundError) naming the file and the fix otherwise."""
+    safetensors files (known by their content, whatever their name) say their kind in the metadata; a pickle or
+    torch.save archive is read as a dVAE checkpoint (its loader checks what it holds). ValueError
+    (FileNotFoundError) naming the file and the fix otherwise: a text file is no tokenizer of either kind."""
     path = Path(path)
     check_tokenizer_file(path)
+    if not is_safetensors(path) and not is_pickled(path):
+        raise ValueError(f"{path} is {describe_file(path)}, not a tokenizer file; {TOKENIZER_FILES}")
     kind = safetensors_metadata(path).get(FORMAT_KEY) if is_safetensors(path) else dvae.FORMAT
     if kind not in (kmeans.FORMAT, dvae.FORMAT):
         raise ValueError(f"{path} has metadata {FORMAT_KEY}={kind!r}, expected {dvae.FORMAT!r} or "

@@ -11,13 +11,15 @@ from torch import nn
 
 from lomar.checkpoints.io import starts_as_safetensors
 
-__all__ = ["Tokenizer", "FORMAT_KEY", "check_tokenizer_file", "is_safetensors", "safetensors_metadata",
-           "CONVERT_HINT", "FIT_HINT"]
+__all__ = ["Tokenizer", "FORMAT_KEY", "check_tokenizer_file", "is_safetensors", "is_pickled", "safetensors_metadata",
+           "CONVERT_HINT", "FIT_HINT", "TOKENIZER_FILES"]
 
 FORMAT_KEY = "lomar_tokenizer"  # safetensors metadata key naming the tokenizer kind
 # Both the command a CLI user runs and the function a Python user calls: the messages reach both.
 CONVERT_HINT = "`lomar tokenizer convert` (lomar.tokenizers.convert_dvae)"
 FIT_HINT = "`lomar tokenizer fit` (lomar.tokenizers.fit_kmeans_tokenizer)"
+TOKENIZER_FILES = (f"a tokenizer file is a k-means tokenizer from {FIT_HINT} or a DALL-E dVAE encoder: the official "
+                   f"encoder.pkl, a {{'model': state_dict}} or a safetensors file from {CONVERT_HINT}")
 
 
 class Tokenizer(nn.Module):
@@ -83,6 +85,18 @@ def is_safetensors(path: Path) -> bool:
             return starts_as_safetensors(handle.read(9))
     except OSError:
         return False
+
+
+def is_pickled(path: Path) -> bool:
+    """Whether ``path`` starts as a pickle or as torch.save's zip archive: the forms a dVAE encoder comes in
+    besides safetensors (the official encoder.pkl is torch.save's legacy format, a pickle). From its first bytes:
+    what is inside is for the loader to check."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(2)
+    except OSError:
+        return False
+    return head == b"PK" or head[:1] == b"\x80"
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:

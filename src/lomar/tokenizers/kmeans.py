@@ -29,12 +29,13 @@ from lomar.limits import MAX_IMG_SIZE
 from lomar.tokenizers.base import FIT_HINT, FORMAT_KEY, Tokenizer, check_tokenizer_file, safetensors_metadata
 from lomar.values import is_integer
 
-__all__ = ["KMeansTokenizer", "fit_kmeans_tokenizer", "patch_features", "FORMAT"]
+__all__ = ["KMeansTokenizer", "fit_kmeans_tokenizer", "kmeans_settings", "patch_features", "FORMAT"]
 
 FORMAT = "kmeans_patch"
 _NORM_EPS = 1e-6
 _CHUNK = 4096  # rows per distance matmul: bounds memory at _CHUNK × vocab floats
 _GATHER = 64  # images of an iterable turned into patch features at once
+_DAMAGED = "the file is damaged; fit a new one with `lomar tokenizer fit`"
 
 
 def patch_features(images01: torch.Tensor, patch: int) -> torch.Tensor:
@@ -100,32 +101,40 @@ class KMeansTokenizer(Tokenizer):
         """Read a file written by :meth:`save`; ValueError naming the file and the fix when its
         settings are missing, malformed or disagree with the centroids."""
         path = Path(path)
-        check_tokenizer_file(path)
-        meta = safetensors_metadata(path)
-        fix = "the file is damaged; fit a new one with `lomar tokenizer fit`"
-        if meta.get(FORMAT_KEY) != FORMAT:
-            raise ValueError(f"{path} metadata {FORMAT_KEY}={meta.get(FORMAT_KEY)!r}, expected {FORMAT!r}; "
-                             f"fit one with {FIT_HINT}")
-        settings = {}
-        for key in ("patch", "input_size", "vocab_size"):
-            text = meta.get(key)
-            if text is None or not text.isdecimal() or int(text) < 1:  # isdigit() takes '²', which int() refuses
-                problem = f"{key} is missing" if text is None else f"{key}={text!r} is not a positive whole number"
-                raise ValueError(f"{path}: metadata {problem}; {fix}")
-            settings[key] = int(text)
+        settings = kmeans_settings(path)
         with safe_open(str(path), framework="pt") as handle:
             if "centroids" not in handle.keys():
-                raise ValueError(f"{path} holds no 'centroids' tensor (has {sorted(handle.keys())[:4]}); {fix}")
+                raise ValueError(f"{path} holds no 'centroids' tensor (has {sorted(handle.keys())[:4]}); {_DAMAGED}")
             centroids = handle.get_tensor("centroids")
         if centroids.ndim != 2 or centroids.shape[0] != settings["vocab_size"] or centroids.shape[0] < 2:
             raise ValueError(f"{path}: centroids {tuple(centroids.shape)} do not match vocab_size="
-                             f"{settings['vocab_size']} (at least 2 rows); {fix}")
+                             f"{settings['vocab_size']} (at least 2 rows); {_DAMAGED}")
         if not centroids.is_floating_point() or not bool(torch.isfinite(centroids).all()):
-            raise ValueError(f"{path}: the centroids are not finite floating-point numbers; {fix}")
+            raise ValueError(f"{path}: the centroids are not finite floating-point numbers; {_DAMAGED}")
         try:
             return cls(centroids, patch=settings["patch"], input_size=settings["input_size"])
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
+
+
+def kmeans_settings(path: str | Path) -> dict[str, int]:
+    """``patch``, ``input_size`` and ``vocab_size`` of a file written by :meth:`KMeansTokenizer.save`, from its
+    header alone (the centroids stay on disk); ValueError naming the file and the fix when one is missing or
+    malformed, or the file is not a k-means tokenizer."""
+    path = Path(path)
+    check_tokenizer_file(path)
+    meta = safetensors_metadata(path)
+    if meta.get(FORMAT_KEY) != FORMAT:
+        raise ValueError(f"{path} metadata {FORMAT_KEY}={meta.get(FORMAT_KEY)!r}, expected {FORMAT!r}; "
+                         f"fit one with {FIT_HINT}")
+    settings = {}
+    for key in ("patch", "input_size", "vocab_size"):
+        text = meta.get(key)
+        if text is None or not text.isdecimal() or int(text) < 1:  # isdigit() takes '²', which int() refuses
+            problem = f"{key} is missing" if text is None else f"{key}={text!r} is not a positive whole number"
+            raise ValueError(f"{path}: metadata {problem}; {_DAMAGED}")
+        settings[key] = int(text)
+    return settings
 
 
 def _gather_features(images: torch.Tensor | Iterable[torch.Tensor], patch: int, input_size: int) -> torch.Tensor:
