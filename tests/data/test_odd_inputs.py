@@ -142,6 +142,13 @@ def test_a_text_list_none_of_whose_first_paths_exists_is_refused_up_front(tmp_pa
     elsewhere.write_text("images/0.jpg\nimages/1.jpg\n")
     with pytest.raises(ValueError, match=r"relative paths are read from the list's folder .*images$"):
         build_pretrain_dataset(str(elsewhere), 16)
+    # lines as a shell or a spreadsheet writes them: the hint is what is wrong with them, not the list's folder
+    for name, line, words in [("quoted", f'"{tmp_path}/images/0.jpg"', "its paths are in quotes: write them without"),
+                              ("tilde", "~/images/0.jpg", "'~' is not expanded in a list: write the home folder out"),
+                              ("urls", f"file://{tmp_path}/images/0.jpg", "its lines are URLs: list the files' local")]:
+        (tmp_path / f"{name}.txt").write_text(f"# mine\n{line}\n")
+        with pytest.raises(ValueError, match=f"{name}.txt: none of its first 1 paths exists, .*; {words}"):
+            build_pretrain_dataset(str(tmp_path / f"{name}.txt"), 16)
     fine = tmp_path / "fine.txt"  # some missing: skipped and counted when read, as before
     fine.write_text("images/missing.jpg\nimages/1.jpg\n")
     dataset = build_pretrain_dataset(str(fine), 16)

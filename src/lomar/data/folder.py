@@ -256,11 +256,24 @@ def _check_listed(listing: Path, images: Sequence[Path], first: int = 20) -> Non
         return
     parts = str(images[0]).rsplit(None, 1)
     labels = len(parts) == 2 and os.path.exists(parts[0])  # ImageNet's train.txt: 'n01440764/x.JPEG 0'
+    line = _first_line(listing)  # as written: the joined path hides a quote or a '~' behind the list's folder
     hint = ("its lines look like 'path label': list one path a line, without labels" if labels else
             "its paths are separated by '\\', as Windows writes them: separate them by '/'" if "\\" in str(images[0])
-            and os.sep == "/" else f"relative paths are read from the list's folder {listing.parent}")
+            and os.sep == "/" else
+            "its paths are in quotes: write them without quotes (a path with spaces needs none)"
+            if len(line) > 1 and line[0] in "\"'" and line[-1] == line[0] else
+            f"'~' is not expanded in a list: write the home folder out ({os.path.expanduser('~')}/...)"
+            if line.startswith("~") else
+            "its lines are URLs: list the files' local paths (a file:// URL without its 'file://')"
+            if "://" in line else f"relative paths are read from the list's folder {listing.parent}")
     raise ValueError(f"{listing}: none of its first {min(first, len(images))} paths exists, e.g. {images[0]}; "
                      f"{hint}")
+
+
+def _first_line(listing: Path) -> str:
+    """The first path line of a .txt list as written (stripped), or '' when it has none."""
+    with open(listing, encoding="utf-8-sig") as lines:
+        return next((ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")), "")
 
 
 class LabelledImageFolder(Dataset):
