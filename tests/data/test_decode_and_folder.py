@@ -97,8 +97,11 @@ def test_symlinked_folders_are_followed_once_and_dangling_links_kept(tmp_path, c
     assert names == ["a/one.png", "gone.png", "linked/two.png"]
     assert "loop" in caplog.text
     assert list(build_image_list(root)) == found
-    with pytest.raises(ValueError, match="cannot read .*gone.png"):
+    with pytest.raises(ValueError, match=r"cannot read .*gone.png: it is a link to .*missing.png, which does not "
+                                         r"exist; fix or remove the link$"):
         load_image(root / "gone.png")
+    with pytest.raises(ValueError, match=r"cannot read .*absent.png: No such file or directory$"):
+        load_image(root / "absent.png")
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "symlink"), reason="needs symlinks")

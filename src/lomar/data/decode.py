@@ -107,6 +107,11 @@ def read_image_bytes(path: str | Path, max_bytes: int | None = None) -> bytes:
             info = os.fstat(handle.fileno())
             _check_file(path, info, limit)
             return handle.read(info.st_size)  # what a growing file held when checked
+    except FileNotFoundError as exc:  # a dangling link is listed as an image: `ls` shows it, so say what it is
+        if os.path.islink(path):
+            raise ValueError(f"cannot read {path}: it is a link to {os.readlink(path)}, which does not exist; fix or "
+                             f"remove the link") from exc
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from exc
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
