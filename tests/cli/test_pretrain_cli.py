@@ -74,6 +74,27 @@ def test_bad_configuration_is_one_line_and_exit_2(tmp_path, capsys, image_dir, f
     assert not out.exists()  # nothing was done
 
 
+def test_beit_decode_windows_runs_with_the_tokenizer_its_refusal_asks_for(tmp_path, capsys, image_dir):
+    """--decode windows refuses BEiT's built-in 8 px tokenizer on 32 px patches, naming `lomar tokenizer fit --patch
+    32`: that command runs (a fixed 112 px view refused 32) and so does the run with its file; a file that is no
+    tokenizer is named as such."""
+    args = [*TINY, "--data", str(image_dir), "--method", "beit", "--patch-size", "32", "--img-size", "128",
+            "--color-jitter", "0", "--decode", "windows", "--max-steps", "1"]
+    assert main(["pretrain", *args, "--out", str(tmp_path / "r0")]) == 2
+    assert "`lomar tokenizer fit --patch 32`" in capsys.readouterr().err
+    tokenizer = tmp_path / "tok32.safetensors"
+    assert main(["tokenizer", "fit", "--patch", "32", "--data", str(image_dir), "--vocab", "4", "--max-images", "4",
+                 "--iters", "1", "--out", str(tokenizer)]) == 0
+    assert main(["pretrain", *args, "--out", str(tmp_path / "run"), "--tokenizer", str(tokenizer)]) == 0
+    assert len(losses(tmp_path / "run")) == 1
+    (tmp_path / "tok.txt").write_text("a tokenizer\n")
+    capsys.readouterr()
+    assert main(["pretrain", *args, "--out", str(tmp_path / "r1"), "--tokenizer", str(tmp_path / "tok.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lomar pretrain: error: --tokenizer: {tmp_path / 'tok.txt'} is a text file, not a "
+                          f"tokenizer file; a tokenizer file is") and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("local_rank, stopped, code, shown", [("0", False, 2, 1), ("1", True, 143, 0),
                                                               ("1", False, 2, 1)])
 def test_under_torchrun_the_first_process_of_a_machine_alone_prints_a_bad_configuration(

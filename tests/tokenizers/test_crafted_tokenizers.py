@@ -156,10 +156,40 @@ def test_tokenizer_fit_bounds_the_size_before_reading_anything(tmp_path, capsys,
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert re.match(r"lomar tokenizer fit: error: --size 100000 with --max-images 2048 needs 228,881.8 GiB of views "
-                    r"\(limit 4 GiB\); pass --size 418 or less", err), err
+                    r"\(limit 4 GiB\); pass --size 416 or less \(a multiple of --patch 8\)", err), err
     assert main(["tokenizer", "fit", "--data", str(tmp_path), "--out", str(tmp_path / "t.safetensors"),
                  "--size", "512", "--max-images", "2049"]) == 2  # 6 GiB: over
-    assert "needs 6.0 GiB of views (limit 4 GiB); pass --size 417 or less" in capsys.readouterr().err
+    assert "needs 6.0 GiB of views (limit 4 GiB); pass --max-images 1365 or fewer or --size 416 or less (a multiple " \
+           "of --patch 8)\n" in capsys.readouterr().err
+    # a 32 px patch's default views (448 px) of the default 2048 images: over, with fixes that run as given
+    assert main(["tokenizer", "fit", "--data", str(tmp_path), "--out", str(tmp_path / "t.safetensors"),
+                 "--patch", "32"]) == 2
+    assert capsys.readouterr().err == ("lomar tokenizer fit: error: --size 448 (the default, 14 x --patch) with "
+                                       "--max-images 2048 needs 4.6 GiB of views (limit 4 GiB); pass --max-images 1783 "
+                                       "or fewer or --size 416 or less (a multiple of --patch 32)\n")
+
+
+def test_tokenizer_fit_views_follow_the_patch_unless_sized(tmp_path, capsys):
+    """`lomar pretrain --decode windows` asks for `lomar tokenizer fit --patch P` at the model's patch: its view
+    defaults to 14 x P (112 px at the default 8), as a fixed 112 px refused P = 12 or 32."""
+    from PIL import Image
+
+    for i in range(2):
+        Image.new("RGB", (40, 40), (i * 90, 30, 60)).save(tmp_path / f"{i}.png")
+    fit = ["tokenizer", "fit", "--data", str(tmp_path), "--vocab", "2", "--iters", "1", "--out"]
+    assert main([*fit, str(tmp_path / "t12.safetensors"), "--patch", "12"]) == 0
+    assert "images of " in capsys.readouterr().out
+    tokenizer = load_tokenizer(tmp_path / "t12.safetensors")
+    assert (tokenizer.patch, tokenizer.input_size, tokenizer.vocab_size) == (12, 168, 2)
+    assert main([*fit, str(tmp_path / "t32.safetensors"), "--patch", "32", "--size", "100"]) == 2
+    assert capsys.readouterr().err == ("lomar tokenizer fit: error: --size 100 is not a multiple of --patch 32; pass "
+                                       "--size 96 or 128, or drop --size (default 14 x --patch = 448)\n")
+    assert main([*fit, str(tmp_path / "t600.safetensors"), "--patch", "600", "--max-images", "1"]) == 2
+    assert capsys.readouterr().err == ("lomar tokenizer fit: error: --size 8400 (the default, 14 x --patch) is over "
+                                       "8192 px, the largest view; pass --size 7800 or less\n")
+    assert main(["tokenizer", "fit", "--help"]) == 0
+    assert "(default: 14 x --patch, 14x14 tokens: 112 with the default --patch 8)" in " ".join(
+        capsys.readouterr().out.split())
 
 
 @pytest.mark.slow

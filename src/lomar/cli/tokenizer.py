@@ -1,8 +1,8 @@
 """``lomar tokenizer fit|convert``: BEiT's visual tokenizers.
 
-``fit`` fits the built-in k-means tokenizer (normalised 8 px patches of 112 px views; not the
-paper's dVAE) on a folder of images; ``convert`` rewrites a DALL-E dVAE encoder (the official
-pickled ``encoder.pkl``, read without executing its code, or a state dict) as safetensors.
+``fit`` fits the built-in k-means tokenizer (normalised --patch px patches of views 14 patches wide, 8 px of
+112 px by default; not the paper's dVAE) on a folder of images; ``convert`` rewrites a DALL-E dVAE encoder (the
+official pickled ``encoder.pkl``, read without executing its code, or a state dict) as safetensors.
 """
 
 from __future__ import annotations
@@ -13,12 +13,16 @@ from pathlib import Path
 
 from lomar.cli.common import check_output_file, resolve_device
 from lomar.errors import UsageError, in_flags
+from lomar.limits import MAX_IMG_SIZE
 from lomar.train import settings as S
 from lomar.train.settings import Setting, add_settings
 
 __all__ = ["add_arguments", "run"]
 
 _MAX_VIEW_BYTES = 4 << 30  # the patches of 2048 views of 112 px take 0.3 GiB; of 512 px, 6 GiB
+# BEiT's grid (ViT/16 on 224 px): a token then covers 1/14 of the crop's side whatever --patch, as the dVAE's and
+# the built-in tokenizer's 8 px of 112 px. Only the fit reads it: a run resizes its view to grid x --patch.
+_TOKENS_PER_SIDE = 14
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,13 +30,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                help="fit: a k-means tokenizer on images; convert: a dVAE encoder to safetensors")
     fit = sub.add_parser("fit", help="fit the built-in k-means tokenizer on a folder of images",
                          description="Fit k-means over per-patch normalised pixels of the images' centre "
-                                     "crops at --size px (a BEiT target when no dVAE is at hand).")
+                                     "crops at --size px (a BEiT target when no dVAE is at hand; fit it at "
+                                     "the model's --patch-size for `lomar pretrain --decode windows`).")
     add_settings(fit, {
         "data": S.DATA.but(required=True, help="image folder (recursive) or .txt list of paths"),
         "vocab": Setting(8192, "vocabulary size", above=0),
         "out": S.OUT.but(required=True, metavar="FILE.safetensors", help="where to write the tokenizer (safetensors)"),
-        "size": Setting(112, "view size in px (default: 112, 14x14 tokens)", above=0),
-        "patch": Setting(8, "pixels per token", above=0),
+        "size": Setting(None, f"view size in px, a multiple of --patch (default: {_TOKENS_PER_SIDE} x --patch, "
+                              f"{_TOKENS_PER_SIDE}x{_TOKENS_PER_SIDE} tokens: 112 with the default --patch 8)",
+                        kind=int, above=0),
+        "patch": Setting(8, "pixels per token", above=0, high=MAX_IMG_SIZE),
         "iters": Setting(20, "Lloyd iterations at most", above=0),
         "max_images": Setting(2048, "images used at most, drawn at random (--seed) across --data", above=0),
         "seed": S.SEED,
@@ -100,6 +107,32 @@ def _views(data: str, size: int, limit: int, seed: int, read: dict):
 _FLAGS = {"vocab_size": "--vocab", "input_size": "--size", "patch": "--patch"}
 
 
+def _view_size(size: int | None, patch: int, images: int) -> int:
+    """--size, or by default --patch's for a 14x14 grid; ValueError naming the fix where --patch does not divide it,
+    it is over MAX_IMG_SIZE, or the views' patches would take more than _MAX_VIEW_BYTES (before anything is read)."""
+    default, largest = _TOKENS_PER_SIDE * patch, MAX_IMG_SIZE // patch * patch
+    if size is not None and size % patch:
+        lower = size // patch * patch
+        raise ValueError(f"--size {size} is not a multiple of --patch {patch}; pass --size "
+                         f"{lower or patch}{f' or {lower + patch}' if lower else ''}, or drop --size "
+                         f"(default {_TOKENS_PER_SIDE} x --patch = {default})")
+    named = f"--size {size}" if size is not None else f"--size {default} (the default, {_TOKENS_PER_SIDE} x --patch)"
+    size = default if size is None else size
+    if size > MAX_IMG_SIZE and size == default:  # a --patch that large takes an explicit --size
+        raise ValueError(f"{named} is over {MAX_IMG_SIZE} px, the largest view; pass --size {largest} or less")
+    view_bytes = images * 3 * size ** 2 * 4  # the float32 patch features k-means holds
+    fewer = _MAX_VIEW_BYTES // (3 * size ** 2 * 4) if size <= MAX_IMG_SIZE else 0
+    smaller = min(largest, int((_MAX_VIEW_BYTES / (images * 12)) ** 0.5) // patch * patch)
+    fixes = [f"--max-images {fewer} or fewer" if fewer else "",
+             f"--size {smaller} or less (a multiple of --patch {patch})" if smaller else ""]
+    if view_bytes > _MAX_VIEW_BYTES and any(fixes):  # none: the size is over MAX_IMG_SIZE, refused below
+        raise ValueError(f"{named} with --max-images {images} needs {view_bytes / 2**30:,.1f} GiB of views (limit "
+                         f"{_MAX_VIEW_BYTES >> 30} GiB); pass {' or '.join(fix for fix in fixes if fix)}")
+    if size > MAX_IMG_SIZE:  # else refused by the tokenizer once fitted
+        raise ValueError(f"{named} is over {MAX_IMG_SIZE} px, the largest view; pass --size {largest} or less")
+    return size
+
+
 def run(args: argparse.Namespace) -> int:
     from lomar.tokenizers import convert_dvae, fit_kmeans_tokenizer  # torch: not for --help
 
@@ -115,25 +148,20 @@ def run(args: argparse.Namespace) -> int:
             path = convert_dvae(args.source, args.to)
             print(f"lomar: wrote {path}")
             return 0
-        view_bytes = args.max_images * 3 * args.size ** 2 * 4  # the float32 patch features k-means holds
-        if view_bytes > _MAX_VIEW_BYTES:
-            largest = int((_MAX_VIEW_BYTES / (args.max_images * 12)) ** 0.5)
-            raise ValueError(f"--size {args.size} with --max-images {args.max_images} needs "
-                             f"{view_bytes / 2**30:,.1f} GiB of views (limit {_MAX_VIEW_BYTES >> 30} GiB); "
-                             f"pass --size {largest} or less (default 112) or fewer --max-images")
+        size = _view_size(args.size, args.patch, args.max_images)
         device = resolve_device(args.device)
         read: dict = {}
-        views = _views(args.data, args.size, args.max_images, args.seed, read)
+        views = _views(args.data, size, args.max_images, args.seed, read)
         start = time.monotonic()
         print(f"lomar: fitting a k-means tokenizer (vocabulary {args.vocab}) on up to {args.max_images} images of "
-              f"{args.data} at {args.size} px on {device}", flush=True)
+              f"{args.data} at {size} px on {device}", flush=True)
 
         def progress(iteration: int, patches: int, changed: int) -> None:  # the default fit runs for minutes
             print(f"lomar: k-means iteration {iteration}/{args.iters}: {changed:,} of {patches:,} patches "
                   f"changed token ({time.monotonic() - start:.0f} s)", flush=True)
 
         tokenizer = fit_kmeans_tokenizer(views, vocab_size=args.vocab, patch=args.patch, seed=args.seed,
-                                         iters=args.iters, input_size=args.size, progress=progress, device=device)
+                                         iters=args.iters, input_size=size, progress=progress, device=device)
         tokenizer.save(args.out, extra={"fitted_on": str(args.data), "images": str(read["images"])})
     except (ValueError, FileNotFoundError) as exc:  # the library's argument names, as the flags spell them
         raise UsageError(in_flags(str(exc).splitlines()[0], _FLAGS)) from None
