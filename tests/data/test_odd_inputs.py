@@ -174,6 +174,20 @@ def test_a_file_of_another_format_named_as_an_image_reaches_no_other_pillow_plug
     assert decode_bytes(mpo.getvalue(), "camera.jpg").shape == (3, 20, 30)
 
 
+def test_a_heic_or_avif_photo_named_as_a_jpeg_is_named_by_its_format(tmp_path):
+    """A phone's HEIC named .jpg was 'not an image format lomar reads (... starting b'\\x00\\x00\\x00\\x18ftyp')'."""
+    box = b"\x00\x00\x00\x18ftyp{}\x00\x00\x00\x00mif1heic" + bytes(64)
+    for brand, name in ((b"heic", "HEIC"), (b"mif1", "HEIF"), (b"avif", "AVIF")):
+        with pytest.raises(ValueError, match=rf"^cannot decode image IMG_1.jpg: it is a photo in {name}, a format "
+                                             rf"lomar does not read \(JPEG, PNG, GIF, BMP, TIFF, WebP\); convert it to "
+                                             rf"JPEG or PNG$"):
+            decode_bytes(box.replace(b"{}", brand), "IMG_1.jpg")
+    with pytest.raises(ValueError, match=r"in JPEG XL, a format"):
+        decode_bytes(b"\xff\x0a" + bytes(64), "IMG_2.jpg")
+    with pytest.raises(ValueError, match=r"not an image format lomar reads"):  # an MP4 is not a photo
+        decode_bytes(box.replace(b"{}", b"isom"), "clip.jpg")
+
+
 def test_a_jpeg_of_a_thousand_repeated_scans_is_refused_before_libjpeg_works_through_them():
     out = io.BytesIO()
     Image.new("L", (64, 64), 128).save(out, format="JPEG", progressive=True)

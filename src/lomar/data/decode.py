@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from lomar.data.headers import declared_size, jpeg_single_scan, png_bad_chunk
+from lomar.data.headers import declared_size, foreign_format, jpeg_single_scan, png_bad_chunk
 from lomar.data.jpeg_cut import cut_message, cut_short, grey_corner
 from lomar.limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, env_limit
 
@@ -172,6 +172,10 @@ def _open_checked(data: bytes, name: str, kind: str | None, size: tuple[int, int
         if kind:  # its signature is one of ours (a WebP cut short fails here, at open): not another format
             raise ValueError(f"cannot decode image {name}: a damaged or truncated {kind.upper()} file ({len(data):,} "
                              f"bytes); replace or remove it") from None
+        foreign = foreign_format(data)
+        if foreign:  # its name says JPEG or PNG (a folder search passes over .heic files, with a warning)
+            raise ValueError(f"cannot decode image {name}: it is a photo in {foreign}, a format lomar does not read "
+                             f"(JPEG, PNG, GIF, BMP, TIFF, WebP); convert it to JPEG or PNG") from None
         raise ValueError(f"cannot decode image {name}: not an image format lomar reads (JPEG, PNG, GIF, BMP, TIFF, "
                          f"WebP; {len(data):,} bytes starting {data[:8]!r})") from None
     try:

@@ -18,8 +18,8 @@ from __future__ import annotations
 import struct
 import zlib
 
-__all__ = ["image_format", "declared_size", "jpeg_frame_size", "jpeg_single_scan", "jpeg_scan_start", "png_size",
-           "png_bad_chunk", "webp_size"]
+__all__ = ["image_format", "foreign_format", "declared_size", "jpeg_frame_size", "jpeg_single_scan", "jpeg_scan_start",
+           "png_size", "png_bad_chunk", "webp_size"]
 
 # SOF0-15 except DHT (C4), JPG (C8) and DAC (CC), which share the range.
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -38,6 +38,21 @@ def image_format(data: bytes) -> str | None:
         return "gif"
     if data[:4] == b"RIFF" and data[8:15] == b"WEBPVP8":
         return "webp"
+    return None
+
+
+# ISO base media brands (the ftyp box's major brand) of the photo formats a phone or camera saves instead of JPEG
+_FTYP_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"heim": "HEIC", b"heis": "HEIC", b"hevc": "HEIC", b"hevx": "HEIC",
+                b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
+
+
+def foreign_format(data: bytes) -> str | None:
+    """"HEIC", "HEIF", "AVIF" or "JPEG XL" when ``data`` is a photo in one of those formats (which lomar does not
+    decode; an iPhone's HEIC renamed .jpg, say), from its signature; else None."""
+    if data[4:8] == b"ftyp":
+        return _FTYP_BRANDS.get(data[8:12])
+    if data[:2] == b"\xff\x0a" or data[:12] == b"\x00\x00\x00\x0cJXL \r\n\x87\n":
+        return "JPEG XL"
     return None
 
 
