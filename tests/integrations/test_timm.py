@@ -79,3 +79,32 @@ def test_a_classifiers_weights_loaded_by_name_keep_their_head(tmp_path, pool):
         # the caller's choice wins: no head, or a fresh one of another size
         assert timm.create_model("lomar_vit_tiny_patch16", pretrained=True, num_classes=0, **create)(x).shape == (2, 32)
         assert timm.create_model("lomar_vit_tiny_patch16", pretrained=True, num_classes=7, **create)(x).shape == (2, 7)
+
+
+def test_the_head_guess_refuses_no_weights_that_the_load_takes(tmp_path):
+    """The guess of a classifier's head read the weights' header with the export reader's checks: a file holding an
+    integer tensor that the load drops (a decoder's) was refused ('holds tensors in a dtype no weights are saved
+    in'), and BEiT weights with their index table were told to re-export, not to load them as timm's Beit."""
+    from safetensors.torch import load_file, save_file
+
+    from lomar.checkpoints.export_beit import export_beit_encoder
+    from lomar.models.beit import BEiT, BEiTConfig
+
+    source = VisionTransformer(MAE_LIKE).eval()
+    export_encoder(source, tmp_path / "vit")
+    index = torch.arange(4)
+    save_file({**load_file(str(tmp_path / "vit" / "model.safetensors")), "decoder_index": index},
+              str(tmp_path / "indexed.safetensors"))
+    shape = dict(embed_dim=32, depth=1, num_heads=2, img_size=32)
+    model = timm.create_model("lomar_vit_tiny_patch16", pretrained=True, pos="abs", **shape,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "indexed.safetensors"))).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x))
+    export_beit_encoder(BEiT(BEiTConfig(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2,
+                                        vocab_size=16)), tmp_path / "beit")
+    save_file({**load_file(str(tmp_path / "beit" / "encoder.safetensors")),
+               "blocks.0.attn.relative_position_index": index}, str(tmp_path / "beit.safetensors"))
+    with pytest.raises(ValueError, match=r"these are BEiT weights .*: timm.create_model\('local-dir:DIR'"):
+        timm.create_model("lomar_vit_tiny_patch16", pretrained=True, pos="none", **shape,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "beit.safetensors")))

@@ -43,6 +43,7 @@ from torch import nn
 from lomar.checkpoints.export import header_shapes
 from lomar.checkpoints.keys import encoder_keys, position_encoding
 from lomar.checkpoints.keys_beit import holds_beit_keys
+from lomar.checkpoints.kinds import classifier_pool
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig
 from lomar.values import is_size
 
@@ -230,17 +231,21 @@ def _with_weights_head(kwargs: dict) -> dict:
     """``kwargs`` with the head of the classifier a ``pretrained_cfg_overlay`` file holds (an export's weights) where
     the caller names no ``num_classes``: its rows as the pretrained cfg's ``num_classes``, which timm gives the model
     unless the caller passes another (a folder's config.json says it for ``local-dir:``; the name's cfg says 0), and
-    its pooling unless given: beside the head, ``fc_norm`` is the mean's, the final norm the cls token's."""
+    its pooling unless given (:func:`~lomar.checkpoints.kinds.classifier_pool`). Only a guess, which refuses nothing:
+    a file whose header it cannot take is left to the load, which drops what no encoder holds (a decoder's tensors)."""
     overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
     file = overlay.get("file")
     if kwargs.get("pretrained_cfg") or "num_classes" in overlay or not str(file or "").endswith(".safetensors"):
         return kwargs
     if not Path(file).is_file():  # timm's own loader names a missing file
         return kwargs
-    shapes = encoder_keys(header_shapes(Path(file)))
+    try:
+        shapes = encoder_keys(header_shapes(Path(file)))
+    except ValueError:  # an integer tensor (one the load drops, BEiT's index table) or no safetensors: the load's word
+        return kwargs
     if len(rows := shapes.get("head.weight", ())) != 2:
         return kwargs
-    pool = "avg" if "fc_norm.weight" in shapes else "token"
+    pool = "token" if classifier_pool({}, shapes) == "cls" else "avg"
     return {"global_pool": pool, **kwargs, "pretrained_cfg_overlay": {**overlay, "num_classes": rows[0]}}
 
 
