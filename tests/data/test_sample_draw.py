@@ -176,3 +176,25 @@ def test_a_cameras_mpo_photo_is_decoded_reduced_as_any_jpeg(tmp_path, monkeypatc
     reduced = load_image_reduced(tmp_path / "camera.jpg", 100)
     assert scales == [2] and reduced.shape == (3, 128, 192)
     assert (reduced.float() - load_image(tmp_path / "camera.jpg")[:, ::2, ::2].float()).abs().mean() < 20
+
+
+def test_a_sideways_tiff_is_cropped_upright_by_every_decode_path(tmp_path):
+    """Pillow gives a TIFF whose orientation tag says 6 its upright size at open: oriented_size turned it again, so
+    --decode windows drew its box on a 256x384 frame of a 384x256 image and trained on a squashed other region."""
+    from lomar.data.decode import load_image, oriented_size
+
+    y, x = np.mgrid[0:256, 0:384]
+    stored = np.stack([x % 256, (y * 3) % 256, ((x + y) * 2) % 256], -1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: a quarter turn clockwise makes it upright
+    Image.fromarray(stored).save(tmp_path / "scan.tif", exif=exif)
+    with Image.open(tmp_path / "scan.tif") as img:
+        assert oriented_size(img) == tuple(load_image(tmp_path / "scan.tif").shape[1:]) == (384, 256)
+    base = _base(tmp_path)
+    windows = FastPretrainDataset(base, "windows", 8, _Cfg.window_size, 1)
+    for epoch in range(3):
+        want, got = base[(0, epoch)]["image"], windows[(0, epoch)]
+        filled = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+        for r, c in (got["top_left"] * 8).tolist():
+            filled[r:r + 8 * _Cfg.window_size, c:c + 8 * _Cfg.window_size] = True
+        assert (got["image"] - want).abs()[:, filled].mean() < 0.05, epoch

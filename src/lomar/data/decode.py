@@ -216,6 +216,8 @@ def oriented_size(img: Image.Image) -> tuple[int, int]:
     """(height, width) of an opened image as :func:`decode_bytes` returns it (EXIF orientation applied),
     from the header."""
     width, height = img.size
+    if img.format == "TIFF" and (width, height) != (img.tag_v2.get(256), img.tag_v2.get(257)):
+        return height, width  # a Pillow that turns a TIFF upright as it loads it gives its upright size at open
     return (width, height) if exif_orientation(img) in (5, 6, 7, 8) else (height, width)
 
 
