@@ -204,7 +204,8 @@ def _names_dvae(path: Path) -> bool:
                     member = next((i for i in archive.infolist() if i.filename.endswith("/data.pkl")), None)
                     if member is None or member.file_size > _SCANNED_BYTES:
                         return member is not None
-                    stream = io.BytesIO(archive.read(member))
+                    with archive.open(member) as entry:  # read(n): n bytes at most, whatever size the archive claims
+                        stream = io.BytesIO(entry.read(_SCANNED_BYTES))
             else:
                 handle.seek(0)
                 stream = io.BytesIO(handle.read(_SCANNED_BYTES))
