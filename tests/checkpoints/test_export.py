@@ -276,13 +276,13 @@ def test_load_original_names_a_window_that_does_not_fit_by_its_parameter_and_the
                                        "4x4 patch grid; pass --window-size <= 4 or use a larger image\n")
 
 
-def test_load_original_counts_a_single_block_as_one(tmp_path, capsys):
-    model = LoMaR(model_config("vit_tiny_patch16", img_size=64, embed_dim=32, depth=1, num_heads=2), window_size=3,
+def test_load_original_counts_a_single_block_and_head_as_one(tmp_path, capsys):
+    model = LoMaR(model_config("vit_tiny_patch16", img_size=64, embed_dim=32, depth=1, num_heads=1), window_size=3,
                   num_windows=1)
     path = tmp_path / "orig.pth"
     torch.save({"model": lomar_to_original(model.state_dict()), "args": {"input_size": 64, "window_size": 3}}, path)
-    assert main(["load-original", str(path), "--to", str(tmp_path / "c.pt"), "--num-heads", "2"]) == 0
-    assert f"lomar: converted {path} (lomar, 32 wide, 1 block, 2 heads, patch 16, " in capsys.readouterr().out
+    assert main(["load-original", str(path), "--to", str(tmp_path / "c.pt"), "--num-heads", "1"]) == 0
+    assert f"lomar: converted {path} (lomar, 32 wide, 1 block, 1 head, patch 16, " in capsys.readouterr().out
 
 
 def test_an_image_size_that_does_not_tile_into_patches_is_named_by_its_flag_with_one_that_does(tmp_path, capsys):

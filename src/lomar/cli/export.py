@@ -136,8 +136,8 @@ def load_original_run(args: argparse.Namespace) -> int:
     vit = encoder_of(model).config
     params = sum(p.numel() for p in model.parameters())
     kind = ckpt["config"]["method"] if "config" in ckpt else "classifier"
-    print(f"lomar: converted {args.path} ({kind}, {vit.embed_dim} wide, {counted(vit.depth, 'block')}, {vit.num_heads} "
-          f"heads, patch {vit.patch_size}, {params / 1e6:.2f} M parameters) -> {out}")
+    print(f"lomar: converted {args.path} ({kind}, {vit.embed_dim} wide, {counted(vit.depth, 'block')}, "
+          f"{counted(vit.num_heads, 'head')}, patch {vit.patch_size}, {params / 1e6:.2f} M parameters) -> {out}")
     print(f"lomar: next: lomar export {out} --to DIR   |   lomar visualize {out} IMAGE...")
     return 0
 
