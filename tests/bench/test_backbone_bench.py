@@ -1,7 +1,8 @@
 """``lomar bench --task backbone``: records per (size, attention), skips with reasons, memory estimates.
 
 The command's child processes (one per variant, ~5 s of imports apiece) run in ``benchmarks/gpu_check.sh``'s
-CPU mode (``tests/bench/test_gpu_check_script.py``); each encoder's timed step is checked here in this process.
+CPU mode (``tests/bench/test_gpu_check_script.py``, one child per part); each encoder's and each attention's timed
+step is checked here in this process.
 """
 
 
@@ -26,11 +27,12 @@ def test_a_variant_too_large_for_this_machine_gets_a_record_not_a_crash():
     assert rec["task"] == "backbone" and rec["attention"] == "dense" and rec["step_s"] is None
 
 
-def test_every_encoder_is_timed_windowed_and_flex_is_skipped_with_its_reason_on_cpu():
-    for encoder in ENCODERS:  # lomar, mae, mae+decomposed, mae+bias: ViTDet windows over a 64 px tiny model
-        out = run_variant(dict(model="vit_base_patch16", img_size=64, variant="windowed", encoder=encoder, batch_size=1,
+def test_every_encoder_and_attention_is_timed_and_flex_is_skipped_with_its_reason_on_cpu():
+    # lomar, mae, mae+decomposed, mae+bias: ViTDet windows over a 64 px tiny model; then the global attentions
+    for variant, encoder in [*(("windowed", e) for e in ENCODERS), ("dense", "lomar"), ("chunked", "lomar")]:
+        out = run_variant(dict(model="vit_base_patch16", img_size=64, variant=variant, encoder=encoder, batch_size=1,
                                device="cpu", grad_checkpointing=True, precision="fp32", steps=1, warmup=0, tiny=True))
-        assert len(out["step_times_s"]) == 1 and out["step_times_s"][0] > 0, encoder
+        assert len(out["step_times_s"]) == 1 and out["step_times_s"][0] > 0, (variant, encoder)
         assert out["peak_mem_kind"] == "cpu_rss_growth"
     (rec,) = bench_backbone("vit_base_patch16", [64], ["flex"], 1, True, "cpu", tiny=True)
     assert rec["status"] == "skipped" and "CUDA" in rec["reason"]
