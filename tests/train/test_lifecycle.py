@@ -486,6 +486,19 @@ def test_a_resume_whose_settings_end_before_the_runs_step_is_refused(tmp_path, s
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"} == kept  # config.yaml too
 
 
+def test_a_resume_past_the_end_its_checkpoint_cannot_tell_is_refused_by_the_built_run(tmp_path):
+    # a checkpoint without steps_per_epoch, saved mid-epoch 0: only the built run knows an epoch's length
+    from lomar.errors import UsageError
+
+    out = tmp_path / "run"
+    assert run(ToyConfig(out=str(out), max_steps=3), ToyTask) == 0
+    ckpt = safe_load(out / "last.pt")
+    del ckpt["steps_per_epoch"]
+    torch.save(ckpt, out / "last.pt")
+    with pytest.raises(UsageError, match=r"^--resume: the run is at step 3, past step 2 where --max-steps 2 ends it"):
+        run(ToyConfig(out=str(out), resume="auto", max_steps=2), ToyTask)
+
+
 def test_a_non_finite_loss_suggests_only_flags_the_command_has():
     from lomar.train.config import PretrainConfig
     from lomar.train.finetune_config import FinetuneConfig

@@ -33,7 +33,7 @@ from lomar.train.monitor import Monitor, input_limit_note, metric_text, resume_h
 from lomar.train.precision import WatchedScaler, autocast_factory, resolve_precision
 from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_workers
 from lomar.train.rng import gather_rng_states, restore_rng_states, seed_everything
-from lomar.train.run_end import answer_at_end, evaluate_end, run_end
+from lomar.train.run_end import answer_at_end, evaluate_end, last_step, run_end
 from lomar.train.run_resume import check_no_rewind, resume_point
 from lomar.train.run_state import RunLock, prepare_run_folder, save_checkpoint, save_on_main_rank, save_state
 from lomar.train.runtime import compile_model, default_threads, fast_adamw
@@ -82,7 +82,7 @@ class _Run:
         self.best, self.evaluated_step, self.stop = -math.inf, -1, StopFlag()
         self.spare = None  # under DDP, the last batch that gave a loss: an idle step's (task.idle_loss)
         self.skipped = SkippedFiles(self.steps_per_epoch * self.accum, config.batch_size, not task.skips_warned)
-        self.last_step = min(config.epochs * self.steps_per_epoch, config.max_steps or math.inf)
+        self.last_step = last_step(config, self.steps_per_epoch)
         if overrun := schedule_overrun(self.last_step, *self.schedule, self.base_lr, self.min_lr, task.lr_schedule,
                                        config, self.steps_per_epoch):
             raise ValueError(overrun)
@@ -121,7 +121,7 @@ class _Run:
         self.evaluated_step = ckpt.get("evaluated_step")  # None: a checkpoint written before it was kept
         self.skipped.restore(ckpt.get("skipped_ranks"), self.info.rank)
         restore_rng_states(ckpt, self.info, self.device, self.cfg.seed)  # last: building the run drew from them
-        if self.p.step > self.last_step:  # where the checkpoint's counts could not tell it unbuilt (run_end)
+        if self.p.step > self.last_step:  # run_end could not tell: an old checkpoint, or data of shorter epochs
             raise ValueError(resumed_past_end(self.p.step, self.last_step, self.cfg, self.steps_per_epoch))
 
     def save(self, metrics: dict | None = None) -> Path | None:

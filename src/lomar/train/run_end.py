@@ -28,7 +28,8 @@ from lomar.train.run_logs import evaluation_logged
 from lomar.train.run_state import foreign, save_on_main_rank
 from lomar.train.settings_resume import resumed_past_end
 
-__all__ = ["RunEnd", "run_end", "answer_at_end", "missing_outputs", "evaluation_missing", "evaluate_end"]
+__all__ = ["RunEnd", "run_end", "last_step", "answer_at_end", "missing_outputs", "evaluation_missing",
+           "evaluate_end"]
 
 
 class RunEnd(NamedTuple):
@@ -58,6 +59,11 @@ def evaluation_missing(task, config, out: Path, step: int, evaluated_step) -> bo
                                                                                           step)
 
 
+def last_step(config, steps_per_epoch: int) -> float:
+    """The step where ``config``'s ``--max-steps`` or ``--epochs`` of ``steps_per_epoch`` end the run, the earlier."""
+    return min(config.epochs * steps_per_epoch, config.max_steps or math.inf)
+
+
 def run_end(config, task_class, point, out: Path, world_size: int) -> RunEnd | None:
     """Where the checkpoint resumed (``point``: what was read of it, a :class:`~lomar.train.run_resume.ResumePoint`)
     stands when it is the end of the run the settings make, in ``out`` its own folder (a resume into another, or with
@@ -76,7 +82,7 @@ def run_end(config, task_class, point, out: Path, world_size: int) -> RunEnd | N
         per_epoch = (step - done // config.accum_steps) // epoch
     if not isinstance(per_epoch, int) or per_epoch <= 0:
         return None
-    last = min(config.epochs * per_epoch, config.max_steps or math.inf)
+    last = last_step(config, per_epoch)
     if step > last:
         raise ValueError(resumed_past_end(step, last, config, per_epoch))
     if config.overwrite or foreign(point.path, out) or missing_outputs(task_class.final_outputs, Path(out), step) or \
