@@ -20,9 +20,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/lomar pretrain
 
-# Two workers: the suite's subprocess tests (torchrun, signals) wait on I/O, and CI has 2 cores.
+# Two workers: the suite's subprocess tests (torchrun, signals) wait on I/O, and CI has 2 cores. worksteal: a worker
+# that runs out takes half of the other's queue (load scheduling commits batches of tests to a worker up front).
 test: $(STAMP)
-	$(BIN)/pytest -q -n 2
+	$(BIN)/pytest -q -n 2 --dist worksteal
 
 # Everything but the subprocess / torchrun tests (marked `slow`): the quick loop while editing.
 test-fast: $(STAMP)

@@ -14,8 +14,8 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``longest`` run first. ``make test``'s ``-n 2`` hands tests out in this order (xdist's load
-    scheduling): a long test collected late would start near the end, one worker waiting alone on it."""
+    """Tests marked ``longest`` run first. ``make test``'s ``-n 2 --dist worksteal`` deals tests out in this order:
+    a long test collected late could start near the end, one worker waiting alone on it."""
     items.sort(key=lambda item: item.get_closest_marker("longest") is None)  # stable: the rest keep their order
 
 
