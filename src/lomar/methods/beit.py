@@ -27,7 +27,6 @@ from lomar.models.beit import BEiTConfig
 from lomar.models.beit_pretrain import BEiTPretrain, tokenizer_view
 from lomar.models.masking import grid_size
 from lomar.tokenizers import KMeansTokenizer, fit_kmeans_tokenizer, load_tokenizer, tokenizer_format
-from lomar.tokenizers.dvae import check_names_dvae
 from lomar.tokenizers.kmeans import FORMAT as KMEANS_FORMAT
 from lomar.tokenizers.kmeans import kmeans_settings
 from lomar.train.schedule import lr_at_whole_steps
@@ -216,11 +215,8 @@ def outside_windows(config, patch_size: int) -> str | None:
     if config.tokenizer:
         try:
             # headers only: this runs with the settings, before a k-means file's centroids or a dVAE's weights load
-            if tokenizer_format(config.tokenizer) == KMEANS_FORMAT:
-                stride = kmeans_settings(config.tokenizer)["patch"]
-            else:
-                check_names_dvae(config.tokenizer)
-                stride = None
+            kmeans = tokenizer_format(config.tokenizer) == KMEANS_FORMAT
+            stride = kmeans_settings(config.tokenizer)["patch"] if kmeans else None
         except (ValueError, FileNotFoundError) as exc:
             raise ValueError(f"--tokenizer: {exc}") from None
         named = f"the k-means tokenizer {config.tokenizer}"
@@ -228,7 +224,8 @@ def outside_windows(config, patch_size: int) -> str | None:
         stride, named = KMEANS_PATCH, "the built-in k-means tokenizer"
     if stride == patch_size:
         return None
-    reads = (f"the DALL-E dVAE (--tokenizer {config.tokenizer}), whose convolutions read pixels around each patch"
+    reads = (f"--tokenizer {config.tokenizer}, which is no k-means tokenizer (a DALL-E dVAE's convolutions read "
+             f"pixels around each patch)"
              if stride is None else f"{named}, whose {stride} px patches read the crop resized for the model's "
                                     f"{patch_size} px patches, a resize that blends neighbouring patches")
     return (f"labels its targets with {reads}: blank pixels outside the windows would change the targets inside "

@@ -8,10 +8,7 @@ stand-ins just keep their pickled ``__dict__``; the tensors are read out of it.
 
 from __future__ import annotations
 
-import io
-import pickletools
 import re
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +21,6 @@ from lomar.checkpoints.io import atomic_write_bytes, describe_file, quiet_pickle
 from lomar.tokenizers.base import (
     CONVERT_HINT,
     FORMAT_KEY,
-    TOKENIZER_FILES,
     Tokenizer,
     check_tokenizer_file,
     is_safetensors,
@@ -32,8 +28,7 @@ from lomar.tokenizers.base import (
 )
 from lomar.tokenizers.kmeans import FORMAT as KMEANS_FORMAT
 
-__all__ = ["DVAEConfig", "DVAEEncoder", "map_pixels", "load_dvae", "convert_dvae", "dvae_from_pickled",
-           "check_names_dvae", "FORMAT"]
+__all__ = ["DVAEConfig", "DVAEEncoder", "map_pixels", "load_dvae", "convert_dvae", "dvae_from_pickled", "FORMAT"]
 
 FORMAT = "dall_e_dvae_encoder"
 LOGIT_LAPLACE_EPS = 0.1
@@ -185,50 +180,6 @@ def _read(path: Path):
                 if "pickle" in kind else f"it is {kind}" if "cut short" in kind else f"it is {kind}, not a dVAE")
         raise ValueError(f"refusing to load {path}: {what}; use the official encoder.pkl, a {{'model': state_dict}} "
                          f"or a safetensors file from {CONVERT_HINT}") from exc
-
-
-# What a dVAE's pickle names: the official encoder.pkl's class, or a state dict's first key
-_DVAE_NAMES = ("dall_e.encoder", "blocks.input.w")
-_SCANNED_BYTES = 1 << 20  # a dVAE's pickle without its tensors is a few kB: one larger is left to the loader
-_SCANNED_PICKLES = 5  # torch.save's legacy format: magic number, protocol, system info, the object, storage keys
-
-
-def _names_dvae(path: Path) -> bool:
-    """Whether the pickle in ``path`` (torch.save's zip or legacy format, or a plain one) names a dVAE anywhere in
-    its strings, read opcode by opcode (nothing runs, no tensor is read). One too damaged to read counts as one:
-    its loader names the damage."""
-    try:
-        with open(path, "rb") as handle:
-            if handle.read(2) == b"PK":
-                with zipfile.ZipFile(handle) as archive:
-                    member = next((i for i in archive.infolist() if i.filename.endswith("/data.pkl")), None)
-                    if member is None or member.file_size > _SCANNED_BYTES:
-                        return member is not None
-                    with archive.open(member) as entry:  # read(n): n bytes at most, whatever size the archive claims
-                        stream = io.BytesIO(entry.read(_SCANNED_BYTES))
-            else:
-                handle.seek(0)
-                stream = io.BytesIO(handle.read(_SCANNED_BYTES))
-        size = stream.getbuffer().nbytes
-        for _ in range(_SCANNED_PICKLES):
-            if stream.tell() >= size:
-                return False
-            for _op, arg, _pos in pickletools.genops(stream):
-                if isinstance(arg, str) and any(name in arg for name in _DVAE_NAMES):
-                    return True
-    except Exception:  # zipfile's and pickletools' errors for a damaged file are of many types
-        return True
-    return False
-
-
-def check_names_dvae(path: str | Path) -> None:
-    """ValueError naming ``path`` when it is a pickled file (as :func:`load_dvae` reads) that names no dVAE: neither
-    DALL-E's encoder class nor a dVAE state dict's keys. Cheap (no tensor is read), for a check before training; the
-    load checks the rest."""
-    path = Path(path)
-    if not is_safetensors(path) and not _names_dvae(path):
-        raise ValueError(f"{path} is a pickled file that holds no dVAE encoder (it names neither "
-                         f"dall_e.encoder.Encoder nor blocks.input.w), not a tokenizer file; {TOKENIZER_FILES}")
 
 
 def dvae_from_pickled(obj: _Inert) -> tuple[dict, dict[str, torch.Tensor]]:
