@@ -212,6 +212,32 @@ def test_every_format_is_decoded_as_its_exif_orientation_says(fmt):
         assert torch.equal(image, upright)
 
 
+@pytest.mark.parametrize("keeps_tag", [False, True])
+def test_a_tiff_is_turned_once_by_its_orientation_tag(monkeypatch, keeps_tag):
+    """Pillow turns a TIFF upright as it loads it. Pillow 9.1-10.0 (this project takes >= 9.1) kept the tag after
+    turning it, so an exif_transpose after the load turned it again: 6 and 8 came out upside down, 5 and 7 stored."""
+    from PIL import TiffImagePlugin
+
+    if keeps_tag:  # as those Pillows load a TIFF, on the Pillow installed here
+        load_end = TiffImagePlugin.TiffImageFile.load_end
+
+        def load_end_keeping_the_tag(img):
+            orientation = img.tag_v2.get(0x0112)
+            load_end(img)
+            if orientation is not None:
+                img.getexif()[0x0112] = orientation
+
+        monkeypatch.setattr(TiffImagePlugin.TiffImageFile, "load_end", load_end_keeping_the_tag)
+    stored = (np.random.RandomState(0).rand(24, 40, 3) * 255).astype(np.uint8)
+    upright = {1: stored, 2: stored[:, ::-1], 3: stored[::-1, ::-1], 4: stored[::-1], 5: stored.transpose(1, 0, 2),
+               6: np.rot90(stored, -1), 7: np.rot90(stored, 2).transpose(1, 0, 2), 8: np.rot90(stored, 1)}
+    for orientation, want in upright.items():
+        out, exif = io.BytesIO(), Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(stored).save(out, format="TIFF", exif=exif)
+        assert np.array_equal(decode_bytes(out.getvalue()).permute(1, 2, 0).numpy(), want), orientation
+
+
 def test_a_png_whose_pixel_data_breaks_is_skipped_by_every_reader_that_reads_its_orientation(tmp_path):
     """Pillow's PNG reader decodes the pixels to find an EXIF chunk after them; once that failed, its next decode
     gave the rows before the damage and zeros, without an error: --decode windows trained on what full skips."""

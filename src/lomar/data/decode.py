@@ -270,7 +270,9 @@ def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = No
     try:  # Pillow: PNG, GIF's first frame, BMP, TIFF; CMYK or 16-bit JPEG
         with _open_checked(data, name, kind, size, limit) as img:
             img.load()
-            img = ImageOps.exif_transpose(img)
+            # Pillow turns a TIFF by its orientation tag as it loads it; before 10.1 it kept the tag, which a second
+            # exif_transpose turned again (and read from a multi-page TIFF's file, closed by then: an error)
+            img = img if img.format == "TIFF" else ImageOps.exif_transpose(img)
             if img.mode == "F":  # Pillow's convert would clip it to 0..255: a 0..1 image would come out black
                 raise ValueError(f"cannot decode image {name}: a 32-bit floating-point image has no known value range; "
                                  f"convert it to 8 or 16 bits")
