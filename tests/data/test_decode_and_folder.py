@@ -102,6 +102,10 @@ def test_symlinked_folders_are_followed_once_and_dangling_links_kept(tmp_path, c
         load_image(root / "gone.png")
     with pytest.raises(ValueError, match=r"cannot read .*absent.png: No such file or directory$"):
         load_image(root / "absent.png")
+    (root / "chain.png").symlink_to("gone.png")  # a link to that link: gone.png exists, missing.png does not
+    with pytest.raises(ValueError, match=r"cannot read .*chain.png: it is a link to gone.png, which links on to "
+                                         r".*/missing.png, which does not exist; fix or remove the link$"):
+        load_image(root / "chain.png")
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "symlink"), reason="needs symlinks")

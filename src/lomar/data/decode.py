@@ -109,7 +109,10 @@ def read_image_bytes(path: str | Path, max_bytes: int | None = None) -> bytes:
             return handle.read(info.st_size)  # what a growing file held when checked
     except FileNotFoundError as exc:  # a dangling link is listed as an image: `ls` shows it, so say what it is
         if os.path.islink(path):
-            raise ValueError(f"cannot read {path}: it is a link to {os.readlink(path)}, which does not exist; fix or "
+            target = os.readlink(path)  # a link to a link: that one exists, the name at the chain's end does not
+            on = (f", which links on to {os.path.realpath(path)}"
+                  if os.path.islink(os.path.join(os.path.dirname(path), target)) else "")
+            raise ValueError(f"cannot read {path}: it is a link to {target}{on}, which does not exist; fix or "
                              f"remove the link") from exc
         raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from exc
     except OSError as exc:
