@@ -167,13 +167,12 @@ def build_image_list(data: str | Path) -> PathTable:
         if path.suffix.lower() != ".txt":
             raise ValueError(f"{path} is a file but not a .txt list of images; pass its folder instead")
         try:
-            # -sig: a byte order mark (Windows editors write one) is not part of the first path
-            lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()]
+            lines = _path_lines(path)
         except UnicodeDecodeError:
             raise ValueError(f"{path} is not a UTF-8 text list of image paths; pass a .txt with one path a line, "
                              f"or the folder of the images") from None
         folder = str(path.parent)
-        listed = [join_text(folder, ln) for ln in lines if ln and not ln.startswith("#")]
+        listed = [join_text(folder, ln) for ln in lines]
         images = PathTable(_without_junk(path, listed))
     else:
         images = _find_table(path)
@@ -256,7 +255,7 @@ def _check_listed(listing: Path, images: Sequence[Path], first: int = 20) -> Non
         return
     parts = str(images[0]).rsplit(None, 1)
     labels = len(parts) == 2 and os.path.exists(parts[0])  # ImageNet's train.txt: 'n01440764/x.JPEG 0'
-    line = _first_line(listing)  # as written: the joined path hides a quote or a '~' behind the list's folder
+    line = next(iter(_path_lines(listing)), "")  # as written: joined, a quote or a '~' hides behind the folder
     hint = ("its lines look like 'path label': list one path a line, without labels" if labels else
             "its paths are separated by '\\', as Windows writes them: separate them by '/'" if "\\" in str(images[0])
             and os.sep == "/" else
@@ -270,10 +269,11 @@ def _check_listed(listing: Path, images: Sequence[Path], first: int = 20) -> Non
                      f"{hint}")
 
 
-def _first_line(listing: Path) -> str:
-    """The first path line of a .txt list as written (stripped), or '' when it has none."""
-    with open(listing, encoding="utf-8-sig") as lines:
-        return next((ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")), "")
+def _path_lines(listing: Path) -> list[str]:
+    """The path lines of a .txt list as written, stripped: blank lines and ``#`` comments left out."""
+    # -sig: a byte order mark (Windows editors write one) is not part of the first path
+    lines = (ln.strip() for ln in listing.read_text(encoding="utf-8-sig").splitlines())
+    return [ln for ln in lines if ln and not ln.startswith("#")]
 
 
 class LabelledImageFolder(Dataset):
