@@ -31,7 +31,7 @@ from lomar.limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, env_
 __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_IMAGE_BYTES", "WIDE_MODES", "is_image_name",
            "file_suffix", "max_image_pixels", "max_image_bytes", "read_image_bytes", "open_pil", "exif_orientation",
            "oriented_size", "decode_bytes", "load_image", "load_image_reduced", "decode_box_reduced", "pil_to_tensor",
-           "tensor_to_pil", "PIL_FORMATS", "THUMBNAIL_FOLDERS", "SYSTEM_FOLDERS", "passed_over_folder"]
+           "tensor_to_pil", "PIL_FORMATS", "JPEG_FORMATS", "THUMBNAIL_FOLDERS", "SYSTEM_FOLDERS", "passed_over_folder"]
 
 # .jfif and .jpe are JPEG's other names (Chrome on Windows saves photos as .jfif)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")

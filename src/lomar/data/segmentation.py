@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from lomar.data.collate import LabelledBatch, Skipped, refilled, split_skipped
-from lomar.data.decode import is_image_name, load_image, open_pil, oriented_size, read_image_bytes
+from lomar.data.decode import JPEG_FORMATS, is_image_name, load_image, open_pil, oriented_size, read_image_bytes
 from lomar.data.pathtable import PathTable
 from lomar.data.transforms import sample_generator, sample_key
 
@@ -61,7 +61,7 @@ def read_labels(path: Path) -> np.ndarray:
         raise ValueError(f"annotation {path} cannot be read ({str(exc).splitlines()[0]}); rewrite it as a PNG of "
                          f"class ids") from None
     with image:
-        if image.format in ("JPEG", "MPO", "WEBP"):  # named .png, but lossy: ids can blur into others at edges
+        if image.format in (*JPEG_FORMATS, "WEBP"):  # named .png, but lossy: ids can blur into others at edges
             raise ValueError(f"annotation {path} is a {image.format} file, whose lossy compression can change class "
                              f"ids along edges; write class ids as a PNG")
         if image.mode not in ("L", "P", "I;16", "I"):
