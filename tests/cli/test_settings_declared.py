@@ -78,6 +78,21 @@ def test_no_two_declarations_of_a_name_differ():
     assert all(len(rules[name]) > 1 for name in HOMONYMS)  # a homonym that disappeared leaves this list
 
 
+def test_every_path_setting_expands_the_home_folder(monkeypatch, tmp_path):
+    """'~/labelled' quoted, or --data=~/labelled, reaches a command unexpanded: pretrain expanded it, knn said
+    '--data ~/labelled is not a folder'. Every command's file and folder settings expand it, flag or YAML."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    takers = set()
+    for command, parser in COMMANDS:
+        for action in parser._actions:
+            declared = getattr(parser, "lomar_settings", {}).get(action.dest)
+            if declared is not None and declared.path:
+                assert action.type("~/x") == str(tmp_path / "x") and action.type("") == "", (command, action.dest)
+                takers.add(command)
+    assert {"pretrain", "finetune", "detect", "knn", "linprobe", "bench", "tokenizer fit"} <= takers, takers
+    assert coerce_all(PretrainConfig, {"data": "~/x"}, "c.yaml") == {"data": str(tmp_path / "x")}
+
+
 @pytest.mark.parametrize("flag, value", [("--seed", "2147483648"), ("--device", "mps"), ("--threads", "0")])
 def test_shared_settings_refuse_the_same_values_everywhere(flag, value, capsys):
     takers = [c for c, p in COMMANDS if any(flag in a.option_strings for a in p._actions)]

@@ -1,19 +1,19 @@
 """One declaration per setting, and the flags, YAML reading, checks and resume rules built from it.
 
-A :class:`Setting` holds everything about one setting: default, help, choices, bounds and resume
-policy. A training command's settings are a dataclass whose fields carry their declaration
-(``img_size: int = IMG_SIZE.field(224)``); the other commands pass a dict of declarations. The
-settings shared by several commands (below) are declared once, so their bounds, choices and help
-cannot drift between commands; a command may give one its own default or help (``Setting.but``).
-A setting's flag is ``--window-size`` for ``window_size``, its YAML key ``window_size`` (or
-``window-size``); a ``tuple[float, float]`` field takes two values on the command line and a
-list in YAML. Imports no torch: every parser is built from here."""
+A :class:`Setting` holds everything about one setting: default, help, choices, bounds and resume policy. A training
+command's settings are a dataclass whose fields carry their declaration (``img_size: int = IMG_SIZE.field(224)``); the
+other commands pass a dict of declarations. The settings shared by several commands (below) are declared once, so their
+bounds, choices and help cannot drift between commands; a command may give one its own default or help
+(``Setting.but``). A setting's flag is ``--window-size`` for ``window_size``, its YAML key ``window_size`` (or
+``window-size``); a ``tuple[float, float]`` field takes two values on the command line and a list in YAML. Imports no
+torch: every parser is built from here."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -61,7 +61,7 @@ class Setting:
     aliases: tuple[str, ...] = ()  # deprecated flags: still accepted, with a one-line note
     old_keys: tuple[str, ...] = ()  # YAML / saved-settings keys of a renamed setting
     required: bool = False
-    path: bool = False  # a file or folder: a training command records it absolute (resumable from any folder)
+    path: bool = False  # a file or folder: '~' expanded; a training command records it absolute (resumable anywhere)
 
     def __post_init__(self) -> None:
         if self.kind is None:  # from the default (a list's: its first item's); a None default names its kind
@@ -69,6 +69,7 @@ class Setting:
             if first is None:
                 raise TypeError(f"a setting with default {self.default!r} needs kind=int | float | str")
             object.__setattr__(self, "kind", type(first))
+        object.__setattr__(self, "parse", self.parse or (os.path.expanduser if self.path else None))
 
     def but(self, **changes: Any) -> Setting:
         """This setting with another default, help, ... for one command; its rule stays."""
@@ -287,10 +288,9 @@ def _flag_type(name: str, declared: Setting, check: bool) -> Callable[[str], Any
 
 def add_settings(parser: argparse.ArgumentParser, settings: dict[str, Setting], config: bool = False,
                  group: str | None = None) -> None:
-    """One flag (or positional argument) per declaration, in the help section ``group`` if given.
-    ``config``: a training command whose settings a YAML file may hold: adds --config and
-    --print-config, and a flag not given stays out of the namespace, so that "given" can be told
-    from "default"."""
+    """One flag (or positional argument) per declaration, in the help section ``group`` if given. ``config``: a training
+    command whose settings a YAML file may hold: adds --config and --print-config, and a flag not given stays out of the
+    namespace, so that "given" can be told from "default"."""
     parser.lomar_settings = {**getattr(parser, "lomar_settings", {}), **settings}  # read by the declaration test
     target = parser.add_argument_group(group) if group else parser
     if config:
