@@ -93,6 +93,20 @@ def test_every_path_setting_expands_the_home_folder(monkeypatch, tmp_path):
     assert coerce_all(PretrainConfig, {"data": "~/x"}, "c.yaml") == {"data": str(tmp_path / "x")}
 
 
+@pytest.mark.parametrize("command", ["knn", "linprobe", "finetune"])
+def test_decode_lists_only_the_modes_the_command_takes(command, capsys):
+    """--decode is declared once, with pretrain's four modes; knn, linprobe and finetune take two of them."""
+    helps = {name: " ".join(dict(COMMANDS)[name].format_help().split()) for name in (command, "pretrain")}
+    assert "--decode {full,draft} " in helps[command] and "windows,gpu" not in helps[command]
+    assert "--decode {full,draft,windows,gpu} " in helps["pretrain"]
+    if command == "knn":  # its refusal: test_draft_eval's (its error path imports the feature extractor)
+        return
+    extra = ["--print-config"] if command == "finetune" else ["ckpt"]
+    assert main([command, *extra, "--decode", "gpu"]) == 2  # given anyway: one line naming the two
+    assert capsys.readouterr().err == (f"lomar {command}: error: --decode gpu is for lomar pretrain; lomar {command} "
+                                       f"takes --decode full or draft\n")
+
+
 @pytest.mark.parametrize("flag, value", [("--seed", "2147483648"), ("--device", "mps"), ("--threads", "0")])
 def test_shared_settings_refuse_the_same_values_everywhere(flag, value, capsys):
     takers = [c for c, p in COMMANDS if any(flag in a.option_strings for a in p._actions)]

@@ -16,7 +16,7 @@ from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS, LAST, RUN
 from lomar.cli.common import check_output_file, resolve_device, write_json
 from lomar.errors import UsageError, in_flags
 from lomar.train import settings as S
-from lomar.train.config_checks import check_eval_decode
+from lomar.train.config_checks import EVAL_DECODE, check_eval_decode
 from lomar.train.runtime import default_threads, default_workers
 from lomar.train.settings import Setting, add_settings
 
@@ -30,9 +30,9 @@ COMMON = {
     "pool": Setting("mean", "feature: mean of the normed patch tokens or the normed cls token",
                     choices=("mean", "cls")),
     "batch_size": S.BATCH_SIZE.but(default=128, help="images per forward pass"),
-    "decode": S.DECODE.but(help="how images are decoded: full = the whole photo (reference); draft = a JPEG at 1/2-1/8 "
-                           "scale while its short side stays at least the resize's (same crops, pixels within about "
-                           "a level of 255; a 12 MP photo 4x faster); windows and gpu are pretrain's alone"),
+    "decode": S.DECODE.but(metavar=EVAL_DECODE, help="how images are decoded: full = the whole photo (reference); "
+                           "draft = a JPEG at 1/2-1/8 scale while its short side stays at least the resize's (same "
+                           "crops, pixels within about a level of 255; a 12 MP photo 4x faster)"),
     "workers": S.WORKERS, "threads": S.THREADS, "device": S.DEVICE, "json": S.JSON,
 }
 KNN = {**COMMON, "k": Setting(20, "neighbours", above=0),

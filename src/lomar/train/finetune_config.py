@@ -14,7 +14,7 @@ from typing import Any
 
 from lomar.checkpoints.kinds import classifier_pool, find_command_checkpoint
 from lomar.train import settings as S
-from lomar.train.config_checks import check_eval_decode, check_eval_only_model, refuse_contradictions
+from lomar.train.config_checks import EVAL_DECODE, check_eval_decode, check_eval_only_model, refuse_contradictions
 from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.settings_resume import (
     TaskConfig,
@@ -84,10 +84,10 @@ class FinetuneConfig(TaskConfig):
         (0.08, 1.0), "area range of the training random resized crop, as fractions of the image (0 < LOW <= HIGH "
         "<= 1); raise LOW for small images, e.g. 0.5 1.0 (default: 0.08 1.0, timm's, the original recipe's)",
         finite=False, nargs=2, metavar=("LOW", "HIGH"))
-    decode: str = S.DECODE.field(help="how images are decoded: full = the whole photo (reference); draft = a JPEG at "
-                                 "1/2-1/8 scale while the training crop's sides (and val's resize) stay at least "
-                                 "--img-size (same crops and augmentation, pixels within about a level of 255; a 12 MP "
-                                 "photo's sample 4x faster); windows and gpu are pretrain's alone")
+    decode: str = S.DECODE.field(metavar=EVAL_DECODE, help="how images are decoded: full = the whole photo "
+                                 "(reference); draft = a JPEG at 1/2-1/8 scale while the training crop's sides (and "
+                                 "val's resize) stay at least --img-size (same crops and augmentation, pixels within "
+                                 "about a level of 255; a 12 MP photo's sample 4x faster)")
     eval_only: bool = S.setting(False, "score --pretrained (a `lomar finetune` run or checkpoint) on the validation "
                                 "split (--val, or --data's val/) at its own classes and at its size unless "
                                 "--img-size, append a metrics.jsonl record to --out, and stop", resume="per-invocation")
