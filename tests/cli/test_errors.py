@@ -65,7 +65,8 @@ BAD = [
     ("visualize", [CK, "--attention-window", "3"], "--attention-window is for the attention figures; add --attention"),
     ("visualize", [CK, "--masked"], "--masked is for the attention figures; add --attention"),
     ("export", [CK, "--to", ""], "--to is empty; give a path"),
-    ("visualize", [CK, "{tmp}/missing.png"], "missing.png"),
+    ("visualize", [CK, "{tmp}/missing.png"], "image {tmp}/missing.png does not exist; pass image files"),
+    ("visualize", [CK, "{tmp}/dir"], "image {tmp}/dir is not a file; pass image files"),
     ("visualize", [CK, *["{tmp}/file"] * 65], "at most 64"),
     ("visualize", [CK, "--windows", "0"], "--windows"),
     ("pretrain", ["--out", "{tmp}/run", "--figure-images", "65"], "--figure-images must be at most 64"),
@@ -119,6 +120,14 @@ def _one_error_line(err: str, command: str) -> str:
     return lines[0]
 
 
+def test_visualize_says_where_a_dangling_image_link_leads(tmp, capsys):
+    (tmp / "photo.jpg").symlink_to(tmp / "unmounted" / "photo.jpg")  # `ls` lists it: "not a file" said too little
+    assert main(["visualize", str(tmp / "ckpt.pt"), str(tmp / "photo.jpg")]) == 2
+    assert _one_error_line(capsys.readouterr().err, "visualize") == (
+        f"lomar visualize: error: image {tmp}/photo.jpg is a link to {tmp}/unmounted/photo.jpg, which does not exist; "
+        f"pass image files (PNG, JPEG, …)")
+
+
 @pytest.mark.parametrize("command, flags, named", BAD, ids=[f"{c} {' '.join(f)}"[:60] for c, f, _ in BAD])
 def test_bad_invocation_is_one_line(command, flags, named, tmp, capsys):
     argv = [command, *(f.replace("{tmp}", str(tmp)) for f in flags)]
@@ -126,7 +135,7 @@ def test_bad_invocation_is_one_line(command, flags, named, tmp, capsys):
     code = main(argv)
     line = _one_error_line(capsys.readouterr().err, command)
     assert code == 2
-    assert named in line  # the message names the value or flag at fault
+    assert named.replace("{tmp}", str(tmp)) in line  # the message names the value or flag at fault
     if "is a folder; give a file name such as " in named:  # a name the command takes, not a bare "result"
         example = Path(line.split("such as ")[1])
         assert example.parent == tmp / "dir" and example.suffix in (".json", ".pt"), line

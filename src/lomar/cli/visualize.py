@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from lomar.checkpoints.file_names import LAST
@@ -69,9 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if len(args.images) > MAX_IMAGES:
         raise UsageError(f"{len(args.images)} images given; pass at most {MAX_IMAGES} (one figure row each)")
-    for image in args.images:
-        if not Path(image).is_file():
-            raise UsageError(f"image {image} is not a file; pass image files (PNG, JPEG, …)")
+    for image in map(Path, args.images):
+        if not image.is_file():
+            raise UsageError(f"image {image} {_not_a_file(image)}; pass image files (PNG, JPEG, …)")
     check_output_dir(args.out, "--out")
     given = [flag for flag, value in (("--target-patch", args.target_patch), ("--context", args.context),
                                       ("--masked", args.masked), ("--attention-window", args.attention_window))
@@ -155,6 +156,16 @@ def run(args: argparse.Namespace) -> int:
     for path in written:
         print(f"lomar: wrote {path}")
     return 0
+
+
+def _not_a_file(path: Path) -> str:
+    """Why ``path`` is no image file, as :func:`lomar.data.decode.read_image_bytes` says it of a data set's (whose
+    module imports torch: not before this check)."""
+    if path.exists():
+        return "is not a file"  # a folder, a device
+    if path.is_symlink():  # `ls` shows it: say where it leads
+        return f"is a link to {os.readlink(path)}, which does not exist"
+    return "does not exist"
 
 
 def _meta(checkpoint: Path) -> dict:
