@@ -6,6 +6,7 @@ The other engine guarantees are tested in test_engine.py and test_pretrain_cli.p
 import collections
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from lomar.data import device_decode, fast_decode
 from lomar.data.device_decode import decode_batch
 from lomar.data.gpu_jpeg import nvimgcodec_missing
 from lomar.train import lifecycle, pretrain
+from lomar.train.run_resume import listing_change, listing_record
 
 GPU_CHECK = BENCHMARKS / "gpu_check.sh"
 TINY = ["--model", "vit_tiny_patch8", "--embed-dim", "32", "--depth", "1", "--num-heads", "2",
@@ -118,6 +120,34 @@ def test_a_resume_reads_its_checkpoint_and_run_folder_once(data, tmp_path, monke
     loads.clear(), listings.clear()
     assert main(["pretrain", "--resume", str(out / "last.pt"), "--max-steps", "4"]) == 0  # nothing to do
     assert loads == {("last.pt", "mapped"): 1} and listings["checkpoint-*"] == 1
+
+
+def test_a_resume_on_data_that_changed_warns_that_it_does_not_continue_exactly(data, tmp_path, capsys):
+    """--data may change on resume, but a sample index then points at another file: one file renamed (one removed,
+    one added: the same count) left the resume silent."""
+    images, out = tmp_path / "imgs", tmp_path / "run"
+    shutil.copytree(data, images)
+    assert _run("--data", images, "--out", out, "--max-steps", "2") == 0  # 4 steps an epoch: stopped in epoch 0
+    (images / "img03.png").rename(images / "img99.png")
+    capsys.readouterr()
+    assert _run("--data", images, "--out", out, "--max-steps", "3", "--resume", "auto") == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "--data" in line]
+    assert warnings == [f"lomar pretrain: warning: --data {images} has changed since this checkpoint was saved (8 "
+                        f"images as then, but not the same files): samples are drawn by their place in the listing, "
+                        f"so the rest of epoch 0 reads other images than the stopped run would have; the resume does "
+                        f"not continue exactly where it stopped"]
+
+
+def test_the_listing_a_checkpoint_keeps_is_the_same_for_a_moved_folder_and_differs_for_other_files():
+    names = [f"cat/{i}.jpg" for i in range(3)]
+    here = listing_record([f"/data/{n}" for n in names], "/data", 3)
+    assert here == listing_record([f"/mnt/new/{n}" for n in names], "/mnt/new", 3)
+    assert listing_change(here, here, "/data", {"epoch": 0, "batches_done": 2}) is None
+    assert listing_change(None, here, "/data", {}) is None  # a checkpoint saved before the record was kept
+    grown = listing_record([f"/data/{n}" for n in [*names, "cat/3.jpg"]], "/data", 4)
+    change = listing_change(here, grown, "/data", {"epoch": 2, "batches_done": 0})
+    assert change.startswith("--data /data has changed since this checkpoint was saved (4 images now, 3 then): from "
+                             "epoch 2 on the run trains on the listing as it is now; the resume does not continue")
 
 
 @pytest.fixture(scope="module")

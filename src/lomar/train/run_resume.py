@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from lomar.checkpoints.file_names import LAST_POINTER
@@ -28,9 +31,10 @@ from lomar.train.run_state import (
     read_state,
     training_step,
 )
+from lomar.values import brief
 
 __all__ = ["ResumePoint", "read_resume_point", "find_resume_point", "auto_resume",
-           "resume_point", "check_no_rewind"]
+           "resume_point", "check_no_rewind", "listing_record", "listing_change"]
 
 
 @dataclasses.dataclass
@@ -172,3 +176,28 @@ def check_no_rewind(resume: Path, out: Path, overwrite: bool, point: ResumePoint
     if foreign(resume, out) and holds_run(out):
         raise UsageError(f"--resume {resume} is another folder's checkpoint, and --out {out} already holds a run; "
                          f"pass --out NEW_FOLDER to branch off, or --overwrite to replace that run")
+
+
+def listing_record(names: Iterable[str], root: str, count: int) -> dict:
+    """What a checkpoint keeps of the data listing its sample indices point into: ``count`` (the samples of an epoch)
+    and a digest of ``names`` (the listing's entries, in its order) each relative to ``root`` (one outside it whole),
+    so that the same files in a moved folder give the same record."""
+    prefix = os.path.join(root, "")
+    digest = hashlib.sha256(os.fsencode("\0".join(name.removeprefix(prefix) for name in names)))
+    return {"count": count, "digest": digest.hexdigest()[:16]}
+
+
+def listing_change(saved: dict | None, now: dict | None, data: str, ckpt: dict) -> str | None:
+    """The warning for a resume whose ``data`` lists other files than the checkpoint ``ckpt`` recorded (``saved``:
+    its :func:`listing_record`; None, from a checkpoint that has none: nothing to compare); None when the same."""
+    if not isinstance(saved, dict) or now is None or saved == now:
+        return None
+    was, count = saved.get("count"), now["count"]
+    what = f"{count} images as then, but not the same files" if was == count else \
+        f"{count} images now, {brief(was)} then"
+    epoch = ckpt.get("epoch")
+    rest = (f"samples are drawn by their place in the listing, so the rest of epoch {epoch} reads other images than "
+            f"the stopped run would have" if ckpt.get("batches_done") else
+            f"from epoch {epoch} on the run trains on the listing as it is now")
+    return (f"--data {data} has changed since this checkpoint was saved ({what}): {rest}; the resume does not "
+            f"continue exactly where it stopped")
