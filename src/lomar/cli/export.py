@@ -14,7 +14,7 @@ from lomar.values import counted
 
 __all__ = ["add_arguments", "run", "load_original_add_arguments", "load_original_run", "CHECKPOINT"]
 
-CHECKPOINT = Setting(None, "checkpoint file (or an exported folder)", kind=str, flag="", metavar="CKPT")
+CHECKPOINT = Setting(None, "checkpoint file (or an exported folder)", kind=str, flag="", metavar="CKPT", path=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,7 +111,7 @@ def load_original_add_arguments(parser: argparse.ArgumentParser) -> None:
                      "`lomar visualize` or as `--pretrained` for finetuning. It holds no optimizer state, "
                      "so it is not a checkpoint to --resume pretraining from.")
     add_settings(parser, {
-        "path": Setting(None, "original LoMaR / MAE checkpoint (.pth)", kind=str, flag="", metavar="PATH"),
+        "path": Setting(None, "original LoMaR / MAE checkpoint (.pth)", kind=str, flag="", metavar="PATH", path=True),
         "to": S.TO.but(metavar="CKPT", help="where to write our checkpoint (.pt)"),
         "overwrite": S.OVERWRITE.but(help="replace CKPT if it exists"),
     })

@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings(parser, {
         "checkpoint": CHECKPOINT,
         "images": Setting(None, f"image files, at most {MAX_IMAGES} (default: four photographs bundled with "
-                          f"scikit-image)", kind=str, flag="", nargs="*", metavar="IMAGE"),
+                          f"scikit-image)", kind=str, flag="", nargs="*", metavar="IMAGE", path=True),
         "seed": S.SEED.but(help="seed of the sampled windows and masks"),
         "out": S.OUT.but(default="figures", metavar="DIR", help="output folder"),
         "attention": Setting(False, "also draw, per image, the attention each block pays inside the target's window"),
