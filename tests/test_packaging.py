@@ -28,7 +28,8 @@ FLOORS = {
     "torchvision": ((0, 21), "the release built for torch 2.6"),
     "timm": ((1, 0, 29), "`local-dir:` on a folder with two .safetensors files (a BEiT run folder): NameError before; "
                          "global_pool_nlc, Beit's checkpoint_filter_fn, timm.optim.param_groups_layer_decay: 1.0.16"),
-    "pillow": ((9, 1), "Image.Resampling, Image.Transpose"),
+    "pillow": ((11,), "a PNG's eXIf chunk before its pixels read at open (the size turned upright unread: 10.4 "
+                      "fails test_a_pngs_exif_before_its_pixels...); 16-bit PNGs opened as I;16 (10.0, 10.1)"),
     # numpy>=1.24 admits numpy 2, under which older builds of these fail to import ("numpy.dtype size changed",
     # "numpy.core.multiarray failed to import"); checked on numpy 2.4: 2.0.7, 3.7.5, 0.21.0, 1.3.2 fail.
     "pycocotools": ((2, 0, 8), "numpy 2"),

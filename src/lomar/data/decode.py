@@ -219,8 +219,8 @@ def oriented_size(img: Image.Image) -> tuple[int, int]:
     """(height, width) of an opened image as :func:`decode_bytes` returns it (EXIF orientation applied),
     from the header."""
     width, height = img.size
-    if img.format == "TIFF" and (width, height) != (img.tag_v2.get(256), img.tag_v2.get(257)):
-        return height, width  # a Pillow that turns a TIFF upright as it loads it gives its upright size at open
+    if img.format == "TIFF":
+        return height, width  # Pillow (11+) turns a TIFF upright as it loads it and gives that size at open
     return (width, height) if exif_orientation(img) in (5, 6, 7, 8) else (height, width)
 
 
@@ -273,8 +273,7 @@ def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = No
     try:  # Pillow: PNG, GIF's first frame, BMP, TIFF; CMYK or 16-bit JPEG
         with _open_checked(data, name, kind, size, limit) as img:
             img.load()
-            # Pillow turns a TIFF by its orientation tag as it loads it; before 10.1 it kept the tag, which a second
-            # exif_transpose turned again (and read from a multi-page TIFF's file, closed by then: an error)
+            # Pillow turns a TIFF by its orientation tag as it loads it: exif_transpose has nothing left to do
             img = img if img.format == "TIFF" else ImageOps.exif_transpose(img)
             if img.mode == "F":  # Pillow's convert would clip it to 0..255: a 0..1 image would come out black
                 raise ValueError(f"cannot decode image {name}: a 32-bit floating-point image has no known value range; "
