@@ -26,6 +26,7 @@ from PIL import Image, ImageOps
 
 from lomar.data.headers import declared_size, foreign_format, jpeg_single_scan, png_bad_chunk
 from lomar.data.jpeg_cut import cut_message, cut_short, grey_corner
+from lomar.data.pathtable import dangling_link
 from lomar.limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, env_limit
 
 __all__ = ["IMAGE_EXTENSIONS", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_IMAGE_BYTES", "WIDE_MODES", "is_image_name",
@@ -108,12 +109,8 @@ def read_image_bytes(path: str | Path, max_bytes: int | None = None) -> bytes:
             _check_file(path, info, limit)
             return handle.read(info.st_size)  # what a growing file held when checked
     except FileNotFoundError as exc:  # a dangling link is listed as an image: `ls` shows it, so say what it is
-        if os.path.islink(path):
-            target = os.readlink(path)  # a link to a link: that one exists, the name at the chain's end does not
-            on = (f", which links on to {os.path.realpath(path)}"
-                  if os.path.islink(os.path.join(os.path.dirname(path), target)) else "")
-            raise ValueError(f"cannot read {path}: it is a link to {target}{on}, which does not exist; fix or "
-                             f"remove the link") from exc
+        if link := dangling_link(path):
+            raise ValueError(f"cannot read {path}: it is {link}; fix or remove the link") from exc
         raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from exc
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from exc

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["PathTable", "sort_like_paths", "join_text"]
+__all__ = ["PathTable", "sort_like_paths", "join_text", "dangling_link"]
 
 
 class PathTable(Sequence):
@@ -77,3 +77,15 @@ def join_text(folder: str, text: str) -> str:
     if text.startswith("/") or folder == ".":
         return text
     return (folder if folder.endswith("/") else folder + "/") + text
+
+
+def dangling_link(path: str | os.PathLike) -> str | None:
+    """What ``path``, found missing, is when it is a link (``ls`` lists it, so "does not exist" says too little): "a
+    link to TARGET, which does not exist", and for a link to a link (that one exists) the name at the chain's end
+    too; None when ``path`` is no link."""
+    if not os.path.islink(path):
+        return None
+    target = os.readlink(path)
+    on = (f", which links on to {os.path.realpath(path)}"
+          if os.path.islink(os.path.join(os.path.dirname(path), target)) else "")
+    return f"a link to {target}{on}, which does not exist"
