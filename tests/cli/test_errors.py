@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,11 @@ def test_visualize_says_where_a_dangling_image_link_leads(tmp, capsys):
     assert _one_error_line(capsys.readouterr().err, "visualize") == (
         f"lomar visualize: error: image {tmp}/photo.jpg is a link to {tmp}/unmounted/photo.jpg, which does not exist; "
         f"pass image files (PNG, JPEG, …)")
+    (tmp / "chain.jpg").symlink_to("photo.jpg")  # a link to that link: which name is missing, as for a data set's
+    assert main(["visualize", str(tmp / "ckpt.pt"), str(tmp / "chain.jpg")]) == 2
+    assert _one_error_line(capsys.readouterr().err, "visualize") == (
+        f"lomar visualize: error: image {tmp}/chain.jpg is a link to photo.jpg, which links on to "
+        f"{os.path.realpath(tmp / 'unmounted' / 'photo.jpg')}, which does not exist; pass image files (PNG, JPEG, …)")
 
 
 @pytest.mark.parametrize("command, flags, named", BAD, ids=[f"{c} {' '.join(f)}"[:60] for c, f, _ in BAD])

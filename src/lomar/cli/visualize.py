@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from lomar.checkpoints.file_names import LAST
 from lomar.cli.common import add_override_arguments, check_output_dir, load_for_cli
 from lomar.cli.export import CHECKPOINT
+from lomar.data.pathtable import dangling_link
 from lomar.errors import UsageError
 from lomar.train import settings as S
 from lomar.train.settings import Setting, add_settings
@@ -159,13 +159,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _not_a_file(path: Path) -> str:
-    """Why ``path`` is no image file, as :func:`lomar.data.decode.read_image_bytes` says it of a data set's (whose
+    """Why ``path`` is no image file, in :func:`lomar.data.decode.read_image_bytes`' words for a data set's (whose
     module imports torch: not before this check)."""
     if path.exists():
         return "is not a file"  # a folder, a device
-    if path.is_symlink():  # `ls` shows it: say where it leads
-        return f"is a link to {os.readlink(path)}, which does not exist"
-    return "does not exist"
+    return f"is {link}" if (link := dangling_link(path)) else "does not exist"
 
 
 def _meta(checkpoint: Path) -> dict:
