@@ -138,12 +138,24 @@ def test_a_resume_on_data_that_changed_warns_that_it_does_not_continue_exactly(d
                         f"not continue exactly where it stopped"]
 
 
+def test_a_demo_run_resumed_on_data_warns_that_it_does_not_continue_exactly(data, tmp_path, capsys):
+    """The demo photographs are a listing too: a demo run resumed with --data trains on other images."""
+    assert _run("--out", tmp_path, "--max-steps", "1") == 0
+    capsys.readouterr()
+    assert _run("--data", data, "--out", tmp_path, "--max-steps", "2", "--resume", "auto") == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "has changed" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"lomar pretrain: warning: --data {data} has changed since "
+                                                         f"this checkpoint was saved (8 images now, "), warnings
+
+
 def test_the_listing_a_checkpoint_keeps_is_the_same_for_a_moved_folder_and_differs_for_other_files():
     names = [f"cat/{i}.jpg" for i in range(3)]
     here = listing_record([f"/data/{n}" for n in names], "/data", 3)
     assert here == listing_record([f"/mnt/new/{n}" for n in names], "/mnt/new", 3)
     assert listing_change(here, here, "/data", {"epoch": 0, "batches_done": 2}) is None
     assert listing_change(None, here, "/data", {}) is None  # a checkpoint saved before the record was kept
+    assert listing_change(here, listing_record([], "/x", 4), None, {"epoch": 0}).startswith(
+        "the data (the demo photographs: no --data) has changed since this checkpoint was saved (4 images now, 3 then)")
     grown = listing_record([f"/data/{n}" for n in [*names, "cat/3.jpg"]], "/data", 4)
     change = listing_change(here, grown, "/data", {"epoch": 2, "batches_done": 0})
     assert change.startswith("--data /data has changed since this checkpoint was saved (4 images now, 3 then): from "

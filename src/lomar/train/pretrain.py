@@ -164,21 +164,20 @@ class PretrainTask(Task):
 
     def state(self) -> dict:
         digest = {"tokenizer_digest": self.tokenizer_digest} if self.tokenizer_digest else {}
-        listing = {"data_listing": self.listing} if self.listing else {}
         return {"config": self.config.to_dict(), "model_spec": self.spec, "format": PRETRAIN_FORMAT, **digest,
-                **listing}
+                "data_listing": self.listing}
 
     @functools.cached_property
-    def listing(self) -> dict | None:
+    def listing(self) -> dict:
         """What a sample index points at (:func:`~lomar.train.run_resume.listing_record`): the files of --data in
-        their order, or its tar shards; None for the demo photographs, which do not change. Read on the first save
-        or resume (1.28M files: 3.5 s on a loaded 2-core machine)."""
+        their order, or its tar shards, or the demo photographs (a demo run resumed on a --data trains on other
+        images). Read on the first save or resume (1.28M files: 3.5 s on a loaded 2-core machine)."""
         data, base = self.config.data, self.base_dataset
-        if data is None:
-            return None
         shards = getattr(base, "shards", None)
         names = map(str, shards) if shards is not None else map(base.paths.text, range(len(base.paths)))
-        return listing_record(names, data if os.path.isdir(data) else os.path.dirname(data), self.size)
+        root = (os.path.dirname(base.paths.text(0)) if data is None else  # the demo's: where scikit-image is
+                data if os.path.isdir(data) else os.path.dirname(data))
+        return listing_record(names, root, self.size)
 
     def load(self, state: dict) -> None:
         saved = state.get("tokenizer_digest")  # none in runs saved before it was kept

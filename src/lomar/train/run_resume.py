@@ -187,9 +187,10 @@ def listing_record(names: Iterable[str], root: str, count: int) -> dict:
     return {"count": count, "digest": digest.hexdigest()[:16]}
 
 
-def listing_change(saved: dict | None, now: dict | None, data: str, ckpt: dict) -> str | None:
-    """The warning for a resume whose ``data`` lists other files than the checkpoint ``ckpt`` recorded (``saved``:
-    its :func:`listing_record`; None, from a checkpoint that has none: nothing to compare); None when the same."""
+def listing_change(saved: dict | None, now: dict | None, data: str | None, ckpt: dict) -> str | None:
+    """The warning for a resume whose ``data`` (None: the demo photographs) lists other files than the checkpoint
+    ``ckpt`` recorded (``saved``: its :func:`listing_record`; None, from a checkpoint that has none: nothing to
+    compare); None when the same."""
     if not isinstance(saved, dict) or now is None or saved == now:
         return None
     was, count = saved.get("count"), now["count"]
@@ -199,5 +200,6 @@ def listing_change(saved: dict | None, now: dict | None, data: str, ckpt: dict) 
     rest = (f"samples are drawn by their place in the listing, so the rest of epoch {epoch} reads other images than "
             f"the stopped run would have" if ckpt.get("batches_done") else
             f"from epoch {epoch} on the run trains on the listing as it is now")
-    return (f"--data {data} has changed since this checkpoint was saved ({what}): {rest}; the resume does not "
-            f"continue exactly where it stopped")
+    source = f"--data {data}" if data else "the data (the demo photographs: no --data)"
+    return (f"{source} has changed since this checkpoint was saved ({what}): {rest}; the resume does not continue "
+            f"exactly where it stopped")
