@@ -88,7 +88,8 @@ def test_every_path_setting_expands_the_home_folder(monkeypatch, tmp_path):
             declared = getattr(parser, "lomar_settings", {}).get(action.dest)
             if declared is not None and declared.path:
                 assert action.type("~/x") == str(tmp_path / "x") and action.type("") == "", (command, action.dest)
-                takers.add(command)
+                takers.add((command, action.dest) if action.dest in ("to", "json") else command)
+    assert {("export", "to"), ("load-original", "to"), ("tokenizer convert", "to"), ("knn", "json")} <= takers
     assert {"pretrain", "finetune", "detect", "knn", "linprobe", "bench", "tokenizer fit", "export", "load-original",
             "visualize"} <= takers, takers
     assert coerce_all(PretrainConfig, {"data": "~/x"}, "c.yaml") == {"data": str(tmp_path / "x")}

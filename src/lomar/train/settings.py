@@ -209,8 +209,8 @@ DECODE = Setting("full", "how workers turn files into crops: full = decode the w
                  "decoded at 1/2-1/8 scale when the crop allows (same crops, slightly different pixels); windows = "
                  "draft + only the windows resampled (LoMaR; MAE, BEiT with --windows N: see README); gpu = JPEGs "
                  "decoded in batches on the CUDA device", choices=("full", "draft", "windows", "gpu"), resume=_RUN)
-JSON = Setting(None, "also write the result to this JSON file (default: none)", kind=str, metavar="FILE")
-TO = Setting(None, "output path", kind=str, required=True)
+JSON = Setting(None, "also write the result to this JSON file (default: none)", kind=str, metavar="FILE", path=True)
+TO = Setting(None, "output path", kind=str, required=True, path=True)
 
 
 def declarations(cls: type) -> dict[str, Setting]:
