@@ -21,6 +21,8 @@ HOMONYMS = {
     "windows": "pretrain: a count, 'global' or auto; bench: counts or 'paper'; checkpoint overrides: a count >= 1",
     "attention": "visualize: draw attention figures (on/off); finetune, bench: how attention is computed",
     "images": "visualize: the image files (positional); bench --task loader: images per measurement",
+    "out": "pretrain, finetune, detect, segment: the run's folder (its resume policy); tokenizer fit, visualize, "
+           "compose-digits: where one command writes, as --to",
 }
 _OWN = {"help", "config", "print_config", "command", "tokenizer_command"}
 
@@ -88,8 +90,9 @@ def test_every_path_setting_expands_the_home_folder(monkeypatch, tmp_path):
             declared = getattr(parser, "lomar_settings", {}).get(action.dest)
             if declared is not None and declared.path:
                 assert action.type("~/x") == str(tmp_path / "x") and action.type("") == "", (command, action.dest)
-                takers.add((command, action.dest) if action.dest in ("to", "json") else command)
-    assert {("export", "to"), ("load-original", "to"), ("tokenizer convert", "to"), ("knn", "json")} <= takers
+                takers.add((command, action.dest) if action.dest in ("to", "json", "out") else command)
+    assert {("export", "to"), ("load-original", "to"), ("tokenizer convert", "to"), ("knn", "json"),
+            ("tokenizer fit", "out"), ("visualize", "out"), ("compose-digits", "out")} <= takers, takers
     assert {"pretrain", "finetune", "detect", "knn", "linprobe", "bench", "tokenizer fit", "export", "load-original",
             "visualize"} <= takers, takers
     assert coerce_all(PretrainConfig, {"data": "~/x"}, "c.yaml") == {"data": str(tmp_path / "x")}

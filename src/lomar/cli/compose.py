@@ -15,7 +15,7 @@ from lomar.values import counted
 __all__ = ["add_arguments", "run", "SETTINGS"]
 
 SETTINGS = {
-    "out": S.OUT.but(required=True, metavar="DIR", help="folder to write: COCO (annotations/instances_*.json, "
+    "out": S.TO.but(metavar="DIR", help="folder to write: COCO (annotations/instances_*.json, "
                      "images/train|val) and ADE20K (images|annotations/training|validation) layouts"),
     "img_size": S.IMG_SIZE.but(default=256, help="side of the square pictures in pixels (>= 32)"),
     "images": Setting(200, "pictures in both splits together", kind=int, above=1),

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings(fit, {
         "data": S.DATA.but(required=True, help="image folder (recursive) or .txt list of paths"),
         "vocab": Setting(8192, "vocabulary size", above=0),
-        "out": S.OUT.but(required=True, metavar="FILE.safetensors", help="where to write the tokenizer (safetensors)"),
+        "out": S.TO.but(metavar="FILE.safetensors", help="where to write the tokenizer (safetensors)"),
         "size": Setting(None, f"view size in px, a multiple of --patch (default: {_TOKENS_PER_SIDE} x --patch, "
                               f"{_TOKENS_PER_SIDE}x{_TOKENS_PER_SIDE} tokens: 112 with the default --patch 8)",
                         kind=int, above=0),

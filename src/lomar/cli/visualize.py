@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "images": Setting(None, f"image files, at most {MAX_IMAGES} (default: four photographs bundled with "
                           f"scikit-image)", kind=str, flag="", nargs="*", metavar="IMAGE", path=True),
         "seed": S.SEED.but(help="seed of the sampled windows and masks"),
-        "out": S.OUT.but(default="figures", metavar="DIR", help="output folder"),
+        "out": S.TO.but(default="figures", required=False, metavar="DIR", help="output folder"),
         "attention": Setting(False, "also draw, per image, the attention each block pays inside the target's window"),
         "target_patch": Setting(None, "target patch in the image's patch grid (default: the centre)", kind=int, low=0,
                                 nargs=2, metavar=("ROW", "COL")),
