@@ -117,3 +117,18 @@ def test_an_image_declared_past_the_pixel_limit_is_refused_before_its_polygons_a
 def test_json_that_pythons_reader_cannot_hold_is_one_line_naming_the_file(tmp_path, text, said):
     with pytest.raises(UsageError, match=f"ann.json: {said}"):  # a RecursionError, and a ValueError naming nothing
         read_coco(*_write(tmp_path, text))
+
+
+def test_a_float_box_inside_its_image_is_not_counted_as_clipped(tmp_path):
+    # 10.1 + 20.2 - 10.1 is not 20.2 in floats: such a box, as annotation tools write them, is not clipped
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.full((HEIGHT, WIDTH, 3), 90, np.uint8)).save(tmp_path / "images" / "a.png")
+    boxes = [[10.1, 7.7, 20.2, 30.1], [40.0, 30.0, 20.0, 5.0]]  # the second reaches past the right edge
+    anns = [{"id": i + 1, "image_id": 1, "category_id": 4, "bbox": box, "segmentation": [[5, 5, 9, 5, 9, 9]]}
+            for i, box in enumerate(boxes)]
+    data = {"images": [{"id": 1, "file_name": "a.png", "width": WIDTH, "height": HEIGHT}], "annotations": anns,
+            "categories": [{"id": 4, "name": "thing"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    split = read_coco(tmp_path / "ann.json", tmp_path / "images")
+    assert split.summary.clipped == 1 and "1 boxes clipped to their image" in split.summary.line()
+    assert split.data["annotations"][1]["bbox"] == [40.0, 30.0, 8.0, 5.0]
