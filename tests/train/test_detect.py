@@ -87,6 +87,8 @@ BAD = {  # how the file is broken -> what its one line must say
     "empty string id": (lambda d: d["annotations"][1].update(id=""), "annotation id '' is not an integer"),
     "string area": (lambda d: d["annotations"][0].update(area="abc"), "has area 'abc'; an area is a finite number"),
     "infinite width": (lambda d: d["images"][0].update(width=math.inf), "has width inf, height 96"),
+    "text width": (lambda d: d["images"][0].update(width="128"), "has width '128', height 96; both must be positive "
+                                                                  "numbers (pixels, not text)"),
     "string iscrowd": (lambda d: d["annotations"][0].update(iscrowd="0"), "has iscrowd '0'; it is 0 or 1"),
     "string iscrowd of an empty box": (lambda d: d["annotations"][0].update(bbox=[9, 9, 0, 4], iscrowd="0"),
                                        "has iscrowd '0'; it is 0 or 1"),  # COCOeval scores that box too

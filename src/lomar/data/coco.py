@@ -196,7 +196,7 @@ def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train
         w, h = image["width"], image["height"]
         if not all(json_number(v) and v > 0 for v in (w, h)):
             raise _fail(path, f"images[{i}] (id {image['id']!r}) has width {brief(w)}, height {brief(h)}; both must be "
-                              f"positive")
+                              f"positive numbers (pixels, not text)")
         if w * h > limit:  # never decoded (load_image refuses it); pycocotools would rasterise polygons at its size
             raise _fail(path, f"images[{i}] (id {image['id']!r}) is {w:.0f}x{h:.0f} pixels, over the {limit:,} an "
                               f"image is decoded at (LOMAR_MAX_IMAGE_PIXELS); leave it out, or raise the limit")
