@@ -35,7 +35,16 @@ def test_labels_follow_the_photo_as_displayed(tmp_path):
 
 def test_labels_at_the_stored_size_of_a_rotated_photo_are_refused(tmp_path):
     _layout(tmp_path, (40, 24), (40, 24), orientation=6)
-    with pytest.raises(ValueError, match=r"is 40x24 but its image a.jpg is 24x40; write the annotation"):
+    with pytest.raises(ValueError, match=r"is 40x24 but its image a.jpg is 24x40; write the annotation at the "
+                                         r"image's size \(the photo is stored 40x24, shown 24x40 as its EXIF "
+                                         r"orientation says: draw the labels on the upright photo\)$"):
+        SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1)
+
+
+def test_labels_of_another_size_than_an_unturned_photo_do_not_name_exif(tmp_path):
+    _layout(tmp_path, (40, 24), (24, 40))
+    with pytest.raises(ValueError, match=r"is 24x40 but its image a.jpg is 40x24; write the annotation at the "
+                                         r"image's size$"):
         SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1)
 
 

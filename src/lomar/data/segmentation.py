@@ -80,12 +80,16 @@ def _check_pair(image: Path, annotation: Path) -> int:
     try:  # the size load_image gives: EXIF orientation applied, as labels drawn on the photo are
         with open_pil(read_image_bytes(image), str(image)) as opened:
             height, width = oriented_size(opened)
+            stored = opened.size[::-1]
     except (ValueError, OSError) as exc:
         raise ValueError(f"image {image} cannot be read ({str(exc).splitlines()[0]}); replace or remove it with "
                          f"its annotation") from None
     if labels.shape != (height, width):
+        # a labelling tool that ignores EXIF draws on the stored frame: the file's own size then matches, so say why
+        turned = (f" (the photo is stored {stored[1]}x{stored[0]}, shown {width}x{height} as its EXIF orientation "
+                  f"says: draw the labels on the upright photo)" if labels.shape == stored != (height, width) else "")
         raise ValueError(f"annotation {annotation} is {labels.shape[1]}x{labels.shape[0]} but its image {image.name} "
-                         f"is {width}x{height}; write the annotation at the image's size")
+                         f"is {width}x{height}; write the annotation at the image's size{turned}")
     return int(labels[labels != IGNORE].max(initial=0))
 
 
