@@ -132,3 +132,25 @@ def test_a_float_box_inside_its_image_is_not_counted_as_clipped(tmp_path):
     split = read_coco(tmp_path / "ann.json", tmp_path / "images")
     assert split.summary.clipped == 1 and "1 boxes clipped to their image" in split.summary.line()
     assert split.data["annotations"][1]["bbox"] == [40.0, 30.0, 8.0, 5.0]
+
+
+@pytest.mark.parametrize("given, hint", [((24, 40), True), ((30, 20), False)])
+def test_a_rotated_photo_given_its_stored_size_is_said_to_be_turned_by_exif(tmp_path, given, hint):
+    # a tool that ignores EXIF writes the stored size, and boxes of the stored frame: that is what the file's
+    # own size agrees with, so the refusal says where the other size comes from
+    from lomar.data.coco_images import unusable_image
+
+    (tmp_path / "images").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.full((40, 24, 3), 90, np.uint8)).save(tmp_path / "images" / "a.jpg", exif=exif)
+    data = {"images": [{"id": 1, "file_name": "a.jpg", "width": given[0], "height": given[1]}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 4, "bbox": [2, 2, 8, 8],
+                             "segmentation": [[2, 2, 10, 2, 10, 10]]}], "categories": [{"id": 4, "name": "thing"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    split = read_coco(tmp_path / "ann.json", tmp_path / "images")
+    skipped = detection_dataset(training_split(split), None, train=True)[0]
+    for why in (unusable_image(split, split.data["images"][0]), skipped):
+        assert f"a.jpg is 40x24 upright, but {tmp_path / 'ann.json'} gives it {given[0]}x{given[1]}" in why
+        turned = "turned by its EXIF orientation: annotate the upright photo, or remove the orientation tag"
+        assert (turned in why) is hint

@@ -38,7 +38,7 @@ from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_
 
 from lomar.data.coco_values import json_integer, json_number, mask_area, segmentation_error
 from lomar.data.collate import LabelledBatch, Skipped, refilled, split_skipped
-from lomar.data.decode import load_image, max_image_pixels
+from lomar.data.decode import load_image, max_image_pixels, open_pil, read_image_bytes
 from lomar.data.jitter import eval_transforms, train_transforms
 from lomar.data.polygons import fit_polygons
 from lomar.data.records import IntTable, PackedRecords, pack_images
@@ -260,6 +260,17 @@ def training_split(split: CocoSplit) -> CocoSplit:
     return CocoSplit(split.path, split.root, data, split.categories, split.summary)
 
 
+def size_mismatch(path: Path, upright: tuple[int, int], stored: tuple[int, int], source: Path, width: float,
+                  height: float) -> str:
+    """Why an image (``upright`` and ``stored`` (height, width)) does not fit the ``width`` x ``height`` its
+    annotation file ``source`` gives it; a tool that ignores EXIF annotates the stored frame, which then fits."""
+    turned = stored == (round(height), round(width)) != upright
+    return (f"{path} is {upright[1]}x{upright[0]} upright, but {source} gives it {width}x{height}: its annotations "
+            f"would not fit" + (" (the file is stored at that size, turned by its EXIF orientation: annotate the "
+                                "upright photo, or remove the orientation tag if the annotations are of the stored "
+                                "frame)" if turned else ""))
+
+
 class _Skipped(Exception):
     """An image that cannot be used: unreadable, or not the size its annotations are for."""
 
@@ -283,8 +294,9 @@ class CocoInstances(CocoDetection):
         except ValueError as exc:
             raise _Skipped(str(exc)) from None
         if tuple(image.shape[-2:]) != (round(height), round(width)):
-            raise _Skipped(f"{path} is {image.shape[-1]}x{image.shape[-2]} upright, but {self.source} gives it "
-                           f"{width}x{height}: its annotations would not fit")
+            with open_pil(read_image_bytes(path), str(path)) as opened:  # its stored size, for the message
+                stored = opened.size[::-1]
+            raise _Skipped(size_mismatch(path, tuple(image.shape[-2:]), stored, self.source, width, height))
         return tv_tensors.Image(image)
 
     def __getitem__(self, index: int) -> tuple:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from lomar.data.coco import CocoSplit
+from lomar.data.coco import CocoSplit, size_mismatch
 from lomar.data.collate import UNREADABLE_LIMIT
 from lomar.data.decode import open_pil, oriented_size, read_image_bytes
 from lomar.errors import UsageError
@@ -21,12 +21,11 @@ def unusable_image(split: CocoSplit, image: dict) -> str | None:
     path = Path(split.root) / str(image["file_name"])
     try:
         with open_pil(read_image_bytes(path), str(path)) as opened:
-            height, width = oriented_size(opened)
+            upright, stored = oriented_size(opened), opened.size[::-1]
     except (ValueError, OSError) as exc:
         return str(exc).splitlines()[0]
-    if (height, width) != (round(image["height"]), round(image["width"])):
-        return (f"{path} is {width}x{height} upright, but {split.path} gives it {image['width']}x{image['height']}: "
-                f"its annotations would not fit")
+    if upright != (round(image["height"]), round(image["width"])):
+        return size_mismatch(path, upright, stored, split.path, image["width"], image["height"])
     return None
 
 
