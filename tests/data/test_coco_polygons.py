@@ -132,6 +132,7 @@ def test_a_float_box_inside_its_image_is_not_counted_as_clipped(tmp_path):
     split = read_coco(tmp_path / "ann.json", tmp_path / "images")
     assert split.summary.clipped == 1 and "1 boxes clipped to their image" in split.summary.line()
     assert split.data["annotations"][1]["bbox"] == [40.0, 30.0, 8.0, 5.0]
+    assert split.data["annotations"][0]["bbox"] == split.scored[0]["bbox"] == boxes[0]  # as the file gives it
 
 
 @pytest.mark.parametrize("given, hint", [((24, 40), True), ((30, 20), False)])

@@ -153,8 +153,11 @@ def _clip_box(box, width: float, height: float) -> tuple[list[float], bool] | No
     x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
     if x2 - x1 <= 0 or y2 - y1 <= 0:
         return None
-    # corners, not widths: x + w - x is not w in floats (30.5 + 50.1 - 30.5), which counted every such box clipped
-    return [x1, y1, x2 - x1, y2 - y1], (x1, y1, x2, y2) != (x, y, x + w, y + h)
+    # corners, not widths: x + w - x is not w in floats (10.1 + 20.2 - 10.1), which counted every such box clipped;
+    # a box inside is kept as the file gives it, so that it is scored as pycocotools scores the file
+    if (x1, y1, x2, y2) == (x, y, x + w, y + h):
+        return [x, y, w, h], False
+    return [x1, y1, x2 - x1, y2 - y1], True
 
 
 def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train-ann",
