@@ -224,3 +224,19 @@ def test_folders_are_passed_over_by_their_exact_names_not_a_prefix(tmp_path):
     assert LabelledImageFolder(tmp_path).classes == ["#recycled_paper", "@eaDirt", "a", "lost+found_2"]
     assert [passed_over_folder(n) for n in (".", "..", ".x", "#snapshot", "#snapshots")] == [
         False, False, True, True, False]
+
+
+def test_camera_raw_files_beside_jpegs_are_said_not_passed_over_silently(tmp_path, caplog):
+    """A camera card copied whole holds each shot as a JPEG and a RAW: the RAWs were left out without a word."""
+    from lomar.data.folder import LabelledImageFolder
+
+    raws = ("a.CR2", "b.CR3", "c.NEF", "d.ARW", "e.DNG", "f.ORF", "g.RW2", "h.RAF", "i.PEF", "j.srw")
+    for name in ("cat/x.jpg", "dog/y.jpg", *(f"cat/{raw}" for raw in raws)):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"II*\x00")  # most RAW formats (DNG, CR2, NEF, ARW) open as a TIFF does
+    with caplog.at_level(logging.WARNING, logger="lomar.data"):
+        assert list(build_image_list(tmp_path)) == [tmp_path / "cat" / "x.jpg", tmp_path / "dog" / "y.jpg"]
+        assert len(LabelledImageFolder(tmp_path)) == 2
+    assert [r.getMessage() for r in caplog.records] == 2 * [
+        f"{tmp_path}: 10 image(s) in a format lomar does not read, e.g. {tmp_path / 'cat' / 'a.CR2'}, are not used; "
+        f"convert them to JPEG or PNG"]

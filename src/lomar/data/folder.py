@@ -55,8 +55,10 @@ def demo_image_paths() -> list[Path]:
     return paths
 
 
-# Photo formats that IMAGE_EXTENSIONS leaves out (iPhones save HEIC): passed over like any other file, but said
-_FOREIGN_IMAGES = (".heic", ".heif", ".avif", ".jxl")
+# Photo formats that IMAGE_EXTENSIONS leaves out (iPhones save HEIC, cameras RAW; Pillow's TIFF reader would read a
+# DNG's first image, its small preview): passed over like any other file, but said
+_FOREIGN_IMAGES = (".heic", ".heif", ".avif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf",
+                   ".pef", ".srw")
 
 
 def find_images(root: str | Path) -> list[Path]:
