@@ -109,6 +109,40 @@ def test_symlinked_folders_are_followed_once_and_dangling_links_kept(tmp_path, c
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "symlink"), reason="needs symlinks")
+def test_a_link_to_an_image_listed_already_is_used_once(tmp_path, caplog):
+    """A folder of links into another searched folder (a curated subset) gave each such image twice an epoch."""
+    root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    for folder in (root / "all", root / "subset", elsewhere):
+        folder.mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        (root / "all" / f"{name}.jpg").write_bytes(b"x")
+    (elsewhere / "e.jpg").write_bytes(b"x")
+    (root / "subset" / "a.jpg").symlink_to("../all/a.jpg")
+    (root / "subset" / "b.jpg").symlink_to(root / "all" / "b.jpg")
+    (root / "a_first.jpg").symlink_to("all/c.jpg")  # sorted before all/c.jpg: the link is the one kept
+    (root / "subset" / "gone.jpg").symlink_to("../all/missing.jpg")  # dangling: kept, as any
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    for name in ("x.jpg", "y.jpg"):
+        (root / "subset" / name).symlink_to(elsewhere / "e.jpg")  # listed as linked/e.jpg too
+    (root / "subset" / "z.jpg").symlink_to(tmp_path / "outside.jpg")
+    (root / "subset" / "zz.jpg").symlink_to(tmp_path / "outside.jpg")
+    (tmp_path / "outside.jpg").write_bytes(b"x")
+    with caplog.at_level(logging.WARNING, logger="lomar.data"):
+        found = find_images(root)
+        classes = LabelledImageFolder(root)  # each class searched alone: its links into another class are its own
+    assert [p.relative_to(root).as_posix() for p in found] == [
+        "a_first.jpg", "all/a.jpg", "all/b.jpg", "linked/e.jpg", "subset/gone.jpg", "subset/z.jpg"]
+    assert [Path(p).relative_to(root).as_posix() for p in classes.paths] == [
+        "all/a.jpg", "all/b.jpg", "all/c.jpg", "linked/e.jpg", "subset/a.jpg", "subset/b.jpg", "subset/gone.jpg",
+        "subset/x.jpg", "subset/z.jpg"]
+    assert [r.getMessage() for r in caplog.records][:2] == [
+        f"{root}: 6 symlink(s) lead to an image already listed (e.g. {root / 'all' / 'c.jpg'} and "
+        f"{root / 'a_first.jpg'} are one file); used once",
+        f"{root}: 2 symlink(s) lead to an image already listed (e.g. {root / 'subset' / 'y.jpg'} and "
+        f"{root / 'subset' / 'x.jpg'} are one file); used once"]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "symlink"), reason="needs symlinks")
 def test_a_class_folder_linking_back_to_the_root_does_not_take_the_other_classes_images(tmp_path, caplog):
     for label in ("cat", "dog"):
         (tmp_path / label).mkdir()

@@ -1,11 +1,10 @@
 """Image discovery and the map-style datasets: pretraining image lists, labelled class folders.
 
-Folders are searched recursively and symlinked sub-folders are followed, each real folder at
-most once (a link back to the searched folder or an ancestor of it is not a loop forever); hidden
-sub-folders (``.thumbnails``, ``.cache``) and thumbnail caches (Synology's ``@eaDir``, macOS zips'
-``__MACOSX``) are not searched, with a warning of their count. A
-dangling link with an image name is kept in the list: reading it fails, and the dataset skips
-and counts it like any other unreadable file.
+Folders are searched recursively and symlinked sub-folders are followed, each real folder at most once (a link back to
+the searched folder or an ancestor of it is not a loop forever), each file once (a link to an image listed under another
+path is used once, said); hidden sub-folders (``.thumbnails``, ``.cache``) and thumbnail caches (Synology's ``@eaDir``,
+macOS zips' ``__MACOSX``) are not searched, with a warning of their count. A dangling link with an image name is kept in
+the list: reading it fails, and the dataset skips and counts it like any other unreadable file.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ from lomar.data.decode import (
 from lomar.data.pathtable import PathTable, join_text, sort_like_paths
 from lomar.data.shards import SHARD_SUFFIXES, TarShardDataset, is_shard_pattern, shard_paths
 from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator, sample_key
+from lomar.data.walk import folder_prefix, once_each, walk
 
 __all__ = ["demo_image_paths", "find_images", "build_image_list", "ImageListDataset", "build_pretrain_dataset",
            "LabelledImageFolder"]
@@ -76,8 +76,8 @@ def _find_table(root: str | Path) -> PathTable:
 
 def _search(root: str | Path) -> tuple[list[str], dict]:
     """(``str`` of :func:`find_images`'s paths, what it passed over: {"loops": int, "hidden": [Path], "forks": int,
-    "unlisted": [OSError], "foreign": [Path]}), for :func:`_warn_passed_over` to say once for any number of searches;
-    and under "folders" [((st_dev, st_ino), folder)] of each folder searched, for class folders to compare."""
+    "unlisted": [OSError], "foreign": [Path], "twice": [(path, path)]}) for :func:`_warn_passed_over`, which says it
+    once for any number of searches; and "folders": [((st_dev, st_ino), folder)] searched, for class folders."""
     found: list[str] = []
     # A link to an ancestor of root leads back into root (a class folder's link to the ImageFolder root
     # would give that class every other class's images): searched already, as root itself is.
@@ -87,7 +87,8 @@ def _search(root: str | Path) -> tuple[list[str], dict]:
     hidden: list[Path] = []  # sub-folders passed over (decode.passed_over_folder)
     foreign: list[Path] = []  # photos in formats lomar does not decode
     folders: list[tuple[tuple[int, int], str]] = []
-    for folder, dirs, files in os.walk(root, followlinks=True, onerror=unlisted.append):
+    links: list[str] = []  # image-named symlinks, which may list an image twice
+    for folder, dirs, files, linked in walk(root, unlisted.append):
         info = os.stat(folder)
         if (info.st_dev, info.st_ino) in seen:
             loops += 1
@@ -98,15 +99,13 @@ def _search(root: str | Path) -> tuple[list[str], dict]:
         hidden += [Path(folder) / name for name in dirs if passed_over_folder(name)]
         dirs[:] = sorted(name for name in dirs if not passed_over_folder(name))
         forks += sum(name.startswith("._") and is_image_name(name[2:]) for name in files)  # see is_image_name
-        # the strings str(Path(folder) / name) would be (os.walk's names hold no separator, no "." or ".."), made
-        # without a Path object each: building and sorting ImageNet's 1.28M Paths took 66 s on a 2-core machine,
-        # the whole listing now 5-7 s
-        prefix = str(Path(folder))
-        prefix = "" if prefix == "." else prefix if prefix.endswith(os.sep) else prefix + os.sep
+        prefix = folder_prefix(folder)
         found.extend(prefix + name for name in files if is_image_name(name))  # dangling links land here
+        links += [prefix + name for name in linked if is_image_name(name)]
         foreign += [Path(folder) / name for name in sorted(files) if file_suffix(name).lower() in _FOREIGN_IMAGES]
-    return sort_like_paths(found), {"loops": loops, "hidden": hidden, "forks": forks, "unlisted": unlisted,
-                                    "foreign": foreign, "folders": folders}
+    found, twice = once_each(sort_like_paths(found), links, dict(folders))
+    return found, {"loops": loops, "hidden": hidden, "forks": forks, "unlisted": unlisted, "foreign": foreign,
+                   "twice": twice, "folders": folders}
 
 
 def _warn_passed_over(root: str | Path, passed_over: dict) -> None:
@@ -115,6 +114,9 @@ def _warn_passed_over(root: str | Path, passed_over: dict) -> None:
     if loops:
         log.warning("%s: %d symlinked folder(s) lead to a folder already searched (a loop or a duplicate); "
                     "searched once", root, loops)
+    if twice := passed_over["twice"]:
+        log.warning("%s: %d symlink(s) lead to an image already listed (e.g. %s and %s are one file); used once",
+                    root, len(twice), *twice[0])
     if hidden:  # a hidden folder is the example when there is one: renaming it is advice only it can take
         example = min((path for path in hidden if path.name.startswith(".")), default=min(hidden))  # os.walk's order
         advice = ("name it without a leading '.' to use its images" if example.name.startswith(".") else
@@ -312,7 +314,7 @@ class LabelledImageFolder(Dataset):
             raise ValueError(f"{self.root} holds no class folders (ImageFolder layout: ROOT/CLASS/IMAGE)")
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         # searched class by class, said once for the split: a NAS's @eaDir in each of 1,000 class folders is one line
-        paths, counts, passed_over = [], [], {"loops": 0, "hidden": [], "forks": 0, "unlisted": [], "foreign": []}
+        paths, counts, passed_over = [], [], dict(loops=0, hidden=[], forks=0, unlisted=[], foreign=[], twice=[])
         self.folders: dict[tuple[int, int], tuple[str, str]] = {}  # each folder searched: (its class, its path)
         shared: dict[tuple[str, str], tuple[str, str]] = {}  # (class, a later class) -> (a folder, its link)
         for name in self.classes:
