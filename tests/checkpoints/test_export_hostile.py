@@ -193,6 +193,24 @@ def test_an_export_whose_model_args_disagree_with_its_top_level_is_refused(tmp_p
         create_encoder(tmp_path)
 
 
+@pytest.mark.parametrize("edit, words", [
+    (lambda c: c["model_args"].pop("global_pool"), "model_args global_pool='avg' but global_pool='cls' (timm's "
+                                                   "'token')"),
+    (lambda c: c.pop("global_pool"), "model_args global_pool='token' but global_pool='avg' (timm's 'avg')"),
+])
+def test_a_classifier_export_whose_model_args_pool_another_way_is_refused(tmp_path, edit, words):
+    """A hand-edited cls classifier's export loaded with one pooling in lomar and another in timm."""
+    from lomar import VisionTransformer, ViTConfig, create_encoder, export_encoder
+
+    vit = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    export_encoder(VisionTransformer(vit, num_classes=3, global_pool="cls"), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    edit(config)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UsageError, match=re.escape(words) + "; timm builds from model_args and lomar from the top"):
+        create_encoder(tmp_path)
+
+
 def test_a_device_or_pipe_given_as_a_checkpoint_is_named_as_such_not_missing(tmp_path):
     """/dev/null was "checkpoint /dev/null does not exist; check the path"."""
     import os

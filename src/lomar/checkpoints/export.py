@@ -250,6 +250,17 @@ def _check_model_args(where: Path, data: dict) -> None:
                              f"lomar from the top level, so they must agree: re-export the encoder with `lomar export`")
 
 
+def _check_model_args_pool(where: Path, data: dict) -> None:
+    """UsageError where model_args' pooling (timm's words: 'token' for lomar's 'cls') is not the top level's: timm
+    and lomar would pool one classifier two ways. Checked before the shapes, which follow the top level's (fc_norm for
+    'avg', norm for 'cls') and would name tensors, not the edit."""
+    args, top = data.get("model_args"), data.get("global_pool", "avg")
+    if isinstance(args, dict) and (arg := args.get("global_pool", "avg")) != (timm := {"cls": "token"}.get(top, top)):
+        raise UsageError(f"{where}: model_args global_pool={arg!r} but global_pool={top!r} (timm's {timm!r}); timm "
+                         f"builds from model_args and lomar from the top level, so they must agree: re-export the "
+                         f"encoder with `lomar export`")
+
+
 def expected_shapes(config: ViTConfig, num_classes: int = 0, global_pool: str = "avg") -> dict[str, tuple[int, ...]]:
     """The state dict shapes of ``VisionTransformer(config, num_classes, global_pool)``, without building it.
 
@@ -321,6 +332,7 @@ def read_export(path: str | Path, **overrides) -> Export:
     # a caller asking for another head (or pooling): it starts fresh
     new_head = num_classes != data.get("num_classes", 0) or pool != data.get("global_pool", "avg")
     head = ("head.", "fc_norm.") if new_head else ()
+    _check_model_args_pool(config_path, data)
     check_fits(weights, config_path, expected, shapes, absent_ok=(*head, "norm.") if new_head else (), reshaped_ok=head)
     _check_model_args(config_path, data)  # after the shapes: a weights file that does not fit is the first problem
     if (names := data.get("label_names")) is not None and (bad := names_problem(names, data.get("num_classes", 0))):
