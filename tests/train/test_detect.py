@@ -8,6 +8,7 @@ import io
 import itertools
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -706,22 +707,56 @@ def test_a_resume_of_other_categories_is_refused_before_the_images_are_checked_a
         DetectTask(config, DistInfo(), torch.device("cpu"))
 
 
-def test_a_validation_image_that_cannot_be_read_is_left_out_of_the_ap_not_counted_as_missed(tiny, tmp_path):
+@pytest.fixture(scope="module")
+def ten_val(tmp_path_factory):
+    """A validation split of 10 images, the first cut short (skipped with a warning when read): 10 %, as many as a
+    score may leave out."""
+    ann, images = write_tiny_coco(tmp_path_factory.mktemp("coco") / "val", 10, seed=1)
+    first = sorted(images.glob("*.png"))[0]
+    first.write_bytes(first.read_bytes()[:200])
+    return read_coco(ann, images)
 
 
-    _, (ann, images) = tiny
-    folder = tmp_path / "images"
-    shutil.copytree(images, folder)
-    split = read_coco(ann, folder)
-    first = folder / split.data["images"][0]["file_name"]
-    first.write_bytes(first.read_bytes()[:200])  # cut short: skipped with a warning when read
+def test_a_validation_image_that_cannot_be_read_is_left_out_of_the_ap_not_counted_as_missed(ten_val):
+    split = ten_val
     metrics, task = _evaluated(split, _Oracle(split, [image["id"] for image in split.data["images"][1:]]))
     assert metrics["box_AP"] == pytest.approx(100.0) and metrics["mask_AP"] == pytest.approx(100.0)
     assert {r["image_id"] for r in task.predictions} == {image["id"] for image in split.data["images"][1:]}
+    assert metrics["val_images"] == {"scored": 9, "skipped": 1}  # the record says the score is over part of the split
 
 
-def _evaluated(split, model) -> tuple[dict, DetectTask]:
-    """(metrics, task) of DetectTask's evaluation alone, of ``split`` by ``model``, in this process."""
+def test_a_score_over_part_of_the_validation_split_says_so(ten_val, tmp_path, capsys, monkeypatch):
+    """--eval-only's record and result line, and before every epoch line of a run, the images scored and skipped
+    (each skipped one is warned of only at its first read); more than 10 % skipped stops in one line."""
+    from types import SimpleNamespace
+
+    from lomar.train import detect
+
+    split, ids = ten_val, [image["id"] for image in ten_val.data["images"][1:]]
+    note = f"{split.root}: 1 unreadable image(s) skipped, at most 10% of a split"
+    monkeypatch.setattr(detect, "DetectTask", lambda *args: _evaluated(split, _Oracle(split, ids), score=False)[1])
+    config = SimpleNamespace(out=str(tmp_path / "ev"), pretrained="detector.pt", img_size=64, seed=0, device="cpu")
+    assert detect.evaluate_only(config) == 0
+    record = json.loads((tmp_path / "ev" / "metrics.jsonl").read_text())
+    assert record["val_images"] == {"scored": 9, "skipped": 1} and record["box_AP"] == pytest.approx(100.0)
+    assert capsys.readouterr().err.splitlines()[-1] == (f"lomar detect: box AP 100.00, mask AP 100.00 over 9 images "
+                                                        f"({note}); {tmp_path / 'ev' / 'predictions.json'}")
+    _, task = _evaluated(split, _Oracle(split, ids * 2), score=False, run=True)
+    for _ in range(2):  # a run's evaluations: each says it, the epoch line following
+        assert task.evaluate()["val_images"] == {"scored": 9, "skipped": 1}
+        assert capsys.readouterr().out == note + "\n"
+    three = read_coco(*write_tiny_coco(tmp_path / "three", 3, seed=1))
+    first = three.root / three.data["images"][0]["file_name"]
+    first.write_bytes(first.read_bytes()[:200])
+    with pytest.raises(UsageError, match=rf"^{re.escape(str(three.root))}: 1 of 3 images \(over 10%\) could not be "
+                                         rf"used, e\.g\. cannot decode image {re.escape(str(first))}: .*; fix or "
+                                         rf"remove them$"):
+        _evaluated(three, _Oracle(three, [2, 3]))
+
+
+def _evaluated(split, model, score: bool = True, run: bool = False) -> tuple[dict | None, DetectTask]:
+    """(metrics, task) of DetectTask's evaluation alone (``score`` False: not yet made, None), of ``split`` by
+    ``model``, in this process; ``run``: a training run's evaluation, not --eval-only's."""
     from torch.utils.data import DataLoader
 
     from lomar.train.distributed import DistInfo
@@ -730,8 +765,8 @@ def _evaluated(split, model) -> tuple[dict, DetectTask]:
     task.val, task.categories, task.info, task.device = split, split.categories, DistInfo(), torch.device("cpu")
     task.val_loader = DataLoader(detection_dataset(split, eval_transforms(), train=False), 2,
                                  collate_fn=collate_detection)
-    task.model = model
-    return task.evaluate(), task
+    task.model, task.train_loader, task.source = model, [] if run else None, {}
+    return task.evaluate() if score else None, task
 
 
 def test_the_ap_is_cocoevals_on_the_file_as_written_not_on_the_boxes_clipped_for_training(tiny, tmp_path):

@@ -457,14 +457,70 @@ def test_too_many_images_cut_short_stop_the_run_in_one_line(digits, tmp_path, ca
     root = tmp_path / "data"
     shutil.copytree(digits, root)
     photos = sorted((root / "images" / "training").glob("*.jpg"))
-    data = photos[0].read_bytes()
-    photos[0].write_bytes(data[:data.index(b"\xff\xda") + 20])  # the header reads (start-up passes), the scan not
+    _cut_short(photos[0])
     assert _segment(root, tmp_path / "run", "--max-steps", "4", "--eval-every", "50") == 1
     err = capsys.readouterr().err
     read = len(photos) // 2 * 2  # a whole number of batches of 2 an epoch
     assert (f"1 image could not be used so far, over 10% of the {read} an epoch reads ({read // 2} batch(es) of 2 per "
             f"process), e.g. cannot decode image {photos[0]}") in err
     assert "Traceback" not in err
+
+
+def _cut_short(photo: Path) -> None:
+    """The header reads (start-up passes), the scan not: skipped with a warning when read."""
+    data = photo.read_bytes()
+    photo.write_bytes(data[:data.index(b"\xff\xda") + 20])
+
+
+def _scoring(data: Path, out: Path, run: bool):
+    """A SegmentTask of ``data``'s validation split whose model is one 1x1 convolution, evaluating in this process
+    (``run``: a training run's evaluation, not --eval-only's)."""
+    from types import SimpleNamespace
+
+    from lomar.data.segmentation import SegmentationFolder
+    from lomar.train.distributed import DistInfo
+    from lomar.train.segment import SegmentTask
+
+    task = SegmentTask.__new__(SegmentTask)
+    task.config = SimpleNamespace(num_classes=10, eval_mode="whole", eval_stride=None, img_size=32, eval_only=not run,
+                                  zero_label="ignore", out=str(out), pretrained="seg.pt", seed=0, device="cpu")
+    task.info, task.device, task.source, task.class_labels = DistInfo(), torch.device("cpu"), {}, list("0123456789")
+    task.val_set = SegmentationFolder(data, "validation", 10, 32, train=False, workers=1)
+    task.val_folder = data / "images" / "validation"
+    task.model = torch.nn.Conv2d(3, 10, 1)
+    return task
+
+
+def test_a_score_over_part_of_the_validation_split_says_so(tmp_path, capsys, monkeypatch):
+    """--eval-only's record and result line, and before every epoch line of a run, the images scored and skipped
+    (each skipped one is warned of only at its first read); more than 10 % skipped stops in one line."""
+    from lomar.errors import UsageError
+    from lomar.train import segment
+
+    data = tmp_path / "data"
+    compose_digits(data, img_size=32, images=20, seed=0, val_fraction=0.5, digit_scale=(0.3, 0.5))
+    photos = sorted((data / "images" / "validation").glob("*.jpg"))
+    assert len(photos) == 10
+    _cut_short(photos[0])
+    note = f"{data / 'images' / 'validation'}: 1 unreadable image(s) skipped, at most 10% of a split"
+    scoring = _scoring(data, tmp_path / "ev", run=False)
+    monkeypatch.setattr(segment, "SegmentTask", lambda *args: scoring)
+    assert segment.evaluate_only(scoring.config) == 0
+    monkeypatch.undo()
+    record = json.loads((tmp_path / "ev" / "metrics.jsonl").read_text())
+    assert record["val_images"] == {"scored": 9, "skipped": 1}
+    assert len(list((tmp_path / "ev" / "predictions").glob("*.png"))) == 9
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith("lomar segment: mIoU ")
+    assert line.endswith(f" over 9 images ({note}); {tmp_path / 'ev' / 'predictions'}")
+    task = _scoring(data, tmp_path / "run", run=True)
+    for _ in range(2):  # a run's evaluations: each says it, the epoch line following
+        assert task.evaluate()["val_images"] == {"scored": 9, "skipped": 1}
+        assert capsys.readouterr().out == note + "\n"
+    _cut_short(photos[1])  # 2 of 10: over the 10 % a score may leave out
+    with pytest.raises(UsageError, match=rf"^{data / 'images' / 'validation'}: 2 of 10 images \(over 10%\) could not "
+                                         rf"be used, e\.g\. cannot decode image {photos[0]}"):
+        task.evaluate()
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -33,10 +33,11 @@ from lomar.models.masking import grid_size
 from lomar.models.relpos import REL_POS_PARAMS
 from lomar.models.vit import VisionTransformer, ViTConfig
 from lomar.train.monitor import progress
-from lomar.values import brief, is_integer
+from lomar.values import brief, counted, is_integer
 
 __all__ = ["LoadReport", "load_pretrained_encoder", "eval_transform", "eval_resize", "knn_loaders", "extract_features",
-           "read_features", "check_read", "skipped_note", "Pool"]
+           "read_features", "check_read", "check_split", "skipped_note", "val_images",
+           "scored_split", "over_note", "Pool"]
 
 Pool = Literal["mean", "cls"]
 
@@ -328,9 +329,13 @@ def read_features(encoder: VisionTransformer, loader, device: torch.device | str
 def check_read(dataset, filled: int, bad: BadDataTracker) -> None:
     """UsageError naming ``dataset``'s folder when none of its images (``filled`` were read) or more than
     ``UNREADABLE_LIMIT`` of them (``bad``) could not be used: a score over part of a split is not that split's."""
-    root = getattr(dataset, "root", None)
+    check_split(getattr(dataset, "root", None), len(dataset), filled, bad)
+
+
+def check_split(root, total: int, filled: int, bad: BadDataTracker) -> None:
+    """:func:`check_read` of the split ``root`` (None: unnamed) of ``total`` images."""
     if not filled:  # every image unreadable: nothing to evaluate on
-        raise UsageError(f"no image {f'in {root} ' if root else ''}could be read ({len(dataset)} tried); "
+        raise UsageError(f"no image {f'in {root} ' if root else ''}could be read ({total} tried); "
                          f"fix or replace them")
     try:
         bad.check(UNREADABLE_LIMIT)
@@ -342,3 +347,28 @@ def skipped_note(root, count: int) -> str:
     """What a score over part of the split ``root`` says of its ``count`` unreadable images (each warned of by name
     when read), within the ``UNREADABLE_LIMIT`` it allows."""
     return f"{root}: {count} unreadable image(s) skipped, at most {UNREADABLE_LIMIT:.0%} of a split"
+
+
+def val_images(scored: int, skipped: int) -> dict:
+    """The metrics record's account of an evaluation that left ``skipped`` images of its split out of its score
+    (a dict: the log's line and TensorBoard show no such entry); {} when none was, the record as it always was."""
+    return {"val_images": {"scored": scored, "skipped": skipped}} if skipped else {}
+
+
+def scored_split(root, total: int, skipped: list[str], say: bool) -> dict:
+    """:func:`val_images` of an evaluation of the split ``root`` of ``total`` images that left out ``skipped`` (the
+    files, each warned of at its first read), after :func:`check_split`; ``say``: print :func:`skipped_note` where
+    any was (a run's evaluation, whose epoch line follows)."""
+    bad = BadDataTracker(total, warn=False)
+    bad.update(list(skipped), total)
+    check_split(root, total, total - len(skipped), bad)
+    if skipped and say:
+        print(skipped_note(root, len(skipped)), flush=True)
+    return val_images(total - len(skipped), len(skipped))
+
+
+def over_note(root, metrics: dict) -> str:
+    """What ``--eval-only``'s result line adds after the scores of ``metrics`` over part of the split ``root``:
+    ' over N images (ROOT: K unreadable ...)', or '' over all of it."""
+    counts = metrics.get("val_images")
+    return f" over {counted(counts['scored'], 'image')} ({skipped_note(root, counts['skipped'])})" if counts else ""

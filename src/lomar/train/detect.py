@@ -38,7 +38,7 @@ from lomar.data.coco_shared import shared_split
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError
 from lomar.eval.coco import coco_metrics, to_coco_results
-from lomar.eval.features import load_pretrained_encoder
+from lomar.eval.features import load_pretrained_encoder, over_note, scored_split
 from lomar.integrations.dense import with_rel_pos
 from lomar.integrations.detection import build_mask_rcnn, detector_param_groups
 from lomar.models.attention import vitdet_global_blocks
@@ -193,13 +193,17 @@ class DetectTask(Task):
         return self.net(images, targets)
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float | None]:
-        """box_* and mask_* COCO AP in percent over the validation split (every process gets them); the main
-        process keeps the predictions."""
+    def evaluate(self) -> dict[str, float | dict | None]:
+        """box_* and mask_* COCO AP in percent over the validation split, and ``val_images`` where images were skipped
+        (:func:`~lomar.eval.features.scored_split`; every process gets them); the main process keeps the
+        predictions."""
         was_training = self.model.training
         self.model.eval()
-        results, seen = [], []  # seen: the images read; one skipped (with a warning) is left out of the scores
-        for images, targets in self.val_loader:
+        # seen: the images read; one skipped (warned of at its first read) is left out of the scores and counted
+        results, seen, skipped = [], [], []
+        for batch in self.val_loader:
+            images, targets = batch
+            skipped.extend(getattr(batch, "bad", []))
             if not images:  # every image of the batch was skipped
                 continue
             outputs = self.model([image.to(self.device) for image in images])
@@ -209,15 +213,27 @@ class DetectTask(Task):
         self.model.train(was_training)
         if not self.info.enabled:
             self.predictions = results
-            return coco_metrics(self.val.coco(), results, seen)
+            return self._scored(results, seen, skipped)
         gathered = [None] * self.info.world_size if self.info.is_main else None
-        dist.gather_object((results, seen), gathered, dst=0)
-        metrics = [None]
+        dist.gather_object((results, seen, skipped), gathered, dst=0)
+        metrics: list = [None]
         if self.info.is_main:
-            self.predictions = sorted((r for part, _ in gathered for r in part), key=lambda r: r["image_id"])
-            metrics = [coco_metrics(self.val.coco(), self.predictions, [i for _, ids in gathered for i in ids])]
+            self.predictions = sorted((r for part, _, _ in gathered for r in part), key=lambda r: r["image_id"])
+            try:
+                metrics = [self._scored(self.predictions, [i for _, ids, _ in gathered for i in ids],
+                                        [line for _, _, lines in gathered for line in lines])]
+            except UsageError as exc:  # too many skipped: every process raises it (the lifecycle saves first)
+                metrics = [exc]
         dist.broadcast_object_list(metrics, src=0)
+        if isinstance(metrics[0], UsageError):
+            raise metrics[0]
         return metrics[0]
+
+    def _scored(self, results: list[dict], seen: list[int], skipped: list[str]) -> dict:
+        """The metrics of ``results`` over the ``seen`` images, the ``skipped`` ones counted."""
+        counts = scored_split(self.val.root, len(self.val.data["images"]), skipped,
+                              say=self.info.is_main and self.train_loader is not None)
+        return {**coco_metrics(self.val.coco(), results, seen), **counts}
 
     def state(self) -> dict:
         return {"categories": self.categories, "category_names": self.val.names,
@@ -263,7 +279,8 @@ def detect(config: DetectConfig) -> int:
 def evaluate_only(config: DetectConfig) -> int:
     """Score ``--pretrained`` on the validation split in this process: a ``metrics.jsonl`` line and
     ``predictions.json`` in ``--out`` (the folder locked meanwhile)."""
-    _, metrics, out = score_only(config, DetectTask)
+    task, metrics, out = score_only(config, DetectTask)
     ap = {k: "n/a" if metrics.get(k) is None else f"{metrics[k]:.2f}" for k in ("box_AP", "mask_AP")}
-    stderr_log(f"lomar detect: box AP {ap['box_AP']}, mask AP {ap['mask_AP']}; {out / 'predictions.json'}")
+    stderr_log(f"lomar detect: box AP {ap['box_AP']}, mask AP {ap['mask_AP']}{over_note(task.val.root, metrics)}; "
+               f"{out / 'predictions.json'}")
     return 0

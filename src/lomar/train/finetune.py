@@ -37,7 +37,7 @@ from lomar.data.draft_classify import DraftCropFolder
 from lomar.data.folder import LabelledImageFolder
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError, said_by_first_on_machine
-from lomar.eval.features import load_pretrained_encoder, skipped_note
+from lomar.eval.features import load_pretrained_encoder, over_note, skipped_note, val_images
 from lomar.models.vit import VisionTransformer
 from lomar.train.distributed import DistInfo
 from lomar.train.finetune_config import FinetuneConfig, split_roots
@@ -180,8 +180,9 @@ class FinetuneTask(Task):
         return self.criterion(self.net(images), targets)
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Top-1 (and, over more than 5 classes, top-5) accuracy in [0, 1] over the whole validation set (all ranks)."""
+    def evaluate(self) -> dict[str, float | dict]:
+        """Top-1 (and, over more than 5 classes, top-5) accuracy in [0, 1] over the whole validation set (all ranks);
+        ``val_images`` (:func:`~lomar.eval.features.val_images`) where some were skipped."""
         model, device = self.model, self.device
         was_training = model.training
         model.eval()
@@ -204,11 +205,10 @@ class FinetuneTask(Task):
         if files - scored > UNREADABLE_LIMIT * files:  # a top-1 over part of the split is not the split's
             raise TrainingError(f"{files - scored} of {files} validation images in {val_root} (over "
                                 f"{UNREADABLE_LIMIT:.0%}) could not be used; fix or remove them")
-        self.val_counts = scored, files - scored  # --eval-only's result line says them
         if files > scored and self.info.is_main and self.train_loader is not None:  # a run's: its epoch line follows
             print(skipped_note(val_root, files - scored), flush=True)  # each file warned of at its first read only
         top5 = {"top5": float(totals[1] / totals[2])} if len(self.classes) > 5 else {}  # else always 1: noise
-        return {"top1": float(totals[0] / totals[2]), **top5}
+        return {"top1": float(totals[0] / totals[2]), **top5, **val_images(scored, files - scored)}
 
     def load(self, state: dict) -> None:
         saved = list(state.get("classes") or self.classes)  # as many under other names would swap labels silently
@@ -256,9 +256,8 @@ def evaluate_only(config: FinetuneConfig) -> int:
     """Score ``--pretrained`` on the validation split in this process: a ``metrics.jsonl`` record in ``--out`` (the
     folder locked meanwhile)."""
     task, metrics, out = score_only(config, FinetuneTask)
-    scores = ", ".join(metric_text(key, value) for key, value in metrics.items())  # as a run's evaluations print them
-    scored, skipped = task.val_counts
-    over = f" over {counted(scored, 'image')} ({skipped_note(task.val_loader.dataset.dataset.root, skipped)})" \
-        if skipped else ""
+    # as a run's evaluations print them: val_images, a dict, is for the record
+    scores = ", ".join(metric_text(key, value) for key, value in metrics.items() if not isinstance(value, dict))
+    over = over_note(task.val_loader.dataset.dataset.root, metrics)
     print(f"lomar finetune: {scores}{over}; {out / 'metrics.jsonl'}", file=sys.stderr, flush=True)
     return 0

@@ -27,7 +27,7 @@ from lomar.data.collate import Skipped
 from lomar.data.samplers import EpochSampler
 from lomar.data.segmentation import SegmentationFolder, class_names, collate_segmentation
 from lomar.errors import LomarError, UsageError
-from lomar.eval.features import load_pretrained_encoder
+from lomar.eval.features import load_pretrained_encoder, over_note, scored_split
 from lomar.eval.segmentation import (
     confusion_matrix,
     lowest_classes,
@@ -77,6 +77,7 @@ class SegmentTask(Task):
                                                 photometric=config.photometric, reduce_zero_label=reduce_zero_label)
         self.val_set = SegmentationFolder(config.data, "validation", config.num_classes, config.img_size,
                                           train=False, workers=max(1, workers), reduce_zero_label=reduce_zero_label)
+        self.val_folder = self.val_set.root / "images" / "validation"  # the folder a skipped image's note names
         self.class_labels = _class_labels(config)
         self.scored: dict = {}  # the last evaluation's metrics, which finish tabulates
         self.source: dict = {}  # --eval-only's segmenter: its file and step, which its record names
@@ -143,8 +144,9 @@ class SegmentTask(Task):
     @torch.no_grad()
     def evaluate(self) -> dict[str, float | list | dict | None]:
         """mIoU, mAcc, aAcc (percent) and each class's IoU and Acc (lists, percent) over the validation split at
-        the labels' own size, and ``eval``: the mode and stride (None for ``whole``) scored with (every process gets
-        them); each prediction written as ``OUT/predictions/<stem>.png``
+        the labels' own size, ``eval``: the mode and stride (None for ``whole``) scored with (every process gets
+        them), and the main process's ``val_images`` where images were skipped
+        (:func:`~lomar.eval.features.scored_split`); each prediction written as ``OUT/predictions/<stem>.png``
         in the annotations' encoding (class + 1, or the class with ``--zero-label class``) by the main process,
         replacing the last evaluation's."""
         model, config, info = self.model, self.config, self.info
@@ -152,10 +154,11 @@ class SegmentTask(Task):
         model.eval()
         stride = config.eval_stride or config.img_size * 2 // 3
         confusion = torch.zeros(config.num_classes, config.num_classes, dtype=torch.int64)
-        pngs, first_id = [], 1 if config.zero_label == "ignore" else 0
+        pngs, skipped, first_id = [], [], 1 if config.zero_label == "ignore" else 0
         try:
             for index in range(info.rank, len(self.val_set), info.world_size):
-                if isinstance(item := self.val_set[index], Skipped):  # skipped with a warning
+                if isinstance(item := self.val_set[index], Skipped):  # warned of at its first read; counted
+                    skipped.append(item)
                     continue
                 image, labels, stem = item
                 logits = predict_logits(model, image[None].to(self.device), config.num_classes, config.eval_mode,
@@ -170,9 +173,12 @@ class SegmentTask(Task):
             confusion = confusion.to(self.device)
             dist.all_reduce(confusion)
             gathered = [None] * info.world_size if info.is_main else None
-            dist.gather_object(pngs, gathered, dst=0)
-            pngs = [item for part in gathered or () for item in part]
-        if info.is_main:
+            dist.gather_object((pngs, skipped), gathered, dst=0)
+            pngs = [item for part, _ in gathered or () for item in part]
+            skipped = [line for _, lines in gathered or () for line in lines]
+        counts = {}
+        if info.is_main:  # too many skipped: the main process raises, the lifecycle stops every one
+            counts = scored_split(self.val_folder, len(self.val_set), skipped, say=not config.eval_only)
             folder = Path(config.out) / "predictions"
             folder.mkdir(parents=True, exist_ok=True)
             for stem, data in pngs:
@@ -183,7 +189,7 @@ class SegmentTask(Task):
                        for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc")}
         # how: --eval-mode / --eval-stride may change on a resume, and --eval-only may score otherwise than the run did
         self.scored["eval"] = {"mode": config.eval_mode, "stride": stride if config.eval_mode == "slide" else None}
-        return self.scored
+        return {**self.scored, **counts}
 
     def finish(self, out: Path) -> None:
         """``OUT/per_class.md``: the last evaluation's table of every class; its five lowest IoUs on one line."""
@@ -289,7 +295,8 @@ def segment(config: SegmentConfig) -> int:
 def evaluate_only(config: SegmentConfig) -> int:
     """Score ``--pretrained`` on the validation split in this process: a ``metrics.jsonl`` record, predictions/ and
     per_class.md in ``--out`` (the folder locked meanwhile)."""
-    _, metrics, out = score_only(config, SegmentTask)
+    task, metrics, out = score_only(config, SegmentTask)
     print(f"lomar segment: mIoU {score_text(metrics['mIoU'])}, mAcc {score_text(metrics['mAcc'])}, aAcc "
-          f"{score_text(metrics['aAcc'])}; {out / 'predictions'}", file=sys.stderr, flush=True)
+          f"{score_text(metrics['aAcc'])}{over_note(task.val_folder, metrics)}; {out / 'predictions'}",
+          file=sys.stderr, flush=True)
     return 0
