@@ -512,3 +512,19 @@ def test_a_finetune_run_folder_is_not_said_to_be_unfinished(tmp_path):
                  "step": 5}, tmp_path / "pre" / "last.pt")
     stopped = load_pretrained_encoder(tmp_path / "pre").load_report.summary()
     assert "holds no export, so its run has not finished" in stopped
+
+
+def test_a_finished_pretrain_run_folder_is_named_as_one_not_as_an_export(sources, tmp_path):
+    """--pretrained RUN (a finished pretraining's folder) printed 'loaded 10 tensors from exported folder RUN'."""
+    from lomar.checkpoints.file_names import RUN_ENCODER
+    from lomar.eval.features import load_pretrained_encoder
+
+    model, root = sources
+    run = tmp_path / "run"
+    export_encoder(model.encoder, run, weights_name=RUN_ENCODER, metadata={"method": "lomar", "step": 4})
+    (run / "config.yaml").write_text("method: lomar\n")  # the run's settings, beside its end's export
+    summary = load_pretrained_encoder(run).load_report.summary()
+    assert summary.startswith(f"loaded {len(model.encoder.state_dict())} tensors from pretrain run folder (lomar) "
+                              f"{run}; ")
+    assert load_pretrained_encoder(root / "export").load_report.summary().startswith(
+        f"loaded {len(model.encoder.state_dict())} tensors from exported folder {root / 'export'}; ")

@@ -46,6 +46,7 @@ from lomar.checkpoints.reader import (
     Reader,
     Source,
     build_strict,
+    folder_source,
     pretrain_spec,
     readers,
     refuse_unused,
@@ -235,7 +236,7 @@ class ExportReader(Reader):
     def encoder(self, src, overrides):
         encoder = create_encoder(src.path)
         _refuse_other_heads(src, CONFIG_NAME, encoder.config.num_heads, overrides.get("num_heads"))
-        return EncoderWeights(encoder.config, encoder.state_dict(), [], "exported folder")
+        return EncoderWeights(encoder.config, encoder.state_dict(), [], folder_source(src.path, "exported folder"))
 
 
 register(PretrainReader(), 10)

@@ -4,6 +4,7 @@ them in priority order) and the model spec of our pretraining checkpoints (LoMaR
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lomar.checkpoints.file_names import CONFIG_NAME, RUN_CONFIG, RUN_ENCODER
 from lomar.checkpoints.kinds import CLASSIFIER_FORMAT, PRETRAIN_FORMAT
 from lomar.models.beit import BEiTConfig
 from lomar.models.masking import grid_size
@@ -20,7 +22,7 @@ from lomar.models.windows import window_geometry
 from lomar.values import as_sides, is_size
 
 __all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "PRETRAIN_FORMAT", "CLASSIFIER_FORMAT",
-           "saved_settings", "pretrain_spec", "spec_settings", "build_strict", "refuse_unused"]
+           "saved_settings", "pretrain_spec", "spec_settings", "build_strict", "refuse_unused", "folder_source"]
 
 
 
@@ -91,6 +93,20 @@ def refuse_unused(where: object, what: str, overrides: dict, used=(), saved: dic
 
 
 _READERS: list[tuple[int, Reader]] = []
+
+
+def folder_source(path: Path, exported: str) -> str:
+    """What a load report calls the export folder ``path``: "pretrain run folder (METHOD)" for a finished ``lomar
+    pretrain`` run's (--pretrained takes one), whose config.json names the weights a run writes at its end beside the
+    run's settings; ``exported`` for any other."""
+    try:
+        data = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, ValueError, RecursionError):  # its reader has read it: a folder changed since is the next read's
+        return exported
+    if not isinstance(data, dict) or data.get("weights") != RUN_ENCODER or not (path / RUN_CONFIG).is_file():
+        return exported
+    method = data.get("method")
+    return "pretrain run folder" + (f" ({method})" if isinstance(method, str) and method.isidentifier() else "")
 
 
 def register(reader: Reader, priority: int) -> Reader:
