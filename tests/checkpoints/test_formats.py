@@ -528,3 +528,17 @@ def test_a_finished_pretrain_run_folder_is_named_as_one_not_as_an_export(sources
                               f"{run}; ")
     assert load_pretrained_encoder(root / "export").load_report.summary().startswith(
         f"loaded {len(model.encoder.state_dict())} tensors from exported folder {root / 'export'}; ")
+
+
+def test_a_finished_beit_pretrain_run_folder_is_named_as_one_not_as_an_export(tmp_path):
+    from lomar.checkpoints.export_beit import export_beit_encoder
+    from lomar.eval.features import load_pretrained_encoder
+    from lomar.models.beit import BEiT, BEiTConfig
+
+    beit = BEiT(BEiTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, vocab_size=16))
+    for folder, weights in (("run", "encoder.safetensors"), ("export", "model.safetensors")):
+        export_beit_encoder(beit, tmp_path / folder, weights_name=weights, metadata={"step": 4})
+    (tmp_path / "run" / "config.yaml").write_text("method: beit\n")
+    for folder, source in (("run", "pretrain run folder (beit)"), ("export", "exported folder (beit)")):
+        assert f" tensors from {source} {tmp_path / folder}; " in load_pretrained_encoder(
+            tmp_path / folder).load_report.summary()

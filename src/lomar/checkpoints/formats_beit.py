@@ -25,6 +25,7 @@ from lomar.checkpoints.reader import (
     Reader,
     Source,
     build_strict,
+    folder_source,
     pretrain_spec,
     refuse_unused,
     register,
@@ -113,7 +114,8 @@ class BEiTExportReader(BEiTReader):
         # anything is read or built: a small export whose config claims huge widths allocates nothing.
         config, args, weights = read_beit_export(src.path)
         refuse_unused(src.path, "a BEiT export, which carries its own settings", overrides, saved=config.to_dict())
-        return TimmBeitWeights(config, args, load_file(str(weights)), [], "exported folder (beit)")
+        source = folder_source(src.path, "exported folder (beit)")
+        return TimmBeitWeights(config, args, load_file(str(weights)), [], source)
 
 
 class OriginalBEiTReader(BEiTReader):
