@@ -34,6 +34,15 @@ def test_an_out_that_is_a_file_is_refused_before_the_preset_composes_its_data(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+def test_a_specs_out_that_is_a_file_is_named_as_the_spec_gives_it(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    spec = tmp_path / "s.yaml"
+    spec.write_text("out: afile\nbudget: 1steps\ngrid: {method: [lomar]}\neval: {metrics: []}\n")
+    assert main(["study", str(spec)]) == 2
+    err = capsys.readouterr().err  # the spec's out: (resolved against its folder), not a --out never passed
+    assert err == f"lomar study: error: out: {tmp_path / 'afile'} is a file, not a folder; pass a folder\n"
+
+
 def test_a_bad_spec_file_names_the_key(tmp_path, capsys):
     spec = tmp_path / "s.yaml"
     spec.write_text("budget: 30s\ngrid: {method: [lomar]}\neval: {metrics: [knn]}\n")

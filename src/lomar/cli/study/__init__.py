@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         spec.check_size()
         spec.check_every(f"--budget {args.budget}" if budget else None)  # an at-Nsteps point in a seconds budget
         out = args.out or spec.out or f"studies/{spec.name}"
-    check_output_dir(out, "--out")
+    check_output_dir(out, "out:" if spec.out and not args.out else "--out")  # as the user gave it
     print(f"lomar study: {spec.name}, {len(spec.cells())} cell(s), {spec.budget} each, into {out}", flush=True)
     try:
         run_study(spec, out, command="lomar study " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
