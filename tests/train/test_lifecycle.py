@@ -678,6 +678,17 @@ def run_two_ranks(task: type, out, hang: str, timeout: float = 120, errors: bool
     return raised
 
 
+def test_the_last_line_counts_what_every_rank_skipped(tmp_path, capsys, monkeypatch):
+    """Under torchrun rank 0 printed its own count: a file in another rank's share went unsaid, where one process
+    says it. The ranks' files reach rank 0 as the checkpoint gathers them (a collective: here, rank 1's made up)."""
+    from lomar.train.task import SkippedFiles
+
+    monkeypatch.setattr(SkippedFiles, "gathered", lambda self, info: [[], ["b.png", "a.png"], ["a.png"]])
+    assert run(ToyConfig(out=str(tmp_path), epochs=1), ToyTask) == 0
+    done = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert done.endswith(", 2 unusable image(s) skipped, e.g. b.png")  # a file two ranks read is one file
+
+
 @pytest.mark.slow
 def test_a_ddp_rank_with_nothing_to_learn_joins_the_step_with_an_idle_loss(tmp_path):
     # Its backward, weighted 0, is what lets the other rank's all-reduce finish: without it the run hangs.

@@ -329,7 +329,8 @@ class _Run:
             return
         self.task.finish(out)
         losses = loss_summary(out / METRICS, mean_of_last=10)
-        extra, metric = "; ".join(filter(None, [self.skipped.summary(), self.task.final_line()])), self.task.best_metric
+        skipped = self.skipped.summary(self.skips)  # every rank's files, as the save just gathered them
+        extra, metric = "; ".join(filter(None, [skipped, self.task.final_line()])), self.task.best_metric
         if metric:
             best = out / BEST
             extra = ", ".join(filter(None, [f"best {metric_text(metric, self.best)} in {best}" if best.exists() else
