@@ -79,3 +79,23 @@ def test_an_unknown_key_of_a_settings_file_is_one_line_with_a_suggestion(tmp_pat
     assert main(["pretrain", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err == f"lomar pretrain: error: unknown setting(s) {said.format(path=path)}\n"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("local_rank, waits", [("0", False), ("1", True)])
+def test_under_torchrun_the_first_process_of_a_machine_alone_says_an_unknown_flag(
+        capsys, monkeypatch, local_rank, waits):
+    # every process printed it: torchrun --nproc-per-node 8 showed the line 8 times
+    import time
+
+    from lomar.cli import common
+
+    waited = []
+    monkeypatch.setattr(time, "sleep", waited.append)  # as if the first process had not failed yet
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["pretrain", "--num-workers", "2"]) == 2
+    assert waited == ([common.FIRST_PROCESS_WAIT] if waits else [])
+    assert capsys.readouterr().err.startswith("lomar pretrain: error: unrecognized arguments: --num-workers 2;")
+    waited.clear()
+    assert main(["pretrain", "--batch-size", "x"]) == 2  # argparse's own checks too
+    assert waited == ([common.FIRST_PROCESS_WAIT] if waits else [])

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterable
 
 from lomar import __version__
+from lomar.cli.common import leave_it_to_the_first_process
 from lomar.cli.suggest import command_parser, suggest_flags
 from lomar.errors import ANSI_ESCAPE, FULL_DISK, LomarError, first_on_machine
 from lomar.limits import check_env_limits
@@ -63,6 +64,7 @@ class _Parser(argparse.ArgumentParser):
         named = re.match(r"argument (\S+): (--[\w-]+) ", message)
         if named and named[2] in named[1].split("/"):
             message = message[len(named[0]) - len(named[2]) - 1:]
+        leave_it_to_the_first_process()  # under torchrun every process meets the same flag: the first one says it
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
 

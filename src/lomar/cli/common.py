@@ -179,7 +179,7 @@ def training_command(config_cls, runner: str, epilog: str):
         try:
             config = config_cls.resolve(args)  # a ConfigError is a UsageError: one line, exit 2
         except LomarError:
-            _leave_it_to_the_first_process()
+            leave_it_to_the_first_process()
             raise
         if args.print_config:
             sys.stdout.write(config.dump(invocation=True))
@@ -193,13 +193,13 @@ def training_command(config_cls, runner: str, epilog: str):
         except (TrainingError, SaveError) as exc:
             return report_run_failure(config_cls.COMMAND, exc)
         except LomarError:  # the data's, the device's, the run folder's: found by every process alike
-            _leave_it_to_the_first_process()
+            leave_it_to_the_first_process()
             raise
 
     return add_arguments, run
 
 
-def _leave_it_to_the_first_process() -> None:
+def leave_it_to_the_first_process() -> None:
     """Under torchrun every process of a machine meets the same bad flag, file or folder, and each printed the same
     line: the first one says it (one per machine: another machine's files may differ). The others wait for it to fail
     and torchrun to stop them (silently: lomar.cli.app); ending first, one would have torchrun stop the first before
