@@ -451,3 +451,33 @@ def test_a_cell_started_by_an_older_lomar_is_named_not_told_to_drop_a_flag(tmp_p
                                          f"the default .unset. .{cell}/last.pt., which the spec as this lomar runs it "
                                          f"gives 1: the cell was started by an older lomar.*delete {cell} to redo"):
         run_study(parse_spec(spec), out, log=lambda line: None)
+
+
+def test_a_cells_notes_are_said_once_not_at_each_slice_and_evaluation(tmp_path, labelled, pretrained, monkeypatch,
+                                                                       capsys):
+    """'lomar pretrain: note: --window-size 3 is unused' of an MAE cell was said at the check, at each cell's start
+    and at each of its slices (57 times in a study of 8 MAE cells), the finetune's warm-up note at each evaluation."""
+    from lomar.cli.study import evals
+    from lomar.cli.study.spec import Cell, StudyFailed
+    from lomar.train.task import TrainingError
+
+    steps: dict[str, int] = {}
+
+    def slice_to_its_target(config):
+        steps[str(config.out)] = config.max_steps
+        return 0
+
+    monkeypatch.setattr(runner, "read_progress", lambda folder, batch: (steps.get(str(folder), 0), [1.0], 0.5))
+    monkeypatch.setattr(runner, "pretrain", slice_to_its_target)
+    grid = {"method": ["lomar", {"label": "mae", "method": "mae", "windows": 0}]}
+    spec = _spec(labelled, budget="3steps", seeds=2, grid=grid, random_init=False, eval={"metrics": []})
+    run_study(parse_spec(spec), tmp_path / "study", log=lambda line: None)
+    assert capsys.readouterr().err == ("lomar pretrain: note: --window-size 3 is unused: this --method mae run has no "
+                                       "windows (--windows 0: the whole image)\n")
+    spec = parse_spec(_spec(labelled, eval={"metrics": ["finetune"], "finetune": {"epochs": 1}}))
+    runner.check_cells(spec)
+    assert capsys.readouterr().err.count("lomar finetune: note: warming up") == 1
+    monkeypatch.setattr(evals, "finetune", lambda config: (_ for _ in ()).throw(TrainingError("stop")))
+    with pytest.raises(StudyFailed):
+        evals._finetune(evals._args("finetune", spec, Cell({}, dict(spec.settings), 0), pretrained, tmp_path / "f"))
+    assert capsys.readouterr().err == ""

@@ -7,6 +7,7 @@ and the held-out masked-reconstruction loss computed here."""
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from pathlib import Path
 
@@ -121,8 +122,9 @@ class Scorer:
 
 def _finetune(args) -> float:
     """Finetune (or continue finetuning) into ``args.out``; the last epoch's top-1 from its metrics.jsonl."""
-    try:
-        config, where = resolve_finetune_config(args), Path(args.out)
+    try:  # its notes were said by check_options, once, not at each cell's evaluation
+        with contextlib.redirect_stderr(io.StringIO()):
+            config, where = resolve_finetune_config(args), Path(args.out)
     except ConfigError as exc:
         raise UsageError(f"eval.finetune: {exc}") from None
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), stop_signals_seen() as signals:

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,9 +54,10 @@ __all__ = ["run_study", "StudyStopped", "check_cells", "settings_flags", "parse_
            "pretrain", "write_results", "write_figures", "mean_sd", "table"]
 
 
-def cell_config(spec: StudySpec, cell: Cell, folder: Path, max_steps: int | None = None, check: bool = False):
-    """The cell's PretrainConfig, resolved as ``lomar pretrain --out FOLDER --resume auto ...``
-    would (``check``: as ``--print-config``, which does not look into ``--out``)."""
+def cell_config(spec: StudySpec, cell: Cell, folder: Path, max_steps: int | None = None, check: bool = False,
+                notes: dict[str, None] | None = None):
+    """The cell's PretrainConfig, resolved as ``lomar pretrain --out FOLDER --resume auto ...`` would (``check``: as
+    ``--print-config``, which does not look into ``--out``); its notes go into ``notes``, said once by check_cells."""
     settings = dict(cell.settings)
     if cell.random_init:  # one step at lr 0 (the first warm-up step) leaves the initialisation as it was
         settings.update(warmup_epochs=1e-3)
@@ -67,7 +70,12 @@ def cell_config(spec: StudySpec, cell: Cell, folder: Path, max_steps: int | None
         else:
             settings["epochs"] = PretrainConfig.epochs
     settings.update(out=str(folder), resume="auto", seed=cell.seed, data=spec.data_pretrain, max_steps=max_steps)
-    return resolve_config(parse_flags(add_config_arguments, settings_flags(settings) + ["--print-config"] * check))
+    argv = settings_flags(settings) + ["--print-config"] * check
+    with contextlib.redirect_stderr(io.StringIO()) as said:  # not at each slice of each cell
+        config = resolve_config(parse_flags(add_config_arguments, argv))
+    if notes is not None:
+        notes.update(dict.fromkeys(said.getvalue().splitlines()))
+    return config
 
 
 @functools.cache
@@ -89,12 +97,14 @@ def steps_per_epoch(config) -> int:
 def check_cells(spec: StudySpec) -> None:
     """Every cell's settings and every evaluation's options must be valid; else a UsageError naming them."""
     spec.check_folders()
+    notes: dict[str, None] = {}
     for cell in {json.dumps(c.settings, sort_keys=True, default=str): c for c in spec.cells()}.values():
         try:
-            steps_per_epoch(cell_config(spec, cell, Path("/nonexistent-study-check"), check=True))
+            steps_per_epoch(cell_config(spec, cell, Path("/nonexistent-study-check"), check=True, notes=notes))
         except (UsageError, ValueError) as exc:
             raise UsageError(f"cell '{cell.setting_label}' is not a valid `lomar pretrain` setting: {exc}; "
                              f"fix the study's data, grid or settings") from None
+    sys.stderr.write("".join(f"{note}\n" for note in notes))
     check_options(spec)
 
 
