@@ -195,6 +195,25 @@ def test_a_failed_save_is_printed_once_across_torchrun_ranks(rank, printed, monk
     assert capsys.readouterr().err == "lomar pretrain: error: only this rank knows\n"
 
 
+@pytest.mark.parametrize("command", ["knn", "linprobe"])
+@pytest.mark.parametrize("local_rank", ["0", "1"])
+def test_knn_and_linprobe_refuse_torchrun_said_once_a_machine(command, local_rank, tmp, monkeypatch, capsys):
+    # each process scored the whole set, printed its score and wrote the same --json: N times the work for nothing
+    import time
+
+    from lomar.cli import common
+
+    waited = []
+    monkeypatch.setattr(time, "sleep", waited.append)  # as if the first process had not failed yet
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert main([command, str(tmp / "ckpt.pt"), "--data", str(tmp / "data"), "--json", str(tmp / "s.json")]) == 2
+    assert _one_error_line(capsys.readouterr().err, command) == (
+        f"lomar {command}: error: it runs in one process (under torchrun each would score the whole set); run it "
+        f"without torchrun")
+    assert waited == ([common.FIRST_PROCESS_WAIT] if local_rank == "1" else []) and not (tmp / "s.json").exists()
+
+
 def test_interrupt_exits_130(monkeypatch, capsys):
     _fail_with(monkeypatch, KeyboardInterrupt())
     assert main(["export", "ckpt", "--to", "out"]) == 130
