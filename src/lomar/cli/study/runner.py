@@ -244,8 +244,7 @@ class Study:
     """The whole job: cells per seed, interleaved; equal-steps copies; the result files."""
 
     def __init__(self, spec: StudySpec, out: Path, log: Callable[[str], None] = print):
-        self.spec, self.out, self.log = spec, out, log
-        self.started = time.perf_counter()
+        self.spec, self.out, self.log, self.started = spec, out, log, time.perf_counter()
         self.eval_seconds: list[float] = []
         self.runs: list[CellRun] = []
 
@@ -282,8 +281,9 @@ class Study:
         self.runs = [CellRun(self, run.cell, self.out / "cells" / f"{run.cell.name}@{n}steps", Budget(n, "steps"),
                              point_kind="equal_steps") for run in trained if run.state["points"]["end"]["step"] > n]
         self._interleave()
-        return [{**r.state["points"]["end"], "point": "equal_steps"} for r in trained
-                if r.state["points"]["end"]["step"] == n] + [dict(r.state["points"]["end"]) for r in self.runs]
+        copies = {run.cell.name: run for run in self.runs}  # the rows in the study's order, as in the other tables
+        return [dict(copies[r.cell.name].state["points"]["end"]) if r.cell.name in copies else
+                {**r.state["points"]["end"], "point": "equal_steps"} for r in trained]
 
     def run(self) -> list[dict[str, Any]]:
         records, cells = [], self.spec.cells()
