@@ -114,12 +114,14 @@ def test_a_link_to_an_image_listed_already_is_used_once(tmp_path, caplog):
     root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
     for folder in (root / "all", root / "subset", elsewhere):
         folder.mkdir(parents=True)
-    for name in ("a", "b", "c"):
+    for name in ("a", "b", "c", "d"):
         (root / "all" / f"{name}.jpg").write_bytes(b"x")
     (elsewhere / "e.jpg").write_bytes(b"x")
     (root / "subset" / "a.jpg").symlink_to("../all/a.jpg")
     (root / "subset" / "b.jpg").symlink_to(root / "all" / "b.jpg")
-    (root / "a_first.jpg").symlink_to("all/c.jpg")  # sorted before all/c.jpg: the link is the one kept
+    (root / "a_first.jpg").symlink_to("all/c.jpg")  # sorted before all/c.jpg: the file's own path is the one kept
+    (root / "subset" / "chain.jpg").symlink_to(tmp_path / "hop.jpg")  # a link to a link outside, to all/d.jpg
+    (tmp_path / "hop.jpg").symlink_to(root / "all" / "d.jpg")
     (root / "subset" / "gone.jpg").symlink_to("../all/missing.jpg")  # dangling: kept, as any
     (root / "linked").symlink_to(elsewhere, target_is_directory=True)
     for name in ("x.jpg", "y.jpg"):
@@ -131,13 +133,13 @@ def test_a_link_to_an_image_listed_already_is_used_once(tmp_path, caplog):
         found = find_images(root)
         classes = LabelledImageFolder(root)  # each class searched alone: its links into another class are its own
     assert [p.relative_to(root).as_posix() for p in found] == [
-        "a_first.jpg", "all/a.jpg", "all/b.jpg", "linked/e.jpg", "subset/gone.jpg", "subset/z.jpg"]
+        "all/a.jpg", "all/b.jpg", "all/c.jpg", "all/d.jpg", "linked/e.jpg", "subset/gone.jpg", "subset/z.jpg"]
     assert [Path(p).relative_to(root).as_posix() for p in classes.paths] == [
-        "all/a.jpg", "all/b.jpg", "all/c.jpg", "linked/e.jpg", "subset/a.jpg", "subset/b.jpg", "subset/gone.jpg",
-        "subset/x.jpg", "subset/z.jpg"]
+        "all/a.jpg", "all/b.jpg", "all/c.jpg", "all/d.jpg", "linked/e.jpg", "subset/a.jpg", "subset/b.jpg",
+        "subset/chain.jpg", "subset/gone.jpg", "subset/x.jpg", "subset/z.jpg"]
     assert [r.getMessage() for r in caplog.records][:2] == [
-        f"{root}: 6 symlink(s) lead to an image already listed (e.g. {root / 'all' / 'c.jpg'} and "
-        f"{root / 'a_first.jpg'} are one file); used once",
+        f"{root}: 7 symlink(s) lead to an image already listed (e.g. {root / 'a_first.jpg'} and "
+        f"{root / 'all' / 'c.jpg'} are one file); used once",
         f"{root}: 2 symlink(s) lead to an image already listed (e.g. {root / 'subset' / 'y.jpg'} and "
         f"{root / 'subset' / 'x.jpg'} are one file); used once"]
 

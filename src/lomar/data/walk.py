@@ -56,17 +56,22 @@ def folder_prefix(folder: str) -> str:
 
 
 def once_each(found: list[str], links: list[str], folders: dict[tuple[int, int], str]) -> tuple[list, list]:
-    """(``found`` less each path that is a file listed before it under another path, (that path, the one before it)
-    for each), where ``found`` is a search's sorted paths, ``links`` the symlinks among them and ``folders`` maps the
-    (st_dev, st_ino) of each folder searched to its path as walked. A dangling or looping link is no file: kept, to be
-    skipped and counted when read, as a folder search keeps it."""
+    """(``found`` less each link to a file listed under another path (the file's own path kept where listed, else
+    its first link in sorted order), (that link, the path kept) for each), where ``found`` is a search's sorted paths,
+    ``links`` the symlinks among them and ``folders`` maps the (st_dev, st_ino) of each folder searched to its path as
+    walked. A dangling or looping link is no file: kept, to be skipped and counted when read, as a folder search keeps
+    it."""
     same: dict[str, tuple[int, int]] = {}  # path -> (st_dev, st_ino) of the file it is
     into: dict[str, str | None] = {}  # folder a link names -> folder_prefix of it as walked; None: not searched
     for link in links:
         try:
             info = os.stat(link)
-            # the path the link holds, not os.path.realpath's (an lstat a component: 80 us a link, 10k links 0.8 s)
-            target = os.path.join(os.path.dirname(link), os.readlink(link))
+            # the file the link leads to, through any link it names (one outside the search would hide the file
+            # listed inside): the paths the links hold, not os.path.realpath's (an lstat a component: 80 us a link,
+            # 10k links 0.8 s); a chain ends, as os.stat followed it
+            target = link
+            while os.path.islink(target):
+                target = os.path.join(os.path.dirname(target), os.readlink(target))
             if (folder := os.path.dirname(target) or ".") not in into:
                 searched = folders.get(((there := os.stat(folder)).st_dev, there.st_ino))
                 into[folder] = None if searched is None else folder_prefix(searched)
@@ -77,7 +82,11 @@ def once_each(found: list[str], links: list[str], folders: dict[tuple[int, int],
             same[into[folder] + os.path.basename(target)] = same[link]
     if not same:
         return found, []
-    first: dict[tuple[int, int], str] = {}
-    twice = [(path, first[key]) for path in found if (key := same.get(path)) and first.setdefault(key, path) != path]
+    first: dict[tuple[int, int], str] = {}  # the path kept of each file: its own where listed, else its first link's
+    linked = set(links)
+    for path in found:
+        if (key := same.get(path)) and (key not in first or first[key] in linked and path not in linked):
+            first[key] = path
+    twice = [(path, first[key]) for path in found if (key := same.get(path)) and first[key] != path]
     dropped = {path for path, _ in twice}
     return ([path for path in found if path not in dropped] if twice else found), twice
