@@ -50,6 +50,7 @@ def test_accuracies_in_percent_on_an_axis_wider_than_the_noise():
                for s, v in (("lomar", 0.589), ("mae", 0.605), ("lomar", 0.591), ("mae", 0.601))]
     ax = _panel(draw_time_to_accuracy(records, "t"), "k-NN")
     assert ax.get_title() == "k-NN top-1 (%)"
+    assert ax.get_xlabel() == "time in training steps (s)"  # the cells' clock, as results.md says, not wall time
     assert [round(y, 1) for c in ax.containers for y in c.lines[0].get_ydata()] == [59.0, 60.3]
     low, high = ax.get_ylim()
     assert high - low >= 10 - 1e-9 and 0 <= low < 59 and 60.3 < high <= 100

@@ -95,7 +95,7 @@ def draw_time_to_accuracy(records: list[dict[str, Any]], title: str) -> Figure:
             shown += [y - s for y, s in zip(ys, sds)] + [y + s for y, s in zip(ys, sds)]
         if shown:
             ax.set_ylim(*_limits(min(shown), max(shown), percent))
-        ax.set_xlabel("pretraining time (s)")
+        ax.set_xlabel("time in training steps (s)")  # the budget's clock: not wall time, start-up or evaluations
         ax.grid(alpha=0.3)
     handles = [Line2D([], [], color=colours[s], marker="o") for s in settings]
     fig.legend(handles, settings, loc="outside right upper", fontsize=8)
