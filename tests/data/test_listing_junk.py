@@ -231,7 +231,7 @@ def test_camera_raw_files_beside_jpegs_are_said_not_passed_over_silently(tmp_pat
     from lomar.data.folder import LabelledImageFolder
 
     raws = ("a.CR2", "b.CR3", "c.NEF", "d.ARW", "e.DNG", "f.ORF", "g.RW2", "h.RAF", "i.PEF", "j.srw")
-    for name in ("cat/x.jpg", "dog/y.jpg", *(f"cat/{raw}" for raw in raws)):
+    for name in ("cat/x.jpg", "dog/y.jpg", "cat/._a.CR2", *(f"cat/{raw}" for raw in raws)):  # ._: copied by a Mac
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(b"II*\x00")  # most RAW formats (DNG, CR2, NEF, ARW) open as a TIFF does
     with caplog.at_level(logging.WARNING, logger="lomar.data"):

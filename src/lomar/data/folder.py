@@ -102,7 +102,8 @@ def _search(root: str | Path) -> tuple[list[str], dict]:
         prefix = folder_prefix(folder)
         found.extend(prefix + name for name in files if is_image_name(name))  # dangling links land here
         links += [prefix + name for name in linked if is_image_name(name)]
-        foreign += [Path(folder) / name for name in sorted(files) if file_suffix(name).lower() in _FOREIGN_IMAGES]
+        foreign += [Path(folder) / name for name in sorted(files)  # a ._NAME beside each: a Mac's metadata, no photo
+                    if file_suffix(name).lower() in _FOREIGN_IMAGES and not name.startswith("._")]
     found, twice = once_each(sort_like_paths(found), links, dict(folders))
     return found, {"loops": loops, "hidden": hidden, "forks": forks, "unlisted": unlisted, "foreign": foreign,
                    "twice": twice, "folders": folders}
