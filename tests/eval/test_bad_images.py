@@ -66,8 +66,8 @@ def test_finetune_stops_when_over_a_tenth_of_its_validation_split_is_unreadable(
     data = _more_images(setup, tmp_path / "data", 4, splits=["train"])  # training 1 of 17, validation 1 of 5
     assert _finetune(setup, data, tmp_path / "ft") == 1
     err = capsys.readouterr().err
-    assert f"1 of 5 validation images in {data / 'val'} (over 10%) could not be used; fix or remove them" in err
-    assert "Traceback" not in err
+    assert f"error: {data / 'val'}: 1 of 5 images (over 10%) could not be used, e.g. " in err  # as knn says it
+    assert "broken.png" in err and "Traceback" not in err
     # the epoch it trained is kept: the scoring's data failed, not the training
     assert safe_load(tmp_path / "ft" / "last.pt")["step"] == 4 and not (tmp_path / "ft" / "best.pt").exists()
 

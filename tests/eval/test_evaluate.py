@@ -478,7 +478,7 @@ def test_finetune_evaluates_past_a_batch_of_only_unreadable_images(pretrained, f
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "none")]) == 1
     err = capsys.readouterr().err.splitlines()
-    assert err[-1] == f"lomar finetune: error: no image of {data / 'val'} could be read; fix or replace them"
+    assert err[-1] == f"lomar finetune: error: no image in {data / 'val'} could be read (22 tried); fix or replace them"
 
 
 def test_finetune_top1_and_top5_count_every_validation_image_once_not_a_mean_of_batches():
@@ -495,7 +495,7 @@ def test_finetune_top1_and_top5_count_every_validation_image_once_not_a_mean_of_
     images.root = Path("val")
     task = SimpleNamespace(model=torch.nn.Identity(), device=torch.device("cpu"), info=DistInfo(),
                            val_loader=DataLoader(Subset(images, range(7)), batch_size=4),
-                           autocast=contextlib.nullcontext, classes=list("abcdef"))
+                           autocast=contextlib.nullcontext, classes=list("abcdef"), train_loader=None)
     assert finetune.FinetuneTask.evaluate(task) == {"top1": pytest.approx(4 / 7), "top5": pytest.approx(6 / 7)}
 
 

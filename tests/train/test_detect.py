@@ -33,6 +33,7 @@ from lomar.errors import UsageError
 from lomar.integrations.detection import FixedSizeTransform, build_mask_rcnn, detector_param_groups
 from lomar.models.vit import VisionTransformer, model_config
 from lomar.train.detect import DetectTask, step_lr_factor
+from lomar.train.task import TrainingError
 
 
 @pytest.fixture(scope="module")
@@ -748,7 +749,7 @@ def test_a_score_over_part_of_the_validation_split_says_so(ten_val, tmp_path, ca
     three = read_coco(*write_tiny_coco(tmp_path / "three", 3, seed=1))
     first = three.root / three.data["images"][0]["file_name"]
     first.write_bytes(first.read_bytes()[:200])
-    with pytest.raises(UsageError, match=rf"^{re.escape(str(three.root))}: 1 of 3 images \(over 10%\) could not be "
+    with pytest.raises(TrainingError, match=rf"^{re.escape(str(three.root))}: 1 of 3 images \(over 10%\) could not be "
                                          rf"used, e\.g\. cannot decode image {re.escape(str(first))}: .*; fix or "
                                          rf"remove them$"):
         _evaluated(three, _Oracle(three, [2, 3]))

@@ -466,6 +466,26 @@ def test_too_many_images_cut_short_stop_the_run_in_one_line(digits, tmp_path, ca
     assert "Traceback" not in err
 
 
+def test_too_many_validation_images_cut_short_stop_the_run_and_eval_only_with_exit_1(digits, tmp_path, capsys):
+    """Found on its way, after training (as finetune's validation, and a run's training images): exit 1, in one line,
+    the run's checkpoint kept; --eval-only of that checkpoint stops alike."""
+    root = tmp_path / "data"
+    shutil.copytree(digits, root)
+    photos = sorted((root / "images" / "validation").glob("*.jpg"))
+    _cut_short(photos[0])
+    run = tmp_path / "run"
+    assert _segment(root, run, "--model", "vit_tiny_patch16", "--max-steps", "1", "--eval-every", "50",
+                    "--eval-mode", "whole") == 1
+    line = (f"{root / 'images' / 'validation'}: 1 of {len(photos)} images (over 10%) could not be used, e.g. cannot "
+            f"decode image {photos[0]}")
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(f"lomar segment: error: {line}") and "Traceback" not in err
+    assert (run / "last.pt").exists()
+    assert main(["segment", "--eval-only", "--pretrained", str(run / "last.pt"), "--data", str(root), "--workers", "0",
+                 "--threads", "1", "--device", "cpu", "--batch-size", "1", "--out", str(tmp_path / "ev")]) == 1
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"lomar segment: error: {line}")
+
+
 def _cut_short(photo: Path) -> None:
     """The header reads (start-up passes), the scan not: skipped with a warning when read."""
     data = photo.read_bytes()
@@ -494,8 +514,8 @@ def _scoring(data: Path, out: Path, run: bool):
 def test_a_score_over_part_of_the_validation_split_says_so(tmp_path, capsys, monkeypatch):
     """--eval-only's record and result line, and before every epoch line of a run, the images scored and skipped
     (each skipped one is warned of only at its first read); more than 10 % skipped stops in one line."""
-    from lomar.errors import UsageError
     from lomar.train import segment
+    from lomar.train.task import TrainingError
 
     data = tmp_path / "data"
     compose_digits(data, img_size=32, images=20, seed=0, val_fraction=0.5, digit_scale=(0.3, 0.5))
@@ -518,8 +538,8 @@ def test_a_score_over_part_of_the_validation_split_says_so(tmp_path, capsys, mon
         assert task.evaluate()["val_images"] == {"scored": 9, "skipped": 1}
         assert capsys.readouterr().out == note + "\n"
     _cut_short(photos[1])  # 2 of 10: over the 10 % a score may leave out
-    with pytest.raises(UsageError, match=rf"^{data / 'images' / 'validation'}: 2 of 10 images \(over 10%\) could not "
-                                         rf"be used, e\.g\. cannot decode image {photos[0]}"):
+    with pytest.raises(TrainingError, match=rf"^{data / 'images' / 'validation'}: 2 of 10 images \(over 10%\) could "
+                                            rf"not be used, e\.g\. cannot decode image {photos[0]}"):
         task.evaluate()
 
 

@@ -33,11 +33,11 @@ from lomar.models.masking import grid_size
 from lomar.models.relpos import REL_POS_PARAMS
 from lomar.models.vit import VisionTransformer, ViTConfig
 from lomar.train.monitor import progress
+from lomar.train.task import TrainingError
 from lomar.values import brief, counted, is_integer
 
 __all__ = ["LoadReport", "load_pretrained_encoder", "eval_transform", "eval_resize", "knn_loaders", "extract_features",
-           "read_features", "check_read", "check_split", "skipped_note", "val_images",
-           "scored_split", "over_note", "Pool"]
+           "read_features", "check_read", "check_split", "skipped_note", "scored_split", "over_note", "Pool"]
 
 Pool = Literal["mean", "cls"]
 
@@ -349,22 +349,23 @@ def skipped_note(root, count: int) -> str:
     return f"{root}: {count} unreadable image(s) skipped, at most {UNREADABLE_LIMIT:.0%} of a split"
 
 
-def val_images(scored: int, skipped: int) -> dict:
-    """The metrics record's account of an evaluation that left ``skipped`` images of its split out of its score
-    (a dict: the log's line and TensorBoard show no such entry); {} when none was, the record as it always was."""
-    return {"val_images": {"scored": scored, "skipped": skipped}} if skipped else {}
-
-
-def scored_split(root, total: int, skipped: list[str], say: bool) -> dict:
-    """:func:`val_images` of an evaluation of the split ``root`` of ``total`` images that left out ``skipped`` (the
-    files, each warned of at its first read), after :func:`check_split`; ``say``: print :func:`skipped_note` where
-    any was (a run's evaluation, whose epoch line follows)."""
+def scored_split(root, total: int, skipped: list, say: bool) -> dict:
+    """The metrics record's account of a trained model's evaluation (a run's or ``--eval-only``'s) of the split
+    ``root`` of ``total`` images that left out ``skipped`` (the files, each warned of at its first read):
+    ``val_images`` (a dict, for the record alone: the log's line and TensorBoard show no such entry), or {} when none
+    was. :func:`check_split` first, as a :class:`TrainingError` (exit 1: what a run finds on its way, its checkpoint
+    kept). ``say``: print :func:`skipped_note` where any was (a run's evaluation, whose epoch line follows)."""
     bad = BadDataTracker(total, warn=False)
     bad.update(list(skipped), total)
-    check_split(root, total, total - len(skipped), bad)
-    if skipped and say:
+    try:
+        check_split(root, total, total - len(skipped), bad)
+    except UsageError as exc:
+        raise TrainingError(str(exc)) from None
+    if not skipped:
+        return {}
+    if say:
         print(skipped_note(root, len(skipped)), flush=True)
-    return val_images(total - len(skipped), len(skipped))
+    return {"val_images": {"scored": total - len(skipped), "skipped": len(skipped)}}
 
 
 def over_note(root, metrics: dict) -> str:

@@ -50,7 +50,7 @@ from lomar.train.distributed import DistInfo
 from lomar.train.lifecycle import Task, run
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.settings_resume import command_flags, encoder_layout
-from lomar.train.task import score_only
+from lomar.train.task import TrainingError, score_only
 from lomar.train.task_resume import load_resumed
 
 __all__ = ["DetectTask", "step_lr_factor", "detect", "category_change"]
@@ -195,8 +195,8 @@ class DetectTask(Task):
     @torch.no_grad()
     def evaluate(self) -> dict[str, float | dict | None]:
         """box_* and mask_* COCO AP in percent over the validation split, and ``val_images`` where images were skipped
-        (:func:`~lomar.eval.features.scored_split`; every process gets them); the main process keeps the
-        predictions."""
+        (:func:`~lomar.eval.features.scored_split`; every process gets them, {} where the main process's scoring
+        failed); the main process keeps the predictions."""
         was_training = self.model.training
         self.model.eval()
         # seen: the images read; one skipped (warned of at its first read) is left out of the scores and counted
@@ -216,18 +216,19 @@ class DetectTask(Task):
             return self._scored(results, seen, skipped)
         gathered = [None] * self.info.world_size if self.info.is_main else None
         dist.gather_object((results, seen, skipped), gathered, dst=0)
-        metrics: list = [None]
+        metrics: list = [None]  # stays None where the main process's scoring failed
+        failure = None
         if self.info.is_main:
             self.predictions = sorted((r for part, _, _ in gathered for r in part), key=lambda r: r["image_id"])
             try:
                 metrics = [self._scored(self.predictions, [i for _, ids, _ in gathered for i in ids],
                                         [line for _, _, lines in gathered for line in lines])]
-            except UsageError as exc:  # too many skipped: every process raises it (the lifecycle saves first)
-                metrics = [exc]
+            except TrainingError as exc:  # too many skipped: said once, here; the lifecycle stops every process
+                failure = exc
         dist.broadcast_object_list(metrics, src=0)
-        if isinstance(metrics[0], UsageError):
-            raise metrics[0]
-        return metrics[0]
+        if failure is not None:
+            raise failure
+        return metrics[0] or {}
 
     def _scored(self, results: list[dict], seen: list[int], skipped: list[str]) -> dict:
         """The metrics of ``results`` over the ``seen`` images, the ``skipped`` ones counted."""

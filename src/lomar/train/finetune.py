@@ -31,17 +31,17 @@ from lomar.checkpoints.formats import VitReader, identify
 from lomar.checkpoints.kinds import FINETUNE_FORMAT
 from lomar.data.class_names import classes_only_in, relabel, unicode_forms_note
 from lomar.data.classify import SeededSamples, classification_transforms, eval_crop_ratio
-from lomar.data.collate import UNREADABLE_LIMIT, collate_labelled, collate_labelled_refill
+from lomar.data.collate import collate_labelled, collate_labelled_refill
 from lomar.data.decode import THUMBNAIL_FOLDERS, load_image_reduced
 from lomar.data.draft_classify import DraftCropFolder
 from lomar.data.folder import LabelledImageFolder
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError, said_by_first_on_machine
-from lomar.eval.features import load_pretrained_encoder, over_note, skipped_note, val_images
+from lomar.eval.features import load_pretrained_encoder, over_note, scored_split
 from lomar.models.vit import VisionTransformer
 from lomar.train.distributed import DistInfo
 from lomar.train.finetune_config import FinetuneConfig, split_roots
-from lomar.train.lifecycle import Task, TrainingError, run
+from lomar.train.lifecycle import Task, run
 from lomar.train.monitor import metric_text
 from lomar.train.precision import autocast_factory, resolve_precision
 from lomar.train.preemption import ignore_stop_signals
@@ -181,34 +181,34 @@ class FinetuneTask(Task):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float | dict]:
-        """Top-1 (and, over more than 5 classes, top-5) accuracy in [0, 1] over the whole validation set (all ranks);
-        ``val_images`` (:func:`~lomar.eval.features.val_images`) where some were skipped."""
+        """Top-1 (and, over more than 5 classes, top-5) accuracy in [0, 1] over the whole validation set (all ranks),
+        and the main process's ``val_images`` where some were skipped (:func:`~lomar.eval.features.scored_split`)."""
         model, device = self.model, self.device
         was_training = model.training
         model.eval()
-        totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, scored, files
-        totals[3] = len(self.val_loader.dataset)
-        for images, targets in self.val_loader:
-            if not len(targets):  # every image of the batch unreadable (each warned about)
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct@1, correct@5, scored
+        skipped = []  # each warned of at its first read
+        for batch in self.val_loader:
+            images, targets = batch
+            skipped.extend(getattr(batch, "bad", []))
+            if not len(targets):  # every image of the batch unreadable
                 continue
             with self.autocast():
                 logits = model(images.to(device))
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hit = top == targets.to(device)[:, None]
-            totals[:3] += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(targets), device=device)])
+            totals += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(targets), device=device)])
+        model.train(was_training)
+        counts, split = {}, self.val_loader.dataset.dataset
         if self.info.enabled:
             dist.all_reduce(totals)
-        model.train(was_training)
-        val_root, (scored, files) = self.val_loader.dataset.dataset.root, totals[2:].long().tolist()
-        if not scored:
-            raise TrainingError(f"no image of {val_root} could be read; fix or replace them")
-        if files - scored > UNREADABLE_LIMIT * files:  # a top-1 over part of the split is not the split's
-            raise TrainingError(f"{files - scored} of {files} validation images in {val_root} (over "
-                                f"{UNREADABLE_LIMIT:.0%}) could not be used; fix or remove them")
-        if files > scored and self.info.is_main and self.train_loader is not None:  # a run's: its epoch line follows
-            print(skipped_note(val_root, files - scored), flush=True)  # each file warned of at its first read only
+            gathered = [None] * self.info.world_size if self.info.is_main else None
+            dist.gather_object(skipped, gathered, dst=0)
+            skipped = [line for part in gathered or () for line in part]
+        if self.info.is_main:  # too many skipped: the main process raises, the lifecycle stops every one
+            counts = scored_split(split.root, len(split), skipped, say=self.train_loader is not None)
         top5 = {"top5": float(totals[1] / totals[2])} if len(self.classes) > 5 else {}  # else always 1: noise
-        return {"top1": float(totals[0] / totals[2]), **top5, **val_images(scored, files - scored)}
+        return {"top1": float(totals[0] / totals[2]), **top5, **counts}
 
     def load(self, state: dict) -> None:
         saved = list(state.get("classes") or self.classes)  # as many under other names would swap labels silently
