@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from lomar.train.runtime import retain_freed_memory
 
-__all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "any_rank", "main_rank_out"]
+__all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "any_rank", "main_rank_out", "sync_stats"]
 
 
 @dataclass(frozen=True)
@@ -76,3 +76,12 @@ def main_rank_out(config) -> str:
         dist.broadcast_object_list(shared, src=0)
         config.out = shared[0]
     return config.out
+
+
+def sync_stats(module: torch.nn.Module) -> None:
+    """The main rank's buffers on every rank (a collective under torchrun). DDP broadcasts them before a training
+    forward only, after which each rank's BatchNorm updates its statistics from its own batch: an evaluation then
+    scored each rank's share with other statistics, a score no model had, not the saved one's (rank 0's)."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)

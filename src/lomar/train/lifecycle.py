@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lomar.checkpoints.file_names import BEST, LAST, METRICS
 from lomar.checkpoints.io import mismatch, safe_load
 from lomar.errors import LomarError, UsageError, in_flags
-from lomar.train.distributed import DistInfo, any_rank, cleanup_distributed, init_distributed, main_rank_out
+from lomar.train.distributed import DistInfo, any_rank, cleanup_distributed, init_distributed, main_rank_out, sync_stats
 from lomar.train.fsdp import load_sharded, save_run_checkpoint
 from lomar.train.monitor import Monitor, input_limit_note, metric_text, resume_hint
 from lomar.train.precision import WatchedScaler, autocast_factory, resolve_precision
@@ -291,6 +291,7 @@ class _Run:
         failure, metrics = None, {}
         if self.evaluated_step != self.p.step:
             try:
+                sync_stats(self.task.model)  # every rank scores the model that is saved
                 metrics = self.task.evaluate()
             except (TrainingError, LomarError) as exc:  # the evaluation's data failed, not the training
                 failure = exc
