@@ -37,7 +37,7 @@ from lomar.train.task import TrainingError
 from lomar.values import brief, counted, is_integer
 
 __all__ = ["LoadReport", "load_pretrained_encoder", "eval_transform", "eval_resize", "knn_loaders", "extract_features",
-           "read_features", "check_read", "check_split", "skipped_note", "scored_split", "over_note", "Pool"]
+           "read_features", "check_read", "skipped_note", "scored_split", "over_note", "Pool"]
 
 Pool = Literal["mean", "cls"]
 
@@ -329,10 +329,10 @@ def read_features(encoder: VisionTransformer, loader, device: torch.device | str
 def check_read(dataset, filled: int, bad: BadDataTracker) -> None:
     """UsageError naming ``dataset``'s folder when none of its images (``filled`` were read) or more than
     ``UNREADABLE_LIMIT`` of them (``bad``) could not be used: a score over part of a split is not that split's."""
-    check_split(getattr(dataset, "root", None), len(dataset), filled, bad)
+    _check_split(getattr(dataset, "root", None), len(dataset), filled, bad)
 
 
-def check_split(root, total: int, filled: int, bad: BadDataTracker) -> None:
+def _check_split(root, total: int, filled: int, bad: BadDataTracker) -> None:
     """:func:`check_read` of the split ``root`` (None: unnamed) of ``total`` images."""
     if not filled:  # every image unreadable: nothing to evaluate on
         raise UsageError(f"no image {f'in {root} ' if root else ''}could be read ({total} tried); "
@@ -353,12 +353,12 @@ def scored_split(root, total: int, skipped: list, say: bool) -> dict:
     """The metrics record's account of a trained model's evaluation (a run's or ``--eval-only``'s) of the split
     ``root`` of ``total`` images that left out ``skipped`` (the files, each warned of at its first read):
     ``val_images`` (a dict, for the record alone: the log's line and TensorBoard show no such entry), or {} when none
-    was. :func:`check_split` first, as a :class:`TrainingError` (exit 1: what a run finds on its way, its checkpoint
+    was. :func:`_check_split` first, as a :class:`TrainingError` (exit 1: what a run finds on its way, its checkpoint
     kept). ``say``: print :func:`skipped_note` where any was (a run's evaluation, whose epoch line follows)."""
     bad = BadDataTracker(total, warn=False)
     bad.update(list(skipped), total)
     try:
-        check_split(root, total, total - len(skipped), bad)
+        _check_split(root, total, total - len(skipped), bad)
     except UsageError as exc:
         raise TrainingError(str(exc)) from None
     if not skipped:
