@@ -339,3 +339,35 @@ def test_resume_auto_follows_last_json_and_falls_back_to_the_newest_intact_folde
     _fake_sharded(out / "checkpoint-000008.dcp.tmp", 8)
     assert [p.name for p in remove_stale_temporaries(out)] == ["checkpoint-000008.dcp.tmp"]
     assert (out / "checkpoint-000004.dcp").is_dir() and not (out / "checkpoint-000008.dcp.tmp").exists()
+
+
+def test_a_sharded_model_returns_no_view_for_fsdp_to_warn_of(tmp_path):
+    """MAE's prediction is a view (the cls token's row cut off): FSDP warned from every process at every launch
+    that an in-place op on it would give wrong gradients. The copy keeps the loss and its gradients."""
+    import warnings
+
+    from lomar.models.mae import MAE
+    from lomar.train.fsdp import shard_model
+
+    def build():
+        torch.manual_seed(0)
+        return MAE(model_config("vit_tiny_patch8", img_size=32, embed_dim=DIM, depth=2, num_heads=2, pos="abs"),
+                   decoder_embed_dim=DIM, decoder_depth=1, decoder_num_heads=2)
+
+    images, noise = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.rand(2, 16)
+    plain = build()
+    plain(images, noise).loss.backward()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        sharded = shard_model(build())
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            out = sharded(images, noise)
+            out.loss.backward()
+    finally:
+        dist.destroy_process_group()
+    assert [str(w.message) for w in seen if "view" in str(w.message)] == []
+    assert out.pred._base is None and torch.equal(out.loss.detach(), plain(images, noise).loss.detach())
+    grads = {name: None if p.grad is None else p.grad.full_tensor() for name, p in sharded.named_parameters()}
+    for name, p in plain.named_parameters():
+        assert (grads[name] is None) if p.grad is None else torch.equal(grads[name], p.grad), name

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from lomar.checkpoints.file_names import LAST_POINTER
 from lomar.checkpoints.io import atomic_save, atomic_write_text, refuse_link, remove_tree, safe_load, write_error
@@ -70,9 +71,20 @@ def shard_model(model: nn.Module, precision: str = "fp32") -> nn.Module:
     mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if precision == "bf16" else MixedPrecisionPolicy())
+    # before fully_shard: hooks run in the order registered, so FSDP's own sees the copies
+    model.register_forward_hook(_copy_views)
     for module in (*block_modules(model), model):
         fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     return model
+
+
+def _copy_views(module: nn.Module, inputs, output):
+    """The root's outputs with each view that needs a gradient (MAE's prediction, its cls token's row cut off) copied.
+    FSDP hooks its backward on them, and on a view it warns, from every process at every launch, that an in-place
+    op there would skip the all-gather and give wrong gradients; a copy is no view (and no lomar loss writes into
+    an output in place). NamedTuple outputs are walked as tuples."""
+    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) and t.requires_grad and t._base is not None
+                    else t, output)
 
 
 def _writer(directory: Path):
