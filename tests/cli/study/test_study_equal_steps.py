@@ -5,7 +5,7 @@ import json
 import pytest
 
 from helpers import write_images
-from lomar.cli.study import runner
+from lomar.cli.study import results, runner
 from lomar.cli.study.runner import run_study
 from lomar.cli.study.spec import parse_spec
 
@@ -44,7 +44,7 @@ def test_a_grown_grid_compares_each_cell_once_at_the_new_slowest_step(tmp_path, 
     _cell(out, "batch_size-4_seed0@1steps", "batch_size=4", {"end": ("equal_steps", 1)})
     _cell(out, "batch_size-6_seed0@1steps", "batch_size=6", {"end": ("equal_steps", 1)})
     monkeypatch.setattr(runner, "pretrain", lambda config: pytest.fail(f"trained {config.out}"))
-    monkeypatch.setattr(runner, "write_figures", lambda records, spec, out: [])
+    monkeypatch.setattr(results, "write_figures", lambda records, spec, out: [])
     data = {split: str(tmp_path / "data" / split) for split in ("train", "val")}
     spec = parse_spec(dict(name="grown", budget="1epochs", settings=TINY, grid={"batch_size": [4, 6, 12]},
                            data={"pretrain": data["train"], **data},
