@@ -33,11 +33,10 @@ from lomar.models.masking import grid_size
 from lomar.models.relpos import REL_POS_PARAMS
 from lomar.models.vit import VisionTransformer, ViTConfig
 from lomar.train.monitor import progress
-from lomar.train.task import TrainingError
-from lomar.values import brief, counted, is_integer
+from lomar.values import brief, is_integer
 
 __all__ = ["LoadReport", "load_pretrained_encoder", "eval_transform", "eval_resize", "knn_loaders", "extract_features",
-           "read_features", "check_read", "skipped_note", "scored_split", "over_note", "Pool"]
+           "read_features", "check_read", "skipped_note", "check_split", "Pool"]
 
 Pool = Literal["mean", "cls"]
 
@@ -329,10 +328,10 @@ def read_features(encoder: VisionTransformer, loader, device: torch.device | str
 def check_read(dataset, filled: int, bad: BadDataTracker) -> None:
     """UsageError naming ``dataset``'s folder when none of its images (``filled`` were read) or more than
     ``UNREADABLE_LIMIT`` of them (``bad``) could not be used: a score over part of a split is not that split's."""
-    _check_split(getattr(dataset, "root", None), len(dataset), filled, bad)
+    check_split(getattr(dataset, "root", None), len(dataset), filled, bad)
 
 
-def _check_split(root, total: int, filled: int, bad: BadDataTracker) -> None:
+def check_split(root, total: int, filled: int, bad: BadDataTracker) -> None:
     """:func:`check_read` of the split ``root`` (None: unnamed) of ``total`` images."""
     if not filled:  # every image unreadable: nothing to evaluate on
         raise UsageError(f"no image {f'in {root} ' if root else ''}could be read ({total} tried); "
@@ -347,29 +346,3 @@ def skipped_note(root, count: int) -> str:
     """What a score over part of the split ``root`` says of its ``count`` unreadable images (each warned of by name
     when read), within the ``UNREADABLE_LIMIT`` it allows."""
     return f"{root}: {count} unreadable image(s) skipped, at most {UNREADABLE_LIMIT:.0%} of a split"
-
-
-def scored_split(root, total: int, skipped: list, say: bool) -> dict:
-    """The metrics record's account of a trained model's evaluation (a run's or ``--eval-only``'s) of the split
-    ``root`` of ``total`` images that left out ``skipped`` (the files, each warned of at its first read):
-    ``val_images`` (a dict, for the record alone: the log's line and TensorBoard show no such entry), or {} when none
-    was. :func:`_check_split` first, as a :class:`TrainingError` (exit 1: what a run finds on its way, its checkpoint
-    kept). ``say``: print :func:`skipped_note` where any was (a run's evaluation, whose epoch line follows)."""
-    bad = BadDataTracker(total, warn=False)
-    bad.update(list(skipped), total)
-    try:
-        _check_split(root, total, total - len(skipped), bad)
-    except UsageError as exc:
-        raise TrainingError(str(exc)) from None
-    if not skipped:
-        return {}
-    if say:
-        print(skipped_note(root, len(skipped)), flush=True)
-    return {"val_images": {"scored": total - len(skipped), "skipped": len(skipped)}}
-
-
-def over_note(root, metrics: dict) -> str:
-    """What ``--eval-only``'s result line adds after the scores of ``metrics`` over part of the split ``root``:
-    ' over N images (ROOT: K unreadable ...)', or '' over all of it."""
-    counts = metrics.get("val_images")
-    return f" over {counted(counts['scored'], 'image')} ({skipped_note(root, counts['skipped'])})" if counts else ""

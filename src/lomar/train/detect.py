@@ -38,7 +38,7 @@ from lomar.data.coco_shared import shared_split
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError
 from lomar.eval.coco import coco_metrics, to_coco_results
-from lomar.eval.features import load_pretrained_encoder, over_note, scored_split
+from lomar.eval.features import load_pretrained_encoder
 from lomar.integrations.dense import with_rel_pos
 from lomar.integrations.detection import build_mask_rcnn, detector_param_groups
 from lomar.models.attention import vitdet_global_blocks
@@ -50,7 +50,7 @@ from lomar.train.distributed import DistInfo
 from lomar.train.lifecycle import Task, run
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.settings_resume import command_flags, encoder_layout
-from lomar.train.task import TrainingError, score_only
+from lomar.train.task import TrainingError, over_note, score_only, scored_split
 from lomar.train.task_resume import load_resumed
 
 __all__ = ["DetectTask", "step_lr_factor", "detect", "category_change"]
@@ -195,7 +195,7 @@ class DetectTask(Task):
     @torch.no_grad()
     def evaluate(self) -> dict[str, float | dict | None]:
         """box_* and mask_* COCO AP in percent over the validation split, and ``val_images`` where images were skipped
-        (:func:`~lomar.eval.features.scored_split`; every process gets them, {} where the main process's scoring
+        (:func:`~lomar.train.task.scored_split`; every process gets them, {} where the main process's scoring
         failed); the main process keeps the predictions."""
         was_training = self.model.training
         self.model.eval()

@@ -37,7 +37,7 @@ from lomar.data.draft_classify import DraftCropFolder
 from lomar.data.folder import LabelledImageFolder
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError, said_by_first_on_machine
-from lomar.eval.features import load_pretrained_encoder, over_note, scored_split
+from lomar.eval.features import load_pretrained_encoder
 from lomar.models.vit import VisionTransformer
 from lomar.train.distributed import DistInfo
 from lomar.train.finetune_config import FinetuneConfig, split_roots
@@ -46,7 +46,7 @@ from lomar.train.monitor import metric_text
 from lomar.train.precision import autocast_factory, resolve_precision
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.settings_resume import command_flags, encoder_layout
-from lomar.train.task import score_only
+from lomar.train.task import over_note, score_only, scored_split
 from lomar.train.task_resume import load_resumed
 from lomar.values import counted
 
@@ -182,7 +182,7 @@ class FinetuneTask(Task):
     @torch.no_grad()
     def evaluate(self) -> dict[str, float | dict]:
         """Top-1 (and, over more than 5 classes, top-5) accuracy in [0, 1] over the whole validation set (all ranks),
-        and the main process's ``val_images`` where some were skipped (:func:`~lomar.eval.features.scored_split`)."""
+        and the main process's ``val_images`` where some were skipped (:func:`~lomar.train.task.scored_split`)."""
         model, device = self.model, self.device
         was_training = model.training
         model.eval()

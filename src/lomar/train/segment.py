@@ -27,7 +27,7 @@ from lomar.data.collate import Skipped
 from lomar.data.samplers import EpochSampler
 from lomar.data.segmentation import SegmentationFolder, class_names, collate_segmentation
 from lomar.errors import LomarError, UsageError
-from lomar.eval.features import load_pretrained_encoder, over_note, scored_split
+from lomar.eval.features import load_pretrained_encoder
 from lomar.eval.segmentation import (
     confusion_matrix,
     lowest_classes,
@@ -44,7 +44,7 @@ from lomar.train.lifecycle import Task, run
 from lomar.train.monitor import read_records
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.segment_config import ENCODER_KEYS, SegmentConfig, check_batch_norm_batch
-from lomar.train.task import score_only
+from lomar.train.task import over_note, score_only, scored_split
 
 __all__ = ["SegmentTask", "poly_schedule", "segment", "PER_CLASS"]
 
@@ -146,7 +146,7 @@ class SegmentTask(Task):
         """mIoU, mAcc, aAcc (percent) and each class's IoU and Acc (lists, percent) over the validation split at
         the labels' own size, ``eval``: the mode and stride (None for ``whole``) scored with (every process gets
         them), and the main process's ``val_images`` where images were skipped
-        (:func:`~lomar.eval.features.scored_split`); each prediction written as ``OUT/predictions/<stem>.png``
+        (:func:`~lomar.train.task.scored_split`); each prediction written as ``OUT/predictions/<stem>.png``
         in the annotations' encoding (class + 1, or the class with ``--zero-label class``) by the main process,
         replacing the last evaluation's."""
         model, config, info = self.model, self.config, self.info

@@ -51,12 +51,13 @@ from lomar.checkpoints.file_names import METRICS
 from lomar.checkpoints.io import first_non_finite, open_in_place, safe_load
 from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker
 from lomar.errors import UsageError
+from lomar.eval.features import check_split, skipped_note
 from lomar.train.distributed import DistInfo, init_distributed
 from lomar.train.run_state import RunLock, newest_state
 from lomar.values import counted
 
 __all__ = ["Task", "EpochStream", "Progress", "SkippedFiles", "TrainingError", "steadier", "non_finite_weight",
-           "diverged", "check_weights", "preload", "score_only"]
+           "diverged", "check_weights", "preload", "score_only", "scored_split", "over_note"]
 
 
 class TrainingError(RuntimeError):
@@ -172,6 +173,33 @@ def score_only(config, make_task: type[Task]) -> tuple[Task, dict, Path]:
                                   "img_size": config.img_size, **metrics}) + "\n")
         task.finish(lock.out)
     return task, metrics, lock.out
+
+
+def scored_split(root, total: int, skipped: list, say: bool) -> dict:
+    """The metrics record's account of a trained model's evaluation (a run's or ``--eval-only``'s) of the split
+    ``root`` of ``total`` images that left out ``skipped`` (the files, each warned of at its first read):
+    ``val_images`` (a dict, for the record alone: the log's line and TensorBoard show no such entry), or {} when none
+    was. :func:`~lomar.eval.features.check_split` first, as a :class:`TrainingError` (exit 1: what a run finds on
+    its way, its checkpoint kept). ``say``: print the skipped note where any was (a run's evaluation, whose epoch
+    line follows)."""
+    bad = BadDataTracker(total, warn=False)
+    bad.update(list(skipped), total)
+    try:
+        check_split(root, total, total - len(skipped), bad)
+    except UsageError as exc:
+        raise TrainingError(str(exc)) from None
+    if not skipped:
+        return {}
+    if say:
+        print(skipped_note(root, len(skipped)), flush=True)
+    return {"val_images": {"scored": total - len(skipped), "skipped": len(skipped)}}
+
+
+def over_note(root, metrics: dict) -> str:
+    """What ``--eval-only``'s result line adds after the scores of ``metrics`` over part of the split ``root``:
+    ' over N images (ROOT: K unreadable ...)', or '' over all of it."""
+    counts = metrics.get("val_images")
+    return f" over {counted(counts['scored'], 'image')} ({skipped_note(root, counts['skipped'])})" if counts else ""
 
 
 def steadier(config, precision: str | None = None) -> str:
