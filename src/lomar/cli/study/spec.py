@@ -26,7 +26,6 @@ Every mistake is a :class:`lomar.errors.UsageError` naming the key and the fix.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 import math
@@ -34,12 +33,12 @@ import os
 import re
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lomar.cli.suggest import suggest_flags
+from lomar.cli.study.flags import parse_flags, settings_flags
 from lomar.errors import LomarError, UsageError
 from lomar.train.settings_resume import ResumeMismatch
 from lomar.values import counted, is_integer
@@ -103,11 +102,6 @@ def stop_signals_seen() -> Iterator[list[int]]:
         os.close(write)
 
 
-class _Flags(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
-
-
 @contextlib.contextmanager
 def cell_run_fits(name: str, folder: Path) -> Iterator[None]:
     """A cell's run that the study's own settings for it do not continue, in one line for the study: pretrain's
@@ -120,32 +114,6 @@ def cell_run_fits(name: str, folder: Path) -> Iterator[None]:
                          f"({exc.source}), which the spec as this lomar runs it gives {exc.given}: the cell was "
                          f"started by an older lomar or under another spec; pass another --out, or delete {folder} "
                          f"to redo that cell") from None
-
-
-def parse_flags(add_arguments: Callable[[argparse.ArgumentParser], None], argv: list[str]) -> argparse.Namespace:
-    """``argv`` parsed by a command's own flag declarations; a bad flag is a UsageError. A spec's key that is a
-    prefix of a flag is unknown, as on the command line: ``warmup: 5`` is not ``warmup_epochs``."""
-    parser = _Flags(add_help=False, allow_abbrev=False)
-    add_arguments(parser)
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}{suggest_flags(parser, unknown)}")
-    return args
-
-
-def settings_flags(settings: dict[str, Any]) -> list[str]:
-    """{'window_size': 5, 'norm_pix_loss': False, 'crop_scale': (0.5, 1.0)}
-    -> ['--window-size', '5', '--no-norm-pix-loss', '--crop-scale', '0.5', '1.0']."""
-    flags = []
-    for key, value in settings.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, (list, tuple)):  # a multi-value flag (YAML gives a list)
-            flags += [flag, *map(str, value)]
-        elif value is not None:
-            flags += [flag, str(value)]
-    return flags
 
 
 @dataclass(frozen=True)
