@@ -27,8 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+from lomar.cli.study.flags import settings_flags
 from lomar.cli.study.presets import DIGITS, DIGITS_EVAL, DIGITS_GRID, build_preset
-from lomar.cli.study.runner import run_study, settings_flags
+from lomar.cli.study.runner import run_study
 
 METHODS = {"lomar": "method=lomar", "mae": "method=mae", "random": "random init"}
 KEYS = {"linear_probe": "linprobe", "knn": "knn", "finetune": "finetune", "heldout_loss": "heldout_loss"}

@@ -26,8 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+from lomar.cli.study.flags import settings_flags
 from lomar.cli.study.presets import SMALL, SMALL_DECODER
-from lomar.cli.study.runner import run_study, settings_flags
+from lomar.cli.study.runner import run_study
 from lomar.cli.study.spec import parse_spec
 
 METHODS = ("lomar", "mae", "beit")

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from lomar.cli.app import build_parser, main
-from lomar.cli.study.spec import parse_flags, settings_flags
+from lomar.cli.study.flags import parse_flags, settings_flags
 from lomar.errors import UsageError
 from lomar.train.config import PretrainConfig
 

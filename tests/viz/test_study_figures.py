@@ -11,7 +11,7 @@ from matplotlib.colors import to_hex
 from PIL import Image
 from test_figure_layout import _beit, _lomar, _mae, _study_records
 
-from lomar.cli.study.runner import mean_sd, table, write_figures
+from lomar.cli.study.results import mean_sd, table, write_figures
 from lomar.viz.reconstruction import draw_reconstruction
 from lomar.viz.study import draw_ablation, draw_time_to_accuracy
 from lomar.viz.tokens import draw_tokens

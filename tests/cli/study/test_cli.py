@@ -6,8 +6,9 @@ import pytest
 
 from helpers import write_images
 from lomar.cli.app import build_parser, main
+from lomar.cli.study.flags import settings_flags
 from lomar.cli.study.presets import DIGITS, DIGITS_EVAL, DIGITS_FINETUNE, build_preset, method_available
-from lomar.cli.study.runner import check_cells, settings_flags
+from lomar.cli.study.runner import check_cells
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from lomar.cli.app import main
+from lomar.cli.study.flags import parse_flags, settings_flags
 from lomar.cli.study.presets import PAPER_PRESETS, build_preset
 from lomar.cli.study.runner import check_cells
-from lomar.cli.study.spec import parse_flags, settings_flags
 from lomar.train.config import add_config_arguments, resolve_config
 
 

@@ -8,8 +8,8 @@ import pytest
 from helpers import write_images
 from lomar.cli.app import main
 from lomar.cli.study import runner
-from lomar.cli.study.runner import StudyStopped, run_study
-from lomar.cli.study.spec import parse_spec
+from lomar.cli.study.runner import run_study
+from lomar.cli.study.spec import StudyStopped, parse_spec
 
 # helpers.TINY as study settings: 2 blocks, 32 wide, 32 px, 3x3 windows, 2 per image.
 TINY = dict(model="vit_tiny_patch8", embed_dim=32, depth=2, num_heads=2, img_size=32, window_size=3, windows=2,

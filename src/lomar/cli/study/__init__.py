@@ -13,7 +13,7 @@ import sys
 
 from lomar.cli.common import check_output_dir
 from lomar.cli.study.presets import PRESETS, SCALES, build_preset, describe
-from lomar.cli.study.spec import StudyFailed, load_spec, parse_budget, seed_list
+from lomar.cli.study.spec import StudyFailed, StudyStopped, load_spec, parse_budget, seed_list
 from lomar.errors import UsageError
 
 
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lomar.cli.study.runner import StudyStopped, run_study  # torch: not for --help
+    from lomar.cli.study.runner import run_study  # torch: not for --help
 
     if bool(args.spec) == bool(args.preset):
         raise UsageError("pass either SPEC.yaml or --preset NAME (one of them)")

@@ -23,13 +23,12 @@ from lomar.cli.probe import (
     linprobe_add_arguments,
     resolve_linprobe,
 )
+from lomar.cli.study.flags import parse_flags, settings_flags
 from lomar.cli.study.spec import (
     Cell,
     StudyFailed,
     StudySpec,
     StudyStopped,
-    parse_flags,
-    settings_flags,
     stop_signals_seen,
 )
 from lomar.data.collate import collate_labelled

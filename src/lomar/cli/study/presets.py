@@ -28,7 +28,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lomar.cli.study.spec import Budget, StudySpec, parse_budget, parse_flags, parse_spec
+from lomar.cli.study.flags import parse_flags
+from lomar.cli.study.spec import Budget, StudySpec, parse_budget, parse_spec
 from lomar.errors import UsageError
 from lomar.train.config import add_config_arguments, method_recipe, resolve_config
 from lomar.window_counts import PAPER_WINDOW_SIZES

@@ -28,8 +28,9 @@ from typing import Any
 from lomar.checkpoints.file_names import LAST
 from lomar.cli.common import write_json
 from lomar.cli.study.evals import Scorer, check_options
+from lomar.cli.study.flags import parse_flags, settings_flags
 from lomar.cli.study.progress import pace, read_progress
-from lomar.cli.study.results import mean_sd, table, write_figures, write_results
+from lomar.cli.study.results import write_results
 from lomar.cli.study.spec import (
     Budget,
     Cell,
@@ -37,8 +38,6 @@ from lomar.cli.study.spec import (
     StudySpec,
     StudyStopped,
     cell_run_fits,
-    parse_flags,
-    settings_flags,
     stop_signals_seen,
 )
 from lomar.data.folder import build_pretrain_dataset
@@ -47,8 +46,7 @@ from lomar.train.config import PretrainConfig, add_config_arguments, resolve_con
 from lomar.train.pretrain import TrainingError, train
 from lomar.train.run_state import RunLock, SaveError
 
-__all__ = ["run_study", "StudyStopped", "check_cells", "settings_flags", "parse_flags", "cell_config",
-           "pretrain", "write_results", "write_figures", "mean_sd", "table"]
+__all__ = ["run_study", "check_cells", "cell_config", "pretrain"]
 
 
 def cell_config(spec: StudySpec, cell: Cell, folder: Path, max_steps: int | None = None, check: bool = False,

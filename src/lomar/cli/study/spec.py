@@ -38,15 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lomar.cli.study.flags import parse_flags, settings_flags
 from lomar.errors import LomarError, UsageError
 from lomar.train.settings_resume import ResumeMismatch
 from lomar.values import counted, is_integer
 from lomar.yaml_io import YAMLError, load_yaml
 
 __all__ = ["Budget", "Cell", "EvalSpec", "StudySpec", "parse_budget", "parse_spec", "load_spec", "METRICS",
-           "MAX_SEEDS", "MAX_CELLS", "StudyStopped", "StudyFailed", "parse_flags", "settings_flags",
-           "stop_signals_seen"]
+           "MAX_SEEDS", "MAX_CELLS", "StudyStopped", "StudyFailed", "stop_signals_seen"]
 
 METRICS = ("knn", "linprobe", "finetune", "heldout_loss")
 _UNITS = {"s": "seconds", "sec": "seconds", "seconds": "seconds", "min": "minutes", "m": "minutes",
