@@ -21,7 +21,7 @@ from lomar.train import settings as S
 from lomar.train.settings import Setting, add_settings
 
 __all__ = ["resolve_device", "check_output_file", "check_output_dir", "write_json",
-           "add_override_arguments", "load_for_cli", "training_command"]
+           "add_override_arguments", "load_for_cli", "training_command", "refuse_torchrun"]
 
 
 def resolve_device(text: str) -> str:
@@ -197,6 +197,14 @@ def training_command(config_cls, runner: str, epilog: str):
             raise
 
     return add_arguments, run
+
+
+def refuse_torchrun(why: str) -> None:
+    """A command that runs in one process refuses torchrun in one line, said by the first process of each machine;
+    ``why`` is the work each process would repeat ('each would score the whole set')."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        leave_it_to_the_first_process()
+        raise UsageError(f"it runs in one process (under torchrun {why}); run it without torchrun")
 
 
 def leave_it_to_the_first_process() -> None:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import re
 import sys
 from pathlib import Path
 
 from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS, LAST, RUN_ENCODER
-from lomar.cli.common import check_output_file, leave_it_to_the_first_process, resolve_device, write_json
+from lomar.cli.common import check_output_file, refuse_torchrun, resolve_device, write_json
 from lomar.errors import UsageError, in_flags
 from lomar.train import settings as S
 from lomar.train.config_checks import EVAL_DECODE, check_eval_decode
@@ -112,10 +111,7 @@ def _features(args: argparse.Namespace) -> list:
     """The features of :func:`frozen_features`, after everything that can be checked before (outputs too)."""
     import torch
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # and write the same files
-        leave_it_to_the_first_process()
-        raise UsageError("it runs in one process (under torchrun each would score the whole set); run it without "
-                         "torchrun")
+    refuse_torchrun("each would score the whole set")  # and write the same files
     if args.pretrained and args.pretrained_path and args.pretrained != args.pretrained_path:
         raise UsageError(f"two checkpoints given ({args.pretrained_path} and --pretrained {args.pretrained}); "
                          f"pass one")
