@@ -35,6 +35,24 @@ def test_an_out_that_is_a_file_is_refused_before_the_preset_composes_its_data(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+@pytest.mark.parametrize("local_rank", ["0", "1"])
+def test_torchrun_is_refused_in_one_line_said_once_a_machine(local_rank, tmp_path, monkeypatch, capsys):
+    """Under torchrun every process ran the whole study: one took the lock, the others failed 'in use by another
+    run', and a bad spec was said by each."""
+    import time
+
+    from lomar.cli import common
+
+    waited = []
+    monkeypatch.setattr(time, "sleep", waited.append)  # as if the first process had not failed yet
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert main(["study", "--preset", "digits", "--budget", "5s", "--out", str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err == ("lomar study: error: it runs in one process (under torchrun each would run "
+                                       "the whole study); run it without torchrun\n")
+    assert waited == ([common.FIRST_PROCESS_WAIT] if local_rank == "1" else []) and not any(tmp_path.iterdir())
+
+
 def test_a_specs_out_that_is_a_file_is_named_as_the_spec_gives_it(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     spec = tmp_path / "s.yaml"

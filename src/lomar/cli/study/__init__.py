@@ -11,7 +11,7 @@ import argparse
 import shlex
 import sys
 
-from lomar.cli.common import check_output_dir
+from lomar.cli.common import check_output_dir, refuse_torchrun
 from lomar.cli.study.presets import PRESETS, SCALES, build_preset, describe
 from lomar.cli.study.spec import StudyFailed, StudyStopped, load_spec, parse_budget, seed_list
 from lomar.errors import UsageError
@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    refuse_torchrun("each would run the whole study")  # its cells train one at a time, each in this process
     from lomar.cli.study.runner import run_study  # torch: not for --help
 
     if bool(args.spec) == bool(args.preset):
