@@ -212,6 +212,12 @@ def test_knn_and_linprobe_refuse_torchrun_said_once_a_machine(command, local_ran
         f"lomar {command}: error: it runs in one process (under torchrun each would score the whole set); run it "
         f"without torchrun")
     assert waited == ([common.FIRST_PROCESS_WAIT] if local_rank == "1" else []) and not (tmp / "s.json").exists()
+    if command == "linprobe":  # first: a protocol's flag refused after it was said by every process
+        waited.clear()
+        assert main([command, str(tmp / "ckpt.pt"), "--data", str(tmp / "data"), "--weight-decay", "0.5",
+                     "--protocol", "mae"]) == 2
+        assert "under torchrun" in _one_error_line(capsys.readouterr().err, command)
+        assert waited == ([common.FIRST_PROCESS_WAIT] if local_rank == "1" else [])
 
 
 def test_interrupt_exits_130(monkeypatch, capsys):

@@ -111,7 +111,6 @@ def _features(args: argparse.Namespace) -> list:
     """The features of :func:`frozen_features`, after everything that can be checked before (outputs too)."""
     import torch
 
-    refuse_torchrun("each would score the whole set")  # and write the same files
     if args.pretrained and args.pretrained_path and args.pretrained != args.pretrained_path:
         raise UsageError(f"two checkpoints given ({args.pretrained_path} and --pretrained {args.pretrained}); "
                          f"pass one")
@@ -140,6 +139,7 @@ def _features(args: argparse.Namespace) -> list:
 def knn_run(args: argparse.Namespace) -> int:
     from lomar.eval.knn import knn_top1  # torch: not for --help
 
+    refuse_torchrun("each would score the whole set")  # and write the same files
     train_x, train_y, val_x, val_y = _features(args)
     k = min(args.k, len(train_y))  # knn_top1's own cap, said
     top1 = knn_top1(train_x, train_y, val_x, val_y, k, args.temperature, device=resolve_device(args.device))
@@ -185,6 +185,7 @@ def fit_linprobe(args: argparse.Namespace, features: list):
 def linprobe_run(args: argparse.Namespace) -> int:
     from lomar.checkpoints.io import atomic_save  # torch: not for --help
 
+    refuse_torchrun("each would score the whole set")  # first: each check after it would be said by every process
     resolve_linprobe(args)
     features = _features(args)
     train_y, val_y = features[1], features[3]
