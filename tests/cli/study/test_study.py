@@ -361,7 +361,7 @@ def test_a_finetune_that_fails_is_one_line_not_a_traceback(tmp_path, labelled, p
     args = evals._args("finetune", spec, Cell({}, dict(spec.settings), 0), pretrained, tmp_path / "ft")
     monkeypatch.setattr(evals, "finetune", nan)
     with pytest.raises(StudyFailed, match="^finetuning in .*ft failed: loss is nan at step 3$"):
-        evals._finetune(args)
+        evals._finetune(args, {})
 
 
 def test_the_heldout_loss_of_a_beit_cell_is_none_not_a_crash(tmp_path, labelled):
@@ -459,6 +459,7 @@ def test_a_cells_notes_are_said_once_not_at_each_slice_and_evaluation(tmp_path, 
     and at each of its slices (57 times in a study of 8 MAE cells), the finetune's warm-up note at each evaluation."""
     from lomar.cli.study import evals
     from lomar.cli.study.spec import Cell, StudyFailed
+    from lomar.train import finetune_config
     from lomar.train.task import TrainingError
 
     steps: dict[str, int] = {}
@@ -475,9 +476,18 @@ def test_a_cells_notes_are_said_once_not_at_each_slice_and_evaluation(tmp_path, 
     assert capsys.readouterr().err == ("lomar pretrain: note: --window-size 3 is unused: this --method mae run has no "
                                        "windows (--windows 0: the whole image)\n")
     spec = parse_spec(_spec(labelled, eval={"metrics": ["finetune"], "finetune": {"epochs": 1}}))
-    runner.check_cells(spec)
+    said = runner.check_cells(spec)
     assert capsys.readouterr().err.count("lomar finetune: note: warming up") == 1
     monkeypatch.setattr(evals, "finetune", lambda config: (_ for _ in ()).throw(TrainingError("stop")))
+    args = evals._args("finetune", spec, Cell({}, dict(spec.settings), 0), pretrained, tmp_path / "f")
     with pytest.raises(StudyFailed):
-        evals._finetune(evals._args("finetune", spec, Cell({}, dict(spec.settings), 0), pretrained, tmp_path / "f"))
+        evals._finetune(args, said)
     assert capsys.readouterr().err == ""
+    # A BEiT cell's finetune takes BEiT's recipe (20 warm-up epochs): its own note, which the check cannot know of,
+    # is said at its first evaluation, once; it was never said.
+    monkeypatch.setattr(finetune_config, "_is_beit", lambda pretrained: True)
+    for _ in range(2):
+        with pytest.raises(StudyFailed):
+            evals._finetune(args, said)
+    assert capsys.readouterr().err == ("lomar finetune: note: warming up for all 1 epoch(s) (the default 20 is longer "
+                                       "than --epochs)\n")

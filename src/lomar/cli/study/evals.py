@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -94,10 +95,12 @@ def check_options(spec: StudySpec) -> None:
 
 class Scorer:
     """``Scorer(spec, cell, checkpoint, where)(metric)``: the metric's value for the checkpoint
-    (outputs under ``where``). The k-NN and the linear probe share one pass of features."""
+    (outputs under ``where``). The k-NN and the linear probe share one pass of features. A note not in ``said``
+    (the study's notes so far) is said and added to it."""
 
-    def __init__(self, spec: StudySpec, cell: Cell, checkpoint: Path, where: Path):
+    def __init__(self, spec: StudySpec, cell: Cell, checkpoint: Path, where: Path, said: dict | None = None):
         self.spec, self.cell, self.checkpoint, self.where = spec, cell, checkpoint, where
+        self.said: dict[str, None] = {} if said is None else said
         self._features: dict[tuple, list[torch.Tensor]] = {}
 
     def __call__(self, metric: str) -> float | None:
@@ -106,7 +109,7 @@ class Scorer:
                                 seed=self.cell.seed)
         args = _args(metric, self.spec, self.cell, self.checkpoint, self.where.with_name(f"{self.where.name}-finetune"))
         if metric == "finetune":
-            return _finetune(args)
+            return _finetune(args, self.said)
         key = (args.img_size, args.pool, args.batch_size, args.device, args.decode)
         try:
             if key not in self._features:
@@ -119,13 +122,17 @@ class Scorer:
             raise LomarError(f"{metric} of {self.checkpoint}: {exc}") from None
 
 
-def _finetune(args) -> float:
-    """Finetune (or continue finetuning) into ``args.out``; the last epoch's top-1 from its metrics.jsonl."""
-    try:  # its notes were said by check_options, once, not at each cell's evaluation
-        with contextlib.redirect_stderr(io.StringIO()):
+def _finetune(args, said: dict[str, None]) -> float:
+    """Finetune (or continue finetuning) into ``args.out``; the last epoch's top-1 from its metrics.jsonl. Its notes
+    not in ``said`` are said and added: once a study, not at each cell's evaluation."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as notes:
             config, where = resolve_finetune_config(args), Path(args.out)
     except ConfigError as exc:
         raise UsageError(f"eval.finetune: {exc}") from None
+    new = [note for note in notes.getvalue().splitlines() if note not in said]
+    sys.stderr.write("".join(f"{note}\n" for note in new))
+    said.update(dict.fromkeys(new))
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), stop_signals_seen() as signals:
         try:
             rc = finetune(config)  # its errors still reach stderr

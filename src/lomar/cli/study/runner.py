@@ -89,8 +89,9 @@ def steps_per_epoch(config) -> int:
     return steps
 
 
-def check_cells(spec: StudySpec) -> None:
-    """Every cell's settings and every evaluation's options must be valid; else a UsageError naming them."""
+def check_cells(spec: StudySpec) -> dict[str, None]:
+    """Every cell's settings and every evaluation's options must be valid; else a UsageError naming them. Their notes
+    are said once, here, and returned: an evaluation says only a note of its own (a BEiT cell's finetune recipe)."""
     spec.check_folders()
     notes: dict[str, None] = {}
     for cell in {json.dumps(c.settings, sort_keys=True, default=str): c for c in spec.cells()}.values():
@@ -99,8 +100,11 @@ def check_cells(spec: StudySpec) -> None:
         except (UsageError, ValueError) as exc:
             raise UsageError(f"cell '{cell.setting_label}' is not a valid `lomar pretrain` setting: {exc}; "
                              f"fix the study's data, grid or settings") from None
+    with contextlib.redirect_stderr(io.StringIO()) as said:
+        check_options(spec)
+    notes.update(dict.fromkeys(said.getvalue().splitlines()))
     sys.stderr.write("".join(f"{note}\n" for note in notes))
-    check_options(spec)
+    return notes
 
 
 def pretrain(config) -> int:
@@ -224,7 +228,7 @@ class CellRun:
         if same:  # a slice overshot several points: the checkpoint is the one already scored
             record.update({m: same[0][m] for m in self.study.spec.eval.metrics})
         else:
-            score = Scorer(self.study.spec, self.cell, self.folder / LAST, self.folder / "evals" / key)
+            score = Scorer(self.study.spec, self.cell, self.folder / LAST, self.folder / "evals" / key, self.study.said)
             for metric in self.study.spec.eval.metrics:
                 self.study.log(f"[study] {self.folder.name}: {metric} at step {steps} ({self.study.time_left()})")
                 start = time.perf_counter()
@@ -238,8 +242,9 @@ class CellRun:
 class Study:
     """The whole job: cells per seed, interleaved; equal-steps copies; the result files."""
 
-    def __init__(self, spec: StudySpec, out: Path, log: Callable[[str], None] = print):
+    def __init__(self, spec: StudySpec, out: Path, log: Callable[[str], None] = print, said: dict | None = None):
         self.spec, self.out, self.log, self.started = spec, out, log, time.perf_counter()
+        self.said: dict[str, None] = {} if said is None else said  # the notes said so far
         self.eval_seconds: list[float] = []
         self.runs: list[CellRun] = []
 
@@ -298,7 +303,7 @@ def run_study(spec: StudySpec, out: str | Path, log: Callable[[str], None] | Non
     """Run (or continue) the study; writes results.json, results.md and the figures into ``out``."""
     out = Path(out)
     log = log or (lambda line: print(line, flush=True))
-    check_cells(spec)
+    said = check_cells(spec)
     # Each cell's run folder is locked while it trains, not the study's: a second study into the same
     # folder would score the same cells again and overwrite the first one's states and results.
     with RunLock(out):
@@ -310,7 +315,7 @@ def run_study(spec: StudySpec, out: str | Path, log: Callable[[str], None] | Non
                                        "settings": spec.settings, "grid": spec.grid,
                                        "eval": {k: str(v) if isinstance(v, Budget) else v
                                                 for k, v in vars(spec.eval).items()}})
-        study = Study(spec, out, log)
+        study = Study(spec, out, log, said)
         records = study.run()
         figures = write_results(records, spec, out, (time.perf_counter() - study.started) / 60, command)
     log(f"[study] done: {out / 'results.md'}, {out / 'results.json'}, {len(figures)} figure(s)")
