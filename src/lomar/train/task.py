@@ -308,10 +308,11 @@ class SkippedFiles:
         """Go on from this rank's files of a checkpoint's :meth:`gathered` (None: one saved before they were kept)."""
         self.tracker.bad = dict.fromkeys(ranks[rank] if ranks and rank < len(ranks) else ())
 
-    def summary(self, ranks: list[list[str]] | None = None) -> str:
+    @staticmethod
+    def summary(ranks: list[list[str]]) -> str:
         """'N unusable image(s) skipped, e.g. FILE' over the whole run, or '' when none was. ``ranks``: every rank's
         files (:meth:`gathered`), so that the main rank's line counts the run's, not its own alone."""
-        files = dict.fromkeys(itertools.chain.from_iterable(ranks)) if ranks is not None else self.tracker.bad
+        files = dict.fromkeys(itertools.chain.from_iterable(ranks))
         return f"{len(files)} unusable image(s) skipped, e.g. {next(iter(files))}" if files else ""
 
 
