@@ -617,8 +617,9 @@ def test_an_mae_tables_training_follows_train_pos_embed(tiny, one_val, image_dir
     assert "96 px input" in capsys.readouterr().err
     assert main([*evaluate, "--rel-pos", "bias", "--out", str(tmp_path / "bias")]) == 2
     assert "--rel-pos bias differs from the detector's own (decomposed)" in capsys.readouterr().err
-    # a validation batch whose images are all unreadable is skipped, not fed to the model as an empty list: a JPEG
-    # cut short passes the up-front check (its header is whole; a PNG's check decodes it) and fails in the loader
+    # a validation batch whose images are all unreadable is skipped, not fed to the model as an empty list (a
+    # traceback): a JPEG cut short passes the up-front check (its header is whole; a PNG's check decodes it) and fails
+    # in the loader; with no image of the split read, the evaluation stops in one line (exit 1: no score to give)
     data = json.loads(val_ann.read_text())
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -630,8 +631,8 @@ def test_an_mae_tables_training_follows_train_pos_embed(tiny, one_val, image_dir
     (broken / "instances.json").write_text(json.dumps(data))
     scored = ["--val-ann", str(broken / "instances.json"), "--val-images", str(broken),
               "--out", str(tmp_path / "broken-eval")]
-    assert main([*evaluate[:1], *evaluate[5:], *scored]) == 0, capsys.readouterr().err
-    assert "box AP n/a, mask AP n/a" in capsys.readouterr().err  # no image read: nothing scored, no AP defined
+    assert main([*evaluate[:1], *evaluate[5:], *scored]) == 1
+    assert f"error: no image in {broken} could be read (1 tried); fix or replace them" in capsys.readouterr().err
 
 
 def test_evaluation_shrinks_a_large_image_with_antialiasing_as_training_does():
