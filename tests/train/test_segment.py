@@ -530,6 +530,8 @@ def test_a_score_over_part_of_the_validation_split_says_so(tmp_path, capsys, mon
     record = json.loads((tmp_path / "ev" / "metrics.jsonl").read_text())
     assert record["val_images"] == {"scored": 9, "skipped": 1}
     assert len(list((tmp_path / "ev" / "predictions").glob("*.png"))) == 9
+    table = (tmp_path / "ev" / "per_class.md").read_text()
+    assert "last evaluation over 9 images (1 unreadable skipped): mIoU " in table
     line = capsys.readouterr().err.splitlines()[-1]
     assert line.startswith("lomar segment: mIoU ")
     assert line.endswith(f" over 9 images ({note}); {tmp_path / 'ev' / 'predictions'}")

@@ -189,7 +189,8 @@ class SegmentTask(Task):
                        for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc")}
         # how: --eval-mode / --eval-stride may change on a resume, and --eval-only may score otherwise than the run did
         self.scored["eval"] = {"mode": config.eval_mode, "stride": stride if config.eval_mode == "slide" else None}
-        return {**self.scored, **counts}
+        self.scored.update(counts)  # per_class.md says a score over part of the split as the record does
+        return self.scored
 
     def finish(self, out: Path) -> None:
         """``OUT/per_class.md``: the last evaluation's table of every class; its five lowest IoUs on one line."""
@@ -228,7 +229,9 @@ def _write_per_class(out: Path, m: dict, labels: list[str], sizes: tuple[int, in
     at = ""
     if sizes is not None:
         at = f" at {sizes[0]} px, " + ("its trained size" if sizes[0] == sizes[1] else f"not its trained {sizes[1]} px")
-    head = (f"Per-class scores (percent) of {out}'s last evaluation{at}: mIoU {score_text(m['mIoU'])}, mAcc "
+    part = m.get("val_images")
+    over = f" over {part['scored']} images ({part['skipped']} unreadable skipped)" if part else ""
+    head = (f"Per-class scores (percent) of {out}'s last evaluation{at}{over}: mIoU {score_text(m['mIoU'])}, mAcc "
             f"{score_text(m['mAcc'])}, aAcc {score_text(m['aAcc'])}; classes as the annotations number them\n\n")
     return atomic_write_text(out / PER_CLASS, head + per_class_table(m["IoU"], m["Acc"], labels))
 
