@@ -813,7 +813,8 @@ def test_a_run_trained_by_another_number_of_processes_is_not_resumed_silently(tm
 
     with pytest.raises(ValueError, match=r"has 2; .* launch it as one process, without torchrun, or start"):
         restore_rng_states({"rng_ranks": ckpt["rng_ranks"][:1]}, DistInfo(0, 2), torch.device("cpu"), 0)
-    with pytest.raises(ValueError, match=r"has 1; .* launch it with 2 \(torchrun --nproc-per-node 2\), or start"):
+    with pytest.raises(ValueError, match=r"has 1; .* launch it with 2 \(torchrun --nproc-per-node 2, or --nnodes × "
+                                         r"--nproc-per-node = 2 over several machines\), or start"):
         restore_rng_states(ckpt, DistInfo(), torch.device("cpu"), 0)  # the number to type, not 'N'
 
 

@@ -63,7 +63,8 @@ def restore_rng_states(ckpt: dict, info: DistInfo, device: torch.device, seed: i
     ranks = ckpt.get("rng_ranks")
     if ranks is not None and len(ranks) != info.world_size:
         launch = "as one process, without torchrun" if len(ranks) == 1 else \
-            f"with {len(ranks)} (torchrun --nproc-per-node {len(ranks)})"
+            f"with {len(ranks)} (torchrun --nproc-per-node {len(ranks)}, or --nnodes × --nproc-per-node = " \
+            f"{len(ranks)} over several machines)"
         raise ValueError(f"--resume: this run was trained by {len(ranks)} process(es) and this launch has "
                          f"{info.world_size}; its global batch, lr and place in the epoch's data order depend on that "
                          f"number: launch it {launch}, or start a new run with another --out")
