@@ -11,10 +11,11 @@ import errno
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator
 
 __all__ = ["LomarError", "UsageError", "ANSI_ESCAPE", "FULL_DISK", "UNWRITABLE", "first_on_machine",
-           "said_by_first_on_machine", "in_flags"]
+           "said_by_first_on_machine", "leave_it_to_the_first_process", "FIRST_PROCESS_WAIT", "in_flags"]
 
 # A terminal colour code, as torch's and other libraries' messages carry: dropped from a message that is read
 # (lomar.checkpoints.io) or shown on one line (lomar.cli.app).
@@ -51,6 +52,17 @@ def said_by_first_on_machine(logger: str = "lomar.data", say: bool | None = None
     finally:
         quiet.removeFilter(drop)
 
+
+FIRST_PROCESS_WAIT = 30.0  # seconds a torchrun process waits for the first one to report a bad setting or input
+
+
+def leave_it_to_the_first_process() -> None:
+    """Under torchrun every process of a machine meets the same bad flag, file or folder, and each printed the same
+    line: the first one says it (one per machine: another machine's files may differ). The others wait for it to fail
+    and torchrun to stop them (silently: lomar.cli.app); ending first, one would have torchrun stop the first before
+    it said why. One still running after the wait (its error was its own) says it itself."""
+    if not first_on_machine():
+        time.sleep(FIRST_PROCESS_WAIT)
 
 def in_flags(message: str, flags: dict[str, str]) -> str:
     """A library message, which names the Python parameters it was given, in the words of the command line that

@@ -201,7 +201,7 @@ def test_knn_and_linprobe_refuse_torchrun_said_once_a_machine(command, local_ran
     # each process scored the whole set, printed its score and wrote the same --json: N times the work for nothing
     import time
 
-    from lomar.cli import common
+    from lomar import errors
 
     waited = []
     monkeypatch.setattr(time, "sleep", waited.append)  # as if the first process had not failed yet
@@ -211,13 +211,13 @@ def test_knn_and_linprobe_refuse_torchrun_said_once_a_machine(command, local_ran
     assert _one_error_line(capsys.readouterr().err, command) == (
         f"lomar {command}: error: it runs in one process (under torchrun each would score the whole set); run it "
         f"without torchrun")
-    assert waited == ([common.FIRST_PROCESS_WAIT] if local_rank == "1" else []) and not (tmp / "s.json").exists()
+    assert waited == ([errors.FIRST_PROCESS_WAIT] if local_rank == "1" else []) and not (tmp / "s.json").exists()
     if command == "linprobe":  # first: a protocol's flag refused after it was said by every process
         waited.clear()
         assert main([command, str(tmp / "ckpt.pt"), "--data", str(tmp / "data"), "--weight-decay", "0.5",
                      "--protocol", "mae"]) == 2
         assert "under torchrun" in _one_error_line(capsys.readouterr().err, command)
-        assert waited == ([common.FIRST_PROCESS_WAIT] if local_rank == "1" else [])
+        assert waited == ([errors.FIRST_PROCESS_WAIT] if local_rank == "1" else [])
 
 
 def test_interrupt_exits_130(monkeypatch, capsys):
@@ -293,6 +293,15 @@ def _torch_free(code: str) -> subprocess.CompletedProcess:
 def test_building_the_parser_imports_no_torch():
     result = _torch_free("import lomar.cli.app, sys; lomar.cli.app.build_parser(); "
                          "assert 'torch' not in sys.modules")
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_lomar_help_reads_no_commands_settings():
+    # `lomar --help` lists the commands only: reading the settings' declarations (and YAML) doubled its CPU time
+    result = _torch_free("import lomar.cli.app as a, sys\n"
+                         "try:\n    a.main(['--help'])\nexcept SystemExit:\n    pass\n"
+                         "assert 'lomar.train.settings' not in sys.modules and 'yaml' not in sys.modules\n")
     assert result.returncode == 0, result.stderr
 
 

@@ -87,15 +87,15 @@ def test_under_torchrun_the_first_process_of_a_machine_alone_says_an_unknown_fla
     # every process printed it: torchrun --nproc-per-node 8 showed the line 8 times
     import time
 
-    from lomar.cli import common
+    from lomar import errors
 
     waited = []
     monkeypatch.setattr(time, "sleep", waited.append)  # as if the first process had not failed yet
     monkeypatch.setenv("LOCAL_RANK", local_rank)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["pretrain", "--num-workers", "2"]) == 2
-    assert waited == ([common.FIRST_PROCESS_WAIT] if waits else [])
+    assert waited == ([errors.FIRST_PROCESS_WAIT] if waits else [])
     assert capsys.readouterr().err.startswith("lomar pretrain: error: unrecognized arguments: --num-workers 2;")
     waited.clear()
     assert main(["pretrain", "--batch-size", "x"]) == 2  # argparse's own checks too
-    assert waited == ([common.FIRST_PROCESS_WAIT] if waits else [])
+    assert waited == ([errors.FIRST_PROCESS_WAIT] if waits else [])

@@ -102,10 +102,10 @@ def test_under_torchrun_the_first_process_of_a_machine_alone_prints_a_bad_config
     # every process printed the same error (and note): torchrun --nproc-per-node 8 showed each line 8 times
     import signal
 
-    from lomar.cli import common
+    from lomar import errors
 
     def wait(seconds):  # for the first process to fail: torchrun then stops the others (stopped), or it did not
-        assert seconds == common.FIRST_PROCESS_WAIT
+        assert seconds == errors.FIRST_PROCESS_WAIT
         if stopped:
             raise app.Terminated(signal.SIGTERM)
 
@@ -120,7 +120,7 @@ def test_under_torchrun_the_first_process_of_a_machine_alone_prints_a_bad_config
     assert capsys.readouterr().err.count("note: --window-size 5 is unused") == (local_rank == "0")
     (tmp_path / "empty").mkdir()  # found once the run starts, not by the settings: one process, taken for rank N
     monkeypatch.delenv("WORLD_SIZE")
-    monkeypatch.setattr(common, "first_on_machine", lambda: local_rank == "0")
+    monkeypatch.setattr(errors, "first_on_machine", lambda: local_rank == "0")
     assert main([*args, "--data", str(tmp_path / "empty")]) == code
     assert capsys.readouterr().err.count(f"lomar pretrain: error: no images found in {tmp_path / 'empty'}") == shown
 

@@ -20,9 +20,8 @@ import threading
 from collections.abc import Iterable
 
 from lomar import __version__
-from lomar.cli.common import leave_it_to_the_first_process
 from lomar.cli.suggest import command_parser, suggest_flags
-from lomar.errors import ANSI_ESCAPE, FULL_DISK, LomarError, first_on_machine
+from lomar.errors import ANSI_ESCAPE, FULL_DISK, LomarError, first_on_machine, leave_it_to_the_first_process
 from lomar.limits import check_env_limits
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main", "run", "describe_os_error"]

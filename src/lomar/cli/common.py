@@ -13,10 +13,9 @@ import os
 import re
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from lomar.errors import LomarError, UsageError, first_on_machine, in_flags
+from lomar.errors import LomarError, UsageError, in_flags, leave_it_to_the_first_process
 from lomar.train import settings as S
 from lomar.train.settings import Setting, add_settings
 
@@ -153,9 +152,6 @@ def load_for_cli(path: str, args: argparse.Namespace, original: bool = False, lo
         raise UsageError(in_flags(re.sub(r"\b(\w+)=\.\.\.", lambda m: flags.get(m[1], m[0]), message), flags)) from None
 
 
-FIRST_PROCESS_WAIT = 30.0  # seconds a torchrun process waits for the first one to report a bad setting or input
-
-
 def report_run_failure(command: str, exc: Exception) -> int:
     """Print why a run stopped (``lomar COMMAND: error: ...``) and return exit code 1. A failed
     checkpoint save is raised on every torchrun rank; only rank 0 prints it."""
@@ -205,12 +201,3 @@ def refuse_torchrun(why: str) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         leave_it_to_the_first_process()
         raise UsageError(f"it runs in one process (under torchrun {why}); run it without torchrun")
-
-
-def leave_it_to_the_first_process() -> None:
-    """Under torchrun every process of a machine meets the same bad flag, file or folder, and each printed the same
-    line: the first one says it (one per machine: another machine's files may differ). The others wait for it to fail
-    and torchrun to stop them (silently: lomar.cli.app); ending first, one would have torchrun stop the first before
-    it said why. One still running after the wait (its error was its own) says it itself."""
-    if not first_on_machine():
-        time.sleep(FIRST_PROCESS_WAIT)

@@ -41,7 +41,7 @@ def test_torchrun_is_refused_in_one_line_said_once_a_machine(local_rank, tmp_pat
     run', and a bad spec was said by each."""
     import time
 
-    from lomar.cli import common
+    from lomar import errors
 
     waited = []
     monkeypatch.setattr(time, "sleep", waited.append)  # as if the first process had not failed yet
@@ -50,7 +50,7 @@ def test_torchrun_is_refused_in_one_line_said_once_a_machine(local_rank, tmp_pat
     assert main(["study", "--preset", "digits", "--budget", "5s", "--out", str(tmp_path / "s")]) == 2
     assert capsys.readouterr().err == ("lomar study: error: it runs in one process (under torchrun each would run "
                                        "the whole study); run it without torchrun\n")
-    assert waited == ([common.FIRST_PROCESS_WAIT] if local_rank == "1" else []) and not any(tmp_path.iterdir())
+    assert waited == ([errors.FIRST_PROCESS_WAIT] if local_rank == "1" else []) and not any(tmp_path.iterdir())
 
 
 def test_a_specs_out_that_is_a_file_is_named_as_the_spec_gives_it(tmp_path, capsys):
