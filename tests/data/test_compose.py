@@ -109,3 +109,23 @@ def test_overwrite_deletes_no_folder_compose_digits_did_not_write(tmp_path, caps
     assert code == 2 and (tmp_path / "photos" / "mine.jpg").read_bytes() == b"precious"
     err = capsys.readouterr().err
     assert f"{tmp_path} holds files compose-digits did not write (no compose.json)" in err and err.count("\n") == 1
+
+
+def test_a_full_disk_is_one_line_naming_the_folder_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    write, writes = Path.write_bytes, []
+
+    def filling(self, data):  # the disk fills at the third picture: the OSError of a write names no file
+        writes.append(self)
+        if len(writes) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", filling)
+    out = tmp_path / "set"
+    assert main(["compose-digits", "--out", str(out), "--img-size", "48", "--images", "3"]) == 1
+    err = capsys.readouterr().err
+    assert f"writing {out}: no space left on the device; free space or choose another location" in err, err
+    assert err.count("\n") == 1 and not list(tmp_path.iterdir())  # no temporary folder left

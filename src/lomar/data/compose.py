@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from lomar.checkpoints.io import write_error
 from lomar.data.folder import demo_image_paths
 from lomar.limits import MAX_IMG_SIZE
 
@@ -210,8 +211,11 @@ def compose_digits(out: str | Path, img_size: int = 256, images: int = 200, seed
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(work, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(work, ignore_errors=True)
+        # a failed write's OSError names no file (a full disk), or one in the folder just removed: name ``out``
+        if isinstance(exc, OSError) and (exc.filename is None or work in Path(exc.filename).parents):
+            raise (write_error(exc, out) or exc) from exc
         raise
     return summary
 
