@@ -62,7 +62,8 @@ def test_every_flag_matches_its_declaration(command, parser):
         seen.add(action.dest)
         assert action.default == (argparse.SUPPRESS if config else d.default), (command, action.dest)
         assert action.help.replace("%%", "%") == help_text(d), (command, action.dest)
-        assert (tuple(action.choices) if action.choices else None) == d.choices, (command, action.dest)
+        assert (tuple(action.choices) if action.choices else None) == d.takes, (command, action.dest)
+        assert set(d.takes or ()) <= set(d.choices or ()), f"{command} {action.dest}: takes a choice not declared"
         assert "default: None" not in help_text(d), (command, action.dest)
         if action.option_strings and d.default is None and not d.required and action.nargs != 0:
             assert "default" in d.help.lower(), f"{command} {action.dest}: say what None means"
@@ -99,17 +100,28 @@ def test_every_path_setting_expands_the_home_folder(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("command", ["knn", "linprobe", "finetune"])
-def test_decode_lists_only_the_modes_the_command_takes(command, capsys):
-    """--decode is declared once, with pretrain's four modes; knn, linprobe and finetune take two of them."""
+def test_decode_lists_only_the_modes_the_command_takes(command, tmp_path, capsys):
+    """--decode is declared once, with pretrain's four modes; knn, linprobe and finetune take two of them, and
+    their --help, argparse's refusal and a YAML file's list those two."""
     helps = {name: " ".join(dict(COMMANDS)[name].format_help().split()) for name in (command, "pretrain")}
     assert "--decode {full,draft} " in helps[command] and "windows,gpu" not in helps[command]
     assert "--decode {full,draft,windows,gpu} " in helps["pretrain"]
-    if command == "knn":  # its refusal: test_draft_eval's (its error path imports the feature extractor)
-        return
     extra = ["--print-config"] if command == "finetune" else ["ckpt"]
-    assert main([command, *extra, "--decode", "gpu"]) == 2  # given anyway: one line naming the two
-    assert capsys.readouterr().err == (f"lomar {command}: error: --decode gpu is for lomar pretrain; lomar {command} "
-                                       f"takes --decode full or draft\n")
+    if command != "finetune":
+        if command == "linprobe":
+            assert main([command, *extra, "--decode", "gpu"]) == 2
+            assert capsys.readouterr().err == (f"lomar {command}: error: --decode gpu is for lomar pretrain; lomar "
+                                               f"{command} takes --decode full or draft\n")
+        return
+    for value in ("foo", "gpu"):  # a typo, or a mode of pretrain's: one line naming the two
+        assert main([command, *extra, "--decode", value]) == 2
+        assert capsys.readouterr().err == (f"lomar {command}: error: argument --decode: invalid choice: '{value}' "
+                                           f"(choose from 'full', 'draft') (see lomar {command} --help)\n")
+    if command == "finetune":
+        (tmp_path / "c.yaml").write_text("decode: windows\n")
+        assert main([command, "--config", str(tmp_path / "c.yaml"), *extra]) == 2
+        assert capsys.readouterr().err == ("lomar finetune: error: --decode must be one of full, draft, "
+                                           "got 'windows'\n")
 
 
 @pytest.mark.parametrize("flag, value", [("--seed", "2147483648"), ("--device", "mps"), ("--threads", "0")])

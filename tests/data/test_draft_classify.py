@@ -113,7 +113,7 @@ def test_finetune_decode_draft_trains_and_refuses_the_pretraining_only_modes(pho
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "gpu"), "--decode", "gpu"]) == 2
     err = capsys.readouterr().err
-    assert "--decode gpu is for lomar pretrain; lomar finetune takes --decode full or draft" in err
+    assert "argument --decode: invalid choice: 'gpu' (choose from 'full', 'draft')" in err
     assert err.count("\n") == 1 and not (tmp_path / "gpu").exists()
 
 

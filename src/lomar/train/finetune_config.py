@@ -14,7 +14,7 @@ from typing import Any
 
 from lomar.checkpoints.kinds import classifier_pool, find_command_checkpoint
 from lomar.train import settings as S
-from lomar.train.config_checks import EVAL_DECODE, check_eval_decode, check_eval_only_model, refuse_contradictions
+from lomar.train.config_checks import EVAL_DECODES, check_eval_only_model, refuse_contradictions
 from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.settings_resume import (
     TaskConfig,
@@ -84,7 +84,7 @@ class FinetuneConfig(TaskConfig):
         (0.08, 1.0), "area range of the training random resized crop, as fractions of the image (0 < LOW <= HIGH "
         "<= 1); raise LOW for small images, e.g. 0.5 1.0 (default: 0.08 1.0, timm's, the original recipe's)",
         finite=False, nargs=2, metavar=("LOW", "HIGH"))
-    decode: str = S.DECODE.field(metavar=EVAL_DECODE, help="how images are decoded: full = the whole photo "
+    decode: str = S.DECODE.field(takes=EVAL_DECODES, help="how images are decoded: full = the whole photo "
                                  "(reference); draft = a JPEG at 1/2-1/8 scale while the training crop's sides (and "
                                  "val's resize) stay at least --img-size (same crops and augmentation, pixels within "
                                  "about a level of 255; a 12 MP photo's sample 4x faster)")
@@ -144,7 +144,6 @@ class FinetuneConfig(TaskConfig):
         if not 0 < low <= high <= 1:  # also false for nan; inf fails <= 1
             raise ConfigError(f"--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1 (finite fractions of the "
                               f"image area), got {low:g} {high:g}; e.g. --crop-scale 0.08 1.0 (the recipe) or 0.5 1.0")
-        check_eval_decode(self.decode, "finetune")
         check_windows(self)
         check_warmup(self)
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2 and not self.eval_only:

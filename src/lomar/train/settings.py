@@ -47,6 +47,7 @@ class Setting:
     help: str = ""  # must say what a None default means ("default: ...")
     kind: type | None = None  # int | float | str | bool (of each value, with nargs); None: the default's type
     choices: tuple | None = None
+    takes: tuple | None = None  # the choices one command takes (default: all): its --help and refusals list these
     low: float | None = None
     above: float | None = None
     high: float | None = None
@@ -70,6 +71,7 @@ class Setting:
                 raise TypeError(f"a setting with default {self.default!r} needs kind=int | float | str")
             object.__setattr__(self, "kind", type(first))
         object.__setattr__(self, "parse", self.parse or (os.path.expanduser if self.path else None))
+        object.__setattr__(self, "takes", self.takes or self.choices)
 
     def but(self, **changes: Any) -> Setting:
         """This setting with another default, help, ... for one command; its rule stays."""
@@ -101,8 +103,8 @@ class Setting:
             return None
         if isinstance(v, float) and self.finite and not math.isfinite(v):
             return "a finite number"
-        if choices and self.choices is not None and v not in self.choices:
-            return "one of " + ", ".join(map(str, self.choices))
+        if choices and self.takes is not None and v not in self.takes:
+            return "one of " + ", ".join(map(str, self.takes))
         if not isinstance(v, (int, float)):  # an empty path would be the working folder
             return "non-empty" if isinstance(v, str) and not v.strip() else None
         lo, hi = (self.low, "[") if self.low is not None else (self.above, "("), \
@@ -180,10 +182,8 @@ VAL = Setting(None, "ImageFolder root of the validation split, instead of --data
               path=True, resume=_RUN)
 PRETRAINED = Setting(None, "our pretrain/finetune checkpoint, a finished pretrain run's folder, an exported folder, "
                      "or an original LoMaR / MAE checkpoint", kind=str, path=True, resume=_RUN)
-# The names lomar.models.vit.list_models() returns, written out so that --help needs no torch (a test
-# keeps the two equal).
-MODEL_NAMES = tuple(f"vit_{size}_patch{patch}" for size in ("mini", "tiny", "small", "base", "large", "huge")
-                    for patch in (8, 14, 16))
+# lomar.models.vit.list_models()'s names, written out so that --help needs no torch (a test keeps the two equal)
+MODEL_NAMES = tuple(f"vit_{s}_patch{p}" for s in "mini tiny small base large huge".split() for p in (8, 14, 16))
 MODEL = Setting("vit_base_patch16", f"encoder: {', '.join(MODEL_NAMES)}", choices=MODEL_NAMES, metavar="NAME")
 DEPTH = Setting(None, "transformer blocks (default: the --model's)", kind=int, above=0)
 NUM_HEADS = Setting(None, "attention heads (default: the --model's)", kind=int, above=0)
@@ -309,7 +309,7 @@ def add_settings(parser: argparse.ArgumentParser, settings: dict[str, Setting], 
             action = argparse.BooleanOptionalAction if config or s.default else "store_true"
             target.add_argument(*names, action=action, **common)
             continue
-        common.update(type=_flag_type(name, s, check=not config), choices=s.choices, nargs=s.nargs, metavar=s.metavar)
+        common.update(type=_flag_type(name, s, check=not config), choices=s.takes, nargs=s.nargs, metavar=s.metavar)
         if s.const is not None:
             common["const"] = s.const
         if isinstance(s.nargs, int) or (config and s.nargs == "*") or s.aliases:
