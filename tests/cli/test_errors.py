@@ -197,26 +197,29 @@ def test_a_failed_save_is_printed_once_across_torchrun_ranks(rank, printed, monk
 
 @pytest.mark.parametrize("command", ["knn", "linprobe"])
 @pytest.mark.parametrize("local_rank", ["0", "1"])
-def test_knn_and_linprobe_refuse_torchrun_said_once_a_machine(command, local_rank, tmp, monkeypatch, capsys):
-    # each process scored the whole set, printed its score and wrote the same --json: N times the work for nothing
+def test_knn_and_linprobe_under_torchrun_check_their_flags_first_said_once_a_machine(command, local_rank, tmp,
+                                                                                     monkeypatch, capsys):
+    # every process meets the same bad flag before any joins the process group (tests/eval/test_knn_shared.py runs
+    # them under torchrun): the first process of each machine says it, the others wait for torchrun to stop them
     import time
 
     from lomar import errors
+    from lomar.train import distributed
 
     waited = []
     monkeypatch.setattr(time, "sleep", waited.append)  # as if the first process had not failed yet
+    monkeypatch.setattr(distributed, "init_distributed", lambda *args: pytest.fail("joined before the checks"))
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", local_rank)
-    assert main([command, str(tmp / "ckpt.pt"), "--data", str(tmp / "data"), "--json", str(tmp / "s.json")]) == 2
+    assert main([command, str(tmp / "ckpt.pt"), "--data", str(tmp / "file"), "--json", str(tmp / "s.json")]) == 2
     assert _one_error_line(capsys.readouterr().err, command) == (
-        f"lomar {command}: error: it runs in one process (under torchrun each would score the whole set); run it "
-        f"without torchrun")
+        f"lomar {command}: error: --data {tmp / 'file'} is not a folder; pass an ImageFolder root")
     assert waited == ([errors.FIRST_PROCESS_WAIT] if local_rank == "1" else []) and not (tmp / "s.json").exists()
-    if command == "linprobe":  # first: a protocol's flag refused after it was said by every process
+    if command == "linprobe":  # a protocol's flag, refused before the rest is checked
         waited.clear()
         assert main([command, str(tmp / "ckpt.pt"), "--data", str(tmp / "data"), "--weight-decay", "0.5",
                      "--protocol", "mae"]) == 2
-        assert "under torchrun" in _one_error_line(capsys.readouterr().err, command)
+        assert "--weight-decay is for --protocol adamw" in _one_error_line(capsys.readouterr().err, command)
         assert waited == ([errors.FIRST_PROCESS_WAIT] if local_rank == "1" else [])
 
 

@@ -1,15 +1,25 @@
-"""pretrain --knn-every under torchrun: each process's share of a k-NN split (the gathering and scoring across
-processes: tests/cli/test_pretrain_cli.py's torchrun test)."""
+"""Frozen features under torchrun (pretrain --knn-every, lomar knn and linprobe): each process's share of a split
+(the gathering and scoring across processes: here for knn and linprobe, tests/cli/test_pretrain_cli.py's torchrun test
+for --knn-every)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from helpers import write_images
-from lomar import VisionTransformer, ViTConfig
+from lomar import VisionTransformer, ViTConfig, export_encoder
+from lomar.checkpoints.io import safe_load
+from lomar.cli.app import main
 from lomar.data.collate import BadDataTracker
 from lomar.eval.features import extract_features, knn_loaders, read_features
 from lomar.eval.knn import KnnMonitor
@@ -59,3 +69,54 @@ def test_under_torchrun_the_first_process_of_a_machine_alone_says_what_the_folde
     assert len(said) == (2 if says else 0), said  # train's and val's
     assert [len(loader.dataset) for loader in monitor.loaders] == [2, 2]
     assert not logging.getLogger("lomar.data").filters  # the next warning is said again
+
+
+@pytest.mark.slow
+def test_linprobe_under_torchrun_shares_the_extraction_and_scores_once_as_one_process(tmp_path):
+    # each process scored the whole set, printed its score and wrote the same --json: torchrun was refused instead.
+    # One launch (each process's imports take seconds); knn's torchrun path is this one's up to its scoring
+    root = tmp_path / "toy"
+    for split, label, count in (("train", "a", 12), ("train", "b", 12), ("val", "a", 6), ("val", "b", 6)):
+        (root / split / label).mkdir(parents=True)
+        for i in range(count):  # the classes' brightness ranges overlap: the score is neither a class's share nor 1
+            draw = np.random.RandomState(i + 100 * (split == "val") + 1000 * (label == "b"))
+            pixels = draw.randint(0, 100) + 60 * (label == "b") + draw.randint(0, 96, (12, 12, 3))
+            Image.fromarray(pixels.astype(np.uint8)).save(root / split / label / f"img{i:03d}.png")
+    # the first and the last of the 26: in the shares of process 0 (batches 0-2) and 1 (batches 3-6)
+    (root / "train" / "a" / "a-broken.png").write_bytes(b"")
+    (root / "train" / "b" / "zz-broken.png").write_bytes(b"")
+    torch.manual_seed(0)
+    export_encoder(VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)),
+                   tmp_path / "enc")
+    args = ["linprobe", str(tmp_path / "enc"), "--data", str(root), "--batch-size", "4", "--workers", "0",
+            "--threads", "1", "--device", "cpu", "--epochs", "3", "--probe-batch-size", "8"]
+    out = {n: ["--json", str(tmp_path / f"{n}.json"), "--save", str(tmp_path / f"{n}.pt")] for n in (1, 2)}
+    launch = subprocess.Popen([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
+                               "-m", "lomar", *args, *out[2]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    threads = torch.get_num_threads()
+    try:  # the one-process result, while the launch imports
+        assert main([*args, *out[1]]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    stdout, stderr = launch.communicate(timeout=300)
+    assert launch.returncode == 0, stdout[-3000:] + stderr[-3000:]  # every process exited 0
+    assert stdout.count("top-1") == 1 and stderr.count("loaded ") == 1, stdout + stderr  # said once
+    # each process warned of the unreadable image in its share; the note counts both, once
+    assert stderr.count("a-broken.png") == stderr.count("zz-broken.png") == 1, stderr
+    assert stderr.count("2 unreadable image(s) skipped") == 1, stderr
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in (1, 2))
+    assert two == {**one, "linprobe_top1": pytest.approx(one["linprobe_top1"], abs=1e-6)}
+    assert 0 < one["linprobe_top1"] < 1 and one["train_images"] == 24
+    probes = [safe_load(tmp_path / f"{n}.pt")["probe"] for n in (1, 2)]
+    for key, value in probes[0].items():  # its BatchNorm's running statistics are the features': the same features
+        torch.testing.assert_close(probes[1][key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_knn_process_whose_share_the_main_one_scores_prints_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from lomar.cli import probe
+
+    monkeypatch.setattr(probe, "_features", lambda args: None)  # what a torchrun process but the main one gets
+    json_path = tmp_path / "s.json"
+    assert main(["knn", str(tmp_path / "ckpt.pt"), "--data", str(tmp_path), "--json", str(json_path)]) == 0
+    assert capsys.readouterr() == ("", "") and not json_path.exists()

@@ -1,20 +1,22 @@
 """``lomar knn`` and ``lomar linprobe``: frozen-feature evaluation of a pretrained encoder.
 
 Both compute the features once (centre crops, :func:`lomar.eval.features.eval_transform`), then
-score them: k-NN directly, the linear probe by training BatchNorm + Linear on them.
+score them: k-NN directly, the linear probe by training BatchNorm + Linear on them. Under torchrun every process
+extracts its share of each split (:mod:`lomar.eval.knn_shared`) and the main one scores, prints and writes.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import os
 import re
 import sys
 from pathlib import Path
 
 from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS, LAST, RUN_ENCODER
-from lomar.cli.common import check_output_file, refuse_torchrun, resolve_device, write_json
-from lomar.errors import UsageError, in_flags
+from lomar.cli.common import check_output_file, resolve_device, write_json
+from lomar.errors import LomarError, UsageError, first_on_machine, in_flags, leave_it_to_the_first_process
 from lomar.train import settings as S
 from lomar.train.config_checks import EVAL_DECODE, check_eval_decode
 from lomar.train.runtime import default_threads, default_workers
@@ -62,24 +64,25 @@ knn_add_arguments = functools.partial(add_settings, settings=KNN)
 linprobe_add_arguments = functools.partial(add_settings, settings=LINPROBE)
 
 
-def frozen_features(args: argparse.Namespace, say=lambda msg: None) -> list:
-    """(train_x, train_y, val_x, val_y): the frozen encoder's features of both splits; UsageError on bad input."""
+def frozen_features(args: argparse.Namespace, say=lambda msg: None, device: str | None = None) -> list | None:
+    """(train_x, train_y, val_x, val_y): the frozen encoder's features of both splits, on ``device`` (default:
+    ``--device``'s); UsageError on bad input. In a process group of several (torchrun) each process extracts its
+    share and the main one gets the whole splits (:func:`lomar.eval.knn_shared.split_features`); None on the others.
+    """
     from lomar.data.collate import BadDataTracker  # torch: not for --help
-    from lomar.eval.features import (  # torch: not for --help
-        extract_features,
-        knn_loaders,
-        load_pretrained_encoder,
-        skipped_note,
-    )
+    from lomar.eval.features import knn_loaders, load_pretrained_encoder, skipped_note  # torch: not for --help
+    from lomar.eval.knn_shared import split_features  # torch: not for --help
 
-    device, size = resolve_device(args.device), {"img_size": args.img_size} if args.img_size else {}
+    device, size = device or resolve_device(args.device), {"img_size": args.img_size} if args.img_size else {}
     try:
         encoder = load_pretrained_encoder(args.pretrained, **size).to(device)
         args.img_size = args.img_size or encoder.config.img_size  # the checkpoint's training size
         # --train / --val each replace ROOT/train / ROOT/val of --data, as in finetune
         train, val = args.train or Path(args.data) / "train", args.val or Path(args.data) / "val"
+        # every process lists the folders: the first of each machine says what it found (another's may differ)
         loaders = knn_loaders(train, val, args.img_size, args.batch_size,
-                              default_workers() if args.workers is None else args.workers, decode=args.decode)
+                              default_workers() if args.workers is None else args.workers, decode=args.decode,
+                              warn=first_on_machine())
     except ValueError as exc:  # the library's parameters (an original checkpoint's num_heads=...) as flags
         settings = KNN if args.command == "knn" else LINPROBE
         raise UsageError(in_flags(str(exc), {name: s.name_flag(name) for name, s in settings.items()})) from None
@@ -87,10 +90,11 @@ def frozen_features(args: argparse.Namespace, say=lambda msg: None) -> list:
     features = []
     for loader in loaders:  # more than UNREADABLE_LIMIT of a split unreadable stops here (extract_features)
         skipped = BadDataTracker(len(loader.dataset), warn=False)  # the loader warned of each file
-        features += extract_features(encoder, loader, device, args.pool, bad=skipped)
+        split = split_features(encoder, loader, device, args.pool, skipped)  # every process's skips counted
+        features += split or ()
         if skipped.count:
             say(skipped_note(loader.dataset.root, skipped.count))
-    return features
+    return features or None
 
 
 # What a run or export folder's readers load: an output on one of them would replace the checkpoint it scores.
@@ -107,10 +111,22 @@ def _check_not_read(path: str | None, flag: str, pretrained: str) -> None:
                          f"replace that checkpoint; give another file")
 
 
-def _features(args: argparse.Namespace) -> list:
-    """The features of :func:`frozen_features`, after everything that can be checked before (outputs too)."""
-    import torch
+def _features(args: argparse.Namespace, resolve=None) -> list | None:
+    """The features of :func:`frozen_features`, after everything that can be checked before (outputs too); under
+    torchrun each process extracts its share in a process group of its own, and the main process gets them all (the
+    others None), which it alone says and scores. Every process meets a bad input alike: the first of each machine
+    says it (:func:`~lomar.errors.leave_it_to_the_first_process`), ``resolve(args)``'s refusals too."""
+    try:
+        if resolve is not None:
+            resolve(args)
+        _check(args)
+        return _extracted(args)
+    except LomarError:
+        leave_it_to_the_first_process()
+        raise
 
+
+def _check(args: argparse.Namespace) -> None:
     if args.pretrained and args.pretrained_path and args.pretrained != args.pretrained_path:
         raise UsageError(f"two checkpoints given ({args.pretrained_path} and --pretrained {args.pretrained}); "
                          f"pass one")
@@ -132,15 +148,35 @@ def _features(args: argparse.Namespace) -> list:
     if args.json and getattr(args, "save", None) and Path(args.json).resolve() == Path(args.save).resolve():
         raise UsageError(f"--json and --save both name {args.json}; the probe's weights would be overwritten by the "
                          f"scores: pass two files")
-    torch.set_num_threads(args.threads or default_threads())  # the command owns the process
-    return frozen_features(args, lambda msg: print(f"lomar {args.command}: {msg}", file=sys.stderr))
+
+
+def _extracted(args: argparse.Namespace) -> list | None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(args.threads or default_threads())  # the command owns the process (its share of the cores)
+    say = functools.partial(print, f"lomar {args.command}:", file=sys.stderr)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return frozen_features(args, say)
+    from lomar.train.distributed import cleanup_distributed, init_distributed  # torch: not for --help
+
+    info, device = init_distributed(resolve_device(args.device))  # gloo on the CPU, NCCL on CUDA, as pretrain
+    try:
+        features = frozen_features(args, say if info.is_main else lambda msg: None, str(device))
+        # Leave the group together (gloo aborts a peer torn down mid-gather); the main process then scores with no
+        # collective open, which a long probe fit would outlast (NCCL ends one after 10 minutes).
+        dist.barrier()
+        return features
+    finally:
+        cleanup_distributed()
 
 
 def knn_run(args: argparse.Namespace) -> int:
     from lomar.eval.knn import knn_top1  # torch: not for --help
 
-    refuse_torchrun("each would score the whole set")  # and write the same files
-    train_x, train_y, val_x, val_y = _features(args)
+    if (features := _features(args)) is None:  # a torchrun process whose share the main one scores
+        return 0
+    train_x, train_y, val_x, val_y = features
     k = min(args.k, len(train_y))  # knn_top1's own cap, said
     top1 = knn_top1(train_x, train_y, val_x, val_y, k, args.temperature, device=resolve_device(args.device))
     capped = f", every training image: --k {args.k} asks for more" if k < args.k else ""
@@ -185,9 +221,10 @@ def fit_linprobe(args: argparse.Namespace, features: list):
 def linprobe_run(args: argparse.Namespace) -> int:
     from lomar.checkpoints.io import atomic_save  # torch: not for --help
 
-    refuse_torchrun("each would score the whole set")  # first: each check after it would be said by every process
-    resolve_linprobe(args)
-    features = _features(args)
+    # Under torchrun the main process alone fits the probe: a few seconds to minutes on cached features, and one
+    # process's fit is the one-process result (a fit shared by DDP would reduce its gradients in another order).
+    if (features := _features(args, resolve_linprobe)) is None:  # a process whose share the main one scores
+        return 0
     train_y, val_y = features[1], features[3]
     try:
         probe, top1 = fit_linprobe(args, features)

@@ -1,5 +1,6 @@
-"""k-NN features under torchrun (``pretrain --knn-every``): every process extracts its share of a split, and the
-main process gathers the shares in the split's own order, so it scores exactly what one process would.
+"""Frozen features under torchrun (``pretrain --knn-every``, ``lomar knn`` and ``lomar linprobe``): every process
+extracts its share of a split, and the main process gathers the shares in the split's own order, so it scores exactly
+what one process would.
 
 Shared, so that no GPU idles through the pass and no process waits in a collective while another extracts a whole
 bank: NCCL ends a collective that waits over 10 minutes (its default timeout), less than an ImageNet-size bank takes.
@@ -14,10 +15,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
 from lomar.data.collate import BadDataTracker
-from lomar.eval.features import check_read, read_features
+from lomar.eval.features import Pool, check_read, extract_features, read_features
 from lomar.models.vit import VisionTransformer
 
-__all__ = ["batch_share", "share_loader", "gather_rows", "shared_features"]
+__all__ = ["batch_share", "share_loader", "gather_rows", "shared_features", "split_features"]
 
 # Bytes a process sends in one gather of features: all of ImageNet's ViT-B bank at once (3.9 GB) would have to sit
 # on the main GPU beside the training run, NCCL sending only device tensors.
@@ -69,17 +70,19 @@ def gather_rows(rows: torch.Tensor, counts: list[int], device: torch.device | st
 
 
 def shared_features(encoder: VisionTransformer, loader: DataLoader, share: DataLoader, device: torch.device | str,
-                    desc: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+                    desc: str, pool: Pool = "mean",
+                    bad: BadDataTracker | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(features, labels) of ``loader``'s whole split on the main process, in the split's order, as
-    :func:`~lomar.eval.features.extract_features` gives them (mean-pooled); None on the others. A collective: each
+    :func:`~lomar.eval.features.extract_features` gives them (``pool``); None on the others. A collective: each
     process extracts ``share`` (:func:`share_loader`). Unreadable images are checked over the whole split, on every
     process alike, before any features are sent: all raise the same UsageError, and none waits for the others.
+    ``bad``, where given, takes every process's unreadable images (on every process).
     The main process shows its progress (``desc``), which is the others' too: their shares differ by a batch at most."""
-    bad = BadDataTracker(len(share.dataset), warn=False)  # the loader warned of each
-    feats, labels = read_features(encoder, share, device, "mean", bad, desc if dist.get_rank() == 0 else None)
+    mine = BadDataTracker(len(share.dataset), warn=False)  # the loader warned of each
+    feats, labels = read_features(encoder, share, device, pool, mine, desc if dist.get_rank() == 0 else None)
     shares = [None] * dist.get_world_size()
-    dist.all_gather_object(shares, (len(feats), feats.shape[1] if len(feats) else 0, list(bad.bad)))
-    whole = BadDataTracker(len(loader.dataset), warn=False)
+    dist.all_gather_object(shares, (len(feats), feats.shape[1] if len(feats) else 0, list(mine.bad)))
+    whole = BadDataTracker(len(loader.dataset), warn=False) if bad is None else bad
     for _, _, paths in shares:
         whole.update(paths, len(paths))
     counts, dim = [count for count, _, _ in shares], max(width for _, width, _ in shares)
@@ -87,3 +90,13 @@ def shared_features(encoder: VisionTransformer, loader: DataLoader, share: DataL
     feats = gather_rows(feats.reshape(len(labels), dim), counts, device)
     labels = gather_rows(labels, counts, device)
     return None if feats is None else (feats, labels)
+
+
+def split_features(encoder: VisionTransformer, loader: DataLoader, device: torch.device | str, pool: Pool,
+                   bad: BadDataTracker, desc: str = "features") -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`~lomar.eval.features.extract_features` of ``loader``'s split; in a process group of several
+    (torchrun), :func:`shared_features` of this process's :func:`share_loader` (None but on the main process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return extract_features(encoder, loader, device, pool, bad=bad, desc=desc)
+    share = share_loader(loader, dist.get_rank(), dist.get_world_size())
+    return shared_features(encoder, loader, share, device, desc, pool, bad)
