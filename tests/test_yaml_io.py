@@ -32,3 +32,19 @@ def test_nested_aliases_that_expand_past_the_bound_are_refused_before_anything_i
 def test_nesting_past_pyyamls_recursion_is_a_yaml_error_not_a_recursion_error():
     with pytest.raises(YAMLError, match="nests lists or mappings too deep"):
         load_yaml("seed: " + "[" * 900 + "]" * 900 + "\n")  # 900: PyYAML takes frames per level
+
+
+@pytest.mark.parametrize("text, message", [
+    ("batch_size:\t4\n", "found character '\\t' that cannot start any token (line 1, column 12); indent with spaces"),
+    ("seed: 1\n\tlr: 2\n", "(line 2, column 1); indent with spaces, YAML takes no tabs"),
+    ("? [a]\n: 1\n", "while constructing a mapping: found unhashable key (line 1, column 3)"),
+    ("betas: [0.9, 0.95\nseed: 1\n", "expected ',' or ']', but got ':' (line 2, column 5)"),
+    ("a: 1\n---\nb: 2\n", "but found another document (line 2, column 1)"),
+    ("seed: 1\x07\n", "unacceptable character #x0007: special characters are not allowed (character 8)"),
+])
+def test_a_yaml_error_is_one_line_naming_the_problem_and_where(text, message):
+    """The callers quote an error's first line, which was PyYAML's context alone ('while scanning for the next
+    token'): neither the problem (a tab) nor its line."""
+    with pytest.raises(YAMLError) as raised:
+        load_yaml(text)
+    assert message in str(raised.value) and "\n" not in str(raised.value)

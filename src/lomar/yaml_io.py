@@ -5,7 +5,11 @@ down a long config would win without a word, where YAML itself requires the keys
 A file from elsewhere is bounded too: aliases (``*name``) share one object, so a few lines of nested aliases
 ("billion laughs") load in no time into a value that every message, check or copy of it walks in full (a config
 whose ``seed`` was such a list hung ``lomar pretrain --config``); and PyYAML reads nesting by recursion, so a
-few hundred brackets raised a RecursionError. Both are a :class:`YAMLError` here, before anything is built."""
+few hundred brackets raised a RecursionError. Both are a :class:`YAMLError` here, before anything is built.
+
+PyYAML's own errors span four lines (what it was reading, the problem, where, the line quoted); the callers show one
+line, which was only the first ("while scanning for the next token") and named neither the problem nor the line. A
+:class:`YAMLError` from :func:`load_yaml` is one line with both."""
 
 from __future__ import annotations
 
@@ -63,10 +67,26 @@ def _expanded_values(root: yaml.Node) -> int:
     return counts[id(root)]
 
 
+def _one_line(exc: YAMLError) -> str:
+    """'while scanning for the next token: found character '\\t' that cannot start any token (line 1, column 12);
+    indent with spaces, YAML takes no tabs'."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a control character: its offset in the text
+        return f"{str(exc).splitlines()[0]} (character {exc.position + 1})"
+    mark = exc.problem_mark or exc.context_mark
+    text = ": ".join(part for part in (exc.context, exc.problem) if part) or "unreadable"
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+    tab = "; indent with spaces, YAML takes no tabs" if "'\\t'" in text else ""
+    return text + where + tab
+
+
 def load_yaml(text: str) -> Any:
     """``yaml.safe_load(text)``, refusing a mapping that repeats a key (:class:`DuplicateKeyError`), nesting
-    deeper than PyYAML's recursion reaches, and more than :data:`MAX_VALUES` values once aliases are expanded."""
-    loader = _UniqueKeyLoader(text)
+    deeper than PyYAML's recursion reaches, and more than :data:`MAX_VALUES` values once aliases are expanded; every
+    :class:`YAMLError` is one line naming the problem and where it is."""
+    try:
+        loader = _UniqueKeyLoader(text)  # reads the text through: a control character is refused here
+    except yaml.reader.ReaderError as exc:
+        raise YAMLError(_one_line(exc)) from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -75,6 +95,8 @@ def load_yaml(text: str) -> Any:
             raise YAMLError(f"it holds more than {MAX_VALUES:,} values once its aliases (*name) are expanded; "
                             f"write the values out, or share fewer nested aliases")
         return loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        raise YAMLError(_one_line(exc)) from None
     except RecursionError:
         raise YAMLError("it nests lists or mappings too deep to read (hundreds of levels); "
                         "write the settings flat") from None
