@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from yaml import YAMLError
 
-__all__ = ["YAMLError", "load_yaml", "MAX_VALUES"]
+__all__ = ["YAMLError", "load_yaml", "inline", "MAX_VALUES"]
 
 # Values (scalars, lists, mappings) a file may hold once its aliases are expanded: a config holds about a hundred,
 # a large study spec a few thousand.
@@ -46,6 +46,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 except TypeError:  # an unhashable key: the base constructor says so
                     continue
         return super().construct_mapping(node, deep=deep)
+
+
+def inline(value: Any) -> str:
+    """``value`` as a settings file writes it on one line: ``true``, ``auto``, ``[0.9, 0.95]`` (a tuple as a list)."""
+    value = list(value) if isinstance(value, tuple) else value
+    return yaml.safe_dump(value, default_flow_style=True, width=1 << 30).removesuffix("\n...\n").strip()
 
 
 def _expanded_values(root: yaml.Node) -> int:

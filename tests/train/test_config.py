@@ -49,7 +49,11 @@ def test_yaml_values_take_their_field_types(tmp_path, capsys):
     ("lr: fast\n", "is not a number; write e.g. lr: 1e-3"),
     ("seed: four\n", "is not a number; write e.g. seed: 0"),  # a whole number's example is one
     ("compile: 'no'\n", "must be true or false"),
-    ("model: null\n", "model needs a str value"),
+    # the default as an example, in YAML's spelling: what windows or betas take
+    ("model: null\n", "model: null in "),
+    ("windows: null\n", "is not allowed: windows takes a value, e.g. windows: auto; write one or remove the line"),
+    ("betas: null\n", "betas takes a value, e.g. betas: [0.9, 0.95]; write one"),
+    ("compile: null\n", "compile takes a value, e.g. compile: false;"),
     ("1: 2\n", "setting names"),
     ("windows: [1, 2]\n", "must be a string"),
     ("seed: true\n", "must be a number"),

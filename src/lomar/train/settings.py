@@ -24,7 +24,7 @@ from lomar.errors import UsageError
 from lomar.limits import MAX_IMG_SIZE
 from lomar.train.setting_names import unknown_settings
 from lomar.values import brief
-from lomar.yaml_io import YAMLError, load_yaml
+from lomar.yaml_io import YAMLError, inline, load_yaml
 
 __all__ = ["ConfigError", "Setting", "setting", "declarations", "add_settings", "coerce_all", "read_yaml", "help_text"]
 
@@ -320,11 +320,12 @@ def add_settings(parser: argparse.ArgumentParser, settings: dict[str, Setting], 
 # ---- YAML and saved settings ----------------------------------------------------------------
 def _coerce(s: Setting, name: str, value: Any, source: str) -> Any:
     """A YAML or saved value as its setting's kind; YAML 1.1 reads ``1e-3`` as a string."""
-    where = f"{name}: {brief(value)} in {source}"
-    if value is None:
-        if s.default is None:
-            return None
-        raise ConfigError(f"{where} is not allowed: {name} needs a {s.kind.__name__} value; set one or remove the line")
+    where = f"{name}: {'null' if value is None else brief(value)} in {source}"
+    if value is None and s.default is None:
+        return None
+    if value is None:  # the default as an example: what windows (auto or N) or betas (a pair) take
+        raise ConfigError(f"{where} is not allowed: {name} takes a value, e.g. {name}: {inline(s.default)}; write "
+                          f"one or remove the line")
     if s.nargs in (None, "?"):
         return _coerce_scalar(s, name, value, where)
     count = s.nargs if isinstance(s.nargs, int) else None
@@ -369,10 +370,8 @@ def _coerce_scalar(s: Setting, name: str, value: Any, where: str) -> Any:
 
 
 def coerce_all(cls: type, raw: dict, source: str, strict: bool = True) -> dict[str, Any]:
-    """Setting names normalised (``window-size`` and renamed keys -> ``window_size``) and values typed.
-
-    ``strict``: unknown names are an error (a user's file); else skipped (a run saved by
-    another version)."""
+    """Setting names normalised (``window-size`` and renamed keys -> ``window_size``) and values typed. ``strict``:
+    unknown names are an error (a user's file); else skipped (a run saved by another version)."""
     renamed = {old: name for name, s in declarations(cls).items() for old in s.old_keys}
     if bad_keys := [repr(k) for k in raw if not isinstance(k, str)]:
         raise ConfigError(f"setting names in {source} must be strings, got {', '.join(bad_keys)}")
