@@ -72,6 +72,11 @@ def test_lomar_help_cmd_is_lomar_cmd_help(argv, usage, capsys):
      "epoch, num_workers in {path}; did you mean epochs for epoch; workers for num_workers?"),
     ("batch-szie: 4\n", "batch_szie in {path}; did you mean batch_size?"),
     ("colour: red\n", "colour in {path}; see `lomar pretrain --help` for the valid ones"),
+    # another training command's keys: named as theirs, not sent to --help (where they are not)
+    ("num_classes: 10\nmixup: 0.8\n", "mixup, num_classes in {path}; mixup is a setting of lomar finetune, "
+                                       "num_classes of lomar segment, not of lomar pretrain; remove them"),
+    ("rel_pos: auto\nbath_size: 2\n", "bath_size, rel_pos in {path}; rel_pos is a setting of lomar detect and "
+                                       "segment, not of lomar pretrain; did you mean batch_size?"),
 ])
 def test_an_unknown_key_of_a_settings_file_is_one_line_with_a_suggestion(tmp_path, capsys, yaml_text, said):
     path = tmp_path / "settings.yaml"

@@ -80,7 +80,30 @@ def did_you_mean(given: list[str], flags: list[str], as_keys: bool = False) -> s
 
 def unknown_settings(unknown: list[str], names: list[str], source: str, config: type) -> str:
     """The error for the keys ``unknown`` of a settings file ``source`` whose settings (``config``'s) are ``names``:
-    what each most likely meant, else where the valid ones are listed."""
-    hint = did_you_mean(unknown, [f"--{name.replace('_', '-')}" for name in names], as_keys=True)
-    return (f"unknown setting(s) {', '.join(unknown)} in {source}"
-            + (hint or f"; see `lomar {getattr(config, 'COMMAND', '<command>')} --help` for the valid ones"))
+    the other training commands that take one (a key of finetune's in a file given to pretrain), what each other
+    one most likely meant, else where the valid ones are listed."""
+    command = getattr(config, "COMMAND", "<command>")
+    elsewhere = _other_commands(unknown, command)
+    hint = did_you_mean([key for key in unknown if key not in elsewhere],
+                        [f"--{name.replace('_', '-')}" for name in names], as_keys=True)
+    theirs = ", ".join(f"{key}{' is a setting' * (not i)} of lomar {others}" for i, (key, others)
+                       in enumerate(elsewhere.items()))
+    theirs = f"; {theirs}, not of lomar {command}" if theirs else ""
+    return (f"unknown setting(s) {', '.join(unknown)} in {source}" + theirs
+            + (hint or ("; remove it" if len(unknown) == 1 else "; remove them") * bool(theirs)
+               or f"; see `lomar {command} --help` for the valid ones"))
+
+
+def _other_commands(keys: list[str], command: str) -> dict[str, str]:
+    """{key: the training commands other than ``command`` that take it ('detect and segment')} of ``keys`` some
+    other one takes."""
+    # the commands' settings, read only for this error (they import this module)
+    from lomar.train.config import PretrainConfig
+    from lomar.train.detect_config import DetectConfig
+    from lomar.train.finetune_config import FinetuneConfig
+    from lomar.train.segment_config import SegmentConfig
+
+    others = [c for c in (PretrainConfig, FinetuneConfig, DetectConfig, SegmentConfig) if c.COMMAND != command]
+    found = {key: [c.COMMAND for c in others if key in c.__dataclass_fields__] for key in keys}
+    return {key: ", ".join(commands[:-1]) + " and " * (len(commands) > 1) + commands[-1]
+            for key, commands in found.items() if commands}
