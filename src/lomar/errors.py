@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import Iterator
 
-__all__ = ["LomarError", "UsageError", "ANSI_ESCAPE", "FULL_DISK", "UNWRITABLE", "first_on_machine",
+__all__ = ["LomarError", "UsageError", "ANSI_ESCAPE", "FULL_DISK", "UNWRITABLE", "full_disk_words", "first_on_machine",
            "said_by_first_on_machine", "leave_it_to_the_first_process", "FIRST_PROCESS_WAIT", "in_flags"]
 
 # A terminal colour code, as torch's and other libraries' messages carry: dropped from a message that is read
@@ -24,6 +24,14 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # written (read-only, not permitted). Saves (single-process and sharded) and the CLI's messages read the same groups.
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def full_disk_words(code: int | None) -> str:
+    """What a write that failed with ``code`` (one of FULL_DISK) met: a quota leaves the device's free space that
+    ``df`` shows, so "no space left on the device" would send its user looking for a full disk that is not."""
+    return "no space left in the disk quota" if code == errno.EDQUOT else "no space left on the device"
+
+
 _PATH_WORD = re.compile(r"(\S*[/\\]\S*)")  # in_flags: a message's word that is (or holds) a path
 
 

@@ -677,6 +677,27 @@ def test_a_full_disk_mid_run_says_resume_not_rerun(tmp_path):
     assert describe_os_error(full, "export")[0].endswith("free space or choose another location, then rerun")
 
 
+def test_a_quota_is_named_a_quota_not_a_full_device(tmp_path, monkeypatch):
+    # df shows free space on the device of a user whose quota is used up: "no space left on the device" misleads
+    from lomar.cli.app import describe_os_error
+    from lomar.train import run_state
+
+    quota = OSError(errno.EDQUOT, "Disk quota exceeded", str(tmp_path / "metrics.jsonl"))
+    message, code = describe_os_error(quota, "pretrain")
+    assert code == 1 and message.startswith(f"writing {tmp_path / 'metrics.jsonl'}: no space left in the disk quota; "
+                                            f"free space, then resume"), message
+
+    def over_quota(state, path):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded", str(path))
+
+    monkeypatch.setattr(run_state, "atomic_save", over_quota)
+    with pytest.raises(SaveError) as info:
+        run_state.save_state(_state(1), tmp_path / "last.pt", tmp_path / "last.pt")
+    assert str(info.value) == (f"no space left in the disk quota to write {tmp_path / 'last.pt'}; no earlier "
+                               f"checkpoint exists; free space and resume with --resume auto")
+    assert info.value.errno == errno.EDQUOT
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_an_evaluation_record_on_a_full_disk_names_its_file(tmp_path, monkeypatch):
     # /dev/full: the kernel's ENOSPC at the flush, and again when the file is closed, which named nothing

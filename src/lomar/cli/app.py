@@ -21,7 +21,14 @@ from collections.abc import Iterable
 
 from lomar import __version__
 from lomar.cli.suggest import command_parser, suggest_flags
-from lomar.errors import ANSI_ESCAPE, FULL_DISK, LomarError, first_on_machine, leave_it_to_the_first_process
+from lomar.errors import (
+    ANSI_ESCAPE,
+    FULL_DISK,
+    LomarError,
+    first_on_machine,
+    full_disk_words,
+    leave_it_to_the_first_process,
+)
 from lomar.limits import check_env_limits
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main", "run", "describe_os_error"]
@@ -102,7 +109,7 @@ def describe_os_error(exc: OSError, command: str | None = None) -> tuple[str, in
         where = f"writing {path}: " if path is not None else ""
         fix = f"free space, then resume with {_RESUME}" if _trains(command) else \
             "free space or choose another location, then rerun"
-        return f"{where}no space left on the device; {fix}", 1
+        return f"{where}{full_disk_words(code)}; {fix}", 1
     if path is None:
         return None
     fixes = {

@@ -38,7 +38,7 @@ from lomar.checkpoints.io import (
     safe_load,
 )
 from lomar.checkpoints.sharded import check_metadata
-from lomar.errors import FULL_DISK, UNWRITABLE, LomarError, UsageError
+from lomar.errors import FULL_DISK, UNWRITABLE, LomarError, UsageError, full_disk_words
 from lomar.train.run_logs import truncate_metrics
 from lomar.train.settings import ConfigError
 from lomar.values import brief, is_integer
@@ -88,7 +88,7 @@ def save_state(state: dict, path: Path, previous: Path) -> None:
         if not full and exc.errno not in UNWRITABLE:
             raise
         kept = f"{previous} is intact" if previous.exists() else "no earlier checkpoint exists"
-        what, fix = ((f"no space left on the device to write {path}", "free space") if full else
+        what, fix = ((f"{full_disk_words(exc.errno)} to write {path}", "free space") if full else
                      (f"cannot write {path} ({exc.strerror})", f"make {path.parent} writable"))
         error = SaveError(f"{what}; {kept}; {fix} and resume with --resume auto")
         error.errno = exc.errno
