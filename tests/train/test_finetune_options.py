@@ -142,7 +142,8 @@ def test_resume_with_accumulation_equals_an_uninterrupted_run(tmp_path, pretrain
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
 
 
-def test_a_run_resumed_mid_epoch_with_loader_workers_augments_as_an_uninterrupted_one(tmp_path, pretrained, folder):
+def test_a_run_resumed_mid_epoch_with_loader_workers_augments_as_an_uninterrupted_one(tmp_path, pretrained, folder,
+                                                                                   monkeypatch, capsys):
     """timm's augmentation draws from each worker's global streams, seeded once per worker: a resumed run's new
     workers started them over, so the rest of the epoch got other crops, ops and erasings (now seeded per sample)."""
     common = ("--batch-size", "2", "--epochs", "2", "--workers", "1", "--aa", "rand-m9-mstd0.5-inc1",
@@ -155,6 +156,12 @@ def test_a_run_resumed_mid_epoch_with_loader_workers_augments_as_an_uninterrupte
     assert a["step"] == b["step"] == 3 and a["batches_done"] == b["batches_done"] != 0  # still in the first epoch
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0, msg=key)
+    # past the 8-step schedule: refused from the settings and the checkpoint, before the data, the model or the
+    # pretrained encoder is read (a ViT-L's: seconds to wait for a refusal the flags decided)
+    monkeypatch.setattr(finetune_module.FinetuneTask, "__init__", lambda *a: pytest.fail("built to be refused"))
+    capsys.readouterr()
+    assert main(["finetune", "--out", str(resumed), "--resume", "auto", "--epochs", "3", "--max-steps", "9"]) == 2
+    assert "lr schedule ends at step 8 (--schedule-steps), but it would go on to step 9" in capsys.readouterr().err
 
 
 def test_window_size_finetunes_vitdet_blocks_and_keeps_them(tmp_path, capsys, pretrained, folder):

@@ -729,12 +729,23 @@ def test_a_run_that_would_go_past_its_lr_schedule_is_refused_before_a_step(tmp_p
     step at min_lr (0: steps that change nothing)."""
     from lomar.errors import UsageError
 
+    class Told(ToyTask):  # a Task whose class tells its schedule (finetune's, pretrain's) is refused unbuilt
+        def __init__(self, config, info, device):
+            raise AssertionError("built for a refusal that its settings and the checkpoint decide")
+
+        @classmethod
+        def lr_schedule_of(cls, config):
+            return None
+
     out = tmp_path / "run"
     run(ToyConfig(out=str(out), max_steps=3, schedule_steps=3), ToyTask)
-    with pytest.raises(UsageError, match=r"ends at step 3 \(schedule_steps\), but it would go on to step 8: steps "
-                                         r"4-8 would all train at min_lr 0; end it at --max-steps 3"):
-        run(ToyConfig(out=str(out), max_steps=8, schedule_steps=3, resume="auto"), ToyTask)
-    assert safe_load(out / "last.pt")["step"] == 3
+    refusals = []
+    for task in (ToyTask, Told):
+        with pytest.raises(UsageError, match=r"ends at step 3 \(schedule_steps\), but it would go on to step 8: "
+                                             r"steps 4-8 would all train at min_lr 0; end it at --max-steps 3") as err:
+            run(ToyConfig(out=str(out), max_steps=8, schedule_steps=3, resume="auto"), task)
+        refusals.append(str(err.value))
+    assert refusals[0] == refusals[1] and safe_load(out / "last.pt")["step"] == 3
     # a new run is told to lengthen its schedule, not to go to another --out (its own is fine)
     with pytest.raises(UsageError, match=r"steps 4-8 would all train at min_lr 0; end it at --max-steps 3, or raise "
                                          r"--schedule-steps to 8$"):

@@ -60,7 +60,7 @@ class PretrainTask(Task):
         self.patch = self.model.config.patch_size
         self.runtime = method_runtime(config, self.patch)
         self.step_metrics = tuple(self.runtime.method.step_metrics)
-        self.lr_schedule = self.runtime.method.lr_schedule
+        self.lr_schedule = self.lr_schedule_of(config)
         self.sharded, self.spec = config.fsdp, model_spec(self.model)  # the spec: of the class, before sharding
         tokenizer = getattr(self.model, "tokenizer", None)  # BEiT's, named by path only: its content is checked
         self.tokenizer_digest = tokenizer.digest() if tokenizer is not None else None
@@ -97,6 +97,10 @@ class PretrainTask(Task):
                                   world_size=info.world_size)
 
     # ---- the lifecycle's hooks -----------------------------------------------------------
+    @classmethod
+    def lr_schedule_of(cls, config: PretrainConfig):
+        return get_method(config.method).lr_schedule  # BEiT's whole-step warm-up; None: MAE's and LoMaR's
+
     def param_groups(self) -> list[dict]:
         return param_groups(self.model, self.config.weight_decay)
 

@@ -26,6 +26,7 @@ from lomar.train.distributed import any_rank
 from lomar.train.monitor import Monitor
 from lomar.train.run_logs import evaluation_logged
 from lomar.train.run_state import foreign, save_on_main_rank
+from lomar.train.schedule import peak_lr, run_span, schedule_overrun
 from lomar.train.settings_resume import resumed_past_end
 
 __all__ = ["RunEnd", "run_end", "last_step", "answer_at_end", "missing_outputs", "evaluation_missing",
@@ -69,8 +70,10 @@ def run_end(config, task_class, point, out: Path, world_size: int) -> RunEnd | N
     stands when it is the end of the run the settings make, in ``out`` its own folder (a resume into another, or with
     ``--overwrite``, prepares the folder as any resume does) and nothing the model writes at the end is missing; None
     otherwise, and wherever only the built run can tell: a checkpoint of another process count (refused, naming the
-    count), one that does not read. ValueError (:func:`resumed_past_end`) where its counts put it past that end: a
-    settings refusal, made before the model is built and its weights or pretrained encoder read."""
+    count), one that does not read. ValueError (:func:`resumed_past_end`) where its counts put it past that end, or
+    (:func:`~lomar.train.schedule.schedule_overrun`) that end past the lr schedule's that ``task_class`` tells unbuilt
+    (:meth:`~lomar.train.task.Task.lr_schedule_of`): settings refusals, made before the model is built and its weights
+    or pretrained encoder read."""
     if point is None or point.meta is None:
         return None
     ckpt = point.meta
@@ -85,6 +88,11 @@ def run_end(config, task_class, point, out: Path, world_size: int) -> RunEnd | N
     last = last_step(config, per_epoch)
     if step > last:
         raise ValueError(resumed_past_end(step, last, config, per_epoch))
+    schedule = task_class.lr_schedule_of(config)  # the built run's check (lifecycle's _Run), when the class tells
+    if schedule is not NotImplemented and (overrun := schedule_overrun(
+            last, *run_span(config, per_epoch), peak_lr(config, world_size), getattr(config, "min_lr", 0.0), schedule,
+            config, per_epoch)):
+        raise ValueError(overrun)
     if config.overwrite or foreign(point.path, out) or missing_outputs(task_class.final_outputs, Path(out), step) or \
             evaluation_missing(task_class, config, out, step, ckpt.get("evaluated_step")):
         return None

@@ -109,6 +109,13 @@ class Task:
         class too: a resume at the run's end whose ``eval_log`` lacks that evaluation builds the run to run it."""
         return cls.evaluate is not Task.evaluate
 
+    @classmethod
+    def lr_schedule_of(cls, config) -> Callable[..., float] | None:
+        """The ``lr_schedule`` a run of ``config`` follows, told unbuilt, so that a resume whose settings go past its
+        end is refused before the model, the data and the pretrained weights (:func:`lomar.train.run_end.run_end`);
+        NotImplemented (the default): only the built Task tells."""
+        return NotImplemented
+
     def skipped(self, batch) -> list[str]:
         return list(getattr(batch, "bad", ()))
 
