@@ -76,6 +76,8 @@ def _expanded_values(root: yaml.Node) -> int:
 def _one_line(exc: YAMLError) -> str:
     """'while scanning for the next token: found character '\\t' that cannot start any token (line 1, column 12);
     indent with spaces, YAML takes no tabs'."""
+    if isinstance(exc, yaml.reader.ReaderError) and exc.encoding != "unicode":  # bytes that are no UTF-8 text
+        return f"it is not {exc.encoding.upper()} text ({exc.reason} at byte {exc.position + 1}); save it as UTF-8"
     if isinstance(exc, yaml.reader.ReaderError):  # a control character: its offset in the text
         return f"{str(exc).splitlines()[0]} (character {exc.position + 1})"
     mark = exc.problem_mark or exc.context_mark
@@ -85,10 +87,11 @@ def _one_line(exc: YAMLError) -> str:
     return text + where + tab
 
 
-def load_yaml(text: str) -> Any:
-    """``yaml.safe_load(text)``, refusing a mapping that repeats a key (:class:`DuplicateKeyError`), nesting
-    deeper than PyYAML's recursion reaches, and more than :data:`MAX_VALUES` values once aliases are expanded; every
-    :class:`YAMLError` is one line naming the problem and where it is."""
+def load_yaml(text: str | bytes) -> Any:
+    """``yaml.safe_load(text)`` (bytes: UTF-8, or UTF-16 by its BOM, as YAML is written), refusing a mapping that
+    repeats a key (:class:`DuplicateKeyError`), nesting deeper than PyYAML's recursion reaches, and more than
+    :data:`MAX_VALUES` values once aliases are expanded; every :class:`YAMLError` is one line naming the problem and
+    where it is."""
     try:
         loader = _UniqueKeyLoader(text)  # reads the text through: a control character is refused here
     except yaml.reader.ReaderError as exc:

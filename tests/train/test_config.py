@@ -223,7 +223,7 @@ def test_a_printed_config_reads_back_as_the_same_config(tmp_path, capsys, comman
     assert yaml.safe_load(capsys.readouterr().out) == yaml.safe_load(printed)
 
 
-@pytest.mark.parametrize("content", [b"\xff\xfe\x00 binary", None])
+@pytest.mark.parametrize("content", [b"\xff\xd8\xff\xe0\x00\x10JFIF binary", None])
 def test_a_config_that_is_no_text_file_is_one_line(tmp_path, capsys, content):
     path = tmp_path / "cfg.yaml"
     path.write_bytes(content) if content is not None else path.mkdir()
@@ -231,6 +231,20 @@ def test_a_config_that_is_no_text_file_is_one_line(tmp_path, capsys, content):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(path) in err and "Traceback" not in err
     assert ("is not valid YAML" if content else "is not a file; give one") in err
+
+
+def test_a_config_is_read_in_yamls_encodings_not_the_locales(tmp_path, capsys):
+    """PowerShell's `lomar pretrain --print-config > my.yaml` writes UTF-16 with a BOM, which YAML reads and the
+    locale's decoding refused ('utf-8' codec can't decode byte 0xff); Latin-1 text is told to be saved as UTF-8."""
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes("seed: 7\nout: runé\n".encode("utf-16"))
+    assert main(["pretrain", "--config", str(path), "--print-config"]) == 0, capsys.readouterr().err
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["seed"] == 7 and resolved["out"] == "runé"
+    path.write_bytes("seed: 7  # déjà\n".encode("latin-1"))
+    assert main(["pretrain", "--config", str(path), "--print-config"]) == 2
+    assert capsys.readouterr().err.endswith(": it is not UTF-8 text (invalid continuation byte at byte 13); save it "
+                                            "as UTF-8\n")
 
 
 def test_file_and_folder_settings_are_recorded_absolute_so_a_run_resumes_from_any_folder(tmp_path, monkeypatch):

@@ -391,8 +391,8 @@ def read_yaml(cls: type, path: Path, strict: bool = True) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} {'is not a file' if path.exists() else 'does not exist'}; give one")
     try:
-        raw = load_yaml(path.read_text()) or {}
-    except (YAMLError, UnicodeDecodeError) as exc:  # YAML is text: a binary file is no config either
+        raw = load_yaml(path.read_bytes()) or {}  # YAML's encodings (UTF-8, UTF-16 by its BOM), not the locale's
+    except YAMLError as exc:  # a binary file, or text in another encoding, too
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings")
