@@ -12,7 +12,9 @@ import yaml
 
 from lomar.cli.app import SUBCOMMANDS, build_parser, main
 from lomar.train.config import PretrainConfig
+from lomar.train.detect_config import DetectConfig
 from lomar.train.finetune_config import FinetuneConfig
+from lomar.train.segment_config import SegmentConfig
 from lomar.train.settings import Setting, coerce_all, help_text
 
 # The same flag name with another meaning in one command; each is a homonym, not a drift.
@@ -25,6 +27,7 @@ HOMONYMS = {
            "compose-digits: where one command writes, as --to",
 }
 _OWN = {"help", "config", "print_config", "command", "tokenizer_command"}
+_CONFIGS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "detect": DetectConfig, "segment": SegmentConfig}
 
 
 def _commands() -> list[tuple[str, argparse.ArgumentParser]]:
@@ -107,12 +110,6 @@ def test_decode_lists_only_the_modes_the_command_takes(command, tmp_path, capsys
     assert "--decode {full,draft} " in helps[command] and "windows,gpu" not in helps[command]
     assert "--decode {full,draft,windows,gpu} " in helps["pretrain"]
     extra = ["--print-config"] if command == "finetune" else ["ckpt"]
-    if command != "finetune":
-        if command == "linprobe":
-            assert main([command, *extra, "--decode", "gpu"]) == 2
-            assert capsys.readouterr().err == (f"lomar {command}: error: --decode gpu is for lomar pretrain; lomar "
-                                               f"{command} takes --decode full or draft\n")
-        return
     for value in ("foo", "gpu"):  # a typo, or a mode of pretrain's: one line naming the two
         assert main([command, *extra, "--decode", value]) == 2
         assert capsys.readouterr().err == (f"lomar {command}: error: argument --decode: invalid choice: '{value}' "
@@ -295,10 +292,22 @@ def test_a_help_states_its_integer_upper_bound():
 
 def test_every_training_setting_has_a_known_resume_policy():
     # the policy is a string: a typo ("run_control") would make the setting fixed on resume without a word
-    from lomar.train.detect_config import DetectConfig
-    from lomar.train.segment_config import SegmentConfig
     from lomar.train.settings import declarations
 
     for cls in (PretrainConfig, FinetuneConfig, DetectConfig, SegmentConfig):
         for name, declared in declarations(cls).items():
             assert declared.resume in ("fixed", "run-control", "per-invocation", "derived"), (cls.__name__, name)
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "detect", "segment"])
+def test_a_training_commands_help_says_what_a_resume_may_change(command):
+    """The policies were in the README alone: --help named no setting a resume may change (--epochs) or refuses."""
+    from lomar.train.settings import declarations
+
+    epilog = build_parser().commands[command].epilog
+    policy = {p: [s.name_flag(n) for n, s in declarations(_CONFIGS[command]).items() if s.resume == p]
+              for p in ("run-control", "derived", "per-invocation")}
+    assert f"With --resume the run keeps its settings: {', '.join(policy['run-control'])} may be given otherwise" \
+        in epilog and "--epochs" in policy["run-control"] and "--batch-size" not in epilog
+    assert (f"; {', '.join(policy['derived'])} as auto or unset (the run's own)" in epilog) == bool(policy["derived"])
+    assert f"{policy['per-invocation'][-1]} apply to the invocation that gives them." in epilog

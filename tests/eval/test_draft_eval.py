@@ -74,7 +74,7 @@ def test_knn_decode_draft_scores_and_refuses_the_pretraining_only_modes(photos, 
     assert main(probe) == 0
     assert json.loads((tmp_path / "lp.json").read_text())["decode"] == "draft"
     assert main(["knn", *common, "--decode", "windows"]) == 2  # only the pretraining transform has windows
-    assert "--decode windows is for lomar pretrain; lomar knn takes --decode full or draft" in capsys.readouterr().err
+    assert "invalid choice: 'windows' (choose from 'full', 'draft')" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))

@@ -18,7 +18,7 @@ from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS, LAST, RUN
 from lomar.cli.common import check_output_file, resolve_device, write_json
 from lomar.errors import LomarError, UsageError, first_on_machine, in_flags, leave_it_to_the_first_process
 from lomar.train import settings as S
-from lomar.train.config_checks import EVAL_DECODE, check_eval_decode
+from lomar.train.config_checks import EVAL_DECODES
 from lomar.train.runtime import default_threads, default_workers
 from lomar.train.settings import Setting, add_settings
 
@@ -32,7 +32,7 @@ COMMON = {
     "pool": Setting("mean", "feature: mean of the normed patch tokens or the normed cls token",
                     choices=("mean", "cls")),
     "batch_size": S.BATCH_SIZE.but(default=128, help="images per forward pass"),
-    "decode": S.DECODE.but(metavar=EVAL_DECODE, help="how images are decoded: full = the whole photo (reference); "
+    "decode": S.DECODE.but(takes=EVAL_DECODES, help="how images are decoded: full = the whole photo (reference); "
                            "draft = a JPEG at 1/2-1/8 scale while its short side stays at least the resize's (same "
                            "crops, pixels within about a level of 255; a 12 MP photo 4x faster)"),
     "workers": S.WORKERS, "threads": S.THREADS, "device": S.DEVICE, "json": S.JSON,
@@ -133,7 +133,6 @@ def _check(args: argparse.Namespace) -> None:
     args.pretrained = args.pretrained or args.pretrained_path
     if not args.pretrained:
         raise UsageError(f"pass the checkpoint: lomar {args.command} PRETRAINED, or --pretrained PRETRAINED")
-    check_eval_decode(args.decode, args.command)
     if not (args.data or (args.train and args.val)):
         raise UsageError("pass --data ROOT (with train/ and val/) or both --train and --val")
     for flag, root in (("--data", args.data), ("--train", args.train), ("--val", args.val)):

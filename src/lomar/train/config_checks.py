@@ -13,8 +13,7 @@ from lomar.train import settings as S
 from lomar.train.settings import ConfigError
 from lomar.train.settings_resume import check_pretrained
 
-__all__ = ["check_fsdp", "check_data", "check_decode", "check_eval_decode", "check_method_settings", "parse_share",
-           "EVAL_DECODES", "EVAL_DECODE"]
+__all__ = ["check_fsdp", "check_data", "check_decode", "check_method_settings", "parse_share", "EVAL_DECODES"]
 
 
 def check_method_settings(values: dict[str, Any], declared: dict[str, S.Setting]) -> None:
@@ -79,15 +78,9 @@ def parse_share(text: str) -> float | str:
         raise ValueError(f"--cpu-decode-share must be auto or a share in [0, 1], e.g. 0.3; got {text!r}") from None
 
 
-EVAL_DECODES = ("full", "draft")  # what knn, linprobe and finetune read of --decode, declared as pretrain's
-EVAL_DECODE = "{" + ",".join(EVAL_DECODES) + "}"  # their --decode's metavar: --help lists what they take
-
-
-def check_eval_decode(decode: str, command: str) -> None:
-    """ConfigError unless ``decode`` is one of :data:`EVAL_DECODES`: the declaration is pretrain's, whose windows and
-    gpu make its training crops, not an evaluation's or the finetune recipe's."""
-    if decode not in EVAL_DECODES:
-        raise ConfigError(f"--decode {decode} is for lomar pretrain; lomar {command} takes --decode full or draft")
+# What knn, linprobe and finetune take of --decode (their Setting.takes): the declaration is pretrain's, whose windows
+# and gpu make its training crops, not an evaluation's or the finetune recipe's
+EVAL_DECODES = ("full", "draft")
 
 
 def check_decode(config: Any, patch_size: int) -> None:

@@ -216,14 +216,14 @@ def test_a_study_linear_probe_warm_up_beyond_its_epochs_is_refused_up_front(labe
 
 @pytest.mark.parametrize("metric", ["knn", "linprobe"])
 def test_a_study_evaluation_decoding_as_pretrain_alone_does_is_refused_up_front(labelled, metric):
-    """--decode windows parses as knn's and linprobe's flag (pretrain's declaration); refused at the first score,
-    after a cell's whole budget, it was."""
+    """--decode windows (pretrain's) is refused before any cell trains, not at the first score after a cell's whole
+    budget."""
     from lomar.cli.study.evals import check_options
     from lomar.errors import UsageError
 
     spec = parse_spec(_spec(labelled, eval={"metrics": [metric], metric: {"decode": "windows"}}))
-    with pytest.raises(UsageError, match=rf"^eval.{metric}: --decode windows is for lomar pretrain; lomar {metric} "
-                                         r"takes --decode full or draft; fix the spec's"):
+    with pytest.raises(UsageError, match=rf"^eval.{metric}: argument --decode: invalid choice: 'windows' \(choose "
+                                         r"from 'full', 'draft'\); fix the spec's"):
         check_options(spec)
 
 

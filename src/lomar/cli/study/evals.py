@@ -38,7 +38,6 @@ from lomar.errors import LomarError, UsageError
 from lomar.eval.features import eval_transform
 from lomar.eval.knn import knn_top1
 from lomar.models import MAE, LoMaR
-from lomar.train.config_checks import check_eval_decode
 from lomar.train.finetune import finetune
 from lomar.train.finetune_config import add_finetune_arguments, resolve_finetune_config
 from lomar.train.monitor import read_records
@@ -63,8 +62,6 @@ def _args(metric: str, spec: StudySpec, cell: Cell, checkpoint: Path, where: Pat
     options = spec.eval.knn if metric == "knn" else {"seed": cell.seed, **getattr(spec.eval, metric)}
     add = {"knn": knn_add_arguments, "linprobe": linprobe_add_arguments, "finetune": add_finetune_arguments}[metric]
     args = parse_flags(add, argv + settings_flags(options))
-    if metric != "finetune":  # before any cell trains: pretrain's --decode windows / gpu parse as these flags too
-        check_eval_decode(args.decode, metric)
     if metric == "linprobe":
         resolve_linprobe(args)
     return args
