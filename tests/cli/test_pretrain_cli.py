@@ -574,3 +574,12 @@ def test_a_loader_worker_the_system_killed_is_one_line_and_exit_1(tmp_path, caps
                         r"exited unexpectedly) \(the "
                         r"system kills a worker that runs out of memory: lower --workers or --batch-size\); resume "
                         r"with --resume auto \(from the last checkpoint, if one was written\)\n", err), err
+
+
+def test_a_full_disk_at_the_first_figure_stops_the_run_in_one_line(tmp_path, capsys, image_dir, monkeypatch):
+    out = tmp_path / "run"
+    fill_disk(monkeypatch, room=2048)  # the settings fit, the step-0 reconstruction figure does not
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "2") == 1
+    err = capsys.readouterr().err
+    assert f"writing {out / 'reconstruction-000000.png'}: no space left on the device" in err, err
+    assert err.count("\n") == 1 and not (out / "metrics.jsonl").read_text()  # not trained on towards a failed save

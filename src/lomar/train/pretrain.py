@@ -23,7 +23,7 @@ from lomar.checkpoints.io import safe_load
 from lomar.data.device_decode import decode_dataset
 from lomar.data.folder import build_pretrain_dataset
 from lomar.data.samplers import EpochSampler
-from lomar.errors import UsageError, said_by_first_on_machine
+from lomar.errors import FULL_DISK, UNWRITABLE, UsageError, said_by_first_on_machine
 from lomar.eval.knn import KnnMonitor
 from lomar.methods import get_method
 from lomar.methods.base import method_runtime
@@ -253,7 +253,10 @@ class PretrainTask(Task):
             reconstruction_snapshot(model or self.model, self.fixed_images(), out, step, seed=self.config.seed,
                                     title=f"{self.config.method} step {step}", draw=self.runtime.method.figure)
             self.draw_curves(self.config, out)
-        except Exception as exc:  # a figure must never kill a run
+        except Exception as exc:  # a figure must never kill a run, but a run folder that takes no more files
+            # (full, read-only) does: its next save would fail the same way, after training on for nothing
+            if isinstance(exc, OSError) and exc.errno in (*FULL_DISK, *UNWRITABLE):
+                raise
             print(f"lomar: could not draw the reconstruction figure: {exc}", file=sys.stderr)
 
     @staticmethod
