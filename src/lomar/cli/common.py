@@ -20,7 +20,7 @@ from lomar.train import settings as S
 from lomar.train.settings import Setting, add_settings
 
 __all__ = ["resolve_device", "check_output_file", "check_output_dir", "write_json",
-           "add_override_arguments", "load_for_cli", "training_command", "refuse_torchrun"]
+           "add_override_arguments", "load_for_cli", "training_command", "refuse_torchrun", "resume_policies"]
 
 
 def resolve_device(text: str) -> str:
@@ -168,7 +168,7 @@ def training_command(config_cls, runner: str, epilog: str):
     the run starts (torch: not for --help)."""
 
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.epilog = epilog
+        parser.epilog = f"{epilog} {resume_policies(config_cls)}"
         config_cls.add_arguments(parser)
 
     def run(args: argparse.Namespace) -> int:
@@ -193,6 +193,19 @@ def training_command(config_cls, runner: str, epilog: str):
             raise
 
     return add_arguments, run
+
+
+def resume_policies(config_cls) -> str:
+    """What a resume of ``config_cls``'s runs may change, by the settings' declared resume policies, for --help:
+    'With --resume the run keeps its settings: --epochs, ... may be given otherwise; ...'."""
+    by_policy: dict[str, list[str]] = {}
+    for name, declared in S.declarations(config_cls).items():
+        by_policy.setdefault(declared.resume, []).append(declared.name_flag(name))
+    derived, once = by_policy.get("derived"), by_policy["per-invocation"]
+    return (f"With --resume the run keeps its settings: {', '.join(by_policy['run-control'])} may be given otherwise"
+            + (f"; {', '.join(derived)} as auto or unset (the run's own)" if derived else "")
+            + f"; any other only as the run has it; {', '.join(once[:-1])} and {once[-1]} apply to the invocation "
+              f"that gives them.")
 
 
 def refuse_torchrun(why: str) -> None:
