@@ -157,6 +157,17 @@ def test_one_command_line_giving_a_setting_under_two_spellings_is_refused(tmp_pa
     assert yaml.safe_load(capsys.readouterr().out)["accum_steps"] == 3
 
 
+def test_two_config_files_are_refused_not_the_first_dropped(tmp_path, capsys):
+    """argparse kept the second --config alone: the first file's settings were dropped without a word."""
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("seed: 1\n")
+    second.write_text("batch_size: 8\n")
+    assert main(["pretrain", "--config", str(first), "--config", str(second), "--print-config"]) == 2
+    assert f"--config {first} and --config {second} are one setting; give it once" in capsys.readouterr().err
+    assert main(["pretrain", "--config", str(first), f"--config={first}", "--print-config"]) == 0  # the same file
+    assert yaml.safe_load(capsys.readouterr().out)["seed"] == 1
+
+
 def test_a_config_file_giving_one_setting_under_two_spellings_is_refused(tmp_path, capsys):
     """The YAML reader refuses a key given twice, but max_steps and max-steps (or accum_iter and accum_steps) are
     two keys to it: the later one won without a word."""

@@ -232,10 +232,11 @@ class _Store(argparse.Action):
     deprecated spelling of the flag still works, with a one-line note naming the new one."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        # two spellings on one line: argparse would keep the later one without a word
+        # two spellings, or two --config files (not layered): argparse would keep the later one without a word
         spelled = namespace.__dict__.setdefault("_spelled", {})
-        if spelled.setdefault(self.dest, option_string) != option_string:
-            parser.error(f"{spelled[self.dest]} and {option_string} are one setting; give it once")
+        given = f"{option_string} {values}" if self.dest == "config" else option_string
+        if spelled.setdefault(self.dest, given) != given:
+            parser.error(f"{spelled[self.dest]} and {given} are one setting; give it once")
         if option_string not in (None, self.option_strings[0]):
             print(f"{parser.prog}: note: {option_string} is deprecated; use {self.option_strings[0]}", file=sys.stderr)
         setattr(namespace, self.dest, tuple(values) if isinstance(values, list) else values)
@@ -294,7 +295,7 @@ def add_settings(parser: argparse.ArgumentParser, settings: dict[str, Setting], 
     parser.lomar_settings = {**getattr(parser, "lomar_settings", {}), **settings}  # read by the declaration test
     target = parser.add_argument_group(group) if group else parser
     if config:
-        parser.add_argument("--config", metavar="FILE.yaml",
+        parser.add_argument("--config", metavar="FILE.yaml", action=_Store,
                             help="YAML file with any of the settings below (default: none; flags override it)")
         parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     for name, s in settings.items():
