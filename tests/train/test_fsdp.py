@@ -371,3 +371,22 @@ def test_a_sharded_model_returns_no_view_for_fsdp_to_warn_of(tmp_path):
     grads = {name: None if p.grad is None else p.grad.full_tensor() for name, p in sharded.named_parameters()}
     for name, p in plain.named_parameters():
         assert (grads[name] is None) if p.grad is None else torch.equal(grads[name], p.grad), name
+
+
+def test_a_sharded_save_over_a_full_quota_names_the_quota(tmp_path):
+    # df shows the device's free space to a user whose quota is used up: "no space left on the device" misleads
+    import errno
+
+    from lomar.train.fsdp import _agree_on_failure
+    from lomar.train.run_state import SaveError
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for code, words in ((errno.EDQUOT, "no space left in the disk quota"),
+                            (errno.ENOSPC, "no space left on the device")):
+            with pytest.raises(SaveError) as info:
+                _agree_on_failure(OSError(code, os.strerror(code)), tmp_path / "sharded", tmp_path / "sharded.tmp")
+            assert str(info.value).startswith(f"{words} to write {tmp_path / 'sharded'}; ")
+            assert info.value.errno == code
+    finally:
+        dist.destroy_process_group()

@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_map
 from lomar.checkpoints.file_names import LAST_POINTER
 from lomar.checkpoints.io import atomic_save, atomic_write_text, refuse_link, remove_tree, safe_load, write_error
 from lomar.checkpoints.sharded import check_metadata, consolidate, safe_planner, safe_reader
-from lomar.errors import FULL_DISK, UNWRITABLE, UsageError
+from lomar.errors import FULL_DISK, UNWRITABLE, UsageError, full_disk_words
 from lomar.train.run_state import SaveError, checkpoints_to_prune
 
 __all__ = ["shard_model", "block_modules", "save_sharded", "load_sharded", "consolidate", "save_run_checkpoint"]
@@ -106,8 +106,8 @@ def _writer(directory: Path):
 
 
 def _failure_code(failure: BaseException | None) -> int:
-    """0 none, 3 a full disk, 2 a folder that cannot be written, 1 anything else; of ``failure`` (an OSError, or
-    DCP's exception wrapping each rank's). The writers involved (:func:`_writer`, DCP's metadata pickle,
+    """0 none, 3 a full disk (4 a full quota), 2 a folder that cannot be written, 1 anything else; of ``failure``
+    (an OSError, or DCP's exception wrapping each rank's). The writers involved (:func:`_writer`, DCP's metadata pickle,
     ``atomic_save``) fail with the OSError itself, so it is found without a chain of causes (which DCP's
     pickling drops anyway)."""
     from torch.distributed.checkpoint.api import CheckpointException
@@ -116,7 +116,9 @@ def _failure_code(failure: BaseException | None) -> int:
         return 0
     causes = [exc for exc, _ in failure.failures.values()] if isinstance(failure, CheckpointException) else [failure]
     errnos = {exc.errno for exc in causes if isinstance(exc, OSError)}
-    return 3 if errnos & set(FULL_DISK) else 2 if errnos & set(UNWRITABLE) else 1
+    if errnos & set(FULL_DISK):
+        return 4 if errno.EDQUOT in errnos else 3  # a quota is named as one
+    return 2 if errnos & set(UNWRITABLE) else 1
 
 
 def _agree_on_failure(failure: BaseException | None, directory: Path, tmp: Path) -> None:
@@ -132,10 +134,11 @@ def _agree_on_failure(failure: BaseException | None, directory: Path, tmp: Path)
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
     if verdict.item() > 1:
-        what, fix = ((f"no space left on the device to write {directory}", "free space") if verdict.item() == 3 else
+        code = {4: errno.EDQUOT, 3: errno.ENOSPC}.get(verdict.item(), errno.EACCES)
+        what, fix = ((f"{full_disk_words(code)} to write {directory}", "free space") if code in FULL_DISK else
                      (f"cannot write {directory} (read-only or not permitted)", f"make {directory.parent} writable"))
         error = SaveError(f"{what}; nothing written before it was changed; {fix} and resume with --resume auto")
-        error.errno = errno.ENOSPC if verdict.item() == 3 else errno.EACCES
+        error.errno = code
         raise error from None
     if failure is not None:
         raise failure
