@@ -4,8 +4,9 @@ line's flags (:mod:`lomar.cli.suggest`) and a YAML file's keys (:func:`lomar.tra
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 
-__all__ = ["closest_flags", "either", "did_you_mean", "unknown_settings"]
+__all__ = ["closest_flags", "either", "did_you_mean", "unknown_settings", "register_command"]
 
 # Other tools' spellings (MAE's and timm's scripts, Hugging Face, detectron2, Lightning) and common shortenings
 # -> our flags, the first one the command has. Keys are written with dashes, lower case, without the leading --.
@@ -96,14 +97,17 @@ def unknown_settings(unknown: list[str], names: list[str], source: str, config: 
 
 def _other_commands(keys: list[str], command: str) -> dict[str, str]:
     """{key: the training commands other than ``command`` that take it ('detect and segment')} of ``keys`` some
-    other one takes."""
-    # the commands' settings, read only for this error (they import this module)
-    from lomar.train.config import PretrainConfig
-    from lomar.train.detect_config import DetectConfig
-    from lomar.train.finetune_config import FinetuneConfig
-    from lomar.train.segment_config import SegmentConfig
-
-    others = [c for c in (PretrainConfig, FinetuneConfig, DetectConfig, SegmentConfig) if c.COMMAND != command]
-    found = {key: [c.COMMAND for c in others if key in c.__dataclass_fields__] for key in keys}
+    other one takes (of the commands registered)."""
+    found = {key: [other for other, names in _COMMANDS.items() if other != command and key in names] for key in keys}
     return {key: ", ".join(commands[:-1]) + " and " * (len(commands) > 1) + commands[-1]
             for key, commands in found.items() if commands}
+
+
+# The training commands' settings by command, registered by the command line that builds them: the commands' modules
+# import this one, which cannot import them.
+_COMMANDS: dict[str, frozenset[str]] = {}
+
+
+def register_command(command: str, settings: Iterable[str]) -> None:
+    """Make ``command``'s ``settings`` (names) known to :func:`unknown_settings`, which names another command's key."""
+    _COMMANDS[command] = frozenset(settings)
