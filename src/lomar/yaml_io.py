@@ -13,16 +13,22 @@ line, which was only the first ("while scanning for the next token") and named n
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
 from yaml import YAMLError
 
-__all__ = ["YAMLError", "load_yaml", "inline", "MAX_VALUES"]
+from lomar.errors import UsageError
+
+__all__ = ["YAMLError", "load_yaml", "inline", "read_settings_file", "MAX_VALUES", "MAX_BYTES"]
 
 # Values (scalars, lists, mappings) a file may hold once its aliases are expanded: a config holds about a hundred,
 # a large study spec a few thousand.
 MAX_VALUES = 100_000
+# A file's size: a config is a few KiB, a large study spec some 100; a COCO annotation file given by mistake is
+# hundreds of MiB, which PyYAML reads at about 20 s a MiB (2 busy CPU cores) before any value can be refused.
+MAX_BYTES = 1 << 20
 
 _MERGE = "tag:yaml.org,2002:merge"  # `<<: *base` then a key of base: an override YAML allows, not a duplicate
 
@@ -46,6 +52,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 except TypeError:  # an unhashable key: the base constructor says so
                     continue
         return super().construct_mapping(node, deep=deep)
+
+
+def read_settings_file(path: Path, what: str) -> bytes:
+    """The bytes of the settings file ``path`` (``what``: 'config file'), refused past :data:`MAX_BYTES` unread
+    (:class:`~lomar.errors.UsageError`)."""
+    if (size := path.stat().st_size) > MAX_BYTES:
+        raise UsageError(f"{what} {path} is {size / 2**20:.1f} MiB, which no settings file is (at most "
+                         f"{MAX_BYTES >> 20} MiB; a config is a few KiB); is it the file meant?")
+    return path.read_bytes()
 
 
 def inline(value: Any) -> str:

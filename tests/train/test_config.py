@@ -247,6 +247,17 @@ def test_a_config_is_read_in_yamls_encodings_not_the_locales(tmp_path, capsys):
                                             "as UTF-8\n")
 
 
+def test_a_config_past_a_settings_files_size_is_refused_unread(tmp_path, capsys):
+    """A COCO annotation file given as --config was parsed whole first (1.5 MiB: 25 s; its 450 MiB: hours)."""
+    from lomar.yaml_io import MAX_BYTES
+
+    path = tmp_path / "instances_train.json"
+    path.write_text("seed: 1\n" + "#" * MAX_BYTES)
+    assert main(["pretrain", "--config", str(path), "--print-config"]) == 2
+    assert capsys.readouterr().err == (f"lomar pretrain: error: config file {path} is 1.0 MiB, which no settings file "
+                                       f"is (at most 1 MiB; a config is a few KiB); is it the file meant?\n")
+
+
 def test_file_and_folder_settings_are_recorded_absolute_so_a_run_resumes_from_any_folder(tmp_path, monkeypatch):
     """Recorded as given, ``--data images`` was looked for under the working folder of the resume."""
     from helpers import pretrain, write_images

@@ -24,7 +24,7 @@ from lomar.errors import UsageError
 from lomar.limits import MAX_IMG_SIZE
 from lomar.train.setting_names import unknown_settings
 from lomar.values import brief
-from lomar.yaml_io import YAMLError, inline, load_yaml
+from lomar.yaml_io import YAMLError, inline, load_yaml, read_settings_file
 
 __all__ = ["ConfigError", "Setting", "setting", "declarations", "add_settings", "coerce_all", "read_yaml", "help_text"]
 
@@ -392,7 +392,7 @@ def read_yaml(cls: type, path: Path, strict: bool = True) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} {'is not a file' if path.exists() else 'does not exist'}; give one")
     try:
-        raw = load_yaml(path.read_bytes()) or {}  # YAML's encodings (UTF-8, UTF-16 by its BOM), not the locale's
+        raw = load_yaml(read_settings_file(path, "config file")) or {}  # in YAML's encodings, not the locale's
     except YAMLError as exc:  # a binary file, or text in another encoding, too
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
