@@ -223,6 +223,16 @@ def test_a_printed_config_reads_back_as_the_same_config(tmp_path, capsys, comman
     assert yaml.safe_load(capsys.readouterr().out) == yaml.safe_load(printed)
 
 
+def test_a_printed_config_of_a_resume_given_back_is_refused_as_what_it_is(tmp_path, capsys):
+    """--print-config shows the invocation's --resume; given back, the refusal called the file an older lomar's
+    config.yaml."""
+    assert main(["pretrain", "--out", str(tmp_path / "run"), "--resume", "auto", "--print-config"]) == 0
+    printed = _yaml(tmp_path, capsys.readouterr().out)
+    assert main(["pretrain", "--config", printed, "--out", str(tmp_path / "new"), "--print-config"]) == 2
+    assert f"{printed} records an invocation's resume: auto (it is --print-config's output of one" in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize("content", [b"\xff\xd8\xff\xe0\x00\x10JFIF binary", None])
 def test_a_config_that_is_no_text_file_is_one_line(tmp_path, capsys, content):
     path = tmp_path / "cfg.yaml"

@@ -19,7 +19,8 @@ def test_older_config_yaml_with_its_invocations_overwrite_is_refused(tmp_path, c
     victim = str(tmp_path / "victim")
     assert main(["pretrain", "--config", str(old), "--out", victim, "--print-config"]) == 2
     err = capsys.readouterr().err
-    assert f"{old} is a run's config.yaml written by an older lomar" in err and "overwrite: true" in err
+    assert f"{old} records an invocation's overwrite: true (it is --print-config's output of one, or a run's " \
+           f"config.yaml written by an older lomar)" in err
     assert len(err.strip().splitlines()) == 1
     # given on the command line, the setting is the user's again; so is a hand-written file's
     assert main(["pretrain", "--config", str(old), "--out", victim, "--overwrite", "--print-config"]) == 0

@@ -303,9 +303,9 @@ class ResumeMismatch(ConfigError):
 
 def check_recorded_invocation(cls: type, in_file: dict[str, Any], path: str | None, flags: dict[str, Any]) -> None:
     """Refuse a run's config.yaml written by a lomar that recorded the invocation's per-invocation settings (all
-    before 5 Dec 2026): given back as --config, its ``overwrite: true`` replaced the run held in the new --out and
-    its ``resume: PATH`` branched off that checkpoint. A record holds every per-invocation setting and most others;
-    a hand-written file's ``overwrite: true`` is the user's and applies."""
+    before 5 Dec 2026), or --print-config's output of a resume: given back as --config, its ``overwrite: true``
+    replaced the run held in the new --out and its ``resume: PATH`` branched off that checkpoint. Such a file holds
+    every per-invocation setting and most others; a hand-written file's ``overwrite: true`` is the user's, applied."""
     declared = declarations(cls)
     per_invocation = [name for name, s in declared.items() if s.resume == "per-invocation"]
     if not set(per_invocation) <= in_file.keys() or len(in_file) < len(declared) // 2:
@@ -314,9 +314,9 @@ def check_recorded_invocation(cls: type, in_file: dict[str, Any], path: str | No
             for name in per_invocation if name not in flags and in_file[name] != declared[name].default]
     if kept:
         flags_named = " or ".join("--" + item.split(":")[0].replace("_", "-") for item in kept)
-        raise ConfigError(f"{path} is a run's config.yaml written by an older lomar, which recorded that "
-                          f"invocation's {' and '.join(kept)} (given back as --config, it would act on this --out: "
-                          f"replace the run held there, or resume another run's checkpoint); delete "
+        raise ConfigError(f"{path} records an invocation's {' and '.join(kept)} (it is --print-config's output of "
+                          f"one, or a run's config.yaml written by an older lomar): given back as --config, it would "
+                          f"act on this --out (replace the run held there, or resume a run's checkpoint); delete "
                           f"{'those lines' if len(kept) > 1 else 'that line'} from it, and give {flags_named} on the "
                           f"command line when meant")
 
