@@ -48,3 +48,10 @@ def test_a_yaml_error_is_one_line_naming_the_problem_and_where(text, message):
     with pytest.raises(YAMLError) as raised:
         load_yaml(text)
     assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_date_is_read_as_the_text_written():
+    """No setting takes a date: `out: 2024-12-06` loaded as datetime.date, refused as 'must be a string'."""
+    assert load_yaml("out: 2024-12-06\ndata: 2024-12-06 10:00:00\nseed: 3\n") == {
+        "out": "2024-12-06", "data": "2024-12-06 10:00:00", "seed": 3}
+    assert load_yaml("when: !!timestamp 2024-12-06\n")["when"].year == 2024  # an explicit tag still reads as one

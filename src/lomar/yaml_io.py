@@ -30,6 +30,7 @@ MAX_VALUES = 100_000
 # hundreds of MiB, which PyYAML reads at about 20 s a MiB (2 busy CPU cores) before any value can be refused.
 MAX_BYTES = 1 << 20
 
+_TIMESTAMP = "tag:yaml.org,2002:timestamp"
 _MERGE = "tag:yaml.org,2002:merge"  # `<<: *base` then a key of base: an override YAML allows, not a duplicate
 
 
@@ -38,6 +39,10 @@ class DuplicateKeyError(YAMLError):
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
+    # A date is text: no setting takes one, and YAML 1.1 read `out: 2024-12-06`, a folder's name, as a datetime.date
+    yaml_implicit_resolvers = {first: [(tag, pattern) for tag, pattern in resolvers if tag != _TIMESTAMP]
+                               for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
             seen: dict[Any, int] = {}
