@@ -743,13 +743,46 @@ def test_a_run_that_would_go_past_its_lr_schedule_is_refused_before_a_step(tmp_p
     for task in (ToyTask, Told):
         with pytest.raises(UsageError, match=r"ends at step 3 \(schedule_steps\), but it would go on to step 8: "
                                              r"steps 4-8 would all train at min_lr 0; end it at --max-steps 3") as err:
-            run(ToyConfig(out=str(out), max_steps=8, schedule_steps=3, resume="auto"), task)
+            # 10 epochs reach step 8 at any steps an epoch, whatever data --data now holds
+            run(ToyConfig(out=str(out), epochs=10, max_steps=8, schedule_steps=3, resume="auto"), task)
         refusals.append(str(err.value))
     assert refusals[0] == refusals[1] and safe_load(out / "last.pt")["step"] == 3
     # a new run is told to lengthen its schedule, not to go to another --out (its own is fine)
     with pytest.raises(UsageError, match=r"steps 4-8 would all train at min_lr 0; end it at --max-steps 3, or raise "
                                          r"--schedule-steps to 8$"):
         run(ToyConfig(out=str(tmp_path / "new"), max_steps=8, schedule_steps=3), ToyTask)
+
+
+def sized(points: int) -> type[ToyTask]:
+    """A ToyTask of ``points`` points (ToyTask's 32: 4 steps an epoch) whose class tells its schedule unbuilt."""
+    class Sized(ToyTask):
+        def __init__(self, config, info, device):
+            super().__init__(config, info, device)
+            x = torch.randn(points, 3, generator=torch.Generator().manual_seed(1))
+            self.data = TensorDataset(x, x @ torch.tensor([1.0, -2.0, 0.5]))
+            sampler = EpochSampler(points, config.seed, info.rank, info.world_size, keys=False)
+            self.train_loader = DataLoader(self.data, config.batch_size, sampler=sampler, drop_last=True)
+
+        @classmethod
+        def lr_schedule_of(cls, config):
+            return None
+
+    return Sized
+
+
+@pytest.mark.parametrize("first, resumed, points, end", [
+    # data grown to 8 steps an epoch: --epochs 1 reaches --max-steps 8 (at the checkpoint's 4, it stopped at step 4)
+    (dict(epochs=4, max_steps=2), dict(epochs=1, max_steps=8), 64, 8),
+    # data shrunk to 2 steps an epoch: --epochs 3 end at step 6, inside the schedule (at 4, at step 12, past it)
+    (dict(epochs=1), dict(epochs=3), 16, 6)])
+def test_a_resume_on_changed_data_is_refused_only_where_its_own_steps_an_epoch_say(tmp_path, first, resumed, points,
+                                                                                 end):
+    """--data may change on resume: the steps an epoch the checkpoint saved then tell nothing of the schedule's end
+    (a resume is refused unbuilt only where any count would be), the built run's own do."""
+    out = tmp_path / "run"
+    run(ToyConfig(out=str(out), schedule_steps=8, **first), ToyTask)
+    run(ToyConfig(out=str(out), schedule_steps=8, resume="auto", **resumed), sized(points))
+    assert safe_load(out / "last.pt")["step"] == end
 
 
 def test_a_max_steps_past_the_epochs_with_the_schedule_laid_over_it_is_refused(tmp_path):

@@ -89,14 +89,23 @@ def run_end(config, task_class, point, out: Path, world_size: int) -> RunEnd | N
     if step > last:
         raise ValueError(resumed_past_end(step, last, config, per_epoch))
     schedule = task_class.lr_schedule_of(config)  # the built run's check (lifecycle's _Run), when the class tells
-    if schedule is not NotImplemented and (overrun := schedule_overrun(
-            last, *run_span(config, per_epoch), peak_lr(config, world_size), getattr(config, "min_lr", 0.0), schedule,
-            config, per_epoch)):
-        raise ValueError(overrun)
+    # --data may have changed since (the built run goes on with its own steps an epoch): refused unbuilt only where any
+    # count would be. Fewer steps an epoch than those with which --epochs reach --max-steps or the schedule's end are
+    # refused (the run stops before), more go on at least as far: the refusal at that fewest is one at any
+    if schedule is not NotImplemented and (overrun := _overrun(config, per_epoch, world_size, schedule)):
+        fewest = math.ceil(min(config.schedule_steps, config.max_steps) / config.epochs) if config.max_steps else 1
+        if _overrun(config, fewest, world_size, schedule):  # an overrun has schedule_steps
+            raise ValueError(overrun)
     if config.overwrite or foreign(point.path, out) or missing_outputs(task_class.final_outputs, Path(out), step) or \
             evaluation_missing(task_class, config, out, step, ckpt.get("evaluated_step")):
         return None
     return RunEnd(step, epoch, per_epoch) if step == last else None
+
+
+def _overrun(config, per_epoch: int, world_size: int, schedule) -> str | None:
+    """:func:`~lomar.train.schedule.schedule_overrun` of a run of ``config`` at ``per_epoch`` steps an epoch."""
+    return schedule_overrun(last_step(config, per_epoch), *run_span(config, per_epoch), peak_lr(config, world_size),
+                            getattr(config, "min_lr", 0.0), schedule, config, per_epoch)
 
 
 def answer_at_end(task, out: Path, step: int, last_step: int, steps_per_epoch: int, config, is_main: bool,
