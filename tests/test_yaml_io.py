@@ -55,3 +55,9 @@ def test_a_date_is_read_as_the_text_written():
     assert load_yaml("out: 2024-12-06\ndata: 2024-12-06 10:00:00\nseed: 3\n") == {
         "out": "2024-12-06", "data": "2024-12-06 10:00:00", "seed": 3}
     assert load_yaml("when: !!timestamp 2024-12-06\n")["when"].year == 2024  # an explicit tag still reads as one
+
+
+def test_integers_are_yaml_1_2s_not_octal_or_base_60():
+    """YAML 1.1 read `seed: 010` as 8 and `seed: 1:30` as 90: accepted, and another value than the one written."""
+    assert load_yaml("a: 010\nb: 1:30\nc: 0x10\nd: -0o17\ne: 1_000\nf: 0b101\ng: -5\nh: 1.5\n") == {
+        "a": 10, "b": "1:30", "c": 16, "d": -15, "e": 1000, "f": 5, "g": -5, "h": 1.5}

@@ -13,6 +13,7 @@ line, which was only the first ("while scanning for the next token") and named n
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,8 @@ MAX_VALUES = 100_000
 # hundreds of MiB, which PyYAML reads at about 20 s a MiB (2 busy CPU cores) before any value can be refused.
 MAX_BYTES = 1 << 20
 
-_TIMESTAMP = "tag:yaml.org,2002:timestamp"
+_TIMESTAMP, _INT = "tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:int"
+_INT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+|0b[01_]+)$")
 _MERGE = "tag:yaml.org,2002:merge"  # `<<: *base` then a key of base: an override YAML allows, not a duplicate
 
 
@@ -39,9 +41,15 @@ class DuplicateKeyError(YAMLError):
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    # A date is text: no setting takes one, and YAML 1.1 read `out: 2024-12-06`, a folder's name, as a datetime.date
-    yaml_implicit_resolvers = {first: [(tag, pattern) for tag, pattern in resolvers if tag != _TIMESTAMP]
+    # A date is text: no setting takes one, and YAML 1.1 read `out: 2024-12-06`, a folder's name, as a datetime.date.
+    # Integers are YAML 1.2's: 1.1 read `seed: 010` as 8 (octal) and `seed: 1:30` as 90 (base 60).
+    yaml_implicit_resolvers = {first: [(tag, _INT_12 if tag == _INT else pattern) for tag, pattern in resolvers
+                                       if tag != _TIMESTAMP]
                                for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def construct_yaml_int(self, node):  # 1_000 as YAML 1.1 wrote it; 010 is ten
+        text = self.construct_scalar(node).replace("_", "")
+        return int(text, 0) if text.lstrip("+-")[:2].lower() in ("0x", "0o", "0b") else int(text, 10)
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -57,6 +65,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 except TypeError:  # an unhashable key: the base constructor says so
                     continue
         return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(_INT, _UniqueKeyLoader.construct_yaml_int)
 
 
 def read_settings_file(path: Path, what: str) -> bytes:
