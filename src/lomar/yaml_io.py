@@ -13,6 +13,7 @@ line, which was only the first ("while scanning for the next token") and named n
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -71,12 +72,16 @@ _UniqueKeyLoader.add_constructor(_INT, _UniqueKeyLoader.construct_yaml_int)
 
 
 def read_settings_file(path: Path, what: str) -> bytes:
-    """The bytes of the settings file ``path`` (``what``: 'config file'), refused past :data:`MAX_BYTES` unread
-    (:class:`~lomar.errors.UsageError`)."""
-    if (size := path.stat().st_size) > MAX_BYTES:
-        raise UsageError(f"{what} {path} is {size / 2**20:.1f} MiB, which no settings file is (at most "
-                         f"{MAX_BYTES >> 20} MiB; a config is a few KiB); is it the file meant?")
-    return path.read_bytes()
+    """The bytes of the settings file ``path`` (``what``: 'config file'), refused past :data:`MAX_BYTES`
+    (:class:`~lomar.errors.UsageError`): a file unread, a pipe (``--config <(...)``) at that many bytes."""
+    with path.open("rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        data = file.read(MAX_BYTES + 1) if size <= MAX_BYTES else b""
+    if size > MAX_BYTES or len(data) > MAX_BYTES:
+        raise UsageError(f"{what} {path} is {f'{size / 2**20:.1f} MiB' if size else 'more than 1 MiB'}, which no "
+                         f"settings file is (at most {MAX_BYTES >> 20} MiB; a config is a few KiB); is it the file "
+                         f"meant?")
+    return data
 
 
 def inline(value: Any) -> str:

@@ -268,6 +268,21 @@ def test_a_config_past_a_settings_files_size_is_refused_unread(tmp_path, capsys)
                                        f"is (at most 1 MiB; a config is a few KiB); is it the file meant?\n")
 
 
+@pytest.mark.skipif(not Path("/dev/fd").is_dir(), reason="a pipe's /dev/fd path")
+def test_a_config_from_a_pipe_is_read(tmp_path, capsys):
+    """`--config <(sed ... base.yaml)`: the shell's pipe was refused as 'is not a file'."""
+    import os
+
+    read, write = os.pipe()
+    os.write(write, b"seed: 5\n")
+    os.close(write)
+    try:
+        assert main(["pretrain", "--config", f"/dev/fd/{read}", "--print-config"]) == 0, capsys.readouterr().err
+    finally:
+        os.close(read)
+    assert yaml.safe_load(capsys.readouterr().out)["seed"] == 5
+
+
 def test_file_and_folder_settings_are_recorded_absolute_so_a_run_resumes_from_any_folder(tmp_path, monkeypatch):
     """Recorded as given, ``--data images`` was looked for under the working folder of the resume."""
     from helpers import pretrain, write_images

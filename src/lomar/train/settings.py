@@ -389,7 +389,7 @@ def coerce_all(cls: type, raw: dict, source: str, strict: bool = True) -> dict[s
 
 def read_yaml(cls: type, path: Path, strict: bool = True) -> dict[str, Any]:
     """The settings of a YAML file, typed."""
-    if not path.is_file():
+    if not (path.is_file() or path.is_fifo()):  # a pipe: --config <(...)
         raise ConfigError(f"config file {path} {'is not a file' if path.exists() else 'does not exist'}; give one")
     try:
         raw = load_yaml(read_settings_file(path, "config file")) or {}  # in YAML's encodings, not the locale's
