@@ -602,3 +602,23 @@ def test_under_torchrun_a_full_disk_at_the_first_figure_is_one_line_and_every_pr
     assert proc.returncode != 0 and sorted(errs) == [0, 1], proc.stderr[-3000:]
     assert errs[0].count("error:") == 1 and f"writing {out / 'reconstruction-000000.png'}: no space" in errs[0], errs
     assert "error" not in errs[1] and "Traceback" not in errs[1], errs
+
+
+def test_a_figure_that_fails_on_a_file_outside_the_run_folder_is_a_note_not_a_stop(tmp_path, capsys, image_dir,
+                                                                                     monkeypatch):
+    # a font matplotlib cannot read says nothing of the run folder, whose checkpoints are still written
+    import errno
+
+    from matplotlib.backends import backend_agg
+
+    font = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", font)
+
+    monkeypatch.setattr(backend_agg, "get_font", unreadable)
+    out = tmp_path / "run"
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "2") == 0
+    err = capsys.readouterr().err
+    assert f"could not draw the reconstruction figure: [Errno 13] Permission denied: '{font}'" in err, err
+    assert safe_load(out / "last.pt")["step"] == 2

@@ -254,8 +254,10 @@ class PretrainTask(Task):
                                     title=f"{self.config.method} step {step}", draw=self.runtime.method.figure)
             self.draw_curves(self.config, out)
         except Exception as exc:  # a figure must never kill a run, but a run folder that takes no more files
-            # (full, read-only) does: its next save would fail the same way, after training on for nothing
-            if isinstance(exc, OSError) and exc.errno in (*FULL_DISK, *UNWRITABLE):
+            # (full, read-only) does: its next save would fail the same way, after training on for nothing. Another
+            # file's (a font matplotlib cannot read, a full temporary folder) is no reason to stop
+            if isinstance(exc, OSError) and exc.errno in (*FULL_DISK, *UNWRITABLE) and exc.filename is not None \
+                    and Path(exc.filename).parent == out:
                 raise
             print(f"lomar: could not draw the reconstruction figure: {exc}", file=sys.stderr)
 
