@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
+import signal
+import socket
 import sys
+import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -71,10 +74,48 @@ def test_under_torchrun_the_first_process_of_a_machine_alone_says_what_the_folde
     assert not logging.getLogger("lomar.data").filters  # the next warning is said again
 
 
-@pytest.mark.slow
+def _as_torchrun(argv: list[str], world: int, folder: Path, timeout: float = 120) -> list[tuple[int, str, str]]:
+    """``lomar ARGV`` in ``world`` processes of one gloo group, in torchrun's environment: each process's (exit code,
+    stdout, stderr). Forked from this one, so that none imports torch and lomar afresh (a torchrun launch: 20-30 s)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    children = {}
+    for rank in range(world):
+        outputs = [folder / f"rank{rank}.{name}" for name in ("out", "err")]
+        pid = os.fork()
+        if pid == 0:  # the child: never back into pytest
+            code = 99
+            try:
+                os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_PORT=str(port),
+                                  LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+                sys.stdout, sys.stderr = (open(path, "w") for path in outputs)
+                logging.getLogger().handlers.clear()  # pytest's: a warning goes to stderr, as in a command
+                code = main(argv)
+            except BaseException:  # noqa: BLE001 - said in the child's stderr, which the test shows
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        children[pid] = outputs
+    codes, deadline = {}, time.monotonic() + timeout
+    try:
+        while len(codes) < world and time.monotonic() < deadline:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid in children:
+                codes[pid] = os.waitstatus_to_exitcode(status)
+            time.sleep(0.05 if pid == 0 else 0)
+    finally:
+        for pid in set(children) - set(codes):  # a process still waiting in a collective: a hang
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    return [(codes.get(pid, "hung"), *(path.read_text() for path in outputs)) for pid, outputs in children.items()]
+
+
 def test_linprobe_under_torchrun_shares_the_extraction_and_scores_once_as_one_process(tmp_path):
     # each process scored the whole set, printed its score and wrote the same --json: torchrun was refused instead.
-    # One launch (each process's imports take seconds); knn's torchrun path is this one's up to its scoring
+    # knn's torchrun path is this one's up to its scoring
     root = tmp_path / "toy"
     for split, label, count in (("train", "a", 12), ("train", "b", 12), ("val", "a", 6), ("val", "b", 6)):
         (root / split / label).mkdir(parents=True)
@@ -91,16 +132,14 @@ def test_linprobe_under_torchrun_shares_the_extraction_and_scores_once_as_one_pr
     args = ["linprobe", str(tmp_path / "enc"), "--data", str(root), "--batch-size", "4", "--workers", "0",
             "--threads", "1", "--device", "cpu", "--epochs", "3", "--probe-batch-size", "8"]
     out = {n: ["--json", str(tmp_path / f"{n}.json"), "--save", str(tmp_path / f"{n}.pt")] for n in (1, 2)}
-    launch = subprocess.Popen([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
-                               "-m", "lomar", *args, *out[2]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     threads = torch.get_num_threads()
-    try:  # the one-process result, while the launch imports
+    try:  # the one-process result
         assert main([*args, *out[1]]) == 0
     finally:
         torch.set_num_threads(threads)
-    stdout, stderr = launch.communicate(timeout=300)
-    assert launch.returncode == 0, stdout[-3000:] + stderr[-3000:]  # every process exited 0
+    ranks = _as_torchrun([*args, *out[2]], 2, tmp_path)
+    stdout, stderr = ("".join(rank[i] for rank in ranks) for i in (1, 2))
+    assert [code for code, _, _ in ranks] == [0, 0], stdout + stderr  # every process exited
     assert stdout.count("top-1") == 1 and stderr.count("loaded ") == 1, stdout + stderr  # said once
     # each process warned of the unreadable image in its share; the note counts both, once
     assert stderr.count("a-broken.png") == stderr.count("zz-broken.png") == 1, stderr
