@@ -152,6 +152,27 @@ def test_linprobe_under_torchrun_shares_the_extraction_and_scores_once_as_one_pr
         torch.testing.assert_close(probes[1][key], value, rtol=0, atol=1e-6, msg=key)
 
 
+def test_a_process_group_that_cannot_form_is_one_line(tmp_path, monkeypatch, capsys):
+    # torchrun's variables but MASTER_ADDR (a job script's own launch): torch's ValueError was a traceback, where
+    # pretrain says one line
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            write_images(tmp_path / split / label, 1, size=(12, 12))
+    export_encoder(VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)),
+                   tmp_path / "enc")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        assert main(["knn", str(tmp_path / "enc"), "--data", str(tmp_path), "--device", "cpu", "--workers", "0"]) == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert capsys.readouterr().err == ("lomar knn: error: --device cpu: Error initializing torch.distributed using "
+                                       "env:// rendezvous: environment variable MASTER_ADDR expected, but not set\n")
+
+
 def test_a_knn_process_whose_share_the_main_one_scores_prints_and_writes_nothing(tmp_path, monkeypatch, capsys):
     from lomar.cli import probe
 

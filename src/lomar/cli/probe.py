@@ -157,9 +157,9 @@ def _extracted(args: argparse.Namespace) -> list | None:
     say = functools.partial(print, f"lomar {args.command}:", file=sys.stderr)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return frozen_features(args, say)
-    from lomar.train.distributed import cleanup_distributed, init_distributed  # torch: not for --help
+    from lomar.train.distributed import cleanup_distributed, join_group  # torch: not for --help
 
-    info, device = init_distributed(resolve_device(args.device))  # gloo on the CPU, NCCL on CUDA, as pretrain
+    info, device = join_group(resolve_device(args.device))  # gloo on the CPU, NCCL on CUDA, as pretrain
     try:
         features = frozen_features(args, say if info.is_main else lambda msg: None, str(device))
         # Leave the group together (gloo aborts a peer torn down mid-gather); the main process then scores with no

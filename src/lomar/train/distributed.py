@@ -8,9 +8,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lomar.errors import UsageError
 from lomar.train.runtime import retain_freed_memory
 
-__all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "any_rank", "main_rank_out", "sync_stats"]
+__all__ = ["DistInfo", "init_distributed", "join_group", "cleanup_distributed", "any_rank", "main_rank_out",
+           "sync_stats"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,17 @@ def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return DistInfo(rank, world, local), dev
+
+
+def join_group(device: str) -> tuple[DistInfo, torch.device]:
+    """:func:`init_distributed` for a command: what keeps it from starting (no CUDA, a process group that cannot form:
+    torchrun's variables missing, a failed rendezvous) is the one-line UsageError of a bad setting, naming
+    ``--device`` where torch's message does not."""
+    try:
+        return init_distributed(device)
+    except (ValueError, RuntimeError) as exc:
+        message = str(exc).splitlines()[0]
+        raise UsageError(message if "--device" in message else f"--device {device}: {message}") from None
 
 
 def cleanup_distributed() -> None:

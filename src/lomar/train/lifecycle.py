@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lomar.checkpoints.file_names import BEST, LAST, METRICS
 from lomar.checkpoints.io import mismatch, safe_load
 from lomar.errors import LomarError, UsageError, in_flags
-from lomar.train.distributed import DistInfo, any_rank, cleanup_distributed, init_distributed, main_rank_out, sync_stats
+from lomar.train.distributed import DistInfo, any_rank, cleanup_distributed, join_group, main_rank_out, sync_stats
 from lomar.train.fsdp import load_sharded, save_run_checkpoint
 from lomar.train.monitor import Monitor, input_limit_note, metric_text, resume_hint
 from lomar.train.precision import WatchedScaler, autocast_factory, resolve_precision
@@ -345,11 +345,7 @@ class _Run:
 
 def run(config, make_task: type[Task]) -> int:
     """Run (or resume) the training ``make_task(config, info, device)`` builds; the process exit code."""
-    try:  # what fails before the first step is the set-up's fault: a one-line error, exit 2
-        info, device = init_distributed(config.device)
-    except (ValueError, RuntimeError) as exc:
-        message = str(exc).splitlines()[0]
-        raise UsageError(message if "--device" in message else f"--device {config.device}: {message}") from None
+    info, device = join_group(config.device)  # what fails before the first step: a one-line error, exit 2
     out, name = Path(main_rank_out(config)), config.COMMAND  # one run folder: a default's time is rank 0's
     lock, task, trainer = RunLock(out), None, None
     try:
