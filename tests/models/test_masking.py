@@ -70,6 +70,14 @@ def test_windows_are_independent_per_image():
     assert not torch.equal(plan.mask[0, 0], plan.mask[1, 0]) or not torch.equal(plan.mask[0, 1], plan.mask[1, 1])
 
 
+@pytest.mark.parametrize("placement", ["permutation", "distinct"])
+def test_every_window_of_every_image_draws_its_own_mask(placement):
+    # SPEC §1.4: the masked tokens are drawn independently for every (image, window), the windows of one image
+    # too; C(49, 39) ≈ 8e9 masks, so 64 independent draws repeat one with probability ~2e-7
+    plan = sample_plan(16, (14, 14), 7, 4, 0.8, generator=torch.Generator().manual_seed(2), placement=placement)
+    assert len({tuple(m) for m in plan.mask.flatten(0, 1).tolist()}) == 16 * 4
+
+
 def test_positions_are_uniform():
     # 3x3 grid, 2x2 windows: 4 positions, each should be drawn ~1/4 of the time.
     plan = sample_plan(4000, (3, 3), 2, 1, 0.5, generator=torch.Generator().manual_seed(0))

@@ -166,3 +166,20 @@ def test_irpe_buckets_follow_the_specs_integer_map_on_any_grid(grid):
             expected[i, j] = (f(yi - yj) + 3) * 7 + (f(xi - xj) + 3)
     assert torch.equal(bucket_table(grid), expected)
     assert torch.equal(bucket_rows(offset_buckets(grid), grid, 3, len(cells) + 1), expected[3:])
+
+
+def test_the_classifier_pools_the_patch_tokens_alone_then_fc_norm_then_the_head():
+    # SPEC §3: global average pool over the patch tokens (cls excluded), then fc_norm, then the Linear head. A cls
+    # token far from the patches and a head of unit weights (the recipe's std 2e-5 would hide any error) make a pool
+    # that takes cls in, or a norm before the pool, show.
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(**TINY), num_classes=3).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model.cls_token.normal_(std=10.0)
+        nn.init.normal_(model.head.weight)
+        tokens = model.forward_blocks(*model.embed(images))
+        pooled = tokens[:, 1:].mean(dim=1)
+        normed = (pooled - pooled.mean(-1, keepdim=True)) / (pooled.var(-1, unbiased=False, keepdim=True) + 1e-6).sqrt()
+        expected = (normed * model.fc_norm.weight + model.fc_norm.bias) @ model.head.weight.T + model.head.bias
+        torch.testing.assert_close(model(images), expected, rtol=1e-4, atol=1e-5)
