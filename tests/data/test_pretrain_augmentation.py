@@ -48,3 +48,26 @@ def test_a_transform_that_fails_on_a_decoded_image_raises_and_blames_no_file():
         raise OSError("cannot identify image file")
 
     assert make_item("b.png", unreadable, PretrainTransform(32), gen, None)["image"] is None
+
+
+def test_the_crop_is_resized_bicubically_as_pil_resizes_it():
+    # SPEC §4: RandomResizedCrop(..., bicubic) as the original applies it to a PIL image; a bilinear resize of the
+    # same box is many levels away on a random image, PIL's bicubic within a level (uint8 rounding)
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from lomar.data.transforms import SampleDraw
+
+    transform = PretrainTransform(24)
+    pixels = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    top, left, h, w = 3, 5, 30, 36
+    ours = transform.apply(pixels, SampleDraw((top, left, h, w), False, {}))
+    levels = (ours * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[:, None, None]) * 255
+    crop = Image.fromarray(pixels.permute(1, 2, 0).numpy()).crop((left, top, left + w, top + h))
+
+    def pil(resample) -> torch.Tensor:
+        return torch.from_numpy(np.array(crop.resize((24, 24), resample))).permute(2, 0, 1).float()
+
+    assert float((levels - pil(Image.Resampling.BICUBIC)).abs().max()) <= 1.01
+    assert float((levels - pil(Image.Resampling.BILINEAR)).abs().max()) > 10

@@ -88,3 +88,42 @@ def test_a_cls_pooling_beit_classifier_trains_its_final_norm_at_the_top_layers_l
     assert scale["cls_token"] == scale["patch_embed.proj.weight"] == 0.5 ** 4
     timm_groups = SimpleNamespace(model=model, config=SimpleNamespace(**{**vars(config), "decay_rel_pos_bias": False}))
     assert _scales(FinetuneTask.param_groups(timm_groups), model)["norm.weight"] == 0.5
+
+
+def test_the_recipes_mixup_cutmix_and_label_smoothing_reach_the_loss(pretrained, labelled_folder):
+    # SPEC §3: mixup 0.8 and cutmix 1.0 (MAE's timm Mixup: every batch, switching half the time), label smoothing 0.1
+    # applied inside it and a soft-target cross-entropy; with both alphas 0, label smoothing alone
+    from dataclasses import replace
+
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    from lomar.train.distributed import DistInfo
+    from lomar.train.finetune_config import FinetuneConfig
+
+    config = FinetuneConfig(pretrained=str(pretrained), data=str(labelled_folder), img_size=32, workers=0)
+    task = FinetuneTask(config, DistInfo(), torch.device("cpu"))
+    mix = task.mixup
+    assert (mix.mixup_alpha, mix.cutmix_alpha, mix.label_smoothing) == (0.8, 1.0, 0.1)
+    assert (mix.mix_prob, mix.switch_prob, mix.mode, mix.num_classes) == (1.0, 0.5, "batch", 2)
+    assert isinstance(task.criterion, SoftTargetCrossEntropy)
+    plain = FinetuneTask(replace(config, mixup=0.0, cutmix=0.0), DistInfo(), torch.device("cpu"))
+    assert plain.mixup is None
+    assert isinstance(plain.criterion, LabelSmoothingCrossEntropy) and plain.criterion.smoothing == 0.1
+
+
+def test_the_finetune_transforms_resize_bicubically_and_erase_with_random_pixels():
+    # SPEC §3 (MAE's build_dataset): timm's training transform, bicubic, random erasing 0.25 in 'pixel' mode, one
+    # erasing; evaluation resizes bicubically (to size / 0.875 at 224 px) before the centre crop
+    from timm.data.random_erasing import RandomErasing
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision.transforms import InterpolationMode, Resize
+
+    from lomar.data.classify import classification_transforms
+
+    train, val = classification_transforms(224, SPEC_3["aa"], SPEC_3["reprob"])
+    (crop,) = [t for t in train.transforms if isinstance(t, RandomResizedCropAndInterpolation)]
+    (erase,) = [t for t in train.transforms if isinstance(t, RandomErasing)]
+    assert crop.interpolation == InterpolationMode.BICUBIC
+    assert (erase.probability, erase.mode, erase.min_count, erase.max_count) == (0.25, "pixel", 1, 1)
+    (resize,) = [t for t in val.transforms if isinstance(t, Resize)]
+    assert resize.interpolation == InterpolationMode.BICUBIC and resize.size == 256
