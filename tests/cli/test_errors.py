@@ -223,10 +223,15 @@ def test_knn_and_linprobe_under_torchrun_check_their_flags_first_said_once_a_mac
         assert waited == ([errors.FIRST_PROCESS_WAIT] if local_rank == "1" else [])
 
 
-def test_interrupt_exits_130(monkeypatch, capsys):
+@pytest.mark.parametrize("local_rank, said", [(None, True), ("0", True), ("1", False)])
+def test_interrupt_exits_130(local_rank, said, monkeypatch, capsys):
+    # Ctrl-C reaches every process of a torchrun launch: each one printed the line
+    if local_rank is not None:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
     _fail_with(monkeypatch, KeyboardInterrupt())
     assert main(["export", "ckpt", "--to", "out"]) == 130
-    assert capsys.readouterr().err == "lomar export: interrupted\n"
+    assert capsys.readouterr().err == ("lomar export: interrupted\n" if said else "")
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("a bug"), OSError(errno.EIO, "I/O error"), TypeError("a bug")])
@@ -447,7 +452,11 @@ def test_a_rank_whose_peer_died_says_so_in_one_line(monkeypatch, capsys):
     assert main(["export", "ckpt", "--to", "out"]) == 1
     line = _one_error_line(capsys.readouterr().err, "export")
     assert "rank 0: another process of this run stopped (connection reset by peer)" in line
-    assert line.endswith("relaunch every process with --resume auto (from the last checkpoint, if one was written)")
+    assert line.endswith("its own error says why; fix that, then relaunch every process")  # export takes no --resume
+    monkeypatch.setattr("lomar.cli.train.pretrain_run", lambda args: (_ for _ in ()).throw(gloo))
+    assert main(["pretrain"]) == 1  # a training run is resumed
+    assert _one_error_line(capsys.readouterr().err, "pretrain").endswith(
+        "relaunch every process with --resume auto (from the last checkpoint, if one was written)")
     _fail_with(monkeypatch, RuntimeError("CUDA error: an illegal memory access was encountered"))
     with pytest.raises(RuntimeError):  # any other failure under torchrun keeps its traceback
         main(["export", "ckpt", "--to", "out"])
@@ -464,9 +473,9 @@ def test_a_sigterm_while_a_rank_reports_its_lost_peer_leaves_the_one_line(monkey
     monkeypatch.setenv("RANK", "0")
     describe = app.describe_lost_peer
 
-    def described_then_stopped(exc):
+    def described_then_stopped(exc, command):
         os.kill(os.getpid(), signal.SIGTERM)  # torchrun stopping this survivor while it reports
-        return describe(exc)
+        return describe(exc, command)
 
     monkeypatch.setattr(app, "describe_lost_peer", described_then_stopped)
     try:

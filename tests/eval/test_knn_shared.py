@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -24,6 +25,7 @@ from lomar import VisionTransformer, ViTConfig, export_encoder
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
 from lomar.data.collate import BadDataTracker
+from lomar.eval import knn_shared
 from lomar.eval.features import extract_features, knn_loaders, read_features
 from lomar.eval.knn import KnnMonitor
 from lomar.eval.knn_shared import batch_share, share_loader
@@ -150,6 +152,32 @@ def test_linprobe_under_torchrun_shares_the_extraction_and_scores_once_as_one_pr
     probes = [safe_load(tmp_path / f"{n}.pt")["probe"] for n in (1, 2)]
     for key, value in probes[0].items():  # its BatchNorm's running statistics are the features': the same features
         torch.testing.assert_close(probes[1][key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_process_that_fails_mid_extraction_stops_every_process_with_one_line_each(tmp_path, monkeypatch):
+    # its own failure (out of memory) while another waits in the gather: none waits on, and the survivor's line sends
+    # to the failed one's error, not to a --resume that knn does not take
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            write_images(tmp_path / "data" / split / label, 2, size=(12, 12))
+    export_encoder(VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)),
+                   tmp_path / "enc")
+    read = knn_shared.read_features
+
+    def out_of_memory_on_rank_1(*args, **kwargs):
+        if os.environ["RANK"] == "1":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(knn_shared, "read_features", out_of_memory_on_rank_1)  # the forked processes' too
+    (code, stdout, stderr), (failed, _, its_own) = _as_torchrun(
+        ["knn", str(tmp_path / "enc"), "--data", str(tmp_path / "data"), "--batch-size", "2", "--workers", "0",
+         "--threads", "1", "--device", "cpu"], 2, tmp_path)
+    assert failed == 99 and "RuntimeError: CUDA out of memory" in its_own  # not lomar's error: its traceback
+    assert (code, stdout) == (1, "") and "Traceback" not in stderr, stderr
+    assert re.fullmatch(r"lomar knn: error: rank 0: another process of this run stopped \(connection (closed|reset) by "
+                        r"peer\); its own error says why; fix that, then relaunch every process",
+                        stderr.splitlines()[-1]), stderr
 
 
 def test_a_process_group_that_cannot_form_is_one_line(tmp_path, monkeypatch, capsys):

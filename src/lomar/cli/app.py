@@ -130,17 +130,18 @@ _RESUME = "--resume auto (from the last checkpoint, if one was written)"
 _PEER_LOST = ("Connection reset by peer", "Connection closed by peer")  # gloo's words for a process that is gone
 
 
-def describe_lost_peer(exc: RuntimeError) -> str | None:
+def describe_lost_peer(exc: RuntimeError, command: str | None = None) -> str | None:
     """The one line for a process of a multi-process run (torchrun) whose collective failed because another
     process died (killed, out of memory, its own error): that process's error is the cause, this rank's
-    traceback would bury it. None for any other error, or outside a process group (a bug: kept as a traceback)."""
+    traceback would bury it. None for any other error, or outside a process group (a bug: kept as a traceback).
+    Only a training ``command`` is resumed (knn and linprobe, which also run under torchrun, take no --resume)."""
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return None
     lost = next((words for words in _PEER_LOST if words in str(exc)), None)
     if lost is None:
         return None
     return (f"rank {os.environ.get('RANK', '?')}: another process of this run stopped ({lost.lower()}); its own "
-            f"error says why; fix that, then relaunch every process with {_RESUME}")
+            f"error says why; fix that, then relaunch every process{f' with {_RESUME}' if _trains(command) else ''}")
 
 
 def describe_dead_worker(exc: RuntimeError, command: str) -> str | None:
@@ -230,10 +231,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{prefix}: terminated ({signal.Signals(signum).name})", file=sys.stderr)
         return 128 + signum
     except KeyboardInterrupt:
-        print(f"{prefix}: interrupted", file=sys.stderr)
+        if first_on_machine():  # Ctrl-C reaches every process torchrun started: one line a machine
+            print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as exc:
-        if (line := describe_lost_peer(exc) or describe_dead_worker(exc, args.command)) is None:
+        if (line := describe_lost_peer(exc, args.command) or describe_dead_worker(exc, args.command)) is None:
             raise
         print(f"{prefix}: error: {line}", file=sys.stderr)
         return 1
