@@ -585,25 +585,6 @@ def test_a_full_disk_at_the_first_figure_stops_the_run_in_one_line(tmp_path, cap
     assert err.count("\n") == 1 and not (out / "metrics.jsonl").read_text()  # not trained on towards a failed save
 
 
-@pytest.mark.slow
-def test_under_torchrun_a_full_disk_at_the_first_figure_is_one_line_and_every_process_exits(tmp_path, image_dir):
-    # the main process stopped alone and the other, waiting in the first step's collective, said that it had
-    script = tmp_path / "full.py"
-    script.write_text(f"import builtins, sys\nsys.path.insert(0, {str(Path(__file__).parents[1])!r})\n"
-                      "from helpers import FillingFile\nimport lomar.checkpoints.io as io\n"
-                      "io.open = lambda path, mode='r', *a, **k: (FillingFile if 'w' in mode or 'x' in mode else "
-                      "lambda handle, room: handle)(builtins.open(path, mode, *a, **k), 2048)\n"
-                      "from lomar.cli.app import main\nsys.exit(main(sys.argv[1:]))\n")
-    out, logs = tmp_path / "run", tmp_path / "logs"
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--tee", "3", "--log-dir", str(logs),
-           str(script), "pretrain", *TINY, "--data", str(image_dir), "--out", str(out), "--max-steps", "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
-    errs = {int(path.parent.name): path.read_text() for path in logs.glob("*/attempt_0/*/stderr.log")}
-    assert proc.returncode != 0 and sorted(errs) == [0, 1], proc.stderr[-3000:]
-    assert errs[0].count("error:") == 1 and f"writing {out / 'reconstruction-000000.png'}: no space" in errs[0], errs
-    assert "error" not in errs[1] and "Traceback" not in errs[1], errs
-
-
 def test_a_figure_that_fails_on_a_file_outside_the_run_folder_is_a_note_not_a_stop(tmp_path, capsys, image_dir,
                                                                                      monkeypatch):
     # a font matplotlib cannot read says nothing of the run folder, whose checkpoints are still written

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_lifecycle import ToyConfig, ToyTask
 
 from helpers import fill_disk
 from lomar.checkpoints.io import atomic_save, safe_load
 from lomar.errors import UsageError
 from lomar.train import runtime
+from lomar.train.lifecycle import run
 from lomar.train.precision import resolve_precision
 from lomar.train.run_resume import (
     check_no_rewind,
@@ -543,11 +545,24 @@ def test_thread_and_worker_defaults_fit_the_machine(monkeypatch):
     assert runtime.default_workers() == 8
 
 
+class FailsToStartOnMain(ToyTask):
+    """The main process's start fails as pretrain's first figure does on a full disk."""
+
+    def begin(self):
+        raise OSError(errno.ENOSPC, "No space left on device", "reconstruction-000000.png")
+
+
 def _save_worker(rank: int, world: int, port: int, out: str) -> None:
+    from datetime import timedelta
+
     import torch.distributed as dist
 
+    from lomar.train.distributed import cleanup_distributed
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a rank left waiting in a collective fails after a minute instead of hanging the test
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
     try:
         def full_disk():
             raise SaveError("no space left on the device to write last.pt")
@@ -564,16 +579,25 @@ def _save_worker(rank: int, world: int, port: int, out: str) -> None:
 
         # a default --out is each process's clock's: two that read it in different seconds split a sharded checkpoint
         folder = main_rank_out(SimpleNamespace(out=f"runs/2026120{rank}-000000"))
-        with open(f"{out}/rank{rank}.txt", "w") as f:
-            f.write(f"{raised}|{written}|{folder}")
         dist.barrier()
+        # a run's start (pretrain's first figure) is the main process's, shared as a save is: in this launch, as
+        # spawning two more processes costs 20 s. The run joins this group and leaves it.
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+        try:
+            run(ToyConfig(out=f"{out}/run", accum_steps=1), FailsToStartOnMain)
+            started = "nothing"
+        except Exception as exc:  # noqa: BLE001 - the test records whatever came out
+            started = f"{type(exc).__name__}: {exc}"
+        with open(f"{out}/rank{rank}.txt", "w") as f:
+            f.write(f"{raised}|{written}|{folder}|{started}")
     finally:
-        dist.destroy_process_group()
+        cleanup_distributed()
     os._exit(0)  # skip the interpreter's teardown, which gloo's threads can abort (lomar.cli.app.run)
 
 
 @pytest.mark.slow
-def test_a_failed_save_on_the_main_rank_stops_every_rank_with_a_save_error(tmp_path):
+def test_a_failed_save_or_start_on_the_main_rank_stops_every_rank_together(tmp_path):
+    # a start that failed on the main rank alone left the other in the first step's collective, said by it too
     import socket
 
     import torch.multiprocessing as mp
@@ -583,9 +607,11 @@ def test_a_failed_save_on_the_main_rank_stops_every_rank_with_a_save_error(tmp_p
         port = sock.getsockname()[1]
     mp.start_processes(_save_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
     assert (tmp_path / "rank0.txt").read_text() == \
-        "SaveError: no space left on the device to write last.pt|written|runs/20261200-000000"
+        "SaveError: no space left on the device to write last.pt|written|runs/20261200-000000|" \
+        "OSError: [Errno 28] No space left on device: 'reconstruction-000000.png'"
     assert (tmp_path / "rank1.txt").read_text() == \
-        "SaveError: the main process could not write the checkpoint; see its message|None|runs/20261200-000000"
+        "SaveError: the main process could not write the checkpoint; see its message|None|runs/20261200-000000|" \
+        "SaveError: the main process could not write the checkpoint; see its message"
 
 
 @pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, "fp32"), (True, False, "bf16"),
