@@ -91,7 +91,9 @@ def _as_torchrun(argv: list[str], world: int, folder: Path, timeout: float = 120
             try:
                 os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_PORT=str(port),
                                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
-                sys.stdout, sys.stderr = (open(path, "w") for path in outputs)
+                for fd, path in zip((1, 2), outputs):  # C++'s lines too, none into pytest's streams
+                    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+                sys.stdout, sys.stderr = (open(fd, "w", closefd=False) for fd in (1, 2))
                 logging.getLogger().handlers.clear()  # pytest's: a warning goes to stderr, as in a command
                 code = main(argv)
             except BaseException:  # noqa: BLE001 - said in the child's stderr, which the test shows
