@@ -474,7 +474,8 @@ def test_a_run_past_its_schedules_end_is_told_the_lr_detect_trains_at_there():
     """Detect's step schedule ends at 0.01 x the peak lr, not at min_lr as a cosine does: the refusal names it."""
     from lomar.train.schedule import schedule_overrun
 
-    lr_schedule = DetectTask.__new__(DetectTask).lr_schedule
+    lr_schedule = DetectTask.lr_schedule_of(None)  # told unbuilt, as a resume's refusal reads it
+    assert lr_schedule is DetectTask.__new__(DetectTask).lr_schedule
     message = schedule_overrun(8, 3.0, 1.0, 1e-4, 0.0, lr_schedule)
     assert ("steps 4-8 would all train at lr 1e-06 (0.01 x the peak lr 0.0001, where its schedule ends); end it at "
             "--max-steps 3, or raise --schedule-steps to 8") in message

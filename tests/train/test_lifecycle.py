@@ -729,13 +729,9 @@ def test_a_run_that_would_go_past_its_lr_schedule_is_refused_before_a_step(tmp_p
     step at min_lr (0: steps that change nothing)."""
     from lomar.errors import UsageError
 
-    class Told(ToyTask):  # a Task whose class tells its schedule (finetune's, pretrain's) is refused unbuilt
+    class Told(ToyTask):  # its class tells its schedule (Task.lr_schedule_of): refused unbuilt
         def __init__(self, config, info, device):
             raise AssertionError("built for a refusal that its settings and the checkpoint decide")
-
-        @classmethod
-        def lr_schedule_of(cls, config):
-            return None
 
     out = tmp_path / "run"
     run(ToyConfig(out=str(out), max_steps=3, schedule_steps=3), ToyTask)
@@ -754,7 +750,7 @@ def test_a_run_that_would_go_past_its_lr_schedule_is_refused_before_a_step(tmp_p
 
 
 def sized(points: int) -> type[ToyTask]:
-    """A ToyTask of ``points`` points (ToyTask's 32: 4 steps an epoch) whose class tells its schedule unbuilt."""
+    """A ToyTask of ``points`` points (ToyTask's 32: 4 steps an epoch)."""
     class Sized(ToyTask):
         def __init__(self, config, info, device):
             super().__init__(config, info, device)
@@ -762,10 +758,6 @@ def sized(points: int) -> type[ToyTask]:
             self.data = TensorDataset(x, x @ torch.tensor([1.0, -2.0, 0.5]))
             sampler = EpochSampler(points, config.seed, info.rank, info.world_size, keys=False)
             self.train_loader = DataLoader(self.data, config.batch_size, sampler=sampler, drop_last=True)
-
-        @classmethod
-        def lr_schedule_of(cls, config):
-            return None
 
     return Sized
 

@@ -623,6 +623,18 @@ def test_settings_saved_before_the_distortion_and_the_trained_table_read_as_off(
     assert SegmentConfig().photometric is True  # a new run follows mmseg's pipeline
 
 
+def test_the_schedule_is_told_by_the_class_so_a_resume_past_it_is_refused_before_the_build():
+    """mmseg's warm-up then poly down to min_lr at --poly-power, as the built run follows it."""
+    from lomar.train.schedule import schedule_overrun
+    from lomar.train.segment import SegmentTask
+
+    lr = SegmentTask.lr_schedule_of(SegmentConfig(poly_power=2.0))
+    assert lr(0, 10, 2, 1e-3, 1e-5) == pytest.approx(1e-9) and lr(2, 10, 2, 1e-3, 1e-5) == pytest.approx(1e-3)
+    assert lr(6, 10, 2, 1e-3, 1e-5) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.25)  # halfway, squared
+    assert lr(10, 10, 2, 1e-3, 1e-5) == pytest.approx(1e-5)
+    assert "steps 11-12 would all train at min_lr 1e-05;" in schedule_overrun(12, 10.0, 2.0, 1e-3, 1e-5, lr)
+
+
 def test_an_mae_tables_training_follows_train_pos_embed(digits, image_dir, tmp_path):
     """The backbone trains an absolute table by default; --no-train-pos-embed keeps it out of the optimizer."""
     from helpers import pretrain

@@ -53,7 +53,7 @@ from lomar.train.settings_resume import command_flags, encoder_layout
 from lomar.train.task import TrainingError, over_note, score_only, scored_split
 from lomar.train.task_resume import load_resumed
 
-__all__ = ["DetectTask", "step_lr_factor", "detect", "category_change"]
+__all__ = ["DetectTask", "step_lr_factor", "step_lr", "detect", "category_change"]
 
 
 def step_lr_factor(step: int, total: int, warmup: int) -> float:
@@ -63,6 +63,11 @@ def step_lr_factor(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         factor *= 0.001 + (1 - 0.001) * step / warmup
     return factor
+
+
+def step_lr(step: int, total: float, warmup: float, base_lr: float, min_lr: float) -> float:
+    """ViTDet's step schedule (:func:`step_lr_factor`) x the peak lr; ``min_lr`` does not apply."""
+    return base_lr * step_lr_factor(step, round(total), round(warmup))
 
 
 def _layout(config: DetectConfig, depth: int | None) -> dict:
@@ -91,6 +96,7 @@ class DetectTask(Task):
     name, best_metric, outputs = "detect", "box_AP", ("predictions.json",)
     # torchvision's loss names, in the order its Mask R-CNN returns them
     loss_parts = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+    lr_schedule = staticmethod(step_lr)
 
     def __init__(self, config: DetectConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, device
@@ -177,10 +183,6 @@ class DetectTask(Task):
     # ---- the Task interface ----------------------------------------------------------
     def param_groups(self) -> list[dict]:
         return detector_param_groups(self.model, self.config.weight_decay, self.config.layer_decay)
-
-    def lr_schedule(self, step: int, total: float, warmup: float, base_lr: float, min_lr: float) -> float:
-        """ViTDet's step schedule (:func:`step_lr_factor`) x the peak lr; ``min_lr`` does not apply."""
-        return base_lr * step_lr_factor(step, round(total), round(warmup))
 
     def loss(self, batch) -> dict[str, torch.Tensor] | None:
         """The RPN, box and mask losses of one batch (images, targets), ``loss_parts``; ``model`` in train

@@ -153,10 +153,6 @@ class FinetuneTask(Task):
         else:
             self.criterion = torch.nn.CrossEntropyLoss()
 
-    @classmethod
-    def lr_schedule_of(cls, config: FinetuneConfig) -> None:
-        return None  # the warm-up + cosine of every finetuning
-
     def param_groups(self) -> list[dict]:
         """timm's layer-wise lr decay groups; each carries the ``lr_scale`` the lifecycle applies. BEiT's finetuning
         decays the relative position tables, which timm's ``Beit.no_weight_decay`` exempts, and trains a cls-pooling

@@ -88,11 +88,11 @@ def run_end(config, task_class, point, out: Path, world_size: int) -> RunEnd | N
     last = last_step(config, per_epoch)
     if step > last:
         raise ValueError(resumed_past_end(step, last, config, per_epoch))
-    schedule = task_class.lr_schedule_of(config)  # the built run's check (lifecycle's _Run), when the class tells
+    schedule = task_class.lr_schedule_of(config)  # the check lifecycle's _Run makes, made before the build
     # --data may have changed since (the built run goes on with its own steps an epoch): refused unbuilt only where any
     # count would be. Fewer steps an epoch than those with which --epochs reach --max-steps or the schedule's end are
     # refused (the run stops before), more go on at least as far: the refusal at that fewest is one at any
-    if schedule is not NotImplemented and (overrun := _overrun(config, per_epoch, world_size, schedule)):
+    if overrun := _overrun(config, per_epoch, world_size, schedule):
         fewest = math.ceil(min(config.schedule_steps, config.max_steps) / config.epochs) if config.max_steps else 1
         if _overrun(config, fewest, world_size, schedule):  # an overrun has schedule_steps
             raise ValueError(overrun)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -60,6 +61,11 @@ def poly_schedule(step: int, total: int, warmup: int, power: float = 1.0, floor:
     return floor + (1 - floor) * (1 - t) ** power
 
 
+def poly_lr(step: int, total: float, warmup: float, base_lr: float, min_lr: float, power: float) -> float:
+    """:func:`poly_schedule` x the peak lr, down to ``min_lr``."""
+    return base_lr * poly_schedule(step, round(total), round(warmup), power, min_lr / base_lr)
+
+
 class SegmentTask(Task):
     name, best_metric, outputs = "segment", "mIoU", ("predictions", PER_CLASS)
     # drawn from the log alone: a resume at the run's end (stopped after its last evaluation) writes a missing one
@@ -67,6 +73,7 @@ class SegmentTask(Task):
 
     def __init__(self, config: SegmentConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, torch.device(device)
+        self.lr_schedule = self.lr_schedule_of(config)
         rank, world_size = info.rank, info.world_size
         self.eval_steps = config.eval_every
         workers = config.workers or 0
@@ -125,9 +132,10 @@ class SegmentTask(Task):
         """Layer-decay groups; the lifecycle sets each group's lr to the schedule's x its ``lr_scale``."""
         return layer_decay_groups(self.model, self.config.lr, self.config.weight_decay, self.config.layer_decay)
 
-    def lr_schedule(self, step: int, total: float, warmup: float, base_lr: float, min_lr: float) -> float:
+    @classmethod
+    def lr_schedule_of(cls, config: SegmentConfig):
         """The heads' lr at optimizer step ``step``: linear warm-up, then poly down to ``min_lr``."""
-        return base_lr * poly_schedule(step, round(total), round(warmup), self.config.poly_power, min_lr / base_lr)
+        return partial(poly_lr, power=config.poly_power)
 
     def describe(self) -> str:
         return (f"{len(self.train_set)} training / {len(self.val_set)} validation images in {self.config.data}, "

@@ -16,7 +16,8 @@ Required of a Task: ``name``, ``model``, ``train_loader``, ``loss(batch)``. Opti
   else the count does, once per file,
 - ``step_metrics``: names of scalars that ``loss`` also returns in its dict (beside the parts, or beside
   ``"loss"`` when there are none), logged like the parts but not learned from (e.g. an accuracy),
-- ``lr_schedule(step, total, warmup, base_lr, min_lr)`` (default warm-up + cosine): the lr of optimizer step
+- ``lr_schedule(step, total, warmup, base_lr, min_lr)`` (default warm-up + cosine; a function, not a method: see
+  ``lr_schedule_of``): the lr of optimizer step
   ``step``; ``total`` and ``warmup`` from the config (:func:`lomar.train.schedule.run_span`: ``schedule_steps``
   or ``epochs``; ``warmup_steps`` or ``warmup_epochs``), ``min_lr`` the config's (default 0),
 - ``eval_steps``: evaluate (and checkpoint) every N optimizer steps instead of at each epoch's end,
@@ -113,8 +114,9 @@ class Task:
     def lr_schedule_of(cls, config) -> Callable[..., float] | None:
         """The ``lr_schedule`` a run of ``config`` follows, told unbuilt, so that a resume whose settings go past its
         end is refused before the model, the data and the pretrained weights (:func:`lomar.train.run_end.run_end`);
-        NotImplemented (the default): only the built Task tells."""
-        return NotImplemented
+        default: the class's own (a staticmethod, or None). A Task whose schedule depends on ``config`` overrides
+        this and sets ``lr_schedule`` from it."""
+        return cls.lr_schedule
 
     def skipped(self, batch) -> list[str]:
         return list(getattr(batch, "bad", ()))
