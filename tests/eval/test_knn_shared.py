@@ -106,10 +106,11 @@ def _as_torchrun(argv: list[str], world: int, folder: Path, timeout: float = 120
     codes, deadline = {}, time.monotonic() + timeout
     try:
         while len(codes) < world and time.monotonic() < deadline:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-            if pid in children:
-                codes[pid] = os.waitstatus_to_exitcode(status)
-            time.sleep(0.05 if pid == 0 else 0)
+            for pid in set(children) - set(codes):  # these alone: no other child of pytest's is this test's to reap
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    codes[pid] = os.waitstatus_to_exitcode(status)
+            time.sleep(0.05)
     finally:
         for pid in set(children) - set(codes):  # a process still waiting in a collective: a hang
             os.kill(pid, signal.SIGKILL)
