@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from lomar.yaml_io import YAMLError, load_yaml
 
@@ -59,5 +60,12 @@ def test_a_date_is_read_as_the_text_written():
 
 def test_integers_are_yaml_1_2s_not_octal_or_base_60():
     """YAML 1.1 read `seed: 010` as 8 and `seed: 1:30` as 90: accepted, and another value than the one written."""
-    assert load_yaml("a: 010\nb: 1:30\nc: 0x10\nd: -0o17\ne: 1_000\nf: 0b101\ng: -5\nh: 1.5\n") == {
-        "a": 10, "b": "1:30", "c": 16, "d": -15, "e": 1000, "f": 5, "g": -5, "h": 1.5}
+    assert load_yaml("a: 010\nb: 1:30\nc: 0x10\ne: 1_000\nf: 0b101\ng: -5\nh: 1.5\n") == {
+        "a": 10, "b": "1:30", "c": 16, "e": 1000, "f": 5, "g": -5, "h": 1.5}
+
+
+@pytest.mark.parametrize("text", ["09", "-08", "0_9", "0o17", "010", "1:30", "2024-12-06", "1_000", "0x1f"])
+def test_a_string_yaml_safe_dump_wrote_reads_back_as_written(text):
+    """config.yaml and --print-config are written by yaml.safe_dump (YAML 1.1), which quotes only what 1.1 reads
+    as another type: `out: 09` is written plain, and read as the integer 9 it named the folder 9."""
+    assert load_yaml(yaml.safe_dump({"out": text})) == {"out": text}

@@ -33,7 +33,8 @@ MAX_VALUES = 100_000
 MAX_BYTES = 1 << 20
 
 _TIMESTAMP, _INT = "tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:int"
-_INT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+|0b[01_]+)$")
+# YAML 1.1's integers but base 60, so that a string yaml.safe_dump (1.1) wrote plain, as `out: 09`, reads back as text
+_INT_12 = re.compile(r"^[-+]?(?:0b[01_]+|0x[0-9a-fA-F_]+|0[0-7_]*|[1-9][0-9_]*)$")
 _MERGE = "tag:yaml.org,2002:merge"  # `<<: *base` then a key of base: an override YAML allows, not a duplicate
 
 
@@ -43,14 +44,14 @@ class DuplicateKeyError(YAMLError):
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     # A date is text: no setting takes one, and YAML 1.1 read `out: 2024-12-06`, a folder's name, as a datetime.date.
-    # Integers are YAML 1.2's: 1.1 read `seed: 010` as 8 (octal) and `seed: 1:30` as 90 (base 60).
+    # Integers are decimal as in YAML 1.2: 1.1 read `seed: 010` as 8 (octal) and `seed: 1:30` as 90 (base 60).
     yaml_implicit_resolvers = {first: [(tag, _INT_12 if tag == _INT else pattern) for tag, pattern in resolvers
                                        if tag != _TIMESTAMP]
                                for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
     def construct_yaml_int(self, node):  # 1_000 as YAML 1.1 wrote it; 010 is ten
         text = self.construct_scalar(node).replace("_", "")
-        return int(text, 0) if text.lstrip("+-")[:2].lower() in ("0x", "0o", "0b") else int(text, 10)
+        return int(text, 0) if text.lstrip("+-")[:2] in ("0x", "0b") else int(text, 10)
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
