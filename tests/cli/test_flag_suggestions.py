@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 
 import pytest
 
@@ -10,6 +12,7 @@ from lomar.cli.app import build_parser, main
 from lomar.cli.study.flags import parse_flags, settings_flags
 from lomar.errors import UsageError
 from lomar.train.config import PretrainConfig
+from lomar.train.setting_names import COMMAND_SETTINGS
 
 SUGGESTED = [
     (["pretrain", "--num-workers", "2"], "pretrain", "--num-workers 2; did you mean --workers?"),
@@ -84,6 +87,30 @@ def test_an_unknown_key_of_a_settings_file_is_one_line_with_a_suggestion(tmp_pat
     assert main(["pretrain", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
     assert capsys.readouterr().err == f"lomar pretrain: error: unknown setting(s) {said.format(path=path)}\n"
     assert not (tmp_path / "run").exists()
+
+
+def test_another_commands_key_is_named_whatever_the_process_imported(tmp_path):
+    """The Python API, which never imports the command line's modules: a finetune key given to pretrain's settings
+    is named finetune's there too (a registry filled by the command line sent it to pretrain's --help)."""
+    path = tmp_path / "settings.yaml"
+    path.write_text("mixup: 0.8\n")
+    code = ("import sys; from pathlib import Path; from lomar.train.config import PretrainConfig; "
+            "from lomar.train.settings import ConfigError, read_yaml\n"
+            "try: read_yaml(PretrainConfig, Path(sys.argv[1]))\nexcept ConfigError as exc: print(exc)")
+    said = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True).stdout
+    assert said == f"unknown setting(s) mixup in {path}; mixup is a setting of lomar finetune, not of lomar " \
+                   f"pretrain; remove it\n"
+
+
+def test_the_table_of_each_commands_settings_is_their_declarations():
+    from lomar.train.detect_config import DetectConfig
+    from lomar.train.finetune_config import FinetuneConfig
+    from lomar.train.segment_config import SegmentConfig
+
+    declared = {c.COMMAND: set(c.__dataclass_fields__) for c in (PretrainConfig, FinetuneConfig, DetectConfig,
+                                                                 SegmentConfig)}
+    every = set.intersection(*declared.values())
+    assert COMMAND_SETTINGS == {command: names - every for command, names in declared.items()}
 
 
 @pytest.mark.parametrize("local_rank, waits", [("0", False), ("1", True)])

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from lomar.errors import LomarError, UsageError, in_flags, leave_it_to_the_first_process
 from lomar.train import settings as S
-from lomar.train.setting_names import register_command
 from lomar.train.settings import Setting, add_settings
 
 __all__ = ["resolve_device", "check_output_file", "check_output_dir", "write_json",
@@ -167,8 +166,6 @@ def training_command(config_cls, runner: str, epilog: str):
     """(add_arguments, run) of a training command: flags and YAML -> ``config_cls`` (a
     :class:`~lomar.train.settings_resume.TaskConfig`) -> ``runner``, "module:function" imported when
     the run starts (torch: not for --help)."""
-
-    register_command(config_cls.COMMAND, config_cls.__dataclass_fields__)  # a settings file's key of another command
 
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.epilog = f"{epilog} {resume_policies(config_cls)}"

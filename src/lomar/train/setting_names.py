@@ -4,9 +4,8 @@ line's flags (:mod:`lomar.cli.suggest`) and a YAML file's keys (:func:`lomar.tra
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
 
-__all__ = ["closest_flags", "either", "did_you_mean", "unknown_settings", "register_command"]
+__all__ = ["closest_flags", "either", "did_you_mean", "unknown_settings", "COMMAND_SETTINGS"]
 
 # Other tools' spellings (MAE's and timm's scripts, Hugging Face, detectron2, Lightning) and common shortenings
 # -> our flags, the first one the command has. Keys are written with dashes, lower case, without the leading --.
@@ -79,6 +78,30 @@ def did_you_mean(given: list[str], flags: list[str], as_keys: bool = False) -> s
     return "; did you mean " + "; ".join(f"{either(ours)} for {name}" for name, ours in pairs) + "?"
 
 
+# Each training command's settings that not every one of them takes: the commands' modules import this one, which
+# cannot import them (tests/cli/test_flag_suggestions.py checks the table against their declarations).
+COMMAND_SETTINGS: dict[str, frozenset[str]] = {
+    "pretrain": frozenset((
+        "betas blr color_jitter compile compile_mode cpu_decode_share crop_scale data decode decode_ahead "
+        "decoder_depth decoder_embed_dim decoder_num_heads depth embed_dim figure_images fsdp gpu_decoder "
+        "keep_last knn_data knn_decode knn_every layer_scale_init lr mask_ratio method min_lr model "
+        "norm_pix_loss num_heads patch_size pos preset save_every tokenizer warmup_epochs window_placement "
+        "window_size windows").split()),
+    "finetune": frozenset((
+        "aa attention blr crop_scale cutmix data decay_rel_pos_bias decode drop_path eval_only global_blocks "
+        "global_pool grad_checkpointing layer_decay min_lr mixup pretrained reprob smoothing train "
+        "train_pos_embed val warmup_epochs window_size").split()),
+    "detect": frozenset((
+        "attention blr drop_path eval_every eval_only global_blocks grad_checkpointing jitter layer_decay "
+        "model pretrained rel_pos rois_per_image train_ann train_images train_pos_embed val_ann val_images "
+        "warmup_steps window_size").split()),
+    "segment": frozenset((
+        "aux_weight data drop_path eval_every eval_mode eval_only eval_stride grad_checkpointing "
+        "head_channels layer_decay lr min_lr model num_classes photometric poly_power pretrained rel_pos "
+        "train_pos_embed warmup_steps zero_label").split()),
+}
+
+
 def unknown_settings(unknown: list[str], names: list[str], source: str, config: type) -> str:
     """The error for the keys ``unknown`` of a settings file ``source`` whose settings (``config``'s) are ``names``:
     the other training commands that take one (a key of finetune's in a file given to pretrain), what each other
@@ -97,17 +120,8 @@ def unknown_settings(unknown: list[str], names: list[str], source: str, config: 
 
 def _other_commands(keys: list[str], command: str) -> dict[str, str]:
     """{key: the training commands other than ``command`` that take it ('detect and segment')} of ``keys`` some
-    other one takes (of the commands registered)."""
-    found = {key: [other for other, names in _COMMANDS.items() if other != command and key in names] for key in keys}
+    other one takes."""
+    found = {key: [other for other, names in COMMAND_SETTINGS.items() if other != command and key in names]
+             for key in keys}
     return {key: ", ".join(commands[:-1]) + " and " * (len(commands) > 1) + commands[-1]
             for key, commands in found.items() if commands}
-
-
-# The training commands' settings by command, registered by the command line that builds them: the commands' modules
-# import this one, which cannot import them.
-_COMMANDS: dict[str, frozenset[str]] = {}
-
-
-def register_command(command: str, settings: Iterable[str]) -> None:
-    """Make ``command``'s ``settings`` (names) known to :func:`unknown_settings`, which names another command's key."""
-    _COMMANDS[command] = frozenset(settings)
