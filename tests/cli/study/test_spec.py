@@ -94,6 +94,19 @@ def test_a_spec_files_out_is_read_from_its_folder_as_its_data_is(tmp_path):
     assert parse_spec(_raw(tmp_path, out="rel")).out == "rel"  # a spec given as a mapping has no folder
 
 
+def test_a_spec_file_is_read_as_a_config_is_in_yamls_encodings_and_bounded(tmp_path):
+    """A UTF-16 spec (PowerShell's `>`) was a UnicodeDecodeError, a 2 MiB file parsed whole before any refusal."""
+    from lomar.cli.study.spec import load_spec
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "a.yaml").write_text("data: {pretrain: imgs}\nbudget: 1steps\ngrid: {method: [mae]}\n"
+                                     "eval: {metrics: []}\n", encoding="utf-16")
+    assert load_spec(tmp_path / "a.yaml").data_pretrain == str(tmp_path / "imgs")
+    (tmp_path / "big.yaml").write_text("# " + "x" * (2 << 20) + "\n")
+    with pytest.raises(UsageError, match=r"^study spec \S+big.yaml is 2.0 MiB, which no settings file is"):
+        load_spec(tmp_path / "big.yaml")
+
+
 def test_accuracy_metrics_need_labelled_data(tmp_path):
     raw = _raw(tmp_path, eval={"metrics": ["knn"]})
     raw["data"] = {"pretrain": raw["data"]["pretrain"]}
