@@ -93,6 +93,15 @@ def test_mae_takes_only_absolute_positions(tmp_path, capsys):
     assert _resolve(tmp_path, "--method", "lomar", "--pos", "abs") == 0
 
 
+@pytest.mark.parametrize("knn_data, said", [(None, "; pass it, or --knn-every 0"), ("DIR", "; DIR does not")])
+def test_knn_every_without_a_knn_set_says_what_is_missing(tmp_path, capsys, knn_data, said):
+    """No --knn-data is said as missing, not as "got None"."""
+    given = ["--knn-data", str(tmp_path)] if knn_data else []
+    assert _resolve(tmp_path, "--knn-every", "5", *given) == 2
+    assert capsys.readouterr().err.endswith("--knn-every 5 needs --knn-data ROOT holding train/ and val/ class folders"
+                                            f"{said.replace('DIR', str(tmp_path))}\n")
+
+
 def test_print_config_with_an_out_that_holds_a_run(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("method: lomar\n")

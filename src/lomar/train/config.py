@@ -259,8 +259,9 @@ class PretrainConfig(TaskConfig):
             check_data(self.data)
         if self.knn_every and not (self.knn_data and (Path(self.knn_data) / "train").is_dir()
                                      and (Path(self.knn_data) / "val").is_dir()):
-            raise ConfigError(f"--knn-every needs --knn-data ROOT holding train/ and val/ class folders, "
-                              f"got {self.knn_data!r}")
+            lacks = f"; {self.knn_data} does not" if self.knn_data else "; pass it, or --knn-every 0"
+            raise ConfigError(f"--knn-every {self.knn_every} needs --knn-data ROOT holding train/ and val/ class "
+                              f"folders{lacks}")
         # --resume PATH was checked when its saved config was read (saved_run)
 
     def dump(self, invocation: bool = False) -> str:
