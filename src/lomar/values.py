@@ -1,11 +1,13 @@
 """What counts as a number where a setting, a size or a count is taken from Python callers, what counts as an image
-size, and how a count reads in a message; imports no torch."""
+size, a device or a duration, and how a count or a duration reads in a message; imports no torch."""
 
 import numbers
+import re
 import reprlib
 from itertools import islice
 
-__all__ = ["is_integer", "is_real", "is_size", "as_sides", "counted", "brief"]
+__all__ = ["is_integer", "is_real", "is_size", "as_sides", "counted", "brief", "parse_device", "parse_duration",
+           "duration_text"]
 
 # A value a message quotes, cut to what a line can show: a value from a file (a checkpoint's saved settings, a
 # YAML file) may be nested thousands deep (repr: a RecursionError) or hold millions of items (a repr for minutes).
@@ -58,3 +60,43 @@ def counted(n: int, noun: str) -> str:
 def brief(value) -> str:
     """``repr(value)`` for a message, at most 3 levels deep, 8 items a level and 200 characters a string."""
     return _BRIEF.repr(value)
+
+
+def parse_device(text: str) -> str:
+    """``--device``'s value: auto, cpu, cuda or cuda:N; a ValueError naming the forms for anything else."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N; got --device {text}")
+    return text
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int | None:
+    """Whole seconds of ``3600`` (seconds), ``90m``, ``1.5h``, ``2d`` or SLURM's ``HH:MM:SS`` / ``D-HH:MM:SS``; None
+    for ``none``. SLURM's bare number is minutes and its ``MM:SS`` reads like ``HH:MM``: neither is taken, so that a
+    value is never read in another unit than meant. A ValueError naming the value and the forms otherwise."""
+    value = text.strip().lower()
+    if value == "none":
+        return None
+    if match := re.fullmatch(r"(\d+(?:\.\d*)?)([smhd]?)", value):
+        seconds = float(match[1]) * _UNITS[match[2] or "s"]
+    elif match := re.fullmatch(r"(?:(\d+)-)?(\d+):([0-5]\d):([0-5]\d)", value):
+        days, hours, minutes, secs = (int(part or 0) for part in match.groups())
+        seconds = ((days * 24 + hours) * 60 + minutes) * 60 + secs
+    else:
+        raise ValueError(f"{text!r} is not a duration; write seconds (5400), 90m, 1.5h, 2d, or HH:MM:SS / D-HH:MM:SS "
+                         f"(01:30:00, 1-12:00:00)")
+    if seconds < 1:
+        raise ValueError(f"{text!r} is under a second; write a positive duration, e.g. 90m, or none for no limit")
+    return round(seconds)
+
+
+def duration_text(seconds: float) -> str:
+    """``seconds`` as a message says a duration: 5400 -> '1h30m', 86400 -> '1d', 45 -> '45s'."""
+    left, parts = round(seconds), []
+    for unit, size in sorted(_UNITS.items(), key=lambda item: -item[1]):
+        if left >= size or (unit == "s" and not parts):
+            parts.append(f"{left // size}{unit}")
+            left %= size
+    return "".join(part for part in parts if not part.startswith("0") or len(parts) == 1)

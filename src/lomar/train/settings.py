@@ -23,7 +23,7 @@ from typing import Any
 from lomar.errors import UsageError
 from lomar.limits import MAX_IMG_SIZE
 from lomar.train.setting_names import unknown_settings
-from lomar.values import brief
+from lomar.values import brief, parse_device, parse_duration
 from lomar.yaml_io import YAMLError, inline, load_yaml, read_settings_file
 
 __all__ = ["ConfigError", "Setting", "setting", "declarations", "add_settings", "coerce_all", "read_yaml", "help_text"]
@@ -129,15 +129,9 @@ def setting(default: Any, help: str, **rule: Any) -> Any:
     return Setting(default, help, **rule).field()
 
 
-def _device(text: str) -> str:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N; got --device {text}")
-    return text
-
-
 # ---- the settings several commands share ---------------------------------------------------
 _RUN = "run-control"
-DEVICE = Setting("auto", "auto (CUDA if available), cpu, cuda or cuda:N", parse=_device, resume=_RUN)
+DEVICE = Setting("auto", "auto (CUDA if available), cpu, cuda or cuda:N", parse=parse_device, resume=_RUN)
 SEED = Setting(0, "random seed", low=0, high=2**31 - 1)  # numpy seeds (seed + rank) must stay below 2**32
 THREADS = Setting(None, "CPU threads per process (default: the cores shared among this machine's processes)",
                   kind=int, above=0, high=4096, resume=_RUN)
@@ -165,6 +159,10 @@ LOG_EVERY = Setting(20, "print the training loss every N optimizer steps (metric
                     "step)", above=0, resume=_RUN)
 EVAL_EVERY = Setting(None, "evaluate (and checkpoint) every N optimizer steps and at the end, instead of at each "
                      "epoch's end (default: each epoch's end and the end)", kind=int, above=0, resume=_RUN)
+TIME_LIMIT = Setting(None, "wall-clock limit of this invocation (start-up and training; the final save comes after "
+                    "it): the run stops at the first step past it as SIGTERM stops it, checkpointed, exit 75; seconds "
+                    "(5400), 90m, 1.5h, 2d or HH:MM:SS / D-HH:MM:SS (default: none)", kind=int, above=0,
+                    parse=parse_duration, metavar="DURATION", resume=_RUN)
 OUT = Setting(None, "output folder (default: runs/<timestamp>)", kind=str, resume=_RUN)
 RESUME = Setting(None, "checkpoint path, or 'auto' for the newest state in --out (default: a new run)", kind=str,
                  const="auto", nargs="?", metavar="PATH|auto", resume="per-invocation")

@@ -44,6 +44,7 @@ class TaskConfig:
     seed: int = S.SEED.field()
     device: str = S.DEVICE.field()
     log_every: int = S.LOG_EVERY.field()
+    time_limit: int | None = S.TIME_LIMIT.field()
     resume: str | None = S.RESUME.field()
     overwrite: bool = S.OVERWRITE.field()
 
@@ -217,8 +218,7 @@ def check_flex_device(device: str) -> None:
 
 def check_windows(config: Any) -> None:
     """--window-size / --global-blocks (the block indices are checked against the depth at load)."""
-    blocks = config.global_blocks
-    if blocks is None:
+    if (blocks := config.global_blocks) is None:
         return
     if not config.window_size:
         raise ConfigError("--global-blocks needs --window-size N > 0 (the other blocks attend inside N x N windows); "
