@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import difflib
 
-__all__ = ["closest_flags", "either", "did_you_mean", "unknown_settings", "COMMAND_SETTINGS"]
+__all__ = ["closest_flags", "either", "did_you_mean", "unknown_settings", "other_commands", "COMMAND_SETTINGS"]
 
 # Other tools' spellings (MAE's and timm's scripts, Hugging Face, detectron2, Lightning) and common shortenings
 # -> our flags, the first one the command has. Keys are written with dashes, lower case, without the leading --.
@@ -107,21 +107,23 @@ def unknown_settings(unknown: list[str], names: list[str], source: str, config: 
     the other training commands that take one (a key of finetune's in a file given to pretrain), what each other
     one most likely meant, else where the valid ones are listed."""
     command = getattr(config, "COMMAND", "<command>")
-    elsewhere = _other_commands(unknown, command)
+    theirs, elsewhere = other_commands({key: key for key in unknown}, command)
     hint = did_you_mean([key for key in unknown if key not in elsewhere],
                         [f"--{name.replace('_', '-')}" for name in names], as_keys=True)
-    theirs = ", ".join(f"{key}{' is a setting' * (not i)} of lomar {others}" for i, (key, others)
-                       in enumerate(elsewhere.items()))
-    theirs = f"; {theirs}, not of lomar {command}" if theirs else ""
     return (f"unknown setting(s) {', '.join(unknown)} in {source}" + theirs
             + (hint or ("; remove it" if len(unknown) == 1 else "; remove them") * bool(theirs)
                or f"; see `lomar {command} --help` for the valid ones"))
 
 
-def _other_commands(keys: list[str], command: str) -> dict[str, str]:
-    """{key: the training commands other than ``command`` that take it ('detect and segment')} of ``keys`` some
-    other one takes."""
-    found = {key: [other for other, names in COMMAND_SETTINGS.items() if other != command and key in names]
-             for key in keys}
-    return {key: ", ".join(commands[:-1]) + " and " * (len(commands) > 1) + commands[-1]
-            for key, commands in found.items() if commands}
+def other_commands(given: dict[str, str], command: str, kind: str = "setting") -> tuple[str, list[str]]:
+    """('; mixup is a setting of lomar finetune, num_classes of lomar segment, not of lomar pretrain', [the ones
+    named]) for the entries of ``given`` {as the user wrote it: the setting's name} that a training command other
+    than ``command`` takes; ('', []) when none. ``kind``: 'setting' for a settings file's key, 'flag' for the
+    command line's (:mod:`lomar.cli.suggest`), which get the same answer."""
+    found = {shown: [other for other, names in COMMAND_SETTINGS.items() if other != command and name in names]
+             for shown, name in given.items()}
+    found = {shown: ", ".join(commands[:-1]) + " and " * (len(commands) > 1) + commands[-1]
+             for shown, commands in found.items() if commands}
+    theirs = ", ".join(f"{shown}{f' is a {kind}' * (not i)} of lomar {others}" for i, (shown, others)
+                       in enumerate(found.items()))
+    return (f"; {theirs}, not of lomar {command}" if theirs else ""), list(found)
