@@ -28,6 +28,14 @@ SUGGESTED = [
      "--iter 1; did you mean --iters?"),
     (["export", "ck.pt", "--to", "x", "--output-dir", "y"], "export", "--output-dir y; did you mean --to?"),
     (["pretrain", "--to", "x"], "pretrain", "--to x"),  # --tokenizer starts so, but is not what was meant
+    # another command's flag: named as theirs, as a settings file's key of another command is
+    (["pretrain", "--num-classes", "10"], "pretrain",
+     "--num-classes 10; --num-classes is a flag of lomar segment, not of lomar pretrain"),
+    (["segment", "--mixup=0.8", "--rel_pos", "abs", "--batch-szie", "2"], "segment",
+     "--mixup=0.8 --rel_pos abs --batch-szie 2; --mixup is a flag of lomar finetune, not of lomar segment; did you "
+     "mean --rel-pos for --rel_pos; --batch-size for --batch-szie?"),  # --rel-pos is segment's own (detect's too)
+    (["knn", "ck.pt", "--mask-ratio", "0.5"], "knn", "--mask-ratio 0.5; --mask-ratio is a flag of lomar pretrain, "
+                                                    "not of lomar knn"),
 ]
 
 

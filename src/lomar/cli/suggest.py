@@ -2,14 +2,15 @@
 
 Prefixes of flags are not accepted (the parsers set ``allow_abbrev=False``): ``lomar study --seed 3`` would
 have run 3 seeds (``--seeds``), and ``--warmup 5`` meant epochs in ``pretrain`` but steps in ``detect``. What a
-user types instead, a prefix, another tool's spelling or a typo, gets one suggestion from the command's own flags.
+user types instead, a prefix, another tool's spelling or a typo, gets one suggestion from the command's own flags;
+another training command's flag is named as that command's.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from lomar.train.setting_names import did_you_mean
+from lomar.train.setting_names import did_you_mean, other_commands
 
 __all__ = ["suggest_flags", "command_parser"]
 
@@ -19,9 +20,17 @@ def _own_flags(parser: argparse.ArgumentParser) -> list[str]:
 
 
 def suggest_flags(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
-    """'; did you mean --workers?' (or '; did you mean --workers for --num-workers; --epochs for --epoch?')
-    for the flags among ``unknown`` that resemble ``parser``'s flags; '' when none does."""
-    return did_you_mean([token for token in unknown if token.startswith("-") and len(token) > 1], _own_flags(parser))
+    """'; --num-classes is a flag of lomar segment, not of lomar pretrain' for the flags among ``unknown`` another
+    training command takes (as a settings file's key of another command is said), then '; did you mean --workers?'
+    (or '; did you mean --workers for --num-workers; --epochs for --epoch?') for the others that resemble
+    ``parser``'s flags; '' when neither."""
+    given, own = [token for token in unknown if token.startswith("-") and len(token) > 1], _own_flags(parser)
+    flags = {token: "--" + token.split("=", 1)[0].lstrip("-").lower().replace("_", "-") for token in given}
+    command = parser.prog.removeprefix("lomar ") if parser.prog.startswith("lomar ") else None  # a study's: none
+    # --rel_pos in segment, which has --rel-pos, is a spelling of its own flag: only the suggestion names it
+    theirs, elsewhere = other_commands({flag: flag[2:].replace("-", "_") for flag in flags.values() if flag not in own},
+                                       command, kind="flag") if command else ("", [])
+    return theirs + did_you_mean([token for token in given if flags[token] not in elsewhere], own)
 
 
 def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
