@@ -38,6 +38,7 @@ class ToyConfig:
     accum_steps: int = 2
     precision: str = "fp32"
     log_every: int = 1
+    time_limit: int | None = None
 
 
 class ToyTask(Task):
@@ -649,11 +650,13 @@ def _ranked_run(rank: int, port: int, out: str, task: type, settings: dict) -> N
     os._exit(code)
 
 
-def run_two_ranks(task: type, out, hang: str, timeout: float = 120, errors: bool = False, **settings) -> list[str]:
+def run_two_ranks(task: type, out, hang: str, timeout: float = 120, errors: bool = False, code: int = 0,
+                  **settings) -> list[str]:
     """A :class:`ToyConfig` run of ``task`` (a module-level class: spawn pickles it by name) in two spawned
     processes; fails with ``hang`` (what went out of step) when they have not both ended after ``timeout`` s,
     killing them: a collective that one rank never joins waits forever. ``errors``: the ranks may raise; each
-    one's "Type: message" (or "") is returned; otherwise an error fails the test."""
+    one's "Type: message" (or "") is returned; otherwise an error, or an exit code other than ``code``, fails
+    the test."""
     import socket
     import time
 
@@ -673,7 +676,7 @@ def run_two_ranks(task: type, out, hang: str, timeout: float = 120, errors: bool
             pytest.fail(hang)
     raised = [(Path(out) / f"rank{rank}.error").read_text() if (Path(out) / f"rank{rank}.error").exists() else ""
               for rank in range(2)]
-    if not errors and (any(raised) or any(process.exitcode for process in context.processes)):
+    if not errors and (any(raised) or any(process.exitcode != code for process in context.processes)):
         pytest.fail(f"the ranks raised {raised}, exit codes {[process.exitcode for process in context.processes]}")
     return raised
 
@@ -999,3 +1002,49 @@ def test_a_resume_that_runs_the_missing_final_evaluation_writes_the_end_files_fr
     Predicting.stop_in_evaluate = False
     assert run(ToyConfig(out=str(out), max_steps=5, resume="auto"), Predicting) == 0
     assert (out / "predictions").read_text() == "5"  # old code: "3"
+
+
+def test_a_time_limit_stops_at_the_first_step_past_it_and_the_run_resumes_exactly(tmp_path, capsys, monkeypatch):
+    """The limit counts from the run's start; the stop is a SIGTERM's (checkpoint at the step, exit code of its own,
+    one line), and a resume given another limit goes on to an uninterrupted run's losses and weights."""
+    from lomar.train import preemption
+
+    now = [0.0]
+
+    def clock():  # 10 s a reading: the run's start, then each step's stop agreement
+        now[0] += 10.0
+        return now[0]
+
+    monkeypatch.setattr(preemption, "monotonic", clock)
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run(ToyConfig(out=str(straight)), ToyTask) == 0
+    now[0] = 0.0
+    assert run(ToyConfig(out=str(stopped), time_limit=25), ToyTask) == preemption.TIME_LIMIT_EXIT == 75
+    line = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert line.startswith("lomar toy: time limit 25s reached at step 3; checkpoint ") and "--resume auto" in line
+    assert safe_load(stopped / "last.pt")["step"] == 3 and not (stopped / "finished").exists()
+    now[0] = 0.0
+    assert run(ToyConfig(out=str(stopped), resume="auto", time_limit=3600), ToyTask) == 0
+    a, b = safe_load(straight / "last.pt"), safe_load(stopped / "last.pt")
+    assert b["step"] == 12 and _losses(straight) == _losses(stopped)
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0)
+
+
+class TimedOutOnRankZero(ToyTask):
+    """Rank 0's clock passes the limit during step 2; rank 1's never does."""
+
+    def loss(self, batch):
+        if torch.distributed.get_rank() == 0 and self.progress.step == 1:
+            from lomar.train import preemption
+
+            preemption.monotonic = lambda: float("inf")
+        return super().loss(batch)
+
+
+@pytest.mark.slow
+def test_every_rank_stops_at_the_step_one_rank_finds_past_the_time_limit(tmp_path):
+    """The step's one stop agreement carries the limit: both ranks checkpoint step 2 and exit 75 (rank 1 going on
+    alone would wait in step 3's all-reduce for rank 0, which is saving)."""
+    run_two_ranks(TimedOutOnRankZero, tmp_path, "a rank went on past the time limit", code=75, time_limit=3600)
+    assert safe_load(tmp_path / "last.pt")["step"] == 2

@@ -8,7 +8,7 @@ between), autocast + GradScaler, ``clip_grad``, the non-finite loss stop (before
 never saved), the start-up line, ``Monitor`` (metrics.jsonl, TensorBoard, progress), ``last.pt`` / ``checkpoint-N.pt``
 (with ``config.keep_last``) / ``best.pt`` (on ``task.best_metric``) and the final line. A resumed run skips the batches
 its checkpoint consumed of the (seed, epoch) data order: it continues exactly. Optional config fields: ``lr``,
-``clip_grad``, ``compile``, ``compile_mode``, ``save_every`` (default 1), ``keep_last``.
+``clip_grad``, ``compile``, ``compile_mode``, ``save_every`` (default 1), ``keep_last``, ``time_limit`` (exit 75).
 
 The Task interface, its required and optional hooks: :mod:`lomar.train.task`.
 """
@@ -49,7 +49,7 @@ __all__ = ["Task", "Progress", "TrainingError", "run"]
 class _Run:
     """One run of a Task: optimizer, scaler, position, checkpoints and the loop."""
 
-    def __init__(self, config, task: Task, info: DistInfo, device: torch.device):
+    def __init__(self, config, task: Task, info: DistInfo, device: torch.device, stop: StopFlag):
         self.cfg, self.task, self.info, self.device, self.out = config, task, info, device, Path(config.out)
         self.accum = config.accum_steps
         self.precision = resolve_precision(config.precision, device)
@@ -79,7 +79,7 @@ class _Run:
         if info.enabled and not task.sharded:
             task.net = DistributedDataParallel(task.net, device_ids=[device.index] if device.type == "cuda" else None)
         task.progress = self.p = Progress()
-        self.best, self.evaluated_step, self.stop = -math.inf, -1, StopFlag()
+        self.best, self.evaluated_step, self.stop = -math.inf, -1, stop
         self.spare = None  # under DDP, the last batch that gave a loss: an idle step's (task.idle_loss)
         self.skipped = SkippedFiles(self.steps_per_epoch * self.accum, config.batch_size, not task.skips_warned)
         self.last_step = last_step(config, self.steps_per_epoch)
@@ -325,7 +325,7 @@ class _Run:
         name, out, cfg = self.task.name, self.out, self.cfg
         if preempted:
             self.task.stopped(out)
-            print(f"lomar {name}: stopped by {self.stop.name} at step {self.p.step}; checkpoint {path}. "
+            print(f"lomar {name}: {self.stop.reason} at step {self.p.step}; checkpoint {path}. "
                   + resume_hint(name, out, self.info.world_size), flush=True)
             return
         self.task.finish(out)
@@ -345,6 +345,7 @@ class _Run:
 
 def run(config, make_task: type[Task]) -> int:
     """Run (or resume) the training ``make_task(config, info, device)`` builds; the process exit code."""
+    stop = StopFlag(getattr(config, "time_limit", None))  # the limit counts from here: start-up is in it
     info, device = join_group(config.device)  # what fails before the first step: a one-line error, exit 2
     out, name = Path(main_rank_out(config)), config.COMMAND  # one run folder: a default's time is rank 0's
     lock, task, trainer = RunLock(out), None, None
@@ -368,7 +369,7 @@ def run(config, make_task: type[Task]) -> int:
                     task = make_task(config, info, device)
                 if info.enabled:  # then a stream of its own for each: drop path, mixup, augmentation in this process
                     seed_everything(config.seed + info.rank)
-                trainer = _Run(config, task, info, device)
+                trainer = _Run(config, task, info, device, stop)
                 if resume is not None:
                     trainer.load(resume, saved, point.meta, built.loaded)
                 del saved  # the run would hold the whole checkpoint to its end

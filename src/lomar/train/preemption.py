@@ -1,27 +1,37 @@
 """Preemption: SIGTERM / SIGUSR1 (what cluster schedulers send) become "checkpoint and exit 0";
-Ctrl-C (SIGINT) writes the same checkpoint and exits 130. A second Ctrl-C interrupts at once."""
+Ctrl-C (SIGINT) writes the same checkpoint and exits 130. A second Ctrl-C interrupts at once.
+``--time-limit`` stops the run the same way at the first step past it, and exits 75."""
 
 from __future__ import annotations
 
 import signal
 import threading
+from time import monotonic
 
 import torch
+import torch.distributed as dist
 
-from lomar.train.distributed import any_rank
+from lomar.values import duration_text
 
-__all__ = ["StopFlag", "ignore_stop_signals", "any_rank_stopping", "shut_down_workers"]
+__all__ = ["StopFlag", "TIME_LIMIT_EXIT", "ignore_stop_signals", "any_rank_stopping", "shut_down_workers"]
+
+# sysexits' EX_TEMPFAIL, "try again later": the work is not done and resuming it is all it takes. A wrapper tells it
+# from 0 (finished, or stopped by the scheduler's own signal, which the scheduler knows of) and from 1 (failed).
+TIME_LIMIT_EXIT = 75
 
 
 _SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1 / SIGINT: finish the step, checkpoint, exit (see exit_code)."""
+    """Set by SIGTERM / SIGUSR1 / SIGINT, or due ``time_limit`` seconds after it is made (at the run's start):
+    finish the step, checkpoint, exit (see exit_code)."""
 
-    def __init__(self):
+    def __init__(self, time_limit: float | None = None):
         self.signal: int | None = None
         self.previous: dict = {}
+        self.time_limit, self.timed_out = time_limit, False  # timed_out: what the ranks agreed (any_rank_stopping)
+        self.deadline = None if time_limit is None else monotonic() + time_limit
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -40,9 +50,13 @@ class StopFlag:
         return signal.Signals(self.signal).name if self.signal else "a signal on another rank"
 
     @property
+    def reason(self) -> str:
+        return f"time limit {duration_text(self.time_limit)} reached" if self.timed_out else f"stopped by {self.name}"
+
+    @property
     def exit_code(self) -> int:
-        """130 after Ctrl-C (the shell's convention), else 0: a preempted run is not a failure."""
-        return 130 if self.signal == signal.SIGINT else 0
+        """75 at the time limit, 130 after Ctrl-C (the shell's convention), else 0: a preempted run is not a failure."""
+        return TIME_LIMIT_EXIT if self.timed_out else 130 if self.signal == signal.SIGINT else 0
 
     def _handle(self, signum, frame) -> None:
         if self.signal is None:  # the first signal is the reason reported
@@ -61,8 +75,16 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 def any_rank_stopping(stop: StopFlag, device: torch.device) -> bool:
-    """True when this process or any other rank was signalled (a collective under DDP)."""
-    return any_rank(stop.signal is not None, device)
+    """True when this process or any other rank was signalled or is past the time limit: the step's one stop
+    agreement (a collective under DDP), which also sets ``stop.timed_out`` alike on every rank. A signal anywhere
+    is the reason over the limit: the scheduler that sent it is stopping the job."""
+    due = 2 if stop.signal is not None else int(stop.deadline is not None and monotonic() >= stop.deadline)
+    if dist.is_available() and dist.is_initialized():
+        agreed = torch.tensor(float(due), device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        due = int(agreed)
+    stop.timed_out = due == 1
+    return due > 0
 
 
 def shut_down_workers(*loaders) -> None:
