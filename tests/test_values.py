@@ -21,3 +21,28 @@ def test_anything_else_is_refused_by_name(size):
                                          r"got .+; pass e\.g\. 224 or \(224, 320\)$") as info:
         as_sides(size, "input_size")
     assert repr(size)[:8] in str(info.value)
+
+
+@pytest.mark.parametrize("text, seconds", [("5400", 5400), ("90m", 5400), ("1.5h", 5400), ("01:30:00", 5400),
+                                           ("2d", 172800), ("1-12:00:00", 129600), ("36:00:00", 129600),
+                                           ("45s", 45), ("none", None)])
+def test_a_time_limit_is_read_in_seconds_from_each_form_the_help_names(text, seconds):
+    from lomar.values import parse_duration
+
+    assert parse_duration(text) == seconds
+
+
+def test_a_time_limit_reads_in_the_stop_line_as_it_is_written():
+    from lomar.values import duration_text
+
+    assert [duration_text(s) for s in (25, 60, 3600, 5400, 86400, 129601)] == ["25s", "1m", "1h", "1h30m", "1d",
+                                                                              "1d12h1s"]
+
+
+@pytest.mark.parametrize("text", ["10:00", "1h30m", "5x", "-5", "0", "0.2s", "", "1:2:3"])
+def test_a_time_limit_in_another_form_is_refused_naming_it_and_a_form_that_works(text):
+    """SLURM's MM:SS and its bare minutes read otherwise than meant here (a bare number is seconds)."""
+    from lomar.values import parse_duration
+
+    with pytest.raises(ValueError, match=rf"^{text!r} is (not a duration|under a second).*(90m|01:30:00)"):
+        parse_duration(text)

@@ -80,3 +80,25 @@ def test_eval_only_scores_only_the_commands_own_model(tmp_path, capsys, monkeypa
         assert main([command, "--eval-only", *pretrained, *extra, "--out", "scores"]) == 2
         assert capsys.readouterr().err == f"lomar {command}: error: {message}\n"
     assert not (tmp_path / "scores").exists()
+
+
+def test_a_resume_may_give_another_time_limit_or_none_and_keeps_the_runs_otherwise():
+    """A resumed job gets a slot of its own: its limit is run control, not the run's."""
+    from lomar.train.config import PretrainConfig
+    from lomar.train.settings_resume import resume_values
+
+    saved = {"time_limit": 3600}
+    assert resume_values(PretrainConfig, saved, "last.pt", {"time_limit": 60})["time_limit"] == 60
+    assert resume_values(PretrainConfig, saved, "last.pt", {"time_limit": None})["time_limit"] is None
+    assert resume_values(PretrainConfig, saved, "last.pt", {})["time_limit"] == 3600
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "detect", "segment"])
+def test_a_time_limit_in_a_form_not_taken_is_refused_in_one_line(tmp_path, capsys, command):
+    assert main([command, "--time-limit", "10:00"]) == 2
+    assert capsys.readouterr().err.strip().endswith("'10:00' is not a duration; write seconds (5400), 90m, 1.5h, "
+                                                    "2d, or HH:MM:SS / D-HH:MM:SS (01:30:00, 1-12:00:00) (see "
+                                                    f"lomar {command} --help)")
+    (tmp_path / "c.yaml").write_text("time_limit: 2 hours\n")
+    assert main([command, "--config", str(tmp_path / "c.yaml")]) == 2
+    assert "time_limit: '2 hours' in " in capsys.readouterr().err
