@@ -115,6 +115,13 @@ def test_bench_smoke_writes_json_and_plot(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = capsys.readouterr().out
     assert "GEMM ceiling" in table and "(the faster of torch.mm " in table and "MAE / LoMaR" in table
+    # what each figure is, beside it: a ratio is only as good as the steps, the load and the spread behind it
+    assert ("batch 2, fp32, cpu, " in table and "s/step is the median of 2 timed training steps (forward + "
+            "backward + AdamW update)" in table and "after 1 warm-up step(s) (load average before, after: " in table)
+    assert " spread " in table.splitlines()[2] and len(data["meta"]["load_avg_before"]) == 3
+    assert all(len(c["mae_over_lomar_time_rounds"]) == 2 for c in data["comparisons"])
+    assert "time" in table and "x (per round " in table
+    assert "  lomar (3 windows), 128 -> 160px: time x" in table and "expected flat" in table
 
 
 def test_table_legend_does_not_call_the_rule_s_counts_the_paper_s():
@@ -145,6 +152,23 @@ def test_table_legend_says_sizes_are_not_timed_side_by_side():
         out = io.StringIO()
         print_table(rows, [], 2e9, out)
         assert ("the sizes one after another" in out.getvalue()) is said
+
+def test_shape_lines_set_each_series_against_what_the_claim_expects():
+    from lomar.bench.report import shape
+
+    def rec(method, size, windows, setting, step_s, flops):
+        return dict(method=method, img_size=size, windows=windows, window_setting=setting, step_s=step_s, flops=flops)
+
+    records = [rec("lomar", 224, 4, "paper", 1.0, 10), rec("mae", 224, None, "-", 1.0, 10),
+               rec("lomar", 448, 9, "paper", 2.0, 22), rec("lomar", 448, 4, "fixed", 1.1, 10),
+               rec("mae", 448, None, "-", 1.2, 40)]
+    lines = shape(records)
+    assert lines[0].startswith("  lomar (paper windows), 224 -> 448px: time x2.00, FLOPs x2.20; windows 4 -> 9")
+    # 224 px's paper point is the fixed series' base: 4 windows at both sizes
+    assert lines[2].startswith("  lomar (4 windows), 224 -> 448px: time x1.10, FLOPs x1.00; expected flat")
+    assert lines[1].startswith("  mae, 224 -> 448px: time x1.20, FLOPs x4.00; pixels x4.00")
+    assert ["time does not follow FLOPs" in line for line in lines] == [False, True, False]
+
 
 @pytest.mark.parametrize("flags", [["--windows", "50", "--sizes", "128"], ["--sizes", "100"],
                                    ["--model", "vit_nope_patch16"]])

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from lomar.viz.reconstruction import save_figure
 
-__all__ = ["compare", "beit_comparisons", "print_table", "plot_times", "machine_name"]
+__all__ = ["compare", "beit_comparisons", "print_table", "plot_times", "machine_name", "describe", "shape"]
 
 
 def machine_name(device) -> str:
@@ -44,10 +44,61 @@ def compare(records: list[dict]) -> list[dict]:
         rec["time_vs_base"] = rec["step_s"] / same[0]["step_s"] if same else None
         if rec["method"] == "lomar" and rec["img_size"] in mae:
             m = mae[rec["img_size"]]
+            # one size's configurations run round by round: each round's MAE/LoMaR is a side-by-side ratio
+            rounds = [a / b for a, b in zip(m.get("step_times_s", ()), rec.get("step_times_s", ()))]
             out.append(dict(img_size=rec["img_size"], windows=rec["windows"], window_setting=rec["window_setting"],
                             mae_over_lomar_time=m["step_s"] / rec["step_s"],
+                            mae_over_lomar_time_rounds=rounds,
                             mae_over_lomar_flops=m["flops"] / rec["flops"]))
     return out
+
+
+def describe(meta: dict) -> str:
+    """One line saying what every figure of the table is: the model, batch, precision, threads, the steps timed
+    and the machine's load around the run."""
+    load = meta.get("load_avg_before"), meta.get("load_avg_after")
+    said = " (load average before, after: " + ", ".join(f"{x[0]:.2f}" for x in load) + ")" if all(load) else ""
+    compiled = f", compiled ({meta['compile_mode']})" if meta.get("compile") else ""
+    return (f"{meta['model']}, batch {meta['batch_size']}, {meta['precision']}{compiled}, {meta['device']}, "
+            f"{meta['threads']} threads: s/step is the median of {meta['steps']} timed training steps (forward + "
+            f"backward + AdamW update) per configuration, one size's configurations alternating round by round "
+            f"after {meta['warmup']} warm-up step(s){said}")
+
+
+def _in_series(rec: dict, key: tuple) -> bool:
+    """A LoMaR point of --windows paper doubles as the fixed count it equals (224 px's 4 for --windows 4)."""
+    method, setting, windows = key
+    if rec["method"] != method:
+        return False
+    return rec["window_setting"] == "paper" if setting == "paper" else rec["windows"] == windows
+
+
+def shape(records: list[dict]) -> list[str]:
+    """Per method / window setting timed at two sizes or more: time, FLOPs and pixels from the smallest size to
+    the largest, against what the claim expects (fixed windows: flat; paper windows: with the windows; global
+    attention: with the pixels or faster)."""
+    lines = []
+    keys = ((r["method"], r["window_setting"], None if r["window_setting"] == "paper" else r["windows"])
+            for r in records)
+    for key in dict.fromkeys(keys):
+        rows = sorted((r for r in records if _in_series(r, key)), key=lambda r: r["img_size"])
+        if len(rows) < 2:
+            continue
+        a, b = rows[0], rows[-1]
+        time, flops = b["step_s"] / a["step_s"], b["flops"] / a["flops"]
+        if key[1] == "paper":
+            expect = f"windows {a['windows']} -> {b['windows']}: expected to grow with them"
+        elif key[2] is None:
+            expect = f"pixels x{(b['img_size'] / a['img_size']) ** 2:.2f}: expected to grow with them or faster"
+        else:
+            expect = "expected flat"
+        name = key[0] + (" (paper windows)" if key[1] == "paper" else f" ({key[2]} windows)" if key[2] else "")
+        line = f"  {name}, {a['img_size']} -> {b['img_size']}px: time x{time:.2f}, FLOPs x{flops:.2f}; {expect}"
+        if not 2 / 3 < time / flops < 3 / 2:  # the step's time should follow its work
+            line += (" -- time does not follow FLOPs here: per-step overhead of a small batch or model, or load "
+                     "that changed between sizes (they are not interleaved); raise --batch-size, or compare FLOPs")
+        lines.append(line + "\n")
+    return lines
 
 
 def beit_comparisons(records: list[dict]) -> list[dict]:
@@ -80,7 +131,7 @@ def print_table(records: list[dict], comparisons: list[dict], ceiling: float, st
     libraries = ", ".join(f"{name} {rate / 1e9:,.1f}" for name, rate in (by_library or {}).items())
     w(f"GEMM ceiling (same run, same dtype): {ceiling / 1e9:,.1f} GFLOP/s"
       + (f" (the faster of {libraries})" if len(by_library or {}) > 1 else "") + "\n")
-    head = (f"{'method':<11} {'px':>4} {'win':>5} {'s/step':>8} {'img/s':>7} {'GFLOP':>8} "
+    head = (f"{'method':<11} {'px':>4} {'win':>5} {'s/step':>8} {'spread':>6} {'img/s':>7} {'GFLOP':>8} "
             f"{'GFLOP/s':>8} {'MFU':>5} {'vs base':>8} {'peak mem':>10}\n")
     w(head)
     w("-" * (len(head) - 1) + "\n")
@@ -88,12 +139,15 @@ def print_table(records: list[dict], comparisons: list[dict], ceiling: float, st
         win = "-" if r["windows"] is None else f"{r['windows']}{'p' if r['window_setting'] == 'paper' else ''}"
         rel = "-" if r.get("time_vs_base") is None else f"{r['time_vs_base']:.2f}x"
         mem = f"{r['peak_mem_bytes'] / 2**20:,.0f} MiB" if r["peak_mem_bytes"] >= 0 else "n/a"
-        w(f"{r['method']:<11} {r['img_size']:>4} {win:>5} {r['step_s']:>8.3f} {r['images_per_s']:>7.2f} "
+        times = r.get("step_times_s", ())
+        spread = f"{(max(times) - min(times)) / r['step_s']:.0%}" if len(times) > 1 else "-"
+        w(f"{r['method']:<11} {r['img_size']:>4} {win:>5} {r['step_s']:>8.3f} {spread:>6} {r['images_per_s']:>7.2f} "
           f"{r['flops'] / 1e9:>8.1f} {r['achieved_flops'] / 1e9:>8.1f} {r['mfu']:>5.0%} {rel:>8} {mem:>10}\n")
     if records:
         kind = records[0]["peak_mem_kind"]
         w("win: windows per image, p = --windows paper (the paper's count where it gives one, else pretrain's "
-          f"auto rule); vs base: time / own {records[0]['base_size']}px time; "
+          f"auto rule); vs base: time / own {records[0]['base_size']}px time; spread: (slowest - fastest) / median "
+          "of the timed steps; "
           f"peak mem: {'max allocated' if kind == 'cuda_max_allocated' else 'RSS growth during a step (CPU)'}\n")
         if len({r["img_size"] for r in records}) > 1:  # a load that comes or goes between sizes shows as a size's cost
             w("the methods of one size run interleaved, the sizes one after another: on a busy machine compare "
@@ -101,11 +155,17 @@ def print_table(records: list[dict], comparisons: list[dict], ceiling: float, st
     if comparisons:
         w("\nMAE / LoMaR per size\n")
         for c in comparisons:
+            rounds = c.get("mae_over_lomar_time_rounds") or []
+            within = f" (per round {min(rounds):.2f}-{max(rounds):.2f}x)" if len(rounds) > 1 else " (one round)"
             w(f"  {c['img_size']:>4}px, {c['windows']} windows ({c['window_setting']}): time "
-              f"{c['mae_over_lomar_time']:.2f}x, FLOPs {c['mae_over_lomar_flops']:.2f}x\n")
+              f"{c['mae_over_lomar_time']:.2f}x{within}, FLOPs {c['mae_over_lomar_flops']:.2f}x\n")
     for c in beit_ratios or ():
         w(f"  {c['img_size']:>4}px BEiT ratios: " + ", ".join(
             f"{k.removesuffix('_time')} {v:.2f}x" for k, v in c.items() if k.endswith("_time")) + " (time)\n")
+    if lines := shape(records):
+        w("\nSmallest to largest size\n")
+        for line in lines:
+            w(line)
 
 
 _PLOT_NAMES = {"lomar": "LoMaR", "mae": "MAE (ViT + 512x8 decoder, 75% masked)", "beit": "BEiT",

@@ -231,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
     from lomar.bench.timing import GemmCeiling, build_runner, interleaved_times  # torch: not for --help
 
     device, say, meta = _start(args)
+    meta.update(load_avg_before=os.getloadavg())
     retained = device.type == "cpu" and retain_freed_memory()
     say(f"{args.model}, batch {args.batch_size}, {args.precision}, {device}, "
         f"{torch.get_num_threads()} threads, sizes {list(plan)}")
@@ -262,13 +263,15 @@ def run(args: argparse.Namespace) -> int:
     for rec in records:
         rec.update(gemm_flops=ceiling, mfu=rec["achieved_flops"] / ceiling)
     comparisons, beit_ratios = report.compare(records), report.beit_comparisons(records)
+    meta.update(model=args.model, batch_size=args.batch_size, precision=args.precision, compile=args.compile,
+                compile_mode=args.compile_mode, device=str(device), steps=args.steps, warmup=args.warmup,
+                load_avg_after=os.getloadavg(), timed="forward + backward + AdamW update")
+    print(report.describe(meta))
     report.print_table(records, comparisons, ceiling, sys.stdout, beit_ratios, by_library)
     for prof in profiles:
         shares = ", ".join(f"{kind} {100 * share:.0f} %" for kind, share in prof["shares"].items())
         print(f"{prof['method']} {prof['img_size']}px: {shares} of {prof['total_ms']:.1f} ms {prof['clock']} time")
-    meta.update(model=args.model, batch_size=args.batch_size, precision=args.precision, compile=args.compile,
-                compile_mode=args.compile_mode, device=str(device), steps=args.steps, warmup=args.warmup,
-                machine=report.machine_name(device),
+    meta.update(machine=report.machine_name(device),
                 malloc_retains_memory=retained, gemm_flops=ceiling, gemm_flops_all=gemm.per_call(),
                 gemm_flops_by_library=by_library,
                 wall_s=time.perf_counter() - started)
