@@ -12,6 +12,11 @@ import pytest
 import yaml
 
 from lomar.cli.app import main
+from lomar.train.config import PretrainConfig
+from lomar.train.detect_config import DetectConfig
+from lomar.train.finetune_config import FinetuneConfig
+from lomar.train.segment_config import SegmentConfig
+from lomar.train.settings import declarations
 
 
 def _resolve(tmp_path: Path, *args: str) -> int:
@@ -63,6 +68,25 @@ def test_yaml_values_of_the_wrong_type_are_usage_errors(tmp_path, capsys, text, 
     assert main(["pretrain", "--config", _yaml(tmp_path, text), "--print-config"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command, text, said", [
+    ("finetune", "aa: null\n", "aa takes a value, e.g. aa: rand-m9-mstd0.5-inc1, or aa: none for off; write one or "
+                               "remove the line"),
+    ("segment", "rel_pos: null\n", "rel_pos takes a value, e.g. rel_pos: auto, or rel_pos: none for off; write one"),
+])
+def test_a_null_for_a_setting_with_an_off_value_is_told_to_write_it(tmp_path, capsys, command, text, said):
+    """null is 'off' to some (timm's aa: null) and 'the default' to others: the off value is named, as --help does."""
+    assert main([command, "--config", _yaml(tmp_path, text), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert said in err and err.count("\n") == 1
+
+
+def test_every_setting_with_a_none_choice_and_another_default_declares_it_as_off():
+    lacking = [(cls.COMMAND, name) for cls in (PretrainConfig, FinetuneConfig, DetectConfig, SegmentConfig)
+               for name, s in declarations(cls).items()
+               if "none" in (s.choices or ()) and s.default is not None and s.off != "none"]
+    assert lacking == []
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -79,7 +79,7 @@ class FinetuneConfig(TaskConfig):
     cutmix: float = S.setting(1.0, "cutmix alpha (0 = off)", low=0)
     smoothing: float = S.setting(0.1, "label smoothing", low=0, below=1)
     reprob: float = S.setting(0.25, "random erasing probability", low=0, high=1)
-    aa: str = S.setting("rand-m9-mstd0.5-inc1", "timm auto-augment policy ('none' = off)")
+    aa: str = S.setting("rand-m9-mstd0.5-inc1", "timm auto-augment policy ('none' = off)", off="none")
     crop_scale: tuple[float, float] = S.setting(  # checked as a pair in validate
         (0.08, 1.0), "area range of the training random resized crop, as fractions of the image (0 < LOW <= HIGH "
         "<= 1); raise LOW for small images, e.g. 0.5 1.0 (default: 0.08 1.0, timm's, the original recipe's)",

@@ -62,6 +62,7 @@ class Setting:
     aliases: tuple[str, ...] = ()  # deprecated flags: still accepted, with a one-line note
     old_keys: tuple[str, ...] = ()  # YAML / saved-settings keys of a renamed setting
     required: bool = False
+    off: str | None = None  # the value that turns it off ('none'): a YAML null is told to write it
     path: bool = False  # a file or folder: '~' expanded; a training command records it absolute (resumable anywhere)
 
     def __post_init__(self) -> None:
@@ -194,7 +195,7 @@ TRAIN_POS_EMBED = Setting(True, "train an absolute position table (MAE encoders)
 REL_POS = Setting("auto", "relative position term added to an encoder without iRPE (MAE's), zero-initialised: auto = "
                   "the recipe's (detect: ViTDet's decomposed, segment: mmsegmentation's bias table; none for a "
                   "LoMaR encoder), none, decomposed or bias", choices=("auto", "none", "decomposed", "bias"),
-                  resume="derived")
+                  resume="derived", off="none")
 GRAD_CHECKPOINTING = Setting(False, "recompute each block in the backward pass: less memory at high resolution")
 GLOBAL_BLOCKS = Setting(None, "with --window-size N > 0: the blocks (0-based) that keep global attention (default: "
                         "ViTDet's, the last block of each quarter of the depth: 2 5 8 11 for ViT-B)", low=0,
@@ -323,8 +324,9 @@ def _coerce(s: Setting, name: str, value: Any, source: str) -> Any:
     if value is None and s.default is None:
         return None
     if value is None:  # the default as an example: what windows (auto or N) or betas (a pair) take
-        raise ConfigError(f"{where} is not allowed: {name} takes a value, e.g. {name}: {inline(s.default)}; write "
-                          f"one or remove the line")
+        off = f", or {name}: {s.off} for off" if s.off else ""  # null reads as 'unset' to some, 'off' to others
+        raise ConfigError(f"{where} is not allowed: {name} takes a value, e.g. {name}: {inline(s.default)}{off}; "
+                          f"write one or remove the line")
     if s.nargs in (None, "?"):
         return _coerce_scalar(s, name, value, where)
     count = s.nargs if isinstance(s.nargs, int) else None
