@@ -170,6 +170,20 @@ def test_shape_lines_set_each_series_against_what_the_claim_expects():
     assert ["time does not follow FLOPs" in line for line in lines] == [False, True, False]
 
 
+def test_table_says_when_mfu_passes_100_percent():
+    """On 2 busy cores MAE's step at 224 px measured 123 % of a GEMM ceiling timed while other jobs ran."""
+    import io
+
+    from lomar.bench.report import print_table
+
+    for mfu, said in ((1.23, True), (0.8, False)):
+        out = io.StringIO()
+        print_table([dict(method="mae", img_size=224, windows=None, window_setting="-", step_s=1.0, images_per_s=4.0,
+                          flops=1e9, achieved_flops=1e9, mfu=mfu, peak_mem_bytes=0, base_size=224,
+                          peak_mem_kind="cpu_rss_growth")], [], 2e9, out)
+        assert ("MFU over 100 % (mae 224px): the GEMM timed as the ceiling" in out.getvalue()) is said
+
+
 @pytest.mark.parametrize("flags", [["--windows", "50", "--sizes", "128"], ["--sizes", "100"],
                                    ["--model", "vit_nope_patch16"]])
 def test_bench_rejects_bad_flags(flags, capsys):

@@ -149,6 +149,9 @@ def print_table(records: list[dict], comparisons: list[dict], ceiling: float, st
           f"auto rule); vs base: time / own {records[0]['base_size']}px time; spread: (slowest - fastest) / median "
           "of the timed steps; "
           f"peak mem: {'max allocated' if kind == 'cuda_max_allocated' else 'RSS growth during a step (CPU)'}\n")
+        if over := [f"{r['method']} {r['img_size']}px" for r in records if r["mfu"] > 1]:
+            w(f"MFU over 100 % ({', '.join(over)}): the GEMM timed as the ceiling between rounds ran slower than "
+              "the step's own products, under other load: the ceiling is not this machine's, read MFU as rough\n")
         if len({r["img_size"] for r in records}) > 1:  # a load that comes or goes between sizes shows as a size's cost
             w("the methods of one size run interleaved, the sizes one after another: on a busy machine compare "
               "times within a size, and across sizes the GFLOP column\n")
