@@ -126,6 +126,19 @@ def test_knn_every_without_a_knn_set_says_what_is_missing(tmp_path, capsys, knn_
                                             f"{said.replace('DIR', str(tmp_path))}\n")
 
 
+def test_an_out_from_the_settings_file_that_holds_a_run_is_named_as_its_line(tmp_path, capsys):
+    """"--out" would send a user whose out came from --config to look for a flag they did not give."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("method: lomar\n")
+    config = _yaml(tmp_path, f"out: {tmp_path / 'run'}\n")
+    assert main(["pretrain", "--config", config]) == 2
+    assert capsys.readouterr().err.endswith(f"error: out: {tmp_path / 'run'} in {config} already holds a run; "
+                                            f"pass --resume auto to continue it, --overwrite to replace it, or "
+                                            f"another --out\n")
+    assert main(["pretrain", "--config", config, "--out", str(tmp_path / "run")]) == 2
+    assert f"error: --out {tmp_path / 'run'} already holds a run;" in capsys.readouterr().err  # the flag's
+
+
 def test_print_config_with_an_out_that_holds_a_run(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("method: lomar\n")

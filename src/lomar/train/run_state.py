@@ -40,6 +40,7 @@ from lomar.checkpoints.io import (
 from lomar.checkpoints.sharded import check_metadata
 from lomar.errors import FULL_DISK, UNWRITABLE, LomarError, UsageError, full_disk_words
 from lomar.train.run_logs import truncate_metrics
+from lomar.train.setting_names import as_given
 from lomar.train.settings import ConfigError
 from lomar.values import brief, is_integer
 
@@ -315,19 +316,21 @@ class RunLock:
 
 
 def refuse_held_run(out: Path, resume: str | None, overwrite: bool, locked_here: bool = False,
-                    eval_only: bool = False) -> None:
+                    eval_only: bool = False, source: str | None = None) -> None:
     """The one check of every command that writes a run folder: a new run does not take over a
     folder that holds one (a checkpoint, or the settings of a run stopped before its first). An ``eval_only``
     command's scores go to a folder of their own: a run's metrics.jsonl is its training's (a resume cuts it back by
-    step, `lomar study` reads its last evaluation), whatever --overwrite says."""
+    step, `lomar study` reads its last evaluation), whatever --overwrite says. ``source``: the settings file that
+    gave ``out``, if one did (the error names its line)."""
+    given = as_given("out", str(out), source)
     if eval_only and holds_run(out):
-        raise ConfigError(f"--out {out} holds a run, whose metrics.jsonl is its training's own; pass another --out "
+        raise ConfigError(f"{given} holds a run, whose metrics.jsonl is its training's own; pass another --out "
                           f"for the scores")
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 may already have started
     if holds_run(out) and is_main and not resume and not overwrite:
         if not locked_here:  # a live run: say so, not "pass --resume auto", which it would refuse
             RunLock(out).acquire(warn=False).release()  # the run's own lock warns, if need be
-        raise ConfigError(f"--out {out} already holds a run; pass --resume auto to continue it, "
+        raise ConfigError(f"{given} already holds a run; pass --resume auto to continue it, "
                           f"--overwrite to replace it, or another --out")
 
 
@@ -338,7 +341,8 @@ def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int,
     nothing to do) in its own folder, not rewinding it, leaves the folder as it is, but for stale temporaries."""
     out, name = Path(config.out), task.name
     if resume is None:  # another run may have got here since the config was checked
-        refuse_held_run(out, config.resume, config.overwrite, locked_here=True)
+        refuse_held_run(out, config.resume, config.overwrite, locked_here=True,
+                        source=getattr(config, "in_file", {}).get("out"))
     at_end = finished and resume is not None and not foreign(resume, out) and not config.overwrite
     if removed := remove_stale_temporaries(out):  # even at the end: a killed final write left them
         print(f"lomar {name}: removed {len(removed)} stale temporary file(s) in {out}, e.g. {removed[0].name}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import difflib
 
-__all__ = ["closest_flags", "either", "did_you_mean", "unknown_settings", "other_commands", "COMMAND_SETTINGS"]
+__all__ = ["closest_flags", "either", "did_you_mean", "unknown_settings", "other_commands", "as_given",
+           "COMMAND_SETTINGS"]
 
 # Other tools' spellings (MAE's and timm's scripts, Hugging Face, detectron2, Lightning) and common shortenings
 # -> our flags, the first one the command has. Keys are written with dashes, lower case, without the leading --.
@@ -100,6 +101,12 @@ COMMAND_SETTINGS: dict[str, frozenset[str]] = {
         "head_channels layer_decay lr min_lr model num_classes photometric poly_power pretrained rel_pos "
         "train_pos_embed warmup_steps zero_label").split()),
 }
+
+
+def as_given(name: str, text: str, source: str | None) -> str:
+    """A setting and its value (``text``, as typed) as the user gave it, for an error: 'out: r1 in my.yaml' from a
+    settings file ``source``, else its flag: '--out r1' (the fix is that line of the file, or the flag)."""
+    return f"{name}: {text} in {source}" if source else f"--{name.replace('_', '-')} {text}"
 
 
 def unknown_settings(unknown: list[str], names: list[str], source: str, config: type) -> str:

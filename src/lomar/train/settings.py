@@ -22,7 +22,7 @@ from typing import Any
 
 from lomar.errors import UsageError
 from lomar.limits import MAX_IMG_SIZE
-from lomar.train.setting_names import unknown_settings
+from lomar.train.setting_names import as_given, unknown_settings
 from lomar.values import brief, parse_device, parse_duration
 from lomar.yaml_io import YAMLError, inline, load_yaml, read_settings_file
 
@@ -320,7 +320,7 @@ def add_settings(parser: argparse.ArgumentParser, settings: dict[str, Setting], 
 # ---- YAML and saved settings ----------------------------------------------------------------
 def _coerce(s: Setting, name: str, value: Any, source: str) -> Any:
     """A YAML or saved value as its setting's kind; YAML 1.1 reads ``1e-3`` as a string."""
-    where = f"{name}: {'null' if value is None else brief(value)} in {source}"
+    where = as_given(name, "null" if value is None else brief(value), source)
     if value is None and s.default is None:
         return None
     if value is None:  # the default as an example: what windows (auto or N) or betas (a pair) take

@@ -20,7 +20,7 @@ from lomar.checkpoints.kinds import run_command
 from lomar.errors import first_on_machine
 from lomar.train import settings as S
 from lomar.train.runtime import default_workers
-from lomar.train.settings import ConfigError, coerce_all, declarations, shown
+from lomar.train.settings import ConfigError, as_given, coerce_all, declarations, shown
 
 if TYPE_CHECKING:  # torch: not at import
     from lomar.train.run_resume import ResumePoint
@@ -83,7 +83,7 @@ class TaskConfig:
         if values.get("out") is None:
             values["out"] = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
         config = cls(**values)
-        config.resume_point = saved.point if saved is not None else None
+        config.resume_point, config.in_file = (saved.point if saved is not None else None), in_file
         config.complete(explicit)
         if config.workers is None:
             config.workers = default_workers()
@@ -165,7 +165,8 @@ class TaskConfig:
             if data and Path(data).is_dir() and Path(self.out).resolve().is_relative_to(Path(data).resolve()):
                 raise ConfigError(f"--out {self.out} is inside --{name.replace('_', '-')} {data}: the run's files "
                                   f"would join the data it reads; put the run elsewhere")
-        refuse_held_run(Path(self.out), self.resume, self.overwrite, eval_only=getattr(self, "eval_only", False))
+        refuse_held_run(Path(self.out), self.resume, self.overwrite, eval_only=getattr(self, "eval_only", False),
+                        source=getattr(self, "in_file", {}).get("out"))  # out: r1 in my.yaml, not --out r1
         self.print_notes()
 
     def check_settings(self) -> None:
@@ -342,10 +343,9 @@ def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[
         if policy[name] in ("run-control", "per-invocation") or value == values[name] or \
                 (value in (None, "auto") and policy[name] == "derived"):
             continue
-        flag, file = "--" + name.replace("_", "-"), (in_file or {}).get(name)
         had = "the default (unset)" if values[name] is None else shown(values[name])  # not "None"
-        given, fix = (f"{name}: {shown(value)} in {file}", f"remove it from {file}") if file else \
-            (f"{flag} {shown(value)}", f"drop {flag}")
+        given = as_given(name, shown(value), file := (in_file or {}).get(name))
+        fix = f"remove it from {file}" if file else f"drop --{name.replace('_', '-')}"
         raise ResumeMismatch(f"{given} differs from {had} in the run being resumed ({source}); "
                              f"{fix} to continue the run, or start a new run with another --out",
                              name, shown(value), had, source)
