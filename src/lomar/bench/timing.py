@@ -102,6 +102,7 @@ class StepRunner:
     inputs: dict = field(default_factory=dict)
     times: list[float] = field(default_factory=list)
     flops: int = 0
+    decoder_flops: int = 0
     peak_mem: tuple[int, str] = (-1, "none")
 
     def _loss(self, eager: bool = False) -> torch.Tensor:
@@ -125,10 +126,15 @@ class StepRunner:
         self.optimizer.zero_grad(set_to_none=True)
 
     def count_flops(self) -> int:
-        """Run one step and return the model FLOPs of its forward + backward (:func:`flop_counter`)."""
+        """Run one step and return the model FLOPs of its forward + backward (:func:`flop_counter`);
+        ``decoder_flops``: the part in the model's decoder modules (MAE's), 0 where it has none."""
         counter = flop_counter()
         self.step(counter)
         self.flops = int(counter.get_total_flops())
+        counts = counter.get_flop_counts()  # per module, each including its submodules' counts
+        parts = [name for name in counts if name.split(".")[1:2] and name.split(".")[1].startswith("decoder")]
+        self.decoder_flops = int(sum(sum(counts[name].values()) for name in parts
+                                     if not any(name.startswith(outer + ".") for outer in parts)))
         return self.flops
 
     def measure_memory(self) -> None:

@@ -249,9 +249,9 @@ def run(args: argparse.Namespace) -> int:
             records.append(dict(
                 method=method, img_size=size, windows=windows, window_setting=setting,
                 batch_size=args.batch_size, step_s=step_s, images_per_s=args.batch_size / step_s,
-                flops=r.flops, achieved_flops=r.flops / step_s, peak_mem_bytes=r.peak_mem[0],
-                peak_mem_kind=r.peak_mem[1], step_times_s=list(r.times), precision=args.precision,
-                compile=args.compile, compile_mode=args.compile_mode, device=str(device)))
+                flops=r.flops, decoder_flops=r.decoder_flops, achieved_flops=r.flops / step_s,
+                peak_mem_bytes=r.peak_mem[0], peak_mem_kind=r.peak_mem[1], step_times_s=list(r.times),
+                precision=args.precision, compile=args.compile, compile_mode=args.compile_mode, device=str(device)))
             if args.profile:
                 profiles.append(dict(method=method, img_size=size, windows=windows, **profile_step(r)))
                 records[-1]["time_shares"] = profiles[-1]["shares"]
