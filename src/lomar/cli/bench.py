@@ -155,6 +155,9 @@ def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str
     from lomar.models.masking import check_window_request, grid_size  # torch: not for --help
 
     patch = _patch_size(args)
+    if args.windows != ["paper"] and not {"lomar", "mae_window", "beit"} & set(args.methods):  # else unused
+        raise UsageError(f"--windows {' '.join(map(str, args.windows))}: --methods {' '.join(args.methods)} has no "
+                         f"windows (lomar, mae_window and beit's beit_window do): drop --windows or add lomar")
     paper = "paper" in args.windows
     plan: dict[int, list[tuple[str, int | None, str]]] = {}
     for size in dict.fromkeys(args.sizes):
