@@ -36,6 +36,10 @@ SUGGESTED = [
      "mean --rel-pos for --rel_pos; --batch-size for --batch-szie?"),  # --rel-pos is segment's own (detect's too)
     (["knn", "ck.pt", "--mask-ratio", "0.5"], "knn", "--mask-ratio 0.5; --mask-ratio is a flag of lomar pretrain, "
                                                     "not of lomar knn"),
+    # ... and still told this command's own for it, where another tool's spelling of it would be
+    (["detect", "--warmup-epochs", "5", "--lr=1e-4"], "detect",
+     "--warmup-epochs 5 --lr=1e-4; --warmup-epochs is a flag of lomar pretrain and finetune, --lr of lomar pretrain "
+     "and segment, not of lomar detect; did you mean --warmup-steps for --warmup-epochs; --blr for --lr?"),
 ]
 
 
@@ -88,6 +92,8 @@ def test_lomar_help_cmd_is_lomar_cmd_help(argv, usage, capsys):
                                        "num_classes of lomar segment, not of lomar pretrain; remove them"),
     ("rel_pos: auto\nbath_size: 2\n", "bath_size, rel_pos in {path}; rel_pos is a setting of lomar detect and "
                                        "segment, not of lomar pretrain; did you mean batch_size?"),
+    ("warmup_steps: 100\n", "warmup_steps in {path}; warmup_steps is a setting of lomar detect and segment, not of "
+                            "lomar pretrain; did you mean warmup_epochs?"),
 ])
 def test_an_unknown_key_of_a_settings_file_is_one_line_with_a_suggestion(tmp_path, capsys, yaml_text, said):
     path = tmp_path / "settings.yaml"

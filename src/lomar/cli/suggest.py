@@ -29,7 +29,7 @@ def suggest_flags(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
     command = parser.prog.removeprefix("lomar ") if parser.prog.startswith("lomar ") else None  # a study's: none
     # --rel_pos in segment, which has --rel-pos, is a spelling of its own flag: only the suggestion names it
     theirs, elsewhere = other_commands({flag: flag[2:].replace("-", "_") for flag in flags.values() if flag not in own},
-                                       command, kind="flag") if command else ("", [])
+                                       command, own, kind="flag") if command else ("", [])
     return theirs + did_you_mean([token for token in given if flags[token] not in elsewhere], own)
 
 

@@ -17,7 +17,7 @@ for _names, _flags in [
     ("epoch num-epochs n-epochs num-train-epochs max-epochs", ("--epochs",)),
     ("max-step max-iter max-iters iters num-steps total-steps", ("--max-steps", "--steps")),
     ("lr-min min-learning-rate minlr eta-min", ("--min-lr",)),
-    ("learning-rate base-lr", ("--lr", "--blr")),
+    ("learning-rate base-lr lr blr", ("--lr", "--blr")),
     ("warmup warmup-epoch warmup-iters warmup-step warmup-steps warmup-epochs",
      ("--warmup-epochs", "--warmup-steps", "--warmup")),
     ("output output-dir output-path outdir out-dir save-dir work-dir log-dir logdir run-dir", ("--out", "--to")),
@@ -49,8 +49,7 @@ def closest_flags(token: str, flags: list[str]) -> list[str]:
     name = token.split("=", 1)[0].lstrip("-").lower().replace("_", "-")
     if f"--{name}" in flags:  # --batch_size, --Max-Steps
         return [f"--{name}"]
-    own = [flag for flag in _ALIASES.get(name, ()) if flag in flags]
-    if own:
+    if own := _aliased(name, flags):
         return own[:1]
     # --window: one of --window-placement, --window-size, --windows (a single flag that starts so, as --tokenizer
     # for --to, is another concept as often as not: only a close spelling names it)
@@ -58,6 +57,11 @@ def closest_flags(token: str, flags: list[str]) -> list[str]:
     if 1 < len(prefixed) <= 4:
         return prefixed
     return difflib.get_close_matches(f"--{name}", flags, n=1, cutoff=0.75)
+
+
+def _aliased(name: str, flags: list[str]) -> list[str]:
+    """The flags among ``flags`` that the table of spellings gives for ``name`` (dashed, without --)."""
+    return [flag for flag in _ALIASES.get(name, ()) if flag in flags]
 
 
 def either(flags: list[str]) -> str:
@@ -114,23 +118,27 @@ def unknown_settings(unknown: list[str], names: list[str], source: str, config: 
     the other training commands that take one (a key of finetune's in a file given to pretrain), what each other
     one most likely meant, else where the valid ones are listed."""
     command = getattr(config, "COMMAND", "<command>")
-    theirs, elsewhere = other_commands({key: key for key in unknown}, command)
-    hint = did_you_mean([key for key in unknown if key not in elsewhere],
-                        [f"--{name.replace('_', '-')}" for name in names], as_keys=True)
+    flags = [f"--{name.replace('_', '-')}" for name in names]
+    theirs, elsewhere = other_commands({key: key for key in unknown}, command, flags)
+    hint = did_you_mean([key for key in unknown if key not in elsewhere], flags, as_keys=True)
     return (f"unknown setting(s) {', '.join(unknown)} in {source}" + theirs
             + (hint or ("; remove it" if len(unknown) == 1 else "; remove them") * bool(theirs)
                or f"; see `lomar {command} --help` for the valid ones"))
 
 
-def other_commands(given: dict[str, str], command: str, kind: str = "setting") -> tuple[str, list[str]]:
+def other_commands(given: dict[str, str], command: str, flags: list[str],
+                   kind: str = "setting") -> tuple[str, list[str]]:
     """('; mixup is a setting of lomar finetune, num_classes of lomar segment, not of lomar pretrain', [the ones
-    named]) for the entries of ``given`` {as the user wrote it: the setting's name} that a training command other
-    than ``command`` takes; ('', []) when none. ``kind``: 'setting' for a settings file's key, 'flag' for the
-    command line's (:mod:`lomar.cli.suggest`), which get the same answer."""
+    named that no spelling in the table gives one of ``command``'s ``flags`` for]) for the entries of ``given``
+    {as the user wrote it: the setting's name} that a training command other than ``command`` takes; ('', [])
+    when none. The ones left out of the list still get a suggestion: detect's --warmup-steps for --warmup-epochs,
+    finetune's --blr for --lr. ``kind``: 'setting' for a settings file's key, 'flag' for the command line's
+    (:mod:`lomar.cli.suggest`), which get the same answer."""
     found = {shown: [other for other, names in COMMAND_SETTINGS.items() if other != command and name in names]
              for shown, name in given.items()}
     found = {shown: ", ".join(commands[:-1]) + " and " * (len(commands) > 1) + commands[-1]
              for shown, commands in found.items() if commands}
     theirs = ", ".join(f"{shown}{f' is a {kind}' * (not i)} of lomar {others}" for i, (shown, others)
                        in enumerate(found.items()))
-    return (f"; {theirs}, not of lomar {command}" if theirs else ""), list(found)
+    return ((f"; {theirs}, not of lomar {command}" if theirs else ""),
+            [shown for shown in found if not _aliased(given[shown].replace("_", "-"), flags)])
