@@ -127,6 +127,15 @@ def test_the_table_of_each_commands_settings_is_their_declarations():
     assert COMMAND_SETTINGS == {command: names - every for command, names in declared.items()}
 
 
+def test_every_setting_in_the_table_is_a_flag_of_its_command():
+    """The command line names '--X' 'a flag of lomar CMD' from the table: a setting without its flag would be a
+    false answer."""
+    commands = build_parser(list(COMMAND_SETTINGS)).commands
+    assert {command: {name for name in names if f"--{name.replace('_', '-')}" not in
+                      commands[command]._option_string_actions} for command, names in COMMAND_SETTINGS.items()} \
+        == dict.fromkeys(COMMAND_SETTINGS, set())
+
+
 @pytest.mark.parametrize("local_rank, waits", [("0", False), ("1", True)])
 def test_under_torchrun_the_first_process_of_a_machine_alone_says_an_unknown_flag(
         capsys, monkeypatch, local_rank, waits):
