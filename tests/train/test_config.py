@@ -139,6 +139,24 @@ def test_an_out_from_the_settings_file_that_holds_a_run_is_named_as_its_line(tmp
     assert f"error: --out {tmp_path / 'run'} already holds a run;" in capsys.readouterr().err  # the flag's
 
 
+@pytest.mark.parametrize("argv, held, said", [
+    (["segment"], "predictions", "already holds predictions/"),
+    (["detect", "--val-ann", "a.json", "--val-images", "v"], "predictions.json", "already holds a predictions.json")])
+def test_an_eval_only_out_from_the_settings_file_is_named_as_its_line(tmp_path, capsys, monkeypatch, argv, held,
+                                                                      said):
+    """As a run's folder is (the scores an --eval-only wrote there, which it does not replace)."""
+    import lomar.train.detect_config
+    import lomar.train.segment_config
+
+    for module in (lomar.train.detect_config, lomar.train.segment_config):  # the model: not what this is about
+        monkeypatch.setattr(module, "check_eval_only_model", lambda *args: None)
+    (tmp_path / "scored").mkdir()
+    (tmp_path / "scored" / held).touch()
+    config = _yaml(tmp_path, f"out: {tmp_path / 'scored'}\neval_only: true\n")
+    assert main([*argv, "--config", config]) == 2
+    assert f"error: out: {tmp_path / 'scored'} in {config} {said} (" in capsys.readouterr().err
+
+
 def test_print_config_with_an_out_that_holds_a_run(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("method: lomar\n")

@@ -14,6 +14,7 @@ from typing import Any
 from lomar.checkpoints.kinds import DETECT_FORMAT, find_command_checkpoint
 from lomar.train import settings as S
 from lomar.train.config_checks import check_eval_only_model, refuse_contradictions
+from lomar.train.setting_names import setting_of
 from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.settings_resume import (
     TaskConfig,
@@ -158,8 +159,9 @@ class DetectConfig(TaskConfig):
         if self.eval_only:
             check_eval_only_model(self, self.detector, "detector")
         if self.eval_only and (Path(self.out) / "predictions.json").exists() and not self.overwrite:
-            raise ConfigError(f"--out {self.out} already holds a predictions.json (a run's last evaluation, or an "
-                              f"earlier --eval-only); pass another --out, or --overwrite to replace it")
+            raise ConfigError(f"{setting_of(self, 'out')} already holds a predictions.json (a run's last "
+                              f"evaluation, or an earlier --eval-only); pass another --out, or --overwrite to "
+                              f"replace it")
         check_pretrained(self)
 
 

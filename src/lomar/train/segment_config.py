@@ -15,6 +15,7 @@ from pathlib import Path
 from lomar.checkpoints.kinds import SEGMENT_TASK, find_command_checkpoint
 from lomar.train import settings as S
 from lomar.train.config_checks import check_eval_only_model, refuse_contradictions
+from lomar.train.setting_names import setting_of
 from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.settings_resume import TaskConfig, check_img_size, check_pretrained, model_only_without_pretrained
 
@@ -135,8 +136,9 @@ class SegmentConfig(TaskConfig):
         if self.eval_only:
             check_eval_only_model(self, self.segmenter, "segmenter")
             if (Path(self.out) / "predictions").exists() and not self.overwrite:
-                raise ConfigError(f"--out {self.out} already holds predictions/ (a run's last evaluation, or an "
-                                  f"earlier --eval-only); pass another --out, or --overwrite to replace it")
+                raise ConfigError(f"{setting_of(self, 'out')} already holds predictions/ (a run's last "
+                                  f"evaluation, or an earlier --eval-only); pass another --out, or --overwrite "
+                                  f"to replace it")
         if self.data is None:
             raise ConfigError("pass --data ROOT (ADE20K layout: images/{training,validation}, "
                               "annotations/{training,validation})")

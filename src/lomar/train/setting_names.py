@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 
 __all__ = ["closest_flags", "either", "did_you_mean", "unknown_settings", "other_commands", "as_given",
-           "COMMAND_SETTINGS"]
+           "setting_of", "COMMAND_SETTINGS"]
 
 # Other tools' spellings (MAE's and timm's scripts, Hugging Face, detectron2, Lightning) and common shortenings
 # -> our flags, the first one the command has. Keys are written with dashes, lower case, without the leading --.
@@ -111,6 +111,12 @@ def as_given(name: str, text: str, source: str | None) -> str:
     """A setting and its value (``text``, as typed) as the user gave it, for an error: 'out: r1 in my.yaml' from a
     settings file ``source``, else its flag: '--out r1' (the fix is that line of the file, or the flag)."""
     return f"{name}: {text} in {source}" if source else f"--{name.replace('_', '-')} {text}"
+
+
+def setting_of(config, name: str) -> str:
+    """:func:`as_given` of ``config``'s setting ``name``, naming the settings file that gave it (``in_file``, kept
+    by :meth:`lomar.train.settings_resume.TaskConfig.resolve`), if one did."""
+    return as_given(name, str(getattr(config, name)), getattr(config, "in_file", {}).get(name))
 
 
 def unknown_settings(unknown: list[str], names: list[str], source: str, config: type) -> str:
