@@ -40,6 +40,8 @@ SUGGESTED = [
     (["detect", "--warmup-epochs", "5", "--lr=1e-4"], "detect",
      "--warmup-epochs 5 --lr=1e-4; --warmup-epochs is a flag of lomar pretrain and finetune, --lr of lomar pretrain "
      "and segment, not of lomar detect; did you mean --warmup-steps for --warmup-epochs; --blr for --lr?"),
+    (["bench", "--method", "mae"], "bench",
+     "--method mae; --method is a flag of lomar pretrain, not of lomar bench; did you mean --methods?"),
 ]
 
 

@@ -33,6 +33,7 @@ for _names, _flags in [
     ("cfg config-file", ("--config",)),
     ("num-threads", ("--threads",)),
     ("random-seed", ("--seed", "--seeds")),
+    ("method", ("--methods",)),
     ("save-freq save-interval checkpoint-every ckpt-every", ("--save-every",)),
     ("print-freq log-freq log-interval", ("--log-every",)),
     ("num-windows num-window n-windows", ("--windows",)),
