@@ -29,6 +29,7 @@ import sys
 
 import torch
 
+from lomar.bench import stats
 from lomar.bench.timing import DTYPES, resident_bytes, timed
 from lomar.models.attention import (
     CHUNK_BIAS_BYTES,
@@ -207,16 +208,18 @@ def bench_backbone(model: str, sizes: list[int], variants: list[str], batch_size
 
 
 def format_table(records: list[dict]) -> str:
-    head = (f"{'px':>5} {'attention':<9} {'encoder':<14} {'status':<8} {'s/step':>8} {'peak mem':>10} "
+    head = (f"{'px':>5} {'attention':<9} {'encoder':<14} {'status':<8} {'s/step':>8} {'spread':>6} {'peak mem':>10} "
             f"{'estimate':>10}  note")
     lines = [head, "-" * len(head)]
     for r in records:
         ok = r["status"] == "ok"
         step = f"{r['step_s']:.2f}" if ok else "-"
+        spread = stats.spread(r.get("step_times_s") or ()) if ok else "-"
         peak = f"{r['peak_mem_bytes'] / 2**20:,.0f} MiB" if ok else "-"
         lines.append(f"{r['img_size']:>5} {r['attention']:<9} {r.get('encoder', 'lomar'):<14} {r['status']:<8} "
-                     f"{step:>8} {peak:>10} "
+                     f"{step:>8} {spread:>6} {peak:>10} "
                      f"{r['estimated_bytes'] / 2**20:>6,.0f} MiB  {r.get('reason', '')}")
+    lines.append(stats.SPREAD_LEGEND)
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ from typing import TextIO
 
 from matplotlib.figure import Figure
 
+from lomar.bench import stats
 from lomar.viz.reconstruction import save_figure
 
 __all__ = ["compare", "beit_comparisons", "print_table", "plot_times", "machine_name", "describe", "shape"]
@@ -56,14 +57,14 @@ def compare(records: list[dict]) -> list[dict]:
 
 def describe(meta: dict) -> str:
     """One line saying what every figure of the table is: the model, batch, precision, threads, the steps timed
-    and the machine's load around the run."""
+    (``meta['timed']``: what one holds; ``meta['order']``: how the configurations took turns) and the machine's
+    load around the run."""
     load = meta.get("load_avg_before"), meta.get("load_avg_after")
     said = " (load average before, after: " + ", ".join(f"{x[0]:.2f}" for x in load) + ")" if all(load) else ""
     compiled = f", compiled ({meta['compile_mode']})" if meta.get("compile") else ""
     return (f"{meta['model']}, batch {meta['batch_size']}, {meta['precision']}{compiled}, {meta['device']}, "
-            f"{meta['threads']} threads: s/step is the median of {meta['steps']} timed training steps (forward + "
-            f"backward + AdamW update) per configuration, one size's configurations alternating round by round "
-            f"after {meta['warmup']} warm-up step(s){said}")
+            f"{meta['threads']} threads: s/step is the median of {meta['steps']} timed {meta['timed']} per "
+            f"configuration, {meta['order']}, after {meta['warmup']} warm-up step(s){said}")
 
 
 def _in_series(rec: dict, key: tuple) -> bool:
@@ -140,15 +141,13 @@ def print_table(records: list[dict], comparisons: list[dict], ceiling: float, st
         win = "-" if r["windows"] is None else f"{r['windows']}{'p' if r['window_setting'] == 'paper' else ''}"
         rel = "-" if r.get("time_vs_base") is None else f"{r['time_vs_base']:.2f}x"
         mem = f"{r['peak_mem_bytes'] / 2**20:,.0f} MiB" if r["peak_mem_bytes"] >= 0 else "n/a"
-        times = r.get("step_times_s", ())
-        spread = f"{(max(times) - min(times)) / r['step_s']:.0%}" if len(times) > 1 else "-"
+        spread = stats.spread(r.get("step_times_s", ()))
         w(f"{r['method']:<11} {r['img_size']:>4} {win:>5} {r['step_s']:>8.3f} {spread:>6} {r['images_per_s']:>7.2f} "
           f"{r['flops'] / 1e9:>8.1f} {r['achieved_flops'] / 1e9:>8.1f} {r['mfu']:>5.0%} {rel:>8} {mem:>10}\n")
     if records:
         kind = records[0]["peak_mem_kind"]
         w("win: windows per image, p = --windows paper (the paper's count where it gives one, else pretrain's "
-          f"auto rule); vs base: time / own {records[0]['base_size']}px time; spread: (slowest - fastest) / median "
-          "of the timed steps; "
+          f"auto rule); vs base: time / own {records[0]['base_size']}px time; {stats.SPREAD_LEGEND}; "
           f"peak mem: {'max allocated' if kind == 'cuda_max_allocated' else 'RSS growth during a step (CPU)'}\n")
         if over := [f"{r['method']} {r['img_size']}px" for r in records if r["mfu"] > 1]:
             w(f"MFU over 100 % ({', '.join(over)}): the GEMM timed as the ceiling between rounds ran slower than "

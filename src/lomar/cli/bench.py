@@ -268,7 +268,9 @@ def run(args: argparse.Namespace) -> int:
     comparisons, beit_ratios = report.compare(records), report.beit_comparisons(records)
     meta.update(model=args.model, batch_size=args.batch_size, precision=args.precision, compile=args.compile,
                 compile_mode=args.compile_mode, device=str(device), steps=args.steps, warmup=args.warmup,
-                load_avg_after=os.getloadavg(), timed="forward + backward + AdamW update")
+                load_avg_after=os.getloadavg(),
+                timed="training steps (forward + backward + AdamW update)",
+                order="one size's configurations alternating round by round")
     print(report.describe(meta))
     report.print_table(records, comparisons, ceiling, sys.stdout, beit_ratios, by_library)
     for prof in profiles:
@@ -295,14 +297,15 @@ def _run_backbone(args: argparse.Namespace) -> int:
     if bad := [s for s in args.sizes if s <= 0 or s % patch]:
         raise UsageError(f"--sizes {bad}: sizes must be positive multiples of the patch size {patch}")
     from lomar.bench.backbone import bench_backbone, format_table  # torch: not for --help
-    from lomar.bench.report import machine_name  # torch: not for --help
+    from lomar.bench.report import describe, machine_name  # torch: not for --help
 
     device, say, meta = _start(args)
     started = time.perf_counter()
     meta.update(task="backbone", model=args.model, depth=args.depth, batch_size=args.batch_size,
                 precision=args.precision, device=str(device), steps=args.steps, warmup=args.warmup,
                 grad_checkpointing=args.grad_checkpointing, machine=machine_name(device),
-                load_avg_before=os.getloadavg())
+                load_avg_before=os.getloadavg(), timed="forward + backward passes of the encoder alone (no head, no "
+                "optimizer)", order="each in a process of its own, one after another (not interleaved)")
 
     def save(records: list[dict], done: bool = False) -> None:
         """After every record, so a long run that is stopped keeps what it measured."""
@@ -312,6 +315,8 @@ def _run_backbone(args: argparse.Namespace) -> int:
     records = bench_backbone(args.model, args.sizes, args.attention, args.batch_size, args.grad_checkpointing,
                              str(device), args.precision, args.steps, args.warmup, args.threads, args.tiny, say=say,
                              on_record=save, depth=args.depth, encoders=args.encoders)
+    meta.update(load_avg_after=os.getloadavg())
+    print(describe(meta))
     print(format_table(records))
     save(records, done=True)
     return 0
