@@ -425,6 +425,33 @@ def test_a_seconds_budgets_next_slice_is_planned_at_the_latest_slices_pace(tmp_p
     assert sum(runner.read_progress(run.folder, run.batch)[1]) == 30.0
 
 
+def test_a_slice_that_the_machine_slows_is_stopped_by_its_time_limit_and_the_cell_goes_on(tmp_path, labelled,
+                                                                                     monkeypatch):
+    """Planned at 8 steps a second, the 10 s slice trains at 2 (the machine 4 times busier since it started): its
+    --time-limit, 10 s and the least 3 s of start-up and save a slice took, stops it near its plan instead of after
+    40 s of training at the target step, and the study takes that stop for the end of a slice, not a signal."""
+    spec = parse_spec(_spec(labelled, budget="30s", slice="10s", grid={"method": ["lomar"]}, random_init=False,
+                            eval={"metrics": []}))
+    cell = spec.cells()[0]
+    run = runner.CellRun(runner.Study(spec, tmp_path), cell, tmp_path / "cells" / cell.name, spec.budget)
+    run.folder.mkdir(parents=True)
+    records = [{"step": i + 1, "loss": 1.0, "img_s": run.batch / 0.125} for i in range(80)]
+    (run.folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run.state.update(slices=1, wall_seconds=13.0, overhead_s=3.0)
+    planned = []
+
+    def slice_slowed(config):  # 0.5 s a step: the limit's 13 s less 3 s of start-up leave 20 steps
+        planned.append((config.max_steps, config.time_limit))
+        with open(run.folder / "metrics.jsonl", "a") as file:
+            file.writelines(json.dumps({"step": s, "loss": 1.0, "img_s": run.batch / 0.5}) + "\n"
+                            for s in range(81, 101))
+        return 75
+
+    monkeypatch.setattr(runner, "pretrain", slice_slowed)
+    run.advance()
+    assert planned == [(160, 13)] and run.state["slices"] == 2 and not run.done
+
+
 @pytest.mark.slow  # one cell of 1 step, then a refused re-run: ~5 s
 def test_a_cell_started_by_an_older_lomar_is_named_not_told_to_drop_a_flag(tmp_path, labelled):
     """Before 3 Dec 2026 a steps budget left the lr schedule to the epochs: such a cell's checkpoint records no

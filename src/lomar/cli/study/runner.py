@@ -18,6 +18,7 @@ import contextlib
 import functools
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -43,6 +44,7 @@ from lomar.cli.study.spec import (
 from lomar.data.folder import build_pretrain_dataset
 from lomar.errors import UsageError
 from lomar.train.config import PretrainConfig, add_config_arguments, resolve_config
+from lomar.train.preemption import TIME_LIMIT_EXIT
 from lomar.train.pretrain import TrainingError, train
 from lomar.train.run_state import RunLock, SaveError
 
@@ -50,9 +52,10 @@ __all__ = ["run_study", "check_cells", "cell_config", "pretrain"]
 
 
 def cell_config(spec: StudySpec, cell: Cell, folder: Path, max_steps: int | None = None, check: bool = False,
-                notes: dict[str, None] | None = None):
+                notes: dict[str, None] | None = None, time_limit: int | None = None):
     """The cell's PretrainConfig, resolved as ``lomar pretrain --out FOLDER --resume auto ...`` would (``check``: as
-    ``--print-config``, which does not look into ``--out``); its notes go into ``notes``, said once by check_cells."""
+    ``--print-config``, which does not look into ``--out``); its notes go into ``notes``, said once by check_cells.
+    ``time_limit``: the slice's ``--time-limit`` (None: none, not the previous slice's, which a resume would keep)."""
     settings = dict(cell.settings)
     if cell.random_init:  # one step at lr 0 (the first warm-up step) leaves the initialisation as it was
         settings.update(warmup_epochs=1e-3)
@@ -64,7 +67,8 @@ def cell_config(spec: StudySpec, cell: Cell, folder: Path, max_steps: int | None
             settings["schedule_steps"] = int(spec.budget.value)
         else:
             settings["epochs"] = PretrainConfig.epochs
-    settings.update(out=str(folder), resume="auto", seed=cell.seed, data=spec.data_pretrain, max_steps=max_steps)
+    settings.update(out=str(folder), resume="auto", seed=cell.seed, data=spec.data_pretrain, max_steps=max_steps,
+                    time_limit=time_limit or "none")
     argv = settings_flags(settings) + ["--print-config"] * check
     with contextlib.redirect_stderr(io.StringIO()) as said:  # not at each slice of each cell
         config = resolve_config(parse_flags(add_config_arguments, argv))
@@ -201,18 +205,27 @@ class CellRun:
         left = self.study.spec.slice_s if point.unit == "steps" else min(self.study.spec.slice_s, point.value - seconds)
         target = min(steps + (max(1, round(rate * left)) if rate else 2), self.end)
         target = min(target, int(point.value)) if point.unit == "steps" else target
+        # The time limit stops a slice that the machine slows past its plan: its seconds and the least wall time a
+        # slice of the cell spent on all but training (start-up, which the limit counts, and the final save). Short of
+        # the start-up, the slice ends early and the next one trains the rest; past it, the cell trains past its plan.
+        limit = math.ceil(left + self.state["overhead_s"]) if "overhead_s" in self.state and point.unit == "seconds" \
+            else None
         start, load = time.perf_counter(), os.getloadavg()[0]
         with stop_signals_seen() as signals:
-            rc = pretrain(cell_config(self.study.spec, self.cell, self.folder, max_steps=target))
+            rc = pretrain(cell_config(self.study.spec, self.cell, self.folder, max_steps=target, time_limit=limit))
+        wall = time.perf_counter() - start
+        reached, times, _ = read_progress(self.folder, self.batch)
         self.state["slices"] += 1
-        self.state["wall_seconds"] += time.perf_counter() - start
+        self.state["wall_seconds"] += wall
+        overhead = round(max(0.0, wall - (sum(times) - seconds)), 2)  # the wall time the slice did not train
+        self.state["overhead_s"] = min(self.state.get("overhead_s", overhead), overhead)
         self.state["loads"].append(round(load, 2))
         self._save()
-        reached = read_progress(self.folder, self.batch)[0]
-        if rc == 130 or reached < target or signals:  # a stop signal: the run checkpointed, the study stops too
+        timed_out = rc == TIME_LIMIT_EXIT and reached > steps
+        if rc == 130 or signals or (reached < target and not timed_out):  # a stop signal: the study stops too
             raise StudyStopped(f"pretraining of {self.folder.name} stopped at step {reached} (signal); "
                                f"re-run the same command to continue", signals)
-        if rc != 0:
+        if rc not in (0, TIME_LIMIT_EXIT):
             raise StudyFailed(f"pretraining in {self.folder} ended with exit code {rc}")
 
     def _evaluate(self, key: str, steps: int, seconds: float) -> None:
