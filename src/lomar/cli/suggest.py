@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from lomar.train.setting_names import did_you_mean, other_commands
+from lomar.train.setting_names import did_you_mean, flag_of, other_commands
 
 __all__ = ["suggest_flags", "command_parser"]
 
@@ -25,7 +25,7 @@ def suggest_flags(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
     (or '; did you mean --workers for --num-workers; --epochs for --epoch?') for the others that resemble
     ``parser``'s flags; '' when neither."""
     given, own = [token for token in unknown if token.startswith("-") and len(token) > 1], _own_flags(parser)
-    flags = {token: "--" + token.split("=", 1)[0].lstrip("-").lower().replace("_", "-") for token in given}
+    flags = {token: flag_of(token) for token in given}
     command = parser.prog.removeprefix("lomar ") if parser.prog.startswith("lomar ") else None  # a study's: none
     # --rel_pos in segment, which has --rel-pos, is a spelling of its own flag: only the suggestion names it
     theirs, elsewhere = other_commands({flag: flag[2:].replace("-", "_") for flag in flags.values() if flag not in own},

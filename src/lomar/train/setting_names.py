@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 
 __all__ = ["closest_flags", "either", "did_you_mean", "unknown_settings", "other_commands", "as_given",
-           "setting_of", "COMMAND_SETTINGS"]
+           "setting_of", "flag_of", "COMMAND_SETTINGS"]
 
 # Other tools' spellings (MAE's and timm's scripts, Hugging Face, detectron2, Lightning) and common shortenings
 # -> our flags, the first one the command has. Keys are written with dashes, lower case, without the leading --.
@@ -47,7 +47,7 @@ def closest_flags(token: str, flags: list[str]) -> list[str]:
     """The flags among ``flags`` that ``token`` (``--num_workers``, ``--num-workers=2``, ``num_workers``) most
     likely meant: its own spelling with dashes, another tool's name for one, the flags it starts (2 to 4), else
     the closest spelling; [] when none is close."""
-    name = token.split("=", 1)[0].lstrip("-").lower().replace("_", "-")
+    name = flag_of(token)[2:]
     if f"--{name}" in flags:  # --batch_size, --Max-Steps
         return [f"--{name}"]
     if own := _aliased(name, flags):
@@ -58,6 +58,11 @@ def closest_flags(token: str, flags: list[str]) -> list[str]:
     if 1 < len(prefixed) <= 4:
         return prefixed
     return difflib.get_close_matches(f"--{name}", flags, n=1, cutoff=0.75)
+
+
+def flag_of(token: str) -> str:
+    """The flag ``token`` spells (``--num_workers=2``, ``-Num-Workers``, ``num_workers``: ``--num-workers``)."""
+    return "--" + token.split("=", 1)[0].lstrip("-").lower().replace("_", "-")
 
 
 def _aliased(name: str, flags: list[str]) -> list[str]:
