@@ -33,13 +33,15 @@ def test_lomar_flops_grow_with_windows_and_mae_with_size():
     assert _flops("mae", 448, None) > 3 * _flops("mae", 224, None)
 
 
-def test_mae_s_decoder_flops_are_told_apart():
+def test_mae_s_decoder_flops_and_each_encoder_s_tokens_are_told_apart():
     """MAE's decoder keeps its size whatever the encoder: 95 % of vit_tiny_patch16's step FLOPs at 224 px, so a
     small model's MAE / LoMaR ratio is mostly that decoder; the bench says its share."""
     mae = build_runner("mae", "vit_base_patch16", 128, None, 2, CPU, "fp32", False, tiny=True)
     lomar = build_runner("lomar", "vit_base_patch16", 128, 2, 2, CPU, "fp32", False, tiny=True)
     mae.count_flops(), lomar.count_flops()
     assert 0 < mae.decoder_flops < mae.flops and lomar.decoder_flops == 0
+    # the encoder's work an image: MAE's visible quarter of the 8x8 grid, LoMaR's 2 windows of 7x7, each + [CLS]
+    assert (mae.encoder_tokens, lomar.encoder_tokens) == (64 // 4 + 1, 2 * (49 + 1))
 
 
 def test_cpu_attention_flops_are_counted():
@@ -132,6 +134,7 @@ def test_bench_smoke_writes_json_and_plot(tmp_path, capsys):
     assert "time" in table and "x (per round " in table
     assert "  lomar (3 windows), 128 -> 160px: time x" in table and "expected flat" in table
     assert all(0 < c["mae_decoder_share"] < 1 for c in data["comparisons"]) and "; MAE's decoder " in table
+    assert "encoder tokens an image: MAE 17, LoMaR " in table  # 128 px: 8x8 grid, a quarter visible, + [CLS]
 
 
 def test_table_legend_does_not_call_the_rule_s_counts_the_paper_s():

@@ -51,7 +51,8 @@ def compare(records: list[dict]) -> list[dict]:
                             mae_over_lomar_time=m["step_s"] / rec["step_s"],
                             mae_over_lomar_time_rounds=rounds,
                             mae_over_lomar_flops=m["flops"] / rec["flops"],
-                            mae_decoder_share=m.get("decoder_flops", 0) / m["flops"]))
+                            mae_decoder_share=m.get("decoder_flops", 0) / m["flops"],
+                            encoder_tokens=dict(mae=m.get("encoder_tokens"), lomar=rec.get("encoder_tokens"))))
     return out
 
 
@@ -162,7 +163,8 @@ def print_table(records: list[dict], comparisons: list[dict], ceiling: float, st
             within = f" (per round {min(rounds):.2f}-{max(rounds):.2f}x)" if len(rounds) > 1 else " (one round)"
             w(f"  {c['img_size']:>4}px, {c['windows']} windows ({c['window_setting']}): time "
               f"{c['mae_over_lomar_time']:.2f}x{within}, FLOPs {c['mae_over_lomar_flops']:.2f}x; MAE's decoder "
-              f"{c.get('mae_decoder_share', 0):.0%} of MAE's FLOPs\n")
+              f"{c.get('mae_decoder_share', 0):.0%} of MAE's FLOPs; encoder tokens an image: MAE "
+              f"{c.get('encoder_tokens', {}).get('mae')}, LoMaR {c.get('encoder_tokens', {}).get('lomar')}\n")
         # the decoder is as wide and deep whatever the encoder: 55 % of ViT-B/16's step at 224 px, 95 % of ViT-Ti's
         if any(c.get("mae_decoder_share", 0) > 0.75 for c in comparisons):
             w("  MAE's step here is mostly its decoder, which keeps its size whatever --model: with an encoder smaller "

@@ -103,6 +103,7 @@ class StepRunner:
     times: list[float] = field(default_factory=list)
     flops: int = 0
     decoder_flops: int = 0
+    encoder_tokens: int = 0  # per image, as the encoder's first block sees them
     peak_mem: tuple[int, str] = (-1, "none")
 
     def _loss(self, eager: bool = False) -> torch.Tensor:
@@ -127,9 +128,20 @@ class StepRunner:
 
     def count_flops(self) -> int:
         """Run one step and return the model FLOPs of its forward + backward (:func:`flop_counter`);
-        ``decoder_flops``: the part in the model's decoder modules (MAE's), 0 where it has none."""
+        ``decoder_flops``: the part in the model's decoder modules (MAE's), 0 where it has none;
+        ``encoder_tokens``: the tokens an image gives the encoder (all its windows'), 0 where no block is found."""
         counter = flop_counter()
-        self.step(counter)
+        # the work each method's encoder does per image: MAE's visible tokens against LoMaR's windows x tokens
+        first = next((m for name, m in self.model.named_modules() if name.endswith("blocks.0") and
+                      not name.startswith("decoder")), None)
+        seen: list[int] = []
+        hook = first and first.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[:2].numel()))
+        try:
+            self.step(counter)
+        finally:
+            if hook:
+                hook.remove()
+        self.encoder_tokens = seen[0] // self.batch_size if seen else 0
         self.flops = int(counter.get_total_flops())
         counts = counter.get_flop_counts()  # per module, each including its submodules' counts
         parts = [name for name in counts if name.split(".")[1:2] and name.split(".")[1].startswith("decoder")]

@@ -252,7 +252,8 @@ def run(args: argparse.Namespace) -> int:
             records.append(dict(
                 method=method, img_size=size, windows=windows, window_setting=setting,
                 batch_size=args.batch_size, step_s=step_s, images_per_s=args.batch_size / step_s,
-                flops=r.flops, decoder_flops=r.decoder_flops, achieved_flops=r.flops / step_s,
+                flops=r.flops, decoder_flops=r.decoder_flops, encoder_tokens=r.encoder_tokens,
+                achieved_flops=r.flops / step_s,
                 peak_mem_bytes=r.peak_mem[0], peak_mem_kind=r.peak_mem[1], step_times_s=list(r.times),
                 precision=args.precision, compile=args.compile, compile_mode=args.compile_mode, device=str(device)))
             if args.profile:
