@@ -14,9 +14,11 @@ def test_a_cell_far_past_a_seconds_budget_is_named_under_the_table(tmp_path):
     'at the end of the budget' beside cells of 8 s, with only the mean 'train s' of its seeds (29) to tell."""
     spec = parse_spec({"name": "w", "budget": "8s", "grid": {"window_size": [3, 4]}, "eval": {"metrics": []}})
     records = [_end("window_size=3", 0, 8.6), _end("window_size=3", 1, 9.9), _end("window_size=4", 1, 49.38)]
-    assert past_budget(records, spec) == ["", "Past the budget: window_size=4, seed 1, trained 49.38 s of its 8s (the "
-                                              "machine slowed during its last slice): not at equal time; re-run it on "
-                                              "a quieter machine (delete its cell folder) for a fair row."]
+    assert past_budget(records, spec) == ["", "Past the budget: window_size=4, seed 1, trained 49.38 s of its 8s (a "
+                                              "slice stops only between steps: the machine slowed during one, or its "
+                                              "steps are long against the budget): not at equal time; re-run it on a "
+                                              "quieter machine (delete its cell folder), or give the study a longer "
+                                              "budget, for a fair row."]
     write_results(records, spec, tmp_path, 1.0)
     assert "Past the budget: window_size=4, seed 1" in (tmp_path / "results.md").read_text()
     steps = parse_spec({"name": "w", "budget": "8steps", "grid": {"window_size": [3]}, "eval": {"metrics": []}})

@@ -18,7 +18,7 @@ from lomar.viz.study import draw_ablation, draw_time_to_accuracy, group, plotted
 __all__ = ["mean_sd", "table", "write_figures", "write_results", "past_budget"]
 
 # A seconds budget's cell that trained this much longer is named under results.md's tables: its row is not at equal
-# time (the machine slowed during its last slice, which was planned at the pace before).
+# time. A slice's time limit stops it at a step's end only: a step the machine slowed, or steps long against the budget.
 PAST_BUDGET = 1.25
 
 
@@ -106,5 +106,6 @@ def past_budget(records: list[dict[str, Any]], spec: StudySpec) -> list[str]:
         return []
     over = [r for r in records if r["point"] == "end" and r["train_seconds"] > PAST_BUDGET * spec.budget.value]
     return ["", *[f"Past the budget: {r['setting']}, seed {r['seed']}, trained {r['train_seconds']:g} s of its "
-                  f"{spec.budget} (the machine slowed during its last slice): not at equal time; re-run it on a "
-                  f"quieter machine (delete its cell folder) for a fair row." for r in over]] if over else []
+                  f"{spec.budget} (a slice stops only between steps: the machine slowed during one, or its steps are "
+                  f"long against the budget): not at equal time; re-run it on a quieter machine (delete its cell "
+                  f"folder), or give the study a longer budget, for a fair row." for r in over]] if over else []
