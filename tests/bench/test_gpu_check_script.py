@@ -147,3 +147,24 @@ def test_an_unknown_decode_word_stops_the_check_before_any_part(tmp_path):
     assert ("GPU_CHECK_DECODE mode gpu-hw-grpahs: unknown word grpahs (inline, alone, hw, graphs, imagenet)"
             in done.stderr)
     assert not (tmp_path / "work").exists()
+
+
+def test_every_bench_command_of_the_check_is_one_lomar_bench_accepts(tmp_path):
+    """A compiled run times one method in its own process: MAE's got --windows, which lomar bench refuses where
+    no method reads it: with a GPU_CHECK_WINDOWS other than paper that part of the device run failed."""
+    from lomar.cli import bench
+    from lomar.cli.app import build_parser
+
+    python = tmp_path / "venv" / "bin" / "python"  # records the commands instead of running them
+    python.parent.mkdir(parents=True)
+    python.write_text(f'#!/usr/bin/env bash\necho "$@" >> {tmp_path / "calls"}\n')
+    python.chmod(0o755)
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path / "work"),
+           "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_PARTS": "bench", "GPU_CHECK_VENV": str(python.parents[1]),
+           "GPU_CHECK_METHODS": "lomar mae", "GPU_CHECK_COMPILE_SIZES": "64"}
+    done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    commands = [line.split()[2:] for line in (tmp_path / "calls").read_text().splitlines() if " bench " in line]
+    assert [c[c.index("--methods") + 1] for c in commands] == ["lomar", "lomar", "mae"]
+    for command in commands:
+        bench._plan(build_parser(["bench"]).parse_args(command))  # UsageError where bench would refuse it
