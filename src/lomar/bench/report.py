@@ -80,7 +80,7 @@ def shape(records: list[dict]) -> list[str]:
     """Per method / window setting timed at two sizes or more: time, FLOPs and pixels from the smallest size to
     the largest, against what the claim expects (fixed windows: flat; paper windows: with the windows; global
     attention: with the pixels or faster)."""
-    lines = []
+    lines, unfollowed = [], False
     keys = ((r["method"], r["window_setting"], None if r["window_setting"] == "paper" else r["windows"])
             for r in records)
     for key in dict.fromkeys(keys):
@@ -98,9 +98,11 @@ def shape(records: list[dict]) -> list[str]:
         name = key[0] + (" (paper windows)" if key[1] == "paper" else f" ({key[2]} windows)" if key[2] else "")
         line = f"  {name}, {a['img_size']} -> {b['img_size']}px: time x{time:.2f}, FLOPs x{flops:.2f}; {expect}"
         if not 2 / 3 < time / flops < 3 / 2:  # the step's time should follow its work
-            line += (" -- time does not follow FLOPs here: per-step overhead of a small batch or model, or load "
-                     "that changed between sizes (they are not interleaved); raise --batch-size, or compare FLOPs")
+            line, unfollowed = line + " -- time does not follow FLOPs", True
         lines.append(line + "\n")
+    if unfollowed:  # once, however many series it is
+        lines.append("  where time does not follow FLOPs: per-step overhead of a small batch or model, or load that "
+                     "changed between sizes (they are not interleaved); raise --batch-size, or compare FLOPs\n")
     return lines
 
 
