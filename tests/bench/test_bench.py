@@ -184,6 +184,9 @@ def test_shape_lines_set_each_series_against_what_the_claim_expects():
     # what could make it, said once below the series however many are flagged
     assert len(lines) == 4 and lines[3].startswith("  where time does not follow FLOPs: per-step overhead")
     beit = [rec("beit", 224, None, "-", 1.0, 10), rec("beit", 448, None, "-", 1.0, 40)]  # flagged too
+    # BEiT + windows' dVAE labels the whole image: its FLOPs grew x3.80 from 224 to 448 px at 2 fixed windows
+    windowed = shape([rec("beit_window", 224, 2, "fixed", 1.0, 10), rec("beit_window", 448, 2, "fixed", 3.5, 38)])
+    assert windowed[0].endswith("; expected flat in its encoder, its tokenizer's work with the pixels x4.00\n")
     assert sum("where time does not follow FLOPs" in line for line in shape(records + beit)) == 1
 
 
