@@ -25,7 +25,7 @@ def test_anything_else_is_refused_by_name(size):
 
 @pytest.mark.parametrize("text, seconds", [("5400", 5400), ("90m", 5400), ("1.5h", 5400), ("01:30:00", 5400),
                                            ("2d", 172800), ("1-12:00:00", 129600), ("36:00:00", 129600),
-                                           ("45s", 45), ("none", None)])
+                                           ("45s", 45), ("1h30m", 5400), ("1d12h1s", 129601), ("none", None)])
 def test_a_time_limit_is_read_in_seconds_from_each_form_the_help_names(text, seconds):
     from lomar.values import parse_duration
 
@@ -39,10 +39,24 @@ def test_a_time_limit_reads_in_the_stop_line_as_it_is_written():
                                                                               "1d12h1s"]
 
 
-@pytest.mark.parametrize("text", ["10:00", "1h30m", "5x", "-5", "0", "0.2s", "", "1:2:3"])
+@pytest.mark.parametrize("text", ["10:00", "1h.5m", "5x", "-5", "0", "0.2s", "", "1:2:3"])
 def test_a_time_limit_in_another_form_is_refused_naming_it_and_a_form_that_works(text):
     """SLURM's MM:SS and its bare minutes read otherwise than meant here (a bare number is seconds)."""
     from lomar.values import parse_duration
 
     with pytest.raises(ValueError, match=rf"^{text!r} is (not a duration|under a second).*(90m|01:30:00)"):
         parse_duration(text)
+
+
+def test_each_time_limit_the_stop_line_writes_reads_back_as_written():
+    """The stop line's '1h30m' is what a user copies into the next --time-limit (the README's 3h50m too)."""
+    from lomar.values import duration_text, parse_duration
+
+    assert [parse_duration(duration_text(s)) for s in (25, 5400, 13800, 129601)] == [25, 5400, 13800, 129601]
+
+
+def test_a_time_limit_of_hundreds_of_digits_is_refused_in_one_line():
+    from lomar.values import parse_duration
+
+    with pytest.raises(ValueError, match=r"^'9{20}'\.\.\. is too long a duration; write e\.g\. 90m"):
+        parse_duration("9" * 400)  # float: inf, which round() cannot make whole

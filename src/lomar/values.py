@@ -1,6 +1,7 @@
 """What counts as a number where a setting, a size or a count is taken from Python callers, what counts as an image
 size, a device or a duration, and how a count or a duration reads in a message; imports no torch."""
 
+import math
 import numbers
 import re
 import reprlib
@@ -73,20 +74,25 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(text: str) -> int | None:
-    """Whole seconds of ``3600`` (seconds), ``90m``, ``1.5h``, ``2d`` or SLURM's ``HH:MM:SS`` / ``D-HH:MM:SS``; None
-    for ``none``. SLURM's bare number is minutes and its ``MM:SS`` reads like ``HH:MM``: neither is taken, so that a
-    value is never read in another unit than meant. A ValueError naming the value and the forms otherwise."""
+    """Whole seconds of ``3600`` (seconds), ``90m``, ``1.5h``, ``2d``, ``1h30m`` (as :func:`duration_text` writes it)
+    or SLURM's ``HH:MM:SS`` / ``D-HH:MM:SS``; None for ``none``. SLURM's bare number is minutes and its ``MM:SS``
+    reads like ``HH:MM``: neither is taken, so that a value is never read in another unit than meant. A ValueError
+    naming the value and the forms otherwise."""
     value = text.strip().lower()
     if value == "none":
         return None
-    if match := re.fullmatch(r"(\d+(?:\.\d*)?)([smhd]?)", value):
-        seconds = float(match[1]) * _UNITS[match[2] or "s"]
+    if re.fullmatch(r"\d+(?:\.\d*)?", value):
+        seconds = float(value)
+    elif re.fullmatch(r"(?:\d+(?:\.\d*)?[smhd])+", value):
+        seconds = sum(float(number) * _UNITS[unit] for number, unit in re.findall(r"([\d.]+)([smhd])", value))
     elif match := re.fullmatch(r"(?:(\d+)-)?(\d+):([0-5]\d):([0-5]\d)", value):
         days, hours, minutes, secs = (int(part or 0) for part in match.groups())
         seconds = ((days * 24 + hours) * 60 + minutes) * 60 + secs
     else:
-        raise ValueError(f"{text!r} is not a duration; write seconds (5400), 90m, 1.5h, 2d, or HH:MM:SS / D-HH:MM:SS "
-                         f"(01:30:00, 1-12:00:00)")
+        raise ValueError(f"{text!r} is not a duration; write seconds (5400), 90m, 1.5h, 2d, 1h30m, or HH:MM:SS / "
+                         f"D-HH:MM:SS (01:30:00, 1-12:00:00)")
+    if not math.isfinite(seconds):  # hundreds of digits: round() would raise
+        raise ValueError(f"{text[:20]!r}... is too long a duration; write e.g. 90m, or none for no limit")
     if seconds < 1:
         raise ValueError(f"{text!r} is under a second; write a positive duration, e.g. 90m, or none for no limit")
     return round(seconds)

@@ -97,7 +97,7 @@ def test_a_resume_may_give_another_time_limit_or_none_and_keeps_the_runs_otherwi
 def test_a_time_limit_in_a_form_not_taken_is_refused_in_one_line(tmp_path, capsys, command):
     assert main([command, "--time-limit", "10:00"]) == 2
     assert capsys.readouterr().err.strip().endswith("'10:00' is not a duration; write seconds (5400), 90m, 1.5h, "
-                                                    "2d, or HH:MM:SS / D-HH:MM:SS (01:30:00, 1-12:00:00) (see "
+                                                    "2d, 1h30m, or HH:MM:SS / D-HH:MM:SS (01:30:00, 1-12:00:00) (see "
                                                     f"lomar {command} --help)")
     (tmp_path / "c.yaml").write_text("time_limit: 2 hours\n")
     assert main([command, "--config", str(tmp_path / "c.yaml")]) == 2
