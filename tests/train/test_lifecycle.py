@@ -1031,6 +1031,23 @@ def test_a_time_limit_stops_at_the_first_step_past_it_and_the_run_resumes_exactl
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0)
 
 
+def test_under_torchrun_a_time_limit_stops_with_exit_0(tmp_path, capsys, monkeypatch):
+    """torchrun takes any other code for a failure: it reports one and, given --max-restarts, restarts the workers,
+    which resume with a limit of their own and train on past the one that stopped them."""
+    from lomar.train import preemption
+
+    now = [0.0]
+
+    def clock():
+        now[0] += 10.0
+        return now[0]
+
+    monkeypatch.setattr(preemption, "monotonic", clock)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # what torchrun gives each worker
+    assert run(ToyConfig(out=str(tmp_path), time_limit=25), ToyTask) == 0  # old code: 75
+    assert "time limit 25s reached at step 3; checkpoint " in capsys.readouterr().out
+
+
 class TimedOutOnRankZero(ToyTask):
     """Rank 0's clock passes the limit during step 2; rank 1's never does."""
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from lomar.errors import UsageError
 from lomar.train.runtime import retain_freed_memory
 
-__all__ = ["DistInfo", "init_distributed", "join_group", "cleanup_distributed", "any_rank", "main_rank_out",
+__all__ = ["DistInfo", "init_distributed", "join_group", "cleanup_distributed", "any_rank", "rank_max", "main_rank_out",
            "sync_stats"]
 
 
@@ -71,13 +71,18 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+def rank_max(value: float, device: torch.device) -> float:
+    """The largest ``value`` of this process's and every other rank's (a collective under DDP)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    agreed = torch.tensor(float(value), device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    return float(agreed)
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """Whether ``flag`` holds on this process or any other rank (a collective under DDP)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    agreed = torch.tensor(float(flag), device=device)
-    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-    return bool(agreed)
+    return bool(rank_max(float(flag), device))
 
 
 def main_rank_out(config) -> str:

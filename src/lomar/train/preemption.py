@@ -1,22 +1,25 @@
 """Preemption: SIGTERM / SIGUSR1 (what cluster schedulers send) become "checkpoint and exit 0";
 Ctrl-C (SIGINT) writes the same checkpoint and exits 130. A second Ctrl-C interrupts at once.
-``--time-limit`` stops the run the same way at the first step past it, and exits 75."""
+``--time-limit`` stops the run the same way at the first step past it, and exits 75 (0 under torchrun)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from time import monotonic
 
 import torch
-import torch.distributed as dist
 
+from lomar.train.distributed import rank_max
 from lomar.values import duration_text
 
 __all__ = ["StopFlag", "TIME_LIMIT_EXIT", "ignore_stop_signals", "any_rank_stopping", "shut_down_workers"]
 
 # sysexits' EX_TEMPFAIL, "try again later": the work is not done and resuming it is all it takes. A wrapper tells it
 # from 0 (finished, or stopped by the scheduler's own signal, which the scheduler knows of) and from 1 (failed).
+# Not under torchrun: it takes any code but 0 for a failure, reports one for every process and, given --max-restarts,
+# restarts them, and the restarted run resumes with a limit of its own and trains past the one that stopped it.
 TIME_LIMIT_EXIT = 75
 
 
@@ -55,8 +58,11 @@ class StopFlag:
 
     @property
     def exit_code(self) -> int:
-        """75 at the time limit, 130 after Ctrl-C (the shell's convention), else 0: a preempted run is not a failure."""
-        return TIME_LIMIT_EXIT if self.timed_out else 130 if self.signal == signal.SIGINT else 0
+        """75 at the time limit (0 under torchrun: see TIME_LIMIT_EXIT), 130 after Ctrl-C (the shell's convention),
+        else 0: a preempted run is not a failure."""
+        if self.timed_out:
+            return 0 if "TORCHELASTIC_RUN_ID" in os.environ else TIME_LIMIT_EXIT
+        return 130 if self.signal == signal.SIGINT else 0
 
     def _handle(self, signum, frame) -> None:
         if self.signal is None:  # the first signal is the reason reported
@@ -79,10 +85,7 @@ def any_rank_stopping(stop: StopFlag, device: torch.device) -> bool:
     agreement (a collective under DDP), which also sets ``stop.timed_out`` alike on every rank. A signal anywhere
     is the reason over the limit: the scheduler that sent it is stopping the job."""
     due = 2 if stop.signal is not None else int(stop.deadline is not None and monotonic() >= stop.deadline)
-    if dist.is_available() and dist.is_initialized():
-        agreed = torch.tensor(float(due), device=device)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-        due = int(agreed)
+    due = int(rank_max(due, device))
     stop.timed_out = due == 1
     return due > 0
 
