@@ -8,7 +8,7 @@ between), autocast + GradScaler, ``clip_grad``, the non-finite loss stop (before
 never saved), the start-up line, ``Monitor`` (metrics.jsonl, TensorBoard, progress), ``last.pt`` / ``checkpoint-N.pt``
 (with ``config.keep_last``) / ``best.pt`` (on ``task.best_metric``) and the final line. A resumed run skips the batches
 its checkpoint consumed of the (seed, epoch) data order: it continues exactly. Optional config fields: ``lr``,
-``clip_grad``, ``compile``, ``compile_mode``, ``save_every`` (default 1), ``keep_last``, ``time_limit`` (exit 75).
+``clip_grad``, ``compile``, ``compile_mode``, ``save_every`` (default 1), ``keep_last``, ``time_limit`` (preemption).
 
 The Task interface, its required and optional hooks: :mod:`lomar.train.task`.
 """
