@@ -33,11 +33,11 @@ from lomar.train.monitor import Monitor, input_limit_note, metric_text, resume_h
 from lomar.train.precision import WatchedScaler, autocast_factory, resolve_precision
 from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_workers
 from lomar.train.rng import gather_rng_states, restore_rng_states, seed_everything
-from lomar.train.run_end import answer_at_end, evaluate_end, last_step, run_end
+from lomar.train.run_end import answer_at_end, config_overrun, evaluate_end, last_step, run_end
 from lomar.train.run_resume import check_no_rewind, resume_point
 from lomar.train.run_state import RunLock, prepare_run_folder, save_checkpoint, save_on_main_rank, save_state
 from lomar.train.runtime import compile_model, default_threads, fast_adamw
-from lomar.train.schedule import lr_at, peak_lr, run_span, schedule_overrun, warmup_warning
+from lomar.train.schedule import lr_at, peak_lr, run_span, warmup_warning
 from lomar.train.settings_resume import command_flags, resumed_past_end
 from lomar.train.task import EpochStream, Progress, SkippedFiles, Task, TrainingError, check_weights, diverged, preload
 from lomar.train.task_resume import building
@@ -83,8 +83,7 @@ class _Run:
         self.spare = None  # under DDP, the last batch that gave a loss: an idle step's (task.idle_loss)
         self.skipped = SkippedFiles(self.steps_per_epoch * self.accum, config.batch_size, not task.skips_warned)
         self.last_step = last_step(config, self.steps_per_epoch)
-        if overrun := schedule_overrun(self.last_step, *self.schedule, self.base_lr, self.min_lr, task.lr_schedule,
-                                       config, self.steps_per_epoch):
+        if overrun := config_overrun(config, self.steps_per_epoch, info.world_size, task.lr_schedule):
             raise ValueError(overrun)
 
     # ---- checkpoints -------------------------------------------------------------------

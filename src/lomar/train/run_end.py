@@ -29,7 +29,7 @@ from lomar.train.run_state import foreign, save_on_main_rank
 from lomar.train.schedule import peak_lr, run_span, schedule_overrun
 from lomar.train.settings_resume import resumed_past_end
 
-__all__ = ["RunEnd", "run_end", "last_step", "answer_at_end", "missing_outputs", "evaluation_missing",
+__all__ = ["RunEnd", "run_end", "last_step", "config_overrun", "answer_at_end", "missing_outputs", "evaluation_missing",
            "evaluate_end"]
 
 
@@ -92,9 +92,9 @@ def run_end(config, task_class, point, out: Path, world_size: int) -> RunEnd | N
     # --data may have changed since (the built run goes on with its own steps an epoch): refused unbuilt only where any
     # count would be. Fewer steps an epoch than those with which --epochs reach --max-steps or the schedule's end are
     # refused (the run stops before), more go on at least as far: the refusal at that fewest is one at any
-    if overrun := _overrun(config, per_epoch, world_size, schedule):
+    if overrun := config_overrun(config, per_epoch, world_size, schedule):
         fewest = math.ceil(min(config.schedule_steps, config.max_steps) / config.epochs) if config.max_steps else 1
-        if _overrun(config, fewest, world_size, schedule):  # an overrun has schedule_steps
+        if config_overrun(config, fewest, world_size, schedule):  # an overrun has schedule_steps
             raise ValueError(overrun)
     if config.overwrite or foreign(point.path, out) or missing_outputs(task_class.final_outputs, Path(out), step) or \
             evaluation_missing(task_class, config, out, step, ckpt.get("evaluated_step")):
@@ -102,8 +102,9 @@ def run_end(config, task_class, point, out: Path, world_size: int) -> RunEnd | N
     return RunEnd(step, epoch, per_epoch) if step == last else None
 
 
-def _overrun(config, per_epoch: int, world_size: int, schedule) -> str | None:
-    """:func:`~lomar.train.schedule.schedule_overrun` of a run of ``config`` at ``per_epoch`` steps an epoch."""
+def config_overrun(config, per_epoch: int, world_size: int, schedule) -> str | None:
+    """:func:`~lomar.train.schedule.schedule_overrun` of a run of ``config`` at ``per_epoch`` steps an epoch, on
+    ``world_size`` processes, following ``schedule`` (a Task's ``lr_schedule``)."""
     return schedule_overrun(last_step(config, per_epoch), *run_span(config, per_epoch), peak_lr(config, world_size),
                             getattr(config, "min_lr", 0.0), schedule, config, per_epoch)
 
