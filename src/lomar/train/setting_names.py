@@ -70,9 +70,9 @@ def _aliased(name: str, flags: list[str]) -> list[str]:
     return [flag for flag in _ALIASES.get(name, ()) if flag in flags]
 
 
-def either(flags: list[str]) -> str:
-    """'--a', '--a or --b', '--a, --b or --c'."""
-    return flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} or {flags[-1]}"
+def either(flags: list[str], word: str = "or") -> str:
+    """'--a', '--a or --b', '--a, --b or --c' (``word``: 'and' for 'a, b and c')."""
+    return flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} {word} {flags[-1]}"
 
 
 def did_you_mean(given: list[str], flags: list[str], as_keys: bool = False) -> str:
@@ -148,8 +148,7 @@ def other_commands(given: dict[str, str], command: str, flags: list[str],
     (:mod:`lomar.cli.suggest`), which get the same answer."""
     found = {shown: [other for other, names in COMMAND_SETTINGS.items() if other != command and name in names]
              for shown, name in given.items()}
-    found = {shown: ", ".join(commands[:-1]) + " and " * (len(commands) > 1) + commands[-1]
-             for shown, commands in found.items() if commands}
+    found = {shown: either(commands, "and") for shown, commands in found.items() if commands}
     theirs = ", ".join(f"{shown}{f' is a {kind}' * (not i)} of lomar {others}" for i, (shown, others)
                        in enumerate(found.items()))
     return ((f"; {theirs}, not of lomar {command}" if theirs else ""),
