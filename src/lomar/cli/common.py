@@ -210,7 +210,7 @@ def resume_policies(config_cls) -> str:
 
 def refuse_torchrun(why: str) -> None:
     """A command that runs in one process refuses torchrun in one line, said by the first process of each machine;
-    ``why`` is the work each process would repeat ('each would score the whole set')."""
+    ``why`` is the work each process would repeat ('each would run the whole study')."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         leave_it_to_the_first_process()
         raise UsageError(f"it runs in one process (under torchrun {why}); run it without torchrun")
