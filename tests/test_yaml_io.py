@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -49,6 +51,18 @@ def test_a_yaml_error_is_one_line_naming_the_problem_and_where(text, message):
     with pytest.raises(YAMLError) as raised:
         load_yaml(text)
     assert message in str(raised.value) and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("encoding, named", [
+    ("utf-32", "UTF-32"), ("utf-32-le", "UTF-32"), ("utf-32-be", "UTF-32"),
+    ("utf-16-le", "UTF-16 (no byte-order mark)"), ("utf-16-be", "UTF-16 (no byte-order mark)")])
+def test_text_in_an_encoding_pyyaml_does_not_read_is_told_to_be_saved_as_utf_8(encoding, named):
+    """PyYAML reads UTF-8 and UTF-16 by its BOM; UTF-32 (PowerShell's -Encoding utf32) was 'unacceptable character
+    #x0000', which named no encoding."""
+    with pytest.raises(YAMLError, match=rf"^it is {re.escape(named)} text, which PyYAML does not read; save it as "
+                                        r"UTF-8$"):
+        load_yaml("seed: 7\n".encode(encoding))
+    assert load_yaml("seed: 7\n".encode("utf-16")) == {"seed": 7}
 
 
 def test_a_date_is_read_as_the_text_written():

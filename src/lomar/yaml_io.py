@@ -124,11 +124,23 @@ def _one_line(exc: YAMLError) -> str:
     return text + where + tab
 
 
+def _unread_encoding(data: bytes) -> str | None:
+    """'UTF-32' or 'UTF-16 (no byte-order mark)' where ``data`` starts as YAML 1.2 (5.2) tells those by their NULs,
+    which PyYAML takes for control characters ('unacceptable character #x0000'); else None. No YAML text in an
+    encoding PyYAML reads starts so: a NUL is refused there."""
+    head = data[:4].ljust(4, b"\1")
+    if head.startswith((b"\0\0\0", b"\0\0\xfe\xff", b"\xff\xfe\0\0")) or head.endswith(b"\0\0\0"):
+        return "UTF-32"
+    return "UTF-16 (no byte-order mark)" if b"\0" in head[:2] else None
+
+
 def load_yaml(text: str | bytes) -> Any:
     """``yaml.safe_load(text)`` (bytes: UTF-8, or UTF-16 by its BOM, as YAML is written), refusing a mapping that
     repeats a key (:class:`DuplicateKeyError`), nesting deeper than PyYAML's recursion reaches, and more than
     :data:`MAX_VALUES` values once aliases are expanded; every :class:`YAMLError` is one line naming the problem and
     where it is."""
+    if isinstance(text, bytes) and (unread := _unread_encoding(text)):
+        raise YAMLError(f"it is {unread} text, which PyYAML does not read; save it as UTF-8")
     try:
         loader = _UniqueKeyLoader(text)  # reads the text through: a control character is refused here
     except yaml.reader.ReaderError as exc:
