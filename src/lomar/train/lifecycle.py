@@ -30,11 +30,11 @@ from lomar.errors import LomarError, UsageError, in_flags
 from lomar.train.distributed import DistInfo, any_rank, cleanup_distributed, join_group, main_rank_out, sync_stats
 from lomar.train.fsdp import load_sharded, save_run_checkpoint
 from lomar.train.monitor import Monitor, input_limit_note, metric_text, resume_hint
-from lomar.train.precision import WatchedScaler, autocast_factory, resolve_precision
+from lomar.train.precision import WatchedScaler, autocast_factory, run_precision
 from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_workers
 from lomar.train.rng import gather_rng_states, restore_rng_states, seed_everything
 from lomar.train.run_end import answer_at_end, config_overrun, evaluate_end, last_step, run_end
-from lomar.train.run_resume import check_no_rewind, resume_point
+from lomar.train.run_resume import check_no_rewind, numerics_notes, resume_point
 from lomar.train.run_state import RunLock, prepare_run_folder, save_checkpoint, save_on_main_rank, save_state
 from lomar.train.runtime import compile_model, default_threads, fast_adamw
 from lomar.train.schedule import lr_at, peak_lr, run_span, warmup_warning
@@ -52,7 +52,7 @@ class _Run:
     def __init__(self, config, task: Task, info: DistInfo, device: torch.device, stop: StopFlag):
         self.cfg, self.task, self.info, self.device, self.out = config, task, info, device, Path(config.out)
         self.accum = config.accum_steps
-        self.precision = resolve_precision(config.precision, device)
+        self.precision = run_precision(config, device)  # a resumed run's 'auto': the one it trained in
         self.autocast = task.autocast = autocast_factory(self.precision, device)
         self.steps_per_epoch = task.batches_per_epoch() // self.accum  # a tail short of a whole step is left out
         if self.steps_per_epoch == 0:
@@ -79,7 +79,7 @@ class _Run:
         if info.enabled and not task.sharded:
             task.net = DistributedDataParallel(task.net, device_ids=[device.index] if device.type == "cuda" else None)
         task.progress = self.p = Progress()
-        self.best, self.evaluated_step, self.stop = -math.inf, -1, stop
+        self.best, self.evaluated_step, self.stop, self.notes = -math.inf, -1, stop, []
         self.spare = None  # under DDP, the last batch that gave a loss: an idle step's (task.idle_loss)
         self.skipped = SkippedFiles(self.steps_per_epoch * self.accum, config.batch_size, not task.skips_warned)
         self.last_step = last_step(config, self.steps_per_epoch)
@@ -89,10 +89,10 @@ class _Run:
     # ---- checkpoints -------------------------------------------------------------------
     def meta(self) -> dict:
         """Everything of a checkpoint but model and optimizer."""
-        return {"scaler": self.scaler.state_dict(), "step": self.p.step, "epoch": self.p.epoch, "rng": self.rngs[0],
+        return {"scaler": self.scaler.state_dict(), "precision": self.precision, "step": self.p.step,
+                "epoch": self.p.epoch, "batches_done": self.p.batches_done, "rng": self.rngs[0], "rng_ranks": self.rngs,
                 "steps_per_epoch": self.steps_per_epoch,  # a resume at the run's end tells so unbuilt (run_end)
-                "batches_done": self.p.batches_done, "evaluated_step": self.evaluated_step, "rng_ranks": self.rngs,
-                "skipped_ranks": self.skips,  # the files each rank skipped: a resume's count goes on from them
+                "evaluated_step": self.evaluated_step, "skipped_ranks": self.skips,  # files skipped: a resume counts on
                 **self.task.state(), **({f"best_{m}": max(self.best, 0.0)} if (m := self.task.best_metric) else {})}
 
     def load(self, path: Path, ckpt: dict | None, meta: dict | None, task_loaded: bool = False) -> None:
@@ -113,9 +113,10 @@ class _Run:
             except (ValueError, RuntimeError, KeyError) as exc:
                 raise UsageError(f"--resume {path} does not fit this run: {mismatch(exc)}; resume with the data and "
                                  f"--pretrained it started with, or start a new run with another --out") from None
-        if "scaler" in ckpt:
+        if ckpt.get("scaler"):  # {}: a run not in fp16, whose scaler a switch to fp16 starts afresh
             self.scaler.load_state_dict(ckpt["scaler"])
         self.p.step, self.p.epoch, self.p.batches_done = ckpt["step"], ckpt["epoch"], ckpt["batches_done"]
+        self.notes = numerics_notes(ckpt, self.precision, self.cfg.precision, self.device)
         self.best = ckpt.get(f"best_{self.task.best_metric}", -math.inf) if self.task.best_metric else -math.inf
         self.evaluated_step = ckpt.get("evaluated_step")  # None: a checkpoint written before it was kept
         self.skipped.restore(ckpt.get("skipped_ranks"), self.info.rank)
@@ -179,6 +180,8 @@ class _Run:
         print(f"lomar {task.name}: {task.describe()}; {steps} ({self.steps_per_epoch} an epoch, batch "
               f"{cfg.batch_size} x accum {self.accum} x {self.info.world_size} process(es)); out {self.out}; "
               f"device {self.device}, precision {self.precision}", flush=True)
+        for note in self.notes:  # a resume's change of device or precision, or a kept one this machine would not pick
+            print(f"lomar {task.name}: {note}", flush=True)
         if warning := warmup_warning(self.last_step, *self.schedule, self.base_lr, self.min_lr, task.lr_schedule,
                                      config=cfg, resumed=self.p.step > 0):
             print(f"lomar {task.name}: warning: {warning}", file=sys.stderr, flush=True)  # as every warning and note
@@ -353,6 +356,7 @@ def run(config, make_task: type[Task]) -> int:
             lock.acquire()
         # --resume auto falls back to the newest intact checkpoint-* when last.pt is gone or unreadable
         point = resume_point(config.resume, out, config.overwrite, getattr(config, "resume_point", None))
+        config.resume_point = point  # as read under the lock: the precision it trained in is the run's (Task too)
         resume = point.path if point is not None else None
         for note in point.notes if point is not None and info.is_main else ():
             print(f"lomar {name}: {note}", flush=True)

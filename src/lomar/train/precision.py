@@ -9,19 +9,33 @@ import torch
 
 from lomar.train.task import diverged
 
-__all__ = ["resolve_precision", "cpu_has_bf16", "autocast_factory", "WatchedScaler", "OVERFLOWS_IN_A_ROW"]
+__all__ = ["resolve_precision", "run_precision", "cpu_has_bf16", "autocast_factory", "WatchedScaler",
+           "OVERFLOWS_IN_A_ROW", "PRECISIONS"]
+
+PRECISIONS = ("fp32", "bf16", "fp16")  # what 'auto' resolves to, and a checkpoint records having trained in
 
 # fp16 steps skipped in a row that stop a run: its loss scale fell 2**30-fold, and no model trains at such a scale
 OVERFLOWS_IN_A_ROW = 30
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 where the hardware multiplies bf16 natively (CUDA with bf16 support, a CPU
-    with AVX-512 BF16 or AMX), else fp32."""
+    """'auto' -> bf16 where the hardware multiplies bf16 natively (a CUDA device of compute capability 8 or more, a
+    CPU with AVX-512 BF16 or AMX), else fp32, also on a GPU that only emulates bf16 (T4, V100: fp16 is fast there)."""
     if precision == "auto":
-        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else device.type == "cpu" and cpu_has_bf16()
+        native = torch.cuda.is_bf16_supported(including_emulation=False) if device.type == "cuda" else \
+            device.type == "cpu" and cpu_has_bf16()
         return "bf16" if native else "fp32"
     return precision
+
+
+def run_precision(config, device: torch.device) -> str:
+    """The precision a run trains in: ``config.precision`` resolved for ``device``; but a resumed run's 'auto' keeps
+    the precision its checkpoint (``config.resume_point``) records having trained in, so that a resume on a machine
+    whose own 'auto' differs (an AMX CPU's bf16, another CPU's fp32; a CPU smoke test's fp32 on a GPU) does not
+    change the run's numerics unasked. A checkpoint that records none (an older lomar's) gets this machine's 'auto'."""
+    point = getattr(config, "resume_point", None)
+    ran = (getattr(point, "meta", None) or {}).get("precision")
+    return ran if config.precision == "auto" and ran in PRECISIONS else resolve_precision(config.precision, device)
 
 
 def cpu_has_bf16() -> bool:

@@ -21,6 +21,7 @@ from pathlib import Path
 from lomar.checkpoints.file_names import LAST_POINTER
 from lomar.data.shard_members import file_identity
 from lomar.errors import UsageError
+from lomar.train.precision import resolve_precision
 from lomar.train.run_state import (
     checkpoint_number,
     checkpoint_step,
@@ -34,7 +35,7 @@ from lomar.train.run_state import (
 from lomar.values import brief
 
 __all__ = ["ResumePoint", "read_resume_point", "find_resume_point", "auto_resume",
-           "resume_point", "check_no_rewind", "listing_record", "listing_change"]
+           "resume_point", "check_no_rewind", "listing_record", "listing_change", "numerics_notes"]
 
 
 @dataclasses.dataclass
@@ -203,3 +204,25 @@ def listing_change(saved: dict | None, now: dict | None, data: str | None, ckpt:
     source = f"--data {data}" if data else "the data (the demo photographs: no --data)"
     return (f"{source} has changed since this checkpoint was saved ({what}): {rest}; the resume does not continue "
             f"exactly where it stopped")
+
+
+def numerics_notes(ckpt: dict, precision: str, setting: str, device) -> list[str]:
+    """What a resume from ``ckpt`` is told of its arithmetic, one line each: a precision (``precision``, from
+    --precision ``setting``) other than the one the checkpoint records having trained in; the run's kept where this
+    machine's 'auto' would pick another; none recorded (an older lomar's checkpoint) under 'auto'; a device (a
+    torch.device) of another kind than the run's, which its RNG state tells: it holds a CUDA stream where it trained
+    on CUDA."""
+    step, ran, notes = ckpt.get("step"), ckpt.get("precision"), []
+    if ran is not None and ran != precision:
+        fresh = "; fp16's loss scale starts afresh, as a new fp16 run's" if precision == "fp16" else ""
+        notes.append(f"precision {ran} → {precision} after step {step}, as --precision {setting} asks{fresh}")
+    elif ran is None and setting == "auto":
+        notes.append(f"precision {precision}, --precision auto's choice on this machine: the checkpoint (an older "
+                     f"lomar's) does not record the precision the run trained in")
+    elif setting == "auto" and (own := resolve_precision("auto", device)) != precision:
+        notes.append(f"precision {precision}, the run's since its start (this machine's --precision auto would pick "
+                     f"{own}); pass --precision {own} to switch")
+    if isinstance(rng := ckpt.get("rng"), dict) and (was := "cuda" if "cuda" in rng else "cpu") != device.type:
+        notes.append(f"device {was} → {device.type} after step {step}: the weights and optimizer state move over; "
+                     f"its kernels and device random draws (drop path) differ, so it does not go on bit for bit")
+    return notes
