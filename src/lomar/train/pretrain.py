@@ -33,7 +33,7 @@ from lomar.train.config import PretrainConfig, build_model, prepare_method
 from lomar.train.distributed import DistInfo
 from lomar.train.fsdp import consolidate, shard_model
 from lomar.train.lifecycle import Task, TrainingError, run
-from lomar.train.precision import resolve_precision
+from lomar.train.precision import run_precision
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.run_resume import listing_change, listing_record
 from lomar.train.run_state import checkpoints_to_prune, newest_state
@@ -65,7 +65,7 @@ class PretrainTask(Task):
         tokenizer = getattr(self.model, "tokenizer", None)  # BEiT's, named by path only: its content is checked
         self.tokenizer_digest = tokenizer.digest() if tokenizer is not None else None
         if config.fsdp:  # before the optimizer: it must hold the sharded parameters
-            precision = resolve_precision(config.precision, device)
+            precision = run_precision(config, device)  # a resumed run's auto: the one it trained in
             shard_model(self.model, "bf16" if precision == "bf16" else "fp32")
         # Every process lists --data (a folder, a list, every shard's headers) and finds the same files left out or
         # shards damaged: the first of each machine says it. The reference dataset draws the figures; the one the
