@@ -23,7 +23,7 @@ from yaml import YAMLError
 
 from lomar.errors import UsageError
 
-__all__ = ["YAMLError", "load_yaml", "inline", "read_settings_file", "MAX_VALUES", "MAX_BYTES"]
+__all__ = ["YAMLError", "load_yaml", "inline", "read_settings", "read_settings_file", "MAX_VALUES", "MAX_BYTES"]
 
 # Values (scalars, lists, mappings) a file may hold once its aliases are expanded: a config holds about a hundred,
 # a large study spec a few thousand.
@@ -83,6 +83,19 @@ def read_settings_file(path: Path, what: str) -> bytes:
                          f"settings file is (at most {MAX_BYTES >> 20} MiB; a config is a few KiB); is it the file "
                          f"meant?")
     return data
+
+
+def read_settings(path: Path, what: str, fix: str = "give one", error: type[UsageError] = UsageError) -> Any:
+    """The YAML of the settings file ``path`` (``what``: 'config file', 'study spec'), a file or a pipe (``--config
+    <(sed s/64/128/ base.yaml)``), read as :func:`read_settings_file` and :func:`load_yaml` read it; ``error`` (a
+    :class:`~lomar.errors.UsageError`) where it is neither a file nor a pipe (``fix``: what to pass instead) or
+    no YAML."""
+    if not (path.is_file() or path.is_fifo()):
+        raise error(f"{what} {path} {'is not a file' if path.exists() else 'does not exist'}; {fix}")
+    try:
+        return load_yaml(read_settings_file(path, what))
+    except YAMLError as exc:  # a binary file, or text in another encoding, too
+        raise error(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
 
 
 def inline(value: Any) -> str:

@@ -24,7 +24,7 @@ from lomar.errors import UsageError
 from lomar.limits import MAX_IMG_SIZE
 from lomar.train.setting_names import as_given, unknown_settings
 from lomar.values import brief, parse_device, parse_duration
-from lomar.yaml_io import YAMLError, inline, load_yaml, read_settings_file
+from lomar.yaml_io import inline, read_settings
 
 __all__ = ["ConfigError", "Setting", "setting", "declarations", "add_settings", "coerce_all", "read_yaml", "help_text"]
 
@@ -389,12 +389,7 @@ def coerce_all(cls: type, raw: dict, source: str, strict: bool = True) -> dict[s
 
 def read_yaml(cls: type, path: Path, strict: bool = True) -> dict[str, Any]:
     """The settings of a YAML file, typed."""
-    if not (path.is_file() or path.is_fifo()):  # a pipe: --config <(...)
-        raise ConfigError(f"config file {path} {'is not a file' if path.exists() else 'does not exist'}; give one")
-    try:
-        raw = load_yaml(read_settings_file(path, "config file")) or {}  # in YAML's encodings, not the locale's
-    except YAMLError as exc:  # a binary file, or text in another encoding, too
-        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    raw = read_settings(path, "config file", error=ConfigError) or {}  # in YAML's encodings, not the locale's
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings")
     return coerce_all(cls, raw, str(path), strict)

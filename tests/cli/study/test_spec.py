@@ -107,6 +107,25 @@ def test_a_spec_file_is_read_as_a_config_is_in_yamls_encodings_and_bounded(tmp_p
         load_spec(tmp_path / "big.yaml")
 
 
+def test_a_spec_from_a_pipe_is_read_as_a_config_from_one_is_its_paths_the_working_folders(tmp_path, monkeypatch):
+    """`lomar study <(sed ... spec.yaml)` was 'study spec /dev/fd/63 does not exist' while --config reads a pipe."""
+    import os
+
+    from lomar.cli.study.spec import load_spec
+
+    (tmp_path / "imgs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    read, write = os.pipe()
+    os.write(write, b"data: {pretrain: imgs}\nbudget: 1steps\ngrid: {method: [mae]}\neval: {metrics: []}\n")
+    os.close(write)
+    try:
+        assert load_spec(f"/dev/fd/{read}").data_pretrain == "imgs"
+    finally:
+        os.close(read)
+    with pytest.raises(UsageError, match=r"^study spec \S+ is not a file; pass a YAML file or --preset NAME$"):
+        load_spec(tmp_path)
+
+
 def test_accuracy_metrics_need_labelled_data(tmp_path):
     raw = _raw(tmp_path, eval={"metrics": ["knn"]})
     raw["data"] = {"pretrain": raw["data"]["pretrain"]}

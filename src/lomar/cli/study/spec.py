@@ -41,7 +41,7 @@ from typing import Any
 from lomar.errors import LomarError, UsageError
 from lomar.train.settings_resume import ResumeMismatch
 from lomar.values import counted, is_integer
-from lomar.yaml_io import YAMLError, load_yaml, read_settings_file
+from lomar.yaml_io import read_settings
 
 __all__ = ["Budget", "Cell", "EvalSpec", "StudySpec", "parse_budget", "parse_spec", "load_spec", "METRICS",
            "MAX_SEEDS", "MAX_CELLS", "StudyStopped", "StudyFailed", "stop_signals_seen"]
@@ -357,10 +357,6 @@ def parse_spec(raw: Any, source: str = "the spec", base: Path | None = None, not
 
 def load_spec(path: str | Path) -> StudySpec:
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"study spec {path} does not exist; pass a YAML file or --preset NAME")
-    try:
-        raw = load_yaml(read_settings_file(path, "study spec"))  # in YAML's encodings, at most 1 MiB
-    except YAMLError as exc:
-        raise UsageError(f"study spec {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return parse_spec(raw, str(path), base=path.parent)
+    raw = read_settings(path, "study spec", "pass a YAML file or --preset NAME")  # a pipe too, as --config reads
+    # a pipe's (<(sed ... spec.yaml)) relative paths are the working folder's, as a --config file's are
+    return parse_spec(raw, str(path), base=path.parent if path.is_file() else None)
