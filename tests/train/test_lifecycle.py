@@ -16,6 +16,7 @@ from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
 from lomar.data.samplers import EpochSampler
 from lomar.train.lifecycle import Task, run
+from lomar.train.precision import resolve_precision
 
 
 @dataclasses.dataclass
@@ -1065,3 +1066,59 @@ def test_every_rank_stops_at_the_step_one_rank_finds_past_the_time_limit(tmp_pat
     alone would wait in step 3's all-reduce for rank 0, which is saving)."""
     run_two_ranks(TimedOutOnRankZero, tmp_path, "a rank went on past the time limit", code=75, time_limit=3600)
     assert safe_load(tmp_path / "last.pt")["step"] == 2
+
+
+def test_an_auto_run_resumed_where_auto_picks_another_precision_keeps_its_own_and_says_so(tmp_path, capsys,
+                                                                                           monkeypatch):
+    """--precision auto is resolved once, where the run starts, and recorded in its checkpoints: a resume on a CPU
+    without bf16 products (an AMD CI machine) of a run begun on an AMX one went on in fp32, silently."""
+    import lomar.train.precision as precision
+
+    out = tmp_path / "r"
+    for has_bf16, steps in ((True, 2), (False, 4)):
+        monkeypatch.setattr(precision, "cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
+        assert run(ToyConfig(out=str(out), precision="auto", max_steps=steps, resume="auto"), ToyTask) == 0
+    printed = capsys.readouterr().out
+    assert "device cpu, precision bf16" in printed and "device cpu, precision fp32" not in printed
+    assert ("lomar toy: precision bf16, the run's since its start (this machine's --precision auto would pick fp32); "
+            "pass --precision fp32 to switch\n") in printed
+    assert safe_load(out / "last.pt")["precision"] == "bf16"
+
+
+def test_a_precision_given_to_a_resume_switches_it_in_one_line_and_fp16s_scale_either_way(tmp_path, capsys):
+    """bf16 -> fp16: the checkpoint's scaler state is empty (a disabled scaler's), which GradScaler refused with a
+    traceback; fp16's scale starts afresh. fp16 -> bf16: the fp16 scale is left behind."""
+    out = tmp_path / "r"
+    assert run(ToyConfig(out=str(out), precision="bf16", max_steps=2), ToyTask) == 0
+    assert safe_load(out / "last.pt")["scaler"] == {}
+    for was, now, steps in (("bf16", "fp16", 4), ("fp16", "bf16", 6)):
+        capsys.readouterr()
+        assert run(ToyConfig(out=str(out), precision=now, max_steps=steps, resume="auto"), ToyTask) == 0
+        extra = "; fp16's loss scale starts afresh, as a new fp16 run's" if now == "fp16" else ""
+        assert (f"lomar toy: precision {was} → {now} after step {steps - 2}, as --precision {now} asks{extra}\n"
+                in capsys.readouterr().out)
+        ckpt = safe_load(out / "last.pt")
+        assert ckpt["precision"] == now and bool(ckpt["scaler"]) == (now == "fp16")
+    scaled = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss_scale" in r]
+    assert scaled == [3, 4]
+
+
+def test_an_older_checkpoint_of_a_cuda_run_resumes_on_a_cpu_saying_what_it_gets(tmp_path, capsys):
+    """A checkpoint written before the precision was recorded gets this machine's auto, and the line says so; a
+    device of another kind (its RNG state holds a CUDA stream: a CUDA run's) is told, not silently taken."""
+    from lomar.checkpoints.io import atomic_save
+
+    out = tmp_path / "r"
+    assert run(ToyConfig(out=str(out), precision="auto", max_steps=2), ToyTask) == 0
+    ckpt = safe_load(out / "last.pt")
+    del ckpt["precision"]
+    for state in (ckpt["rng"], *ckpt["rng_ranks"]):
+        state["cuda"] = torch.zeros(16, dtype=torch.uint8)
+    atomic_save(ckpt, out / "last.pt")
+    capsys.readouterr()
+    assert run(ToyConfig(out=str(out), precision="auto", max_steps=4, resume="auto"), ToyTask) == 0
+    printed, own = capsys.readouterr().out, resolve_precision("auto", torch.device("cpu"))
+    assert (f"lomar toy: precision {own}, --precision auto's choice on this machine: the checkpoint (an older lomar's) "
+            f"does not record the precision the run trained in\n") in printed
+    assert ("lomar toy: device cuda → cpu after step 2: the weights and optimizer state move over; its kernels and "
+            "device random draws (drop path) differ, so it does not go on bit for bit\n") in printed

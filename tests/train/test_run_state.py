@@ -624,6 +624,13 @@ def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_bf16(monkeypatch, 
     assert [resolve_precision(p, cpu) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
 
 
+@pytest.mark.parametrize("native, expected", [(False, "fp32"), (True, "bf16")])
+def test_auto_precision_is_bf16_only_where_the_gpu_multiplies_bf16(monkeypatch, native, expected):
+    """A T4 or V100 runs bf16 emulated, slower than fp32: torch's is_bf16_supported() says yes to it by default."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    assert resolve_precision("auto", torch.device("cuda")) == expected
+
+
 def test_the_saved_random_state_holds_the_normal_samplers_cached_value(tmp_path):
     import random
 
