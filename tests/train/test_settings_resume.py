@@ -102,3 +102,16 @@ def test_a_time_limit_in_a_form_not_taken_is_refused_in_one_line(tmp_path, capsy
     (tmp_path / "c.yaml").write_text("time_limit: 2 hours\n")
     assert main([command, "--config", str(tmp_path / "c.yaml")]) == 2
     assert "time_limit: '2 hours' in " in capsys.readouterr().err
+
+
+def test_a_resume_may_switch_the_precision_and_auto_given_again_keeps_the_runs():
+    """Autocast's dtype is no part of the weights or the optimizer state: a run may go on in another precision (the
+    lifecycle says so in one line); 'auto' stays 'auto', which resolves to the precision the checkpoint records."""
+    from lomar.train.config import PretrainConfig
+    from lomar.train.settings_resume import resume_values
+
+    for saved in ("auto", "bf16"):
+        assert resume_values(PretrainConfig, {"precision": saved}, "last.pt", {"precision": "fp32"})["precision"] == \
+            "fp32"
+        assert resume_values(PretrainConfig, {"precision": saved}, "last.pt", {})["precision"] == saved
+    assert resume_values(PretrainConfig, {"precision": "auto"}, "last.pt", {"precision": "auto"})["precision"] == "auto"

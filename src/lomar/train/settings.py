@@ -155,7 +155,7 @@ WARMUP_EPOCHS = Setting(40, "epochs of linear lr warm-up, in [0, --epochs]", kin
 WEIGHT_DECAY = Setting(0.05, "AdamW weight decay", low=0)
 CLIP_GRAD = Setting(None, "clip the gradient norm to this (default: no clipping)", kind=float, above=0)
 PRECISION = Setting("auto", "auto = bf16 autocast where the hardware has bf16 products (CUDA with bf16, a CPU "
-                    "with AVX-512 BF16 or AMX), else fp32", choices=("auto", "fp32", "bf16", "fp16"))
+                    "with AVX-512 BF16 or AMX), else fp32", choices=("auto", "fp32", "bf16", "fp16"), resume=_RUN)
 LOG_EVERY = Setting(20, "print the training loss every N optimizer steps (metrics.jsonl and TensorBoard get every "
                     "step)", above=0, resume=_RUN)
 EVAL_EVERY = Setting(None, "evaluate (and checkpoint) every N optimizer steps and at the end, instead of at each "
@@ -347,7 +347,7 @@ def _coerce_scalar(s: Setting, name: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{where} must be true or false")
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ConfigError(f"{where} must be a {'string' if s.kind is str else 'number'}")
-    if s.parse is not None and isinstance(value, (str, int)):
+    if s.parse is not None:  # a YAML number as its flag's text: time_limit: 1.5 is --time-limit 1.5's 2 s
         try:
             return s.parse(str(value))
         except ValueError as exc:
