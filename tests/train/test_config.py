@@ -157,6 +157,13 @@ def test_an_eval_only_out_from_the_settings_file_is_named_as_its_line(tmp_path, 
     assert f"error: out: {tmp_path / 'scored'} in {config} {said} (" in capsys.readouterr().err
 
 
+def test_a_time_limit_in_the_settings_file_reads_as_the_flags(tmp_path, capsys):
+    """`time_limit: 1.5` (a YAML number) was 'must be a whole number' while --time-limit 1.5 ran 2 s."""
+    for argv in (["--config", _yaml(tmp_path, "time_limit: 1.5\n")], ["--time-limit", "1.5"]):
+        assert _resolve(tmp_path, *argv) == 0, capsys.readouterr().err
+        assert yaml.safe_load(capsys.readouterr().out)["time_limit"] == 2
+
+
 def test_print_config_with_an_out_that_holds_a_run(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("method: lomar\n")
