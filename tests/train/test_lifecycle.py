@@ -1005,31 +1005,129 @@ def test_a_resume_that_runs_the_missing_final_evaluation_writes_the_end_files_fr
     assert (out / "predictions").read_text() == "5"  # old code: "3"
 
 
-def test_a_time_limit_stops_at_the_first_step_past_it_and_the_run_resumes_exactly(tmp_path, capsys, monkeypatch):
-    """The limit counts from the run's start; the stop is a SIGTERM's (checkpoint at the step, exit code of its own,
-    one line), and a resume given another limit goes on to an uninterrupted run's losses and weights."""
+class _Clock:
+    """preemption's clock, which the run moves on: ``step_s`` seconds a step (its micro-batches share them; ``slow``:
+    {step: seconds} for some), ``save_s`` a checkpoint save (the main process's files)."""
+
+    def __init__(self, step_s: float, save_s: float = 0.0, slow: dict[int, float] | None = None):
+        self.now, self.step_s, self.save_s, self.slow = 0.0, step_s, save_s, slow or {}
+
+    def __call__(self) -> float:
+        return self.now
+
+    def task(self) -> type[ToyTask]:
+        clock = self
+
+        class Timed(ToyTask):
+            def loss(self, batch):
+                clock.now += clock.slow.get(self.progress.step + 1, clock.step_s) / 2  # accum_steps 2
+                return super().loss(batch)
+
+            def saved(self, path):
+                clock.now += clock.save_s
+
+        return Timed
+
+
+def test_a_time_limit_stops_where_one_more_step_and_the_save_would_pass_it_and_the_run_resumes_exactly(
+        tmp_path, capsys, monkeypatch):
+    """10 s steps, a 35 s limit: at step 3 (30 s) another step would pass it, so the run stops there and ends within
+    the limit (it stopped at step 4, 40 s, the final save after it). The stop is a SIGTERM's (checkpoint at the step,
+    exit code of its own, one line saying the margin), and a resume given another limit goes on to an uninterrupted
+    run's losses and weights."""
     from lomar.train import preemption
 
-    now = [0.0]
-
-    def clock():  # 10 s a reading: the run's start, then each step's stop agreement
-        now[0] += 10.0
-        return now[0]
-
+    clock = _Clock(step_s=10.0)
     monkeypatch.setattr(preemption, "monotonic", clock)
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    assert run(ToyConfig(out=str(straight)), ToyTask) == 0
-    now[0] = 0.0
-    assert run(ToyConfig(out=str(stopped), time_limit=25), ToyTask) == preemption.TIME_LIMIT_EXIT == 75
+    assert run(ToyConfig(out=str(straight)), clock.task()) == 0
+    clock.now = 0.0
+    assert run(ToyConfig(out=str(stopped), time_limit=35), clock.task()) == preemption.TIME_LIMIT_EXIT == 75
     line = capsys.readouterr().out.rstrip().splitlines()[-1]
-    assert line.startswith("lomar toy: time limit 25s reached at step 3; checkpoint ") and "--resume auto" in line
-    assert safe_load(stopped / "last.pt")["step"] == 3 and not (stopped / "finished").exists()
-    now[0] = 0.0
-    assert run(ToyConfig(out=str(stopped), resume="auto", time_limit=3600), ToyTask) == 0
+    assert line.startswith("lomar toy: time limit 35s: stopped at step 3 with 5s left for the save (one more step "
+                           "and the save would take 10s); checkpoint ") and "--resume auto" in line
+    assert safe_load(stopped / "last.pt")["step"] == 3 and not (stopped / "finished").exists()  # old code: 4
+    assert clock.now <= 35
+    clock.now = 0.0
+    assert run(ToyConfig(out=str(stopped), resume="auto", time_limit=3600), clock.task()) == 0
     a, b = safe_load(straight / "last.pt"), safe_load(stopped / "last.pt")
     assert b["step"] == 12 and _losses(straight) == _losses(stopped)
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0)
+
+
+def test_a_slow_step_widens_the_time_limits_margin(tmp_path, capsys, monkeypatch):
+    """1 s steps, step 2 taking 6 s, a 15 s limit: the margin is the longest recent step, so the run stops at step 4
+    (9 s: 6 s more would pass 15 s) where it went on to step 10 (15 s), at the limit before its save."""
+    from lomar.train import preemption
+
+    clock = _Clock(step_s=1.0, slow={2: 6.0})
+    monkeypatch.setattr(preemption, "monotonic", clock)
+    assert run(ToyConfig(out=str(tmp_path), time_limit=15), clock.task()) == 75
+    assert "stopped at step 4 with 6s left for the save" in capsys.readouterr().out
+    assert safe_load(tmp_path / "last.pt")["step"] == 4  # old code: 10
+
+
+@pytest.mark.parametrize("limit, stop_step, said", [
+    (23, 7, "stopped at step 7 with 8s left for the save (one more step and the save would take 9s)"),  # old: 9
+    # at step 8 an epoch ends: its evaluation and save (9 s the last time) come before step 9
+    (30, 8, "stopped at step 8 with 14s left for the save (the work due, one more step and the save would take 17s)"),
+])
+def test_the_time_limits_margin_keeps_the_last_saves_time_for_the_final_save(tmp_path, capsys, monkeypatch, limit,
+                                                                            stop_step, said):
+    """1 s steps and 8 s saves: the first save (at the end of epoch 1, step 4) is measured, and from then on the run
+    stops where the step and the save would pass the limit; the final save ends within it (old code: 33 s and
+    45 s, stopped at steps 9 and 13)."""
+    from lomar.train import preemption
+
+    clock = _Clock(step_s=1.0, save_s=8.0)
+    monkeypatch.setattr(preemption, "monotonic", clock)
+    assert run(ToyConfig(out=str(tmp_path), time_limit=limit), clock.task()) == 75
+    assert said in capsys.readouterr().out
+    assert safe_load(tmp_path / "last.pt")["step"] == stop_step and clock.now <= limit
+
+
+def test_before_the_first_save_its_time_is_estimated_from_the_models_size(tmp_path, capsys, monkeypatch):
+    """The toy model's 4 parameters, with AdamW's two moments 48 bytes, written at 9.6 bytes a second: 5 s. With 1 s
+    steps, an 8 s limit stops the run at step 3 (5 s left: not enough for a step and that save)."""
+    from lomar.train import preemption
+
+    clock = _Clock(step_s=1.0)
+    monkeypatch.setattr(preemption, "monotonic", clock)
+    monkeypatch.setattr(preemption, "SAVE_BYTES_PER_S", 48 / 5)
+    assert run(ToyConfig(out=str(tmp_path), time_limit=8), clock.task()) == 75
+    assert "stopped at step 3 with 5s left for the save (one more step and the save would take 6s)" in \
+        capsys.readouterr().out
+    assert safe_load(tmp_path / "last.pt")["step"] == 3  # old code: 8
+
+
+def test_the_first_run_of_a_lomar_command_counts_its_time_limit_from_the_commands_start(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """A command that began 50 s before its run (start-up, listing a big folder) has used a 40 s limit up: the run
+    stops at its first step, saying by how much it passed it. A later run in the process counts from its own call."""
+    from lomar.train import preemption
+
+    clock = _Clock(step_s=1.0)
+    clock.now = 100.0
+    monkeypatch.setattr(preemption, "monotonic", clock)
+    preemption.mark_command_start(50.0)  # the run starts at 100 s
+    assert run(ToyConfig(out=str(tmp_path), time_limit=40), clock.task()) == 75
+    assert "time limit 40s: stopped at step 1, 11s past it; checkpoint " in capsys.readouterr().out
+    assert run(ToyConfig(out=str(tmp_path), time_limit=40, resume="auto"), clock.task()) == 0
+
+
+def test_lomar_counts_a_time_limit_from_its_process_start_and_a_python_caller_from_the_call(monkeypatch):
+    from lomar.cli import app
+    from lomar.train import preemption
+
+    taken = []
+    monkeypatch.setattr(app, "_run_command", lambda args: taken.append(preemption.take_command_start()))
+    monkeypatch.setattr("sys.argv", ["lomar", "pretrain"])
+    assert app.main() == 0
+    assert app.main(["pretrain"]) == 0
+    since_process_start, since_call = (preemption.monotonic() - start for start in taken)
+    assert since_process_start > 1.0 > since_call  # this process has run for seconds: pytest imported torch
+    assert preemption.take_command_start() is None  # the command's end: a later run counts from its own call
 
 
 def test_under_torchrun_a_time_limit_stops_with_exit_0(tmp_path, capsys, monkeypatch):
@@ -1037,16 +1135,11 @@ def test_under_torchrun_a_time_limit_stops_with_exit_0(tmp_path, capsys, monkeyp
     which resume with a limit of their own and train on past the one that stopped them."""
     from lomar.train import preemption
 
-    now = [0.0]
-
-    def clock():
-        now[0] += 10.0
-        return now[0]
-
+    clock = _Clock(step_s=10.0)
     monkeypatch.setattr(preemption, "monotonic", clock)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # what torchrun gives each worker
-    assert run(ToyConfig(out=str(tmp_path), time_limit=25), ToyTask) == 0  # old code: 75
-    assert "time limit 25s reached at step 3; checkpoint " in capsys.readouterr().out
+    assert run(ToyConfig(out=str(tmp_path), time_limit=35), clock.task()) == 0  # old code: 75
+    assert "time limit 35s: stopped at step 3 with 5s left for the save" in capsys.readouterr().out
 
 
 class TimedOutOnRankZero(ToyTask):
@@ -1080,7 +1173,7 @@ def test_an_auto_run_resumed_where_auto_picks_another_precision_keeps_its_own_an
         assert run(ToyConfig(out=str(out), precision="auto", max_steps=steps, resume="auto"), ToyTask) == 0
     printed = capsys.readouterr().out
     assert "device cpu, precision bf16" in printed and "device cpu, precision fp32" not in printed
-    assert ("lomar toy: precision bf16, the run's since its start (this machine's --precision auto would pick fp32); "
+    assert ("lomar toy: precision bf16, the one the run trained in (this machine's --precision auto would pick fp32); "
             "pass --precision fp32 to switch\n") in printed
     assert safe_load(out / "last.pt")["precision"] == "bf16"
 

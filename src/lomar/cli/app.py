@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterable
+from time import monotonic
 
 from lomar import __version__
 from lomar.cli.suggest import command_parser, suggest_flags
@@ -30,6 +31,7 @@ from lomar.errors import (
     leave_it_to_the_first_process,
 )
 from lomar.limits import check_env_limits
+from lomar.train.preemption import mark_command_start, process_age, take_command_start
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main", "run", "describe_os_error"]
 
@@ -195,6 +197,8 @@ def _operands_after_flags(own: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def main(argv: list[str] | None = None) -> int:
+    # --time-limit counts from lomar's start: this process's (its command line), or a Python caller's call (argv)
+    started = monotonic() - (process_age() if argv is None else 0.0)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["help"]:  # git's and pip's spelling: `lomar help CMD` is `lomar CMD --help`
         argv = [*argv[1:], "--help"]
@@ -221,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
     previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGUSR1)} if main_thread else {}
     try:
+        mark_command_start(started)
         return int(_run_command(args) or 0)
     except LomarError as exc:
         print(f"{prefix}: error: {_one_line(str(exc))}", file=sys.stderr)
@@ -247,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}: error: {message}", file=sys.stderr)
         return code
     finally:
+        take_command_start()  # a run a Python caller starts after this command counts from its own call
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 

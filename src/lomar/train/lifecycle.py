@@ -127,13 +127,14 @@ class _Run:
     def save(self, metrics: dict | None = None) -> Path | None:
         """``last.pt`` (+ ``checkpoint-N.pt`` with ``keep_last``; a sharded run: ``checkpoint-N.dcp``), and
         ``best.pt`` when ``metrics`` (a finished epoch's) hold the best ``best_metric`` so far. A collective."""
-        check_weights(self.task.model, self.info.enabled, self.p.step, self.out, self.cfg, self.precision)
-        self.rngs, self.skips = gather_rng_states(self.info, self.device), self.skipped.gathered(self.info)
-        keep = getattr(self.cfg, "keep_last", None)
-        if self.task.sharded:  # collective
-            path = save_run_checkpoint(self.task.model, self.optimizer, self.meta(), self.out, self.p.step, keep)
-            return path if self.info.is_main else None
-        return save_on_main_rank(lambda: self._save_files(metrics, keep), self.info.is_main, self.device)
+        with self.stop.saving():  # the time limit's margin keeps the last save's seconds for the final one
+            check_weights(self.task.model, self.info.enabled, self.p.step, self.out, self.cfg, self.precision)
+            self.rngs, self.skips = gather_rng_states(self.info, self.device), self.skipped.gathered(self.info)
+            keep = getattr(self.cfg, "keep_last", None)
+            if self.task.sharded:  # collective
+                path = save_run_checkpoint(self.task.model, self.optimizer, self.meta(), self.out, self.p.step, keep)
+                return path if self.info.is_main else None
+            return save_on_main_rank(lambda: self._save_files(metrics, keep), self.info.is_main, self.device)
 
     def _save_files(self, metrics: dict | None, keep: int | None) -> Path:
         metric = self.task.best_metric
@@ -157,7 +158,7 @@ class _Run:
         self.monitor = Monitor(self.out, self.info.is_main, self.last_step, cfg.log_every, task.name, p.step)
         if self.info.is_main:
             self._announce()
-        self.stop.install()
+        self.stop.install(task.model)  # its size estimates the first save's time, for the time limit's margin
         if p.step == 0:  # the main process's, stopping the others with it as a failed save does (a full disk)
             save_on_main_rank(task.begin, self.info.is_main, self.device)
         stopping, self.signalled, self.epoch_tick = False, False, time.perf_counter()
@@ -198,11 +199,12 @@ class _Run:
             if micro % accum:
                 continue
             p.batches_done += accum
-            if self._optimizer_step():
-                self.signalled = any_rank_stopping(self.stop, self.device)
+            if self._optimizer_step():  # the time limit's margin counts an evaluation or epoch's end before the next
+                scoring = self.task.eval_steps and p.step % self.task.eval_steps == 0
+                self.signalled = any_rank_stopping(self.stop.ahead(scoring or p.batches_done >= per_epoch), self.device)
                 if self.signalled or p.step >= self.last_step:
                     return True
-                if self.task.eval_steps and p.step % self.task.eval_steps == 0:
+                if scoring:
                     self.save(self._evaluate())
         if p.batches_done < per_epoch:  # going on would ask the same loader for the same batches forever
             raise UsageError(f"the training data gave {p.batches_done} of the {per_epoch} batches of epoch {p.epoch} "
@@ -327,7 +329,7 @@ class _Run:
         name, out, cfg = self.task.name, self.out, self.cfg
         if preempted:
             self.task.stopped(out)
-            print(f"lomar {name}: {self.stop.reason} at step {self.p.step}; checkpoint {path}. "
+            print(f"lomar {name}: {self.stop.stopped_at(self.p.step)}; checkpoint {path}. "
                   + resume_hint(name, out, self.info.world_size), flush=True)
             return
         self.task.finish(out)
@@ -347,7 +349,7 @@ class _Run:
 
 def run(config, make_task: type[Task]) -> int:
     """Run (or resume) the training ``make_task(config, info, device)`` builds; the process exit code."""
-    stop = StopFlag(getattr(config, "time_limit", None))  # the limit counts from here: start-up is in it
+    stop = StopFlag(getattr(config, "time_limit", None))  # from the lomar command's start, or this call's
     info, device = join_group(config.device)  # what fails before the first step: a one-line error, exit 2
     out, name = Path(main_rank_out(config)), config.COMMAND  # one run folder: a default's time is rank 0's
     lock, task, trainer = RunLock(out), None, None
@@ -391,8 +393,7 @@ def run(config, make_task: type[Task]) -> int:
         lock.release(remove_if_empty=True)
         raise
     finally:
-        if trainer is not None:
-            trainer.stop.restore()
+        stop.restore()
         if task is not None:
             shut_down_workers(*(getattr(task, k, None) for k in ("train_loader", "val_loader")))
         lock.release()

@@ -1,20 +1,27 @@
 """Preemption: SIGTERM / SIGUSR1 (what cluster schedulers send) become "checkpoint and exit 0";
 Ctrl-C (SIGINT) writes the same checkpoint and exits 130. A second Ctrl-C interrupts at once.
-``--time-limit`` stops the run the same way at the first step past it, and exits 75 (0 under torchrun)."""
+``--time-limit`` stops the run the same way at the last step boundary from which one more step and the final save
+still end within it, and exits 75 (0 under torchrun). Imports no torch: ``lomar`` notes its start here first."""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import signal
 import threading
+import time
+from collections import deque
 from time import monotonic
+from typing import TYPE_CHECKING
 
-import torch
-
-from lomar.train.distributed import rank_max
 from lomar.values import duration_text
 
-__all__ = ["StopFlag", "TIME_LIMIT_EXIT", "ignore_stop_signals", "any_rank_stopping", "shut_down_workers"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["StopFlag", "TIME_LIMIT_EXIT", "ignore_stop_signals", "any_rank_stopping", "shut_down_workers",
+           "mark_command_start", "take_command_start", "process_age"]
 
 # sysexits' EX_TEMPFAIL, "try again later": the work is not done and resuming it is all it takes. A wrapper tells it
 # from 0 (finished, or stopped by the scheduler's own signal, which the scheduler knows of) and from 1 (failed).
@@ -23,24 +30,104 @@ __all__ = ["StopFlag", "TIME_LIMIT_EXIT", "ignore_stop_signals", "any_rank_stopp
 TIME_LIMIT_EXIT = 75
 
 
+# Before a run's first save is measured, the save is taken to write the weights and AdamW's two moments at this rate
+# (a slow network file system's; a local disk writes several times faster): 10 s for ViT-Base's 1 GB.
+SAVE_BYTES_PER_S = 100e6
+STEPS_KEPT = 8  # a step's time, for the time limit's margin: the longest of the last this many
+
 _SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_command_start: list[float] = []  # when the lomar command began (monotonic), until a run takes it
+
+
+def process_age() -> float:
+    """Seconds since this process started, as Linux's /proc tells (0.0 where it cannot)."""
+    try:
+        with open("/proc/self/stat", "rb") as file:
+            fields = file.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # starttime, field 22: clock ticks after boot
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+    except (OSError, ValueError, IndexError, AttributeError):  # no /proc (macOS), no CLOCK_BOOTTIME
+        return 0.0
+
+
+def mark_command_start(started: float) -> None:
+    """The lomar command began at ``started`` (a :func:`monotonic` reading): the first run it starts counts its
+    --time-limit from then."""
+    _command_start[:] = [started]
+
+
+def take_command_start() -> float | None:
+    """The command's start for the run that asks first, None after (and for a run not started by a command)."""
+    return _command_start.pop() if _command_start else None
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1 / SIGINT, or due ``time_limit`` seconds after it is made (at the run's start):
-    finish the step, checkpoint, exit (see exit_code)."""
+    """Set by SIGTERM / SIGUSR1 / SIGINT, or due when the time left of ``time_limit`` would not hold one more step
+    and the final save: finish the step, checkpoint, exit (see exit_code). The limit counts from ``started`` (a
+    :func:`monotonic` reading): by default the lomar command's start (:func:`mark_command_start`), else now."""
 
-    def __init__(self, time_limit: float | None = None):
+    def __init__(self, time_limit: float | None = None, started: float | None = None):
         self.signal: int | None = None
         self.previous: dict = {}
         self.time_limit, self.timed_out = time_limit, False  # timed_out: what the ranks agreed (any_rank_stopping)
-        self.deadline = None if time_limit is None else monotonic() + time_limit
+        started = started if started is not None else take_command_start()
+        self.deadline = None if time_limit is None else (monotonic() if started is None else started) + time_limit
+        # The margin's measures, between two stop agreements: the last few steps' seconds (the first interval, with
+        # the loop's start-up, until a second), the last step that followed an evaluation, a save or an epoch's end
+        # (its loader's start-up), and the last save's seconds (before one, estimated: see install).
+        self.steps: deque[float] = deque(maxlen=STEPS_KEPT)
+        self.first_step, self.work_s, self.save_s, self.mark = None, 0.0, None, None
+        self.work_ahead = self.after_work = False
+        self.left = self.needed = 0.0  # at the stop: the seconds left of the limit, and those a step and save needed
+        self.needed_for = ""
 
-    def install(self) -> None:
+    def install(self, model=None) -> None:
+        """The signal handlers, and the start of the steps' clock; ``model``: its parameters size the first save."""
+        self.mark = monotonic()
+        if model is not None and self.save_s is None:
+            size = sum(p.numel() * p.element_size() for p in model.parameters())
+            self.save_s = 3 * size / SAVE_BYTES_PER_S  # the weights and AdamW's two moments
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may set handlers (e.g. a run started from a thread)
         for sig in _SIGNALS:
             self.previous[sig] = signal.signal(sig, self._handle)
+
+    @contextlib.contextmanager
+    def saving(self):
+        """Time a checkpoint save: the time limit's margin keeps the last one's seconds for the final save."""
+        start = monotonic()
+        try:
+            yield
+        finally:
+            self.save_s = monotonic() - start
+
+    def ahead(self, work: bool) -> StopFlag:
+        """This flag, told whether an evaluation, a save or an epoch's end comes before the next step."""
+        self.work_ahead = work
+        return self
+
+    def due(self) -> int:
+        """This process's stop: 2 for a signal, 1 when the time left of the limit would not hold the next step (with
+        the work :meth:`ahead` of it) and the final save, else 0. Ends a step's interval."""
+        now = monotonic()
+        if self.mark is not None:
+            if self.first_step is None:
+                self.first_step = now - self.mark
+            elif self.after_work:
+                self.work_s = now - self.mark
+            else:
+                self.steps.append(now - self.mark)
+        self.mark, self.after_work, work = now, self.work_ahead, self.work_ahead
+        self.work_ahead = False
+        if self.signal is not None:
+            return 2
+        if self.deadline is None:
+            return 0
+        save = self.save_s or 0.0
+        step = max(self.steps) if self.steps else self.first_step or 0.0
+        self.left, self.needed = self.deadline - now, (max(self.work_s, step + save) if work else step) + save
+        self.needed_for = "the work due, one more step and the save" if work else "one more step and the save"
+        return int(self.left <= 0 or self.left < self.needed)
 
     def restore(self) -> None:
         """Give the handlers back, so an in-process caller's own handling resumes."""
@@ -52,9 +139,15 @@ class StopFlag:
     def name(self) -> str:
         return signal.Signals(self.signal).name if self.signal else "a signal on another rank"
 
-    @property
-    def reason(self) -> str:
-        return f"time limit {duration_text(self.time_limit)} reached" if self.timed_out else f"stopped by {self.name}"
+    def stopped_at(self, step: int) -> str:
+        """Why the run stopped at ``step``, and for the time limit, the margin it kept."""
+        if not self.timed_out:
+            return f"stopped by {self.name} at step {step}"
+        limit = f"time limit {duration_text(self.time_limit)}: stopped at step {step}"
+        if self.left <= 0:  # the start-up, or a step or evaluation longer than the ones before, passed it
+            return f"{limit}, {duration_text(-self.left)} past it" if math.isfinite(self.left) else f"{limit}, past it"
+        return (f"{limit} with {duration_text(self.left)} left for the save ({self.needed_for} would take "
+                f"{duration_text(self.needed)})")
 
     @property
     def exit_code(self) -> int:
@@ -81,11 +174,13 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 def any_rank_stopping(stop: StopFlag, device: torch.device) -> bool:
-    """True when this process or any other rank was signalled or is past the time limit: the step's one stop
-    agreement (a collective under DDP), which also sets ``stop.timed_out`` alike on every rank. A signal anywhere
-    is the reason over the limit: the scheduler that sent it is stopping the job."""
-    due = 2 if stop.signal is not None else int(stop.deadline is not None and monotonic() >= stop.deadline)
-    due = int(rank_max(due, device))
+    """True when this process or any other rank was signalled or is due to stop for the time limit
+    (:meth:`StopFlag.due`): the step's one stop agreement (a collective under DDP), whose MAX makes every rank stop
+    at the same step though each decides from its own clock, and sets ``stop.timed_out`` alike on every rank. A
+    signal anywhere is the reason over the limit: the scheduler that sent it is stopping the job."""
+    from lomar.train.distributed import rank_max  # torch: not for `lomar --help`, which imports this module
+
+    due = int(rank_max(stop.due(), device))
     stop.timed_out = due == 1
     return due > 0
 
