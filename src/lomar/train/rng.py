@@ -37,12 +37,15 @@ def rng_state(device: torch.device | None = None) -> dict:
 
 
 def set_rng_state(state: dict, device: torch.device | None = None) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore :func:`rng_state`'s ``state``; its tensors may be on ``device`` (a checkpoint read onto the GPU):
+    the generators take their states from host memory only ('RNG state must be a torch.ByteTensor')."""
+    torch.set_rng_state(state["torch"].cpu())
     has_gauss, gauss = state.get("numpy_gauss", (0, 0.0))  # a checkpoint written before it was saved: none
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], has_gauss, gauss))
+    np.random.set_state(("MT19937", state["numpy"].cpu().numpy().astype(np.uint32), state["numpy_pos"], has_gauss,
+                         gauss))
     random.setstate((state["python_version"], tuple(state["python"]), state.get("python_gauss")))
     if "cuda" in state and device is not None and device.type == "cuda":  # a CPU resume has no use for it
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def gather_rng_states(info: DistInfo, device: torch.device) -> list[dict]:
