@@ -262,3 +262,111 @@ def test_figures_are_written_in_the_format_their_name_gives(tmp_path, name, magi
     with pytest.raises(ValueError, match=r"figure .*f\.txt: name it \.png, \.pdf or \.svg \(got '\.txt'\)"):
         save_figure(fig, tmp_path / "f.txt", dpi=50)
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_shape_says_too_noisy_where_the_steps_straddle_following_flops():
+    from lomar.bench.report import shape
+
+    def rec(size, times, flops):
+        return dict(method="mae", img_size=size, windows=None, window_setting="-", step_s=sorted(times)[1],
+                    step_times_s=times, flops=flops)
+
+    # the medians' x2.00 against FLOPs x1.00 alone would flag it; the steps' x1.00-x4.00 include following FLOPs
+    noisy = shape([rec(224, [1.0, 1.0, 2.0], 10), rec(448, [2.0, 2.0, 4.0], 10)])
+    assert "time x2.00 (its steps x1.00-x4.00)" in noisy[0] and "too noisy to tell; raise --steps" in noisy[0]
+    assert "does not follow FLOPs" not in "".join(noisy)
+    # every pairing of steps at least x3 from FLOPs: flagged as before
+    flagged = shape([rec(224, [1.0, 1.0, 1.1], 10), rec(448, [3.3, 3.5, 3.6], 10)])
+    assert flagged[0].endswith(" -- time does not follow FLOPs\n")
+
+
+_SMALL = ["bench", "--tiny", "--sizes", "112", "128", "--windows", "1", "--methods", "lomar", "mae", "--batch-size",
+          "1", "--steps", "1", "--warmup", "0", "--device", "cpu", "--quiet"]
+
+
+def test_a_bench_stopped_after_its_first_size_leaves_its_rows_and_table(tmp_path, monkeypatch, capsys):
+    built = timing.build_runner
+
+    def stop_at_128(method, model, size, *args, **kwargs):  # Ctrl-C while the second size is being built
+        if size == 128:
+            raise KeyboardInterrupt
+        return built(method, model, size, *args, **kwargs)
+
+    monkeypatch.setattr(timing, "build_runner", stop_at_128)
+    out = tmp_path / "bench.json"
+    assert main([*_SMALL, "--json", str(out)]) == 130
+    data = json.loads(out.read_text())
+    assert [(r["method"], r["img_size"], r["status"]) for r in data["records"]] == [("lomar", 112, "ok"),
+                                                                                   ("mae", 112, "ok")]
+    assert all(r["step_s"] > 0 and r["mfu"] > 0 for r in data["records"])
+    assert data["meta"]["complete"] is False
+    assert data["meta"]["left"] == [dict(method="lomar", img_size=128, windows=1),
+                                    dict(method="mae", img_size=128, windows=None)]
+    assert [c["img_size"] for c in data["comparisons"]] == [112]
+    captured = capsys.readouterr()
+    assert "MAE / LoMaR per size" in captured.out and "stopped before its end" in captured.err
+
+
+def test_a_failing_configuration_is_a_row_and_the_next_one_runs(tmp_path, monkeypatch, capsys):
+    built, measure = timing.build_runner, timing.StepRunner.measure_memory
+
+    def no_lomar_at_128(method, model, size, *args, **kwargs):
+        if (method, size) == ("lomar", 128):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+        return built(method, model, size, *args, **kwargs)
+
+    def mae_out_of_memory(runner):
+        if runner.method == "mae" and runner.img_size == 112:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        measure(runner)
+
+    monkeypatch.setattr(timing, "build_runner", no_lomar_at_128)
+    monkeypatch.setattr(timing.StepRunner, "measure_memory", mae_out_of_memory)
+    monkeypatch.delattr("os.getloadavg")  # Windows has none: the run goes on without the load average
+    out = tmp_path / "bench.json"
+    assert main([*_SMALL, "--json", str(out)]) == 1
+    data = json.loads(out.read_text())
+    rows = {(r["method"], r["img_size"]): r for r in data["records"]}
+    assert {key: r["status"] for key, r in rows.items()} == {("lomar", 112): "ok", ("mae", 112): "failed",
+                                                             ("lomar", 128): "failed", ("mae", 128): "ok"}
+    assert rows["mae", 112]["error"] == "memory step: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert rows["lomar", 128]["error"] == "build: RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert rows["mae", 112]["step_s"] is None and rows["mae", 128]["step_s"] > 0
+    assert data["meta"]["complete"] is True and data["meta"]["left"] == []
+    assert data["meta"]["load_avg_before"] is None
+    captured = capsys.readouterr()
+    assert "mae          112     - failed at its memory step: OutOfMemoryError" in captured.out
+    assert "2 of 4 configurations failed" in captured.err
+
+
+def test_host_readings_fall_back_where_the_os_lacks_them(monkeypatch):
+    from lomar.bench import host
+
+    class Usage:
+        ru_maxrss = 1000
+
+    monkeypatch.setattr(host, "resource", types.SimpleNamespace(RUSAGE_SELF=0, getrusage=lambda who: Usage))
+    monkeypatch.setattr(host.sys, "platform", "darwin")
+    assert host.peak_rss_bytes() == 1000  # macOS counts bytes
+    monkeypatch.setattr(host.sys, "platform", "linux")
+    assert host.peak_rss_bytes() == 1000 * 1024  # Linux KiB
+    monkeypatch.delattr("os.getloadavg")
+    assert host.load_average() is None
+    monkeypatch.setattr(host, "resource", None)  # Windows: no resource module, no procfs
+    monkeypatch.setattr(timing, "open", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError(a[0])), raising=False)
+    assert timing.resident_bytes() is None
+    runner = build_runner("mae", "vit_base_patch16", 112, None, 1, CPU, "fp32", False, tiny=True)
+    runner.measure_memory()  # the step runs, its memory unknown
+    assert runner.peak_mem == (-1, "none")
+    from lomar.bench import backbone
+
+    monkeypatch.setattr(backbone, "open", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError(a[0])), raising=False)
+    monkeypatch.delattr("os.sysconf")  # Windows; macOS's lacks SC_AVPHYS_PAGES (ValueError)
+    assert backbone.available_bytes("cpu") is None  # unknown: the variant runs, no estimate can skip it
+
+
+def test_the_window_count_a_size_cannot_hold_is_refused_with_one_fix(capsys):
+    assert main(["bench", "--tiny", "--sizes", "128", "--windows", "30", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "lomar bench: error: 128px: --windows 30 asks for more distinct 7x7 windows than fit: the 8x8 patch grid has "
+        "only 4 window positions; lower --windows to 4 or less, or drop 128 from --sizes")

@@ -22,7 +22,6 @@ import contextlib
 import json
 import math
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import sys
 import torch
 
 from lomar.bench import stats
+from lomar.bench.host import peak_rss_bytes
 from lomar.bench.timing import DTYPES, resident_bytes, timed
 from lomar.models.attention import (
     CHUNK_BIAS_BYTES,
@@ -99,13 +99,17 @@ def model_flops(model: str, img_size: int, batch: int, tiny: bool = False, depth
     return 3 * depth * per_block
 
 
-def available_bytes(device: str) -> int:
-    """Memory a new step may use now: CUDA free memory, or MemAvailable of this machine."""
+def available_bytes(device: str) -> int | None:
+    """Memory a new step may use now: CUDA free memory, or MemAvailable of this machine; None where the OS does not
+    say (Windows, whose os has no sysconf; macOS, whose sysconf has no SC_AVPHYS_PAGES)."""
     if device.startswith("cuda"):
         return int(torch.cuda.mem_get_info(torch.device(device))[0])
     with contextlib.suppress(OSError, StopIteration), open("/proc/meminfo") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def run_variant(spec: dict) -> dict:
@@ -140,9 +144,11 @@ def run_variant(spec: dict) -> dict:
     times = [timed(step, device) for _ in range(spec["steps"])]
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device) - start_mem, "cuda_max_allocated_growth"
-    else:  # the process's high-water mark over its resident set before the first step
-        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start_mem, "cpu_rss_growth"
-    return dict(step_times_s=times, peak_mem_bytes=int(peak), peak_mem_kind=kind)
+    elif (high := peak_rss_bytes()) is not None and start_mem is not None:  # the high-water mark over the start
+        peak, kind = high - start_mem, "cpu_rss_growth"
+    else:  # Windows: neither told
+        peak, kind = None, None
+    return dict(step_times_s=times, peak_mem_bytes=peak if peak is None else int(peak), peak_mem_kind=kind)
 
 
 def _child(spec: dict) -> dict:
@@ -188,7 +194,7 @@ def bench_backbone(model: str, sizes: list[int], variants: list[str], batch_size
                        step_times_s=[])  # what a variant that did not run reports
             if variant == "flex" and not flex_available(torch.device(device)):
                 rec.update(status="skipped", reason="flex needs CUDA (FlexAttention has no CPU backward)")
-            elif need > 0.9 * free:
+            elif free is not None and need > 0.9 * free:  # memory unknown: run it, a child that dies is a record
                 rec.update(status="skipped", reason=f"estimated {need / 2**30:.1f} GiB > 90% of the "
                            f"{free / 2**30:.1f} GiB available")
             else:
@@ -200,8 +206,9 @@ def bench_backbone(model: str, sizes: list[int], variants: list[str], batch_size
             if rec["status"] == "ok":
                 step_s = sorted(rec["step_times_s"])[len(rec["step_times_s"]) // 2]
                 rec.update(step_s=step_s, images_per_s=batch_size / step_s, achieved_flops=flops / step_s)
-            say(f"{size}px {variant} {encoder}: {rec['status']}" + (f" {rec['step_s']:.2f} s, peak "
-                f"{rec['peak_mem_bytes'] / 2**20:,.0f} MiB" if rec["status"] == "ok" else f" ({rec['reason']})"))
+            peak = "unknown" if rec["peak_mem_bytes"] is None else f"{rec['peak_mem_bytes'] / 2**20:,.0f} MiB"
+            say(f"{size}px {variant} {encoder}: {rec['status']}" + (f" {rec['step_s']:.2f} s, peak {peak}"
+                if rec["status"] == "ok" else f" ({rec['reason']})"))
             records.append(rec)
             on_record(records)
     return records
@@ -215,7 +222,7 @@ def format_table(records: list[dict]) -> str:
         ok = r["status"] == "ok"
         step = f"{r['step_s']:.2f}" if ok else "-"
         spread = stats.spread(r.get("step_times_s") or ()) if ok else "-"
-        peak = f"{r['peak_mem_bytes'] / 2**20:,.0f} MiB" if ok else "-"
+        peak = f"{r['peak_mem_bytes'] / 2**20:,.0f} MiB" if ok and r["peak_mem_bytes"] is not None else "-"
         lines.append(f"{r['img_size']:>5} {r['attention']:<9} {r.get('encoder', 'lomar'):<14} {r['status']:<8} "
                      f"{step:>8} {spread:>6} {peak:>10} "
                      f"{r['estimated_bytes'] / 2**20:>6,.0f} MiB  {r.get('reason', '')}")

@@ -25,7 +25,7 @@ def machine_name(device) -> str:
 
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
+    name = platform.processor() or platform.machine() or "unknown CPU"
     with contextlib.suppress(OSError):
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), name)
@@ -79,7 +79,8 @@ def _in_series(rec: dict, key: tuple) -> bool:
 def shape(records: list[dict]) -> list[str]:
     """Per method / window setting timed at two sizes or more: time, FLOPs and pixels from the smallest size to
     the largest, against what the claim expects (fixed windows: flat; paper windows: with the windows; global
-    attention: with the pixels or faster)."""
+    attention: with the pixels or faster). Time is flagged when it does not follow FLOPs (within 50 %) at every
+    pairing of the two sizes' steps, and called too noisy to tell when some pairings follow them and some not."""
     lines, unfollowed = [], False
     keys = ((r["method"], r["window_setting"], None if r["window_setting"] == "paper" else r["windows"])
             for r in records)
@@ -98,9 +99,17 @@ def shape(records: list[dict]) -> list[str]:
         if key[0] == "beit_window":  # its dVAE labels the whole image, windows or not (timing.build_runner)
             expect += f" in its encoder, its tokenizer's work with the pixels x{pixels:.2f}"
         name = key[0] + (" (paper windows)" if key[1] == "paper" else f" ({key[2]} windows)" if key[2] else "")
-        line = f"  {name}, {a['img_size']} -> {b['img_size']}px: time x{time:.2f}, FLOPs x{flops:.2f}; {expect}"
-        if not 2 / 3 < time / flops < 3 / 2:  # the step's time should follow its work
+        # every pairing of a step at one size with a step at the other: the sizes are not interleaved, so the
+        # median's ratio alone can flag (or pass) a series whose steps say either
+        ta, tb = a.get("step_times_s") or [a["step_s"]], b.get("step_times_s") or [b["step_s"]]
+        low, high = min(tb) / max(ta), max(tb) / min(ta)
+        steps = f" (its steps x{low:.2f}-x{high:.2f})" if high > low else ""
+        line = f"  {name}, {a['img_size']} -> {b['img_size']}px: time x{time:.2f}{steps}, FLOPs x{flops:.2f}; {expect}"
+        inside = [2 / 3 < ratio / flops < 3 / 2 for ratio in (low, time, high)]  # time should follow the work
+        if not any(inside) and (low > flops) == (high > flops):
             line, unfollowed = line + " -- time does not follow FLOPs", True
+        elif not all(inside):
+            line += " -- its steps' spread reaches both sides of following FLOPs: too noisy to tell; raise --steps"
         lines.append(line + "\n")
     if unfollowed:  # once, however many series it is
         lines.append("  where time does not follow FLOPs: per-step overhead of a small batch or model, or load that "
@@ -129,15 +138,20 @@ def beit_comparisons(records: list[dict]) -> list[dict]:
     return out
 
 
-def print_table(records: list[dict], comparisons: list[dict], ceiling: float, stream: TextIO,
+def print_table(records: list[dict], comparisons: list[dict], ceiling: float | None, stream: TextIO,
                 beit_ratios: list[dict] | None = None, by_library: dict[str, float] | None = None) -> None:
     """The results as a fixed-width table, then the MAE / LoMaR and BEiT ratios per size.
 
-    ``by_library``: the median GEMM rate of each library timed for the ceiling (its best)."""
+    ``by_library``: the median GEMM rate of each library timed for the ceiling (its best). A record whose
+    ``status`` is ``failed`` is a line saying why; ``partial``, a median of fewer steps than asked (the bench
+    was stopped); ``ceiling`` None: no round ran, no MFU."""
     w = stream.write
     libraries = ", ".join(f"{name} {rate / 1e9:,.1f}" for name, rate in (by_library or {}).items())
-    w(f"GEMM ceiling (same run, same dtype): {ceiling / 1e9:,.1f} GFLOP/s"
-      + (f" (the faster of {libraries})" if len(by_library or {}) > 1 else "") + "\n")
+    w("GEMM ceiling (same run, same dtype): " + ("not measured (no round ran)" if ceiling is None else
+      f"{ceiling / 1e9:,.1f} GFLOP/s" + (f" (the faster of {libraries})" if len(by_library or {}) > 1 else ""))
+      + "\n")
+    failed = [r for r in records if r.get("status") == "failed"]
+    records = [r for r in records if r.get("status") != "failed"]
     head = (f"{'method':<11} {'px':>4} {'win':>5} {'s/step':>8} {'spread':>6} {'img/s':>7} {'GFLOP':>8} "
             f"{'GFLOP/s':>8} {'MFU':>5} {'vs base':>8} {'peak mem':>10}\n")
     w(head)
@@ -147,14 +161,19 @@ def print_table(records: list[dict], comparisons: list[dict], ceiling: float, st
         rel = "-" if r.get("time_vs_base") is None else f"{r['time_vs_base']:.2f}x"
         mem = f"{r['peak_mem_bytes'] / 2**20:,.0f} MiB" if r["peak_mem_bytes"] >= 0 else "n/a"
         spread = stats.spread(r.get("step_times_s", ()))
+        mfu = "-" if r.get("mfu") is None else f"{r['mfu']:.0%}"
+        partial = f"  {len(r['step_times_s'])} step(s): stopped" if r.get("status") == "partial" else ""
         w(f"{r['method']:<11} {r['img_size']:>4} {win:>5} {r['step_s']:>8.3f} {spread:>6} {r['images_per_s']:>7.2f} "
-          f"{r['flops'] / 1e9:>8.1f} {r['achieved_flops'] / 1e9:>8.1f} {r['mfu']:>5.0%} {rel:>8} {mem:>10}\n")
+          f"{r['flops'] / 1e9:>8.1f} {r['achieved_flops'] / 1e9:>8.1f} {mfu:>5} {rel:>8} {mem:>10}{partial}\n")
+    for r in failed:
+        win = "-" if r["windows"] is None else f"{r['windows']}{'p' if r['window_setting'] == 'paper' else ''}"
+        w(f"{r['method']:<11} {r['img_size']:>4} {win:>5} failed at its {r['error']}\n")
     if records:
         kind = records[0]["peak_mem_kind"]
         w("win: windows per image, p = --windows paper (the paper's count where it gives one, else pretrain's "
           f"auto rule); vs base: time / own {records[0]['base_size']}px time; {stats.SPREAD_LEGEND}; "
           f"peak mem: {'max allocated' if kind == 'cuda_max_allocated' else 'RSS growth during a step (CPU)'}\n")
-        if over := [f"{r['method']} {r['img_size']}px" for r in records if r["mfu"] > 1]:
+        if over := [f"{r['method']} {r['img_size']}px" for r in records if (r.get("mfu") or 0) > 1]:
             w(f"MFU over 100 % ({', '.join(over)}): the GEMM timed as the ceiling between rounds ran slower than "
               "the step's own products, under other load: the ceiling is not this machine's, read MFU as rough\n")
         if len({r["img_size"] for r in records}) > 1:  # a load that comes or goes between sizes shows as a size's cost

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import resource
 import statistics
 import threading
 import time
@@ -23,6 +22,7 @@ from torch import nn
 from torch.utils import flop_counter as fc
 from torch.utils.flop_counter import FlopCounterMode
 
+from lomar.bench.host import peak_rss_bytes
 from lomar.methods import get_method
 from lomar.models.masking import grid_size
 from lomar.models.vit import model_config
@@ -31,7 +31,7 @@ from lomar.train.config import PretrainConfig
 from lomar.train.runtime import compile_model, fast_adamw
 
 __all__ = ["sync", "timed", "flop_counter", "resident_bytes", "StepRunner", "method_config", "build_runner",
-           "GemmCeiling", "interleaved_times", "DTYPES"]
+           "GemmCeiling", "interleaved_times", "failure", "DTYPES"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -105,6 +105,12 @@ class StepRunner:
     decoder_flops: int = 0
     encoder_tokens: int = 0  # per image, as the encoder's first block sees them
     peak_mem: tuple[int, str] = (-1, "none")
+    error: str | None = None  # why this configuration stopped (interleaved_times): out of memory, a compile error
+
+    def release(self) -> None:
+        """Drop the model, optimizer and batch, so that a failed configuration's memory goes to the others."""
+        self.model = self.forward = self.optimizer = self.images = None
+        self.inputs = {}
 
     def _loss(self, eager: bool = False) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
@@ -168,18 +174,22 @@ class StepRunner:
         else:
             with contextlib.suppress(OSError, AttributeError):  # hand freed heap back to the OS first
                 ctypes.CDLL("libc.so.6").malloc_trim(0)
+            if resident_bytes() is None:  # this OS tells neither: memory unknown, the step still runs
+                self.step()
+                return
             with _rss_range() as rss:
                 self.step()
             self.peak_mem = rss[1] - rss[0], "cpu_rss_growth"
 
 
-def resident_bytes() -> int:
-    """This process's resident set size."""
+def resident_bytes() -> int | None:
+    """This process's resident set size; without procfs (macOS) its high-water mark, which only grows; None where
+    neither is known (Windows)."""
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # no procfs: fall back to the (monotone) high-water mark
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except OSError:
+        return peak_rss_bytes()
 
 
 @contextlib.contextmanager
@@ -302,9 +312,20 @@ def _onednn_linear(a: torch.Tensor, b: torch.Tensor) -> Callable[[], object] | N
     return lambda: torch._C._nn.mkldnn_linear(a_blocked, b_blocked, None)
 
 
+def failure(exc: BaseException) -> str:
+    """An error as a results row gives it: its type and the first line of its message."""
+    line = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+def _label(r: StepRunner) -> str:
+    return f"{r.method} {r.img_size}px" + (f" {r.windows} windows" if r.windows else "")
+
+
 def interleaved_times(runners: list[StepRunner], steps: int, warmup: int,
                       gemm: Callable[[], object] | None = None,
-                      progress: Callable[[str], None] = lambda msg: None) -> None:
+                      progress: Callable[[str], None] = lambda msg: None,
+                      on_change: Callable[[], None] = lambda: None) -> None:
     """Warm every runner up, then run ``steps`` rounds of one step each, A B A B …
 
     Untimed first, per runner: one step that counts FLOPs, one that records peak memory,
@@ -312,18 +333,39 @@ def interleaved_times(runners: list[StepRunner], steps: int, warmup: int,
 
     Interleaving makes slow drifts of the machine (other load, clocks) hit every
     configuration alike. ``gemm`` (a :class:`GemmCeiling`) is called once per round, before its steps.
+    A runner whose step raises a RuntimeError (out of memory, a compile or CUDA error) gets it as its
+    ``error``, is released and leaves the rotation; the others go on. ``on_change()`` follows every
+    round and every such failure (to save what is measured so far).
     """
-    for r in runners:
-        r.count_flops()
-        r.measure_memory()
-    for r in runners:  # after every runner's memory step, so that timed steps reuse the heap
+    live = list(runners)
+
+    def each(stage: str, work: Callable[[StepRunner], object]) -> None:
+        for r in list(live):
+            try:
+                work(r)
+                continue
+            except RuntimeError as exc:  # this configuration's, not the bench's: the rest are still worth timing
+                r.error = f"{stage}: {failure(exc)}"
+            live.remove(r)
+            r.release()
+            if r.device.type == "cuda":
+                torch.cuda.empty_cache()
+            progress(f"{_label(r)} failed at its {r.error}")
+            on_change()
+
+    each("FLOP-counting step", StepRunner.count_flops)
+    each("memory step", StepRunner.measure_memory)
+
+    def warm(r: StepRunner) -> None:  # after every runner's memory step, so that timed steps reuse the heap
         for _ in range(warmup):
             r.step()
         sync(r.device)
-        progress(f"warmed up {r.method} {r.img_size}px" + (f" {r.windows} windows" if r.windows else ""))
+        progress(f"warmed up {_label(r)}")
+
+    each("warm-up", warm)
     for i in range(steps):
         if gemm is not None:
             gemm()
-        for r in runners:
-            r.times.append(timed(r.step, r.device))
-        progress(f"round {i + 1}/{steps}: " + ", ".join(f"{r.times[-1]:.2f}s" for r in runners))
+        each(f"timed step {i + 1}", lambda r: r.times.append(timed(r.step, r.device)))
+        progress(f"round {i + 1}/{steps}: " + ", ".join(f"{r.times[-1]:.2f}s" for r in live))
+        on_change()

@@ -18,12 +18,11 @@ demo photographs into ``--data``. ``--task backbone``: :mod:`lomar.bench.backbon
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
+from lomar.bench.host import load_average
 from lomar.cli.common import check_output_file, resolve_device, write_json
 from lomar.errors import UsageError, in_flags
 from lomar.limits import MAX_IMG_SIZE
@@ -72,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "steps": Setting(3, "timed steps per configuration (median)", above=0),
         "warmup": Setting(1, "plain untimed steps per configuration before timing (after one FLOP-counting and one "
                           "memory step)", low=0),
-        "json": S.JSON.but(help="write results as JSON (default: not written)"),
+        "json": S.JSON.but(help="write results as JSON, rewritten after every timed round and marked complete at the "
+                           "end (default: not written)"),
         "plot": Setting(None, "plot time per step against image size into a .png, .pdf or .svg (default: no plot)",
                         kind=str, metavar="FILE.png"),
         "profile": Setting(None, "after timing, profile one step per configuration and write where its time goes "
@@ -152,7 +152,7 @@ def _patch_size(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str]]]:
     """Per size: (method, windows, setting) configurations, validated before any work."""
-    from lomar.models.masking import check_window_request, grid_size  # torch: not for --help
+    from lomar.models.masking import WindowsDoNotFit, check_window_request, grid_size  # torch: not for --help
 
     patch = _patch_size(args)
     if args.windows != ["paper"] and not {"lomar", "mae_window", "beit"} & set(args.methods):  # else unused
@@ -181,8 +181,11 @@ def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str
                 if min(grid) < 7:
                     raise UsageError(f"{size}px: bench's 7x7 windows do not fit its {grid[0]}x{grid[1]} patch grid; "
                                      f"drop {size} from --sizes (the least is {7 * patch})") from None
-                message = in_flags(str(exc), {"num_windows": "--windows"})
-                raise UsageError(f"{size}px: {message}; drop {size} from --sizes or lower --windows") from None
+                if not isinstance(exc, WindowsDoNotFit) or exc.most is None:  # the message's own fix stands
+                    raise UsageError(f"{size}px: {in_flags(str(exc), {'num_windows': '--windows'})}") from None
+                message = in_flags(exc.detail, {"num_windows": "--windows"})  # its fix in bench's terms, once
+                raise UsageError(f"{size}px: {message}; lower --windows to {exc.most} or less, or drop {size} from "
+                                 f"--sizes") from None
         plan[size] = configs
     return plan
 
@@ -231,65 +234,76 @@ def run(args: argparse.Namespace) -> int:
 
     from lomar.bench import report  # torch: not for --help
     from lomar.bench.profile import profile_step  # torch: not for --help
+    from lomar.bench.results import Results  # torch: not for --help
     from lomar.bench.timing import GemmCeiling, build_runner, interleaved_times  # torch: not for --help
 
     device, say, meta = _start(args)
-    meta.update(load_avg_before=os.getloadavg())
     retained = device.type == "cpu" and retain_freed_memory()
+    meta.update(model=args.model, batch_size=args.batch_size, precision=args.precision, compile=args.compile,
+                compile_mode=args.compile_mode, device=str(device), steps=args.steps, warmup=args.warmup,
+                load_avg_before=load_average(), timed="training steps (forward + backward + AdamW update)",
+                order="one size's configurations alternating round by round", machine=report.machine_name(device),
+                malloc_retains_memory=retained)
     say(f"{args.model}, batch {args.batch_size}, {args.precision}, {device}, "
         f"{torch.get_num_threads()} threads, sizes {list(plan)}")
     gemm = GemmCeiling(device, args.precision, 256 if args.tiny else None)
-    records: list[dict] = []
+    common = dict(batch_size=args.batch_size, precision=args.precision, compile=args.compile,
+                  compile_mode=args.compile_mode, device=str(device))
+    results = Results(plan, args.steps, gemm, meta, common, lambda result: _write(args, lambda msg: None, **result))
     profiles: list[dict] = []
-    started = time.perf_counter()
-    for size, configs in plan.items():
-        runners = [build_runner(m, args.model, size, w, args.batch_size, device, args.precision, args.compile,
-                                tiny=args.tiny, compile_mode=args.compile_mode)
-                   for m, w, _ in configs]
-        interleaved_times(runners, args.steps, args.warmup, gemm, say)
-        for (method, windows, setting), r in zip(configs, runners):
-            step_s = statistics.median(r.times)
-            records.append(dict(
-                method=method, img_size=size, windows=windows, window_setting=setting,
-                batch_size=args.batch_size, step_s=step_s, images_per_s=args.batch_size / step_s,
-                flops=r.flops, decoder_flops=r.decoder_flops, encoder_tokens=r.encoder_tokens,
-                achieved_flops=r.flops / step_s,
-                peak_mem_bytes=r.peak_mem[0], peak_mem_kind=r.peak_mem[1], step_times_s=list(r.times),
-                precision=args.precision, compile=args.compile, compile_mode=args.compile_mode, device=str(device)))
-            if args.profile:
-                profiles.append(dict(method=method, img_size=size, windows=windows, **profile_step(r)))
-                records[-1]["time_shares"] = profiles[-1]["shares"]
-        del runners
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    by_library = gemm.medians()
-    ceiling = max(by_library.values())
-    for rec in records:
-        rec.update(gemm_flops=ceiling, mfu=rec["achieved_flops"] / ceiling)
-    comparisons, beit_ratios = report.compare(records), report.beit_comparisons(records)
-    meta.update(model=args.model, batch_size=args.batch_size, precision=args.precision, compile=args.compile,
-                compile_mode=args.compile_mode, device=str(device), steps=args.steps, warmup=args.warmup,
-                load_avg_after=os.getloadavg(),
-                timed="training steps (forward + backward + AdamW update)",
-                order="one size's configurations alternating round by round")
+    try:
+        for size in plan:
+            runners = results.build(size, lambda method, px, windows: build_runner(
+                method, args.model, px, windows, args.batch_size, device, args.precision, args.compile,
+                tiny=args.tiny, compile_mode=args.compile_mode))
+            interleaved_times(runners, args.steps, args.warmup, gemm, say, on_change=results.save)
+            shares = {}
+            for r in (r for r in runners if args.profile and r.error is None):
+                profiles.append(dict(method=r.method, img_size=size, windows=r.windows, **profile_step(r)))
+                shares[r.method, r.windows] = profiles[-1]["shares"]
+            for row in results.end_size():
+                if (row["method"], row["windows"]) in shares:
+                    row["time_shares"] = shares[row["method"], row["windows"]]
+            del runners
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    except BaseException:  # Ctrl-C, SIGTERM, an error of the bench itself: what was measured is kept and shown
+        _report(results.save(), profiles)
+        if args.json:
+            print(f"[bench] stopped before its end: {args.json} holds the rows measured (meta.complete false, "
+                  f"meta.left: what was left to run)", file=sys.stderr, flush=True)
+        raise
+    result = results.save(complete=True)
+    if args.json:
+        say(f"wrote {args.json}")
+    _report(result, profiles)
+    if args.profile:
+        write_json(args.profile, dict(meta=result["meta"], profiles=profiles))
+        say(f"wrote {args.profile}")
+    measured = [row for row in result["records"] if row["step_s"] is not None]
+    if args.plot and measured:
+        report.plot_times(measured, args.plot, f"{args.model}, batch {args.batch_size}, {args.precision}, "
+                          f"{meta['machine']}")
+        say(f"wrote {args.plot}")
+    if failed := [row for row in result["records"] if row["status"] == "failed"]:
+        # the others' rows stand; a script or a user comparing the table still learns it lacks these
+        print(f"lomar bench: {len(failed)} of {len(result['records'])} configurations failed: "
+              + "; ".join(f"{r['method']} {r['img_size']}px: {r['error']}" for r in failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _report(result: dict, profiles: list[dict]) -> None:
+    """The pretrain task's table (and profile shares) on stdout, from a results file's content."""
+    from lomar.bench import report  # torch: not for --help
+
+    meta = result["meta"]
     print(report.describe(meta))
-    report.print_table(records, comparisons, ceiling, sys.stdout, beit_ratios, by_library)
+    report.print_table(result["records"], result["comparisons"], meta["gemm_flops"], sys.stdout,
+                       result["beit_comparisons"], meta["gemm_flops_by_library"])
     for prof in profiles:
         shares = ", ".join(f"{kind} {100 * share:.0f} %" for kind, share in prof["shares"].items())
         print(f"{prof['method']} {prof['img_size']}px: {shares} of {prof['total_ms']:.1f} ms {prof['clock']} time")
-    meta.update(machine=report.machine_name(device),
-                malloc_retains_memory=retained, gemm_flops=ceiling, gemm_flops_all=gemm.per_call(),
-                gemm_flops_by_library=by_library,
-                wall_s=time.perf_counter() - started)
-    _write(args, say, meta=meta, records=records, comparisons=comparisons, beit_comparisons=beit_ratios)
-    if args.profile:
-        write_json(args.profile, dict(meta=meta, profiles=profiles))
-        say(f"wrote {args.profile}")
-    if args.plot:
-        report.plot_times(records, args.plot, f"{args.model}, batch {args.batch_size}, {args.precision}, "
-                          f"{meta['machine']}")
-        say(f"wrote {args.plot}")
-    return 0
 
 
 def _run_backbone(args: argparse.Namespace) -> int:
@@ -305,18 +319,18 @@ def _run_backbone(args: argparse.Namespace) -> int:
     meta.update(task="backbone", model=args.model, depth=args.depth, batch_size=args.batch_size,
                 precision=args.precision, device=str(device), steps=args.steps, warmup=args.warmup,
                 grad_checkpointing=args.grad_checkpointing, machine=machine_name(device),
-                load_avg_before=os.getloadavg(), timed="forward + backward passes of the encoder alone (no head, no "
+                load_avg_before=load_average(), timed="forward + backward passes of the encoder alone (no head, no "
                 "optimizer)", order="each in a process of its own, one after another (not interleaved)")
 
     def save(records: list[dict], done: bool = False) -> None:
         """After every record, so a long run that is stopped keeps what it measured."""
-        meta.update(load_avg_after=os.getloadavg(), wall_s=time.perf_counter() - started, complete=done)
+        meta.update(load_avg_after=load_average(), wall_s=time.perf_counter() - started, complete=done)
         _write(args, say if done else lambda msg: None, meta=meta, records=records)
 
     records = bench_backbone(args.model, args.sizes, args.attention, args.batch_size, args.grad_checkpointing,
                              str(device), args.precision, args.steps, args.warmup, args.threads, args.tiny, say=say,
                              on_record=save, depth=args.depth, encoders=args.encoders)
-    meta.update(load_avg_after=os.getloadavg())
+    meta.update(load_avg_after=load_average())
     print(describe(meta))
     print(format_table(records))
     save(records, done=True)
