@@ -1057,27 +1057,28 @@ def test_a_time_limit_stops_where_one_more_step_and_the_save_would_pass_it_and_t
 
 
 def test_a_slow_step_widens_the_time_limits_margin(tmp_path, capsys, monkeypatch):
-    """1 s steps, step 2 taking 6 s, a 15 s limit: the margin is the longest recent step, so the run stops at step 4
-    (9 s: 6 s more would pass 15 s) where it went on to step 10 (15 s), at the limit before its save."""
+    """1 s steps, step 2 taking 6.2 s, a 15 s limit: the margin is the longest recent step, so the run stops at step 4
+    (at 9.2 s, 5.8 s left) where it went on to step 10, past the limit (15.2 s) before its save."""
     from lomar.train import preemption
 
-    clock = _Clock(step_s=1.0, slow={2: 6.0})
+    clock = _Clock(step_s=1.0, slow={2: 6.2})
     monkeypatch.setattr(preemption, "monotonic", clock)
     assert run(ToyConfig(out=str(tmp_path), time_limit=15), clock.task()) == 75
-    assert "stopped at step 4 with 6s left for the save" in capsys.readouterr().out
-    assert safe_load(tmp_path / "last.pt")["step"] == 4  # old code: 10
+    assert "time limit 15s: stopped at step 4 with 6s left for the save" in capsys.readouterr().out
+    assert safe_load(tmp_path / "last.pt")["step"] == 4 and clock.now == pytest.approx(9.2)  # old code: 10, 15.2 s
 
 
 @pytest.mark.parametrize("limit, stop_step, said", [
     (23, 7, "stopped at step 7 with 8s left for the save (one more step and the save would take 9s)"),  # old: 9
     # at step 8 an epoch ends: its evaluation and save (9 s the last time) come before step 9
-    (30, 8, "stopped at step 8 with 14s left for the save (the work due, one more step and the save would take 17s)"),
+    (30, 8, "stopped at step 8 with 14s left for the save (the evaluation or save due, one more step and the save "
+            "would take 17s)"),
 ])
 def test_the_time_limits_margin_keeps_the_last_saves_time_for_the_final_save(tmp_path, capsys, monkeypatch, limit,
                                                                             stop_step, said):
     """1 s steps and 8 s saves: the first save (at the end of epoch 1, step 4) is measured, and from then on the run
-    stops where the step and the save would pass the limit; the final save ends within it (old code: 33 s and
-    45 s, stopped at steps 9 and 13)."""
+    stops where the step and the save would pass the limit; the final save ends within it (old code: stopped at step
+    9, its save ending at 33 s; with 30 s it trained on to the run's end at 44 s)."""
     from lomar.train import preemption
 
     clock = _Clock(step_s=1.0, save_s=8.0)
