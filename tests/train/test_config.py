@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -137,6 +138,34 @@ def test_an_out_from_the_settings_file_that_holds_a_run_is_named_as_its_line(tmp
                                             f"another --out\n")
     assert main(["pretrain", "--config", config, "--out", str(tmp_path / "run")]) == 2
     assert f"error: --out {tmp_path / 'run'} already holds a run;" in capsys.readouterr().err  # the flag's
+
+
+def test_an_out_from_the_settings_file_is_named_as_its_line_in_each_refusal_of_the_folder(tmp_path, capsys):
+    """Beside 'already holds a run' (3ce5829), the folder's other refusals said '--out r1' too."""
+    from lomar.errors import UsageError
+    from lomar.train.run_state import RunLock, prepare_run_folder
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "afile").touch()
+    config = _yaml(tmp_path, f"out: {tmp_path / 'data' / 'r1'}\ndata: {tmp_path / 'data'}\n")
+    assert main(["pretrain", "--config", config]) == 2
+    assert capsys.readouterr().err.endswith(f"error: out: {tmp_path / 'data' / 'r1'} in {config} is inside data: "
+                                            f"{tmp_path / 'data'} in {config}: the run's files would join the data "
+                                            f"it reads; put the run elsewhere\n")
+    config = _yaml(tmp_path, f"out: {tmp_path / 'afile'}\n")
+    assert main(["pretrain", "--config", config]) == 2
+    assert f"error: out: {tmp_path / 'afile'} in {config} is a file, not a folder;" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("method: lomar\n")
+    config = _yaml(tmp_path, f"out: {tmp_path / 'run'}\n")
+    with RunLock(tmp_path / "run"):  # a live run's folder
+        assert main(["pretrain", "--config", config]) == 2
+    assert f"error: out: {tmp_path / 'run'} in {config} is in use by another run (" in capsys.readouterr().err
+    (tmp_path / "theirs" / "tb").mkdir(parents=True)  # no run: no config.yaml, no checkpoint
+    config = PretrainConfig(out=str(tmp_path / "theirs"))
+    config.in_file = {"out": "my.yaml"}  # as resolve records it
+    with pytest.raises(UsageError, match=r"^out: \S+theirs in my.yaml holds tb, which a new run would delete"):
+        prepare_run_folder(config, SimpleNamespace(name="pretrain", outputs=()), None, 0, 0)
 
 
 @pytest.mark.parametrize("argv, held, said", [

@@ -212,20 +212,21 @@ def remove_newer_checkpoints(out: Path, step: int, outputs: tuple[str, ...] = ()
 
 
 # ---- the folder ----------------------------------------------------------------------
-def check_out_folder(out: Path, flag: str = "--out") -> None:
-    """An output folder that can be created and written: not a file, not under a file, writable."""
-    path = Path(out)
+def check_out_folder(out: Path, given: str | None = None) -> None:
+    """An output folder that can be created and written: not a file, not under a file, writable. ``given``: the
+    setting as the user gave it (:func:`~lomar.train.setting_names.setting_of`; default '--out OUT')."""
+    path, given = Path(out), given or f"--out {out}"
     if path.exists() and not path.is_dir():
-        raise UsageError(f"{flag} {out} is a file, not a folder; pass a folder path")
+        raise UsageError(f"{given} is a file, not a folder; pass a folder path")
     probe = path
     while not probe.exists():
         if probe.parent == probe:
             break
         probe = probe.parent
     if probe != path and not probe.is_dir():
-        raise UsageError(f"{flag} {out} is under {probe}, which is a file; pass a folder path")
+        raise UsageError(f"{given} is under {probe}, which is a file; pass a folder path")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {out}: {probe} is not writable; pass a folder you can write to")
+        raise UsageError(f"{given}: {probe} is not writable; pass a folder you can write to")
 
 
 def remove_stale_temporaries(out: Path) -> list[Path]:
@@ -268,8 +269,9 @@ class RunLock:
     goes on unlocked, with a warning.
     """
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, given: str | None = None):  # given: 'out: r1 in my.yaml' (setting_names.as_given)
         self.out, self.handle, self.created, self.taken = Path(out), None, False, False
+        self.given = given or f"--out {out}"
 
     def acquire(self, warn: bool = True) -> RunLock:
         """Lock the folder (made if need be); ``warn``: say so where it cannot be locked (no flock there)."""
@@ -281,18 +283,18 @@ class RunLock:
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
         except LockHeld as held:
             owner = held.owner.removesuffix(f" on {socket.gethostname()}")  # a PID of this machine, as ps shows it
-            raise UsageError(f"--out {self.out} is in use by another run ({owner}); wait for it to end "
+            raise UsageError(f"{self.given} is in use by another run ({owner}); wait for it to end "
                              f"or pass another --out") from None
         except OSError as exc:
-            raise UsageError(f"--out {self.out}: {exc.strerror or exc}; pass a folder you can write to") from None
+            raise UsageError(f"{self.given}: {exc.strerror or exc}; pass a folder you can write to") from None
         self.handle, self.taken = handle, True
         if handle is not None:
             _HELD_LOCKS.add(handle.fileno())
         return self
 
     def _unlocked(self, reason: str) -> None:
-        log.warning("--out %s: no file lock there (%s); the folder is not locked against a second run: start no "
-                    "other run into it meanwhile", self.out, reason)
+        log.warning("%s: no file lock there (%s); the folder is not locked against a second run: start no "
+                    "other run into it meanwhile", self.given, reason)
 
     def release(self, remove_if_empty: bool = False) -> None:
         """Unlock; ``remove_if_empty``: also remove the folder if this run created it and
@@ -329,7 +331,7 @@ def refuse_held_run(out: Path, resume: str | None, overwrite: bool, locked_here:
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 may already have started
     if holds_run(out) and is_main and not resume and not overwrite:
         if not locked_here:  # a live run: say so, not "pass --resume auto", which it would refuse
-            RunLock(out).acquire(warn=False).release()  # the run's own lock warns, if need be
+            RunLock(out, given).acquire(warn=False).release()  # the run's own lock warns, if need be
         raise ConfigError(f"{given} already holds a run; pass --resume auto to continue it, "
                           f"--overwrite to replace it, or another --out")
 
@@ -340,9 +342,9 @@ def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int,
     ``config.yaml`` is written (a TaskConfig's dump, else the fields). A resume of a run at its end (``finished``:
     nothing to do) in its own folder, not rewinding it, leaves the folder as it is, but for stale temporaries."""
     out, name = Path(config.out), task.name
+    source = getattr(config, "in_file", {}).get("out")  # out: r1 in my.yaml, not --out r1
     if resume is None:  # another run may have got here since the config was checked
-        refuse_held_run(out, config.resume, config.overwrite, locked_here=True,
-                        source=getattr(config, "in_file", {}).get("out"))
+        refuse_held_run(out, config.resume, config.overwrite, locked_here=True, source=source)
     at_end = finished and resume is not None and not foreign(resume, out) and not config.overwrite
     if removed := remove_stale_temporaries(out):  # even at the end: a killed final write left them
         print(f"lomar {name}: removed {len(removed)} stale temporary file(s) in {out}, e.g. {removed[0].name}")
@@ -361,8 +363,9 @@ def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int,
         stale = sorted(p for pattern in (LAST, BEST, LAST_POINTER, METRICS, "checkpoint-*.pt",
                                          "checkpoint-*.dcp", "tb", *task.outputs) for p in out.glob(pattern))
         if stale and not config.overwrite and not holds_run(out):  # no run of ours: files someone else put there
-            raise UsageError(f"--out {out} holds {', '.join(p.name for p in stale)}, which a new run would delete, but "
-                             f"no run (no config.yaml or checkpoint); pass --overwrite to let it, or another --out")
+            raise UsageError(f"{as_given('out', str(out), source)} holds {', '.join(p.name for p in stale)}, which a "
+                             f"new run would delete, but no run (no config.yaml or checkpoint); pass --overwrite to "
+                             f"let it, or another --out")
         for path in stale:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()  # a link, not its target
     text = config.dump() if hasattr(config, "dump") else yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)

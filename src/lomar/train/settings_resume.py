@@ -20,7 +20,8 @@ from lomar.checkpoints.kinds import run_command
 from lomar.errors import first_on_machine
 from lomar.train import settings as S
 from lomar.train.runtime import default_workers
-from lomar.train.settings import ConfigError, as_given, coerce_all, declarations, shown
+from lomar.train.setting_names import as_given, setting_of
+from lomar.train.settings import ConfigError, coerce_all, declarations, shown
 
 if TYPE_CHECKING:  # torch: not at import
     from lomar.train.run_resume import ResumePoint
@@ -56,8 +57,7 @@ class TaskConfig:
                 for name, s in declarations(type(self)).items()}
 
     def dump(self, invocation: bool = False) -> str:
-        """YAML of :meth:`to_dict` as config.yaml records it (``invocation``: with this invocation's --resume and
-        --overwrite, as --print-config shows them)."""
+        """YAML of :meth:`to_dict` as config.yaml holds it; ``invocation``: with --resume, --overwrite too."""
         return yaml.safe_dump(self.to_dict(record=not invocation), sort_keys=False)
 
     @classmethod
@@ -160,13 +160,13 @@ class TaskConfig:
             check_flex_device(self.device)
         from lomar.train.run_state import check_out_folder, refuse_held_run  # torch: not for --help
 
-        check_out_folder(Path(self.out))
+        check_out_folder(Path(self.out), setting_of(self, "out"))  # out: r1 in my.yaml, not --out r1
         for name, data in ((n, getattr(self, n, None)) for n in ("data", "val", "train_images", "val_images")):
             if data and Path(data).is_dir() and Path(self.out).resolve().is_relative_to(Path(data).resolve()):
-                raise ConfigError(f"--out {self.out} is inside --{name.replace('_', '-')} {data}: the run's files "
+                raise ConfigError(f"{setting_of(self, 'out')} is inside {setting_of(self, name)}: the run's files "
                                   f"would join the data it reads; put the run elsewhere")
         refuse_held_run(Path(self.out), self.resume, self.overwrite, eval_only=getattr(self, "eval_only", False),
-                        source=getattr(self, "in_file", {}).get("out"))  # out: r1 in my.yaml, not --out r1
+                        source=getattr(self, "in_file", {}).get("out"))
         self.print_notes()
 
     def check_settings(self) -> None:
