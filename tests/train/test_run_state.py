@@ -648,6 +648,19 @@ def test_the_saved_random_state_holds_the_normal_samplers_cached_value(tmp_path)
     assert [np.random.beta(1.0, 1.0), np.random.standard_normal(), random.gauss(0, 1)] == ahead
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a checkpoint read onto a CUDA device")
+def test_the_random_state_of_a_checkpoint_read_onto_the_gpu_is_restored(tmp_path):
+    """A resume reads its checkpoint onto the run's device (task.preload), RNG states included: torch's generators
+    refused them there ('RNG state must be a torch.ByteTensor'), so no single-file run resumed on CUDA."""
+    from lomar.train.rng import rng_state, set_rng_state
+
+    cuda = torch.device("cuda")
+    atomic_save({"rng": rng_state(cuda)}, tmp_path / "rng.pt")
+    ahead = [torch.rand(3), torch.rand(3, device=cuda).cpu()]
+    set_rng_state(safe_load(tmp_path / "rng.pt", map_location=cuda)["rng"], cuda)
+    assert all(torch.equal(a, b) for a, b in zip(ahead, [torch.rand(3), torch.rand(3, device=cuda).cpu()]))
+
+
 @pytest.mark.slow
 def test_a_killed_run_frees_its_folder_at_once_though_its_forked_workers_live_on(tmp_path):
     out = tmp_path / "run"

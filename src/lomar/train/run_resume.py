@@ -220,7 +220,7 @@ def numerics_notes(ckpt: dict, precision: str, setting: str, device) -> list[str
         notes.append(f"precision {precision}, --precision auto's choice on this machine: the checkpoint (an older "
                      f"lomar's) does not record the precision the run trained in")
     elif setting == "auto" and (own := resolve_precision("auto", device)) != precision:
-        notes.append(f"precision {precision}, the run's since its start (this machine's --precision auto would pick "
+        notes.append(f"precision {precision}, the one the run trained in (this machine's --precision auto would pick "
                      f"{own}); pass --precision {own} to switch")
     if isinstance(rng := ckpt.get("rng"), dict) and (was := "cuda" if "cuda" in rng else "cpu") != device.type:
         notes.append(f"device {was} → {device.type} after step {step}: the weights and optimizer state move over; "
