@@ -4,7 +4,10 @@
 # CUDA tests, in <= 8 minutes on one H100/H200 (estimate from benchmarks/gpu/: ~25 s per eager
 # bench process, ~45 s per compiled model, loader ~60 s, pretrain ~90 s, tests ~60 s). Works offline: it uses the machine's preinstalled torch and installs lomar
 # without dependencies. Every part has its own timeout; a failing part does not stop the others.
-# Writes one JSON per part to $OUT (else benchmarks/gpu/) and a summary log, summary.log.
+# Writes one JSON per part to $OUT (else benchmarks/gpu/) and a summary log, summary.log, each as it goes.
+# GPU_CHECK_ARCHIVE=FILE.tgz keeps an archive of that folder current (after every part and every
+# GPU_CHECK_ARCHIVE_EVERY=20 s, replaced whole): a device call killed at its limit still returns every part
+# it finished and the bench rows measured so far (lomar bench writes its JSON after every round).
 #
 #   bash benchmarks/gpu_check.sh                   # the full check (CUDA)
 #   GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh   # tiny CPU mode: every part for seconds
@@ -45,6 +48,20 @@ WORK=${GPU_CHECK_WORK:-$(mktemp -d /tmp/lomar-gpu-check.XXXXXX)}
 LOG="$DEST/summary.log"
 : > "$LOG"
 say() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
+ARCHIVE=${GPU_CHECK_ARCHIVE:-}
+archive() {  # a temporary of this process's own, renamed: a kill mid-tar leaves the last archive whole
+  [ -n "$ARCHIVE" ] || return 0
+  local tmp="$ARCHIVE.$BASHPID.tmp"
+  tar czf "$tmp" --exclude="$(basename "$ARCHIVE")*" -C "$(dirname "$DEST")" "$(basename "$DEST")" 2>/dev/null
+  [ $? -le 1 ] && mv -f "$tmp" "$ARCHIVE" || rm -f "$tmp"  # 1: a file changed while read (the log): still whole
+}
+if [ -n "$ARCHIVE" ]; then  # between parts too: a long part's partial results (and a SIGKILL stops any trap)
+  ( while kill -0 $$ 2>/dev/null; do sleep "${GPU_CHECK_ARCHIVE_EVERY:-20}"; archive; done ) >/dev/null 2>&1 &
+  ARCHIVER=$!
+fi
+# a SIGTERM (an outer `timeout`) or Ctrl-C: the running part saves what it measured and ends, then this
+trap 'say "stopped by SIGTERM"; archive; exit 143' TERM
+trap 'say "interrupted"; archive; exit 130' INT
 
 if [ "$DEVICE" = cpu ]; then  # tiny mode: proves the script runs, measures nothing useful
   D_MODEL=vit_tiny_patch8; D_SIZES="64"; D_CSIZES=""; D_BATCH=2; D_STEPS=1; D_WARMUP=0
@@ -104,6 +121,7 @@ status() {
   say "part $part: $state (rc $rc) $note"
   [ -f "$DEST/$part.json" ] || printf '{"part": "%s", "status": "%s", "rc": %s, "note": "%s"}\n' \
     "$part" "$state" "$rc" "$note" > "$DEST/$part.json"
+  archive
 }
 # run_tests FILE LINES PYTEST_ARGS...: pytest's whole output (failures' messages and values) in $DEST/FILE,
 # its last LINES lines in the summary; returns pytest's exit status. GPU_CHECK_TESTS_COLLECT=1 only collects
@@ -195,18 +213,22 @@ fi
 if want loader; then
   timeout "${GPU_CHECK_T_LOADER:-90}" "$PY" - "$DEST/loader.json" "$CAMERA" "$PSIZE" "$WORKERS" "$DEVICE" \
     "$MODEL" "$PBATCH" "$PRECISION" "${#TINY[@]}" <<'EOF' 2>&1 | tee -a "$LOG"
-import json, sys, time
+import json, os, sys, time
 import torch
 from lomar.bench.loader import measure_loader, share_model_rate
 out, data, size, workers, device, model, batch, precision, tiny = sys.argv[1:]
 size, workers, batch, tiny = int(size), int(workers), int(batch), int(tiny) > 0
 windows = 2 if tiny else 9
 records = []
+def save():  # after each measurement, whole (temporary + rename): a part cut short keeps what it measured
+    json.dump(dict(part="loader", records=records), open(out + ".tmp", "w"), indent=1)
+    os.replace(out + ".tmp", out)
 for decode in ("full", "draft"):
     records += measure_loader(data, [size], workers, "lomar", windows, decode, images=4 * batch if not tiny else 8,
                               batch_size=8, model=model, model_batch=batch, device=device, precision=precision,
                               steps=3, warmup=1, tiny=tiny, model_rate=decode == "full",
                               progress=lambda m: print("[loader]", m, flush=True))
+    save()
 share_model_rate(records)
 if torch.cuda.is_available() and device != "cpu":  # batched nvjpeg decode + crop + resize on the GPU
     from lomar.bench.loader import camera_crops
@@ -221,7 +243,7 @@ if torch.cuda.is_available() and device != "cpu":  # batched nvjpeg decode + cro
     records.append(dict(task="loader", decode="gpu", img_size=size, images=len(datas), images_per_s=rate,
                         loader_images_per_s=rate, workers=0, device=device, note="nvjpeg batched, one process"))
     print(f"[loader] {size}px gpu decode: {rate:.1f} images/s")
-json.dump(dict(part="loader", records=records), open(out, "w"), indent=1)
+save()
 EOF
   status loader "${PIPESTATUS[0]}"
 fi
@@ -248,11 +270,11 @@ if want pretrain; then
     timeout "${GPU_CHECK_T_PRETRAIN:-110}" "${LOMAR[@]}" pretrain --data "$PDATA" --out "$run" --overwrite \
       --model "$MODEL" --img-size "$PSIZE" --windows "$PW" --batch-size "$PBATCH" --max-steps "$PSTEPS" \
       --epochs 100000 --warmup-epochs 1 --workers "$WORKERS" --device "$DEVICE" --precision "$PRECISION" \
-      $(decode_flags "$decode") --log-every 10 --save-every 100000 "${TINY[@]}" 2>&1 | tee "$WORK/pretrain-$decode.out" \
+      $(decode_flags "$decode") --log-every 10 --save-every 100000 "${TINY[@]}" 2>&1 | tee "$DEST/pretrain-$decode.log" \
       | tail -n 20 | tee -a "$LOG"
     rc=${PIPESTATUS[0]}
     "$PY" - "$run/metrics.jsonl" "$json" "$PBATCH" "$start" "$rc" "$WORKERS" "$PSIZE" "$decode" \
-      "$WORK/pretrain-$decode.out" "$photos" <<'EOF' 2>&1 | tee -a "$LOG"
+      "$DEST/pretrain-$decode.log" "$photos" <<'EOF' 2>&1 | tee -a "$LOG"
 import json, re, statistics, sys, time
 metrics, out, batch, start, rc, workers, size, decode, printed, photos = sys.argv[1:]
 try:
@@ -309,7 +331,7 @@ EOF
     FB=32; [ "${#TINY[@]}" -gt 0 ] && FB=4
     timeout "${GPU_CHECK_T_FINETUNE:-120}" "${LOMAR[@]}" finetune --pretrained "$RUN/last.pt" --data "$FT" \
       --out "$WORK/ft-run" --overwrite --img-size "$PSIZE" --batch-size "$FB" --max-steps "$FSTEPS" --epochs 100 \
-      --workers "$WORKERS" --device "$DEVICE" --log-every 5 2>&1 | tail -n 15 | tee -a "$LOG"
+      --workers "$WORKERS" --device "$DEVICE" --log-every 5 2>&1 | tee "$DEST/finetune.log" | tail -n 15 | tee -a "$LOG"
     rc=${PIPESTATUS[0]}
     [ -f "$WORK/ft-run/metrics.jsonl" ] && "$PY" -c "import json,sys; rows=[json.loads(l) for l in open(sys.argv[1])]; \
 json.dump(dict(part='finetune', rc=$rc, rows=rows), open(sys.argv[2], 'w'), indent=1)" \
@@ -394,3 +416,5 @@ if want backbone; then
   fi
 fi
 say "done; JSON per part and this log in $DEST"
+[ -n "$ARCHIVE" ] && kill "$ARCHIVER" 2>/dev/null
+archive

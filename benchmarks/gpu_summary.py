@@ -18,22 +18,29 @@ PAPER = {("mae", 384): 2.5, ("mae", 448): 3.1, ("beit", 384): 5.0, ("beit", 448)
 KINDS = ("gemm", "attention", "fused", "optimizer", "other")  # lomar.bench.profile.KINDS
 
 
-def _records(paths: list[Path]):
-    """(file name, its meta, one record with a step time) for every record of ``paths``; unreadable files skipped."""
+def _records(paths: list[Path], failed: list[str] | None = None):
+    """(file name, its meta, one record with a step time) for every record of ``paths``; unreadable files skipped.
+    A file of a bench cut short (``"complete": false``) is named ``NAME (incomplete)``; ``failed`` collects a line
+    per failed record."""
     for path in paths:
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
+        meta = data.get("meta", {})
+        name = path.name + (" (incomplete)" if meta.get("complete") is False else "")
         for record in data.get("records", []):
             if record.get("step_s"):
-                yield path.name, data.get("meta", {}), record
+                yield name, meta, record
+            elif record.get("status") == "failed" and failed is not None:
+                failed.append(f"{record.get('method')} {record.get('img_size')} px ({name}): {record.get('error')}")
 
 
 def ratios(dest: Path) -> list[str]:
     """X time / LoMaR time per image size, eager and compiled apart, beside the paper's Table 1."""
     groups: dict[tuple[bool, int], list[dict]] = {}  # compiled runs come one file per method
-    for name, meta, r in _records(sorted(dest.glob("bench-*.json"))):
+    failed: list[str] = []
+    for name, meta, r in _records(sorted(dest.glob("bench-*.json")), failed):
         groups.setdefault((bool(meta.get("compile")), r["img_size"]), []).append(dict(r, source=name))
     rows = []
     for (compiled, size), here in sorted(groups.items()):
@@ -59,6 +66,7 @@ def ratios(dest: Path) -> list[str]:
         paper = "-" if r["paper"] is None else f"{r['paper']}x"
         lines.append(f"| {r['img_size']} | {'compiled' if r['compile'] else 'eager'} | {r['other']} "
                      f"| {r['ratio']:.2f}x | {paper} | {pct(r['lomar_mfu'])} | {pct(r['other_mfu'])} |")
+    lines += ["", "Failed (no step time):", *(f"- {line}" for line in failed)] if failed else []
     (dest / "ratios.md").write_text("\n".join(lines) + "\n")
     return lines
 

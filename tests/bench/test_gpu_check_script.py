@@ -137,6 +137,14 @@ def test_the_summary_merges_compiled_runs_of_one_file_per_method(tmp_path):
         (False, "mae", 2.5, "bench-448.json"),
         (True, "mae", pytest.approx(3.0), "bench-compile-448-lomar.json, bench-compile-448-mae.json")]
     assert rows[0]["paper"] is not None
+    # a bench cut short says so beside its ratios; a configuration that failed is listed with its error
+    (tmp_path / "bench-384.json").write_text(json.dumps({"meta": {"compile": False, "complete": False}, "records": [
+        dict(method="lomar", img_size=384, step_s=1.0, status="partial"),
+        dict(method="beit", img_size=384, step_s=None, status="failed", error="timed step 2: OutOfMemoryError: x")]}))
+    bench("bench-compile-448-beit.json", True, dict(method="beit", step_s=None, status="failed", error="build: E"))
+    lines = summary.ratios(tmp_path)
+    assert lines[-2:] == ["- beit 384 px (bench-384.json (incomplete)): timed step 2: OutOfMemoryError: x",
+                          "- beit 448 px (bench-compile-448-beit.json): build: E"]
 
 
 def test_an_unknown_decode_word_stops_the_check_before_any_part(tmp_path):
@@ -168,3 +176,46 @@ def test_every_bench_command_of_the_check_is_one_lomar_bench_accepts(tmp_path):
     assert [c[c.index("--methods") + 1] for c in commands] == ["lomar", "lomar", "mae"]
     for command in commands:
         bench._plan(build_parser(["bench"]).parse_args(command))  # UsageError where bench would refuse it
+
+
+def test_a_check_killed_mid_part_leaves_every_finished_part_in_its_archive(tmp_path):
+    """The device call is SIGKILLed at its limit: no trap runs, no last tar. GPU_CHECK_ARCHIVE, kept current after
+    every part and every few seconds, holds the finished part, the one cut short as far as it wrote, and the log."""
+    import signal
+    import tarfile
+    import time
+
+    python = tmp_path / "venv" / "bin" / "python"  # a bench that writes its JSON; at 96 px it then hangs
+    python.parent.mkdir(parents=True)
+    python.write_text('#!/usr/bin/env bash\nfor a; do [ "$prev" = --json ] && json=$a; prev=$a; done\n'
+                      'case " $* " in *" --sizes 96 "*) echo \'{"meta": {"complete": false}}\' > "$json"; '
+                      'exec sleep 60;; esac\necho \'{"meta": {"complete": true}}\' > "$json"\n')
+    python.chmod(0o755)
+    archive = tmp_path / "gc.tgz"
+    env = {**os.environ, "OUT": str(tmp_path / "gc"), "GPU_CHECK_WORK": str(tmp_path / "work"),
+           "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_PARTS": "bench", "GPU_CHECK_VENV": str(python.parents[1]),
+           "GPU_CHECK_SIZES": "64 96", "GPU_CHECK_ARCHIVE": str(archive), "GPU_CHECK_ARCHIVE_EVERY": "0.2"}
+    check = subprocess.Popen(["bash", str(SCRIPT)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+
+    def names() -> set[str]:
+        try:
+            with tarfile.open(archive) as tar:
+                return set(tar.getnames())
+        except (OSError, tarfile.TarError):
+            return set()
+
+    try:
+        deadline = time.monotonic() + 30
+        while "gc/bench-96.json" not in names() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        os.killpg(check.pid, signal.SIGKILL)
+        check.wait()
+    assert {"gc/summary.log", "gc/bench-64.json", "gc/bench-96.json"} <= names()
+    with tarfile.open(archive) as tar:
+        log = tar.extractfile("gc/summary.log").read().decode()
+        cut_short = json.loads(tar.extractfile("gc/bench-96.json").read())
+    assert "part bench-64: ok (rc 0)" in log and "part bench-96" not in log
+    assert cut_short["meta"]["complete"] is False
+    assert not list(tmp_path.glob("gc.tgz.*.tmp"))
