@@ -12,7 +12,6 @@ files of an export that took none) a leftover is stale when its PID is no live p
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import re
@@ -95,7 +94,7 @@ def _lock_state(folder: Path) -> bool | None:
     """Whether an export holds ``folder``'s lock now; None where that cannot be told (no lock file, no flock)."""
     try:
         with open_in_place(folder / EXPORT_LOCK) as handle:
-            return False if flock_in_place(handle, folder / EXPORT_LOCK, fcntl.LOCK_SH | fcntl.LOCK_NB) else None
+            return False if flock_in_place(handle, folder / EXPORT_LOCK, shared=True) else None
     except BlockingIOError:
         return True
     except (OSError, UsageError):

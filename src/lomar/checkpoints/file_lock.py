@@ -1,13 +1,14 @@
 """A folder's advisory lock: an exclusive ``fcntl.flock`` of a lock file in it, held by the open handle.
 
 The kernel drops it when its holder ends, a kill included, so a stale lock file never blocks. A training run's lock
-(``OUT/.lock``) and an export's (``DIR/.export.lock``) are both this one; each caller words its own refusal.
+(``OUT/.lock``) and an export's (``DIR/.export.lock``) are both this one; each caller words its own refusal. Windows has
+no flock: there every folder is as one on a filesystem without it (unlocked, with the caller's warning).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
 import os
 import socket
 import time
@@ -16,6 +17,11 @@ from pathlib import Path
 from typing import IO
 
 from lomar.checkpoints.io import open_in_place
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["LockHeld", "take_file_lock", "flock_in_place"]
 
@@ -33,11 +39,13 @@ class LockHeld(Exception):
         self.owner = owner
 
 
-def flock_in_place(handle: IO, path: Path, flags: int) -> bool:
-    """flock ``handle`` (of ``path``) with ``flags``; False when the file there is no longer it: an export's holder
-    removes its lock file before unlocking, so a lock won on a removed file guards nothing. BlockingIOError while
-    another holds it."""
-    fcntl.flock(handle, flags)
+def flock_in_place(handle: IO, path: Path, shared: bool = False) -> bool:
+    """flock ``handle`` (of ``path``) exclusive (``shared``: shared), without waiting; False when the file there is no
+    longer it: an export's holder removes its lock file before unlocking, so a lock won on a removed file guards
+    nothing. BlockingIOError while another holds it; OSError ENOSYS where the system has no flock (Windows)."""
+    if fcntl is None:
+        raise OSError(errno.ENOSYS, "this system has no flock")
+    fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     try:
         return os.path.samestat(os.fstat(handle.fileno()), os.stat(path, follow_symlinks=False))
     except FileNotFoundError:
@@ -62,7 +70,7 @@ def take_file_lock(path: Path, wait_s: float = 0.0, on_wait: Callable[[str], Non
         except FileNotFoundError:  # the folder removed by a holder leaving it, or another user's file gone between
             continue  # its two opens: make them anew
         try:
-            got = flock_in_place(handle, path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            got = flock_in_place(handle, path)
         except BlockingIOError:
             owner = _owner(handle)
             if time.monotonic() > deadline:
@@ -72,7 +80,7 @@ def take_file_lock(path: Path, wait_s: float = 0.0, on_wait: Callable[[str], Non
             said = True
             time.sleep(0.05)
             continue
-        except OSError as exc:  # ENOLCK, EOPNOTSUPP, ENOSYS: a filesystem without flock
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP, ENOSYS: a filesystem (or system) without flock
             # One found there may be held from a machine whose mount has flock (an NFS client mounted otherwise):
             # removed, a third process there would lock a new one beside it
             if made:
