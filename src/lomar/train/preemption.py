@@ -35,7 +35,8 @@ TIME_LIMIT_EXIT = 75
 SAVE_BYTES_PER_S = 100e6
 STEPS_KEPT = 8  # a step's time, for the time limit's margin: the longest of the last this many
 
-_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# Windows has no SIGUSR1
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, name))
 _command_start: list[float] = []  # when the lomar command began (monotonic), until a run takes it
 
 
