@@ -452,6 +452,33 @@ def test_a_slice_that_the_machine_slows_is_stopped_by_its_time_limit_and_the_cel
     assert planned == [(160, 13)] and run.state["slices"] == 2 and not run.done
 
 
+def test_the_first_slice_of_a_seconds_budget_has_a_time_limit_counted_from_its_call(tmp_path, labelled, monkeypatch):
+    """No slice measured yet: the first gets its 10 s as its --time-limit (it had none, and a machine that runs its
+    first steps slowly trained them unbounded), counted from the slice's call, not from the study's start."""
+    from lomar.train import preemption
+
+    spec = parse_spec(_spec(labelled, budget="30s", slice="10s", grid={"method": ["lomar"]}, random_init=False,
+                            eval={"metrics": []}))
+    cell = spec.cells()[0]
+    run = runner.CellRun(runner.Study(spec, tmp_path), cell, tmp_path / "cells" / cell.name, spec.budget)
+    run.folder.mkdir(parents=True)
+    planned = []
+
+    def first_slice(config):
+        planned.append((config.max_steps, config.time_limit, preemption.take_command_start()))
+        with open(run.folder / "metrics.jsonl", "a") as file:
+            file.writelines(json.dumps({"step": s, "loss": 1.0, "img_s": run.batch / 0.5}) + "\n" for s in (1, 2))
+        return 0
+
+    monkeypatch.setattr(runner, "pretrain", first_slice)
+    preemption.mark_command_start(preemption.monotonic() - 60.0)  # `lomar study` began a minute ago
+    try:
+        run.advance()
+    finally:
+        preemption.take_command_start()
+    assert planned == [(2, 10, None)] and run.state["slices"] == 1  # old code: (2, None, ...)
+
+
 @pytest.mark.slow  # one cell of 1 step, then a refused re-run: ~5 s
 def test_a_cell_started_by_an_older_lomar_is_named_not_told_to_drop_a_flag(tmp_path, labelled):
     """Before 3 Dec 2026 a steps budget left the lr schedule to the epochs: such a cell's checkpoint records no

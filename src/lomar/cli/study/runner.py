@@ -44,7 +44,7 @@ from lomar.cli.study.spec import (
 from lomar.data.folder import build_pretrain_dataset
 from lomar.errors import UsageError
 from lomar.train.config import PretrainConfig, add_config_arguments, resolve_config
-from lomar.train.preemption import TIME_LIMIT_EXIT
+from lomar.train.preemption import TIME_LIMIT_EXIT, take_command_start
 from lomar.train.pretrain import TrainingError, train
 from lomar.train.run_state import RunLock, SaveError
 
@@ -208,8 +208,10 @@ class CellRun:
         # The time limit stops a slice that the machine slows past its plan: its seconds and the least wall time a
         # slice of the cell spent on all but training (start-up, which the limit counts, and the final save). Short of
         # the start-up, the slice ends early and the next one trains the rest; past it, the cell trains past its plan.
-        limit = math.ceil(left + self.state["overhead_s"]) if "overhead_s" in self.state and point.unit == "seconds" \
-            else None
+        # The first slice, none measured yet, gets its seconds alone: unbounded, a slow machine's first steps (or
+        # compiling) could take many times the slice; bounded, it ends early and the next slice trains the rest.
+        limit = math.ceil(left + self.state.get("overhead_s", 0.0)) if point.unit == "seconds" else None
+        take_command_start()  # the slice's limit counts from its call, as its overhead is measured, not from lomar's
         start, load = time.perf_counter(), os.getloadavg()[0]
         with stop_signals_seen() as signals:
             rc = pretrain(cell_config(self.study.spec, self.cell, self.folder, max_steps=target, time_limit=limit))
