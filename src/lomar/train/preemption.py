@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["StopFlag", "TIME_LIMIT_EXIT", "ignore_stop_signals", "any_rank_stopping", "shut_down_workers",
-           "mark_command_start", "take_command_start", "process_age"]
+           "mark_command_start", "take_command_start", "process_age", "STOP_SIGNALS"]
 
 # sysexits' EX_TEMPFAIL, "try again later": the work is not done and resuming it is all it takes. A wrapper tells it
 # from 0 (finished, or stopped by the scheduler's own signal, which the scheduler knows of) and from 1 (failed).
@@ -35,8 +35,8 @@ TIME_LIMIT_EXIT = 75
 SAVE_BYTES_PER_S = 100e6
 STEPS_KEPT = 8  # a step's time, for the time limit's margin: the longest of the last this many
 
-# Windows has no SIGUSR1
-_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, name))
+# SIGTERM, SIGUSR1 (none on Windows), SIGINT
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, name))
 _command_start: list[float] = []  # when the lomar command began (monotonic), until a run takes it
 
 
@@ -90,7 +90,7 @@ class StopFlag:
             self.save_s = 3 * size / SAVE_BYTES_PER_S  # the weights and AdamW's two moments
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may set handlers (e.g. a run started from a thread)
-        for sig in _SIGNALS:
+        for sig in STOP_SIGNALS:
             self.previous[sig] = signal.signal(sig, self._handle)
 
     @contextlib.contextmanager
@@ -170,7 +170,7 @@ def ignore_stop_signals(worker_id: int) -> None:
     """Loader workers leave SIGTERM/SIGUSR1/SIGINT to the main process: schedulers (and Ctrl-C)
     signal the whole process group, and a worker dying on it would crash the run instead of
     checkpointing it."""
-    for sig in _SIGNALS:
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 
