@@ -257,7 +257,8 @@ def _drop_run_locks() -> None:
     _HELD_LOCKS.clear()
 
 
-os.register_at_fork(after_in_child=_drop_run_locks)
+if hasattr(os, "register_at_fork"):  # Windows forks nothing (and has no flock to hold)
+    os.register_at_fork(after_in_child=_drop_run_locks)
 
 
 class RunLock:
