@@ -160,9 +160,9 @@ LOG_EVERY = Setting(20, "print the training loss every N optimizer steps (metric
                     "step)", above=0, resume=_RUN)
 EVAL_EVERY = Setting(None, "evaluate (and checkpoint) every N optimizer steps and at the end, instead of at each "
                      "epoch's end (default: each epoch's end and the end)", kind=int, above=0, resume=_RUN)
-TIME_LIMIT = Setting(None, "wall-clock limit of this invocation (start-up and training; the final save comes after "
-                    "it): the run stops at the first step past it as SIGTERM stops it, checkpointed, exit 75 (0 under "
-                    "torchrun); seconds (5400), 90m, 1.5h, 2d, 1h30m or HH:MM:SS / D-HH:MM:SS (default: none)",
+TIME_LIMIT = Setting(None, "wall-clock limit from lomar's start, the final save in it: the run stops as SIGTERM "
+                    "does (exit 75; 0 under torchrun) at the last step after which one more (the slowest recent) and "
+                    "the save (last timed) fit; seconds (5400), 90m, 1h30m, 2d, HH:MM:SS, D-HH:MM:SS (default: none)",
                     kind=int, above=0, parse=parse_duration, metavar="DURATION", resume=_RUN)
 OUT = Setting(None, "output folder (default: runs/<timestamp>)", kind=str, resume=_RUN)
 RESUME = Setting(None, "checkpoint path, or 'auto' for the newest state in --out (default: a new run)", kind=str,
