@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lomar.values import as_sides, is_size
+from lomar.values import as_sides, is_size, parse_device
 
 
 @pytest.mark.parametrize("size, sides", [(224, (224, 224)), ((224, 320), (224, 320)), ([224, 320], (224, 320)),
@@ -60,3 +60,13 @@ def test_a_time_limit_of_hundreds_of_digits_is_refused_in_one_line():
 
     with pytest.raises(ValueError, match=r"^'9{20}'\.\.\. is too long a duration; write e\.g\. 90m"):
         parse_duration("9" * 400)  # float: inf, which round() cannot make whole
+
+
+@pytest.mark.parametrize("text", ["mps", "mps:0"])
+def test_an_apple_gpu_is_refused_as_not_supported_yet_naming_the_device_that_runs(text):
+    """A Mac user's first guess: told that MPS is not supported (not merely that it is not a listed form) and that
+    --device cpu runs."""
+    with pytest.raises(ValueError) as caught:
+        parse_device(text)
+    assert str(caught.value) == (f"--device {text}: Apple GPUs (MPS) are not supported yet; pass --device cpu (what "
+                                 f"auto picks on a Mac)")

@@ -65,6 +65,9 @@ def brief(value) -> str:
 
 def parse_device(text: str) -> str:
     """``--device``'s value: auto, cpu, cuda or cuda:N; a ValueError naming the forms for anything else."""
+    if re.fullmatch(r"mps(:\d+)?", text):  # torch's name for Apple GPUs: lomar's numerics are untested there
+        raise ValueError(f"--device {text}: Apple GPUs (MPS) are not supported yet; pass --device cpu (what auto "
+                         f"picks on a Mac)")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N; got --device {text}")
     return text
