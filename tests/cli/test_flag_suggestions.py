@@ -21,13 +21,15 @@ SUGGESTED = [
     (["pretrain", "--batch-szie", "3"], "pretrain", "--batch-szie 3; did you mean --batch-size?"),
     (["pretrain", "--window", "5"], "pretrain",
      "--window 5; did you mean --window-placement, --window-size or --windows?"),
-    (["detect", "--warmup", "5"], "detect", "--warmup 5; did you mean --warmup-steps?"),  # the unit shows
+    (["detect", "--warmup", "5"], "detect", "--warmup 5; --warmup is a flag of lomar bench, not of lomar detect; "
+                                            "did you mean --warmup-steps?"),  # the unit shows
     (["finetune", "--batch_size", "4", "--epoch", "3"], "finetune",
      "--batch_size 4 --epoch 3; did you mean --batch-size for --batch_size; --epochs for --epoch?"),
     (["tokenizer", "fit", "--data", "d", "--out", "t.safetensors", "--iter", "1"], "tokenizer fit",
      "--iter 1; did you mean --iters?"),
     (["export", "ck.pt", "--to", "x", "--output-dir", "y"], "export", "--output-dir y; did you mean --to?"),
-    (["pretrain", "--to", "x"], "pretrain", "--to x"),  # --tokenizer starts so, but is not what was meant
+    (["pretrain", "--to", "x"], "pretrain", "--to x; --to is a flag of lomar export, load-original and tokenizer "
+                                            "convert, not of lomar pretrain"),  # not --tokenizer, which starts so
     # another command's flag: named as theirs, as a settings file's key of another command is
     (["pretrain", "--num-classes", "10"], "pretrain",
      "--num-classes 10; --num-classes is a flag of lomar segment, not of lomar pretrain"),
@@ -38,8 +40,17 @@ SUGGESTED = [
                                                     "not of lomar knn"),
     # ... and still told this command's own for it, where another tool's spelling of it would be
     (["detect", "--warmup-epochs", "5", "--lr=1e-4"], "detect",
-     "--warmup-epochs 5 --lr=1e-4; --warmup-epochs is a flag of lomar pretrain and finetune, --lr of lomar pretrain "
-     "and segment, not of lomar detect; did you mean --warmup-steps for --warmup-epochs; --blr for --lr?"),
+     "--warmup-epochs 5 --lr=1e-4; --warmup-epochs is a flag of lomar pretrain, finetune and linprobe, --lr of lomar "
+     "pretrain, segment and linprobe, not of lomar detect; did you mean --warmup-steps for --warmup-epochs; --blr "
+     "for --lr?"),
+    # a flag every training command shares, a negated one, and any command's: each command's parser is looked in
+    (["knn", "ck.pt", "--accum-steps", "2"], "knn", "--accum-steps 2; --accum-steps is a flag of lomar pretrain, "
+                                                   "finetune, detect and segment, not of lomar knn"),
+    (["knn", "ck.pt", "--no-eval-only"], "knn", "--no-eval-only; --no-eval-only is a flag of lomar finetune, "
+                                               "detect and segment, not of lomar knn"),
+    (["tokenizer", "fit", "--data", "d", "--out", "t", "--time-limit", "1h"], "tokenizer fit",
+     "--time-limit 1h; --time-limit is a flag of lomar pretrain, finetune, detect and segment, not of lomar "
+     "tokenizer fit"),
     (["bench", "--method", "mae"], "bench",
      "--method mae; --method is a flag of lomar pretrain, not of lomar bench; did you mean --methods?"),
 ]

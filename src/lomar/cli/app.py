@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             own = command_parser(parser, args)
             if unknown := _operands_after_flags(own, args, unknown):
-                own.error(f"unrecognized arguments: {' '.join(unknown)}{suggest_flags(own, unknown)}")
+                # every command's parser, built on this error's path only: `lomar knn --accum-steps` is told whose
+                own.error(f"unrecognized arguments: {' '.join(unknown)}{suggest_flags(own, unknown, build_parser)}")
     except SystemExit as exc:  # --help, --version, a usage error: already printed
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if getattr(args, "_run", None) is None:

@@ -9,28 +9,46 @@ another training command's flag is named as that command's.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from lomar.train.setting_names import did_you_mean, flag_of, other_commands
 
-__all__ = ["suggest_flags", "command_parser"]
+__all__ = ["suggest_flags", "command_parser", "command_flags"]
 
 
 def _own_flags(parser: argparse.ArgumentParser) -> list[str]:
     return [flag for flag in parser._option_string_actions if flag.startswith("--") and flag != "--help"]
 
 
-def suggest_flags(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+def suggest_flags(parser: argparse.ArgumentParser, unknown: list[str],
+                  every: Callable[[], argparse.ArgumentParser] | None = None) -> str:
     """'; --num-classes is a flag of lomar segment, not of lomar pretrain' for the flags among ``unknown`` another
-    training command takes (as a settings file's key of another command is said), then '; did you mean --workers?'
-    (or '; did you mean --workers for --num-workers; --epochs for --epoch?') for the others that resemble
-    ``parser``'s flags; '' when neither."""
+    command takes (as a settings file's key of another command is said), then '; did you mean --workers?' (or
+    '; did you mean --workers for --num-workers; --epochs for --epoch?') for the others that resemble ``parser``'s
+    flags; '' when neither. ``every``: the ``lomar`` parser with every command's flags (:func:`command_flags`),
+    built only for a flag ``parser`` lacks; None: the training commands' own settings are looked in."""
     given, own = [token for token in unknown if token.startswith("-") and len(token) > 1], _own_flags(parser)
     flags = {token: flag_of(token) for token in given}
     command = parser.prog.removeprefix("lomar ") if parser.prog.startswith("lomar ") else None  # a study's: none
     # --rel_pos in segment, which has --rel-pos, is a spelling of its own flag: only the suggestion names it
-    theirs, elsewhere = other_commands({flag: flag[2:].replace("-", "_") for flag in flags.values() if flag not in own},
-                                       command, own, kind="flag") if command else ("", [])
+    missing = {flag: flag[2:].replace("-", "_") for flag in flags.values() if flag not in own}
+    table = command_flags(every()) if every is not None and command and missing else None
+    theirs, elsewhere = other_commands(missing, command, own, kind="flag", table=table) if command else ("", [])
     return theirs + did_you_mean([token for token in given if flags[token] not in elsewhere], own)
+
+
+def command_flags(parser: argparse.ArgumentParser) -> dict[str, frozenset[str]]:
+    """Each command's flags under ``parser`` (``lomar``'s), by its name ('knn', 'tokenizer fit'), as setting names
+    (``--no-eval-only``: ``no_eval_only``), in the order of ``lomar --help``."""
+    found, stack = {}, [parser]
+    while stack:
+        current = stack.pop(0)
+        if current is not parser:
+            found[current.prog.removeprefix("lomar ")] = frozenset(
+                flag[2:].replace("-", "_") for flag in _own_flags(current))
+        stack += [sub for action in current._actions if isinstance(action, argparse._SubParsersAction)
+                  for sub in action.choices.values()]
+    return found
 
 
 def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:

@@ -138,15 +138,16 @@ def unknown_settings(unknown: list[str], names: list[str], source: str, config: 
                or f"; see `lomar {command} --help` for the valid ones"))
 
 
-def other_commands(given: dict[str, str], command: str, flags: list[str],
-                   kind: str = "setting") -> tuple[str, list[str]]:
+def other_commands(given: dict[str, str], command: str, flags: list[str], kind: str = "setting",
+                   table: dict[str, frozenset[str]] | None = None) -> tuple[str, list[str]]:
     """('; mixup is a setting of lomar finetune, num_classes of lomar segment, not of lomar pretrain', [the ones
     named that no spelling in the table gives one of ``command``'s ``flags`` for]) for the entries of ``given``
-    {as the user wrote it: the setting's name} that a training command other than ``command`` takes; ('', [])
-    when none. The ones left out of the list still get a suggestion: detect's --warmup-steps for --warmup-epochs,
-    finetune's --blr for --lr. ``kind``: 'setting' for a settings file's key, 'flag' for the command line's
-    (:mod:`lomar.cli.suggest`), which get the same answer."""
-    found = {shown: [other for other, names in COMMAND_SETTINGS.items() if other != command and name in names]
+    {as the user wrote it: the setting's name} that a command other than ``command`` takes (``table``: each
+    command's names, :data:`COMMAND_SETTINGS` where None); ('', []) when none. The ones left out of the list still
+    get a suggestion: detect's --warmup-steps for --warmup-epochs, finetune's --blr for --lr. ``kind``: 'setting'
+    for a settings file's key, 'flag' for the command line's (:mod:`lomar.cli.suggest`), which get the same answer."""
+    table = table or COMMAND_SETTINGS
+    found = {shown: [other for other, names in table.items() if other != command and name in names]
              for shown, name in given.items()}
     found = {shown: either(commands, "and") for shown, commands in found.items() if commands}
     theirs = ", ".join(f"{shown}{f' is a {kind}' * (not i)} of lomar {others}" for i, (shown, others)
