@@ -13,7 +13,8 @@ from lomar.train import settings as S
 from lomar.train.settings import ConfigError
 from lomar.train.settings_resume import check_pretrained
 
-__all__ = ["check_fsdp", "check_data", "check_decode", "check_method_settings", "parse_share", "EVAL_DECODES"]
+__all__ = ["check_fsdp", "check_data", "check_decode", "check_method_settings", "parse_share", "EVAL_DECODES",
+           "refuse_training_settings"]
 
 
 def check_method_settings(values: dict[str, Any], declared: dict[str, S.Setting]) -> None:
@@ -29,10 +30,27 @@ def check_method_settings(values: dict[str, Any], declared: dict[str, S.Setting]
             readers.setdefault(setting, []).append(name)
     for name in (name for name in readers if name not in get_method(method).reads):
         if (value := values.get(name, declared[name].default)) != declared[name].default:
-            flag = declared[name].name_flag(name)
-            given = f"--no-{flag[2:]}" if value is False else f"{flag} {S.shown(value)}"
-            raise ConfigError(f"{given} is for --method {' and '.join(readers[name])} only (got --method {method}); "
-                              f"drop it")
+            raise ConfigError(f"{_typed(declared[name], name, value)} is for --method {' and '.join(readers[name])} "
+                              f"only (got --method {method}); drop it")
+
+
+def _typed(declared: S.Setting, name: str, value: Any) -> str:
+    """A setting as typed on the command line: --no-flag for False, else the flag and its value."""
+    flag = declared.name_flag(name)
+    return f"--no-{flag[2:]}" if value is False else flag if value is True else f"{flag} {S.shown(value)}"
+
+
+def refuse_training_settings(config: Any, explicit: dict[str, Any], names: tuple[str, ...]) -> None:
+    """--eval-only trains nothing: a flag among ``names`` (the command's training settings) would go unread; refused.
+    The same settings from a --config file pass: a run's own config.yaml, reused to score the run, holds them all."""
+    in_file = getattr(config, "in_file", {})
+    given = [name for name in names if name in explicit and name not in in_file]
+    if given:
+        declared = S.declarations(type(config))
+        flags = ", ".join(_typed(declared[name], name, explicit[name]) for name in given)
+        one = len(given) == 1
+        raise ConfigError(f"{flags} {'is a training setting' if one else 'are training settings'}, and --eval-only "
+                          f"trains nothing; drop {'it' if one else 'them'}, or drop --eval-only to train")
 
 
 def check_fsdp(config: Any) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from lomar.checkpoints.kinds import DETECT_FORMAT, find_command_checkpoint
 from lomar.train import settings as S
-from lomar.train.config_checks import check_eval_only_model, refuse_contradictions
+from lomar.train.config_checks import check_eval_only_model, refuse_contradictions, refuse_training_settings
 from lomar.train.setting_names import setting_of
 from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.settings_resume import (
@@ -34,6 +34,10 @@ _RUN = "run-control"
 DETECTOR_LAYOUT = ("img_size", "window_size", "global_blocks", "attention", "drop_path", "rel_pos")
 # What a checkpoint saved before these settings existed trained with: a fixed position table, no relative term
 _SAVED_BEFORE = {"train_pos_embed": False, "rel_pos": "none"}
+# what --eval-only leaves unread: the training split, schedule, optimizer and augmentation
+_TRAINING = ("train_ann", "train_images", "accum_steps", "epochs", "max_steps", "schedule_steps", "blr",
+             "warmup_steps", "layer_decay", "weight_decay", "clip_grad", "jitter", "grad_checkpointing",
+             "train_pos_embed", "rois_per_image", "eval_every", "log_every", "time_limit")
 
 
 _IMAGES_DEFAULT = ("for {flag} ROOT/annotations/instances_SPLIT.json, ROOT/SPLIT or ROOT/images/SPLIT where it "
@@ -119,6 +123,8 @@ class DetectConfig(TaskConfig):
         return {**_SAVED_BEFORE, **checkpoint.get("settings", {})}
 
     def complete(self, explicit: dict[str, Any]) -> None:
+        if self.eval_only:
+            refuse_training_settings(self, explicit, _TRAINING)
         model_only_without_pretrained(self, explicit)
         for split in ("train", "val"):
             if getattr(self, f"{split}_ann") and not getattr(self, f"{split}_images"):

@@ -14,7 +14,12 @@ from typing import Any
 
 from lomar.checkpoints.kinds import classifier_pool, find_command_checkpoint
 from lomar.train import settings as S
-from lomar.train.config_checks import EVAL_DECODES, check_eval_only_model, refuse_contradictions
+from lomar.train.config_checks import (
+    EVAL_DECODES,
+    check_eval_only_model,
+    refuse_contradictions,
+    refuse_training_settings,
+)
 from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.settings_resume import (
     TaskConfig,
@@ -31,6 +36,11 @@ __all__ = ["FinetuneConfig", "add_finetune_arguments", "resolve_finetune_config"
 # and its run's precision and --decode (its evaluations' pixels) are taken unless given: at another --img-size its
 # position table is resampled as for any image of another size.
 CLASSIFIER_OWN = ("global_pool", "window_size", "global_blocks")
+# what --eval-only leaves unread: the training split, schedule, optimizer and augmentation
+_TRAINING = ("train", "accum_steps", "epochs", "max_steps", "schedule_steps", "blr", "min_lr", "warmup_epochs",
+             "layer_decay", "weight_decay", "clip_grad", "drop_path", "grad_checkpointing", "train_pos_embed",
+             "decay_rel_pos_bias", "mixup", "cutmix", "smoothing", "reprob", "aa", "crop_scale", "log_every",
+             "time_limit")
 
 
 @dataclass
@@ -111,6 +121,8 @@ class FinetuneConfig(TaskConfig):
 
     def complete(self, explicit: dict[str, Any]) -> None:
         self._warmup_note = None
+        if self.eval_only:
+            refuse_training_settings(self, explicit, _TRAINING)
         if "warmup_epochs" not in explicit and 0 < self.epochs < self.warmup_epochs:
             # The default warm-up (the recipe's 5 epochs) in a shorter run: warm up over the whole run, saying so
             # once the settings are valid (a note before an error is noise), by one process per machine.

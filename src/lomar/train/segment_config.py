@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lomar.checkpoints.kinds import SEGMENT_TASK, find_command_checkpoint
 from lomar.train import settings as S
-from lomar.train.config_checks import check_eval_only_model, refuse_contradictions
+from lomar.train.config_checks import check_eval_only_model, refuse_contradictions, refuse_training_settings
 from lomar.train.setting_names import setting_of
 from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.settings_resume import TaskConfig, check_img_size, check_pretrained, model_only_without_pretrained
@@ -28,6 +28,10 @@ __all__ = ["SegmentConfig", "SEGMENTER_OWN"]
 # not taken.
 SEGMENTER_OWN = ("num_classes", "zero_label", "head_channels", "aux_weight", "rel_pos", "train_pos_embed")
 _EVALUATED = ("img_size", "data", "eval_mode", "eval_stride")
+# what --eval-only leaves unread: the schedule, optimizer and augmentation
+_TRAINING = ("accum_steps", "epochs", "max_steps", "schedule_steps", "lr", "min_lr", "warmup_steps", "poly_power",
+             "layer_decay", "weight_decay", "clip_grad", "drop_path", "photometric", "grad_checkpointing",
+             "eval_every", "log_every", "time_limit")
 ENCODER_KEYS = "backbone.encoder."  # the prefix of the encoder's weights in a segmenter's state
 
 
@@ -104,6 +108,8 @@ class SegmentConfig(TaskConfig):
         return {**legacy, **settings} if isinstance(settings, dict) else settings
 
     def complete(self, explicit: dict) -> None:
+        if self.eval_only:
+            refuse_training_settings(self, explicit, _TRAINING)
         model_only_without_pretrained(self, explicit)
         if self.eval_only and self.pretrained:
             # one read (its tensors mapped, read as the task loads them): the settings taken here and the weights
