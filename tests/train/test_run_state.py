@@ -344,6 +344,9 @@ def test_another_folders_checkpoint_does_not_graft_onto_a_held_run(tmp_path):
     with pytest.raises(UsageError, match=r"another folder's checkpoint, and --out .*b already holds a run; pass --out "
                                          r"NEW_FOLDER to branch off, or --overwrite"):
         check_no_rewind(a / "last.pt", b, overwrite=False)
+    with pytest.raises(UsageError, match=r"^resume: \S+a/last.pt in my.yaml is another folder's checkpoint, and out: "
+                                         r"\S+b in my.yaml already holds a run;"):  # as --config gave them
+        check_no_rewind(a / "last.pt", b, overwrite=False, in_file={"resume": "my.yaml", "out": "my.yaml"})
     check_no_rewind(a / "last.pt", tmp_path / "new", overwrite=False)  # branching off into a new folder
     check_no_rewind(a / "last.pt", b, overwrite=True)
     prepare_run_folder(_Config(str(b), str(a / "last.pt"), True), _Task(), a / "last.pt", 4, 0)

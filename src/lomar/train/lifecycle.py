@@ -352,7 +352,7 @@ def run(config, make_task: type[Task]) -> int:
     stop = StopFlag(getattr(config, "time_limit", None))  # from the lomar command's start, or this call's
     info, device = join_group(config.device)  # what fails before the first step: a one-line error, exit 2
     out, name = Path(main_rank_out(config)), config.COMMAND  # one run folder: a default's time is rank 0's
-    lock, task, trainer = RunLock(out), None, None
+    lock, task, trainer = RunLock(out, getattr(config, "in_file", {}).get("out")), None, None
     try:
         if info.is_main:  # only the main process writes into the folder
             lock.acquire()
@@ -364,7 +364,7 @@ def run(config, make_task: type[Task]) -> int:
             print(f"lomar {name}: {note}", flush=True)
         try:
             if resume is not None and info.is_main:
-                check_no_rewind(resume, out, config.overwrite, point)
+                check_no_rewind(resume, out, config.overwrite, point, getattr(config, "in_file", {}))
             end = run_end(config, make_task, point, out, info.world_size)  # then nothing to build: the run ends there
             if end is None:
                 torch.set_num_threads(config.threads or default_threads())

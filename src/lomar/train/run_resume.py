@@ -32,6 +32,7 @@ from lomar.train.run_state import (
     read_state,
     training_step,
 )
+from lomar.train.setting_names import as_given
 from lomar.values import brief
 
 __all__ = ["ResumePoint", "read_resume_point", "find_resume_point", "auto_resume",
@@ -160,10 +161,14 @@ def resume_point(resume: str | None, out: Path, overwrite: bool, read: ResumePoi
     return known or read_resume_point(Path(resume), strict=False)
 
 
-def check_no_rewind(resume: Path, out: Path, overwrite: bool, point: ResumePoint | None = None) -> None:
+def check_no_rewind(resume: Path, out: Path, overwrite: bool, point: ResumePoint | None = None,
+                    in_file: dict[str, str] | None = None) -> None:
     """Refuse, unless ``overwrite``, to resume an older state into a folder whose newest state is newer (it would
     be rewound), or another folder's checkpoint into a folder that holds a run (their files would mix). ``point``:
-    what was read of ``resume`` (``--resume auto``'s: the newest state of ``out`` itself)."""
+    what was read of ``resume`` (``--resume auto``'s: the newest state of ``out`` itself); ``in_file``: the settings
+    file by setting, whose resume: and out: are named as its lines."""
+    given = {name: as_given(name, str(value), (in_file or {}).get(name)) for name, value in (("resume", resume),
+                                                                                             ("out", out))}
     if overwrite or (point is not None and point.resume == "auto" and point.out == Path(out).resolve()):
         return
     newest = find_resume_point(out, point)  # the newest intact state, if last.pt is missing, cut or behind
@@ -172,10 +177,10 @@ def check_no_rewind(resume: Path, out: Path, overwrite: bool, point: ResumePoint
         newer = newest.step
         older = point.step if point is not None and point.path == resume else checkpoint_step(resume)
         if newer is not None and older is not None and newer > older:
-            raise UsageError(f"--resume {resume} (step {older}) would rewind {out}, whose {last.name} is at step "
+            raise UsageError(f"{given['resume']} (step {older}) would rewind {out}, whose {last.name} is at step "
                              f"{newer}; pass --out NEW_FOLDER to branch off, --overwrite to rewind, or resume {last}")
     if foreign(resume, out) and holds_run(out):
-        raise UsageError(f"--resume {resume} is another folder's checkpoint, and --out {out} already holds a run; "
+        raise UsageError(f"{given['resume']} is another folder's checkpoint, and {given['out']} already holds a run; "
                          f"pass --out NEW_FOLDER to branch off, or --overwrite to replace that run")
 
 

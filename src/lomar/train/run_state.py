@@ -270,9 +270,9 @@ class RunLock:
     goes on unlocked, with a warning.
     """
 
-    def __init__(self, out: Path, given: str | None = None):  # given: 'out: r1 in my.yaml' (setting_names.as_given)
+    def __init__(self, out: Path, source: str | None = None):  # source: the settings file that gave out, if one did
         self.out, self.handle, self.created, self.taken = Path(out), None, False, False
-        self.given = given or f"--out {out}"
+        self.given = as_given("out", str(out), source)  # 'out: r1 in my.yaml', else '--out r1'
 
     def acquire(self, warn: bool = True) -> RunLock:
         """Lock the folder (made if need be); ``warn``: say so where it cannot be locked (no flock there)."""
@@ -332,7 +332,7 @@ def refuse_held_run(out: Path, resume: str | None, overwrite: bool, locked_here:
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 may already have started
     if holds_run(out) and is_main and not resume and not overwrite:
         if not locked_here:  # a live run: say so, not "pass --resume auto", which it would refuse
-            RunLock(out, given).acquire(warn=False).release()  # the run's own lock warns, if need be
+            RunLock(out, source).acquire(warn=False).release()  # the run's own lock warns, if need be
         raise ConfigError(f"{given} already holds a run; pass --resume auto to continue it, "
                           f"--overwrite to replace it, or another --out")
 

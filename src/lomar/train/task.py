@@ -174,7 +174,7 @@ def score_only(config, make_task: type[Task]) -> tuple[Task, dict, Path]:
         raise UsageError("--eval-only runs in one process; run it without torchrun")
     _, device = init_distributed(config.device)
     torch.manual_seed(config.seed)
-    with RunLock(Path(config.out)) as lock:
+    with RunLock(Path(config.out), getattr(config, "in_file", {}).get("out")) as lock:
         task = make_task(config, DistInfo(), device)
         metrics = task.evaluate()
         with open_in_place(lock.out / METRICS, "a") as log:
