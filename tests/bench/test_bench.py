@@ -284,27 +284,29 @@ _SMALL = ["bench", "--tiny", "--sizes", "112", "128", "--windows", "1", "--metho
           "1", "--steps", "1", "--warmup", "0", "--device", "cpu", "--quiet"]
 
 
-def test_a_bench_stopped_after_its_first_size_leaves_its_rows_and_table(tmp_path, monkeypatch, capsys):
-    built = timing.build_runner
+def test_a_bench_stopped_mid_way_leaves_its_rows_and_table(tmp_path, monkeypatch, capsys):
+    timed = timing.timed
 
-    def stop_at_128(method, model, size, *args, **kwargs):  # Ctrl-C while the second size is being built
-        if size == 128:
+    def stop_in_the_second_round_at_128(fn, device):  # Ctrl-C between 128 px's timed steps
+        runner = getattr(fn, "__self__", None)
+        if isinstance(runner, timing.StepRunner) and runner.img_size == 128 and runner.times:
             raise KeyboardInterrupt
-        return built(method, model, size, *args, **kwargs)
+        return timed(fn, device)
 
-    monkeypatch.setattr(timing, "build_runner", stop_at_128)
+    monkeypatch.setattr(timing, "timed", stop_in_the_second_round_at_128)
     out = tmp_path / "bench.json"
-    assert main([*_SMALL, "--json", str(out)]) == 130
+    assert main([*_SMALL, "--steps", "2", "--json", str(out)]) == 130
     data = json.loads(out.read_text())
-    assert [(r["method"], r["img_size"], r["status"]) for r in data["records"]] == [("lomar", 112, "ok"),
-                                                                                   ("mae", 112, "ok")]
+    assert [(r["method"], r["img_size"], r["status"], len(r["step_times_s"])) for r in data["records"]] == [
+        ("lomar", 112, "ok", 2), ("mae", 112, "ok", 2), ("lomar", 128, "partial", 1), ("mae", 128, "partial", 1)]
     assert all(r["step_s"] > 0 and r["mfu"] > 0 for r in data["records"])
     assert data["meta"]["complete"] is False
     assert data["meta"]["left"] == [dict(method="lomar", img_size=128, windows=1),
                                     dict(method="mae", img_size=128, windows=None)]
-    assert [c["img_size"] for c in data["comparisons"]] == [112]
+    assert [c["img_size"] for c in data["comparisons"]] == [112, 128]
     captured = capsys.readouterr()
-    assert "MAE / LoMaR per size" in captured.out and "stopped before its end" in captured.err
+    assert "1 step(s): stopped" in captured.out and "MAE / LoMaR per size" in captured.out
+    assert "stopped before its end" in captured.err
 
 
 def test_a_failing_configuration_is_a_row_and_the_next_one_runs(tmp_path, monkeypatch, capsys):
@@ -320,11 +322,19 @@ def test_a_failing_configuration_is_a_row_and_the_next_one_runs(tmp_path, monkey
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         measure(runner)
 
+    from lomar.bench import profile
+
+    def no_profile_of_mae(runner):  # the profiler's memory: the configuration's timed row stands
+        if runner.method == "mae":
+            raise torch.OutOfMemoryError("CUDA out of memory (profiler)")
+        return dict(shares={"gemm": 1.0}, total_ms=1.0, clock="CPU")  # a real profile: tests/bench/test_profile.py
+
     monkeypatch.setattr(timing, "build_runner", no_lomar_at_128)
     monkeypatch.setattr(timing.StepRunner, "measure_memory", mae_out_of_memory)
+    monkeypatch.setattr(profile, "profile_step", no_profile_of_mae)
     monkeypatch.delattr("os.getloadavg")  # Windows has none: the run goes on without the load average
-    out = tmp_path / "bench.json"
-    assert main([*_SMALL, "--json", str(out)]) == 1
+    out, profiles = tmp_path / "bench.json", tmp_path / "profile.json"
+    assert main([*_SMALL, "--json", str(out), "--profile", str(profiles)]) == 1
     data = json.loads(out.read_text())
     rows = {(r["method"], r["img_size"]): r for r in data["records"]}
     assert {key: r["status"] for key, r in rows.items()} == {("lomar", 112): "ok", ("mae", 112): "failed",
@@ -337,6 +347,9 @@ def test_a_failing_configuration_is_a_row_and_the_next_one_runs(tmp_path, monkey
     captured = capsys.readouterr()
     assert "mae          112     - failed at its memory step: OutOfMemoryError" in captured.out
     assert "2 of 4 configurations failed" in captured.err
+    assert "no profile of mae 128px: OutOfMemoryError: CUDA out of memory (profiler)" in captured.err
+    assert [(p["method"], p["img_size"]) for p in json.loads(profiles.read_text())["profiles"]] == [("lomar", 112)]
+    assert "time_shares" in rows["lomar", 112] and "time_shares" not in rows["mae", 128]
 
 
 def test_host_readings_fall_back_where_the_os_lacks_them(monkeypatch):

@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
     from lomar.bench import report  # torch: not for --help
     from lomar.bench.profile import profile_step  # torch: not for --help
     from lomar.bench.results import Results  # torch: not for --help
-    from lomar.bench.timing import GemmCeiling, build_runner, interleaved_times  # torch: not for --help
+    from lomar.bench.timing import GemmCeiling, build_runner, failure, interleaved_times  # torch: not for --help
 
     device, say, meta = _start(args)
     retained = device.type == "cpu" and retain_freed_memory()
@@ -251,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
                   compile_mode=args.compile_mode, device=str(device))
     results = Results(plan, args.steps, gemm, meta, common, lambda result: _write(args, lambda msg: None, **result))
     profiles: list[dict] = []
+    unprofiled: list[str] = []  # configurations timed whose profiled step failed
     try:
         for size in plan:
             runners = results.build(size, lambda method, px, windows: build_runner(
@@ -259,7 +260,11 @@ def run(args: argparse.Namespace) -> int:
             interleaved_times(runners, args.steps, args.warmup, gemm, say, on_change=results.save)
             shares = {}
             for r in (r for r in runners if args.profile and r.error is None):
-                profiles.append(dict(method=r.method, img_size=size, windows=r.windows, **profile_step(r)))
+                try:
+                    profiles.append(dict(method=r.method, img_size=size, windows=r.windows, **profile_step(r)))
+                except RuntimeError as exc:  # the profiler's own memory, say: the timed rows stand, and the rest
+                    unprofiled.append(f"{r.method} {size}px: {failure(exc)}")
+                    continue
                 shares[r.method, r.windows] = profiles[-1]["shares"]
             for row in results.end_size():
                 if (row["method"], row["windows"]) in shares:
@@ -289,8 +294,9 @@ def run(args: argparse.Namespace) -> int:
         # the others' rows stand; a script or a user comparing the table still learns it lacks these
         print(f"lomar bench: {len(failed)} of {len(result['records'])} configurations failed: "
               + "; ".join(f"{r['method']} {r['img_size']}px: {r['error']}" for r in failed), file=sys.stderr)
-        return 1
-    return 0
+    if unprofiled:
+        print(f"lomar bench: no profile of {'; '.join(unprofiled)}", file=sys.stderr)
+    return 1 if failed or unprofiled else 0
 
 
 def _report(result: dict, profiles: list[dict]) -> None:
