@@ -5,6 +5,7 @@ The other engine guarantees are tested in test_engine.py and test_pretrain_cli.p
 
 import collections
 import json
+import multiprocessing
 import re
 import shutil
 from pathlib import Path
@@ -47,6 +48,18 @@ def _run(*args) -> int:
 
 def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loader_workers_started_by_spawn_train_on_the_batches_of_in_process_loading(data, tmp_path, monkeypatch):
+    """macOS and Windows start loader workers by spawn: a fresh interpreter, given the dataset, sampler, collate and
+    worker_init_fn pickled, that inherits nothing set at run time. Every one of them must survive that, and the batches
+    be those of loading in the training process."""
+    assert _run("--data", data, "--out", tmp_path / "inline", "--max-steps", 2) == 0
+    monkeypatch.setattr(multiprocessing.context._default_context, "_actual_context",
+                        multiprocessing.get_context("spawn"))  # what the DataLoader's default context starts
+    assert multiprocessing.get_start_method() == "spawn"
+    assert _run("--data", data, "--out", tmp_path / "spawned", "--max-steps", 2, "--workers", 1) == 0
+    assert _losses(tmp_path / "spawned") == _losses(tmp_path / "inline")
 
 
 def test_resume_across_epoch_boundary_with_accumulation(data, tmp_path):
