@@ -486,6 +486,25 @@ def test_a_sigterm_while_a_rank_reports_its_lost_peer_leaves_the_one_line(monkey
     assert "rank 0: another process of this run stopped" in _one_error_line(capsys.readouterr().err, "export")
 
 
+def test_a_rank_that_lost_its_peer_leaves_the_why_to_the_first_process(monkeypatch, capsys):
+    """Rank 0's full disk on metrics.jsonl under torchrun: its line, then rank 1's 'another process of this run
+    stopped', two lines for one failure. Rank 1 waits for torchrun to stop it (silently); one still running says it."""
+    import os
+    import signal
+
+    _fail_with(monkeypatch, RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error: Connection reset by peer."))
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    waits = []
+    monkeypatch.setattr("lomar.errors.time.sleep", lambda seconds: (waits.append(seconds),
+                                                                    os.kill(os.getpid(), signal.SIGTERM)))
+    assert main(["export", "ckpt", "--to", "out"]) == 128 + signal.SIGTERM  # torchrun's SIGTERM during the wait
+    assert capsys.readouterr().err == "" and waits
+    monkeypatch.setattr("lomar.errors.time.sleep", lambda seconds: None)  # not stopped: it says it after all
+    assert main(["export", "ckpt", "--to", "out"]) == 1
+    assert "rank 1: another process of this run stopped" in _one_error_line(capsys.readouterr().err, "export")
+
+
 def test_a_dvae_that_is_not_a_pickle_is_not_called_one(tmp_path, capsys):
     path = tmp_path / "random.pt"
     path.write_bytes(b"\x01" + bytes(range(256)))

@@ -137,13 +137,17 @@ def describe_lost_peer(exc: RuntimeError, command: str | None = None) -> str | N
     process died (killed, out of memory, its own error): that process's error is the cause, this rank's
     traceback would bury it. None for any other error, or outside a process group (a bug: kept as a traceback).
     Only a training ``command`` is resumed (knn and linprobe, which also run under torchrun, take no --resume)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        return None
-    lost = next((words for words in _PEER_LOST if words in str(exc)), None)
-    if lost is None:
+    if (lost := _peer_lost(exc)) is None:
         return None
     return (f"rank {os.environ.get('RANK', '?')}: another process of this run stopped ({lost.lower()}); its own "
             f"error says why; fix that, then relaunch every process{f' with {_RESUME}' if _trains(command) else ''}")
+
+
+def _peer_lost(exc: RuntimeError) -> str | None:
+    """How a collective of a multi-process run told ``exc`` that another process is gone; None for any other error."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    return next((words for words in _PEER_LOST if words in str(exc)), None)
 
 
 def describe_dead_worker(exc: RuntimeError, command: str) -> str | None:
@@ -180,6 +184,10 @@ def _run_command(args: argparse.Namespace):
     before, _running[0] = _running[0], True
     try:
         return args._run(args)
+    except RuntimeError as exc:  # a peer lost: the first process may be saying why (rank 0's full disk) as it ended
+        if _peer_lost(exc) is not None:
+            leave_it_to_the_first_process()  # and torchrun stops this one silently; else its line comes after
+        raise
     finally:
         _running[0] = before
 
