@@ -55,13 +55,23 @@ archive() {  # a temporary of this process's own, renamed: a kill mid-tar leaves
   tar czf "$tmp" --exclude="$(basename "$ARCHIVE")*" -C "$(dirname "$DEST")" "$(basename "$DEST")" 2>/dev/null
   [ $? -le 1 ] && mv -f "$tmp" "$ARCHIVE" || rm -f "$tmp"  # 1: a file changed while read (the log): still whole
 }
-if [ -n "$ARCHIVE" ]; then  # between parts too: a long part's partial results (and a SIGKILL stops any trap)
-  ( while kill -0 $$ 2>/dev/null; do sleep "${GPU_CHECK_ARCHIVE_EVERY:-20}"; archive; done ) >/dev/null 2>&1 &
+# Between parts too, in a process of its own: a long part's partial results, and a SIGKILL runs no trap. It
+# outlives an outer `timeout`'s SIGTERM: this script's trap waits for the running part, which a part under a
+# `timeout` of its own (a process group of its own) does not get; it archives until this script has ended.
+if [ -n "$ARCHIVE" ]; then
+  ( trap '' TERM INT; trap 'rm -f "$ARCHIVE.$BASHPID.tmp"; exit 0' USR1
+    while kill -0 $$ 2>/dev/null; do sleep "${GPU_CHECK_ARCHIVE_EVERY:-20}" & wait $!; archive; done; archive
+  ) >/dev/null 2>&1 &
   ARCHIVER=$!
 fi
-# a SIGTERM (an outer `timeout`) or Ctrl-C: the running part saves what it measured and ends, then this
-trap 'say "stopped by SIGTERM"; archive; exit 143' TERM
-trap 'say "interrupted"; archive; exit 130' INT
+finish() {  # the archiver stopped (mid-tar: its temporary removed), then the archive made whole
+  [ -n "$ARCHIVE" ] && kill -USR1 "$ARCHIVER" 2>/dev/null && wait "$ARCHIVER" 2>/dev/null
+  archive
+}
+# a SIGTERM (an outer `timeout`) or Ctrl-C: once the running part has ended (a bench part gets the signal too
+# and saves what it measured: bench_run), the archive is made and the script ends
+trap 'say "stopped by SIGTERM"; finish; exit 143' TERM
+trap 'say "interrupted"; finish; exit 130' INT
 
 if [ "$DEVICE" = cpu ]; then  # tiny mode: proves the script runs, measures nothing useful
   D_MODEL=vit_tiny_patch8; D_SIZES="64"; D_CSIZES=""; D_BATCH=2; D_STEPS=1; D_WARMUP=0
@@ -362,7 +372,9 @@ bench_run() {  # bench_run PART SIZE "METHODS" [extra flags]
   case " $methods " in *" lomar "*|*" mae_window "*|*" beit "*) ;; *) windows=() ;; esac
   local t=$(( $(left) - 15 )); [ "$t" -gt "${GPU_CHECK_T_BENCH:-200}" ] && t=${GPU_CHECK_T_BENCH:-200}
   if [ "$t" -lt 40 ]; then status "$part" 124 "skipped: the ${BUDGET}s budget is spent"; return; fi
-  timeout "$t" "${LOMAR[@]}" bench --model "$MODEL" --sizes "$size" --methods $methods "${windows[@]}" \
+  # --foreground: the bench stays in this script's process group, so an outer `timeout`'s SIGTERM reaches it
+  # and it stops at once with the rows it measured (lomar bench saves them on SIGTERM), not at its own limit
+  timeout --foreground "$t" "${LOMAR[@]}" bench --model "$MODEL" --sizes "$size" --methods $methods "${windows[@]}" \
     --batch-size "$BATCH" --precision "$PRECISION" --device "$DEVICE" --steps "$STEPS" --warmup "$WARMUP" \
     --json "$DEST/$part.json" --quiet "${BENCH_TINY[@]}" "$@" 2>&1 | grep -v '^USDT' | tee -a "$LOG"
   status "$part" "${PIPESTATUS[0]}"
@@ -416,5 +428,4 @@ if want backbone; then
   fi
 fi
 say "done; JSON per part and this log in $DEST"
-[ -n "$ARCHIVE" ] && kill "$ARCHIVER" 2>/dev/null
-archive
+finish

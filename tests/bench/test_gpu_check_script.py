@@ -5,6 +5,7 @@ The CPU mode runs the same commands (bench, loader, pretrain, finetune, backbone
 tests) on a tiny model, so a renamed module or flag breaks this test instead of the device run.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -178,9 +179,11 @@ def test_every_bench_command_of_the_check_is_one_lomar_bench_accepts(tmp_path):
         bench._plan(build_parser(["bench"]).parse_args(command))  # UsageError where bench would refuse it
 
 
-def test_a_check_killed_mid_part_leaves_every_finished_part_in_its_archive(tmp_path):
-    """The device call is SIGKILLed at its limit: no trap runs, no last tar. GPU_CHECK_ARCHIVE, kept current after
-    every part and every few seconds, holds the finished part, the one cut short as far as it wrote, and the log."""
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
+def test_a_check_stopped_mid_part_leaves_every_finished_part_in_its_archive(stop, tmp_path):
+    """A device call killed at its limit (SIGKILL: no trap runs, no last tar) or an outer `timeout` (SIGTERM to the
+    script's process group): GPU_CHECK_ARCHIVE, kept current after every part and every few seconds, holds the
+    finished part, the one cut short as far as it wrote, and the log; a SIGTERM stops the bench part at once."""
     import signal
     import tarfile
     import time
@@ -189,7 +192,8 @@ def test_a_check_killed_mid_part_leaves_every_finished_part_in_its_archive(tmp_p
     python.parent.mkdir(parents=True)
     python.write_text('#!/usr/bin/env bash\nfor a; do [ "$prev" = --json ] && json=$a; prev=$a; done\n'
                       'case " $* " in *" --sizes 96 "*) echo \'{"meta": {"complete": false}}\' > "$json"; '
-                      'exec sleep 60;; esac\necho \'{"meta": {"complete": true}}\' > "$json"\n')
+                      f'echo $$ > {tmp_path}/hung; exec sleep 60;; esac\n'
+                      'echo \'{"meta": {"complete": true}}\' > "$json"\n')
     python.chmod(0o755)
     archive = tmp_path / "gc.tgz"
     env = {**os.environ, "OUT": str(tmp_path / "gc"), "GPU_CHECK_WORK": str(tmp_path / "work"),
@@ -209,13 +213,19 @@ def test_a_check_killed_mid_part_leaves_every_finished_part_in_its_archive(tmp_p
         deadline = time.monotonic() + 30
         while "gc/bench-96.json" not in names() and time.monotonic() < deadline:
             time.sleep(0.1)
+        os.killpg(check.pid, getattr(signal, stop))
+        code = check.wait(timeout=20)
     finally:
-        os.killpg(check.pid, signal.SIGKILL)
-        check.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(check.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError, ValueError, ProcessLookupError):  # the hung bench, if it outlived it
+            os.kill(int((tmp_path / "hung").read_text()), signal.SIGKILL)
+    assert code == (-9 if stop == "SIGKILL" else 143)
     assert {"gc/summary.log", "gc/bench-64.json", "gc/bench-96.json"} <= names()
     with tarfile.open(archive) as tar:
         log = tar.extractfile("gc/summary.log").read().decode()
         cut_short = json.loads(tar.extractfile("gc/bench-96.json").read())
-    assert "part bench-64: ok (rc 0)" in log and "part bench-96" not in log
+    assert "part bench-64: ok (rc 0)" in log
+    assert ("stopped by SIGTERM" in log) == (stop == "SIGTERM")
     assert cut_short["meta"]["complete"] is False
     assert not list(tmp_path.glob("gc.tgz.*.tmp"))
