@@ -31,7 +31,7 @@ from lomar.errors import (
     leave_it_to_the_first_process,
 )
 from lomar.limits import check_env_limits
-from lomar.train.preemption import mark_command_start, process_age, take_command_start
+from lomar.train.preemption import STOP_SIGNALS, mark_command_start, process_age, take_command_start
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main", "run", "describe_os_error"]
 
@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}: error: {exc}", file=sys.stderr)
         return 2
     main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
-    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGUSR1)} if main_thread else {}
+    terminating = [sig for sig in STOP_SIGNALS if sig != signal.SIGINT]  # SIGTERM, SIGUSR1 where there is one
+    previous = {sig: signal.signal(sig, _terminate) for sig in terminating} if main_thread else {}
     try:
         mark_command_start(started)
         return int(_run_command(args) or 0)
