@@ -35,8 +35,8 @@ from torch.utils._pytree import tree_map
 from lomar.checkpoints.file_names import LAST_POINTER
 from lomar.checkpoints.io import atomic_save, atomic_write_text, refuse_link, remove_tree, safe_load, write_error
 from lomar.checkpoints.sharded import check_metadata, consolidate, safe_planner, safe_reader
-from lomar.errors import FULL_DISK, UNWRITABLE, UsageError, full_disk_words
-from lomar.train.run_state import SaveError, checkpoints_to_prune
+from lomar.errors import FULL_DISK, UNWRITABLE, UsageError
+from lomar.train.run_state import checkpoints_to_prune, save_error
 
 __all__ = ["shard_model", "block_modules", "save_sharded", "load_sharded", "consolidate", "save_run_checkpoint"]
 
@@ -135,11 +135,7 @@ def _agree_on_failure(failure: BaseException | None, directory: Path, tmp: Path)
     dist.barrier()
     if verdict.item() > 1:
         code = {4: errno.EDQUOT, 3: errno.ENOSPC}.get(verdict.item(), errno.EACCES)
-        what, fix = ((f"{full_disk_words(code)} to write {directory}", "free space") if code in FULL_DISK else
-                     (f"cannot write {directory} (read-only or not permitted)", f"make {directory.parent} writable"))
-        error = SaveError(f"{what}; nothing written before it was changed; {fix} and resume with --resume auto")
-        error.errno = code
-        raise error from None
+        raise save_error(code, directory, "nothing written before it was changed") from None
     if failure is not None:
         raise failure
     raise RuntimeError(f"another rank could not write its part of {directory}; see its error")

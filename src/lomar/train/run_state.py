@@ -47,7 +47,7 @@ from lomar.values import brief, is_integer
 __all__ = ["RunLock", "SaveError", "save_state", "checkpoints_to_prune", "save_checkpoint", "save_on_main_rank",
            "truncate_metrics", "remove_stale_temporaries", "checkpoint_number", "checkpoint_step", "training_step",
            "read_state", "holds_run", "foreign", "remove_newer_checkpoints", "check_out_folder", "read_meta",
-           "newest_state", "refuse_held_run", "prepare_run_folder"]
+           "newest_state", "refuse_held_run", "prepare_run_folder", "save_error"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.(pt|dcp)$")  # .dcp: a sharded checkpoint folder
 _SHARDED_TMP = re.compile(r"^checkpoint-\d+\.dcp\.tmp$")  # a sharded save cut before its rename
@@ -89,11 +89,17 @@ def save_state(state: dict, path: Path, previous: Path) -> None:
         if not full and exc.errno not in UNWRITABLE:
             raise
         kept = f"{previous} is intact" if previous.exists() else "no earlier checkpoint exists"
-        what, fix = ((f"{full_disk_words(exc.errno)} to write {path}", "free space") if full else
-                     (f"cannot write {path} ({exc.strerror})", f"make {path.parent} writable"))
-        error = SaveError(f"{what}; {kept}; {fix} and resume with --resume auto")
-        error.errno = exc.errno
-        raise error from None
+        raise save_error(exc.errno, path, kept, exc.strerror) from None
+
+
+def save_error(code: int, path: Path, kept: str, reason: str | None = None) -> SaveError:
+    """The one-line error of a save of ``path`` that a full disk (``code`` in FULL_DISK) or a folder not writable
+    (``reason``: the system's words) stopped: what failed, ``kept`` (what is intact), the fix, the resume."""
+    what, fix = ((f"{full_disk_words(code)} to write {path}", "free space") if code in FULL_DISK else
+                 (f"cannot write {path} ({reason or 'read-only or not permitted'})", f"make {path.parent} writable"))
+    error = SaveError(f"{what}; {kept}; {fix} and resume with --resume auto")
+    error.errno = code
+    return error
 
 
 def save_checkpoint(state: dict, out: Path, step: int | None = None, keep_last: int = 0) -> Path:
