@@ -57,7 +57,7 @@ class DecodeShare:
             raise ValueError(f"the CPU decode share must be in [0, 1] or auto, got {share}")
         self.auto, self.workers = share is None, workers
         start = share if share is not None else (PROBE_SHARE if workers > 0 else 0.0)
-        self._shared = multiprocessing.RawValue("d", start)  # inherited by the loader workers
+        self._shared = multiprocessing.RawValue("d", start)  # shared memory, forked or spawned workers alike
         self._credit = 0.0  # per process: each worker counts its own photos
         self.means: dict[str, float] = {}  # running t_pass, t_draft, t_device (seconds per photo)
         self.drafted = self.on_device = 0  # photos decoded by the workers and by the device so far

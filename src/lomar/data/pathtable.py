@@ -5,7 +5,8 @@ train split) is ~0.5 GiB in that process, and every worker that reads an item in
 path object, writing to (and so copying) the page that holds it: over one epoch each worker came to hold its
 own copy of most of the list (private memory 60 -> 572 MiB per worker, measured on a 1.28M-file tree; 8 workers
 on each of 8 GPUs are 32 GiB). Two numpy arrays have no per-path objects, so reading a path writes nothing
-shared and the workers' pages stay the parent's.
+shared and the workers' pages stay the parent's. Spawned workers (macOS, Windows) are each sent a copy of the two
+arrays instead, pickled: 73 MB for 1.28M paths of 49 characters on average (/data/imagenet/train/nC/nC_I.JPEG).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def retain_freed_memory() -> bool:
     Returns True when the setting is in effect (Linux with glibc), False otherwise. Set
     ``LOMAR_DEFAULT_MALLOC=1`` to leave the allocator alone (e.g. to use jemalloc or tcmalloc
     through ``LD_PRELOAD``, which solve the same problem). Idempotent; the process that calls it
-    and the DataLoader workers it starts after (forked: they inherit it) are affected.
+    and the DataLoader workers it forks after (they inherit it) are affected; spawned workers keep glibc's defaults.
     """
     global _applied
     if _applied:
