@@ -664,6 +664,38 @@ def test_the_random_state_of_a_checkpoint_read_onto_the_gpu_is_restored(tmp_path
     assert all(torch.equal(a, b) for a, b in zip(ahead, [torch.rand(3), torch.rand(3, device=cuda).cpu()]))
 
 
+class _OffHost(torch.Tensor):
+    """A tensor held off the host, as a checkpoint read onto the GPU holds its RNG states (the meta device stands in
+    for CUDA on a machine without one): only a copy to the host reads it."""
+
+    @staticmethod
+    def __new__(cls, held: torch.Tensor):
+        tensor = torch.Tensor._make_wrapper_subclass(cls, held.shape, dtype=held.dtype, device="meta")
+        tensor.held = held
+        return tensor
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and (kwargs or {}).get("device") == torch.device("cpu"):
+            return args[0].held.clone()
+        raise TypeError(f"{func} reads a tensor off the host")
+
+
+def test_random_states_read_onto_another_device_are_restored_through_the_host():
+    """task.preload maps a checkpoint onto the run's device, RNG states included, and torch's and numpy's generators
+    read host memory only: a CUDA resume stopped on 'RNG state must be a torch.ByteTensor'. Runs without a GPU."""
+    import random
+
+    import numpy as np
+
+    from lomar.train.rng import rng_state, set_rng_state
+
+    state = rng_state()
+    ahead = [torch.rand(3), np.random.rand(), random.random()]
+    set_rng_state({k: _OffHost(v) if isinstance(v, torch.Tensor) else v for k, v in state.items()})
+    assert torch.equal(ahead[0], torch.rand(3)) and ahead[1:] == [np.random.rand(), random.random()]
+
+
 @pytest.mark.slow
 def test_a_killed_run_frees_its_folder_at_once_though_its_forked_workers_live_on(tmp_path):
     out = tmp_path / "run"
