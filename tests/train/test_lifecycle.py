@@ -1045,7 +1045,7 @@ def test_a_time_limit_stops_where_one_more_step_and_the_save_would_pass_it_and_t
     assert run(ToyConfig(out=str(stopped), time_limit=35), clock.task()) == preemption.TIME_LIMIT_EXIT == 75
     line = capsys.readouterr().out.rstrip().splitlines()[-1]
     assert line.startswith("lomar toy: time limit 35s: stopped at step 3 with 5s left for the save (one more step "
-                           "and the save would take 10s); checkpoint ") and "--resume auto" in line
+                           "and the save would take 12s); checkpoint ") and "--resume auto" in line  # a save: 2 s
     assert safe_load(stopped / "last.pt")["step"] == 3 and not (stopped / "finished").exists()  # old code: 4
     assert clock.now <= 35
     clock.now = 0.0
@@ -1057,15 +1057,16 @@ def test_a_time_limit_stops_where_one_more_step_and_the_save_would_pass_it_and_t
 
 
 def test_a_slow_step_widens_the_time_limits_margin(tmp_path, capsys, monkeypatch):
-    """1 s steps, step 2 taking 6.2 s, a 15 s limit: the margin is the longest recent step, so the run stops at step 4
-    (at 9.2 s, 5.8 s left) where it went on to step 10, past the limit (15.2 s) before its save."""
+    """1 s steps and instant saves, step 6 taking 6.2 s, a 16 s limit: the margin is the longest recent step, so the
+    run stops after step 6 (at 11.2 s, 4.8 s left) where it went on to step 11, past the limit (16.2 s)."""
     from lomar.train import preemption
 
-    clock = _Clock(step_s=1.0, slow={2: 6.2})
+    clock = _Clock(step_s=1.0, slow={6: 6.2})
     monkeypatch.setattr(preemption, "monotonic", clock)
-    assert run(ToyConfig(out=str(tmp_path), time_limit=15), clock.task()) == 75
-    assert "time limit 15s: stopped at step 4 with 6s left for the save" in capsys.readouterr().out
-    assert safe_load(tmp_path / "last.pt")["step"] == 4 and clock.now == pytest.approx(9.2)  # old code: 10, 15.2 s
+    assert run(ToyConfig(out=str(tmp_path), time_limit=16), clock.task()) == 75
+    assert "time limit 16s: stopped at step 6 with 5s left for the save (one more step and the save would take 6s)" \
+        in capsys.readouterr().out
+    assert safe_load(tmp_path / "last.pt")["step"] == 6 and clock.now == pytest.approx(11.2)  # old code: 11, 16.2 s
 
 
 @pytest.mark.parametrize("limit, stop_step, said", [
@@ -1089,13 +1090,14 @@ def test_the_time_limits_margin_keeps_the_last_saves_time_for_the_final_save(tmp
 
 
 def test_before_the_first_save_its_time_is_estimated_from_the_models_size(tmp_path, capsys, monkeypatch):
-    """The toy model's 4 parameters, with AdamW's two moments 48 bytes, written at 9.6 bytes a second: 5 s. With 1 s
-    steps, an 8 s limit stops the run at step 3 (5 s left: not enough for a step and that save)."""
+    """The toy model's 4 parameters, with AdamW's two moments 48 bytes, written at 16 bytes a second: 3 s, and 2 s for
+    the rest of a save. With 1 s steps, an 8 s limit stops the run at step 3 (5 s left: not enough for a step and
+    that save)."""
     from lomar.train import preemption
 
     clock = _Clock(step_s=1.0)
     monkeypatch.setattr(preemption, "monotonic", clock)
-    monkeypatch.setattr(preemption, "SAVE_BYTES_PER_S", 48 / 5)
+    monkeypatch.setattr(preemption, "SAVE_BYTES_PER_S", 48 / 3)
     assert run(ToyConfig(out=str(tmp_path), time_limit=8), clock.task()) == 75
     assert "stopped at step 3 with 5s left for the save (one more step and the save would take 6s)" in \
         capsys.readouterr().out

@@ -31,8 +31,9 @@ TIME_LIMIT_EXIT = 75
 
 
 # Before a run's first save is measured, the save is taken to write the weights and AdamW's two moments at this rate
-# (a slow network file system's; a local disk writes several times faster): 10 s for ViT-Base's 1 GB.
-SAVE_BYTES_PER_S = 100e6
+# (a slow network file system's; a local disk writes several times faster), 10 s for ViT-Base's 1 GB, and to spend
+# SAVE_OTHER_S on the rest: pretraining's figure, the sync (1.7-2.8 s for the demo's 0.8M parameters on a busy CPU).
+SAVE_BYTES_PER_S, SAVE_OTHER_S = 100e6, 2.0
 STEPS_KEPT = 8  # a step's time, for the time limit's margin: the longest of the last this many
 
 # SIGTERM, SIGUSR1 (none on Windows), SIGINT
@@ -87,7 +88,7 @@ class StopFlag:
         self.mark = monotonic()
         if model is not None and self.save_s is None:
             size = sum(p.numel() * p.element_size() for p in model.parameters())
-            self.save_s = 3 * size / SAVE_BYTES_PER_S  # the weights and AdamW's two moments
+            self.save_s = 3 * size / SAVE_BYTES_PER_S + SAVE_OTHER_S  # the weights and AdamW's two moments
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may set handlers (e.g. a run started from a thread)
         for sig in STOP_SIGNALS:
