@@ -39,7 +39,7 @@ _HELD = threading.local()  # folder -> locked, of this thread's holds: write_exp
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
+    if pid == os.getpid() or os.name == "nt":  # Windows' os.kill terminates the process whatever the signal: no probe
         return True
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
