@@ -48,6 +48,8 @@ SUGGESTED = [
                                                    "finetune, detect and segment, not of lomar knn"),
     (["knn", "ck.pt", "--no-eval-only"], "knn", "--no-eval-only; --no-eval-only is a flag of lomar finetune, "
                                                "detect and segment, not of lomar knn"),
+    (["pretrain", "--no-mixup"], "pretrain", "--no-mixup; --mixup is a flag of lomar finetune, not of lomar "
+                                             "pretrain"),  # no command has --no-mixup: the flag it would negate
     (["tokenizer", "fit", "--data", "d", "--out", "t", "--time-limit", "1h"], "tokenizer fit",
      "--time-limit 1h; --time-limit is a flag of lomar pretrain, finetune, detect and segment, not of lomar "
      "tokenizer fit"),

@@ -33,6 +33,11 @@ def suggest_flags(parser: argparse.ArgumentParser, unknown: list[str],
     # --rel_pos in segment, which has --rel-pos, is a spelling of its own flag: only the suggestion names it
     missing = {flag: flag[2:].replace("-", "_") for flag in flags.values() if flag not in own}
     table = command_flags(every()) if every is not None and command and missing else None
+    for flag, name in list(missing.items()) if table else ():  # --no-mixup, which no command has: finetune's --mixup
+        base, named = name.removeprefix("no_"), set().union(*table.values())
+        if base != name and name not in named and base in named and f"--{base.replace('_', '-')}" not in own:
+            del missing[flag]
+            missing[f"--{base.replace('_', '-')}"] = base
     theirs, elsewhere = other_commands(missing, command, own, kind="flag", table=table) if command else ("", [])
     return theirs + did_you_mean([token for token in given if flags[token] not in elsewhere], own)
 
