@@ -352,11 +352,12 @@ json.dump(dict(part='finetune', rc=$rc, rows=rows), open(sys.argv[2], 'w'), inde
   fi
 fi
 
-# ---------------------------------------------------------------- CUDA tests (FlexAttention, GPU decode)
+# ---------------------------------------------------------------- CUDA tests (FlexAttention, GPU decode, a resume's RNG states)
 if want tests; then
   if "$PY" -c "import pytest" 2>/dev/null; then
     run_tests cuda_tests.log 15 tests/models/test_attention_cuda.py tests/bench/test_loader.py \
-      tests/data/test_gpu_jpeg.py tests/train/test_pretrain.py -k "(cuda or gpu) and not reduce_overhead"
+      tests/data/test_gpu_jpeg.py tests/train/test_pretrain.py tests/train/test_run_state.py \
+      -k "(cuda or gpu) and not reduce_overhead"
     status tests "$?"
   else
     status tests 1 "skipped: pytest is not installed for $PY"
