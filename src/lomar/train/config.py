@@ -210,6 +210,11 @@ class PretrainConfig(TaskConfig):
         if explicit.get("knn_data") is not None and not self.knn_every:  # else read by nothing (null: a saved yaml)
             raise ConfigError("--knn-data is used only with --knn-every N (a k-NN evaluation every N epochs); add "
                               "--knn-every 1, or drop --knn-data")
+        # a flag only: a run's config.yaml records the knn_decode its auto resolved to, k-NN or not
+        flagged = "knn_decode" not in getattr(self, "in_file", {})
+        if explicit.get("knn_decode", "auto") != "auto" and flagged and not self.knn_every:
+            raise ConfigError(f"--knn-decode {explicit['knn_decode']} decodes --knn-every's k-NN images, but this run "
+                              f"has no k-NN evaluation; add --knn-every 1 --knn-data ROOT, or drop --knn-decode")
         if self.method in names():  # an unknown one is reported by validate
             method = get_method(self.method)
             self.mask_ratio = method.default_mask_ratio if self.mask_ratio is None else self.mask_ratio
@@ -218,10 +223,17 @@ class PretrainConfig(TaskConfig):
             self.knn_decode = "full" if self.decode == "full" else "draft"
 
     def notes(self) -> list[str]:
-        if self.windows == 0 and self.window_size != S.WINDOW_SIZE.default:  # a sweep over --windows keeps one
-            return [f"--window-size {self.window_size} is unused: this --method {self.method} run has no windows "
-                    f"(--windows 0: the whole image)"]
-        return []
+        notes = []
+        unused = [f"--{flag} {value}" for flag, value, default in (  # a sweep over --windows keeps them
+            ("window-size", self.window_size, S.WINDOW_SIZE.default),
+            ("window-placement", self.window_placement, "permutation")) if value != default and not self.windows]
+        if unused:
+            notes.append(f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} unused: this --method "
+                         f"{self.method} run has no windows (--windows 0: the whole image)")
+        if self.decode != "gpu" and self.decode_ahead != 1:  # a note: a sweep over --decode keeps one
+            notes.append(f"--decode-ahead {self.decode_ahead} is unused: it decodes --decode gpu's batches ahead, and "
+                         f"this run is --decode {self.decode}")
+        return notes
 
     def check_settings(self) -> None:
         """The checks that need no output folder; resolves ``--windows auto`` to its count (which they need)."""

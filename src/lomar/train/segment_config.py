@@ -125,6 +125,11 @@ class SegmentConfig(TaskConfig):
                 taken.pop("eval_stride", None)
             for name, value in coerce_all(type(self), taken, str(saved), strict=False).items():
                 setattr(self, name, value)
+        # a flag only: a run's config.yaml records its stride, which a whole-image scoring of the run leaves
+        if explicit.get("eval_stride") is not None and "eval_stride" not in getattr(self, "in_file", {}) \
+                and self.eval_mode == "whole":
+            raise ConfigError(f"--eval-stride {self.eval_stride} moves --eval-mode slide's windows, but this "
+                              f"evaluation is --eval-mode whole; drop it, or use --eval-mode slide")
 
     def check_settings(self) -> None:
         if self.segmenter is not None:  # --eval-only: its patch is its weights'
