@@ -26,6 +26,7 @@ from lomar.train.precision import resolve_precision
 from lomar.train.run_resume import (
     check_no_rewind,
     find_resume_point,
+    numerics_notes,
     read_resume_point,
     resume_point,
 )
@@ -679,6 +680,20 @@ class _OffHost(torch.Tensor):
         if func is torch.ops.aten._to_copy.default and (kwargs or {}).get("device") == torch.device("cpu"):
             return args[0].held.clone()
         raise TypeError(f"{func} reads a tensor off the host")
+
+
+def test_the_device_kind_is_told_from_a_checkpoint_that_records_it_only():
+    """A checkpoint holds a CUDA stream where its run trained on CUDA since every rank's states are kept (rng_ranks):
+    an older one, a CUDA run's too, holds rank 0's host streams alone, and its GPU resume was told 'device cpu →
+    cuda'."""
+    rng, cuda = {"torch": torch.zeros(8, dtype=torch.uint8)}, torch.device("cuda")
+    gpu_run = {"step": 5, "precision": "fp32", "rng": {**rng, "cuda": rng["torch"]}}
+    assert numerics_notes({**gpu_run, "rng_ranks": [gpu_run["rng"]]}, "fp32", "fp32", cuda) == []
+    assert numerics_notes({"step": 5, "precision": "fp32", "rng": rng}, "fp32", "fp32", cuda) == []
+    cpu_run = {"step": 5, "precision": "fp32", "rng": rng, "rng_ranks": [rng]}
+    assert numerics_notes(cpu_run, "fp32", "fp32", cuda) == [
+        "device cpu → cuda after step 5: the weights and optimizer state move over; its kernels and device random "
+        "draws (drop path) differ, so it does not go on bit for bit"]
 
 
 def test_random_states_read_onto_another_device_are_restored_through_the_host():

@@ -216,7 +216,7 @@ def numerics_notes(ckpt: dict, precision: str, setting: str, device) -> list[str
     --precision ``setting``) other than the one the checkpoint records having trained in; the run's kept where this
     machine's 'auto' would pick another; none recorded (an older lomar's checkpoint) under 'auto'; a device (a
     torch.device) of another kind than the run's, which its RNG state tells: it holds a CUDA stream where it trained
-    on CUDA."""
+    on CUDA (since every rank's states were kept, ``rng_ranks``; an older checkpoint's tells no device)."""
     step, ran, notes = ckpt.get("step"), ckpt.get("precision"), []
     if ran is not None and ran != precision:
         fresh = "; fp16's loss scale starts afresh, as a new fp16 run's" if precision == "fp16" else ""
@@ -227,7 +227,8 @@ def numerics_notes(ckpt: dict, precision: str, setting: str, device) -> list[str
     elif setting == "auto" and (own := resolve_precision("auto", device)) != precision:
         notes.append(f"precision {precision}, the one the run trained in (this machine's --precision auto would pick "
                      f"{own}); pass --precision {own} to switch")
-    if isinstance(rng := ckpt.get("rng"), dict) and (was := "cuda" if "cuda" in rng else "cpu") != device.type:
+    rng = ckpt.get("rng") if "rng_ranks" in ckpt else None  # a CUDA run's older checkpoint held no CUDA stream
+    if isinstance(rng, dict) and (was := "cuda" if "cuda" in rng else "cpu") != device.type:
         notes.append(f"device {was} → {device.type} after step {step}: the weights and optimizer state move over; "
                      f"its kernels and device random draws (drop path) differ, so it does not go on bit for bit")
     return notes
