@@ -21,6 +21,7 @@ from lomar.train import settings as S
 from lomar.train.config_checks import EVAL_DECODES
 from lomar.train.runtime import default_threads, default_workers
 from lomar.train.settings import Setting, add_settings
+from lomar.train.settings_resume import check_warmup
 
 COMMON = {
     "pretrained_path": S.PRETRAINED.but(flag="", nargs="?", metavar="PRETRAINED", help=S.PRETRAINED.help +
@@ -201,8 +202,8 @@ def resolve_linprobe(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} is for --protocol {other}; --protocol {args.protocol} does not read it: drop "
                              f"{flag}" + (" (LARS here has no weight decay, as MAE's probe)"
                                           if name == "weight_decay" else ""))
-    if args.protocol == "mae" and not 0 <= args.warmup_epochs <= args.epochs:  # only MAE's protocol warms up
-        raise UsageError(f"--warmup-epochs must be in [0, --epochs {args.epochs}], got {args.warmup_epochs}")
+    if args.protocol == "mae":  # only MAE's protocol warms up
+        check_warmup(args)
     args.pool = args.pool or ("cls" if args.protocol == "mae" else "mean")
 
 
