@@ -13,12 +13,8 @@ import threading
 import time
 from collections import deque
 from time import monotonic
-from typing import TYPE_CHECKING
 
-from lomar.values import duration_text
-
-if TYPE_CHECKING:
-    import torch
+from lomar.values import duration_text  # no torch here, nor typing: `lomar --help` imports this module
 
 __all__ = ["StopFlag", "TIME_LIMIT_EXIT", "ignore_stop_signals", "any_rank_stopping", "shut_down_workers",
            "mark_command_start", "take_command_start", "process_age", "STOP_SIGNALS"]
@@ -175,11 +171,11 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def any_rank_stopping(stop: StopFlag, device: torch.device) -> bool:
+def any_rank_stopping(stop: StopFlag, device) -> bool:
     """True when this process or any other rank was signalled or is due to stop for the time limit
-    (:meth:`StopFlag.due`): the step's one stop agreement (a collective under DDP), whose MAX makes every rank stop
-    at the same step though each decides from its own clock, and sets ``stop.timed_out`` alike on every rank. A
-    signal anywhere is the reason over the limit: the scheduler that sent it is stopping the job."""
+    (:meth:`StopFlag.due`): the step's one stop agreement (a collective on ``device`` under DDP), whose MAX makes
+    every rank stop at the same step though each decides from its own clock, and sets ``stop.timed_out`` alike on
+    every rank. A signal anywhere is the reason over the limit: the scheduler that sent it is stopping the job."""
     from lomar.train.distributed import rank_max  # torch: not for `lomar --help`, which imports this module
 
     due = int(rank_max(stop.due(), device))
