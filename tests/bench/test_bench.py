@@ -342,14 +342,30 @@ def test_a_failing_configuration_is_a_row_and_the_next_one_runs(tmp_path, monkey
     assert rows["mae", 112]["error"] == "memory step: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
     assert rows["lomar", 128]["error"] == "build: RuntimeError: CUDA error: an illegal memory access was encountered"
     assert rows["mae", 112]["step_s"] is None and rows["mae", 128]["step_s"] > 0
+    # a failure that may be a bug keeps where it was raised; running out of memory, its line alone
+    assert "in no_lomar_at_128\n" in rows["lomar", 128]["traceback"] and "traceback" not in rows["mae", 112]
     assert data["meta"]["complete"] is True and data["meta"]["left"] == []
     assert data["meta"]["load_avg_before"] is None
     captured = capsys.readouterr()
     assert "mae          112     - failed at its memory step: OutOfMemoryError" in captured.out
     assert "2 of 4 configurations failed" in captured.err
+    assert captured.err.count("Traceback (most recent call last)") == 1 and "in no_lomar_at_128\n" in captured.err
     assert "no profile of mae 128px: OutOfMemoryError: CUDA out of memory (profiler)" in captured.err
     assert [(p["method"], p["img_size"]) for p in json.loads(profiles.read_text())["profiles"]] == [("lomar", 112)]
     assert "time_shares" in rows["lomar", 112] and "time_shares" not in rows["mae", 128]
+
+
+def test_a_step_that_raises_a_bug_keeps_its_traceback():
+    """A shape mismatch in a method's step is a RuntimeError, as running out of memory is: it keeps its traceback."""
+    runner = build_runner("mae", "vit_base_patch16", 112, None, 1, CPU, "fp32", False, tiny=True)
+
+    def mismatched(flops=None):
+        return torch.zeros(2, 3) @ torch.zeros(4, 5)
+
+    runner.step = mismatched
+    timing.interleaved_times([runner], 1, 0)
+    assert runner.error.startswith("FLOP-counting step: RuntimeError: mat1 and mat2 shapes cannot be multiplied")
+    assert runner.trace.startswith("Traceback") and "in mismatched\n" in runner.trace and runner.model is None
 
 
 def test_host_readings_fall_back_where_the_os_lacks_them(monkeypatch):

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from lomar.bench.host import load_average
 from lomar.bench.report import beit_comparisons, compare
-from lomar.bench.timing import GemmCeiling, StepRunner, failure
+from lomar.bench.timing import GemmCeiling, StepRunner, failure, failure_trace
 
 __all__ = ["Results"]
 
@@ -25,8 +25,8 @@ class Results:
     """Rows for ``plan`` ({size: [config, …]}), one size at a time; ``save()`` writes them through ``write``.
 
     A row's ``status``: ``ok`` (every timed step ran), ``partial`` (the bench stopped between its timed steps:
-    a median of fewer), ``failed`` (``error`` says at which stage and why; no step time). A configuration not
-    yet timed has no row: it is in ``meta['left']``, with every one not finished.
+    a median of fewer), ``failed`` (``error`` says at which stage and why, ``traceback`` where it may be a bug; no
+    step time). A configuration not yet timed has no row: it is in ``meta['left']``, with every one not finished.
     """
 
     def __init__(self, plan: dict[int, list[Config]], steps: int, gemm: GemmCeiling, meta: dict, common: dict,
@@ -34,7 +34,7 @@ class Results:
         self.plan, self.steps, self.gemm, self.meta, self.common, self.write = plan, steps, gemm, meta, common, write
         self.done: list[dict] = []  # the rows of the sizes timed to their end
         self.size: int | None = None
-        self.current: list[tuple[Config, StepRunner | None, str | None]] = []
+        self.current: list[tuple[Config, StepRunner | None, str | None, str | None]] = []  # error, traceback
         self.started = time.perf_counter()
 
     def build(self, size: int, make: Callable[[str, int, int | None], StepRunner]) -> list[StepRunner]:
@@ -43,13 +43,13 @@ class Results:
         self.size, self.current = size, []
         for config in self.plan[size]:
             try:
-                runner, error = make(config[0], size, config[1]), None
+                runner, error, trace = make(config[0], size, config[1]), None, None
             except RuntimeError as exc:
-                runner, error = None, f"build: {failure(exc)}"
-            self.current.append((config, runner, error))
+                runner, error, trace = None, f"build: {failure(exc)}", failure_trace(exc)
+            self.current.append((config, runner, error, trace))
             if error:
                 self.save()
-        return [r for _, r, _ in self.current if r is not None]
+        return [r for _, r, _, _ in self.current if r is not None]
 
     def end_size(self) -> list[dict]:
         """The rows of the size just timed, now kept as done."""
@@ -61,9 +61,10 @@ class Results:
     def rows(self) -> list[dict]:
         return self.done + [row for row in map(self._row, self.current) if row is not None]
 
-    def _row(self, entry: tuple[Config, StepRunner | None, str | None]) -> dict | None:
-        (method, windows, setting), runner, error = entry
-        error = error or (runner.error if runner else None)
+    def _row(self, entry: tuple[Config, StepRunner | None, str | None, str | None]) -> dict | None:
+        (method, windows, setting), runner, error, trace = entry
+        if runner is not None and runner.error:
+            error, trace = runner.error, runner.trace
         times = list(runner.times) if runner else []
         if not error and not times:
             return None
@@ -78,6 +79,8 @@ class Results:
                    peak_mem_kind=runner.peak_mem[1] if runner else "none", step_times_s=times, **self.common)
         if error:
             row["error"] = error
+        if trace:
+            row["traceback"] = trace
         return row
 
     def save(self, complete: bool = False) -> dict:

@@ -13,6 +13,7 @@ import os
 import statistics
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,7 @@ from lomar.train.config import PretrainConfig
 from lomar.train.runtime import compile_model, fast_adamw
 
 __all__ = ["sync", "timed", "flop_counter", "resident_bytes", "StepRunner", "method_config", "build_runner",
-           "GemmCeiling", "interleaved_times", "failure", "DTYPES"]
+           "GemmCeiling", "interleaved_times", "failure", "failure_trace", "DTYPES"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -106,6 +107,7 @@ class StepRunner:
     encoder_tokens: int = 0  # per image, as the encoder's first block sees them
     peak_mem: tuple[int, str] = (-1, "none")
     error: str | None = None  # why this configuration stopped (interleaved_times): out of memory, a compile error
+    trace: str | None = None  # that error's traceback (failure_trace)
 
     def release(self) -> None:
         """Drop the model, optimizer and batch, so that a failed configuration's memory goes to the others."""
@@ -318,6 +320,12 @@ def failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
+def failure_trace(exc: BaseException) -> str | None:
+    """The traceback of a failure that may be a bug (a shape mismatch in a method's step is a RuntimeError too),
+    kept for its row; None for running out of memory, which :func:`failure`'s line says whole."""
+    return None if isinstance(exc, torch.OutOfMemoryError) else "".join(traceback.format_exception(exc))
+
+
 def _label(r: StepRunner) -> str:
     return f"{r.method} {r.img_size}px" + (f" {r.windows} windows" if r.windows else "")
 
@@ -334,7 +342,7 @@ def interleaved_times(runners: list[StepRunner], steps: int, warmup: int,
     Interleaving makes slow drifts of the machine (other load, clocks) hit every
     configuration alike. ``gemm`` (a :class:`GemmCeiling`) is called once per round, before its steps.
     A runner whose step raises a RuntimeError (out of memory, a compile or CUDA error) gets it as its
-    ``error``, is released and leaves the rotation; the others go on. ``on_change()`` follows every
+    ``error`` (and ``trace``), is released and leaves the rotation; the others go on. ``on_change()`` follows every
     round and every such failure (to save what is measured so far).
     """
     live = list(runners)
@@ -345,7 +353,7 @@ def interleaved_times(runners: list[StepRunner], steps: int, warmup: int,
                 work(r)
                 continue
             except RuntimeError as exc:  # this configuration's, not the bench's: the rest are still worth timing
-                r.error = f"{stage}: {failure(exc)}"
+                r.error, r.trace = f"{stage}: {failure(exc)}", failure_trace(exc)
             live.remove(r)
             r.release()
             if r.device.type == "cuda":

@@ -235,7 +235,13 @@ def run(args: argparse.Namespace) -> int:
     from lomar.bench import report  # torch: not for --help
     from lomar.bench.profile import profile_step  # torch: not for --help
     from lomar.bench.results import Results  # torch: not for --help
-    from lomar.bench.timing import GemmCeiling, build_runner, failure, interleaved_times  # torch: not for --help
+    from lomar.bench.timing import (  # torch: not for --help
+        GemmCeiling,
+        build_runner,
+        failure,
+        failure_trace,
+        interleaved_times,
+    )
 
     device, say, meta = _start(args)
     retained = device.type == "cpu" and retain_freed_memory()
@@ -252,6 +258,7 @@ def run(args: argparse.Namespace) -> int:
     results = Results(plan, args.steps, gemm, meta, common, lambda result: _write(args, lambda msg: None, **result))
     profiles: list[dict] = []
     unprofiled: list[str] = []  # configurations timed whose profiled step failed
+    traces: list[str] = []  # their failures' tracebacks where one may be a bug (failure_trace)
     try:
         for size in plan:
             runners = results.build(size, lambda method, px, windows: build_runner(
@@ -264,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
                     profiles.append(dict(method=r.method, img_size=size, windows=r.windows, **profile_step(r)))
                 except RuntimeError as exc:  # the profiler's own memory, say: the timed rows stand, and the rest
                     unprofiled.append(f"{r.method} {size}px: {failure(exc)}")
+                    traces += filter(None, [failure_trace(exc)])
                     continue
                 shares[r.method, r.windows] = profiles[-1]["shares"]
             for row in results.end_size():
@@ -296,6 +304,8 @@ def run(args: argparse.Namespace) -> int:
               + "; ".join(f"{r['method']} {r['img_size']}px: {r['error']}" for r in failed), file=sys.stderr)
     if unprofiled:
         print(f"lomar bench: no profile of {'; '.join(unprofiled)}", file=sys.stderr)
+    for trace in [*(row["traceback"] for row in failed if "traceback" in row), *traces]:  # where to debug it
+        print(trace, end="", file=sys.stderr)
     return 1 if failed or unprofiled else 0
 
 
