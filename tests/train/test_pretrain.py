@@ -5,9 +5,10 @@ The other engine guarantees are tested in test_engine.py and test_pretrain_cli.p
 
 import collections
 import json
-import multiprocessing
+import pickle
 import re
 import shutil
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from helpers import BENCHMARKS
 from lomar.checkpoints.io import safe_load
@@ -23,6 +25,7 @@ from lomar.data import device_decode, fast_decode
 from lomar.data.device_decode import decode_batch
 from lomar.data.gpu_jpeg import nvimgcodec_missing
 from lomar.train import lifecycle, pretrain
+from lomar.train.distributed import DistInfo
 from lomar.train.run_resume import listing_change, listing_record
 
 GPU_CHECK = BENCHMARKS / "gpu_check.sh"
@@ -50,16 +53,30 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_loader_workers_started_by_spawn_train_on_the_batches_of_in_process_loading(data, tmp_path, monkeypatch):
-    """macOS and Windows start loader workers by spawn: a fresh interpreter, given the dataset, sampler, collate and
-    worker_init_fn pickled, that inherits nothing set at run time. Every one of them must survive that, and the batches
-    be those of loading in the training process."""
-    assert _run("--data", data, "--out", tmp_path / "inline", "--max-steps", 2) == 0
-    monkeypatch.setattr(multiprocessing.context._default_context, "_actual_context",
-                        multiprocessing.get_context("spawn"))  # what the DataLoader's default context starts
-    assert multiprocessing.get_start_method() == "spawn"
-    assert _run("--data", data, "--out", tmp_path / "spawned", "--max-steps", 2, "--workers", 1) == 0
-    assert _losses(tmp_path / "spawned") == _losses(tmp_path / "inline")
+def test_what_a_spawned_loader_worker_is_given_pickles_and_loads_the_batches_of_in_process_loading(data, tmp_path,
+                                                                                                  monkeypatch):
+    """macOS and Windows start loader workers by spawn: a fresh interpreter given the dataset, collate_fn and
+    worker_init_fn pickled (the sampler stays in the training process). Each must pickle as spawn pickles it, and the
+    copies load every batch of an epoch as the originals do. A real spawned worker would add only the state the training
+    process sets at run time, which a fresh interpreter lacks and no loader worker reads (lomar.data reads the
+    environment, which a spawned process inherits, and sets its warning filters in place), at the cost of importing
+    torch there (seconds)."""
+    built = []
+    monkeypatch.setattr(pretrain, "run", lambda config, make_task: built.append(  # the task alone, no training
+        make_task(config, DistInfo(), torch.device("cpu"))) or 0)
+    assert _run("--data", data, "--out", tmp_path / "run", "--workers", 1) == 0
+    loader = built[0].train_loader
+    dataset, collate, init = pickle.loads(ForkingPickler.dumps((loader.dataset, loader.collate_fn,
+                                                                loader.worker_init_fn)))  # as spawn's Process pickles
+    assert init is loader.worker_init_fn  # by name: the one function a fresh interpreter imports
+
+    def epoch(dataset, collate):
+        return list(DataLoader(dataset, loader.batch_size, sampler=loader.sampler, collate_fn=collate, drop_last=True))
+
+    copies, originals = epoch(dataset, collate), epoch(loader.dataset, loader.collate_fn)
+    assert len(originals) == 4 and [b.keys() for b in copies] == [b.keys() for b in originals]
+    assert all(torch.equal(c[k], o[k]) if torch.is_tensor(o[k]) else c[k] == o[k]
+               for c, o in zip(copies, originals) for k in o)
 
 
 def test_resume_across_epoch_boundary_with_accumulation(data, tmp_path):
