@@ -284,7 +284,20 @@ _SMALL = ["bench", "--tiny", "--sizes", "112", "128", "--windows", "1", "--metho
           "1", "--steps", "1", "--warmup", "0", "--device", "cpu", "--quiet"]
 
 
-def test_a_bench_stopped_mid_way_leaves_its_rows_and_table(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def uncounted(monkeypatch):
+    """A plain step where the bench counts FLOPs (a third of these tests' time under the counter): the tests using it
+    check rows, files and exit codes; the counts are the tests' above."""
+
+    def plain_step(runner):
+        runner.step()
+        runner.flops = 10**6
+        return runner.flops
+
+    monkeypatch.setattr(timing.StepRunner, "count_flops", plain_step)
+
+
+def test_a_bench_stopped_mid_way_leaves_its_rows_and_table(tmp_path, monkeypatch, capsys, uncounted):
     timed = timing.timed
 
     def stop_in_the_second_round_at_128(fn, device):  # Ctrl-C between 128 px's timed steps
@@ -309,7 +322,7 @@ def test_a_bench_stopped_mid_way_leaves_its_rows_and_table(tmp_path, monkeypatch
     assert "stopped before its end" in captured.err
 
 
-def test_a_failing_configuration_is_a_row_and_the_next_one_runs(tmp_path, monkeypatch, capsys):
+def test_a_failing_configuration_is_a_row_and_the_next_one_runs(tmp_path, monkeypatch, capsys, uncounted):
     built, measure = timing.build_runner, timing.StepRunner.measure_memory
 
     def no_lomar_at_128(method, model, size, *args, **kwargs):
