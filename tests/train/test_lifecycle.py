@@ -1104,6 +1104,27 @@ def test_before_the_first_save_its_time_is_estimated_from_the_models_size(tmp_pa
     assert safe_load(tmp_path / "last.pt")["step"] == 3  # old code: 8
 
 
+def test_an_evaluation_due_every_other_epoch_widens_the_margin_at_every_epochs_end(tmp_path, capsys, monkeypatch):
+    """1 s steps, 4 an epoch, instant saves; the evaluation (pretrain's --knn-every 2 alike) takes 20 s at the end of
+    odd epochs: the margin at an epoch's end is the longest of the last epoch ends' intervals (21 s, the 20 s one), so
+    under a 50 s limit the run stops at step 12 (32 s, 18 s left). Taken from the last epoch end alone (1 s, a cheap
+    one), it went on into the third epoch's evaluation and stopped at step 13, at 53 s, past the limit."""
+    from lomar.train import preemption
+
+    clock = _Clock(step_s=1.0)
+
+    class SlowOddEvaluations(clock.task()):
+        def evaluate(self):
+            clock.now += 20.0 if self.progress.epoch % 2 else 0.0
+            return super().evaluate()
+
+    monkeypatch.setattr(preemption, "monotonic", clock)
+    assert run(ToyConfig(out=str(tmp_path), epochs=5, time_limit=50), SlowOddEvaluations) == 75
+    assert ("time limit 50s: stopped at step 12 with 18s left for the save (the evaluation or save due, one more step "
+            "and the save would take 21s)") in capsys.readouterr().out
+    assert safe_load(tmp_path / "last.pt")["step"] == 12 and clock.now == 32.0  # old code: 13, 53 s
+
+
 def test_the_first_run_of_a_lomar_command_counts_its_time_limit_from_the_commands_start(tmp_path, capsys,
                                                                                        monkeypatch):
     """A command that began 50 s before its run (start-up, listing a big folder) has used a 40 s limit up: the run

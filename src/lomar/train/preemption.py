@@ -30,7 +30,7 @@ TIME_LIMIT_EXIT = 75
 # (a slow network file system's; a local disk writes several times faster), 10 s for ViT-Base's 1 GB, and to spend
 # SAVE_OTHER_S on the rest: pretraining's figure, the sync (1.7-2.8 s for the demo's 0.8M parameters on a busy CPU).
 SAVE_BYTES_PER_S, SAVE_OTHER_S = 100e6, 2.0
-STEPS_KEPT = 8  # a step's time, for the time limit's margin: the longest of the last this many
+STEPS_KEPT = 8  # the time limit's margin: the longest of the last this many steps (and, apart, of work intervals)
 
 # SIGTERM, SIGUSR1 (none on Windows), SIGINT
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, name))
@@ -71,10 +71,12 @@ class StopFlag:
         started = started if started is not None else take_command_start()
         self.deadline = None if time_limit is None else (monotonic() if started is None else started) + time_limit
         # The margin's measures, between two stop agreements: the last few steps' seconds (the first interval, with
-        # the loop's start-up, until a second), the last step that followed an evaluation, a save or an epoch's end
-        # (its loader's start-up), and the last save's seconds (before one, estimated: see install).
+        # the loop's start-up, until a second), the last few steps that followed an evaluation, a save or an epoch's
+        # end (its loader's start-up; the longest, as an evaluation due every few epochs is the one that passes a
+        # limit), and the last save's seconds (before one, estimated: see install).
         self.steps: deque[float] = deque(maxlen=STEPS_KEPT)
-        self.first_step, self.work_s, self.save_s, self.mark = None, 0.0, None, None
+        self.works: deque[float] = deque(maxlen=STEPS_KEPT)
+        self.first_step, self.save_s, self.mark = None, None, None
         self.work_ahead = self.after_work = False
         self.left = self.needed = 0.0  # at the stop: the seconds left of the limit, and those a step and save needed
         self.needed_for = ""
@@ -112,7 +114,7 @@ class StopFlag:
             if self.first_step is None:
                 self.first_step = now - self.mark
             elif self.after_work:
-                self.work_s = now - self.mark
+                self.works.append(now - self.mark)
             else:
                 self.steps.append(now - self.mark)
         self.mark, self.after_work, work = now, self.work_ahead, self.work_ahead
@@ -123,7 +125,7 @@ class StopFlag:
             return 0
         save = self.save_s or 0.0
         step = max(self.steps) if self.steps else self.first_step or 0.0
-        self.left, self.needed = self.deadline - now, (max(self.work_s, step + save) if work else step) + save
+        self.left, self.needed = self.deadline - now, (max([step + save, *self.works]) if work else step) + save
         self.needed_for = ("the evaluation or save due, " if work else "") + "one more step and the save"
         return int(self.left <= 0 or self.left < self.needed)
 
