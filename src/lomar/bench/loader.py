@@ -201,7 +201,8 @@ def measure_loader(data: str | Path, sizes: list[int], workers: int = 1, method:
                                   compile, tiny=tiny, compile_mode=compile_mode)
             interleaved_times([runner], steps, warmup)
             if runner.error:  # the one configuration here: nothing to go on with
-                raise RuntimeError(f"the model's step at {size}px failed at its {runner.error}")
+                raise RuntimeError(f"the model's step at {size}px failed at its {runner.error}"
+                                   + (f"; where (it may be a bug):\n{runner.trace}" if runner.trace else ""))
             _limited_by(rec, dict(model_images_per_s=runner.batch_size / statistics.median(runner.times),
                                   model_batch_size=runner.batch_size, precision=precision, compile=compile,
                                   compile_mode=compile_mode, device=str(device)))
