@@ -22,8 +22,9 @@ def test_a_system_without_fcntl_locks_as_a_filesystem_without_flock_does(tmp_pat
 
 
 def test_on_windows_a_leftovers_pid_is_taken_as_alive_without_signalling_it(monkeypatch):
-    """Without flock (Windows) a leftover's PID judges it; os.kill(pid, 0) asks about a process on POSIX but terminates
-    it on Windows, whatever the signal. There the PID is taken as a live export's (its files are kept), unprobed."""
+    """Without flock (Windows) a leftover's PID judges it; os.kill(pid, 0) asks about a process on POSIX, but on
+    Windows signal 0 is CTRL_C_EVENT: a console Ctrl-C, no query. There the PID is taken as a live export's (its files
+    are kept), unprobed."""
     from lomar.checkpoints import export_leftovers
 
     sent = []
@@ -31,4 +32,4 @@ def test_on_windows_a_leftovers_pid_is_taken_as_alive_without_signalling_it(monk
     monkeypatch.setattr(os, "name", "nt")
     alive = export_leftovers._alive(4242)
     monkeypatch.undo()
-    assert alive and sent == []  # old code: os.kill(4242, 0), which Windows carries out as TerminateProcess
+    assert alive and sent == []  # old code: os.kill(4242, 0), which Windows carries out as a console Ctrl-C

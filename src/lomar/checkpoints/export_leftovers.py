@@ -6,7 +6,8 @@ A write_export holds :func:`export_lock` for its whole write and swap, so two ex
 an advisory ``fcntl.flock`` that the kernel drops when its holder ends, a kill included: a leftover is stale when no
 export holds the lock, which also judges a writer on another machine where the share honours flock (NFS does), whose
 PID means nothing here. Where no lock is to be had (a filesystem without flock: the export warns and goes on unlocked;
-files of an export that took none) a leftover is stale when its PID is no live process on this machine.
+files of an export that took none) a leftover is stale when its PID is no live process on this machine. Windows has
+neither flock nor os.kill's probe: there a leftover is kept and not named (lomar is not supported there).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ _HELD = threading.local()  # folder -> locked, of this thread's holds: write_exp
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid() or os.name == "nt":  # Windows' os.kill terminates the process whatever the signal: no probe
+    # Windows has no probe: its signal 0 is CTRL_C_EVENT, a console Ctrl-C (GenerateConsoleCtrlEvent), not a query
+    if pid == os.getpid() or os.name == "nt":
         return True
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
