@@ -55,6 +55,11 @@ SUGGESTED = [
      "tokenizer fit"),
     (["bench", "--method", "mae"], "bench",
      "--method mae; --method is a flag of lomar pretrain, not of lomar bench; did you mean --methods?"),
+    # another command's flag that another tool's spelling puts beside this command's: that one is suggested too
+    (["pretrain", "--steps", "100"], "pretrain", "--steps 100; --steps is a flag of lomar bench, not of lomar "
+                                                 "pretrain; did you mean --max-steps?"),
+    (["bench", "--max-steps", "5"], "bench", "--max-steps 5; --max-steps is a flag of lomar pretrain, finetune, "
+                                             "detect and segment, not of lomar bench; did you mean --steps?"),
 ]
 
 

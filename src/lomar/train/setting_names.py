@@ -11,6 +11,7 @@ __all__ = ["closest_flags", "either", "did_you_mean", "unknown_settings", "other
 # Other tools' spellings (MAE's and timm's scripts, Hugging Face, detectron2, Lightning) and common shortenings
 # -> our flags, the first one the command has. Keys are written with dashes, lower case, without the leading --.
 _ALIASES: dict[str, tuple[str, ...]] = {}
+_KIN: dict[str, set[str]] = {}  # a flag -> every flag its entry spells (--steps: --max-steps, --max-iter, ...)
 for _names, _flags in [
     ("num-workers workers-per-gpu nworkers num-worker worker dataloader-num-workers j", ("--workers",)),
     ("batch batchsize bs per-device-train-batch-size ims-per-batch", ("--batch-size",)),
@@ -41,6 +42,8 @@ for _names, _flags in [
     ("dry-run", ("--print-config",)),
 ]:
     _ALIASES.update(dict.fromkeys(_names.split(), _flags))
+    for _flag in (_group := {*(f"--{_name}" for _name in _names.split()), *_flags}):
+        _KIN.setdefault(_flag, set()).update(_group)
 
 
 def closest_flags(token: str, flags: list[str]) -> list[str]:
@@ -141,10 +144,11 @@ def unknown_settings(unknown: list[str], names: list[str], source: str, config: 
 def other_commands(given: dict[str, str], command: str, flags: list[str], kind: str = "setting",
                    table: dict[str, frozenset[str]] | None = None) -> tuple[str, list[str]]:
     """('; mixup is a setting of lomar finetune, num_classes of lomar segment, not of lomar pretrain', [the ones
-    named that no spelling in the table gives one of ``command``'s ``flags`` for]) for the entries of ``given``
+    named that the table of spellings puts beside none of ``command``'s ``flags``]) for the entries of ``given``
     {as the user wrote it: the setting's name} that a command other than ``command`` takes (``table``: each
     command's names, :data:`COMMAND_SETTINGS` where None); ('', []) when none. The ones left out of the list still
-    get a suggestion: detect's --warmup-steps for --warmup-epochs, finetune's --blr for --lr. ``kind``: 'setting'
+    get a suggestion: detect's --warmup-steps for --warmup-epochs, finetune's --blr for --lr, pretrain's --max-steps
+    for bench's --steps. ``kind``: 'setting'
     for a settings file's key, 'flag' for the command line's (:mod:`lomar.cli.suggest`), which get the same answer."""
     table = table or COMMAND_SETTINGS
     found = {shown: [other for other, names in table.items() if other != command and name in names]
@@ -153,4 +157,4 @@ def other_commands(given: dict[str, str], command: str, flags: list[str], kind: 
     theirs = ", ".join(f"{shown}{f' is a {kind}' * (not i)} of lomar {others}" for i, (shown, others)
                        in enumerate(found.items()))
     return ((f"; {theirs}, not of lomar {command}" if theirs else ""),
-            [shown for shown in found if not _aliased(given[shown].replace("_", "-"), flags)])
+            [shown for shown in found if not _KIN.get(f"--{given[shown].replace('_', '-')}", set()) & set(flags)])
