@@ -17,7 +17,8 @@ from time import monotonic
 from lomar.values import duration_text  # no torch here, nor typing: `lomar --help` imports this module
 
 __all__ = ["StopFlag", "TIME_LIMIT_EXIT", "ignore_stop_signals", "any_rank_stopping", "shut_down_workers",
-           "mark_command_start", "take_command_start", "process_age", "STOP_SIGNALS"]
+           "mark_command_start", "take_command_start", "process_age", "STOP_SIGNALS",
+           "first_save_estimate"]
 
 # sysexits' EX_TEMPFAIL, "try again later": the work is not done and resuming it is all it takes. A wrapper tells it
 # from 0 (finished, or stopped by the scheduler's own signal, which the scheduler knows of) and from 1 (failed).
@@ -46,6 +47,11 @@ def process_age() -> float:
         return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
     except (OSError, ValueError, IndexError, AttributeError):  # no /proc (macOS), no CLOCK_BOOTTIME
         return 0.0
+
+
+def first_save_estimate(state_bytes: float) -> float:
+    """The seconds a run's save is taken to need before one is timed, for a checkpoint of ``state_bytes``."""
+    return state_bytes / SAVE_BYTES_PER_S + SAVE_OTHER_S
 
 
 def mark_command_start(started: float) -> None:
@@ -86,7 +92,7 @@ class StopFlag:
         self.mark = monotonic()
         if model is not None and self.save_s is None:
             size = sum(p.numel() * p.element_size() for p in model.parameters())
-            self.save_s = 3 * size / SAVE_BYTES_PER_S + SAVE_OTHER_S  # the weights and AdamW's two moments
+            self.save_s = first_save_estimate(3 * size)  # the weights and AdamW's two moments
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may set handlers (e.g. a run started from a thread)
         for sig in STOP_SIGNALS:

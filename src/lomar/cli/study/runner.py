@@ -44,7 +44,7 @@ from lomar.cli.study.spec import (
 from lomar.data.folder import build_pretrain_dataset
 from lomar.errors import UsageError
 from lomar.train.config import PretrainConfig, add_config_arguments, resolve_config
-from lomar.train.preemption import TIME_LIMIT_EXIT, take_command_start
+from lomar.train.preemption import TIME_LIMIT_EXIT, first_save_estimate, take_command_start
 from lomar.train.pretrain import TrainingError, train
 from lomar.train.run_state import RunLock, SaveError
 
@@ -210,7 +210,13 @@ class CellRun:
         # the start-up, the slice ends early and the next one trains the rest; past it, the cell trains past its plan.
         # The first slice, none measured yet, gets its seconds alone: unbounded, a slow machine's first steps (or
         # compiling) could take many times the slice; bounded, it ends early and the next slice trains the rest.
-        limit = math.ceil(left + self.state.get("overhead_s", 0.0)) if point.unit == "seconds" else None
+        # The run keeps one more step and its save (estimated: a slice saves at its end) inside its limit, which the
+        # overhead holds already: both are added back, else each slice stops seconds short of its plan, and one
+        # planned shorter than the estimate trains a single step, the cell's end taking a slice a step.
+        saved, reserve = self.folder / LAST, 0.0
+        if "overhead_s" in self.state:  # a slice ran: the checkpoint it saved sizes the estimate
+            reserve = (1 / rate if rate else 0.0) + first_save_estimate(saved.stat().st_size if saved.exists() else 0)
+        limit = math.ceil(left + self.state.get("overhead_s", 0.0) + reserve) if point.unit == "seconds" else None
         take_command_start()  # the slice's limit counts from its call, as its overhead is measured, not from lomar's
         start, load = time.perf_counter(), os.getloadavg()[0]
         with stop_signals_seen() as signals:
