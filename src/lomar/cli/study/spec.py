@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from lomar.errors import LomarError, UsageError
+from lomar.train.preemption import STOP_SIGNALS
 from lomar.train.settings_resume import ResumeMismatch
 from lomar.values import counted, is_integer
 from lomar.yaml_io import read_settings
@@ -72,8 +73,6 @@ class StudyFailed(LomarError):
     as the command itself exits, not 2, which says that nothing was computed."""
 
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
 
 @contextlib.contextmanager
 def stop_signals_seen() -> Iterator[list[int]]:
@@ -95,7 +94,7 @@ def stop_signals_seen() -> Iterator[list[int]]:
     finally:
         signal.set_wakeup_fd(previous)
         with contextlib.suppress(BlockingIOError):
-            seen.extend(sig for sig in os.read(read, 4096) if sig in _STOP_SIGNALS)
+            seen.extend(sig for sig in os.read(read, 4096) if sig in STOP_SIGNALS)
         os.close(read)
         os.close(write)
 
