@@ -354,6 +354,43 @@ def test_another_folders_checkpoint_does_not_graft_onto_a_held_run(tmp_path):
     assert sorted(p.name for p in b.iterdir()) == ["config.yaml"]  # nothing of the seed-7 run is left
 
 
+_TWO_SPELLINGS = """
+import subprocess, sys
+from pathlib import Path
+from PIL import Image
+from lomar.cli.app import main
+from lomar.train.run_state import foreign
+real, alias = Path(sys.argv[1]), Path(sys.argv[2])
+subprocess.run(["mount", "--bind", str(real), str(alias)], check=True)
+assert real.resolve() != alias.resolve()  # what string comparisons of resolved paths took for two folders
+(real / "run").mkdir()
+(real / "run" / "last.pt").write_bytes(b"")
+assert not foreign(real / "run" / "last.pt", alias / "run")
+for split in ("train", "val"):
+    (real / "data" / split / "a").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(real / "data" / split / "a" / "x.png")
+(real / "encoder.pt").write_bytes(b"")
+code = main(["finetune", "--pretrained", str(real / "encoder.pt"), "--data", str(alias / "data"),
+             "--out", str(real / "data" / "scored")])
+assert code == 2 and not (real / "data" / "scored").exists(), code
+"""
+
+
+def test_one_folder_spelt_two_ways_is_one_folder(tmp_path):
+    """Two spellings of one folder that resolved paths keep apart (a case-insensitive file system's two cases, here a
+    bind mount in a user namespace): a checkpoint of the run is not another folder's, and --out in it is inside it."""
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:  # no user namespaces here
+        pytest.skip("needs unshare -rm (user and mount namespaces) for a bind mount")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "alias").mkdir()
+    done = subprocess.run(["unshare", "-rm", sys.executable, "-c", _TWO_SPELLINGS, str(tmp_path / "real"),
+                           str(tmp_path / "alias")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == (f"lomar finetune: error: --out {tmp_path / 'real/data/scored'} is inside --data "
+                           f"{tmp_path / 'alias/data'}: the run's files would join the data it reads; put the run "
+                           f"elsewhere\n")
+
+
 def test_a_rewind_removes_the_figures_of_the_steps_it_drops(tmp_path):
     class Figures(_Task):
         outputs = ("reconstruction*.png",)

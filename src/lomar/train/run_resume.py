@@ -30,6 +30,7 @@ from lomar.train.run_state import (
     newest_state,
     read_meta,
     read_state,
+    same_file,
     training_step,
 )
 from lomar.train.setting_names import as_given
@@ -67,13 +68,6 @@ class ResumePoint:
         return self.path is not None and self.stamp == file_identity(self.path)
 
 
-def _same(a: Path, b: Path) -> bool:
-    try:
-        return a.samefile(b)
-    except OSError:
-        return False
-
-
 def _light(ckpt: dict | None) -> dict | None:
     """``ckpt`` with its weights' entries None (only the full read, :func:`lomar.train.task.preload`, loads them)
     and the rest copied: a mapped file's tensors (its RNG states) keep the whole file mapped, and the run holds
@@ -103,7 +97,7 @@ def find_resume_point(out: Path, known: ResumePoint | None = None) -> ResumePoin
     out, stamps = Path(out), {}
 
     def state_of(path: Path) -> dict | None:
-        if known is not None and known.meta is not None and _same(path, known.path):
+        if known is not None and known.meta is not None and same_file(path, known.path):
             stamps[path] = known.stamp
             return known.meta
         stamps[path] = file_identity(path)  # before the read: a save meanwhile makes it stale

@@ -46,8 +46,8 @@ from lomar.values import brief, is_integer
 
 __all__ = ["RunLock", "SaveError", "save_state", "checkpoints_to_prune", "save_checkpoint", "save_on_main_rank",
            "truncate_metrics", "remove_stale_temporaries", "checkpoint_number", "checkpoint_step", "training_step",
-           "read_state", "holds_run", "foreign", "remove_newer_checkpoints", "check_out_folder", "read_meta",
-           "newest_state", "refuse_held_run", "prepare_run_folder", "save_error"]
+           "read_state", "holds_run", "same_file", "foreign", "inside", "remove_newer_checkpoints", "check_out_folder",
+           "read_meta", "newest_state", "refuse_held_run", "prepare_run_folder", "save_error"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.(pt|dcp)$")  # .dcp: a sharded checkpoint folder
 _SHARDED_TMP = re.compile(r"^checkpoint-\d+\.dcp\.tmp$")  # a sharded save cut before its rename
@@ -192,9 +192,25 @@ def holds_run(out: Path) -> bool:
     return any((Path(out) / name).exists() for name in (LAST, LAST_POINTER, RUN_CONFIG))
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one file or folder: also two spellings that resolved paths tell apart (one folder
+    in two cases on a case-insensitive file system: macOS, Windows, SMB shares; a bind mount)."""
+    try:
+        return Path(a).samefile(b)
+    except OSError:
+        return False
+
+
 def foreign(resume: Path, out: Path) -> bool:
     """Whether ``resume`` is a checkpoint of another run folder than ``out``."""
-    return resume.resolve().parent != Path(out).resolve()
+    parent = resume.resolve().parent
+    return parent != Path(out).resolve() and not same_file(parent, out)
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it (one folder spelt two ways too: :func:`same_file`)."""
+    path = Path(path).resolve()
+    return path.is_relative_to(Path(folder).resolve()) or any(same_file(p, folder) for p in (path, *path.parents))
 
 
 def remove_newer_checkpoints(out: Path, step: int, outputs: tuple[str, ...] = (), resume: Path | None = None,

@@ -158,11 +158,11 @@ class TaskConfig:
         self.check_inputs()
         if getattr(self, "attention", None) == "flex" and not getattr(self, "eval_only", False):
             check_flex_device(self.device)
-        from lomar.train.run_state import check_out_folder, refuse_held_run  # torch: not for --help
+        from lomar.train.run_state import check_out_folder, inside, refuse_held_run  # torch: not for --help
 
         check_out_folder(Path(self.out), setting_of(self, "out"))  # out: r1 in my.yaml, not --out r1
         for name, data in ((n, getattr(self, n, None)) for n in ("data", "val", "train_images", "val_images")):
-            if data and Path(data).is_dir() and Path(self.out).resolve().is_relative_to(Path(data).resolve()):
+            if data and Path(data).is_dir() and inside(Path(self.out), Path(data)):
                 raise ConfigError(f"{setting_of(self, 'out')} is inside {setting_of(self, name)}: the run's files "
                                   f"would join the data it reads; put the run elsewhere")
         refuse_held_run(Path(self.out), self.resume, self.overwrite, eval_only=getattr(self, "eval_only", False),
