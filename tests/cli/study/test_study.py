@@ -551,3 +551,22 @@ def test_a_cells_notes_are_said_once_not_at_each_slice_and_evaluation(tmp_path, 
             evals._finetune(args, said)
     assert capsys.readouterr().err == ("lomar finetune: note: warming up for all 1 epoch(s) (the default 20 is longer "
                                        "than --epochs)\n")
+
+
+def test_a_slice_runs_where_the_system_has_no_load_average(tmp_path, labelled, monkeypatch):
+    """Windows has no os.getloadavg: the slice trains and its cell's records say no load (an AttributeError before)."""
+    monkeypatch.delattr("os.getloadavg")
+    spec = parse_spec(_spec(labelled, budget="4steps", grid={"method": ["lomar"]}, random_init=False,
+                            eval={"metrics": []}))
+    cell = spec.cells()[0]
+    run = runner.CellRun(runner.Study(spec, tmp_path), cell, tmp_path / "cells" / cell.name, spec.budget)
+    run.folder.mkdir(parents=True)
+
+    def a_slice(config):
+        with open(run.folder / "metrics.jsonl", "a") as file:
+            file.writelines(json.dumps({"step": s, "loss": 1.0, "img_s": 8.0}) + "\n" for s in range(1, 5))
+        return 0
+
+    monkeypatch.setattr(runner, "pretrain", a_slice)
+    run.advance()
+    assert run.state["slices"] == 1 and run.state["loads"] == []

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lomar.bench.host import load_average
 from lomar.checkpoints.file_names import LAST
 from lomar.cli.common import write_json
 from lomar.cli.study.evals import Scorer, check_options
@@ -218,7 +219,7 @@ class CellRun:
             reserve = (1 / rate if rate else 0.0) + first_save_estimate(saved.stat().st_size if saved.exists() else 0)
         limit = math.ceil(left + self.state.get("overhead_s", 0.0) + reserve) if point.unit == "seconds" else None
         take_command_start()  # the slice's limit counts from its call, as its overhead is measured, not from lomar's
-        start, load = time.perf_counter(), os.getloadavg()[0]
+        start, load = time.perf_counter(), load_average()
         with stop_signals_seen() as signals:
             rc = pretrain(cell_config(self.study.spec, self.cell, self.folder, max_steps=target, time_limit=limit))
         wall = time.perf_counter() - start
@@ -227,7 +228,8 @@ class CellRun:
         self.state["wall_seconds"] += wall
         overhead = round(max(0.0, wall - (sum(times) - seconds)), 2)  # the wall time the slice did not train
         self.state["overhead_s"] = min(self.state.get("overhead_s", overhead), overhead)
-        self.state["loads"].append(round(load, 2))
+        if load is not None:  # None on Windows
+            self.state["loads"].append(round(load[0], 2))
         self._save()
         timed_out = rc == TIME_LIMIT_EXIT and reached > steps
         if rc == 130 or signals or (reached < target and not timed_out):  # a stop signal: the study stops too
