@@ -9,7 +9,6 @@ never saved), the start-up line, ``Monitor`` (metrics.jsonl, TensorBoard, progre
 (with ``config.keep_last``) / ``best.pt`` (on ``task.best_metric``) and the final line. A resumed run skips the batches
 its checkpoint consumed of the (seed, epoch) data order: it continues exactly. Optional config fields: ``lr``,
 ``clip_grad``, ``compile``, ``compile_mode``, ``save_every`` (default 1), ``keep_last``, ``time_limit`` (preemption).
-
 The Task interface, its required and optional hooks: :mod:`lomar.train.task`.
 """
 from __future__ import annotations
@@ -38,6 +37,7 @@ from lomar.train.run_resume import check_no_rewind, numerics_notes, resume_point
 from lomar.train.run_state import RunLock, prepare_run_folder, save_checkpoint, save_on_main_rank, save_state
 from lomar.train.runtime import compile_model, default_threads, fast_adamw
 from lomar.train.schedule import lr_at, peak_lr, run_span, warmup_warning
+from lomar.train.setting_names import source_of
 from lomar.train.settings_resume import command_flags, resumed_past_end
 from lomar.train.task import EpochStream, Progress, SkippedFiles, Task, TrainingError, check_weights, diverged, preload
 from lomar.train.task_resume import building
@@ -352,7 +352,7 @@ def run(config, make_task: type[Task]) -> int:
     stop = StopFlag(getattr(config, "time_limit", None))  # from the lomar command's start, or this call's
     info, device = join_group(config.device)  # what fails before the first step: a one-line error, exit 2
     out, name = Path(main_rank_out(config)), config.COMMAND  # one run folder: a default's time is rank 0's
-    lock, task, trainer = RunLock(out, getattr(config, "in_file", {}).get("out")), None, None
+    lock, task, trainer = RunLock(out, source_of(config, "out")), None, None
     try:
         if info.is_main:  # only the main process writes into the folder
             lock.acquire()

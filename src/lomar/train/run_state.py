@@ -40,7 +40,7 @@ from lomar.checkpoints.io import (
 from lomar.checkpoints.sharded import check_metadata
 from lomar.errors import FULL_DISK, UNWRITABLE, LomarError, UsageError, full_disk_words
 from lomar.train.run_logs import truncate_metrics
-from lomar.train.setting_names import as_given
+from lomar.train.setting_names import as_given, source_of
 from lomar.train.settings import ConfigError
 from lomar.values import brief, is_integer
 
@@ -365,7 +365,7 @@ def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int,
     ``config.yaml`` is written (a TaskConfig's dump, else the fields). A resume of a run at its end (``finished``:
     nothing to do) in its own folder, not rewinding it, leaves the folder as it is, but for stale temporaries."""
     out, name = Path(config.out), task.name
-    source = getattr(config, "in_file", {}).get("out")  # out: r1 in my.yaml, not --out r1
+    source = source_of(config, "out")  # out: r1 in my.yaml, not --out r1
     if resume is None:  # another run may have got here since the config was checked
         refuse_held_run(out, config.resume, config.overwrite, locked_here=True, source=source)
     at_end = finished and resume is not None and not foreign(resume, out) and not config.overwrite

@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 
 __all__ = ["closest_flags", "either", "did_you_mean", "unknown_settings", "other_commands", "as_given",
-           "setting_of", "flag_of", "COMMAND_SETTINGS"]
+           "source_of", "setting_of", "flag_of", "COMMAND_SETTINGS"]
 
 # Other tools' spellings (MAE's and timm's scripts, Hugging Face, detectron2, Lightning) and common shortenings
 # -> our flags, the first one the command has. Keys are written with dashes, lower case, without the leading --.
@@ -122,10 +122,15 @@ def as_given(name: str, text: str, source: str | None) -> str:
     return f"{name}: {text} in {source}" if source else f"--{name.replace('_', '-')} {text}"
 
 
+def source_of(config, name: str) -> str | None:
+    """The settings file that gave ``config``'s setting ``name`` (``in_file``, kept by
+    :meth:`lomar.train.settings_resume.TaskConfig.resolve`); None where a flag or the default did."""
+    return getattr(config, "in_file", {}).get(name)
+
+
 def setting_of(config, name: str) -> str:
-    """:func:`as_given` of ``config``'s setting ``name``, naming the settings file that gave it (``in_file``, kept
-    by :meth:`lomar.train.settings_resume.TaskConfig.resolve`), if one did."""
-    return as_given(name, str(getattr(config, name)), getattr(config, "in_file", {}).get(name))
+    """:func:`as_given` of ``config``'s setting ``name``, naming the settings file that gave it, if one did."""
+    return as_given(name, str(getattr(config, name)), source_of(config, name))
 
 
 def unknown_settings(unknown: list[str], names: list[str], source: str, config: type) -> str:

@@ -20,7 +20,7 @@ from lomar.checkpoints.kinds import run_command
 from lomar.errors import first_on_machine
 from lomar.train import settings as S
 from lomar.train.runtime import default_workers
-from lomar.train.setting_names import as_given, setting_of
+from lomar.train.setting_names import as_given, setting_of, source_of
 from lomar.train.settings import ConfigError, coerce_all, declarations, shown
 
 if TYPE_CHECKING:  # torch: not at import
@@ -166,7 +166,7 @@ class TaskConfig:
                 raise ConfigError(f"{setting_of(self, 'out')} is inside {setting_of(self, name)}: the run's files "
                                   f"would join the data it reads; put the run elsewhere")
         refuse_held_run(Path(self.out), self.resume, self.overwrite, eval_only=getattr(self, "eval_only", False),
-                        source=getattr(self, "in_file", {}).get("out"))
+                        source=source_of(self, "out"))
         self.print_notes()
 
     def check_settings(self) -> None:

@@ -55,6 +55,7 @@ from lomar.errors import UsageError
 from lomar.eval.features import check_split, skipped_note
 from lomar.train.distributed import DistInfo, init_distributed
 from lomar.train.run_state import RunLock, newest_state
+from lomar.train.setting_names import source_of
 from lomar.values import counted
 
 __all__ = ["Task", "EpochStream", "Progress", "SkippedFiles", "TrainingError", "steadier", "non_finite_weight",
@@ -174,7 +175,7 @@ def score_only(config, make_task: type[Task]) -> tuple[Task, dict, Path]:
         raise UsageError("--eval-only runs in one process; run it without torchrun")
     _, device = init_distributed(config.device)
     torch.manual_seed(config.seed)
-    with RunLock(Path(config.out), getattr(config, "in_file", {}).get("out")) as lock:
+    with RunLock(Path(config.out), source_of(config, "out")) as lock:
         task = make_task(config, DistInfo(), device)
         metrics = task.evaluate()
         with open_in_place(lock.out / METRICS, "a") as log:
