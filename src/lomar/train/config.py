@@ -22,6 +22,7 @@ from lomar.errors import first_on_machine, in_flags
 from lomar.methods import get_method, names
 from lomar.train import settings as S
 from lomar.train.config_checks import check_data, check_decode, check_fsdp, check_method_settings, parse_share
+from lomar.train.setting_names import source_of
 from lomar.train.settings import ConfigError
 from lomar.train.settings_resume import SavedRun, TaskConfig, check_min_lr, check_warmup
 from lomar.window_counts import WINDOWS_RULE, paper_windows, parse_windows, windows_source
@@ -211,8 +212,7 @@ class PretrainConfig(TaskConfig):
             raise ConfigError("--knn-data is used only with --knn-every N (a k-NN evaluation every N epochs); add "
                               "--knn-every 1, or drop --knn-data")
         # a flag only: a run's config.yaml records the knn_decode its auto resolved to, k-NN or not
-        flagged = "knn_decode" not in getattr(self, "in_file", {})
-        if explicit.get("knn_decode", "auto") != "auto" and flagged and not self.knn_every:
+        if explicit.get("knn_decode", "auto") != "auto" and not (source_of(self, "knn_decode") or self.knn_every):
             raise ConfigError(f"--knn-decode {explicit['knn_decode']} decodes --knn-every's k-NN images, but this run "
                               f"has no k-NN evaluation; add --knn-every 1 --knn-data ROOT, or drop --knn-decode")
         if self.method in names():  # an unknown one is reported by validate

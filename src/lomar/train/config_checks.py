@@ -10,6 +10,7 @@ from typing import Any
 
 from lomar.methods import get_method, names
 from lomar.train import settings as S
+from lomar.train.setting_names import source_of
 from lomar.train.settings import ConfigError
 from lomar.train.settings_resume import check_pretrained
 
@@ -43,8 +44,7 @@ def _typed(declared: S.Setting, name: str, value: Any) -> str:
 def refuse_training_settings(config: Any, explicit: dict[str, Any], names: tuple[str, ...]) -> None:
     """--eval-only trains nothing: a flag among ``names`` (the command's training settings) would go unread; refused.
     The same settings from a --config file pass: a run's own config.yaml, reused to score the run, holds them all."""
-    in_file = getattr(config, "in_file", {})
-    given = [name for name in names if name in explicit and name not in in_file]
+    given = [name for name in names if name in explicit and source_of(config, name) is None]
     if given:
         declared = S.declarations(type(config))
         flags = ", ".join(_typed(declared[name], name, explicit[name]) for name in given)

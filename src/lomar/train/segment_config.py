@@ -15,7 +15,7 @@ from pathlib import Path
 from lomar.checkpoints.kinds import SEGMENT_TASK, find_command_checkpoint
 from lomar.train import settings as S
 from lomar.train.config_checks import check_eval_only_model, refuse_contradictions, refuse_training_settings
-from lomar.train.setting_names import setting_of
+from lomar.train.setting_names import setting_of, source_of
 from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.settings_resume import TaskConfig, check_img_size, check_pretrained, model_only_without_pretrained
 
@@ -126,7 +126,7 @@ class SegmentConfig(TaskConfig):
             for name, value in coerce_all(type(self), taken, str(saved), strict=False).items():
                 setattr(self, name, value)
         # a flag only: a run's config.yaml records its stride, which a whole-image scoring of the run leaves
-        if explicit.get("eval_stride") is not None and "eval_stride" not in getattr(self, "in_file", {}) \
+        if explicit.get("eval_stride") is not None and source_of(self, "eval_stride") is None \
                 and self.eval_mode == "whole":
             raise ConfigError(f"--eval-stride {self.eval_stride} moves --eval-mode slide's windows, but this "
                               f"evaluation is --eval-mode whole; drop it, or use --eval-mode slide")
