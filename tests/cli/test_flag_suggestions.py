@@ -29,7 +29,7 @@ SUGGESTED = [
      "--iter 1; did you mean --iters?"),
     (["export", "ck.pt", "--to", "x", "--output-dir", "y"], "export", "--output-dir y; did you mean --to?"),
     (["pretrain", "--to", "x"], "pretrain", "--to x; --to is a flag of lomar export, load-original and tokenizer "
-                                            "convert, not of lomar pretrain"),  # not --tokenizer, which starts so
+                                            "convert, not of lomar pretrain; did you mean --out?"),  # not --tokenizer
     # another command's flag: named as theirs, as a settings file's key of another command is
     (["pretrain", "--num-classes", "10"], "pretrain",
      "--num-classes 10; --num-classes is a flag of lomar segment, not of lomar pretrain"),
@@ -60,6 +60,10 @@ SUGGESTED = [
                                                  "pretrain; did you mean --max-steps?"),
     (["bench", "--max-steps", "5"], "bench", "--max-steps 5; --max-steps is a flag of lomar pretrain, finetune, "
                                              "detect and segment, not of lomar bench; did you mean --steps?"),
+    # another command's flag for what this command's flag does (the table's entry of both): where the files go
+    (["export", "ck.pt", "--to", "y", "--out", "x"], "export",
+     "--out x; --out is a flag of lomar pretrain, finetune, detect, segment, compose-digits, visualize, study and "
+     "tokenizer fit, not of lomar export; did you mean --to?"),
 ]
 
 

@@ -12,6 +12,7 @@ __all__ = ["closest_flags", "either", "did_you_mean", "unknown_settings", "other
 # -> our flags, the first one the command has. Keys are written with dashes, lower case, without the leading --.
 _ALIASES: dict[str, tuple[str, ...]] = {}
 _KIN: dict[str, set[str]] = {}  # a flag -> every flag its entry spells (--steps: --max-steps, --max-iter, ...)
+_OURS: dict[str, tuple[str, ...]] = {}  # one of our flags (dashed, no --) -> its entry's flags: --out's --to
 for _names, _flags in [
     ("num-workers workers-per-gpu nworkers num-worker worker dataloader-num-workers j", ("--workers",)),
     ("batch batchsize bs per-device-train-batch-size ims-per-batch", ("--batch-size",)),
@@ -42,6 +43,8 @@ for _names, _flags in [
     ("dry-run", ("--print-config",)),
 ]:
     _ALIASES.update(dict.fromkeys(_names.split(), _flags))
+    for _flag in _flags:
+        _OURS[_flag[2:]] = (*_OURS.get(_flag[2:], ()), *_flags)
     for _flag in (_group := {*(f"--{_name}" for _name in _names.split()), *_flags}):
         _KIN.setdefault(_flag, set()).update(_group)
 
@@ -69,8 +72,9 @@ def flag_of(token: str) -> str:
 
 
 def _aliased(name: str, flags: list[str]) -> list[str]:
-    """The flags among ``flags`` that the table of spellings gives for ``name`` (dashed, without --)."""
-    return [flag for flag in _ALIASES.get(name, ()) if flag in flags]
+    """The flags among ``flags`` that the table of spellings gives for ``name`` (dashed, without --): for another
+    tool's spelling, or for another command's flag, the others of its entry (export's --to for --out)."""
+    return [flag for flag in _ALIASES.get(name) or _OURS.get(name, ()) if flag in flags]
 
 
 def either(flags: list[str], word: str = "or") -> str:
