@@ -154,8 +154,9 @@ MIN_LR = Setting(0.0, "lr at the end of the cosine schedule", low=0)
 WARMUP_EPOCHS = Setting(40, "epochs of linear lr warm-up, in [0, --epochs]", kind=float)
 WEIGHT_DECAY = Setting(0.05, "AdamW weight decay", low=0)
 CLIP_GRAD = Setting(None, "clip the gradient norm to this (default: no clipping)", kind=float, above=0)
-PRECISION = Setting("auto", "auto = bf16 autocast where the hardware has bf16 products (CUDA with bf16, a CPU "
-                    "with AVX-512 BF16 or AMX), else fp32", choices=("auto", "fp32", "bf16", "fp16"), resume=_RUN)
+PRECISION = Setting("auto", "auto = bf16 autocast where the hardware multiplies bf16 natively (a CUDA GPU of "
+                    "compute capability 8+, a CPU with AVX-512 BF16 or AMX), else fp32; a resume's auto keeps the "
+                    "precision the run trained in", choices=("auto", "fp32", "bf16", "fp16"), resume=_RUN)
 LOG_EVERY = Setting(20, "print the training loss every N optimizer steps (metrics.jsonl and TensorBoard get every "
                     "step)", above=0, resume=_RUN)
 EVAL_EVERY = Setting(None, "evaluate (and checkpoint) every N optimizer steps and at the end, instead of at each "
