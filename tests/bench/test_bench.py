@@ -273,8 +273,13 @@ def test_shape_says_too_noisy_where_the_steps_straddle_following_flops():
 
     # the medians' x2.00 against FLOPs x1.00 alone would flag it; the steps' x1.00-x4.00 include following FLOPs
     noisy = shape([rec(224, [1.0, 1.0, 2.0], 10), rec(448, [2.0, 2.0, 4.0], 10)])
-    assert "time x2.00 (its steps x1.00-x4.00)" in noisy[0] and "too noisy to tell; raise --steps" in noisy[0]
+    assert noisy[0].endswith("time x2.00 (its steps x1.00-x4.00), FLOPs x1.00; pixels x4.00: expected to grow with "
+                             "them or faster -- its steps' spread reaches from following FLOPs (within 50 %) to above "
+                             "them: too noisy to tell; raise --steps\n")  # one edge of the band, not both sides
     assert "does not follow FLOPs" not in "".join(noisy)
+    both = shape([rec(224, [1.0, 1.0, 3.0], 10), rec(448, [1.0, 2.0, 3.0], 10)])  # x0.33-x3.00: past both edges
+    assert both[0].endswith(" -- its steps' spread reaches both sides of following FLOPs: too noisy to tell; raise "
+                            "--steps\n")
     # every pairing of steps at least x3 from FLOPs: flagged as before
     flagged = shape([rec(224, [1.0, 1.0, 1.1], 10), rec(448, [3.3, 3.5, 3.6], 10)])
     assert flagged[0].endswith(" -- time does not follow FLOPs\n")

@@ -108,8 +108,11 @@ def shape(records: list[dict]) -> list[str]:
         inside = [2 / 3 < ratio / flops < 3 / 2 for ratio in (low, time, high)]  # time should follow the work
         if not any(inside) and (low > flops) == (high > flops):
             line, unfollowed = line + " -- time does not follow FLOPs", True
-        elif not all(inside):
-            line += " -- its steps' spread reaches both sides of following FLOPs: too noisy to tell; raise --steps"
+        elif not all(inside):  # the spread crosses an edge of the band: one edge, or both
+            below, above = low / flops <= 2 / 3, high / flops >= 3 / 2
+            reach = "both sides of following FLOPs" if below and above else \
+                f"from following FLOPs (within 50 %) to {'above' if above else 'below'} them"
+            line += f" -- its steps' spread reaches {reach}: too noisy to tell; raise --steps"
         lines.append(line + "\n")
     if unfollowed:  # once, however many series it is
         lines.append("  where time does not follow FLOPs: per-step overhead of a small batch or model, or load that "
