@@ -3,7 +3,8 @@
 # the loader (--decode full|draft and batched GPU decode), a short `lomar pretrain --decode gpu` and the
 # CUDA tests, in <= 8 minutes on one H100/H200 (estimate from benchmarks/gpu/: ~25 s per eager
 # bench process, ~45 s per compiled model, loader ~60 s, pretrain ~90 s, tests ~60 s). Works offline: it uses the machine's preinstalled torch and installs lomar
-# without dependencies. Every part has its own timeout; a failing part does not stop the others.
+# without dependencies. Every part has its own timeout; a failing part does not stop the others. A SIGTERM to the
+# script (an outer `timeout`) stops the running part at once, keeps what it had, and ends the check.
 # Writes one JSON per part to $OUT (else benchmarks/gpu/) and a summary log, summary.log, each as it goes.
 # GPU_CHECK_ARCHIVE=FILE.tgz keeps an archive of that folder current (after every part and every
 # GPU_CHECK_ARCHIVE_EVERY=20 s, replaced whole): a device call killed at its limit still returns every part
@@ -31,6 +32,7 @@
 #   GPU_CHECK_BACKBONE_ENCODERS="lomar mae mae+decomposed mae+bias" (windowed, at GPU_CHECK_BACKBONE_RELPOS_SIZES:
 #     the first backbone size): backbone-relpos.json
 #   GPU_CHECK_T_ENV/_BENCH/_PRETRAIN/_LOADER/_TESTS/_FINETUNE/_BACKBONE: per-part timeouts (s)
+#   GPU_CHECK_KILL_AFTER=15 (s: a part still running this long after its SIGTERM, its own or this script's, is killed)
 #   GPU_CHECK_TESTS_COLLECT=1: the tests and mfu parts only collect their pytest selection (CI's CPU mode)
 #   GPU_CHECK_BUDGET=470 (s, whole check: bench runs, last, are skipped when it is spent)
 #   GPU_CHECK_VENV=/tmp/lomar-gpu-check-venv (an existing venv not made by this script is used as is)
@@ -56,8 +58,8 @@ archive() {  # a temporary of this process's own, renamed: a kill mid-tar leaves
   [ $? -le 1 ] && mv -f "$tmp" "$ARCHIVE" || rm -f "$tmp"  # 1: a file changed while read (the log): still whole
 }
 # Between parts too, in a process of its own: a long part's partial results, and a SIGKILL runs no trap. It
-# outlives an outer `timeout`'s SIGTERM: this script's trap waits for the running part, which a part under a
-# `timeout` of its own (a process group of its own) does not get; it archives until this script has ended.
+# outlives an outer `timeout`'s SIGTERM (this script ends once the running part has stopped and saved what it
+# had) and archives until this script has ended.
 if [ -n "$ARCHIVE" ]; then
   ( trap '' TERM INT; trap 'rm -f "$ARCHIVE.$BASHPID.tmp"; exit 0' USR1
     while kill -0 $$ 2>/dev/null; do sleep "${GPU_CHECK_ARCHIVE_EVERY:-20}" & wait $!; archive; done; archive
@@ -68,10 +70,29 @@ finish() {  # the archiver stopped (mid-tar: its temporary removed), then the ar
   [ -n "$ARCHIVE" ] && kill -USR1 "$ARCHIVER" 2>/dev/null && wait "$ARCHIVER" 2>/dev/null
   archive
 }
-# a SIGTERM (an outer `timeout`) or Ctrl-C: once the running part has ended (a bench part gets the signal too
-# and saves what it measured: bench_run), the archive is made and the script ends
-trap 'say "stopped by SIGTERM"; finish; exit 143' TERM
-trap 'say "interrupted"; finish; exit 130' INT
+# A SIGTERM (an outer `timeout`) or Ctrl-C reaches the running part at once (part), which stops and saves what
+# it had (lomar pretrain its checkpoint, lomar bench its rows); its JSON and status are written, then the archive
+# is made and the script ends (stop_here) instead of starting another part.
+STOP=
+trap 'STOP=143; say "stopped by SIGTERM"' TERM
+trap 'STOP=130; say "interrupted"' INT
+stop_here() { [ -z "$STOP" ] || { finish; exit "$STOP"; }; }
+# part SECONDS COMMAND...: COMMAND under a `timeout` of its own, which puts it in a process group of its own (its
+# limit stops COMMAND's children too: a DataLoader's workers, a test's subprocesses; -k: SIGKILL to all of them
+# GPU_CHECK_KILL_AFTER s later, for what ignores SIGTERM or hangs in C code). An outer SIGTERM to this script's
+# process group misses that group: this subshell, waiting on it in the background, passes the signal on at once.
+# `wait` ends early at a trapped signal: it waits again while the part still runs, then gives the part's status.
+# Its trap is its subshell's own (a pipeline's element, or in parentheses), not this script's.
+part() {
+  [ "$BASHPID" != $$ ] || { echo "gpu_check: part $*: run it in a pipeline or a subshell" >&2; return 2; }
+  timeout -k "${GPU_CHECK_KILL_AFTER:-15}" "$1" "${@:2}" <&0 &  # <&0: a heredoc, not /dev/null, for `&`
+  local pid=$!
+  trap 'kill -TERM "$pid" 2>/dev/null' TERM INT
+  wait "$pid"; while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done; wait "$pid"
+}
+# COMMAND with SIGTERM ignored: a part's readers (tee, tail) outlive the outer SIGTERM, so what the part prints
+# as it stops reaches the log, and it never writes to a closed pipe
+keep() { trap '' TERM INT; "$@"; }
 
 if [ "$DEVICE" = cpu ]; then  # tiny mode: proves the script runs, measures nothing useful
   D_MODEL=vit_tiny_patch8; D_SIZES="64"; D_CSIZES=""; D_BATCH=2; D_STEPS=1; D_WARMUP=0
@@ -105,7 +126,7 @@ VENV=${GPU_CHECK_VENV:-/tmp/lomar-gpu-check-venv}
 BUDGET=${GPU_CHECK_BUDGET:-470}  # seconds for the whole check; late bench runs are skipped past it
 T0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
-want() { [[ " $PARTS " == *" $1 "* ]]; }
+want() { stop_here; [[ " $PARTS " == *" $1 "* ]]; }
 # A GPU_CHECK_DECODE mode -> its `lomar pretrain` flags: the --decode mode, then one word per variation
 decode_flags() {
   local words=(${1//-/ }) word
@@ -128,10 +149,13 @@ photos_of() { [[ "-$1-" == *-imagenet-* ]] && echo imagenet || echo camera; }  #
 status() {
   local part=$1 rc=$2 note=${3:-}
   local state=ok; [ "$rc" = 0 ] || state=failed; [ "$rc" = 124 ] && state=timeout
+  [ "$rc" = 137 ] && state=killed  # SIGKILL: GPU_CHECK_KILL_AFTER s past its SIGTERM (or the system's, out of memory)
+  [ -n "$STOP" ] && note="stopped by the signal; $note"
   say "part $part: $state (rc $rc) $note"
   [ -f "$DEST/$part.json" ] || printf '{"part": "%s", "status": "%s", "rc": %s, "note": "%s"}\n' \
     "$part" "$state" "$rc" "$note" > "$DEST/$part.json"
   archive
+  stop_here
 }
 # run_tests FILE LINES PYTEST_ARGS...: pytest's whole output (failures' messages and values) in $DEST/FILE,
 # its last LINES lines in the summary; returns pytest's exit status. GPU_CHECK_TESTS_COLLECT=1 only collects
@@ -139,10 +163,10 @@ status() {
 run_tests() {
   local file=$1 lines=$2 collect=(); shift 2
   [ "${GPU_CHECK_TESTS_COLLECT:-0}" = 1 ] && collect=(--collect-only)
-  timeout "${GPU_CHECK_T_TESTS:-120}" "$PY" -m pytest -q -p no:cacheprovider -p no:logging --tb=short \
-    "${collect[@]}" "$@" > "$DEST/$file" 2>&1
+  ( part "${GPU_CHECK_T_TESTS:-120}" "$PY" -m pytest -q -p no:cacheprovider -p no:logging --tb=short \
+    "${collect[@]}" "$@" ) > "$DEST/$file" 2>&1
   local rc=$?
-  tail -n "$lines" "$DEST/$file" | tee -a "$LOG"
+  tail -n "$lines" "$DEST/$file" | keep tee -a "$LOG"
   return $rc
 }
 
@@ -170,14 +194,14 @@ if want env; then
     "$VENV/bin/pip" install --retries 0 --timeout 10 -q -e . 2>/dev/null \
       || "$VENV/bin/pip" install -q --no-build-isolation --no-deps -e . \
       || say "pip could not install lomar; falling back to PYTHONPATH=src"
-  ) 2>&1 | tee -a "$LOG"
+  ) 2>&1 | keep tee -a "$LOG"
 fi
 [ -x "$VENV/bin/python" ] && PY="$VENV/bin/python"
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"  # works even when pip failed
 export PYTHONUNBUFFERED=1
 LOMAR=("$PY" -m lomar)
 if want env; then
-  timeout "${GPU_CHECK_T_ENV:-60}" "$PY" - "$DEST/env.json" "$DEVICE" <<'EOF' 2>&1 | tee -a "$LOG"
+  part "${GPU_CHECK_T_ENV:-60}" "$PY" - "$DEST/env.json" "$DEVICE" <<'EOF' 2>&1 | keep tee -a "$LOG"
 import importlib, importlib.util, json, platform, sys
 out, device = sys.argv[1], sys.argv[2]
 mods = ["torch", "torchvision", "timm", "safetensors", "yaml", "numpy", "PIL", "tqdm", "matplotlib",
@@ -210,19 +234,19 @@ fi
 # ---------------------------------------------------------------- loader: CPU decode vs GPU decode
 CAMERA="$WORK/camera"
 if want loader || want pretrain; then
-  timeout 120 "$PY" -c "from lomar.bench.loader import make_test_set as m; m('$CAMERA', 'camera', $COUNT)" \
-    2>&1 | tee -a "$LOG"
+  part 120 "$PY" -c "from lomar.bench.loader import make_test_set as m; m('$CAMERA', 'camera', $COUNT)" \
+    2>&1 | keep tee -a "$LOG"
   say "camera test set: $(ls "$CAMERA" 2>/dev/null | wc -l) JPEGs in $CAMERA"
 fi
 IMAGENET="$WORK/imagenet"
 if want pretrain && [[ "$(for decode in $DECODES; do photos_of "$decode"; done)" == *imagenet* ]]; then
-  timeout 60 "$PY" -c "from lomar.bench.loader import make_test_set as m; m('$IMAGENET', 'imagenet', $COUNT)" \
-    2>&1 | tee -a "$LOG"
+  part 60 "$PY" -c "from lomar.bench.loader import make_test_set as m; m('$IMAGENET', 'imagenet', $COUNT)" \
+    2>&1 | keep tee -a "$LOG"
   say "ImageNet-size test set: $(ls "$IMAGENET" 2>/dev/null | wc -l) JPEGs in $IMAGENET"
 fi
 if want loader; then
-  timeout "${GPU_CHECK_T_LOADER:-90}" "$PY" - "$DEST/loader.json" "$CAMERA" "$PSIZE" "$WORKERS" "$DEVICE" \
-    "$MODEL" "$PBATCH" "$PRECISION" "${#TINY[@]}" <<'EOF' 2>&1 | tee -a "$LOG"
+  part "${GPU_CHECK_T_LOADER:-90}" "$PY" - "$DEST/loader.json" "$CAMERA" "$PSIZE" "$WORKERS" "$DEVICE" \
+    "$MODEL" "$PBATCH" "$PRECISION" "${#TINY[@]}" <<'EOF' 2>&1 | keep tee -a "$LOG"
 import json, os, sys, time
 import torch
 from lomar.bench.loader import measure_loader, share_model_rate
@@ -277,14 +301,14 @@ if want pretrain; then
     [ "$first" = 1 ] || { run="$RUN-$decode"; json="$DEST/pretrain-$decode.json"; }
     first=0
     start=$(date +%s.%N)
-    timeout "${GPU_CHECK_T_PRETRAIN:-110}" "${LOMAR[@]}" pretrain --data "$PDATA" --out "$run" --overwrite \
+    part "${GPU_CHECK_T_PRETRAIN:-110}" "${LOMAR[@]}" pretrain --data "$PDATA" --out "$run" --overwrite \
       --model "$MODEL" --img-size "$PSIZE" --windows "$PW" --batch-size "$PBATCH" --max-steps "$PSTEPS" \
       --epochs 100000 --warmup-epochs 1 --workers "$WORKERS" --device "$DEVICE" --precision "$PRECISION" \
-      $(decode_flags "$decode") --log-every 10 --save-every 100000 "${TINY[@]}" 2>&1 | tee "$DEST/pretrain-$decode.log" \
-      | tail -n 20 | tee -a "$LOG"
+      $(decode_flags "$decode") --log-every 10 --save-every 100000 "${TINY[@]}" 2>&1 | keep tee "$DEST/pretrain-$decode.log" \
+      | keep tail -n 20 | keep tee -a "$LOG"
     rc=${PIPESTATUS[0]}
     "$PY" - "$run/metrics.jsonl" "$json" "$PBATCH" "$start" "$rc" "$WORKERS" "$PSIZE" "$decode" \
-      "$DEST/pretrain-$decode.log" "$photos" <<'EOF' 2>&1 | tee -a "$LOG"
+      "$DEST/pretrain-$decode.log" "$photos" <<'EOF' 2>&1 | keep tee -a "$LOG"
 import json, re, statistics, sys, time
 metrics, out, batch, start, rc, workers, size, decode, printed, photos = sys.argv[1:]
 try:
@@ -327,7 +351,7 @@ fi
 # ---------------------------------------------------------------- short finetune
 if want finetune; then
   FT="$WORK/ft"
-  timeout 120 "$PY" - "$FT" "${#TINY[@]}" <<'EOF' 2>&1 | tee -a "$LOG"
+  part 120 "$PY" - "$FT" "${#TINY[@]}" <<'EOF' 2>&1 | keep tee -a "$LOG"
 import sys
 from pathlib import Path
 from lomar.bench.loader import make_test_set
@@ -339,9 +363,9 @@ for split in ("train", "val"):
 EOF
   if [ -f "$RUN/last.pt" ]; then
     FB=32; [ "${#TINY[@]}" -gt 0 ] && FB=4
-    timeout "${GPU_CHECK_T_FINETUNE:-120}" "${LOMAR[@]}" finetune --pretrained "$RUN/last.pt" --data "$FT" \
+    part "${GPU_CHECK_T_FINETUNE:-120}" "${LOMAR[@]}" finetune --pretrained "$RUN/last.pt" --data "$FT" \
       --out "$WORK/ft-run" --overwrite --img-size "$PSIZE" --batch-size "$FB" --max-steps "$FSTEPS" --epochs 100 \
-      --workers "$WORKERS" --device "$DEVICE" --log-every 5 2>&1 | tee "$DEST/finetune.log" | tail -n 15 | tee -a "$LOG"
+      --workers "$WORKERS" --device "$DEVICE" --log-every 5 2>&1 | keep tee "$DEST/finetune.log" | keep tail -n 15 | keep tee -a "$LOG"
     rc=${PIPESTATUS[0]}
     [ -f "$WORK/ft-run/metrics.jsonl" ] && "$PY" -c "import json,sys; rows=[json.loads(l) for l in open(sys.argv[1])]; \
 json.dump(dict(part='finetune', rc=$rc, rows=rows), open(sys.argv[2], 'w'), indent=1)" \
@@ -373,11 +397,10 @@ bench_run() {  # bench_run PART SIZE "METHODS" [extra flags]
   case " $methods " in *" lomar "*|*" mae_window "*|*" beit "*) ;; *) windows=() ;; esac
   local t=$(( $(left) - 15 )); [ "$t" -gt "${GPU_CHECK_T_BENCH:-200}" ] && t=${GPU_CHECK_T_BENCH:-200}
   if [ "$t" -lt 40 ]; then status "$part" 124 "skipped: the ${BUDGET}s budget is spent"; return; fi
-  # --foreground: the bench stays in this script's process group, so an outer `timeout`'s SIGTERM reaches it
-  # and it stops at once with the rows it measured (lomar bench saves them on SIGTERM), not at its own limit
-  timeout --foreground "$t" "${LOMAR[@]}" bench --model "$MODEL" --sizes "$size" --methods $methods "${windows[@]}" \
+  # an outer SIGTERM stops it at once with the rows it measured (lomar bench saves them on SIGTERM)
+  part "$t" "${LOMAR[@]}" bench --model "$MODEL" --sizes "$size" --methods $methods "${windows[@]}" \
     --batch-size "$BATCH" --precision "$PRECISION" --device "$DEVICE" --steps "$STEPS" --warmup "$WARMUP" \
-    --json "$DEST/$part.json" --quiet "${BENCH_TINY[@]}" "$@" 2>&1 | grep -v '^USDT' | tee -a "$LOG"
+    --json "$DEST/$part.json" --quiet "${BENCH_TINY[@]}" "$@" 2>&1 | keep grep -v '^USDT' | keep tee -a "$LOG"
   status "$part" "${PIPESTATUS[0]}"
 }
 if want bench; then
@@ -388,7 +411,7 @@ if want bench; then
   for size in $COMPILE_SIZES; do
     for method in $METHODS; do bench_run "bench-compile-$size-$method" "$size" "$method" --compile; done
   done
-  "$PY" benchmarks/gpu_summary.py ratios "$DEST" 2>&1 | tee -a "$LOG"
+  "$PY" benchmarks/gpu_summary.py ratios "$DEST" 2>&1 | keep tee -a "$LOG"
 fi
 
 # ---------------------------------------------------------------- MFU of LoMaR at 448 px / 9 windows
@@ -406,23 +429,23 @@ if want mfu; then
     BATCH=$b WINDOWS=$MWIN bench_run "mfu-$b-$mode" "$MSIZE" lomar \
       --profile "$DEST/mfu-$b-$mode-profile.json" "${flags[@]}"
   done
-  "$PY" benchmarks/gpu_summary.py mfu "$DEST" "$MSIZE" "$MWIN" 2>&1 | tee -a "$LOG"
+  "$PY" benchmarks/gpu_summary.py mfu "$DEST" "$MSIZE" "$MWIN" 2>&1 | keep tee -a "$LOG"
   status mfu "${PIPESTATUS[0]}" "summary of the sweep: mfu.md"
 fi
 
 # ---------------------------------------------------------------- backbone memory at 1024-2048 px
 if want backbone; then
-  if "${LOMAR[@]}" bench --help 2>&1 | grep -q -- 'backbone'; then
-    timeout "${GPU_CHECK_T_BACKBONE:-90}" "${LOMAR[@]}" bench --task backbone --model "$MODEL" --sizes $BB_SIZES \
+  if "${LOMAR[@]}" bench --help 2>&1 | keep grep -q -- 'backbone'; then
+    part "${GPU_CHECK_T_BACKBONE:-90}" "${LOMAR[@]}" bench --task backbone --model "$MODEL" --sizes $BB_SIZES \
       --attention $BB_ATTENTION --grad-checkpointing --device "$DEVICE" --precision "$PRECISION" "${BB_TINY[@]}" \
-      --json "$DEST/backbone.json" 2>&1 | tee -a "$LOG"
+      --json "$DEST/backbone.json" 2>&1 | keep tee -a "$LOG"
     status backbone "${PIPESTATUS[0]}"
     # the encoders a dense task builds, side by side: LoMaR's iRPE against MAE without and with its recipe's
     # relative position term (detect: decomposed, segment: bias), in ViTDet's layout
-    timeout "${GPU_CHECK_T_BACKBONE:-90}" "${LOMAR[@]}" bench --task backbone --model "$MODEL" --sizes $BB_RP_SIZES \
+    part "${GPU_CHECK_T_BACKBONE:-90}" "${LOMAR[@]}" bench --task backbone --model "$MODEL" --sizes $BB_RP_SIZES \
       --attention windowed --encoders $BB_ENCODERS --grad-checkpointing --device "$DEVICE" --precision "$PRECISION" \
       "${BB_TINY[@]}" \
-      --json "$DEST/backbone-relpos.json" 2>&1 | tee -a "$LOG"
+      --json "$DEST/backbone-relpos.json" 2>&1 | keep tee -a "$LOG"
     status backbone-relpos "${PIPESTATUS[0]}"
   else
     status backbone 0 "skipped: this lomar has no 'bench --task backbone' (see lomar bench --help)"

@@ -229,3 +229,61 @@ def test_a_check_stopped_mid_part_leaves_every_finished_part_in_its_archive(stop
     assert ("stopped by SIGTERM" in log) == (stop == "SIGTERM")
     assert cut_short["meta"]["complete"] is False
     assert not list(tmp_path.glob("gc.tgz.*.tmp"))
+
+
+@pytest.mark.parametrize("case", ["pretrain", "stuck-tests", "stuck-tests-own-limit"])
+def test_a_stop_reaches_the_running_part_at_once_and_kills_one_that_ignores_it(case, tmp_path):
+    """An outer `timeout`'s SIGTERM reaches the running part although its own `timeout` gives it a process group of
+    its own: a pretraining run saves and ends within a second, and the check ends after it, without starting
+    another part. A part that ignores SIGTERM (stuck in C code) is killed GPU_CHECK_KILL_AFTER s later, whether
+    the signal was the outer one or its own limit's."""
+    import signal
+    import time
+
+    python = tmp_path / "venv" / "bin" / "python"  # a pretraining run that saves on SIGTERM; tests that ignore it
+    python.parent.mkdir(parents=True)
+    python.write_text('#!/usr/bin/env bash\ncase " $* " in\n'
+                      f'  *" pretrain "*) trap \'echo saved > {tmp_path}/saved; exit 0\' TERM\n'
+                      f'    echo $$ > {tmp_path}/running; while :; do sleep 0.05; done;;\n'
+                      f'  *" -m pytest "*) trap \'\' TERM; echo $$ > {tmp_path}/running; exec sleep 30;;\n'
+                      'esac\n')
+    python.chmod(0o755)
+    own_limit = case.endswith("own-limit")
+    env = {**os.environ, "OUT": str(tmp_path / "gc"), "GPU_CHECK_WORK": str(tmp_path / "work"),
+           "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_VENV": str(python.parents[1]), "GPU_CHECK_KILL_AFTER": "1",
+           "GPU_CHECK_PARTS": "pretrain tests" if case == "pretrain" else "tests bench",
+           "GPU_CHECK_T_TESTS": "0.5" if own_limit else "30", "GPU_CHECK_SIZES": "64"}
+    check = subprocess.Popen(["bash", str(SCRIPT)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    running = tmp_path / "running"
+    try:
+        deadline = time.monotonic() + 20
+        while not running.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert running.exists(), "the part did not start"
+        signalled = time.monotonic()
+        if not own_limit:
+            os.killpg(check.pid, signal.SIGTERM)
+        code = check.wait(timeout=10)
+        took = time.monotonic() - signalled
+        try:  # a zombie (killed, its parent gone, not yet reaped) has ended
+            stat = Path(f"/proc/{running.read_text().strip()}/stat").read_text()
+            part_alive = stat.rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            part_alive = False
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(check.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError, ValueError, ProcessLookupError):  # the part's own group, if it outlived it
+            os.killpg(os.getpgid(int(running.read_text())), signal.SIGKILL)
+    log = (tmp_path / "gc" / "summary.log").read_text()
+    if case == "pretrain":
+        assert (tmp_path / "saved").exists() and took < 3, (took, log)
+        assert code == 143 and "stopped by SIGTERM" in log and "part pretrain: ok (rc 0) stopped by the signal" in log
+        assert "part tests" not in log
+    else:
+        assert 1 <= took < 4, (took, log)  # SIGKILL GPU_CHECK_KILL_AFTER s after the SIGTERM
+        assert code == (0 if own_limit else 143), log
+        assert ("part bench-64" in log) == own_limit, log  # the next part starts only after a part's own limit
+        assert "part tests: killed (rc 137)" in log, log
+    assert not part_alive
