@@ -34,6 +34,7 @@ from lomar.train.run_state import (
     RunLock,
     SaveError,
     check_out_folder,
+    foreign,
     prepare_run_folder,
     refuse_held_run,
     remove_stale_temporaries,
@@ -354,41 +355,41 @@ def test_another_folders_checkpoint_does_not_graft_onto_a_held_run(tmp_path):
     assert sorted(p.name for p in b.iterdir()) == ["config.yaml"]  # nothing of the seed-7 run is left
 
 
-_TWO_SPELLINGS = """
-import subprocess, sys
-from pathlib import Path
-from PIL import Image
-from lomar.cli.app import main
-from lomar.train.run_state import foreign
-real, alias = Path(sys.argv[1]), Path(sys.argv[2])
-subprocess.run(["mount", "--bind", str(real), str(alias)], check=True)
-assert real.resolve() != alias.resolve()  # what string comparisons of resolved paths took for two folders
-(real / "run").mkdir()
-(real / "run" / "last.pt").write_bytes(b"")
-assert not foreign(real / "run" / "last.pt", alias / "run")
-for split in ("train", "val"):
-    (real / "data" / split / "a").mkdir(parents=True)
-    Image.new("RGB", (32, 32)).save(real / "data" / split / "a" / "x.png")
-(real / "encoder.pt").write_bytes(b"")
-code = main(["finetune", "--pretrained", str(real / "encoder.pt"), "--data", str(alias / "data"),
-             "--out", str(real / "data" / "scored")])
-assert code == 2 and not (real / "data" / "scored").exists(), code
-"""
-
-
-def test_one_folder_spelt_two_ways_is_one_folder(tmp_path):
-    """Two spellings of one folder that resolved paths keep apart (a case-insensitive file system's two cases, here a
-    bind mount in a user namespace): a checkpoint of the run is not another folder's, and --out in it is inside it."""
+def test_one_folder_spelt_two_ways_is_one_folder(tmp_path, capsys):
+    """Two spellings of one folder that resolved paths keep apart (a case-insensitive file system's two cases, here
+    a bind mount that a child's mount namespace holds, reached through its /proc/PID/root, which resolve() reads as
+    the empty folder under it): a checkpoint of the run is not another folder's, and --out in it is inside it."""
     if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:  # no user namespaces here
         pytest.skip("needs unshare -rm (user and mount namespaces) for a bind mount")
-    (tmp_path / "real").mkdir()
-    (tmp_path / "alias").mkdir()
-    done = subprocess.run(["unshare", "-rm", sys.executable, "-c", _TWO_SPELLINGS, str(tmp_path / "real"),
-                           str(tmp_path / "alias")], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stderr == (f"lomar finetune: error: --out {tmp_path / 'real/data/scored'} is inside --data "
-                           f"{tmp_path / 'alias/data'}: the run's files would join the data it reads; put the run "
-                           f"elsewhere\n")
+    from PIL import Image
+
+    from lomar.cli.app import main
+
+    real, alias = tmp_path / "real", tmp_path / "alias"
+    for split in ("train", "val"):
+        (real / "data" / split / "a").mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(real / "data" / split / "a" / "x.png")
+    (real / "run").mkdir()
+    (real / "run" / "last.pt").write_bytes(b"")
+    (real / "encoder.pt").write_bytes(b"")
+    alias.mkdir()
+    # the mount lives as long as the child, which ends at its stdin's end (this process's, if it is killed)
+    holder = subprocess.Popen(["unshare", "-rm", "sh", "-c", 'mount --bind "$0" "$1" && echo mounted && exec cat',
+                               str(real), str(alias)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "mounted\n"
+        seen = Path(f"/proc/{holder.pid}/root") / alias.relative_to("/")
+        assert seen.resolve() == alias and (seen / "run" / "last.pt").is_file()  # what resolved strings took for two
+        assert not foreign(real / "run" / "last.pt", seen / "run")
+        assert main(["finetune", "--pretrained", str(real / "encoder.pt"), "--data", str(seen / "data"),
+                     "--out", str(real / "data" / "scored")]) == 2
+    finally:
+        holder.stdin.close()
+        holder.wait(5)
+    assert not (real / "data" / "scored").exists()
+    assert capsys.readouterr().err == (f"lomar finetune: error: --out {real / 'data/scored'} is inside --data "
+                                       f"{seen / 'data'}: the run's files would join the data it reads; put the "
+                                       f"run elsewhere\n")
 
 
 def test_a_rewind_removes_the_figures_of_the_steps_it_drops(tmp_path):
