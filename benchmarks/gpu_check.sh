@@ -81,14 +81,15 @@ stop_here() { [ -z "$STOP" ] || { finish; exit "$STOP"; }; }
 # limit stops COMMAND's children too: a DataLoader's workers, a test's subprocesses; -k: SIGKILL to all of them
 # GPU_CHECK_KILL_AFTER s later, for what ignores SIGTERM or hangs in C code). An outer SIGTERM to this script's
 # process group misses that group: this subshell, waiting on it in the background, passes the signal on at once.
-# `wait` ends early at a trapped signal: it waits again while the part still runs, then gives the part's status.
+# `wait` ends early at a trapped signal, the part's status not yet given: it waits again. Only then: a wait on a
+# pid whose status a wait gave is 127 where bash is in POSIX mode (POSIXLY_CORRECT set, or run as sh).
 # Its trap is its subshell's own (a pipeline's element, or in parentheses), not this script's.
 part() {
   [ "$BASHPID" != $$ ] || { echo "gpu_check: part $*: run it in a pipeline or a subshell" >&2; return 2; }
   timeout -k "${GPU_CHECK_KILL_AFTER:-15}" "$1" "${@:2}" <&0 &  # <&0: a heredoc, not /dev/null, for `&`
-  local pid=$!
-  trap 'kill -TERM "$pid" 2>/dev/null' TERM INT
-  wait "$pid"; while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done; wait "$pid"
+  local pid=$! cut rc
+  trap 'cut=1; kill -TERM "$pid" 2>/dev/null' TERM INT
+  while :; do cut=; wait "$pid"; rc=$?; [ -n "$cut" ] || return "$rc"; done
 }
 # COMMAND with SIGTERM ignored: a part's readers (tee, tail) outlive the outer SIGTERM, so what the part prints
 # as it stops reaches the log, and it never writes to a closed pipe

@@ -179,6 +179,23 @@ def test_every_bench_command_of_the_check_is_one_lomar_bench_accepts(tmp_path):
         bench._plan(build_parser(["bench"]).parse_args(command))  # UsageError where bench would refuse it
 
 
+def test_each_part_reports_its_own_status_where_bash_is_in_posix_mode(tmp_path):
+    """POSIXLY_CORRECT (or bash run as sh): a pid's status, once a `wait` gave it, is gone (a second wait: 127),
+    so each part's status is the one its command exited with, ok or failed, not 'failed (rc 127)'."""
+    python = tmp_path / "venv" / "bin" / "python"  # pytest imports; the tests exit 3; each bench writes its JSON
+    python.parent.mkdir(parents=True)
+    python.write_text('#!/usr/bin/env bash\ncase " $* " in *" -m pytest "*) exit 3;; *" -c "*) exit 0;; esac\n'
+                      'for a; do [ "$prev" = --json ] && echo {} > "$a"; prev=$a; done\n')
+    python.chmod(0o755)
+    env = {**os.environ, "OUT": str(tmp_path / "gc"), "GPU_CHECK_WORK": str(tmp_path / "work"),
+           "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_PARTS": "tests bench", "GPU_CHECK_VENV": str(python.parents[1]),
+           "GPU_CHECK_SIZES": "64", "POSIXLY_CORRECT": "1"}
+    done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    log = (tmp_path / "gc" / "summary.log").read_text()
+    assert done.returncode == 0, done.stderr
+    assert "part tests: failed (rc 3)" in log and "part bench-64: ok (rc 0)" in log, log
+
+
 @pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
 def test_a_check_stopped_mid_part_leaves_every_finished_part_in_its_archive(stop, tmp_path):
     """A device call killed at its limit (SIGKILL: no trap runs, no last tar) or an outer `timeout` (SIGTERM to the
