@@ -585,6 +585,37 @@ def test_a_stop_signal_during_an_epochs_last_step_stops_the_run_at_the_next_step
     assert (state["step"], state["epoch"], calls) == (5, 1, [0, 1])
 
 
+def test_a_stop_signal_during_the_runs_last_step_that_ends_an_epoch_still_ends_the_epoch(tmp_path, capsys):
+    """--max-steps 4 is epoch 0's last step; a SIGTERM in it came too late to stop anything, yet the run that said
+    "done" skipped the epoch's end: its evaluation was logged as epoch 0 (partial), and no best.pt was written. It ends
+    as the run without the signal does, and a resume finds it at its end."""
+    import signal
+
+    class SignalledInTheLastStep(ToyTask):
+        def loss(self, batch):
+            if self.progress.step == 3 and not self.finished:
+                self.finished = True
+                signal.raise_signal(signal.SIGUSR1)
+            return super().loss(batch)
+
+    def scored(out):
+        return [(r["step"], r["epoch"], r["score"], r.get("partial")) for r in
+                map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "score" in r]
+
+    straight, stopped = tmp_path / "a", tmp_path / "b"
+    assert run(ToyConfig(out=str(straight), max_steps=4), ToyTask) == 0
+    capsys.readouterr()
+    assert run(ToyConfig(out=str(stopped), max_steps=4), SignalledInTheLastStep) == 0
+    line = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert line.startswith("lomar: done at step 4") and "best score" in line and "no best.pt" not in line
+    assert scored(stopped) == scored(straight) and [s[:2] for s in scored(stopped)] == [(4, 1)]  # old code: (4, 0)
+    a, b = safe_load(straight / "last.pt"), safe_load(stopped / "last.pt")
+    assert (b["step"], b["epoch"], b["batches_done"]) == (a["step"], a["epoch"], a["batches_done"]) == (4, 1, 0)
+    assert safe_load(stopped / "best.pt")["metrics"] == safe_load(straight / "best.pt")["metrics"]
+    assert run(ToyConfig(out=str(stopped), max_steps=4, resume="auto"), ToyTask) == 0
+    assert "nothing to do, the run is at step 4" in capsys.readouterr().out and scored(stopped) == scored(straight)
+
+
 class Dropping(ToyTask):
     """Dropout in the model: every step draws from the global torch stream of its rank."""
 

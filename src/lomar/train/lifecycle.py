@@ -167,12 +167,12 @@ class _Run:
         stream = EpochStream(task)
         with contextlib.closing(stream):  # its readers stop when the loop ends, however it ends
             while p.epoch < cfg.epochs and not stopping:
-                stopping = self._train_epoch(stream)
-                # What the ranks agreed on, not this process's flag: a signal that came after the last
-                # agreement is heeded at the next step (else the epoch neither ends nor goes on).
-                if p.batches_done >= self.steps_per_epoch * self.accum and not self.signalled:
+                stopping, ended = self._train_epoch(stream), p.step >= self.last_step  # the step it reached
+                # What the ranks agreed on, not this process's flag: a signal that came after the last agreement is
+                # heeded at the next step (else the epoch neither ends nor goes on); in the last step it stops nothing.
+                if p.batches_done >= self.steps_per_epoch * self.accum and (ended or not self.signalled):
                     self._end_epoch()
-                stopping = stopping or p.step >= self.last_step
+                stopping = stopping or ended
         return self._finish(preempted=stopping and p.step < self.last_step)
 
     def _announce(self) -> None:
