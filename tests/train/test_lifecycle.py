@@ -1233,6 +1233,20 @@ def test_an_auto_run_resumed_where_auto_picks_another_precision_keeps_its_own_an
     assert safe_load(out / "last.pt")["precision"] == "bf16"
 
 
+def test_bf16_asked_of_a_cpu_that_emulates_it_is_told_at_the_start(tmp_path, capsys, monkeypatch):
+    """Emulated bf16 ran ~10x slower than fp32 here without a word; a CPU with bf16 products, or auto, is not told."""
+    import lomar.train.precision as precision
+
+    note = ("lomar toy: bf16 on this CPU is emulated (no AVX-512 BF16/AMX): expect it several times slower than fp32; "
+            "--precision auto picks fp32 here\n")
+    for has_bf16, setting, told in ((False, "bf16", True), (True, "bf16", False), (False, "auto", False)):
+        monkeypatch.setattr(precision, "cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
+        assert run(ToyConfig(out=str(tmp_path / f"{has_bf16}{setting}"), precision=setting, max_steps=1), ToyTask) == 0
+        printed = capsys.readouterr().out
+        lines = printed.splitlines(keepends=True)
+        assert lines[0].startswith("lomar toy: 32 images") and (lines[1] == note) == told == printed.count(note)
+
+
 def test_a_precision_given_to_a_resume_switches_it_in_one_line_and_fp16s_scale_either_way(tmp_path, capsys):
     """bf16 -> fp16: the checkpoint's scaler state is empty (a disabled scaler's), which GradScaler refused with a
     traceback; fp16's scale starts afresh. fp16 -> bf16: the fp16 scale is left behind."""

@@ -29,7 +29,7 @@ from lomar.errors import LomarError, UsageError, in_flags
 from lomar.train.distributed import DistInfo, any_rank, cleanup_distributed, join_group, main_rank_out, sync_stats
 from lomar.train.fsdp import load_sharded, save_run_checkpoint
 from lomar.train.monitor import Monitor, input_limit_note, metric_text, resume_hint
-from lomar.train.precision import WatchedScaler, autocast_factory, run_precision
+from lomar.train.precision import WatchedScaler, autocast_factory, emulated_bf16_notes, run_precision
 from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_workers
 from lomar.train.rng import gather_rng_states, restore_rng_states, seed_everything
 from lomar.train.run_end import answer_at_end, config_overrun, evaluate_end, last_step, run_end
@@ -181,7 +181,7 @@ class _Run:
         print(f"lomar {task.name}: {task.describe()}; {steps} ({self.steps_per_epoch} an epoch, batch "
               f"{cfg.batch_size} x accum {self.accum} x {self.info.world_size} process(es)); out {self.out}; "
               f"device {self.device}, precision {self.precision}", flush=True)
-        for note in self.notes:  # a resume's change of device or precision, or a kept one this machine would not pick
+        for note in emulated_bf16_notes(cfg.precision, self.device) + self.notes:  # and a resume's numerics' changes
             print(f"lomar {task.name}: {note}", flush=True)
         if warning := warmup_warning(self.last_step, *self.schedule, self.base_lr, self.min_lr, task.lr_schedule,
                                      config=cfg, resumed=self.p.step > 0):

@@ -9,8 +9,8 @@ import torch
 
 from lomar.train.task import diverged
 
-__all__ = ["resolve_precision", "run_precision", "cpu_has_bf16", "autocast_factory", "WatchedScaler",
-           "OVERFLOWS_IN_A_ROW", "PRECISIONS"]
+__all__ = ["resolve_precision", "run_precision", "cpu_has_bf16", "emulated_bf16_notes", "autocast_factory",
+           "WatchedScaler", "OVERFLOWS_IN_A_ROW", "PRECISIONS"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")  # what 'auto' resolves to, and a checkpoint records having trained in
 
@@ -43,6 +43,16 @@ def cpu_has_bf16() -> bool:
     at 2-4x its fp32 rate; without them bf16 is emulated and slower than fp32."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def emulated_bf16_notes(setting: str, device: torch.device) -> list[str]:
+    """The start's note where ``--precision bf16`` (``setting``) is asked of a CPU that only emulates bf16 (no
+    :func:`cpu_has_bf16`): its products run several times slower than fp32's (a linear layer's ~10x, forward and
+    backward, on a 2-core CPU without AVX-512 BF16)."""
+    if setting == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        return ["bf16 on this CPU is emulated (no AVX-512 BF16/AMX): expect it several times slower than fp32; "
+                "--precision auto picks fp32 here"]
+    return []
 
 
 def autocast_factory(precision: str, device: torch.device):
