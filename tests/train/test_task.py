@@ -1,0 +1,35 @@
+"""lomar.train.task: --eval-only's scoring (score_only) outside a training run."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lomar.train import task as task_module
+from lomar.train.runtime import default_threads
+
+
+class _Scored:
+    def __init__(self, config, info, device):
+        self.source = {"checkpoint": config.pretrained, "step": 1}
+
+    def evaluate(self):
+        return {"top1": 0.5}
+
+    def finish(self, out):
+        pass
+
+
+@pytest.mark.parametrize("threads", [3, None])
+def test_eval_only_takes_threads_as_a_run_does(tmp_path, monkeypatch, threads):
+    """--eval-only left --threads unread (and a run's default share of the cores): torch's own count scored."""
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    config = SimpleNamespace(device="cpu", seed=0, out=str(tmp_path / "scored"), pretrained="ft/best.pt", img_size=32,
+                             threads=threads)
+    _, metrics, out = task_module.score_only(config, _Scored)
+    assert calls == [threads or default_threads()] and metrics == {"top1": 0.5}
+    assert json.loads((out / "metrics.jsonl").read_text())["top1"] == 0.5
