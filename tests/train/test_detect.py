@@ -738,7 +738,8 @@ def test_a_score_over_part_of_the_validation_split_says_so(ten_val, tmp_path, ca
     split, ids = ten_val, [image["id"] for image in ten_val.data["images"][1:]]
     note = f"{split.root}: 1 unreadable image(s) skipped, at most 10% of a split"
     monkeypatch.setattr(detect, "DetectTask", lambda *args: _evaluated(split, _Oracle(split, ids), score=False)[1])
-    config = SimpleNamespace(out=str(tmp_path / "ev"), pretrained="detector.pt", img_size=64, seed=0, device="cpu")
+    config = SimpleNamespace(out=str(tmp_path / "ev"), pretrained="detector.pt", img_size=64, seed=0, device="cpu",
+                             threads=torch.get_num_threads())  # --eval-only sets it: keep this process's
     assert detect.evaluate_only(config) == 0
     record = json.loads((tmp_path / "ev" / "metrics.jsonl").read_text())
     assert record["val_images"] == {"scored": 9, "skipped": 1} and record["box_AP"] == pytest.approx(100.0)

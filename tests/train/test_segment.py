@@ -503,7 +503,8 @@ def _scoring(data: Path, out: Path, run: bool):
 
     task = SegmentTask.__new__(SegmentTask)
     task.config = SimpleNamespace(num_classes=10, eval_mode="whole", eval_stride=None, img_size=32, eval_only=not run,
-                                  zero_label="ignore", out=str(out), pretrained="seg.pt", seed=0, device="cpu")
+                                  zero_label="ignore", out=str(out), pretrained="seg.pt", seed=0, device="cpu",
+                                  threads=torch.get_num_threads())  # --eval-only sets it: keep this process's
     task.info, task.device, task.source, task.class_labels = DistInfo(), torch.device("cpu"), {}, list("0123456789")
     task.val_set = SegmentationFolder(data, "validation", 10, 32, train=False, workers=1)
     task.val_folder = data / "images" / "validation"
