@@ -589,14 +589,9 @@ def test_a_stop_signal_during_the_runs_last_step_that_ends_an_epoch_still_ends_t
     """--max-steps 4 is epoch 0's last step; a SIGTERM in it came too late to stop anything, yet the run that said
     "done" skipped the epoch's end: its evaluation was logged as epoch 0 (partial), and no best.pt was written. It ends
     as the run without the signal does, and a resume finds it at its end."""
-    import signal
 
-    class SignalledInTheLastStep(ToyTask):
-        def loss(self, batch):
-            if self.progress.step == 3 and not self.finished:
-                self.finished = True
-                signal.raise_signal(signal.SIGUSR1)
-            return super().loss(batch)
+    class SignalledInTheLastStep(SignalledInStep4, ToyTask):
+        pass
 
     def scored(out):
         return [(r["step"], r["epoch"], r["score"], r.get("partial")) for r in
@@ -918,8 +913,8 @@ class EvaluatedEvery2Steps(ToyTask):
         return {"score": 1 / (1 - super().evaluate()["score"])}
 
 
-class StoppedOnAnEvaluationStep(EvaluatedEvery2Steps):
-    """A stop signal comes during step 4, one that is evaluated."""
+class SignalledInStep4:
+    """A ToyTask mixin: a stop signal (SIGUSR1) comes during step 4, once."""
 
     def loss(self, batch):
         if self.progress.step == 3 and not self.finished:
@@ -928,6 +923,10 @@ class StoppedOnAnEvaluationStep(EvaluatedEvery2Steps):
             self.finished = True
             signal.raise_signal(signal.SIGUSR1)
         return super().loss(batch)
+
+
+class StoppedOnAnEvaluationStep(SignalledInStep4, EvaluatedEvery2Steps):
+    """A stop signal comes during step 4, one that is evaluated."""
 
 
 def test_a_run_stopped_on_an_evaluation_step_evaluates_it_when_resumed(tmp_path):
