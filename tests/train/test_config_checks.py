@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from test_config import _resolve, _yaml
 
 from lomar.cli.app import main
 
@@ -21,26 +22,21 @@ def test_eval_only_refuses_the_training_flags_it_would_leave_unread(tmp_path, ca
     assert capsys.readouterr().err == (f"lomar {command}: error: {given}, and --eval-only trains nothing; drop "
                                        f"{'them' if ' are ' in given else 'it'}, or drop --eval-only to train\n")
     if yaml is not None:  # one helper for the three: detect's next checks read a checkpoint format's imports (slow)
-        (tmp_path / "run.yaml").write_text(yaml)
-        assert main([command, *scored, "--config", str(tmp_path / "run.yaml")]) == 2
+        assert main([command, *scored, "--config", _yaml(tmp_path, yaml)]) == 2
         assert "training setting" not in capsys.readouterr().err
     assert not (tmp_path / "scores").exists()
 
 
-def _pretrain(tmp_path, *args: str) -> int:
-    return main(["pretrain", "--out", str(tmp_path / "run"), *args, "--print-config"])
-
-
 def test_a_knn_decode_without_knn_evaluations_is_refused(tmp_path, capsys):
     """--knn-decode without --knn-every: the run went on without a word."""
-    assert _pretrain(tmp_path, "--knn-decode", "draft") == 2
+    assert _resolve(tmp_path, "--knn-decode", "draft") == 2
     assert capsys.readouterr().err == ("lomar pretrain: error: --knn-decode draft decodes --knn-every's k-NN images, "
                                        "but this run has no k-NN evaluation; add --knn-every 1 --knn-data ROOT, or "
                                        "drop --knn-decode\n")
 
 
 def test_a_runs_config_yaml_with_its_resolved_knn_decode_still_runs(tmp_path, capsys):
-    assert _pretrain(tmp_path, "--config", str(_yaml(tmp_path, "knn_every: 0\nknn_decode: full\n"))) == 0
+    assert _resolve(tmp_path, "--config", _yaml(tmp_path, "knn_every: 0\nknn_decode: full\n")) == 0
     assert "error" not in capsys.readouterr().err
 
 
@@ -52,7 +48,7 @@ def test_a_runs_config_yaml_with_its_resolved_knn_decode_still_runs(tmp_path, ca
 ])
 def test_a_setting_that_the_run_leaves_unread_is_said_to_be(tmp_path, capsys, args, note):
     """A sweep may keep them (benchmarks/gpu_check.sh's draft-inline runs --decode draft --decode-ahead 0): a note."""
-    assert _pretrain(tmp_path, *args) == 0
+    assert _resolve(tmp_path, *args) == 0
     assert capsys.readouterr().err == f"lomar pretrain: note: {note}\n"
 
 
@@ -62,8 +58,3 @@ def test_an_eval_stride_with_whole_image_evaluation_is_refused(tmp_path, capsys)
                  "--out", str(tmp_path / "run"), "--print-config"]) == 2
     assert capsys.readouterr().err == ("lomar segment: error: --eval-stride 8 moves --eval-mode slide's windows, but "
                                        "this evaluation is --eval-mode whole; drop it, or use --eval-mode slide\n")
-
-
-def _yaml(tmp_path, text: str) -> str:
-    (tmp_path / "given.yaml").write_text(text)
-    return str(tmp_path / "given.yaml")
