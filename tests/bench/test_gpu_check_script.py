@@ -158,19 +158,26 @@ def test_an_unknown_decode_word_stops_the_check_before_any_part(tmp_path):
     assert not (tmp_path / "work").exists()
 
 
+def _stand_in(tmp_path: Path, script: str, **settings: str) -> dict[str, str]:
+    """The check's CPU-mode environment whose venv's python is ``script`` (bash), standing in for each part's command;
+    ``settings`` are added (``OUT`` is ``tmp_path/gc`` unless given)."""
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text("#!/usr/bin/env bash\n" + script)
+    python.chmod(0o755)
+    return {**os.environ, "OUT": str(tmp_path / "gc"), "GPU_CHECK_WORK": str(tmp_path / "work"),
+            "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_VENV": str(python.parents[1]), **settings}
+
+
 def test_every_bench_command_of_the_check_is_one_lomar_bench_accepts(tmp_path):
     """A compiled run times one method in its own process: MAE's got --windows, which lomar bench refuses where
     no method reads it: with a GPU_CHECK_WINDOWS other than paper that part of the device run failed."""
     from lomar.cli import bench
     from lomar.cli.app import build_parser
 
-    python = tmp_path / "venv" / "bin" / "python"  # records the commands instead of running them
-    python.parent.mkdir(parents=True)
-    python.write_text(f'#!/usr/bin/env bash\necho "$@" >> {tmp_path / "calls"}\n')
-    python.chmod(0o755)
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "GPU_CHECK_WORK": str(tmp_path / "work"),
-           "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_PARTS": "bench", "GPU_CHECK_VENV": str(python.parents[1]),
-           "GPU_CHECK_METHODS": "lomar mae", "GPU_CHECK_COMPILE_SIZES": "64"}
+    env = _stand_in(tmp_path, f'echo "$@" >> {tmp_path / "calls"}\n',  # records the commands instead of running them
+                    OUT=str(tmp_path / "out"), GPU_CHECK_PARTS="bench", GPU_CHECK_METHODS="lomar mae",
+                    GPU_CHECK_COMPILE_SIZES="64")
     done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     commands = [line.split()[2:] for line in (tmp_path / "calls").read_text().splitlines() if " bench " in line]
@@ -182,14 +189,10 @@ def test_every_bench_command_of_the_check_is_one_lomar_bench_accepts(tmp_path):
 def test_each_part_reports_its_own_status_where_bash_is_in_posix_mode(tmp_path):
     """POSIXLY_CORRECT (or bash run as sh): a pid's status, once a `wait` gave it, is gone (a second wait: 127),
     so each part's status is the one its command exited with, ok or failed, not 'failed (rc 127)'."""
-    python = tmp_path / "venv" / "bin" / "python"  # pytest imports; the tests exit 3; each bench writes its JSON
-    python.parent.mkdir(parents=True)
-    python.write_text('#!/usr/bin/env bash\ncase " $* " in *" -m pytest "*) exit 3;; *" -c "*) exit 0;; esac\n'
-                      'for a; do [ "$prev" = --json ] && echo {} > "$a"; prev=$a; done\n')
-    python.chmod(0o755)
-    env = {**os.environ, "OUT": str(tmp_path / "gc"), "GPU_CHECK_WORK": str(tmp_path / "work"),
-           "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_PARTS": "tests bench", "GPU_CHECK_VENV": str(python.parents[1]),
-           "GPU_CHECK_SIZES": "64", "POSIXLY_CORRECT": "1"}
+    # pytest imports; the tests exit 3; each bench writes its JSON
+    env = _stand_in(tmp_path, 'case " $* " in *" -m pytest "*) exit 3;; *" -c "*) exit 0;; esac\n'
+                              'for a; do [ "$prev" = --json ] && echo {} > "$a"; prev=$a; done\n',
+                    GPU_CHECK_PARTS="tests bench", GPU_CHECK_SIZES="64", POSIXLY_CORRECT="1")
     done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
     log = (tmp_path / "gc" / "summary.log").read_text()
     assert done.returncode == 0, done.stderr
@@ -205,17 +208,14 @@ def test_a_check_stopped_mid_part_leaves_every_finished_part_in_its_archive(stop
     import tarfile
     import time
 
-    python = tmp_path / "venv" / "bin" / "python"  # a bench that writes its JSON; at 96 px it then hangs
-    python.parent.mkdir(parents=True)
-    python.write_text('#!/usr/bin/env bash\nfor a; do [ "$prev" = --json ] && json=$a; prev=$a; done\n'
-                      'case " $* " in *" --sizes 96 "*) echo \'{"meta": {"complete": false}}\' > "$json"; '
-                      f'echo $$ > {tmp_path}/hung; exec sleep 60;; esac\n'
-                      'echo \'{"meta": {"complete": true}}\' > "$json"\n')
-    python.chmod(0o755)
     archive = tmp_path / "gc.tgz"
-    env = {**os.environ, "OUT": str(tmp_path / "gc"), "GPU_CHECK_WORK": str(tmp_path / "work"),
-           "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_PARTS": "bench", "GPU_CHECK_VENV": str(python.parents[1]),
-           "GPU_CHECK_SIZES": "64 96", "GPU_CHECK_ARCHIVE": str(archive), "GPU_CHECK_ARCHIVE_EVERY": "0.2"}
+    # a bench that writes its JSON; at 96 px it then hangs
+    env = _stand_in(tmp_path, 'for a; do [ "$prev" = --json ] && json=$a; prev=$a; done\n'
+                              'case " $* " in *" --sizes 96 "*) echo \'{"meta": {"complete": false}}\' > "$json"; '
+                              f'echo $$ > {tmp_path}/hung; exec sleep 60;; esac\n'
+                              'echo \'{"meta": {"complete": true}}\' > "$json"\n',
+                    GPU_CHECK_PARTS="bench", GPU_CHECK_SIZES="64 96", GPU_CHECK_ARCHIVE=str(archive),
+                    GPU_CHECK_ARCHIVE_EVERY="0.2")
     check = subprocess.Popen(["bash", str(SCRIPT)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
 
@@ -257,19 +257,15 @@ def test_a_stop_reaches_the_running_part_at_once_and_kills_one_that_ignores_it(c
     import signal
     import time
 
-    python = tmp_path / "venv" / "bin" / "python"  # a pretraining run that saves on SIGTERM; tests that ignore it
-    python.parent.mkdir(parents=True)
-    python.write_text('#!/usr/bin/env bash\ncase " $* " in\n'
-                      f'  *" pretrain "*) trap \'echo saved > {tmp_path}/saved; exit 0\' TERM\n'
-                      f'    echo $$ > {tmp_path}/running; while :; do sleep 0.05; done;;\n'
-                      f'  *" -m pytest "*) trap \'\' TERM; echo $$ > {tmp_path}/running; exec sleep 30;;\n'
-                      'esac\n')
-    python.chmod(0o755)
     own_limit = case.endswith("own-limit")
-    env = {**os.environ, "OUT": str(tmp_path / "gc"), "GPU_CHECK_WORK": str(tmp_path / "work"),
-           "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_VENV": str(python.parents[1]), "GPU_CHECK_KILL_AFTER": "1",
-           "GPU_CHECK_PARTS": "pretrain tests" if case == "pretrain" else "tests bench",
-           "GPU_CHECK_T_TESTS": "0.5" if own_limit else "30", "GPU_CHECK_SIZES": "64"}
+    # a pretraining run that saves on SIGTERM; tests that ignore it
+    env = _stand_in(tmp_path, 'case " $* " in\n'
+                              f'  *" pretrain "*) trap \'echo saved > {tmp_path}/saved; exit 0\' TERM\n'
+                              f'    echo $$ > {tmp_path}/running; while :; do sleep 0.05; done;;\n'
+                              f'  *" -m pytest "*) trap \'\' TERM; echo $$ > {tmp_path}/running; exec sleep 30;;\n'
+                              'esac\n',
+                    GPU_CHECK_KILL_AFTER="1", GPU_CHECK_PARTS="pretrain tests" if case == "pretrain" else "tests bench",
+                    GPU_CHECK_T_TESTS="0.5" if own_limit else "30", GPU_CHECK_SIZES="64")
     check = subprocess.Popen(["bash", str(SCRIPT)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     running = tmp_path / "running"
