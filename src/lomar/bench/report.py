@@ -141,6 +141,11 @@ def beit_comparisons(records: list[dict]) -> list[dict]:
     return out
 
 
+def _win(r: dict) -> str:
+    """A row's windows as the table's win column gives them: 4, 4p (--windows paper's), - (none)."""
+    return "-" if r["windows"] is None else f"{r['windows']}{'p' if r['window_setting'] == 'paper' else ''}"
+
+
 def print_table(records: list[dict], comparisons: list[dict], ceiling: float | None, stream: TextIO,
                 beit_ratios: list[dict] | None = None, by_library: dict[str, float] | None = None) -> None:
     """The results as a fixed-width table, then the MAE / LoMaR and BEiT ratios per size.
@@ -160,17 +165,16 @@ def print_table(records: list[dict], comparisons: list[dict], ceiling: float | N
     w(head)
     w("-" * (len(head) - 1) + "\n")
     for r in records:
-        win = "-" if r["windows"] is None else f"{r['windows']}{'p' if r['window_setting'] == 'paper' else ''}"
         rel = "-" if r.get("time_vs_base") is None else f"{r['time_vs_base']:.2f}x"
         mem = f"{r['peak_mem_bytes'] / 2**20:,.0f} MiB" if r["peak_mem_bytes"] >= 0 else "n/a"
         spread = stats.spread(r.get("step_times_s", ()))
         mfu = "-" if r.get("mfu") is None else f"{r['mfu']:.0%}"
         partial = f"  {len(r['step_times_s'])} step(s): stopped" if r.get("status") == "partial" else ""
+        win = _win(r)
         w(f"{r['method']:<11} {r['img_size']:>4} {win:>5} {r['step_s']:>8.3f} {spread:>6} {r['images_per_s']:>7.2f} "
           f"{r['flops'] / 1e9:>8.1f} {r['achieved_flops'] / 1e9:>8.1f} {mfu:>5} {rel:>8} {mem:>10}{partial}\n")
     for r in failed:
-        win = "-" if r["windows"] is None else f"{r['windows']}{'p' if r['window_setting'] == 'paper' else ''}"
-        w(f"{r['method']:<11} {r['img_size']:>4} {win:>5} failed at its {r['error']}\n")
+        w(f"{r['method']:<11} {r['img_size']:>4} {_win(r):>5} failed at its {r['error']}\n")
     if records:
         kind = records[0]["peak_mem_kind"]
         w("win: windows per image, p = --windows paper (the paper's count where it gives one, else pretrain's "
