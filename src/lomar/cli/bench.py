@@ -245,16 +245,16 @@ def run(args: argparse.Namespace) -> int:
 
     device, say, meta = _start(args)
     retained = device.type == "cpu" and retain_freed_memory()
-    meta.update(model=args.model, batch_size=args.batch_size, precision=args.precision, compile=args.compile,
-                compile_mode=args.compile_mode, device=str(device), steps=args.steps, warmup=args.warmup,
-                load_avg_before=load_average(), timed="training steps (forward + backward + AdamW update)",
+    # every row's own settings (a row read alone still says how it was timed), also the meta's
+    common = dict(batch_size=args.batch_size, precision=args.precision, compile=args.compile,
+                  compile_mode=args.compile_mode, device=str(device))
+    meta.update(model=args.model, **common, steps=args.steps, warmup=args.warmup, load_avg_before=load_average(),
+                timed="training steps (forward + backward + AdamW update)",
                 order="one size's configurations alternating round by round", machine=report.machine_name(device),
                 malloc_retains_memory=retained)
     say(f"{args.model}, batch {args.batch_size}, {args.precision}, {device}, "
         f"{torch.get_num_threads()} threads, sizes {list(plan)}")
     gemm = GemmCeiling(device, args.precision, 256 if args.tiny else None)
-    common = dict(batch_size=args.batch_size, precision=args.precision, compile=args.compile,
-                  compile_mode=args.compile_mode, device=str(device))
     results = Results(plan, args.steps, gemm, meta, common, lambda result: _write(args, lambda msg: None, **result))
     profiles: list[dict] = []
     unprofiled: list[str] = []  # configurations timed whose profiled step failed
