@@ -43,7 +43,10 @@ def _typed(declared: S.Setting, name: str, value: Any) -> str:
 
 def refuse_training_settings(config: Any, explicit: dict[str, Any], names: tuple[str, ...]) -> None:
     """--eval-only trains nothing: a flag among ``names`` (the command's training settings) would go unread; refused.
-    The same settings from a --config file pass: a run's own config.yaml, reused to score the run, holds them all."""
+    The same settings from a --config file pass: a run's own config.yaml, reused to score the run, holds them all.
+    Not without --pretrained: that is the error to fix first."""
+    if not (config.eval_only and config.pretrained):
+        return
     given = [name for name in names if name in explicit and source_of(config, name) is None]
     if given:
         declared = S.declarations(type(config))

@@ -123,8 +123,7 @@ class DetectConfig(TaskConfig):
         return {**_SAVED_BEFORE, **checkpoint.get("settings", {})}
 
     def complete(self, explicit: dict[str, Any]) -> None:
-        if self.eval_only and self.pretrained:  # without it, that is the error to fix first
-            refuse_training_settings(self, explicit, _TRAINING)
+        refuse_training_settings(self, explicit, _TRAINING)
         model_only_without_pretrained(self, explicit)
         for split in ("train", "val"):
             if getattr(self, f"{split}_ann") and not getattr(self, f"{split}_images"):

@@ -121,8 +121,7 @@ class FinetuneConfig(TaskConfig):
 
     def complete(self, explicit: dict[str, Any]) -> None:
         self._warmup_note = None
-        if self.eval_only and self.pretrained:  # without it, that is the error to fix first
-            refuse_training_settings(self, explicit, _TRAINING)
+        refuse_training_settings(self, explicit, _TRAINING)
         if "warmup_epochs" not in explicit and 0 < self.epochs < self.warmup_epochs:
             # The default warm-up (the recipe's 5 epochs) in a shorter run: warm up over the whole run, saying so
             # once the settings are valid (a note before an error is noise), by one process per machine.

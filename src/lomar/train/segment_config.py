@@ -108,8 +108,7 @@ class SegmentConfig(TaskConfig):
         return {**legacy, **settings} if isinstance(settings, dict) else settings
 
     def complete(self, explicit: dict) -> None:
-        if self.eval_only and self.pretrained:  # without it, that is the error to fix first
-            refuse_training_settings(self, explicit, _TRAINING)
+        refuse_training_settings(self, explicit, _TRAINING)
         model_only_without_pretrained(self, explicit)
         if self.eval_only and self.pretrained:
             # one read (its tensors mapped, read as the task loads them): the settings taken here and the weights
