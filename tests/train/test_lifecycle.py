@@ -43,13 +43,13 @@ class ToyConfig:
 
 
 class ToyTask(Task):
-    """Linear regression on 32 fixed points; "score" rises as the loss falls."""
+    """Linear regression on ``points`` (32) fixed points; "score" rises as the loss falls."""
 
-    name, best_metric = "toy", "score"
+    name, best_metric, points = "toy", "score", 32
 
     def __init__(self, config: ToyConfig, info, device):
         gen = torch.Generator().manual_seed(1)
-        x = torch.randn(32, 3, generator=gen)
+        x = torch.randn(self.points, 3, generator=gen)
         self.data = TensorDataset(x, x @ torch.tensor([1.0, -2.0, 0.5]))
         self.model = torch.nn.Linear(3, 1)
         sampler = EpochSampler(len(self.data), config.seed, info.rank, info.world_size, keys=False)
@@ -781,15 +781,7 @@ def test_a_run_that_would_go_past_its_lr_schedule_is_refused_before_a_step(tmp_p
 
 def sized(points: int) -> type[ToyTask]:
     """A ToyTask of ``points`` points (ToyTask's 32: 4 steps an epoch)."""
-    class Sized(ToyTask):
-        def __init__(self, config, info, device):
-            super().__init__(config, info, device)
-            x = torch.randn(points, 3, generator=torch.Generator().manual_seed(1))
-            self.data = TensorDataset(x, x @ torch.tensor([1.0, -2.0, 0.5]))
-            sampler = EpochSampler(points, config.seed, info.rank, info.world_size, keys=False)
-            self.train_loader = DataLoader(self.data, config.batch_size, sampler=sampler, drop_last=True)
-
-    return Sized
+    return type("Sized", (ToyTask,), {"points": points})
 
 
 @pytest.mark.parametrize("first, resumed, points, end", [
