@@ -35,6 +35,15 @@ def _spec(root: Path, **changes) -> dict:
     return raw
 
 
+def _lomar_cell(tmp_path: Path, labelled: Path, **changes) -> runner.CellRun:
+    """The run of a one-cell study (lomar, no random init, no evaluation), its folder made, to advance by hand."""
+    spec = parse_spec(_spec(labelled, grid={"method": ["lomar"]}, random_init=False, eval={"metrics": []}, **changes))
+    cell = spec.cells()[0]
+    run = runner.CellRun(runner.Study(spec, tmp_path), cell, tmp_path / "cells" / cell.name, spec.budget)
+    run.folder.mkdir(parents=True)
+    return run
+
+
 def _states(out: Path) -> dict:
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("cells/*/study-state.json"))}
 
@@ -403,11 +412,7 @@ def test_a_seconds_budgets_next_slice_is_planned_at_the_latest_slices_pace(tmp_p
     """A machine twice as busy since the second of three 10 s slices (80 steps of 1/8 s, then 40 of 1/4 s): the
     mean pace over the run planned the last slice to step 180, 15 s at the pace it trains at, 5 s (17 %) past the
     30 s budget."""
-    spec = parse_spec(_spec(labelled, budget="30s", slice="10s", grid={"method": ["lomar"]}, random_init=False,
-                            eval={"metrics": []}))
-    cell = spec.cells()[0]
-    run = runner.CellRun(runner.Study(spec, tmp_path), cell, tmp_path / "cells" / cell.name, spec.budget)
-    run.folder.mkdir(parents=True)
+    run = _lomar_cell(tmp_path, labelled, budget="30s", slice="10s")
     records = [{"step": i + 1, "loss": 1.0, "img_s": run.batch / t} for i, t in enumerate([0.125] * 80 + [0.25] * 40)]
     (run.folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     planned = []
@@ -435,11 +440,7 @@ def test_a_slice_that_the_machine_slows_is_stopped_by_its_time_limit_and_the_cel
     from lomar.train import preemption
 
     monkeypatch.setattr(preemption, "SAVE_BYTES_PER_S", 1000)
-    spec = parse_spec(_spec(labelled, budget="30s", slice="10s", grid={"method": ["lomar"]}, random_init=False,
-                            eval={"metrics": []}))
-    cell = spec.cells()[0]
-    run = runner.CellRun(runner.Study(spec, tmp_path), cell, tmp_path / "cells" / cell.name, spec.budget)
-    run.folder.mkdir(parents=True)
+    run = _lomar_cell(tmp_path, labelled, budget="30s", slice="10s")
     records = [{"step": i + 1, "loss": 1.0, "img_s": run.batch / 0.125} for i in range(80)]
     (run.folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     run.state.update(slices=1, wall_seconds=13.0, overhead_s=3.0)
@@ -463,11 +464,7 @@ def test_the_first_slice_of_a_seconds_budget_has_a_time_limit_counted_from_its_c
     first steps slowly trained them unbounded), counted from the slice's call, not from the study's start."""
     from lomar.train import preemption
 
-    spec = parse_spec(_spec(labelled, budget="30s", slice="10s", grid={"method": ["lomar"]}, random_init=False,
-                            eval={"metrics": []}))
-    cell = spec.cells()[0]
-    run = runner.CellRun(runner.Study(spec, tmp_path), cell, tmp_path / "cells" / cell.name, spec.budget)
-    run.folder.mkdir(parents=True)
+    run = _lomar_cell(tmp_path, labelled, budget="30s", slice="10s")
     planned = []
 
     def first_slice(config):
@@ -556,11 +553,7 @@ def test_a_cells_notes_are_said_once_not_at_each_slice_and_evaluation(tmp_path, 
 def test_a_slice_runs_where_the_system_has_no_load_average(tmp_path, labelled, monkeypatch):
     """Windows has no os.getloadavg: the slice trains and its cell's records say no load (an AttributeError before)."""
     monkeypatch.delattr("os.getloadavg")
-    spec = parse_spec(_spec(labelled, budget="4steps", grid={"method": ["lomar"]}, random_init=False,
-                            eval={"metrics": []}))
-    cell = spec.cells()[0]
-    run = runner.CellRun(runner.Study(spec, tmp_path), cell, tmp_path / "cells" / cell.name, spec.budget)
-    run.folder.mkdir(parents=True)
+    run = _lomar_cell(tmp_path, labelled, budget="4steps")
 
     def a_slice(config):
         with open(run.folder / "metrics.jsonl", "a") as file:
