@@ -12,6 +12,7 @@ from lomar.cli.app import main
     ("finetune", ["--mixup", "0.5", "--no-train-pos-embed"], "mixup: 0.5\ntrain_pos_embed: false\n",
      "--no-train-pos-embed, --mixup 0.5 are training settings"),
     ("detect", ["--rois-per-image", "4"], None, "--rois-per-image 4 is a training setting"),
+    ("detect", ["--drop-path", "0.2"], None, "--drop-path 0.2 is a training setting"),
     ("segment", ["--max-steps", "3"], "max_steps: 3\n", "--max-steps 3 is a training setting"),
 ])
 def test_eval_only_refuses_the_training_flags_it_would_leave_unread(tmp_path, capsys, command, flags, yaml, given):
