@@ -59,6 +59,9 @@ EXIT_CODES = ("exit codes: 0 done; 1 the work failed (e.g. a full disk: free spa
               "SIGUSR1 outside a training loop (which checkpoints on them and exits 0)")
 
 
+_REQUIRED = "the following arguments are required: "  # argparse's words
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line, ``lomar CMD: error: …``, with a pointer to --help. No prefix of a flag stands for
     it (``lomar.cli.suggest`` says why); an unknown flag gets a suggestion instead."""
@@ -67,13 +70,35 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)  # the subcommands' parsers too: argparse makes them of this class
         super().__init__(*args, **kwargs)
 
+    def parse_known_args(self, args=None, namespace=None):
+        self._given = list(sys.argv[1:] if args is None else args)  # for error(): the flags typed, known or not
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith(_REQUIRED):
+            message = self._unknown_before_required(message)
         # "argument --k: --k must be positive" -> "--k must be positive": a declaration's check names its flag
         named = re.match(r"argument (\S+): (--[\w-]+) ", message)
         if named and named[2] in named[1].split("/"):
             message = message[len(named[0]) - len(named[2]) - 1:]
         leave_it_to_the_first_process()  # under torchrun every process meets the same flag: the first one says it
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+    def _unknown_before_required(self, message: str) -> str:
+        """argparse says a missing required flag before the unknown ones, which it has not looked at yet: `lomar
+        export CKPT --out DIR` was told '--to is required', not that --out is no flag of export and --to the one it
+        means. The unknown flags and their suggestion come first, the missing ones after unless the suggestion names
+        them all."""
+        unknown = [token for token in getattr(self, "_given", ()) if token.startswith("-") and len(token) > 1
+                   and token.split("=", 1)[0] not in self._option_string_actions
+                   and not self._negative_number_matcher.match(token)]
+        if not unknown:
+            return message
+        suggestion = suggest_flags(self, unknown, build_parser)
+        named = all(re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", suggestion)
+                    for name in message[len(_REQUIRED):].split(", "))
+        return f"unrecognized arguments: {' '.join(unknown)}{suggestion}" + ("" if named else f"; {message}")
 
 
 def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
