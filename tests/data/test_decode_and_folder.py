@@ -23,7 +23,8 @@ from lomar.data.decode import (
     open_pil,
     oriented_size,
 )
-from lomar.data.folder import LabelledImageFolder, build_image_list, build_pretrain_dataset, find_images
+from lomar.data.folder import LabelledImageFolder, build_image_list, build_pretrain_dataset
+from lomar.data.image_search import find_images
 from lomar.data.shards import TarShardDataset
 from lomar.data.transforms import PretrainTransform
 

@@ -136,7 +136,7 @@ def test_gzipped_shards_are_read_and_bzip2_or_xz_ones_refused_in_one_line(tmp_pa
 
 
 def test_the_not_searched_warning_gives_the_rename_advice_only_for_a_hidden_folder(tmp_path, caplog):
-    from lomar.data.folder import find_images
+    from lomar.data.image_search import find_images
 
     for name in ("a.jpg", "@eaDir/a.jpg/SYNOPHOTO_THUMB_M.jpg", "z/.thumbnails/a.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -178,7 +178,8 @@ def test_shard_members_in_folders_a_search_passes_over_are_skipped_and_said(tmp_
 
 
 def test_recycle_bins_snapshots_and_system_folders_are_no_images_and_no_class(tmp_path, caplog):
-    from lomar.data.folder import LabelledImageFolder, find_images
+    from lomar.data.folder import LabelledImageFolder
+    from lomar.data.image_search import find_images
 
     for name in ("cat/a.jpg", "dog/b.jpg", "#recycle/cat/old.jpg", "#snapshot/GMT+00_2026.12.01/cat/a.jpg",
                  "$RECYCLE.BIN/S-1-5-21/$R1.jpg", "System Volume Information/x.jpg", "lost+found/#1234.jpg"):

@@ -203,7 +203,7 @@ def test_a_jpeg_of_a_thousand_repeated_scans_is_refused_before_libjpeg_works_thr
 def test_macos_metadata_files_beside_the_photos_are_no_images(tmp_path, caplog):
     import logging
 
-    from lomar.data.folder import find_images
+    from lomar.data.image_search import find_images
 
     (tmp_path / "a.jpg").write_bytes(_jpeg())
     (tmp_path / "._a.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")  # AppleDouble header
@@ -221,7 +221,7 @@ def test_a_folder_that_cannot_be_listed_is_reported_not_passed_over(tmp_path, mo
     import logging
     import os
 
-    from lomar.data.folder import find_images
+    from lomar.data.image_search import find_images
 
     (tmp_path / "open").mkdir()
     (tmp_path / "locked").mkdir()
@@ -413,7 +413,7 @@ def test_window_decoding_of_a_palette_png_with_transparency_prints_no_pillow_war
 def test_jpegs_under_their_other_names_are_images(tmp_path):
     """A photo Chrome saved as .jfif (or a .jpe) was not found, without a word."""
     from lomar.data.decode import load_image
-    from lomar.data.folder import find_images
+    from lomar.data.image_search import find_images
 
     for name in ("a.JFIF", "b.jpe", "c.jpg"):
         (tmp_path / name).write_bytes(_jpeg())
@@ -425,7 +425,7 @@ def test_hidden_and_thumbnail_folders_are_not_searched_and_said(tmp_path, caplog
     """A NAS's thumbnails (@eaDir), a viewer's .thumbnails and macOS zips' __MACOSX were trained on as photos."""
     import logging
 
-    from lomar.data.folder import find_images
+    from lomar.data.image_search import find_images
 
     for name in ("a.jpg", "sub/b.jpg", "@eaDir/a.jpg/SYNOPHOTO_THUMB_M.jpg", ".thumbnails/normal/c.png",
                  "sub/__MACOSX/d.jpg", ".hidden/e.jpg"):

@@ -1,11 +1,5 @@
-"""Image discovery and the map-style datasets: pretraining image lists, labelled class folders.
-
-Folders are searched recursively and symlinked sub-folders are followed, each real folder at most once (a link back to
-the searched folder or an ancestor of it is not a loop forever), each file once (a link to an image listed under another
-path is used once, said); hidden sub-folders (``.thumbnails``, ``.cache``) and thumbnail caches (Synology's ``@eaDir``,
-macOS zips' ``__MACOSX``) are not searched, with a warning of their count. A dangling link with an image name is kept in
-the list: reading it fails, and the dataset skips and counts it like any other unreadable file.
-"""
+"""The map-style datasets: pretraining image lists (a folder searched, :mod:`lomar.data.image_search`, or a .txt
+list), labelled class folders."""
 
 from __future__ import annotations
 
@@ -23,18 +17,17 @@ from lomar.data.decode import (
     IMAGE_EXTENSIONS,
     SYSTEM_FOLDERS,
     THUMBNAIL_FOLDERS,
-    file_suffix,
     is_image_name,
     load_image,
     passed_over_folder,
     tensor_to_pil,
 )
-from lomar.data.pathtable import PathTable, join_text, sort_like_paths
+from lomar.data.image_search import image_table, search_images, warn_passed_over
+from lomar.data.pathtable import PathTable, join_text
 from lomar.data.shards import SHARD_SUFFIXES, TarShardDataset, is_shard_pattern, shard_paths
 from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator, sample_key
-from lomar.data.walk import folder_prefix, once_each, walk
 
-__all__ = ["demo_image_paths", "find_images", "build_image_list", "ImageListDataset", "build_pretrain_dataset",
+__all__ = ["demo_image_paths", "build_image_list", "ImageListDataset", "build_pretrain_dataset",
            "LabelledImageFolder"]
 
 log = logging.getLogger("lomar.data")
@@ -53,86 +46,6 @@ def demo_image_paths() -> list[Path]:
     if not paths:
         raise ValueError(f"no demo images found in {root}; reinstall scikit-image or pass --data")
     return paths
-
-
-# Photo formats that IMAGE_EXTENSIONS leaves out (iPhones save HEIC, cameras RAW; Pillow's TIFF reader would read a
-# DNG's first image, its small preview): passed over like any other file, but said
-_FOREIGN_IMAGES = (".heic", ".heif", ".avif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf",
-                   ".pef", ".srw")
-
-
-def find_images(root: str | Path) -> list[Path]:
-    """Image-named entries under ``root``, sorted (see the module docstring); a folder reached a second time
-    through a link is skipped with a warning."""
-    return list(_find_table(root))
-
-
-def _find_table(root: str | Path) -> PathTable:
-    """:func:`find_images`'s paths as a :class:`PathTable`, without a Path object per image on the way."""
-    found, passed_over = _search(root)
-    _warn_passed_over(root, passed_over)
-    return PathTable(found)
-
-
-def _search(root: str | Path) -> tuple[list[str], dict]:
-    """(``str`` of :func:`find_images`'s paths, what it passed over: {"loops": int, "hidden": [Path], "forks": int,
-    "unlisted": [OSError], "foreign": [Path], "twice": [(path, path)]}) for :func:`_warn_passed_over`, which says it
-    once for any number of searches; and "folders": [((st_dev, st_ino), folder)] searched, for class folders."""
-    found: list[str] = []
-    # A link to an ancestor of root leads back into root (a class folder's link to the ImageFolder root
-    # would give that class every other class's images): searched already, as root itself is.
-    seen = {(info.st_dev, info.st_ino) for info in map(os.stat, Path(root).resolve().parents)}
-    loops = forks = 0
-    unlisted: list[OSError] = []  # os.walk passes over a folder it cannot list (no permission) without a word
-    hidden: list[Path] = []  # sub-folders passed over (decode.passed_over_folder)
-    foreign: list[Path] = []  # photos in formats lomar does not decode
-    folders: list[tuple[tuple[int, int], str]] = []
-    links: list[str] = []  # image-named symlinks, which may list an image twice
-    for folder, dirs, files, linked in walk(root, unlisted.append):
-        info = os.stat(folder)
-        if (info.st_dev, info.st_ino) in seen:
-            loops += 1
-            dirs[:] = []
-            continue
-        seen.add((info.st_dev, info.st_ino))
-        folders.append(((info.st_dev, info.st_ino), folder))
-        hidden += [Path(folder) / name for name in dirs if passed_over_folder(name)]
-        dirs[:] = sorted(name for name in dirs if not passed_over_folder(name))
-        forks += sum(name.startswith("._") and is_image_name(name[2:]) for name in files)  # see is_image_name
-        prefix = folder_prefix(folder)
-        found.extend(prefix + name for name in files if is_image_name(name))  # dangling links land here
-        links += [prefix + name for name in linked if is_image_name(name)]
-        foreign += [Path(folder) / name for name in sorted(files)  # a ._NAME beside each: a Mac's metadata, no photo
-                    if file_suffix(name).lower() in _FOREIGN_IMAGES and not name.startswith("._")]
-    found, twice = once_each(sort_like_paths(found), links, dict(folders))
-    return found, {"loops": loops, "hidden": hidden, "forks": forks, "unlisted": unlisted, "foreign": foreign,
-                   "twice": twice, "folders": folders}
-
-
-def _warn_passed_over(root: str | Path, passed_over: dict) -> None:
-    loops, hidden, forks, unlisted, foreign = (passed_over[key] for key in ("loops", "hidden", "forks", "unlisted",
-                                                                           "foreign"))
-    if loops:
-        log.warning("%s: %d symlinked folder(s) lead to a folder already searched (a loop or a duplicate); "
-                    "searched once", root, loops)
-    if twice := passed_over["twice"]:
-        log.warning("%s: %d symlink(s) lead to an image already listed (e.g. %s and %s are one file); used once",
-                    root, len(twice), *twice[0])
-    if hidden:  # a hidden folder is the example when there is one: renaming it is advice only it can take
-        example = min((path for path in hidden if path.name.startswith(".")), default=min(hidden))  # os.walk's order
-        advice = ("name it without a leading '.' to use its images" if example.name.startswith(".") else
-                  "thumbnails a NAS or a macOS zip made of the photos" if example.name in THUMBNAIL_FOLDERS
-                  else "deleted files, snapshot copies or a disk's own files")
-        log.warning("%s: %d hidden or thumbnail folder(s) not searched, e.g. %s (%s)", root, len(hidden), example,
-                    advice)
-    if forks:
-        log.warning("%s: %d macOS metadata file(s) named ._IMAGE skipped (AppleDouble, not images)", root, forks)
-    if unlisted:
-        log.warning("%s: %d folder(s) could not be listed, e.g. %s (%s); their images are not used: fix the "
-                    "permissions", root, len(unlisted), unlisted[0].filename, unlisted[0].strerror or unlisted[0])
-    if foreign:
-        log.warning("%s: %d image(s) in a format lomar does not read, e.g. %s, are not used; convert them to JPEG or "
-                    "PNG", root, len(foreign), foreign[0])
 
 
 def _without_junk(listing: Path, paths: list[str]) -> list[str]:
@@ -180,7 +93,7 @@ def build_image_list(data: str | Path) -> PathTable:
         listed = [join_text(folder, ln) for ln in lines]
         images = PathTable(_without_junk(path, listed))
     else:
-        images = _find_table(path)
+        images = image_table(path)
         held_out = [name for name in ("val", "validation", "test") if (path / name).is_dir()]
         if (path / "train").is_dir() and held_out:  # ImageNet's root: its val images would be trained on too
             log.warning("%s holds train/ and %s/: every image under it is read, %s/ included; pass %s to leave "
@@ -319,7 +232,7 @@ class LabelledImageFolder(Dataset):
         self.folders: dict[tuple[int, int], tuple[str, str]] = {}  # each folder searched: (its class, its path)
         shared: dict[tuple[str, str], tuple[str, str]] = {}  # (class, a later class) -> (a folder, its link)
         for name in self.classes:
-            found, passed = _search(self.root / name)
+            found, passed = search_images(self.root / name)
             for key, folder in passed.pop("folders"):
                 if (first := self.folders.setdefault(key, (name, folder)))[0] != name:
                     shared.setdefault((first[0], name), (first[1], folder))
@@ -327,7 +240,7 @@ class LabelledImageFolder(Dataset):
             counts.append(len(found))
             for key, value in passed.items():
                 passed_over[key] += value
-        _warn_passed_over(self.root, passed_over)
+        warn_passed_over(self.root, passed_over)
         if shared:  # a link from one class folder to another's (torchvision's ImageFolder follows it without a word)
             (first, second), (folder, link) = next(iter(shared.items()))
             log.warning("%s: %d pair(s) of class folders reach one folder through a link, e.g. %s (class %s) is %s "
