@@ -102,14 +102,15 @@ def paper_windows(img_size: int | tuple[int, int], patch_size: int = 16, window_
 
 
 def parse_windows(value: int | str) -> int:
-    """``--windows`` value: a count >= 0, or 'global' (= 0)."""
+    """``--windows`` value: a count >= 0, or 'global' (= 0); the caller reads 'auto' first."""
     if isinstance(value, str) and value.strip().lower() == "global":
         return GLOBAL_WINDOWS
     try:
         count = int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"--windows {value!r} is neither a window count nor 'global'; "
-                         f"pass e.g. --windows 4, or --windows 0 for the whole image") from None
+        raise ValueError(f"--windows {value!r} is not a window count, 'auto' or 'global'; pass --windows auto for "
+                         f"the paper's counts (what lomar bench calls 'paper'), a count such as 4, or 0 for the whole "
+                         f"image") from None
     if count < 0:
         raise ValueError(f"--windows {count} is negative; pass a count >= 1, or 0 (global) for the whole image")
     return count

@@ -68,7 +68,8 @@ def test_explicit_count_wins_and_auto_on_resume_keeps_the_saved_count(tmp_path, 
     assert config["windows"] == 6
 
 
-@pytest.mark.parametrize("value, message", [("abc", "is neither a window count nor 'global'"),
+@pytest.mark.parametrize("value, message", [("abc", "is not a window count, 'auto' or 'global'"),
+                                            ("paper", "pass --windows auto for the paper's counts"),
                                             ("-1", "is negative")])
 def test_bad_windows_are_one_line_errors(tmp_path, capsys, value, message):
     assert main(["pretrain", "--windows", value, "--print-config"]) == 2
