@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -23,26 +22,25 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from lomar.checkpoints.file_names import BEST, LAST, METRICS
+from lomar.checkpoints.file_names import BEST, LAST
 from lomar.checkpoints.io import mismatch, safe_load
 from lomar.errors import LomarError, UsageError, in_flags
 from lomar.train.distributed import DistInfo, any_rank, cleanup_distributed, join_group, main_rank_out, sync_stats
 from lomar.train.fsdp import load_sharded, save_run_checkpoint
-from lomar.train.monitor import Monitor, input_limit_note, metric_text, resume_hint
-from lomar.train.precision import WatchedScaler, autocast_factory, emulated_bf16_notes, run_precision
+from lomar.train.monitor import Monitor
+from lomar.train.precision import WatchedScaler, autocast_factory, run_precision
 from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_workers
 from lomar.train.rng import gather_rng_states, restore_rng_states, seed_everything
 from lomar.train.run_end import answer_at_end, config_overrun, evaluate_end, last_step, run_end
+from lomar.train.run_lines import announce, report_end
 from lomar.train.run_resume import check_no_rewind, numerics_notes, resume_point
 from lomar.train.run_state import RunLock, prepare_run_folder, save_checkpoint, save_on_main_rank, save_state
 from lomar.train.runtime import compile_model, default_threads, fast_adamw
-from lomar.train.schedule import lr_at, peak_lr, run_span, warmup_warning
+from lomar.train.schedule import lr_at, peak_lr, run_span
 from lomar.train.setting_names import source_of
 from lomar.train.settings_resume import command_flags, resumed_past_end
 from lomar.train.task import EpochStream, Progress, SkippedFiles, Task, TrainingError, check_weights, diverged, preload
 from lomar.train.task_resume import building
-from lomar.values import counted
-from lomar.viz.curves import loss_summary
 
 __all__ = ["Task", "Progress", "TrainingError", "run"]
 
@@ -157,7 +155,7 @@ class _Run:
                                  self.device, trainer=self)
         self.monitor = Monitor(self.out, self.info.is_main, self.last_step, cfg.log_every, task.name, p.step)
         if self.info.is_main:
-            self._announce()
+            announce(self)
         self.stop.install(task.model)  # its size estimates the first save's time, for the time limit's margin
         if p.step == 0:  # the main process's, stopping the others with it as a failed save does (a full disk)
             save_on_main_rank(task.begin, self.info.is_main, self.device)
@@ -174,18 +172,6 @@ class _Run:
                     self._end_epoch()
                 stopping = stopping or ended
         return self._finish(preempted=stopping and p.step < self.last_step)
-
-    def _announce(self) -> None:
-        cfg, task = self.cfg, self.task
-        steps = f"steps {self.p.step + 1}-{self.last_step}" if self.p.step else counted(self.last_step, "step")
-        print(f"lomar {task.name}: {task.describe()}; {steps} ({self.steps_per_epoch} an epoch, batch "
-              f"{cfg.batch_size} x accum {self.accum} x {self.info.world_size} process(es)); out {self.out}; "
-              f"device {self.device}, precision {self.precision}", flush=True)
-        for note in emulated_bf16_notes(cfg.precision, self.device) + self.notes:  # and a resume's numerics' changes
-            print(f"lomar {task.name}: {note}", flush=True)
-        if warning := warmup_warning(self.last_step, *self.schedule, self.base_lr, self.min_lr, task.lr_schedule,
-                                     config=cfg, resumed=self.p.step > 0):
-            print(f"lomar {task.name}: warning: {warning}", file=sys.stderr, flush=True)  # as every warning and note
 
     def _train_epoch(self, stream: EpochStream) -> bool:
         """The rest of the current epoch; True when a stop signal or the last step ends the run now."""
@@ -322,29 +308,8 @@ class _Run:
             evaluate_end(self)
         self.monitor.close()
         # Collective: the other ranks wait for the main one's files, and stop with it if it fails.
-        save_on_main_rank(lambda: self._outputs(path, preempted), self.info.is_main, self.device)
+        save_on_main_rank(lambda: report_end(self, path, preempted), self.info.is_main, self.device)
         return self.stop.exit_code if preempted else 0
-
-    def _outputs(self, path: Path, preempted: bool) -> None:
-        name, out, cfg = self.task.name, self.out, self.cfg
-        if preempted:
-            self.task.stopped(out)
-            print(f"lomar {name}: {self.stop.stopped_at(self.p.step)}; checkpoint {path}. "
-                  + resume_hint(name, out, self.info.world_size), flush=True)
-            return
-        self.task.finish(out)
-        losses = loss_summary(out / METRICS, mean_of_last=10)
-        skipped = self.skipped.summary(self.skips)  # every rank's files, as the save just gathered them
-        extra, metric = "; ".join(filter(None, [skipped, self.task.final_line()])), self.task.best_metric
-        if metric:
-            best = out / BEST
-            extra = ", ".join(filter(None, [f"best {metric_text(metric, self.best)} in {best}" if best.exists() else
-                                            f"no {best.name}: no full epoch scored a {metric} yet", extra]))
-        note = input_limit_note(self.monitor.input_waits, getattr(cfg, "workers", None), getattr(cfg, "decode", None))
-        if note:
-            print(f"lomar {name}: {note}", flush=True)
-        print(f"lomar: done at step {self.p.step}{f' ({losses})' if losses else ''}; checkpoint {path}"
-              + (f"; {extra}" if extra else ""), flush=True)
 
 
 def run(config, make_task: type[Task]) -> int:

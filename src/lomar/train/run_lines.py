@@ -1,0 +1,54 @@
+"""What a run tells the user at its start (the start-up line, its notes and warning) and at its end (the final line,
+or where a stopped run left its checkpoint). ``trainer``: lomar.train.lifecycle's ``_Run``, its state read as it is."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lomar.checkpoints.file_names import BEST, METRICS
+from lomar.train.monitor import input_limit_note, metric_text, resume_hint
+from lomar.train.precision import emulated_bf16_notes
+from lomar.train.schedule import warmup_warning
+from lomar.values import counted
+from lomar.viz.curves import loss_summary
+
+__all__ = ["announce", "report_end"]
+
+
+def announce(trainer) -> None:
+    """The start-up line: what trains, for how many steps, where, in what precision; then the notes and warning."""
+    cfg, task, p = trainer.cfg, trainer.task, trainer.p
+    steps = f"steps {p.step + 1}-{trainer.last_step}" if p.step else counted(trainer.last_step, "step")
+    print(f"lomar {task.name}: {task.describe()}; {steps} ({trainer.steps_per_epoch} an epoch, batch "
+          f"{cfg.batch_size} x accum {trainer.accum} x {trainer.info.world_size} process(es)); out {trainer.out}; "
+          f"device {trainer.device}, precision {trainer.precision}", flush=True)
+    for note in emulated_bf16_notes(cfg.precision, trainer.device) + trainer.notes:  # and a resume's numerics' changes
+        print(f"lomar {task.name}: {note}", flush=True)
+    if warning := warmup_warning(trainer.last_step, *trainer.schedule, trainer.base_lr, trainer.min_lr,
+                                 task.lr_schedule, config=cfg, resumed=p.step > 0):
+        print(f"lomar {task.name}: warning: {warning}", file=sys.stderr, flush=True)  # as every warning and note
+
+
+def report_end(trainer, path: Path, preempted: bool) -> None:
+    """The task's end (``stopped`` or ``finish``) and the final line: the checkpoint ``path`` and how to resume a
+    ``preempted`` run, else the last losses, skipped files, the best score and an input-bound note."""
+    name, out, cfg, task = trainer.task.name, trainer.out, trainer.cfg, trainer.task
+    if preempted:
+        task.stopped(out)
+        print(f"lomar {name}: {trainer.stop.stopped_at(trainer.p.step)}; checkpoint {path}. "
+              + resume_hint(name, out, trainer.info.world_size), flush=True)
+        return
+    task.finish(out)
+    losses = loss_summary(out / METRICS, mean_of_last=10)
+    skipped = trainer.skipped.summary(trainer.skips)  # every rank's files, as the last save gathered them
+    extra, metric = "; ".join(filter(None, [skipped, task.final_line()])), task.best_metric
+    if metric:
+        best = out / BEST
+        extra = ", ".join(filter(None, [f"best {metric_text(metric, trainer.best)} in {best}" if best.exists() else
+                                        f"no {best.name}: no full epoch scored a {metric} yet", extra]))
+    note = input_limit_note(trainer.monitor.input_waits, getattr(cfg, "workers", None), getattr(cfg, "decode", None))
+    if note:
+        print(f"lomar {name}: {note}", flush=True)
+    print(f"lomar: done at step {trainer.p.step}{f' ({losses})' if losses else ''}; checkpoint {path}"
+          + (f"; {extra}" if extra else ""), flush=True)
