@@ -37,7 +37,7 @@ assert main(["--help"]) == 0 and main(["pretrain", "--help"]) == 0
 assert main(["knn", str(Path(sys.argv[1]) / "missing.pt"), "--data", sys.argv[1]]) == 2
 from lomar.checkpoints.export_write import write_export
 import lomar.cli.study.spec  # its stop signals, read at import (lomar study itself needs POSIX signals)
-from lomar.train.run_state import RunLock
+from lomar.train.run_lock import RunLock
 with RunLock(Path(sys.argv[1]) / "run") as lock:
     assert lock.handle is None
 '''

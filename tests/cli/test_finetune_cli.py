@@ -154,7 +154,7 @@ def test_resumed_finetune_equals_an_uninterrupted_one(tmp_path, capsys, pretrain
 
 
 def test_finetune_refuses_a_locked_folder_and_an_older_resume(tmp_path, capsys, pretrained, folder):
-    from lomar.train.run_state import RunLock
+    from lomar.train.run_lock import RunLock
 
     out = tmp_path / "ft"
     assert main([*_args(pretrained, folder, out), "--epochs", "2"]) == 0

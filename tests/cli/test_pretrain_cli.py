@@ -403,7 +403,7 @@ def test_bad_invocations_are_one_line_and_create_no_folder(tmp_path, capsys, ima
 
 
 def test_a_locked_run_folder_refuses_a_second_run(tmp_path, capsys, image_dir):
-    from lomar.train.run_state import RunLock
+    from lomar.train.run_lock import RunLock
 
     out = tmp_path / "run"
     assert pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "1") == 0

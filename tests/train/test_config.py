@@ -143,7 +143,8 @@ def test_an_out_from_the_settings_file_that_holds_a_run_is_named_as_its_line(tmp
 def test_an_out_from_the_settings_file_is_named_as_its_line_in_each_refusal_of_the_folder(tmp_path, capsys):
     """Beside 'already holds a run' (3ce5829), the folder's other refusals said '--out r1' too."""
     from lomar.errors import UsageError
-    from lomar.train.run_state import RunLock, prepare_run_folder
+    from lomar.train.run_lock import RunLock
+    from lomar.train.run_state import prepare_run_folder
 
     (tmp_path / "data").mkdir()
     (tmp_path / "afile").touch()

@@ -11,7 +11,8 @@ import pytest
 from lomar.checkpoints.io import atomic_write_bytes, open_in_place
 from lomar.errors import UsageError
 from lomar.train.monitor import Monitor
-from lomar.train.run_state import RunLock, prepare_run_folder, truncate_metrics
+from lomar.train.run_lock import RunLock
+from lomar.train.run_state import prepare_run_folder, truncate_metrics
 
 
 @pytest.fixture

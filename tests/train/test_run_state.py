@@ -23,6 +23,7 @@ from lomar.errors import UsageError
 from lomar.train import runtime
 from lomar.train.lifecycle import run
 from lomar.train.precision import resolve_precision
+from lomar.train.run_lock import RunLock
 from lomar.train.run_resume import (
     check_no_rewind,
     find_resume_point,
@@ -31,7 +32,6 @@ from lomar.train.run_resume import (
     resume_point,
 )
 from lomar.train.run_state import (
-    RunLock,
     SaveError,
     check_out_folder,
     foreign,
@@ -143,7 +143,7 @@ def test_a_run_into_a_removed_working_folder_is_refused_not_stuck(tmp_path, monk
 @pytest.mark.slow
 def test_the_lock_is_released_when_its_holder_dies(tmp_path):
     out = tmp_path / "run"
-    code = (f"from lomar.train.run_state import RunLock; lock = RunLock({str(out)!r}).acquire(); "
+    code = (f"from lomar.train.run_lock import RunLock; lock = RunLock({str(out)!r}).acquire(); "
             f"import os; os._exit(3)")  # a crash: no clean-up code runs
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ}, timeout=120)
     assert proc.returncode == 3 and (out / ".lock").exists()
@@ -753,7 +753,7 @@ def test_random_states_read_onto_another_device_are_restored_through_the_host():
 @pytest.mark.slow
 def test_a_killed_run_frees_its_folder_at_once_though_its_forked_workers_live_on(tmp_path):
     out = tmp_path / "run"
-    code = (f"import multiprocessing as mp, time, sys; from lomar.train.run_state import RunLock; "
+    code = (f"import multiprocessing as mp, time, sys; from lomar.train.run_lock import RunLock; "
             f"lock = RunLock({str(out)!r}).acquire(); worker = mp.get_context('fork').Process(target=time.sleep, "
             f"args=(60,)); worker.start(); print(worker.pid, flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

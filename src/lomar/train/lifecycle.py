@@ -33,8 +33,9 @@ from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_worker
 from lomar.train.rng import gather_rng_states, restore_rng_states, seed_everything
 from lomar.train.run_end import answer_at_end, config_overrun, evaluate_end, last_step, run_end
 from lomar.train.run_lines import announce, report_end
+from lomar.train.run_lock import RunLock
 from lomar.train.run_resume import check_no_rewind, numerics_notes, resume_point
-from lomar.train.run_state import RunLock, prepare_run_folder, save_checkpoint, save_on_main_rank, save_state
+from lomar.train.run_state import prepare_run_folder, save_checkpoint, save_on_main_rank, save_state
 from lomar.train.runtime import compile_model, default_threads, fast_adamw
 from lomar.train.schedule import lr_at, peak_lr, run_span
 from lomar.train.setting_names import source_of

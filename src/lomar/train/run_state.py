@@ -1,4 +1,5 @@
-"""What every training run does with its folder: lock it, clean it, checkpoint into it, resume from it.
+"""What every training run does with its folder: clean it, checkpoint into it, resume from it (its lock:
+:mod:`lomar.train.run_lock`).
 
 Shared by every training command (:mod:`lomar.train.lifecycle`). A run folder holds ``last.pt`` (the newest
 state), ``checkpoint-<step>.pt`` (kept history), ``metrics.jsonl`` and ``.lock``; checkpoints carry every rank's
@@ -9,15 +10,11 @@ consolidated model (no optimizer) for export.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
 import json
-import logging
 import os
 import re
 import shutil
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -27,7 +24,6 @@ import torch.distributed as dist
 import yaml
 
 from lomar.checkpoints.export_leftovers import export_running, is_export_file
-from lomar.checkpoints.file_lock import LockHeld, take_file_lock
 from lomar.checkpoints.file_names import BEST, LAST, LAST_POINTER, METRICS, RUN_CONFIG
 from lomar.checkpoints.io import (
     atomic_save,
@@ -39,12 +35,13 @@ from lomar.checkpoints.io import (
 )
 from lomar.checkpoints.sharded import check_metadata
 from lomar.errors import FULL_DISK, UNWRITABLE, LomarError, UsageError, full_disk_words
+from lomar.train.run_lock import RunLock
 from lomar.train.run_logs import truncate_metrics
 from lomar.train.setting_names import as_given, source_of
 from lomar.train.settings import ConfigError
 from lomar.values import brief, is_integer
 
-__all__ = ["RunLock", "SaveError", "save_state", "checkpoints_to_prune", "save_checkpoint", "save_on_main_rank",
+__all__ = ["SaveError", "save_state", "checkpoints_to_prune", "save_checkpoint", "save_on_main_rank",
            "truncate_metrics", "remove_stale_temporaries", "checkpoint_number", "checkpoint_step", "training_step",
            "read_state", "holds_run", "same_file", "foreign", "inside", "remove_newer_checkpoints", "check_out_folder",
            "read_meta", "newest_state", "refuse_held_run", "prepare_run_folder", "save_error"]
@@ -52,7 +49,6 @@ __all__ = ["RunLock", "SaveError", "save_state", "checkpoints_to_prune", "save_c
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.(pt|dcp)$")  # .dcp: a sharded checkpoint folder
 _SHARDED_TMP = re.compile(r"^checkpoint-\d+\.dcp\.tmp$")  # a sharded save cut before its rename
 _TMP = re.compile(r"^\..+\.tmp(-(\d+))?$")
-log = logging.getLogger("lomar.train")
 T = TypeVar("T")
 
 
@@ -265,79 +261,6 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
             path.unlink() if path.is_symlink() else shutil.rmtree(path, ignore_errors=True)  # a link, not its target
             removed.append(path)
     return removed
-
-
-_HELD_LOCKS: set[int] = set()  # the file descriptors of the run locks this process holds
-
-
-def _drop_run_locks() -> None:
-    """In a forked child (a loader worker), /dev/null in their place: a killed run frees its folder at once."""
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in _HELD_LOCKS:
-        os.dup2(null, fd)
-    os.close(null)
-    _HELD_LOCKS.clear()
-
-
-if hasattr(os, "register_at_fork"):  # Windows forks nothing (and has no flock to hold)
-    os.register_at_fork(after_in_child=_drop_run_locks)
-
-
-class RunLock:
-    """An advisory ``fcntl.flock`` on ``OUT/.lock`` (:func:`take_file_lock`), held for the run's life.
-
-    A second run into the same folder refuses at once. The kernel drops the lock when the
-    process ends, crash or ``kill -9`` included, so a stale lock file never blocks a rerun;
-    forked children (loader workers) do not hold it. On a filesystem without flock the run
-    goes on unlocked, with a warning.
-    """
-
-    def __init__(self, out: Path, source: str | None = None):  # source: the settings file that gave out, if one did
-        self.out, self.handle, self.created, self.taken = Path(out), None, False, False
-        self.given = as_given("out", str(out), source)  # 'out: r1 in my.yaml', else '--out r1'
-
-    def acquire(self, warn: bool = True) -> RunLock:
-        """Lock the folder (made if need be); ``warn``: say so where it cannot be locked (no flock there)."""
-        self.created = not self.out.exists()
-        try:
-            handle = take_file_lock(self.out / ".lock", on_unlocked=self._unlocked if warn else None)
-            if handle is not None and not handle.writable():  # another user's lock file, which cannot name this run
-                handle.close()
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
-        except LockHeld as held:
-            owner = held.owner.removesuffix(f" on {socket.gethostname()}")  # a PID of this machine, as ps shows it
-            raise UsageError(f"{self.given} is in use by another run ({owner}); wait for it to end "
-                             f"or pass another --out") from None
-        except OSError as exc:
-            raise UsageError(f"{self.given}: {exc.strerror or exc}; pass a folder you can write to") from None
-        self.handle, self.taken = handle, True
-        if handle is not None:
-            _HELD_LOCKS.add(handle.fileno())
-        return self
-
-    def _unlocked(self, reason: str) -> None:
-        log.warning("%s: no file lock there (%s); the folder is not locked against a second run: start no "
-                    "other run into it meanwhile", self.given, reason)
-
-    def release(self, remove_if_empty: bool = False) -> None:
-        """Unlock; ``remove_if_empty``: also remove the folder if this run created it and
-        wrote nothing (a set-up failure leaves no empty run folder behind)."""
-        if not self.taken:
-            return
-        if remove_if_empty and self.created and {p.name for p in self.out.iterdir()} <= {".lock"}:
-            (self.out / ".lock").unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                self.out.rmdir()
-        if self.handle is not None:
-            _HELD_LOCKS.discard(self.handle.fileno())
-            self.handle.close()
-        self.handle, self.taken = None, False
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release(remove_if_empty=exc[0] is not None)
 
 
 def refuse_held_run(out: Path, resume: str | None, overwrite: bool, locked_here: bool = False,

@@ -54,7 +54,8 @@ from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker
 from lomar.errors import UsageError
 from lomar.eval.features import check_split, skipped_note
 from lomar.train.distributed import DistInfo, init_distributed
-from lomar.train.run_state import RunLock, newest_state
+from lomar.train.run_lock import RunLock
+from lomar.train.run_state import newest_state
 from lomar.train.runtime import default_threads
 from lomar.train.setting_names import source_of
 from lomar.values import counted

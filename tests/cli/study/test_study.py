@@ -346,7 +346,7 @@ def test_a_second_study_into_a_folder_in_use_is_refused(tmp_path, labelled, monk
     """Only each cell's run folder was locked while it trained: a second study into the same folder scored
     the finished cells again and overwrote the first one's states and results."""
     from lomar.errors import UsageError
-    from lomar.train.run_state import RunLock
+    from lomar.train.run_lock import RunLock
 
     monkeypatch.setattr(runner, "pretrain", lambda config: pytest.fail(f"trained {config.out}"))
     spec = _spec(labelled, budget="1steps", grid={"method": ["lomar"]}, random_init=False, eval={"metrics": []})

@@ -47,7 +47,8 @@ from lomar.errors import UsageError
 from lomar.train.config import PretrainConfig, add_config_arguments, resolve_config
 from lomar.train.preemption import TIME_LIMIT_EXIT, first_save_estimate, take_command_start
 from lomar.train.pretrain import TrainingError, train
-from lomar.train.run_state import RunLock, SaveError
+from lomar.train.run_lock import RunLock
+from lomar.train.run_state import SaveError
 
 __all__ = ["run_study", "check_cells", "cell_config", "pretrain"]
 
