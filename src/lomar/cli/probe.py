@@ -19,7 +19,7 @@ from lomar.cli.common import check_output_file, resolve_device, write_json
 from lomar.errors import LomarError, UsageError, first_on_machine, in_flags, leave_it_to_the_first_process
 from lomar.train import settings as S
 from lomar.train.config_checks import EVAL_DECODES
-from lomar.train.runtime import default_threads, default_workers
+from lomar.train.runtime import default_workers, use_threads
 from lomar.train.settings import Setting, add_settings
 from lomar.train.settings_resume import check_warmup
 
@@ -151,10 +151,9 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _extracted(args: argparse.Namespace) -> list | None:
-    import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(args.threads or default_threads())  # the command owns the process (its share of the cores)
+    use_threads(args.threads)
     say = functools.partial(print, f"lomar {args.command}:", file=sys.stderr)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return frozen_features(args, say)

@@ -36,7 +36,7 @@ from lomar.train.run_lines import announce, report_end
 from lomar.train.run_lock import RunLock
 from lomar.train.run_resume import check_no_rewind, numerics_notes, resume_point
 from lomar.train.run_state import prepare_run_folder, save_checkpoint, save_on_main_rank, save_state
-from lomar.train.runtime import compile_model, default_threads, fast_adamw
+from lomar.train.runtime import compile_model, fast_adamw, use_threads
 from lomar.train.schedule import lr_at, peak_lr, run_span
 from lomar.train.setting_names import source_of
 from lomar.train.settings_resume import command_flags, resumed_past_end
@@ -333,7 +333,7 @@ def run(config, make_task: type[Task]) -> int:
                 check_no_rewind(resume, out, config.overwrite, point, getattr(config, "in_file", {}))
             end = run_end(config, make_task, point, out, info.world_size)  # then nothing to build: the run ends there
             if end is None:
-                torch.set_num_threads(config.threads or default_threads())
+                use_threads(config.threads)
                 saved = preload(resume, device)  # a checkpoint that cannot resume is refused before the build
                 seed_everything(config.seed)  # the same initial weights on every rank
                 with building(saved) as built:  # a Task refusing the checkpoint for its data: before its model

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from typing import Any
 
 __all__ = ["retain_freed_memory", "fast_adamw", "compile_model", "available_cores", "default_threads",
-           "default_workers"]
+           "default_workers", "use_threads"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -90,6 +90,14 @@ def default_threads() -> int:
     this machine (more only oversubscribes the cores: a tiny pretrain ran 80x slower)."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     return max(1, available_cores() // max(1, local))
+
+
+def use_threads(threads: int | None) -> None:
+    """Set torch's CPU threads to ``threads`` (--threads), else to :func:`default_threads`: a command that owns its
+    process sets torch's global thread count."""
+    import torch
+
+    torch.set_num_threads(threads or default_threads())
 
 
 def default_workers() -> int:

@@ -56,7 +56,7 @@ from lomar.eval.features import check_split, skipped_note
 from lomar.train.distributed import DistInfo, init_distributed
 from lomar.train.run_lock import RunLock
 from lomar.train.run_state import newest_state
-from lomar.train.runtime import default_threads
+from lomar.train.runtime import use_threads
 from lomar.train.setting_names import source_of
 from lomar.values import counted
 
@@ -177,7 +177,7 @@ def score_only(config, make_task: type[Task]) -> tuple[Task, dict, Path]:
         raise UsageError("--eval-only runs in one process; run it without torchrun")
     _, device = init_distributed(config.device)
     torch.manual_seed(config.seed)
-    torch.set_num_threads(config.threads or default_threads())  # as a run's: the command owns the process
+    use_threads(config.threads)  # as a run's
     with RunLock(Path(config.out), source_of(config, "out")) as lock:
         task = make_task(config, DistInfo(), device)
         metrics = task.evaluate()
