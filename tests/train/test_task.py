@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from lomar.errors import UsageError
 from lomar.train import task as task_module
 from lomar.train.runtime import default_threads
 
@@ -33,3 +34,14 @@ def test_eval_only_takes_threads_as_a_run_does(tmp_path, monkeypatch, threads):
     _, metrics, out = task_module.score_only(config, _Scored)
     assert calls == [threads or default_threads()] and metrics == {"top1": 0.5}
     assert json.loads((out / "metrics.jsonl").read_text())["top1"] == 0.5
+
+
+def test_eval_only_on_a_device_it_cannot_use_is_a_one_line_error(tmp_path, monkeypatch):
+    """--eval-only --device cuda on a machine without CUDA raised init_distributed's ValueError, which the command
+    does not catch (a traceback); a run says the same in one line (a UsageError, exit 2), as --eval-only now does."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = SimpleNamespace(device="cuda", seed=0, out=str(tmp_path / "scored"), pretrained="ft/best.pt", img_size=32,
+                             threads=1)
+    with pytest.raises(UsageError, match="^--device cuda asked for CUDA but none is available"):
+        task_module.score_only(config, _Scored)
+    assert not (tmp_path / "scored").exists()  # refused before the folder is locked

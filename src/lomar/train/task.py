@@ -53,7 +53,7 @@ from lomar.checkpoints.io import first_non_finite, open_in_place, safe_load
 from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker
 from lomar.errors import UsageError
 from lomar.eval.features import check_split, skipped_note
-from lomar.train.distributed import DistInfo, init_distributed
+from lomar.train.distributed import DistInfo, join_group
 from lomar.train.run_lock import RunLock
 from lomar.train.run_state import newest_state
 from lomar.train.runtime import use_threads
@@ -175,7 +175,7 @@ def score_only(config, make_task: type[Task]) -> tuple[Task, dict, Path]:
     the folder.)"""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("--eval-only runs in one process; run it without torchrun")
-    _, device = init_distributed(config.device)
+    _, device = join_group(config.device)  # a device that cannot be used: a one-line error, as a run's
     torch.manual_seed(config.seed)
     use_threads(config.threads)  # as a run's
     with RunLock(Path(config.out), source_of(config, "out")) as lock:
