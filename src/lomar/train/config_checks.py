@@ -10,9 +10,9 @@ from typing import Any
 
 from lomar.methods import get_method, names
 from lomar.train import settings as S
+from lomar.train.encoder_settings import check_pretrained
 from lomar.train.setting_names import source_of
 from lomar.train.settings import ConfigError
-from lomar.train.settings_resume import check_pretrained
 
 __all__ = ["check_fsdp", "check_data", "check_decode", "check_method_settings", "parse_share", "EVAL_DECODES",
            "refuse_training_settings"]

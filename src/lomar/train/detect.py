@@ -47,9 +47,10 @@ from lomar.models.relpos import fit_axis_tables
 from lomar.models.vit import VisionTransformer, ViTConfig, model_config
 from lomar.train.detect_config import DetectConfig
 from lomar.train.distributed import DistInfo
+from lomar.train.encoder_settings import encoder_layout
 from lomar.train.lifecycle import Task, run
 from lomar.train.preemption import ignore_stop_signals
-from lomar.train.settings_resume import command_flags, encoder_layout
+from lomar.train.settings_resume import command_flags
 from lomar.train.task import TrainingError, over_note, score_only, scored_split
 from lomar.train.task_resume import load_resumed
 

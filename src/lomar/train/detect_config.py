@@ -14,16 +14,16 @@ from typing import Any
 from lomar.checkpoints.kinds import DETECT_FORMAT, find_command_checkpoint
 from lomar.train import settings as S
 from lomar.train.config_checks import check_eval_only_model, refuse_contradictions, refuse_training_settings
-from lomar.train.setting_names import setting_of
-from lomar.train.settings import ConfigError, coerce_all
-from lomar.train.settings_resume import (
-    TaskConfig,
+from lomar.train.encoder_settings import (
     check_img_size,
     check_pretrained,
     check_windows,
     model_only_without_pretrained,
     random_encoder_patch,
 )
+from lomar.train.setting_names import setting_of
+from lomar.train.settings import ConfigError, coerce_all
+from lomar.train.settings_resume import TaskConfig
 
 __all__ = ["DetectConfig", "default_image_folder", "DETECTOR_LAYOUT"]
 

@@ -40,12 +40,13 @@ from lomar.errors import UsageError, said_by_first_on_machine
 from lomar.eval.features import load_pretrained_encoder
 from lomar.models.vit import VisionTransformer
 from lomar.train.distributed import DistInfo
+from lomar.train.encoder_settings import encoder_layout
 from lomar.train.finetune_config import FinetuneConfig, split_roots
 from lomar.train.lifecycle import Task, run
 from lomar.train.monitor import metric_text
 from lomar.train.precision import autocast_factory, resolve_precision
 from lomar.train.preemption import ignore_stop_signals
-from lomar.train.settings_resume import command_flags, encoder_layout
+from lomar.train.settings_resume import command_flags
 from lomar.train.task import over_note, score_only, scored_split
 from lomar.train.task_resume import load_resumed
 from lomar.values import counted

@@ -20,14 +20,9 @@ from lomar.train.config_checks import (
     refuse_contradictions,
     refuse_training_settings,
 )
+from lomar.train.encoder_settings import check_pretrained, check_windows
 from lomar.train.settings import ConfigError, coerce_all
-from lomar.train.settings_resume import (
-    TaskConfig,
-    check_min_lr,
-    check_pretrained,
-    check_warmup,
-    check_windows,
-)
+from lomar.train.settings_resume import TaskConfig, check_min_lr, check_warmup
 
 __all__ = ["FinetuneConfig", "add_finetune_arguments", "resolve_finetune_config", "split_roots"]
 

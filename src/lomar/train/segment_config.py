@@ -15,9 +15,10 @@ from pathlib import Path
 from lomar.checkpoints.kinds import SEGMENT_TASK, find_command_checkpoint
 from lomar.train import settings as S
 from lomar.train.config_checks import check_eval_only_model, refuse_contradictions, refuse_training_settings
+from lomar.train.encoder_settings import check_img_size, check_pretrained, model_only_without_pretrained
 from lomar.train.setting_names import setting_of, source_of
 from lomar.train.settings import ConfigError, coerce_all
-from lomar.train.settings_resume import TaskConfig, check_img_size, check_pretrained, model_only_without_pretrained
+from lomar.train.settings_resume import TaskConfig
 
 __all__ = ["SegmentConfig", "SEGMENTER_OWN"]
 

@@ -1,6 +1,7 @@
 """What the training commands' settings share: the run-control settings and the resolution of a run's
 settings (:class:`TaskConfig`), what a resumed run may change (each setting's declared resume policy),
-which checkpoint ``--resume`` names, and the checks and encoder layout several commands share."""
+which checkpoint ``--resume`` names, and the schedule and device checks several commands share (the encoder's settings:
+:mod:`lomar.train.encoder_settings`)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:  # torch: not at import
     from lomar.train.run_resume import ResumePoint
 
 __all__ = ["TaskConfig", "resume_values", "resume_target", "resumed_past_end", "check_warmup", "check_min_lr",
-           "check_windows", "encoder_layout", "check_img_size", "check_pretrained", "command_flags"]
+           "command_flags"]
 
 
 @dataclasses.dataclass
@@ -217,70 +218,11 @@ def check_flex_device(device: str) -> None:
                           f"backward); use --attention chunked or auto")
 
 
-def check_windows(config: Any) -> None:
-    """--window-size / --global-blocks (the block indices are checked against the depth at load)."""
-    if (blocks := config.global_blocks) is None:
-        return
-    if not config.window_size:
-        raise ConfigError("--global-blocks needs --window-size N > 0 (the other blocks attend inside N x N windows); "
-                          "add --window-size 14, or drop --global-blocks")
-    if len(set(blocks)) != len(blocks):
-        raise ConfigError(f"--global-blocks must be distinct block indices, got {' '.join(map(str, blocks))}")
-
-
-def encoder_layout(config: Any) -> dict:
-    """The attention settings a task's encoder overrides (none: the pretrained encoder's); global blocks None:
-    ViTDet's for the depth."""
-    layout = {} if config.attention == "auto" else {"attention": config.attention}
-    if config.window_size is not None:
-        layout["window_size"] = config.window_size
-        layout["global_blocks"] = () if not config.window_size else config.global_blocks  # None: ViTDet's
-    return layout
-
-
-def random_encoder_patch(config: Any) -> int | None:
-    """The patch size of the --model a dense task builds without --pretrained (a pretrained one has its own)."""
-    return int(config.model.rsplit("patch", 1)[1]) if config.pretrained is None and config.model else None
-
-
 def command_flags(config: Any) -> dict[str, str]:
     """{setting: the flag that gives it} of a command's settings ``config``, for :func:`lomar.errors.in_flags`; none
     of a run's fields without a declaration (a caller's own settings class, as the tests' toy)."""
     fields = getattr(config, "__dataclass_fields__", {})
     return {name: f.metadata["setting"].name_flag(name) for name, f in fields.items() if "setting" in f.metadata}
-
-
-def check_img_size(config: Any, patch: int | None = None) -> None:
-    """--img-size is a multiple of a detection or segmentation pyramid's coarsest stride: twice the encoder's patch
-    (the 2x2 max pool of its grid), so that the grid and every level tile the crop exactly. ``patch``: a --pretrained
-    encoder's, where its file tells it; else the random --model's; else 16 (32: mmseg's and detectron2's divisor)."""
-    source = f"--pretrained {config.pretrained}" if patch else f"--model {config.model}"
-    patch = patch or random_encoder_patch(config)
-    step = 2 * (patch or 16)
-    if config.img_size % step:
-        why = f": twice the patch size {patch} of {source}" if patch else ""
-        raise ConfigError(f"--img-size must be a multiple of {step} (the coarsest pyramid stride{why}), got "
-                          f"{config.img_size}; e.g. {max(step, round(config.img_size / step) * step)}")
-
-
-def check_pretrained(config: Any, fix: str = "") -> None:
-    """--pretrained, when given, exists (``fix``: what to say after)."""
-    if config.pretrained is not None and not Path(config.pretrained).exists():
-        if config.resume:  # the encoder is built from it before the checkpoint's weights replace its own
-            fix = ("; the run being resumed started from it, and its architecture is read from there again: pass "
-                   "--pretrained with that encoder (a copy, or its export, will do: the checkpoint's weights "
-                   "replace its own)")
-        raise ConfigError(f"--pretrained {config.pretrained} does not exist{fix}")
-
-
-def model_only_without_pretrained(config: Any, explicit: dict[str, Any]) -> None:
-    """--model names a random encoder's architecture (default vit_base_patch16): with --pretrained, which brings
-    its own, a given one would be ignored (an error), and the run records none rather than an unused default."""
-    if config.pretrained is None:
-        config.model = config.model or S.MODEL.default
-    elif explicit.get("model") is not None:
-        raise ConfigError(f"--model {explicit['model']} is the architecture of a random encoder, but --pretrained "
-                          f"{config.pretrained} brings its own; drop --model (or --pretrained)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,73 @@
+"""The settings of the encoder a training command builds or loads (finetune, detect and segment put a head on it;
+pretrain may start from --pretrained): --window-size / --global-blocks, the attention layout a task overrides,
+--img-size against a dense task's pyramid, --pretrained and --model. Imports no torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lomar.train import settings as S
+from lomar.train.settings import ConfigError
+
+__all__ = ["check_windows", "encoder_layout", "random_encoder_patch", "check_img_size", "check_pretrained",
+           "model_only_without_pretrained"]
+
+
+def check_windows(config: Any) -> None:
+    """--window-size / --global-blocks (the block indices are checked against the depth at load)."""
+    if (blocks := config.global_blocks) is None:
+        return
+    if not config.window_size:
+        raise ConfigError("--global-blocks needs --window-size N > 0 (the other blocks attend inside N x N windows); "
+                          "add --window-size 14, or drop --global-blocks")
+    if len(set(blocks)) != len(blocks):
+        raise ConfigError(f"--global-blocks must be distinct block indices, got {' '.join(map(str, blocks))}")
+
+
+def encoder_layout(config: Any) -> dict:
+    """The attention settings a task's encoder overrides (none: the pretrained encoder's); global blocks None:
+    ViTDet's for the depth."""
+    layout = {} if config.attention == "auto" else {"attention": config.attention}
+    if config.window_size is not None:
+        layout["window_size"] = config.window_size
+        layout["global_blocks"] = () if not config.window_size else config.global_blocks  # None: ViTDet's
+    return layout
+
+
+def random_encoder_patch(config: Any) -> int | None:
+    """The patch size of the --model a dense task builds without --pretrained (a pretrained one has its own)."""
+    return int(config.model.rsplit("patch", 1)[1]) if config.pretrained is None and config.model else None
+
+
+def check_img_size(config: Any, patch: int | None = None) -> None:
+    """--img-size is a multiple of a detection or segmentation pyramid's coarsest stride: twice the encoder's patch
+    (the 2x2 max pool of its grid), so that the grid and every level tile the crop exactly. ``patch``: a --pretrained
+    encoder's, where its file tells it; else the random --model's; else 16 (32: mmseg's and detectron2's divisor)."""
+    source = f"--pretrained {config.pretrained}" if patch else f"--model {config.model}"
+    patch = patch or random_encoder_patch(config)
+    step = 2 * (patch or 16)
+    if config.img_size % step:
+        why = f": twice the patch size {patch} of {source}" if patch else ""
+        raise ConfigError(f"--img-size must be a multiple of {step} (the coarsest pyramid stride{why}), got "
+                          f"{config.img_size}; e.g. {max(step, round(config.img_size / step) * step)}")
+
+
+def check_pretrained(config: Any, fix: str = "") -> None:
+    """--pretrained, when given, exists (``fix``: what to say after)."""
+    if config.pretrained is not None and not Path(config.pretrained).exists():
+        if config.resume:  # the encoder is built from it before the checkpoint's weights replace its own
+            fix = ("; the run being resumed started from it, and its architecture is read from there again: pass "
+                   "--pretrained with that encoder (a copy, or its export, will do: the checkpoint's weights "
+                   "replace its own)")
+        raise ConfigError(f"--pretrained {config.pretrained} does not exist{fix}")
+
+
+def model_only_without_pretrained(config: Any, explicit: dict[str, Any]) -> None:
+    """--model names a random encoder's architecture (default vit_base_patch16): with --pretrained, which brings
+    its own, a given one would be ignored (an error), and the run records none rather than an unused default."""
+    if config.pretrained is None:
+        config.model = config.model or S.MODEL.default
+    elif explicit.get("model") is not None:
+        raise ConfigError(f"--model {explicit['model']} is the architecture of a random encoder, but --pretrained "
+                          f"{config.pretrained} brings its own; drop --model (or --pretrained)")
