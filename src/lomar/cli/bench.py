@@ -23,14 +23,14 @@ import time
 from pathlib import Path
 
 from lomar.bench.host import load_average
+from lomar.cli.bench_plan import patch_size, plan_configurations
 from lomar.cli.common import check_output_file, resolve_device, write_json
-from lomar.errors import UsageError, in_flags
+from lomar.errors import UsageError
 from lomar.limits import MAX_IMG_SIZE
 from lomar.methods import names
 from lomar.train import settings as S
 from lomar.train.runtime import retain_freed_memory
 from lomar.train.settings import Setting, add_settings
-from lomar.window_counts import paper_windows
 
 __all__ = ["add_arguments", "run"]
 
@@ -141,55 +141,6 @@ def _check_task_flags(args: argparse.Namespace) -> None:
             outputs[path] = flag
 
 
-def _patch_size(args: argparse.Namespace) -> int:
-    from lomar.models.vit import model_config  # torch: not for --help
-
-    try:
-        return model_config(args.model).patch_size
-    except ValueError as exc:
-        raise UsageError(f"--model: {exc}") from None
-
-
-def _plan(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str]]]:
-    """Per size: (method, windows, setting) configurations, validated before any work."""
-    from lomar.models.masking import WindowsDoNotFit, check_window_request, grid_size  # torch: not for --help
-
-    patch = _patch_size(args)
-    if args.windows != ["paper"] and not {"lomar", "mae_window", "beit"} & set(args.methods):  # else unused
-        raise UsageError(f"--windows {' '.join(map(str, args.windows))}: --methods {' '.join(args.methods)} has no "
-                         f"windows (lomar, mae_window and beit's beit_window do): drop --windows or add lomar")
-    paper = "paper" in args.windows
-    plan: dict[int, list[tuple[str, int | None, str]]] = {}
-    for size in dict.fromkeys(args.sizes):
-        try:
-            grid = grid_size(size, patch)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        lomar: dict[int, str] = {}  # windows -> setting; the first setting of a count wins
-        for setting in args.windows if "lomar" in args.methods else ():
-            lomar.setdefault(paper_windows(size, patch, 7) if setting == "paper" else setting,
-                             "paper" if setting == "paper" else "fixed")
-        windowed = paper_windows(size, patch, 7) if paper else args.windows[0]
-        configs = [("lomar", n, setting) for n, setting in lomar.items()]
-        configs += [(m, None, "-") for m in names()[1:] if m in args.methods]  # every method but LoMaR: global
-        configs += [(m, windowed, "paper" if paper else "fixed") for m, flag in
-                    (("mae_window", "mae_window"), ("beit_window", "beit")) if flag in args.methods]
-        for method, n, _ in (c for c in configs if c[1] is not None):
-            try:
-                check_window_request(grid, 7, n, 0.8 if method == "lomar" else 0.75)
-            except ValueError as exc:  # bench's windows are 7x7 patches: the fix is the size or the count
-                if min(grid) < 7:
-                    raise UsageError(f"{size}px: bench's 7x7 windows do not fit its {grid[0]}x{grid[1]} patch grid; "
-                                     f"drop {size} from --sizes (the least is {7 * patch})") from None
-                if not isinstance(exc, WindowsDoNotFit) or exc.most is None:  # the message's own fix stands
-                    raise UsageError(f"{size}px: {in_flags(str(exc), {'num_windows': '--windows'})}") from None
-                message = in_flags(exc.detail, {"num_windows": "--windows"})  # its fix in bench's terms, once
-                raise UsageError(f"{size}px: {message}; lower --windows to {exc.most} or less, or drop {size} from "
-                                 f"--sizes") from None
-        plan[size] = configs
-    return plan
-
-
 def _start(args: argparse.Namespace):
     """(the torch device of --device, the progress printer, what every JSON's meta holds); resolves --precision
     and applies --threads."""
@@ -227,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.plot and Path(args.plot).suffix.lower() not in FIGURE_FORMATS:  # else a PNG under any name
         raise UsageError(f"--plot {args.plot}: name the figure .png, .pdf or .svg")
-    plan = _plan(args)
+    plan = plan_configurations(args)
     check_output_file(args.plot, "--plot", create_parents=True, example="bench.png")
     check_output_file(args.profile, "--profile", create_parents=True, example="profile.json")
     import torch
@@ -324,7 +275,7 @@ def _report(result: dict, profiles: list[dict]) -> None:
 
 def _run_backbone(args: argparse.Namespace) -> int:
     """``--task backbone``: see :mod:`lomar.bench.backbone`."""
-    patch = _patch_size(args)
+    patch = patch_size(args)
     if bad := [s for s in args.sizes if s <= 0 or s % patch]:
         raise UsageError(f"--sizes {bad}: sizes must be positive multiples of the patch size {patch}")
     from lomar.bench.backbone import bench_backbone, format_table  # torch: not for --help
