@@ -242,6 +242,22 @@ def test_boxes_clipped_zero_area_skipped_crowd_kept_for_evaluation_only(tiny, tm
         training_split(type(split)(split.path, split.root, everything_crowd, split.categories))
 
 
+def test_training_says_the_images_without_a_box_it_leaves_out(tiny, tmp_path):
+    """An image of no annotation (or only crowd ones) is not trained on: the train line's count says so, where the
+    run's image count fell short of the file's without a word."""
+    (ann, images), _ = tiny
+    data = json.loads(ann.read_text())
+    last = data["images"][-1]["id"]
+    data["annotations"] = [a if a["image_id"] != last else {**a, "iscrowd": 1} for a in data["annotations"]]
+    path = tmp_path / "one_crowded.json"
+    path.write_text(json.dumps(data))
+    split = read_coco(path, images)
+    train = training_split(split)
+    assert len(train.data["images"]) == len(data["images"]) - 1 and train.summary.boxless == 1
+    assert train.summary.line().endswith(", 1 images without a box left out of training")
+    assert split.summary.boxless == 0 and "without a box" not in split.summary.line()  # the file as read: all kept
+
+
 def test_jitter_keeps_boxes_masks_and_labels_together(tiny):
     (ann, images), _ = tiny
     split = training_split(read_coco(ann, images))

@@ -27,7 +27,7 @@ import contextlib
 import io
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -65,12 +65,14 @@ class CocoSummary:
     crowd: int = 0  # crowd regions: not training targets; evaluation ignores detections on them
     far: int = 0  # polygons reaching far outside their image, clipped (lomar.data.polygons)
     areas: int = 0  # annotations without an 'area', given their mask's pixel count
+    boxless: int = 0  # a training split's images without a usable box, which training leaves out
 
     def line(self) -> str:
         notes = [(self.crowd, "crowd regions (ignored in training)"), (self.clipped, "boxes clipped to their image"),
                  (self.zero_area, "boxes of zero area skipped"),
                  (self.far, "polygons reaching far outside their image clipped"),
-                 (self.areas, "areas left out of the file taken from the masks")]
+                 (self.areas, "areas left out of the file taken from the masks"),
+                 (self.boxless, "images without a box left out of training")]
         return ", ".join([f"{self.images} images, {self.boxes} boxes"] + [f"{n} {text}" for n, text in notes if n])
 
 
@@ -260,7 +262,8 @@ def training_split(split: CocoSplit) -> CocoSplit:
     if not images:
         raise _fail(split.path, "has no image with a usable box (non-crowd, inside its image); training needs some")
     data = {**split.data, "images": images, "annotations": boxes}
-    return CocoSplit(split.path, split.root, data, split.categories, split.summary)
+    boxless = len(split.data["images"]) - len(images)  # said, so that the run's image count matches the file's
+    return CocoSplit(split.path, split.root, data, split.categories, replace(split.summary, boxless=boxless))
 
 
 def size_mismatch(path: Path, upright: tuple[int, int], stored: tuple[int, int], source: Path, width: float,
