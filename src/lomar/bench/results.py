@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from lomar.bench.host import load_average
 from lomar.bench.report import beit_comparisons, compare
-from lomar.bench.timing import GemmCeiling, StepRunner, failure, failure_trace
+from lomar.bench.timing import GemmCeiling, StepRunner, failure
 
 __all__ = ["Results"]
 
@@ -45,7 +45,8 @@ class Results:
             try:
                 runner, error, trace = make(config[0], size, config[1]), None, None
             except RuntimeError as exc:
-                runner, error, trace = None, f"build: {failure(exc)}", failure_trace(exc)
+                line, trace = failure(exc)
+                runner, error = None, f"build: {line}"
             self.current.append((config, runner, error, trace))
             if error:
                 self.save()

@@ -32,7 +32,7 @@ from lomar.train.config import PretrainConfig
 from lomar.train.runtime import compile_model, fast_adamw
 
 __all__ = ["sync", "timed", "flop_counter", "resident_bytes", "StepRunner", "method_config", "build_runner",
-           "GemmCeiling", "interleaved_times", "failure", "failure_trace", "DTYPES"]
+           "GemmCeiling", "interleaved_times", "failure", "DTYPES"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -107,7 +107,7 @@ class StepRunner:
     encoder_tokens: int = 0  # per image, as the encoder's first block sees them
     peak_mem: tuple[int, str] = (-1, "none")
     error: str | None = None  # why this configuration stopped (interleaved_times): out of memory, a compile error
-    trace: str | None = None  # that error's traceback (failure_trace)
+    trace: str | None = None  # that error's traceback, where it may be a bug (see failure)
 
     def release(self) -> None:
         """Drop the model, optimizer and batch, so that a failed configuration's memory goes to the others."""
@@ -314,16 +314,13 @@ def _onednn_linear(a: torch.Tensor, b: torch.Tensor) -> Callable[[], object] | N
     return lambda: torch._C._nn.mkldnn_linear(a_blocked, b_blocked, None)
 
 
-def failure(exc: BaseException) -> str:
-    """An error as a results row gives it: its type and the first line of its message."""
+def failure(exc: BaseException) -> tuple[str, str | None]:
+    """An error as a results row gives it: (its type and the first line of its message, its traceback where the
+    failure may be a bug: a shape mismatch in a method's step is a RuntimeError too; None for running out of
+    memory, which the line says whole)."""
     line = (str(exc).strip().splitlines() or [""])[0][:300]
-    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
-
-
-def failure_trace(exc: BaseException) -> str | None:
-    """The traceback of a failure that may be a bug (a shape mismatch in a method's step is a RuntimeError too),
-    kept for its row; None for running out of memory, which :func:`failure`'s line says whole."""
-    return None if isinstance(exc, torch.OutOfMemoryError) else "".join(traceback.format_exception(exc))
+    trace = None if isinstance(exc, torch.OutOfMemoryError) else "".join(traceback.format_exception(exc))
+    return (f"{type(exc).__name__}: {line}" if line else type(exc).__name__), trace
 
 
 def _label(r: StepRunner) -> str:
@@ -353,7 +350,8 @@ def interleaved_times(runners: list[StepRunner], steps: int, warmup: int,
                 work(r)
                 continue
             except RuntimeError as exc:  # this configuration's, not the bench's: the rest are still worth timing
-                r.error, r.trace = f"{stage}: {failure(exc)}", failure_trace(exc)
+                line, r.trace = failure(exc)
+                r.error = f"{stage}: {line}"
             live.remove(r)
             r.release()
             if r.device.type == "cuda":

@@ -190,7 +190,6 @@ def run(args: argparse.Namespace) -> int:
         GemmCeiling,
         build_runner,
         failure,
-        failure_trace,
         interleaved_times,
     )
 
@@ -209,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     results = Results(plan, args.steps, gemm, meta, common, lambda result: _write(args, lambda msg: None, **result))
     profiles: list[dict] = []
     unprofiled: list[str] = []  # configurations timed whose profiled step failed
-    traces: list[str] = []  # their failures' tracebacks where one may be a bug (failure_trace)
+    traces: list[str] = []  # their failures' tracebacks, where one may be a bug
     try:
         for size in plan:
             runners = results.build(size, lambda method, px, windows: build_runner(
@@ -221,8 +220,9 @@ def run(args: argparse.Namespace) -> int:
                 try:
                     profiles.append(dict(method=r.method, img_size=size, windows=r.windows, **profile_step(r)))
                 except RuntimeError as exc:  # the profiler's own memory, say: the timed rows stand, and the rest
-                    unprofiled.append(f"{r.method} {size}px: {failure(exc)}")
-                    traces += filter(None, [failure_trace(exc)])
+                    line, trace = failure(exc)
+                    unprofiled.append(f"{r.method} {size}px: {line}")
+                    traces += filter(None, [trace])
                     continue
                 shares[r.method, r.windows] = profiles[-1]["shares"]
             for row in results.end_size():
