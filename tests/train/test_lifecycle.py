@@ -611,6 +611,29 @@ def test_a_stop_signal_during_the_runs_last_step_that_ends_an_epoch_still_ends_t
     assert "nothing to do, the run is at step 4" in capsys.readouterr().out and scored(stopped) == scored(straight)
 
 
+@pytest.mark.parametrize("signalled", [True, False])
+def test_a_compile_that_a_stop_signal_killed_unwinds_as_the_signal(tmp_path, signalled):
+    """--compile's first step builds C++ in child compilers of the process group, which a SIGTERM to the group kills
+    too: the step failed with inductor's compile error after the stop flag was set, a traceback of thousands of lines
+    (a CPU run: checked by hand). A stand-in error here: without a signal, a compile error stays what it is."""
+    import signal
+
+    from torch._inductor.exc import InductorError
+
+    from lomar.train.preemption import Terminated
+
+    class CompileKilled(ToyTask):
+        def loss(self, batch):
+            if signalled:
+                signal.raise_signal(signal.SIGTERM)
+            raise InductorError(RuntimeError("C++ compile error"), None)
+
+    with pytest.raises(Terminated if signalled else InductorError) as caught:
+        run(ToyConfig(out=str(tmp_path / "run")), CompileKilled)
+    if signalled:  # lomar's one line, 'terminated (SIGTERM)', exit 143
+        assert caught.value.args == (signal.SIGTERM,)
+
+
 class Dropping(ToyTask):
     """Dropout in the model: every step draws from the global torch stream of its rank."""
 

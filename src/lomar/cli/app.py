@@ -31,7 +31,7 @@ from lomar.errors import (
     leave_it_to_the_first_process,
 )
 from lomar.limits import check_env_limits
-from lomar.train.preemption import STOP_SIGNALS, mark_command_start, process_age, take_command_start
+from lomar.train.preemption import STOP_SIGNALS, Terminated, mark_command_start, process_age, take_command_start
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main", "run", "describe_os_error"]
 
@@ -186,13 +186,6 @@ def describe_dead_worker(exc: RuntimeError, command: str) -> str | None:
 
 def _trains(command: str | None) -> bool:
     return any(name == command and module == "lomar.cli.train" for name, module, _ in SUBCOMMANDS)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGUSR1 outside a training loop (which checkpoints on them instead): the command unwinds as on
-    Ctrl-C, so that its temporary files are removed and its run folder's lock released, and exits 128 + the
-    signal (143 for SIGTERM). SIGUSR1 is what a scheduler sends ahead of a time limit (SLURM's --signal); left
-    to its default action it would kill a run still starting (reading its data, fitting a tokenizer) unannounced."""
 
 
 _running = [False]  # whether a command is running: a stop signal after it has ended changes nothing

@@ -350,8 +350,9 @@ def run(config, make_task: type[Task]) -> int:
         if info.is_main:
             prepare_run_folder(config, task or make_task, resume, step, epoch,
                                finished=end is not None or step >= trainer.last_step)
-        code = trainer.train() if end is None else answer_at_end(make_task, out, step, step, end.steps_per_epoch,
-                                                                 config, info.is_main, device)
+        with stop.owning_compile_failures():  # --compile's compilers, killed by a signal to the process group
+            code = trainer.train() if end is None else answer_at_end(make_task, out, step, step,
+                                                                     end.steps_per_epoch, config, info.is_main, device)
         if info.enabled:  # leave together: a rank that tears gloo down while rank 0 still exports can abort
             dist.barrier()
         return code

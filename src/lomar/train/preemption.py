@@ -9,6 +9,7 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -16,7 +17,7 @@ from time import monotonic
 
 from lomar.values import duration_text  # no torch here, nor typing: `lomar --help` imports this module
 
-__all__ = ["StopFlag", "TIME_LIMIT_EXIT", "ignore_stop_signals", "any_rank_stopping", "shut_down_workers",
+__all__ = ["StopFlag", "Terminated", "TIME_LIMIT_EXIT", "ignore_stop_signals", "any_rank_stopping", "shut_down_workers",
            "mark_command_start", "take_command_start", "process_age", "STOP_SIGNALS",
            "first_save_estimate"]
 
@@ -36,6 +37,20 @@ STEPS_KEPT = 8  # the time limit's margin: the longest of the last this many ste
 # SIGTERM, SIGUSR1 (none on Windows), SIGINT
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, name))
 _command_start: list[float] = []  # when the lomar command began (monotonic), until a run takes it
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGUSR1 outside a training loop (which checkpoints on them instead): the command unwinds as on
+    Ctrl-C, so that its temporary files are removed and its run folder's lock released, and exits 128 + the
+    signal (143 for SIGTERM). SIGUSR1 is what a scheduler sends ahead of a time limit (SLURM's --signal); left
+    to its default action it would kill a run still starting (reading its data, fitting a tokenizer) unannounced."""
+
+
+def _compile_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch.compile's backend failing (inductor's compile error among them); torch._dynamo is
+    looked up, not imported: without it loaded, nothing was compiled."""
+    dynamo = sys.modules.get("torch._dynamo.exc")
+    return dynamo is not None and isinstance(exc, dynamo.BackendCompilerFailed)
 
 
 def process_age() -> float:
@@ -106,6 +121,19 @@ class StopFlag:
             yield
         finally:
             self.save_s = monotonic() - start
+
+    @contextlib.contextmanager
+    def owning_compile_failures(self):
+        """torch.compile's first step builds C++ in child compilers of this process group, which a SIGTERM or Ctrl-C
+        sent to the group (a scheduler's, a terminal's) kills too: the step then fails, after this flag was set, with
+        inductor's compile error, a traceback of thousands of lines. That failure is the signal's: it unwinds as the
+        signal does outside a training loop, in one line (:class:`Terminated`, or KeyboardInterrupt for Ctrl-C)."""
+        try:
+            yield
+        except Exception as exc:
+            if self.signal is None or not _compile_failure(exc):
+                raise
+            raise (KeyboardInterrupt() if self.signal == signal.SIGINT else Terminated(self.signal)) from None
 
     def ahead(self, work: bool) -> StopFlag:
         """This flag, told whether an evaluation, a save or an epoch's end comes before the next step."""
