@@ -15,7 +15,8 @@ from lomar.train.config import PretrainConfig
 from lomar.train.detect_config import DetectConfig
 from lomar.train.finetune_config import FinetuneConfig
 from lomar.train.segment_config import SegmentConfig
-from lomar.train.settings import Setting, coerce_all, help_text
+from lomar.train.setting_flags import help_text
+from lomar.train.settings import Setting, coerce_all
 
 # The same flag name with another meaning in one command; each is a homonym, not a drift.
 HOMONYMS = {

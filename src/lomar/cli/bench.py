@@ -30,7 +30,8 @@ from lomar.limits import MAX_IMG_SIZE
 from lomar.methods import names
 from lomar.train import settings as S
 from lomar.train.runtime import retain_freed_memory
-from lomar.train.settings import Setting, add_settings
+from lomar.train.setting_flags import add_settings
+from lomar.train.settings import Setting
 
 __all__ = ["add_arguments", "run"]
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from lomar.errors import LomarError, UsageError, in_flags, leave_it_to_the_first_process
 from lomar.train import settings as S
-from lomar.train.settings import Setting, add_settings
+from lomar.train.setting_flags import add_settings
+from lomar.train.settings import Setting
 
 __all__ = ["resolve_device", "check_output_file", "check_output_dir", "write_json",
            "add_override_arguments", "load_for_cli", "training_command", "refuse_torchrun", "resume_policies"]

@@ -9,7 +9,8 @@ from lomar.cli.common import check_output_dir
 from lomar.errors import UsageError
 from lomar.limits import MAX_IMG_SIZE
 from lomar.train import settings as S
-from lomar.train.settings import Setting, add_settings
+from lomar.train.setting_flags import add_settings
+from lomar.train.settings import Setting
 from lomar.values import counted
 
 __all__ = ["add_arguments", "run", "SETTINGS"]

@@ -9,7 +9,8 @@ from pathlib import Path
 from lomar.cli.common import add_override_arguments, check_output_dir, check_output_file, load_for_cli
 from lomar.errors import UsageError
 from lomar.train import settings as S
-from lomar.train.settings import Setting, add_settings
+from lomar.train.setting_flags import add_settings
+from lomar.train.settings import Setting
 from lomar.values import counted
 
 __all__ = ["add_arguments", "run", "load_original_add_arguments", "load_original_run", "CHECKPOINT"]

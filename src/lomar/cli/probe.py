@@ -20,7 +20,8 @@ from lomar.errors import LomarError, UsageError, first_on_machine, in_flags, lea
 from lomar.train import settings as S
 from lomar.train.config_checks import EVAL_DECODES
 from lomar.train.runtime import default_workers, use_threads
-from lomar.train.settings import Setting, add_settings
+from lomar.train.setting_flags import add_settings
+from lomar.train.settings import Setting
 from lomar.train.settings_resume import check_warmup
 
 COMMON = {

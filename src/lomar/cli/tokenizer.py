@@ -15,7 +15,8 @@ from lomar.cli.common import check_output_file, resolve_device
 from lomar.errors import UsageError, in_flags
 from lomar.limits import MAX_IMG_SIZE
 from lomar.train import settings as S
-from lomar.train.settings import Setting, add_settings
+from lomar.train.setting_flags import add_settings
+from lomar.train.settings import Setting
 
 __all__ = ["add_arguments", "run"]
 

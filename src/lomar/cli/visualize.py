@@ -11,7 +11,8 @@ from lomar.cli.export import CHECKPOINT
 from lomar.data.pathtable import dangling_link
 from lomar.errors import UsageError
 from lomar.train import settings as S
-from lomar.train.settings import Setting, add_settings
+from lomar.train.setting_flags import add_settings
+from lomar.train.settings import Setting
 from lomar.values import as_sides
 
 __all__ = ["add_arguments", "run", "prepare_image", "MAX_IMAGES"]

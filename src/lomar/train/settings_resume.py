@@ -21,6 +21,7 @@ from lomar.checkpoints.kinds import run_command
 from lomar.errors import first_on_machine
 from lomar.train import settings as S
 from lomar.train.runtime import default_workers
+from lomar.train.setting_flags import add_settings
 from lomar.train.setting_names import as_given, setting_of, source_of
 from lomar.train.settings import ConfigError, coerce_all, declarations, shown
 
@@ -63,7 +64,7 @@ class TaskConfig:
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        S.add_settings(parser, declarations(cls), config=True)
+        add_settings(parser, declarations(cls), config=True)
 
     @classmethod
     def resolve(cls, args: argparse.Namespace) -> TaskConfig:
