@@ -440,6 +440,12 @@ def test_sigusr1_outside_training_unwinds_as_sigterm_does(monkeypatch, capsys):
     assert f"{code} SIGUSR1" in app.EXIT_CODES  # lomar --help lists it
 
 
+def test_lomar_help_lists_the_time_limit_exit_code():
+    from lomar.train.preemption import TIME_LIMIT_EXIT
+
+    assert f"; {TIME_LIMIT_EXIT} a training run stopped by --time-limit" in app.EXIT_CODES
+
+
 def test_a_rank_whose_peer_died_says_so_in_one_line(monkeypatch, capsys):
     gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:24990: "
                         "Connection reset by peer. This is typically caused by a remote worker hanging or bugs in the "

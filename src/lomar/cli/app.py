@@ -55,8 +55,9 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("tokenizer", "lomar.cli.tokenizer", "BEiT visual tokenizers: fit a k-means one on images, convert a dVAE"),
 ]
 EXIT_CODES = ("exit codes: 0 done; 1 the work failed (e.g. a full disk: free space and rerun); "
-              "2 a bad flag, input or output path (nothing was computed); 130 interrupted; 143 SIGTERM and 138 "
-              "SIGUSR1 outside a training loop (which checkpoints on them and exits 0)")
+              "2 a bad flag, input or output path (nothing was computed); 75 a training run stopped by --time-limit "
+              "(resume it; 0 under torchrun); 130 interrupted; 143 SIGTERM and 138 SIGUSR1 outside a training loop "
+              "(which checkpoints on them and exits 0)")
 
 
 _REQUIRED = "the following arguments are required: "  # argparse's words
