@@ -449,6 +449,19 @@ def test_eval_only_scores_a_finetuned_classifier_as_its_run_did(tmp_path, capsys
     assert yaml.safe_load(capsys.readouterr().out)["decode"] == "draft"
     assert main([*evaluate, "--pretrained", str(tmp_path / "draft.pt"), "--print-config", "--decode", "full"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["decode"] == "full"
+    # a run under --precision auto is scored in the precision auto chose for it (fp32), not this machine's auto's
+    ckpt["settings"]["precision"], ckpt["precision"] = "auto", "fp32"
+    torch.save(ckpt, tmp_path / "auto.pt")
+    for given, scored_in in (([], "fp32"), (["--precision", "auto"], "fp32"), (["--precision", "bf16"], "bf16")):
+        assert main([*evaluate, "--pretrained", str(tmp_path / "auto.pt"), "--print-config", *given]) == 0
+        assert yaml.safe_load(capsys.readouterr().out)["precision"] == scored_in
+    from lomar.train import finetune  # where this machine's auto would pick bf16, the start says so
+
+    monkeypatch.setattr(finetune, "resolve_precision", lambda precision, device: precision.replace("auto", "bf16"))
+    assert main([*evaluate, "--pretrained", str(tmp_path / "auto.pt"), "--out", str(tmp_path / "auto")]) == 0
+    assert ("lomar finetune: precision fp32, the one the classifier trained in (this machine's --precision auto "
+            "would pick bf16); pass --precision bf16 to switch\n") in capsys.readouterr().err
+    monkeypatch.undo()
     # another size: its position table resampled there, the record says both sizes
     assert main([*evaluate, "--pretrained", str(run), "--out", str(tmp_path / "48"), "--img-size", "48"]) == 0
     assert "(step 1), 48 px, not its trained 32 px" in capsys.readouterr().err

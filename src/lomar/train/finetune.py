@@ -124,6 +124,10 @@ class FinetuneTask(Task):
             self.model, trained = _trained_classifier(config, len(self.classes))
             self.model.to(device)
             self.autocast = autocast_factory(resolve_precision(config.precision, device), device)  # as a run's
+            if config.precision_of_run and (own := resolve_precision("auto", device)) != config.precision:
+                print(f"lomar finetune: precision {config.precision}, the one the classifier trained in (this "
+                      f"machine's --precision auto would pick {own}); pass --precision {own} to switch",
+                      file=sys.stderr, flush=True)
             path, step = config.classifier.path, config.classifier.checkpoint.get("step")
             self.source = {"checkpoint": str(path), "step": step, "trained_img_size": trained}
             other = "" if trained == config.img_size else f", not its trained {trained} px"

@@ -43,6 +43,7 @@ class FinetuneConfig(TaskConfig):
     COMMAND = "finetune"
     TRAINS_FROM_OWN = True
     classifier = None  # not a setting: --eval-only's checkpoint as complete read it (kinds.FoundCheckpoint)
+    precision_of_run = False  # not a setting: --eval-only's precision is the classifier's run's, auto's of its machine
     pretrained: str | None = S.PRETRAINED.field(help=S.PRETRAINED.help + " (default: none; required unless "
                                                      "resuming, which reads it from the checkpoint), or with "
                                                      "--eval-only a `lomar finetune` run or checkpoint")
@@ -133,14 +134,18 @@ class FinetuneConfig(TaskConfig):
         layout = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
         pool = classifier_pool(ckpt, ckpt.get("model", {}))
         run = ckpt.get("settings") if isinstance(ckpt.get("settings"), dict) else {}
-        own = {"global_pool": pool, "img_size": layout.get("img_size"), "precision": run.get("precision"),
+        # a run under --precision auto records that setting and, beside its step, the precision auto chose there
+        ran = ckpt.get("precision") if run.get("precision", "auto") == "auto" else run.get("precision")
+        own = {"global_pool": pool, "img_size": layout.get("img_size"), "precision": ran,
                "decode": run.get("decode"), **{k: layout.get(k) for k in CLASSIFIER_OWN[1:]}}
         own = coerce_all(type(self), {k: v for k, v in own.items() if v is not None}, str(saved), strict=False)
         own["global_blocks"] = own.get("global_blocks") or None  # () of a global encoder: no --global-blocks
         refuse_contradictions(explicit, own, CLASSIFIER_OWN, "classifier", saved)
+        auto = explicit.get("precision", "auto") == "auto"  # given or not, as a resume's (precision.run_precision)
         for name, value in own.items():
-            if name not in explicit and value is not None:
+            if (name not in explicit or (name == "precision" and auto)) and value is not None:
                 setattr(self, name, value)
+        self.precision_of_run = auto and own.get("precision", "auto") != "auto"
 
     def notes(self) -> list[str]:
         return [self._warmup_note] if getattr(self, "_warmup_note", None) else []
