@@ -595,11 +595,11 @@ def test_finetune_sigusr1_checkpoints_mid_epoch_and_resumes(pretrained, folder, 
 
     real, calls = finetune.any_rank_stopping, []
 
-    def signal_during_step_2(stop, device):
+    def signal_during_step_2(stop, device, work_ahead):
         calls.append(1)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGUSR1)
-        return real(stop, device)
+        return real(stop, device, work_ahead)
 
     out = tmp_path / "ft"
     args = ["finetune", "--pretrained", str(pretrained), "--data", str(folder), "--img-size", "32",

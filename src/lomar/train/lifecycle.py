@@ -188,7 +188,7 @@ class _Run:
             p.batches_done += accum
             if self._optimizer_step():  # the time limit's margin counts an evaluation or epoch's end before the next
                 scoring = self.task.eval_steps and p.step % self.task.eval_steps == 0
-                self.signalled = any_rank_stopping(self.stop.ahead(scoring or p.batches_done >= per_epoch), self.device)
+                self.signalled = any_rank_stopping(self.stop, self.device, scoring or p.batches_done >= per_epoch)
                 if self.signalled or p.step >= self.last_step:
                     return True
                 if scoring:

@@ -98,7 +98,7 @@ class StopFlag:
         self.steps: deque[float] = deque(maxlen=STEPS_KEPT)
         self.works: deque[float] = deque(maxlen=STEPS_KEPT)
         self.first_step, self.save_s, self.mark = None, None, None
-        self.work_ahead = self.after_work = False
+        self.after_work = False
         self.left = self.needed = 0.0  # at the stop: the seconds left of the limit, and those a step and save needed
         self.needed_for = ""
 
@@ -135,14 +135,10 @@ class StopFlag:
                 raise
             raise (KeyboardInterrupt() if self.signal == signal.SIGINT else Terminated(self.signal)) from None
 
-    def ahead(self, work: bool) -> StopFlag:
-        """This flag, told whether an evaluation, a save or an epoch's end comes before the next step."""
-        self.work_ahead = work
-        return self
-
-    def due(self) -> int:
+    def due(self, work_ahead: bool = False) -> int:
         """This process's stop: 2 for a signal, 1 when the time left of the limit would not hold the next step (with
-        the work :meth:`ahead` of it) and the final save, else 0. Ends a step's interval."""
+        ``work_ahead``: the evaluation, save or epoch's end that comes before it) and the final save, else 0. Ends a
+        step's interval."""
         now = monotonic()
         if self.mark is not None:
             if self.first_step is None:
@@ -151,16 +147,15 @@ class StopFlag:
                 self.works.append(now - self.mark)
             else:
                 self.steps.append(now - self.mark)
-        self.mark, self.after_work, work = now, self.work_ahead, self.work_ahead
-        self.work_ahead = False
+        self.mark, self.after_work = now, work_ahead
         if self.signal is not None:
             return 2
         if self.deadline is None:
             return 0
         save = self.save_s or 0.0
         step = max(self.steps) if self.steps else self.first_step or 0.0
-        self.left, self.needed = self.deadline - now, (max([step + save, *self.works]) if work else step) + save
-        self.needed_for = ("the evaluation or save due, " if work else "") + "one more step and the save"
+        self.left, self.needed = self.deadline - now, (max([step + save, *self.works]) if work_ahead else step) + save
+        self.needed_for = ("the evaluation or save due, " if work_ahead else "") + "one more step and the save"
         return int(self.left <= 0 or self.left < self.needed)
 
     def restore(self) -> None:
@@ -207,14 +202,15 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def any_rank_stopping(stop: StopFlag, device) -> bool:
+def any_rank_stopping(stop: StopFlag, device, work_ahead: bool = False) -> bool:
     """True when this process or any other rank was signalled or is due to stop for the time limit
-    (:meth:`StopFlag.due`): the step's one stop agreement (a collective on ``device`` under DDP), whose MAX makes
+    (:meth:`StopFlag.due`, told ``work_ahead``: an evaluation, a save or an epoch's end comes before the next step):
+    the step's one stop agreement (a collective on ``device`` under DDP), whose MAX makes
     every rank stop at the same step though each decides from its own clock, and sets ``stop.timed_out`` alike on
     every rank. A signal anywhere is the reason over the limit: the scheduler that sent it is stopping the job."""
     from lomar.train.distributed import rank_max  # torch: not for `lomar --help`, which imports this module
 
-    due = int(rank_max(stop.due(), device))
+    due = int(rank_max(stop.due(work_ahead), device))
     stop.timed_out = due == 1
     return due > 0
 
