@@ -494,3 +494,31 @@ def test_eval_only_scores_a_finetuned_classifier_as_its_run_did(tmp_path, capsys
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
     assert (run / "metrics.jsonl").read_text() == log
+
+
+def test_an_encoder_flag_without_the_term_it_acts_on_is_noted(tmp_path, capsys, pretrained, labelled_folder):
+    """--no-train-pos-embed on a LoMaR encoder (no absolute table), --no-decay-rel-pos-bias on one not BEiT's, went
+    on without a word; --attention is read by its iRPE. Notes, not refusals: the run trains as without them."""
+    assert _finetune(pretrained, labelled_folder, tmp_path / "run", "--batch-size", "4", "--max-steps", "1",
+                     "--no-train-pos-embed", "--no-decay-rel-pos-bias", "--attention", "chunked") == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if ": note: " in line]
+    assert notes == [
+        "lomar finetune: note: --no-train-pos-embed is unused: it acts on an absolute position table (MAE's), and "
+        "this encoder has none",
+        "lomar finetune: note: --no-decay-rel-pos-bias is unused: it sets a BEiT encoder's finetuning groups, and "
+        "this encoder is not BEiT's"]
+
+
+def test_attention_on_an_encoder_without_a_relative_position_term_is_noted():
+    from types import SimpleNamespace
+
+    from lomar.models.vit import VisionTransformer, ViTConfig
+    from lomar.train.encoder_settings import unused_encoder_flags
+
+    mae = VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, pos="abs"))
+    given = SimpleNamespace(attention="dense", train_pos_embed=False, flags_given=frozenset({"attention"}))
+    assert unused_encoder_flags(given, mae) == [
+        "--attention dense is unused: it picks how a relative position bias (iRPE, --rel-pos) is computed, and this "
+        "encoder's attention has none"]
+    # the same values from a settings file, or a resumed run's own (an older detector's train_pos_embed false)
+    assert unused_encoder_flags(SimpleNamespace(attention="dense", train_pos_embed=False), mae) == []

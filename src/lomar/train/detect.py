@@ -47,7 +47,7 @@ from lomar.models.relpos import fit_axis_tables
 from lomar.models.vit import VisionTransformer, ViTConfig, model_config
 from lomar.train.detect_config import DetectConfig
 from lomar.train.distributed import DistInfo
-from lomar.train.encoder_settings import encoder_layout
+from lomar.train.encoder_settings import encoder_layout, unused_encoder_flags
 from lomar.train.lifecycle import Task, run
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.settings_resume import command_flags
@@ -173,6 +173,8 @@ class DetectTask(Task):
         cfg.rel_pos = encoder.config.rel_pos  # auto resolved: what the checkpoint records and a resume rebuilds
         encoder.set_grad_checkpointing(cfg.grad_checkpointing)
         model = build_mask_rcnn(encoder, len(self.categories), cfg.img_size, train_pos_embed=cfg.train_pos_embed)
+        for note in unused_encoder_flags(cfg, encoder):
+            self.log(f"lomar detect: note: {note}")
         model.roi_heads.fg_bg_sampler.batch_size_per_image = cfg.rois_per_image
         if saved is not None:
             model.load_state_dict(_fit_to_layout(ckpt["model"], model, encoder_config))

@@ -11,7 +11,7 @@ from lomar.train import settings as S
 from lomar.train.settings import ConfigError
 
 __all__ = ["check_windows", "encoder_layout", "random_encoder_patch", "check_img_size", "check_pretrained",
-           "model_only_without_pretrained"]
+           "model_only_without_pretrained", "unused_encoder_flags"]
 
 
 def check_windows(config: Any) -> None:
@@ -71,3 +71,29 @@ def model_only_without_pretrained(config: Any, explicit: dict[str, Any]) -> None
     elif explicit.get("model") is not None:
         raise ConfigError(f"--model {explicit['model']} is the architecture of a random encoder, but --pretrained "
                           f"{config.pretrained} brings its own; drop --model (or --pretrained)")
+
+
+def unused_encoder_flags(config: Any, encoder: Any, beit: bool = False) -> list[str]:
+    """The start's notes for --(no-)train-pos-embed, --attention and --(no-)decay-rel-pos-bias given as flags
+    (``config.flags_given``) to an ``encoder`` (built, with its head or not; ``beit``: timm's BEiT) that lacks what
+    each acts on. Notes, not refusals: a settings file may hold them for any encoder, and a detector or segmenter of
+    an older lomar resumes with train_pos_embed false."""
+    given, notes = getattr(config, "flags_given", frozenset()), []
+
+    def flag(name: str) -> str:
+        value = getattr(config, name)
+        dashed = name.replace("_", "-")
+        return (f"--{dashed}" if value else f"--no-{dashed}") if isinstance(value, bool) else f"--{dashed} {value}"
+
+    if "train_pos_embed" in given and getattr(encoder, "pos_embed", None) is None:
+        notes.append(f"{flag('train_pos_embed')} is unused: it acts on an absolute position table (MAE's), and this "
+                     f"encoder has none")
+    blocks = getattr(encoder, "blocks", ())
+    if "attention" in given and not any(getattr(block.attn, "rpe", None) is not None
+                                        or getattr(block.attn, "rel_pos", "none") != "none" for block in blocks):
+        notes.append(f"{flag('attention')} is unused: it picks how a relative position bias (iRPE, --rel-pos) is "
+                     f"computed, and this encoder's attention has none")
+    if "decay_rel_pos_bias" in given and not beit:
+        notes.append(f"{flag('decay_rel_pos_bias')} is unused: it sets a BEiT encoder's finetuning groups, and this "
+                     f"encoder is not BEiT's")
+    return notes

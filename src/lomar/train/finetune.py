@@ -40,7 +40,7 @@ from lomar.errors import UsageError, said_by_first_on_machine
 from lomar.eval.features import load_pretrained_encoder
 from lomar.models.vit import VisionTransformer
 from lomar.train.distributed import DistInfo
-from lomar.train.encoder_settings import encoder_layout
+from lomar.train.encoder_settings import encoder_layout, unused_encoder_flags
 from lomar.train.finetune_config import FinetuneConfig, split_roots
 from lomar.train.lifecycle import Task, run
 from lomar.train.monitor import metric_text
@@ -146,6 +146,8 @@ class FinetuneTask(Task):
             self.model.freeze_pos_embed()
         if info.is_main:
             print(f"lomar finetune: {self.model.load_report.summary(command_flags(config))}", flush=True)
+            for note in unused_encoder_flags(config, self.model, beit=isinstance(self.model, Beit)):
+                print(f"lomar finetune: note: {note}", file=sys.stderr, flush=True)
         self.model.set_grad_checkpointing(config.grad_checkpointing)
         self.model.to(device)
         self.mixup = None

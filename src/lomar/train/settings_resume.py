@@ -86,6 +86,7 @@ class TaskConfig:
             values["out"] = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
         config = cls(**values)
         config.resume_point, config.in_file = (saved.point if saved is not None else None), in_file
+        config.flags_given = frozenset(flags)  # what the command line gave, not a settings file
         config.complete(explicit)
         if config.workers is None:
             config.workers = default_workers()
