@@ -36,7 +36,7 @@ from lomar.train.run_lines import announce, report_end
 from lomar.train.run_lock import RunLock
 from lomar.train.run_resume import check_no_rewind, numerics_notes, resume_point
 from lomar.train.run_state import prepare_run_folder, save_checkpoint, save_on_main_rank, save_state
-from lomar.train.runtime import compile_model, fast_adamw, use_threads
+from lomar.train.runtime import compile_model, fast_adamw, keep_grads_allocated, use_threads
 from lomar.train.schedule import lr_at, peak_lr, run_span
 from lomar.train.setting_names import source_of
 from lomar.train.settings_resume import command_flags, resumed_past_end
@@ -66,15 +66,8 @@ class _Run:
         self.compiled = bool(getattr(config, "compile", False))
         mode = getattr(config, "compile_mode", "default")
         task.net = compile_model(task.model, mode) if self.compiled else task.model
-        # Under CUDA graphs a backward returns the gradients in memory that the next replay reuses, and a parameter
-        # whose .grad is None takes that memory as its .grad: the next micro-batch then overwrites the gradient it
-        # should add to (pytorch/pytorch#169545). Gradients that stay allocated are added to instead; where every
-        # parameter gets a gradient each step (as DDP requires), zeros instead of None change no update.
-        self.keep_grads = self.compiled and mode in ("reduce-overhead", "max-autotune") and not task.sharded
-        if self.keep_grads:
-            for param in task.model.parameters():
-                if param.requires_grad and param.grad is None:
-                    param.grad = torch.zeros_like(param)
+        # the gradients stay allocated (zero_grad's set_to_none=False) where the compiled step's CUDA graphs need it
+        self.keep_grads = self.compiled and not task.sharded and keep_grads_allocated(task.model, mode)
         if info.enabled and not task.sharded:
             task.net = DistributedDataParallel(task.net, device_ids=[device.index] if device.type == "cuda" else None)
         task.progress = self.p = Progress()

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from typing import Any
 
 __all__ = ["retain_freed_memory", "fast_adamw", "compile_model", "available_cores", "default_threads",
-           "default_workers", "use_threads"]
+           "default_workers", "use_threads", "keep_grads_allocated"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -76,6 +76,25 @@ def compile_model(model: Any, mode: str = "default", **options: Any) -> Any:
     import torch
 
     return torch.compile(model, mode=None if mode == "default" else mode, **options)
+
+
+def keep_grads_allocated(model: Any, mode: str) -> bool:
+    """Whether a model compiled in ``mode`` must keep its gradients allocated, each given zeros now where it has none.
+
+    Under CUDA graphs (reduce-overhead, max-autotune) a backward returns the gradients in memory that the next replay
+    reuses, and a parameter whose .grad is None takes that memory as its .grad: the next micro-batch then overwrites
+    the gradient it should add to (pytorch/pytorch#169545). Gradients that stay allocated are added to instead; where
+    every parameter gets a gradient each step (as DDP requires), zeros instead of None change no update.
+    """
+    if mode not in ("reduce-overhead", "max-autotune"):
+        return False
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.grad is None:
+            param.grad = torch.zeros_like(param)
+    return True
+
 
 def available_cores() -> int:
     """CPU cores this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""
