@@ -1,4 +1,4 @@
-"""`lomar knn` / `lomar linprobe` outputs never replace the checkpoint they score."""
+"""`lomar knn` / `lomar linprobe` outputs: they never replace the checkpoint they score; the lines they print."""
 
 import shutil
 
@@ -24,3 +24,15 @@ def test_an_output_on_the_checkpoint_being_scored_is_refused(pretrained, tmp_pat
     assert err == (f"lomar {command}: error: {flag} {run / name} is a file of the checkpoint {source} being scored: "
                    f"writing it would replace that checkpoint; give another file\n")
     assert (run / name).read_bytes() == before
+
+
+def test_the_load_line_keeps_the_crop_size_apart_from_what_was_not_used(pretrained, labelled_folder, tmp_path, capsys):
+    """A comma joined the crop size to the load report's last list: an export's line read 'not used: none, 448 px
+    crops', as if the crops were left unused."""
+    export = tmp_path / "export"
+    assert main(["export", str(pretrained), "--to", str(export)]) == 0
+    capsys.readouterr()
+    assert main(["knn", str(export), "--data", str(labelled_folder), "--device", "cpu", "--workers", "0",
+                 "--img-size", "32", "--threads", "1"]) == 0
+    line = next(line for line in capsys.readouterr().err.splitlines() if "loaded" in line)
+    assert line.endswith("; not used: none; 32 px crops"), line

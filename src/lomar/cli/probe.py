@@ -88,7 +88,7 @@ def frozen_features(args: argparse.Namespace, say=lambda msg: None, device: str 
     except ValueError as exc:  # the library's parameters (an original checkpoint's num_heads=...) as flags
         settings = KNN if args.command == "knn" else LINPROBE
         raise UsageError(in_flags(str(exc), {name: s.name_flag(name) for name, s in settings.items()})) from None
-    say(f"{encoder.load_report.summary()}, {args.img_size} px crops")
+    say(f"{encoder.load_report.summary()}; {args.img_size} px crops")
     features = []
     for loader in loaders:  # more than UNREADABLE_LIMIT of a split unreadable stops here (extract_features)
         skipped = BadDataTracker(len(loader.dataset), warn=False)  # the loader warned of each file
