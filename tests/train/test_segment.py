@@ -306,7 +306,7 @@ def test_the_loss_is_mmsegs_mean_over_every_pixel_and_unlabelled_data_scores_not
         Image.fromarray(np.zeros_like(np.asarray(Image.open(label)))).save(label)
     out = tmp_path / "run"
     # a whole epoch: its evaluation is a best.pt candidate, whose comparison of None with a float raised TypeError
-    assert _segment(data, out, "--epochs", "1") == 0, capsys.readouterr().err
+    assert _segment(data, out, "--model", "vit_tiny_patch16", "--epochs", "1") == 0, capsys.readouterr().err
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["loss"] == 0 and records[-1]["mIoU"] is None and records[-1]["aAcc"] is None
     printed = capsys.readouterr().out
@@ -325,6 +325,7 @@ def test_two_step_run_writes_miou_per_class_scores_and_predictions(digits, pretr
     captured = capsys.readouterr()
     err = captured.err
     assert "pretrained: loaded" in err
+    assert "relative position term: none added (the encoder's own iRPE gives its attention" in err  # LoMaR's
     # the per-class table at the final evaluation only, not at step 1's
     assert captured.out.count("lomar segment: lowest IoU: ") == 1
     assert f"every class in {out / 'per_class.md'}" in captured.out
@@ -586,25 +587,17 @@ def test_the_smallest_img_size_the_pyramid_tiles_trains_and_evaluates(digits, tm
 @pytest.mark.slow
 def test_torchrun_two_processes_train_and_gather_every_prediction(digits, tmp_path):
     """2 gloo processes: DDP training, the confusion matrices summed, every rank's predictions written."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
+    from helpers import as_torchrun
 
-    with socket.socket() as sock:  # torchrun's --master-port 0 is not shared by the ranks: a free one
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     out = tmp_path / "run"
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "--master-port", str(port),
-           "-m", "lomar", "segment", "--data", str(digits), "--num-classes", "10", "--img-size", "32",
-           "--batch-size", "2", "--head-channels", "16", "--warmup-steps", "1", "--lr", "1e-3", "--workers", "0",
-           "--threads", "1", "--device", "cpu", "--log-every", "1", "--max-steps", "2", "--eval-mode", "whole",
-           "--model", "vit_tiny_patch16", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:]
-    assert "x 2 process(es)" in done.stdout and "lomar: done at step 2" in done.stdout
+    ranks = as_torchrun(["segment", "--data", str(digits), "--num-classes", "10", "--img-size", "32",
+                         "--batch-size", "2", "--head-channels", "16", "--warmup-steps", "1", "--lr", "1e-3",
+                         "--workers", "0", "--threads", "1", "--device", "cpu", "--log-every", "1", "--max-steps", "2",
+                         "--eval-mode", "whole", "--model", "vit_tiny_patch16", "--out", str(out)], 2, tmp_path,
+                        timeout=300)
+    log = "".join(printed + said for _, printed, said in ranks)
+    assert [code for code, _, _ in ranks] == [0, 0], log[-3000:]
+    assert "x 2 process(es)" in log and "lomar: done at step 2" in log
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
     for r in (r for r in records if "loss" in r):  # the parts are averaged over both processes as the loss is
@@ -679,7 +672,7 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_0(digits, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "lomar", "segment", "--data", str(digits), "--num-classes", "10", "--img-size", "32",
            "--batch-size", "2", "--head-channels", "16", "--warmup-steps", "1", "--epochs", "1000", "--workers", "1",
-           "--threads", "1", "--device", "cpu", "--log-every", "1", "--out", str(out)]
+           "--threads", "1", "--device", "cpu", "--log-every", "1", "--model", "vit_tiny_patch16", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     metrics, deadline = out / "metrics.jsonl", time.time() + 600

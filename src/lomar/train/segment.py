@@ -103,7 +103,10 @@ class SegmentTask(Task):
             encoder, source = _starting_encoder(config.model, config.pretrained, config.rel_pos, layout)
         config.rel_pos = encoder.config.rel_pos  # auto resolved: what the checkpoint records and a resume rebuilds
         if info.is_main:
-            print(f"lomar segment: {source}; relative position term: {config.rel_pos}", file=sys.stderr, flush=True)
+            term = config.rel_pos
+            if term == "none" and encoder.config.pos == "rpe":  # 'none' alone read as if the iRPE were dropped
+                term = "none added (the encoder's own iRPE gives its attention relative positions)"
+            print(f"lomar segment: {source}; relative position term: {term}", file=sys.stderr, flush=True)
         # The pyramid taps blocks, never the final norm: left trainable, DDP would wait for its gradient.
         encoder.norm.requires_grad_(False)
         self.model = UperNetSegmenter(encoder, config.num_classes, channels=config.head_channels,
