@@ -50,7 +50,7 @@ from lomar.train.distributed import DistInfo
 from lomar.train.encoder_settings import encoder_layout, unused_encoder_flags
 from lomar.train.lifecycle import Task, run
 from lomar.train.preemption import ignore_stop_signals
-from lomar.train.settings_resume import command_flags
+from lomar.train.setting_flags import flags_by_setting
 from lomar.train.task import TrainingError, over_note, score_only, scored_split
 from lomar.train.task_resume import load_resumed
 
@@ -160,7 +160,7 @@ class DetectTask(Task):
             if not isinstance(encoder, VisionTransformer):
                 raise UsageError(f"--pretrained {cfg.pretrained}: only LoMaR / MAE ViT encoders can be detection "
                                  f"backbones, not {'BEiT' if encoder is None else type(encoder).__name__}")
-            self.log(f"lomar detect: {encoder.load_report.summary(command_flags(cfg))}")
+            self.log(f"lomar detect: {encoder.load_report.summary(flags_by_setting(cfg))}")
         else:
             config = model_config(cfg.model)
             encoder = VisionTransformer(model_config(cfg.model, **_layout(cfg, config.depth)))

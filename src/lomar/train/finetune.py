@@ -46,7 +46,7 @@ from lomar.train.lifecycle import Task, run
 from lomar.train.monitor import metric_text
 from lomar.train.precision import autocast_factory, resolve_precision
 from lomar.train.preemption import ignore_stop_signals
-from lomar.train.settings_resume import command_flags
+from lomar.train.setting_flags import flags_by_setting
 from lomar.train.task import over_note, score_only, scored_split
 from lomar.train.task_resume import load_resumed
 from lomar.values import counted
@@ -145,7 +145,7 @@ class FinetuneTask(Task):
         if not config.train_pos_embed and hasattr(self.model, "freeze_pos_embed"):  # timm's Beit has no table
             self.model.freeze_pos_embed()
         if info.is_main:
-            print(f"lomar finetune: {self.model.load_report.summary(command_flags(config))}", flush=True)
+            print(f"lomar finetune: {self.model.load_report.summary(flags_by_setting(config))}", flush=True)
             for note in unused_encoder_flags(config, self.model, beit=isinstance(self.model, Beit)):
                 print(f"lomar finetune: note: {note}", file=sys.stderr, flush=True)
         self.model.set_grad_checkpointing(config.grad_checkpointing)

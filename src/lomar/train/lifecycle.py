@@ -38,8 +38,9 @@ from lomar.train.run_resume import check_no_rewind, numerics_notes, resume_point
 from lomar.train.run_state import prepare_run_folder, save_checkpoint, save_on_main_rank, save_state
 from lomar.train.runtime import compile_model, fast_adamw, keep_grads_allocated, use_threads
 from lomar.train.schedule import lr_at, peak_lr, run_span
+from lomar.train.setting_flags import flags_by_setting
 from lomar.train.setting_names import source_of
-from lomar.train.settings_resume import command_flags, resumed_past_end
+from lomar.train.settings_resume import resumed_past_end
 from lomar.train.task import EpochStream, Progress, SkippedFiles, Task, TrainingError, check_weights, diverged, preload
 from lomar.train.task_resume import building
 
@@ -338,7 +339,7 @@ def run(config, make_task: type[Task]) -> int:
                     trainer.load(resume, saved, point.meta, built.loaded)
                 del saved  # the run would hold the whole checkpoint to its end
         except (ValueError, FileNotFoundError) as exc:  # a library's (a model's build) names its parameters
-            raise UsageError(in_flags(str(exc), command_flags(config))) from None
+            raise UsageError(in_flags(str(exc), flags_by_setting(config))) from None
         step, epoch = (end.step, end.epoch) if end else (trainer.p.step, trainer.p.epoch)
         if info.is_main:
             prepare_run_folder(config, task or make_task, resume, step, epoch,

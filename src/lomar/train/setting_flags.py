@@ -12,7 +12,7 @@ from typing import Any
 
 from lomar.train.settings import Setting, shown
 
-__all__ = ["add_settings", "help_text"]
+__all__ = ["add_settings", "help_text", "flags_by_setting"]
 
 
 class _Store(argparse.Action):
@@ -99,3 +99,10 @@ def add_settings(parser: argparse.ArgumentParser, settings: dict[str, Setting], 
         if isinstance(s.nargs, int) or (config and s.nargs == "*") or s.aliases:
             common["action"] = _Store
         target.add_argument(*names, **common)
+
+
+def flags_by_setting(config: Any) -> dict[str, str]:
+    """{setting: the flag that gives it} of a command's settings ``config``, for :func:`lomar.errors.in_flags`; none
+    of a run's fields without a declaration (a caller's own settings class, as the tests' toy)."""
+    fields = getattr(config, "__dataclass_fields__", {})
+    return {name: f.metadata["setting"].name_flag(name) for name, f in fields.items() if "setting" in f.metadata}

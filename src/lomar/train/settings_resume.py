@@ -28,8 +28,7 @@ from lomar.train.settings import ConfigError, coerce_all, declarations, shown
 if TYPE_CHECKING:  # torch: not at import
     from lomar.train.run_resume import ResumePoint
 
-__all__ = ["TaskConfig", "resume_values", "resume_target", "resumed_past_end", "check_warmup", "check_min_lr",
-           "command_flags"]
+__all__ = ["TaskConfig", "resume_values", "resume_target", "resumed_past_end", "check_warmup", "check_min_lr"]
 
 
 @dataclasses.dataclass
@@ -218,13 +217,6 @@ def check_flex_device(device: str) -> None:
         where = "and this machine has none" if device == "auto" else f"not --device {device}"
         raise ConfigError(f"--attention flex needs a CUDA device to train, {where} (elsewhere FlexAttention has no "
                           f"backward); use --attention chunked or auto")
-
-
-def command_flags(config: Any) -> dict[str, str]:
-    """{setting: the flag that gives it} of a command's settings ``config``, for :func:`lomar.errors.in_flags`; none
-    of a run's fields without a declaration (a caller's own settings class, as the tests' toy)."""
-    fields = getattr(config, "__dataclass_fields__", {})
-    return {name: f.metadata["setting"].name_flag(name) for name, f in fields.items() if "setting" in f.metadata}
 
 
 @dataclasses.dataclass(frozen=True)
