@@ -251,3 +251,21 @@ def test_the_cuda_encoder_check_passes_chunked_on_cpu():
     from test_attention_cuda import check_encoder_against_dense
 
     check_encoder_against_dense("cpu", "chunked")
+
+
+def test_sdpa_equals_torchs_math_path_bit_for_bit_values_and_gradients():
+    # A mask that needs a gradient takes SDPA's math path, which A.sdpa writes out with a plain softmax.
+    cases = [(torch.float32, False, (2, 2, 17, 8)), (torch.float32, True, (2, 3, 50, 32)),
+             (torch.bfloat16, False, (1, 2, 1, 16))]
+    for seed, (dtype, autocast, (b, h, length, d)) in enumerate(cases):
+        gen = torch.Generator().manual_seed(seed)
+        leaves = [torch.randn(b, h, length, n, generator=gen).to(dtype).requires_grad_() for n in (d, d, d, length)]
+        outs = []
+        for attend in (lambda q, k, v, m: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m),
+                       A.sdpa):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                q, k, v, mask = (t * 1.5 for t in leaves)
+                out = attend(q, k, v, mask)
+            outs.append((out, *_grads(out.float(), *leaves)))
+        for ours, torchs in zip(*outs, strict=True):
+            assert ours.dtype == torchs.dtype and torch.equal(ours, torchs), (dtype, autocast)
