@@ -321,11 +321,13 @@ def test_two_step_run_writes_miou_per_class_scores_and_predictions(digits, pretr
     (data / "objectInfo150.txt").write_text("Idx\tRatio\tTrain\tVal\tName\n" + "".join(
         f"{d + 1}\t0.1\t1\t1\t{name}, synonym\n" for d, name in enumerate(names)))
     assert _segment(data, out, "--pretrained", str(pretrained), "--max-steps", "2", "--eval-mode", "whole",
-                    "--eval-every", "1") == 0
+                    "--eval-every", "1", "--no-train-pos-embed") == 0
     captured = capsys.readouterr()
     err = captured.err
     assert "pretrained: loaded" in err
     assert "relative position term: none added (the encoder's own iRPE gives its attention" in err  # LoMaR's
+    assert ("lomar segment: note: --no-train-pos-embed is unused: it acts on an absolute position table (MAE's), "
+            "and this encoder has none\n") in err  # LoMaR's: iRPE
     # the per-class table at the final evaluation only, not at step 1's
     assert captured.out.count("lomar segment: lowest IoU: ") == 1
     assert f"every class in {out / 'per_class.md'}" in captured.out

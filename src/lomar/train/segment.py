@@ -41,6 +41,7 @@ from lomar.integrations.dense import with_rel_pos
 from lomar.integrations.segmenter import UperNetSegmenter, layer_decay_groups, segmentation_losses
 from lomar.models.vit import VisionTransformer, ViTConfig, model_config
 from lomar.train.distributed import DistInfo
+from lomar.train.encoder_settings import unused_encoder_flags
 from lomar.train.lifecycle import Task, run
 from lomar.train.monitor import read_records
 from lomar.train.preemption import ignore_stop_signals
@@ -107,6 +108,8 @@ class SegmentTask(Task):
             if term == "none" and encoder.config.pos == "rpe":  # 'none' alone read as if the iRPE were dropped
                 term = "none added (the encoder's own iRPE gives its attention relative positions)"
             print(f"lomar segment: {source}; relative position term: {term}", file=sys.stderr, flush=True)
+            for note in unused_encoder_flags(config, encoder):
+                print(f"lomar segment: note: {note}", file=sys.stderr, flush=True)
         # The pyramid taps blocks, never the final norm: left trainable, DDP would wait for its gradient.
         encoder.norm.requires_grad_(False)
         self.model = UperNetSegmenter(encoder, config.num_classes, channels=config.head_channels,
