@@ -6,8 +6,13 @@ import collections
 import contextlib
 import importlib.util
 import json
+import logging
 import os
+import signal
+import socket
 import sys
+import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +123,50 @@ class FillingFile:
 
     def __exit__(self, *exc):
         self._handle.close()
+
+
+def as_torchrun(argv: list[str], world: int, folder: Path, timeout: float = 120) -> list[tuple[int, str, str]]:
+    """``lomar ARGV`` in ``world`` processes of one gloo group, in torchrun's environment: each process's (exit code,
+    stdout, stderr), its streams written to ``folder``/rank<r>.out and .err. Forked from this one, so that none
+    imports torch and lomar afresh (a torchrun launch: 20-30 s); where torchrun's own behaviour is what a test
+    checks, launch torchrun."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    children = {}
+    for rank in range(world):
+        outputs = [folder / f"rank{rank}.{name}" for name in ("out", "err")]
+        pid = os.fork()
+        if pid == 0:  # the child: never back into pytest
+            code = 99
+            try:
+                os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_PORT=str(port),
+                                  LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+                for fd, path in zip((1, 2), outputs):  # C++'s lines too, none into pytest's streams
+                    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+                sys.stdout, sys.stderr = (open(fd, "w", closefd=False) for fd in (1, 2))
+                logging.getLogger().handlers.clear()  # pytest's: a warning goes to stderr, as in a command
+                code = main(argv)
+            except BaseException:  # noqa: BLE001 - said in the child's stderr, which the test shows
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        children[pid] = outputs
+    codes, deadline = {}, time.monotonic() + timeout
+    try:
+        while len(codes) < world and time.monotonic() < deadline:
+            for pid in set(children) - set(codes):  # these alone: no other child of pytest's is this test's to reap
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    codes[pid] = os.waitstatus_to_exitcode(status)
+            time.sleep(0.05)
+    finally:
+        for pid in set(children) - set(codes):  # a process still waiting in a collective: a hang
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    return [(codes.get(pid, "hung"), *(path.read_text() for path in outputs)) for pid, outputs in children.items()]
 
 
 def applied_grad_norms(run) -> list[float]:

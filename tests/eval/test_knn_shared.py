@@ -8,19 +8,13 @@ import json
 import logging
 import os
 import re
-import signal
-import socket
-import sys
-import time
-import traceback
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from helpers import write_images
+from helpers import as_torchrun, write_images
 from lomar import VisionTransformer, ViTConfig, export_encoder
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
@@ -76,48 +70,6 @@ def test_under_torchrun_the_first_process_of_a_machine_alone_says_what_the_folde
     assert not logging.getLogger("lomar.data").filters  # the next warning is said again
 
 
-def _as_torchrun(argv: list[str], world: int, folder: Path, timeout: float = 120) -> list[tuple[int, str, str]]:
-    """``lomar ARGV`` in ``world`` processes of one gloo group, in torchrun's environment: each process's (exit code,
-    stdout, stderr). Forked from this one, so that none imports torch and lomar afresh (a torchrun launch: 20-30 s)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    children = {}
-    for rank in range(world):
-        outputs = [folder / f"rank{rank}.{name}" for name in ("out", "err")]
-        pid = os.fork()
-        if pid == 0:  # the child: never back into pytest
-            code = 99
-            try:
-                os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_PORT=str(port),
-                                  LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
-                for fd, path in zip((1, 2), outputs):  # C++'s lines too, none into pytest's streams
-                    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-                sys.stdout, sys.stderr = (open(fd, "w", closefd=False) for fd in (1, 2))
-                logging.getLogger().handlers.clear()  # pytest's: a warning goes to stderr, as in a command
-                code = main(argv)
-            except BaseException:  # noqa: BLE001 - said in the child's stderr, which the test shows
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        children[pid] = outputs
-    codes, deadline = {}, time.monotonic() + timeout
-    try:
-        while len(codes) < world and time.monotonic() < deadline:
-            for pid in set(children) - set(codes):  # these alone: no other child of pytest's is this test's to reap
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    codes[pid] = os.waitstatus_to_exitcode(status)
-            time.sleep(0.05)
-    finally:
-        for pid in set(children) - set(codes):  # a process still waiting in a collective: a hang
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-    return [(codes.get(pid, "hung"), *(path.read_text() for path in outputs)) for pid, outputs in children.items()]
-
-
 def test_linprobe_under_torchrun_shares_the_extraction_and_scores_once_as_one_process(tmp_path):
     # each process scored the whole set, printed its score and wrote the same --json: torchrun was refused instead.
     # knn's torchrun path is this one's up to its scoring
@@ -142,7 +94,7 @@ def test_linprobe_under_torchrun_shares_the_extraction_and_scores_once_as_one_pr
         assert main([*args, *out[1]]) == 0
     finally:
         torch.set_num_threads(threads)
-    ranks = _as_torchrun([*args, *out[2]], 2, tmp_path)
+    ranks = as_torchrun([*args, *out[2]], 2, tmp_path)
     stdout, stderr = ("".join(rank[i] for rank in ranks) for i in (1, 2))
     assert [code for code, _, _ in ranks] == [0, 0], stdout + stderr  # every process exited
     assert stdout.count("top-1") == 1 and stderr.count("loaded ") == 1, stdout + stderr  # said once
@@ -173,7 +125,7 @@ def test_a_process_that_fails_mid_extraction_stops_every_process_with_one_line_e
         return read(*args, **kwargs)
 
     monkeypatch.setattr(knn_shared, "read_features", out_of_memory_on_rank_1)  # the forked processes' too
-    (code, stdout, stderr), (failed, _, its_own) = _as_torchrun(
+    (code, stdout, stderr), (failed, _, its_own) = as_torchrun(
         ["knn", str(tmp_path / "enc"), "--data", str(tmp_path / "data"), "--batch-size", "2", "--workers", "0",
          "--threads", "1", "--device", "cpu"], 2, tmp_path)
     assert failed == 99 and "RuntimeError: CUDA out of memory" in its_own  # not lomar's error: its traceback
