@@ -648,7 +648,8 @@ def test_a_failed_save_or_start_on_the_main_rank_stops_every_rank_together(tmp_p
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.start_processes(_save_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    # forked: neither process imports torch, lomar and this module afresh, as spawned ones did (3-4 s)
+    mp.start_processes(_save_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="fork")
     assert (tmp_path / "rank0.txt").read_text() == \
         "SaveError: no space left on the device to write last.pt|written|runs/20261200-000000|" \
         "OSError: [Errno 28] No space left on device: 'reconstruction-000000.png'"
