@@ -449,8 +449,9 @@ def test_eval_only_scores_a_finetuned_classifier_as_its_run_did(tmp_path, capsys
     assert yaml.safe_load(capsys.readouterr().out)["decode"] == "draft"
     assert main([*evaluate, "--pretrained", str(tmp_path / "draft.pt"), "--print-config", "--decode", "full"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["decode"] == "full"
-    # a run under --precision auto is scored in the precision auto chose for it (fp32), not this machine's auto's
-    ckpt["settings"]["precision"], ckpt["precision"] = "auto", "fp32"
+    # a run under --precision auto is scored in the precision auto chose for it (fp32), not this machine's auto's:
+    # best.pt records it, as last.pt does
+    ckpt["settings"]["precision"] = "auto"
     torch.save(ckpt, tmp_path / "auto.pt")
     for given, scored_in in (([], "fp32"), (["--precision", "auto"], "fp32"), (["--precision", "bf16"], "bf16")):
         assert main([*evaluate, "--pretrained", str(tmp_path / "auto.pt"), "--print-config", *given]) == 0

@@ -133,8 +133,9 @@ class _Run:
         metric = self.task.best_metric
         if metric and (metrics or {}).get(metric) is not None and metrics[metric] >= self.best:
             self.best = metrics[metric]
+            # the precision it ran in, as last.pt's: --eval-only scores a run under 'auto' as it trained
             state = {"model": self.task.model.state_dict(), **self.task.state(), "epoch": self.p.epoch,
-                     "step": self.p.step, "metrics": metrics}
+                     "step": self.p.step, "metrics": metrics, "precision": self.precision}
             save_state(state, self.out / BEST, previous=self.out / LAST)
         state = {"model": self.task.model.state_dict(), "optimizer": self.optimizer.state_dict(), **self.meta()}
         path = save_checkpoint(state, self.out, self.p.step if keep else None, keep or 0)
