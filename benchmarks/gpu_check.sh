@@ -17,7 +17,7 @@
 #   GPU_CHECK_MODEL=vit_base_patch16  GPU_CHECK_SIZES="224 384 448" (eager; empty: none)  GPU_CHECK_WINDOWS="paper"
 #   GPU_CHECK_COMPILE_SIZES="448" (sizes also timed with --compile, every method in one process)
 #   GPU_CHECK_BENCH_BATCH=64  GPU_CHECK_STEPS=5  GPU_CHECK_WARMUP=2
-#   GPU_CHECK_METHODS (default: every method `lomar bench --help` offers)
+#   GPU_CHECK_METHODS="lomar mae beit" (beit times BEiT and BEiT + windows; mae_window, MAE per window, only when named)
 #   GPU_CHECK_PRETRAIN_STEPS=80  GPU_CHECK_PRETRAIN_SIZE=448  GPU_CHECK_PRETRAIN_BATCH=64
 #   GPU_CHECK_PRETRAIN_REPEAT=4 (pretraining sees the camera set this many times an epoch)
 #   GPU_CHECK_WORKERS=(cores-2)  GPU_CHECK_CAMERA_COUNT=512  GPU_CHECK_FINETUNE_STEPS=20
