@@ -663,7 +663,8 @@ def test_a_resumed_ddp_run_continues_every_ranks_own_random_stream(tmp_path):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        mp.start_processes(_ddp_run, args=(2, port, str(out), max_steps, resume), nprocs=2, start_method="spawn")
+        # forked: neither process imports torch, lomar and this module afresh, as spawned ones did (3-4 s a launch)
+        mp.start_processes(_ddp_run, args=(2, port, str(out), max_steps, resume), nprocs=2, start_method="fork")
         return safe_load(out / "last.pt")
 
     straight = launch(tmp_path / "straight", 6)
@@ -702,11 +703,10 @@ def _ranked_run(rank: int, port: int, out: str, task: type, settings: dict) -> N
 
 def run_two_ranks(task: type, out, hang: str, timeout: float = 120, errors: bool = False, code: int = 0,
                   **settings) -> list[str]:
-    """A :class:`ToyConfig` run of ``task`` (a module-level class: spawn pickles it by name) in two spawned
-    processes; fails with ``hang`` (what went out of step) when they have not both ended after ``timeout`` s,
-    killing them: a collective that one rank never joins waits forever. ``errors``: the ranks may raise; each
-    one's "Type: message" (or "") is returned; otherwise an error, or an exit code other than ``code``, fails
-    the test."""
+    """A :class:`ToyConfig` run of ``task`` in two forked processes; fails with ``hang`` (what went out of step)
+    when they have not both ended after ``timeout`` s, killing them: a collective that one rank never joins waits
+    forever. ``errors``: the ranks may raise; each one's "Type: message" (or "") is returned; otherwise an error, or
+    an exit code other than ``code``, fails the test."""
     import socket
     import time
 
@@ -716,7 +716,7 @@ def run_two_ranks(task: type, out, hang: str, timeout: float = 120, errors: bool
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     context = mp.start_processes(_ranked_run, args=(port, str(out), task, settings), nprocs=2, join=False,
-                                 start_method="spawn")
+                                 start_method="fork")  # no fresh imports of torch and lomar (spawn: 3-4 s)
     deadline = time.monotonic() + timeout
     while not all(process.exitcode is not None for process in context.processes):
         time.sleep(0.2)
