@@ -83,8 +83,8 @@ def _spawn(tmp_path, precision: str) -> dict:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.start_processes(_worker, args=(2, port, str(tmp_path), precision), nprocs=2, start_method="spawn")
+    # forked: neither process imports torch, lomar and this module afresh, as spawned ones did (3-4 s)
+    mp.start_processes(_worker, args=(2, port, str(tmp_path), precision), nprocs=2, start_method="fork")
     return torch.load(tmp_path / "result.pt", weights_only=True)
 
 
@@ -188,8 +188,7 @@ def test_a_full_disk_during_a_sharded_save_is_one_line_on_every_rank_and_keeps_t
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.start_processes(_full_disk_worker, args=(2, port, str(tmp_path), where), nprocs=2, start_method="spawn")
+    mp.start_processes(_full_disk_worker, args=(2, port, str(tmp_path), where), nprocs=2, start_method="fork")
     for rank in range(2):
         raised = (tmp_path / f"rank{rank}.txt").read_text()
         expected = "cannot write" if where == "read-only" else "no space left on the device to write"
