@@ -13,6 +13,15 @@ from lomar.cli.study.flags import parse_flags, settings_flags
 from lomar.cli.study.presets import PAPER_PRESETS, build_preset
 from lomar.cli.study.runner import check_cells
 from lomar.train.config import add_config_arguments, resolve_config
+from lomar.train.pretrain import PretrainTask
+
+
+@pytest.fixture
+def no_cell_figures(monkeypatch):
+    """Each cell's reconstruction figure and loss curve, drawn as it starts and at every save (~0.5 s of matplotlib
+    each; a time budget's cell saves after every slice): nothing here reads them, and a figure that fails only
+    prints (tests/train/test_run_figures.py and the pretrain tests check them)."""
+    monkeypatch.setattr(PretrainTask, "figure", lambda self, model=None: None)
 
 
 @pytest.mark.parametrize("name", PAPER_PRESETS)
@@ -55,7 +64,7 @@ def test_scale_paper_is_refused_where_the_paper_has_no_such_experiment(capsys):
 
 @pytest.mark.slow  # a few tiny ViTs x 1 step each (BEiT fits its k-means tokenizer): ~10-40 s per preset
 @pytest.mark.parametrize("name", ["fig3", "table5", "windows", "mask-ratio", "pos"])
-def test_each_paper_preset_runs_at_small_scale(name, tmp_path, capsys):
+def test_each_paper_preset_runs_at_small_scale(name, tmp_path, capsys, no_cell_figures):
     out = tmp_path / "study"
     assert main(["study", "--preset", name, "--budget", "1steps", "--out", str(out)]) == 0, capsys.readouterr().err
     records = json.loads((out / "results.json").read_text())["records"]

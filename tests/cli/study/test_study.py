@@ -10,6 +10,7 @@ from lomar.cli.app import main
 from lomar.cli.study import runner
 from lomar.cli.study.runner import run_study
 from lomar.cli.study.spec import StudyStopped, parse_spec
+from lomar.train.pretrain import PretrainTask
 
 # helpers.TINY as study settings: 2 blocks, 32 wide, 32 px, 3x3 windows, 2 per image.
 TINY = dict(model="vit_tiny_patch8", embed_dim=32, depth=2, num_heads=2, img_size=32, window_size=3, windows=2,
@@ -24,6 +25,14 @@ def labelled(tmp_path_factory) -> Path:
         for label in ("a", "b"):
             write_images(root / split / label, 6)
     return root
+
+
+@pytest.fixture
+def no_cell_figures(monkeypatch):
+    """Each cell's reconstruction figure and loss curve, drawn as it starts and at every save (~0.5 s of matplotlib
+    each; a time budget's cell saves after every slice): nothing here reads them, and a figure that fails only
+    prints (tests/train/test_run_figures.py and the pretrain tests check them)."""
+    monkeypatch.setattr(PretrainTask, "figure", lambda self, model=None: None)
 
 
 def _spec(root: Path, **changes) -> dict:
@@ -49,7 +58,7 @@ def _states(out: Path) -> dict:
 
 
 @pytest.mark.slow  # pretrains 5 tiny runs in-process: ~20 s on an idle 2-core machine
-def test_tiny_study_writes_results_tables_and_figures(tmp_path, labelled):
+def test_tiny_study_writes_results_tables_and_figures(tmp_path, labelled, no_cell_figures):
     out = tmp_path / "study"
     records = run_study(parse_spec(_spec(labelled)), out, log=lambda line: None)
     data = json.loads((out / "results.json").read_text())
@@ -76,7 +85,7 @@ def test_tiny_study_writes_results_tables_and_figures(tmp_path, labelled):
 
 
 @pytest.mark.slow
-def test_a_stopped_study_continues_without_redoing_finished_work(tmp_path, labelled, monkeypatch):
+def test_a_stopped_study_continues_without_redoing_finished_work(tmp_path, labelled, monkeypatch, no_cell_figures):
     out = tmp_path / "study"
     spec = _spec(labelled, budget="2s", slice="1s", random_init=False, eval={"metrics": ["heldout_loss"]})
     real, calls = runner.pretrain, []
@@ -237,7 +246,7 @@ def test_a_study_evaluation_decoding_as_pretrain_alone_does_is_refused_up_front(
 
 
 @pytest.mark.slow  # 3 small ViTs x 2 steps and their k-NN, probe and held-out loss: ~30 s on 2 cores
-def test_the_enc_dec_preset_runs_every_cell(tmp_path, capsys):
+def test_the_enc_dec_preset_runs_every_cell(tmp_path, capsys, no_cell_figures):
     for split in ("train", "val"):
         for label in ("a", "b"):
             write_images(tmp_path / "data" / split / label, 8)
