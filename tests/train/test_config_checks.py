@@ -14,6 +14,9 @@ from lomar.cli.app import main
     ("detect", ["--rois-per-image", "4"], None, "--rois-per-image 4 is a training setting"),
     ("detect", ["--drop-path", "0.2"], None, "--drop-path 0.2 is a training setting"),
     ("segment", ["--max-steps", "3"], "max_steps: 3\n", "--max-steps 3 is a training setting"),
+    # detect and segment evaluate in fp32 whatever the precision: only training's autocast reads it
+    ("detect", ["--precision", "bf16"], None, "--precision bf16 is a training setting"),
+    ("segment", ["--precision", "bf16"], "precision: bf16\n", "--precision bf16 is a training setting"),
 ])
 def test_eval_only_refuses_the_training_flags_it_would_leave_unread(tmp_path, capsys, command, flags, yaml, given):
     """--eval-only scored the model as if --mixup, --max-steps, --rois-per-image ... were not given; the same settings

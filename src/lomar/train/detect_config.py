@@ -35,10 +35,10 @@ DETECTOR_LAYOUT = ("img_size", "window_size", "global_blocks", "attention", "dro
 # What a checkpoint saved before these settings existed trained with: a fixed position table, no relative term
 _SAVED_BEFORE = {"train_pos_embed": False, "rel_pos": "none"}
 # what --eval-only leaves unread: the training split, schedule, optimizer and augmentation (stochastic depth too: a
-# model in eval mode drops no path)
+# model in eval mode drops no path), and the precision (training's autocast: a detector is evaluated in fp32)
 _TRAINING = ("train_ann", "train_images", "accum_steps", "epochs", "max_steps", "schedule_steps", "blr",
              "warmup_steps", "layer_decay", "weight_decay", "clip_grad", "drop_path", "jitter", "grad_checkpointing",
-             "train_pos_embed", "rois_per_image", "eval_every", "log_every", "time_limit")
+             "train_pos_embed", "rois_per_image", "eval_every", "log_every", "time_limit", "precision")
 
 
 _IMAGES_DEFAULT = ("for {flag} ROOT/annotations/instances_SPLIT.json, ROOT/SPLIT or ROOT/images/SPLIT where it "

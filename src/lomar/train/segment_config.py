@@ -29,10 +29,11 @@ __all__ = ["SegmentConfig", "SEGMENTER_OWN"]
 # not taken.
 SEGMENTER_OWN = ("num_classes", "zero_label", "head_channels", "aux_weight", "rel_pos", "train_pos_embed")
 _EVALUATED = ("img_size", "data", "eval_mode", "eval_stride")
-# what --eval-only leaves unread: the schedule, optimizer and augmentation
+# what --eval-only leaves unread: the schedule, optimizer and augmentation, and the precision (training's autocast:
+# a segmenter is evaluated in fp32)
 _TRAINING = ("accum_steps", "epochs", "max_steps", "schedule_steps", "lr", "min_lr", "warmup_steps", "poly_power",
              "layer_decay", "weight_decay", "clip_grad", "drop_path", "photometric", "grad_checkpointing",
-             "eval_every", "log_every", "time_limit")
+             "eval_every", "log_every", "time_limit", "precision")
 ENCODER_KEYS = "backbone.encoder."  # the prefix of the encoder's weights in a segmenter's state
 
 
