@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -82,7 +83,10 @@ def test_classifier_pooling_and_a_new_grid(beit_run):
     assert avg(torch.randn(2, 3, 32, 32)).shape == (2, 3) and avg.group_matcher() and avg.no_weight_decay()
     cls = load_pretrained_encoder(ckpt, num_classes=3, global_pool="cls", img_size=32)
     assert cls.global_pool == "token" and "norm.weight" not in cls.load_report.dropped
-    big = load_pretrained_encoder(ckpt, img_size=48)  # 4x4 -> 6x6 patches: tables resized, (2·6-1)²+3 rows
+    with warnings.catch_warnings(record=True) as caught:  # timm's resampling code's torch warnings kept quiet
+        warnings.simplefilter("always")
+        big = load_pretrained_encoder(ckpt, img_size=48)  # 4x4 -> 6x6 patches: tables resized, (2·6-1)²+3 rows
+    assert not [str(w.message) for w in caught if "timm" in w.filename], [str(w.message) for w in caught]
     assert big.blocks[0].attn.relative_position_bias_table.shape[0] == 11 * 11 + 3
     assert "resized to the 6x6 grid" in big.load_report.summary()
     step = torch.load(ckpt, weights_only=True)["step"]  # the step is said first, as for any other encoder

@@ -7,6 +7,7 @@ format are read through :mod:`lomar.checkpoints.formats`.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -224,7 +225,10 @@ def _load_beit(weights, src, num_classes: int, global_pool: str, overrides: dict
         raise ValueError(f"img_size={img_size} is not a multiple of the BEiT patch size {patch}; "
                          f"use {max(1, img_size // patch) * patch}")
     if img_size is not None and img_size != weights.timm_args.get("img_size"):
-        state = checkpoint_filter_fn(state, model)
+        with warnings.catch_warnings():  # torch's notes on timm's resampling code (deprecated indexing, a
+            # non-contiguous searchsorted input), printed to a user who changed only --img-size: not theirs to act on
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"timm\.layers\.interpolate")
+            state = checkpoint_filter_fn(state, model)
         report.notes.append(f"relative position tables resized to the {img_size // patch}x{img_size // patch} grid")
     missing, unexpected = model.load_state_dict(state, strict=False)
     report.fresh = [k for k in missing if k.startswith(("head.", "fc_norm."))]
