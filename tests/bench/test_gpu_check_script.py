@@ -172,8 +172,8 @@ def _stand_in(tmp_path: Path, script: str, **settings: str) -> dict[str, str]:
 def test_every_bench_command_of_the_check_is_one_lomar_bench_accepts(tmp_path):
     """A compiled run times one method in its own process: MAE's got --windows, which lomar bench refuses where
     no method reads it: with a GPU_CHECK_WINDOWS other than paper that part of the device run failed."""
-    from lomar.cli import bench
     from lomar.cli.app import build_parser
+    from lomar.cli.bench_plan import plan_configurations
 
     env = _stand_in(tmp_path, f'echo "$@" >> {tmp_path / "calls"}\n',  # records the commands instead of running them
                     OUT=str(tmp_path / "out"), GPU_CHECK_PARTS="bench", GPU_CHECK_METHODS="lomar mae",
@@ -183,7 +183,7 @@ def test_every_bench_command_of_the_check_is_one_lomar_bench_accepts(tmp_path):
     commands = [line.split()[2:] for line in (tmp_path / "calls").read_text().splitlines() if " bench " in line]
     assert [c[c.index("--methods") + 1] for c in commands] == ["lomar", "lomar", "mae"]
     for command in commands:
-        bench._plan(build_parser(["bench"]).parse_args(command))  # UsageError where bench would refuse it
+        plan_configurations(build_parser(["bench"]).parse_args(command))  # UsageError where bench would refuse it
 
 
 def test_each_part_reports_its_own_status_where_bash_is_in_posix_mode(tmp_path):
