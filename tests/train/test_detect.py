@@ -622,6 +622,8 @@ def test_an_mae_tables_training_follows_train_pos_embed(tiny, one_val, image_dir
                      "--img-size", "64", "--batch-size", "2", "--max-steps", "1", "--warmup-steps", "0",
                      "--rois-per-image", "16", "--workers", "0", "--threads", "1", "--device", "cpu",
                      "--out", str(out), *([] if trained else ["--no-train-pos-embed"])]) == 0, capsys.readouterr().err
+        assert "lomar detect: relative position term: decomposed, added to every block from zero" in \
+            capsys.readouterr().err  # the load line before it says 'newly initialised: none' of the encoder's own
         counts[trained] = sum(len(g["params"]) for g in safe_load(out / "last.pt")["optimizer"]["param_groups"])
     assert counts[True] == counts[False] + 1
     # ViTDet's decomposed term in every block, from zero: window tables span 14 (capped by the 4x4 grid), trained

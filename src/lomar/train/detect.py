@@ -170,6 +170,9 @@ class DetectTask(Task):
                 encoder = with_rel_pos(encoder, cfg.rel_pos, "decomposed")
             except ValueError as exc:
                 raise UsageError(f"--rel-pos {cfg.rel_pos}: {exc}") from None
+            if cfg.pretrained and encoder.config.rel_pos != "none":  # new weights the load line above cannot name
+                self.log(f"lomar detect: relative position term: {encoder.config.rel_pos}, added to every block from "
+                         f"zero (the pretrained encoder has none; --rel-pos none leaves it out)")
         cfg.rel_pos = encoder.config.rel_pos  # auto resolved: what the checkpoint records and a resume rebuilds
         encoder.set_grad_checkpointing(cfg.grad_checkpointing)
         model = build_mask_rcnn(encoder, len(self.categories), cfg.img_size, train_pos_embed=cfg.train_pos_embed)
