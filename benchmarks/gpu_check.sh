@@ -232,19 +232,33 @@ EOF
   status env "${PIPESTATUS[0]}"
 fi
 
-# ---------------------------------------------------------------- loader: CPU decode vs GPU decode
-CAMERA="$WORK/camera"
-if want loader || want pretrain; then
-  part 120 "$PY" -c "from lomar.bench.loader import make_test_set as m; m('$CAMERA', 'camera', $COUNT)" \
-    2>&1 | keep tee -a "$LOG"
-  say "camera test set: $(ls "$CAMERA" 2>/dev/null | wc -l) JPEGs in $CAMERA"
-fi
-IMAGENET="$WORK/imagenet"
+# ---------------------------------------------------------------- the parts' test sets
+# Every one in one process (a torch import costs seconds): FOLDER KIND COUNT triples
+CAMERA="$WORK/camera"; IMAGENET="$WORK/imagenet"; FT="$WORK/ft"
+SETS=()
+if want loader || want pretrain; then SETS+=("$CAMERA" camera "$COUNT"); fi
 if want pretrain && [[ "$(for decode in $DECODES; do photos_of "$decode"; done)" == *imagenet* ]]; then
-  part 60 "$PY" -c "from lomar.bench.loader import make_test_set as m; m('$IMAGENET', 'imagenet', $COUNT)" \
-    2>&1 | keep tee -a "$LOG"
-  say "ImageNet-size test set: $(ls "$IMAGENET" 2>/dev/null | wc -l) JPEGs in $IMAGENET"
+  SETS+=("$IMAGENET" imagenet "$COUNT")
 fi
+if want finetune; then  # two classes of ImageNet-size photos, half as many to validate
+  FN=64; [ "${#TINY[@]}" -gt 0 ] && FN=8
+  SETS+=("$FT/train/a" imagenet "$FN" "$FT/train/b" imagenet "$FN" "$FT/val/a" imagenet $((FN / 2))
+         "$FT/val/b" imagenet $((FN / 2)))
+fi
+if [ "${#SETS[@]}" -gt 0 ]; then
+  part 300 "$PY" - "${SETS[@]}" <<'EOF' 2>&1 | keep tee -a "$LOG"
+import sys
+from lomar.bench.loader import make_test_set
+sets = sys.argv[1:]
+for i in range(0, len(sets), 3):
+    make_test_set(sets[i], sets[i + 1], int(sets[i + 2]))
+EOF
+  [[ " ${SETS[*]} " == *" $CAMERA "* ]] && say "camera test set: $(ls "$CAMERA" 2>/dev/null | wc -l) JPEGs in $CAMERA"
+  [[ " ${SETS[*]} " == *" $IMAGENET "* ]] \
+    && say "ImageNet-size test set: $(ls "$IMAGENET" 2>/dev/null | wc -l) JPEGs in $IMAGENET"
+fi
+
+# ---------------------------------------------------------------- loader: CPU decode vs GPU decode
 if want loader; then
   part "${GPU_CHECK_T_LOADER:-90}" "$PY" - "$DEST/loader.json" "$CAMERA" "$PSIZE" "$WORKERS" "$DEVICE" \
     "$MODEL" "$PBATCH" "$PRECISION" "${#TINY[@]}" <<'EOF' 2>&1 | keep tee -a "$LOG"
@@ -351,17 +365,6 @@ fi
 
 # ---------------------------------------------------------------- short finetune
 if want finetune; then
-  FT="$WORK/ft"
-  part 120 "$PY" - "$FT" "${#TINY[@]}" <<'EOF' 2>&1 | keep tee -a "$LOG"
-import sys
-from pathlib import Path
-from lomar.bench.loader import make_test_set
-root, tiny = Path(sys.argv[1]), int(sys.argv[2]) > 0
-n = 8 if tiny else 64
-for split in ("train", "val"):
-    for cls in ("a", "b"):
-        make_test_set(root / split / cls, "imagenet", n if split == "train" else n // 2)
-EOF
   if [ -f "$RUN/last.pt" ]; then
     FB=32; [ "${#TINY[@]}" -gt 0 ] && FB=4
     part "${GPU_CHECK_T_FINETUNE:-120}" "${LOMAR[@]}" finetune --pretrained "$RUN/last.pt" --data "$FT" \
