@@ -226,3 +226,18 @@ def test_under_torchrun_the_other_processes_read_the_shards_headers_while_the_fi
     monkeypatch.setattr(tarfile, "open", lambda name, *a, **k: opened.update([Path(name).name]) or real(name, *a, **k))
     dataset = TarShardDataset(sorted((tmp_path / "shards").glob("*.tar")), PretrainTransform(16))
     assert dataset.count_samples() == 8 and not opened  # old code: both shards read again
+
+
+def test_the_built_in_tokenizers_fit_says_the_unreadable_images_it_passed_over(tmp_path, monkeypatch, capsys):
+    """An unreadable file drawn for the fit was passed over without a word: the line said '8 training crops' of a
+    folder of 9 files, where pretraining names the images it skips."""
+    from lomar.methods import beit
+    from lomar.train.config import PretrainConfig
+
+    data = _folder(tmp_path / "data")
+    broken = data / "c1" / "1.png"
+    broken.write_bytes(b"")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    beit.fit_on_training_images(PretrainConfig(data=str(data), img_size=16, method="beit"), (1, 1), count=9)
+    line = next(line for line in capsys.readouterr().out.splitlines() if "k-means tokenizer" in line)
+    assert f"8 training crops at 8 px; 1 unusable image(s) skipped, e.g. {broken})" in line, line

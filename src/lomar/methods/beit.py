@@ -60,9 +60,9 @@ def validate(config, grid) -> None:
                          "`lomar knn` on the exported encoder")
 
 
-def _sample_views(config, view_size: int, count: int) -> torch.Tensor:
+def _sample_views(config, view_size: int, count: int, skipped: list[str] | None = None) -> torch.Tensor:
     """(n, 3, view, view) in [0, 1]: epoch-0 crops of a seeded sample drawn across the training images, the same
-    whichever process draws them."""
+    whichever process draws them; ``skipped`` gets the unreadable files passed over."""
     dataset = build_pretrain_dataset(config.data, config.img_size, config.seed, config.crop_scale,
                                      color_jitter=config.color_jitter)
     if isinstance(dataset, TarShardDataset):
@@ -74,6 +74,8 @@ def _sample_views(config, view_size: int, count: int) -> torch.Tensor:
     for item in source:
         if item["image"] is not None:
             images.append(item["image"])
+        elif skipped is not None:
+            skipped.append(str(item.get("path")))
         if len(images) == count:
             break
     if not images:
@@ -106,12 +108,15 @@ def fit_on_training_images(config, grid: tuple[int, int], count: int = FIT_IMAGE
         if config.data and is_shard_pattern(config.data):  # the run counts them next: read while the first draws
             read_ahead(shard_paths(config.data))
         return KMeansTokenizer(_share_centroids(None), patch=KMEANS_PATCH, input_size=view)
-    images = _sample_views(config, view, count)
+    skipped: list[str] = []
+    images = _sample_views(config, view, count, skipped)
     patches = images.shape[0] * grid[0] * grid[1]
     vocab = max(2, min(MAX_VOCAB, patches // 4))
     if first_on_machine():  # WORLD_SIZE set without a process group: every process fits, one a machine says so
+        unusable = f"; {len(skipped)} unusable image(s) skipped, e.g. {skipped[0]}" if skipped else ""
         print(f"lomar: no --tokenizer: fitting the built-in k-means tokenizer (vocabulary {vocab} = min(8192, "
-              f"patches/4), {images.shape[0]} training crops at {view} px); it is not the paper's dVAE", flush=True)
+              f"patches/4), {images.shape[0]} training crops at {view} px{unusable}); it is not the paper's dVAE",
+              flush=True)
     tokenizer = fit_kmeans_tokenizer(images, vocab_size=vocab, patch=KMEANS_PATCH, seed=config.seed, input_size=view)
     if _process_group():
         _share_centroids(tokenizer.centroids)
