@@ -519,7 +519,11 @@ def test_attention_on_an_encoder_without_a_relative_position_term_is_noted():
     mae = VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, pos="abs"))
     given = SimpleNamespace(attention="dense", train_pos_embed=False, flags_given=frozenset({"attention"}))
     assert unused_encoder_flags(given, mae) == [
-        "--attention dense is unused: it picks how a relative position bias (iRPE, --rel-pos) is computed, and this "
-        "encoder's attention has none"]
+        "--attention dense is unused: it picks how lomar computes a relative position bias (iRPE, --rel-pos), and "
+        "this encoder's attention has none"]
+    # timm's BEiT has a relative position bias, its own: the note must not deny it one
+    assert unused_encoder_flags(given, mae, beit=True) == [
+        "--attention dense is unused: it picks how lomar computes a relative position bias (iRPE, --rel-pos), and "
+        "timm's BEiT attention computes its own"]
     # the same values from a settings file, or a resumed run's own (an older detector's train_pos_embed false)
     assert unused_encoder_flags(SimpleNamespace(attention="dense", train_pos_embed=False), mae) == []

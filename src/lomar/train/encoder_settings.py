@@ -91,8 +91,9 @@ def unused_encoder_flags(config: Any, encoder: Any, beit: bool = False) -> list[
     blocks = getattr(encoder, "blocks", ())
     if "attention" in given and not any(getattr(block.attn, "rpe", None) is not None
                                         or getattr(block.attn, "rel_pos", "none") != "none" for block in blocks):
-        notes.append(f"{flag('attention')} is unused: it picks how a relative position bias (iRPE, --rel-pos) is "
-                     f"computed, and this encoder's attention has none")
+        lacking = "timm's BEiT attention computes its own" if beit else "this encoder's attention has none"
+        notes.append(f"{flag('attention')} is unused: it picks how lomar computes a relative position bias (iRPE, "
+                     f"--rel-pos), and {lacking}")
     if "decay_rel_pos_bias" in given and not beit:
         notes.append(f"{flag('decay_rel_pos_bias')} is unused: it sets a BEiT encoder's finetuning groups, and this "
                      f"encoder is not BEiT's")
