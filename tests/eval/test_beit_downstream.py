@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from timm.models.beit import Beit
+from timm.models.beit import Beit, checkpoint_filter_fn
 
 from helpers import pretrain, write_images
 from lomar.checkpoints.export_beit import create_timm_beit
@@ -96,6 +96,24 @@ def test_classifier_pooling_and_a_new_grid(beit_run):
         load_pretrained_encoder(ckpt, img_size=50)
     with pytest.raises(ValueError, match="unknown BEiT encoder setting"):
         load_pretrained_encoder(ckpt, pos="abs")
+
+
+def test_only_torchs_two_notes_on_timms_resampling_are_kept_quiet(beit_run, monkeypatch):
+    """The filter named timm's module alone: any other UserWarning of its resampling code, one that might say the
+    resized tables are wrong, went unseen too."""
+    from lomar.eval import features
+
+    def resample(state, model):
+        warnings.warn_explicit("another note on the resampled tables", UserWarning, "interpolate.py", 1,
+                               module="timm.layers.interpolate")
+        return checkpoint_filter_fn(state, model)
+
+    monkeypatch.setattr(features, "checkpoint_filter_fn", resample)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_pretrained_encoder(beit_run / "run" / "last.pt", img_size=48)
+    assert [str(w.message) for w in caught if w.filename.endswith("interpolate.py")] == [  # timm's, and this one
+        "another note on the resampled tables"]
 
 
 def test_a_beit_export_loads_with_timm_local_dir_and_no_lomar_code(beit_run, tmp_path):

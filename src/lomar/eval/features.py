@@ -40,6 +40,9 @@ __all__ = ["LoadReport", "load_pretrained_encoder", "eval_transform", "eval_resi
            "read_features", "check_read", "skipped_note", "check_split", "Pool"]
 
 Pool = Literal["mean", "cls"]
+# torch's two UserWarnings from timm's relative-position resampling (timm 1.0, torch 2.x): the start of each message
+_TIMM_RESAMPLE_NOTES = (r"torch\.searchsorted\(\): input value tensor is non-contiguous",
+                        r"Using a non-tuple sequence for multidimensional indexing is deprecated")
 
 
 @dataclass
@@ -227,7 +230,8 @@ def _load_beit(weights, src, num_classes: int, global_pool: str, overrides: dict
     if img_size is not None and img_size != weights.timm_args.get("img_size"):
         with warnings.catch_warnings():  # torch's notes on timm's resampling code (deprecated indexing, a
             # non-contiguous searchsorted input), printed to a user who changed only --img-size: not theirs to act on
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"timm\.layers\.interpolate")
+            for note in _TIMM_RESAMPLE_NOTES:  # those two alone: any other warning of that code is still shown
+                warnings.filterwarnings("ignore", note, UserWarning, r"timm\.layers\.interpolate")
             state = checkpoint_filter_fn(state, model)
         report.notes.append(f"relative position tables resized to the {img_size // patch}x{img_size // patch} grid")
     missing, unexpected = model.load_state_dict(state, strict=False)
