@@ -269,3 +269,20 @@ def test_sdpa_equals_torchs_math_path_bit_for_bit_values_and_gradients():
             outs.append((out, *_grads(out.float(), *leaves)))
         for ours, torchs in zip(*outs, strict=True):
             assert ours.dtype == torchs.dtype and torch.equal(ours, torchs), (dtype, autocast)
+
+
+def test_sdpa_under_autocast_keeps_float64_and_sums_leaf_gradients_as_torch_does():
+    # autocast leaves float64 alone, and casts an fp32 leaf once (cached), so calls sharing k, v sum their
+    # gradients in bf16; A.sdpa must give SDPA's bits in both cases too.
+    gen = torch.Generator().manual_seed(0)
+    for dtype, calls in ((torch.float64, 1), (torch.float32, 3)):
+        leaves = [torch.randn(2, 2, 9, n, generator=gen, dtype=dtype).requires_grad_() for n in (8, 8, 8, 9)]
+        outs = []
+        for attend in (lambda q, k, v, m: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m),
+                       A.sdpa):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                q, k, v, mask = leaves
+                out = torch.cat([attend(q * (i + 1), k, v, mask * (i + 1)) for i in range(calls)])
+            outs.append((out, *_grads(out.float(), *leaves)))
+        for ours, torchs in zip(*outs, strict=True):
+            assert ours.dtype == torchs.dtype and torch.equal(ours, torchs), dtype

@@ -87,6 +87,10 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
             or q.shape[-2] == 0 or k.shape[-2] == 0 or q.shape[:-2] != k.shape[:-2]):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if torch.is_autocast_enabled("cpu"):  # SDPA is on CPU autocast's lower-precision list
+        # autocast leaves float64 alone, and casts an fp32 leaf that needs a grad once per region (cached)
+        if any(t.dtype == torch.float64 or (t.dtype == torch.float32 and t.is_leaf and t.requires_grad)
+               for t in (q, k, v, mask)):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         low = torch.get_autocast_dtype("cpu")
         q, k, v, mask = (t.to(low) if t.is_floating_point() else t for t in (q, k, v, mask))
     dtype = q.dtype
