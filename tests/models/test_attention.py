@@ -286,3 +286,16 @@ def test_sdpa_under_autocast_keeps_float64_and_sums_leaf_gradients_as_torch_does
             outs.append((out, *_grads(out.float(), *leaves)))
         for ours, torchs in zip(*outs, strict=True):
             assert ours.dtype == torchs.dtype and torch.equal(ours, torchs), dtype
+
+
+def test_sdpa_refuses_a_mask_with_more_batches_than_the_queries_as_torch_does():
+    # SDPA's math path adds the mask in place: a mask that would broadcast the logits to a larger batch is
+    # an error there, not a larger output.
+    q, k, v = (torch.randn(1, 2, 5, 4, requires_grad=True) for _ in range(3))
+    mask = torch.randn(3, 2, 5, 5, requires_grad=True)
+    errors = []
+    for attend in (lambda q, k, v, m: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m), A.sdpa):
+        with pytest.raises(RuntimeError) as caught:
+            attend(q, k, v, mask)
+        errors.append(str(caught.value))
+    assert errors[0] == errors[1]

@@ -101,7 +101,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
             q, k, v = q.float(), k.float(), v.float()
         factor = math.sqrt(1.0 / math.sqrt(q.shape[-1]))
         attn = torch.matmul(q * factor, k.transpose(-2, -1) * factor)
-        return torch.matmul(torch.softmax(attn.add(mask), -1), v).to(dtype)
+        return torch.matmul(torch.softmax(attn.add_(mask), -1), v).to(dtype)
 
 
 def _by_query_chunks(attend, q, k, v, chunk: int | None, checkpointed: bool, **rest) -> torch.Tensor:
