@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -482,7 +484,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp
 
 
 @pytest.mark.slow
-def test_ctrl_c_checkpoints_exits_130_and_a_second_run_is_refused_meanwhile(tmp_path, image_dir, capsys):
+def test_ctrl_c_checkpoints_exits_130_and_a_second_run_is_refused_meanwhile(tmp_path, image_dir, capsys, caplog):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "lomar", "pretrain", *TINY, "--data", str(image_dir), "--out", str(out),
            "--epochs", "1000", "--workers", "1"]
@@ -495,10 +497,17 @@ def test_ctrl_c_checkpoints_exits_130_and_a_second_run_is_refused_meanwhile(tmp_
         assert time.time() < deadline, "training did not start"
         time.sleep(0.2)
     capsys.readouterr()
-    code = main(["pretrain", "--out", str(out), "--resume", "auto"])  # this process: no second start-up to wait for
+    caplog.clear()
+    # this process: no second start-up to wait for. A logged warning or a Python warning, which a command prints on
+    # its stderr, goes to pytest's handlers here: the one line is the whole of what the refusal says only without them
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("default")  # what a command shows
+        code = main(["pretrain", "--out", str(out), "--resume", "auto"])
     second = capsys.readouterr().err
     assert code == 2 and "in use by another run" in second, second
     assert second.count("\n") == 1
+    assert not caplog.records and not [w for w in warned if not issubclass(w.category, DeprecationWarning)], \
+        (caplog.records, [str(w.message) for w in warned])
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground group
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, output
