@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lomar.cli.app import main
+from lomar.train import runtime
 
 _DEFAULT_REFERENCE = Path(__file__).resolve().parent / "reference"
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -129,7 +130,10 @@ def as_torchrun(argv: list[str], world: int, folder: Path, timeout: float = 120)
     """``lomar ARGV`` in ``world`` processes of one gloo group, in torchrun's environment: each process's (exit code,
     stdout, stderr), its streams written to ``folder``/rank<r>.out and .err. Forked from this one, so that none
     imports torch and lomar afresh (a torchrun launch: 20-30 s); where torchrun's own behaviour is what a test
-    checks, launch torchrun."""
+    checks, launch torchrun. Each process runs one CPU thread: one that runs more after a fork from a process that has
+    used OpenMP's threads (pytest's) waits forever in its first parallel region (GNU OpenMP is not fork-safe)."""
+    if "--threads" in argv and argv[argv.index("--threads") + 1] != "1":
+        raise ValueError("as_torchrun's forked processes run one thread each: more would hang in OpenMP")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -146,6 +150,7 @@ def as_torchrun(argv: list[str], world: int, folder: Path, timeout: float = 120)
                     os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
                 sys.stdout, sys.stderr = (open(fd, "w", closefd=False) for fd in (1, 2))
                 logging.getLogger().handlers.clear()  # pytest's: a warning goes to stderr, as in a command
+                runtime.default_threads = lambda: 1  # without --threads: this machine's cores // 2 hang (above)
                 code = main(argv)
             except BaseException:  # noqa: BLE001 - said in the child's stderr, which the test shows
                 traceback.print_exc()
