@@ -247,11 +247,16 @@ if want finetune; then  # two classes of ImageNet-size photos, half as many to v
 fi
 if [ "${#SETS[@]}" -gt 0 ]; then
   part 300 "$PY" - "${SETS[@]}" <<'EOF' 2>&1 | keep tee -a "$LOG"
-import sys
+import sys, traceback
 from lomar.bench.loader import make_test_set
-sets = sys.argv[1:]
-for i in range(0, len(sets), 3):
-    make_test_set(sets[i], sets[i + 1], int(sets[i + 2]))
+sets, failed = sys.argv[1:], 0
+for i in range(0, len(sets), 3):  # one that fails is said: the parts that read the others still get them
+    try:
+        make_test_set(sets[i], sets[i + 1], int(sets[i + 2]))
+    except Exception:
+        traceback.print_exc()
+        failed = 1
+sys.exit(failed)
 EOF
   [[ " ${SETS[*]} " == *" $CAMERA "* ]] && say "camera test set: $(ls "$CAMERA" 2>/dev/null | wc -l) JPEGs in $CAMERA"
   [[ " ${SETS[*]} " == *" $IMAGENET "* ]] \

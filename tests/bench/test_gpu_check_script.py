@@ -186,6 +186,31 @@ def test_every_bench_command_of_the_check_is_one_lomar_bench_accepts(tmp_path):
         plan_configurations(build_parser(["bench"]).parse_args(command))  # UsageError where bench would refuse it
 
 
+def test_a_test_set_that_cannot_be_made_leaves_the_others_made(tmp_path):
+    """The parts' test sets are made in one process: one that fails (here the camera set) is said in the log and the
+    next ones are still made, as when each set had a process of its own."""
+    stub = tmp_path / "stub" / "lomar" / "bench"  # a lomar.bench.loader whose camera set fails
+    stub.mkdir(parents=True)
+    for package in (stub.parent, stub):
+        (package / "__init__.py").write_text("")
+    (stub / "loader.py").write_text("from pathlib import Path\n"
+                                    "def make_test_set(out, kind, count):\n"
+                                    "    if Path(out).name == 'camera':\n"
+                                    "        raise OSError('no room for the camera set')\n"
+                                    "    Path(out).mkdir(parents=True)\n"
+                                    "    (Path(out) / f'{kind}-{count}').touch()\n")
+    # the sets' process runs this interpreter on the stub; every other command succeeds
+    env = _stand_in(tmp_path, f'[ "$3" = camera ] && PYTHONPATH={tmp_path / "stub"}:$PYTHONPATH exec '
+                              f'{sys.executable} "$@"\nexit 0\n', GPU_CHECK_PARTS="loader finetune")
+    done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    log = (tmp_path / "gc" / "summary.log").read_text()
+    assert done.returncode == 0, done.stderr
+    assert "OSError: no room for the camera set" in log and "camera test set: 0 JPEGs" in log, log
+    ft = tmp_path / "work" / "ft"
+    assert sorted(p.relative_to(ft).as_posix() for p in ft.rglob("imagenet-*")) == [
+        "train/a/imagenet-8", "train/b/imagenet-8", "val/a/imagenet-4", "val/b/imagenet-4"], log
+
+
 def test_each_part_reports_its_own_status_where_bash_is_in_posix_mode(tmp_path):
     """POSIXLY_CORRECT (or bash run as sh): a pid's status, once a `wait` gave it, is gone (a second wait: 127),
     so each part's status is the one its command exited with, ok or failed, not 'failed (rc 127)'."""
