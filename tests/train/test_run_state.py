@@ -860,3 +860,15 @@ def test_scores_never_go_into_a_run_folder(tmp_path):
         with pytest.raises(ConfigError, match=rf"^--out {out} holds a run, whose metrics.jsonl is its training's own; "
                                               rf"pass another --out for the scores$"):
             refuse_held_run(out, None, overwrite, eval_only=True)
+
+
+def test_a_slow_steps_image_rate_is_printed_not_rounded_to_zero(tmp_path, capsys):
+    # one decimal printed a slow CPU step's 0.04 img/s as "img/s 0.0"
+    from lomar.train.monitor import Monitor
+
+    monitor = Monitor(tmp_path, active=True, total=2, log_every=1)
+    monitor.step(1, 0, 0.5, 1e-3, 0.04)
+    monitor.step(2, 0, 0.5, 1e-3, 123.45)
+    monitor.close()
+    out = capsys.readouterr().out
+    assert "img/s 0.04 " in out and "img/s 123.5 " in out, out

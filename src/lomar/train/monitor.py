@@ -13,7 +13,8 @@ from pathlib import Path
 from lomar.checkpoints.file_names import METRICS
 from lomar.checkpoints.io import open_in_place, read_log, refuse_link
 
-__all__ = ["Monitor", "progress", "input_limit_note", "read_records", "metric_text", "metric_value", "INPUT_BOUND"]
+__all__ = ["Monitor", "progress", "input_limit_note", "read_records", "metric_text", "metric_value",
+           "images_per_second", "INPUT_BOUND"]
 
 _LABELS = {"top1": "top-1", "top5": "top-5", "knn_top1": "k-NN top-1"}  # accuracies, printed in percent
 QUIET_INTERVAL = 30.0  # seconds between progress lines when stderr is not a terminal (a log file)
@@ -47,6 +48,12 @@ def metric_value(key: str, value: float) -> str:
 def metric_text(key: str, value: float) -> str:
     """A score under its label, as the log prints it ("top-1 27.78%")."""
     return f"{_LABELS.get(key, key)} {metric_value(key, value)}"
+
+
+def images_per_second(rate: float) -> str:
+    """A step's img/s as the log prints it: one decimal, or two significant digits below 1 img/s, where one
+    decimal would print a slow CPU step's 0.04 as 0.0."""
+    return f"{rate:.1f}" if rate >= 1 else f"{rate:.2g}"
 
 
 def progress(iterable=None, total: int | None = None, desc: str = "", initial: int = 0, unit: str = "it"):
@@ -100,11 +107,11 @@ class Monitor:
         if self.writer is not None:
             _board(self.out, lambda: [self.writer.add_scalar(f"train/{key}", record[key], step)
                                       for key in record.keys() - {"step", "epoch"}])
-        self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}",
+        self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=images_per_second(ips),
                              input_wait=f"{input_wait:.0%}", refresh=False)
         self.bar.update(step - self.bar.n)
         if self.lines and (step % self.every == 0 or step == self.total):
-            print(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.2e} img/s {ips:.1f} "
+            print(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.2e} img/s {images_per_second(ips)} "
                   f"input wait {input_wait:.0%}", flush=True)
 
     def evaluation(self, file: str, step: int, epoch: int, metrics: dict[str, float], extra: dict) -> None:
