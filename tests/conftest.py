@@ -53,3 +53,11 @@ def labelled_folder(tmp_path_factory) -> Path:
         for label in ("a", "b"):
             write_images(root / split / label, count, size=(36, 36))
     return root
+
+
+@pytest.fixture
+def no_cell_figures(monkeypatch):
+    """A pretraining run's reconstruction figure and loss curve not drawn (PretrainTask.figure), for tests of studies
+    whose cells no assertion of theirs reads: ~0.5 s of matplotlib at each start and save, and a time budget's cell
+    saves after every slice. A figure that fails only prints; tests/train/test_run_figures.py checks them."""
+    monkeypatch.setattr("lomar.train.pretrain.PretrainTask.figure", lambda self, model=None: None)

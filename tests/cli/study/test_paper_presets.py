@@ -13,15 +13,6 @@ from lomar.cli.study.flags import parse_flags, settings_flags
 from lomar.cli.study.presets import PAPER_PRESETS, build_preset
 from lomar.cli.study.runner import check_cells
 from lomar.train.config import add_config_arguments, resolve_config
-from lomar.train.pretrain import PretrainTask
-
-
-@pytest.fixture
-def no_cell_figures(monkeypatch):
-    """Each cell's reconstruction figure and loss curve, drawn as it starts and at every save (~0.5 s of matplotlib
-    each; a time budget's cell saves after every slice): nothing here reads them, and a figure that fails only
-    prints (tests/train/test_run_figures.py and the pretrain tests check them)."""
-    monkeypatch.setattr(PretrainTask, "figure", lambda self, model=None: None)
 
 
 @pytest.mark.parametrize("name", PAPER_PRESETS)

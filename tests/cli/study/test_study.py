@@ -10,7 +10,6 @@ from lomar.cli.app import main
 from lomar.cli.study import runner
 from lomar.cli.study.runner import run_study
 from lomar.cli.study.spec import StudyStopped, parse_spec
-from lomar.train.pretrain import PretrainTask
 
 # helpers.TINY as study settings: 2 blocks, 32 wide, 32 px, 3x3 windows, 2 per image.
 TINY = dict(model="vit_tiny_patch8", embed_dim=32, depth=2, num_heads=2, img_size=32, window_size=3, windows=2,
@@ -25,14 +24,6 @@ def labelled(tmp_path_factory) -> Path:
         for label in ("a", "b"):
             write_images(root / split / label, 6)
     return root
-
-
-@pytest.fixture
-def no_cell_figures(monkeypatch):
-    """Each cell's reconstruction figure and loss curve, drawn as it starts and at every save (~0.5 s of matplotlib
-    each; a time budget's cell saves after every slice): nothing here reads them, and a figure that fails only
-    prints (tests/train/test_run_figures.py and the pretrain tests check them)."""
-    monkeypatch.setattr(PretrainTask, "figure", lambda self, model=None: None)
 
 
 def _spec(root: Path, **changes) -> dict:
