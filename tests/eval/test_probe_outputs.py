@@ -36,3 +36,15 @@ def test_the_load_line_keeps_the_crop_size_apart_from_what_was_not_used(pretrain
                  "--img-size", "32", "--threads", "1"]) == 0
     line = next(line for line in capsys.readouterr().err.splitlines() if "loaded" in line)
     assert line.endswith("; not used: none; 32 px crops"), line
+
+
+def test_a_tensor_name_both_new_and_left_out_says_which_is_the_sources():
+    # a finetune's line read "newly initialised: head.weight, head.bias; not used: head.weight, ...": the classifier's
+    # new head and the pretraining pixel head share their names
+    from lomar.eval.features import LoadReport
+
+    report = LoadReport("pretrain checkpoint (lomar)", "run/last.pt", loaded=3, fresh=["head.weight", "head.bias"],
+                        dropped=["head.weight", "head.bias", "mask_token"])
+    assert report.summary() == ("loaded 3 tensors from pretrain checkpoint (lomar) run/last.pt; newly initialised: "
+                                "head.weight, head.bias; not used: the source's head.weight, the source's head.bias, "
+                                "mask_token")

@@ -61,8 +61,10 @@ class LoadReport:
         def short(keys: list[str]) -> str:
             return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "") if keys else "none"
 
+        # a classifier's new head.weight and the pretraining head's unused one share a name
+        dropped = [f"the source's {key}" if key in self.fresh else key for key in self.dropped]
         text = (f"loaded {self.loaded} tensors from {self.source} {self.path}; "
-                f"newly initialised: {short(self.fresh)}; not used: {short(self.dropped)}")
+                f"newly initialised: {short(self.fresh)}; not used: {short(dropped)}")
         return text + "".join(f"; {in_flags(note, flags or {})}" for note in self.notes)
 
 
