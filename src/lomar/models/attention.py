@@ -21,7 +21,6 @@ mode is plain SDPA, whose fused kernels are already O(L) in memory.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +30,7 @@ from lomar.models.rpe import CLS_BUCKET, bucket_rows, bucket_table, irpe_bias, o
 
 __all__ = ["ATTENTION_MODES", "DENSE_MAX_TOKENS", "DENSE_BIAS_BYTES", "offset_buckets", "bucket_rows", "select_mode",
            "chunk_rows", "rpe_attention", "biased_attention", "flex_available", "irpe_score_mod", "windowed_attention",
-           "vitdet_global_blocks", "sdpa"]
+           "vitdet_global_blocks"]
 
 ATTENTION_MODES = ("auto", "dense", "chunked", "flex")
 DENSE_MAX_TOKENS = 1025  # auto: dense up to [cls] + 32x32 tokens (512 px at patch 16)
@@ -69,39 +68,7 @@ def _chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tenso
 
 
 def _biased(q, k, v, bias: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
-    if key_bias is None:  # the iRPE bias alone is finite: no row of only -inf, which sdpa would leave NaN
-        return sdpa(q, k, v, bias)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias + key_bias)
-
-
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``F.scaled_dot_product_attention(q, k, v, attn_mask=mask)``, the same values and gradients bit for bit,
-    for a ``mask`` with no row of only -inf (SDPA gives such a row 0, this NaN).
-
-    A CPU mask that needs a gradient (the iRPE bias) keeps SDPA off its fused CPU kernel, on its math path,
-    whose ``_safe_softmax`` looks for rows of only -inf and which casts the attention weights it also
-    returns: 8-10 % of the demo's step on 1 CPU thread. This is that path's operations as torch 2.14 runs
-    them (inputs in CPU autocast's dtype, computed in fp32, queries and keys each scaled by d^-1/4) with a
-    plain softmax, whose backward is the safe one's. Any other case goes to SDPA."""
-    if (mask is None or q.device.type != "cpu" or not torch.is_grad_enabled() or not mask.requires_grad
-            or q.shape[-2] == 0 or k.shape[-2] == 0 or q.shape[:-2] != k.shape[:-2]):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    if torch.is_autocast_enabled("cpu"):  # SDPA is on CPU autocast's lower-precision list
-        # autocast leaves float64 alone, and casts an fp32 leaf that needs a grad once per region (cached)
-        if any(t.dtype == torch.float64 or (t.dtype == torch.float32 and t.is_leaf and t.requires_grad)
-               for t in (q, k, v, mask)):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        low = torch.get_autocast_dtype("cpu")
-        q, k, v, mask = (t.to(low) if t.is_floating_point() else t for t in (q, k, v, mask))
-    dtype = q.dtype
-    if mask.dtype != dtype or k.dtype != dtype or v.dtype != dtype:  # SDPA's own error
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    with torch.autocast("cpu", enabled=False):
-        if dtype in (torch.bfloat16, torch.float16):
-            q, k, v = q.float(), k.float(), v.float()
-        factor = math.sqrt(1.0 / math.sqrt(q.shape[-1]))
-        attn = torch.matmul(q * factor, k.transpose(-2, -1) * factor)
-        return torch.matmul(torch.softmax(attn.add_(mask), -1), v).to(dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias if key_bias is None else bias + key_bias)
 
 
 def _by_query_chunks(attend, q, k, v, chunk: int | None, checkpointed: bool, **rest) -> torch.Tensor:
