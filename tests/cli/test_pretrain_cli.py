@@ -20,12 +20,14 @@ import torch
 import yaml
 from PIL import Image
 
-from helpers import TINY, as_torchrun, fill_disk, losses, pretrain
+from helpers import TINY, fill_disk, losses, pretrain
 from lomar.checkpoints.io import safe_load
 from lomar.cli import app
 from lomar.cli.app import main
 from lomar.eval.features import load_pretrained_encoder
 from lomar.eval.knn import KnnMonitor
+
+BIN = Path(sys.executable).parent
 
 
 def _env() -> dict:
@@ -322,12 +324,12 @@ def test_torchrun_two_processes_match_one_process_with_the_global_batch(tmp_path
             Image.fromarray(pixels.astype(np.uint8)).save(knn / split / label / f"img{i:03d}.png")
     (knn / "val" / "b" / "zz-broken.png").write_bytes(b"")
     shutil.copy(knn / "train" / "a" / "img000.png", knn / "train" / "stray.png")  # outside the classes: a warning
-    logs.mkdir()
-    ranks = as_torchrun(["pretrain", *common, "--out", str(ddp_out), "--knn-every", "2", "--knn-data", str(knn)], 2,
-                        logs, timeout=300)
-    assert [code for code, _, _ in ranks] == [0, 0], "".join(out + err for _, out, err in ranks)[-3000:]
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--tee", "3", "--log-dir", str(logs),
+           "-m", "lomar", "pretrain", *common, "--out", str(ddp_out), "--knn-every", "2", "--knn-data", str(knn)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # every process extracted its share, and the score is the one a single process gives on the same weights
-    errs = {rank: err for rank, (_, _, err) in enumerate(ranks)}
+    errs = {int(path.parent.name): path.read_text() for path in logs.glob("*/attempt_0/*/stderr.log")}
     assert ["zz-broken.png" in errs[rank] for rank in (0, 1)] == [False, True], errs
     # what listing the folders found is said by the machine's first process alone (it was said by each)
     assert ["outside the class folders" in errs[rank] for rank in (0, 1)] == [True, False], errs
