@@ -79,6 +79,14 @@ def test_an_unknown_flag_is_one_line_with_a_suggestion(argv, command, said, caps
                                        f"(see lomar {command} --help)\n")
 
 
+@pytest.mark.parametrize("operands", [["ck.pt"], ["-ck.pt"]])
+def test_what_follows_a_double_dash_is_no_unknown_flag(operands, capsys):
+    """A missing required flag is said alone where every other word is an operand (a path that starts with -)."""
+    assert main(["export", "--", *operands]) == 2
+    assert capsys.readouterr().err == ("lomar export: error: the following arguments are required: --to "
+                                       "(see lomar export --help)\n")
+
+
 @pytest.mark.parametrize("argv", [["pretrain", "--warmup", "5", "--print-config"],  # was --warmup-epochs 5
                                   ["study", "--seed", "3", "--preset", "digits", "--budget", "x"],  # was 3 seeds
                                   ["export", "ck.pt", "--to", "x", "--drop"]])  # was --drop-head

@@ -72,7 +72,8 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def parse_known_args(self, args=None, namespace=None):
-        self._given = list(sys.argv[1:] if args is None else args)  # for error(): the flags typed, known or not
+        given = list(sys.argv[1:] if args is None else args)  # for error(): the flags typed, known or not
+        self._given = given[:given.index("--")] if "--" in given else given  # after a --, operands: no flags
         return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> None:  # type: ignore[override]
