@@ -86,7 +86,6 @@ class _Parser(argparse.ArgumentParser):
         leave_it_to_the_first_process()  # under torchrun every process meets the same flag: the first one says it
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
-
     def _unknown_before_required(self, message: str) -> str:
         """argparse says a missing required flag before the unknown ones, which it has not looked at yet: `lomar
         export CKPT --out DIR` was told '--to is required', not that --out is no flag of export and --to the one it
