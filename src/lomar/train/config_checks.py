@@ -31,14 +31,9 @@ def check_method_settings(values: dict[str, Any], declared: dict[str, S.Setting]
             readers.setdefault(setting, []).append(name)
     for name in (name for name in readers if name not in get_method(method).reads):
         if (value := values.get(name, declared[name].default)) != declared[name].default:
-            raise ConfigError(f"{_typed(declared[name], name, value)} is for --method {' and '.join(readers[name])} "
-                              f"only (got --method {method}); drop it")
-
-
-def _typed(declared: S.Setting, name: str, value: Any) -> str:
-    """A setting as typed on the command line: --no-flag for False, else the flag and its value."""
-    flag = declared.name_flag(name)
-    return f"--no-{flag[2:]}" if value is False else flag if value is True else f"{flag} {S.shown(value)}"
+            typed = S.as_typed(declared[name].name_flag(name), value)
+            raise ConfigError(f"{typed} is for --method {' and '.join(readers[name])} only (got --method {method}); "
+                              f"drop it")
 
 
 def refuse_training_settings(config: Any, explicit: dict[str, Any], names: tuple[str, ...]) -> None:
@@ -50,7 +45,7 @@ def refuse_training_settings(config: Any, explicit: dict[str, Any], names: tuple
     given = [name for name in names if name in explicit and source_of(config, name) is None]
     if given:
         declared = S.declarations(type(config))
-        flags = ", ".join(_typed(declared[name], name, explicit[name]) for name in given)
+        flags = ", ".join(S.as_typed(declared[name].name_flag(name), explicit[name]) for name in given)
         one = len(given) == 1
         raise ConfigError(f"{flags} {'is a training setting' if one else 'are training settings'}, and --eval-only "
                           f"trains nothing; drop {'it' if one else 'them'}, or drop --eval-only to train")

@@ -81,9 +81,7 @@ def unused_encoder_flags(config: Any, encoder: Any, beit: bool = False) -> list[
     given, notes = getattr(config, "flags_given", frozenset()), []
 
     def flag(name: str) -> str:
-        value = getattr(config, name)
-        dashed = name.replace("_", "-")
-        return (f"--{dashed}" if value else f"--no-{dashed}") if isinstance(value, bool) else f"--{dashed} {value}"
+        return S.as_typed("--" + name.replace("_", "-"), getattr(config, name))
 
     if "train_pos_embed" in given and getattr(encoder, "pos_embed", None) is None:
         notes.append(f"{flag('train_pos_embed')} is unused: it acts on an absolute position table (MAE's), and this "

@@ -24,7 +24,7 @@ from lomar.train.setting_names import as_given, unknown_settings
 from lomar.values import brief, parse_device, parse_duration
 from lomar.yaml_io import inline, read_settings
 
-__all__ = ["ConfigError", "Setting", "setting", "declarations", "coerce_all", "read_yaml", "shown"]
+__all__ = ["ConfigError", "Setting", "setting", "declarations", "coerce_all", "read_yaml", "shown", "as_typed"]
 
 
 class ConfigError(UsageError):
@@ -228,6 +228,12 @@ def check_compile_mode(config: Any) -> None:
 def shown(value: Any) -> str:
     """A setting as it is typed on the command line: (0.5, 1.0) -> '0.5 1.0'."""
     return " ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def as_typed(flag: str, value: Any) -> str:
+    """A setting's ``flag`` and ``value`` as typed on the command line: ``--no-FLAG`` for False, the flag alone for
+    True, else the flag and the value (:func:`shown`)."""
+    return f"--no-{flag[2:]}" if value is False else flag if value is True else f"{flag} {shown(value)}"
 
 
 # ---- YAML and saved settings ----------------------------------------------------------------
