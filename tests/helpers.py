@@ -126,6 +126,13 @@ class FillingFile:
         self._handle.close()
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a gloo group's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def as_torchrun(argv: list[str], world: int, folder: Path, timeout: float = 120) -> list[tuple[int, str, str]]:
     """``lomar ARGV`` in ``world`` processes of one gloo group, in torchrun's environment: each process's (exit code,
     stdout, stderr), its streams written to ``folder``/rank<r>.out and .err. Forked from this one, so that none
@@ -134,9 +141,7 @@ def as_torchrun(argv: list[str], world: int, folder: Path, timeout: float = 120)
     used OpenMP's threads (pytest's) waits forever in its first parallel region (GNU OpenMP is not fork-safe)."""
     if "--threads" in argv and argv[argv.index("--threads") + 1] != "1":
         raise ValueError("as_torchrun's forked processes run one thread each: more would hang in OpenMP")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     children = {}
     for rank in range(world):
         outputs = [folder / f"rank{rank}.{name}" for name in ("out", "err")]

@@ -4,13 +4,13 @@ sharded checkpoint, and its consolidation into the usual single file."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers import free_port
 from lomar.checkpoints.io import safe_load
 from lomar.models import LoMaR
 from lomar.models.masking import MaskingPlan, sample_plan
@@ -80,11 +80,8 @@ def _worker(rank: int, world: int, port: int, out: str, precision: str) -> None:
 
 
 def _spawn(tmp_path, precision: str) -> dict:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     # forked: neither process imports torch, lomar and this module afresh, as spawned ones did (3-4 s)
-    mp.start_processes(_worker, args=(2, port, str(tmp_path), precision), nprocs=2, start_method="fork")
+    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path), precision), nprocs=2, start_method="fork")
     return torch.load(tmp_path / "result.pt", weights_only=True)
 
 
@@ -185,10 +182,8 @@ def _full_disk_worker(rank: int, world: int, port: int, out: str, where: str) ->
 def test_a_full_disk_during_a_sharded_save_is_one_line_on_every_rank_and_keeps_the_last_checkpoint(tmp_path,
                                                                                                     where):
     # a folder gone read-only was DCP's multi-rank traceback, where the same on a single process is one line
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(_full_disk_worker, args=(2, port, str(tmp_path), where), nprocs=2, start_method="fork")
+    mp.start_processes(_full_disk_worker, args=(2, free_port(), str(tmp_path), where), nprocs=2,
+                       start_method="fork")
     for rank in range(2):
         raised = (tmp_path / f"rank{rank}.txt").read_text()
         expected = "cannot write" if where == "read-only" else "no space left on the device to write"

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers import free_port
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
 from lomar.data.samplers import EpochSampler
@@ -655,16 +656,12 @@ def _ddp_run(rank: int, world: int, port: int, out: str, max_steps: int, resume:
 
 @pytest.mark.slow
 def test_a_resumed_ddp_run_continues_every_ranks_own_random_stream(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
     def launch(out, max_steps, resume=False):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
         # forked: neither process imports torch, lomar and this module afresh, as spawned ones did (3-4 s a launch)
-        mp.start_processes(_ddp_run, args=(2, port, str(out), max_steps, resume), nprocs=2, start_method="fork")
+        mp.start_processes(_ddp_run, args=(2, free_port(), str(out), max_steps, resume), nprocs=2,
+                           start_method="fork")
         return safe_load(out / "last.pt")
 
     straight = launch(tmp_path / "straight", 6)
@@ -707,15 +704,11 @@ def run_two_ranks(task: type, out, hang: str, timeout: float = 120, errors: bool
     when they have not both ended after ``timeout`` s, killing them: a collective that one rank never joins waits
     forever. ``errors``: the ranks may raise; each one's "Type: message" (or "") is returned; otherwise an error, or
     an exit code other than ``code``, fails the test."""
-    import socket
     import time
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = mp.start_processes(_ranked_run, args=(port, str(out), task, settings), nprocs=2, join=False,
+    context = mp.start_processes(_ranked_run, args=(free_port(), str(out), task, settings), nprocs=2, join=False,
                                  start_method="fork")  # no fresh imports of torch and lomar (spawn: 3-4 s)
     deadline = time.monotonic() + timeout
     while not all(process.exitcode is not None for process in context.processes):

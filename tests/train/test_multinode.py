@@ -4,7 +4,6 @@ give the same run as one process with the same global batch."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,24 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY
+from helpers import TINY, free_port
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
 
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_node_launch_matches_one_process_with_the_global_batch(tmp_path, image_dir):
     common = [*TINY, "--data", str(image_dir), "--max-steps", "3", "--warmup-epochs", "0"]
     multi, single = tmp_path / "two-nodes", tmp_path / "single"
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     nodes = [subprocess.Popen(
         [str(BIN / "torchrun"), "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",

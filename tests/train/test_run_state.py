@@ -17,7 +17,7 @@ import pytest
 import torch
 from test_lifecycle import ToyConfig, ToyTask
 
-from helpers import fill_disk
+from helpers import fill_disk, free_port
 from lomar.checkpoints.io import atomic_save, safe_load
 from lomar.errors import UsageError
 from lomar.train import runtime
@@ -641,15 +641,10 @@ def _save_worker(rank: int, world: int, port: int, out: str) -> None:
 @pytest.mark.slow
 def test_a_failed_save_or_start_on_the_main_rank_stops_every_rank_together(tmp_path):
     # a start that failed on the main rank alone left the other in the first step's collective, said by it too
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     # forked: neither process imports torch, lomar and this module afresh, as spawned ones did (3-4 s)
-    mp.start_processes(_save_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="fork")
+    mp.start_processes(_save_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="fork")
     assert (tmp_path / "rank0.txt").read_text() == \
         "SaveError: no space left on the device to write last.pt|written|runs/20261200-000000|" \
         "OSError: [Errno 28] No space left on device: 'reconstruction-000000.png'"
