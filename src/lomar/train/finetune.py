@@ -44,7 +44,7 @@ from lomar.train.encoder_settings import encoder_layout, unused_encoder_flags
 from lomar.train.finetune_config import FinetuneConfig, split_roots
 from lomar.train.lifecycle import Task, run
 from lomar.train.monitor import metric_text
-from lomar.train.precision import autocast_factory, resolve_precision
+from lomar.train.precision import autocast_factory, kept_precision_note, resolve_precision
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.setting_flags import flags_by_setting
 from lomar.train.task import over_note, score_only, scored_split
@@ -125,9 +125,8 @@ class FinetuneTask(Task):
             self.model.to(device)
             self.autocast = autocast_factory(resolve_precision(config.precision, device), device)  # as a run's
             if config.precision_of_run and (own := resolve_precision("auto", device)) != config.precision:
-                print(f"lomar finetune: precision {config.precision}, the one the classifier trained in (this "
-                      f"machine's --precision auto would pick {own}); pass --precision {own} to switch",
-                      file=sys.stderr, flush=True)
+                note = kept_precision_note(config.precision, own, "the classifier")
+                print(f"lomar finetune: {note}", file=sys.stderr, flush=True)
             path, step = config.classifier.path, config.classifier.checkpoint.get("step")
             self.source = {"checkpoint": str(path), "step": step, "trained_img_size": trained}
             other = "" if trained == config.img_size else f", not its trained {trained} px"

@@ -10,8 +10,8 @@ import torch
 from lomar.train.settings import PRECISION
 from lomar.train.task import diverged
 
-__all__ = ["resolve_precision", "run_precision", "cpu_has_bf16", "emulated_bf16_notes", "autocast_factory",
-           "WatchedScaler", "OVERFLOWS_IN_A_ROW", "PRECISIONS"]
+__all__ = ["resolve_precision", "run_precision", "kept_precision_note", "cpu_has_bf16", "emulated_bf16_notes",
+           "autocast_factory", "WatchedScaler", "OVERFLOWS_IN_A_ROW", "PRECISIONS"]
 
 # what 'auto' resolves to, and a checkpoint records having trained in: --precision's other choices
 PRECISIONS = tuple(choice for choice in PRECISION.choices if choice != "auto")
@@ -38,6 +38,13 @@ def run_precision(config, device: torch.device) -> str:
     point = getattr(config, "resume_point", None)
     ran = (getattr(point, "meta", None) or {}).get("precision")
     return ran if config.precision == "auto" and ran in PRECISIONS else resolve_precision(config.precision, device)
+
+
+def kept_precision_note(precision: str, own: str, trained: str) -> str:
+    """The note of a --precision auto that keeps ``precision``, the one ``trained`` ('the run', 'the classifier')
+    trained in, where this machine's 'auto' picks ``own``: a resume's, an evaluation's."""
+    return (f"precision {precision}, the one {trained} trained in (this machine's --precision auto would pick {own}); "
+            f"pass --precision {own} to switch")
 
 
 def cpu_has_bf16() -> bool:

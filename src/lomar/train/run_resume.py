@@ -21,7 +21,7 @@ from pathlib import Path
 from lomar.checkpoints.file_names import LAST_POINTER
 from lomar.data.shard_members import file_identity
 from lomar.errors import UsageError
-from lomar.train.precision import resolve_precision
+from lomar.train.precision import kept_precision_note, resolve_precision
 from lomar.train.run_state import (
     checkpoint_number,
     checkpoint_step,
@@ -219,8 +219,7 @@ def numerics_notes(ckpt: dict, precision: str, setting: str, device) -> list[str
         notes.append(f"precision {precision}, --precision auto's choice on this machine: the checkpoint (an older "
                      f"lomar's) does not record the precision the run trained in")
     elif setting == "auto" and (own := resolve_precision("auto", device)) != precision:
-        notes.append(f"precision {precision}, the one the run trained in (this machine's --precision auto would pick "
-                     f"{own}); pass --precision {own} to switch")
+        notes.append(kept_precision_note(precision, own, "the run"))
     rng = ckpt.get("rng") if "rng_ranks" in ckpt else None  # a CUDA run's older checkpoint held no CUDA stream
     if isinstance(rng, dict) and (was := "cuda" if "cuda" in rng else "cpu") != device.type:
         notes.append(f"device {was} → {device.type} after step {step}: the weights and optimizer state move over; "
