@@ -197,12 +197,11 @@ def test_a_full_disk_during_a_sharded_save_is_one_line_on_every_rank_and_keeps_t
 
 
 # ---- `lomar pretrain --fsdp` ----------------------------------------------------------------
-def _torchrun(folder, *args: str, resume: bool = False) -> str:
+def _pretrain_on_two_ranks(folder, *args: str, resume: bool = False) -> str:
     """``lomar pretrain`` in 2 processes of a gloo group (forked: the launcher is not what is tested here): the tiny
     settings, or (``resume``) only ``args``; what every process printed. ``folder`` gets each one's streams."""
     from helpers import TINY, as_torchrun
 
-    folder.mkdir(parents=True, exist_ok=True)
     ranks = as_torchrun(["pretrain", *([] if resume else TINY), *args], 2, folder, timeout=180)
     log = "".join(out + err for _, out, err in ranks)
     assert [code for code, _, _ in ranks] == [0, 0], log[-3000:]
@@ -220,12 +219,12 @@ def test_pretrain_fsdp_matches_one_process_resumes_exactly_and_exports(tmp_path,
     common = ["--data", str(image_dir), "--batch-size", "2", "--accum-steps", "2", "--clip-grad", "1.0",
               "--save-every", "1", "--keep-last", "1", "--fsdp"]
     straight, resumed, single = tmp_path / "straight", tmp_path / "resumed", tmp_path / "single"
-    log = _torchrun(tmp_path / "logs-straight", *common, "--out", str(straight), "--max-steps", "3")
+    log = _pretrain_on_two_ranks(tmp_path, *common, "--out", str(straight), "--max-steps", "3")
     assert "done at step 3" in log
-    _torchrun(tmp_path / "logs-first", *common, "--out", str(resumed), "--max-steps", "1")
+    _pretrain_on_two_ranks(tmp_path, *common, "--out", str(resumed), "--max-steps", "1")
     # a sharded folder named as --resume (--resume auto finds one through last.json: test_resume_auto_follows_...)
-    log = _torchrun(tmp_path / "logs-resumed", "--resume", str(resumed / "checkpoint-000001.dcp"), "--max-steps", "3",
-                   resume=True)
+    log = _pretrain_on_two_ranks(tmp_path, "--resume", str(resumed / "checkpoint-000001.dcp"), "--max-steps", "3",
+                                 resume=True)
     assert "resumed from" in log and "checkpoint-000001.dcp at step 1" in log
 
     assert losses(straight) == losses(resumed) and len(losses(resumed)) == 3
@@ -247,7 +246,7 @@ def test_pretrain_fsdp_matches_one_process_resumes_exactly_and_exports(tmp_path,
     _assert_close({k: v for k, v in a["model"].items()}, want, atol=2e-6)
     # compiled under FSDP (accumulation and clipping included): the same losses to float tolerance
     torch._dynamo.reset()  # the forked processes compile afresh, whatever this one compiled before
-    _torchrun(tmp_path / "logs-compiled", *common, "--compile", "--out", str(tmp_path / "compiled"), "--max-steps", "3")
+    _pretrain_on_two_ranks(tmp_path, *common, "--compile", "--out", str(tmp_path / "compiled"), "--max-steps", "3")
     assert losses(tmp_path / "compiled") == pytest.approx(losses(single), rel=1e-5)
 
     # last.pt, the .dcp folder itself, and the consolidation command all export the same encoder.
