@@ -135,7 +135,7 @@ class StopFlag:
                 raise
             raise (KeyboardInterrupt() if self.signal == signal.SIGINT else Terminated(self.signal)) from None
 
-    def due(self, work_ahead: bool = False) -> int:
+    def due(self, work_ahead: bool) -> int:
         """This process's stop: 2 for a signal, 1 when the time left of the limit would not hold the next step (with
         ``work_ahead``: the evaluation, save or epoch's end that comes before it) and the final save, else 0. Ends a
         step's interval."""
@@ -202,7 +202,7 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def any_rank_stopping(stop: StopFlag, device, work_ahead: bool = False) -> bool:
+def any_rank_stopping(stop: StopFlag, device, work_ahead: bool) -> bool:
     """True when this process or any other rank was signalled or is due to stop for the time limit
     (:meth:`StopFlag.due`, told ``work_ahead``: an evaluation, a save or an epoch's end comes before the next step):
     the step's one stop agreement (a collective on ``device`` under DDP), whose MAX makes
