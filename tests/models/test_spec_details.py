@@ -5,6 +5,7 @@ target normalisation's eps and variance, the loss reduction, and the MAE decoder
 from __future__ import annotations
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -183,3 +184,52 @@ def test_the_classifier_pools_the_patch_tokens_alone_then_fc_norm_then_the_head(
         normed = (pooled - pooled.mean(-1, keepdim=True)) / (pooled.var(-1, unbiased=False, keepdim=True) + 1e-6).sqrt()
         expected = (normed * model.fc_norm.weight + model.fc_norm.bias) @ model.head.weight.T + model.head.bias
         torch.testing.assert_close(model(images), expected, rtol=1e-4, atol=1e-5)
+
+
+def _beit_pretrain_model():
+    from types import SimpleNamespace
+
+    from lomar.methods.beit import build  # the method module sits above the models
+    from lomar.models.vit import model_config
+    from lomar.tokenizers import KMeansTokenizer
+
+    tokenizer = KMeansTokenizer(torch.randn(16, 3 * 8 * 8), patch=8, input_size=32)
+    config = SimpleNamespace(layer_scale_init=None, window_size=7, windows=0, mask_ratio=None, tokenizer="given")
+    return build(config, model_config("vit_tiny_patch16", depth=2, img_size=64), tokenizer)
+
+
+def test_beit_pretraining_decays_its_mask_token_and_bias_table_but_not_its_cls_token():
+    # BEIT_SPEC §4 (optim_factory.get_parameter_groups with the model's no_weight_decay {pos_embed, cls_token}): no
+    # decay for 1-D tensors (γ, q/v biases, norms), biases and cls_token; mask_token and the rel-pos table ARE decayed
+    from lomar.train.schedule import param_groups  # the optimizer's groups live in the training layer
+
+    model = _beit_pretrain_model()
+    no_decay, decay = param_groups(model, 0.05)
+    assert (no_decay["weight_decay"], decay["weight_decay"]) == (0.0, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert {"beit.mask_token", "beit.rel_pos_bias.relative_position_bias_table", "beit.patch_embed.proj.weight",
+            "beit.lm_head.weight", "beit.blocks.0.attn.qkv.weight"} <= decayed
+    assert {"beit.cls_token", "beit.blocks.0.gamma_1", "beit.blocks.0.attn.q_bias", "beit.blocks.0.attn.v_bias",
+            "beit.norm.weight", "beit.lm_head.bias"} <= skipped
+    assert all(n == "beit.cls_token" or model.get_parameter(n).ndim == 1 for n in skipped)
+    assert len(decayed) + len(skipped) == len(names)
+
+
+def test_beit_init_spreads_as_a_truncation_at_one_std_and_scales_proj_and_fc2_by_root_2l():
+    # BEIT_SPEC §1.9: trunc_normal cut at ±1 std (real std 0.5396·0.02, not timm's untruncated 0.02) for every Linear
+    # and the patch-embedding conv; then block l's attn.proj and mlp.fc2 ÷ √(2l) (a max bound alone would pass ÷ 2l)
+    from lomar.models.beit import BEiT, BEiTConfig
+
+    torch.manual_seed(0)
+    std = 0.02
+    model = BEiT(BEiTConfig(img_size=64, patch_size=8, embed_dim=64, depth=3, num_heads=4, vocab_size=64))
+    truncated_std = std * 0.5396
+    for weight in (model.blocks[0].mlp.fc1.weight, model.patch_embed.proj.weight, model.lm_head.weight):
+        assert weight.abs().max() <= std + 1e-9
+        assert abs(weight.std().item() - truncated_std) < 0.05 * truncated_std
+    for layer, block in enumerate(model.blocks, start=1):
+        for weight in (block.attn.proj.weight, block.mlp.fc2.weight):
+            expected = truncated_std / math.sqrt(2 * layer)
+            assert abs(weight.std().item() - expected) < 0.05 * expected, (layer, tuple(weight.shape))
