@@ -50,7 +50,7 @@ def test_beit_clips_at_3_with_betas_0_9_0_999_and_lomar_does_not_clip(image_dir,
                     "--max-steps", "2") == 0
     assert clipped == [3.0, 3.0]
     groups = safe_load(tmp_path / "beit" / "last.pt")["optimizer"]["param_groups"]
-    assert {g["betas"] for g in groups} == {(0.9, 0.999)}
+    assert {g["betas"] for g in groups} == {(0.9, 0.999)} and {g["eps"] for g in groups} == {1e-8}
     clipped.clear()
     assert pretrain("--data", str(image_dir), "--out", str(tmp_path / "lomar"), "--max-steps", "1") == 0
     assert clipped == []
@@ -127,3 +127,15 @@ def test_the_finetune_transforms_resize_bicubically_and_erase_with_random_pixels
     assert (erase.probability, erase.mode, erase.min_count, erase.max_count) == (0.25, "pixel", 1, 1)
     (resize,) = [t for t in val.transforms if isinstance(t, Resize)]
     assert resize.interpolation == InterpolationMode.BICUBIC and resize.size == 256
+
+
+def test_the_peak_lr_scales_blr_by_the_effective_batch_and_an_absolute_lr_by_nothing():
+    # SPEC §3-4: lr = blr x effective batch / 256, the effective batch counting accumulation and every process;
+    # BEIT_SPEC §4: BEiT's lr (1.5e-3 at 2048 images) is not scaled by the batch
+    from types import SimpleNamespace
+
+    from lomar.train.schedule import peak_lr
+
+    mae = SimpleNamespace(lr=None, blr=1.5e-4, batch_size=64, accum_steps=2)
+    assert peak_lr(mae, world_size=32) == pytest.approx(1.5e-4 * 4096 / 256)  # MAE's 4096-image recipe: 2.4e-3
+    assert peak_lr(SimpleNamespace(lr=1.5e-3, blr=1.5e-4, batch_size=64, accum_steps=2), world_size=32) == 1.5e-3
