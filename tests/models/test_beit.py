@@ -8,7 +8,8 @@ from torch import nn
 
 from lomar.checkpoints.io import atomic_save
 from lomar.checkpoints.keys_beit import beit_from_original, beit_to_timm, load_original_beit, per_block_from_shared
-from lomar.models.beit import BEiT, BEiTConfig, relative_position_index
+from lomar.models.beit import BEiT, BEiTConfig
+from lomar.models.relpos import relative_position_index
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, vocab_size=16, drop_path_rate=0.0)
 

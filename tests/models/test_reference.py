@@ -14,9 +14,9 @@ import torch
 
 import lomar
 from helpers import missing_reference, reference_cases, reference_dir, require_reference
-from lomar.models.attention import bucket_rows, offset_buckets, rpe_attention
+from lomar.models.attention import rpe_attention
 from lomar.models.masking import window_token_index
-from lomar.models.rpe import ContextualRPE, bucket_table
+from lomar.models.rpe import ContextualRPE, bucket_rows, bucket_table, offset_buckets
 
 ATOL, RTOL = 1e-5, 1e-4
 

@@ -28,8 +28,8 @@ from torch.utils.checkpoint import checkpoint
 
 from lomar.models.rpe import CLS_BUCKET, bucket_rows, bucket_table, irpe_bias, offset_buckets
 
-__all__ = ["ATTENTION_MODES", "DENSE_MAX_TOKENS", "DENSE_BIAS_BYTES", "offset_buckets", "bucket_rows", "select_mode",
-           "chunk_rows", "rpe_attention", "biased_attention", "flex_available", "irpe_score_mod", "windowed_attention",
+__all__ = ["ATTENTION_MODES", "DENSE_MAX_TOKENS", "DENSE_BIAS_BYTES", "select_mode", "chunk_rows",
+           "rpe_attention", "biased_attention", "flex_available", "irpe_score_mod", "windowed_attention",
            "vitdet_global_blocks"]
 
 ATTENTION_MODES = ("auto", "dense", "chunked", "flex")

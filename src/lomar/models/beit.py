@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
-from lomar.models.relpos import relative_position_index, table_bias
+from lomar.models.relpos import table_bias
 from lomar.models.vit import EncoderShape, PatchEmbed
 from lomar.values import is_integer
 
-__all__ = ["BEiTConfig", "BEiT", "BEiTOutput", "RelativePositionBias", "relative_position_index", "table_bias"]
+__all__ = ["BEiTConfig", "BEiT", "BEiTOutput", "RelativePositionBias"]
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@
 The dense tasks' terms come as rows (:data:`BiasRows`), so that attention can build the bias of a few
 queries at a time (:func:`lomar.models.attention.biased_attention`); ``rows(0, L)`` is the whole bias.
 
-``REL_POS_MODES`` names the choice a :class:`~lomar.models.vit.ViTConfig` records: ``none``,
-``decomposed`` or ``bias``. LoMaR's own contextual RPE is :mod:`lomar.models.rpe`.
+``REL_POS_MODES`` (:mod:`lomar.models.vit_config`) names the choice a :class:`~lomar.models.vit.ViTConfig`
+records: ``none``, ``decomposed`` or ``bias``. LoMaR's own contextual RPE is :mod:`lomar.models.rpe`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from lomar.models.vit_config import REL_POS_MODES
-
-__all__ = ["REL_POS_MODES", "REL_POS_PARAMS", "relative_position_index", "table_bias", "resize_bias_table",
+__all__ = ["REL_POS_PARAMS", "relative_position_index", "table_bias", "resize_bias_table",
            "table_rows", "resize_axis_table", "axis_table", "fit_axis_tables",
            "decomposed_rows", "decomposed_bias", "BiasRows"]
 
