@@ -463,6 +463,13 @@ def test_eval_only_scores_a_finetuned_classifier_as_its_run_did(tmp_path, capsys
     assert ("lomar finetune: precision fp32, the one the classifier trained in (this machine's --precision auto "
             "would pick bf16); pass --precision bf16 to switch\n") in capsys.readouterr().err
     monkeypatch.undo()
+    # an older lomar's classifier records no precision: this machine's auto is used, and the start says so
+    del ckpt["precision"]
+    torch.save(ckpt, tmp_path / "older.pt")
+    assert main([*evaluate, "--pretrained", str(tmp_path / "older.pt"), "--out", str(tmp_path / "older")]) == 0
+    here = finetune.resolve_precision("auto", torch.device("cpu"))
+    assert (f"lomar finetune: precision {here}, --precision auto's choice on this machine: the checkpoint (an older "
+            f"lomar's) does not record the precision the classifier trained in\n") in capsys.readouterr().err
     # another size: its position table resampled there, the record says both sizes
     assert main([*evaluate, "--pretrained", str(run), "--out", str(tmp_path / "48"), "--img-size", "48"]) == 0
     assert "(step 1), 48 px, not its trained 32 px" in capsys.readouterr().err

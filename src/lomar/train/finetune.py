@@ -44,7 +44,7 @@ from lomar.train.encoder_settings import encoder_layout, unused_encoder_flags
 from lomar.train.finetune_config import FinetuneConfig, split_roots
 from lomar.train.lifecycle import Task, run
 from lomar.train.monitor import metric_text
-from lomar.train.precision import autocast_factory, kept_precision_note, resolve_precision
+from lomar.train.precision import autocast_factory, kept_precision_note, resolve_precision, unrecorded_precision_note
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.setting_flags import flags_by_setting
 from lomar.train.task import over_note, score_only, scored_split
@@ -123,9 +123,12 @@ class FinetuneTask(Task):
         if config.eval_only:
             self.model, trained = _trained_classifier(config, len(self.classes))
             self.model.to(device)
-            self.autocast = autocast_factory(resolve_precision(config.precision, device), device)  # as a run's
+            precision = resolve_precision(config.precision, device)
+            self.autocast = autocast_factory(precision, device)  # as a run's
+            note = unrecorded_precision_note(precision, "the classifier") if config.precision_unrecorded else None
             if config.precision_of_run and (own := resolve_precision("auto", device)) != config.precision:
                 note = kept_precision_note(config.precision, own, "the classifier")
+            if note:
                 print(f"lomar finetune: {note}", file=sys.stderr, flush=True)
             path, step = config.classifier.path, config.classifier.checkpoint.get("step")
             self.source = {"checkpoint": str(path), "step": step, "trained_img_size": trained}

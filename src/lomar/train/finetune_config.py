@@ -44,6 +44,7 @@ class FinetuneConfig(TaskConfig):
     TRAINS_FROM_OWN = True
     classifier = None  # not a setting: --eval-only's checkpoint as complete read it (kinds.FoundCheckpoint)
     precision_of_run = False  # not a setting: --eval-only's precision is the classifier's run's, auto's of its machine
+    precision_unrecorded = False  # not a setting: --eval-only under auto of a classifier that records no precision
     pretrained: str | None = S.PRETRAINED.field(help=S.PRETRAINED.help + " (default: none; required unless "
                                                      "resuming, which reads it from the checkpoint), or with "
                                                      "--eval-only a `lomar finetune` run or checkpoint")
@@ -146,6 +147,7 @@ class FinetuneConfig(TaskConfig):
             if (name not in explicit or (name == "precision" and auto)) and value is not None:
                 setattr(self, name, value)
         self.precision_of_run = auto and own.get("precision", "auto") != "auto"
+        self.precision_unrecorded = auto and "precision" not in own  # an older lomar's: this machine's auto, said
 
     def notes(self) -> list[str]:
         return [self._warmup_note] if getattr(self, "_warmup_note", None) else []

@@ -10,8 +10,8 @@ import torch
 from lomar.train.settings import PRECISION
 from lomar.train.task import diverged
 
-__all__ = ["resolve_precision", "run_precision", "kept_precision_note", "cpu_has_bf16", "emulated_bf16_notes",
-           "autocast_factory", "WatchedScaler", "OVERFLOWS_IN_A_ROW", "PRECISIONS"]
+__all__ = ["resolve_precision", "run_precision", "kept_precision_note", "unrecorded_precision_note", "cpu_has_bf16",
+           "emulated_bf16_notes", "autocast_factory", "WatchedScaler", "OVERFLOWS_IN_A_ROW", "PRECISIONS"]
 
 # what 'auto' resolves to, and a checkpoint records having trained in: --precision's other choices
 PRECISIONS = tuple(choice for choice in PRECISION.choices if choice != "auto")
@@ -45,6 +45,13 @@ def kept_precision_note(precision: str, own: str, trained: str) -> str:
     trained in, where this machine's 'auto' picks ``own``: a resume's, an evaluation's."""
     return (f"precision {precision}, the one {trained} trained in (this machine's --precision auto would pick {own}); "
             f"pass --precision {own} to switch")
+
+
+def unrecorded_precision_note(precision: str, trained: str) -> str:
+    """The note of a --precision auto that resolves to ``precision``, this machine's choice, because the checkpoint
+    of ``trained`` ('the run', 'the classifier'), an older lomar's, does not record the precision it trained in."""
+    return (f"precision {precision}, --precision auto's choice on this machine: the checkpoint (an older lomar's) "
+            f"does not record the precision {trained} trained in")
 
 
 def cpu_has_bf16() -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 from lomar.checkpoints.file_names import LAST_POINTER
 from lomar.data.shard_members import file_identity
 from lomar.errors import UsageError
-from lomar.train.precision import kept_precision_note, resolve_precision
+from lomar.train.precision import kept_precision_note, resolve_precision, unrecorded_precision_note
 from lomar.train.run_state import (
     checkpoint_number,
     checkpoint_step,
@@ -216,8 +216,7 @@ def numerics_notes(ckpt: dict, precision: str, setting: str, device) -> list[str
         fresh = "; fp16's loss scale starts afresh, as a new fp16 run's" if precision == "fp16" else ""
         notes.append(f"precision {ran} → {precision} after step {step}, as --precision {setting} asks{fresh}")
     elif ran is None and setting == "auto":
-        notes.append(f"precision {precision}, --precision auto's choice on this machine: the checkpoint (an older "
-                     f"lomar's) does not record the precision the run trained in")
+        notes.append(unrecorded_precision_note(precision, "the run"))
     elif setting == "auto" and (own := resolve_precision("auto", device)) != precision:
         notes.append(kept_precision_note(precision, own, "the run"))
     rng = ckpt.get("rng") if "rng_ranks" in ckpt else None  # a CUDA run's older checkpoint held no CUDA stream
