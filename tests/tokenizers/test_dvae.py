@@ -105,3 +105,17 @@ def test_the_official_configuration_has_the_official_keys_and_shapes():
     assert shapes["blocks.output.conv.w"] == (8192, 2048, 1, 1)
     gains = {m.post_gain for m in encoder.modules() if hasattr(m, "post_gain")}
     assert gains == {1 / 64}  # 1 / (4 groups x 2 blocks)^2
+
+
+def test_a_new_encoder_starts_as_dall_es_convs_and_keeps_its_output_conv_in_fp32():
+    # BEIT_SPEC §3: each conv starts w ~ N(0, 1/(in·k²)), b = 0; on CUDA every conv but the output one runs in fp16
+    from lomar.tokenizers.dvae import Conv
+
+    torch.manual_seed(0)
+    encoder = DVAEEncoder(DVAEConfig(n_hid=64, n_blk_per_group=1, vocab_size=512))
+    convs = {name: m for name, m in encoder.named_modules() if isinstance(m, Conv)}
+    for name, conv in convs.items():
+        n_out, n_in, k, _ = conv.w.shape
+        assert abs(conv.w.std().item() * (n_in * k * k) ** 0.5 - 1) < 0.1, name
+        assert torch.count_nonzero(conv.b) == 0, name
+    assert [name for name, conv in convs.items() if not conv.use_float16] == ["blocks.output.conv"]
