@@ -550,6 +550,38 @@ def test_a_cells_notes_are_said_once_not_at_each_slice_and_evaluation(tmp_path, 
                                        "than --epochs)\n")
 
 
+def test_a_finetunes_start_notes_are_said_once_a_study_and_its_other_lines_each_time(tmp_path, labelled, pretrained,
+                                                                                    monkeypatch, capsys):
+    """eval.finetune's 'lomar finetune: note: --train-pos-embed is unused', which the finetune says at its start (it
+    needs the encoder), was said at every cell's evaluation; its other lines (an error) are said each time."""
+    import sys
+
+    from lomar.cli.study import evals
+    from lomar.cli.study.spec import Cell, StudyFailed
+    from lomar.train.task import TrainingError
+
+    def start(config):
+        print("lomar finetune: note: --train-pos-embed is unused", file=sys.stderr, flush=True)
+        sys.stderr.write("lomar fine")  # a note written in pieces is one note
+        sys.stderr.write("tune: note: in pieces\n\n")
+        print("lomar finetune: warning: not a note", file=sys.stderr, flush=True)
+        sys.stderr.write("lomar finetune: note: unfinished")  # held: said at the flush
+        sys.stderr.flush()
+        raise TrainingError("stop")
+
+    monkeypatch.setattr(evals, "finetune", start)
+    spec = parse_spec(_spec(labelled, eval={"metrics": ["finetune"], "finetune": {"epochs": 1}}))
+    args = evals._args("finetune", spec, Cell({}, dict(spec.settings), 0), pretrained, tmp_path / "f")
+    said = runner.check_cells(spec)
+    capsys.readouterr()
+    for _ in range(2):
+        with pytest.raises(StudyFailed):
+            evals._finetune(args, said)
+    again = "\nlomar finetune: warning: not a note\nlomar finetune: note: unfinished"  # all but the two notes
+    assert capsys.readouterr().err == ("lomar finetune: note: --train-pos-embed is unused\n"
+                                       "lomar finetune: note: in pieces\n" + again + again)
+
+
 def test_a_slice_runs_where_the_system_has_no_load_average(tmp_path, labelled, monkeypatch):
     """Windows has no os.getloadavg: the slice trains and its cell's records say no load (an AttributeError before)."""
     monkeypatch.delattr("os.getloadavg")
