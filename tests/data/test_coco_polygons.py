@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from lomar.data.coco import detection_dataset, read_coco, train_transforms, training_split
+from lomar.data.coco import detection_dataset, read_coco, training_split
+from lomar.data.jitter import train_transforms
 from lomar.data.polygons import fit_polygons
 from lomar.errors import UsageError
 

@@ -25,12 +25,11 @@ from lomar.data.coco import (
     CocoSplit,
     DetectionSamples,
     detection_dataset,
-    eval_transforms,
     read_coco,
-    train_transforms,
     training_split,
 )
 from lomar.data.decode import load_image
+from lomar.data.jitter import eval_transforms, train_transforms
 from lomar.data.records import IntTable, PackedRecords
 
 

@@ -19,11 +19,12 @@ from PIL import Image, ImageFile
 
 from crafted import HUGE, bombs, fifo, gif, jpeg, link, png, sparse, webp_canvas, webp_lossless
 from lomar.data.collate import collate_pretrain
-from lomar.data.decode import DEFAULT_MAX_IMAGE_PIXELS, decode_bytes, load_image, read_image_bytes
+from lomar.data.decode import decode_bytes, load_image, read_image_bytes
 from lomar.data.device_decode import EncodedPretrainDataset, collate_encoded, decode_batch
 from lomar.data.fast_decode import FastPretrainDataset
 from lomar.data.folder import build_image_list, build_pretrain_dataset
 from lomar.data.headers import declared_size, jpeg_frame_size, png_size, webp_size
+from lomar.limits import DEFAULT_MAX_IMAGE_PIXELS
 from lomar.methods import get_method
 
 SRC = Path(__file__).resolve().parents[2] / "src"

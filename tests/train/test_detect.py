@@ -23,12 +23,11 @@ from lomar.cli.app import main
 from lomar.data.coco import (
     collate_detection,
     detection_dataset,
-    eval_transforms,
     read_coco,
-    train_transforms,
     training_split,
 )
 from lomar.data.collate import Skipped
+from lomar.data.jitter import eval_transforms, train_transforms
 from lomar.errors import UsageError
 from lomar.integrations.detection import FixedSizeTransform, build_mask_rcnn, detector_param_groups
 from lomar.models.vit import VisionTransformer, model_config

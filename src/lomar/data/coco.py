@@ -39,15 +39,14 @@ from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_
 from lomar.data.coco_values import json_integer, json_number, mask_area, segmentation_error
 from lomar.data.collate import LabelledBatch, Skipped, refilled, split_skipped
 from lomar.data.decode import load_image, max_image_pixels, open_pil, read_image_bytes
-from lomar.data.jitter import eval_transforms, train_transforms
 from lomar.data.polygons import fit_polygons
 from lomar.data.records import IntTable, PackedRecords, pack_images
 from lomar.data.transforms import sample_generator, sample_key
 from lomar.errors import UsageError
 from lomar.values import brief
 
-__all__ = ["CocoSplit", "CocoSummary", "read_coco", "training_split", "CocoInstances", "train_transforms",
-           "eval_transforms", "detection_dataset", "DetectionSamples", "collate_detection", "collate_detection_refill"]
+__all__ = ["CocoSplit", "CocoSummary", "read_coco", "training_split", "CocoInstances", "detection_dataset",
+           "DetectionSamples", "collate_detection", "collate_detection_refill"]
 
 
 _IMAGE_KEYS = ("id", "file_name", "width", "height")

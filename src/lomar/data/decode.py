@@ -27,12 +27,12 @@ from PIL import Image, ImageOps
 from lomar.data.headers import declared_size, foreign_format, jpeg_single_scan, png_bad_chunk
 from lomar.data.jpeg_cut import cut_message, cut_short, grey_corner
 from lomar.data.pathtable import dangling_link
-from lomar.limits import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, env_limit
+from lomar.limits import env_limit
 
-__all__ = ["IMAGE_EXTENSIONS", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_IMAGE_BYTES", "WIDE_MODES", "is_image_name",
-           "file_suffix", "max_image_pixels", "max_image_bytes", "read_image_bytes", "open_pil", "exif_orientation",
-           "oriented_size", "decode_bytes", "load_image", "load_image_reduced", "decode_box_reduced", "pil_to_tensor",
-           "tensor_to_pil", "PIL_FORMATS", "JPEG_FORMATS", "THUMBNAIL_FOLDERS", "SYSTEM_FOLDERS", "passed_over_folder"]
+__all__ = ["IMAGE_EXTENSIONS", "WIDE_MODES", "is_image_name", "file_suffix", "max_image_pixels", "max_image_bytes",
+           "read_image_bytes", "open_pil", "exif_orientation", "oriented_size", "decode_bytes", "load_image",
+           "load_image_reduced", "decode_box_reduced", "pil_to_tensor", "tensor_to_pil", "PIL_FORMATS", "JPEG_FORMATS",
+           "THUMBNAIL_FOLDERS", "SYSTEM_FOLDERS", "passed_over_folder"]
 
 # .jfif and .jpe are JPEG's other names (Chrome on Windows saves photos as .jfif)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")

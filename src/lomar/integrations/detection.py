@@ -5,7 +5,7 @@ The recipe of ViTDet (Li et al., 2022) where torchvision allows it: pyramid leve
 a two-conv RPN head, four-conv + one-fc box head and four-conv mask head with channel
 LayerNorm, RoIAlign 7x7 (boxes) / 14x14 (masks) over p2-p5, and every image padded at its
 bottom-right to one fixed ``size`` x ``size`` input (``size`` a multiple of 32). Training
-images arrive already jittered to at most ``size`` (:func:`lomar.data.coco.train_transforms`);
+images arrive already jittered to at most ``size`` (:func:`lomar.data.jitter.train_transforms`);
 evaluation images are resized by the model so that their longest side is ``size``, and its
 predictions are mapped back to the original image.
 """

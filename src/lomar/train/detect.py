@@ -28,13 +28,12 @@ from lomar.data.coco import (
     collate_detection,
     collate_detection_refill,
     detection_dataset,
-    eval_transforms,
     read_coco,
-    train_transforms,
     training_split,
 )
 from lomar.data.coco_images import check_split_images
 from lomar.data.coco_shared import shared_split
+from lomar.data.jitter import eval_transforms, train_transforms
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError
 from lomar.eval.coco import coco_metrics, to_coco_results
