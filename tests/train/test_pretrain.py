@@ -169,9 +169,11 @@ def test_a_resume_on_data_that_changed_warns_that_it_does_not_continue_exactly(d
 
 
 def test_a_demo_run_resumed_on_data_warns_that_it_does_not_continue_exactly(data, tmp_path, capsys):
-    """The demo photographs are a listing too: a demo run resumed with --data trains on other images."""
-    assert _run("--out", tmp_path, "--max-steps", "1") == 0
-    capsys.readouterr()
+    """The demo photographs are a listing too: a demo run resumed with --data trains on other images. Its start under
+    --resume auto into a folder of no checkpoint (a mistyped --out looks the same) names the new run and the demo."""
+    assert _run("--out", tmp_path, "--max-steps", "1", "--resume", "auto") == 0
+    assert (f"; a new run (--resume auto found no checkpoint in {tmp_path}) on the demo photographs (no --data), 120 "
+            f"crops an epoch; ") in capsys.readouterr().out
     assert _run("--data", data, "--out", tmp_path, "--max-steps", "2", "--resume", "auto") == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if "has changed" in line]
     assert len(warnings) == 1 and warnings[0].startswith(f"lomar pretrain: warning: --data {data} has changed since "

@@ -128,6 +128,10 @@ class PretrainTask(Task):
         preset = {"demo": "preset demo (a small model for a few CPU minutes; --preset paper: the paper's recipe)",
                   "paper": "preset paper (the original recipe; --preset demo: a small model for a few CPU minutes)"}
         data = f"{self.size} images in {c.data}" if c.data else f"{self.size} crops an epoch of the demo photographs"
+        if not c.data and c.resume == "auto" and getattr(getattr(c, "resume_point", None), "path", None) is None:
+            # as documented, but a mistyped --out looks the same: a run meant to go on would start over on the demo
+            data = (f"a new run (--resume auto found no checkpoint in {c.out}) on the demo photographs (no --data), "
+                    f"{self.size} crops an epoch")
         # what --windows auto chose (the count the settings resolved it to) is a step's cost: said here, not only in
         # config.yaml
         windows = f"{c.windows} windows of {c.window_size}x{c.window_size} patches, " if c.windows else ""
