@@ -230,7 +230,8 @@ def test_under_torchrun_the_other_processes_read_the_shards_headers_while_the_fi
 
 def test_the_built_in_tokenizers_fit_says_the_unreadable_images_it_passed_over(tmp_path, monkeypatch, capsys):
     """An unreadable file drawn for the fit was passed over without a word: the line said '8 training crops' of a
-    folder of 9 files, where pretraining names the images it skips."""
+    folder of 9 files, where pretraining names the images it skips. The crops' size is the run's, which the tokenizer
+    reads at its own (8 px a token, one per patch): '8 training crops at 8 px' read as a run of 8 px images."""
     from lomar.methods import beit
     from lomar.train.config import PretrainConfig
 
@@ -240,4 +241,5 @@ def test_the_built_in_tokenizers_fit_says_the_unreadable_images_it_passed_over(t
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     beit.fit_on_training_images(PretrainConfig(data=str(data), img_size=16, method="beit"), (1, 1), count=9)
     line = next(line for line in capsys.readouterr().out.splitlines() if "k-means tokenizer" in line)
-    assert f"8 training crops at 8 px; 1 unusable image(s) skipped, e.g. {broken})" in line, line
+    assert f"8 training crops of 16 px, which the tokenizer reads at 8 px; 1 unusable image(s) skipped, e.g. " \
+           f"{broken})" in line, line

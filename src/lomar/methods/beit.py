@@ -115,7 +115,8 @@ def fit_on_training_images(config, grid: tuple[int, int], count: int = FIT_IMAGE
     if first_on_machine():  # WORLD_SIZE set without a process group: every process fits, one a machine says so
         unusable = f"; {len(skipped)} unusable image(s) skipped, e.g. {skipped[0]}" if skipped else ""
         print(f"lomar: no --tokenizer: fitting the built-in k-means tokenizer (vocabulary {vocab} = min(8192, "
-              f"patches/4), {images.shape[0]} training crops at {view} px{unusable}); it is not the paper's dVAE",
+              f"patches/4), {images.shape[0]} training crops of {config.img_size} px, which the tokenizer reads at "
+              f"{view} px{unusable}); it is not the paper's dVAE",
               flush=True)
     tokenizer = fit_kmeans_tokenizer(images, vocab_size=vocab, patch=KMEANS_PATCH, seed=config.seed, input_size=view)
     if _process_group():
