@@ -108,3 +108,50 @@ def test_the_head_guess_refuses_no_weights_that_the_load_takes(tmp_path):
     with pytest.raises(ValueError, match=r"these are BEiT weights .*: timm.create_model\('local-dir:DIR'"):
         timm.create_model("lomar_vit_tiny_patch16", pretrained=True, pos="none", **shape,
                           pretrained_cfg_overlay=dict(file=str(tmp_path / "beit.safetensors")))
+
+
+@pytest.mark.parametrize("pos", ["abs", "none", "rpe"])
+def test_an_export_loads_into_timms_own_vit_as_readme_says(tmp_path, pos):
+    """README: an export's names are timm's VisionTransformer's; an MAE (pos='abs') or pos='none' export loads strictly
+    into timm's own ViT of its size (for 'none': pos_embed='none') with lomar's features, and a LoMaR one holds
+    exactly one tensor more per block, iRPE's table, which timm's ViT has no place for."""
+    from safetensors.torch import load_file
+
+    source = VisionTransformer(ViTConfig(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, pos=pos))
+    with torch.no_grad():
+        for weight in source.parameters():
+            weight.add_(torch.randn_like(weight) * 0.1)
+    export_encoder(source.eval(), tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, embed_dim=32, depth=2, num_heads=2, num_classes=0,
+                              global_pool="token", **({} if pos == "abs" else {"pos_embed": "none"})).eval()
+    rpe = {k for k in state if k.endswith(".attn.rpe.table")}
+    assert rpe == ({"blocks.0.attn.rpe.table", "blocks.1.attn.rpe.table"} if pos == "rpe" else set())
+    model.load_state_dict({k: v for k, v in state.items() if k not in rpe}, strict=True)
+    pooled = timm.create_model("vit_tiny_patch16_224", img_size=32, embed_dim=32, depth=2, num_heads=2, num_classes=0,
+                               global_pool="avg", fc_norm=False, **({} if pos == "abs" else {"pos_embed": "none"}))
+    pooled.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        if pos != "rpe":
+            torch.testing.assert_close(model.forward_features(x), source.forward_features(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(pooled.eval()(x), source(x), rtol=1e-5, atol=1e-5)
+        else:  # the same weights without relative position: other features
+            assert not torch.allclose(model.forward_features(x), source.forward_features(x), atol=1e-3)
+
+
+@pytest.mark.parametrize("pool", ["avg", "cls"])
+def test_a_classifier_export_loads_into_timms_own_vit_with_its_head_when_the_overlay_counts_it(tmp_path, pool):
+    """README: timm's own ViT keeps a classifier export's head when num_classes is in pretrained_cfg_overlay too
+    (its own cfg counts 1000 rows, so it would drop a 5-row head and start a fresh one)."""
+    config = ViTConfig(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, pos="abs")
+    source = VisionTransformer(config, num_classes=5, global_pool=pool)
+    with torch.no_grad():
+        source.head.weight.normal_()
+    export_encoder(source.eval(), tmp_path)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, embed_dim=32, depth=1, num_heads=2, num_classes=5,
+                              global_pool={"cls": "token"}.get(pool, pool), pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors"), num_classes=5))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), source(x), rtol=1e-5, atol=1e-5)
