@@ -191,3 +191,23 @@ def test_under_torchrun_the_first_process_of_a_machine_alone_says_an_unknown_fla
     waited.clear()
     assert main(["pretrain", "--batch-size", "x"]) == 2  # argparse's own checks too
     assert waited == ([errors.FIRST_PROCESS_WAIT] if waits else [])
+
+
+def test_a_pattern_the_shell_expanded_is_named_with_its_fix(tmp_path, monkeypatch, capsys):
+    """`--data shards/*.tar` unquoted reaches lomar as one --data and the other shards as stray operands."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shards").mkdir()
+    for i in range(3):
+        (tmp_path / "shards" / f"s{i}.tar.gz").touch()
+        (tmp_path / f"d{i}").mkdir()
+    assert main(["pretrain", "--data", "shards/s0.tar.gz", "shards/s1.tar.gz", "shards/s2.tar.gz", "--seed", "1"]) == 2
+    assert capsys.readouterr().err == (
+        "lomar pretrain: error: unrecognized arguments: shards/s1.tar.gz shards/s2.tar.gz; --data takes one value and "
+        "the shell gave it 3 paths (an unquoted pattern): quote it, lomar expands tar shard patterns itself "
+        "(--data 'shards/*.tar.gz') (see lomar pretrain --help)\n")
+    assert main(["knn", "ck.pt", "--data", "d0", "d1", "d2"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "unrecognized arguments: d1 d2; --data takes one value and the shell gave it 3 paths (an unquoted pattern): "
+        "give one (see lomar knn --help)\n")
+    assert main(["pretrain", "--data", "d0", "nothing-there"]) == 2  # not paths the shell found: no such guess
+    assert "shell" not in capsys.readouterr().err

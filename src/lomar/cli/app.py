@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from time import monotonic
 
 from lomar import __version__
-from lomar.cli.suggest import command_parser, suggest_flags
+from lomar.cli.suggest import command_parser, expanded_by_shell, suggest_flags
 from lomar.errors import (
     ANSI_ESCAPE,
     FULL_DISK,
@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             own = command_parser(parser, args)
             if unknown := _operands_after_flags(own, args, unknown):
                 # every command's parser, built on this error's path only: `lomar knn --accum-steps` is told whose
-                own.error(f"unrecognized arguments: {' '.join(unknown)}{suggest_flags(own, unknown, build_parser)}")
+                own.error(f"unrecognized arguments: {' '.join(unknown)}{suggest_flags(own, unknown, build_parser)}"
+                          f"{expanded_by_shell(argv, unknown)}")
     except SystemExit as exc:  # --help, --version, a usage error: already printed
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if getattr(args, "_run", None) is None:

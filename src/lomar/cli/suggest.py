@@ -9,11 +9,12 @@ another training command's flag is named as that command's.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 
 from lomar.train.setting_names import did_you_mean, flag_of, other_commands
 
-__all__ = ["suggest_flags", "command_parser", "command_flags"]
+__all__ = ["suggest_flags", "command_parser", "command_flags", "expanded_by_shell"]
 
 
 def _own_flags(parser: argparse.ArgumentParser) -> list[str]:
@@ -66,3 +67,25 @@ def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         if isinstance(action, argparse._SubParsersAction) and nested in action.choices:
             return action.choices[nested]
     return found
+
+
+
+def expanded_by_shell(argv: list[str], unknown: list[str]) -> str:
+    """What to do when the first operand argparse left over follows a flag's value and that value and the operands
+    after it all name existing files or folders, as an unquoted glob or brace pattern becomes (`--data
+    shards/*.tar`): quote it, where they are tar shards, whose patterns lomar expands itself; else give one path.
+    '' otherwise."""
+    operands = [token for token in unknown if not token.startswith("-")]
+    at = argv.index(operands[0]) if operands and operands[0] in argv else -1
+    if at < 2 or not argv[at - 2].startswith("--") or "=" in argv[at - 2]:
+        return ""
+    flag, end = argv[at - 2], next((i for i in range(at, len(argv)) if argv[i].startswith("-")), len(argv))
+    paths = argv[at - 1:end]
+    if not all(os.path.lexists(path) for path in paths):
+        return ""
+    said = f"; {flag} takes one value and the shell gave it {len(paths)} paths (an unquoted pattern)"
+    if not all(path.endswith((".tar", ".tar.gz", ".tgz")) for path in paths):
+        return f"{said}: give one"
+    folders, suffixes = {os.path.dirname(p) for p in paths}, {p[p.rindex(".t"):] for p in paths}
+    pattern = os.path.join(folders.pop(), "*") + suffixes.pop() if len(folders) == len(suffixes) == 1 else "PATTERN"
+    return f"{said}: quote it, lomar expands tar shard patterns itself ({flag} '{pattern}')"
