@@ -65,6 +65,8 @@ class LoMaR(nn.Module):
                     norm_pix_loss=self.norm_pix_loss)
 
     def sample_plan(self, images: torch.Tensor, generator: torch.Generator | None = None) -> MaskingPlan:
+        """The plan ``forward`` draws for images (N, C, H, W) when given none: ``num_windows`` windows per image
+        (top_left (N, n, 2), mask (N, n, K·K)), placement ``"distinct"`` (:func:`~lomar.models.masking.sample_plan`)."""
         grid = self.encoder.image_grid(images)
         return sample_plan(images.shape[0], grid, self.window_size, self.num_windows,
                            self.mask_ratio, generator=generator, device=images.device)

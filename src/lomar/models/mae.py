@@ -89,7 +89,9 @@ class MAE(nn.Module):
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> MAEOutput:
-        """images (N, C, H, W); noise (N, L) uniform decides the mask (argsort, keep lowest)."""
+        """images (N, C, H, W) normalised, at the built size -> loss (), pred (N, L, p·p·C), mask (N, L) float, 1 where
+        reconstructed (:class:`MAEOutput`). noise (N, L) uniform decides the mask (argsort, keep lowest); without it,
+        drawn from ``generator``."""
         enc, p = self.encoder, self.config.patch_size
         grid = enc.image_grid(images)
         if grid != enc.grid:

@@ -118,6 +118,8 @@ class ViTConfig(EncoderShape):
 
 
 def list_models() -> list[str]:
+    """Every name :func:`model_config` takes: ``vit_{size}_patch{p}`` for each of :data:`MODEL_SIZES` and
+    :data:`PATCH_SIZES`."""
     return [f"vit_{s}_patch{p}" for s in MODEL_SIZES for p in PATCH_SIZES]
 
 
