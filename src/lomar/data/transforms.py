@@ -81,8 +81,8 @@ class PretrainTransform:
     Crops in uint8 before resizing, so a large image is never copied at full size as floats.
     ``scale``: the crop's area range (the method's recipe: 0.2-1 LoMaR/MAE, 0.08-1 BEiT);
     ``color_jitter``: torchvision's ColorJitter(j, j, j) strength (BEiT's 0.4; 0 = off), applied to
-    the resized crop (BEiT jitters the whole image before cropping: only contrast, which uses the
-    image mean, can differ).
+    the resized crop (BEiT jitters the whole image before cropping: contrast's grey mean is the image's
+    there, and each op's clipping to [0, 255] comes before the resize there, so the pixels can differ).
     """
 
     def __init__(self, size: int, scale: tuple[float, float] = (0.2, 1.0),
