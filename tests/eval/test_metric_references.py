@@ -169,3 +169,26 @@ def test_a_category_absent_from_the_ground_truth_is_left_out_of_the_mean(tmp_pat
     (tmp_path / "both").mkdir()
     missed = _coco(tmp_path / "both", [(1, 1, (10, 10, 20, 20)), (2, 2, (30, 30, 20, 20))])
     assert coco_metrics(missed, perfect)["box_AP"] == pytest.approx(50.0)
+
+
+@pytest.mark.parametrize("criterion", ["hard", "smoothed", "mixed"])
+def test_the_finetune_loss_is_taken_in_float32_from_bf16_logits(criterion):
+    # CPU autocast runs log_softmax in bf16 (CUDA's runs it in float32): timm's smoothed and soft-target losses,
+    # which call it themselves, came out of a bf16 run rounded to bf16's 8 bits (a first loss of 1.3828125 = ln 4
+    # rounded), their gradients as coarse; F.cross_entropy is autocast to float32 on both
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 10))
+    images, targets = torch.randn(8, 3, 2, 2), torch.arange(8)
+    if criterion == "mixed":  # mixup's and cutmix's targets: two smoothed one-hots mixed
+        targets = 0.7 * F.one_hot(targets, 10) + 0.3 * F.one_hot(targets.flip(0), 10)
+        targets = 0.9 * targets + 0.01
+    losses = {"hard": torch.nn.CrossEntropyLoss(), "smoothed": LabelSmoothingCrossEntropy(0.1),
+              "mixed": SoftTargetCrossEntropy()}
+    task = SimpleNamespace(net=net, device=torch.device("cpu"), mixup=None, criterion=losses[criterion])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = FinetuneTask.loss(task, (images, targets))
+        logits = net(images)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, task.criterion(logits.float(), targets), rtol=1e-6, atol=1e-6)

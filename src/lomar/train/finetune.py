@@ -186,7 +186,9 @@ class FinetuneTask(Task):
         images, targets = (t.to(self.device, non_blocking=True) for t in batch)
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
-        return self.criterion(self.net(images), targets)
+        # in float32: timm's smoothed and soft-target losses take their own log_softmax, which CPU autocast leaves in
+        # bf16 (CUDA's casts it to float32), as the pretraining losses and segment's are taken
+        return self.criterion(self.net(images).float(), targets)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float | dict]:
