@@ -1,3 +1,4 @@
-"""lomar encoders inside other libraries: timm's model registry (:mod:`.timm`) and the backbones of
-detection / segmentation frameworks (:mod:`.dense`). Documented import paths: ``lomar.timm_models``
-and ``lomar.dense``."""
+"""lomar encoders inside other libraries: timm's model registry (:mod:`.timm`), the backbones of detection /
+segmentation frameworks (:mod:`.dense`), and what ``lomar detect`` and ``lomar segment`` build on an encoder:
+torchvision's Mask R-CNN (:mod:`.detection`) and UperNet (:mod:`.segmenter`). Documented import paths:
+``lomar.timm_models`` and ``lomar.dense``."""
