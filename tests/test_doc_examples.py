@@ -146,3 +146,32 @@ def test_readme_layout_names_every_package_and_top_level_module():
     modules = {p.stem for p in package.glob("*.py")} - {"__init__", "__main__"}
     assert described == subpackages, (subpackages - described, described - subpackages)
     assert modules - set(re.findall(r"[a-z_]+", source)) == set()
+
+
+def _resolves(dotted: str) -> bool:
+    """`lomar.a.b.c` is a module, or an attribute chain of the longest module prefix that imports."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            value = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            if not hasattr(value, name):
+                return False
+            value = getattr(value, name)
+        return True
+    return False
+
+
+def test_every_lomar_name_the_documents_give_imports_and_the_readme_names_every_public_one():
+    """A dotted `lomar.X` name in README, docs/ or benchmarks/README.md is a module or an attribute a user can
+    reach, and each name `import lomar` offers (its __all__) is named `lomar.NAME` in the README."""
+    named = {m.rstrip(".") for doc in DOCS for m in re.findall(r"\blomar(?:\.[A-Za-z_]\w*)+", (ROOT / doc).read_text())}
+    assert {"lomar.load_model", "lomar.sample_plan", "lomar.dense"} <= named
+    assert [n for n in sorted(named) if not _resolves(n)] == []
+    readme = (ROOT / "README.md").read_text()
+    assert [n for n in lomar.__all__ if n != "__version__" and f"lomar.{n}" not in readme] == []
+    assert not _resolves("lomar.no_such_name") and not _resolves("lomar.dense.NoSuchBackbone")

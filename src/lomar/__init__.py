@@ -16,6 +16,7 @@ _EXPORTS = {
     "safe_load": "lomar.checkpoints.io",
     "create_encoder": "lomar.checkpoints.export",
     "export_encoder": "lomar.checkpoints.export",
+    "load_model": "lomar.checkpoints.formats",
     "MaskingPlan": "lomar.models.masking",
     "sample_plan": "lomar.models.masking",
     "LoMaR": "lomar.models",
