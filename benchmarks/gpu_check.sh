@@ -32,6 +32,8 @@
 #   GPU_CHECK_BACKBONE_ENCODERS="lomar mae mae+decomposed mae+bias" (windowed, at GPU_CHECK_BACKBONE_RELPOS_SIZES:
 #     the first backbone size): backbone-relpos.json
 #   GPU_CHECK_T_ENV/_BENCH/_PRETRAIN/_LOADER/_TESTS/_FINETUNE/_BACKBONE: per-part timeouts (s)
+#   GPU_CHECK_T_SET: each test set's timeout (s; default 120 the camera set, 60 the ImageNet-size one, 30 each
+#     finetune class)
 #   GPU_CHECK_KILL_AFTER=15 (s: a part still running this long after its SIGTERM, its own or this script's, is killed)
 #   GPU_CHECK_TESTS_COLLECT=1: the tests and mfu parts only collect their pytest selection (CI's CPU mode)
 #   GPU_CHECK_BUDGET=470 (s, whole check: bench runs, last, are skipped when it is spent)
@@ -233,30 +235,71 @@ EOF
 fi
 
 # ---------------------------------------------------------------- the parts' test sets
-# Every one in one process (a torch import costs seconds): FOLDER KIND COUNT triples
+# Every one from one process (a torch import costs seconds): FOLDER KIND COUNT SECONDS, each set within its own
+# SECONDS (GPU_CHECK_T_SET), so that one that hangs leaves the next ones their time
 CAMERA="$WORK/camera"; IMAGENET="$WORK/imagenet"; FT="$WORK/ft"
 SETS=()
-if want loader || want pretrain; then SETS+=("$CAMERA" camera "$COUNT"); fi
+if want loader || want pretrain; then SETS+=("$CAMERA" camera "$COUNT" "${GPU_CHECK_T_SET:-120}"); fi
 if want pretrain && [[ "$(for decode in $DECODES; do photos_of "$decode"; done)" == *imagenet* ]]; then
-  SETS+=("$IMAGENET" imagenet "$COUNT")
+  SETS+=("$IMAGENET" imagenet "$COUNT" "${GPU_CHECK_T_SET:-60}")
 fi
 if want finetune; then  # two classes of ImageNet-size photos, half as many to validate
   FN=64; [ "${#TINY[@]}" -gt 0 ] && FN=8
-  SETS+=("$FT/train/a" imagenet "$FN" "$FT/train/b" imagenet "$FN" "$FT/val/a" imagenet $((FN / 2))
-         "$FT/val/b" imagenet $((FN / 2)))
+  T_FT=${GPU_CHECK_T_SET:-30}
+  SETS+=("$FT/train/a" imagenet "$FN" "$T_FT" "$FT/train/b" imagenet "$FN" "$T_FT"
+         "$FT/val/a" imagenet $((FN / 2)) "$T_FT" "$FT/val/b" imagenet $((FN / 2)) "$T_FT")
 fi
 if [ "${#SETS[@]}" -gt 0 ]; then
-  part 300 "$PY" - "${SETS[@]}" <<'EOF' 2>&1 | keep tee -a "$LOG"
-import sys, traceback
+  T_SETS=60; for ((i = 3; i < ${#SETS[@]}; i += 4)); do T_SETS=$((T_SETS + SETS[i])); done  # + the imports
+  part "$T_SETS" "$PY" - "${SETS[@]}" <<'EOF' 2>&1 | keep tee -a "$LOG"
+import os, signal, sys, time, traceback
 from lomar.bench.loader import make_test_set
-sets, failed = sys.argv[1:], 0
-for i in range(0, len(sets), 3):  # one that fails is said: the parts that read the others still get them
+# Each set is made by a child forked from this process (its imports done once), in a process group of its own,
+# which the set's limit kills whole (make_test_set's pool of writers too). One that fails or hangs is said, and the
+# parts that read the others still get them.
+sets, failed, child = sys.argv[1:], 0, 0
+
+
+def stop(signum, frame):  # the part's own limit or an outer stop: the set being made stops with this process
+    if child:
+        os.killpg(child, signal.SIGKILL)
+    sys.exit(128 + signum)
+
+
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
+for i in range(0, len(sets), 4):
+    out, kind, count, limit = sets[i], sets[i + 1], int(sets[i + 2]), float(sets[i + 3])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.setpgid(0, 0)
+        try:
+            make_test_set(out, kind, count)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     try:
-        make_test_set(sets[i], sets[i + 1], int(sets[i + 2]))
-    except Exception:
-        traceback.print_exc()
-        failed = 1
-sys.exit(failed)
+        os.setpgid(child, child)  # as the child does: a kill before it has done so still finds its group
+    except OSError:  # it has already (EACCES), or has ended
+        pass
+    deadline = time.monotonic() + limit
+    while (done := os.waitpid(child, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.killpg(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        print(f"test set {out}: not made within {limit:g} s (GPU_CHECK_T_SET); stopped", file=sys.stderr, flush=True)
+    failed |= done[0] == 0 or done[1] != 0
+    child = 0
+sys.exit(int(failed))
 EOF
   [[ " ${SETS[*]} " == *" $CAMERA "* ]] && say "camera test set: $(ls "$CAMERA" 2>/dev/null | wc -l) JPEGs in $CAMERA"
   [[ " ${SETS[*]} " == *" $IMAGENET "* ]] \

@@ -211,6 +211,53 @@ def test_a_test_set_that_cannot_be_made_leaves_the_others_made(tmp_path):
         "train/a/imagenet-8", "train/b/imagenet-8", "val/a/imagenet-4", "val/b/imagenet-4"], log
 
 
+@pytest.mark.slow  # the check's bash and a python process: ~2 s
+def test_a_test_set_that_hangs_is_stopped_at_its_own_limit_and_the_others_are_made(tmp_path):
+    """The sets shared one limit in their one process: one that hung (here the camera set, and a writer process of
+    its own) took the whole of it, and the sets after it were never made. Each has its own now (GPU_CHECK_T_SET),
+    which stops the set's processes, and the next sets are made."""
+    import signal
+
+    stub = tmp_path / "stub" / "lomar" / "bench"  # a lomar.bench.loader whose camera set hangs
+    stub.mkdir(parents=True)
+    for package in (stub.parent, stub):
+        (package / "__init__.py").write_text("")
+    writer = tmp_path / "writer"
+    (stub / "loader.py").write_text("import subprocess, sys, time\n"
+                                    "from pathlib import Path\n"
+                                    "def make_test_set(out, kind, count):\n"
+                                    "    if Path(out).name == 'camera':\n"
+                                    "        child = subprocess.Popen([sys.executable, '-c', 'import time; "
+                                    "time.sleep(120)'])\n"
+                                    f"        Path({str(writer)!r}).write_text(str(child.pid))\n"
+                                    "        time.sleep(120)\n"
+                                    "    Path(out).mkdir(parents=True)\n"
+                                    "    (Path(out) / f'{kind}-{count}').touch()\n")
+    env = _stand_in(tmp_path, f'[ "$3" = camera ] && PYTHONPATH={tmp_path / "stub"}:$PYTHONPATH exec '
+                              f'{sys.executable} "$@"\nexit 0\n', GPU_CHECK_PARTS="loader finetune",
+                    GPU_CHECK_T_SET="1")
+    check = subprocess.Popen(["bash", str(SCRIPT)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        code = check.wait(timeout=60)  # before: the camera set's 120 s, within the sets' one limit of 300 s
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(check.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError, ValueError, ProcessLookupError):  # the sets' group, if it outlived it
+            os.killpg(os.getpgid(int(writer.read_text())), signal.SIGKILL)
+    log = (tmp_path / "gc" / "summary.log").read_text()
+    assert code == 0, log
+    assert f"test set {tmp_path / 'work' / 'camera'}: not made within 1 s (GPU_CHECK_T_SET); stopped" in log, log
+    ft = tmp_path / "work" / "ft"
+    assert sorted(p.relative_to(ft).as_posix() for p in ft.rglob("imagenet-*")) == [
+        "train/a/imagenet-8", "train/b/imagenet-8", "val/a/imagenet-4", "val/b/imagenet-4"], log
+    try:  # the set's writer was stopped with it (a zombie, not yet reaped, has ended)
+        stat = Path(f"/proc/{writer.read_text()}/stat").read_text()
+        assert stat.rsplit(")", 1)[1].split()[0] == "Z", stat
+    except FileNotFoundError:
+        pass
+
+
 def test_each_part_reports_its_own_status_where_bash_is_in_posix_mode(tmp_path):
     """POSIXLY_CORRECT (or bash run as sh): a pid's status, once a `wait` gave it, is gone (a second wait: 127),
     so each part's status is the one its command exited with, ok or failed, not 'failed (rc 127)'."""
