@@ -471,3 +471,15 @@ def test_a_truncated_gzipped_shard_keeps_what_precedes_the_damage(tmp_path):
     assert 0 < count < 40 and "damaged after some samples" in dataset.damaged[str(shard)]
     assert len(list(dataset)) in (count - 1, count)  # the count reads headers: the member cut off in its data too
     assert 0 < len(list(TarShardDataset([shard], PretrainTransform(16)).spread(4))) <= 4
+
+
+def test_an_image_pillow_fails_to_decode_with_its_own_value_error_is_named():
+    # a GIF whose frame is 0x0 (found by mutating frame headers): Pillow's ValueError at load names no file, and
+    # finetune's, detect's and segment's skip warnings print the message alone
+    out = io.BytesIO()
+    Image.new("P", (4, 3), 1).save(out, format="GIF")
+    data = bytearray(out.getvalue())
+    frame = data.index(b"\x2c", 13)  # the image descriptor: left, top, width, height (little-endian)
+    struct.pack_into("<HH", data, frame + 5, 0, 0)
+    with pytest.raises(ValueError, match=r"^cannot decode image frame\.gif: tile cannot extend outside image$"):
+        decode_bytes(bytes(data), "frame.gif")

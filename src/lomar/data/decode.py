@@ -284,9 +284,11 @@ def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = No
                 arr = arr / (255.0 if img.mode == "I" and arr.max() <= 255 else 65535.0) * 255.0
                 img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
             return _whole(pil_to_tensor(img), data, name, kind)
-    except ValueError:
-        raise
     except Exception as exc:
+        if isinstance(exc, ValueError) and str(exc).startswith(f"cannot decode image {name}: "):
+            raise  # ours (the header checks', the modes', a cut JPEG's), naming the file
+        # Pillow's own errors name no file, its ValueErrors too (a GIF frame of 0x0: 'tile cannot extend outside
+        # image'), and the datasets' skip warnings print the message alone
         raise ValueError(f"cannot decode image {name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
                          ) from exc
 
