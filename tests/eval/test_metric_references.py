@@ -146,17 +146,17 @@ def _box(image, category, xywh, score=0.9):
 
 
 def test_partial_overlaps_count_at_the_iou_thresholds_they_pass(tmp_path):
-    # ground truth 20 x 20 at (10, 10); the detection 20 x 16 at (10, 10): IoU 320 / 400 = 0.8 -> 7 of the 10
-    # thresholds (0.5 .. 0.8); shifted by 4 px as well: IoU 256 / 464 = 0.552 -> 2 of 10 (0.5, 0.55)
+    # ground truth 20 x 20 at (10, 10); the detection 20 x 15.5 at (10, 10): IoU 310 / 400 = 0.775 -> 6 of the 10
+    # thresholds (0.5 .. 0.75); 20 x 16 shifted by 4 px: IoU 256 / 464 = 0.552 -> 2 of 10 (0.5, 0.55)
     gt = _coco(tmp_path, [(1, 1, (10, 10, 20, 20)), (2, 1, (10, 10, 20, 20))], categories=(1,))
-    one = coco_metrics(gt, [_box(1, 1, (10, 10, 20, 16)), _box(2, 1, (10, 10, 20, 16))])
-    assert one["box_AP"] == pytest.approx(70.0) and one["box_AP50"] == one["box_AP75"] == pytest.approx(100.0)
+    one = coco_metrics(gt, [_box(1, 1, (10, 10, 20, 15.5)), _box(2, 1, (10, 10, 20, 15.5))])
+    assert one["box_AP"] == pytest.approx(60.0) and one["box_AP50"] == one["box_AP75"] == pytest.approx(100.0)
     shifted = coco_metrics(gt, [_box(1, 1, (14, 10, 20, 16)), _box(2, 1, (14, 10, 20, 16))])
     assert shifted["box_AP"] == pytest.approx(20.0) and shifted["box_AP75"] == 0.0
-    # one of each: at 0.5 and 0.55 both match (AP 1), from 0.6 to 0.8 the better one alone: recall 1/2 at precision
-    # 1 (the IoU-0.8 box scored higher), COCO's 101-point interpolation gives 51/101; above 0.8 none
-    both = coco_metrics(gt, [_box(1, 1, (10, 10, 20, 16), 0.9), _box(2, 1, (14, 10, 20, 16), 0.8)])
-    assert both["box_AP"] == pytest.approx(100 * (2 + 5 * 51 / 101) / 10)
+    # one of each: at 0.5 and 0.55 both match (AP 1), from 0.6 to 0.75 the better one alone: recall 1/2 at
+    # precision 1 (the IoU-0.775 box scored higher), COCO's 101-point interpolation gives 51/101; above 0.775 none
+    both = coco_metrics(gt, [_box(1, 1, (10, 10, 20, 15.5), 0.9), _box(2, 1, (14, 10, 20, 16), 0.8)])
+    assert both["box_AP"] == pytest.approx(100 * (2 + 4 * 51 / 101) / 10)
 
 
 def test_a_category_absent_from_the_ground_truth_is_left_out_of_the_mean(tmp_path):
@@ -192,3 +192,93 @@ def test_the_finetune_loss_is_taken_in_float32_from_bf16_logits(criterion):
         logits = net(images)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, task.criterion(logits.float(), targets), rtol=1e-6, atol=1e-6)
+
+
+# ---- layer-wise lr decay and weight decay against each recipe's own rule, parameter by parameter
+
+
+def _mae_lrd(name: str, param, depth: int, decay: float, skip: set[str]) -> tuple[float, float]:
+    """MAE's util/lr_decay.param_groups_lrd with get_layer_id_for_vit: (lr scale, weight decay 0.05 or 0)."""
+    if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+        layer = 0
+    elif name.startswith("blocks"):
+        layer = int(name.split(".")[1]) + 1
+    else:
+        layer = depth + 1
+    return decay ** (depth + 1 - layer), 0.0 if param.ndim == 1 or name in skip else 0.05
+
+
+def _mmseg_lrd(name: str, param, depth: int, decay: float) -> tuple[float, float]:
+    """mmseg's LayerDecayOptimizerConstructor (BEiT / MAE configs) with get_num_layer_for_vit, the encoder's names
+    as its backbone's (``backbone.`` + the name), what is not the encoder (pyramid, heads) at the top layer. Its
+    no-decay test compares the full name with 'pos_embed' and 'cls_token', which a backbone's name never equals
+    (so it decays them); lomar exempts them, as that test means to."""
+    num_layers = depth + 2
+    encoder = name.removeprefix("backbone.encoder.") if name.startswith("backbone.encoder.") else None
+    if encoder in ("cls_token", "mask_token", "pos_embed") or (encoder or "").startswith("patch_embed"):
+        layer = 0
+    elif (encoder or "").startswith("blocks"):
+        layer = int(encoder.split(".")[1]) + 1
+    else:
+        layer = num_layers - 1
+    no_decay = param.ndim == 1 or name.endswith(".bias") or encoder in ("pos_embed", "cls_token")
+    return decay ** (num_layers - layer - 1), 0.0 if no_decay else 0.05
+
+
+def _detectron2_lrd(name: str, module_of, depth: int, decay: float) -> tuple[float, float]:
+    """detectron2's get_vit_lr_decay_rate (ViTDet, num_layers = depth) and get_default_optimizer_params with
+    weight_decay_norm 0 and pos_embed's override; lomar also exempts the cls token (ViTDet's ViT has none) and
+    channel LayerNorms (detectron2's own LayerNorm class escapes its torch.nn.LayerNorm test: docs/dense.md)."""
+    layer = depth + 1
+    if name.startswith("backbone."):
+        if ".pos_embed" in name or ".patch_embed" in name or name.endswith(".cls_token"):
+            layer = 0
+        elif ".blocks." in name:
+            layer = int(name[name.find(".blocks."):].split(".")[2]) + 1
+    norm = isinstance(module_of[name], (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm2d))
+    no_decay = norm or name.endswith((".pos_embed", ".cls_token"))
+    return decay ** (depth + 1 - layer), 0.0 if no_decay else 0.1
+
+
+def _groups_by_name(groups: list[dict], model) -> dict[str, tuple[float, float]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_name = {names[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert len(by_name) == sum(len(g["params"]) for g in groups) == len(names)  # each trainable parameter once
+    return by_name
+
+
+@pytest.mark.parametrize("pool", ["avg", "cls"])
+def test_finetune_groups_are_maes_param_groups_lrd(pool):
+    from lomar.models.vit import VisionTransformer, ViTConfig
+
+    model = VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, pos="abs"),
+                              num_classes=5, global_pool=pool)
+    config = SimpleNamespace(decay_rel_pos_bias=False, weight_decay=0.05, layer_decay=0.65)
+    ours = _groups_by_name(FinetuneTask.param_groups(SimpleNamespace(model=model, config=config)), model)
+    skip = model.no_weight_decay()
+    for name, param in model.named_parameters():
+        assert ours[name] == pytest.approx(_mae_lrd(name, param, 3, 0.65, skip)), name
+
+
+def test_segment_groups_are_mmsegs_layer_decay_constructor():
+    from lomar.integrations.segmenter import UperNetSegmenter, layer_decay_groups
+    from lomar.models.vit import VisionTransformer, ViTConfig
+
+    encoder = VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, pos="abs"))
+    model = UperNetSegmenter(encoder, num_classes=3, channels=8, aux_channels=8)
+    ours = _groups_by_name(layer_decay_groups(model, lr=1e-4, weight_decay=0.05, layer_decay=0.65), model)
+    for name, param in model.named_parameters():
+        assert ours[name] == pytest.approx(_mmseg_lrd(name, param, 4, 0.65)), name
+
+
+def test_detect_groups_are_detectron2s_vitdet_rule():
+    from lomar.integrations.detection import build_mask_rcnn, detector_param_groups
+    from lomar.models.vit import VisionTransformer, model_config
+
+    encoder = VisionTransformer(model_config("vit_tiny_patch16", img_size=64, depth=3, pos="abs"))
+    model = build_mask_rcnn(encoder, 2, 64)
+    module_of = {f"{m}.{n}" if m else n: module for m, module in model.named_modules()
+                 for n, _ in module.named_parameters(recurse=False)}
+    ours = _groups_by_name(detector_param_groups(model, 0.1, 0.7), model)
+    for name in module_of:
+        assert ours[name] == pytest.approx(_detectron2_lrd(name, module_of, 3, 0.7)), name
