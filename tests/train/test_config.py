@@ -297,7 +297,8 @@ def test_a_resume_names_the_yaml_file_a_differing_setting_came_from(tmp_path, ca
 
 def test_a_format_1_mae_run_is_read_as_global_mae():
     """Before windows applied to every method, MAE runs saved LoMaR's `windows: 4` unused."""
-    from lomar.train.config import PRETRAIN_FORMAT, saved_settings
+    from lomar.checkpoints.kinds import PRETRAIN_FORMAT
+    from lomar.checkpoints.reader import saved_settings
 
     old = {"format": "lomar-pretrain-1", "config": {"method": "mae", "windows": 4}}
     assert saved_settings(old)["windows"] == 0

@@ -17,7 +17,7 @@ from lomar.cli.app import main
 from lomar.data.samplers import EpochSampler
 from lomar.models import MAE, LoMaR
 from lomar.models.vit import model_config
-from lomar.train.pretrain import checkpoints_to_prune
+from lomar.train.run_state import checkpoints_to_prune
 from lomar.train.schedule import lr_at, lr_at_whole_steps, param_groups, schedule_span, warmup_warning
 
 

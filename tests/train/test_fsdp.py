@@ -51,7 +51,8 @@ def _full_state(model) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, out: str, precision: str) -> None:
-    from lomar.train.fsdp import consolidate, load_sharded, save_sharded, shard_model
+    from lomar.checkpoints.sharded import consolidate
+    from lomar.train.fsdp import load_sharded, save_sharded, shard_model
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -190,7 +191,7 @@ def test_a_full_disk_during_a_sharded_save_is_one_line_on_every_rank_and_keeps_t
         assert raised.startswith(f"SaveError: {expected} {tmp_path / 'sharded'}"), (rank, raised)
         assert "\n" not in raised and "resume with --resume auto" in raised
     assert not (tmp_path / "sharded.tmp").exists()  # the partial folder is gone
-    from lomar.train.fsdp import consolidate
+    from lomar.checkpoints.sharded import consolidate
 
     consolidate(tmp_path / "sharded", tmp_path / "single.pt")  # the first save is whole
     assert safe_load(tmp_path / "single.pt")["step"] == 0

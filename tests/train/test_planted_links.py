@@ -12,7 +12,8 @@ from lomar.checkpoints.io import atomic_write_bytes, open_in_place
 from lomar.errors import UsageError
 from lomar.train.monitor import Monitor
 from lomar.train.run_lock import RunLock
-from lomar.train.run_state import prepare_run_folder, truncate_metrics
+from lomar.train.run_logs import truncate_metrics
+from lomar.train.run_state import prepare_run_folder
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from lomar.train import runtime
 from lomar.train.lifecycle import run
 from lomar.train.precision import resolve_precision
 from lomar.train.run_lock import RunLock
+from lomar.train.run_logs import truncate_metrics
 from lomar.train.run_resume import (
     check_no_rewind,
     find_resume_point,
@@ -40,7 +41,6 @@ from lomar.train.run_state import (
     remove_stale_temporaries,
     save_checkpoint,
     save_on_main_rank,
-    truncate_metrics,
 )
 from lomar.train.settings import ConfigError
 

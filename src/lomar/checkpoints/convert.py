@@ -10,7 +10,8 @@ from pathlib import Path
 
 from torch import nn
 
-from lomar.checkpoints.formats import CLASSIFIER_FORMAT, PRETRAIN_FORMAT, load_model, read
+from lomar.checkpoints.formats import load_model, read
+from lomar.checkpoints.kinds import CLASSIFIER_FORMAT, PRETRAIN_FORMAT
 from lomar.checkpoints.original import OriginalReader
 from lomar.models import MAE, LoMaR
 from lomar.models.spec import build_from_spec, model_spec

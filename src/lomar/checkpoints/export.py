@@ -27,8 +27,7 @@ from lomar.models.masking import grid_size
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig
 from lomar.values import as_sides
 
-__all__ = ["Export", "export_encoder", "create_encoder", "read_export", "expected_shapes", "timm_architecture",
-           "ENCODER_WEIGHTS", "CONFIG_NAME"]
+__all__ = ["Export", "export_encoder", "create_encoder", "read_export", "expected_shapes", "timm_architecture"]
 
 # safetensors' names of the dtypes weights may come in (float8 would lose them: no encoder is saved so)
 _WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")

@@ -16,7 +16,6 @@ from timm.models.beit import Beit
 
 from lomar.checkpoints.export import (
     _BOUNDS,
-    CONFIG_NAME,
     check_bounds,
     check_fits,
     header_shapes,
@@ -25,7 +24,7 @@ from lomar.checkpoints.export import (
     weights_path,
 )
 from lomar.checkpoints.export_write import write_export
-from lomar.checkpoints.file_names import RUN_ENCODER
+from lomar.checkpoints.file_names import CONFIG_NAME, RUN_ENCODER
 from lomar.checkpoints.keys_beit import beit_to_timm
 from lomar.errors import UsageError
 from lomar.limits import MAX_IMG_SIZE

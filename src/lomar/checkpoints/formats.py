@@ -25,23 +25,14 @@ import torch
 from torch import nn
 
 import lomar.checkpoints.original  # noqa: F401  registers the original-LoMaR/MAE readers
-from lomar.checkpoints.export import CONFIG_NAME, create_encoder, read_export
+from lomar.checkpoints.export import create_encoder, read_export
 from lomar.checkpoints.export_leftovers import interrupted_export
-from lomar.checkpoints.file_names import BEST, ENCODER_WEIGHTS, LAST, RUN_ENCODER
-from lomar.checkpoints.formats_beit import (
-    BEiTExportReader,
-    BEiTFinetuneReader,
-    BEiTPretrainReader,
-    BEiTReader,
-    OriginalBEiTReader,
-    TimmBeitWeights,
-)
+from lomar.checkpoints.file_names import BEST, CONFIG_NAME, ENCODER_WEIGHTS, LAST, RUN_ENCODER
+from lomar.checkpoints.formats_beit import BEiTReader  # and registers BEiT's readers
 from lomar.checkpoints.io import mismatch, safe_load
 from lomar.checkpoints.keys import args_dict, drop_final_norm, infer_vit_config
 from lomar.checkpoints.kinds import classifier_pool, run_command
 from lomar.checkpoints.reader import (
-    CLASSIFIER_FORMAT,
-    PRETRAIN_FORMAT,
     EncoderWeights,
     Reader,
     Source,
@@ -51,7 +42,6 @@ from lomar.checkpoints.reader import (
     readers,
     refuse_unused,
     register,
-    saved_settings,
     spec_settings,
 )
 from lomar.checkpoints.sharded import read_sharded
@@ -59,10 +49,8 @@ from lomar.models.masking import grid_size
 from lomar.models.vit import VisionTransformer, ViTConfig
 from lomar.values import is_size
 
-__all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "read", "identify", "VitReader", "holds_beit",
-           "peek_encoder", "load_model", "encoder_weights", "stopped_run_checkpoint", "saved_class_names",
-           "saved_settings", "PRETRAIN_FORMAT", "CLASSIFIER_FORMAT", "BEiTReader", "BEiTPretrainReader",
-           "BEiTExportReader", "OriginalBEiTReader", "BEiTFinetuneReader", "TimmBeitWeights"]
+__all__ = ["read", "identify", "VitReader", "holds_beit", "peek_encoder", "load_model", "encoder_weights",
+           "stopped_run_checkpoint", "saved_class_names"]
 
 # An encoder's settings that no weight fixes, which a caller may choose for a checkpoint that saved its ViTConfig
 # too (``window_size`` is LoMaR's K among load_model's overrides, not the ViTDet windows a classifier saved).

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lomar.checkpoints.export import CONFIG_NAME
 from lomar.checkpoints.export_beit import read_beit_export, timm_beit_args
+from lomar.checkpoints.file_names import CONFIG_NAME
 from lomar.checkpoints.keys_beit import beit_to_timm, load_original_beit
 from lomar.checkpoints.kinds import FINETUNE_FORMAT
 from lomar.checkpoints.reader import (

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from lomar.checkpoints.file_names import CONFIG_NAME, RUN_CONFIG, RUN_ENCODER
-from lomar.checkpoints.kinds import CLASSIFIER_FORMAT, PRETRAIN_FORMAT
 from lomar.models.beit import BEiTConfig
 from lomar.models.masking import grid_size
 from lomar.models.spec import build_from_spec
@@ -21,8 +20,8 @@ from lomar.models.vit import ViTConfig, model_config
 from lomar.models.windows import window_geometry
 from lomar.values import as_sides, is_size
 
-__all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "PRETRAIN_FORMAT", "CLASSIFIER_FORMAT",
-           "saved_settings", "pretrain_spec", "spec_settings", "build_strict", "refuse_unused", "folder_source"]
+__all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "saved_settings", "pretrain_spec",
+           "spec_settings", "build_strict", "refuse_unused", "folder_source"]
 
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lomar.checkpoints.io import atomic_save, safe_load
-from lomar.checkpoints.reader import PRETRAIN_FORMAT
+from lomar.checkpoints.kinds import PRETRAIN_FORMAT
 from lomar.data.shard_members import file_identity
 
 __all__ = ["read_sharded", "consolidate", "check_metadata", "safe_reader", "safe_planner"]

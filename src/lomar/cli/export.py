@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS
 from lomar.cli.common import add_override_arguments, check_output_dir, check_output_file, load_for_cli
 from lomar.errors import UsageError
 from lomar.train import settings as S
@@ -35,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lomar.checkpoints.convert import encoder_of, export_model, method_metadata  # torch: not for --help
-    from lomar.checkpoints.export import CONFIG_NAME, ENCODER_WEIGHTS, export_encoder  # torch: not for --help
+    from lomar.checkpoints.export import export_encoder  # torch: not for --help
     from lomar.checkpoints.export_leftovers import export_lock  # torch: not for --help
     from lomar.models.beit import BEiT  # torch: not for --help
     from lomar.models.vit import VisionTransformer  # torch: not for --help

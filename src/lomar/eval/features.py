@@ -18,7 +18,8 @@ from timm.models.beit import Beit, checkpoint_filter_fn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from lomar.checkpoints.formats import BEiTReader, read, saved_class_names, stopped_run_checkpoint
+from lomar.checkpoints.formats import read, saved_class_names, stopped_run_checkpoint
+from lomar.checkpoints.formats_beit import BEiTReader
 from lomar.checkpoints.io import check_finite
 from lomar.checkpoints.keys import CLASSIFIER_PREFIXES, drop_final_norm
 from lomar.checkpoints.kinds import classifier_pool, run_command
@@ -36,7 +37,7 @@ from lomar.models.vit import VisionTransformer, ViTConfig
 from lomar.train.monitor import progress
 from lomar.values import brief, is_integer
 
-__all__ = ["LoadReport", "load_pretrained_encoder", "eval_transform", "eval_resize", "knn_loaders", "extract_features",
+__all__ = ["LoadReport", "load_pretrained_encoder", "eval_transform", "knn_loaders", "extract_features",
            "read_features", "check_read", "skipped_note", "check_split", "Pool"]
 
 Pool = Literal["mean", "cls"]

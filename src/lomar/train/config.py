@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from lomar.models.vit import ViTConfig
 
 __all__ = ["PretrainConfig", "DEMO_PRESET", "add_config_arguments", "resolve_config", "build_model",
-           "vit_config", "method_recipe", "ConfigError"]
+           "vit_config", "method_recipe"]
 
 _R = "lomar, mae"  # the methods whose recipe the generic defaults are
 # lomar.models.masking's and .windows' parameters -> the settings that give them
@@ -177,7 +177,7 @@ class PretrainConfig(TaskConfig):
     @staticmethod
     def saved_settings(checkpoint: dict, path: Path) -> dict:
         """The settings of a pretraining checkpoint (or of a sharded one's meta.pt), read as today's."""
-        from lomar.checkpoints.formats import saved_settings  # torch: not for --help
+        from lomar.checkpoints.reader import saved_settings  # torch: not for --help
 
         config, sharded = checkpoint.get("config"), path.is_dir()
         if sharded and not isinstance(config, dict):
@@ -316,14 +316,6 @@ resolve_config = PretrainConfig.resolve
 def method_recipe(method: str) -> dict[str, Any]:
     """The pretraining recipe of ``method`` (``Method.recipe``); {} for an unknown name (validate reports it)."""
     return dict(get_method(method).recipe) if method in names() else {}
-
-
-def __getattr__(name: str):
-    if name in ("PRETRAIN_FORMAT", "saved_settings"):  # torch: read from checkpoints only when asked
-        import lomar.checkpoints.formats  # torch: not for --help
-
-        return getattr(lomar.checkpoints.formats, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_windows(config: PretrainConfig) -> int:

@@ -188,7 +188,7 @@ class FinetuneConfig(TaskConfig):
 
     def _check_eval_only(self) -> None:
         check_eval_only_model(self, self.classifier, "classifier")
-        from lomar.checkpoints.formats import BEiTFinetuneReader  # torch: not for --help
+        from lomar.checkpoints.formats_beit import BEiTFinetuneReader  # torch: not for --help
 
         if BEiTFinetuneReader().detect(self.classifier.checkpoint, None):  # its config is BEiT's, not a ViT's
             raise ConfigError(f"--pretrained {self.classifier.path} is a finetuned BEiT classifier, which --eval-only "

@@ -38,7 +38,7 @@ from lomar.checkpoints.sharded import check_metadata, consolidate, safe_planner,
 from lomar.errors import FULL_DISK, UNWRITABLE, UsageError
 from lomar.train.run_state import checkpoints_to_prune, save_error
 
-__all__ = ["shard_model", "block_modules", "save_sharded", "load_sharded", "consolidate", "save_run_checkpoint"]
+__all__ = ["shard_model", "block_modules", "save_sharded", "load_sharded", "save_run_checkpoint"]
 
 
 def block_modules(model: nn.Module) -> list[nn.Module]:

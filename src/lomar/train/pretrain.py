@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader, IterableDataset
 from lomar.checkpoints.convert import method_metadata
 from lomar.checkpoints.export import export_encoder
 from lomar.checkpoints.file_names import CONFIG_NAME, KNN_LOG, LAST, LOSS_CURVE, METRICS, RUN_CONFIG, RUN_ENCODER
-from lomar.checkpoints.formats import PRETRAIN_FORMAT
 from lomar.checkpoints.io import safe_load
+from lomar.checkpoints.kinds import PRETRAIN_FORMAT
+from lomar.checkpoints.sharded import consolidate
 from lomar.data.device_decode import decode_dataset
 from lomar.data.folder import build_pretrain_dataset
 from lomar.data.samplers import EpochSampler
@@ -31,18 +32,18 @@ from lomar.methods.beit import not_trained_with
 from lomar.models.spec import model_spec
 from lomar.train.config import PretrainConfig, build_model, prepare_method
 from lomar.train.distributed import DistInfo
-from lomar.train.fsdp import consolidate, shard_model
-from lomar.train.lifecycle import Task, TrainingError, run
+from lomar.train.fsdp import shard_model
+from lomar.train.lifecycle import Task, run
 from lomar.train.precision import run_precision
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.run_resume import listing_change, listing_record
-from lomar.train.run_state import checkpoints_to_prune, newest_state
+from lomar.train.run_state import newest_state
 from lomar.train.schedule import param_groups
 from lomar.values import counted
 from lomar.viz.curves import loss_curve
 from lomar.viz.reconstruction import reconstruction_snapshot
 
-__all__ = ["PretrainTask", "TrainingError", "train", "checkpoints_to_prune"]
+__all__ = ["PretrainTask", "train"]
 
 
 class PretrainTask(Task):

@@ -42,7 +42,7 @@ from lomar.train.settings import ConfigError
 from lomar.values import brief, is_integer
 
 __all__ = ["SaveError", "save_state", "checkpoints_to_prune", "save_checkpoint", "save_on_main_rank",
-           "truncate_metrics", "remove_stale_temporaries", "checkpoint_number", "checkpoint_step", "training_step",
+           "remove_stale_temporaries", "checkpoint_number", "checkpoint_step", "training_step",
            "read_state", "holds_run", "same_file", "foreign", "inside", "remove_newer_checkpoints", "check_out_folder",
            "read_meta", "newest_state", "refuse_held_run", "prepare_run_folder", "save_error"]
 

@@ -46,9 +46,10 @@ from lomar.data.folder import build_pretrain_dataset
 from lomar.errors import UsageError
 from lomar.train.config import PretrainConfig, add_config_arguments, resolve_config
 from lomar.train.preemption import TIME_LIMIT_EXIT, first_save_estimate, take_command_start
-from lomar.train.pretrain import TrainingError, train
+from lomar.train.pretrain import train
 from lomar.train.run_lock import RunLock
 from lomar.train.run_state import SaveError
+from lomar.train.task import TrainingError
 
 __all__ = ["run_study", "check_cells", "cell_config", "pretrain"]
 
