@@ -350,3 +350,13 @@ def test_hand_written_label_names_are_quoted_short_on_one_line(tmp_path):
     export_encoder(head, tmp_path / "other", metadata={"label_names": [long, "cat"]})
     summary = load_pretrained_encoder(tmp_path / "other", num_classes=2, classes=["cat", "dog"]).load_report.summary()
     assert "trained on other classes (2, e.g. 'xxx" in summary and len(summary) < 1000
+
+
+def test_create_encoder_names_a_beit_export_and_what_loads_it(beit_export):
+    """lomar.create_encoder of `lomar export`'s own BEiT folder said it was 'not a lomar encoder (a timm or Hugging
+    Face folder?)' and that lomar reads folders `lomar export` writes."""
+    from lomar import create_encoder
+
+    with pytest.raises(UsageError, match=re.escape(f"{beit_export} is a BEiT export (timm's Beit layout), not a ViT "
+                                                   f"encoder's; load it with lomar.load_model(DIR)")):
+        create_encoder(beit_export)

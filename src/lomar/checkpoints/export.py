@@ -315,6 +315,10 @@ def read_export(path: str | Path, **overrides) -> Export:
         raise FileNotFoundError(f"{config_path} not found; export an encoder first (lomar.export_encoder, or "
                                 f"`lomar export`)")
     data = read_config_json(config_path)
+    if data.get("method") == "beit":  # lomar's own, in timm's Beit layout: "not a lomar encoder" would be untrue
+        raise UsageError(f"{path} is a BEiT export (timm's Beit layout), not a ViT encoder's; load it with "
+                         f"lomar.load_model(DIR) (lomar's BEiT), lomar.checkpoints.export_beit.create_timm_beit(DIR) "
+                         f"or timm.create_model('local-dir:DIR', pretrained=True)")
     if not str(data.get("architecture", "lomar_")).startswith("lomar_"):  # every lomar export's name starts so
         raise UsageError(f"{config_path} describes {data['architecture']!r}, not a lomar encoder (a timm or Hugging "
                          f"Face folder?); lomar reads folders written by `lomar export` / `lomar pretrain`, and "
