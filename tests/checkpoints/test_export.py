@@ -16,7 +16,8 @@ import torch
 
 from helpers import pretrain, reference_dir, write_images
 from lomar import LoMaR, VisionTransformer, ViTConfig, create_encoder, export_encoder, load_original, model_config
-from lomar.checkpoints.convert import load_model, pretrain_checkpoint
+from lomar.checkpoints.convert import pretrain_checkpoint
+from lomar.checkpoints.formats import load_model
 from lomar.checkpoints.io import atomic_save
 from lomar.checkpoints.keys import lomar_to_original
 from lomar.cli.app import main

@@ -405,7 +405,8 @@ def test_models_built_from_numpy_numbers_save_checkpoints_and_exports_that_load(
     import json
     from dataclasses import replace
 
-    from lomar.checkpoints.convert import load_model, pretrain_checkpoint
+    from lomar.checkpoints.convert import pretrain_checkpoint
+    from lomar.checkpoints.formats import load_model
     from lomar.checkpoints.io import atomic_save
     from lomar.models.beit import BEiTConfig
     from lomar.models.mae_window import MAEWindow

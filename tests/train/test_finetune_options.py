@@ -165,7 +165,7 @@ def test_a_run_resumed_mid_epoch_with_loader_workers_augments_as_an_uninterrupte
 
 
 def test_window_size_finetunes_vitdet_blocks_and_keeps_them(tmp_path, capsys, pretrained, folder):
-    from lomar.checkpoints.convert import load_model
+    from lomar.checkpoints.formats import load_model
     from lomar.models.attention import vitdet_global_blocks
 
     out = tmp_path / "run"
@@ -262,7 +262,7 @@ def test_mae_pretraining_keeps_the_position_table_and_finetuning_trains_it(tmp_p
     # read at another size (export --img-size, load_model), the trained table is resampled, not replaced
     from timm.layers import resample_abs_pos_embed
 
-    from lomar.checkpoints.convert import load_model
+    from lomar.checkpoints.formats import load_model
 
     wider = load_model(tmp_path / "ft" / "last.pt", img_size=64)
     torch.testing.assert_close(wider.pos_embed.detach(), resample_abs_pos_embed(tuned, [8, 8], [4, 4],
@@ -316,7 +316,7 @@ def test_a_finetune_saved_before_the_table_was_trained_resumes_with_it_fixed(tmp
     assert torch.equal(resumed["model"]["pos_embed"], ckpt["model"]["pos_embed"])  # still fixed
     from timm.layers import resample_abs_pos_embed
 
-    from lomar.checkpoints.convert import load_model
+    from lomar.checkpoints.formats import load_model
 
     wider = load_model(out / "last.pt", img_size=64)  # a fixed table at another size: resampled as a trained one
     fixed = sincos_pos_embed_2d(32, (4, 4))[None]

@@ -10,7 +10,8 @@ from PIL import Image
 
 from helpers import pretrain, reference_dir, write_images
 from lomar import MAE, LoMaR, VisionTransformer, ViTConfig, export_encoder, load_original, model_config
-from lomar.checkpoints.convert import load_model, pretrain_checkpoint
+from lomar.checkpoints.convert import pretrain_checkpoint
+from lomar.checkpoints.formats import load_model
 from lomar.checkpoints.io import atomic_save
 from lomar.cli.app import main
 from lomar.models.rpe import bucket_table

@@ -1,7 +1,7 @@
-"""Any checkpoint -> a model, and ``lomar load-original``: original checkpoint -> ours.
-
-:func:`load_model` (from :mod:`lomar.checkpoints.formats`, which detects and reads every
-format) is re-exported here for the commands; this module writes our checkpoints.
+"""A model's checkpoints and exports as ``lomar export`` and ``lomar load-original`` write them: the model an export
+takes of any checkpoint (:func:`export_model`), its method fields, and our checkpoint of a model
+(:func:`pretrain_checkpoint`). Every checkpoint format is read by :mod:`lomar.checkpoints.formats`, whose
+:func:`~lomar.checkpoints.formats.load_model` gives any checkpoint's model.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from pathlib import Path
 
 from torch import nn
 
-from lomar.checkpoints.formats import load_model, read
+from lomar.checkpoints.formats import read
 from lomar.checkpoints.kinds import CLASSIFIER_FORMAT, PRETRAIN_FORMAT
 from lomar.checkpoints.original import OriginalReader
 from lomar.models import MAE, LoMaR
 from lomar.models.spec import build_from_spec, model_spec
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer
 
-__all__ = ["load_model", "export_model", "encoder_of", "pretrain_method", "method_metadata", "pretrain_checkpoint"]
+__all__ = ["export_model", "encoder_of", "pretrain_method", "method_metadata", "pretrain_checkpoint"]
 
 
 def encoder_of(model: nn.Module) -> VisionTransformer:
@@ -49,9 +49,9 @@ def method_metadata(model: nn.Module, method: str | None = None) -> dict:
 
 
 def export_model(path: str | Path, **overrides) -> tuple[nn.Module, str | None]:
-    """What ``lomar export`` writes of the checkpoint at ``path`` (:func:`load_model`'s model, but an original LoMaR /
-    MAE pretraining checkpoint's encoder alone: its decoder's heads are not asked for), and the ``lomar pretrain
-    --method`` of a pretraining checkpoint (None for a classifier, an encoder or a BEiT)."""
+    """What ``lomar export`` writes of the checkpoint at ``path`` (:func:`~lomar.checkpoints.formats.load_model`'s
+    model, but an original LoMaR / MAE pretraining checkpoint's encoder alone: its decoder's heads are not asked for),
+    and the ``lomar pretrain --method`` of a pretraining checkpoint (None for a classifier, an encoder or a BEiT)."""
     reader, src = read(path)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if isinstance(reader, OriginalReader) and reader.method != "classifier":

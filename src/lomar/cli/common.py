@@ -133,7 +133,7 @@ def load_for_cli(path: str, args: argparse.Namespace, original: bool = False, lo
     returns, called as load_model is) with the override flags; UsageError on bad input, the library's "pass
     num_heads=... to load_original" read as "pass --num-heads", its other parameters (``window_size=9``) as their
     flags (:func:`lomar.errors.in_flags`)."""
-    from lomar.checkpoints.convert import load_model  # torch: not for --help
+    from lomar.checkpoints.formats import load_model  # torch: not for --help
     from lomar.checkpoints.original import load_original  # torch: not for --help
 
     overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k, None) is not None}

@@ -16,7 +16,8 @@ import torch
 from timm.layers import LayerNorm2d  # LayerNorm over the channels of a (B, C, H, W) map, eps 1e-6
 from torch import nn
 
-from lomar.checkpoints.convert import encoder_of, load_model
+from lomar.checkpoints.convert import encoder_of
+from lomar.checkpoints.formats import load_model
 from lomar.models.relpos import fit_axis_tables
 from lomar.models.vit import VisionTransformer
 
@@ -126,7 +127,7 @@ def feature_maps(encoder: VisionTransformer, images: torch.Tensor, indices=(-1,)
 
 
 def load_encoder(source: str | Path | VisionTransformer) -> VisionTransformer:
-    """An encoder from an export folder, any checkpoint (see ``lomar.checkpoints.convert.load_model``), a LoMaR or
+    """An encoder from an export folder, any checkpoint (see ``lomar.checkpoints.formats.load_model``), a LoMaR or
     MAE model (its encoder), or as is."""
     if isinstance(source, nn.Module):
         return encoder_of(source)
