@@ -24,7 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lomar.data.samplers import EpochSampler
-from lomar.train.lifecycle import Task, run
+from lomar.train.lifecycle import run
+from lomar.train.task import Task
 
 
 @dataclasses.dataclass

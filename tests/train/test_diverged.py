@@ -13,7 +13,8 @@ from test_lifecycle import ToyConfig, ToyTask, run_two_ranks
 
 from lomar.checkpoints.io import safe_load
 from lomar.errors import UsageError
-from lomar.train.lifecycle import TrainingError, run
+from lomar.train.lifecycle import run
+from lomar.train.task import TrainingError
 
 
 def _finite(state: dict) -> bool:

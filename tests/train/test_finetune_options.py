@@ -16,11 +16,11 @@ from torchvision.transforms import CenterCrop, Resize
 from helpers import write_images
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
+from lomar.data.classify import classification_transforms, eval_crop_ratio
 from lomar.eval.features import load_pretrained_encoder
 from lomar.models.beit import BEiTConfig
 from lomar.models.vit import VisionTransformer, ViTConfig, sincos_pos_embed_2d
 from lomar.train import finetune as finetune_module
-from lomar.train.finetune import classification_transforms, eval_crop_ratio
 
 
 @pytest.fixture(scope="module")

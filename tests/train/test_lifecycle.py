@@ -16,8 +16,9 @@ from helpers import free_port
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
 from lomar.data.samplers import EpochSampler
-from lomar.train.lifecycle import Task, run
+from lomar.train.lifecycle import run
 from lomar.train.precision import resolve_precision
+from lomar.train.task import Task
 
 
 @dataclasses.dataclass
@@ -348,7 +349,7 @@ def test_loss_parts_other_than_the_declared_ones_are_refused(tmp_path):
 
 
 def test_a_non_finite_loss_names_the_step(tmp_path):
-    from lomar.train.lifecycle import TrainingError
+    from lomar.train.task import TrainingError
 
     class Exploding(ToyTask):
         def loss(self, batch):
@@ -518,7 +519,7 @@ def test_a_non_finite_loss_suggests_only_flags_the_command_has():
 
 
 def test_a_non_finite_fp32_loss_is_not_told_to_use_fp32(tmp_path):
-    from lomar.train.lifecycle import TrainingError
+    from lomar.train.task import TrainingError
 
     class Diverging(ToyTask):
         def loss(self, batch):

@@ -47,10 +47,10 @@ from lomar.models.vit import VisionTransformer, ViTConfig, model_config
 from lomar.train.detect_config import DetectConfig
 from lomar.train.distributed import DistInfo
 from lomar.train.encoder_settings import encoder_layout, unused_encoder_flags
-from lomar.train.lifecycle import Task, run
+from lomar.train.lifecycle import run
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.setting_flags import flags_by_setting
-from lomar.train.task import TrainingError, over_note, score_only, scored_split
+from lomar.train.task import Task, TrainingError, over_note, score_only, scored_split
 from lomar.train.task_resume import load_resumed
 
 __all__ = ["DetectTask", "step_lr_factor", "step_lr", "detect", "category_change"]

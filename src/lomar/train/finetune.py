@@ -30,7 +30,7 @@ from torchvision.transforms import Resize
 from lomar.checkpoints.formats import VitReader, identify
 from lomar.checkpoints.kinds import FINETUNE_FORMAT
 from lomar.data.class_names import classes_only_in, relabel, unicode_forms_note
-from lomar.data.classify import SeededSamples, classification_transforms, eval_crop_ratio
+from lomar.data.classify import SeededSamples, classification_transforms
 from lomar.data.collate import collate_labelled, collate_labelled_refill
 from lomar.data.decode import THUMBNAIL_FOLDERS, load_image_reduced
 from lomar.data.draft_classify import DraftCropFolder
@@ -42,16 +42,16 @@ from lomar.models.vit import VisionTransformer
 from lomar.train.distributed import DistInfo
 from lomar.train.encoder_settings import encoder_layout, unused_encoder_flags
 from lomar.train.finetune_config import FinetuneConfig, split_roots
-from lomar.train.lifecycle import Task, run
+from lomar.train.lifecycle import run
 from lomar.train.monitor import metric_text
 from lomar.train.precision import autocast_factory, kept_precision_note, resolve_precision, unrecorded_precision_note
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.setting_flags import flags_by_setting
-from lomar.train.task import over_note, score_only, scored_split
+from lomar.train.task import Task, over_note, score_only, scored_split
 from lomar.train.task_resume import load_resumed
 from lomar.values import counted
 
-__all__ = ["finetune", "classification_transforms", "eval_crop_ratio", "FinetuneTask"]
+__all__ = ["finetune", "FinetuneTask"]
 
 
 def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,

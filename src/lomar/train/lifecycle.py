@@ -1,4 +1,5 @@
-"""The one run lifecycle of every training command: a command provides a :class:`Task`, :func:`run` does the rest.
+"""The one run lifecycle of every training command: a command provides a :class:`~lomar.train.task.Task`,
+:func:`run` does the rest.
 
 ``run(config, make_task)``, ``make_task(config, info, device) -> Task``, owns the process group and DDP, the run folder
 (lock, ``--resume PATH|auto``, ``config.yaml``, metrics cut back on resume), the RNG state in checkpoints, stop signals
@@ -44,7 +45,7 @@ from lomar.train.settings_resume import resumed_past_end
 from lomar.train.task import EpochStream, Progress, SkippedFiles, Task, TrainingError, check_weights, diverged, preload
 from lomar.train.task_resume import building
 
-__all__ = ["Task", "Progress", "TrainingError", "run"]
+__all__ = ["run"]
 
 class _Run:
     """One run of a Task: optimizer, scaler, position, checkpoints and the loop."""

@@ -33,12 +33,13 @@ from lomar.models.spec import model_spec
 from lomar.train.config import PretrainConfig, build_model, prepare_method
 from lomar.train.distributed import DistInfo
 from lomar.train.fsdp import shard_model
-from lomar.train.lifecycle import Task, run
+from lomar.train.lifecycle import run
 from lomar.train.precision import run_precision
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.run_resume import listing_change, listing_record
 from lomar.train.run_state import newest_state
 from lomar.train.schedule import param_groups
+from lomar.train.task import Task
 from lomar.values import counted
 from lomar.viz.curves import loss_curve
 from lomar.viz.reconstruction import reconstruction_snapshot

@@ -42,11 +42,11 @@ from lomar.integrations.segmenter import UperNetSegmenter, layer_decay_groups, s
 from lomar.models.vit import VisionTransformer, ViTConfig, model_config
 from lomar.train.distributed import DistInfo
 from lomar.train.encoder_settings import unused_encoder_flags
-from lomar.train.lifecycle import Task, run
+from lomar.train.lifecycle import run
 from lomar.train.monitor import read_records
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.segment_config import ENCODER_KEYS, SegmentConfig, check_batch_norm_batch
-from lomar.train.task import over_note, score_only, scored_split
+from lomar.train.task import Task, over_note, score_only, scored_split
 
 __all__ = ["SegmentTask", "poly_schedule", "segment", "PER_CLASS"]
 
