@@ -40,6 +40,17 @@ def test_vitdet_pyramid_shapes_at_1024():
     assert all(torch.isfinite(v).all() for v in out.values())
 
 
+def test_output_shape_reads_as_detectron2s_shape_specs():
+    """detectron2's heads and FPN read output_shape()[name].channels and .stride (its Backbone gives ShapeSpecs and
+    nothing wraps a dict): plain dicts failed there with an AttributeError."""
+    backbone = ViTDetBackbone(VisionTransformer(ViTConfig(img_size=32, patch_size=16, embed_dim=32, depth=1,
+                                                          num_heads=2)), out_channels=16, top_block=True)
+    shapes = backbone.output_shape()
+    assert [(s.channels, s.stride, s.height, s.width) for s in shapes.values()] == [
+        (16, 4, None, None), (16, 8, None, None), (16, 16, None, None), (16, 32, None, None), (16, 64, None, None)]
+    assert shapes["p2"] == {"channels": 16, "stride": 4}
+
+
 @torch.no_grad()
 def test_any_size_divisible_by_the_patch(encoder):
     backbone = ViTDetBackbone(encoder, out_channels=8).eval()

@@ -21,7 +21,7 @@ from lomar.checkpoints.formats import load_model
 from lomar.models.relpos import fit_axis_tables
 from lomar.models.vit import VisionTransformer
 
-__all__ = ["LayerNorm2d", "SimpleFeaturePyramid", "feature_maps", "ViTDetBackbone", "MultiLevelBackbone",
+__all__ = ["LayerNorm2d", "ShapeSpec", "SimpleFeaturePyramid", "feature_maps", "ViTDetBackbone", "MultiLevelBackbone",
            "load_encoder", "backbone_encoder", "with_rel_pos", "layer_decay_param_groups"]
 
 
@@ -176,6 +176,15 @@ def with_rel_pos(encoder: VisionTransformer, choice: str, recipe: str) -> Vision
     return encoder if choice == encoder.config.rel_pos else backbone_encoder(encoder, rel_pos=choice)
 
 
+class ShapeSpec(dict):
+    """A level's ``{"channels", "stride"}``, read as detectron2 reads its own ShapeSpec too: its heads and FPN take
+    ``output_shape()[name].channels`` and ``.stride`` (``.height`` and ``.width``: None, unknown)."""
+
+    channels = property(lambda self: self["channels"])
+    stride = property(lambda self: self["stride"])
+    height = width = None
+
+
 class ViTDetBackbone(nn.Module):
     """Encoder + :class:`SimpleFeaturePyramid` from its last block: images -> {"p2".."p5"[, "p6"]}.
 
@@ -211,9 +220,10 @@ class ViTDetBackbone(nn.Module):
     def padding_constraints(self) -> dict:
         return {"size_divisiblity": self.size_divisibility, "square_size": self._square_pad}
 
-    def output_shape(self) -> dict[str, dict[str, int]]:
-        """{name: {"channels", "stride"}}; detectron2 wraps these in ShapeSpec."""
-        return {name: {"channels": self._out_feature_channels[name], "stride": self._out_feature_strides[name]}
+    def output_shape(self) -> dict[str, ShapeSpec]:
+        """{name: {"channels", "stride"}}, each also ``.channels`` and ``.stride`` (:class:`ShapeSpec`), as detectron2's
+        Backbone gives them: its consumers read the attributes, and wrap nothing."""
+        return {name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
                 for name in self._out_features}
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
