@@ -7,9 +7,11 @@ import io
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +24,10 @@ from lomar.data.collate import collate_pretrain
 from lomar.data.decode import decode_bytes, load_image, read_image_bytes
 from lomar.data.device_decode import EncodedPretrainDataset, collate_encoded, decode_batch
 from lomar.data.fast_decode import FastPretrainDataset
-from lomar.data.folder import build_image_list, build_pretrain_dataset
+from lomar.data.folder import ImageListDataset, build_image_list, build_pretrain_dataset
 from lomar.data.headers import declared_size, jpeg_frame_size, png_size, webp_size
+from lomar.data.segmentation import read_labels
+from lomar.data.transforms import PretrainTransform
 from lomar.limits import DEFAULT_MAX_IMAGE_PIXELS
 from lomar.methods import get_method
 
@@ -261,3 +265,34 @@ def test_pretrain_on_hostile_files_skips_them_under_a_memory_cap(tmp_path, mode)
     # resident peak (~0.8 GiB alone) is printed, not asserted: inside the full suite the same command
     # peaks at ~1.6 GiB for reasons outside it (not yet understood), so it would test the environment.
     assert re.search(r"peak resident KiB (\d+)", done.stderr), done.stderr[-300:]
+
+
+
+def _short_grey_png(width: int, height: int, rows: int) -> bytes:
+    """A greyscale PNG whose IHDR declares ``height`` rows and whose complete zlib stream holds ``rows`` of value 3."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    pixels = zlib.compress((b"\x00" + bytes([3]) * width) * rows)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+
+
+class _OneWindow:  # one 2x2 window of 8 px patches on a 32 px crop: --decode windows resamples it alone
+    window_size, windows, mask_ratio = 2, 1, 0.75
+
+
+def test_a_png_whose_pixel_data_ends_rows_early_is_refused_not_filled_black(tmp_path):
+    # Pillow decodes it without an error, the missing rows zero: a photo half black, a mask half class 0
+    short, whole = tmp_path / "short.png", tmp_path / "whole.png"
+    short.write_bytes(_short_grey_png(64, 48, rows=10))
+    whole.write_bytes(_short_grey_png(64, 48, rows=48))  # every row, the last one 3: decoded as before
+    with pytest.raises(ValueError, match=r"short\.png: its PNG pixel data ends before the last rows"):
+        load_image(short)
+    with pytest.raises(ValueError, match=r"annotation .*short\.png cannot be read \(its pixel data ends"):
+        read_labels(short)
+    masker = get_method("lomar").masker(_OneWindow(), (4, 4))
+    base = ImageListDataset([short, whole], PretrainTransform(32), masker=masker)
+    windows = FastPretrainDataset(base, "windows", patch_size=8, window_size=2, num_windows=1)
+    assert windows[0]["image"] is None and "ends before the last rows" in windows[0]["why"]
+    assert windows[1]["image"] is not None
+    assert load_image(whole).eq(3).all() and read_labels(whole).shape == (48, 64)

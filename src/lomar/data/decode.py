@@ -27,6 +27,7 @@ from PIL import Image, ImageOps
 from lomar.data.headers import declared_size, foreign_format, jpeg_single_scan, png_bad_chunk
 from lomar.data.jpeg_cut import cut_message, cut_short, grey_corner
 from lomar.data.pathtable import dangling_link
+from lomar.data.png_cut import PNG_CUT, png_cut_message, png_cut_short
 from lomar.limits import env_limit
 
 __all__ = ["IMAGE_EXTENSIONS", "WIDE_MODES", "is_image_name", "file_suffix", "max_image_pixels", "max_image_bytes",
@@ -193,17 +194,21 @@ def exif_orientation(img: Image.Image) -> int | None:
     """The EXIF orientation tag of an opened image (1: as stored); None when the EXIF block cannot be read.
     Any other than 0 or 1 asks (or may ask) for a rotation/flip, which every decode path applies.
 
-    OSError when the image is a PNG whose pixel data cannot be decoded and no EXIF chunk comes before it: Pillow's
-    PNG reader then decodes the pixels to look for one after them, and once that has failed, its next decode returns
-    the rows read before the damage and zeros below them, without an error (``--decode windows`` trained on them
-    where ``full`` skipped the file). An EXIF chunk before the pixels is read at open: the pixels stay undecoded."""
+    OSError when the image is a PNG whose pixel data cannot be decoded, or ends rows early (:mod:`lomar.data.png_cut`),
+    and no EXIF chunk comes before it: Pillow's PNG reader then decodes the pixels to look for one after them, and
+    once that has failed, its next decode returns the rows read before the damage and zeros below them, without an
+    error (``--decode windows`` trained on them where ``full`` skipped the file). An EXIF chunk before the pixels is
+    read at open: the pixels stay undecoded."""
     if img.format == "PNG" and "exif" not in img.info:  # Pillow's own condition for decoding them in getexif
+        source = getattr(img, "fp", None)  # the bytes opened, which Pillow lets go of once it has loaded them
         try:
             img.load()
         except OSError:
             raise
         except Exception as exc:  # SyntaxError, EOFError...: a damaged file, as the datasets' readers catch it
             raise OSError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+        if hasattr(source, "getvalue") and png_cut_short(img, source.getvalue()):
+            raise OSError(PNG_CUT)
     try:
         with warnings.catch_warnings():  # a damaged block's 'Tag data larger than file' and such, from every worker
             warnings.simplefilter("ignore", UserWarning)
@@ -270,6 +275,8 @@ def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = No
     try:  # Pillow: PNG, GIF's first frame, BMP, TIFF; CMYK or 16-bit JPEG
         with _open_checked(data, name, kind, size, limit) as img:
             img.load()
+            if img.format == "PNG" and png_cut_short(img, data):
+                raise ValueError(png_cut_message(name))
             # Pillow turns a TIFF by its orientation tag as it loads it: exif_transpose has nothing left to do
             img = img if img.format == "TIFF" else ImageOps.exif_transpose(img)
             if img.mode == "F":  # Pillow's convert would clip it to 0..255: a 0..1 image would come out black
@@ -349,12 +356,14 @@ def decode_box_reduced(img: Image.Image, box: tuple[int, int, int, int], size: i
                 # Pillow decodes at the largest scale of 8, 4, 2 at most width // requested width: ask floor.
                 img.draft("RGB", (width // scale, height // scale))
                 break
-    source, jpeg = getattr(img, "fp", None), img.format in JPEG_FORMATS  # opened from bytes, kept after decoding
+    source, opened, jpeg = getattr(img, "fp", None), img, img.format in JPEG_FORMATS  # from bytes, kept after decoding
     with warnings.catch_warnings():  # Pillow's advice on palette transparency, from every worker (see pil_to_tensor)
         warnings.simplefilter("ignore", UserWarning)
         img = img.convert("RGB")  # decodes (at the draft scale, if one was set)
     if jpeg and hasattr(source, "getvalue") and grey_corner(img) and cut_short(source.getvalue()):
         raise ValueError(cut_message("<bytes>"))
+    if opened.format == "PNG" and hasattr(source, "getvalue") and png_cut_short(opened, source.getvalue()):
+        raise ValueError(png_cut_message("<bytes>"))
     if exif_orientation(img) not in (0, 1):  # turned upright after the reduced decode, on a few megapixels
         img = ImageOps.exif_transpose(img)
     sx, sy = img.size[0] / upright_w, img.size[1] / upright_h

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from lomar.data.collate import LabelledBatch, Skipped, refilled, split_skipped
 from lomar.data.decode import JPEG_FORMATS, is_image_name, load_image, open_pil, oriented_size, read_image_bytes
 from lomar.data.pathtable import PathTable
+from lomar.data.png_cut import png_cut_short
 from lomar.data.transforms import sample_generator, sample_key
 
 __all__ = ["IGNORE", "MAX_CLASS_ID", "MEAN", "STD", "CLASS_LIST", "SegmentationFolder", "read_labels", "eval_scale",
@@ -56,7 +57,8 @@ def read_labels(path: Path) -> np.ndarray:
     """(H, W) uint8 class ids of an annotation PNG; ValueError naming it when it is not one (or not a
     regular file within the size limits every image read has)."""
     try:
-        image = open_pil(read_image_bytes(path), str(path))
+        data = read_image_bytes(path)
+        image = open_pil(data, str(path))
     except (ValueError, OSError) as exc:
         raise ValueError(f"annotation {path} cannot be read ({str(exc).splitlines()[0]}); rewrite it as a PNG of "
                          f"class ids") from None
@@ -68,10 +70,14 @@ def read_labels(path: Path) -> np.ndarray:
             raise ValueError(f"annotation {path} is a {image.mode} image; write class ids as a single-channel "
                              f"(mode L or P) PNG of class ids")
         try:
-            return np.asarray(image)
+            labels = np.asarray(image)
         except Exception as exc:  # cut short after its header (OSError), a broken chunk (SyntaxError), ...
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ValueError(f"annotation {path} cannot be read ({why}); rewrite it as a PNG of class ids") from None
+        if image.format == "PNG" and png_cut_short(image, data):  # its last rows would read as class 0
+            raise ValueError(f"annotation {path} cannot be read (its pixel data ends before the last rows its header "
+                             f"declares); rewrite it as a PNG of class ids")
+        return labels
 
 
 def _check_pair(image: Path, annotation: Path) -> int:

@@ -1,0 +1,81 @@
+"""PNGs whose pixel data ends before the rows their header declares.
+
+A PNG's compressed stream can end (a complete zlib stream, its chunks' CRCs right) rows before the height its IHDR
+gives: a writer stopped early and closed the file, or a header made to declare more. Pillow then decodes without an
+error, the rows it never received left zero (a 106-byte file declaring 1x65535 decoded to 65,535 rows, 299 of them
+read). Such an image is refused, as a JPEG cut short is (:mod:`lomar.data.jpeg_cut`). The check costs one inflate
+of the pixel data, so it runs only on an image whose last row decoded all zero, as a cut one's does.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["PNG_CUT", "png_rows_missing", "png_cut_short", "png_cut_message"]
+
+_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type: grey, RGB, palette, grey + alpha, RGBA
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _row_bytes(width: int, bits: int) -> int:
+    return 1 + (width * bits + 7) // 8  # the filter byte, then the packed pixels
+
+
+def _raw_size(width: int, height: int, depth: int, colour: int, interlaced: bool) -> int | None:
+    """Bytes the IHDR's image inflates to (filter bytes included); None for a colour type PNG does not define."""
+    if colour not in _CHANNELS:
+        return None
+    bits = _CHANNELS[colour] * depth
+    if not interlaced:
+        return height * _row_bytes(width, bits)
+    total = 0
+    for x0, y0, dx, dy in _ADAM7:  # each pass is a small image of its own rows; an empty one writes nothing
+        cols, rows = max(0, -(-(width - x0) // dx)), max(0, -(-(height - y0) // dy))
+        total += rows * _row_bytes(cols, bits) if cols else 0
+    return total
+
+
+def png_rows_missing(data: bytes) -> bool:
+    """Whether the IDAT chunks of this PNG inflate to fewer bytes than its IHDR's rows need. Inflated in pieces,
+    counted and dropped: no copy of the image is kept. False where the file cannot be read that far (the decoder
+    has said why)."""
+    if data[12:16] != b"IHDR" or len(data) < 29:
+        return False
+    width, height, depth, colour, _, _, interlace = struct.unpack_from(">IIBBBBB", data, 16)
+    need = _raw_size(width, height, depth, colour, interlace == 1)
+    if need is None:
+        return False
+    inflate, got, i, view = zlib.decompressobj(), 0, 8, memoryview(data)
+    try:
+        while i + 8 <= len(data) and got < need:
+            length, kind = struct.unpack_from(">I", data, i)[0], data[i + 4:i + 8]
+            if kind == b"IDAT":
+                piece = view[i + 8:i + 8 + length]
+                while piece and got < need:
+                    got += len(inflate.decompress(piece, 1 << 20))
+                    piece = inflate.unconsumed_tail
+            elif kind == b"IEND":
+                break
+            i += 12 + length
+    except zlib.error:
+        return False
+    return got < need
+
+
+def png_cut_short(img: Image.Image, data: bytes) -> bool:
+    """Whether ``img``, a PNG loaded from ``data``, ends in rows its data never held: its last row decoded all
+    zero and :func:`png_rows_missing`."""
+    last = np.asarray(img.crop((0, img.height - 1, img.width, img.height)))
+    return not last.any() and png_rows_missing(data)
+
+
+PNG_CUT = ("its PNG pixel data ends before the last rows its header declares (the file was cut short or its header "
+           "is wrong; Pillow would leave them black)")
+
+
+def png_cut_message(name: str) -> str:
+    return f"cannot decode image {name}: {PNG_CUT}; replace or remove it"
