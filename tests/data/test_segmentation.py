@@ -93,6 +93,16 @@ def test_255_is_ignored_as_mmseg_does_and_ids_above_254_are_refused(tmp_path):
         SegmentationFolder(tmp_path, "training", num_classes=254, crop=16, workers=1)
 
 
+def test_a_negative_class_id_is_refused_at_start_not_in_a_loader_worker(tmp_path):
+    # a 32-bit image saved under a .png name (a TIFF): its -1 passed the highest-id check, then bincount raised
+    _layout(tmp_path, (16, 16), (16, 16))
+    labels = np.ones((16, 16), dtype=np.int32)
+    labels[0, 0] = -1
+    Image.fromarray(labels).save(tmp_path / "annotations" / "training" / "a.png", format="TIFF")
+    with pytest.raises(ValueError, match=r"a.png holds class id -1; class ids are not negative"):
+        SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1)
+
+
 def test_zero_label_class_reads_0_as_the_first_class_and_checks_ids_below_n(tmp_path):
     """reduce_zero_label=False (VOC-style, binary masks): the file's 0..N-1 are the classes, only 255 ignored; an
     id of N or more is refused naming the value, the file and the fix. The default keeps ADE's 1..N."""

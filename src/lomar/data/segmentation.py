@@ -96,6 +96,9 @@ def _check_pair(image: Path, annotation: Path) -> int:
                   f"says: draw the labels on the upright photo)" if labels.shape == stored != (height, width) else "")
         raise ValueError(f"annotation {annotation} is {labels.shape[1]}x{labels.shape[0]} but its image {image.name} "
                          f"is {width}x{height}; write the annotation at the image's size{turned}")
+    if labels.min(initial=0) < 0:  # a 32-bit image (a TIFF under a .png name): the loader's bincount fails on it
+        raise ValueError(f"annotation {annotation} holds class id {int(labels.min())}; class ids are not negative; "
+                         f"write them as a PNG of ids 0..{MAX_CLASS_ID} ({IGNORE} ignored)")
     return int(labels[labels != IGNORE].max(initial=0))
 
 
