@@ -187,6 +187,24 @@ def test_tar_shards(tmp_path):
     assert cut == [f"{tmp_path / 'cut.tar'}:00000.jpeg"]
 
 
+def test_shards_moved_elsewhere_draw_the_same_samples(tmp_path):
+    """A sample was seeded by its shard's absolute path: the same shards copied to another folder (a node's local
+    disk) trained otherwise, and a run resumed from there went on with other crops and masks, unwarned, since the
+    listing's digest, relative to the shards' folder, found the same data."""
+    for folder in ("a", "b/deeper"):
+        (tmp_path / folder).mkdir(parents=True)
+        for s in range(2):
+            _write_shard(tmp_path / folder / f"shard-{s}.tar", 2, seed=s * 10)
+    here, there = (list(build_pretrain_dataset(str(tmp_path / folder / "shard-*.tar"), 16, rank=0, world_size=1))
+                   for folder in ("a", "b/deeper"))
+    assert [it["path"] for it in here] == [it["path"].replace("b/deeper", "a") for it in there]
+    for one, other in zip(here, there, strict=True):
+        assert torch.equal(one["image"], other["image"])
+    old = build_pretrain_dataset(str(tmp_path / "b/deeper/shard-*.tar"), 16, rank=0, world_size=1)
+    old.seed_root = ""  # a run saved before: seeded by the whole path, as it goes on when resumed
+    assert not all(torch.equal(a["image"], b["image"]) for a, b in zip(here, old, strict=True))
+
+
 def test_a_resume_in_a_second_pass_over_the_shards_continues_the_stream(tmp_path):
     # 5 samples, 4 batches of 2: the reader goes over its shard twice; the second pass's shuffle drew from
     # the last decoded sample's generator, which a resume (skipping the first pass undecoded) never made

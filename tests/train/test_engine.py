@@ -162,10 +162,32 @@ def test_exact_resume_matches_an_uninterrupted_run(tmp_path, image_dir, image_sh
     assert pretrain("--data", data, "--out", str(resumed), "--max-steps", "4", "--resume", "auto") == 0
     a, b = safe_load(straight / "last.pt"), safe_load(resumed / "last.pt")
     assert a["step"] == b["step"] == 4
+    assert b.get("shard_seed_root") == ("common" if kind == "tar" else None)  # seeded by names under its folder
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-7)
     assert losses(straight) == losses(resumed)
     assert len(losses(resumed)) == 4
+
+
+def test_a_shard_run_saved_seeding_by_path_resumes_so(tmp_path, image_shard, monkeypatch):
+    """Runs saved before samples were seeded by their names under the shards' folder go on seeding by path."""
+    from lomar.data.shards import TarShardDataset
+
+    made = TarShardDataset.__init__
+
+    def by_path(self, *args, **kwargs):  # the older lomar's seeding: its checkpoints hold no shard_seed_root
+        made(self, *args, **kwargs)
+        self.seed_root = ""
+
+    monkeypatch.setattr(TarShardDataset, "__init__", by_path)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert pretrain("--data", str(image_shard), "--out", str(straight), "--max-steps", "4") == 0
+    assert pretrain("--data", str(image_shard), "--out", str(resumed), "--max-steps", "2") == 0
+    assert "shard_seed_root" not in safe_load(resumed / "last.pt")
+    monkeypatch.setattr(TarShardDataset, "__init__", made)
+    assert pretrain("--out", str(resumed), "--max-steps", "4", "--resume", "auto") == 0
+    assert losses(resumed) == losses(straight)
+    assert "shard_seed_root" not in safe_load(resumed / "last.pt")  # and its later resumes alike
 
 
 def test_a_mid_epoch_resume_on_tar_shards_keeps_the_worker_count(tmp_path, image_shard, capsys):

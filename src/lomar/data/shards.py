@@ -167,7 +167,8 @@ def _buffer_shuffle(items: Iterable[T], size: int, gen: torch.Generator) -> Iter
 class TarShardDataset(IterableDataset):
     """WebDataset-style tar shards, split across distributed ranks and loader workers.
 
-    Each sample's augmentation is seeded by (seed, epoch, shard:member name). With at least as
+    Each sample's augmentation is seeded by (seed, epoch, shard:member name), the shard named under the shards'
+    common folder (``seed_root``), so the same shards moved or copied elsewhere train alike. With at least as
     many shards as ranks x workers, each reader takes whole shards; with fewer, every reader
     walks all the shards and keeps every n-th sample, so that no rank ends up without data.
     Given ``batches`` (:meth:`set_epoch`), every reader delivers exactly its share of them: one
@@ -192,6 +193,10 @@ class TarShardDataset(IterableDataset):
         self._state = torch.tensor([0, 0, 1, 0], dtype=torch.int64).share_memory_()
         self.damaged: dict[str, str] = {}  # filled by count_samples
         self.counts: dict[str, int] = {}  # shard -> image members, filled by count_samples
+        # A sample's seed reads its name without this prefix: the shards moved to a node's local disk, or resumed
+        # from another mount, draw the same crops and masks ('' seeds by the whole path, as runs saved before did)
+        self.seed_root = os.path.join(os.path.commonpath([os.fspath(s.parent) for s in self.shards]), "") \
+            if self.shards else ""
 
     def set_epoch(self, epoch: int, skip: int = 0, batch_size: int = 1, batches: int | None = None) -> None:
         """Start epoch ``epoch``; ``skip``: this rank's items already consumed in it (resume); ``batches``:
@@ -277,7 +282,8 @@ class TarShardDataset(IterableDataset):
 
     def _item(self, name: str, data: bytes | int | str, epoch: int) -> dict:
         # surrogateescape: a member name that is not UTF-8 (tarfile decodes it so) seeds by its own bytes
-        gen = sample_generator(self.seed, epoch, zlib.crc32(name.encode("utf-8", "surrogateescape")))
+        key = name.removeprefix(self.seed_root).encode("utf-8", "surrogateescape")
+        gen = sample_generator(self.seed, epoch, zlib.crc32(key))
         return make_item(name, lambda: _decode_member(name, data), self.transform, gen, self.masker)
 
 

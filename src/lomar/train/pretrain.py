@@ -174,8 +174,11 @@ class PretrainTask(Task):
 
     def state(self) -> dict:
         digest = {"tokenizer_digest": self.tokenizer_digest} if self.tokenizer_digest else {}
+        # tar shards: samples seeded by their names under the shards' folder, which a resume keeps (absent: by path,
+        # as in runs saved before, which go on so)
+        seeds = {"shard_seed_root": "common"} if self.iterable and self.dataset.seed_root else {}
         return {"config": self.config.to_dict(), "model_spec": self.spec, "format": PRETRAIN_FORMAT, **digest,
-                "data_listing": self.listing}
+                "data_listing": self.listing, **seeds}
 
     @functools.cached_property
     def listing(self) -> dict:
@@ -200,6 +203,8 @@ class PretrainTask(Task):
         if listed is not None and self.info.is_main and (
                 change := listing_change(listed, self.listing, self.config.data, state)):
             print(f"lomar pretrain: warning: {change}", file=sys.stderr, flush=True)
+        if self.iterable and state.get("shard_seed_root") != "common":  # saved before: its samples seeded by path
+            self.base_dataset.seed_root = self.dataset.seed_root = ""
         # Tar shards are dealt to the loader's workers: another count mid-epoch reads another stream of samples
         was, now = max(1, state.get("config", {}).get("workers") or 0), max(1, self.config.workers)
         if self.iterable and state.get("batches_done") and was != now:
