@@ -13,7 +13,9 @@ from test_lifecycle import ToyConfig, ToyTask, run_two_ranks
 
 from lomar.checkpoints.io import safe_load
 from lomar.errors import UsageError
+from lomar.train import lifecycle
 from lomar.train.lifecycle import run
+from lomar.train.monitor import Monitor
 from lomar.train.task import TrainingError
 
 
@@ -21,7 +23,7 @@ def _finite(state: dict) -> bool:
     return all(bool(torch.isfinite(value).all()) for value in state.values())
 
 
-def test_a_finite_loss_whose_gradient_is_not_never_overwrites_the_last_good_checkpoint(tmp_path):
+def test_a_finite_loss_whose_gradient_is_not_never_overwrites_the_last_good_checkpoint(tmp_path, monkeypatch):
     class NanGradient(ToyTask):  # 0 * sqrt(0): a loss of 0 more, a gradient of NaN
         def loss(self, batch):
             extra = 0.0 * (self.model.weight - self.model.weight.detach()).sum().sqrt()
@@ -30,8 +32,11 @@ def test_a_finite_loss_whose_gradient_is_not_never_overwrites_the_last_good_chec
     out = tmp_path / "run"  # 4 steps an epoch, a checkpoint at each epoch's end: step 8's holds the NaN update
     expected = (r"^weight weight holds NaN or inf after the update of step 8, whose loss was finite; not saved; "
                 r"the last good checkpoint is .*last\.pt; lower --blr$")
+    monitors = []  # the run's log: a run stopped by an error left its metrics.jsonl open (a ResourceWarning later)
+    monkeypatch.setattr(lifecycle, "Monitor", lambda *args: monitors.append(Monitor(*args)) or monitors[-1])
     with pytest.raises(TrainingError, match=expected):
         run(ToyConfig(out=str(out)), NanGradient)
+    assert [m.file.closed for m in monitors] == [True]
     last = safe_load(out / "last.pt")
     assert last["step"] == 4 and _finite(last["model"]) and _finite(safe_load(out / "best.pt")["model"])
     scored = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "score" in r]

@@ -353,6 +353,8 @@ def run(config, make_task: type[Task]) -> int:
             dist.barrier()
         return code
     except BaseException:
+        if (monitor := getattr(trainer, "monitor", None)) is not None:  # else its metrics.jsonl stays open
+            monitor.abandon()
         lock.release(remove_if_empty=True)
         raise
     finally:

@@ -139,6 +139,17 @@ class Monitor:
             _board(self.out, lambda: (self.writer.flush(), self.writer.close()))
 
 
+    def abandon(self) -> None:
+        """:meth:`close` for a run stopped by an error, quietly: that error is the one to report. Each record was
+        flushed as it was written; TensorBoard's writer writes what it still holds."""
+        for thing in (self.bar, self.file):
+            if thing is not None:
+                with contextlib.suppress(Exception):
+                    thing.close()
+        if self.writer is not None:
+            _close_quietly(self.writer)
+
+
 def _board(out: Path, call: Callable):
     """``call()`` of TensorBoard's writer of ``out/tb``; a failed write (a full disk, a folder gone read-only) is an
     OSError naming that folder, as :func:`_append` makes one for metrics.jsonl (TensorBoard's names no file)."""
