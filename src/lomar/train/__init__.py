@@ -3,8 +3,9 @@ segmentation), schedules, DDP/FSDP.
 
 Where each idea lives:
 
-- the tasks, each a :class:`~lomar.train.task.Task` and its config: :mod:`.pretrain` (:mod:`.config`,
-  :mod:`.config_checks`), :mod:`.finetune`, :mod:`.detect`, :mod:`.segment` (each with its ``*_config``);
+- the tasks, each a :class:`~lomar.train.task.Task` and its config: :mod:`.pretrain` (:mod:`.config`),
+  :mod:`.finetune`, :mod:`.detect`, :mod:`.segment` (each with its ``*_config``); the checks across settings the
+  configs make (pretrain's data and methods, every task's ``--eval-only``): :mod:`.config_checks`;
 - the lifecycle that runs them: :mod:`.lifecycle` (``run``: the loop, the optimizer step, checkpoints), the Task
   interface, what the loop checks (non-finite weights, skipped files) and ``--eval-only``'s scoring :mod:`.task`,
   what a Task being built knows of its resume :mod:`.task_resume`;

@@ -1,5 +1,6 @@
-"""The pretraining settings' checks across settings: ``lomar pretrain``'s ``--fsdp``, ``--data``, ``--decode``
-and the settings that only some methods read. Each raises :class:`ConfigError` naming the fix. Imports no torch."""
+"""The configs' checks across settings: ``lomar pretrain``'s ``--fsdp``, ``--data``, ``--decode`` and the settings
+that only some methods read; finetune's, detect's and segment's ``--eval-only`` (its model, the settings it keeps,
+the training settings it leaves unread). Each raises :class:`ConfigError` naming the fix. Imports no torch."""
 
 from __future__ import annotations
 
