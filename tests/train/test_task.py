@@ -45,3 +45,28 @@ def test_eval_only_on_a_device_it_cannot_use_is_a_one_line_error(tmp_path, monke
     with pytest.raises(UsageError, match="^--device cuda asked for CUDA but none is available"):
         task_module.score_only(config, _Scored)
     assert not (tmp_path / "scored").exists()  # refused before the folder is locked
+
+
+
+@pytest.mark.parametrize("local_world, visible, refused", [("2", 2, True), ("1", 2, False), ("2", 1, False)])
+def test_a_gpu_index_that_every_process_of_a_machine_would_share_under_torchrun_is_a_one_line_error(
+        monkeypatch, local_world, visible, refused):
+    """--device cuda:0 under torchrun put every process of a machine on GPU 0, which NCCL refused at the first
+    collective, in a traceback of every rank. One process a machine (another node's GPU), or one GPU shown to each
+    process (a launcher's CUDA_VISIBLE_DEVICES), keeps its index; --device cuda is each process's LOCAL_RANK's GPU."""
+    from lomar.train.distributed import DistInfo, join_group
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: None)
+    for name, value in {"WORLD_SIZE": "4", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": local_world}.items():
+        monkeypatch.setenv(name, value)
+    if refused:
+        with pytest.raises(UsageError, match=r"^--device cuda:0 under torchrun: all 2 processes of this machine would "
+                                             r"use GPU 0; pass --device cuda \(or auto\): each process takes its "
+                                             r"LOCAL_RANK's GPU$"):
+            join_group("cuda:0")
+    else:
+        assert join_group("cuda:0") == (DistInfo(1, 4, 1), torch.device("cuda", 0))
+    assert join_group("cuda") == (DistInfo(1, 4, 1), torch.device("cuda", 1))

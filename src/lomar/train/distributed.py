@@ -33,7 +33,8 @@ class DistInfo:
 def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); pick the device.
 
-    ``device``: 'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N'. On CPU the
+    ``device``: 'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N' (under torchrun, 'cuda' is the
+    LOCAL_RANK's GPU, and 'cuda:N' is refused where several processes of a machine would share it). On CPU the
     C allocator is also told to keep freed memory (:func:`lomar.train.runtime.retain_freed_memory`).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -47,6 +48,12 @@ def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
             raise ValueError(f"--device {device} asked for CUDA but none is available; use --device cpu")
         if dev.index is None:
             dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
+        elif world > 1 and (here := int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)) > 1 \
+                and torch.cuda.device_count() > 1:
+            # NCCL refuses two ranks on one GPU at their first collective, in a traceback of every rank. A process
+            # shown one GPU only (a launcher's CUDA_VISIBLE_DEVICES for each) is not refused: cuda:0 is its own.
+            raise ValueError(f"--device {device} under torchrun: all {here} processes of this machine would use GPU "
+                             f"{dev.index}; pass --device cuda (or auto): each process takes its LOCAL_RANK's GPU")
         torch.cuda.set_device(dev)
     else:
         retain_freed_memory()
