@@ -8,6 +8,7 @@ import torch
 from lomar import VisionTransformer, ViTConfig, export_encoder
 from lomar.integrations.dense import (
     MultiLevelBackbone,
+    ShapeSpec,
     SimpleFeaturePyramid,
     ViTDetBackbone,
     feature_maps,
@@ -49,6 +50,9 @@ def test_output_shape_reads_as_detectron2s_shape_specs():
     assert [(s.channels, s.stride, s.height, s.width) for s in shapes.values()] == [
         (16, 4, None, None), (16, 8, None, None), (16, 16, None, None), (16, 32, None, None), (16, 64, None, None)]
     assert shapes["p2"] == {"channels": 16, "stride": 4}
+    # built by hand as detectron2's configs build a box head's: every field given is read, the others are None
+    box = ShapeSpec(channels=256, height=7, width=7)
+    assert (box.channels, box.height, box.width, box.stride) == (256, 7, 7, None)
 
 
 @torch.no_grad()

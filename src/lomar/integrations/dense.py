@@ -178,11 +178,13 @@ def with_rel_pos(encoder: VisionTransformer, choice: str, recipe: str) -> Vision
 
 class ShapeSpec(dict):
     """A level's ``{"channels", "stride"}``, read as detectron2 reads its own ShapeSpec too: its heads and FPN take
-    ``output_shape()[name].channels`` and ``.stride`` (``.height`` and ``.width``: None, unknown)."""
+    ``output_shape()[name].channels`` and ``.stride``. Each of its four fields (channels, height, width, stride) is
+    the value given or None, as there: ``ShapeSpec(channels=256, height=7, width=7)`` is a box head's input."""
 
-    channels = property(lambda self: self["channels"])
-    stride = property(lambda self: self["stride"])
-    height = width = None
+    channels = property(lambda self: self.get("channels"))
+    height = property(lambda self: self.get("height"))
+    width = property(lambda self: self.get("width"))
+    stride = property(lambda self: self.get("stride"))
 
 
 class ViTDetBackbone(nn.Module):
