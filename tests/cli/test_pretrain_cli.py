@@ -154,7 +154,7 @@ def test_the_hardware_decoder_without_its_package_is_one_line(tmp_path, capsys, 
     assert err.count("\n") == 1 and not out.exists()
 
 
-@pytest.mark.parametrize("case", ["device", "empty folder", "too few images", "too many batches a step",
+@pytest.mark.parametrize("case", ["device", "empty folder", "too few images", "one image", "too many batches a step",
                                   "decoder heads", "corrupt resume", "gpu decode without a gpu"])
 def test_set_up_failures_are_one_line_and_exit_2(tmp_path, capsys, image_dir, case):
     if case == "gpu decode without a gpu" and torch.cuda.is_available():
@@ -165,6 +165,7 @@ def test_set_up_failures_are_one_line_and_exit_2(tmp_path, capsys, image_dir, ca
         "device": (["--device", "tpu"], "--device tpu"),
         "empty folder": (["--data", str(empty)], "no images found"),
         "too few images": (["--batch-size", "32"], "cannot fill one step"),
+        "one image": (["--data", str(empty), "--batch-size", "2"], ": 1 image cannot fill one step"),  # not 1 images
         "too many batches a step": (["--batch-size", "1", "--accum-steps", "1000"],
                                     "lower --batch-size or --accum-steps"),
         "decoder heads": (["--method", "mae", "--pos", "abs", "--mask-ratio", "0.75", "--decoder-embed-dim", "16",
@@ -173,6 +174,8 @@ def test_set_up_failures_are_one_line_and_exit_2(tmp_path, capsys, image_dir, ca
         "corrupt resume": (["--resume", str(out / "last.pt")], "cannot read checkpoint"),
         "gpu decode without a gpu": (["--device", "auto", "--decode", "gpu"], "needs a CUDA device"),
     }[case]
+    if case == "one image":
+        shutil.copy(next(image_dir.iterdir()), empty)
     if case == "corrupt resume":
         out.mkdir()
         (out / "last.pt").write_bytes(b"not a checkpoint")

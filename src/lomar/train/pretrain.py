@@ -111,9 +111,9 @@ class PretrainTask(Task):
             raise ValueError(f"--data {self.config.data} holds no image that could be read (see the skipped files "
                              f"above); fix the data")
         if self.per_rank < self.config.batch_size * self.config.accum_steps:
-            raise ValueError(f"{self.size} images cannot fill one step of batch {self.config.batch_size} x accum "
-                             f"{self.config.accum_steps} x {self.info.world_size} process(es); lower --batch-size"
-                             + (" or --accum-steps" if self.config.accum_steps > 1 else ""))
+            raise ValueError(f"{counted(self.size, 'image')} cannot fill one step of batch {self.config.batch_size} "
+                             f"x accum {self.config.accum_steps} x {self.info.world_size} process(es); lower "
+                             "--batch-size" + (" or --accum-steps" if self.config.accum_steps > 1 else ""))
         return self.per_rank // self.config.batch_size
 
     def set_epoch(self, epoch: int, skip_batches: int, epochs: int = 1, batches: int | None = None) -> int:
@@ -136,7 +136,7 @@ class PretrainTask(Task):
                     f"{self.size} crops an epoch")
         # what --windows auto chose (the count the settings resolved it to) is a step's cost: said here, not only in
         # config.yaml
-        windows = f"{c.windows} windows of {c.window_size}x{c.window_size} patches, " if c.windows else ""
+        windows = f"{counted(c.windows, 'window')} of {c.window_size}x{c.window_size} patches, " if c.windows else ""
         return (f"{preset.get(c.preset, 'no preset')}; {data}; "
                 f"{c.method} {c.model} "
                 f"({self.model.config.embed_dim} wide, {counted(self.model.config.depth, 'block')}, {c.img_size} px, "
