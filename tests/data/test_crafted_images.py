@@ -268,13 +268,17 @@ def test_pretrain_on_hostile_files_skips_them_under_a_memory_cap(tmp_path, mode)
 
 
 
-def _short_grey_png(width: int, height: int, rows: int) -> bytes:
-    """A greyscale PNG whose IHDR declares ``height`` rows and whose complete zlib stream holds ``rows`` of value 3."""
+def _grey_png(width: int, height: int, raw: bytes, interlace: int = 0) -> bytes:
+    """An 8-bit greyscale PNG of the IHDR's ``width`` x ``height`` whose complete zlib stream holds ``raw``."""
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    pixels = zlib.compress((b"\x00" + bytes([3]) * width) * rows)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, interlace))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _short_grey_png(width: int, height: int, rows: int) -> bytes:
+    """A greyscale PNG whose IHDR declares ``height`` rows and whose complete zlib stream holds ``rows`` of value 3."""
+    return _grey_png(width, height, (b"\x00" + bytes([3]) * width) * rows)
 
 
 class _OneWindow:  # one 2x2 window of 8 px patches on a 32 px crop: --decode windows resamples it alone
@@ -296,3 +300,13 @@ def test_a_png_whose_pixel_data_ends_rows_early_is_refused_not_filled_black(tmp_
     assert windows[0]["image"] is None and "ends before the last rows" in windows[0]["why"]
     assert windows[1]["image"] is not None
     assert load_image(whole).eq(3).all() and read_labels(whole).shape == (48, 64)
+
+
+def test_an_interlaced_png_cut_in_its_last_pass_is_refused_though_its_last_row_is_whole():
+    # 4x5, Adam7: passes 1-6 fill the even rows, the last one whole; pass 7 (rows 1 and 3) never comes, left zero
+    def rows(count: int, pixels: int) -> bytes:
+        return (b"\x00" + bytes([3]) * pixels) * count
+    first_six = rows(1, 1) + rows(1, 1) + rows(2, 1) + rows(1, 2) + rows(3, 2)  # pass 2 is empty at this width
+    assert decode_bytes(_grey_png(4, 5, first_six + rows(2, 4), interlace=1), "whole.png").eq(3).all()
+    with pytest.raises(ValueError, match=r"its PNG pixel data ends before the last rows"):
+        decode_bytes(_grey_png(4, 5, first_six, interlace=1), "cut.png")

@@ -4,7 +4,8 @@ A PNG's compressed stream can end (a complete zlib stream, its chunks' CRCs righ
 gives: a writer stopped early and closed the file, or a header made to declare more. Pillow then decodes without an
 error, the rows it never received left zero (a 106-byte file declaring 1x65535 decoded to 65,535 rows, 299 of them
 read). Such an image is refused, as a JPEG cut short is (:mod:`lomar.data.jpeg_cut`). The check costs one inflate
-of the pixel data, so it runs only on an image whose last row decoded all zero, as a cut one's does.
+of the pixel data, so it runs only on an image whose last row (an interlaced one's last pass's) decoded all zero, as
+a cut one's does.
 """
 
 from __future__ import annotations
@@ -66,10 +67,20 @@ def png_rows_missing(data: bytes) -> bool:
     return got < need
 
 
+def _last_written(width: int, height: int, interlaced: bool) -> tuple[int, slice]:
+    """(row, columns) of the pixels the last raw row fills, which stay zero in any image cut short: the image's last
+    row, or in an interlaced one its last pass's (the last odd row; in a one-row image, pass 6's odd columns)."""
+    if not interlaced:
+        return height - 1, slice(None)
+    x0, y0, dx, dy = next(p for p in reversed(_ADAM7) if width > p[0] and height > p[1])
+    return y0 + (height - 1 - y0) // dy * dy, slice(x0, None, dx)
+
+
 def png_cut_short(img: Image.Image, data: bytes) -> bool:
-    """Whether ``img``, a PNG loaded from ``data``, ends in rows its data never held: its last row decoded all
-    zero and :func:`png_rows_missing`."""
-    last = np.asarray(img.crop((0, img.height - 1, img.width, img.height)))
+    """Whether ``img``, a PNG loaded from ``data``, ends in rows its data never held: the pixels its last raw row
+    fills decoded all zero and :func:`png_rows_missing`."""
+    row, columns = _last_written(img.width, img.height, data[12:16] == b"IHDR" and data[28:29] == b"\x01")
+    last = np.asarray(img.crop((0, row, img.width, row + 1)))[0, columns]
     return not last.any() and png_rows_missing(data)
 
 
