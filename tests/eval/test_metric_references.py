@@ -255,7 +255,9 @@ def test_finetune_groups_are_maes_param_groups_lrd(pool):
                               num_classes=5, global_pool=pool)
     config = SimpleNamespace(decay_rel_pos_bias=False, weight_decay=0.05, layer_decay=0.65)
     ours = _groups_by_name(FinetuneTask.param_groups(SimpleNamespace(model=model, config=config)), model)
-    skip = model.no_weight_decay()
+    # MAE's skip list, its model's no_weight_decay (timm 0.3.2's, which MAE pins), written out: the model's own
+    # would make the reference follow lomar's list
+    skip = {"pos_embed", "cls_token"}
     for name, param in model.named_parameters():
         assert ours[name] == pytest.approx(_mae_lrd(name, param, 3, 0.65, skip)), name
 
