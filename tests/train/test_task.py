@@ -70,3 +70,5 @@ def test_a_gpu_index_that_every_process_of_a_machine_would_share_under_torchrun_
     else:
         assert join_group("cuda:0") == (DistInfo(1, 4, 1), torch.device("cuda", 0))
     assert join_group("cuda") == (DistInfo(1, 4, 1), torch.device("cuda", 1))
+    # the process's own index, as a wrapper passes each (--device cuda:$LOCAL_RANK), is 'cuda''s choice: not refused
+    assert join_group("cuda:1") == (DistInfo(1, 4, 1), torch.device("cuda", 1))

@@ -49,9 +49,10 @@ def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
         if dev.index is None:
             dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
         elif world > 1 and (here := int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)) > 1 \
-                and torch.cuda.device_count() > 1:
+                and torch.cuda.device_count() > 1 and dev.index != local:
             # NCCL refuses two ranks on one GPU at their first collective, in a traceback of every rank. A process
-            # shown one GPU only (a launcher's CUDA_VISIBLE_DEVICES for each) is not refused: cuda:0 is its own.
+            # shown one GPU only (a launcher's CUDA_VISIBLE_DEVICES for each) is not refused: cuda:0 is its own; nor
+            # is one given its LOCAL_RANK's index (a wrapper's --device cuda:$LOCAL_RANK), which 'cuda' would pick.
             raise ValueError(f"--device {device} under torchrun: all {here} processes of this machine would use GPU "
                              f"{dev.index}; pass --device cuda (or auto): each process takes its LOCAL_RANK's GPU")
         torch.cuda.set_device(dev)
