@@ -387,6 +387,7 @@ def test_one_folder_spelt_two_ways_is_one_folder(tmp_path, capsys):
     finally:
         holder.stdin.close()
         holder.wait(5)
+        holder.stdout.close()
     assert not (real / "data" / "scored").exists()
     assert capsys.readouterr().err == (f"lomar finetune: error: --out {real / 'data/scored'} is inside --data "
                                        f"{seen / 'data'}: the run's files would join the data it reads; put the "
