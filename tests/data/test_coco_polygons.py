@@ -4,6 +4,8 @@ took seconds a load at 1e7 px and crashed the process (a segmentation fault) pas
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -156,3 +158,22 @@ def test_a_rotated_photo_given_its_stored_size_is_said_to_be_turned_by_exif(tmp_
         assert f"a.jpg is 40x24 upright, but {tmp_path / 'ann.json'} gives it {given[0]}x{given[1]}" in why
         turned = "turned by its EXIF orientation: annotate the upright photo, or remove the orientation tag"
         assert (turned in why) is hint
+
+
+def test_an_image_that_fails_as_its_exif_is_looked_for_is_named_in_the_reason(tmp_path):
+    # a PNG without an EXIF chunk is decoded to look for one after its pixels: its pixel data, cut short rows
+    # before its IHDR's height (CRCs right), fails there with an OSError that names no file
+    from lomar.data.coco_images import unusable_image
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 6, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" + bytes([7]) * 8)) + chunk(b"IEND", b""))
+    data = {"images": [{"id": 1, "file_name": "a.png", "width": 8, "height": 6}], "annotations": [],
+            "categories": [{"id": 4, "name": "thing"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    split = read_coco(tmp_path / "ann.json", tmp_path / "images")
+    why = unusable_image(split, split.data["images"][0])
+    assert why.startswith(f"cannot decode image {tmp_path / 'images' / 'a.png'}: its PNG pixel data ends"), why

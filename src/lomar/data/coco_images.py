@@ -22,8 +22,10 @@ def unusable_image(split: CocoSplit, image: dict) -> str | None:
     try:
         with open_pil(read_image_bytes(path), str(path)) as opened:
             upright, stored = oriented_size(opened), opened.size[::-1]
-    except (ValueError, OSError) as exc:
+    except ValueError as exc:  # open_pil's and read_image_bytes' name the file
         return str(exc).splitlines()[0]
+    except OSError as exc:  # oriented_size's, from a PNG decoded to look for EXIF after its pixels, name none
+        return f"cannot decode image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     if upright != (round(image["height"]), round(image["width"])):
         return size_mismatch(path, upright, stored, split.path, image["width"], image["height"])
     return None
