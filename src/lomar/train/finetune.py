@@ -148,8 +148,11 @@ class FinetuneTask(Task):
             self.model.freeze_pos_embed()
         if info.is_main:
             print(f"lomar finetune: {self.model.load_report.summary(flags_by_setting(config))}", flush=True)
+            said = {} if config.notes_said is None else config.notes_said  # a study's: once a study, not a cell
             for note in unused_encoder_flags(config, self.model, beit=isinstance(self.model, Beit)):
-                print(f"lomar finetune: note: {note}", file=sys.stderr, flush=True)
+                if (line := f"lomar finetune: note: {note}") not in said:
+                    print(line, file=sys.stderr, flush=True)
+                    said[line] = None
         self.model.set_grad_checkpointing(config.grad_checkpointing)
         self.model.to(device)
         self.mixup = None

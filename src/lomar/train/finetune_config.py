@@ -45,6 +45,7 @@ class FinetuneConfig(TaskConfig):
     classifier = None  # not a setting: --eval-only's checkpoint as complete read it (kinds.FoundCheckpoint)
     precision_of_run = False  # not a setting: --eval-only's precision is the classifier's run's, auto's of its machine
     precision_unrecorded = False  # not a setting: --eval-only under auto of a classifier that records no precision
+    notes_said = None  # not a setting: a study's notes said so far (lines, a dict), which its finetunes do not repeat
     pretrained: str | None = S.PRETRAINED.field(help=S.PRETRAINED.help + " (default: none; required unless "
                                                      "resuming, which reads it from the checkpoint), or with "
                                                      "--eval-only a `lomar finetune` run or checkpoint")

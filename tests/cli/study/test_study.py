@@ -553,33 +553,35 @@ def test_a_cells_notes_are_said_once_not_at_each_slice_and_evaluation(tmp_path, 
 def test_a_finetunes_start_notes_are_said_once_a_study_and_its_other_lines_each_time(tmp_path, labelled, pretrained,
                                                                                     monkeypatch, capsys):
     """eval.finetune's 'lomar finetune: note: --train-pos-embed is unused', which the finetune says at its start (it
-    needs the encoder), was said at every cell's evaluation; its other lines (an error) are said each time."""
+    needs the encoder: a LoMaR cell's has no position table), was said at every cell's evaluation; its other lines (a
+    warning) are said each time."""
     import sys
+
+    import torch
 
     from lomar.cli.study import evals
     from lomar.cli.study.spec import Cell, StudyFailed
+    from lomar.train import finetune
+    from lomar.train.distributed import DistInfo
     from lomar.train.task import TrainingError
 
-    def start(config):
-        print("lomar finetune: note: --train-pos-embed is unused", file=sys.stderr, flush=True)
-        sys.stderr.write("lomar fine")  # a note written in pieces is one note
-        sys.stderr.write("tune: note: in pieces\n\n")
+    def start(config, make_task):  # the run's start: its task built (the encoder, its notes), then stopped
+        make_task(config, DistInfo(), torch.device("cpu"))
         print("lomar finetune: warning: not a note", file=sys.stderr, flush=True)
-        sys.stderr.write("lomar finetune: note: unfinished")  # held: said at the flush
-        sys.stderr.flush()
         raise TrainingError("stop")
 
-    monkeypatch.setattr(evals, "finetune", start)
-    spec = parse_spec(_spec(labelled, eval={"metrics": ["finetune"], "finetune": {"epochs": 1}}))
-    args = evals._args("finetune", spec, Cell({}, dict(spec.settings), 0), pretrained, tmp_path / "f")
+    monkeypatch.setattr(finetune, "run", start)
+    spec = parse_spec(_spec(labelled, eval={"metrics": ["finetune"], "finetune": {"epochs": 1,
+                                                                                  "train_pos_embed": True}}))
     said = runner.check_cells(spec)
     capsys.readouterr()
-    for _ in range(2):
+    for where in ("f1", "f2"):  # two cells' evaluations
+        args = evals._args("finetune", spec, Cell({}, dict(spec.settings), 0), pretrained, tmp_path / where)
         with pytest.raises(StudyFailed):
             evals._finetune(args, said)
-    again = "\nlomar finetune: warning: not a note\nlomar finetune: note: unfinished"  # all but the two notes
-    assert capsys.readouterr().err == ("lomar finetune: note: --train-pos-embed is unused\n"
-                                       "lomar finetune: note: in pieces\n" + again + again)
+    again = "lomar finetune: warning: not a note\n"
+    assert capsys.readouterr().err == ("lomar finetune: note: --train-pos-embed is unused: it acts on an absolute "
+                                       "position table (MAE's), and this encoder has none\n" + again + again)
 
 
 def test_a_slice_runs_where_the_system_has_no_load_average(tmp_path, labelled, monkeypatch):

@@ -130,10 +130,10 @@ def _finetune(args, said: dict[str, None]) -> float:
     new = [note for note in notes.getvalue().splitlines() if note not in said]
     sys.stderr.write("".join(f"{note}\n" for note in new))
     said.update(dict.fromkeys(new))
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), stop_signals_seen() as signals, \
-            contextlib.redirect_stderr(_NotesOnce(sys.stderr, said)):
+    config.notes_said = said  # the notes of its start (an encoder flag the cells' encoders lack): once a study
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), stop_signals_seen() as signals:
         try:
-            rc = finetune(config)  # its errors still reach stderr, its start's notes once a study
+            rc = finetune(config)  # its errors still reach stderr
         except (TrainingError, SaveError) as exc:  # what `lomar finetune` reports in one line, not a traceback
             raise StudyFailed(f"finetuning in {where} failed: {exc}") from None
     if rc == 130 or signals:
@@ -146,48 +146,6 @@ def _finetune(args, said: dict[str, None]) -> float:
         raise LomarError(f"finetuning wrote no top-1 into {path}")
     _check_finished(scored[-1], {"max_steps": config.max_steps, "epochs": config.epochs}, where)
     return round(scored[-1]["top1"], 4)  # the last epoch, not the best: no selection on val
-
-
-class _NotesOnce(io.TextIOBase):
-    """stderr while a cell's finetune runs: a note of its start ('lomar finetune: note: ...', an encoder flag that the
-    cells' encoders lack) that the study said already is left out, a new one said and added to ``said``; every other
-    line passes as it is written (a line is held only while it may still be a note)."""
-
-    NOTE = "lomar finetune: note: "
-
-    def __init__(self, stream, said: dict[str, None]):
-        self.stream, self.said, self.held, self.passing = stream, said, "", False
-
-    def write(self, text: str) -> int:
-        rest = self.held + text
-        self.held = ""
-        while rest:
-            line, newline, rest = rest.partition("\n")
-            if self.passing or not (line.startswith(self.NOTE) or not newline and self.NOTE.startswith(line)):
-                self.stream.write(line + newline)  # not a note: as it comes
-                self.passing = not newline
-            elif not newline:
-                self.held = line  # may still become a note: wait for its end
-            elif line not in self.said:
-                self.said[line] = None
-                self.stream.write(line + newline)
-        return len(text)
-
-    def flush(self) -> None:  # print(..., flush=True) flushes after its line's end: nothing is held then
-        if self.held:
-            self.stream.write(self.held)
-            self.held, self.passing = "", True
-        self.stream.flush()
-
-    def isatty(self) -> bool:  # a terminal's live progress bar stays live
-        return self.stream.isatty()
-
-    def fileno(self) -> int:
-        return self.stream.fileno()
-
-    @property
-    def encoding(self):
-        return getattr(self.stream, "encoding", None)
 
 
 def _check_finished(last: dict, options: dict, where: Path) -> None:
