@@ -310,3 +310,11 @@ def test_an_interlaced_png_cut_in_its_last_pass_is_refused_though_its_last_row_i
     assert decode_bytes(_grey_png(4, 5, first_six + rows(2, 4), interlace=1), "whole.png").eq(3).all()
     with pytest.raises(ValueError, match=r"its PNG pixel data ends before the last rows"):
         decode_bytes(_grey_png(4, 5, first_six, interlace=1), "cut.png")
+
+
+def test_a_png_whose_second_ihdr_declares_more_rows_than_its_data_holds_is_refused():
+    # Pillow takes the last IHDR before the pixels (8x40 here, 36 rows of it left zero); the first holds 8x4
+    four = _grey_png(8, 4, (b"\x00" + bytes([3]) * 8) * 4)
+    data = four[:33] + _grey_png(8, 40, b"")[8:33] + four[33:]  # the IHDR chunk is bytes 8..33
+    with pytest.raises(ValueError, match=r"two\.png: its PNG pixel data ends before the last rows"):
+        decode_bytes(data, "two.png")

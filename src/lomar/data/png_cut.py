@@ -40,14 +40,25 @@ def _raw_size(width: int, height: int, depth: int, colour: int, interlaced: bool
     return total
 
 
+def _header(data: bytes) -> tuple[int, int, int, int, bool] | None:
+    """(width, height, bit depth, colour type, interlaced) of the IHDR Pillow decodes by: the last one before the
+    pixel data (a second IHDR replaces the first; its size is the one ``open_pil`` checked). None if none is read."""
+    found, i = None, 8
+    while i + 8 <= len(data) and data[i + 4:i + 8] not in (b"IDAT", b"IEND"):
+        length = struct.unpack_from(">I", data, i)[0]
+        if data[i + 4:i + 8] == b"IHDR" and i + 21 <= len(data):
+            width, height, depth, colour, _, _, interlace = struct.unpack_from(">IIBBBBB", data, i + 8)
+            found = width, height, depth, colour, interlace == 1
+        i += 12 + length
+    return found
+
+
 def png_rows_missing(data: bytes) -> bool:
     """Whether the IDAT chunks of this PNG inflate to fewer bytes than its IHDR's rows need. Inflated in pieces,
     counted and dropped: no copy of the image is kept. False where the file cannot be read that far (the decoder
     has said why)."""
-    if data[12:16] != b"IHDR" or len(data) < 29:
-        return False
-    width, height, depth, colour, _, _, interlace = struct.unpack_from(">IIBBBBB", data, 16)
-    need = _raw_size(width, height, depth, colour, interlace == 1)
+    header = _header(data)
+    need = _raw_size(*header) if header else None
     if need is None:
         return False
     inflate, got, i, view = zlib.decompressobj(), 0, 8, memoryview(data)
@@ -79,7 +90,8 @@ def _last_written(width: int, height: int, interlaced: bool) -> tuple[int, slice
 def png_cut_short(img: Image.Image, data: bytes) -> bool:
     """Whether ``img``, a PNG loaded from ``data``, ends in rows its data never held: the pixels its last raw row
     fills decoded all zero and :func:`png_rows_missing`."""
-    row, columns = _last_written(img.width, img.height, data[12:16] == b"IHDR" and data[28:29] == b"\x01")
+    header = _header(data)
+    row, columns = _last_written(img.width, img.height, bool(header and header[4]))
     last = np.asarray(img.crop((0, row, img.width, row + 1)))[0, columns]
     return not last.any() and png_rows_missing(data)
 
