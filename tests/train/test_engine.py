@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -169,8 +170,35 @@ def test_exact_resume_matches_an_uninterrupted_run(tmp_path, image_dir, image_sh
     assert len(losses(resumed)) == 4
 
 
-def test_a_shard_run_saved_seeding_by_path_resumes_so(tmp_path, image_shard, monkeypatch):
-    """Runs saved before samples were seeded by their names under the shards' folder go on seeding by path."""
+@pytest.fixture(scope="module")
+def shard_folders(image_dir, tmp_path_factory) -> Path:
+    """The same 16 images as two shards, in SETS/a and SETS/b: returns SETS."""
+    import tarfile
+
+    root, images = tmp_path_factory.mktemp("sets"), sorted(image_dir.iterdir())
+    for part, name in enumerate("ab"):
+        (root / name).mkdir()
+        with tarfile.open(root / name / "shard.tar", "w") as tar:
+            for image in images[part * 8:part * 8 + 8]:
+                tar.add(image, arcname=image.name)
+    return root
+
+
+def test_shards_in_sub_folders_copied_elsewhere_resume_unwarned(tmp_path, shard_folders, capsys):
+    """The listing a checkpoint keeps named shards under their pattern's folder, SETS/* for 'SETS/*/shard.tar', no
+    folder at all: the same shards copied elsewhere, which resume exactly, were said to have changed."""
+    moved = tmp_path / "moved"
+    shutil.copytree(shard_folders, moved)
+    assert pretrain("--data", f"{shard_folders}/*/shard.tar", "--out", str(tmp_path / "run"), "--max-steps", "1") == 0
+    capsys.readouterr()
+    assert pretrain("--data", f"{moved}/*/shard.tar", "--out", str(tmp_path / "run"), "--max-steps", "2",
+                    "--resume", "auto") == 0
+    assert "has changed" not in capsys.readouterr().err and len(losses(tmp_path / "run")) == 2
+
+
+def test_a_shard_run_saved_seeding_by_path_resumes_so(tmp_path, shard_folders, monkeypatch, capsys):
+    """Runs saved before samples were seeded by their names under the shards' folder go on seeding by path (and
+    listing the shards under their pattern's folder, as they did)."""
     from lomar.data.shards import TarShardDataset
 
     made = TarShardDataset.__init__
@@ -180,12 +208,14 @@ def test_a_shard_run_saved_seeding_by_path_resumes_so(tmp_path, image_shard, mon
         self.seed_root = ""
 
     monkeypatch.setattr(TarShardDataset, "__init__", by_path)
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert pretrain("--data", str(image_shard), "--out", str(straight), "--max-steps", "4") == 0
-    assert pretrain("--data", str(image_shard), "--out", str(resumed), "--max-steps", "2") == 0
+    straight, resumed, data = tmp_path / "straight", tmp_path / "resumed", f"{shard_folders}/*/shard.tar"
+    assert pretrain("--data", data, "--out", str(straight), "--max-steps", "4") == 0
+    assert pretrain("--data", data, "--out", str(resumed), "--max-steps", "2") == 0
     assert "shard_seed_root" not in safe_load(resumed / "last.pt")
     monkeypatch.setattr(TarShardDataset, "__init__", made)
+    capsys.readouterr()
     assert pretrain("--out", str(resumed), "--max-steps", "4", "--resume", "auto") == 0
+    assert "has changed" not in capsys.readouterr().err
     assert losses(resumed) == losses(straight)
     assert "shard_seed_root" not in safe_load(resumed / "last.pt")  # and its later resumes alike
 

@@ -188,8 +188,10 @@ class PretrainTask(Task):
         data, base = self.config.data, self.base_dataset
         shards = getattr(base, "shards", None)
         names = map(str, shards) if shards is not None else map(base.paths.text, range(len(base.paths)))
+        # shards: under their common folder, which a pattern's folder part ('shards/*/*.tar') is not (a run saved
+        # before that folder seeded its samples, seed_root '', listed under the pattern's folder, and goes on so)
         root = (os.path.dirname(base.paths.text(0)) if data is None else  # the demo's: where scikit-image is
-                data if os.path.isdir(data) else os.path.dirname(data))
+                data if os.path.isdir(data) else getattr(base, "seed_root", "") or os.path.dirname(data))
         return listing_record(names, root, self.size)
 
     def load(self, state: dict) -> None:
@@ -198,13 +200,13 @@ class PretrainTask(Task):
                 f"--resume: the tokenizer {self.config.tokenizer}", self.tokenizer_digest, saved, "this run",
                 "its targets would change mid-run; restore that file, or start a new run with another --out")):
             raise UsageError(refusal)
+        if self.iterable and state.get("shard_seed_root") != "common":  # saved before: its samples seeded by path
+            self.base_dataset.seed_root = self.dataset.seed_root = ""
         # --data may change on resume; a sample index then points at another file: the run goes on, not exactly
         listed = state.get("data_listing")  # none in runs saved before it was kept
         if listed is not None and self.info.is_main and (
                 change := listing_change(listed, self.listing, self.config.data, state)):
             print(f"lomar pretrain: warning: {change}", file=sys.stderr, flush=True)
-        if self.iterable and state.get("shard_seed_root") != "common":  # saved before: its samples seeded by path
-            self.base_dataset.seed_root = self.dataset.seed_root = ""
         # Tar shards are dealt to the loader's workers: another count mid-epoch reads another stream of samples
         was, now = max(1, state.get("config", {}).get("workers") or 0), max(1, self.config.workers)
         if self.iterable and state.get("batches_done") and was != now:
