@@ -211,3 +211,13 @@ def test_a_pattern_the_shell_expanded_is_named_with_its_fix(tmp_path, monkeypatc
         "give one (see lomar knn --help)\n")
     assert main(["pretrain", "--data", "d0", "nothing-there"]) == 2  # not paths the shell found: no such guess
     assert "shell" not in capsys.readouterr().err
+    for name in ("S0.TAR", "S1.TAR", "s0.tar.zst", "s1.tar.zst"):  # shard names too, which 'give one' would cut
+        (tmp_path / name).touch()
+    for shards, pattern in ((["S0.TAR", "S1.TAR"], "*.TAR"), (["s0.tar.zst", "s1.tar.zst"], "*.tar.zst")):
+        assert main(["pretrain", "--data", *shards]) == 2
+        assert capsys.readouterr().err.endswith(f"quote it, lomar expands tar shard patterns itself (--data "
+                                                f"'{pattern}') (see lomar pretrain --help)\n")
+    for command in (["pretrain", "--knn-data"], ["knn", "ck.pt", "--data"]):  # pretrain's --data alone reads shards
+        assert main([*command, "S0.TAR", "S1.TAR"]) == 2
+        assert capsys.readouterr().err.endswith("(an unquoted pattern): give one (see lomar "
+                                                f"{command[0]} --help)\n")

@@ -69,12 +69,11 @@ def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     return found
 
 
-
-def expanded_by_shell(argv: list[str], unknown: list[str]) -> str:
+def expanded_by_shell(argv: list[str], unknown: list[str], shards: bool = False) -> str:
     """What to do when the first operand argparse left over follows a flag's value and that value and the operands
     after it all name existing files or folders, as an unquoted glob or brace pattern becomes (`--data
-    shards/*.tar`): quote it, where they are tar shards, whose patterns lomar expands itself; else give one path.
-    '' otherwise."""
+    shards/*.tar`): quote it, where they are tar shards given to --data of a command that reads shard patterns
+    (``shards``: pretrain's), which lomar expands itself; else give one path. '' otherwise."""
     operands = [token for token in unknown if not token.startswith("-")]
     at = argv.index(operands[0]) if operands and operands[0] in argv else -1
     if at < 2 or not argv[at - 2].startswith("--") or "=" in argv[at - 2]:
@@ -84,8 +83,15 @@ def expanded_by_shell(argv: list[str], unknown: list[str]) -> str:
     if not all(os.path.lexists(path) for path in paths):
         return ""
     said = f"; {flag} takes one value and the shell gave it {len(paths)} paths (an unquoted pattern)"
-    if not all(path.endswith((".tar", ".tar.gz", ".tgz")) for path in paths):
+    if not (shards and flag == "--data" and _all_shards(paths)):
         return f"{said}: give one"
-    folders, suffixes = {os.path.dirname(p) for p in paths}, {p[p.rindex(".t"):] for p in paths}
+    folders, suffixes = {os.path.dirname(p) for p in paths}, {p[p.lower().rindex(".t"):] for p in paths}
     pattern = os.path.join(folders.pop(), "*") + suffixes.pop() if len(folders) == len(suffixes) == 1 else "PATTERN"
     return f"{said}: quote it, lomar expands tar shard patterns itself ({flag} '{pattern}')"
+
+
+def _all_shards(paths: list[str]) -> bool:
+    """Whether lomar reads every one of ``paths`` as a tar shard (any case: 'S0.TAR'; '.tar.zst' too)."""
+    from lomar.data.shards import is_shard_pattern  # torch: on this error's path only, never for --help
+
+    return all(is_shard_pattern(path) for path in paths)
