@@ -868,3 +868,18 @@ def test_a_slow_steps_image_rate_is_printed_not_rounded_to_zero(tmp_path, capsys
     monitor.close()
     out = capsys.readouterr().out
     assert "img/s 0.04 " in out and "img/s 123.5 " in out, out
+
+
+def test_a_monitor_whose_tensorboard_writer_fails_to_start_closes_its_metrics_file(tmp_path, monkeypatch):
+    # metrics.jsonl is opened before TensorBoard's writer: a writer that failed (here: tb is a file, not a folder)
+    # left it open, a ResourceWarning
+    from lomar.train import monitor as monitor_module
+
+    opened = []
+    real_open = monitor_module.open_in_place
+    monkeypatch.setattr(monitor_module, "open_in_place", lambda *args: opened.append(real_open(*args)) or opened[-1])
+    (tmp_path / "tb").write_text("not a folder")
+    with pytest.raises(OSError) as info:
+        monitor_module.Monitor(tmp_path, active=True, total=3, log_every=1)
+    assert info.value.filename == str(tmp_path / "tb")
+    assert len(opened) == 1 and opened[0].closed

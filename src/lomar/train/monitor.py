@@ -79,18 +79,16 @@ class Monitor:
             return
         refuse_link(out / "tb")  # TensorBoard would write its event files wherever the link points
         self.file = open_in_place(out / METRICS, "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            _quiet_board_threads()
-            # a resumed run hides what a killed one logged past its checkpoint, as metrics.jsonl is cut back
-            self.writer = _board(out, lambda: SummaryWriter(str(out / "tb"), purge_step=start + 1 if start else None))
-            # A run stopped by an error (a non-finite loss, a full disk) closes no Monitor, and at exit TensorBoard's
-            # writer thread dropped what it had not written yet: the last steps before the error.
-            weakref.finalize(self, _close_quietly, self.writer)
-        except ImportError:  # tensorboard is a dependency, but a run must not die for a log
-            self.writer = None
-        self.bar = progress(total=total, desc=name, initial=start, unit="step")
+        try:  # a writer that fails to start (tb not a folder, a full disk) leaves no file open
+            self.writer = _start_board(out, start)
+            if self.writer is not None:
+                # A run stopped by an error (a non-finite loss, a full disk) closes no Monitor, and at exit
+                # TensorBoard's writer thread dropped what it had not written yet: the last steps before the error.
+                weakref.finalize(self, _close_quietly, self.writer)
+            self.bar = progress(total=total, desc=name, initial=start, unit="step")
+        except BaseException:
+            self.abandon()
+            raise
         self.lines = not sys.stdout.isatty()
 
     def step(self, step: int, epoch: int, loss: float, lr: float, ips: float, parts: dict | None = None,
@@ -138,7 +136,6 @@ class Monitor:
         if self.writer is not None:  # flushed first: what failed in TensorBoard's writer thread is raised there
             _board(self.out, lambda: (self.writer.flush(), self.writer.close()))
 
-
     def abandon(self) -> None:
         """:meth:`close` for a run stopped by an error, quietly: that error is the one to report. Each record was
         flushed as it was written; TensorBoard's writer writes what it still holds."""
@@ -148,6 +145,18 @@ class Monitor:
                     thing.close()
         if self.writer is not None:
             _close_quietly(self.writer)
+
+
+def _start_board(out: Path, start: int):
+    """TensorBoard's writer of ``out/tb``, None without tensorboard (a dependency, but a run must not die for a log).
+    A resumed run (``start`` > 0) hides what a killed one logged past its checkpoint, as metrics.jsonl is cut back."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        _quiet_board_threads()
+        return _board(out, lambda: SummaryWriter(str(out / "tb"), purge_step=start + 1 if start else None))
+    except ImportError:
+        return None
 
 
 def _board(out: Path, call: Callable):
