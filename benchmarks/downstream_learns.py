@@ -59,6 +59,15 @@ def classification_set(root: Path, per_class: int, size: int, seed: int) -> Path
     return root
 
 
+def _bright_box(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """A picture of dark noise with one bright box, a quarter to a half of each side, and the box (x, y, w, h)."""
+    pixels = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
+    w, h = int(rng.integers(width // 4, width // 2)), int(rng.integers(height // 4, height // 2))
+    x, y = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
+    pixels[y:y + h, x:x + w] = 230
+    return pixels, (x, y, w, h)
+
+
 def detection_set(root: Path, images: int, size: tuple[int, int], seed: int) -> tuple[Path, Path]:
     """One bright box (box and rectangle mask) on dark noise per picture; COCO instances file."""
     rng = np.random.default_rng(seed)
@@ -67,10 +76,7 @@ def detection_set(root: Path, images: int, size: tuple[int, int], seed: int) -> 
     data = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "box"}]}
     height, width = size
     for i in range(images):
-        pixels = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
-        w, h = int(rng.integers(width // 4, width // 2)), int(rng.integers(height // 4, height // 2))
-        x, y = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
-        pixels[y:y + h, x:x + w] = 230
+        pixels, (x, y, w, h) = _bright_box(rng, height, width)
         name = f"{i:03d}.png"
         Image.fromarray(pixels).save(folder / name)
         data["images"].append({"id": i + 1, "file_name": name, "width": width, "height": height})
@@ -90,11 +96,8 @@ def segmentation_set(root: Path, images: int, size: tuple[int, int], seed: int) 
         (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
     height, width = size
     for i in range(images):
-        pixels = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
+        pixels, (x, y, w, h) = _bright_box(rng, height, width)
         labels = np.ones((height, width), np.uint8)
-        w, h = int(rng.integers(width // 4, width // 2)), int(rng.integers(height // 4, height // 2))
-        x, y = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
-        pixels[y:y + h, x:x + w] = 230
         labels[y:y + h, x:x + w] = 2
         for split in ("training", "validation"):
             Image.fromarray(pixels).save(root / "images" / split / f"{i:03d}.png")
