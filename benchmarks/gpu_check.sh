@@ -262,21 +262,29 @@ sets, failed, child = sys.argv[1:], 0, 0
 
 def stop(signum, frame):  # the part's own limit or an outer stop: the set being made stops with this process
     if child:
-        os.killpg(child, signal.SIGKILL)
+        try:  # a set just reaped, its group gone, before `child = 0` below
+            os.killpg(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     sys.exit(128 + signum)
 
 
+STOPS = {signal.SIGTERM, signal.SIGINT}
 signal.signal(signal.SIGTERM, stop)
 signal.signal(signal.SIGINT, stop)
 for i in range(0, len(sets), 4):
     out, kind, count, limit = sets[i], sets[i + 1], int(sets[i + 2]), float(sets[i + 3])
     sys.stdout.flush()
     sys.stderr.flush()
+    # held from the fork until the child has a group for stop() to kill: one now would miss the child, which made
+    # its set on after this process had gone
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
     child = os.fork()
     if child == 0:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.setpgid(0, 0)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
         try:
             make_test_set(out, kind, count)
             code = 0
@@ -290,6 +298,7 @@ for i in range(0, len(sets), 4):
         os.setpgid(child, child)  # as the child does: a kill before it has done so still finds its group
     except OSError:  # it has already (EACCES), or has ended
         pass
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
     deadline = time.monotonic() + limit
     while (done := os.waitpid(child, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
         time.sleep(0.05)

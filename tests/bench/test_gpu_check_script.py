@@ -372,3 +372,75 @@ def test_a_stop_reaches_the_running_part_at_once_and_kills_one_that_ignores_it(c
         assert ("part bench-64" in log) == own_limit, log  # the next part starts only after a part's own limit
         assert "part tests: killed (rc 137)" in log, log
     assert not part_alive
+
+
+_SETS_HARNESS = """\
+import os, signal, sys
+window, pid_file, code = sys.argv[1], sys.argv[2], open(sys.argv[3]).read()
+real_fork, real_waitpid = os.fork, os.waitpid
+
+
+def fork():  # SIGTERM in the parent as the fork returns, before the child has a group of its own
+    child = real_fork()
+    if child:
+        open(pid_file, "w").write(str(child))
+        if window == "fork":
+            os.kill(os.getpid(), signal.SIGTERM)
+    return child
+
+
+def waitpid(pid, options):  # SIGTERM as the set's process is reaped, its group gone, its pid still held
+    done = real_waitpid(pid, options)
+    if done[0] and window == "reap":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return done
+
+
+os.fork, os.waitpid = fork, waitpid
+sys.argv = ["-", sys.argv[4], window, "1", "60"]
+exec(compile(code, "sets", "exec"), {"__name__": "__main__"})
+"""
+
+
+@pytest.mark.parametrize("window", ["reap", "fork"])
+def test_a_stop_as_a_test_set_is_forked_or_reaped_exits_143_leaving_no_set_running(window, tmp_path):
+    """The sets' process (its code, taken from the script) stopped by SIGTERM just after a set's process was reaped:
+    the kill of that set's group, gone, raised ProcessLookupError, a traceback and exit 1 instead of 143. Stopped
+    just after a fork: the set's process, not yet known (or in no group of its own), made its set on alone."""
+    import signal
+    import time
+
+    lines = SCRIPT.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if '"$PY" - "${SETS[@]}" <<' in line) + 1
+    (tmp_path / "sets.py").write_text("\n".join(lines[start:lines.index("EOF", start)]) + "\n")
+    (tmp_path / "harness.py").write_text(_SETS_HARNESS)
+    stub = tmp_path / "stub" / "lomar" / "bench"  # a set that ends at once, or (after a fork) hangs
+    stub.mkdir(parents=True)
+    for package in (stub.parent, stub):
+        (package / "__init__.py").write_text("")
+    (stub / "loader.py").write_text("import time\n"
+                                    "def make_test_set(out, kind, count):\n"
+                                    "    if kind == 'fork':\n"
+                                    "        time.sleep(60)\n")
+    pid_file, stderr = tmp_path / "child", tmp_path / "stderr"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "stub")}
+    with stderr.open("w") as file:  # not a pipe, which a set left running would hold open
+        code = subprocess.run([sys.executable, str(tmp_path / "harness.py"), window, str(pid_file),
+                               str(tmp_path / "sets.py"), str(tmp_path / "set")], env=env, stdout=subprocess.DEVNULL,
+                              stderr=file, timeout=60).returncode
+    child, alive = int(pid_file.read_text()), True
+    try:
+        deadline = time.monotonic() + 10
+        while alive and time.monotonic() < deadline:
+            try:  # a zombie (killed, its parent gone, not yet reaped) has ended
+                alive = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            except FileNotFoundError:
+                alive = False
+            time.sleep(0.05 if alive else 0)
+    finally:
+        if alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+    said = stderr.read_text()
+    assert code == 143 and "Traceback" not in said, said  # old code: 1, ProcessLookupError
+    assert not alive  # old code (fork): the set went on being made
