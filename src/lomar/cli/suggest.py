@@ -69,13 +69,15 @@ def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     return found
 
 
-def expanded_by_shell(argv: list[str], unknown: list[str], shards: bool = False) -> str:
+def expanded_by_shell(argv: list[str], unknown: list[str], shards: bool) -> str:
     """What to do when the first operand argparse left over follows a flag's value and that value and the operands
     after it all name existing files or folders, as an unquoted glob or brace pattern becomes (`--data
     shards/*.tar`): quote it, where they are tar shards given to --data of a command that reads shard patterns
     (``shards``: pretrain's), which lomar expands itself; else give one path. '' otherwise."""
-    operands = [token for token in unknown if not token.startswith("-")]
-    at = argv.index(operands[0]) if operands and operands[0] in argv else -1
+    operands = [token for token in unknown if not token.startswith("-")]  # each one of argv's tokens
+    if not operands:
+        return ""
+    at = argv.index(operands[0])
     if at < 2 or not argv[at - 2].startswith("--") or "=" in argv[at - 2]:
         return ""
     flag, end = argv[at - 2], next((i for i in range(at, len(argv)) if argv[i].startswith("-")), len(argv))
