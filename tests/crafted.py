@@ -54,9 +54,17 @@ def jpeg(width: int, height: int, pillow_blind: bool = False, then: tuple[int, i
     return out
 
 
-def _chunk(kind: bytes, body: bytes, crc: int | None = None) -> bytes:
+def png_chunk(kind: bytes, body: bytes, crc: int | None = None) -> bytes:
+    """A PNG chunk: length, type, body and CRC (``crc`` given: that one, right or not)."""
     crc = zlib.crc32(kind + body) if crc is None else crc
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+
+def grey_png(width: int, height: int, raw: bytes, interlace: int = 0) -> bytes:
+    """An 8-bit greyscale PNG whose IHDR declares ``width`` x ``height`` and whose one IDAT is a complete zlib stream
+    of ``raw`` (filter bytes and rows as given: fewer rows than the IHDR's make a PNG cut short, CRCs right)."""
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, interlace))
+            + png_chunk(b"IDAT", zlib.compress(raw)) + png_chunk(b"IEND", b""))
 
 
 def png(width: int, height: int, rows: int | None = None, pillow_blind: bool = False) -> bytes:
@@ -67,10 +75,10 @@ def png(width: int, height: int, rows: int | None = None, pillow_blind: bool = F
     chunk, Pillow refuses to identify the file.
     """
     rows = height if rows is None else rows
-    out = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    out = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
     if pillow_blind:
-        out += _chunk(b"tEXt", b"k\x00v", crc=0)
-    return out + _chunk(b"IDAT", zlib.compress((b"\x00" + bytes(3 * width)) * rows)) + _chunk(b"IEND", b"")
+        out += png_chunk(b"tEXt", b"k\x00v", crc=0)
+    return out + png_chunk(b"IDAT", zlib.compress((b"\x00" + bytes(3 * width)) * rows)) + png_chunk(b"IEND", b"")
 
 
 def webp_lossless(width: int, height: int) -> bytes:

@@ -7,11 +7,9 @@ import io
 import os
 import re
 import signal
-import struct
 import subprocess
 import sys
 import textwrap
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from crafted import HUGE, bombs, fifo, gif, jpeg, link, png, sparse, webp_canvas, webp_lossless
+from crafted import HUGE, bombs, fifo, gif, grey_png, jpeg, link, png, sparse, webp_canvas, webp_lossless
 from lomar.data.collate import collate_pretrain
 from lomar.data.decode import decode_bytes, load_image, read_image_bytes
 from lomar.data.device_decode import EncodedPretrainDataset, collate_encoded, decode_batch
@@ -267,18 +265,9 @@ def test_pretrain_on_hostile_files_skips_them_under_a_memory_cap(tmp_path, mode)
     assert re.search(r"peak resident KiB (\d+)", done.stderr), done.stderr[-300:]
 
 
-
-def _grey_png(width: int, height: int, raw: bytes, interlace: int = 0) -> bytes:
-    """An 8-bit greyscale PNG of the IHDR's ``width`` x ``height`` whose complete zlib stream holds ``raw``."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, interlace))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
-
-
 def _short_grey_png(width: int, height: int, rows: int) -> bytes:
     """A greyscale PNG whose IHDR declares ``height`` rows and whose complete zlib stream holds ``rows`` of value 3."""
-    return _grey_png(width, height, (b"\x00" + bytes([3]) * width) * rows)
+    return grey_png(width, height, (b"\x00" + bytes([3]) * width) * rows)
 
 
 class _OneWindow:  # one 2x2 window of 8 px patches on a 32 px crop: --decode windows resamples it alone
@@ -307,14 +296,14 @@ def test_an_interlaced_png_cut_in_its_last_pass_is_refused_though_its_last_row_i
     def rows(count: int, pixels: int) -> bytes:
         return (b"\x00" + bytes([3]) * pixels) * count
     first_six = rows(1, 1) + rows(1, 1) + rows(2, 1) + rows(1, 2) + rows(3, 2)  # pass 2 is empty at this width
-    assert decode_bytes(_grey_png(4, 5, first_six + rows(2, 4), interlace=1), "whole.png").eq(3).all()
+    assert decode_bytes(grey_png(4, 5, first_six + rows(2, 4), interlace=1), "whole.png").eq(3).all()
     with pytest.raises(ValueError, match=r"its PNG pixel data ends before the last rows"):
-        decode_bytes(_grey_png(4, 5, first_six, interlace=1), "cut.png")
+        decode_bytes(grey_png(4, 5, first_six, interlace=1), "cut.png")
 
 
 def test_a_png_whose_second_ihdr_declares_more_rows_than_its_data_holds_is_refused():
     # Pillow takes the last IHDR before the pixels (8x40 here, 36 rows of it left zero); the first holds 8x4
-    four = _grey_png(8, 4, (b"\x00" + bytes([3]) * 8) * 4)
-    data = four[:33] + _grey_png(8, 40, b"")[8:33] + four[33:]  # the IHDR chunk is bytes 8..33
+    four = grey_png(8, 4, (b"\x00" + bytes([3]) * 8) * 4)
+    data = four[:33] + grey_png(8, 40, b"")[8:33] + four[33:]  # the IHDR chunk is bytes 8..33
     with pytest.raises(ValueError, match=r"two\.png: its PNG pixel data ends before the last rows"):
         decode_bytes(data, "two.png")
