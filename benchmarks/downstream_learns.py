@@ -32,7 +32,7 @@ MILD_FINETUNE = ["--mixup", "0", "--cutmix", "0", "--smoothing", "0", "--reprob"
                  "--drop-path", "0"]
 
 
-def _lomar(*args: str) -> str:
+def _lomar(*args: str) -> None:
     """Run one lomar command quietly; where it fails, its own output (the error that says why) and a one-line stop."""
     command = [sys.executable, "-m", "lomar", *args]
     print("$", shlex.join(command), flush=True)
@@ -41,7 +41,6 @@ def _lomar(*args: str) -> str:
         sys.stderr.write(done.stdout + done.stderr)
         raise SystemExit(f"downstream_learns: lomar {args[0]} stopped with exit status {done.returncode} (its output "
                          f"above)")
-    return done.stdout + done.stderr
 
 
 def classification_set(root: Path, per_class: int, size: int, seed: int) -> Path:
@@ -112,9 +111,10 @@ def _losses(out: Path) -> dict:
     return {"loss_first_10": round(sum(first) / len(first), 4), "loss_last_10": round(sum(last) / len(last), 4)}
 
 
-def _last(out: Path, key: str) -> dict:
+def _evaluations(out: Path, key: str) -> list[dict]:
+    """The metrics.jsonl records that hold ``key``, in order: the run's evaluations."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if key in r][-1]
+    return [r for r in records if key in r]
 
 
 def main() -> int:
@@ -149,8 +149,9 @@ def main() -> int:
                    "--img-size", "32", "--batch-size", "8", "--max-steps", steps, "--blr", "0.05",
                    "--warmup-epochs", "1", *([] if args.recipe else MILD_FINETUNE), "--seed", seed, "--overwrite",
                    *COMMON)
-            first = next(json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"top1"' in x)
-            results["finetune"] = {"top1": _last(out, "top1")["top1"], "first_top1": first["top1"],
+            evaluations = _evaluations(out, "top1")
+            first, last = evaluations[0], evaluations[-1]  # one and the same in a run of one evaluation
+            results["finetune"] = {"top1": last["top1"], "first_top1": first["top1"],
                                    "first_eval_step": first["step"], **_losses(out)}
         for task in ("knn", "linprobe"):
             if task in args.tasks:
@@ -168,7 +169,7 @@ def main() -> int:
                "--batch-size", "4", "--max-steps", steps, "--warmup-steps", "10", "--blr", "0.0128",
                *([] if args.recipe else ["--jitter", "0.8", "1.25"]), "--rois-per-image", "32", "--eval-every", steps,
                "--seed", seed, "--overwrite", *COMMON)
-        record = _last(out, "box_AP")
+        record = _evaluations(out, "box_AP")[-1]
         results["detect"] = {**{k: record[k] for k in ("box_AP", "box_AP50", "mask_AP", "mask_AP50")}, **_losses(out)}
         results["detect_s"] = round(time.time() - started, 1)
     if "segment" in args.tasks:
@@ -179,7 +180,7 @@ def main() -> int:
                "2", "--out", str(out), "--batch-size", "4", "--max-steps", steps, "--warmup-steps", "10",
                "--lr", "1e-3", "--head-channels", "32", "--eval-mode", "whole", "--eval-every", steps,
                "--seed", seed, "--overwrite", *COMMON)
-        record = _last(out, "mIoU")
+        record = _evaluations(out, "mIoU")[-1]
         results["segment"] = {**{k: record[k] for k in ("mIoU", "mAcc", "aAcc")}, **_losses(out)}
         results["segment_s"] = round(time.time() - started, 1)
     print(json.dumps(results, indent=1))
