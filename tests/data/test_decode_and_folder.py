@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
+from crafted import png_chunk
 from lomar.data.collate import collate_labelled, collate_labelled_refill
 from lomar.data.decode import (
     decode_box_reduced,
@@ -31,11 +32,8 @@ from lomar.data.transforms import PretrainTransform
 
 def _png_header(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height (the pixel data is a few bytes): a decompression bomb's shape."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    body = png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + png_chunk(b"IEND", b"")
     return b"\x89PNG\r\n\x1a\n" + body
 
 
@@ -374,13 +372,10 @@ def test_a_pngs_crc_walk_runs_once_a_decode_and_copies_no_chunk(monkeypatch):
     import lomar.data.decode as decode
     from lomar.data.headers import png_bad_chunk
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     walks = []
     monkeypatch.setattr(decode, "png_bad_chunk", lambda data: walks.append(len(data)) or png_bad_chunk(data))
     assert decode_bytes(_png_header(8, 1)).shape == (3, 1, 8) and len(walks) == 1
-    one_idat = _png_header(8, 1)[:33] + chunk(b"IDAT", bytes(4 << 20)) + chunk(b"IEND", b"")
+    one_idat = _png_header(8, 1)[:33] + png_chunk(b"IDAT", bytes(4 << 20)) + png_chunk(b"IEND", b"")
     tracemalloc.start()
     try:
         assert png_bad_chunk(one_idat) is None
@@ -393,17 +388,14 @@ def test_a_pngs_crc_walk_runs_once_a_decode_and_copies_no_chunk(monkeypatch):
 def test_a_pngs_exif_before_its_pixels_is_read_without_decoding_them_and_a_malformed_one_is_ignored():
     """An eXIf chunk before IDAT is read at open (Pillow decodes the pixels only to look for one after them): a size
     read from the header stays a header read (200 ms on a 12 MP PNG). A malformed EXIF block is no orientation."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     out, exif = io.BytesIO(), Image.Exif()
     Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(out, format="PNG")
     data, exif[0x0112] = out.getvalue(), 6
-    with open_pil(data[:33] + chunk(b"eXIf", exif.tobytes()) + data[33:]) as img:
+    with open_pil(data[:33] + png_chunk(b"eXIf", exif.tobytes()) + data[33:]) as img:
         assert oriented_size(img) == (6, 4) and img.tile  # turned, and not decoded
     iend = data.rindex(b"IEND") - 4
-    for broken in (data[:33] + chunk(b"eXIf", b"MM\x00*junk") + data[33:],
-                   data[:iend] + chunk(b"eXIf", b"MM\x00*junk") + data[iend:]):
+    for broken in (data[:33] + png_chunk(b"eXIf", b"MM\x00*junk") + data[33:],
+                   data[:iend] + png_chunk(b"eXIf", b"MM\x00*junk") + data[iend:]):
         with open_pil(broken) as img:
             assert oriented_size(img) == (4, 6)
         assert decode_bytes(broken).shape == (3, 4, 6)

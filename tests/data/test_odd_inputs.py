@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from crafted import png_chunk
 from lomar.data.decode import decode_bytes
 from lomar.data.fast_decode import FastPretrainDataset
 from lomar.data.folder import ImageListDataset, LabelledImageFolder
@@ -77,13 +78,10 @@ def test_a_floating_point_tiff_is_refused_not_clipped_to_black(tmp_path):
 def test_an_annotation_with_a_broken_chunk_is_one_line_naming_it(tmp_path):
     from lomar.data.segmentation import read_labels
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     pixels = zlib.compress(b"".join(b"\0" + bytes(range(8)) for _ in range(8)))
-    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0))
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0))
     # the pixel data goes on in a chunk with a garbled type: Pillow raises SyntaxError while decoding, not OSError
-    body = chunk(b"IDAT", pixels[:10]) + chunk(b"\x99\xae\xe9\x81", pixels[10:]) + chunk(b"IEND", b"")
+    body = png_chunk(b"IDAT", pixels[:10]) + png_chunk(b"\x99\xae\xe9\x81", pixels[10:]) + png_chunk(b"IEND", b"")
     (tmp_path / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + body)
     with pytest.raises(ValueError, match=r"annotation .*a.png cannot be read \(broken PNG file .*\); rewrite it as a"):
         read_labels(tmp_path / "a.png")
