@@ -73,22 +73,23 @@ class _Split(list):
         self.root = root
 
 
-def _finetune_scores(logits: torch.Tensor, targets: torch.Tensor, batch: int, root) -> dict:
-    images = torch.arange(len(targets)).float().view(-1, 1, 1, 1).expand(-1, 3, 2, 2)
-    batches = [(images[i:i + batch], targets[i:i + batch]) for i in range(0, len(targets), batch)]
-    loader = SimpleNamespace(dataset=SimpleNamespace(dataset=_Split(len(targets), root)), __iter__=None)
-    task = SimpleNamespace(model=_Logits(logits), device=torch.device("cpu"), info=DistInfo(), train_loader=None,
-                           classes=[str(c) for c in range(logits.shape[1])], autocast=lambda: torch.autocast("cpu",
-                           enabled=False), val_loader=_Loader(batches, loader.dataset))
-    return FinetuneTask.evaluate(task)
-
-
 class _Loader:
-    def __init__(self, batches, dataset):
-        self.batches, self.dataset = batches, dataset
+    """The validation loader FinetuneTask.evaluate reads: its batches, and its dataset's split."""
+
+    def __init__(self, batches, split: _Split):
+        self.batches, self.dataset = batches, SimpleNamespace(dataset=split)
 
     def __iter__(self):
         return iter(self.batches)
+
+
+def _finetune_scores(logits: torch.Tensor, targets: torch.Tensor, batch: int, root) -> dict:
+    images = torch.arange(len(targets)).float().view(-1, 1, 1, 1).expand(-1, 3, 2, 2)
+    batches = [(images[i:i + batch], targets[i:i + batch]) for i in range(0, len(targets), batch)]
+    task = SimpleNamespace(model=_Logits(logits), device=torch.device("cpu"), info=DistInfo(), train_loader=None,
+                           classes=[str(c) for c in range(logits.shape[1])], autocast=lambda: torch.autocast("cpu",
+                           enabled=False), val_loader=_Loader(batches, _Split(len(targets), root)))
+    return FinetuneTask.evaluate(task)
 
 
 @pytest.mark.parametrize("classes, batch", [(10, 7), (6, 50), (3, 4)])
