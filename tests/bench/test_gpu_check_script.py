@@ -158,6 +158,16 @@ def test_an_unknown_decode_word_stops_the_check_before_any_part(tmp_path):
     assert not (tmp_path / "work").exists()
 
 
+def _stub_loader(tmp_path: Path, source: str) -> Path:
+    """A package lomar.bench whose loader module is ``source``, under the folder returned (for PYTHONPATH)."""
+    stub = tmp_path / "stub" / "lomar" / "bench"
+    stub.mkdir(parents=True)
+    for package in (stub.parent, stub):
+        (package / "__init__.py").write_text("")
+    (stub / "loader.py").write_text(source)
+    return tmp_path / "stub"
+
+
 def _stand_in(tmp_path: Path, script: str, **settings: str) -> dict[str, str]:
     """The check's CPU-mode environment whose venv's python is ``script`` (bash), standing in for each part's command;
     ``settings`` are added (``OUT`` is ``tmp_path/gc`` unless given)."""
@@ -189,18 +199,14 @@ def test_every_bench_command_of_the_check_is_one_lomar_bench_accepts(tmp_path):
 def test_a_test_set_that_cannot_be_made_leaves_the_others_made(tmp_path):
     """The parts' test sets are made in one process: one that fails (here the camera set) is said in the log and the
     next ones are still made, as when each set had a process of its own."""
-    stub = tmp_path / "stub" / "lomar" / "bench"  # a lomar.bench.loader whose camera set fails
-    stub.mkdir(parents=True)
-    for package in (stub.parent, stub):
-        (package / "__init__.py").write_text("")
-    (stub / "loader.py").write_text("from pathlib import Path\n"
-                                    "def make_test_set(out, kind, count):\n"
-                                    "    if Path(out).name == 'camera':\n"
-                                    "        raise OSError('no room for the camera set')\n"
-                                    "    Path(out).mkdir(parents=True)\n"
-                                    "    (Path(out) / f'{kind}-{count}').touch()\n")
+    stub = _stub_loader(tmp_path, "from pathlib import Path\n"  # a lomar.bench.loader whose camera set fails
+                                  "def make_test_set(out, kind, count):\n"
+                                  "    if Path(out).name == 'camera':\n"
+                                  "        raise OSError('no room for the camera set')\n"
+                                  "    Path(out).mkdir(parents=True)\n"
+                                  "    (Path(out) / f'{kind}-{count}').touch()\n")
     # the sets' process runs this interpreter on the stub; every other command succeeds
-    env = _stand_in(tmp_path, f'[ "$3" = camera ] && PYTHONPATH={tmp_path / "stub"}:$PYTHONPATH exec '
+    env = _stand_in(tmp_path, f'[ "$3" = camera ] && PYTHONPATH={stub}:$PYTHONPATH exec '
                               f'{sys.executable} "$@"\nexit 0\n', GPU_CHECK_PARTS="loader finetune")
     done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
     log = (tmp_path / "gc" / "summary.log").read_text()
@@ -218,22 +224,18 @@ def test_a_test_set_that_hangs_is_stopped_at_its_own_limit_and_the_others_are_ma
     which stops the set's processes, and the next sets are made."""
     import signal
 
-    stub = tmp_path / "stub" / "lomar" / "bench"  # a lomar.bench.loader whose camera set hangs
-    stub.mkdir(parents=True)
-    for package in (stub.parent, stub):
-        (package / "__init__.py").write_text("")
     writer = tmp_path / "writer"
-    (stub / "loader.py").write_text("import subprocess, sys, time\n"
-                                    "from pathlib import Path\n"
-                                    "def make_test_set(out, kind, count):\n"
-                                    "    if Path(out).name == 'camera':\n"
-                                    "        child = subprocess.Popen([sys.executable, '-c', 'import time; "
-                                    "time.sleep(120)'])\n"
-                                    f"        Path({str(writer)!r}).write_text(str(child.pid))\n"
-                                    "        time.sleep(120)\n"
-                                    "    Path(out).mkdir(parents=True)\n"
-                                    "    (Path(out) / f'{kind}-{count}').touch()\n")
-    env = _stand_in(tmp_path, f'[ "$3" = camera ] && PYTHONPATH={tmp_path / "stub"}:$PYTHONPATH exec '
+    stub = _stub_loader(tmp_path, "import subprocess, sys, time\n"  # a lomar.bench.loader whose camera set hangs
+                                  "from pathlib import Path\n"
+                                  "def make_test_set(out, kind, count):\n"
+                                  "    if Path(out).name == 'camera':\n"
+                                  "        child = subprocess.Popen([sys.executable, '-c', 'import time; "
+                                  "time.sleep(120)'])\n"
+                                  f"        Path({str(writer)!r}).write_text(str(child.pid))\n"
+                                  "        time.sleep(120)\n"
+                                  "    Path(out).mkdir(parents=True)\n"
+                                  "    (Path(out) / f'{kind}-{count}').touch()\n")
+    env = _stand_in(tmp_path, f'[ "$3" = camera ] && PYTHONPATH={stub}:$PYTHONPATH exec '
                               f'{sys.executable} "$@"\nexit 0\n', GPU_CHECK_PARTS="loader finetune",
                     GPU_CHECK_T_SET="1")
     check = subprocess.Popen(["bash", str(SCRIPT)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -414,16 +416,12 @@ def test_a_stop_as_a_test_set_is_forked_or_reaped_exits_143_leaving_no_set_runni
     start = next(i for i, line in enumerate(lines) if '"$PY" - "${SETS[@]}" <<' in line) + 1
     (tmp_path / "sets.py").write_text("\n".join(lines[start:lines.index("EOF", start)]) + "\n")
     (tmp_path / "harness.py").write_text(_SETS_HARNESS)
-    stub = tmp_path / "stub" / "lomar" / "bench"  # a set that ends at once, or (after a fork) hangs
-    stub.mkdir(parents=True)
-    for package in (stub.parent, stub):
-        (package / "__init__.py").write_text("")
-    (stub / "loader.py").write_text("import time\n"
-                                    "def make_test_set(out, kind, count):\n"
-                                    "    if kind == 'fork':\n"
-                                    "        time.sleep(60)\n")
+    stub = _stub_loader(tmp_path, "import time\n"  # a set that ends at once, or (after a fork) hangs
+                                  "def make_test_set(out, kind, count):\n"
+                                  "    if kind == 'fork':\n"
+                                  "        time.sleep(60)\n")
     pid_file, stderr = tmp_path / "child", tmp_path / "stderr"
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "stub")}
+    env = {**os.environ, "PYTHONPATH": str(stub)}
     with stderr.open("w") as file:  # not a pipe, which a set left running would hold open
         code = subprocess.run([sys.executable, str(tmp_path / "harness.py"), window, str(pid_file),
                                str(tmp_path / "sets.py"), str(tmp_path / "set")], env=env, stdout=subprocess.DEVNULL,
