@@ -8,7 +8,7 @@ from helpers import write_images
 from lomar.cli.app import build_parser, main
 from lomar.cli.study.flags import settings_flags
 from lomar.cli.study.presets import DIGITS, DIGITS_EVAL, DIGITS_FINETUNE, build_preset, method_available
-from lomar.cli.study.runner import check_cells
+from lomar.cli.study.runner import check_cells, steps_per_epoch
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -177,3 +177,13 @@ def test_a_cell_whose_training_fails_is_exit_1_not_a_usage_error(tmp_path, monke
     err = capsys.readouterr().err
     assert err.startswith("lomar study: error: pretraining in ") and "loss is nan at step 2" in err
     assert err.count("\n") == 1
+
+
+def test_data_too_small_for_a_step_is_counted_in_the_singular_where_one(tmp_path):
+    from types import SimpleNamespace
+
+    from lomar.errors import UsageError
+
+    write_images(tmp_path, 1, size=(32, 32))
+    with pytest.raises(UsageError, match="^1 image cannot fill one step of batch 2 x accum 1; lower batch_size"):
+        steps_per_epoch(SimpleNamespace(data=str(tmp_path), img_size=32, batch_size=2, accum_steps=1))

@@ -50,6 +50,7 @@ from lomar.train.pretrain import train
 from lomar.train.run_lock import RunLock
 from lomar.train.run_state import SaveError
 from lomar.train.task import TrainingError
+from lomar.values import counted
 
 __all__ = ["run_study", "check_cells", "cell_config", "pretrain"]
 
@@ -91,7 +92,7 @@ def steps_per_epoch(config) -> int:
     size = _dataset_size(config.data, config.img_size)
     steps = size // config.batch_size // config.accum_steps
     if steps == 0:
-        raise UsageError(f"{size} images cannot fill one step of batch {config.batch_size} x accum "
+        raise UsageError(f"{counted(size, 'image')} cannot fill one step of batch {config.batch_size} x accum "
                          f"{config.accum_steps}; lower batch_size in the study's settings")
     return steps
 
