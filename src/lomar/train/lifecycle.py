@@ -15,6 +15,7 @@ The Task interface, its required and optional hooks: :mod:`lomar.train.task`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from lomar.train.fsdp import load_sharded, save_run_checkpoint
 from lomar.train.monitor import Monitor
 from lomar.train.precision import WatchedScaler, autocast_factory, run_precision
 from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_workers
+from lomar.train.process_count import other_processes, other_processes_note
 from lomar.train.rng import gather_rng_states, restore_rng_states, seed_everything
 from lomar.train.run_end import answer_at_end, config_overrun, evaluate_end, last_step, run_end
 from lomar.train.run_lines import announce, report_end
@@ -97,6 +99,8 @@ class _Run:
             meta = safe_load(path / "meta.pt")
         if not task_loaded:
             self.task.load(meta if ckpt is None else ckpt)  # first: its refusal names the cause
+        other = other_processes(meta if ckpt is None else ckpt, self.cfg.batch_size, self.accum, self.info.world_size,
+                                sharded=ckpt is None)
         if ckpt is None:  # a sharded folder (a file's ckpt comes from preload): every rank loads its shards
             ckpt = load_sharded(self.task.model, self.optimizer, path, meta)
             check_weights(self.task.model, self.info.enabled, resume=path)  # a file's are checked as it is read
@@ -111,10 +115,19 @@ class _Run:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.p.step, self.p.epoch, self.p.batches_done = ckpt["step"], ckpt["epoch"], ckpt["batches_done"]
         self.notes = numerics_notes(ckpt, self.precision, self.cfg.precision, self.device)
+        skipped = ckpt.get("skipped_ranks")
+        if other:  # the same samples in the same steps: what a rank counts is a step's micro-batches
+            self.p.batches_done = ckpt["batches_done"] // other[1] * self.accum
+        if other_count := other is not None and other[0] != self.info.world_size:
+            skipped = [list(dict.fromkeys(itertools.chain(*skipped)))] * self.info.world_size if skipped else skipped
+            self.notes.append(other_processes_note(other[0], self.info.world_size, self.p.step, self.cfg.batch_size,
+                                                   self.accum, self.task.draws_per_process(),
+                                                   getattr(self.task, "iterable", False)))
         self.best = ckpt.get(f"best_{self.task.best_metric}", -math.inf) if self.task.best_metric else -math.inf
         self.evaluated_step = ckpt.get("evaluated_step")  # None: a checkpoint written before it was kept
-        self.skipped.restore(ckpt.get("skipped_ranks"), self.info.rank)
-        restore_rng_states(ckpt, self.info, self.device, self.cfg.seed)  # last: building the run drew from them
+        self.skipped.restore(skipped, self.info.rank)
+        # last: building the run drew from them
+        restore_rng_states(ckpt, self.info, self.device, self.cfg.seed, other_count=other_count)
         if self.p.step > self.last_step:  # run_end could not tell: an old checkpoint, or data of shorter epochs
             raise ValueError(resumed_past_end(self.p.step, self.last_step, self.cfg, self.steps_per_epoch))
 

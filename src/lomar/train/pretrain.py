@@ -36,6 +36,7 @@ from lomar.train.fsdp import shard_model
 from lomar.train.lifecycle import run
 from lomar.train.precision import run_precision
 from lomar.train.preemption import ignore_stop_signals
+from lomar.train.process_count import processes_of
 from lomar.train.run_resume import listing_change, listing_record
 from lomar.train.run_state import newest_state
 from lomar.train.schedule import param_groups
@@ -213,6 +214,14 @@ class PretrainTask(Task):
             raise UsageError(f"--workers {self.config.workers}: this run reads tar shards, dealt to {was} loader "
                              f"worker(s) when it stopped in the middle of epoch {state['epoch']}; another count may "
                              f"repeat or miss samples of that epoch: resume with --workers {was}")
+        now = self.info.world_size
+        if self.iterable and state.get("batches_done") and (ran := processes_of(state)) not in (None, now):
+            raise UsageError(f"--resume: this run reads tar shards, dealt to its {ran} process(es) when it stopped in "
+                             f"the middle of epoch {state['epoch']}; {now} would repeat or miss samples of that "
+                             f"epoch: launch it with {ran} process(es) (torchrun --nproc-per-node {ran})")
+
+    def draws_per_process(self) -> bool:  # each sample's crop and mask are seeded by its index; drop path is not
+        return any(getattr(module, "drop_prob", 0) for module in self.model.modules())
 
     def begin(self) -> None:
         if not self.sharded:  # the untrained model, what the last figure is compared with; sharded: at the end

@@ -57,13 +57,20 @@ def gather_rng_states(info: DistInfo, device: torch.device) -> list[dict]:
     return states
 
 
-def restore_rng_states(ckpt: dict, info: DistInfo, device: torch.device, seed: int) -> None:
+def restore_rng_states(ckpt: dict, info: DistInfo, device: torch.device, seed: int, other_count: bool = False) -> None:
     """This rank's streams from a checkpoint's ``rng_ranks`` (:func:`gather_rng_states`), whose length is the
     number of processes that trained the run: another number is refused (ValueError), since the global batch,
     an lr derived from it, the epoch's length and the position in its data order (``batches_done`` counts each
-    process's batches) all depend on it. An older checkpoint, holding rank 0's ``rng`` alone, gives ranks past 0
-    fresh streams of their own."""
+    process's batches) all depend on it, unless ``other_count`` (the caller checked that the global batch is kept:
+    :func:`~lomar.train.process_count.other_processes`). An older checkpoint, holding rank 0's ``rng`` alone, and with
+    ``other_count`` a rank the run did not have, give that rank a fresh stream of its own."""
     ranks = ckpt.get("rng_ranks")
+    if ranks is not None and len(ranks) != info.world_size and other_count:
+        if info.rank < len(ranks):
+            set_rng_state(ranks[info.rank], device)
+        else:
+            seed_everything(seed + info.world_size * (ckpt.get("step", 0) + 1) + info.rank)
+        return
     if ranks is not None and len(ranks) != info.world_size:
         launch = "as one process, without torchrun" if len(ranks) == 1 else \
             f"with {len(ranks)} (torchrun --nproc-per-node {len(ranks)}, or --nnodes × --nproc-per-node = " \

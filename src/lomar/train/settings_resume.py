@@ -20,6 +20,7 @@ from lomar.checkpoints.file_names import BEST, LAST
 from lomar.checkpoints.kinds import run_command
 from lomar.errors import first_on_machine
 from lomar.train import settings as S
+from lomar.train.process_count import process_change, processes_of
 from lomar.train.runtime import default_workers
 from lomar.train.setting_flags import add_settings
 from lomar.train.setting_names import as_given, setting_of, source_of
@@ -99,7 +100,8 @@ class TaskConfig:
         """The settings before :meth:`complete`: ``explicit`` (YAML's, flags') over the resumed run's (``saved``), or
         over :meth:`fresh_values`, the schedule laid over a new ``--max-steps``. ``in_file``: YAML file by setting."""
         if saved is not None:
-            return resume_values(cls, saved.settings, saved.source, explicit, in_file)
+            return resume_values(cls, saved.settings, saved.source, explicit, in_file,
+                                 processes_of(saved.point.meta if saved.point else None))
         values = cls.fresh_values(explicit)
         if values.get("max_steps") and "epochs" not in explicit and "schedule_steps" not in explicit:
             # the lr schedule spans the steps that will run: a short run warms up and anneals instead of stopping
@@ -268,24 +270,36 @@ def absolute_paths(cls: type, given: dict[str, Any]) -> dict[str, str]:
 
 
 def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[str, Any],
-                  in_file: dict[str, str] | None = None) -> dict[str, Any]:
+                  in_file: dict[str, str] | None = None, processes: int | None = None) -> dict[str, Any]:
     """The saved run's settings, with the explicit run-control ones on top; any other explicit
     setting must equal the saved one (a different model or batch cannot continue the run). ``in_file``: the
-    YAML file of each setting given there, not by a flag (the error names the file's line to remove)."""
+    YAML file of each setting given there, not by a flag (the error names the file's line to remove).
+    ``processes``: how many trained the run (:func:`processes_of`; None: unknown); on another number, given by
+    WORLD_SIZE, --batch-size and --accum-steps must keep the global batch (:func:`process_change`), and may
+    change to keep it."""
     policy = {name: s.resume for name, s in declarations(cls).items()}
     fresh = {name: getattr(cls(), name) for name, p in policy.items() if p == "per-invocation"}
     values = {**dataclasses.asdict(cls()), **saved, **fresh}
+    now = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    batch = {k: explicit.get(k, values.get(k)) for k in ("batch_size", "accum_steps")}
+    change = None if processes is None else process_change(values, processes, batch, now)
     for name, value in explicit.items():
         if policy[name] in ("run-control", "per-invocation") or value == values[name] or \
-                (value in (None, "auto") and policy[name] == "derived"):
+                (value in (None, "auto") and policy[name] == "derived") or \
+                (name in batch and processes is not None and change is None):  # the global batch kept
             continue
+        if name in batch and processes is not None and processes != now:
+            raise ConfigError(change)
         had = "the default (unset)" if values[name] is None else shown(values[name])  # not "None"
         given = as_given(name, shown(value), file := (in_file or {}).get(name))
         fix = f"remove it from {file}" if file else f"drop --{name.replace('_', '-')}"
         raise ResumeMismatch(f"{given} differs from {had} in the run being resumed ({source}); "
                              f"{fix} to continue the run, or start a new run with another --out",
                              name, shown(value), had, source)
-    values.update({k: v for k, v in explicit.items() if policy[k] in ("run-control", "per-invocation")})
+    if change is not None and processes != now:
+        raise ConfigError(change)
+    values.update({k: v for k, v in explicit.items() if policy[k] in ("run-control", "per-invocation")
+                   or k in batch and processes is not None})
     # a new --epochs is where the run now ends, not the old --max-steps; the same epochs of the --config file the
     # run started with, given again with --resume, are not (the run went on to the epochs' end)
     new_end = "epochs" in explicit and ("epochs" not in (in_file or {}) or explicit["epochs"] != saved.get("epochs"))

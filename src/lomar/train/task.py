@@ -103,6 +103,11 @@ class Task:
     load = finish = stopped = begin = saved = _nothing
     evaluate, state, final_line, step_info = (lambda self: {}), (lambda self: {}), (lambda self: ""), (lambda self: {})
 
+    def draws_per_process(self) -> bool:
+        """Whether training draws from each process's own random stream (drop path, mixup), not only from streams
+        seeded by sample: a resume on another number of processes then goes on statistically, not bit for bit."""
+        return True
+
     @staticmethod
     def draw_curves(config, out: Path) -> None:
         """Draw ``curves`` into ``out`` from its log; called on the class too (a resume at the run's end, unbuilt)."""

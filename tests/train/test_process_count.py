@@ -1,0 +1,115 @@
+"""A resume on another number of processes: the same run where the global batch (batch x accum x processes) is kept,
+a one-line refusal naming the values that keep it where it is not."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from lomar.train.config import PretrainConfig
+from lomar.train.process_count import process_change
+from lomar.train.settings import ConfigError
+from lomar.train.settings_resume import resume_values
+
+
+def _step_losses(out) -> dict[int, float]:
+    records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_the_refusal_names_the_batch_that_keeps_the_global_batch():
+    saved = {"batch_size": 4, "accum_steps": 1}
+    said = process_change(saved, 2, saved, 1)
+    assert said.startswith("--resume: this run was trained by 2 process(es) and this launch has 1; its global batch "
+                           "(4 x accum 1 x 2 = 8)") and "\n" not in said
+    assert "keep the global batch with --batch-size 8 or --accum-steps 2 on 1 process(es)" in said
+    assert "launch it with 2 (torchrun --nproc-per-node 2" in said
+    assert "keep the global batch with --batch-size 2 on 2 process(es)" in process_change(
+        {"batch_size": 4, "accum_steps": 1}, 1, {"batch_size": 4, "accum_steps": 1}, 2)
+    assert "--accum-steps 3 " in process_change({"batch_size": 3, "accum_steps": 2}, 3, {"batch_size": 3,
+                                                                                          "accum_steps": 2}, 2)
+    assert "keep the global batch" not in process_change(saved, 2, saved, 3)  # 8 over 3: none keeps it, none named
+    for kept in ({"batch_size": 8, "accum_steps": 1}, {"batch_size": 4, "accum_steps": 2},
+                 {"batch_size": 2, "accum_steps": 4}):
+        assert process_change(saved, 2, kept, 1) is None
+
+
+def test_a_resume_on_another_number_of_processes_takes_a_batch_that_keeps_the_global_batch(monkeypatch):
+    saved = {"batch_size": 4, "accum_steps": 1, "max_steps": 3}
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    values = resume_values(PretrainConfig, saved, "last.pt", {"batch_size": 8}, processes=2)
+    assert (values["batch_size"], values["accum_steps"]) == (8, 1)
+    values = resume_values(PretrainConfig, saved, "last.pt", {"accum_steps": 2}, processes=2)
+    assert (values["batch_size"], values["accum_steps"]) == (4, 2)
+    with pytest.raises(ConfigError, match=r"trained by 2 process\(es\) and this launch has 1; .* keep the global "
+                                          r"batch with --batch-size 8 or --accum-steps 2 on 1 process"):
+        resume_values(PretrainConfig, saved, "last.pt", {}, processes=2)
+    with pytest.raises(ConfigError, match=r"has 1; .* keep the global batch with --batch-size 8 on 1 process"):
+        resume_values(PretrainConfig, saved, "last.pt", {"batch_size": 6}, processes=2)  # 8 / 6: no --accum-steps
+    monkeypatch.setenv("WORLD_SIZE", "2")  # the same number: the global batch is kept by the same values
+    assert resume_values(PretrainConfig, saved, "last.pt", {"batch_size": 2, "accum_steps": 2},
+                         processes=2)["batch_size"] == 2
+    with pytest.raises(ConfigError, match=r"--batch-size 8 differs from 4 in the run being resumed"):
+        resume_values(PretrainConfig, saved, "last.pt", {"batch_size": 8}, processes=2)
+
+
+@pytest.mark.slow
+def test_a_run_of_two_processes_goes_on_as_one_with_the_same_global_batch(tmp_path):
+    """2 processes x batch 4 stopped at step 3 of 4 (mid-epoch), resumed by one with batch 8, by one with batch 4 x
+    accum 2, and by two with batch 2 x accum 2: each step reads the same samples (each seeded by its index), so the
+    losses of steps 4-6 (the second epoch's first two too) are the uninterrupted 2-process run's, up to the order of
+    sums."""
+    from helpers import TINY, as_torchrun, write_images
+
+    data = write_images(tmp_path / "images", 36)  # 4 steps of 8 an epoch on any number of processes
+
+    def pretrain(world: int, out, *args: str) -> str:
+        ranks = as_torchrun(["pretrain", *TINY, "--data", str(data), "--out", str(out), *args], world, tmp_path,
+                            timeout=240)
+        log = "".join(printed + said for _, printed, said in ranks)
+        assert [code for code, _, _ in ranks] == [0] * world, log[-3000:]
+        return log
+
+    pretrain(2, tmp_path / "straight", "--max-steps", "6")
+    straight = _step_losses(tmp_path / "straight")
+    pretrain(2, tmp_path / "stopped", "--max-steps", "3")
+    for copy in ("accum", "same"):
+        shutil.copytree(tmp_path / "stopped", tmp_path / copy)
+    for world, out, batch in ((1, tmp_path / "stopped", ["--batch-size", "8"]),
+                              (1, tmp_path / "accum", ["--accum-steps", "2"]),
+                              (2, tmp_path / "same", ["--batch-size", "2", "--accum-steps", "2"])):
+        log = pretrain(world, out, "--resume", "auto", "--max-steps", "6", *batch)
+        if world == 1:
+            assert "2 → 1 process(es) after step 3, the global batch kept" in log and "same samples" in log, log[-3000:]
+        resumed = _step_losses(out)
+        assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4, 5, 6]
+        assert [resumed[s] for s in range(1, 4)] == [straight[s] for s in range(1, 4)]  # the 2-process steps
+        assert [resumed[s] for s in range(4, 7)] == pytest.approx([straight[s] for s in range(4, 7)], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_finetune_of_two_processes_goes_on_as_one_saying_it_is_not_bit_for_bit(pretrained, labelled_folder,
+                                                                                 tmp_path):
+    """Mixup and drop path draw from each process's own stream: the same run statistically, and the start says so."""
+    from helpers import as_torchrun
+
+    out = tmp_path / "run"
+
+    def finetune(world: int, *args: str) -> tuple[list[int], str]:
+        ranks = as_torchrun(["finetune", "--out", str(out), "--max-steps", "3", *args], world, tmp_path, timeout=240)
+        return [code for code, _, _ in ranks], "".join(printed + said for _, printed, said in ranks)
+
+    codes, log = finetune(2, "--pretrained", str(pretrained), "--data", str(labelled_folder), "--img-size", "32",
+                          "--batch-size", "2", "--workers", "0", "--threads", "1", "--device", "cpu", "--epochs", "2",
+                          "--max-steps", "1")  # step 1 of an epoch's 2 (8 images, 2 x 2 a step)
+    assert codes == [0, 0], log[-3000:]
+    codes, log = finetune(1, "--resume", "auto")
+    assert codes == [2] and "keep the global batch with --batch-size 4 or --accum-steps 2 on 1 process(es)" in log
+    codes, log = finetune(1, "--resume", "auto", "--batch-size", "4")
+    assert codes == [0], log[-3000:]
+    assert "2 → 1 process(es) after step 1, the global batch kept (4 x accum 1 x 1 = 4): each process draws from its " \
+           "own random stream (drop path, mixup), so it goes on as the same run statistically, not bit for bit" in log
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
