@@ -56,6 +56,34 @@ def test_a_resume_on_another_number_of_processes_takes_a_batch_that_keeps_the_gl
 
 
 @pytest.mark.slow
+def test_tar_shards_stopped_mid_epoch_are_not_resumed_on_another_number_of_processes(tmp_path, image_dir, capsys):
+    """Tar shards are dealt to the processes: another number mid-epoch would read another stream of samples. The
+    checkpoint is made a 2-process one (batch 4) as such a run saves it; one process with batch 8 keeps its global
+    batch, and is refused for the shards alone."""
+    import tarfile
+
+    from helpers import pretrain
+    from lomar.checkpoints.io import atomic_save, safe_load
+
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for image in sorted(image_dir.iterdir()):
+            tar.add(image, arcname=image.name)
+    out = tmp_path / "run"
+    assert pretrain("--data", str(shard), "--out", str(out), "--batch-size", "8", "--max-steps", "1") == 0
+    ckpt = safe_load(out / "last.pt")
+    assert ckpt["batches_done"] == 1  # of the epoch's 2
+    ckpt["rng_ranks"], ckpt["config"]["batch_size"] = ckpt["rng_ranks"] * 2, 4
+    atomic_save(ckpt, out / "last.pt")
+    capsys.readouterr()
+    assert pretrain("--out", str(out), "--resume", "auto", "--max-steps", "2", "--batch-size", "8") == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "--resume: this run reads tar shards, dealt to its 2 process(es) when it stopped in the middle of epoch 0; "
+        "1 would repeat or miss samples of that epoch: launch it with 2 process(es) (torchrun --nproc-per-node 2)")
+    assert safe_load(out / "last.pt")["step"] == 1
+
+
+@pytest.mark.slow
 def test_a_run_of_two_processes_goes_on_as_one_with_the_same_global_batch(tmp_path):
     """2 processes x batch 4 stopped at step 3 of 4 (mid-epoch), resumed by one with batch 8, by one with batch 4 x
     accum 2, and by two with batch 2 x accum 2: each step reads the same samples (each seeded by its index), so the
