@@ -69,8 +69,9 @@ def run_end(config, task_class, point, out: Path, world_size: int) -> RunEnd | N
     """Where the checkpoint resumed (``point``: what was read of it, a :class:`~lomar.train.run_resume.ResumePoint`)
     stands when it is the end of the run the settings make, in ``out`` its own folder (a resume into another, or with
     ``--overwrite``, prepares the folder as any resume does) and nothing the model writes at the end is missing; None
-    otherwise, and wherever only the built run can tell: a checkpoint of another process count (refused, naming the
-    count), one that does not read. ValueError (:func:`resumed_past_end`) where its counts put it past that end, or
+    otherwise, and wherever only the built run can tell: a checkpoint of another process count (which goes on where
+    the global batch is kept: :func:`~lomar.train.process_count.other_processes`), one that does not read. ValueError
+    (:func:`resumed_past_end`) where its counts put it past that end, or
     (:func:`~lomar.train.schedule.schedule_overrun`) that end past the lr schedule's that ``task_class`` tells unbuilt
     (:meth:`~lomar.train.task.Task.lr_schedule_of`): settings refusals, made before the model is built and its weights
     or pretrained encoder read."""
