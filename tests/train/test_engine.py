@@ -220,6 +220,15 @@ def test_a_shard_run_saved_seeding_by_path_resumes_so(tmp_path, shard_folders, m
     assert "shard_seed_root" not in safe_load(resumed / "last.pt")  # and its later resumes alike
 
 
+def test_a_folder_run_resumed_on_shards_seeds_them_by_name_under_their_folder(tmp_path, image_dir, image_shard):
+    """A checkpoint without shard_seed_root is a shard run's saved before it, or a run that read no shards: one of a
+    folder, resumed on shards (--data may change), seeded them by path ever after, so moved they trained otherwise."""
+    out = str(tmp_path / "run")
+    assert pretrain("--data", str(image_dir), "--out", out, "--max-steps", "1") == 0
+    assert pretrain("--data", str(image_shard), "--out", out, "--max-steps", "2", "--resume", "auto") == 0
+    assert safe_load(tmp_path / "run" / "last.pt")["shard_seed_root"] == "common"
+
+
 def test_a_mid_epoch_resume_on_tar_shards_keeps_the_worker_count(tmp_path, image_shard, capsys):
     """Tar shards are dealt to the loader's workers: resumed in the middle of an epoch with another --workers, the
     run went on with another stream of samples than the uninterrupted run's, without a word."""

@@ -24,6 +24,7 @@ from lomar.checkpoints.sharded import consolidate
 from lomar.data.device_decode import decode_dataset
 from lomar.data.folder import build_pretrain_dataset
 from lomar.data.samplers import EpochSampler
+from lomar.data.shards import is_shard_pattern
 from lomar.errors import FULL_DISK, UNWRITABLE, UsageError, said_by_first_on_machine
 from lomar.eval.knn import KnnMonitor
 from lomar.methods import get_method
@@ -201,7 +202,10 @@ class PretrainTask(Task):
                 f"--resume: the tokenizer {self.config.tokenizer}", self.tokenizer_digest, saved, "this run",
                 "its targets would change mid-run; restore that file, or start a new run with another --out")):
             raise UsageError(refusal)
-        if self.iterable and state.get("shard_seed_root") != "common":  # saved before: its samples seeded by path
+        # no shard_seed_root: a shard run saved before it, its samples seeded by path, which go on so (a run that read
+        # no shards, resumed on them, seeds them as a new run does)
+        read = (state.get("config") or {}).get("data")
+        if self.iterable and state.get("shard_seed_root") != "common" and read and is_shard_pattern(str(read)):
             self.base_dataset.seed_root = self.dataset.seed_root = ""
         # --data may change on resume; a sample index then points at another file: the run goes on, not exactly
         listed = state.get("data_listing")  # none in runs saved before it was kept
