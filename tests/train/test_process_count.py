@@ -141,3 +141,22 @@ def test_a_finetune_of_two_processes_goes_on_as_one_saying_it_is_not_bit_for_bit
            "own random stream (drop path, mixup), so it goes on as the same run statistically, not bit for bit" in log
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+
+
+def test_what_the_built_run_checks_of_the_checkpoint():
+    """The lifecycle's check (a Python caller's settings skip the resolution's): the run's --accum-steps to convert
+    the micro-batches done, and the refusals; finetune's "config" is its model's, its settings "settings"."""
+    from lomar.train.process_count import other_processes
+
+    two = {"rng_ranks": [{}, {}], "config": {"batch_size": 4, "accum_steps": 1}}
+    assert other_processes(two, 8, 1, 1, sharded=False) == (2, 1)
+    assert other_processes(two, 4, 2, 1, sharded=False) == (2, 1)
+    assert other_processes(two, 2, 2, 2, sharded=False) == (2, 1)  # the same number, another --accum-steps
+    assert other_processes(two, 4, 1, 2, sharded=False) is None
+    assert other_processes({"config": two["config"]}, 8, 1, 1, sharded=False) is None  # no count saved
+    with pytest.raises(ValueError, match=r"has 1; its global batch \(4 x accum 1 x 2 = 8\).* --batch-size 8 or "):
+        other_processes(two, 4, 1, 1, sharded=False)
+    with pytest.raises(ValueError, match=r"FSDP state is sharded over 2 process\(es\) and this launch has 1; launch"):
+        other_processes(two, 8, 1, 1, sharded=True)
+    tuned = {"rng_ranks": [{}, {}], "config": {"embed_dim": 32}, "settings": {"batch_size": 2, "accum_steps": 2}}
+    assert other_processes(tuned, 4, 2, 1, sharded=False) == (2, 2)
