@@ -168,6 +168,22 @@ def _stub_loader(tmp_path: Path, source: str) -> Path:
     return tmp_path / "stub"
 
 
+def _ended(pid: int, within: float) -> bool:
+    """Whether process ``pid`` ends within ``within`` seconds: gone, or a zombie (killed, not yet reaped)."""
+    import time
+
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
 def _stand_in(tmp_path: Path, script: str, **settings: str) -> dict[str, str]:
     """The check's CPU-mode environment whose venv's python is ``script`` (bash), standing in for each part's command;
     ``settings`` are added (``OUT`` is ``tmp_path/gc`` unless given)."""
@@ -242,6 +258,7 @@ def test_a_test_set_that_hangs_is_stopped_at_its_own_limit_and_the_others_are_ma
                              start_new_session=True)
     try:
         code = check.wait(timeout=60)  # before: the camera set's 120 s, within the sets' one limit of 300 s
+        writer_ended = _ended(int(writer.read_text()), within=10)  # looked at before the clean-up below kills it
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(check.pid, signal.SIGKILL)
@@ -253,11 +270,7 @@ def test_a_test_set_that_hangs_is_stopped_at_its_own_limit_and_the_others_are_ma
     ft = tmp_path / "work" / "ft"
     assert sorted(p.relative_to(ft).as_posix() for p in ft.rglob("imagenet-*")) == [
         "train/a/imagenet-8", "train/b/imagenet-8", "val/a/imagenet-4", "val/b/imagenet-4"], log
-    try:  # the set's writer was stopped with it (a zombie, not yet reaped, has ended)
-        stat = Path(f"/proc/{writer.read_text()}/stat").read_text()
-        assert stat.rsplit(")", 1)[1].split()[0] == "Z", stat
-    except FileNotFoundError:
-        pass
+    assert writer_ended  # the set's writer was stopped with it
 
 
 def test_each_part_reports_its_own_status_where_bash_is_in_posix_mode(tmp_path):
