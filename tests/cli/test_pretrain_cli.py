@@ -186,6 +186,16 @@ def test_set_up_failures_are_one_line_and_exit_2(tmp_path, capsys, image_dir, ca
     assert err.count("\n") == 1 and err.startswith("lomar pretrain: error:")
 
 
+def test_the_start_line_counts_one_image_and_one_window_in_the_singular(tmp_path, capsys, image_dir):
+    data = tmp_path / "one"
+    data.mkdir()
+    shutil.copy(next(image_dir.iterdir()), data)
+    i = TINY.index("--windows")
+    assert main(["pretrain", *TINY[:i], *TINY[i + 2:], "--windows", "1", "--batch-size", "1", "--max-steps", "1",
+                 "--data", str(data), "--out", str(tmp_path / "run")]) == 0
+    assert f"; 1 image in {data}; " in (out := capsys.readouterr().out) and ", 1 window of 3x3 patches, " in out, out
+
+
 def test_shards_without_a_readable_image_blame_the_data_not_the_batch(tmp_path, capsys):
     shard = tmp_path / "random.tar"
     shard.write_bytes(bytes(range(256)) * 12)

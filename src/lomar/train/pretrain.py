@@ -131,7 +131,8 @@ class PretrainTask(Task):
         c = self.config
         preset = {"demo": "preset demo (a small model for a few CPU minutes; --preset paper: the paper's recipe)",
                   "paper": "preset paper (the original recipe; --preset demo: a small model for a few CPU minutes)"}
-        data = f"{self.size} images in {c.data}" if c.data else f"{self.size} crops an epoch of the demo photographs"
+        data = f"{counted(self.size, 'image')} in {c.data}" if c.data else \
+            f"{self.size} crops an epoch of the demo photographs"
         if not c.data and c.resume == "auto" and getattr(getattr(c, "resume_point", None), "path", None) is None:
             # as documented, but a mistyped --out looks the same: a run meant to go on would start over on the demo
             data = (f"a new run (--resume auto found no checkpoint in {c.out}) on the demo photographs (no --data), "
@@ -218,8 +219,8 @@ class PretrainTask(Task):
             raise UsageError(f"--workers {self.config.workers}: this run reads tar shards, dealt to {was} loader "
                              f"worker(s) when it stopped in the middle of epoch {state['epoch']}; another count may "
                              f"repeat or miss samples of that epoch: resume with --workers {was}")
-        now = self.info.world_size
-        if self.iterable and state.get("batches_done") and (ran := processes_of(state)) not in (None, now):
+        shards_mid_epoch = self.iterable and state.get("batches_done")
+        if shards_mid_epoch and (ran := processes_of(state)) not in (None, now := self.info.world_size):
             raise UsageError(f"--resume: this run reads tar shards, dealt to its {ran} process(es) when it stopped in "
                              f"the middle of epoch {state['epoch']}; {now} would repeat or miss samples of that "
                              f"epoch: launch it with {ran} process(es) (torchrun --nproc-per-node {ran})")
