@@ -423,7 +423,6 @@ def test_a_stop_as_a_test_set_is_forked_or_reaped_exits_143_leaving_no_set_runni
     the kill of that set's group, gone, raised ProcessLookupError, a traceback and exit 1 instead of 143. Stopped
     just after a fork: the set's process, not yet known (or in no group of its own), made its set on alone."""
     import signal
-    import time
 
     lines = SCRIPT.read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if '"$PY" - "${SETS[@]}" <<' in line) + 1
@@ -439,19 +438,11 @@ def test_a_stop_as_a_test_set_is_forked_or_reaped_exits_143_leaving_no_set_runni
         code = subprocess.run([sys.executable, str(tmp_path / "harness.py"), window, str(pid_file),
                                str(tmp_path / "sets.py"), str(tmp_path / "set")], env=env, stdout=subprocess.DEVNULL,
                               stderr=file, timeout=60).returncode
-    child, alive = int(pid_file.read_text()), True
-    try:
-        deadline = time.monotonic() + 10
-        while alive and time.monotonic() < deadline:
-            try:  # a zombie (killed, its parent gone, not yet reaped) has ended
-                alive = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-            except FileNotFoundError:
-                alive = False
-            time.sleep(0.05 if alive else 0)
-    finally:
-        if alive:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
+    child = int(pid_file.read_text())
+    alive = not _ended(child, within=10)
+    if alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
     said = stderr.read_text()
     assert code == 143 and "Traceback" not in said, said  # old code: 1, ProcessLookupError
     assert not alive  # old code (fork): the set went on being made
