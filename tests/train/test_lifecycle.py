@@ -1164,6 +1164,40 @@ def test_an_evaluation_due_every_other_epoch_widens_the_margin_at_every_epochs_e
     assert safe_load(tmp_path / "last.pt")["step"] == 12 and clock.now == 32.0  # old code: 13, 53 s
 
 
+def test_the_time_limits_margin_leaves_out_what_compiling_took(tmp_path, capsys, monkeypatch):
+    """1 s steps, 2 s saves, a model compiled in its first step (90 s, a cold --compile on a CPU) and again in the
+    first evaluation (20 s, at step 4, the end of epoch 1), both counted by compile_seconds: under a 125 s limit the
+    run goes on past step 1 (91 s) and past the epoch end of step 8 (120 s: that evaluation and save, 3 s without the
+    compile, a step and the final save fit the 5 s left) and stops at step 9 (123 s), its final save ending at 125 s.
+    The first step's 91 s taken for a step's stopped the run at step 1 with 34 s left; the evaluation's 23 s taken for
+    an epoch end's would stop it at step 8."""
+    from lomar.train import preemption
+
+    clock, compiled = _Clock(step_s=1.0, save_s=2.0), []
+
+    def compile_once(seconds: float) -> None:  # a stand-in for torch.compile's: the time passes and is counted
+        if len(compiled) < 2:
+            compiled.append(seconds)
+            clock.now += seconds
+
+    class Compiled(clock.task()):
+        def loss(self, batch):
+            if not compiled:
+                compile_once(90.0)
+            return super().loss(batch)
+
+        def evaluate(self):
+            compile_once(20.0)
+            return super().evaluate()
+
+    monkeypatch.setattr(preemption, "monotonic", clock)
+    monkeypatch.setattr(preemption, "compile_seconds", lambda: sum(compiled))
+    assert run(ToyConfig(out=str(tmp_path), time_limit=125), Compiled) == 75
+    assert "time limit 2m5s: stopped at step 9 with 2s left for the save (one more step and the save would take 3s)" \
+        in capsys.readouterr().out
+    assert safe_load(tmp_path / "last.pt")["step"] == 9 and clock.now == 125.0  # old code: step 1, at 91 s
+
+
 def test_the_first_run_of_a_lomar_command_counts_its_time_limit_from_the_commands_start(tmp_path, capsys,
                                                                                        monkeypatch):
     """A command that began 50 s before its run (start-up, listing a big folder) has used a 40 s limit up: the run

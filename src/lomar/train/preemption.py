@@ -19,7 +19,7 @@ from lomar.values import duration_text  # no torch here, nor typing: `lomar --he
 
 __all__ = ["StopFlag", "Terminated", "TIME_LIMIT_EXIT", "ignore_stop_signals", "any_rank_stopping", "shut_down_workers",
            "mark_command_start", "take_command_start", "process_age", "STOP_SIGNALS",
-           "first_save_estimate"]
+           "first_save_estimate", "compile_seconds"]
 
 # sysexits' EX_TEMPFAIL, "try again later": the work is not done and resuming it is all it takes. A wrapper tells it
 # from 0 (finished, or stopped by the scheduler's own signal, which the scheduler knows of) and from 1 (failed).
@@ -51,6 +51,20 @@ def _compile_failure(exc: BaseException) -> bool:
     looked up, not imported: without it loaded, nothing was compiled."""
     dynamo = sys.modules.get("torch._dynamo.exc")
     return dynamo is not None and isinstance(exc, dynamo.BackendCompilerFailed)
+
+
+# torch.compile's timings of a frame's compile and of a backward's deferred one (in torch._dynamo.utils's
+# compilation_time_metrics: seconds, one entry each; the other keys time parts of these two)
+_COMPILE_TIMINGS = ("_compile.compile_inner", "backward._backward_impl")
+
+
+def compile_seconds() -> float:
+    """Seconds torch.compile has spent compiling in this process (0.0 before anything was compiled). torch._dynamo is
+    looked up, not imported: without it loaded, nothing was compiled."""
+    timings = getattr(sys.modules.get("torch._dynamo.utils"), "compilation_time_metrics", None)
+    if not isinstance(timings, dict):
+        return 0.0
+    return float(sum(sum(timings.get(key) or ()) for key in _COMPILE_TIMINGS))
 
 
 def process_age() -> float:
@@ -94,17 +108,20 @@ class StopFlag:
         # The margin's measures, between two stop agreements: the last few steps' seconds (the first interval, with
         # the loop's start-up, until a second), the last few steps that followed an evaluation, a save or an epoch's
         # end (its loader's start-up; the longest, as an evaluation due every few epochs is the one that passes a
-        # limit), and the last save's seconds (before one, estimated: see install).
+        # limit), and the last save's seconds (before one, estimated: see install). An interval's seconds leave out
+        # what torch.compile spent in it (compiled: compile_seconds at its start), a cost paid once: a compiled run's
+        # first step (tens of seconds on a CPU) or a recompile (an evaluation's, a new shape's) taken for what the
+        # next step costs would stop the run with most of its limit unused.
         self.steps: deque[float] = deque(maxlen=STEPS_KEPT)
         self.works: deque[float] = deque(maxlen=STEPS_KEPT)
-        self.first_step, self.save_s, self.mark = None, None, None
+        self.first_step, self.save_s, self.mark, self.compiled = None, None, None, 0.0
         self.after_work = False
         self.left = self.needed = 0.0  # at the stop: the seconds left of the limit, and those a step and save needed
         self.needed_for = ""
 
     def install(self, model=None) -> None:
         """The signal handlers, and the start of the steps' clock; ``model``: its parameters size the first save."""
-        self.mark = monotonic()
+        self.mark, self.compiled = monotonic(), compile_seconds()
         if model is not None and self.save_s is None:
             size = sum(p.numel() * p.element_size() for p in model.parameters())
             self.save_s = first_save_estimate(3 * size)  # the weights and AdamW's two moments
@@ -139,15 +156,16 @@ class StopFlag:
         """This process's stop: 2 for a signal, 1 when the time left of the limit would not hold the next step (with
         ``work_ahead``: the evaluation, save or epoch's end that comes before it) and the final save, else 0. Ends a
         step's interval."""
-        now = monotonic()
+        now, compiled = monotonic(), compile_seconds()
         if self.mark is not None:
+            took = max(0.0, now - self.mark - (compiled - self.compiled))
             if self.first_step is None:
-                self.first_step = now - self.mark
+                self.first_step = took
             elif self.after_work:
-                self.works.append(now - self.mark)
+                self.works.append(took)
             else:
-                self.steps.append(now - self.mark)
-        self.mark, self.after_work = now, work_ahead
+                self.steps.append(took)
+        self.mark, self.after_work, self.compiled = now, work_ahead, compiled
         if self.signal is not None:
             return 2
         if self.deadline is None:
