@@ -762,6 +762,7 @@ def test_a_killed_run_frees_its_folder_at_once_though_its_forked_workers_live_on
             pass
     finally:
         os.kill(worker, 9)
+        proc.stdout.close()  # else the collector closes it: a ResourceWarning (unclosed file) under -W error
 
 
 def test_a_resume_mismatch_names_what_differs():
