@@ -133,7 +133,7 @@ class PretrainTask(Task):
                   "paper": "preset paper (the original recipe; --preset demo: a small model for a few CPU minutes)"}
         data = f"{counted(self.size, 'image')} in {c.data}" if c.data else \
             f"{self.size} crops an epoch of the demo photographs"
-        if not c.data and c.resume == "auto" and getattr(getattr(c, "resume_point", None), "path", None) is None:
+        if not c.data and c.resume == "auto" and (c.resume_point is None or c.resume_point.path is None):
             # as documented, but a mistyped --out looks the same: a run meant to go on would start over on the demo
             data = (f"a new run (--resume auto found no checkpoint in {c.out}) on the demo photographs (no --data), "
                     f"{self.size} crops an epoch")
