@@ -86,9 +86,9 @@ def test_tar_shards_stopped_mid_epoch_are_not_resumed_on_another_number_of_proce
 @pytest.mark.slow
 def test_a_run_of_two_processes_goes_on_as_one_with_the_same_global_batch(tmp_path):
     """2 processes x batch 4 stopped at step 3 of 4 (mid-epoch), resumed by one with batch 8, by one with batch 4 x
-    accum 2, and by two with batch 2 x accum 2: each step reads the same samples (each seeded by its index), so the
-    losses of steps 4-6 (the second epoch's first two too) are the uninterrupted 2-process run's, up to the order of
-    sums."""
+    accum 2, and by two with batch 2 x accum 2; and back (1 -> 2), one with batch 8 stopped mid-epoch again, after step
+    5, resumed by two with batch 4: each step reads the same samples (each seeded by its index), so the losses of steps
+    4-6 (the second epoch's first two too) are the uninterrupted 2-process run's, up to the order of sums."""
     from helpers import TINY, as_torchrun, write_images
 
     data = write_images(tmp_path / "images", 36)  # 4 steps of 8 an epoch on any number of processes
@@ -103,7 +103,7 @@ def test_a_run_of_two_processes_goes_on_as_one_with_the_same_global_batch(tmp_pa
     pretrain(2, tmp_path / "straight", "--max-steps", "6")
     straight = _step_losses(tmp_path / "straight")
     pretrain(2, tmp_path / "stopped", "--max-steps", "3")
-    for copy in ("accum", "same"):
+    for copy in ("accum", "same", "back"):
         shutil.copytree(tmp_path / "stopped", tmp_path / copy)
     for world, out, batch in ((1, tmp_path / "stopped", ["--batch-size", "8"]),
                               (1, tmp_path / "accum", ["--accum-steps", "2"]),
@@ -115,6 +115,13 @@ def test_a_run_of_two_processes_goes_on_as_one_with_the_same_global_batch(tmp_pa
         assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4, 5, 6]
         assert [resumed[s] for s in range(1, 4)] == [straight[s] for s in range(1, 4)]  # the 2-process steps
         assert [resumed[s] for s in range(4, 7)] == pytest.approx([straight[s] for s in range(4, 7)], rel=1e-5)
+    # and back, 1 -> 2: one process (batch 8) stops in the second epoch, after step 5; two of batch 4 take step 6
+    pretrain(1, tmp_path / "back", "--resume", "auto", "--max-steps", "5", "--batch-size", "8")
+    log = pretrain(2, tmp_path / "back", "--resume", "auto", "--max-steps", "6", "--batch-size", "4")
+    assert "1 → 2 process(es) after step 5, the global batch kept (4 x accum 1 x 2 = 8)" in log, log[-3000:]
+    resumed = _step_losses(tmp_path / "back")
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    assert [resumed[s] for s in range(4, 7)] == pytest.approx([straight[s] for s in range(4, 7)], rel=1e-5)
 
 
 @pytest.mark.slow
