@@ -84,6 +84,36 @@ def test_tar_shards_stopped_mid_epoch_are_not_resumed_on_another_number_of_proce
 
 
 @pytest.mark.slow
+def test_tar_shards_stopped_mid_epoch_keep_their_batch_size_where_loader_workers_deal_them(tmp_path, image_dir, capsys):
+    """Shards are dealt to the loader's workers a batch at a time: another --batch-size mid-epoch, even on the same
+    number of processes with the global batch kept (batch 4 x accum 2 -> 8 x 1), reads other samples in each step and
+    repeats or misses some. The checkpoint is made one of 2 workers (their cost left out), as such a run saves it."""
+    import tarfile
+
+    from helpers import pretrain
+    from lomar.checkpoints.io import atomic_save, safe_load
+
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for image in sorted(image_dir.iterdir()):
+            tar.add(image, arcname=image.name)
+    out = tmp_path / "run"
+    assert pretrain("--data", str(shard), "--out", str(out), "--accum-steps", "2", "--max-steps", "1") == 0
+    ckpt = safe_load(out / "last.pt")
+    assert (ckpt["batches_done"], ckpt["config"]["batch_size"]) == (2, 4)  # of the epoch's 4
+    ckpt["config"]["workers"] = 2
+    atomic_save(ckpt, out / "last.pt")
+    capsys.readouterr()
+    resume = ("--out", str(out), "--resume", "auto", "--max-steps", "2", "--workers", "2")
+    assert pretrain(*resume, "--batch-size", "8", "--accum-steps", "1") == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "--batch-size 8: this run reads tar shards, dealt to 2 loader workers a batch at a time, in batches of 4 when "
+        "it stopped in the middle of epoch 0; another size may repeat or miss samples of that epoch: resume with "
+        "--batch-size 4 --accum-steps 2")
+    assert safe_load(out / "last.pt")["step"] == 1
+
+
+@pytest.mark.slow
 def test_a_run_of_two_processes_goes_on_as_one_with_the_same_global_batch(tmp_path):
     """2 processes x batch 4 stopped at step 3 of 4 (mid-epoch), resumed by one with batch 8, by one with batch 4 x
     accum 2, and by two with batch 2 x accum 2; and back (1 -> 2), one with batch 8 stopped mid-epoch again, after step

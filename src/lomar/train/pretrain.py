@@ -224,6 +224,14 @@ class PretrainTask(Task):
             raise UsageError(f"--resume: this run reads tar shards, dealt to its {ran} process(es) when it stopped in "
                              f"the middle of epoch {state['epoch']}; {now} would repeat or miss samples of that "
                              f"epoch: launch it with {ran} process(es) (torchrun --nproc-per-node {ran})")
+        # and a batch at a time, in turn: another --batch-size, its global batch kept, splits them otherwise
+        batch, workers = state.get("config", {}).get("batch_size"), self.config.workers
+        if shards_mid_epoch and workers > 1 and batch not in (None, self.config.batch_size):
+            accum = state["config"].get("accum_steps") or 1
+            raise UsageError(f"--batch-size {self.config.batch_size}: this run reads tar shards, dealt to {workers} "
+                             f"loader workers a batch at a time, in batches of {batch} when it stopped in the middle "
+                             f"of epoch {state['epoch']}; another size may repeat or miss samples of that epoch: "
+                             f"resume with --batch-size {batch}" + (f" --accum-steps {accum}" if accum > 1 else ""))
 
     def draws_per_process(self) -> bool:  # each sample's crop and mask are seeded by its index; drop path is not
         return any(getattr(module, "drop_prob", 0) for module in self.model.modules())
