@@ -257,10 +257,14 @@ from lomar.bench.loader import make_test_set
 # Each set is made by a child forked from this process (its imports done once), in a process group of its own,
 # which the set's limit kills whole (make_test_set's pool of writers too). One that fails or hangs is said, and the
 # parts that read the others still get them.
-sets, failed, child = sys.argv[1:], 0, 0
+sets, failed, child, forking, held = sys.argv[1:], 0, 0, False, 0
 
 
 def stop(signum, frame):  # the part's own limit or an outer stop: the set being made stops with this process
+    global held
+    if forking:  # the set's process not yet known, or in no group of its own: stopped once it is (below)
+        held = signum
+        return
     if child:
         try:  # a set just reaped, its group gone, before `child = 0` below
             os.killpg(child, signal.SIGKILL)
@@ -269,22 +273,22 @@ def stop(signum, frame):  # the part's own limit or an outer stop: the set being
     sys.exit(128 + signum)
 
 
-STOPS = {signal.SIGTERM, signal.SIGINT}
 signal.signal(signal.SIGTERM, stop)
 signal.signal(signal.SIGINT, stop)
 for i in range(0, len(sets), 4):
     out, kind, count, limit = sets[i], sets[i + 1], int(sets[i + 2]), float(sets[i + 3])
     sys.stdout.flush()
     sys.stderr.flush()
-    # held from the fork until the child has a group for stop() to kill: one now would miss the child, which made
-    # its set on after this process had gone
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+    # a stop from the fork until the child has a group for stop() to kill is held: one then would miss the child,
+    # which made its set on after this process had gone. Held by a flag, not a signal mask: a mask is this thread's,
+    # and torch's import leaves another thread here, to which the kernel then gives the signal (its handler still
+    # runs in this thread, at once)
+    forking = True
     child = os.fork()
     if child == 0:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.setpgid(0, 0)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
         try:
             make_test_set(out, kind, count)
             code = 0
@@ -298,7 +302,9 @@ for i in range(0, len(sets), 4):
         os.setpgid(child, child)  # as the child does: a kill before it has done so still finds its group
     except OSError:  # it has already (EACCES), or has ended
         pass
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
+    forking = False
+    if held:
+        stop(held, None)
     deadline = time.monotonic() + limit
     while (done := os.waitpid(child, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
