@@ -232,6 +232,13 @@ class PretrainTask(Task):
                              f"loader workers a batch at a time, in batches of {batch} when it stopped in the middle "
                              f"of epoch {state['epoch']}; another size may repeat or miss samples of that epoch: "
                              f"resume with --batch-size {batch}" + (f" --accum-steps {accum}" if accum > 1 else ""))
+        # at an epoch's start: on another number of processes, the lifecycle's note says so already
+        if self.iterable and workers > 1 and batch not in (None, self.config.batch_size) and self.info.is_main and \
+                processes_of(state) in (None, self.info.world_size):
+            print(f"lomar pretrain: note: --batch-size {self.config.batch_size} (the run's was {batch}), the global "
+                  f"batch kept: tar shards are dealt to {workers} loader workers a batch at a time, so each step from "
+                  f"epoch {state['epoch']} on reads other samples than it would have; the run goes on as the same run "
+                  f"statistically, not bit for bit", file=sys.stderr, flush=True)
 
     def draws_per_process(self) -> bool:  # each sample's crop and mask are seeded by its index; drop path is not
         return any(getattr(module, "drop_prob", 0) for module in self.model.modules())
