@@ -55,23 +55,31 @@ def test_a_resume_on_another_number_of_processes_takes_a_batch_that_keeps_the_gl
         resume_values(PretrainConfig, saved, "last.pt", {"batch_size": 8}, processes=2)
 
 
-@pytest.mark.slow
-def test_tar_shards_stopped_mid_epoch_are_not_resumed_on_another_number_of_processes(tmp_path, image_dir, capsys):
-    """Tar shards are dealt to the processes: another number mid-epoch would read another stream of samples. The
-    checkpoint is made a 2-process one (batch 4) as such a run saves it; one process with batch 8 keeps its global
-    batch, and is refused for the shards alone."""
+def _one_step_on_a_shard(tmp_path, image_dir, *args: str) -> tuple:
+    """The run folder and checkpoint of a 1-step run (helpers.TINY, ``args``) on one tar shard of ``image_dir``."""
     import tarfile
 
     from helpers import pretrain
-    from lomar.checkpoints.io import atomic_save, safe_load
+    from lomar.checkpoints.io import safe_load
 
     shard = tmp_path / "shard-000.tar"
     with tarfile.open(shard, "w") as tar:
         for image in sorted(image_dir.iterdir()):
             tar.add(image, arcname=image.name)
     out = tmp_path / "run"
-    assert pretrain("--data", str(shard), "--out", str(out), "--batch-size", "8", "--max-steps", "1") == 0
-    ckpt = safe_load(out / "last.pt")
+    assert pretrain("--data", str(shard), "--out", str(out), "--max-steps", "1", *args) == 0
+    return out, safe_load(out / "last.pt")
+
+
+@pytest.mark.slow
+def test_tar_shards_stopped_mid_epoch_are_not_resumed_on_another_number_of_processes(tmp_path, image_dir, capsys):
+    """Tar shards are dealt to the processes: another number mid-epoch would read another stream of samples. The
+    checkpoint is made a 2-process one (batch 4) as such a run saves it; one process with batch 8 keeps its global
+    batch, and is refused for the shards alone."""
+    from helpers import pretrain
+    from lomar.checkpoints.io import atomic_save, safe_load
+
+    out, ckpt = _one_step_on_a_shard(tmp_path, image_dir, "--batch-size", "8")
     assert ckpt["batches_done"] == 1  # of the epoch's 2
     ckpt["rng_ranks"], ckpt["config"]["batch_size"] = ckpt["rng_ranks"] * 2, 4
     atomic_save(ckpt, out / "last.pt")
@@ -89,18 +97,10 @@ def test_tar_shards_stopped_mid_epoch_keep_their_batch_size_where_loader_workers
     number of processes with the global batch kept (batch 4 x accum 2 -> 8 x 1), reads other samples in each step and
     repeats or misses some; at an epoch's start it goes on, saying that it is the same run statistically only. The
     checkpoint is made one of 2 workers (their cost left out), as such a run saves it."""
-    import tarfile
-
     from helpers import pretrain
     from lomar.checkpoints.io import atomic_save, safe_load
 
-    shard = tmp_path / "shard-000.tar"
-    with tarfile.open(shard, "w") as tar:
-        for image in sorted(image_dir.iterdir()):
-            tar.add(image, arcname=image.name)
-    out = tmp_path / "run"
-    assert pretrain("--data", str(shard), "--out", str(out), "--accum-steps", "2", "--max-steps", "1") == 0
-    ckpt = safe_load(out / "last.pt")
+    out, ckpt = _one_step_on_a_shard(tmp_path, image_dir, "--accum-steps", "2")
     assert (ckpt["batches_done"], ckpt["config"]["batch_size"]) == (2, 4)  # of the epoch's 4
     ckpt["config"]["workers"] = 2
     atomic_save(ckpt, out / "last.pt")
