@@ -281,8 +281,8 @@ for i in range(0, len(sets), 4):
     sys.stderr.flush()
     # a stop from the fork until the child has a group for stop() to kill is held: one then would miss the child,
     # which made its set on after this process had gone. Held by a flag, not a signal mask: a mask is this thread's,
-    # and torch's import leaves another thread here, to which the kernel then gives the signal (its handler still
-    # runs in this thread, at once)
+    # and the kernel gives the signal to another thread that has none (its handler still runs in this one, at once):
+    # OpenBLAS's, started by torch's import, live until the first fork stops them; any library's that a fork leaves
     forking = True
     child = os.fork()
     if child == 0:

@@ -423,7 +423,7 @@ def test_a_stop_as_a_test_set_is_forked_or_reaped_exits_143_leaving_no_set_runni
     """The sets' process (its code, taken from the script) stopped by SIGTERM just after a set's process was reaped:
     the kill of that set's group, gone, raised ProcessLookupError, a traceback and exit 1 instead of 143. Stopped
     just after a fork: the set's process, not yet known (or in no group of its own), made its set on alone; with the
-    signal blocked in the main thread only (e4229df), the kernel gave it to the import's other thread."""
+    signal blocked in the main thread only (e4229df), the kernel gave it to another thread of the process."""
     import signal
 
     lines = SCRIPT.read_text().splitlines()
@@ -431,7 +431,8 @@ def test_a_stop_as_a_test_set_is_forked_or_reaped_exits_143_leaving_no_set_runni
     (tmp_path / "sets.py").write_text("\n".join(lines[start:lines.index("EOF", start)]) + "\n")
     (tmp_path / "harness.py").write_text(_SETS_HARNESS)
     stub = _stub_loader(tmp_path, "import threading, time\n"  # a set that ends at once, or (after a fork) hangs
-                                  # a thread of the import's, as torch's leaves: the signal may go to it
+                                  # a thread of the import's that a fork leaves running: the signal may go to it
+                                  # (torch's import starts OpenBLAS's, which the first fork stops)
                                   "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
                                   "def make_test_set(out, kind, count):\n"
                                   "    if kind == 'fork':\n"
