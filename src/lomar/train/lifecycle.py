@@ -118,7 +118,7 @@ class _Run:
         skipped = ckpt.get("skipped_ranks")
         if other:  # the same samples in the same steps: what a rank counts is a step's micro-batches
             self.p.batches_done = ckpt["batches_done"] // other[1] * self.accum
-        if other_count := other is not None and other[0] != self.info.world_size:
+        if other is not None and other[0] != self.info.world_size:
             skipped = [list(dict.fromkeys(itertools.chain(*skipped)))] * self.info.world_size if skipped else skipped
             self.notes.append(other_processes_note(other[0], self.info.world_size, self.p.step, self.cfg.batch_size,
                                                    self.accum, self.task.draws_per_process(),
@@ -126,8 +126,7 @@ class _Run:
         self.best = ckpt.get(f"best_{self.task.best_metric}", -math.inf) if self.task.best_metric else -math.inf
         self.evaluated_step = ckpt.get("evaluated_step")  # None: a checkpoint written before it was kept
         self.skipped.restore(skipped, self.info.rank)
-        # last: building the run drew from them
-        restore_rng_states(ckpt, self.info, self.device, self.cfg.seed, other_count=other_count)
+        restore_rng_states(ckpt, self.info, self.device, self.cfg.seed)  # last: building the run drew from them
         if self.p.step > self.last_step:  # run_end could not tell: an old checkpoint, or data of shorter epochs
             raise ValueError(resumed_past_end(self.p.step, self.last_step, self.cfg, self.steps_per_epoch))
 

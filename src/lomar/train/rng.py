@@ -57,30 +57,18 @@ def gather_rng_states(info: DistInfo, device: torch.device) -> list[dict]:
     return states
 
 
-def restore_rng_states(ckpt: dict, info: DistInfo, device: torch.device, seed: int, other_count: bool = False) -> None:
-    """This rank's streams from a checkpoint's ``rng_ranks`` (:func:`gather_rng_states`), whose length is the
-    number of processes that trained the run: another number is refused (ValueError), since the global batch,
-    an lr derived from it, the epoch's length and the position in its data order (``batches_done`` counts each
-    process's batches) all depend on it, unless ``other_count`` (the caller checked that the global batch is kept:
-    :func:`~lomar.train.process_count.other_processes`). An older checkpoint, holding rank 0's ``rng`` alone, and with
-    ``other_count`` a rank the run did not have, give that rank a fresh stream of its own."""
+def restore_rng_states(ckpt: dict, info: DistInfo, device: torch.device, seed: int) -> None:
+    """This rank's streams from a checkpoint's ``rng_ranks`` (:func:`gather_rng_states`: one a process that trained
+    the run), or an older checkpoint's ``rng``, rank 0's alone. A rank the checkpoint holds none for gets a fresh
+    stream of its own: a rank past 0 of an older checkpoint, or of a resume on more processes than the run had, which
+    :func:`~lomar.train.process_count.other_processes` lets go on where the global batch is kept and refuses
+    otherwise."""
     ranks = ckpt.get("rng_ranks")
-    if ranks is not None and len(ranks) != info.world_size and other_count:
-        if info.rank < len(ranks):
-            set_rng_state(ranks[info.rank], device)
-        else:
-            seed_everything(seed + info.world_size * (ckpt.get("step", 0) + 1) + info.rank)
+    if ranks is None and "rng" in ckpt:
+        ranks = [ckpt["rng"]]
+    if ranks is None:
         return
-    if ranks is not None and len(ranks) != info.world_size:
-        launch = "as one process, without torchrun" if len(ranks) == 1 else \
-            f"with {len(ranks)} (torchrun --nproc-per-node {len(ranks)}, or --nnodes × --nproc-per-node = " \
-            f"{len(ranks)} over several machines)"
-        raise ValueError(f"--resume: this run was trained by {len(ranks)} process(es) and this launch has "
-                         f"{info.world_size}; its global batch, lr and place in the epoch's data order depend on that "
-                         f"number: launch it {launch}, or start a new run with another --out")
-    if ranks is not None:
+    if info.rank < len(ranks):
         set_rng_state(ranks[info.rank], device)
-    elif "rng" in ckpt:
-        set_rng_state(ckpt["rng"], device)
-        if info.rank:
-            seed_everything(seed + info.world_size * (ckpt.get("step", 0) + 1) + info.rank)
+    else:
+        seed_everything(seed + info.world_size * (ckpt.get("step", 0) + 1) + info.rank)
