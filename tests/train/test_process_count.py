@@ -26,8 +26,9 @@ def test_the_refusal_names_the_batch_that_keeps_the_global_batch():
                            "(4 x accum 1 x 2 = 8)") and "\n" not in said
     assert "keep the global batch with --batch-size 8 or --accum-steps 2 on 1 process(es)" in said
     assert "launch it with 2 (torchrun --nproc-per-node 2" in said
-    assert "keep the global batch with --batch-size 2 on 2 process(es)" in process_change(
-        {"batch_size": 4, "accum_steps": 1}, 1, {"batch_size": 4, "accum_steps": 1}, 2)
+    one = process_change({"batch_size": 4, "accum_steps": 1}, 1, {"batch_size": 4, "accum_steps": 1}, 2)
+    assert "keep the global batch with --batch-size 2 on 2 process(es)" in one
+    assert one.endswith("launch it as one process, without torchrun, or start a new run with another --out")
     assert "--accum-steps 3 " in process_change({"batch_size": 3, "accum_steps": 2}, 3, {"batch_size": 3,
                                                                                           "accum_steps": 2}, 2)
     assert "keep the global batch" not in process_change(saved, 2, saved, 3)  # 8 over 3: none keeps it, none named

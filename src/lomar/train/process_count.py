@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["processes_of", "process_change", "other_processes", "other_processes_note"]
+__all__ = ["processes_of", "launch_with", "process_change", "other_processes", "other_processes_note"]
 
 
 def processes_of(checkpoint: dict | None) -> int | None:
@@ -16,6 +16,14 @@ def processes_of(checkpoint: dict | None) -> int | None:
     (saved before every rank's were kept, or not read)."""
     ranks = (checkpoint or {}).get("rng_ranks")
     return len(ranks) if isinstance(ranks, list) and ranks else None
+
+
+def launch_with(count: int) -> str:
+    """How to launch ``count`` processes, as a refusal's fix says it: 'launch it ...'."""
+    if count == 1:
+        return "as one process, without torchrun"
+    return f"with {count} (torchrun --nproc-per-node {count}, or --nnodes × --nproc-per-node = {count} over several " \
+           "machines)"
 
 
 def process_change(saved: dict[str, Any], was: int, given: dict[str, Any], now: int) -> str | None:
@@ -33,8 +41,6 @@ def process_change(saved: dict[str, Any], was: int, given: dict[str, Any], now: 
         return (f"--resume: --batch-size {new_batch} x --accum-steps {new_accum} changes this run's global batch "
                 f"({batch} x accum {accum} x {was} process(es) = {total}); pass {same}, or start a new run with "
                 f"another --out")
-    launch = "as one process, without torchrun" if was == 1 else \
-        f"with {was} (torchrun --nproc-per-node {was}, or --nnodes × --nproc-per-node = {was} over several machines)"
     keep, each = [], total // now
     if total % now == 0:
         if each % new_accum == 0:
@@ -46,7 +52,7 @@ def process_change(saved: dict[str, Any], was: int, given: dict[str, Any], now: 
     kept = f"keep the global batch with {' or '.join(keep)} on {now} process(es), " if keep else ""
     return (f"--resume: this run was trained by {was} process(es) and this launch has {now}; its global batch "
             f"({batch} x accum {accum} x {was} = {total}), the lr it gives and its place in the epoch's data order "
-            f"depend on that: {kept}launch it {launch}, or start a new run with another --out")
+            f"depend on that: {kept}launch it {launch_with(was)}, or start a new run with another --out")
 
 
 def other_processes(ckpt: dict, batch_size: int, accum: int, now: int, sharded: bool) -> tuple[int, int] | None:
@@ -70,8 +76,7 @@ def other_processes(ckpt: dict, batch_size: int, accum: int, now: int, sharded: 
         raise ValueError(refusal)
     if sharded:
         raise ValueError(f"--resume: this run's FSDP state is sharded over {was} process(es) and this launch has "
-                         f"{now}; launch it with {was} (torchrun --nproc-per-node {was}, or --nnodes × "
-                         f"--nproc-per-node = {was} over several machines), or start a new run with another --out")
+                         f"{now}; launch it {launch_with(was)}, or start a new run with another --out")
     return was, saved.get("accum_steps") or accum
 
 
