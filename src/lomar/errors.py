@@ -15,7 +15,8 @@ import time
 from collections.abc import Iterator
 
 __all__ = ["LomarError", "UsageError", "ANSI_ESCAPE", "FULL_DISK", "UNWRITABLE", "full_disk_words", "first_on_machine",
-           "said_by_first_on_machine", "leave_it_to_the_first_process", "FIRST_PROCESS_WAIT", "in_flags"]
+           "said_by_first_on_machine", "leave_it_to_the_first_process", "FIRST_PROCESS_WAIT", "in_flags",
+           "exception_line"]
 
 # A terminal colour code, as torch's and other libraries' messages carry: dropped from a message that is read
 # (lomar.checkpoints.io) or shown on one line (lomar.cli.app).
@@ -24,6 +25,13 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # written (read-only, not permitted). Saves (single-process and sharded) and the CLI's messages read the same groups.
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def exception_line(exc: BaseException) -> str:
+    """An exception's message in one line, as a skip warning or a refusal quotes it: its first line, or its type's
+    name where it has no message (Pillow's EOFError(), a SyntaxError without text)."""
+    lines = str(exc).splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def full_disk_words(code: int | None) -> str:

@@ -481,3 +481,15 @@ def test_an_image_pillow_fails_to_decode_with_its_own_value_error_is_named():
     struct.pack_into("<HH", data, frame + 5, 0, 0)
     with pytest.raises(ValueError, match=r"^cannot decode image frame\.gif: tile cannot extend outside image$"):
         decode_bytes(bytes(data), "frame.gif")
+
+
+def test_a_skipped_sample_whose_error_has_no_message_is_named_by_the_errors_type(caplog):
+    """A damaged file can raise an exception without a message (an EOFError(), a SyntaxError without text): the
+    skip line quotes its type, where taking the first line of an empty message failed with an IndexError inside a
+    loader worker (errors.exception_line, which every decode message quotes an exception by)."""
+    from lomar.data.collate import Skipped
+    from lomar.errors import exception_line
+
+    assert Skipped.warned(EOFError(), 3, set()) == "EOFError"
+    assert exception_line(ValueError("cannot decode image a.png: broken\ntraceback-like detail")) == (
+        "cannot decode image a.png: broken")

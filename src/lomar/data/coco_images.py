@@ -10,7 +10,7 @@ from pathlib import Path
 from lomar.data.coco import CocoSplit, size_mismatch
 from lomar.data.collate import UNREADABLE_LIMIT
 from lomar.data.decode import open_pil, oriented_size, read_image_bytes
-from lomar.errors import UsageError
+from lomar.errors import UsageError, exception_line
 
 __all__ = ["unusable_image", "check_split_images"]
 
@@ -23,9 +23,9 @@ def unusable_image(split: CocoSplit, image: dict) -> str | None:
         with open_pil(read_image_bytes(path), str(path)) as opened:
             upright, stored = oriented_size(opened), opened.size[::-1]
     except ValueError as exc:  # open_pil's and read_image_bytes' name the file
-        return str(exc).splitlines()[0]
+        return exception_line(exc)
     except OSError as exc:  # oriented_size's, from a PNG decoded to look for EXIF after its pixels, name none
-        return f"cannot decode image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        return f"cannot decode image {path}: {exception_line(exc)}"
     if upright != (round(image["height"]), round(image["width"])):
         return size_mismatch(path, upright, stored, split.path, image["width"], image["height"])
     return None

@@ -13,6 +13,8 @@ from functools import partial
 
 import torch
 
+from lomar.errors import exception_line
+
 __all__ = ["collate_pretrain", "collate_labelled", "collate_labelled_refill", "refilled", "LabelledBatch",
            "Skipped", "split_skipped", "BadDataTracker", "UNREADABLE_LIMIT"]
 
@@ -28,7 +30,7 @@ class Skipped(str):
     def warned(cls, exc: Exception, index: int, warned: set[int]) -> Skipped:
         """``exc``'s first line as the sample's place; a warning of it once per sample and process (``warned``:
         the indices warned of), not every epoch."""
-        line = cls(str(exc).splitlines()[0])
+        line = cls(exception_line(exc))
         if index not in warned:
             warned.add(index)
             log.warning("skipped image: %s", line)

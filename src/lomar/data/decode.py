@@ -28,6 +28,7 @@ from lomar.data.headers import declared_size, foreign_format, jpeg_single_scan, 
 from lomar.data.jpeg_cut import cut_message, cut_short, grey_corner
 from lomar.data.pathtable import dangling_link
 from lomar.data.png_cut import PNG_CUT, png_cut_message, png_cut_short
+from lomar.errors import exception_line
 from lomar.limits import env_limit
 
 __all__ = ["IMAGE_EXTENSIONS", "WIDE_MODES", "is_image_name", "file_suffix", "max_image_pixels", "max_image_bytes",
@@ -206,7 +207,7 @@ def exif_orientation(img: Image.Image) -> int | None:
         except OSError:
             raise
         except Exception as exc:  # SyntaxError, EOFError...: a damaged file, as the datasets' readers catch it
-            raise OSError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+            raise OSError(exception_line(exc)) from exc
         if hasattr(source, "getvalue") and png_cut_short(img, source.getvalue()):
             raise OSError(PNG_CUT)
     try:
@@ -296,8 +297,7 @@ def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = No
             raise  # ours (the header checks', the modes', a cut JPEG's), naming the file
         # Pillow's own errors name no file, its ValueErrors too (a GIF frame of 0x0: 'tile cannot extend outside
         # image'), and the datasets' skip warnings print the message alone
-        raise ValueError(f"cannot decode image {name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                         ) from exc
+        raise ValueError(f"cannot decode image {name}: {exception_line(exc)}") from exc
 
 
 def _whole(image: torch.Tensor, data: bytes, name: str, kind: str | None) -> torch.Tensor:

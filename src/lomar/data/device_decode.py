@@ -33,6 +33,7 @@ from lomar.data import collate
 from lomar.data.decode_share import DecodeShare
 from lomar.data.fast_decode import FastPretrainDataset, draft_decode_crop, gpu_decode_crops
 from lomar.data.folder import ImageListDataset
+from lomar.errors import exception_line
 
 __all__ = ["DEVICE_DECODE_TYPES", "Decoding", "decode_dataset", "EncodedPretrainDataset", "collate_encoded",
            "decode_batch", "DeviceDecode", "decoded_ahead"]
@@ -200,7 +201,7 @@ def _decode_rows(datas: list[torch.Tensor], boxes: list[torch.Tensor], flips: li
         except RuntimeError as exc:
             # torchvision's first line leads with its source file and line ("decode_jpeg, .../decode_jpeg.cpp:171,
             # Image is incomplete or truncated"): the user needs the last part
-            line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            line = exception_line(exc)
             out.append(f"the {decoder} device JPEG decoder refused it ({_SOURCE_PLACE.sub('', line)}); replace or "
                        f"remove it")
     return out

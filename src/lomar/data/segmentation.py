@@ -29,6 +29,7 @@ from lomar.data.decode import JPEG_FORMATS, is_image_name, load_image, open_pil,
 from lomar.data.pathtable import PathTable
 from lomar.data.png_cut import png_cut_short
 from lomar.data.transforms import sample_generator, sample_key
+from lomar.errors import exception_line
 
 __all__ = ["IGNORE", "MAX_CLASS_ID", "MEAN", "STD", "CLASS_LIST", "SegmentationFolder", "read_labels", "eval_scale",
            "collate_segmentation", "class_names"]
@@ -60,7 +61,7 @@ def read_labels(path: Path) -> np.ndarray:
         data = read_image_bytes(path)
         image = open_pil(data, str(path))
     except (ValueError, OSError) as exc:
-        raise ValueError(f"annotation {path} cannot be read ({str(exc).splitlines()[0]}); rewrite it as a PNG of "
+        raise ValueError(f"annotation {path} cannot be read ({exception_line(exc)}); rewrite it as a PNG of "
                          f"class ids") from None
     with image:
         if image.format in (*JPEG_FORMATS, "WEBP"):  # named .png, but lossy: ids can blur into others at edges
@@ -72,7 +73,7 @@ def read_labels(path: Path) -> np.ndarray:
         try:
             labels = np.asarray(image)
         except Exception as exc:  # cut short after its header (OSError), a broken chunk (SyntaxError), ...
-            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            why = exception_line(exc)
             raise ValueError(f"annotation {path} cannot be read ({why}); rewrite it as a PNG of class ids") from None
         if image.format == "PNG" and png_cut_short(image, data):  # its last rows would read as class 0
             raise ValueError(f"annotation {path} cannot be read (its pixel data ends before the last rows its header "
@@ -88,7 +89,7 @@ def _check_pair(image: Path, annotation: Path) -> int:
             height, width = oriented_size(opened)
             stored = opened.size[::-1]
     except (ValueError, OSError) as exc:
-        raise ValueError(f"image {image} cannot be read ({str(exc).splitlines()[0]}); replace or remove it with "
+        raise ValueError(f"image {image} cannot be read ({exception_line(exc)}); replace or remove it with "
                          f"its annotation") from None
     if labels.shape != (height, width):
         # a labelling tool that ignores EXIF draws on the stored frame: the file's own size then matches, so say why

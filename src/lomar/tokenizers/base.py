@@ -10,6 +10,7 @@ from safetensors import safe_open
 from torch import nn
 
 from lomar.checkpoints.io import starts_as_safetensors
+from lomar.errors import exception_line
 
 __all__ = ["Tokenizer", "FORMAT_KEY", "check_tokenizer_file", "is_safetensors", "is_pickled", "safetensors_metadata",
            "CONVERT_HINT", "FIT_HINT", "TOKENIZER_FILES"]
@@ -105,6 +106,6 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as handle:
             return dict(handle.metadata() or {})
     except Exception as exc:  # safetensors' own error type is not a ValueError
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = exception_line(exc)
         raise ValueError(f"{path} is not a readable safetensors file ({reason}); the file is damaged or "
                          f"not a tokenizer") from None
