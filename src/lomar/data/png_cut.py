@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["PNG_CUT", "png_rows_missing", "png_cut_short", "png_cut_message"]
+__all__ = ["PNG_CUT", "png_cut_short", "png_cut_message"]
 
 _CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type: grey, RGB, palette, grey + alpha, RGBA
 _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
@@ -40,39 +41,45 @@ def _raw_size(width: int, height: int, depth: int, colour: int, interlaced: bool
     return total
 
 
+def _chunks(data: bytes) -> Iterator[tuple[bytes, int, int]]:
+    """(type, offset of its data, length) of each chunk whose header the file holds, in order."""
+    i = 8
+    while i + 8 <= len(data):
+        length = struct.unpack_from(">I", data, i)[0]
+        yield data[i + 4:i + 8], i + 8, length
+        i += 12 + length
+
+
 def _header(data: bytes) -> tuple[int, int, int, int, bool] | None:
     """(width, height, bit depth, colour type, interlaced) of the IHDR Pillow decodes by: the last one before the
     pixel data (a second IHDR replaces the first; its size is the one ``open_pil`` checked). None if none is read."""
-    found, i = None, 8
-    while i + 8 <= len(data) and data[i + 4:i + 8] not in (b"IDAT", b"IEND"):
-        length = struct.unpack_from(">I", data, i)[0]
-        if data[i + 4:i + 8] == b"IHDR" and i + 21 <= len(data):
-            width, height, depth, colour, _, _, interlace = struct.unpack_from(">IIBBBBB", data, i + 8)
+    found = None
+    for kind, at, _ in _chunks(data):
+        if kind in (b"IDAT", b"IEND"):
+            break
+        if kind == b"IHDR" and at + 13 <= len(data):
+            width, height, depth, colour, _, _, interlace = struct.unpack_from(">IIBBBBB", data, at)
             found = width, height, depth, colour, interlace == 1
-        i += 12 + length
     return found
 
 
-def png_rows_missing(data: bytes) -> bool:
-    """Whether the IDAT chunks of this PNG inflate to fewer bytes than its IHDR's rows need. Inflated in pieces,
-    counted and dropped: no copy of the image is kept. False where the file cannot be read that far (the decoder
-    has said why)."""
-    header = _header(data)
-    need = _raw_size(*header) if header else None
+def _rows_missing(data: bytes, header: tuple[int, int, int, int, bool]) -> bool:
+    """Whether the IDAT chunks of this PNG inflate to fewer bytes than its IHDR's (``header``'s) rows need. Inflated
+    in pieces, counted and dropped: no copy of the image is kept. False where the file cannot be read that far (the
+    decoder has said why)."""
+    need = _raw_size(*header)
     if need is None:
         return False
-    inflate, got, i, view = zlib.decompressobj(), 0, 8, memoryview(data)
+    inflate, got, view = zlib.decompressobj(), 0, memoryview(data)
     try:
-        while i + 8 <= len(data) and got < need:
-            length, kind = struct.unpack_from(">I", data, i)[0], data[i + 4:i + 8]
+        for kind, at, length in _chunks(data):
+            if got >= need or kind == b"IEND":
+                break
             if kind == b"IDAT":
-                piece = view[i + 8:i + 8 + length]
+                piece = view[at:at + length]
                 while piece and got < need:
                     got += len(inflate.decompress(piece, 1 << 20))
                     piece = inflate.unconsumed_tail
-            elif kind == b"IEND":
-                break
-            i += 12 + length
     except zlib.error:
         return False
     return got < need
@@ -89,11 +96,11 @@ def _last_written(width: int, height: int, interlaced: bool) -> tuple[int, slice
 
 def png_cut_short(img: Image.Image, data: bytes) -> bool:
     """Whether ``img``, a PNG loaded from ``data``, ends in rows its data never held: the pixels its last raw row
-    fills decoded all zero and :func:`png_rows_missing`."""
+    fills decoded all zero and its pixel data inflates to fewer bytes than its header's rows need."""
     header = _header(data)
     row, columns = _last_written(img.width, img.height, bool(header and header[4]))
     last = np.asarray(img.crop((0, row, img.width, row + 1)))[0, columns]
-    return not last.any() and png_rows_missing(data)
+    return not last.any() and header is not None and _rows_missing(data, header)
 
 
 PNG_CUT = ("its PNG pixel data ends before the last rows its header declares (the file was cut short or its header "
