@@ -205,6 +205,10 @@ def test_a_pattern_the_shell_expanded_is_named_with_its_fix(tmp_path, monkeypatc
         "lomar pretrain: error: unrecognized arguments: shards/s1.tar.gz shards/s2.tar.gz; --data takes one value and "
         "the shell gave it 3 paths (an unquoted pattern): quote it, lomar expands tar shard patterns itself "
         "(--data 'shards/*.tar.gz') (see lomar pretrain --help)\n")
+    for earlier in (["--out"], ["--epochs", "2", "--resume"]):  # the same path under another flag before --data
+        assert main(["pretrain", *earlier, "shards/s1.tar.gz", "--data", "shards/s0.tar.gz", "shards/s1.tar.gz",
+                     "shards/s2.tar.gz"]) == 2
+        assert capsys.readouterr().err.endswith(" (--data 'shards/*.tar.gz') (see lomar pretrain --help)\n")
     assert main(["knn", "ck.pt", "--data", "d0", "d1", "d2"]) == 2
     assert capsys.readouterr().err.endswith(
         "unrecognized arguments: d1 d2; --data takes one value and the shell gave it 3 paths (an unquoted pattern): "

@@ -77,8 +77,11 @@ def expanded_by_shell(argv: list[str], unknown: list[str], shards: bool) -> str:
     operands = [token for token in unknown if not token.startswith("-")]  # each one of argv's tokens
     if not operands:
         return ""
-    at = argv.index(operands[0])
-    if at < 2 or not argv[at - 2].startswith("--") or "=" in argv[at - 2]:
+    # the first leftover follows a flag and its one value; the same path given earlier as a flag's value (`--out
+    # s1.tar --data s0.tar s1.tar`) follows that flag itself
+    at = next((i for i, token in enumerate(argv) if token == operands[0] and i >= 2 and argv[i - 2].startswith("--")
+               and "=" not in argv[i - 2] and not argv[i - 1].startswith("-")), None)
+    if at is None:
         return ""
     flag, end = argv[at - 2], next((i for i in range(at, len(argv)) if argv[i].startswith("-")), len(argv))
     paths = argv[at - 1:end]
