@@ -194,14 +194,12 @@ def test_what_the_built_run_checks_of_the_checkpoint():
     from lomar.train.process_count import other_processes
 
     two = {"rng_ranks": [{}, {}], "config": {"batch_size": 4, "accum_steps": 1}}
-    assert other_processes(two, 8, 1, 1, sharded=False) == (2, 1)
-    assert other_processes(two, 4, 2, 1, sharded=False) == (2, 1)
-    assert other_processes(two, 2, 2, 2, sharded=False) == (2, 1)  # the same number, another --accum-steps
-    assert other_processes(two, 4, 1, 2, sharded=False) is None
-    assert other_processes({"config": two["config"]}, 8, 1, 1, sharded=False) is None  # no count saved
+    assert other_processes(two, 8, 1, 1) == (2, 1)
+    assert other_processes(two, 4, 2, 1) == (2, 1)
+    assert other_processes(two, 2, 2, 2) == (2, 1)  # the same number, another --accum-steps
+    assert other_processes(two, 4, 1, 2) is None
+    assert other_processes({"config": two["config"]}, 8, 1, 1) is None  # no count saved
     with pytest.raises(ValueError, match=r"has 1; its global batch \(4 x accum 1 x 2 = 8\).* --batch-size 8 or "):
-        other_processes(two, 4, 1, 1, sharded=False)
-    with pytest.raises(ValueError, match=r"FSDP state is sharded over 2 process\(es\) and this launch has 1; launch"):
-        other_processes(two, 8, 1, 1, sharded=True)
+        other_processes(two, 4, 1, 1)
     tuned = {"rng_ranks": [{}, {}], "config": {"embed_dim": 32}, "settings": {"batch_size": 2, "accum_steps": 2}}
-    assert other_processes(tuned, 4, 2, 1, sharded=False) == (2, 2)
+    assert other_processes(tuned, 4, 2, 1) == (2, 2)

@@ -99,8 +99,7 @@ class _Run:
             meta = safe_load(path / "meta.pt")
         if not task_loaded:
             self.task.load(meta if ckpt is None else ckpt)  # first: its refusal names the cause
-        other = other_processes(meta if ckpt is None else ckpt, self.cfg.batch_size, self.accum, self.info.world_size,
-                                sharded=ckpt is None)
+        other = other_processes(meta if ckpt is None else ckpt, self.cfg.batch_size, self.accum, self.info.world_size)
         if ckpt is None:  # a sharded folder (a file's ckpt comes from preload): every rank loads its shards
             ckpt = load_sharded(self.task.model, self.optimizer, path, meta)
             check_weights(self.task.model, self.info.enabled, resume=path)  # a file's are checked as it is read
@@ -122,7 +121,7 @@ class _Run:
             skipped = [list(dict.fromkeys(itertools.chain(*skipped)))] * self.info.world_size if skipped else skipped
             self.notes.append(other_processes_note(other[0], self.info.world_size, self.p.step, self.cfg.batch_size,
                                                    self.accum, self.task.draws_per_process(),
-                                                   getattr(self.task, "iterable", False)))
+                                                   getattr(self.task, "iterable", False), self.task.sharded))
         self.best = ckpt.get(f"best_{self.task.best_metric}", -math.inf) if self.task.best_metric else -math.inf
         self.evaluated_step = ckpt.get("evaluated_step")  # None: a checkpoint written before it was kept
         self.skipped.restore(skipped, self.info.rank)

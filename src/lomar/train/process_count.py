@@ -55,12 +55,13 @@ def process_change(saved: dict[str, Any], was: int, given: dict[str, Any], now: 
             f"depend on that: {kept}launch it {launch_with(was)}, or start a new run with another --out")
 
 
-def other_processes(ckpt: dict, batch_size: int, accum: int, now: int, sharded: bool) -> tuple[int, int] | None:
+def other_processes(ckpt: dict, batch_size: int, accum: int, now: int) -> tuple[int, int] | None:
     """(the processes that trained the run, the --accum-steps it trained with) where ``ckpt`` was saved by another
     number of processes than ``now`` or with another --accum-steps than ``accum``, and ``batch_size`` x ``accum``
     keep its global batch; None where both are the same (or the number unknown: saved before every rank's RNG
     states were kept). ValueError where another number cannot go on: its global batch would change
-    (:func:`process_change`), or its state is sharded over its processes (``sharded``: FSDP's)."""
+    (:func:`process_change`). An FSDP run's sharded state goes on too: DCP records each tensor's global shape and
+    its chunks, and reads onto any sharding what each rank's new shards need (:func:`lomar.train.fsdp.load_sharded`)."""
     was = processes_of(ckpt)
     if was is None:
         return None
@@ -74,19 +75,19 @@ def other_processes(ckpt: dict, batch_size: int, accum: int, now: int, sharded: 
         return (was, saved["accum_steps"]) if refusal is None and saved.get("accum_steps", accum) != accum else None
     if refusal:
         raise ValueError(refusal)
-    if sharded:
-        raise ValueError(f"--resume: this run's FSDP state is sharded over {was} process(es) and this launch has "
-                         f"{now}; launch it {launch_with(was)}, or start a new run with another --out")
     return was, saved.get("accum_steps") or accum
 
 
 def other_processes_note(was: int, now: int, step: int, batch_size: int, accum: int, per_process: bool,
-                         shards: bool) -> str:
+                         shards: bool, sharded: bool = False) -> str:
     """The start-up note of a resume on ``now`` processes of a run that ``was`` trained, its global batch kept
     (:func:`other_processes`); ``per_process``: the run draws from each process's own random stream (drop path,
-    mixup), ``shards``: it reads tar shards, dealt to the processes."""
+    mixup), ``shards``: it reads tar shards, dealt to the processes, ``sharded``: its model and optimizer state are
+    FSDP's, sharded over the processes."""
     head = (f"{was} → {now} process(es) after step {step}, the global batch kept ({batch_size} x accum {accum} x "
             f"{now} = {batch_size * accum * now})")
+    if sharded:
+        head += f", the FSDP model and optimizer state resharded over {now}"
     why = [what for what, true in (("each process draws from its own random stream (drop path, mixup)", per_process),
                                    ("tar shards are dealt to the processes anew each epoch", shards)) if true]
     if why:
