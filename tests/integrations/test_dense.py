@@ -219,3 +219,19 @@ def test_pyramid_names_tokens_given_for_a_map():
     # torch said "expected input[1, 1, 17, 32] to have 32 channels, but got 1 channels instead"
     with pytest.raises(ValueError, match=r"takes a map \(B, 32, h, w\), got \(1, 17, 32\); .*dense\.feature_maps"):
         SimpleFeaturePyramid(32, 8)(torch.randn(1, 17, 32))
+
+
+def test_a_beit_encoder_is_refused_with_the_ways_it_loads(tmp_path):
+    """A BEiT export is an export folder: 'pass an export folder' told its user nothing."""
+    from lomar.checkpoints.export_beit import export_beit_encoder
+    from lomar.integrations.dense import load_encoder
+    from lomar.models.beit import BEiT, BEiTConfig
+
+    beit = BEiT(BEiTConfig(img_size=32, patch_size=16, embed_dim=16, depth=1, num_heads=2, vocab_size=4))
+    export_beit_encoder(beit, tmp_path / "beit")
+    with pytest.raises(TypeError, match=re.escape(f"{tmp_path / 'beit'} holds a BEiT encoder; lomar.dense takes LoMaR "
+                                                  f"/ MAE ViT encoders only") + ".* timm.create_model" +
+                       re.escape(f"('local-dir:{tmp_path / 'beit'}', pretrained=True)")):
+        load_encoder(tmp_path / "beit")
+    with pytest.raises(TypeError, match=r"^this model holds a BEiT encoder.*local-dir:DIR"):
+        load_encoder(beit)

@@ -18,6 +18,7 @@ from torch import nn
 
 from lomar.checkpoints.convert import encoder_of
 from lomar.checkpoints.formats import load_model
+from lomar.models.beit import BEiT
 from lomar.models.relpos import fit_axis_tables
 from lomar.models.vit import VisionTransformer
 
@@ -128,10 +129,20 @@ def feature_maps(encoder: VisionTransformer, images: torch.Tensor, indices=(-1,)
 
 def load_encoder(source: str | Path | VisionTransformer) -> VisionTransformer:
     """An encoder from an export folder, any checkpoint (see ``lomar.checkpoints.formats.load_model``), a LoMaR or
-    MAE model (its encoder), or as is."""
-    if isinstance(source, nn.Module):
-        return encoder_of(source)
-    return encoder_of(load_model(source))
+    MAE model (its encoder), or as is; a BEiT one is refused with the ways it loads."""
+    model = source if isinstance(source, nn.Module) else load_model(source)
+    if isinstance(model, BEiT):
+        folder = not isinstance(source, nn.Module) and Path(source).is_dir()
+        raise TypeError(_BEIT_REFUSED.format(what="this model" if isinstance(source, nn.Module) else source,
+                                             path=source if folder else "DIR"))
+    return encoder_of(model)
+
+
+# timm's Beit, which those load, has no place for the windowed layout and the relative position terms used here
+_BEIT_REFUSED = ("{what} holds a BEiT encoder; lomar.dense takes LoMaR / MAE ViT encoders only (a lomar."
+                 "VisionTransformer, a LoMaR or MAE model, their export folder or checkpoint). A BEiT export loads "
+                 "as timm's Beit with timm.create_model('local-dir:{path}', pretrained=True) (a BEiT checkpoint: "
+                 "lomar export it --to DIR first) or lomar.eval.features.load_pretrained_encoder")
 
 
 def backbone_encoder(source: str | Path | VisionTransformer, window_size: int | None = None,
