@@ -414,7 +414,7 @@ def test_every_commands_file_and_folder_settings_resolve_absolute(command, paths
     from lomar.train.detect_config import DetectConfig
     from lomar.train.finetune_config import FinetuneConfig
     from lomar.train.segment_config import SegmentConfig
-    from lomar.train.settings_resume import absolute_paths
+    from lomar.train.task_config import absolute_paths
 
     cls = {"finetune": FinetuneConfig, "detect": DetectConfig, "segment": SegmentConfig, "pretrain": PretrainConfig}
     expected = {k: str(Path(v).expanduser().absolute()) for k, v in paths.items()}

@@ -165,7 +165,7 @@ def report_run_failure(command: str, exc: Exception) -> int:
 
 def training_command(config_cls, runner: str, epilog: str):
     """(add_arguments, run) of a training command: flags and YAML -> ``config_cls`` (a
-    :class:`~lomar.train.settings_resume.TaskConfig`) -> ``runner``, "module:function" imported when
+    :class:`~lomar.train.task_config.TaskConfig`) -> ``runner``, "module:function" imported when
     the run starts (torch: not for --help)."""
 
     def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,11 +18,10 @@ from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS, LAST, RUN
 from lomar.cli.common import check_output_file, resolve_device, write_json
 from lomar.errors import LomarError, UsageError, first_on_machine, in_flags, leave_it_to_the_first_process
 from lomar.train import settings as S
-from lomar.train.config_checks import EVAL_DECODES
+from lomar.train.config_checks import EVAL_DECODES, check_warmup
 from lomar.train.runtime import default_workers, use_threads
 from lomar.train.setting_flags import add_settings
 from lomar.train.settings import Setting
-from lomar.train.settings_resume import check_warmup
 
 COMMON = {
     "pretrained_path": S.PRETRAINED.but(flag="", nargs="?", metavar="PRETRAINED", help=S.PRETRAINED.help +

@@ -5,7 +5,7 @@ Where each idea lives:
 
 - the tasks, each a :class:`~lomar.train.task.Task` and its config: :mod:`.pretrain` (:mod:`.config`),
   :mod:`.finetune`, :mod:`.detect`, :mod:`.segment` (each with its ``*_config``); the checks across settings the
-  configs make (pretrain's data and methods, every task's ``--eval-only``): :mod:`.config_checks`;
+  configs make (pretrain's data and methods, every task's ``--eval-only``, the warm-up): :mod:`.config_checks`;
 - the lifecycle that runs them: :mod:`.lifecycle` (``run``: the loop, the optimizer step, checkpoints), the Task
   interface, what the loop checks (non-finite weights, skipped files) and ``--eval-only``'s scoring :mod:`.task`,
   what a Task being built knows of its resume :mod:`.task_resume`;
@@ -13,8 +13,9 @@ Where each idea lives:
   checkpoint a resume reads), :mod:`.run_end` (a resume at the run's end), :mod:`.run_logs`, :mod:`.run_lines` (what
   a run prints at its start and end), :mod:`.rng`;
 - settings, each declared once in :mod:`.settings`: its flags :mod:`.setting_flags`, the names typed
-  :mod:`.setting_names`, the settings every command shares and what a resume may change :mod:`.settings_resume`
-  (``TaskConfig``), an encoder's settings :mod:`.encoder_settings`;
+  :mod:`.setting_names`, a command's settings and their resolution :mod:`.task_config` (``TaskConfig``, which each
+  task's config extends), what a resume may change :mod:`.settings_resume`, an encoder's settings
+  :mod:`.encoder_settings`;
 - the step's machinery: :mod:`.schedule`, :mod:`.precision`, :mod:`.runtime` (allocator, optimizer kernel, compiler,
   threads), :mod:`.distributed`, :mod:`.fsdp`, :mod:`.preemption`, :mod:`.monitor`.
 """

@@ -21,10 +21,18 @@ from lomar.checkpoints.file_names import RUN_CONFIG
 from lomar.errors import first_on_machine, in_flags
 from lomar.methods import get_method, names
 from lomar.train import settings as S
-from lomar.train.config_checks import check_data, check_decode, check_fsdp, check_method_settings, parse_share
+from lomar.train.config_checks import (
+    check_data,
+    check_decode,
+    check_fsdp,
+    check_method_settings,
+    check_min_lr,
+    check_warmup,
+    parse_share,
+)
 from lomar.train.setting_names import source_of
 from lomar.train.settings import ConfigError
-from lomar.train.settings_resume import SavedRun, TaskConfig, check_min_lr, check_warmup
+from lomar.train.task_config import SavedRun, TaskConfig
 from lomar.window_counts import WINDOWS_RULE, paper_windows, parse_windows, windows_source
 
 if TYPE_CHECKING:

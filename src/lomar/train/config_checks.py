@@ -1,6 +1,7 @@
 """The configs' checks across settings: ``lomar pretrain``'s ``--fsdp``, ``--data``, ``--decode`` and the settings
 that only some methods read; finetune's, detect's and segment's ``--eval-only`` (its model, the settings it keeps,
-the training settings it leaves unread). Each raises :class:`ConfigError` naming the fix. Imports no torch."""
+the training settings it leaves unread); the warm-up and ``--min-lr`` checks of the commands with a cosine schedule.
+Each raises :class:`ConfigError` naming the fix. Imports no torch."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from lomar.train.setting_names import source_of
 from lomar.train.settings import ConfigError
 
 __all__ = ["check_fsdp", "check_data", "check_decode", "check_method_settings", "parse_share", "EVAL_DECODES",
-           "refuse_training_settings"]
+           "refuse_training_settings", "check_warmup", "check_min_lr"]
 
 
 def check_method_settings(values: dict[str, Any], declared: dict[str, S.Setting]) -> None:
@@ -160,3 +161,25 @@ def check_eval_only_model(config: Any, found: Any, model: str) -> None:
     if found is None:
         raise ConfigError(f"--pretrained {config.pretrained} is not a `lomar {config.COMMAND}` run or checkpoint; "
                           f"--eval-only scores a trained {model}")
+
+
+def check_warmup(config: Any) -> None:
+    """The warm-up within the run: the one bound a training command's settings set each other."""
+    if config.warmup_epochs < 0:
+        raise ConfigError(f"--warmup-epochs must be >= 0, got {config.warmup_epochs}")
+    if config.warmup_epochs > config.epochs:
+        fix = (f"a resumed run keeps its warm-up: pass --epochs {config.warmup_epochs:g} or more, and --max-steps N "
+               f"to stop sooner" if getattr(config, "resume", None) else "lower --warmup-epochs or raise --epochs")
+        raise ConfigError(f"--warmup-epochs must be in [0, --epochs {config.epochs}], got {config.warmup_epochs}; "
+                          f"{fix}")
+
+
+def check_min_lr(config: Any) -> None:
+    """``--min-lr`` at most the peak lr (``--lr``, or the one ``--blr`` gives): above it, the cosine would rise."""
+    from lomar.train.schedule import peak_lr  # torch: not for --help
+
+    if getattr(config, "lr", None) is not None and config.min_lr > config.lr:
+        raise ConfigError(f"--min-lr {config.min_lr} is above --lr {config.lr}; lower --min-lr")
+    if config.min_lr > (peak := peak_lr(config, int(os.environ.get("WORLD_SIZE", "1")))):  # the lr --blr gives
+        raise ConfigError(f"--min-lr {config.min_lr:g} is above the peak lr {peak:.3g} (--blr {config.blr:g} x "
+                          f"effective batch / 256): the lr would rise to it; lower --min-lr or raise --blr")

@@ -23,7 +23,7 @@ from lomar.train.encoder_settings import (
 )
 from lomar.train.setting_names import setting_of
 from lomar.train.settings import ConfigError, coerce_all
-from lomar.train.settings_resume import TaskConfig
+from lomar.train.task_config import TaskConfig
 
 __all__ = ["DetectConfig", "default_image_folder", "DETECTOR_LAYOUT"]
 

@@ -17,12 +17,14 @@ from lomar.train import settings as S
 from lomar.train.config_checks import (
     EVAL_DECODES,
     check_eval_only_model,
+    check_min_lr,
+    check_warmup,
     refuse_contradictions,
     refuse_training_settings,
 )
 from lomar.train.encoder_settings import check_pretrained, check_windows
 from lomar.train.settings import ConfigError, coerce_all
-from lomar.train.settings_resume import TaskConfig, check_min_lr, check_warmup
+from lomar.train.task_config import TaskConfig
 
 __all__ = ["FinetuneConfig", "add_finetune_arguments", "resolve_finetune_config", "split_roots"]
 

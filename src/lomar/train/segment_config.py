@@ -18,7 +18,7 @@ from lomar.train.config_checks import check_eval_only_model, refuse_contradictio
 from lomar.train.encoder_settings import check_img_size, check_pretrained, model_only_without_pretrained
 from lomar.train.setting_names import setting_of, source_of
 from lomar.train.settings import ConfigError, coerce_all
-from lomar.train.settings_resume import TaskConfig
+from lomar.train.task_config import TaskConfig
 
 __all__ = ["SegmentConfig", "SEGMENTER_OWN"]
 

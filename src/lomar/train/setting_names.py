@@ -128,7 +128,7 @@ def as_given(name: str, text: str, source: str | None) -> str:
 
 def source_of(config, name: str) -> str | None:
     """The settings file that gave ``config``'s setting ``name`` (``in_file``, kept by
-    :meth:`lomar.train.settings_resume.TaskConfig.resolve`); None where a flag or the default did."""
+    :meth:`lomar.train.task_config.TaskConfig.resolve`); None where a flag or the default did."""
     return getattr(config, "in_file", {}).get(name)
 
 
