@@ -8,7 +8,7 @@ path is opened unless it is a regular file of at most :func:`max_image_bytes`. S
 crafted file cannot expand into gigabytes, and a FIFO or a device named like an image neither
 blocks nor streams forever: each is an unreadable image (ValueError naming it), skipped and
 counted by the datasets. So is a JPEG cut short and then closed, which libjpeg and Pillow would decode with the rest
-grey (:mod:`lomar.data.jpeg_cut`).
+grey (:mod:`lomar.data.jpeg_cut`), a PNG or a TIFF whose rows end early (:mod:`~lomar.data.png_cut`, ``tiff_cut``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from lomar.data.headers import declared_size, foreign_format, jpeg_single_scan, 
 from lomar.data.jpeg_cut import cut_message, cut_short, grey_corner
 from lomar.data.pathtable import dangling_link
 from lomar.data.png_cut import PNG_CUT, png_cut_message, png_cut_short
+from lomar.data.tiff_cut import tiff_cut, tiff_cut_message
 from lomar.errors import exception_line
 from lomar.limits import env_limit
 
@@ -185,6 +186,8 @@ def _open_checked(data: bytes, name: str, kind: str | None, size: tuple[int, int
             raise ValueError(f"cannot decode image {name}: its JPEG frame headers disagree on the size ({size[0]}x"
                              f"{size[1]} first, {img.size[0]}x{img.size[1]} last); the file is damaged or crafted")
         _check_pixels(name, *img.size, limit)
+        if img.format == "TIFF" and (cut := tiff_cut(data)):  # from its tags: before a pixel is allocated
+            raise ValueError(tiff_cut_message(name, cut))
     except ValueError:
         img.close()
         raise
