@@ -177,7 +177,8 @@ def test_a_saved_config_that_does_not_describe_its_weights_is_refused_before_a_m
             read(tmp_path / "big.pt")
 
 
-def test_a_classifier_that_saved_its_config_refuses_another_num_heads_and_a_size_its_table_is_not_of(tmp_path):
+@pytest.mark.parametrize("key", ["model_spec", "vit_config"])  # vit_config alone: a classifier saved before specs
+def test_a_classifier_that_saved_its_config_refuses_another_num_heads_and_a_size_its_table_is_not_of(tmp_path, key):
     """num_heads fills in what a checkpoint without a saved ViTConfig cannot tell: one that saved its config refuses
     another in one line (not built as another model of the same weights, nor dropped without a word); a saved
     img_size that its absolute position table is not of is named with the other differences, before any build."""
@@ -187,15 +188,19 @@ def test_a_classifier_that_saved_its_config_refuses_another_num_heads_and_a_size
 
     config = replace(VIT, pos="abs")
     classifier = pretrain_checkpoint(VisionTransformer(config, num_classes=3))
+    if key == "vit_config":
+        del classifier["model_spec"]
     atomic_save(classifier, tmp_path / "classifier.pt")
     assert formats.load_model(tmp_path / "classifier.pt", num_heads=2).config == config  # its own: taken
     for read in (formats.load_model, formats.encoder_weights, load_pretrained_encoder):
-        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'classifier.pt'}: its saved vit_config gives "
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'classifier.pt'}: its saved {key} gives "
                                                        f"num_heads 2; drop num_heads=4 (a setting for checkpoints "
                                                        f"that save no ViTConfig)")):
             read(tmp_path / "classifier.pt", num_heads=4)
-    atomic_save({**classifier, "vit_config": {**config.to_dict(), "img_size": 48}}, tmp_path / "larger.pt")
-    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'larger.pt'}: its saved vit_config does not describe "
+    larger = {**config.to_dict(), "img_size": 48}
+    saved = {"model_spec": {**classifier["model_spec"], "config": larger}} if key == "model_spec" else {key: larger}
+    atomic_save({**classifier, **saved}, tmp_path / "larger.pt")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'larger.pt'}: its saved {key} does not describe "
                                                    f"its weights: img_size 48 (its weights: a position table of 16 "
                                                    f"patches)")):
         formats.load_model(tmp_path / "larger.pt")

@@ -67,11 +67,16 @@ def pretrain_checkpoint(model: nn.Module, source: str | None = None) -> dict:
     ``model_spec`` rebuilds the model (:mod:`lomar.models.spec`); ``config`` holds the ``lomar
     pretrain`` settings that describe it (what a pretraining run saves), so the checkpoint reads
     like a run's for ``lomar export``, ``visualize``, ``knn`` and ``--pretrained``. A classifier is
-    written as ``{"model", "vit_config", "num_classes", "format": "lomar-classifier-1"}``.
+    written as ``{"model", "model_spec", "vit_config", "num_classes", "format": "lomar-classifier-1"}``
+    (``vit_config``: what lomar read before specs; a subclass from outside lomar.models, timm's, saves no spec).
     """
     vit = encoder_of(model).config
     if isinstance(model, VisionTransformer):
-        return {"model": model.state_dict(), "vit_config": vit.to_dict(), "num_classes": model.num_classes,
+        try:
+            spec = {"model_spec": model_spec(model)}
+        except TypeError:
+            spec = {}
+        return {"model": model.state_dict(), **spec, "vit_config": vit.to_dict(), "num_classes": model.num_classes,
                 "format": CLASSIFIER_FORMAT, "source": source}
     method = pretrain_method(model)
     spec = model_spec(model)

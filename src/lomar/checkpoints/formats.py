@@ -10,8 +10,9 @@ Priorities run from 5 (BEiT's, whose keys overlap ours) over 10 (ours) to 90 (th
 
 A pretraining checkpoint holds a ``model_spec`` (:mod:`lomar.models.spec`), which rebuilds the
 model without training code; checkpoints written before it are read from their saved settings. A
-classifier saves its :class:`ViTConfig` (``lomar finetune``: ``config``, a classifier checkpoint:
-``vit_config``), which rebuilds it as trained; the shapes of its weights tell the rest of an encoder.
+classifier's (``lomar finetune``, :func:`~lomar.checkpoints.convert.pretrain_checkpoint`) holds one too, of its
+:class:`VisionTransformer`: its ViTConfig and head. One written before saved its ViTConfig alone (``lomar
+finetune``: ``config``, a classifier checkpoint: ``vit_config``); the shapes of its weights tell the rest.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from lomar.checkpoints.file_names import BEST, CONFIG_NAME, ENCODER_WEIGHTS, LAS
 from lomar.checkpoints.formats_beit import BEiTReader  # and registers BEiT's readers
 from lomar.checkpoints.io import mismatch, safe_load
 from lomar.checkpoints.keys import args_dict, drop_final_norm, infer_vit_config
-from lomar.checkpoints.kinds import classifier_pool, run_command
+from lomar.checkpoints.kinds import FINETUNE_FORMAT, classifier_pool, run_command
 from lomar.checkpoints.reader import (
     EncoderWeights,
     Reader,
@@ -65,21 +66,59 @@ def _refuse_other_heads(src: Source, where: str, saved: int, asked: int | None) 
                          f"checkpoints that save no ViTConfig)")
 
 
-def _saved_key(src: Source) -> str | None:
-    """Where a classifier checkpoint saved its ViTConfig (``lomar finetune``: ``config``, :func:`pretrain_checkpoint`:
-    ``vit_config``), None where it saved none (a ``config`` without a width is another run's settings)."""
-    saved = (k for k in ("config", "vit_config") if isinstance(src.data.get(k), dict) and "embed_dim" in src.data[k])
-    return next(saved, None)
+_VIT_ARCH = "lomar.models.vit:VisionTransformer"
+
+
+def _vit_spec(src: Source) -> dict | None:
+    """The model spec of a classifier or encoder checkpoint (None where it saved none). ValueError for a spec of
+    another model beside a ViT's weights, or one without its config."""
+    if (spec := src.data.get("model_spec")) is None:
+        return None
+    arch = spec.get("arch") if isinstance(spec, dict) else None
+    if arch != _VIT_ARCH:
+        raise ValueError(f"{src.path}: its model_spec names {arch!r}, not {_VIT_ARCH!r}, though its weights are a "
+                         f"ViT's")
+    if not isinstance(spec.get("config"), dict):
+        raise ValueError(f"{src.path}: its model_spec holds no config mapping (its ViTConfig)")
+    return spec
+
+
+def _saved_keys(src: Source) -> list[str]:
+    """Where a classifier checkpoint saved its ViTConfig, the one it is rebuilt from first: its ``model_spec``, and
+    where older lomars read it (``lomar finetune``: ``config``, :func:`pretrain_checkpoint`: ``vit_config``), which a
+    checkpoint saved before specs has alone (a ``config`` without a width is another run's settings)."""
+    older = [k for k in ("config", "vit_config") if isinstance(src.data.get(k), dict) and "embed_dim" in src.data[k]]
+    return (["model_spec"] if _vit_spec(src) is not None else []) + older
+
+
+def _head(src: Source) -> tuple[int, str]:
+    """(num_classes, global_pool) of a classifier or encoder checkpoint: its weights' head, pooled as its model spec
+    says (which must name that head), else as :func:`classifier_pool` tells."""
+    state = src.state
+    rows = state["head.weight"].shape[0] if "head.weight" in state else 0
+    pool = classifier_pool(src.data, state) if rows else src.data.get("global_pool") or "avg"
+    if (spec := _vit_spec(src)) is None:
+        return rows, pool
+    args = spec.get("args")
+    if not (isinstance(args, dict) and set(args) == {"num_classes", "global_pool"} and args["num_classes"] == rows
+            and args["global_pool"] in ("avg", "cls")):
+        raise ValueError(f"{src.path}: its model_spec's args {args!r} do not describe its weights ("
+                         f"{f'a head of {rows} classes' if rows else 'no head'}; global_pool 'avg' or 'cls')")
+    return rows, args["global_pool"]
 
 
 def _saved_config(src: Source, num_heads: int | None = None) -> ViTConfig | None:
-    """The ViTConfig a classifier checkpoint saved (at :func:`_saved_key`), None where it saved none. ValueError where
-    it does not describe the weights beside it, told before any model of it is built (a small file that claims huge
-    widths or sizes builds none), or where a caller's ``num_heads`` contradicts it."""
-    if (key := _saved_key(src)) is None:
-        return None
+    """The ViTConfig a classifier checkpoint saved (the first of :func:`_saved_keys`), None where it saved none.
+    ValueError where one it saved does not describe the weights beside it, told before any model of it is built (a
+    small file that claims huge widths or sizes builds none), or where a caller's ``num_heads`` contradicts it."""
+    configs = [_checked_config(src, key, num_heads) for key in _saved_keys(src)]
+    return configs[0] if configs else None
+
+
+def _checked_config(src: Source, key: str, num_heads: int | None) -> ViTConfig:
+    """The ViTConfig a classifier checkpoint saved at ``key``, checked against its weights (:func:`_saved_config`)."""
     try:
-        config = ViTConfig.from_dict(src.data[key])
+        config = ViTConfig.from_dict(src.data[key]["config"] if key == "model_spec" else src.data[key])
         shapes = infer_vit_config(src.state, {"num_heads": config.num_heads}, img_size=config.img_size)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{src.path}: its saved {key} is not its encoder's ViTConfig ({exc})") from None
@@ -175,8 +214,7 @@ class VitReader(Reader):
         refuse_unused(src.path, "a ViT classifier or encoder, no pretraining model", overrides, {"num_heads", *_FREE})
         trained, state = self.trained_config(src, overrides), src.state
         config = replace(trained, **{k: v for k, v in overrides.items() if k in _FREE})
-        num_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
-        pool = classifier_pool(src.data, state) if num_classes else src.data.get("global_pool") or "avg"
+        num_classes, pool = _head(src)
         model = VisionTransformer(config, num_classes=num_classes, global_pool=pool)
         table, source = state.get("pos_embed"), grid_size(trained.img_size, trained.patch_size)
         if model.pos_embed is not None and table is not None and (
@@ -201,7 +239,7 @@ class VitReader(Reader):
             config = self.trained_config(src, overrides)
         except ValueError as exc:  # no size to resample from: a caller's img_size is the size to resample to
             raise _unknown_grid(src) if "not a square grid" in str(exc) else exc from None
-        kind = "finetune" if _saved_key(src) == "config" else "classifier"
+        kind = "finetune" if src.data.get("format") == FINETUNE_FORMAT or "config" in _saved_keys(src) else "classifier"
         return EncoderWeights(config, dict(src.state), [], f"{kind} checkpoint")
 
 

@@ -5,8 +5,9 @@ the other constructor arguments, "prefix": where its keys start in the saved sta
 model class takes part by defining ``spec_args()`` (its constructor arguments beyond the config)
 and a ``config`` with ``to_dict``/``from_dict``; only classes of :mod:`lomar.models` are ever built.
 
-BEiT's pretraining model holds a tokenizer that is not part of its state, so its spec describes
-the :class:`~lomar.models.beit.BEiT` inside it (prefix ``beit.``): encoder, mask token and
+A :class:`~lomar.models.vit.VisionTransformer`'s args are its head (``num_classes``, ``global_pool``), so that a
+classifier's checkpoint rebuilds it too. BEiT's pretraining model holds a tokenizer that is not part of its state,
+so its spec describes the :class:`~lomar.models.beit.BEiT` inside it (prefix ``beit.``): encoder, mask token and
 ``lm_head``, which is all a checkpoint keeps (``spec_target``).
 """
 
@@ -21,13 +22,18 @@ __all__ = ["model_spec", "build_from_spec"]
 
 
 def model_spec(model: nn.Module) -> dict:
-    """The spec of a model whose class defines ``spec_args`` (LoMaR, MAE, MAEWindow, BEiT, BEiTPretrain)."""
+    """The spec of a model whose class defines ``spec_args`` (LoMaR, MAE, MAEWindow, BEiT, BEiTPretrain,
+    VisionTransformer: an encoder or classifier)."""
     target, prefix = getattr(model, "spec_target", lambda: (model, ""))()
-    # The first lomar class in the MRO: FSDP2 swaps a sharded module's class for a subclass of its own.
-    cls = next((c for c in type(target).__mro__ if c.__module__.startswith("lomar.models.") and "spec_args" in vars(c)),
-               None)
-    if cls is None:
+    # The first lomar class in the MRO: FSDP2 swaps a sharded module's class for a subclass of its own. A lomar
+    # subclass from outside lomar.models (timm's LomarVisionTransformer) builds itself otherwise: its parent's spec
+    # would describe another model.
+    mro = type(target).__mro__
+    found = next((i for i, c in enumerate(mro) if c.__module__.startswith("lomar.models.") and "spec_args" in vars(c)),
+                 None)
+    if found is None or any(c.__module__.startswith("lomar.") for c in mro[:found]):
         raise TypeError(f"{type(model).__name__} has no model spec; a lomar.models class with spec_args() has one")
+    cls = mro[found]
     return {"arch": f"{cls.__module__}:{cls.__qualname__}", "config": target.config.to_dict(),
             "args": target.spec_args(), "prefix": prefix}
 

@@ -229,6 +229,10 @@ class VisionTransformer(nn.Module):
     def embed_dim(self) -> int:
         return self.config.embed_dim
 
+    def spec_args(self) -> dict:
+        """Its constructor arguments beside the config, for its model spec (:mod:`lomar.models.spec`)."""
+        return {"num_classes": self.num_classes, "global_pool": self.global_pool}
+
     def group_matcher(self, coarse: bool = False) -> dict:
         """timm's layer grouping: the stem, one group per block, and what neither matches (the final
         ``norm`` or ``fc_norm``, the head) as the top one, MAE's ``get_layer_id_for_vit``. It drives timm's

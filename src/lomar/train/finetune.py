@@ -38,6 +38,7 @@ from lomar.data.folder import LabelledImageFolder
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError, said_by_first_on_machine
 from lomar.eval.features import load_pretrained_encoder
+from lomar.models.spec import model_spec
 from lomar.models.vit import VisionTransformer
 from lomar.train.distributed import DistInfo
 from lomar.train.encoder_settings import encoder_layout, unused_encoder_flags
@@ -236,9 +237,12 @@ class FinetuneTask(Task):
                              f"with{unicode_forms_note(saved, self.classes)}")
 
     def state(self) -> dict:
+        # the model spec rebuilds a ViT classifier without lomar's training code (lomar.load_model); a BEiT one is
+        # timm's, of no lomar.models class
+        spec = {} if isinstance(self.model, Beit) else {"model_spec": model_spec(self.model)}
         return {"config": self.model.config.to_dict(), "num_classes": len(self.classes), "classes": self.classes,
                 "settings": self.config.to_dict(), "format": FINETUNE_FORMAT,
-                "global_pool": self.config.global_pool}
+                "global_pool": self.config.global_pool, **spec}
 
 
 def _trained_classifier(config: FinetuneConfig, num_classes: int) -> tuple[VisionTransformer, int]:
