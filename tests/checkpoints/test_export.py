@@ -66,6 +66,12 @@ def test_export_round_trip(pretrained):
     assert torch.equal(encoder.forward_features(X), model.encoder.forward_features(X))
 
 
+def test_each_line_an_export_prints_names_its_command(pretrained, tmp_path, capsys):
+    assert main(["export", str(pretrained[1] / "last.pt"), "--to", str(tmp_path / "exp")]) == 0
+    lines = capsys.readouterr().out.splitlines()  # as its errors do: 'lomar export: error: ...'
+    assert [line.split(": ", 1)[0] for line in lines] == ["lomar export", "lomar export"], lines
+
+
 def test_export_refuses_to_overwrite_and_bad_input(pretrained, tmp_path, capsys):
     _, root = pretrained
     assert main(["export", str(root / "last.pt"), "--to", str(root / "exp")]) == 2
@@ -283,7 +289,8 @@ def test_load_original_counts_a_single_block_and_head_as_one(tmp_path, capsys):
     path = tmp_path / "orig.pth"
     torch.save({"model": lomar_to_original(model.state_dict()), "args": {"input_size": 64, "window_size": 3}}, path)
     assert main(["load-original", str(path), "--to", str(tmp_path / "c.pt"), "--num-heads", "1"]) == 0
-    assert f"lomar: converted {path} (lomar, 32 wide, 1 block, 1 head, patch 16, " in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"lomar load-original: converted {path} (lomar, 32 wide, 1 block, 1 head, patch 16, " in printed
 
 
 def test_an_image_size_that_does_not_tile_into_patches_is_named_by_its_flag_with_one_that_does(tmp_path, capsys):

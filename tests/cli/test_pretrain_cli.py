@@ -626,5 +626,6 @@ def test_a_figure_that_fails_on_a_file_outside_the_run_folder_is_a_note_not_a_st
     out = tmp_path / "run"
     assert pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "2") == 0
     err = capsys.readouterr().err
-    assert f"could not draw the reconstruction figure: [Errno 13] Permission denied: '{font}'" in err, err
+    said = f"lomar pretrain: could not draw the reconstruction figure: [Errno 13] Permission denied: '{font}'"
+    assert said in err, err
     assert safe_load(out / "last.pt")["step"] == 2

@@ -36,7 +36,7 @@ def test_max_images_are_drawn_across_the_folder_not_its_first_classes(tmp_path, 
     first = list(loaded)
     assert len(set(first)) == 3 and {p.parent.name for p in first} != {"c0"}, first
     out = capsys.readouterr().out
-    assert "3 images" in out and "lomar: k-means iteration 1/20: 3 of 3 patches changed token (" in out
+    assert "3 images" in out and "lomar tokenizer fit: k-means iteration 1/20: 3 of 3 patches changed token (" in out
     loaded.clear()  # the same seed draws the same images
     assert main([*args, "--out", str(tmp_path / "b.safetensors")]) == 0
     assert loaded == first

@@ -81,7 +81,7 @@ def test_a_toy_task_trains_evaluates_and_resumes_exactly(tmp_path, capsys):
     printed = capsys.readouterr().out
     # 32 points, batch 4 x accum 2: 4 steps an epoch, 12 in all
     assert "lomar toy: 32 images, Linear" in printed and "12 steps (4 an epoch" in printed
-    assert "device cpu, precision fp32" in printed and printed.rstrip().splitlines()[-1].startswith("lomar: done")
+    assert "device cpu, precision fp32" in printed and printed.rstrip().splitlines()[-1].startswith("lomar toy: done")
     assert "mean of the last 10 logged steps" in printed and "unreadable" not in printed
     assert (straight / "finished").read_text() == "yes" and (straight / "tb").is_dir()
     best = safe_load(straight / "best.pt")
@@ -275,7 +275,7 @@ def test_the_share_of_a_step_spent_waiting_for_input_is_logged_and_named(tmp_pat
     assert re.search(r"input wait (9\d|100)%", lines[1])  # the printed step lines show it too
     assert re.match(r"lomar toy: the input limited this run: the loop waited for batches (9\d|100)%", lines[-2])
     assert lines[-2].endswith("of a step's time (median of 7 steps); try more --workers")  # a toy has no workers
-    assert lines[-1].startswith("lomar: done")
+    assert lines[-1].startswith("lomar toy: done")
 
 
 def test_the_input_note_needs_a_median_wait_over_the_bound():
@@ -604,7 +604,7 @@ def test_a_stop_signal_during_the_runs_last_step_that_ends_an_epoch_still_ends_t
     capsys.readouterr()
     assert run(ToyConfig(out=str(stopped), max_steps=4), SignalledInTheLastStep) == 0
     line = capsys.readouterr().out.rstrip().splitlines()[-1]
-    assert line.startswith("lomar: done at step 4") and "best score" in line and "no best.pt" not in line
+    assert line.startswith("lomar toy: done at step 4") and "best score" in line and "no best.pt" not in line
     assert scored(stopped) == scored(straight) and [s[:2] for s in scored(stopped)] == [(4, 1)]  # old code: (4, 0)
     a, b = safe_load(straight / "last.pt"), safe_load(stopped / "last.pt")
     assert (b["step"], b["epoch"], b["batches_done"]) == (a["step"], a["epoch"], a["batches_done"]) == (4, 1, 0)

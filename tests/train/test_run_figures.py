@@ -15,7 +15,7 @@ def test_first_and_last_reconstruction_and_loss_curve(tmp_path, image_dir, capsy
     assert figures == ["reconstruction-000000.png", "reconstruction-000003.png"]
     assert (out / "reconstruction.png").read_bytes() == (out / "reconstruction-000003.png").read_bytes()
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    done = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("lomar: done"))
+    done = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("lomar pretrain: done"))
     first, last = losses(out)[0], losses(out)[-1]
     assert re.search(rf"loss {first:.4f} at step 1 -> {last:.4f} at step 3", done)
     assert f"lomar visualize {out / 'last.pt'}" in done and f"lomar export {out / 'last.pt'} --to" in done

@@ -599,7 +599,7 @@ def test_torchrun_two_processes_train_and_gather_every_prediction(digits, tmp_pa
                         timeout=300)
     log = "".join(printed + said for _, printed, said in ranks)
     assert [code for code, _, _ in ranks] == [0, 0], log[-3000:]
-    assert "x 2 process(es)" in log and "lomar: done at step 2" in log
+    assert "x 2 process(es)" in log and "lomar segment: done at step 2" in log
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
     for r in (r for r in records if "loss" in r):  # the parts are averaged over both processes as the loss is

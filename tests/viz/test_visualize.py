@@ -142,7 +142,8 @@ def test_visualize_writes_pngs(converted, capsys):
     for name in written:
         with Image.open(out / name) as png:
             assert png.format == "PNG" and png.width > 300 and png.height > 200
-    assert "wrote" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()  # each line names its command, as its errors do
+    assert len(lines) == 3 and all(line.startswith("lomar visualize: wrote ") for line in lines), lines
 
 
 @needs_reference
@@ -216,9 +217,12 @@ def test_visualize_draws_a_beit_runs_token_figure(image_dir, tmp_path, capsys, m
     monkeypatch.setattr(tokens, "draw_tokens", lambda *a: figures.append(draw(*a)) or figures[-1])
     run = tmp_path / "beit"
     assert pretrain("--data", str(image_dir), "--out", str(run), "--method", "beit", "--max-steps", "1") == 0
-    capsys.readouterr()
+    printed = capsys.readouterr().out.splitlines()  # the run's lines name its command, the tokenizer's fit too
+    fitted = [line for line in printed if "tokenizer" in line]
+    assert fitted[0].startswith("lomar pretrain: no --tokenizer: fitting the built-in k-means tokenizer"), printed
+    assert fitted[1] == f"lomar pretrain: tokenizer saved to {run / 'tokenizer.safetensors'}", printed
     assert main(["visualize", str(run), "--out", str(tmp_path / "figs")]) == 0, capsys.readouterr().err
-    assert capsys.readouterr().out.split() == ["lomar:", "wrote", str(tmp_path / "figs" / "tokens.png")]
+    assert capsys.readouterr().out.split() == ["lomar", "visualize:", "wrote", str(tmp_path / "figs" / "tokens.png")]
     title = figures[-1]._suptitle.get_text().split("\n")
     assert title[0] == "BEiT token prediction of last.pt at step 1, seed 0"
     assert re.fullmatch(r"accuracy \d+\.\d% on masked tokens, loss \d+\.\d{3}", title[1]), title

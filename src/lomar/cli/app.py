@@ -33,7 +33,7 @@ from lomar.errors import (
 from lomar.limits import check_env_limits
 from lomar.train.preemption import STOP_SIGNALS, Terminated, mark_command_start, process_age, take_command_start
 
-__all__ = ["SUBCOMMANDS", "build_parser", "main", "run", "describe_os_error"]
+__all__ = ["SUBCOMMANDS", "build_parser", "command_prefix", "main", "run", "describe_os_error"]
 
 # (name, module, one-line help)
 SUBCOMMANDS: list[tuple[str, str, str]] = [
@@ -120,6 +120,13 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
         getattr(module, f"{prefix}add_arguments")(sub_parser)
         sub_parser.set_defaults(_run=getattr(module, f"{prefix}run"))
     return parser
+
+
+def command_prefix(args: argparse.Namespace) -> str:
+    """'lomar CMD', with its action where the command has them ('lomar tokenizer fit'): what every line a command
+    prints of its own begins with (its errors, said here, its notes and results, said by the command)."""
+    nested = getattr(args, f"{args.command.replace('-', '_')}_command", None)
+    return f"lomar {args.command}" + (f" {nested}" if isinstance(nested, str) else "")
 
 
 def _one_line(message: str) -> str:
@@ -244,8 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0
-    nested = getattr(args, f"{args.command.replace('-', '_')}_command", None)  # e.g. lomar tokenizer fit
-    prefix = f"lomar {args.command}" + (f" {nested}" if isinstance(nested, str) else "")
+    prefix = command_prefix(args)
     try:  # else every image would fail on them, each blamed on the image
         check_env_limits()
     except ValueError as exc:

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS
+from lomar.cli.app import command_prefix
 from lomar.cli.common import add_override_arguments, check_output_dir, check_output_file, load_for_cli
 from lomar.errors import UsageError
 from lomar.train import settings as S
@@ -77,9 +78,10 @@ def run(args: argparse.Namespace) -> int:
     with export_lock(out):
         _refuse_existing(out, (ENCODER_WEIGHTS, CONFIG_NAME), args.overwrite)
         write()
-    print(f"lomar: exported the {c.embed_dim}-wide, {c.depth}-block {what} -> {out / ENCODER_WEIGHTS}, "
+    me = command_prefix(args)
+    print(f"{me}: exported the {c.embed_dim}-wide, {c.depth}-block {what} -> {out / ENCODER_WEIGHTS}, "
           f"{out / CONFIG_NAME}")
-    print(f"lomar: load with {load}")
+    print(f"{me}: load with {load}")
     return 0
 
 
@@ -138,9 +140,10 @@ def load_original_run(args: argparse.Namespace) -> int:
     vit = encoder_of(model).config
     params = sum(p.numel() for p in model.parameters())
     kind = ckpt["config"]["method"] if "config" in ckpt else "classifier"
-    print(f"lomar: converted {args.path} ({kind}, {vit.embed_dim} wide, {counted(vit.depth, 'block')}, "
+    me = command_prefix(args)
+    print(f"{me}: converted {args.path} ({kind}, {vit.embed_dim} wide, {counted(vit.depth, 'block')}, "
           f"{counted(vit.num_heads, 'head')}, patch {vit.patch_size}, {params / 1e6:.2f} M parameters) -> {out}")
-    print(f"lomar: next: lomar export {out} --to DIR   |   lomar visualize {out} IMAGE...")
+    print(f"{me}: next: lomar export {out} --to DIR   |   lomar visualize {out} IMAGE...")
     return 0
 
 

@@ -11,6 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
+from lomar.cli.app import command_prefix
 from lomar.cli.common import check_output_file, resolve_device
 from lomar.errors import UsageError, in_flags
 from lomar.limits import MAX_IMG_SIZE
@@ -144,21 +145,22 @@ def run(args: argparse.Namespace) -> int:
     if Path(target).suffix.lower() != ".safetensors":  # torch.load and the like would take x.pt for a pickle
         raise UsageError(f"{flag} {target}: a tokenizer is written as safetensors; give a name ending in "
                          f".safetensors, e.g. {flag} {Path(target).with_suffix('.safetensors')}")
+    me = command_prefix(args)  # lomar tokenizer fit / convert
     try:
         if args.tokenizer_command == "convert":
             path = convert_dvae(args.source, args.to)
-            print(f"lomar: wrote {path}")
+            print(f"{me}: wrote {path}")
             return 0
         size = _view_size(args.size, args.patch, args.max_images)
         device = resolve_device(args.device)
         read: dict = {}
         views = _views(args.data, size, args.max_images, args.seed, read)
         start = time.monotonic()
-        print(f"lomar: fitting a k-means tokenizer (vocabulary {args.vocab}) on up to {args.max_images} images of "
+        print(f"{me}: fitting a k-means tokenizer (vocabulary {args.vocab}) on up to {args.max_images} images of "
               f"{args.data} at {size} px on {device}", flush=True)
 
         def progress(iteration: int, patches: int, changed: int) -> None:  # the default fit runs for minutes
-            print(f"lomar: k-means iteration {iteration}/{args.iters}: {changed:,} of {patches:,} patches "
+            print(f"{me}: k-means iteration {iteration}/{args.iters}: {changed:,} of {patches:,} patches "
                   f"changed token ({time.monotonic() - start:.0f} s)", flush=True)
 
         tokenizer = fit_kmeans_tokenizer(views, vocab_size=args.vocab, patch=args.patch, seed=args.seed,
@@ -167,5 +169,5 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:  # the library's argument names, as the flags spell them
         raise UsageError(in_flags(str(exc).splitlines()[0], _FLAGS)) from None
     skipped = f", {read['bad']} unreadable skipped" if read["bad"] else ""
-    print(f"lomar: wrote {args.out} (vocabulary {tokenizer.vocab_size}, {read['images']} images{skipped})")
+    print(f"{me}: wrote {args.out} (vocabulary {tokenizer.vocab_size}, {read['images']} images{skipped})")
     return 0

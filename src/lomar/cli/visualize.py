@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from lomar.checkpoints.file_names import LAST
+from lomar.cli.app import command_prefix
 from lomar.cli.common import add_override_arguments, check_output_dir, load_for_cli
 from lomar.cli.export import CHECKPOINT
 from lomar.data.pathtable import dangling_link
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     for path in written:
-        print(f"lomar: wrote {path}")
+        print(f"{command_prefix(args)}: wrote {path}")
     return 0
 
 

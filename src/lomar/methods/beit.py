@@ -114,7 +114,7 @@ def fit_on_training_images(config, grid: tuple[int, int], count: int = FIT_IMAGE
     vocab = max(2, min(MAX_VOCAB, patches // 4))
     if first_on_machine():  # WORLD_SIZE set without a process group: every process fits, one a machine says so
         unusable = f"; {len(skipped)} unusable image(s) skipped, e.g. {skipped[0]}" if skipped else ""
-        print(f"lomar: no --tokenizer: fitting the built-in k-means tokenizer (vocabulary {vocab} = min(8192, "
+        print(f"lomar pretrain: no --tokenizer: fitting the built-in k-means tokenizer (vocabulary {vocab} = min(8192, "
               f"patches/4), {images.shape[0]} training crops of {config.img_size} px, which the tokenizer reads at "
               f"{view} px{unusable}); it is not the paper's dVAE",
               flush=True)
@@ -135,7 +135,7 @@ def prepare(config, grid) -> dict:
     if int(os.environ.get("RANK", "0")) == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tokenizer.save(path)
-        print(f"lomar: tokenizer saved to {path}", flush=True)
+        print(f"lomar pretrain: tokenizer saved to {path}", flush=True)
     config.tokenizer = str(path.absolute())
     return {"tokenizer": tokenizer}
 

@@ -301,7 +301,7 @@ class PretrainTask(Task):
             if isinstance(exc, OSError) and exc.errno in (*FULL_DISK, *UNWRITABLE) and exc.filename is not None \
                     and Path(exc.filename).parent == out:
                 raise
-            print(f"lomar: could not draw the reconstruction figure: {exc}", file=sys.stderr)
+            print(f"lomar {self.name}: could not draw the reconstruction figure: {exc}", file=sys.stderr)
 
     @staticmethod
     def draw_curves(config: PretrainConfig, out: Path) -> None:

@@ -50,5 +50,5 @@ def report_end(trainer, path: Path, preempted: bool) -> None:
     note = input_limit_note(trainer.monitor.input_waits, getattr(cfg, "workers", None), getattr(cfg, "decode", None))
     if note:
         print(f"lomar {name}: {note}", flush=True)
-    print(f"lomar: done at step {trainer.p.step}{f' ({losses})' if losses else ''}; checkpoint {path}"
+    print(f"lomar {name}: done at step {trainer.p.step}{f' ({losses})' if losses else ''}; checkpoint {path}"
           + (f"; {extra}" if extra else ""), flush=True)
