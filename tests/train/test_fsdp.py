@@ -4,6 +4,7 @@ sharded checkpoint, and its consolidation into the usual single file."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -212,17 +213,18 @@ def _pretrain_on_two_ranks(folder, *args: str, resume: bool = False) -> str:
 @pytest.mark.slow
 @pytest.mark.longest
 def test_pretrain_fsdp_matches_one_process_resumes_exactly_and_exports(tmp_path, image_dir, capsys):
-    from helpers import losses
+    from helpers import as_torchrun, losses
     from lomar.cli.app import main
     from lomar.train.fsdp import _main as fsdp_cli
 
     # 16 images, 2 ranks x batch 2 x accum 2: 2 optimizer steps per epoch; stops mid-epoch 1.
     common = ["--data", str(image_dir), "--batch-size", "2", "--accum-steps", "2", "--clip-grad", "1.0",
               "--save-every", "1", "--keep-last", "1", "--fsdp"]
-    straight, resumed, single = tmp_path / "straight", tmp_path / "resumed", tmp_path / "single"
+    straight, resumed, single, one = (tmp_path / name for name in ("straight", "resumed", "single", "one"))
     log = _pretrain_on_two_ranks(tmp_path, *common, "--out", str(straight), "--max-steps", "3")
     assert "done at step 3" in log
     _pretrain_on_two_ranks(tmp_path, *common, "--out", str(resumed), "--max-steps", "1")
+    shutil.copytree(resumed, one)  # resumed below on one process
     # a sharded folder named as --resume (--resume auto finds one through last.json: test_resume_auto_follows_...)
     log = _pretrain_on_two_ranks(tmp_path, "--resume", str(resumed / "checkpoint-000001.dcp"), "--max-steps", "3",
                                  resume=True)
@@ -233,7 +235,18 @@ def test_pretrain_fsdp_matches_one_process_resumes_exactly_and_exports(tmp_path,
     assert a["step"] == b["step"] == 3 and "optimizer" not in a
     for key, value in a["model"].items():
         assert torch.equal(b["model"][key], value), key
-    for run in (straight, resumed):  # --keep-last 1 pruned the folders; last.json names the newest
+    # The same checkpoint resumed on one process (no torchrun), the global batch kept: DCP reads the model's and
+    # AdamW's state, sharded over 2, onto 1. Losses as the 2-process run's up to the order of the gradient sums (a few
+    # ulps; equal here, where AdamW's moments zeroed on load move step 3's by 1e-2), weights as in the check below.
+    # Forked as the others: FSDP's backward in this process would leave autograd's threads to the later forks.
+    [(code, out, err)] = as_torchrun(["pretrain", "--out", str(one), "--resume", "auto", "--max-steps", "3",
+                                      "--batch-size", "4"], 1, tmp_path, timeout=180)
+    assert code == 0, err[-3000:]
+    assert "2 → 1 process(es) after step 1, the global batch kept (4 x accum 2 x 1 = 8), the FSDP model and " \
+           "optimizer state resharded over 1: each step reads the same samples as on 2" in out + err
+    assert losses(one) == pytest.approx(losses(straight), rel=1e-6, abs=0) and len(losses(one)) == 3
+    _assert_close(safe_load(one / "last.pt")["model"], a["model"], atol=2e-6)
+    for run in (straight, resumed, one):  # --keep-last 1 pruned the folders; last.json names the newest
         assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-000003.dcp"]
         assert '"checkpoint-000003.dcp"' in (run / "last.json").read_text()
 

@@ -54,11 +54,12 @@ def refuse_training_settings(config: Any, explicit: dict[str, Any], names: tuple
 
 
 def check_fsdp(config: Any) -> None:
-    """--fsdp shards across torchrun processes; refuse what the sharded path does not do."""
+    """--fsdp shards across torchrun processes; refuse what the sharded path does not do. A resume of a sharded run
+    may go on in one process (FSDP over it alone: :func:`lomar.train.fsdp.shard_model`), its state read onto it."""
     if not config.fsdp:
         return
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world < 2:
+    if world < 2 and getattr(config, "resume_point", None) is None:
         raise ConfigError("--fsdp shards the model across processes but this is a single process; launch with "
                           "torchrun --nproc-per-node N (N >= 2), or drop --fsdp")
     if config.precision == "fp16":

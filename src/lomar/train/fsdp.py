@@ -61,14 +61,19 @@ def shard_model(model: nn.Module, precision: str = "fp32") -> nn.Module:
     """Apply FSDP2 to every block, then to the root, over every rank; returns ``model`` (sharded in place).
 
     ``precision``: "fp32", or "bf16" (bf16 gather and compute, fp32 gradients and optimizer
-    state). Call after moving the model to its device and before building the optimizer.
+    state). Call after moving the model to its device and before building the optimizer. Without a process group
+    (one process: a sharded run resumed without torchrun) it forms one of this process alone, so that the run's
+    state stays sharded (DTensors over one rank) and its checkpoints sharded folders.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"FSDP precision must be fp32 or bf16, got {precision!r}")
-    mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
+    device = next(model.parameters()).device.type
+    if not dist.is_initialized():  # the run's end destroys it (distributed.cleanup_distributed)
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if precision == "bf16" else MixedPrecisionPolicy())
     # before fully_shard: hooks run in the order registered, so FSDP's own sees the copies
