@@ -293,6 +293,22 @@ def test_load_original_counts_a_single_block_and_head_as_one(tmp_path, capsys):
     assert f"lomar load-original: converted {path} (lomar, 32 wide, 1 block, 1 head, patch 16, " in printed
 
 
+def test_the_window_flags_default_to_the_checkpoints_own_as_their_help_says(tmp_path, capsys):
+    """--window-size's and --windows' help said 'default: 7' and '4': an original checkpoint's args come first."""
+    model = LoMaR(model_config("vit_tiny_patch16", img_size=64, embed_dim=32, depth=1, num_heads=1), window_size=3,
+                  num_windows=2)
+    path = tmp_path / "orig.pth"
+    torch.save({"model": lomar_to_original(model.state_dict()),
+                "args": {"input_size": 64, "window_size": 3, "num_window": 2}}, path)
+    assert main(["load-original", str(path), "--to", str(tmp_path / "c.pt"), "--num-heads", "1"]) == 0
+    converted = load_model(tmp_path / "c.pt")
+    assert (converted.window_size, converted.num_windows) == (3, 2)
+    assert main(["load-original", "--help"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "--window-size WINDOW_SIZE LoMaR window size K (default: the checkpoint's, else 7)" in printed
+    assert "--windows NUM_WINDOWS LoMaR windows per image (default: the checkpoint's, else 4;" in printed
+
+
 def test_an_image_size_that_does_not_tile_into_patches_is_named_by_its_flag_with_one_that_does(tmp_path, capsys):
     """The grid's own 'image size 70x70 is not divisible by the patch size 16' named no flag."""
     model = LoMaR(model_config("vit_tiny_patch16", img_size=64, embed_dim=32, depth=1, num_heads=2), window_size=3,

@@ -117,8 +117,9 @@ OVERRIDES = {
     "img_size": S.IMG_SIZE.but(default=None, nargs="+", metavar="SIZE",
                                help="pretraining image size: SIZE, or HEIGHT WIDTH (default: from the checkpoint, "
                                     "else 224)"),
-    "window_size": S.WINDOW_SIZE.but(default=None, help="LoMaR window size K (default: 7)"),
-    "num_windows": Setting(None, "LoMaR windows per image (default: 4)", kind=int, above=0, flag="--windows"),
+    "window_size": S.WINDOW_SIZE.but(default=None, help="LoMaR window size K (default: the checkpoint's, else 7)"),
+    "num_windows": Setting(None, "LoMaR windows per image (default: the checkpoint's, else 4; at most what its grid "
+                                 "holds, as the original capped them)", kind=int, above=0, flag="--windows"),
     "decoder_num_heads": S.DECODER_NUM_HEADS.but(default=None, help="MAE decoder heads (default: 16 for a 512-wide "
                                                                      "decoder)"),
 }
