@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                          "(default: the spec's or preset's)")
     parser.add_argument("--seeds", type=int, help="number of seeds (0, 1, ..., N-1), at most 100 "
                                                    "(default: the spec's or preset's)")
-    parser.add_argument("--out", help="study folder (default studies/<name>)")
+    parser.add_argument("--out", help="study folder (default: the spec's out:, else studies/NAME, NAME the spec's "
+                                      "name or the preset)")
     parser.add_argument("--scale", choices=SCALES, default="small",
                         help="for a preset of the paper's experiments: small = a small ViT on a CPU in minutes; "
                              "paper = the paper's ViT-B/16 settings (a GPU): printed, and run when --data is given "
