@@ -3,7 +3,7 @@
 ``lomar.train.lifecycle`` trains a toy task whose loader items take ``--item-ms`` each in the
 workers (a photo's decoding) and whose step takes ``--step-ms`` (the device), both as sleeps, so
 that 2 CPU cores can stand in for 14 workers and a GPU. Two runs over the same epochs: one loader
-iterator for the whole run (:class:`lomar.train.task.EpochStream`, the default), and a new iterator
+iterator for the whole run (:class:`lomar.train.epoch_stream.EpochStream`, the default), and a new iterator
 per epoch, where each epoch's first batch waits for a worker to build a whole batch. Prints and
 writes (``--json``) each run's sustained img/s and its longest waits.
 

@@ -141,7 +141,7 @@ def test_an_image_cut_short_is_skipped_and_its_place_filled(tmp_path, caplog):
     assert isinstance(items[0], Skipped) and "a.jpg" in items[0] and "a.jpg" in caplog.text
     images, labels = batch = collate_segmentation(items)
     assert images.shape == (2, 3, 16, 16) and torch.equal(images[0], images[1]) and labels.shape == (2, 16, 16)
-    assert batch.bad == [items[0]]  # the run counts it (lomar.train.task.SkippedFiles)
+    assert batch.bad == [items[0]]  # the run counts it (lomar.train.skipped_files.SkippedFiles)
     nothing = collate_segmentation([items[0]])
     assert nothing[0].shape == (0,) and nothing.bad == [items[0]]
 

@@ -314,7 +314,7 @@ def test_unusable_images_are_skipped_with_a_warning(tiny, tmp_path, caplog):
     assert str(truncated) in caplog.text and "is 128x96 upright, but" in caplog.text
     images_out, targets = refilled = collate_detection(batch, refill=True)
     assert len(images_out) == 3 and all(image is images_out[0] for image in images_out)
-    assert refilled.bad == batch[:2]  # the run counts them (lomar.train.task.SkippedFiles)
+    assert refilled.bad == batch[:2]  # the run counts them (lomar.train.skipped_files.SkippedFiles)
     assert collate_detection(batch) == ([batch[2][0]], [batch[2][1]])
 
 

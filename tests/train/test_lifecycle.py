@@ -121,7 +121,8 @@ class SkippingToy(ToyTask):
 def test_skips_are_counted_over_the_whole_run_across_a_stop_and_resume(tmp_path, capsys):
     """A resumed process counted only its own skips: its summary said 1 where the epoch had 3, and 2 + 2 bad files
     (over 10 % of 32 together) went through a stop that an uninterrupted run refuses."""
-    from lomar.train.task import SkippedFiles, TrainingError
+    from lomar.train.skipped_files import SkippedFiles
+    from lomar.train.task import TrainingError
 
     class Three(SkippingToy):
         bad = frozenset({12, 3, 0})  # points 12 and 3 come in the epoch's first 2 steps, 0 after (seed 0's order)
@@ -505,9 +506,9 @@ def test_a_resume_past_the_end_its_checkpoint_cannot_tell_is_refused_by_the_buil
 
 def test_a_non_finite_loss_suggests_only_flags_the_command_has():
     from lomar.train.config import PretrainConfig
+    from lomar.train.divergence import steadier
     from lomar.train.finetune_config import FinetuneConfig
     from lomar.train.segment_config import SegmentConfig
-    from lomar.train.task import steadier
 
     assert steadier(PretrainConfig) == "lower --blr/--lr, set --clip-grad or use --precision fp32"
     assert steadier(FinetuneConfig) == "lower --blr, set --clip-grad or use --precision fp32"  # no --lr
@@ -728,7 +729,7 @@ def run_two_ranks(task: type, out, hang: str, timeout: float = 120, errors: bool
 def test_the_last_line_counts_what_every_rank_skipped(tmp_path, capsys, monkeypatch):
     """Under torchrun rank 0 printed its own count: a file in another rank's share went unsaid, where one process
     says it. The ranks' files reach rank 0 as the checkpoint gathers them (a collective: here, rank 1's made up)."""
-    from lomar.train.task import SkippedFiles
+    from lomar.train.skipped_files import SkippedFiles
 
     monkeypatch.setattr(SkippedFiles, "gathered", lambda self, info: [[], ["b.png", "a.png"], ["a.png"]])
     assert run(ToyConfig(out=str(tmp_path), epochs=1), ToyTask) == 0

@@ -7,8 +7,9 @@ Where each idea lives:
   :mod:`.finetune`, :mod:`.detect`, :mod:`.segment` (each with its ``*_config``); the checks across settings the
   configs make (pretrain's data and methods, every task's ``--eval-only``, the warm-up): :mod:`.config_checks`;
 - the lifecycle that runs them: :mod:`.lifecycle` (``run``: the loop, the optimizer step, checkpoints), the Task
-  interface, what the loop checks (non-finite weights, skipped files) and ``--eval-only``'s scoring :mod:`.task`,
-  what a Task being built knows of its resume :mod:`.task_resume`;
+  interface :mod:`.task`, the batches epoch after epoch :mod:`.epoch_stream`, what the loop checks: a loss or weights
+  gone non-finite :mod:`.divergence`, the files skipped :mod:`.skipped_files`; ``--eval-only``'s scoring
+  :mod:`.eval_only`; what a Task being built knows of its resume :mod:`.task_resume`;
 - the run folder: :mod:`.run_state` (clean, checkpoint, resume from it), :mod:`.run_lock`, :mod:`.run_resume` (which
   checkpoint a resume reads), :mod:`.run_end` (a resume at the run's end), :mod:`.run_logs`, :mod:`.run_lines` (what
   a run prints at its start and end), :mod:`.rng`;

@@ -47,10 +47,11 @@ from lomar.models.vit import VisionTransformer, ViTConfig, model_config
 from lomar.train.detect_config import DetectConfig
 from lomar.train.distributed import DistInfo
 from lomar.train.encoder_settings import encoder_layout, unused_encoder_flags
+from lomar.train.eval_only import over_note, score_only, scored_split
 from lomar.train.lifecycle import run
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.setting_flags import flags_by_setting
-from lomar.train.task import Task, TrainingError, over_note, score_only, scored_split
+from lomar.train.task import Task, TrainingError
 from lomar.train.task_resume import load_resumed
 
 __all__ = ["DetectTask", "step_lr_factor", "step_lr", "detect", "category_change"]
@@ -202,7 +203,7 @@ class DetectTask(Task):
     @torch.no_grad()
     def evaluate(self) -> dict[str, float | dict | None]:
         """box_* and mask_* COCO AP in percent over the validation split, and ``val_images`` where images were skipped
-        (:func:`~lomar.train.task.scored_split`; every process gets them, {} where the main process's scoring
+        (:func:`~lomar.train.eval_only.scored_split`; every process gets them, {} where the main process's scoring
         failed); the main process keeps the predictions."""
         was_training = self.model.training
         self.model.eval()

@@ -42,13 +42,14 @@ from lomar.models.spec import model_spec
 from lomar.models.vit import VisionTransformer
 from lomar.train.distributed import DistInfo
 from lomar.train.encoder_settings import encoder_layout, unused_encoder_flags
+from lomar.train.eval_only import over_note, score_only, scored_split
 from lomar.train.finetune_config import FinetuneConfig, split_roots
 from lomar.train.lifecycle import run
 from lomar.train.monitor import metric_text
 from lomar.train.precision import autocast_factory, kept_precision_note, resolve_precision, unrecorded_precision_note
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.setting_flags import flags_by_setting
-from lomar.train.task import Task, over_note, score_only, scored_split
+from lomar.train.task import Task
 from lomar.train.task_resume import load_resumed
 from lomar.values import counted
 
@@ -197,7 +198,7 @@ class FinetuneTask(Task):
     @torch.no_grad()
     def evaluate(self) -> dict[str, float | dict]:
         """Top-1 (and, over more than 5 classes, top-5) accuracy in [0, 1] over the whole validation set (all ranks),
-        and the main process's ``val_images`` where some were skipped (:func:`~lomar.train.task.scored_split`)."""
+        and the main process's ``val_images`` where some were skipped (:func:`~lomar.train.eval_only.scored_split`)."""
         model, device = self.model, self.device
         was_training = model.training
         model.eval()

@@ -28,6 +28,8 @@ from lomar.checkpoints.file_names import BEST, LAST
 from lomar.checkpoints.io import mismatch, safe_load
 from lomar.errors import LomarError, UsageError, in_flags
 from lomar.train.distributed import DistInfo, any_rank, cleanup_distributed, join_group, main_rank_out, sync_stats
+from lomar.train.divergence import check_weights, diverged, preload
+from lomar.train.epoch_stream import EpochStream
 from lomar.train.fsdp import load_sharded, save_run_checkpoint
 from lomar.train.monitor import Monitor
 from lomar.train.precision import WatchedScaler, autocast_factory, run_precision
@@ -44,7 +46,8 @@ from lomar.train.schedule import lr_at, peak_lr, run_span
 from lomar.train.setting_flags import flags_by_setting
 from lomar.train.setting_names import source_of
 from lomar.train.settings_resume import resumed_past_end
-from lomar.train.task import EpochStream, Progress, SkippedFiles, Task, TrainingError, check_weights, diverged, preload
+from lomar.train.skipped_files import SkippedFiles
+from lomar.train.task import Progress, Task, TrainingError
 from lomar.train.task_resume import building
 
 __all__ = ["run"]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
+from lomar.train.divergence import diverged
 from lomar.train.settings import PRECISION
-from lomar.train.task import diverged
 
 __all__ = ["resolve_precision", "run_precision", "kept_precision_note", "unrecorded_precision_note", "cpu_has_bf16",
            "emulated_bf16_notes", "autocast_factory", "WatchedScaler", "OVERFLOWS_IN_A_ROW", "PRECISIONS"]

@@ -4,9 +4,9 @@
 ``--resume PATH`` names one. Either is read without its weights (:func:`~lomar.train.run_state.read_meta`) when the
 settings are resolved (the run's saved settings come from it), and what was read goes with the settings to the run
 (:func:`lomar.train.lifecycle.run`): its refusals and its "nothing to do" at the run's end read nothing again, and
-only the weights are read (:func:`lomar.train.task.preload`). Under the run's lock ``auto`` searches the folder again:
-a run that saved meanwhile may have left a newer state, which the folder's time need not show (a clock of 1-2 s on
-some filesystems, attributes an NFS client cached); a checkpoint whose file changed since is read again.
+only the weights are read (:func:`lomar.train.divergence.preload`). Under the run's lock ``auto`` searches the folder
+again: a run that saved meanwhile may have left a newer state, which the folder's time need not show (a clock of 1-2 s
+on some filesystems, attributes an NFS client cached); a checkpoint whose file changed since is read again.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ __all__ = ["ResumePoint", "read_resume_point", "find_resume_point", "auto_resume
 @dataclasses.dataclass
 class ResumePoint:
     """One read of what ``--resume`` starts from, handed on instead of read again: ``path`` (None: nothing to
-    resume), ``meta`` (its :func:`read_meta` without the weights, which :func:`lomar.train.task.preload` reads; None
-    when it does not read), ``notes`` (what ``--resume auto`` skipped). It answers ``resume`` (the --resume given)
+    resume), ``meta`` (its :func:`read_meta` without the weights, which :func:`lomar.train.divergence.preload` reads;
+    None when it does not read), ``notes`` (what ``--resume auto`` skipped). It answers ``resume`` (the --resume given)
     in ``out`` (the folder searched, for ``auto``) while its file is as it was then (``stamp``: its
     :func:`~lomar.data.shard_members.file_identity` before the read)."""
 
@@ -69,7 +69,7 @@ class ResumePoint:
 
 
 def _light(ckpt: dict | None) -> dict | None:
-    """``ckpt`` with its weights' entries None (only the full read, :func:`lomar.train.task.preload`, loads them)
+    """``ckpt`` with its weights' entries None (only the full read, :func:`lomar.train.divergence.preload`, loads them)
     and the rest copied: a mapped file's tensors (its RNG states) keep the whole file mapped, and the run holds
     this to its end."""
     if ckpt is None:

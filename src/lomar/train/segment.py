@@ -42,11 +42,12 @@ from lomar.integrations.segmenter import UperNetSegmenter, layer_decay_groups, s
 from lomar.models.vit import VisionTransformer, ViTConfig, model_config
 from lomar.train.distributed import DistInfo
 from lomar.train.encoder_settings import unused_encoder_flags
+from lomar.train.eval_only import over_note, score_only, scored_split
 from lomar.train.lifecycle import run
 from lomar.train.monitor import read_records
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.segment_config import ENCODER_KEYS, SegmentConfig, check_batch_norm_batch
-from lomar.train.task import Task, over_note, score_only, scored_split
+from lomar.train.task import Task
 
 __all__ = ["SegmentTask", "poly_schedule", "segment", "PER_CLASS"]
 
@@ -160,7 +161,7 @@ class SegmentTask(Task):
         """mIoU, mAcc, aAcc (percent) and each class's IoU and Acc (lists, percent) over the validation split at
         the labels' own size, ``eval``: the mode and stride (None for ``whole``) scored with (every process gets
         them), and the main process's ``val_images`` where images were skipped
-        (:func:`~lomar.train.task.scored_split`); each prediction written as ``OUT/predictions/<stem>.png``
+        (:func:`~lomar.train.eval_only.scored_split`); each prediction written as ``OUT/predictions/<stem>.png``
         in the annotations' encoding (class + 1, or the class with ``--zero-label class``) by the main process,
         replacing the last evaluation's."""
         model, config, info = self.model, self.config, self.info

@@ -1,10 +1,10 @@
 """What a Task being built may know of the checkpoint its run resumes from.
 
-The lifecycle reads that checkpoint before it builds the Task (:func:`lomar.train.task.preload`) and calls the Task's
-``load`` on it once the whole run is built. A Task whose ``load`` refuses a checkpoint for what its data holds (other
-classes or categories: finetune, detect) calls :func:`load_resumed` in its ``__init__`` to refuse as soon as it has
-read them, before what costs most: the model's build, the pretrained weights' read, the images' check; the lifecycle
-then does not call that ``load`` again.
+The lifecycle reads that checkpoint before it builds the Task (:func:`lomar.train.divergence.preload`) and calls the
+Task's ``load`` on it once the whole run is built. A Task whose ``load`` refuses a checkpoint for what its data holds
+(other classes or categories: finetune, detect) calls :func:`load_resumed` in its ``__init__`` to refuse as soon as it
+has read them, before what costs most: the model's build, the pretrained weights' read, the images' check; the
+lifecycle then does not call that ``load`` again.
 """
 
 from __future__ import annotations

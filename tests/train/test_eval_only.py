@@ -1,4 +1,4 @@
-"""lomar.train.task: --eval-only's scoring (score_only) outside a training run."""
+"""lomar.train.eval_only: --eval-only's scoring (score_only) outside a training run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lomar.errors import UsageError
-from lomar.train import task as task_module
+from lomar.train import eval_only
 from lomar.train.runtime import default_threads
 
 
@@ -31,7 +31,7 @@ def test_eval_only_takes_threads_as_a_run_does(tmp_path, monkeypatch, threads):
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
     config = SimpleNamespace(device="cpu", seed=0, out=str(tmp_path / "scored"), pretrained="ft/best.pt", img_size=32,
                              threads=threads)
-    _, metrics, out = task_module.score_only(config, _Scored)
+    _, metrics, out = eval_only.score_only(config, _Scored)
     assert calls == [threads or default_threads()] and metrics == {"top1": 0.5}
     assert json.loads((out / "metrics.jsonl").read_text())["top1"] == 0.5
 
@@ -43,7 +43,7 @@ def test_eval_only_on_a_device_it_cannot_use_is_a_one_line_error(tmp_path, monke
     config = SimpleNamespace(device="cuda", seed=0, out=str(tmp_path / "scored"), pretrained="ft/best.pt", img_size=32,
                              threads=1)
     with pytest.raises(UsageError, match="^--device cuda asked for CUDA but none is available"):
-        task_module.score_only(config, _Scored)
+        eval_only.score_only(config, _Scored)
     assert not (tmp_path / "scored").exists()  # refused before the folder is locked
 
 
