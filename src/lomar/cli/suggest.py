@@ -77,16 +77,21 @@ def expanded_by_shell(argv: list[str], unknown: list[str], shards: bool) -> str:
     operands = [token for token in unknown if not token.startswith("-")]  # each one of argv's tokens
     if not operands:
         return ""
-    # the first leftover follows a flag and its one value; the same path given earlier as a flag's value (`--out
-    # s1.tar --data s0.tar s1.tar`) follows that flag itself
-    at = next((i for i, token in enumerate(argv) if token == operands[0] and i >= 2 and argv[i - 2].startswith("--")
-               and "=" not in argv[i - 2] and not argv[i - 1].startswith("-")), None)
-    if at is None:
-        return ""
-    flag, end = argv[at - 2], next((i for i in range(at, len(argv)) if argv[i].startswith("-")), len(argv))
-    paths = argv[at - 1:end]
-    if not all(os.path.lexists(path) for path in paths):
-        return ""
+    # the first leftover follows a flag and its one value, at the first place in argv where those all name paths:
+    # the same path given before as another flag's value (`--out s1.tar --data s0.tar s1.tar`) or as an operand
+    # right after one (`--json r.json d1 --data d0 d1`) is not it
+    for at, token in enumerate(argv):
+        if token != operands[0] or at < 2 or not argv[at - 2].startswith("--") or "=" in argv[at - 2] \
+                or argv[at - 1].startswith("-"):
+            continue
+        end = next((i for i in range(at, len(argv)) if argv[i].startswith("-")), len(argv))
+        if all(os.path.lexists(path) for path in argv[at - 1:end]):
+            return _one_path_each(argv[at - 2], argv[at - 1:end], shards)
+    return ""
+
+
+def _one_path_each(flag: str, paths: list[str], shards: bool) -> str:
+    """The fix for ``paths`` given to ``flag``, which takes one: quote a shard pattern --data reads, else give one."""
     said = f"; {flag} takes one value and the shell gave it {len(paths)} paths (an unquoted pattern)"
     if not (shards and flag == "--data" and _all_shards(paths)):
         return f"{said}: give one"
