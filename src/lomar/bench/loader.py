@@ -1,30 +1,26 @@
 """Input-pipeline benchmark: can the data loader keep the model fed?
 
-:func:`make_test_set` writes realistic JPEGs from the bundled demo photographs (camera size
-4000×3000 or ImageNet size ~500×375, quality 90). :func:`measure_loader` times decode + crop +
-masking plan from those files per loader worker, and the model's training step for the same
-configuration, and says which of the two limits a run.
+:func:`make_test_set` (:mod:`lomar.bench.testset`, torch-free) writes realistic JPEGs from the bundled demo
+photographs (camera size 4000×3000 or ImageNet size ~500×375, quality 90). :func:`measure_loader` times decode +
+crop + masking plan from those files per loader worker, and the model's training step for the same configuration,
+and says which of the two limits a run.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import re
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
+from lomar.bench.testset import TEST_SET_SIZES, make_test_set
 from lomar.bench.timing import build_runner, interleaved_times, method_config
 from lomar.data.collate import collate_pretrain
 from lomar.data.device_decode import decode_dataset
 from lomar.data.fast_decode import jpeg_size
-from lomar.data.folder import build_pretrain_dataset, demo_image_paths
+from lomar.data.folder import build_pretrain_dataset
 from lomar.errors import in_flags
 from lomar.methods.base import method_runtime
 from lomar.models.masking import WindowsDoNotFit, grid_size
@@ -33,60 +29,7 @@ from lomar.models.vit import model_config
 __all__ = ["TEST_SET_SIZES", "make_test_set", "loader_dataset", "measure_loader", "time_loader", "cpu_ms_per_image",
            "share_model_rate"]
 
-# (width, height) of each test-set kind.
-TEST_SET_SIZES = {"camera": (4000, 3000), "imagenet": (500, 375)}
 _MODEL_KEYS = ("model_images_per_s", "model_batch_size", "precision", "compile", "compile_mode", "device")
-
-
-def _write_one(job: tuple[str, str, tuple[int, int], int, int]) -> str:
-    src, dst, (width, height), quality, index = job
-    with Image.open(src) as img:
-        img = img.convert("RGB")
-        # A different crop and orientation per file, so the set is not one photo repeated.
-        w, h = img.size
-        margin = index % 5 * 0.03
-        img = img.crop((int(w * margin), int(h * margin), w - int(w * margin / 2), h - int(h * margin / 2)))
-        if index // len(TEST_SET_SIZES) % 2:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        img = img.resize((width, height), Image.Resampling.BICUBIC)
-    tmp = Path(dst).with_name(f".{Path(dst).name}.tmp")
-    img.save(tmp, format="JPEG", quality=quality)
-    tmp.replace(dst)  # a half-written file never carries the final name
-    return dst
-
-
-def make_test_set(out: str | Path, kind: str = "camera", count: int = 32, quality: int = 90,
-                  processes: int | None = None) -> list[Path]:
-    """Write ``count`` JPEGs of ``kind`` ("camera": 4000×3000, "imagenet": 500×375) into ``out``.
-
-    The sources are scikit-image's demo photographs, resampled to the target size (mostly
-    upsampled: smooth content, but the decoder's work depends on the pixel count and quality,
-    which match real photos). Existing files of the same name are reused; ``out`` holds nothing else
-    (ValueError otherwise).
-    """
-    if kind not in TEST_SET_SIZES:
-        raise ValueError(f"unknown test-set kind {kind!r}; choose one of {', '.join(TEST_SET_SIZES)}")
-    if count <= 0:
-        raise ValueError(f"count must be positive, got {count}")
-    ours = re.compile(rf"({'|'.join(TEST_SET_SIZES)})-\d{{5}}\.jpg")
-    if Path(out).is_dir() and (other := next((e.name for e in os.scandir(out) if not ours.fullmatch(e.name)), None)):
-        # a dataset's folder would get synthetic photos among its own, and the benchmark would read both
-        raise ValueError(f"{out} holds {other}, which is not a test-set file; the test set is written into a folder "
-                         f"of its own: pass a new or empty one")
-
-    sources = demo_image_paths()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    jobs, paths = [], []
-    for i in range(count):
-        dst = out / f"{kind}-{i:05d}.jpg"
-        paths.append(dst)
-        if not dst.exists():
-            jobs.append((str(sources[i % len(sources)]), str(dst), TEST_SET_SIZES[kind], quality, i))
-    workers = min(len(jobs), processes or os.cpu_count() or 1)
-    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
-        list((pool.map if pool else map)(_write_one, jobs))
-    return paths
 
 
 def loader_dataset(data: str | Path, img_size: int, method: str = "lomar", windows: int | None = 4,

@@ -22,6 +22,7 @@ from lomar.data.decode import (
     passed_over_folder,
     tensor_to_pil,
 )
+from lomar.data.demo_images import demo_image_paths
 from lomar.data.image_search import image_table, search_images, warn_passed_over
 from lomar.data.pathtable import PathTable, join_text
 from lomar.data.shards import SHARD_SUFFIXES, TarShardDataset, is_shard_pattern, shard_paths
@@ -31,21 +32,6 @@ __all__ = ["demo_image_paths", "build_image_list", "ImageListDataset", "build_pr
            "LabelledImageFolder"]
 
 log = logging.getLogger("lomar.data")
-# Real photographs that ship inside scikit-image's wheel (no download needed).
-_DEMO_FILES = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-               "motorcycle_right.png", "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "camera.png",
-               "coins.png", "moon.png", "grass.png", "gravel.png", "brick.png")
-
-
-def demo_image_paths() -> list[Path]:
-    """The sample photographs bundled with scikit-image."""
-    import skimage
-
-    root = Path(skimage.__file__).parent / "data"
-    paths = [root / name for name in _DEMO_FILES if (root / name).is_file()]
-    if not paths:
-        raise ValueError(f"no demo images found in {root}; reinstall scikit-image or pass --data")
-    return paths
 
 
 def _without_junk(listing: Path, paths: list[str]) -> list[str]:
