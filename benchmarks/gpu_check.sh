@@ -235,8 +235,9 @@ EOF
 fi
 
 # ---------------------------------------------------------------- the parts' test sets
-# Every one from one process (a torch import costs seconds): FOLDER KIND COUNT SECONDS, each set within its own
-# SECONDS (GPU_CHECK_T_SET), so that one that hangs leaves the next ones their time
+# FOLDER KIND COUNT SECONDS: each set made by a process of its own (lomar.bench.testset imports no torch: it starts
+# in well under a second) within its own SECONDS (GPU_CHECK_T_SET), whose limit stops the set's writers too; one that
+# fails or hangs is said, and the parts that read the others still get them
 CAMERA="$WORK/camera"; IMAGENET="$WORK/imagenet"; FT="$WORK/ft"
 SETS=()
 if want loader || want pretrain; then SETS+=("$CAMERA" camera "$COUNT" "${GPU_CHECK_T_SET:-120}"); fi
@@ -250,72 +251,14 @@ if want finetune; then  # two classes of ImageNet-size photos, half as many to v
          "$FT/val/a" imagenet $((FN / 2)) "$T_FT" "$FT/val/b" imagenet $((FN / 2)) "$T_FT")
 fi
 if [ "${#SETS[@]}" -gt 0 ]; then
-  T_SETS=60; for ((i = 3; i < ${#SETS[@]}; i += 4)); do T_SETS=$((T_SETS + SETS[i])); done  # + the imports
-  part "$T_SETS" "$PY" - "${SETS[@]}" <<'EOF' 2>&1 | keep tee -a "$LOG"
-import os, signal, sys, time, traceback
-from lomar.bench.loader import make_test_set
-# Each set is made by a child forked from this process (its imports done once), in a process group of its own,
-# which the set's limit kills whole (make_test_set's pool of writers too). One that fails or hangs is said, and the
-# parts that read the others still get them.
-sets, failed, child, forking, held = sys.argv[1:], 0, 0, False, 0
-
-
-def stop(signum, frame):  # the part's own limit or an outer stop: the set being made stops with this process
-    global held
-    if forking:  # the set's process not yet known, or in no group of its own: stopped once it is (below)
-        held = signum
-        return
-    if child:
-        try:  # a set just reaped, its group gone, before `child = 0` below
-            os.killpg(child, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    sys.exit(128 + signum)
-
-
-signal.signal(signal.SIGTERM, stop)
-signal.signal(signal.SIGINT, stop)
-for i in range(0, len(sets), 4):
-    out, kind, count, limit = sets[i], sets[i + 1], int(sets[i + 2]), float(sets[i + 3])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # a stop from the fork until the child has a group for stop() to kill is held: one then would miss the child,
-    # which made its set on after this process had gone. Held by a flag, not a signal mask: a mask is this thread's,
-    # and the kernel gives the signal to another thread that has none (its handler still runs in this one, at once):
-    # OpenBLAS's, started by torch's import, live until the first fork stops them; any library's that a fork leaves
-    forking = True
-    child = os.fork()
-    if child == 0:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.setpgid(0, 0)
-        try:
-            make_test_set(out, kind, count)
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    try:
-        os.setpgid(child, child)  # as the child does: a kill before it has done so still finds its group
-    except OSError:  # it has already (EACCES), or has ended
-        pass
-    forking = False
-    if held:
-        stop(held, None)
-    deadline = time.monotonic() + limit
-    while (done := os.waitpid(child, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if done[0] == 0:
-        os.killpg(child, signal.SIGKILL)
-        os.waitpid(child, 0)
-        print(f"test set {out}: not made within {limit:g} s (GPU_CHECK_T_SET); stopped", file=sys.stderr, flush=True)
-    failed |= done[0] == 0 or done[1] != 0
-    child = 0
-sys.exit(int(failed))
-EOF
+  for ((i = 0; i < ${#SETS[@]}; i += 4)); do
+    ( part "${SETS[i + 3]}" "$PY" -c "import sys; from lomar.bench.testset import make_test_set as make; \
+make(sys.argv[1], sys.argv[2], int(sys.argv[3]))" "${SETS[@]:i:3}" ) 2>&1 | keep tee -a "$LOG"
+    case ${PIPESTATUS[0]} in  # 124, 137: its limit (a stop's signal gives 143)
+      124 | 137) say "test set ${SETS[i]}: not made within ${SETS[i + 3]} s (GPU_CHECK_T_SET); stopped" ;;
+    esac
+    stop_here
+  done
   [[ " ${SETS[*]} " == *" $CAMERA "* ]] && say "camera test set: $(ls "$CAMERA" 2>/dev/null | wc -l) JPEGs in $CAMERA"
   [[ " ${SETS[*]} " == *" $IMAGENET "* ]] \
     && say "ImageNet-size test set: $(ls "$IMAGENET" 2>/dev/null | wc -l) JPEGs in $IMAGENET"

@@ -158,14 +158,20 @@ def test_an_unknown_decode_word_stops_the_check_before_any_part(tmp_path):
     assert not (tmp_path / "work").exists()
 
 
-def _stub_loader(tmp_path: Path, source: str) -> Path:
-    """A package lomar.bench whose loader module is ``source``, under the folder returned (for PYTHONPATH)."""
+def _stub_testset(tmp_path: Path, source: str) -> Path:
+    """A package lomar.bench whose testset module is ``source``, under the folder returned (for PYTHONPATH)."""
     stub = tmp_path / "stub" / "lomar" / "bench"
     stub.mkdir(parents=True)
     for package in (stub.parent, stub):
         (package / "__init__.py").write_text("")
-    (stub / "loader.py").write_text(source)
+    (stub / "testset.py").write_text(source)
     return tmp_path / "stub"
+
+
+def _sets_on(stub: Path) -> str:
+    """A stand-in python (see _stand_in) that makes each test set with ``stub``'s make_test_set, in this interpreter;
+    every other command succeeds."""
+    return f'case $2 in *make_test_set*) PYTHONPATH={stub}:$PYTHONPATH exec {sys.executable} "$@";; esac\nexit 0\n'
 
 
 def _ended(pid: int, within: float) -> bool:
@@ -213,17 +219,15 @@ def test_every_bench_command_of_the_check_is_one_lomar_bench_accepts(tmp_path):
 
 
 def test_a_test_set_that_cannot_be_made_leaves_the_others_made(tmp_path):
-    """The parts' test sets are made in one process: one that fails (here the camera set) is said in the log and the
-    next ones are still made, as when each set had a process of its own."""
-    stub = _stub_loader(tmp_path, "from pathlib import Path\n"  # a lomar.bench.loader whose camera set fails
-                                  "def make_test_set(out, kind, count):\n"
-                                  "    if Path(out).name == 'camera':\n"
-                                  "        raise OSError('no room for the camera set')\n"
-                                  "    Path(out).mkdir(parents=True)\n"
-                                  "    (Path(out) / f'{kind}-{count}').touch()\n")
-    # the sets' process runs this interpreter on the stub; every other command succeeds
-    env = _stand_in(tmp_path, f'[ "$3" = camera ] && PYTHONPATH={stub}:$PYTHONPATH exec '
-                              f'{sys.executable} "$@"\nexit 0\n', GPU_CHECK_PARTS="loader finetune")
+    """Each test set is made by a process of its own: one that fails (here the camera set) is said in the log and
+    the next ones are still made."""
+    stub = _stub_testset(tmp_path, "from pathlib import Path\n"  # a lomar.bench.testset whose camera set fails
+                                   "def make_test_set(out, kind, count):\n"
+                                   "    if Path(out).name == 'camera':\n"
+                                   "        raise OSError('no room for the camera set')\n"
+                                   "    Path(out).mkdir(parents=True)\n"
+                                   "    (Path(out) / f'{kind}-{count}').touch()\n")
+    env = _stand_in(tmp_path, _sets_on(stub), GPU_CHECK_PARTS="loader finetune")
     done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
     log = (tmp_path / "gc" / "summary.log").read_text()
     assert done.returncode == 0, done.stderr
@@ -235,34 +239,32 @@ def test_a_test_set_that_cannot_be_made_leaves_the_others_made(tmp_path):
 
 @pytest.mark.slow  # the check's bash and a python process: ~2 s
 def test_a_test_set_that_hangs_is_stopped_at_its_own_limit_and_the_others_are_made(tmp_path):
-    """The sets shared one limit in their one process: one that hung (here the camera set, and a writer process of
-    its own) took the whole of it, and the sets after it were never made. Each has its own now (GPU_CHECK_T_SET),
-    which stops the set's processes, and the next sets are made."""
+    """Each set has a limit of its own (GPU_CHECK_T_SET): one that hangs (here the camera set, and a writer process of
+    its own) is stopped at it with its writer, and the next sets are made (with one limit for all the sets, a hung one
+    took the whole of it and the sets after it were never made)."""
     import signal
 
     writer = tmp_path / "writer"
-    stub = _stub_loader(tmp_path, "import subprocess, sys, time\n"  # a lomar.bench.loader whose camera set hangs
-                                  "from pathlib import Path\n"
-                                  "def make_test_set(out, kind, count):\n"
-                                  "    if Path(out).name == 'camera':\n"
-                                  "        child = subprocess.Popen([sys.executable, '-c', 'import time; "
-                                  "time.sleep(120)'])\n"
-                                  f"        Path({str(writer)!r}).write_text(str(child.pid))\n"
-                                  "        time.sleep(120)\n"
-                                  "    Path(out).mkdir(parents=True)\n"
-                                  "    (Path(out) / f'{kind}-{count}').touch()\n")
-    env = _stand_in(tmp_path, f'[ "$3" = camera ] && PYTHONPATH={stub}:$PYTHONPATH exec '
-                              f'{sys.executable} "$@"\nexit 0\n', GPU_CHECK_PARTS="loader finetune",
-                    GPU_CHECK_T_SET="1")
+    stub = _stub_testset(tmp_path, "import subprocess, sys, time\n"  # a lomar.bench.testset whose camera set hangs
+                                   "from pathlib import Path\n"
+                                   "def make_test_set(out, kind, count):\n"
+                                   "    if Path(out).name == 'camera':\n"
+                                   "        child = subprocess.Popen([sys.executable, '-c', 'import time; "
+                                   "time.sleep(120)'])\n"
+                                   f"        Path({str(writer)!r}).write_text(str(child.pid))\n"
+                                   "        time.sleep(120)\n"
+                                   "    Path(out).mkdir(parents=True)\n"
+                                   "    (Path(out) / f'{kind}-{count}').touch()\n")
+    env = _stand_in(tmp_path, _sets_on(stub), GPU_CHECK_PARTS="loader finetune", GPU_CHECK_T_SET="1")
     check = subprocess.Popen(["bash", str(SCRIPT)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     try:
-        code = check.wait(timeout=60)  # before: the camera set's 120 s, within the sets' one limit of 300 s
+        code = check.wait(timeout=60)  # the camera set's default limit: 120 s
         writer_ended = _ended(int(writer.read_text()), within=10)  # looked at before the clean-up below kills it
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(check.pid, signal.SIGKILL)
-        with contextlib.suppress(OSError, ValueError, ProcessLookupError):  # the sets' group, if it outlived it
+        with contextlib.suppress(OSError, ValueError, ProcessLookupError):  # the set's group, if it outlived it
             os.killpg(os.getpgid(int(writer.read_text())), signal.SIGKILL)
     log = (tmp_path / "gc" / "summary.log").read_text()
     assert code == 0, log
@@ -389,65 +391,39 @@ def test_a_stop_reaches_the_running_part_at_once_and_kills_one_that_ignores_it(c
     assert not part_alive
 
 
-_SETS_HARNESS = """\
-import os, signal, sys, time
-window, pid_file, code = sys.argv[1], sys.argv[2], open(sys.argv[3]).read()
-real_fork, real_waitpid = os.fork, os.waitpid
-
-
-def fork():  # SIGTERM in the parent as the fork returns, before the child has a group of its own
-    child = real_fork()
-    if child:
-        open(pid_file, "w").write(str(child))
-        if window == "fork":
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.2)  # for the import's thread, given the signal, to take it: its handler runs here, next
-    return child
-
-
-def waitpid(pid, options):  # SIGTERM as the set's process is reaped, its group gone, its pid still held
-    done = real_waitpid(pid, options)
-    if done[0] and window == "reap":
-        os.kill(os.getpid(), signal.SIGTERM)
-    return done
-
-
-os.fork, os.waitpid = fork, waitpid
-sys.argv = ["-", sys.argv[4], window, "1", "60"]
-exec(compile(code, "sets", "exec"), {"__name__": "__main__"})
-"""
-
-
-@pytest.mark.parametrize("window", ["reap", "fork"])
-def test_a_stop_as_a_test_set_is_forked_or_reaped_exits_143_leaving_no_set_running(window, tmp_path):
-    """The sets' process (its code, taken from the script) stopped by SIGTERM just after a set's process was reaped:
-    the kill of that set's group, gone, raised ProcessLookupError, a traceback and exit 1 instead of 143. Stopped
-    just after a fork: the set's process, not yet known (or in no group of its own), made its set on alone; with the
-    signal blocked in the main thread only (e4229df), the kernel gave it to another thread of the process."""
+def test_a_stop_while_a_test_set_is_made_exits_143_leaving_no_set_running(tmp_path):
+    """An outer stop (SIGTERM to the check's process group) while a set is made: the set's process and its writer,
+    in the process group of the set's own `timeout`, stop with it; the check exits 143, without a traceback, and
+    makes no further set."""
     import signal
+    import time
 
-    lines = SCRIPT.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if '"$PY" - "${SETS[@]}" <<' in line) + 1
-    (tmp_path / "sets.py").write_text("\n".join(lines[start:lines.index("EOF", start)]) + "\n")
-    (tmp_path / "harness.py").write_text(_SETS_HARNESS)
-    stub = _stub_loader(tmp_path, "import threading, time\n"  # a set that ends at once, or (after a fork) hangs
-                                  # a thread of the import's that a fork leaves running: the signal may go to it
-                                  # (torch's import starts OpenBLAS's, which the first fork stops)
-                                  "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
-                                  "def make_test_set(out, kind, count):\n"
-                                  "    if kind == 'fork':\n"
-                                  "        time.sleep(60)\n")
-    pid_file, stderr = tmp_path / "child", tmp_path / "stderr"
-    env = {**os.environ, "PYTHONPATH": str(stub)}
-    with stderr.open("w") as file:  # not a pipe, which a set left running would hold open
-        code = subprocess.run([sys.executable, str(tmp_path / "harness.py"), window, str(pid_file),
-                               str(tmp_path / "sets.py"), str(tmp_path / "set")], env=env, stdout=subprocess.DEVNULL,
-                              stderr=file, timeout=60).returncode
-    child = int(pid_file.read_text())
-    alive = not _ended(child, within=10)
-    if alive:
+    pids = tmp_path / "pids"
+    stub = _stub_testset(tmp_path, "import os, subprocess, sys, time\n"  # a set that hangs, with a writer process
+                                   "from pathlib import Path\n"
+                                   "def make_test_set(out, kind, count):\n"
+                                   "    child = subprocess.Popen([sys.executable, '-c', 'import time; "
+                                   "time.sleep(60)'])\n"
+                                   f"    Path({str(pids)!r} + '.tmp').write_text(f'{{os.getpid()}} {{child.pid}}')\n"
+                                   f"    os.replace({str(pids)!r} + '.tmp', {str(pids)!r})\n"
+                                   "    time.sleep(60)\n")
+    env = _stand_in(tmp_path, _sets_on(stub), GPU_CHECK_PARTS="loader finetune")
+    check = subprocess.Popen(["bash", str(SCRIPT)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not pids.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert pids.exists(), "the set was not started"
+        os.killpg(check.pid, signal.SIGTERM)
+        code = check.wait(timeout=20)
+        alive = [pid for pid in map(int, pids.read_text().split()) if not _ended(pid, within=10)]
+    finally:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(child, signal.SIGKILL)
-    said = stderr.read_text()
-    assert code == 143 and "Traceback" not in said, said  # old code: 1, ProcessLookupError
-    assert not alive  # old code (fork): the set went on being made
+            os.killpg(check.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError, ValueError, ProcessLookupError):  # the set's group, if it outlived it
+            os.killpg(os.getpgid(int(pids.read_text().split()[0])), signal.SIGKILL)
+    log = (tmp_path / "gc" / "summary.log").read_text()
+    assert code == 143 and "Traceback" not in log, log
+    assert not alive  # the set and its writer
+    assert "stopped by SIGTERM" in log and not (tmp_path / "work" / "ft").exists(), log  # the next sets: not begun
