@@ -1,7 +1,8 @@
 """A checkpoint stores a model spec that rebuilds its model without training code: `lomar.load_model` gives the
 model of each kind lomar writes (pretraining single-file and sharded, a classifier of `lomar finetune` or of
 `pretrain_checkpoint`, an export folder), in a process that never imports lomar.train, lomar.methods or lomar.cli;
-a classifier saved before specs still loads."""
+a classifier saved before specs still loads. A detector's or segmenter's checkpoint, which load_model refuses, is
+rebuilt there as README's Python section says."""
 
 from __future__ import annotations
 
@@ -104,6 +105,18 @@ for name in sys.argv[2:]:
     with torch.no_grad():
         outputs[name] = model(images) if type(model).__name__ == "VisionTransformer" and model.num_classes else \\
             getattr(model, "encoder", model).forward_features(images)
+for name, images in (("segment.pt", torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))),
+                     ("detect.pt", torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)))):
+    from lomar.integrations.detection import build_mask_rcnn  # README's recipe, word for word
+    from lomar.integrations.segmenter import UperNetSegmenter
+    ckpt = lomar.safe_load(f"{sys.argv[1]}/{name}")
+    s = ckpt["settings"]
+    encoder = lomar.VisionTransformer(lomar.ViTConfig.from_dict(ckpt["encoder_config"]))
+    model = (build_mask_rcnn(encoder, len(ckpt["categories"]), s["img_size"]) if name == "detect.pt" else
+             UperNetSegmenter(encoder, s["num_classes"], channels=s["head_channels"], aux_weight=s["aux_weight"]))
+    model.load_state_dict(ckpt["model"])
+    with torch.no_grad():
+        outputs[name] = model.eval()(images) if name == "segment.pt" else model.eval().backbone(images)
 training = sorted(m for m in sys.modules if m.split(".")[:2] in (["lomar", "train"], ["lomar", "methods"],
                                                                  ["lomar", "cli"]))
 assert not training, training
@@ -125,11 +138,38 @@ def test_each_kind_of_checkpoint_rebuilds_its_model_in_a_process_without_trainin
     atomic_save(_finetune_checkpoint(classifier), tmp_path / "best.pt")
     atomic_save(pretrain_checkpoint(classifier), tmp_path / "classifier.pt")
     export_encoder(pretrained.encoder, tmp_path / "export")
+    segmenter, detector = _dense_checkpoints(tmp_path)
     names = ["last.pt", "checkpoint-000001.dcp", "best.pt", "classifier.pt", "export"]
     subprocess.run([sys.executable, "-c", _REBUILD, str(tmp_path), *names], check=True)
     outputs = safe_load(tmp_path / "outputs.pt")
     images = _images()
     with torch.no_grad():
         encoded, classified = pretrained.encoder.forward_features(images), classifier(images)
+        segmented = segmenter(torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)))
+        pyramid = detector.backbone(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)))
     for name, expected in zip(names, (encoded, encoded, classified, classified, encoded)):
         assert torch.equal(outputs[name], expected), name
+    assert torch.equal(outputs["segment.pt"], segmented)
+    assert outputs["detect.pt"].keys() == pyramid.keys() and all(torch.equal(outputs["detect.pt"][k], v)
+                                                                 for k, v in pyramid.items())
+
+
+def _dense_checkpoints(folder) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A segmenter and a detector as `lomar segment` and `lomar detect` save them (the weights and their tasks'
+    state), written to ``folder`` (segment.pt, detect.pt)."""
+    from lomar.integrations.detection import build_mask_rcnn
+    from lomar.integrations.segmenter import UperNetSegmenter
+    from lomar.train.detect import DetectTask  # the writers themselves
+    from lomar.train.detect_config import DetectConfig
+    from lomar.train.segment import SegmentTask
+    from lomar.train.segment_config import SegmentConfig
+
+    config = ViTConfig(img_size=64, patch_size=16, embed_dim=32, depth=4, num_heads=2)
+    segmenter = _trained(UperNetSegmenter(VisionTransformer(config), 5, channels=16))
+    task = SimpleNamespace(model=segmenter, config=SegmentConfig(num_classes=5, head_channels=16))
+    atomic_save({"model": segmenter.state_dict(), **SegmentTask.state(task)}, folder / "segment.pt")
+    detector = _trained(build_mask_rcnn(VisionTransformer(config), 3, 64))
+    task = SimpleNamespace(model=detector, config=DetectConfig(img_size=64), categories=[1, 2, 3],
+                           val=SimpleNamespace(names=["a", "b", "c"]))
+    atomic_save({"model": detector.state_dict(), **DetectTask.state(task)}, folder / "detect.pt")
+    return segmenter, detector
