@@ -213,10 +213,11 @@ def test_a_pattern_the_shell_expanded_is_named_with_its_fix(tmp_path, monkeypatc
     assert capsys.readouterr().err.endswith(
         "unrecognized arguments: d1 d2; --data takes one value and the shell gave it 3 paths (an unquoted pattern): "
         "give one (see lomar knn --help)\n")
-    assert main(["knn", "--json", "r.json", "d1", "--data", "d0", "d1", "d2"]) == 2  # d1 an operand after --json's
-    assert capsys.readouterr().err.endswith(
-        "unrecognized arguments: d1 d2; --data takes one value and the shell gave it 3 paths (an unquoted pattern): "
-        "give one (see lomar knn --help)\n")
+    for json_file in ("r.json", "d0"):  # d1 an operand after --json's value, which may be a path that exists
+        assert main(["knn", "--json", json_file, "d1", "--data", "d0", "d1", "d2"]) == 2
+        assert capsys.readouterr().err.endswith(
+            "unrecognized arguments: d1 d2; --data takes one value and the shell gave it 3 paths (an unquoted "
+            "pattern): give one (see lomar knn --help)\n")
     assert main(["pretrain", "--data", "d0", "nothing-there"]) == 2  # not paths the shell found: no such guess
     assert "shell" not in capsys.readouterr().err
     for name in ("S0.TAR", "S1.TAR", "s0.tar.zst", "s1.tar.zst"):  # shard names too, which 'give one' would cut

@@ -77,17 +77,21 @@ def expanded_by_shell(argv: list[str], unknown: list[str], shards: bool) -> str:
     operands = [token for token in unknown if not token.startswith("-")]  # each one of argv's tokens
     if not operands:
         return ""
-    # the first leftover follows a flag and its one value, at the first place in argv where those all name paths:
-    # the same path given before as another flag's value (`--out s1.tar --data s0.tar s1.tar`) or as an operand
-    # right after one (`--json r.json d1 --data d0 d1`) is not it
+    # the first leftover follows a flag and its one value, at a place in argv where those all name paths: the one
+    # followed by every leftover operand, else the first. The same path given before as another flag's value (`--out
+    # s1.tar --data s0.tar s1.tar`) or as an operand right after one (`--json r.json d1 --data d0 d1`) is not it
+    places = []
     for at, token in enumerate(argv):
         if token != operands[0] or at < 2 or not argv[at - 2].startswith("--") or "=" in argv[at - 2] \
                 or argv[at - 1].startswith("-"):
             continue
         end = next((i for i in range(at, len(argv)) if argv[i].startswith("-")), len(argv))
         if all(os.path.lexists(path) for path in argv[at - 1:end]):
-            return _one_path_each(argv[at - 2], argv[at - 1:end], shards)
-    return ""
+            places.append((argv[at:end] != operands, at, end))
+    if not places:
+        return ""
+    _, at, end = min(places)
+    return _one_path_each(argv[at - 2], argv[at - 1:end], shards)
 
 
 def _one_path_each(flag: str, paths: list[str], shards: bool) -> str:
