@@ -179,6 +179,7 @@ PY=python3
 if want env; then
   (
     set -e
+    say() { echo "[gpu_check $(date +%H:%M:%S)] $*"; }  # the tee below logs it: once
     if [ -x "$VENV/bin/python" ] && [ ! -f "$VENV/.made-by-gpu-check" ]; then
       say "using $VENV as is (not made by this script: nothing is installed into it)"; exit 0
     fi
