@@ -170,15 +170,15 @@ def test_no_import_cycle_even_through_imports_inside_functions():
     assert _cycles(import_graph()) == []
 
 
-def upward_imports(graph: dict[str, set[str]]) -> list[str]:
-    """"lower -> ... -> higher" for each lower-layer module that reaches a higher layer, directly or through
-    any modules between (``lomar.dense`` re-exports ``lomar.integrations``, say): the shortest such chain."""
+def upward_imports(graph: dict[str, set[str]], lower: set[str] = LOWER, higher: set[str] = HIGHER) -> list[str]:
+    """"lower -> ... -> higher" for each module of a ``lower`` layer that reaches a ``higher`` one, directly or
+    through any modules between (``lomar.dense`` re-exports ``lomar.integrations``, say): the shortest such chain."""
     found = []
-    for start in sorted(m for m in graph if _layer(m) in LOWER):
+    for start in sorted(m for m in graph if _layer(m) in lower):
         chains, seen = [[start]], {start}
         while chains:
             chain = chains.pop(0)
-            if _layer(chain[-1]) in HIGHER:
+            if _layer(chain[-1]) in higher:
                 found.append(" -> ".join(chain))
                 break
             for nxt in sorted(graph.get(chain[-1], ())):
@@ -190,6 +190,13 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
 
 def test_lower_layers_never_import_higher_ones():
     assert upward_imports(import_graph()) == []
+
+
+def test_eval_never_imports_train():
+    """Training runs evaluate (the k-NN monitor, ``--eval-only``, the finetuning encoder's read), never the other way
+    round: what both use (the progress bar, the lr curve) lives below both, in :mod:`lomar.progress_bar` and
+    :mod:`lomar.lr_schedule`."""
+    assert upward_imports(import_graph(), lower={"eval"}, higher={"train"}) == []
 
 
 def test_every_package_has_a_layer():

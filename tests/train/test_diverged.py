@@ -147,7 +147,7 @@ def test_clipping_bounds_the_whole_accumulated_unscaled_gradient(tmp_path, preci
 def test_each_steps_record_holds_the_mean_of_its_micro_batches_and_the_lr_it_applied(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from lomar.train.schedule import lr_at
+    from lomar.lr_schedule import lr_at
 
     micro = []
 

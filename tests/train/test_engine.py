@@ -16,10 +16,11 @@ from helpers import TINY, losses, pretrain, write_images
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
 from lomar.data.samplers import EpochSampler
+from lomar.lr_schedule import lr_at, lr_at_whole_steps
 from lomar.models import MAE, LoMaR
 from lomar.models.vit import model_config
 from lomar.train.run_state import checkpoints_to_prune
-from lomar.train.schedule import lr_at, lr_at_whole_steps, param_groups, schedule_span, warmup_warning
+from lomar.train.schedule import param_groups, schedule_span, warmup_warning
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -34,7 +34,7 @@ from lomar.models.attention import vitdet_global_blocks
 from lomar.models.masking import grid_size
 from lomar.models.relpos import REL_POS_PARAMS
 from lomar.models.vit import VisionTransformer, ViTConfig
-from lomar.train.monitor import progress
+from lomar.progress_bar import progress
 from lomar.values import brief, is_integer
 
 __all__ = ["LoadReport", "load_pretrained_encoder", "eval_transform", "knn_loaders", "extract_features",
@@ -297,7 +297,7 @@ def extract_features(encoder: VisionTransformer, loader, device: torch.device | 
     feature for both methods; MAE's own linear probe reads the cls token. Unreadable images
     (batches from :func:`knn_loaders`) are skipped and counted (in ``bad`` when given); more than
     ``UNREADABLE_LIMIT`` of the split is a UsageError naming its folder: a score over part of a split
-    is not that split's score. Progress (``desc``) goes to stderr (:func:`lomar.train.monitor.progress`).
+    is not that split's score. Progress (``desc``) goes to stderr (:func:`lomar.progress_bar.progress`).
     """
     bad = BadDataTracker(len(loader.dataset), warn=False) if bad is None else bad  # the loader warned of each
     feats, labels = read_features(encoder, loader, device, pool, bad, desc)

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lomar.train.monitor import progress
-from lomar.train.schedule import lr_at
+from lomar.lr_schedule import lr_at
+from lomar.progress_bar import progress
 
 __all__ = ["LinearProbe", "LARS", "train_linear_probe", "train_mae_linear_probe"]
 

@@ -74,7 +74,7 @@ class Method:
     only_pos: str | None = None
     # --layer-scale-init when unset, from the encoder's width (BEiT's recipe: by model size); None: no layer scale.
     layer_scale_by_width: Callable[[int], float] | None = None
-    # lr(step, total, warm-up, base lr, min lr) as the paper's code schedules it; None: MAE's (lomar.train.schedule)
+    # lr(step, total, warm-up, base lr, min lr) as the paper's code schedules it; None: MAE's (lomar.lr_schedule.lr_at)
     lr_schedule: Callable[..., float] | None = None
     # resume_settings(saved, source, checkpoint, explicit) amends in place the settings ``saved`` a resumed run read
     # from ``source`` (a checkpoint, ``checkpoint`` as read without its weights; or the run's config.yaml, checkpoint

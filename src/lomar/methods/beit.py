@@ -22,6 +22,7 @@ from lomar.data.folder import build_pretrain_dataset
 from lomar.data.shard_members import read_ahead
 from lomar.data.shards import TarShardDataset, is_shard_pattern, shard_paths
 from lomar.errors import first_on_machine
+from lomar.lr_schedule import lr_at_whole_steps
 from lomar.methods.base import Method, check_windows, plan_kwargs, plan_masker
 from lomar.models.beit import BEiTConfig
 from lomar.models.beit_pretrain import BEiTPretrain, tokenizer_view
@@ -29,7 +30,6 @@ from lomar.models.masking import grid_size
 from lomar.tokenizers import KMeansTokenizer, fit_kmeans_tokenizer, load_tokenizer, tokenizer_format
 from lomar.tokenizers.kmeans import FORMAT as KMEANS_FORMAT
 from lomar.tokenizers.kmeans import kmeans_settings
-from lomar.train.schedule import lr_at_whole_steps
 from lomar.viz.tokens import token_figure
 
 __all__ = ["METHOD", "RECIPE", "prepare", "fit_on_training_images", "layer_scale_init", "resume_settings",

@@ -4,7 +4,7 @@ timm supplies the recipe's pieces: the RandAugment / random-erasing transform
 (``create_transform``), Mixup/CutMix with label smoothing (``Mixup``), the soft-target loss
 and the layer-wise lr decay parameter groups (``param_groups_layer_decay``, driven by
 ``VisionTransformer.group_matcher``: stem = layer 0, block i = layer i+1, final norm and head
-= top layer, scaled decay^(top − layer)). The lr follows ``lomar.train.schedule.lr_at`` per
+= top layer, scaled decay^(top − layer)). The lr follows ``lomar.lr_schedule.lr_at`` per
 iteration: linear warm-up, cosine to ``--min-lr``. ``--eval-only`` scores a trained classifier (a run's best.pt,
 else last.pt, or a checkpoint) on a validation folder in one process, without a training run. The run itself
 (checkpoints, ``best.pt`` on top-1, resume with the RNG state, so a resumed run continues exactly: each training

@@ -12,32 +12,17 @@ from pathlib import Path
 
 from lomar.checkpoints.file_names import METRICS
 from lomar.checkpoints.io import open_in_place, read_log, refuse_link
+from lomar.progress_bar import progress
 
-__all__ = ["Monitor", "progress", "input_limit_note", "read_records", "metric_text", "metric_value",
-           "images_per_second", "INPUT_BOUND"]
+__all__ = ["Monitor", "input_limit_note", "read_records", "metric_text", "metric_value", "images_per_second",
+           "INPUT_BOUND"]
 
 _LABELS = {"top1": "top-1", "top5": "top-5", "knn_top1": "k-NN top-1"}  # accuracies, printed in percent
-QUIET_INTERVAL = 30.0  # seconds between progress lines when stderr is not a terminal (a log file)
 INPUT_BOUND = 0.2  # a run whose loop waits this share of a step's time for batches is limited by its input
 _FASTER = {"full": " or --decode draft (or gpu on CUDA)", "draft": " or --decode gpu on CUDA",
            "windows": " or --decode gpu on CUDA",
            "gpu": "; at camera resolution the device's JPEG decoding itself can be the limit, and more workers "
                   "take a larger share of it (--cpu-decode-share auto; benchmarks/README.md)"}
-
-
-class _Lines:
-    """tqdm's output as whole lines: off a terminal its ``\\r`` redraws would pile up on one line."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, text: str) -> None:
-        text = text.replace("\r", "").strip()
-        if text:
-            self.stream.write(text + "\n")
-
-    def flush(self) -> None:
-        self.stream.flush()
 
 
 def metric_value(key: str, value: float) -> str:
@@ -54,17 +39,6 @@ def images_per_second(rate: float) -> str:
     """A step's img/s as the log prints it: one decimal, or two significant digits below 1 img/s, where one
     decimal would print a slow CPU step's 0.04 as 0.0."""
     return f"{rate:.1f}" if rate >= 1 else f"{rate:.2g}"
-
-
-def progress(iterable=None, total: int | None = None, desc: str = "", initial: int = 0, unit: str = "it"):
-    """A tqdm bar on stderr: live on a terminal; elsewhere one line every ``QUIET_INTERVAL`` seconds,
-    the first after that long (a run shorter than that prints none)."""
-    from tqdm import tqdm
-
-    if sys.stderr.isatty():
-        return tqdm(iterable, total=total, desc=desc, initial=initial, unit=unit, dynamic_ncols=True)
-    return tqdm(iterable, total=total, desc=desc, initial=initial, unit=unit, file=_Lines(sys.stderr), ncols=100,
-                mininterval=QUIET_INTERVAL, maxinterval=QUIET_INTERVAL * 4, delay=QUIET_INTERVAL, leave=False)
 
 
 class Monitor:

@@ -1,4 +1,6 @@
-"""The optimisation recipe as pure functions: learning-rate schedule and weight-decay groups."""
+"""The optimisation recipe as pure functions: a run's learning-rate schedule from its settings (its span, its peak,
+what to tell a run that stops inside its warm-up or runs past its end; the curves themselves:
+:mod:`lomar.lr_schedule`) and the weight-decay groups."""
 
 from __future__ import annotations
 
@@ -7,8 +9,9 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["lr_at", "lr_at_whole_steps", "schedule_span", "run_span", "peak_lr", "warmup_warning",
-           "schedule_overrun", "param_groups"]
+from lomar.lr_schedule import lr_at
+
+__all__ = ["schedule_span", "run_span", "peak_lr", "warmup_warning", "schedule_overrun", "param_groups"]
 
 
 def schedule_span(steps_per_epoch: int, epochs: float, warmup_epochs: float,
@@ -22,31 +25,6 @@ def schedule_span(steps_per_epoch: int, epochs: float, warmup_epochs: float,
     if schedule_steps is None:
         return epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
     return float(schedule_steps), schedule_steps * (warmup_epochs / epochs if epochs else 0.0)
-
-
-def lr_at(step: float, total_steps: float, warmup_steps: float, base_lr: float, min_lr: float = 0.0) -> float:
-    """lr for optimizer step ``step`` (0-based): linear warm-up from 0 over ``warmup_steps``,
-    then a half-cycle cosine down to ``min_lr`` at ``total_steps``.
-
-    A pure function of the step, so a resumed run follows the same curve exactly.
-    """
-    if step < warmup_steps:
-        return base_lr * step / warmup_steps
-    span = max(total_steps - warmup_steps, 1e-12)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def lr_at_whole_steps(step: float, total_steps: float, warmup_steps: float, base_lr: float,
-                      min_lr: float = 0.0) -> float:
-    """BEiT's schedule (``cosine_scheduler`` of its ``utils.py``): the warm-up is ``warmup_steps`` rounded half up,
-    whole steps evenly spaced from 0 to ``base_lr`` (numpy's ``linspace``), so it peaks at step ``n - 1``,
-    one step before :func:`lr_at` (MAE's fractional-epoch warm-up) does; the cosine from step ``n`` is the same.
-    """
-    n = math.floor(warmup_steps + 0.5)
-    if step < n:
-        return base_lr * step / (n - 1) if n > 1 else 0.0
-    return lr_at(step, total_steps, n, base_lr, min_lr)
 
 
 def warmup_warning(last_step: int, total_steps: float, warmup_steps: float, base_lr: float, min_lr: float = 0.0,
