@@ -220,6 +220,9 @@ def test_a_pattern_the_shell_expanded_is_named_with_its_fix(tmp_path, monkeypatc
             "pattern): give one (see lomar knn --help)\n")
     assert main(["pretrain", "--data", "d0", "nothing-there"]) == 2  # not paths the shell found: no such guess
     assert "shell" not in capsys.readouterr().err
+    for typed in (["pretrain", "--resume", "d0", "d0"], ["knn", "ck.pt", "--json", "d1", "d1"]):  # a path twice
+        assert main(typed) == 2  # is typed so: a pattern names each path once
+        assert capsys.readouterr().err.endswith(f"unrecognized arguments: {typed[-1]} (see lomar {typed[0]} --help)\n")
     for name in ("S0.TAR", "S1.TAR", "s0.tar.zst", "s1.tar.zst"):  # shard names too, which 'give one' would cut
         (tmp_path / name).touch()
     for shards, pattern in ((["S0.TAR", "S1.TAR"], "*.TAR"), (["s0.tar.zst", "s1.tar.zst"], "*.tar.zst")):

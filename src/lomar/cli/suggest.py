@@ -79,14 +79,16 @@ def expanded_by_shell(argv: list[str], unknown: list[str], shards: bool) -> str:
         return ""
     # the first leftover follows a flag and its one value, at a place in argv where those all name paths: the one
     # followed by every leftover operand, else the first. The same path given before as another flag's value (`--out
-    # s1.tar --data s0.tar s1.tar`) or as an operand right after one (`--json r.json d1 --data d0 d1`) is not it
+    # s1.tar --data s0.tar s1.tar`) or as an operand right after one (`--json r.json d1 --data d0 d1`) is not it.
+    # A pattern names each path once: a path typed twice (`--resume r/last.pt r/last.pt`) is no expansion
     places = []
     for at, token in enumerate(argv):
         if token != operands[0] or at < 2 or not argv[at - 2].startswith("--") or "=" in argv[at - 2] \
                 or argv[at - 1].startswith("-"):
             continue
         end = next((i for i in range(at, len(argv)) if argv[i].startswith("-")), len(argv))
-        if all(os.path.lexists(path) for path in argv[at - 1:end]):
+        paths = argv[at - 1:end]
+        if len(set(paths)) == len(paths) and all(os.path.lexists(path) for path in paths):
             places.append((argv[at:end] != operands, at, end))
     if not places:
         return ""
