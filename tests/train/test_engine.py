@@ -44,6 +44,21 @@ def test_a_schedule_over_steps_keeps_the_recipes_warmup_share():
     assert lrs[2] == max(lrs) == 1.0 and lrs[1] == 0.5 and lrs[-1] < 0.01
 
 
+def test_a_warmup_in_steps_is_laid_over_the_schedule_steps_or_the_epochs_and_cut_to_them():
+    """detect's and segment's --warmup-steps: the schedule spans --schedule-steps if given, else --epochs' steps."""
+    from types import SimpleNamespace
+
+    from lomar.train.schedule import run_span
+
+    def span(**settings):
+        return run_span(SimpleNamespace(**{"epochs": 3, "schedule_steps": None, **settings}), steps_per_epoch=100)
+
+    assert span(warmup_steps=50, schedule_steps=1000) == (1000.0, 50.0)
+    assert span(warmup_steps=50) == (300.0, 50.0)
+    assert span(warmup_steps=5000, schedule_steps=1000) == (1000.0, 1000.0)
+    assert span(warmup_steps=None, warmup_epochs=1) == (300.0, 100.0)
+
+
 def test_beits_schedule_is_its_linspace_warmup_then_the_same_cosine():
     """BEiT's cosine_scheduler: linspace(0, base, W) over the first W steps (the peak at step W - 1),
     then final + (base - final)(1 + cos(pi i / (T - W))) / 2 for i = step - W."""
