@@ -112,10 +112,13 @@ def test_the_loaded_tokenizer_is_checked_against_the_checkpoints_digest():
     import pytest
 
     from lomar.errors import UsageError
+    from lomar.methods import get_method
     from lomar.train.pretrain import PretrainTask
 
+    # the generic task asks its method (methods.beit.resume_refusal), against what the method recorded of its model
     task = SimpleNamespace(config=SimpleNamespace(tokenizer="/runs/a/tokenizer.safetensors", workers=1),
-                           tokenizer_digest="a" * 64, iterable=False)
+                           runtime=SimpleNamespace(method=get_method("beit")),
+                           run_record={"tokenizer_digest": "a" * 64}, iterable=False)
     with pytest.raises(UsageError) as refused:
         PretrainTask.load(task, {"tokenizer_digest": "b" * 64})
     assert str(refused.value) == (
@@ -124,3 +127,14 @@ def test_the_loaded_tokenizer_is_checked_against_the_checkpoints_digest():
         "with another --out")
     PretrainTask.load(task, {"tokenizer_digest": "a" * 64})  # the same tensors
     PretrainTask.load(task, {})  # a run saved before the digest was kept
+
+
+def test_the_methods_without_a_tokenizer_keep_nothing_to_check_a_resume_against():
+    """LoMaR's and MAE's runs record nothing beyond their settings for a resume, and refuse none for what another
+    method's checkpoint would keep."""
+    from lomar.methods import get_method
+
+    for name in ("lomar", "mae"):
+        method = get_method(name)
+        assert method.run_record(None) == {}
+        assert method.resume_refusal(None, {}, {"tokenizer_digest": "b" * 64}) is None

@@ -2,9 +2,10 @@
 
 A method module defines ``METHOD``, a :class:`lomar.methods.base.Method`: its defaults, checks,
 the explicit preparation step (BEiT's tokenizer), the model it builds, the per-sample masking
-drawn in the data workers, the batch → forward arguments, its export and figure, and what a
-resumed run reads again (BEiT's tokenizer, where a moved run folder now keeps it). Adding a
-method is one module here plus its model in :mod:`lomar.models`; nothing else lists methods.
+drawn in the data workers, the batch → forward arguments, its export and figure, what a
+resumed run reads again (BEiT's tokenizer, where a moved run folder now keeps it), and what its
+checkpoints keep to check a resume against (BEiT's tokenizer digest). Adding a method is one
+module here plus its model in :mod:`lomar.models`; nothing else lists methods.
 
 This package's ``__init__`` imports no torch, so ``--method`` choices cost nothing in ``--help``.
 """

@@ -81,6 +81,12 @@ class Method:
     # None) for the flags given again (``explicit``); -> a note to print, or None; ValueError naming the fix. By
     # default they stay as saved.
     resume_settings: Callable[[dict, str, dict | None, dict], str | None] = lambda *_: None
+    # What its run's checkpoints keep to check a resume against, beyond the settings: run_record(model) -> the
+    # checkpoint's entries, of the built model (BEiT: its tokenizer's digest, which the settings name by path only);
+    # resume_refusal(config, record, checkpoint) -> why the run whose run_record is ``record`` cannot go on from
+    # ``checkpoint`` (one saved before the entries were kept has none), or None. By default: nothing kept or refused.
+    run_record: Callable[[torch.nn.Module], dict] = lambda model: {}
+    resume_refusal: Callable[[Any, dict, dict], str | None] = lambda *_: None
 
     def reads_outside_windows(self, config, patch_size: int) -> str | None:
         """:attr:`outside_windows` for a windowed run of ``config`` with ``patch_size`` px patches; ValueError naming

@@ -33,7 +33,8 @@ from lomar.tokenizers.kmeans import kmeans_settings
 from lomar.viz.tokens import token_figure
 
 __all__ = ["METHOD", "RECIPE", "prepare", "fit_on_training_images", "layer_scale_init", "resume_settings",
-           "not_trained_with", "same_tokenizer", "tokenizer_for", "outside_windows", "FIT_IMAGES", "MAX_VOCAB"]
+           "run_record", "resume_refusal", "not_trained_with", "same_tokenizer", "tokenizer_for", "outside_windows",
+           "FIT_IMAGES", "MAX_VOCAB"]
 
 FIT_IMAGES = 64  # sample of training crops the built-in tokenizer is fitted on
 MAX_VOCAB = 8192  # BEiT's vocabulary
@@ -194,6 +195,24 @@ def resume_settings(saved: dict, source: str, checkpoint: dict | None, explicit:
     return note
 
 
+def run_record(model: BEiTPretrain) -> dict:
+    """:attr:`Method.run_record`: the digest of the tokenizer's tensors. The settings name its file by path only, and a
+    file replaced in place keeps that path: only the digest shows that the targets would change."""
+    return {"tokenizer_digest": model.tokenizer.digest()}
+
+
+def resume_refusal(config, record: dict, checkpoint: dict) -> str | None:
+    """:attr:`Method.resume_refusal`: the tokenizer loaded (its digest in ``record``) is not the one the run trained
+    with (the digest ``checkpoint`` keeps), as --tokenizer's and lomar visualize's refusals say it
+    (:func:`not_trained_with`)."""
+    saved = checkpoint.get("tokenizer_digest")  # none in runs saved before it was kept
+    if saved is None:
+        return None
+    return not_trained_with(f"--resume: the tokenizer {config.tokenizer}", record["tokenizer_digest"], saved,
+                            "this run", "its targets would change mid-run; restore that file, or start a new run "
+                                        "with another --out")
+
+
 def tokenizer_for(config, grid, tokenizer=None):
     """``config.tokenizer`` loaded (or the one :func:`prepare` fitted), its view set to grid × stride px
     (both kinds are convolutional / per patch, so any multiple of the stride works)."""
@@ -253,5 +272,5 @@ METHOD = Method(
     figure=token_figure, step_metrics={"masked_token_accuracy": lambda output: output.accuracy},
     loss_name="masked-token cross-entropy",
     recipe=RECIPE, recipe_source=RECIPE_SOURCE, lr_schedule=lr_at_whole_steps, reads=("tokenizer", "layer_scale_init"),
-    resume_settings=resume_settings, layer_scale_by_width=layer_scale_init,
-    outside_windows=outside_windows)
+    resume_settings=resume_settings, run_record=run_record, resume_refusal=resume_refusal,
+    layer_scale_by_width=layer_scale_init, outside_windows=outside_windows)

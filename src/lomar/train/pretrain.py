@@ -29,7 +29,6 @@ from lomar.errors import FULL_DISK, UNWRITABLE, UsageError, said_by_first_on_mac
 from lomar.eval.knn import KnnMonitor
 from lomar.methods import get_method
 from lomar.methods.base import method_runtime
-from lomar.methods.beit import not_trained_with
 from lomar.models.spec import model_spec
 from lomar.train.config import PretrainConfig, build_model, prepare_method
 from lomar.train.distributed import DistInfo
@@ -66,8 +65,7 @@ class PretrainTask(Task):
         self.step_metrics = tuple(self.runtime.method.step_metrics)
         self.lr_schedule = self.lr_schedule_of(config)
         self.sharded, self.spec = config.fsdp, model_spec(self.model)  # the spec: of the class, before sharding
-        tokenizer = getattr(self.model, "tokenizer", None)  # BEiT's, named by path only: its content is checked
-        self.tokenizer_digest = tokenizer.digest() if tokenizer is not None else None
+        self.run_record = self.runtime.method.run_record(self.model)  # a resume checks it (BEiT: the tokenizer)
         if config.fsdp:  # before the optimizer: it must hold the sharded parameters
             precision = run_precision(config, device)  # a resumed run's auto: the one it trained in
             shard_model(self.model, "bf16" if precision == "bf16" else "fp32")
@@ -176,11 +174,10 @@ class PretrainTask(Task):
         return bool(config.knn_every)
 
     def state(self) -> dict:
-        digest = {"tokenizer_digest": self.tokenizer_digest} if self.tokenizer_digest else {}
         # tar shards: samples seeded by their names under the shards' folder, which a resume keeps (absent: by path,
         # as in runs saved before, which go on so)
         seeds = {"shard_seed_root": "common"} if self.iterable and self.dataset.seed_root else {}
-        return {"config": self.config.to_dict(), "model_spec": self.spec, "format": PRETRAIN_FORMAT, **digest,
+        return {"config": self.config.to_dict(), "model_spec": self.spec, "format": PRETRAIN_FORMAT, **self.run_record,
                 "data_listing": self.listing, **seeds}
 
     @functools.cached_property
@@ -198,10 +195,7 @@ class PretrainTask(Task):
         return listing_record(names, root, self.size)
 
     def load(self, state: dict) -> None:
-        saved = state.get("tokenizer_digest")  # none in runs saved before it was kept
-        if saved is not None and (refusal := not_trained_with(
-                f"--resume: the tokenizer {self.config.tokenizer}", self.tokenizer_digest, saved, "this run",
-                "its targets would change mid-run; restore that file, or start a new run with another --out")):
+        if refusal := self.runtime.method.resume_refusal(self.config, self.run_record, state):
             raise UsageError(refusal)
         # no shard_seed_root: a shard run saved before it, its samples seeded by path, which go on so (a run that read
         # no shards, resumed on them, seeds them as a new run does)
