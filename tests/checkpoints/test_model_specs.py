@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -82,6 +83,21 @@ def test_a_classifier_spec_that_does_not_describe_its_weights_is_refused_in_one_
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'c.pt'}: {words}")) as refused:
         load_model(tmp_path / "c.pt")
     assert "\n" not in str(refused.value)
+
+
+def test_a_spec_and_a_saved_config_that_differ_where_no_weight_tells_are_refused_in_one_line(tmp_path):
+    """ViTDet windows change no weight: a spec and the config beside it that disagree on them would be rebuilt as the
+    spec says by load_model and scored as the config says by --eval-only; neither is taken without a word."""
+    windowed = replace(TINY, window_size=1, global_blocks=(1,))
+    checkpoint = _finetune_checkpoint(_trained(VisionTransformer(windowed, num_classes=3)))
+    atomic_save({**checkpoint, "config": {**checkpoint["config"], "window_size": 0, "global_blocks": ()}},
+                tmp_path / "c.pt")
+    with pytest.raises(ValueError, match=re.escape(
+            f"{tmp_path / 'c.pt'}: its saved model_spec and config describe other encoders (window_size 1 and 0, "
+            f"global_blocks (1,) and ()); delete the one it was not trained as")):
+        load_model(tmp_path / "c.pt")
+    atomic_save(checkpoint, tmp_path / "same.pt")
+    assert load_model(tmp_path / "same.pt").config == replace(windowed, attention="auto", drop_path=0.0)
 
 
 def test_a_subclass_from_outside_lomar_models_saves_no_spec_of_its_parent():

@@ -110,8 +110,16 @@ def _head(src: Source) -> tuple[int, str]:
 def _saved_config(src: Source, num_heads: int | None = None) -> ViTConfig | None:
     """The ViTConfig a classifier checkpoint saved (the first of :func:`_saved_keys`), None where it saved none.
     ValueError where one it saved does not describe the weights beside it, told before any model of it is built (a
-    small file that claims huge widths or sizes builds none), or where a caller's ``num_heads`` contradicts it."""
-    configs = [_checked_config(src, key, num_heads) for key in _saved_keys(src)]
+    small file that claims huge widths or sizes builds none), or where a caller's ``num_heads`` contradicts it, or
+    where two it saved differ in what no weight fixes (windows, the size of a table-less encoder): load_model
+    rebuilds from one and ``--eval-only`` takes its settings from the other."""
+    keys = _saved_keys(src)
+    configs = [_checked_config(src, key, num_heads) for key in keys]
+    for key, config in zip(keys[1:], configs[1:]):
+        if differ := [f"{name} {getattr(configs[0], name)!r} and {getattr(config, name)!r}"
+                      for name in ViTConfig.__dataclass_fields__ if getattr(configs[0], name) != getattr(config, name)]:
+            raise ValueError(f"{src.path}: its saved {keys[0]} and {key} describe other encoders ({', '.join(differ)});"
+                             f" delete the one it was not trained as")
     return configs[0] if configs else None
 
 
