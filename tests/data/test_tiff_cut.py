@@ -108,6 +108,15 @@ def test_complete_hand_made_strips_and_tiles_decode_whole(kwargs):
     assert (decode_bytes(data, "made.tif").permute(1, 2, 0).numpy() == RGB).all()
 
 
+def test_an_uncompressed_unit_counted_past_the_files_end_that_its_rows_stay_within_decodes_whole():
+    """Pillow reads an uncompressed strip's rows from its offset, not its count: a writer that counts the last strip
+    as full (or more) loses no row by it."""
+    for kwargs in (dict(rows=7), dict(rows=40), dict(unit=(16, 16))):
+        data = _made(RGB, **kwargs, counts=lambda c: [*c[:-1], c[-1] + 1000])
+        assert tiff_cut(data) is None
+        assert (decode_bytes(data, "made.tif").permute(1, 2, 0).numpy() == RGB).all()
+
+
 def _refused(data: bytes, words: str) -> None:
     with pytest.raises(ValueError) as raised:
         decode_bytes(data, "cut.tif")

@@ -4,8 +4,9 @@ Pillow decodes an uncompressed TIFF strip by strip and leaves the rows of a stri
 error: a file declaring more rows (ImageLength) than its strips hold trains as black rows, as a cut PNG did
 (:mod:`lomar.data.png_cut`). libtiff, which decodes the compressed ones, fails on them with 'decoder error -2',
 which names nothing. The tags alone decide it, read before any pixel is allocated: a strip missing or empty, a strip
-that ends past the end of the file, and, uncompressed, a strip's byte count short of its rows. Only the first image
-(frame) is read, as the decoders read only it. A file whose tags cannot be read is left to Pillow, which says why.
+that ends (uncompressed: whose rows end) past the end of the file, and, uncompressed, a strip's byte count short of
+its rows. Only the first image (frame) is read, as the decoders read only it. A file whose tags cannot be read is left
+to Pillow, which says why.
 """
 
 from __future__ import annotations
@@ -100,15 +101,19 @@ def tiff_cut(data: bytes) -> str | None:
     counts = counts[:expected].astype(np.uint64)
     if len(empty := np.flatnonzero(counts == 0)):
         return f"{unit} {empty[0] + 1} of {expected:,} is empty (0 bytes)"
-    beyond = np.flatnonzero((offsets > size) | (counts > size - np.minimum(offsets, size)))
-    if len(beyond):
-        i = int(beyond[0])
-        return (f"{unit} {i + 1} of {expected:,} ends at byte {int(offsets[i]) + int(counts[i]):,}, past the file's "
-                f"end at {len(data):,}")
-    if _scalar(tags, _COMPRESSION, 1) != 1 or _scalar(tags, _PHOTOMETRIC, 2) == _YCBCR:  # subsampled: other sizes
-        return None
+    raw = _scalar(tags, _COMPRESSION, 1) == 1 and _scalar(tags, _PHOTOMETRIC, 2) != _YCBCR  # subsampled: other sizes
     need = np.full(expected, min(full, _CAP), dtype=np.uint64)
     need[per_plane - 1::per_plane] = min(last, _CAP)
+    # Pillow reads an uncompressed unit's rows from its offset, whatever its count says: a count past the file's
+    # end that the rows stay within (a writer that counts each strip full, the last one too) loses no row
+    ends = np.minimum(counts, need) if raw else counts
+    beyond = np.flatnonzero((offsets > size) | (ends > size - np.minimum(offsets, size)))
+    if len(beyond):
+        i = int(beyond[0])
+        return (f"{unit} {i + 1} of {expected:,} ends at byte {int(offsets[i]) + int(ends[i]):,}, past the file's "
+                f"end at {len(data):,}")
+    if not raw:
+        return None
     if len(short := np.flatnonzero(counts < need)):
         i = int(short[0])
         return f"uncompressed {unit} {i + 1} of {expected:,} holds {int(counts[i]):,} bytes of the {int(need[i]):,} " \
