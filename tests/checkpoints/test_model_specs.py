@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -123,21 +124,37 @@ for name in sys.argv[2:]:
             getattr(model, "encoder", model).forward_features(images)
 for name, images in (("segment.pt", torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))),
                      ("detect.pt", torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)))):
-    from lomar.integrations.detection import build_mask_rcnn  # README's recipe, word for word
-    from lomar.integrations.segmenter import UperNetSegmenter
-    ckpt = lomar.safe_load(f"{sys.argv[1]}/{name}")
-    s = ckpt["settings"]
-    encoder = lomar.VisionTransformer(lomar.ViTConfig.from_dict(ckpt["encoder_config"]))
-    model = (build_mask_rcnn(encoder, len(ckpt["categories"]), s["img_size"]) if name == "detect.pt" else
-             UperNetSegmenter(encoder, s["num_classes"], channels=s["head_channels"], aux_weight=s["aux_weight"]))
-    model.load_state_dict(ckpt["model"])
+    recipe = {"path": f"{sys.argv[1]}/{name}"}  # README's, statement by statement, in a namespace of its own
+    exec("\\n".join(RECIPE[name]), recipe)
+    model = recipe["model"]
     with torch.no_grad():
-        outputs[name] = model.eval()(images) if name == "segment.pt" else model.eval().backbone(images)
+        outputs[name] = model(images) if name == "segment.pt" else model.backbone(images)
 training = sorted(m for m in sys.modules if m.split(".")[:2] in (["lomar", "train"], ["lomar", "methods"],
                                                                  ["lomar", "cli"]))
 assert not training, training
 torch.save(outputs, f"{sys.argv[1]}/outputs.pt")
 """
+
+# README's recipe for a `lomar detect` / `lomar segment` checkpoint, which load_model refuses: each statement as README
+# writes it (test_readme_writes_the_dense_recipe_run_here), run by the fresh process of _REBUILD.
+_LOAD = ['ckpt = lomar.safe_load(path)', 's = ckpt["settings"]',
+         'encoder = lomar.VisionTransformer(lomar.ViTConfig.from_dict(ckpt["encoder_config"]))']
+_LOADED = ['model.load_state_dict(ckpt["model"])', 'model.eval()']
+RECIPE = {
+    "detect.pt": ["import lomar.integrations.detection", *_LOAD,
+                  'model = lomar.integrations.detection.build_mask_rcnn(encoder, len(ckpt["categories"]), '
+                  's["img_size"])', *_LOADED],
+    "segment.pt": ["import lomar.integrations.segmenter", *_LOAD,
+                   'model = lomar.integrations.segmenter.UperNetSegmenter(encoder, s["num_classes"], '
+                   'channels=s["head_channels"], aux_weight=s["aux_weight"])', *_LOADED],
+}
+_REBUILD = f"RECIPE = {RECIPE!r}\n{_REBUILD}"
+
+
+def test_readme_writes_the_dense_recipe_run_here():
+    readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
+    for statement in {s for recipe in RECIPE.values() for s in recipe}:
+        assert f"`{statement}`" in readme, statement
 
 
 @pytest.mark.slow
