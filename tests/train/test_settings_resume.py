@@ -1,4 +1,6 @@
-"""lomar.train.settings_resume: what every training command's --resume reads, and refuses, before any work."""
+"""What every training command's settings and its --resume read, and refuse, before any work: the settings' resolution
+and checks (lomar.train.task_config's TaskConfig), which checkpoint --resume names and what a resume may change
+(lomar.train.settings_resume), --eval-only's model (lomar.train.config_checks)."""
 
 from __future__ import annotations
 
