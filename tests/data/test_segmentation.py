@@ -129,6 +129,17 @@ def test_two_images_of_one_stem_are_refused(tmp_path):
         SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1)
 
 
+def test_pairs_in_a_subfolder_are_said_to_be_unused_not_dropped_unsaid(tmp_path, caplog):
+    _layout(tmp_path, (16, 16), (16, 16))
+    for kind, name in (("images", "a.jpg"), ("annotations", "a.png")):
+        for sub in ("sub", ".cache"):  # a hidden folder is passed over as a folder search passes it, unsaid here
+            (tmp_path / kind / "training" / sub).mkdir()
+            (tmp_path / kind / "training" / sub / name).write_bytes((tmp_path / kind / "training" / name).read_bytes())
+    with caplog.at_level("WARNING", logger="lomar.data"):
+        data = SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1)
+    assert len(data) == 1 and "1 subfolder(s) not searched, e.g. sub:" in caplog.text
+
+
 def test_an_image_cut_short_is_skipped_and_its_place_filled(tmp_path, caplog):
     _layout(tmp_path, (64, 48), (64, 48))
     Image.fromarray(np.zeros((48, 64, 3), dtype=np.uint8)).save(tmp_path / "images" / "training" / "b.jpg")

@@ -15,6 +15,7 @@ out).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,15 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from lomar.data.collate import LabelledBatch, Skipped, refilled, split_skipped
-from lomar.data.decode import JPEG_FORMATS, is_image_name, load_image, open_pil, oriented_size, read_image_bytes
+from lomar.data.decode import (
+    JPEG_FORMATS,
+    is_image_name,
+    load_image,
+    open_pil,
+    oriented_size,
+    passed_over_folder,
+    read_image_bytes,
+)
 from lomar.data.pathtable import PathTable
 from lomar.data.png_cut import png_cut_short
 from lomar.data.transforms import sample_generator, sample_key
@@ -35,6 +44,7 @@ from lomar.errors import exception_line
 __all__ = ["IGNORE", "MAX_CLASS_ID", "MEAN", "STD", "CLASS_LIST", "SegmentationFolder", "read_labels", "eval_scale",
            "collate_segmentation", "class_names"]
 
+log = logging.getLogger("lomar.data")
 IGNORE = 255  # in items and in annotation files (as 0 is in files)
 MAX_CLASS_ID = 254  # the highest class id a file can hold: predictions are written as 8-bit PNGs
 MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)  # mmseg's ImageNet statistics, 0..255 pixels
@@ -110,7 +120,13 @@ def _pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
         if not folder.is_dir():
             raise ValueError(f"{folder} is not a folder; --data needs ADE20K's layout: images/{split}/*.jpg and "
                              f"annotations/{split}/*.png")
-    names = sorted(n for n in os.listdir(images_dir) if is_image_name(n))
+    with os.scandir(images_dir) as listing:
+        entries = [(entry.name, entry.is_dir()) for entry in listing]
+    names = sorted(n for n, folder in entries if not folder and is_image_name(n))
+    if nested := sorted(n for n, folder in entries if folder and not passed_over_folder(n)):  # else dropped unsaid
+        log.warning("%s: %d subfolder(s) not searched, e.g. %s: segment pairs the files of images/%s itself with "
+                    "annotations/%s (ADE20K's layout); move their images and annotations up to use them", images_dir,
+                    len(nested), nested[0], split, split)
     images = {Path(n).stem: images_dir / n for n in names}
     if len(images) < len(names):
         stems = Counter(Path(n).stem for n in names)  # one count a stem: a sum over the names for each one took
