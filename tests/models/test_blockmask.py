@@ -63,6 +63,8 @@ def test_window_args_and_batches():
                                              max_num_patches=None, min_aspect=0.3, max_aspect=None)
     args = window_blockmask_args(7)
     assert (args["num_masking_patches"], args["min_num_patches"]) == (19, 4)
+    # K = 7 and 14 give the same counts scaled by K²/197; K = 17 does not (16 x 289 / 196 = 23.59 -> 24, / 197 -> 23)
+    assert (window_blockmask_args(17)["num_masking_patches"], window_blockmask_args(17)["min_num_patches"]) == (111, 24)
     gens = [BlockMaskGenerator(**args, seed=s) for s in range(3)]
     batch = block_mask_batch(gens)
     assert batch.shape == (3, 49) and batch.dtype == torch.bool
