@@ -94,6 +94,8 @@ def test_table_sizes_follow_each_blocks_grid():
     """ViTDet's rule: a windowed block's tables span its window, a global block's the image's grid."""
     model = VisionTransformer(replace(MAE, rel_pos="decomposed"))
     assert [tuple(b.attn.rel_pos_h.shape) for b in model.blocks] == [(7, 16), (11, 16), (7, 16), (11, 16)]
+    # offsets -(W-1)..W-1 as ViTDet's keys hold them: the forward resamples a table of another length (get_rel_pos)
+    assert [tuple(b.attn.rel_pos_w.shape) for b in model.blocks] == [(7, 16), (11, 16), (7, 16), (11, 16)]
     bias = VisionTransformer(replace(MAE, rel_pos="bias", window_size=0, global_blocks=()))
     assert all(b.attn.relative_position_bias_table.shape == (11 * 11 + 3, 2) for b in bias.blocks)
 
