@@ -389,6 +389,17 @@ def test_layer_decay_groups_follow_depth(pool):
     assert decay[id(named["blocks.0.attn.rpe.table"])] == 0.05 and decay[id(named["head.weight"])] == 0.05
 
 
+def test_a_trained_absolute_position_table_is_in_the_stem_and_not_decayed():
+    # MAE's finetuning: get_layer_id_for_vit puts pos_embed in layer 0 with cls_token, no_weight_decay skips both
+    from types import SimpleNamespace
+
+    model = VisionTransformer(ViTConfig(**VIT, pos="abs"), num_classes=3)
+    config = SimpleNamespace(decay_rel_pos_bias=True, weight_decay=0.05, layer_decay=0.5)
+    groups = finetune.FinetuneTask.param_groups(SimpleNamespace(model=model, config=config))
+    (group,) = [g for g in groups if any(p is model.pos_embed for p in g["params"])]
+    assert group["lr_scale"] == 0.5 ** (VIT["depth"] + 1) and group["weight_decay"] == 0.0
+
+
 def test_knn_and_linprobe_commands(pretrained, folder, tmp_path, capsys, monkeypatch):
     out = tmp_path / "knn.json"
     common = ["--data", str(folder), "--img-size", "32", "--workers", "0", "--device", "cpu"]
