@@ -86,6 +86,10 @@ def test_a_cls_pooling_beit_classifier_trains_its_final_norm_at_the_top_layers_l
     assert scale["norm.weight"] == scale["norm.bias"] == scale["head.weight"] == 1.0
     assert scale["blocks.2.attn.qkv.weight"] == 0.5 and scale["blocks.0.attn.qkv.weight"] == 0.5 ** 3
     assert scale["cls_token"] == scale["patch_embed.proj.weight"] == 0.5 ** 4
+    groups = FinetuneTask.param_groups(SimpleNamespace(model=model, config=config))
+    decay = {name: g["weight_decay"] for g in groups for name, p in model.named_parameters()
+             if any(p is q for q in g["params"])}
+    assert decay["cls_token"] == 0.0 and decay["blocks.0.attn.relative_position_bias_table"] == 0.05  # BEiT's rule
     timm_groups = SimpleNamespace(model=model, config=SimpleNamespace(**{**vars(config), "decay_rel_pos_bias": False}))
     assert _scales(FinetuneTask.param_groups(timm_groups), model)["norm.weight"] == 0.5
 
