@@ -2,6 +2,8 @@
 
 import os
 import pickle
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -123,3 +125,72 @@ def test_a_resume_opens_the_metadata_once(tmp_path, monkeypatch):
     _save(folder, _state(*_model_and_optimizer()))  # rewritten: DCP replaces .metadata
     assert load_sharded(*_model_and_optimizer(), folder)["step"] == 3
     assert len(opened) == 2
+
+
+@pytest.fixture(scope="module")
+def genuine(tmp_path_factory) -> Path:
+    """A folder as save_sharded writes it, one data file (one process), built once: each test damages a copy."""
+    return _save(tmp_path_factory.mktemp("sharded") / "checkpoint-000003.dcp", _state(*_model_and_optimizer()))
+
+
+def _damage(how: str, file: Path) -> None:
+    data = file.read_bytes()
+    if how == "cut short":
+        file.write_bytes(data[:len(data) // 2])
+    elif how == "bytes changed":
+        file.write_bytes(bytes(b ^ 0xFF for b in data))
+    elif how == "empty":
+        file.write_bytes(b"")
+    else:
+        file.unlink()
+        if how == "a folder":
+            file.mkdir()
+
+
+DAMAGE = ["cut short", "bytes changed", "missing", "a folder", "empty"]
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_data_file_is_one_line_naming_it(tmp_path, genuine, how, capsys):
+    # each read ended in DCP's traceback (EOFError, UnpicklingError, FileNotFoundError, IsADirectoryError), wrapped
+    # in a CheckpointException that no caller caught: --resume, lomar export, load_model, the consolidate command
+    from lomar.train.fsdp import _main as fsdp_cli
+
+    folder = tmp_path / genuine.name
+    shutil.copytree(genuine, folder)
+    [data_file] = folder.glob("*.distcp")
+    _damage(how, data_file)
+    said = f"{data_file} is damaged ("
+    fix = "restore the file from a copy, or use another checkpoint-NNNNNN.dcp folder of the run"
+    with pytest.raises(ValueError) as info:
+        read_sharded(folder)
+    assert str(info.value).startswith(said) and fix in str(info.value)
+    with pytest.raises(UsageError, match="^--resume") as info:
+        load_sharded(*_model_and_optimizer(), folder)
+    assert said in str(info.value) and "\n" not in str(info.value)
+    if how == "bytes changed":  # only a read of its records tells: the resume's choice of checkpoint reads none
+        assert read_meta(folder)["step"] == 3
+    else:  # told before DCP reads: --resume auto passes such a folder over (test_resume_damaged)
+        with pytest.raises(ValueError, match=re.escape(said)):
+            read_meta(folder)
+    capsys.readouterr()
+    assert fsdp_cli(["consolidate", str(folder), str(tmp_path / "out.pt")]) == 2
+    err = capsys.readouterr().err
+    assert said in err and err.count("\n") == 1 and not (tmp_path / "out.pt").exists()
+
+
+def test_a_read_of_the_model_alone_needs_only_its_records(tmp_path, genuine):
+    # export and load_model read the model's records: a data file cut after them still gives the model
+    folder = tmp_path / genuine.name
+    shutil.copytree(genuine, folder)
+    [data_file] = folder.glob("*.distcp")
+    model = read_sharded(genuine)["model"]
+    from lomar.checkpoints.sharded import _checked
+
+    reach = _checked(folder / ".metadata")[1]
+    with open(data_file, "r+b") as handle:
+        handle.truncate(reach["model"][data_file.name])
+    assert reach["optimizer"][data_file.name] > reach["model"][data_file.name]
+    torch.testing.assert_close(read_sharded(folder)["model"], model)
+    with pytest.raises(UsageError, match="cut short"):
+        load_sharded(*_model_and_optimizer(), folder)

@@ -7,14 +7,20 @@ reads non-tensor entries with ``torch.load(weights_only=False)``: a crafted fold
 on ``lomar export`` or ``--resume``. Here the metadata is first rebuilt by an unpickler that only
 knows DCP's record classes, and each non-tensor entry is first loaded with ``weights_only=True``;
 anything else is refused before the stock code sees it.
+
+A data file (``*.distcp``) cut short, emptied, removed or replaced by a folder is named before DCP reads it (its
+metadata tells how far each record reaches), and one whose records do not load (bytes changed) as DCP reads it: its
+read failed with the torch traceback of each rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
 import pickle
+import stat
 from pathlib import Path
 
 import torch
@@ -23,13 +29,13 @@ from lomar.checkpoints.io import atomic_save, safe_load
 from lomar.checkpoints.kinds import PRETRAIN_FORMAT
 from lomar.data.shard_members import file_identity
 
-__all__ = ["read_sharded", "consolidate", "check_metadata", "safe_reader", "safe_planner"]
+__all__ = ["read_sharded", "consolidate", "check_metadata", "damaged", "refusal", "safe_reader", "safe_planner"]
 
 _RECORD_MODULE = "torch.distributed.checkpoint.metadata"  # Metadata, TensorStorageMetadata, ...: plain records
 _GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
             ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
 _PATHS = ({"pathlib", "pathlib._local"}, {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"})
-_CHECKED: dict[str, tuple[tuple, bytes]] = {}  # a .metadata file -> (its file_identity, its bytes) once they passed
+_CHECKED: dict[str, tuple[tuple, bytes, dict]] = {}  # a .metadata file -> (its file_identity, its bytes, _reach)
 _KEEP = 4  # files kept checked: a resume's candidates (--resume auto reads last's, then newer folders')
 
 
@@ -49,24 +55,67 @@ def _allowed(module: str, name: str) -> bool:
     return module == _RECORD_MODULE or (module, name) in _GLOBALS or (module in _PATHS[0] and name in _PATHS[1])
 
 
-def check_metadata(directory: str | Path) -> None:
+def check_metadata(directory: str | Path, keys: tuple[str, ...] | None = None) -> None:
     """Raise ValueError unless every ``*.metadata`` file of ``directory`` unpickles from DCP's own
-    record classes alone (nothing is called but their constructors)."""
+    record classes alone (nothing is called but their constructors), and each data file its records of ``keys`` (the
+    state's top-level entries, "model" or "optimizer"; None: all) are in is a file there, long enough to hold them."""
     for path in sorted(p for p in Path(directory).iterdir() if p.name.endswith(".metadata")):
-        _checked_bytes(path)
+        reach = _checked(path)[1]
+        needed: dict[str, int] = {}
+        for key in reach if keys is None else keys:
+            for name, end in reach.get(key, {}).items():
+                needed[name] = max(end, needed.get(name, 0))
+        for name, end in sorted(needed.items()):
+            _check_data_file(Path(directory), name, end)
 
 
-def _checked_bytes(path: Path) -> bytes:
-    """The bytes of the metadata file ``path`` once they passed :func:`check_metadata`'s unpickler. A resume checks
+def _check_data_file(directory: Path, name: str, end: int) -> None:
+    path = directory / name
+    try:
+        mode, size = (info := path.stat()).st_mode, info.st_size
+    except OSError as exc:
+        raise ValueError(damaged(path, "missing" if isinstance(exc, FileNotFoundError) else
+                                 f"cannot be read: {exc.strerror}")) from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(damaged(path, "a folder, not a file" if stat.S_ISDIR(mode) else "not a file"))
+    if size < end:
+        raise ValueError(damaged(path, f"{size} bytes, its records reach byte {end}: cut short" if size else
+                                 f"empty, its records reach byte {end}"))
+
+
+def damaged(path: Path, why: str) -> str:
+    """The one line for the data file ``path`` of a sharded checkpoint that cannot be read (``why``)."""
+    return (f"{path} is damaged ({why}), so the sharded checkpoint {path.parent} cannot be read; restore the file "
+            f"from a copy, or use another checkpoint-NNNNNN.dcp folder of the run")
+
+
+def _reach(metadata) -> dict[str, dict[str, int]]:
+    """For each top-level entry of the state ("model", "optimizer"), how far its records reach into each data file of
+    the folder (by name)."""
+    reach: dict[str, dict[str, int]] = {}
+    for index, info in (getattr(metadata, "storage_data", None) or {}).items():
+        name, end = info.relative_path, info.offset + info.length
+        if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+            raise ValueError(f"it places a record in {name!r}, outside its folder")
+        if not isinstance(end, int) or isinstance(end, bool) or end < 0:
+            raise ValueError(f"it places a record at {end!r}, no place in a file")
+        files = reach.setdefault(str(index.fqn).split(".")[0], {})
+        files[name] = max(end, files.get(name, 0))
+    return reach
+
+
+def _checked(path: Path) -> tuple[bytes, dict[str, dict[str, int]]]:
+    """The bytes of the metadata file ``path`` once they passed :func:`check_metadata`'s unpickler, and its
+    :func:`_reach`. A resume checks
     the file as it picks its checkpoint, again before DCP's load, and DCP reads it: the file is read once while it
     is unchanged (its :func:`~lomar.data.shard_members.file_identity`, taken before the read, as it was)."""
     key, identity = os.path.abspath(path), file_identity(path)
     if identity is not None and (kept := _CHECKED.get(key)) is not None and kept[0] == identity:
-        return kept[1]
+        return kept[1], kept[2]
     try:
         with open(path, "rb") as handle:
             data = handle.read()
-        _MetadataUnpickler(io.BytesIO(data)).load()
+        reach = _reach(_MetadataUnpickler(io.BytesIO(data)).load())
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as exc:
         raise ValueError(f"{path} is not a sharded checkpoint's metadata ({exc}); refusing to load it: "
                          f"pass a checkpoint-NNNNNN.dcp folder written by `lomar pretrain --fsdp`") from None
@@ -74,8 +123,12 @@ def _checked_bytes(path: Path) -> bytes:
     while len(_CHECKED) >= _KEEP:
         del _CHECKED[next(iter(_CHECKED))]
     if identity is not None:
-        _CHECKED[key] = (identity, data)
-    return data
+        _CHECKED[key] = (identity, data, reach)
+    return data, reach
+
+
+class _Refused(ValueError):
+    """An entry refused as it loads (not plain data): said as it is, not as a damaged file."""
 
 
 @functools.cache
@@ -83,15 +136,34 @@ def _classes() -> tuple[type, type, type]:
     # torch.distributed.checkpoint takes half a second to import: only when a sharded folder is read.
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.filesystem import FileSystem
     from torch.distributed.checkpoint.metadata import StorageMeta
 
+    class NamingFileSystem(FileSystem):
+        @contextlib.contextmanager
+        def create_stream(self, path, mode):
+            try:
+                with super().create_stream(path, mode) as stream:
+                    yield stream  # DCP loads every record of the file inside: their failures end up here
+            except _Refused:
+                raise
+            except Exception as exc:  # anything a record of changed bytes makes torch.load raise; its text is
+                # torch's advice on weights_only or zip internals, not the user's
+                raise ValueError(damaged(Path(path), f"its records do not load: {type(exc).__name__}")) from None
+
     class SafeReader(FileSystemReader):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.fs = NamingFileSystem()
+
         def read_metadata(self, *args, **kwargs):
-            check_metadata(self.path)  # every metadata file of the folder, as a lomar reader refuses the folder
+            # every metadata file of the folder, as a lomar reader refuses the folder; its data files were checked
+            # for the entries read (a read of the model alone needs no intact optimizer part)
+            check_metadata(self.path, ())
             # the checked bytes, rebuilt by the checking unpickler: FileSystemReader's pickle.load would open the
             # file again; what it does after the load is done here alike
             path = Path(self._get_metadata_path(kwargs.get("rank")))
-            metadata = _MetadataUnpickler(io.BytesIO(_checked_bytes(path))).load()
+            metadata = _MetadataUnpickler(io.BytesIO(_checked(path)[0])).load()
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
@@ -102,7 +174,7 @@ def _classes() -> tuple[type, type, type]:
             try:
                 torch.load(value, weights_only=True)
             except pickle.UnpicklingError:
-                raise ValueError(f"its entry {read_item.dest_index.fqn!r} is not plain data (it would call code "
+                raise _Refused(f"its entry {read_item.dest_index.fqn!r} is not plain data (it would call code "
                                  f"to unpickle); refusing to load it") from None
             value.seek(0)
             super().load_bytes(read_item, value)
@@ -138,12 +210,17 @@ def read_sharded(sharded_dir: str | Path) -> dict:
     if not (sharded_dir / ".metadata").exists():
         raise ValueError(f"{sharded_dir} is not a sharded checkpoint (no .metadata); pass a "
                          f"checkpoint-NNNNNN.dcp folder of a `lomar pretrain --fsdp` run")
-    check_metadata(sharded_dir)  # here: a refusal inside DCP is logged with tracebacks, then wrapped
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    check_metadata(sharded_dir, ("model",))  # here: a refusal inside DCP is logged with tracebacks, then wrapped
     # The model's tensors into memory, in this process alone: what torch's dcp_to_torch_save does,
     # without its intermediate file (whose failure on a full disk names no cause).
     full: dict = {}
-    _load_state_dict(full, storage_reader=safe_reader(sharded_dir), planner=_classes()[2](keys={"model"}),
-                     no_dist=True)
+    try:
+        _load_state_dict(full, storage_reader=safe_reader(sharded_dir), planner=_classes()[2](keys={"model"}),
+                         no_dist=True)
+    except CheckpointException as exc:  # DCP wraps the error: a damaged data file's is the user's to fix
+        raise refusal(exc) from None
     if not isinstance(full.get("model"), dict):
         raise ValueError(f"{sharded_dir} holds no model state; pass a checkpoint-NNNNNN.dcp folder of a "
                          f"`lomar pretrain --fsdp` run")
@@ -151,6 +228,12 @@ def read_sharded(sharded_dir: str | Path) -> dict:
     state = {"model": {k: v.contiguous() for k, v in full["model"].items()}, **meta}
     state.setdefault("format", PRETRAIN_FORMAT)
     return state
+
+
+def refusal(failure) -> BaseException:
+    """The first ValueError (a refused entry, a damaged data file) among the errors a DCP ``CheckpointException``
+    (``failure``) wraps, else ``failure`` itself."""
+    return next((error for error, _ in failure.failures.values() if isinstance(error, ValueError)), failure)
 
 
 def consolidate(sharded_dir: str | Path, out_file: str | Path) -> Path:
