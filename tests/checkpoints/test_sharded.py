@@ -176,7 +176,16 @@ def test_a_damaged_data_file_is_one_line_naming_it(tmp_path, genuine, how, capsy
     capsys.readouterr()
     assert fsdp_cli(["consolidate", str(folder), str(tmp_path / "out.pt")]) == 2
     err = capsys.readouterr().err
-    assert said in err and err.count("\n") == 1 and not (tmp_path / "out.pt").exists()
+    assert err.startswith(f"python -m lomar.train.fsdp consolidate: error: {said}") and err.count("\n") == 1
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_the_consolidate_command_says_what_it_wrote_as_the_command_typed(tmp_path, genuine, capsys):
+    # it said 'lomar: wrote ...', where every lomar command's lines begin with the command ('lomar export: ...')
+    from lomar.train.fsdp import _main as fsdp_cli
+
+    assert fsdp_cli(["consolidate", str(genuine), str(tmp_path / "out.pt")]) == 0
+    assert capsys.readouterr().out == f"python -m lomar.train.fsdp consolidate: wrote {tmp_path / 'out.pt'}\n"
 
 
 def test_a_read_of_the_model_alone_needs_only_its_records(tmp_path, genuine):

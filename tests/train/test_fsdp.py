@@ -299,6 +299,7 @@ def test_consolidate_command_names_a_folder_that_is_not_sharded(tmp_path, capsys
     assert fsdp_cli(["consolidate", str(tmp_path), str(tmp_path / "out.pt")]) == 2
     err = capsys.readouterr().err
     assert "is not a sharded checkpoint" in err and "checkpoint-NNNNNN.dcp" in err and err.count("\n") == 1
+    assert err.startswith("python -m lomar.train.fsdp consolidate: error: ")  # as typed, as 'lomar CMD: error:'
     assert not (tmp_path / "out.pt").exists()
 
 

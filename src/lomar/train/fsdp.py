@@ -237,12 +237,15 @@ def _main(argv: list[str] | None = None) -> int:
     cmd.add_argument("sharded_dir")
     cmd.add_argument("out_file")
     args = parser.parse_args(argv)
+    # what every lomar command's lines begin with, the command as typed (lomar.cli.app.command_prefix's rule; train
+    # does not import cli): 'python -m lomar.train.fsdp consolidate'
+    prefix = cmd.prog
     try:
         path = consolidate(args.sharded_dir, args.out_file)
     except (ValueError, OSError) as exc:
-        print(f"lomar: {exc}", file=sys.stderr)
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
         return 2
-    print(f"lomar: wrote {path}")
+    print(f"{prefix}: wrote {path}")
     return 0
 
 
