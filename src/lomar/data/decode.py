@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from lomar.data.depth import white_level
 from lomar.data.headers import declared_size, foreign_format, jpeg_single_scan, png_bad_chunk
 from lomar.data.jpeg_cut import cut_message, cut_short, grey_corner
 from lomar.data.pathtable import dangling_link
@@ -293,8 +292,7 @@ def decode_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = No
                     raise ValueError(f"cannot decode image {name}: a 32-bit integer image with values from "
                                      f"{arr.min():.0f} to {arr.max():.0f} has no known range; convert it to 8 or 16 "
                                      f"bits")
-                white = 255 if img.mode == "I" and arr.max() <= 255 else white_level(img, data)
-                arr = arr / white * 255.0
+                arr = arr / (255.0 if img.mode == "I" and arr.max() <= 255 else 65535.0) * 255.0
                 img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
             return _whole(pil_to_tensor(img), data, name, kind)
     except Exception as exc:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image
 
-__all__ = ["PNG_CUT", "png_chunks", "png_cut_short", "png_cut_message"]
+__all__ = ["PNG_CUT", "png_cut_short", "png_cut_message"]
 
 _CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type: grey, RGB, palette, grey + alpha, RGBA
 _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
@@ -41,7 +41,7 @@ def _raw_size(width: int, height: int, depth: int, colour: int, interlaced: bool
     return total
 
 
-def png_chunks(data: bytes) -> Iterator[tuple[bytes, int, int]]:
+def _chunks(data: bytes) -> Iterator[tuple[bytes, int, int]]:
     """(type, offset of its data, length) of each chunk whose header the file holds, in order."""
     i = 8
     while i + 8 <= len(data):
@@ -54,7 +54,7 @@ def _header(data: bytes) -> tuple[int, int, int, int, bool] | None:
     """(width, height, bit depth, colour type, interlaced) of the IHDR Pillow decodes by: the last one before the
     pixel data (a second IHDR replaces the first; its size is the one ``open_pil`` checked). None if none is read."""
     found = None
-    for kind, at, _ in png_chunks(data):
+    for kind, at, _ in _chunks(data):
         if kind in (b"IDAT", b"IEND"):
             break
         if kind == b"IHDR" and at + 13 <= len(data):
@@ -72,7 +72,7 @@ def _rows_missing(data: bytes, header: tuple[int, int, int, int, bool]) -> bool:
         return False
     inflate, got, view = zlib.decompressobj(), 0, memoryview(data)
     try:
-        for kind, at, length in png_chunks(data):
+        for kind, at, length in _chunks(data):
             if got >= need or kind == b"IEND":
                 break
             if kind == b"IDAT":
