@@ -138,3 +138,18 @@ def test_the_methods_without_a_tokenizer_keep_nothing_to_check_a_resume_against(
         method = get_method(name)
         assert method.run_record(None) == {}
         assert method.resume_refusal(None, {}, {"tokenizer_digest": "b" * 64}) is None
+
+
+def test_the_tokenizer_digest_entry_is_named_by_the_beit_method_alone():
+    """The checkpoint's entry is BEiT's run_record's: lomar visualize read it by its literal name, which a rename in
+    methods/beit.py would have left reading nothing (no check, silently). Every reader asks beit.kept_digest."""
+    from pathlib import Path
+
+    import lomar
+    from lomar.methods.beit import kept_digest, run_record
+
+    src = Path(lomar.__file__).parent
+    spelled = sorted(str(p.relative_to(src)) for p in src.rglob("*.py") if "tokenizer_digest" in p.read_text())
+    assert spelled == ["methods/beit.py"]
+    record = run_record(type("Model", (), {"tokenizer": type("T", (), {"digest": lambda self: "c" * 64})()})())
+    assert kept_digest(record) == "c" * 64 and kept_digest({}) is None

@@ -185,7 +185,12 @@ def _token_model(model, checkpoint: Path, meta: dict):
     export, an original)."""
     from types import SimpleNamespace
 
-    from lomar.methods.beit import not_trained_with, resume_settings, tokenizer_for  # torch: not for --help
+    from lomar.methods.beit import (  # torch: not for --help
+        kept_digest,
+        not_trained_with,
+        resume_settings,
+        tokenizer_for,
+    )
     from lomar.models.beit_pretrain import BEiTPretrain  # torch: not for --help
 
     saved = meta.get("config")
@@ -199,7 +204,7 @@ def _token_model(model, checkpoint: Path, meta: dict):
         raise UsageError(f"{checkpoint}: the tokenizer its run trained with cannot be read ({exc}); put it back, or "
                          f"pass --attention for attention figures only") from None
     # A moved run folder without its tokenizer reads the recorded path, which another run may have refilled since
-    if (kept := meta.get("tokenizer_digest")) is not None and (refusal := not_trained_with(
+    if (kept := kept_digest(meta)) is not None and (refusal := not_trained_with(
             f"the tokenizer {saved['tokenizer']}", tokenizer.digest(), kept, f"the run of {checkpoint}",
             "the figure would score other tokens; restore the run's tokenizer there, or pass --attention for "
             "attention figures only")):

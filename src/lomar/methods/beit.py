@@ -33,8 +33,8 @@ from lomar.tokenizers.kmeans import kmeans_settings
 from lomar.viz.tokens import token_figure
 
 __all__ = ["METHOD", "RECIPE", "prepare", "fit_on_training_images", "layer_scale_init", "resume_settings",
-           "run_record", "resume_refusal", "not_trained_with", "same_tokenizer", "tokenizer_for", "outside_windows",
-           "FIT_IMAGES", "MAX_VOCAB"]
+           "run_record", "kept_digest", "resume_refusal", "not_trained_with", "same_tokenizer", "tokenizer_for",
+           "outside_windows", "FIT_IMAGES", "MAX_VOCAB"]
 
 FIT_IMAGES = 64  # sample of training crops the built-in tokenizer is fitted on
 MAX_VOCAB = 8192  # BEiT's vocabulary
@@ -190,7 +190,7 @@ def resume_settings(saved: dict, source: str, checkpoint: dict | None, explicit:
         saved["tokenizer"] = str(beside.absolute())
     if not (given := explicit.get("tokenizer")) or given == saved["tokenizer"]:
         return None
-    note = same_tokenizer(given, saved["tokenizer"], (checkpoint or {}).get("tokenizer_digest"), source)
+    note = same_tokenizer(given, saved["tokenizer"], kept_digest(checkpoint or {}), source)
     saved["tokenizer"] = given
     return note
 
@@ -198,17 +198,25 @@ def resume_settings(saved: dict, source: str, checkpoint: dict | None, explicit:
 def run_record(model: BEiTPretrain) -> dict:
     """:attr:`Method.run_record`: the digest of the tokenizer's tensors. The settings name its file by path only, and a
     file replaced in place keeps that path: only the digest shows that the targets would change."""
-    return {"tokenizer_digest": model.tokenizer.digest()}
+    return {_DIGEST: model.tokenizer.digest()}
+
+
+_DIGEST = "tokenizer_digest"  # run_record's entry, in the checkpoint's top level
+
+
+def kept_digest(checkpoint: dict) -> str | None:
+    """The digest of the tokenizer a BEiT run's ``checkpoint`` (or its metadata) trained with, as :func:`run_record`
+    keeps it; None in runs saved before it was kept."""
+    return checkpoint.get(_DIGEST)
 
 
 def resume_refusal(config, record: dict, checkpoint: dict) -> str | None:
     """:attr:`Method.resume_refusal`: the tokenizer loaded (its digest in ``record``) is not the one the run trained
     with (the digest ``checkpoint`` keeps), as --tokenizer's and lomar visualize's refusals say it
     (:func:`not_trained_with`)."""
-    saved = checkpoint.get("tokenizer_digest")  # none in runs saved before it was kept
-    if saved is None:
+    if (saved := kept_digest(checkpoint)) is None:
         return None
-    return not_trained_with(f"--resume: the tokenizer {config.tokenizer}", record["tokenizer_digest"], saved,
+    return not_trained_with(f"--resume: the tokenizer {config.tokenizer}", kept_digest(record), saved,
                             "this run", "its targets would change mid-run; restore that file, or start a new run "
                                         "with another --out")
 
