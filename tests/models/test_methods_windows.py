@@ -166,6 +166,25 @@ def test_mae_window_encoder_sees_only_visible_window_tokens():
     assert not any("window_pos" in k for k in model.state_dict())
 
 
+def test_mae_window_on_one_window_over_the_whole_grid_is_mae():
+    # one 4x4 window on a 4x4 grid: its sin-cos tables are the image's, and noise ordering the visible tokens first
+    # in raster order (then the masked ones) makes MAE encode and decode what MAEWindow does
+    from lomar.models.mae import MAE
+
+    torch.manual_seed(0)
+    settings = dict(mask_ratio=0.75, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    window = MAEWindow(model_config("vit_tiny_patch8", depth=1, img_size=32, pos="abs"), 4, 1, **settings).eval()
+    mae = MAE(window.config, **settings).eval()
+    mae.load_state_dict(window.state_dict())
+    images = torch.randn(1, 3, 32, 32)
+    mask = torch.zeros(1, 16, dtype=torch.bool)
+    mask[0, torch.randperm(16)[:12]] = True
+    ours = window(images, plan=MaskingPlan(torch.zeros(1, 1, 2, dtype=torch.long), mask[:, None], 4))
+    theirs = mae(images, noise=mask.float() + torch.arange(16) / 100)
+    torch.testing.assert_close(ours.pred, theirs.pred)
+    torch.testing.assert_close(ours.loss, theirs.loss)
+
+
 class _Config:
     """The fields of PretrainConfig the registry reads."""
 
