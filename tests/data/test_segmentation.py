@@ -140,6 +140,12 @@ def test_pairs_in_a_subfolder_are_said_to_be_unused_not_dropped_unsaid(tmp_path,
     assert len(data) == 1 and "1 subfolder(s) not searched, e.g. sub:" in caplog.text
 
 
+def test_a_symlink_loop_beside_the_images_is_passed_over(tmp_path):
+    _layout(tmp_path, (16, 16), (16, 16))
+    (tmp_path / "images" / "training" / "loop").symlink_to(tmp_path / "images" / "training" / "loop")
+    assert len(SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1)) == 1
+
+
 def test_an_image_cut_short_is_skipped_and_its_place_filled(tmp_path, caplog):
     _layout(tmp_path, (64, 48), (64, 48))
     Image.fromarray(np.zeros((48, 64, 3), dtype=np.uint8)).save(tmp_path / "images" / "training" / "b.jpg")

@@ -114,6 +114,15 @@ def _check_pair(image: Path, annotation: Path) -> int:
     return int(labels[labels != IGNORE].max(initial=0))
 
 
+def _is_folder(entry: os.DirEntry) -> bool:
+    """Whether a listed entry is a folder; a symlink loop is not (as os.walk takes it), so that an entry segment never
+    reads does not stop it."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def _pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
     images_dir, labels_dir = root / "images" / split, root / "annotations" / split
     for folder in (images_dir, labels_dir):
@@ -121,7 +130,7 @@ def _pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
             raise ValueError(f"{folder} is not a folder; --data needs ADE20K's layout: images/{split}/*.jpg and "
                              f"annotations/{split}/*.png")
     with os.scandir(images_dir) as listing:
-        entries = [(entry.name, entry.is_dir()) for entry in listing]
+        entries = [(entry.name, _is_folder(entry)) for entry in listing]
     names = sorted(n for n, folder in entries if not folder and is_image_name(n))
     if nested := sorted(n for n, folder in entries if folder and not passed_over_folder(n)):  # else dropped unsaid
         log.warning("%s: %d subfolder(s) not searched, e.g. %s: segment pairs the files of images/%s itself with "
