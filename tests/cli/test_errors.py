@@ -96,6 +96,15 @@ BAD = [
     ("bench", ["--tiny", "--sizes", "128", "--json", "/dev/null"], "/dev/null"),
     ("bench", ["--tiny", "--sizes", "128", "--json", "/proc/bench.json"], "/proc"),
     ("bench", ["--tiny", "--sizes", "128", "--plot", "{tmp}/file/plot.png"], "is a file"),
+    # tokenizer
+    ("tokenizer fit", ["--data", "{tmp}/nowhere", "--out", "{tmp}/t.safetensors"], "nowhere does not exist"),
+    ("tokenizer fit", ["--data", "{tmp}/dir", "--out", "{tmp}/t.safetensors"], "{tmp}/dir"),
+    ("tokenizer fit", ["--data", "{tmp}/file", "--out", "{tmp}/t.safetensors"], "{tmp}/file"),
+    ("tokenizer fit", ["--data", "{tmp}/s-{0..1}.tar", "--out", "{tmp}/t.safetensors"], "not tar shards"),
+    ("tokenizer fit", ["--data", "{tmp}/nowhere", "--out", "{tmp}/file/t.safetensors"], "is a file"),
+    ("tokenizer fit", ["--data", "{tmp}/nowhere", "--out", "{tmp}/t.pt"], ".safetensors"),
+    ("tokenizer convert", ["{tmp}/missing.pkl", "--to", "{tmp}/d.safetensors"], "missing.pkl"),
+    ("tokenizer convert", ["{tmp}/missing.pkl", "--to", "{tmp}/file/d.safetensors"], "is a file"),
     # the top level
     ("nonsense", [], "invalid choice"),
 ]
@@ -136,11 +145,13 @@ def test_visualize_says_where_a_dangling_image_link_leads(tmp, capsys):
 
 @pytest.mark.parametrize("command, flags, named", BAD, ids=[f"{c} {' '.join(f)}"[:60] for c, f, _ in BAD])
 def test_bad_invocation_is_one_line(command, flags, named, tmp, capsys):
-    argv = [command, *(f.replace("{tmp}", str(tmp)) for f in flags)]
+    argv = [*command.split(), *(f.replace("{tmp}", str(tmp)) for f in flags)]
     before = sorted(p.relative_to(tmp) for p in tmp.rglob("*"))
     code = main(argv)
-    line = _one_error_line(capsys.readouterr().err, command)
+    said = capsys.readouterr()
+    line = _one_error_line(said.err, command)
     assert code == 2
+    assert said.out == ""  # no progress line before the refusal (tokenizer fit said it was fitting)
     assert named.replace("{tmp}", str(tmp)) in line  # the message names the value or flag at fault
     if "is a folder; give a file name such as " in named:  # a name the command takes, not a bare "result"
         example = Path(line.split("such as ")[1])

@@ -44,7 +44,8 @@ def test_max_images_are_drawn_across_the_folder_not_its_first_classes(tmp_path, 
 
 def test_views_are_read_one_at_a_time(tmp_path, monkeypatch):
     loaded = _recording_loads(monkeypatch)
-    views = tokenizer_cli._views(str(_folder(tmp_path / "data")), 8, 9, 0, {})
+    data = str(_folder(tmp_path / "data"))
+    views = tokenizer_cli._views(tokenizer_cli._image_paths(data, 9, 0), data, 8, {})
     assert tuple(next(views).shape) == (3, 8, 8) and len(loaded) == 1
 
 

@@ -69,13 +69,9 @@ def _sample(paths, limit: int, seed: int) -> list:
     return [paths[i] for i in picked.tolist()]
 
 
-def _views(data: str, size: int, limit: int, seed: int, read: dict):
-    """Yields (3, size, size) in [0, 1]: the sampled images' centre squares, resized (bicubic,
-    antialiased), one at a time, so that only their patches are held; ``read`` gets the counts."""
-    import torch.nn.functional as F
-
-    from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker  # torch: not for --help
-    from lomar.data.decode import load_image  # torch: not for --help
+def _image_paths(data: str, limit: int, seed: int) -> list:
+    """``limit`` of --data's images (:func:`_sample`); ValueError naming the fix for a path that is missing, holds
+    no images or is a shard pattern. Listed before the fit says it starts, so that a bad --data is one line."""
     from lomar.data.folder import build_image_list  # torch: not for --help
     from lomar.data.shards import is_shard_pattern  # torch: not for --help
 
@@ -83,7 +79,17 @@ def _views(data: str, size: int, limit: int, seed: int, read: dict):
         raise ValueError(f"--data {data}: tokenizer fit reads an image folder or a .txt list of paths, not tar "
                          f"shards; pass a folder of some of the images, or let `lomar pretrain --method beit "
                          f"--data {data}` fit the tokenizer on the shards (saved as OUT/tokenizer.safetensors)")
-    paths = _sample(build_image_list(data), limit, seed)
+    return _sample(build_image_list(data), limit, seed)
+
+
+def _views(paths: list, data: str, size: int, read: dict):
+    """Yields (3, size, size) in [0, 1]: the centre squares of ``paths`` (:func:`_image_paths` of ``data``),
+    resized (bicubic, antialiased), one at a time, so that only their patches are held; ``read`` gets the counts."""
+    import torch.nn.functional as F
+
+    from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker  # torch: not for --help
+    from lomar.data.decode import load_image  # torch: not for --help
+
     bad = BadDataTracker(len(paths))  # logs each unreadable file once, with why
     read.update(images=0, bad=0)
     for path in paths:
@@ -154,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         size = _view_size(args.size, args.patch, args.max_images)
         device = resolve_device(args.device)
         read: dict = {}
-        views = _views(args.data, size, args.max_images, args.seed, read)
+        views = _views(_image_paths(args.data, args.max_images, args.seed), args.data, size, read)
         start = time.monotonic()
         print(f"{me}: fitting a k-means tokenizer (vocabulary {args.vocab}) on up to {args.max_images} images of "
               f"{args.data} at {size} px on {device}", flush=True)
