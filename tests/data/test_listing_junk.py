@@ -241,3 +241,21 @@ def test_camera_raw_files_beside_jpegs_are_said_not_passed_over_silently(tmp_pat
     assert [r.getMessage() for r in caplog.records] == 2 * [
         f"{tmp_path}: 10 image(s) in a format lomar does not read, e.g. {tmp_path / 'cat' / 'a.CR2'}, are not used; "
         f"convert them to JPEG or PNG"]
+
+
+def test_hidden_image_files_are_left_out_as_hidden_folders_are_and_said(tmp_path, caplog):
+    """A leading '.' hides a file as it hides a folder: a .NAME.jpg (an editor's or a sync tool's copy) was trained on
+    without a word, where a .NAME folder beside it was left out and said. AppleDouble ._NAME files keep their line."""
+    from lomar.data.folder import LabelledImageFolder
+
+    for name in ("cat/x.jpg", "cat/.x.jpg", "dog/y.png", "dog/.z.png", "dog/._y.png", "dog/.jpg"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "dog" / ".w.jpg").symlink_to(tmp_path / "cat" / "x.jpg")
+    with caplog.at_level(logging.WARNING, logger="lomar.data"):
+        assert list(build_image_list(tmp_path)) == [tmp_path / "cat" / "x.jpg", tmp_path / "dog" / "y.png"]
+        assert len(LabelledImageFolder(tmp_path)) == 2
+    assert [r.getMessage() for r in caplog.records] == 2 * [
+        f"{tmp_path}: 1 macOS metadata file(s) named ._IMAGE skipped (AppleDouble, not images)",
+        f"{tmp_path}: 3 hidden image file(s) not used, e.g. {tmp_path / 'cat' / '.x.jpg'} (name it without a leading "
+        f"'.' to use it)"]

@@ -214,7 +214,8 @@ class LabelledImageFolder(Dataset):
             raise ValueError(f"{self.root} holds no class folders (ImageFolder layout: ROOT/CLASS/IMAGE)")
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         # searched class by class, said once for the split: a NAS's @eaDir in each of 1,000 class folders is one line
-        paths, counts, passed_over = [], [], dict(loops=0, hidden=[], forks=0, unlisted=[], foreign=[], twice=[])
+        passed_over = dict(loops=0, hidden=[], forks=0, hidden_files=[], unlisted=[], foreign=[], twice=[])
+        paths, counts = [], []
         self.folders: dict[tuple[int, int], tuple[str, str]] = {}  # each folder searched: (its class, its path)
         shared: dict[tuple[str, str], tuple[str, str]] = {}  # (class, a later class) -> (a folder, its link)
         for name in self.classes:

@@ -3,8 +3,10 @@
 Folders are searched recursively and symlinked sub-folders are followed, each real folder at most once (a link back to
 the searched folder or an ancestor of it is not a loop forever), each file once (a link to an image listed under another
 path is used once, said); hidden sub-folders (``.thumbnails``, ``.cache``) and thumbnail caches (Synology's ``@eaDir``,
-macOS zips' ``__MACOSX``) are not searched, with a warning of their count. A dangling link with an image name is kept in
-the list: reading it fails, and the dataset skips and counts it like any other unreadable file.
+macOS zips' ``__MACOSX``) are not searched, and hidden image files (``.NAME.jpg``) not used, each with a warning of
+their count: a leading '.' hides a file as it hides a folder (torchvision's ImageFolder takes both). A dangling link
+with an image name is kept in the list: reading it fails, and the dataset skips and counts it like any other unreadable
+file.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ def image_table(root: str | Path) -> PathTable:
 
 def search_images(root: str | Path) -> tuple[list[str], dict]:
     """(``str`` of :func:`find_images`'s paths, what it passed over: {"loops": int, "hidden": [Path], "forks": int,
-    "unlisted": [OSError], "foreign": [Path], "twice": [(path, path)]}) for :func:`warn_passed_over`, which says it
-    once for any number of searches; and "folders": [((st_dev, st_ino), folder)] searched, for class folders."""
+    "hidden_files": [Path], "unlisted": [OSError], "foreign": [Path], "twice": [(path, path)]}) for
+    :func:`warn_passed_over`, which says it once for any number of searches; and "folders": [((st_dev, st_ino),
+    folder)] searched, for class folders."""
     found: list[str] = []
     # A link to an ancestor of root leads back into root (a class folder's link to the ImageFolder root
     # would give that class every other class's images): searched already, as root itself is.
@@ -52,6 +55,7 @@ def search_images(root: str | Path) -> tuple[list[str], dict]:
     loops = forks = 0
     unlisted: list[OSError] = []  # os.walk passes over a folder it cannot list (no permission) without a word
     hidden: list[Path] = []  # sub-folders passed over (decode.passed_over_folder)
+    hidden_files: list[Path] = []  # image-named .NAME files (._NAME, AppleDouble, counted as forks)
     foreign: list[Path] = []  # photos in formats lomar does not decode
     folders: list[tuple[tuple[int, int], str]] = []
     links: list[str] = []  # image-named symlinks, which may list an image twice
@@ -65,15 +69,17 @@ def search_images(root: str | Path) -> tuple[list[str], dict]:
         folders.append(((info.st_dev, info.st_ino), folder))
         hidden += [Path(folder) / name for name in dirs if passed_over_folder(name)]
         dirs[:] = sorted(name for name in dirs if not passed_over_folder(name))
-        forks += sum(name.startswith("._") and is_image_name(name[2:]) for name in files)  # see is_image_name
+        dotted = [name for name in files if name[:1] == "."]
+        forks += sum(name.startswith("._") and is_image_name(name[2:]) for name in dotted)  # see is_image_name
+        hidden_files += [Path(folder) / name for name in dotted if is_image_name(name)]  # is_image_name: no ._NAME
         prefix = folder_prefix(folder)
-        found.extend(prefix + name for name in files if is_image_name(name))  # dangling links land here
-        links += [prefix + name for name in linked if is_image_name(name)]
+        found.extend(prefix + name for name in files if name[:1] != "." and is_image_name(name))  # dangling links too
+        links += [prefix + name for name in linked if name[:1] != "." and is_image_name(name)]
         foreign += [Path(folder) / name for name in sorted(files)  # a ._NAME beside each: a Mac's metadata, no photo
                     if file_suffix(name).lower() in _FOREIGN_IMAGES and not name.startswith("._")]
     found, twice = once_each(sort_like_paths(found), links, dict(folders))
-    return found, {"loops": loops, "hidden": hidden, "forks": forks, "unlisted": unlisted, "foreign": foreign,
-                   "twice": twice, "folders": folders}
+    return found, {"loops": loops, "hidden": hidden, "forks": forks, "hidden_files": hidden_files,
+                   "unlisted": unlisted, "foreign": foreign, "twice": twice, "folders": folders}
 
 
 def warn_passed_over(root: str | Path, passed_over: dict) -> None:
@@ -94,6 +100,9 @@ def warn_passed_over(root: str | Path, passed_over: dict) -> None:
                     advice)
     if forks:
         log.warning("%s: %d macOS metadata file(s) named ._IMAGE skipped (AppleDouble, not images)", root, forks)
+    if hidden_files := passed_over["hidden_files"]:
+        log.warning("%s: %d hidden image file(s) not used, e.g. %s (name it without a leading '.' to use it)", root,
+                    len(hidden_files), min(hidden_files))
     if unlisted:
         log.warning("%s: %d folder(s) could not be listed, e.g. %s (%s); their images are not used: fix the "
                     "permissions", root, len(unlisted), unlisted[0].filename, unlisted[0].strerror or unlisted[0])
