@@ -254,6 +254,38 @@ def test_a_coco_file_saved_with_a_byte_order_mark_is_read(tmp_path):
     assert read_coco(tmp_path / "ann.json", tmp_path / "images").summary.boxes == 1
 
 
+@pytest.mark.parametrize("second", ["c/y.JPG", "./c/y.JPG", "c//y.JPG", "link.JPG"])
+def test_two_coco_images_naming_one_file_are_one_line(tmp_path, second):
+    """Each id's annotations trained as a photo of its own objects only (the other's as background), and each
+    detection was scored a false positive of the other id's copy, without a word."""
+    import json
+
+    from lomar.data.coco import read_coco
+    from lomar.errors import UsageError
+
+    (tmp_path / "images" / "c").mkdir(parents=True)
+    for name in ("c/y.JPG", "c/z.JPG"):
+        (tmp_path / "images" / name).write_bytes(_jpeg())
+    (tmp_path / "images" / "link.JPG").symlink_to("c/y.JPG")
+    names = ["c/z.JPG", "c/y.JPG", second]
+    coco = {"images": [{"id": 7 + i, "file_name": name, "width": 30, "height": 20} for i, name in enumerate(names)],
+            "categories": [{"id": 1, "name": "x"}],
+            "annotations": [{"id": i, "image_id": 7 + i, "category_id": 1, "bbox": [0, 0, 10, 10],
+                             "segmentation": [[0, 0, 10, 0, 10, 10]]} for i in range(3)]}
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    with pytest.raises(UsageError) as caught:
+        read_coco(tmp_path / "ann.json", tmp_path / "images")
+    assert str(caught.value) == (
+        f"{tmp_path / 'ann.json'}: images[1] (id 8, 'c/y.JPG') and images[2] (id 9, {second!r}) name one file (1 "
+        f"image(s) name a file an earlier image names): each would be trained and scored as a photo of only its own "
+        f"annotations; give each file one image entry, with all its annotations")
+    coco["images"][2]["file_name"] = "c/z.JPG"  # the count: c/z.JPG twice too
+    coco["images"].append({"id": 20, "file_name": "./c/y.JPG", "width": 30, "height": 20})
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    with pytest.raises(UsageError, match=r"images\[0\] \(id 7, 'c/z.JPG'\) and images\[2\] .* \(2 image\(s\)"):
+        read_coco(tmp_path / "ann.json", tmp_path / "images")
+
+
 def test_macos_metadata_files_in_a_segmentation_folder_are_no_pairs(tmp_path):
     from lomar.data.segmentation import SegmentationFolder
 

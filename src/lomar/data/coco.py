@@ -3,7 +3,7 @@ torchvision's ``CocoDetection`` through its v2 wrapper (ViTDet's large-scale jit
 
 A COCO instances file (``images``, ``annotations``, ``categories``) is read once and checked:
 a malformed file (missing keys, duplicate ids, an annotation naming an unknown image or
-category, images listed but absent from the image folder, an empty split) is a
+category, images listed but absent from the image folder or two naming one file, an empty split) is a
 :class:`~lomar.errors.UsageError` naming the file and the fix. For the model, boxes are clipped to their image
 and a box of zero area after clipping is skipped, both counted (:class:`CocoSummary`); the AP is scored against
 the file's own boxes (:meth:`CocoSplit.coco`), as pycocotools' ``COCO(file)`` and detectron2 score them. Crowd
@@ -26,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import stat
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -136,6 +138,32 @@ def _unique(path: Path, entries: list[dict], what: str) -> None:
                           f"give every {what} a unique id")
 
 
+def _check_files(path: Path, root: Path, images: list[dict], images_flag: str) -> None:
+    """Each image's file_name is a regular file under ``root``, and no two images name one file: pycocotools and
+    detectron2 take two ids of one photo as two images, which trains each with the other's objects as background
+    and scores each of its detections as a false positive of the other. One stat an image, none an annotation."""
+    missing, first, shared = [], {}, []
+    for i, image in enumerate(images):
+        try:
+            info = os.stat(root / str(image["file_name"]))
+        except (OSError, ValueError):  # ValueError: a NUL in the name
+            info = None
+        if info is None or not stat.S_ISREG(info.st_mode):
+            missing.append(image["file_name"])
+        elif (j := first.setdefault((info.st_dev, info.st_ino), i)) != i:  # c/y.jpg, ./c/y.jpg, a link to it
+            shared.append((j, i))
+    if missing:
+        raise _fail(path, f"lists {len(missing)} image(s) not found under {root}, e.g. {missing[0]}; pass the folder "
+                          f"holding them as {images_flag}, or fix the file_name entries")
+    if shared:
+        j, i = shared[0]
+        raise _fail(path, f"images[{j}] (id {images[j]['id']!r}, {brief(images[j]['file_name'])}) and images[{i}] "
+                          f"(id {images[i]['id']!r}, {brief(images[i]['file_name'])}) name one file ({len(shared)} "
+                          f"image(s) name a file an earlier image names): each would be trained and scored as a "
+                          f"photo of only its own annotations; give each file one image entry, with all its "
+                          f"annotations")
+
+
 def _entries(path: Path, data: dict, key: str, required: tuple[str, ...]) -> list[dict]:
     entries = data[key]
     if not isinstance(entries, list):
@@ -205,10 +233,7 @@ def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train
             raise _fail(path, f"images[{i}] (id {image['id']!r}) is {w:.0f}x{h:.0f} pixels, over the {limit:,} an "
                               f"image is decoded at (LOMAR_MAX_IMAGE_PIXELS); leave it out, or raise the limit")
         sizes[image["id"]] = (float(w), float(h))
-    missing = [image["file_name"] for image in images if not (root / str(image["file_name"])).is_file()]
-    if missing:
-        raise _fail(path, f"lists {len(missing)} image(s) not found under {root}, e.g. {missing[0]}; pass the folder "
-                          f"holding them as {images_flag}, or fix the file_name entries")
+    _check_files(path, root, images, images_flag)
     known = {c["id"] for c in categories}
     summary = CocoSummary(images=len(images))
     kept, scored = [], []
