@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_map
 
 from lomar.checkpoints.file_names import LAST_POINTER
 from lomar.checkpoints.io import atomic_save, atomic_write_text, refuse_link, remove_tree, safe_load, write_error
-from lomar.checkpoints.sharded import check_metadata, consolidate, safe_planner, safe_reader
+from lomar.checkpoints.sharded import check_metadata, consolidate, refusal, safe_planner, safe_reader
 from lomar.errors import FULL_DISK, UNWRITABLE, UsageError
 from lomar.train.run_state import checkpoints_to_prune, save_error
 
@@ -205,10 +205,9 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, directory: 
     try:
         dcp.load(state, storage_reader=safe_reader(directory), planner=safe_planner())
     except CheckpointException as exc:  # DCP wraps each rank's error; a refused entry is the user's to fix
-        refused = [error for error, _ in exc.failures.values() if isinstance(error, ValueError)]
-        if not refused:
+        if (refused := refusal(exc)) is exc:
             raise
-        raise UsageError(f"--resume {directory}: {refused[0]}") from None
+        raise UsageError(f"--resume {directory}: {refused}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return meta if meta is not None else safe_load(directory / "meta.pt")
 
