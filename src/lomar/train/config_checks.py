@@ -59,7 +59,7 @@ def check_fsdp(config: Any) -> None:
     if not config.fsdp:
         return
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world < 2 and getattr(config, "resume_point", None) is None:
+    if world < 2 and config.resume_point is None:
         raise ConfigError("--fsdp shards the model across processes but this is a single process; launch with "
                           "torchrun --nproc-per-node N (N >= 2), or drop --fsdp")
     if config.precision == "fp16":
