@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from time import monotonic
 
 from lomar import __version__
-from lomar.cli.suggest import command_parser, expanded_by_shell, suggest_flags
+from lomar.cli.suggest import command_action, command_parser, expanded_by_shell, suggest_flags
 from lomar.errors import (
     ANSI_ESCAPE,
     FULL_DISK,
@@ -125,8 +125,8 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
 def command_prefix(args: argparse.Namespace) -> str:
     """'lomar CMD', with its action where the command has them ('lomar tokenizer fit'): what every line a command
     prints of its own begins with (its errors, said here, its notes and results, said by the command)."""
-    nested = getattr(args, f"{args.command.replace('-', '_')}_command", None)
-    return f"lomar {args.command}" + (f" {nested}" if isinstance(nested, str) else "")
+    action = command_action(args)
+    return f"lomar {args.command}" + (f" {action}" if action else "")
 
 
 def _one_line(message: str) -> str:

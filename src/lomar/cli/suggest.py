@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from lomar.train.setting_names import did_you_mean, flag_of, other_commands
 
-__all__ = ["suggest_flags", "command_parser", "command_flags", "expanded_by_shell"]
+__all__ = ["suggest_flags", "command_parser", "command_action", "command_flags", "expanded_by_shell"]
 
 
 def _own_flags(parser: argparse.ArgumentParser) -> list[str]:
@@ -62,11 +62,19 @@ def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     when none ran."""
     command = getattr(args, "command", None)
     found = parser.commands.get(command, parser) if command else parser
-    nested = getattr(args, f"{command.replace('-', '_')}_command", None) if command else None
-    for action in found._actions if isinstance(nested, str) else ():
+    nested = command_action(args)
+    for action in found._actions if nested else ():
         if isinstance(action, argparse._SubParsersAction) and nested in action.choices:
             return action.choices[nested]
     return found
+
+
+def command_action(args: argparse.Namespace) -> str | None:
+    """The action ``args`` ran of a command that has them (``fit`` of ``lomar tokenizer fit``: its subparsers' dest is
+    CMD_command), else None."""
+    command = getattr(args, "command", None)
+    nested = getattr(args, f"{command.replace('-', '_')}_command", None) if command else None
+    return nested if isinstance(nested, str) else None
 
 
 def expanded_by_shell(argv: list[str], unknown: list[str], shards: bool) -> str:
