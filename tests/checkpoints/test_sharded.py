@@ -203,3 +203,22 @@ def test_a_read_of_the_model_alone_needs_only_its_records(tmp_path, genuine):
     torch.testing.assert_close(read_sharded(folder)["model"], model)
     with pytest.raises(UsageError, match="cut short"):
         load_sharded(*_model_and_optimizer(), folder)
+
+
+@pytest.mark.parametrize("fill", [0x00, 0xFF])
+def test_a_non_tensor_entry_whose_bytes_changed_is_damage_not_a_crafted_entry(tmp_path, genuine, fill):
+    # DCP writes the non-tensor entries (the optimizer's param_groups) first in each data file: a file zeroed over
+    # its length was said to hold an entry 'that would call code', naming neither the file nor a fix
+    from lomar.checkpoints.sharded import _MetadataUnpickler
+
+    folder = tmp_path / genuine.name
+    shutil.copytree(genuine, folder)
+    [data_file] = folder.glob("*.distcp")
+    metadata = _MetadataUnpickler(open(folder / ".metadata", "rb")).load()
+    data = bytearray(data_file.read_bytes())
+    for index, info in metadata.storage_data.items():
+        if index.fqn.startswith("optimizer.param_groups"):
+            data[info.offset:info.offset + info.length] = bytes([fill]) * info.length
+    data_file.write_bytes(bytes(data))
+    with pytest.raises(UsageError, match=re.escape(f"{data_file} is damaged (its records do not load")):
+        load_sharded(*_model_and_optimizer(), folder)

@@ -20,7 +20,9 @@ import functools
 import io
 import os
 import pickle
+import pickletools
 import stat
+import zipfile
 from pathlib import Path
 
 import torch
@@ -127,6 +129,23 @@ def _checked(path: Path) -> tuple[bytes, dict[str, dict[str, int]]]:
     return data, reach
 
 
+def _parses(value: io.BytesIO) -> bool:
+    """Whether the non-tensor record ``value`` is a whole pickle (torch.save's archive's, or a bare one), which
+    weights_only then refused for what it names; bytes that changed do not parse (a zip's CRC, pickle's opcodes)."""
+    try:
+        value.seek(0)
+        if zipfile.is_zipfile(value):
+            with zipfile.ZipFile(value) as archive:
+                data = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+        else:
+            data = value.getvalue()
+        for _ in pickletools.genops(data):
+            pass
+    except Exception:  # noqa: BLE001 - whatever the bytes make zipfile or pickletools raise: not a whole pickle
+        return False
+    return True
+
+
 class _Refused(ValueError):
     """An entry refused as it loads (not plain data): said as it is, not as a damaged file."""
 
@@ -174,6 +193,8 @@ def _classes() -> tuple[type, type, type]:
             try:
                 torch.load(value, weights_only=True)
             except pickle.UnpicklingError:
+                if not _parses(value):  # changed bytes, not a pickle: the file's reader names it damaged
+                    raise
                 raise _Refused(f"its entry {read_item.dest_index.fqn!r} is not plain data (it would call code "
                                  f"to unpickle); refusing to load it") from None
             value.seek(0)
