@@ -4,6 +4,7 @@ through others -- counting the imports inside functions, which are dependencies 
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import subprocess
 import sys
@@ -90,9 +91,16 @@ def module_imports(name: str, path: Path, source: str, modules) -> set[str]:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """module -> the lomar modules it imports anywhere in its source (:func:`module_imports`)."""
+    """module -> the lomar modules it imports anywhere in its source (:func:`module_imports`): a copy of its own, which
+    a test may change."""
+    return {name: set(targets) for name, targets in _parsed_graph().items()}
+
+
+@functools.cache
+def _parsed_graph() -> dict[str, frozenset[str]]:
+    # every source file parsed once a session: a parse of the package takes over a second, and 16 tests read it
     modules = _modules()
-    return {name: module_imports(name, path, path.read_text(), modules) for name, path in modules.items()}
+    return {name: frozenset(module_imports(name, path, path.read_text(), modules)) for name, path in modules.items()}
 
 
 def imports_inside_functions(name: str, source: str, modules) -> list[tuple[int, set[str], str]]:
