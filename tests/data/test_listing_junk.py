@@ -177,6 +177,36 @@ def test_shard_members_in_folders_a_search_passes_over_are_skipped_and_said(tmp_
         f"p/@eaDir/a.jpg/SYNOPHOTO_THUMB_M.jpg (as a folder search passes them over)"]
 
 
+def test_hidden_shard_members_are_skipped_and_said_as_a_folder_search_leaves_hidden_files_out(tmp_path, caplog):
+    # a tar of a folder keeps its hidden files: .b.jpg was trained on from the shard and left out of the folder
+    import io
+    import tarfile
+
+    from lomar.data.shard_members import drawn_members, read_ahead
+    from lomar.data.shards import TarShardDataset
+    from lomar.data.transforms import PretrainTransform
+
+    shard = tmp_path / "photos.tar"
+    with tarfile.open(shard, "w") as archive:
+        for name in ("p/a.jpg", "p/.b.jpg", ".c.jpg", "./.d.jpg", "p/._a.jpg", "./p/e.jpg"):  # ._a.jpg: no image
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            archive.addfile(info, io.BytesIO(b"x"))
+    said = [f"tar shards: 3 hidden image member(s) skipped, e.g. {shard}:p/.b.jpg (as a folder search leaves out a "
+            f"hidden file; name it without a leading '.' to use it)"]
+    kept = [f"{shard}:p/a.jpg", f"{shard}:./p/e.jpg"]
+    for counted_before in (False, True):  # the count of a whole pass kept (scanned_count), or a pass of its own
+        if counted_before:
+            read_ahead([shard])
+        dataset = TarShardDataset([shard], PretrainTransform(16), shuffle_buffer=0)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lomar.data"):
+            assert dataset.count_samples() == 2
+        assert [r.getMessage() for r in caplog.records] == said
+    assert [item["path"] for item in dataset] == kept
+    assert [name for name, _ in drawn_members(shard, 5, random.Random(0))] == kept
+
+
 def test_recycle_bins_snapshots_and_system_folders_are_no_images_and_no_class(tmp_path, caplog):
     from lomar.data.folder import LabelledImageFolder
     from lomar.data.image_search import find_images

@@ -18,7 +18,7 @@ __all__ = ["image_members", "drawn_members", "scanned_count", "read_ahead", "fil
 
 log = logging.getLogger("lomar.data")
 # str(shard) -> (its identity when read, image members, members passed over): whole clean passes of drawn_members
-_SCANNED: dict[str, tuple[tuple[int, ...], int, list[str]]] = {}
+_SCANNED: dict[str, tuple[tuple[int, ...], int, list[tuple[str, str]]]] = {}
 # what a damaged shard raises; EOFError: gzip's, at a compressed stream cut off (a .tar.gz shard copied in part)
 _DAMAGE = (OSError, EOFError, tarfile.TarError)
 
@@ -34,14 +34,14 @@ def file_identity(path: Path) -> tuple[int, ...] | None:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-def scanned_count(shard: Path, thumbnails: list[str]) -> int | None:
+def scanned_count(shard: Path, passed: list[tuple[str, str]]) -> int | None:
     """The image members a whole clean pass of :func:`drawn_members` in this process counted in ``shard`` (its
-    passed-over members appended to ``thumbnails``), if the file is unchanged since; else None. Taken once: the
-    record is dropped, so that loader workers forked later do not carry it."""
+    passed-over members appended to ``passed``, as :func:`image_members` lists them), if the file is unchanged since;
+    else None. Taken once: the record is dropped, so that loader workers forked later do not carry it."""
     record = _SCANNED.pop(str(shard), None)
     if record is None or record[0] != file_identity(shard):
         return None
-    thumbnails.extend(record[2])
+    passed.extend(record[2])
     return record[1]
 
 
@@ -53,11 +53,11 @@ def read_ahead(shards: list[Path]) -> None:
 
 
 def image_members(shard: Path, read: bool = True, damaged: dict[str, str] | None = None,
-                   thumbnails: list[str] | None = None) -> Iterator[tuple[str, bytes | int | str | None]]:
+                   passed: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, bytes | int | str | None]]:
     """("shard:member", bytes (its size instead when over :func:`max_image_bytes`), or None unless ``read``)
-    for the image members of one shard, less those in folders a folder search passes over (listed in ``thumbnails``
-    when given: a tar of a Synology NAS's folder holds several thumbnails of each photo in @eaDir, readable JPEGs,
-    and a share's #recycle its deleted photos).
+    for the image members of one shard, less those a folder search passes over, listed in ``passed`` when given as
+    (:func:`_passed_over`'s why, "shard:member"): those in its folders (a tar of a Synology NAS's folder holds several
+    thumbnails of each photo in @eaDir, readable JPEGs, and a share's #recycle its deleted photos) and hidden ones.
 
     An unreadable shard yields nothing and a truncated one what precedes the damage; the
     reason goes into ``damaged`` (when given) and to the debug log. Without ``read`` only
@@ -77,9 +77,9 @@ def image_members(shard: Path, read: bool = True, damaged: dict[str, str] | None
                 if not _is_image(member):
                     continue
                 name = f"{shard}:{member.name}"
-                if _passed_over(member):
-                    if thumbnails is not None:
-                        thumbnails.append(name)
+                if why := _passed_over(member):
+                    if passed is not None:
+                        passed.append((why, name))
                     continue
                 yield name, _member_data(archive, member, limit) if read else None
         except _DAMAGE as exc:  # a truncated shard: keep what was read
@@ -98,8 +98,8 @@ def drawn_members(shard: Path, count: int, rng: random.Random) -> list[tuple[str
             for member in archive:
                 if not _is_image(member):
                     continue
-                if _passed_over(member):
-                    passed.append(f"{shard}:{member.name}")
+                if why := _passed_over(member):
+                    passed.append((why, f"{shard}:{member.name}"))
                     continue
                 slot = seen if seen < count else rng.randrange(seen + 1)
                 seen += 1
@@ -118,8 +118,13 @@ def _is_image(member: tarfile.TarInfo) -> bool:
     return (member.isfile() or member.islnk() or member.issym()) and is_image_name(member.name)
 
 
-def _passed_over(member: tarfile.TarInfo) -> bool:
-    return any(passed_over_folder(part) for part in member.name.split("/")[:-1])
+def _passed_over(member: tarfile.TarInfo) -> str | None:
+    """Why a folder search would leave the image member out: "folder" (it is in a hidden, thumbnail or recycle-bin
+    folder), "hidden" (its own name begins with '.', as image_search's rule for a file: .NAME.jpg), else None."""
+    parts = member.name.split("/")
+    if any(passed_over_folder(part) for part in parts[:-1]):
+        return "folder"
+    return "hidden" if parts[-1].startswith(".") else None
 
 
 def _member_data(archive: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes | int | str:

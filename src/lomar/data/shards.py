@@ -210,18 +210,21 @@ class TarShardDataset(IterableDataset):
         Unreadable or damaged shards are warned about here, once, and listed in ``damaged``
         (shard -> reason); iterating over them later only logs at debug level."""
         self.damaged: dict[str, str] = {}
-        thumbnails: list[str] = []
+        passed: list[tuple[str, str]] = []
         self.counts = {}
         for shard in self.shards:  # a shard the tokenizer's draw (spread) read whole is not read again
-            known = scanned_count(shard, thumbnails)
+            known = scanned_count(shard, passed)
             self.counts[str(shard)] = known if known is not None else sum(
-                1 for _ in image_members(shard, read=False, damaged=self.damaged, thumbnails=thumbnails))
+                1 for _ in image_members(shard, read=False, damaged=self.damaged, passed=passed))
         total = sum(self.counts.values())
         for shard, reason in self.damaged.items():
             log.warning("tar shard %s: %s", shard, reason)
-        if thumbnails:
+        if in_folders := [name for why, name in passed if why == "folder"]:
             log.warning("tar shards: %d member(s) in hidden, thumbnail or recycle-bin folders skipped, e.g. %s (as a "
-                        "folder search passes them over)", len(thumbnails), thumbnails[0])
+                        "folder search passes them over)", len(in_folders), in_folders[0])
+        if hidden := [name for why, name in passed if why == "hidden"]:
+            log.warning("tar shards: %d hidden image member(s) skipped, e.g. %s (as a folder search leaves out a "
+                        "hidden file; name it without a leading '.' to use it)", len(hidden), hidden[0])
         return total
 
     def _readers(self) -> tuple[int, int, int, int]:
