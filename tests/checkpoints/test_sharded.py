@@ -218,7 +218,8 @@ def test_a_non_tensor_entry_whose_bytes_changed_is_damage_not_a_crafted_entry(tm
     folder = tmp_path / genuine.name
     shutil.copytree(genuine, folder)
     [data_file] = folder.glob("*.distcp")
-    metadata = _MetadataUnpickler(open(folder / ".metadata", "rb")).load()
+    with open(folder / ".metadata", "rb") as handle:
+        metadata = _MetadataUnpickler(handle).load()
     data = bytearray(data_file.read_bytes())
     for index, info in metadata.storage_data.items():
         if index.fqn.startswith("optimizer.param_groups"):
