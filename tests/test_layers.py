@@ -284,6 +284,27 @@ def test_only_what_help_does_not_load_is_deferred_for_it():
     assert needless == [] and misplaced == []
 
 
+# What runs before torch is needed imports none: `lomar --help` and the commands' argument checks, the helpers below
+# both eval and train, and gpu_check.sh's test-set maker (a process of its own per set, within the set's limit).
+TORCH_FREE = ("lomar.values", "lomar.errors", "lomar.yaml_io", "lomar.progress_bar", "lomar.lr_schedule",
+              "lomar.cli.app", "lomar.cli.suggest", "lomar.cli.probe", "lomar.train.settings",
+              "lomar.train.setting_names", "lomar.train.task_config", "lomar.train.settings_resume",
+              "lomar.train.config_checks", "lomar.train.preemption", "lomar.train.process_count",
+              "lomar.checkpoints.kinds", "lomar.checkpoints.file_names", "lomar.bench.testset",
+              "lomar.data.demo_images")
+
+
+@pytest.mark.slow  # a python process: ~0.3 s
+def test_the_torch_free_modules_import_no_torch():
+    code = ("import importlib, sys\n"
+            "for name in sys.argv[1:]:\n"
+            "    importlib.import_module(name)\n"
+            "    if 'torch' in sys.modules:\n"
+            "        sys.exit(f'{name} imports torch')\n")
+    result = subprocess.run([sys.executable, "-c", code, *TORCH_FREE], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
 def test_the_reason_checker_reads_comments_on_and_above_the_line():
     modules = {"lomar.a": PACKAGE / "a.py", "lomar.b": PACKAGE / "b.py"}
     source = ("import lomar.b\n\n\ndef f():\n    import lomar.b\n    import lomar.b  # torch: not for --help\n"

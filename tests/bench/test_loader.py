@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -51,14 +49,6 @@ def test_make_test_set_writes_into_no_folder_of_other_files(tmp_path, capsys):
                  "--workers", "0", "--loader-windows", "1", "--quiet"])
     assert code == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"]
     assert f"{tmp_path} holds photo.png, which is not a test-set file" in capsys.readouterr().err
-
-
-@pytest.mark.slow  # a python process: ~0.3 s
-def test_the_test_set_maker_imports_no_torch():
-    """benchmarks/gpu_check.sh makes each test set in a process of its own, within the set's limit: a torch import
-    would cost each of them seconds."""
-    code = "import sys, lomar.bench.testset; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
 def test_make_test_set_writes_jpegs_of_the_kind_and_reuses_them(tmp_path):
