@@ -140,6 +140,18 @@ def test_pairs_in_a_subfolder_are_said_to_be_unused_not_dropped_unsaid(tmp_path,
     assert len(data) == 1 and "1 subfolder(s) not searched, e.g. sub:" in caplog.text
 
 
+def test_hidden_images_and_annotations_are_left_out_and_said_as_a_folder_search_leaves_them(tmp_path, caplog):
+    # .b.jpg and its .b.png were trained on, and a hidden .c.jpg without one stopped segment (no annotation)
+    _layout(tmp_path, (16, 16), (16, 16))
+    for kind, name, copy in (("images", "a.jpg", ".b.jpg"), ("annotations", "a.png", ".b.png"),
+                             ("images", "a.jpg", ".c.jpg")):
+        (tmp_path / kind / "training" / copy).write_bytes((tmp_path / kind / "training" / name).read_bytes())
+    with caplog.at_level("WARNING", logger="lomar.data"):
+        data = SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1)
+    assert len(data) == 1
+    assert "2 hidden image file(s) not used, e.g. .b.jpg" in caplog.text
+
+
 def test_a_symlink_loop_beside_the_images_is_passed_over(tmp_path):
     _layout(tmp_path, (16, 16), (16, 16))
     (tmp_path / "images" / "training" / "loop").symlink_to(tmp_path / "images" / "training" / "loop")

@@ -131,7 +131,10 @@ def _pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
                              f"annotations/{split}/*.png")
     with os.scandir(images_dir) as listing:
         entries = [(entry.name, _is_folder(entry)) for entry in listing]
-    names = sorted(n for n, folder in entries if not folder and is_image_name(n))
+    names = sorted(n for n, folder in entries if not folder and is_image_name(n) and not n.startswith("."))
+    if hidden := sorted(n for n, folder in entries if not folder and is_image_name(n) and n.startswith(".")):
+        log.warning("%s: %d hidden image file(s) not used, e.g. %s (as a folder search leaves a hidden file out); name "
+                    "it and its annotation without a leading '.' to use them", images_dir, len(hidden), hidden[0])
     if nested := sorted(n for n, folder in entries if folder and not passed_over_folder(n)):  # else dropped unsaid
         log.warning("%s: %d subfolder(s) not searched, e.g. %s: segment pairs the files of images/%s itself with "
                     "annotations/%s (ADE20K's layout); move their images and annotations up to use them", images_dir,
@@ -142,8 +145,8 @@ def _pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
         twins = sorted(n for n in names if stems[Path(n).stem] > 1)  # over 2 min on 20k images
         raise ValueError(f"images {twins[0]} and {twins[1]} in {images_dir} share the stem {Path(twins[0]).stem!r}, "
                          f"so one annotation would serve both; rename or remove one")
-    labels = {Path(n).stem: labels_dir / n for n in os.listdir(labels_dir)
-              if n.lower().endswith(".png") and is_image_name(n)}  # not macOS's ._NAME.png metadata
+    labels = {Path(n).stem: labels_dir / n for n in os.listdir(labels_dir)  # no hidden file (.NAME.png, ._NAME.png)
+              if n.lower().endswith(".png") and is_image_name(n) and not n.startswith(".")}
     if not images:
         raise ValueError(f"{images_dir} holds no images (an empty split); add images with their annotations, or "
                          f"point --data at the dataset root")
