@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -104,7 +105,7 @@ BAD = [
     ("tokenizer fit", ["--data", "{tmp}/nowhere", "--out", "{tmp}/file/t.safetensors"], "is a file"),
     ("tokenizer fit", ["--data", "{tmp}/nowhere", "--out", "{tmp}/t.pt"], ".safetensors"),
     ("tokenizer convert", ["{tmp}/missing.pkl", "--to", "{tmp}/d.safetensors"], "missing.pkl"),
-    ("tokenizer convert", ["{tmp}/missing.pkl", "--to", "{tmp}/file/d.safetensors"], "is a file"),
+    ("tokenizer convert", [CK, "--to", "{tmp}/file/d.safetensors"], "is a file"),
     # the top level
     ("nonsense", [], "invalid choice"),
 ]
@@ -338,6 +339,32 @@ def test_help_of_every_cli_module_imports_no_torch():
             "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules, names\n")
     result = _torch_free(code)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_a_missing_input_is_refused_before_torch_is_imported(tmp_path):
+    """Importing torch takes seconds (10-15 s on a busy machine): a checkpoint, dVAE file or data folder that is not
+    there was refused only after it. In one process that cannot import torch, each command's one line comes first."""
+    missing = str(tmp_path / "missing.pt")
+    runs = [["export", missing, "--to", str(tmp_path / "x")],
+            ["load-original", missing, "--to", str(tmp_path / "x.pt")],
+            ["visualize", missing],
+            ["knn", missing, "--data", str(tmp_path)],
+            ["linprobe", missing, "--data", str(tmp_path)],
+            ["tokenizer", "convert", missing, "--to", str(tmp_path / "d.safetensors")],
+            ["segment", "--data", missing, "--out", str(tmp_path / "run")],
+            ["detect", "--train-ann", missing, "--train-images", str(tmp_path), "--val-ann", missing,
+             "--val-images", str(tmp_path), "--out", str(tmp_path / "run")]]
+    code = ("import json, sys\n"
+            "sys.modules['torch'] = None  # import torch now raises ImportError\n"
+            "from lomar.cli.app import main\n"
+            f"print(json.dumps([main(argv) for argv in {runs!r}]))\n")
+    result = _torch_free(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout) == [2] * len(runs), result.stderr
+    said = result.stderr.splitlines()
+    assert len(said) == len(runs) and all(missing in line for line in said), said
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("command, args", [("pretrain", []), ("knn", ["ckpt"]), ("visualize", ["ckpt"])])

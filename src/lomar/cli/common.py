@@ -20,7 +20,7 @@ from lomar.train import settings as S
 from lomar.train.setting_flags import add_settings
 from lomar.train.settings import Setting
 
-__all__ = ["resolve_device", "check_output_file", "check_output_dir", "write_json",
+__all__ = ["resolve_device", "check_input", "check_output_file", "check_output_dir", "write_json",
            "add_override_arguments", "load_for_cli", "training_command", "refuse_torchrun", "resume_policies"]
 
 
@@ -39,6 +39,13 @@ def resolve_device(text: str) -> str:
             raise UsageError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s); "
                              f"pass cuda:0 … cuda:{torch.cuda.device_count() - 1}")
     return text
+
+
+def check_input(path: str | Path, message: str) -> None:
+    """A UsageError of ``message`` when nothing is at ``path`` (a dangling link is left to the reader, which names its
+    target): called before a command imports torch, which takes seconds, for a path its reader would refuse anyway."""
+    if not os.path.lexists(path):
+        raise UsageError(message)
 
 
 def _check_writable_dir(folder: Path, flag: str, target: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS
 from lomar.cli.app import command_prefix
-from lomar.cli.common import add_override_arguments, check_output_dir, check_output_file, load_for_cli
+from lomar.cli.common import add_override_arguments, check_input, check_output_dir, check_output_file, load_for_cli
 from lomar.errors import UsageError
 from lomar.train import settings as S
 from lomar.train.setting_flags import add_settings
@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_input(args.checkpoint, f"checkpoint {args.checkpoint} does not exist; check the path")  # as load_model's
     from lomar.checkpoints.convert import encoder_of, export_model, method_metadata  # torch: not for --help
     from lomar.checkpoints.export import export_encoder  # torch: not for --help
     from lomar.checkpoints.export_leftovers import export_lock  # torch: not for --help
@@ -123,6 +124,7 @@ def load_original_add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_original_run(args: argparse.Namespace) -> int:
+    check_input(args.path, f"{args.path} is not a file; pass an original LoMaR / MAE checkpoint (.pth)")  # as below
     from lomar.checkpoints.convert import encoder_of, pretrain_checkpoint  # torch: not for --help
     from lomar.checkpoints.io import atomic_save  # torch: not for --help
 

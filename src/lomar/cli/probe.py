@@ -171,10 +171,9 @@ def _extracted(args: argparse.Namespace) -> list | None:
 
 
 def knn_run(args: argparse.Namespace) -> int:
-    from lomar.eval.knn import knn_top1  # torch: not for --help
-
     if (features := _features(args)) is None:  # a torchrun process whose share the main one scores
         return 0
+    from lomar.eval.knn import knn_top1  # torch: not for --help; after _features, whose checks come first
     train_x, train_y, val_x, val_y = features
     k = min(args.k, len(train_y))  # knn_top1's own cap, said
     top1 = knn_top1(train_x, train_y, val_x, val_y, k, args.temperature, device=resolve_device(args.device))
@@ -218,12 +217,12 @@ def fit_linprobe(args: argparse.Namespace, features: list):
 
 
 def linprobe_run(args: argparse.Namespace) -> int:
-    from lomar.checkpoints.io import atomic_save  # torch: not for --help
-
     # Under torchrun the main process alone fits the probe: a few seconds to minutes on cached features, and one
     # process's fit is the one-process result (a fit shared by DDP would reduce its gradients in another order).
     if (features := _features(args, resolve_linprobe)) is None:  # a process whose share the main one scores
         return 0
+    from lomar.checkpoints.io import atomic_save  # torch: not for --help; after _features, whose checks come first
+
     train_y, val_y = features[1], features[3]
     try:
         probe, top1 = fit_linprobe(args, features)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from lomar.cli.app import command_prefix
-from lomar.cli.common import check_output_file, resolve_device
+from lomar.cli.common import check_input, check_output_file, resolve_device
 from lomar.errors import UsageError, in_flags
 from lomar.limits import MAX_IMG_SIZE
 from lomar.train import settings as S
@@ -142,6 +142,8 @@ def _view_size(size: int | None, patch: int, images: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.tokenizer_command == "convert":  # as convert_dvae's
+        check_input(args.source, f"dVAE file {args.source} does not exist; check the path")
     from lomar.tokenizers import convert_dvae, fit_kmeans_tokenizer  # torch: not for --help
 
     flag, target = ("--to", args.to) if args.tokenizer_command == "convert" else ("--out", args.out)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lomar.checkpoints.file_names import LAST
 from lomar.cli.app import command_prefix
-from lomar.cli.common import add_override_arguments, check_output_dir, load_for_cli
+from lomar.cli.common import add_override_arguments, check_input, check_output_dir, load_for_cli
 from lomar.cli.export import CHECKPOINT
 from lomar.data.pathtable import dangling_link
 from lomar.errors import UsageError
@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         if not image.is_file():
             raise UsageError(f"image {image} {_not_a_file(image)}; pass image files (PNG, JPEG, …)")
     check_output_dir(args.out, "--out")
+    check_input(args.checkpoint, f"checkpoint {args.checkpoint} does not exist; check the path")  # as load_model's
     given = [flag for flag, value in (("--target-patch", args.target_patch), ("--context", args.context),
                                       ("--masked", args.masked), ("--attention-window", args.attention_window))
              if value]
