@@ -18,6 +18,19 @@ def test_defaults_are_the_recipes_crop_flip_and_normalisation():
     assert 0.42 < sum(flips) / len(flips) < 0.58
 
 
+def test_a_crop_no_draw_fits_falls_back_to_torchvisions_central_crop():
+    # 10 x 1000 px: no box of 20-100 % of the area at aspect 3/4-4/3 fits, so every draw is the fallback, the
+    # centred crop at the nearest allowed aspect (RandomResizedCrop.get_params' last lines, deterministic)
+    import torch
+
+    transform = PretrainTransform(32)
+    for height, width in ((10, 1000), (1000, 10), (7, 301)):
+        image = torch.zeros(1, height, width)
+        want = T.RandomResizedCrop.get_params(image, list(transform.scale), list(transform.ratio))
+        for i in range(3):
+            assert transform.crop_box(height, width, sample_generator(0, 0, i)) == tuple(want), (height, width)
+
+
 def test_jitter_factors_are_drawn_as_torchvision_draws_them():
     # ColorJitter(j): each factor uniform in [max(0, 1 - j), 1 + j]; above j = 1 it never piles up at 0
     for j in (0.4, 1.5):
