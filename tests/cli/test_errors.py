@@ -346,6 +346,7 @@ def test_a_missing_input_is_refused_before_torch_is_imported(tmp_path):
     """Importing torch takes seconds (10-15 s on a busy machine): a checkpoint, dVAE file or data folder that is not
     there was refused only after it. In one process that cannot import torch, each command's one line comes first."""
     missing = str(tmp_path / "missing.pt")
+    (tmp_path / "file").write_text("a file\n")
     runs = [["export", missing, "--to", str(tmp_path / "x")],
             ["load-original", missing, "--to", str(tmp_path / "x.pt")],
             ["visualize", missing],
@@ -354,7 +355,9 @@ def test_a_missing_input_is_refused_before_torch_is_imported(tmp_path):
             ["tokenizer", "convert", missing, "--to", str(tmp_path / "d.safetensors")],
             ["segment", "--data", missing, "--out", str(tmp_path / "run")],
             ["detect", "--train-ann", missing, "--train-images", str(tmp_path), "--val-ann", missing,
-             "--val-images", str(tmp_path), "--out", str(tmp_path / "run")]]
+             "--val-images", str(tmp_path), "--out", str(tmp_path / "run")],
+            ["bench", "--task", "loader", "--data", missing],
+            ["bench", "--tiny", "--plot", str(tmp_path / "file" / "bench.png")]]  # an output under a file
     code = ("import json, sys\n"
             "sys.modules['torch'] = None  # import torch now raises ImportError\n"
             "from lomar.cli.app import main\n"
@@ -363,8 +366,9 @@ def test_a_missing_input_is_refused_before_torch_is_imported(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout) == [2] * len(runs), result.stderr
     said = result.stderr.splitlines()
-    assert len(said) == len(runs) and all(missing in line for line in said), said
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert len(said) == len(runs) and all(missing in line for line in said[:-1]), said
+    assert said[-1].startswith(f"lomar bench: error: --plot {tmp_path}/file/bench.png: ") and "is a file" in said[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 @pytest.mark.parametrize("command, args", [("pretrain", []), ("knn", ["ckpt"]), ("visualize", ["ckpt"])])

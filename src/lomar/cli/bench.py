@@ -175,13 +175,13 @@ def run(args: argparse.Namespace) -> int:
         return _run_backbone(args)
     if args.task == "loader":
         return _run_loader(args)
+    check_output_file(args.plot, "--plot", create_parents=True, example="bench.png")  # before torch's seconds
+    check_output_file(args.profile, "--profile", create_parents=True, example="profile.json")
     from lomar.viz.reconstruction import FIGURE_FORMATS  # torch: not for --help
 
     if args.plot and Path(args.plot).suffix.lower() not in FIGURE_FORMATS:  # else a PNG under any name
         raise UsageError(f"--plot {args.plot}: name the figure .png, .pdf or .svg")
     plan = plan_configurations(args)
-    check_output_file(args.plot, "--plot", create_parents=True, example="bench.png")
-    check_output_file(args.profile, "--profile", create_parents=True, example="profile.json")
     import torch
 
     from lomar.bench import report  # torch: not for --help
@@ -313,6 +313,8 @@ def _run_loader(args: argparse.Namespace) -> int:
     if "gpu" in args.decode:
         raise UsageError("--decode gpu decodes in the training loop, not in loader workers; use full, draft or windows")
     args.data = Path(args.data)
+    if not (args.make_test_set or args.data.exists()):  # before _start imports torch (seconds)
+        raise UsageError(f"--data {args.data} does not exist; pass a folder of images or add --make-test-set")
     device, say, meta = _start(args)
     from lomar.bench.loader import make_test_set, measure_loader, share_model_rate  # torch: not for --help
 
