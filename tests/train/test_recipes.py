@@ -40,6 +40,9 @@ def test_each_method_carries_its_papers_recipe(method):
     assert set(recipe) == set(RECIPE_KEYS)
     for key, value in PAPER[method].items():
         assert recipe[key] == value, (method, key)
+    # one declaration serves every run of the process: it cannot be changed in place
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        get_method(method).recipe = {}
 
 
 @pytest.mark.parametrize("method", sorted(PAPER))
