@@ -356,6 +356,7 @@ def test_a_missing_input_is_refused_before_torch_is_imported(tmp_path):
             ["segment", "--data", missing, "--out", str(tmp_path / "run")],
             ["detect", "--train-ann", missing, "--train-images", str(tmp_path), "--val-ann", missing,
              "--val-images", str(tmp_path), "--out", str(tmp_path / "run")],
+            ["study", missing],
             ["bench", "--task", "loader", "--data", missing],
             ["bench", "--tiny", "--plot", str(tmp_path / "file" / "bench.png")]]  # an output under a file
     code = ("import json, sys\n"

@@ -40,8 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     refuse_torchrun("each would run the whole study")  # its cells train one at a time, each in this process
-    from lomar.cli.study.runner import run_study  # torch: not for --help
-
     if bool(args.spec) == bool(args.preset):
         raise UsageError("pass either SPEC.yaml or --preset NAME (one of them)")
     if args.seeds is not None and args.seeds <= 0:
@@ -70,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         spec.check_every(f"--budget {args.budget}" if budget else None)  # an at-Nsteps point in a seconds budget
         out = args.out or spec.out or f"studies/{spec.name}"
     check_output_dir(out, "out:" if spec.out and not args.out else "--out")  # as the user gave it
+    from lomar.cli.study.runner import run_study  # torch: not for --help; after the checks, which need none
+
     print(f"lomar study: {spec.name}, {len(spec.cells())} cell(s), {spec.budget} each, into {out}", flush=True)
     try:
         run_study(spec, out, command="lomar study " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
