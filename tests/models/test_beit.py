@@ -122,8 +122,11 @@ def test_original_initialisation():
     for p in (model.cls_token, model.mask_token, model.lm_head.weight, model.blocks[0].mlp.fc1.weight):
         assert p.abs().max() <= std + 1e-9  # truncated at ±1 std, not ±2
     for layer, block in enumerate(model.blocks, start=1):
-        assert block.attn.proj.weight.abs().max() <= std / math.sqrt(2 * layer) + 1e-9
-        assert block.mlp.fc2.weight.abs().max() <= std / math.sqrt(2 * layer) + 1e-9
+        # truncated at ±1 std, then divided by sqrt(2 x layer) counted from 1: over 1024 draws the largest is
+        # within 5 % of the bound (a draw lands there with probability 0.024)
+        bound = std / math.sqrt(2 * layer)
+        for weight in (block.attn.proj.weight, block.mlp.fc2.weight):
+            assert 0.95 * bound <= weight.abs().max() <= bound + 1e-9, layer
         assert torch.all(block.gamma_1 == 0.1) and torch.all(block.gamma_2 == 0.1)
         assert torch.all(block.attn.q_bias == 0) and torch.all(block.attn.v_bias == 0)
         assert block.norm1.eps == block.norm2.eps == 1e-6
