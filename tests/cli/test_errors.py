@@ -358,7 +358,9 @@ def test_a_missing_input_is_refused_before_torch_is_imported(tmp_path):
              "--val-images", str(tmp_path), "--out", str(tmp_path / "run")],
             ["study", missing],
             ["bench", "--task", "loader", "--data", missing],
-            ["bench", "--tiny", "--plot", str(tmp_path / "file" / "bench.png")]]  # an output under a file
+            # an output under a file
+            ["tokenizer", "fit", "--data", missing, "--out", str(tmp_path / "file" / "t.safetensors")],
+            ["bench", "--tiny", "--plot", str(tmp_path / "file" / "bench.png")]]
     code = ("import json, sys\n"
             "sys.modules['torch'] = None  # import torch now raises ImportError\n"
             "from lomar.cli.app import main\n"
@@ -367,7 +369,9 @@ def test_a_missing_input_is_refused_before_torch_is_imported(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout) == [2] * len(runs), result.stderr
     said = result.stderr.splitlines()
-    assert len(said) == len(runs) and all(missing in line for line in said[:-1]), said
+    assert len(said) == len(runs) and all(missing in line for line in said[:-2]), said
+    assert said[-2].startswith(f"lomar tokenizer fit: error: --out {tmp_path}/file/t.safetensors: ") and \
+        "is a file" in said[-2]
     assert said[-1].startswith(f"lomar bench: error: --plot {tmp_path}/file/bench.png: ") and "is a file" in said[-1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 

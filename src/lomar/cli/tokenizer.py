@@ -142,10 +142,6 @@ def _view_size(size: int | None, patch: int, images: int) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.tokenizer_command == "convert":  # as convert_dvae's
-        check_input(args.source, f"dVAE file {args.source} does not exist; check the path")
-    from lomar.tokenizers import convert_dvae, fit_kmeans_tokenizer  # torch: not for --help
-
     flag, target = ("--to", args.to) if args.tokenizer_command == "convert" else ("--out", args.out)
     # A BEiT run names its tokenizer by path (OUT/tokenizer.safetensors when fitted): replacing that file unasked
     # would resume the run against another tokenizer's targets.
@@ -154,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{flag} {target}: a tokenizer is written as safetensors; give a name ending in "
                          f".safetensors, e.g. {flag} {Path(target).with_suffix('.safetensors')}")
     me = command_prefix(args)  # lomar tokenizer fit / convert
+    if args.tokenizer_command == "convert":  # as convert_dvae's
+        check_input(args.source, f"dVAE file {args.source} does not exist; check the path")
+    from lomar.tokenizers import convert_dvae, fit_kmeans_tokenizer  # torch: not for --help; after the checks
+
     try:
         if args.tokenizer_command == "convert":
             path = convert_dvae(args.source, args.to)
