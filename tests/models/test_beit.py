@@ -78,6 +78,7 @@ def test_loss_uses_masked_tokens_only_and_mask_replaces_pixels():
 
 @pytest.mark.parametrize("bad, word", [(dict(img_size=30), "img_size=30"), (dict(num_heads=5), "num_heads=5"),
                                        (dict(norm_eps=0), "norm_eps=0"), (dict(vocab_size=1), "vocab_size=1"),
+                                       (dict(embed_dim=0), "embed_dim=0"), (dict(num_heads=0), "num_heads=0"),
                                        (dict(drop_path_rate=1.0), "drop_path_rate=1.0"),
                                        (dict(init_values=-0.1), "init_values=-0.1"),
                                        (dict(init_values=float("nan")), "init_values=nan")])
