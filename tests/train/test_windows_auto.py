@@ -25,6 +25,13 @@ def test_auto_is_the_default_and_hits_the_papers_three_points(tmp_path, capsys, 
     assert f"# --windows auto = {windows} at --img-size {size}" in text
 
 
+@pytest.mark.parametrize("method", ["mae", "beit"])
+def test_auto_is_one_global_window_for_the_global_methods(tmp_path, capsys, method):
+    # MAE and BEiT mask the whole image in their papers; K x K windows are asked for with --windows N
+    config, _ = _print_config(tmp_path, capsys, "--method", method)
+    assert config["windows"] == 0
+
+
 def test_other_sizes_scale_with_the_grid_area_and_stay_monotone():
     counts = [paper_windows(s) for s in range(96, 900, 16)]
     assert counts == sorted(counts)
