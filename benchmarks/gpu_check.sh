@@ -87,13 +87,15 @@ stop_here() { [ -z "$STOP" ] || { finish; exit "$STOP"; }; }
 # pid whose status a wait gave is 127 where bash is in POSIX mode (POSIXLY_CORRECT set, or run as sh).
 # Its trap is its subshell's own (a pipeline's element, or in parentheses), not this script's, and set before COMMAND
 # starts: a subshell that had none yet ended at the signal, leaving COMMAND running (and the script waiting on it).
+# The signal goes to `timeout`'s group (COMMAND too), else to `timeout` alone (no group of its own yet): a SIGTERM
+# just after its fork can end coreutils' timeout without passing it on (coreutils issue #82; 9.1 under load).
 part() {
   [ "$BASHPID" != $$ ] || { echo "gpu_check: part $*: run it in a pipeline or a subshell" >&2; return 2; }
   local pid= cut= rc
-  trap 'cut=1; [ -z "$pid" ] || kill -TERM "$pid" 2>/dev/null' TERM INT
+  trap 'cut=1; [ -z "$pid" ] || kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null' TERM INT
   timeout -k "${GPU_CHECK_KILL_AFTER:-15}" "$1" "${@:2}" <&0 &  # <&0: a heredoc, not /dev/null, for `&`
   pid=$!
-  [ -z "$cut" ] || kill -TERM "$pid" 2>/dev/null  # the signal came before $pid was known
+  [ -z "$cut" ] || kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null  # a signal before $pid was known
   while :; do cut=; wait "$pid"; rc=$?; [ -n "$cut" ] || return "$rc"; done
 }
 # COMMAND with SIGTERM ignored: a part's readers (tee, tail) outlive the outer SIGTERM, so what the part prints

@@ -391,6 +391,53 @@ def test_a_stop_reaches_the_running_part_at_once_and_kills_one_that_ignores_it(c
     assert not part_alive
 
 
+_TIMEOUT_THAT_DROPS_THE_STOP = """\
+import os, signal, subprocess, sys
+# coreutils' timeout as it leaves its command in a race (coreutils issue #82, seen with 9.1 under load): a group of
+# its own, its command in it, and a SIGTERM that ends it without passing the signal on
+os.setpgid(0, 0)
+signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(143))
+sys.exit(subprocess.call(sys.argv[4:]))
+"""
+
+
+@pytest.mark.slow  # the check's bash and a python process: ~1 s
+def test_a_stop_reaches_the_part_where_its_timeout_drops_the_signal(tmp_path):
+    """A SIGTERM that reaches coreutils' timeout just as it starts its command can end it without passing the signal
+    on: the stop goes to the part's process group too, so the command, in that group, still gets it (here a
+    pretraining run that saves on SIGTERM); the check ends, where it waited on the command to its own end."""
+    import signal
+    import time
+
+    fake = tmp_path / "bin" / "timeout"
+    fake.parent.mkdir()
+    fake.write_text(f"#!{sys.executable}\n" + _TIMEOUT_THAT_DROPS_THE_STOP)
+    fake.chmod(0o755)
+    env = _stand_in(tmp_path, 'case " $* " in\n'
+                              f'  *" pretrain "*) trap \'echo saved > {tmp_path}/saved; exit 0\' TERM\n'
+                              f'    echo $$ > {tmp_path}/running; while :; do sleep 0.05; done;;\n'
+                              'esac\n',
+                    GPU_CHECK_PARTS="pretrain", PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    check = subprocess.Popen(["bash", str(SCRIPT)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    running = tmp_path / "running"
+    try:
+        deadline = time.monotonic() + 20
+        while not (running.exists() and running.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert running.exists(), "the part did not start"
+        os.killpg(check.pid, signal.SIGTERM)
+        code = check.wait(timeout=10)  # old code: the run went on, and the check waited on it
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(check.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError, ValueError, ProcessLookupError):  # the run, if it outlived the check
+            os.kill(int(running.read_text()), signal.SIGKILL)
+    log = (tmp_path / "gc" / "summary.log").read_text()
+    assert code == 143 and (tmp_path / "saved").exists(), log
+    assert "stopped by SIGTERM" in log, log
+
+
 def test_a_stop_while_a_test_set_is_made_exits_143_leaving_no_set_running(tmp_path):
     """An outer stop (SIGTERM to the check's process group) while a set is made: the set's process and its writer,
     in the process group of the set's own `timeout`, stop with it; the check exits 143, without a traceback, and
