@@ -235,15 +235,15 @@ def test_a_position_table_of_no_square_grid_is_named_not_built_at_its_floor():
         beit_from_original(state)
 
 
-@pytest.mark.parametrize("per_block", [False, True])
-def test_timm_beit_gives_equal_features(per_block):
+@pytest.mark.parametrize("per_block, abs_pos", [(False, False), (True, False), (False, True)])
+def test_timm_beit_gives_equal_features(per_block, abs_pos):
     from functools import partial
 
     from timm.models.beit import Beit
 
-    model = _perturbed(BEiT(BEiTConfig(**{**TINY, "init_values": 0.1})))
+    model = _perturbed(BEiT(BEiTConfig(**{**TINY, "init_values": 0.1, "use_abs_pos_emb": abs_pos})))
     timm_model = Beit(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=0,
-                      global_pool="", use_abs_pos_emb=False, use_shared_rel_pos_bias=not per_block,
+                      global_pool="", use_abs_pos_emb=abs_pos, use_shared_rel_pos_bias=not per_block,
                       use_rel_pos_bias=per_block, init_values=0.1,
                       norm_layer=partial(nn.LayerNorm, eps=1e-6)).eval()
     timm_model.load_state_dict(beit_to_timm(model.state_dict(), per_block=per_block), strict=True)
