@@ -31,7 +31,7 @@ from lomar.checkpoints.io import atomic_save, safe_load
 from lomar.checkpoints.kinds import PRETRAIN_FORMAT
 from lomar.data.shard_members import file_identity
 
-__all__ = ["read_sharded", "consolidate", "check_metadata", "damaged", "refusal", "safe_reader", "safe_planner"]
+__all__ = ["read_sharded", "consolidate", "check_metadata", "refusal", "safe_reader", "safe_planner"]
 
 _RECORD_MODULE = "torch.distributed.checkpoint.metadata"  # Metadata, TensorStorageMetadata, ...: plain records
 _GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
@@ -76,16 +76,16 @@ def _check_data_file(directory: Path, name: str, end: int) -> None:
     try:
         mode, size = (info := path.stat()).st_mode, info.st_size
     except OSError as exc:
-        raise ValueError(damaged(path, "missing" if isinstance(exc, FileNotFoundError) else
+        raise ValueError(_damaged(path, "missing" if isinstance(exc, FileNotFoundError) else
                                  f"cannot be read: {exc.strerror}")) from None
     if not stat.S_ISREG(mode):
-        raise ValueError(damaged(path, "a folder, not a file" if stat.S_ISDIR(mode) else "not a file"))
+        raise ValueError(_damaged(path, "a folder, not a file" if stat.S_ISDIR(mode) else "not a file"))
     if size < end:
-        raise ValueError(damaged(path, f"{size} bytes, its records reach byte {end}: cut short" if size else
+        raise ValueError(_damaged(path, f"{size} bytes, its records reach byte {end}: cut short" if size else
                                  f"empty, its records reach byte {end}"))
 
 
-def damaged(path: Path, why: str) -> str:
+def _damaged(path: Path, why: str) -> str:
     """The one line for the data file ``path`` of a sharded checkpoint that cannot be read (``why``)."""
     return (f"{path} is damaged ({why}), so the sharded checkpoint {path.parent} cannot be read; restore the file "
             f"from a copy, or use another checkpoint-NNNNNN.dcp folder of the run")
@@ -168,7 +168,7 @@ def _classes() -> tuple[type, type, type]:
                 raise
             except Exception as exc:  # anything a record of changed bytes makes torch.load raise; its text is
                 # torch's advice on weights_only or zip internals, not the user's
-                raise ValueError(damaged(Path(path), f"its records do not load: {type(exc).__name__}")) from None
+                raise ValueError(_damaged(Path(path), f"its records do not load: {type(exc).__name__}")) from None
 
     class SafeReader(FileSystemReader):
         def __init__(self, *args, **kwargs):

@@ -79,7 +79,7 @@ def other_processes(ckpt: dict, batch_size: int, accum: int, now: int) -> tuple[
 
 
 def other_processes_note(was: int, now: int, step: int, batch_size: int, accum: int, per_process: bool,
-                         shards: bool, sharded: bool = False) -> str:
+                         shards: bool, sharded: bool) -> str:
     """The start-up note of a resume on ``now`` processes of a run that ``was`` trained, its global batch kept
     (:func:`other_processes`); ``per_process``: the run draws from each process's own random stream (drop path,
     mixup), ``shards``: it reads tar shards, dealt to the processes, ``sharded``: its model and optimizer state are
