@@ -13,7 +13,7 @@ from lomar.data import device_decode
 from lomar.data.device_decode import EncodedPretrainDataset, decode_dataset
 from lomar.data.fast_decode import FastPretrainDataset, jpeg_size
 from lomar.data.folder import build_pretrain_dataset
-from lomar.data.transforms import draw_sample, sample_generator
+from lomar.data.transforms import PretrainTransform, draw_sample, sample_generator, sample_seed
 from lomar.methods import get_method
 
 SIZE = 32
@@ -62,6 +62,19 @@ def test_every_decode_path_takes_its_draws_from_draw_sample(photos):
                     assert torch.equal(item[name], value), (mode, index, epoch, name)
                 if item.get("encoded") is not None:  # the device decodes later: the item carries box and flip
                     assert tuple(item["box"].tolist()) == want.box and item["flip"] == want.flip
+
+
+def test_the_draws_of_a_sample_are_what_they_were():
+    # Golden values: a resumed run redraws its samples from (seed, epoch, index), so a change to the seeding, to
+    # how many numbers a draw takes or to their order changes what the rest of a resumed epoch trains on.
+    assert [sample_seed(*key) for key in [(0, 0, 0), (5, 3, 17), (2 ** 31, 1, 10 ** 6)]] == [
+        6375474604893067239, 1124121604463999453, 3201910468864956488]
+    cfg = type("Cfg", (), {"window_size": 4, "windows": 2, "mask_ratio": 0.5})()
+    draw = draw_sample(PretrainTransform(64), get_method("lomar").masker(cfg, (8, 8)), 300, 400,
+                       sample_generator(5, 3, 17))
+    assert (draw.box, draw.flip, draw.plan["top_left"].tolist()) == ((21, 90, 222, 193), True, [[0, 1], [4, 4]])
+    assert draw.plan["mask"].int().tolist() == [[1, 0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 0, 0, 1, 1, 0],
+                                                [0, 1, 0, 1, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 0, 1]]
 
 
 def test_windows_decoding_refuses_a_plan_without_windows(photos):
