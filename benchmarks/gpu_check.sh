@@ -92,7 +92,7 @@ stop_here() { [ -z "$STOP" ] || { finish; exit "$STOP"; }; }
 part() {
   [ "$BASHPID" != $$ ] || { echo "gpu_check: part $*: run it in a pipeline or a subshell" >&2; return 2; }
   local pid= cut= rc
-  trap 'cut=1; [ -z "$pid" ] || kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null' TERM INT
+  trap 'cut=1; [ -z "${pid-}" ] || kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null' TERM INT
   timeout -k "${GPU_CHECK_KILL_AFTER:-15}" "$1" "${@:2}" <&0 &  # <&0: a heredoc, not /dev/null, for `&`
   pid=$!
   [ -z "$cut" ] || kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null  # a signal before $pid was known

@@ -8,6 +8,7 @@ tests) on a tiny model, so a renamed module or flag breaks this test instead of 
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -474,3 +475,12 @@ def test_a_stop_while_a_test_set_is_made_exits_143_leaving_no_set_running(tmp_pa
     assert code == 143 and "Traceback" not in log, log
     assert not alive  # the set and its writer
     assert "stopped by SIGTERM" in log and not (tmp_path / "work" / "ft").exists(), log  # the next sets: not begun
+
+
+def test_a_stop_after_a_part_has_returned_leaves_its_subshell_going():
+    """part's trap outlives the call in the subshell that ran it, where its local pid is gone: under the script's
+    set -u a stop there must not end the subshell (reporting the finished part as failed)."""
+    part = re.search(r"^part\(\) \{.*?^\}$", SCRIPT.read_text(), re.S | re.M)[0]
+    code = f"set -u\n{part}\n( part 5 true; kill -TERM $BASHPID; echo going on )\n"
+    result = subprocess.run(["bash", "-c", code], capture_output=True, text=True, timeout=30)
+    assert "going on" in result.stdout, result.stderr
