@@ -67,6 +67,7 @@ BAD = [
     ("visualize", [CK, "--attention-window", "3"], "--attention-window is for the attention figures; add --attention"),
     ("visualize", [CK, "--masked"], "--masked is for the attention figures; add --attention"),
     ("export", [CK, "--to", ""], "--to is empty; give a path"),
+    ("export", ["{tmp}/missing.pt", "--to", "{tmp}/file/x"], "is a file"),  # --to's checks come first
     ("visualize", [CK, "{tmp}/missing.png"], "image {tmp}/missing.png does not exist; pass image files"),
     ("visualize", [CK, "{tmp}/dir"], "image {tmp}/dir is not a file; pass image files"),
     ("visualize", [CK, *["{tmp}/file"] * 65], "at most 64"),
@@ -84,6 +85,7 @@ BAD = [
     ("load-original", [CK, "--to", "{tmp}/nowhere/new.pt"], "does not exist"),
     ("load-original", [CK, "--to", "/proc/lomar.pt"], "/proc"),
     ("load-original", ["{tmp}/missing.pth", "--to", "{tmp}/new.pt"], "missing.pth"),
+    ("load-original", ["{tmp}/missing.pth", "--to", "{tmp}/file/sub.pt"], "is a file"),  # --to's checks come first
     # bench
     ("bench", ["--tiny", "--threads", "-1"], "--threads"),
     ("bench", ["--tiny", "--threads", "0"], "--threads"),
@@ -106,6 +108,7 @@ BAD = [
     ("tokenizer fit", ["--data", "{tmp}/nowhere", "--out", "{tmp}/t.pt"], ".safetensors"),
     ("tokenizer convert", ["{tmp}/missing.pkl", "--to", "{tmp}/d.safetensors"], "missing.pkl"),
     ("tokenizer convert", [CK, "--to", "{tmp}/file/d.safetensors"], "is a file"),
+    ("tokenizer convert", ["{tmp}/missing.pkl", "--to", "{tmp}/file/d.safetensors"], "is a file"),
     # the top level
     ("nonsense", [], "invalid choice"),
 ]

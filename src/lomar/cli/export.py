@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.to, "--to")  # the text given: Path("") would be the working folder
+    out = Path(args.to)
+    _refuse_existing(out, (ENCODER_WEIGHTS, CONFIG_NAME), args.overwrite)  # before loading: at once
     check_input(args.checkpoint, f"checkpoint {args.checkpoint} does not exist; check the path")  # as load_model's
     from lomar.checkpoints.convert import encoder_of, export_model, method_metadata  # torch: not for --help
     from lomar.checkpoints.export import export_encoder  # torch: not for --help
@@ -43,9 +46,6 @@ def run(args: argparse.Namespace) -> int:
     from lomar.models.beit import BEiT  # torch: not for --help
     from lomar.models.vit import VisionTransformer  # torch: not for --help
 
-    check_output_dir(args.to, "--to")  # the text given: Path("") would be the working folder
-    out = Path(args.to)
-    _refuse_existing(out, (ENCODER_WEIGHTS, CONFIG_NAME), args.overwrite)  # before loading: at once
     model, method = load_for_cli(args.checkpoint, args, loader=export_model)
     if isinstance(model, BEiT):  # timm's Beit layout: per-block relative position bias, no lm_head
         from lomar.checkpoints.export_beit import export_beit_encoder  # torch: not for --help
@@ -124,11 +124,11 @@ def load_original_add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_original_run(args: argparse.Namespace) -> int:
+    check_output_file(args.to, "--to", overwrite=args.overwrite)
     check_input(args.path, f"{args.path} is not a file; pass an original LoMaR / MAE checkpoint (.pth)")  # as below
     from lomar.checkpoints.convert import encoder_of, pretrain_checkpoint  # torch: not for --help
     from lomar.checkpoints.io import atomic_save  # torch: not for --help
 
-    check_output_file(args.to, "--to", overwrite=args.overwrite)
     out = Path(args.to)
     if not Path(args.path).is_file():
         raise UsageError(f"{args.path} is not a file; pass an original LoMaR / MAE checkpoint (.pth)")
