@@ -75,6 +75,8 @@ BAD = [
     ("pretrain", ["--out", "{tmp}/run", "--figure-images", "65"], "--figure-images must be at most 64"),
     ("linprobe", [CK, "--data", "{tmp}/data", "--json", "{tmp}/same.json", "--save", "{tmp}/same.json"],
      "--json and --save both name"),
+    ("detect", ["--train-ann", "{tmp}/nowhere.json", "--train-images", "{tmp}/dir", "--val-ann", "{tmp}/gone.json",
+                "--val-images", "{tmp}/dir", "--out", "{tmp}/run"], "--val-ann {tmp}/gone.json does not exist"),
     # load-original
     ("load-original", [CK, "--to", "{tmp}/new.pt", "--img-size", "0"], "--img-size"),
     ("load-original", [CK, "--to", "{tmp}/new.pt", "--num-heads", "0"], "--num-heads"),

@@ -169,9 +169,9 @@ class DetectConfig(TaskConfig):
                               f"evaluation, or an earlier --eval-only); pass another --out, or --overwrite to "
                               f"replace it")
         check_pretrained(self)
-        # read_coco's first checks, before torch is imported (seconds) to read the files
-        for flag, ann, images in (("--train-ann", None if self.eval_only else self.train_ann, self.train_images),
-                                  ("--val-ann", self.val_ann, self.val_images)):
+        # read_coco's first checks, before torch is imported (seconds) to read the files; val first, as DetectTask reads
+        for flag, ann, images in (("--val-ann", self.val_ann, self.val_images),
+                                  ("--train-ann", None if self.eval_only else self.train_ann, self.train_images)):
             if ann and not Path(ann).is_file():
                 raise ConfigError(f"{flag} {ann} does not exist; pass a COCO instances JSON file")
             if ann and images and not Path(images).is_dir():
