@@ -66,6 +66,7 @@ BAD = [
     ("visualize", [CK, "--out", ""], "--out is empty; give a path"),  # Path("") is the working folder
     ("visualize", [CK, "--attention-window", "3"], "--attention-window is for the attention figures; add --attention"),
     ("visualize", [CK, "--masked"], "--masked is for the attention figures; add --attention"),
+    ("visualize", ["{tmp}/missing.pt", "--masked"], "--masked is for the attention figures"),  # the flags first
     ("export", [CK, "--to", ""], "--to is empty; give a path"),
     ("export", ["{tmp}/missing.pt", "--to", "{tmp}/file/x"], "is a file"),  # --to's checks come first
     ("visualize", [CK, "{tmp}/missing.png"], "image {tmp}/missing.png does not exist; pass image files"),

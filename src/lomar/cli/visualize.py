@@ -76,12 +76,12 @@ def run(args: argparse.Namespace) -> int:
         if not image.is_file():
             raise UsageError(f"image {image} {_not_a_file(image)}; pass image files (PNG, JPEG, …)")
     check_output_dir(args.out, "--out")
-    check_input(args.checkpoint, f"checkpoint {args.checkpoint} does not exist; check the path")  # as load_model's
     given = [flag for flag, value in (("--target-patch", args.target_patch), ("--context", args.context),
                                       ("--masked", args.masked), ("--attention-window", args.attention_window))
              if value]
     if given and not args.attention:  # they shape the attention figures only: without them, nothing would use them
         raise UsageError(f"{given[0]} is for the attention figures; add --attention, or drop {given[0]}")
+    check_input(args.checkpoint, f"checkpoint {args.checkpoint} does not exist; check the path")  # as load_model's
     import torch
 
     from lomar.data.folder import demo_image_paths  # torch: not for --help
