@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_transforms_v2
 
-from lomar.data.coco_values import json_integer, json_number, mask_area, segmentation_error
+from lomar.data.coco_values import check_coco_paths, json_integer, json_number, mask_area, segmentation_error
 from lomar.data.collate import LabelledBatch, Skipped, refilled, split_skipped
 from lomar.data.decode import load_image, max_image_pixels, open_pil, read_image_bytes
 from lomar.data.polygons import fit_polygons
@@ -193,10 +193,7 @@ def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train
               images_flag: str = "--train-images") -> CocoSplit:
     """Read and check a COCO instances file and its image folder (see the module docstring)."""
     path, root = Path(ann_file), Path(image_root)
-    if not path.is_file():
-        raise UsageError(f"{flag} {path} does not exist; pass a COCO instances JSON file")
-    if not root.is_dir():
-        raise UsageError(f"{images_flag} {root} is not a folder; pass the folder holding {path.name}'s images")
+    check_coco_paths(path, root, flag, images_flag)
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: Windows tools write a byte order mark
     except RecursionError:  # json reads nesting by recursion

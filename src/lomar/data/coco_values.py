@@ -1,12 +1,16 @@
 """What a COCO file's values must be where pycocotools reads them: JSON numbers and integers, a segmentation's
-polygons or RLE of its image's size (pycocotools decodes runs of another total into memory it never wrote); and a
-segmentation's pixel count, COCO's ``area``."""
+polygons or RLE of its image's size (pycocotools decodes runs of another total into memory it never wrote); a
+segmentation's pixel count, COCO's ``area``; and that the file and its image folder are there (torch-free, as is this
+module: DetectConfig checks them before torch is imported)."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
-__all__ = ["json_number", "json_integer", "run_lengths", "segmentation_error", "mask_area"]
+from lomar.errors import UsageError
+
+__all__ = ["json_number", "json_integer", "run_lengths", "segmentation_error", "mask_area", "check_coco_paths"]
 
 
 def json_number(v) -> bool:
@@ -75,3 +79,12 @@ def mask_area(seg, width: float, height: float) -> float:
     if isinstance(seg["counts"], list):
         seg = mask_utils.frPyObjects(seg, int(height), int(width))
     return float(mask_utils.area(seg))
+
+
+def check_coco_paths(ann_file: str | Path, image_root: str | Path | None, flag: str, images_flag: str) -> None:
+    """A UsageError when the instances file is not a file or its image folder (None: not checked) not a folder."""
+    if not Path(ann_file).is_file():
+        raise UsageError(f"{flag} {Path(ann_file)} does not exist; pass a COCO instances JSON file")
+    if image_root is not None and not Path(image_root).is_dir():
+        raise UsageError(f"{images_flag} {Path(image_root)} is not a folder; pass the folder holding "
+                         f"{Path(ann_file).name}'s images")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lomar.checkpoints.kinds import DETECT_FORMAT, find_command_checkpoint
+from lomar.data.coco_values import check_coco_paths
 from lomar.train import settings as S
 from lomar.train.config_checks import check_eval_only_model, refuse_contradictions, refuse_training_settings
 from lomar.train.encoder_settings import (
@@ -172,11 +173,8 @@ class DetectConfig(TaskConfig):
         # read_coco's first checks, before torch is imported (seconds) to read the files; val first, as DetectTask reads
         for flag, ann, images in (("--val-ann", self.val_ann, self.val_images),
                                   ("--train-ann", None if self.eval_only else self.train_ann, self.train_images)):
-            if ann and not Path(ann).is_file():
-                raise ConfigError(f"{flag} {ann} does not exist; pass a COCO instances JSON file")
-            if ann and images and not Path(images).is_dir():
-                raise ConfigError(f"{flag.replace('-ann', '-images')} {images} is not a folder; pass the folder "
-                                  f"holding {Path(ann).name}'s images")
+            if ann:
+                check_coco_paths(ann, images or None, flag, flag.replace("-ann", "-images"))
 
 
 def _check_backbone(pretrained: str) -> None:
