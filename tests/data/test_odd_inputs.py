@@ -286,6 +286,23 @@ def test_two_coco_images_naming_one_file_are_one_line(tmp_path, second):
         read_coco(tmp_path / "ann.json", tmp_path / "images")
 
 
+def test_a_coco_image_whose_stat_fails_otherwise_than_absent_is_not_called_missing(tmp_path):
+    """A name too long (or a folder denied) is said as what it is by the command's OSError line, as when the check
+    was Path.is_file: it is no missing image to look for under the folder."""
+    import errno
+    import json
+
+    from lomar.data.coco import read_coco
+
+    (tmp_path / "images").mkdir()
+    coco = {"images": [{"id": 1, "file_name": "x" * 300 + ".jpg", "width": 30, "height": 20}],
+            "categories": [{"id": 1, "name": "x"}], "annotations": []}
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    with pytest.raises(OSError) as caught:
+        read_coco(tmp_path / "ann.json", tmp_path / "images")
+    assert caught.value.errno == errno.ENAMETOOLONG
+
+
 def test_macos_metadata_files_in_a_segmentation_folder_are_no_pairs(tmp_path):
     from lomar.data.segmentation import SegmentationFolder
 

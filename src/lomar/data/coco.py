@@ -24,6 +24,7 @@ the uninterrupted one did whatever the worker count.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -53,6 +54,7 @@ __all__ = ["CocoSplit", "CocoSummary", "read_coco", "training_split", "CocoInsta
 
 _IMAGE_KEYS = ("id", "file_name", "width", "height")
 _ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")  # and a segmentation: _maskless says why
+_ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP)  # the stat errors Path.is_file takes as no file
 
 
 @dataclass
@@ -146,7 +148,11 @@ def _check_files(path: Path, root: Path, images: list[dict], images_flag: str) -
     for i, image in enumerate(images):
         try:
             info = os.stat(root / str(image["file_name"]))
-        except (OSError, ValueError):  # ValueError: a NUL in the name
+        except OSError as exc:
+            if exc.errno not in _ABSENT:  # a folder denied, a name too long: said as what they are (cli.app)
+                raise
+            info = None
+        except ValueError:  # a NUL in the name
             info = None
         if info is None or not stat.S_ISREG(info.st_mode):
             missing.append(image["file_name"])
