@@ -11,7 +11,7 @@ from PIL import Image
 
 from lomar.data import device_decode
 from lomar.data.device_decode import EncodedPretrainDataset, decode_dataset
-from lomar.data.fast_decode import FastPretrainDataset, jpeg_size
+from lomar.data.fast_decode import FastPretrainDataset, jpeg_size, window_boxes
 from lomar.data.folder import build_pretrain_dataset
 from lomar.data.transforms import PretrainTransform, draw_sample, sample_generator, sample_seed
 from lomar.methods import get_method
@@ -75,6 +75,15 @@ def test_the_draws_of_a_sample_are_what_they_were():
     assert (draw.box, draw.flip, draw.plan["top_left"].tolist()) == ((21, 90, 222, 193), True, [[0, 1], [4, 4]])
     assert draw.plan["mask"].int().tolist() == [[1, 0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 0, 0, 1, 1, 0],
                                                 [0, 1, 0, 1, 1, 0, 1, 0, 1, 1, 0, 1, 0, 0, 0, 1]]
+
+
+@pytest.mark.parametrize("flipped", [False, True])
+def test_window_source_boxes_tile_the_crop_as_the_windows_tile_the_output(flipped):
+    # crop (left, top, right, bottom) = (10, 20, 110, 70) resized to 10 x 10 px: x 10 across, x 5 down; four 5 px
+    # windows tile the output, so their source boxes tile the crop, mirrored across it when the output is flipped
+    boxes = window_boxes((10, 20, 110, 70), 10, torch.tensor([[0, 0], [0, 5], [5, 0], [5, 5]]), 5, flipped)
+    (a, b), (c, d) = ((60, 110), (10, 60)) if flipped else ((10, 60), (60, 110))  # output columns 0-5, 5-10
+    assert boxes == [((a, 20, b, 45), 0, 0), ((c, 20, d, 45), 0, 5), ((a, 45, b, 70), 5, 0), ((c, 45, d, 70), 5, 5)]
 
 
 def test_windows_decoding_refuses_a_plan_without_windows(photos):
