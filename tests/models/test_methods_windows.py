@@ -51,6 +51,8 @@ def test_windowed_beit_reads_any_integer_ids_and_names_float_ones():
     plan = model.sample_plan(images, torch.Generator().manual_seed(3))
     ids = torch.randint(0, 16, (2, 36))
     assert torch.equal(model(images, plan=plan, input_ids=ids.int()).loss, model(images, plan=plan, input_ids=ids).loss)
+    grid_ids = ids.view(2, 6, 6)  # the (N, Gh, Gw) form its refusal names
+    assert torch.equal(model(images, plan=plan, input_ids=grid_ids).loss, model(images, plan=plan, input_ids=ids).loss)
     with pytest.raises(TypeError, match="input_ids must be a tensor of integer token ids.*got torch.float32"):
         model(images, plan=plan, input_ids=ids.float())  # not torch's 'expected target dtype to be Long'
 
