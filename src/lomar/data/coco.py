@@ -3,9 +3,10 @@ torchvision's ``CocoDetection`` through its v2 wrapper (ViTDet's large-scale jit
 
 A COCO instances file (``images``, ``annotations``, ``categories``) is read once and checked:
 a malformed file (missing keys, duplicate ids, an annotation naming an unknown image or
-category, images listed but absent from the image folder or two naming one file, an empty split) is a
+category, images listed but absent from the image folder, an empty split) is a
 :class:`~lomar.errors.UsageError` naming the file and the fix. For the model, boxes are clipped to their image
-and a box of zero area after clipping is skipped, both counted (:class:`CocoSummary`); the AP is scored against
+and a box of zero area after clipping is skipped, both counted (:class:`CocoSummary`), as are images naming a file
+an earlier image names (LIVECell's published files list images labelled twice under two ids); the AP is scored against
 the file's own boxes (:meth:`CocoSplit.coco`), as pycocotools' ``COCO(file)`` and detectron2 score them. Crowd
 annotations are left out of training targets and kept for evaluation, as detectron2 does;
 training also leaves out images without a box (detectron2's ``FILTER_EMPTY_ANNOTATIONS``).
@@ -69,6 +70,8 @@ class CocoSummary:
     far: int = 0  # polygons reaching far outside their image, clipped (lomar.data.polygons)
     areas: int = 0  # annotations without an 'area', given their mask's pixel count
     boxless: int = 0  # a training split's images without a usable box, which training leaves out
+    shared: int = 0  # images naming a file an earlier image names (c/y.jpg, ./c/y.jpg, a link to it)
+    shared_first: str = ""  # the first such pair, for the line
 
     def line(self) -> str:
         notes = [(self.crowd, "crowd regions (ignored in training)"), (self.clipped, "boxes clipped to their image"),
@@ -76,7 +79,10 @@ class CocoSummary:
                  (self.far, "polygons reaching far outside their image clipped"),
                  (self.areas, "areas left out of the file taken from the masks"),
                  (self.boxless, "images without a box left out of training")]
-        return ", ".join([f"{self.images} images, {self.boxes} boxes"] + [f"{n} {text}" for n, text in notes if n])
+        shared = [f"{self.shared} images naming a file an earlier image names, e.g. {self.shared_first} (each "
+                  f"trained and scored as a photo of only its own annotations)"] if self.shared else []
+        return ", ".join([f"{self.images} images, {self.boxes} boxes"] + [f"{n} {text}" for n, text in notes if n]
+                         + shared)
 
 
 @dataclass
@@ -140,10 +146,12 @@ def _unique(path: Path, entries: list[dict], what: str) -> None:
                           f"give every {what} a unique id")
 
 
-def _check_files(path: Path, root: Path, images: list[dict], images_flag: str) -> None:
-    """Each image's file_name is a regular file under ``root``, and no two images name one file: pycocotools and
-    detectron2 take two ids of one photo as two images, which trains each with the other's objects as background
-    and scores each of its detections as a false positive of the other. One stat an image, none an annotation."""
+def _check_files(path: Path, root: Path, images: list[dict], images_flag: str, summary: CocoSummary) -> None:
+    """Each image's file_name is a regular file under ``root``; images naming one file are counted in ``summary``.
+    pycocotools and detectron2 take two ids of one file as two images: right for a photo labelled twice, each id
+    with all its objects (LIVECell's published files hold such), wrong for a photo whose objects were split between
+    ids (each trained with the others' as background). Only the user can tell which: said, not refused. One stat an
+    image, none an annotation."""
     missing, first, shared = [], {}, []
     for i, image in enumerate(images):
         try:
@@ -163,11 +171,9 @@ def _check_files(path: Path, root: Path, images: list[dict], images_flag: str) -
                           f"holding them as {images_flag}, or fix the file_name entries")
     if shared:
         j, i = shared[0]
-        raise _fail(path, f"images[{j}] (id {images[j]['id']!r}, {brief(images[j]['file_name'])}) and images[{i}] "
-                          f"(id {images[i]['id']!r}, {brief(images[i]['file_name'])}) name one file ({len(shared)} "
-                          f"image(s) name a file an earlier image names): each would be trained and scored as a "
-                          f"photo of only its own annotations; give each file one image entry, with all its "
-                          f"annotations")
+        summary.shared, summary.shared_first = len(shared), (
+            f"images[{j}] (id {images[j]['id']!r}, {brief(images[j]['file_name'])}) and images[{i}] (id "
+            f"{images[i]['id']!r}, {brief(images[i]['file_name'])})")
 
 
 def _entries(path: Path, data: dict, key: str, required: tuple[str, ...]) -> list[dict]:
@@ -236,9 +242,9 @@ def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train
             raise _fail(path, f"images[{i}] (id {image['id']!r}) is {w:.0f}x{h:.0f} pixels, over the {limit:,} an "
                               f"image is decoded at (LOMAR_MAX_IMAGE_PIXELS); leave it out, or raise the limit")
         sizes[image["id"]] = (float(w), float(h))
-    _check_files(path, root, images, images_flag)
-    known = {c["id"] for c in categories}
     summary = CocoSummary(images=len(images))
+    _check_files(path, root, images, images_flag, summary)
+    known = {c["id"] for c in categories}
     kept, scored = [], []
     for i, ann in enumerate(annotations):
         where = f"annotations[{i}] (id {ann['id']!r})"
