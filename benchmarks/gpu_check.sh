@@ -261,7 +261,7 @@ if [ "${#SETS[@]}" -gt 0 ]; then
     ( part "${SETS[i + 3]}" "$PY" -c "import sys; from lomar.bench.testset import make_test_set as make; \
 make(sys.argv[1], sys.argv[2], int(sys.argv[3]))" "${SETS[@]:i:3}" ) 2>&1 | keep tee -a "$LOG"
     case ${PIPESTATUS[0]} in  # 124, 137: its limit (a stop's signal gives 143)
-      124 | 137) say "test set ${SETS[i]}: not made within ${SETS[i + 3]} s (GPU_CHECK_T_SET); stopped" ;;
+      124 | 137) [ -n "$STOP" ] || say "test set ${SETS[i]}: not made within ${SETS[i + 3]} s (GPU_CHECK_T_SET); stopped" ;;
     esac
     stop_here
   done

@@ -439,23 +439,26 @@ def test_a_stop_reaches_the_part_where_its_timeout_drops_the_signal(tmp_path):
     assert "stopped by SIGTERM" in log, log
 
 
-def test_a_stop_while_a_test_set_is_made_exits_143_leaving_no_set_running(tmp_path):
+@pytest.mark.parametrize("ignores", [False, True], ids=["stops", "ignores-term"])
+def test_a_stop_while_a_test_set_is_made_exits_143_leaving_no_set_running(ignores, tmp_path):
     """An outer stop (SIGTERM to the check's process group) while a set is made: the set's process and its writer,
     in the process group of the set's own `timeout`, stop with it; the check exits 143, without a traceback, and
-    makes no further set."""
+    makes no further set. A set that ignores the stop is killed GPU_CHECK_KILL_AFTER s later, and the log does not
+    blame its own limit for it."""
     import signal
     import time
 
     pids = tmp_path / "pids"
-    stub = _stub_testset(tmp_path, "import os, subprocess, sys, time\n"  # a set that hangs, with a writer process
+    stub = _stub_testset(tmp_path, "import os, signal, subprocess, sys, time\n"  # a set that hangs, with a writer
                                    "from pathlib import Path\n"
                                    "def make_test_set(out, kind, count):\n"
+                                   f"    {'signal.signal(signal.SIGTERM, signal.SIG_IGN)' if ignores else 'pass'}\n"
                                    "    child = subprocess.Popen([sys.executable, '-c', 'import time; "
                                    "time.sleep(60)'])\n"
                                    f"    Path({str(pids)!r} + '.tmp').write_text(f'{{os.getpid()}} {{child.pid}}')\n"
                                    f"    os.replace({str(pids)!r} + '.tmp', {str(pids)!r})\n"
                                    "    time.sleep(60)\n")
-    env = _stand_in(tmp_path, _sets_on(stub), GPU_CHECK_PARTS="loader finetune")
+    env = _stand_in(tmp_path, _sets_on(stub), GPU_CHECK_PARTS="loader finetune", GPU_CHECK_KILL_AFTER="1")
     check = subprocess.Popen(["bash", str(SCRIPT)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     try:
@@ -475,6 +478,7 @@ def test_a_stop_while_a_test_set_is_made_exits_143_leaving_no_set_running(tmp_pa
     assert code == 143 and "Traceback" not in log, log
     assert not alive  # the set and its writer
     assert "stopped by SIGTERM" in log and not (tmp_path / "work" / "ft").exists(), log  # the next sets: not begun
+    assert "not made within" not in log, log
 
 
 def test_a_stop_after_a_part_has_returned_leaves_its_subshell_going():
