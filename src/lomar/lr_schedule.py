@@ -1,13 +1,13 @@
 """The learning-rate curves, pure functions of the optimizer step: :func:`lr_at` (warm-up + half-cycle cosine: MAE's,
-LoMaR's, the finetuning and linear-probe recipes') and :func:`lr_at_whole_steps` (BEiT's whole-step warm-up). What a
-training run lays them over (its span from its settings, the warnings of a schedule cut short):
-:mod:`lomar.train.schedule`. Imports no torch."""
+LoMaR's, the finetuning and linear-probe recipes') and :func:`lr_at_whole_steps` (BEiT's whole-step warm-up), and a
+run's peak lr (:func:`peak_lr`). What a training run lays them over (its span from its settings, the warnings of a
+schedule cut short): :mod:`lomar.train.schedule`. Imports no torch."""
 
 from __future__ import annotations
 
 import math
 
-__all__ = ["lr_at", "lr_at_whole_steps"]
+__all__ = ["lr_at", "lr_at_whole_steps", "peak_lr"]
 
 
 def lr_at(step: float, total_steps: float, warmup_steps: float, base_lr: float, min_lr: float = 0.0) -> float:
@@ -33,3 +33,9 @@ def lr_at_whole_steps(step: float, total_steps: float, warmup_steps: float, base
     if step < n:
         return base_lr * step / (n - 1) if n > 1 else 0.0
     return lr_at(step, total_steps, n, base_lr, min_lr)
+
+
+def peak_lr(config, world_size: int) -> float:
+    """A run's peak lr: its ``lr``, else ``blr`` x the effective batch (batch x accumulation x processes) / 256."""
+    lr = getattr(config, "lr", None)
+    return lr if lr is not None else config.blr * config.batch_size * config.accum_steps * world_size / 256

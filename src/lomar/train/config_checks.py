@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lomar.lr_schedule import peak_lr
 from lomar.methods import get_method, names
 from lomar.train import settings as S
 from lomar.train.encoder_settings import check_pretrained
@@ -177,8 +178,6 @@ def check_warmup(config: Any) -> None:
 
 def check_min_lr(config: Any) -> None:
     """``--min-lr`` at most the peak lr (``--lr``, or the one ``--blr`` gives): above it, the cosine would rise."""
-    from lomar.train.schedule import peak_lr  # torch: not for --help
-
     if getattr(config, "lr", None) is not None and config.min_lr > config.lr:
         raise ConfigError(f"--min-lr {config.min_lr} is above --lr {config.lr}; lower --min-lr")
     if config.min_lr > (peak := peak_lr(config, int(os.environ.get("WORLD_SIZE", "1")))):  # the lr --blr gives

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from lomar.lr_schedule import lr_at
+from lomar.lr_schedule import lr_at, peak_lr  # peak_lr: here too, with the run's span
 
 __all__ = ["schedule_span", "run_span", "peak_lr", "warmup_warning", "schedule_overrun", "param_groups"]
 
@@ -101,12 +101,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if param.requires_grad:
             (no_decay if param.ndim == 1 or name.endswith(".bias") or name in skip else decay).append(param)
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def peak_lr(config, world_size: int) -> float:
-    """A run's peak lr: its ``lr``, else ``blr`` x the effective batch (batch x accumulation x processes) / 256."""
-    lr = getattr(config, "lr", None)
-    return lr if lr is not None else config.blr * config.batch_size * config.accum_steps * world_size / 256
 
 
 def run_span(config, steps_per_epoch: int) -> tuple[float, float]:
