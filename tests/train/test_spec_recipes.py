@@ -138,7 +138,7 @@ def test_the_peak_lr_scales_blr_by_the_effective_batch_and_an_absolute_lr_by_not
     # BEIT_SPEC §4: BEiT's lr (1.5e-3 at 2048 images) is not scaled by the batch
     from types import SimpleNamespace
 
-    from lomar.train.schedule import peak_lr
+    from lomar.lr_schedule import peak_lr
 
     mae = SimpleNamespace(lr=None, blr=1.5e-4, batch_size=64, accum_steps=2)
     assert peak_lr(mae, world_size=32) == pytest.approx(1.5e-4 * 4096 / 256)  # MAE's 4096-image recipe: 2.4e-3

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lomar.checkpoints.file_names import BEST, LAST
 from lomar.checkpoints.io import mismatch, safe_load
 from lomar.errors import LomarError, UsageError, in_flags
-from lomar.lr_schedule import lr_at
+from lomar.lr_schedule import lr_at, peak_lr
 from lomar.train.distributed import DistInfo, any_rank, cleanup_distributed, join_group, main_rank_out, sync_stats
 from lomar.train.divergence import check_weights, diverged, preload
 from lomar.train.epoch_stream import EpochStream
@@ -43,7 +43,7 @@ from lomar.train.run_lock import RunLock
 from lomar.train.run_resume import check_no_rewind, numerics_notes, resume_point
 from lomar.train.run_state import prepare_run_folder, save_checkpoint, save_on_main_rank, save_state
 from lomar.train.runtime import compile_model, fast_adamw, keep_grads_allocated, use_threads
-from lomar.train.schedule import peak_lr, run_span
+from lomar.train.schedule import run_span
 from lomar.train.setting_flags import flags_by_setting
 from lomar.train.setting_names import source_of
 from lomar.train.settings_resume import resumed_past_end

@@ -22,11 +22,12 @@ from typing import NamedTuple
 import torch
 
 from lomar.checkpoints.file_names import CONFIG_NAME, METRICS
+from lomar.lr_schedule import peak_lr
 from lomar.train.distributed import any_rank
 from lomar.train.monitor import Monitor
 from lomar.train.run_logs import evaluation_logged
 from lomar.train.run_state import foreign, save_on_main_rank
-from lomar.train.schedule import peak_lr, run_span, schedule_overrun
+from lomar.train.schedule import run_span, schedule_overrun
 from lomar.train.settings_resume import resumed_past_end
 
 __all__ = ["RunEnd", "run_end", "last_step", "config_overrun", "answer_at_end", "missing_outputs", "evaluation_missing",

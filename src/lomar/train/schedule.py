@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 import torch
 
-from lomar.lr_schedule import lr_at, peak_lr  # peak_lr: here too, with the run's span
+from lomar.lr_schedule import lr_at
 
-__all__ = ["schedule_span", "run_span", "peak_lr", "warmup_warning", "schedule_overrun", "param_groups"]
+__all__ = ["schedule_span", "run_span", "warmup_warning", "schedule_overrun", "param_groups"]
 
 
 def schedule_span(steps_per_epoch: int, epochs: float, warmup_epochs: float,
