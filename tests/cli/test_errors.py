@@ -360,7 +360,6 @@ def test_a_missing_input_is_refused_before_torch_is_imported(tmp_path):
             ["linprobe", missing, "--data", str(tmp_path)],
             ["tokenizer", "convert", missing, "--to", str(tmp_path / "d.safetensors")],
             ["segment", "--data", missing, "--out", str(tmp_path / "run")],
-            ["pretrain", "--data", missing, "--out", str(tmp_path / "run")],
             ["finetune", "--data", missing, "--out", str(tmp_path / "run")],
             ["finetune", "--train", str(tmp_path), "--val", missing, "--out", str(tmp_path / "run")],
             ["detect", "--train-ann", missing, "--train-images", str(tmp_path), "--val-ann", missing,

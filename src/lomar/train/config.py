@@ -23,7 +23,6 @@ from lomar.methods import get_method, names
 from lomar.train import settings as S
 from lomar.train.config_checks import (
     check_data,
-    check_data_exists,
     check_decode,
     check_fsdp,
     check_method_settings,
@@ -182,14 +181,6 @@ class PretrainConfig(TaskConfig):
             if note and first_on_machine():
                 print(f"lomar pretrain: note: {note}", file=sys.stderr)
         return saved
-
-    @classmethod
-    def check_given_inputs(cls, explicit: dict[str, Any]) -> None:
-        """A new run's --data with nothing there: the refusal :func:`check_data` makes in :meth:`check_settings`, made
-        before the method's recipe and checks import torch (seconds), so before another bad setting's. A resume's
-        own checks come first."""
-        if isinstance(data := explicit.get("data"), str) and data.strip() and not explicit.get("resume"):
-            check_data_exists(data)
 
     @staticmethod
     def saved_settings(checkpoint: dict, path: Path) -> dict:

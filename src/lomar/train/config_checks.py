@@ -17,8 +17,8 @@ from lomar.train.encoder_settings import check_pretrained
 from lomar.train.setting_names import source_of
 from lomar.train.settings import ConfigError
 
-__all__ = ["check_fsdp", "check_data", "check_data_exists", "check_decode", "check_method_settings", "parse_share",
-           "EVAL_DECODES", "refuse_training_settings", "check_warmup", "check_min_lr"]
+__all__ = ["check_fsdp", "check_data", "check_decode", "check_method_settings", "parse_share", "EVAL_DECODES",
+           "refuse_training_settings", "check_warmup", "check_min_lr"]
 
 
 def check_method_settings(values: dict[str, Any], declared: dict[str, S.Setting]) -> None:
@@ -73,7 +73,6 @@ def check_fsdp(config: Any) -> None:
 
 def check_data(data: str) -> None:
     """A folder or .txt list that exists, or a tar shard pattern that matches."""
-    check_data_exists(data)
     from lomar.data.shards import is_shard_pattern, shard_paths  # torch: not for --help
 
     if is_shard_pattern(data):
@@ -81,16 +80,11 @@ def check_data(data: str) -> None:
             shard_paths(data)
         except ValueError as exc:
             raise ConfigError(f"--data: {exc}") from None
-    elif (glob.has_magic(data) or "{" in data) and not Path(data).exists():  # a folder may have [ or { in its name
-        raise ConfigError(f"--data {data}: a pattern must name .tar shards, e.g. shards/*.tar; "
-                          f"for images pass their folder")
-
-
-def check_data_exists(data: str) -> None:
-    """:func:`check_data`'s refusal of a path that is no pattern (a folder, a .txt list, one shard) with nothing there;
-    torch-free, so that a new run refuses it before its other checks import torch (seconds). A pattern, matched or
-    not, is left to :func:`check_data`."""
-    if not (glob.has_magic(data) or "{" in data or Path(data).exists()):
+    elif glob.has_magic(data) or "{" in data:
+        if not Path(data).exists():  # a folder may have [ or { in its name
+            raise ConfigError(f"--data {data}: a pattern must name .tar shards, e.g. shards/*.tar; "
+                              f"for images pass their folder")
+    elif not Path(data).exists():
         raise ConfigError(f"--data {data} does not exist; pass a folder of images, a .txt list "
                           f"or a tar shard pattern, or omit --data for the demo")
 

@@ -79,8 +79,6 @@ class TaskConfig:
         explicit.update(absolute_paths(cls, explicit))
         if str(explicit.get("out")).startswith("~"):  # as --data's (and a study's out:): not a folder named ~ here
             explicit["out"] = str(Path(explicit["out"]).expanduser())
-        if not getattr(args, "print_config", False):  # its checks keep their order: the settings' first
-            cls.check_given_inputs(explicit)
         saved = cls.saved_run(explicit)
         values = cls.start_values(explicit, in_file, saved)
         if values.get("out") is None:
@@ -188,12 +186,6 @@ class TaskConfig:
 
     def check_inputs(self) -> None:
         """The checks of the data and files named (not made for --print-config)."""
-
-    @classmethod
-    def check_given_inputs(cls, explicit: dict[str, Any]) -> None:
-        """Torch-free checks of the inputs ``explicit`` names (the settings given, paths made absolute), made before the
-        settings are resolved by a command whose settings' checks import torch (seconds): the refusals
-        :meth:`check_inputs` or :meth:`check_settings` would make of them. Not for --print-config."""
 
 
 @dataclasses.dataclass(frozen=True)
