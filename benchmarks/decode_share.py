@@ -26,7 +26,7 @@ from unittest import mock
 import torch
 from torch.utils.data import DataLoader
 
-from lomar.bench.loader import make_test_set
+from lomar.bench.testset import make_test_set
 from lomar.data import device_decode
 from lomar.data.folder import build_pretrain_dataset
 from lomar.methods import get_method

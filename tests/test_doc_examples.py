@@ -116,7 +116,8 @@ def _readme_text() -> str:
 
 
 def test_readme_window_counts_and_demo_steps_match_the_code():
-    from lomar.data.folder import build_pretrain_dataset, demo_image_paths
+    from lomar.data.demo_images import demo_image_paths
+    from lomar.data.folder import build_pretrain_dataset
     from lomar.train.config import DEMO_PRESET
     from lomar.window_counts import paper_windows
 

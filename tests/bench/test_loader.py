@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from lomar.bench.loader import TEST_SET_SIZES, loader_dataset, make_test_set, measure_loader
+from lomar.bench.loader import loader_dataset, measure_loader
+from lomar.bench.testset import TEST_SET_SIZES, make_test_set
 from lomar.cli.app import main
 from lomar.data.decode import load_image
+from lomar.data.demo_images import demo_image_paths
 from lomar.data.fast_decode import draft_decode_crop, gpu_decode_crops, jpeg_size, window_boxes
-from lomar.data.folder import demo_image_paths
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize, draw_sample
 
 WINDOW = 3

@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader
 
 from lomar.data.collate import BadDataTracker, collate_pretrain
 from lomar.data.decode import load_image
-from lomar.data.folder import build_image_list, build_pretrain_dataset, demo_image_paths
+from lomar.data.demo_images import demo_image_paths
+from lomar.data.folder import build_image_list, build_pretrain_dataset
 from lomar.data.transforms import PretrainTransform, denormalize
 
 

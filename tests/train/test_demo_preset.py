@@ -7,7 +7,7 @@ import yaml
 
 from helpers import losses
 from lomar.cli.app import main
-from lomar.data.folder import demo_image_paths
+from lomar.data.demo_images import demo_image_paths
 
 
 def test_demo_schedule_draws_several_figures_and_stays_cpu_sized(tmp_path, capsys):

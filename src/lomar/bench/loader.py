@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from lomar.bench.testset import TEST_SET_SIZES, make_test_set
 from lomar.bench.timing import build_runner, interleaved_times, method_config
 from lomar.data.collate import collate_pretrain
 from lomar.data.device_decode import decode_dataset
@@ -26,7 +25,7 @@ from lomar.methods.base import method_runtime
 from lomar.models.masking import WindowsDoNotFit, grid_size
 from lomar.models.vit import model_config
 
-__all__ = ["TEST_SET_SIZES", "make_test_set", "loader_dataset", "measure_loader", "time_loader", "cpu_ms_per_image",
+__all__ = ["loader_dataset", "measure_loader", "time_loader", "cpu_ms_per_image",
            "share_model_rate"]
 
 _MODEL_KEYS = ("model_images_per_s", "model_batch_size", "precision", "compile", "compile_mode", "device")

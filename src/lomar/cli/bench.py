@@ -316,7 +316,8 @@ def _run_loader(args: argparse.Namespace) -> int:
     if not (args.make_test_set or args.data.exists()):  # before _start imports torch (seconds)
         raise UsageError(f"--data {args.data} does not exist; pass a folder of images or add --make-test-set")
     device, say, meta = _start(args)
-    from lomar.bench.loader import make_test_set, measure_loader, share_model_rate  # torch: not for --help
+    from lomar.bench.loader import measure_loader, share_model_rate  # torch: not for --help
+    from lomar.bench.testset import make_test_set  # Pillow and process pools: not for --help
 
     if args.make_test_set:
         try:

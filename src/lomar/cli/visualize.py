@@ -9,6 +9,7 @@ from lomar.checkpoints.file_names import LAST
 from lomar.cli.app import command_prefix
 from lomar.cli.common import add_override_arguments, check_input, check_output_dir, load_for_cli
 from lomar.cli.export import CHECKPOINT
+from lomar.data.demo_images import demo_image_paths
 from lomar.data.pathtable import dangling_link
 from lomar.errors import UsageError
 from lomar.train import settings as S
@@ -84,7 +85,6 @@ def run(args: argparse.Namespace) -> int:
     check_input(args.checkpoint, f"checkpoint {args.checkpoint} does not exist; check the path")  # as load_model's
     import torch
 
-    from lomar.data.folder import demo_image_paths  # torch: not for --help
     from lomar.data.transforms import denormalize  # torch: not for --help
     from lomar.models import MAE, LoMaR  # torch: not for --help
     from lomar.models.beit import BEiT  # torch: not for --help

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from lomar.checkpoints.io import write_error
-from lomar.data.folder import demo_image_paths
+from lomar.data.demo_images import demo_image_paths
 from lomar.limits import MAX_IMG_SIZE
 
 __all__ = ["MIN_DIGIT", "compose_digits", "rle_encode", "COCO_SPLITS", "ADE_SPLITS"]

@@ -28,7 +28,7 @@ from lomar.data.pathtable import PathTable, join_text
 from lomar.data.shards import SHARD_SUFFIXES, TarShardDataset, is_shard_pattern, shard_paths
 from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator, sample_key
 
-__all__ = ["demo_image_paths", "build_image_list", "ImageListDataset", "build_pretrain_dataset",
+__all__ = ["build_image_list", "ImageListDataset", "build_pretrain_dataset",
            "LabelledImageFolder"]
 
 log = logging.getLogger("lomar.data")
