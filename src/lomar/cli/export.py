@@ -125,13 +125,12 @@ def load_original_add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_original_run(args: argparse.Namespace) -> int:
     check_output_file(args.to, "--to", overwrite=args.overwrite)
-    check_input(args.path, f"{args.path} is not a file; pass an original LoMaR / MAE checkpoint (.pth)")  # as below
+    if not Path(args.path).is_file():  # before torch's seconds
+        raise UsageError(f"{args.path} is not a file; pass an original LoMaR / MAE checkpoint (.pth)")
     from lomar.checkpoints.convert import encoder_of, pretrain_checkpoint  # torch: not for --help
     from lomar.checkpoints.io import atomic_save  # torch: not for --help
 
     out = Path(args.to)
-    if not Path(args.path).is_file():
-        raise UsageError(f"{args.path} is not a file; pass an original LoMaR / MAE checkpoint (.pth)")
     try:
         model = load_for_cli(args.path, args, original=True)
     except UsageError:
