@@ -51,7 +51,8 @@ mkdir -p "$DEST"
 WORK=${GPU_CHECK_WORK:-$(mktemp -d /tmp/lomar-gpu-check.XXXXXX)}
 LOG="$DEST/summary.log"
 : > "$LOG"
-say() { echo "[gpu_check $(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
+stamped() { echo "[gpu_check $(date +%H:%M:%S)] $*"; }
+say() { stamped "$@" | tee -a "$LOG"; }
 ARCHIVE=${GPU_CHECK_ARCHIVE:-}
 archive() {  # a temporary of this process's own, renamed: a kill mid-tar leaves the last archive whole
   [ -n "$ARCHIVE" ] || return 0
@@ -184,7 +185,7 @@ PY=python3
 if want env; then
   (
     set -e
-    say() { echo "[gpu_check $(date +%H:%M:%S)] $*"; }  # the tee below logs it: once
+    say() { stamped "$@"; }  # the tee below logs it: once
     if [ -x "$VENV/bin/python" ] && [ ! -f "$VENV/.made-by-gpu-check" ]; then
       say "using $VENV as is (not made by this script: nothing is installed into it)"; exit 0
     fi
