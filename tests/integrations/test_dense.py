@@ -6,14 +6,8 @@ import pytest
 import torch
 
 from lomar import VisionTransformer, ViTConfig, export_encoder
-from lomar.integrations.dense import (
-    MultiLevelBackbone,
-    ShapeSpec,
-    SimpleFeaturePyramid,
-    ViTDetBackbone,
-    feature_maps,
-    with_rel_pos,
-)
+from lomar.integrations.dense import MultiLevelBackbone, ViTDetBackbone, with_rel_pos
+from lomar.models.backbones import ShapeSpec, SimpleFeaturePyramid, feature_maps
 
 # Tiny width and depth: a 1024-px image is a 64x64 grid of 4096 tokens with global attention.
 TINY = ViTConfig(img_size=224, patch_size=16, embed_dim=32, depth=2, num_heads=2)

@@ -12,16 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lomar.integrations.dense import MultiLevelBackbone, layer_decay_param_groups
+from lomar.models.segmenter import segmentation_losses, spread_indices
 from lomar.models.upernet import FCNHead, UPerHead
 from lomar.models.vit import VisionTransformer
 
-__all__ = ["spread_indices", "UperNetSegmenter", "layer_decay_groups", "segmentation_losses"]
-
-
-def spread_indices(depth: int) -> tuple[int, ...]:
-    """The blocks whose maps feed the pyramid: (3, 5, 7, 11) for depth 12, (7, 11, 15, 23) for 24
-    (mmseg's choices), the same fractions (1/3, 1/2, 2/3, 1 of the depth) for any other."""
-    return tuple(max(0, round(depth * k / 12) - 1) for k in (4, 6, 8, 12))
+__all__ = ["UperNetSegmenter", "layer_decay_groups"]
 
 
 class UperNetSegmenter(nn.Module):
@@ -68,23 +63,6 @@ class UperNetSegmenter(nn.Module):
         """Cross-entropy of the decode head plus ``aux_weight`` x the auxiliary head's; labels (B, H, W)
         long, 0..N-1 or ``ignore_index``."""
         return sum(segmentation_losses(*self(images, aux=True), labels, self.aux_weight, ignore_index).values())
-
-
-def segmentation_losses(logits: torch.Tensor, extra: torch.Tensor | None, labels: torch.Tensor, aux_weight: float,
-                        ignore_index: int = 255) -> dict[str, torch.Tensor]:
-    """The terms of :meth:`UperNetSegmenter.loss` from the outputs of ``forward(images, aux=True)``: logits
-    and ``extra`` (B, N, H, W), labels (B, H, W); apart, so that a DDP wrapper's forward computes them.
-    ``loss_decode``, and with the auxiliary head ``loss_aux`` (its cross-entropy x ``aux_weight``)."""
-    losses = {"loss_decode": _pixel_mean_loss(logits, labels, ignore_index)}
-    if extra is not None:
-        losses["loss_aux"] = aux_weight * _pixel_mean_loss(extra, labels, ignore_index)
-    return losses
-
-
-def _pixel_mean_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    # mmseg's default (avg_non_ignore=False): the mean over every pixel, an ignored one counting 0, so that a
-    # batch without a labelled pixel gives 0 where a mean over the labelled ones would give NaN
-    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum") / labels.numel()
 
 
 def layer_decay_groups(model: UperNetSegmenter, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
