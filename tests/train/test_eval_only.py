@@ -62,6 +62,8 @@ def test_a_gpu_index_that_every_process_of_a_machine_would_share_under_torchrun_
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: None)
     for name, value in {"WORLD_SIZE": "4", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": local_world}.items():
         monkeypatch.setenv(name, value)
+    if visible == 1:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # the launcher's: this process's own GPU
     if refused:
         with pytest.raises(UsageError, match=r"^--device cuda:0 under torchrun: all 2 processes of this machine would "
                                              r"use GPU 0; pass --device cuda \(or auto\): each process takes its "
@@ -69,6 +71,37 @@ def test_a_gpu_index_that_every_process_of_a_machine_would_share_under_torchrun_
             join_group("cuda:0")
     else:
         assert join_group("cuda:0") == (DistInfo(1, 4, 1), torch.device("cuda", 0))
-    assert join_group("cuda") == (DistInfo(1, 4, 1), torch.device("cuda", 1))
-    # the process's own index, as a wrapper passes each (--device cuda:$LOCAL_RANK), is 'cuda''s choice: not refused
-    assert join_group("cuda:1") == (DistInfo(1, 4, 1), torch.device("cuda", 1))
+    # 'cuda' is the LOCAL_RANK's GPU where the process sees the machine's, else the one it is shown
+    assert join_group("cuda") == (DistInfo(1, 4, 1), torch.device("cuda", 1 if visible > 1 else 0))
+    if visible > 1:
+        # the process's own index, as a wrapper passes each (--device cuda:$LOCAL_RANK), is 'cuda''s choice: not
+        # refused
+        assert join_group("cuda:1") == (DistInfo(1, 4, 1), torch.device("cuda", 1))
+
+
+@pytest.mark.parametrize("visible, shown, expected", [(1, "5", 0), (4, "", 3), (1, "", None), (2, "0,1", None)])
+def test_each_torchrun_process_takes_a_gpu_it_sees(monkeypatch, visible, shown, expected):
+    """--device cuda (and auto) under torchrun took cuda:LOCAL_RANK whatever the process saw: where a launcher shows
+    each process its own GPU alone (CUDA_VISIBLE_DEVICES, as SLURM's --gpus-per-task does), every process past the
+    first asked for a GPU index it does not have ('invalid device ordinal'). Fewer GPUs than processes is a
+    one-line refusal naming the fix; torch.cuda.set_device is given the GPU chosen."""
+    from lomar.train.distributed import DistInfo, join_group
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: None)
+    for name, value in {"WORLD_SIZE": "8", "RANK": "7", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4",
+                        "CUDA_VISIBLE_DEVICES": shown}.items():
+        monkeypatch.setenv(name, value)
+    for device in ("cuda", "auto"):
+        if expected is None:
+            with pytest.raises(UsageError, match=r"^--device cuda under torchrun: LOCAL_RANK 3 but this process "
+                                                 rf"sees {visible} GPU\(s\); start at most {visible} process\(es\) a "
+                                                 rf"machine \(torchrun --nproc-per-node {visible}\), or show each its "
+                                                 rf"own GPU \(CUDA_VISIBLE_DEVICES\)$"):
+                join_group(device)
+        else:
+            assert join_group(device) == (DistInfo(7, 8, 3), torch.device("cuda", expected))
+    assert chosen == ([] if expected is None else [torch.device("cuda", expected)] * 2)

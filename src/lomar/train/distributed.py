@@ -34,8 +34,9 @@ def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); pick the device.
 
     ``device``: 'auto' (CUDA if available, else CPU), 'cpu', 'cuda' or 'cuda:N' (under torchrun, 'cuda' is the
-    LOCAL_RANK's GPU, and 'cuda:N' is refused where several processes of a machine would share it). On CPU the
-    C allocator is also told to keep freed memory (:func:`lomar.train.runtime.retain_freed_memory`).
+    LOCAL_RANK's GPU, or the one GPU a launcher shows the process, and 'cuda:N' is refused where several processes
+    of a machine would share it). On CPU the C allocator is also told to keep freed memory
+    (:func:`lomar.train.runtime.retain_freed_memory`).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -47,7 +48,7 @@ def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
         if not torch.cuda.is_available():
             raise ValueError(f"--device {device} asked for CUDA but none is available; use --device cpu")
         if dev.index is None:
-            dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
+            dev = torch.device("cuda", _local_gpu(device, local) if world > 1 else torch.cuda.current_device())
         elif world > 1 and (here := int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)) > 1 \
                 and torch.cuda.device_count() > 1 and dev.index != local:
             # NCCL refuses two ranks on one GPU at their first collective, in a traceback of every rank. A process
@@ -61,6 +62,21 @@ def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return DistInfo(rank, world, local), dev
+
+
+def _local_gpu(device: str, local: int) -> int:
+    """The GPU index of torchrun's process ``local`` (LOCAL_RANK) on its machine: ``local`` where the process sees
+    the machine's GPUs (torchrun's way), 0 where a launcher shows each process its own GPU alone (CUDA_VISIBLE_DEVICES
+    of one GPU), which ``local`` would not name (torch.cuda.set_device: 'invalid device ordinal'); a ValueError where
+    there are fewer GPUs than processes."""
+    count = torch.cuda.device_count()
+    if local < count:
+        return local
+    if count == 1 and os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return 0
+    raise ValueError(f"--device {device} under torchrun: LOCAL_RANK {local} but this process sees {count} GPU(s); "
+                     f"start at most {count} process(es) a machine (torchrun --nproc-per-node {count}), or show each "
+                     f"its own GPU (CUDA_VISIBLE_DEVICES)")
 
 
 def join_group(device: str) -> tuple[DistInfo, torch.device]:
