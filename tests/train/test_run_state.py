@@ -747,6 +747,23 @@ def test_random_states_read_onto_another_device_are_restored_through_the_host():
     assert torch.equal(ahead[0], torch.rand(3)) and ahead[1:] == [np.random.rand(), random.random()]
 
 
+def test_a_cuda_random_state_read_onto_the_gpu_is_handed_to_torch_from_the_host(monkeypatch):
+    """The CUDA generator's state too: torch.cuda.set_rng_state takes a host ByteTensor (its generator's set_state
+    raises 'RNG state must be a torch.ByteTensor' at CUDA's lazy start otherwise), and the run's device. Runs without
+    a GPU: the state stands off the host (meta), the call is recorded."""
+    from lomar.train.rng import rng_state, set_rng_state
+
+    cuda_state, given = torch.arange(16, dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: given.append((state, device)))
+    state = {**rng_state(), "cuda": cuda_state}
+    set_rng_state({k: _OffHost(v) if isinstance(v, torch.Tensor) else v for k, v in state.items()},
+                  torch.device("cuda", 1))
+    ((handed, device),) = given
+    assert handed.device.type == "cpu" and torch.equal(handed, cuda_state) and device == torch.device("cuda", 1)
+    set_rng_state(state, torch.device("cpu"))  # a CPU resume leaves the CUDA generator alone
+    assert len(given) == 1
+
+
 @pytest.mark.slow
 def test_a_killed_run_frees_its_folder_at_once_though_its_forked_workers_live_on(tmp_path):
     out = tmp_path / "run"
