@@ -1,9 +1,15 @@
-"""Documented import path of the dense-prediction backbones; the code lives in ``lomar.models.backbones`` (the
-pyramid, the maps) and ``lomar.integrations.dense`` (the backbones read from a checkpoint or export)."""
+"""Documented import path of the dense-prediction backbones: the pyramid, the maps and the layout live in
+``lomar.models.backbones``, the backbones read from a checkpoint or export in ``lomar.integrations.dense``."""
 
-from lomar.integrations.dense import *  # noqa: F401,F403
-from lomar.integrations.dense import __all__ as _integrations
-from lomar.models.backbones import *  # noqa: F401,F403
-from lomar.models.backbones import __all__ as _models
+from lomar.integrations.dense import (
+    MultiLevelBackbone,
+    ViTDetBackbone,
+    backbone_encoder,
+    layer_decay_param_groups,
+    load_encoder,
+    with_rel_pos,
+)
+from lomar.models.backbones import LayerNorm2d, ShapeSpec, SimpleFeaturePyramid, backbone_layout, feature_maps
 
-__all__ = [*_models, *_integrations]
+__all__ = ["LayerNorm2d", "ShapeSpec", "SimpleFeaturePyramid", "feature_maps", "backbone_layout", "ViTDetBackbone",
+           "MultiLevelBackbone", "load_encoder", "backbone_encoder", "with_rel_pos", "layer_decay_param_groups"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lomar import VisionTransformer, ViTConfig
-from lomar.integrations.dense import ViTDetBackbone
+from lomar.models.backbones import ViTDetBackbone
 from lomar.models import attention as A
 from lomar.models import rpe
 from lomar.models.rpe import bucket_table

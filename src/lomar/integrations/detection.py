@@ -21,8 +21,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.models.detection.rpn import RPNHead
 
-from lomar.integrations.dense import ViTDetBackbone, layer_decay_param_groups
-from lomar.models.backbones import LayerNorm2d
+from lomar.integrations.dense import layer_decay_param_groups
+from lomar.models.backbones import LayerNorm2d, ViTDetBackbone
 from lomar.models.mask_rcnn import FixedSizeTransform, Fp32BoxCoder, PyramidAnchors, roi_pool
 from lomar.models.vit import VisionTransformer
 

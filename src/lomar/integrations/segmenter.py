@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lomar.integrations.dense import MultiLevelBackbone, layer_decay_param_groups
+from lomar.integrations.dense import layer_decay_param_groups
+from lomar.models.backbones import MultiLevelBackbone
 from lomar.models.segmenter import segmentation_losses, spread_indices
 from lomar.models.upernet import FCNHead, UPerHead
 from lomar.models.vit import VisionTransformer

@@ -1,6 +1,6 @@
-"""The dense-prediction backbones' building blocks on a ViT encoder: ViTDet's simple feature pyramid, the
-encoder's block outputs as maps, and the shape record detectron2's heads read. Reading an encoder from a checkpoint
-or export is :mod:`lomar.integrations.dense`'s; docs/dense.md has the recipes.
+"""Dense-prediction backbones on a ViT encoder: ViTDet's simple feature pyramid, the encoder's block outputs as
+maps, and the backbones for detectron2 (ViTDet) and mmsegmentation (UperNet) on an encoder given. Reading the encoder
+from a checkpoint or export is :mod:`lomar.integrations.dense`'s; docs/dense.md has the recipes.
 
 The encoder runs on the whole image at any size whose sides are multiples of the patch size:
 the contextual relative position encoding needs no interpolation (an MAE encoder's absolute
@@ -10,14 +10,17 @@ table is interpolated). For exact strides up to 32 use sides divisible by 32.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from timm.layers import LayerNorm2d  # LayerNorm over the channels of a (B, C, H, W) map, eps 1e-6
 from torch import nn
 
+from lomar.models.relpos import fit_axis_tables
 from lomar.models.vit import VisionTransformer
 
-__all__ = ["LayerNorm2d", "ShapeSpec", "SimpleFeaturePyramid", "feature_maps"]
+__all__ = ["LayerNorm2d", "ShapeSpec", "SimpleFeaturePyramid", "feature_maps", "backbone_layout", "ViTDetBackbone",
+           "MultiLevelBackbone"]
 
 
 def _conv_norm(cin: int, cout: int, kernel: int) -> nn.Sequential:
@@ -130,3 +133,126 @@ class ShapeSpec(dict):
     height = property(lambda self: self.get("height"))
     width = property(lambda self: self.get("width"))
     stride = property(lambda self: self.get("stride"))
+
+
+def backbone_layout(encoder: VisionTransformer, window_size: int | None = None, global_blocks=None,
+                    attention: str | None = None, rel_pos: str | None = None,
+                    train_pos_embed: bool = True) -> VisionTransformer:
+    """``encoder`` without a classifier's head and fc_norm, with the given attention
+    layout (None keeps the encoder's): ``window_size`` > 0 for ViTDet-style windowed blocks
+    except ``global_blocks``; ``attention`` auto/dense/chunked/flex; ``rel_pos`` a relative position
+    term (a new one starts at zero, trained per-axis tables are resampled to new
+    window sizes). An absolute position table is trained, as MAE's finetuning does (its pretraining
+    froze it), unless ``train_pos_embed`` is False. TypeError for anything but a lomar VisionTransformer."""
+    if not isinstance(encoder, VisionTransformer):
+        raise TypeError(f"a dense backbone takes a lomar VisionTransformer, got {type(encoder).__name__}; "
+                        f"lomar.dense.load_encoder reads one from a checkpoint, an export or a LoMaR / MAE model")
+    changes = {k: v for k, v in dict(window_size=window_size, attention=attention, rel_pos=rel_pos,
+                                     global_blocks=None if global_blocks is None else tuple(global_blocks)).items()
+               if v is not None}
+    if encoder.num_classes or any(getattr(encoder.config, k) != v for k, v in changes.items()):
+        plain = VisionTransformer(replace(encoder.config, **changes))
+        shapes = {k: v.shape for k, v in plain.state_dict().items()}
+        plain.load_state_dict(fit_axis_tables(encoder.state_dict(), shapes), strict=False)
+        plain.set_grad_checkpointing(encoder.grad_checkpointing)
+        frozen = {name for name, param in encoder.named_parameters() if not param.requires_grad}
+        for name, param in plain.named_parameters():  # a frozen encoder stays frozen (new tables train)
+            param.requires_grad_(name not in frozen)
+        encoder = plain.to(encoder.cls_token.device, encoder.cls_token.dtype).train(encoder.training)
+    if encoder.pos_embed is not None:
+        encoder.pos_embed.requires_grad_(train_pos_embed)
+    return encoder
+
+
+class ViTDetBackbone(nn.Module):
+    """Encoder + :class:`SimpleFeaturePyramid` from its last block: images -> {"p2".."p5"[, "p6"]}.
+
+    Follows detectron2's ``Backbone`` protocol (``output_shape()``, ``size_divisibility``,
+    ``padding_constraints``, ``_out_features``) without importing detectron2 (not tested with it:
+    docs/dense.md, "Other toolkits"). ``window_size`` /
+    ``global_blocks`` / ``attention`` / ``train_pos_embed``: see :func:`backbone_layout` (ViTDet: 14,
+    (2, 5, 8, 11)).
+    """
+
+    def __init__(self, encoder: VisionTransformer, out_channels: int = 256,
+                 scale_factors=(4.0, 2.0, 1.0, 0.5), top_block: bool = False, norm: bool = True,
+                 grad_checkpointing: bool = False, square_pad: int = 0, window_size: int | None = None,
+                 global_blocks=None, attention: str | None = None, train_pos_embed: bool = True):
+        super().__init__()
+        self.encoder = backbone_layout(encoder, window_size, global_blocks, attention,
+                                       train_pos_embed=train_pos_embed)
+        self.pyramid = SimpleFeaturePyramid(self.encoder.embed_dim, out_channels, scale_factors,
+                                            in_stride=self.encoder.config.patch_size, top_block=top_block)
+        self.norm = norm
+        self.grad_checkpointing = grad_checkpointing
+        self._square_pad = square_pad
+        self._out_features = list(self.pyramid.strides)
+        self._out_feature_strides = dict(self.pyramid.strides)
+        self._out_feature_channels = {name: out_channels for name in self._out_features}
+
+    @property
+    def size_divisibility(self) -> int:
+        """Pad inputs to a multiple of this: the coarsest stride (the patch size suffices for the encoder)."""
+        return max(self._out_feature_strides.values())
+
+    @property
+    def padding_constraints(self) -> dict:
+        return {"size_divisiblity": self.size_divisibility, "square_size": self._square_pad}
+
+    def output_shape(self) -> dict[str, ShapeSpec]:
+        """{name: {"channels", "stride"}}, each also ``.channels`` and ``.stride`` (:class:`ShapeSpec`), as detectron2's
+        Backbone gives them: its consumers read the attributes, and wrap nothing."""
+        return {name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
+                for name in self._out_features}
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 3, H, W), H and W multiples of the patch size -> {name: (B, C, H/stride, W/stride)}."""
+        (last,) = feature_maps(self.encoder, images, (-1,), self.norm, self.grad_checkpointing and self.training)
+        return self.pyramid(last)
+
+
+class MultiLevelBackbone(nn.Module):
+    """Maps of several blocks, all at stride p: images -> tuple of (B, D, H/p, W/p).
+
+    The backbone mmsegmentation's ViT/MAE recipes expect (``out_indices`` (3, 5, 7, 11) of a
+    12-block encoder), to be followed by its ``MultiLevelNeck`` (rescales to strides 4-32) and
+    ``UPerHead``. With ``pyramid=True`` the maps are instead rescaled here by 4, 2, 1, 0.5
+    (transposed convs / max pool, BEiT-style), so a plain UPerHead can follow directly. The layout
+    settings and ``train_pos_embed``: see :func:`backbone_layout`.
+    """
+
+    def __init__(self, encoder: VisionTransformer, out_indices=(3, 5, 7, 11), norm: bool = False,
+                 pyramid: bool = False, grad_checkpointing: bool = False, window_size: int | None = None,
+                 global_blocks=None, attention: str | None = None, train_pos_embed: bool = True):
+        super().__init__()
+        self.encoder = backbone_layout(encoder, window_size, global_blocks, attention,
+                                       train_pos_embed=train_pos_embed)
+        depth = len(self.encoder.blocks)
+        indices = () if isinstance(out_indices, (str, bytes)) or not hasattr(out_indices, "__iter__") else tuple(
+            out_indices)
+        if not indices or any(not isinstance(i, int) or isinstance(i, bool) for i in indices):
+            raise ValueError(f"out_indices must be a sequence of block indices (integers), got {out_indices!r}")
+        if any(not -depth <= i < depth for i in indices):
+            raise ValueError(f"out_indices {indices} out of range for a {depth}-block encoder")
+        self.out_indices = indices
+        self.norm = norm
+        self.grad_checkpointing = grad_checkpointing
+        dim = self.encoder.embed_dim
+        self.rescale = None
+        if pyramid:
+            if len(self.out_indices) != 4:
+                raise ValueError("pyramid=True needs exactly four out_indices (strides 4, 8, 16, 32)")
+            self.rescale = nn.ModuleList([
+                nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, stride=2), nn.BatchNorm2d(dim), nn.GELU(),
+                              nn.ConvTranspose2d(dim, dim, 2, stride=2)),
+                nn.ConvTranspose2d(dim, dim, 2, stride=2),
+                nn.Identity(),
+                nn.MaxPool2d(2, stride=2),
+            ])
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        maps = feature_maps(self.encoder, images, self.out_indices, self.norm,
+                            self.grad_checkpointing and self.training)
+        if self.rescale is not None:
+            maps = [op(m) for op, m in zip(self.rescale, maps)]
+        return tuple(maps)
