@@ -20,8 +20,9 @@ import time
 def one_step(model_name: str, size: int, window: int, device: str, rois: int, attention: str) -> dict:
     import torch
 
-    from lomar.integrations.detection import build_mask_rcnn, detector_param_groups
+    from lomar.integrations.detection import detector_param_groups
     from lomar.models.attention import vitdet_global_blocks
+    from lomar.models.mask_rcnn import build_mask_rcnn
     from lomar.models.vit import VisionTransformer, model_config
     from lomar.train.runtime import fast_adamw
 

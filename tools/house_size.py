@@ -25,9 +25,11 @@ import subprocess
 FEATURE_MODULES = {
     "cli/compose.py": "compose-digits", "data/compose.py": "compose-digits",
     "cli/detect.py": "detect", "data/coco.py": "detect", "eval/coco.py": "detect",
-    "integrations/detection.py": "detect", "train/detect.py": "detect", "train/detect_config.py": "detect",
+    "integrations/detection.py": "detect", "models/mask_rcnn.py": "detect", "train/detect.py": "detect",
+    "train/detect_config.py": "detect",
     "cli/segment.py": "segment", "data/segmentation.py": "segment", "eval/segmentation.py": "segment",
-    "integrations/segmenter.py": "segment", "models/upernet.py": "segment", "train/segment.py": "segment",
+    "integrations/segmenter.py": "segment", "models/segmenter.py": "segment", "models/upernet.py": "segment",
+    "train/segment.py": "segment",
     "train/segment_config.py": "segment",
     "data/headers.py": "image-header checks",
 }

@@ -142,11 +142,11 @@ _LOAD = ['ckpt = lomar.safe_load(path)', 's = ckpt["settings"]',
          'encoder = lomar.VisionTransformer(lomar.ViTConfig.from_dict(ckpt["encoder_config"]))']
 _LOADED = ['model.load_state_dict(ckpt["model"])', 'model.eval()']
 RECIPE = {
-    "detect.pt": ["import lomar.integrations.detection", *_LOAD,
-                  'model = lomar.integrations.detection.build_mask_rcnn(encoder, len(ckpt["categories"]), '
+    "detect.pt": ["import lomar.models.mask_rcnn", *_LOAD,
+                  'model = lomar.models.mask_rcnn.build_mask_rcnn(encoder, len(ckpt["categories"]), '
                   's["img_size"])', *_LOADED],
-    "segment.pt": ["import lomar.integrations.segmenter", *_LOAD,
-                   'model = lomar.integrations.segmenter.UperNetSegmenter(encoder, s["num_classes"], '
+    "segment.pt": ["import lomar.models.segmenter", *_LOAD,
+                   'model = lomar.models.segmenter.UperNetSegmenter(encoder, s["num_classes"], '
                    'channels=s["head_channels"], aux_weight=s["aux_weight"])', *_LOADED],
 }
 _REBUILD = f"RECIPE = {RECIPE!r}\n{_REBUILD}"
@@ -191,8 +191,8 @@ def test_each_kind_of_checkpoint_rebuilds_its_model_in_a_process_without_trainin
 def _dense_checkpoints(folder) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A segmenter and a detector as `lomar segment` and `lomar detect` save them (the weights and their tasks'
     state), written to ``folder`` (segment.pt, detect.pt)."""
-    from lomar.integrations.detection import build_mask_rcnn
-    from lomar.integrations.segmenter import UperNetSegmenter
+    from lomar.models.mask_rcnn import build_mask_rcnn
+    from lomar.models.segmenter import UperNetSegmenter
     from lomar.train.detect import DetectTask  # the writers themselves
     from lomar.train.detect_config import DetectConfig
     from lomar.train.segment import SegmentTask

@@ -264,7 +264,8 @@ def test_finetune_groups_are_maes_param_groups_lrd(pool):
 
 
 def test_segment_groups_are_mmsegs_layer_decay_constructor():
-    from lomar.integrations.segmenter import UperNetSegmenter, layer_decay_groups
+    from lomar.integrations.segmenter import layer_decay_groups
+    from lomar.models.segmenter import UperNetSegmenter
     from lomar.models.vit import VisionTransformer, ViTConfig
 
     encoder = VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, pos="abs"))
@@ -275,7 +276,8 @@ def test_segment_groups_are_mmsegs_layer_decay_constructor():
 
 
 def test_detect_groups_are_detectron2s_vitdet_rule():
-    from lomar.integrations.detection import build_mask_rcnn, detector_param_groups
+    from lomar.integrations.detection import detector_param_groups
+    from lomar.models.mask_rcnn import build_mask_rcnn
     from lomar.models.vit import VisionTransformer, model_config
 
     encoder = VisionTransformer(model_config("vit_tiny_patch16", img_size=64, depth=3, pos="abs"))

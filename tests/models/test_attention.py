@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from lomar import VisionTransformer, ViTConfig
-from lomar.models.backbones import ViTDetBackbone
 from lomar.models import attention as A
 from lomar.models import rpe
+from lomar.models.backbones import ViTDetBackbone
 from lomar.models.rpe import bucket_table
 
 TOL = dict(atol=1e-5, rtol=1e-5)

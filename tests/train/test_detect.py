@@ -29,8 +29,8 @@ from lomar.data.coco import (
 from lomar.data.collate import Skipped
 from lomar.data.jitter import eval_transforms, train_transforms
 from lomar.errors import UsageError
-from lomar.integrations.detection import build_mask_rcnn, detector_param_groups
-from lomar.models.mask_rcnn import FixedSizeTransform
+from lomar.integrations.detection import detector_param_groups
+from lomar.models.mask_rcnn import FixedSizeTransform, build_mask_rcnn
 from lomar.models.vit import VisionTransformer, model_config
 from lomar.train.detect import DetectTask, step_lr_factor
 from lomar.train.task import TrainingError

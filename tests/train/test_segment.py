@@ -20,8 +20,8 @@ from lomar.checkpoints.kinds import SEGMENT_TASK
 from lomar.cli.app import main
 from lomar.data.compose import compose_digits
 from lomar.eval.segmentation import confusion_matrix, predict_logits, segmentation_metrics
-from lomar.integrations.segmenter import UperNetSegmenter, layer_decay_groups
-from lomar.models.segmenter import segmentation_losses, spread_indices
+from lomar.integrations.segmenter import layer_decay_groups
+from lomar.models.segmenter import UperNetSegmenter, segmentation_losses, spread_indices
 from lomar.models.upernet import UPerHead
 from lomar.models.vit import VisionTransformer, ViTConfig
 from lomar.train.segment_config import SegmentConfig

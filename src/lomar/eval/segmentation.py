@@ -71,7 +71,7 @@ def predict_logits(model, image: torch.Tensor, num_classes: int, mode: str = "wh
     """Logits (1, N, h, w) of one image (1, 3, h, w).
 
     ``whole``: the image padded (bottom/right) to a multiple of ``size_divisor`` (default: the model's
-    ``size_divisor``, a :class:`~lomar.integrations.segmenter.UperNetSegmenter`'s coarsest stride, else 32),
+    ``size_divisor``, a :class:`~lomar.models.segmenter.UperNetSegmenter`'s coarsest stride, else 32),
     one forward.
     ``slide``: mmseg's ``slide_inference``: ``crop``-sized windows every ``stride`` pixels (the
     last one flush with the border), logits averaged where windows overlap; an image smaller

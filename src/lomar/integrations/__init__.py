@@ -1,4 +1,5 @@
-"""lomar encoders inside other libraries: timm's model registry (:mod:`.timm`), the backbones of detection /
-segmentation frameworks (:mod:`.dense`), and what ``lomar detect`` and ``lomar segment`` build on an encoder:
-torchvision's Mask R-CNN (:mod:`.detection`) and mmsegmentation's UperNet, rebuilt here from
-:mod:`lomar.models.upernet` (:mod:`.segmenter`). Documented import paths: ``lomar.timm_models`` and ``lomar.dense``."""
+"""lomar encoders inside other libraries and training recipes: timm's model registry (:mod:`.timm`), the dense
+backbones read from a checkpoint or export (:mod:`.dense`), and the layer-decay parameter groups ``lomar detect``
+(:mod:`.detection`) and ``lomar segment`` (:mod:`.segmenter`) train with; the models themselves are
+:mod:`lomar.models`'s (:mod:`~lomar.models.backbones`, :mod:`~lomar.models.mask_rcnn`, :mod:`~lomar.models.segmenter`).
+Documented import paths: ``lomar.timm_models`` and ``lomar.dense``."""

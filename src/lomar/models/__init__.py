@@ -1,5 +1,6 @@
 """Plain nn.Modules: the ViT and its position encodings, masking plans, the objectives, the pretraining models
-(LoMaR, MAE, BEiT; :mod:`lomar.methods` puts them to work) and the UperNet head."""
+(LoMaR, MAE, BEiT; :mod:`lomar.methods` puts them to work) and the dense ones on a ViT encoder: its backbones
+(:mod:`.backbones`), Mask R-CNN (:mod:`.mask_rcnn`) and UperNet (:mod:`.segmenter`, its heads :mod:`.upernet`)."""
 
 from lomar.models.lomar import LoMaR
 from lomar.models.mae import MAE

@@ -1,6 +1,6 @@
 """``lomar detect`` as a Task of the shared run lifecycle: Mask R-CNN on a LoMaR encoder, COCO data, COCO AP.
 
-The task builds the model (:func:`lomar.integrations.detection.build_mask_rcnn`), the loaders
+The task builds the model (:func:`lomar.models.mask_rcnn.build_mask_rcnn`), the loaders
 (:mod:`lomar.data.coco`, large-scale jitter), the loss (the sum of Mask R-CNN's five losses),
 ViTDet's step lr schedule (the ``lr_schedule`` hook) and the evaluation
 (:func:`lomar.eval.coco.coco_metrics`); the run itself (folder, lock, optimizer, checkpoints, signals,
@@ -39,8 +39,9 @@ from lomar.errors import UsageError
 from lomar.eval.coco import coco_metrics, to_coco_results
 from lomar.eval.features import load_pretrained_encoder
 from lomar.integrations.dense import with_rel_pos
-from lomar.integrations.detection import build_mask_rcnn, detector_param_groups
+from lomar.integrations.detection import detector_param_groups
 from lomar.models.attention import vitdet_global_blocks
+from lomar.models.mask_rcnn import build_mask_rcnn
 from lomar.models.masking import grid_size
 from lomar.models.relpos import fit_axis_tables
 from lomar.models.vit import VisionTransformer, ViTConfig, model_config

@@ -38,8 +38,8 @@ from lomar.eval.segmentation import (
     segmentation_metrics,
 )
 from lomar.integrations.dense import with_rel_pos
-from lomar.integrations.segmenter import UperNetSegmenter, layer_decay_groups
-from lomar.models.segmenter import segmentation_losses
+from lomar.integrations.segmenter import layer_decay_groups
+from lomar.models.segmenter import UperNetSegmenter, segmentation_losses
 from lomar.models.vit import VisionTransformer, ViTConfig, model_config
 from lomar.train.distributed import DistInfo
 from lomar.train.encoder_settings import unused_encoder_flags
