@@ -9,3 +9,15 @@ def test_a_linear_probe_warm_up_longer_than_its_epochs_names_the_fix(tmp_path, c
                  "2"]) == 2
     assert capsys.readouterr().err == ("lomar linprobe: error: --warmup-epochs must be in [0, --epochs 2], got 10; "
                                        "lower --warmup-epochs or raise --epochs\n")
+
+
+def test_knn_and_linprobe_name_the_files_they_wrote(pretrained, labelled_folder, tmp_path, capsys):
+    """--json and linprobe's --save were written without a word: the output named no file."""
+    common = ["--data", str(labelled_folder), "--img-size", "32", "--workers", "0", "--device", "cpu"]
+    result, probe = tmp_path / "knn.json", tmp_path / "probe.pt"
+    assert main(["knn", str(pretrained), *common, "--k", "3", "--json", str(result)]) == 0
+    assert f"lomar knn: wrote the result to {result}\n" in capsys.readouterr().err
+    assert main(["linprobe", str(pretrained), *common, "--epochs", "2", "--save", str(probe)]) == 0
+    said = capsys.readouterr()
+    assert f"lomar linprobe: wrote the probe to {probe}\n" in said.err and "wrote" not in said.out
+    assert result.is_file() and probe.is_file()

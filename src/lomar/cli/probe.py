@@ -185,7 +185,16 @@ def knn_run(args: argparse.Namespace) -> int:
         write_json(args.json, {"knn_top1": top1, "k": k, "temperature": args.temperature, "pool": args.pool,
                                "img_size": args.img_size, "decode": args.decode,
                                "train_images": len(train_y), "val_images": len(val_y)})
+    _say_written(args)
     return 0
+
+
+def _say_written(args: argparse.Namespace) -> None:
+    """Name the files the command wrote (--json, linprobe's --save), on stderr as its other lines are."""
+    written = [f"the probe to {args.save}"] if getattr(args, "save", None) else []
+    written += [f"the result to {args.json}"] if args.json else []
+    if written:
+        print(f"lomar {args.command}: wrote {' and '.join(written)}", file=sys.stderr)
 
 
 def resolve_linprobe(args: argparse.Namespace) -> None:
@@ -237,4 +246,5 @@ def linprobe_run(args: argparse.Namespace) -> int:
                                "lr": args.lr if args.protocol == "adamw" else args.blr * args.probe_batch_size / 256,
                                "pool": args.pool, "img_size": args.img_size, "decode": args.decode,
                                "train_images": len(train_y), "val_images": len(val_y)})
+    _say_written(args)
     return 0
