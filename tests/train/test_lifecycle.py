@@ -1106,8 +1106,8 @@ def test_a_slow_step_widens_the_time_limits_margin(tmp_path, capsys, monkeypatch
 @pytest.mark.parametrize("limit, stop_step, said", [
     (23, 7, "stopped at step 7 with 8s left for the save (one more step and the save would take 9s)"),  # old: 9
     # at step 8 an epoch ends: its evaluation and save (9 s the last time) come before step 9
-    (30, 8, "stopped at step 8 with 14s left for the save (the evaluation or save due, one more step and the save "
-            "would take 17s)"),
+    (30, 8, "stopped at step 8 with 14s left for the save (the epoch's end or evaluation due, one more step and the "
+            "save would take 17s)"),
 ])
 def test_the_time_limits_margin_keeps_the_last_saves_time_for_the_final_save(tmp_path, capsys, monkeypatch, limit,
                                                                             stop_step, said):
@@ -1154,8 +1154,8 @@ def test_an_evaluation_due_every_other_epoch_widens_the_margin_at_every_epochs_e
 
     monkeypatch.setattr(preemption, "monotonic", clock)
     assert run(ToyConfig(out=str(tmp_path), epochs=5, time_limit=50), SlowOddEvaluations) == 75
-    assert ("time limit 50s: stopped at step 12 with 18s left for the save (the evaluation or save due, one more step "
-            "and the save would take 21s)") in capsys.readouterr().out
+    assert ("time limit 50s: stopped at step 12 with 18s left for the save (the epoch's end or evaluation due, one "
+            "more step and the save would take 21s)") in capsys.readouterr().out
     assert safe_load(tmp_path / "last.pt")["step"] == 12 and clock.now == 32.0  # old code: 13, 53 s
 
 

@@ -173,7 +173,7 @@ class StopFlag:
         save = self.save_s or 0.0
         step = max(self.steps) if self.steps else self.first_step or 0.0
         self.left, self.needed = self.deadline - now, (max([step + save, *self.works]) if work_ahead else step) + save
-        self.needed_for = ("the evaluation or save due, " if work_ahead else "") + "one more step and the save"
+        self.needed_for = ("the epoch's end or evaluation due, " if work_ahead else "") + "one more step and the save"
         return int(self.left <= 0 or self.left < self.needed)
 
     def restore(self) -> None:
