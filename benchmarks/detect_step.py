@@ -22,7 +22,7 @@ def one_step(model_name: str, size: int, window: int, device: str, rois: int, at
 
     from lomar.integrations.detection import detector_param_groups
     from lomar.models.attention import vitdet_global_blocks
-    from lomar.models.mask_rcnn import build_mask_rcnn
+    from lomar.models.mask_rcnn import ViTMaskRCNN
     from lomar.models.vit import VisionTransformer, model_config
     from lomar.train.runtime import fast_adamw
 
@@ -30,7 +30,7 @@ def one_step(model_name: str, size: int, window: int, device: str, rois: int, at
     depth = model_config(model_name).depth
     config = model_config(model_name, img_size=size, drop_path=0.1, window_size=window, attention=attention,
                           global_blocks=vitdet_global_blocks(depth) if window else ())
-    model = build_mask_rcnn(VisionTransformer(config), 80, size).to(device).train()
+    model = ViTMaskRCNN(VisionTransformer(config), 80, size).to(device).train()
     model.roi_heads.fg_bg_sampler.batch_size_per_image = rois
     optimizer = fast_adamw(detector_param_groups(model, 0.1, 0.7), lr=1e-4)
     image = torch.rand(3, size, size, device=device)

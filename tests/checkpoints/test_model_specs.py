@@ -143,7 +143,7 @@ _LOAD = ['ckpt = lomar.safe_load(path)', 's = ckpt["settings"]',
 _LOADED = ['model.load_state_dict(ckpt["model"])', 'model.eval()']
 RECIPE = {
     "detect.pt": ["import lomar.models.mask_rcnn", *_LOAD,
-                  'model = lomar.models.mask_rcnn.build_mask_rcnn(encoder, len(ckpt["categories"]), '
+                  'model = lomar.models.mask_rcnn.ViTMaskRCNN(encoder, len(ckpt["categories"]), '
                   's["img_size"])', *_LOADED],
     "segment.pt": ["import lomar.models.segmenter", *_LOAD,
                    'model = lomar.models.segmenter.UperNetSegmenter(encoder, s["num_classes"], '
@@ -191,7 +191,7 @@ def test_each_kind_of_checkpoint_rebuilds_its_model_in_a_process_without_trainin
 def _dense_checkpoints(folder) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A segmenter and a detector as `lomar segment` and `lomar detect` save them (the weights and their tasks'
     state), written to ``folder`` (segment.pt, detect.pt)."""
-    from lomar.models.mask_rcnn import build_mask_rcnn
+    from lomar.models.mask_rcnn import ViTMaskRCNN
     from lomar.models.segmenter import UperNetSegmenter
     from lomar.train.detect import DetectTask  # the writers themselves
     from lomar.train.detect_config import DetectConfig
@@ -202,7 +202,7 @@ def _dense_checkpoints(folder) -> tuple[torch.nn.Module, torch.nn.Module]:
     segmenter = _trained(UperNetSegmenter(VisionTransformer(config), 5, channels=16))
     task = SimpleNamespace(model=segmenter, config=SegmentConfig(num_classes=5, head_channels=16))
     atomic_save({"model": segmenter.state_dict(), **SegmentTask.state(task)}, folder / "segment.pt")
-    detector = _trained(build_mask_rcnn(VisionTransformer(config), 3, 64))
+    detector = _trained(ViTMaskRCNN(VisionTransformer(config), 3, 64))
     task = SimpleNamespace(model=detector, config=DetectConfig(img_size=64), categories=[1, 2, 3],
                            val=SimpleNamespace(names=["a", "b", "c"]))
     atomic_save({"model": detector.state_dict(), **DetectTask.state(task)}, folder / "detect.pt")

@@ -277,11 +277,11 @@ def test_segment_groups_are_mmsegs_layer_decay_constructor():
 
 def test_detect_groups_are_detectron2s_vitdet_rule():
     from lomar.integrations.detection import detector_param_groups
-    from lomar.models.mask_rcnn import build_mask_rcnn
+    from lomar.models.mask_rcnn import ViTMaskRCNN
     from lomar.models.vit import VisionTransformer, model_config
 
     encoder = VisionTransformer(model_config("vit_tiny_patch16", img_size=64, depth=3, pos="abs"))
-    model = build_mask_rcnn(encoder, 2, 64)
+    model = ViTMaskRCNN(encoder, 2, 64)
     module_of = {f"{m}.{n}" if m else n: module for m, module in model.named_modules()
                  for n, _ in module.named_parameters(recurse=False)}
     ours = _groups_by_name(detector_param_groups(model, 0.1, 0.7), model)

@@ -30,7 +30,7 @@ from lomar.data.collate import Skipped
 from lomar.data.jitter import eval_transforms, train_transforms
 from lomar.errors import UsageError
 from lomar.integrations.detection import detector_param_groups
-from lomar.models.mask_rcnn import FixedSizeTransform, build_mask_rcnn
+from lomar.models.mask_rcnn import FixedSizeTransform, ViTMaskRCNN
 from lomar.models.vit import VisionTransformer, model_config
 from lomar.train.detect import DetectTask, step_lr_factor
 from lomar.train.task import TrainingError
@@ -369,8 +369,8 @@ def test_detector_pads_to_a_fixed_size_and_groups_every_parameter_once():
     encoder = VisionTransformer(model_config("vit_tiny_patch16", img_size=64, depth=4, window_size=2,
                                              global_blocks=(1, 3)))
     with pytest.raises(ValueError, match="multiple of 32"):
-        build_mask_rcnn(encoder, 2, 80)
-    model = build_mask_rcnn(encoder, 2, 64)
+        ViTMaskRCNN(encoder, 2, 80)
+    model = ViTMaskRCNN(encoder, 2, 64)
     features = model.backbone(torch.zeros(1, 3, 64, 64))
     assert {k: tuple(v.shape[-2:]) for k, v in features.items()} == {
         "p2": (16, 16), "p3": (8, 8), "p4": (4, 4), "p5": (2, 2), "p6": (1, 1)}
@@ -395,7 +395,7 @@ def test_roi_scales_follow_the_pyramid_not_the_first_batchs_image_sizes():
     # torchvision infers them from the first batch's largest unpadded image: a 20x26 one, padded to 64,
     # would fix p2 at 1/2 instead of 1/4 for the rest of the run
     torch.manual_seed(0)
-    model = build_mask_rcnn(VisionTransformer(model_config("vit_tiny_patch16", img_size=64, depth=2)), 2, 64)
+    model = ViTMaskRCNN(VisionTransformer(model_config("vit_tiny_patch16", img_size=64, depth=2)), 2, 64)
     target = {"boxes": torch.tensor([[2.0, 2.0, 12.0, 12.0]]), "labels": torch.tensor([1]),
               "masks": torch.ones(1, 20, 26, dtype=torch.uint8)}
     model.train()([torch.rand(3, 20, 26)], [target])
@@ -408,7 +408,7 @@ def test_roi_scales_follow_the_pyramid_not_the_first_batchs_image_sizes():
 def test_anchors_lie_at_the_pyramids_strides(size, p6_grid):
     # torchvision took a level's stride as input // grid: p6's (p5 subsampled by 2) at an odd multiple of 32 was
     # 48 at 96 px, 61 at 800, while its cells lie 64 px apart
-    model = build_mask_rcnn(VisionTransformer(model_config("vit_tiny_patch16", img_size=32, depth=1)), 2, size)
+    model = ViTMaskRCNN(VisionTransformer(model_config("vit_tiny_patch16", img_size=32, depth=1)), 2, size)
     grids = [(size // stride,) * 2 for stride in (4, 8, 16, 32)] + [(p6_grid,) * 2]
     features = [torch.zeros(1, 1, *grid) for grid in grids]
     images = ImageList(torch.zeros(1, 3, size, size), [(size, size)])
@@ -424,7 +424,7 @@ def test_rois_keep_fp32_coordinates_under_bf16_autocast():
     # torchvision's BoxCoder cast anchors and proposals to the bf16 deltas (a GPU's default precision): the ground
     # truth box joined the RoIs with x1 100.5 for 100.3, and above 512 px every RoI lay on a 4 px grid
     torch.manual_seed(0)
-    model = build_mask_rcnn(VisionTransformer(model_config("vit_tiny_patch16", img_size=128, depth=1)), 2, 128)
+    model = ViTMaskRCNN(VisionTransformer(model_config("vit_tiny_patch16", img_size=128, depth=1)), 2, 128)
     gt = torch.tensor([[100.3, 60.7, 120.1, 90.2]])
     masks = torch.zeros(1, 128, 128, dtype=torch.uint8)
     masks[0, 61:90, 100:120] = 1

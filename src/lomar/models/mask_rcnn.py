@@ -29,9 +29,10 @@ from torchvision.ops.poolers import initLevelMapper
 
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.models.backbones import LayerNorm2d, ViTDetBackbone
+from lomar.models.spec import BuiltOnEncoder
 from lomar.models.vit import VisionTransformer
 
-__all__ = ["PyramidBackbone", "FixedSizeTransform", "Fp32BoxCoder", "PyramidAnchors", "roi_pool", "build_mask_rcnn"]
+__all__ = ["PyramidBackbone", "FixedSizeTransform", "Fp32BoxCoder", "PyramidAnchors", "roi_pool", "ViTMaskRCNN"]
 
 ROI_LEVELS = ["p2", "p3", "p4", "p5"]
 ROI_STRIDES = (4, 8, 16, 32)  # of ROI_LEVELS, in input pixels
@@ -134,33 +135,44 @@ def roi_pool(output_size: int) -> MultiScaleRoIAlign:
     return pool
 
 
-def build_mask_rcnn(encoder: VisionTransformer, num_classes: int, size: int, out_channels: int = 256,
-                    grad_checkpointing: bool = False, detections_per_image: int = 100,
-                    train_pos_embed: bool = True) -> MaskRCNN:
-    """Mask R-CNN with ``num_classes`` foreground classes (labels 1..num_classes) on ``encoder``
-    (an absolute position table trained unless ``train_pos_embed`` is False).
+class ViTMaskRCNN(BuiltOnEncoder, MaskRCNN):
+    """torchvision's Mask R-CNN with ``num_classes`` foreground classes (labels 1..num_classes) on ``encoder``
+    (an absolute position table trained unless ``train_pos_embed`` is False), ``size`` x ``size`` input.
 
     In training, ``model(images, targets)`` -> dict of losses; in eval, ``model(images)`` -> per
     image {"boxes" (N, 4) xyxy, "labels" (N,), "scores" (N,), "masks" (N, 1, H, W) in [0, 1]} in
-    the coordinates of the image given.
+    the coordinates of the image given. Its model spec: the encoder's ViTConfig and :meth:`spec_args`.
     """
-    if size % 32:
-        raise ValueError(f"the input size must be a multiple of 32 (the coarsest pyramid stride), got {size}")
-    backbone = PyramidBackbone(encoder, out_channels, grad_checkpointing, train_pos_embed)
-    anchors = PyramidAnchors(backbone.body.pyramid.strides.values(), sizes=((32,), (64,), (128,), (256,), (512,)),
-                             aspect_ratios=((0.5, 1.0, 2.0),) * 5)
-    rpn_head = RPNHead(out_channels, anchors.num_anchors_per_location()[0], conv_depth=2)
-    box_head = FastRCNNConvFCHead((out_channels, 7, 7), [256] * 4, [1024], norm_layer=LayerNorm2d)
-    mask_head = MaskRCNNHeads(out_channels, [256] * 4, 1, norm_layer=LayerNorm2d)
-    model = MaskRCNN(
-        backbone, num_classes=num_classes + 1,  # its image transform: FixedSizeTransform, set below
-        rpn_anchor_generator=anchors, rpn_head=rpn_head,
-        rpn_pre_nms_top_n_train=2000, rpn_pre_nms_top_n_test=1000,
-        rpn_post_nms_top_n_train=1000, rpn_post_nms_top_n_test=1000,
-        box_roi_pool=roi_pool(7), box_head=box_head, representation_size=1024, mask_roi_pool=roi_pool(14),
-        mask_head=mask_head, box_detections_per_img=detections_per_image,
-    )
-    model.transform = FixedSizeTransform(size)
-    for owner in (model.rpn, model.roi_heads):
-        owner.box_coder = Fp32BoxCoder(owner.box_coder.weights, owner.box_coder.bbox_xform_clip)
-    return model
+
+    def __init__(self, encoder: VisionTransformer, num_classes: int, size: int, out_channels: int = 256,
+                 grad_checkpointing: bool = False, detections_per_image: int = 100, train_pos_embed: bool = True):
+        if size % 32:
+            raise ValueError(f"the input size must be a multiple of 32 (the coarsest pyramid stride), got {size}")
+        backbone = PyramidBackbone(encoder, out_channels, grad_checkpointing, train_pos_embed)
+        anchors = PyramidAnchors(backbone.body.pyramid.strides.values(), sizes=((32,), (64,), (128,), (256,), (512,)),
+                                 aspect_ratios=((0.5, 1.0, 2.0),) * 5)
+        rpn_head = RPNHead(out_channels, anchors.num_anchors_per_location()[0], conv_depth=2)
+        box_head = FastRCNNConvFCHead((out_channels, 7, 7), [256] * 4, [1024], norm_layer=LayerNorm2d)
+        mask_head = MaskRCNNHeads(out_channels, [256] * 4, 1, norm_layer=LayerNorm2d)
+        super().__init__(
+            backbone, num_classes=num_classes + 1,  # its image transform: FixedSizeTransform, set below
+            rpn_anchor_generator=anchors, rpn_head=rpn_head,
+            rpn_pre_nms_top_n_train=2000, rpn_pre_nms_top_n_test=1000,
+            rpn_post_nms_top_n_train=1000, rpn_post_nms_top_n_test=1000,
+            box_roi_pool=roi_pool(7), box_head=box_head, representation_size=1024, mask_roi_pool=roi_pool(14),
+            mask_head=mask_head, box_detections_per_img=detections_per_image,
+        )
+        self.transform = FixedSizeTransform(size)
+        for owner in (self.rpn, self.roi_heads):
+            owner.box_coder = Fp32BoxCoder(owner.box_coder.weights, owner.box_coder.bbox_xform_clip)
+
+    @property
+    def encoder(self) -> VisionTransformer:
+        return self.backbone.encoder
+
+    def spec_args(self) -> dict:
+        """The constructor's arguments beyond the encoder that shape the model or its predictions, read off its parts
+        (``grad_checkpointing`` and ``train_pos_embed`` change neither)."""
+        return {"num_classes": self.roi_heads.box_predictor.cls_score.out_features - 1, "size": self.transform.size,
+                "out_channels": self.backbone.out_channels,
+                "detections_per_image": self.roi_heads.detections_per_img}

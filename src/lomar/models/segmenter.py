@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lomar.models.backbones import MultiLevelBackbone
+from lomar.models.spec import BuiltOnEncoder
 from lomar.models.upernet import FCNHead, UPerHead
 from lomar.models.vit import VisionTransformer
 
@@ -23,12 +24,13 @@ def spread_indices(depth: int) -> tuple[int, ...]:
     return tuple(max(0, round(depth * k / 12) - 1) for k in (4, 6, 8, 12))
 
 
-class UperNetSegmenter(nn.Module):
+class UperNetSegmenter(BuiltOnEncoder, nn.Module):
     """images (B, 3, H, W), sides multiples of ``size_divisor`` (twice the patch) -> logits (B, num_classes, H, W).
 
     ``out_indices``: blocks feeding the pyramid (default :func:`spread_indices`); ``channels``:
     the head's width (768 in mmseg's ViT-B recipe); ``aux_weight``: 0 drops the auxiliary head;
-    ``train_pos_embed`` False keeps an absolute position table fixed.
+    ``train_pos_embed`` False keeps an absolute position table fixed. Its model spec: the encoder's ViTConfig and
+    :meth:`spec_args`.
     """
 
     def __init__(self, encoder: VisionTransformer, num_classes: int, out_indices=None, channels: int = 768,
@@ -50,6 +52,15 @@ class UperNetSegmenter(nn.Module):
     @property
     def encoder(self) -> VisionTransformer:
         return self.backbone.encoder
+
+    def spec_args(self) -> dict:
+        """The constructor's arguments beyond the encoder that shape the model, read off its parts
+        (``grad_checkpointing`` and ``train_pos_embed`` change neither; without an auxiliary head, no aux_channels)."""
+        args = {"num_classes": self.num_classes, "out_indices": list(self.backbone.out_indices),
+                "channels": self.decode_head.classifier.in_channels, "aux_weight": self.aux_weight}
+        if self.aux_head is not None:
+            args["aux_channels"] = self.aux_head.classifier.in_channels
+        return args
 
     def forward(self, images: torch.Tensor, aux: bool = False):
         """Logits (B, N, H, W); with ``aux`` also the auxiliary head's, both upsampled to the input."""

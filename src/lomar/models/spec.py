@@ -9,6 +9,11 @@ A :class:`~lomar.models.vit.VisionTransformer`'s args are its head (``num_classe
 classifier's checkpoint rebuilds it too. BEiT's pretraining model holds a tokenizer that is not part of its state,
 so its spec describes the :class:`~lomar.models.beit.BEiT` inside it (prefix ``beit.``): encoder, mask token and
 ``lm_head``, which is all a checkpoint keeps (``spec_target``).
+
+A dense model is built around an encoder it is given (:class:`BuiltOnEncoder`: ``lomar detect``'s
+:class:`~lomar.models.mask_rcnn.ViTMaskRCNN`, ``lomar segment``'s :class:`~lomar.models.segmenter.UperNetSegmenter`):
+its config is its encoder's ViTConfig, its args its head's settings, and the spec builds it with ``from_config``, on a
+new encoder of that config. One format for all: a class, the config its architecture starts from, the rest as args.
 """
 
 from __future__ import annotations
@@ -18,7 +23,23 @@ import inspect
 
 from torch import nn
 
-__all__ = ["model_spec", "build_from_spec"]
+from lomar.models.vit import VisionTransformer, ViTConfig
+
+__all__ = ["model_spec", "build_from_spec", "BuiltOnEncoder"]
+
+
+class BuiltOnEncoder:
+    """A model built around the VisionTransformer it is given (``encoder``): its spec's config is that encoder's
+    ViTConfig, and :meth:`from_config` builds it on a new encoder of a config. The class defines ``spec_args()``."""
+
+    @property
+    def config(self) -> ViTConfig:
+        return self.encoder.config
+
+    @classmethod
+    def from_config(cls, config: ViTConfig, **args) -> nn.Module:
+        """The model on a new (untrained) encoder of ``config``; ``args``: the constructor's others."""
+        return cls(VisionTransformer(config), **args)
 
 
 def model_spec(model: nn.Module) -> dict:
@@ -53,10 +74,11 @@ def build_from_spec(spec: dict) -> nn.Module:
     config, args = spec.get("config"), spec.get("args", {})
     if not isinstance(config, dict) or not isinstance(args, dict):
         raise ValueError(f"model spec of {arch} needs 'config' and 'args' mappings")
-    config_cls = inspect.signature(cls.__init__).parameters["config"].annotation
-    if isinstance(config_cls, str):  # postponed annotations: "ViTConfig", "BEiTConfig | None"
-        config_cls = getattr(importlib.import_module(module), config_cls.split("|")[0].strip())
+    build = getattr(cls, "from_config", cls)  # a model built on an encoder (BuiltOnEncoder) takes its config there
+    config_cls = inspect.signature(build).parameters["config"].annotation
+    if isinstance(config_cls, str):  # postponed annotations: "ViTConfig", "BEiTConfig | None", in build's module
+        config_cls = getattr(importlib.import_module(build.__module__), config_cls.split("|")[0].strip())
     try:
-        return cls(config_cls.from_dict(config), **args)
-    except TypeError as exc:
+        return build(config_cls.from_dict(config), **args)
+    except (TypeError, ValueError) as exc:
         raise ValueError(f"model spec of {arch} does not fit {name}: {exc}") from None

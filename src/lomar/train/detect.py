@@ -1,6 +1,6 @@
 """``lomar detect`` as a Task of the shared run lifecycle: Mask R-CNN on a LoMaR encoder, COCO data, COCO AP.
 
-The task builds the model (:func:`lomar.models.mask_rcnn.build_mask_rcnn`), the loaders
+The task builds the model (:class:`lomar.models.mask_rcnn.ViTMaskRCNN`), the loaders
 (:mod:`lomar.data.coco`, large-scale jitter), the loss (the sum of Mask R-CNN's five losses),
 ViTDet's step lr schedule (the ``lr_schedule`` hook) and the evaluation
 (:func:`lomar.eval.coco.coco_metrics`); the run itself (folder, lock, optimizer, checkpoints, signals,
@@ -41,7 +41,7 @@ from lomar.eval.features import load_pretrained_encoder
 from lomar.integrations.dense import with_rel_pos
 from lomar.integrations.detection import detector_param_groups
 from lomar.models.attention import vitdet_global_blocks
-from lomar.models.mask_rcnn import build_mask_rcnn
+from lomar.models.mask_rcnn import ViTMaskRCNN
 from lomar.models.masking import grid_size
 from lomar.models.relpos import fit_axis_tables
 from lomar.models.vit import VisionTransformer, ViTConfig, model_config
@@ -176,7 +176,7 @@ class DetectTask(Task):
                          f"zero (the pretrained encoder has none; --rel-pos none leaves it out)")
         cfg.rel_pos = encoder.config.rel_pos  # auto resolved: what the checkpoint records and a resume rebuilds
         encoder.set_grad_checkpointing(cfg.grad_checkpointing)
-        model = build_mask_rcnn(encoder, len(self.categories), cfg.img_size, train_pos_embed=cfg.train_pos_embed)
+        model = ViTMaskRCNN(encoder, len(self.categories), cfg.img_size, train_pos_embed=cfg.train_pos_embed)
         for note in unused_encoder_flags(cfg, encoder):
             self.log(f"lomar detect: note: {note}")
         model.roi_heads.fg_bg_sampler.batch_size_per_image = cfg.rois_per_image
