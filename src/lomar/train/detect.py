@@ -50,6 +50,7 @@ from lomar.train.distributed import DistInfo
 from lomar.train.encoder_settings import encoder_layout, unused_encoder_flags
 from lomar.train.eval_only import over_note, score_only, scored_split
 from lomar.train.lifecycle import run
+from lomar.train.monitor import metric_text
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.setting_flags import flags_by_setting
 from lomar.train.task import Task, TrainingError
@@ -290,7 +291,6 @@ def evaluate_only(config: DetectConfig) -> int:
     """Score ``--pretrained`` on the validation split in this process: a ``metrics.jsonl`` line and
     ``predictions.json`` in ``--out`` (the folder locked meanwhile)."""
     task, metrics, out = score_only(config, DetectTask)
-    ap = {k: "n/a" if metrics.get(k) is None else f"{metrics[k]:.2f}" for k in ("box_AP", "mask_AP")}
-    stderr_log(f"lomar detect: box AP {ap['box_AP']}, mask AP {ap['mask_AP']}{over_note(task.val.root, metrics)}; "
-               f"{out / 'predictions.json'}")
+    scores = ", ".join(metric_text(key, metrics.get(key)) for key in ("box_AP", "mask_AP"))
+    stderr_log(f"lomar detect: {scores}{over_note(task.val.root, metrics)}; {out / 'predictions.json'}")
     return 0

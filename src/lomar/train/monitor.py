@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import threading
 import weakref
@@ -18,6 +19,9 @@ __all__ = ["Monitor", "input_limit_note", "read_records", "metric_text", "metric
            "INPUT_BOUND"]
 
 _LABELS = {"top1": "top-1", "top5": "top-5", "knn_top1": "k-NN top-1"}  # accuracies, printed in percent
+# Scores their tasks log in percent already (detect's COCO AP, segment's mIoU, mAcc, aAcc), printed as the accuracies
+# are, so that no score's line leaves its unit to be guessed (box_AP 0.04869 read as a fraction is 4.9 %)
+_IN_PERCENT = ("box_AP", "mask_AP", "mIoU", "mAcc", "aAcc")
 INPUT_BOUND = 0.2  # a run whose loop waits this share of a step's time for batches is limited by its input
 _FASTER = {"full": " or --decode draft (or gpu on CUDA)", "draft": " or --decode gpu on CUDA",
            "windows": " or --decode gpu on CUDA",
@@ -25,9 +29,14 @@ _FASTER = {"full": " or --decode draft (or gpu on CUDA)", "draft": " or --decode
                   "take a larger share of it (--cpu-decode-share auto; benchmarks/README.md)"}
 
 
-def metric_value(key: str, value: float) -> str:
-    """A score as the log prints it: an accuracy in percent ("27.78%"), another as it is."""
-    return f"{100 * value:.2f}%" if key in _LABELS else f"{value:.4g}"
+def metric_value(key: str, value: float | None) -> str:
+    """A score as the log prints it: an accuracy (a fraction) in percent ("27.78%"), a score logged in percent with
+    its unit ("box_AP 4.87%", "mIoU 45.10%"), n/a where undefined (None, NaN), another as it is."""
+    if value is None or math.isnan(value):
+        return "n/a"
+    if key in _LABELS:
+        return f"{100 * value:.2f}%"
+    return f"{value:.2f}%" if key.startswith(_IN_PERCENT) else f"{value:.4g}"
 
 
 def metric_text(key: str, value: float) -> str:

@@ -45,7 +45,7 @@ from lomar.train.distributed import DistInfo
 from lomar.train.encoder_settings import unused_encoder_flags
 from lomar.train.eval_only import over_note, score_only, scored_split
 from lomar.train.lifecycle import run
-from lomar.train.monitor import read_records
+from lomar.train.monitor import metric_text, read_records
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.segment_config import ENCODER_KEYS, SegmentConfig, check_batch_norm_batch
 from lomar.train.task import Task
@@ -315,7 +315,7 @@ def evaluate_only(config: SegmentConfig) -> int:
     """Score ``--pretrained`` on the validation split in this process: a ``metrics.jsonl`` record, predictions/ and
     per_class.md in ``--out`` (the folder locked meanwhile)."""
     task, metrics, out = score_only(config, SegmentTask)
-    print(f"lomar segment: mIoU {score_text(metrics['mIoU'])}, mAcc {score_text(metrics['mAcc'])}, aAcc "
-          f"{score_text(metrics['aAcc'])}{over_note(task.val_folder, metrics)}; {out / 'predictions'}",
-          file=sys.stderr, flush=True)
+    scores = ", ".join(metric_text(key, metrics[key]) for key in ("mIoU", "mAcc", "aAcc"))
+    print(f"lomar segment: {scores}{over_note(task.val_folder, metrics)}; {out / 'predictions'}", file=sys.stderr,
+          flush=True)
     return 0
