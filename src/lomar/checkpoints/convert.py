@@ -11,6 +11,7 @@ from pathlib import Path
 from torch import nn
 
 from lomar.checkpoints.formats import read
+from lomar.checkpoints.formats_dense import DenseReader, whole_model_refusal
 from lomar.checkpoints.kinds import CLASSIFIER_FORMAT, PRETRAIN_FORMAT
 from lomar.checkpoints.original import OriginalReader
 from lomar.models import MAE, LoMaR
@@ -53,6 +54,8 @@ def export_model(path: str | Path, **overrides) -> tuple[nn.Module, str | None]:
     model, but an original LoMaR / MAE pretraining checkpoint's encoder alone: its decoder's heads are not asked for),
     and the ``lomar pretrain --method`` of a pretraining checkpoint (None for a classifier, an encoder or a BEiT)."""
     reader, src = read(path)
+    if isinstance(reader, DenseReader):  # a whole detector or segmenter: its encoder is no export of a run's
+        raise whole_model_refusal(src)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if isinstance(reader, OriginalReader) and reader.method != "classifier":
         return reader.export_model(src, overrides), reader.method

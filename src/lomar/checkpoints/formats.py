@@ -5,8 +5,9 @@
 caller that holds them already identifies them without a second read), giving a ``Source``. A reader turns
 a source into a full model (:meth:`Reader.model`, for ``export``/``visualize``) or into encoder
 weights with our key names (:meth:`Reader.encoder`, for finetuning and probes). Our formats are here,
-BEiT's in :mod:`~lomar.checkpoints.formats_beit`, the original code's in :mod:`~lomar.checkpoints.original`.
-Priorities run from 5 (BEiT's, whose keys overlap ours) over 10 (ours) to 90 (the original-LoMaR fallback).
+BEiT's in :mod:`~lomar.checkpoints.formats_beit`, ``lomar detect``'s and ``lomar segment``'s in
+:mod:`~lomar.checkpoints.formats_dense`, the original code's in :mod:`~lomar.checkpoints.original`. Priorities run
+from 5 (BEiT's, whose keys overlap ours) over 10 (ours) to 90 (the original-LoMaR fallback).
 
 A pretraining checkpoint holds a ``model_spec`` (:mod:`lomar.models.spec`), which rebuilds the
 model without training code; checkpoints written before it are read from their saved settings. A
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import lomar.checkpoints.formats_dense  # noqa: F401  registers the detector's and segmenter's reader
 import lomar.checkpoints.original  # noqa: F401  registers the original-LoMaR/MAE readers
 from lomar.checkpoints.export import create_encoder, read_export
 from lomar.checkpoints.export_leftovers import interrupted_export
@@ -32,7 +34,7 @@ from lomar.checkpoints.file_names import BEST, CONFIG_NAME, ENCODER_WEIGHTS, LAS
 from lomar.checkpoints.formats_beit import BEiTReader  # and registers BEiT's readers
 from lomar.checkpoints.io import mismatch, safe_load
 from lomar.checkpoints.keys import args_dict, drop_final_norm, infer_vit_config
-from lomar.checkpoints.kinds import FINETUNE_FORMAT, classifier_pool, run_command
+from lomar.checkpoints.kinds import FINETUNE_FORMAT, classifier_pool
 from lomar.checkpoints.reader import (
     EncoderWeights,
     Reader,
@@ -327,9 +329,6 @@ def identify(path: str | Path, data: dict) -> tuple[Reader, Source]:
     for reader in readers():
         if reader.detect(data, state):
             return reader, Source(path, reader.name, data, state)
-    if (dense := run_command(data)) in ("detect", "segment"):  # its encoder is inside, but no command reads it out
-        raise ValueError(f"checkpoint {path} is a whole `lomar {dense}` model, not an encoder; pass the encoder that "
-                         f"run started from (its --pretrained), or a pretraining checkpoint or export")
     sample = ", ".join(sorted(state)[:4]) or "no tensors"
     raise ValueError(f"checkpoint {path} is in no format lomar reads (keys: {sample}, ...); expected ours "
                      f"(lomar pretrain / finetune / export) or an original LoMaR / MAE / BEiT checkpoint")
@@ -379,7 +378,8 @@ def peek_encoder(path: str | Path) -> tuple[str, int | None] | None:
 
 
 def load_model(path: str | Path, **overrides) -> nn.Module:
-    """A :class:`LoMaR`, :class:`MAE` or :class:`VisionTransformer` from any checkpoint or export.
+    """A :class:`LoMaR`, :class:`MAE` or :class:`VisionTransformer` from any checkpoint or export; a ``lomar detect`` or
+    ``lomar segment`` checkpoint's ViTMaskRCNN or UperNetSegmenter (:mod:`~lomar.checkpoints.formats_dense`).
 
     ``overrides`` (``num_heads``, ``img_size``, ``window_size``, ``num_windows``,
     ``decoder_num_heads``) fill in what an original checkpoint cannot tell; a classifier is rebuilt as it saved

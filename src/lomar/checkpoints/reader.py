@@ -177,8 +177,11 @@ def build_strict(spec: dict, state: dict, path: Path) -> nn.Module:
     already read (a small crafted file whose spec claims huge widths allocates nothing)."""
     prefix = spec.get("prefix", "") if isinstance(spec, dict) else ""
     own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-    with torch.device("meta"):  # shapes without storage
-        expected = {k: tuple(v.shape) for k, v in build_from_spec(spec).state_dict().items()}
+    try:
+        with torch.device("meta"):  # shapes without storage
+            expected = {k: tuple(v.shape) for k, v in build_from_spec(spec).state_dict().items()}
+    except ValueError as exc:  # a spec this version cannot build: named with the file it came in
+        raise ValueError(f"{path}: {exc}") from None
     missing, unexpected = sorted(set(expected) - set(own)), sorted(set(own) - set(expected))
     wrong = sorted(f"{k} {tuple(own[k].shape)} (expected {expected[k]})" for k in set(expected) & set(own)
                    if tuple(own[k].shape) != expected[k])

@@ -9,7 +9,8 @@ from pathlib import Path
 from torch import nn
 
 from lomar.checkpoints.convert import encoder_of
-from lomar.checkpoints.formats import load_model
+from lomar.checkpoints.formats import read
+from lomar.checkpoints.formats_dense import DenseReader, whole_model_refusal
 from lomar.models import backbones
 from lomar.models.backbones import backbone_layout
 from lomar.models.beit import BEiT
@@ -21,8 +22,15 @@ __all__ = ["ViTDetBackbone", "MultiLevelBackbone", "load_encoder", "backbone_enc
 
 def load_encoder(source: str | Path | VisionTransformer) -> VisionTransformer:
     """An encoder from an export folder, any checkpoint (see ``lomar.checkpoints.formats.load_model``), a LoMaR or
-    MAE model (its encoder), or as is; a BEiT one is refused with the ways it loads."""
-    model = source if isinstance(source, nn.Module) else load_model(source)
+    MAE model (its encoder), or as is; a BEiT one is refused with the ways it loads, a detector's or segmenter's
+    checkpoint naming the encoder its run started from."""
+    if isinstance(source, nn.Module):
+        model = source
+    else:
+        reader, src = read(source)
+        if isinstance(reader, DenseReader):  # a whole detector or segmenter, refused as every encoder reader does
+            raise whole_model_refusal(src)
+        model = reader.model(src, {})
     if isinstance(model, BEiT):
         folder = not isinstance(source, nn.Module) and Path(source).is_dir()
         raise TypeError(_BEIT_REFUSED.format(what="this model" if isinstance(source, nn.Module) else source,

@@ -44,6 +44,7 @@ from lomar.models.attention import vitdet_global_blocks
 from lomar.models.mask_rcnn import ViTMaskRCNN
 from lomar.models.masking import grid_size
 from lomar.models.relpos import fit_axis_tables
+from lomar.models.spec import model_spec
 from lomar.models.vit import VisionTransformer, ViTConfig, model_config
 from lomar.train.detect_config import DetectConfig
 from lomar.train.distributed import DistInfo
@@ -249,7 +250,7 @@ class DetectTask(Task):
     def state(self) -> dict:
         return {"categories": self.categories, "category_names": self.val.names,
                 "encoder_config": self.model.backbone.encoder.config.to_dict(), "format": DETECT_FORMAT,
-                "settings": self.config.to_dict()}
+                "settings": self.config.to_dict(), "model_spec": model_spec(self.model)}  # lomar.load_model's
 
     def load(self, state: dict) -> None:
         """Refuses a checkpoint of other categories (ids, or names where it kept them): other annotation files

@@ -40,6 +40,7 @@ from lomar.eval.segmentation import (
 from lomar.integrations.dense import with_rel_pos
 from lomar.integrations.segmenter import layer_decay_groups
 from lomar.models.segmenter import UperNetSegmenter, segmentation_losses
+from lomar.models.spec import model_spec
 from lomar.models.vit import VisionTransformer, ViTConfig, model_config
 from lomar.train.distributed import DistInfo
 from lomar.train.encoder_settings import unused_encoder_flags
@@ -229,7 +230,8 @@ class SegmentTask(Task):
     def state(self) -> dict:
         """What ``--resume`` reads back (the settings) besides the lifecycle's position and weights."""
         return {"task": SEGMENT_TASK, "settings": self.config.to_dict(),
-                "encoder_config": self.model.encoder.config.to_dict()}  # what --eval-only rebuilds
+                "encoder_config": self.model.encoder.config.to_dict(),  # what --eval-only rebuilds
+                "model_spec": model_spec(self.model)}  # what lomar.load_model rebuilds
 
 
 def _class_labels(config: SegmentConfig) -> list[str]:

@@ -1,0 +1,98 @@
+"""The checkpoints of ``lomar detect`` and ``lomar segment``, registered with the other readers
+(:mod:`lomar.checkpoints.formats` asks them all).
+
+A detector's or segmenter's ``best.pt`` / ``last.pt`` holds its ``model_spec`` (:mod:`lomar.models.spec`: a
+:class:`~lomar.models.mask_rcnn.ViTMaskRCNN` or :class:`~lomar.models.segmenter.UperNetSegmenter` on its encoder's
+ViTConfig), which :meth:`DenseReader.model` rebuilds with its weights. One saved before specs is rebuilt from what it
+kept for ``--eval-only``: its ``encoder_config``, its run's ``settings`` and a detector's ``categories``, the head
+settings the commands never change left at their defaults. Its encoder alone is no encoder to finetune or probe
+(:meth:`DenseReader.encoder` refuses it, naming the one its run started from).
+"""
+
+from __future__ import annotations
+
+from lomar.checkpoints.kinds import run_command
+from lomar.checkpoints.reader import Reader, Source, build_strict, refuse_unused, register, spec_settings
+
+__all__ = ["DenseReader", "DENSE_ARCH", "whole_model_refusal"]
+
+# The lomar.models class each command's checkpoint rebuilds (built from the spec by name: reading a checkpoint of
+# another kind imports no torchvision detection code)
+DENSE_ARCH = {"detect": "lomar.models.mask_rcnn:ViTMaskRCNN", "segment": "lomar.models.segmenter:UperNetSegmenter"}
+
+
+def whole_model_refusal(src: Source) -> ValueError:
+    """The error for a detector's or segmenter's checkpoint given where an encoder is read."""
+    return ValueError(f"checkpoint {src.path} is a whole `lomar {run_command(src.data)}` model, not an encoder; pass "
+                      f"the encoder that run started from (its --pretrained), or a pretraining checkpoint or export")
+
+
+def _settings(src: Source, command: str, names: tuple[str, ...]) -> dict:
+    """``names`` of the run settings a checkpoint saved before specs; ValueError naming the first it lacks."""
+    settings = src.data.get("settings")
+    missing = [n for n in names if not isinstance(settings, dict) or n not in settings]
+    if missing:
+        raise ValueError(f"{src.path}: a `lomar {command}` checkpoint saved without a model_spec and without its "
+                         f"settings' {missing[0]}; it cannot be rebuilt from what it saved")
+    return {n: settings[n] for n in names}
+
+
+def _spec_before_specs(src: Source, command: str) -> dict:
+    """The spec of a checkpoint saved before specs, from its ``encoder_config``, ``settings`` (and ``categories``)."""
+    encoder = src.data.get("encoder_config")
+    if not isinstance(encoder, dict):
+        raise ValueError(f"{src.path}: a `lomar {command}` checkpoint saved without its encoder's layout (no "
+                         f"model_spec, no encoder_config); `lomar {command} --eval-only --pretrained {src.path}` "
+                         f"scores it, rebuilding its encoder from the one its run started from")
+    if command == "detect":
+        categories = src.data.get("categories")
+        if not isinstance(categories, list):
+            raise ValueError(f"{src.path}: a `lomar detect` checkpoint saved without a model_spec and without its "
+                             f"categories; it cannot be rebuilt from what it saved")
+        args = {"num_classes": len(categories), "size": _settings(src, command, ("img_size",))["img_size"]}
+    else:
+        saved = _settings(src, command, ("num_classes", "head_channels", "aux_weight"))
+        args = {"num_classes": saved["num_classes"], "channels": saved["head_channels"],
+                "aux_weight": saved["aux_weight"]}
+    return {"arch": DENSE_ARCH[command], "config": encoder, "args": args, "prefix": ""}
+
+
+def dense_spec(src: Source) -> dict:
+    """The model spec of a detector's or segmenter's checkpoint: saved, or derived from what it kept before specs.
+    ValueError for a spec of another model, or one whose encoder differs from its saved ``encoder_config``."""
+    command = run_command(src.data)
+    spec = src.data.get("model_spec")
+    if spec is None:
+        return _spec_before_specs(src, command)
+    arch = spec.get("arch") if isinstance(spec, dict) else None
+    if arch != DENSE_ARCH[command]:
+        raise ValueError(f"{src.path}: its model_spec names {arch!r}, not {DENSE_ARCH[command]!r}, though it is a "
+                         f"`lomar {command}` checkpoint")
+    encoder = src.data.get("encoder_config")
+    if isinstance(encoder, dict) and encoder != spec.get("config"):
+        # load_model would rebuild the one and --eval-only the other
+        raise ValueError(f"{src.path}: its model_spec's config and its encoder_config describe other encoders; "
+                         f"delete the one it was not trained as")
+    return spec
+
+
+class DenseReader(Reader):
+    """A ``lomar detect`` or ``lomar segment`` checkpoint (``format`` lomar-detect-1, ``task`` segment)."""
+
+    name = "lomar-dense"
+
+    def detect(self, data, state):
+        return run_command(data) in DENSE_ARCH
+
+    def model(self, src, overrides):
+        spec = dense_spec(src)
+        refuse_unused(src.path, f"a `lomar {run_command(src.data)}` model, which carries its own settings", overrides,
+                      saved=spec_settings(spec))
+        return build_strict(spec, src.state, src.path)
+
+    def encoder(self, src, overrides):
+        raise whole_model_refusal(src)
+
+
+# Before our pretraining and ViT readers: the file says which command wrote it.
+register(DenseReader(), 8)

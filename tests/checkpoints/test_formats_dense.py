@@ -1,0 +1,167 @@
+"""`lomar.load_model` of a `lomar detect` / `lomar segment` checkpoint (lomar.checkpoints.formats_dense): the model
+spec its writer saves rebuilds the detector or segmenter with its weights, as does what one saved before specs kept
+(encoder_config, settings, categories); a spec of another model, or an encoder read out of one, is refused in one
+line."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lomar.checkpoints.formats import load_model
+from lomar.checkpoints.io import atomic_save
+from lomar.models.mask_rcnn import ViTMaskRCNN
+from lomar.models.segmenter import UperNetSegmenter
+from lomar.models.vit import VisionTransformer, ViTConfig
+
+CONFIG = ViTConfig(img_size=64, patch_size=16, embed_dim=32, depth=4, num_heads=2, pos="abs", window_size=2,
+                   global_blocks=(3,), rel_pos="bias")
+
+
+def _trained(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every weight drawn anew (heads initialised near zero would give all inputs alike)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.2)
+    return model.eval()
+
+
+def _detector_file(path, model=None, settings=None) -> tuple[ViTMaskRCNN, dict]:
+    """A detector as `lomar detect` saves it (its task's own state), written to ``path``."""
+    from lomar.train.detect import DetectTask  # the writer itself
+    from lomar.train.detect_config import DetectConfig
+
+    model = model or _trained(ViTMaskRCNN(VisionTransformer(CONFIG), 3, 64, detections_per_image=7))
+    task = SimpleNamespace(model=model, config=DetectConfig(img_size=64, **(settings or {})), categories=[1, 2, 5],
+                           val=SimpleNamespace(names=["a", "b", "c"]))
+    checkpoint = {"model": model.state_dict(), **DetectTask.state(task), "step": 2}
+    atomic_save(checkpoint, path)
+    return model, checkpoint
+
+
+def _segmenter_file(path, model=None) -> tuple[UperNetSegmenter, dict]:
+    """A segmenter as `lomar segment` saves it, written to ``path``."""
+    from lomar.train.segment import SegmentTask  # the writer itself
+    from lomar.train.segment_config import SegmentConfig
+
+    model = model or _trained(UperNetSegmenter(VisionTransformer(CONFIG), 5, channels=16, aux_channels=8))
+    task = SimpleNamespace(model=model, config=SegmentConfig(num_classes=5, head_channels=16))
+    checkpoint = {"model": model.state_dict(), **SegmentTask.state(task), "step": 2}
+    atomic_save(checkpoint, path)
+    return model, checkpoint
+
+
+def _outputs(model: torch.nn.Module):
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        if isinstance(model, UperNetSegmenter):
+            return [model(images)]
+        model.roi_heads.score_thresh = 0.0  # every box scored, however little trained
+        return [model.backbone(images)[k] for k in ("p2", "p6")] + [
+            value for found in model(list(images)) for value in found.values()]
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(_outputs(a), _outputs(b), strict=True))
+
+
+@pytest.mark.parametrize("write", [_detector_file, _segmenter_file])
+def test_a_dense_checkpoint_saves_its_spec_and_load_model_rebuilds_it(tmp_path, write):
+    model, checkpoint = write(tmp_path / "best.pt")
+    spec = checkpoint["model_spec"]
+    assert spec["config"] == CONFIG.to_dict() == checkpoint["encoder_config"] and spec["prefix"] == ""
+    if isinstance(model, ViTMaskRCNN):
+        assert spec["arch"] == "lomar.models.mask_rcnn:ViTMaskRCNN"
+        assert spec["args"] == {"num_classes": 3, "size": 64, "out_channels": 256, "detections_per_image": 7}
+    else:
+        assert spec["arch"] == "lomar.models.segmenter:UperNetSegmenter"
+        assert spec["args"] == {"num_classes": 5, "out_indices": [0, 1, 2, 3], "channels": 16, "aux_weight": 0.4,
+                                "aux_channels": 8}
+    rebuilt = load_model(tmp_path / "best.pt").eval()
+    assert type(rebuilt) is type(model) and rebuilt.encoder.config == CONFIG
+    assert _same(rebuilt, model)
+
+
+def test_a_segmenter_without_its_auxiliary_head_is_rebuilt_without_one(tmp_path):
+    model, checkpoint = _segmenter_file(tmp_path / "s.pt", _trained(UperNetSegmenter(VisionTransformer(CONFIG), 5,
+                                                                                     channels=16, aux_weight=0)))
+    assert checkpoint["model_spec"]["args"] == {"num_classes": 5, "out_indices": [0, 1, 2, 3], "channels": 16,
+                                                "aux_weight": 0}
+    assert load_model(tmp_path / "s.pt").aux_head is None
+
+
+@pytest.mark.parametrize("write", [_detector_file, _segmenter_file])
+def test_a_dense_checkpoint_saved_before_specs_is_rebuilt_from_what_it_kept(tmp_path, write):
+    model, checkpoint = write(tmp_path / "new.pt")
+    if isinstance(model, UperNetSegmenter):  # the commands' own head: its auxiliary head at its default width
+        model, checkpoint = write(tmp_path / "new.pt", _trained(UperNetSegmenter(VisionTransformer(CONFIG), 5,
+                                                                                 channels=16)))
+    else:  # at the commands' own detections per image
+        model, checkpoint = write(tmp_path / "new.pt", _trained(ViTMaskRCNN(VisionTransformer(CONFIG), 3, 64)))
+    atomic_save({k: v for k, v in checkpoint.items() if k != "model_spec"}, tmp_path / "old.pt")
+    rebuilt = load_model(tmp_path / "old.pt").eval()
+    assert type(rebuilt) is type(model) and _same(rebuilt, model)
+
+
+def _refused(path, words: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(words)) as refused:
+        load_model(path)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"arch": "lomar.models.segmenter:UperNetSegmenter"}, "its model_spec names 'lomar.models.segmenter:"
+                                                          "UperNetSegmenter', not 'lomar.models.mask_rcnn:ViTMaskRCNN',"
+                                                          " though it is a `lomar detect` checkpoint"),
+    ({"arch": "lomar.train.detect:DetectTask"}, "its model_spec names 'lomar.train.detect:DetectTask', not"),
+    ({"args": {"num_classes": 7, "size": 64}}, "weights do not fit its model spec (lomar.models.mask_rcnn:ViTMaskRCNN)"
+                                               ": missing [], unexpected [], wrong shape"),
+    ({"args": {"num_classes": 3, "size": 60}}, "model spec of lomar.models.mask_rcnn:ViTMaskRCNN does not fit "
+                                               "ViTMaskRCNN: the input size must be a multiple of 32"),
+    ({"args": {"num_classes": 3, "size": 64, "heads": 2}}, "model spec of lomar.models.mask_rcnn:ViTMaskRCNN does not "
+                                                           "fit ViTMaskRCNN: ViTMaskRCNN.__init__() got an unexpected "
+                                                           "keyword argument 'heads'"),
+    ({"config": {**CONFIG.to_dict(), "depth": 3}}, "its model_spec's config and its encoder_config describe other "
+                                                   "encoders; delete the one it was not trained as"),
+])
+def test_a_spec_that_does_not_fit_its_detector_is_refused_in_one_line(tmp_path, change, words):
+    _, checkpoint = _detector_file(tmp_path / "d.pt")
+    atomic_save({**checkpoint, "model_spec": {**checkpoint["model_spec"], **change}}, tmp_path / "bad.pt")
+    _refused(tmp_path / "bad.pt", f"{tmp_path / 'bad.pt'}: {words}")
+
+
+def test_what_a_dense_checkpoint_cannot_be_rebuilt_from_is_named(tmp_path):
+    _, detector = _detector_file(tmp_path / "d.pt")
+    _, segmenter = _segmenter_file(tmp_path / "s.pt")
+    old = {k: v for k, v in segmenter.items() if k not in ("model_spec", "encoder_config")}
+    atomic_save(old, tmp_path / "s0.pt")
+    _refused(tmp_path / "s0.pt", f"{tmp_path / 's0.pt'}: a `lomar segment` checkpoint saved without its encoder's "
+                                 f"layout (no model_spec, no encoder_config); `lomar segment --eval-only --pretrained "
+                                 f"{tmp_path / 's0.pt'}` scores it")
+    old = {k: v for k, v in detector.items() if k not in ("model_spec", "categories")}
+    atomic_save(old, tmp_path / "d0.pt")
+    _refused(tmp_path / "d0.pt", "a `lomar detect` checkpoint saved without a model_spec and without its categories")
+    old = {**{k: v for k, v in segmenter.items() if k != "model_spec"}, "settings": {"num_classes": 5}}
+    atomic_save(old, tmp_path / "s1.pt")
+    _refused(tmp_path / "s1.pt", "saved without a model_spec and without its settings' head_channels")
+    _refused_override = "a `lomar detect` model, which carries its own settings; drop num_heads=4 (it saved 2)"
+    with pytest.raises(ValueError, match=re.escape(_refused_override)):
+        load_model(tmp_path / "d.pt", num_heads=4)
+
+
+def test_its_encoder_alone_is_refused_where_an_encoder_is_read(tmp_path):
+    """lomar export, the dense backbones' loader and every encoder reader name the encoder the run started from."""
+    from lomar.checkpoints.convert import export_model
+    from lomar.checkpoints.formats import encoder_weights
+    from lomar.integrations.dense import load_encoder
+
+    _segmenter_file(tmp_path / "s.pt")
+    words = (f"checkpoint {tmp_path / 's.pt'} is a whole `lomar segment` model, not an encoder; pass the encoder "
+             f"that run started from")
+    for read in (export_model, load_encoder, encoder_weights):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            read(tmp_path / "s.pt")
