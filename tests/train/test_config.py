@@ -521,3 +521,14 @@ def test_a_megabyte_value_from_a_crafted_checkpoint_is_quoted_in_a_line(tmp_path
     with pytest.raises(ValueError, match=r"holds \{'step': 'x+\.\.\.x+'\}, not counts of steps") as error:
         read_meta(tmp_path / "crafted.pt")
     assert len(str(error.value)) < 500
+
+
+def test_a_knn_data_from_the_settings_file_without_knn_every_is_named_as_its_line(tmp_path, capsys):
+    """knn_data in --config with --knn-every 0 given: the refusal said 'drop --knn-data', a flag the user never gave."""
+    (tmp_path / "knn" / "train").mkdir(parents=True)
+    (tmp_path / "knn" / "val").mkdir()
+    config = _yaml(tmp_path, f"knn_data: {tmp_path / 'knn'}\nknn_every: 2\n")
+    assert _resolve(tmp_path, "--config", config, "--knn-every", "0") == 2
+    assert capsys.readouterr().err.endswith(f"error: knn_data: {tmp_path / 'knn'} in {config} is used only with "
+                                            f"--knn-every N (a k-NN evaluation every N epochs); add --knn-every 1, "
+                                            f"or drop knn_data from {config}\n")
