@@ -12,9 +12,9 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.models.beit import BEiT, BEiTConfig, check_token_ids
 from lomar.models.blockmask import window_blockmask_args
 from lomar.models.masking import MaskingPlan, num_masked, window_token_index
@@ -57,8 +57,8 @@ class BEiTPretrainOutput(NamedTuple):
 
 def tokenizer_view(images: torch.Tensor, size: int) -> torch.Tensor:
     """ImageNet-normalised (N, 3, H, W) → the same crop in [0, 1] at ``size`` px (bicubic, antialiased)."""
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD, device=images.device).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
     x = images.float() * std + mean
     if tuple(x.shape[-2:]) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
