@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from timm.models.beit import Beit
 
 from lomar.checkpoints.export import (
     _BOUNDS,
@@ -116,6 +115,8 @@ def read_beit_export(path: str | Path) -> tuple[BEiTConfig, dict, Path]:
 
 def create_timm_beit(path: str | Path) -> torch.nn.Module:
     """The timm ``Beit`` of an exported folder, validated first (:func:`read_beit_export`), weights loaded (strict)."""
+    from timm.models.beit import Beit  # timm imports torchvision and torch._dynamo: only to build one
+
     _, args, weights = read_beit_export(path)
     model = Beit(**args)
     model.load_state_dict(load_file(str(weights)), strict=True)

@@ -7,7 +7,6 @@ import random
 
 import numpy as np
 import torch
-from torchvision.transforms.v2 import functional as TF
 
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD, sample_key, sample_seed
 
@@ -25,6 +24,8 @@ def bound_aspect(image):
     gigabytes of pixels at 224 px. The centre crop lies well inside the central 16:1 part, so only
     such strips change, by under a pixel of the resize's rounding.
     """
+    from torchvision.transforms.v2 import functional as TF  # torchvision imports torch._dynamo: only for an image
+
     height, width = TF.get_size(image)
     longest = MAX_ASPECT * min(height, width)
     if max(height, width) <= longest:

@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from timm.models.beit import Beit, checkpoint_filter_fn
 from torch.utils.data import DataLoader
-from torchvision.transforms import v2
 
 from lomar.checkpoints.formats import read, saved_class_names, stopped_run_checkpoint
 from lomar.checkpoints.formats_beit import BEiTReader
@@ -209,6 +207,8 @@ def _load_beit(weights, src, num_classes: int, global_pool: str, overrides: dict
     ``forward_features`` gives (B, 1+L, D) normed tokens. A new ``img_size`` resizes the relative
     position tables with timm's own filter (``checkpoint_filter_fn``).
     """
+    from timm.models.beit import Beit, checkpoint_filter_fn  # timm imports torchvision and torch._dynamo: for a BEiT
+
     unknown = sorted(set(overrides) - {"img_size", "drop_path", "num_heads"})
     if unknown:
         raise ValueError(f"unknown BEiT encoder setting(s) {', '.join(unknown)}; a BEiT encoder takes "
@@ -254,6 +254,8 @@ def eval_transform(img_size: int):
     """Resize the short side to :func:`~lomar.data.classify.eval_resize` (bicubic; crop ratio 0.875 up to 224 px, 1.0
     above, as finetune evaluates), centre-crop, ImageNet-normalise (strips cut to
     :data:`lomar.data.classify.MAX_ASPECT` first: :func:`~lomar.data.classify.bound_aspect`)."""
+    from torchvision.transforms import v2  # torchvision imports torch._dynamo (about a second): only when used
+
     return v2.Compose([bound_aspect, v2.ToImage(), v2.RGB(),
                        v2.Resize(eval_resize(img_size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
                        v2.CenterCrop(img_size), v2.ToDtype(torch.float32, scale=True),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import torch
-from timm.layers import resample_abs_pos_embed
 
 __all__ = ["sincos_pos_embed_2d", "sincos_grid", "square_side", "table_for_grid"]
 
@@ -64,4 +63,7 @@ def table_for_grid(table: torch.Tensor, grid: tuple[int, int],
     if source[0] * source[1] != n:
         raise ValueError(f"a position table of {n} tokens is not of the {source[0]}x{source[1]} grid its settings "
                          f"give; re-export the encoder (lomar export)")
+    # timm imports torchvision and with it torch._dynamo (about a second): only for a resize
+    from timm.layers import resample_abs_pos_embed
+
     return resample_abs_pos_embed(table, list(grid), list(source), antialias=False)

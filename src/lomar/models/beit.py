@@ -15,7 +15,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
 from lomar.models.relpos import table_bias
@@ -153,6 +152,8 @@ class Block(nn.Module):
     """Pre-norm block with layer scale: x += γ1·Attn(LN(x)); x += γ2·MLP(LN(x))."""
 
     def __init__(self, config: BEiTConfig, drop_path: float):
+        from timm.layers import DropPath, Mlp  # timm imports torchvision and torch._dynamo: only for a BEiT
+
         super().__init__()
         dim = config.embed_dim
         norm = partial(nn.LayerNorm, eps=config.norm_eps)
@@ -220,6 +221,8 @@ class BEiT(nn.Module):
 
     def reset_parameters(self) -> None:
         """The original init: trunc-normal cut at ±1 std (not ±2), zero biases, proj/fc2 ÷ √(2l)."""
+        from timm.layers import trunc_normal_  # timm imports torchvision and torch._dynamo: only for a BEiT
+
         std = self.config.init_std
         normal = partial(trunc_normal_, std=std, a=-std, b=std)
         for token in (self.cls_token, self.mask_token, self.pos_embed):

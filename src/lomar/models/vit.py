@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, resample_abs_pos_embed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -142,7 +141,13 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, rpe, rel_pos, rel_pos_size)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if drop_path > 0:
+            # timm imports torchvision and with it torch._dynamo (about a second): only for a model that uses it
+            from timm.layers import DropPath
+
+            self.drop_path = DropPath(drop_path)
+        else:
+            self.drop_path = nn.Identity()
 
     def forward(self, x: torch.Tensor, buckets: torch.Tensor | None = None, grid: tuple[int, int] | None = None,
                 mode: str = "auto", window: int = 0) -> torch.Tensor:
@@ -255,6 +260,9 @@ class VisionTransformer(nn.Module):
 
     def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
         """Absolute table (1, 1+Hg·Wg, D) for a grid, bicubically interpolated if needed."""
+        # timm imports torchvision and with it torch._dynamo (about a second): only for a model with a table
+        from timm.layers import resample_abs_pos_embed
+
         return resample_abs_pos_embed(self.pos_embed, grid, self.grid, antialias=False)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
