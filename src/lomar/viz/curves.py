@@ -9,11 +9,13 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
-
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING
 
 from lomar.checkpoints.io import read_log
 from lomar.viz.reconstruction import save_figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["read_losses", "loss_summary", "draw_loss_curve", "running_mean", "loss_curve"]
 
@@ -53,6 +55,9 @@ def draw_loss_curve(steps: list[int], losses: list[float], title: str = "trainin
     """Loss against optimizer step: every logged value, faint, and a running mean over ~5 % of the
     run, which shows the trend through the noise of small batches. ``ylabel`` names the loss (BEiT's is a
     cross-entropy over visual tokens, not a reconstruction)."""
+    # matplotlib is slow to import: only when a figure is drawn
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(6, 3.5), layout="constrained")
     ax = fig.subplots()
     ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="per step")

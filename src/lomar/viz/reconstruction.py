@@ -9,10 +9,9 @@ from __future__ import annotations
 import io
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 
 from lomar.checkpoints.io import atomic_write_bytes
 from lomar.data.transforms import denormalize
@@ -20,6 +19,9 @@ from lomar.models import MAE, LoMaR
 from lomar.models.mae_window import MAEWindow
 from lomar.models.masking import MaskingPlan, num_masked, window_token_index
 from lomar.models.objective import patchify, unpatchify
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["reconstruct", "reconstruction_figure", "reconstruction_snapshot", "draw_reconstruction", "save_figure",
            "FIGURE_FORMATS", "image_rows", "masking_note"]
@@ -128,6 +130,10 @@ def draw_reconstruction(model, images: torch.Tensor, seed: int = 0, title: str |
     patch's mean and std."""
     parts = reconstruct(model, images, seed, plan=plan)
     p = model.config.patch_size
+    # matplotlib is slow to import: only when a figure is drawn
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
     # constrained layout reserves the title's height above the column headers at any row count
     fig = Figure(figsize=(12, 3 * images.shape[0] + 1.1), layout="constrained")
     plan = parts.get("plan")

@@ -10,8 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 
 from lomar.data.transforms import denormalize
 from lomar.models.masking import window_token_index
@@ -74,6 +72,10 @@ def draw_tokens(model, images: torch.Tensor, seed: int = 0, title: str | None = 
         "correct / wrong": torch.where((predicted == true)[..., None], _CORRECT, _WRONG) * masked[..., None]
                            + (~masked[..., None]) * _UNMASKED,
     }
+    # matplotlib is slow to import: only when a figure is drawn
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
     fig = Figure(figsize=(12, 3 * images.shape[0] + 1.4), layout="constrained")
     image_rows(fig, views, interpolation="nearest")
     handles = [Patch(color=_CORRECT.tolist(), label="correct prediction"),
