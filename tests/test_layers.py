@@ -305,6 +305,29 @@ def test_the_torch_free_modules_import_no_torch():
     assert result.returncode == 0, result.stderr
 
 
+
+# timm and torchvision import torch._dynamo (about a second) and matplotlib is slow to import: imported where a
+# model, an image or a figure needs them, not by what loads a model, exports one, resolves settings or starts a
+# pretraining run.
+DEFERRED_PACKAGES = ("timm", "torchvision", "matplotlib")
+COMMAND_PATHS = ("lomar.train.pretrain", "lomar.checkpoints.convert", "lomar.checkpoints.formats",
+                 "lomar.methods.lomar", "lomar.methods.mae", "lomar.methods.beit")
+
+
+@pytest.mark.slow  # a python process importing torch: a few seconds
+def test_command_paths_leave_timm_torchvision_and_matplotlib_unimported(tmp_path):
+    code = ("import contextlib, importlib, io, sys\n"
+            "from lomar.cli.app import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert main(['pretrain', '--print-config']) == 0\n"
+            "for name in sys.argv[1:]:\n"
+            "    importlib.import_module(name)\n"
+            f"print(' '.join(sorted({{m.split('.')[0] for m in sys.modules}} & set({DEFERRED_PACKAGES!r}))))\n")
+    result = subprocess.run([sys.executable, "-c", code, *COMMAND_PATHS], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == []
+
 def test_the_reason_checker_reads_comments_on_and_above_the_line():
     modules = {"lomar.a": PACKAGE / "a.py", "lomar.b": PACKAGE / "b.py"}
     source = ("import lomar.b\n\n\ndef f():\n    import lomar.b\n    import lomar.b  # torch: not for --help\n"
