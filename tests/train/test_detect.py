@@ -440,6 +440,24 @@ def test_rois_keep_fp32_coordinates_under_bf16_autocast():
     assert rois[0].dtype == torch.float32 and torch.equal(rois[0][-1:], gt)
 
 
+def test_anchors_keep_fp32_coordinates_under_bf16_autocast():
+    # the anchors took the pyramid's dtype, bf16 under autocast (a GPU's default precision): from 256 px on they lay on
+    # a grid of 2 px (4 px from 512), so each RPN target and proposal was measured from a shifted box
+    torch.manual_seed(0)
+    model = ViTMaskRCNN(VisionTransformer(model_config("vit_tiny_patch16", img_size=64, depth=1)), 2, 512).eval()
+    anchors = []
+    model.rpn.anchor_generator.register_forward_hook(lambda module, args, out: anchors.append((args[1][0].dtype,
+                                                                                               out[0])))
+    image = [torch.rand(3, 64, 64)]
+    with torch.no_grad():
+        model(image)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(image)
+    (fp32_maps, exact), (bf16_maps, autocast) = anchors
+    assert (fp32_maps, bf16_maps) == (torch.float32, torch.bfloat16)  # the pyramid's maps are bf16 under autocast
+    assert autocast.dtype == torch.float32 and torch.equal(autocast, exact)
+
+
 def test_a_detector_checkpoint_is_known_by_its_content_not_its_suffix(tmp_path):
     # a detector saved or renamed as .pth was "not a `lomar detect` run or checkpoint" to --eval-only, and an encoder
     # to be loaded otherwise

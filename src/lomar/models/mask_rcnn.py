@@ -107,7 +107,9 @@ class PyramidAnchors(AnchorGenerator):
     """torchvision's ``AnchorGenerator`` at the pyramid's own strides (``strides``, one a level). torchvision takes a
     level's stride as the input size // its grid, which p6 (p5 subsampled by 2, its last cell kept) misstates where
     the input is an odd multiple of 32: at 800 px its 13 cells lie 64 px apart but the anchors 61 (the last
-    one 36 px off), at 96 px 48. detectron2's anchor generator takes the strides from the backbone."""
+    one 36 px off), at 96 px 48. detectron2's anchor generator takes the strides from the backbone. The anchors are
+    fp32 whatever the maps' dtype: torchvision's take it, bf16 under autocast, which puts them on a grid of 2 px from
+    256 px and 4 px from 512 (detectron2's are fp32)."""
 
     def __init__(self, strides, sizes, aspect_ratios):
         super().__init__(sizes, aspect_ratios)
@@ -117,7 +119,7 @@ class PyramidAnchors(AnchorGenerator):
         grid_sizes = [feature_map.shape[-2:] for feature_map in feature_maps]
         device = feature_maps[0].device
         strides = [[torch.tensor(stride, dtype=torch.int64, device=device)] * 2 for stride in self.strides]
-        self.set_cell_anchors(feature_maps[0].dtype, device)
+        self.set_cell_anchors(torch.float32, device)
         per_level = self.grid_anchors(grid_sizes, strides)
         return [torch.cat(per_level) for _ in image_list.image_sizes]
 
