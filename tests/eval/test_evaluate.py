@@ -476,7 +476,7 @@ def test_finetune_evaluates_past_a_batch_of_only_unreadable_images(pretrained, f
     assert 20 * top1 == pytest.approx(round(20 * top1))  # a share of the 20 read
     note = f"{data / 'val'}: 2 unreadable image(s) skipped, at most 10% of a split"  # as knn says it
     lines = capsys.readouterr().out.splitlines()
-    assert lines[lines.index(note) + 1].startswith("epoch 0 step 3: top-1")
+    assert lines[lines.index(note) + 1].startswith("step 3, end of epoch 0: top-1")
     assert main(["finetune", "--eval-only", "--pretrained", str(out), "--val", str(data / "val"), "--img-size", "32",
                  "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "ev")]) == 0
     assert capsys.readouterr().err.splitlines()[-1] == (f"lomar finetune: top-1 {100 * top1:.2f}% over 20 images "

@@ -100,6 +100,27 @@ def test_a_toy_task_trains_evaluates_and_resumes_exactly(tmp_path, capsys):
     assert b["best_score"] == a["best_score"]
 
 
+def test_an_evaluation_line_names_its_epoch_as_the_step_lines_do(tmp_path, capsys):
+    """The step lines count epochs from 0 ('step 4/12 epoch 0'); the evaluation after that step said 'epoch 1 step 4'
+    (the epochs done, as the record keeps them), so one step was in two epochs on one screen (pretrain's k-NN,
+    detect, segment; finetune's record keeps the index and said 'epoch 0'). A mid-epoch evaluation names its epoch."""
+    class IndexedToy(ToyTask):  # finetune's record: the epoch's 0-based index
+        eval_epoch_index = True
+
+    assert run(ToyConfig(out=str(tmp_path / "a"), max_steps=6, schedule_steps=12), ToyTask) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "step 4/6 epoch 0 " in lines[lines.index(next(ln for ln in lines if ln.startswith("step 4, "))) - 1]
+    assert [ln.split(":")[0] for ln in lines if ln.startswith("step ") and ": " in ln] == [
+        "step 4, end of epoch 0", "step 6, epoch 1"]
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "score" in r] == [1, 1]  # the record's counts are unchanged
+    assert run(ToyConfig(out=str(tmp_path / "b"), epochs=2), IndexedToy) == 0
+    said = [ln.split(":")[0] for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ") and ": " in ln]
+    assert said == ["step 4, end of epoch 0", "step 8, end of epoch 1"]
+    records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "score" in r] == [0, 1]
+
+
 class SkippingToy(ToyTask):
     """ToyTask whose points numbered in ``bad`` are unusable files ("img{i}.png"): the run skips and counts them."""
 

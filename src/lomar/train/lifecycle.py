@@ -309,9 +309,12 @@ class _Run:
             metric = self.task.best_metric
             if metrics.get(metric) is not None and not self.p.batches_done:  # None: nothing was scored
                 extra[f"best_{metric}"] = max(self.best, metrics[metric])
-            epoch = self.p.epoch - 1 if self.task.eval_epoch_index and self.p.epoch and not self.p.batches_done \
-                else self.p.epoch
-            self.monitor.evaluation(self.task.eval_log, self.p.step, epoch, metrics, extra)
+            ended = bool(self.p.epoch) and not self.p.batches_done
+            index = self.p.epoch - 1 if ended else self.p.epoch  # 0-based, as the step lines count epochs
+            # the printed line names the epoch as the step lines do, whichever count the record keeps
+            at = f"end of epoch {index}" if ended else f"epoch {index}"
+            epoch = index if self.task.eval_epoch_index else self.p.epoch
+            self.monitor.evaluation(self.task.eval_log, self.p.step, epoch, metrics, extra, at)
         return metrics
 
     def _finish(self, preempted: bool) -> int:
