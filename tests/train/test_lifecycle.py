@@ -389,6 +389,9 @@ def test_a_finished_run_resumed_says_where_it_ends_and_why(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-1] == (
         "lomar toy: nothing to do, the run is at step 12; it ends at 12 (--max-steps 20 or --epochs 3 of 4 steps, "
         "whichever ends first)")
+    assert run(ToyConfig(out=str(tmp_path / "run"), resume="auto"), ToyTask) == 0  # no --max-steps: no 'whichever'
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "lomar toy: nothing to do, the run is at step 12; it ends at 12 (--epochs 3 of 4 steps)")
 
 
 def test_a_finished_run_resumed_leaves_its_folder_as_it_is(tmp_path):

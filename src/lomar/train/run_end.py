@@ -125,7 +125,7 @@ def answer_at_end(task, out: Path, step: int, last_step: int, steps_per_epoch: i
     if is_main:
         print(f"lomar {task.name}: nothing to do, the run is at step {step}; it ends at {last_step} "
               f"({f'--max-steps {config.max_steps} or ' if config.max_steps else ''}--epochs {config.epochs} of "
-              f"{steps_per_epoch} steps, whichever ends first)"
+              f"{steps_per_epoch} steps{', whichever ends first' if config.max_steps else ''})"
               + (f"; evaluating step {step}, which its end did not" if score else "")
               + (f"; writing its missing {', '.join(missing + curves)}" if missing or curves else ""), flush=True)
     if score:
