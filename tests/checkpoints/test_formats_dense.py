@@ -165,3 +165,78 @@ def test_its_encoder_alone_is_refused_where_an_encoder_is_read(tmp_path):
     for read in (export_model, load_encoder, encoder_weights):
         with pytest.raises(ValueError, match=re.escape(words)):
             read(tmp_path / "s.pt")
+
+
+_COMPARE = """
+import sys, torch, lomar
+torch.set_num_threads(int(sys.argv[2]))  # the scoring's: how many threads share a sum changes its last bits
+saved = torch.load(sys.argv[1], weights_only=True)
+for name, path in (("detect", sys.argv[3]), ("segment", sys.argv[4])):
+    model = lomar.load_model(path).eval()
+    if name == "detect":
+        model.roi_heads.score_thresh = 0.0
+    with torch.no_grad():
+        found = model(list(saved["detect_images"])) if name == "detect" else model(saved["segment_images"])
+    expected = saved[name]
+    if name == "detect":
+        assert [d.keys() for d in found] == [d.keys() for d in expected] and all(
+            torch.equal(d[k], e[k]) for d, e in zip(found, expected) for k in d), name
+        assert all(len(d["boxes"]) for d in found)  # boxes to compare, however little trained
+    else:
+        assert torch.equal(found, expected), name
+    print(name, type(model).__name__)
+imported = sorted(m for m in sys.modules if m.split(".")[:2] in (["lomar", "train"], ["lomar", "methods"],
+                                                                 ["lomar", "cli"], ["lomar", "integrations"]))
+assert not imported, imported
+"""
+
+
+@pytest.mark.slow
+def test_a_trained_detector_and_segmenter_load_as_their_eval_only_builds_them(tmp_path, monkeypatch, capsys):
+    """Trained by the commands on compose-digits, each best.pt gives the model `--eval-only` scores: the same outputs
+    in eval mode, in a process that imports no training code and no lomar.integrations."""
+    import subprocess
+    import sys
+
+    import lomar.train.detect as detect
+    import lomar.train.segment as segment
+    from lomar.cli.app import main
+    from lomar.data.compose import compose_digits
+
+    data = tmp_path / "digits"
+    compose_digits(data, img_size=64, images=8, seed=0, digit_scale=(0.3, 0.5))
+    val = ["--val-ann", str(data / "annotations" / "instances_val.json"), "--val-images", str(data / "images" / "val")]
+    tiny = ["--model", "vit_tiny_patch16", "--img-size", "64", "--batch-size", "2", "--max-steps", "3",
+            "--warmup-steps", "1", "--workers", "0", "--threads", "1", "--device", "cpu"]
+    assert main(["detect", "--train-ann", str(data / "annotations" / "instances_train.json"), "--train-images",
+                 str(data / "images" / "train"), *val, *tiny, "--rois-per-image", "32",
+                 "--out", str(tmp_path / "det")]) == 0, capsys.readouterr().err
+    assert main(["segment", "--data", str(data), "--num-classes", "10", "--head-channels", "16", *tiny,
+                 "--out", str(tmp_path / "seg")]) == 0, capsys.readouterr().err
+    built = {}
+
+    def recording(score_only):
+        def scored(config, make_task):
+            built[make_task.name] = score_only(config, make_task)
+            return built[make_task.name]
+        return scored
+
+    for module in (detect, segment):  # the model each --eval-only builds and scores
+        monkeypatch.setattr(module, "score_only", recording(module.score_only))
+    assert main(["detect", "--eval-only", "--pretrained", str(tmp_path / "det" / "best.pt"), *val, "--workers", "0",
+                 "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "det-scored")]) == 0
+    assert main(["segment", "--eval-only", "--pretrained", str(tmp_path / "seg" / "best.pt"), "--data", str(data),
+                 "--workers", "0", "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "seg-scored")]) == 0
+    detector, segmenter = (built[name][0].model.eval() for name in ("detect", "segment"))
+    detector.roi_heads.score_thresh = 0.0
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    batch = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        outputs = {"detect_images": images, "detect": detector(list(images)), "segment_images": batch,
+                   "segment": segmenter(batch)}
+    atomic_save(outputs, tmp_path / "outputs.pt")
+    done = subprocess.run([sys.executable, "-c", _COMPARE, str(tmp_path / "outputs.pt"), str(torch.get_num_threads()),
+                           str(tmp_path / "det" / "best.pt"), str(tmp_path / "seg" / "best.pt")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["detect", "ViTMaskRCNN", "segment", "UperNetSegmenter"]

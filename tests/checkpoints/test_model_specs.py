@@ -1,8 +1,8 @@
 """A checkpoint stores a model spec that rebuilds its model without training code: `lomar.load_model` gives the
 model of each kind lomar writes (pretraining single-file and sharded, a classifier of `lomar finetune` or of
 `pretrain_checkpoint`, an export folder), in a process that never imports lomar.train, lomar.methods or lomar.cli;
-a classifier saved before specs still loads. A detector's or segmenter's checkpoint, which load_model refuses, is
-rebuilt there as README's Python section says."""
+a classifier saved before specs still loads. A detector's or segmenter's checkpoint is rebuilt there as README's Python
+section says, in its words, in a process that imports no lomar.integrations either."""
 
 from __future__ import annotations
 
@@ -125,30 +125,20 @@ for name in sys.argv[3:]:
             getattr(model, "encoder", model).forward_features(images)
 for name, images in (("segment.pt", torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))),
                      ("detect.pt", torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)))):
-    recipe = {"path": f"{sys.argv[1]}/{name}"}  # README's, statement by statement, in a namespace of its own
+    recipe = {"lomar": lomar, "path": f"{sys.argv[1]}/{name}"}  # README's, statement by statement, on their own
     exec("\\n".join(RECIPE[name]), recipe)
     model = recipe["model"]
     with torch.no_grad():
         outputs[name] = model(images) if name == "segment.pt" else model.backbone(images)
 training = sorted(m for m in sys.modules if m.split(".")[:2] in (["lomar", "train"], ["lomar", "methods"],
-                                                                 ["lomar", "cli"]))
+                                                                 ["lomar", "cli"], ["lomar", "integrations"]))
 assert not training, training
 torch.save(outputs, f"{sys.argv[1]}/outputs.pt")
 """
 
-# README's recipe for a `lomar detect` / `lomar segment` checkpoint, which load_model refuses: each statement as README
-# writes it (test_readme_writes_the_dense_recipe_run_here), run by the fresh process of _REBUILD.
-_LOAD = ['ckpt = lomar.safe_load(path)', 's = ckpt["settings"]',
-         'encoder = lomar.VisionTransformer(lomar.ViTConfig.from_dict(ckpt["encoder_config"]))']
-_LOADED = ['model.load_state_dict(ckpt["model"])', 'model.eval()']
-RECIPE = {
-    "detect.pt": ["import lomar.models.mask_rcnn", *_LOAD,
-                  'model = lomar.models.mask_rcnn.ViTMaskRCNN(encoder, len(ckpt["categories"]), '
-                  's["img_size"])', *_LOADED],
-    "segment.pt": ["import lomar.models.segmenter", *_LOAD,
-                   'model = lomar.models.segmenter.UperNetSegmenter(encoder, s["num_classes"], '
-                   'channels=s["head_channels"], aux_weight=s["aux_weight"])', *_LOADED],
-}
+# README's words for a `lomar detect` / `lomar segment` checkpoint: each statement as README writes it
+# (test_readme_writes_the_dense_recipe_run_here), run by the fresh process of _REBUILD.
+RECIPE = {name: ["model = lomar.load_model(path)", "model.eval()"] for name in ("detect.pt", "segment.pt")}
 _REBUILD = f"RECIPE = {RECIPE!r}\n{_REBUILD}"
 
 
