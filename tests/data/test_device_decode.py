@@ -93,23 +93,38 @@ def test_a_batch_is_normalised_in_one_call_not_one_per_photo(photos, monkeypatch
     assert batch["images"].shape == (7, 3, 64, 64)
 
 
-def test_a_file_the_decoder_refuses_leaves_the_batch(photos, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the device's own JPEG decoder (nvjpeg)"))])
+def test_a_file_the_decoder_refuses_leaves_the_batch(photos, tmp_path, device):
+    """A truncated JPEG is refused and said. On CUDA the decoder is nvjpeg (through torchvision), whose pixels may
+    differ from libjpeg's by a level or two. A camera's MPO file (its photo a JPEG, a preview after it) is left to the
+    workers (the device gets JPEGs alone) and joins the batch as they decoded it."""
     data = (photos / "photo0.jpg").read_bytes()
     (tmp_path / "good.jpg").write_bytes(data)
     (tmp_path / "truncated.jpg").write_bytes(data[:len(data) // 3])  # header intact, scan data cut
     (tmp_path / "zgood.jpg").write_bytes((photos / "photo1.jpg").read_bytes())
+    photo = _photo(7, (160, 240))
+    Image.fromarray(photo).save(tmp_path / "zmpo.jpg", "MPO", save_all=True,
+                                append_images=[Image.fromarray(photo[::4, ::4])], quality=90)
     base, encoded = _datasets(tmp_path)
-    items = [encoded[(i, 0)] for i in range(3)]
-    assert all(item["encoded"] is not None for item in items)  # the header parses: the device gets it
-    batch = decode_batch(collate_encoded(items), CPU, base.transform)
+    items = [encoded[(i, 0)] for i in range(4)]
+    # the header parses: the device gets it
+    assert [item["encoded"] is not None for item in items] == [True, True, True, False]
+    batch = decode_batch(collate_encoded(items), torch.device(device), base.transform)
     assert [Path(p).name for p in batch["bad"]] == ["truncated.jpg"]
     # said as the reference path says it (pretrain's warning and final error read "why"), not as a bare path
     (why,) = batch["why"].values()
     assert why.startswith(f"cannot decode image {tmp_path / 'truncated.jpg'}: ") and "refused" in why
     assert ".cpp:" not in why and "\n" not in why
-    assert [Path(p).name for p in batch["paths"]] == ["good.jpg", "zgood.jpg"]
-    assert batch["images"].shape[0] == batch["top_left"].shape[0] == batch["mask"].shape[0] == 2
-    torch.testing.assert_close(batch["images"][1], base[(2, 0)]["image"], rtol=0, atol=0)
+    assert [Path(p).name for p in batch["paths"]] == ["good.jpg", "zgood.jpg", "zmpo.jpg"]
+    assert batch["images"].shape[0] == batch["top_left"].shape[0] == batch["mask"].shape[0] == 3
+    assert batch["images"].device.type == device
+    decoded, want = batch["images"][1].cpu(), base[(2, 0)]["image"]
+    if device == "cpu":  # torchvision's CPU decoder is libjpeg, the reference path's
+        torch.testing.assert_close(decoded, want, rtol=0, atol=0)
+    else:  # nvjpeg upsamples chroma otherwise: tens of levels at hard colour edges; a wrong crop or flip moves the mean
+        assert float((decoded - want).abs().mean()) < 0.05  # normalised units: a level of 255 is 0.017 of them
+    torch.testing.assert_close(batch["images"][2].cpu(), base[(3, 0)]["image"], rtol=0, atol=0)
 
 
 def test_all_bad_batch_is_empty(photos):
