@@ -25,6 +25,13 @@ def test_auto_is_the_default_and_hits_the_papers_three_points(tmp_path, capsys, 
     assert f"# --windows auto = {windows} at --img-size {size}" in text
 
 
+def test_a_count_given_is_not_printed_as_autos(tmp_path, capsys):
+    """--windows 1 printed '# --windows auto = 4 at --img-size 224 ...' above 'windows: 1', as if auto gave it."""
+    config, text = _print_config(tmp_path, capsys, "--windows", "1")
+    assert config["windows"] == 1 and "--windows auto = " not in text
+    assert "# --windows 1 as set (auto: 4) at --img-size 224, patch 16, window 7: the paper's count" in text
+
+
 @pytest.mark.parametrize("method", ["mae", "beit"])
 def test_auto_is_one_global_window_for_the_global_methods(tmp_path, capsys, method):
     # MAE and BEiT mask the whole image in their papers; K x K windows are asked for with --windows N

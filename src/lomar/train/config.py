@@ -301,8 +301,10 @@ class PretrainConfig(TaskConfig):
         patch = vit_config(self).patch_size
         why = ("the paper's count for this patch, image and window size"
                if windows_source(self.img_size, patch, self.window_size) == "paper" else WINDOWS_RULE)
-        note = (f"# --windows auto = {auto} at --img-size {self.img_size}, patch {patch}, window {self.window_size}: "
-                f"{why}\n")
+        # a count given otherwise is not auto's: the line says both, not auto's above another value
+        given = f"--windows auto = {auto}" if self.windows == auto else \
+            f"--windows {self.windows} as set (auto: {auto})"
+        note = f"# {given} at --img-size {self.img_size}, patch {patch}, window {self.window_size}: {why}\n"
         return text.replace("\nwindows:", "\n" + note + "windows:", 1)
 
 
