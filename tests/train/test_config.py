@@ -532,3 +532,11 @@ def test_a_knn_data_from_the_settings_file_without_knn_every_is_named_as_its_lin
     assert capsys.readouterr().err.endswith(f"error: knn_data: {tmp_path / 'knn'} in {config} is used only with "
                                             f"--knn-every N (a k-NN evaluation every N epochs); add --knn-every 1, "
                                             f"or drop knn_data from {config}\n")
+
+
+@pytest.mark.parametrize("config", [FinetuneConfig, DetectConfig, SegmentConfig])
+def test_each_training_commands_out_help_names_the_files_a_run_leaves(config):
+    """segment's --out help named last.pt and not the best.pt its run keeps (and --eval-only reads first), and
+    finetune's no config.yaml, where detect's named both."""
+    said = declarations(config)["out"].help
+    assert all(name in said for name in ("config.yaml", "last.pt", "best.pt", "metrics.jsonl")), said

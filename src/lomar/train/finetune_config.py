@@ -54,7 +54,8 @@ class FinetuneConfig(TaskConfig):
     data: str | None = S.DATA.field()
     train: str | None = S.TRAIN.field()
     val: str | None = S.VAL.field()
-    out: str | None = S.OUT.field(help="output folder: last.pt, best.pt, metrics.jsonl (default: runs/<timestamp>)")
+    out: str | None = S.OUT.field(help="output folder: config.yaml, last.pt, best.pt (the best top-1), metrics.jsonl "
+                                       "(default: runs/<timestamp>)")
     img_size: int = S.IMG_SIZE.field(help="image size in pixels; may differ from the pretraining size")
     batch_size: int = S.BATCH_SIZE.field(help="images per process per step (even: mixup pairs)")
     accum_steps: int = S.ACCUM_STEPS.field()

@@ -58,8 +58,8 @@ class SegmentConfig(TaskConfig):
                                                 "encoder, said in the log)")
     model: str | None = S.MODEL.field(None, help=S.MODEL.help + "; the random encoder's architecture (default: "
                                              "vit_base_patch16 without --pretrained, whose encoder brings its own)")
-    out: str | None = S.OUT.field(help="output folder: last.pt, metrics.jsonl, predictions/, per_class.md (default: "
-                                       "runs/<timestamp>)")
+    out: str | None = S.OUT.field(help="output folder: config.yaml, last.pt, best.pt (the best-scoring mIoU), "
+                                       "metrics.jsonl, predictions/, per_class.md (default: runs/<timestamp>)")
     img_size: int = S.IMG_SIZE.field(512, help="training crop and evaluation scale (short side) in pixels, a "
                                                "multiple of twice the encoder's patch size (32 for patch 16)")
     batch_size: int = S.BATCH_SIZE.field(16, help="crops per process per step (training; an evaluation scores one "
