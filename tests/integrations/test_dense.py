@@ -126,6 +126,13 @@ def test_a_whole_pretraining_model_gives_its_encoder(tmp_path):
     assert (tmp_path / "exp" / "model.safetensors").is_file()
     with pytest.raises(TypeError, match="no lomar ViT encoder"):
         ViTDetBackbone(torch.nn.Linear(2, 2))
+    # the models' own backbones take a built encoder, and name the loader of the others
+    from lomar.models import backbones
+
+    for source in (tmp_path / "exp", model):
+        with pytest.raises(TypeError, match=r"^a dense backbone takes a lomar VisionTransformer, got \w+; "
+                                            r"lomar\.dense\.load_encoder reads one"):
+            backbones.ViTDetBackbone(source)
     with pytest.raises(ValueError, match="must be a file name"):
         export_encoder(model, tmp_path / "sub", weights_name="sub/x.safetensors")
 
