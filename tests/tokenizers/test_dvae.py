@@ -45,6 +45,29 @@ def test_dvae_case(case, form, tmp_path):
     assert torch.equal(logits.argmax(1), data["tokens"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the dVAE's fp16 convolutions run on CUDA only")
+@pytest.mark.parametrize("case", reference_cases(META))
+def test_dvae_case_on_cuda_runs_its_convs_in_fp16_as_the_original(case, monkeypatch):
+    """On CUDA every conv but the output one runs in fp16, as the original's did when it made BEiT's labels: the
+    logits come out fp32 on the device, within fp16's rounding of the CPU reference's (fp32), the same tokens but
+    for near ties."""
+    require_reference(case)
+    meta = json.loads((case / META).read_text())
+    data = {k: torch.from_numpy(v) for k, v in np.load(case / "dvae_case.npz").items()}
+    model = load_tokenizer(case / "dvae_encoder.pkl").cuda()
+    inputs, conv2d = [], torch.nn.functional.conv2d
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda x, w, *args, **kwargs: inputs.append(
+        (x.dtype, w.dtype, x.device.type)) or conv2d(x, w, *args, **kwargs))
+    with torch.no_grad():
+        logits = model.logits(map_pixels(data["x"].cuda(), meta["logit_laplace_eps"]))
+    half, full = (torch.float16,) * 2 + ("cuda",), (torch.float32,) * 2 + ("cuda",)
+    assert inputs == [half] * (len(inputs) - 1) + [full]
+    assert logits.dtype == torch.float32 and logits.device.type == "cuda"
+    want, got = data["logits"], logits.cpu()
+    assert float((got - want).abs().max()) < 2e-2 * float(want.abs().max())  # fp16 on the CPU: 1.5e-3
+    assert float((got.argmax(1) == data["tokens"]).float().mean()) > 0.9  # fp16 on the CPU: all equal
+
+
 def _evil(path: Path, marker: Path) -> Path:
     class Evil:
         def __reduce__(self):
