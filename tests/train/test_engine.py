@@ -89,6 +89,10 @@ def test_the_warmup_warning_names_the_setting_that_made_the_warm_up():
     assert "lower --schedule-steps" in warmup_warning(2, 400, 40, 1.0, config=given)
     assert "pass --max-steps 41 or more" in warmup_warning(2, 400, 40.5, 1.0, config=given, resumed=True)
     assert "drop --epochs" in warmup_warning(2, 400, 40, 1.0, config=SimpleNamespace(schedule_steps=None))
+    # epochs and warmup_epochs from a --config file: the fix named flags the user had not given
+    in_file = SimpleNamespace(schedule_steps=None, in_file={"epochs": "my.yaml", "warmup_epochs": "my.yaml"})
+    assert warmup_warning(2, 400, 40, 1.0, config=in_file).endswith(
+        "drop epochs from my.yaml to lay the schedule over --max-steps, or lower warmup_epochs in my.yaml")
 
 
 def test_a_warm_up_cut_to_the_schedule_is_said_with_both_lengths():
