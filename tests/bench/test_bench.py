@@ -373,6 +373,30 @@ def test_a_failing_configuration_is_a_row_and_the_next_one_runs(tmp_path, monkey
     assert "time_shares" in rows["lomar", 112] and "time_shares" not in rows["mae", 128]
 
 
+def test_a_sizes_runners_are_freed_before_the_next_sizes_are_built(tmp_path, monkeypatch, uncounted):
+    """With --profile the profiling loop's variable kept the size's last runner (model, AdamW state, batch; on a GPU
+    its memory) alive through the next size's build, memory step and timing: a larger size's peak memory counted it
+    and it could run out of memory where it fits."""
+    import gc
+    import weakref
+
+    from lomar.bench import profile
+
+    built, alive_at_build = [], []
+
+    def tracked(method, model, size, *args, **kwargs):
+        gc.collect()
+        alive_at_build.append((size, [(m, s) for m, s, ref in built if ref() is not None]))
+        runner = build_runner(method, model, size, *args, **kwargs)
+        built.append((method, size, weakref.ref(runner)))
+        return runner
+
+    monkeypatch.setattr(timing, "build_runner", tracked)
+    monkeypatch.setattr(profile, "profile_step", lambda runner: dict(shares={"gemm": 1.0}, total_ms=1.0, clock="CPU"))
+    assert main([*_SMALL, "--json", str(tmp_path / "bench.json"), "--profile", str(tmp_path / "profile.json")]) == 0
+    assert alive_at_build == [(112, []), (112, [("lomar", 112)]), (128, []), (128, [("lomar", 128)])]
+
+
 def test_a_step_that_raises_a_bug_keeps_its_traceback():
     """A shape mismatch in a method's step is a RuntimeError, as running out of memory is: it keeps its traceback."""
     runner = build_runner("mae", "vit_base_patch16", 112, None, 1, CPU, "fp32", False, tiny=True)

@@ -229,7 +229,9 @@ def run(args: argparse.Namespace) -> int:
             for row in results.end_size():
                 if (row["method"], row["windows"]) in shares:
                     row["time_shares"] = shares[row["method"], row["windows"]]
-            del runners
+            # r too: the profiling loop's variable would hold the size's last runner (model, optimizer state, batch)
+            # through the next size's build, memory step and timing
+            runners = r = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     except BaseException:  # Ctrl-C, SIGTERM, an error of the bench itself: what was measured is kept and shown
