@@ -8,7 +8,8 @@ Where each idea lives:
   :mod:`.kinds`; a folder's lock: :mod:`.file_lock`;
 - reading every format (one reader per format, detected once): :mod:`.formats` (its
   :func:`~lomar.checkpoints.formats.load_model` gives any checkpoint's model), the readers' shared pieces
-  :mod:`.reader`, BEiT's readers :mod:`.formats_beit`, the original code's :mod:`.original`, their key maps
+  :mod:`.reader`, BEiT's readers :mod:`.formats_beit`, ``lomar detect``'s and ``lomar segment``'s
+  :mod:`.formats_dense`, the original code's :mod:`.original`, their key maps
   :mod:`.keys` and :mod:`.keys_beit`, a sharded ``--fsdp`` folder :mod:`.sharded`;
 - writing an encoder for downstream use (safetensors + config.json): :mod:`.export` (BEiT's: :mod:`.export_beit`;
   the two files swapped in together: :mod:`.export_write`, :mod:`.export_leftovers`); what ``lomar export`` and
