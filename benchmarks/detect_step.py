@@ -30,8 +30,7 @@ def one_step(model_name: str, size: int, window: int, device: str, rois: int, at
     depth = model_config(model_name).depth
     config = model_config(model_name, img_size=size, drop_path=0.1, window_size=window, attention=attention,
                           global_blocks=vitdet_global_blocks(depth) if window else ())
-    model = ViTMaskRCNN(VisionTransformer(config), 80, size).to(device).train()
-    model.roi_heads.fg_bg_sampler.batch_size_per_image = rois
+    model = ViTMaskRCNN(VisionTransformer(config), 80, size, rois_per_image=rois).to(device).train()
     optimizer = fast_adamw(detector_param_groups(model, 0.1, 0.7), lr=1e-4)
     image = torch.rand(3, size, size, device=device)
     masks = torch.zeros(8, size, size, dtype=torch.uint8, device=device)

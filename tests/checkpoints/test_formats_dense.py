@@ -76,7 +76,8 @@ def test_a_dense_checkpoint_saves_its_spec_and_load_model_rebuilds_it(tmp_path, 
     assert spec["config"] == CONFIG.to_dict() == checkpoint["encoder_config"] and spec["prefix"] == ""
     if isinstance(model, ViTMaskRCNN):
         assert spec["arch"] == "lomar.models.mask_rcnn:ViTMaskRCNN"
-        assert spec["args"] == {"num_classes": 3, "size": 64, "out_channels": 256, "detections_per_image": 7}
+        assert spec["args"] == {"num_classes": 3, "size": 64, "out_channels": 256, "detections_per_image": 7,
+                                "rois_per_image": 512}
     else:
         assert spec["arch"] == "lomar.models.segmenter:UperNetSegmenter"
         assert spec["args"] == {"num_classes": 5, "out_indices": [0, 1, 2, 3], "channels": 16, "aux_weight": 0.4,
@@ -105,6 +106,17 @@ def test_a_dense_checkpoint_saved_before_specs_is_rebuilt_from_what_it_kept(tmp_
     atomic_save({k: v for k, v in checkpoint.items() if k != "model_spec"}, tmp_path / "old.pt")
     rebuilt = load_model(tmp_path / "old.pt").eval()
     assert type(rebuilt) is type(model) and _same(rebuilt, model)
+
+
+def test_a_detector_is_rebuilt_with_the_rois_its_training_sampled(tmp_path):
+    """--rois-per-image is its RoI sampler's size, which a loaded detector trained further samples too."""
+    model = _trained(ViTMaskRCNN(VisionTransformer(CONFIG), 3, 64, rois_per_image=32))
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 32
+    _, checkpoint = _detector_file(tmp_path / "new.pt", model, settings={"rois_per_image": 32})
+    assert checkpoint["model_spec"]["args"]["rois_per_image"] == 32
+    atomic_save({k: v for k, v in checkpoint.items() if k != "model_spec"}, tmp_path / "old.pt")
+    for path in (tmp_path / "new.pt", tmp_path / "old.pt"):
+        assert load_model(path).roi_heads.fg_bg_sampler.batch_size_per_image == 32
 
 
 def _refused(path, words: str) -> None:

@@ -50,6 +50,8 @@ def _spec_before_specs(src: Source, command: str) -> dict:
             raise ValueError(f"{src.path}: a `lomar detect` checkpoint saved without a model_spec and without its "
                              f"categories; it cannot be rebuilt from what it saved")
         args = {"num_classes": len(categories), "size": _settings(src, command, ("img_size",))["img_size"]}
+        if isinstance(rois := src.data["settings"].get("rois_per_image"), int):  # the sampler it trained with
+            args["rois_per_image"] = rois
     else:
         saved = _settings(src, command, ("num_classes", "head_channels", "aux_weight"))
         args = {"num_classes": saved["num_classes"], "channels": saved["head_channels"],

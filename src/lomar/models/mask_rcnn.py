@@ -139,7 +139,8 @@ def roi_pool(output_size: int) -> MultiScaleRoIAlign:
 
 class ViTMaskRCNN(BuiltOnEncoder, MaskRCNN):
     """torchvision's Mask R-CNN with ``num_classes`` foreground classes (labels 1..num_classes) on ``encoder``
-    (an absolute position table trained unless ``train_pos_embed`` is False), ``size`` x ``size`` input.
+    (an absolute position table trained unless ``train_pos_embed`` is False), ``size`` x ``size`` input;
+    ``rois_per_image``: the RoIs training samples per image for the box and mask heads (ViTDet's 512).
 
     In training, ``model(images, targets)`` -> dict of losses; in eval, ``model(images)`` -> per
     image {"boxes" (N, 4) xyxy, "labels" (N,), "scores" (N,), "masks" (N, 1, H, W) in [0, 1]} in
@@ -147,7 +148,8 @@ class ViTMaskRCNN(BuiltOnEncoder, MaskRCNN):
     """
 
     def __init__(self, encoder: VisionTransformer, num_classes: int, size: int, out_channels: int = 256,
-                 grad_checkpointing: bool = False, detections_per_image: int = 100, train_pos_embed: bool = True):
+                 grad_checkpointing: bool = False, detections_per_image: int = 100, train_pos_embed: bool = True,
+                 rois_per_image: int = 512):
         if size % 32:
             raise ValueError(f"the input size must be a multiple of 32 (the coarsest pyramid stride), got {size}")
         backbone = PyramidBackbone(encoder, out_channels, grad_checkpointing, train_pos_embed)
@@ -163,6 +165,7 @@ class ViTMaskRCNN(BuiltOnEncoder, MaskRCNN):
             rpn_post_nms_top_n_train=1000, rpn_post_nms_top_n_test=1000,
             box_roi_pool=roi_pool(7), box_head=box_head, representation_size=1024, mask_roi_pool=roi_pool(14),
             mask_head=mask_head, box_detections_per_img=detections_per_image,
+            box_batch_size_per_image=rois_per_image,
         )
         self.transform = FixedSizeTransform(size)
         for owner in (self.rpn, self.roi_heads):
@@ -173,8 +176,9 @@ class ViTMaskRCNN(BuiltOnEncoder, MaskRCNN):
         return self.backbone.encoder
 
     def spec_args(self) -> dict:
-        """The constructor's arguments beyond the encoder that shape the model or its predictions, read off its parts
-        (``grad_checkpointing`` and ``train_pos_embed`` change neither)."""
+        """The constructor's arguments beyond the encoder that shape the model, its predictions or its training losses,
+        read off its parts (``grad_checkpointing`` and ``train_pos_embed`` change none)."""
         return {"num_classes": self.roi_heads.box_predictor.cls_score.out_features - 1, "size": self.transform.size,
                 "out_channels": self.backbone.out_channels,
-                "detections_per_image": self.roi_heads.detections_per_img}
+                "detections_per_image": self.roi_heads.detections_per_img,
+                "rois_per_image": self.roi_heads.fg_bg_sampler.batch_size_per_image}

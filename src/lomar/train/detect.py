@@ -178,10 +178,10 @@ class DetectTask(Task):
                          f"zero (the pretrained encoder has none; --rel-pos none leaves it out)")
         cfg.rel_pos = encoder.config.rel_pos  # auto resolved: what the checkpoint records and a resume rebuilds
         encoder.set_grad_checkpointing(cfg.grad_checkpointing)
-        model = ViTMaskRCNN(encoder, len(self.categories), cfg.img_size, train_pos_embed=cfg.train_pos_embed)
+        model = ViTMaskRCNN(encoder, len(self.categories), cfg.img_size, train_pos_embed=cfg.train_pos_embed,
+                            rois_per_image=cfg.rois_per_image)
         for note in unused_encoder_flags(cfg, encoder):
             self.log(f"lomar detect: note: {note}")
-        model.roi_heads.fg_bg_sampler.batch_size_per_image = cfg.rois_per_image
         if saved is not None:
             model.load_state_dict(_fit_to_layout(ckpt["model"], model, encoder_config))
             self.source = {"checkpoint": str(saved), "step": ckpt.get("step")}  # of a folder: best.pt, else last.pt
