@@ -293,3 +293,23 @@ def test_window_attention_of_a_beit_in_both_contexts(abs_pos):
     tokens = beit.prepare_tokens(beit.patch_embed(image[None])[:, index], None, index[None])
     row = block_attention(beit, tokens, (3, 3))[0][0, :, 1 + 8].mean(0)
     torch.testing.assert_close(window.maps[0].flatten(), row[1:])
+
+
+def test_visualize_refuses_a_whole_detector_or_segmenter_as_other_encoder_readers_do(tmp_path, capsys):
+    """load_model rebuilds a `lomar segment` checkpoint, but no figure draws a segmenter: the refusal names the
+    encoder its run started from, not a pixel head it lacks."""
+    from types import SimpleNamespace
+
+    from lomar.models.segmenter import UperNetSegmenter
+    from lomar.train.segment import SegmentTask
+    from lomar.train.segment_config import SegmentConfig
+
+    model = UperNetSegmenter(VisionTransformer(ViTConfig(img_size=32, patch_size=16, embed_dim=16, depth=2,
+                                                         num_heads=2)), 3, channels=8, aux_channels=8)
+    task = SimpleNamespace(model=model, config=SegmentConfig(num_classes=3, head_channels=8))
+    atomic_save({"model": model.state_dict(), **SegmentTask.state(task), "step": 1}, tmp_path / "best.pt")
+    assert main(["visualize", str(tmp_path / "best.pt"), "--out", str(tmp_path / "fig")]) == 2
+    assert capsys.readouterr().err == (f"lomar visualize: error: checkpoint {tmp_path / 'best.pt'} is a whole `lomar "
+                                       f"segment` model, not an encoder; pass the encoder that run started from (its "
+                                       f"--pretrained), or a pretraining checkpoint or export\n")
+    assert not (tmp_path / "fig").exists()

@@ -55,7 +55,7 @@ def export_model(path: str | Path, **overrides) -> tuple[nn.Module, str | None]:
     and the ``lomar pretrain --method`` of a pretraining checkpoint (None for a classifier, an encoder or a BEiT)."""
     reader, src = read(path)
     if isinstance(reader, DenseReader):  # a whole detector or segmenter: its encoder is no export of a run's
-        raise whole_model_refusal(src)
+        raise whole_model_refusal(src.path, src.data)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if isinstance(reader, OriginalReader) and reader.method != "classifier":
         return reader.export_model(src, overrides), reader.method

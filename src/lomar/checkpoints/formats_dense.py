@@ -21,9 +21,10 @@ __all__ = ["DenseReader", "DENSE_ARCH", "whole_model_refusal"]
 DENSE_ARCH = {"detect": "lomar.models.mask_rcnn:ViTMaskRCNN", "segment": "lomar.models.segmenter:UperNetSegmenter"}
 
 
-def whole_model_refusal(src: Source) -> ValueError:
-    """The error for a detector's or segmenter's checkpoint given where an encoder is read."""
-    return ValueError(f"checkpoint {src.path} is a whole `lomar {run_command(src.data)}` model, not an encoder; pass "
+def whole_model_refusal(path, checkpoint: dict) -> ValueError:
+    """The error for a detector's or segmenter's checkpoint (at ``path``, ``checkpoint`` what it holds) given where an
+    encoder or a pretraining model is read."""
+    return ValueError(f"checkpoint {path} is a whole `lomar {run_command(checkpoint)}` model, not an encoder; pass "
                       f"the encoder that run started from (its --pretrained), or a pretraining checkpoint or export")
 
 
@@ -93,7 +94,7 @@ class DenseReader(Reader):
         return build_strict(spec, src.state, src.path)
 
     def encoder(self, src, overrides):
-        raise whole_model_refusal(src)
+        raise whole_model_refusal(src.path, src.data)
 
 
 # Before our pretraining and ViT readers: the file says which command wrote it.

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from lomar.checkpoints.file_names import LAST
+from lomar.checkpoints.kinds import run_command
 from lomar.cli.app import command_prefix
 from lomar.cli.common import add_override_arguments, check_input, check_output_dir, load_for_cli
 from lomar.cli.export import CHECKPOINT
@@ -85,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     check_input(args.checkpoint, f"checkpoint {args.checkpoint} does not exist; check the path")  # as load_model's
     import torch
 
+    from lomar.checkpoints.formats_dense import DENSE_ARCH, whole_model_refusal  # torch: not for --help
     from lomar.data.transforms import denormalize  # torch: not for --help
     from lomar.models import MAE, LoMaR  # torch: not for --help
     from lomar.models.beit import BEiT  # torch: not for --help
@@ -101,11 +103,13 @@ def run(args: argparse.Namespace) -> int:
         # A run folder: its last.pt has the pixel head; its export (encoder.safetensors, once finished) has not,
         # so read, the export would refuse a reconstruction asked of the run that made it.
         args.checkpoint = str(Path(args.checkpoint) / LAST)
+    meta = _meta(Path(args.checkpoint))
+    if run_command(meta) in DENSE_ARCH:  # load_model's detector or segmenter: no figure here draws one
+        raise UsageError(str(whole_model_refusal(args.checkpoint, meta)))
     model = load_for_cli(args.checkpoint, args)
     model.eval()
     encoder = getattr(model, "encoder", model)
     can_reconstruct = isinstance(model, (LoMaR, MAE))
-    meta = _meta(Path(args.checkpoint))
     token_model = _token_model(model, Path(args.checkpoint), meta) if isinstance(model, BEiT) else None
     if not can_reconstruct and token_model is None and not args.attention:
         what = ("a BEiT without its pretraining run's tokenizer: it predicts visual tokens, not pixels, so it "

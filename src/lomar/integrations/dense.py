@@ -29,7 +29,7 @@ def load_encoder(source: str | Path | VisionTransformer) -> VisionTransformer:
     else:
         reader, src = read(source)
         if isinstance(reader, DenseReader):  # a whole detector or segmenter, refused as every encoder reader does
-            raise whole_model_refusal(src)
+            raise whole_model_refusal(src.path, src.data)
         model = reader.model(src, {})
     if isinstance(model, BEiT):
         folder = not isinstance(source, nn.Module) and Path(source).is_dir()
