@@ -97,7 +97,7 @@ def test_each_torchrun_process_takes_a_gpu_it_sees(monkeypatch, visible, shown, 
         monkeypatch.setenv(name, value)
     for device in ("cuda", "auto"):
         if expected is None:
-            with pytest.raises(UsageError, match=r"^--device cuda under torchrun: LOCAL_RANK 3 but this process "
+            with pytest.raises(UsageError, match=rf"^--device {device} under torchrun: LOCAL_RANK 3 but this process "
                                                  rf"sees {visible} GPU\(s\); start at most {visible} process\(es\) a "
                                                  rf"machine \(torchrun --nproc-per-node {visible}\), or show each its "
                                                  rf"own GPU \(CUDA_VISIBLE_DEVICES\)$"):

@@ -41,6 +41,7 @@ def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    given = device  # a refusal names the value the user gave (or the default's), not 'auto''s choice
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -48,7 +49,7 @@ def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
         if not torch.cuda.is_available():
             raise ValueError(f"--device {device} asked for CUDA but none is available; use --device cpu")
         if dev.index is None:
-            dev = torch.device("cuda", _local_gpu(device, local) if world > 1 else torch.cuda.current_device())
+            dev = torch.device("cuda", _local_gpu(given, local) if world > 1 else torch.cuda.current_device())
         elif world > 1 and (here := int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)) > 1 \
                 and torch.cuda.device_count() > 1 and dev.index != local:
             # NCCL refuses two ranks on one GPU at their first collective, in a traceback of every rank. A process
