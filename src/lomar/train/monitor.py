@@ -35,8 +35,14 @@ def metric_value(key: str, value: float | None) -> str:
     if value is None or math.isnan(value):
         return "n/a"
     if key in _LABELS:
-        return f"{100 * value:.2f}%"
-    return f"{value:.2f}%" if key.startswith(_IN_PERCENT) else f"{value:.4g}"
+        return _percent(100 * value)
+    return _percent(value) if key.startswith(_IN_PERCENT) else f"{value:.4g}"
+
+
+def _percent(value: float) -> str:
+    """A percentage: two decimals, or two significant digits below 0.1 %, where two decimals would round a small
+    AP's 0.0487 to 0.05 and 0.004 to 0.00, a score read as none."""
+    return f"{value:.2f}%" if value == 0 or abs(value) >= 0.1 else f"{value:#.2g}%"
 
 
 def metric_text(key: str, value: float) -> str:
