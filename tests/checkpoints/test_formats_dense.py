@@ -49,7 +49,8 @@ def _segmenter_file(path, model=None) -> tuple[UperNetSegmenter, dict]:
     from lomar.train.segment_config import SegmentConfig
 
     model = model or _trained(UperNetSegmenter(VisionTransformer(CONFIG), 5, channels=16, aux_channels=8))
-    task = SimpleNamespace(model=model, config=SegmentConfig(num_classes=5, head_channels=16))
+    task = SimpleNamespace(model=model, config=SegmentConfig(num_classes=5, head_channels=16,
+                                                             aux_weight=model.aux_weight))
     checkpoint = {"model": model.state_dict(), **SegmentTask.state(task), "step": 2}
     atomic_save(checkpoint, path)
     return model, checkpoint
@@ -130,19 +131,28 @@ def _refused(path, words: str) -> None:
                                                           "UperNetSegmenter', not 'lomar.models.mask_rcnn:ViTMaskRCNN',"
                                                           " though it is a `lomar detect` checkpoint"),
     ({"arch": "lomar.train.detect:DetectTask"}, "its model_spec names 'lomar.train.detect:DetectTask', not"),
-    ({"args": {"num_classes": 7, "size": 64}}, "weights do not fit its model spec (lomar.models.mask_rcnn:ViTMaskRCNN)"
-                                               ": missing [], unexpected [], wrong shape"),
-    ({"args": {"num_classes": 3, "size": 60}}, "model spec of lomar.models.mask_rcnn:ViTMaskRCNN does not fit "
-                                               "ViTMaskRCNN: the input size must be a multiple of 32"),
+    ({"args": {"num_classes": 3, "size": 64, "out_channels": 128}},
+     "weights do not fit its model spec (lomar.models.mask_rcnn:ViTMaskRCNN): missing [], unexpected [], wrong shape"),
+    ({"args": {"num_classes": 3, "size": 60}, "settings": {"img_size": 60}},
+     "model spec of lomar.models.mask_rcnn:ViTMaskRCNN does not fit ViTMaskRCNN: the input size must be a multiple of "
+     "32"),
     ({"args": {"num_classes": 3, "size": 64, "heads": 2}}, "model spec of lomar.models.mask_rcnn:ViTMaskRCNN does not "
                                                            "fit ViTMaskRCNN: ViTMaskRCNN.__init__() got an unexpected "
                                                            "keyword argument 'heads'"),
     ({"config": {**CONFIG.to_dict(), "depth": 3}}, "its model_spec's config and its encoder_config describe other "
                                                    "encoders; delete the one it was not trained as"),
+    ({"args": {"num_classes": 7, "size": 64}}, "its model_spec's num_classes 7 differs from the 3 its settings and "
+                                               "categories give --eval-only; delete the one it was not trained with"),
+    ({"args": {"num_classes": 3, "size": 32}}, "its model_spec's size 32 differs from the 64 its settings"),
+    ({"args": {"num_classes": 3, "size": 64, "rois_per_image": 64}}, "its model_spec's rois_per_image 64 differs "
+                                                                     "from the 512 its settings"),
 ])
 def test_a_spec_that_does_not_fit_its_detector_is_refused_in_one_line(tmp_path, change, words):
+    """``change``: to its model_spec, a ``settings`` entry to its settings (an --eval-only rebuild of the same head)."""
     _, checkpoint = _detector_file(tmp_path / "d.pt")
-    atomic_save({**checkpoint, "model_spec": {**checkpoint["model_spec"], **change}}, tmp_path / "bad.pt")
+    settings = {**checkpoint["settings"], **change.pop("settings", {})}
+    atomic_save({**checkpoint, "model_spec": {**checkpoint["model_spec"], **change}, "settings": settings},
+                tmp_path / "bad.pt")
     _refused(tmp_path / "bad.pt", f"{tmp_path / 'bad.pt'}: {words}")
 
 

@@ -62,7 +62,8 @@ def _spec_before_specs(src: Source, command: str) -> dict:
 
 def dense_spec(src: Source) -> dict:
     """The model spec of a detector's or segmenter's checkpoint: saved, or derived from what it kept before specs.
-    ValueError for a spec of another model, or one whose encoder differs from its saved ``encoder_config``."""
+    ValueError for a spec of another model, or one whose encoder or head differs from what ``--eval-only`` rebuilds
+    (its ``encoder_config``, ``settings`` and ``categories``)."""
     command = run_command(src.data)
     spec = src.data.get("model_spec")
     if spec is None:
@@ -76,6 +77,15 @@ def dense_spec(src: Source) -> dict:
         # load_model would rebuild the one and --eval-only the other
         raise ValueError(f"{src.path}: its model_spec's config and its encoder_config describe other encoders; "
                          f"delete the one it was not trained as")
+    try:  # the head --eval-only rebuilds, as one saved before specs
+        kept = _spec_before_specs(src, command)["args"]
+    except ValueError:  # too little kept to rebuild it without its spec: nothing to contradict
+        kept = {}
+    args = spec.get("args") if isinstance(spec.get("args"), dict) else {}
+    if differ := sorted(k for k in kept.keys() & args.keys() if args[k] != kept[k]):
+        raise ValueError(f"{src.path}: its model_spec's {differ[0]} {args[differ[0]]!r} differs from the "
+                         f"{kept[differ[0]]!r} its settings and categories give --eval-only; delete the one it was not "
+                         f"trained with")
     return spec
 
 
