@@ -330,7 +330,7 @@ def test_two_step_run_writes_miou_per_class_scores_and_predictions(digits, pretr
     assert ("lomar segment: note: --no-train-pos-embed is unused: it acts on an absolute position table (MAE's), "
             "and this encoder has none\n") in err  # LoMaR's: iRPE
     # the per-class table at the final evaluation only, not at step 1's
-    assert captured.out.count("lomar segment: lowest IoU: ") == 1
+    assert captured.out.count("lomar segment: lowest IoU (%): ") == 1  # percent, as every printed score
     assert f"every class in {out / 'per_class.md'}" in captured.out
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]

@@ -216,7 +216,7 @@ class SegmentTask(Task):
         sizes = (self.config.img_size, self.source["trained_img_size"]) if self.source else None
         path = _write_per_class(Path(out), self.scored, self.class_labels, sizes)
         lowest = lowest_classes(self.scored["IoU"], self.class_labels)
-        print(f"lomar segment: lowest IoU: {lowest or 'none defined'}; every class in {path}", flush=True)
+        print(f"lomar segment: lowest IoU (%): {lowest or 'none defined'}; every class in {path}", flush=True)
 
     @staticmethod
     def draw_curves(config: SegmentConfig, out: Path) -> None:
