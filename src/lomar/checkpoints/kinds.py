@@ -7,7 +7,7 @@ from pathlib import Path
 from lomar.checkpoints.file_names import BEST, LAST
 
 __all__ = ["PRETRAIN_FORMAT", "CLASSIFIER_FORMAT", "FINETUNE_FORMAT", "DETECT_FORMAT", "SEGMENT_TASK", "run_command",
-           "FoundCheckpoint", "find_command_checkpoint", "classifier_pool"]
+           "FoundCheckpoint", "find_command_checkpoint", "classifier_pool", "trained_precision"]
 
 PRETRAIN_FORMAT = "lomar-pretrain-2"  # 2: `windows` is meant for every method (an MAE run saved 4 unused)
 CLASSIFIER_FORMAT = "lomar-classifier-1"
@@ -56,3 +56,11 @@ def classifier_pool(checkpoint: dict, state: dict) -> str:
     """How a classifier checkpoint (a head in ``state``, its weights) pools its tokens: as it saved (`lomar finetune
     --global-pool`), else 'avg' where it holds fc_norm (the averaging head's norm), else 'cls'."""
     return checkpoint.get("global_pool") or ("avg" if "fc_norm.weight" in state else "cls")
+
+
+def trained_precision(checkpoint: dict) -> str | None:
+    """The precision a training run's ``checkpoint`` was trained (and evaluated) in: its --precision, or where that was
+    auto, the precision auto chose on its machine (recorded beside its step); None where it records neither (an older
+    lomar's)."""
+    run = checkpoint.get("settings") if isinstance(checkpoint.get("settings"), dict) else {}
+    return checkpoint.get("precision") if run.get("precision", "auto") == "auto" else run.get("precision")

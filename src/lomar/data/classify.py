@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 import random
+from functools import partial
 
 import numpy as np
 import torch
 
+from lomar.data.decode import load_image_reduced
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD, sample_key, sample_seed
 
-__all__ = ["classification_transforms", "eval_crop_ratio", "eval_resize", "IMAGENET_CROP", "bound_aspect",
-           "MAX_ASPECT", "SeededSamples"]
+__all__ = ["classification_transforms", "classification_eval_transform", "draft_eval_load", "eval_crop_ratio",
+           "eval_resize", "IMAGENET_CROP", "bound_aspect", "MAX_ASPECT", "SeededSamples"]
 
 MAX_ASPECT = 16  # long side / short side up to which an evaluation transform resizes an image whole
 
@@ -95,10 +97,32 @@ def classification_transforms(img_size: int, aa: str = "rand-m9-mstd0.5-inc1", r
     for op in _augment_ops(train_tf):
         if op.name.startswith("Posterize"):
             op.aug_fn = _posterize_any_bits
+    return train_tf, classification_eval_transform(img_size)
+
+
+def classification_eval_transform(img_size: int):
+    """The finetune recipe's evaluation transform (PIL image -> float (3, img_size, img_size), ImageNet-normalised):
+    timm's bicubic short-side resize and centre crop of :func:`eval_crop_ratio`, strips cut to :data:`MAX_ASPECT`
+    first (:func:`bound_aspect`); what ``lomar finetune`` scores its validation split with and ``lomar predict`` runs
+    a classifier on."""
+    from timm.data import create_transform
+
     val_tf = create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=eval_crop_ratio(img_size),
                               mean=IMAGENET_MEAN, std=IMAGENET_STD)
     val_tf.transforms.insert(0, bound_aspect)  # its Resize is of the short side: strips first
-    return train_tf, val_tf
+    return val_tf
+
+
+def draft_eval_load(val_tf):
+    """The image reader of an evaluation under ``--decode draft``: a JPEG at the DCT scale that keeps its short side at
+    least ``val_tf``'s resize (its centre crop is then the full decode's); None where it resizes no short side (the
+    whole photo is read)."""
+    from torchvision.transforms import Resize  # torchvision imports torch._dynamo: only for an evaluation
+
+    resize = next((t.size for t in val_tf.transforms if isinstance(t, Resize)), None)
+    if resize is None:  # no short-side resize to keep: the whole photo
+        return None
+    return partial(load_image_reduced, min_side=resize if isinstance(resize, int) else min(resize))
 
 
 class SeededSamples:

@@ -42,7 +42,7 @@ from lomar.data.transforms import sample_generator, sample_key
 from lomar.errors import exception_line
 
 __all__ = ["IGNORE", "MAX_CLASS_ID", "MEAN", "STD", "CLASS_LIST", "SegmentationFolder", "read_labels", "eval_scale",
-           "collate_segmentation", "class_names"]
+           "eval_input", "collate_segmentation", "class_names"]
 
 log = logging.getLogger("lomar.data")
 IGNORE = 255  # in items and in annotation files (as 0 is in files)
@@ -167,6 +167,12 @@ def eval_scale(height: int, width: int, crop: int) -> tuple[int, int]:
     return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
 
 
+def eval_input(image: torch.Tensor, crop: int) -> torch.Tensor:
+    """uint8 (3, H, W) -> float (3, h, w) at :func:`eval_scale` (bilinear, antialiased), ImageNet-normalised: what a
+    segmenter is evaluated on (``lomar segment``'s validation images, ``lomar predict``'s)."""
+    return (_resize(image.float(), eval_scale(*image.shape[-2:], crop)) - MEAN) / STD
+
+
 class SegmentationFolder(Dataset):
     """One split of an ADE20K-layout folder.
 
@@ -225,8 +231,7 @@ class SegmentationFolder(Dataset):
         except ValueError as exc:  # checked at start-up from the headers; the data may still be cut short
             return Skipped.warned(exc, index, self.skipped)
         if not self.train:
-            size = eval_scale(*image.shape[-2:], self.crop)
-            return (_resize(image.float(), size) - MEAN) / STD, labels, self.images[index].stem
+            return eval_input(image, self.crop), labels, self.images[index].stem
         return self._augment(image, labels, sample_generator(self.seed, epoch, index))
 
     def _augment(self, image: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["confusion_matrix", "segmentation_metrics", "score_text", "per_class_table", "lowest_classes",
-           "predict_logits"]
+           "predict_logits", "slide_stride", "label_map", "label_png"]
 
 
 def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255
@@ -97,3 +97,26 @@ def predict_logits(model, image: torch.Tensor, num_classes: int, mode: str = "wh
             total[..., top:top + crop, left:left + crop] += model(padded[..., top:top + crop, left:left + crop]).float()
             count[..., top:top + crop, left:left + crop] += 1
     return (total / count)[..., :h, :w]
+
+
+def slide_stride(stride: int | None, crop: int) -> int:
+    """The sliding windows' stride of a run's ``--eval-stride`` (None: 2/3 of its ``crop``, mmseg's 341 at 512)."""
+    return stride or crop * 2 // 3
+
+
+def label_map(model, image: torch.Tensor, size: tuple[int, int], num_classes: int, mode: str, crop: int,
+              stride: int) -> torch.Tensor:
+    """(H, W) int64 classes 0..N-1 of one normalised image (1, 3, h, w): its :func:`predict_logits` resized
+    (bilinear) to ``size`` (H, W), the labels' or the photo's own, then the most likely class of each pixel."""
+    logits = predict_logits(model, image, num_classes, mode, crop, stride)
+    logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+    return logits.argmax(1)[0].cpu()
+
+
+def label_png(labels: torch.Tensor, zero_label: str) -> bytes:
+    """An (H, W) map of classes 0..N-1 as an 8-bit PNG in its run's annotations' encoding: class + 1 where the
+    annotations' 0 is unlabelled (``zero_label`` ignore, ADE20K's), the class itself where 0 is a class."""
+    from torchvision.io import encode_png  # torchvision imports torch._dynamo (about a second): only when written
+
+    first_id = 1 if zero_label == "ignore" else 0
+    return encode_png((labels + first_id).to(torch.uint8)[None]).numpy().tobytes()

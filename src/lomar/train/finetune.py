@@ -15,7 +15,6 @@ image's augmentation is seeded by (seed, epoch, index), whichever worker makes i
 from __future__ import annotations
 
 import sys
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,14 +24,13 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.beit import Beit
 from timm.optim import param_groups_layer_decay
 from torch.utils.data import DataLoader, Subset
-from torchvision.transforms import Resize
 
 from lomar.checkpoints.formats import VitReader, identify
 from lomar.checkpoints.kinds import FINETUNE_FORMAT
 from lomar.data.class_names import classes_only_in, relabel, unicode_forms_note
-from lomar.data.classify import SeededSamples, classification_transforms
+from lomar.data.classify import SeededSamples, classification_transforms, draft_eval_load
 from lomar.data.collate import collate_labelled, collate_labelled_refill
-from lomar.data.decode import THUMBNAIL_FOLDERS, load_image_reduced
+from lomar.data.decode import THUMBNAIL_FOLDERS
 from lomar.data.draft_classify import DraftCropFolder
 from lomar.data.folder import LabelledImageFolder
 from lomar.data.samplers import EpochSampler
@@ -63,7 +61,8 @@ def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
     try:  # every process lists the class folders alike: the first of each machine says what it left out
         with said_by_first_on_machine():
             train_set = None if config.eval_only else LabelledImageFolder(train_root, train_tf)
-            val_set = LabelledImageFolder(val_root, val_tf, _val_load(val_tf) if config.decode == "draft" else None)
+            val_load = draft_eval_load(val_tf) if config.decode == "draft" else None
+            val_set = LabelledImageFolder(val_root, val_tf, val_load)
             if train_set is None:  # --eval-only: each label the row of its class's name in the classifier's head
                 saved = config.classifier.checkpoint
                 relabel(val_set, saved.get("classes"), saved.get("num_classes"), config.classifier.path)
@@ -90,15 +89,6 @@ def _loaders(config: FinetuneConfig, train_root: Path, val_root: Path,
                        collate_fn=collate_labelled_refill,
                        generator=torch.Generator().manual_seed(config.seed + info.rank), **common)
     return train, val, train_set.classes
-
-
-def _val_load(val_tf):
-    """The evaluation's loader for --decode draft: a JPEG at the DCT scale that keeps its short side at least the
-    transform's resize (its centre crop is then the full decode's)."""
-    resize = next((t.size for t in val_tf.transforms if isinstance(t, Resize)), None)
-    if resize is None:  # no short-side resize to keep: the whole photo
-        return None
-    return partial(load_image_reduced, min_side=resize if isinstance(resize, int) else min(resize))
 
 
 class _BEiTLayers:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lomar.checkpoints.kinds import classifier_pool, find_command_checkpoint
+from lomar.checkpoints.kinds import classifier_pool, find_command_checkpoint, trained_precision
 from lomar.train import settings as S
 from lomar.train.config_checks import (
     EVAL_DECODES,
@@ -139,9 +139,7 @@ class FinetuneConfig(TaskConfig):
         layout = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
         pool = classifier_pool(ckpt, ckpt.get("model", {}))
         run = ckpt.get("settings") if isinstance(ckpt.get("settings"), dict) else {}
-        # a run under --precision auto records that setting and, beside its step, the precision auto chose there
-        ran = ckpt.get("precision") if run.get("precision", "auto") == "auto" else run.get("precision")
-        own = {"global_pool": pool, "img_size": layout.get("img_size"), "precision": ran,
+        own = {"global_pool": pool, "img_size": layout.get("img_size"), "precision": trained_precision(ckpt),
                "decode": run.get("decode"), **{k: layout.get(k) for k in CLASSIFIER_OWN[1:]}}
         own = coerce_all(type(self), {k: v for k, v in own.items() if v is not None}, str(saved), strict=False)
         own["global_blocks"] = own.get("global_blocks") or None  # () of a global encoder: no --global-blocks

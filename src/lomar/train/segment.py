@@ -17,9 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from torchvision.io import encode_png
 
 from lomar.checkpoints.file_names import METRICS
 from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text, mismatch
@@ -31,11 +29,13 @@ from lomar.errors import LomarError, UsageError
 from lomar.eval.features import load_pretrained_encoder
 from lomar.eval.segmentation import (
     confusion_matrix,
+    label_map,
+    label_png,
     lowest_classes,
     per_class_table,
-    predict_logits,
     score_text,
     segmentation_metrics,
+    slide_stride,
 )
 from lomar.integrations.dense import with_rel_pos
 from lomar.integrations.segmenter import layer_decay_groups
@@ -169,21 +169,19 @@ class SegmentTask(Task):
         model, config, info = self.model, self.config, self.info
         was_training = model.training
         model.eval()
-        stride = config.eval_stride or config.img_size * 2 // 3
+        stride = slide_stride(config.eval_stride, config.img_size)
         confusion = torch.zeros(config.num_classes, config.num_classes, dtype=torch.int64)
-        pngs, skipped, first_id = [], [], 1 if config.zero_label == "ignore" else 0
+        pngs, skipped = [], []
         try:
             for index in range(info.rank, len(self.val_set), info.world_size):
                 if isinstance(item := self.val_set[index], Skipped):  # warned of at its first read; counted
                     skipped.append(item)
                     continue
                 image, labels, stem = item
-                logits = predict_logits(model, image[None].to(self.device), config.num_classes, config.eval_mode,
-                                        config.img_size, stride)
-                logits = F.interpolate(logits.float(), size=labels.shape, mode="bilinear", align_corners=False)
-                pred = logits.argmax(1)[0].cpu()
+                pred = label_map(model, image[None].to(self.device), tuple(labels.shape), config.num_classes,
+                                 config.eval_mode, config.img_size, stride)
                 confusion += confusion_matrix(pred, labels, config.num_classes)
-                pngs.append((stem, encode_png((pred + first_id).to(torch.uint8)[None]).numpy().tobytes()))
+                pngs.append((stem, label_png(pred, config.zero_label)))
         finally:
             model.train(was_training)
         if info.enabled:
