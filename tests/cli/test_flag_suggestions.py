@@ -62,12 +62,12 @@ SUGGESTED = [
                                              "detect and segment, not of lomar bench; did you mean --steps?"),
     # another command's flag for what this command's flag does (the table's entry of both): where the files go
     (["export", "ck.pt", "--to", "y", "--out", "x"], "export",
-     "--out x; --out is a flag of lomar pretrain, finetune, detect, segment, compose-digits, visualize, study and "
-     "tokenizer fit, not of lomar export; did you mean --to?"),
+     "--out x; --out is a flag of lomar pretrain, finetune, detect, segment, predict, compose-digits, visualize, study "
+     "and tokenizer fit, not of lomar export; did you mean --to?"),
     # ... before argparse's missing --to, which the suggestion names (an unknown flag it does not: both said)
     (["export", "ck.pt", "--out", "x"], "export",
-     "--out; --out is a flag of lomar pretrain, finetune, detect, segment, compose-digits, visualize, study and "
-     "tokenizer fit, not of lomar export; did you mean --to?"),
+     "--out; --out is a flag of lomar pretrain, finetune, detect, segment, predict, compose-digits, visualize, study "
+     "and tokenizer fit, not of lomar export; did you mean --to?"),
     (["export", "ck.pt", "--bogus"], "export", "--bogus; the following arguments are required: --to"),
 ]
 

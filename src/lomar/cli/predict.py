@@ -1,0 +1,130 @@
+"""``lomar predict CKPT IMAGES... --out DIR``: a trained classifier, detector or segmenter run on a user's own images
+(the work: :mod:`lomar.eval.predict`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lomar.checkpoints.kinds import trained_precision
+from lomar.cli.app import command_prefix
+from lomar.cli.common import check_input, check_output_dir, resolve_device
+from lomar.errors import UsageError
+from lomar.train import settings as S
+from lomar.train.runtime import default_workers, use_threads
+from lomar.train.segment_config import SegmentConfig
+from lomar.train.setting_flags import add_settings
+from lomar.train.settings import Setting
+from lomar.values import counted
+
+__all__ = ["add_arguments", "run", "SETTINGS"]
+
+SETTINGS = {
+    "checkpoint": Setting(None, "the best.pt or last.pt of a `lomar finetune`, `lomar detect` or `lomar segment` "
+                          "run, or its run folder (its best.pt, else last.pt)", kind=str, flag="", metavar="CKPT",
+                          path=True),
+    "images": Setting(None, "image files and folders (searched recursively, as the training commands search one)",
+                      kind=str, flag="", nargs="+", metavar="IMAGES", path=True),
+    "out": S.TO.but(metavar="DIR", help="output folder (created if missing)"),
+    "top_k": Setting(5, "classifier: the most probable classes written per image", above=0),
+    "score_threshold": Setting(0.0, "detector: leave out detections scored below this (default: 0, every detection the "
+                               "model returns, as in detect's predictions.json)", low=0, high=1),
+    "eval_mode": S.declarations(SegmentConfig)["eval_mode"].but(
+        default=None,
+        help="segmenter: slide = windows of the run's --img-size every --eval-stride pixels, whole = the whole image "
+             "at once (default: the run's --eval-mode)"),
+    "device": S.DEVICE,
+    "batch_size": S.BATCH_SIZE.but(default=16, help="images per forward pass (a segmenter's: one, as segment "
+                                                    "evaluates)"),
+    "workers": S.WORKERS,
+    "threads": S.THREADS,
+    "overwrite": S.OVERWRITE.but(help="replace the prediction files an earlier lomar predict wrote in DIR (other "
+                                      "files there are left alone)"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "A classifier writes DIR/predictions.jsonl: one line per image, {\"path\", \"top_k\": [{\"class\", "
+        "\"probability\"}, ...]}; a detector DIR/predictions.json: COCO results as detect's own, each with the "
+        "image's path as its image_id and its category_name; a segmenter DIR/NAME.png per image (NAME: its path below "
+        "the folder given, without its suffix): its classes at the image's size, numbered as the run's annotations "
+        "(class + 1 under --zero-label ignore). Each image is read and preprocessed as the command's evaluation "
+        "(--eval-only) reads a validation image.")
+    add_settings(parser, SETTINGS)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, "--out")  # the text given: Path("") would be the working folder
+    check_input(args.checkpoint, f"checkpoint {args.checkpoint} does not exist; check the path")  # as load_model's
+    for given in args.images:
+        check_input(given, f"{given} does not exist; pass image files or folders of images")
+    import torch
+
+    from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text  # torch: not for --help
+    from lomar.eval import predict  # torch: not for --help
+    from lomar.train.precision import autocast_factory, resolve_precision  # torch: not for --help
+
+    device = torch.device(resolve_device(args.device))
+    use_threads(args.threads)
+    trained = predict.load_trained(args.checkpoint)
+    images = predict.list_images(args.images)
+    out = Path(args.out)
+    targets = ([out / predict.OUTPUTS[trained.kind]] if trained.kind in predict.OUTPUTS
+               else _png_paths(out, images))
+    if not args.overwrite and (there := next((path for path in targets if path.exists()), None)):
+        raise UsageError(f"{there} already exists; pass --overwrite to replace it, or another --out")
+    workers = default_workers() if args.workers is None else args.workers
+    skipped: list[str] = []
+    me = command_prefix(args)
+    if trained.kind == "segmenter":
+        mode = args.eval_mode or trained.checkpoint["settings"].get("eval_mode", "slide")
+        written = 0
+        for image, png in predict.segment(trained, images, device, mode, workers, skipped):
+            (out / f"{image.name}.png").parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(out / f"{image.name}.png", png)
+            written += 1
+        what, where = f"label maps ({mode}, {trained.checkpoint['settings']['num_classes']} classes)", out
+    elif trained.kind == "classifier":
+        precision = resolve_precision(trained_precision(trained.checkpoint) or "auto", device)
+        rows = predict.classify(trained, images, device, args.top_k, args.batch_size, workers, skipped,
+                                autocast_factory(precision, device))
+        _some_read(images, skipped)
+        out.mkdir(parents=True, exist_ok=True)
+        where = atomic_write_text(out / predict.OUTPUTS["classifier"],
+                                  "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        written = len(rows)
+        what = f"top-{min(args.top_k, trained.model.num_classes)} of {trained.model.num_classes} classes, {precision}"
+    else:
+        results = predict.detect(trained, images, device, args.score_threshold, args.batch_size, workers, skipped)
+        _some_read(images, skipped)
+        out.mkdir(parents=True, exist_ok=True)
+        where = atomic_write_text(out / predict.OUTPUTS["detector"], json.dumps(results))
+        written = len(images) - len(skipped)
+        threshold = f" scored {args.score_threshold:g} or more" if args.score_threshold else ""
+        what = f"{counted(len(results), 'detection')}{threshold}"
+    _some_read(images, skipped)
+    if skipped:
+        print(f"{me}: {counted(len(skipped), 'unreadable image')} skipped (each warned of above), e.g. {skipped[0]}",
+              file=sys.stderr)
+    print(f"{me}: {counted(written, 'image')} ({trained.kind} {trained.path}), {what} -> {where}")
+    return 0
+
+
+def _png_paths(out: Path, images) -> list[Path]:
+    """A segmenter's PNG of each image in ``out``; UsageError where two images would write one."""
+    paths: dict[Path, str] = {}
+    for image in images:
+        if (first := paths.setdefault(out / f"{image.name}.png", image.path)) != image.path:
+            raise UsageError(f"{first} and {image.path} would both write {out / image.name}.png; predict them into "
+                             f"separate --out folders, or rename one")
+    return list(paths)
+
+
+def _some_read(images, skipped: list[str]) -> None:
+    """UsageError where no image could be read (each warned of as it was met): nothing to write."""
+    if len(skipped) == len(images):
+        raise UsageError(f"none of the {counted(len(images), 'image')} could be read ({skipped[0]}); pass images "
+                         f"lomar reads (JPEG, PNG, ...)")

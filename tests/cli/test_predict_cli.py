@@ -1,0 +1,124 @@
+"""`lomar predict`'s command line (lomar.cli.predict): what it cannot run or read is refused in one line naming the
+fix (exit 2), a path that is not there before torch is imported; an unreadable image is skipped, warned of and
+counted; --out's prediction files are replaced only with --overwrite."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from lomar.cli.app import main
+
+COMMON = ["--workers", "0", "--threads", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory, pretrained, labelled_folder):
+    """A `lomar finetune` run folder of the two classes of ``labelled_folder``."""
+    run = tmp_path_factory.mktemp("ft") / "run"
+    assert main(["finetune", "--pretrained", str(pretrained), "--data", str(labelled_folder), "--img-size", "32",
+                 "--out", str(run), "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--aa", "none", "--epochs", "1",
+                 "--batch-size", "4", "--precision", "fp32", *COMMON]) == 0
+    return run
+
+
+def _error(capsys, *argv: str) -> str:
+    """The one line a refused `lomar predict ARGV` says (exit 2), written nothing to stdout."""
+    capsys.readouterr()
+    assert main(["predict", *argv, *COMMON]) == 2
+    out, err = capsys.readouterr()
+    assert not out and err.count("\n") == 1 and err.startswith("lomar predict: error: "), err
+    return err
+
+
+def test_a_checkpoint_that_predicts_nothing_names_the_command_that_takes_it(tmp_path, capsys, pretrained,
+                                                                            labelled_folder):
+    images = str(labelled_folder / "val")
+    for given in (pretrained, pretrained.parent):  # the file, and its run folder (its last.pt)
+        err = _error(capsys, str(given), images, "--out", str(tmp_path / "out"))
+        assert f"{pretrained} is a pretraining checkpoint, which predicts no labels" in err
+        assert f"lomar finetune / detect / segment --pretrained {pretrained}" in err
+    assert main(["export", str(pretrained), "--to", str(tmp_path / "export")]) == 0
+    err = _error(capsys, str(tmp_path / "export"), images, "--out", str(tmp_path / "out"))
+    assert f"{tmp_path / 'export'} is an exported encoder, which predicts no labels; pass the best.pt" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_paths_that_are_not_there_are_refused(tmp_path, capsys, classifier, labelled_folder):
+    out = ["--out", str(tmp_path / "out")]
+    assert f"checkpoint {tmp_path / 'no.pt'} does not exist" in _error(capsys, str(tmp_path / "no.pt"), ".", *out)
+    err = _error(capsys, str(classifier), str(labelled_folder / "val"), str(tmp_path / "no.png"), *out)
+    assert f"{tmp_path / 'no.png'} does not exist; pass image files or folders of images" in err
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no image")
+    err = _error(capsys, str(classifier), str(tmp_path / "empty"), *out)
+    assert f"no images found in {tmp_path / 'empty'}; supported extensions: " in err
+    (tmp_path / "file").write_text("")
+    assert "--out " + str(tmp_path / "file") + " is a file, not a folder" in _error(
+        capsys, str(classifier), str(labelled_folder / "val"), "--out", str(tmp_path / "file"))
+
+
+def test_unreadable_images_are_skipped_warned_of_and_counted(tmp_path, capsys, caplog, classifier, labelled_folder):
+    images = tmp_path / "images"
+    images.mkdir()
+    good = sorted((labelled_folder / "val").rglob("*.png"))[:2]
+    for i, path in enumerate(good):
+        (images / f"{i}.png").write_bytes(path.read_bytes())
+    (images / "broken.png").write_bytes(b"not a png")
+    capsys.readouterr()
+    with caplog.at_level("WARNING", logger="lomar.data"):
+        assert main(["predict", str(classifier), str(images), "--out", str(tmp_path / "out"), *COMMON]) == 0
+    assert "broken.png" in caplog.text
+    out, err = capsys.readouterr()
+    assert "lomar predict: 1 unreadable image skipped (each warned of above), e.g. " in err and "broken.png" in err
+    assert out == (f"lomar predict: 2 images (classifier {classifier / 'best.pt'}), top-2 of 2 classes, fp32 -> "
+                   f"{tmp_path / 'out' / 'predictions.jsonl'}\n")
+    assert len((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()) == 2
+    (images / "0.png").unlink()
+    (images / "1.png").unlink()
+    err = _error(capsys, str(classifier), str(images), "--out", str(tmp_path / "none"))
+    assert "none of the 1 image could be read" in err and not (tmp_path / "none").exists()
+
+
+def test_predictions_in_out_are_replaced_only_with_overwrite(tmp_path, capsys, classifier, labelled_folder):
+    image = str(next((labelled_folder / "val").rglob("*.png")))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.md").write_text("mine")
+    assert main(["predict", str(classifier), image, "--out", str(tmp_path / "out"), *COMMON]) == 0
+    before = (tmp_path / "out" / "predictions.jsonl").read_text()
+    (tmp_path / "out" / "predictions.jsonl").write_text("older")
+    err = _error(capsys, str(classifier), image, "--out", str(tmp_path / "out"))
+    assert f"{tmp_path / 'out' / 'predictions.jsonl'} already exists; pass --overwrite to replace it" in err
+    assert main(["predict", str(classifier), image, "--out", str(tmp_path / "out"), "--overwrite", *COMMON]) == 0
+    assert (tmp_path / "out" / "predictions.jsonl").read_text() == before
+    assert (tmp_path / "out" / "notes.md").read_text() == "mine"  # other files left alone
+
+
+def test_two_images_that_would_write_one_label_map_are_refused(tmp_path):
+    from lomar.cli.predict import _png_paths
+    from lomar.errors import UsageError
+    from lomar.eval.predict import list_images
+
+    for folder in ("a", "b/c"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "x.png").write_bytes(b"")
+    (tmp_path / "a" / "x.jpg").write_bytes(b"")
+    listed = list_images([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert [image.name for image in listed] == ["x", "x", "c/x"]  # below the folder given, without the suffix
+    with pytest.raises(UsageError, match=r"a/x\.jpg and .*a/x\.png would both write .*/x\.png; predict them into"):
+        _png_paths(tmp_path / "out", listed)
+    assert _png_paths(tmp_path / "out", list_images([str(tmp_path / "a" / "x.png"), str(tmp_path / "b")])) == [
+        tmp_path / "out" / "x.png", tmp_path / "out" / "c" / "x.png"]
+
+
+@pytest.mark.slow  # a python process
+def test_a_missing_path_is_refused_before_torch_is_imported(tmp_path):
+    code = ("import sys\nfrom lomar.cli.app import main\n"
+            "code = main(['predict', sys.argv[1], '.', '--out', sys.argv[2]])\n"
+            "assert 'torch' not in sys.modules\nsys.exit(code)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "no.pt"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"lomar predict: error: checkpoint {tmp_path / 'no.pt'} does not exist; check the path\n"

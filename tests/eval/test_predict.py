@@ -1,0 +1,165 @@
+"""`lomar predict` (lomar.eval.predict): a trained model's answers on image files are the ones its command's own
+--eval-only computes for the same image: a classifier's logits (its evaluation transform, size and precision), a
+detector's COCO results, a segmenter's label-map PNG; an image turned by its EXIF orientation is read upright, as
+training reads it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lomar.cli.app import main
+from lomar.models.vit import VisionTransformer
+
+COMMON = ["--workers", "0", "--threads", "1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory, pretrained, labelled_folder):
+    """A `lomar finetune` run folder (one epoch, fp32, 32 px) of the two classes of ``labelled_folder``."""
+    run = tmp_path_factory.mktemp("ft") / "run"
+    assert main(["finetune", "--pretrained", str(pretrained), "--data", str(labelled_folder), "--img-size", "32",
+                 "--out", str(run), "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--aa", "none", "--epochs", "1",
+                 "--batch-size", "4", "--precision", "fp32", *COMMON]) == 0
+    return run
+
+
+@pytest.fixture
+def logits_of(monkeypatch):
+    """Every classifier forward's logits from here on, in call order (a list, emptied by the caller)."""
+    seen, forward = [], VisionTransformer.forward
+    monkeypatch.setattr(VisionTransformer, "forward", lambda self, x: seen.append(forward(self, x)) or seen[-1])
+    return seen
+
+
+def test_a_classifiers_predictions_are_its_eval_only_logits(tmp_path, classifier, labelled_folder, logits_of):
+    val = labelled_folder / "val"
+    assert main(["finetune", "--eval-only", "--pretrained", str(classifier), "--val", str(val), "--batch-size", "3",
+                 "--out", str(tmp_path / "scored"), *COMMON]) == 0
+    scored = torch.cat(logits_of)
+    logits_of.clear()
+    assert main(["predict", str(classifier), str(val), "--out", str(tmp_path / "out"), "--batch-size", "3",
+                 *COMMON]) == 0
+    assert torch.equal(torch.cat(logits_of), scored)  # same images, same order: val's class folders, sorted
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [row["path"] for row in rows] == [str(path) for path in sorted(val.rglob("*.png"))]
+    probabilities = scored.softmax(1)
+    for row, p in zip(rows, probabilities, strict=True):
+        order = p.argsort(descending=True).tolist()  # two classes: --top-k 5 gives both
+        assert [entry["class"] for entry in row["top_k"]] == [["a", "b"][i] for i in order]
+        assert [entry["probability"] for entry in row["top_k"]] == [round(float(p[i]), 6) for i in order]
+
+
+def test_top_k_and_a_checkpoint_without_class_names(tmp_path, classifier, labelled_folder):
+    from lomar.checkpoints.io import atomic_save, safe_load
+
+    ckpt = safe_load(classifier / "best.pt")
+    del ckpt["classes"]
+    atomic_save(ckpt, tmp_path / "nameless.pt")
+    image = next((labelled_folder / "val").rglob("*.png"))
+    assert main(["predict", str(tmp_path / "nameless.pt"), str(image), "--out", str(tmp_path), "--top-k", "1",
+                 *COMMON]) == 0
+    (row,) = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(row["top_k"]) == 1 and row["top_k"][0]["class"] in (0, 1)  # the head's row, where no name was kept
+
+
+def _turned(folder, pixels: np.ndarray) -> tuple:
+    """``pixels`` saved upright, and stored turned a quarter with EXIF orientation 6 (rotate 90 degrees clockwise to
+    view), as a camera saves a portrait photo; both lossless PNGs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(folder / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.ascontiguousarray(np.rot90(pixels, 1))).save(folder / "turned.png", exif=exif)
+    Image.fromarray(np.ascontiguousarray(np.rot90(pixels, 1))).save(folder / "stored.png")  # its EXIF ignored
+    return folder / "upright.png", folder / "turned.png", folder / "stored.png"
+
+
+def test_an_exif_turned_photo_is_classified_upright(tmp_path, classifier, logits_of):
+    pixels = (np.random.RandomState(3).rand(48, 36, 3) * 255).astype(np.uint8)
+    upright, turned, stored = _turned(tmp_path / "photos", pixels)
+    for image in (upright, turned, stored):
+        assert main(["predict", str(classifier), str(image), "--out", str(tmp_path / image.stem), *COMMON]) == 0
+    assert torch.equal(logits_of[0], logits_of[1]) and not torch.equal(logits_of[0], logits_of[2])
+
+
+# ---- detector and segmenter: trained on compose-digits ---------------------------------------------------------------
+TINY = ["--model", "vit_tiny_patch16", "--img-size", "64", "--batch-size", "2", "--max-steps", "2",
+        "--warmup-steps", "1", *COMMON]
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    """(compose-digits root, its val flags for detect, a detect run folder, a segment run folder)."""
+    from lomar.data.compose import compose_digits
+
+    root = tmp_path_factory.mktemp("dense")
+    data = root / "digits"
+    compose_digits(data, img_size=64, images=8, seed=0, digit_scale=(0.3, 0.5))
+    val = ["--val-ann", str(data / "annotations" / "instances_val.json"), "--val-images", str(data / "images" / "val")]
+    assert main(["detect", "--train-ann", str(data / "annotations" / "instances_train.json"), "--train-images",
+                 str(data / "images" / "train"), *val, *TINY, "--rois-per-image", "32",
+                 "--out", str(root / "det")]) == 0
+    assert main(["segment", "--data", str(data), "--num-classes", "10", "--head-channels", "16", *TINY,
+                 "--out", str(root / "seg")]) == 0
+    return data, val, root / "det", root / "seg"
+
+
+def _order(result: dict) -> tuple:
+    return result["image_id"], -result["score"], result["bbox"]
+
+
+@pytest.mark.slow  # trains a detector and a segmenter
+def test_a_detectors_predictions_are_its_eval_only_ones(tmp_path, dense):
+    data, val, run, _ = dense
+    assert main(["detect", "--eval-only", "--pretrained", str(run), *val, "--batch-size", "2", "--out",
+                 str(tmp_path / "scored"), *COMMON]) == 0
+    assert main(["predict", str(run), str(data / "images" / "val"), "--out", str(tmp_path / "out"), "--batch-size",
+                 "2", *COMMON]) == 0
+    files = {image["id"]: str(data / "images" / "val" / image["file_name"])
+             for image in json.loads((data / "annotations" / "instances_val.json").read_text())["images"]}
+    names = {c["id"]: c["name"] for c in json.loads((data / "annotations" / "instances_val.json").read_text())[
+        "categories"]}
+    scored = json.loads((tmp_path / "scored" / "predictions.json").read_text())
+    predicted = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert scored and "segmentation" in scored[0]  # masks as RLE, boxes in the image's pixels
+    expected = sorted(({**r, "image_id": files[r["image_id"]], "category_name": names[r["category_id"]]}
+                       for r in scored), key=_order)
+    assert sorted(predicted, key=_order) == expected
+    threshold = sorted(r["score"] for r in scored)[len(scored) // 2]
+    assert main(["predict", str(run), str(data / "images" / "val"), "--out", str(tmp_path / "kept"),
+                 "--score-threshold", str(threshold), *COMMON]) == 0
+    kept = json.loads((tmp_path / "kept" / "predictions.json").read_text())
+    assert sorted(r["score"] for r in kept) == sorted(r["score"] for r in predicted if r["score"] >= threshold)
+
+
+@pytest.mark.slow  # trains a detector and a segmenter
+@pytest.mark.parametrize("mode", ["slide", "whole"])
+def test_a_segmenters_label_maps_are_its_eval_only_pngs(tmp_path, dense, mode):
+    data, _, _, run = dense
+    # the run's mode (slide) by default; another given as to --eval-only
+    given = [] if mode == "slide" else ["--eval-mode", mode]
+    assert main(["segment", "--eval-only", "--pretrained", str(run), "--data", str(data), "--out",
+                 str(tmp_path / "scored"), *given, *COMMON]) == 0
+    assert main(["predict", str(run), str(data / "images" / "validation"), "--out", str(tmp_path / "out"), *given,
+                 *COMMON]) == 0
+    scored = sorted((tmp_path / "scored" / "predictions").iterdir())
+    assert [p.name for p in scored] == sorted(p.name for p in (tmp_path / "out").iterdir())
+    for path in scored:
+        assert (tmp_path / "out" / path.name).read_bytes() == path.read_bytes()
+
+
+@pytest.mark.slow  # trains a detector and a segmenter
+def test_an_exif_turned_photo_is_segmented_upright_at_its_size(tmp_path, dense):
+    photo = np.asarray(Image.open(next((dense[0] / "images" / "validation").iterdir())).convert("RGB"))
+    pixels = np.ascontiguousarray(np.concatenate([photo, photo[:16]], axis=0))  # 80 x 64: not square
+    upright, turned, _ = _turned(tmp_path / "photos", pixels)
+    assert main(["predict", str(dense[3]), str(upright), str(turned), "--out",
+                 str(tmp_path / "out"), *COMMON]) == 0
+    maps = [Image.open(tmp_path / "out" / name) for name in ("upright.png", "turned.png")]
+    assert maps[0].size == maps[1].size == (64, 80)  # (width, height): the upright photo's
+    assert np.array_equal(np.asarray(maps[0]), np.asarray(maps[1]))
