@@ -105,6 +105,9 @@ def test_backbone_from_export_and_mae_encoder(tmp_path):
     export_encoder(mae_encoder, tmp_path / "exp")
     backbone = ViTDetBackbone(tmp_path / "exp", out_channels=8).eval()
     assert backbone.encoder.num_classes == 0  # the classifier head is not part of the backbone
+    for named in (ViTDetBackbone(encoder=tmp_path / "exp"), MultiLevelBackbone(encoder=tmp_path / "exp",
+                                                                              out_indices=(0,))):
+        assert named.encoder.num_classes == 0  # the source by its keyword, as the models' backbones name it
     out = backbone(torch.randn(1, 3, 128, 96))  # absolute table interpolated to the 8x6 grid
     assert tuple(out["p5"].shape) == (1, 8, 4, 3)
 

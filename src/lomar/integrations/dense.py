@@ -69,19 +69,19 @@ def with_rel_pos(encoder: VisionTransformer, choice: str, recipe: str) -> Vision
 
 
 class ViTDetBackbone(backbones.ViTDetBackbone):
-    """:class:`lomar.models.backbones.ViTDetBackbone` on the encoder ``weights`` holds (:func:`load_encoder`: an
-    export folder, a checkpoint, a LoMaR or MAE model, or a VisionTransformer as is); the other arguments are its."""
+    """:class:`lomar.models.backbones.ViTDetBackbone` on ``encoder`` as :func:`load_encoder` reads it (an export
+    folder, a checkpoint, a LoMaR or MAE model, or a VisionTransformer as is); the other arguments are its."""
 
-    def __init__(self, weights: str | Path | nn.Module, *args, **kwargs):
-        super().__init__(load_encoder(weights), *args, **kwargs)
+    def __init__(self, encoder: str | Path | nn.Module, *args, **kwargs):
+        super().__init__(load_encoder(encoder), *args, **kwargs)
 
 
 class MultiLevelBackbone(backbones.MultiLevelBackbone):
-    """:class:`lomar.models.backbones.MultiLevelBackbone` on the encoder ``weights`` holds (:func:`load_encoder`);
-    the other arguments are its."""
+    """:class:`lomar.models.backbones.MultiLevelBackbone` on ``encoder`` as :func:`load_encoder` reads it; the other
+    arguments are its."""
 
-    def __init__(self, weights: str | Path | nn.Module, *args, **kwargs):
-        super().__init__(load_encoder(weights), *args, **kwargs)
+    def __init__(self, encoder: str | Path | nn.Module, *args, **kwargs):
+        super().__init__(load_encoder(encoder), *args, **kwargs)
 
 
 def _encoder_layer(name: str, depth: int) -> int:
