@@ -305,7 +305,6 @@ def test_the_torch_free_modules_import_no_torch():
     assert result.returncode == 0, result.stderr
 
 
-
 # timm and torchvision import torch._dynamo (about a second) and matplotlib is slow to import: imported where a
 # model, an image or a figure needs them, not by what loads a model, exports one, resolves settings or starts a
 # pretraining run.
@@ -327,6 +326,7 @@ def test_command_paths_leave_timm_torchvision_and_matplotlib_unimported(tmp_path
                             timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == []
+
 
 def test_the_reason_checker_reads_comments_on_and_above_the_line():
     modules = {"lomar.a": PACKAGE / "a.py", "lomar.b": PACKAGE / "b.py"}
