@@ -34,7 +34,6 @@ import logging
 from pathlib import Path
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import global_pool_nlc, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -44,6 +43,7 @@ from lomar.checkpoints.export import header_shapes
 from lomar.checkpoints.keys import encoder_keys, position_encoding
 from lomar.checkpoints.keys_beit import holds_beit_keys
 from lomar.checkpoints.kinds import classifier_pool
+from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, VisionTransformer, ViTConfig
 from lomar.values import is_size
 
@@ -217,8 +217,8 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: LomarVision
 
 
 _CFG = dict(url="", num_classes=0, input_size=(3, 224, 224), pool_size=None, crop_pct=0.875,
-            interpolation="bicubic", fixed_input_size=False, mean=IMAGENET_DEFAULT_MEAN,
-            std=IMAGENET_DEFAULT_STD, first_conv="patch_embed.proj", classifier=None,
+            interpolation="bicubic", fixed_input_size=False, mean=IMAGENET_MEAN,
+            std=IMAGENET_STD, first_conv="patch_embed.proj", classifier=None,
             license="apache-2.0", paper_name="Efficient Self-supervised Vision Pretraining with "
             "Local Masked Reconstruction", paper_ids="arXiv:2206.00790")
 # Every registered name and the architecture it stands for (kwargs override it).
