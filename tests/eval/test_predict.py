@@ -137,10 +137,23 @@ def test_a_detectors_predictions_are_its_eval_only_ones(tmp_path, dense):
     assert sorted(r["score"] for r in kept) == sorted(r["score"] for r in predicted if r["score"] >= threshold)
 
 
+def _widened(data, root):
+    """``data``'s validation split (ADE20K layout) with each photo and annotation beside its mirror image: 64 x 128,
+    where compose-digits' 64 px squares are one window of the segmenter's 64 px crop whatever the mode and stride."""
+    for kind in ("images", "annotations"):
+        (root / kind / "validation").mkdir(parents=True)
+        for path in (data / kind / "validation").iterdir():
+            pixels = np.asarray(Image.open(path))
+            Image.fromarray(np.concatenate([pixels, pixels[:, ::-1]], axis=1)).save(
+                root / kind / "validation" / f"{path.stem}.png")
+    return root
+
+
 @pytest.mark.slow  # trains a detector and a segmenter
 @pytest.mark.parametrize("mode", ["slide", "whole"])
 def test_a_segmenters_label_maps_are_its_eval_only_pngs(tmp_path, dense, mode):
     data, _, _, run = dense
+    data = _widened(data, tmp_path / "wide")  # three windows at the run's stride: mode and stride change the maps
     # the run's mode (slide) by default; another given as to --eval-only
     given = [] if mode == "slide" else ["--eval-mode", mode]
     assert main(["segment", "--eval-only", "--pretrained", str(run), "--data", str(data), "--out",
