@@ -21,6 +21,8 @@ from lomar.values import counted
 
 __all__ = ["add_arguments", "run", "SETTINGS"]
 
+_SEGMENT_EVAL_MODE = S.declarations(SegmentConfig)["eval_mode"]  # its default: a segmenter's that saved none
+
 SETTINGS = {
     "checkpoint": Setting(None, "the best.pt or last.pt of a `lomar finetune`, `lomar detect` or `lomar segment` "
                           "run, or its run folder (its best.pt, else last.pt)", kind=str, flag="", metavar="CKPT",
@@ -31,7 +33,7 @@ SETTINGS = {
     "top_k": Setting(5, "classifier: the most probable classes written per image", above=0),
     "score_threshold": Setting(0.0, "detector: leave out detections scored below this (default: 0, every detection the "
                                "model returns, as in detect's predictions.json)", low=0, high=1),
-    "eval_mode": S.declarations(SegmentConfig)["eval_mode"].but(
+    "eval_mode": _SEGMENT_EVAL_MODE.but(
         default=None,
         help="segmenter: slide = windows of the run's --img-size every --eval-stride pixels, whole = the whole image "
              "at once (default: the run's --eval-mode)"),
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     skipped: list[str] = []
     me = command_prefix(args)
     if trained.kind == "segmenter":
-        mode = args.eval_mode or trained.checkpoint["settings"].get("eval_mode", "slide")
+        mode = args.eval_mode or trained.checkpoint["settings"].get("eval_mode", _SEGMENT_EVAL_MODE.default)
         written = 0
         for image, png in predict.segment(trained, images, device, mode, workers, skipped):
             (out / f"{image.name}.png").parent.mkdir(parents=True, exist_ok=True)
