@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,10 +202,13 @@ def test_a_beit_encoder_is_finetuned_with_beits_recipe(beit_run, tmp_path, capsy
     assert not any(tuple(p.shape) in shapes for g in groups if g["weight_decay"] == 0 for p in g["params"])
 
 
-def test_a_beit_finetune_saved_before_the_decay_change_resumes(beit_run, tmp_path):
+def test_a_beit_finetune_saved_before_the_decay_change_resumes(beit_run, tmp_path, capsys):
+    """Its model built from its --pretrained encoder again: its checkpoint holds timm's Beit, which no ViTConfig
+    rebuilds (moved away, that file is asked for)."""
     from lomar.checkpoints.io import safe_load
 
-    ckpt, data, out = str(beit_run / "run" / "last.pt"), str(beit_run / "data"), tmp_path / "ft"
+    ckpt, data, out = str(tmp_path / "beit.pt"), str(beit_run / "data"), tmp_path / "ft"
+    shutil.copy(beit_run / "run" / "last.pt", ckpt)
     common = ["--data", data, "--img-size", "32", "--batch-size", "4", "--workers", "0", "--threads", "1",
               "--device", "cpu", "--precision", "fp32"]
     assert main(["finetune", "--pretrained", ckpt, *common, "--max-steps", "1", "--epochs", "2", "--out", str(out),
@@ -211,7 +216,17 @@ def test_a_beit_finetune_saved_before_the_decay_change_resumes(beit_run, tmp_pat
     saved = safe_load(out / "last.pt")
     del saved["settings"]["decay_rel_pos_bias"], saved["settings"]["train_pos_embed"]  # the older layout
     torch.save(saved, out / "last.pt")
-    assert main(["finetune", "--out", str(out), "--resume", "auto", "--max-steps", "2"]) == 0
+    resume = ["finetune", "--out", str(out), "--resume", "auto", "--max-steps", "2"]
+    Path(ckpt).rename(tmp_path / "moved.pt")
+    capsys.readouterr()
+    assert main(resume) == 2
+    assert (f"--pretrained {ckpt} does not exist; the run being resumed started from it, and its checkpoint keeps no "
+            f"architecture of its own") in capsys.readouterr().err
+    (tmp_path / "moved.pt").rename(ckpt)
+    assert main(resume) == 0
+    said = capsys.readouterr().out
+    assert (f"lomar finetune: model built from --pretrained {ckpt} as the run started, for the weights of its "
+            f"checkpoint {out / 'last.pt'} (step 1), which keeps no architecture of its own\n") in said
     assert safe_load(out / "last.pt")["settings"]["decay_rel_pos_bias"] is False
 
 

@@ -367,7 +367,12 @@ def test_random_init_is_said_and_resume_is_exact(digits, tmp_path, capsys):
     assert "random init vit_tiny_patch16" in capsys.readouterr().err
     assert safe_load(straight / "last.pt")["settings"]["rel_pos"] == "none"  # LoMaR's encoder keeps its iRPE only
     assert _segment(digits, split, *common, "--max-steps", "2") == 0
+    capsys.readouterr()
     assert _segment(digits, split, "--resume", "auto", "--max-steps", "4") == 0
+    # the resume's model is the run's, not a new random one
+    said = capsys.readouterr().err
+    assert f"lomar segment: model rebuilt from the run's checkpoint {split / 'last.pt'} (step 2);" in said
+    assert "random init" not in said
     a = torch.load(straight / "last.pt", weights_only=True)["model"]
     b = torch.load(split / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -55,7 +55,7 @@ from lomar.train.monitor import metric_text
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.setting_flags import flags_by_setting
 from lomar.train.task import Task, TrainingError
-from lomar.train.task_resume import load_resumed
+from lomar.train.task_resume import load_resumed, resume_line, resumed_encoder_config
 
 __all__ = ["DetectTask", "step_lr_factor", "step_lr", "detect", "category_change"]
 
@@ -144,8 +144,12 @@ class DetectTask(Task):
 
     def _build_model(self, found: FoundCheckpoint | None):
         cfg = self.config
-        saved = found.path if found is not None else None
-        if found is not None:  # DetectConfig.complete read it and took its layout
+        rebuilt = resumed_encoder_config(cfg)  # a resume's: the run's own encoder, whose weights the lifecycle loads
+        saved = found.path if found is not None and rebuilt is None else None
+        if rebuilt is not None:
+            encoder = VisionTransformer(rebuilt)
+            self.log(f"lomar detect: {resume_line(cfg)}")
+        elif saved is not None:  # DetectConfig.complete read it and took its layout
             ckpt = found.checkpoint
             if why := category_change(ckpt["categories"], ckpt.get("category_names"), self.val, f"in {saved}"):
                 raise UsageError(f"--pretrained: {why}; evaluate on the split it was trained for")
@@ -168,7 +172,7 @@ class DetectTask(Task):
             config = model_config(cfg.model)
             encoder = VisionTransformer(model_config(cfg.model, **_layout(cfg, config.depth)))
             self.log(f"lomar detect: no --pretrained: {cfg.model} randomly initialised")
-        if saved is None:
+        if saved is None and rebuilt is None:
             try:
                 encoder = with_rel_pos(encoder, cfg.rel_pos, "decomposed")
             except ValueError as exc:

@@ -11,7 +11,10 @@ from lomar.train import settings as S
 from lomar.train.settings import ConfigError
 
 __all__ = ["check_windows", "encoder_layout", "random_encoder_patch", "check_img_size", "check_pretrained",
-           "model_only_without_pretrained", "unused_encoder_flags"]
+           "model_only_without_pretrained", "unused_encoder_flags", "saved_encoder_config", "rebuilt_on_resume"]
+
+# Where a checkpoint saved before model specs kept the ViTConfig of its run's encoder (finetune: the classifier's own)
+_CONFIG_BEFORE_SPECS = {"finetune": "config", "detect": "encoder_config", "segment": "encoder_config"}
 
 
 def check_windows(config: Any) -> None:
@@ -53,13 +56,32 @@ def check_img_size(config: Any, patch: int | None = None) -> None:
                           f"{config.img_size}; e.g. {max(step, round(config.img_size / step) * step)}")
 
 
+def saved_encoder_config(command: str, checkpoint: dict | None) -> dict | None:
+    """The ViTConfig (as a dict) of the encoder a ``lomar COMMAND`` run built (finetune: its classifier), as its
+    ``checkpoint`` saved it: its ``model_spec``'s config, else where checkpoints saved before specs kept it. A resume
+    rebuilds the run's model from it, without the encoder the run started from. None where it saved none: a finetuned
+    BEiT (timm's model; its ``config`` is BEiT's, with a ``vocab_size``), a segmenter saved before 2026-12-06."""
+    if not isinstance(checkpoint, dict) or command not in _CONFIG_BEFORE_SPECS:
+        return None
+    spec = checkpoint.get("model_spec")
+    saved = spec.get("config") if isinstance(spec, dict) else checkpoint.get(_CONFIG_BEFORE_SPECS[command])
+    return saved if isinstance(saved, dict) and "embed_dim" in saved and "vocab_size" not in saved else None
+
+
+def rebuilt_on_resume(config: Any) -> bool:
+    """Whether ``config`` resumes a run whose checkpoint rebuilds its model (:func:`saved_encoder_config`): its
+    --pretrained file is then not read, and need not exist."""
+    point = getattr(config, "resume_point", None)
+    return point is not None and saved_encoder_config(config.COMMAND, point.meta) is not None
+
+
 def check_pretrained(config: Any, fix: str = "") -> None:
-    """--pretrained, when given, exists (``fix``: what to say after)."""
-    if config.pretrained is not None and not Path(config.pretrained).exists():
-        if config.resume:  # the encoder is built from it before the checkpoint's weights replace its own
-            fix = ("; the run being resumed started from it, and its architecture is read from there again: pass "
-                   "--pretrained with that encoder (a copy, or its export, will do: the checkpoint's weights "
-                   "replace its own)")
+    """--pretrained, when given, exists (``fix``: what to say after), unless a resume rebuilds the model without it."""
+    if config.pretrained is not None and not Path(config.pretrained).exists() and not rebuilt_on_resume(config):
+        if config.resume:  # an older checkpoint: its model is built as the encoder builds it, then its weights loaded
+            fix = ("; the run being resumed started from it, and its checkpoint keeps no architecture of its own, "
+                   "which is read from there again: pass --pretrained with that encoder (a copy, or its export, will "
+                   "do: the checkpoint's weights replace its own)")
         raise ConfigError(f"--pretrained {config.pretrained} does not exist{fix}")
 
 

@@ -48,7 +48,7 @@ from lomar.train.precision import autocast_factory, kept_precision_note, resolve
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.setting_flags import flags_by_setting
 from lomar.train.task import Task
-from lomar.train.task_resume import load_resumed
+from lomar.train.task_resume import load_resumed, resume_line, resumed_encoder_config
 from lomar.values import counted
 
 __all__ = ["finetune", "FinetuneTask"]
@@ -129,17 +129,21 @@ class FinetuneTask(Task):
                   f"{len(self.classes)} classes", file=sys.stderr, flush=True)
             return
         load_resumed(self)  # other classes: refused before the model and its weights
-        try:
-            self.model = load_pretrained_encoder(config.pretrained, num_classes=len(self.classes),
-                                                 classes=self.classes, global_pool=config.global_pool,
-                                                 img_size=config.img_size,
-                                                 drop_path=config.drop_path, **encoder_layout(config))
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
+        if (encoder := resumed_encoder_config(config)) is not None:  # the lifecycle loads the checkpoint's weights
+            self.model = VisionTransformer(encoder, num_classes=len(self.classes), global_pool=config.global_pool)
+        else:
+            try:
+                self.model = load_pretrained_encoder(config.pretrained, num_classes=len(self.classes),
+                                                     classes=self.classes, global_pool=config.global_pool,
+                                                     img_size=config.img_size,
+                                                     drop_path=config.drop_path, **encoder_layout(config))
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
         if not config.train_pos_embed and hasattr(self.model, "freeze_pos_embed"):  # timm's Beit has no table
             self.model.freeze_pos_embed()
         if info.is_main:
-            print(f"lomar finetune: {self.model.load_report.summary(flags_by_setting(config))}", flush=True)
+            source = resume_line(config) or self.model.load_report.summary(flags_by_setting(config))
+            print(f"lomar finetune: {source}", flush=True)
             said = {} if config.notes_said is None else config.notes_said  # a study's: once a study, not a cell
             for note in unused_encoder_flags(config, self.model, beit=isinstance(self.model, Beit)):
                 if (line := f"lomar finetune: note: {note}") not in said:

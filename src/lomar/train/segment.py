@@ -50,6 +50,7 @@ from lomar.train.monitor import metric_text, read_records
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.segment_config import ENCODER_KEYS, SegmentConfig, check_batch_norm_batch
 from lomar.train.task import Task
+from lomar.train.task_resume import resume_line, resumed_encoder_config
 
 __all__ = ["SegmentTask", "poly_schedule", "segment", "PER_CLASS"]
 
@@ -103,8 +104,11 @@ class SegmentTask(Task):
             other = "" if trained == config.img_size else f", not its trained {trained} px"
             other += f"; its encoder{rebuilt}" if rebuilt else ""
             source = f"segmenter loaded from {saved} (step {ckpt.get('step', '?')}), {config.img_size} px{other}"
-        else:
+        elif (rebuilt := resumed_encoder_config(config)) is not None:  # the lifecycle loads the checkpoint's weights
+            encoder, source = VisionTransformer(rebuilt), resume_line(config)
+        else:  # a resume of a checkpoint saved without its encoder's layout says so
             encoder, source = _starting_encoder(config.model, config.pretrained, config.rel_pos, layout)
+            source = resume_line(config) or source
         config.rel_pos = encoder.config.rel_pos  # auto resolved: what the checkpoint records and a resume rebuilds
         if info.is_main:
             term = config.rel_pos

@@ -15,7 +15,12 @@ from pathlib import Path
 from lomar.checkpoints.kinds import SEGMENT_TASK, find_command_checkpoint
 from lomar.train import settings as S
 from lomar.train.config_checks import check_eval_only_model, refuse_contradictions, refuse_training_settings
-from lomar.train.encoder_settings import check_img_size, check_pretrained, model_only_without_pretrained
+from lomar.train.encoder_settings import (
+    check_img_size,
+    check_pretrained,
+    model_only_without_pretrained,
+    saved_encoder_config,
+)
 from lomar.train.setting_names import setting_of, source_of
 from lomar.train.settings import ConfigError, coerce_all
 from lomar.train.task_config import TaskConfig
@@ -135,8 +140,10 @@ class SegmentConfig(TaskConfig):
     def check_settings(self) -> None:
         if self.segmenter is not None:  # --eval-only: its patch is its weights'
             check_img_size(self, segmenter_patch(self.segmenter.checkpoint))
-        elif not self.eval_only:
-            check_img_size(self, pretrained_patch(self.pretrained) if self.pretrained else None)
+        elif not self.eval_only:  # a resume rebuilding its model reads no --pretrained: its encoder's patch
+            rebuilt = saved_encoder_config(self.COMMAND, self.resume_point.meta) if self.resume_point else None
+            patch = rebuilt["patch_size"] if rebuilt else pretrained_patch(self.pretrained) if self.pretrained else None
+            check_img_size(self, patch)
         # --eval-only trains nothing: its BatchNorm keeps the segmenter's statistics, each image scored on its own
         if not self.eval_only and (int(os.environ.get("WORLD_SIZE", "1") or 1) < 2 or self.device == "cpu"):
             check_batch_norm_batch(self.batch_size)  # else the task checks, on CPU

@@ -1,0 +1,116 @@
+"""A resumed finetune, detect or segment run rebuilds its model from its own checkpoint: the --pretrained encoder it
+started from may be gone, the resumed steps are an uninterrupted run's, and the resume says where its model came
+from (not a load report, whose new head read as a fresh start). A checkpoint that saved no architecture (a segmenter
+saved before 2026-12-06) is built from --pretrained as before."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lomar.checkpoints.export import export_encoder
+from lomar.checkpoints.io import safe_load
+from lomar.cli.app import main
+from lomar.data.compose import compose_digits
+from lomar.models.vit import VisionTransformer, ViTConfig
+
+_RUN = ["--workers", "0", "--threads", "1", "--device", "cpu", "--log-every", "1", "--precision", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("digits") / "set"
+    compose_digits(root, img_size=64, images=8, seed=0, digit_scale=(0.3, 0.5))
+    return root
+
+
+def _encoder(folder: Path, patch: int, img_size: int) -> Path:
+    """An MAE-like encoder (absolute table: a detector and a segmenter add a relative position term to it)."""
+    torch.manual_seed(0)
+    export_encoder(VisionTransformer(ViTConfig(img_size=img_size, patch_size=patch, embed_dim=32, depth=2,
+                                               num_heads=2, pos="abs")), folder)
+    return folder
+
+
+def _same_run(straight: Path, split: Path) -> None:
+    a, b = safe_load(straight / "last.pt"), safe_load(split / "last.pt")
+    assert a["step"] == b["step"] == 2 and a["model"].keys() == b["model"].keys()
+    for key, value in a["model"].items():
+        assert torch.equal(b["model"][key], value), key
+    losses = [[json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+              for run in (straight, split)]
+    assert losses[0] == losses[1] and len(losses[0]) == 2
+
+
+def _resumes_without_its_encoder(command, start: Path, tmp_path, capsys) -> tuple[Path, Path]:
+    """``command`` (its argv but --max-steps and --out) run 2 steps straight, and 1 step then resumed to 2 with
+    ``start`` (its --pretrained) moved away; the two runs' folders, ``start`` put back."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main([*command, "--max-steps", "2", "--out", str(straight)]) == 0, capsys.readouterr().err
+    assert main([*command, "--max-steps", "1", "--out", str(split)]) == 0, capsys.readouterr().err
+    shutil.copytree(split, tmp_path / "older")  # its step-1 state, for a test of older checkpoints
+    moved = start.rename(tmp_path / "moved")
+    capsys.readouterr()
+    name = command[0]
+    assert main([name, "--out", str(split), "--resume", "auto", "--max-steps", "2"]) == 0, capsys.readouterr().err
+    said = capsys.readouterr()
+    lines = [line for line in (said.out + said.err).splitlines() if not line.startswith("step ")]
+    rebuilt = [line for line in lines if " rebuilt " in line or "loaded " in line]
+    assert len(rebuilt) == 1 and rebuilt[0].startswith(
+        f"lomar {name}: model rebuilt from the run's checkpoint {split / 'last.pt'} (step 1)"), lines
+    assert f"lomar {name}: resumed from {split / 'last.pt'} at step 1 (epoch 0)" in lines
+    _same_run(straight, split)
+    # what the run records of its start stays as it started
+    assert yaml.safe_load((split / "config.yaml").read_text())["pretrained"] == str(start)
+    moved.rename(start)
+    return straight, split
+
+
+def test_a_finetune_resumes_without_the_encoder_it_started_from(labelled_folder, tmp_path, capsys):
+    start = _encoder(tmp_path / "start", 8, 32)
+    command = ["finetune", "--pretrained", str(start), "--data", str(labelled_folder), "--img-size", "32",
+               "--batch-size", "2", "--schedule-steps", "4", "--warmup-epochs", "0", "--drop-path", "0.1",
+               "--mixup", "0.8", *_RUN]
+    _resumes_without_its_encoder(command, start, tmp_path, capsys)
+
+
+@pytest.mark.longest  # a randomly initialised detector's evaluations at each run's end: half a minute
+def test_a_detector_resumes_without_the_encoder_it_started_from(digits, tmp_path, capsys):
+    start = _encoder(tmp_path / "start", 16, 64)
+    coco = ["--train-ann", str(digits / "annotations" / "instances_train.json"), "--train-images",
+            str(digits / "images" / "train"), "--val-ann", str(digits / "annotations" / "instances_val.json"),
+            "--val-images", str(digits / "images" / "val")]
+    command = ["detect", *coco, "--pretrained", str(start), "--img-size", "64", "--batch-size", "2",
+               "--schedule-steps", "4", "--warmup-steps", "1", "--rois-per-image", "16", "--eval-every", "50", *_RUN]
+    _resumes_without_its_encoder(command, start, tmp_path, capsys)
+
+
+def test_a_segmenter_resumes_without_the_encoder_it_started_from_unless_saved_before_its_layout(digits, tmp_path,
+                                                                                                capsys):
+    start = _encoder(tmp_path / "start", 8, 32)
+    command = ["segment", "--data", str(digits), "--num-classes", "10", "--pretrained", str(start), "--img-size", "32",
+               "--batch-size", "2", "--head-channels", "16", "--schedule-steps", "4", "--warmup-steps", "1",
+               "--eval-every", "50", "--eval-mode", "whole", *_RUN]
+    straight, _ = _resumes_without_its_encoder(command, start, tmp_path, capsys)
+    # a checkpoint saved before segment checkpoints kept their encoder's layout: built from --pretrained, as it was
+    older = tmp_path / "older"
+    ckpt = safe_load(older / "last.pt")
+    del ckpt["encoder_config"], ckpt["model_spec"]
+    torch.save(ckpt, older / "last.pt")
+    resume = ["segment", "--out", str(older), "--resume", "auto", "--max-steps", "2"]
+    moved = start.rename(tmp_path / "moved")
+    assert main(resume) == 2
+    assert (f"--pretrained {start} does not exist; the run being resumed started from it, and its checkpoint keeps no "
+            f"architecture of its own") in capsys.readouterr().err
+    moved.rename(start)
+    assert main(resume) == 0
+    said = capsys.readouterr().err
+    assert (f"lomar segment: model built from --pretrained {start} as the run started, for the weights of its "
+            f"checkpoint {older / 'last.pt'} (step 1), which keeps no architecture of its own; relative position "
+            f"term: bias") in said and "loaded " not in said
+    _same_run(straight, older)
