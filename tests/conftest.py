@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from helpers import pretrain, write_images
+from lomar.cli.app import main
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -53,6 +54,17 @@ def labelled_folder(tmp_path_factory) -> Path:
         for label in ("a", "b"):
             write_images(root / split / label, count, size=(36, 36))
     return root
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory, pretrained, labelled_folder) -> Path:
+    """A `lomar finetune` run folder (one epoch, fp32, 32 px) of the two classes of ``labelled_folder``."""
+    run = tmp_path_factory.mktemp("ft") / "run"
+    assert main(["finetune", "--pretrained", str(pretrained), "--data", str(labelled_folder), "--img-size", "32",
+                 "--out", str(run), "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--aa", "none", "--epochs", "1",
+                 "--batch-size", "4", "--precision", "fp32", "--workers", "0", "--threads", "1", "--device",
+                 "cpu"]) == 0
+    return run
 
 
 @pytest.fixture

@@ -14,16 +14,6 @@ from lomar.cli.app import main
 COMMON = ["--workers", "0", "--threads", "1", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory, pretrained, labelled_folder):
-    """A `lomar finetune` run folder of the two classes of ``labelled_folder``."""
-    run = tmp_path_factory.mktemp("ft") / "run"
-    assert main(["finetune", "--pretrained", str(pretrained), "--data", str(labelled_folder), "--img-size", "32",
-                 "--out", str(run), "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--aa", "none", "--epochs", "1",
-                 "--batch-size", "4", "--precision", "fp32", *COMMON]) == 0
-    return run
-
-
 def _error(capsys, *argv: str) -> str:
     """The one line a refused `lomar predict ARGV` says (exit 2), written nothing to stdout."""
     capsys.readouterr()

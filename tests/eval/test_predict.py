@@ -18,16 +18,6 @@ from lomar.models.vit import VisionTransformer
 COMMON = ["--workers", "0", "--threads", "1", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory, pretrained, labelled_folder):
-    """A `lomar finetune` run folder (one epoch, fp32, 32 px) of the two classes of ``labelled_folder``."""
-    run = tmp_path_factory.mktemp("ft") / "run"
-    assert main(["finetune", "--pretrained", str(pretrained), "--data", str(labelled_folder), "--img-size", "32",
-                 "--out", str(run), "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--aa", "none", "--epochs", "1",
-                 "--batch-size", "4", "--precision", "fp32", *COMMON]) == 0
-    return run
-
-
 @pytest.fixture
 def logits_of(monkeypatch):
     """Every classifier forward's logits from here on, in call order (a list, emptied by the caller)."""
