@@ -366,6 +366,8 @@ def test_a_missing_input_is_refused_before_torch_is_imported(tmp_path):
              "--val-images", str(tmp_path), "--out", str(tmp_path / "run")],
             ["study", missing],
             ["bench", "--task", "loader", "--data", missing],
+            ["predict", missing, str(tmp_path), "--out", str(tmp_path / "out")],
+            ["predict", str(tmp_path / "file"), str(tmp_path), missing, "--out", str(tmp_path / "out")],
             # an output under a file
             ["tokenizer", "fit", "--data", missing, "--out", str(tmp_path / "file" / "t.safetensors")],
             ["bench", "--tiny", "--plot", str(tmp_path / "file" / "bench.png")]]

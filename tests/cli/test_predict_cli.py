@@ -1,11 +1,8 @@
 """`lomar predict`'s command line (lomar.cli.predict): what it cannot run or read is refused in one line naming the
-fix (exit 2), a path that is not there before torch is imported; an unreadable image is skipped, warned of and
-counted; --out's prediction files are replaced only with --overwrite."""
+fix (exit 2; a path that is not there before torch is imported: tests/cli/test_errors.py); an unreadable image is
+skipped, warned of and counted; --out's prediction files are replaced only with --overwrite."""
 
 from __future__ import annotations
-
-import subprocess
-import sys
 
 import pytest
 
@@ -101,14 +98,3 @@ def test_two_images_that_would_write_one_label_map_are_refused(tmp_path):
         _png_paths(tmp_path / "out", listed)
     assert _png_paths(tmp_path / "out", list_images([str(tmp_path / "a" / "x.png"), str(tmp_path / "b")])) == [
         tmp_path / "out" / "x.png", tmp_path / "out" / "c" / "x.png"]
-
-
-@pytest.mark.slow  # a python process
-def test_a_missing_path_is_refused_before_torch_is_imported(tmp_path):
-    code = ("import sys\nfrom lomar.cli.app import main\n"
-            "code = main(['predict', sys.argv[1], '.', '--out', sys.argv[2]])\n"
-            "assert 'torch' not in sys.modules\nsys.exit(code)\n")
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "no.pt"), str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2, done.stderr
-    assert done.stderr == f"lomar predict: error: checkpoint {tmp_path / 'no.pt'} does not exist; check the path\n"
