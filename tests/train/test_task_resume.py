@@ -114,3 +114,21 @@ def test_a_segmenter_resumes_without_the_encoder_it_started_from_unless_saved_be
             f"checkpoint {older / 'last.pt'} (step 1), which keeps no architecture of its own; relative position "
             f"term: bias") in said and "loaded " not in said
     _same_run(straight, older)
+
+
+def test_a_rebuilt_resume_that_does_not_fit_asks_for_no_pretrained_file(labelled_folder, tmp_path, capsys):
+    # its model came from the checkpoint alone: "resume with the data and --pretrained it started with" sent the
+    # user after a file the resume never read
+    start = _encoder(tmp_path / "start", 8, 32)
+    out = tmp_path / "run"
+    assert main(["finetune", "--pretrained", str(start), "--data", str(labelled_folder), "--img-size", "32",
+                 "--batch-size", "2", "--schedule-steps", "2", "--max-steps", "1", "--out", str(out), *_RUN]) == 0, \
+        capsys.readouterr().err
+    ckpt = safe_load(out / "last.pt")
+    ckpt["optimizer"]["param_groups"][0]["params"].pop()  # an optimizer of one parameter fewer than the model's
+    torch.save(ckpt, out / "last.pt")
+    capsys.readouterr()
+    assert main(["finetune", "--out", str(out), "--resume", "auto", "--max-steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume {out / 'last.pt'} does not fit this run: " in err
+    assert "; resume with the data it started with, or start a new run with another --out" in err, err
