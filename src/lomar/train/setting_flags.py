@@ -60,10 +60,11 @@ def _flag_type(name: str, declared: Setting, check: bool) -> Callable[[str], Any
         if rule:
             phrase = _EXPECTED.get(rule, (rule.replace("at most", "<="),) * 2)[declared.kind is float]
             kind = "an integer" if declared.kind is int else "a finite number"
+            # a rule naming its own noun ("a probability in [0, 1]") takes no second one
+            expected = phrase if phrase.startswith("a ") else f"{kind} {phrase}".rstrip()
             flag = declared.name_flag(name)
             # Both phrasings: argparse's ("--k: expected an integer >= 1") and the training commands' own
-            raise argparse.ArgumentTypeError(f"expected {kind} {phrase}".rstrip() + f", got {text} ({flag} must be "
-                                             f"{phrase or rule})")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text} ({flag} must be {phrase or rule})")
         return value
 
     convert.__name__ = declared.kind.__name__
