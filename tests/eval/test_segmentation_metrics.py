@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from lomar.eval.segmentation import lowest_classes, per_class_table, score_text, segmentation_metrics
+from lomar.eval.segmentation import (
+    confusion_matrix,
+    lowest_classes,
+    per_class_table,
+    predict_logits,
+    score_text,
+    segmentation_metrics,
+)
 
 
 def test_per_class_iou_and_acc_are_the_hand_count():
@@ -20,15 +27,73 @@ def test_per_class_iou_and_acc_are_the_hand_count():
     assert m["IoU"][:4] == pytest.approx([600 / 11, 50.0, 100.0, 0.0]) and math.isnan(m["IoU"][4])
     assert m["Acc"][:3] == pytest.approx([60.0, 75.0, 100.0]) and all(math.isnan(v) for v in m["Acc"][3:])
     assert m["mIoU"] == pytest.approx((600 / 11 + 50 + 100 + 0) / 4) and m["mAcc"] == pytest.approx(235 / 3)
+    assert {type(v) for v in [m["mIoU"], m["mAcc"], m["aAcc"], *m["IoU"], *m["Acc"]]} == {float}  # JSON's numbers
+
+
+def test_the_confusion_of_uint8_class_ids_is_counted_as_of_int64_ones():
+    """Annotation PNGs read as uint8 (read_labels): true class x classes + predicted overflows uint8 past 255."""
+    gen = torch.Generator().manual_seed(0)
+    labels, pred = torch.randint(0, 150, (2, 40, 30), generator=gen)
+    labels[:3] = 255
+    counts = confusion_matrix(pred, labels, 150)
+    assert counts.sum() == 37 * 30 and torch.equal(confusion_matrix(pred.byte(), labels.byte(), 150), counts)
 
 
 def test_the_table_and_the_lowest_classes():
     iou, acc, labels = [54.5454, None, 0.0, 100.0], [60.0, None, float("nan"), 100.0], ["1 wall", "2", "3", "4"]
-    table = per_class_table(iou, acc, labels).splitlines()
+    text = per_class_table(iou, acc, labels)
+    table = text.splitlines()
+    assert text.endswith("|\n")  # a file's last line
     assert table[:2] == ["| class | IoU | Acc |", "|---|---:|---:|"]
     assert table[2:] == ["| 1 wall | 54.55 | 60.00 |", "| 2 | n/a | n/a |", "| 3 | 0.00 | n/a |",
                          "| 4 | 100.00 | 100.00 |"]
     assert lowest_classes(iou, labels) == "3: 0.00, 1 wall: 54.55, 4: 100.00"  # the undefined one left out
     assert lowest_classes(iou, labels, count=1) == "3: 0.00"
+    assert lowest_classes([math.nan, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0], list("abcdefgh")) == \
+        "h: 1.00, g: 2.00, f: 3.00, e: 4.00, d: 5.00"  # five by default, NaN left out as None is
     # the one formatting of the table, the lowest-IoU line and lomar segment's score lines
     assert score_text(None) == score_text(float("nan")) == "n/a" and score_text(54.5454) == "54.55"
+
+
+def _coordinates(height: int, width: int) -> torch.Tensor:
+    """An image (1, 3, height, width) whose channels 0 and 1 hold each pixel's row and column."""
+    rows, cols = torch.meshgrid(torch.arange(float(height)), torch.arange(float(width)), indexing="ij")
+    return torch.stack([rows, cols, torch.zeros_like(rows)])[None]
+
+
+def test_sliding_windows_are_mmsegs_grid_and_their_logits_are_averaged_where_they_overlap():
+    """mmseg's slide_inference on 50 x 70 with 32-pixel crops every 21: rows from 0 and 18 (the last flush with the
+    border), columns from 0, 21 and 38. A model whose logits are its window's number shows each pixel's mean."""
+    origins = []
+
+    def model(crop):
+        origins.append((int(crop[0, 0, 0, 0]), int(crop[0, 1, 0, 0])))
+        return torch.full((1, 2, *crop.shape[-2:]), float(len(origins) - 1))
+
+    logits = predict_logits(model, _coordinates(50, 70), 2, "slide", crop=32, stride=21)
+    assert origins == [(0, 0), (0, 21), (0, 38), (18, 0), (18, 21), (18, 38)] and logits.shape == (1, 2, 50, 70)
+    # (0, 0): window 0 alone; (49, 69): window 5 alone; (20, 25): windows 0, 1, 3 and 4; (10, 45): windows 1 and 2
+    assert [float(logits[0, 1, r, c]) for r, c in ((0, 0), (49, 69), (20, 25), (10, 45))] == [0.0, 5.0, 2.0, 1.5]
+    for side, starts in ((53, [0, 21]), (54, [0, 21, 22])):  # a window one stride on flush with the border or not
+        origins.clear()
+        predict_logits(model, _coordinates(side, 32), 2, "slide", crop=32, stride=21)
+        predict_logits(model, _coordinates(32, side), 2, "slide", crop=32, stride=21)
+        assert origins == [(start, 0) for start in starts] + [(0, start) for start in starts]
+    origins.clear()  # by default mmseg's ADE20K windows: 512-pixel crops every 341
+    predict_logits(model, _coordinates(600, 1000), 2, "slide")
+    assert origins == [(0, 0), (0, 341), (0, 488), (88, 0), (88, 341), (88, 488)]
+
+
+def test_whole_image_inference_pads_to_the_size_divisor_given_else_the_models_else_32():
+    seen = []
+
+    def model(image):
+        seen.append(tuple(image.shape[-2:]))
+        return image[:, :2]
+
+    image = torch.randn(1, 3, 30, 45)
+    assert torch.equal(predict_logits(model, image, 2, "whole"), image[:, :2])
+    model.size_divisor = 16
+    assert torch.equal(predict_logits(model, image, 2, "whole"), image[:, :2])
+    assert torch.equal(predict_logits(model, image, 2, "whole", size_divisor=7), image[:, :2])
+    assert seen == [(32, 64), (32, 48), (35, 49)]
