@@ -117,7 +117,8 @@ def test_the_official_configuration_has_the_official_keys_and_shapes():
     # The golden case has one block a group; the official encoder has two (BEIT_SPEC §3), whose second
     # block keeps its width (no id_path), and four groups of widths 256, 512, 1024, 2048.
     with torch.device("meta"):
-        encoder = DVAEEncoder(DVAEConfig())
+        encoder = DVAEEncoder()  # the official configuration by default
+    assert encoder.config == DVAEConfig()
     shapes = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
     assert len(shapes) == 74 and sum(torch.Size(s).numel() for s in shapes.values()) == 53_786_240
     assert shapes["blocks.input.w"] == (256, 3, 7, 7)
@@ -142,3 +143,25 @@ def test_a_new_encoder_starts_as_dall_es_convs_and_keeps_its_output_conv_in_fp32
         assert abs(conv.w.std().item() * (n_in * k * k) ** 0.5 - 1) < 0.1, name
         assert torch.count_nonzero(conv.b) == 0, name
     assert [name for name, conv in convs.items() if not conv.use_float16] == ["blocks.output.conv"]
+
+
+@pytest.mark.parametrize("groups", [3, 4])
+def test_the_stride_and_grid_are_the_logits_downsampling(groups):
+    """BEiT sizes the tokenizer's input from ``stride`` (its grid times the stride): 2^(groups - 1), the max pools'."""
+    torch.manual_seed(0)
+    encoder = DVAEEncoder(DVAEConfig(n_hid=8, n_blk_per_group=1, vocab_size=16, group_count=groups, input_size=32))
+    with torch.no_grad():
+        logits = encoder(torch.rand(1, 3, 32, 32))
+    assert encoder.stride == 2 ** (groups - 1) and logits.shape[-2:] == encoder.grid == (32 // encoder.stride,) * 2
+
+
+def test_float64_images_are_tokenized_as_float32_ones():
+    """On the CPU the convs cast their input to the weights' float32: a float64 batch of images is read as the same
+    pixels (mapped in float64), not refused by conv2d for its dtype."""
+    torch.manual_seed(0)
+    encoder = DVAEEncoder(DVAEConfig(n_hid=8, n_blk_per_group=1, vocab_size=16, group_count=3, input_size=16))
+    images = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        logits = encoder(images.double())
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, encoder(images).detach(), atol=1e-5, rtol=1e-4)
