@@ -132,3 +132,20 @@ def test_a_rebuilt_resume_that_does_not_fit_asks_for_no_pretrained_file(labelled
     err = capsys.readouterr().err
     assert f"--resume {out / 'last.pt'} does not fit this run: " in err
     assert "; resume with the data it started with, or start a new run with another --out" in err, err
+
+
+def test_a_rebuilt_resume_refuses_another_pretrained_file(labelled_folder, tmp_path, capsys):
+    # it reads none, yet took the path into config.yaml as the encoder the run started from
+    start, other = _encoder(tmp_path / "start", 8, 32), _encoder(tmp_path / "other", 8, 32)
+    out = tmp_path / "run"
+    assert main(["finetune", "--pretrained", str(start), "--data", str(labelled_folder), "--img-size", "32",
+                 "--batch-size", "2", "--schedule-steps", "2", "--max-steps", "1", "--out", str(out), *_RUN]) == 0, \
+        capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["finetune", "--out", str(out), "--resume", "auto", "--pretrained", str(other)]) == 2
+    assert capsys.readouterr().err == (
+        f"lomar finetune: error: --pretrained {other} differs from {start} in the run being resumed "
+        f"({out / 'last.pt'}), whose model is rebuilt from that checkpoint and reads no --pretrained; drop "
+        f"--pretrained to continue the run, or start a new run with another --out\n")
+    assert yaml.safe_load((out / "config.yaml").read_text())["pretrained"] == str(start)
+    assert main(["finetune", "--out", str(out), "--resume", "auto", "--pretrained", str(start)]) == 0

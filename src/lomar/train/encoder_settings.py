@@ -11,7 +11,8 @@ from lomar.train import settings as S
 from lomar.train.settings import ConfigError
 
 __all__ = ["check_windows", "encoder_layout", "random_encoder_patch", "check_img_size", "check_pretrained",
-           "model_only_without_pretrained", "unused_encoder_flags", "saved_encoder_config", "rebuilt_on_resume"]
+           "model_only_without_pretrained", "unused_encoder_flags", "saved_encoder_config", "rebuilt_on_resume",
+           "REBUILT_FROM_CHECKPOINT"]
 
 # Where a checkpoint saved before model specs kept the ViTConfig of its run's encoder (finetune: the classifier's own)
 _CONFIG_BEFORE_SPECS = {"finetune": "config", "detect": "encoder_config", "segment": "encoder_config"}
@@ -66,6 +67,10 @@ def saved_encoder_config(command: str, checkpoint: dict | None) -> dict | None:
     spec = checkpoint.get("model_spec")
     saved = spec.get("config") if isinstance(spec, dict) else checkpoint.get(_CONFIG_BEFORE_SPECS[command])
     return saved if isinstance(saved, dict) and "embed_dim" in saved and "vocab_size" not in saved else None
+
+
+# Why a resume rebuilding its model refuses another --pretrained: the file would be recorded as the run's start
+REBUILT_FROM_CHECKPOINT = ", whose model is rebuilt from that checkpoint and reads no --pretrained"
 
 
 def rebuilt_on_resume(config: Any) -> bool:

@@ -31,14 +31,17 @@ class ResumeMismatch(ConfigError):
 
 
 def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[str, Any],
-                  in_file: dict[str, str] | None = None, processes: int | None = None) -> dict[str, Any]:
+                  in_file: dict[str, str] | None = None, processes: int | None = None,
+                  held: dict[str, str] | None = None) -> dict[str, Any]:
     """The saved run's settings, with the explicit run-control ones on top; any other explicit
     setting must equal the saved one (a different model or batch cannot continue the run). ``in_file``: the
     YAML file of each setting given there, not by a flag (the error names the file's line to remove).
     ``processes``: how many trained the run (:func:`processes_of`; None: unknown); on another number, given by
     WORLD_SIZE, --batch-size and --accum-steps must keep the global batch (:func:`process_change`), and may
-    change to keep it."""
-    policy = {name: s.resume for name, s in declarations(cls).items()}
+    change to keep it. ``held``: run-control settings this resume cannot change, each with why (its refusal's
+    words after the checkpoint)."""
+    held = held or {}
+    policy = {name: "held" if name in held else s.resume for name, s in declarations(cls).items()}
     fresh = {name: getattr(cls(), name) for name, p in policy.items() if p == "per-invocation"}
     values = {**dataclasses.asdict(cls()), **saved, **fresh}
     now = int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -54,7 +57,7 @@ def resume_values(cls: type, saved: dict[str, Any], source: str, explicit: dict[
         had = "the default (unset)" if values[name] is None else shown(values[name])  # not "None"
         given = as_given(name, shown(value), file := (in_file or {}).get(name))
         fix = f"remove it from {file}" if file else f"drop --{name.replace('_', '-')}"
-        raise ResumeMismatch(f"{given} differs from {had} in the run being resumed ({source}); "
+        raise ResumeMismatch(f"{given} differs from {had} in the run being resumed ({source}){held.get(name, '')}; "
                              f"{fix} to continue the run, or start a new run with another --out",
                              name, shown(value), had, source)
     if change is not None and processes != now:

@@ -18,6 +18,7 @@ from lomar.checkpoints.file_names import BEST, LAST
 from lomar.checkpoints.kinds import run_command
 from lomar.errors import first_on_machine
 from lomar.train import settings as S
+from lomar.train.encoder_settings import REBUILT_FROM_CHECKPOINT, saved_encoder_config
 from lomar.train.process_count import processes_of
 from lomar.train.runtime import default_workers
 from lomar.train.setting_flags import add_settings
@@ -99,8 +100,9 @@ class TaskConfig:
         """The settings before :meth:`complete`: ``explicit`` (YAML's, flags') over the resumed run's (``saved``), or
         over :meth:`fresh_values`, the schedule laid over a new ``--max-steps``. ``in_file``: YAML file by setting."""
         if saved is not None:
-            return resume_values(cls, saved.settings, saved.source, explicit, in_file,
-                                 processes_of(saved.point.meta if saved.point else None))
+            meta = saved.point.meta if saved.point else None
+            held = {"pretrained": REBUILT_FROM_CHECKPOINT} if saved_encoder_config(cls.COMMAND, meta) else None
+            return resume_values(cls, saved.settings, saved.source, explicit, in_file, processes_of(meta), held)
         values = cls.fresh_values(explicit)
         if values.get("max_steps") and "epochs" not in explicit and "schedule_steps" not in explicit:
             # the lr schedule spans the steps that will run: a short run warms up and anneals instead of stopping
