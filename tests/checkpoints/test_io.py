@@ -11,6 +11,7 @@ import lomar
 from helpers import fill_disk
 from lomar import MAE, LoMaR, load_original, lomar_from_original, lomar_to_original, model_config
 from lomar.checkpoints.io import atomic_save, safe_load
+from lomar.checkpoints.keys import classifier_from_original, encoder_keys
 from lomar.checkpoints.original import infer_original_config
 from lomar.models.vit import VisionTransformer, ViTConfig
 
@@ -31,6 +32,35 @@ def test_key_round_trip():
     assert not any(k.startswith("encoder.") for k in original)
     back = lomar_from_original(original)
     assert back.keys() == model.state_dict().keys()
+
+
+def test_the_original_lomars_unused_position_table_is_dropped_unless_asked_for():
+    """The original LoMaR keeps an absolute table its RPE encoder never reads: dropped by default, kept (under
+    ``encoder.``) for an encoder that has one."""
+    original = _original_lomar_state(LoMaR(model_config("vit_tiny_patch16", **TINY)))
+    assert "pos_embed" not in lomar_from_original(original) and "encoder.pos_embed" not in lomar_from_original(original)
+    kept = lomar_from_original(original, keep_pos_embed=True)
+    assert kept["encoder.pos_embed"] is original["pos_embed"] and "pos_embed" not in kept
+
+
+def test_an_original_classifiers_position_table_is_kept_only_for_a_model_that_has_one():
+    table, head = torch.zeros(1, 197, 48), torch.zeros(10, 48)
+    state = {"pos_embed": table, "norm.weight": torch.ones(48), "head.weight": head,
+             "blocks.0.attn.rpe_k.lookup_table_weight": torch.zeros(1, 12, 50)}
+    for pos, kept in (("abs", {"pos_embed": table}), ("rpe", {})):
+        model = VisionTransformer(ViTConfig(pos=pos, **TINY))
+        assert set(classifier_from_original(state, model)) == {"head.weight", "blocks.0.attn.rpe.table", *kept}
+
+
+def test_encoder_keys_are_a_pretraining_models_encoder_or_a_vits_own_keys():
+    """A pretraining model's ``encoder.*`` (its other parts dropped), or a ViT's keys as they are, the original iRPE
+    table renamed and pretraining-only parts dropped in both."""
+    table, head = torch.zeros(1, 12, 50), torch.zeros(10, 48)
+    ours = {"encoder.blocks.0.attn.rpe.table": table, "encoder.cls_token": head, "decoder_pred.weight": head,
+            "mask_token": head}
+    assert encoder_keys(ours) == {"blocks.0.attn.rpe.table": table, "cls_token": head}
+    plain = {"cls_token": head, "blocks.0.attn.rpe_k.lookup_table_weight": table, "mask_token": head}
+    assert encoder_keys(plain) == {"cls_token": head, "blocks.0.attn.rpe.table": table}
 
 
 def test_load_original_with_args_namespace(tmp_path):
