@@ -85,9 +85,10 @@ def run(args: argparse.Namespace) -> int:
         mode = args.eval_mode or trained.checkpoint["settings"].get("eval_mode", _SEGMENT_EVAL_MODE.default)
         written = 0
         for image, png in predict.segment(trained, images, device, mode, workers, skipped):
-            (out / f"{image.name}.png").parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(out / f"{image.name}.png", png)
+            (path := _png_path(out, image)).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, png)
             written += 1
+        _some_read(images, skipped)
         what, where = f"label maps ({mode}, {trained.checkpoint['settings']['num_classes']} classes)", out
     elif trained.kind == "classifier":
         precision = resolve_precision(trained_precision(trained.checkpoint) or "auto", device)
@@ -107,7 +108,6 @@ def run(args: argparse.Namespace) -> int:
         written = len(images) - len(skipped)
         threshold = f" scored {args.score_threshold:g} or more" if args.score_threshold else ""
         what = f"{counted(len(results), 'detection')}{threshold}"
-    _some_read(images, skipped)
     if skipped:
         print(f"{me}: {counted(len(skipped), 'unreadable image')} skipped (each warned of above), e.g. {skipped[0]}",
               file=sys.stderr)
@@ -115,13 +115,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _png_path(out: Path, image) -> Path:
+    """A segmenter's PNG of ``image`` (a :class:`~lomar.eval.predict.ListedImage`) in ``out``: its name plus .png (a
+    name may hold dots, which with_suffix would cut)."""
+    return out / f"{image.name}.png"
+
+
 def _png_paths(out: Path, images) -> list[Path]:
     """A segmenter's PNG of each image in ``out``; UsageError where two images would write one."""
     paths: dict[Path, str] = {}
     for image in images:
-        if (first := paths.setdefault(out / f"{image.name}.png", image.path)) != image.path:
-            raise UsageError(f"{first} and {image.path} would both write {out / image.name}.png; predict them into "
-                             f"separate --out folders, or rename one")
+        if (first := paths.setdefault(png := _png_path(out, image), image.path)) != image.path:
+            raise UsageError(f"{first} and {image.path} would both write {png}; predict them into separate --out "
+                             f"folders, or rename one")
     return list(paths)
 
 
