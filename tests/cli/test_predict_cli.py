@@ -66,7 +66,7 @@ def test_unreadable_images_are_skipped_warned_of_and_counted(tmp_path, capsys, c
     (images / "0.png").unlink()
     (images / "1.png").unlink()
     err = _error(capsys, str(classifier), str(images), "--out", str(tmp_path / "none"))
-    assert "none of the 1 image could be read" in err and not (tmp_path / "none").exists()
+    assert "no image given could be read (1 tried; the first: " in err and not (tmp_path / "none").exists()
 
 
 def test_predictions_in_out_are_replaced_only_with_overwrite(tmp_path, capsys, classifier, labelled_folder):

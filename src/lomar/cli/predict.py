@@ -134,5 +134,5 @@ def _png_paths(out: Path, images) -> list[Path]:
 def _some_read(images, skipped: list[str]) -> None:
     """UsageError where no image could be read (each warned of as it was met): nothing to write."""
     if len(skipped) == len(images):
-        raise UsageError(f"none of the {counted(len(images), 'image')} could be read ({skipped[0]}); pass images "
+        raise UsageError(f"no image given could be read ({len(images)} tried; the first: {skipped[0]}); pass images "
                          f"lomar reads (JPEG, PNG, ...)")
