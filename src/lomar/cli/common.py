@@ -20,7 +20,7 @@ from lomar.train import settings as S
 from lomar.train.setting_flags import add_settings
 from lomar.train.settings import Setting
 
-__all__ = ["resolve_device", "check_input", "check_output_file", "check_output_dir", "write_json",
+__all__ = ["resolve_device", "check_input", "check_checkpoint", "check_output_file", "check_output_dir", "write_json",
            "add_override_arguments", "load_for_cli", "training_command", "refuse_torchrun", "resume_policies"]
 
 
@@ -46,6 +46,12 @@ def check_input(path: str | Path, message: str) -> None:
     target): called before a command imports torch, which takes seconds, for a path its reader would refuse anyway."""
     if not os.path.lexists(path):
         raise UsageError(message)
+
+
+def check_checkpoint(path: str) -> None:
+    """:func:`check_input` of a command's CHECKPOINT, in the words of load_model's refusal (lomar.checkpoints.io, which
+    imports torch)."""
+    check_input(path, f"checkpoint {path} does not exist; check the path")
 
 
 def _check_writable_dir(folder: Path, flag: str, target: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS
 from lomar.cli.app import command_prefix
-from lomar.cli.common import add_override_arguments, check_input, check_output_dir, check_output_file, load_for_cli
+from lomar.cli.common import add_override_arguments, check_checkpoint, check_output_dir, check_output_file, load_for_cli
 from lomar.errors import UsageError
 from lomar.train import settings as S
 from lomar.train.setting_flags import add_settings
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.to, "--to")  # the text given: Path("") would be the working folder
     out = Path(args.to)
     _refuse_existing(out, (ENCODER_WEIGHTS, CONFIG_NAME), args.overwrite)  # before loading: at once
-    check_input(args.checkpoint, f"checkpoint {args.checkpoint} does not exist; check the path")  # as load_model's
+    check_checkpoint(args.checkpoint)
     from lomar.checkpoints.convert import encoder_of, export_model, method_metadata  # torch: not for --help
     from lomar.checkpoints.export import export_encoder  # torch: not for --help
     from lomar.checkpoints.export_leftovers import export_lock  # torch: not for --help

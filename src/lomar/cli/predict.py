@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lomar.checkpoints.kinds import trained_precision
 from lomar.cli.app import command_prefix
-from lomar.cli.common import check_input, check_output_dir, resolve_device
+from lomar.cli.common import check_checkpoint, check_input, check_output_dir, resolve_device
 from lomar.errors import UsageError
 from lomar.train import settings as S
 from lomar.train.runtime import default_workers, use_threads
@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out")  # the text given: Path("") would be the working folder
-    check_input(args.checkpoint, f"checkpoint {args.checkpoint} does not exist; check the path")  # as load_model's
+    check_checkpoint(args.checkpoint)
     for given in args.images:
         check_input(given, f"{given} does not exist; pass image files or folders of images")
     import torch

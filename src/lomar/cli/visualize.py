@@ -8,7 +8,7 @@ from pathlib import Path
 from lomar.checkpoints.file_names import LAST
 from lomar.checkpoints.kinds import run_command
 from lomar.cli.app import command_prefix
-from lomar.cli.common import add_override_arguments, check_input, check_output_dir, load_for_cli
+from lomar.cli.common import add_override_arguments, check_checkpoint, check_output_dir, load_for_cli
 from lomar.cli.export import CHECKPOINT
 from lomar.data.demo_images import demo_image_paths
 from lomar.data.pathtable import dangling_link
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
              if value]
     if given and not args.attention:  # they shape the attention figures only: without them, nothing would use them
         raise UsageError(f"{given[0]} is for the attention figures; add --attention, or drop {given[0]}")
-    check_input(args.checkpoint, f"checkpoint {args.checkpoint} does not exist; check the path")  # as load_model's
+    check_checkpoint(args.checkpoint)
     import torch
 
     from lomar.checkpoints.formats_dense import DENSE_ARCH, whole_model_refusal  # torch: not for --help
