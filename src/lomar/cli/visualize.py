@@ -175,7 +175,8 @@ def _not_a_file(path: Path) -> str:
 
 def _meta(checkpoint: Path) -> dict:
     """What the checkpoint file records beside its weights (its step, its run's settings); {} for a folder (an
-    export) or a file with none readable (the model was read from it: no step or tokenizer to tell)."""
+    export) or a file with none readable (load_model, which reads it next, says what is wrong, or reads a model with no
+    step or tokenizer to tell)."""
     from lomar.train.run_state import read_meta  # torch: not for --help
 
     try:
