@@ -32,6 +32,8 @@ FEATURE_MODULES = {
     "train/segment.py": "segment",
     "train/segment_config.py": "segment",
     "data/headers.py": "image-header checks",
+    "checkpoints/formats_dense.py": "load_model of detectors and segmenters",
+    "cli/predict.py": "predict", "eval/predict.py": "predict",
 }
 FEATURE_COMMITS = {
     "a3d7f5a": "detect", "326d424": "detect", "1d14b8e": "detect",
