@@ -129,3 +129,14 @@ def test_an_evaluation_shares_the_splits_masks_and_leaves_them_as_they_were(spli
     assert first == second and first["mask_AP"] == pytest.approx(100.0) and json.dumps(split.data) == before
     shared = split.coco().dataset["annotations"]
     assert all(a["segmentation"] is b["segmentation"] for a, b in zip(shared, split.data["annotations"]))
+
+
+def test_a_box_only_detectors_results_and_soft_masks_cut_at_one_half():
+    output = _output([[3, 5, 30, 20]], [3], [SQUARE], scores=[0.1234567])
+    box_only = {k: v for k, v in output.items() if k != "masks"}
+    assert to_coco_results(box_only, 7, CATEGORIES) == [  # scores to 6 decimals
+        {"image_id": 7, "category_id": 3, "bbox": [3.0, 5.0, 27.0, 15.0], "score": 0.123457}]
+    soft = 0.3 + 0.4 * SQUARE  # mask probabilities: 0.7 inside the square, 0.3 around it
+    [entry] = to_coco_results(_output([[3, 5, 30, 20]], [3], [soft]), 7, CATEGORIES)
+    rle = {"size": entry["segmentation"]["size"], "counts": entry["segmentation"]["counts"].encode("ascii")}
+    assert np.array_equal(mask_utils.decode(rle), SQUARE)
