@@ -51,10 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "A classifier writes DIR/predictions.jsonl: one line per image, {\"path\", \"top_k\": [{\"class\", "
         "\"probability\"}, ...]}; a detector DIR/predictions.json: COCO results as detect's own, each with the "
-        "image's path as its image_id and its category_name; a segmenter DIR/NAME.png per image (NAME: its path below "
-        "the folder given, without its suffix): its classes at the image's size, numbered as the run's annotations "
-        "(class + 1 under --zero-label ignore). Each image is read and preprocessed as the command's evaluation "
-        "(--eval-only) reads a validation image.")
+        "image's path as its image_id and its category_name where the run kept names; a segmenter DIR/NAME.png per "
+        "image (NAME: its path below the folder given, or a file given's own name, without its suffix): its classes "
+        "at the image's size, numbered as the run's annotations (class + 1 under --zero-label ignore). Each image is "
+        "read and preprocessed as the command's evaluation (--eval-only) reads a validation image.")
     add_settings(parser, SETTINGS)
 
 
