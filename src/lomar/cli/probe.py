@@ -190,7 +190,8 @@ def knn_run(args: argparse.Namespace) -> int:
 
 
 def _say_written(args: argparse.Namespace) -> None:
-    """Name the files the command wrote (--json, linprobe's --save), on stderr as its other lines are."""
+    """Name the files the command wrote (--json, linprobe's --save), on stderr as its notes are: stdout holds the
+    score line alone."""
     written = [f"the probe to {args.save}"] if getattr(args, "save", None) else []
     written += [f"the result to {args.json}"] if args.json else []
     if written:
