@@ -153,3 +153,29 @@ def test_a_rebuilt_resume_refuses_another_pretrained_file(labelled_folder, tmp_p
         f"--pretrained to continue the run, or start a new run with another --out\n")
     assert yaml.safe_load((out / "config.yaml").read_text())["pretrained"] == str(start)
     assert main(["finetune", "--out", str(out), "--resume", "auto", "--pretrained", str(start)]) == 0
+
+
+def test_a_rebuilt_resume_takes_its_encoder_by_another_path_or_moved_along_with_the_run(labelled_folder, tmp_path,
+                                                                                        capsys):
+    # a `lomar study` passes its cell's CELL/last.pt to the cell's finetune in CELL/evals/: the study folder moved
+    # (or reached through a link) mid-evaluation names the recorded file at another path, which is not another encoder
+    study = tmp_path / "study"
+    start, out = _encoder(study / "cell", 8, 32), study / "cell" / "evals" / "finetune"
+    assert main(["finetune", "--pretrained", str(start), "--data", str(labelled_folder), "--img-size", "32",
+                 "--batch-size", "2", "--schedule-steps", "3", "--max-steps", "1", "--out", str(out), *_RUN]) == 0, \
+        capsys.readouterr().err
+    (tmp_path / "link").symlink_to(study)
+    linked = tmp_path / "link" / "cell"
+    assert main(["finetune", "--out", str(out), "--resume", "auto", "--max-steps", "2", "--pretrained", str(linked)]) \
+        == 0, capsys.readouterr().err
+    moved = tmp_path / "moved"
+    study.rename(moved)
+    assert main(["finetune", "--out", str(moved / "cell" / "evals" / "finetune"), "--resume", "auto",
+                 "--pretrained", str(moved / "cell")]) == 0, capsys.readouterr().err
+    assert yaml.safe_load((moved / "cell" / "evals" / "finetune" / "config.yaml").read_text())["pretrained"] == \
+        str(start)
+    # another place beside the moved folder is another encoder
+    other = _encoder(moved / "other", 8, 32)
+    assert main(["finetune", "--out", str(moved / "cell" / "evals" / "finetune"), "--resume", "auto",
+                 "--pretrained", str(other)]) == 2
+    assert f"--pretrained {other} differs from {start} in the run being resumed" in capsys.readouterr().err

@@ -4,6 +4,8 @@ pretrain may start from --pretrained): --window-size / --global-blocks, the atte
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ from lomar.train.settings import ConfigError
 
 __all__ = ["check_windows", "encoder_layout", "random_encoder_patch", "check_img_size", "check_pretrained",
            "model_only_without_pretrained", "unused_encoder_flags", "saved_encoder_config", "rebuilt_on_resume",
-           "REBUILT_FROM_CHECKPOINT"]
+           "REBUILT_FROM_CHECKPOINT", "names_recorded_encoder"]
 
 # Where a checkpoint saved before model specs kept the ViTConfig of its run's encoder (finetune: the classifier's own)
 _CONFIG_BEFORE_SPECS = {"finetune": "config", "detect": "encoder_config", "segment": "encoder_config"}
@@ -71,6 +73,18 @@ def saved_encoder_config(command: str, checkpoint: dict | None) -> dict | None:
 
 # Why a resume rebuilding its model refuses another --pretrained: the file would be recorded as the run's start
 REBUILT_FROM_CHECKPOINT = ", whose model is rebuilt from that checkpoint and reads no --pretrained"
+
+
+def names_recorded_encoder(given: str | None, recorded: str | None, out: str | None, recorded_out: str | None) -> bool:
+    """Whether a resume's --pretrained ``given`` names the file its run recorded (``recorded``): the same file, or
+    the same place beside the run's folder (``out``, recorded as ``recorded_out``), where a move of both took it (a
+    `lomar study` folder, whose cells' checkpoints feed their own finetune evaluations)."""
+    if given is None or recorded is None:
+        return False
+    with contextlib.suppress(OSError):  # the recorded file moved or deleted: its place beside the folder decides
+        if os.path.samefile(given, recorded):
+            return True
+    return None not in (out, recorded_out) and os.path.relpath(given, out) == os.path.relpath(recorded, recorded_out)
 
 
 def rebuilt_on_resume(config: Any) -> bool:

@@ -18,7 +18,7 @@ from lomar.checkpoints.file_names import BEST, LAST
 from lomar.checkpoints.kinds import run_command
 from lomar.errors import first_on_machine
 from lomar.train import settings as S
-from lomar.train.encoder_settings import REBUILT_FROM_CHECKPOINT, saved_encoder_config
+from lomar.train.encoder_settings import REBUILT_FROM_CHECKPOINT, names_recorded_encoder, saved_encoder_config
 from lomar.train.process_count import processes_of
 from lomar.train.runtime import default_workers
 from lomar.train.setting_flags import add_settings
@@ -102,6 +102,10 @@ class TaskConfig:
         if saved is not None:
             meta = saved.point.meta if saved.point else None
             held = {"pretrained": REBUILT_FROM_CHECKPOINT} if saved_encoder_config(cls.COMMAND, meta) else None
+            run = saved.settings
+            if held and names_recorded_encoder(explicit.get("pretrained"), run.get("pretrained"),
+                                               explicit.get("out"), run.get("out")):  # its record keeps the path
+                explicit = {**explicit, "pretrained": run["pretrained"]}
             return resume_values(cls, saved.settings, saved.source, explicit, in_file, processes_of(meta), held)
         values = cls.fresh_values(explicit)
         if values.get("max_steps") and "epochs" not in explicit and "schedule_steps" not in explicit:
