@@ -16,11 +16,11 @@ import os
 import re
 import signal
 import sys
-import threading
 from collections.abc import Iterable
 from time import monotonic
 
 from lomar import __version__
+from lomar.cli.stop_signals import command_running, handle_stop_signals
 from lomar.cli.suggest import command_action, command_parser, expanded_by_shell, suggest_flags
 from lomar.errors import (
     ANSI_ESCAPE,
@@ -31,7 +31,7 @@ from lomar.errors import (
     leave_it_to_the_first_process,
 )
 from lomar.limits import check_env_limits
-from lomar.train.preemption import STOP_SIGNALS, Terminated, mark_command_start, process_age, take_command_start
+from lomar.train.preemption import Terminated, mark_command_start, process_age, take_command_start
 
 __all__ = ["SUBCOMMANDS", "build_parser", "command_prefix", "main", "run", "describe_os_error"]
 
@@ -198,26 +198,14 @@ def _trains(command: str | None) -> bool:
     return any(name == command and module == "lomar.cli.train" for name, module, _ in SUBCOMMANDS)
 
 
-_running = [False]  # whether a command is running: a stop signal after it has ended changes nothing
-
-
-def _terminate(signum, frame) -> None:
-    # Once the command has ended (say, reporting a lost peer), a SIGTERM, such as the one torchrun sends the
-    # survivors of a failed process, must not turn its one line into a traceback: it exits with its code anyway.
-    if _running[0]:
-        raise Terminated(signum)
-
-
 def _run_command(args: argparse.Namespace):
-    before, _running[0] = _running[0], True
-    try:
-        return args._run(args)
-    except RuntimeError as exc:  # a peer lost: the first process may be saying why (rank 0's full disk) as it ended
-        if _peer_lost(exc) is not None:
-            leave_it_to_the_first_process()  # and torchrun stops this one silently; else its line comes after
-        raise
-    finally:
-        _running[0] = before
+    with command_running():
+        try:
+            return args._run(args)
+        except RuntimeError as exc:  # a peer lost: the first process may be saying why (rank 0's full disk) as it ended
+            if _peer_lost(exc) is not None:
+                leave_it_to_the_first_process()  # and torchrun stops this one silently; else its line comes after
+            raise
 
 
 def _operands_after_flags(own: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> list[str]:
@@ -259,9 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"{prefix}: error: {exc}", file=sys.stderr)
         return 2
-    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
-    terminating = [sig for sig in STOP_SIGNALS if sig != signal.SIGINT]  # SIGTERM, SIGUSR1 where there is one
-    previous = {sig: signal.signal(sig, _terminate) for sig in terminating} if main_thread else {}
+    give_back_handlers = handle_stop_signals()  # SIGTERM, SIGUSR1, Ctrl-C unwind the command (see stop_signals)
     try:
         mark_command_start(started)
         return int(_run_command(args) or 0)
@@ -291,8 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:
         take_command_start()  # a run a Python caller starts after this command counts from its own call
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        give_back_handlers()
 
 
 class OutlivedStream:
