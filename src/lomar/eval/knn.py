@@ -26,10 +26,12 @@ BANK_BLOCK_BYTES = 2**25
 # Fewest bank rows a block multiplies: MKL rounded some similarities of 8- and 16-row blocks 1 ulp away from the
 # whole product's (measured; 32 rows and more matched bit for bit), which would move ties at the k-th neighbour.
 MIN_BLOCK_ROWS = 64
+# DINO's k-NN evaluation: 20 neighbours, votes weighed exp(cosine / 0.07); pretrain --knn-every scores with these.
+DINO_K, DINO_TEMPERATURE = 20, 0.07
 
 
 def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, query: torch.Tensor,
-                num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int | None = None,
+                num_classes: int, k: int = DINO_K, temperature: float = DINO_TEMPERATURE, chunk: int | None = None,
                 max_bytes: int = SIMILARITY_BYTES, block_bytes: int | None = None) -> torch.Tensor:
     """Cosine k-NN with exp(sim / T)-weighted votes (InstDisc / DINO): class scores (Q, C), each query's divided
     by its nearest neighbour's weight exp(max sim / T): the same ratios, but float32's exp overflows past 88, so
@@ -99,8 +101,8 @@ def scoring_device(bank: torch.Tensor, device: torch.device | str) -> torch.devi
     return torch.device("cpu")
 
 
-def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, k: int = 20,
-             temperature: float = 0.07, device: torch.device | str = "cpu") -> float:
+def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, k: int = DINO_K,
+             temperature: float = DINO_TEMPERATURE, device: torch.device | str = "cpu") -> float:
     """Top-1 in [0, 1] of the k-NN classifier on features: train_x (M, D), train_y (M,), val_x (Q, D), val_y (Q,);
     scored on ``device`` where the bank fits (:func:`scoring_device`)."""
     classes = int(max(train_y.max(), val_y.max())) + 1
@@ -109,8 +111,9 @@ def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, 
     return float((pred == val_y).float().mean())
 
 
-def knn_accuracy(encoder: VisionTransformer, train_loader, val_loader, k: int = 20, temperature: float = 0.07,
-                 device: torch.device | str = "cpu", pool: Pool = "mean") -> float:
+def knn_accuracy(encoder: VisionTransformer, train_loader, val_loader, k: int = DINO_K,
+                 temperature: float = DINO_TEMPERATURE, device: torch.device | str = "cpu",
+                 pool: Pool = "mean") -> float:
     """Top-1 in [0, 1] of a k-NN classifier on frozen features, train -> val.
 
     Leaves the encoder in the train/eval mode it had. Call it on one process only.
@@ -130,7 +133,7 @@ class KnnMonitor:
     """
 
     def __init__(self, root: str | Path, img_size: int, batch_size: int = 128, workers: int = 2,
-                 k: int = 20, temperature: float = 0.07, worker_init_fn=None, decode: str = "full",
+                 k: int = DINO_K, temperature: float = DINO_TEMPERATURE, worker_init_fn=None, decode: str = "full",
                  rank: int = 0, world_size: int = 1):
         # every process lists the folders: the first of each machine says what it found (another's may differ)
         self.loaders = knn_loaders(root, img_size=img_size, batch_size=batch_size, workers=workers,
