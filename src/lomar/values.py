@@ -1,5 +1,5 @@
 """What counts as a number where a setting, a size or a count is taken from Python callers, what counts as an image
-size, a device or a duration, and how a count or a duration reads in a message; imports no torch."""
+size, a device or a duration, and how a count, a duration or a percentage reads in a message; imports no torch."""
 
 import math
 import numbers
@@ -8,7 +8,7 @@ import reprlib
 from itertools import islice
 
 __all__ = ["is_integer", "is_real", "is_size", "as_sides", "counted", "brief", "parse_device", "parse_duration",
-           "duration_text"]
+           "duration_text", "percent_text"]
 
 # A value a message quotes, cut to what a line can show: a value from a file (a checkpoint's saved settings, a
 # YAML file) may be nested thousands deep (repr: a RecursionError) or hold millions of items (a repr for minutes).
@@ -109,3 +109,12 @@ def duration_text(seconds: float) -> str:
             parts.append(f"{left // size}{unit}")
             left %= size
     return "".join(part for part in parts if not part.startswith("0") or len(parts) == 1)
+
+
+def percent_text(value: float | None) -> str:
+    """A percentage as lomar prints it, its unit the caller's: two decimals, or two significant digits below 0.1,
+    where two decimals would round a small AP's 0.0487 to 0.05 and 0.004 to 0.00, a score read as none; n/a where
+    undefined (None or NaN)."""
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{value:.2f}" if value == 0 or abs(value) >= 0.1 else f"{value:#.2g}"

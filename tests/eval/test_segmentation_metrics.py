@@ -12,7 +12,6 @@ from lomar.eval.segmentation import (
     lowest_classes,
     per_class_table,
     predict_logits,
-    score_text,
     segmentation_metrics,
 )
 
@@ -53,8 +52,9 @@ def test_the_table_and_the_lowest_classes():
     assert lowest_classes(iou, labels, count=1) == "3: 0.00"
     assert lowest_classes([math.nan, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0], list("abcdefgh")) == \
         "h: 1.00, g: 2.00, f: 3.00, e: 4.00, d: 5.00"  # five by default, NaN left out as None is
-    # the one formatting of the table, the lowest-IoU line and lomar segment's score lines
-    assert score_text(None) == score_text(float("nan")) == "n/a" and score_text(54.5454) == "54.55"
+    # a class barely found keeps its digits, as the log's percent scores do (lomar.values.percent_text)
+    assert per_class_table([0.0487], [0.004], ["1"]).splitlines()[2] == "| 1 | 0.049 | 0.0040 |"
+    assert lowest_classes([0.0487, 2.0], ["a", "b"]) == "a: 0.049, b: 2.00"
 
 
 def _coordinates(height: int, width: int) -> torch.Tensor:

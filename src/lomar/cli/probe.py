@@ -22,6 +22,7 @@ from lomar.train.config_checks import EVAL_DECODES, check_warmup
 from lomar.train.runtime import default_workers, use_threads
 from lomar.train.setting_flags import add_settings
 from lomar.train.settings import Setting
+from lomar.values import percent_text
 
 COMMON = {
     "pretrained_path": S.PRETRAINED.but(flag="", nargs="?", metavar="PRETRAINED", help=S.PRETRAINED.help +
@@ -178,7 +179,7 @@ def knn_run(args: argparse.Namespace) -> int:
     k = min(args.k, len(train_y))  # knn_top1's own cap, said
     top1 = knn_top1(train_x, train_y, val_x, val_y, k, args.temperature, device=resolve_device(args.device))
     capped = f", every training image: --k {args.k} asks for more" if k < args.k else ""
-    print(f"k-NN (k={k}{capped}, T={args.temperature}, {args.pool} features) top-1: {100 * top1:.2f}% "
+    print(f"k-NN (k={k}{capped}, T={args.temperature}, {args.pool} features) top-1: {percent_text(100 * top1)}% "
           f"({len(val_y)} val / {len(train_y)} train images)")
     if args.json:
         # the crop size and decode too: a draft decode's pixels, or another size, score differently
@@ -239,7 +240,7 @@ def linprobe_run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # the library's "lower blr (now 100)" is the flag's
         raise UsageError(re.sub(r"lower (b?lr) \(", r"lower --\1 (", str(exc))) from None
     print(f"linear probe ({args.protocol} protocol, {args.pool} features, {args.epochs} epochs) top-1: "
-          f"{100 * top1:.2f}% ({len(val_y)} val / {len(train_y)} train images)")
+          f"{percent_text(100 * top1)}% ({len(val_y)} val / {len(train_y)} train images)")
     if args.save:
         atomic_save({"probe": probe.state_dict(), "pool": args.pool, "top1": top1}, args.save)
     if args.json:

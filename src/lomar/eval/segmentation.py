@@ -16,7 +16,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["confusion_matrix", "segmentation_metrics", "score_text", "per_class_table", "lowest_classes",
+from lomar.values import percent_text
+
+__all__ = ["confusion_matrix", "segmentation_metrics", "per_class_table", "lowest_classes",
            "predict_logits", "slide_stride", "label_map", "label_png", "CLASS_CHUNK"]
 
 
@@ -46,23 +48,17 @@ def segmentation_metrics(confusion: torch.Tensor) -> dict[str, float]:
             "IoU": [100 * float(v) for v in iou], "Acc": [100 * float(v) for v in acc]}
 
 
-def score_text(value: float | None) -> str:
-    """A score (percent) as the table and the command's lines print it: two decimals, n/a where undefined (None or
-    NaN)."""
-    return "n/a" if value is None or math.isnan(value) else f"{value:.2f}"
-
-
 def per_class_table(iou: list, acc: list, labels: list[str]) -> str:
     """mmseg's per-class table as Markdown: one row a class (``labels``: its id and, where known, name), IoU and
     accuracy in percent, n/a where undefined (None or NaN)."""
-    rows = [f"| {label} | {score_text(i)} | {score_text(a)} |" for label, i, a in zip(labels, iou, acc)]
+    rows = [f"| {label} | {percent_text(i)} | {percent_text(a)} |" for label, i, a in zip(labels, iou, acc)]
     return "\n".join(["| class | IoU | Acc |", "|---|---:|---:|", *rows]) + "\n"
 
 
 def lowest_classes(iou: list, labels: list[str], count: int = 5) -> str:
     """The ``count`` classes of the lowest defined IoU, lowest first, as ``label: IoU`` pairs."""
     scored = sorted((v, n) for n, v in enumerate(iou) if v is not None and not math.isnan(v))
-    return ", ".join(f"{labels[n]}: {score_text(v)}" for v, n in scored[:count])
+    return ", ".join(f"{labels[n]}: {percent_text(v)}" for v, n in scored[:count])
 
 
 @torch.no_grad()

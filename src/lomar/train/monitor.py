@@ -14,6 +14,7 @@ from pathlib import Path
 from lomar.checkpoints.file_names import METRICS
 from lomar.checkpoints.io import open_in_place, read_log, refuse_link
 from lomar.progress_bar import progress
+from lomar.values import percent_text
 
 __all__ = ["Monitor", "input_limit_note", "read_records", "metric_text", "metric_value", "images_per_second",
            "INPUT_BOUND"]
@@ -35,14 +36,8 @@ def metric_value(key: str, value: float | None) -> str:
     if value is None or math.isnan(value):
         return "n/a"
     if key in _LABELS:
-        return _percent(100 * value)
-    return _percent(value) if key.startswith(_IN_PERCENT) else f"{value:.4g}"
-
-
-def _percent(value: float) -> str:
-    """A percentage: two decimals, or two significant digits below 0.1 %, where two decimals would round a small
-    AP's 0.0487 to 0.05 and 0.004 to 0.00, a score read as none."""
-    return f"{value:.2f}%" if value == 0 or abs(value) >= 0.1 else f"{value:#.2g}%"
+        return f"{percent_text(100 * value)}%"
+    return f"{percent_text(value)}%" if key.startswith(_IN_PERCENT) else f"{value:.4g}"
 
 
 def metric_text(key: str, value: float) -> str:

@@ -33,7 +33,6 @@ from lomar.eval.segmentation import (
     label_png,
     lowest_classes,
     per_class_table,
-    score_text,
     segmentation_metrics,
     slide_stride,
 )
@@ -51,6 +50,7 @@ from lomar.train.preemption import ignore_stop_signals
 from lomar.train.segment_config import ENCODER_KEYS, SegmentConfig, check_batch_norm_batch
 from lomar.train.task import Task
 from lomar.train.task_resume import resume_line, resumed_encoder_config
+from lomar.values import percent_text
 
 __all__ = ["SegmentTask", "poly_schedule", "segment", "PER_CLASS"]
 
@@ -251,8 +251,8 @@ def _write_per_class(out: Path, m: dict, labels: list[str], sizes: tuple[int, in
         at = f" at {sizes[0]} px, " + ("its trained size" if sizes[0] == sizes[1] else f"not its trained {sizes[1]} px")
     part = m.get("val_images")
     over = f" over {part['scored']} images ({part['skipped']} unreadable skipped)" if part else ""
-    head = (f"Per-class scores (percent) of {out}'s last evaluation{at}{over}: mIoU {score_text(m['mIoU'])}, mAcc "
-            f"{score_text(m['mAcc'])}, aAcc {score_text(m['aAcc'])}; classes as the annotations number them\n\n")
+    head = (f"Per-class scores (percent) of {out}'s last evaluation{at}{over}: mIoU {percent_text(m['mIoU'])}, mAcc "
+            f"{percent_text(m['mAcc'])}, aAcc {percent_text(m['aAcc'])}; classes as the annotations number them\n\n")
     return atomic_write_text(out / PER_CLASS, head + per_class_table(m["IoU"], m["Acc"], labels))
 
 
