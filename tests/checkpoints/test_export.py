@@ -347,7 +347,7 @@ def test_a_trained_position_table_is_interpolated_for_another_size(tmp_path):
 
 
 def test_create_encoder_fits_an_absolute_table_to_another_img_size_as_timm_does(tmp_path):
-    from lomar.models.vit import sincos_pos_embed_2d
+    from lomar.models.abs_pos import sincos_pos_embed_2d
 
     ours = VisionTransformer(replace(TINY, pos="abs"))
     with torch.no_grad():

@@ -6,9 +6,10 @@ import torch
 
 import lomar
 from lomar import MAE, LoMaR, MaskingPlan, VisionTransformer, ViTConfig, model_config
+from lomar.models.abs_pos import sincos_pos_embed_2d, table_for_grid
 from lomar.models.objective import gather_patches, patchify, unpatchify
 from lomar.models.rpe import bucket_table, piecewise_index
-from lomar.models.vit import MODEL_SIZES, PATCH_SIZES, sincos_pos_embed_2d
+from lomar.models.vit import MODEL_SIZES, PATCH_SIZES
 
 TINY = dict(embed_dim=24, depth=1, num_heads=2)
 
@@ -174,8 +175,6 @@ def test_a_table_at_another_grid_is_resampled_from_the_grid_it_was_made_for():
     """One rule (MAE's finetuning, timm): bicubic from the source grid, which a sin-cos table names when no setting
     does; a table at its own grid is untouched, and a grid that cannot be the table's is refused."""
     from timm.layers import resample_abs_pos_embed
-
-    from lomar.models.vit import table_for_grid
 
     fixed = sincos_pos_embed_2d(8, (2, 6))[None]  # 12 tokens: also 3x4, 4x3, 6x2, ...
     for grid in ((3, 5), (6, 2)):  # another grid; the transposed one, of as many tokens

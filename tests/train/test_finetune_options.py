@@ -18,8 +18,9 @@ from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
 from lomar.data.classify import classification_transforms, eval_crop_ratio
 from lomar.eval.features import load_pretrained_encoder
+from lomar.models.abs_pos import sincos_pos_embed_2d
 from lomar.models.beit import BEiTConfig
-from lomar.models.vit import VisionTransformer, ViTConfig, sincos_pos_embed_2d
+from lomar.models.vit import VisionTransformer, ViTConfig
 from lomar.train import finetune as finetune_module
 
 

@@ -7,8 +7,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from lomar.models.abs_pos import sincos_pos_embed_2d
 from lomar.models.objective import masked_mse, normalize_targets, patchify
-from lomar.models.vit import Block, VisionTransformer, ViTConfig, init_weights, sincos_pos_embed_2d
+from lomar.models.vit import Block, VisionTransformer, ViTConfig, init_weights
 from lomar.values import is_integer, is_real
 
 __all__ = ["MAE", "MAEOutput"]

@@ -12,10 +12,11 @@ from typing import NamedTuple
 
 import torch
 
+from lomar.models.abs_pos import sincos_pos_embed_2d
 from lomar.models.mae import MAE
 from lomar.models.masking import MaskingPlan, check_window_request, num_masked, sample_plan, window_token_index
 from lomar.models.objective import gather_patches, masked_mse, normalize_targets
-from lomar.models.vit import ViTConfig, sincos_pos_embed_2d
+from lomar.models.vit import ViTConfig
 
 __all__ = ["MAEWindow", "MAEWindowOutput"]
 

@@ -29,8 +29,6 @@ __all__ = [
     "PATCH_SIZES",
     "model_config",
     "list_models",
-    "sincos_pos_embed_2d",
-    "table_for_grid",
     "PatchEmbed",
     "Attention",
     "Block",
