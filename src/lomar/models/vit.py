@@ -257,11 +257,8 @@ class VisionTransformer(nn.Module):
         return table_for_grid(table, self.grid, source)
 
     def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
-        """Absolute table (1, 1+Hg·Wg, D) for a grid, bicubically interpolated if needed."""
-        # timm imports torchvision and with it torch._dynamo (about a second): only for a model with a table
-        from timm.layers import resample_abs_pos_embed
-
-        return resample_abs_pos_embed(self.pos_embed, grid, self.grid, antialias=False)
+        """Absolute table (1, 1+Hg·Wg, D) for a grid, bicubically interpolated if needed (:func:`table_for_grid`)."""
+        return table_for_grid(self.pos_embed, grid, self.grid)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass: activations of one block live at a time."""
