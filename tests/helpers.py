@@ -14,6 +14,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lomar.checkpoints.io import atomic_save
 from lomar.cli.app import main
 from lomar.train import runtime
 
@@ -88,6 +90,43 @@ def write_images(folder: Path, count: int, size: tuple[int, int] = (40, 48)) -> 
         pixels = (np.random.RandomState(i).rand(*size, 3) * 255).astype(np.uint8)
         Image.fromarray(pixels).save(folder / f"img{i:03d}.png")
     return folder
+
+
+def redrawn(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` in eval mode with every weight drawn anew from N(0, 0.2), seed 0 (a head initialised near zero would
+    give every input the same output)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.2)
+    return model.eval()
+
+
+def detector_file(path: Path, model: torch.nn.Module, settings: dict | None = None) -> dict:
+    """``model`` (a ViTMaskRCNN of 3 categories) written to ``path`` as `lomar detect` saves it at step 2: its weights
+    and its task's own state, with DetectConfig(img_size=64, **settings); the checkpoint."""
+    from lomar.train.detect import DetectTask  # the writer itself
+    from lomar.train.detect_config import DetectConfig
+
+    task = SimpleNamespace(model=model, config=DetectConfig(img_size=64, **(settings or {})), categories=[1, 2, 5],
+                           val=SimpleNamespace(names=["a", "b", "c"]))
+    checkpoint = {"model": model.state_dict(), **DetectTask.state(task), "step": 2}
+    atomic_save(checkpoint, path)
+    return checkpoint
+
+
+def segmenter_file(path: Path, model: torch.nn.Module) -> dict:
+    """``model`` (an UperNetSegmenter) written to ``path`` as `lomar segment` saves it at step 2, with the settings it
+    was built with; the checkpoint."""
+    from lomar.train.segment import SegmentTask  # the writer itself
+    from lomar.train.segment_config import SegmentConfig
+
+    config = SegmentConfig(num_classes=model.num_classes, head_channels=model.decode_head.classifier.in_channels,
+                           aux_weight=model.aux_weight)
+    task = SimpleNamespace(model=model, config=config)
+    checkpoint = {"model": model.state_dict(), **SegmentTask.state(task), "step": 2}
+    atomic_save(checkpoint, path)
+    return checkpoint
 
 
 def pretrain(*args: str) -> int:

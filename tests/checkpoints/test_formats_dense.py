@@ -6,11 +6,11 @@ line."""
 from __future__ import annotations
 
 import re
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from helpers import detector_file, redrawn, segmenter_file
 from lomar.checkpoints.formats import load_model
 from lomar.checkpoints.io import atomic_save
 from lomar.models.mask_rcnn import ViTMaskRCNN
@@ -21,39 +21,14 @@ CONFIG = ViTConfig(img_size=64, patch_size=16, embed_dim=32, depth=4, num_heads=
                    global_blocks=(3,), rel_pos="bias")
 
 
-def _trained(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with every weight drawn anew (heads initialised near zero would give all inputs alike)."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.2)
-    return model.eval()
-
-
 def _detector_file(path, model=None, settings=None) -> tuple[ViTMaskRCNN, dict]:
-    """A detector as `lomar detect` saves it (its task's own state), written to ``path``."""
-    from lomar.train.detect import DetectTask  # the writer itself
-    from lomar.train.detect_config import DetectConfig
-
-    model = model or _trained(ViTMaskRCNN(VisionTransformer(CONFIG), 3, 64, detections_per_image=7))
-    task = SimpleNamespace(model=model, config=DetectConfig(img_size=64, **(settings or {})), categories=[1, 2, 5],
-                           val=SimpleNamespace(names=["a", "b", "c"]))
-    checkpoint = {"model": model.state_dict(), **DetectTask.state(task), "step": 2}
-    atomic_save(checkpoint, path)
-    return model, checkpoint
+    model = model or redrawn(ViTMaskRCNN(VisionTransformer(CONFIG), 3, 64, detections_per_image=7))
+    return model, detector_file(path, model, settings)
 
 
 def _segmenter_file(path, model=None) -> tuple[UperNetSegmenter, dict]:
-    """A segmenter as `lomar segment` saves it, written to ``path``."""
-    from lomar.train.segment import SegmentTask  # the writer itself
-    from lomar.train.segment_config import SegmentConfig
-
-    model = model or _trained(UperNetSegmenter(VisionTransformer(CONFIG), 5, channels=16, aux_channels=8))
-    task = SimpleNamespace(model=model, config=SegmentConfig(num_classes=5, head_channels=16,
-                                                             aux_weight=model.aux_weight))
-    checkpoint = {"model": model.state_dict(), **SegmentTask.state(task), "step": 2}
-    atomic_save(checkpoint, path)
-    return model, checkpoint
+    model = model or redrawn(UperNetSegmenter(VisionTransformer(CONFIG), 5, channels=16, aux_channels=8))
+    return model, segmenter_file(path, model)
 
 
 def _outputs(model: torch.nn.Module):
@@ -89,8 +64,8 @@ def test_a_dense_checkpoint_saves_its_spec_and_load_model_rebuilds_it(tmp_path, 
 
 
 def test_a_segmenter_without_its_auxiliary_head_is_rebuilt_without_one(tmp_path):
-    model, checkpoint = _segmenter_file(tmp_path / "s.pt", _trained(UperNetSegmenter(VisionTransformer(CONFIG), 5,
-                                                                                     channels=16, aux_weight=0)))
+    model, checkpoint = _segmenter_file(tmp_path / "s.pt", redrawn(UperNetSegmenter(VisionTransformer(CONFIG), 5,
+                                                                                    channels=16, aux_weight=0)))
     assert checkpoint["model_spec"]["args"] == {"num_classes": 5, "out_indices": [0, 1, 2, 3], "channels": 16,
                                                 "aux_weight": 0}
     assert load_model(tmp_path / "s.pt").aux_head is None
@@ -100,10 +75,10 @@ def test_a_segmenter_without_its_auxiliary_head_is_rebuilt_without_one(tmp_path)
 def test_a_dense_checkpoint_saved_before_specs_is_rebuilt_from_what_it_kept(tmp_path, write):
     model, checkpoint = write(tmp_path / "new.pt")
     if isinstance(model, UperNetSegmenter):  # the commands' own head: its auxiliary head at its default width
-        model, checkpoint = write(tmp_path / "new.pt", _trained(UperNetSegmenter(VisionTransformer(CONFIG), 5,
-                                                                                 channels=16)))
+        model, checkpoint = write(tmp_path / "new.pt", redrawn(UperNetSegmenter(VisionTransformer(CONFIG), 5,
+                                                                                channels=16)))
     else:  # at the commands' own detections per image
-        model, checkpoint = write(tmp_path / "new.pt", _trained(ViTMaskRCNN(VisionTransformer(CONFIG), 3, 64)))
+        model, checkpoint = write(tmp_path / "new.pt", redrawn(ViTMaskRCNN(VisionTransformer(CONFIG), 3, 64)))
     atomic_save({k: v for k, v in checkpoint.items() if k != "model_spec"}, tmp_path / "old.pt")
     rebuilt = load_model(tmp_path / "old.pt").eval()
     assert type(rebuilt) is type(model) and _same(rebuilt, model)
@@ -111,7 +86,7 @@ def test_a_dense_checkpoint_saved_before_specs_is_rebuilt_from_what_it_kept(tmp_
 
 def test_a_detector_is_rebuilt_with_the_rois_its_training_sampled(tmp_path):
     """--rois-per-image is its RoI sampler's size, which a loaded detector trained further samples too."""
-    model = _trained(ViTMaskRCNN(VisionTransformer(CONFIG), 3, 64, rois_per_image=32))
+    model = redrawn(ViTMaskRCNN(VisionTransformer(CONFIG), 3, 64, rois_per_image=32))
     assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 32
     _, checkpoint = _detector_file(tmp_path / "new.pt", model, settings={"rois_per_image": 32})
     assert checkpoint["model_spec"]["args"]["rois_per_image"] == 32

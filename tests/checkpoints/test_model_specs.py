@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from helpers import detector_file, redrawn, segmenter_file
 from lomar.checkpoints.convert import pretrain_checkpoint
 from lomar.checkpoints.export import export_encoder
 from lomar.checkpoints.formats import load_model
@@ -25,15 +26,6 @@ from lomar.models.vit import VisionTransformer, ViTConfig
 
 TINY = ViTConfig(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2)
 CLASSES = ["a", "b", "c"]
-
-
-def _trained(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with every weight drawn anew (a head initialised near zero would score all inputs alike)."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.2)
-    return model.eval()
 
 
 def _finetune_checkpoint(model: VisionTransformer) -> dict:
@@ -57,7 +49,7 @@ def _images() -> torch.Tensor:
 
 @pytest.mark.parametrize("writer, pool", [(_finetune_checkpoint, "cls"), (pretrain_checkpoint, "avg")])
 def test_a_classifier_saves_its_spec_and_is_rebuilt_from_it_as_trained(tmp_path, pool, writer):
-    classifier = _trained(VisionTransformer(TINY, num_classes=len(CLASSES), global_pool=pool))
+    classifier = redrawn(VisionTransformer(TINY, num_classes=len(CLASSES), global_pool=pool))
     checkpoint = writer(classifier)
     assert checkpoint["model_spec"] == {"arch": "lomar.models.vit:VisionTransformer", "config": TINY.to_dict(),
                                         "args": {"num_classes": 3, "global_pool": pool}, "prefix": ""}
@@ -90,7 +82,7 @@ def test_a_spec_and_a_saved_config_that_differ_where_no_weight_tells_are_refused
     """ViTDet windows change no weight: a spec and the config beside it that disagree on them would be rebuilt as the
     spec says by load_model and scored as the config says by --eval-only; neither is taken without a word."""
     windowed = replace(TINY, window_size=1, global_blocks=(1,))
-    checkpoint = _finetune_checkpoint(_trained(VisionTransformer(windowed, num_classes=3)))
+    checkpoint = _finetune_checkpoint(redrawn(VisionTransformer(windowed, num_classes=3)))
     atomic_save({**checkpoint, "config": {**checkpoint["config"], "window_size": 0, "global_blocks": ()}},
                 tmp_path / "c.pt")
     with pytest.raises(ValueError, match=re.escape(
@@ -152,13 +144,13 @@ def test_readme_writes_the_dense_recipe_run_here():
 def test_each_kind_of_checkpoint_rebuilds_its_model_in_a_process_without_training_code(tmp_path):
     import torch.distributed.checkpoint as dcp
 
-    pretrained = _trained(LoMaR(TINY, window_size=2, num_windows=1, mask_ratio=0.5))
+    pretrained = redrawn(LoMaR(TINY, window_size=2, num_windows=1, mask_ratio=0.5))
     single = pretrain_checkpoint(pretrained)
     atomic_save(single, tmp_path / "last.pt")
     # a `--fsdp` run's folder: the weights in DCP's shards, the rest (model_spec among it) in meta.pt
     dcp.save({"model": pretrained.state_dict()}, checkpoint_id=str(tmp_path / "checkpoint-000001.dcp"), no_dist=True)
     atomic_save({k: v for k, v in single.items() if k != "model"}, tmp_path / "checkpoint-000001.dcp" / "meta.pt")
-    classifier = _trained(VisionTransformer(TINY, num_classes=3))
+    classifier = redrawn(VisionTransformer(TINY, num_classes=3))
     atomic_save(_finetune_checkpoint(classifier), tmp_path / "best.pt")
     atomic_save(pretrain_checkpoint(classifier), tmp_path / "classifier.pt")
     export_encoder(pretrained.encoder, tmp_path / "export")
@@ -179,21 +171,14 @@ def test_each_kind_of_checkpoint_rebuilds_its_model_in_a_process_without_trainin
 
 
 def _dense_checkpoints(folder) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """A segmenter and a detector as `lomar segment` and `lomar detect` save them (the weights and their tasks'
-    state), written to ``folder`` (segment.pt, detect.pt)."""
+    """A segmenter and a detector as `lomar segment` and `lomar detect` save them, written to ``folder`` (segment.pt,
+    detect.pt)."""
     from lomar.models.mask_rcnn import ViTMaskRCNN
     from lomar.models.segmenter import UperNetSegmenter
-    from lomar.train.detect import DetectTask  # the writers themselves
-    from lomar.train.detect_config import DetectConfig
-    from lomar.train.segment import SegmentTask
-    from lomar.train.segment_config import SegmentConfig
 
     config = ViTConfig(img_size=64, patch_size=16, embed_dim=32, depth=4, num_heads=2)
-    segmenter = _trained(UperNetSegmenter(VisionTransformer(config), 5, channels=16))
-    task = SimpleNamespace(model=segmenter, config=SegmentConfig(num_classes=5, head_channels=16))
-    atomic_save({"model": segmenter.state_dict(), **SegmentTask.state(task)}, folder / "segment.pt")
-    detector = _trained(ViTMaskRCNN(VisionTransformer(config), 3, 64))
-    task = SimpleNamespace(model=detector, config=DetectConfig(img_size=64), categories=[1, 2, 3],
-                           val=SimpleNamespace(names=["a", "b", "c"]))
-    atomic_save({"model": detector.state_dict(), **DetectTask.state(task)}, folder / "detect.pt")
+    segmenter = redrawn(UperNetSegmenter(VisionTransformer(config), 5, channels=16))
+    segmenter_file(folder / "segment.pt", segmenter)
+    detector = redrawn(ViTMaskRCNN(VisionTransformer(config), 3, 64))
+    detector_file(folder / "detect.pt", detector)
     return segmenter, detector

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import pretrain, reference_dir, write_images
+from helpers import pretrain, reference_dir, segmenter_file, write_images
 from lomar import MAE, LoMaR, VisionTransformer, ViTConfig, export_encoder, load_original, model_config
 from lomar.checkpoints.convert import pretrain_checkpoint
 from lomar.checkpoints.formats import load_model
@@ -298,16 +298,10 @@ def test_window_attention_of_a_beit_in_both_contexts(abs_pos):
 def test_visualize_refuses_a_whole_detector_or_segmenter_as_other_encoder_readers_do(tmp_path, capsys):
     """load_model rebuilds a `lomar segment` checkpoint, but no figure draws a segmenter: the refusal names the
     encoder its run started from, not a pixel head it lacks."""
-    from types import SimpleNamespace
-
     from lomar.models.segmenter import UperNetSegmenter
-    from lomar.train.segment import SegmentTask
-    from lomar.train.segment_config import SegmentConfig
 
-    model = UperNetSegmenter(VisionTransformer(ViTConfig(img_size=32, patch_size=16, embed_dim=16, depth=2,
-                                                         num_heads=2)), 3, channels=8, aux_channels=8)
-    task = SimpleNamespace(model=model, config=SegmentConfig(num_classes=3, head_channels=8))
-    atomic_save({"model": model.state_dict(), **SegmentTask.state(task), "step": 1}, tmp_path / "best.pt")
+    segmenter_file(tmp_path / "best.pt", UperNetSegmenter(VisionTransformer(ViTConfig(
+        img_size=32, patch_size=16, embed_dim=16, depth=2, num_heads=2)), 3, channels=8, aux_channels=8))
     assert main(["visualize", str(tmp_path / "best.pt"), "--out", str(tmp_path / "fig")]) == 2
     assert capsys.readouterr().err == (f"lomar visualize: error: checkpoint {tmp_path / 'best.pt'} is a whole `lomar "
                                        f"segment` model, not an encoder; pass the encoder that run started from (its "
