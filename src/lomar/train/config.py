@@ -30,7 +30,7 @@ from lomar.train.config_checks import (
     check_warmup,
     parse_share,
 )
-from lomar.train.setting_names import setting_of, source_of
+from lomar.train.setting_names import setting_named, setting_of, source_of
 from lomar.train.settings import ConfigError
 from lomar.train.task_config import SavedRun, TaskConfig
 from lomar.window_counts import WINDOWS_RULE, paper_windows, parse_windows, windows_source
@@ -217,10 +217,9 @@ class PretrainConfig(TaskConfig):
 
     def complete(self, explicit: dict[str, Any]) -> None:
         if explicit.get("knn_data") is not None and not self.knn_every:  # else read by nothing (null: a saved yaml)
-            source = source_of(self, "knn_data")  # a settings file's line is dropped there, not as a flag
-            given = setting_of(self, "knn_data") if source else "--knn-data"
+            given = setting_of(self, "knn_data") if source_of(self, "knn_data") else "--knn-data"
             raise ConfigError(f"{given} is used only with --knn-every N (a k-NN evaluation every N epochs); add "
-                              f"--knn-every 1, or drop {f'knn_data from {source}' if source else '--knn-data'}")
+                              f"--knn-every 1, or drop {setting_named(self, 'knn_data', 'from')}")
         # a flag only: a run's config.yaml records the knn_decode its auto resolved to, k-NN or not
         if explicit.get("knn_decode", "auto") != "auto" and not (source_of(self, "knn_decode") or self.knn_every):
             raise ConfigError(f"--knn-decode {explicit['knn_decode']} decodes --knn-every's k-NN images, but this run "

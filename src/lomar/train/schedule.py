@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from lomar.lr_schedule import lr_at
-from lomar.train.setting_names import source_of
+from lomar.train.setting_names import setting_named
 
 __all__ = ["schedule_span", "run_span", "warmup_warning", "schedule_overrun", "param_groups"]
 
@@ -63,10 +63,8 @@ def _warmup_fix(config, warmup_steps: float, resumed: bool) -> str:
     if getattr(config, "schedule_steps", None) is not None:  # given, or kept from the run's config.yaml
         return ("lower --schedule-steps (the schedule's length, which --max-steps sets when neither it nor --epochs "
                 "is given), or lower --warmup-epochs")
-    # a setting from a --config file is dropped or lowered there, not as a flag the user never typed
-    epochs, warmup = source_of(config, "epochs"), source_of(config, "warmup_epochs")
-    return (f"drop {f'epochs from {epochs}' if epochs else '--epochs'} to lay the schedule over --max-steps, or lower "
-            f"{f'warmup_epochs in {warmup}' if warmup else '--warmup-epochs'}")
+    return (f"drop {setting_named(config, 'epochs', 'from')} to lay the schedule over --max-steps, or lower "
+            f"{setting_named(config, 'warmup_epochs')}")
 
 
 def schedule_overrun(last_step: int, total_steps: float, warmup_steps: float, base_lr: float, min_lr: float = 0.0,

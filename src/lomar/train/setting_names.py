@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 
 __all__ = ["closest_flags", "either", "did_you_mean", "unknown_settings", "other_commands", "as_given",
-           "source_of", "setting_of", "flag_of", "COMMAND_SETTINGS"]
+           "source_of", "setting_of", "setting_named", "flag_of", "COMMAND_SETTINGS"]
 
 # Other tools' spellings (MAE's and timm's scripts, Hugging Face, detectron2, Lightning) and common shortenings
 # -> our flags, the first one the command has. Keys are written with dashes, lower case, without the leading --.
@@ -135,6 +135,13 @@ def source_of(config, name: str) -> str | None:
 def setting_of(config, name: str) -> str:
     """:func:`as_given` of ``config``'s setting ``name``, naming the settings file that gave it, if one did."""
     return as_given(name, str(getattr(config, name)), source_of(config, name))
+
+
+def setting_named(config, name: str, preposition: str = "in") -> str:
+    """``config``'s setting ``name`` as a fix names it: its key where a settings file gave it ('epochs in base.yaml';
+    ``preposition`` 'from' after 'drop'), else its flag ('--epochs'), not a flag the user never typed."""
+    source = source_of(config, name)
+    return f"{name} {preposition} {source}" if source else f"--{name.replace('_', '-')}"
 
 
 def unknown_settings(unknown: list[str], names: list[str], source: str, config: type) -> str:
