@@ -185,14 +185,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from lomar.bench import report  # torch: not for --help
-    from lomar.bench.profile import profile_step  # torch: not for --help
     from lomar.bench.results import Results  # torch: not for --help
-    from lomar.bench.timing import (  # torch: not for --help
-        GemmCeiling,
-        build_runner,
-        failure,
-        interleaved_times,
-    )
+    from lomar.bench.timing import GemmCeiling, build_runner, interleaved_times  # torch: not for --help
 
     device, say, meta = _start(args)
     retained = device.type == "cpu" and retain_freed_memory()
@@ -216,22 +210,11 @@ def run(args: argparse.Namespace) -> int:
                 method, args.model, px, windows, args.batch_size, device, args.precision, args.compile,
                 tiny=args.tiny, compile_mode=args.compile_mode))
             interleaved_times(runners, args.steps, args.warmup, gemm, say, on_change=results.save)
-            shares = {}
-            for r in (r for r in runners if args.profile and r.error is None):
-                try:
-                    profiles.append(dict(method=r.method, img_size=size, windows=r.windows, **profile_step(r)))
-                except RuntimeError as exc:  # the profiler's own memory, say: the timed rows stand, and the rest
-                    line, trace = failure(exc)
-                    unprofiled.append(f"{r.method} {size}px: {line}")
-                    traces += filter(None, [trace])
-                    continue
-                shares[r.method, r.windows] = profiles[-1]["shares"]
+            shares = _profiled(runners, size, profiles, unprofiled, traces) if args.profile else {}
             for row in results.end_size():
                 if (row["method"], row["windows"]) in shares:
                     row["time_shares"] = shares[row["method"], row["windows"]]
-            # r too: the profiling loop's variable would hold the size's last runner (model, optimizer state, batch)
-            # through the next size's build, memory step and timing
-            runners = r = None
+            del runners
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     except BaseException:  # Ctrl-C, SIGTERM, an error of the bench itself: what was measured is kept and shown
@@ -261,6 +244,29 @@ def run(args: argparse.Namespace) -> int:
     for trace in [*(row["traceback"] for row in failed if "traceback" in row), *traces]:  # where to debug it
         print(trace, end="", file=sys.stderr)
     return 1 if failed or unprofiled else 0
+
+
+def _profiled(runners: list, size: int, profiles: list[dict], unprofiled: list[str], traces: list[str]) -> dict:
+    """{(method, windows): time shares} of one profiled step of each of a size's runners that timed, its record
+    appended to ``profiles``; a profile that fails is a line in ``unprofiled`` (its traceback, where one may be a bug,
+    in ``traces``). A function of its own: run's loop variable would keep the size's last runner (model, AdamW state,
+    batch; on a GPU, its memory) alive through the next size's build, memory step and timing."""
+    from lomar.bench.profile import profile_step  # torch: not for --help
+    from lomar.bench.timing import failure  # torch: not for --help
+
+    shares = {}
+    for r in runners:
+        if r.error is not None:
+            continue
+        try:
+            profiles.append(dict(method=r.method, img_size=size, windows=r.windows, **profile_step(r)))
+        except RuntimeError as exc:  # the profiler's own memory, say: the timed rows stand, and the rest
+            line, trace = failure(exc)
+            unprofiled.append(f"{r.method} {size}px: {line}")
+            traces.extend(filter(None, [trace]))
+            continue
+        shares[r.method, r.windows] = profiles[-1]["shares"]
+    return shares
 
 
 def _report(result: dict, profiles: list[dict]) -> None:
