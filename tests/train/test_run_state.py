@@ -856,7 +856,7 @@ def test_an_evaluation_record_on_a_full_disk_names_its_file(tmp_path, monkeypatc
     monitor = monitor_module.Monitor(tmp_path, active=True, total=3, log_every=1)
     monkeypatch.setattr(monitor_module, "open_in_place", lambda path, mode: open("/dev/full", mode))
     with pytest.raises(OSError) as info:
-        monitor.evaluation("knn.jsonl", 1, 0, {"knn_top1": 0.5}, {})
+        monitor.evaluation("knn.jsonl", 1, 0, {"knn_top1": 0.5}, {}, "epoch 0")
     monitor.close()
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "knn.jsonl")
 

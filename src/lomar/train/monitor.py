@@ -96,10 +96,9 @@ class Monitor:
             print(f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.2e} img/s {images_per_second(ips)} "
                   f"input wait {input_wait:.0%}", flush=True)
 
-    def evaluation(self, file: str, step: int, epoch: int, metrics: dict[str, float], extra: dict,
-                   at: str | None = None) -> None:
+    def evaluation(self, file: str, step: int, epoch: int, metrics: dict[str, float], extra: dict, at: str) -> None:
         """An evaluation: a record in ``file``, TensorBoard ``eval/KEY`` and one printed line, which names the
-        evaluation's place as ``at`` ("end of epoch 1"; default "epoch EPOCH")."""
+        evaluation's place as ``at`` ("end of epoch 1", "epoch 1" mid-epoch)."""
         if not self.active:
             return
         with open_in_place(self.out / file, "a") as handle:
@@ -112,7 +111,7 @@ class Monitor:
         shown = ", ".join(metric_text(k, v) for k, v in defined.items())
         best = [f"best {metric_value(k[5:], v)}" for k, v in extra.items() if k.startswith("best_")]
         shown = shown or "no metric defined: the validation split held nothing to score"
-        message = f"step {step}, {at or f'epoch {epoch}'}: {shown}" + (f" ({best[0]})" if best else "")
+        message = f"step {step}, {at}: {shown}" + (f" ({best[0]})" if best else "")
         self.bar.write(message, file=sys.stdout)
 
     def close(self) -> None:
