@@ -166,3 +166,73 @@ def test_an_exif_turned_photo_is_segmented_upright_at_its_size(tmp_path, dense):
     maps = [Image.open(tmp_path / "out" / name) for name in ("upright.png", "turned.png")]
     assert maps[0].size == maps[1].size == (64, 80)  # (width, height): the upright photo's
     assert np.array_equal(np.asarray(maps[0]), np.asarray(maps[1]))
+
+
+@pytest.fixture(scope="module")
+def detector():
+    """A detector of three categories as initialised: 20 detections an image, each with a mask."""
+    from lomar.eval.predict import Trained
+    from lomar.models.mask_rcnn import ViTMaskRCNN
+    from lomar.models.vit_config import ViTConfig
+
+    torch.manual_seed(0)
+    model = ViTMaskRCNN(VisionTransformer(ViTConfig(img_size=64, patch_size=16, embed_dim=32, depth=1, num_heads=2)),
+                        3, 64, detections_per_image=20)
+    return Trained("detector", model.eval(), None, {"categories": [1, 2, 5]})
+
+
+def _photos(folder, sizes) -> list:
+    from lomar.eval.predict import ListedImage
+
+    folder.mkdir()
+    rng, listed = np.random.default_rng(0), []
+    for i, (height, width) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), np.uint8)).save(folder / f"{i}.png")
+        listed.append(ListedImage(str(folder / f"{i}.png"), str(i)))
+    return listed
+
+
+def test_a_detectors_masks_are_pasted_a_few_at_a_time_into_the_rles_of_all_at_once(tmp_path, monkeypatch, detector):
+    # torchvision's evaluation pastes every detection's mask at the image's size at once, and keeps a second copy:
+    # 2 x 100 x 12 M floats (9.6 GB) for one phone photo
+    from torchvision.models.detection import roi_heads, transform
+
+    from lomar.data.decode import load_image
+    from lomar.data.jitter import eval_transforms
+    from lomar.eval import coco, predict
+
+    (photo,) = _photos(tmp_path / "photos", [(90, 130)])  # larger than the 64 px input: resized and mapped back
+    with torch.no_grad():  # as predict runs: a forward recording gradients differs in the last bits
+        output = detector.model([eval_transforms()(load_image(photo.path))])[0]  # torchvision's own pasting
+    expected = coco.to_coco_results(output, photo.path, [1, 2, 5])
+    pasted, paste = [], roi_heads.paste_masks_in_image
+    for module in (roi_heads, transform):
+        monkeypatch.setattr(module, "paste_masks_in_image",
+                            lambda masks, *args: pasted.append(len(masks)) or paste(masks, *args))
+    monkeypatch.setattr(coco, "PASTE_PIXELS", 3 * 90 * 130 + 1)
+    found = predict.detect(detector, [photo], torch.device("cpu"), 0.0, 16, 0, [])
+    assert len(expected) == 20 and len({json.dumps(entry["segmentation"]) for entry in expected}) > 10
+    assert found == expected
+    assert pasted == [3] * 6 + [2]
+    assert detector.model.transform.paste_masks  # as it was: the model is left pasting
+
+
+def test_a_detectors_batch_holds_batch_size_images_and_batch_pixels_at_most(tmp_path, monkeypatch, detector):
+    # a batch of sixteen 12 MP phone photos decoded as float is 2.3 GB before the model resizes them
+    from lomar.eval import predict
+
+    photos = _photos(tmp_path / "photos", [(40, 50), (40, 50), (30, 20), (40, 50), (100, 100), (10, 10)])
+    batches, nothing = [], {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+                            "scores": torch.zeros(0), "masks": torch.zeros(0, 1, 28, 28)}
+    monkeypatch.setattr(detector.model, "forward",  # the batches' sizes are the point, not the detections
+                        lambda images: batches.append([tuple(i.shape[-2:]) for i in images]) or [nothing] * len(images))
+    monkeypatch.setattr(predict, "BATCH_PIXELS", 4500)
+    predict.detect(detector, photos, torch.device("cpu"), 0.0, 16, 0, [])
+    assert batches == [[(40, 50), (40, 50)], [(30, 20), (40, 50)], [(100, 100)], [(10, 10)]]
+    batches.clear()
+    predict.detect(detector, photos, torch.device("cpu"), 0.0, 3, 0, [])
+    assert [len(batch) for batch in batches] == [2, 2, 1, 1]
+    monkeypatch.setattr(predict, "BATCH_PIXELS", 10**6)
+    batches.clear()
+    predict.detect(detector, photos, torch.device("cpu"), 0.0, 4, 0, [])
+    assert [len(batch) for batch in batches] == [4, 2]

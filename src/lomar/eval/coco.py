@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -19,14 +20,18 @@ import torch
 __all__ = ["to_coco_results", "coco_metrics", "METRIC_NAMES"]
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# masks pasted at an image's size at once: 176 MiB with the float, stacked, thresholded and encoder's copies
+PASTE_PIXELS = 2**24
 
 
 def to_coco_results(output: dict[str, torch.Tensor], image_id: int, categories: list[int],
-                    mask_threshold: float = 0.5) -> list[dict]:
+                    mask_threshold: float = 0.5, image_size: tuple[int, int] | None = None) -> list[dict]:
     """One image's detections -> COCO result entries.
 
     output: {"boxes" (N, 4) xyxy, "labels" (N,) in 1..K, "scores" (N,), "masks" (N, 1, H, W) in
-    [0, 1]} in the image's own pixels; ``categories[label - 1]`` is the COCO category id.
+    [0, 1]} in the image's own pixels; ``categories[label - 1]`` is the COCO category id. With ``image_size``
+    (H, W), "masks" are the mask head's (N, 1, M, M) over the boxes
+    (:func:`~lomar.models.mask_rcnn.unpasted_masks`), pasted as torchvision pastes them, PASTE_PIXELS at a time.
     """
     from pycocotools import mask as mask_utils
 
@@ -36,18 +41,30 @@ def to_coco_results(output: dict[str, torch.Tensor], image_id: int, categories: 
     labels = output["labels"].cpu().tolist()
     results = []
     masks = output.get("masks")
-    binary = None
+    rles = None
     if masks is not None and len(masks):
-        binary = (masks[:, 0] > mask_threshold).cpu().numpy().astype(np.uint8)
-        rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
+        rles = []
+        for chunk in ([masks] if image_size is None else _pasted(masks, output["boxes"], image_size)):
+            binary = (chunk[:, 0] > mask_threshold).cpu().numpy().astype(np.uint8)
+            rles.extend(mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0))))
     for i, (box, score, label) in enumerate(zip(xywh, scores, labels)):
         entry = {"image_id": image_id, "category_id": categories[label - 1], "bbox": [round(v, 3) for v in box],
                  "score": round(float(score), 6)}
-        if binary is not None:
+        if rles is not None:
             rle = rles[i]
             entry["segmentation"] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
         results.append(entry)
     return results
+
+
+def _pasted(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]) -> Iterator[torch.Tensor]:
+    """(N, 1, M, M) masks over ``boxes`` (N, 4) -> (n, 1, H, W) chunks of them pasted into ``image_size`` (H, W),
+    n * H * W at most PASTE_PIXELS (n at least 1)."""
+    from torchvision.models.detection.roi_heads import paste_masks_in_image  # torchvision: only for masks to paste
+
+    step = max(1, PASTE_PIXELS // (image_size[0] * image_size[1]))
+    for start in range(0, len(masks), step):
+        yield paste_masks_in_image(masks[start:start + step], boxes[start:start + step], tuple(image_size))
 
 
 def _no_detections(gt):

@@ -42,6 +42,8 @@ __all__ = ["Trained", "load_trained", "list_images", "ListedImage", "classify", 
 # The file each kind writes in --out; a segmenter writes one PNG per image instead.
 OUTPUTS = {"classifier": "predictions.jsonl", "detector": "predictions.json"}
 _KINDS = {"finetune": "classifier", "detect": "detector", "segment": "segmenter"}
+# a detector's batch of images at their own size, as float: 384 MiB (three 12 MP photos; sixteen 640 x 480: 5 M px)
+BATCH_PIXELS = 2**25
 
 
 @dataclass
@@ -175,15 +177,31 @@ def _segmenter_input(crop: int, image: torch.Tensor) -> tuple[torch.Tensor, tupl
 
 
 def _batches(images: list[ListedImage], prepare, batch_size: int, workers: int, skipped: list[str],
-             load=load_image) -> Iterator[tuple[list[int], list]]:
+             load=load_image, pixels: int | None = None) -> Iterator[tuple[list[int], list]]:
     """(indices, prepared inputs) of each batch of the readable ``images``, with a progress bar; the unreadable ones'
-    lines appended to ``skipped``."""
-    loader = DataLoader(_ImageFiles(images, prepare, load), batch_size, num_workers=workers, collate_fn=_as_list)
-    for batch in progress(loader, total=len(loader), desc="lomar predict", unit="batch"):
+    lines appended to ``skipped``. ``pixels``: where given, the images are read one at a time and a batch of
+    (C, H, W) inputs holds at most that many pixels (an input larger alone)."""
+    loader = DataLoader(_ImageFiles(images, prepare, load), batch_size if pixels is None else 1, num_workers=workers,
+                        collate_fn=_as_list)
+    held: list = []
+    for batch in progress(loader, total=len(loader), desc="lomar predict", unit="batch" if pixels is None else "image"):
         skipped.extend(item for item in batch if isinstance(item, Skipped))
-        good = [item for item in batch if not isinstance(item, Skipped)]
-        if good:
-            yield [index for index, _ in good], [value for _, value in good]
+        for item in batch:
+            if isinstance(item, Skipped):
+                continue
+            if held and pixels is not None and sum(_pixels(value) for _, value in [*held, item]) > pixels:
+                yield [index for index, _ in held], [value for _, value in held]
+                held = []
+            held.append(item)
+        if held and (pixels is None or len(held) == batch_size):
+            yield [index for index, _ in held], [value for _, value in held]
+            held = []
+    if held:
+        yield [index for index, _ in held], [value for _, value in held]
+
+
+def _pixels(image: torch.Tensor) -> int:
+    return image.shape[-2:].numel()
 
 
 def classify(trained: Trained, images: list[ListedImage], device: torch.device, top_k: int, batch_size: int,
@@ -216,18 +234,21 @@ def detect(trained: Trained, images: list[ListedImage], device: torch.device, sc
     """COCO result entries of the readable images (detect's predictions.json form: ``bbox`` [x, y, w, h] in the
     image's pixels, ``score``, ``category_id``, ``segmentation`` as RLE), each with the image's path as its
     ``image_id`` and its ``category_name`` where the run saved names; those scored below ``score_threshold`` left
-    out."""
+    out. A batch holds at most ``batch_size`` images and BATCH_PIXELS pixels; masks are pasted a few at a time
+    (:func:`~lomar.models.mask_rcnn.unpasted_masks`)."""
     from lomar.data.jitter import eval_transforms  # torchvision imports torch._dynamo: only for a detector
+    from lomar.models.mask_rcnn import unpasted_masks  # torchvision, as above
 
     model, transform = trained.model.to(device), eval_transforms()
     categories = list(trained.checkpoint["categories"])
     names = dict(zip(categories, trained.labels))
     results = []
-    with torch.no_grad():
-        for indices, inputs in _batches(images, transform, batch_size, workers, skipped):
+    with torch.no_grad(), unpasted_masks(model):
+        for indices, inputs in _batches(images, transform, batch_size, workers, skipped, pixels=BATCH_PIXELS):
             outputs = model([image.to(device) for image in inputs])
-            for index, output in zip(indices, outputs):
-                for entry in to_coco_results(output, images[index].path, categories):
+            for index, image, output in zip(indices, inputs, outputs):
+                for entry in to_coco_results(output, images[index].path, categories,
+                                             image_size=tuple(image.shape[-2:])):
                     if entry["score"] >= score_threshold:
                         if trained.checkpoint.get("category_names"):
                             entry["category_name"] = names[entry["category_id"]]

@@ -12,7 +12,9 @@ predictions are mapped back to the original image.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import initLevelMapper
 
@@ -32,7 +34,8 @@ from lomar.models.backbones import LayerNorm2d, ViTDetBackbone
 from lomar.models.spec import BuiltOnEncoder
 from lomar.models.vit import VisionTransformer
 
-__all__ = ["PyramidBackbone", "FixedSizeTransform", "Fp32BoxCoder", "PyramidAnchors", "roi_pool", "ViTMaskRCNN"]
+__all__ = ["PyramidBackbone", "FixedSizeTransform", "Fp32BoxCoder", "PyramidAnchors", "roi_pool", "ViTMaskRCNN",
+           "unpasted_masks"]
 
 ROI_LEVELS = ["p2", "p3", "p4", "p5"]
 ROI_STRIDES = (4, 8, 16, 32)  # of ROI_LEVELS, in input pixels
@@ -63,11 +66,21 @@ class PyramidBackbone(nn.Module):
 class FixedSizeTransform(GeneralizedRCNNTransform):
     """Normalise, resize for evaluation (longest side ``size``, antialiased; training images come jittered and
     are not resized again), and pad each image at its bottom-right into a ``size`` x ``size`` batch.
-    Padding is 0 after normalisation, the mean pixel, as ViTDet's."""
+    Padding is 0 after normalisation, the mean pixel, as ViTDet's. ``paste_masks`` False (:func:`unpasted_masks`):
+    evaluation outputs keep the mask head's masks, their boxes mapped to the image's pixels as ever."""
 
     def __init__(self, size: int):
         super().__init__(size, size, list(IMAGENET_MEAN), list(IMAGENET_STD), size_divisible=32, _skip_resize=True)
         self.size = size
+        self.paste_masks = True
+
+    def postprocess(self, result: list[dict[str, torch.Tensor]], image_shapes: list[tuple[int, int]],
+                    original_image_sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+        if self.training or self.paste_masks:
+            return super().postprocess(result, image_shapes, original_image_sizes)
+        for prediction, size, original in zip(result, image_shapes, original_image_sizes):
+            prediction["boxes"] = resize_boxes(prediction["boxes"], size, original)
+        return result
 
     def resize(self, image: torch.Tensor, target: dict | None = None) -> tuple[torch.Tensor, dict | None]:
         if self.training or target is not None:
@@ -144,7 +157,8 @@ class ViTMaskRCNN(BuiltOnEncoder, MaskRCNN):
 
     In training, ``model(images, targets)`` -> dict of losses; in eval, ``model(images)`` -> per
     image {"boxes" (N, 4) xyxy, "labels" (N,), "scores" (N,), "masks" (N, 1, H, W) in [0, 1]} in
-    the coordinates of the image given. Its model spec: the encoder's ViTConfig and :meth:`spec_args`.
+    the coordinates of the image given (masks (N, 1, 28, 28) over the boxes under :func:`unpasted_masks`). Its
+    model spec: the encoder's ViTConfig and :meth:`spec_args`.
     """
 
     def __init__(self, encoder: VisionTransformer, num_classes: int, size: int, out_channels: int = 256,
@@ -182,3 +196,18 @@ class ViTMaskRCNN(BuiltOnEncoder, MaskRCNN):
                 "out_channels": self.backbone.out_channels,
                 "detections_per_image": self.roi_heads.detections_per_img,
                 "rois_per_image": self.roi_heads.fg_bg_sampler.batch_size_per_image}
+
+
+@contextlib.contextmanager
+def unpasted_masks(model: ViTMaskRCNN) -> Iterator[ViTMaskRCNN]:
+    """``model``, whose evaluation outputs keep each detection's mask as the mask head's (N, 1, 28, 28) probabilities
+    over its box (the boxes in the image's pixels, as outside), to be pasted a few at a time
+    (:func:`torchvision.models.detection.roi_heads.paste_masks_in_image` on a slice is the same arithmetic):
+    torchvision pastes all of them at the image's size at once, and keeps a second copy, 2 x 100 x 12 M floats
+    (9.6 GB) for one phone photo."""
+    transform = model.transform
+    pasting, transform.paste_masks = transform.paste_masks, False
+    try:
+        yield model
+    finally:
+        transform.paste_masks = pasting
