@@ -28,13 +28,18 @@ def whole_model_refusal(path, checkpoint: dict) -> ValueError:
                       f"the encoder that run started from (its --pretrained), or a pretraining checkpoint or export")
 
 
+def _unbuildable(src: Source, command: str, lacking: str) -> ValueError:
+    """The error for a checkpoint saved before specs that lacks what rebuilds it (``lacking``: 'its categories')."""
+    return ValueError(f"{src.path}: a `lomar {command}` checkpoint saved without a model_spec and without {lacking}; "
+                      f"it cannot be rebuilt from what it saved")
+
+
 def _settings(src: Source, command: str, names: tuple[str, ...]) -> dict:
     """``names`` of the run settings a checkpoint saved before specs; ValueError naming the first it lacks."""
     settings = src.data.get("settings")
     missing = [n for n in names if not isinstance(settings, dict) or n not in settings]
     if missing:
-        raise ValueError(f"{src.path}: a `lomar {command}` checkpoint saved without a model_spec and without its "
-                         f"settings' {missing[0]}; it cannot be rebuilt from what it saved")
+        raise _unbuildable(src, command, f"its settings' {missing[0]}")
     return {n: settings[n] for n in names}
 
 
@@ -48,8 +53,7 @@ def _spec_before_specs(src: Source, command: str) -> dict:
     if command == "detect":
         categories = src.data.get("categories")
         if not isinstance(categories, list):
-            raise ValueError(f"{src.path}: a `lomar detect` checkpoint saved without a model_spec and without its "
-                             f"categories; it cannot be rebuilt from what it saved")
+            raise _unbuildable(src, command, "its categories")
         args = {"num_classes": len(categories), "size": _settings(src, command, ("img_size",))["img_size"]}
         if isinstance(rois := src.data["settings"].get("rois_per_image"), int):  # the sampler it trained with
             args["rois_per_image"] = rois
