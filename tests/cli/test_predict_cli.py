@@ -98,3 +98,15 @@ def test_two_images_that_would_write_one_label_map_are_refused(tmp_path):
         _png_paths(tmp_path / "out", listed)
     assert _png_paths(tmp_path / "out", list_images([str(tmp_path / "a" / "x.png"), str(tmp_path / "b")])) == [
         tmp_path / "out" / "x.png", tmp_path / "out" / "c" / "x.png"]
+
+
+def test_an_out_folder_inside_a_folder_of_images_is_refused(tmp_path, capsys):
+    # as a training run's --out inside its --data: a segmenter's PNGs there would be images to a later predict
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (tmp_path / "best.pt").write_bytes(b"")  # refused before the checkpoint is read
+    for out in (photos, photos / "predicted"):
+        err = _error(capsys, str(tmp_path / "best.pt"), str(photos), "--out", str(out))
+        assert f"--out {out} is inside {photos}: the predictions would join the images a later lomar predict" in err
+    assert not (photos / "predicted").exists()
+

@@ -68,7 +68,13 @@ def run(args: argparse.Namespace) -> int:
     from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text  # torch: not for --help
     from lomar.eval import predict  # torch: not for --help
     from lomar.train.precision import autocast_factory, resolve_precision  # torch: not for --help
+    from lomar.train.run_state import inside  # torch: not for --help
 
+    # as a training run's --out inside its --data is refused: a later predict of the folder would read its PNGs
+    if folder := next((given for given in args.images if Path(given).is_dir() and inside(Path(args.out), Path(given))),
+                      None):
+        raise UsageError(f"--out {args.out} is inside {folder}: the predictions would join the images a later lomar "
+                         f"predict of {folder} reads; pass an --out outside it")
     device = torch.device(resolve_device(args.device))
     use_threads(args.threads)
     trained = predict.load_trained(args.checkpoint)
