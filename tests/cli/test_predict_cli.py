@@ -110,3 +110,13 @@ def test_an_out_folder_inside_a_folder_of_images_is_refused(tmp_path, capsys):
         assert f"--out {out} is inside {photos}: the predictions would join the images a later lomar predict" in err
     assert not (photos / "predicted").exists()
 
+
+def test_a_file_given_under_several_spellings_is_listed_once(tmp_path, monkeypatch):
+    from lomar.eval.predict import list_images
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "x.png").write_bytes(b"")
+    (tmp_path / "link.png").symlink_to(tmp_path / "photos" / "x.png")
+    monkeypatch.chdir(tmp_path)
+    given = ["photos/x.png", str(tmp_path / "photos" / "x.png"), str(tmp_path / "link.png"), str(tmp_path / "photos")]
+    assert [image.path for image in list_images(given)] == ["photos/x.png"]

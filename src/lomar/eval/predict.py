@@ -127,8 +127,9 @@ class ListedImage:
 def list_images(paths: list[str]) -> list[ListedImage]:
     """Each file given, and each folder's images as the training commands search a folder
     (:func:`~lomar.data.image_search.image_table`: recursively, sorted, hidden files and thumbnail caches left out),
-    in the order given; a file listed twice is predicted once. UsageError for a folder without an image."""
-    listed: dict[str, ListedImage] = {}
+    in the order given; a file listed twice, under any spelling (relative, absolute, through a link), is predicted
+    once, under the first. UsageError for a folder without an image."""
+    listed: dict[tuple[int, int] | str, ListedImage] = {}
     for given in map(Path, paths):
         if given.is_dir():
             found = image_table(given)
@@ -138,8 +139,17 @@ def list_images(paths: list[str]) -> list[ListedImage]:
         else:
             images = [ListedImage(str(given), given.stem)]
         for image in images:
-            listed.setdefault(os.path.normpath(image.path), image)
+            listed.setdefault(_file_identity(image.path), image)
     return list(listed.values())
+
+
+def _file_identity(path: str) -> tuple[int, int] | str:
+    """(device, inode) of the file at ``path``; a path that cannot be read: its real path (a dangling link's target)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return info.st_dev, info.st_ino
 
 
 class _ImageFiles(Dataset):
