@@ -38,7 +38,7 @@ from lomar.data.decode import (
 )
 from lomar.data.pathtable import PathTable
 from lomar.data.png_cut import png_cut_short
-from lomar.data.transforms import sample_generator, sample_key
+from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD, sample_generator, sample_key
 from lomar.errors import exception_line
 
 __all__ = ["IGNORE", "MAX_CLASS_ID", "MEAN", "STD", "CLASS_LIST", "SegmentationFolder", "read_labels", "eval_scale",
@@ -47,8 +47,9 @@ __all__ = ["IGNORE", "MAX_CLASS_ID", "MEAN", "STD", "CLASS_LIST", "SegmentationF
 log = logging.getLogger("lomar.data")
 IGNORE = 255  # in items and in annotation files (as 0 is in files)
 MAX_CLASS_ID = 254  # the highest class id a file can hold: predictions are written as 8-bit PNGs
-MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)  # mmseg's ImageNet statistics, 0..255 pixels
-STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+# ImageNet's statistics on 0..255 pixels, as mmseg writes them (123.675, ...; the same float32 values)
+MEAN = torch.tensor([255 * m for m in IMAGENET_MEAN]).view(3, 1, 1)
+STD = torch.tensor([255 * s for s in IMAGENET_STD]).view(3, 1, 1)
 CLASS_LIST = "objectInfo150.txt"  # ADEChallengeData2016's: a header, then "Idx\tRatio\tTrain\tVal\tName" a class
 
 
