@@ -92,6 +92,17 @@ def write_images(folder: Path, count: int, size: tuple[int, int] = (40, 48)) -> 
     return folder
 
 
+def first_image_split(ann: Path, out: Path) -> Path:
+    """COCO annotation file ``ann`` cut to its first image and that image's annotations, written to ``out``: a
+    validation split for runs whose evaluations are not what a test checks (a randomly initialised detector's mask
+    head runs on 100 boxes an image)."""
+    data = json.loads(ann.read_text())
+    first = data["images"][0]["id"]
+    out.write_text(json.dumps({**data, "images": data["images"][:1],
+                               "annotations": [a for a in data["annotations"] if a["image_id"] == first]}))
+    return out
+
+
 def redrawn(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` in eval mode with every weight drawn anew from N(0, 0.2), seed 0 (a head initialised near zero would
     give every input the same output)."""

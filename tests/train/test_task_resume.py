@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from helpers import first_image_split
 from lomar.checkpoints.export import export_encoder
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
@@ -81,12 +82,8 @@ def test_a_finetune_resumes_without_the_encoder_it_started_from(labelled_folder,
 
 def test_a_detector_resumes_without_the_encoder_it_started_from(digits, tmp_path, capsys):
     start = _encoder(tmp_path / "start", 16, 64)
-    # one validation image: a randomly initialised detector's mask head runs on 100 boxes an image at each run's end
-    val = json.loads((digits / "annotations" / "instances_val.json").read_text())
-    first = val["images"][0]["id"]
-    one_val = tmp_path / "one_val.json"
-    one_val.write_text(json.dumps({**val, "images": val["images"][:1],
-                                   "annotations": [a for a in val["annotations"] if a["image_id"] == first]}))
+    # one validation image: each run ends with an evaluation
+    one_val = first_image_split(digits / "annotations" / "instances_val.json", tmp_path / "one_val.json")
     coco = ["--train-ann", str(digits / "annotations" / "instances_train.json"), "--train-images",
             str(digits / "images" / "train"), "--val-ann", str(one_val), "--val-images", str(digits / "images" / "val")]
     command = ["detect", *coco, "--pretrained", str(start), "--img-size", "64", "--batch-size", "2",
