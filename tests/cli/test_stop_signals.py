@@ -148,3 +148,38 @@ def test_a_sigterm_swallowed_in_a_weakref_callback_exits_143():
                           text=True, timeout=WAIT_S * 3)
     assert proc.returncode == 143, proc.stderr[-2000:]
     assert proc.stderr == "lomar export: terminated (SIGTERM)\n"
+
+
+AFTER_THE_END = '''
+import os, signal, sys, time, weakref
+import lomar.cli.export
+from lomar.cli.app import main
+
+sys.setswitchinterval(30)  # the thread sending the signal again gets to run only in the sleep below
+
+class Thing:
+    pass
+
+def callback(_):
+    os.kill(os.getpid(), signal.SIGTERM)
+    while True:  # the handler raises in here
+        pass
+
+def export(args):
+    thing = Thing()
+    ref = weakref.ref(thing, callback)
+    del thing
+    return 0  # before the signal is sent again
+
+lomar.cli.export.run = export
+code = main(["export", "ckpt", "--to", "out"])
+time.sleep(1)  # SIGTERM's handler is the default again: a send now would kill this process
+print(code)
+'''
+
+
+@pytest.mark.slow  # a subprocess
+def test_a_signal_swallowed_as_the_command_ends_is_not_sent_once_it_has_ended():
+    """The command's own code stands, and the process its caller goes on with is not killed by a late send."""
+    proc = subprocess.run([sys.executable, "-c", AFTER_THE_END], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "0\n", "")
