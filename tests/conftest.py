@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import pretrain, write_images
+from helpers import first_image_split, pretrain, write_images
 from lomar.cli.app import main
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -65,6 +65,27 @@ def classifier(tmp_path_factory, pretrained, labelled_folder) -> Path:
                  "--batch-size", "4", "--precision", "fp32", "--workers", "0", "--threads", "1", "--device",
                  "cpu"]) == 0
     return run
+
+
+@pytest.fixture(scope="session")
+def dense_runs(tmp_path_factory) -> tuple[Path, Path, Path, Path]:
+    """(a compose-digits root of 64 px images, its first validation image's COCO split, a `lomar detect` run folder, a
+    `lomar segment` run folder): a tiny ViT's detector and segmenter trained one epoch of 3 steps (best.pt and
+    last.pt), the detector's evaluations on that one image."""
+    from lomar.data.compose import compose_digits
+
+    root = tmp_path_factory.mktemp("dense")
+    data = root / "digits"
+    compose_digits(data, img_size=64, images=8, seed=0, digit_scale=(0.3, 0.5))
+    one_val = first_image_split(data / "annotations" / "instances_val.json", root / "one_val.json")
+    tiny = ["--model", "vit_tiny_patch16", "--img-size", "64", "--batch-size", "2", "--max-steps", "3",
+            "--warmup-steps", "1", "--workers", "0", "--threads", "1", "--device", "cpu"]
+    assert main(["detect", "--train-ann", str(data / "annotations" / "instances_train.json"), "--train-images",
+                 str(data / "images" / "train"), "--val-ann", str(one_val), "--val-images",
+                 str(data / "images" / "val"), *tiny, "--rois-per-image", "32", "--out", str(root / "det")]) == 0
+    assert main(["segment", "--data", str(data), "--num-classes", "10", "--head-channels", "16", *tiny,
+                 "--out", str(root / "seg")]) == 0
+    return data, one_val, root / "det", root / "seg"
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from helpers import detector_file, first_image_split, redrawn, segmenter_file
+from helpers import detector_file, redrawn, segmenter_file
 from lomar.checkpoints.formats import load_model
 from lomar.checkpoints.io import atomic_save
 from lomar.models.mask_rcnn import ViTMaskRCNN
@@ -189,7 +189,7 @@ assert not imported, imported
 
 
 @pytest.mark.slow
-def test_a_trained_detector_and_segmenter_load_as_their_eval_only_builds_them(tmp_path, monkeypatch, capsys):
+def test_a_trained_detector_and_segmenter_load_as_their_eval_only_builds_them(tmp_path, monkeypatch, dense_runs):
     """Trained by the commands on compose-digits, each best.pt gives the model `--eval-only` scores: the same outputs
     in eval mode, in a process that imports no training code and no lomar.integrations."""
     import subprocess
@@ -198,20 +198,8 @@ def test_a_trained_detector_and_segmenter_load_as_their_eval_only_builds_them(tm
     import lomar.train.detect as detect
     import lomar.train.segment as segment
     from lomar.cli.app import main
-    from lomar.data.compose import compose_digits
 
-    data = tmp_path / "digits"
-    compose_digits(data, img_size=64, images=8, seed=0, digit_scale=(0.3, 0.5))
-    # one validation image: the training's and --eval-only's scores are not what this test checks
-    one_val = first_image_split(data / "annotations" / "instances_val.json", tmp_path / "one_val.json")
-    val = ["--val-ann", str(one_val), "--val-images", str(data / "images" / "val")]
-    tiny = ["--model", "vit_tiny_patch16", "--img-size", "64", "--batch-size", "2", "--max-steps", "3",
-            "--warmup-steps", "1", "--workers", "0", "--threads", "1", "--device", "cpu"]
-    assert main(["detect", "--train-ann", str(data / "annotations" / "instances_train.json"), "--train-images",
-                 str(data / "images" / "train"), *val, *tiny, "--rois-per-image", "32",
-                 "--out", str(tmp_path / "det")]) == 0, capsys.readouterr().err
-    assert main(["segment", "--data", str(data), "--num-classes", "10", "--head-channels", "16", *tiny,
-                 "--out", str(tmp_path / "seg")]) == 0, capsys.readouterr().err
+    data, one_val, det, seg = dense_runs
     built = {}
 
     def recording(score_only):
@@ -222,9 +210,10 @@ def test_a_trained_detector_and_segmenter_load_as_their_eval_only_builds_them(tm
 
     for module in (detect, segment):  # the model each --eval-only builds and scores
         monkeypatch.setattr(module, "score_only", recording(module.score_only))
-    assert main(["detect", "--eval-only", "--pretrained", str(tmp_path / "det" / "best.pt"), *val, "--workers", "0",
-                 "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "det-scored")]) == 0
-    assert main(["segment", "--eval-only", "--pretrained", str(tmp_path / "seg" / "best.pt"), "--data", str(data),
+    assert main(["detect", "--eval-only", "--pretrained", str(det / "best.pt"), "--val-ann", str(one_val),
+                 "--val-images", str(data / "images" / "val"), "--workers", "0", "--threads", "1", "--device", "cpu",
+                 "--out", str(tmp_path / "det-scored")]) == 0
+    assert main(["segment", "--eval-only", "--pretrained", str(seg / "best.pt"), "--data", str(data),
                  "--workers", "0", "--threads", "1", "--device", "cpu", "--out", str(tmp_path / "seg-scored")]) == 0
     detector, segmenter = (built[name][0].model.eval() for name in ("detect", "segment"))
     detector.roi_heads.score_thresh = 0.0
@@ -235,7 +224,7 @@ def test_a_trained_detector_and_segmenter_load_as_their_eval_only_builds_them(tm
                    "segment": segmenter(batch)}
     atomic_save(outputs, tmp_path / "outputs.pt")
     done = subprocess.run([sys.executable, "-c", _COMPARE, str(tmp_path / "outputs.pt"), str(torch.get_num_threads()),
-                           str(tmp_path / "det" / "best.pt"), str(tmp_path / "seg" / "best.pt")],
+                           str(det / "best.pt"), str(seg / "best.pt")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["detect", "ViTMaskRCNN", "segment", "UperNetSegmenter"]

@@ -77,54 +77,34 @@ def test_an_exif_turned_photo_is_classified_upright(tmp_path, classifier, logits
     assert torch.equal(logits_of[0], logits_of[1]) and not torch.equal(logits_of[0], logits_of[2])
 
 
-# ---- detector and segmenter: trained on compose-digits ---------------------------------------------------------------
-TINY = ["--model", "vit_tiny_patch16", "--img-size", "64", "--batch-size", "2", "--max-steps", "2",
-        "--warmup-steps", "1", *COMMON]
-
-
-@pytest.fixture(scope="module")
-def dense(tmp_path_factory):
-    """(compose-digits root, its val flags for detect, a detect run folder, a segment run folder)."""
-    from lomar.data.compose import compose_digits
-
-    root = tmp_path_factory.mktemp("dense")
-    data = root / "digits"
-    compose_digits(data, img_size=64, images=8, seed=0, digit_scale=(0.3, 0.5))
-    val = ["--val-ann", str(data / "annotations" / "instances_val.json"), "--val-images", str(data / "images" / "val")]
-    assert main(["detect", "--train-ann", str(data / "annotations" / "instances_train.json"), "--train-images",
-                 str(data / "images" / "train"), *val, *TINY, "--rois-per-image", "32",
-                 "--out", str(root / "det")]) == 0
-    assert main(["segment", "--data", str(data), "--num-classes", "10", "--head-channels", "16", *TINY,
-                 "--out", str(root / "seg")]) == 0
-    return data, val, root / "det", root / "seg"
-
-
+# ---- detector and segmenter: trained on compose-digits (conftest's dense_runs) ---------------------------------------
 def _order(result: dict) -> tuple:
     return result["image_id"], -result["score"], result["bbox"]
 
 
 @pytest.mark.slow  # trains a detector and a segmenter
-def test_a_detectors_predictions_are_its_eval_only_ones(tmp_path, dense):
-    data, val, run, _ = dense
-    assert main(["detect", "--eval-only", "--pretrained", str(run), *val, "--batch-size", "2", "--out",
-                 str(tmp_path / "scored"), *COMMON]) == 0
-    assert main(["predict", str(run), str(data / "images" / "val"), "--out", str(tmp_path / "out"), "--batch-size",
-                 "2", *COMMON]) == 0
-    files = {image["id"]: str(data / "images" / "val" / image["file_name"])
-             for image in json.loads((data / "annotations" / "instances_val.json").read_text())["images"]}
-    names = {c["id"]: c["name"] for c in json.loads((data / "annotations" / "instances_val.json").read_text())[
-        "categories"]}
+def test_a_detectors_predictions_are_its_eval_only_ones(tmp_path, dense_runs):
+    data, _, run, _ = dense_runs
+    ann, images = data / "annotations" / "instances_val.json", data / "images" / "val"
+    assert main(["detect", "--eval-only", "--pretrained", str(run), "--val-ann", str(ann), "--val-images", str(images),
+                 "--batch-size", "2", "--out", str(tmp_path / "scored"), *COMMON]) == 0
+    assert main(["predict", str(run), str(images), "--out", str(tmp_path / "out"), "--batch-size", "2", *COMMON]) == 0
+    split = json.loads(ann.read_text())
+    files = {image["id"]: str(images / image["file_name"]) for image in split["images"]}
+    names = {c["id"]: c["name"] for c in split["categories"]}
     scored = json.loads((tmp_path / "scored" / "predictions.json").read_text())
     predicted = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert scored and "segmentation" in scored[0]  # masks as RLE, boxes in the image's pixels
     expected = sorted(({**r, "image_id": files[r["image_id"]], "category_name": names[r["category_id"]]}
                        for r in scored), key=_order)
     assert sorted(predicted, key=_order) == expected
-    threshold = sorted(r["score"] for r in scored)[len(scored) // 2]
-    assert main(["predict", str(run), str(data / "images" / "val"), "--out", str(tmp_path / "kept"),
-                 "--score-threshold", str(threshold), *COMMON]) == 0
+    image = expected[0]["image_id"]  # --score-threshold at the median of its scores, on it alone
+    scores = sorted(r["score"] for r in predicted if r["image_id"] == image)
+    threshold = scores[len(scores) // 2]
+    assert main(["predict", str(run), image, "--out", str(tmp_path / "kept"), "--score-threshold", str(threshold),
+                 *COMMON]) == 0
     kept = json.loads((tmp_path / "kept" / "predictions.json").read_text())
-    assert sorted(r["score"] for r in kept) == sorted(r["score"] for r in predicted if r["score"] >= threshold)
+    assert sorted(r["score"] for r in kept) == [score for score in scores if score >= threshold]
 
 
 def _widened(data, root):
@@ -141,8 +121,8 @@ def _widened(data, root):
 
 @pytest.mark.slow  # trains a detector and a segmenter
 @pytest.mark.parametrize("mode", ["slide", "whole"])
-def test_a_segmenters_label_maps_are_its_eval_only_pngs(tmp_path, dense, mode):
-    data, _, _, run = dense
+def test_a_segmenters_label_maps_are_its_eval_only_pngs(tmp_path, dense_runs, mode):
+    data, _, _, run = dense_runs
     data = _widened(data, tmp_path / "wide")  # three windows at the run's stride: mode and stride change the maps
     # the run's mode (slide) by default; another given as to --eval-only
     given = [] if mode == "slide" else ["--eval-mode", mode]
@@ -157,12 +137,12 @@ def test_a_segmenters_label_maps_are_its_eval_only_pngs(tmp_path, dense, mode):
 
 
 @pytest.mark.slow  # trains a detector and a segmenter
-def test_an_exif_turned_photo_is_segmented_upright_at_its_size(tmp_path, dense):
-    photo = np.asarray(Image.open(next((dense[0] / "images" / "validation").iterdir())).convert("RGB"))
+def test_an_exif_turned_photo_is_segmented_upright_at_its_size(tmp_path, dense_runs):
+    data, _, _, run = dense_runs
+    photo = np.asarray(Image.open(next((data / "images" / "validation").iterdir())).convert("RGB"))
     pixels = np.ascontiguousarray(np.concatenate([photo, photo[:16]], axis=0))  # 80 x 64: not square
     upright, turned, _ = _turned(tmp_path / "photos", pixels)
-    assert main(["predict", str(dense[3]), str(upright), str(turned), "--out",
-                 str(tmp_path / "out"), *COMMON]) == 0
+    assert main(["predict", str(run), str(upright), str(turned), "--out", str(tmp_path / "out"), *COMMON]) == 0
     maps = [Image.open(tmp_path / "out" / name) for name in ("upright.png", "turned.png")]
     assert maps[0].size == maps[1].size == (64, 80)  # (width, height): the upright photo's
     assert np.array_equal(np.asarray(maps[0]), np.asarray(maps[1]))
