@@ -114,6 +114,23 @@ def test_a_stop_signal_that_lands_in_the_unraisable_hook_is_not_lost(monkeypatch
     assert capsys.readouterr().err == "lomar export: terminated (SIGTERM)\n"
 
 
+def test_a_ctrl_c_the_parent_ignores_stays_ignored(monkeypatch):
+    """As Python leaves it: a shell starts a background job with SIGINT ignored, so that a Ctrl-C meant for the
+    foreground does not stop it."""
+    def run(args):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # time for it to reach the main thread, which any other thread may have taken it for
+        return 0
+
+    monkeypatch.setattr("lomar.cli.export.run", run)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert main(["export", "ckpt", "--to", "out"]) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 CHILD = f'''
 import os, signal, sys, time, weakref
 import lomar.cli.export

@@ -100,11 +100,14 @@ def _send_until_taken(main_thread: int) -> None:
 
 
 def handle_stop_signals() -> Callable[[], None]:
-    """Set the handlers of SIGTERM, SIGUSR1 (where there is one) and SIGINT, and the hook; the function that gives
-    them back. Only in the main thread, which alone may set handlers and gets the signals."""
+    """Set the handlers of SIGTERM, SIGUSR1 (where there is one) and SIGINT (unless ignored), and the hook; the
+    function that gives them back. Only in the main thread, which alone may set handlers and gets the signals."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    previous = {sig: signal.signal(sig, _terminate) for sig in STOP_SIGNALS}
+    # A Ctrl-C the parent ignores stays ignored, as Python leaves it: a shell starts a background job that way, so
+    # that the Ctrl-C meant for the job in the foreground does not stop it too.
+    taken = [sig for sig in STOP_SIGNALS if sig != signal.SIGINT or signal.getsignal(sig) is not signal.SIG_IGN]
+    previous = {sig: signal.signal(sig, _terminate) for sig in taken}
     hook = sys.unraisablehook
     sys.unraisablehook = functools.partial(_unraisable, hook)
 
