@@ -68,15 +68,21 @@ def classifier(tmp_path_factory, pretrained, labelled_folder) -> Path:
 
 
 @pytest.fixture(scope="session")
-def dense_runs(tmp_path_factory) -> tuple[Path, Path, Path, Path]:
-    """(a compose-digits root of 64 px images, its first validation image's COCO split, a `lomar detect` run folder, a
-    `lomar segment` run folder): a tiny ViT's detector and segmenter trained one epoch of 3 steps (best.pt and
-    last.pt), the detector's evaluations on that one image."""
+def digits64(tmp_path_factory) -> Path:
+    """A compose-digits root (COCO and ADE20K layouts) of 8 images of 64 px: 6 training, 2 validation."""
     from lomar.data.compose import compose_digits
 
-    root = tmp_path_factory.mktemp("dense")
-    data = root / "digits"
-    compose_digits(data, img_size=64, images=8, seed=0, digit_scale=(0.3, 0.5))
+    root = tmp_path_factory.mktemp("digits64") / "set"
+    compose_digits(root, img_size=64, images=8, seed=0, digit_scale=(0.3, 0.5))
+    return root
+
+
+@pytest.fixture(scope="session")
+def dense_runs(tmp_path_factory, digits64) -> tuple[Path, Path, Path, Path]:
+    """(``digits64``, its first validation image's COCO split, a `lomar detect` run folder, a `lomar segment` run
+    folder): a tiny ViT's detector and segmenter trained one epoch of 3 steps (best.pt and last.pt), the detector's
+    evaluations on that one image."""
+    root, data = tmp_path_factory.mktemp("dense"), digits64
     one_val = first_image_split(data / "annotations" / "instances_val.json", root / "one_val.json")
     tiny = ["--model", "vit_tiny_patch16", "--img-size", "64", "--batch-size", "2", "--max-steps", "3",
             "--warmup-steps", "1", "--workers", "0", "--threads", "1", "--device", "cpu"]

@@ -9,7 +9,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
@@ -17,17 +16,9 @@ from helpers import first_image_split
 from lomar.checkpoints.export import export_encoder
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
-from lomar.data.compose import compose_digits
 from lomar.models.vit import VisionTransformer, ViTConfig
 
 _RUN = ["--workers", "0", "--threads", "1", "--device", "cpu", "--log-every", "1", "--precision", "fp32"]
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("digits") / "set"
-    compose_digits(root, img_size=64, images=8, seed=0, digit_scale=(0.3, 0.5))
-    return root
 
 
 def _encoder(folder: Path, patch: int, img_size: int) -> Path:
@@ -80,22 +71,23 @@ def test_a_finetune_resumes_without_the_encoder_it_started_from(labelled_folder,
     _resumes_without_its_encoder(command, start, tmp_path, capsys)
 
 
-def test_a_detector_resumes_without_the_encoder_it_started_from(digits, tmp_path, capsys):
+def test_a_detector_resumes_without_the_encoder_it_started_from(digits64, tmp_path, capsys):
     start = _encoder(tmp_path / "start", 16, 64)
     # one validation image: each run ends with an evaluation
-    one_val = first_image_split(digits / "annotations" / "instances_val.json", tmp_path / "one_val.json")
-    coco = ["--train-ann", str(digits / "annotations" / "instances_train.json"), "--train-images",
-            str(digits / "images" / "train"), "--val-ann", str(one_val), "--val-images", str(digits / "images" / "val")]
+    one_val = first_image_split(digits64 / "annotations" / "instances_val.json", tmp_path / "one_val.json")
+    coco = ["--train-ann", str(digits64 / "annotations" / "instances_train.json"), "--train-images",
+            str(digits64 / "images" / "train"), "--val-ann", str(one_val), "--val-images",
+            str(digits64 / "images" / "val")]
     command = ["detect", *coco, "--pretrained", str(start), "--img-size", "64", "--batch-size", "2",
                "--schedule-steps", "4", "--warmup-steps", "1", "--rois-per-image", "16", "--eval-every", "50", *_RUN]
     _resumes_without_its_encoder(command, start, tmp_path, capsys)
 
 
-def test_a_segmenter_resumes_without_the_encoder_it_started_from_unless_saved_before_its_layout(digits, tmp_path,
+def test_a_segmenter_resumes_without_the_encoder_it_started_from_unless_saved_before_its_layout(digits64, tmp_path,
                                                                                                 capsys):
     start = _encoder(tmp_path / "start", 8, 32)
-    command = ["segment", "--data", str(digits), "--num-classes", "10", "--pretrained", str(start), "--img-size", "32",
-               "--batch-size", "2", "--head-channels", "16", "--schedule-steps", "4", "--warmup-steps", "1",
+    command = ["segment", "--data", str(digits64), "--num-classes", "10", "--pretrained", str(start), "--img-size",
+               "32", "--batch-size", "2", "--head-channels", "16", "--schedule-steps", "4", "--warmup-steps", "1",
                "--eval-every", "50", "--eval-mode", "whole", *_RUN]
     straight, _ = _resumes_without_its_encoder(command, start, tmp_path, capsys)
     # a checkpoint saved before segment checkpoints kept their encoder's layout: built from --pretrained, as it was
