@@ -81,7 +81,10 @@ def _send_until_taken(main_thread: int) -> None:
     callback, the hook has it sent again), or a training loop's, which sets a flag (one is enough). Sent once, it may
     come just as the main thread lets go of the GIL to block (a sleep, a wait), which is when this thread gets it: the
     call, entered after the signal, would not be interrupted. The next one, a moment later, interrupts it; as they
-    come before the handler runs, they make one call of it."""
+    come before the handler runs, they make one call of it. This thread runs where the main thread lets go of the
+    GIL, a blocking or a long torch call mostly, and the handler runs once it holds it again; a command running
+    Python code in callbacks nearly all the time lets it go in one, where the signal lands again, and may end
+    before one lands elsewhere."""
     while True:
         with _resending:
             if not (_running[0] and _lost):
