@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import first_image_split, pretrain, write_images
+from helpers import CPU_RUN, first_image_split, pretrain, write_images
 from lomar.cli.app import main
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -62,8 +62,7 @@ def classifier(tmp_path_factory, pretrained, labelled_folder) -> Path:
     run = tmp_path_factory.mktemp("ft") / "run"
     assert main(["finetune", "--pretrained", str(pretrained), "--data", str(labelled_folder), "--img-size", "32",
                  "--out", str(run), "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--aa", "none", "--epochs", "1",
-                 "--batch-size", "4", "--precision", "fp32", "--workers", "0", "--threads", "1", "--device",
-                 "cpu"]) == 0
+                 "--batch-size", "4", "--precision", "fp32", *CPU_RUN]) == 0
     return run
 
 
@@ -85,7 +84,7 @@ def dense_runs(tmp_path_factory, digits64) -> tuple[Path, Path, Path, Path]:
     root, data = tmp_path_factory.mktemp("dense"), digits64
     one_val = first_image_split(data / "annotations" / "instances_val.json", root / "one_val.json")
     tiny = ["--model", "vit_tiny_patch16", "--img-size", "64", "--batch-size", "2", "--max-steps", "3",
-            "--warmup-steps", "1", "--workers", "0", "--threads", "1", "--device", "cpu"]
+            "--warmup-steps", "1", *CPU_RUN]
     assert main(["detect", "--train-ann", str(data / "annotations" / "instances_train.json"), "--train-images",
                  str(data / "images" / "train"), "--val-ann", str(one_val), "--val-images",
                  str(data / "images" / "val"), *tiny, "--rois-per-image", "32", "--out", str(root / "det")]) == 0

@@ -74,6 +74,10 @@ TINY = ["--model", "vit_tiny_patch8", "--embed-dim", "32", "--depth", "2", "--nu
         "--warmup-epochs", "0.5", "--precision", "fp32"]
 
 
+# A command run in the test's process on the CPU: one thread, no loader workers.
+CPU_RUN = ["--workers", "0", "--threads", "1", "--device", "cpu"]
+
+
 def photo_like(height: int, width: int) -> np.ndarray:
     """Smooth shading with a few sharp edges, as photos have (not noise: a DCT-scaled decode is a low-pass)."""
     y, x = np.mgrid[0:height, 0:width] / max(height, width)

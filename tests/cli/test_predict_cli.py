@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import pytest
 
+from helpers import CPU_RUN
 from lomar.cli.app import main
-
-COMMON = ["--workers", "0", "--threads", "1", "--device", "cpu"]
 
 
 def _error(capsys, *argv: str) -> str:
     """The one line a refused `lomar predict ARGV` says (exit 2), written nothing to stdout."""
     capsys.readouterr()
-    assert main(["predict", *argv, *COMMON]) == 2
+    assert main(["predict", *argv, *CPU_RUN]) == 2
     out, err = capsys.readouterr()
     assert not out and err.count("\n") == 1 and err.startswith("lomar predict: error: "), err
     return err
@@ -56,7 +55,7 @@ def test_unreadable_images_are_skipped_warned_of_and_counted(tmp_path, capsys, c
     (images / "broken.png").write_bytes(b"not a png")
     capsys.readouterr()
     with caplog.at_level("WARNING", logger="lomar.data"):
-        assert main(["predict", str(classifier), str(images), "--out", str(tmp_path / "out"), *COMMON]) == 0
+        assert main(["predict", str(classifier), str(images), "--out", str(tmp_path / "out"), *CPU_RUN]) == 0
     assert "broken.png" in caplog.text
     out, err = capsys.readouterr()
     assert "lomar predict: 1 unreadable image skipped (each warned of above), e.g. " in err and "broken.png" in err
@@ -73,12 +72,12 @@ def test_predictions_in_out_are_replaced_only_with_overwrite(tmp_path, capsys, c
     image = str(next((labelled_folder / "val").rglob("*.png")))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.md").write_text("mine")
-    assert main(["predict", str(classifier), image, "--out", str(tmp_path / "out"), *COMMON]) == 0
+    assert main(["predict", str(classifier), image, "--out", str(tmp_path / "out"), *CPU_RUN]) == 0
     before = (tmp_path / "out" / "predictions.jsonl").read_text()
     (tmp_path / "out" / "predictions.jsonl").write_text("older")
     err = _error(capsys, str(classifier), image, "--out", str(tmp_path / "out"))
     assert f"{tmp_path / 'out' / 'predictions.jsonl'} already exists; pass --overwrite to replace it" in err
-    assert main(["predict", str(classifier), image, "--out", str(tmp_path / "out"), "--overwrite", *COMMON]) == 0
+    assert main(["predict", str(classifier), image, "--out", str(tmp_path / "out"), "--overwrite", *CPU_RUN]) == 0
     assert (tmp_path / "out" / "predictions.jsonl").read_text() == before
     assert (tmp_path / "out" / "notes.md").read_text() == "mine"  # other files left alone
 

@@ -12,10 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import CPU_RUN
 from lomar.cli.app import main
 from lomar.models.vit import VisionTransformer
-
-COMMON = ["--workers", "0", "--threads", "1", "--device", "cpu"]
 
 
 @pytest.fixture
@@ -29,11 +28,11 @@ def logits_of(monkeypatch):
 def test_a_classifiers_predictions_are_its_eval_only_logits(tmp_path, classifier, labelled_folder, logits_of):
     val = labelled_folder / "val"
     assert main(["finetune", "--eval-only", "--pretrained", str(classifier), "--val", str(val), "--batch-size", "3",
-                 "--out", str(tmp_path / "scored"), *COMMON]) == 0
+                 "--out", str(tmp_path / "scored"), *CPU_RUN]) == 0
     scored = torch.cat(logits_of)
     logits_of.clear()
     assert main(["predict", str(classifier), str(val), "--out", str(tmp_path / "out"), "--batch-size", "3",
-                 *COMMON]) == 0
+                 *CPU_RUN]) == 0
     assert torch.equal(torch.cat(logits_of), scored)  # same images, same order: val's class folders, sorted
     rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert [row["path"] for row in rows] == [str(path) for path in sorted(val.rglob("*.png"))]
@@ -52,7 +51,7 @@ def test_top_k_and_a_checkpoint_without_class_names(tmp_path, classifier, labell
     atomic_save(ckpt, tmp_path / "nameless.pt")
     image = next((labelled_folder / "val").rglob("*.png"))
     assert main(["predict", str(tmp_path / "nameless.pt"), str(image), "--out", str(tmp_path), "--top-k", "1",
-                 *COMMON]) == 0
+                 *CPU_RUN]) == 0
     (row,) = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert len(row["top_k"]) == 1 and row["top_k"][0]["class"] in (0, 1)  # the head's row, where no name was kept
 
@@ -73,7 +72,7 @@ def test_an_exif_turned_photo_is_classified_upright(tmp_path, classifier, logits
     pixels = (np.random.RandomState(3).rand(48, 36, 3) * 255).astype(np.uint8)
     upright, turned, stored = _turned(tmp_path / "photos", pixels)
     for image in (upright, turned, stored):
-        assert main(["predict", str(classifier), str(image), "--out", str(tmp_path / image.stem), *COMMON]) == 0
+        assert main(["predict", str(classifier), str(image), "--out", str(tmp_path / image.stem), *CPU_RUN]) == 0
     assert torch.equal(logits_of[0], logits_of[1]) and not torch.equal(logits_of[0], logits_of[2])
 
 
@@ -87,8 +86,8 @@ def test_a_detectors_predictions_are_its_eval_only_ones(tmp_path, dense_runs):
     data, _, run, _ = dense_runs
     ann, images = data / "annotations" / "instances_val.json", data / "images" / "val"
     assert main(["detect", "--eval-only", "--pretrained", str(run), "--val-ann", str(ann), "--val-images", str(images),
-                 "--batch-size", "2", "--out", str(tmp_path / "scored"), *COMMON]) == 0
-    assert main(["predict", str(run), str(images), "--out", str(tmp_path / "out"), "--batch-size", "2", *COMMON]) == 0
+                 "--batch-size", "2", "--out", str(tmp_path / "scored"), *CPU_RUN]) == 0
+    assert main(["predict", str(run), str(images), "--out", str(tmp_path / "out"), "--batch-size", "2", *CPU_RUN]) == 0
     split = json.loads(ann.read_text())
     files = {image["id"]: str(images / image["file_name"]) for image in split["images"]}
     names = {c["id"]: c["name"] for c in split["categories"]}
@@ -102,7 +101,7 @@ def test_a_detectors_predictions_are_its_eval_only_ones(tmp_path, dense_runs):
     scores = sorted(r["score"] for r in predicted if r["image_id"] == image)
     threshold = scores[len(scores) // 2]
     assert main(["predict", str(run), image, "--out", str(tmp_path / "kept"), "--score-threshold", str(threshold),
-                 *COMMON]) == 0
+                 *CPU_RUN]) == 0
     kept = json.loads((tmp_path / "kept" / "predictions.json").read_text())
     assert sorted(r["score"] for r in kept) == [score for score in scores if score >= threshold]
 
@@ -127,9 +126,9 @@ def test_a_segmenters_label_maps_are_its_eval_only_pngs(tmp_path, dense_runs, mo
     # the run's mode (slide) by default; another given as to --eval-only
     given = [] if mode == "slide" else ["--eval-mode", mode]
     assert main(["segment", "--eval-only", "--pretrained", str(run), "--data", str(data), "--out",
-                 str(tmp_path / "scored"), *given, *COMMON]) == 0
+                 str(tmp_path / "scored"), *given, *CPU_RUN]) == 0
     assert main(["predict", str(run), str(data / "images" / "validation"), "--out", str(tmp_path / "out"), *given,
-                 *COMMON]) == 0
+                 *CPU_RUN]) == 0
     scored = sorted((tmp_path / "scored" / "predictions").iterdir())
     assert [p.name for p in scored] == sorted(p.name for p in (tmp_path / "out").iterdir())
     for path in scored:
@@ -142,7 +141,7 @@ def test_an_exif_turned_photo_is_segmented_upright_at_its_size(tmp_path, dense_r
     photo = np.asarray(Image.open(next((data / "images" / "validation").iterdir())).convert("RGB"))
     pixels = np.ascontiguousarray(np.concatenate([photo, photo[:16]], axis=0))  # 80 x 64: not square
     upright, turned, _ = _turned(tmp_path / "photos", pixels)
-    assert main(["predict", str(run), str(upright), str(turned), "--out", str(tmp_path / "out"), *COMMON]) == 0
+    assert main(["predict", str(run), str(upright), str(turned), "--out", str(tmp_path / "out"), *CPU_RUN]) == 0
     maps = [Image.open(tmp_path / "out" / name) for name in ("upright.png", "turned.png")]
     assert maps[0].size == maps[1].size == (64, 80)  # (width, height): the upright photo's
     assert np.array_equal(np.asarray(maps[0]), np.asarray(maps[1]))
