@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from lomar.train.preemption import STOP_SIGNALS, Terminated
+from lomar.train.preemption import Terminated, signals_to_take
 
 __all__ = ["handle_stop_signals", "command_running"]
 
@@ -107,10 +107,7 @@ def handle_stop_signals() -> Callable[[], None]:
     function that gives them back. Only in the main thread, which alone may set handlers and gets the signals."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    # A Ctrl-C the parent ignores stays ignored, as Python leaves it: a shell starts a background job that way, so
-    # that the Ctrl-C meant for the job in the foreground does not stop it too.
-    taken = [sig for sig in STOP_SIGNALS if sig != signal.SIGINT or signal.getsignal(sig) is not signal.SIG_IGN]
-    previous = {sig: signal.signal(sig, _terminate) for sig in taken}
+    previous = {sig: signal.signal(sig, _terminate) for sig in signals_to_take()}
     hook = sys.unraisablehook
     sys.unraisablehook = functools.partial(_unraisable, hook)
 

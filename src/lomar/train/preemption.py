@@ -17,8 +17,8 @@ from time import monotonic
 
 from lomar.values import duration_text  # no torch here, nor typing: `lomar --help` imports this module
 
-__all__ = ["StopFlag", "Terminated", "TIME_LIMIT_EXIT", "ignore_stop_signals", "any_rank_stopping", "shut_down_workers",
-           "mark_command_start", "take_command_start", "process_age", "STOP_SIGNALS",
+__all__ = ["StopFlag", "Terminated", "TIME_LIMIT_EXIT", "signals_to_take", "ignore_stop_signals", "any_rank_stopping",
+           "shut_down_workers", "mark_command_start", "take_command_start", "process_age", "STOP_SIGNALS",
            "first_save_estimate", "compile_seconds"]
 
 # sysexits' EX_TEMPFAIL, "try again later": the work is not done and resuming it is all it takes. A wrapper tells it
@@ -36,6 +36,14 @@ STEPS_KEPT = 8  # the time limit's margin: the longest of the last this many ste
 
 # SIGTERM, SIGUSR1 (none on Windows), SIGINT
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, name))
+
+
+def signals_to_take() -> tuple[int, ...]:
+    """The stop signals a command handles: all but a Ctrl-C its parent ignores, which stays ignored as Python leaves
+    it (a shell starts a background job with SIGINT ignored, so that a Ctrl-C meant for the foreground spares it)."""
+    return tuple(sig for sig in STOP_SIGNALS if sig != signal.SIGINT or signal.getsignal(sig) is not signal.SIG_IGN)
+
+
 _command_start: list[float] = []  # when the lomar command began (monotonic), until a run takes it
 
 
@@ -127,7 +135,7 @@ class StopFlag:
             self.save_s = first_save_estimate(3 * size)  # the weights and AdamW's two moments
         if threading.current_thread() is not threading.main_thread():
             return  # only the main thread may set handlers (e.g. a run started from a thread)
-        for sig in STOP_SIGNALS:
+        for sig in signals_to_take():
             self.previous[sig] = signal.signal(sig, self._handle)
 
     @contextlib.contextmanager

@@ -1,0 +1,39 @@
+"""A training run's stop handlers (lomar.train.preemption.StopFlag)."""
+
+import os
+import signal
+import time
+
+from lomar.train.preemption import StopFlag
+
+
+def test_a_run_leaves_a_ctrl_c_its_parent_ignores_ignored():
+    """A shell starts a background job with SIGINT ignored, so that a Ctrl-C meant for the foreground spares it: a
+    training run in such a job takes SIGTERM to save and stop, and leaves Ctrl-C ignored, as every command does."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    flag = StopFlag()
+    try:
+        flag.install()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == flag._handle
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert flag.signal is None
+    finally:
+        flag.restore()
+        signal.signal(signal.SIGINT, before)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_run_takes_ctrl_c_to_save_and_stop():
+    flag = StopFlag()
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        flag.install()
+        assert signal.getsignal(signal.SIGINT) == flag._handle
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert flag.signal == signal.SIGINT
+    finally:
+        flag.restore()
+    assert signal.getsignal(signal.SIGINT) is before
