@@ -131,10 +131,10 @@ def test_a_ctrl_c_the_parent_ignores_stays_ignored(monkeypatch):
         signal.signal(signal.SIGINT, before)
 
 
-CHILD = f'''
+# A child's SIGTERM raised in a weakref callback, which CPython swallows: swallow_sigterm() does it
+SWALLOWING = '''
 import os, signal, sys, time, weakref
 import lomar.cli.export
-from lomar.cli.app import run
 
 class Thing:
     pass
@@ -144,10 +144,17 @@ def callback(_):
     while True:  # the handler raises in here
         pass
 
-def export(args):
+def swallow_sigterm():
     thing = Thing()
     ref = weakref.ref(thing, callback)
     del thing
+'''
+
+CHILD = SWALLOWING + f'''
+from lomar.cli.app import run
+
+def export(args):
+    swallow_sigterm()
     print("callback done", flush=True)
     time.sleep({WAIT_S})
     return 0
@@ -167,25 +174,13 @@ def test_a_sigterm_swallowed_in_a_weakref_callback_exits_143():
     assert proc.stderr == "lomar export: terminated (SIGTERM)\n"
 
 
-AFTER_THE_END = '''
-import os, signal, sys, time, weakref
-import lomar.cli.export
+AFTER_THE_END = SWALLOWING + '''
 from lomar.cli.app import main
 
 sys.setswitchinterval(30)  # the thread sending the signal again gets to run only in the sleep below
 
-class Thing:
-    pass
-
-def callback(_):
-    os.kill(os.getpid(), signal.SIGTERM)
-    while True:  # the handler raises in here
-        pass
-
 def export(args):
-    thing = Thing()
-    ref = weakref.ref(thing, callback)
-    del thing
+    swallow_sigterm()
     return 0  # before the signal is sent again
 
 lomar.cli.export.run = export
