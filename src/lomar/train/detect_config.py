@@ -21,7 +21,7 @@ from lomar.train.encoder_settings import (
     check_windows,
     model_only_without_pretrained,
     random_encoder_patch,
-    rebuilt_on_resume,
+    rebuilt_encoder_config,
 )
 from lomar.train.setting_names import setting_of
 from lomar.train.settings import ConfigError, coerce_all
@@ -131,7 +131,7 @@ class DetectConfig(TaskConfig):
         for split in ("train", "val"):
             if getattr(self, f"{split}_ann") and not getattr(self, f"{split}_images"):
                 setattr(self, f"{split}_images", str(default_image_folder(Path(getattr(self, f"{split}_ann")))))
-        if self.pretrained and not rebuilt_on_resume(self):  # a resume rebuilding its model reads no --pretrained
+        if self.pretrained and not rebuilt_encoder_config(self):  # a resume rebuilding its model reads no --pretrained
             # one read (its tensors mapped, read as the task loads them): the layout taken here and the weights
             # loaded are of one file, even if a run still training there renames a newer best.pt over it meanwhile
             self.detector = find_command_checkpoint(self.pretrained, self.COMMAND)
@@ -150,7 +150,7 @@ class DetectConfig(TaskConfig):
     def check_settings(self) -> None:
         if random_encoder_patch(self) not in (None, 16):  # ViTDet's pyramid: strides 4-32 from the 1/16 map
             raise ConfigError(f"--model {self.model}: the feature pyramid needs patch size 16; use a *_patch16 model")
-        if self.pretrained and self.detector is None and not rebuilt_on_resume(self):  # a detector's: built on one
+        if self.pretrained and self.detector is None and not rebuilt_encoder_config(self):  # a detector's: built on one
             _check_backbone(self.pretrained)
         check_img_size(self)
         low, high = self.jitter

@@ -13,7 +13,7 @@ from lomar.train import settings as S
 from lomar.train.settings import ConfigError
 
 __all__ = ["check_windows", "encoder_layout", "random_encoder_patch", "check_img_size", "check_pretrained",
-           "model_only_without_pretrained", "unused_encoder_flags", "saved_encoder_config", "rebuilt_on_resume",
+           "model_only_without_pretrained", "unused_encoder_flags", "saved_encoder_config", "rebuilt_encoder_config",
            "REBUILT_FROM_CHECKPOINT", "names_recorded_encoder"]
 
 # Where a checkpoint saved before model specs kept the ViTConfig of its run's encoder (finetune: the classifier's own)
@@ -87,16 +87,17 @@ def names_recorded_encoder(given: str | None, recorded: str | None, out: str | N
     return None not in (out, recorded_out) and os.path.relpath(given, out) == os.path.relpath(recorded, recorded_out)
 
 
-def rebuilt_on_resume(config: Any) -> bool:
-    """Whether ``config`` resumes a run whose checkpoint rebuilds its model (:func:`saved_encoder_config`): its
-    --pretrained file is then not read, and need not exist."""
+def rebuilt_encoder_config(config: Any) -> dict | None:
+    """The encoder's ViTConfig (as a dict) from which a resume of ``config`` rebuilds its run's model
+    (:func:`saved_encoder_config`), its --pretrained file then not read (it need not exist); None for a new run, or
+    one whose checkpoint saved none."""
     point = getattr(config, "resume_point", None)
-    return point is not None and saved_encoder_config(config.COMMAND, point.meta) is not None
+    return None if point is None else saved_encoder_config(config.COMMAND, point.meta)
 
 
 def check_pretrained(config: Any, fix: str = "") -> None:
     """--pretrained, when given, exists (``fix``: what to say after), unless a resume rebuilds the model without it."""
-    if config.pretrained is not None and not Path(config.pretrained).exists() and not rebuilt_on_resume(config):
+    if config.pretrained is not None and not Path(config.pretrained).exists() and not rebuilt_encoder_config(config):
         if config.resume:  # an older checkpoint: its model is built as the encoder builds it, then its weights loaded
             fix = ("; the run being resumed started from it, and its checkpoint keeps no architecture of its own, "
                    "which is read from there again: pass --pretrained with that encoder (a copy, or its export, will "

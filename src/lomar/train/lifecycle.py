@@ -30,7 +30,7 @@ from lomar.errors import LomarError, UsageError, in_flags
 from lomar.lr_schedule import lr_at, peak_lr
 from lomar.train.distributed import DistInfo, any_rank, cleanup_distributed, join_group, main_rank_out, sync_stats
 from lomar.train.divergence import check_weights, diverged, preload
-from lomar.train.encoder_settings import rebuilt_on_resume
+from lomar.train.encoder_settings import rebuilt_encoder_config
 from lomar.train.epoch_stream import EpochStream
 from lomar.train.fsdp import load_sharded, save_run_checkpoint
 from lomar.train.monitor import Monitor
@@ -114,7 +114,7 @@ class _Run:
                 self.optimizer.load_state_dict(ckpt["optimizer"])
             except (ValueError, RuntimeError, KeyError) as exc:
                 # a model rebuilt from the checkpoint read no --pretrained: only one kept without its architecture did
-                reread = getattr(self.cfg, "pretrained", None) and not rebuilt_on_resume(self.cfg)
+                reread = getattr(self.cfg, "pretrained", None) and not rebuilt_encoder_config(self.cfg)
                 read = "the data and --pretrained" if reread else "the data"
                 raise UsageError(f"--resume {path} does not fit this run: {mismatch(exc)}; resume with {read} it "
                                  f"started with, or start a new run with another --out") from None

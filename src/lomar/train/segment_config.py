@@ -19,7 +19,7 @@ from lomar.train.encoder_settings import (
     check_img_size,
     check_pretrained,
     model_only_without_pretrained,
-    saved_encoder_config,
+    rebuilt_encoder_config,
 )
 from lomar.train.setting_names import setting_of, source_of
 from lomar.train.settings import ConfigError, coerce_all
@@ -141,7 +141,7 @@ class SegmentConfig(TaskConfig):
         if self.segmenter is not None:  # --eval-only: its patch is its weights'
             check_img_size(self, segmenter_patch(self.segmenter.checkpoint))
         elif not self.eval_only:  # a resume rebuilding its model reads no --pretrained: its encoder's patch
-            rebuilt = saved_encoder_config(self.COMMAND, self.resume_point.meta) if self.resume_point else None
+            rebuilt = rebuilt_encoder_config(self)
             patch = rebuilt["patch_size"] if rebuilt else pretrained_patch(self.pretrained) if self.pretrained else None
             check_img_size(self, patch)
         # --eval-only trains nothing: its BatchNorm keeps the segmenter's statistics, each image scored on its own
