@@ -41,7 +41,7 @@ from lomar.eval.features import load_pretrained_encoder
 from lomar.integrations.dense import with_rel_pos
 from lomar.integrations.detection import detector_param_groups
 from lomar.models.attention import vitdet_global_blocks
-from lomar.models.mask_rcnn import ViTMaskRCNN
+from lomar.models.mask_rcnn import ViTMaskRCNN, unpasted_masks
 from lomar.models.masking import grid_size
 from lomar.models.relpos import fit_axis_tables
 from lomar.models.spec import model_spec
@@ -216,15 +216,18 @@ class DetectTask(Task):
         self.model.eval()
         # seen: the images read; one skipped (warned of at its first read) is left out of the scores and counted
         results, seen, skipped = [], [], []
-        for batch in self.val_loader:
-            images, targets = batch
-            skipped.extend(getattr(batch, "bad", []))
-            if not images:  # every image of the batch was skipped
-                continue
-            outputs = self.model([image.to(self.device) for image in images])
-            for output, target in zip(outputs, targets):
-                seen.append(int(target["image_id"]))
-                results.extend(to_coco_results(output, seen[-1], self.categories))
+        # masks pasted a few at a time (unpasted_masks): torchvision pastes each image's 100 at its size at once
+        with unpasted_masks(self.model):
+            for batch in self.val_loader:
+                images, targets = batch
+                skipped.extend(getattr(batch, "bad", []))
+                if not images:  # every image of the batch was skipped
+                    continue
+                outputs = self.model([image.to(self.device) for image in images])
+                for output, image, target in zip(outputs, images, targets):
+                    seen.append(int(target["image_id"]))
+                    results.extend(to_coco_results(output, seen[-1], self.categories,
+                                                   image_size=tuple(image.shape[-2:])))
         self.model.train(was_training)
         if not self.info.enabled:
             self.predictions = results
