@@ -112,7 +112,8 @@ def _check_pair(image: Path, annotation: Path) -> int:
     if labels.min(initial=0) < 0:  # a 32-bit image (a TIFF under a .png name): the loader's bincount fails on it
         raise ValueError(f"annotation {annotation} holds class id {int(labels.min())}; class ids are not negative; "
                          f"write them as a PNG of ids 0..{MAX_CLASS_ID} ({IGNORE} ignored)")
-    return int(labels[labels != IGNORE].max(initial=0))
+    top = int(labels.max(initial=0))  # ADE's files hold no 255: the masked copy below is then not needed
+    return int(labels[labels != IGNORE].max(initial=0)) if top == IGNORE else top
 
 
 def _is_folder(entry: os.DirEntry) -> bool:
