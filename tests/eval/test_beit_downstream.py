@@ -161,7 +161,7 @@ def test_segment_refuses_a_beit_encoder_in_one_line(beit_run, tmp_path, capsys):
                  "--pretrained", str(beit_run / "run" / "last.pt"), "--workers", "0", "--device", "cpu",
                  "--out", str(tmp_path / "seg")])
     err = capsys.readouterr().err
-    assert code == 2 and "only LoMaR / MAE ViT encoders can be segmentation backbones, not Beit" in err
+    assert code == 2 and "only LoMaR / MAE ViT encoders can be segmentation backbones, not BEiT\n" in err
     assert "Traceback" not in err
     # detect asks its ViTDet layout of the encoder: refused before that, for the same reason
     ann = tmp_path / "set" / "annotations" / "instances_train.json"
@@ -203,8 +203,8 @@ def test_a_beit_encoder_is_finetuned_with_beits_recipe(beit_run, tmp_path, capsy
 
 
 def test_a_beit_finetune_saved_before_the_decay_change_resumes(beit_run, tmp_path, capsys):
-    """Its model built from its --pretrained encoder again: its checkpoint holds timm's Beit, which no ViTConfig
-    rebuilds (moved away, that file is asked for)."""
+    """Its model rebuilt from its checkpoint (timm's Beit, of the BEiTConfig it saved), its --pretrained file unread,
+    and the relative position tables still undecayed as it started."""
     from lomar.checkpoints.io import safe_load
 
     ckpt, data, out = str(tmp_path / "beit.pt"), str(beit_run / "data"), tmp_path / "ft"
@@ -216,17 +216,11 @@ def test_a_beit_finetune_saved_before_the_decay_change_resumes(beit_run, tmp_pat
     saved = safe_load(out / "last.pt")
     del saved["settings"]["decay_rel_pos_bias"], saved["settings"]["train_pos_embed"]  # the older layout
     torch.save(saved, out / "last.pt")
-    resume = ["finetune", "--out", str(out), "--resume", "auto", "--max-steps", "2"]
     Path(ckpt).rename(tmp_path / "moved.pt")
     capsys.readouterr()
-    assert main(resume) == 2
-    assert (f"--pretrained {ckpt} does not exist; the run being resumed started from it, and its checkpoint keeps no "
-            f"architecture of its own") in capsys.readouterr().err
-    (tmp_path / "moved.pt").rename(ckpt)
-    assert main(resume) == 0
-    said = capsys.readouterr().out
-    assert (f"lomar finetune: model built from --pretrained {ckpt} as the run started, for the weights of its "
-            f"checkpoint {out / 'last.pt'} (step 1), which keeps no architecture of its own\n") in said
+    assert main(["finetune", "--out", str(out), "--resume", "auto", "--max-steps", "2"]) == 0, capsys.readouterr().err
+    assert (f"lomar finetune: model rebuilt from the run's checkpoint {out / 'last.pt'} (step 1)\n"
+            in capsys.readouterr().out)
     assert safe_load(out / "last.pt")["settings"]["decay_rel_pos_bias"] is False
 
 
@@ -238,3 +232,67 @@ def test_a_legacy_format_beit_checkpoint_still_gets_beits_recipe(beit_run, tmp_p
                _use_new_zipfile_serialization=False)
     assert main(["finetune", "--pretrained", str(legacy), "--data", str(beit_run / "data"), "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["warmup_epochs"] == 20
+
+
+# load_model of a finetuned BEiT in a process that imports no training code: its logits of the images saved beside it
+_REBUILT = """
+import sys
+import torch
+import lomar
+torch.set_num_threads(int(sys.argv[3]))  # the test's: how many threads share a sum changes its last bits
+model = lomar.load_model(sys.argv[1]).eval()
+with torch.no_grad():
+    logits = model(torch.load(sys.argv[2], weights_only=True))
+training = sorted(m for m in sys.modules if m.split(".")[:2] in (["lomar", "train"], ["lomar", "methods"],
+                                                                 ["lomar", "cli"], ["lomar", "integrations"]))
+assert not training, training
+torch.save({"logits": logits}, sys.argv[2] + ".logits")
+"""
+
+
+@pytest.mark.slow  # a finetune, an evaluation, a python process
+def test_a_finetuned_beit_is_rebuilt_by_load_model_as_eval_only_scores_it(beit_run, tmp_path, capsys, monkeypatch):
+    import subprocess
+    import sys
+
+    from lomar.checkpoints.formats import load_model
+    from lomar.checkpoints.io import safe_load
+    from lomar.train import finetune as finetune_module
+
+    data, ft = beit_run / "data", tmp_path / "ft"
+    assert main(["finetune", "--pretrained", str(beit_run / "run" / "last.pt"), "--data", str(data), "--img-size",
+                 "32", "--batch-size", "4", "--workers", "0", "--threads", "1", "--device", "cpu", "--precision",
+                 "fp32", "--max-steps", "2", "--out", str(ft)]) == 0
+    built, trained_classifier = [], finetune_module._trained_classifier
+    monkeypatch.setattr(finetune_module, "_trained_classifier", lambda *a: built.append(trained_classifier(*a))
+                        or built[-1])
+    evaluate = ["finetune", "--eval-only", "--pretrained", str(ft), "--data", str(data), "--workers", "0",
+                "--device", "cpu"]
+    assert main([*evaluate, "--out", str(tmp_path / "ev")]) == 0, capsys.readouterr().err
+    (scored, trained), = built
+    assert trained == 32 and json.loads((tmp_path / "ev" / "metrics.jsonl").read_text())["top1"] in (0, 0.25, 0.5,
+                                                                                                    0.75, 1)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.save(images, tmp_path / "images.pt")
+    subprocess.run([sys.executable, "-c", _REBUILT, str(ft / "best.pt"), str(tmp_path / "images.pt"),
+                    str(torch.get_num_threads())], check=True)
+    with torch.no_grad():
+        expected = scored.eval()(images)
+    assert expected.shape == (2, 2) and torch.equal(safe_load(tmp_path / "images.pt.logits")["logits"], expected)
+    # one saved before its model spec: rebuilt from the BEiTConfig, head and pooling it kept, alike
+    older = safe_load(ft / "best.pt")
+    assert older.pop("model_spec")["arch"] == "lomar.models.beit_classifier:BEiTClassifier"
+    torch.save(older, tmp_path / "older.pt")
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "older.pt").eval()(images), expected)
+    # its relative position tables fix its size: another is refused in one line
+    capsys.readouterr()
+    assert main([*evaluate, "--out", str(tmp_path / "at48"), "--img-size", "48"]) == 2
+    assert capsys.readouterr().err == (f"lomar finetune: error: --img-size 48: {ft / 'best.pt'} is a finetuned BEiT "
+                                       f"classifier, scored at its trained 32 px (its relative position tables fix "
+                                       f"it); drop --img-size\n")
+    # lomar predict runs it as any classifier
+    assert main(["predict", str(ft), str(data / "val"), "--out", str(tmp_path / "pred"), "--device", "cpu",
+                 "--workers", "0"]) == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all({top["class"] for top in row["top_k"]} == {"a", "b"} for row in rows)

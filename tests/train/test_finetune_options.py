@@ -480,13 +480,15 @@ def test_eval_only_scores_a_finetuned_classifier_as_its_run_did(tmp_path, capsys
     write_images(tmp_path / "other" / "zebra", 1)
     deeper = tmp_path / "deeper.pt"  # a saved config that is not its weights': named by the checkpoint reader
     torch.save({**ckpt, "config": {**ckpt["config"], "depth": 3}}, deeper)
-    # a BEiT encoder's classifier saves BEiT's config (embed_dim too): refused as one, not read as a ViT's weights
+    # a ViT's weights beside BEiT's config (embed_dim too) and a ViT's model spec: neither read as the other
     ckpt["config"] = BEiTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, vocab_size=8).to_dict()
     torch.save(ckpt, tmp_path / "beit.pt")
     log = (run / "metrics.jsonl").read_text()
     for flags, message in [
-        (["--pretrained", str(tmp_path / "beit.pt")], f"--pretrained {tmp_path / 'beit.pt'} is a finetuned BEiT "
-                                                      f"classifier, which --eval-only does not read back yet"),
+        (["--pretrained", str(tmp_path / "beit.pt")], f"--pretrained {tmp_path / 'beit.pt'}: its model_spec names "
+                                                      f"'lomar.models.vit:VisionTransformer', not "
+                                                      f"'lomar.models.beit_classifier:BEiTClassifier', though it is a "
+                                                      f"finetuned BEiT classifier"),
         # the run's log is its training's: a resume cuts it back by step, a study reads its last top-1
         (["--out", str(run)], f"--out {run} holds a run, whose metrics.jsonl is its training's own"),
         (["--resume", str(run / "last.pt")], "continues no run; drop --resume"),  # --out: the run's folder else

@@ -1,7 +1,7 @@
 """A resumed finetune, detect or segment run rebuilds its model from its own checkpoint: the --pretrained encoder it
 started from may be gone, the resumed steps are an uninterrupted run's, and the resume says where its model came
 from (not a load report, whose new head read as a fresh start). A checkpoint that saved no architecture (a segmenter
-saved before 2026-12-06) is built from --pretrained as before."""
+saved before 2026-12-06) is built from --pretrained as before. A finetuned BEiT (timm's Beit) is rebuilt too."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from helpers import first_image_split
+from helpers import first_image_split, pretrain, write_images
 from lomar.checkpoints.export import export_encoder
 from lomar.checkpoints.io import safe_load
 from lomar.cli.app import main
@@ -168,3 +168,25 @@ def test_a_rebuilt_resume_takes_its_encoder_by_another_path_or_moved_along_with_
     assert main(["finetune", "--out", str(moved / "cell" / "evals" / "finetune"), "--resume", "auto",
                  "--pretrained", str(other)]) == 2
     assert f"--pretrained {other} differs from {start} in the run being resumed" in capsys.readouterr().err
+
+
+def test_a_beit_finetune_resumes_without_the_pretraining_checkpoint_it_started_from(labelled_folder, tmp_path,
+                                                                                     capsys):
+    # its checkpoint's model spec is timm's Beit as the run built it (BEiTClassifier); one saved before it kept that
+    # classifier's BEiTConfig, head and pooling, which rebuild it alike
+    images = write_images(tmp_path / "flat", 8)
+    assert pretrain("--data", str(images), "--out", str(tmp_path / "beit"), "--method", "beit", "--max-steps", "1") == 0
+    start = tmp_path / "beit" / "last.pt"
+    command = ["finetune", "--pretrained", str(start), "--data", str(labelled_folder), "--img-size", "32",
+               "--batch-size", "2", "--schedule-steps", "4", "--warmup-epochs", "0", "--drop-path", "0.1", *_RUN]
+    straight, _ = _resumes_without_its_encoder(command, start, tmp_path, capsys)
+    older = tmp_path / "older"
+    ckpt = safe_load(older / "last.pt")
+    assert ckpt["model_spec"]["arch"] == "lomar.models.beit_classifier:BEiTClassifier"
+    del ckpt["model_spec"]
+    torch.save(ckpt, older / "last.pt")
+    start.rename(tmp_path / "moved")
+    assert main(["finetune", "--out", str(older), "--resume", "auto", "--max-steps", "2"]) == 0, \
+        capsys.readouterr().err
+    assert f"model rebuilt from the run's checkpoint {older / 'last.pt'} (step 1)" in capsys.readouterr().out
+    _same_run(straight, older)

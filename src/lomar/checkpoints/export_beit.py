@@ -27,24 +27,12 @@ from lomar.checkpoints.file_names import CONFIG_NAME, RUN_ENCODER
 from lomar.checkpoints.keys_beit import beit_to_timm
 from lomar.errors import UsageError
 from lomar.limits import MAX_IMG_SIZE
-from lomar.models.beit import BEiT, BEiTConfig
+from lomar.models.beit import BEiT, BEiTConfig, timm_beit_args
 from lomar.values import is_real
 
-__all__ = ["export_beit_encoder", "timm_beit_args", "read_beit_export", "create_timm_beit"]
+__all__ = ["export_beit_encoder", "read_beit_export", "create_timm_beit"]
 
 TIMM_ARCHITECTURE = "beit_base_patch16_224"  # its model_args override every size
-
-
-def timm_beit_args(beit: BEiT | BEiTConfig) -> dict:
-    """Constructor arguments of the timm ``Beit`` the export loads into (no classifier)."""
-    c = beit if isinstance(beit, BEiTConfig) else beit.config
-    if c.attn_head_dim is not None or c.qk_scale is not None:
-        raise ValueError("timm's Beit has no attn_head_dim / qk_scale; this BEiT cannot be exported to it")
-    return dict(img_size=c.img_size, patch_size=c.patch_size, in_chans=c.in_chans, embed_dim=c.embed_dim,
-                depth=c.depth, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, qkv_bias=c.qkv_bias,
-                init_values=c.init_values or None, use_abs_pos_emb=c.use_abs_pos_emb,
-                use_rel_pos_bias=bool(c.use_rel_pos_bias or c.use_shared_rel_pos_bias),
-                use_shared_rel_pos_bias=False, num_classes=0, global_pool="token")
 
 
 def export_beit_encoder(beit: BEiT, out_dir: str | Path, weights_name: str = RUN_ENCODER,

@@ -379,7 +379,8 @@ def peek_encoder(path: str | Path) -> tuple[str, int | None] | None:
 
 def load_model(path: str | Path, **overrides) -> nn.Module:
     """A :class:`LoMaR`, :class:`MAE` or :class:`VisionTransformer` from any checkpoint or export; a ``lomar detect`` or
-    ``lomar segment`` checkpoint's ViTMaskRCNN or UperNetSegmenter (:mod:`~lomar.checkpoints.formats_dense`).
+    ``lomar segment`` checkpoint's ViTMaskRCNN or UperNetSegmenter (:mod:`~lomar.checkpoints.formats_dense`); a
+    finetuned BEiT's timm ``Beit`` (:class:`~lomar.models.beit_classifier.BEiTClassifier`).
 
     ``overrides`` (``num_heads``, ``img_size``, ``window_size``, ``num_windows``,
     ``decoder_num_heads``) fill in what an original checkpoint cannot tell; a classifier is rebuilt as it saved

@@ -4,7 +4,8 @@ A BEiT reader (our pretraining ``last.pt``, a BEiT export folder, an original BE
 checkpoint) gives the full pretraining :class:`~lomar.models.beit.BEiT` (:meth:`Reader.model`) and,
 for finetuning and probes, :meth:`BEiTReader.timm_weights`: the encoder in timm's ``Beit`` layout
 with the relative position bias per block, each block's table initialised from the shared
-pretraining one (BEiT's finetuning recipe), mask token and ``lm_head`` dropped.
+pretraining one (BEiT's finetuning recipe), mask token and ``lm_head`` dropped. A ``lomar finetune`` checkpoint of a
+BEiT encoder gives its classifier (:class:`BEiTFinetuneReader`), timm's ``Beit`` as it was finetuned.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lomar.checkpoints.export_beit import read_beit_export, timm_beit_args
+from lomar.checkpoints.export_beit import read_beit_export
 from lomar.checkpoints.file_names import CONFIG_NAME
 from lomar.checkpoints.keys_beit import beit_to_timm, load_original_beit
-from lomar.checkpoints.kinds import FINETUNE_FORMAT
+from lomar.checkpoints.kinds import FINETUNE_FORMAT, classifier_pool
 from lomar.checkpoints.reader import (
     EncoderWeights,
     Reader,
@@ -32,10 +33,10 @@ from lomar.checkpoints.reader import (
     saved_settings,
     spec_settings,
 )
-from lomar.models.beit import BEiT, BEiTConfig
+from lomar.models.beit import BEiT, BEiTConfig, timm_beit_args
 
 __all__ = ["TimmBeitWeights", "BEiTReader", "BEiTPretrainReader", "BEiTExportReader", "OriginalBEiTReader",
-           "BEiTFinetuneReader"]
+           "BEiTFinetuneReader", "beit_classifier_spec"]
 
 
 @dataclass
@@ -131,8 +132,34 @@ class OriginalBEiTReader(BEiTReader):
         return load_original_beit(src.path, **overrides)
 
 
+_CLASSIFIER_ARCH = "lomar.models.beit_classifier:BEiTClassifier"
+
+
+def beit_classifier_spec(src: Source) -> dict:
+    """The model spec of a ``lomar finetune`` checkpoint of a BEiT encoder: saved, or where it saved none, the
+    classifier its finetuning built, from its ``config`` (the BEiTConfig it was finetuned as), its head's rows and its
+    pooling (:func:`~lomar.checkpoints.kinds.classifier_pool`), which rebuild it exactly. ValueError for a spec of
+    another model, or one whose config is not the ``config`` beside it (``--eval-only`` reads that one)."""
+    config, spec = src.data.get("config"), src.data.get("model_spec")
+    if spec is None:
+        rows = src.state["head.weight"].shape[0] if "head.weight" in src.state else 0
+        pool = "avg" if rows and classifier_pool(src.data, src.state) == "avg" else "token"
+        return {"arch": _CLASSIFIER_ARCH, "config": config, "args": {"num_classes": rows, "global_pool": pool},
+                "prefix": ""}
+    arch = spec.get("arch") if isinstance(spec, dict) else None
+    if arch != _CLASSIFIER_ARCH:
+        raise ValueError(f"{src.path}: its model_spec names {arch!r}, not {_CLASSIFIER_ARCH!r}, though it is a "
+                         f"finetuned BEiT classifier")
+    if spec.get("config") != config:
+        raise ValueError(f"{src.path}: its model_spec's config and its config describe other BEiT encoders; delete "
+                         f"the one it was not trained as")
+    return spec
+
+
 class BEiTFinetuneReader(BEiTReader):
-    """A ``lomar finetune`` checkpoint of a BEiT encoder: recognised, and refused with the way out."""
+    """A ``lomar finetune`` checkpoint of a BEiT encoder: its classifier, timm's ``Beit``
+    (:class:`~lomar.models.beit_classifier.BEiTClassifier`), rebuilt from its model spec; no encoder to finetune or
+    probe (its final norm is gone into the head's pooling), for which its pretraining checkpoint is named."""
 
     name = "lomar-finetune-beit"
 
@@ -141,10 +168,16 @@ class BEiTFinetuneReader(BEiTReader):
         return data.get("format") == FINETUNE_FORMAT and isinstance(config, dict) and "vocab_size" in config
 
     def model(self, src, overrides):
-        raise ValueError(f"{src.path} is a finetuned BEiT classifier, which lomar does not read back yet; load "
-                         f"its 'model' state into timm.models.beit.Beit, or pass the BEiT pretraining checkpoint")
+        spec = beit_classifier_spec(src)
+        refuse_unused(src.path, "a finetuned BEiT classifier, which carries its own settings (its relative position "
+                      "tables fix its image size)", overrides, saved=spec_settings(spec))
+        if isinstance(config := spec.get("config"), dict):  # its drop path was its training's, as a ViT reader's
+            spec = {**spec, "config": {**config, "drop_path_rate": 0.0}}
+        return build_strict(spec, src.state, src.path)
 
-    timm_weights = model
+    def timm_weights(self, src, overrides):
+        raise ValueError(f"{src.path} is a finetuned BEiT classifier, no encoder to start from (lomar.load_model "
+                         f"rebuilds the classifier); pass the BEiT pretraining checkpoint it was finetuned from")
 
 
 # Before our own formats (a BEiT last.pt also has a "config"; a BEiT export is a config.json

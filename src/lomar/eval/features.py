@@ -198,7 +198,8 @@ def _head_rows(saved, classes: list[str] | None) -> tuple[list[int] | None, str 
 
 
 def _load_beit(weights, src, num_classes: int, global_pool: str, overrides: dict, notes: list[str]):
-    """timm ``Beit`` from a BEiT source; ``overrides``: ``img_size``, ``drop_path`` (``num_heads`` is read);
+    """timm's ``Beit`` (a :class:`~lomar.models.beit_classifier.BEiTClassifier`, whose model spec rebuilds it) from a
+    BEiT source; ``overrides``: ``img_size``, ``drop_path`` (``num_heads`` is read);
     ``notes``: its ``load_report``'s first notes.
 
     ``num_classes > 0`` adds a fresh head: ``global_pool='avg'`` mean-pools the un-normed patch
@@ -207,7 +208,9 @@ def _load_beit(weights, src, num_classes: int, global_pool: str, overrides: dict
     ``forward_features`` gives (B, 1+L, D) normed tokens. A new ``img_size`` resizes the relative
     position tables with timm's own filter (``checkpoint_filter_fn``).
     """
-    from timm.models.beit import Beit, checkpoint_filter_fn  # timm imports torchvision and torch._dynamo: for a BEiT
+    from timm.models.beit import checkpoint_filter_fn  # timm imports torchvision and torch._dynamo: for a BEiT
+
+    from lomar.models.beit_classifier import BEiTClassifier  # timm's Beit: as above
 
     unknown = sorted(set(overrides) - {"img_size", "drop_path", "num_heads"})
     if unknown:
@@ -216,20 +219,18 @@ def _load_beit(weights, src, num_classes: int, global_pool: str, overrides: dict
     if global_pool not in ("avg", "cls"):
         raise ValueError(f"global_pool must be avg or cls, got {global_pool!r}")
     img_size, drop_path = overrides.get("img_size"), overrides.get("drop_path")
-    args = dict(weights.timm_args, num_classes=num_classes)
-    args["global_pool"] = "avg" if num_classes and global_pool == "avg" else "token"
-    if img_size is not None:
-        args["img_size"] = img_size
-    if drop_path is not None:
-        args["drop_path_rate"] = drop_path
-    model = Beit(**args)
-    state, dropped = drop_final_norm(weights.state) if args["global_pool"] == "avg" else (dict(weights.state), [])
-    report = LoadReport(weights.source, str(src.path), loaded=len(weights.state) - len(dropped),
-                        dropped=weights.dropped + dropped, notes=list(notes))
     patch = weights.timm_args.get("patch_size", 16)
     if img_size is not None and img_size % patch:
         raise ValueError(f"img_size={img_size} is not a multiple of the BEiT patch size {patch}; "
                          f"use {max(1, img_size // patch) * patch}")
+    # the config it is finetuned as, which its checkpoint's model spec saves
+    config = replace(weights.config, img_size=weights.config.img_size if img_size is None else img_size,
+                     drop_path_rate=drop_path or 0.0)
+    model = BEiTClassifier(config, num_classes, "avg" if num_classes and global_pool == "avg" else "token")
+    args = {**weights.timm_args, **model.spec_args(), "img_size": config.img_size}
+    state, dropped = drop_final_norm(weights.state) if args["global_pool"] == "avg" else (dict(weights.state), [])
+    report = LoadReport(weights.source, str(src.path), loaded=len(weights.state) - len(dropped),
+                        dropped=weights.dropped + dropped, notes=list(notes))
     if img_size is not None and img_size != weights.timm_args.get("img_size"):
         with warnings.catch_warnings():  # torch's notes on timm's resampling code (deprecated indexing, a
             # non-contiguous searchsorted input), printed to a user who changed only --img-size: not theirs to act on
@@ -245,8 +246,6 @@ def _load_beit(weights, src, num_classes: int, global_pool: str, overrides: dict
                          f"unexpected {unexpected or 'nothing'}")
     check_finite(model, src.path)
     model.load_report = report
-    # What our encoders carry too: finetune checkpoints record it.
-    model.config = replace(weights.config, img_size=model.patch_embed.img_size[0], drop_path_rate=drop_path or 0.0)
     return model
 
 

@@ -28,6 +28,7 @@ from lomar.checkpoints.file_names import BEST, LAST
 from lomar.checkpoints.formats import VitReader, read, saved_class_names
 from lomar.checkpoints.kinds import run_command
 from lomar.data.class_names import names_problem
+from lomar.checkpoints.formats_beit import BEiTFinetuneReader
 from lomar.data.collate import Skipped
 from lomar.data.decode import IMAGE_EXTENSIONS, load_image, tensor_to_pil
 from lomar.data.image_search import image_table
@@ -83,8 +84,8 @@ def load_trained(path: str | Path) -> Trained:
         command = run_command(src.data)
         if command in ("detect", "segment"):
             model = reader.model(src, {})
-        elif isinstance(reader, VitReader) and "head.weight" in src.state:  # finetune's, or a converted classifier
-            model, command = reader.model(src, {}), "finetune"
+        elif isinstance(reader, BEiTFinetuneReader) or isinstance(reader, VitReader) and "head.weight" in src.state:
+            model, command = reader.model(src, {}), "finetune"  # finetune's (a ViT or a BEiT), a converted classifier
         else:
             raise UsageError(_cannot_run(file, reader.name, command))
     except (ValueError, FileNotFoundError) as exc:  # the reader's own words name the file
@@ -100,9 +101,6 @@ def load_trained(path: str | Path) -> Trained:
 
 def _cannot_run(file: Path, reader: str, command: str | None) -> str:
     """The refusal of a checkpoint that predicts nothing: what it is and the command that takes it."""
-    if reader == "lomar-finetune-beit":
-        return (f"{file} is a finetuned BEiT classifier, which lomar predict does not read back yet (nor does lomar "
-                f"finetune --eval-only); run it with timm's Beit from its 'model' state")
     if reader.startswith("export") or reader == "lomar-vit":
         what = "an exported encoder" if reader.startswith("export") else "an encoder without a classifier's head"
         return (f"{file} is {what}, which predicts no labels; pass the best.pt of the `lomar finetune`, `lomar "

@@ -21,7 +21,7 @@ from lomar.models.relpos import table_bias
 from lomar.models.vit import EncoderShape, PatchEmbed
 from lomar.values import is_integer
 
-__all__ = ["BEiTConfig", "BEiT", "BEiTOutput", "RelativePositionBias"]
+__all__ = ["BEiTConfig", "BEiT", "BEiTOutput", "RelativePositionBias", "timm_beit_args"]
 
 
 @dataclass(frozen=True)
@@ -336,3 +336,16 @@ class BEiT(nn.Module):
                                  "mask some, or leave input_ids out for the logits alone")
             loss = F.cross_entropy(logits.float(), self.masked_labels(input_ids, bool_masked_pos).long())
         return BEiTOutput(loss, all_logits if return_all_tokens else logits)
+
+
+def timm_beit_args(beit: BEiT | BEiTConfig) -> dict:
+    """Constructor arguments of the timm ``Beit`` a BEiT encoder loads into, without a classifier: its export's, and
+    the start of a finetuned one's (:class:`~lomar.models.beit_classifier.BEiTClassifier`)."""
+    c = beit if isinstance(beit, BEiTConfig) else beit.config
+    if c.attn_head_dim is not None or c.qk_scale is not None:
+        raise ValueError("timm's Beit has no attn_head_dim / qk_scale; this BEiT cannot be exported to it")
+    return dict(img_size=c.img_size, patch_size=c.patch_size, in_chans=c.in_chans, embed_dim=c.embed_dim,
+                depth=c.depth, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, qkv_bias=c.qkv_bias,
+                init_values=c.init_values or None, use_abs_pos_emb=c.use_abs_pos_emb,
+                use_rel_pos_bias=bool(c.use_rel_pos_bias or c.use_shared_rel_pos_bias),
+                use_shared_rel_pos_bias=False, num_classes=0, global_pool="token")

@@ -26,6 +26,7 @@ from timm.optim import param_groups_layer_decay
 from torch.utils.data import DataLoader, Subset
 
 from lomar.checkpoints.formats import VitReader, identify
+from lomar.checkpoints.formats_beit import BEiTFinetuneReader
 from lomar.checkpoints.kinds import FINETUNE_FORMAT
 from lomar.data.class_names import classes_only_in, relabel, unicode_forms_note
 from lomar.data.classify import SeededSamples, classification_transforms, draft_eval_load
@@ -36,6 +37,8 @@ from lomar.data.folder import LabelledImageFolder
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError, said_by_first_on_machine
 from lomar.eval.features import load_pretrained_encoder
+from lomar.models.beit import BEiTConfig
+from lomar.models.beit_classifier import BEiTClassifier
 from lomar.models.spec import model_spec
 from lomar.models.vit import VisionTransformer
 from lomar.train.distributed import DistInfo
@@ -129,7 +132,9 @@ class FinetuneTask(Task):
                   f"{len(self.classes)} classes", file=sys.stderr, flush=True)
             return
         load_resumed(self)  # other classes: refused before the model and its weights
-        if (encoder := resumed_encoder_config(config)) is not None:  # the lifecycle loads the checkpoint's weights
+        if isinstance(encoder := resumed_encoder_config(config), BEiTConfig):  # the lifecycle loads the weights
+            self.model = BEiTClassifier(encoder, len(self.classes), "avg" if config.global_pool == "avg" else "token")
+        elif encoder is not None:
             self.model = VisionTransformer(encoder, num_classes=len(self.classes), global_pool=config.global_pool)
         else:
             try:
@@ -232,15 +237,14 @@ class FinetuneTask(Task):
                              f"with{unicode_forms_note(saved, self.classes)}")
 
     def state(self) -> dict:
-        # the model spec rebuilds a ViT classifier without lomar's training code (lomar.load_model); a BEiT one is
-        # timm's, of no lomar.models class
-        spec = {} if isinstance(self.model, Beit) else {"model_spec": model_spec(self.model)}
+        # the model spec rebuilds the classifier without lomar's training code (lomar.load_model): a ViT, or a BEiT's
+        # timm Beit (BEiTClassifier)
         return {"config": self.model.config.to_dict(), "num_classes": len(self.classes), "classes": self.classes,
                 "settings": self.config.to_dict(), "format": FINETUNE_FORMAT,
-                "global_pool": self.config.global_pool, **spec}
+                "global_pool": self.config.global_pool, "model_spec": model_spec(self.model)}
 
 
-def _trained_classifier(config: FinetuneConfig, num_classes: int) -> tuple[VisionTransformer, int]:
+def _trained_classifier(config: FinetuneConfig, num_classes: int) -> tuple[VisionTransformer | Beit, int]:
     """--eval-only's classifier from its checkpoint as read once, rebuilt by the checkpoint reader that
     ``load_model`` uses, at --img-size (an absolute position table resampled from its trained grid) and --attention
     where given, and its trained size. UsageError in one line."""
@@ -248,12 +252,16 @@ def _trained_classifier(config: FinetuneConfig, num_classes: int) -> tuple[Visio
     attention = {} if config.attention == "auto" else {"attention": config.attention}
     try:
         reader, src = identify(path, config.classifier.checkpoint)
-        if not isinstance(reader, VitReader):  # a BEiT classifier's is refused by FinetuneConfig
+        beit = isinstance(reader, BEiTFinetuneReader)  # timm's Beit, at the size its relative position tables fix
+        if not (beit or isinstance(reader, VitReader)):
             raise ValueError(f"it holds no ViT classifier (its weights are in the {reader.name} format)")
-        model = reader.model(src, {"img_size": config.img_size, **attention})
-        trained = reader.trained_config(src).img_size
+        model = reader.model(src, attention if beit else {"img_size": config.img_size, **attention})
+        trained = model.config.img_size if beit else reader.trained_config(src).img_size
     except ValueError as exc:  # the reader's own words may name the file first
         raise UsageError(f"--pretrained {path}: {str(exc).removeprefix(f'{path}: ')}") from None
+    if beit and trained != config.img_size:
+        raise UsageError(f"--img-size {config.img_size}: {path} is a finetuned BEiT classifier, scored at its trained "
+                         f"{trained} px (its relative position tables fix it); drop --img-size")
     if model.num_classes != num_classes:
         raise UsageError(f"--pretrained {path}: its head scores {model.num_classes} classes, not the {num_classes} "
                          f"it names")

@@ -190,11 +190,6 @@ class FinetuneConfig(TaskConfig):
 
     def _check_eval_only(self) -> None:
         check_eval_only_model(self, self.classifier, "classifier")
-        from lomar.checkpoints.formats_beit import BEiTFinetuneReader  # torch: not for --help
-
-        if BEiTFinetuneReader().detect(self.classifier.checkpoint, None):  # its config is BEiT's, not a ViT's
-            raise ConfigError(f"--pretrained {self.classifier.path} is a finetuned BEiT classifier, which --eval-only "
-                              f"does not read back yet; score it with timm's Beit from its 'model' state")
         if not (self.data or self.val):
             raise ConfigError("pass --val DIR (class folders, ROOT/CLASS/IMAGE) or --data ROOT (with val/)")
         if not (val := split_roots(self)[1]).is_dir():

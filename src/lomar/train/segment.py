@@ -38,6 +38,7 @@ from lomar.eval.segmentation import (
 )
 from lomar.integrations.dense import with_rel_pos
 from lomar.integrations.segmenter import layer_decay_groups
+from lomar.models.beit import BEiTConfig
 from lomar.models.segmenter import UperNetSegmenter, segmentation_losses
 from lomar.models.spec import model_spec
 from lomar.models.vit import VisionTransformer, ViTConfig, model_config
@@ -265,8 +266,9 @@ def _starting_encoder(model: str, pretrained: str | None, rel_pos: str, layout: 
         encoder = load_pretrained_encoder(pretrained, **layout)
         source = f"pretrained: {encoder.load_report.summary()}"
         if not isinstance(encoder, VisionTransformer):
+            kind = "BEiT" if isinstance(getattr(encoder, "config", None), BEiTConfig) else type(encoder).__name__
             raise UsageError(f"--pretrained {pretrained}: only LoMaR / MAE ViT encoders can be segmentation "
-                             f"backbones, not {type(encoder).__name__}")
+                             f"backbones, not {kind}")
     try:
         return with_rel_pos(encoder, rel_pos, "bias"), source
     except ValueError as exc:

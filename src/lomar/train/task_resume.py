@@ -15,6 +15,7 @@ import dataclasses
 from collections.abc import Iterator
 from contextvars import ContextVar
 
+from lomar.models.beit import BEiTConfig
 from lomar.models.vit_config import ViTConfig
 from lomar.train.encoder_settings import saved_encoder_config
 
@@ -61,15 +62,18 @@ def resumed_checkpoint() -> dict | None:
     return None if build is None else build.resumed
 
 
-def resumed_encoder_config(config) -> ViTConfig | None:
-    """In a Task's ``__init__``: the ViTConfig of the encoder its run built, as the checkpoint it resumes from saved it
-    (:func:`~lomar.train.encoder_settings.saved_encoder_config`), with ``config.attention`` where the resume changed
-    that run-control setting (the weights fit any); None for a new run, or a checkpoint that saved none (its model is
-    then built as the run's start built it, from --pretrained)."""
+def resumed_encoder_config(config) -> ViTConfig | BEiTConfig | None:
+    """In a Task's ``__init__``: the ViTConfig of the encoder its run built (a finetuned BEiT's: its BEiTConfig), as
+    the checkpoint it resumes from saved it (:func:`~lomar.train.encoder_settings.saved_encoder_config`), with
+    ``config.attention`` where the resume changed that run-control setting (the weights fit any; timm's Beit has none);
+    None for a new run, or a checkpoint that saved none (its model is then built as the run's start built it, from
+    --pretrained)."""
     checkpoint = resumed_checkpoint()
     saved = saved_encoder_config(config.COMMAND, checkpoint)
     if saved is None:
         return None
+    if "vocab_size" in saved:
+        return BEiTConfig.from_dict(saved)
     encoder = ViTConfig.from_dict(saved)
     settings = checkpoint.get("settings") if isinstance(checkpoint.get("settings"), dict) else {}
     attention = getattr(config, "attention", None)  # segment has none: its encoder's own
