@@ -118,3 +118,9 @@ def test_a_label_map_is_the_argmax_of_the_resized_logits_resized_a_chunk_of_clas
     assert torch.equal(labels, whole.argmax(0)) and labels.dtype == torch.int64
     nan_alone = whole[37].isnan() & ~whole[:37].isnan().any(0)  # a NaN in a later chunk than the best number's
     assert nan_alone.any() and (labels[nan_alone] == 37).all()
+
+
+def test_a_percent_of_counts_is_one_division_of_them():
+    """29 of 100 pixels is 29.0 percent in metrics.jsonl, not 100 x 0.29 = 28.999999999999996."""
+    m = segmentation_metrics(torch.tensor([[29, 71], [0, 100]]))
+    assert m["Acc"] == [29.0, 100.0] and m["IoU"] == [29.0, 100 * 100 / 171] and m["mAcc"] == 64.5

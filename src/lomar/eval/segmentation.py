@@ -36,16 +36,17 @@ def segmentation_metrics(confusion: torch.Tensor) -> dict[str, float]:
     cm = confusion.double()
     tp = cm.diag()
     labelled, predicted = cm.sum(1), cm.sum(0)
-    iou = tp / (labelled + predicted - tp)  # 0/0 = NaN: a class nowhere
-    acc = tp / labelled
+    # percent of counts in one division each (100 * 29 / 100 is 29.0, where 100 * (29 / 100) is 28.999999999999996)
+    iou = 100 * tp / (labelled + predicted - tp)  # 0/0 = NaN: a class nowhere
+    acc = 100 * tp / labelled
     total = float(cm.sum())
 
     def mean(x: torch.Tensor) -> float:
         x = x[~x.isnan()]
-        return 100 * float(x.mean()) if len(x) else math.nan
+        return float(x.mean()) if len(x) else math.nan
 
     return {"mIoU": mean(iou), "mAcc": mean(acc), "aAcc": 100 * float(tp.sum()) / total if total else math.nan,
-            "IoU": [100 * float(v) for v in iou], "Acc": [100 * float(v) for v in acc]}
+            "IoU": [float(v) for v in iou], "Acc": [float(v) for v in acc]}
 
 
 def per_class_table(iou: list, acc: list, labels: list[str]) -> str:
