@@ -7,10 +7,11 @@
 data, binary masks) the file's 0..N-1 are the classes themselves and only 255 is ignored.
 Every pair is checked when the dataset is built (a missing partner, two images of one stem, an annotation
 of another size than its image, a class id above the N classes, an empty split): each ends in one
-ValueError naming the file and the fix, before any training step. Only the headers of the images are read
-then: an image that fails to decode later is skipped with a warning (its item is a :class:`Skipped` line;
-:func:`collate_segmentation` fills its place in a training batch and reports it, evaluation leaves it
-out).
+ValueError naming the file and the fix, before any training step; what the check found of a pair is kept in the
+user's cache folder, so a later start decodes only the pairs whose files changed (:mod:`lomar.data.pair_checks`).
+Only the headers of the images are read then: an image that fails to decode later is skipped with a warning
+(its item is a :class:`Skipped` line; :func:`collate_segmentation` fills its place in a training batch and
+reports it, evaluation leaves it out).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ from lomar.data.decode import (
     passed_over_folder,
     read_image_bytes,
 )
+from lomar.data.pair_checks import pair_tops
 from lomar.data.pathtable import PathTable
 from lomar.data.png_cut import png_cut_short
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD, sample_generator, sample_key
@@ -192,8 +193,7 @@ class SegmentationFolder(Dataset):
         self.train, self.seed, self.skipped, self.photometric = train, seed, set(), photometric
         self.reduce_zero_label = reduce_zero_label
         pairs = _pairs(self.root, split)
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            tops = list(pool.map(lambda pair: _check_pair(*pair), pairs))
+        tops = pair_tops(self.root, split, pairs, _check_pair, workers)
         top = max(tops)  # over the whole split: the --num-classes to suggest is the highest id of all
         first = 1 if reduce_zero_label else 0  # the file's id of the first class
         if top > MAX_CLASS_ID:

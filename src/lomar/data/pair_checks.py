@@ -1,0 +1,177 @@
+"""What the up-front check of a segmentation split (:class:`lomar.data.segmentation.SegmentationFolder`) found in
+each image/annotation pair, kept between runs, so that a pair whose two files are unchanged is not decoded again.
+
+Decoding every annotation PNG is nearly all of the check's cost, at every start, resume, ``--eval-only`` and study
+cell: 3,000 ADE-sized pairs (683x512 JPEGs, 8-bit PNGs of 150 classes) took 14.7 s on a loaded 2-core host, so
+ADE20K's 22,210 nearly two minutes. A pair found in the cache costs two ``stat`` calls instead: the same split was
+built in 0.22 s, listing its folders included. What is kept of a pair is what its check found, not a verdict: the
+highest class id of its annotation (the ignored 255 aside), for a pair whose files read and agree in size;
+``--num-classes`` and ``--zero-label`` are judged against those ids at every start, so changing either decodes
+nothing again.
+
+An entry is used only while both files are as they were when checked: the same names, size, mtime_ns, ctime_ns
+and inode, taken before the files are read. A write or a rename changes a file's ctime and no tool sets it, so a
+file replaced with its size and mtime kept (``cp -p``, ``rsync -t``, ``tar x``) is read again. A file changed
+twice within one tick of its file system's clock could keep all of these, so a pair whose files changed less than
+:data:`RACY_S` before the check (by this machine's clock) is not kept: the next start reads it again. The file is
+used only for the folder (resolved) and split it names, checked by the same code: its header holds a digest of the
+modules that decide a pair's result, Pillow's version and the size limits (``LOMAR_MAX_IMAGE_PIXELS``,
+``LOMAR_MAX_IMAGE_BYTES``); another header means every pair is checked again.
+
+One JSON file a folder and split (never a pickle: reading one runs what it says), in the user's cache folder
+(``$LOMAR_CACHE_DIR``, else ``$XDG_CACHE_HOME/lomar``, else ``~/.cache/lomar``; subfolder ``segment``), as
+:mod:`lomar.data.coco_shared` keeps its files: the dataset may be read-only and is not ours, and a run folder would
+serve that run's resumes only, where this serves every run on the same files. It is written atomically, and only
+when what it holds changes. A file that cannot be parsed, names another folder or split, holds a malformed entry,
+or is not a regular file of this user's that no one else may write (whoever writes it could pass a bad pair
+unchecked) is ignored with a warning, never trusted. Deleting it forces a full check.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import PIL
+
+from lomar.checkpoints.io import atomic_write_text
+from lomar.data.decode import max_image_bytes, max_image_pixels
+from lomar.errors import exception_line
+
+__all__ = ["RACY_S", "cache_file", "pair_tops"]
+
+log = logging.getLogger("lomar.data")
+RACY_S = 2.0  # FAT's mtime tick, the coarsest of the file systems datasets sit on
+_FORMAT = 1
+# the modules whose code decides a pair's result: reading, decoding and checking the two files
+_CHECK_MODULES = ("segmentation", "decode", "headers", "jpeg_cut", "png_cut", "tiff_cut", "pair_checks")
+
+Identity = list[int]  # size, mtime_ns, ctime_ns, inode
+
+
+def cache_file(root: Path, split: str) -> Path:
+    """Where the check of ``root``'s (resolved) ``split`` is kept."""
+    base = os.environ.get("LOMAR_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
+        / "lomar"
+    name = hashlib.sha256(json.dumps([str(root), split]).encode()).hexdigest()[:24]
+    return Path(base) / "segment" / f"{name}.json"
+
+
+@functools.cache
+def _code_digest() -> str:
+    digest = hashlib.sha256()
+    for name in _CHECK_MODULES:
+        digest.update((Path(__file__).parent / f"{name}.py").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _header(root: Path, split: str) -> dict:
+    return {"format": _FORMAT, "root": str(root), "split": split, "code": _code_digest(), "pillow": PIL.__version__,
+            "max_pixels": max_image_pixels(), "max_bytes": max_image_bytes()}
+
+
+def _identity(path: Path) -> Identity | None:
+    try:
+        info = os.stat(path)
+    except OSError:  # the check says what is wrong with it
+        return None
+    return [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
+
+
+def _valid(entry) -> bool:
+    """Whether ``entry`` is [annotation name, image identity, annotation identity, highest class id]."""
+    return (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str)
+            and all(isinstance(ids, list) and len(ids) == 4 and all(type(v) is int for v in ids) for ids in entry[1:3])
+            and type(entry[3]) is int and entry[3] >= 0)
+
+
+def _read_text(path: Path) -> str | None:
+    """The file's text; None when there is none; ValueError when it is not a regular file of this user's that no one
+    else may write (opened without following a link, then checked on the open file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+            raise ValueError("not a regular file of this user's that no one else may write")
+        return handle.read().decode("utf-8")
+
+
+def _read(path: Path, header: dict) -> dict[str, list]:
+    """The entries of ``path`` when it is a check of ``header``'s; {} when there is none, another check's (other
+    code, Pillow or limits), or one that cannot be trusted (said)."""
+    try:
+        text = _read_text(path)
+        if text is None:
+            return {}
+        found = json.loads(text)
+    except (OSError, ValueError) as exc:
+        log.warning("%s cannot be used (%s): every pair is checked again", path, exception_line(exc))
+        return {}
+    head = found.get("header") if isinstance(found, dict) else None
+    pairs = found.get("pairs") if isinstance(found, dict) else None
+    if not isinstance(head, dict) or not isinstance(pairs, dict) or not all(map(_valid, pairs.values())):
+        log.warning("%s is not a segmentation pair check (a malformed header or entry): every pair is checked again",
+                    path)
+        return {}
+    if (head.get("root"), head.get("split")) != (header["root"], header["split"]):
+        log.warning("%s holds the check of %s (%s), not of %s (%s): every pair is checked again", path,
+                    head.get("root"), head.get("split"), header["root"], header["split"])
+        return {}
+    if head != header:  # another lomar, Pillow or size limit: its results may not be this one's
+        changed = sorted(key for key in header if head.get(key) != header[key])
+        log.info("%s: checked with another %s; every pair is checked again", path, ", ".join(changed))
+        return {}
+    return pairs
+
+
+def _write(path: Path, header: dict, pairs: dict[str, list]) -> None:
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"header": header, "pairs": pairs}, separators=(",", ":")), mode=0o600)
+    except OSError as exc:
+        log.warning("cannot keep the check of the segmentation pairs in %s (%s): the next start checks every pair "
+                    "again; set LOMAR_CACHE_DIR to a folder this user may write", path, exception_line(exc))
+
+
+def pair_tops(root: Path, split: str, pairs: list[tuple[Path, Path]], check: Callable[[Path, Path], int],
+              workers: int) -> list[int]:
+    """``check(image, annotation)`` of each pair, in order (its highest class id; a failing pair's ValueError
+    propagates, the first in order), taken from the cache for a pair whose files are unchanged since they passed;
+    the others are checked on ``workers`` threads. The pairs that passed are kept, also when one fails."""
+    root = Path(root).resolve()
+    path, header = cache_file(root, split), _header(root, split)
+    known = _read(path, header)
+    settled = time.time_ns() - int(RACY_S * 1e9)  # taken before the stats: a file changed after them is not settled
+    identities = [(_identity(image), _identity(annotation)) for image, annotation in pairs]
+    tops: list[int | None] = [None] * len(pairs)
+    for k, ((image, annotation), (seen_image, seen_annotation)) in enumerate(zip(pairs, identities)):
+        entry = known.get(image.name)
+        if entry is not None and seen_image and seen_annotation and entry[:3] == [annotation.name, seen_image,
+                                                                                    seen_annotation]:
+            tops[k] = entry[3]
+    todo = [k for k, top in enumerate(tops) if top is None]
+    if len(todo) < len(pairs):
+        log.info("%s/%s: %d of %d pairs unchanged since checked (%s); checking %d", root, split,
+                 len(pairs) - len(todo), len(pairs), path, len(todo))
+    try:
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for k, top in zip(todo, pool.map(lambda k: check(*pairs[k]), todo)):
+                tops[k] = top
+    finally:
+        kept = {image.name: [annotation.name, *ids, top]
+                for (image, annotation), ids, top in zip(pairs, identities, tops)
+                if top is not None and all(i and max(i[1], i[2]) <= settled for i in ids)}
+        if kept != known:
+            _write(path, header, kept)
+    return tops

@@ -1,0 +1,176 @@
+"""The kept check of segmentation pairs: an unchanged pair is not decoded again, a changed file always is, and a
+cache file that cannot be trusted is ignored with a warning."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lomar.data import pair_checks, segmentation
+from lomar.data.segmentation import SegmentationFolder
+
+STEMS = ("a", "b", "c")
+
+
+def _annotation(path, top):
+    """A 16x16 annotation of ids 1 and ``top``, stored uncompressed: its size in bytes is the same whatever the ids."""
+    ids = np.ones((16, 16), dtype=np.uint8)
+    ids[0, 0] = top
+    Image.fromarray(ids).save(path, compress_level=0)
+
+
+def _folder(root, tops=(1, 1, 1)):
+    for kind in ("images", "annotations"):
+        (root / kind / "training").mkdir(parents=True)
+    for stem, top in zip(STEMS, tops):
+        Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(root / "images" / "training" / f"{stem}.jpg")
+        _annotation(root / "annotations" / "training" / f"{stem}.png", top)
+    return root
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """The annotations the check decodes, in a list; files written in the test count as settled."""
+    read, names = segmentation.read_labels, []
+
+    def counted(path):
+        names.append(path.name)
+        return read(path)
+
+    monkeypatch.setattr(segmentation, "read_labels", counted)
+    monkeypatch.setattr(pair_checks, "RACY_S", 0.0)
+    return names
+
+
+def _build(root, num_classes=2):
+    return SegmentationFolder(root, "training", num_classes=num_classes, crop=16, workers=1)
+
+
+def test_a_second_build_decodes_no_unchanged_pair(tmp_path, decodes):
+    root = _folder(tmp_path)
+    assert len(_build(root)) == 3 and sorted(decodes) == ["a.png", "b.png", "c.png"]
+    decodes.clear()
+    assert len(_build(root)) == 3 and decodes == []
+
+
+@pytest.mark.parametrize("how", ["rewritten in place, its mtime put back", "renamed over it, its mtime put back"])
+def test_an_annotation_changed_after_a_build_is_checked_again(tmp_path, decodes, how):
+    root = _folder(tmp_path)
+    _build(root)
+    path = root / "annotations" / "training" / "b.png"
+    before = os.stat(path)
+    if how.startswith("renamed"):
+        _annotation(tmp_path / "new.png", 9)
+        os.replace(tmp_path / "new.png", path)
+    else:
+        _annotation(path, 9)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # as cp -p, rsync -t and tar x keep it
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    decodes.clear()
+    with pytest.raises(ValueError, match=r"annotation .*b\.png holds class id 9, above --num-classes 2"):
+        _build(root)
+    assert decodes == ["b.png"]
+
+
+def test_another_num_classes_is_judged_on_the_kept_ids_without_decoding(tmp_path, decodes):
+    root = _folder(tmp_path, tops=(1, 7, 3))
+    _build(root, num_classes=12)
+    decodes.clear()
+    with pytest.raises(ValueError, match=r"annotation .*b\.png holds class id 7, above --num-classes 5 .*pass "
+                                         r"--num-classes 7"):
+        _build(root, num_classes=5)
+    with pytest.raises(ValueError, match=r"b\.png holds class id 7, above the ids 0\.\.6 of --num-classes 7 with "
+                                         r"--zero-label class"):
+        SegmentationFolder(root, "training", num_classes=7, crop=16, workers=1, reduce_zero_label=False)
+    assert decodes == []
+
+
+def test_files_changed_just_before_the_check_are_not_kept(tmp_path, decodes, monkeypatch):
+    monkeypatch.setattr(pair_checks, "RACY_S", 3600.0)  # every file of the folder is younger
+    root = _folder(tmp_path)
+    _build(root)
+    decodes.clear()
+    _build(root)
+    assert sorted(decodes) == ["a.png", "b.png", "c.png"]
+
+
+def test_a_failing_pair_keeps_the_pairs_that_passed(tmp_path, decodes):
+    root = _folder(tmp_path, tops=(1, 9, 1))
+    with pytest.raises(ValueError, match="holds class id 9"):
+        _build(root)
+    _annotation(root / "annotations" / "training" / "b.png", 1)
+    decodes.clear()
+    _build(root)
+    assert decodes == ["b.png"]
+
+
+def _kept(root):
+    return pair_checks.cache_file(root.resolve(), "training")
+
+
+@pytest.mark.parametrize("damage", ["not json", "a malformed entry", "a negative id", "no header"])
+def test_a_damaged_cache_file_is_ignored_with_a_warning_and_rewritten(tmp_path, decodes, caplog, damage):
+    root = _folder(tmp_path)
+    _build(root)
+    path = _kept(root)
+    kept = json.loads(path.read_text())
+    if damage == "not json":
+        path.write_text(path.read_text()[:-7])
+    else:
+        if damage == "a malformed entry":
+            kept["pairs"]["b.jpg"][1] = "size"
+        elif damage == "a negative id":
+            kept["pairs"]["b.jpg"][3] = -1
+        else:
+            del kept["header"]
+        path.write_text(json.dumps(kept))
+    decodes.clear()
+    with caplog.at_level("WARNING", logger="lomar.data"):
+        _build(root)
+    assert sorted(decodes) == ["a.png", "b.png", "c.png"]
+    assert f"{path} cannot be used" in caplog.text or f"{path} is not a segmentation pair check" in caplog.text
+    decodes.clear()
+    _build(root)
+    assert decodes == []
+
+
+def test_the_cache_of_another_folder_is_not_trusted(tmp_path, decodes, caplog):
+    good, bad = _folder(tmp_path / "good"), _folder(tmp_path / "bad", tops=(1, 9, 1))
+    _build(good)
+    _kept(bad).write_bytes(_kept(good).read_bytes())  # same names, sizes and ids: only the header says whose it is
+    with caplog.at_level("WARNING", logger="lomar.data"), pytest.raises(ValueError, match="holds class id 9"):
+        _build(bad)
+    assert f"holds the check of {(tmp_path / 'good').resolve()} (training), not of" in caplog.text
+
+
+def test_a_cache_file_others_may_write_is_not_trusted(tmp_path, decodes, caplog):
+    root = _folder(tmp_path)
+    _build(root)
+    _kept(root).chmod(0o664)
+    decodes.clear()
+    with caplog.at_level("WARNING", logger="lomar.data"):
+        _build(root)
+    assert len(decodes) == 3 and "not a regular file of this user's that no one else may write" in caplog.text
+
+
+def test_another_pixel_limit_checks_every_pair_again(tmp_path, decodes, monkeypatch):
+    root = _folder(tmp_path)
+    _build(root)
+    monkeypatch.setenv("LOMAR_MAX_IMAGE_PIXELS", "100")  # under the annotations' 256 pixels
+    decodes.clear()
+    with pytest.raises(ValueError, match=r"annotation .*\.png cannot be read .*over the limit of 100"):
+        _build(root)
+    assert decodes
+
+
+def test_a_cache_folder_that_cannot_be_written_is_said_and_the_build_goes_on(tmp_path, decodes, caplog, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("LOMAR_CACHE_DIR", str(tmp_path / "file"))
+    root = _folder(tmp_path / "data")
+    with caplog.at_level("WARNING", logger="lomar.data"):
+        assert len(_build(root)) == 3
+    assert "cannot keep the check of the segmentation pairs in" in caplog.text
+    assert "set LOMAR_CACHE_DIR to a folder this user may write" in caplog.text
