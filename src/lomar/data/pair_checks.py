@@ -49,7 +49,8 @@ from lomar.errors import exception_line
 __all__ = ["RACY_S", "cache_file", "pair_tops"]
 
 log = logging.getLogger("lomar.data")
-RACY_S = 2.0  # FAT's mtime tick, the coarsest of the file systems datasets sit on
+# above FAT's 2 s mtime tick, the coarsest a dataset sits on: a time rounded down to it reads up to 2 s early
+RACY_S = 3.0
 _FORMAT = 1
 # the modules whose code decides a pair's result: reading, decoding and checking the two files
 _CHECK_MODULES = ("segmentation", "decode", "headers", "jpeg_cut", "png_cut", "tiff_cut", "pair_checks")
