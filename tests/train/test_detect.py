@@ -10,6 +10,7 @@ import json
 import math
 import re
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -699,10 +700,11 @@ def test_evaluation_shrinks_a_large_image_with_antialiasing_as_training_does():
 
 class _Oracle(torch.nn.Module):
     """A perfect detector: each call answers with the non-crowd ``annotations`` (default: the ground truth scored)
-    of the next images in ``ids``."""
+    of the next images in ``ids``, their masks at the image's size, which ``oracle_masks`` has pasted as they are."""
 
     def __init__(self, split, ids, annotations=None):
         super().__init__()
+        self.transform = SimpleNamespace(paste_masks=True)  # what unpasted_masks switches off
         self.coco, self.ids, self.label_of = split.coco(), list(ids), {c: i + 1 for i, c in enumerate(split.categories)}
         self.annotations = self.coco.dataset["annotations"] if annotations is None else annotations
 
@@ -738,8 +740,6 @@ def test_a_resume_on_files_that_name_the_categories_otherwise_is_refused_in_one_
 
 def test_a_resume_of_other_categories_is_refused_before_the_images_are_checked_and_the_model_built(tiny,
                                                                                                    monkeypatch):
-    from types import SimpleNamespace
-
     from lomar.train import detect
     from lomar.train.distributed import DistInfo
     from lomar.train.task_resume import building
@@ -766,7 +766,16 @@ def ten_val(tmp_path_factory):
     return read_coco(ann, images)
 
 
-def test_a_validation_image_that_cannot_be_read_is_left_out_of_the_ap_not_counted_as_missed(ten_val):
+@pytest.fixture
+def oracle_masks(monkeypatch):
+    """torchvision's mask pasting, which detect's evaluation runs on each detection's mask, leaving the masks as they
+    are: an :class:`_Oracle`'s are the annotations' own, at the image's size."""
+    from torchvision.models.detection import roi_heads
+
+    monkeypatch.setattr(roi_heads, "paste_masks_in_image", lambda masks, boxes, size: masks)
+
+
+def test_a_validation_image_that_cannot_be_read_is_left_out_of_the_ap_not_counted_as_missed(ten_val, oracle_masks):
     split = ten_val
     metrics, task = _evaluated(split, _Oracle(split, [image["id"] for image in split.data["images"][1:]]))
     assert metrics["box_AP"] == pytest.approx(100.0) and metrics["mask_AP"] == pytest.approx(100.0)
@@ -774,11 +783,9 @@ def test_a_validation_image_that_cannot_be_read_is_left_out_of_the_ap_not_counte
     assert metrics["val_images"] == {"scored": 9, "skipped": 1}  # the record says the score is over part of the split
 
 
-def test_a_score_over_part_of_the_validation_split_says_so(ten_val, tmp_path, capsys, monkeypatch):
+def test_a_score_over_part_of_the_validation_split_says_so(ten_val, tmp_path, capsys, monkeypatch, oracle_masks):
     """--eval-only's record and result line, and before every epoch line of a run, the images scored and skipped
     (each skipped one is warned of only at its first read); more than 10 % skipped stops in one line."""
-    from types import SimpleNamespace
-
     from lomar.train import detect
 
     split, ids = ten_val, [image["id"] for image in ten_val.data["images"][1:]]
@@ -819,7 +826,8 @@ def _evaluated(split, model, score: bool = True, run: bool = False) -> tuple[dic
     return task.evaluate() if score else None, task
 
 
-def test_the_ap_is_cocoevals_on_the_file_as_written_not_on_the_boxes_clipped_for_training(tiny, tmp_path):
+def test_the_ap_is_cocoevals_on_the_file_as_written_not_on_the_boxes_clipped_for_training(tiny, tmp_path,
+                                                                                          oracle_masks):
     """Training clips a box to its image and leaves out one of zero area; the AP is scored, as detectron2 and papers
     score it, by COCOeval on the file itself: a detector that finds every object inside its image misses the box
     reaching outside it at the higher IoUs, and the object of zero area (its mask is not empty) altogether."""
