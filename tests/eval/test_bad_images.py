@@ -46,7 +46,9 @@ def test_probe_commands_survive_a_broken_image(setup, tmp_path, capsys, command,
     out, data = tmp_path / "r.json", _more_images(setup, tmp_path / "data", 4)  # 1 broken of 17 and of 13
     assert main([command, str(setup / "enc"), "--data", str(data), "--img-size", "32", "--workers", "0",
                  "--device", "cpu", "--json", str(out), *extra]) == 0
-    assert json.loads(out.read_text())["val_images"] == 12
+    result = json.loads(out.read_text())  # as a training command's metrics.jsonl records its evaluation's
+    assert result["val_images"] == {"scored": 12, "skipped": 1} and result["train_images"] == {"scored": 16,
+                                                                                               "skipped": 1}
     assert f"{data / 'val'}: 1 unreadable image(s) skipped, at most 10% of a split" in capsys.readouterr().err
 
 

@@ -408,7 +408,7 @@ def test_knn_and_linprobe_commands(pretrained, folder, tmp_path, capsys, monkeyp
     assert main(["knn", str(pretrained), *common, "--k", "3", "--json", str(out)]) == 0
     assert devices == ["cpu"]
     result = json.loads(out.read_text())
-    assert 0 <= result["knn_top1"] <= 1 and result["val_images"] == 6
+    assert 0 <= result["knn_top1"] <= 1 and result["val_images"] == {"scored": 6, "skipped": 0}
     assert main(["linprobe", str(pretrained), *common, "--epochs", "5", "--save", str(tmp_path / "p.pt")]) == 0
     captured = capsys.readouterr()
     assert "k-NN (k=3" in captured.out and "linear probe" in captured.out and "loaded" in captured.err

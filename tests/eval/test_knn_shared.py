@@ -103,7 +103,8 @@ def test_linprobe_under_torchrun_shares_the_extraction_and_scores_once_as_one_pr
     assert stderr.count("2 unreadable image(s) skipped") == 1, stderr
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in (1, 2))
     assert two == {**one, "linprobe_top1": pytest.approx(one["linprobe_top1"], abs=1e-6)}
-    assert 0 < one["linprobe_top1"] < 1 and one["train_images"] == 24
+    assert 0 < one["linprobe_top1"] < 1 and one["train_images"] == {"scored": 24, "skipped": 2}  # both processes'
+    assert one["val_images"] == {"scored": 12, "skipped": 0}
     probes = [safe_load(tmp_path / f"{n}.pt")["probe"] for n in (1, 2)]
     for key, value in probes[0].items():  # its BatchNorm's running statistics are the features': the same features
         torch.testing.assert_close(probes[1][key], value, rtol=0, atol=1e-6, msg=key)
@@ -159,7 +160,7 @@ def test_a_process_group_that_cannot_form_is_one_line(tmp_path, monkeypatch, cap
 def test_a_knn_process_whose_share_the_main_one_scores_prints_and_writes_nothing(tmp_path, monkeypatch, capsys):
     from lomar.cli import probe
 
-    monkeypatch.setattr(probe, "_features", lambda args: None)  # what a torchrun process but the main one gets
+    monkeypatch.setattr(probe, "_features", lambda args, skipped: None)  # what a torchrun process but the main one gets
     json_path = tmp_path / "s.json"
     assert main(["knn", str(tmp_path / "ckpt.pt"), "--data", str(tmp_path), "--json", str(json_path)]) == 0
     assert capsys.readouterr() == ("", "") and not json_path.exists()

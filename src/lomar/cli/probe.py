@@ -66,10 +66,13 @@ knn_add_arguments = functools.partial(add_settings, settings=KNN)
 linprobe_add_arguments = functools.partial(add_settings, settings=LINPROBE)
 
 
-def frozen_features(args: argparse.Namespace, say=lambda msg: None, device: str | None = None) -> list | None:
+def frozen_features(args: argparse.Namespace, say=lambda msg: None, device: str | None = None,
+                    skipped: dict[str, int] | None = None) -> list | None:
     """(train_x, train_y, val_x, val_y): the frozen encoder's features of both splits, on ``device`` (default:
     ``--device``'s); UsageError on bad input. In a process group of several (torchrun) each process extracts its
     share and the main one gets the whole splits (:func:`lomar.eval.knn_shared.split_features`); None on the others.
+    ``skipped``: filled with each split's count of unreadable images left out ({"train": K, "val": K}), every
+    process's.
     """
     from lomar.data.collate import BadDataTracker  # torch: not for --help
     from lomar.eval.features import knn_loaders, load_pretrained_encoder, skipped_note  # torch: not for --help
@@ -90,12 +93,14 @@ def frozen_features(args: argparse.Namespace, say=lambda msg: None, device: str 
         raise UsageError(in_flags(str(exc), {name: s.name_flag(name) for name, s in settings.items()})) from None
     say(f"{encoder.load_report.summary()}; {args.img_size} px crops")
     features = []
-    for loader in loaders:  # more than UNREADABLE_LIMIT of a split unreadable stops here (extract_features)
-        skipped = BadDataTracker(len(loader.dataset), warn=False)  # the loader warned of each file
-        split = split_features(encoder, loader, device, args.pool, skipped)  # every process's skips counted
+    for name, loader in zip(("train", "val"), loaders):  # more than UNREADABLE_LIMIT of a split stops here
+        bad = BadDataTracker(len(loader.dataset), warn=False)  # the loader warned of each file
+        split = split_features(encoder, loader, device, args.pool, bad)  # every process's skips counted
         features += split or ()
-        if skipped.count:
-            say(skipped_note(loader.dataset.root, skipped.count))
+        if skipped is not None:
+            skipped[name] = bad.count
+        if bad.count:
+            say(skipped_note(loader.dataset.root, bad.count))
     return features or None
 
 
@@ -113,16 +118,17 @@ def _check_not_read(path: str | None, flag: str, pretrained: str) -> None:
                          f"replace that checkpoint; give another file")
 
 
-def _features(args: argparse.Namespace, resolve=None) -> list | None:
+def _features(args: argparse.Namespace, resolve=None, skipped: dict[str, int] | None = None) -> list | None:
     """The features of :func:`frozen_features`, after everything that can be checked before (outputs too); under
     torchrun each process extracts its share in a process group of its own, and the main process gets them all (the
     others None), which it alone says and scores. Every process meets a bad input alike: the first of each machine
-    says it (:func:`~lomar.errors.leave_it_to_the_first_process`), ``resolve(args)``'s refusals too."""
+    says it (:func:`~lomar.errors.leave_it_to_the_first_process`), ``resolve(args)``'s refusals too. ``skipped``: as
+    :func:`frozen_features` fills it."""
     try:
         if resolve is not None:
             resolve(args)
         _check(args)
-        return _extracted(args)
+        return _extracted(args, skipped)
     except LomarError:
         leave_it_to_the_first_process()
         raise
@@ -151,18 +157,18 @@ def _check(args: argparse.Namespace) -> None:
                          f"scores: pass two files")
 
 
-def _extracted(args: argparse.Namespace) -> list | None:
+def _extracted(args: argparse.Namespace, skipped: dict[str, int] | None) -> list | None:
     import torch.distributed as dist
 
     use_threads(args.threads)
     say = functools.partial(print, f"lomar {args.command}:", file=sys.stderr)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return frozen_features(args, say)
+        return frozen_features(args, say, skipped=skipped)
     from lomar.train.distributed import cleanup_distributed, join_group  # torch: not for --help
 
     info, device = join_group(resolve_device(args.device))  # gloo on the CPU, NCCL on CUDA, as pretrain
     try:
-        features = frozen_features(args, say if info.is_main else lambda msg: None, str(device))
+        features = frozen_features(args, say if info.is_main else lambda msg: None, str(device), skipped)
         # Leave the group together (gloo aborts a peer torn down mid-gather); the main process then scores with no
         # collective open, which a long probe fit would outlast (NCCL ends one after 10 minutes).
         dist.barrier()
@@ -172,7 +178,8 @@ def _extracted(args: argparse.Namespace) -> list | None:
 
 
 def knn_run(args: argparse.Namespace) -> int:
-    if (features := _features(args)) is None:  # a torchrun process whose share the main one scores
+    skipped: dict[str, int] = {}
+    if (features := _features(args, skipped=skipped)) is None:  # a torchrun process whose share the main one scores
         return 0
     from lomar.eval.knn import knn_top1  # torch: not for --help; after _features, whose checks come first
     train_x, train_y, val_x, val_y = features
@@ -185,9 +192,17 @@ def knn_run(args: argparse.Namespace) -> int:
         # the crop size and decode too: a draft decode's pixels, or another size, score differently
         write_json(args.json, {"knn_top1": top1, "k": k, "temperature": args.temperature, "pool": args.pool,
                                "img_size": args.img_size, "decode": args.decode,
-                               "train_images": len(train_y), "val_images": len(val_y)})
+                               **_images(train_y, val_y, skipped)})
     _say_written(args)
     return 0
+
+
+def _images(train_y, val_y, skipped: dict[str, int]) -> dict:
+    """A --json's account of the images scored: ``train_images`` and ``val_images``, each ``{"scored", "skipped"}``
+    (the unreadable ones left out), as a training command's ``metrics.jsonl`` records an evaluation's ``val_images``
+    (:func:`lomar.train.eval_only.scored_split`)."""
+    return {f"{name}_images": {"scored": len(labels), "skipped": skipped[name]}
+            for name, labels in (("train", train_y), ("val", val_y))}
 
 
 def _say_written(args: argparse.Namespace) -> None:
@@ -230,7 +245,8 @@ def fit_linprobe(args: argparse.Namespace, features: list):
 def linprobe_run(args: argparse.Namespace) -> int:
     # Under torchrun the main process alone fits the probe: a few seconds to minutes on cached features, and one
     # process's fit is the one-process result (a fit shared by DDP would reduce its gradients in another order).
-    if (features := _features(args, resolve_linprobe)) is None:  # a process whose share the main one scores
+    skipped: dict[str, int] = {}
+    if (features := _features(args, resolve_linprobe, skipped)) is None:  # a process whose share the main one scores
         return 0
     from lomar.checkpoints.io import atomic_save  # torch: not for --help; after _features, whose checks come first
 
@@ -247,6 +263,6 @@ def linprobe_run(args: argparse.Namespace) -> int:
         write_json(args.json, {"linprobe_top1": top1, "protocol": args.protocol, "epochs": args.epochs,
                                "lr": args.lr if args.protocol == "adamw" else args.blr * args.probe_batch_size / 256,
                                "pool": args.pool, "img_size": args.img_size, "decode": args.decode,
-                               "train_images": len(train_y), "val_images": len(val_y)})
+                               **_images(train_y, val_y, skipped)})
     _say_written(args)
     return 0
