@@ -13,6 +13,7 @@ import pytest
 
 from lomar.data import coco_shared
 from lomar.data.coco import CocoInstances, read_coco, training_split
+from lomar.data.user_cache import cache_folder
 from lomar.errors import UsageError
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reader is forked on Linux only")
@@ -132,7 +133,7 @@ def test_a_cache_file_others_may_write_is_not_unpickled(split_files, monkeypatch
         coco_shared.shared_split(read, ann, images, "train")
     finally:
         os.umask(previous)
-    folder = coco_shared.cache_folder()
+    folder = cache_folder("coco")
     path = folder / coco_shared._identity(ann, images, "train")[0]
     assert path.stat().st_mode & 0o077 == 0  # no one else may read or write it
     folder.chmod(0o750)  # a folder the group may enter (not write): accepted as ours

@@ -10,19 +10,19 @@ then maps that file read-only, so the machine holds the records once, in the pag
 later share those pages too. A single process, or one process per machine, writes nothing: its child sends the packed
 records back through a pipe (108 MB for 30k images, a fraction of a second beside the parse).
 
-The file lives in a folder of the user's (``$LOMAR_CACHE_DIR``, else ``$XDG_CACHE_HOME/lomar``, else
-``~/.cache/lomar``; subfolder ``coco``): the annotation folder may be read-only and is not ours, and the run folder
-is created by the main process alone, maybe on another machine. It is kept, so a resumed or later run on the same
-file maps it at once (train2017's is about 0.4 GB; delete the folder to reclaim it). It is named by the annotation
-file's and image folder's resolved paths and the split, then by what decides its content: their identity (size,
-mtime_ns), the pixel limit and a digest of the code that packs it, which its header records too (a file that does
-not match is never used), with the mtime_ns of each folder the split's images are in, known once it is parsed (a
-writer that finds an image gone after that stat, or the identity moved, refuses to write). So two jobs on the same
-files with another lomar or ``LOMAR_MAX_IMAGE_PIXELS`` each keep a file of their own, where one name made them
-overwrite each other's: one failed "cannot be read back", the other's processes waited out ``WAIT_S``. A first
-process removes the files of its paths and split of another identity unused for ``WAIT_S`` (using one touches it):
-every process of the job that wrote or used it has mapped it by then, and a mapped file that is unlinked stays
-readable; another job's writer renames its file into place fresh.
+The file lives in the user's cache folder (:func:`lomar.data.user_cache.cache_folder`: ``~/.cache/lomar/coco`` unless
+``$LOMAR_CACHE_DIR`` or ``$XDG_CACHE_HOME`` says otherwise): the annotation folder may be read-only and is not ours, and
+the run folder is created by the main process alone, maybe on another machine. It is kept, so a resumed or later run on
+the same file maps it at once (train2017's is about 0.4 GB; delete the folder to reclaim it). It is named by the
+annotation file's and image folder's resolved paths and the split, then by what decides its content: their identity
+(size, mtime_ns), the pixel limit and a digest of the code that packs it, which its header records too (a file that does
+not match is never used), with the mtime_ns of each folder the split's images are in, known once it is parsed (a writer
+that finds an image gone after that stat, or the identity moved, refuses to write). So two jobs on the same files with
+another lomar or ``LOMAR_MAX_IMAGE_PIXELS`` each keep a file of their own, where one name made them overwrite each
+other's: one failed "cannot be read back", the other's processes waited out ``WAIT_S``. A first process removes the
+files of its paths and split of another identity unused for ``WAIT_S`` (using one touches it): every process of the job
+that wrote or used it has mapped it by then, and a mapped file that is unlinked stays readable; another job's writer
+renames its file into place fresh.
 
 The records are pickled (they are what :class:`PackedRecords` holds in memory; JSON took 10x pickle's time to write,
 about 200 us a record, and 4x to read). Unpickling runs whatever a crafted file says, so a cache file is read only from
@@ -54,22 +54,15 @@ from lomar.data import coco, coco_values, polygons, records
 from lomar.data.coco import CocoSplit, CocoSummary
 from lomar.data.decode import max_image_pixels
 from lomar.data.records import IntTable, PackedRecords, pack_images
+from lomar.data.user_cache import cache_folder, ours_alone
 from lomar.errors import FULL_DISK, UsageError, first_on_machine
 
-__all__ = ["shared_split", "cache_folder", "WAIT_S"]
+__all__ = ["shared_split", "WAIT_S"]
 
 WAIT_S = 1800.0  # how long a process waits for its machine's first one to write the file (30k images: 30 s)
 _POLL_S = 0.2
 _STALE_S = 3600.0  # a temporary untouched this long is a killed writer's
 _FORMAT = 1
-
-
-def cache_folder() -> Path:
-    """Where the packed splits live: ``$LOMAR_CACHE_DIR``, else ``$XDG_CACHE_HOME/lomar``, else ``~/.cache/lomar``;
-    subfolder ``coco``."""
-    if root := os.environ.get("LOMAR_CACHE_DIR"):
-        return Path(root) / "coco"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lomar" / "coco"
 
 
 def _shared() -> bool:
@@ -80,7 +73,7 @@ def _shared() -> bool:
 def _our_folder() -> Path | None:
     """The cache folder, made if missing (mode 0700); None where it cannot be ours: not writable, or a link or
     another user's folder (whose pickles we would run)."""
-    folder = cache_folder()
+    folder = cache_folder("coco")
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = os.lstat(folder)
@@ -198,8 +191,7 @@ def _write(path: Path, split: CocoSplit, packed: tuple[PackedRecords, IntTable],
 def _load(path: Path, identity: dict) -> tuple[dict, tuple[PackedRecords, IntTable]] | None:
     """(header, (records, ids)) mapped from ``path``; None unless it is a whole file of ours for ``identity``."""
     try:
-        info = os.lstat(path)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        if not ours_alone(os.lstat(path)):
             return None
         data = np.load(path, mmap_mode="r", allow_pickle=False)
         if data.dtype != np.uint8 or data.ndim != 1 or data.size < 16:

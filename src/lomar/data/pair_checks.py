@@ -19,9 +19,8 @@ modules that decide a pair's result, Pillow's version and the size limits (``LOM
 ``LOMAR_MAX_IMAGE_BYTES``); another header means every pair is checked again.
 
 One JSON file a folder and split (never a pickle: reading one runs what it says), in the user's cache folder
-(``$LOMAR_CACHE_DIR``, else ``$XDG_CACHE_HOME/lomar``, else ``~/.cache/lomar``; subfolder ``segment``), as
-:mod:`lomar.data.coco_shared` keeps its files: the dataset may be read-only and is not ours, and a run folder would
-serve that run's resumes only, where this serves every run on the same files. It is written atomically, and only
+(:func:`lomar.data.user_cache.cache_folder`: ``~/.cache/lomar/segment`` unless ``$LOMAR_CACHE_DIR`` or
+``$XDG_CACHE_HOME`` says otherwise), so that it serves every run on the same files. It is written atomically, and only
 when what it holds changes. A file that cannot be parsed, names another folder or split, holds a malformed entry,
 or is not a regular file of this user's that no one else may write (whoever writes it could pass a bad pair
 unchecked) is ignored with a warning, never trusted. Deleting it forces a full check.
@@ -34,7 +33,6 @@ import hashlib
 import json
 import logging
 import os
-import stat
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +42,7 @@ import PIL
 
 from lomar.checkpoints.io import atomic_write_text
 from lomar.data.decode import max_image_bytes, max_image_pixels
+from lomar.data.user_cache import cache_folder, ours_alone
 from lomar.errors import exception_line
 
 __all__ = ["RACY_S", "cache_file", "pair_tops"]
@@ -60,10 +59,8 @@ Identity = list[int]  # size, mtime_ns, ctime_ns, inode
 
 def cache_file(root: Path, split: str) -> Path:
     """Where the check of ``root``'s (resolved) ``split`` is kept."""
-    base = os.environ.get("LOMAR_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
-        / "lomar"
     name = hashlib.sha256(json.dumps([str(root), split]).encode()).hexdigest()[:24]
-    return Path(base) / "segment" / f"{name}.json"
+    return cache_folder("segment") / f"{name}.json"
 
 
 @functools.cache
@@ -102,8 +99,7 @@ def _read_text(path: Path) -> str | None:
     except FileNotFoundError:
         return None
     with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        if not ours_alone(os.fstat(handle.fileno())):
             raise ValueError("not a regular file of this user's that no one else may write")
         return handle.read().decode("utf-8")
 
