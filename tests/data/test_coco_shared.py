@@ -125,6 +125,13 @@ def test_one_process_reads_in_a_child_and_writes_nothing(split_files, monkeypatc
     assert len(parses()) == 4 and not any((tmp_path / "elsewhere").iterdir())
 
 
+def test_a_user_with_no_home_folder_reads_in_each_process(split_files, monkeypatch, no_home):
+    ann, images, read, parses = split_files
+    _torchrun(monkeypatch, 0)
+    assert _targets(coco_shared.shared_split(read, ann, images, "train")) == _targets(read())
+    assert len(parses()) == 2 and parses()[0] != str(os.getpid())  # in a child, as with a folder that is not ours
+
+
 def test_a_cache_file_others_may_write_is_not_unpickled(split_files, monkeypatch):
     ann, images, read, parses = split_files
     _torchrun(monkeypatch, 0)

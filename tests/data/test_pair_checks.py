@@ -174,3 +174,11 @@ def test_a_cache_folder_that_cannot_be_written_is_said_and_the_build_goes_on(tmp
         assert len(_build(root)) == 3
     assert "cannot keep the check of the segmentation pairs in" in caplog.text
     assert "set LOMAR_CACHE_DIR to a folder this user may write" in caplog.text
+
+
+def test_a_user_with_no_home_folder_is_told_and_the_build_goes_on(tmp_path, decodes, caplog, no_home):
+    root = _folder(tmp_path)
+    with caplog.at_level("WARNING", logger="lomar.data"):
+        assert len(_build(root)) == 3
+    assert "cannot keep the check of the segmentation pairs (" in caplog.text
+    assert "set LOMAR_CACHE_DIR to a folder this user may write" in caplog.text

@@ -71,10 +71,10 @@ def _shared() -> bool:
 
 
 def _our_folder() -> Path | None:
-    """The cache folder, made if missing (mode 0700); None where it cannot be ours: not writable, or a link or
-    another user's folder (whose pickles we would run)."""
-    folder = cache_folder("coco")
+    """The cache folder, made if missing (mode 0700); None where it cannot be ours: none (no home folder), not
+    writable, or a link or another user's folder (whose pickles we would run)."""
     try:
+        folder = cache_folder("coco")
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = os.lstat(folder)
     except OSError:

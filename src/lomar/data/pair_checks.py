@@ -58,7 +58,7 @@ Identity = list[int]  # size, mtime_ns, ctime_ns, inode
 
 
 def cache_file(root: Path, split: str) -> Path:
-    """Where the check of ``root``'s (resolved) ``split`` is kept."""
+    """Where the check of ``root``'s (resolved) ``split`` is kept; OSError where the user has no cache folder."""
     name = hashlib.sha256(json.dumps([str(root), split]).encode()).hexdigest()[:24]
     return cache_folder("segment") / f"{name}.json"
 
@@ -147,8 +147,14 @@ def pair_tops(root: Path, split: str, pairs: list[tuple[Path, Path]], check: Cal
     propagates, the first in order), taken from the cache for a pair whose files are unchanged since they passed;
     the others are checked on ``workers`` threads. The pairs that passed are kept, also when one fails."""
     root = Path(root).resolve()
-    path, header = cache_file(root, split), _header(root, split)
-    known = _read(path, header)
+    header = _header(root, split)
+    try:
+        path = cache_file(root, split)
+    except OSError as exc:
+        log.warning("cannot keep the check of the segmentation pairs (%s): every start checks every pair",
+                    exception_line(exc))
+        path = None
+    known = _read(path, header) if path else {}
     settled = time.time_ns() - int(RACY_S * 1e9)  # taken before the stats: a file changed after them is not settled
     identities = [(_identity(image), _identity(annotation)) for image, annotation in pairs]
     tops: list[int | None] = [None] * len(pairs)
@@ -169,6 +175,6 @@ def pair_tops(root: Path, split: str, pairs: list[tuple[Path, Path]], check: Cal
         kept = {image.name: [annotation.name, *ids, top]
                 for (image, annotation), ids, top in zip(pairs, identities, tops)
                 if top is not None and all(i and max(i[1], i[2]) <= settled for i in ids)}
-        if kept != known:
+        if path and kept != known:
             _write(path, header, kept)
     return tops

@@ -9,6 +9,7 @@ what code runs).
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -17,10 +18,18 @@ __all__ = ["cache_folder", "ours_alone"]
 
 
 def cache_folder(kind: str) -> Path:
-    """``$LOMAR_CACHE_DIR/kind``, else ``$XDG_CACHE_HOME/lomar/kind``, else ``~/.cache/lomar/kind``."""
+    """``$LOMAR_CACHE_DIR/kind``, else ``$XDG_CACHE_HOME/lomar/kind``, else ``~/.cache/lomar/kind``. OSError naming the
+    fix where there is none of these: no HOME, and no home folder of this user's in the password database (a
+    container run as a user id it does not list)."""
     if root := os.environ.get("LOMAR_CACHE_DIR"):
         return Path(root) / kind
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lomar" / kind
+    if root := os.environ.get("XDG_CACHE_HOME"):
+        return Path(root) / "lomar" / kind
+    home = os.path.expanduser("~")
+    if home == "~":  # expanduser found no home; Path.home() would raise a bare RuntimeError
+        raise OSError(errno.ENOENT, "this user has no home folder (HOME is not set) to keep lomar's cache in; set "
+                                    "LOMAR_CACHE_DIR to a folder this user may write")
+    return Path(home) / ".cache" / "lomar" / kind
 
 
 def ours_alone(info: os.stat_result) -> bool:
