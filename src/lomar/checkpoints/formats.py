@@ -4,10 +4,10 @@
 :class:`~lomar.checkpoints.reader.Reader` in priority order whether the loaded contents are its format (a
 caller that holds them already identifies them without a second read), giving a ``Source``. A reader turns
 a source into a full model (:meth:`Reader.model`, for ``export``/``visualize``) or into encoder
-weights with our key names (:meth:`Reader.encoder`, for finetuning and probes). Our formats are here,
-BEiT's in :mod:`~lomar.checkpoints.formats_beit`, ``lomar detect``'s and ``lomar segment``'s in
-:mod:`~lomar.checkpoints.formats_dense`, the original code's in :mod:`~lomar.checkpoints.original`. Priorities run
-from 5 (BEiT's, whose keys overlap ours) over 10 (ours) to 90 (the original-LoMaR fallback).
+weights with our key names (:meth:`Reader.encoder`, for finetuning and probes). Our formats are here, BEiT's in
+:mod:`~lomar.checkpoints.formats_beit`, ``lomar detect``'s and ``segment``'s in :mod:`~lomar.checkpoints.formats_dense`,
+``lomar linprobe --save``'s in :mod:`~lomar.checkpoints.formats_probe`, the original code's in
+:mod:`~lomar.checkpoints.original`. Priorities run from 5 (BEiT's, whose keys overlap ours) over 10 (ours) to 90.
 
 A pretraining checkpoint holds a ``model_spec`` (:mod:`lomar.models.spec`), which rebuilds the
 model without training code; checkpoints written before it are read from their saved settings. A
@@ -32,6 +32,7 @@ from lomar.checkpoints.export import create_encoder, read_export
 from lomar.checkpoints.export_leftovers import interrupted_export
 from lomar.checkpoints.file_names import BEST, CONFIG_NAME, ENCODER_WEIGHTS, LAST, RUN_ENCODER
 from lomar.checkpoints.formats_beit import BEiTReader  # and registers BEiT's readers
+from lomar.checkpoints.formats_probe import probe_only_refusal  # and registers linprobe's reader
 from lomar.checkpoints.io import mismatch, safe_load
 from lomar.checkpoints.keys import args_dict, drop_final_norm, infer_vit_config
 from lomar.checkpoints.kinds import FINETUNE_FORMAT, classifier_pool
@@ -324,6 +325,8 @@ def identify(path: str | Path, data: dict) -> tuple[Reader, Source]:
     it is not read again), and its source. ValueError naming a checkpoint in no format lomar reads."""
     path = Path(path)
     state = data.get("model", data)
+    if (refusal := probe_only_refusal(path, data)) is not None:
+        raise refusal
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"checkpoint {path} holds no state dict (a dict of tensors) under 'model'")
     for reader in readers():
@@ -380,13 +383,12 @@ def peek_encoder(path: str | Path) -> tuple[str, int | None] | None:
 def load_model(path: str | Path, **overrides) -> nn.Module:
     """A :class:`LoMaR`, :class:`MAE` or :class:`VisionTransformer` from any checkpoint or export; a ``lomar detect`` or
     ``lomar segment`` checkpoint's ViTMaskRCNN or UperNetSegmenter (:mod:`~lomar.checkpoints.formats_dense`); a
-    finetuned BEiT's timm ``Beit`` (:class:`~lomar.models.beit_classifier.BEiTClassifier`).
+    finetuned BEiT's timm ``Beit`` (BEiTClassifier); ``lomar linprobe --save``'s ProbeClassifier.
 
-    ``overrides`` (``num_heads``, ``img_size``, ``window_size``, ``num_windows``,
-    ``decoder_num_heads``) fill in what an original checkpoint cannot tell; a classifier is rebuilt as it saved
-    itself, at another ``img_size`` or ``attention`` where given; one its reader has no use for (LoMaR's windows
-    for a classifier or an export) is refused. Raises ValueError or FileNotFoundError with a message that names the
-    problem.
+    ``overrides`` (``num_heads``, ``img_size``, ``window_size``, ``num_windows``, ``decoder_num_heads``) fill in
+    what an original checkpoint cannot tell; a classifier is rebuilt as it saved itself, at another ``img_size`` or
+    ``attention`` where given; one its reader has no use for (LoMaR's windows for a classifier or an export) is
+    refused. Raises ValueError or FileNotFoundError with a message that names the problem.
     """
     reader, src = read(path)
     return reader.model(src, {k: v for k, v in overrides.items() if v is not None})

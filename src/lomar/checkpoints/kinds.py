@@ -6,14 +6,16 @@ from pathlib import Path
 
 from lomar.checkpoints.file_names import BEST, LAST
 
-__all__ = ["PRETRAIN_FORMAT", "CLASSIFIER_FORMAT", "FINETUNE_FORMAT", "DETECT_FORMAT", "SEGMENT_TASK", "run_command",
-           "FoundCheckpoint", "find_command_checkpoint", "classifier_pool", "trained_precision"]
+__all__ = ["PRETRAIN_FORMAT", "CLASSIFIER_FORMAT", "FINETUNE_FORMAT", "DETECT_FORMAT", "SEGMENT_TASK",
+           "LINPROBE_FORMAT", "run_command", "FoundCheckpoint", "find_command_checkpoint", "classifier_pool",
+           "trained_precision"]
 
 PRETRAIN_FORMAT = "lomar-pretrain-2"  # 2: `windows` is meant for every method (an MAE run saved 4 unused)
 CLASSIFIER_FORMAT = "lomar-classifier-1"
 FINETUNE_FORMAT = "lomar-finetune-1"
 DETECT_FORMAT = "lomar-detect-1"
 SEGMENT_TASK = "segment"  # a `lomar segment` checkpoint says {"task": "segment"} instead of a format
+LINPROBE_FORMAT = "lomar-linprobe-1"  # `lomar linprobe --save`: the probe on its encoder (no run to resume)
 
 _COMMANDS = {"lomar-pretrain-1": "pretrain", PRETRAIN_FORMAT: "pretrain", FINETUNE_FORMAT: "finetune",
              DETECT_FORMAT: "detect", SEGMENT_TASK: "segment"}

@@ -55,8 +55,9 @@ LINPROBE = {
     "weight_decay": S.WEIGHT_DECAY.but(default=0.0),
     "probe_batch_size": Setting(256, "features per probe step (at least 2: the probe's BatchNorm needs two)", low=2),
     "seed": S.SEED.but(help="seed of the probe's init and shuffling"),
-    "save": Setting(None, "write the trained probe's state dict here (default: not written)", kind=str,
-                    metavar="FILE"),
+    "save": Setting(None, "write the probe on its frozen encoder here, a classifier that lomar.load_model rebuilds and "
+                    "lomar predict runs (the encoder's weights too: about 340 MB for a ViT-B; default: not written)",
+                    kind=str, metavar="FILE"),
 }
 
 
@@ -92,6 +93,8 @@ def frozen_features(args: argparse.Namespace, say=lambda msg: None, device: str 
         settings = KNN if args.command == "knn" else LINPROBE
         raise UsageError(in_flags(str(exc), {name: s.name_flag(name) for name, s in settings.items()})) from None
     say(f"{encoder.load_report.summary()}; {args.img_size} px crops")
+    if getattr(args, "save", None):  # linprobe --save writes the probe on this encoder, its rows named by the classes
+        args.probed = (encoder, loaders[0].dataset.classes)
     features = []
     for name, loader in zip(("train", "val"), loaders):  # more than UNREADABLE_LIMIT of a split stops here
         bad = BadDataTracker(len(loader.dataset), warn=False)  # the loader warned of each file
@@ -249,6 +252,7 @@ def linprobe_run(args: argparse.Namespace) -> int:
     if (features := _features(args, resolve_linprobe, skipped)) is None:  # a process whose share the main one scores
         return 0
     from lomar.checkpoints.io import atomic_save  # torch: not for --help; after _features, whose checks come first
+    from lomar.eval.linear_probe import probe_checkpoint  # torch, as above
 
     train_y, val_y = features[1], features[3]
     try:
@@ -258,7 +262,9 @@ def linprobe_run(args: argparse.Namespace) -> int:
     print(f"linear probe ({args.protocol} protocol, {args.pool} features, {args.epochs} epochs) top-1: "
           f"{percent_text(100 * top1)}% ({len(val_y)} val / {len(train_y)} train images)")
     if args.save:
-        atomic_save({"probe": probe.state_dict(), "pool": args.pool, "top1": top1}, args.save)
+        encoder, classes = args.probed
+        atomic_save(probe_checkpoint(encoder, probe, args.pool, classes, top1, args.img_size,
+                                     str(Path(args.pretrained).resolve())), args.save)
     if args.json:
         write_json(args.json, {"linprobe_top1": top1, "protocol": args.protocol, "epochs": args.epochs,
                                "lr": args.lr if args.protocol == "adamw" else args.blr * args.probe_batch_size / 256,

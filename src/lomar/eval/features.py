@@ -30,6 +30,7 @@ from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.errors import UsageError, in_flags, said_by_first_on_machine
 from lomar.models.attention import vitdet_global_blocks
 from lomar.models.masking import grid_size
+from lomar.models.probe_classifier import pooled_features
 from lomar.models.relpos import REL_POS_PARAMS
 from lomar.models.vit import VisionTransformer, ViTConfig
 from lomar.progress_bar import progress
@@ -323,7 +324,7 @@ def read_features(encoder: VisionTransformer, loader, device: torch.device | str
             if len(targets) == 0:  # every image of the batch was unreadable
                 continue
             tokens = encoder.forward_features(images.to(device, non_blocking=True))  # (B, 1+L, D)
-            pooled = (tokens[:, 1:].mean(dim=1) if pool == "mean" else tokens[:, 0]).float()
+            pooled = pooled_features(tokens, pool)  # as a saved probe's classifier pools them
             if filled + len(pooled) > len(feats):
                 grown = torch.empty(max(len(loader.dataset), 2 * filled, filled + len(pooled)), pooled.shape[1])
                 if filled:

@@ -1,4 +1,5 @@
-"""Linear probe on frozen features: BatchNorm + linear, trained on cached features."""
+"""Linear probe on frozen features: BatchNorm + linear (:class:`~lomar.models.probe_classifier.LinearProbe`), trained on
+cached features."""
 
 from __future__ import annotations
 
@@ -6,25 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lomar.checkpoints.kinds import LINPROBE_FORMAT
 from lomar.lr_schedule import lr_at
+from lomar.models.probe_classifier import LinearProbe
+from lomar.models.spec import model_spec
 from lomar.progress_bar import progress
 
-__all__ = ["LinearProbe", "LARS", "train_linear_probe", "train_mae_linear_probe"]
-
-
-class LinearProbe(nn.Module):
-    """BatchNorm without affine parameters + a linear layer on frozen features (as in MAE)."""
-
-    def __init__(self, dim: int, num_classes: int):
-        super().__init__()
-        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(self.linear.weight, std=0.01)
-        nn.init.zeros_(self.linear.bias)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, D) -> logits (B, C)."""
-        return self.linear(self.norm(features))
+__all__ = ["LARS", "train_linear_probe", "train_mae_linear_probe", "probe_checkpoint"]
 
 
 def train_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
@@ -130,3 +119,22 @@ def train_mae_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: 
                 lambda params: LARS(params, lr=lr, weight_decay=0.0),
                 lambda step, t: lr_at(t, epochs, warmup_epochs, lr),  # by MAE's fractional epoch t
                 f"blr (now {blr:g})")
+
+
+def probe_checkpoint(encoder: nn.Module, probe: LinearProbe, pool: str, classes: list[str], top1: float,
+                     img_size, pretrained: str) -> dict:
+    """What ``lomar linprobe --save`` writes: the probe on the frozen ``encoder`` it was trained on (a
+    VisionTransformer or a BEiT's timm Beit, without a head), as one
+    :class:`~lomar.models.probe_classifier.ProbeClassifier` that ``lomar.load_model`` rebuilds (``model`` and
+    ``model_spec``), pooled by ``pool``, with the names of its rows (``classes``, the class folders in label order),
+    its ``top1``, the crop size it was scored at, the encoder's source (``pretrained``) and the precision its features
+    were read in (float32: ``lomar predict`` runs it so); and ``probe`` and ``pool`` alone, as a probe file without
+    its encoder holds them."""
+    rows = probe.linear.out_features
+    spec = {"arch": "lomar.models.probe_classifier:ProbeClassifier", "config": {"encoder": model_spec(encoder)},
+            "args": {"num_classes": rows, "pool": pool}, "prefix": ""}
+    parts = {"encoder": encoder.state_dict(), "probe": probe.state_dict()}
+    state = {f"{name}.{key}": value.detach().cpu() for name, part in parts.items() for key, value in part.items()}
+    return {"format": LINPROBE_FORMAT, "model": state, "model_spec": spec, "classes": list(classes[:rows]),
+            "top1": top1, "img_size": img_size, "pretrained": pretrained, "precision": "fp32",
+            "probe": {k: v.detach().cpu() for k, v in probe.state_dict().items()}, "pool": pool}

@@ -1,5 +1,6 @@
 """``lomar predict``'s work: a trained classifier, detector or segmenter (a ``lomar finetune``, ``detect`` or
-``segment`` checkpoint, :func:`load_trained`) run on image files (:func:`list_images`), each image read and
+``segment`` checkpoint, :func:`load_trained`; a classifier of ``lomar linprobe --save``, its images read as linprobe
+reads them, :func:`~lomar.eval.features.eval_transform`) run on image files (:func:`list_images`), each image read and
 preprocessed as its command's evaluation reads a validation image, its answers returned for the command to write.
 
 - classifier: finetune's evaluation transform (:func:`~lomar.data.classify.classification_eval_transform`, at the
@@ -26,15 +27,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from lomar.checkpoints.file_names import BEST, LAST
 from lomar.checkpoints.formats import VitReader, read, saved_class_names
-from lomar.checkpoints.kinds import run_command
-from lomar.data.class_names import names_problem
 from lomar.checkpoints.formats_beit import BEiTFinetuneReader
+from lomar.checkpoints.formats_probe import LinprobeReader
+from lomar.checkpoints.kinds import LINPROBE_FORMAT, run_command
+from lomar.data.class_names import names_problem
 from lomar.data.collate import Skipped
 from lomar.data.decode import IMAGE_EXTENSIONS, load_image, tensor_to_pil
 from lomar.data.image_search import image_table
 from lomar.data.segmentation import eval_input
 from lomar.errors import UsageError
 from lomar.eval.coco import to_coco_results
+from lomar.eval.features import eval_transform
 from lomar.eval.segmentation import label_map, label_png, slide_stride
 from lomar.progress_bar import progress
 
@@ -42,7 +45,7 @@ __all__ = ["Trained", "load_trained", "list_images", "ListedImage", "classify", 
 
 # The file each kind writes in --out; a segmenter writes one PNG per image instead.
 OUTPUTS = {"classifier": "predictions.jsonl", "detector": "predictions.json"}
-_KINDS = {"finetune": "classifier", "detect": "detector", "segment": "segmenter"}
+_KINDS = {"finetune": "classifier", "linprobe": "classifier", "detect": "detector", "segment": "segmenter"}
 # a detector's batch of images at their own size, as float: 384 MiB (three 12 MP photos; sixteen 640 x 480: 5 M px)
 BATCH_PIXELS = 2**25
 
@@ -77,7 +80,8 @@ def checkpoint_file(path: Path) -> Path:
 
 def load_trained(path: str | Path) -> Trained:
     """The classifier, detector or segmenter at ``path`` (a checkpoint of `lomar finetune`, `detect` or `segment`, or
-    a run folder of one). UsageError in one line for what predict cannot run, naming the command that can use it."""
+    a run folder of one; a probe `lomar linprobe --save` wrote). UsageError in one line for what predict cannot run,
+    naming the command that can use it."""
     file = checkpoint_file(Path(path))
     try:
         reader, src = read(file)
@@ -86,12 +90,14 @@ def load_trained(path: str | Path) -> Trained:
             model = reader.model(src, {})
         elif isinstance(reader, BEiTFinetuneReader) or isinstance(reader, VitReader) and "head.weight" in src.state:
             model, command = reader.model(src, {}), "finetune"  # finetune's (a ViT or a BEiT), a converted classifier
+        elif isinstance(reader, LinprobeReader):
+            model, command = reader.model(src, {}), "linprobe"
         else:
             raise UsageError(_cannot_run(file, reader.name, command))
     except (ValueError, FileNotFoundError) as exc:  # the reader's own words name the file
         raise UsageError(str(exc)) from None
     data = {k: v for k, v in src.data.items() if k != "model"}
-    if command == "finetune":
+    if command in ("finetune", "linprobe"):
         names = saved_class_names(src)
         if names is not None and (problem := names_problem(names, model.num_classes)):
             raise UsageError(f"{file}: its classes {problem}; fix its 'classes'")
@@ -221,7 +227,9 @@ def classify(trained: Trained, images: list[ListedImage], device: torch.device, 
     from lomar.data.classify import classification_eval_transform, draft_eval_load
 
     model, labels = trained.model.to(device), trained.labels
-    transform = classification_eval_transform(model.config.img_size)
+    # a probe's images as linprobe read them, a finetuned classifier's as finetune evaluates
+    probe = trained.checkpoint.get("format") == LINPROBE_FORMAT
+    transform = (eval_transform if probe else classification_eval_transform)(model.config.img_size)
     settings = trained.checkpoint.get("settings") or {}
     load = (draft_eval_load(transform) if settings.get("decode") == "draft" else None) or load_image
     rows = []

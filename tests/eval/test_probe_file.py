@@ -1,0 +1,60 @@
+"""`lomar linprobe --save FILE` writes the probe on the frozen encoder it was trained on: `lomar.load_model(FILE)`
+rebuilds it into a classifier whose logits are the probe's own on the features linprobe scored, and `lomar predict`
+runs it. A file of the probe alone (which names no encoder) is refused in one line naming the fix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lomar.checkpoints.formats import load_model
+from lomar.checkpoints.io import safe_load
+from lomar.cli import probe as probe_cli
+from lomar.cli.app import main
+from lomar.eval.features import knn_loaders
+from lomar.models.probe_classifier import LinearProbe, ProbeClassifier
+
+
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_a_saved_probe_is_rebuilt_into_the_classifier_linprobe_scored(pretrained, labelled_folder, tmp_path, capsys,
+                                                                      monkeypatch, pool):
+    fits, fit = [], probe_cli.fit_linprobe
+    monkeypatch.setattr(probe_cli, "fit_linprobe", lambda args, features: fits.append((fit(args, features), features))
+                        or fits[-1][0])
+    saved = tmp_path / "probe.pt"
+    assert main(["linprobe", str(pretrained), "--data", str(labelled_folder), "--img-size", "32", "--batch-size", "4",
+                 "--workers", "0", "--device", "cpu", "--epochs", "3", "--pool", pool, "--save", str(saved)]) == 0
+    ((probe, top1), (_, _, val_x, val_y)), = fits
+    with torch.no_grad():
+        scored = probe(val_x)  # the probe's evaluation of the val features (its top-1)
+    assert top1 == int((scored.argmax(1) == val_y).sum()) / len(val_y)
+    model = load_model(saved).eval()
+    assert isinstance(model, ProbeClassifier) and (model.num_classes, model.pool) == (2, pool)
+    _, val = knn_loaders(labelled_folder / "train", labelled_folder / "val", 32, 4, 0, warn=False)
+    with torch.no_grad():
+        logits = torch.cat([model(images) for images, *_ in val])
+    assert logits.shape == (4, 2) and torch.equal(logits, scored)
+    checkpoint = safe_load(saved)
+    assert (checkpoint["classes"], checkpoint["top1"], checkpoint["pool"]) == (["a", "b"], top1, pool)
+    alone = LinearProbe(val_x.shape[1], 2)  # its probe alone, as a probe file without its encoder holds it
+    alone.load_state_dict(checkpoint["probe"])
+    with torch.no_grad():
+        assert torch.equal(alone.eval()(val_x), scored)
+    capsys.readouterr()
+    assert main(["predict", str(saved), str(labelled_folder / "val"), "--out", str(tmp_path / "pred"), "--device",
+                 "cpu", "--workers", "0"]) == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all({top["class"] for top in row["top_k"]} == {"a", "b"} for row in rows)
+
+
+def test_a_probe_saved_without_its_encoder_is_refused_in_one_line(tmp_path, capsys):
+    old, images = tmp_path / "probe.pt", tmp_path / "images"
+    images.mkdir()
+    torch.save({"probe": LinearProbe(8, 2).state_dict(), "pool": "mean", "top1": 0.5}, old)
+    with pytest.raises(ValueError, match=r"holds a linear probe without the encoder it was trained on") as refused:
+        load_model(old)
+    assert "\n" not in str(refused.value) and "lomar linprobe ENCODER --data DATA --save FILE" in str(refused.value)
+    assert main(["predict", str(old), str(images), "--out", str(tmp_path / "pred")]) == 2
+    assert capsys.readouterr().err == f"lomar predict: error: {refused.value}\n"
