@@ -10,13 +10,16 @@ from helpers import CPU_RUN
 from lomar.cli.app import main
 
 
-def _error(capsys, *argv: str) -> str:
-    """The one line a refused `lomar predict ARGV` says (exit 2), written nothing to stdout."""
+def _error(capsys, *argv: str, warned: int = 0) -> str:
+    """The one line a refused `lomar predict ARGV` says (exit 2), after its ``warned`` warnings, written nothing to
+    stdout."""
     capsys.readouterr()
     assert main(["predict", *argv, *CPU_RUN]) == 2
     out, err = capsys.readouterr()
-    assert not out and err.count("\n") == 1 and err.startswith("lomar predict: error: "), err
-    return err
+    lines = err.splitlines(keepends=True)
+    assert not out and len(lines) == warned + 1 and lines[-1].startswith("lomar predict: error: "), err
+    assert all(line.startswith("lomar predict: warning: ") for line in lines[:-1]), err
+    return lines[-1]
 
 
 def test_a_checkpoint_that_predicts_nothing_names_the_command_that_takes_it(tmp_path, capsys, pretrained,
@@ -59,12 +62,13 @@ def test_unreadable_images_are_skipped_warned_of_and_counted(tmp_path, capsys, c
     assert "broken.png" in caplog.text
     out, err = capsys.readouterr()
     assert "lomar predict: 1 unreadable image skipped (each warned of above), e.g. " in err and "broken.png" in err
+    assert f"lomar predict: warning: skipped image: cannot decode image {images / 'broken.png'}: " in err
     assert out == (f"lomar predict: 2 images (classifier {classifier / 'best.pt'}), top-2 of 2 classes, fp32 -> "
                    f"{tmp_path / 'out' / 'predictions.jsonl'}\n")
     assert len((tmp_path / "out" / "predictions.jsonl").read_text().splitlines()) == 2
     (images / "0.png").unlink()
     (images / "1.png").unlink()
-    err = _error(capsys, str(classifier), str(images), "--out", str(tmp_path / "none"))
+    err = _error(capsys, str(classifier), str(images), "--out", str(tmp_path / "none"), warned=1)
     assert "no image given could be read (1 tried; the first: " in err and not (tmp_path / "none").exists()
 
 

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from time import monotonic
 
 from lomar import __version__
+from lomar.cli.command_lines import prefix_warnings
 from lomar.cli.stop_signals import command_running, handle_stop_signals
 from lomar.cli.suggest import command_action, command_parser, expanded_by_shell, suggest_flags
 from lomar.errors import (
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}: error: {exc}", file=sys.stderr)
         return 2
     give_back_handlers = handle_stop_signals()  # SIGTERM, SIGUSR1, Ctrl-C unwind the command (see stop_signals)
+    give_back_warnings = prefix_warnings(prefix)  # a log of several commands says whose each warning is
     try:
         mark_command_start(started)
         return int(_run_command(args) or 0)
@@ -277,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:
         take_command_start()  # a run a Python caller starts after this command counts from its own call
+        give_back_warnings()
         give_back_handlers()
 
 

@@ -1,0 +1,61 @@
+"""While a command runs, every warning its process prints begins as the command's own lines do (``lomar knn:
+warning: ...``): the records of the ``lomar.*`` loggers (what listing a dataset leaves out, an unreadable image
+skipped, an export waiting for another) and Python warnings, lomar's or a library's (torch, timm). In a log
+holding several commands' output (a shell script's, a torchrun job's) each line then says which command said it.
+
+A library's warning keeps its category and the file and line that raised it, at the end of its one line; a
+filter (``-W``, ``PYTHONWARNINGS``, a caller's ``warnings.catch_warnings``) decides as always whether it is
+shown. Imports no torch: ``lomar --help`` imports this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from collections.abc import Callable
+
+__all__ = ["prefix_warnings", "CommandLines"]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+class CommandLines(logging.Handler):
+    """The ``lomar`` logger's records of WARNING and above, as ``PREFIX: warning: MESSAGE`` lines on ``sys.stderr``:
+    the stream of the moment, which a study redirects around the runs it silences (as Python's last-resort
+    handler, which prints a record where no handler is set, takes it)."""
+
+    def __init__(self, prefix: str):
+        super().__init__(logging.WARNING)
+        self.prefix = prefix
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(f"{self.prefix}: {record.levelname.lower()}: {_one_line(self.format(record))}\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - logging's own contract: a handler's failure is reported, not raised
+            self.handleError(record)
+
+
+def prefix_warnings(prefix: str) -> Callable[[], None]:
+    """Print the ``lomar`` loggers' records and Python's warnings as lines of the command ``prefix`` ('lomar knn')
+    until the returned function is called, which puts back what was there."""
+    handler = CommandLines(prefix)
+    logger = logging.getLogger("lomar")
+    logger.addHandler(handler)
+    previous = warnings.formatwarning
+
+    # formatwarning, not showwarning: a caller recording warnings (catch_warnings(record=True), pytest) still gets them
+    def formatwarning(message, category, filename, lineno, line=None) -> str:
+        return f"{prefix}: warning: {_one_line(str(message))} ({category.__name__}, {filename}:{lineno})\n"
+
+    warnings.formatwarning = formatwarning
+
+    def give_back() -> None:
+        logger.removeHandler(handler)
+        if warnings.formatwarning is formatwarning:  # else a caller set its own meanwhile: theirs stays
+            warnings.formatwarning = previous
+
+    return give_back
