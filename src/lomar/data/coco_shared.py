@@ -50,11 +50,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lomar.data import coco, coco_values, polygons, records
 from lomar.data.coco import CocoSplit, CocoSummary
 from lomar.data.decode import max_image_pixels
 from lomar.data.records import IntTable, PackedRecords, pack_images
-from lomar.data.user_cache import cache_folder, ours_alone
+from lomar.data.user_cache import cache_folder, code_digest, ours_alone
 from lomar.errors import FULL_DISK, UsageError, first_on_machine
 
 __all__ = ["shared_split", "WAIT_S"]
@@ -63,6 +62,8 @@ WAIT_S = 1800.0  # how long a process waits for its machine's first one to write
 _POLL_S = 0.2
 _STALE_S = 3600.0  # a temporary untouched this long is a killed writer's
 _FORMAT = 1
+# the modules whose code decides what is packed
+_PACKING_MODULES = ("lomar.data.coco", "lomar.data.coco_values", "lomar.data.polygons", "lomar.data.records", __name__)
 
 
 def _shared() -> bool:
@@ -85,13 +86,6 @@ def _our_folder() -> Path | None:
     return folder
 
 
-def _code_digest() -> str:
-    digest = hashlib.sha256()
-    for module in (coco, coco_values, polygons, records, sys.modules[__name__]):
-        digest.update(Path(module.__file__).read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -102,7 +96,7 @@ def _identity(ann_file: Path, image_root: Path, split: str) -> tuple[str, dict]:
     a, r = os.stat(ann), os.stat(root)
     identity = {"format": _FORMAT, "ann": str(ann), "size": a.st_size, "mtime_ns": a.st_mtime_ns, "root": str(root),
                 "root_mtime_ns": r.st_mtime_ns, "split": split, "max_pixels": max_image_pixels(),
-                "code": _code_digest()}
+                "code": code_digest(*_PACKING_MODULES)}
     return f"{_digest([str(ann), str(root), split])}-{_digest(identity)}.npy", identity
 
 

@@ -31,7 +31,6 @@ unchecked) is ignored with a warning, never trusted. Deleting it forces a full c
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -45,7 +44,7 @@ import PIL
 
 from lomar.checkpoints.io import atomic_write_text
 from lomar.data.decode import max_image_bytes, max_image_pixels
-from lomar.data.user_cache import cache_folder, ours_alone
+from lomar.data.user_cache import cache_folder, code_digest, ours_alone
 from lomar.errors import exception_line
 
 __all__ = ["RACY_S", "cache_file", "pair_tops"]
@@ -55,7 +54,8 @@ log = logging.getLogger("lomar.data")
 RACY_S = 3.0
 _FORMAT = 1
 # the modules whose code decides a pair's result: reading, decoding and checking the two files
-_CHECK_MODULES = ("segmentation", "decode", "headers", "jpeg_cut", "png_cut", "tiff_cut", "pair_checks")
+_CHECK_MODULES = tuple(f"lomar.data.{name}" for name in ("segmentation", "decode", "headers", "jpeg_cut", "png_cut",
+                                                         "tiff_cut", "pair_checks"))
 
 Identity = list[int]  # size, mtime_ns, ctime_ns, inode
 
@@ -66,17 +66,9 @@ def cache_file(root: Path, split: str) -> Path:
     return cache_folder("segment") / f"{name}.json"
 
 
-@functools.cache
-def _code_digest() -> str:
-    digest = hashlib.sha256()
-    for name in _CHECK_MODULES:
-        digest.update((Path(__file__).parent / f"{name}.py").read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def _header(root: Path, split: str) -> dict:
-    return {"format": _FORMAT, "root": str(root), "split": split, "code": _code_digest(), "pillow": PIL.__version__,
-            "max_pixels": max_image_pixels(), "max_bytes": max_image_bytes()}
+    return {"format": _FORMAT, "root": str(root), "split": split, "code": code_digest(*_CHECK_MODULES),
+            "pillow": PIL.__version__, "max_pixels": max_image_pixels(), "max_bytes": max_image_bytes()}
 
 
 def _identity(path: Path) -> Identity | None:

@@ -10,11 +10,14 @@ what code runs).
 from __future__ import annotations
 
 import errno
+import functools
+import hashlib
+import importlib.util
 import os
 import stat
 from pathlib import Path
 
-__all__ = ["cache_folder", "ours_alone"]
+__all__ = ["cache_folder", "code_digest", "ours_alone"]
 
 
 def cache_folder(kind: str) -> Path:
@@ -36,3 +39,13 @@ def ours_alone(info: os.stat_result) -> bool:
     """Whether ``info`` (of ``os.lstat`` or ``os.fstat``) is a regular file of this user's that no one else may
     write."""
     return stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
+@functools.cache
+def code_digest(*modules: str) -> str:
+    """A digest of the source files of ``modules`` (dotted names), in that order: what a cache file records of the code
+    that decided its content, so that the file of other code is not believed."""
+    digest = hashlib.sha256()
+    for name in modules:
+        digest.update(Path(importlib.util.find_spec(name).origin).read_bytes())
+    return digest.hexdigest()[:16]
