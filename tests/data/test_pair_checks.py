@@ -140,7 +140,8 @@ def test_a_damaged_cache_file_is_ignored_with_a_warning_and_rewritten(tmp_path, 
 def test_the_cache_of_another_folder_is_not_trusted(tmp_path, decodes, caplog):
     good, bad = _folder(tmp_path / "good"), _folder(tmp_path / "bad", tops=(1, 9, 1))
     _build(good)
-    _kept(bad).write_bytes(_kept(good).read_bytes())  # same names, sizes and ids: only the header says whose it is
+    # same names and sizes; its files' inodes and ctimes would not match either, but the header says so first
+    _kept(bad).write_bytes(_kept(good).read_bytes())
     with caplog.at_level("WARNING", logger="lomar.data"), pytest.raises(ValueError, match="holds class id 9"):
         _build(bad)
     assert f"holds the check of {(tmp_path / 'good').resolve()} (training), not of" in caplog.text
