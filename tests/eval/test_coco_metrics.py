@@ -140,3 +140,15 @@ def test_a_box_only_detectors_results_and_soft_masks_cut_at_one_half():
     [entry] = to_coco_results(_output([[3, 5, 30, 20]], [3], [soft]), 7, CATEGORIES)
     rle = {"size": entry["segmentation"]["size"], "counts": entry["segmentation"]["counts"].encode("ascii")}
     assert np.array_equal(mask_utils.decode(rle), SQUARE)
+
+
+def test_a_bf16_forwards_masks_are_pasted_in_fp32():
+    # under bf16 autocast the mask head's probabilities come in bf16; resampled in bf16 too, the pasted values near
+    # the threshold would round to its other side
+    generator = torch.Generator().manual_seed(0)
+    corners = torch.rand(40, 2, generator=generator) * torch.tensor([WIDTH / 2, HEIGHT / 2])
+    boxes = torch.cat([corners, corners + torch.tensor([WIDTH / 2, HEIGHT / 2])], dim=1)
+    masks = torch.rand(40, 1, 28, 28, generator=generator).to(torch.bfloat16)
+    output = {"boxes": boxes, "labels": torch.ones(40, dtype=torch.long), "scores": torch.rand(40, generator=generator)}
+    found = to_coco_results({**output, "masks": masks}, 1, CATEGORIES, image_size=(HEIGHT, WIDTH))
+    assert found == to_coco_results({**output, "masks": masks.float()}, 1, CATEGORIES, image_size=(HEIGHT, WIDTH))

@@ -38,6 +38,10 @@ SETTINGS = {
         help="segmenter: slide = windows of the run's --img-size every --eval-stride pixels, whole = the whole image "
              "at once (default: the run's --eval-mode)"),
     "device": S.DEVICE,
+    "precision": S.PRECISION.but(
+        help="auto = the precision the run trained in, which its checkpoint records (as finetune --eval-only keeps "
+             "it), else this machine's auto (bf16 autocast on a CUDA GPU of compute capability 8+ or a CPU with "
+             "AVX-512 BF16 or AMX, else fp32); fp32, bf16 or fp16: autocast to it"),
     "batch_size": S.BATCH_SIZE.but(default=16, help="images per forward pass (a segmenter's: one, as segment "
                                                     "evaluates)"),
     "workers": S.WORKERS,
@@ -67,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text  # torch: not for --help
     from lomar.eval import predict  # torch: not for --help
-    from lomar.train.precision import autocast_factory, resolve_precision  # torch: not for --help
+    from lomar.train.precision import autocast_factory  # torch: not for --help
     from lomar.train.run_state import inside  # torch: not for --help
 
     # as a training run's --out inside its --data is refused: a later predict of the folder would read its PNGs
@@ -87,19 +91,22 @@ def run(args: argparse.Namespace) -> int:
     workers = default_workers() if args.workers is None else args.workers
     skipped: list[str] = []
     me = command_prefix(args)
+    precision, notes = _precision(args.precision, trained, device)
+    for note in notes:
+        print(f"{me}: {note}", file=sys.stderr, flush=True)
+    autocast = autocast_factory(precision, device)
     if trained.kind == "segmenter":
         mode = args.eval_mode or trained.checkpoint["settings"].get("eval_mode", _SEGMENT_EVAL_MODE.default)
         written = 0
-        for image, png in predict.segment(trained, images, device, mode, workers, skipped):
+        for image, png in predict.segment(trained, images, device, mode, workers, skipped, autocast):
             (path := _png_path(out, image)).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(path, png)
             written += 1
         _some_read(images, skipped)
-        what, where = f"label maps ({mode}, {trained.checkpoint['settings']['num_classes']} classes)", out
+        what = f"label maps ({mode}, {trained.checkpoint['settings']['num_classes']} classes, {precision})"
+        where = out
     elif trained.kind == "classifier":
-        precision = resolve_precision(trained_precision(trained.checkpoint) or "auto", device)
-        rows = predict.classify(trained, images, device, args.top_k, args.batch_size, workers, skipped,
-                                autocast_factory(precision, device))
+        rows = predict.classify(trained, images, device, args.top_k, args.batch_size, workers, skipped, autocast)
         _some_read(images, skipped)
         out.mkdir(parents=True, exist_ok=True)
         where = atomic_write_text(out / predict.OUTPUTS["classifier"],
@@ -107,18 +114,35 @@ def run(args: argparse.Namespace) -> int:
         written = len(rows)
         what = f"top-{min(args.top_k, trained.model.num_classes)} of {trained.model.num_classes} classes, {precision}"
     else:
-        results = predict.detect(trained, images, device, args.score_threshold, args.batch_size, workers, skipped)
+        results = predict.detect(trained, images, device, args.score_threshold, args.batch_size, workers, skipped,
+                                 autocast)
         _some_read(images, skipped)
         out.mkdir(parents=True, exist_ok=True)
         where = atomic_write_text(out / predict.OUTPUTS["detector"], json.dumps(results))
         written = len(images) - len(skipped)
         threshold = f" scored {args.score_threshold:g} or more" if args.score_threshold else ""
-        what = f"{counted(len(results), 'detection')}{threshold}"
+        what = f"{counted(len(results), 'detection')}{threshold}, {precision}"
     if skipped:
         print(f"{me}: {counted(len(skipped), 'unreadable image')} skipped (each warned of above), e.g. {skipped[0]}",
               file=sys.stderr)
     print(f"{me}: {counted(written, 'image')} ({trained.kind} {trained.path}), {what} -> {where}")
     return 0
+
+
+def _precision(given: str, trained, device) -> tuple[str, list[str]]:
+    """The precision ``trained`` (a :class:`~lomar.eval.predict.Trained`) predicts in on ``device``, and the notes to
+    print: ``given`` (--precision); auto is the precision its run trained in, as finetune --eval-only and a resume
+    keep it (said where this machine's auto would pick another), else (a checkpoint that records none: an older
+    lomar's, a converted one) this machine's auto."""
+    # torch: not for --help
+    from lomar.train.precision import PRECISIONS, emulated_bf16_notes, kept_precision_note, resolve_precision
+
+    if given != "auto":
+        return given, emulated_bf16_notes(given, device)
+    own, ran = resolve_precision("auto", device), trained_precision(trained.checkpoint)
+    if ran not in PRECISIONS:
+        return own, []
+    return ran, [kept_precision_note(ran, own, f"the {trained.kind}")] if ran != own else []
 
 
 def _png_path(out: Path, image) -> Path:

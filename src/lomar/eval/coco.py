@@ -58,13 +58,15 @@ def to_coco_results(output: dict[str, torch.Tensor], image_id: int, categories: 
 
 
 def _pasted(masks: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]) -> Iterator[torch.Tensor]:
-    """(N, 1, M, M) masks over ``boxes`` (N, 4) -> (n, 1, H, W) chunks of them pasted into ``image_size`` (H, W),
-    n * H * W at most PASTE_PIXELS (n at least 1)."""
+    """(N, 1, M, M) masks over ``boxes`` (N, 4) -> (n, 1, H, W) fp32 chunks of them pasted into ``image_size``
+    (H, W), n * H * W at most PASTE_PIXELS (n at least 1). fp32 whatever the masks' dtype: a bf16 autocast forward's
+    (8 significant bits) would otherwise be resampled in bf16."""
     from torchvision.models.detection.roi_heads import paste_masks_in_image  # torchvision: only for masks to paste
 
     step = max(1, PASTE_PIXELS // (image_size[0] * image_size[1]))
     for start in range(0, len(masks), step):
-        yield paste_masks_in_image(masks[start:start + step], boxes[start:start + step], tuple(image_size))
+        yield paste_masks_in_image(masks[start:start + step].float(), boxes[start:start + step].float(),
+                                   tuple(image_size))
 
 
 def _no_detections(gt):

@@ -4,12 +4,14 @@ reads them, :func:`~lomar.eval.features.eval_transform`) run on image files (:fu
 preprocessed as its command's evaluation reads a validation image, its answers returned for the command to write.
 
 - classifier: finetune's evaluation transform (:func:`~lomar.data.classify.classification_eval_transform`, at the
-  size it was trained at), under its run's precision; each image's top-k classes and softmax probabilities.
-- detector: detect's evaluation input (the image as float in [0, 1]; the model resizes and pads), in fp32 as
-  detect evaluates; COCO result entries (:func:`~lomar.eval.coco.to_coco_results`), boxes in the image's pixels.
+  size it was trained at); each image's top-k classes and softmax probabilities.
+- detector: detect's evaluation input (the image as float in [0, 1]; the model resizes and pads); COCO result
+  entries (:func:`~lomar.eval.coco.to_coco_results`), boxes in the image's pixels.
 - segmenter: segment's evaluation input (:func:`~lomar.data.segmentation.eval_input`) and inference
-  (:func:`~lomar.eval.segmentation.label_map`, the run's mode and stride), in fp32; a label map at the image's size
-  as a PNG in its run's annotations' encoding.
+  (:func:`~lomar.eval.segmentation.label_map`, the run's mode and stride); a label map at the image's size as a PNG
+  in its run's annotations' encoding.
+
+Each model's forward runs in the ``autocast`` context its caller gives (the precision ``lomar predict`` resolved).
 """
 
 from __future__ import annotations
@@ -246,12 +248,13 @@ def classify(trained: Trained, images: list[ListedImage], device: torch.device, 
 
 
 def detect(trained: Trained, images: list[ListedImage], device: torch.device, score_threshold: float,
-           batch_size: int, workers: int, skipped: list[str]) -> list[dict]:
+           batch_size: int, workers: int, skipped: list[str],
+           autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> list[dict]:
     """COCO result entries of the readable images (detect's predictions.json form: ``bbox`` [x, y, w, h] in the
     image's pixels, ``score``, ``category_id``, ``segmentation`` as RLE), each with the image's path as its
     ``image_id`` and its ``category_name`` where the run saved names; those scored below ``score_threshold`` left
     out. A batch holds at most ``batch_size`` images and BATCH_PIXELS pixels; masks are pasted a few at a time
-    (:func:`~lomar.models.mask_rcnn.unpasted_masks`)."""
+    (:func:`~lomar.models.mask_rcnn.unpasted_masks`), in fp32 outside ``autocast``, the forward's context."""
     from lomar.data.jitter import eval_transforms  # torchvision imports torch._dynamo: only for a detector
     from lomar.models.mask_rcnn import unpasted_masks  # torchvision, as above
 
@@ -261,7 +264,8 @@ def detect(trained: Trained, images: list[ListedImage], device: torch.device, sc
     results = []
     with torch.no_grad(), unpasted_masks(model):
         for indices, inputs in _batches(images, transform, batch_size, workers, skipped, pixels=BATCH_PIXELS):
-            outputs = model([image.to(device) for image in inputs])
+            with autocast():
+                outputs = model([image.to(device) for image in inputs])
             for index, image, output in zip(indices, inputs, outputs):
                 for entry in to_coco_results(output, images[index].path, categories,
                                              image_size=tuple(image.shape[-2:])):
@@ -273,10 +277,12 @@ def detect(trained: Trained, images: list[ListedImage], device: torch.device, sc
 
 
 def segment(trained: Trained, images: list[ListedImage], device: torch.device, mode: str, workers: int,
-            skipped: list[str]) -> Iterator[tuple[ListedImage, bytes]]:
+            skipped: list[str], autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+            ) -> Iterator[tuple[ListedImage, bytes]]:
     """Each readable image and its label map at its own size as a PNG in the run's annotations' encoding (its
     ``zero_label``: class + 1 where 0 is unlabelled), inferred in ``mode`` (whole or slide) at the run's size and
-    stride; one image a forward pass (images differ in size), as segment evaluates."""
+    stride; one image a forward pass (images differ in size), as segment evaluates; ``autocast``: its context (the
+    logits are resized and compared in fp32 whatever it is)."""
     settings = trained.checkpoint["settings"]
     crop, classes = settings["img_size"], settings["num_classes"]
     zero_label = settings.get("zero_label", "ignore")  # as segment reads a checkpoint that saved none: ADE20K's ids
@@ -285,5 +291,6 @@ def segment(trained: Trained, images: list[ListedImage], device: torch.device, m
     with torch.no_grad():
         for indices, inputs in _batches(images, partial(_segmenter_input, crop), 1, workers, skipped):
             (index,), ((image, size),) = indices, inputs
-            labels = label_map(model, image[None].to(device), tuple(size), classes, mode, crop, stride)
+            with autocast():
+                labels = label_map(model, image[None].to(device), tuple(size), classes, mode, crop, stride)
             yield images[index], label_png(labels, zero_label)

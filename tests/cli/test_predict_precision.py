@@ -1,0 +1,110 @@
+"""`lomar predict --precision`: autocast to the precision given, and by default (auto) the one the run trained in, as
+finetune --eval-only keeps it; a classifier's, a detector's and a segmenter's bf16 answers close to their fp32 ones;
+a precision that is none of the choices refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import CPU_RUN
+from lomar.cli.app import main
+
+
+def _rows(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_a_classifiers_bf16_predictions_are_its_fp32_ones_rounded(tmp_path, capsys, monkeypatch, classifier,
+                                                                  labelled_folder):
+    from lomar.models.vit import VisionTransformer
+
+    seen, forward = [], VisionTransformer.forward  # each forward's autocast dtype (None: off) and logits
+
+    def recorded(self, x):
+        seen.append((torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None, forward(self, x)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(VisionTransformer, "forward", recorded)
+    val = labelled_folder / "val"
+    for precision in ("fp32", "bf16"):
+        assert main(["predict", str(classifier), str(val), "--out", str(tmp_path / precision), "--precision", precision,
+                     *CPU_RUN]) == 0
+        assert f"classes, {precision} -> " in capsys.readouterr().out
+    (off, fp32), (bf16, rounded) = seen
+    assert (off, bf16, rounded.dtype) == (None, torch.bfloat16, torch.bfloat16) and fp32.dtype == torch.float32
+    assert torch.allclose(rounded.float(), fp32, atol=0.02, rtol=0.02) and not torch.equal(rounded.float(), fp32)
+    rows = _rows(tmp_path / "fp32"), _rows(tmp_path / "bf16")
+    assert [row["path"] for row in rows[0]] == [row["path"] for row in rows[1]] and len(rows[0]) == 4
+    assert [row["top_k"][0]["class"] for row in rows[0]] == [row["top_k"][0]["class"] for row in rows[1]]
+    assert fp32.argmax(1).tolist() == rounded.float().argmax(1).tolist()
+
+
+def test_auto_predicts_in_the_precision_the_run_trained_in(tmp_path, capsys, classifier, labelled_folder):
+    from lomar.checkpoints.io import atomic_save, safe_load
+    from lomar.train.precision import resolve_precision
+
+    image = str(next((labelled_folder / "val").rglob("*.png")))
+    ckpt = safe_load(classifier / "best.pt")
+    assert ckpt["precision"] == "fp32"
+    ckpt["settings"]["precision"], ckpt["precision"] = "auto", "bf16"  # auto, which chose bf16 on its machine
+    atomic_save(ckpt, tmp_path / "bf16.pt")
+    own = resolve_precision("auto", torch.device("cpu"))
+    capsys.readouterr()
+    for given, precision in (([], "bf16"), (["--precision", "fp32"], "fp32")):
+        out = tmp_path / precision
+        assert main(["predict", str(tmp_path / "bf16.pt"), image, "--out", str(out), *given, *CPU_RUN]) == 0
+        printed, noted = capsys.readouterr()
+        assert printed.endswith(f"classes, {precision} -> {out / 'predictions.jsonl'}\n")
+        kept = (f"lomar predict: precision bf16, the one the classifier trained in (this machine's --precision auto "
+                f"would pick {own}); pass --precision {own} to switch\n")
+        assert noted == (kept if not given and own != "bf16" else ""), noted
+
+
+def test_a_precision_not_among_the_choices_is_refused_in_one_line(tmp_path, capsys, classifier):
+    capsys.readouterr()
+    assert main(["predict", str(classifier), str(tmp_path), "--out", str(tmp_path / "out"), "--precision", "fp8",
+                 *CPU_RUN]) == 2
+    out, err = capsys.readouterr()
+    assert not out and err.count("\n") == 1 and "--precision" in err and "'fp8'" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # trains a detector and a segmenter
+def test_a_detectors_bf16_detections_are_its_fp32_ones_rounded(tmp_path, capsys, dense_runs):
+    from pycocotools import mask as mask_utils
+
+    data, _, run, _ = dense_runs
+    images = data / "images" / "val"
+    for precision in ("fp32", "bf16"):
+        assert main(["predict", str(run), str(images), "--out", str(tmp_path / precision), "--precision", precision,
+                     *CPU_RUN]) == 0
+        assert f", {precision} -> " in capsys.readouterr().out
+    fp32, bf16 = (json.loads((tmp_path / p / "predictions.json").read_text()) for p in ("fp32", "bf16"))
+    assert fp32 != bf16  # autocast ran
+    paths = sorted({r["image_id"] for r in fp32})
+    assert len(paths) == 2 and paths == sorted({r["image_id"] for r in bf16})
+    for path in paths:  # each image's best detection: the same object, its box, score and mask rounded
+        first, second = (max((r for r in rs if r["image_id"] == path), key=lambda r: r["score"]) for rs in (fp32, bf16))
+        assert first["category_id"] == second["category_id"]
+        assert np.allclose(first["bbox"], second["bbox"], atol=1.0) and abs(first["score"] - second["score"]) < 0.01
+        masks = [{**r["segmentation"], "counts": r["segmentation"]["counts"].encode()} for r in (first, second)]
+        assert mask_utils.iou(masks[:1], masks[1:], [False])[0, 0] > 0.9
+
+
+@pytest.mark.slow  # trains a detector and a segmenter
+def test_a_segmenters_bf16_label_maps_are_mostly_its_fp32_ones(tmp_path, capsys, dense_runs):
+    data, _, _, run = dense_runs
+    images = data / "images" / "validation"
+    for precision in ("fp32", "bf16"):
+        assert main(["predict", str(run), str(images), "--out", str(tmp_path / precision), "--precision", precision,
+                     *CPU_RUN]) == 0
+        assert f", {precision}) -> " in capsys.readouterr().out
+    names = sorted(path.name for path in (tmp_path / "fp32").iterdir())
+    assert len(names) == 2 and names == sorted(path.name for path in (tmp_path / "bf16").iterdir())
+    fp32, bf16 = (np.stack([np.asarray(Image.open(tmp_path / p / name)) for name in names]) for p in ("fp32", "bf16"))
+    assert 0.95 < (fp32 == bf16).mean() < 1  # a few pixels where two classes' logits are within bf16's rounding
