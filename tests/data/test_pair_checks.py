@@ -3,6 +3,7 @@ cache file that cannot be trusted is ignored with a warning."""
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -183,3 +184,17 @@ def test_a_user_with_no_home_folder_is_told_and_the_build_goes_on(tmp_path, deco
         assert len(_build(root)) == 3
     assert "cannot keep the check of the segmentation pairs (" in caplog.text
     assert "set LOMAR_CACHE_DIR to a folder this user may write" in caplog.text
+
+
+def test_a_kept_file_unused_for_a_month_is_removed_when_another_is_written(tmp_path, decodes):
+    old, used, new = (_folder(tmp_path / name) for name in ("old", "used", "new"))
+    _build(old)
+    _build(used)
+    month_ago = time.time() - pair_checks.UNUSED_S - 60
+    for root in (old, used):
+        os.utime(_kept(root), (month_ago, month_ago))
+    decodes.clear()
+    _build(used)  # unchanged, so not written again, but used
+    _build(new)
+    assert sorted(decodes) == ["a.png", "b.png", "c.png"]  # new's alone
+    assert not _kept(old).exists() and _kept(used).exists() and _kept(new).exists()

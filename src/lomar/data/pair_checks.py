@@ -23,14 +23,16 @@ holds a digest of the modules that decide a pair's result, Pillow's version and 
 
 One JSON file a folder and split (never a pickle: reading one runs what it says), in the user's cache folder
 (:func:`lomar.data.user_cache.cache_folder`: ``~/.cache/lomar/segment`` unless ``$LOMAR_CACHE_DIR`` or
-``$XDG_CACHE_HOME`` says otherwise), so that it serves every run on the same files. It is written atomically, and only
-when what it holds changes. A file that cannot be parsed, names another folder or split, holds a malformed entry,
-or is not a regular file of this user's that no one else may write (whoever writes it could pass a bad pair
-unchecked) is ignored with a warning, never trusted. Deleting it forces a full check.
+``$XDG_CACHE_HOME`` says otherwise), so that it serves every run on the same files. It is written atomically, and
+only when what it holds changes; one that no start has used for :data:`UNUSED_S` (30 days) is removed when another is
+written. A file that cannot be parsed, names another folder or split, holds a malformed entry, or is not a regular
+file of this user's that no one else may write (whoever writes it could pass a bad pair unchecked) is ignored with a
+warning, never trusted. Deleting it forces a full check.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -47,12 +49,15 @@ from lomar.data.decode import max_image_bytes, max_image_pixels
 from lomar.data.user_cache import cache_folder, code_digest, ours_alone
 from lomar.errors import exception_line
 
-__all__ = ["RACY_S", "cache_file", "pair_tops"]
+__all__ = ["RACY_S", "UNUSED_S", "cache_file", "pair_tops"]
 
 log = logging.getLogger("lomar.data")
 # above FAT's 2 s mtime tick, the coarsest a dataset sits on: a time rounded down to it reads up to 2 s early
 RACY_S = 3.0
 _FORMAT = 1
+# a kept file that no start has used for this long is removed when another is written: a dataset copied to a folder of
+# its own for each job (a node's local disk) leaves a file behind at every job, 170 bytes a pair (ADE20K's: 4 MB)
+UNUSED_S = 30 * 86400.0
 # the modules whose code decides a pair's result: reading, decoding and checking the two files
 _CHECK_MODULES = tuple(f"lomar.data.{name}" for name in ("segmentation", "decode", "headers", "jpeg_cut", "png_cut",
                                                          "tiff_cut", "pair_checks"))
@@ -134,6 +139,12 @@ def _write(path: Path, header: dict, pairs: dict[str, list]) -> None:
     except OSError as exc:
         log.warning("cannot keep the check of the segmentation pairs in %s (%s): the next start checks every pair "
                     "again; set LOMAR_CACHE_DIR to a folder this user may write", path, exception_line(exc))
+        return
+    cutoff = time.time() - UNUSED_S
+    for other in (*path.parent.glob("*.json"), *path.parent.glob(".*.json.tmp-*")):  # and killed writers' temporaries
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove
+            if other != path and other.lstat().st_mtime < cutoff:
+                other.unlink()
 
 
 def pair_tops(root: Path, split: str, pairs: list[tuple[Path, Path]], check: Callable[[Path, Path], int],
@@ -172,4 +183,7 @@ def pair_tops(root: Path, split: str, pairs: list[tuple[Path, Path]], check: Cal
                 if top is not None and all(i and max(i[1], i[2]) <= settled for i in ids)}
         if path and kept != known:
             _write(path, header, kept)
+        elif path and known:
+            with contextlib.suppress(OSError):  # a read-only cache folder: it is pruned by no one either
+                os.utime(path)  # used: not another's to prune
     return tops
