@@ -1,6 +1,6 @@
 """A checkpoint stores a model spec that rebuilds its model without training code: `lomar.load_model` gives the
 model of each kind lomar writes (pretraining single-file and sharded, a classifier of `lomar finetune` or of
-`pretrain_checkpoint`, an export folder), in a process that never imports lomar.train, lomar.methods or lomar.cli;
+`pretrain_checkpoint`, an export folder, a `lomar linprobe --save` probe on its encoder), in a process that never imports lomar.train, lomar.methods or lomar.cli;
 a classifier saved before specs still loads. A detector's or segmenter's checkpoint is rebuilt there as README's Python
 section says, in its words, in a process that imports no lomar.integrations either."""
 
@@ -21,7 +21,9 @@ from lomar.checkpoints.convert import pretrain_checkpoint
 from lomar.checkpoints.export import export_encoder
 from lomar.checkpoints.formats import load_model
 from lomar.checkpoints.io import atomic_save, safe_load
+from lomar.eval.linear_probe import probe_checkpoint
 from lomar.models.lomar import LoMaR
+from lomar.models.probe_classifier import LinearProbe
 from lomar.models.vit import VisionTransformer, ViTConfig
 
 TINY = ViTConfig(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2)
@@ -113,8 +115,8 @@ for name in sys.argv[3:]:
     model = lomar.load_model(f"{sys.argv[1]}/{name}").eval()
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        outputs[name] = model(images) if type(model).__name__ == "VisionTransformer" and model.num_classes else \\
-            getattr(model, "encoder", model).forward_features(images)
+        classifier = type(model).__name__ in ("VisionTransformer", "ProbeClassifier") and model.num_classes
+        outputs[name] = model(images) if classifier else getattr(model, "encoder", model).forward_features(images)
 for name, images in (("segment.pt", torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))),
                      ("detect.pt", torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)))):
     recipe = {"lomar": lomar, "path": f"{sys.argv[1]}/{name}"}  # README's, statement by statement, on their own
@@ -154,16 +156,19 @@ def test_each_kind_of_checkpoint_rebuilds_its_model_in_a_process_without_trainin
     atomic_save(_finetune_checkpoint(classifier), tmp_path / "best.pt")
     atomic_save(pretrain_checkpoint(classifier), tmp_path / "classifier.pt")
     export_encoder(pretrained.encoder, tmp_path / "export")
+    probe = redrawn(LinearProbe(TINY.embed_dim, 3)).eval()  # a `lomar linprobe --save` file: on the pretrained encoder
+    atomic_save(probe_checkpoint(pretrained.encoder, probe, "mean", CLASSES, 0.5, 32, "last.pt"), tmp_path / "probe.pt")
     segmenter, detector = _dense_checkpoints(tmp_path)
-    names = ["last.pt", "checkpoint-000001.dcp", "best.pt", "classifier.pt", "export"]
+    names = ["last.pt", "checkpoint-000001.dcp", "best.pt", "classifier.pt", "export", "probe.pt"]
     subprocess.run([sys.executable, "-c", _REBUILD, str(tmp_path), str(torch.get_num_threads()), *names], check=True)
     outputs = safe_load(tmp_path / "outputs.pt")
     images = _images()
     with torch.no_grad():
         encoded, classified = pretrained.encoder.forward_features(images), classifier(images)
+        probed = probe(pretrained.encoder.eval().forward_features(images)[:, 1:].mean(dim=1))
         segmented = segmenter(torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)))
         pyramid = detector.backbone(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)))
-    for name, expected in zip(names, (encoded, encoded, classified, classified, encoded)):
+    for name, expected in zip(names, (encoded, encoded, classified, classified, encoded, probed)):
         assert torch.equal(outputs[name], expected), name
     assert torch.equal(outputs["segment.pt"], segmented)
     assert outputs["detect.pt"].keys() == pyramid.keys() and all(torch.equal(outputs["detect.pt"][k], v)
