@@ -198,3 +198,24 @@ def test_a_kept_file_unused_for_a_month_is_removed_when_another_is_written(tmp_p
     _build(new)
     assert sorted(decodes) == ["a.png", "b.png", "c.png"]  # new's alone
     assert not _kept(old).exists() and _kept(used).exists() and _kept(new).exists()
+
+
+def test_attributes_cached_by_path_do_not_hide_a_change(tmp_path, decodes, monkeypatch):
+    """An NFS client answers a stat from attributes it holds for up to a minute; opening the file makes it ask the
+    server (close-to-open). Here a stat that answers from what it saw first stands for that cache."""
+    root = _folder(tmp_path)
+    _build(root)
+    seen, stat = {}, os.stat
+
+    def cached(path, *args, **kwargs):
+        return seen.setdefault(str(path), stat(path, *args, **kwargs))
+
+    monkeypatch.setattr(os, "stat", cached)
+    for kind in ("images", "annotations"):
+        for path in (root / kind / "training").iterdir():
+            cached(path)
+    _annotation(root / "annotations" / "training" / "b.png", 9)  # rewritten in place, by another machine
+    decodes.clear()
+    with pytest.raises(ValueError, match=r"b\.png holds class id 9"):
+        _build(root)
+    assert decodes == ["b.png"]

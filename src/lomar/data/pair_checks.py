@@ -10,15 +10,15 @@ highest class id of its annotation (the ignored 255 aside), for a pair whose fil
 nothing again.
 
 An entry is used only while both files are as they were when checked: the same names, size, mtime_ns, ctime_ns and
-inode, taken before the files are read. A write or a rename changes a file's ctime and no tool sets it, so a file
-replaced with its size and mtime kept (``cp -p``, ``rsync -t``, ``tar x``) is read again, on a file system that
-keeps a change time of its own (ext4, XFS, btrfs, NFS from one of those). Linux's FAT keeps a file's ctime equal to
-its mtime, and FUSE mounts of remote folders such as sshfs give the mtime as the ctime: there a file rewritten in
-place with its size and mtime put back keeps its identity, and its pair is taken as unchanged until the cache file
-is deleted. A file changed twice within one tick of its file system's clock could keep all of these, so a pair whose
-files changed less than :data:`RACY_S` before the check (by this machine's clock) is not kept: the next start reads
-it again. The file is used only for the folder (resolved) and split it names, checked by the same code: its header
-holds a digest of the modules that decide a pair's result, Pillow's version and the size limits
+inode, taken from the opened files before they are read. A write or a rename changes a file's ctime and no tool sets
+it, so a file replaced with its size and mtime kept (``cp -p``, ``rsync -t``, ``tar x``) is read again, on a file
+system that keeps a change time of its own (ext4, XFS, btrfs, NFS from one of those). Linux's FAT keeps a file's
+ctime equal to its mtime, and FUSE mounts of remote folders such as sshfs give the mtime as the ctime: there a file
+rewritten in place with its size and mtime put back keeps its identity, and its pair is taken as unchanged until the
+cache file is deleted. A file changed twice within one tick of its file system's clock could keep all of these, so a
+pair whose files changed less than :data:`RACY_S` before the check (by this machine's clock) is not kept: the next
+start reads it again. The file is used only for the folder (resolved) and split it names, checked by the same code:
+its header holds a digest of the modules that decide a pair's result, Pillow's version and the size limits
 (``LOMAR_MAX_IMAGE_PIXELS``, ``LOMAR_MAX_IMAGE_BYTES``); another header means every pair is checked again.
 
 One JSON file a folder and split (never a pickle: reading one runs what it says), in the user's cache folder
@@ -77,10 +77,16 @@ def _header(root: Path, split: str) -> dict:
 
 
 def _identity(path: Path) -> Identity | None:
+    """The file's identity, of the opened file: an NFS client answers a stat from attributes it may hold for up to a
+    minute, but asks the server when the file is opened (close-to-open), so a change made on another machine shows."""
     try:
-        info = os.stat(path)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # not held up by a FIFO under an image's name
     except OSError:  # the check says what is wrong with it
         return None
+    try:
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
     return [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
 
 
