@@ -13,9 +13,11 @@ from timm.models.beit import Beit, checkpoint_filter_fn
 
 from helpers import pretrain, write_images
 from lomar.checkpoints.export_beit import create_timm_beit
+from lomar.checkpoints.formats import load_model
 from lomar.cli.app import main
 from lomar.data.compose import compose_digits
 from lomar.eval.features import extract_features, knn_loaders, load_pretrained_encoder
+from lomar.models.beit_classifier import BEiTClassifier
 
 EVAL = ["--img-size", "32", "--workers", "0", "--device", "cpu", "--batch-size", "4"]
 
@@ -36,7 +38,9 @@ def test_knn_linprobe_finetune_and_export_accept_a_beit_checkpoint(beit_run, tmp
     ckpt, data = str(beit_run / "run" / "last.pt"), str(beit_run / "data")
     assert main(["knn", ckpt, "--data", data, "--k", "2", *EVAL]) == 0
     assert "k-NN" in capsys.readouterr().out
-    assert main(["linprobe", ckpt, "--data", data, "--epochs", "2", *EVAL]) == 0
+    assert main(["linprobe", ckpt, "--data", data, "--epochs", "2", *EVAL, "--save", str(tmp_path / "probe.pt")]) == 0
+    probed = load_model(tmp_path / "probe.pt").eval()  # the probe on its encoder, timm's Beit, rebuilt whole
+    assert isinstance(probed.encoder, BEiTClassifier) and probed(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
     assert main(["finetune", "--pretrained", ckpt, "--data", data, "--img-size", "32", "--batch-size", "4",
                  "--workers", "0", "--threads", "1", "--device", "cpu", "--precision", "fp32", "--epochs", "1",
                  "--max-steps", "2", "--out", str(tmp_path / "ft")]) == 0
@@ -255,7 +259,6 @@ def test_a_finetuned_beit_is_rebuilt_by_load_model_as_eval_only_scores_it(beit_r
     import subprocess
     import sys
 
-    from lomar.checkpoints.formats import load_model
     from lomar.checkpoints.io import safe_load
     from lomar.train import finetune as finetune_module
 
