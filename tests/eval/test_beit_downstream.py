@@ -299,3 +299,12 @@ def test_a_finetuned_beit_is_rebuilt_by_load_model_as_eval_only_scores_it(beit_r
                  "--workers", "0"]) == 0, capsys.readouterr().err
     rows = [json.loads(line) for line in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all({top["class"] for top in row["top_k"]} == {"a", "b"} for row in rows)
+    # timm's Beit: no encoder export holds it, no attention figure reads it; each refused in one line
+    capsys.readouterr()
+    best = str(ft / "best.pt")
+    for command, words in ((["export", best, "--to", str(tmp_path / "ex")], "which an export (one encoder) does not "
+                            "hold"), (["visualize", best, "--attention", "--out", str(tmp_path / "v")],
+                                      "whose attention no figure here reads")):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err and "BEiT pretraining checkpoint" in err, err

@@ -47,6 +47,12 @@ def test_a_saved_probe_is_rebuilt_into_the_classifier_linprobe_scored(pretrained
                  "cpu", "--workers", "0"]) == 0, capsys.readouterr().err
     rows = [json.loads(line) for line in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all({top["class"] for top in row["top_k"]} == {"a", "b"} for row in rows)
+    # no encoder to export or start from: refused in one line naming the one it probed
+    for command in (["export", str(saved), "--to", str(tmp_path / "ex")], ["knn", str(saved), "--data",
+                                                                           str(labelled_folder)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{saved} is a linear probe on " in err and str(pretrained.resolve()) in err
 
 
 def test_a_probe_saved_without_its_encoder_is_refused_in_one_line(tmp_path, capsys):

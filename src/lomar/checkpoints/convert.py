@@ -11,7 +11,9 @@ from pathlib import Path
 from torch import nn
 
 from lomar.checkpoints.formats import read
+from lomar.checkpoints.formats_beit import BEiTFinetuneReader
 from lomar.checkpoints.formats_dense import DenseReader, whole_model_refusal
+from lomar.checkpoints.formats_probe import LinprobeReader
 from lomar.checkpoints.kinds import CLASSIFIER_FORMAT, PRETRAIN_FORMAT
 from lomar.checkpoints.original import OriginalReader
 from lomar.models import MAE, LoMaR
@@ -56,6 +58,13 @@ def export_model(path: str | Path, **overrides) -> tuple[nn.Module, str | None]:
     reader, src = read(path)
     if isinstance(reader, DenseReader):  # a whole detector or segmenter: its encoder is no export of a run's
         raise whole_model_refusal(src.path, src.data)
+    if isinstance(reader, (BEiTFinetuneReader, LinprobeReader)):  # a classifier on an encoder of no ViT export's
+        what = ("a finetuned BEiT classifier (timm's Beit)" if isinstance(reader, BEiTFinetuneReader) else
+                "a linear probe on its frozen encoder")
+        start = ("the BEiT pretraining checkpoint it was finetuned from" if isinstance(reader, BEiTFinetuneReader)
+                 else f"the encoder it probed ({src.data.get('pretrained', 'its --pretrained')})")
+        raise ValueError(f"{src.path} is {what}, which an export (one encoder) does not hold; lomar.load_model reads "
+                         f"it as it is, or export {start}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if isinstance(reader, OriginalReader) and reader.method != "classifier":
         return reader.export_model(src, overrides), reader.method

@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from lomar.data.transforms import denormalize  # torch: not for --help
     from lomar.models import MAE, LoMaR  # torch: not for --help
     from lomar.models.beit import BEiT  # torch: not for --help
+    from lomar.models.vit import VisionTransformer  # torch: not for --help
     from lomar.viz.attention import (  # torch: not for --help
         attention_figure,
         attention_request,
@@ -109,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
     model = load_for_cli(args.checkpoint, args)
     model.eval()
     encoder = getattr(model, "encoder", model)
+    if not isinstance(model, BEiT) and not isinstance(encoder, VisionTransformer):  # a finetuned BEiT: timm's Beit
+        raise UsageError(f"{args.checkpoint} holds timm's Beit (a finetuned BEiT classifier, or a probe on one), whose "
+                         f"attention no figure here reads; pass the BEiT pretraining checkpoint it started from")
     can_reconstruct = isinstance(model, (LoMaR, MAE))
     token_model = _token_model(model, Path(args.checkpoint), meta) if isinstance(model, BEiT) else None
     if not can_reconstruct and token_model is None and not args.attention:
