@@ -1,8 +1,9 @@
 """A checkpoint stores a model spec that rebuilds its model without training code: `lomar.load_model` gives the
 model of each kind lomar writes (pretraining single-file and sharded, a classifier of `lomar finetune` or of
-`pretrain_checkpoint`, an export folder, a `lomar linprobe --save` probe on its encoder), in a process that never imports lomar.train, lomar.methods or lomar.cli;
-a classifier saved before specs still loads. A detector's or segmenter's checkpoint is rebuilt there as README's Python
-section says, in its words, in a process that imports no lomar.integrations either."""
+`pretrain_checkpoint`, an export folder, a `lomar linprobe --save` probe on its encoder), in a process that never
+imports lomar.train, lomar.methods or lomar.cli; a classifier saved before specs still loads. A detector's or
+segmenter's checkpoint is rebuilt there as README's Python section says, in its words, in a process that imports no
+lomar.integrations either."""
 
 from __future__ import annotations
 

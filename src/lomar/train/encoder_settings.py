@@ -61,10 +61,10 @@ def check_img_size(config: Any, patch: int | None = None) -> None:
 
 def saved_encoder_config(command: str, checkpoint: dict | None) -> dict | None:
     """The config (as a dict) of the encoder a ``lomar COMMAND`` run built (finetune: its classifier), as its
-    ``checkpoint`` saved it: its ``model_spec``'s config, else where checkpoints saved before specs kept it; a ViTConfig,
-    or for a finetuned BEiT (timm's ``Beit``) the BEiTConfig it was finetuned as (with a ``vocab_size``). A resume
-    rebuilds the run's model from it, without the encoder the run started from. None where it saved none: a segmenter
-    saved before 2026-12-06."""
+    ``checkpoint`` saved it: its ``model_spec``'s config, else where checkpoints saved before specs kept it; a
+    ViTConfig, or for a finetuned BEiT (timm's ``Beit``) the BEiTConfig it was finetuned as (with a ``vocab_size``). A
+    resume rebuilds the run's model from it, without the encoder the run started from. None where it saved none: a
+    segmenter saved before 2026-12-06."""
     if not isinstance(checkpoint, dict) or command not in _CONFIG_BEFORE_SPECS:
         return None
     spec = checkpoint.get("model_spec")
