@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import struct
 import subprocess
 import sys
+import termios
 import textwrap
 import warnings
 
@@ -70,3 +74,63 @@ def test_giving_back_leaves_no_handler_and_a_callers_own_formatwarning(monkeypat
     warnings.formatwarning = mine
     give_back()
     assert logging.getLogger("lomar").handlers == before and warnings.formatwarning is mine
+
+
+# A progress bar live on a terminal when a record and a library's warning come (a loader worker skipping an image).
+_BAR_SCRIPT = textwrap.dedent("""
+    import logging, warnings
+    from lomar.cli.command_lines import prefix_warnings
+    from lomar.progress_bar import progress
+
+    give_back = prefix_warnings("lomar pretrain")
+    bar = progress(total=4, desc="epoch 1")
+    bar.update(1)
+    logging.getLogger("lomar.data").warning("skipped unreadable image x.png")
+    warnings.warn_explicit("a library's notice", UserWarning, "/site/torch/x.py", 7)
+    bar.update(3)
+    bar.close()
+    give_back()
+""")
+
+
+def _screen(output: str) -> list[str]:
+    """The lines a terminal shows for ``output``: a carriage return goes back to the line's start, ESC[K erases from
+    there to its end, and a character overwrites the one under the cursor."""
+    lines, line, column, at = [], [], 0, 0
+    while at < len(output):
+        if output.startswith("\x1b[K", at):
+            del line[column:]
+            at += 3
+            continue
+        char, at = output[at], at + 1
+        if char == "\r":
+            column = 0
+        elif char == "\n":
+            lines.append("".join(line))
+            line, column = [], 0
+        else:
+            line[column:column + 1] = [char]
+            column += 1
+    return lines + ["".join(line)] * bool(line)
+
+
+def test_on_a_terminal_a_warning_begins_its_own_line_under_a_live_progress_bar():
+    main_end, child_end = os.openpty()
+    fcntl.ioctl(child_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # tqdm draws to the width
+    with os.fdopen(main_end, "rb", buffering=0) as terminal:
+        done = subprocess.Popen([sys.executable, "-c", _BAR_SCRIPT], stdout=child_end, stderr=child_end)
+        os.close(child_end)
+        output = b""
+        while True:
+            try:
+                chunk = terminal.read(4096)
+            except OSError:  # EIO: the child's side is closed
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert done.wait(timeout=120) == 0, output
+    screen = _screen(output.decode())
+    assert "lomar pretrain: warning: skipped unreadable image x.png" in screen, screen
+    assert "lomar pretrain: warning: a library's notice (UserWarning, /site/torch/x.py:7)" in screen, screen
+    assert any(line.startswith("epoch 1: 100%") for line in screen), screen  # the bar goes on below them

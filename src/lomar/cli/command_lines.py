@@ -18,8 +18,24 @@ from collections.abc import Callable
 __all__ = ["prefix_warnings", "CommandLines"]
 
 
+# On a terminal a live progress bar (tqdm's) leaves the cursor at the end of its line until it redraws: a warning
+# written there would follow the bar on its line. Each warning first wipes that line (carriage return, then ANSI's
+# erase to the line's end), so it begins with its prefix and the bar redraws below it, as tqdm.write does in the
+# bar's own process; a loader worker's warning has no bar to ask. Off a terminal the bar writes whole lines
+# (lomar.progress_bar) and a warning begins as it is.
+_WIPE_LINE = "\r\x1b[K"
+
+
 def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def _line_start(stream) -> str:
+    """What a warning line on ``stream`` begins with: :data:`_WIPE_LINE` on a terminal, else nothing."""
+    try:
+        return _WIPE_LINE if stream.isatty() else ""
+    except (AttributeError, ValueError):  # a stand-in stream without isatty, or a closed one
+        return ""
 
 
 class CommandLines(logging.Handler):
@@ -33,8 +49,10 @@ class CommandLines(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            sys.stderr.write(f"{self.prefix}: {record.levelname.lower()}: {_one_line(self.format(record))}\n")
-            sys.stderr.flush()
+            stream = sys.stderr
+            stream.write(f"{_line_start(stream)}{self.prefix}: {record.levelname.lower()}: "
+                         f"{_one_line(self.format(record))}\n")
+            stream.flush()
         except Exception:  # noqa: BLE001 - logging's own contract: a handler's failure is reported, not raised
             self.handleError(record)
 
@@ -49,7 +67,8 @@ def prefix_warnings(prefix: str) -> Callable[[], None]:
 
     # formatwarning, not showwarning: a caller recording warnings (catch_warnings(record=True), pytest) still gets them
     def formatwarning(message, category, filename, lineno, line=None) -> str:
-        return f"{prefix}: warning: {_one_line(str(message))} ({category.__name__}, {filename}:{lineno})\n"
+        return (f"{_line_start(sys.stderr)}{prefix}: warning: {_one_line(str(message))} ({category.__name__}, "
+                f"{filename}:{lineno})\n")
 
     warnings.formatwarning = formatwarning
 
