@@ -16,15 +16,21 @@ from collections.abc import Iterator
 
 __all__ = ["LomarError", "UsageError", "ANSI_ESCAPE", "FULL_DISK", "UNWRITABLE", "full_disk_words", "first_on_machine",
            "said_by_first_on_machine", "leave_it_to_the_first_process", "FIRST_PROCESS_WAIT", "in_flags",
-           "exception_line"]
+           "exception_line", "one_line"]
 
 # A terminal colour code, as torch's and other libraries' messages carry: dropped from a message that is read
-# (lomar.checkpoints.io) or shown on one line (lomar.cli.app).
+# (lomar.checkpoints.io) or shown on one line (one_line).
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # The errnos of a write that failed for its place, not its data: a full disk (or quota), and a folder that cannot be
 # written (read-only, not permitted). Saves (single-process and sharded) and the CLI's messages read the same groups.
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def one_line(message: str) -> str:
+    """A message as one line of a command's stderr (its error, a warning): its lines joined by a space, blank ones
+    dropped, without terminal colour codes."""
+    return " ".join(part.strip() for part in ANSI_ESCAPE.sub("", message).splitlines() if part.strip())
 
 
 def exception_line(exc: BaseException) -> str:

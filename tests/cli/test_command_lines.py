@@ -25,7 +25,9 @@ _SCRIPT = textwrap.dedent("""
     def run(args):
         logging.getLogger("lomar.data").warning("%s: 2 hidden image file(s) not used", "/data/train")
         logging.getLogger("lomar.data").info("not shown: below WARNING")
-        warnings.warn_explicit("a library's notice\\nover two lines", UserWarning, "/site/torch/nn/x.py", 12)
+        # a colour code, as torch's messages may hold, is not for a log
+        warnings.warn_explicit("a library's \\x1b[33mnotice\\x1b[0m\\nover two lines", UserWarning,
+                               "/site/torch/nn/x.py", 12)
         return 0
 
     compose.run = run

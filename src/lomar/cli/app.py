@@ -24,12 +24,12 @@ from lomar.cli.command_lines import prefix_warnings
 from lomar.cli.stop_signals import command_running, handle_stop_signals
 from lomar.cli.suggest import command_action, command_parser, expanded_by_shell, suggest_flags
 from lomar.errors import (
-    ANSI_ESCAPE,
     FULL_DISK,
     LomarError,
     first_on_machine,
     full_disk_words,
     leave_it_to_the_first_process,
+    one_line,
 )
 from lomar.limits import check_env_limits
 from lomar.train.preemption import Terminated, mark_command_start, process_age, take_command_start
@@ -87,7 +87,7 @@ class _Parser(argparse.ArgumentParser):
         if named and named[2] in named[1].split("/"):
             message = message[len(named[0]) - len(named[2]) - 1:]
         leave_it_to_the_first_process()  # under torchrun every process meets the same flag: the first one says it
-        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
     def _unknown_before_required(self, message: str) -> str:
         """argparse says a missing required flag before the unknown ones, which it has not looked at yet: `lomar
@@ -130,11 +130,6 @@ def command_prefix(args: argparse.Namespace) -> str:
     prints of its own begins with (its errors, said here, its notes and results, said by the command)."""
     action = command_action(args)
     return f"lomar {args.command}" + (f" {action}" if action else "")
-
-
-def _one_line(message: str) -> str:
-    """A message as one line without terminal colour codes."""
-    return " ".join(part.strip() for part in ANSI_ESCAPE.sub("", message).splitlines() if part.strip())
 
 
 def describe_os_error(exc: OSError, command: str | None = None) -> tuple[str, int] | None:
@@ -254,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         mark_command_start(started)
         return int(_run_command(args) or 0)
     except LomarError as exc:
-        print(f"{prefix}: error: {_one_line(str(exc))}", file=sys.stderr)
+        print(f"{prefix}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except Terminated as exc:
         signum = exc.args[0] if exc.args else signal.SIGTERM

@@ -15,6 +15,8 @@ import sys
 import warnings
 from collections.abc import Callable
 
+from lomar.errors import one_line
+
 __all__ = ["prefix_warnings", "CommandLines"]
 
 
@@ -24,10 +26,6 @@ __all__ = ["prefix_warnings", "CommandLines"]
 # bar's own process; a loader worker's warning has no bar to ask. Off a terminal the bar writes whole lines
 # (lomar.progress_bar) and a warning begins as it is.
 _WIPE_LINE = "\r\x1b[K"
-
-
-def _one_line(text: str) -> str:
-    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def _line_start(stream) -> str:
@@ -51,7 +49,7 @@ class CommandLines(logging.Handler):
         try:
             stream = sys.stderr
             stream.write(f"{_line_start(stream)}{self.prefix}: {record.levelname.lower()}: "
-                         f"{_one_line(self.format(record))}\n")
+                         f"{one_line(self.format(record))}\n")
             stream.flush()
         except Exception:  # noqa: BLE001 - logging's own contract: a handler's failure is reported, not raised
             self.handleError(record)
@@ -67,7 +65,7 @@ def prefix_warnings(prefix: str) -> Callable[[], None]:
 
     # formatwarning, not showwarning: a caller recording warnings (catch_warnings(record=True), pytest) still gets them
     def formatwarning(message, category, filename, lineno, line=None) -> str:
-        return (f"{_line_start(sys.stderr)}{prefix}: warning: {_one_line(str(message))} ({category.__name__}, "
+        return (f"{_line_start(sys.stderr)}{prefix}: warning: {one_line(str(message))} ({category.__name__}, "
                 f"{filename}:{lineno})\n")
 
     warnings.formatwarning = formatwarning
