@@ -68,12 +68,13 @@ linprobe_add_arguments = functools.partial(add_settings, settings=LINPROBE)
 
 
 def frozen_features(args: argparse.Namespace, say=lambda msg: None, device: str | None = None,
-                    skipped: dict[str, int] | None = None) -> list | None:
+                    skipped: dict[str, int] | None = None, probed: dict | None = None) -> list | None:
     """(train_x, train_y, val_x, val_y): the frozen encoder's features of both splits, on ``device`` (default:
     ``--device``'s); UsageError on bad input. In a process group of several (torchrun) each process extracts its
     share and the main one gets the whole splits (:func:`lomar.eval.knn_shared.split_features`); None on the others.
     ``skipped``: filled with each split's count of unreadable images left out ({"train": K, "val": K}), every
-    process's.
+    process's. ``probed``: filled with the encoder and the training split's class names in label order
+    ({"encoder", "classes"}), which linprobe's --save writes with the probe.
     """
     from lomar.data.collate import BadDataTracker  # torch: not for --help
     from lomar.eval.features import knn_loaders, load_pretrained_encoder, skipped_note  # torch: not for --help
@@ -93,8 +94,8 @@ def frozen_features(args: argparse.Namespace, say=lambda msg: None, device: str 
         settings = KNN if args.command == "knn" else LINPROBE
         raise UsageError(in_flags(str(exc), {name: s.name_flag(name) for name, s in settings.items()})) from None
     say(f"{encoder.load_report.summary()}; {args.img_size} px crops")
-    if getattr(args, "save", None):  # linprobe --save writes the probe on this encoder, its rows named by the classes
-        args.probed = (encoder, loaders[0].dataset.classes)
+    if probed is not None:
+        probed.update(encoder=encoder, classes=loaders[0].dataset.classes)
     features = []
     for name, loader in zip(("train", "val"), loaders):  # more than UNREADABLE_LIMIT of a split stops here
         bad = BadDataTracker(len(loader.dataset), warn=False)  # the loader warned of each file
@@ -121,17 +122,18 @@ def _check_not_read(path: str | None, flag: str, pretrained: str) -> None:
                          f"replace that checkpoint; give another file")
 
 
-def _features(args: argparse.Namespace, resolve=None, skipped: dict[str, int] | None = None) -> list | None:
+def _features(args: argparse.Namespace, resolve=None, skipped: dict[str, int] | None = None,
+              probed: dict | None = None) -> list | None:
     """The features of :func:`frozen_features`, after everything that can be checked before (outputs too); under
     torchrun each process extracts its share in a process group of its own, and the main process gets them all (the
     others None), which it alone says and scores. Every process meets a bad input alike: the first of each machine
-    says it (:func:`~lomar.errors.leave_it_to_the_first_process`), ``resolve(args)``'s refusals too. ``skipped``: as
-    :func:`frozen_features` fills it."""
+    says it (:func:`~lomar.errors.leave_it_to_the_first_process`), ``resolve(args)``'s refusals too. ``skipped``,
+    ``probed``: as :func:`frozen_features` fills them."""
     try:
         if resolve is not None:
             resolve(args)
         _check(args)
-        return _extracted(args, skipped)
+        return _extracted(args, skipped, probed)
     except LomarError:
         leave_it_to_the_first_process()
         raise
@@ -160,18 +162,18 @@ def _check(args: argparse.Namespace) -> None:
                          f"scores: pass two files")
 
 
-def _extracted(args: argparse.Namespace, skipped: dict[str, int] | None) -> list | None:
+def _extracted(args: argparse.Namespace, skipped: dict[str, int] | None, probed: dict | None) -> list | None:
     import torch.distributed as dist
 
     use_threads(args.threads)
     say = functools.partial(print, f"lomar {args.command}:", file=sys.stderr)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return frozen_features(args, say, skipped=skipped)
+        return frozen_features(args, say, skipped=skipped, probed=probed)
     from lomar.train.distributed import cleanup_distributed, join_group  # torch: not for --help
 
     info, device = join_group(resolve_device(args.device))  # gloo on the CPU, NCCL on CUDA, as pretrain
     try:
-        features = frozen_features(args, say if info.is_main else lambda msg: None, str(device), skipped)
+        features = frozen_features(args, say if info.is_main else lambda msg: None, str(device), skipped, probed)
         # Leave the group together (gloo aborts a peer torn down mid-gather); the main process then scores with no
         # collective open, which a long probe fit would outlast (NCCL ends one after 10 minutes).
         dist.barrier()
@@ -249,7 +251,8 @@ def linprobe_run(args: argparse.Namespace) -> int:
     # Under torchrun the main process alone fits the probe: a few seconds to minutes on cached features, and one
     # process's fit is the one-process result (a fit shared by DDP would reduce its gradients in another order).
     skipped: dict[str, int] = {}
-    if (features := _features(args, resolve_linprobe, skipped)) is None:  # a process whose share the main one scores
+    probed = {} if args.save else None  # the encoder and class names --save writes with the probe
+    if (features := _features(args, resolve_linprobe, skipped, probed)) is None:  # a share the main process scores
         return 0
     from lomar.checkpoints.io import atomic_save  # torch: not for --help; after _features, whose checks come first
     from lomar.eval.linear_probe import probe_checkpoint  # torch, as above
@@ -262,8 +265,7 @@ def linprobe_run(args: argparse.Namespace) -> int:
     print(f"linear probe ({args.protocol} protocol, {args.pool} features, {args.epochs} epochs) top-1: "
           f"{percent_text(100 * top1)}% ({len(val_y)} val / {len(train_y)} train images)")
     if args.save:
-        encoder, classes = args.probed
-        atomic_save(probe_checkpoint(encoder, probe, args.pool, classes, top1, args.img_size,
+        atomic_save(probe_checkpoint(probed["encoder"], probe, args.pool, probed["classes"], top1, args.img_size,
                                      str(Path(args.pretrained).resolve())), args.save)
     if args.json:
         write_json(args.json, {"linprobe_top1": top1, "protocol": args.protocol, "epochs": args.epochs,
