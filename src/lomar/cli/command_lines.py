@@ -1,7 +1,9 @@
-"""While a command runs, every warning its process prints begins as the command's own lines do (``lomar knn:
-warning: ...``): the records of the ``lomar.*`` loggers (what listing a dataset leaves out, an unreadable image
-skipped, an export waiting for another) and Python warnings, lomar's or a library's (torch, timm). In a log
-holding several commands' output (a shell script's, a torchrun job's) each line then says which command said it.
+"""While a command runs, the warnings its process prints through Python begin as the command's own lines do
+(``lomar knn: warning: ...``): the records of the ``lomar.*`` loggers (what listing a dataset leaves out, an
+unreadable image skipped, an export waiting for another) and Python warnings (``warnings.warn``), lomar's or a
+library's (torch, timm). In a log holding several commands' output (a shell script's, a torchrun job's) each line
+then says which command said it. A loader worker started by fork has both; one started by spawn (macOS) has neither,
+and what a library logs itself (its own loggers, torch's C++ ``[W ...]`` lines) keeps the library's form.
 
 A library's warning keeps its category and the file and line that raised it, at the end of its one line; a
 filter (``-W``, ``PYTHONWARNINGS``, a caller's ``warnings.catch_warnings``) decides as always whether it is
