@@ -64,3 +64,33 @@ def test_a_probe_saved_without_its_encoder_is_refused_in_one_line(tmp_path, caps
     assert "\n" not in str(refused.value) and "lomar linprobe ENCODER --data DATA --save FILE" in str(refused.value)
     assert main(["predict", str(old), str(images), "--out", str(tmp_path / "pred")]) == 2
     assert capsys.readouterr().err == f"lomar predict: error: {refused.value}\n"
+
+
+def test_predict_reads_a_probes_images_as_its_linprobe_decode_draft_did(pretrained, tmp_path, capsys):
+    from PIL import Image
+
+    root = tmp_path / "photos"
+    for split, count in (("train", 2), ("val", 2)):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):  # 320 px JPEGs: a draft decode reads them at 1/8, 40 px, for 32 px crops
+                seed = torch.Generator().manual_seed(i + 10 * ord(label) + 1000 * len(split))
+                pixels = (torch.rand(320, 320, 3, generator=seed) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / split / label / f"{i}.jpg", quality=90)
+    saved = tmp_path / "probe.pt"
+    assert main(["linprobe", str(pretrained), "--data", str(root), "--img-size", "32", "--batch-size", "4",
+                 "--workers", "0", "--device", "cpu", "--epochs", "2", "--decode", "draft", "--save", str(saved)]) == 0
+    assert safe_load(saved)["decode"] == "draft"
+    model = load_model(saved).eval()
+    assert main(["predict", str(saved), str(root / "val"), "--out", str(tmp_path / "pred"), "--device", "cpu",
+                 "--workers", "0"]) == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
+    predicted = torch.tensor([next(top["probability"] for top in row["top_k"] if top["class"] == "a") for row in rows])
+    for decode in ("draft", "full"):
+        _, val = knn_loaders(root / "train", root / "val", 32, 4, 0, decode=decode, warn=False)
+        with torch.no_grad():
+            expected = torch.cat([model(images) for images, *_ in val]).softmax(1)[:, 0]
+        if decode == "draft":  # the crops linprobe scored
+            assert torch.allclose(predicted, expected, atol=2e-6), (predicted, expected)
+        else:  # the whole photo's crops are others
+            assert not torch.allclose(predicted, expected, atol=1e-4), (predicted, expected)

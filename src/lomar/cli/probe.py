@@ -266,7 +266,7 @@ def linprobe_run(args: argparse.Namespace) -> int:
           f"{percent_text(100 * top1)}% ({len(val_y)} val / {len(train_y)} train images)")
     if args.save:
         atomic_save(probe_checkpoint(probed["encoder"], probe, args.pool, probed["classes"], top1, args.img_size,
-                                     str(Path(args.pretrained).resolve())), args.save)
+                                     str(Path(args.pretrained).resolve()), args.decode), args.save)
     if args.json:
         write_json(args.json, {"linprobe_top1": top1, "protocol": args.protocol, "epochs": args.epochs,
                                "lr": args.lr if args.protocol == "adamw" else args.blr * args.probe_batch_size / 256,

@@ -36,7 +36,7 @@ from lomar.models.vit import VisionTransformer, ViTConfig
 from lomar.progress_bar import progress
 from lomar.values import brief, is_integer
 
-__all__ = ["LoadReport", "load_pretrained_encoder", "eval_transform", "knn_loaders", "extract_features",
+__all__ = ["LoadReport", "load_pretrained_encoder", "eval_transform", "knn_loaders", "eval_load", "extract_features",
            "read_features", "check_read", "skipped_note", "check_split", "Pool"]
 
 Pool = Literal["mean", "cls"]
@@ -276,15 +276,22 @@ def knn_loaders(train: str | Path, val: str | Path | None = None, img_size: int 
     links, empty classes) is not said, as by the torchrun processes of a machine but its first, which says it.
     """
     roots = (Path(train), Path(val)) if val is not None else (Path(train) / "train", Path(train) / "val")
-    if decode not in ("full", "draft"):
-        raise ValueError(f"decode must be full or draft, got {decode!r}")
-    load = partial(load_image_reduced, min_side=eval_resize(img_size)) if decode == "draft" else load_image
+    load = eval_load(img_size, decode)
     with said_by_first_on_machine(say=warn):
         sets = [LabelledImageFolder(root, eval_transform(img_size), load) for root in roots]
         sets[0].check_same_classes(sets[1])
         sets[0].check_classes()
     return tuple(DataLoader(s, batch_size, shuffle=False, num_workers=workers,  # type: ignore[return-value]
                             collate_fn=collate_labelled, worker_init_fn=worker_init_fn) for s in sets)
+
+
+def eval_load(img_size: int, decode: str = "full"):
+    """How knn and linprobe read an image file for :func:`eval_transform` (and ``lomar predict`` a saved probe's):
+    path -> uint8 (3, H, W), the whole image, or under ``decode="draft"`` a JPEG at the smallest DCT scale that keeps
+    its short side at least the resize's. ValueError for another ``decode``."""
+    if decode not in ("full", "draft"):
+        raise ValueError(f"decode must be full or draft, got {decode!r}")
+    return partial(load_image_reduced, min_side=eval_resize(img_size)) if decode == "draft" else load_image
 
 
 @torch.no_grad()

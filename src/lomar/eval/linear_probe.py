@@ -122,19 +122,19 @@ def train_mae_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: 
 
 
 def probe_checkpoint(encoder: nn.Module, probe: LinearProbe, pool: str, classes: list[str], top1: float,
-                     img_size, pretrained: str) -> dict:
+                     img_size, pretrained: str, decode: str = "full") -> dict:
     """What ``lomar linprobe --save`` writes: the probe on the frozen ``encoder`` it was trained on (a
     VisionTransformer or a BEiT's timm Beit, without a head), as one
     :class:`~lomar.models.probe_classifier.ProbeClassifier` that ``lomar.load_model`` rebuilds (``model`` and
     ``model_spec``), pooled by ``pool``, with the names of its rows (``classes``, the class folders in label order),
-    its ``top1``, the crop size it was scored at, the encoder's source (``pretrained``) and the precision its features
-    were read in (float32: ``lomar predict`` runs it so); and ``probe`` and ``pool`` alone, as a probe file without
-    its encoder holds them."""
+    its ``top1``, the crop size it was scored at, the encoder's source (``pretrained``), how its images were decoded
+    (``decode``, full or draft) and the precision its features were read in (float32): ``lomar predict`` reads and runs
+    it so; and ``probe`` and ``pool`` alone, as a probe file without its encoder holds them."""
     rows = probe.linear.out_features
     spec = {"arch": "lomar.models.probe_classifier:ProbeClassifier", "config": {"encoder": model_spec(encoder)},
             "args": {"num_classes": rows, "pool": pool}, "prefix": ""}
     parts = {"encoder": encoder.state_dict(), "probe": probe.state_dict()}
     state = {f"{name}.{key}": value.detach().cpu() for name, part in parts.items() for key, value in part.items()}
     return {"format": LINPROBE_FORMAT, "model": state, "model_spec": spec, "classes": list(classes[:rows]),
-            "top1": top1, "img_size": img_size, "pretrained": pretrained, "precision": "fp32",
+            "top1": top1, "img_size": img_size, "pretrained": pretrained, "decode": decode, "precision": "fp32",
             "probe": {k: v.detach().cpu() for k, v in probe.state_dict().items()}, "pool": pool}

@@ -39,7 +39,7 @@ from lomar.data.image_search import image_table
 from lomar.data.segmentation import eval_input
 from lomar.errors import UsageError
 from lomar.eval.coco import to_coco_results
-from lomar.eval.features import eval_transform
+from lomar.eval.features import eval_load, eval_transform
 from lomar.eval.segmentation import label_map, label_png, slide_stride
 from lomar.progress_bar import progress
 
@@ -230,10 +230,14 @@ def classify(trained: Trained, images: list[ListedImage], device: torch.device, 
 
     model, labels = trained.model.to(device), trained.labels
     # a probe's images as linprobe read them, a finetuned classifier's as finetune evaluates
-    probe = trained.checkpoint.get("format") == LINPROBE_FORMAT
-    transform = (eval_transform if probe else classification_eval_transform)(model.config.img_size)
-    settings = trained.checkpoint.get("settings") or {}
-    load = (draft_eval_load(transform) if settings.get("decode") == "draft" else None) or load_image
+    size = model.config.img_size
+    if trained.checkpoint.get("format") == LINPROBE_FORMAT:
+        draft = trained.checkpoint.get("decode") == "draft"
+        transform, load = eval_transform(size), eval_load(size, "draft" if draft else "full")
+    else:
+        transform = classification_eval_transform(size)
+        settings = trained.checkpoint.get("settings") or {}
+        load = (draft_eval_load(transform) if settings.get("decode") == "draft" else None) or load_image
     rows = []
     with torch.no_grad():
         for indices, inputs in _batches(images, partial(_classifier_input, transform), batch_size, workers, skipped,
