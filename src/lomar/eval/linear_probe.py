@@ -9,7 +9,7 @@ from torch import nn
 
 from lomar.checkpoints.kinds import LINPROBE_FORMAT
 from lomar.lr_schedule import lr_at
-from lomar.models.probe_classifier import LinearProbe
+from lomar.models.probe_classifier import LinearProbe, ProbeClassifier
 from lomar.models.spec import model_spec
 from lomar.progress_bar import progress
 
@@ -130,11 +130,10 @@ def probe_checkpoint(encoder: nn.Module, probe: LinearProbe, pool: str, classes:
     its ``top1``, the crop size it was scored at, the encoder's source (``pretrained``), how its images were decoded
     (``decode``, full or draft) and the precision its features were read in (float32): ``lomar predict`` reads and runs
     it so; and ``probe`` and ``pool`` alone, as a probe file without its encoder holds them."""
-    rows = probe.linear.out_features
-    spec = {"arch": "lomar.models.probe_classifier:ProbeClassifier", "config": {"encoder": model_spec(encoder)},
-            "args": {"num_classes": rows, "pool": pool}, "prefix": ""}
-    parts = {"encoder": encoder.state_dict(), "probe": probe.state_dict()}
-    state = {f"{name}.{key}": value.detach().cpu() for name, part in parts.items() for key, value in part.items()}
-    return {"format": LINPROBE_FORMAT, "model": state, "model_spec": spec, "classes": list(classes[:rows]),
-            "top1": top1, "img_size": img_size, "pretrained": pretrained, "decode": decode, "precision": "fp32",
+    model = ProbeClassifier(encoder, probe.linear.out_features, pool)
+    model.probe = probe
+    state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    return {"format": LINPROBE_FORMAT, "model": state, "model_spec": model_spec(model),
+            "classes": list(classes[:model.num_classes]), "top1": top1, "img_size": img_size, "pretrained": pretrained,
+            "decode": decode, "precision": "fp32",
             "probe": {k: v.detach().cpu() for k, v in probe.state_dict().items()}, "pool": pool}

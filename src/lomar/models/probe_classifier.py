@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lomar.models.spec import build_from_spec
+from lomar.models.spec import build_from_spec, model_spec
 
 __all__ = ["LinearProbe", "ProbeConfig", "ProbeClassifier", "POOLS", "pooled_features"]
 
@@ -81,17 +81,26 @@ class ProbeConfig:
 
 
 class ProbeClassifier(nn.Module):
-    """``probe`` on the pooled features of ``encoder`` (``config.encoder``'s model, frozen): (B, C, H, W) images,
-    ImageNet-normalised at ``config.img_size`` -> (B, num_classes) float32 logits, computed as ``lomar linprobe``
-    computes its features (the encoder's normed tokens pooled, in float32) and scores them."""
+    """A fresh probe (``num_classes`` rows) on the pooled features of ``encoder`` (frozen, without a head): (B, C, H, W)
+    images, ImageNet-normalised at ``config.img_size`` -> (B, num_classes) float32 logits, computed as ``lomar
+    linprobe`` computes its features (the encoder's normed tokens pooled, in float32) and scores them. Its spec's
+    config is the encoder's own spec (:class:`ProbeConfig`), which :meth:`from_config` builds it on."""
 
-    def __init__(self, config: ProbeConfig, num_classes: int, pool: str = "mean"):
+    def __init__(self, encoder: nn.Module, num_classes: int, pool: str = "mean"):
         super().__init__()
         if pool not in POOLS:
             raise ValueError(f"pool={pool!r}: a probe reads the {' or '.join(POOLS)} features")
-        self.config, self.pool = config, pool
-        self.encoder = build_from_spec(config.encoder)
-        self.probe = LinearProbe(config.embed_dim, num_classes)
+        self.encoder, self.pool = encoder, pool
+        self.probe = LinearProbe(self.config.embed_dim, num_classes)
+
+    @classmethod
+    def from_config(cls, config: ProbeConfig, **args) -> ProbeClassifier:
+        """The probe on a new (untrained) encoder of ``config.encoder``; ``args``: the constructor's others."""
+        return cls(build_from_spec(config.encoder), **args)
+
+    @property
+    def config(self) -> ProbeConfig:
+        return ProbeConfig(model_spec(self.encoder))
 
     @property
     def num_classes(self) -> int:
