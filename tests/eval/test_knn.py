@@ -72,7 +72,7 @@ def test_the_pretraining_monitor_reads_and_scores_as_it_was_told(monkeypatch):
 
 
 def test_knn_top1_is_its_hits_over_the_queries_in_one_division():
-    """3 of 10 is 0.3, as `lomar knn --json` and knn.jsonl hold it: float32's mean said 0.30000001192092896."""
+    """3 of 10 is 0.3, as `lomar knn --json` and knn.jsonl hold it; float32's mean of hits gives 0.30000001192092896."""
     bank, labels = torch.eye(2), torch.tensor([0, 1])
     queries = torch.tensor([[1.0, 0.1]]).expand(10, 2)  # nearest class 0, all ten
     assert knn.knn_top1(bank, labels, queries, torch.tensor([0] * 3 + [1] * 7), k=1) == 0.3

@@ -57,7 +57,7 @@ def test_an_lr_past_float32_is_an_error_naming_it(train, rate):
 @pytest.mark.parametrize("train", [train_linear_probe, functools.partial(train_mae_linear_probe, warmup_epochs=0)],
                          ids=["adamw", "mae"])
 def test_the_probes_top1_is_its_hits_over_the_queries_in_one_division(train):
-    """3 or 7 of 10 is 0.3 or 0.7, as a --json holds it: float32's mean said 0.30000001192092896."""
+    """3 or 7 of 10 is 0.3 or 0.7, as a --json holds it: float32's mean of hits gives 0.30000001192092896."""
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(32, 8, generator=gen), torch.arange(32) % 2
     queries = torch.randn(1, 8, generator=gen).expand(10, 8)  # one feature ten times: one class predicted for all
