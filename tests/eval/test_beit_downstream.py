@@ -294,6 +294,11 @@ def test_a_finetuned_beit_is_rebuilt_by_load_model_as_eval_only_scores_it(beit_r
     assert capsys.readouterr().err == (f"lomar finetune: error: --img-size 48: {ft / 'best.pt'} is a finetuned BEiT "
                                        f"classifier, scored at its trained 32 px (its relative position tables fix "
                                        f"it); drop --img-size\n")
+    # nor does it take another attention: named by its flag
+    assert main([*evaluate, "--out", str(tmp_path / "dense"), "--attention", "dense"]) == 2
+    assert capsys.readouterr().err == (f"lomar finetune: error: --attention dense: {ft / 'best.pt'} is a finetuned "
+                                       f"BEiT classifier, whose timm attention computes its relative position bias "
+                                       f"itself; drop --attention\n")
     # lomar predict runs it as any classifier
     assert main(["predict", str(ft), str(data / "val"), "--out", str(tmp_path / "pred"), "--device", "cpu",
                  "--workers", "0"]) == 0, capsys.readouterr().err

@@ -255,10 +255,13 @@ def _trained_classifier(config: FinetuneConfig, num_classes: int) -> tuple[Visio
         beit = isinstance(reader, BEiTFinetuneReader)  # timm's Beit, at the size its relative position tables fix
         if not (beit or isinstance(reader, VitReader)):
             raise ValueError(f"it holds no ViT classifier (its weights are in the {reader.name} format)")
-        model = reader.model(src, attention if beit else {"img_size": config.img_size, **attention})
+        model = reader.model(src, {} if beit else {"img_size": config.img_size, **attention})
         trained = model.config.img_size if beit else reader.trained_config(src).img_size
     except ValueError as exc:  # the reader's own words may name the file first
         raise UsageError(f"--pretrained {path}: {str(exc).removeprefix(f'{path}: ')}") from None
+    if beit and attention:
+        raise UsageError(f"--attention {config.attention}: {path} is a finetuned BEiT classifier, whose timm attention "
+                         f"computes its relative position bias itself; drop --attention")
     if beit and trained != config.img_size:
         raise UsageError(f"--img-size {config.img_size}: {path} is a finetuned BEiT classifier, scored at its trained "
                          f"{trained} px (its relative position tables fix it); drop --img-size")
