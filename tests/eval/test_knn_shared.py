@@ -108,6 +108,11 @@ def test_linprobe_under_torchrun_shares_the_extraction_and_scores_once_as_one_pr
     probes = [safe_load(tmp_path / f"{n}.pt")["probe"] for n in (1, 2)]
     for key, value in probes[0].items():  # its BatchNorm's running statistics are the features': the same features
         torch.testing.assert_close(probes[1][key], value, rtol=0, atol=1e-6, msg=key)
+    # the main process wrote the probe on its encoder and the class names, as one process does
+    files = [safe_load(tmp_path / f"{n}.pt") for n in (1, 2)]
+    assert files[1]["classes"] == ["a", "b"] and files[1]["model_spec"] == files[0]["model_spec"]
+    encoder = [k for k in files[0]["model"] if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(files[1]["model"][k], files[0]["model"][k]) for k in encoder)
 
 
 def test_a_process_that_fails_mid_extraction_stops_every_process_with_one_line_each(tmp_path, monkeypatch):
