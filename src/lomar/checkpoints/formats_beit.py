@@ -33,7 +33,7 @@ from lomar.checkpoints.reader import (
     saved_settings,
     spec_settings,
 )
-from lomar.models.beit import BEiT, BEiTConfig, timm_beit_args
+from lomar.models.beit import BEiT, BEiTConfig, timm_beit_args, timm_global_pool
 
 __all__ = ["TimmBeitWeights", "BEiTReader", "BEiTPretrainReader", "BEiTExportReader", "OriginalBEiTReader",
            "BEiTFinetuneReader", "beit_classifier_spec"]
@@ -143,7 +143,7 @@ def beit_classifier_spec(src: Source) -> dict:
     config, spec = src.data.get("config"), src.data.get("model_spec")
     if spec is None:
         rows = src.state["head.weight"].shape[0] if "head.weight" in src.state else 0
-        pool = "avg" if rows and classifier_pool(src.data, src.state) == "avg" else "token"
+        pool = timm_global_pool(classifier_pool(src.data, src.state), rows)
         return {"arch": _CLASSIFIER_ARCH, "config": config, "args": {"num_classes": rows, "global_pool": pool},
                 "prefix": ""}
     arch = spec.get("arch") if isinstance(spec, dict) else None

@@ -29,6 +29,7 @@ from lomar.data.folder import LabelledImageFolder
 from lomar.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lomar.errors import UsageError, in_flags, said_by_first_on_machine
 from lomar.models.attention import vitdet_global_blocks
+from lomar.models.beit import timm_global_pool
 from lomar.models.masking import grid_size
 from lomar.models.probe_classifier import pooled_features
 from lomar.models.relpos import REL_POS_PARAMS
@@ -227,7 +228,7 @@ def _load_beit(weights, src, num_classes: int, global_pool: str, overrides: dict
     # the config it is finetuned as, which its checkpoint's model spec saves
     config = replace(weights.config, img_size=weights.config.img_size if img_size is None else img_size,
                      drop_path_rate=drop_path or 0.0)
-    model = BEiTClassifier(config, num_classes, "avg" if num_classes and global_pool == "avg" else "token")
+    model = BEiTClassifier(config, num_classes, timm_global_pool(global_pool, num_classes))
     args = {**weights.timm_args, **model.spec_args(), "img_size": config.img_size}
     state, dropped = drop_final_norm(weights.state) if args["global_pool"] == "avg" else (dict(weights.state), [])
     report = LoadReport(weights.source, str(src.path), loaded=len(weights.state) - len(dropped),

@@ -21,7 +21,7 @@ from lomar.models.relpos import table_bias
 from lomar.models.vit import EncoderShape, PatchEmbed
 from lomar.values import is_integer
 
-__all__ = ["BEiTConfig", "BEiT", "BEiTOutput", "RelativePositionBias", "timm_beit_args"]
+__all__ = ["BEiTConfig", "BEiT", "BEiTOutput", "RelativePositionBias", "timm_beit_args", "timm_global_pool"]
 
 
 @dataclass(frozen=True)
@@ -349,3 +349,10 @@ def timm_beit_args(beit: BEiT | BEiTConfig) -> dict:
                 init_values=c.init_values or None, use_abs_pos_emb=c.use_abs_pos_emb,
                 use_rel_pos_bias=bool(c.use_rel_pos_bias or c.use_shared_rel_pos_bias),
                 use_shared_rel_pos_bias=False, num_classes=0, global_pool="token")
+
+
+def timm_global_pool(global_pool: str, num_classes: int) -> str:
+    """timm ``Beit``'s ``global_pool`` for a head of ``num_classes`` on lomar's pooling (``--global-pool`` avg or cls):
+    ``'avg'``, the mean of the un-normed patch tokens into ``fc_norm`` (BEiT's finetuning), for a head on avg; else
+    ``'token'``, the normed cls token (without a head: the encoder's normed tokens, its final norm kept)."""
+    return "avg" if num_classes and global_pool == "avg" else "token"

@@ -37,7 +37,7 @@ from lomar.data.folder import LabelledImageFolder
 from lomar.data.samplers import EpochSampler
 from lomar.errors import UsageError, said_by_first_on_machine
 from lomar.eval.features import load_pretrained_encoder
-from lomar.models.beit import BEiTConfig
+from lomar.models.beit import BEiTConfig, timm_global_pool
 from lomar.models.beit_classifier import BEiTClassifier
 from lomar.models.spec import model_spec
 from lomar.models.vit import VisionTransformer
@@ -133,7 +133,8 @@ class FinetuneTask(Task):
             return
         load_resumed(self)  # other classes: refused before the model and its weights
         if isinstance(encoder := resumed_encoder_config(config), BEiTConfig):  # the lifecycle loads the weights
-            self.model = BEiTClassifier(encoder, len(self.classes), "avg" if config.global_pool == "avg" else "token")
+            classes = len(self.classes)
+            self.model = BEiTClassifier(encoder, classes, timm_global_pool(config.global_pool, classes))
         elif encoder is not None:
             self.model = VisionTransformer(encoder, num_classes=len(self.classes), global_pool=config.global_pool)
         else:
