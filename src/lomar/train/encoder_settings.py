@@ -89,9 +89,9 @@ def names_recorded_encoder(given: str | None, recorded: str | None, out: str | N
 
 
 def rebuilt_encoder_config(config: Any) -> dict | None:
-    """The encoder's ViTConfig (as a dict) from which a resume of ``config`` rebuilds its run's model
-    (:func:`saved_encoder_config`), its --pretrained file then not read (it need not exist); None for a new run, or
-    one whose checkpoint saved none."""
+    """The encoder's config (as a dict: a ViTConfig, a finetuned BEiT's BEiTConfig) from which a resume of ``config``
+    rebuilds its run's model (:func:`saved_encoder_config`), its --pretrained file then not read (it need not exist);
+    None for a new run, or one whose checkpoint saved none."""
     point = getattr(config, "resume_point", None)
     return None if point is None else saved_encoder_config(config.COMMAND, point.meta)
 
