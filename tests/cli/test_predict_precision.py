@@ -1,6 +1,7 @@
-"""`lomar predict --precision`: autocast to the precision given, and by default (auto) the one the run trained in, as
-finetune --eval-only keeps it; a classifier's, a detector's and a segmenter's bf16 answers close to their fp32 ones;
-a precision that is none of the choices refused in one line."""
+"""`lomar predict --precision`: autocast to the precision given, and by default (auto) the one the run's own evaluation
+used: a classifier's run precision, as finetune --eval-only keeps it, a detector's and segmenter's fp32, as detect and
+segment evaluate; a classifier's, a detector's and a segmenter's bf16 answers close to their fp32 ones; a precision
+that is none of the choices refused in one line."""
 
 from __future__ import annotations
 
@@ -72,6 +73,24 @@ def test_a_precision_not_among_the_choices_is_refused_in_one_line(tmp_path, caps
     out, err = capsys.readouterr()
     assert not out and err.count("\n") == 1 and "--precision" in err and "'fp8'" in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # trains a detector and a segmenter
+@pytest.mark.parametrize("kind", ["detector", "segmenter"])
+def test_auto_predicts_a_dense_run_trained_in_bf16_in_fp32_as_its_evaluation_ran(tmp_path, capsys, dense_runs, kind):
+    # detect and segment evaluate in fp32 whatever they trained in: auto's predictions are the scores' own
+    from lomar.checkpoints.io import atomic_save, safe_load
+
+    data, _, detector, segmenter = dense_runs
+    run, images = (detector, data / "images" / "val") if kind == "detector" else (segmenter,
+                                                                                  data / "images" / "validation")
+    ckpt = safe_load(run / "best.pt")
+    ckpt["settings"]["precision"], ckpt["precision"] = "auto", "bf16"  # auto, which chose bf16 on its machine
+    atomic_save(ckpt, tmp_path / "bf16.pt")
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "bf16.pt"), str(images), "--out", str(tmp_path / "out"), *CPU_RUN]) == 0
+    printed, noted = capsys.readouterr()
+    assert (", fp32 -> " if kind == "detector" else ", fp32) -> ") in printed and not noted, (printed, noted)
 
 
 @pytest.mark.slow  # trains a detector and a segmenter

@@ -87,9 +87,8 @@ def test_a_detectors_predictions_are_its_eval_only_ones(tmp_path, dense_runs):
     ann, images = data / "annotations" / "instances_val.json", data / "images" / "val"
     assert main(["detect", "--eval-only", "--pretrained", str(run), "--val-ann", str(ann), "--val-images", str(images),
                  "--batch-size", "2", "--out", str(tmp_path / "scored"), *CPU_RUN]) == 0
-    # detect evaluates in fp32; predict's auto is the run's precision, bf16 where a CPU's auto trained in it
-    assert main(["predict", str(run), str(images), "--out", str(tmp_path / "out"), "--batch-size", "2", "--precision",
-                 "fp32", *CPU_RUN]) == 0
+    # predict's default precision (auto) is detect's evaluation's, fp32, whatever the run trained in
+    assert main(["predict", str(run), str(images), "--out", str(tmp_path / "out"), "--batch-size", "2", *CPU_RUN]) == 0
     split = json.loads(ann.read_text())
     files = {image["id"]: str(images / image["file_name"]) for image in split["images"]}
     names = {c["id"]: c["name"] for c in split["categories"]}
@@ -103,7 +102,7 @@ def test_a_detectors_predictions_are_its_eval_only_ones(tmp_path, dense_runs):
     scores = sorted(r["score"] for r in predicted if r["image_id"] == image)
     threshold = scores[len(scores) // 2]
     assert main(["predict", str(run), image, "--out", str(tmp_path / "kept"), "--score-threshold", str(threshold),
-                 "--precision", "fp32", *CPU_RUN]) == 0
+                 *CPU_RUN]) == 0
     kept = json.loads((tmp_path / "kept" / "predictions.json").read_text())
     assert sorted(r["score"] for r in kept) == [score for score in scores if score >= threshold]
 
@@ -130,7 +129,7 @@ def test_a_segmenters_label_maps_are_its_eval_only_pngs(tmp_path, dense_runs, mo
     assert main(["segment", "--eval-only", "--pretrained", str(run), "--data", str(data), "--out",
                  str(tmp_path / "scored"), *given, *CPU_RUN]) == 0
     assert main(["predict", str(run), str(data / "images" / "validation"), "--out", str(tmp_path / "out"), *given,
-                 "--precision", "fp32", *CPU_RUN]) == 0  # segment evaluates in fp32, whatever its run trained in
+                 *CPU_RUN]) == 0  # predict's auto is segment's evaluation's precision, fp32
     scored = sorted((tmp_path / "scored" / "predictions").iterdir())
     assert [p.name for p in scored] == sorted(p.name for p in (tmp_path / "out").iterdir())
     for path in scored:

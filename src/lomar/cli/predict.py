@@ -39,9 +39,10 @@ SETTINGS = {
              "at once (default: the run's --eval-mode)"),
     "device": S.DEVICE,
     "precision": S.PRECISION.but(
-        help="auto = the precision the run trained in, which its checkpoint records (as finetune --eval-only keeps "
-             "it), else this machine's auto (bf16 autocast on a CUDA GPU of compute capability 8+ or a CPU with "
-             "AVX-512 BF16 or AMX, else fp32); fp32, bf16 or fp16: autocast to it"),
+        help="auto = the precision of the run's own evaluation, so that the predictions are its --eval-only's: fp32 "
+             "for a detector, segmenter or probe, the precision a finetuned classifier trained in (its checkpoint "
+             "records it; else this machine's auto); fp32, bf16 or fp16: autocast to it (bf16: the fast choice where "
+             "the hardware multiplies bf16 natively, its answers rounded)"),
     "batch_size": S.BATCH_SIZE.but(default=16, help="images per forward pass (a segmenter's: one, as segment "
                                                     "evaluates)"),
     "workers": S.WORKERS,
@@ -131,14 +132,18 @@ def run(args: argparse.Namespace) -> int:
 
 def _precision(given: str, trained, device) -> tuple[str, list[str]]:
     """The precision ``trained`` (a :class:`~lomar.eval.predict.Trained`) predicts in on ``device``, and the notes to
-    print: ``given`` (--precision); auto is the precision its run trained in, as finetune --eval-only and a resume
-    keep it (said where this machine's auto would pick another), else (a checkpoint that records none: an older
-    lomar's, a converted one) this machine's auto."""
+    print: ``given`` (--precision); auto is the precision of its run's own evaluation, so that its predictions are
+    the ones that run scored: fp32 for a detector and a segmenter (detect and segment evaluate in fp32 whatever they
+    trained in); a classifier's run precision, as finetune evaluates in it and --eval-only keeps it (said where this
+    machine's auto would pick another), else (a checkpoint that records none: an older lomar's, a converted one) this
+    machine's auto, as --eval-only's."""
     # torch: not for --help
     from lomar.train.precision import PRECISIONS, emulated_bf16_notes, kept_precision_note, resolve_precision
 
     if given != "auto":
         return given, emulated_bf16_notes(given, device)
+    if trained.kind != "classifier":
+        return "fp32", []
     own, ran = resolve_precision("auto", device), trained_precision(trained.checkpoint)
     if ran not in PRECISIONS:
         return own, []
