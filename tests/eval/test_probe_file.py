@@ -47,6 +47,10 @@ def test_a_saved_probe_is_rebuilt_into_the_classifier_linprobe_scored(pretrained
                  "cpu", "--workers", "0"]) == 0, capsys.readouterr().err
     rows = [json.loads(line) for line in (tmp_path / "pred" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all({top["class"] for top in row["top_k"]} == {"a", "b"} for row in rows)
+    # the val images in linprobe's order (class, then file), each read and cropped as linprobe read it
+    probabilities = torch.tensor([[next(top["probability"] for top in row["top_k"] if top["class"] == name)
+                                   for name in ("a", "b")] for row in rows])
+    assert torch.allclose(probabilities, scored.softmax(1), atol=2e-6), (probabilities, scored.softmax(1))
     # no encoder to export or start from: refused in one line naming the one it probed
     for command in (["export", str(saved), "--to", str(tmp_path / "ex")], ["knn", str(saved), "--data",
                                                                            str(labelled_folder)]):
