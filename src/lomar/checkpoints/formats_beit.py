@@ -159,7 +159,8 @@ def beit_classifier_spec(src: Source) -> dict:
 class BEiTFinetuneReader(BEiTReader):
     """A ``lomar finetune`` checkpoint of a BEiT encoder: its classifier, timm's ``Beit``
     (:class:`~lomar.models.beit_classifier.BEiTClassifier`), rebuilt from its model spec; no encoder to finetune or
-    probe (its final norm is gone into the head's pooling), for which its pretraining checkpoint is named."""
+    probe (under ``avg`` pooling its final norm is gone into the head's ``fc_norm``), for which its pretraining
+    checkpoint is named."""
 
     name = "lomar-finetune-beit"
 
