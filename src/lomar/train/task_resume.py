@@ -84,8 +84,8 @@ def resumed_encoder_config(config) -> ViTConfig | BEiTConfig | None:
 
 def resume_line(config) -> str | None:
     """What a Task built for a resume says of its model in place of a load report (whose new head reads as a fresh
-    start): rebuilt from the checkpoint, or, where that saved no ViTConfig, built as the run's start built it for the
-    checkpoint's weights; None for a new run."""
+    start): rebuilt from the checkpoint, or, where that saved no encoder config (a ViTConfig, a finetuned BEiT's
+    BEiTConfig), built as the run's start built it for the checkpoint's weights; None for a new run."""
     checkpoint = resumed_checkpoint()
     if checkpoint is None:
         return None
