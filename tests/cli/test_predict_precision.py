@@ -98,11 +98,7 @@ def test_a_detectors_bf16_detections_are_its_fp32_ones_rounded(tmp_path, capsys,
     from pycocotools import mask as mask_utils
 
     data, _, run, _ = dense_runs
-    images = data / "images" / "val"
-    for precision in ("fp32", "bf16"):
-        assert main(["predict", str(run), str(images), "--out", str(tmp_path / precision), "--precision", precision,
-                     *CPU_RUN]) == 0
-        assert f", {precision} -> " in capsys.readouterr().out
+    _predicted_in_fp32_and_bf16(run, data / "images" / "val", tmp_path, capsys, " -> ")
     fp32, bf16 = (json.loads((tmp_path / p / "predictions.json").read_text()) for p in ("fp32", "bf16"))
     assert fp32 != bf16  # autocast ran
     paths = sorted({r["image_id"] for r in fp32})
@@ -118,12 +114,17 @@ def test_a_detectors_bf16_detections_are_its_fp32_ones_rounded(tmp_path, capsys,
 @pytest.mark.slow  # trains a detector and a segmenter
 def test_a_segmenters_bf16_label_maps_are_mostly_its_fp32_ones(tmp_path, capsys, dense_runs):
     data, _, _, run = dense_runs
-    images = data / "images" / "validation"
-    for precision in ("fp32", "bf16"):
-        assert main(["predict", str(run), str(images), "--out", str(tmp_path / precision), "--precision", precision,
-                     *CPU_RUN]) == 0
-        assert f", {precision}) -> " in capsys.readouterr().out
+    _predicted_in_fp32_and_bf16(run, data / "images" / "validation", tmp_path, capsys, ") -> ")
     names = sorted(path.name for path in (tmp_path / "fp32").iterdir())
     assert len(names) == 2 and names == sorted(path.name for path in (tmp_path / "bf16").iterdir())
     fp32, bf16 = (np.stack([np.asarray(Image.open(tmp_path / p / name)) for name in names]) for p in ("fp32", "bf16"))
     assert 0.95 < (fp32 == bf16).mean() < 1  # a few pixels where two classes' logits are within bf16's rounding
+
+
+def _predicted_in_fp32_and_bf16(run, images, out, capsys, after: str) -> None:
+    """``run``'s predictions of ``images`` in ``out``/fp32 and ``out``/bf16, each result line naming its precision
+    (followed by ``after``)."""
+    for precision in ("fp32", "bf16"):
+        assert main(["predict", str(run), str(images), "--out", str(out / precision), "--precision", precision,
+                     *CPU_RUN]) == 0
+        assert f", {precision}{after}" in capsys.readouterr().out
