@@ -33,7 +33,7 @@ from lomar.checkpoints.reader import (
     saved_settings,
     spec_settings,
 )
-from lomar.models.beit import BEiT, BEiTConfig, timm_beit_args, timm_global_pool
+from lomar.models.beit import BEiT, BEiTConfig, timm_global_pool
 
 __all__ = ["TimmBeitWeights", "BEiTReader", "BEiTPretrainReader", "BEiTExportReader", "OriginalBEiTReader",
            "BEiTFinetuneReader", "beit_classifier_spec"]
@@ -41,10 +41,9 @@ __all__ = ["TimmBeitWeights", "BEiTReader", "BEiTPretrainReader", "BEiTExportRea
 
 @dataclass
 class TimmBeitWeights:
-    """A BEiT encoder as timm ``Beit(**timm_args)`` (no classifier) and its state dict under timm keys."""
+    """A BEiT encoder as timm ``Beit(**timm_beit_args(config))`` (no classifier) and its state dict under timm keys."""
 
     config: BEiTConfig  # of the pretraining model
-    timm_args: dict
     state: dict[str, torch.Tensor]
     dropped: list[str] = field(default_factory=list)  # source keys the encoder does not use
     source: str = ""
@@ -60,7 +59,7 @@ class BEiTReader(Reader):
         state = beit.state_dict()
         timm_state = beit_to_timm(state, per_block=True)
         dropped = sorted(k for k in state if k.startswith(("lm_head.", "mask_token")))
-        return TimmBeitWeights(beit.config, timm_beit_args(beit), timm_state, dropped, self.source)
+        return TimmBeitWeights(beit.config, timm_state, dropped, self.source)
 
     def encoder(self, src: Source, overrides: dict) -> EncoderWeights:
         raise ValueError(f"{src.path} holds a BEiT encoder, which has no VisionTransformer form; load it with "
@@ -113,10 +112,10 @@ class BEiTExportReader(BEiTReader):
     def timm_weights(self, src, overrides):
         # The export holds per-block tables, all equal to the shared one it was written from. Validated before
         # anything is read or built: a small export whose config claims huge widths allocates nothing.
-        config, args, weights = read_beit_export(src.path)
+        config, _, weights = read_beit_export(src.path)
         refuse_unused(src.path, "a BEiT export, which carries its own settings", overrides, saved=config.to_dict())
         source = folder_source(src.path, "exported folder (beit)")
-        return TimmBeitWeights(config, args, load_file(str(weights)), [], source)
+        return TimmBeitWeights(config, load_file(str(weights)), [], source)
 
 
 class OriginalBEiTReader(BEiTReader):

@@ -221,7 +221,7 @@ def _load_beit(weights, src, num_classes: int, global_pool: str, overrides: dict
     if global_pool not in ("avg", "cls"):
         raise ValueError(f"global_pool must be avg or cls, got {global_pool!r}")
     img_size, drop_path = overrides.get("img_size"), overrides.get("drop_path")
-    patch = weights.timm_args.get("patch_size", 16)
+    patch = weights.config.patch_size
     if img_size is not None and img_size % patch:
         raise ValueError(f"img_size={img_size} is not a multiple of the BEiT patch size {patch}; "
                          f"use {max(1, img_size // patch) * patch}")
@@ -229,11 +229,10 @@ def _load_beit(weights, src, num_classes: int, global_pool: str, overrides: dict
     config = replace(weights.config, img_size=weights.config.img_size if img_size is None else img_size,
                      drop_path_rate=drop_path or 0.0)
     model = BEiTClassifier(config, num_classes, timm_global_pool(global_pool, num_classes))
-    args = {**weights.timm_args, **model.spec_args(), "img_size": config.img_size}
-    state, dropped = drop_final_norm(weights.state) if args["global_pool"] == "avg" else (dict(weights.state), [])
+    state, dropped = drop_final_norm(weights.state) if model.global_pool == "avg" else (dict(weights.state), [])
     report = LoadReport(weights.source, str(src.path), loaded=len(weights.state) - len(dropped),
                         dropped=weights.dropped + dropped, notes=list(notes))
-    if img_size is not None and img_size != weights.timm_args.get("img_size"):
+    if config.img_size != weights.config.img_size:
         with warnings.catch_warnings():  # torch's notes on timm's resampling code (deprecated indexing, a
             # non-contiguous searchsorted input), printed to a user who changed only --img-size: not theirs to act on
             for note in _TIMM_RESAMPLE_NOTES:  # those two alone: any other warning of that code is still shown
@@ -243,7 +242,7 @@ def _load_beit(weights, src, num_classes: int, global_pool: str, overrides: dict
     missing, unexpected = model.load_state_dict(state, strict=False)
     report.fresh = [k for k in missing if k.startswith(("head.", "fc_norm."))]
     if unexpected or set(missing) - set(report.fresh):
-        raise ValueError(f"the BEiT weights do not fit timm Beit({args}): missing "
+        raise ValueError(f"the BEiT weights do not fit timm's Beit of {config}: missing "
                          f"{sorted(set(missing) - set(report.fresh)) or 'nothing'}, "
                          f"unexpected {unexpected or 'nothing'}")
     check_finite(model, src.path)
