@@ -1,8 +1,8 @@
 """``lomar linprobe --save``'s file, registered with the other readers (:mod:`lomar.checkpoints.formats` asks them
 all): a linear probe on the frozen encoder it was trained on, whose model spec rebuilds it whole
 (:class:`~lomar.models.probe_classifier.ProbeClassifier`). A file of the probe alone (its ``probe`` state, ``pool``
-and ``top1``: an older lomar's ``--save``) names no encoder, so nothing rebuilds it: it is refused naming the command
-that writes one that is rebuilt."""
+and ``top1``, no ``model``) names no encoder, so nothing rebuilds it: it is refused naming the command that writes one
+that is rebuilt."""
 
 from __future__ import annotations
 
