@@ -61,8 +61,8 @@ def test_auto_predicts_in_the_precision_the_run_trained_in(tmp_path, capsys, cla
         assert main(["predict", str(tmp_path / "bf16.pt"), image, "--out", str(out), *given, *CPU_RUN]) == 0
         printed, noted = capsys.readouterr()
         assert printed.endswith(f"classes, {precision} -> {out / 'predictions.jsonl'}\n")
-        kept = (f"lomar predict: precision bf16, the one the classifier trained in (this machine's --precision auto "
-                f"would pick {own}); pass --precision {own} to switch\n")
+        kept = (f"lomar predict: note: precision bf16, the one the classifier trained in (this machine's --precision "
+                f"auto would pick {own}); pass --precision {own} to switch\n")
         assert noted == (kept if not given and own != "bf16" else ""), noted
 
 

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     me = command_prefix(args)
     precision, notes = _precision(args.precision, trained, device)
     for note in notes:
-        print(f"{me}: {note}", file=sys.stderr, flush=True)
+        print(f"{me}: note: {note}", file=sys.stderr, flush=True)
     autocast = autocast_factory(precision, device)
     if trained.kind == "segmenter":
         mode = args.eval_mode or trained.checkpoint["settings"].get("eval_mode", _SEGMENT_EVAL_MODE.default)
