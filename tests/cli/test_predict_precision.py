@@ -66,6 +66,27 @@ def test_auto_predicts_in_the_precision_the_run_trained_in(tmp_path, capsys, cla
         assert noted == (kept if not given and own != "bf16" else ""), noted
 
 
+@pytest.mark.parametrize("recorded", ["fp32", "bf16"])
+def test_bf16_asked_of_a_cpu_that_emulates_it_names_autos_choice_only_where_it_differs(tmp_path, capsys, monkeypatch,
+                                                                                     classifier, labelled_folder,
+                                                                                     recorded):
+    # auto keeps a classifier's recorded bf16: "auto picks fp32 here" would be false for it
+    from lomar.checkpoints.io import atomic_save, safe_load
+
+    monkeypatch.setattr("lomar.train.precision.cpu_has_bf16", lambda: False)
+    ckpt = safe_load(classifier / "best.pt")
+    ckpt["settings"]["precision"], ckpt["precision"] = "auto", recorded
+    atomic_save(ckpt, tmp_path / "run.pt")
+    image = str(next((labelled_folder / "val").rglob("*.png")))
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "run.pt"), image, "--out", str(tmp_path / "out"), "--precision", "bf16",
+                 *CPU_RUN]) == 0
+    emulated = ("lomar predict: note: bf16 on this CPU is emulated (no AVX-512 BF16/AMX): expect it several times "
+                "slower than fp32")
+    way_out = "; --precision auto picks fp32 here" if recorded == "fp32" else ""
+    assert capsys.readouterr().err == f"{emulated}{way_out}\n"
+
+
 def test_a_precision_not_among_the_choices_is_refused_in_one_line(tmp_path, capsys, classifier):
     capsys.readouterr()
     assert main(["predict", str(classifier), str(tmp_path), "--out", str(tmp_path / "out"), "--precision", "fp8",

@@ -141,7 +141,7 @@ def _precision(given: str, trained, device) -> tuple[str, list[str]]:
     from lomar.train.precision import PRECISIONS, emulated_bf16_notes, kept_precision_note, resolve_precision
 
     if given != "auto":
-        return given, emulated_bf16_notes(given, device)
+        return given, emulated_bf16_notes(given, device, _precision("auto", trained, device)[0])
     if trained.kind != "classifier":
         return "fp32", []
     own, ran = resolve_precision("auto", device), trained_precision(trained.checkpoint)

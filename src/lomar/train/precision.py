@@ -61,13 +61,15 @@ def cpu_has_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def emulated_bf16_notes(setting: str, device: torch.device) -> list[str]:
+def emulated_bf16_notes(setting: str, device: torch.device, auto: str = "fp32") -> list[str]:
     """The start's note where ``--precision bf16`` (``setting``) is asked of a CPU that only emulates bf16 (no
     :func:`cpu_has_bf16`): its products run several times slower than fp32's (a linear layer's ~10x, forward and
-    backward, on a 2-core CPU without AVX-512 BF16)."""
+    backward, on a 2-core CPU without AVX-512 BF16). ``auto``: what --precision auto would pick instead (fp32 on such
+    a CPU; a run's recorded precision where auto keeps it), named as the way out unless it is bf16 too."""
     if setting == "bf16" and device.type == "cpu" and not cpu_has_bf16():
-        return ["bf16 on this CPU is emulated (no AVX-512 BF16/AMX): expect it several times slower than fp32; "
-                "--precision auto picks fp32 here"]
+        way_out = f"; --precision auto picks {auto} here" if auto != "bf16" else ""
+        return ["bf16 on this CPU is emulated (no AVX-512 BF16/AMX): expect it several times slower than fp32"
+                + way_out]
     return []
 
 
