@@ -46,6 +46,7 @@ from lomar.checkpoints.reader import (
     readers,
     refuse_unused,
     register,
+    saved_spec,
     spec_settings,
 )
 from lomar.checkpoints.sharded import read_sharded
@@ -75,12 +76,9 @@ _VIT_ARCH = "lomar.models.vit:VisionTransformer"
 def _vit_spec(src: Source) -> dict | None:
     """The model spec of a classifier or encoder checkpoint (None where it saved none). ValueError for a spec of
     another model beside a ViT's weights, or one without its config."""
-    if (spec := src.data.get("model_spec")) is None:
+    if src.data.get("model_spec") is None:
         return None
-    arch = spec.get("arch") if isinstance(spec, dict) else None
-    if arch != _VIT_ARCH:
-        raise ValueError(f"{src.path}: its model_spec names {arch!r}, not {_VIT_ARCH!r}, though its weights are a "
-                         f"ViT's")
+    spec = saved_spec(src, _VIT_ARCH, "its weights are a ViT's")
     if not isinstance(spec.get("config"), dict):
         raise ValueError(f"{src.path}: its model_spec holds no config mapping (its ViTConfig)")
     return spec

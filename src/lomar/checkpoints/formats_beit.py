@@ -31,6 +31,7 @@ from lomar.checkpoints.reader import (
     refuse_unused,
     register,
     saved_settings,
+    saved_spec,
     spec_settings,
 )
 from lomar.models.beit import BEiT, BEiTConfig, timm_global_pool
@@ -145,11 +146,7 @@ def beit_classifier_spec(src: Source) -> dict:
         pool = timm_global_pool(classifier_pool(src.data, src.state), rows)
         return {"arch": _CLASSIFIER_ARCH, "config": config, "args": {"num_classes": rows, "global_pool": pool},
                 "prefix": ""}
-    arch = spec.get("arch") if isinstance(spec, dict) else None
-    if arch != _CLASSIFIER_ARCH:
-        raise ValueError(f"{src.path}: its model_spec names {arch!r}, not {_CLASSIFIER_ARCH!r}, though it is a "
-                         f"finetuned BEiT classifier")
-    if spec.get("config") != config:
+    if saved_spec(src, _CLASSIFIER_ARCH, "it is a finetuned BEiT classifier").get("config") != config:
         raise ValueError(f"{src.path}: its model_spec's config and its config describe other BEiT encoders; delete "
                          f"the one it was not trained as")
     return spec

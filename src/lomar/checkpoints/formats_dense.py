@@ -12,7 +12,7 @@ settings the commands never change left at their defaults. Its encoder alone is 
 from __future__ import annotations
 
 from lomar.checkpoints.kinds import run_command
-from lomar.checkpoints.reader import Reader, Source, build_strict, refuse_unused, register, spec_settings
+from lomar.checkpoints.reader import Reader, Source, build_strict, refuse_unused, register, saved_spec, spec_settings
 
 __all__ = ["DenseReader", "DENSE_ARCH", "whole_model_refusal"]
 
@@ -72,10 +72,7 @@ def dense_spec(src: Source) -> dict:
     spec = src.data.get("model_spec")
     if spec is None:
         return _spec_before_specs(src, command)
-    arch = spec.get("arch") if isinstance(spec, dict) else None
-    if arch != DENSE_ARCH[command]:
-        raise ValueError(f"{src.path}: its model_spec names {arch!r}, not {DENSE_ARCH[command]!r}, though it is a "
-                         f"`lomar {command}` checkpoint")
+    saved_spec(src, DENSE_ARCH[command], f"it is a `lomar {command}` checkpoint")
     encoder = src.data.get("encoder_config")
     if isinstance(encoder, dict) and encoder != spec.get("config"):
         # load_model would rebuild the one and --eval-only the other

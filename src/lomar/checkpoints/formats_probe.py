@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lomar.checkpoints.kinds import LINPROBE_FORMAT
-from lomar.checkpoints.reader import Reader, Source, build_strict, refuse_unused, register, spec_settings
+from lomar.checkpoints.reader import Reader, Source, build_strict, refuse_unused, register, saved_spec, spec_settings
 
 __all__ = ["LinprobeReader", "probe_only_refusal"]
 
@@ -36,11 +36,7 @@ class LinprobeReader(Reader):
         return data.get("format") == LINPROBE_FORMAT
 
     def model(self, src: Source, overrides: dict):
-        spec = src.data.get("model_spec")
-        arch = spec.get("arch") if isinstance(spec, dict) else None
-        if arch != _ARCH:
-            raise ValueError(f"{src.path}: its model_spec names {arch!r}, not {_ARCH!r}, though it is a `lomar "
-                             f"linprobe --save` file")
+        spec = saved_spec(src, _ARCH, "it is a `lomar linprobe --save` file")
         refuse_unused(src.path, "a linear probe on its encoder, which carries its own settings", overrides,
                       saved=spec_settings(spec))
         return build_strict(spec, src.state, src.path)

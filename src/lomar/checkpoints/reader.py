@@ -21,7 +21,7 @@ from lomar.models.windows import window_geometry
 from lomar.values import as_sides, is_size
 
 __all__ = ["Source", "EncoderWeights", "Reader", "register", "readers", "saved_settings", "pretrain_spec",
-           "spec_settings", "build_strict", "refuse_unused", "folder_source"]
+           "saved_spec", "spec_settings", "build_strict", "refuse_unused", "folder_source"]
 
 
 
@@ -163,6 +163,16 @@ def pretrain_spec(src: Source) -> dict:
         return spec if isinstance(spec, dict) else _spec_from_settings(saved_settings(src.data), src.state)
     except ValueError as exc:
         raise ValueError(f"{src.path}: {exc}") from None
+
+
+def saved_spec(src: Source, arch: str, what: str) -> dict:
+    """The model spec ``src`` saved, which its format says is of ``arch`` (``module:Class``); ValueError naming the
+    file, the model its spec names (or none) and ``what`` the file is otherwise."""
+    spec = src.data.get("model_spec")
+    named = spec.get("arch") if isinstance(spec, dict) else None
+    if named != arch:
+        raise ValueError(f"{src.path}: its model_spec names {named!r}, not {arch!r}, though {what}")
+    return spec
 
 
 def spec_settings(spec: dict) -> dict:
