@@ -1345,3 +1345,18 @@ def test_an_older_checkpoint_of_a_cuda_run_resumes_on_a_cpu_saying_what_it_gets(
             f"does not record the precision the run trained in\n") in printed
     assert ("lomar toy: device cuda → cpu after step 2: the weights and optimizer state move over; its kernels and "
             "device random draws (drop path) differ, so it does not go on bit for bit\n") in printed
+
+
+def test_bf16_asked_of_a_resume_that_trained_in_bf16_names_no_false_way_out(tmp_path, capsys, monkeypatch):
+    """--precision auto keeps a resumed run's recorded bf16, so the emulated-bf16 note of a resume given
+    --precision bf16 on a CPU without bf16 products must not say that auto picks fp32 there."""
+    import lomar.train.precision as precision
+
+    out = tmp_path / "r"
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    assert run(ToyConfig(out=str(out), precision="bf16", max_steps=1), ToyTask) == 0
+    capsys.readouterr()
+    assert run(ToyConfig(out=str(out), precision="bf16", max_steps=2, resume="auto"), ToyTask) == 0
+    printed = capsys.readouterr().out
+    assert ("lomar toy: bf16 on this CPU is emulated (no AVX-512 BF16/AMX): expect it several times slower than "
+            "fp32\n") in printed and "auto picks" not in printed

@@ -10,8 +10,9 @@ import torch
 from lomar.train.divergence import diverged
 from lomar.train.settings import PRECISION
 
-__all__ = ["resolve_precision", "run_precision", "kept_precision_note", "unrecorded_precision_note", "cpu_has_bf16",
-           "emulated_bf16_notes", "autocast_factory", "WatchedScaler", "OVERFLOWS_IN_A_ROW", "PRECISIONS"]
+__all__ = ["resolve_precision", "run_precision", "auto_precision", "kept_precision_note", "unrecorded_precision_note",
+           "cpu_has_bf16", "emulated_bf16_notes", "autocast_factory", "WatchedScaler", "OVERFLOWS_IN_A_ROW",
+           "PRECISIONS"]
 
 # what 'auto' resolves to, and a checkpoint records having trained in: --precision's other choices
 PRECISIONS = tuple(choice for choice in PRECISION.choices if choice != "auto")
@@ -31,13 +32,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def run_precision(config, device: torch.device) -> str:
-    """The precision a run trains in: ``config.precision`` resolved for ``device``; but a resumed run's 'auto' keeps
-    the precision its checkpoint (``config.resume_point``) records having trained in, so that a resume on a machine
-    whose own 'auto' differs (an AMX CPU's bf16, another CPU's fp32; a CPU smoke test's fp32 on a GPU) does not
-    change the run's numerics unasked. A checkpoint that records none (an older lomar's) gets this machine's 'auto'."""
+    """The precision a run trains in: ``config.precision`` resolved for ``device``, 'auto' as :func:`auto_precision`
+    resolves it."""
+    return auto_precision(config, device) if config.precision == "auto" else resolve_precision(config.precision, device)
+
+
+def auto_precision(config, device: torch.device) -> str:
+    """What --precision auto trains the run of ``config`` in on ``device``: this machine's choice, but a resumed run
+    keeps the precision its checkpoint (``config.resume_point``) records having trained in, so that a resume on a
+    machine whose own 'auto' differs (an AMX CPU's bf16, another CPU's fp32; a CPU smoke test's fp32 on a GPU) does
+    not change the run's numerics unasked. A checkpoint that records none (an older lomar's) gets this machine's."""
     point = getattr(config, "resume_point", None)
     ran = (getattr(point, "meta", None) or {}).get("precision")
-    return ran if config.precision == "auto" and ran in PRECISIONS else resolve_precision(config.precision, device)
+    return ran if ran in PRECISIONS else resolve_precision("auto", device)
 
 
 def kept_precision_note(precision: str, own: str, trained: str) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lomar.checkpoints.file_names import BEST, METRICS
 from lomar.train.monitor import input_limit_note, metric_text, resume_hint
-from lomar.train.precision import emulated_bf16_notes
+from lomar.train.precision import auto_precision, emulated_bf16_notes
 from lomar.train.schedule import warmup_warning
 from lomar.values import counted
 from lomar.viz.curves import loss_summary
@@ -23,7 +23,8 @@ def announce(trainer) -> None:
     print(f"lomar {task.name}: {task.describe()}; {steps} ({trainer.steps_per_epoch} an epoch, batch "
           f"{cfg.batch_size} x accum {trainer.accum} x {trainer.info.world_size} process(es)); out {trainer.out}; "
           f"device {trainer.device}, precision {trainer.precision}", flush=True)
-    for note in emulated_bf16_notes(cfg.precision, trainer.device) + trainer.notes:  # and a resume's numerics' changes
+    emulated = emulated_bf16_notes(cfg.precision, trainer.device, auto_precision(cfg, trainer.device))
+    for note in emulated + trainer.notes:  # and a resume's numerics' changes
         print(f"lomar {task.name}: {note}", flush=True)
     if warning := warmup_warning(trainer.last_step, *trainer.schedule, trainer.base_lr, trainer.min_lr,
                                  task.lr_schedule, config=cfg, resumed=p.step > 0):
