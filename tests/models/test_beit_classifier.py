@@ -50,3 +50,11 @@ def test_the_classifier_is_timms_beit_as_finetune_builds_it(pretraining, img_siz
 def test_a_pooling_timm_does_not_have_is_refused_naming_its_two():
     with pytest.raises(ValueError, match=r"global_pool='cls': timm's Beit pools by 'avg' or 'token'"):
         BEiTClassifier(BEiTConfig(**_TINY), 2, "cls")
+
+
+def test_a_beit_of_another_norm_eps_is_refused_where_timms_beit_would_normalise_with_1e_6():
+    config = BEiTConfig(**_TINY, norm_eps=1e-5)
+    for build in (timm_beit_args, BEiTClassifier):
+        with pytest.raises(ValueError, match=r"eps 1e-6, not this BEiT's norm_eps=1e-05"):
+            build(config)
+    assert timm_beit_args(BEiTConfig(**_TINY))["embed_dim"] == 32  # the default eps is timm's

@@ -344,6 +344,9 @@ def timm_beit_args(beit: BEiT | BEiTConfig) -> dict:
     c = beit if isinstance(beit, BEiTConfig) else beit.config
     if c.attn_head_dim is not None or c.qk_scale is not None:
         raise ValueError("timm's Beit has no attn_head_dim / qk_scale; this BEiT cannot be exported to it")
+    if c.norm_eps != 1e-6:  # timm's Beit takes no eps: its LayerNorms keep their default, 1e-6
+        raise ValueError(f"timm's Beit normalises with eps 1e-6, not this BEiT's norm_eps={c.norm_eps}; this BEiT "
+                         f"cannot be exported to it")
     return dict(img_size=c.img_size, patch_size=c.patch_size, in_chans=c.in_chans, embed_dim=c.embed_dim,
                 depth=c.depth, num_heads=c.num_heads, mlp_ratio=c.mlp_ratio, qkv_bias=c.qkv_bias,
                 init_values=c.init_values or None, use_abs_pos_emb=c.use_abs_pos_emb,
