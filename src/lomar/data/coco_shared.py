@@ -18,8 +18,8 @@ annotation file's and image folder's resolved paths and the split, then by what 
 (size, mtime_ns), the pixel limit and a digest of the code that packs it, which its header records too (a file that does
 not match is never used), with the mtime_ns of each folder the split's images are in, known once it is parsed (a writer
 that finds an image gone after that stat, or the identity moved, refuses to write). So two jobs on the same files with
-another lomar or ``LOMAR_MAX_IMAGE_PIXELS`` each keep a file of their own, where one name made them overwrite each
-other's: one failed "cannot be read back", the other's processes waited out ``WAIT_S``. A first process removes the
+another lomar or ``LOMAR_MAX_IMAGE_PIXELS`` each keep a file of their own (under one name they would overwrite each
+other's: one would fail "cannot be read back", the other's processes wait out ``WAIT_S``). A first process removes the
 files of its paths and split of another identity unused for ``WAIT_S`` (using one touches it): every process of the job
 that wrote or used it has mapped it by then, and a mapped file that is unlinked stays readable; another job's writer
 renames its file into place fresh.
