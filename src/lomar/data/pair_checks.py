@@ -177,7 +177,7 @@ def pair_tops(root: Path, split: str, pairs: list[tuple[Path, Path]], check: Cal
             tops[k] = entry[3]
     todo = [k for k, top in enumerate(tops) if top is None]
     if len(todo) < len(pairs):
-        log.info("%s/%s: %d of %d pairs unchanged since checked (%s); checking %d", root, split,
+        log.info("%s (split %s): %d of %d pairs unchanged since checked (%s); checking %d", root, split,
                  len(pairs) - len(todo), len(pairs), path, len(todo))
     try:
         with ThreadPoolExecutor(max(1, workers)) as pool:
