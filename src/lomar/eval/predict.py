@@ -285,8 +285,8 @@ def segment(trained: Trained, images: list[ListedImage], device: torch.device, m
             ) -> Iterator[tuple[ListedImage, bytes]]:
     """Each readable image and its label map at its own size as a PNG in the run's annotations' encoding (its
     ``zero_label``: class + 1 where 0 is unlabelled), inferred in ``mode`` (whole or slide) at the run's size and
-    stride; one image a forward pass (images differ in size), as segment evaluates; ``autocast``: its context (the
-    logits are resized and compared in fp32 whatever it is)."""
+    stride; one image at a time (images differ in size), its sliding windows batched as segment evaluates;
+    ``autocast``: its context (the logits are resized and compared in fp32 whatever it is)."""
     settings = trained.checkpoint["settings"]
     crop, classes = settings["img_size"], settings["num_classes"]
     zero_label = settings.get("zero_label", "ignore")  # as segment reads a checkpoint that saved none: ADE20K's ids

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from lomar.values import percent_text
 
 __all__ = ["confusion_matrix", "segmentation_metrics", "per_class_table", "lowest_classes",
-           "predict_logits", "slide_stride", "label_map", "label_png", "CLASS_CHUNK"]
+           "predict_logits", "SLIDE_PIXELS", "slide_stride", "label_map", "label_png", "CLASS_CHUNK"]
 
 
 def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_index: int = 255
@@ -62,6 +62,11 @@ def lowest_classes(iou: list, labels: list[str], count: int = 5) -> str:
     return ", ".join(f"{labels[n]}: {percent_text(v)}" for v, n in scored[:count])
 
 
+# Pixels of sliding windows run in one forward: four of mmseg's 512-pixel crops (their 150 fp32 ADE20K logits:
+# 630 MB), so that a GPU runs several windows at once and memory stays bounded whatever the image's size
+SLIDE_PIXELS = 4 * 512 * 512
+
+
 @torch.no_grad()
 def predict_logits(model, image: torch.Tensor, num_classes: int, mode: str = "whole", crop: int = 512,
                    stride: int = 341, size_divisor: int | None = None) -> torch.Tensor:
@@ -72,7 +77,8 @@ def predict_logits(model, image: torch.Tensor, num_classes: int, mode: str = "wh
     one forward.
     ``slide``: mmseg's ``slide_inference``: ``crop``-sized windows every ``stride`` pixels (the
     last one flush with the border), logits averaged where windows overlap; an image smaller
-    than ``crop`` is padded to it.
+    than ``crop`` is padded to it. The windows, row by row, go through the model in batches
+    (B, 3, crop, crop) of :data:`SLIDE_PIXELS` pixels at most (one window at least).
     """
     h, w = image.shape[-2:]
     if mode == "whole":
@@ -86,12 +92,15 @@ def predict_logits(model, image: torch.Tensor, num_classes: int, mode: str = "wh
     ph, pw = padded.shape[-2:]
     rows = max(ph - crop + stride - 1, 0) // stride + 1
     cols = max(pw - crop + stride - 1, 0) // stride + 1
+    origins = [(min(r * stride, ph - crop), min(c * stride, pw - crop)) for r in range(rows) for c in range(cols)]
+    per_forward = max(1, SLIDE_PIXELS // (crop * crop))
     total = torch.zeros(1, num_classes, ph, pw, device=image.device)
     count = torch.zeros(1, 1, ph, pw, device=image.device)
-    for r in range(rows):
-        for c in range(cols):
-            top, left = min(r * stride, ph - crop), min(c * stride, pw - crop)
-            total[..., top:top + crop, left:left + crop] += model(padded[..., top:top + crop, left:left + crop]).float()
+    for first in range(0, len(origins), per_forward):
+        batch = origins[first:first + per_forward]
+        logits = model(torch.cat([padded[..., top:top + crop, left:left + crop] for top, left in batch])).float()
+        for (top, left), window in zip(batch, logits):
+            total[..., top:top + crop, left:left + crop] += window
             count[..., top:top + crop, left:left + crop] += 1
     return (total / count)[..., :h, :w]
 
