@@ -3,6 +3,7 @@ takes under either protocol (AdamW's cosine without warm-up, MAE's LARS warm-up 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -67,11 +68,8 @@ def test_the_mae_probe_warms_up_then_cosines_by_fractional_epoch_at_blr_times_ba
     assert lrs == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
-def _mae_probe(warmup_epochs: float):
-    return lambda *args, **kwargs: train_mae_linear_probe(*args, **kwargs, warmup_epochs=warmup_epochs)
-
-
-@pytest.mark.parametrize("train", [train_linear_probe, _mae_probe(0)])
+@pytest.mark.parametrize("train", [train_linear_probe, functools.partial(train_mae_linear_probe, warmup_epochs=0)],
+                         ids=["adamw", "mae"])
 def test_two_training_images_are_enough_one_is_not(train):
     x, y = torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([0, 1])
     _, top1 = train(x, y, x, y, epochs=1, batch_size=4)  # one batch of 2: BatchNorm's statistics exist
@@ -90,7 +88,8 @@ def test_an_optimizer_error_that_is_no_overflow_stays_itself(monkeypatch):
         train_linear_probe(x, y, x, y, epochs=1, batch_size=4)
 
 
-@pytest.mark.parametrize("train", [train_linear_probe, _mae_probe(1)])
+@pytest.mark.parametrize("train", [train_linear_probe, functools.partial(train_mae_linear_probe, warmup_epochs=1)],
+                         ids=["adamw", "mae"])
 def test_the_seed_alone_decides_the_probe_whatever_the_global_generator_holds(train):
     x, y = _features(16)
     probes = []
