@@ -144,6 +144,18 @@ def segmenter_file(path: Path, model: torch.nn.Module) -> dict:
     return checkpoint
 
 
+def counted_mask_pastes(monkeypatch) -> list[int]:
+    """From here on, how many masks each call of torchvision's ``paste_masks_in_image`` pastes (its ``roi_heads``' and
+    its detection ``transform``'s, the name each calls), in call order; torchvision still pastes them."""
+    from torchvision.models.detection import roi_heads, transform  # torchvision's detection: for these tests alone
+
+    pasted, paste = [], roi_heads.paste_masks_in_image
+    for module in (roi_heads, transform):
+        monkeypatch.setattr(module, "paste_masks_in_image",
+                            lambda masks, *args: pasted.append(len(masks)) or paste(masks, *args))
+    return pasted
+
+
 def pretrain(*args: str) -> int:
     return main(["pretrain", *TINY, *args])
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import CPU_RUN
+from helpers import CPU_RUN, counted_mask_pastes
 from lomar.cli.app import main
 from lomar.models.vit import VisionTransformer
 
@@ -175,8 +175,6 @@ def _photos(folder, sizes) -> list:
 def test_a_detectors_masks_are_pasted_a_few_at_a_time_into_the_rles_of_all_at_once(tmp_path, monkeypatch, detector):
     # torchvision's evaluation pastes every detection's mask at the image's size at once, and keeps a second copy:
     # 2 x 100 x 12 M floats (9.6 GB) for one phone photo
-    from torchvision.models.detection import roi_heads, transform
-
     from lomar.data.decode import load_image
     from lomar.data.jitter import eval_transforms
     from lomar.eval import coco, predict
@@ -185,10 +183,7 @@ def test_a_detectors_masks_are_pasted_a_few_at_a_time_into_the_rles_of_all_at_on
     with torch.no_grad():  # as predict runs: a forward recording gradients differs in the last bits
         output = detector.model([eval_transforms()(load_image(photo.path))])[0]  # torchvision's own pasting
     expected = coco.to_coco_results(output, photo.path, [1, 2, 5])
-    pasted, paste = [], roi_heads.paste_masks_in_image
-    for module in (roi_heads, transform):
-        monkeypatch.setattr(module, "paste_masks_in_image",
-                            lambda masks, *args: pasted.append(len(masks)) or paste(masks, *args))
+    pasted = counted_mask_pastes(monkeypatch)
     monkeypatch.setattr(coco, "PASTE_PIXELS", 3 * 90 * 130 + 1)
     found = predict.detect(detector, [photo], torch.device("cpu"), 0.0, 16, 0, [])
     assert len(expected) == 20 and len({json.dumps(entry["segmentation"]) for entry in expected}) > 10

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from helpers import CPU_RUN
+from helpers import CPU_RUN, counted_mask_pastes
 from lomar.cli.app import main
 
 
@@ -17,7 +17,6 @@ from lomar.cli.app import main
 def test_detects_evaluation_pastes_a_few_masks_at_a_time_into_torchvisions_rles_and_scores(tmp_path, monkeypatch,
                                                                                          dense_runs):
     from pycocotools.coco import COCO
-    from torchvision.models.detection import roi_heads, transform
 
     from lomar.data.decode import load_image
     from lomar.data.jitter import eval_transforms
@@ -35,10 +34,7 @@ def test_detects_evaluation_pastes_a_few_masks_at_a_time_into_torchvisions_rles_
             expected.extend(coco.to_coco_results(output, image["id"], trained.checkpoint["categories"]))
     expected_metrics = coco.coco_metrics(COCO(str(ann)), expected)
 
-    pasted, paste = [], roi_heads.paste_masks_in_image
-    for module in (roi_heads, transform):
-        monkeypatch.setattr(module, "paste_masks_in_image",
-                            lambda masks, *args: pasted.append(len(masks)) or paste(masks, *args))
+    pasted = counted_mask_pastes(monkeypatch)
     monkeypatch.setattr(coco, "PASTE_PIXELS", 3 * 64 * 64)  # compose-digits' 64 px images: 3 masks a paste
     assert main(["detect", "--eval-only", "--pretrained", str(run), "--val-ann", str(ann), "--val-images", str(images),
                  "--batch-size", "2", "--out", str(tmp_path / "scored"), *CPU_RUN]) == 0
