@@ -1,7 +1,8 @@
 """A resumed finetune, detect or segment run rebuilds its model from its own checkpoint: the --pretrained encoder it
 started from may be gone, the resumed steps are an uninterrupted run's, and the resume says where its model came
-from (not a load report, whose new head read as a fresh start). A checkpoint that saved no architecture (a segmenter
-saved before 2026-12-06) is built from --pretrained as before. A finetuned BEiT (timm's Beit) is rebuilt too."""
+from (not a load report, whose new head read as a fresh start). A checkpoint that keeps no architecture (a segmenter's
+without model_spec or encoder_config) is built from --pretrained as its run started. A finetuned BEiT (timm's Beit) is
+rebuilt too."""
 
 from __future__ import annotations
 
@@ -90,7 +91,8 @@ def test_a_segmenter_resumes_without_the_encoder_it_started_from_unless_saved_be
                "32", "--batch-size", "2", "--head-channels", "16", "--schedule-steps", "4", "--warmup-steps", "1",
                "--eval-every", "50", "--eval-mode", "whole", *_RUN]
     straight, _ = _resumes_without_its_encoder(command, start, tmp_path, capsys)
-    # a checkpoint saved before segment checkpoints kept their encoder's layout: built from --pretrained, as it was
+    # a checkpoint without its encoder's layout (no encoder_config, no model_spec): built from --pretrained as its run
+    # started
     older = tmp_path / "older"
     ckpt = safe_load(older / "last.pt")
     del ckpt["encoder_config"], ckpt["model_spec"]
