@@ -29,8 +29,9 @@ def _isolated_working_directory(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache_folder(tmp_path_factory):
-    """What lomar keeps between runs (``lomar.data.pair_checks``' checked segmentation pairs) goes to a folder of the
-    session's, never to the user's ``~/.cache/lomar``; session-wide, so that session fixtures' runs write there too."""
+    """What lomar keeps between runs (``lomar.data.user_cache.cache_folder``: coco_shared's packed COCO splits,
+    pair_checks' checked segmentation pairs) goes to a folder of the session's, never to the user's ``~/.cache/lomar``;
+    session-wide, so that session fixtures' runs write there too."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LOMAR_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
         yield
