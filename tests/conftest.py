@@ -10,10 +10,6 @@ from lomar.cli.app import main
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: starts subprocesses or torchrun (make test-fast skips them)")
-
-
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``longest`` run first. ``make test``'s ``-n 2 --dist worksteal`` deals tests out in this order:
     a long test collected late could start near the end, one worker waiting alone on it."""
