@@ -159,3 +159,51 @@ def _predicted_in_fp32_and_bf16(run, images, out, capsys, after: str) -> None:
         assert main(["predict", str(run), str(images), "--out", str(out / precision), "--precision", precision,
                      *CPU_RUN]) == 0
         assert f", {precision}{after}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recorded", ["fp32", None])
+def test_predict_eval_only_and_a_resume_keep_one_precision_and_say_so_alike(tmp_path, capsys, monkeypatch, classifier,
+                                                                           labelled_folder, recorded):
+    """--precision auto on a finetuned classifier's checkpoint: predict, finetune --eval-only and finetune --resume
+    each keep the precision it records having trained in (where this machine's auto picks bf16), or where it records
+    none take this machine's auto, and say so in one sentence (the resume's names 'the run')."""
+    import shutil
+
+    from lomar.checkpoints.io import atomic_save, safe_load
+    from lomar.models.vit import VisionTransformer
+
+    monkeypatch.setattr("lomar.train.precision.cpu_has_bf16", lambda: recorded is not None)  # no emulated bf16 run
+    run = tmp_path / "run"
+    shutil.copytree(classifier, run)
+    for name in ("best.pt", "last.pt"):  # a run under auto, which chose fp32 on its machine; or that records none
+        ckpt = safe_load(run / name)
+        ckpt["settings"]["precision"] = "auto"
+        if recorded is None:
+            del ckpt["precision"]
+        atomic_save(ckpt, run / name)
+    seen, forward = set(), VisionTransformer.forward  # each forward's autocast dtype (None: off)
+
+    def recorded_forward(self, x):
+        seen.add(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return forward(self, x)
+
+    monkeypatch.setattr(VisionTransformer, "forward", recorded_forward)
+    image = str(next((labelled_folder / "val").rglob("*.png")))
+    capsys.readouterr()
+    assert main(["predict", str(run), image, "--out", str(tmp_path / "pred"), *CPU_RUN]) == 0
+    printed, noted = capsys.readouterr()
+    assert printed.endswith(f"classes, fp32 -> {tmp_path / 'pred' / 'predictions.jsonl'}\n") and seen == {None}
+    note = ("precision fp32, the one the classifier trained in (this machine's --precision auto would pick bf16); "
+            "pass --precision bf16 to switch" if recorded else
+            "precision fp32, --precision auto's choice on this machine: the checkpoint does not record the precision "
+            "the classifier trained in")
+    assert noted == f"lomar predict: note: {note}\n", noted
+    seen.clear()
+    assert main(["finetune", "--eval-only", "--pretrained", str(run), "--val", str(labelled_folder / "val"), "--out",
+                 str(tmp_path / "scored"), "--batch-size", "4", *CPU_RUN]) == 0
+    assert f"lomar finetune: {note}\n" in capsys.readouterr().err and seen == {None}
+    seen.clear()
+    assert main(["finetune", "--out", str(run), "--resume", "auto", "--epochs", "2", "--max-steps", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert f"lomar finetune: {note.replace('the classifier', 'the run')}\n" in printed and seen == {None}
+    assert "device cpu, precision fp32" in printed and safe_load(run / "last.pt")["precision"] == "fp32"

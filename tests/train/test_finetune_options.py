@@ -457,20 +457,20 @@ def test_eval_only_scores_a_finetuned_classifier_as_its_run_did(tmp_path, capsys
     for given, scored_in in (([], "fp32"), (["--precision", "auto"], "fp32"), (["--precision", "bf16"], "bf16")):
         assert main([*evaluate, "--pretrained", str(tmp_path / "auto.pt"), "--print-config", *given]) == 0
         assert yaml.safe_load(capsys.readouterr().out)["precision"] == scored_in
-    from lomar.train import finetune  # where this machine's auto would pick bf16, the start says so
+    from lomar.train import precision  # where this machine's auto would pick bf16, the start says so
 
-    monkeypatch.setattr(finetune, "resolve_precision", lambda precision, device: precision.replace("auto", "bf16"))
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
     assert main([*evaluate, "--pretrained", str(tmp_path / "auto.pt"), "--out", str(tmp_path / "auto")]) == 0
     assert ("lomar finetune: precision fp32, the one the classifier trained in (this machine's --precision auto "
             "would pick bf16); pass --precision bf16 to switch\n") in capsys.readouterr().err
     monkeypatch.undo()
-    # an older lomar's classifier records no precision: this machine's auto is used, and the start says so
+    # a classifier that records no precision (an older lomar's): this machine's auto is used, and the start says so
     del ckpt["precision"]
     torch.save(ckpt, tmp_path / "older.pt")
     assert main([*evaluate, "--pretrained", str(tmp_path / "older.pt"), "--out", str(tmp_path / "older")]) == 0
-    here = finetune.resolve_precision("auto", torch.device("cpu"))
-    assert (f"lomar finetune: precision {here}, --precision auto's choice on this machine: the checkpoint (an older "
-            f"lomar's) does not record the precision the classifier trained in\n") in capsys.readouterr().err
+    here = precision.resolve_precision("auto", torch.device("cpu"))
+    assert (f"lomar finetune: precision {here}, --precision auto's choice on this machine: the checkpoint does not "
+            f"record the precision the classifier trained in\n") in capsys.readouterr().err
     # another size: its position table resampled there, the record says both sizes
     assert main([*evaluate, "--pretrained", str(run), "--out", str(tmp_path / "48"), "--img-size", "48"]) == 0
     assert "(step 1), 48 px, not its trained 32 px" in capsys.readouterr().err

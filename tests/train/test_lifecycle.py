@@ -1341,8 +1341,8 @@ def test_an_older_checkpoint_of_a_cuda_run_resumes_on_a_cpu_saying_what_it_gets(
     capsys.readouterr()
     assert run(ToyConfig(out=str(out), precision="auto", max_steps=4, resume="auto"), ToyTask) == 0
     printed, own = capsys.readouterr().out, resolve_precision("auto", torch.device("cpu"))
-    assert (f"lomar toy: precision {own}, --precision auto's choice on this machine: the checkpoint (an older lomar's) "
-            f"does not record the precision the run trained in\n") in printed
+    assert (f"lomar toy: precision {own}, --precision auto's choice on this machine: the checkpoint does not record "
+            f"the precision the run trained in\n") in printed
     assert ("lomar toy: device cuda → cpu after step 2: the weights and optimizer state move over; its kernels and "
             "device random draws (drop path) differ, so it does not go on bit for bit\n") in printed
 

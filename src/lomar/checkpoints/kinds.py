@@ -63,6 +63,6 @@ def classifier_pool(checkpoint: dict, state: dict) -> str:
 def trained_precision(checkpoint: dict) -> str | None:
     """The precision a training run's ``checkpoint`` was trained (and evaluated) in: its --precision, or where that was
     auto, the precision auto chose on its machine (recorded beside its step); None where it records neither (an older
-    lomar's)."""
+    lomar's, a classifier converted from the original code, an original one)."""
     run = checkpoint.get("settings") if isinstance(checkpoint.get("settings"), dict) else {}
     return checkpoint.get("precision") if run.get("precision", "auto") == "auto" else run.get("precision")

@@ -134,20 +134,18 @@ def _precision(given: str, trained, device) -> tuple[str, list[str]]:
     """The precision ``trained`` (a :class:`~lomar.eval.predict.Trained`) predicts in on ``device``, and the notes to
     print: ``given`` (--precision); auto is the precision of its run's own evaluation, so that its predictions are
     the ones that run scored: fp32 for a detector and a segmenter (detect and segment evaluate in fp32 whatever they
-    trained in); a classifier's run precision, as finetune evaluates in it and --eval-only keeps it (said where this
-    machine's auto would pick another), else (a checkpoint that records none: an older lomar's, a converted one) this
-    machine's auto, as --eval-only's."""
+    trained in); a classifier's, the one its checkpoint records having trained in, as finetune --eval-only keeps it
+    (:func:`~lomar.train.precision.trained_precision_kept`: this machine's auto where it records none)."""
     # torch: not for --help
-    from lomar.train.precision import PRECISIONS, emulated_bf16_notes, kept_precision_note, resolve_precision
+    from lomar.train.precision import emulated_bf16_notes, trained_precision_kept
 
     if given != "auto":
         return given, emulated_bf16_notes(given, device, _precision("auto", trained, device)[0])
     if trained.kind != "classifier":
         return "fp32", []
-    own, ran = resolve_precision("auto", device), trained_precision(trained.checkpoint)
-    if ran not in PRECISIONS:
-        return own, []
-    return ran, [kept_precision_note(ran, own, f"the {trained.kind}")] if ran != own else []
+    precision, note = trained_precision_kept(given, trained_precision(trained.checkpoint), f"the {trained.kind}",
+                                             device)
+    return precision, [note] if note else []
 
 
 def _png_path(out: Path, image) -> Path:

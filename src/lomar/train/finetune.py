@@ -47,7 +47,7 @@ from lomar.train.eval_only import over_note, score_only, scored_split
 from lomar.train.finetune_config import FinetuneConfig, split_roots
 from lomar.train.lifecycle import run
 from lomar.train.monitor import metric_text
-from lomar.train.precision import autocast_factory, kept_precision_note, resolve_precision, unrecorded_precision_note
+from lomar.train.precision import autocast_factory, trained_precision_kept
 from lomar.train.preemption import ignore_stop_signals
 from lomar.train.setting_flags import flags_by_setting
 from lomar.train.task import Task
@@ -118,11 +118,10 @@ class FinetuneTask(Task):
         if config.eval_only:
             self.model, trained = _trained_classifier(config, len(self.classes))
             self.model.to(device)
-            precision = resolve_precision(config.precision, device)
+            # under auto, config.precision is the one the classifier records having trained in (auto: none recorded)
+            setting, recorded = ("auto", config.precision) if config.precision_auto else (config.precision, None)
+            precision, note = trained_precision_kept(setting, recorded, "the classifier", device)
             self.autocast = autocast_factory(precision, device)  # as a run's
-            note = unrecorded_precision_note(precision, "the classifier") if config.precision_unrecorded else None
-            if config.precision_of_run and (own := resolve_precision("auto", device)) != config.precision:
-                note = kept_precision_note(config.precision, own, "the classifier")
             if note:
                 print(f"lomar finetune: {note}", file=sys.stderr, flush=True)
             path, step = config.classifier.path, config.classifier.checkpoint.get("step")

@@ -45,8 +45,7 @@ class FinetuneConfig(TaskConfig):
     COMMAND = "finetune"
     TRAINS_FROM_OWN = True
     classifier = None  # not a setting: --eval-only's checkpoint as complete read it (kinds.FoundCheckpoint)
-    precision_of_run = False  # not a setting: --eval-only's precision is the classifier's run's, auto's of its machine
-    precision_unrecorded = False  # not a setting: --eval-only under auto of a classifier that records no precision
+    precision_auto = False  # not a setting: --eval-only under --precision auto, whose precision is the classifier's own
     notes_said = None  # not a setting: a study's notes said so far (lines, a dict), which its finetunes do not repeat
     pretrained: str | None = S.PRETRAINED.field(help=S.PRETRAINED.help + " (default: none; required unless "
                                                      "resuming, which reads it from the checkpoint), or with "
@@ -148,8 +147,7 @@ class FinetuneConfig(TaskConfig):
         for name, value in own.items():
             if (name not in explicit or (name == "precision" and auto)) and value is not None:
                 setattr(self, name, value)
-        self.precision_of_run = auto and own.get("precision", "auto") != "auto"
-        self.precision_unrecorded = auto and "precision" not in own  # an older lomar's: this machine's auto, said
+        self.precision_auto = auto  # the precision set above, or auto where the checkpoint records none
 
     def notes(self) -> list[str]:
         return [self._warmup_note] if getattr(self, "_warmup_note", None) else []

@@ -10,9 +10,8 @@ import torch
 from lomar.train.divergence import diverged
 from lomar.train.settings import PRECISION
 
-__all__ = ["resolve_precision", "run_precision", "auto_precision", "kept_precision_note", "unrecorded_precision_note",
-           "cpu_has_bf16", "emulated_bf16_notes", "autocast_factory", "WatchedScaler", "OVERFLOWS_IN_A_ROW",
-           "PRECISIONS"]
+__all__ = ["resolve_precision", "run_precision", "auto_precision", "trained_precision_kept", "cpu_has_bf16",
+           "emulated_bf16_notes", "autocast_factory", "WatchedScaler", "OVERFLOWS_IN_A_ROW", "PRECISIONS"]
 
 # what 'auto' resolves to, and a checkpoint records having trained in: --precision's other choices
 PRECISIONS = tuple(choice for choice in PRECISION.choices if choice != "auto")
@@ -38,27 +37,31 @@ def run_precision(config, device: torch.device) -> str:
 
 
 def auto_precision(config, device: torch.device) -> str:
-    """What --precision auto trains the run of ``config`` in on ``device``: this machine's choice, but a resumed run
-    keeps the precision its checkpoint (``config.resume_point``) records having trained in, so that a resume on a
-    machine whose own 'auto' differs (an AMX CPU's bf16, another CPU's fp32; a CPU smoke test's fp32 on a GPU) does
-    not change the run's numerics unasked. A checkpoint that records none (an older lomar's) gets this machine's."""
+    """What --precision auto trains the run of ``config`` in on ``device``: a resumed run keeps the precision its
+    checkpoint (``config.resume_point``) records having trained in, as :func:`trained_precision_kept` keeps it."""
     point = getattr(config, "resume_point", None)
-    ran = (getattr(point, "meta", None) or {}).get("precision")
-    return ran if ran in PRECISIONS else resolve_precision("auto", device)
+    return trained_precision_kept("auto", (getattr(point, "meta", None) or {}).get("precision"), "the run", device)[0]
 
 
-def kept_precision_note(precision: str, own: str, trained: str) -> str:
-    """The note of a --precision auto that keeps ``precision``, the one ``trained`` ('the run', 'the classifier')
-    trained in, where this machine's 'auto' picks ``own``: a resume's, an evaluation's."""
-    return (f"precision {precision}, the one {trained} trained in (this machine's --precision auto would pick {own}); "
-            f"pass --precision {own} to switch")
-
-
-def unrecorded_precision_note(precision: str, trained: str) -> str:
-    """The note of a --precision auto that resolves to ``precision``, this machine's choice, because the checkpoint
-    of ``trained`` ('the run', 'the classifier'), an older lomar's, does not record the precision it trained in."""
-    return (f"precision {precision}, --precision auto's choice on this machine: the checkpoint (an older lomar's) "
-            f"does not record the precision {trained} trained in")
+def trained_precision_kept(setting: str, recorded: str | None, trained: str, device: torch.device
+                           ) -> tuple[str, str | None]:
+    """The precision that --precision ``setting`` gives a model trained before (``trained``, as the note names it:
+    'the run' a resume continues, 'the classifier' an evaluation or a prediction runs), on ``device``, and the note
+    to print (None: nothing to say). 'auto' keeps ``recorded``, the precision its checkpoint records having trained
+    in, so that a machine whose own 'auto' differs (an AMX CPU's bf16, another CPU's fp32; a CPU smoke test's fp32 on
+    a GPU) does not change its numerics unasked, and says so where this machine's 'auto' would pick another; a
+    checkpoint that records none (an older lomar's, one converted from the original code, an original classifier)
+    gets this machine's 'auto', and the note says that it records none. Another setting is taken as given."""
+    if setting != "auto":
+        return resolve_precision(setting, device), None
+    own = resolve_precision("auto", device)
+    if recorded not in PRECISIONS:
+        return own, (f"precision {own}, --precision auto's choice on this machine: the checkpoint does not record the "
+                     f"precision {trained} trained in")
+    if recorded == own:
+        return recorded, None
+    return recorded, (f"precision {recorded}, the one {trained} trained in (this machine's --precision auto would pick "
+                      f"{own}); pass --precision {own} to switch")
 
 
 def cpu_has_bf16() -> bool:

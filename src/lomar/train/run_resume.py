@@ -21,7 +21,7 @@ from pathlib import Path
 from lomar.checkpoints.file_names import LAST_POINTER
 from lomar.data.shard_members import file_identity
 from lomar.errors import UsageError
-from lomar.train.precision import kept_precision_note, resolve_precision, unrecorded_precision_note
+from lomar.train.precision import trained_precision_kept
 from lomar.train.run_state import (
     checkpoint_number,
     checkpoint_step,
@@ -208,17 +208,15 @@ def listing_change(saved: dict | None, now: dict | None, data: str | None, ckpt:
 def numerics_notes(ckpt: dict, precision: str, setting: str, device) -> list[str]:
     """What a resume from ``ckpt`` is told of its arithmetic, one line each: a precision (``precision``, from
     --precision ``setting``) other than the one the checkpoint records having trained in; the run's kept where this
-    machine's 'auto' would pick another; none recorded (an older lomar's checkpoint) under 'auto'; a device (a
+    machine's 'auto' would pick another, or none recorded, under 'auto' (:func:`trained_precision_kept`); a device (a
     torch.device) of another kind than the run's, which its RNG state tells: it holds a CUDA stream where it trained
     on CUDA (since every rank's states were kept, ``rng_ranks``; an older checkpoint's tells no device)."""
     step, ran, notes = ckpt.get("step"), ckpt.get("precision"), []
-    if ran is not None and ran != precision:
+    if setting == "auto":
+        notes += [note] if (note := trained_precision_kept(setting, ran, "the run", device)[1]) else []
+    elif ran is not None and ran != precision:
         fresh = "; fp16's loss scale starts afresh, as a new fp16 run's" if precision == "fp16" else ""
         notes.append(f"precision {ran} → {precision} after step {step}, as --precision {setting} asks{fresh}")
-    elif ran is None and setting == "auto":
-        notes.append(unrecorded_precision_note(precision, "the run"))
-    elif setting == "auto" and (own := resolve_precision("auto", device)) != precision:
-        notes.append(kept_precision_note(precision, own, "the run"))
     rng = ckpt.get("rng") if "rng_ranks" in ckpt else None  # a CUDA run's older checkpoint held no CUDA stream
     if isinstance(rng, dict) and (was := "cuda" if "cuda" in rng else "cpu") != device.type:
         notes.append(f"device {was} → {device.type} after step {step}: the weights and optimizer state move over; "
