@@ -52,3 +52,13 @@ def write_tiny_coco(root: Path, images: int = 8, seed: int = 0, size=(96, 128)) 
     ann = root / "instances.json"
     ann.write_text(json.dumps(data))
     return ann, folder
+
+
+def edited_coco(ann: Path, folder: Path, change) -> str:
+    """``ann`` as ``change`` (called on its parsed JSON, in place) leaves it, written to ``folder/bad.json``; a
+    ``change`` that makes the data a string writes that text as it is."""
+    data = json.loads(ann.read_text())
+    change(data)
+    path = folder / "bad.json"
+    path.write_text(json.dumps(data) if isinstance(data, dict) else data)
+    return str(path)
