@@ -43,6 +43,7 @@ from lomar.integrations.detection import detector_param_groups
 from lomar.models.attention import vitdet_global_blocks
 from lomar.models.mask_rcnn import ViTMaskRCNN, unpasted_masks
 from lomar.models.masking import grid_size
+from lomar.models.modes import eval_mode
 from lomar.models.relpos import fit_axis_tables
 from lomar.models.spec import model_spec
 from lomar.models.vit import VisionTransformer, ViTConfig, model_config
@@ -212,12 +213,10 @@ class DetectTask(Task):
         """box_* and mask_* COCO AP in percent over the validation split, and ``val_images`` where images were skipped
         (:func:`~lomar.train.eval_only.scored_split`; every process gets them, {} where the main process's scoring
         failed); the main process keeps the predictions."""
-        was_training = self.model.training
-        self.model.eval()
         # seen: the images read; one skipped (warned of at its first read) is left out of the scores and counted
         results, seen, skipped = [], [], []
         # masks pasted a few at a time (unpasted_masks): torchvision pastes each image's 100 at its size at once
-        with unpasted_masks(self.model):
+        with eval_mode(self.model), unpasted_masks(self.model):
             for batch in self.val_loader:
                 images, targets = batch
                 skipped.extend(getattr(batch, "bad", []))
@@ -228,7 +227,6 @@ class DetectTask(Task):
                     seen.append(int(target["image_id"]))
                     results.extend(to_coco_results(output, seen[-1], self.categories,
                                                    image_size=tuple(image.shape[-2:])))
-        self.model.train(was_training)
         if not self.info.enabled:
             self.predictions = results
             return self._scored(results, seen, skipped)

@@ -39,6 +39,7 @@ from lomar.errors import UsageError, said_by_first_on_machine
 from lomar.eval.features import load_pretrained_encoder
 from lomar.models.beit import BEiTConfig, timm_global_pool
 from lomar.models.beit_classifier import BEiTClassifier
+from lomar.models.modes import eval_mode
 from lomar.models.spec import model_spec
 from lomar.models.vit import VisionTransformer
 from lomar.train.distributed import DistInfo
@@ -199,21 +200,19 @@ class FinetuneTask(Task):
         """Top-1 (and, over more than 5 classes, top-5) accuracy in [0, 1] over the whole validation set (all ranks),
         and the main process's ``val_images`` where some were skipped (:func:`~lomar.train.eval_only.scored_split`)."""
         model, device = self.model, self.device
-        was_training = model.training
-        model.eval()
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct@1, correct@5, scored
         skipped = []  # each warned of at its first read
-        for batch in self.val_loader:
-            images, targets = batch
-            skipped.extend(getattr(batch, "bad", []))
-            if not len(targets):  # every image of the batch unreadable
-                continue
-            with self.autocast():
-                logits = model(images.to(device))
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hit = top == targets.to(device)[:, None]
-            totals += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(targets), device=device)])
-        model.train(was_training)
+        with eval_mode(model):
+            for batch in self.val_loader:
+                images, targets = batch
+                skipped.extend(getattr(batch, "bad", []))
+                if not len(targets):  # every image of the batch unreadable
+                    continue
+                with self.autocast():
+                    logits = model(images.to(device))
+                top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                hit = top == targets.to(device)[:, None]
+                totals += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(targets), device=device)])
         counts, split = {}, self.val_loader.dataset.dataset
         if self.info.enabled:
             dist.all_reduce(totals)

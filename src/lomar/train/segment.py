@@ -39,6 +39,7 @@ from lomar.eval.segmentation import (
 from lomar.integrations.dense import with_rel_pos
 from lomar.integrations.segmenter import layer_decay_groups
 from lomar.models.beit import BEiTConfig
+from lomar.models.modes import eval_mode
 from lomar.models.segmenter import UperNetSegmenter, segmentation_losses
 from lomar.models.spec import model_spec
 from lomar.models.vit import VisionTransformer, ViTConfig, model_config
@@ -172,12 +173,10 @@ class SegmentTask(Task):
         in the annotations' encoding (class + 1, or the class with ``--zero-label class``) by the main process,
         replacing the last evaluation's."""
         model, config, info = self.model, self.config, self.info
-        was_training = model.training
-        model.eval()
         stride = slide_stride(config.eval_stride, config.img_size)
         confusion = torch.zeros(config.num_classes, config.num_classes, dtype=torch.int64)
         pngs, skipped = [], []
-        try:
+        with eval_mode(model):
             for index in range(info.rank, len(self.val_set), info.world_size):
                 if isinstance(item := self.val_set[index], Skipped):  # warned of at its first read; counted
                     skipped.append(item)
@@ -187,8 +186,6 @@ class SegmentTask(Task):
                                  config.eval_mode, config.img_size, stride)
                 confusion += confusion_matrix(pred, labels, config.num_classes)
                 pngs.append((stem, label_png(pred, config.zero_label)))
-        finally:
-            model.train(was_training)
         if info.enabled:
             confusion = confusion.to(self.device)
             dist.all_reduce(confusion)
