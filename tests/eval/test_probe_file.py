@@ -57,6 +57,13 @@ def test_a_saved_probe_is_rebuilt_into_the_classifier_linprobe_scored(pretrained
         assert main(command) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"{saved} is a linear probe on " in err and str(pretrained.resolve()) in err
+    # no finetuned classifier for --eval-only to score: refused in one line naming what runs it
+    assert main(["finetune", "--eval-only", "--pretrained", str(saved), "--val", str(labelled_folder / "val"), "--out",
+                 str(tmp_path / "scored"), "--device", "cpu", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and (f"--pretrained {saved} is a `lomar linprobe --save` file, not a `lomar finetune` "
+                                     f"run or checkpoint: `lomar predict {saved} IMAGES` runs it on images, and "
+                                     f"lomar.load_model rebuilds it in Python\n") in err, err
 
 
 def test_a_probe_saved_without_its_encoder_is_refused_in_one_line(tmp_path, capsys):
