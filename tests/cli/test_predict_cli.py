@@ -4,10 +4,12 @@ skipped, warned of and counted; --out's prediction files are replaced only with 
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 from helpers import CPU_RUN
-from lomar.cli.app import main
+from lomar.cli.app import build_parser, main
 
 
 def _error(capsys, *argv: str, warned: int = 0) -> str:
@@ -33,6 +35,16 @@ def test_a_checkpoint_that_predicts_nothing_names_the_command_that_takes_it(tmp_
     err = _error(capsys, str(tmp_path / "export"), images, "--out", str(tmp_path / "out"))
     assert f"{tmp_path / 'export'} is an exported encoder, which predicts no labels; pass the best.pt" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_help_names_every_kind_of_file_predict_runs():
+    """`lomar predict --help` names what it takes as README does: a finetuned ViT's or BEiT's classifier, a detector,
+    a segmenter, and a `lomar linprobe --save` file."""
+    commands = next(a for a in build_parser(["predict"])._actions if isinstance(a, argparse._SubParsersAction))
+    text = " ".join(commands.choices["predict"].format_help().split())
+    for kind in ("`lomar finetune` (a ViT's or a BEiT's classifier)", "`lomar detect`", "`lomar segment`",
+                 "`lomar linprobe --save`", "or a linprobe --save file"):
+        assert kind in text, (kind, text)
 
 
 def test_paths_that_are_not_there_are_refused(tmp_path, capsys, classifier, labelled_folder):

@@ -46,7 +46,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("segment", "lomar.cli.train", "train and evaluate UperNet semantic segmentation on an encoder (ADE20K layout, "
      "mIoU)"),
     ("predict", "lomar.cli.predict", "run a trained classifier, detector or segmenter (a finetune, detect or segment "
-     "checkpoint) on image files and folders"),
+     "checkpoint, or a linprobe --save file) on image files and folders"),
     ("linprobe", "lomar.cli.probe", "linear probe (BatchNorm + linear) on frozen features"),
     ("knn", "lomar.cli.probe", "cosine k-NN accuracy of frozen features"),
     ("compose-digits", "lomar.cli.compose", "write an offline detection/segmentation set: sklearn digits on the "

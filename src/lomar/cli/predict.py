@@ -1,5 +1,5 @@
-"""``lomar predict CKPT IMAGES... --out DIR``: a trained classifier, detector or segmenter run on a user's own images
-(the work: :mod:`lomar.eval.predict`)."""
+"""``lomar predict CKPT IMAGES... --out DIR``: a trained classifier (a finetuned one or a linear probe), detector or
+segmenter run on a user's own images (the work: :mod:`lomar.eval.predict`)."""
 
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ __all__ = ["add_arguments", "run", "SETTINGS"]
 _SEGMENT_EVAL_MODE = S.declarations(SegmentConfig)["eval_mode"]  # its default: a segmenter's that saved none
 
 SETTINGS = {
-    "checkpoint": Setting(None, "the best.pt or last.pt of a `lomar finetune`, `lomar detect` or `lomar segment` "
-                          "run, or its run folder (its best.pt, else last.pt)", kind=str, flag="", metavar="CKPT",
-                          path=True),
+    "checkpoint": Setting(None, "the best.pt or last.pt of a `lomar finetune` (a ViT's or a BEiT's classifier), "
+                          "`lomar detect` or `lomar segment` run, or its run folder (its best.pt, else last.pt); or a "
+                          "file `lomar linprobe --save` wrote (the probe on its frozen encoder)", kind=str, flag="",
+                          metavar="CKPT", path=True),
     "images": Setting(None, "image files and folders (searched recursively, as the training commands search one)",
                       kind=str, flag="", nargs="+", metavar="IMAGES", path=True),
     "out": S.TO.but(metavar="DIR", help="output folder (created if missing)"),
