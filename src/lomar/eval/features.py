@@ -31,6 +31,7 @@ from lomar.errors import UsageError, in_flags, said_by_first_on_machine
 from lomar.models.attention import vitdet_global_blocks
 from lomar.models.beit import timm_global_pool
 from lomar.models.masking import grid_size
+from lomar.models.modes import eval_mode
 from lomar.models.probe_classifier import pooled_features
 from lomar.models.relpos import REL_POS_PARAMS
 from lomar.models.vit import VisionTransformer, ViTConfig
@@ -319,12 +320,10 @@ def read_features(encoder: VisionTransformer, loader, device: torch.device | str
                   desc: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`extract_features` without its checks: (N, D) features ((0,) when none was read) and (N,) labels;
     ``desc`` None: no progress bar."""
-    was_training = encoder.training
-    encoder.eval()
     # One (N, D) block filled batch by batch: a list of batches joined at the end held every feature twice (3.9 GB
     # more for ImageNet's training split with ViT-B). More rows than the dataset (a sampler that repeats) grow it.
     feats, filled, labels = torch.empty(0), 0, []
-    try:
+    with eval_mode(encoder):
         for batch in loader if desc is None else progress(loader, total=len(loader), desc=desc, unit="batch"):
             images, targets = batch[0], batch[1]
             bad.update(list(getattr(batch, "bad", [])), len(targets) + len(getattr(batch, "bad", [])))
@@ -340,8 +339,6 @@ def read_features(encoder: VisionTransformer, loader, device: torch.device | str
             feats[filled:filled + len(pooled)] = pooled.cpu()
             filled += len(pooled)
             labels.append(torch.as_tensor(targets).cpu())
-    finally:
-        encoder.train(was_training)
     return feats[:filled], torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
 
 

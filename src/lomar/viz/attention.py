@@ -22,6 +22,7 @@ from lomar.models import LoMaR
 from lomar.models.beit import Attention as BEiTAttention
 from lomar.models.beit import BEiT
 from lomar.models.masking import num_masked, window_token_index
+from lomar.models.modes import eval_mode
 from lomar.models.rpe import bucket_table
 from lomar.models.vit import Attention, VisionTransformer
 from lomar.viz.reconstruction import save_figure
@@ -157,27 +158,25 @@ def window_attention(model, image: torch.Tensor, target: tuple[int, int] | None 
     # the K×K window centred on the target, shifted to fit inside the grid
     top, left = min(max(target[0] - k // 2, 0), grid[0] - k), min(max(target[1] - k // 2, 0), grid[1] - k)
     ty, tx = target[0] - top, target[1] - left
-    was_training = encoder.training
-    encoder.eval()
-    images = image[None].to(encoder.cls_token.device, encoder.cls_token.dtype)
-    mask = None
-    if context == "window":
-        index = window_token_index(torch.tensor([top, left], device=images.device), k, grid[1])  # (K·K,)
-        x = encoder.patch_embed(images)[:, index]
-        if masked:
-            gen = torch.Generator().manual_seed(seed)
-            keys = torch.rand(k * k, generator=gen)
-            keys[ty * k + tx] = -1.0  # the target is always among the masked tokens
-            mask = torch.zeros(k * k, dtype=torch.bool)
-            mask[keys.topk(num_masked(k, model.mask_ratio), largest=False).indices] = True
-            x = torch.where(mask.to(x.device)[None, :, None], model.mask_token.to(x.dtype), x)
-        tokens, token_grid, query, origin = _window_tokens(encoder, x, index, grid), (k, k), ty * k + tx, (0, 0)
-    else:
-        tokens, token_grid = ((encoder.prepare_tokens(encoder.patch_embed(images)), encoder.grid)
-                              if isinstance(encoder, BEiT) else encoder.embed(images))
-        query, origin = target[0] * token_grid[1] + target[1], (top, left)
-    rows = [a[0, :, 1 + query].mean(dim=0) for a in block_attention(encoder, tokens, token_grid)]
-    encoder.train(was_training)
+    with eval_mode(encoder):
+        images = image[None].to(encoder.cls_token.device, encoder.cls_token.dtype)
+        mask = None
+        if context == "window":
+            index = window_token_index(torch.tensor([top, left], device=images.device), k, grid[1])  # (K·K,)
+            x = encoder.patch_embed(images)[:, index]
+            if masked:
+                gen = torch.Generator().manual_seed(seed)
+                keys = torch.rand(k * k, generator=gen)
+                keys[ty * k + tx] = -1.0  # the target is always among the masked tokens
+                mask = torch.zeros(k * k, dtype=torch.bool)
+                mask[keys.topk(num_masked(k, model.mask_ratio), largest=False).indices] = True
+                x = torch.where(mask.to(x.device)[None, :, None], model.mask_token.to(x.dtype), x)
+            tokens, token_grid, query, origin = _window_tokens(encoder, x, index, grid), (k, k), ty * k + tx, (0, 0)
+        else:
+            tokens, token_grid = ((encoder.prepare_tokens(encoder.patch_embed(images)), encoder.grid)
+                                  if isinstance(encoder, BEiT) else encoder.embed(images))
+            query, origin = target[0] * token_grid[1] + target[1], (top, left)
+        rows = [a[0, :, 1 + query].mean(dim=0) for a in block_attention(encoder, tokens, token_grid)]
     r0, c0 = origin
     maps = torch.stack([r[1:].reshape(token_grid)[r0:r0 + k, c0:c0 + k] for r in rows])
     cls_share = torch.stack([r[0] for r in rows])

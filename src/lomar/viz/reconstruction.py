@@ -18,6 +18,7 @@ from lomar.data.transforms import denormalize
 from lomar.models import MAE, LoMaR
 from lomar.models.mae_window import MAEWindow
 from lomar.models.masking import MaskingPlan, num_masked, window_token_index
+from lomar.models.modes import eval_mode
 from lomar.models.objective import patchify, unpatchify
 
 if TYPE_CHECKING:
@@ -48,43 +49,41 @@ def reconstruct(model, images: torch.Tensor, seed: int = 0,
     (visible patches from the input, masked ones predicted); LoMaR also gives ``plan``.
     ``plan`` (LoMaR only) fixes the windows and masks; otherwise they are drawn from ``seed``.
     """
-    was_training = model.training
-    model.eval()
-    p = model.config.patch_size
-    n, _, h, w = images.shape
-    grid = (h // p, w // p)
-    target = patchify(images, p)  # (N, L, p·p·3)
-    gen = torch.Generator(device=images.device).manual_seed(seed)
-    coverage = torch.zeros(n, grid[0] * grid[1], dtype=torch.bool, device=images.device)
-    masked = torch.zeros_like(coverage)
-    painted = target.clone()
-    out: dict = {}
-    if isinstance(model, (LoMaR, MAEWindow)):  # both predict the pixels of every window token
-        result = model(images, plan=plan.to(images.device) if plan is not None else None, generator=gen)
-        plan = result.plan
-        image, top_left, mask = plan.flat()
-        index = window_token_index(top_left, plan.window_size, grid[1])  # (R, K·K)
-        pixels = _unnormalize_pred(result.pred.float(), target[image[:, None], index], model.norm_pix_loss)
-        visible = torch.zeros_like(coverage)
-        for r in range(index.shape[0]):  # windows may overlap: later ones paint over earlier ones
-            i, tok, m = image[r], index[r], mask[r]
-            coverage[i, tok] = True
-            visible[i, tok[~m]] = True
-            painted[i, tok[m]] = pixels[r, m].to(painted.dtype)
-        # A patch the model saw in any window is shown as seen, not as predicted.
-        masked = coverage & ~visible
-        painted[visible] = target[visible]
-        out["plan"] = plan
-    elif isinstance(model, MAE):
-        noise = torch.rand(n, grid[0] * grid[1], generator=gen, device=images.device)
-        result = model(images, noise=noise)
-        masked = result.mask.bool()
-        coverage[:] = True
-        pixels = _unnormalize_pred(result.pred.float(), target, model.norm_pix_loss)
-        painted[masked] = pixels[masked].to(painted.dtype)
-    else:
-        raise TypeError(f"cannot draw reconstructions for {type(model).__name__}")
-    model.train(was_training)
+    with eval_mode(model):
+        p = model.config.patch_size
+        n, _, h, w = images.shape
+        grid = (h // p, w // p)
+        target = patchify(images, p)  # (N, L, p·p·3)
+        gen = torch.Generator(device=images.device).manual_seed(seed)
+        coverage = torch.zeros(n, grid[0] * grid[1], dtype=torch.bool, device=images.device)
+        masked = torch.zeros_like(coverage)
+        painted = target.clone()
+        out: dict = {}
+        if isinstance(model, (LoMaR, MAEWindow)):  # both predict the pixels of every window token
+            result = model(images, plan=plan.to(images.device) if plan is not None else None, generator=gen)
+            plan = result.plan
+            image, top_left, mask = plan.flat()
+            index = window_token_index(top_left, plan.window_size, grid[1])  # (R, K·K)
+            pixels = _unnormalize_pred(result.pred.float(), target[image[:, None], index], model.norm_pix_loss)
+            visible = torch.zeros_like(coverage)
+            for r in range(index.shape[0]):  # windows may overlap: later ones paint over earlier ones
+                i, tok, m = image[r], index[r], mask[r]
+                coverage[i, tok] = True
+                visible[i, tok[~m]] = True
+                painted[i, tok[m]] = pixels[r, m].to(painted.dtype)
+            # A patch the model saw in any window is shown as seen, not as predicted.
+            masked = coverage & ~visible
+            painted[visible] = target[visible]
+            out["plan"] = plan
+        elif isinstance(model, MAE):
+            noise = torch.rand(n, grid[0] * grid[1], generator=gen, device=images.device)
+            result = model(images, noise=noise)
+            masked = result.mask.bool()
+            coverage[:] = True
+            pixels = _unnormalize_pred(result.pred.float(), target, model.norm_pix_loss)
+            painted[masked] = pixels[masked].to(painted.dtype)
+        else:
+            raise TypeError(f"cannot draw reconstructions for {type(model).__name__}")
 
     def to_pixels(patches: torch.Tensor, keep: torch.Tensor, grey: torch.Tensor) -> torch.Tensor:
         img = denormalize(unpatchify(patches, p, grid))

@@ -13,6 +13,7 @@ import torch
 
 from lomar.data.transforms import denormalize
 from lomar.models.masking import window_token_index
+from lomar.models.modes import eval_mode
 from lomar.viz.reconstruction import image_rows, save_figure
 
 __all__ = ["token_maps", "token_figure", "draw_tokens"]
@@ -28,12 +29,8 @@ def token_maps(model, images: torch.Tensor, seed: int = 0) -> dict:
     """A :class:`~lomar.models.beit_pretrain.BEiTPretrain` on ``images`` (N, 3, H, W) normalised →
     ``true`` (N, Gh, Gw) ids, ``predicted`` (N, Gh, Gw) ids (−1 where not predicted), ``masked``
     (N, Gh, Gw) bool, ``accuracy`` over masked tokens, ``loss`` and the ``plan``."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         out = model(images, generator=torch.Generator(device=images.device).manual_seed(seed))
-    finally:
-        model.train(was_training)
     grid = model.config.grid
     n = images.shape[0]
     true = model.tokens(images)  # (N, L)
