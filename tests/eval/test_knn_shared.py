@@ -165,7 +165,7 @@ def test_a_process_group_that_cannot_form_is_one_line(tmp_path, monkeypatch, cap
 def test_a_knn_process_whose_share_the_main_one_scores_prints_and_writes_nothing(tmp_path, monkeypatch, capsys):
     from lomar.cli import probe
 
-    monkeypatch.setattr(probe, "_features", lambda args, skipped: None)  # what a torchrun process but the main one gets
+    monkeypatch.setattr(probe, "_features", lambda args: None)  # what a torchrun process but the main one gets
     json_path = tmp_path / "s.json"
     assert main(["knn", str(tmp_path / "ckpt.pt"), "--data", str(tmp_path), "--json", str(json_path)]) == 0
     assert capsys.readouterr() == ("", "") and not json_path.exists()

@@ -13,6 +13,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS, LAST, RUN_ENCODER
 from lomar.cli.common import check_output_file, resolve_device, write_json
@@ -67,15 +68,30 @@ knn_add_arguments = functools.partial(add_settings, settings=KNN)
 linprobe_add_arguments = functools.partial(add_settings, settings=LINPROBE)
 
 
+class Frozen(NamedTuple):
+    """What :func:`frozen_features` read of both splits through the frozen encoder."""
+
+    features: tuple  # (train_x, train_y, val_x, val_y): each split's (N, D) features and (N,) int64 labels
+    skipped: dict[str, int]  # each split's unreadable images left out, every process's: {"train": K, "val": K}
+    classes: list[str]  # the training split's class names in label order
+    encoder: Any = None  # the encoder, where asked for (linprobe's --save writes it with the probe)
+
+    def images(self) -> dict:
+        """A --json's account of the images scored: ``train_images`` and ``val_images``, each ``{"scored",
+        "skipped"}``, as a training command's ``metrics.jsonl`` records an evaluation's ``val_images``."""
+        from lomar.train.eval_only import images_record  # torch: not for --help
+
+        _, train_y, _, val_y = self.features
+        return {**images_record("train", len(train_y), self.skipped["train"]),
+                **images_record("val", len(val_y), self.skipped["val"])}
+
+
 def frozen_features(args: argparse.Namespace, say=lambda msg: None, device: str | None = None,
-                    skipped: dict[str, int] | None = None, probed: dict | None = None) -> list | None:
-    """(train_x, train_y, val_x, val_y): the frozen encoder's features of both splits, on ``device`` (default:
-    ``--device``'s); UsageError on bad input. In a process group of several (torchrun) each process extracts its
-    share and the main one gets the whole splits (:func:`lomar.eval.knn_shared.split_features`); None on the others.
-    ``skipped``: filled with each split's count of unreadable images left out ({"train": K, "val": K}), every
-    process's. ``probed``: filled with the encoder and the training split's class names in label order
-    ({"encoder", "classes"}), which linprobe's --save writes with the probe.
-    """
+                    with_encoder: bool = False) -> Frozen | None:
+    """The frozen encoder's features of both splits, on ``device`` (default: ``--device``'s), with the encoder where
+    ``with_encoder`` (else it is freed with the call: a study keeps many cells' features); UsageError on bad input. In
+    a process group of several (torchrun) each process extracts its share and the main one gets the whole splits
+    (:func:`lomar.eval.knn_shared.split_features`); None on the others."""
     from lomar.data.collate import BadDataTracker  # torch: not for --help
     from lomar.eval.features import knn_loaders, load_pretrained_encoder, skipped_note  # torch: not for --help
     from lomar.eval.knn_shared import split_features  # torch: not for --help
@@ -94,18 +110,17 @@ def frozen_features(args: argparse.Namespace, say=lambda msg: None, device: str 
         settings = KNN if args.command == "knn" else LINPROBE
         raise UsageError(in_flags(str(exc), {name: s.name_flag(name) for name, s in settings.items()})) from None
     say(f"{encoder.load_report.summary()}; {args.img_size} px crops")
-    if probed is not None:
-        probed.update(encoder=encoder, classes=loaders[0].dataset.classes)
-    features = []
+    features, skipped = [], {}
     for name, loader in zip(("train", "val"), loaders):  # more than UNREADABLE_LIMIT of a split stops here
         bad = BadDataTracker(len(loader.dataset), warn=False)  # the loader warned of each file
         split = split_features(encoder, loader, device, args.pool, bad)  # every process's skips counted
         features += split or ()
-        if skipped is not None:
-            skipped[name] = bad.count
+        skipped[name] = bad.count
         if bad.count:
             say(skipped_note(loader.dataset.root, bad.count))
-    return features or None
+    if not features:
+        return None
+    return Frozen(tuple(features), skipped, loaders[0].dataset.classes, encoder if with_encoder else None)
 
 
 # What a run or export folder's readers load: an output on one of them would replace the checkpoint it scores.
@@ -122,18 +137,16 @@ def _check_not_read(path: str | None, flag: str, pretrained: str) -> None:
                          f"replace that checkpoint; give another file")
 
 
-def _features(args: argparse.Namespace, resolve=None, skipped: dict[str, int] | None = None,
-              probed: dict | None = None) -> list | None:
-    """The features of :func:`frozen_features`, after everything that can be checked before (outputs too); under
-    torchrun each process extracts its share in a process group of its own, and the main process gets them all (the
-    others None), which it alone says and scores. Every process meets a bad input alike: the first of each machine
-    says it (:func:`~lomar.errors.leave_it_to_the_first_process`), ``resolve(args)``'s refusals too. ``skipped``,
-    ``probed``: as :func:`frozen_features` fills them."""
+def _features(args: argparse.Namespace, resolve=None, with_encoder: bool = False) -> Frozen | None:
+    """:func:`frozen_features`, after everything that can be checked before (outputs too); under torchrun each process
+    extracts its share in a process group of its own, and the main process gets them all (the others None), which it
+    alone says and scores. Every process meets a bad input alike: the first of each machine says it
+    (:func:`~lomar.errors.leave_it_to_the_first_process`), ``resolve(args)``'s refusals too."""
     try:
         if resolve is not None:
             resolve(args)
         _check(args)
-        return _extracted(args, skipped, probed)
+        return _extracted(args, with_encoder)
     except LomarError:
         leave_it_to_the_first_process()
         raise
@@ -162,18 +175,18 @@ def _check(args: argparse.Namespace) -> None:
                          f"scores: pass two files")
 
 
-def _extracted(args: argparse.Namespace, skipped: dict[str, int] | None, probed: dict | None) -> list | None:
+def _extracted(args: argparse.Namespace, with_encoder: bool) -> Frozen | None:
     import torch.distributed as dist
 
     use_threads(args.threads)
     say = functools.partial(print, f"lomar {args.command}:", file=sys.stderr)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return frozen_features(args, say, skipped=skipped, probed=probed)
+        return frozen_features(args, say, with_encoder=with_encoder)
     from lomar.train.distributed import cleanup_distributed, join_group  # torch: not for --help
 
     info, device = join_group(resolve_device(args.device))  # gloo on the CPU, NCCL on CUDA, as pretrain
     try:
-        features = frozen_features(args, say if info.is_main else lambda msg: None, str(device), skipped, probed)
+        features = frozen_features(args, say if info.is_main else lambda msg: None, str(device), with_encoder)
         # Leave the group together (gloo aborts a peer torn down mid-gather); the main process then scores with no
         # collective open, which a long probe fit would outlast (NCCL ends one after 10 minutes).
         dist.barrier()
@@ -183,11 +196,10 @@ def _extracted(args: argparse.Namespace, skipped: dict[str, int] | None, probed:
 
 
 def knn_run(args: argparse.Namespace) -> int:
-    skipped: dict[str, int] = {}
-    if (features := _features(args, skipped=skipped)) is None:  # a torchrun process whose share the main one scores
+    if (frozen := _features(args)) is None:  # a torchrun process whose share the main one scores
         return 0
     from lomar.eval.knn import knn_top1  # torch: not for --help; after _features, whose checks come first
-    train_x, train_y, val_x, val_y = features
+    train_x, train_y, val_x, val_y = frozen.features
     k = min(args.k, len(train_y))  # knn_top1's own cap, said
     top1 = knn_top1(train_x, train_y, val_x, val_y, k, args.temperature, device=resolve_device(args.device))
     capped = f", every training image: --k {args.k} asks for more" if k < args.k else ""
@@ -196,18 +208,9 @@ def knn_run(args: argparse.Namespace) -> int:
     if args.json:
         # the crop size and decode too: a draft decode's pixels, or another size, score differently
         write_json(args.json, {"knn_top1": top1, "k": k, "temperature": args.temperature, "pool": args.pool,
-                               "img_size": args.img_size, "decode": args.decode,
-                               **_images(train_y, val_y, skipped)})
+                               "img_size": args.img_size, "decode": args.decode, **frozen.images()})
     _say_written(args)
     return 0
-
-
-def _images(train_y, val_y, skipped: dict[str, int]) -> dict:
-    """A --json's account of the images scored: ``train_images`` and ``val_images``, each ``{"scored", "skipped"}``
-    (the unreadable ones left out), as a training command's ``metrics.jsonl`` records an evaluation's ``val_images``
-    (:func:`lomar.train.eval_only.scored_split`)."""
-    return {f"{name}_images": {"scored": len(labels), "skipped": skipped[name]}
-            for name, labels in (("train", train_y), ("val", val_y))}
 
 
 def _say_written(args: argparse.Namespace) -> None:
@@ -250,27 +253,25 @@ def fit_linprobe(args: argparse.Namespace, features: list):
 def linprobe_run(args: argparse.Namespace) -> int:
     # Under torchrun the main process alone fits the probe: a few seconds to minutes on cached features, and one
     # process's fit is the one-process result (a fit shared by DDP would reduce its gradients in another order).
-    skipped: dict[str, int] = {}
-    probed = {} if args.save else None  # the encoder and class names --save writes with the probe
-    if (features := _features(args, resolve_linprobe, skipped, probed)) is None:  # a share the main process scores
+    if (frozen := _features(args, resolve_linprobe, with_encoder=bool(args.save))) is None:  # the main one scores
         return 0
     from lomar.checkpoints.io import atomic_save  # torch: not for --help; after _features, whose checks come first
     from lomar.eval.linear_probe import probe_checkpoint  # torch, as above
 
-    train_y, val_y = features[1], features[3]
+    train_y, val_y = frozen.features[1], frozen.features[3]
     try:
-        probe, top1 = fit_linprobe(args, features)
+        probe, top1 = fit_linprobe(args, frozen.features)
     except ValueError as exc:  # the library's "lower blr (now 100)" is the flag's
         raise UsageError(re.sub(r"lower (b?lr) \(", r"lower --\1 (", str(exc))) from None
     print(f"linear probe ({args.protocol} protocol, {args.pool} features, {args.epochs} epochs) top-1: "
           f"{percent_text(100 * top1)}% ({len(val_y)} val / {len(train_y)} train images)")
     if args.save:
-        atomic_save(probe_checkpoint(probed["encoder"], probe, args.pool, probed["classes"], top1, args.img_size,
+        atomic_save(probe_checkpoint(frozen.encoder, probe, args.pool, frozen.classes, top1, args.img_size,
                                      str(Path(args.pretrained).resolve()), args.decode), args.save)
     if args.json:
         write_json(args.json, {"linprobe_top1": top1, "protocol": args.protocol, "epochs": args.epochs,
                                "lr": args.lr if args.protocol == "adamw" else args.blr * args.probe_batch_size / 256,
                                "pool": args.pool, "img_size": args.img_size, "decode": args.decode,
-                               **_images(train_y, val_y, skipped)})
+                               **frozen.images()})
     _say_written(args)
     return 0

@@ -22,7 +22,7 @@ from lomar.train.setting_names import source_of
 from lomar.train.task import Task, TrainingError
 from lomar.values import counted
 
-__all__ = ["score_only", "scored_split", "over_note"]
+__all__ = ["score_only", "scored_split", "images_record", "over_note"]
 
 
 def score_only(config, make_task: type[Task]) -> tuple[Task, dict, Path]:
@@ -62,7 +62,14 @@ def scored_split(root, total: int, skipped: list, say: bool) -> dict:
         return {}
     if say:
         print(skipped_note(root, len(skipped)), flush=True)
-    return {"val_images": {"scored": total - len(skipped), "skipped": len(skipped)}}
+    return images_record("val", total - len(skipped), len(skipped))
+
+
+def images_record(split: str, scored: int, skipped: int) -> dict:
+    """A record's account of the images of ``split`` ('train', 'val') a score is over, the unreadable ones left out:
+    ``{SPLIT_images: {"scored", "skipped"}}``, as a training command's ``metrics.jsonl`` (:func:`scored_split`) and
+    knn's and linprobe's --json write it."""
+    return {f"{split}_images": {"scored": scored, "skipped": skipped}}
 
 
 def over_note(root, metrics: dict) -> str:

@@ -197,6 +197,7 @@ def test_the_heldout_loss_reads_class_folders_as_the_probes_do(tmp_path, pretrai
                                            ({"protocol": "mae", "pool": "mean"}, "mean")])
 def test_the_study_linear_probe_reads_its_options_as_lomar_linprobe(tmp_path, labelled, options, pool, monkeypatch):
     """Same pooling default and same protocol as the command: the study's probe is `lomar linprobe`."""
+    from lomar.cli.probe import Frozen
     from lomar.cli.study import evals
     from lomar.cli.study.spec import Cell
     from lomar.eval import linear_probe
@@ -206,7 +207,8 @@ def test_the_study_linear_probe_reads_its_options_as_lomar_linprobe(tmp_path, la
     args = evals._args("linprobe", spec, cell, tmp_path / "last.pt", tmp_path / "ft")
     assert args.pool == pool and args.protocol == options.get("protocol", "adamw")
     seen = []
-    monkeypatch.setattr(evals, "frozen_features", lambda args: seen.append(args.pool) or ["features"])
+    frozen = Frozen(("features",), {"train": 0, "val": 0}, ["a", "b"])
+    monkeypatch.setattr(evals, "frozen_features", lambda args: seen.append(args.pool) or frozen)
     monkeypatch.setattr(linear_probe, "train_mae_linear_probe" if options else "train_linear_probe",
                         lambda *features, **k: (None, 0.5))
     assert evals.Scorer(spec, cell, tmp_path / "last.pt", tmp_path / "ft")("linprobe") == 0.5

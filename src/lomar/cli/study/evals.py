@@ -98,7 +98,7 @@ class Scorer:
     def __init__(self, spec: StudySpec, cell: Cell, checkpoint: Path, where: Path, said: dict | None = None):
         self.spec, self.cell, self.checkpoint, self.where = spec, cell, checkpoint, where
         self.said: dict[str, None] = {} if said is None else said
-        self._features: dict[tuple, list[torch.Tensor]] = {}
+        self._features: dict[tuple, tuple[torch.Tensor, ...]] = {}  # (train_x, train_y, val_x, val_y) a key
 
     def __call__(self, metric: str) -> float | None:
         if metric == "heldout_loss":
@@ -110,7 +110,7 @@ class Scorer:
         key = (args.img_size, args.pool, args.batch_size, args.device, args.decode)
         try:
             if key not in self._features:
-                self._features[key] = frozen_features(args)
+                self._features[key] = frozen_features(args).features
             if metric == "knn":
                 return round(knn_top1(*self._features[key], args.k, args.temperature,
                                       device=resolve_device(args.device)), 4)
