@@ -50,12 +50,14 @@ def test_logs_linked_elsewhere_are_neither_appended_to_nor_read(tmp_path, victim
         open_in_place(tmp_path / "fifo", "a").close()
 
 
-def test_an_atomic_write_creates_its_temporary_itself_not_through_a_planted_link(tmp_path):
+def test_an_atomic_write_creates_its_temporary_itself_not_through_a_planted_link(tmp_path, monkeypatch):
     target = tmp_path / "elsewhere" / "created.txt"  # a file the link's owner wants made, e.g. an autostart entry
     target.parent.mkdir()
-    _plant(tmp_path / "run", f".last.pt.tmp-{os.getpid()}", target)
+    tokens = iter(["0" * 16, "1" * 16])  # the link planted at the first name the writer draws
+    monkeypatch.setattr("secrets.token_hex", lambda n: next(tokens))
+    link = _plant(tmp_path / "run", f".last.pt.tmp-{os.getpid()}-{'0' * 16}", target)
     atomic_write_bytes(tmp_path / "run" / "last.pt", b"weights")
-    assert not target.exists() and not os.path.lexists(tmp_path / "run" / f".last.pt.tmp-{os.getpid()}")
+    assert not target.exists() and os.path.islink(link)  # not its own: neither written through nor removed
     assert (tmp_path / "run" / "last.pt").read_bytes() == b"weights"
     assert oct((tmp_path / "run" / "last.pt").stat().st_mode & 0o777) == "0o644"
 

@@ -166,7 +166,8 @@ def test_a_failed_set_up_leaves_no_empty_folder(tmp_path):
 
 
 def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
-    names = [".checkpoint-000009.pt.tmp-4242", ".last.pt.tmp-99999", ".metrics.jsonl.tmp", ".config.yaml.tmp"]
+    names = [".checkpoint-000009.pt.tmp-4242", ".last.pt.tmp-99999", ".metrics.jsonl.tmp", ".config.yaml.tmp",
+             f".last.pt.tmp-4242-{'0a' * 8}"]  # atomic_write's own name: a writer killed mid-write
     for name in names:
         (tmp_path / name).write_bytes(b"half")
     keep = ["last.pt", "checkpoint-000009.pt", "notes.tmp.txt", ".lock"]

@@ -29,8 +29,8 @@ from lomar.errors import UsageError
 __all__ = ["stale_leftovers", "interrupted_export", "export_lock", "export_running", "is_export_file", "EXPORT_LOCK",
            "LOCK_WAIT_S"]
 
-# ".config.json.old-PID", ".model.safetensors.new-PID" and atomic_write's "..config.json.new-PID.tmp-PID"
-_LEFTOVER = re.compile(r"\.\.?(?P<name>.+?)\.(?P<kind>old|new)-(?P<pid>\d+)(?:\.tmp-\d+)?")
+# ".config.json.old-PID", ".model.safetensors.new-PID" and atomic_write's "..config.json.new-PID.tmp-PID-TOKEN"
+_LEFTOVER = re.compile(r"\.\.?(?P<name>.+?)\.(?P<kind>old|new)-(?P<pid>\d+)(?:\.tmp-\d+(?:-[0-9a-f]{16})?)?")
 # Hidden, and there only while an export writes (or after one was killed): no reader of the folder takes it
 EXPORT_LOCK = ".export.lock"
 # How long an export waits for another one's write and swap (seconds of disk writing, not of training)

@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import re
+import secrets
 import shutil
 import stat
 import warnings
@@ -31,9 +32,9 @@ from safetensors import safe_open
 from lomar.errors import ANSI_ESCAPE, UsageError
 
 __all__ = ["check_finite", "first_non_finite", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_save",
-           "safe_load", "describe_file", "starts_as_safetensors", "quiet_pickle_protocol", "write_error",
-           "open_in_place", "read_in_place", "read_log", "log_record", "refuse_link", "remove_tree", "mismatch",
-           "FILE_MODE"]
+           "own_temporary", "safe_load", "describe_file", "starts_as_safetensors", "quiet_pickle_protocol",
+           "write_error", "open_in_place", "read_in_place", "read_log", "log_record", "refuse_link", "remove_tree",
+           "mismatch", "FILE_MODE"]
 
 # Exports and checkpoints are meant to be shared: rw-r--r-- whatever mkstemp-like defaults say.
 FILE_MODE = 0o644
@@ -42,32 +43,47 @@ FILE_MODE = 0o644
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], mode: int = FILE_MODE) -> Path:
     """Call ``write(handle)`` on a temporary file beside ``path``, fsync, chmod, rename over ``path``.
 
-    The temporary name carries the pid, so two processes never share one; it is created afresh, never opened
-    through a link of that name (a folder from elsewhere may hold one, aimed at a file to create or change).
-    On any failure the temporary is removed and ``path`` is untouched. A failed write surfaces as the OSError behind
-    it, naming ``path`` (not the temporary), even where the writer wrapped it in its own error:
-    ``torch.save`` on a full disk raises a RuntimeError from its zip writer.
+    The temporary is this writer's own (:func:`own_temporary`): created afresh, never opened through a link of its
+    name, never another writer's, on a shared folder (NFS) another machine's of the same pid included. On any failure
+    the temporary is removed and ``path`` is untouched. A failed write surfaces as the OSError behind it, naming
+    ``path`` (not the temporary), even where the writer wrapped it in its own error: ``torch.save`` on a full disk
+    raises a RuntimeError from its zip writer.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = None
     try:
-        tmp.unlink(missing_ok=True)  # a dead writer's of this pid, or planted
-        with open(tmp, "xb") as handle:  # O_EXCL: a new file, never opened through a link (dangling or not)
+        tmp, fd = own_temporary(path)
+        with open(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
             os.fchmod(handle.fileno(), mode)
         os.replace(tmp, path)
+        tmp = None
     except Exception as exc:
         error = write_error(exc, path)
         if error is None:
             raise
         raise error from exc
     finally:
-        if tmp.is_file() and not tmp.is_symlink():
-            tmp.unlink()
+        if tmp is not None:  # made by this call, so no other writer's
+            tmp.unlink(missing_ok=True)
     return path
+
+
+def own_temporary(path: str | Path) -> tuple[Path, int]:
+    """(name, descriptor open for writing) of a new file beside ``path``, ``.NAME.tmp-PID-TOKEN``: the PID names the
+    writer, the random TOKEN (16 hex digits) keeps it apart from any other (two machines sharing a folder have PIDs in
+    common). Created with O_EXCL, so a file or link already of that name is never opened, nor removed."""
+    path = Path(path)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(8)}")
+        try:
+            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name beside it", str(path))
 
 
 def open_in_place(path: str | Path, mode: str = "r", **text) -> IO:

@@ -48,7 +48,7 @@ __all__ = ["SaveError", "save_state", "checkpoints_to_prune", "save_checkpoint",
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.(pt|dcp)$")  # .dcp: a sharded checkpoint folder
 _SHARDED_TMP = re.compile(r"^checkpoint-\d+\.dcp\.tmp$")  # a sharded save cut before its rename
-_TMP = re.compile(r"^\..+\.tmp(-(\d+))?$")
+_TMP = re.compile(r"^\..+\.tmp(-\d+(-[0-9a-f]{16})?)?$")  # atomic_write's .NAME.tmp-PID-TOKEN, plainer ones
 T = TypeVar("T")
 
 
@@ -248,10 +248,10 @@ def check_out_folder(out: Path, given: str | None = None) -> None:
 
 
 def remove_stale_temporaries(out: Path) -> list[Path]:
-    """Remove the temporary files (``.NAME.tmp``, ``.NAME.tmp-<pid>``) and sharded-checkpoint folders
-    (``checkpoint-<step>.dcp.tmp``) that writers killed mid-write left behind. Call with the run's
-    lock held: no live writer can own them, but a ``lomar export --to`` this folder running meanwhile (under its
-    export lock), whose temporaries stay."""
+    """Remove the temporary files (``.NAME.tmp-<pid>-<token>``, ``.NAME.tmp-<pid>``, ``.NAME.tmp``) and
+    sharded-checkpoint folders (``checkpoint-<step>.dcp.tmp``) that writers killed mid-write left behind. Call with
+    the run's lock held: no live writer can own them, but a ``lomar export --to`` this folder running meanwhile
+    (under its export lock), whose temporaries stay."""
     removed, exporting = [], out.is_dir() and export_running(out)
     for path in out.iterdir() if out.is_dir() else ():
         if _TMP.match(path.name) and path.is_file() and not (exporting and is_export_file(path.name)):
