@@ -161,18 +161,19 @@ def _predicted_in_fp32_and_bf16(run, images, out, capsys, after: str) -> None:
         assert f", {precision}{after}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("recorded", ["fp32", None])
+@pytest.mark.parametrize("recorded", ["fp32", None, "fp64"])
 def test_predict_eval_only_and_a_resume_keep_one_precision_and_say_so_alike(tmp_path, capsys, monkeypatch, classifier,
                                                                            labelled_folder, recorded):
     """--precision auto on a finetuned classifier's checkpoint: predict, finetune --eval-only and finetune --resume
     each keep the precision it records having trained in (where this machine's auto picks bf16), or where it records
-    none take this machine's auto, and say so in one sentence (the resume's names 'the run')."""
+    none, or a value that is no precision, take this machine's auto, and say so in one sentence (the resume's names
+    'the run')."""
     import shutil
 
     from lomar.checkpoints.io import atomic_save, safe_load
     from lomar.models.vit import VisionTransformer
 
-    monkeypatch.setattr("lomar.train.precision.cpu_has_bf16", lambda: recorded is not None)  # no emulated bf16 run
+    monkeypatch.setattr("lomar.train.precision.cpu_has_bf16", lambda: recorded == "fp32")  # no emulated bf16 run
     run = tmp_path / "run"
     shutil.copytree(classifier, run)
     for name in ("best.pt", "last.pt"):  # a run under auto, which chose fp32 on its machine; or that records none
@@ -180,6 +181,8 @@ def test_predict_eval_only_and_a_resume_keep_one_precision_and_say_so_alike(tmp_
         ckpt["settings"]["precision"] = "auto"
         if recorded is None:
             del ckpt["precision"]
+        else:
+            ckpt["precision"] = recorded
         atomic_save(ckpt, run / name)
     seen, forward = set(), VisionTransformer.forward  # each forward's autocast dtype (None: off)
 
@@ -194,7 +197,7 @@ def test_predict_eval_only_and_a_resume_keep_one_precision_and_say_so_alike(tmp_
     printed, noted = capsys.readouterr()
     assert printed.endswith(f"classes, fp32 -> {tmp_path / 'pred' / 'predictions.jsonl'}\n") and seen == {None}
     note = ("precision fp32, the one the classifier trained in (this machine's --precision auto would pick bf16); "
-            "pass --precision bf16 to switch" if recorded else
+            "pass --precision bf16 to switch" if recorded == "fp32" else
             "precision fp32, --precision auto's choice on this machine: the checkpoint does not record the precision "
             "the classifier trained in")
     assert noted == f"lomar predict: note: {note}\n", noted

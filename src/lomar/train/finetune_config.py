@@ -138,7 +138,10 @@ class FinetuneConfig(TaskConfig):
         layout = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
         pool = classifier_pool(ckpt, ckpt.get("model", {}))
         run = ckpt.get("settings") if isinstance(ckpt.get("settings"), dict) else {}
-        own = {"global_pool": pool, "img_size": layout.get("img_size"), "precision": trained_precision(ckpt),
+        # a recorded value that is no precision is none recorded: auto then takes this machine's, as predict's does
+        recorded = trained_precision(ckpt)
+        own = {"global_pool": pool, "img_size": layout.get("img_size"),
+               "precision": recorded if recorded in S.PRECISIONS else None,
                "decode": run.get("decode"), **{k: layout.get(k) for k in CLASSIFIER_OWN[1:]}}
         own = coerce_all(type(self), {k: v for k, v in own.items() if v is not None}, str(saved), strict=False)
         own["global_blocks"] = own.get("global_blocks") or None  # () of a global encoder: no --global-blocks

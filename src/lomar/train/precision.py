@@ -8,13 +8,10 @@ from pathlib import Path
 import torch
 
 from lomar.train.divergence import diverged
-from lomar.train.settings import PRECISION
+from lomar.train.settings import PRECISIONS
 
 __all__ = ["resolve_precision", "run_precision", "auto_precision", "trained_precision_kept", "cpu_has_bf16",
-           "emulated_bf16_notes", "autocast_factory", "WatchedScaler", "OVERFLOWS_IN_A_ROW", "PRECISIONS"]
-
-# what 'auto' resolves to, and a checkpoint records having trained in: --precision's other choices
-PRECISIONS = tuple(choice for choice in PRECISION.choices if choice != "auto")
+           "emulated_bf16_notes", "autocast_factory", "WatchedScaler", "OVERFLOWS_IN_A_ROW"]
 
 # fp16 steps skipped in a row that stop a run: its loss scale fell 2**30-fold, and no model trains at such a scale
 OVERFLOWS_IN_A_ROW = 30

@@ -156,6 +156,8 @@ CLIP_GRAD = Setting(None, "clip the gradient norm to this (default: no clipping)
 PRECISION = Setting("auto", "auto = bf16 autocast where the hardware multiplies bf16 natively (a CUDA GPU of "
                     "compute capability 8+, a CPU with AVX-512 BF16 or AMX), else fp32; a resume's auto keeps the "
                     "precision the run trained in", choices=("auto", "fp32", "bf16", "fp16"), resume=_RUN)
+# what 'auto' resolves to, and a checkpoint records having trained in: --precision's other choices
+PRECISIONS = tuple(choice for choice in PRECISION.choices if choice != "auto")
 LOG_EVERY = Setting(20, "print the training loss every N optimizer steps (metrics.jsonl and TensorBoard get every "
                     "step)", above=0, resume=_RUN)
 EVAL_EVERY = Setting(None, "evaluate (and checkpoint) every N optimizer steps and at the end, instead of at each "
