@@ -38,6 +38,11 @@ def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
            # the sweep's compiled, profiled run (the device's sweep compiles every run); an eager --profile run is
            # tests/bench/test_profile.py's, in-process
            "GPU_CHECK_SWEEP": "2:reduce-overhead",
+           # compiled by dynamo and AOT autograd, whole (one graph: tests/bench/test_compile_whole.py), without
+           # inductor's C++ kernels: a cold cache builds ~25 with g++ (~100 s of a loaded 2-core CPU, past the part's
+           # 200 s limit under more load), and the device's kernels are Triton's, not these; inductor compiling the
+           # LoMaR step on CPU, reduce-overhead mode: test_pretrain.py's test_reduce_overhead_trains_as_eager_with_...
+           "TORCH_COMPILE_OVERRIDE_BACKENDS": ">=0:aot_eager",
            # the selected tests are this suite's own, run here on this device: the script's selection is checked
            "GPU_CHECK_TESTS_COLLECT": "1",
            # hypothesis's pytest plugin imports hypothesis (~1-2 s) in each of the two collecting children; the
