@@ -651,17 +651,23 @@ def test_lomar_export_refuses_a_folder_another_export_wrote_while_it_loaded(pret
 
 
 def test_the_next_export_removes_what_a_killed_one_left_but_not_a_live_ones(tmp_path, monkeypatch, caplog):
-    """A kill between write_export's renames leaves .NAME.old-PID / .NAME.new-PID files (and atomic_write's temporary)
+    """A kill between write_export's renames leaves .NAME.old-TAG / .NAME.new-TAG files (and atomic_write's temporary)
     that no later export removed. Under the folder's export lock no other export is writing, so all are stale, also
     those whose PID is a live process here (another machine's export on a share, a PID reused), which were kept; where
-    the filesystem has no flock the export warns and keeps those of a live PID (one may be mid-swap)."""
+    the filesystem has no flock the export warns and keeps those of a live PID (one may be mid-swap) and those of
+    another machine (whose PID says nothing here)."""
+    from lomar.checkpoints.export_leftovers import writer_tag
+
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead, live = int(child.stdout), os.getppid()
+    host, token = writer_tag().split("-")[0], "0123456789abcdef"
+    dead, live = (f"{host}-{pid}-{token}" for pid in (int(child.stdout), os.getppid()))
+    dead_elsewhere = f"node_b.cluster-{int(child.stdout)}-{token}"  # what a tag names a host 'node-b.cluster' by
     export_encoder(VisionTransformer(TINY), tmp_path)
     stale = [f".config.json.old-{dead}", f".model.safetensors.old-{dead}", f".encoder.safetensors.new-{dead}",
-             f"..config.json.new-{dead}.tmp-{dead}"]
+             f"..config.json.new-{dead}.tmp-7-{token}"]
     kept = [f".last.pt.old-{dead}", "last.pt"]
-    for name in stale + kept + [f".config.json.new-{live}"]:
+    alive = [f".config.json.new-{live}", f".config.json.old-{dead_elsewhere}"]
+    for name in stale + kept + alive:
         (tmp_path / name).write_bytes(b"x")
     export_encoder(VisionTransformer(TINY), tmp_path, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["config.json", "model.safetensors"])
@@ -670,13 +676,12 @@ def test_the_next_export_removes_what_a_killed_one_left_but_not_a_live_ones(tmp_
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr("fcntl.flock", no_flock)
-    for name in stale + [f".config.json.new-{live}"]:
+    for name in stale + alive:
         (tmp_path / name).write_bytes(b"x")
     with caplog.at_level("WARNING", "lomar.checkpoints"):
         export_encoder(VisionTransformer(TINY), tmp_path, overwrite=True)
     assert f"{tmp_path}: no file lock there (No locks available); exporting unlocked" in caplog.text
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + [f".config.json.new-{live}", "config.json",
-                                                                        "model.safetensors"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + alive + ["config.json", "model.safetensors"])
 
 
 def test_lomar_export_into_a_folder_without_flock_warns_once(tmp_path, monkeypatch, caplog):

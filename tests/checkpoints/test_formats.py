@@ -482,21 +482,25 @@ def _dead_pid() -> int:
 
 
 def test_a_folder_whose_export_was_killed_midway_names_its_set_aside_files(tmp_path, capsys):
-    """A kill between write_export's renames leaves the old pair at .NAME.old-PID and no config.json: the reader said
+    """A kill between write_export's renames leaves the old pair at .NAME.old-TAG and no config.json: the reader said
     only 'a folder without config.json', so the export looked lost."""
-    run, pid = tmp_path / "run", _dead_pid()
+    from lomar.checkpoints.export_leftovers import writer_tag
+
+    run, host = tmp_path / "run", writer_tag().split("-")[0]
+    tag = f"{host}-{_dead_pid()}-0123456789abcdef"
     export_encoder(VisionTransformer(VIT), run, weights_name="encoder.safetensors")
     atomic_save({}, run / "last.pt")
     for name in ("config.json", "encoder.safetensors"):
-        os.replace(run / name, run / f".{name}.old-{pid}")
+        os.replace(run / name, run / f".{name}.old-{tag}")
     assert main(["export", str(run), "--to", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and (
         f"{run} is a folder without config.json; an export into it was interrupted: its previous files are "
-        f".config.json.old-{pid}, .encoder.safetensors.old-{pid} (export again, or rename them back to config.json, "
+        f".config.json.old-{tag}, .encoder.safetensors.old-{tag} (export again, or rename them back to config.json, "
         f"encoder.safetensors); pass its checkpoint, {run / 'last.pt'}") in err
+    live = f"{host}-{os.getppid()}-0123456789abcdef"
     for name in ("config.json", "encoder.safetensors"):
-        os.replace(run / f".{name}.old-{pid}", run / f".{name}.old-{os.getppid()}")  # a live export's: mid-swap
+        os.replace(run / f".{name}.old-{tag}", run / f".{name}.old-{live}")  # a live export's: mid-swap
     with pytest.raises(ValueError, match=r"without config.json; pass its checkpoint"):
         formats.read(run)
 

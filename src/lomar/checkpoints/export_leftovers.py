@@ -1,13 +1,14 @@
 """An export folder's lock, and what a write_export killed midway leaves there: the files it set aside
-(``.NAME.old-PID``), those it was renaming in (``.NAME.new-PID``) and their temporaries. A reader names them; the next
-export removes them.
+(``.NAME.old-TAG``), those it was renaming in (``.NAME.new-TAG``) and their temporaries. TAG is the writer's
+:func:`writer_tag`, HOST-PID-TOKEN. A reader names them; the next export removes them.
 
 A write_export holds :func:`export_lock` for its whole write and swap, so two exports into one folder take turns. It is
 an advisory ``fcntl.flock`` that the kernel drops when its holder ends, a kill included: a leftover is stale when no
 export holds the lock, which also judges a writer on another machine where the share honours flock (NFS does), whose
 PID means nothing here. Where no lock is to be had (a filesystem without flock: the export warns and goes on unlocked;
-files of an export that took none) a leftover is stale when its PID is no live process on this machine. Windows has
-neither flock nor os.kill's probe: there a leftover is kept and not named (lomar is not supported there).
+files of an export that took none) a leftover is stale when its TAG names this machine and a PID that is no live
+process here; another machine's is kept, as whether its writer lives cannot be told from here. Windows has neither
+flock nor os.kill's probe: there a leftover is kept and not named (lomar is not supported there).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import contextlib
 import logging
 import os
 import re
+import secrets
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,17 +29,29 @@ from lomar.checkpoints.file_names import CONFIG_NAME
 from lomar.checkpoints.io import open_in_place
 from lomar.errors import UsageError
 
-__all__ = ["stale_leftovers", "interrupted_export", "export_lock", "export_running", "is_export_file", "EXPORT_LOCK",
-           "LOCK_WAIT_S"]
+__all__ = ["stale_leftovers", "interrupted_export", "export_lock", "export_running", "is_export_file", "writer_tag",
+           "EXPORT_LOCK", "LOCK_WAIT_S"]
 
-# ".config.json.old-PID", ".model.safetensors.new-PID" and atomic_write's "..config.json.new-PID.tmp-PID-TOKEN"
-_LEFTOVER = re.compile(r"\.\.?(?P<name>.+?)\.(?P<kind>old|new)-(?P<pid>\d+)(?:\.tmp-\d+(?:-[0-9a-f]{16})?)?")
+# ".config.json.old-TAG", ".model.safetensors.new-TAG" and atomic_write's "..config.json.new-TAG.tmp-PID-TOKEN"
+_LEFTOVER = re.compile(r"\.\.?(?P<name>.+?)\.(?P<kind>old|new)-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]{16}"
+                       r"(?:\.tmp-\d+-[0-9a-f]{16})?")
 # Hidden, and there only while an export writes (or after one was killed): no reader of the folder takes it
 EXPORT_LOCK = ".export.lock"
 # How long an export waits for another one's write and swap (seconds of disk writing, not of training)
 LOCK_WAIT_S = 120.0
 log = logging.getLogger("lomar.checkpoints")
 _HELD = threading.local()  # folder -> locked, of this thread's holds: write_export inside a caller's hold
+
+
+def writer_tag() -> str:
+    """HOST-PID-TOKEN, for the names of this writer's files in an export folder: a folder shared by machines (a home on
+    NFS) sees one PID in two of them, so the TOKEN (16 random hex digits) keeps their files apart and the HOST says
+    where the PID can be probed. HOST: the host name, '-' and any character outside [A-Za-z0-9_.] as '_'."""
+    return f"{_host()}-{os.getpid()}-{secrets.token_hex(8)}"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "_"
 
 
 def _alive(pid: int) -> bool:
@@ -115,13 +130,14 @@ def is_export_file(name: str) -> bool:
 
 def stale_leftovers(folder: Path, locked: bool = False) -> list[tuple[Path, str]]:
     """Each leftover of a dead write_export in ``folder`` (of config.json or a safetensors file), with its kind: 'old'
-    (the previous export's file) or 'new'. ``locked``: the caller holds the folder's export lock, so all are."""
+    (the previous export's file) or 'new'. ``locked``: the caller holds the folder's export lock, so all are. Where
+    no lock tells, only those whose tag names this machine and a PID that is no live process."""
     held = False if locked else _lock_state(folder)
     found = []
     for path in sorted(folder.iterdir()) if folder.is_dir() and not held else ():
         match = _LEFTOVER.fullmatch(path.name)
         if match and (match["name"] == CONFIG_NAME or match["name"].endswith(".safetensors")) and path.is_file():
-            if held is False or not _alive(int(match["pid"])):
+            if held is False or match["host"] == _host() and not _alive(int(match["pid"])):
                 found.append((path, match["kind"]))
     return found
 

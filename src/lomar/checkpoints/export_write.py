@@ -10,7 +10,7 @@ from pathlib import Path
 
 from safetensors.torch import save
 
-from lomar.checkpoints.export_leftovers import export_lock, stale_leftovers
+from lomar.checkpoints.export_leftovers import export_lock, stale_leftovers, writer_tag
 from lomar.checkpoints.file_names import CONFIG_NAME, FITTED_TOKENIZER
 from lomar.checkpoints.io import atomic_write_bytes, write_error
 
@@ -33,8 +33,9 @@ def write_export(out: Path, weights_name: str, state: dict, config: dict) -> Pat
                                  f"pass a folder path")
     contents = {weights_name: save(state), CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode("utf-8")}
     with export_lock(out) as locked:
-        new = {name: out / f".{name}.new-{os.getpid()}" for name in contents}
-        old = {name: out / f".{name}.old-{os.getpid()}" for name in contents}
+        tag = writer_tag()  # this writer's own names: another's, of the same PID on another machine, stay apart
+        new = {name: out / f".{name}.new-{tag}" for name in contents}
+        old = {name: out / f".{name}.old-{tag}" for name in contents}
         aside, weights_in, previous = [], False, _previous_weights(out, weights_name)
         try:
             for name, data in contents.items():
