@@ -204,7 +204,8 @@ def test_labelled_batches_keep_their_bad_list_through_workers(tmp_path):
 
 
 @pytest.mark.parametrize("make, words", [
-    (lambda root: None, "is not a folder of class folders"),
+    (lambda root: None, "root does not exist: expected a folder of class folders"),
+    (lambda root: root.write_bytes(b"x"), "root is not a folder: expected a folder of class folders"),
     (lambda root: root.mkdir(), "holds no class folders"),
     (lambda root: (root / "empty").mkdir(parents=True), "no images found in the class folders"),
 ])
@@ -212,6 +213,15 @@ def test_labelled_folder_bad_roots(tmp_path, make, words):
     make(tmp_path / "root")
     with pytest.raises(ValueError, match=words):
         LabelledImageFolder(tmp_path / "root")
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_missing_split_is_named_as_its_data_folders_lack(tmp_path, split):
+    # knn / linprobe given a folder of images (or of class folders) as --data: the split it lacks, not "DATA/train
+    # is not a folder of class folders", a path the user never wrote
+    (tmp_path / "photos" / "cats").mkdir(parents=True)
+    with pytest.raises(ValueError, match=rf"photos holds no {split}/ folder: expected the split's class folders"):
+        LabelledImageFolder(tmp_path / "photos" / split)
 
 
 def test_a_damaged_shard_is_reported_once_and_counted(tmp_path, caplog):

@@ -180,6 +180,17 @@ def _path_lines(listing: Path) -> list[str]:
     return [ln for ln in lines if ln and not ln.startswith("#")]
 
 
+def _not_a_class_root(root: Path) -> str:
+    """Why ``root`` cannot hold class folders. A missing ``train``/``val`` below an existing folder is named as the
+    split its parent lacks: knn, linprobe and finetune look for ``DATA/train`` and ``DATA/val``, and a folder of
+    images or of class folders given as ``DATA`` would otherwise be told about a path its user never wrote."""
+    if not root.exists() and root.name in ("train", "val") and root.parent.is_dir():
+        return (f"{root.parent} holds no {root.name}/ folder: expected the split's class folders there "
+                f"({root}/CLASS/IMAGE, beside {'val' if root.name == 'train' else 'train'}/)")
+    what = "does not exist" if not root.exists() else "is not a folder"
+    return f"{root} {what}: expected a folder of class folders (ImageFolder layout: ROOT/CLASS/IMAGE)"
+
+
 class LabelledImageFolder(Dataset):
     """``ROOT/CLASS/**/IMAGE`` (torchvision's ImageFolder layout; hidden folders and thumbnail caches no class)
     that survives unreadable images.
@@ -194,7 +205,7 @@ class LabelledImageFolder(Dataset):
         self.root, self.transform, self.load = Path(root), transform, load or load_image  # looked up now, not at import
         self.warned: set[int] = set()  # the unreadable files this process has warned of
         if not self.root.is_dir():
-            raise ValueError(f"{self.root} is not a folder of class folders (ImageFolder layout: ROOT/CLASS/IMAGE)")
+            raise ValueError(_not_a_class_root(self.root))
         # hidden folders (Jupyter's .ipynb_checkpoints, a .git) and thumbnail caches (a Synology NAS's @eaDir in every
         # folder: a class of every image's thumbnails, in val too) are no classes: each would add an output, and
         # shift every class index after it
