@@ -321,6 +321,7 @@ def _fake_sharded(path, step: int, readable: bool = True):
 
 
 def test_resume_auto_follows_last_json_and_falls_back_to_the_newest_intact_folder(tmp_path):
+    from lomar.train.run_lock import RunLock
     from lomar.train.run_resume import find_resume_point
     from lomar.train.run_state import checkpoints_to_prune, remove_stale_temporaries
 
@@ -340,7 +341,8 @@ def test_resume_auto_follows_last_json_and_falls_back_to_the_newest_intact_folde
     pruned = checkpoints_to_prune(sorted(out.glob("checkpoint-*")), keep=1)
     assert [p.name for p in pruned] == ["checkpoint-000002.dcp", "checkpoint-000004.dcp"]
     _fake_sharded(out / "checkpoint-000008.dcp.tmp", 8)
-    assert [p.name for p in remove_stale_temporaries(out)] == ["checkpoint-000008.dcp.tmp"]
+    with RunLock(out):
+        assert [p.name for p in remove_stale_temporaries(out)] == ["checkpoint-000008.dcp.tmp"]
     assert (out / "checkpoint-000004.dcp").is_dir() and not (out / "checkpoint-000008.dcp.tmp").exists()
 
 

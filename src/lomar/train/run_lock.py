@@ -13,12 +13,12 @@ from lomar.checkpoints.file_lock import LockHeld, take_file_lock
 from lomar.errors import UsageError
 from lomar.train.setting_names import as_given
 
-__all__ = ["RunLock"]
+__all__ = ["RunLock", "holds_run_lock"]
 
 log = logging.getLogger("lomar.train")
 
 
-_HELD_LOCKS: set[int] = set()  # the file descriptors of the run locks this process holds
+_HELD_LOCKS: dict[int, str] = {}  # file descriptor -> folder (its real path), of the run locks this process holds
 
 
 def _drop_run_locks() -> None:
@@ -32,6 +32,12 @@ def _drop_run_locks() -> None:
 
 if hasattr(os, "register_at_fork"):  # Windows forks nothing (and has no flock to hold)
     os.register_at_fork(after_in_child=_drop_run_locks)
+
+
+def holds_run_lock(out: str | Path) -> bool:
+    """Whether this process holds ``out``'s run lock: an flock taken, so no other run (on another machine sharing the
+    folder too, where the share honours flock) writes there. False where the run went on unlocked (no flock)."""
+    return os.path.realpath(out) in _HELD_LOCKS.values()
 
 
 class RunLock:
@@ -63,7 +69,7 @@ class RunLock:
             raise UsageError(f"{self.given}: {exc.strerror or exc}; pass a folder you can write to") from None
         self.handle, self.taken = handle, True
         if handle is not None:
-            _HELD_LOCKS.add(handle.fileno())
+            _HELD_LOCKS[handle.fileno()] = os.path.realpath(self.out)
         return self
 
     def _unlocked(self, reason: str) -> None:
@@ -80,7 +86,7 @@ class RunLock:
             with contextlib.suppress(OSError):
                 self.out.rmdir()
         if self.handle is not None:
-            _HELD_LOCKS.discard(self.handle.fileno())
+            _HELD_LOCKS.pop(self.handle.fileno(), None)
             self.handle.close()
         self.handle, self.taken = None, False
 

@@ -35,7 +35,7 @@ from lomar.checkpoints.io import (
 )
 from lomar.checkpoints.sharded import check_metadata
 from lomar.errors import FULL_DISK, UNWRITABLE, LomarError, UsageError, full_disk_words
-from lomar.train.run_lock import RunLock
+from lomar.train.run_lock import RunLock, holds_run_lock
 from lomar.train.run_logs import truncate_metrics
 from lomar.train.setting_names import as_given, source_of
 from lomar.train.settings import ConfigError
@@ -249,9 +249,13 @@ def check_out_folder(out: Path, given: str | None = None) -> None:
 
 def remove_stale_temporaries(out: Path) -> list[Path]:
     """Remove the temporary files (``.NAME.tmp-<pid>-<token>``, ``.NAME.tmp-<pid>``, ``.NAME.tmp``) and
-    sharded-checkpoint folders (``checkpoint-<step>.dcp.tmp``) that writers killed mid-write left behind. Call with
-    the run's lock held: no live writer can own them, but a ``lomar export --to`` this folder running meanwhile
-    (under its export lock), whose temporaries stay."""
+    sharded-checkpoint folders (``checkpoint-<step>.dcp.tmp``) that writers killed mid-write left behind. Only where
+    this process holds the run's lock (:func:`~lomar.train.run_lock.holds_run_lock`): then no live writer can own
+    them, but a ``lomar export --to`` this folder running meanwhile (under its export lock), whose temporaries stay.
+    A run that went on unlocked (a filesystem without flock) removes none: one may be a live writer's, on another
+    machine sharing the folder too, whose PID says nothing here."""
+    if not holds_run_lock(out):
+        return []
     removed, exporting = [], out.is_dir() and export_running(out)
     for path in out.iterdir() if out.is_dir() else ():
         if _TMP.match(path.name) and path.is_file() and not (exporting and is_export_file(path.name)):
