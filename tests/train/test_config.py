@@ -232,7 +232,11 @@ def test_data_folder_with_brackets_in_its_name(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda p: p.mkdir(), "is a folder; pass"),
+    (lambda p: p.mkdir(), "old is a folder holding no run's checkpoint (last.pt or checkpoint-N); pass a training"),
+    (lambda p: (p.mkdir(), (p / "last.pt").write_bytes(b"")), str(Path("old", "last.pt")) + ", or --out"),
+    (lambda p: (p.mkdir(), (p / "checkpoint-000004.pt").write_bytes(b"")), "pass one of its checkpoint-N files"),
+    (lambda p: (p.mkdir(), (p / "model.safetensors").write_bytes(b"")),
+     "old is an exported encoder's folder: weights without a run's training state"),
     (lambda p: p.write_bytes(b"not a checkpoint"), "cannot read checkpoint"),
 ])
 def test_resume_path_that_cannot_be_resumed(tmp_path, capsys, make, message):

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lomar.checkpoints.file_names import LAST
+from lomar.checkpoints.file_names import ENCODER_WEIGHTS, LAST
 from lomar.train.process_count import process_change
 from lomar.train.setting_names import as_given
 from lomar.train.settings import ConfigError, declarations, shown
@@ -91,7 +91,7 @@ def resume_target(explicit: dict[str, Any], sharded_ok: bool = False) -> ResumeP
         return point if point is not None and point.path is not None else None
     path = Path(resume)
     if path.is_dir() and not (sharded_ok and (path / ".metadata").is_file()):
-        raise ConfigError(f"--resume {path} is a folder; pass {path / LAST}, or --out {path} --resume auto")
+        raise ConfigError(_folder_to_resume(path))
     if not path.is_dir() and not path.is_file():
         what = "is not a regular file (a device or pipe)" if path.exists() else "does not exist"
         raise ConfigError(f"--resume {path} {what}; pass a checkpoint file or 'auto'")
@@ -100,6 +100,18 @@ def resume_target(explicit: dict[str, Any], sharded_ok: bool = False) -> ResumeP
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--resume {path}: {exc}; pass an intact checkpoint-NNNNNN.dcp folder" if path.is_dir()
                           else f"--resume: {exc}") from None
+
+
+def _folder_to_resume(path: Path) -> str:
+    """The refusal of ``--resume FOLDER``, pointing at what that folder holds: its last.pt, its checkpoints, or
+    nothing to resume (an export, whose encoder keeps no optimizer state, or another folder)."""
+    if (path / LAST).is_file():
+        return f"--resume {path} is a folder; pass {path / LAST}, or --out {path} --resume auto"
+    if next(path.glob("checkpoint-*"), None) is not None:
+        return f"--resume {path} is a folder; pass one of its checkpoint-N files, or --out {path} --resume auto"
+    held = ("an exported encoder's folder: weights without a run's training state" if (path / ENCODER_WEIGHTS).is_file()
+            else f"a folder holding no run's checkpoint ({LAST} or checkpoint-N)")
+    return f"--resume {path} is {held}; pass a training run's checkpoint file, or --out RUN --resume auto"
 
 
 def resumed_past_end(step: int, last_step: int, config, steps_per_epoch: int) -> str:
