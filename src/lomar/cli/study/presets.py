@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -133,15 +134,23 @@ def digits_data(root: Path) -> Path:
     x = F.pad(F.interpolate(x, size=28, mode="bilinear", align_corners=False), [2, 2, 2, 2])
     pixels = (x.clamp(0, 1) * 255).round().to(torch.uint8)[:, 0].numpy()
     train, val = train_test_split(range(len(pixels)), test_size=0.25, stratify=digits.target, random_state=0)
-    tmp = root.with_name(f".{root.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for split, indices in (("train", train), ("val", val)):
-        for i in indices:
-            folder = tmp / split / str(digits.target[i])
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels[i]).convert("RGB").save(folder / f"{i:04d}.png")
     root.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, root)
+    # this command's own folder: another one building the data meanwhile (a study beside it, on this machine or on
+    # another sharing the folder, of the same PID perhaps) has its own, which this one neither removes nor renames
+    work = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-{os.getpid()}-", dir=root.parent))
+    try:
+        for split, indices in (("train", train), ("val", val)):
+            for i in indices:
+                folder = work / split / str(digits.target[i])
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels[i]).convert("RGB").save(folder / f"{i:04d}.png")
+        try:
+            os.replace(work, root)
+        except OSError:  # a folder is there: another command's build, renamed in meanwhile, is the same data
+            if not ((root / "train").is_dir() and (root / "val").is_dir()):
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # nothing left once renamed
     return root
 
 

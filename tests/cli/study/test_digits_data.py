@@ -1,0 +1,33 @@
+"""The digits preset's data, built by two commands at once (two studies side by side, on one machine or two sharing
+the folder)."""
+
+from __future__ import annotations
+
+import os
+
+import sklearn.datasets
+from sklearn.utils import Bunch
+
+from lomar.cli.study.presets import digits_data
+
+
+def test_two_builds_of_one_pid_at_once_each_use_their_own_folder(tmp_path, monkeypatch):
+    """Each build wrote into .digits.tmp, removing one found there: a second build, starting as the first renamed its
+    folder in, removed the first's, and the first failed, its folder gone."""
+    digits = sklearn.datasets.load_digits()
+    monkeypatch.setattr(sklearn.datasets, "load_digits",
+                        lambda: Bunch(images=digits.images[:100], target=digits.target[:100]))
+    monkeypatch.setattr(os, "getpid", lambda: 4242)  # the other machine's command has this machine's PID
+    root, rename, seen = tmp_path / "data" / "digits", os.replace, []
+
+    def rename_after_another_build(src, dst):
+        if not seen:
+            seen.append(src)
+            assert digits_data(root) == root
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", rename_after_another_build)
+    assert digits_data(root) == root  # old code: FileNotFoundError, its .digits.tmp removed by the other build
+    assert sorted(p.name for p in root.parent.iterdir()) == ["digits"]  # no build's folder left
+    assert sorted(p.name for p in root.iterdir()) == ["train", "val"]
+    assert sum(1 for _ in root.rglob("*.png")) == 100
