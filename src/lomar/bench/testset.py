@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -31,9 +32,18 @@ def _write_one(job: tuple[str, str, tuple[int, int], int, int]) -> str:
         if index // len(TEST_SET_SIZES) % 2:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         img = img.resize((width, height), Image.Resampling.BICUBIC)
-    tmp = Path(dst).with_name(f".{Path(dst).name}.tmp")
-    img.save(tmp, format="JPEG", quality=quality)
-    tmp.replace(dst)  # a half-written file never carries the final name
+    # a half-written file never carries the final name; the temporary is this writer's own (PID and random part):
+    # another command writing the same set meanwhile, on this machine or on one sharing the folder, has its own
+    fd, tmp = tempfile.mkstemp(prefix=f".{Path(dst).name}.tmp-{os.getpid()}-", dir=Path(dst).parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            img.save(handle, format="JPEG", quality=quality)
+            os.fchmod(handle.fileno(), 0o644)  # a test set to share, not mkstemp's owner-only file
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):  # this writer's own temporary, and only it
+            os.unlink(tmp)
+        raise
     return dst
 
 

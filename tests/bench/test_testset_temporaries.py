@@ -1,0 +1,31 @@
+"""A test-set JPEG written by two commands at once (two benchmarks making one set, on machines sharing the folder)."""
+
+from __future__ import annotations
+
+import os
+
+from PIL import Image
+
+from lomar.bench.testset import _write_one
+from lomar.data.demo_images import demo_image_paths
+
+
+def test_two_writers_of_one_pid_each_write_and_rename_their_own_temporary(tmp_path, monkeypatch):
+    """Both wrote .NAME.tmp: the second, writing as the first renamed it, took the first's temporary away and the
+    first failed. Each writes its own."""
+    monkeypatch.setattr(os, "getpid", lambda: 4242)
+    dst, rename, seen = tmp_path / "imagenet-00000.jpg", os.replace, []
+    job = (str(demo_image_paths()[0]), str(dst), (64, 48), 90, 0)
+
+    def rename_after_another_writer(src, target):
+        if not seen:
+            seen.append(src)
+            assert _write_one(job) == str(dst)
+        rename(src, target)
+
+    monkeypatch.setattr(os, "replace", rename_after_another_writer)
+    assert _write_one(job) == str(dst)  # old code: FileNotFoundError, its temporary renamed in by the other
+    assert [p.name for p in tmp_path.iterdir()] == [dst.name]
+    with Image.open(dst) as img:
+        assert img.size == (64, 48)
+    assert oct(dst.stat().st_mode & 0o777) == "0o644"
