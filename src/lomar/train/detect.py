@@ -120,6 +120,9 @@ class DetectTask(Task):
         self.categories = self.val.categories
         self.source: dict = {}  # a saved detector's file and step, which --eval-only's line names
         self.model = self._build_model(config.detector)
+        # its weights are the model's now: the checkpoint's tensors (mapped from the file, and read) would stay in the
+        # process's memory, a second copy of the detector, to the end of the evaluation or run
+        config.detector = None
         self.model.to(device)
         self.train_loader = None
         if not config.eval_only:
