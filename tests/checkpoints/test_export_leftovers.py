@@ -72,3 +72,28 @@ def test_an_export_keeps_what_another_machines_live_export_is_writing(tmp_path, 
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     assert json.loads((folder / "config.json").read_text())["tag"] == "from node b"
     assert load_file(folder / "model.safetensors")["w"].tolist() == [11.0] * 4  # its weights with its config
+
+
+def test_an_older_lomars_leftovers_named_by_the_pid_alone_are_this_machines(tmp_path, monkeypatch):
+    """An export killed midway by an older lomar left its previous pair at .NAME.old-PID (and its incoming file at
+    .NAME.new-PID, atomic_write's ..NAME.new-PID.tmp-PID): taken for this machine's, the reader names the set-aside
+    files and the next export removes them, where no flock tells only those of a PID that is no live process here."""
+    dead, live = _dead_pid(), os.getppid()
+    _export(tmp_path, "first")
+    for name in ("config.json", "model.safetensors"):
+        os.replace(tmp_path / name, tmp_path / f".{name}.old-{dead}")
+    assert ".config.json.old-" in interrupted_export(tmp_path) and "rename them back to config.json" in \
+        interrupted_export(tmp_path)
+    (tmp_path / f"..config.json.new-{dead}.tmp-{dead}").write_bytes(b"x")
+    _export(tmp_path, "second")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+    def no_flock(handle, flags):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr("fcntl.flock", no_flock)
+    stale, alive = [f".config.json.old-{dead}", f".model.safetensors.new-{dead}"], [f".config.json.new-{live}"]
+    for name in stale + alive:
+        (tmp_path / name).write_bytes(b"x")
+    _export(tmp_path, "third")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(alive + ["config.json", "model.safetensors"])

@@ -7,7 +7,8 @@ an advisory ``fcntl.flock`` that the kernel drops when its holder ends, a kill i
 export holds the lock, which also judges a writer on another machine where the share honours flock (NFS does), whose
 PID means nothing here. Where no lock is to be had (a filesystem without flock: the export warns and goes on unlocked;
 files of an export that took none) a leftover is stale when its TAG names this machine and a PID that is no live
-process here; another machine's is kept, as whether its writer lives cannot be told from here. Windows has neither
+process here; another machine's is kept, as whether its writer lives cannot be told from here. An older lomar's
+leftover, named ``.NAME.old-PID`` / ``.NAME.new-PID``, is taken for this machine's. Windows has neither
 flock nor os.kill's probe: there a leftover is kept and not named (lomar is not supported there).
 """
 
@@ -32,9 +33,12 @@ from lomar.errors import UsageError
 __all__ = ["stale_leftovers", "interrupted_export", "export_lock", "export_running", "is_export_file", "writer_tag",
            "EXPORT_LOCK", "LOCK_WAIT_S"]
 
-# ".config.json.old-TAG", ".model.safetensors.new-TAG" and atomic_write's "..config.json.new-TAG.tmp-PID-TOKEN"
-_LEFTOVER = re.compile(r"\.\.?(?P<name>.+?)\.(?P<kind>old|new)-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]{16}"
-                       r"(?:\.tmp-\d+-[0-9a-f]{16})?")
+# ".config.json.old-TAG", ".model.safetensors.new-TAG" and atomic_write's "..config.json.new-TAG.tmp-PID-TOKEN"; or
+# an older lomar's, named by the PID alone (".config.json.old-PID", "..config.json.new-PID.tmp-PID"), written on this
+# machine as far as can be told: a folder upgraded after a killed export still has its set-aside files named
+_LEFTOVER = re.compile(r"\.\.?(?P<name>.+?)\.(?P<kind>old|new)-"
+                       r"(?:(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]{16}|(?P<pid_only>\d+))"
+                       r"(?:\.tmp-\d+(?:-[0-9a-f]{16})?)?")
 # Hidden, and there only while an export writes (or after one was killed): no reader of the folder takes it
 EXPORT_LOCK = ".export.lock"
 # How long an export waits for another one's write and swap (seconds of disk writing, not of training)
@@ -137,7 +141,8 @@ def stale_leftovers(folder: Path, locked: bool = False) -> list[tuple[Path, str]
     for path in sorted(folder.iterdir()) if folder.is_dir() and not held else ():
         match = _LEFTOVER.fullmatch(path.name)
         if match and (match["name"] == CONFIG_NAME or match["name"].endswith(".safetensors")) and path.is_file():
-            if held is False or match["host"] == _host() and not _alive(int(match["pid"])):
+            here, pid = (match["host"] or _host()) == _host(), int(match["pid"] or match["pid_only"])
+            if held is False or here and not _alive(pid):
                 found.append((path, match["kind"]))
     return found
 
