@@ -15,3 +15,14 @@ def one_val(tmp_path_factory):
     """A validation split of one image: for runs whose evaluations are not what the test checks (a randomly
     initialised detector's mask head runs on 100 boxes an image)."""
     return write_tiny_coco(tmp_path_factory.mktemp("coco") / "val", 1, seed=1)
+
+
+@pytest.fixture
+def few_eval_proposals(monkeypatch):
+    """Evaluations keep 10 region proposals an image, not the detector's 1000: for runs whose scores are not what the
+    test checks. A randomly initialised detector's box head convolves every proposal, its mask head each of up to 100
+    detections (~4 s of a 2-core CPU an evaluation of one 64 px image); training's proposals are left as they are."""
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
+    own = RegionProposalNetwork.post_nms_top_n
+    monkeypatch.setattr(RegionProposalNetwork, "post_nms_top_n", lambda self: own(self) if self.training else 10)

@@ -17,7 +17,7 @@ from lomar.train.detect import DetectTask
 
 
 @pytest.mark.longest
-def test_detect_resume_is_exact(tiny, one_val, tmp_path, capsys):
+def test_detect_resume_is_exact(tiny, one_val, tmp_path, capsys, few_eval_proposals):
     """4 steps straight == 2 steps, then --resume auto to 4: same weights, same logged losses."""
     (train_ann, train_images), _ = tiny
     val_ann, val_images = one_val  # each run still evaluates, at the epoch's end and at its own
