@@ -461,7 +461,7 @@ def test_eval_only_scores_a_finetuned_classifier_as_its_run_did(tmp_path, capsys
 
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
     assert main([*evaluate, "--pretrained", str(tmp_path / "auto.pt"), "--out", str(tmp_path / "auto")]) == 0
-    assert ("lomar finetune: precision fp32, the one the classifier trained in (this machine's --precision auto "
+    assert ("lomar finetune: note: precision fp32, the one the classifier trained in (this machine's --precision auto "
             "would pick bf16); pass --precision bf16 to switch\n") in capsys.readouterr().err
     monkeypatch.undo()
     # a classifier that records no precision (an older lomar's): this machine's auto is used, and the start says so
@@ -469,7 +469,7 @@ def test_eval_only_scores_a_finetuned_classifier_as_its_run_did(tmp_path, capsys
     torch.save(ckpt, tmp_path / "older.pt")
     assert main([*evaluate, "--pretrained", str(tmp_path / "older.pt"), "--out", str(tmp_path / "older")]) == 0
     here = precision.resolve_precision("auto", torch.device("cpu"))
-    assert (f"lomar finetune: precision {here}, --precision auto's choice on this machine: the checkpoint does not "
+    assert (f"lomar finetune: note: precision {here}, --precision auto's choice on this machine: the checkpoint does not "
             f"record the precision the classifier trained in\n") in capsys.readouterr().err
     # another size: its position table resampled there, the record says both sizes
     assert main([*evaluate, "--pretrained", str(run), "--out", str(tmp_path / "48"), "--img-size", "48"]) == 0

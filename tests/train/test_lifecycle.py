@@ -293,11 +293,12 @@ def test_the_share_of_a_step_spent_waiting_for_input_is_logged_and_named(tmp_pat
     waits = [r["input_wait"] for r in map(json.loads, (tmp_path / "slow" / "metrics.jsonl").read_text().splitlines())
              if "loss" in r]
     assert len(waits) == 8 and all(0.8 < w <= 1 for w in waits)
-    lines = capsys.readouterr().out.rstrip().splitlines()
+    printed = capsys.readouterr()
+    lines, note = printed.out.rstrip().splitlines(), printed.err.rstrip().splitlines()[-1]
     assert re.search(r"input wait (9\d|100)%", lines[1])  # the printed step lines show it too
-    assert re.match(r"lomar toy: the input limited this run: the loop waited for batches (9\d|100)%", lines[-2])
-    assert lines[-2].endswith("of a step's time (median of 7 steps); try more --workers")  # a toy has no workers
-    assert lines[-1].startswith("lomar toy: done")
+    assert re.match(r"lomar toy: note: the input limited this run: the loop waited for batches (9\d|100)%", note)
+    assert note.endswith("of a step's time (median of 7 steps); try more --workers")  # a toy has no workers
+    assert lines[-1].startswith("lomar toy: done") and "input limited" not in printed.out
 
 
 def test_the_input_note_needs_a_median_wait_over_the_bound():
@@ -891,7 +892,7 @@ def test_resume_auto_never_starts_over_on_top_of_unreadable_checkpoints(tmp_path
     assert sorted(p.name for p in out.iterdir()) == kept and len(_losses(out)) == 4  # nothing deleted
     capsys.readouterr()
     assert run(ToyConfig(out=str(tmp_path / "new"), max_steps=2, resume="auto"), ToyTask) == 0
-    assert f"nothing to resume in {tmp_path / 'new'}: a new run starts" in capsys.readouterr().out
+    assert f"lomar toy: note: nothing to resume in {tmp_path / 'new'}: a new run starts\n" in capsys.readouterr().err
 
 
 def test_a_run_trained_by_another_number_of_processes_is_not_resumed_silently(tmp_path):
@@ -1287,10 +1288,11 @@ def test_an_auto_run_resumed_where_auto_picks_another_precision_keeps_its_own_an
     for has_bf16, steps in ((True, 2), (False, 4)):
         monkeypatch.setattr(precision, "cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
         assert run(ToyConfig(out=str(out), precision="auto", max_steps=steps, resume="auto"), ToyTask) == 0
-    printed = capsys.readouterr().out
-    assert "device cpu, precision bf16" in printed and "device cpu, precision fp32" not in printed
-    assert ("lomar toy: precision bf16, the one the run trained in (this machine's --precision auto would pick fp32); "
-            "pass --precision fp32 to switch\n") in printed
+    printed = capsys.readouterr()
+    assert "device cpu, precision bf16" in printed.out and "device cpu, precision fp32" not in printed.out
+    # on stderr, as every note: stdout holds the run's own lines, for a program reading them
+    assert ("lomar toy: note: precision bf16, the one the run trained in (this machine's --precision auto would pick "
+            "fp32); pass --precision fp32 to switch\n") in printed.err and "trained in" not in printed.out
     assert safe_load(out / "last.pt")["precision"] == "bf16"
 
 
@@ -1298,14 +1300,14 @@ def test_bf16_asked_of_a_cpu_that_emulates_it_is_told_at_the_start(tmp_path, cap
     """Emulated bf16 ran ~10x slower than fp32 here without a word; a CPU with bf16 products, or auto, is not told."""
     import lomar.train.precision as precision
 
-    note = ("lomar toy: bf16 on this CPU is emulated (no AVX-512 BF16/AMX): expect it several times slower than fp32; "
-            "--precision auto picks fp32 here\n")
+    note = ("lomar toy: note: bf16 on this CPU is emulated (no AVX-512 BF16/AMX): expect it several times slower than "
+            "fp32; --precision auto picks fp32 here\n")
     for has_bf16, setting, told in ((False, "bf16", True), (True, "bf16", False), (False, "auto", False)):
         monkeypatch.setattr(precision, "cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
         assert run(ToyConfig(out=str(tmp_path / f"{has_bf16}{setting}"), precision=setting, max_steps=1), ToyTask) == 0
-        printed = capsys.readouterr().out
-        lines = printed.splitlines(keepends=True)
-        assert lines[0].startswith("lomar toy: 32 images") and (lines[1] == note) == told == printed.count(note)
+        printed = capsys.readouterr()
+        assert printed.out.startswith("lomar toy: 32 images") and "emulated" not in printed.out
+        assert (printed.err[:len(note)] == note) == told == printed.err.count(note)
 
 
 def test_a_precision_given_to_a_resume_switches_it_in_one_line_and_fp16s_scale_either_way(tmp_path, capsys):
@@ -1318,8 +1320,8 @@ def test_a_precision_given_to_a_resume_switches_it_in_one_line_and_fp16s_scale_e
         capsys.readouterr()
         assert run(ToyConfig(out=str(out), precision=now, max_steps=steps, resume="auto"), ToyTask) == 0
         extra = "; fp16's loss scale starts afresh, as a new fp16 run's" if now == "fp16" else ""
-        assert (f"lomar toy: precision {was} → {now} after step {steps - 2}, as --precision {now} asks{extra}\n"
-                in capsys.readouterr().out)
+        assert (f"lomar toy: note: precision {was} → {now} after step {steps - 2}, as --precision {now} asks{extra}\n"
+                in capsys.readouterr().err)
         ckpt = safe_load(out / "last.pt")
         assert ckpt["precision"] == now and bool(ckpt["scaler"]) == (now == "fp16")
     scaled = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss_scale" in r]
@@ -1340,10 +1342,10 @@ def test_an_older_checkpoint_of_a_cuda_run_resumes_on_a_cpu_saying_what_it_gets(
     atomic_save(ckpt, out / "last.pt")
     capsys.readouterr()
     assert run(ToyConfig(out=str(out), precision="auto", max_steps=4, resume="auto"), ToyTask) == 0
-    printed, own = capsys.readouterr().out, resolve_precision("auto", torch.device("cpu"))
-    assert (f"lomar toy: precision {own}, --precision auto's choice on this machine: the checkpoint does not record "
+    printed, own = capsys.readouterr().err, resolve_precision("auto", torch.device("cpu"))
+    assert (f"lomar toy: note: precision {own}, --precision auto's choice on this machine: the checkpoint does not record "
             f"the precision the run trained in\n") in printed
-    assert ("lomar toy: device cuda → cpu after step 2: the weights and optimizer state move over; its kernels and "
+    assert ("lomar toy: note: device cuda → cpu after step 2: the weights and optimizer state move over; its kernels and "
             "device random draws (drop path) differ, so it does not go on bit for bit\n") in printed
 
 
@@ -1357,6 +1359,6 @@ def test_bf16_asked_of_a_resume_that_trained_in_bf16_names_no_false_way_out(tmp_
     assert run(ToyConfig(out=str(out), precision="bf16", max_steps=1), ToyTask) == 0
     capsys.readouterr()
     assert run(ToyConfig(out=str(out), precision="bf16", max_steps=2, resume="auto"), ToyTask) == 0
-    printed = capsys.readouterr().out
-    assert ("lomar toy: bf16 on this CPU is emulated (no AVX-512 BF16/AMX): expect it several times slower than "
-            "fp32\n") in printed and "auto picks" not in printed
+    printed = capsys.readouterr().err
+    assert ("lomar toy: note: bf16 on this CPU is emulated (no AVX-512 BF16/AMX): expect it several times slower "
+            "than fp32\n") in printed and "auto picks" not in printed

@@ -124,7 +124,7 @@ class FinetuneTask(Task):
             precision, note = trained_precision_kept(setting, recorded, "the classifier", device)
             self.autocast = autocast_factory(precision, device)  # as a run's
             if note:
-                print(f"lomar finetune: {note}", file=sys.stderr, flush=True)
+                print(f"lomar finetune: note: {note}", file=sys.stderr, flush=True)
             path, step = config.classifier.path, config.classifier.checkpoint.get("step")
             self.source = {"checkpoint": str(path), "step": step, "trained_img_size": trained}
             other = "" if trained == config.img_size else f", not its trained {trained} px"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -345,7 +346,7 @@ def run(config, make_task: type[Task]) -> int:
         config.resume_point = point  # as read under the lock: the precision it trained in is the run's (Task too)
         resume = point.path if point is not None else None
         for note in point.notes if point is not None and info.is_main else ():
-            print(f"lomar {name}: {note}", flush=True)
+            print(f"lomar {name}: note: {note}", file=sys.stderr, flush=True)
         try:
             if resume is not None and info.is_main:
                 check_no_rewind(resume, out, config.overwrite, point, getattr(config, "in_file", {}))

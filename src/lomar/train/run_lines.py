@@ -1,5 +1,6 @@
 """What a run tells the user at its start (the start-up line, its notes and warning) and at its end (the final line,
-or where a stopped run left its checkpoint). ``trainer``: lomar.train.lifecycle's ``_Run``, its state read as it is."""
+or where a stopped run left its checkpoint). The lines of what the run does are on stdout, its notes and warnings on
+stderr (``lomar CMD: note: ...``), so that a program reading stdout gets the run's own lines alone. ``trainer``: lomar.train.lifecycle's ``_Run``, its state read as it is."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def announce(trainer) -> None:
           f"device {trainer.device}, precision {trainer.precision}", flush=True)
     emulated = emulated_bf16_notes(cfg.precision, trainer.device, auto_precision(cfg, trainer.device))
     for note in emulated + trainer.notes:  # and a resume's numerics' changes
-        print(f"lomar {task.name}: {note}", flush=True)
+        print(f"lomar {task.name}: note: {note}", file=sys.stderr, flush=True)
     if warning := warmup_warning(trainer.last_step, *trainer.schedule, trainer.base_lr, trainer.min_lr,
                                  task.lr_schedule, config=cfg, resumed=p.step > 0):
         print(f"lomar {task.name}: warning: {warning}", file=sys.stderr, flush=True)  # as every warning and note
@@ -50,6 +51,6 @@ def report_end(trainer, path: Path, preempted: bool) -> None:
                                         f"no {best.name}: no full epoch scored a {metric} yet", extra]))
     note = input_limit_note(trainer.monitor.input_waits, getattr(cfg, "workers", None), getattr(cfg, "decode", None))
     if note:
-        print(f"lomar {name}: {note}", flush=True)
+        print(f"lomar {name}: note: {note}", file=sys.stderr, flush=True)
     print(f"lomar {name}: done at step {trainer.p.step}{f' ({losses})' if losses else ''}; checkpoint {path}"
           + (f"; {extra}" if extra else ""), flush=True)
