@@ -24,7 +24,7 @@ import stat
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO, BinaryIO, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -32,10 +32,11 @@ from safetensors import safe_open
 from lomar.errors import ANSI_ESCAPE, UsageError
 
 __all__ = ["check_finite", "first_non_finite", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_save",
-           "own_temporary", "safe_load", "describe_file", "starts_as_safetensors", "quiet_pickle_protocol",
+           "own_temporary", "own_folder", "safe_load", "describe_file", "starts_as_safetensors", "quiet_pickle_protocol",
            "write_error", "open_in_place", "read_in_place", "read_log", "log_record", "refuse_link", "remove_tree",
            "mismatch", "FILE_MODE"]
 
+T = TypeVar("T")
 # Exports and checkpoints are meant to be shared: rw-r--r-- whatever mkstemp-like defaults say.
 FILE_MODE = 0o644
 
@@ -76,11 +77,22 @@ def own_temporary(path: str | Path) -> tuple[Path, int]:
     """(name, descriptor open for writing) of a new file beside ``path``, ``.NAME.tmp-PID-TOKEN``: the PID names the
     writer, the random TOKEN (16 hex digits) keeps it apart from any other (two machines sharing a folder have PIDs in
     common). Created with O_EXCL, so a file or link already of that name is never opened, nor removed."""
-    path = Path(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    return _made_beside(Path(path), lambda tmp: os.open(tmp, flags, 0o600))
+
+
+def own_folder(path: str | Path) -> Path:
+    """A new folder beside ``path``, ``.NAME.tmp-PID-TOKEN`` as :func:`own_temporary` names it, to build ``path`` in
+    and rename. Made by ``os.mkdir``, so never one already there, and with the permissions the umask gives any folder
+    (``tempfile.mkdtemp``'s are the owner's alone, which a rename would pass on to ``path``)."""
+    return _made_beside(Path(path), os.mkdir)[0]
+
+
+def _made_beside(path: Path, make: Callable[[Path], T]) -> tuple[Path, T]:
     for _ in range(100):
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(8)}")
         try:
-            return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+            return tmp, make(tmp)
         except FileExistsError:
             continue
     raise FileExistsError(errno.EEXIST, "no free temporary name beside it", str(path))

@@ -31,3 +31,17 @@ def test_two_builds_of_one_pid_at_once_each_use_their_own_folder(tmp_path, monke
     assert sorted(p.name for p in root.parent.iterdir()) == ["digits"]  # no build's folder left
     assert sorted(p.name for p in root.iterdir()) == ["train", "val"]
     assert sum(1 for _ in root.rglob("*.png")) == 100
+
+
+def test_the_built_folder_has_the_permissions_the_umask_gives(tmp_path, monkeypatch):
+    """The data folder is the build's folder renamed: one made by tempfile.mkdtemp is the owner's alone (0700); one
+    made by mkdir follows the umask, as every folder inside it does."""
+    digits = sklearn.datasets.load_digits()
+    monkeypatch.setattr(sklearn.datasets, "load_digits",
+                        lambda: Bunch(images=digits.images[:100], target=digits.target[:100]))
+    umask = os.umask(0o022)
+    try:
+        root = digits_data(tmp_path / "digits")
+    finally:
+        os.umask(umask)
+    assert oct(root.stat().st_mode & 0o777) == oct((root / "train").stat().st_mode & 0o777) == "0o755"

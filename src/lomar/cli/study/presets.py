@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +128,8 @@ def digits_data(root: Path) -> Path:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
+    from lomar.checkpoints.io import own_folder  # imports torch, which only a build of the data needs
+
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
     x = F.pad(F.interpolate(x, size=28, mode="bilinear", align_corners=False), [2, 2, 2, 2])
@@ -137,7 +138,7 @@ def digits_data(root: Path) -> Path:
     root.parent.mkdir(parents=True, exist_ok=True)
     # this command's own folder: another one building the data meanwhile (a study beside it, on this machine or on
     # another sharing the folder, of the same PID perhaps) has its own, which this one neither removes nor renames
-    work = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-{os.getpid()}-", dir=root.parent))
+    work = own_folder(root)
     try:
         for split, indices in (("train", train), ("val", val)):
             for i in indices:
