@@ -63,6 +63,9 @@ def classifier_pool(checkpoint: dict, state: dict) -> str:
 def trained_precision(checkpoint: dict) -> str | None:
     """The precision a training run's ``checkpoint`` was trained (and evaluated) in: its --precision, or where that was
     auto, the precision auto chose on its machine (recorded beside its step); None where it records neither (an older
-    lomar's, a classifier converted from the original code, an original one)."""
-    run = checkpoint.get("settings") if isinstance(checkpoint.get("settings"), dict) else {}
+    lomar's, a classifier converted from the original code, an original one). A finetune checkpoint's settings are
+    its "settings", or "args" in a lomar's that saved its command line's namespace (an original checkpoint's "args"
+    are its own code's, not a lomar run's)."""
+    keys = ("settings", "args") if checkpoint.get("format") == FINETUNE_FORMAT else ("settings",)
+    run = next((checkpoint[k] for k in keys if isinstance(checkpoint.get(k), dict)), {})
     return checkpoint.get("precision") if run.get("precision", "auto") == "auto" else run.get("precision")
