@@ -52,7 +52,7 @@ def test_clip_grad_clips_the_gradient(tiny, one_val, tmp_path):
 
 
 @pytest.mark.slow
-def test_an_mae_tables_training_follows_train_pos_embed(tiny, one_val, image_dir, tmp_path, capsys):
+def test_an_mae_tables_training_follows_train_pos_embed(tiny, one_val, image_dir, tmp_path, capsys, few_eval_proposals):
     from helpers import pretrain
 
     pre = tmp_path / "mae"
