@@ -72,7 +72,7 @@ def test_a_finetune_resumes_without_the_encoder_it_started_from(labelled_folder,
     _resumes_without_its_encoder(command, start, tmp_path, capsys)
 
 
-def test_a_detector_resumes_without_the_encoder_it_started_from(digits64, tmp_path, capsys):
+def test_a_detector_resumes_without_the_encoder_it_started_from(digits64, tmp_path, capsys, few_eval_proposals):
     start = _encoder(tmp_path / "start", 16, 64)
     # one validation image: each run ends with an evaluation
     one_val = first_image_split(digits64 / "annotations" / "instances_val.json", tmp_path / "one_val.json")
