@@ -42,7 +42,7 @@ from lomar.train.settings import ConfigError
 from lomar.values import brief, is_integer
 
 __all__ = ["SaveError", "save_state", "checkpoints_to_prune", "save_checkpoint", "save_on_main_rank",
-           "remove_stale_temporaries", "checkpoint_number", "checkpoint_step", "training_step",
+           "remove_stale_temporaries", "temporaries", "checkpoint_number", "checkpoint_step", "training_step",
            "read_state", "holds_run", "same_file", "foreign", "inside", "remove_newer_checkpoints", "check_out_folder",
            "read_meta", "newest_state", "refuse_held_run", "prepare_run_folder", "save_error"]
 
@@ -256,15 +256,25 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
     machine sharing the folder too, whose PID says nothing here."""
     if not holds_run_lock(out):
         return []
-    removed, exporting = [], out.is_dir() and export_running(out)
-    for path in out.iterdir() if out.is_dir() else ():
-        if _TMP.match(path.name) and path.is_file() and not (exporting and is_export_file(path.name)):
-            path.unlink(missing_ok=True)
-            removed.append(path)
-        elif _SHARDED_TMP.match(path.name) and (path.is_dir() or path.is_symlink()):
-            path.unlink() if path.is_symlink() else shutil.rmtree(path, ignore_errors=True)  # a link, not its target
-            removed.append(path)
+    removed = temporaries(out)
+    for path in removed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)  # a link, not its target
     return removed
+
+
+def temporaries(out: Path) -> list[Path]:
+    """The temporaries in ``out`` that :func:`remove_stale_temporaries` removes where it may, those of a ``lomar
+    export`` holding the folder's export lock left out."""
+    found, exporting = [], out.is_dir() and export_running(out)
+    for path in sorted(out.iterdir()) if out.is_dir() else ():
+        if _TMP.match(path.name) and path.is_file() and not (exporting and is_export_file(path.name)):
+            found.append(path)
+        elif _SHARDED_TMP.match(path.name) and (path.is_dir() or path.is_symlink()):
+            found.append(path)
+    return found
 
 
 def refuse_held_run(out: Path, resume: str | None, overwrite: bool, locked_here: bool = False,
@@ -298,6 +308,10 @@ def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int,
     at_end = finished and resume is not None and not foreign(resume, out) and not config.overwrite
     if removed := remove_stale_temporaries(out):  # even at the end: a killed final write left them
         print(f"lomar {name}: removed {len(removed)} stale temporary file(s) in {out}, e.g. {removed[0].name}")
+    elif not holds_run_lock(out) and (kept := temporaries(out)):
+        print(f"lomar {name}: kept {len(kept)} temporary file(s) in {out}, e.g. {kept[0].name}: without a file lock "
+              f"there a killed writer's cannot be told from a live one's (on another machine sharing the folder); "
+              f"delete them once no run or export writes into {out}")
     if resume is not None:
         print(f"lomar {name}: resumed from {resume} at step {step} (epoch {epoch})", flush=True)
     if at_end:
