@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import errno
+from types import SimpleNamespace
 
 from lomar.train.run_lock import RunLock
 from lomar.train.run_state import prepare_run_folder
-
-
-@dataclasses.dataclass
-class _Config:
-    out: str
-    resume: str | None = None
-    overwrite: bool = False
-
-
-class _Task:
-    name, eval_log, outputs, final_outputs = "toy", "knn.jsonl", (), ()
 
 
 def test_a_run_without_its_folders_lock_names_the_temporaries_it_keeps(tmp_path, capsys, monkeypatch):
@@ -31,7 +20,9 @@ def test_a_run_without_its_folders_lock_names_the_temporaries_it_keeps(tmp_path,
     (tmp_path / names[1]).mkdir()
     monkeypatch.setattr("fcntl.flock", no_flock)
     with RunLock(tmp_path):
-        prepare_run_folder(_Config(str(tmp_path)), _Task(), None, 0, 0)
+        config = SimpleNamespace(out=str(tmp_path), resume=None, overwrite=False, dump=lambda: "out: run\n")
+        task = SimpleNamespace(name="toy", eval_log="knn.jsonl", outputs=(), final_outputs=())
+        prepare_run_folder(config, task, None, 0, 0)
     assert (f"lomar toy: kept 2 temporary file(s) in {tmp_path}, e.g. {names[0]}: without a file lock there a killed "
             f"writer's cannot be told from a live one's") in capsys.readouterr().out
     assert {p.name for p in tmp_path.iterdir()} >= set(names)
