@@ -70,3 +70,16 @@ def test_an_apple_gpu_is_refused_as_not_supported_yet_naming_the_device_that_run
         parse_device(text)
     assert str(caught.value) == (f"--device {text}: Apple GPUs (MPS) are not supported yet; pass --device cpu (what "
                                  f"auto picks on a Mac)")
+
+
+def test_a_command_to_copy_keeps_a_path_with_a_space_or_a_quote_one_word():
+    import shlex
+    from pathlib import Path
+
+    from lomar.values import command_line
+
+    odd = Path("my runs/it's/last.pt")
+    line = command_line("lomar", "export", odd, "--to", "DIR")
+    assert shlex.split(line) == ["lomar", "export", str(odd), "--to", "DIR"]  # as a shell reads it back
+    assert command_line("lomar", "visualize", Path("runs/a/last.pt"), "IMAGE...") == \
+        "lomar visualize runs/a/last.pt IMAGE..."  # a plain path and a placeholder as they are

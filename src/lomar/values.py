@@ -1,14 +1,16 @@
 """What counts as a number where a setting, a size or a count is taken from Python callers, what counts as an image
-size, a device or a duration, and how a count, a duration or a percentage reads in a message; imports no torch."""
+size, a device or a duration, and how a count, a duration, a percentage or a command to copy reads in a message;
+imports no torch."""
 
 import math
 import numbers
 import re
 import reprlib
+import shlex
 from itertools import islice
 
 __all__ = ["is_integer", "is_real", "is_size", "as_sides", "counted", "brief", "parse_device", "parse_duration",
-           "duration_text", "percent_text"]
+           "duration_text", "percent_text", "command_line"]
 
 # A value a message quotes, cut to what a line can show: a value from a file (a checkpoint's saved settings, a
 # YAML file) may be nested thousands deep (repr: a RecursionError) or hold millions of items (a repr for minutes).
@@ -118,3 +120,10 @@ def percent_text(value: float | None) -> str:
     if value is None or math.isnan(value):
         return "n/a"
     return f"{value:.2f}" if value == 0 or abs(value) >= 0.1 else f"{value:#.2g}"
+
+
+def command_line(*words) -> str:
+    """A command a message tells the user to run, as a shell reads it: each word (a str or a path) quoted where it
+    needs it (``shlex.join``), so that a path with a space or a quote pastes as one word; flags and placeholders
+    (``DIR``, ``IMAGE...``) need none and read as they are."""
+    return shlex.join(str(word) for word in words)

@@ -5,6 +5,7 @@ skipped, warned of and counted; --out's prediction files are replaced only with 
 from __future__ import annotations
 
 import argparse
+import shutil
 
 import pytest
 
@@ -31,6 +32,11 @@ def test_a_checkpoint_that_predicts_nothing_names_the_command_that_takes_it(tmp_
         err = _error(capsys, str(given), images, "--out", str(tmp_path / "out"))
         assert f"{pretrained} is a pretraining checkpoint, which predicts no labels" in err
         assert f"lomar finetune / detect / segment --pretrained {pretrained}" in err
+    spaced = tmp_path / "my runs" / "last.pt"  # the commands it names paste with such a path as one word
+    spaced.parent.mkdir()
+    shutil.copy(pretrained, spaced)
+    err = _error(capsys, str(spaced), images, "--out", str(tmp_path / "out"))
+    assert f"--pretrained '{spaced}') and pass that run's best.pt; lomar visualize '{spaced}' IMAGE draws" in err
     assert main(["export", str(pretrained), "--to", str(tmp_path / "export")]) == 0
     err = _error(capsys, str(tmp_path / "export"), images, "--out", str(tmp_path / "out"))
     assert f"{tmp_path / 'export'} is an exported encoder, which predicts no labels; pass the best.pt" in err

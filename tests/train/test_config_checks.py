@@ -62,3 +62,22 @@ def test_an_eval_stride_with_whole_image_evaluation_is_refused(tmp_path, capsys)
                  "--out", str(tmp_path / "run"), "--print-config"]) == 2
     assert capsys.readouterr().err == ("lomar segment: error: --eval-stride 8 moves --eval-mode slide's windows, but "
                                        "this evaluation is --eval-mode whole; drop it, or use --eval-mode slide\n")
+
+
+def test_eval_only_of_a_probe_file_names_the_predict_command_that_runs_it_pasteable(tmp_path):
+    """A `lomar linprobe --save` file in a folder with a space: the `lomar predict` it names reads as one path."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lomar.checkpoints.kinds import LINPROBE_FORMAT
+    from lomar.train.config_checks import check_eval_only_model
+    from lomar.train.settings import ConfigError
+
+    probe = tmp_path / "my probes" / "probe.pt"
+    probe.parent.mkdir()
+    torch.save({"format": LINPROBE_FORMAT}, probe)
+    config = SimpleNamespace(pretrained=str(probe), COMMAND="finetune", resume=None)
+    with pytest.raises(ConfigError, match="not a `lomar finetune` run or checkpoint") as refused:
+        check_eval_only_model(config, None, "classifier")
+    assert f"`lomar predict '{probe}' IMAGES` runs it on images" in str(refused.value)

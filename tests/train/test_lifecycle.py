@@ -324,6 +324,8 @@ def test_the_resume_hint_of_a_multi_process_run_asks_for_the_same_launch():
     assert resume_hint("pretrain", Path("runs/a"), 1) == "Resume with: lomar pretrain --out runs/a --resume auto"
     assert resume_hint("detect", Path("r"), 8) == ("Resume with the same launch (8 processes, torchrun): "
                                                    "lomar detect --out r --resume auto")
+    # a folder with a space pastes as one word
+    assert resume_hint("finetune", Path("my runs/a"), 1) == "Resume with: lomar finetune --out 'my runs/a' --resume auto"
 
 
 class Regularised(ToyTask):

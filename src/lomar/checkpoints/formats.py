@@ -52,7 +52,7 @@ from lomar.checkpoints.reader import (
 from lomar.checkpoints.sharded import read_sharded
 from lomar.models.masking import grid_size
 from lomar.models.vit import VisionTransformer, ViTConfig
-from lomar.values import is_size
+from lomar.values import command_line, is_size
 
 __all__ = ["read", "identify", "VitReader", "holds_beit", "peek_encoder", "load_model", "encoder_weights",
            "stopped_run_checkpoint", "saved_class_names"]
@@ -156,9 +156,10 @@ def _inferred_config(src: Source, overrides: dict) -> ViTConfig:
 
 def _unknown_grid(src: Source) -> ValueError:
     """A non-square table without a saved size, to be resampled: an export keeps the (height, width) given it."""
+    export = command_line("lomar", "export", src.path, "--img-size", "HEIGHT", "WIDTH", "--to", "DIR")
     return ValueError(f"{src.path}: its position table holds {src.state['pos_embed'].shape[1] - 1} patches, not a "
                       f"square grid, and it saves no image size to resample it from; record the size it was trained "
-                      f"at first: lomar export {src.path} --img-size HEIGHT WIDTH --to DIR, and read DIR")
+                      f"at first: {export}, and read DIR")
 
 
 class PretrainReader(Reader):

@@ -13,7 +13,7 @@ from lomar.errors import UsageError
 from lomar.train import settings as S
 from lomar.train.setting_flags import add_settings
 from lomar.train.settings import Setting
-from lomar.values import counted
+from lomar.values import command_line, counted
 
 __all__ = ["add_arguments", "run", "load_original_add_arguments", "load_original_run", "CHECKPOINT"]
 
@@ -144,7 +144,8 @@ def load_original_run(args: argparse.Namespace) -> int:
     me = command_prefix(args)
     print(f"{me}: converted {args.path} ({kind}, {vit.embed_dim} wide, {counted(vit.depth, 'block')}, "
           f"{counted(vit.num_heads, 'head')}, patch {vit.patch_size}, {params / 1e6:.2f} M parameters) -> {out}")
-    print(f"{me}: next: lomar export {out} --to DIR   |   lomar visualize {out} IMAGE...")
+    print(f"{me}: next: {command_line('lomar', 'export', out, '--to', 'DIR')}   |   "
+          f"{command_line('lomar', 'visualize', out, 'IMAGE...')}")
     return 0
 
 

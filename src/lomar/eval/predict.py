@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -42,6 +43,7 @@ from lomar.eval.coco import to_coco_results
 from lomar.eval.features import eval_load, eval_transform
 from lomar.eval.segmentation import label_map, label_png, slide_stride
 from lomar.progress_bar import progress
+from lomar.values import command_line
 
 __all__ = ["Trained", "load_trained", "list_images", "ListedImage", "classify", "detect", "segment", "OUTPUTS"]
 
@@ -112,13 +114,13 @@ def _cannot_run(file: Path, reader: str, command: str | None) -> str:
     if reader.startswith("export") or reader == "lomar-vit":
         what = "an exported encoder" if reader.startswith("export") else "an encoder without a classifier's head"
         return (f"{file} is {what}, which predicts no labels; pass the best.pt of the `lomar finetune`, `lomar "
-                f"detect` or `lomar segment` run that trains one on it (--pretrained {file})")
+                f"detect` or `lomar segment` run that trains one on it (--pretrained {shlex.quote(str(file))})")
     what = ("a pretraining checkpoint" if command == "pretrain" or "pretrain" in reader else
             "an original pretraining checkpoint" if reader.startswith("original") else
             f"a checkpoint in the {reader} format")
     return (f"{file} is {what}, which predicts no labels; train a classifier, detector or segmenter on it (lomar "
-            f"finetune / detect / segment --pretrained {file}) and pass that run's best.pt; lomar visualize {file} "
-            f"IMAGE draws what it reconstructs")
+            f"finetune / detect / segment --pretrained {shlex.quote(str(file))}) and pass that run's best.pt; "
+            f"{command_line('lomar', 'visualize', file, 'IMAGE')} draws what it reconstructs")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from lomar.train import settings as S
 from lomar.train.encoder_settings import check_pretrained
 from lomar.train.setting_names import source_of
 from lomar.train.settings import ConfigError
+from lomar.values import command_line
 
 __all__ = ["check_fsdp", "check_data", "check_decode", "check_method_settings", "parse_share", "EVAL_DECODES",
            "refuse_training_settings", "check_warmup", "check_min_lr"]
@@ -162,9 +163,10 @@ def check_eval_only_model(config: Any, found: Any, model: str) -> None:
         raise ConfigError(f"--eval-only needs --pretrained RUN (a `lomar {config.COMMAND}` run folder or checkpoint)")
     check_pretrained(config)
     if found is None and _is_probe_file(config.pretrained):
+        predict = command_line("lomar", "predict", config.pretrained, "IMAGES")
         raise ConfigError(f"--pretrained {config.pretrained} is a `lomar linprobe --save` file, not a `lomar "
-                          f"{config.COMMAND}` run or checkpoint: `lomar predict {config.pretrained} IMAGES` runs it on "
-                          f"images, and lomar.load_model rebuilds it in Python")
+                          f"{config.COMMAND}` run or checkpoint: `{predict}` runs it on images, and lomar.load_model "
+                          f"rebuilds it in Python")
     if found is None:
         raise ConfigError(f"--pretrained {config.pretrained} is not a `lomar {config.COMMAND}` run or checkpoint; "
                           f"--eval-only scores a trained {model}")

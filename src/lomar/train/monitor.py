@@ -14,7 +14,7 @@ from pathlib import Path
 from lomar.checkpoints.file_names import METRICS
 from lomar.checkpoints.io import open_in_place, read_log, refuse_link
 from lomar.progress_bar import progress
-from lomar.values import percent_text
+from lomar.values import command_line, percent_text
 
 __all__ = ["Monitor", "input_limit_note", "read_records", "metric_text", "metric_value", "images_per_second",
            "INPUT_BOUND"]
@@ -212,4 +212,4 @@ def input_limit_note(waits: list[float], workers: int | None, decode: str | None
 def resume_hint(command: str, out: Path, processes: int) -> str:
     """The command that continues a stopped run; a resume must be launched with the run's number of processes."""
     launch = f" the same launch ({processes} processes, torchrun)" if processes > 1 else ""
-    return f"Resume with{launch}: lomar {command} --out {out} --resume auto"
+    return f"Resume with{launch}: {command_line('lomar', command, '--out', out, '--resume', 'auto')}"

@@ -41,7 +41,7 @@ from lomar.train.run_resume import listing_change, listing_record
 from lomar.train.run_state import newest_state
 from lomar.train.schedule import param_groups
 from lomar.train.task import Task
-from lomar.values import counted
+from lomar.values import command_line, counted
 from lomar.viz.curves import loss_curve
 from lomar.viz.reconstruction import reconstruction_snapshot
 
@@ -267,7 +267,8 @@ class PretrainTask(Task):
             f"(--cpu-decode-share {'auto, last ' if share.auto else ''}{share.value:.2f})")
         last = out / LAST
         return (f"encoder {out / RUN_ENCODER}, figures {out}/reconstruction-*.png and {LOSS_CURVE}"
-                f"{workers}. Next: lomar visualize {last} --attention; lomar export {last} --to DIR")
+                f"{workers}. Next: {command_line('lomar', 'visualize', last, '--attention')}; "
+                f"{command_line('lomar', 'export', last, '--to', 'DIR')}")
 
     # ---- outputs -------------------------------------------------------------------------
     def _consolidate(self, out: Path):
