@@ -204,9 +204,9 @@ def test_predict_eval_only_and_a_resume_keep_one_precision_and_say_so_alike(tmp_
     seen.clear()
     assert main(["finetune", "--eval-only", "--pretrained", str(run), "--val", str(labelled_folder / "val"), "--out",
                  str(tmp_path / "scored"), "--batch-size", "4", *CPU_RUN]) == 0
-    assert f"lomar finetune: {note}\n" in capsys.readouterr().err and seen == {None}
+    assert f"lomar finetune: note: {note}\n" in capsys.readouterr().err and seen == {None}
     seen.clear()
     assert main(["finetune", "--out", str(run), "--resume", "auto", "--epochs", "2", "--max-steps", "3"]) == 0
-    printed = capsys.readouterr().out
-    assert f"lomar finetune: {note.replace('the classifier', 'the run')}\n" in printed and seen == {None}
+    printed, noted = capsys.readouterr()
+    assert f"lomar finetune: note: {note.replace('the classifier', 'the run')}\n" in noted and seen == {None}
     assert "device cpu, precision fp32" in printed and safe_load(run / "last.pt")["precision"] == "fp32"
