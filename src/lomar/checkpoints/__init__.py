@@ -3,7 +3,8 @@ writes goes through.
 
 Where each idea lives:
 
-- writing and reading any file safely (atomic writes, weights-only loads): :mod:`.io`; the names of a run or export
+- writing and reading any file safely (atomic writes, weights-only loads): :mod:`.io`; a writer's own temporary
+  file or folder beside what it writes: :mod:`.own_names`; the names of a run or export
   folder's files: :mod:`.file_names`; what a checkpoint says it is (its format, the command that wrote it):
   :mod:`.kinds`; a folder's lock: :mod:`.file_lock`;
 - reading every format (one reader per format, detected once): :mod:`.formats` (its

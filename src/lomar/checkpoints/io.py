@@ -18,25 +18,24 @@ import errno
 import json
 import os
 import re
-import secrets
 import shutil
 import stat
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, BinaryIO, TypeVar
+from typing import IO, BinaryIO
 
 import torch
 from safetensors import safe_open
 
+from lomar.checkpoints.own_names import own_temporary
 from lomar.errors import ANSI_ESCAPE, UsageError
 
 __all__ = ["check_finite", "first_non_finite", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_save",
-           "own_temporary", "own_folder", "safe_load", "describe_file", "starts_as_safetensors", "quiet_pickle_protocol",
+           "safe_load", "describe_file", "starts_as_safetensors", "quiet_pickle_protocol",
            "write_error", "open_in_place", "read_in_place", "read_log", "log_record", "refuse_link", "remove_tree",
            "mismatch", "FILE_MODE"]
 
-T = TypeVar("T")
 # Exports and checkpoints are meant to be shared: rw-r--r-- whatever mkstemp-like defaults say.
 FILE_MODE = 0o644
 
@@ -44,8 +43,9 @@ FILE_MODE = 0o644
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], mode: int = FILE_MODE) -> Path:
     """Call ``write(handle)`` on a temporary file beside ``path``, fsync, chmod, rename over ``path``.
 
-    The temporary is this writer's own (:func:`own_temporary`): created afresh, never opened through a link of its
-    name, never another writer's, on a shared folder (NFS) another machine's of the same pid included. On any failure
+    The temporary is this writer's own (:func:`~lomar.checkpoints.own_names.own_temporary`): created afresh, never
+    opened through a link of its name, never another writer's, on a shared folder (NFS) another machine's of the same
+    pid included. On any failure
     the temporary is removed and ``path`` is untouched. A failed write surfaces as the OSError behind it, naming
     ``path`` (not the temporary), even where the writer wrapped it in its own error: ``torch.save`` on a full disk
     raises a RuntimeError from its zip writer.
@@ -71,31 +71,6 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], mode: int 
         if tmp is not None:  # made by this call, so no other writer's
             tmp.unlink(missing_ok=True)
     return path
-
-
-def own_temporary(path: str | Path) -> tuple[Path, int]:
-    """(name, descriptor open for writing) of a new file beside ``path``, ``.NAME.tmp-PID-TOKEN``: the PID names the
-    writer, the random TOKEN (16 hex digits) keeps it apart from any other (two machines sharing a folder have PIDs in
-    common). Created with O_EXCL, so a file or link already of that name is never opened, nor removed."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    return _made_beside(Path(path), lambda tmp: os.open(tmp, flags, 0o600))
-
-
-def own_folder(path: str | Path) -> Path:
-    """A new folder beside ``path``, ``.NAME.tmp-PID-TOKEN`` as :func:`own_temporary` names it, to build ``path`` in
-    and rename. Made by ``os.mkdir``, so never one already there, and with the permissions the umask gives any folder
-    (``tempfile.mkdtemp``'s are the owner's alone, which a rename would pass on to ``path``)."""
-    return _made_beside(Path(path), os.mkdir)[0]
-
-
-def _made_beside(path: Path, make: Callable[[Path], T]) -> tuple[Path, T]:
-    for _ in range(100):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(8)}")
-        try:
-            return tmp, make(tmp)
-        except FileExistsError:
-            continue
-    raise FileExistsError(errno.EEXIST, "no free temporary name beside it", str(path))
 
 
 def open_in_place(path: str | Path, mode: str = "r", **text) -> IO:

@@ -28,6 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from lomar.checkpoints.own_names import own_folder
 from lomar.cli.study.flags import parse_flags
 from lomar.cli.study.spec import Budget, StudySpec, parse_budget, parse_spec
 from lomar.errors import UsageError
@@ -127,8 +128,6 @@ def digits_data(root: Path) -> Path:
     from PIL import Image
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
-
-    from lomar.checkpoints.io import own_folder  # imports torch, which only a build of the data needs
 
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0

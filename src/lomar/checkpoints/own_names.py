@@ -1,0 +1,40 @@
+"""A writer's own temporary name beside the file or folder it writes, ``.NAME.tmp-PID-TOKEN``: the PID names the
+writer, the random TOKEN (16 hex digits) keeps it apart from any other, on machines sharing a folder (a home on NFS)
+that have PIDs in common too. Made with O_EXCL / mkdir, so a file, folder or link already of that name is never opened,
+written or removed: the writer removes only what it made. Torch-free: the test-set maker writes through it."""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+__all__ = ["own_temporary", "own_folder"]
+
+T = TypeVar("T")
+
+
+def own_temporary(path: str | Path, mode: int = 0o600) -> tuple[Path, int]:
+    """(name, descriptor open for writing) of a new file beside ``path``; ``mode`` before the umask (0o600: the
+    writer's alone until it sets the mode of the finished file; 0o666: what the umask gives any file)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    return _made_beside(Path(path), lambda tmp: os.open(tmp, flags, mode))
+
+
+def own_folder(path: str | Path) -> Path:
+    """A new folder beside ``path``, to build ``path`` in and rename, with the permissions the umask gives any folder
+    (``tempfile.mkdtemp``'s are the owner's alone, which the rename would pass on to ``path``)."""
+    return _made_beside(Path(path), os.mkdir)[0]
+
+
+def _made_beside(path: Path, make: Callable[[Path], T]) -> tuple[Path, T]:
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(8)}")
+        try:
+            return tmp, make(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name beside it", str(path))
