@@ -28,4 +28,15 @@ def test_two_writers_of_one_pid_each_write_and_rename_their_own_temporary(tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == [dst.name]
     with Image.open(dst) as img:
         assert img.size == (64, 48)
-    assert oct(dst.stat().st_mode & 0o777) == "0o644"
+
+
+def test_a_test_set_file_has_the_permissions_the_umask_gives(tmp_path):
+    """A JPEG of the set is written as any file the user makes: the umask's permissions (0640 under 027), not a mode
+    of lomar's choosing (mkstemp's 0600 set to 0644)."""
+    dst = tmp_path / "imagenet-00000.jpg"
+    umask = os.umask(0o027)
+    try:
+        _write_one((str(demo_image_paths()[0]), str(dst), (64, 48), 90, 0))
+    finally:
+        os.umask(umask)
+    assert oct(dst.stat().st_mode & 0o777) == "0o640"

@@ -7,12 +7,12 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from PIL import Image
 
+from lomar.checkpoints.own_names import own_temporary
 from lomar.data.demo_images import demo_image_paths
 
 __all__ = ["TEST_SET_SIZES", "make_test_set"]
@@ -34,11 +34,10 @@ def _write_one(job: tuple[str, str, tuple[int, int], int, int]) -> str:
         img = img.resize((width, height), Image.Resampling.BICUBIC)
     # a half-written file never carries the final name; the temporary is this writer's own (PID and random part):
     # another command writing the same set meanwhile, on this machine or on one sharing the folder, has its own
-    fd, tmp = tempfile.mkstemp(prefix=f".{Path(dst).name}.tmp-{os.getpid()}-", dir=Path(dst).parent)
+    tmp, fd = own_temporary(dst, mode=0o666)  # the umask's permissions, as any file the user makes
     try:
         with os.fdopen(fd, "wb") as handle:
             img.save(handle, format="JPEG", quality=quality)
-            os.fchmod(handle.fileno(), 0o644)  # a test set to share, not mkstemp's owner-only file
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(OSError):  # this writer's own temporary, and only it
