@@ -129,3 +129,16 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_leaves_nothing(tmp_path, 
     err = capsys.readouterr().err
     assert f"writing {out}: no space left on the device; free space or choose another location" in err, err
     assert err.count("\n") == 1 and not list(tmp_path.iterdir())  # no temporary folder left
+
+
+def test_the_composed_folder_has_the_permissions_the_umask_gives(tmp_path):
+    """The set is its build folder renamed: one made by tempfile.mkdtemp is the owner's alone (0700); one made by
+    mkdir follows the umask, as the folders inside it do."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        compose_digits(tmp_path / "set", img_size=48, images=2, seed=0)
+    finally:
+        os.umask(umask)
+    assert oct((tmp_path / "set").stat().st_mode & 0o777) == "0o755"

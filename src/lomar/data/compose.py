@@ -27,13 +27,13 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from lomar.checkpoints.io import write_error
+from lomar.checkpoints.own_names import own_folder
 from lomar.data.demo_images import demo_image_paths
 from lomar.limits import MAX_IMG_SIZE
 
@@ -194,7 +194,7 @@ def compose_digits(out: str | Path, img_size: int = 256, images: int = 200, seed
     counts = {"train": images - n_val, "val": n_val}
     photos = _photos()
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    work = own_folder(out)  # the umask's permissions, which the rename gives the set
     summary = {"seed": seed, "img_size": img_size, "val_fraction": val_fraction, "per_image": list(per_image),
                "digit_scale": list(digit_scale), "classify_size": classify_size, "splits": {}}
     try:
