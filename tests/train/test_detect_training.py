@@ -37,7 +37,7 @@ def test_a_run_past_its_schedules_end_is_told_the_lr_detect_trains_at_there():
 
 
 @pytest.mark.slow
-def test_clip_grad_clips_the_gradient(tiny, one_val, tmp_path):
+def test_clip_grad_clips_the_gradient(tiny, one_val, tmp_path, few_eval_proposals):
     # a diverging detection run could only be told to lower --blr: it had no --clip-grad
     from helpers import applied_grad_norms
 
