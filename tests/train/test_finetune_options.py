@@ -469,8 +469,8 @@ def test_eval_only_scores_a_finetuned_classifier_as_its_run_did(tmp_path, capsys
     torch.save(ckpt, tmp_path / "older.pt")
     assert main([*evaluate, "--pretrained", str(tmp_path / "older.pt"), "--out", str(tmp_path / "older")]) == 0
     here = precision.resolve_precision("auto", torch.device("cpu"))
-    assert (f"lomar finetune: note: precision {here}, --precision auto's choice on this machine: the checkpoint does not "
-            f"record the precision the classifier trained in\n") in capsys.readouterr().err
+    assert (f"lomar finetune: note: precision {here}, --precision auto's choice on this machine: the checkpoint does "
+            f"not record the precision the classifier trained in\n") in capsys.readouterr().err
     # another size: its position table resampled there, the record says both sizes
     assert main([*evaluate, "--pretrained", str(run), "--out", str(tmp_path / "48"), "--img-size", "48"]) == 0
     assert "(step 1), 48 px, not its trained 32 px" in capsys.readouterr().err

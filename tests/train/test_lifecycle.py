@@ -325,7 +325,7 @@ def test_the_resume_hint_of_a_multi_process_run_asks_for_the_same_launch():
     assert resume_hint("detect", Path("r"), 8) == ("Resume with the same launch (8 processes, torchrun): "
                                                    "lomar detect --out r --resume auto")
     # a folder with a space pastes as one word
-    assert resume_hint("finetune", Path("my runs/a"), 1) == "Resume with: lomar finetune --out 'my runs/a' --resume auto"
+    assert resume_hint("segment", Path("my runs/a"), 1) == "Resume with: lomar segment --out 'my runs/a' --resume auto"
 
 
 class Regularised(ToyTask):
@@ -897,6 +897,22 @@ def test_resume_auto_never_starts_over_on_top_of_unreadable_checkpoints(tmp_path
     assert f"lomar toy: note: nothing to resume in {tmp_path / 'new'}: a new run starts\n" in capsys.readouterr().err
 
 
+def test_a_studys_runs_say_each_note_once_and_not_that_a_cells_evaluation_starts_anew(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """A study's finetunes (``notes_said``: the lines it said) print their notes on stderr, which the study does not
+    silence: each once a study, and no 'nothing to resume' for the --resume auto the study itself passes."""
+    import lomar.train.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)  # bf16 emulated: the same note for every cell
+    said: dict[str, None] = {}
+    for cell in ("a", "b"):
+        config = ToyConfig(out=str(tmp_path / cell), precision="bf16", max_steps=1, resume="auto")
+        config.notes_said = said
+        assert run(config, ToyTask) == 0
+    noted = capsys.readouterr().err
+    assert noted.count("lomar toy: note: bf16 on this CPU is emulated") == 1 and "nothing to resume" not in noted
+
+
 def test_a_run_trained_by_another_number_of_processes_is_not_resumed_silently(tmp_path):
     """The process count sets the global batch (and a --blr run's lr), the epoch's length and what
     ``batches_done`` counts: a 2-process checkpoint resumed by one process would train another run."""
@@ -1345,10 +1361,10 @@ def test_an_older_checkpoint_of_a_cuda_run_resumes_on_a_cpu_saying_what_it_gets(
     capsys.readouterr()
     assert run(ToyConfig(out=str(out), precision="auto", max_steps=4, resume="auto"), ToyTask) == 0
     printed, own = capsys.readouterr().err, resolve_precision("auto", torch.device("cpu"))
-    assert (f"lomar toy: note: precision {own}, --precision auto's choice on this machine: the checkpoint does not record "
-            f"the precision the run trained in\n") in printed
-    assert ("lomar toy: note: device cuda → cpu after step 2: the weights and optimizer state move over; its kernels and "
-            "device random draws (drop path) differ, so it does not go on bit for bit\n") in printed
+    assert (f"lomar toy: note: precision {own}, --precision auto's choice on this machine: the checkpoint does not "
+            f"record the precision the run trained in\n") in printed
+    assert ("lomar toy: note: device cuda → cpu after step 2: the weights and optimizer state move over; its kernels "
+            "and device random draws (drop path) differ, so it does not go on bit for bit\n") in printed
 
 
 def test_bf16_asked_of_a_resume_that_trained_in_bf16_names_no_false_way_out(tmp_path, capsys, monkeypatch):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from lomar.train.preemption import StopFlag, any_rank_stopping, shut_down_worker
 from lomar.train.process_count import other_processes, other_processes_note
 from lomar.train.rng import gather_rng_states, restore_rng_states, seed_everything
 from lomar.train.run_end import answer_at_end, config_overrun, evaluate_end, last_step, run_end
-from lomar.train.run_lines import announce, report_end
+from lomar.train.run_lines import announce, report_end, say_notes
 from lomar.train.run_lock import RunLock
 from lomar.train.run_resume import check_no_rewind, numerics_notes, resume_point
 from lomar.train.run_state import prepare_run_folder, save_checkpoint, save_on_main_rank, save_state
@@ -345,8 +344,10 @@ def run(config, make_task: type[Task]) -> int:
         point = resume_point(config.resume, out, config.overwrite, getattr(config, "resume_point", None))
         config.resume_point = point  # as read under the lock: the precision it trained in is the run's (Task too)
         resume = point.path if point is not None else None
-        for note in point.notes if point is not None and info.is_main else ():
-            print(f"lomar {name}: note: {note}", file=sys.stderr, flush=True)
+        if point is not None and info.is_main:
+            # a study's evaluation (notes_said: its notes) asks --resume auto itself: its first start is no news
+            fresh = point.resume == "auto" and point.path is None and getattr(config, "notes_said", None) is None
+            say_notes(config, name, point.notes + [f"nothing to resume in {out}: a new run starts"] * fresh)
         try:
             if resume is not None and info.is_main:
                 check_no_rewind(resume, out, config.overwrite, point, getattr(config, "in_file", {}))

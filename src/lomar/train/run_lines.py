@@ -1,6 +1,7 @@
 """What a run tells the user at its start (the start-up line, its notes and warning) and at its end (the final line,
 or where a stopped run left its checkpoint). The lines of what the run does are on stdout, its notes and warnings on
-stderr (``lomar CMD: note: ...``), so that a program reading stdout gets the run's own lines alone. ``trainer``: lomar.train.lifecycle's ``_Run``, its state read as it is."""
+stderr (``lomar CMD: note: ...``), so that a program reading stdout gets the run's own lines alone. ``trainer``:
+lomar.train.lifecycle's ``_Run``, its state read as it is."""
 
 from __future__ import annotations
 
@@ -14,7 +15,18 @@ from lomar.train.schedule import warmup_warning
 from lomar.values import counted
 from lomar.viz.curves import loss_summary
 
-__all__ = ["announce", "report_end"]
+__all__ = ["announce", "report_end", "say_notes"]
+
+
+def say_notes(config, name: str, notes: list[str]) -> None:
+    """Each of ``notes`` as ``lomar NAME: note: ...`` on stderr; in a study, whose finetunes share its record of the
+    lines said (``config.notes_said``), once a study, not at each cell's evaluation."""
+    said = getattr(config, "notes_said", None)
+    for line in (f"lomar {name}: note: {note}" for note in notes):
+        if said is None or line not in said:
+            print(line, file=sys.stderr, flush=True)
+            if said is not None:
+                said[line] = None
 
 
 def announce(trainer) -> None:
@@ -25,8 +37,7 @@ def announce(trainer) -> None:
           f"{cfg.batch_size} x accum {trainer.accum} x {trainer.info.world_size} process(es)); out {trainer.out}; "
           f"device {trainer.device}, precision {trainer.precision}", flush=True)
     emulated = emulated_bf16_notes(cfg.precision, trainer.device, auto_precision(cfg, trainer.device))
-    for note in emulated + trainer.notes:  # and a resume's numerics' changes
-        print(f"lomar {task.name}: note: {note}", file=sys.stderr, flush=True)
+    say_notes(cfg, task.name, emulated + trainer.notes)  # and a resume's numerics' changes
     if warning := warmup_warning(trainer.last_step, *trainer.schedule, trainer.base_lr, trainer.min_lr,
                                  task.lr_schedule, config=cfg, resumed=p.step > 0):
         print(f"lomar {task.name}: warning: {warning}", file=sys.stderr, flush=True)  # as every warning and note
@@ -50,7 +61,6 @@ def report_end(trainer, path: Path, preempted: bool) -> None:
         extra = ", ".join(filter(None, [f"best {metric_text(metric, trainer.best)} in {best}" if best.exists() else
                                         f"no {best.name}: no full epoch scored a {metric} yet", extra]))
     note = input_limit_note(trainer.monitor.input_waits, getattr(cfg, "workers", None), getattr(cfg, "decode", None))
-    if note:
-        print(f"lomar {name}: note: {note}", file=sys.stderr, flush=True)
+    say_notes(cfg, name, [note] if note else [])
     print(f"lomar {name}: done at step {trainer.p.step}{f' ({losses})' if losses else ''}; checkpoint {path}"
           + (f"; {extra}" if extra else ""), flush=True)

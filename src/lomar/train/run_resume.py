@@ -133,13 +133,13 @@ def find_resume_point(out: Path, known: ResumePoint | None = None) -> ResumePoin
 
 def auto_resume(out: Path, overwrite: bool, found: ResumePoint | None = None) -> ResumePoint:
     """``--resume auto``: :func:`find_resume_point` (``found``: what it found already), refusing (unless
-    ``overwrite``) to start over on top of checkpoints none of which reads: the new run would delete them."""
+    ``overwrite``) to start over on top of checkpoints none of which reads: the new run would delete them. Its
+    ``path`` None: nothing to resume, a new run starts (:func:`lomar.train.lifecycle.run` says so)."""
     found = found or find_resume_point(out)
     if found.path is None and found.notes and not overwrite:
         raise UsageError(f"--resume auto: no checkpoint in {out} can be read ({'; '.join(found.notes)}); restore one, "
                          f"or pass --overwrite to start a new run there")
-    notes = found.notes + ([f"nothing to resume in {out}: a new run starts"] if found.path is None else [])
-    return dataclasses.replace(found, notes=notes)
+    return found
 
 
 def resume_point(resume: str | None, out: Path, overwrite: bool, read: ResumePoint | None = None) -> ResumePoint | None:
