@@ -99,7 +99,10 @@ def test_anchors_keep_fp32_coordinates_under_bf16_autocast():
         raise Anchored
 
     torch.manual_seed(0)
-    model = ViTMaskRCNN(VisionTransformer(model_config("vit_tiny_patch16", img_size=64, depth=1)), 2, 512).eval()
+    # a 32-channel pyramid: its maps' dtype is what the anchors took; 256 channels at 512 px, bf16 emulated on a CPU
+    # without bf16 units, took most of this test's time
+    model = ViTMaskRCNN(VisionTransformer(model_config("vit_tiny_patch16", img_size=64, depth=1)), 2, 512,
+                        out_channels=32).eval()
     anchors = []
     model.rpn.anchor_generator.register_forward_hook(made)
     image = [torch.rand(3, 64, 64)]
