@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from PIL import Image
 
-from lomar.bench.testset import _write_one
+from lomar.bench.testset import _write_one, make_test_set
 from lomar.data.demo_images import demo_image_paths
 
 
@@ -40,3 +41,14 @@ def test_a_test_set_file_has_the_permissions_the_umask_gives(tmp_path):
     finally:
         os.umask(umask)
     assert oct(dst.stat().st_mode & 0o777) == "0o640"
+
+
+def test_a_killed_writes_temporary_is_named_as_one_with_its_fix(tmp_path):
+    """A make_test_set killed midway leaves its own temporary, which no later command may take for dead (its writer
+    may be on another machine): the refusal names it as a test-set temporary to delete, not as a stranger's file in
+    a folder to give up."""
+    leftover = f".imagenet-00003.jpg.tmp-4242-{'0a' * 8}"
+    (tmp_path / leftover).write_bytes(b"half")
+    with pytest.raises(ValueError, match=f"{tmp_path} holds {leftover}, a test-set file another command is writing "
+                                         f"or a killed one left; delete it once"):
+        make_test_set(tmp_path, "imagenet", count=1)

@@ -61,6 +61,9 @@ def make_test_set(out: str | Path, kind: str = "camera", count: int = 32, qualit
         raise ValueError(f"count must be positive, got {count}")
     ours = re.compile(rf"({'|'.join(TEST_SET_SIZES)})-\d{{5}}\.jpg")
     if Path(out).is_dir() and (other := next((e.name for e in os.scandir(out) if not ours.fullmatch(e.name)), None)):
+        if re.fullmatch(rf"\.({ours.pattern})\.tmp-\d+-[0-9a-f]{{16}}", other):  # _write_one's own temporary
+            raise ValueError(f"{out} holds {other}, a test-set file another command is writing or a killed one "
+                             f"left; delete it once no other command writes the set, then rerun")
         # a dataset's folder would get synthetic photos among its own, and the benchmark would read both
         raise ValueError(f"{out} holds {other}, which is not a test-set file; the test set is written into a folder "
                          f"of its own: pass a new or empty one")
