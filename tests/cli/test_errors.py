@@ -70,7 +70,7 @@ BAD = [
     ("export", [CK, "--to", ""], "--to is empty; give a path"),
     ("export", ["{tmp}/missing.pt", "--to", "{tmp}/file/x"], "is a file"),  # --to's checks come first
     ("visualize", [CK, "{tmp}/missing.png"], "image {tmp}/missing.png does not exist; pass image files"),
-    ("visualize", [CK, "{tmp}/dir"], "image {tmp}/dir is not a file; pass image files"),
+    ("visualize", [CK, "/dev/null"], "image /dev/null is not a file; pass image files (PNG, JPEG, …) or folders"),
     ("visualize", [CK, *["{tmp}/file"] * 65], "at most 64"),
     ("visualize", [CK, "--windows", "0"], "--windows"),
     ("pretrain", ["--out", "{tmp}/run", "--figure-images", "65"], "--figure-images must be at most 64"),
@@ -142,12 +142,13 @@ def test_visualize_says_where_a_dangling_image_link_leads(tmp, capsys):
     assert main(["visualize", str(tmp / "ckpt.pt"), str(tmp / "photo.jpg")]) == 2
     assert _one_error_line(capsys.readouterr().err, "visualize") == (
         f"lomar visualize: error: image {tmp}/photo.jpg is a link to {tmp}/unmounted/photo.jpg, which does not exist; "
-        f"pass image files (PNG, JPEG, …)")
+        f"pass image files (PNG, JPEG, …) or folders")
     (tmp / "chain.jpg").symlink_to("photo.jpg")  # a link to that link: which name is missing, as for a data set's
     assert main(["visualize", str(tmp / "ckpt.pt"), str(tmp / "chain.jpg")]) == 2
     assert _one_error_line(capsys.readouterr().err, "visualize") == (
         f"lomar visualize: error: image {tmp}/chain.jpg is a link to photo.jpg, which links on to "
-        f"{os.path.realpath(tmp / 'unmounted' / 'photo.jpg')}, which does not exist; pass image files (PNG, JPEG, …)")
+        f"{os.path.realpath(tmp / 'unmounted' / 'photo.jpg')}, which does not exist; pass image files (PNG, JPEG, …) "
+        f"or folders")
 
 
 @pytest.mark.parametrize("command, flags, named", BAD, ids=[f"{c} {' '.join(f)}"[:60] for c, f, _ in BAD])

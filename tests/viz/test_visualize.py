@@ -193,6 +193,29 @@ def test_visualize_prepares_an_image_at_a_height_and_width(pretrained, tmp_path,
     assert (tmp_path / "f" / "reconstruction.png").is_file()
 
 
+def test_visualize_draws_the_images_of_a_folder_given(pretrained, tmp_path, capsys, monkeypatch):
+    """A folder of one's own photos, as lomar predict takes one: its images (recursively, sorted) beside a file
+    given, each once."""
+    import lomar.cli.visualize as visualize
+
+    write_images(tmp_path / "photos" / "sub", 2)
+    write_images(tmp_path / "more", 1)
+    lone = next((tmp_path / "more").iterdir())
+    drawn = []
+    prepare = visualize.prepare_image
+    monkeypatch.setattr(visualize, "prepare_image", lambda path, size: drawn.append(path) or prepare(path, size))
+    assert main(["visualize", str(pretrained), str(tmp_path / "photos"), str(lone), str(lone),
+                 "--out", str(tmp_path / "figs")]) == 0, capsys.readouterr().err
+    assert drawn == [*sorted((tmp_path / "photos" / "sub").iterdir()), lone]
+    assert (tmp_path / "figs" / "reconstruction.png").is_file()
+    (tmp_path / "none").mkdir()
+    assert main(["visualize", str(pretrained), str(tmp_path / "none"), "--out", str(tmp_path / "f2")]) == 2
+    assert f"no images found in {tmp_path / 'none'}" in capsys.readouterr().err
+    write_images(tmp_path / "many", 65, size=(8, 8))
+    assert main(["visualize", str(pretrained), str(tmp_path / "many"), "--out", str(tmp_path / "f3")]) == 2
+    assert "65 images in the folders given; pass at most 64" in capsys.readouterr().err
+
+
 def test_visualize_titles_name_the_checkpoint_step(pretrained, tmp_path, monkeypatch):
     """A figure of last.pt said nothing of how far the run had trained; the checkpoint records its step."""
     import lomar.viz.attention as attention

@@ -54,8 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "attention figures only).")
     add_settings(parser, {
         "checkpoint": CHECKPOINT,
-        "images": Setting(None, f"image files, at most {MAX_IMAGES} (default: four photographs bundled with "
-                          f"scikit-image)", kind=str, flag="", nargs="*", metavar="IMAGE", path=True),
+        "images": Setting(None, f"image files and folders (searched as lomar predict searches one), at most "
+                          f"{MAX_IMAGES} images (default: four photographs bundled with scikit-image)", kind=str,
+                          flag="", nargs="*", metavar="IMAGE", path=True),
         "seed": S.SEED.but(help="seed of the sampled windows and masks"),
         "out": S.TO.but(default="figures", required=False, metavar="DIR", help="output folder"),
         "attention": Setting(False, "also draw, per image, the attention each block pays inside the target's window"),
@@ -75,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
     if len(args.images) > MAX_IMAGES:
         raise UsageError(f"{len(args.images)} images given; pass at most {MAX_IMAGES} (one figure row each)")
     for image in map(Path, args.images):
-        if not image.is_file():
-            raise UsageError(f"image {image} {_not_a_file(image)}; pass image files (PNG, JPEG, …)")
+        if not image.is_file() and not image.is_dir():
+            raise UsageError(f"image {image} {_not_a_file(image)}; pass image files (PNG, JPEG, …) or folders")
     check_output_dir(args.out, "--out")
     given = [flag for flag, value in (("--target-patch", args.target_patch), ("--context", args.context),
                                       ("--masked", args.masked), ("--attention-window", args.attention_window))
@@ -100,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from lomar.viz.reconstruction import reconstruction_figure  # torch: not for --help
     from lomar.viz.tokens import token_figure  # torch: not for --help
 
+    paths = _image_paths(args.images) or demo_image_paths()[:4]  # a folder without images: before the model loads
     if Path(args.checkpoint).is_dir() and (Path(args.checkpoint) / LAST).is_file():
         # A run folder: its last.pt has the pixel head; its export (encoder.safetensors, once finished) has not,
         # so read, the export would refuse a reconstruction asked of the run that made it.
@@ -121,7 +123,6 @@ def run(args: argparse.Namespace) -> int:
                 else "an encoder without a pixel head: it cannot reconstruct")
         raise UsageError(f"{args.checkpoint} holds {what}; pass --attention for attention figures"
                          + ("" if isinstance(model, BEiT) else ", or a pretraining checkpoint"))
-    paths = [Path(p) for p in args.images] or demo_image_paths()[:4]
     at_step = f" at step {meta['step']}" if isinstance(meta.get("step"), int) else ""  # a training checkpoint's
     out, written = Path(args.out), []
     name = type(model).__name__ if can_reconstruct or isinstance(model, BEiT) else "encoder"
@@ -167,6 +168,19 @@ def run(args: argparse.Namespace) -> int:
     for path in written:
         print(f"{command_prefix(args)}: wrote {path}")
     return 0
+
+
+def _image_paths(given: list[str]) -> list[Path]:
+    """The images to draw, one figure row each: the files given, and each folder's images as ``lomar predict`` lists
+    them (recursively, sorted, a file given twice drawn once). UsageError past MAX_IMAGES, or for a folder without
+    an image."""
+    from lomar.eval.predict import list_images  # torch: not for --help
+
+    paths = [Path(image.path) for image in list_images(given)]
+    if len(paths) > MAX_IMAGES:
+        folders = " in the folders given" if any(Path(g).is_dir() for g in given) else " given"
+        raise UsageError(f"{len(paths)} images{folders}; pass at most {MAX_IMAGES} (one figure row each)")
+    return paths
 
 
 def _not_a_file(path: Path) -> str:
