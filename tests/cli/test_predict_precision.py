@@ -210,3 +210,23 @@ def test_predict_eval_only_and_a_resume_keep_one_precision_and_say_so_alike(tmp_
     printed, noted = capsys.readouterr()
     assert f"lomar finetune: note: {note.replace('the classifier', 'the run')}\n" in noted and seen == {None}
     assert "device cpu, precision fp32" in printed and safe_load(run / "last.pt")["precision"] == "fp32"
+
+
+def test_a_probe_files_precision_note_names_the_probe(tmp_path, capsys, monkeypatch, labelled_folder):
+    """A `lomar linprobe --save` file records the fp32 its probe trained on; where this machine's auto would pick
+    bf16, predict keeps fp32 and the note names what trained: the probe, not a classifier."""
+    from lomar.eval.linear_probe import probe_checkpoint
+    from lomar.models.probe_classifier import LinearProbe
+    from lomar.models.vit import VisionTransformer, ViTConfig
+
+    encoder = VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2))
+    saved = tmp_path / "probe.pt"
+    torch.save(probe_checkpoint(encoder, LinearProbe(32, 2), "mean", ["a", "b"], 0.5, 32, "enc.pt"), saved)
+    monkeypatch.setattr("lomar.train.precision.cpu_has_bf16", lambda: True)
+    image = str(next((labelled_folder / "val").rglob("*.png")))
+    capsys.readouterr()
+    assert main(["predict", str(saved), image, "--out", str(tmp_path / "out"), *CPU_RUN]) == 0
+    printed, noted = capsys.readouterr()
+    assert printed.endswith(f"classes, fp32 -> {tmp_path / 'out' / 'predictions.jsonl'}\n")
+    assert noted == ("lomar predict: note: precision fp32, the one the probe trained in (this machine's --precision "
+                     "auto would pick bf16); pass --precision bf16 to switch\n"), noted

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from lomar.checkpoints.kinds import trained_precision
+from lomar.checkpoints.kinds import LINPROBE_FORMAT, trained_precision
 from lomar.cli.app import command_prefix
 from lomar.cli.common import check_checkpoint, check_input, check_output_dir, resolve_device
 from lomar.errors import UsageError
@@ -144,8 +144,9 @@ def _precision(given: str, trained, device) -> tuple[str, list[str]]:
         return given, emulated_bf16_notes(given, device, _precision("auto", trained, device)[0])
     if trained.kind != "classifier":
         return "fp32", []
-    precision, note = trained_precision_kept(given, trained_precision(trained.checkpoint), f"the {trained.kind}",
-                                             device)
+    # a `linprobe --save` file's classifier is a frozen encoder under the probe that trained, on fp32 features
+    what = "the probe" if trained.checkpoint.get("format") == LINPROBE_FORMAT else f"the {trained.kind}"
+    precision, note = trained_precision_kept(given, trained_precision(trained.checkpoint), what, device)
     return precision, [note] if note else []
 
 
