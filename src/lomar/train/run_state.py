@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -46,6 +47,7 @@ __all__ = ["SaveError", "save_state", "checkpoints_to_prune", "save_checkpoint",
            "read_state", "holds_run", "same_file", "foreign", "inside", "remove_newer_checkpoints", "check_out_folder",
            "read_meta", "newest_state", "refuse_held_run", "prepare_run_folder", "save_error"]
 
+log = logging.getLogger("lomar.train")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.(pt|dcp)$")  # .dcp: a sharded checkpoint folder
 _SHARDED_TMP = re.compile(r"^checkpoint-\d+\.dcp\.tmp$")  # a sharded save cut before its rename
 _TMP = re.compile(r"^\..+\.tmp(-\d+(-[0-9a-f]{16})?)?$")  # atomic_write's .NAME.tmp-PID-TOKEN, plainer ones
@@ -309,9 +311,9 @@ def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int,
     if removed := remove_stale_temporaries(out):  # even at the end: a killed final write left them
         print(f"lomar {name}: removed {len(removed)} stale temporary file(s) in {out}, e.g. {removed[0].name}")
     elif not holds_run_lock(out) and (kept := temporaries(out)):
-        print(f"lomar {name}: kept {len(kept)} temporary file(s) in {out}, e.g. {kept[0].name}: without a file lock "
-              f"there a killed writer's cannot be told from a live one's (on another machine sharing the folder); "
-              f"delete them once no run or export writes into {out}")
+        log.warning("kept %d temporary file(s) in %s, e.g. %s: without a file lock there a killed writer's cannot be "
+                    "told from a live one's (on another machine sharing the folder); delete them once no run or export "
+                    "writes into %s", len(kept), out, kept[0].name, out)
     if resume is not None:
         print(f"lomar {name}: resumed from {resume} at step {step} (epoch {epoch})", flush=True)
     if at_end:
@@ -321,8 +323,8 @@ def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int,
             refuse_link(path)
         if config.overwrite:
             remove_newer_checkpoints(out, step, task.outputs, resume, task.final_outputs)
-        for log in {METRICS, task.eval_log}:
-            truncate_metrics(out / log, step)
+        for log_name in {METRICS, task.eval_log}:
+            truncate_metrics(out / log_name, step)
     else:
         stale = sorted(p for pattern in (LAST, BEST, LAST_POINTER, METRICS, "checkpoint-*.pt",
                                          "checkpoint-*.dcp", "tb", *task.outputs) for p in out.glob(pattern))
