@@ -473,8 +473,8 @@ def test_resume_auto_without_last_pt_uses_the_newest_intact_checkpoint(tmp_path,
     stale.write_bytes(b"a writer killed mid-write")
     capsys.readouterr()
     assert main(["pretrain", "--out", str(out), "--resume", "auto", "--max-steps", "10"]) == 0
-    printed = capsys.readouterr().out
-    assert "last.pt is missing" in printed and "checkpoint-000012.pt cannot be read" in printed
+    printed, noted = capsys.readouterr()
+    assert "last.pt is missing" in noted and "checkpoint-000012.pt cannot be read" in noted  # notes, on stderr
     assert "resumed from" in printed and "checkpoint-000008.pt at step 8" in printed
     assert "removed 1 stale temporary file" in printed and not stale.exists()
     assert safe_load(out / "last.pt")["step"] == 10
