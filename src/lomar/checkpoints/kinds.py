@@ -1,7 +1,7 @@
 """What a lomar checkpoint says it is, and which command's run wrote it. Imports no torch: the
 commands read it while checking their settings, before any model is built."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lomar.checkpoints.file_names import BEST, LAST
@@ -28,13 +28,35 @@ def run_command(checkpoint: dict) -> str | None:
     return _COMMANDS.get(kind) if isinstance(kind, str) else None
 
 
-@dataclass(frozen=True)
+@dataclass
 class FoundCheckpoint:
     """A command's checkpoint as :func:`find_command_checkpoint` read it, handed on instead of read again: ``path``,
-    and ``checkpoint``, its contents with the tensors mapped from that file (read where they are used)."""
+    and ``checkpoint``, its contents with the tensors mapped from that file (read where they are used) until
+    :meth:`take` gives them to the model built from them."""
 
     path: Path
     checkpoint: dict
+    _taken: bool = field(default=False, init=False, repr=False)
+
+    def take(self) -> dict:
+        """The contents, for the one model built from them; ``checkpoint`` keeps the entries that hold no tensor (its
+        settings, step, classes), so that the weights (read as the model loads them: a second copy of the model in
+        memory) are let go once that model holds them, whoever keeps this object. Taken once: a second take raises."""
+        if self._taken:
+            raise RuntimeError(f"{self.path}: its weights were given to the model built from it; read the file again "
+                               f"(find_command_checkpoint) to build another")
+        contents, self._taken = self.checkpoint, True
+        self.checkpoint = {key: value for key, value in contents.items() if _plain(value)}
+        return contents
+
+
+def _plain(value) -> bool:
+    """Whether ``value`` holds no tensor: strings, numbers, booleans and None, in dicts, lists and tuples."""
+    if isinstance(value, dict):
+        return all(_plain(key) and _plain(item) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_plain(item) for item in value)
+    return value is None or isinstance(value, (str, int, float, bool))
 
 
 def find_command_checkpoint(path: str | Path, command: str) -> FoundCheckpoint | None:

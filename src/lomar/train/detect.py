@@ -120,9 +120,6 @@ class DetectTask(Task):
         self.categories = self.val.categories
         self.source: dict = {}  # a saved detector's file and step, which --eval-only's line names
         self.model = self._build_model(config.detector)
-        # its weights are the model's now: the checkpoint's tensors (mapped from the file, and read) would stay in the
-        # process's memory, a second copy of the detector, to the end of the evaluation or run
-        config.detector = None
         self.model.to(device)
         self.train_loader = None
         if not config.eval_only:
@@ -154,7 +151,7 @@ class DetectTask(Task):
             encoder = VisionTransformer(rebuilt)
             self.log(f"lomar detect: {resume_line(cfg)}")
         elif saved is not None:  # DetectConfig.complete read it and took its layout
-            ckpt = found.checkpoint
+            ckpt = found.take()
             if why := category_change(ckpt["categories"], ckpt.get("category_names"), self.val, f"in {saved}"):
                 raise UsageError(f"--pretrained: {why}; evaluate on the split it was trained for")
             # the detector's own layout, unless given (DetectConfig.complete, which refuses another --rel-pos): the

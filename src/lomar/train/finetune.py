@@ -250,7 +250,7 @@ def _trained_classifier(config: FinetuneConfig, num_classes: int) -> tuple[Visio
     path = config.classifier.path
     attention = {} if config.attention == "auto" else {"attention": config.attention}
     try:
-        reader, src = identify(path, config.classifier.checkpoint)
+        reader, src = identify(path, config.classifier.take())
         beit = isinstance(reader, BEiTFinetuneReader)  # timm's Beit, at the size its relative position tables fix
         if not (beit or isinstance(reader, VitReader)):
             raise ValueError(f"it holds no ViT classifier (its weights are in the {reader.name} format)")

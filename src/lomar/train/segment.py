@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from lomar.checkpoints.file_names import METRICS
 from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text, mismatch
-from lomar.checkpoints.kinds import SEGMENT_TASK, FoundCheckpoint
+from lomar.checkpoints.kinds import SEGMENT_TASK
 from lomar.data.collate import Skipped
 from lomar.data.samplers import EpochSampler
 from lomar.data.segmentation import SegmentationFolder, class_names, collate_segmentation
@@ -98,8 +98,8 @@ class SegmentTask(Task):
         layout = dict(img_size=config.img_size, drop_path=config.drop_path)
         found = config.segmenter if config.eval_only else None
         if found is not None:  # SegmentConfig.complete read it and took its classes, layout and size
-            saved, ckpt = found.path, found.checkpoint
-            encoder, rebuilt = _trained_encoder(found)
+            saved, ckpt = found.path, found.take()
+            encoder, rebuilt = _trained_encoder(ckpt, saved)
             trained = encoder.config.img_size
             # of a folder: best.pt, else last.pt
             self.source = {"checkpoint": str(saved), "step": ckpt.get("step"), "trained_img_size": trained}
@@ -272,11 +272,10 @@ def _starting_encoder(model: str, pretrained: str | None, rel_pos: str, layout: 
         raise UsageError(f"--rel-pos {rel_pos}: {exc}") from None
 
 
-def _trained_encoder(found: FoundCheckpoint) -> tuple[VisionTransformer, str]:
-    """--eval-only's segmenter's encoder as it was trained, and how it was rebuilt ('' from its ``encoder_config``):
-    in a checkpoint saved before those, from its settings as a resume of its run builds it (its --model, or the
-    --pretrained encoder it started from, at its size, with its relative position term)."""
-    ckpt, path = found.checkpoint, found.path
+def _trained_encoder(ckpt: dict, path: Path) -> tuple[VisionTransformer, str]:
+    """--eval-only's segmenter's encoder as it was trained (``ckpt``, read from ``path``), and how it was rebuilt (''
+    from its ``encoder_config``): in a checkpoint saved before those, from its settings as a resume of its run builds
+    it (its --model, or the --pretrained encoder it started from, at its size, with its relative position term)."""
     if isinstance(ckpt.get("encoder_config"), dict):
         return VisionTransformer(ViTConfig.from_dict(ckpt["encoder_config"])), ""
     own = SegmentConfig.saved_settings(ckpt, path) or {}
