@@ -72,6 +72,19 @@ def test_each_line_an_export_prints_names_its_command(pretrained, tmp_path, caps
     assert [line.split(": ", 1)[0] for line in lines] == ["lomar export", "lomar export"], lines
 
 
+def test_the_lines_to_copy_after_an_export_keep_an_odd_path_one_argument(pretrained, tmp_path, capsys):
+    """The Python of its 'load with' line reads back the folder as it is, with a space and a quote in its name."""
+    import ast
+    import re
+
+    out = tmp_path / "it's mine"
+    assert main(["export", str(pretrained[1] / "last.pt"), "--to", str(out)]) == 0
+    load = capsys.readouterr().out.splitlines()[-1]
+    calls = re.fullmatch(r"lomar export: load with lomar\.create_encoder\((.*)\) or, after `import "
+                         r"lomar\.timm_models`, timm\.create_model\((.*), pretrained=True\)", load)
+    assert calls and [ast.literal_eval(arg) for arg in calls.groups()] == [str(out), f"local-dir:{out}"], load
+
+
 def test_export_refuses_to_overwrite_and_bad_input(pretrained, tmp_path, capsys):
     _, root = pretrained
     assert main(["export", str(root / "last.pt"), "--to", str(root / "exp")]) == 2

@@ -72,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
                                        overwrite=args.overwrite)
         c = encoder.config
         what = f"encoder of {args.checkpoint} ({meta['method']}{head})"
-        load = (f"lomar.create_encoder('{out}') or, after `import lomar.timm_models`, "
-                f"timm.create_model('local-dir:{out}', pretrained=True)")
+        # Python to copy: each path as a literal that reads back as it is (a quote in it escaped)
+        load = (f"lomar.create_encoder({str(out)!r}) or, after `import lomar.timm_models`, "
+                f"timm.create_model({f'local-dir:{out}'!r}, pretrained=True)")
     # checked again under the folder's lock, held through the write: an export into it that ended while this one
     # loaded is refused as if this one had started after it
     with export_lock(out):
