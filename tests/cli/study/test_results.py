@@ -1,4 +1,4 @@
-"""results.md: a cell that trained well past a seconds budget is named under the tables."""
+"""results.md: a cell that trained well past a seconds budget is named under the tables; the evaluations' settings."""
 
 from lomar.cli.study.results import past_budget, write_results
 from lomar.cli.study.spec import parse_spec
@@ -23,3 +23,19 @@ def test_a_cell_far_past_a_seconds_budget_is_named_under_the_table(tmp_path):
     assert "Past the budget: window_size=4, seed 1" in (tmp_path / "results.md").read_text()
     steps = parse_spec({"name": "w", "budget": "8steps", "grid": {"window_size": [3]}, "eval": {"metrics": []}})
     assert past_budget(records, steps) == []  # a steps budget is met exactly, whatever the time
+
+
+def test_the_settings_line_names_only_the_evaluations_that_ran(tmp_path):
+    """A knn-only study's line names knn's settings alone: linprobe `{}` and finetune `{}` (and finetune's last-epoch
+    note) beside it would read as if they had run at their defaults."""
+    for metrics, line in (
+            (["knn"], "- Evaluations: knn; knn `{}` (fixed before running)."),
+            (["knn", "finetune"], "- Evaluations: knn, finetune; knn `{}`, finetune `{\"epochs\": 2}` (fixed before "
+                                  "running; finetune reports its last epoch's top-1, not the best)."),
+            (["heldout_loss"], "- Evaluations: heldout_loss."),
+            ([], "- Evaluations: none.")):
+        spec = parse_spec({"name": "w", "budget": "8steps", "grid": {"window_size": [3]},
+                           "data": {"train": str(tmp_path), "val": str(tmp_path)},
+                           "eval": {"metrics": metrics, "finetune": {"epochs": 2}}})
+        write_results([_end("window_size=3", 0, 1.0)], spec, tmp_path, 1.0)
+        assert line in (tmp_path / "results.md").read_text().splitlines()

@@ -88,9 +88,13 @@ def write_results(records: list[dict[str, Any]], spec: StudySpec, out: Path, min
     if spec.random_init:
         lines.append("- random init: LoMaR's encoder (RPE) at its initialisation (one step at lr 0).")
     ev = spec.eval
-    lines.append(f"- Evaluations: {', '.join(ev.metrics) or 'none'}; knn `{json.dumps(ev.knn)}`, linprobe "
-                 f"`{json.dumps(ev.linprobe)}`, finetune `{json.dumps(ev.finetune)}` (fixed before running; "
-                 f"finetune reports its last epoch's top-1, not the best).")
+    # the settings of the evaluations that ran alone: another's {} would read as if it had run at its defaults
+    settings = [f"{name} `{json.dumps(getattr(ev, name))}`" for name in ("knn", "linprobe", "finetune")
+                if name in ev.metrics]
+    lines.append(f"- Evaluations: {', '.join(ev.metrics) or 'none'}"
+                 + (f"; {', '.join(settings)} (fixed before running"
+                    + ("; finetune reports its last epoch's top-1, not the best" if "finetune" in ev.metrics else "")
+                    + ")" if settings else "") + ".")
     if any("heldout_loss" in r and r["heldout_loss"] is None for r in records):
         lines.append("- held-out reconstruction loss: – for BEiT, which predicts visual tokens, not pixels.")
     lines += [f"- {note}" for note in spec.notes]
