@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -309,7 +310,8 @@ def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int,
         refuse_held_run(out, config.resume, config.overwrite, locked_here=True, source=source)
     at_end = finished and resume is not None and not foreign(resume, out) and not config.overwrite
     if removed := remove_stale_temporaries(out):  # even at the end: a killed final write left them
-        print(f"lomar {name}: removed {len(removed)} stale temporary file(s) in {out}, e.g. {removed[0].name}")
+        print(f"lomar {name}: note: removed {len(removed)} stale temporary file(s) in {out}, e.g. {removed[0].name}",
+              file=sys.stderr, flush=True)
     elif not holds_run_lock(out) and (kept := temporaries(out)):
         log.warning("kept %d temporary file(s) in %s, e.g. %s: without a file lock there a killed writer's cannot be "
                     "told from a live one's (on another machine sharing the folder); delete them once no run or export "
