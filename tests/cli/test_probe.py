@@ -21,3 +21,20 @@ def test_knn_and_linprobe_name_the_files_they_wrote(pretrained, labelled_folder,
     said = capsys.readouterr()
     assert f"lomar linprobe: wrote the probe to {probe}\n" in said.err and "wrote" not in said.out
     assert result.is_file() and probe.is_file()
+    assert main(["knn", str(pretrained), *common, "--k", "3", "--json", str(result), "--overwrite"]) == 0
+
+
+def test_an_existing_output_is_refused_before_the_encoder_loads(tmp_path, capsys):
+    """knn's --json and linprobe's --save / --json replace an existing file only with --overwrite, as predict and
+    export do; checked before the checkpoint is read (this one is not one), so that minutes of feature extraction
+    never end in a refusal."""
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    ckpt, kept = tmp_path / "ckpt.pt", tmp_path / "kept"
+    ckpt.write_bytes(b"not a checkpoint")
+    kept.write_text("earlier result")
+    for command, flag in (("knn", "--json"), ("linprobe", "--json"), ("linprobe", "--save")):
+        assert main([command, str(ckpt), "--data", str(tmp_path), flag, str(kept)]) == 2
+        assert capsys.readouterr().err == (f"lomar {command}: error: {flag} {kept} already exists; pass --overwrite "
+                                           f"to replace it\n")
+    assert kept.read_text() == "earlier result"

@@ -39,6 +39,7 @@ COMMON = {
                            "draft = a JPEG at 1/2-1/8 scale while its short side stays at least the resize's (same "
                            "crops, pixels within about a level of 255; a 12 MP photo 4x faster)"),
     "workers": S.WORKERS, "threads": S.THREADS, "device": S.DEVICE, "json": S.JSON,
+    "overwrite": S.OVERWRITE.but(help="replace the --json FILE if it exists"),
 }
 KNN = {**COMMON, "k": Setting(20, "neighbours", above=0),
        "temperature": Setting(0.07, "votes weigh exp(cosine / T)", above=0)}
@@ -59,6 +60,7 @@ LINPROBE = {
     "save": Setting(None, "write the probe on its frozen encoder here, a classifier that lomar.load_model rebuilds and "
                     "lomar predict runs (the encoder's weights too: about 340 MB for a ViT-B; default: not written)",
                     kind=str, metavar="FILE"),
+    "overwrite": S.OVERWRITE.but(help="replace the --json or --save FILE if it exists"),
 }
 
 
@@ -169,7 +171,8 @@ def _check(args: argparse.Namespace) -> None:
     outputs = (("--json", args.json, "scores.json"), ("--save", getattr(args, "save", None), "probe.pt"))
     for flag, path, example in outputs:
         _check_not_read(path, flag, args.pretrained)
-        check_output_file(path, flag, create_parents=True, example=example)
+        # before the features: minutes of extraction must not end in a refusal
+        check_output_file(path, flag, overwrite=args.overwrite, create_parents=True, example=example)
     if args.json and getattr(args, "save", None) and Path(args.json).resolve() == Path(args.save).resolve():
         raise UsageError(f"--json and --save both name {args.json}; the probe's weights would be overwritten by the "
                          f"scores: pass two files")
