@@ -30,16 +30,19 @@ def test_a_checkpoint_that_predicts_nothing_names_the_command_that_takes_it(tmp_
     images = str(labelled_folder / "val")
     for given in (pretrained, pretrained.parent):  # the file, and its run folder (its last.pt)
         err = _error(capsys, str(given), images, "--out", str(tmp_path / "out"))
-        assert f"{pretrained} is a pretraining checkpoint, which predicts no labels" in err
+        assert f"{pretrained} is a pretraining checkpoint, which predicts no labels; train a probe on it (lomar " \
+               f"linprobe {pretrained} --data ROOT --save probe.pt, the quickest) and pass probe.pt" in err
         assert f"lomar finetune / detect / segment --pretrained {pretrained}" in err
     spaced = tmp_path / "my runs" / "last.pt"  # the commands it names paste with such a path as one word
     spaced.parent.mkdir()
     shutil.copy(pretrained, spaced)
     err = _error(capsys, str(spaced), images, "--out", str(tmp_path / "out"))
+    assert f"(lomar linprobe '{spaced}' --data ROOT --save probe.pt, the quickest)" in err
     assert f"--pretrained '{spaced}') and pass that run's best.pt; lomar visualize '{spaced}' IMAGE draws" in err
     assert main(["export", str(pretrained), "--to", str(tmp_path / "export")]) == 0
     err = _error(capsys, str(tmp_path / "export"), images, "--out", str(tmp_path / "out"))
-    assert f"{tmp_path / 'export'} is an exported encoder, which predicts no labels; pass the best.pt" in err
+    assert f"{tmp_path / 'export'} is an exported encoder, which predicts no labels; pass a probe on it (lomar " \
+           f"linprobe {tmp_path / 'export'} --data ROOT --save probe.pt, the quickest) or the best.pt" in err
     assert not (tmp_path / "out").exists()
 
 

@@ -110,16 +110,20 @@ def load_trained(path: str | Path) -> Trained:
 
 
 def _cannot_run(file: Path, reader: str, command: str | None) -> str:
-    """The refusal of a checkpoint that predicts nothing: what it is and the command that takes it."""
+    """The refusal of a checkpoint that predicts nothing: what it is and the commands that make one of it that does,
+    the quickest first (a linear probe: features once, then seconds of fitting)."""
+    probe = command_line("lomar", "linprobe", file, "--data", "ROOT", "--save", "probe.pt")
     if reader.startswith("export") or reader == "lomar-vit":
         what = "an exported encoder" if reader.startswith("export") else "an encoder without a classifier's head"
-        return (f"{file} is {what}, which predicts no labels; pass the best.pt of the `lomar finetune`, `lomar "
-                f"detect` or `lomar segment` run that trains one on it (--pretrained {shlex.quote(str(file))})")
+        return (f"{file} is {what}, which predicts no labels; pass a probe on it ({probe}, the quickest) or the "
+                f"best.pt of the `lomar finetune`, `lomar detect` or `lomar segment` run that trains one on it "
+                f"(--pretrained {shlex.quote(str(file))})")
     what = ("a pretraining checkpoint" if command == "pretrain" or "pretrain" in reader else
             "an original pretraining checkpoint" if reader.startswith("original") else
             f"a checkpoint in the {reader} format")
-    return (f"{file} is {what}, which predicts no labels; train a classifier, detector or segmenter on it (lomar "
-            f"finetune / detect / segment --pretrained {shlex.quote(str(file))}) and pass that run's best.pt; "
+    return (f"{file} is {what}, which predicts no labels; train a probe on it ({probe}, the quickest) and pass "
+            f"probe.pt, or a classifier, detector or segmenter (lomar finetune / detect / segment --pretrained "
+            f"{shlex.quote(str(file))}) and pass that run's best.pt; "
             f"{command_line('lomar', 'visualize', file, 'IMAGE')} draws what it reconstructs")
 
 
