@@ -479,7 +479,7 @@ def test_finetune_evaluates_past_a_batch_of_only_unreadable_images(pretrained, f
     assert lines[lines.index(note) + 1].startswith("step 3, end of epoch 0: top-1")
     assert main(["finetune", "--eval-only", "--pretrained", str(out), "--val", str(data / "val"), "--img-size", "32",
                  "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "ev")]) == 0
-    assert capsys.readouterr().err.splitlines()[-1] == (f"lomar finetune: top-1 {100 * top1:.2f}% over 20 images "
+    assert capsys.readouterr().out.splitlines()[-1] == (f"lomar finetune: top-1 {100 * top1:.2f}% over 20 images "
                                                         f"({note}); {tmp_path / 'ev' / 'metrics.jsonl'}")
     for log in (out, tmp_path / "ev"):  # the run's record and --eval-only's hold the counts
         assert json.loads((log / "metrics.jsonl").read_text().splitlines()[-1])["val_images"] == {"scored": 20,

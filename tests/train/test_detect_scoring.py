@@ -152,7 +152,7 @@ def test_a_score_over_part_of_the_validation_split_says_so(ten_val, tmp_path, ca
     assert detect.evaluate_only(config) == 0
     record = json.loads((tmp_path / "ev" / "metrics.jsonl").read_text())
     assert record["val_images"] == {"scored": 9, "skipped": 1} and record["box_AP"] == pytest.approx(100.0)
-    assert capsys.readouterr().err.splitlines()[-1] == (f"lomar detect: box_AP 100.00%, mask_AP 100.00% over 9 images "
+    assert capsys.readouterr().out.splitlines()[-1] == (f"lomar detect: box_AP 100.00%, mask_AP 100.00% over 9 images "
                                                         f"({note}); {tmp_path / 'ev' / 'predictions.json'}")
     _, task = _evaluated(split, _Oracle(split, ids * 2), score=False, run=True)
     for _ in range(2):  # a run's evaluations: each says it, the epoch line following

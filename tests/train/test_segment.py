@@ -542,7 +542,7 @@ def test_a_score_over_part_of_the_validation_split_says_so(tmp_path, capsys, mon
     assert len(list((tmp_path / "ev" / "predictions").glob("*.png"))) == 9
     table = (tmp_path / "ev" / "per_class.md").read_text()
     assert "last evaluation over 9 images (1 unreadable skipped): mIoU " in table
-    line = capsys.readouterr().err.splitlines()[-1]
+    line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith("lomar segment: mIoU ")
     assert line.endswith(f" over 9 images ({note}); {tmp_path / 'ev' / 'predictions'}")
     task = _scoring(data, tmp_path / "run", run=True)

@@ -298,5 +298,6 @@ def evaluate_only(config: DetectConfig) -> int:
     ``predictions.json`` in ``--out`` (the folder locked meanwhile)."""
     task, metrics, out = score_only(config, DetectTask)
     scores = ", ".join(metric_text(key, metrics.get(key)) for key in ("box_AP", "mask_AP"))
-    stderr_log(f"lomar detect: {scores}{over_note(task.val.root, metrics)}; {out / 'predictions.json'}")
+    print(f"lomar detect: {scores}{over_note(task.val.root, metrics)}; {out / 'predictions.json'}",
+          flush=True)  # the command's result: stdout, as knn's score
     return 0

@@ -282,5 +282,5 @@ def evaluate_only(config: FinetuneConfig) -> int:
     # as a run's evaluations print them: val_images, a dict, is for the record
     scores = ", ".join(metric_text(key, value) for key, value in metrics.items() if not isinstance(value, dict))
     over = over_note(task.val_loader.dataset.dataset.root, metrics)
-    print(f"lomar finetune: {scores}{over}; {out / 'metrics.jsonl'}", file=sys.stderr, flush=True)
+    print(f"lomar finetune: {scores}{over}; {out / 'metrics.jsonl'}", flush=True)  # the command's result: stdout
     return 0

@@ -318,6 +318,6 @@ def evaluate_only(config: SegmentConfig) -> int:
     per_class.md in ``--out`` (the folder locked meanwhile)."""
     task, metrics, out = score_only(config, SegmentTask)
     scores = ", ".join(metric_text(key, metrics[key]) for key in ("mIoU", "mAcc", "aAcc"))
-    print(f"lomar segment: {scores}{over_note(task.val_folder, metrics)}; {out / 'predictions'}", file=sys.stderr,
-          flush=True)
+    print(f"lomar segment: {scores}{over_note(task.val_folder, metrics)}; {out / 'predictions'}",
+          flush=True)  # the command's result: stdout, as knn's score
     return 0
