@@ -1,7 +1,7 @@
 """A model built from its command's checkpoint (`lomar detect`, `lomar segment`, `lomar finetune --eval-only
 --pretrained RUN`) holds the weights once: the checkpoint's own tensors (mapped from the file and read as the model
-loads them) are let go once the model has them, not kept through the evaluation or run, where they were a second copy
-of the model in the process's memory (109 MB for a ViT-Ti detector, all of the model's size for larger encoders).
+loads them) are let go once the model has them, not kept through the evaluation or run as a second copy of the model
+in the process's memory (109 MB for a ViT-Ti detector, all of the model's size for larger encoders).
 The run's config keeps its read checkpoint (its path, settings and step) as complete left it."""
 
 from __future__ import annotations

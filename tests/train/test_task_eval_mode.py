@@ -1,5 +1,5 @@
 """Each task's evaluation puts its model in eval mode and gives it back the mode it had, by an exception too: a run
-whose evaluation raised and went on (a caught error, a test) trained without dropout or drop-path."""
+whose evaluation raises and goes on (a caught error, a test) trains on with its dropout and drop-path."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """A figure's model run (the reconstruction a pretraining run draws, an attention map) puts the model in eval mode
-and gives it back the mode it had, by an exception too: pretraining prints a failed figure and trains on, and went
-on in eval mode (no drop-path) after one."""
+and gives it back the mode it had, by an exception too: pretraining prints a failed figure and trains on, which must
+be in train mode (drop-path), not left in the figure's eval mode."""
 
 from __future__ import annotations
 
