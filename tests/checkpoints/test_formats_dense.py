@@ -6,6 +6,7 @@ line."""
 from __future__ import annotations
 
 import re
+import shlex
 
 import pytest
 import torch
@@ -135,10 +136,12 @@ def test_what_a_dense_checkpoint_cannot_be_rebuilt_from_is_named(tmp_path):
     _, detector = _detector_file(tmp_path / "d.pt")
     _, segmenter = _segmenter_file(tmp_path / "s.pt")
     old = {k: v for k, v in segmenter.items() if k not in ("model_spec", "encoder_config")}
-    atomic_save(old, tmp_path / "s0.pt")
-    _refused(tmp_path / "s0.pt", f"{tmp_path / 's0.pt'}: a `lomar segment` checkpoint saved without its encoder's "
-                                 f"layout (no model_spec, no encoder_config); `lomar segment --eval-only --pretrained "
-                                 f"{tmp_path / 's0.pt'}` scores it")
+    (tmp_path / "my runs").mkdir()  # the command to paste keeps a path with a space one argument
+    atomic_save(old, tmp_path / "my runs" / "s0.pt")
+    _refused(tmp_path / "my runs" / "s0.pt", f"{tmp_path / 'my runs' / 's0.pt'}: a `lomar segment` checkpoint saved "
+                                             f"without its encoder's layout (no model_spec, no encoder_config); "
+                                             f"`lomar segment --eval-only --pretrained "
+                                             f"{shlex.quote(str(tmp_path / 'my runs' / 's0.pt'))}` scores it")
     old = {k: v for k, v in detector.items() if k not in ("model_spec", "categories")}
     atomic_save(old, tmp_path / "d0.pt")
     _refused(tmp_path / "d0.pt", "a `lomar detect` checkpoint saved without a model_spec and without its categories")

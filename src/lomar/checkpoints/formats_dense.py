@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from lomar.checkpoints.kinds import run_command
 from lomar.checkpoints.reader import Reader, Source, build_strict, refuse_unused, register, saved_spec, spec_settings
+from lomar.values import command_line
 
 __all__ = ["DenseReader", "DENSE_ARCH", "whole_model_refusal"]
 
@@ -48,7 +49,8 @@ def _spec_before_specs(src: Source, command: str) -> dict:
     encoder = src.data.get("encoder_config")
     if not isinstance(encoder, dict):
         raise ValueError(f"{src.path}: a `lomar {command}` checkpoint saved without its encoder's layout (no "
-                         f"model_spec, no encoder_config); `lomar {command} --eval-only --pretrained {src.path}` "
+                         f"model_spec, no encoder_config); "
+                         f"`{command_line('lomar', command, '--eval-only', '--pretrained', src.path)}` "
                          f"scores it, rebuilding its encoder from the one its run started from")
     if command == "detect":
         categories = src.data.get("categories")
