@@ -32,6 +32,7 @@ from lomar.train import settings as S
 from lomar.train.runtime import retain_freed_memory
 from lomar.train.setting_flags import add_settings
 from lomar.train.settings import Setting
+from lomar.values import command_line
 
 __all__ = ["add_arguments", "run"]
 
@@ -154,7 +155,8 @@ def _start(args: argparse.Namespace):
     if args.threads:  # the command owns the process: setting torch's global thread count is its call
         torch.set_num_threads(args.threads)
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
-    command = "lomar bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "bench" else None
+    # the JSON's record of the command, to run again as it ran: a path with a space stays one argument
+    command = command_line("lomar", "bench", *sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "bench" else None
     return device, say, dict(command=command, torch=torch.__version__, threads=torch.get_num_threads())
 
 
