@@ -8,13 +8,13 @@ spec (``spec.py``), presets, results and figures complete it.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 
 from lomar.cli.common import check_output_dir, refuse_torchrun
 from lomar.cli.study.presets import PRESETS, SCALES, build_preset, describe
 from lomar.cli.study.spec import StudyFailed, StudyStopped, load_spec, parse_budget, seed_list
 from lomar.errors import UsageError
+from lomar.values import command_line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"lomar study: {spec.name}, {len(spec.cells())} cell(s), {spec.budget} each, into {out}", flush=True)
     try:
-        run_study(spec, out, command="lomar study " + " ".join(shlex.quote(a) for a in sys.argv[2:]))
+        run_study(spec, out, command=command_line("lomar", "study", *sys.argv[2:]))
     except StudyStopped as exc:
         print(f"lomar study: stopped: {exc}", file=sys.stderr)
         return 128 + exc.signum
