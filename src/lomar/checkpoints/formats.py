@@ -49,13 +49,14 @@ from lomar.checkpoints.reader import (
     saved_spec,
     spec_settings,
 )
+from lomar.checkpoints.run_folder import model_file, stopped_run_checkpoint
 from lomar.checkpoints.sharded import read_sharded
 from lomar.models.masking import grid_size
 from lomar.models.vit import VisionTransformer, ViTConfig
 from lomar.values import command_line, is_size
 
 __all__ = ["read", "identify", "VitReader", "holds_beit", "peek_encoder", "load_model", "encoder_weights",
-           "stopped_run_checkpoint", "saved_class_names"]
+           "saved_class_names"]
 
 # An encoder's settings that no weight fixes, which a caller may choose for a checkpoint that saved its ViTConfig
 # too (``window_size`` is LoMaR's K among load_model's overrides, not the ViTDet windows a classifier saved).
@@ -352,12 +353,6 @@ def saved_class_names(src: Source) -> object:
     return read_export(src.path).classes if src.format == ExportReader.name else src.data.get("classes")
 
 
-def stopped_run_checkpoint(path: Path) -> Path | None:
-    """The ``last.pt`` of a run folder that holds no export (a run stopped before its end writes none), the one
-    checkpoint of it to read an encoder from; None for any other ``path``."""
-    return path / LAST if path.is_dir() and not (path / CONFIG_NAME).exists() and (path / LAST).is_file() else None
-
-
 def peek_encoder(path: str | Path) -> tuple[str, int | None] | None:
     """("beit" or "vit", its patch size or None) for the encoder ``path`` holds, told from its config.json or the
     shape of its mapped patch-embedding weight, no weight read; None where that cannot tell (a sharded or unmappable
@@ -387,9 +382,11 @@ def load_model(path: str | Path, **overrides) -> nn.Module:
     ``overrides`` (``num_heads``, ``img_size``, ``window_size``, ``num_windows``, ``decoder_num_heads``) fill in
     what an original checkpoint cannot tell; a classifier is rebuilt as it saved itself, at another ``img_size`` or
     ``attention`` where given; one its reader has no use for (LoMaR's windows for a classifier or an export) is
-    refused. Raises ValueError or FileNotFoundError with a message that names the problem.
+    refused. A run folder without an export is read through its best.pt, else last.pt, as ``lomar predict`` reads one
+    (:func:`~lomar.checkpoints.run_folder.model_file`). Raises ValueError or FileNotFoundError with a message that
+    names the problem.
     """
-    reader, src = read(path)
+    reader, src = read(model_file(Path(path)))
     return reader.model(src, {k: v for k, v in overrides.items() if v is not None})
 
 

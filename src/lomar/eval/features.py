@@ -16,11 +16,12 @@ from typing import Literal
 import torch
 from torch.utils.data import DataLoader
 
-from lomar.checkpoints.formats import read, saved_class_names, stopped_run_checkpoint
+from lomar.checkpoints.formats import read, saved_class_names
 from lomar.checkpoints.formats_beit import BEiTReader
 from lomar.checkpoints.io import check_finite
 from lomar.checkpoints.keys import CLASSIFIER_PREFIXES, drop_final_norm
 from lomar.checkpoints.kinds import classifier_pool, run_command
+from lomar.checkpoints.run_folder import stopped_run_checkpoint
 from lomar.data.class_names import classes_only_in, names_problem, rows_by_name, unicode_forms_note
 from lomar.data.classify import bound_aspect, eval_resize
 from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker, collate_labelled

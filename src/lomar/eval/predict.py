@@ -28,11 +28,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lomar.checkpoints.file_names import BEST, LAST
 from lomar.checkpoints.formats import VitReader, read, saved_class_names
 from lomar.checkpoints.formats_beit import BEiTFinetuneReader
 from lomar.checkpoints.formats_probe import LinprobeReader
 from lomar.checkpoints.kinds import LINPROBE_FORMAT, run_command
+from lomar.checkpoints.run_folder import run_checkpoint
 from lomar.data.class_names import names_problem
 from lomar.data.collate import Skipped
 from lomar.data.decode import IMAGE_EXTENSIONS, load_image, tensor_to_pil
@@ -74,19 +74,13 @@ class Trained:
         return list(self.checkpoint.get("category_names") or self.checkpoint["categories"])
 
 
-def checkpoint_file(path: Path) -> Path:
-    """The file a CHECKPOINT argument names: itself, or a run folder's best.pt, else its last.pt (as --eval-only
-    reads a run folder); a folder holding neither is passed on as it is (an export, which the refusal names)."""
-    if path.is_dir():
-        return next((path / name for name in (BEST, LAST) if (path / name).is_file()), path)
-    return path
-
-
 def load_trained(path: str | Path) -> Trained:
     """The classifier, detector or segmenter at ``path`` (a checkpoint of `lomar finetune`, `detect` or `segment`, or
     a run folder of one; a probe `lomar linprobe --save` wrote). UsageError in one line for what predict cannot run,
     naming the command that can use it."""
-    file = checkpoint_file(Path(path))
+    # a run folder's best.pt, else last.pt (a pretraining run's too, refused as one); a folder holding neither as it
+    # is (an export, which the refusal names)
+    file = run_checkpoint(Path(path)) or Path(path)
     try:
         reader, src = read(file)
         command = run_command(src.data)

@@ -1,0 +1,33 @@
+"""Which checkpoint of a run folder (``--out`` of pretrain, finetune, detect, segment) a reader takes; torch-free."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lomar.checkpoints.file_names import BEST, CONFIG_NAME, LAST
+
+__all__ = ["run_checkpoint", "stopped_run_checkpoint", "model_file"]
+
+
+def run_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint a run folder is read by: its ``best.pt`` (the best evaluation of finetune, detect or segment),
+    else its ``last.pt``; None where ``folder`` is not a folder holding either. ``lomar predict RUN`` and
+    :func:`lomar.load_model` read a run folder through it."""
+    if not folder.is_dir():
+        return None
+    return next((folder / name for name in (BEST, LAST) if (folder / name).is_file()), None)
+
+
+def stopped_run_checkpoint(path: Path) -> Path | None:
+    """The ``last.pt`` of a run folder that holds no export (a run stopped before its end writes none), the one
+    checkpoint of it to read an encoder from; None for any other ``path``."""
+    return path / LAST if path.is_dir() and not (path / CONFIG_NAME).exists() and (path / LAST).is_file() else None
+
+
+def model_file(path: Path) -> Path:
+    """What :func:`lomar.load_model` reads of ``path``: a run folder without an export (finetune's, detect's,
+    segment's, a pretraining stopped before its end) through :func:`run_checkpoint`; anything else as it is (an
+    export folder, which a finished pretraining run's folder is, gives its encoder)."""
+    if path.is_dir() and not (path / CONFIG_NAME).exists():
+        return run_checkpoint(path) or path
+    return path
