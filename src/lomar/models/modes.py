@@ -10,12 +10,15 @@ import torch
 
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """``model`` in eval mode inside the block, back in its own mode (``model.train(was_training)``) when the block
-    ends, by an exception too: an evaluation in the middle of a run that raises (one the caller catches, a
-    preemption's unwinding, a test) must not leave the model training without dropout or batch statistics."""
-    was_training = model.training
+    """``model`` in eval mode inside the block; when the block ends, by an exception too, each of its modules is back
+    in the mode it had: an evaluation in the middle of a run that raises (one the caller catches, a preemption's
+    unwinding, a test) must not leave the model training without dropout or batch statistics, and a submodule the
+    caller keeps in eval mode inside a training model (a frozen BatchNorm, a frozen tokenizer) stays so, where
+    ``model.train(was_training)`` would give it the top module's mode."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
