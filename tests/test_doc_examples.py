@@ -17,9 +17,12 @@ import shlex
 from pathlib import Path
 
 import torch
+from helpers import write_images
 
 import lomar
 from lomar.cli.app import build_parser
+from lomar.cli.study.runner import check_cells
+from lomar.cli.study.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +60,20 @@ def test_dense_page_backbone_example_gives_the_stated_pyramid() -> None:
     strides = ns["backbone"].output_shape()
     assert strides["p2"] == {"channels": 256, "stride": 4}
     assert [s["stride"] for s in strides.values()] == [4, 8, 16, 32, 64]
+
+
+def test_readme_study_spec_is_a_study_lomar_study_runs(tmp_path) -> None:
+    """The README's spec, beside the folders it names, passes the checks `lomar study` makes before any cell trains:
+    its keys, every cell's pretrain settings (MAE's cells included) and each evaluation's options."""
+    (block,) = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (tmp_path / "my-study.yaml").write_text(block)
+    write_images(tmp_path / "images", 8)  # one step of the spec's batch_size
+    for split in ("train", "val"):
+        for label in ("cat", "dog"):
+            write_images(tmp_path / "labelled" / split / label, 1)
+    spec = load_spec(tmp_path / "my-study.yaml")  # data: paths are the spec folder's, not the working directory's
+    check_cells(spec)
+    assert {c.settings.get("windows") for c in spec.cells() if not c.random_init} == {8, 4}  # a mapping sets two
 
 
 DOCS = ("README.md", "docs/dense.md", "docs/multinode.md", "benchmarks/README.md")
