@@ -50,6 +50,7 @@ from lomar.train.lifecycle import run
 from lomar.train.monitor import metric_text
 from lomar.train.precision import autocast_factory, trained_precision_kept
 from lomar.train.preemption import ignore_stop_signals
+from lomar.train.run_lines import say_notes
 from lomar.train.setting_flags import flags_by_setting
 from lomar.train.task import Task
 from lomar.train.task_resume import load_resumed, resume_line, resumed_encoder_config
@@ -150,11 +151,7 @@ class FinetuneTask(Task):
         if info.is_main:
             source = resume_line(config) or self.model.load_report.summary(flags_by_setting(config))
             print(f"lomar finetune: {source}", flush=True)
-            said = {} if config.notes_said is None else config.notes_said  # a study's: once a study, not a cell
-            for note in unused_encoder_flags(config, self.model, beit=isinstance(self.model, Beit)):
-                if (line := f"lomar finetune: note: {note}") not in said:
-                    print(line, file=sys.stderr, flush=True)
-                    said[line] = None
+            say_notes(config, "finetune", unused_encoder_flags(config, self.model, beit=isinstance(self.model, Beit)))
         self.model.set_grad_checkpointing(config.grad_checkpointing)
         self.model.to(device)
         self.mixup = None
