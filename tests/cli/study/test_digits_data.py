@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import sklearn.datasets
 from sklearn.utils import Bunch
 
 from lomar.cli.study.presets import digits_data
+from lomar.errors import UsageError
 
 
 def test_two_builds_of_one_pid_at_once_each_use_their_own_folder(tmp_path, monkeypatch):
@@ -45,3 +47,20 @@ def test_the_built_folder_has_the_permissions_the_umask_gives(tmp_path, monkeypa
     finally:
         os.umask(umask)
     assert oct(root.stat().st_mode & 0o777) == oct((root / "train").stat().st_mode & 0o777) == "0o755"
+
+
+def test_a_folder_in_the_datas_place_that_is_not_the_data_is_named_with_the_fix(tmp_path, monkeypatch):
+    """OUT/data holding files of its own (no train/ and val/): the build cannot be renamed in, and the user is told
+    which folder is in the way, not given the rename's 'Directory not empty' with the build's hidden name."""
+    digits = sklearn.datasets.load_digits()
+    monkeypatch.setattr(sklearn.datasets, "load_digits",
+                        lambda: Bunch(images=digits.images[:40], target=digits.target[:40]))
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError) as raised:
+        digits_data(root)
+    assert str(raised.value) == (f"{root} is there and is not the digits data (no train/ and val/ in it); move it "
+                                 f"away or delete it, or pass another --out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # the build's own folder is removed
+    assert sorted(p.name for p in root.iterdir()) == ["notes.txt"]

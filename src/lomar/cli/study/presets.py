@@ -148,7 +148,10 @@ def digits_data(root: Path) -> Path:
             os.replace(work, root)
         except OSError:  # a folder is there: another command's build, renamed in meanwhile, is the same data
             if not ((root / "train").is_dir() and (root / "val").is_dir()):
-                raise
+                if not os.path.lexists(root):
+                    raise
+                raise UsageError(f"{root} is there and is not the digits data (no train/ and val/ in it); move it "
+                                 f"away or delete it, or pass another --out") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)  # nothing left once renamed
     return root
