@@ -1,9 +1,11 @@
 """`lomar export`, create_encoder and the timm registration (the one test module importing timm)."""
 
+import ast
 import errno
 import json
 import multiprocessing
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -74,9 +76,6 @@ def test_each_line_an_export_prints_names_its_command(pretrained, tmp_path, caps
 
 def test_the_lines_to_copy_after_an_export_keep_an_odd_path_one_argument(pretrained, tmp_path, capsys):
     """The Python of its 'load with' line reads back the folder as it is, with a space and a quote in its name."""
-    import ast
-    import re
-
     out = tmp_path / "it's mine"
     assert main(["export", str(pretrained[1] / "last.pt"), "--to", str(out)]) == 0
     load = capsys.readouterr().out.splitlines()[-1]
