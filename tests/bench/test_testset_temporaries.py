@@ -52,3 +52,23 @@ def test_a_killed_writes_temporary_is_named_as_one_with_its_fix(tmp_path):
     with pytest.raises(ValueError, match=f"{tmp_path} holds {leftover}, a test-set file another command is writing "
                                          f"or a killed one left; delete it once"):
         make_test_set(tmp_path, "imagenet", count=1)
+
+
+def test_a_test_set_file_is_on_disk_before_it_takes_its_name(tmp_path, monkeypatch):
+    """The rename can reach the disk before the data does: after a power loss the final name would hold an empty
+    file, which a later make_test_set reuses as it stands. The whole JPEG is fsynced before the rename."""
+    dst, fsync, rename, synced = tmp_path / "imagenet-00000.jpg", os.fsync, os.replace, {}
+
+    def recorded_fsync(fd):
+        fsync(fd)
+        synced[os.fstat(fd).st_ino] = os.fstat(fd).st_size
+
+    def rename_if_synced(src, target):
+        status = os.stat(src)
+        assert synced.get(status.st_ino) == status.st_size > 0, "renamed before its data was fsynced"
+        rename(src, target)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", rename_if_synced)
+    assert _write_one((str(demo_image_paths()[0]), str(dst), (64, 48), 90, 0)) == str(dst)
+    assert dst.stat().st_size == synced[dst.stat().st_ino]

@@ -38,6 +38,8 @@ def _write_one(job: tuple[str, str, tuple[int, int], int, int]) -> str:
     try:
         with os.fdopen(fd, "wb") as handle:
             img.save(handle, format="JPEG", quality=quality)
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before the rename: after a power loss no empty file has the name
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(OSError):  # this writer's own temporary, and only it
