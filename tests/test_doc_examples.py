@@ -17,9 +17,9 @@ import shlex
 from pathlib import Path
 
 import torch
-from helpers import write_images
 
 import lomar
+from helpers import write_images
 from lomar.cli.app import build_parser
 from lomar.cli.study.runner import check_cells
 from lomar.cli.study.spec import load_spec
@@ -68,9 +68,9 @@ def test_readme_study_spec_is_a_study_lomar_study_runs(tmp_path) -> None:
     (block,) = re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     (tmp_path / "my-study.yaml").write_text(block)
     write_images(tmp_path / "images", 8)  # one step of the spec's batch_size
-    for split in ("train", "val"):
+    for split, count in (("train", 32), ("val", 1)):  # train: one finetune step of its default batch, 64
         for label in ("cat", "dog"):
-            write_images(tmp_path / "labelled" / split / label, 1)
+            write_images(tmp_path / "labelled" / split / label, count, size=(8, 8))
     spec = load_spec(tmp_path / "my-study.yaml")  # data: paths are the spec folder's, not the working directory's
     check_cells(spec)
     assert {c.settings.get("windows") for c in spec.cells() if not c.random_init} == {8, 4}  # a mapping sets two

@@ -170,6 +170,22 @@ def test_bad_finetune_options_are_refused_before_any_cell_trains(tmp_path):
         check_options(spec)
 
 
+def test_a_finetune_batch_its_training_images_cannot_fill_is_refused_before_any_cell_trains(tmp_path):
+    """finetune's loader leaves a short last batch out, so no step: else its run fails after every cell trained."""
+    from lomar.cli.study.evals import check_options
+
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            write_images(tmp_path / split / label, 2)
+    for finetune in ({}, {"batch_size": 2, "accum_steps": 4}):
+        spec = parse_spec(_raw(tmp_path, eval={"metrics": ["finetune"], "finetune": finetune}))
+        with pytest.raises(UsageError, match=r"^eval.finetune: data.train's 4 images cannot fill one step of batch "
+                                             r"(64 x accum 1|2 x accum 4); give eval.finetune a batch_size x "
+                                             r"accum_steps of 4 or less, or data.train (64|8) images$"):
+            check_options(spec)
+    check_options(parse_spec(_raw(tmp_path, eval={"metrics": ["finetune"], "finetune": {"batch_size": 4}})))
+
+
 @pytest.mark.parametrize("budget, text", [(Budget(1, "steps"), "1 step"), (Budget(2, "steps"), "2 steps"),
                                           (Budget(1, "epochs"), "1 epoch"), (Budget(1, "seconds"), "1s")])
 def test_budgets_print_in_words(budget, text):

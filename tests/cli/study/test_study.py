@@ -534,7 +534,7 @@ def test_a_cells_notes_are_said_once_not_at_each_slice_and_evaluation(tmp_path, 
     run_study(parse_spec(spec), tmp_path / "study", log=lambda line: None)
     assert capsys.readouterr().err == ("lomar pretrain: note: --window-size 3 is unused: this --method mae run has no "
                                        "windows (--windows 0: the whole image)\n")
-    spec = parse_spec(_spec(labelled, eval={"metrics": ["finetune"], "finetune": {"epochs": 1}}))
+    spec = parse_spec(_spec(labelled, eval={"metrics": ["finetune"], "finetune": {"epochs": 1, "batch_size": 4}}))
     said = runner.check_cells(spec)
     assert capsys.readouterr().err.count("lomar finetune: note: warming up") == 1
     monkeypatch.setattr(evals, "finetune", lambda config: (_ for _ in ()).throw(TrainingError("stop")))
@@ -573,7 +573,7 @@ def test_a_finetunes_start_notes_are_said_once_a_study_and_its_other_lines_each_
         raise TrainingError("stop")
 
     monkeypatch.setattr(finetune, "run", start)
-    spec = parse_spec(_spec(labelled, eval={"metrics": ["finetune"], "finetune": {"epochs": 1,
+    spec = parse_spec(_spec(labelled, eval={"metrics": ["finetune"], "finetune": {"epochs": 1, "batch_size": 4,
                                                                                   "train_pos_embed": True}}))
     said = runner.check_cells(spec)
     capsys.readouterr()

@@ -44,6 +44,7 @@ from lomar.train.monitor import read_records
 from lomar.train.run_state import SaveError
 from lomar.train.settings import ConfigError
 from lomar.train.task import TrainingError
+from lomar.values import counted
 
 __all__ = ["Scorer", "check_options", "heldout_loss", "eval_img_size"]
 
@@ -72,11 +73,13 @@ def check_options(spec: StudySpec) -> None:
     the labelled ones); else a UsageError naming them. Checked before any cell trains, not at its first score."""
     labelled = set(spec.eval.metrics) - {"heldout_loss"}
     read = ("train", "val") if labelled else ("val",) if spec.eval.metrics else ()  # what the metrics read
+    train_images = 0
     for split in read:
         try:
             images = LabelledImageFolder(getattr(spec, f"data_{split}"))
             if split == "train":  # read by the labelled metrics alone
                 images.check_classes()
+                train_images = len(images)
         except ValueError as exc:
             raise UsageError(f"data.{split}: {exc}") from None
     cell = Cell({}, dict(spec.settings), spec.seeds[0])
@@ -85,9 +88,14 @@ def check_options(spec: StudySpec) -> None:
             args = _args(metric, spec, cell, Path(LAST), Path("/nonexistent-study-check/finetune"))
             if metric == "finetune":  # its bounds (epochs > 0, ...) are the config's: as --print-config reads them
                 args.print_config = True
-                resolve_finetune_config(args)
+                config = resolve_finetune_config(args)
         except UsageError as exc:
             raise UsageError(f"eval.{metric}: {exc}; fix the spec's eval.{metric} options") from None
+        if metric == "finetune" and train_images < (step := config.batch_size * config.accum_steps):
+            # finetune's loader leaves a short last batch out, so no step: else seen at the first score, after a cell
+            raise UsageError(f"eval.finetune: data.train's {counted(train_images, 'image')} cannot fill one step of "
+                             f"batch {config.batch_size} x accum {config.accum_steps}; give eval.finetune a batch_size "
+                             f"x accum_steps of {train_images} or less, or data.train {step} images")
 
 
 class Scorer:
