@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,3 +143,24 @@ def test_the_composed_folder_has_the_permissions_the_umask_gives(tmp_path):
     finally:
         os.umask(umask)
     assert oct((tmp_path / "set").stat().st_mode & 0o777) == "0o755"
+
+
+def test_overwrite_keeps_the_old_set_whole_until_the_new_one_has_its_name(tmp_path, monkeypatch):
+    """Removing the old set before renaming the new one in, a crash between the two loses both. The old set is renamed
+    aside and removed once the new one has the name: a failed rename of the new one gives the old its name back."""
+    import os
+
+    out = tmp_path / "set"
+    compose_digits(out, img_size=48, images=2, seed=0)
+    before, replace, failed = _files(out), os.replace, []
+
+    def failing_once_onto_out(src, dst):
+        if Path(dst) == out and not failed:  # the new set's rename: a crash there leaves what is on disk then
+            failed.append(src)
+            raise OSError(5, "Input/output error")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_once_onto_out)
+    with pytest.raises(OSError):
+        compose_digits(out, img_size=48, images=3, seed=1, overwrite=True)
+    assert failed and _files(out) == before and [p.name for p in tmp_path.iterdir()] == ["set"]

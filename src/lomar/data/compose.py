@@ -208,9 +208,7 @@ def compose_digits(out: str | Path, img_size: int = 256, images: int = 200, seed
                 summary["splits"][split]["classify_images"] = _write_classify(
                     work, split, rng, photos, pool, max(1, n), classify_size)
         (work / "compose.json").write_text(json.dumps(summary, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(work, out)
+        _swap_in(work, out)
     except BaseException as exc:
         shutil.rmtree(work, ignore_errors=True)
         # a failed write's OSError names no file (a full disk), or one in the folder just removed: name ``out``
@@ -218,6 +216,27 @@ def compose_digits(out: str | Path, img_size: int = 256, images: int = 200, seed
             raise (write_error(exc, out) or exc) from exc
         raise
     return summary
+
+
+def _swap_in(work: Path, out: Path) -> None:
+    """Rename ``work`` to ``out``; a set at ``out`` is renamed aside first and removed only once the new one has the
+    name: a crash between the two renames leaves the old set whole under its hidden name, and a failed rename of the
+    new one gives the old one its name back. (Removing it first, a crash there would lose both.)"""
+    if not out.exists():
+        os.replace(work, out)
+        return
+    aside = own_folder(out)  # an empty folder of this writer's own, which the rename of ``out`` replaces
+    try:
+        os.replace(out, aside)
+    except BaseException:
+        aside.rmdir()
+        raise
+    try:
+        os.replace(work, out)
+    except BaseException:
+        os.replace(aside, out)
+        raise
+    shutil.rmtree(aside)
 
 
 def _write_split(root: Path, split: str, rng, photos, pool, count: int, size: int, per_image, digit_scale) -> dict:
