@@ -52,9 +52,7 @@ def beit_from_original(state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, 
                          f"'model' entry of a modeling_pretrain checkpoint")
     ours = {k: v for k, v in state.items() if not k.endswith("relative_position_index")}
     dim, in_chans, patch, _ = state["patch_embed.proj.weight"].shape
-    depth = 1 + max((int(m[1]) for k in state if (m := _BLOCK.match(k))), default=-1)
-    if depth < 1:
-        raise ValueError("state dict has no blocks.{i}.* keys; pass the 'model' entry of a BEiT pretraining checkpoint")
+    depth = 1 + max(int(m[1]) for k in state if (m := _BLOCK.match(k)))  # blocks.0.* keys are among the required
     shared_key, block_key = "rel_pos_bias.relative_position_bias_table", "blocks.0.attn.relative_position_bias_table"
     info: dict = dict(embed_dim=dim, in_chans=in_chans, patch_size=patch, depth=depth,
                       mlp_ratio=mlp_ratio_of(dim, state["blocks.0.mlp.fc1.weight"].shape[0]),
