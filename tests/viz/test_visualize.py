@@ -216,6 +216,25 @@ def test_visualize_draws_the_images_of_a_folder_given(pretrained, tmp_path, caps
     assert "65 images in the folders given; pass at most 64" in capsys.readouterr().err
 
 
+def test_visualize_skips_a_folders_unreadable_image_and_refuses_one_named(pretrained, tmp_path, capsys):
+    """A folder's damaged file is skipped with a warning, as lomar predict skips one: the others are drawn. A file
+    named that cannot be read, or a folder of which none can, is one line."""
+    write_images(tmp_path / "photos", 2, size=(8, 8))
+    (tmp_path / "photos" / "bad.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "figs"
+    assert main(["visualize", str(pretrained), str(tmp_path / "photos"), "--attention", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "skipped image: cannot decode image" in err and "bad.jpg" in err
+    assert sorted(p.name for p in out.glob("attention-*.png")) == ["attention-00-img000.png", "attention-01-img001.png"]
+    assert main(["visualize", str(pretrained), str(tmp_path / "photos" / "bad.jpg"), "--out", str(out)]) == 2
+    assert "cannot decode image" in capsys.readouterr().err
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "bad.png").write_bytes(b"")
+    assert main(["visualize", str(pretrained), str(tmp_path / "broken"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "none of the images found in the folders given can be read (1 image skipped above)" in err
+
+
 def test_visualize_titles_name_the_checkpoint_step(pretrained, tmp_path, monkeypatch):
     """A figure of last.pt said nothing of how far the run had trained; the checkpoint records its step."""
     import lomar.viz.attention as attention

@@ -16,7 +16,7 @@ from lomar.errors import UsageError
 from lomar.train import settings as S
 from lomar.train.setting_flags import add_settings
 from lomar.train.settings import Setting
-from lomar.values import as_sides
+from lomar.values import as_sides, counted
 
 __all__ = ["add_arguments", "run", "prepare_image", "MAX_IMAGES"]
 
@@ -85,8 +85,6 @@ def run(args: argparse.Namespace) -> int:
     if given and not args.attention:  # they shape the attention figures only: without them, nothing would use them
         raise UsageError(f"{given[0]} is for the attention figures; add --attention, or drop {given[0]}")
     check_checkpoint(args.checkpoint)
-    import torch
-
     from lomar.checkpoints.formats_dense import DENSE_ARCH, whole_model_refusal  # torch: not for --help
     from lomar.data.transforms import denormalize  # torch: not for --help
     from lomar.models import MAE, LoMaR  # torch: not for --help
@@ -101,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     from lomar.viz.reconstruction import reconstruction_figure  # torch: not for --help
     from lomar.viz.tokens import token_figure  # torch: not for --help
 
-    paths = _image_paths(args.images) or demo_image_paths()[:4]  # a folder without images: before the model loads
+    paths, found = _image_paths(args.images)  # a folder without images: before the model loads
+    paths = paths or demo_image_paths()[:4]
     if Path(args.checkpoint).is_dir() and (Path(args.checkpoint) / LAST).is_file():
         # A run folder: its last.pt has the pixel head; its export (encoder.safetensors, once finished) has not,
         # so read, the export would refuse a reconstruction asked of the run that made it.
@@ -147,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     try:  # unreadable images, windows or a target that do not fit
         if args.attention:  # checked before any figure is written
             attention_request(model, grid, target, k, args.context, args.masked)
-        images = torch.stack([prepare_image(p, encoder.config.img_size) for p in paths])
+        paths, images = _readable(paths, found, encoder.config.img_size)
         if can_reconstruct:
             title = f"{name} reconstruction of {Path(args.checkpoint).name}{at_step}, seed {args.seed}"
             written.append(reconstruction_figure(model, images, path=out / "reconstruction.png", seed=args.seed,
@@ -170,17 +169,42 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _image_paths(given: list[str]) -> list[Path]:
-    """The images to draw, one figure row each: the files given, and each folder's images as ``lomar predict`` lists
-    them (recursively, sorted, a file given twice drawn once). UsageError past MAX_IMAGES, or for a folder without
-    an image."""
+def _image_paths(given: list[str]) -> tuple[list[Path], set[Path]]:
+    """(the images to draw, one figure row each: the files given, and each folder's images as ``lomar predict`` lists
+    them (recursively, sorted, a file given twice drawn once); those of them found in a folder). UsageError past
+    MAX_IMAGES, or for a folder without an image."""
     from lomar.eval.predict import list_images  # torch: not for --help
 
     paths = [Path(image.path) for image in list_images(given)]
     if len(paths) > MAX_IMAGES:
         folders = " in the folders given" if any(Path(g).is_dir() for g in given) else " given"
         raise UsageError(f"{len(paths)} images{folders}; pass at most {MAX_IMAGES} (one figure row each)")
-    return paths
+    named = {Path(g) for g in given if not Path(g).is_dir()}
+    return paths, {path for path in paths if path not in named}
+
+
+def _readable(paths: list[Path], found: set[Path], size: int | tuple[int, int]):
+    """(the paths drawn, their :func:`prepare_image` inputs (N, 3, H, W)). An image found in a folder that cannot be
+    read is skipped with a warning, as ``lomar predict`` skips one: a folder of photos is drawn without its one damaged
+    file. A file named that cannot be read is a ValueError naming it, as is a folder none of whose images can be."""
+    import torch  # not for --help
+
+    from lomar.data.collate import Skipped  # torch: not for --help
+
+    kept, images, warned = [], [], set()
+    for index, path in enumerate(paths):
+        try:
+            images.append(prepare_image(path, size))
+        except (ValueError, RuntimeError, OSError) as exc:  # what predict's reader skips
+            if path not in found:
+                raise
+            Skipped.warned(exc, index, warned)
+            continue
+        kept.append(path)
+    if not images:
+        raise ValueError(f"none of the images found in the folders given can be read ({counted(len(paths), 'image')} "
+                         f"skipped above); fix or remove them, or pass other images")
+    return kept, torch.stack(images)
 
 
 def _not_a_file(path: Path) -> str:
