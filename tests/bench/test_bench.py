@@ -106,13 +106,13 @@ def test_paper_window_rule():
 
 def test_bench_smoke_writes_json_and_plot(tmp_path, capsys):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    code = main(["bench", "--tiny", "--sizes", "128", "160", "--windows", "paper", "3",
+    code = main(["bench", "--tiny", "--sizes", "128", "192", "--windows", "paper", "2",
                  "--batch-size", "2", "--steps", "2", "--warmup", "1", "--device", "cpu",
                  "--json", str(out), "--plot", str(png), "--quiet"])
     assert code == 0
     data = json.loads(out.read_text())
     records = data["records"]
-    # per size: LoMaR paper (1 at 128 px, 2 at 160: the area rule), LoMaR fixed (3), MAE
+    # per size: LoMaR paper (1 at 128 px, 3 at 192: the area rule), LoMaR fixed (2: at most 2 fit 128 px), MAE
     assert len(records) == 6
     for rec in records:
         assert REQUIRED_KEYS <= rec.keys()
@@ -132,7 +132,7 @@ def test_bench_smoke_writes_json_and_plot(tmp_path, capsys):
     assert " spread " in table.splitlines()[2] and len(data["meta"]["load_avg_before"]) == 3
     assert all(len(c["mae_over_lomar_time_rounds"]) == 2 for c in data["comparisons"])
     assert "time" in table and "x (per round " in table
-    assert "  lomar (3 windows), 128 -> 160px: time x" in table and "expected flat" in table
+    assert "  lomar (2 windows), 128 -> 192px: time x" in table and "expected flat" in table
     assert all(0 < c["mae_decoder_share"] < 1 for c in data["comparisons"]) and "; MAE's decoder " in table
     assert "encoder tokens an image: MAE 17, LoMaR " in table  # 128 px: 8x8 grid, a quarter visible, + [CLS]
 
@@ -437,7 +437,12 @@ def test_host_readings_fall_back_where_the_os_lacks_them(monkeypatch):
 
 
 def test_the_window_count_a_size_cannot_hold_is_refused_with_one_fix(capsys):
-    assert main(["bench", "--tiny", "--sizes", "128", "--windows", "30", "--device", "cpu"]) == 2
-    assert capsys.readouterr().err.strip() == (
-        "lomar bench: error: 128px: --windows 30 asks for more distinct 7x7 windows than fit: the 8x8 patch grid has "
-        "only 4 window positions; lower --windows to 4 or less, or drop 128 from --sizes")
+    """bench refuses the window counts lomar pretrain refuses at a size, as pretrain places windows (no two of an
+    image share a top row or a left column): 20 at 224 px / patch 16 fit as distinct cells, not so."""
+    for size, windows, most, grid in ((128, 30, 2, 8), (224, 20, 8, 14)):
+        assert main(["bench", "--tiny", "--sizes", str(size), "--windows", str(windows), "--device", "cpu"]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"lomar bench: error: {size}px: --windows {windows} asks for more 7x7 windows than fit: placed as the "
+            f"original places them (no two share a top row or a left column), the {grid}x{grid} patch grid's {most} x "
+            f"{most} window positions hold at most {most}; lower --windows to {most} or less, or drop {size} from "
+            f"--sizes")

@@ -217,8 +217,8 @@ def _rss_range(interval: float = 0.002):
 def method_config(variant: str, img_size: int, windows: int | None, **settings):
     """A bench variant (:func:`lomar.methods.variant_name`'s names: ``mae_window`` is ``--method mae``
     with windows) -> its :class:`~lomar.methods.base.Method` and a pretraining config at its default
-    mask ratio. LoMaR takes ``windows`` (None: the whole image); the other methods are global unless
-    the name ends in ``_window``."""
+    mask ratio, pretrain's defaults otherwise (its window placement too). LoMaR takes ``windows`` (None: the
+    whole image); the other methods are global unless the name ends in ``_window``."""
     name, windowed, _ = variant.partition("_window")
     method = get_method(name)
     n = int(windows or 0) if windowed or method.default_windows is None else method.default_windows
@@ -238,9 +238,8 @@ def build_runner(method: str, model_name: str, img_size: int, windows: int | Non
     ``tiny`` shrinks encoder, decoder and dVAE to width 32 (dVAE 8), depth 1, 2 heads (tests only).
     ``compile_mode``: torch.compile's mode with ``compile`` (``lomar pretrain --compile-mode``'s choices).
     """
-    # distinct window placement: the models' own sampler's, which the bench's window checks assume
     decoder = dict(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2) if tiny else {}
-    spec, config = method_config(method, img_size, windows, window_placement="distinct", **decoder)
+    spec, config = method_config(method, img_size, windows, **decoder)  # windows placed as lomar pretrain places them
     overrides = dict(embed_dim=32, depth=1, num_heads=2) if tiny else {}
     vit = model_config(model_name, img_size=img_size, pos=spec.default_pos, **overrides)
     grid = grid_size(img_size, vit.patch_size)

@@ -1,5 +1,6 @@
 """``lomar bench``'s pretrain task: the configurations it times, per image size, checked before any work: every window
-count fits its size's patch grid, and the fix of one that does not is said in bench's own flags."""
+count fits its size's patch grid as `lomar pretrain` places windows (it refuses the same counts), and the fix of one
+that does not is said in bench's own flags."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def patch_size(args: argparse.Namespace) -> int:
 
 def plan_configurations(args: argparse.Namespace) -> dict[int, list[tuple[str, int | None, str]]]:
     """Per size: (method, windows, setting) configurations, validated before any work."""
-    from lomar.models.masking import WindowsDoNotFit, check_window_request, grid_size  # torch: not for --help
+    from lomar.bench.timing import method_config  # torch: not for --help
+    from lomar.models.masking import WindowsDoNotFit, grid_size  # torch: not for --help
 
     patch = patch_size(args)
     if args.windows != ["paper"] and not {"lomar", "mae_window", "beit"} & set(args.methods):  # else unused
@@ -47,8 +49,9 @@ def plan_configurations(args: argparse.Namespace) -> dict[int, list[tuple[str, i
         configs += [(m, windowed, "paper" if paper else "fixed") for m, flag in
                     (("mae_window", "mae_window"), ("beit_window", "beit")) if flag in args.methods]
         for method, n, _ in (c for c in configs if c[1] is not None):
-            try:
-                check_window_request(grid, 7, n, 0.8 if method == "lomar" else 0.75)
+            variant, config = method_config(method, size, n)  # the config build_runner times
+            try:  # pretrain's own check of it: its window placement, a method's masks
+                variant.validate(config, grid)
             except ValueError as exc:  # bench's windows are 7x7 patches: the fix is the size or the count
                 if min(grid) < 7:
                     raise UsageError(f"{size}px: bench's 7x7 windows do not fit its {grid[0]}x{grid[1]} patch grid; "
