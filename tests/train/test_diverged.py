@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from test_lifecycle import ToyConfig, ToyTask, run_two_ranks
+from toy_run import ToyConfig, ToyTask, run_two_ranks
 
 from lomar.checkpoints.io import safe_load
 from lomar.errors import UsageError

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_lifecycle import ToyConfig, ToyTask
+from toy_run import ToyConfig, ToyTask
 
 from helpers import fill_disk, free_port
 from lomar.checkpoints.io import atomic_save, safe_load
