@@ -71,8 +71,10 @@ def mae_from_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def classifier_from_original(state: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
-    """An original finetuned model's keys -> our classifier's (RPE renamed, unused parts dropped)."""
-    state, _ = drop_final_norm(state)
+    """An original finetuned model's keys -> our classifier's (RPE renamed, unused parts dropped: the final ``norm.*``
+    where ``model`` pools patch tokens into ``fc_norm``; a cls-token classifier's head reads that norm)."""
+    if model.global_pool == "avg":
+        state, _ = drop_final_norm(state)
     return {rename_rpe(k): v for k, v in state.items() if not (k == "pos_embed" and model.pos_embed is None)}
 
 

@@ -23,7 +23,7 @@ from lomar.checkpoints.keys import (
     rename_rpe,
 )
 from lomar.checkpoints.keys_beit import holds_beit_keys
-from lomar.checkpoints.kinds import CLASSIFIER_FORMAT, FINETUNE_FORMAT
+from lomar.checkpoints.kinds import CLASSIFIER_FORMAT, FINETUNE_FORMAT, classifier_pool
 from lomar.checkpoints.reader import EncoderWeights, Reader, Source, refuse_unused, register
 from lomar.models import MAE, LoMaR
 from lomar.models.abs_pos import square_side
@@ -108,6 +108,13 @@ def _infer(data: dict, overrides: dict, whole: bool, where: object = "this check
                         mask_ratio=args.get("mask_ratio", 0.75), norm_pix_loss=args.get("norm_pix_loss", True))
     elif method == "classifier":
         settings["num_classes"] = state["head.weight"].shape[0]
+        # the original's finetune keeps the final norm for a cls-token head (--cls_token), deletes it for fc_norm's mean
+        settings["global_pool"] = classifier_pool({}, state)
+        asked = overrides.get("global_pool", settings["global_pool"])
+        if asked != settings["global_pool"]:
+            holds = "fc_norm" if settings["global_pool"] == "avg" else "its final norm and no fc_norm"
+            raise ValueError(f"global_pool={asked!r} does not fit {where}: its head reads {holds}, so it pools by "
+                             f"{settings['global_pool']!r}; leave global_pool out")
     # window_size is LoMaR's K (above), never the encoder's ViTDet windows: a LoMaR encoder attends globally
     config_overrides = {k: overrides.pop(k) for k in list(overrides)
                         if k in ViTConfig.__dataclass_fields__ and k != "window_size"}
@@ -191,8 +198,8 @@ def _check_table(state: dict, encoder: VisionTransformer) -> None:
 
 def _refuse_our_classifier(data: dict, path: str | os.PathLike) -> None:
     """A classifier of lomar's own (``lomar finetune``'s checkpoint, load_original's of a classifier) has an original
-    finetuned model's keys and would load as one, but without what only its saved ViTConfig and pooling say (its
-    image size, ViTDet windows; a cls-pooling one fails on a missing fc_norm)."""
+    finetuned model's keys and would load as one, but without what only its saved ViTConfig says (its image size,
+    ViTDet windows)."""
     kind = data.get("format")
     if kind in (FINETUNE_FORMAT, CLASSIFIER_FORMAT):
         raise ValueError(f"{path} is lomar's own ({kind} format), not an original LoMaR / MAE checkpoint: it needs no "
