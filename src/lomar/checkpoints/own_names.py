@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["own_temporary", "own_folder"]
+__all__ = ["own_temporary", "own_folder", "made_beside"]
 
 T = TypeVar("T")
 
@@ -28,6 +29,18 @@ def own_folder(path: str | Path) -> Path:
     """A new folder beside ``path``, to build ``path`` in and rename, with the permissions the umask gives any folder
     (``tempfile.mkdtemp``'s are the owner's alone, which the rename would pass on to ``path``)."""
     return _made_beside(Path(path), os.mkdir)[0]
+
+
+def made_beside(path: str | Path) -> list[Path]:
+    """The temporaries there are beside ``path`` (``.NAME.tmp-PID-TOKEN``, any writer's, live or killed), sorted."""
+    path, own = Path(path), re.compile(r"\.tmp-\d+-[0-9a-f]{16}")
+    prefix = f".{path.name}"
+    try:
+        names = os.listdir(path.parent)
+    except FileNotFoundError:
+        return []
+    return sorted(path.parent / name for name in names
+                  if name.startswith(prefix) and own.fullmatch(name[len(prefix):]))
 
 
 def _made_beside(path: Path, make: Callable[[Path], T]) -> tuple[Path, T]:

@@ -9,6 +9,7 @@ import pytest
 import sklearn.datasets
 from sklearn.utils import Bunch
 
+from lomar.checkpoints import file_lock
 from lomar.cli.study.presets import digits_data
 from lomar.errors import UsageError
 
@@ -20,6 +21,7 @@ def test_two_builds_of_one_pid_at_once_each_use_their_own_folder(tmp_path, monke
     monkeypatch.setattr(sklearn.datasets, "load_digits",
                         lambda: Bunch(images=digits.images[:100], target=digits.target[:100]))
     monkeypatch.setattr(os, "getpid", lambda: 4242)  # the other machine's command has this machine's PID
+    monkeypatch.setattr(file_lock, "take_file_lock", lambda *args: None)  # no flock there: builds run side by side
     root, rename, seen = tmp_path / "data" / "digits", os.replace, []
 
     def rename_after_another_build(src, dst):
@@ -64,3 +66,63 @@ def test_a_folder_in_the_datas_place_that_is_not_the_data_is_named_with_the_fix(
                                  f"away or delete it, or pass another --out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # the build's own folder is removed
     assert sorted(p.name for p in root.iterdir()) == ["notes.txt"]
+
+
+def _few_digits(monkeypatch):
+    digits = sklearn.datasets.load_digits()
+    monkeypatch.setattr(sklearn.datasets, "load_digits",
+                        lambda: Bunch(images=digits.images[:40], target=digits.target[:40]))
+
+
+def test_a_killed_builds_folder_is_removed_by_the_next_build_holding_the_lock(tmp_path, monkeypatch):
+    """A build killed midway leaves its hidden .data.tmp-PID-TOKEN folder; no build holds the lock while none runs, so
+    the next build, holding it, removes every such folder. A file or folder of another name stays."""
+    _few_digits(monkeypatch)
+    root = tmp_path / "data"
+    killed = tmp_path / f".data.tmp-4242-{'0a' * 8}"
+    (killed / "train" / "3").mkdir(parents=True)
+    (killed / "train" / "3" / "0001.png").write_bytes(b"half")
+    (tmp_path / ".data.tmp-mine").mkdir()
+    assert digits_data(root) == root
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".data.tmp-mine", "data"]
+
+
+def test_without_flock_a_killed_builds_folder_stays(tmp_path, monkeypatch):
+    """Where the filesystem has no flock, a build folder may be a live build's on another machine sharing the folder,
+    whose PID means nothing here: it stays."""
+    _few_digits(monkeypatch)
+    monkeypatch.setattr(file_lock, "take_file_lock", lambda *args: None)
+    root, killed = tmp_path / "data", tmp_path / f".data.tmp-4242-{'0a' * 8}"
+    killed.mkdir()
+    assert digits_data(root) == root
+    assert sorted(p.name for p in tmp_path.iterdir()) == [killed.name, "data"]
+
+
+def test_a_build_waits_for_another_builds_lock_and_takes_its_data(tmp_path, monkeypatch):
+    """Two studies into one folder take turns: the second waits for the first's lock, then finds the data built."""
+    import threading
+    import time
+
+    from lomar.cli.study import presets
+
+    _few_digits(monkeypatch)
+    root = tmp_path / "data"
+    handle = file_lock.take_file_lock(tmp_path / ".data.lock")
+
+    def the_other_build_ends():
+        time.sleep(0.3)
+        (root / "train").mkdir(parents=True)
+        (root / "val").mkdir()
+        handle.close()
+
+    def built(*args):
+        raise AssertionError("built again, where the other build's data was there")
+
+    monkeypatch.setattr(presets, "_build_digits", built, raising=False)
+    other = threading.Thread(target=the_other_build_ends)
+    other.start()
+    try:
+        assert digits_data(root) == root
+    finally:
+        other.join()
+    assert [p.name for p in (root / "train").iterdir()] == []

@@ -23,12 +23,15 @@ and the user's data; the command prints the settings, and runs them when given `
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lomar.checkpoints.own_names import own_folder
+from lomar.checkpoints.own_names import made_beside, own_folder
 from lomar.cli.study.flags import parse_flags
 from lomar.cli.study.spec import Budget, StudySpec, parse_budget, parse_spec
 from lomar.errors import UsageError
@@ -38,6 +41,9 @@ from lomar.window_counts import PAPER_WINDOW_SIZES
 __all__ = ["PRESETS", "PAPER_PRESETS", "SCALES", "build_preset", "describe", "scaled_windows", "digits_data",
            "method_available"]
 
+# How long a digits build waits for another command's build of the same data (seconds of PNG writing)
+BUILD_WAIT_S = 300.0
+log = logging.getLogger("lomar.train")
 PRESETS = ("fig3", "table5", "windows", "mask-ratio", "pos", "enc-dec", "digits", "digits-checks")
 PAPER_PRESETS = PRESETS[:6]  # the paper's experiments: each has a paper scale
 SCALES = ("small", "paper")
@@ -125,7 +131,6 @@ def digits_data(root: Path) -> Path:
         return root
     import torch
     import torch.nn.functional as F
-    from PIL import Image
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -135,13 +140,54 @@ def digits_data(root: Path) -> Path:
     pixels = (x.clamp(0, 1) * 255).round().to(torch.uint8)[:, 0].numpy()
     train, val = train_test_split(range(len(pixels)), test_size=0.25, stratify=digits.target, random_state=0)
     root.parent.mkdir(parents=True, exist_ok=True)
-    # this command's own folder: another one building the data meanwhile (a study beside it, on this machine or on
-    # another sharing the folder, of the same PID perhaps) has its own, which this one neither removes nor renames
+    with _build_lock(root) as locked:
+        if (root / "train").is_dir() and (root / "val").is_dir():  # built by the command this one waited for
+            return root
+        if locked:  # no build holds the lock, so every build folder beside the data is a killed one's
+            for leftover in made_beside(root):
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+        _build_digits(root, digits.target, pixels, train, val)
+    return root
+
+
+@contextlib.contextmanager
+def _build_lock(root: Path) -> Iterator[bool]:
+    """Hold ``.NAME.lock`` beside the data ``root`` for a build (the flock of a training run's and an export's lock):
+    yields whether it is held. Not held where the filesystem has no flock; then builds may run side by side, each in
+    its own folder, and a killed one's folder stays, as whether its builder lives cannot be told."""
+    from lomar.checkpoints.file_lock import LockHeld, take_file_lock  # torch (checkpoints.io): not for --help
+
+    path = root.with_name(f".{root.name}.lock")
+
+    def waiting(owner: str) -> None:
+        log.warning("%s is being built by another command (%s): waiting for it, up to %g s", root, owner,
+                    BUILD_WAIT_S)
+
+    try:
+        handle = take_file_lock(path, BUILD_WAIT_S, waiting)
+    except LockHeld as held:
+        raise UsageError(f"{root} is being built by another command ({held.owner}), waited for {BUILD_WAIT_S:g} s; "
+                         f"run again once it ends, or pass another --out") from None
+    try:
+        yield handle is not None
+    finally:
+        if handle is not None:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)  # while held: a waiter finds it gone and opens anew
+            handle.close()
+
+
+def _build_digits(root: Path, target, pixels, train, val) -> None:
+    """Write the scans (uint8, (N, 32, 32)) as ROOT/{train,val}/DIGIT/NNNN.png and rename the folder in."""
+    from PIL import Image  # as digits_data's: only a build needs it
+    # this command's own folder: another one building the data meanwhile (a study beside it, on a filesystem without
+    # flock, of the same PID perhaps) has its own, which this one neither removes nor renames
     work = own_folder(root)
     try:
         for split, indices in (("train", train), ("val", val)):
             for i in indices:
-                folder = work / split / str(digits.target[i])
+                folder = work / split / str(target[i])
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(pixels[i]).convert("RGB").save(folder / f"{i:04d}.png")
         try:
@@ -154,7 +200,6 @@ def digits_data(root: Path) -> Path:
                                  f"away or delete it, or pass another --out") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)  # nothing left once renamed
-    return root
 
 
 def build_preset(name: str, data: str | None = None, budget: str | None = None, seeds: int | None = None,
