@@ -18,11 +18,22 @@ def one_val(tmp_path_factory):
 
 
 @pytest.fixture
-def few_eval_proposals(monkeypatch):
-    """Evaluations keep 10 region proposals an image, not the detector's 1000: for runs whose scores are not what the
-    test checks. A randomly initialised detector's box head convolves every proposal, its mask head each of up to 100
-    detections (~4 s of a 2-core CPU an evaluation of one 64 px image); training's proposals are left as they are."""
+def eval_proposals(monkeypatch):
+    """``keep(count)``: evaluations keep ``count`` region proposals an image, not the detector's 1000; training's are
+    left as they are. A detector's box head convolves every proposal (~4 s of a 2-core CPU an evaluation of one 64 px
+    image at 1000, a randomly initialised detector's mask head on up to 100 detections included)."""
     from torchvision.models.detection.rpn import RegionProposalNetwork
 
     own = RegionProposalNetwork.post_nms_top_n
-    monkeypatch.setattr(RegionProposalNetwork, "post_nms_top_n", lambda self: own(self) if self.training else 10)
+
+    def keep(count: int) -> None:
+        monkeypatch.setattr(RegionProposalNetwork, "post_nms_top_n", lambda self: own(self) if self.training else count)
+
+    return keep
+
+
+@pytest.fixture
+def few_eval_proposals(eval_proposals):
+    """Evaluations keep 10 region proposals an image (:func:`eval_proposals`): for runs whose scores are not what the
+    test checks."""
+    eval_proposals(10)
