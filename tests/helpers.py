@@ -164,6 +164,10 @@ def losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _state(step: int) -> dict:
+    return {"model": {"w": torch.full((2,), float(step))}, "optimizer": {}, "step": step}
+
+
 class FillingFile:
     """A binary file on a disk with ``room`` bytes left: a write past it writes what fits, then
     raises ENOSPC, as the kernel does (what the writer makes of it, e.g. torch.save's zip writer, is real)."""
