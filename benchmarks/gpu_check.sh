@@ -398,7 +398,8 @@ if want tests; then
   if "$PY" -c "import pytest" 2>/dev/null; then
     run_tests cuda_tests.log 15 tests/models/test_attention_cuda.py tests/bench/test_loader.py \
       tests/data/test_gpu_jpeg.py tests/data/test_device_decode.py tests/train/test_pretrain.py \
-      tests/train/test_run_state.py tests/tokenizers/test_dvae.py \
+      tests/train/test_random_state.py tests/train/test_machine_defaults.py \
+      tests/tokenizers/test_dvae.py \
       -k "(cuda or gpu) and not reduce_overhead"
     status tests "$?"
   else
