@@ -40,7 +40,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import secrets
 import stat
 import sys
 import time
@@ -50,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lomar.checkpoints.own_names import own_temporary
 from lomar.data.coco import CocoSplit, CocoSummary
 from lomar.data.decode import max_image_pixels
 from lomar.data.records import IntTable, PackedRecords, pack_images
@@ -163,11 +163,13 @@ def _write(path: Path, split: CocoSplit, packed: tuple[PackedRecords, IntTable],
     offsets, buffer = packed[0].arrays()
     header += b" " * (-len(header) % 8)  # the offsets start 8-aligned, so they map as int64
     total = 16 + len(header) + offsets.nbytes + buffer.nbytes
-    # pid and a random part: a folder shared by machines (a home on NFS) may see the same pid on two of them (each
-    # in its own container), and the other's live temporary is neither removed nor renamed in place of ours
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(8)}")
+    tmp = None
     try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
+        # this writer's own (pid and a random part): a folder shared by machines (a home on NFS) may see the same pid
+        # on two of them (each in its own container), and the other's live temporary is neither removed nor renamed
+        # in place of ours
+        tmp, fd = own_temporary(path)
+        with os.fdopen(fd, "wb") as handle:
             np.lib.format.write_array_header_1_0(handle, {"descr": "|u1", "fortran_order": False, "shape": (total,)})
             handle.write(np.array([len(header), len(offsets)], dtype="<i8").tobytes())
             for part in (header, offsets.astype("<i8", copy=False), buffer):
@@ -176,7 +178,8 @@ def _write(path: Path, split: CocoSplit, packed: tuple[PackedRecords, IntTable],
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:  # made by this call: no other writer's
+            tmp.unlink(missing_ok=True)
         fix = "free space there" if exc.errno in FULL_DISK else "make it writable"
         raise UsageError(f"cannot write the packed annotations {path} ({exc.strerror}); {fix}, or set "
                          f"LOMAR_CACHE_DIR to another folder") from None
