@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from lomar.checkpoints.own_names import own_temporary
+from lomar.checkpoints.own_names import TEMPORARY_SUFFIX, own_temporary
 from lomar.data.demo_images import demo_image_paths
 
 __all__ = ["TEST_SET_SIZES", "make_test_set"]
@@ -63,7 +63,7 @@ def make_test_set(out: str | Path, kind: str = "camera", count: int = 32, qualit
         raise ValueError(f"count must be positive, got {count}")
     ours = re.compile(rf"({'|'.join(TEST_SET_SIZES)})-\d{{5}}\.jpg")
     if Path(out).is_dir() and (other := next((e.name for e in os.scandir(out) if not ours.fullmatch(e.name)), None)):
-        if re.fullmatch(rf"\.({ours.pattern})\.tmp-\d+-[0-9a-f]{{16}}", other):  # _write_one's own temporary
+        if re.fullmatch(rf"\.({ours.pattern}){TEMPORARY_SUFFIX}", other):  # _write_one's own temporary
             raise ValueError(f"{out} holds {other}, a test-set file another command is writing or a killed one "
                              f"left; delete it once no other command writes the set, then rerun")
         # a dataset's folder would get synthetic photos among its own, and the benchmark would read both

@@ -28,6 +28,7 @@ from typing import IO
 from lomar.checkpoints.file_lock import LockHeld, flock_in_place, take_file_lock
 from lomar.checkpoints.file_names import CONFIG_NAME
 from lomar.checkpoints.io import open_in_place
+from lomar.checkpoints.own_names import TEMPORARY_SUFFIX
 from lomar.errors import UsageError
 
 __all__ = ["stale_leftovers", "interrupted_export", "export_lock", "export_running", "is_export_file", "writer_tag",
@@ -38,7 +39,7 @@ __all__ = ["stale_leftovers", "interrupted_export", "export_lock", "export_runni
 # machine as far as can be told: a folder upgraded after a killed export still has its set-aside files named
 _LEFTOVER = re.compile(r"\.\.?(?P<name>.+?)\.(?P<kind>old|new)-"
                        r"(?:(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[0-9a-f]{16}|(?P<pid_only>\d+))"
-                       r"(?:\.tmp-\d+(?:-[0-9a-f]{16})?)?")
+                       rf"(?:{TEMPORARY_SUFFIX}|\.tmp-\d+)?")
 # Hidden, and there only while an export writes (or after one was killed): no reader of the folder takes it
 EXPORT_LOCK = ".export.lock"
 # How long an export waits for another one's write and swap (seconds of disk writing, not of training)

@@ -13,9 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["own_temporary", "own_folder", "made_beside"]
+__all__ = ["own_temporary", "own_folder", "made_beside", "TEMPORARY_SUFFIX"]
 
 T = TypeVar("T")
+# What follows ".NAME" in a temporary's name, as a regular expression: how the readers of a folder tell one
+TEMPORARY_SUFFIX = r"\.tmp-\d+-[0-9a-f]{16}"
 
 
 def own_temporary(path: str | Path, mode: int = 0o600) -> tuple[Path, int]:
@@ -33,7 +35,7 @@ def own_folder(path: str | Path) -> Path:
 
 def made_beside(path: str | Path) -> list[Path]:
     """The temporaries there are beside ``path`` (``.NAME.tmp-PID-TOKEN``, any writer's, live or killed), sorted."""
-    path, own = Path(path), re.compile(r"\.tmp-\d+-[0-9a-f]{16}")
+    path, own = Path(path), re.compile(TEMPORARY_SUFFIX)
     prefix = f".{path.name}"
     try:
         names = os.listdir(path.parent)

@@ -35,6 +35,7 @@ from lomar.checkpoints.io import (
     remove_tree,
     safe_load,
 )
+from lomar.checkpoints.own_names import TEMPORARY_SUFFIX
 from lomar.checkpoints.sharded import check_metadata
 from lomar.errors import FULL_DISK, UNWRITABLE, LomarError, UsageError, full_disk_words
 from lomar.train.run_lock import RunLock, holds_run_lock
@@ -51,7 +52,7 @@ __all__ = ["SaveError", "save_state", "checkpoints_to_prune", "save_checkpoint",
 log = logging.getLogger("lomar.train")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.(pt|dcp)$")  # .dcp: a sharded checkpoint folder
 _SHARDED_TMP = re.compile(r"^checkpoint-\d+\.dcp\.tmp$")  # a sharded save cut before its rename
-_TMP = re.compile(r"^\..+\.tmp(-\d+(-[0-9a-f]{16})?)?$")  # atomic_write's .NAME.tmp-PID-TOKEN, plainer ones
+_TMP = re.compile(rf"^\..+(?:{TEMPORARY_SUFFIX}|\.tmp(-\d+)?)$")  # atomic_write's .NAME.tmp-PID-TOKEN, plainer ones
 T = TypeVar("T")
 
 
