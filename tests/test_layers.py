@@ -291,7 +291,8 @@ TORCH_FREE = ("lomar.values", "lomar.errors", "lomar.yaml_io", "lomar.progress_b
               "lomar.cli.probe", "lomar.train.settings",
               "lomar.train.setting_names", "lomar.train.task_config", "lomar.train.settings_resume",
               "lomar.train.config_checks", "lomar.train.preemption", "lomar.train.process_count",
-              "lomar.checkpoints.kinds", "lomar.checkpoints.file_names", "lomar.bench.testset",
+              "lomar.checkpoints.kinds", "lomar.checkpoints.file_names", "lomar.checkpoints.run_folder",
+              "lomar.bench.testset",
               "lomar.data.demo_images")
 
 

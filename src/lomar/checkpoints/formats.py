@@ -30,7 +30,7 @@ import lomar.checkpoints.formats_dense  # noqa: F401  registers the detector's a
 import lomar.checkpoints.original  # noqa: F401  registers the original-LoMaR/MAE readers
 from lomar.checkpoints.export import create_encoder, read_export
 from lomar.checkpoints.export_leftovers import interrupted_export
-from lomar.checkpoints.file_names import BEST, CONFIG_NAME, ENCODER_WEIGHTS, LAST, RUN_ENCODER
+from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS, RUN_ENCODER
 from lomar.checkpoints.formats_beit import BEiTReader  # and registers BEiT's readers
 from lomar.checkpoints.formats_probe import probe_only_refusal  # and registers linprobe's reader
 from lomar.checkpoints.io import mismatch, safe_load
@@ -49,7 +49,7 @@ from lomar.checkpoints.reader import (
     saved_spec,
     spec_settings,
 )
-from lomar.checkpoints.run_folder import model_file, stopped_run_checkpoint
+from lomar.checkpoints.run_folder import model_file, run_checkpoints, stopped_run_checkpoint
 from lomar.checkpoints.sharded import read_sharded
 from lomar.models.masking import grid_size
 from lomar.models.vit import VisionTransformer, ViTConfig
@@ -309,7 +309,7 @@ def read(path: str | Path, mmap: bool = False) -> tuple[Reader, Source]:
     if path.is_dir():
         if not (path / CONFIG_NAME).is_file():
             # a run folder without an export (finetune's, or a stopped pretraining): name the checkpoints it keeps
-            kept = " or ".join(str(path / name) for name in (BEST, LAST) if (path / name).is_file())
+            kept = " or ".join(str(file) for file in run_checkpoints(path))
             raise ValueError(f"{path} is a folder without {CONFIG_NAME}; {interrupted_export(path)}pass " + (
                 f"its checkpoint, {kept}" if kept else "a checkpoint file or a folder written by `lomar export` / "
                                                       "`lomar pretrain`"))

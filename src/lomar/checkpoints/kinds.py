@@ -4,7 +4,7 @@ commands read it while checking their settings, before any model is built."""
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lomar.checkpoints.file_names import BEST, LAST
+from lomar.checkpoints.run_folder import run_checkpoints
 
 __all__ = ["PRETRAIN_FORMAT", "CLASSIFIER_FORMAT", "FINETUNE_FORMAT", "DETECT_FORMAT", "SEGMENT_TASK",
            "LINPROBE_FORMAT", "run_command", "FoundCheckpoint", "find_command_checkpoint", "classifier_pool",
@@ -65,14 +65,14 @@ def find_command_checkpoint(path: str | Path, command: str) -> FoundCheckpoint |
     from lomar.checkpoints.io import safe_load  # torch: not at import, for the commands' argument checks
 
     path = Path(path)
-    for candidate in [path] if path.is_file() else [path / BEST, path / LAST]:
-        if candidate.is_file():
-            try:
-                checkpoint = safe_load(candidate, mmap=True)
-            except (OSError, ValueError, RuntimeError):
-                continue
-            if run_command(checkpoint) == command:
-                return FoundCheckpoint(candidate, checkpoint)
+    # a best.pt that is unreadable or another command's is passed over for last.pt
+    for candidate in [path] if path.is_file() else run_checkpoints(path):
+        try:
+            checkpoint = safe_load(candidate, mmap=True)
+        except (OSError, ValueError, RuntimeError):
+            continue
+        if run_command(checkpoint) == command:
+            return FoundCheckpoint(candidate, checkpoint)
     return None
 
 

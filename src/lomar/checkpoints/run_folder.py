@@ -6,16 +6,19 @@ from pathlib import Path
 
 from lomar.checkpoints.file_names import BEST, CONFIG_NAME, LAST
 
-__all__ = ["run_checkpoint", "stopped_run_checkpoint", "model_file"]
+__all__ = ["run_checkpoints", "run_checkpoint", "stopped_run_checkpoint", "model_file"]
+
+
+def run_checkpoints(folder: Path) -> list[Path]:
+    """The checkpoints a run folder holds, in the order a reader takes them: its ``best.pt`` (the best evaluation of
+    finetune, detect or segment), then its ``last.pt``; empty where ``folder`` is not a folder holding either."""
+    return [folder / name for name in (BEST, LAST) if (folder / name).is_file()]
 
 
 def run_checkpoint(folder: Path) -> Path | None:
-    """The checkpoint a run folder is read by: its ``best.pt`` (the best evaluation of finetune, detect or segment),
-    else its ``last.pt``; None where ``folder`` is not a folder holding either. ``lomar predict RUN`` and
-    :func:`lomar.load_model` read a run folder through it."""
-    if not folder.is_dir():
-        return None
-    return next((folder / name for name in (BEST, LAST) if (folder / name).is_file()), None)
+    """The checkpoint a run folder is read by, the first of :func:`run_checkpoints`; None where it holds neither.
+    ``lomar predict RUN`` and :func:`lomar.load_model` read a run folder through it."""
+    return next(iter(run_checkpoints(folder)), None)
 
 
 def stopped_run_checkpoint(path: Path) -> Path | None:
