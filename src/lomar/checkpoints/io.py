@@ -45,10 +45,9 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], mode: int 
 
     The temporary is this writer's own (:func:`~lomar.checkpoints.own_names.own_temporary`): created afresh, never
     opened through a link of its name, never another writer's, on a shared folder (NFS) another machine's of the same
-    pid included. On any failure
-    the temporary is removed and ``path`` is untouched. A failed write surfaces as the OSError behind it, naming
-    ``path`` (not the temporary), even where the writer wrapped it in its own error: ``torch.save`` on a full disk
-    raises a RuntimeError from its zip writer.
+    pid included. On any failure the temporary is removed and ``path`` is untouched. A failed write surfaces as the
+    OSError behind it, naming ``path`` (not the temporary), even where the writer wrapped it in its own error:
+    ``torch.save`` on a full disk raises a RuntimeError from its zip writer.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -44,12 +44,12 @@ def trained_precision_kept(setting: str, recorded: str | None, trained: str, dev
                            ) -> tuple[str, str | None]:
     """The precision that --precision ``setting`` gives a model trained before (``trained``, as the note names it:
     'the run' a resume continues, 'the classifier' an evaluation or a prediction runs, 'the probe' of a `linprobe
-    --save` file), on ``device``, and the note
-    to print (None: nothing to say). 'auto' keeps ``recorded``, the precision its checkpoint records having trained
-    in, so that a machine whose own 'auto' differs (an AMX CPU's bf16, another CPU's fp32; a CPU smoke test's fp32 on
-    a GPU) does not change its numerics unasked, and says so where this machine's 'auto' would pick another; a
-    checkpoint that records none (an older lomar's, one converted from the original code, an original classifier)
-    gets this machine's 'auto', and the note says that it records none. Another setting is taken as given."""
+    --save` file), on ``device``, and the note to print (None: nothing to say). 'auto' keeps ``recorded``, the
+    precision its checkpoint records having trained in, so that a machine whose own 'auto' differs (an AMX CPU's bf16,
+    another CPU's fp32; a CPU smoke test's fp32 on a GPU) does not change its numerics unasked, and says so where this
+    machine's 'auto' would pick another; a checkpoint that records none (an older lomar's, one converted from the
+    original code, an original classifier) gets this machine's 'auto', and the note says that it records none.
+    Another setting is taken as given."""
     if setting != "auto":
         return resolve_precision(setting, device), None
     own = resolve_precision("auto", device)
