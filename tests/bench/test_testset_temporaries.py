@@ -12,8 +12,8 @@ from lomar.data.demo_images import demo_image_paths
 
 
 def test_two_writers_of_one_pid_each_write_and_rename_their_own_temporary(tmp_path, monkeypatch):
-    """Both wrote .NAME.tmp: the second, writing as the first renamed it, took the first's temporary away and the
-    first failed. Each writes its own."""
+    """A second writer, writing as the first renames its temporary, leaves the first's temporary alone: each writes
+    and renames its own."""
     monkeypatch.setattr(os, "getpid", lambda: 4242)
     dst, rename, seen = tmp_path / "imagenet-00000.jpg", os.replace, []
     job = (str(demo_image_paths()[0]), str(dst), (64, 48), 90, 0)
@@ -25,7 +25,7 @@ def test_two_writers_of_one_pid_each_write_and_rename_their_own_temporary(tmp_pa
         rename(src, target)
 
     monkeypatch.setattr(os, "replace", rename_after_another_writer)
-    assert _write_one(job) == str(dst)  # old code: FileNotFoundError, its temporary renamed in by the other
+    assert _write_one(job) == str(dst)  # not FileNotFoundError: its temporary is its own
     assert [p.name for p in tmp_path.iterdir()] == [dst.name]
     with Image.open(dst) as img:
         assert img.size == (64, 48)

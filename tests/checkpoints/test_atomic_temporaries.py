@@ -1,5 +1,5 @@
 """atomic_write's temporary is its writer's own: a folder shared by machines (a home on NFS) sees the same PID in two
-of them, and a name made of the PID alone was one both writers used."""
+of them, so a name made of the PID alone would be one both writers use."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ def _step(event: threading.Event) -> None:
 
 
 def test_two_writers_of_one_pid_never_leave_the_target_half_written(tmp_path, monkeypatch):
-    """B is mid-write when A (another machine, the same PID) starts: A removed B's temporary and made its own of the
-    same name, and B's rename then moved A's half-written file over the target. Each writes and renames its own."""
+    """B is mid-write when A (another machine, the same PID) starts: A neither removes B's temporary nor writes into
+    a file of its name, so B's rename puts B's whole file over the target, then A's rename A's. Each writes and
+    renames its own."""
     monkeypatch.setattr(os, "getpid", lambda: 4242)
     target, half = tmp_path / "last.pt", 1000
     b_half, a_half, a_may_end = threading.Event(), threading.Event(), threading.Event()
@@ -45,17 +46,17 @@ def test_two_writers_of_one_pid_never_leave_the_target_half_written(tmp_path, mo
     a = threading.Thread(target=writer, args=(write_a,))
     a.start()
     b.join(10)
-    assert target.read_bytes() == b"B" * 2 * half  # old code: A's first half, A still writing into it
+    assert target.read_bytes() == b"B" * 2 * half  # not A's first half: A writes into a temporary of its own
     a_may_end.set()
     a.join(10)
-    assert not failures  # old code: A's rename found no temporary of its name (B had moved it)
+    assert not failures  # A's rename finds its own temporary, which B's rename left
     assert target.read_bytes() == b"A" * 2 * half
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
 def test_a_temporary_of_another_writer_is_neither_removed_nor_written(tmp_path, monkeypatch):
     """A file of the name another writer of this PID would use (its live temporary, or a link planted there) stays as it
-    is: old code removed one named .NAME.tmp-PID before writing."""
+    is: a writer neither removes nor reuses a temporary's name it did not make."""
     monkeypatch.setattr(os, "getpid", lambda: 4242)
     theirs = tmp_path / ".last.pt.tmp-4242"
     theirs.write_bytes(b"another machine's writer, mid-write")

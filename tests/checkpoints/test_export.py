@@ -655,7 +655,7 @@ def test_lomar_export_refuses_a_folder_another_export_wrote_while_it_loaded(pret
         return found
 
     monkeypatch.setattr(cli_export, "load_for_cli", load_while_another_exports)
-    assert main(["export", str(root / "last.pt"), "--to", str(tmp_path)]) == 2  # old code: 0
+    assert main(["export", str(root / "last.pt"), "--to", str(tmp_path)]) == 2  # not 0: refused
     assert capsys.readouterr().err.strip() == (f"lomar export: error: {tmp_path / 'model.safetensors'} already exists; "
                                                f"pass --overwrite to replace it, or another --to")
     assert "source" not in json.loads((tmp_path / "config.json").read_text())  # the other export's, kept
@@ -707,7 +707,7 @@ def test_lomar_export_into_a_folder_without_flock_warns_once(tmp_path, monkeypat
     monkeypatch.setattr("fcntl.flock", no_flock)
     with caplog.at_level("WARNING", "lomar.checkpoints"):
         assert main(["export", str(tmp_path / "src"), "--to", str(tmp_path / "out")]) == 0
-    assert [r.getMessage() for r in caplog.records if "no file lock" in r.getMessage()] == [  # old code: twice
+    assert [r.getMessage() for r in caplog.records if "no file lock" in r.getMessage()] == [  # once
         f"{tmp_path / 'out'}: no file lock there (No locks available); exporting unlocked: run no other export into "
         f"it meanwhile"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
@@ -746,8 +746,8 @@ def test_two_exports_into_one_folder_at_once_take_turns_and_leave_one_whole_expo
     export_encoder(second, tmp_path, overwrite=True)
     child.join(20)
     assert child.exitcode == 0
-    assert json.loads((tmp_path / "config.json").read_text())["depth"] == 1  # old code: 2, the first's
-    loaded = create_encoder(tmp_path)  # old code: UsageError, the weights do not match config.json
+    assert json.loads((tmp_path / "config.json").read_text())["depth"] == 1  # the second's, not the first's 2
+    loaded = create_encoder(tmp_path)  # weights and config.json of one export: no UsageError
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in second.state_dict().items())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]  # no lock file left
 
@@ -776,8 +776,8 @@ def test_an_export_waits_for_another_users_export_whose_lock_file_it_cannot_writ
     export_encoder(second, tmp_path, overwrite=True)
     child.join(20)
     assert child.exitcode == 0
-    assert json.loads((tmp_path / "config.json").read_text())["depth"] == 1  # old code: 2, theirs
-    loaded = create_encoder(tmp_path)  # old code: UsageError, the weights do not match config.json
+    assert json.loads((tmp_path / "config.json").read_text())["depth"] == 1  # ours, not their 2
+    loaded = create_encoder(tmp_path)  # weights and config.json of one export: no UsageError
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in second.state_dict().items())
     (tmp_path / ".export.lock").write_text("pid 1 on elsewhere")  # a killed export's, theirs, in a sticky folder
     monkeypatch.setattr(Path, "unlink", kept_if_theirs)
@@ -800,7 +800,7 @@ def test_an_export_waits_a_bounded_time_for_another_and_clears_a_killed_ones_lef
         assert not (tmp_path / "config.json").exists() and interrupted_export(tmp_path) == ""  # mid-swap: alive
         monkeypatch.setattr(export_leftovers, "LOCK_WAIT_S", 0.3)
         with pytest.raises(UsageError) as caught, caplog.at_level("WARNING", "lomar.checkpoints"):
-            export_encoder(VisionTransformer(TINY), tmp_path, overwrite=True)  # old code: went ahead
+            export_encoder(VisionTransformer(TINY), tmp_path, overwrite=True)  # waits, then refuses
         assert caplog.messages == [f"{tmp_path} is being written by another export (pid {child.pid} on "
                                    f"{socket.gethostname()}): waiting for it, up to 0.3 s"]  # once, as it starts
         assert str(caught.value) == (f"{tmp_path} is being written by another export (pid {child.pid} on "
@@ -849,7 +849,7 @@ def test_a_beit_exports_pretrained_cfg_gives_timm_the_crop_lomar_scores_its_enco
     export_beit_encoder(BEiT(BEiTConfig(img_size=256, patch_size=64, embed_dim=32, depth=1, num_heads=2,
                                         vocab_size=16)), tmp_path / "beit")
     crops = [json.loads((folder / "config.json").read_text())["pretrained_cfg"] for folder in (vit, tmp_path / "beit")]
-    assert crops[1]["crop_pct"] == crops[0]["crop_pct"] == 1.0  # old code: 0.9
+    assert crops[1]["crop_pct"] == crops[0]["crop_pct"] == 1.0  # lomar's eval crop at 256 px, not timm's BEiT 0.9
     model = timm.create_model(f"local-dir:{tmp_path / 'beit'}", pretrained=True)
     assert resolve_data_config(model=model)["crop_pct"] == 1.0
 

@@ -29,9 +29,9 @@ def _export(folder, tag: str) -> None:
 
 def test_an_export_keeps_what_another_machines_live_export_is_writing(tmp_path, monkeypatch):
     """Without flock, a folder shared by two machines: an export there, mid-swap (its previous pair set aside, the new
-    one not yet in), runs under a PID that is no process here. An export here took its files for a killed export's
-    and removed them, the set-aside previous export with them, and the export there then failed. Its files name its
-    machine: kept, and it ends with its pair whole."""
+    one not yet in), runs under a PID that is no process here. Its files name its machine, so an export here does not
+    take them for a killed export's: they are kept (the set-aside previous export with them), and it ends with its
+    pair whole."""
     folder, dead = tmp_path / "shared", _dead_pid()
     _export(folder, "first")
     there, paused, resume = None, threading.Event(), threading.Event()
@@ -64,11 +64,11 @@ def test_an_export_keeps_what_another_machines_live_export_is_writing(tmp_path, 
     there = threading.Thread(target=export_there)
     there.start()
     assert paused.wait(10), "the export there never reached its pause"
-    assert interrupted_export(folder) == ""  # old code: named as an interrupted export's
+    assert interrupted_export(folder) == ""  # not named as an interrupted export's
     _export(folder, "here")
     resume.set()
     there.join(10)
-    assert not failures  # old code: FileNotFoundError, its files removed by the export here
+    assert not failures  # not FileNotFoundError: the export here leaves its files
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     assert json.loads((folder / "config.json").read_text())["tag"] == "from node b"
     assert load_file(folder / "model.safetensors")["w"].tolist() == [11.0] * 4  # its weights with its config

@@ -15,7 +15,7 @@ def test_a_system_without_fcntl_locks_as_a_filesystem_without_flock_does(tmp_pat
     monkeypatch.setattr(file_lock, "fcntl", None)
     told: list[str] = []
     lock = tmp_path / "run" / ".lock"
-    assert take_file_lock(lock, on_unlocked=told.append) is None  # old code: AttributeError on fcntl.LOCK_EX
+    assert take_file_lock(lock, on_unlocked=told.append) is None  # not AttributeError on fcntl.LOCK_EX
     assert told == ["this system has no flock"] and not lock.exists()
     (tmp_path / EXPORT_LOCK).write_text("pid 1")
     assert not export_running(tmp_path)
@@ -32,4 +32,4 @@ def test_on_windows_a_leftovers_pid_is_taken_as_alive_without_signalling_it(monk
     monkeypatch.setattr(os, "name", "nt")
     alive = export_leftovers._alive(4242)
     monkeypatch.undo()
-    assert alive and sent == []  # old code: os.kill(4242, 0), which Windows carries out as a console Ctrl-C
+    assert alive and sent == []  # no os.kill(4242, 0): Windows carries it out as a console Ctrl-C

@@ -15,7 +15,7 @@ import pytest
 
 from lomar.cli.app import main
 
-WAIT_S = 20  # what the command does after the signal: the old code's run to its end, exit 0
+WAIT_S = 20  # the stand-in command's work after the signal: a signal lost lets it run to its end, exit 0
 
 
 def _signal_lands_here(signum: int, seconds: float = 5.0) -> None:

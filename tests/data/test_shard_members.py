@@ -30,6 +30,6 @@ def test_a_shard_rewritten_in_place_with_its_size_and_mtime_restored_is_counted_
     os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
     after = os.stat(shard)
     assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
-    assert scanned_count(shard, []) is None  # old code: 2, the members it held before
+    assert scanned_count(shard, []) is None  # not 2, the members it held before
     drawn_members(shard, 0, random.Random(0))
     assert scanned_count(shard, []) == 1

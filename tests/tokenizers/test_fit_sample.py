@@ -121,7 +121,7 @@ def test_the_built_in_tokenizer_is_fitted_on_samples_drawn_across_all_shards_ali
     decoded, real = [], shards.decode_bytes
     monkeypatch.setattr(shards, "decode_bytes", lambda data, name: decoded.append(name) or real(data, name))
     alone = beit._sample_views(config, 16, 16)
-    assert len({name.rsplit(":", 1)[1][:7] for name in decoded}) == 16, decoded  # every class (old code: 5)
+    assert len({name.rsplit(":", 1)[1][:7] for name in decoded}) == 16, decoded  # every class
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # the second of two processes
     monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 1)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
@@ -157,7 +157,7 @@ def test_shards_the_tokenizers_draw_read_whole_are_counted_without_reading_them_
     counted = TarShardDataset(paths, PretrainTransform(16))
     with caplog.at_level(logging.WARNING, logger="lomar.data"):
         assert (counted.count_samples(), counted.counts, caplog.text) == expected
-    assert opened == {paths[0].name: 1, paths[1].name: 1, paths[2].name: 2}  # old code: each twice
+    assert opened == {paths[0].name: 1, paths[1].name: 1, paths[2].name: 2}  # not each twice: a count is kept
     counted.count_samples()
     assert opened == {paths[0].name: 2, paths[1].name: 2, paths[2].name: 3}
 
@@ -226,7 +226,7 @@ def test_under_torchrun_the_other_processes_read_the_shards_headers_while_the_fi
     opened, real = collections.Counter(), tarfile.open
     monkeypatch.setattr(tarfile, "open", lambda name, *a, **k: opened.update([Path(name).name]) or real(name, *a, **k))
     dataset = TarShardDataset(sorted((tmp_path / "shards").glob("*.tar")), PretrainTransform(16))
-    assert dataset.count_samples() == 8 and not opened  # old code: both shards read again
+    assert dataset.count_samples() == 8 and not opened  # neither shard read again
 
 
 def test_the_built_in_tokenizers_fit_says_the_unreadable_images_it_passed_over(tmp_path, monkeypatch, capsys):

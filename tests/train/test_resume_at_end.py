@@ -204,4 +204,4 @@ def test_a_resume_that_runs_the_missing_final_evaluation_writes_the_end_files_fr
         run(ToyConfig(out=str(out), max_steps=5, resume="auto"), Predicting)
     Predicting.stop_in_evaluate = False
     assert run(ToyConfig(out=str(out), max_steps=5, resume="auto"), Predicting) == 0
-    assert (out / "predictions").read_text() == "5"  # old code: "3"
+    assert (out / "predictions").read_text() == "5"  # step 5's, not "3"

@@ -60,7 +60,7 @@ def test_a_run_on_a_filesystem_without_flock_starts_unlocked_with_one_warning(tm
     monkeypatch.setattr("fcntl.flock", no_flock)
     out = tmp_path / "run"
     with caplog.at_level("WARNING"):
-        with RunLock(out):  # old code: UsageError, in use by another run
+        with RunLock(out):  # no UsageError 'in use by another run'
             (out / "last.pt").write_bytes(b"x")
             with pytest.raises(ConfigError, match="already holds a run"):
                 refuse_held_run(out, None, False)
@@ -85,7 +85,7 @@ def test_a_run_without_flock_leaves_the_lock_file_of_a_run_on_a_machine_with_it(
 
     monkeypatch.setattr("fcntl.flock", no_flock)
     with RunLock(out):
-        assert (out / ".lock").read_text() == "pid 4242 on elsewhere"  # old code: removed
+        assert (out / ".lock").read_text() == "pid 4242 on elsewhere"  # kept
     assert (out / ".lock").read_text() == "pid 4242 on elsewhere"
 
 

@@ -61,7 +61,7 @@ def test_a_stop_signal_during_the_runs_last_step_that_ends_an_epoch_still_ends_t
     assert run(ToyConfig(out=str(stopped), max_steps=4), SignalledInTheLastStep) == 0
     line = capsys.readouterr().out.rstrip().splitlines()[-1]
     assert line.startswith("lomar toy: done at step 4") and "best score" in line and "no best.pt" not in line
-    assert scored(stopped) == scored(straight) and [s[:2] for s in scored(stopped)] == [(4, 1)]  # old code: (4, 0)
+    assert scored(stopped) == scored(straight) and [s[:2] for s in scored(stopped)] == [(4, 1)]  # not (4, 0)
     a, b = safe_load(straight / "last.pt"), safe_load(stopped / "last.pt")
     assert (b["step"], b["epoch"], b["batches_done"]) == (a["step"], a["epoch"], a["batches_done"]) == (4, 1, 0)
     assert safe_load(stopped / "best.pt")["metrics"] == safe_load(straight / "best.pt")["metrics"]

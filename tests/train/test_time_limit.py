@@ -52,7 +52,7 @@ def test_a_time_limit_stops_where_one_more_step_and_the_save_would_pass_it_and_t
     line = capsys.readouterr().out.rstrip().splitlines()[-1]
     assert line.startswith("lomar toy: time limit 35s: stopped at step 3 with 5s left for the save (one more step "
                            "and the save would take 12s); checkpoint ") and "--resume auto" in line  # a save: 2 s
-    assert safe_load(stopped / "last.pt")["step"] == 3 and not (stopped / "finished").exists()  # old code: 4
+    assert safe_load(stopped / "last.pt")["step"] == 3 and not (stopped / "finished").exists()  # not 4
     assert clock.now <= 35
     clock.now = 0.0
     assert run(ToyConfig(out=str(stopped), resume="auto", time_limit=3600), clock.task()) == 0
@@ -72,7 +72,7 @@ def test_a_slow_step_widens_the_time_limits_margin(tmp_path, capsys, monkeypatch
     assert run(ToyConfig(out=str(tmp_path), time_limit=16), clock.task()) == 75
     assert "time limit 16s: stopped at step 6 with 5s left for the save (one more step and the save would take 6s)" \
         in capsys.readouterr().out
-    assert safe_load(tmp_path / "last.pt")["step"] == 6 and clock.now == pytest.approx(11.2)  # old code: 11, 16.2 s
+    assert safe_load(tmp_path / "last.pt")["step"] == 6 and clock.now == pytest.approx(11.2)  # not 11, at 16.2 s
 
 
 @pytest.mark.parametrize("limit, stop_step, said", [
@@ -84,8 +84,8 @@ def test_a_slow_step_widens_the_time_limits_margin(tmp_path, capsys, monkeypatch
 def test_the_time_limits_margin_keeps_the_last_saves_time_for_the_final_save(tmp_path, capsys, monkeypatch, limit,
                                                                             stop_step, said):
     """1 s steps and 8 s saves: the first save (at the end of epoch 1, step 4) is measured, and from then on the run
-    stops where the step and the save would pass the limit; the final save ends within it (old code: stopped at step
-    9, its save ending at 33 s; with 30 s it trained on to the run's end at 44 s)."""
+    stops where the step and the save would pass the limit; the final save ends within it (not at step 9,
+    its save ending at 33 s; nor, with 30 s, at the run's end at 44 s)."""
     from lomar.train import preemption
 
     clock = _Clock(step_s=1.0, save_s=8.0)
@@ -107,7 +107,7 @@ def test_before_the_first_save_its_time_is_estimated_from_the_models_size(tmp_pa
     assert run(ToyConfig(out=str(tmp_path), time_limit=8), clock.task()) == 75
     assert "stopped at step 3 with 5s left for the save (one more step and the save would take 6s)" in \
         capsys.readouterr().out
-    assert safe_load(tmp_path / "last.pt")["step"] == 3  # old code: 8
+    assert safe_load(tmp_path / "last.pt")["step"] == 3  # not 8
 
 
 def test_an_evaluation_due_every_other_epoch_widens_the_margin_at_every_epochs_end(tmp_path, capsys, monkeypatch):
@@ -128,7 +128,7 @@ def test_an_evaluation_due_every_other_epoch_widens_the_margin_at_every_epochs_e
     assert run(ToyConfig(out=str(tmp_path), epochs=5, time_limit=50), SlowOddEvaluations) == 75
     assert ("time limit 50s: stopped at step 12 with 18s left for the save (the epoch's end or evaluation due, one "
             "more step and the save would take 21s)") in capsys.readouterr().out
-    assert safe_load(tmp_path / "last.pt")["step"] == 12 and clock.now == 32.0  # old code: 13, 53 s
+    assert safe_load(tmp_path / "last.pt")["step"] == 12 and clock.now == 32.0  # not 13, at 53 s
 
 
 def test_the_time_limits_margin_leaves_out_what_compiling_took(tmp_path, capsys, monkeypatch):
@@ -162,7 +162,7 @@ def test_the_time_limits_margin_leaves_out_what_compiling_took(tmp_path, capsys,
     assert run(ToyConfig(out=str(tmp_path), time_limit=125), Compiled) == 75
     assert "time limit 2m5s: stopped at step 9 with 2s left for the save (one more step and the save would take 3s)" \
         in capsys.readouterr().out
-    assert safe_load(tmp_path / "last.pt")["step"] == 9 and clock.now == 125.0  # old code: step 1, at 91 s
+    assert safe_load(tmp_path / "last.pt")["step"] == 9 and clock.now == 125.0  # not step 1, at 91 s
 
 
 def test_the_first_run_of_a_lomar_command_counts_its_time_limit_from_the_commands_start(tmp_path, capsys,
@@ -202,7 +202,7 @@ def test_under_torchrun_a_time_limit_stops_with_exit_0(tmp_path, capsys, monkeyp
     clock = _Clock(step_s=10.0)
     monkeypatch.setattr(preemption, "monotonic", clock)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # what torchrun gives each worker
-    assert run(ToyConfig(out=str(tmp_path), time_limit=35), clock.task()) == 0  # old code: 75
+    assert run(ToyConfig(out=str(tmp_path), time_limit=35), clock.task()) == 0  # not 75
     assert "time limit 35s: stopped at step 3 with 5s left for the save" in capsys.readouterr().out
 
 

@@ -428,7 +428,7 @@ def test_a_seconds_budgets_next_slice_is_planned_at_the_latest_slices_pace(tmp_p
 
     monkeypatch.setattr(runner, "pretrain", slice_at_its_pace)
     run.advance()
-    assert planned == [160]  # old code: 180
+    assert planned == [160]  # not 180
     assert sum(runner.read_progress(run.folder, run.batch)[1]) == 30.0
 
 
@@ -458,7 +458,7 @@ def test_a_slice_that_the_machine_slows_is_stopped_by_its_time_limit_and_the_cel
 
     monkeypatch.setattr(runner, "pretrain", slice_slowed)
     run.advance()
-    assert planned == [(160, 19)] and run.state["slices"] == 2 and not run.done  # old code: 13
+    assert planned == [(160, 19)] and run.state["slices"] == 2 and not run.done  # not 13
 
 
 def test_the_first_slice_of_a_seconds_budget_has_a_time_limit_counted_from_its_call(tmp_path, labelled, monkeypatch):
@@ -481,7 +481,7 @@ def test_the_first_slice_of_a_seconds_budget_has_a_time_limit_counted_from_its_c
         run.advance()
     finally:
         preemption.take_command_start()
-    assert planned == [(2, 10, None)] and run.state["slices"] == 1  # old code: (2, None, ...)
+    assert planned == [(2, 10, None)] and run.state["slices"] == 1  # not (2, None, ...)
 
 
 @pytest.mark.slow  # one cell of 1 step, then a refused re-run: ~5 s
