@@ -38,7 +38,7 @@ def test_a_run_past_its_schedules_end_is_told_the_lr_detect_trains_at_there():
 
 @pytest.mark.slow
 def test_clip_grad_clips_the_gradient(tiny, one_val, tmp_path, few_eval_proposals):
-    # a diverging detection run could only be told to lower --blr: it had no --clip-grad
+    # --clip-grad: a diverging detection run's other fix besides a lower --blr
     from helpers import applied_grad_norms
 
     (train_ann, train_images), (val_ann, val_images) = tiny[0], one_val

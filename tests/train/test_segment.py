@@ -280,7 +280,7 @@ def test_without_the_auxiliary_head_the_loss_is_the_decode_heads_and_a_cut_warm_
 
 
 def test_clip_grad_clips_the_gradient(digits, tmp_path):
-    # a diverging segmentation run could only be told to lower --lr: it had no --clip-grad
+    # --clip-grad: a diverging segmentation run's other fix besides a lower --lr
     out = tmp_path / "run"
     norms = applied_grad_norms(lambda: _segment(digits, out, "--model", "vit_tiny_patch16", "--max-steps", "2",
                                                 "--eval-every", "50", "--eval-mode", "whole", "--clip-grad", "0.001"))
