@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -111,13 +110,13 @@ def _cannot_run(file: Path, reader: str, command: str | None) -> str:
         what = "an exported encoder" if reader.startswith("export") else "an encoder without a classifier's head"
         return (f"{file} is {what}, which predicts no labels; pass a probe on it ({probe}, the quickest) or the "
                 f"best.pt of the `lomar finetune`, `lomar detect` or `lomar segment` run that trains one on it "
-                f"(--pretrained {shlex.quote(str(file))})")
+                f"({command_line('--pretrained', file)})")
     what = ("a pretraining checkpoint" if command == "pretrain" or "pretrain" in reader else
             "an original pretraining checkpoint" if reader.startswith("original") else
             f"a checkpoint in the {reader} format")
     return (f"{file} is {what}, which predicts no labels; train a probe on it ({probe}, the quickest) and pass "
-            f"probe.pt, or a classifier, detector or segmenter (lomar finetune / detect / segment --pretrained "
-            f"{shlex.quote(str(file))}) and pass that run's best.pt; "
+            f"probe.pt, or a classifier, detector or segmenter (lomar finetune / detect / segment "
+            f"{command_line('--pretrained', file)}) and pass that run's best.pt; "
             f"{command_line('lomar', 'visualize', file, 'IMAGE')} draws what it reconstructs")
 
 
