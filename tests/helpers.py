@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import importlib.util
 import json
 import logging
@@ -275,6 +276,15 @@ def fill_disk(monkeypatch, room: int = 4096) -> None:
         return FillingFile(handle, room) if "w" in mode or "x" in mode else handle
 
     monkeypatch.setattr("lomar.checkpoints.io.open", opener, raising=False)
+
+
+def no_flock(monkeypatch, code: int = errno.ENOLCK) -> None:
+    """Every ``fcntl.flock`` fails with ``code``, as on a filesystem without it (ENOLCK: an NFS mount without locks;
+    ENOSYS: Lustre mounted -o noflock)."""
+    def refused(handle, flags):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr("fcntl.flock", refused)
 
 
 _ATEN_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::nonzero_static", "aten::masked_select",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import pretrain, reference_dir, write_images
+from helpers import no_flock, pretrain, reference_dir, write_images
 from lomar import LoMaR, VisionTransformer, ViTConfig, create_encoder, export_encoder, load_original, model_config
 from lomar.checkpoints.convert import pretrain_checkpoint
 from lomar.checkpoints.formats import load_model
@@ -684,10 +684,7 @@ def test_the_next_export_removes_what_a_killed_one_left_but_not_a_live_ones(tmp_
     export_encoder(VisionTransformer(TINY), tmp_path, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["config.json", "model.safetensors"])
 
-    def no_flock(handle, flags):
-        raise OSError(errno.ENOLCK, "No locks available")
-
-    monkeypatch.setattr("fcntl.flock", no_flock)
+    no_flock(monkeypatch)
     for name in stale + alive:
         (tmp_path / name).write_bytes(b"x")
     with caplog.at_level("WARNING", "lomar.checkpoints"):
@@ -701,10 +698,7 @@ def test_lomar_export_into_a_folder_without_flock_warns_once(tmp_path, monkeypat
     flock, each of the two tries warned, the same words twice."""
     export_encoder(VisionTransformer(TINY), tmp_path / "src")
 
-    def no_flock(handle, flags):
-        raise OSError(errno.ENOLCK, "No locks available")
-
-    monkeypatch.setattr("fcntl.flock", no_flock)
+    no_flock(monkeypatch)
     with caplog.at_level("WARNING", "lomar.checkpoints"):
         assert main(["export", str(tmp_path / "src"), "--to", str(tmp_path / "out")]) == 0
     assert [r.getMessage() for r in caplog.records if "no file lock" in r.getMessage()] == [  # once

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import socket
@@ -13,6 +12,7 @@ import threading
 import torch
 from safetensors.torch import load_file
 
+from helpers import no_flock
 from lomar.checkpoints.export_leftovers import interrupted_export
 from lomar.checkpoints.export_write import write_export
 
@@ -46,10 +46,7 @@ def test_an_export_keeps_what_another_machines_live_export_is_writing(tmp_path, 
             paused.set()
             assert resume.wait(10)
 
-    def no_flock(handle, flags):
-        raise OSError(errno.ENOLCK, "No locks available")
-
-    monkeypatch.setattr("fcntl.flock", no_flock)
+    no_flock(monkeypatch)
     monkeypatch.setattr(os, "getpid", lambda: dead if elsewhere() else getpid())
     monkeypatch.setattr(socket, "gethostname", lambda: "node-b.cluster" if elsewhere() else hostname())
     monkeypatch.setattr(os, "replace", pausing_rename)
@@ -88,10 +85,7 @@ def test_an_older_lomars_leftovers_named_by_the_pid_alone_are_this_machines(tmp_
     _export(tmp_path, "second")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
 
-    def no_flock(handle, flags):
-        raise OSError(errno.ENOLCK, "No locks available")
-
-    monkeypatch.setattr("fcntl.flock", no_flock)
+    no_flock(monkeypatch)
     stale, alive = [f".config.json.old-{dead}", f".model.safetensors.new-{dead}"], [f".config.json.new-{live}"]
     for name in stale + alive:
         (tmp_path / name).write_bytes(b"x")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import no_flock
 from lomar.errors import UsageError
 from lomar.train.run_lock import RunLock
 from lomar.train.run_state import refuse_held_run
@@ -54,10 +55,7 @@ def test_a_run_on_a_filesystem_without_flock_starts_unlocked_with_one_warning(tm
     failed set-up leaves no folder."""
     from lomar.checkpoints.export_leftovers import export_lock
 
-    def no_flock(handle, flags):
-        raise OSError(errno.ENOSYS, "Function not implemented")
-
-    monkeypatch.setattr("fcntl.flock", no_flock)
+    no_flock(monkeypatch, errno.ENOSYS)
     out = tmp_path / "run"
     with caplog.at_level("WARNING"):
         with RunLock(out):  # no UsageError 'in use by another run'
@@ -80,10 +78,7 @@ def test_a_run_without_flock_leaves_the_lock_file_of_a_run_on_a_machine_with_it(
     out.mkdir()
     (out / ".lock").write_text("pid 4242 on elsewhere")
 
-    def no_flock(handle, flags):
-        raise OSError(errno.ENOLCK, "No locks available")
-
-    monkeypatch.setattr("fcntl.flock", no_flock)
+    no_flock(monkeypatch)
     with RunLock(out):
         assert (out / ".lock").read_text() == "pid 4242 on elsewhere"  # kept
     assert (out / ".lock").read_text() == "pid 4242 on elsewhere"

@@ -3,10 +3,12 @@ writer (an unlocked run elsewhere, an export into the folder) may still be writi
 
 from __future__ import annotations
 
-import errno
+from types import SimpleNamespace
 
+from helpers import no_flock
+from lomar.checkpoints.export_leftovers import export_lock
 from lomar.train.run_lock import RunLock
-from lomar.train.run_state import remove_stale_temporaries
+from lomar.train.run_state import prepare_run_folder, remove_stale_temporaries
 
 
 def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
@@ -25,24 +27,35 @@ def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
 
 def test_a_run_without_its_folders_lock_removes_no_temporary(tmp_path, monkeypatch, caplog):
     """A filesystem without flock (a share mounted without it): the run goes on unlocked, and a temporary there may be
-    a live writer's on another machine, whose PID says nothing here. Old code removed it."""
-    def no_flock(handle, flags):
-        raise OSError(errno.ENOLCK, "No locks available")
-
+    a live writer's on another machine, whose PID says nothing here: it stays."""
     names = [f".last.pt.tmp-4242-{'0a' * 8}", ".checkpoint-000009.pt.tmp-4242"]
     for name in names:
         (tmp_path / name).write_bytes(b"half")
-    monkeypatch.setattr("fcntl.flock", no_flock)
+    no_flock(monkeypatch)
     with caplog.at_level("WARNING", "lomar.train"), RunLock(tmp_path):
         assert remove_stale_temporaries(tmp_path) == []
     assert "no file lock there" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
 
 
+def test_a_run_without_its_folders_lock_names_the_temporaries_it_keeps(tmp_path, caplog, monkeypatch):
+    """Unlocked, the run removes no temporary (one may be a live writer's on another machine): it says which stay and
+    when they may go (the lock's warning speaks of a second run, not of them)."""
+    names = [f".last.pt.tmp-4242-{'0a' * 8}", "checkpoint-000009.dcp.tmp"]
+    (tmp_path / names[0]).write_bytes(b"half")
+    (tmp_path / names[1]).mkdir()
+    no_flock(monkeypatch)
+    with caplog.at_level("WARNING", "lomar.train"), RunLock(tmp_path):
+        config = SimpleNamespace(out=str(tmp_path), resume=None, overwrite=False, dump=lambda: "out: run\n")
+        task = SimpleNamespace(name="toy", eval_log="knn.jsonl", outputs=(), final_outputs=())
+        prepare_run_folder(config, task, None, 0, 0)
+    assert (f"kept 2 temporary file(s) in {tmp_path}, e.g. {names[0]}: without a file lock there a killed writer's "
+            f"cannot be told from a live one's") in caplog.text
+    assert {p.name for p in tmp_path.iterdir()} >= set(names)
+
+
 def test_an_export_running_into_the_folder_keeps_its_temporaries(tmp_path):
     """A ``lomar export --to RUN`` writing while the run starts: its temporaries are its, not stale."""
-    from lomar.checkpoints.export_leftovers import export_lock
-
     names = [".config.json.tmp-4242", ".model.safetensors.tmp-4242", ".last.pt.tmp-99"]
     for name in names:
         (tmp_path / name).write_bytes(b"half")
