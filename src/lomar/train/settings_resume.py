@@ -14,6 +14,7 @@ from lomar.checkpoints.file_names import ENCODER_WEIGHTS, LAST
 from lomar.train.process_count import process_change
 from lomar.train.setting_names import as_given
 from lomar.train.settings import ConfigError, declarations, shown
+from lomar.values import command_line
 
 if TYPE_CHECKING:  # torch: not at import
     from lomar.train.run_resume import ResumePoint
@@ -105,10 +106,11 @@ def resume_target(explicit: dict[str, Any], sharded_ok: bool = False) -> ResumeP
 def _folder_to_resume(path: Path) -> str:
     """The refusal of ``--resume FOLDER``, pointing at what that folder holds: its last.pt, its checkpoints, or
     nothing to resume (an export, whose encoder keeps no optimizer state, or another folder)."""
+    auto = command_line("--out", path, "--resume", "auto")  # to copy: a path with a space stays one argument
     if (path / LAST).is_file():
-        return f"--resume {path} is a folder; pass {path / LAST}, or --out {path} --resume auto"
+        return f"--resume {path} is a folder; pass {command_line(path / LAST)}, or {auto}"
     if next(path.glob("checkpoint-*"), None) is not None:
-        return f"--resume {path} is a folder; pass one of its checkpoint-N files, or --out {path} --resume auto"
+        return f"--resume {path} is a folder; pass one of its checkpoint-N files, or {auto}"
     held = ("an exported encoder's folder: weights without a run's training state" if (path / ENCODER_WEIGHTS).is_file()
             else f"a folder holding no run's checkpoint ({LAST} or checkpoint-N)")
     return f"--resume {path} is {held}; pass a training run's checkpoint file, or --out RUN --resume auto"
