@@ -99,8 +99,8 @@ def test_anchors_keep_fp32_coordinates_under_bf16_autocast():
         raise Anchored
 
     torch.manual_seed(0)
-    # a 32-channel pyramid: its maps' dtype is what the anchors took; 256 channels at 512 px, bf16 emulated on a CPU
-    # without bf16 units, took most of this test's time
+    # a 32-channel pyramid: the maps' dtype, not their width, is what the anchors must not follow; 256 channels at
+    # 512 px, bf16 emulated on a CPU without bf16 units, would be most of the test's time
     model = ViTMaskRCNN(VisionTransformer(model_config("vit_tiny_patch16", img_size=64, depth=1)), 2, 512,
                         out_channels=32).eval()
     anchors = []
