@@ -91,10 +91,11 @@ def write_results(records: list[dict[str, Any]], spec: StudySpec, out: Path, min
     # the settings of the evaluations that ran alone: another's {} would read as if it had run at its defaults
     settings = [f"{name} `{json.dumps(getattr(ev, name))}`" for name in ("knn", "linprobe", "finetune")
                 if name in ev.metrics]
-    lines.append(f"- Evaluations: {', '.join(ev.metrics) or 'none'}"
-                 + (f"; {', '.join(settings)} (fixed before running"
-                    + ("; finetune reports its last epoch's top-1, not the best" if "finetune" in ev.metrics else "")
-                    + ")" if settings else "") + ".")
+    line = f"- Evaluations: {', '.join(ev.metrics) or 'none'}"
+    if settings:
+        last = "; finetune reports its last epoch's top-1, not the best" if "finetune" in ev.metrics else ""
+        line += f"; {', '.join(settings)} (fixed before running{last})"
+    lines.append(line + ".")
     if any("heldout_loss" in r and r["heldout_loss"] is None for r in records):
         lines.append("- held-out reconstruction loss: – for BEiT, which predicts visual tokens, not pixels.")
     lines += [f"- {note}" for note in spec.notes]
