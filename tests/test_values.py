@@ -1,9 +1,12 @@
 """lomar.values: what counts as an image size, the one rule ViTConfig, grid_size and the checkpoint readers share."""
 
+import shlex
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from lomar.values import as_sides, is_size, parse_device
+from lomar.values import as_sides, command_line, is_size, parse_device
 
 
 @pytest.mark.parametrize("size, sides", [(224, (224, 224)), ((224, 320), (224, 320)), ([224, 320], (224, 320)),
@@ -73,11 +76,6 @@ def test_an_apple_gpu_is_refused_as_not_supported_yet_naming_the_device_that_run
 
 
 def test_a_command_to_copy_keeps_a_path_with_a_space_or_a_quote_one_word():
-    import shlex
-    from pathlib import Path
-
-    from lomar.values import command_line
-
     odd = Path("my runs/it's/last.pt")
     line = command_line("lomar", "export", odd, "--to", "DIR")
     assert shlex.split(line) == ["lomar", "export", str(odd), "--to", "DIR"]  # as a shell reads it back
