@@ -164,3 +164,19 @@ def test_overwrite_keeps_the_old_set_whole_until_the_new_one_has_its_name(tmp_pa
     with pytest.raises(OSError):
         compose_digits(out, img_size=48, images=3, seed=1, overwrite=True)
     assert failed and _files(out) == before and [p.name for p in tmp_path.iterdir()] == ["set"]
+
+
+def test_a_killed_writes_hidden_folder_is_named_and_kept(tmp_path, caplog):
+    """A compose-digits killed between --overwrite's two renames leaves the replaced set in a hidden folder beside
+    --out, nowhere else: the next one names it (a live writer's folder looks the same, so it is not removed)."""
+    out, killed = tmp_path / "set", tmp_path / ".set.tmp-4242-0123456789abcdef"
+    (killed / "images").mkdir(parents=True)
+    (killed / "compose.json").write_text("{}")
+    (tmp_path / ".sets.tmp-4242-0123456789abcdef").mkdir()  # another set's: not named
+    with caplog.at_level("WARNING", logger="lomar.data"):
+        compose_digits(out, img_size=48, images=2, seed=0)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{out}: 1 hidden folder(s) beside it from a compose-digits that did not finish ({killed.name}): one killed "
+        f"while --overwrite replaced the set holds that set, whole; keep what you need and delete them once no other "
+        f"compose-digits writes there"]
+    assert (killed / "compose.json").read_text() == "{}" and (out / "compose.json").is_file()

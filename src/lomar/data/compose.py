@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -33,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from lomar.checkpoints.io import write_error
-from lomar.checkpoints.own_names import own_folder
+from lomar.checkpoints.own_names import made_beside, own_folder
 from lomar.data.demo_images import demo_image_paths
 from lomar.limits import MAX_IMG_SIZE
 
@@ -194,6 +195,7 @@ def compose_digits(out: str | Path, img_size: int = 256, images: int = 200, seed
     counts = {"train": images - n_val, "val": n_val}
     photos = _photos()
     out.parent.mkdir(parents=True, exist_ok=True)
+    _tell_leftovers(out)
     work = own_folder(out)  # the umask's permissions, which the rename gives the set
     summary = {"seed": seed, "img_size": img_size, "val_fraction": val_fraction, "per_image": list(per_image),
                "digit_scale": list(digit_scale), "classify_size": classify_size, "splits": {}}
@@ -216,6 +218,18 @@ def compose_digits(out: str | Path, img_size: int = 256, images: int = 200, seed
             raise (write_error(exc, out) or exc) from exc
         raise
     return summary
+
+
+def _tell_leftovers(out: Path) -> None:
+    """Warn of the hidden folders beside ``out`` that a compose-digits writing it left (killed, or still running):
+    one killed between :func:`_swap_in`'s two renames holds the set ``--overwrite`` was replacing, which is nowhere
+    else. Named, not removed: a live writer's own folder looks the same."""
+    if leftovers := [path for path in made_beside(out) if path.is_dir()]:
+        logging.getLogger("lomar.data").warning(
+            "%s: %d hidden folder(s) beside it from a compose-digits that did not finish (%s): one killed while "
+            "--overwrite replaced the set holds that set, whole; keep what you need and delete them once no other "
+            "compose-digits writes there", out, len(leftovers),
+            ", ".join(path.name for path in leftovers[:3]) + (", ..." if len(leftovers) > 3 else ""))
 
 
 def _swap_in(work: Path, out: Path) -> None:
