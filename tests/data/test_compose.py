@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -135,8 +136,6 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_leaves_nothing(tmp_path, 
 def test_the_composed_folder_has_the_permissions_the_umask_gives(tmp_path):
     """The set is its build folder renamed: one made by tempfile.mkdtemp is the owner's alone (0700); one made by
     mkdir follows the umask, as the folders inside it do."""
-    import os
-
     umask = os.umask(0o022)
     try:
         compose_digits(tmp_path / "set", img_size=48, images=2, seed=0)
@@ -148,8 +147,6 @@ def test_the_composed_folder_has_the_permissions_the_umask_gives(tmp_path):
 def test_overwrite_keeps_the_old_set_whole_until_the_new_one_has_its_name(tmp_path, monkeypatch):
     """Removing the old set before renaming the new one in, a crash between the two loses both. The old set is renamed
     aside and removed once the new one has the name: a failed rename of the new one gives the old its name back."""
-    import os
-
     out = tmp_path / "set"
     compose_digits(out, img_size=48, images=2, seed=0)
     before, replace, failed = _files(out), os.replace, []
