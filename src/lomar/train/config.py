@@ -33,6 +33,7 @@ from lomar.train.config_checks import (
 from lomar.train.setting_names import setting_named, setting_of, source_of
 from lomar.train.settings import ConfigError
 from lomar.train.task_config import SavedRun, TaskConfig
+from lomar.values import command_line
 from lomar.window_counts import WINDOWS_RULE, paper_windows, parse_windows, windows_source
 
 if TYPE_CHECKING:
@@ -193,8 +194,8 @@ class PretrainConfig(TaskConfig):
                               f"pass a checkpoint-NNNNNN.dcp folder of a run")
         if not sharded and isinstance(config, dict) and config.get("fsdp") and "optimizer" not in checkpoint:
             raise ConfigError(f"--resume {path} is the consolidated model of an --fsdp run (no optimizer state); "
-                              f"pass its folder {path.parent / 'checkpoint-NNNNNN.dcp'}, or --out {path.parent} "
-                              f"--resume auto")
+                              f"pass its folder {command_line(path.parent / 'checkpoint-NNNNNN.dcp')}, or "
+                              f"{command_line('--out', path.parent, '--resume', 'auto')}")
         if not sharded and (not isinstance(config, dict) or "optimizer" not in checkpoint):
             raise ConfigError(f"--resume {path} is not a `lomar pretrain` training checkpoint (no saved config "
                               f"and optimizer state); start a new run with another --out")

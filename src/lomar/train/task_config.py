@@ -25,6 +25,7 @@ from lomar.train.setting_flags import add_settings
 from lomar.train.setting_names import setting_of, source_of
 from lomar.train.settings import ConfigError, coerce_all, declarations, shown
 from lomar.train.settings_resume import resume_target, resume_values
+from lomar.values import command_line
 
 if TYPE_CHECKING:  # torch: not at import
     from lomar.train.run_resume import ResumePoint
@@ -134,9 +135,10 @@ class TaskConfig:
         settings = cls.saved_settings(checkpoint, path)
         if command == cls.COMMAND and "optimizer" not in checkpoint and not path.is_dir():  # its run's best.pt
             last = path.parent / LAST
-            uses = ([f"continue its run with --resume {last}"] * (last.is_file() and last != path)
-                    + [f"start a new run from it with --pretrained {path}"] * cls.TRAINS_FROM_OWN
-                    + [f"score it with --eval-only --pretrained {path}"] * ("eval_only" in cls.__dataclass_fields__))
+            uses = ([f"continue its run with {command_line('--resume', last)}"] * (last.is_file() and last != path)
+                    + [f"start a new run from it with {command_line('--pretrained', path)}"] * cls.TRAINS_FROM_OWN
+                    + [f"score it with {command_line('--eval-only', '--pretrained', path)}"]
+                    * ("eval_only" in cls.__dataclass_fields__))
             raise ConfigError(f"--resume {path} holds a `lomar {cls.COMMAND}` model without its run's state (optimizer,"
                               f" step, RNG: {BEST} keeps the best evaluation's weights alone); " + ", or ".join(uses))
         if not isinstance(settings, dict):
