@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -276,6 +277,13 @@ def fill_disk(monkeypatch, room: int = 4096) -> None:
         return FillingFile(handle, room) if "w" in mode or "x" in mode else handle
 
     monkeypatch.setattr("lomar.checkpoints.io.open", opener, raising=False)
+
+
+def dead_pid() -> int:
+    """The PID of a process that has ended (a child run and waited for): what a killed writer's leftovers name."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                           check=True)
+    return int(child.stdout)
 
 
 def no_flock(monkeypatch, code: int = errno.ENOLCK) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import no_flock, pretrain, reference_dir, write_images
+from helpers import dead_pid, no_flock, pretrain, reference_dir, write_images
 from lomar import LoMaR, VisionTransformer, ViTConfig, create_encoder, export_encoder, load_original, model_config
 from lomar.checkpoints.convert import pretrain_checkpoint
 from lomar.checkpoints.formats import load_model
@@ -670,10 +670,10 @@ def test_the_next_export_removes_what_a_killed_one_left_but_not_a_live_ones(tmp_
     another machine (whose PID says nothing here)."""
     from lomar.checkpoints.export_leftovers import writer_tag
 
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    ended = dead_pid()
     host, token = writer_tag().split("-")[0], "0123456789abcdef"
-    dead, live = (f"{host}-{pid}-{token}" for pid in (int(child.stdout), os.getppid()))
-    dead_elsewhere = f"node_b.cluster-{int(child.stdout)}-{token}"  # what a tag names a host 'node-b.cluster' by
+    dead, live = (f"{host}-{pid}-{token}" for pid in (ended, os.getppid()))
+    dead_elsewhere = f"node_b.cluster-{ended}-{token}"  # what a tag names a host 'node-b.cluster' by
     export_encoder(VisionTransformer(TINY), tmp_path)
     stale = [f".config.json.old-{dead}", f".model.safetensors.old-{dead}", f".encoder.safetensors.new-{dead}",
              f"..config.json.new-{dead}.tmp-7-{token}"]

@@ -5,21 +5,14 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 
 import torch
 from safetensors.torch import load_file
 
-from helpers import no_flock
+from helpers import dead_pid, no_flock
 from lomar.checkpoints.export_leftovers import interrupted_export
 from lomar.checkpoints.export_write import write_export
-
-
-def _dead_pid() -> int:
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    return int(child.stdout)
 
 
 def _export(folder, tag: str) -> None:
@@ -32,7 +25,7 @@ def test_an_export_keeps_what_another_machines_live_export_is_writing(tmp_path, 
     one not yet in), runs under a PID that is no process here. Its files name its machine, so an export here does not
     take them for a killed export's: they are kept (the set-aside previous export with them), and it ends with its
     pair whole."""
-    folder, dead = tmp_path / "shared", _dead_pid()
+    folder, dead = tmp_path / "shared", dead_pid()
     _export(folder, "first")
     there, paused, resume = None, threading.Event(), threading.Event()
     getpid, hostname, rename = os.getpid, socket.gethostname, os.replace
@@ -75,7 +68,7 @@ def test_an_older_lomars_leftovers_named_by_the_pid_alone_are_this_machines(tmp_
     """An export killed midway by an older lomar left its previous pair at .NAME.old-PID (and its incoming file at
     .NAME.new-PID, atomic_write's ..NAME.new-PID.tmp-PID): taken for this machine's, the reader names the set-aside
     files and the next export removes them, where no flock tells only those of a PID that is no live process here."""
-    dead, live = _dead_pid(), os.getppid()
+    dead, live = dead_pid(), os.getppid()
     _export(tmp_path, "first")
     for name in ("config.json", "model.safetensors"):
         os.replace(tmp_path / name, tmp_path / f".{name}.old-{dead}")

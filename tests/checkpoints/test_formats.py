@@ -5,12 +5,11 @@ import os
 import pickle
 import re
 import stat
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from helpers import dead_pid
 from lomar import LoMaR, VisionTransformer, ViTConfig, export_encoder
 from lomar.checkpoints import formats
 from lomar.checkpoints import reader as reader_registry
@@ -476,18 +475,13 @@ def test_a_run_folder_without_an_export_names_the_checkpoints_it_keeps(tmp_path,
         formats.read(tmp_path)  # no checkpoint kept either
 
 
-def _dead_pid() -> int:
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    return int(child.stdout)
-
-
 def test_a_folder_whose_export_was_killed_midway_names_its_set_aside_files(tmp_path, capsys):
     """A kill between write_export's renames leaves the old pair at .NAME.old-TAG and no config.json: the reader said
     only 'a folder without config.json', so the export looked lost."""
     from lomar.checkpoints.export_leftovers import writer_tag
 
     run, host = tmp_path / "run", writer_tag().split("-")[0]
-    tag = f"{host}-{_dead_pid()}-0123456789abcdef"
+    tag = f"{host}-{dead_pid()}-0123456789abcdef"
     export_encoder(VisionTransformer(VIT), run, weights_name="encoder.safetensors")
     atomic_save({}, run / "last.pt")
     for name in ("config.json", "encoder.safetensors"):
