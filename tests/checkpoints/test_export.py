@@ -664,8 +664,8 @@ def test_lomar_export_refuses_a_folder_another_export_wrote_while_it_loaded(pret
 
 def test_the_next_export_removes_what_a_killed_one_left_but_not_a_live_ones(tmp_path, monkeypatch, caplog):
     """A kill between write_export's renames leaves .NAME.old-TAG / .NAME.new-TAG files (and atomic_write's temporary)
-    that no later export removed. Under the folder's export lock no other export is writing, so all are stale, also
-    those whose PID is a live process here (another machine's export on a share, a PID reused), which were kept; where
+    that the next export removes. Under the folder's export lock no other export is writing, so all are stale, also
+    those whose PID is a live process here (another machine's export on a share, a PID reused); where
     the filesystem has no flock the export warns and keeps those of a live PID (one may be mid-swap) and those of
     another machine (whose PID says nothing here)."""
     from lomar.checkpoints.export_leftovers import writer_tag
@@ -695,7 +695,7 @@ def test_the_next_export_removes_what_a_killed_one_left_but_not_a_live_ones(tmp_
 
 def test_lomar_export_into_a_folder_without_flock_warns_once(tmp_path, monkeypatch, caplog):
     """`lomar export` holds the folder's lock around the write, which takes it again: where the filesystem has no
-    flock, each of the two tries warned, the same words twice."""
+    flock, the two tries warn once between them, not the same words twice."""
     export_encoder(VisionTransformer(TINY), tmp_path / "src")
 
     no_flock(monkeypatch)

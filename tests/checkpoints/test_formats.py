@@ -476,8 +476,9 @@ def test_a_run_folder_without_an_export_names_the_checkpoints_it_keeps(tmp_path,
 
 
 def test_a_folder_whose_export_was_killed_midway_names_its_set_aside_files(tmp_path, capsys):
-    """A kill between write_export's renames leaves the old pair at .NAME.old-TAG and no config.json: the reader said
-    only 'a folder without config.json', so the export looked lost."""
+    """A kill between write_export's renames leaves the old pair at .NAME.old-TAG and no config.json: the reader names
+    those files and how to get the export back, not only 'a folder without config.json', which reads as a lost
+    export."""
     from lomar.checkpoints.export_leftovers import writer_tag
 
     run, host = tmp_path / "run", writer_tag().split("-")[0]

@@ -12,7 +12,7 @@ def test_a_linear_probe_warm_up_longer_than_its_epochs_names_the_fix(tmp_path, c
 
 
 def test_knn_and_linprobe_name_the_files_they_wrote(pretrained, labelled_folder, tmp_path, capsys):
-    """--json and linprobe's --save were written without a word: the output named no file."""
+    """knn's --json and linprobe's --save are named on stderr once written; --overwrite replaces the --json."""
     common = ["--data", str(labelled_folder), "--img-size", "32", "--workers", "0", "--device", "cpu"]
     result, probe = tmp_path / "knn.json", tmp_path / "probe.pt"
     assert main(["knn", str(pretrained), *common, "--k", "3", "--json", str(result)]) == 0

@@ -49,8 +49,8 @@ def test_a_refusal_names_the_holder_and_its_machine_where_it_is_another(tmp_path
 
 
 def test_a_run_on_a_filesystem_without_flock_starts_unlocked_with_one_warning(tmp_path, monkeypatch, caplog):
-    """Lustre mounted -o noflock (ENOSYS), some NFS setups (ENOLCK): flock's every OSError read as another run's hold,
-    and a run there refused to start, "in use by another run (pid unknown)". It starts, saying once that the folder is
+    """Lustre mounted -o noflock (ENOSYS), some NFS setups (ENOLCK): such an OSError of flock is no other run's hold,
+    so the run is not refused as "in use by another run (pid unknown)". It starts, saying once that the folder is
     not locked; the check for a run already there and the run's export into its folder do not say it again, and a
     failed set-up leaves no folder."""
     from lomar.checkpoints.export_leftovers import export_lock

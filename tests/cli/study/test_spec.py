@@ -95,7 +95,8 @@ def test_a_spec_files_out_is_read_from_its_folder_as_its_data_is(tmp_path):
 
 
 def test_a_spec_file_is_read_as_a_config_is_in_yamls_encodings_and_bounded(tmp_path):
-    """A UTF-16 spec (PowerShell's `>`) was a UnicodeDecodeError, a 2 MiB file parsed whole before any refusal."""
+    """A UTF-16 spec (PowerShell's `>`) is read, not a UnicodeDecodeError; a 2 MiB file is refused by its size before
+    it is parsed."""
     from lomar.cli.study.spec import load_spec
 
     (tmp_path / "imgs").mkdir()
@@ -108,7 +109,8 @@ def test_a_spec_file_is_read_as_a_config_is_in_yamls_encodings_and_bounded(tmp_p
 
 
 def test_a_spec_from_a_pipe_is_read_as_a_config_from_one_is_its_paths_the_working_folders(tmp_path, monkeypatch):
-    """`lomar study <(sed ... spec.yaml)` was 'study spec /dev/fd/63 does not exist' while --config reads a pipe."""
+    """`lomar study <(sed ... spec.yaml)` reads the pipe, as --config reads one, not 'study spec /dev/fd/63 does not
+    exist'."""
     import os
 
     from lomar.cli.study.spec import load_spec
