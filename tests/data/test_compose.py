@@ -177,3 +177,13 @@ def test_a_killed_writes_hidden_folder_is_named_and_kept(tmp_path, caplog):
         f"while --overwrite replaced the set holds that set, whole; keep what you need and delete them once no other "
         f"compose-digits writes there"]
     assert (killed / "compose.json").read_text() == "{}" and (out / "compose.json").is_file()
+
+
+def test_overwrite_through_a_link_replaces_the_set_it_points_to(tmp_path):
+    """--out a symbolic link to a set: the new set replaces the one it points to, and the link stays a link."""
+    real, link = tmp_path / "real", tmp_path / "link"
+    compose_digits(real, img_size=48, images=2, seed=0)
+    link.symlink_to(real)
+    compose_digits(link, img_size=48, images=2, seed=1, overwrite=True)
+    assert link.is_symlink() and json.loads((real / "compose.json").read_text())["seed"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]

@@ -178,6 +178,8 @@ def compose_digits(out: str | Path, img_size: int = 256, images: int = 200, seed
     per_image, digit_scale = tuple(per_image), tuple(digit_scale)  # as the CLI's lists, so messages read alike
     _check(img_size, images, val_fraction, per_image, digit_scale, classify_images, classify_size)
     out = Path(out)
+    if out.is_symlink():  # the set goes where the link points: the swap's renames would replace the link itself
+        out = out.resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True (--overwrite) "
