@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import free_port
@@ -72,8 +75,6 @@ def _losses(out):
 
 
 def _ranked_run(rank: int, port: int, out: str, task: type, settings: dict) -> None:
-    import os
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     try:
@@ -90,10 +91,6 @@ def run_two_ranks(task: type, out, hang: str, timeout: float = 120, errors: bool
     when they have not both ended after ``timeout`` s, killing them: a collective that one rank never joins waits
     forever. ``errors``: the ranks may raise; each one's "Type: message" (or "") is returned; otherwise an error, or
     an exit code other than ``code``, fails the test."""
-    import time
-
-    import torch.multiprocessing as mp
-
     context = mp.start_processes(_ranked_run, args=(free_port(), str(out), task, settings), nprocs=2, join=False,
                                  start_method="fork")  # no fresh imports of torch and lomar (spawn: 3-4 s)
     deadline = time.monotonic() + timeout
