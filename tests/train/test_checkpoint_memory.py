@@ -2,7 +2,7 @@
 --pretrained RUN`) holds the weights once: the checkpoint's own tensors (mapped from the file and read as the model
 loads them) are let go once the model has them, not kept through the evaluation or run as a second copy of the model
 in the process's memory (109 MB for a ViT-Ti detector, all of the model's size for larger encoders).
-The run's config keeps its read checkpoint (its path, settings and step) as complete left it."""
+The run's config keeps its read checkpoint (its path, settings and step) as the config's ``complete`` left it."""
 
 from __future__ import annotations
 
