@@ -53,6 +53,18 @@ def test_a_module_that_is_its_own_child_is_refused(tmp_path, monkeypatch):
         load_tokenizer(tmp_path / "loop.pkl")
 
 
+def test_an_encoder_that_contains_itself_is_refused_without_importing_dall_e(tmp_path, monkeypatch):
+    """The stand-ins only write the pickle: loading it never imports them."""
+    encoder_cls, _ = _pickled_classes(monkeypatch)
+    encoder = encoder_cls()
+    encoder.__dict__.update(_parameters={}, _modules={"blocks": encoder}, n_hid=256)
+    torch.save(encoder, tmp_path / "encoder.pkl")
+    monkeypatch.delitem(sys.modules, "dall_e.encoder")
+    with pytest.raises(ValueError, match=r"^the pickled dVAE nests its modules in a loop or too deep \(at "
+                                         r"'blocks\.'\); the file is damaged or crafted$"):
+        load_tokenizer(tmp_path / "encoder.pkl")
+
+
 def test_a_pickled_parameter_that_is_no_tensor_is_named(tmp_path, monkeypatch):
     encoder_cls, block_cls = _pickled_classes(monkeypatch)
     block = _node(block_cls)
