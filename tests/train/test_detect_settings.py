@@ -41,9 +41,9 @@ def test_a_relative_position_term_on_a_lomar_encoder_is_one_line_and_makes_no_fo
 
 
 def test_an_encoder_the_pyramid_cannot_use_is_refused_from_its_shapes_before_the_coco_files(tiny, tmp_path, capsys):
-    """A patch-8 --pretrained was refused only after the validation file's parse, its images' check and the whole
-    checkpoint's read (a broken --val-ann here: the COCO error came first); the stem's mapped shape or config.json
-    tells it."""
+    """A patch-8 --pretrained is refused before the validation file's parse, its images' check and the whole
+    checkpoint's read (a broken --val-ann here: its COCO error does not come first); the stem's mapped shape or
+    config.json tells it."""
     from lomar import LoMaR, export_encoder
     from lomar.checkpoints.convert import pretrain_checkpoint
     from lomar.checkpoints.io import atomic_save

@@ -103,8 +103,8 @@ def test_a_finished_run_resumed_removes_stale_temporaries(tmp_path, capsys):
 
 
 def test_a_resume_that_finds_the_run_at_its_end_writes_the_end_of_run_files_it_lacks(tmp_path, capsys):
-    """A run whose end-of-run export failed after its last checkpoint (a full disk: '... free space, then rerun')
-    was told 'nothing to do' by --resume auto, exit 0, and never got its export."""
+    """A run whose end-of-run export failed after its last checkpoint (a full disk: '... free space, then rerun'):
+    --resume auto, with nothing left to train, writes the export it lacks, and leaves one it has."""
     class Exporting(ToyTask):
         final_outputs = ("finished",)
 
@@ -121,8 +121,8 @@ def test_a_resume_that_finds_the_run_at_its_end_writes_the_end_of_run_files_it_l
 
 
 def test_a_resume_at_the_end_rewrites_an_export_of_an_earlier_end(tmp_path, capsys):
-    # a run extended past its end and stopped between its new last checkpoint and its new export kept the earlier
-    # export: every later resume said "nothing to do" and left it, built or not
+    # a run extended past its end and stopped between its new last checkpoint and its new export holds the earlier
+    # export: the next resume, with nothing left to train, writes the export of the last checkpoint over it
     class Exported(ToyTask):
         final_outputs = ("config.json",)
         stop_in_finish = False

@@ -52,7 +52,8 @@ def test_the_input_note_needs_a_median_wait_over_the_bound():
 
 
 def test_the_resume_hint_of_a_multi_process_run_asks_for_the_same_launch():
-    """A resume checks the number of processes: a single-process command was no way to continue a torchrun run."""
+    """A resume checks the number of processes: the hint of a torchrun run names the same launch, not a
+    single-process command."""
     from pathlib import Path
 
     from lomar.train.monitor import resume_hint
@@ -83,7 +84,7 @@ def test_a_studys_runs_say_each_note_once_and_not_that_a_cells_evaluation_starts
 def test_an_auto_run_resumed_where_auto_picks_another_precision_keeps_its_own_and_says_so(tmp_path, capsys,
                                                                                            monkeypatch):
     """--precision auto is resolved once, where the run starts, and recorded in its checkpoints: a resume on a CPU
-    without bf16 products (an AMD CI machine) of a run begun on an AMX one went on in fp32, silently."""
+    without bf16 products (an AMD CI machine) of a run begun on an AMX one goes on in bf16, and says so."""
     import lomar.train.precision as precision
 
     out = tmp_path / "r"
@@ -99,7 +100,8 @@ def test_an_auto_run_resumed_where_auto_picks_another_precision_keeps_its_own_an
 
 
 def test_bf16_asked_of_a_cpu_that_emulates_it_is_told_at_the_start(tmp_path, capsys, monkeypatch):
-    """Emulated bf16 ran ~10x slower than fp32 here without a word; a CPU with bf16 products, or auto, is not told."""
+    """Emulated bf16 runs ~10x slower than fp32 here: the start says so; a CPU with bf16 products, or auto, is not
+    told."""
     import lomar.train.precision as precision
 
     note = ("lomar toy: note: bf16 on this CPU is emulated (no AVX-512 BF16/AMX): expect it several times slower than "

@@ -106,8 +106,9 @@ def test_too_many_skips_are_told_in_numbers_the_user_can_check(tmp_path):
 
 
 def test_the_last_line_counts_what_every_rank_skipped(tmp_path, capsys, monkeypatch):
-    """Under torchrun rank 0 printed its own count: a file in another rank's share went unsaid, where one process
-    says it. The ranks' files reach rank 0 as the checkpoint gathers them (a collective: here, rank 1's made up)."""
+    """Under torchrun rank 0's last line counts every rank's skipped files, not its own alone: a file in another
+    rank's share is said, as one process says it. The ranks' files reach rank 0 as the checkpoint gathers them (a
+    collective: here, rank 1's made up)."""
     from lomar.train.skipped_files import SkippedFiles
 
     monkeypatch.setattr(SkippedFiles, "gathered", lambda self, info: [[], ["b.png", "a.png"], ["a.png"]])
