@@ -23,9 +23,8 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
-from lomar.checkpoints.file_lock import LockHeld, flock_in_place, take_file_lock
+from lomar.checkpoints.file_lock import flock_in_place, holding_file_lock
 from lomar.checkpoints.file_names import CONFIG_NAME
 from lomar.checkpoints.io import open_in_place
 from lomar.checkpoints.own_names import TEMPORARY_SUFFIX
@@ -83,19 +82,8 @@ def export_lock(folder: Path, wait_s: float | None = None) -> Iterator[bool]:
     if key in held:  # inside this thread's own hold, locked or not: no second try, no second warning
         yield held[key]
         return
-    handle = _acquire(folder, LOCK_WAIT_S if wait_s is None else wait_s)
-    held[key] = handle is not None
-    try:
-        yield held[key]
-    finally:
-        del held[key]
-        if handle is not None:
-            with contextlib.suppress(OSError):  # another user's file in a sticky folder stays: held by none, it is free
-                (folder / EXPORT_LOCK).unlink(missing_ok=True)  # while held: a waiter finds it gone and opens anew
-            handle.close()
+    wait_s = LOCK_WAIT_S if wait_s is None else wait_s
 
-
-def _acquire(folder: Path, wait_s: float) -> IO | None:
     def waiting(owner: str) -> None:
         log.warning("%s is being written by another export (%s): waiting for it, up to %g s", folder, owner, wait_s)
 
@@ -103,13 +91,17 @@ def _acquire(folder: Path, wait_s: float) -> IO | None:
         log.warning("%s: no file lock there (%s); exporting unlocked: run no other export into it meanwhile", folder,
                     reason)
 
-    try:
-        return take_file_lock(folder / EXPORT_LOCK, wait_s, waiting, unlocked)
-    except LockHeld as held:
-        raise UsageError(f"{folder} is being written by another export ({held.owner}), waited for {wait_s:g} s; "
-                         f"export again once it ends, or export to another folder") from None
-    except OSError:  # the folder cannot be made or written: the export's own write says why
-        return None
+    def refusal(owner: str) -> UsageError:
+        return UsageError(f"{folder} is being written by another export ({owner}), waited for {wait_s:g} s; "
+                          f"export again once it ends, or export to another folder")
+
+    # unopened_ok: the folder cannot be made or written, and the export's own write says why
+    with holding_file_lock(folder / EXPORT_LOCK, wait_s, refusal, waiting, unlocked, unopened_ok=True) as locked:
+        held[key] = locked
+        try:
+            yield locked
+        finally:
+            del held[key]
 
 
 def _lock_state(folder: Path) -> bool | None:

@@ -1,8 +1,9 @@
 """A folder's advisory lock: an exclusive ``fcntl.flock`` of a lock file in it, held by the open handle.
 
 The kernel drops it when its holder ends, a kill included, so a stale lock file never blocks. A training run's lock
-(``OUT/.lock``) and an export's (``DIR/.export.lock``) are both this one; each caller words its own refusal. Windows has
-no flock: there every folder is as one on a filesystem without it (unlocked, with the caller's warning).
+(``OUT/.lock``), an export's (``DIR/.export.lock``) and a study's data build's (``OUT/.data.lock``) are all this one;
+each caller words its own refusal. Windows has no flock: there every folder is as one on a filesystem without it
+(unlocked, with the caller's warning).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import errno
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -23,7 +24,7 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LockHeld", "take_file_lock", "flock_in_place"]
+__all__ = ["LockHeld", "take_file_lock", "flock_in_place", "holding_file_lock"]
 
 # The folders found without flock, each told once in a process: a run's export into its folder, unlocked as the
 # run is, would say it again
@@ -98,6 +99,31 @@ def take_file_lock(path: Path, wait_s: float = 0.0, on_wait: Callable[[str], Non
                     os.write(handle.fileno(), f"pid {os.getpid()} on {socket.gethostname()}".encode())
             return handle
         handle.close()  # locked a file its holder had removed: open the one there now
+
+
+@contextlib.contextmanager
+def holding_file_lock(path: Path, wait_s: float, refusal: Callable[[str], Exception],
+                      on_wait: Callable[[str], None] | None = None, on_unlocked: Callable[[str], None] | None = None,
+                      unopened_ok: bool = False) -> Iterator[bool]:
+    """Hold ``path``'s lock (:func:`take_file_lock`) for the block; yields whether it is held (not where the filesystem
+    has no flock: ``on_unlocked`` is told). Held by another past ``wait_s``: ``refusal(owner)`` is raised.
+    ``unopened_ok``: a lock file that cannot be made or opened is as no flock, unheld and untold, not OSError. The
+    lock file is removed before it is unlocked, so a waiter finds it gone and opens anew, not the removed one."""
+    try:
+        handle = take_file_lock(path, wait_s, on_wait, on_unlocked)
+    except LockHeld as held:
+        raise refusal(held.owner) from None
+    except OSError:
+        if not unopened_ok:
+            raise
+        handle = None
+    try:
+        yield handle is not None
+    finally:
+        if handle is not None:
+            with contextlib.suppress(OSError):  # another user's file in a sticky folder stays: held by none, it is free
+                path.unlink(missing_ok=True)
+            handle.close()
 
 
 def _owner(handle: IO) -> str:

@@ -3,6 +3,7 @@ the folder)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -95,6 +96,20 @@ def test_without_flock_a_killed_builds_folder_stays(tmp_path, monkeypatch):
     killed.mkdir()
     assert digits_data(root) == root
     assert sorted(p.name for p in tmp_path.iterdir()) == [killed.name, "data"]
+
+
+def test_without_flock_the_build_says_it_goes_unlocked(tmp_path, monkeypatch, caplog):
+    """Where no flock is to be had the build goes on unlocked and says so, as a run and an export there do: a killed
+    build's hidden folder then stays for the user to delete. No lock file is left behind."""
+    _few_digits(monkeypatch)
+    monkeypatch.setattr(file_lock, "fcntl", None)  # the system without flock: take_file_lock's ENOSYS
+    root = tmp_path / "data"
+    with caplog.at_level(logging.WARNING, logger="lomar.train"):
+        assert digits_data(root) == root
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{root}: no file lock there (this system has no flock); building unlocked: a build killed midway leaves its "
+        f"hidden .data.tmp-* folder beside it, to delete once no study builds there"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
 def test_a_build_waits_for_another_builds_lock_and_takes_its_data(tmp_path, monkeypatch):

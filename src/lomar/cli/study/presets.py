@@ -27,7 +27,6 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -151,31 +150,25 @@ def digits_data(root: Path) -> Path:
     return root
 
 
-@contextlib.contextmanager
-def _build_lock(root: Path) -> Iterator[bool]:
+def _build_lock(root: Path) -> contextlib.AbstractContextManager[bool]:
     """Hold ``.NAME.lock`` beside the data ``root`` for a build (the flock of a training run's and an export's lock):
-    yields whether it is held. Not held where the filesystem has no flock; then builds may run side by side, each in
-    its own folder, and a killed one's folder stays, as whether its builder lives cannot be told."""
-    from lomar.checkpoints.file_lock import LockHeld, take_file_lock  # torch (checkpoints.io): not for --help
-
-    path = root.with_name(f".{root.name}.lock")
+    yields whether it is held. Not held where the filesystem has no flock (a warning); then builds may run side by
+    side, each in its own folder, and a killed one's folder stays, as whether its builder lives cannot be told."""
+    from lomar.checkpoints.file_lock import holding_file_lock  # torch (checkpoints.io): not for --help
 
     def waiting(owner: str) -> None:
         log.warning("%s is being built by another command (%s): waiting for it, up to %g s", root, owner,
                     BUILD_WAIT_S)
 
-    try:
-        handle = take_file_lock(path, BUILD_WAIT_S, waiting)
-    except LockHeld as held:
-        raise UsageError(f"{root} is being built by another command ({held.owner}), waited for {BUILD_WAIT_S:g} s; "
-                         f"run again once it ends, or pass another --out") from None
-    try:
-        yield handle is not None
-    finally:
-        if handle is not None:
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)  # while held: a waiter finds it gone and opens anew
-            handle.close()
+    def unlocked(reason: str) -> None:
+        log.warning("%s: no file lock there (%s); building unlocked: a build killed midway leaves its hidden "
+                    ".%s.tmp-* folder beside it, to delete once no study builds there", root, reason, root.name)
+
+    def refusal(owner: str) -> UsageError:
+        return UsageError(f"{root} is being built by another command ({owner}), waited for {BUILD_WAIT_S:g} s; "
+                          f"run again once it ends, or pass another --out")
+
+    return holding_file_lock(root.with_name(f".{root.name}.lock"), BUILD_WAIT_S, refusal, waiting, unlocked)
 
 
 def _build_digits(root: Path, target, pixels, train, val) -> None:
