@@ -1,6 +1,6 @@
 """The settings :func:`lomar.checkpoints.original.infer_original_config` gives an original LoMaR / MAE checkpoint that
-saved no args: the original code's defaults, and what the shapes say; and an original finetuned classifier, pooled as
-its weights say."""
+saved no args: the original code's defaults, and what the shapes say; an original finetuned classifier, pooled as its
+weights say; and the encoder an export, ``encoder_weights`` or ``load_pretrained_encoder`` takes of an original file."""
 
 import argparse
 import logging
@@ -12,7 +12,10 @@ import torch.nn.functional as F
 
 from lomar import MAE, LoMaR, lomar_to_original, model_config
 from lomar.checkpoints.convert import export_model
+from lomar.checkpoints.formats import encoder_weights
+from lomar.checkpoints.kinds import PRETRAIN_FORMAT, SEGMENT_TASK
 from lomar.checkpoints.original import infer_original_config, load_original
+from lomar.eval.features import load_pretrained_encoder
 from lomar.models.vit import VisionTransformer
 
 TINY = dict(embed_dim=48, depth=2, num_heads=4)
@@ -57,6 +60,14 @@ def test_a_512_wide_mae_decoder_has_16_heads_as_every_published_one():
     assert (settings["decoder_embed_dim"], settings["decoder_depth"], settings["decoder_num_heads"]) == (512, 1, 16)
 
 
+@pytest.mark.parametrize("marks", [{"format": PRETRAIN_FORMAT}, {"model_spec": {}, "task": SEGMENT_TASK}])
+def test_one_of_lomars_own_checkpoints_is_named_so_not_read_as_an_original(marks):
+    """A training run's checkpoint (a segmenter's saves its model spec and no format) holds ``encoder.*`` keys."""
+    data = {"model": {"encoder.patch_embed.proj.weight": torch.zeros(48, 3, 16, 16)}, **marks}
+    with pytest.raises(ValueError, match="not an original LoMaR/MAE checkpoint: .*; it is one of lomar's own: "):
+        infer_original_config(data)
+
+
 def _cls_token_classifier(tmp_path) -> tuple[Path, dict]:
     """The file the original finetune writes with --cls_token (args.global_pool False): the encoder's final norm
     feeds the head, no fc_norm; RPE tables under their original names. Norm and head random, so dropping either shows."""
@@ -98,3 +109,59 @@ def test_a_pooling_the_original_classifiers_weights_do_not_hold_is_refused_namin
     with pytest.raises(ValueError, match=f"global_pool='{other}' does not fit .*pools by '{pool}'; leave global_pool"):
         load_original(path, num_heads=4, global_pool=other)
     assert load_original(path, num_heads=4, global_pool=pool).global_pool == pool
+
+
+def test_an_original_lomars_encoder_weights_leave_out_the_position_table_its_rpe_encoder_never_reads(tmp_path):
+    state = lomar_to_original(LoMaR(model_config("vit_tiny_patch16", img_size=64, **TINY), window_size=2,
+                                    num_windows=2).state_dict())
+    state["pos_embed"] = torch.zeros(1, 17, 48)  # the original code's sin-cos table, kept but unused (SPEC §6.3)
+    torch.save({"model": state, "args": argparse.Namespace(input_size=64)}, tmp_path / "lomar.pth")
+    weights = encoder_weights(tmp_path / "lomar.pth", num_heads=4)
+    assert weights.config.pos == "rpe" and "pos_embed" in weights.dropped and "pos_embed" not in weights.state
+    VisionTransformer(weights.config).load_state_dict(weights.state, strict=True)
+
+
+def test_an_original_mae_without_its_position_table_is_refused_naming_it_not_read_without_positions(tmp_path):
+    state = _mae_state()
+    del state["pos_embed"]
+    torch.save({"model": state, "args": argparse.Namespace(input_size=64)}, tmp_path / "mae.pth")
+    with pytest.raises(ValueError, match=r"does not hold a complete encoder .*: missing \['pos_embed'\]"):
+        load_pretrained_encoder(tmp_path / "mae.pth", num_heads=4)
+
+
+def test_an_original_mae_exports_its_encoder_as_mae_builds_it_with_the_sin_cos_table_fixed(tmp_path):
+    torch.save({"model": _mae_state(), "args": argparse.Namespace(input_size=64)}, tmp_path / "mae.pth")
+    exported, method = export_model(tmp_path / "mae.pth", num_heads=4)
+    built = MAE(model_config("vit_tiny_patch16", img_size=64, pos="abs", **TINY), decoder_embed_dim=32,
+                decoder_depth=3, decoder_num_heads=4).encoder
+    assert method == "mae" and not exported.pos_embed.requires_grad
+    assert {n: p.requires_grad for n, p in exported.named_parameters()} == {
+        n: p.requires_grad for n, p in built.named_parameters()}
+
+
+@pytest.mark.parametrize("pool", ["avg", "cls"])
+def test_an_encoder_started_from_an_original_classifier_keeps_its_head(tmp_path, pool):
+    """``finetune --pretrained`` of an original finetuned classifier with as many classes: its head and its pooling's
+    norm are loaded, not initialised afresh."""
+    source = VisionTransformer(model_config("vit_tiny_patch16", img_size=64, **TINY), num_classes=3,
+                               global_pool=pool).eval()
+    with torch.no_grad():
+        source.head.bias.normal_()
+    state = {k.replace("attn.rpe.table", "attn.rpe_k.lookup_table_weight"): v for k, v in source.state_dict().items()}
+    torch.save({"model": state, "args": argparse.Namespace(input_size=64)}, tmp_path / "finetuned.pth")
+    model = load_pretrained_encoder(tmp_path / "finetuned.pth", num_classes=3, global_pool=pool, num_heads=4).eval()
+    assert model.load_report.fresh == []
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x))
+
+
+def test_an_original_lomar_trained_with_absolute_positions_keeps_its_table(tmp_path):
+    """Without iRPE tables (the original's absolute-position ablation) the stored table is the one its encoder reads."""
+    source = LoMaR(model_config("vit_tiny_patch16", img_size=64, pos="abs", **TINY), window_size=2, num_windows=2)
+    with torch.no_grad():
+        source.encoder.pos_embed.normal_()
+    torch.save({"model": lomar_to_original(source.state_dict()), "args": argparse.Namespace(input_size=64)},
+               tmp_path / "lomar_abs.pth")
+    loaded = load_original(tmp_path / "lomar_abs.pth", num_heads=4, window_size=2, num_windows=2)
+    assert loaded.encoder.config.pos == "abs" and torch.equal(loaded.encoder.pos_embed, source.encoder.pos_embed)
