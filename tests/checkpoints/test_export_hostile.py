@@ -91,7 +91,7 @@ def test_a_beit_export_refuses_settings_it_does_not_take_and_takes_its_own(beit_
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64, torch.float8_e4m3fn])
 def test_weights_of_a_dtype_no_encoder_is_saved_in_are_refused_not_cast(tmp_path, dtype):
-    """Integers, booleans, complex numbers and float8 were cast into the float weights without a word."""
+    """Integers, booleans, complex numbers and float8 are refused by name, not cast into the float weights."""
     import timm
     from safetensors.torch import load_file, save_file
 
@@ -212,7 +212,7 @@ def test_a_classifier_export_whose_model_args_pool_another_way_is_refused(tmp_pa
 
 
 def test_a_device_or_pipe_given_as_a_checkpoint_is_named_as_such_not_missing(tmp_path):
-    """/dev/null was "checkpoint /dev/null does not exist; check the path"."""
+    """/dev/null is named as a device, not "checkpoint /dev/null does not exist; check the path"."""
     import os
 
     os.mkfifo(tmp_path / "pipe")
@@ -222,7 +222,8 @@ def test_a_device_or_pipe_given_as_a_checkpoint_is_named_as_such_not_missing(tmp
 
 
 def test_a_timm_model_folder_is_named_as_not_lomars(tmp_path):
-    """A timm / Hugging Face folder (config.json + model.safetensors) was refused for its global_pool 'token'."""
+    """A timm / Hugging Face folder (config.json + model.safetensors) is named as timm's model, not refused for its
+    global_pool 'token'."""
     import timm
     from timm.models._hub import save_for_hf
 
@@ -235,7 +236,7 @@ def test_a_timm_model_folder_is_named_as_not_lomars(tmp_path):
 
 
 def test_the_window_cap_warning_of_an_original_checkpoint_loaded_at_a_non_square_size_is_logged(caplog):
-    """The warning formatted a (height, width) size with %d: logging printed its own traceback instead."""
+    """The warning formats a (height, width) size as HxW: with %d, logging would print its own traceback instead."""
     import logging
 
     from helpers import reference_dir
@@ -248,8 +249,8 @@ def test_the_window_cap_warning_of_an_original_checkpoint_loaded_at_a_non_square
 
 
 def test_create_encoder_takes_a_height_width_tuple_and_blames_a_bad_setting_on_its_caller(tmp_path):
-    """img_size=(h, w), as ViTConfig spells it, was refused (only a JSON list passed); a bad num_classes given to
-    create_encoder was reported as the file's, with "re-export the encoder"."""
+    """img_size=(h, w), as ViTConfig spells it, is taken as a JSON list is; a bad num_classes given to create_encoder
+    is named as the caller's setting, not the file's (no "re-export the encoder")."""
     from lomar import VisionTransformer, ViTConfig, create_encoder, export_encoder
 
     vit = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, pos="abs")
@@ -261,7 +262,7 @@ def test_create_encoder_takes_a_height_width_tuple_and_blames_a_bad_setting_on_i
 
 
 def test_a_bad_value_in_an_original_checkpoints_saved_args_names_the_checkpoint(tmp_path):
-    """norm_pix_loss='no' in the run's args was reported bare, as if a flag had been given wrong."""
+    """norm_pix_loss='no' in the run's args is named as the checkpoint's, not as if a flag had been given wrong."""
     import argparse
 
     from helpers import reference_dir
@@ -275,8 +276,9 @@ def test_a_bad_value_in_an_original_checkpoints_saved_args_names_the_checkpoint(
 
 
 def test_timm_gives_a_beit_export_a_fresh_head_of_the_classes_asked_for(beit_export):
-    """timm.create_model('local-dir:EXPORT', pretrained=True, num_classes=10), the start of a timm finetuning, failed
-    with a strict load's 'Missing key(s): head.weight, head.bias': the export's pretrained_cfg named no classifier."""
+    """timm.create_model('local-dir:EXPORT', pretrained=True, num_classes=10), the start of a timm finetuning, builds
+    a fresh head: the export's pretrained_cfg names its classifier, so no strict load's 'Missing key(s): head.weight,
+    head.bias'."""
     import timm
 
     plain = timm.create_model(f"local-dir:{beit_export}", pretrained=True).eval()
@@ -309,8 +311,8 @@ def test_load_original_given_lomars_own_checkpoint_or_export_says_it_needs_no_co
 
 
 def test_load_original_refuses_lomars_own_finetune_or_classifier_checkpoint_in_one_line(tmp_path, capsys):
-    """A `lomar finetune` best.pt has an original finetuned model's keys: it was converted as one, its saved image
-    size (64) read as 224 and the class names dropped; a cls-pooling one failed on a missing fc_norm."""
+    """A `lomar finetune` best.pt has an original finetuned model's keys: converted as one, its saved image size (64)
+    would read as 224 and its class names be dropped. It is refused in one line naming load_model, which reads it."""
     from lomar import VisionTransformer, ViTConfig, load_original
     from lomar.checkpoints.convert import pretrain_checkpoint
     from lomar.checkpoints.io import atomic_save
@@ -353,8 +355,8 @@ def test_hand_written_label_names_are_quoted_short_on_one_line(tmp_path):
 
 
 def test_create_encoder_names_a_beit_export_and_what_loads_it(beit_export):
-    """lomar.create_encoder of `lomar export`'s own BEiT folder said it was 'not a lomar encoder (a timm or Hugging
-    Face folder?)' and that lomar reads folders `lomar export` writes."""
+    """lomar.create_encoder of `lomar export`'s own BEiT folder names it as a BEiT export and lomar.load_model as what
+    loads it, not 'not a lomar encoder (a timm or Hugging Face folder?)'."""
     from lomar import create_encoder
 
     with pytest.raises(UsageError, match=re.escape(f"{beit_export} is a BEiT export (timm's Beit layout), not a ViT "
