@@ -7,8 +7,8 @@ from pathlib import Path
 from lomar.checkpoints.run_folder import run_checkpoints
 
 __all__ = ["PRETRAIN_FORMAT", "CLASSIFIER_FORMAT", "FINETUNE_FORMAT", "DETECT_FORMAT", "SEGMENT_TASK",
-           "LINPROBE_FORMAT", "run_command", "FoundCheckpoint", "find_command_checkpoint", "classifier_pool",
-           "trained_precision"]
+           "LINPROBE_FORMAT", "run_command", "FoundCheckpoint", "find_command_checkpoint", "is_probe_file",
+           "classifier_pool", "trained_precision"]
 
 PRETRAIN_FORMAT = "lomar-pretrain-2"  # 2: `windows` is meant for every method (an MAE run saved 4 unused)
 CLASSIFIER_FORMAT = "lomar-classifier-1"
@@ -74,6 +74,17 @@ def find_command_checkpoint(path: str | Path, command: str) -> FoundCheckpoint |
         if run_command(checkpoint) == command:
             return FoundCheckpoint(candidate, checkpoint)
     return None
+
+
+def is_probe_file(path: str | Path) -> bool:
+    """Whether ``path`` is a file `lomar linprobe --save` wrote (a probe on its frozen encoder), which the evaluations
+    of the training commands do not score."""
+    from lomar.checkpoints.io import safe_load  # torch: read only to name what a refused file is
+
+    try:
+        return Path(path).is_file() and safe_load(path, mmap=True).get("format") == LINPROBE_FORMAT
+    except (OSError, ValueError, RuntimeError, AttributeError):  # unreadable, or not a dict: not one
+        return False
 
 
 def classifier_pool(checkpoint: dict, state: dict) -> str:

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lomar.checkpoints.kinds import LINPROBE_FORMAT
+from lomar.checkpoints.kinds import is_probe_file
 from lomar.lr_schedule import peak_lr
 from lomar.methods import get_method, names
 from lomar.train import settings as S
@@ -162,7 +162,7 @@ def check_eval_only_model(config: Any, found: Any, model: str) -> None:
     if not config.pretrained:
         raise ConfigError(f"--eval-only needs --pretrained RUN (a `lomar {config.COMMAND}` run folder or checkpoint)")
     check_pretrained(config)
-    if found is None and _is_probe_file(config.pretrained):
+    if found is None and is_probe_file(config.pretrained):
         predict = command_line("lomar", "predict", config.pretrained, "IMAGES")
         raise ConfigError(f"--pretrained {config.pretrained} is a `lomar linprobe --save` file, not a `lomar "
                           f"{config.COMMAND}` run or checkpoint: `{predict}` runs it on images, and lomar.load_model "
@@ -170,17 +170,6 @@ def check_eval_only_model(config: Any, found: Any, model: str) -> None:
     if found is None:
         raise ConfigError(f"--pretrained {config.pretrained} is not a `lomar {config.COMMAND}` run or checkpoint; "
                           f"--eval-only scores a trained {model}")
-
-
-def _is_probe_file(path: str) -> bool:
-    """Whether ``path`` is a file `lomar linprobe --save` wrote (a probe on its frozen encoder), which the evaluations
-    of the training commands do not score."""
-    from lomar.checkpoints.io import safe_load  # torch: read only to name what a refused file is
-
-    try:
-        return Path(path).is_file() and safe_load(path, mmap=True).get("format") == LINPROBE_FORMAT
-    except (OSError, ValueError, RuntimeError, AttributeError):  # unreadable, or not a dict: not one
-        return False
 
 
 def check_warmup(config: Any) -> None:
