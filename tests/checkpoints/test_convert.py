@@ -6,7 +6,7 @@ import argparse
 import pytest
 import torch
 
-from lomar import MAE, LoMaR, model_config
+from lomar import MAE, LoMaR, lomar_to_original, model_config
 from lomar.checkpoints.convert import encoder_of, export_model, method_metadata, pretrain_checkpoint, pretrain_method
 from lomar.models.mae_window import MAEWindow
 from lomar.models.vit import VisionTransformer
@@ -61,3 +61,15 @@ def test_an_original_classifier_exports_whole_under_no_pretraining_method(tmp_pa
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(exported.eval()(x), model(x))
+
+
+def test_an_override_given_as_none_is_no_override_as_load_model_reads_it(tmp_path):
+    """None means not given (the CLI's unset flag): an export of an original LoMaR is not refused a window setting
+    it has no use for, nor asked for a decoder's heads."""
+    model = LoMaR(model_config("vit_tiny_patch16", img_size=64, embed_dim=48, depth=2, num_heads=4), window_size=2,
+                  num_windows=2)
+    torch.save({"model": lomar_to_original(model.state_dict()), "args": argparse.Namespace(input_size=64)},
+               tmp_path / "lomar.pth")
+    exported, method = export_model(tmp_path / "lomar.pth", num_heads=4, window_size=None, num_windows=None,
+                                    decoder_num_heads=None, img_size=None)
+    assert method == "lomar" and exported.config == model.encoder.config
