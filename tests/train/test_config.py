@@ -31,7 +31,7 @@ def _yaml(tmp_path: Path, text: str) -> str:
 
 
 def test_a_given_blr_sets_the_lr_in_the_demo_preset_too(tmp_path, capsys):
-    """The demo preset's absolute lr 1e-3 was applied after --blr cleared the recipe's lr: --blr changed nothing."""
+    """--blr clears the recipe's absolute lr, the demo preset's 1e-3 too: the blr given sets the lr."""
     assert _resolve(tmp_path, "--blr", "1e-2") == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["preset"] == "demo" and resolved["blr"] == 1e-2 and resolved["lr"] is None
@@ -188,7 +188,7 @@ def test_an_eval_only_out_from_the_settings_file_is_named_as_its_line(tmp_path, 
 
 
 def test_a_time_limit_in_the_settings_file_reads_as_the_flags(tmp_path, capsys):
-    """`time_limit: 1.5` (a YAML number) was 'must be a whole number' while --time-limit 1.5 ran 2 s."""
+    """`time_limit: 1.5` (a YAML number) reads as --time-limit 1.5 does, 2 s, not 'must be a whole number'."""
     for argv in (["--config", _yaml(tmp_path, "time_limit: 1.5\n")], ["--time-limit", "1.5"]):
         assert _resolve(tmp_path, *argv) == 0, capsys.readouterr().err
         assert yaml.safe_load(capsys.readouterr().out)["time_limit"] == 2
@@ -364,7 +364,8 @@ def test_a_config_is_read_in_yamls_encodings_not_the_locales(tmp_path, capsys):
 
 
 def test_a_config_past_a_settings_files_size_is_refused_unread(tmp_path, capsys):
-    """A COCO annotation file given as --config was parsed whole first (1.5 MiB: 25 s; its 450 MiB: hours)."""
+    """A COCO annotation file given as --config is refused by its size, unparsed (parsed whole, 1.5 MiB takes 25 s;
+    train2017's 450 MiB, hours)."""
     from lomar.yaml_io import MAX_BYTES
 
     path = tmp_path / "instances_train.json"
@@ -376,7 +377,7 @@ def test_a_config_past_a_settings_files_size_is_refused_unread(tmp_path, capsys)
 
 @pytest.mark.skipif(not Path("/dev/fd").is_dir(), reason="a pipe's /dev/fd path")
 def test_a_config_from_a_pipe_is_read(tmp_path, capsys):
-    """`--config <(sed ... base.yaml)`: the shell's pipe was refused as 'is not a file'."""
+    """`--config <(sed ... base.yaml)`: the shell's pipe is read, not refused as 'is not a file'."""
     import os
 
     read, write = os.pipe()
@@ -390,7 +391,8 @@ def test_a_config_from_a_pipe_is_read(tmp_path, capsys):
 
 
 def test_file_and_folder_settings_are_recorded_absolute_so_a_run_resumes_from_any_folder(tmp_path, monkeypatch):
-    """Recorded as given, ``--data images`` was looked for under the working folder of the resume."""
+    """``--data images`` is recorded absolute: recorded as given, a resume would look for it under its own working
+    folder."""
     from helpers import pretrain, write_images
     from lomar.checkpoints.io import safe_load
 
@@ -429,7 +431,8 @@ def test_every_commands_file_and_folder_settings_resolve_absolute(command, paths
 @pytest.mark.parametrize("layout, expected", [
     ("coco", "val2017"), ("digits", "images/val2017"), ("flat", "annotations"), ("coco+digits", "val2017")])
 def test_detect_finds_a_coco_layouts_images_when_none_are_given(tmp_path, layout, expected):
-    """The default was always the annotation file's folder: neither COCO's nor compose-digits' layout."""
+    """Without --val-images or --train-images, detect looks where COCO's and compose-digits' layouts keep the images,
+    not in the annotation file's folder alone."""
     from lomar.train.detect_config import DetectConfig, default_image_folder
 
     ann = tmp_path / "annotations" / "instances_val2017.json"
