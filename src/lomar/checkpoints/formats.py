@@ -383,10 +383,13 @@ def load_model(path: str | Path, **overrides) -> nn.Module:
     what an original checkpoint cannot tell; a classifier is rebuilt as it saved itself, at another ``img_size`` or
     ``attention`` where given; one its reader has no use for (LoMaR's windows for a classifier or an export) is
     refused. A run folder without an export is read through its best.pt, else last.pt, as ``lomar predict`` reads one
-    (:func:`~lomar.checkpoints.run_folder.model_file`). Raises ValueError or FileNotFoundError with a message that
-    names the problem.
+    (:func:`~lomar.checkpoints.run_folder.model_file`); one whose export was interrupted is refused, naming the
+    set-aside export. Raises ValueError or FileNotFoundError with a message that names the problem.
     """
-    reader, src = read(model_file(Path(path)))
+    path = Path(path)
+    # an interrupted export's folder: read() refuses it by name, as its caller wants that encoder, not last.pt's model
+    file = model_file(path)
+    reader, src = read(path if file != path and interrupted_export(path) else file)
     return reader.model(src, {k: v for k, v in overrides.items() if v is not None})
 
 
