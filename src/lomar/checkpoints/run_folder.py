@@ -30,7 +30,8 @@ def stopped_run_checkpoint(path: Path) -> Path | None:
 def model_file(path: Path) -> Path:
     """What :func:`lomar.load_model` reads of ``path``: a run folder without an export (finetune's, detect's,
     segment's, a pretraining stopped before its end) through :func:`run_checkpoint`; anything else as it is (an
-    export folder, which a finished pretraining run's folder is, gives its encoder)."""
+    export folder, which a finished pretraining run's folder is, gives its encoder). load_model refuses a folder whose
+    export was interrupted instead, which only a torch-side look at its leftovers tells."""
     if path.is_dir() and not (path / CONFIG_NAME).exists():
         return run_checkpoint(path) or path
     return path
