@@ -263,8 +263,8 @@ def test_a_pretraining_checkpoint_takes_the_settings_it_saved_and_names_them_for
 
 
 def test_a_beit_pretraining_checkpoint_takes_the_windows_its_run_saved_and_names_them(tmp_path):
-    """A BEiT run masks in LoMaR's windows and saves them (visualize draws them): its own --windows was refused as
-    'LoMaR's window count', another named so, not as what the run saved."""
+    """A BEiT run masks in LoMaR's windows and saves them (visualize draws them): its own --windows is taken, and
+    another is refused naming what the run saved, not as 'LoMaR's window count'."""
     from lomar.models.beit import BEiT, BEiTConfig
 
     config = BEiTConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, vocab_size=16)
@@ -282,7 +282,7 @@ def test_a_beit_pretraining_checkpoint_takes_the_windows_its_run_saved_and_names
 
 
 def test_a_command_takes_a_non_square_size_for_a_bare_checkpoint(tmp_path, capsys):
-    """--img-size took one integer, which the library's 'pass img_size=(height, width)' was reworded into."""
+    """--img-size takes HEIGHT WIDTH, which the library's 'pass img_size=(height, width)' is reworded into."""
     from lomar.cli.app import main
     from lomar.eval.features import load_pretrained_encoder
 
@@ -444,8 +444,9 @@ def test_heads_no_shape_tells_are_asked_for_with_the_command_that_takes_them():
 
 
 def test_an_exports_weights_file_is_read_with_what_its_folder_says(sources, tmp_path):
-    """Passed alone, an export's safetensors file was read as a bare state dict: an RPE encoder exported at 32 px
-    came back at 224 px (no table tells the size), and a BEiT export's weights were in no format lomar reads."""
+    """Passed alone, an export's safetensors file is read with its folder's config.json, not as a bare state dict:
+    an RPE encoder exported at 32 px comes back at 32 px (no table tells the size), and a BEiT export's weights are
+    known as BEiT's."""
     from lomar.checkpoints.export_beit import export_beit_encoder
     from lomar.models.beit import BEiT, BEiTConfig
 
@@ -463,7 +464,8 @@ def test_an_exports_weights_file_is_read_with_what_its_folder_says(sources, tmp_
 
 
 def test_a_run_folder_without_an_export_names_the_checkpoints_it_keeps(tmp_path, capsys):
-    """`lomar export FINETUNE_RUN` said only 'a folder without config.json'; the run's checkpoints are its files."""
+    """`lomar export FINETUNE_RUN` names the run's checkpoints as the files to pass, not only 'a folder without
+    config.json'."""
     run = tmp_path / "ft"
     run.mkdir()
     (run / "last.pt").write_bytes(b"")

@@ -260,8 +260,9 @@ def test_the_enc_dec_preset_runs_every_cell(tmp_path, capsys, no_cell_figures):
 
 @pytest.mark.slow  # one cell of 1 step, then refused re-runs: ~5 s
 def test_a_re_run_with_an_edited_spec_is_refused_before_it_replaces_anything(tmp_path, labelled, monkeypatch):
-    """A finished cell was skipped whatever the spec now said: another budget, setting or evaluation showed the
-    old numbers as the new spec's (eval.every even scored 'at-2steps' at step 4). The cell's spec is kept."""
+    """A finished cell is not skipped whatever the spec now says: another budget, setting or evaluation would show the
+    old numbers as the new spec's (eval.every would score 'at-2steps' at step 4). The cell's spec is kept, and a
+    re-run under another is refused before it replaces anything."""
     from lomar.errors import UsageError
 
     out = tmp_path / "study"
@@ -345,8 +346,8 @@ def test_a_stopped_study_exits_with_its_signals_code(tmp_path, labelled, monkeyp
 
 
 def test_a_second_study_into_a_folder_in_use_is_refused(tmp_path, labelled, monkeypatch):
-    """Only each cell's run folder was locked while it trained: a second study into the same folder scored
-    the finished cells again and overwrote the first one's states and results."""
+    """The study's folder is locked, not only each cell's run folder while it trains: a second study into the same
+    folder is refused, rather than scoring the finished cells again over the first one's states and results."""
     from lomar.errors import UsageError
     from lomar.train.run_lock import RunLock
 
@@ -376,8 +377,8 @@ def test_a_finetune_that_fails_is_one_line_not_a_traceback(tmp_path, labelled, p
 
 
 def test_the_heldout_loss_of_a_beit_cell_is_none_not_a_crash(tmp_path, labelled):
-    """fig3 scores BEiT beside LoMaR and MAE with heldout_loss: its model was called with a generator it does
-    not take, a TypeError traceback after the cell's whole budget. BEiT has no pixel loss: '–'."""
+    """fig3 scores BEiT beside LoMaR and MAE with heldout_loss: BEiT has no pixel loss, so its cell's is '–', and its
+    model is not called with a generator it does not take (a TypeError after the cell's whole budget)."""
     from helpers import pretrain
     from lomar.cli.study.evals import heldout_loss
 
@@ -514,8 +515,9 @@ def test_a_cell_started_by_an_older_lomar_is_named_not_told_to_drop_a_flag(tmp_p
 
 def test_a_cells_notes_are_said_once_not_at_each_slice_and_evaluation(tmp_path, labelled, pretrained, monkeypatch,
                                                                        capsys):
-    """'lomar pretrain: note: --window-size 3 is unused' of an MAE cell was said at the check, at each cell's start
-    and at each of its slices (57 times in a study of 8 MAE cells), the finetune's warm-up note at each evaluation."""
+    """'lomar pretrain: note: --window-size 3 is unused' of an MAE cell is said once a study, not at the check, each
+    cell's start and each of its slices (57 times in a study of 8 MAE cells); the finetune's warm-up note once too,
+    not at each evaluation."""
     from lomar.cli.study import evals
     from lomar.cli.study.spec import Cell, StudyFailed
     from lomar.train import finetune_config
@@ -543,7 +545,7 @@ def test_a_cells_notes_are_said_once_not_at_each_slice_and_evaluation(tmp_path, 
         evals._finetune(args, said)
     assert capsys.readouterr().err == ""
     # A BEiT cell's finetune takes BEiT's recipe (20 warm-up epochs): its own note, which the check cannot know of,
-    # is said at its first evaluation, once; it was never said.
+    # is said at its first evaluation, once.
     monkeypatch.setattr(finetune_config, "_is_beit", lambda pretrained: True)
     for _ in range(2):
         with pytest.raises(StudyFailed):
@@ -555,8 +557,8 @@ def test_a_cells_notes_are_said_once_not_at_each_slice_and_evaluation(tmp_path, 
 def test_a_finetunes_start_notes_are_said_once_a_study_and_its_other_lines_each_time(tmp_path, labelled, pretrained,
                                                                                     monkeypatch, capsys):
     """eval.finetune's 'lomar finetune: note: --train-pos-embed is unused', which the finetune says at its start (it
-    needs the encoder: a LoMaR cell's has no position table), was said at every cell's evaluation; its other lines (a
-    warning) are said each time."""
+    needs the encoder: a LoMaR cell's has no position table), is said once a study, not at every cell's evaluation;
+    its other lines (a warning) are said each time."""
     import sys
 
     import torch
