@@ -435,7 +435,7 @@ def test_a_stop_reaches_the_part_where_its_timeout_drops_the_signal(tmp_path):
             time.sleep(0.02)
         assert running.exists(), "the part did not start"
         os.killpg(check.pid, signal.SIGTERM)
-        code = check.wait(timeout=10)  # old code: the run went on, and the check waited on it
+        code = check.wait(timeout=10)  # the run stops with the check, which does not wait on it
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(check.pid, signal.SIGKILL)
