@@ -70,7 +70,7 @@ def test_one_of_lomars_own_checkpoints_is_named_so_not_read_as_an_original(marks
 
 def _cls_token_classifier(tmp_path) -> tuple[Path, dict]:
     """The file the original finetune writes with --cls_token (args.global_pool False): the encoder's final norm
-    feeds the head, no fc_norm; RPE tables under their original names. Norm and head random, so dropping either shows."""
+    feeds the head, no fc_norm; RPE tables under their original names. Norm and head random: dropping either shows."""
     source = VisionTransformer(model_config("vit_tiny_patch16", img_size=64, **TINY), num_classes=5, global_pool="cls")
     with torch.no_grad():
         for name in ("norm.weight", "norm.bias", "head.bias"):
@@ -109,6 +109,14 @@ def test_a_pooling_the_original_classifiers_weights_do_not_hold_is_refused_namin
     with pytest.raises(ValueError, match=f"global_pool='{other}' does not fit .*pools by '{pool}'; leave global_pool"):
         load_original(path, num_heads=4, global_pool=other)
     assert load_original(path, num_heads=4, global_pool=pool).global_pool == pool
+
+
+def test_a_class_count_the_original_classifiers_head_does_not_have_is_refused_naming_its_rows(tmp_path):
+    path, _ = _cls_token_classifier(tmp_path)
+    for load in (load_original, export_model):
+        with pytest.raises(ValueError, match=r"^num_classes=4 does not fit .*: its head has 5 rows; leave num_classes "
+                                             r"out$"):
+            load(path, num_heads=4, num_classes=4)
 
 
 def test_an_original_lomars_encoder_weights_leave_out_the_position_table_its_rpe_encoder_never_reads(tmp_path):

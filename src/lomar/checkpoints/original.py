@@ -107,7 +107,10 @@ def _infer(data: dict, overrides: dict, whole: bool, where: object = "this check
         settings.update(decoder_embed_dim=ddim, decoder_depth=ddepth, decoder_num_heads=int(dheads),
                         mask_ratio=args.get("mask_ratio", 0.75), norm_pix_loss=args.get("norm_pix_loss", True))
     elif method == "classifier":
-        settings["num_classes"] = state["head.weight"].shape[0]
+        settings["num_classes"] = rows = state["head.weight"].shape[0]
+        if overrides.get("num_classes", rows) != rows:
+            raise ValueError(f"num_classes={overrides['num_classes']!r} does not fit {where}: its head has {rows} "
+                             f"rows; leave num_classes out")
         # the original's finetune keeps the final norm for a cls-token head (--cls_token), deletes it for fc_norm's mean
         settings["global_pool"] = classifier_pool({}, state)
         asked = overrides.get("global_pool", settings["global_pool"])
