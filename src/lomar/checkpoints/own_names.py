@@ -9,11 +9,12 @@ import errno
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["own_temporary", "own_folder", "made_beside", "TEMPORARY_SUFFIX"]
+__all__ = ["own_temporary", "own_folder", "made_beside", "remove_made_beside", "TEMPORARY_SUFFIX"]
 
 T = TypeVar("T")
 # What follows ".NAME" in a temporary's name, as a regular expression: how the readers of a folder tell one
@@ -43,6 +44,21 @@ def made_beside(path: str | Path) -> list[Path]:
         return []
     return sorted(path.parent / name for name in names
                   if name.startswith(prefix) and own.fullmatch(name[len(prefix):]))
+
+
+def remove_made_beside(path: str | Path, keep: Callable[[Path], bool] | None = None) -> list[Path]:
+    """Remove the folders :func:`made_beside` finds beside ``path`` but those ``keep(folder)`` is true for -> those
+    kept. Only for a caller holding the lock that every writer of ``path`` holds while it writes: then no writer lives,
+    and each folder is a killed one's. A file or link of such a name is left: no writer of a folder made it."""
+    kept = []
+    for folder in made_beside(path):
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        if keep is not None and keep(folder):
+            kept.append(folder)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+    return kept
 
 
 def _made_beside(path: Path, make: Callable[[Path], T]) -> tuple[Path, T]:

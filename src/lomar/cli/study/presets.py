@@ -30,7 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from lomar.checkpoints.own_names import made_beside, own_folder
+from lomar.checkpoints.own_names import own_folder, remove_made_beside
 from lomar.cli.study.flags import parse_flags
 from lomar.cli.study.spec import Budget, StudySpec, parse_budget, parse_spec
 from lomar.errors import UsageError
@@ -143,9 +143,7 @@ def digits_data(root: Path) -> Path:
         if (root / "train").is_dir() and (root / "val").is_dir():  # built by the command this one waited for
             return root
         if locked:  # no build holds the lock, so every build folder beside the data is a killed one's
-            for leftover in made_beside(root):
-                if leftover.is_dir() and not leftover.is_symlink():
-                    shutil.rmtree(leftover, ignore_errors=True)
+            remove_made_beside(root)
         _build_digits(root, digits.target, pixels, train, val)
     return root
 
