@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lomar.checkpoints import file_lock
 from lomar.cli.app import main
 from lomar.data.compose import compose_digits, rle_encode
+from lomar.errors import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -163,20 +165,61 @@ def test_overwrite_keeps_the_old_set_whole_until_the_new_one_has_its_name(tmp_pa
     assert failed and _files(out) == before and [p.name for p in tmp_path.iterdir()] == ["set"]
 
 
-def test_a_killed_writes_hidden_folder_is_named_and_kept(tmp_path, caplog):
-    """A compose-digits killed between --overwrite's two renames leaves the replaced set in a hidden folder beside
-    --out, nowhere else: the next one names it (a live writer's folder looks the same, so it is not removed)."""
-    out, killed = tmp_path / "set", tmp_path / ".set.tmp-4242-0123456789abcdef"
-    (killed / "images").mkdir(parents=True)
-    (killed / "compose.json").write_text("{}")
-    (tmp_path / ".sets.tmp-4242-0123456789abcdef").mkdir()  # another set's: not named
+def _killed_writes(tmp_path):
+    """Beside ``tmp_path/set``: a killed write's whole set (compose.json, written last), a partial one, another set's
+    folder and a file of a temporary's name."""
+    whole, partial = tmp_path / f".set.tmp-4242-{'0a' * 8}", tmp_path / f".set.tmp-4243-{'0b' * 8}"
+    (whole / "images").mkdir(parents=True)
+    (whole / "compose.json").write_text("{}")
+    (partial / "images" / "train").mkdir(parents=True)
+    (tmp_path / f".sets.tmp-4242-{'0a' * 8}").mkdir()  # another set's
+    (tmp_path / f".set.tmp-4244-{'0c' * 8}").write_text("")  # no writer of a folder made it
+    return whole, partial
+
+
+def test_holding_the_lock_a_killed_writes_partial_folder_is_removed_and_a_whole_set_kept(tmp_path, caplog):
+    """With --out's lock held no other compose-digits writes it, so the hidden folders beside it are killed writes':
+    a partial one is removed; one holding a whole set (the set --overwrite was replacing when killed between its two
+    renames, or the set replacing it) is kept and named. Another set's folder and a file stay."""
+    out = tmp_path / "set"
+    whole, partial = _killed_writes(tmp_path)
     with caplog.at_level("WARNING", logger="lomar.data"):
         compose_digits(out, img_size=48, images=2, seed=0)
     assert [r.getMessage() for r in caplog.records] == [
-        f"{out}: 1 hidden folder(s) beside it from a compose-digits that did not finish ({killed.name}): one killed "
-        f"while --overwrite replaced the set holds that set, whole; keep what you need and delete them once no other "
-        f"compose-digits writes there"]
-    assert (killed / "compose.json").read_text() == "{}" and (out / "compose.json").is_file()
+        f"{out}: 1 hidden folder(s) beside it holding a whole set from a compose-digits killed before it renamed it "
+        f"in or removed it ({whole.name}): one killed while --overwrite replaced the set holds that set; keep what "
+        f"you need (rename it to set) and delete the rest"]
+    assert (whole / "compose.json").read_text() == "{}" and (out / "compose.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [whole.name, f".sets.tmp-4242-{'0a' * 8}", f".set.tmp-4244-{'0c' * 8}", "set"])
+
+
+def test_without_flock_a_killed_writes_folders_are_named_and_kept(tmp_path, monkeypatch, caplog):
+    """Where no flock is to be had a hidden folder may be a live writer's (another machine sharing the folder): each
+    is named and none removed."""
+    monkeypatch.setattr(file_lock, "fcntl", None)  # the system without flock: take_file_lock's ENOSYS
+    out = tmp_path / "set"
+    whole, partial = _killed_writes(tmp_path)
+    with caplog.at_level("WARNING", logger="lomar.data"):
+        compose_digits(out, img_size=48, images=2, seed=0)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{out}: 2 hidden folder(s) beside it from a compose-digits that did not finish ({whole.name}, "
+        f"{partial.name}): one killed while --overwrite replaced the set holds that set, whole; keep what you need "
+        f"and delete them once no other compose-digits writes there"]
+    assert (whole / "compose.json").read_text() == "{}" and partial.is_dir() and (out / "compose.json").is_file()
+
+
+def test_a_second_compose_digits_into_the_same_out_is_refused_while_the_first_writes(tmp_path):
+    """Two writers of one --out would each replace the other's set: the second is refused at once, naming the
+    first, and writes nothing."""
+    out = tmp_path / "set"
+    holder = file_lock.take_file_lock(tmp_path / ".set.lock")
+    try:
+        with pytest.raises(UsageError, match=r"set is being written by another compose-digits \(pid \d+ on "):
+            compose_digits(out, img_size=48, images=2, seed=0)
+    finally:
+        holder.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".set.lock"]
 
 
 def test_overwrite_through_a_link_replaces_the_set_it_points_to(tmp_path):

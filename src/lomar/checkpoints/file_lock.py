@@ -1,9 +1,9 @@
 """A folder's advisory lock: an exclusive ``fcntl.flock`` of a lock file in it, held by the open handle.
 
 The kernel drops it when its holder ends, a kill included, so a stale lock file never blocks. A training run's lock
-(``OUT/.lock``), an export's (``DIR/.export.lock``) and a study's data build's (``OUT/.data.lock``) are all this one;
-each caller words its own refusal. Windows has no flock: there every folder is as one on a filesystem without it
-(unlocked, with the caller's warning).
+(``OUT/.lock``), an export's (``DIR/.export.lock``), a study's data build's (``OUT/.data.lock``) and a compose-digits
+set's (``.OUT.lock`` beside it) are all this one; each caller words its own refusal. Windows has no flock: there
+every folder is as one on a filesystem without it (unlocked, with the caller's warning).
 """
 
 from __future__ import annotations

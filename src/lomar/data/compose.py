@@ -23,6 +23,7 @@ same files.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -33,9 +34,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from lomar.checkpoints.file_lock import holding_file_lock
 from lomar.checkpoints.io import write_error
-from lomar.checkpoints.own_names import made_beside, own_folder
+from lomar.checkpoints.own_names import made_beside, own_folder, remove_made_beside
 from lomar.data.demo_images import demo_image_paths
+from lomar.errors import UsageError
 from lomar.limits import MAX_IMG_SIZE
 
 __all__ = ["MIN_DIGIT", "compose_digits", "rle_encode", "COCO_SPLITS", "ADE_SPLITS"]
@@ -171,15 +174,29 @@ def compose_digits(out: str | Path, img_size: int = 256, images: int = 200, seed
     samples) for validation; ``per_image``: digits per picture (fewer when no free spot is found);
     ``classify_images``: one-digit pictures of ``classify_size`` px for the classification variant,
     split alike (0: none). Raises ValueError on bad arguments and FileExistsError when ``out``
-    holds files and not ``overwrite``, or files of another origin (no compose.json).
+    holds files and not ``overwrite``, or files of another origin (no compose.json); UsageError while another
+    compose-digits writes ``out``. Holding ``out``'s lock (``.NAME.lock`` beside it), it removes the hidden folders
+    killed writes left there, but keeps and names those holding a whole set; without flock it only names them.
     """
-    from sklearn.datasets import load_digits
-
     per_image, digit_scale = tuple(per_image), tuple(digit_scale)  # as the CLI's lists, so messages read alike
     _check(img_size, images, val_fraction, per_image, digit_scale, classify_images, classify_size)
     out = Path(out)
     if out.is_symlink():  # the set goes where the link points: the swap's renames would replace the link itself
         out = out.resolve()
+    with _write_lock(out) as locked:
+        if locked:
+            _clear_leftovers(out)
+        else:
+            _tell_leftovers(out)
+        return _compose(out, img_size, images, seed, val_fraction, per_image, digit_scale, classify_images,
+                        classify_size, overwrite)
+
+
+def _compose(out: Path, img_size, images, seed, val_fraction, per_image, digit_scale, classify_images,
+             classify_size, overwrite) -> dict:
+    """:func:`compose_digits` past its checks, with ``out``'s lock held where it can be."""
+    from sklearn.datasets import load_digits  # as compose_digits': only a write needs it
+
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise FileExistsError(f"{out} already exists and is not empty; pass overwrite=True (--overwrite) "
@@ -197,7 +214,6 @@ def compose_digits(out: str | Path, img_size: int = 256, images: int = 200, seed
     counts = {"train": images - n_val, "val": n_val}
     photos = _photos()
     out.parent.mkdir(parents=True, exist_ok=True)
-    _tell_leftovers(out)
     work = own_folder(out)  # the umask's permissions, which the rename gives the set
     summary = {"seed": seed, "img_size": img_size, "val_fraction": val_fraction, "per_image": list(per_image),
                "digit_scale": list(digit_scale), "classify_size": classify_size, "splits": {}}
@@ -222,16 +238,43 @@ def compose_digits(out: str | Path, img_size: int = 256, images: int = 200, seed
     return summary
 
 
+def _write_lock(out: Path) -> contextlib.AbstractContextManager[bool]:
+    """Hold ``.NAME.lock`` beside ``out`` while writing it (the flock of a study's data build): yields whether it is
+    held; not where the filesystem has no flock or the lock file cannot be made. Another compose-digits holding it:
+    UsageError at once (its set would replace this one's, or this one's its)."""
+
+    def refusal(owner: str) -> UsageError:
+        return UsageError(f"{out} is being written by another compose-digits ({owner}); run again once it ends, or "
+                          f"choose another folder")
+
+    return holding_file_lock(out.with_name(f".{out.name}.lock"), 0.0, refusal, unopened_ok=True)
+
+
+def _clear_leftovers(out: Path) -> None:
+    """With ``out``'s lock held (no writer of it lives): remove the hidden folders killed writes left beside it, but
+    keep those holding a whole set (compose.json, written last) and name them. A write killed between
+    :func:`_swap_in`'s two renames leaves two whole sets, the replaced one and its successor, under names alike: which
+    one belongs at ``out`` is the user's call, not this one's."""
+    if whole := remove_made_beside(out, keep=lambda folder: (folder / "compose.json").is_file()):
+        logging.getLogger("lomar.data").warning(
+            "%s: %d hidden folder(s) beside it holding a whole set from a compose-digits killed before it renamed "
+            "it in or removed it (%s): one killed while --overwrite replaced the set holds that set; keep what you "
+            "need (rename it to %s) and delete the rest", out, len(whole), _names(whole), out.name)
+
+
+def _names(folders: list[Path]) -> str:
+    return ", ".join(path.name for path in folders[:3]) + (", ..." if len(folders) > 3 else "")
+
+
 def _tell_leftovers(out: Path) -> None:
-    """Warn of the hidden folders beside ``out`` that a compose-digits writing it left (killed, or still running):
-    one killed between :func:`_swap_in`'s two renames holds the set ``--overwrite`` was replacing, which is nowhere
-    else. Named, not removed: a live writer's own folder looks the same."""
+    """Without ``out``'s lock: warn of the hidden folders beside ``out`` that a compose-digits writing it left
+    (killed, or still running): one killed between :func:`_swap_in`'s two renames holds the set ``--overwrite`` was
+    replacing, which is nowhere else. Named, not removed: a live writer's own folder looks the same."""
     if leftovers := [path for path in made_beside(out) if path.is_dir()]:
         logging.getLogger("lomar.data").warning(
             "%s: %d hidden folder(s) beside it from a compose-digits that did not finish (%s): one killed while "
             "--overwrite replaced the set holds that set, whole; keep what you need and delete them once no other "
-            "compose-digits writes there", out, len(leftovers),
-            ", ".join(path.name for path in leftovers[:3]) + (", ..." if len(leftovers) > 3 else ""))
+            "compose-digits writes there", out, len(leftovers), _names(leftovers))
 
 
 def _swap_in(work: Path, out: Path) -> None:
