@@ -212,7 +212,7 @@ def _pretrain_on_two_ranks(folder, *args: str, resume: bool = False) -> str:
 
 @pytest.mark.slow
 @pytest.mark.longest
-def test_pretrain_fsdp_matches_one_process_resumes_exactly_and_exports(tmp_path, image_dir, capsys, monkeypatch):
+def test_pretrain_fsdp_matches_one_process_resumes_exactly_and_exports(tmp_path, image_dir, capsys):
     from helpers import as_torchrun, losses
     from lomar.cli.app import main
     from lomar.train.fsdp import _main as fsdp_cli
@@ -264,8 +264,10 @@ def test_pretrain_fsdp_matches_one_process_resumes_exactly_and_exports(tmp_path,
     # of a loaded 2-core CPU, two thirds of this test), compile the model's own step, which
     # tests/train/test_pretrain.py's test_reduce_overhead_trains_as_eager_with_accumulation checks against eager
     torch._dynamo.reset()  # the forked processes compile afresh, whatever this one compiled before
-    monkeypatch.setattr(torch._dynamo.config, "debug_backend_override", ">=0:aot_eager")
-    _pretrain_on_two_ranks(tmp_path, *common, "--compile", "--out", str(tmp_path / "compiled"), "--max-steps", "3")
+    # config.patch, not monkeypatch: a config module keeps its values outside __dict__, so monkeypatch's undo deletes
+    # the key (dynamo then hides it) and every later compile in this process fails
+    with torch._dynamo.config.patch(debug_backend_override=">=0:aot_eager"):
+        _pretrain_on_two_ranks(tmp_path, *common, "--compile", "--out", str(tmp_path / "compiled"), "--max-steps", "3")
     assert losses(tmp_path / "compiled") == pytest.approx(losses(single), rel=1e-5)
 
     # last.pt, the .dcp folder itself, and the consolidation command all export the same encoder.
