@@ -68,14 +68,15 @@ def test_the_resume_hint_of_a_multi_process_run_asks_for_the_same_launch():
 def test_a_studys_runs_say_each_note_once_and_not_that_a_cells_evaluation_starts_anew(tmp_path, capsys,
                                                                                        monkeypatch):
     """A study's finetunes (``notes_said``: the lines it said) print their notes on stderr, which the study does not
-    silence: each once a study, and no 'nothing to resume' for the --resume auto the study itself passes."""
+    silence: each once a study, and (``notes_new_run`` False) no 'nothing to resume' for the --resume auto the study
+    itself passes."""
     import lomar.train.precision as precision
 
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)  # bf16 emulated: the same note for every cell
     said: dict[str, None] = {}
     for cell in ("a", "b"):
         config = ToyConfig(out=str(tmp_path / cell), precision="bf16", max_steps=1, resume="auto")
-        config.notes_said = said
+        config.notes_said, config.notes_new_run = said, False  # as lomar.cli.study.evals sets them
         assert run(config, ToyTask) == 0
     noted = capsys.readouterr().err
     assert noted.count("lomar toy: note: bf16 on this CPU is emulated") == 1 and "nothing to resume" not in noted

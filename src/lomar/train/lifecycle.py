@@ -345,8 +345,7 @@ def run(config, make_task: type[Task]) -> int:
         config.resume_point = point  # as read under the lock: the precision it trained in is the run's (Task too)
         resume = point.path if point is not None else None
         if point is not None and info.is_main:
-            # a study's evaluation (notes_said: its notes) asks --resume auto itself: its first start is no news
-            fresh = point.resume == "auto" and point.path is None and getattr(config, "notes_said", None) is None
+            fresh = point.resume == "auto" and point.path is None and getattr(config, "notes_new_run", True)
             say_notes(config, name, point.notes + [f"nothing to resume in {out}: a new run starts"] * fresh)
         try:
             if resume is not None and info.is_main:

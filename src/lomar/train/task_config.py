@@ -42,6 +42,9 @@ class TaskConfig:
     COMMAND = "task"
     TRAINS_FROM_OWN = False  # --pretrained may be this command's own checkpoint, to train further from
     resume_point = None  # not a setting: what :meth:`resolve` read of the checkpoint resumed (run_resume.ResumePoint)
+    # not a setting: whether --resume auto finding nothing says a new run starts; a study, which passes --resume auto
+    # to each cell's run itself, sets it False: a cell's first start is no news there
+    notes_new_run = True
     precision: str = S.PRECISION.field()
     workers: int | None = S.WORKERS.field()
     threads: int | None = S.THREADS.field()

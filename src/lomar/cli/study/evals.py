@@ -139,6 +139,7 @@ def _finetune(args, said: dict[str, None]) -> float:
     sys.stderr.write("".join(f"{note}\n" for note in new))
     said.update(dict.fromkeys(new))
     config.notes_said = said  # the notes of its start (an encoder flag the cells' encoders lack): once a study
+    config.notes_new_run = False  # the study passes --resume auto itself
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), stop_signals_seen() as signals:
         try:
             rc = finetune(config)  # its errors still reach stderr
