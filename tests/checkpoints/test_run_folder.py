@@ -1,4 +1,5 @@
-"""Which checkpoint of a run folder lomar.load_model and lomar predict read (lomar.checkpoints.run_folder)."""
+"""Which checkpoint of a run folder lomar.load_model, lomar predict and an encoder's reader (knn, linprobe, finetune
+--pretrained) read (lomar.checkpoints.run_folder, export_leftovers.readable_file)."""
 
 import os
 
@@ -11,16 +12,30 @@ from lomar import LoMaR, VisionTransformer, ViTConfig, export_encoder
 from lomar.checkpoints.convert import pretrain_checkpoint
 from lomar.checkpoints.export_leftovers import writer_tag
 from lomar.checkpoints.file_names import RUN_ENCODER
+from lomar.checkpoints.formats import peek_encoder
 from lomar.checkpoints.io import atomic_save
 from lomar.checkpoints.kinds import FINETUNE_FORMAT, PRETRAIN_FORMAT
+from lomar.eval.features import load_pretrained_encoder
 from lomar.eval.predict import load_trained
 
 VIT = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
 
 
-def _classifier(path, classes: int) -> None:
-    model = VisionTransformer(VIT, num_classes=classes)
-    atomic_save({"model": model.state_dict(), "config": VIT.to_dict(), "format": FINETUNE_FORMAT}, path)
+def _classifier(path, classes: int, config: ViTConfig = VIT) -> None:
+    model = VisionTransformer(config, num_classes=classes)
+    atomic_save({"model": model.state_dict(), "config": config.to_dict(), "format": FINETUNE_FORMAT}, path)
+
+
+def _interrupted_export(run) -> str:
+    """A finished pretraining run folder (last.pt + export) whose export a kill set aside; the set-aside files' TAG."""
+    torch.manual_seed(0)
+    model = LoMaR(VIT, window_size=2, num_windows=1)
+    atomic_save({**pretrain_checkpoint(model), "format": PRETRAIN_FORMAT, "step": 1}, run / "last.pt")
+    export_encoder(model.encoder, run, weights_name=RUN_ENCODER)
+    tag = f"{writer_tag().split('-')[0]}-{dead_pid()}-0123456789abcdef"
+    for name in ("config.json", RUN_ENCODER):
+        os.replace(run / name, run / f".{name}.old-{tag}")
+    return tag
 
 
 def test_load_model_takes_a_run_folder_as_predict_does(tmp_path):
@@ -48,16 +63,34 @@ def test_a_pretraining_run_folder_whose_export_was_interrupted_is_refused(tmp_pa
     """A kill between write_export's renames leaves a finished pretraining run's export set aside (.NAME.old-TAG)
     and no config.json: load_model refuses the folder with read()'s line naming those files and how to get the export
     back, rather than giving last.pt's LoMaR to a caller who expects the encoder."""
-    torch.manual_seed(0)
-    model, run = LoMaR(VIT, window_size=2, num_windows=1), tmp_path / "pre"
-    atomic_save({**pretrain_checkpoint(model), "format": PRETRAIN_FORMAT, "step": 1}, run / "last.pt")
-    export_encoder(model.encoder, run, weights_name=RUN_ENCODER)
-    tag = f"{writer_tag().split('-')[0]}-{dead_pid()}-0123456789abcdef"
-    for name in ("config.json", RUN_ENCODER):
-        os.replace(run / name, run / f".{name}.old-{tag}")
+    run = tmp_path / "pre"
+    tag = _interrupted_export(run)
     with pytest.raises(ValueError) as refused:
         lomar.load_model(run)
     assert str(refused.value) == (
         f"{run} is a folder without config.json; an export into it was interrupted: its previous files are "
         f".config.json.old-{tag}, .{RUN_ENCODER}.old-{tag} (export again, or rename them back to config.json, "
         f"{RUN_ENCODER}); pass its checkpoint, {run / 'last.pt'}")
+
+
+def test_an_encoder_reader_takes_a_run_folder_as_predict_does(tmp_path):
+    """knn, linprobe and finetune --pretrained read a finetune run folder's encoder from its best.pt, else its last.pt,
+    the file lomar predict and load_model read of it; peek_encoder, which refuses an encoder before reading it, too."""
+    run = tmp_path / "ft"
+    _classifier(run / "last.pt", classes=3, config=ViTConfig(img_size=32, patch_size=16, embed_dim=32, depth=1,
+                                                               num_heads=2))
+    _classifier(run / "best.pt", classes=2)
+    assert load_pretrained_encoder(run).load_report.path == str(run / "best.pt") and peek_encoder(run) == ("vit", 8)
+    (run / "best.pt").unlink()
+    assert load_pretrained_encoder(run).load_report.path == str(run / "last.pt") and peek_encoder(run) == ("vit", 16)
+
+
+def test_an_encoder_reader_refuses_a_run_folder_whose_export_was_interrupted(tmp_path):
+    """Its run finished (the export was there): the encoder reader refuses it as load_model does, naming the set-aside
+    export, rather than calling the run unfinished and reading last.pt."""
+    run = tmp_path / "pre"
+    tag = _interrupted_export(run)
+    with pytest.raises(ValueError, match=rf"an export into it was interrupted: its previous files are "
+                                         rf"\.config\.json\.old-{tag}, ") as refused:
+        load_pretrained_encoder(run)
+    assert "not finished" not in str(refused.value) and peek_encoder(run) is None

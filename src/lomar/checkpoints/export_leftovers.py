@@ -28,10 +28,11 @@ from lomar.checkpoints.file_lock import flock_in_place, holding_file_lock
 from lomar.checkpoints.file_names import CONFIG_NAME
 from lomar.checkpoints.io import open_in_place
 from lomar.checkpoints.own_names import TEMPORARY_SUFFIX
+from lomar.checkpoints.run_folder import model_file
 from lomar.errors import UsageError
 
-__all__ = ["stale_leftovers", "interrupted_export", "export_lock", "export_running", "is_export_file", "writer_tag",
-           "EXPORT_LOCK", "LOCK_WAIT_S"]
+__all__ = ["stale_leftovers", "interrupted_export", "readable_file", "export_lock", "export_running",
+           "is_export_file", "writer_tag", "EXPORT_LOCK", "LOCK_WAIT_S"]
 
 # ".config.json.old-TAG", ".model.safetensors.new-TAG" and atomic_write's "..config.json.new-TAG.tmp-PID-TOKEN"; or
 # an older lomar's, named by the PID alone (".config.json.old-PID", "..config.json.new-PID.tmp-PID"), written on this
@@ -148,3 +149,13 @@ def interrupted_export(folder: Path) -> str:
     names = ", ".join(_LEFTOVER.fullmatch(path.name)["name"] for path in old)
     return (f"an export into it was interrupted: its previous files are {', '.join(path.name for path in old)} "
             f"(export again, or rename them back to {names}); ")
+
+
+def readable_file(path: Path) -> Path:
+    """What a reader of ``path`` (:func:`lomar.load_model`, an encoder's reader: knn, linprobe, finetune
+    ``--pretrained``) reads: a run folder without an export through its best.pt, else last.pt
+    (:func:`~lomar.checkpoints.run_folder.model_file`), except one whose export was interrupted, given back as the
+    folder, which read() refuses naming the set-aside export (its caller wants that export, not a checkpoint);
+    anything else as it is."""
+    file = model_file(path)
+    return path if file != path and interrupted_export(path) else file

@@ -29,7 +29,7 @@ from torch import nn
 import lomar.checkpoints.formats_dense  # noqa: F401  registers the detector's and segmenter's reader
 import lomar.checkpoints.original  # noqa: F401  registers the original-LoMaR/MAE readers
 from lomar.checkpoints.export import create_encoder, read_export
-from lomar.checkpoints.export_leftovers import interrupted_export
+from lomar.checkpoints.export_leftovers import interrupted_export, readable_file
 from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS, RUN_ENCODER
 from lomar.checkpoints.formats_beit import BEiTReader  # and registers BEiT's readers
 from lomar.checkpoints.formats_probe import probe_only_refusal  # and registers linprobe's reader
@@ -49,7 +49,7 @@ from lomar.checkpoints.reader import (
     saved_spec,
     spec_settings,
 )
-from lomar.checkpoints.run_folder import model_file, run_checkpoints, stopped_run_checkpoint
+from lomar.checkpoints.run_folder import run_checkpoints
 from lomar.checkpoints.sharded import read_sharded
 from lomar.models.masking import grid_size
 from lomar.models.vit import VisionTransformer, ViTConfig
@@ -358,7 +358,7 @@ def peek_encoder(path: str | Path) -> tuple[str, int | None] | None:
     shape of its mapped patch-embedding weight, no weight read; None where that cannot tell (a sharded or unmappable
     checkpoint, one in no format: the full read reports it), so that a caller can refuse an encoder it cannot use
     before reading one."""
-    path = stopped_run_checkpoint(Path(path)) or Path(path)  # read as load_pretrained_encoder reads it
+    path = readable_file(Path(path))  # read as load_pretrained_encoder reads it
     if path.is_dir() and (path / ".metadata").is_file():
         return None
     try:
@@ -383,13 +383,10 @@ def load_model(path: str | Path, **overrides) -> nn.Module:
     what an original checkpoint cannot tell; a classifier is rebuilt as it saved itself, at another ``img_size`` or
     ``attention`` where given; one its reader has no use for (LoMaR's windows for a classifier or an export) is
     refused. A run folder without an export is read through its best.pt, else last.pt, as ``lomar predict`` reads one
-    (:func:`~lomar.checkpoints.run_folder.model_file`); one whose export was interrupted is refused, naming the
+    (:func:`~lomar.checkpoints.export_leftovers.readable_file`); one whose export was interrupted is refused, naming the
     set-aside export. Raises ValueError or FileNotFoundError with a message that names the problem.
     """
-    path = Path(path)
-    # an interrupted export's folder: read() refuses it by name, as its caller wants that encoder, not last.pt's model
-    file = model_file(path)
-    reader, src = read(path if file != path and interrupted_export(path) else file)
+    reader, src = read(readable_file(Path(path)))
     return reader.model(src, {k: v for k, v in overrides.items() if v is not None})
 
 

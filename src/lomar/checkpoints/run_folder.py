@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lomar.checkpoints.file_names import BEST, CONFIG_NAME, LAST
 
-__all__ = ["run_checkpoints", "run_checkpoint", "stopped_run_checkpoint", "model_file"]
+__all__ = ["run_checkpoints", "run_checkpoint", "model_file"]
 
 
 def run_checkpoints(folder: Path) -> list[Path]:
@@ -21,17 +21,12 @@ def run_checkpoint(folder: Path) -> Path | None:
     return next(iter(run_checkpoints(folder)), None)
 
 
-def stopped_run_checkpoint(path: Path) -> Path | None:
-    """The ``last.pt`` of a run folder that holds no export (a run stopped before its end writes none), the one
-    checkpoint of it to read an encoder from; None for any other ``path``."""
-    return path / LAST if path.is_dir() and not (path / CONFIG_NAME).exists() and (path / LAST).is_file() else None
-
-
 def model_file(path: Path) -> Path:
-    """What :func:`lomar.load_model` reads of ``path``: a run folder without an export (finetune's, detect's,
-    segment's, a pretraining stopped before its end) through :func:`run_checkpoint`; anything else as it is (an
-    export folder, which a finished pretraining run's folder is, gives its encoder). load_model refuses a folder whose
-    export was interrupted instead, which only a torch-side look at its leftovers tells."""
+    """What :func:`lomar.load_model` and an encoder's reader (knn, linprobe, finetune ``--pretrained``) read of
+    ``path``: a run folder without an export (finetune's, detect's, segment's, a pretraining stopped before its end)
+    through :func:`run_checkpoint`; anything else as it is (an export folder, which a finished pretraining run's folder
+    is, gives its encoder). Both refuse a folder whose export was interrupted instead, which only a torch-side look at
+    its leftovers tells (:func:`~lomar.checkpoints.export_leftovers.readable_file`)."""
     if path.is_dir() and not (path / CONFIG_NAME).exists():
         return run_checkpoint(path) or path
     return path

@@ -16,12 +16,12 @@ from typing import Literal
 import torch
 from torch.utils.data import DataLoader
 
+from lomar.checkpoints.export_leftovers import readable_file
 from lomar.checkpoints.formats import read, saved_class_names
 from lomar.checkpoints.formats_beit import BEiTReader
 from lomar.checkpoints.io import check_finite
 from lomar.checkpoints.keys import CLASSIFIER_PREFIXES, drop_final_norm
 from lomar.checkpoints.kinds import classifier_pool, run_command
-from lomar.checkpoints.run_folder import stopped_run_checkpoint
 from lomar.data.class_names import classes_only_in, names_problem, rows_by_name, unicode_forms_note
 from lomar.data.classify import bound_aspect, eval_resize
 from lomar.data.collate import UNREADABLE_LIMIT, BadDataTracker, collate_labelled
@@ -77,7 +77,8 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
 
     ``path``: our ``lomar pretrain`` checkpoint (``last.pt``: ``model`` + ``config``; its
     ``encoder.*`` keys), a ``lomar finetune`` checkpoint, a folder written by ``lomar export``
-    (or a pretraining run folder, which holds ``config.json`` + ``encoder.safetensors``),
+    (or a pretraining run folder, which holds ``config.json`` + ``encoder.safetensors``), a run folder without
+    an export (finetune's, a stopped pretraining's: its ``best.pt``, else ``last.pt``, as ``lomar predict`` reads one),
     or an original LoMaR / MAE checkpoint. A BEiT source (``lomar pretrain --method beit``,
     its export, an original BEiT checkpoint) gives timm's ``Beit`` instead, per-block relative
     position bias initialised from the shared table, with the same ``load_report``, a
@@ -99,10 +100,10 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; pass a checkpoint file or an exported folder")
-    # a run stopped by a signal has no export yet: its last checkpoint, not "a folder without config.json; pass ...
-    # a folder written by lomar pretrain", which it is
-    unfinished = (last := stopped_run_checkpoint(path)) is not None
-    path = last or path
+    # a run folder without an export (finetune's, or a pretraining stopped by a signal): the checkpoint lomar predict
+    # and load_model read of it, not "a folder without config.json; pass ... a folder written by lomar pretrain"
+    unfinished = (file := readable_file(path)) != path
+    path = file
     # Reading draws nothing from the global RNG (some formats build a model to read it): the new head and every
     # later draw of a run are then the same whatever form the same weights come in.
     heads = {"num_heads": overrides["num_heads"]} if overrides.get("num_heads") else {}
