@@ -430,7 +430,9 @@ def test_eval_only_scores_a_finetuned_classifier_as_its_run_did(tmp_path, capsys
     assert main([*evaluate, "--pretrained", str(run), "--out", str(tmp_path / "scored")]) == 0
     assert reads == [run / "best.pt"]  # read once: the settings taken and the weights scored are of one read
     monkeypatch.undo()
-    assert f"classifier loaded from {run / 'best.pt'} (step 1), 32 px, 6 classes" in capsys.readouterr().err
+    # what it scores, as a run's start-up line: on stdout with the score line (a study silences it)
+    assert f"lomar finetune: classifier loaded from {run / 'best.pt'} (step 1), 32 px, 6 classes" in \
+        capsys.readouterr().out
     scored = json.loads((tmp_path / "scored" / "metrics.jsonl").read_text())
     assert (scored["eval_only"], scored["checkpoint"], scored["step"]) == (True, str(run / "best.pt"), 1)
     assert (scored["top1"], scored["top5"]) == (final["top1"], final["top5"])
@@ -473,7 +475,7 @@ def test_eval_only_scores_a_finetuned_classifier_as_its_run_did(tmp_path, capsys
             f"not record the precision the classifier trained in\n") in capsys.readouterr().err
     # another size: its position table resampled there, the record says both sizes
     assert main([*evaluate, "--pretrained", str(run), "--out", str(tmp_path / "48"), "--img-size", "48"]) == 0
-    assert "(step 1), 48 px, not its trained 32 px" in capsys.readouterr().err
+    assert "(step 1), 48 px, not its trained 32 px" in capsys.readouterr().out
     at48 = json.loads((tmp_path / "48" / "metrics.jsonl").read_text())
     assert (at48["img_size"], at48["trained_img_size"]) == (48, 32) and 0 <= at48["top1"] <= 1
     write_images(tmp_path / "other" / "a", 1)

@@ -157,7 +157,9 @@ def test_eval_only_scores_a_trained_segmenter_as_its_run_did(digits, tmp_path, c
     assert main([*evaluate, "--out", str(tmp_path / "scored"), "--batch-size", "1"]) == 0, capsys.readouterr().err
     assert reads == [run / "best.pt"]  # read once: the settings checked and the weights scored are of one read
     monkeypatch.undo()
-    assert "segmenter loaded from " + str(run / "best.pt") + " (step 2), 32 px" in capsys.readouterr().err
+    # what it scores, as a run's start-up line: on stdout with the score line
+    assert "lomar segment: segmenter loaded from " + str(run / "best.pt") + " (step 2), 32 px" in \
+        capsys.readouterr().out
     scored = json.loads((tmp_path / "scored" / "metrics.jsonl").read_text())
     assert scored["eval_only"] is True and scored["checkpoint"] == str(run / "best.pt") and scored["step"] == 2
     assert {k: scored[k] for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc", "eval")} == \
@@ -178,7 +180,7 @@ def test_eval_only_scores_a_trained_segmenter_as_its_run_did(digits, tmp_path, c
     capsys.readouterr()
     assert main([*evaluate, "--pretrained", str(tmp_path / "slid.pt"), "--out", str(tmp_path / "64"), "--img-size",
                  "64"]) == 0
-    assert "(step 2), 64 px, not its trained 32 px" in capsys.readouterr().err
+    assert "(step 2), 64 px, not its trained 32 px" in capsys.readouterr().out
     at64 = json.loads((tmp_path / "64" / "metrics.jsonl").read_text())
     assert (at64["img_size"], at64["trained_img_size"], at64["eval"]) == (64, 32, {"mode": "slide", "stride": 42})
     assert 0 <= at64["mIoU"] <= 100
@@ -188,7 +190,7 @@ def test_eval_only_scores_a_trained_segmenter_as_its_run_did(digits, tmp_path, c
     ckpt["settings"].update(eval_mode="whole", eval_stride=None)
     torch.save(ckpt, tmp_path / "old.pt")
     assert main([*evaluate, "--pretrained", str(tmp_path / "old.pt"), "--out", str(tmp_path / "old")]) == 0
-    assert "its encoder rebuilt as its run's --model vit_tiny_patch16" in capsys.readouterr().err
+    assert "its encoder rebuilt as its run's --model vit_tiny_patch16" in capsys.readouterr().out
     old = json.loads((tmp_path / "old" / "metrics.jsonl").read_text())
     assert {k: old[k] for k in ("mIoU", "IoU", "Acc", "eval")} == {k: final[k] for k in ("mIoU", "IoU", "Acc", "eval")}
     torch.save({"model": {}}, tmp_path / "other.pt")
@@ -325,8 +327,9 @@ def test_two_step_run_writes_miou_per_class_scores_and_predictions(digits, pretr
                     "--eval-every", "1", "--no-train-pos-embed") == 0
     captured = capsys.readouterr()
     err = captured.err
-    assert "pretrained: loaded" in err
-    assert "relative position term: none added (the encoder's own iRPE gives its attention" in err  # LoMaR's
+    assert "lomar segment: pretrained: loaded" in captured.out  # what it trains: stdout, as the start-up line
+    # LoMaR's
+    assert "relative position term: none added (the encoder's own iRPE gives its attention" in captured.out
     assert ("lomar segment: note: --no-train-pos-embed is unused: it acts on an absolute position table (MAE's), "
             "and this encoder has none\n") in err  # LoMaR's: iRPE
     # the per-class table at the final evaluation only, not at step 1's
@@ -364,13 +367,13 @@ def test_random_init_is_said_and_resume_is_exact(digits, tmp_path, capsys):
     common = ("--model", "vit_tiny_patch16", "--schedule-steps", "4", "--eval-mode", "slide", "--drop-path", "0.1")
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert _segment(digits, straight, *common, "--max-steps", "4") == 0
-    assert "random init vit_tiny_patch16" in capsys.readouterr().err
+    assert "random init vit_tiny_patch16" in capsys.readouterr().out
     assert safe_load(straight / "last.pt")["settings"]["rel_pos"] == "none"  # LoMaR's encoder keeps its iRPE only
     assert _segment(digits, split, *common, "--max-steps", "2") == 0
     capsys.readouterr()
     assert _segment(digits, split, "--resume", "auto", "--max-steps", "4") == 0
     # the resume's model is the run's, not a new random one
-    said = capsys.readouterr().err
+    said = capsys.readouterr().out
     assert f"lomar segment: model rebuilt from the run's checkpoint {split / 'last.pt'} (step 2);" in said
     assert "random init" not in said
     a = torch.load(straight / "last.pt", weights_only=True)["model"]

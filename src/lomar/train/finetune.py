@@ -130,7 +130,7 @@ class FinetuneTask(Task):
             self.source = {"checkpoint": str(path), "step": step, "trained_img_size": trained}
             other = "" if trained == config.img_size else f", not its trained {trained} px"
             print(f"lomar finetune: classifier loaded from {path} (step {step}), {config.img_size} px{other}, "
-                  f"{len(self.classes)} classes", file=sys.stderr, flush=True)
+                  f"{len(self.classes)} classes", flush=True)  # what it runs, as the start-up line: stdout
             return
         load_resumed(self)  # other classes: refused before the model and its weights
         if isinstance(encoder := resumed_encoder_config(config), BEiTConfig):  # the lifecycle loads the weights

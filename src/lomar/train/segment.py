@@ -116,7 +116,7 @@ class SegmentTask(Task):
             term = config.rel_pos
             if term == "none" and encoder.config.pos == "rpe":  # 'none' alone read as if the iRPE were dropped
                 term = "none added (the encoder's own iRPE gives its attention relative positions)"
-            print(f"lomar segment: {source}; relative position term: {term}", file=sys.stderr, flush=True)
+            print(f"lomar segment: {source}; relative position term: {term}", flush=True)  # what it runs: stdout
             for note in unused_encoder_flags(config, encoder):
                 print(f"lomar segment: note: {note}", file=sys.stderr, flush=True)
         # The pyramid taps blocks, never the final norm: left trainable, DDP would wait for its gradient.
