@@ -213,7 +213,32 @@ def test_visualize_draws_the_images_of_a_folder_given(pretrained, tmp_path, caps
     assert f"no images found in {tmp_path / 'none'}" in capsys.readouterr().err
     write_images(tmp_path / "many", 65, size=(8, 8))
     assert main(["visualize", str(pretrained), str(tmp_path / "many"), "--out", str(tmp_path / "f3")]) == 2
-    assert "65 images in the folders given; pass at most 64" in capsys.readouterr().err
+    assert ("more than 64 distinct images in the files and folders given; pass fewer, or a folder with fewer images "
+            "(at most 64: one figure row each)") in capsys.readouterr().err
+
+
+def test_visualize_counts_distinct_images_not_the_names_given(pretrained, tmp_path, capsys, monkeypatch):
+    """A file named 65 times, or named beside the folder it is in, is one image; 65 distinct files are refused, and
+    a folder past the limit is not listed whole to say so."""
+    import lomar.data.image_search as image_search
+
+    photos = write_images(tmp_path / "photos", 2, size=(8, 8))
+    one = photos / "img000.png"
+    assert main(["visualize", str(pretrained), *[str(one)] * 65, "--out", str(tmp_path / "f")]) == 0, \
+        capsys.readouterr().err
+    assert main(["visualize", str(pretrained), str(photos), *[str(one)] * 63, "--out", str(tmp_path / "g")]) == 0
+    capsys.readouterr()
+    many = write_images(tmp_path / "many", 65, size=(4, 4))
+    assert main(["visualize", str(pretrained), *map(str, sorted(many.iterdir())), "--out", str(tmp_path / "h")]) == 2
+    assert capsys.readouterr().err.endswith("more than 64 distinct images given; pass fewer (at most 64: one figure "
+                                            "row each)\n")
+    for name in "abc":
+        write_images(tmp_path / "huge" / name, 40, size=(4, 4))
+    walked, walk = [], image_search.walk
+    monkeypatch.setattr(image_search, "walk", lambda *a: (walked.append(w[0]) or w for w in walk(*a)))
+    assert main(["visualize", str(pretrained), str(tmp_path / "huge"), "--out", str(tmp_path / "i")]) == 2
+    assert "more than 64 distinct images in the files and folders given" in capsys.readouterr().err
+    assert str(tmp_path / "huge" / "c") not in walked  # the search stopped at b, past 64
 
 
 def test_visualize_skips_a_folders_unreadable_image_and_refuses_one_named(pretrained, tmp_path, capsys):

@@ -73,8 +73,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if len(args.images) > MAX_IMAGES:
-        raise UsageError(f"{len(args.images)} images given; pass at most {MAX_IMAGES} (one figure row each)")
     for image in map(Path, args.images):
         if not image.is_file() and not image.is_dir():
             raise UsageError(f"image {image} {_not_a_file(image)}; pass image files (PNG, JPEG, …) or folders")
@@ -172,13 +170,17 @@ def run(args: argparse.Namespace) -> int:
 def _image_paths(given: list[str]) -> tuple[list[Path], set[Path]]:
     """(the images to draw, one figure row each: the files given, and each folder's images as ``lomar predict`` lists
     them (recursively, sorted, a file given twice drawn once); those of them found in a folder). UsageError past
-    MAX_IMAGES, or for a folder without an image."""
+    MAX_IMAGES distinct files, found without listing a huge folder whole, or for a folder without an image."""
     from lomar.eval.predict import list_images  # torch: not for --help
 
-    paths = [Path(image.path) for image in list_images(given)]
+    paths = [Path(image.path) for image in list_images(given, limit=MAX_IMAGES)]
     if len(paths) > MAX_IMAGES:
-        folders = " in the folders given" if any(Path(g).is_dir() for g in given) else " given"
-        raise UsageError(f"{len(paths)} images{folders}; pass at most {MAX_IMAGES} (one figure row each)")
+        if any(Path(g).is_dir() for g in given):
+            where, fix = "in the files and folders given", "pass fewer, or a folder with fewer images"
+        else:
+            where, fix = "given", "pass fewer"
+        raise UsageError(f"more than {MAX_IMAGES} distinct images {where}; {fix} (at most {MAX_IMAGES}: one figure "
+                         f"row each)")
     named = {Path(g) for g in given if not Path(g).is_dir()}
     return paths, {path for path in paths if path not in named}
 

@@ -36,18 +36,22 @@ def find_images(root: str | Path) -> list[Path]:
     return list(image_table(root))
 
 
-def image_table(root: str | Path) -> PathTable:
-    """:func:`find_images`'s paths as a :class:`PathTable`, without a Path object per image on the way."""
-    found, passed_over = search_images(root)
-    warn_passed_over(root, passed_over)
+def image_table(root: str | Path, limit: int | None = None) -> PathTable:
+    """:func:`find_images`'s paths as a :class:`PathTable`, without a Path object per image on the way; past ``limit``
+    images, some ``limit`` + 1 or more of them (:func:`search_images`), and no warning of what it passed over."""
+    found, passed_over = search_images(root, limit)
+    if limit is None or len(found) <= limit:  # a search stopped short would warn of part of the folder
+        warn_passed_over(root, passed_over)
     return PathTable(found)
 
 
-def search_images(root: str | Path) -> tuple[list[str], dict]:
+def search_images(root: str | Path, limit: int | None = None) -> tuple[list[str], dict]:
     """(``str`` of :func:`find_images`'s paths, what it passed over: {"loops": int, "hidden": [Path], "forks": int,
     "hidden_files": [Path], "unlisted": [OSError], "foreign": [Path], "twice": [(path, path)]}) for
     :func:`warn_passed_over`, which says it once for any number of searches; and "folders": [((st_dev, st_ino),
-    folder)] searched, for class folders."""
+    folder)] searched, for class folders. Given a ``limit``, the search stops at the first folder that takes it past
+    ``limit`` distinct images: the paths are then more than ``limit`` of the folder's, not all of them, for a caller
+    that refuses so many without listing a huge folder whole."""
     found: list[str] = []
     # A link to an ancestor of root leads back into root (a class folder's link to the ImageFolder root
     # would give that class every other class's images): searched already, as root itself is.
@@ -75,6 +79,10 @@ def search_images(root: str | Path) -> tuple[list[str], dict]:
         prefix = folder_prefix(folder)
         found.extend(prefix + name for name in files if name[:1] != "." and is_image_name(name))  # dangling links too
         links += [prefix + name for name in linked if name[:1] != "." and is_image_name(name)]
+        # links to images listed already are not more images: counted once, as once_each keeps them
+        if limit is not None and len(found) > limit and len(once_each(sort_like_paths(found), links,
+                                                                       dict(folders))[0]) > limit:
+            break
         foreign += [Path(folder) / name for name in sorted(files)  # a ._NAME beside each: a Mac's metadata, no photo
                     if file_suffix(name).lower() in _FOREIGN_IMAGES and not name.startswith("._")]
     found, twice = once_each(sort_like_paths(found), links, dict(folders))

@@ -129,15 +129,18 @@ class ListedImage:
     name: str
 
 
-def list_images(paths: list[str]) -> list[ListedImage]:
+def list_images(paths: list[str], limit: int | None = None) -> list[ListedImage]:
     """Each file given, and each folder's images as the training commands search a folder
     (:func:`~lomar.data.image_search.image_table`: recursively, sorted, hidden files and thumbnail caches left out),
     in the order given; a file listed twice, under any spelling (relative, absolute, through a link), is predicted
-    once, under the first. UsageError for a folder without an image."""
+    once, under the first. Past ``limit`` distinct images, the listing stops: some ``limit`` + 1 or more of them.
+    UsageError for a folder without an image."""
     listed: dict[tuple[int, int] | str, ListedImage] = {}
     for given in map(Path, paths):
+        if limit is not None and len(listed) > limit:
+            break
         if given.is_dir():
-            found = image_table(given)
+            found = image_table(given, limit)  # whole unless past limit alone, whatever the others share with it
             if not found:
                 raise UsageError(f"no images found in {given}; supported extensions: {', '.join(IMAGE_EXTENSIONS)}")
             images = [ListedImage(str(image), str(Path(image).relative_to(given).with_suffix(""))) for image in found]
