@@ -233,7 +233,7 @@ def test_eval_only_rebuilds_an_older_segmenter_from_the_encoder_its_run_started_
                 "--device", "cpu", "--out"]
     capsys.readouterr()
     assert main([*evaluate, str(tmp_path / "scored")]) == 0
-    assert f"its encoder rebuilt from its run's starting encoder {start}" in capsys.readouterr().err
+    assert f"its encoder rebuilt from its run's starting encoder {start}" in capsys.readouterr().out
     scored = json.loads((tmp_path / "scored" / "metrics.jsonl").read_text())
     keys = ("mIoU", "IoU", "Acc", "eval")
     assert {k: scored[k] for k in keys} == {k: final[k] for k in keys}

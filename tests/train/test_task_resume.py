@@ -104,7 +104,7 @@ def test_a_segmenter_resumes_without_the_encoder_it_started_from_unless_saved_be
             f"architecture of its own") in capsys.readouterr().err
     # where it now lives, given: such a resume reads it, and another --pretrained is not refused as a rebuilt one's is
     assert main([*resume, "--pretrained", str(moved)]) == 0
-    said = capsys.readouterr().err
+    said = capsys.readouterr().out  # what it trains: stdout, as the start-up line
     assert (f"lomar segment: model built from --pretrained {moved} as the run started, for the weights of its "
             f"checkpoint {older / 'last.pt'} (step 1), which keeps no architecture of its own; relative position "
             f"term: bias") in said and "loaded " not in said
