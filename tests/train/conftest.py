@@ -1,6 +1,8 @@
 import pytest
 from coco_tiny import write_tiny_coco
 
+from lomar.data.compose import compose_digits
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
@@ -37,3 +39,10 @@ def few_eval_proposals(eval_proposals):
     """Evaluations keep 10 region proposals an image (:func:`eval_proposals`): for runs whose scores are not what the
     test checks."""
     eval_proposals(10)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits") / "set"
+    compose_digits(root, img_size=32, images=10, seed=0, digit_scale=(0.3, 0.5))
+    return root
