@@ -251,16 +251,17 @@ def check_out_folder(out: Path, given: str | None = None) -> None:
         raise UsageError(f"{given}: {probe} is not writable; pass a folder you can write to")
 
 
-def remove_stale_temporaries(out: Path) -> list[Path]:
+def remove_stale_temporaries(out: Path, folders: tuple[str, ...] = ()) -> list[Path]:
     """Remove the temporary files (``.NAME.tmp-<pid>-<token>``, ``.NAME.tmp-<pid>``, ``.NAME.tmp``) and
-    sharded-checkpoint folders (``checkpoint-<step>.dcp.tmp``) that writers killed mid-write left behind. Only where
-    this process holds the run's lock (:func:`~lomar.train.run_lock.holds_run_lock`): then no live writer can own
-    them, but a ``lomar export --to`` this folder running meanwhile (under its export lock), whose temporaries stay.
-    A run that went on unlocked (a filesystem without flock) removes none: one may be a live writer's, on another
-    machine sharing the folder too, whose PID says nothing here."""
+    sharded-checkpoint folders (``checkpoint-<step>.dcp.tmp``) that writers killed mid-write left behind, in ``out``
+    and in its sub-folders named in ``folders`` (a task's outputs: segment's ``predictions/``, written a file at a
+    time). Only where this process holds the run's lock (:func:`~lomar.train.run_lock.holds_run_lock`): then no live
+    writer can own them, but a ``lomar export --to`` this folder running meanwhile (under its export lock), whose
+    temporaries stay. A run that went on unlocked (a filesystem without flock) removes none: one may be a live
+    writer's, on another machine sharing the folder too, whose PID says nothing here."""
     if not holds_run_lock(out):
         return []
-    removed = temporaries(out)
+    removed = temporaries(out, folders)
     for path in removed:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
@@ -269,15 +270,20 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
     return removed
 
 
-def temporaries(out: Path) -> list[Path]:
-    """The temporaries in ``out`` that :func:`remove_stale_temporaries` removes where it may, those of a ``lomar
-    export`` holding the folder's export lock left out."""
+def temporaries(out: Path, folders: tuple[str, ...] = ()) -> list[Path]:
+    """The temporaries in ``out`` (and in its sub-folders named in ``folders``, never through a link) that
+    :func:`remove_stale_temporaries` removes where it may, those of a ``lomar export`` holding the folder's export
+    lock left out."""
     found, exporting = [], out.is_dir() and export_running(out)
     for path in sorted(out.iterdir()) if out.is_dir() else ():
         if _TMP.match(path.name) and path.is_file() and not (exporting and is_export_file(path.name)):
             found.append(path)
         elif _SHARDED_TMP.match(path.name) and (path.is_dir() or path.is_symlink()):
             found.append(path)
+    for name in folders:
+        folder = out / name
+        if folder.is_dir() and not folder.is_symlink():
+            found += [path for path in sorted(folder.iterdir()) if _TMP.match(path.name) and path.is_file()]
     return found
 
 
@@ -310,13 +316,13 @@ def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int,
     if resume is None:  # another run may have got here since the config was checked
         refuse_held_run(out, config.resume, config.overwrite, locked_here=True, source=source)
     at_end = finished and resume is not None and not foreign(resume, out) and not config.overwrite
-    if removed := remove_stale_temporaries(out):  # even at the end: a killed final write left them
-        print(f"lomar {name}: note: removed {len(removed)} stale temporary file(s) in {out}, e.g. {removed[0].name}",
-              file=sys.stderr, flush=True)
-    elif not holds_run_lock(out) and (kept := temporaries(out)):
+    if removed := remove_stale_temporaries(out, task.outputs):  # even at the end: a killed final write left them
+        print(f"lomar {name}: note: removed {len(removed)} stale temporary file(s) in {out}, "
+              f"e.g. {removed[0].relative_to(out)}", file=sys.stderr, flush=True)
+    elif not holds_run_lock(out) and (kept := temporaries(out, task.outputs)):
         log.warning("kept %d temporary file(s) in %s, e.g. %s: without a file lock there a killed writer's cannot be "
                     "told from a live one's (on another machine sharing the folder); delete them once no run or export "
-                    "writes into %s", len(kept), out, kept[0].name, out)
+                    "writes into %s", len(kept), out, kept[0].relative_to(out), out)
     if resume is not None:
         print(f"lomar {name}: resumed from {resume} at step {step} (epoch {epoch})", flush=True)
     if at_end:
