@@ -173,8 +173,9 @@ class _Run:
         if self.info.is_main:
             announce(self)
         self.stop.install(task.model)  # its size estimates the first save's time, for the time limit's margin
-        if p.step == 0:  # the main process's, stopping the others with it as a failed save does (a full disk)
-            save_on_main_rank(task.begin, self.info.is_main, self.device)
+        # the main process's, stopping the others with it as a failed save does (a full disk); a resume's too: a kill
+        # between a checkpoint and what saved(path) writes after it leaves that to write again
+        save_on_main_rank(task.begin, self.info.is_main, self.device)
         stopping, self.signalled, self.epoch_tick = False, False, time.perf_counter()
         if p.step and task.eval_steps and p.step % task.eval_steps == 0 and self.evaluated_step not in (None, p.step):
             self.save(self._evaluate())  # a stop that checkpointed this step came before its evaluation

@@ -43,7 +43,7 @@ from lomar.train.schedule import param_groups
 from lomar.train.task import Task
 from lomar.values import command_line, counted
 from lomar.viz.curves import loss_curve
-from lomar.viz.reconstruction import reconstruction_snapshot
+from lomar.viz.reconstruction import reconstruction_snapshot, snapshot_path
 
 __all__ = ["PretrainTask", "train"]
 
@@ -238,7 +238,10 @@ class PretrainTask(Task):
         return any(getattr(module, "drop_prob", 0) for module in self.model.modules())
 
     def begin(self) -> None:
-        if not self.sharded:  # the untrained model, what the last figure is compared with; sharded: at the end
+        # the untrained model, what the last figure is compared with; on a resume, the figure of the checkpoint it
+        # resumes from when a kill between that checkpoint and its figure left none; sharded: at the end
+        step = self.progress.step
+        if not self.sharded and (step == 0 or not snapshot_path(self.config.out, step).exists()):
             self.figure()
 
     def saved(self, path: Path) -> None:

@@ -34,7 +34,8 @@ Required of a Task: ``name``, ``model``, ``train_loader``, ``loss(batch)``. Opti
   across epochs: see :class:`~lomar.train.epoch_stream.EpochStream`),
   ``describe()`` (the start-up line's data and model), ``final_line()`` (appended to "done"),
   ``step_info()``: more scalars for each step's record (name -> float, e.g. the input's settings as tuned),
-- main process only: ``begin()`` before the first step, ``saved(path)`` after each checkpoint,
+- main process only: ``begin()`` before the invocation's first step (``progress.step`` 0 for a new run, the
+  checkpoint's on a resume), ``saved(path)`` after each checkpoint,
   ``stopped(out)`` after a stop signal.
 """
 from __future__ import annotations

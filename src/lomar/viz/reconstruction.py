@@ -24,8 +24,8 @@ from lomar.models.objective import patchify, unpatchify
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["reconstruct", "reconstruction_figure", "reconstruction_snapshot", "draw_reconstruction", "save_figure",
-           "FIGURE_FORMATS", "image_rows", "masking_note"]
+__all__ = ["reconstruct", "reconstruction_figure", "reconstruction_snapshot", "snapshot_path", "draw_reconstruction",
+           "save_figure", "FIGURE_FORMATS", "image_rows", "masking_note"]
 
 _DIM = 0.35  # brightness of the parts of the image no window covers
 
@@ -108,6 +108,11 @@ def reconstruction_figure(model, images: torch.Tensor, path: str | Path, seed: i
     return save_figure(draw_reconstruction(model, images, seed, title, plan), path, dpi=80)
 
 
+def snapshot_path(out: str | Path, step: int) -> Path:
+    """The numbered figure :func:`reconstruction_snapshot` writes at ``step``: ``OUT/reconstruction-{step:06d}.png``."""
+    return Path(out) / f"reconstruction-{step:06d}.png"
+
+
 def reconstruction_snapshot(model, images: torch.Tensor, out: str | Path, step: int, seed: int = 0,
                             title: str | None = None, draw=None) -> Path:
     """A training run's figure at ``step``: ``OUT/reconstruction-{step:06d}.png`` and the same
@@ -116,8 +121,7 @@ def reconstruction_snapshot(model, images: torch.Tensor, out: str | Path, step: 
     method's figure writer, ``draw(model, images, path, seed=, title=)`` (default
     :func:`reconstruction_figure`). Returns the numbered path. images: (N, 3, H, W) normalised."""
     out = Path(out)
-    numbered = Path((draw or reconstruction_figure)(model, images, out / f"reconstruction-{step:06d}.png",
-                                                    seed=seed, title=title))
+    numbered = Path((draw or reconstruction_figure)(model, images, snapshot_path(out, step), seed=seed, title=title))
     atomic_write_bytes(out / "reconstruction.png", numbered.read_bytes())
     return numbered
 

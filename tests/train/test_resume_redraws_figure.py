@@ -1,0 +1,19 @@
+"""A pretraining run killed between a checkpoint and its reconstruction figure: the resume draws that figure, so the
+run folder holds the figures an uninterrupted run's does."""
+
+from __future__ import annotations
+
+from helpers import pretrain
+
+
+def test_a_resume_draws_the_figure_its_checkpoint_lacks(tmp_path, image_dir):
+    out = tmp_path / "run"
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--epochs", "1", "--max-steps", "2") == 0
+    figure = out / "reconstruction-000002.png"
+    drawn = figure.read_bytes()
+    figure.unlink()  # the kill: last.pt at step 2 written, its figure not
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--epochs", "1", "--resume", "auto") == 0
+    assert sorted(p.name for p in out.glob("reconstruction-*.png")) == [
+        "reconstruction-000000.png", "reconstruction-000002.png", "reconstruction-000004.png"]
+    assert figure.read_bytes() == drawn
+
