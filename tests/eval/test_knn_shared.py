@@ -1,6 +1,6 @@
 """Frozen features under torchrun (pretrain --knn-every, lomar knn and linprobe): each process's share of a split
-(the gathering and scoring across processes: here for knn and linprobe, tests/cli/test_pretrain_cli.py's torchrun test
-for --knn-every)."""
+(the gathering and scoring across processes: here for knn and linprobe, tests/cli/test_pretrain_cli_stops.py's
+torchrun test for --knn-every)."""
 
 from __future__ import annotations
 
