@@ -33,7 +33,8 @@ def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
            "GPU_CHECK_METHODS": "lomar mae", "GPU_CHECK_COMPILE_SIZES": "",
            # one child process per variant, ~5 s of imports each: one per part runs its command line (flex's skip
            # takes none, windowed is the relpos part's); every attention's and encoder's step runs in-process in
-           # tests/bench/test_backbone_bench.py, and --encoders' choices are ENCODERS (tests/cli/test_errors.py)
+           # tests/bench/test_backbone_bench.py, and --encoders' choices are ENCODERS
+           # (tests/cli/test_help_without_torch.py)
            "GPU_CHECK_BACKBONE_ATTENTION": "chunked flex", "GPU_CHECK_BACKBONE_ENCODERS": "mae+bias",
            # the sweep's compiled, profiled run (the device's sweep compiles every run); an eager --profile run is
            # tests/bench/test_profile.py's, in-process

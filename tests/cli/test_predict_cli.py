@@ -1,6 +1,6 @@
 """`lomar predict`'s command line (lomar.cli.predict): what it cannot run or read is refused in one line naming the
-fix (exit 2; a path that is not there before torch is imported: tests/cli/test_errors.py); an unreadable image is
-skipped, warned of and counted; --out's prediction files are replaced only with --overwrite."""
+fix (exit 2; a path that is not there before torch is imported: tests/cli/test_help_without_torch.py); an unreadable
+image is skipped, warned of and counted; --out's prediction files are replaced only with --overwrite."""
 
 from __future__ import annotations
 
