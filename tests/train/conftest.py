@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 from coco_tiny import write_tiny_coco
 
@@ -46,3 +48,9 @@ def digits(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits") / "set"
     compose_digits(root, img_size=32, images=10, seed=0, digit_scale=(0.3, 0.5))
     return root
+
+
+@pytest.fixture(scope="module")
+def folder(labelled_folder) -> Path:
+    """tests/conftest.py's labelled_folder, under the name the finetune tests take it by."""
+    return labelled_folder
