@@ -1,6 +1,6 @@
 """`lomar pretrain`: exact resume across an epoch boundary with gradient accumulation.
 
-The other engine guarantees are tested in test_engine.py and test_pretrain_cli.py.
+The other engine guarantees are tested in test_engine*.py and tests/cli/test_pretrain_cli_*.py.
 """
 
 import collections
