@@ -1,107 +1,15 @@
-"""``lomar bench``: exact FLOP counts and a smoke run on a tiny model. Nothing here is timed."""
+"""``lomar bench``: a smoke run on a tiny model and what it writes (JSON rows, table, legend, shape lines, plot,
+figures), and the flags it refuses. Nothing here is timed."""
 
 import json
-import types
 
 import pytest
-import torch
 
-from lomar.bench import timing
-from lomar.bench.timing import build_runner
 from lomar.cli.app import main
 from lomar.window_counts import paper_windows
 
-CPU = torch.device("cpu")
-
 REQUIRED_KEYS = {"method", "img_size", "windows", "batch_size", "step_s", "images_per_s", "flops",
                  "achieved_flops", "mfu", "peak_mem_bytes"}
-
-
-def _flops(method: str, size: int, windows: int | None) -> int:
-    runner = build_runner(method, "vit_base_patch16", size, windows, 2, CPU, "fp32", False, tiny=True)
-    return runner.count_flops()
-
-
-def test_lomar_flops_independent_of_image_size_with_fixed_windows():
-    counts = {size: _flops("lomar", size, 4) for size in (224, 448, 896)}
-    assert counts[224] > 0
-    assert counts[224] == counts[448] == counts[896], counts
-
-
-def test_lomar_flops_grow_with_windows_and_mae_with_size():
-    assert _flops("lomar", 224, 8) > _flops("lomar", 224, 4)
-    assert _flops("mae", 448, None) > 3 * _flops("mae", 224, None)
-
-
-def test_mae_s_decoder_flops_and_each_encoder_s_tokens_are_told_apart():
-    """MAE's decoder keeps its size whatever the encoder: 95 % of vit_tiny_patch16's step FLOPs at 224 px, so a
-    small model's MAE / LoMaR ratio is mostly that decoder; the bench says its share."""
-    mae = build_runner("mae", "vit_base_patch16", 128, None, 2, CPU, "fp32", False, tiny=True)
-    lomar = build_runner("lomar", "vit_base_patch16", 128, 2, 2, CPU, "fp32", False, tiny=True)
-    mae.count_flops(), lomar.count_flops()
-    assert 0 < mae.decoder_flops < mae.flops and lomar.decoder_flops == 0
-    # the encoder's work an image: MAE's visible quarter of the 8x8 grid, LoMaR's 2 windows of 7x7, each + [CLS]
-    assert (mae.encoder_tokens, lomar.encoder_tokens) == (64 // 4 + 1, 2 * (49 + 1))
-
-
-def test_cpu_attention_flops_are_counted():
-    # torch's counter lacks the CPU flash-attention kernel; lomar.bench.timing registers it.
-    from torch.utils.flop_counter import FlopCounterMode
-
-    q = torch.randn(2, 3, 10, 8)
-    with FlopCounterMode(display=False) as counter:
-        torch.nn.functional.scaled_dot_product_attention(q, q, q)
-    assert counter.get_total_flops() == 2 * (2 * 2 * 3 * 10 * 10 * 8)
-
-
-class _Attend(torch.nn.Module):
-    """One attention over (2, 3, 10, 8) inputs, fused (no mask) or as plain matmuls (a bias with a gradient)."""
-
-    def __init__(self, biased: bool):
-        super().__init__()
-        self.scale = torch.nn.Parameter(torch.ones(8))
-        self.bias = torch.nn.Parameter(torch.zeros(2, 3, 10, 10)) if biased else None
-
-    def forward(self, images):
-        q = images * self.scale
-        return types.SimpleNamespace(loss=torch.nn.functional.scaled_dot_product_attention(
-            q, q, q, attn_mask=self.bias).sum())
-
-
-def test_step_counts_attention_backward_as_its_four_products_whatever_the_kernel():
-    # A fused kernel's backward recomputes the scores (torch counts five products); the MFU's model FLOPs
-    # count the gradient's four, as the same attention run as matmuls does: one model, one count.
-    counts = []
-    for biased in (False, True):
-        model = _Attend(biased)
-        runner = timing.StepRunner("x", 8, None, 2, model, model, torch.optim.SGD(model.parameters(), lr=0.0),
-                                   torch.randn(2, 3, 10, 8), CPU, torch.float32,
-                                   torch.amp.GradScaler("cpu", enabled=False))
-        counts.append(runner.count_flops())
-    forward = 2 * (2 * 2 * 3 * 10 * 10 * 8)
-    assert counts == [3 * forward, 3 * forward]
-
-
-def test_cpu_gemm_ceiling_is_the_faster_of_mkl_and_onednn(monkeypatch):
-    a, b = torch.randn(64, 48), torch.randn(32, 48)
-    onednn = timing._onednn_linear(a, b)
-    if onednn is None:
-        pytest.skip("this torch has no oneDNN")
-    assert torch.allclose(onednn().to_dense(), a @ b.T, atol=1e-4)
-    # each measurement times both libraries; the slower one must not set the ceiling
-    seconds = iter([1.0, 2.0] + [4.0, 0.5] + [0.25, 1.0])  # warm-up (MKL, oneDNN), then two measurements
-    monkeypatch.setattr(timing, "timed", lambda fn, device: (fn(), next(seconds))[1])
-    ceiling = timing.GemmCeiling(CPU, "fp32", 8)
-    flop = 2 * 8 ** 3
-    assert [ceiling(), ceiling()] == [flop / 0.5, flop / 0.25]
-    assert ceiling.rates == {"torch.mm": [flop / 4.0, flop / 0.25], "oneDNN": [flop / 0.5, flop / 1.0]}
-    assert ceiling.per_call() == [flop / 0.5, flop / 0.25]
-    assert ceiling.medians() == {"torch.mm": (flop / 4.0 + flop / 0.25) / 2, "oneDNN": (flop / 0.5 + flop / 1.0) / 2}
-
-
-def test_paper_window_rule():
-    # the paper's three points exactly; area-linear between them, area-proportional outside
-    assert [paper_windows(s) for s in (160, 224, 320, 384, 416, 448, 672, 896)] == [2, 4, 5, 6, 7, 9, 20, 36]
 
 
 def test_bench_smoke_writes_json_and_plot(tmp_path, capsys):
@@ -150,7 +58,6 @@ def test_table_legend_does_not_call_the_rule_s_counts_the_paper_s():
     assert " 20p " in out.getvalue() and "else pretrain's auto rule" in out.getvalue()  # 672 px: no paper count
 
 
-
 def test_table_legend_says_sizes_are_not_timed_side_by_side():
     """On a loaded 2-core machine LoMaR's 4 windows measured 4.5x slower at 896 px than at 448 px with the same
     FLOPs: the sizes ran a minute apart, the load changed; interleaved in one process they took the same time."""
@@ -165,6 +72,7 @@ def test_table_legend_says_sizes_are_not_timed_side_by_side():
         out = io.StringIO()
         print_table(rows, [], 2e9, out)
         assert ("the sizes one after another" in out.getvalue()) is said
+
 
 def test_shape_lines_set_each_series_against_what_the_claim_expects():
     from lomar.bench.report import shape
@@ -283,157 +191,6 @@ def test_shape_says_too_noisy_where_the_steps_straddle_following_flops():
     # every pairing of steps at least x3 from FLOPs: flagged as before
     flagged = shape([rec(224, [1.0, 1.0, 1.1], 10), rec(448, [3.3, 3.5, 3.6], 10)])
     assert flagged[0].endswith(" -- time does not follow FLOPs\n")
-
-
-_SMALL = ["bench", "--tiny", "--sizes", "112", "128", "--windows", "1", "--methods", "lomar", "mae", "--batch-size",
-          "1", "--steps", "1", "--warmup", "0", "--device", "cpu", "--quiet"]
-
-
-@pytest.fixture
-def uncounted(monkeypatch):
-    """A plain step where the bench counts FLOPs (a third of these tests' time under the counter): the tests using it
-    check rows, files and exit codes; the counts are the tests' above."""
-
-    def plain_step(runner):
-        runner.step()
-        runner.flops = 10**6
-        return runner.flops
-
-    monkeypatch.setattr(timing.StepRunner, "count_flops", plain_step)
-
-
-def test_a_bench_stopped_mid_way_leaves_its_rows_and_table(tmp_path, monkeypatch, capsys, uncounted):
-    timed = timing.timed
-
-    def stop_in_the_second_round_at_128(fn, device):  # Ctrl-C between 128 px's timed steps
-        runner = getattr(fn, "__self__", None)
-        if isinstance(runner, timing.StepRunner) and runner.img_size == 128 and runner.times:
-            raise KeyboardInterrupt
-        return timed(fn, device)
-
-    monkeypatch.setattr(timing, "timed", stop_in_the_second_round_at_128)
-    out = tmp_path / "bench.json"
-    assert main([*_SMALL, "--steps", "2", "--json", str(out)]) == 130
-    data = json.loads(out.read_text())
-    assert [(r["method"], r["img_size"], r["status"], len(r["step_times_s"])) for r in data["records"]] == [
-        ("lomar", 112, "ok", 2), ("mae", 112, "ok", 2), ("lomar", 128, "partial", 1), ("mae", 128, "partial", 1)]
-    assert all(r["step_s"] > 0 and r["mfu"] > 0 for r in data["records"])
-    assert data["meta"]["complete"] is False
-    assert data["meta"]["left"] == [dict(method="lomar", img_size=128, windows=1),
-                                    dict(method="mae", img_size=128, windows=None)]
-    assert [c["img_size"] for c in data["comparisons"]] == [112, 128]
-    captured = capsys.readouterr()
-    assert "1 step(s): stopped" in captured.out and "MAE / LoMaR per size" in captured.out
-    assert "stopped before its end" in captured.err
-
-
-def test_a_failing_configuration_is_a_row_and_the_next_one_runs(tmp_path, monkeypatch, capsys, uncounted):
-    built, measure = timing.build_runner, timing.StepRunner.measure_memory
-
-    def no_lomar_at_128(method, model, size, *args, **kwargs):
-        if (method, size) == ("lomar", 128):
-            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
-        return built(method, model, size, *args, **kwargs)
-
-    def mae_out_of_memory(runner):
-        if runner.method == "mae" and runner.img_size == 112:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        measure(runner)
-
-    from lomar.bench import profile
-
-    def no_profile_of_mae(runner):  # the profiler's memory: the configuration's timed row stands
-        if runner.method == "mae":
-            raise torch.OutOfMemoryError("CUDA out of memory (profiler)")
-        return dict(shares={"gemm": 1.0}, total_ms=1.0, clock="CPU")  # a real profile: tests/bench/test_profile.py
-
-    monkeypatch.setattr(timing, "build_runner", no_lomar_at_128)
-    monkeypatch.setattr(timing.StepRunner, "measure_memory", mae_out_of_memory)
-    monkeypatch.setattr(profile, "profile_step", no_profile_of_mae)
-    monkeypatch.delattr("os.getloadavg")  # Windows has none: the run goes on without the load average
-    out, profiles = tmp_path / "bench.json", tmp_path / "profile.json"
-    assert main([*_SMALL, "--json", str(out), "--profile", str(profiles)]) == 1
-    data = json.loads(out.read_text())
-    rows = {(r["method"], r["img_size"]): r for r in data["records"]}
-    assert {key: r["status"] for key, r in rows.items()} == {("lomar", 112): "ok", ("mae", 112): "failed",
-                                                             ("lomar", 128): "failed", ("mae", 128): "ok"}
-    assert rows["mae", 112]["error"] == "memory step: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
-    assert rows["lomar", 128]["error"] == "build: RuntimeError: CUDA error: an illegal memory access was encountered"
-    assert rows["mae", 112]["step_s"] is None and rows["mae", 128]["step_s"] > 0
-    # a failure that may be a bug keeps where it was raised; running out of memory, its line alone
-    assert "in no_lomar_at_128\n" in rows["lomar", 128]["traceback"] and "traceback" not in rows["mae", 112]
-    assert data["meta"]["complete"] is True and data["meta"]["left"] == []
-    assert data["meta"]["load_avg_before"] is None
-    captured = capsys.readouterr()
-    assert "mae          112     - failed at its memory step: OutOfMemoryError" in captured.out
-    assert "2 of 4 configurations failed" in captured.err
-    assert captured.err.count("Traceback (most recent call last)") == 1 and "in no_lomar_at_128\n" in captured.err
-    assert "no profile of mae 128px: OutOfMemoryError: CUDA out of memory (profiler)" in captured.err
-    assert [(p["method"], p["img_size"]) for p in json.loads(profiles.read_text())["profiles"]] == [("lomar", 112)]
-    assert "time_shares" in rows["lomar", 112] and "time_shares" not in rows["mae", 128]
-
-
-def test_a_sizes_runners_are_freed_before_the_next_sizes_are_built(tmp_path, monkeypatch, uncounted):
-    """With --profile the profiling loop's variable kept the size's last runner (model, AdamW state, batch; on a GPU
-    its memory) alive through the next size's build, memory step and timing: a larger size's peak memory counted it
-    and it could run out of memory where it fits."""
-    import gc
-    import weakref
-
-    from lomar.bench import profile
-
-    built, alive_at_build = [], []
-
-    def tracked(method, model, size, *args, **kwargs):
-        gc.collect()
-        alive_at_build.append((size, [(m, s) for m, s, ref in built if ref() is not None]))
-        runner = build_runner(method, model, size, *args, **kwargs)
-        built.append((method, size, weakref.ref(runner)))
-        return runner
-
-    monkeypatch.setattr(timing, "build_runner", tracked)
-    monkeypatch.setattr(profile, "profile_step", lambda runner: dict(shares={"gemm": 1.0}, total_ms=1.0, clock="CPU"))
-    assert main([*_SMALL, "--json", str(tmp_path / "bench.json"), "--profile", str(tmp_path / "profile.json")]) == 0
-    assert alive_at_build == [(112, []), (112, [("lomar", 112)]), (128, []), (128, [("lomar", 128)])]
-
-
-def test_a_step_that_raises_a_bug_keeps_its_traceback():
-    """A shape mismatch in a method's step is a RuntimeError, as running out of memory is: it keeps its traceback."""
-    runner = build_runner("mae", "vit_base_patch16", 112, None, 1, CPU, "fp32", False, tiny=True)
-
-    def mismatched(flops=None):
-        return torch.zeros(2, 3) @ torch.zeros(4, 5)
-
-    runner.step = mismatched
-    timing.interleaved_times([runner], 1, 0)
-    assert runner.error.startswith("FLOP-counting step: RuntimeError: mat1 and mat2 shapes cannot be multiplied")
-    assert runner.trace.startswith("Traceback") and "in mismatched\n" in runner.trace and runner.model is None
-
-
-def test_host_readings_fall_back_where_the_os_lacks_them(monkeypatch):
-    from lomar.bench import host
-
-    class Usage:
-        ru_maxrss = 1000
-
-    monkeypatch.setattr(host, "resource", types.SimpleNamespace(RUSAGE_SELF=0, getrusage=lambda who: Usage))
-    monkeypatch.setattr(host.sys, "platform", "darwin")
-    assert host.peak_rss_bytes() == 1000  # macOS counts bytes
-    monkeypatch.setattr(host.sys, "platform", "linux")
-    assert host.peak_rss_bytes() == 1000 * 1024  # Linux KiB
-    monkeypatch.delattr("os.getloadavg")
-    assert host.load_average() is None
-    monkeypatch.setattr(host, "resource", None)  # Windows: no resource module, no procfs
-    monkeypatch.setattr(timing, "open", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError(a[0])), raising=False)
-    assert timing.resident_bytes() is None
-    runner = build_runner("mae", "vit_base_patch16", 112, None, 1, CPU, "fp32", False, tiny=True)
-    runner.measure_memory()  # the step runs, its memory unknown
-    assert runner.peak_mem == (-1, "none")
-    from lomar.bench import backbone
-
-    monkeypatch.setattr(backbone, "open", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError(a[0])), raising=False)
-    monkeypatch.delattr("os.sysconf")  # Windows; macOS's lacks SC_AVPHYS_PAGES (ValueError)
-    assert backbone.available_bytes("cpu") is None  # unknown: the variant runs, no estimate can skip it
 
 
 def test_the_window_count_a_size_cannot_hold_is_refused_with_one_fix(capsys):
