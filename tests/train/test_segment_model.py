@@ -15,7 +15,8 @@ from segment_cli import _segment
 
 from lomar.eval.segmentation import confusion_matrix, predict_logits, segmentation_metrics
 from lomar.integrations.segmenter import layer_decay_groups
-from lomar.models.segmenter import UperNetSegmenter, segmentation_losses, spread_indices
+from lomar.models.backbones import spread_indices
+from lomar.models.segmenter import UperNetSegmenter, segmentation_losses
 from lomar.models.upernet import UPerHead
 from lomar.models.vit import VisionTransformer, ViTConfig
 

@@ -20,7 +20,7 @@ from lomar.models.relpos import fit_axis_tables
 from lomar.models.vit import VisionTransformer
 
 __all__ = ["LayerNorm2d", "ShapeSpec", "SimpleFeaturePyramid", "feature_maps", "backbone_layout", "ViTDetBackbone",
-           "MultiLevelBackbone"]
+           "MultiLevelBackbone", "spread_indices"]
 
 
 def _conv_norm(cin: int, cout: int, kernel: int) -> nn.Sequential:
@@ -211,6 +211,12 @@ class ViTDetBackbone(nn.Module):
         return self.pyramid(last)
 
 
+def spread_indices(depth: int) -> tuple[int, ...]:
+    """The blocks whose maps feed the pyramid: (3, 5, 7, 11) for depth 12, (7, 11, 15, 23) for 24
+    (mmseg's choices), the same fractions (1/3, 1/2, 2/3, 1 of the depth) for any other."""
+    return tuple(max(0, round(depth * k / 12) - 1) for k in (4, 6, 8, 12))
+
+
 class MultiLevelBackbone(nn.Module):
     """Maps of several blocks, all at stride p: images -> tuple of (B, D, H/p, W/p).
 
@@ -233,7 +239,9 @@ class MultiLevelBackbone(nn.Module):
         if not indices or any(not isinstance(i, int) or isinstance(i, bool) for i in indices):
             raise ValueError(f"out_indices must be a sequence of block indices (integers), got {out_indices!r}")
         if any(not -depth <= i < depth for i in indices):
-            raise ValueError(f"out_indices {indices} out of range for a {depth}-block encoder")
+            raise ValueError(f"out_indices {indices} out of range for a {depth}-block encoder; pass blocks in "
+                             f"0..{depth - 1}, e.g. out_indices={spread_indices(depth)} (a third, half, two thirds "
+                             f"and all of the depth, as lomar segment takes them)")
         self.out_indices = indices
         self.norm = norm
         self.grad_checkpointing = grad_checkpointing

@@ -10,18 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lomar.models.backbones import MultiLevelBackbone
+from lomar.models.backbones import MultiLevelBackbone, spread_indices
 from lomar.models.spec import BuiltOnEncoder
 from lomar.models.upernet import FCNHead, UPerHead
 from lomar.models.vit import VisionTransformer
 
-__all__ = ["spread_indices", "UperNetSegmenter", "segmentation_losses"]
-
-
-def spread_indices(depth: int) -> tuple[int, ...]:
-    """The blocks whose maps feed the pyramid: (3, 5, 7, 11) for depth 12, (7, 11, 15, 23) for 24
-    (mmseg's choices), the same fractions (1/3, 1/2, 2/3, 1 of the depth) for any other."""
-    return tuple(max(0, round(depth * k / 12) - 1) for k in (4, 6, 8, 12))
+__all__ = ["UperNetSegmenter", "segmentation_losses"]
 
 
 class UperNetSegmenter(BuiltOnEncoder, nn.Module):
