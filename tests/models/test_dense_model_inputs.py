@@ -1,6 +1,6 @@
-"""What the dense models refuse from a Python caller, in one line naming the value and the fix: a multi-level
-backbone's block indices beyond the encoder's depth (its default is ViT-B's (3, 5, 7, 11), out of range for a
-shallower encoder)."""
+"""What the dense models refuse from a Python caller, in one line naming the value and the fix: a detector's image
+that is not (3, H, W) RGB (an RGBA or grey tensor as torchvision.io reads a PNG), and a multi-level backbone's block
+indices beyond the encoder's depth (its default is ViT-B's (3, 5, 7, 11), out of range for a shallower encoder)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,19 @@ import pytest
 import torch
 
 from lomar.models.backbones import MultiLevelBackbone
+from lomar.models.mask_rcnn import ViTMaskRCNN
 from lomar.models.vit import VisionTransformer, ViTConfig
 
 TINY = ViTConfig(img_size=64, patch_size=16, embed_dim=32, depth=4, num_heads=2)
+
+
+@pytest.mark.parametrize("channels", [4, 2, 1])
+def test_a_detector_refuses_an_image_of_other_than_three_channels(channels):
+    model = ViTMaskRCNN(VisionTransformer(TINY), 3, 64).eval()
+    with pytest.raises(ValueError, match=rf"expected each image as \(3, H, W\) RGB in \[0, 1\], got \({channels}, "
+                                         rf"48, 40\); drop an alpha channel \(image\[:3\]\) or repeat a grey one"):
+        with torch.no_grad():
+            model([torch.rand(3, 64, 64), torch.rand(channels, 48, 40)])
 
 
 def test_a_multilevel_backbone_out_of_range_names_the_blocks_to_pass():

@@ -74,6 +74,14 @@ class FixedSizeTransform(GeneralizedRCNNTransform):
         self.size = size
         self.paste_masks = True
 
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) in [0, 1] -> normalised; another channel count is refused in one line (torchvision's
+        normalisation fails on 4 channels with a broadcasting error and spreads 1 over three unasked)."""
+        if image.shape[0] != 3:
+            raise ValueError(f"expected each image as (3, H, W) RGB in [0, 1], got {tuple(image.shape)}; drop an alpha "
+                             f"channel (image[:3]) or repeat a grey one (image.expand(3, -1, -1))")
+        return super().normalize(image)
+
     def postprocess(self, result: list[dict[str, torch.Tensor]], image_shapes: list[tuple[int, int]],
                     original_image_sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
         if self.training or self.paste_masks:
