@@ -126,12 +126,26 @@ def _is_folder(entry: os.DirEntry) -> bool:
         return False
 
 
+def _held_folders(parent: Path) -> str:
+    """Words naming the subfolders ``parent`` holds (a set laid out as train/val, say, whose names segment does not
+    read), or '' where it holds none or is no folder."""
+    try:
+        with os.scandir(parent) as listing:
+            held = sorted(entry.name for entry in listing if _is_folder(entry) and not entry.name.startswith("."))
+    except OSError:
+        return ""
+    if not held:
+        return ""
+    shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+    return f" ({parent.name}/ holds {shown})"
+
+
 def _pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
     images_dir, labels_dir = root / "images" / split, root / "annotations" / split
     for folder in (images_dir, labels_dir):
         if not folder.is_dir():
-            raise ValueError(f"{folder} is not a folder; --data needs ADE20K's layout: images/{split}/*.jpg and "
-                             f"annotations/{split}/*.png")
+            raise ValueError(f"{folder} is not a folder{_held_folders(folder.parent)}; --data needs ADE20K's layout: "
+                             f"images/{split}/*.jpg and annotations/{split}/*.png")
     with os.scandir(images_dir) as listing:
         entries = [(entry.name, _is_folder(entry)) for entry in listing]
     names = sorted(n for n, folder in entries if not folder and is_image_name(n) and not n.startswith("."))
