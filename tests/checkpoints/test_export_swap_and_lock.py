@@ -27,8 +27,9 @@ import lomar.integrations.timm  # noqa: E402,F401  (registers lomar_vit_* in tim
 
 
 def test_an_overwrite_that_fails_after_the_weights_leaves_the_old_export_whole(tmp_path, monkeypatch):
-    """The weights and config.json were two separate renames: a failure between them left the new weights beside the
-    old config.json, which rebuilds them with the old ViTDet window size (the same shapes: no check caught it)."""
+    """The weights and config.json go in as one swap: a failure between their renames leaves the old export whole,
+    never the new weights beside the old config.json, which would rebuild them with the old ViTDet window size (the
+    same shapes: no check would catch it)."""
     torch.manual_seed(0)
     before = VisionTransformer(WINDOWED).eval()
     export_encoder(before, tmp_path / "exp")
@@ -52,8 +53,9 @@ def test_an_overwrite_that_fails_after_the_weights_leaves_the_old_export_whole(t
 
 def test_a_failed_swap_never_shows_the_old_config_beside_the_new_weights_nor_leaves_a_first_exports(tmp_path,
                                                                                                       monkeypatch):
-    """Putting the old pair back took config.json first: for an instant (for good, if the weights' return failed) the
-    old config.json stood beside the new weights. A first export that failed at config.json left its weights."""
+    """Putting the old pair back after a failure never shows the old config.json beside the new weights, not for an
+    instant nor for good where the weights' return fails; a first export that fails at config.json leaves no
+    weights."""
     export_encoder(VisionTransformer(WINDOWED), tmp_path / "exp")
     folder = tmp_path / "exp"
     old_pair = ((folder / "config.json").read_bytes(), (folder / "model.safetensors").read_bytes())
@@ -80,8 +82,9 @@ def test_a_failed_swap_never_shows_the_old_config_beside_the_new_weights_nor_lea
 
 
 def test_an_export_over_a_run_folder_removes_the_weights_its_old_config_named_and_no_other_file(tmp_path):
-    """`lomar export RUN/last.pt --to RUN --overwrite` left pretrain's encoder.safetensors beside the new
-    model.safetensors: read directly, it was taken without its config.json (its ViTDet windows)."""
+    """`lomar export RUN/last.pt --to RUN --overwrite` removes pretrain's encoder.safetensors, which the old
+    config.json named, and no other file: left beside the new model.safetensors and read directly, it would be
+    taken without its config.json (its ViTDet windows)."""
     model = LoMaR(WINDOWED, window_size=3, num_windows=2)
     atomic_save(pretrain_checkpoint(model), tmp_path / "last.pt")
     export_encoder(model.encoder, tmp_path, weights_name="encoder.safetensors", metadata={"method": "lomar"})
@@ -166,9 +169,9 @@ def _pausing_export(model: VisionTransformer, folder: Path, pause_s: float):
 
 
 def test_two_exports_into_one_folder_at_once_take_turns_and_leave_one_whole_export(tmp_path):
-    """Nothing locked an export's folder: a second export whose pair went in while the first was between its two
-    renames left the first's config.json (2 blocks) beside the second's weights (1 block), unreadable. It waits for
-    the first to end, then replaces its export whole."""
+    """An export locks its folder: a second export waits for the first to end, then replaces its export whole, so
+    its pair never goes in while the first is between its two renames (the first's config.json of 2 blocks beside
+    the second's weights of 1 block, unreadable)."""
     first, second = VisionTransformer(TINY), _perturb(VisionTransformer(replace(TINY, depth=1)))
     child = _pausing_export(first, tmp_path, pause_s=1.0)
     export_encoder(second, tmp_path, overwrite=True)
@@ -181,9 +184,10 @@ def test_two_exports_into_one_folder_at_once_take_turns_and_leave_one_whole_expo
 
 
 def test_an_export_waits_for_another_users_export_whose_lock_file_it_cannot_write(tmp_path, monkeypatch):
-    """Another user's lock file (made 0644) cannot be opened for writing: the export went on unlocked and said nothing,
-    its pair going in while theirs was between its renames (their config.json beside its weights). flock needs no
-    write access: it waits for theirs as for its own user's, and a file it cannot remove stays, the export done."""
+    """Another user's lock file (made 0644) cannot be opened for writing, and flock needs no write access: the
+    export waits for theirs as for its own user's, rather than going on unlocked with its pair going in while theirs
+    is between its renames (their config.json beside its weights); a lock file it cannot remove stays, the export
+    done."""
     from lomar.checkpoints import file_lock
 
     first, second = VisionTransformer(TINY), _perturb(VisionTransformer(replace(TINY, depth=1)))

@@ -139,7 +139,8 @@ def test_a_coco_file_saved_with_a_byte_order_mark_is_read(tmp_path):
 @pytest.mark.parametrize("second", ["c/y.JPG", "./c/y.JPG", "c//y.JPG", "link.JPG"])
 def test_two_coco_images_naming_one_file_are_said_in_the_summary_line(tmp_path, second):
     """Each id is trained and scored as a photo of its own annotations only: right for a photo labelled twice
-    (LIVECell's files hold such), not for one whose objects were split between ids; it was said nowhere."""
+    (LIVECell's files hold such), not for one whose objects are split between ids; the summary line says how many
+    images name a file another image names, and the first two."""
     import json
 
     from lomar.data.coco import read_coco
@@ -174,8 +175,8 @@ def test_two_coco_images_naming_one_file_are_said_in_the_summary_line(tmp_path, 
 
 
 def test_a_coco_image_whose_stat_fails_otherwise_than_absent_is_not_called_missing(tmp_path):
-    """A name too long (or a folder denied) is said as what it is by the command's OSError line, as when the check
-    was Path.is_file: it is no missing image to look for under the folder."""
+    """A name too long (or a folder denied) is said as what it is by the command's OSError line: it is no missing
+    image to look for under the folder."""
     import errno
     import json
 
@@ -219,7 +220,7 @@ def test_a_data_root_holding_train_and_val_says_both_are_read(tmp_path, caplog):
 
 
 def test_jpegs_under_their_other_names_are_images(tmp_path):
-    """A photo Chrome saved as .jfif (or a .jpe) was not found, without a word."""
+    """A photo Chrome saves as .jfif (or a .jpe) is a JPEG like any other: found and read, not passed over."""
     from lomar.data.decode import load_image
     from lomar.data.image_search import find_images
 
@@ -230,7 +231,8 @@ def test_jpegs_under_their_other_names_are_images(tmp_path):
 
 
 def test_hidden_and_thumbnail_folders_are_not_searched_and_said(tmp_path, caplog):
-    """A NAS's thumbnails (@eaDir), a viewer's .thumbnails and macOS zips' __MACOSX were trained on as photos."""
+    """A NAS's thumbnails (@eaDir), a viewer's .thumbnails and macOS zips' __MACOSX are not searched for photos to
+    train on, and the folders passed over are said."""
     import logging
 
     from lomar.data.image_search import find_images

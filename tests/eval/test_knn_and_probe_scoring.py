@@ -33,8 +33,9 @@ def test_knn_on_hand_made_features():
 
 
 def test_knn_scores_blocks_of_queries_within_the_byte_budget_with_the_same_scores(monkeypatch):
-    """A fixed 1,024 queries a block held 5.2 GB of similarities against ImageNet's 1.28M features; a byte budget
-    sets the block, and every query's row is still scored whole: ties at the k-th neighbour fall the same way."""
+    """A byte budget sets how many queries a block holds (a fixed 1,024 would hold 5.2 GB of similarities against
+    ImageNet's 1.28M features), and every query's row is still scored whole: ties at the k-th neighbour fall the
+    same way."""
     from types import SimpleNamespace
 
     import lomar.eval.knn as knn
@@ -74,7 +75,7 @@ def test_knn_scores_on_a_cuda_device_only_where_the_bank_fits_beside_a_block(mon
 
 
 def _knn_before_blocks(bank, labels, query, classes, k, chunk):
-    """knn_predict as it was with a whole normalised copy of the bank: the reference the blocks must match."""
+    """knn_predict computed with a whole normalised copy of the bank: the reference the blocks must match."""
     unit, scores = torch.nn.functional.normalize(bank, dim=1), []
     for start in range(0, len(query), chunk):
         sim, idx = (torch.nn.functional.normalize(query[start:start + chunk], dim=1) @ unit.T).topk(k, dim=1)
@@ -102,8 +103,8 @@ def test_knn_normalises_the_bank_by_blocks_bit_for_bit(monkeypatch, rows):
 
 
 def test_knn_holds_no_normalised_copy_of_the_bank(monkeypatch):
-    """The whole normalised bank was a second bank beside it (3.9 GB at ImageNet's ViT-B): the largest tensor
-    k-NN scoring makes is now a block of it or the queries' similarities."""
+    """A whole normalised copy of the bank would be a second bank beside it (3.9 GB at ImageNet's ViT-B): the
+    largest tensor k-NN scoring makes is a block of it or the queries' similarities."""
     from torch.utils import _pytree
     from torch.utils._python_dispatch import TorchDispatchMode
 

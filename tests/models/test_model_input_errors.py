@@ -95,11 +95,11 @@ def test_forward_refuses_what_is_no_batch_of_images_at_the_entry():
     model = LoMaR(model_config("vit_mini_patch8", img_size=32, depth=1), window_size=3, num_windows=1)
     with pytest.raises(TypeError, match=r"images must be a torch.Tensor \(N, 3, H, W\), got ndarray; convert it "
                                         r"with torch.as_tensor\(images\)"):
-        model(np.zeros((1, 3, 32, 32), dtype=np.float32))  # was an AttributeError from inside the dtype check
+        model(np.zeros((1, 3, 32, 32), dtype=np.float32))  # named at the entry, before the dtype check reads it
     with pytest.raises(TypeError, match="images must be a torch.Tensor"):
         model.encoder([[0.0]])
     with pytest.raises(ValueError, match="LoMaR needs at least one image; got an empty batch"):
-        model(torch.zeros(0, 3, 32, 32))  # was "num_images must be a positive integer", a parameter never passed
+        model(torch.zeros(0, 3, 32, 32))  # said of the batch, not of num_images, a parameter the caller never passed
 
 
 def test_window_requests_of_the_wrong_kind_are_named():
@@ -160,8 +160,9 @@ def test_mae_names_an_empty_batch_noise_on_another_device_and_a_text_ratio():
 
 
 def test_mae_names_noise_that_is_no_float_tensor_a_wrong_generator_and_its_decoder_sizes():
-    """Bool noise masked the same patches of every image, silently; a list of noise or an int generator was an
-    AttributeError, a zero-wide decoder a ZeroDivisionError."""
+    """Bool noise (which would mask the same patches of every image, silently), a list of noise, an int generator
+    and a zero-wide decoder are each refused with a message naming the parameter, not an AttributeError or a
+    ZeroDivisionError from inside."""
     config = model_config("vit_tiny_patch16", img_size=64, pos="abs", **TINY)
     model = MAE(config, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
     images = torch.randn(2, 3, 64, 64)
@@ -178,8 +179,8 @@ def test_mae_names_noise_that_is_no_float_tensor_a_wrong_generator_and_its_decod
 
 
 def test_models_built_from_numpy_numbers_save_checkpoints_and_exports_that_load(tmp_path):
-    """numpy's ints and floats pass every size check, and were kept: the checkpoint then held numpy scalars, which
-    the weights-only load refuses ('holds Python objects'), and config.json could not be written."""
+    """numpy's ints and floats pass every size check and are stored as Python numbers: a checkpoint holding numpy
+    scalars is refused by the weights-only load ('holds Python objects'), and config.json cannot hold them."""
     import json
     from dataclasses import replace
 
@@ -205,7 +206,7 @@ def test_models_built_from_numpy_numbers_save_checkpoints_and_exports_that_load(
 
 @pytest.mark.parametrize("model", [VisionTransformer, LoMaR, MAE])
 def test_a_model_name_or_a_dict_given_as_the_config_is_named(model):
-    """LoMaR("vit_base_patch16") was "AttributeError: 'str' object has no attribute 'pos'"."""
+    """LoMaR("vit_base_patch16") is a TypeError naming the ViTConfig to build, not an AttributeError about 'pos'."""
     with pytest.raises(TypeError, match=r"config must be a lomar.ViTConfig, got str; build one with "
                                         r"lomar.model_config\('vit_base_patch16'\)"):
         model("vit_base_patch16")

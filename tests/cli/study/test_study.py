@@ -181,9 +181,10 @@ def test_a_resumed_study_reads_past_the_torn_last_line_of_a_killed_runs_log(tmp_
 
 @pytest.mark.slow  # one cell of 1 step, then a refused re-run: ~5 s
 def test_a_cell_started_by_an_older_lomar_is_named_not_told_to_drop_a_flag(tmp_path, labelled):
-    """Before 3 Dec 2026 a steps budget left the lr schedule to the epochs: such a cell's checkpoint records no
-    schedule_steps (and its state no spec). Re-run, the study stopped with pretrain's '--schedule-steps 1 differs
-    ...; drop --schedule-steps', a flag the user never gave (measured with the study of 35c877b)."""
+    """A cell an older lomar started, whose steps budget left the lr schedule to the epochs, records no
+    schedule_steps in its checkpoint (and no spec in its state). Re-run, the study names it as an older lomar's cell
+    and says to delete it to redo it, rather than pretrain's '--schedule-steps 1 differs ...; drop
+    --schedule-steps', a flag the user never gave."""
     import torch
 
     from lomar.errors import UsageError
