@@ -1,7 +1,9 @@
 """An ADE20K-layout `--data` whose split folders are named otherwise (train/val, as many sets ship) is refused in one
-line that names the folders it does hold, beside the layout segment reads."""
+line that names the folders it does hold, beside the layout segment reads; an image whose annotation is there in
+another format than PNG is refused naming that file."""
 
 import pytest
+from PIL import Image
 
 from lomar.data.segmentation import SegmentationFolder
 
@@ -22,4 +24,20 @@ def test_a_missing_split_folder_of_an_empty_or_absent_parent_adds_nothing(tmp_pa
         SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1)
     (tmp_path / "annotations").mkdir()
     with pytest.raises(ValueError, match=rf"^{tmp_path / 'annotations' / 'training'} is not a folder; --data needs"):
+        SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1)
+
+
+def test_an_annotation_saved_as_another_format_is_named_where_its_png_is_missing(tmp_path):
+    for part in ("images", "annotations"):
+        (tmp_path / part / "training").mkdir(parents=True)
+    for stem in ("a", "b"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / "training" / f"{stem}.jpg")
+    Image.new("L", (8, 8)).save(tmp_path / "annotations" / "training" / "a.jpg")
+    Image.new("L", (8, 8)).save(tmp_path / "annotations" / "training" / "b.png")
+    labels = tmp_path / "annotations" / "training"
+    with pytest.raises(ValueError, match=rf"has no annotation {labels / 'a.png'} \(1 image\(s\) without one; a.jpg "
+                                         r"there is not read: annotations are PNGs of class ids\); add it"):
+        SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1)
+    (labels / "a.jpg").unlink()
+    with pytest.raises(ValueError, match=r"\(1 image\(s\) without one\); add it or remove the image$"):
         SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1)

@@ -162,14 +162,18 @@ def _pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
         twins = sorted(n for n in names if stems[Path(n).stem] > 1)  # over 2 min on 20k images
         raise ValueError(f"images {twins[0]} and {twins[1]} in {images_dir} share the stem {Path(twins[0]).stem!r}, "
                          f"so one annotation would serve both; rename or remove one")
-    labels = {Path(n).stem: labels_dir / n for n in os.listdir(labels_dir)  # no hidden file (.NAME.png, ._NAME.png)
+    listed = os.listdir(labels_dir)
+    labels = {Path(n).stem: labels_dir / n for n in listed  # no hidden file (.NAME.png, ._NAME.png)
               if n.lower().endswith(".png") and is_image_name(n) and not n.startswith(".")}
     if not images:
         raise ValueError(f"{images_dir} holds no images (an empty split); add images with their annotations, or "
                          f"point --data at the dataset root")
     if missing := sorted(set(images) - set(labels)):
+        # an annotation saved in another format (a JPEG, whose compression blurs the ids) is there but not read
+        other = next((n for n in sorted(listed) if Path(n).stem == missing[0] and not n.startswith(".")), None)
+        found = f"; {other} there is not read: annotations are PNGs of class ids" if other else ""
         raise ValueError(f"image {images[missing[0]]} has no annotation {labels_dir / (missing[0] + '.png')} "
-                         f"({len(missing)} image(s) without one); add it or remove the image")
+                         f"({len(missing)} image(s) without one{found}); add it or remove the image")
     if orphans := sorted(set(labels) - set(images)):
         raise ValueError(f"annotation {labels[orphans[0]]} has no image in {images_dir} ({len(orphans)} "
                          f"annotation(s) without one); add the image or remove the annotation")
