@@ -124,8 +124,9 @@ def test_timm_refuses_an_export_whose_model_args_ask_for_a_huge_image(pretrained
 
 def test_lomar_export_refuses_a_folder_another_export_wrote_while_it_loaded(pretrained, tmp_path, monkeypatch,
                                                                            capsys):
-    """`lomar export` without --overwrite looked at --to only before loading its checkpoint: an export into the folder
-    that ended meanwhile was replaced, rc 0. It looks again under the folder's lock, held through the write."""
+    """`lomar export` without --overwrite looks at --to again under the folder's lock, held through the write: an
+    export into the folder that ends while it loads its checkpoint is kept and the command refused (rc 2), not
+    replaced with rc 0."""
     from lomar.cli import export as cli_export
 
     _, root = pretrained

@@ -37,9 +37,9 @@ def test_timm_classifier_matches_ours(tmp_path):
 
 
 def test_a_classifiers_model_args_name_its_head_as_timms_own_exports_do(tmp_path):
-    """timm's save_for_hf writes num_classes into model_args (its reconstruction arguments) too: a build from an
-    export's architecture and model_args alone had no head, so the weights' head.* were unexpected keys. An export
-    written without it (older) loads as it always did."""
+    """timm's save_for_hf writes num_classes into model_args (its reconstruction arguments) too, and so does an
+    export: a build from its architecture and model_args alone has the head its weights' head.* fill. An export
+    without num_classes there (an older lomar's) still loads."""
     from safetensors.torch import load_file
 
     torch.manual_seed(1)

@@ -96,7 +96,7 @@ def test_help_of_every_cli_module_imports_no_torch():
 @pytest.mark.slow
 def test_a_missing_input_is_refused_before_torch_is_imported(tmp_path):
     """Importing torch takes seconds (10-15 s on a busy machine): a checkpoint, dVAE file or data folder that is not
-    there was refused only after it. In one process that cannot import torch, each command's one line comes first."""
+    there is refused before it. In one process that cannot import torch, each command's one line comes first."""
     missing = str(tmp_path / "missing.pt")
     (tmp_path / "file").write_text("a file\n")
     runs = [["export", missing, "--to", str(tmp_path / "x")],

@@ -197,7 +197,8 @@ def test_ctrl_c_checkpoints_exits_130_and_a_second_run_is_refused_meanwhile(tmp_
 
 @pytest.mark.slow  # starts a loader worker process
 def test_a_loader_worker_the_system_killed_is_one_line_and_exit_1(tmp_path, capsys, image_dir, monkeypatch):
-    """As the kernel's out-of-memory killer stops a worker: torch's RuntimeError was a traceback."""
+    """As the kernel's out-of-memory killer stops a worker: one line and exit 1, not torch's RuntimeError with its
+    traceback."""
     from lomar.train import pretrain as pretrain_module
 
     monkeypatch.setattr(pretrain_module, "ignore_stop_signals", lambda worker_id: os.kill(os.getpid(), signal.SIGKILL))

@@ -63,7 +63,8 @@ def test_a_file_of_another_format_named_as_an_image_reaches_no_other_pillow_plug
 
 
 def test_a_heic_or_avif_photo_named_as_a_jpeg_is_named_by_its_format(tmp_path):
-    """A phone's HEIC named .jpg was 'not an image format lomar reads (... starting b'\\x00\\x00\\x00\\x18ftyp')'."""
+    """A phone's HEIC (or HEIF, AVIF, JPEG XL) named .jpg is named by its format, where 'not an image format lomar reads
+    (... starting b'\\x00\\x00\\x00\\x18ftyp')' would leave the user to decode the bytes."""
     box = b"\x00\x00\x00\x18ftyp{}\x00\x00\x00\x00mif1heic" + bytes(64)
     for brand, name in ((b"heic", "HEIC"), (b"mif1", "HEIF"), (b"avif", "AVIF")):
         with pytest.raises(ValueError, match=rf"^cannot decode image IMG_1.jpg: it is a photo in {name}, a format "

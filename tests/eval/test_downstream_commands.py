@@ -267,8 +267,8 @@ def test_probe_bad_flags(pretrained, command, args, words, capsys):
 
 @pytest.mark.slow
 def test_finetune_under_torchrun_with_two_processes(pretrained, folder, tmp_path):
-    """Every classifier parameter gets a gradient, so DDP's reducer does not stall (it did when the
-    unused final norm was kept): a stalled rank is reported as hung."""
+    """Every classifier parameter gets a gradient (no unused final norm is kept), so DDP's reducer does not stall:
+    a stalled rank is reported as hung."""
     from helpers import as_torchrun
 
     out = tmp_path / "ddp"
@@ -310,8 +310,8 @@ def test_finetune_sigusr1_checkpoints_mid_epoch_and_resumes(pretrained, folder, 
 
 
 def test_knn_of_a_stopped_run_folder_reads_its_last_checkpoint(pretrained, folder, tmp_path, capsys):
-    """A run stopped by a signal has last.pt but no export yet: 'a folder without config.json; pass ... a folder
-    written by lomar pretrain', which it was. Its last checkpoint is read instead."""
+    """A run stopped by a signal has last.pt but no export yet: its last checkpoint is read, not refused as 'a
+    folder without config.json; pass ... a folder written by lomar pretrain', which it is."""
     run = tmp_path / "stopped"
     run.mkdir()
     shutil.copy(pretrained, run / "last.pt")

@@ -94,8 +94,9 @@ def shard_folders(image_dir, tmp_path_factory) -> Path:
 
 
 def test_shards_in_sub_folders_copied_elsewhere_resume_unwarned(tmp_path, shard_folders, capsys):
-    """The listing a checkpoint keeps named shards under their pattern's folder, SETS/* for 'SETS/*/shard.tar', no
-    folder at all: the same shards copied elsewhere, which resume exactly, were said to have changed."""
+    """The listing a checkpoint keeps names shards under a folder of their pattern, not under 'SETS/*' (no folder at
+    all, for 'SETS/*/shard.tar'): the same shards copied elsewhere resume exactly and are not said to have
+    changed."""
     moved = tmp_path / "moved"
     shutil.copytree(shard_folders, moved)
     assert pretrain("--data", f"{shard_folders}/*/shard.tar", "--out", str(tmp_path / "run"), "--max-steps", "1") == 0
@@ -106,8 +107,9 @@ def test_shards_in_sub_folders_copied_elsewhere_resume_unwarned(tmp_path, shard_
 
 
 def test_a_shard_run_saved_seeding_by_path_resumes_so(tmp_path, shard_folders, monkeypatch, capsys):
-    """Runs saved before samples were seeded by their names under the shards' folder go on seeding by path (and
-    listing the shards under their pattern's folder, as they did)."""
+    """A shard run's checkpoint without shard_seed_root (an older lomar's, whose samples are seeded by path, not by
+    their names under the shards' folder) resumes seeding by path, listing the shards under their pattern's folder
+    as its checkpoint records them."""
     from lomar.data.shards import TarShardDataset
 
     made = TarShardDataset.__init__

@@ -10,7 +10,8 @@ from lomar.train import finetune as finetune_module
 
 
 def test_the_start_line_counts_the_split_and_this_process_share_of_it():
-    """Under torchrun the train count was the whole split's but said '(this process)', beside val's real share."""
+    """Under torchrun the start line gives each split whole and this process's share of it, train's as val's: a
+    whole split's count labelled '(this process)' would misstate it."""
     from types import SimpleNamespace
 
     from torch.utils.data import Subset

@@ -127,8 +127,9 @@ def test_resume_with_accumulation_equals_an_uninterrupted_run(tmp_path, pretrain
 
 def test_a_run_resumed_mid_epoch_with_loader_workers_augments_as_an_uninterrupted_one(tmp_path, pretrained, folder,
                                                                                    monkeypatch, capsys):
-    """timm's augmentation draws from each worker's global streams, seeded once per worker: a resumed run's new
-    workers started them over, so the rest of the epoch got other crops, ops and erasings (now seeded per sample)."""
+    """timm's augmentation draws from each worker's global streams: seeded once per worker, a resumed run's new
+    workers would start them over and give the rest of the epoch other crops, ops and erasings. Seeded per sample,
+    the resumed run augments as the uninterrupted one."""
     common = ("--batch-size", "2", "--epochs", "2", "--workers", "1", "--aa", "rand-m9-mstd0.5-inc1",
               "--reprob", "0.25", "--schedule-steps", "8")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
