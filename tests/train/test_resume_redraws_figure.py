@@ -8,7 +8,8 @@ from helpers import pretrain
 
 def test_a_resume_draws_the_figure_its_checkpoint_lacks(tmp_path, image_dir):
     out = tmp_path / "run"
-    assert pretrain("--data", str(image_dir), "--out", str(out), "--epochs", "1", "--max-steps", "2") == 0
+    assert pretrain("--data", str(image_dir), "--out", str(out), "--epochs", "1", "--max-steps", "2",
+                    "--figure-images", "1") == 0
     figure = out / "reconstruction-000002.png"
     drawn = figure.read_bytes()
     figure.unlink()  # the kill: last.pt at step 2 written, its figure not
