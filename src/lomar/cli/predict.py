@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(resolve_device(args.device))
     use_threads(args.threads)
     trained = predict.load_trained(args.checkpoint)
+    _check_applies(args, trained)
     images = predict.list_images(args.images)
     out = Path(args.out)
     targets = ([out / predict.OUTPUTS[trained.kind]] if trained.kind in predict.OUTPUTS
@@ -129,6 +130,21 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     print(f"{me}: {counted(written, 'image')} ({trained.kind} {trained.path}), {what} -> {where}")
     return 0
+
+
+_FOR_KIND = {"top_k": "classifier", "score_threshold": "detector", "eval_mode": "segmenter"}
+
+
+def _check_applies(args: argparse.Namespace, trained) -> None:
+    """UsageError where a setting of another kind of model than ``trained``'s is given other than its default: a
+    segmenter's label maps are what they are whatever --score-threshold says, and the user would take them as
+    thresholded."""
+    for name, kind in _FOR_KIND.items():
+        value = getattr(args, name)
+        if kind != trained.kind and value is not None and value != SETTINGS[name].default:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} {value} is a {kind}'s setting; {trained.path} is a {trained.kind}, whose "
+                             f"predictions it would not change: drop {flag}")
 
 
 def _precision(given: str, trained, device) -> tuple[str, list[str]]:
