@@ -1,13 +1,17 @@
 """What the dense models refuse from a Python caller, in one line naming the value and the fix: a detector's image
 that is not (3, H, W) RGB (an RGBA or grey tensor as torchvision.io reads a PNG), and a multi-level backbone's block
-indices beyond the encoder's depth (its default is ViT-B's (3, 5, 7, 11), out of range for a shallower encoder)."""
+indices beyond the encoder's depth (its default is ViT-B's (3, 5, 7, 11), out of range for a shallower encoder); and
+a ViTDet backbone taken by torchvision's detectors as it is."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import MultiScaleRoIAlign
 
-from lomar.models.backbones import MultiLevelBackbone
+from lomar.models.backbones import MultiLevelBackbone, ViTDetBackbone
 from lomar.models.mask_rcnn import ViTMaskRCNN
 from lomar.models.vit import VisionTransformer, ViTConfig
 
@@ -30,3 +34,15 @@ def test_a_multilevel_backbone_out_of_range_names_the_blocks_to_pass():
     suggested = (0, 1, 2, 3)
     maps = MultiLevelBackbone(VisionTransformer(TINY), out_indices=suggested)(torch.randn(1, 3, 64, 64))
     assert [tuple(m.shape) for m in maps] == [(1, 32, 4, 4)] * 4
+
+
+def test_a_vitdet_backbone_builds_torchvisions_faster_rcnn():
+    """docs/dense.md, "Other toolkits": torchvision's detectors take the backbone as it is (they read its
+    ``out_channels``); its levels are the RoI pooler's feature names."""
+    backbone = ViTDetBackbone(VisionTransformer(TINY), out_channels=16)
+    anchors = AnchorGenerator(((16,), (32,), (64,), (128,)), ((0.5, 1.0, 2.0),) * 4)
+    model = FasterRCNN(backbone, num_classes=3, rpn_anchor_generator=anchors, min_size=64, max_size=64,
+                       box_roi_pool=MultiScaleRoIAlign(backbone._out_features, 7, 2), representation_size=32).eval()
+    with torch.no_grad():
+        (out,) = model([torch.rand(3, 64, 48)])
+    assert out["boxes"].shape[-1] == 4 and len(out["boxes"]) == len(out["labels"]) == len(out["scores"])

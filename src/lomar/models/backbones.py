@@ -169,7 +169,7 @@ class ViTDetBackbone(nn.Module):
 
     Follows detectron2's ``Backbone`` protocol (``output_shape()``, ``size_divisibility``,
     ``padding_constraints``, ``_out_features``) without importing detectron2 (not tested with it:
-    docs/dense.md, "Other toolkits"). ``window_size`` /
+    docs/dense.md, "Other toolkits"), and has the ``out_channels`` torchvision's detectors read. ``window_size`` /
     ``global_blocks`` / ``attention`` / ``train_pos_embed``: see :func:`backbone_layout` (ViTDet: 14,
     (2, 5, 8, 11)).
     """
@@ -189,6 +189,7 @@ class ViTDetBackbone(nn.Module):
         self._out_features = list(self.pyramid.strides)
         self._out_feature_strides = dict(self.pyramid.strides)
         self._out_feature_channels = {name: out_channels for name in self._out_features}
+        self.out_channels = out_channels  # what torchvision's detectors read off a backbone, every level's alike
 
     @property
     def size_divisibility(self) -> int:
