@@ -130,7 +130,7 @@ def test_bench_rejects_bad_flags(flags, capsys):
     (["--json", "r.json", "--plot", "./r.json"], "--plot ./r.json is also --json's file; give each output a file"),
     (["--json", "r.json", "--profile", "r.json"], "--profile r.json is also --json's file"),
     (["--plot", "times.txt"], "--plot times.txt: name the figure .png, .pdf or .svg"),  # not a PNG named .txt
-    # MAE alone timed as if at 9 windows: the count was read by nothing
+    # MAE alone would be timed as if at 9 windows, a count nothing reads
     (["--methods", "mae", "--windows", "9"], "--windows 9: --methods mae has no windows (lomar, mae_window and"),
 ])
 def test_bench_refuses_flags_its_task_ignores_and_outputs_on_one_file(flags, message, tmp_path, monkeypatch, capsys):

@@ -128,7 +128,8 @@ def test_import_lomar_does_not_import_timm():
 
 
 def test_a_trained_position_table_is_interpolated_for_another_size(tmp_path):
-    """A finetuned MAE encoder's table is no longer sin-cos: at another --img-size it is resampled, not replaced."""
+    """A finetuned MAE encoder's table is trained, not sin-cos: at another --img-size it is resampled, not
+    replaced."""
     ours = VisionTransformer(replace(TINY, pos="abs"))
     with torch.no_grad():
         ours.pos_embed.normal_()
@@ -204,7 +205,7 @@ def test_create_encoder_given_a_checkpoint_file_says_it_is_not_a_folder(tmp_path
 def test_export_paths_that_are_no_folder_are_named_for_the_python_caller(tmp_path):
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(NotADirectoryError, match=r"file is a file, not a folder: an export is a folder"):
-        export_encoder(VisionTransformer(TINY), tmp_path / "file")  # was mkdir's "[Errno 17] File exists"
+        export_encoder(VisionTransformer(TINY), tmp_path / "file")  # not mkdir's "[Errno 17] File exists"
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"empty/config.json not found; export an encoder first "
                                                 r"\(lomar.export_encoder, or `lomar export`\)$"):

@@ -132,9 +132,9 @@ def test_a_classifier_that_saved_its_config_refuses_another_num_heads_and_a_size
 
 
 def test_a_pretraining_setting_given_for_a_classifier_or_an_export_is_refused_not_dropped(sources, tmp_path, capsys):
-    """--window-size, --windows and --decoder-num-heads set a LoMaR / MAE pretraining model: `lomar export
-    classifier.pt --windows 9` wrote the classifier as if the flag were not given, and an original checkpoint took
-    another method's (an MAE decoder's heads for a LoMaR) so. Each is now named in one line, in the command's words; a
+    """--window-size, --windows and --decoder-num-heads set a LoMaR / MAE pretraining model: given for a classifier
+    or an export (`lomar export classifier.pt --windows 9`), or another method's for an original checkpoint (an MAE
+    decoder's heads for a LoMaR), each is named in one line, in the command's words, not dropped as if not given; a
     pretraining checkpoint's encoder refuses heads its saved model contradicts, takes its own."""
     _, root = sources
     for name, what in (("classifier.pt", "a ViT classifier or encoder"), ("export", "an exported encoder")):

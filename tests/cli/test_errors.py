@@ -134,7 +134,7 @@ def test_bad_invocation_is_one_line(command, flags, named, tmp, capsys):
     said = capsys.readouterr()
     line = _one_error_line(said.err, command)
     assert code == 2
-    assert said.out == ""  # no progress line before the refusal (tokenizer fit said it was fitting)
+    assert said.out == ""  # no progress line before the refusal (such as tokenizer fit's "fitting")
     assert named.replace("{tmp}", str(tmp)) in line  # the message names the value or flag at fault
     if "is a folder; give a file name such as " in named:  # a name the command takes, not a bare "result"
         example = Path(line.split("such as ")[1])

@@ -118,7 +118,7 @@ def test_torchrun_two_processes_match_one_process_with_the_global_batch(tmp_path
     # every process extracted its share, and the score is the one a single process gives on the same weights
     errs = {int(path.parent.name): path.read_text() for path in logs.glob("*/attempt_0/*/stderr.log")}
     assert ["zz-broken.png" in errs[rank] for rank in (0, 1)] == [False, True], errs
-    # what listing the folders found is said by the machine's first process alone (it was said by each)
+    # what listing the folders found is said by the machine's first process alone, not by each
     assert ["outside the class folders" in errs[rank] for rank in (0, 1)] == [True, False], errs
     assert [errs[rank].count("macOS metadata file") for rank in (0, 1)] == [1, 0], errs  # so is what --data holds
     threads = torch.get_num_threads()

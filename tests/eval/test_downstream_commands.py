@@ -253,7 +253,7 @@ def test_finetune_bad_flags(pretrained, args, words, capsys):
     ("knn", ["--k", "0", "--data", "X"], "--k: expected an integer >= 1"),
     ("linprobe", [], "pass --data"),
     ("linprobe", ["--epochs", "0", "--data", "X"], "--epochs: expected an integer >= 1"),
-    # the other protocol's flags were ignored without a word: LARS ran without the weight decay asked for
+    # the other protocol's flags are refused, not ignored: LARS would run without the weight decay asked for
     ("linprobe", ["--protocol", "mae", "--warmup-epochs", "1", "--weight-decay", "0.05", "--data", "X"],
      "--weight-decay is for --protocol adamw; --protocol mae does not read it: drop --weight-decay"),
     ("linprobe", ["--protocol", "mae", "--warmup-epochs", "1", "--lr", "0.1", "--data", "X"], "--lr is for --protocol"),

@@ -89,7 +89,7 @@ def test_every_setting_with_a_none_choice_and_another_default_declares_it_as_off
     (["--img-size", "0"], "--img-size must be positive"),
     (["--mask-ratio", "nan"], "--mask-ratio must be a finite number"),
     (["--lr", "inf"], "--lr must be a finite number"),
-    # layer scale multiplies each residual branch: 1e30 was accepted and gave a NaN loss at step 1
+    # layer scale multiplies each residual branch: 1e30 would give a NaN loss at step 1
     (["--method", "beit", "--layer-scale-init", "1e30"], "--layer-scale-init must be in (0, 1], got 1e+30"),
 ])
 def test_out_of_range_numbers_are_usage_errors(tmp_path, capsys, flags, message):

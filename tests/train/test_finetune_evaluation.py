@@ -27,7 +27,7 @@ def test_each_epoch_end_evaluation_names_the_epoch_it_evaluated(tmp_path, pretra
 
 
 def test_top5_is_reported_only_where_it_can_miss(tmp_path, pretrained):
-    # over 2-5 classes every image is a top-5 hit: "top-5 100.00%" was printed as a score
+    # over 2-5 classes every image is a top-5 hit: "top-5 100.00%" would be no score
     from helpers import write_images
 
     root = tmp_path / "six"

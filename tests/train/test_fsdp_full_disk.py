@@ -64,7 +64,7 @@ def _full_disk_worker(rank: int, world: int, port: int, out: str, where: str) ->
 @pytest.mark.parametrize("where", ["shards", "meta", "read-only"])
 def test_a_full_disk_during_a_sharded_save_is_one_line_on_every_rank_and_keeps_the_last_checkpoint(tmp_path,
                                                                                                     where):
-    # a folder gone read-only was DCP's multi-rank traceback, where the same on a single process is one line
+    # a folder gone read-only is one line, as on a single process, not DCP's multi-rank traceback
     mp.start_processes(_full_disk_worker, args=(2, free_port(), str(tmp_path), where), nprocs=2,
                        start_method="fork")
     for rank in range(2):
