@@ -18,3 +18,14 @@ def test_a_resume_draws_the_figure_its_checkpoint_lacks(tmp_path, image_dir):
         "reconstruction-000000.png", "reconstruction-000002.png", "reconstruction-000004.png"]
     assert figure.read_bytes() == drawn
 
+
+def test_a_resume_at_the_end_draws_the_last_checkpoints_missing_figure(tmp_path, image_dir):
+    out, args = tmp_path / "run", ("--data", str(image_dir), "--epochs", "1", "--max-steps", "2", "--figure-images", "1")
+    assert pretrain(*args, "--out", str(out)) == 0
+    figure = out / "reconstruction-000002.png"
+    drawn = figure.read_bytes()
+    for name in (figure.name, "encoder.safetensors", "config.json"):  # the kill: the last last.pt written, no more
+        (out / name).unlink()
+    assert pretrain(*args, "--out", str(out), "--resume", "auto") == 0
+    assert figure.read_bytes() == drawn == (out / "reconstruction.png").read_bytes()
+    assert (out / "encoder.safetensors").is_file()

@@ -240,8 +240,14 @@ class PretrainTask(Task):
     def begin(self) -> None:
         # the untrained model, what the last figure is compared with; on a resume, the figure of the checkpoint it
         # resumes from when a kill between that checkpoint and its figure left none; sharded: at the end
-        step = self.progress.step
-        if not self.sharded and (step == 0 or not snapshot_path(self.config.out, step).exists()):
+        if self.progress.step == 0:
+            self.figure()
+        else:
+            self._draw_missing_figure()
+
+    def _draw_missing_figure(self) -> None:
+        """The figure of the step the run is at, where a kill between its checkpoint and that figure left none."""
+        if not snapshot_path(self.config.out, self.progress.step).exists():
             self.figure()
 
     def saved(self, path: Path) -> None:
@@ -252,6 +258,8 @@ class PretrainTask(Task):
 
     def finish(self, out: Path) -> None:
         model = self._consolidate(out)
+        # a resume at the end finishes a run killed between its last checkpoint and that checkpoint's figure
+        self._draw_missing_figure()
         meta = {**method_metadata(model, self.config.method), "step": self.progress.step}  # as `lomar export` writes
         if self.runtime.method.export is not None:
             self.runtime.method.export(model, out, meta)
