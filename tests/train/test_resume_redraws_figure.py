@@ -20,7 +20,8 @@ def test_a_resume_draws_the_figure_its_checkpoint_lacks(tmp_path, image_dir):
 
 
 def test_a_resume_at_the_end_draws_the_last_checkpoints_missing_figure(tmp_path, image_dir):
-    out, args = tmp_path / "run", ("--data", str(image_dir), "--epochs", "1", "--max-steps", "2", "--figure-images", "1")
+    out = tmp_path / "run"
+    args = ("--data", str(image_dir), "--epochs", "1", "--max-steps", "2", "--figure-images", "1")
     assert pretrain(*args, "--out", str(out)) == 0
     figure = out / "reconstruction-000002.png"
     drawn = figure.read_bytes()
