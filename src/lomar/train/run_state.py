@@ -283,7 +283,9 @@ def temporaries(out: Path, folders: tuple[str, ...] = ()) -> list[Path]:
     for name in folders:
         folder = out / name
         if folder.is_dir() and not folder.is_symlink():
-            found += [path for path in sorted(folder.iterdir()) if _TMP.match(path.name) and path.is_file()]
+            # a file per validation image: names are matched before a Path is made, and only the matches sorted
+            with os.scandir(folder) as entries:
+                found += sorted(Path(entry.path) for entry in entries if _TMP.match(entry.name) and entry.is_file())
     return found
 
 
