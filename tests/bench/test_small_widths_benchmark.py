@@ -1,0 +1,21 @@
+"""``benchmarks/small_widths.py``: its GEMM sets are a training step's linear products, and both of its
+measurements run on tiny shapes (the real run takes minutes)."""
+
+from helpers import load_benchmark
+
+
+def test_linear_products_are_a_blocks_forward_and_both_gradients():
+    products = load_benchmark("small_widths").linear_products(10, 4)
+    assert len(products) == 12  # qkv, proj, fc1, fc2: forward, input gradient, weight gradient
+    assert (10, 4, 12) in products and (10, 12, 4) in products and (12, 10, 4) in products  # qkv
+    assert (10, 16, 4) in products and (4, 10, 16) in products  # fc2 and its weight gradient
+    assert sum(2 * m * k * n for m, k, n in products) == 3 * 2 * 10 * (4 * 12 + 4 * 4 + 4 * 16 + 16 * 4)
+
+
+def test_both_measurements_run_and_report_ratios():
+    bench = load_benchmark("small_widths")
+    gemms = bench.gemm_rates(1, {"tiny": (8, 8)}, ceiling=32, flops_per_sample=1e5)
+    assert set(gemms) == {"tiny", "ceiling"} and gemms["ceiling"]["of_ceiling"] == 1.0
+    assert gemms["tiny"]["gflops"] > 0
+    irpe = bench.irpe_cost("vit_mini_patch8", 56, 1, 1, 1)
+    assert len(irpe["cpu_s"]["rpe"]) == len(irpe["cpu_s"]["none"]) == 1 and irpe["rpe_over_none"] > 0
