@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import lomar.checkpoints.formats_dense  # noqa: F401  registers the detector's and segmenter's reader
 import lomar.checkpoints.original  # noqa: F401  registers the original-LoMaR/MAE readers
 from lomar.checkpoints.export import create_encoder, read_export
 from lomar.checkpoints.export_leftovers import interrupted_export, readable_file
 from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS, RUN_ENCODER
 from lomar.checkpoints.formats_beit import BEiTReader  # and registers BEiT's readers
+from lomar.checkpoints.formats_dense import dense_run_refusal  # and registers the dense models' reader
 from lomar.checkpoints.formats_probe import probe_only_refusal  # and registers linprobe's reader
 from lomar.checkpoints.io import mismatch, safe_load
 from lomar.checkpoints.keys import args_dict, drop_final_norm, infer_vit_config
@@ -310,6 +310,8 @@ def read(path: str | Path, mmap: bool = False) -> tuple[Reader, Source]:
         if not (path / CONFIG_NAME).is_file():
             # a run folder without an export (finetune's, or a stopped pretraining): name the checkpoints it keeps
             kept = " or ".join(str(file) for file in run_checkpoints(path))
+            if kept and (refusal := dense_run_refusal(run_checkpoints(path)[0])) is not None:
+                raise refusal
             raise ValueError(f"{path} is a folder without {CONFIG_NAME}; {interrupted_export(path)}pass " + (
                 f"its checkpoint, {kept}" if kept else "a checkpoint file or a folder written by `lomar export` / "
                                                       "`lomar pretrain`"))
