@@ -45,9 +45,9 @@ from lomar.train.settings import ConfigError
 from lomar.values import brief, is_integer
 
 __all__ = ["SaveError", "save_state", "checkpoints_to_prune", "save_checkpoint", "save_on_main_rank",
-           "remove_stale_temporaries", "temporaries", "checkpoint_number", "checkpoint_step", "training_step",
-           "read_state", "holds_run", "same_file", "foreign", "inside", "remove_newer_checkpoints", "check_out_folder",
-           "read_meta", "newest_state", "refuse_held_run", "prepare_run_folder", "save_error"]
+           "remove_stale_temporaries", "clear_stale_temporaries", "temporaries", "checkpoint_number", "checkpoint_step",
+           "training_step", "read_state", "holds_run", "same_file", "foreign", "inside", "remove_newer_checkpoints",
+           "check_out_folder", "read_meta", "newest_state", "refuse_held_run", "prepare_run_folder", "save_error"]
 
 log = logging.getLogger("lomar.train")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)\.(pt|dcp)$")  # .dcp: a sharded checkpoint folder
@@ -270,6 +270,18 @@ def remove_stale_temporaries(out: Path, folders: tuple[str, ...] = ()) -> list[P
     return removed
 
 
+def clear_stale_temporaries(out: Path, name: str, folders: tuple[str, ...]) -> None:
+    """:func:`remove_stale_temporaries` of ``out`` and its sub-folders ``folders`` as command ``name`` says it: a note
+    of what it removed, or a warning of those it kept where this process holds no file lock."""
+    if removed := remove_stale_temporaries(out, folders):
+        print(f"lomar {name}: note: removed {len(removed)} stale temporary file(s) in {out}, "
+              f"e.g. {removed[0].relative_to(out)}", file=sys.stderr, flush=True)
+    elif not holds_run_lock(out) and (kept := temporaries(out, folders)):
+        log.warning("kept %d temporary file(s) in %s, e.g. %s: without a file lock there a killed writer's cannot be "
+                    "told from a live one's (on another machine sharing the folder); delete them once no run or export "
+                    "writes into %s", len(kept), out, kept[0].relative_to(out), out)
+
+
 def temporaries(out: Path, folders: tuple[str, ...] = ()) -> list[Path]:
     """The temporaries in ``out`` (and in its sub-folders named in ``folders``, never through a link) that
     :func:`remove_stale_temporaries` removes where it may, those of a ``lomar export`` holding the folder's export
@@ -318,13 +330,7 @@ def prepare_run_folder(config, task, resume: Path | None, step: int, epoch: int,
     if resume is None:  # another run may have got here since the config was checked
         refuse_held_run(out, config.resume, config.overwrite, locked_here=True, source=source)
     at_end = finished and resume is not None and not foreign(resume, out) and not config.overwrite
-    if removed := remove_stale_temporaries(out, task.outputs):  # even at the end: a killed final write left them
-        print(f"lomar {name}: note: removed {len(removed)} stale temporary file(s) in {out}, "
-              f"e.g. {removed[0].relative_to(out)}", file=sys.stderr, flush=True)
-    elif not holds_run_lock(out) and (kept := temporaries(out, task.outputs)):
-        log.warning("kept %d temporary file(s) in %s, e.g. %s: without a file lock there a killed writer's cannot be "
-                    "told from a live one's (on another machine sharing the folder); delete them once no run or export "
-                    "writes into %s", len(kept), out, kept[0].relative_to(out), out)
+    clear_stale_temporaries(out, name, task.outputs)  # even at the end: a killed final write left them
     if resume is not None:
         print(f"lomar {name}: resumed from {resume} at step {step} (epoch {epoch})", flush=True)
     if at_end:
