@@ -14,6 +14,8 @@ from lomar.train.runtime import default_threads
 
 
 class _Scored:
+    name, outputs = "finetune", ()
+
     def __init__(self, config, info, device):
         self.source = {"checkpoint": config.pretrained, "step": 1}
 
@@ -46,6 +48,19 @@ def test_eval_only_on_a_device_it_cannot_use_is_a_one_line_error(tmp_path, monke
         eval_only.score_only(config, _Scored)
     assert not (tmp_path / "scored").exists()  # refused before the folder is locked
 
+
+def test_eval_only_removes_the_temporaries_a_killed_one_left_in_its_outputs(tmp_path, capsys):
+    class Segmented(_Scored):
+        name, outputs = "segment", ("predictions",)
+
+    out = tmp_path / "scored"
+    (out / "predictions").mkdir(parents=True)
+    half = out / "predictions" / f".val_00003.png.tmp-4242-{'0a' * 8}"  # atomic_write's name, its writer killed
+    half.write_bytes(b"png")
+    config = SimpleNamespace(device="cpu", seed=0, out=str(out), pretrained="seg/best.pt", img_size=32, threads=1)
+    eval_only.score_only(config, Segmented)
+    assert not half.exists()
+    assert f"lomar segment: note: removed 1 stale temporary file(s) in {out}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("local_world, visible, refused", [("2", 2, True), ("1", 2, False), ("2", 1, False)])

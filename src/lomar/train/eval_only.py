@@ -17,6 +17,7 @@ from lomar.errors import UsageError
 from lomar.eval.features import check_split, skipped_note
 from lomar.train.distributed import DistInfo, join_group
 from lomar.train.run_lock import RunLock
+from lomar.train.run_state import clear_stale_temporaries
 from lomar.train.runtime import use_threads
 from lomar.train.setting_names import source_of
 from lomar.train.task import Task, TrainingError
@@ -36,6 +37,8 @@ def score_only(config, make_task: type[Task]) -> tuple[Task, dict, Path]:
     torch.manual_seed(config.seed)
     use_threads(config.threads)  # as a run's
     with RunLock(Path(config.out), source_of(config, "out")) as lock:
+        # a killed --eval-only's: segment's predictions/ is written an image at a time
+        clear_stale_temporaries(lock.out, make_task.name, make_task.outputs)
         task = make_task(config, DistInfo(), device)
         metrics = task.evaluate()
         with open_in_place(lock.out / METRICS, "a") as log:
