@@ -30,3 +30,16 @@ def test_a_resume_at_the_end_draws_the_last_checkpoints_missing_figure(tmp_path,
     assert pretrain(*args, "--out", str(out), "--resume", "auto") == 0
     assert figure.read_bytes() == drawn == (out / "reconstruction.png").read_bytes()
     assert (out / "encoder.safetensors").is_file()
+
+
+def test_a_resume_at_the_end_redraws_a_loss_curve_its_cut_end_left_behind(tmp_path, image_dir):
+    out = tmp_path / "run"
+    args = ("--data", str(image_dir), "--epochs", "1", "--max-steps", "2", "--figure-images", "1")
+    assert pretrain(*args, "--out", str(out)) == 0
+    curve = out / "loss.png"
+    drawn = curve.read_bytes()
+    curve.write_bytes((out / "reconstruction-000000.png").read_bytes())  # a PNG of an earlier checkpoint
+    for name in ("encoder.safetensors", "config.json"):  # the kill: in the last checkpoint's loss.png, no export
+        (out / name).unlink()
+    assert pretrain(*args, "--out", str(out), "--resume", "auto") == 0
+    assert curve.read_bytes() == drawn

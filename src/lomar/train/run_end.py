@@ -5,10 +5,11 @@ The step, epoch and batches of a checkpoint, with the steps an epoch it was save
 ``--max-steps`` / ``--epochs`` end the run. At that end a resume trains nothing; unless an end-of-run file written
 from the model (an export: ``Task.final_outputs``) is missing, it then builds neither the model nor the data and
 reads no weights: for a ViT-B that build and the checkpoint's full read cost seconds. What the end of a run draws from
-its log alone (pretrain's ``loss.png``: ``Task.curves``) is drawn again when missing, built or not. A run that scores
-its end (``Task.scores_end``) and was stopped between its last checkpoint and that evaluation (the checkpoint is saved
-first) is built to run it: its ``eval_log`` record of the last step, or the checkpoint's ``evaluated_step``, says it
-was done.
+its log alone (pretrain's ``loss.png``: ``Task.curves``) is drawn again when missing, built or not, and where an
+end-of-run file is missing: a stop there may have come while they were drawn, leaving those of an earlier checkpoint.
+A run that scores its end (``Task.scores_end``) and was stopped between its last checkpoint and that evaluation (the
+checkpoint is saved first) is built to run it: its ``eval_log`` record of the last step, or the checkpoint's
+``evaluated_step``, says it was done.
 """
 
 from __future__ import annotations
@@ -121,7 +122,11 @@ def answer_at_end(task, out: Path, step: int, last_step: int, steps_per_epoch: i
     score = trainer is not None and any_rank(is_main and evaluation_missing(
         task, config, out, step, trainer.evaluated_step), device)
     missing = [] if trainer is None else missing_outputs(task.final_outputs, out, step)  # unbuilt: run_end found none
-    curves = [name for name in task.curves if not (out / name).exists()] if (out / METRICS).is_file() else []
+    logged = (out / METRICS).is_file()
+    curves = [name for name in task.curves if not (out / name).exists()] if logged else []
+    # an end cut short after its last checkpoint may have been stopped while it drew them: a curve there can be an
+    # earlier checkpoint's, without the last steps
+    drawn = list(task.curves) if missing and logged else curves
     if is_main:
         print(f"lomar {task.name}: nothing to do, the run is at step {step}; it ends at {last_step} "
               f"({f'--max-steps {config.max_steps} or ' if config.max_steps else ''}--epochs {config.epochs} of "
@@ -134,11 +139,11 @@ def answer_at_end(task, out: Path, step: int, last_step: int, steps_per_epoch: i
     # writes from it (detect's predictions.json, in no final_outputs) was the earlier end's or none
     if missing or score:
         save_on_main_rank(lambda: task.finish(out), is_main, device)
-    if curves and is_main:
+    if drawn and is_main:
         try:
             task.draw_curves(config, out)
         except Exception as exc:  # noqa: BLE001 - a figure must never fail a run, as during it
-            print(f"lomar {task.name}: could not draw {', '.join(curves)}: {exc}", file=sys.stderr)
+            print(f"lomar {task.name}: could not draw {', '.join(drawn)}: {exc}", file=sys.stderr)
     return 0
 
 
