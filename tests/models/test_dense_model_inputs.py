@@ -1,7 +1,7 @@
 """What the dense models refuse from a Python caller, in one line naming the value and the fix: a detector's image
-that is not (3, H, W) RGB (an RGBA or grey tensor as torchvision.io reads a PNG), and a multi-level backbone's block
-indices beyond the encoder's depth (its default is ViT-B's (3, 5, 7, 11), out of range for a shallower encoder); and
-a ViTDet backbone taken by torchvision's detectors as it is."""
+that is not (3, H, W) RGB (an RGBA or grey tensor as torchvision.io reads a PNG), a multi-level backbone's block
+indices beyond the encoder's depth (its default is ViT-B's (3, 5, 7, 11), out of range for a shallower encoder), an
+image with a side below the least a pyramid takes; and a ViTDet backbone taken by torchvision's detectors as it is."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from lomar.models.backbones import MultiLevelBackbone, ViTDetBackbone
 from lomar.models.mask_rcnn import ViTMaskRCNN
+from lomar.models.segmenter import UperNetSegmenter
 from lomar.models.vit import VisionTransformer, ViTConfig
 
 TINY = ViTConfig(img_size=64, patch_size=16, embed_dim=32, depth=4, num_heads=2)
@@ -46,3 +47,19 @@ def test_a_vitdet_backbone_builds_torchvisions_faster_rcnn():
     with torch.no_grad():
         (out,) = model([torch.rand(3, 64, 48)])
     assert out["boxes"].shape[-1] == 4 and len(out["boxes"]) == len(out["labels"]) == len(out["scores"])
+
+
+@pytest.mark.parametrize("build", [
+    lambda: UperNetSegmenter(VisionTransformer(TINY), 3, channels=16, aux_channels=8),
+    lambda: ViTDetBackbone(VisionTransformer(TINY), out_channels=16),
+], ids=["segmenter", "vitdet"])
+def test_an_image_below_the_pyramids_least_side_is_refused_naming_it(build):
+    """A pyramid's stride-32 level halves the grid of 16-pixel patches: a side of one patch is refused in one line
+    naming the size and the least side, and the least side itself runs."""
+    model = build().eval()
+    with torch.no_grad():
+        for size in [(16, 16), (64, 16)]:
+            with pytest.raises(ValueError, match=rf"^image size {size[0]}x{size[1]} is below the least this pyramid "
+                                                 rf"takes, 32 a side .*; pad each side to a multiple of 32"):
+                model(torch.rand(1, 3, *size))
+        model(torch.rand(1, 3, 32, 32))

@@ -124,6 +124,19 @@ def feature_maps(encoder: VisionTransformer, images: torch.Tensor, indices=(-1,)
     return [out[i % depth] for i in indices]
 
 
+def _check_halvable(images: torch.Tensor, stride: int) -> None:
+    """ValueError unless each side of images (B, 3, H, W) spans two of the ``stride``-pixel map's cells: a pyramid's
+    coarsest level max-pools that map by 2, and a side of one cell would pool to nothing (torch's "Output size is too
+    small")."""
+    if images.ndim != 4:  # the encoder names the shape it takes
+        return
+    height, width = images.shape[-2:]
+    if height < 2 * stride or width < 2 * stride:
+        raise ValueError(f"image size {height}x{width} is below the least this pyramid takes, {2 * stride} a side (its "
+                         f"stride-{2 * stride} level halves the map of {stride}-pixel patches); pad each side to a "
+                         f"multiple of {2 * stride}")
+
+
 class ShapeSpec(dict):
     """A level's ``{"channels", "stride"}``, read as detectron2 reads its own ShapeSpec too: its heads and FPN take
     ``output_shape()[name].channels`` and ``.stride``. Each of its four fields (channels, height, width, stride) is
@@ -207,7 +220,10 @@ class ViTDetBackbone(nn.Module):
                 for name in self._out_features}
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, 3, H, W), H and W multiples of the patch size -> {name: (B, C, H/stride, W/stride)}."""
+        """(B, 3, H, W), H and W multiples of the patch size (with the 0.5 scale, at least twice it) ->
+        {name: (B, C, H/stride, W/stride)}."""
+        if 0.5 in self.pyramid.scale_factors:
+            _check_halvable(images, self.pyramid.in_stride)
         (last,) = feature_maps(self.encoder, images, (-1,), self.norm, self.grad_checkpointing and self.training)
         return self.pyramid(last)
 
@@ -260,6 +276,9 @@ class MultiLevelBackbone(nn.Module):
             ])
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, 3, H, W), H and W multiples of the patch size (with ``pyramid``, at least twice it) -> the maps."""
+        if self.rescale is not None:
+            _check_halvable(images, self.encoder.config.patch_size)
         maps = feature_maps(self.encoder, images, self.out_indices, self.norm,
                             self.grad_checkpointing and self.training)
         if self.rescale is not None:
