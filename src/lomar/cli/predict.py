@@ -142,9 +142,9 @@ def _check_applies(args: argparse.Namespace, trained) -> None:
     for name, kind in _FOR_KIND.items():
         value = getattr(args, name)
         if kind != trained.kind and value is not None and value != SETTINGS[name].default:
-            flag = "--" + name.replace("_", "-")
-            raise UsageError(f"{flag} {value} is a {kind}'s setting; {trained.path} is a {trained.kind}, whose "
-                             f"predictions it would not change: drop {flag}")
+            flag = SETTINGS[name].name_flag(name)
+            raise UsageError(f"{S.as_typed(flag, value)} is a {kind}'s setting; {trained.path} is a {trained.kind}, "
+                             f"whose predictions it would not change: drop {flag}")
 
 
 def _precision(given: str, trained, device) -> tuple[str, list[str]]:
