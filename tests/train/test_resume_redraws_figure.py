@@ -19,27 +19,35 @@ def test_a_resume_draws_the_figure_its_checkpoint_lacks(tmp_path, image_dir):
     assert figure.read_bytes() == drawn
 
 
-def test_a_resume_at_the_end_draws_the_last_checkpoints_missing_figure(tmp_path, image_dir):
-    out = tmp_path / "run"
-    args = ("--data", str(image_dir), "--epochs", "1", "--max-steps", "2", "--figure-images", "1")
-    assert pretrain(*args, "--out", str(out)) == 0
-    figure = out / "reconstruction-000002.png"
-    drawn = figure.read_bytes()
-    for name in (figure.name, "encoder.safetensors", "config.json"):  # the kill: the last last.pt written, no more
+def _resume_a_cut_end(out, image_dir, cut) -> None:
+    """A two-step run to its end; ``cut(out)`` leaves what a kill during that end's writes left, with the export
+    (written last) missing; then the resume at the end."""
+    args = ("--data", str(image_dir), "--out", str(out), "--epochs", "1", "--max-steps", "2", "--figure-images", "1")
+    assert pretrain(*args) == 0
+    cut(out)
+    for name in ("encoder.safetensors", "config.json"):
         (out / name).unlink()
-    assert pretrain(*args, "--out", str(out), "--resume", "auto") == 0
-    assert figure.read_bytes() == drawn == (out / "reconstruction.png").read_bytes()
+    assert pretrain(*args, "--resume", "auto") == 0
     assert (out / "encoder.safetensors").is_file()
 
 
+def test_a_resume_at_the_end_draws_the_last_checkpoints_missing_figure(tmp_path, image_dir):
+    figure, drawn = tmp_path / "reconstruction-000002.png", []
+
+    def cut(out):  # killed between the last checkpoint and its figure
+        drawn.append(figure.read_bytes())
+        figure.unlink()
+
+    _resume_a_cut_end(tmp_path, image_dir, cut)
+    assert figure.read_bytes() == drawn[0] == (tmp_path / "reconstruction.png").read_bytes()
+
+
 def test_a_resume_at_the_end_redraws_a_loss_curve_its_cut_end_left_behind(tmp_path, image_dir):
-    out = tmp_path / "run"
-    args = ("--data", str(image_dir), "--epochs", "1", "--max-steps", "2", "--figure-images", "1")
-    assert pretrain(*args, "--out", str(out)) == 0
-    curve = out / "loss.png"
-    drawn = curve.read_bytes()
-    curve.write_bytes((out / "reconstruction-000000.png").read_bytes())  # a PNG of an earlier checkpoint
-    for name in ("encoder.safetensors", "config.json"):  # the kill: in the last checkpoint's loss.png, no export
-        (out / name).unlink()
-    assert pretrain(*args, "--out", str(out), "--resume", "auto") == 0
-    assert curve.read_bytes() == drawn
+    curve, drawn = tmp_path / "loss.png", []
+
+    def cut(out):  # killed while the last checkpoint's loss.png was drawn: an earlier checkpoint's stays
+        drawn.append(curve.read_bytes())
+        curve.write_bytes((out / "reconstruction-000000.png").read_bytes())
+
+    _resume_a_cut_end(tmp_path, image_dir, cut)
+    assert curve.read_bytes() == drawn[0]
