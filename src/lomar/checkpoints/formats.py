@@ -49,7 +49,7 @@ from lomar.checkpoints.reader import (
     saved_spec,
     spec_settings,
 )
-from lomar.checkpoints.run_folder import run_checkpoints
+from lomar.checkpoints.run_folder import run_checkpoint, run_checkpoints
 from lomar.checkpoints.sharded import read_sharded
 from lomar.models.masking import grid_size
 from lomar.models.vit import VisionTransformer, ViTConfig
@@ -310,7 +310,7 @@ def read(path: str | Path, mmap: bool = False) -> tuple[Reader, Source]:
         if not (path / CONFIG_NAME).is_file():
             # a run folder without an export (finetune's, or a stopped pretraining): name the checkpoints it keeps
             kept = " or ".join(str(file) for file in run_checkpoints(path))
-            if kept and (refusal := dense_run_refusal(run_checkpoints(path)[0])) is not None:
+            if (read_by := run_checkpoint(path)) is not None and (refusal := dense_run_refusal(read_by)) is not None:
                 raise refusal
             raise ValueError(f"{path} is a folder without {CONFIG_NAME}; {interrupted_export(path)}pass " + (
                 f"its checkpoint, {kept}" if kept else "a checkpoint file or a folder written by `lomar export` / "
