@@ -15,19 +15,17 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import os
-import platform
 import statistics
 import time
 
 import torch
 
-from lomar.bench.timing import build_runner
-from lomar.models.lomar import LoMaR
-from lomar.models.vit import model_config
-from lomar.train.runtime import fast_adamw
+from lomar.bench.host import load_average
+from lomar.bench.report import machine_name
+from lomar.bench.timing import GemmCeiling, build_runner, timed
+from lomar.cli.common import write_json
+
+CPU = torch.device("cpu")
 
 # name -> (tokens a step, width): LoMaR's windows x 50 tokens x batch; MAE's decoder: 1 + the grid, x batch
 SHAPES = {
@@ -53,36 +51,31 @@ def linear_products(tokens: int, width: int) -> list[tuple[int, int, int]]:
 
 def gemm_rates(rounds: int, shapes: dict[str, tuple[int, int]] = SHAPES, ceiling: int = 2048,
                flops_per_sample: float = 2e8) -> dict:
-    """GFLOP/s of each shape set's products (their FLOPs over their summed median times) and of the ceiling;
-    each product is repeated to about ``flops_per_sample`` per timing."""
+    """GFLOP/s of each shape set's products (their FLOPs over their summed median times) and of the ceiling:
+    :class:`~lomar.bench.timing.GemmCeiling`'s ``torch.mm`` of ``ceiling``³, the library these products run in,
+    timed in every round. Each product is repeated to about ``flops_per_sample`` per timing."""
     sets = {name: linear_products(*size) for name, size in shapes.items()}
-    sets["ceiling"] = [(ceiling, ceiling, ceiling)]
     mats = {s: (torch.randn(s[0], s[1]), torch.randn(s[1], s[2])) for products in sets.values() for s in products}
     times: dict[tuple[int, int, int], list[float]] = {s: [] for s in mats}
+    gemm = GemmCeiling(CPU, "fp32", ceiling)
     for _ in range(rounds):
+        gemm()
         for s, (a, b) in mats.items():
             reps = max(1, int(flops_per_sample // (2 * s[0] * s[1] * s[2])))
             torch.mm(a, b)
-            start = time.perf_counter()
-            for _ in range(reps):
-                torch.mm(a, b)
-            times[s].append((time.perf_counter() - start) / reps)
+            times[s].append(timed(lambda a=a, b=b, reps=reps: [torch.mm(a, b) for _ in range(reps)], CPU) / reps)
     median = {s: statistics.median(t) for s, t in times.items()}
     rates = {name: sum(2 * m * k * n for m, k, n in products) / sum(median[s] for s in products) / 1e9
              for name, products in sets.items()}
+    rates["ceiling"] = gemm.medians()["torch.mm"] / 1e9
     return {name: dict(gflops=rate, of_ceiling=rate / rates["ceiling"]) for name, rate in rates.items()}
 
 
-def irpe_cost(model: str, px: int, windows: int, batch: int, rounds: int) -> dict:
-    """CPU seconds of a LoMaR step with iRPE and without position, interleaved; their ratio per round."""
-    cpu = torch.device("cpu")
-    rpe = build_runner("lomar", model, px, windows, batch, cpu, "fp32", False)
-    m = rpe.model
-    plain = LoMaR(model_config(model, img_size=px, pos="none"), m.window_size, m.num_windows, m.mask_ratio,
-                  m.norm_pix_loss).train()
-    optimizer = fast_adamw([p for p in plain.parameters() if p.requires_grad], lr=1.5e-4, betas=(0.9, 0.95),
-                           weight_decay=0.05)
-    runners = {"rpe": rpe, "none": dataclasses.replace(rpe, model=plain, forward=plain, optimizer=optimizer)}
+def irpe_cost(model: str, px: int, windows: int, batch: int, rounds: int, tiny: bool = False) -> dict:
+    """CPU seconds of a LoMaR step with iRPE and without position, interleaved; their ratio per round.
+    ``tiny``: :func:`~lomar.bench.timing.build_runner`'s width-32, one-block model (tests only)."""
+    runners = {pos: build_runner("lomar", model, px, windows, batch, CPU, "fp32", False, tiny=tiny, pos=pos)
+               for pos in ("rpe", "none")}  # one seed: the same windows and masks
     for runner in runners.values():
         runner.step()
     seconds: dict[str, list[float]] = {name: [] for name in runners}
@@ -112,11 +105,8 @@ def main() -> None:
         print(f"{r['model']} {r['px']} px {r['windows']} windows: iRPE / no position {r['rpe_over_none']:.3f} "
               f"(rounds {r['ratio_range'][0]:.3f}-{r['ratio_range'][1]:.3f})")
     if args.json:
-        meta = dict(threads=args.threads, torch=torch.__version__, machine=platform.processor() or platform.machine(),
-                    load_avg=list(os.getloadavg()))
-        with open(args.json + ".tmp", "w") as f:
-            json.dump(dict(meta=meta, gemms=gemms, irpe=irpe), f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        meta = dict(threads=args.threads, torch=torch.__version__, machine=machine_name(CPU), load_avg=load_average())
+        write_json(args.json, dict(meta=meta, gemms=gemms, irpe=irpe))
 
 
 if __name__ == "__main__":

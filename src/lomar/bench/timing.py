@@ -228,7 +228,7 @@ def method_config(variant: str, img_size: int, windows: int | None, **settings):
 
 def build_runner(method: str, model_name: str, img_size: int, windows: int | None, batch_size: int,
                  device: torch.device, precision: str, compile: bool, seed: int = 0,
-                 tiny: bool = False, compile_mode: str = "default") -> StepRunner:
+                 tiny: bool = False, compile_mode: str = "default", pos: str | None = None) -> StepRunner:
     """The training step of a bench variant (:func:`method_config`), built by its method as ``lomar
     pretrain`` builds it, 7×7 windows, on random normalised images (N, 3, S, S).
 
@@ -237,11 +237,12 @@ def build_runner(method: str, model_name: str, img_size: int, windows: int | Non
     at grid × 8 px in no_grad, inside the timed and FLOP-counted forward.
     ``tiny`` shrinks encoder, decoder and dVAE to width 32 (dVAE 8), depth 1, 2 heads (tests only).
     ``compile_mode``: torch.compile's mode with ``compile`` (``lomar pretrain --compile-mode``'s choices).
+    ``pos``: the encoder's position scheme (``model_config``'s choices); None: the method's default.
     """
     decoder = dict(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2) if tiny else {}
     spec, config = method_config(method, img_size, windows, **decoder)  # windows placed as lomar pretrain places them
     overrides = dict(embed_dim=32, depth=1, num_heads=2) if tiny else {}
-    vit = model_config(model_name, img_size=img_size, pos=spec.default_pos, **overrides)
+    vit = model_config(model_name, img_size=img_size, pos=pos or spec.default_pos, **overrides)
     grid = grid_size(img_size, vit.patch_size)
     dvae = DVAEConfig(n_hid=8, n_blk_per_group=1, vocab_size=64) if tiny else DVAEConfig()
     torch.manual_seed(seed)
