@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -24,6 +25,7 @@ from lomar.bench.host import load_average
 from lomar.bench.report import machine_name
 from lomar.bench.timing import GemmCeiling, build_runner, timed
 from lomar.cli.common import write_json
+from lomar.values import command_line
 
 CPU = torch.device("cpu")
 
@@ -105,7 +107,8 @@ def main() -> None:
         print(f"{r['model']} {r['px']} px {r['windows']} windows: iRPE / no position {r['rpe_over_none']:.3f} "
               f"(rounds {r['ratio_range'][0]:.3f}-{r['ratio_range'][1]:.3f})")
     if args.json:
-        meta = dict(threads=args.threads, torch=torch.__version__, machine=machine_name(CPU), load_avg=load_average())
+        meta = dict(command=command_line("python", "benchmarks/small_widths.py", *sys.argv[1:]), threads=args.threads,
+                    torch=torch.__version__, machine=machine_name(CPU), load_avg=load_average())
         write_json(args.json, dict(meta=meta, gemms=gemms, irpe=irpe))
 
 

@@ -1,10 +1,14 @@
 """``benchmarks/small_widths.py``: its GEMM sets are a training step's linear products, both of its
-measurements run on tiny shapes (the real run takes minutes)."""
+measurements run on tiny shapes (the real run takes minutes), and its JSON names the command that wrote it."""
+
+import json
+import sys
 
 import torch
 
 from helpers import load_benchmark
 from lomar.bench.timing import build_runner
+from lomar.values import command_line
 
 
 def test_linear_products_are_a_blocks_forward_and_both_gradients():
@@ -30,3 +34,17 @@ def test_the_runner_without_position_is_the_same_step_without_irpe():
     assert [r.model.encoder.config.pos for r in runners] == ["rpe", "none"]
     assert torch.equal(runners[0].inputs["plan"].mask, runners[1].inputs["plan"].mask)  # the same masks to compare
 
+
+def test_its_json_names_the_command_that_wrote_it(tmp_path, monkeypatch):
+    bench = load_benchmark("small_widths")
+    monkeypatch.setattr(bench, "gemm_rates", lambda rounds: {"ceiling": dict(gflops=1.0, of_ceiling=1.0)})
+    monkeypatch.setattr(bench, "irpe_cost", lambda model, px, windows, batch, rounds: dict(
+        model=model, px=px, windows=windows, batch=batch, rpe_over_none=1.0, ratio_range=[1.0, 1.0]))
+    out = tmp_path / "widths one.json"
+    argv = ["--threads", str(torch.get_num_threads()), "--rounds", "1", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", ["benchmarks/small_widths.py", *argv])
+    bench.main()
+    result = json.loads(out.read_text())
+    assert result["meta"]["command"] == command_line("python", "benchmarks/small_widths.py", *argv)
+    assert result["gemms"] == {"ceiling": dict(gflops=1.0, of_ceiling=1.0)} and len(result["irpe"]) == 3
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # written whole, no temporary left beside it
