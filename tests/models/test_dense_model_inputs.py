@@ -1,7 +1,8 @@
 """What the dense models refuse from a Python caller, in one line naming the value and the fix: a detector's image
-that is not (3, H, W) RGB (an RGBA or grey tensor as torchvision.io reads a PNG), a multi-level backbone's block
-indices beyond the encoder's depth (its default is ViT-B's (3, 5, 7, 11), out of range for a shallower encoder), an
-image with a side below the least a pyramid takes; and a ViTDet backbone taken by torchvision's detectors as it is."""
+that is not (3, H, W) RGB (an RGBA or grey tensor as torchvision.io reads a PNG), a segmenter's RGBA or grey batch,
+a multi-level backbone's block indices beyond the encoder's depth (its default is ViT-B's (3, 5, 7, 11), out of range
+for a shallower encoder), an image with a side below the least a pyramid takes; and a ViTDet backbone taken by
+torchvision's detectors as it is."""
 
 from __future__ import annotations
 
@@ -63,3 +64,13 @@ def test_an_image_below_the_pyramids_least_side_is_refused_naming_it(build):
                                                  rf"takes, 32 a side .*; pad each side to a multiple of 32"):
                 model(torch.rand(1, 3, *size))
         model(torch.rand(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("channels", [4, 1])
+def test_a_segmenter_given_an_rgba_or_grey_batch_names_the_fix(channels):
+    model = UperNetSegmenter(VisionTransformer(TINY), 3, channels=16, aux_channels=8).eval()
+    with pytest.raises(ValueError, match=rf"^expected images of shape \(N, 3, H, W\), got \(1, {channels}, 64, 64\); "
+                                         r"drop an alpha channel \(images\[:, :3\]\) or repeat a grey one "
+                                         r"\(images.expand\(-1, 3, -1, -1\)\)$"):
+        with torch.no_grad():
+            model(torch.rand(1, channels, 64, 64))

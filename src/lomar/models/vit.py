@@ -314,8 +314,11 @@ class VisionTransformer(nn.Module):
             raise TypeError(f"images must be a torch.Tensor (N, {self.config.in_chans}, H, W), got "
                             f"{type(images).__name__}; convert it with torch.as_tensor(images)")
         if images.ndim != 4 or images.shape[1] != self.config.in_chans:
+            # an RGBA or grey batch (torchvision.io reads a PNG as it is stored) has a one-call fix
+            fix = ("; drop an alpha channel (images[:, :3]) or repeat a grey one (images.expand(-1, 3, -1, -1))"
+                   if images.ndim == 4 and self.config.in_chans == 3 and images.shape[1] in (1, 4) else "")
             raise ValueError(f"expected images of shape (N, {self.config.in_chans}, H, W), got "
-                             f"{tuple(images.shape)}")
+                             f"{tuple(images.shape)}{fix}")
         self.patch_embed.check_dtype(images)
         return tile_grid(*images.shape[-2:], self.config.patch_size)
 
