@@ -1,10 +1,13 @@
 """A study's evaluations of its cells: finetune results (a stopped one is no result, a failing one one line), the
-held-out loss (class folders as the probes read them, BEiT's none), and the linear probe read as `lomar linprobe`."""
+held-out loss (class folders as the probes read them, BEiT's none), the linear probe read as `lomar linprobe`, and
+the notes its cells' commands and evaluations say once a study."""
 
 import pytest
 from tiny_study import _spec
 
 from helpers import write_images
+from lomar.cli.study import runner
+from lomar.cli.study.runner import run_study
 from lomar.cli.study.spec import StudyStopped, parse_spec
 
 
@@ -94,3 +97,78 @@ def test_the_heldout_loss_of_a_beit_cell_is_none_not_a_crash(tmp_path, labelled)
     assert pretrain("--data", str(labelled / "train"), "--out", str(tmp_path / "run"), "--method", "beit",
                     "--max-steps", "1") == 0
     assert heldout_loss(tmp_path / "run" / "last.pt", str(labelled / "val"), 32) is None
+
+
+def test_a_cells_notes_are_said_once_not_at_each_slice_and_evaluation(tmp_path, labelled, pretrained, monkeypatch,
+                                                                       capsys):
+    """'lomar pretrain: note: --window-size 3 is unused' of an MAE cell is said once a study, not at the check, each
+    cell's start and each of its slices (57 times in a study of 8 MAE cells); the finetune's warm-up note once too,
+    not at each evaluation."""
+    from lomar.cli.study import evals
+    from lomar.cli.study.spec import Cell, StudyFailed
+    from lomar.train import finetune_config
+    from lomar.train.task import TrainingError
+
+    steps: dict[str, int] = {}
+
+    def slice_to_its_target(config):
+        steps[str(config.out)] = config.max_steps
+        return 0
+
+    monkeypatch.setattr(runner, "read_progress", lambda folder, batch: (steps.get(str(folder), 0), [1.0], 0.5))
+    monkeypatch.setattr(runner, "pretrain", slice_to_its_target)
+    grid = {"method": ["lomar", {"label": "mae", "method": "mae", "windows": 0}]}
+    spec = _spec(labelled, budget="3steps", seeds=2, grid=grid, random_init=False, eval={"metrics": []})
+    run_study(parse_spec(spec), tmp_path / "study", log=lambda line: None)
+    assert capsys.readouterr().err == ("lomar pretrain: note: --window-size 3 is unused: this --method mae run has no "
+                                       "windows (--windows 0: the whole image)\n")
+    spec = parse_spec(_spec(labelled, eval={"metrics": ["finetune"], "finetune": {"epochs": 1, "batch_size": 4}}))
+    said = runner.check_cells(spec)
+    assert capsys.readouterr().err.count("lomar finetune: note: warming up") == 1
+    monkeypatch.setattr(evals, "finetune", lambda config: (_ for _ in ()).throw(TrainingError("stop")))
+    args = evals._args("finetune", spec, Cell({}, dict(spec.settings), 0), pretrained, tmp_path / "f")
+    with pytest.raises(StudyFailed):
+        evals._finetune(args, said)
+    assert capsys.readouterr().err == ""
+    # A BEiT cell's finetune takes BEiT's recipe (20 warm-up epochs): its own note, which the check cannot know of,
+    # is said at its first evaluation, once.
+    monkeypatch.setattr(finetune_config, "_is_beit", lambda pretrained: True)
+    for _ in range(2):
+        with pytest.raises(StudyFailed):
+            evals._finetune(args, said)
+    assert capsys.readouterr().err == ("lomar finetune: note: warming up for all 1 epoch(s) (the default 20 is longer "
+                                       "than --epochs)\n")
+
+
+def test_a_finetunes_start_notes_are_said_once_a_study_and_its_other_lines_each_time(tmp_path, labelled, pretrained,
+                                                                                    monkeypatch, capsys):
+    """eval.finetune's 'lomar finetune: note: --train-pos-embed is unused', which the finetune says at its start (it
+    needs the encoder: a LoMaR cell's has no position table), is said once a study, not at every cell's evaluation;
+    its other lines (a warning) are said each time."""
+    import sys
+
+    import torch
+
+    from lomar.cli.study import evals
+    from lomar.cli.study.spec import Cell, StudyFailed
+    from lomar.train import finetune
+    from lomar.train.distributed import DistInfo
+    from lomar.train.task import TrainingError
+
+    def start(config, make_task):  # the run's start: its task built (the encoder, its notes), then stopped
+        make_task(config, DistInfo(), torch.device("cpu"))
+        print("lomar finetune: warning: not a note", file=sys.stderr, flush=True)
+        raise TrainingError("stop")
+
+    monkeypatch.setattr(finetune, "run", start)
+    spec = parse_spec(_spec(labelled, eval={"metrics": ["finetune"], "finetune": {"epochs": 1, "batch_size": 4,
+                                                                                  "train_pos_embed": True}}))
+    said = runner.check_cells(spec)
+    capsys.readouterr()
+    for where in ("f1", "f2"):  # two cells' evaluations
+        args = evals._args("finetune", spec, Cell({}, dict(spec.settings), 0), pretrained, tmp_path / where)
+        with pytest.raises(StudyFailed):
+            evals._finetune(args, said)
+    again = "lomar finetune: warning: not a note\n"
+    assert capsys.readouterr().err == ("lomar finetune: note: --train-pos-embed is unused: it acts on an absolute "
+                                       "position table (MAE's), and this encoder has none\n" + again + again)
