@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import CPU_RUN, first_image_split, pretrain, write_images
+from helpers import CPU_RUN, first_image_split, one_step_run, write_images
 from lomar.cli.app import main
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -47,9 +47,7 @@ def image_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, image_dir) -> Path:
     """``last.pt`` of a 1-step tiny LoMaR run (helpers.TINY) on ``image_dir``."""
-    out = tmp_path_factory.mktemp("pre") / "run"
-    assert pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "1") == 0
-    return out / "last.pt"
+    return one_step_run(tmp_path_factory.mktemp("pre"), image_dir)
 
 
 @pytest.fixture(scope="module")

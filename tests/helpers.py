@@ -162,6 +162,13 @@ def pretrain(*args: str) -> int:
     return main(["pretrain", *TINY, *args])
 
 
+def one_step_run(root: Path, images: Path) -> Path:
+    """``last.pt`` of a 1-step tiny LoMaR run (TINY) on ``images``, its run folder made under ``root``."""
+    out = root / "run"
+    assert pretrain("--data", str(images), "--out", str(out), "--max-steps", "1") == 0
+    return out / "last.pt"
+
+
 def losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
