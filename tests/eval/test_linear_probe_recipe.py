@@ -106,3 +106,26 @@ def test_a_warm_up_as_long_as_the_mae_probes_epochs_is_all_rising(monkeypatch):
     train_mae_linear_probe(x, y, x, y, epochs=2, batch_size=8, blr=0.2, warmup_epochs=2)
     lr = 0.2 * 8 / 256
     assert lrs == pytest.approx([lr * step / 2 / 2 for step in range(4)], rel=1e-12)  # fractional epoch step / 2
+
+
+@pytest.mark.parametrize("train", [train_linear_probe, functools.partial(train_mae_linear_probe, warmup_epochs=0)],
+                         ids=["adamw", "mae"])
+def test_each_epoch_reads_the_features_in_a_new_shuffled_order(monkeypatch, train):
+    """Features cached in class-folder order (all of class 0, then class 1) reach the probe shuffled afresh each
+    epoch, as MAE's sampler shuffles: read in order, every batch would hold one class and BatchNorm would normalise
+    the class away."""
+    batches, forward = [], LinearProbe.forward
+
+    def recording(self, features):
+        if self.training:
+            batches.append(features[:, 0].long().tolist())
+        return forward(self, features)
+
+    monkeypatch.setattr(LinearProbe, "forward", recording)
+    n, y = 40, torch.arange(40) // 20  # sorted by class
+    x = torch.cat([torch.arange(float(n))[:, None], torch.randn(n, 3, generator=torch.Generator().manual_seed(0))], 1)
+    train(x, y, x, y, epochs=3, batch_size=10)
+    epochs = [sum(batches[i:i + 4], []) for i in range(0, 12, 4)]  # 4 batches an epoch
+    assert len(batches) == 12 and all(sorted(order) == list(range(n)) for order in epochs)
+    assert len({tuple(order) for order in epochs}) == 3
+    assert all(len({i // 20 for i in batch}) == 2 for batch in batches)  # every batch mixes the two classes
