@@ -1,6 +1,7 @@
 """COCO box and mask AP on hand-built cases, against what pycocotools itself makes of them: perfect detections
 score 100 whatever the segmentation's form (polygons, RLE) and the category ids; crowd regions and images without
-annotations are handled as COCO handles them; no detection at all scores as pycocotools scores it."""
+annotations are handled as COCO handles them; no detection at all scores as pycocotools scores it; mask AP's area
+ranges read the masks' areas, box AP's the boxes'."""
 
 from __future__ import annotations
 
@@ -152,3 +153,28 @@ def test_a_bf16_forwards_masks_are_pasted_in_fp32():
     output = {"boxes": boxes, "labels": torch.ones(40, dtype=torch.long), "scores": torch.rand(40, generator=generator)}
     found = to_coco_results({**output, "masks": masks}, 1, CATEGORIES, image_size=(HEIGHT, WIDTH))
     assert found == to_coco_results({**output, "masks": masks.float()}, 1, CATEGORIES, image_size=(HEIGHT, WIDTH))
+
+
+def test_a_detections_mask_is_ranged_by_its_own_area_and_its_box_by_the_boxs():
+    """APs/APm/APl, as detectron2 reports them: a false detection whose mask is small (25 px) and box large (14,400
+    px) counts against the small objects' mask AP, and only against the large objects' box AP."""
+    from pycocotools.coco import COCO
+
+    size = 128
+    square = np.zeros((size, size), dtype=np.uint8)
+    square[2:12, 2:12] = 1
+    speck = np.zeros((size, size), dtype=np.uint8)
+    speck[100:105, 100:105] = 1
+    rle = mask_utils.encode(np.asfortranarray(square))
+    gt = COCO()
+    gt.dataset = {"images": [{"id": 1, "width": size, "height": size}], "categories": [{"id": 1, "name": "a"}],
+                  "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], "area": 100,
+                                   "iscrowd": 0, "segmentation": {"size": [size, size],
+                                                                  "counts": rle["counts"].decode("ascii")}}]}
+    gt.createIndex()
+    output = {"boxes": torch.tensor([[2.0, 2.0, 12.0, 12.0], [0.0, 0.0, 120.0, 120.0]]), "labels": torch.tensor([1, 1]),
+              "scores": torch.tensor([0.9, 0.95]), "masks": torch.from_numpy(np.stack([square, speck]))[:, None] * 1.0}
+    metrics = coco_metrics(gt, to_coco_results(output, image_id=1, categories=[1]))
+    assert metrics["mask_AP"] == pytest.approx(50.0) and metrics["box_AP"] == pytest.approx(50.0)
+    assert metrics["mask_APs"] == pytest.approx(50.0)  # the speck, scored first, is a small false mask
+    assert metrics["box_APs"] == pytest.approx(100.0)  # its box is a large one: no small false box
