@@ -1,6 +1,6 @@
 """The data order :class:`lomar.data.samplers.EpochSampler` draws: a new permutation every epoch, and another one for
 another seed (runs of two seeds see their data in different orders); a rank's share and resuming are tested with the
-training engine (tests/train/test_engine.py)."""
+training engine (tests/train/test_engine_resume.py)."""
 
 from __future__ import annotations
 
