@@ -65,8 +65,8 @@ def test_a_test_set_that_cannot_be_made_leaves_the_others_made(tmp_path):
 @pytest.mark.slow  # the check's bash and a python process: ~2 s
 def test_a_test_set_that_hangs_is_stopped_at_its_own_limit_and_the_others_are_made(tmp_path):
     """Each set has a limit of its own (GPU_CHECK_T_SET): one that hangs (here the camera set, and a writer process of
-    its own) is stopped at it with its writer, and the next sets are made (with one limit for all the sets, a hung one
-    took the whole of it and the sets after it were never made)."""
+    its own) is stopped at it with its writer, and the next sets are made (one limit for all the sets would let a hung
+    one take the whole of it, and the sets after it would never be made)."""
     import signal
 
     writer = tmp_path / "writer"

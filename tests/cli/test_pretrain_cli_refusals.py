@@ -58,8 +58,8 @@ def test_bad_configuration_is_one_line_and_exit_2(tmp_path, capsys, image_dir, f
 
 def test_beit_decode_windows_runs_with_the_tokenizer_its_refusal_asks_for(tmp_path, capsys, image_dir):
     """--decode windows refuses BEiT's built-in 8 px tokenizer on 32 px patches, naming `lomar tokenizer fit --patch
-    32`: that command runs (a fixed 112 px view refused 32) and so does the run with its file; a file that is no
-    tokenizer is named as such."""
+    32`: that command runs (its default view is 14 x --patch, not a fixed 112 px that 32 does not divide) and so
+    does the run with its file; a file that is no tokenizer is named as such."""
     args = [*TINY, "--data", str(image_dir), "--method", "beit", "--patch-size", "32", "--img-size", "128",
             "--color-jitter", "0", "--decode", "windows", "--max-steps", "1"]
     assert main(["pretrain", *args, "--out", str(tmp_path / "r0")]) == 2

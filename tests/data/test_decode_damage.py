@@ -159,8 +159,8 @@ def test_a_whole_jpeg_with_a_mid_grey_corner_decodes_on_every_path(tmp_path):
 
 
 def test_a_pngs_crc_walk_runs_once_a_decode_and_copies_no_chunk(monkeypatch):
-    """The walk reads the whole file (25 ms on a 36 MB PNG): decode_bytes checked it, then its Pillow open again;
-    and each chunk's slice was a copy (a one-IDAT 36 MB PNG: 36 MB more per read)."""
+    """The walk reads the whole file (25 ms on a 36 MB PNG), so a decode walks it once, not again in its Pillow open;
+    and it slices no chunk into a copy (a one-IDAT 36 MB PNG would be 36 MB more per read)."""
     import tracemalloc
 
     import lomar.data.decode as decode

@@ -40,9 +40,10 @@ def test_every_format_is_decoded_as_its_exif_orientation_says(fmt):
 
 @pytest.mark.parametrize("keeps_tag", [False, True])
 def test_a_tiff_is_turned_once_by_its_orientation_tag(monkeypatch, keeps_tag):
-    """Pillow turns a TIFF upright as it loads it. Pillow 9.1-10.0 kept the tag after turning it, so an exif_transpose
-    after the load turned it again (6 and 8 upside down, 5 and 7 as stored): decode_bytes leaves the turn to Pillow
-    whether or not the tag is left (keeps_tag: as those Pillows did, which this project no longer takes)."""
+    """Pillow turns a TIFF upright as it loads it. Pillow 9.1-10.0 keep the tag after turning it, where an
+    exif_transpose after the load would turn it again (6 and 8 upside down, 5 and 7 as stored): decode_bytes leaves
+    the turn to Pillow whether or not the tag is left (keeps_tag: as those Pillows do; pyproject asks for a newer
+    one)."""
     from PIL import TiffImagePlugin
 
     if keeps_tag:  # as those Pillows load a TIFF, on the Pillow installed here

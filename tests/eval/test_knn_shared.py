@@ -71,7 +71,7 @@ def test_under_torchrun_the_first_process_of_a_machine_alone_says_what_the_folde
 
 
 def test_linprobe_under_torchrun_shares_the_extraction_and_scores_once_as_one_process(tmp_path):
-    # each process scored the whole set, printed its score and wrote the same --json: torchrun was refused instead.
+    # two processes share the extraction, and one scores, prints and writes --json, as the one-process run does;
     # knn's torchrun path is this one's up to its scoring
     root = tmp_path / "toy"
     for split, label, count in (("train", "a", 12), ("train", "b", 12), ("val", "a", 6), ("val", "b", 6)):
@@ -142,8 +142,8 @@ def test_a_process_that_fails_mid_extraction_stops_every_process_with_one_line_e
 
 
 def test_a_process_group_that_cannot_form_is_one_line(tmp_path, monkeypatch, capsys):
-    # torchrun's variables but MASTER_ADDR (a job script's own launch): torch's ValueError was a traceback, where
-    # pretrain says one line
+    # torchrun's variables but MASTER_ADDR (a job script's own launch): torch's ValueError is said in one line, as
+    # pretrain says it, not as a traceback
     for split in ("train", "val"):
         for label in ("a", "b"):
             write_images(tmp_path / split / label, 1, size=(12, 12))

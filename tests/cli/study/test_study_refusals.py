@@ -80,9 +80,9 @@ def test_a_study_evaluation_decoding_as_pretrain_alone_does_is_refused_up_front(
 
 @pytest.mark.slow  # one cell of 1 step, then refused re-runs: ~5 s
 def test_a_re_run_with_an_edited_spec_is_refused_before_it_replaces_anything(tmp_path, labelled, monkeypatch):
-    """A finished cell is not skipped whatever the spec now says: another budget, setting or evaluation would show the
-    old numbers as the new spec's (eval.every would score 'at-2steps' at step 4). The cell's spec is kept, and a
-    re-run under another is refused before it replaces anything."""
+    """A finished cell is not skipped whatever an edited spec says: another budget, setting or evaluation would show
+    the first spec's numbers as the edited one's (eval.every would score 'at-2steps' at step 4). The cell's spec is
+    kept, and a re-run under another is refused before it replaces anything."""
     from lomar.errors import UsageError
 
     out = tmp_path / "study"
