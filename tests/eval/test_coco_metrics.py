@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
 
 from lomar.data.coco import read_coco
 from lomar.eval.coco import METRIC_NAMES, coco_metrics, to_coco_results
@@ -158,8 +159,6 @@ def test_a_bf16_forwards_masks_are_pasted_in_fp32():
 def test_a_detections_mask_is_ranged_by_its_own_area_and_its_box_by_the_boxs():
     """APs/APm/APl, as detectron2 reports them: a false detection whose mask is small (25 px) and box large (14,400
     px) counts against the small objects' mask AP, and only against the large objects' box AP."""
-    from pycocotools.coco import COCO
-
     size = 128
     square = np.zeros((size, size), dtype=np.uint8)
     square[2:12, 2:12] = 1
