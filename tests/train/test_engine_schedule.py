@@ -1,5 +1,5 @@
-"""The pretraining engine's schedule: warm-up then cosine (over epochs or steps, BEiT's linspace warm-up), the
-warm-up warnings, a --min-lr above the peak refused, and the weight-decay groups."""
+"""The pretraining engine's schedule: warm-up then cosine (over epochs or steps, BEiT's linspace warm-up of whole
+steps, rounded half up), the warm-up warnings, a --min-lr above the peak refused, and the weight-decay groups."""
 
 from __future__ import annotations
 
@@ -61,6 +61,15 @@ def test_beits_schedule_is_its_linspace_warmup_then_the_same_cosine():
     np.testing.assert_allclose(ours, expected, rtol=1e-12, atol=0)
     assert ours[warmup - 1] == base and lr_at(warmup - 1, total, warmup, base, final) < base  # MAE's peaks at W
     assert [lr_at_whole_steps(s, 10, 1, 1.0) for s in range(2)] == [0.0, 1.0]  # linspace(0, base, 1) is [0]
+
+
+@pytest.mark.parametrize("warmup, steps", [(2.5, 3), (4.5, 5), (3.5, 4), (3.49, 3)])
+def test_beits_fractional_warm_up_is_rounded_half_up_to_whole_steps(warmup, steps):
+    """A warm-up of no whole number of steps (a schedule laid over --schedule-steps keeps the recipe's warm-up
+    share) is rounded half up, never to even; the cosine follows from the rounded step, as MAE's after its warm-up."""
+    lrs = [lr_at_whole_steps(s, 100, warmup, 1.0) for s in range(steps + 1)]
+    assert lrs[:steps] == pytest.approx([s / (steps - 1) for s in range(steps)], abs=1e-15)  # peaks at step n - 1
+    assert lrs[steps] == lr_at(steps, 100, steps, 1.0)
 
 
 def test_the_warmup_warning_follows_the_runs_schedule():
