@@ -49,9 +49,9 @@ def test_every_part_of_the_gpu_check_runs_in_cpu_mode(tmp_path):
            # hypothesis's pytest plugin imports hypothesis (~1-2 s) in each of the two collecting children; the
            # selected modules do not use it
            "PYTEST_ADDOPTS": "-p no:hypothesispytest",
-           # the device's 90 s per backbone run is a budget, not a check: a busy 2-core CPU took longer
+           # the device's 90 s per backbone run is a budget, not a check: a busy 2-core CPU can take longer
            "GPU_CHECK_T_BACKBONE": "240",
-           # the device's 470 s plan, too: a loaded CPU spent it before the bench parts and they were skipped
+           # the device's 470 s plan, too: a loaded CPU can spend it before the bench parts, which would be skipped
            "GPU_CHECK_BUDGET": "100000",
            # this interpreter's environment, used as it is (the script installs nothing into it)
            "GPU_CHECK_VENV": sys.prefix, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}

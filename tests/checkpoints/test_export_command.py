@@ -240,9 +240,9 @@ def test_pretrains_own_export_and_lomar_export_of_its_last_checkpoint_name_the_m
 
 def test_every_loader_resamples_an_mae_export_at_another_size_as_its_forward_does(tmp_path):
     """One rule for an absolute table at another size, MAE's fixed sin-cos included: bicubic from the exported
-    grid (MAE's finetuning, timm), as the encoder built at the export size does when run at that size. Each loader
-    built the new grid's exact sin-cos (create_encoder, load_model, timm, a saved detector) or read the 2x8 table
-    as 4x4 (load_pretrained_encoder), and the transposed grid of as many tokens kept the table as it was."""
+    grid (MAE's finetuning, timm), as the encoder built at the export size does when run at that size: no loader
+    builds the new grid's exact sin-cos instead (create_encoder, load_model, timm, a saved detector), reads the 2x8
+    table as 4x4 (load_pretrained_encoder), or keeps the table as it is for a transposed grid of as many tokens."""
     from lomar.eval.features import load_pretrained_encoder
     from lomar.train.detect import _fit_to_layout
 
