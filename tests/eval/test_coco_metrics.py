@@ -1,7 +1,7 @@
 """COCO box and mask AP on hand-built cases, against what pycocotools itself makes of them: perfect detections
 score 100 whatever the segmentation's form (polygons, RLE) and the category ids; crowd regions and images without
 annotations are handled as COCO handles them; no detection at all scores as pycocotools scores it; mask AP's area
-ranges read the masks' areas, box AP's the boxes'."""
+ranges read the masks' areas, box AP's the boxes'; only the images the detector saw are scored."""
 
 from __future__ import annotations
 
@@ -177,3 +177,13 @@ def test_a_detections_mask_is_ranged_by_its_own_area_and_its_box_by_the_boxs():
     assert metrics["mask_AP"] == pytest.approx(50.0) and metrics["box_AP"] == pytest.approx(50.0)
     assert metrics["mask_APs"] == pytest.approx(50.0)  # the speck, scored first, is a small false mask
     assert metrics["box_APs"] == pytest.approx(100.0)  # its box is a large one: no small false box
+
+
+def test_an_image_the_detector_did_not_see_is_left_out_of_the_scores(split):
+    """``image_ids``, the images the detector saw: one it could not read (9 here) is left out of the scores, its
+    objects not counted as missed."""
+    results = _perfect()[:2]  # image 7's two detections; 11 was seen and holds nothing
+    seen = coco_metrics(split.coco(), results, image_ids=[7, 11])
+    assert seen["box_AP"] == seen["mask_AP"] == pytest.approx(100.0)
+    every = coco_metrics(split.coco(), results)  # image 9's object of category 1 missed: that category's AP is 0
+    assert every["box_AP"] == every["mask_AP"] == pytest.approx(100 * 2 / 3)
