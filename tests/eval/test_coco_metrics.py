@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
 
 from lomar.data.coco import read_coco
 from lomar.eval.coco import METRIC_NAMES, coco_metrics, to_coco_results
@@ -156,27 +155,14 @@ def test_a_bf16_forwards_masks_are_pasted_in_fp32():
     assert found == to_coco_results({**output, "masks": masks.float()}, 1, CATEGORIES, image_size=(HEIGHT, WIDTH))
 
 
-def test_a_detections_mask_is_ranged_by_its_own_area_and_its_box_by_the_boxs():
-    """APs/APm/APl, as detectron2 reports them: a false detection whose mask is small (25 px) and box large (14,400
-    px) counts against the small objects' mask AP, and only against the large objects' box AP."""
-    size = 128
-    square = np.zeros((size, size), dtype=np.uint8)
-    square[2:12, 2:12] = 1
-    speck = np.zeros((size, size), dtype=np.uint8)
-    speck[100:105, 100:105] = 1
-    rle = mask_utils.encode(np.asfortranarray(square))
-    gt = COCO()
-    gt.dataset = {"images": [{"id": 1, "width": size, "height": size}], "categories": [{"id": 1, "name": "a"}],
-                  "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], "area": 100,
-                                   "iscrowd": 0, "segmentation": {"size": [size, size],
-                                                                  "counts": rle["counts"].decode("ascii")}}]}
-    gt.createIndex()
-    output = {"boxes": torch.tensor([[2.0, 2.0, 12.0, 12.0], [0.0, 0.0, 120.0, 120.0]]), "labels": torch.tensor([1, 1]),
-              "scores": torch.tensor([0.9, 0.95]), "masks": torch.from_numpy(np.stack([square, speck]))[:, None] * 1.0}
-    metrics = coco_metrics(gt, to_coco_results(output, image_id=1, categories=[1]))
-    assert metrics["mask_AP"] == pytest.approx(50.0) and metrics["box_AP"] == pytest.approx(50.0)
-    assert metrics["mask_APs"] == pytest.approx(50.0)  # the speck, scored first, is a small false mask
-    assert metrics["box_APs"] == pytest.approx(100.0)  # its box is a large one: no small false box
+def test_a_detections_mask_is_ranged_by_its_own_area_and_its_box_by_the_boxs(split):
+    """APs/APm/APl, as detectron2 reports them: a false detection whose mask is small (25 px) and box medium
+    (1,750 px) counts against the small objects' mask AP, not against their box AP."""
+    speck = _box_mask(45, 30, 50, 35)
+    false = to_coco_results(_output([[0, 0, 50, 35]], [3], [speck], [0.95]), 7, CATEGORIES)  # above category 3's hit
+    metrics = coco_metrics(split.coco(), _perfect() + false)
+    assert metrics["mask_APs"] == pytest.approx(100 * (0.5 + 1 + 1) / 3)  # every object is small
+    assert metrics["box_APs"] == pytest.approx(100.0)
 
 
 def test_an_image_the_detector_did_not_see_is_left_out_of_the_scores(split):
