@@ -52,6 +52,16 @@ def test_axis_tables_are_resampled_linearly_to_another_size():
     assert fitted["a.attn.qkv.weight"].shape == (3, 2)  # not a table: left for load_state_dict to refuse
 
 
+@pytest.mark.parametrize("old, new", [(5, 9), (9, 5), (3, 13)])
+def test_an_axis_table_is_read_at_its_cell_centres(old, new):
+    """ViTDet's ``get_rel_pos`` resamples linearly with PyTorch's default ``align_corners=False``: entry j of the new
+    table reads the old one at (j + 1/2)·old/new − 1/2, clamped to its ends."""
+    table = torch.arange(float(old))[:, None] * torch.tensor([1.0, -2.0])  # a ramp per column
+    at = [min(max((j + 0.5) * old / new - 0.5, 0.0), old - 1.0) for j in range(new)]
+    expected = torch.tensor(at)[:, None] * torch.tensor([1.0, -2.0])
+    torch.testing.assert_close(resize_axis_table(table, new), expected, rtol=0, atol=1e-5)
+
+
 def test_table_rows_read_subgrids_and_resample_for_larger_grids():
     def whole(table, table_grid, grid):
         return table_rows(table, table_grid, grid)(0, grid[0] * grid[1] + 1)[0]

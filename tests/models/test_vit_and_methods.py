@@ -92,6 +92,21 @@ def test_lomar_window_tokens_match_full_grid_embedding():
     torch.testing.assert_close(direct, full, atol=1e-5, rtol=1e-5)
 
 
+def test_gathered_window_pixels_are_patchifys_patches_on_a_wide_and_a_tall_image():
+    """On an image of other height than width the grid's row length is its width in patches, as patchify lays
+    it out."""
+    p = 4
+    for height, width in ((16, 28), (28, 16)):
+        images = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+        grid = (height // p, width // p)
+        plan = lomar.models.masking.sample_plan(2, grid, 3, 2, 0.5, generator=torch.Generator().manual_seed(1))
+        image, top_left, _ = plan.flat()
+        index = lomar.models.masking.window_token_index(top_left, 3, grid[1])  # (R, 9)
+        pixels = gather_patches(images, p, image, index)  # (R, 9, C, p, p)
+        expected = patchify(images, p)[image[:, None], index]  # (R, 9, p*p*C), per patch (row, col, channel)
+        assert torch.equal(pixels.permute(0, 1, 3, 4, 2).flatten(2), expected)
+
+
 def test_lomar_only_masked_tokens_count():
     model = LoMaR(model_config("vit_tiny_patch16", **TINY)).eval()
     x = torch.randn(1, 3, 224, 224)
