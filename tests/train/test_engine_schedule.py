@@ -1,21 +1,16 @@
 """The pretraining engine's schedule: warm-up then cosine (over epochs or steps, BEiT's linspace warm-up of whole
-steps, rounded half up), the warm-up warnings, a --min-lr above the peak refused, and the weight-decay groups
-(LoMaR's, BEiT pretraining's)."""
+steps, rounded half up), the warm-up warnings, a --min-lr above the peak refused, and the weight-decay groups."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from helpers import TINY
 from lomar.cli.app import main
 from lomar.lr_schedule import lr_at, lr_at_whole_steps
 from lomar.models import LoMaR
-from lomar.models.beit import BEiTConfig
-from lomar.models.beit_pretrain import BEiTPretrain
 from lomar.models.vit import model_config
-from lomar.tokenizers import KMeansTokenizer
 from lomar.train.schedule import param_groups, schedule_span, warmup_warning
 
 
@@ -130,21 +125,6 @@ def test_decay_groups_follow_the_original_rule():
     assert "encoder.blocks.0.norm1.weight" in skipped and "head.bias" in skipped
     assert len(decayed) + len(skipped) == len(names)
 
-
-def test_beit_pretraining_keeps_its_cls_token_undecayed_and_decays_its_mask_token_and_tables():
-    """BEIT_SPEC's weight-decay row: no decay for 1-D tensors, biases, pos_embed or cls_token, the model's own
-    ``no_weight_decay`` names included (BEiT's cls_token is 3-D); mask_token and the rel-pos tables decayed."""
-    config = BEiTConfig(img_size=48, patch_size=8, embed_dim=32, depth=1, num_heads=2, vocab_size=16,
-                        drop_path_rate=0.0)
-    tokenizer = KMeansTokenizer(torch.randn(16, 3 * 8 * 8, generator=torch.Generator().manual_seed(0)), patch=8,
-                                input_size=48)
-    model = BEiTPretrain(config, tokenizer, num_windows=0)
-    no_decay, decay = param_groups(model, 0.05)
-    names = {id(p): n for n, p in model.named_parameters()}
-    skipped, decayed = ({names[id(p)] for p in group["params"]} for group in (no_decay, decay))
-    assert "beit.cls_token" in skipped and model.get_parameter("beit.cls_token").ndim == 3
-    assert {"beit.mask_token", "beit.rel_pos_bias.relative_position_bias_table"} <= decayed
-    assert (no_decay["weight_decay"], decay["weight_decay"]) == (0.0, 0.05)
 
 
 def test_a_min_lr_above_the_peak_lr_that_blr_gives_is_refused(tmp_path, image_dir, capsys):
