@@ -37,9 +37,9 @@ def score_only(config, make_task: type[Task]) -> tuple[Task, dict, Path]:
     torch.manual_seed(config.seed)
     use_threads(config.threads)  # as a run's
     with RunLock(Path(config.out), source_of(config, "out")) as lock:
-        # a killed --eval-only's: segment's predictions/ is written an image at a time
-        clear_stale_temporaries(lock.out, make_task.name, make_task.outputs)
         task = make_task(config, DistInfo(), device)
+        # a killed --eval-only's: segment's predictions/ is written an image at a time
+        clear_stale_temporaries(lock.out, task.name, task.outputs)
         metrics = task.evaluate()
         with open_in_place(lock.out / METRICS, "a") as log:
             log.write(json.dumps({"eval_only": True, "pretrained": config.pretrained, **task.source,
