@@ -84,14 +84,20 @@ def digits64(tmp_path_factory) -> Path:
 def dense_runs(tmp_path_factory, digits64) -> tuple[Path, Path, Path, Path]:
     """(``digits64``, its first validation image's COCO split, a `lomar detect` run folder, a `lomar segment` run
     folder): a tiny ViT's detector and segmenter trained one epoch of 3 steps (best.pt and last.pt), the detector's
-    evaluations on that one image."""
+    evaluations on that one image, at 10 region proposals (tests/train/conftest.py's ``eval_proposals``): no test reads
+    their scores, and its one evaluation picks the same best.pt at any count."""
+    from torchvision.models.detection.rpn import RegionProposalNetwork
+
     root, data = tmp_path_factory.mktemp("dense"), digits64
     one_val = first_image_split(data / "annotations" / "instances_val.json", root / "one_val.json")
     tiny = ["--model", "vit_tiny_patch16", "--img-size", "64", "--batch-size", "2", "--max-steps", "3",
             "--warmup-steps", "1", *CPU_RUN]
-    assert main(["detect", "--train-ann", str(data / "annotations" / "instances_train.json"), "--train-images",
-                 str(data / "images" / "train"), "--val-ann", str(one_val), "--val-images",
-                 str(data / "images" / "val"), *tiny, "--rois-per-image", "32", "--out", str(root / "det")]) == 0
+    own = RegionProposalNetwork.post_nms_top_n
+    with pytest.MonkeyPatch.context() as patch:  # session-wide: undone before any test runs the detector
+        patch.setattr(RegionProposalNetwork, "post_nms_top_n", lambda self: own(self) if self.training else 10)
+        assert main(["detect", "--train-ann", str(data / "annotations" / "instances_train.json"), "--train-images",
+                     str(data / "images" / "train"), "--val-ann", str(one_val), "--val-images",
+                     str(data / "images" / "val"), *tiny, "--rois-per-image", "32", "--out", str(root / "det")]) == 0
     assert main(["segment", "--data", str(data), "--num-classes", "10", "--head-channels", "16", *tiny,
                  "--out", str(root / "seg")]) == 0
     return data, one_val, root / "det", root / "seg"
