@@ -34,9 +34,9 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.mark.slow
-def test_sigterm_checkpoints_and_exits_0(tmp_path, image_dir):
-    out = tmp_path / "run"
+def _training_in_background(out, image_dir) -> tuple[subprocess.Popen, Path]:
+    """A long tiny pretraining into ``out`` in a process group of its own, returned once its log holds two steps:
+    (the process, its metrics.jsonl)."""
     cmd = [sys.executable, "-m", "lomar", "pretrain", *TINY, "--data", str(image_dir), "--out", str(out),
            "--epochs", "1000", "--workers", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
@@ -47,6 +47,13 @@ def test_sigterm_checkpoints_and_exits_0(tmp_path, image_dir):
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline, "training did not start"
         time.sleep(0.2)
+    return proc, metrics
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_0(tmp_path, image_dir):
+    out = tmp_path / "run"
+    proc, metrics = _training_in_background(out, image_dir)
     os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: the loader worker gets it too
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
@@ -163,16 +170,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp
 @pytest.mark.slow
 def test_ctrl_c_checkpoints_exits_130_and_a_second_run_is_refused_meanwhile(tmp_path, image_dir, capsys, caplog):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "lomar", "pretrain", *TINY, "--data", str(image_dir), "--out", str(out),
-           "--epochs", "1000", "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
-                            start_new_session=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 600
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, "training did not start"
-        time.sleep(0.2)
+    proc, metrics = _training_in_background(out, image_dir)
     capsys.readouterr()
     caplog.clear()
     # this process: no second start-up to wait for. A logged warning or a Python warning, which a command prints on
