@@ -1,9 +1,14 @@
-"""A pretraining run killed between a checkpoint and its reconstruction figure: the resume draws that figure, so the
-run folder holds the figures an uninterrupted run's does."""
+"""A pretraining run killed between a checkpoint and its reconstruction figures: the resume draws them, so the run
+folder holds the figures an uninterrupted run's does; a rewind to an earlier checkpoint shows that checkpoint's."""
 
 from __future__ import annotations
 
+import pytest
 from helpers import pretrain
+
+from lomar.methods import get_method
+from lomar.train.pretrain import PretrainTask
+from lomar.viz.curves import loss_curve
 
 
 def test_a_resume_draws_the_figure_its_checkpoint_lacks(tmp_path, image_dir):
@@ -51,3 +56,33 @@ def test_a_resume_at_the_end_redraws_a_loss_curve_its_cut_end_left_behind(tmp_pa
 
     _resume_a_cut_end(tmp_path, image_dir, cut)
     assert curve.read_bytes() == drawn[0]
+
+
+def test_a_resume_at_the_end_copies_the_latest_figure_its_cut_end_left_a_step_old(tmp_path, image_dir):
+    def cut(out):  # killed between the last checkpoint's reconstruction-000002.png and its reconstruction.png copy
+        (out / "reconstruction.png").write_bytes((out / "reconstruction-000000.png").read_bytes())
+
+    _resume_a_cut_end(tmp_path, image_dir, cut)
+    assert (tmp_path / "reconstruction.png").read_bytes() == (tmp_path / "reconstruction-000002.png").read_bytes()
+
+
+def test_a_rewind_shows_the_figures_of_the_checkpoint_it_resumes_from(tmp_path, image_dir, monkeypatch):
+    out, expected = tmp_path / "run", tmp_path / "loss-to-step-4.png"
+    args = ("--data", str(image_dir), "--out", str(out), "--figure-images", "1", "--save-every", "1", "--epochs", "2")
+    assert pretrain(*args) == 0  # 4 steps an epoch: figures at steps 0, 4 and 8
+    dropped = (out / "loss.png").read_bytes()
+
+    def stopped(task, batch):  # the rewound run stopped at its first step: the figures are what begin() left
+        raise _Stopped
+
+    monkeypatch.setattr(PretrainTask, "loss", stopped)
+    with pytest.raises(_Stopped):
+        pretrain(*args, "--resume", str(out / "checkpoint-000004.pt"), "--overwrite")
+    assert not (out / "reconstruction-000008.png").exists()
+    assert (out / "reconstruction.png").read_bytes() == (out / "reconstruction-000004.png").read_bytes()
+    loss_curve(out / "metrics.jsonl", expected, "lomar training loss", get_method("lomar").loss_name)  # the log: 4 steps
+    assert (out / "loss.png").read_bytes() == expected.read_bytes() != dropped
+
+
+class _Stopped(Exception):
+    """What stops the rewound run in its first step."""

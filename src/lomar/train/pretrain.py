@@ -7,6 +7,7 @@ DDP, checkpoints are sharded folders, and the main process consolidates the last
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -43,7 +44,7 @@ from lomar.train.schedule import param_groups
 from lomar.train.task import Task
 from lomar.values import command_line, counted
 from lomar.viz.curves import loss_curve
-from lomar.viz.reconstruction import reconstruction_snapshot, snapshot_path
+from lomar.viz.reconstruction import reconstruction_snapshot, settle_latest, snapshot_path
 
 __all__ = ["PretrainTask", "train"]
 
@@ -238,17 +239,24 @@ class PretrainTask(Task):
         return any(getattr(module, "drop_prob", 0) for module in self.model.modules())
 
     def begin(self) -> None:
-        # the untrained model, what the last figure is compared with; on a resume, the figure of the checkpoint it
-        # resumes from when a kill between that checkpoint and its figure left none; sharded: at the end
+        # the untrained model, what the last figure is compared with; on a resume, the figures of the checkpoint it
+        # resumes from where a kill or a rewind left none or another step's; sharded: at the end
         if self.progress.step == 0:
             self.figure()
         else:
-            self._draw_missing_figure()
+            self._settle_figures()
 
-    def _draw_missing_figure(self) -> None:
-        """The figure of the step the run is at, where a kill between its checkpoint and that figure left none."""
-        if not snapshot_path(self.config.out, self.progress.step).exists():
+    def _settle_figures(self) -> None:
+        """The figures of the step the run is at: its reconstruction-STEP.png where a kill between its checkpoint and
+        that figure left none; reconstruction.png and loss.png where they show another step, left by a kill between
+        the numbered figure and its copy or by a rewind to an earlier checkpoint (whose numbered figure stays)."""
+        out = Path(self.config.out)
+        if not snapshot_path(out, self.progress.step).exists():
             self.figure()
+            return
+        with self._drawing(f"reconstruction.png and {LOSS_CURVE}"):
+            if settle_latest(out, self.progress.step):  # loss.png, drawn after that copy: from the log cut back to here
+                self.draw_curves(self.config, out)
 
     def saved(self, path: Path) -> None:
         self.figure()
@@ -258,8 +266,8 @@ class PretrainTask(Task):
 
     def finish(self, out: Path) -> None:
         model = self._consolidate(out)
-        # a resume at the end finishes a run killed between its last checkpoint and that checkpoint's figure
-        self._draw_missing_figure()
+        # a resume at the end finishes a run killed between its last checkpoint and that checkpoint's figures
+        self._settle_figures()
         meta = {**method_metadata(model, self.config.method), "step": self.progress.step}  # as `lomar export` writes
         if self.runtime.method.export is not None:
             self.runtime.method.export(model, out, meta)
@@ -297,17 +305,24 @@ class PretrainTask(Task):
         if self.sharded and model is None:
             return  # the figure needs the whole model: drawn at the end only
         out, step = Path(self.config.out), self.progress.step
-        try:
+        with self._drawing("the reconstruction figure"):
             reconstruction_snapshot(model or self.model, self.fixed_images(), out, step, seed=self.config.seed,
                                     title=f"{self.config.method} step {step}", draw=self.runtime.method.figure)
             self.draw_curves(self.config, out)
+
+    @contextlib.contextmanager
+    def _drawing(self, what: str):
+        """Around drawing ``what`` into the run folder: a failure is said in one line, and the run goes on."""
+        out = Path(self.config.out)
+        try:
+            yield
         except Exception as exc:  # a figure must never kill a run, but a run folder that takes no more files
             # (full, read-only) does: its next save would fail the same way, after training on for nothing. Another
             # file's (a font matplotlib cannot read, a full temporary folder) is no reason to stop
             if isinstance(exc, OSError) and exc.errno in (*FULL_DISK, *UNWRITABLE) and exc.filename is not None \
                     and Path(exc.filename).parent == out:
                 raise
-            print(f"lomar {self.name}: could not draw the reconstruction figure: {exc}", file=sys.stderr)
+            print(f"lomar {self.name}: could not draw {what}: {exc}", file=sys.stderr)
 
     @staticmethod
     def draw_curves(config: PretrainConfig, out: Path) -> None:

@@ -24,7 +24,8 @@ from lomar.models.objective import patchify, unpatchify
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["reconstruct", "reconstruction_figure", "reconstruction_snapshot", "snapshot_path", "draw_reconstruction",
+__all__ = ["reconstruct", "reconstruction_figure", "reconstruction_snapshot", "snapshot_path", "settle_latest",
+           "draw_reconstruction",
            "save_figure", "FIGURE_FORMATS", "image_rows", "masking_note"]
 
 _DIM = 0.35  # brightness of the parts of the image no window covers
@@ -124,6 +125,25 @@ def reconstruction_snapshot(model, images: torch.Tensor, out: str | Path, step: 
     numbered = Path((draw or reconstruction_figure)(model, images, snapshot_path(out, step), seed=seed, title=title))
     atomic_write_bytes(out / "reconstruction.png", numbered.read_bytes())
     return numbered
+
+
+def settle_latest(out: str | Path, step: int) -> bool:
+    """Make ``OUT/reconstruction.png`` (the latest) the figure of ``step`` where it holds another: a kill between
+    :func:`reconstruction_snapshot`'s two writes left the step before's, a rewind to an earlier checkpoint a dropped
+    step's. Whether it was written (False too where ``step`` has no numbered figure). A compare of two files: no
+    drawing."""
+    numbered, latest = snapshot_path(out, step), Path(out) / "reconstruction.png"
+    try:
+        drawn = numbered.read_bytes()
+    except FileNotFoundError:
+        return False
+    try:
+        if latest.read_bytes() == drawn:
+            return False
+    except FileNotFoundError:
+        pass
+    atomic_write_bytes(latest, drawn)
+    return True
 
 
 def draw_reconstruction(model, images: torch.Tensor, seed: int = 0, title: str | None = None,
