@@ -4,8 +4,8 @@ folder holds the figures an uninterrupted run's does; a rewind to an earlier che
 from __future__ import annotations
 
 import pytest
-from helpers import pretrain
 
+from helpers import pretrain
 from lomar.methods import get_method
 from lomar.train.pretrain import PretrainTask
 from lomar.viz.curves import loss_curve
@@ -80,7 +80,7 @@ def test_a_rewind_shows_the_figures_of_the_checkpoint_it_resumes_from(tmp_path, 
         pretrain(*args, "--resume", str(out / "checkpoint-000004.pt"), "--overwrite")
     assert not (out / "reconstruction-000008.png").exists()
     assert (out / "reconstruction.png").read_bytes() == (out / "reconstruction-000004.png").read_bytes()
-    loss_curve(out / "metrics.jsonl", expected, "lomar training loss", get_method("lomar").loss_name)  # the log: 4 steps
+    loss_curve(out / "metrics.jsonl", expected, "lomar training loss", get_method("lomar").loss_name)  # 4 steps logged
     assert (out / "loss.png").read_bytes() == expected.read_bytes() != dropped
 
 
