@@ -236,5 +236,5 @@ def test_a_figure_that_fails_on_a_file_outside_the_run_folder_is_a_note_not_a_st
     assert pretrain("--data", str(image_dir), "--out", str(out), "--max-steps", "2") == 0
     err = capsys.readouterr().err
     said = f"lomar pretrain: could not draw the reconstruction figure: [Errno 13] Permission denied: '{font}'"
-    assert said in err, err
+    assert err.count(said) == 1, err  # the figures of steps 0 and 2 failed alike, and the end tried step 2's again
     assert safe_load(out / "last.pt")["step"] == 2

@@ -59,6 +59,7 @@ class PretrainTask(Task):
 
     def __init__(self, config: PretrainConfig, info: DistInfo, device: torch.device):
         self.config, self.info, self.device = config, info, device
+        self.figure_failures: set[str] = set()  # the lines said of figures that could not be drawn
         self.betas = tuple(config.betas)  # the method's recipe unless set
         self.model = build_model(config, prepare_method(config)).to(device)
         self.patch = self.model.config.patch_size
@@ -322,7 +323,10 @@ class PretrainTask(Task):
             if isinstance(exc, OSError) and exc.errno in (*FULL_DISK, *UNWRITABLE) and exc.filename is not None \
                     and Path(exc.filename).parent == out:
                 raise
-            print(f"lomar {self.name}: could not draw {what}: {exc}", file=sys.stderr)
+            said = f"lomar {self.name}: could not draw {what}: {exc}"
+            if said not in self.figure_failures:  # a font it cannot read fails every figure: said once
+                self.figure_failures.add(said)
+                print(said, file=sys.stderr)
 
     @staticmethod
     def draw_curves(config: PretrainConfig, out: Path) -> None:
