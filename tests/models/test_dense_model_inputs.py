@@ -30,12 +30,17 @@ def test_a_detector_refuses_an_image_of_other_than_three_channels(channels):
 
 
 def test_a_multilevel_backbone_out_of_range_names_the_blocks_to_pass():
-    with pytest.raises(ValueError, match=r"^out_indices \(3, 5, 7, 11\) out of range for a 4-block encoder; pass "
-                                         r"blocks in 0..3, e.g. out_indices=\(0, 1, 2, 3\) "):
+    said = (r"^out_indices \({}\) out of range for a 4-block encoder; pass blocks in -4..3 \(negative from the last "
+            r"block, as timm takes them\), e.g. out_indices=\(0, 1, 2, 3\) ")
+    with pytest.raises(ValueError, match=said.format("3, 5, 7, 11")):
         MultiLevelBackbone(VisionTransformer(TINY))
-    suggested = (0, 1, 2, 3)
-    maps = MultiLevelBackbone(VisionTransformer(TINY), out_indices=suggested)(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match=said.format("-5, -1")):
+        MultiLevelBackbone(VisionTransformer(TINY), out_indices=(-5, -1))
+    encoder = VisionTransformer(TINY)
+    maps = MultiLevelBackbone(encoder, out_indices=(0, 1, 2, 3))(images := torch.randn(1, 3, 64, 64))
     assert [tuple(m.shape) for m in maps] == [(1, 32, 4, 4)] * 4
+    # the range said holds: -4 is block 0, as in timm's forward_intermediates
+    assert torch.equal(MultiLevelBackbone(encoder, out_indices=(-4, -1))(images)[0], maps[0])
 
 
 def test_a_vitdet_backbone_builds_torchvisions_faster_rcnn():

@@ -256,9 +256,11 @@ class MultiLevelBackbone(nn.Module):
         if not indices or any(not isinstance(i, int) or isinstance(i, bool) for i in indices):
             raise ValueError(f"out_indices must be a sequence of block indices (integers), got {out_indices!r}")
         if any(not -depth <= i < depth for i in indices):
+            # timm's forward_intermediates(indices=[...]) convention: a negative index counts back from the last block
             raise ValueError(f"out_indices {indices} out of range for a {depth}-block encoder; pass blocks in "
-                             f"0..{depth - 1}, e.g. out_indices={spread_indices(depth)} (a third, half, two thirds "
-                             f"and all of the depth, as lomar segment takes them)")
+                             f"{-depth}..{depth - 1} (negative from the last block, as timm takes them), e.g. "
+                             f"out_indices={spread_indices(depth)} (a third, half, two thirds and all of the depth, "
+                             f"as lomar segment takes them)")
         self.out_indices = indices
         self.norm = norm
         self.grad_checkpointing = grad_checkpointing
