@@ -1,6 +1,6 @@
 """An ADE20K-layout `--data` whose split folders are named otherwise (train/val, as many sets ship) is refused in one
-line that names the folders it does hold, beside the layout segment reads; an image whose annotation is there in
-another format than PNG is refused naming that file."""
+line that names the folders it does hold (a root without images/ or annotations/: what the root holds), beside the
+layout segment reads; an image whose annotation is there in another format than PNG is refused naming that file."""
 
 import pytest
 from PIL import Image
@@ -18,12 +18,24 @@ def test_a_missing_split_folder_names_the_folders_its_parent_holds(tmp_path):
         SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1)
 
 
-def test_a_missing_split_folder_of_an_empty_or_absent_parent_adds_nothing(tmp_path):
+def test_a_missing_split_folder_of_an_empty_parent_adds_nothing(tmp_path):
     (tmp_path / "images" / "training").mkdir(parents=True)
-    with pytest.raises(ValueError, match=rf"^{tmp_path / 'annotations' / 'training'} is not a folder; --data needs"):
-        SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1)
     (tmp_path / "annotations").mkdir()
     with pytest.raises(ValueError, match=rf"^{tmp_path / 'annotations' / 'training'} is not a folder; --data needs"):
+        SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1)
+
+
+def test_a_root_without_the_images_folder_names_what_it_holds(tmp_path):
+    for name in ("train", "val", ".cache"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "README.txt").write_text("a set laid out otherwise")
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'images' / 'training'} is not a folder \({tmp_path} has no "
+                                         r"images/ folder; it holds train, val, README.txt\); --data needs ADE20K's "
+                                         r"layout: images/training/\*.jpg and annotations/training/\*.png$"):
+        SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1)
+    (tmp_path / "images" / "training").mkdir(parents=True)
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'annotations' / 'training'} is not a folder \({tmp_path} "
+                                         r"has no annotations/ folder; it holds images, train, val, README.txt\);"):
         SegmentationFolder(tmp_path, "training", num_classes=2, crop=16, workers=1)
 
 

@@ -126,25 +126,35 @@ def _is_folder(entry: os.DirEntry) -> bool:
         return False
 
 
-def _held_folders(parent: Path) -> str:
-    """Words naming the subfolders ``parent`` holds (a set laid out as train/val, say, whose names segment does not
-    read), or '' where it holds none or is no folder."""
+def _held(parent: Path, files: bool = False) -> str:
+    """Up to four names of the subfolders ``parent`` holds (then of its files too, with ``files``), hidden ones left
+    out; '' where it holds none or is no folder."""
     try:
         with os.scandir(parent) as listing:
-            held = sorted(entry.name for entry in listing if _is_folder(entry) and not entry.name.startswith("."))
+            entries = [(not _is_folder(entry), entry.name) for entry in listing if not entry.name.startswith(".")]
     except OSError:
         return ""
-    if not held:
-        return ""
-    shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
-    return f" ({parent.name}/ holds {shown})"
+    held = [name for is_file, name in sorted(entries) if files or not is_file]
+    return ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+
+
+def _held_folders(folder: Path) -> str:
+    """Words on what lies where a split folder ``folder`` is missing: the subfolders its parent holds (a set laid out
+    as train/val, say, whose names segment does not read); where that parent (``images/``, ``annotations/``) is
+    missing too, what the dataset root holds instead. '' where there is nothing to name."""
+    parent = folder.parent
+    if parent.is_dir():
+        return f" ({parent.name}/ holds {held})" if (held := _held(parent)) else ""
+    root = parent.parent
+    held = _held(root, files=True)
+    return f" ({root} has no {parent.name}/ folder; it holds {held or 'nothing'})" if root.is_dir() else ""
 
 
 def _pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
     images_dir, labels_dir = root / "images" / split, root / "annotations" / split
     for folder in (images_dir, labels_dir):
         if not folder.is_dir():
-            raise ValueError(f"{folder} is not a folder{_held_folders(folder.parent)}; --data needs ADE20K's layout: "
+            raise ValueError(f"{folder} is not a folder{_held_folders(folder)}; --data needs ADE20K's layout: "
                              f"images/{split}/*.jpg and annotations/{split}/*.png")
     with os.scandir(images_dir) as listing:
         entries = [(entry.name, _is_folder(entry)) for entry in listing]
