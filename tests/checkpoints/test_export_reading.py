@@ -147,16 +147,16 @@ def test_an_exports_weights_file_is_read_with_what_its_folder_says(sources, tmp_
     assert formats.holds_beit(beit / "encoder.safetensors")
 
 
-def test_a_run_folder_without_an_export_names_the_checkpoints_it_keeps(tmp_path, capsys):
-    """`lomar export FINETUNE_RUN` names the run's checkpoints as the files to pass, not only 'a folder without
-    config.json'."""
+def test_a_run_folder_without_an_export_is_read_as_its_best_pt(tmp_path, capsys):
+    """`lomar export FINETUNE_RUN` reads its best.pt, as every reader does, and names that file where it cannot be
+    read; a folder that keeps no checkpoint is refused naming what to pass."""
     run = tmp_path / "ft"
     run.mkdir()
     (run / "last.pt").write_bytes(b"")
     (run / "best.pt").write_bytes(b"")
     assert main(["export", str(run), "--to", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith(f"pass its checkpoint, {run / 'best.pt'} or {run / 'last.pt'}") and len(err.splitlines()) == 1
+    assert f"{run / 'best.pt'}" in err and str(run / "last.pt") not in err and len(err.splitlines()) == 1
     with pytest.raises(ValueError, match="a checkpoint file or a folder written by `lomar export`"):
         formats.read(tmp_path)  # no checkpoint kept either
 
@@ -182,7 +182,9 @@ def test_a_folder_whose_export_was_killed_midway_names_its_set_aside_files(tmp_p
     live = f"{host}-{os.getppid()}-0123456789abcdef"
     for name in ("config.json", "encoder.safetensors"):
         os.replace(run / f".{name}.old-{tag}", run / f".{name}.old-{live}")  # a live export's: mid-swap
-    with pytest.raises(ValueError, match=r"without config.json; pass its checkpoint"):
+    with pytest.raises(ValueError, match=r"without config.json; an export into it is under way, or one on another "
+                                         r"machine was interrupted: its previous files are set aside as "
+                                         r"\.config\.json\.old-.*; pass its checkpoint"):
         formats.read(run)
 
 

@@ -28,11 +28,13 @@ def _error(capsys, *argv: str, warned: int = 0) -> str:
 def test_a_checkpoint_that_predicts_nothing_names_the_command_that_takes_it(tmp_path, capsys, pretrained,
                                                                             labelled_folder):
     images = str(labelled_folder / "val")
-    for given in (pretrained, pretrained.parent):  # the file, and its run folder (its last.pt)
-        err = _error(capsys, str(given), images, "--out", str(tmp_path / "out"))
-        assert f"{pretrained} is a pretraining checkpoint, which predicts no labels; train a probe on it (lomar " \
-               f"linprobe {pretrained} --data ROOT --save probe.pt, the quickest) and pass probe.pt" in err
-        assert f"lomar finetune / detect / segment --pretrained {pretrained}" in err
+    err = _error(capsys, str(pretrained), images, "--out", str(tmp_path / "out"))
+    assert f"{pretrained} is a pretraining checkpoint, which predicts no labels; train a probe on it (lomar " \
+           f"linprobe {pretrained} --data ROOT --save probe.pt, the quickest) and pass probe.pt" in err
+    assert f"lomar finetune / detect / segment --pretrained {pretrained}" in err
+    run = pretrained.parent  # a finished run's folder: its export, as every reader reads it
+    err = _error(capsys, str(run), images, "--out", str(tmp_path / "out"))
+    assert f"{run} is an exported encoder, which predicts no labels; pass a probe on it (lomar linprobe {run} " in err
     spaced = tmp_path / "my runs" / "last.pt"  # the commands it names paste with such a path as one word
     spaced.parent.mkdir()
     shutil.copy(pretrained, spaced)

@@ -31,8 +31,8 @@ from lomar.checkpoints.own_names import TEMPORARY_SUFFIX
 from lomar.checkpoints.run_folder import model_file
 from lomar.errors import UsageError
 
-__all__ = ["stale_leftovers", "interrupted_export", "readable_file", "export_lock", "export_running",
-           "is_export_file", "writer_tag", "EXPORT_LOCK", "LOCK_WAIT_S"]
+__all__ = ["stale_leftovers", "interrupted_export", "export_set_aside", "readable_file", "export_lock",
+           "export_running", "is_export_file", "writer_tag", "EXPORT_LOCK", "LOCK_WAIT_S"]
 
 # ".config.json.old-TAG", ".model.safetensors.new-TAG" and atomic_write's "..config.json.new-TAG.tmp-PID-TOKEN"; or
 # an older lomar's, named by the PID alone (".config.json.old-PID", "..config.json.new-PID.tmp-PID"), written on this
@@ -151,11 +151,38 @@ def interrupted_export(folder: Path) -> str:
             f"(export again, or rename them back to {names}); ")
 
 
+def _set_aside(folder: Path) -> list[Path]:
+    """The export files (config.json, a safetensors file) a write_export set aside in ``folder``, ``.NAME.old-TAG``,
+    whether their writer lives or not."""
+    found = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+        match = _LEFTOVER.fullmatch(path.name)
+        if match and match["kind"] == "old" and is_export_file(match["name"]) and path.is_file():
+            found.append(path)
+    return found
+
+
+def export_set_aside(folder: Path) -> str:
+    """Words for a folder without config.json whose export is set aside: :func:`interrupted_export`'s for a dead
+    writer's, others for an export under way (or one of another machine, whose writer cannot be told dead here);
+    '' where none is."""
+    if words := interrupted_export(folder):
+        return words
+    if not (aside := _set_aside(folder)):
+        return ""
+    names = ", ".join(_LEFTOVER.fullmatch(path.name)["name"] for path in aside)
+    return (f"an export into it is under way, or one on another machine was interrupted: its previous files are set "
+            f"aside as {', '.join(path.name for path in aside)} (read it once that export ends, or rename them back "
+            f"to {names}); ")
+
+
 def readable_file(path: Path) -> Path:
-    """What a reader of ``path`` (:func:`lomar.load_model`, an encoder's reader: knn, linprobe, finetune
-    ``--pretrained``) reads: a run folder without an export through its best.pt, else last.pt
-    (:func:`~lomar.checkpoints.run_folder.model_file`), except one whose export was interrupted, given back as the
-    folder, which read() refuses naming the set-aside export (its caller wants that export, not a checkpoint);
-    anything else as it is."""
-    file = model_file(path)
-    return path if file != path and interrupted_export(path) else file
+    """What every reader of ``path`` reads, the one rule of :func:`lomar.checkpoints.formats.read` (so of
+    :func:`lomar.load_model`, ``encoder_weights``, ``lomar export``, ``lomar predict``, ``lomar.dense.load_encoder``
+    and ``--pretrained`` of knn, linprobe, finetune, detect and segment): a run folder without an export through its
+    best.pt, else last.pt (:func:`~lomar.checkpoints.run_folder.model_file`), except one whose export is set aside
+    (:func:`export_set_aside`: interrupted, or under way), given back as the folder, which read() refuses naming the
+    set-aside export (its reader wants that export, not a checkpoint); anything else as it is."""
+    if path.is_dir() and not (path / CONFIG_NAME).exists() and _set_aside(path):
+        return path
+    return model_file(path)

@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import lomar.checkpoints.formats_dense  # noqa: F401  registers the dense models' reader
 import lomar.checkpoints.original  # noqa: F401  registers the original-LoMaR/MAE readers
 from lomar.checkpoints.export import create_encoder, read_export
-from lomar.checkpoints.export_leftovers import interrupted_export, readable_file
+from lomar.checkpoints.export_leftovers import export_set_aside, readable_file
 from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS, RUN_ENCODER
 from lomar.checkpoints.formats_beit import BEiTReader  # and registers BEiT's readers
-from lomar.checkpoints.formats_dense import dense_run_refusal  # and registers the dense models' reader
 from lomar.checkpoints.formats_probe import probe_only_refusal  # and registers linprobe's reader
 from lomar.checkpoints.io import mismatch, safe_load
 from lomar.checkpoints.keys import args_dict, drop_final_norm, infer_vit_config
@@ -49,7 +49,7 @@ from lomar.checkpoints.reader import (
     saved_spec,
     spec_settings,
 )
-from lomar.checkpoints.run_folder import run_checkpoint, run_checkpoints
+from lomar.checkpoints.run_folder import run_checkpoints
 from lomar.checkpoints.sharded import read_sharded
 from lomar.models.masking import grid_size
 from lomar.models.vit import VisionTransformer, ViTConfig
@@ -301,18 +301,18 @@ def _export_folder_of(path: Path) -> Path | None:
 
 
 def read(path: str | Path, mmap: bool = False) -> tuple[Reader, Source]:
-    """Load ``path`` once and :func:`identify` it (``mmap``: map a checkpoint's tensors instead of reading them,
-    enough to tell its format). Raises FileNotFoundError or ValueError naming the problem."""
-    path = Path(path)
+    """Load what ``path`` names once and :func:`identify` it (``mmap``: map a checkpoint's tensors instead of reading
+    them, enough to tell its format). A run folder without an export is its best.pt, else last.pt
+    (:func:`~lomar.checkpoints.export_leftovers.readable_file`, the rule every reader follows). Raises
+    FileNotFoundError or ValueError naming the problem."""
+    path = readable_file(Path(path))
     if path.is_dir() and (path / ".metadata").is_file():  # a sharded `lomar pretrain --fsdp` checkpoint
         return identify(path, read_sharded(path))
     if path.is_dir():
         if not (path / CONFIG_NAME).is_file():
-            # a run folder without an export (finetune's, or a stopped pretraining): name the checkpoints it keeps
+            # a folder holding no checkpoint, or one whose export is set aside: name the checkpoints it keeps
             kept = " or ".join(str(file) for file in run_checkpoints(path))
-            if (read_by := run_checkpoint(path)) is not None and (refusal := dense_run_refusal(read_by)) is not None:
-                raise refusal
-            raise ValueError(f"{path} is a folder without {CONFIG_NAME}; {interrupted_export(path)}pass " + (
+            raise ValueError(f"{path} is a folder without {CONFIG_NAME}; {export_set_aside(path)}pass " + (
                 f"its checkpoint, {kept}" if kept else "a checkpoint file or a folder written by `lomar export` / "
                                                       "`lomar pretrain`"))
         reader = next(r for r in readers() if r.detect_folder(path))
@@ -384,15 +384,16 @@ def load_model(path: str | Path, **overrides) -> nn.Module:
     ``overrides`` (``num_heads``, ``img_size``, ``window_size``, ``num_windows``, ``decoder_num_heads``) fill in
     what an original checkpoint cannot tell; a classifier is rebuilt as it saved itself, at another ``img_size`` or
     ``attention`` where given; one its reader has no use for (LoMaR's windows for a classifier or an export) is
-    refused. A run folder without an export is read through its best.pt, else last.pt, as ``lomar predict`` reads one
+    refused. A run folder without an export is read through its best.pt, else last.pt, as every reader reads one
     (:func:`~lomar.checkpoints.export_leftovers.readable_file`); one whose export was interrupted is refused, naming the
     set-aside export. Raises ValueError or FileNotFoundError with a message that names the problem.
     """
-    reader, src = read(readable_file(Path(path)))
+    reader, src = read(path)
     return reader.model(src, {k: v for k, v in overrides.items() if v is not None})
 
 
 def encoder_weights(path: str | Path, num_heads: int | None = None) -> EncoderWeights:
-    """The encoder architecture and weights (VisionTransformer keys) of any checkpoint or export."""
+    """The encoder architecture and weights (VisionTransformer keys) of any checkpoint or export, a run folder read as
+    :func:`read` reads one."""
     reader, src = read(path)
     return reader.encoder(src, {"num_heads": num_heads} if num_heads else {})

@@ -11,14 +11,11 @@ settings the commands never change left at their defaults. Its encoder alone is 
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from lomar.checkpoints.io import safe_load
 from lomar.checkpoints.kinds import run_command
 from lomar.checkpoints.reader import Reader, Source, build_strict, refuse_unused, register, saved_spec, spec_settings
 from lomar.values import command_line
 
-__all__ = ["DenseReader", "DENSE_ARCH", "whole_model_refusal", "dense_run_refusal"]
+__all__ = ["DenseReader", "DENSE_ARCH", "whole_model_refusal"]
 
 # The lomar.models class each command's checkpoint rebuilds (built from the spec by name: reading a checkpoint of
 # another kind imports no torchvision detection code)
@@ -30,18 +27,6 @@ def whole_model_refusal(path, checkpoint: dict) -> ValueError:
     encoder or a pretraining model is read."""
     return ValueError(f"checkpoint {path} is a whole `lomar {run_command(checkpoint)}` model, not an encoder; pass "
                       f"the encoder that run started from (its --pretrained), or a pretraining checkpoint or export")
-
-
-def dense_run_refusal(checkpoint: Path) -> ValueError | None:
-    """:func:`whole_model_refusal` for a run folder's ``checkpoint`` (its best.pt or last.pt) where it is a
-    detector's or segmenter's, so that a folder given for an encoder is refused as its checkpoint would be, not by
-    naming that checkpoint as the file to pass; None for any other, or one that cannot be read (its reader says
-    why)."""
-    try:
-        data = safe_load(checkpoint, mmap=True)
-    except (OSError, ValueError):
-        return None
-    return whole_model_refusal(checkpoint, data) if run_command(data) in DENSE_ARCH else None
 
 
 def _unbuildable(src: Source, command: str, lacking: str) -> ValueError:

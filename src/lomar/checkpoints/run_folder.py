@@ -16,17 +16,16 @@ def run_checkpoints(folder: Path) -> list[Path]:
 
 
 def run_checkpoint(folder: Path) -> Path | None:
-    """The checkpoint a run folder is read by, the first of :func:`run_checkpoints`; None where it holds neither.
-    ``lomar predict RUN`` and :func:`lomar.load_model` read a run folder through it."""
+    """The checkpoint a run folder is read by, the first of :func:`run_checkpoints`; None where it holds neither."""
     return next(iter(run_checkpoints(folder)), None)
 
 
 def model_file(path: Path) -> Path:
-    """What :func:`lomar.load_model` and an encoder's reader (knn, linprobe, finetune ``--pretrained``) read of
-    ``path``: a run folder without an export (finetune's, detect's, segment's, a pretraining stopped before its end)
-    through :func:`run_checkpoint`; anything else as it is (an export folder, which a finished pretraining run's folder
-    is, gives its encoder). Both refuse a folder whose export was interrupted instead, which only a torch-side look at
-    its leftovers tells (:func:`~lomar.checkpoints.export_leftovers.readable_file`)."""
+    """What a reader reads of ``path``: a run folder without an export (finetune's, detect's, segment's, a pretraining
+    stopped before its end) through :func:`run_checkpoint`; anything else as it is (an export folder, which a finished
+    pretraining run's folder is, gives its encoder). Readers take it through
+    :func:`~lomar.checkpoints.export_leftovers.readable_file`, which also refuses a folder whose export was set aside,
+    as only a torch-side look at its leftovers tells."""
     if path.is_dir() and not (path / CONFIG_NAME).exists():
         return run_checkpoint(path) or path
     return path

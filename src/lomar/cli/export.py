@@ -23,7 +23,8 @@ CHECKPOINT = Setting(None, "checkpoint file (or an exported folder)", kind=str, 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("CKPT: our pretraining checkpoint (last.pt), a finetuned classifier checkpoint, a "
                      "checkpoint from `lomar load-original`, or an original LoMaR / MAE checkpoint (a BEiT one is "
-                     "exported in timm's Beit layout). Load the "
+                     "exported in timm's Beit layout); a run folder without an export is read as its best.pt, "
+                     "else last.pt, as every reader reads one. Load the "
                      "result with lomar.create_encoder(DIR), or in timm after `import lomar.timm_models`: "
                      "timm.create_model('local-dir:DIR', pretrained=True).")
     add_settings(parser, {

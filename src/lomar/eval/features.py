@@ -98,10 +98,8 @@ def load_pretrained_encoder(path: str | Path, num_classes: int = 0, global_pool:
     ``load_report`` (:class:`LoadReport`) saying what was loaded, new and dropped.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass a checkpoint file or an exported folder")
-    # a run folder without an export (finetune's, or a pretraining stopped by a signal): the checkpoint lomar predict
-    # and load_model read of it, not "a folder without config.json; pass ... a folder written by lomar pretrain"
+    # a run folder without an export (finetune's, or a pretraining stopped by a signal): the checkpoint every reader
+    # reads of it (read() takes it too), named here for the note on a stopped run
     unfinished = (file := readable_file(path)) != path
     path = file
     # Reading draws nothing from the global RNG (some formats build a model to read it): the new head and every

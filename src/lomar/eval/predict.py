@@ -27,11 +27,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from lomar.checkpoints.export_leftovers import readable_file
 from lomar.checkpoints.formats import VitReader, read, saved_class_names
 from lomar.checkpoints.formats_beit import BEiTFinetuneReader
 from lomar.checkpoints.formats_probe import LinprobeReader
 from lomar.checkpoints.kinds import LINPROBE_FORMAT, run_command
-from lomar.checkpoints.run_folder import run_checkpoint
 from lomar.data.class_names import names_problem
 from lomar.data.collate import Skipped
 from lomar.data.decode import IMAGE_EXTENSIONS, load_image, tensor_to_pil
@@ -77,9 +77,9 @@ def load_trained(path: str | Path) -> Trained:
     """The classifier, detector or segmenter at ``path`` (a checkpoint of `lomar finetune`, `detect` or `segment`, or
     a run folder of one; a probe `lomar linprobe --save` wrote). UsageError in one line for what predict cannot run,
     naming the command that can use it."""
-    # a run folder's best.pt, else last.pt (a pretraining run's too, refused as one); a folder holding neither as it
-    # is (an export, which the refusal names)
-    file = run_checkpoint(Path(path)) or Path(path)
+    # what every reader reads of it: a run folder without an export its best.pt, else last.pt (a stopped pretraining
+    # run's too, refused as one); a finished pretraining run's its export (refused as one)
+    file = readable_file(Path(path))
     try:
         reader, src = read(file)
         command = run_command(src.data)

@@ -25,16 +25,17 @@ def load_encoder(source: str | Path | VisionTransformer) -> VisionTransformer:
     MAE model (its encoder), or as is; a BEiT one is refused with the ways it loads, a detector's or segmenter's
     checkpoint naming the encoder its run started from."""
     if isinstance(source, nn.Module):
-        model = source
+        model, read_path = source, None
     else:
-        reader, src = read(source)
+        reader, src = read(source)  # a run folder: the checkpoint every reader reads of it
         if isinstance(reader, DenseReader):  # a whole detector or segmenter, refused as every encoder reader does
             raise whole_model_refusal(src.path, src.data)
-        model = reader.model(src, {})
+        model, read_path = reader.model(src, {}), src.path
     if isinstance(model, BEiT):
-        folder = not isinstance(source, nn.Module) and Path(source).is_dir()
-        raise TypeError(_BEIT_REFUSED.format(what="this model" if isinstance(source, nn.Module) else source,
-                                             path=source if folder else "DIR"))
+        # timm's local-dir: takes an export folder, which is what was read where a folder was
+        folder = read_path is not None and Path(read_path).is_dir()
+        raise TypeError(_BEIT_REFUSED.format(what="this model" if read_path is None else source,
+                                             path=read_path if folder else "DIR"))
     return encoder_of(model)
 
 
