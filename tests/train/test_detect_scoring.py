@@ -9,6 +9,7 @@ import io
 import json
 import math
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -154,7 +155,7 @@ def test_a_score_over_part_of_the_validation_split_says_so(ten_val, tmp_path, ca
     assert record["val_images"] == {"scored": 9, "skipped": 1} and record["box_AP"] == pytest.approx(100.0)
     assert capsys.readouterr().out.splitlines()[-1] == (f"lomar detect: box_AP 100.00%, mask_AP 100.00% over 9 images "
                                                         f"({note}); {tmp_path / 'ev' / 'predictions.json'}")
-    _, task = _evaluated(split, _Oracle(split, ids * 2), score=False, run=True)
+    _, task = _evaluated(split, _Oracle(split, ids * 2), score=False, run=tmp_path)
     for _ in range(2):  # a run's evaluations: each says it, the epoch line following
         assert task.evaluate()["val_images"] == {"scored": 9, "skipped": 1}
         assert capsys.readouterr().out == note + "\n"
@@ -167,9 +168,10 @@ def test_a_score_over_part_of_the_validation_split_says_so(ten_val, tmp_path, ca
         _evaluated(three, _Oracle(three, [2, 3]))
 
 
-def _evaluated(split, model, score: bool = True, run: bool = False) -> tuple[dict | None, DetectTask]:
+def _evaluated(split, model, score: bool = True, run: Path | None = None) -> tuple[dict | None, DetectTask]:
     """(metrics, task) of DetectTask's evaluation alone (``score`` False: not yet made, None), of ``split`` by
-    ``model``, in this process; ``run``: a training run's evaluation, not --eval-only's."""
+    ``model``, in this process; ``run``: the folder of a training run whose evaluation it is (its predictions.json
+    written there), None for --eval-only's."""
     from torch.utils.data import DataLoader
 
     from lomar.train.distributed import DistInfo
@@ -179,6 +181,7 @@ def _evaluated(split, model, score: bool = True, run: bool = False) -> tuple[dic
     task.val_loader = DataLoader(detection_dataset(split, eval_transforms(), train=False), 2,
                                  collate_fn=collate_detection)
     task.model, task.train_loader, task.source = model, [] if run else None, {}
+    task.config = SimpleNamespace(eval_only=run is None, out=str(run))
     return task.evaluate() if score else None, task
 
 

@@ -229,7 +229,9 @@ class DetectTask(Task):
                                                    image_size=tuple(image.shape[-2:])))
         if not self.info.enabled:
             self.predictions = results
-            return self._scored(results, seen, skipped)
+            metrics = self._scored(results, seen, skipped)
+            self._keep_predictions()
+            return metrics
         gathered = [None] * self.info.world_size if self.info.is_main else None
         dist.gather_object((results, seen, skipped), gathered, dst=0)
         metrics: list = [None]  # stays None where the main process's scoring failed
@@ -239,8 +241,12 @@ class DetectTask(Task):
             try:
                 metrics = [self._scored(self.predictions, [i for _, ids, _ in gathered for i in ids],
                                         [line for _, _, lines in gathered for line in lines])]
+                self._keep_predictions()
             except TrainingError as exc:  # too many skipped: said once, here; the lifecycle stops every process
                 failure = exc
+            except OSError as exc:  # a full disk: raised alone here, the others would wait for the scores for good
+                metrics, failure = [None], TrainingError(f"could not write {exc.filename or 'predictions.json'}: "
+                                                         f"{exc.strerror or exc}")
         dist.broadcast_object_list(metrics, src=0)
         if failure is not None:
             raise failure
@@ -266,9 +272,18 @@ class DetectTask(Task):
                              f"{f' (it started with --val-ann {started})' if started else ''}, or start a new run "
                              f"with another --out")
 
+    def _keep_predictions(self) -> None:
+        """A run's ``OUT/predictions.json``: the detections of the evaluation just made, written before the checkpoint
+        that follows it, so that a checkpoint of a scored step never goes without them (a kill after the run's last
+        checkpoint leaves a resume nothing to evaluate again). ``--eval-only`` writes them in ``finish``."""
+        if not self.config.eval_only:
+            atomic_write_text(Path(self.config.out) / "predictions.json", json.dumps(self.predictions))
+
     def finish(self, out: Path) -> None:
-        """``OUT/predictions.json``: the last evaluation's detections, a COCO results file."""
-        atomic_write_text(Path(out) / "predictions.json", json.dumps(self.predictions))
+        """``--eval-only``'s ``OUT/predictions.json``: its detections, a COCO results file, after its metrics record
+        (a run's evaluations write their own: :meth:`_keep_predictions`)."""
+        if self.config.eval_only:
+            atomic_write_text(Path(out) / "predictions.json", json.dumps(self.predictions))
 
 
 def category_change(ids: list[int] | None, names: list[str] | None, split: CocoSplit, where: str) -> str | None:

@@ -136,7 +136,7 @@ def answer_at_end(task, out: Path, step: int, last_step: int, steps_per_epoch: i
     if score:
         _score_end(trainer)
     # the end of the run was cut short after its last checkpoint; or its last evaluation ran just now: what finish
-    # writes from it (detect's predictions.json, in no final_outputs) was the earlier end's or none
+    # writes from it (segment's per_class.md) was the earlier end's or none
     if missing or score:
         save_on_main_rank(lambda: task.finish(out), is_main, device)
     if drawn and is_main:
