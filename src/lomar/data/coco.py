@@ -72,6 +72,9 @@ class CocoSummary:
     boxless: int = 0  # a training split's images without a usable box, which training leaves out
     shared: int = 0  # images naming a file an earlier image names (c/y.jpg, ./c/y.jpg, a link to it)
     shared_first: str = ""  # the first such pair, for the line
+    # the category ids with a box kept (non-crowd, of some area): those a training split trains, a val split scores;
+    # None where not known (a packed file written without them)
+    boxed: list[int] | None = None
 
     def line(self) -> str:
         notes = [(self.crowd, "crowd regions (ignored in training)"), (self.clipped, "boxes clipped to their image"),
@@ -245,7 +248,7 @@ def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train
     summary = CocoSummary(images=len(images))
     _check_files(path, root, images, images_flag, summary)
     known = {c["id"] for c in categories}
-    kept, scored = [], []
+    kept, scored, boxed = [], [], set()
     for i, ann in enumerate(annotations):
         where = f"annotations[{i}] (id {ann['id']!r})"
         if ann["image_id"] not in sizes:
@@ -280,10 +283,13 @@ def read_coco(ann_file: str | Path, image_root: str | Path, flag: str = "--train
             continue
         summary.crowd += crowd
         summary.boxes += not crowd
+        if not crowd:
+            boxed.add(ann["category_id"])
         summary.clipped += fitted[1]
         kept.append({**entry, "bbox": fitted[0]})
         scored.append(entry if fitted[1] else kept[-1])  # equal boxes: one dict for both
     clean = {"images": images, "annotations": kept, "categories": categories}
+    summary.boxed = sorted(boxed)
     return CocoSplit(path, root, clean, sorted(known), summary, scored=scored)
 
 

@@ -58,7 +58,7 @@ from lomar.train.setting_flags import flags_by_setting
 from lomar.train.task import Task, TrainingError
 from lomar.train.task_resume import load_resumed, resume_line, resumed_encoder_config
 
-__all__ = ["DetectTask", "step_lr_factor", "step_lr", "detect", "category_change"]
+__all__ = ["DetectTask", "step_lr_factor", "step_lr", "detect", "category_change", "untrained_categories"]
 
 
 def step_lr_factor(step: int, total: int, warmup: int) -> float:
@@ -129,6 +129,8 @@ class DetectTask(Task):
             log(f"lomar detect: train {train.path}: {train.summary.line()}")
             if why := category_change(self.val.categories, self.val.names, train, f"in {self.val.path}"):
                 raise UsageError(f"{why}; both splits need the same categories")
+            if unseen := untrained_categories(self.val, train):
+                log(f"lomar detect: warning: {unseen}")
             dataset = detection_dataset(train, train_transforms(config.img_size, config.jitter), train=True,
                                         seed=config.seed)
             sampler = EpochSampler(len(dataset), config.seed, rank, world_size)
@@ -297,6 +299,22 @@ def category_change(ids: list[int] | None, names: list[str] | None, split: CocoS
         return (f"category {i} is {was!r} {where} but {now!r} in {split.path} ({len(differ)} of {len(ids)} "
                 f"categories named otherwise: the ids would mean other classes)")
     return None
+
+
+def untrained_categories(val: CocoSplit, train: CocoSplit) -> str | None:
+    """Words on the categories ``val`` scores (it has boxes of them) but ``train`` has no box of: never trained on,
+    each scores 0 AP in the mean; None where there are none, or a split does not know its categories with boxes."""
+    if val.summary.boxed is None or train.summary.boxed is None:
+        return None
+    unseen = sorted(set(val.summary.boxed) - set(train.summary.boxed))
+    if not unseen:
+        return None
+    name = dict(zip(val.categories, val.names))
+    shown = ", ".join(f"{i} {name[i]!r}" for i in unseen[:5]) + (f" and {len(unseen) - 5} more" if len(unseen) > 5
+                                                                  else "")
+    many = f"{len(unseen)} categor{'y' if len(unseen) == 1 else 'ies'}"
+    return (f"{many} with boxes in {val.path} but none in {train.path} (never trained on, each scores 0 AP in the "
+            f"mean): {shown}; add training boxes of them, or leave them out of the validation file")
 
 
 def stderr_log(message: str) -> None:
