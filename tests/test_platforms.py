@@ -51,7 +51,6 @@ def test_lomar_imports_helps_and_runs_unlocked_where_the_system_is_windows_like(
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if "UserWarning" not in line and "filelock" not in line]
-    assert lines == [f"lomar knn: error: {tmp_path / 'missing.pt'} does not exist; pass a checkpoint file or an "
-                     f"exported folder",
+    assert lines == [f"lomar knn: error: checkpoint {tmp_path / 'missing.pt'} does not exist; check the path",
                      f"--out {tmp_path / 'run'}: no file lock there (this system has no flock); the folder is not "
                      f"locked against a second run: start no other run into it meanwhile"], result.stderr[-2000:]

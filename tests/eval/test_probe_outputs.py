@@ -26,6 +26,21 @@ def test_an_output_on_the_checkpoint_being_scored_is_refused(pretrained, tmp_pat
     assert (run / name).read_bytes() == before
 
 
+def test_an_output_on_the_best_pt_a_run_folder_is_read_by_is_refused(pretrained, tmp_path, capsys):
+    """A finetune run folder is read as its best.pt: --save or --json there would replace the checkpoint scored."""
+    run, data = tmp_path / "ft", tmp_path / "no-data"
+    run.mkdir()
+    data.mkdir()
+    for name in ("best.pt", "last.pt"):
+        shutil.copy(pretrained, run / name)
+    before = (run / "best.pt").read_bytes()
+    assert main(["linprobe", str(run), "--data", str(data), "--device", "cpu", "--save", str(run / "best.pt")]) == 2
+    assert capsys.readouterr().err == (f"lomar linprobe: error: --save {run / 'best.pt'} is a file of the checkpoint "
+                                       f"{run} being scored: writing it would replace that checkpoint; give another "
+                                       f"file\n")
+    assert (run / "best.pt").read_bytes() == before
+
+
 def test_the_load_line_keeps_the_crop_size_apart_from_what_was_not_used(pretrained, labelled_folder, tmp_path, capsys):
     """A comma joined the crop size to the load report's last list: an export's line read 'not used: none, 448 px
     crops', as if the crops were left unused."""

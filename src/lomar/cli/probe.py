@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from lomar.checkpoints.file_names import CONFIG_NAME, ENCODER_WEIGHTS, LAST, RUN_ENCODER
-from lomar.cli.common import check_output_file, resolve_device, write_json
+from lomar.checkpoints.file_names import BEST, CONFIG_NAME, ENCODER_WEIGHTS, LAST, RUN_ENCODER
+from lomar.cli.common import check_checkpoint, check_output_file, resolve_device, write_json
 from lomar.errors import LomarError, UsageError, first_on_machine, in_flags, leave_it_to_the_first_process
 from lomar.train import settings as S
 from lomar.train.config_checks import EVAL_DECODES, check_warmup
@@ -125,8 +125,9 @@ def frozen_features(args: argparse.Namespace, say=lambda msg: None, device: str 
     return Frozen(tuple(features), skipped, loaders[0].dataset.classes, encoder if with_encoder else None)
 
 
-# What a run or export folder's readers load: an output on one of them would replace the checkpoint it scores.
-_READ_IN_FOLDER = (LAST, CONFIG_NAME, ENCODER_WEIGHTS, RUN_ENCODER)
+# What a run or export folder's readers load (a run folder without an export: its best.pt, else last.pt): an output
+# on one of them would replace the checkpoint it scores.
+_READ_IN_FOLDER = (BEST, LAST, CONFIG_NAME, ENCODER_WEIGHTS, RUN_ENCODER)
 
 
 def _check_not_read(path: str | None, flag: str, pretrained: str) -> None:
@@ -166,8 +167,7 @@ def _check(args: argparse.Namespace) -> None:
     for flag, root in (("--data", args.data), ("--train", args.train), ("--val", args.val)):
         if root and not Path(root).is_dir():
             raise UsageError(f"{flag} {root} is not a folder; pass an ImageFolder root")
-    if not Path(args.pretrained).exists():
-        raise UsageError(f"{args.pretrained} does not exist; pass a checkpoint file or an exported folder")
+    check_checkpoint(args.pretrained)  # in the words of lomar export's and predict's, before torch is imported
     outputs = (("--json", args.json, "scores.json"), ("--save", getattr(args, "save", None), "probe.pt"))
     for flag, path, example in outputs:
         _check_not_read(path, flag, args.pretrained)
