@@ -274,6 +274,24 @@ def test_visualize_titles_name_the_checkpoint_step(pretrained, tmp_path, monkeyp
     assert titles == ["LoMaR reconstruction of last.pt at step 1, seed 0", "LoMaR last.pt at step 1: img000.png"]
 
 
+def test_visualize_reads_a_finetune_run_folder_as_its_best_pt(tmp_path, monkeypatch):
+    """A run folder without an export is its best.pt, else last.pt, for visualize as for every reader (load_model,
+    predict, --pretrained), not its last.pt."""
+    import lomar.viz.attention as attention
+    from lomar.checkpoints.kinds import FINETUNE_FORMAT
+
+    config, run = ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2), tmp_path / "ft"
+    for name in ("last.pt", "best.pt"):
+        model = VisionTransformer(config, num_classes=2)
+        atomic_save({"model": model.state_dict(), "config": config.to_dict(), "format": FINETUNE_FORMAT, "step": 1},
+                    run / name)
+    titles = []
+    monkeypatch.setattr(attention, "attention_figure", lambda *a, **k: titles.append(k["title"]))
+    image = write_images(tmp_path / "img", 1, (32, 32)) / "img000.png"
+    assert main(["visualize", str(run), str(image), "--attention", "--out", str(tmp_path / "figs")]) == 0
+    assert [title.split(" at step")[0] for title in titles] == ["encoder best.pt"]
+
+
 def test_visualize_draws_a_beit_runs_token_figure(image_dir, tmp_path, capsys, monkeypatch):
     """A BEiT pretraining checkpoint was refused ('cannot reconstruct; pass --attention') though its run's tokenizer
     gives the figure BEiT has: true against predicted tokens of the masked patches. Its export has no tokenizer.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lomar.checkpoints.file_names import LAST
 from lomar.checkpoints.kinds import run_command
+from lomar.checkpoints.run_folder import run_checkpoint
 from lomar.cli.app import command_prefix
 from lomar.cli.common import add_override_arguments, check_checkpoint, check_output_dir, load_for_cli
 from lomar.cli.export import CHECKPOINT
@@ -99,10 +99,11 @@ def run(args: argparse.Namespace) -> int:
 
     paths, found = _image_paths(args.images)  # a folder without images: before the model loads
     paths = paths or demo_image_paths()[:4]
-    if Path(args.checkpoint).is_dir() and (Path(args.checkpoint) / LAST).is_file():
-        # A run folder: its last.pt has the pixel head; its export (encoder.safetensors, once finished) has not,
-        # so read, the export would refuse a reconstruction asked of the run that made it.
-        args.checkpoint = str(Path(args.checkpoint) / LAST)
+    if Path(args.checkpoint).is_dir() and (kept := run_checkpoint(Path(args.checkpoint))) is not None:
+        # A run folder: the checkpoint every reader reads of one without an export (best.pt, else last.pt), and a
+        # finished pretraining run's last.pt, which has the pixel head its export (encoder.safetensors) has not:
+        # read, the export would refuse a reconstruction asked of the run that made it.
+        args.checkpoint = str(kept)
     meta = _meta(Path(args.checkpoint))
     if run_command(meta) in DENSE_ARCH:  # load_model's detector or segmenter: no figure here draws one
         raise UsageError(str(whole_model_refusal(args.checkpoint, meta)))
