@@ -115,3 +115,23 @@ def test_the_last_line_counts_what_every_rank_skipped(tmp_path, capsys, monkeypa
     assert run(ToyConfig(out=str(tmp_path), epochs=1), ToyTask) == 0
     done = capsys.readouterr().out.rstrip().splitlines()[-1]
     assert done.endswith(", 2 unusable image(s) skipped, e.g. b.png")  # a file two ranks read is one file
+
+
+def test_a_pretraining_runs_skipped_image_is_named_once_with_its_reason(tmp_path):
+    """The decoder's reason begins 'cannot decode image PATH:', so the warning and the done line said
+    'PATH (cannot decode image PATH: image file is truncated ...)', the path twice."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from lomar.data.collate import collate_pretrain
+    from lomar.data.folder import build_pretrain_dataset
+    from lomar.train.pretrain import PretrainTask
+
+    whole = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(whole, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
+    dataset = build_pretrain_dataset(str(tmp_path), 16)
+    (line,) = PretrainTask.skipped(object.__new__(PretrainTask), collate_pretrain([dataset[(0, 0)]]))
+    assert line.count("cut.jpg") == 1 and line.startswith(str(tmp_path / "cut.jpg") + " (") and "truncated" in line

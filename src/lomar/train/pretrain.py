@@ -150,7 +150,7 @@ class PretrainTask(Task):
 
     def skipped(self, batch: dict) -> list[str]:
         why = batch.get("why", {})  # the size limit, a truncated file: the warning and a run's final error say it
-        return [f"{path} ({why[path]})" if path in why else path for path in batch["bad"]]
+        return [f"{path} ({_reason(path, why[path])})" if path in why else path for path in batch["bad"]]
 
     def loss(self, batch: dict) -> torch.Tensor | dict[str, torch.Tensor] | None:
         if not batch["images"].numel():  # every image of the batch was unreadable
@@ -344,6 +344,12 @@ class PretrainTask(Task):
         if not items:
             raise ValueError(f"none of the {self.size} training images could be read")
         return torch.stack(items).to(self.device)
+
+
+def _reason(path: str, why: str) -> str:
+    """``why`` without the decoder's own ``cannot decode image PATH:`` lead, which would name the file a second time."""
+    lead = f"cannot decode image {path}: "
+    return why[len(lead):] if why.startswith(lead) else why
 
 
 def train(config: PretrainConfig) -> int:
