@@ -2,8 +2,7 @@
 that is not (3, H, W) RGB (an RGBA or grey tensor as torchvision.io reads a PNG), a segmenter's RGBA or grey batch,
 a multi-level backbone's block indices beyond the encoder's depth (its default is ViT-B's (3, 5, 7, 11), out of range
 for a shallower encoder), an image with a side below the least a pyramid takes (compiled with dynamic shapes too);
-and a ViTDet backbone taken by
-torchvision's detectors as it is."""
+and a ViTDet backbone taken by torchvision's detectors as it is."""
 
 from __future__ import annotations
 
