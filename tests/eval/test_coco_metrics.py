@@ -173,3 +173,14 @@ def test_an_image_the_detector_did_not_see_is_left_out_of_the_scores(split):
     assert seen["box_AP"] == seen["mask_AP"] == pytest.approx(100.0)
     every = coco_metrics(split.coco(), results)  # image 9's object of category 1 missed: that category's AP is 0
     assert every["box_AP"] == every["mask_AP"] == pytest.approx(100 * 2 / 3)
+
+
+def test_a_mask_pixel_of_exactly_one_half_is_left_out():
+    """A mask is its pixels above 0.5 (`> 0.5`, torchvision's reference evaluation; detectron2 keeps `>= 0.5`):
+    docs/dense.md says which."""
+    values = np.zeros((HEIGHT, WIDTH), dtype=np.float32)
+    values[5:20, 3:30] = 0.5
+    values[5:20, 10:20] = np.nextafter(np.float32(0.5), np.float32(1))
+    (entry,) = to_coco_results(_output([[3, 5, 30, 20]], [3], [values]), 7, CATEGORIES)
+    kept = mask_utils.decode({**entry["segmentation"], "counts": entry["segmentation"]["counts"].encode()})
+    assert (kept == _box_mask(10, 5, 20, 20)).all()
