@@ -202,7 +202,7 @@ def test_knn_monitor_for_the_pretraining_hook(pretrained, folder):
     monitor = KnnMonitor(folder, img_size=32, batch_size=5, workers=0, k=3)
     encoder = load_pretrained_encoder(pretrained).train()
     assert 0 <= monitor(encoder) <= 1 and encoder.training
-    with pytest.raises(ValueError, match="train holds no train/ folder: expected the split's class folders there"):
+    with pytest.raises(ValueError, match="train holds no train/ folder: it is a split itself; pass its parent"):
         KnnMonitor(folder / "train", img_size=32)  # no train/ and val/ inside
 
 

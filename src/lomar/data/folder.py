@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from lomar.data.shards import SHARD_SUFFIXES, TarShardDataset, is_shard_pattern,
 from lomar.data.transforms import Masker, PretrainTransform, make_item, sample_generator, sample_key
 
 __all__ = ["build_image_list", "ImageListDataset", "build_pretrain_dataset",
-           "LabelledImageFolder"]
+           "LabelledImageFolder", "not_a_class_root"]
 
 log = logging.getLogger("lomar.data")
 
@@ -180,15 +181,29 @@ def _path_lines(listing: Path) -> list[str]:
     return [ln for ln in lines if ln and not ln.startswith("#")]
 
 
-def _not_a_class_root(root: Path) -> str:
-    """Why ``root`` cannot hold class folders. A missing ``train``/``val`` below an existing folder is named as the
-    split its parent lacks: knn, linprobe and finetune look for ``DATA/train`` and ``DATA/val``, and a folder of
-    images or of class folders given as ``DATA`` would otherwise be told about a path its user never wrote."""
-    if not root.exists() and root.name in ("train", "val") and root.parent.is_dir():
-        return (f"{root.parent} holds no {root.name}/ folder: expected the split's class folders there "
-                f"({root}/CLASS/IMAGE, beside {'val' if root.name == 'train' else 'train'}/)")
+def not_a_class_root(root: Path) -> str:
+    """Why ``root`` cannot hold class folders, and what to pass instead. A missing ``train``/``val`` below an existing
+    folder is named as the split its parent lacks: knn, linprobe and finetune look for ``DATA/train`` and ``DATA/val``,
+    and a folder of images or of class folders given as ``DATA`` would otherwise be told about a path its user never
+    wrote; what that folder holds says which mistake it is (a split given for the root, a folder to pretrain on)."""
+    data = root.parent
+    if not root.exists() and root.name in ("train", "val") and data.is_dir():
+        lead = f"{data} holds no {root.name}/ folder"
+        if data.name in ("train", "val") and all((data.parent / split).is_dir() for split in ("train", "val")):
+            return f"{lead}: it is a split itself; pass its parent {data.parent} (which holds train/ and val/)"
+        if any(entry.is_file() and is_image_name(entry.name) for entry in _first_entries(data)):
+            return (f"{lead}: it holds images, not class folders (a folder to pretrain on: lomar pretrain --data "
+                    f"{shlex.quote(str(data))}); labelled images go in ROOT/train/CLASS/IMAGE and ROOT/val/CLASS/IMAGE")
+        return (f"{lead}: expected the split's class folders there ({root}/CLASS/IMAGE, beside "
+                f"{'val' if root.name == 'train' else 'train'}/)")
     what = "does not exist" if not root.exists() else "is not a folder"
     return f"{root} {what}: expected a folder of class folders (ImageFolder layout: ROOT/CLASS/IMAGE)"
+
+
+def _first_entries(folder: Path, limit: int = 1000) -> list[os.DirEntry]:
+    """At most ``limit`` entries of ``folder``: enough to tell a folder of images, without listing a large one."""
+    with os.scandir(folder) as entries:
+        return [entry for _, entry in zip(range(limit), entries)]
 
 
 class LabelledImageFolder(Dataset):
@@ -205,7 +220,7 @@ class LabelledImageFolder(Dataset):
         self.root, self.transform, self.load = Path(root), transform, load or load_image  # looked up now, not at import
         self.warned: set[int] = set()  # the unreadable files this process has warned of
         if not self.root.is_dir():
-            raise ValueError(_not_a_class_root(self.root))
+            raise ValueError(not_a_class_root(self.root))
         # hidden folders (Jupyter's .ipynb_checkpoints, a .git) and thumbnail caches (a Synology NAS's @eaDir in every
         # folder: a class of every image's thumbnails, in val too) are no classes: each would add an output, and
         # shift every class index after it

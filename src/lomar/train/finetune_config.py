@@ -172,10 +172,15 @@ class FinetuneConfig(TaskConfig):
             return
         if not (self.data or (self.train and self.val)):
             raise ConfigError("pass --data ROOT (with train/ and val/) or both --train and --val")
+        layout = "finetuning needs ImageFolder class folders (ROOT/train/CLASS/IMAGE and ROOT/val/CLASS/IMAGE)"
+        if self.data and not Path(self.data).is_dir():
+            raise ConfigError(f"--data {self.data} is not a folder; {layout}")
         for split in split_roots(self):
             if not split.is_dir():
-                raise ConfigError(f"{split} is not a folder; finetuning needs ImageFolder class folders "
-                                  f"(ROOT/train/CLASS/IMAGE and ROOT/val/CLASS/IMAGE)")
+                from lomar.data.folder import not_a_class_root  # torch: not for --help
+
+                raise ConfigError(not_a_class_root(split) if self.data and split.parent == Path(self.data)
+                                  else f"{split} is not a folder; {layout}")
         if self.pretrained is None:
             raise ConfigError("pass --pretrained CHECKPOINT (the encoder to finetune)")
         check_pretrained(self)
