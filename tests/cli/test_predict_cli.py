@@ -146,3 +146,15 @@ def test_a_file_given_under_several_spellings_is_listed_once(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     given = ["photos/x.png", str(tmp_path / "photos" / "x.png"), str(tmp_path / "link.png"), str(tmp_path / "photos")]
     assert [image.path for image in list_images(given)] == ["photos/x.png"]
+
+
+def test_a_killed_predicts_temporary_is_removed_by_the_next(tmp_path, capsys, classifier, labelled_folder):
+    # atomic_write's temporary, as a predict killed while writing its file leaves it; the folder's other files stay
+    image = str(next((labelled_folder / "val").rglob("*.png")))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".predictions.jsonl.tmp-4242-0123456789abcdef").write_text('{"path": "half')
+    (out / "notes.md").write_text("mine")
+    assert main(["predict", str(classifier), image, "--out", str(out), *CPU_RUN]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "notes.md", "predictions.jsonl"]
+    assert "lomar predict: note: removed 1 stale temporary file(s)" in capsys.readouterr().err

@@ -71,10 +71,9 @@ def run(args: argparse.Namespace) -> int:
         check_input(given, f"{given} does not exist; pass image files or folders of images")
     import torch
 
-    from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text  # torch: not for --help
     from lomar.eval import predict  # torch: not for --help
-    from lomar.train.precision import autocast_factory  # torch: not for --help
-    from lomar.train.run_state import inside  # torch: not for --help
+    from lomar.train.run_lock import RunLock  # torch: not for --help
+    from lomar.train.run_state import clear_stale_temporaries, inside  # torch: not for --help
 
     # as a training run's --out inside its --data is refused: a later predict of the folder would read its PNGs
     if folder := next((given for given in args.images if Path(given).is_dir() and inside(Path(args.out), Path(given))),
@@ -89,6 +88,18 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     targets = ([out / predict.OUTPUTS[trained.kind]] if trained.kind in predict.OUTPUTS
                else _png_paths(out, images))
+    with RunLock(out):  # held while it writes: a temporary there is then a killed predict's, or a killed run's
+        clear_stale_temporaries(out, "predict", tuple(sorted({str(path.parent.relative_to(out)) for path in targets}
+                                                             - {"."})))
+        return _write(args, trained, images, out, targets, device)
+
+
+def _write(args: argparse.Namespace, trained, images, out: Path, targets: list[Path], device) -> int:
+    """Run ``trained`` on ``images`` and write ``targets`` (its prediction files) into ``out``; the exit code."""
+    from lomar.checkpoints.io import atomic_write_bytes, atomic_write_text  # torch: not for --help
+    from lomar.eval import predict  # torch: not for --help
+    from lomar.train.precision import autocast_factory  # torch: not for --help
+
     if not args.overwrite and (there := next((path for path in targets if path.exists()), None)):
         raise UsageError(f"{there} already exists; pass --overwrite to replace it, or another --out")
     workers = default_workers() if args.workers is None else args.workers
