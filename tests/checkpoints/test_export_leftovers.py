@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -84,3 +85,43 @@ def test_an_older_lomars_leftovers_named_by_the_pid_alone_are_this_machines(tmp_
         (tmp_path / name).write_bytes(b"x")
     _export(tmp_path, "third")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(alive + ["config.json", "model.safetensors"])
+
+
+def _set_aside(folder, host: str, pid: int) -> str:
+    """``folder``'s export (config.json, model.safetensors) set aside as a write_export on ``host`` does mid-swap."""
+    _export(folder, "previous")
+    tag = f"{host}-{pid}-0123456789abcdef"
+    for name in ("config.json", "model.safetensors"):
+        os.replace(folder / name, folder / f".{name}.old-{tag}")
+    return tag
+
+
+def test_a_reader_of_an_export_under_way_is_told_to_wait_not_to_rename_its_files(tmp_path):
+    """An export holding the folder's lock is live: renaming its set-aside files back under it would undo its swap, so
+    the refusal names its holder and says to wait, not 'or one on another machine was interrupted ... rename them
+    back'."""
+    from lomar.checkpoints.export_leftovers import export_lock, writer_tag
+    from lomar.checkpoints.formats import read
+
+    tag = _set_aside(tmp_path, writer_tag().split("-")[0], os.getpid())
+    with export_lock(tmp_path), pytest.raises(ValueError) as refused:
+        read(tmp_path)
+    words = str(refused.value)
+    assert f"an export into it is under way (pid {os.getpid()} on {socket.gethostname()}, holding its lock" in words
+    assert f"set aside as .config.json.old-{tag}, .model.safetensors.old-{tag} (read it once that export ends)" in words
+    assert "rename" not in words
+
+
+def test_a_reader_of_another_machines_export_without_a_lock_names_that_machine(tmp_path, monkeypatch):
+    """Without flock, another machine's export cannot be judged from here: the refusal names that machine, to wait
+    for its export or, were it interrupted, rename the files back."""
+    from lomar.checkpoints.formats import read
+
+    no_flock(monkeypatch)
+    tag = _set_aside(tmp_path, "elsewhere", 1)
+    with pytest.raises(ValueError) as refused:
+        read(tmp_path)
+    assert (f"an export into it from elsewhere set its previous files aside as .config.json.old-{tag}, "
+            f".model.safetensors.old-{tag}, and no lock tells here whether it still runs (read it once that export "
+            f"ends, or, if it was interrupted, rename them back to config.json, model.safetensors)") \
+        in str(refused.value)

@@ -182,9 +182,10 @@ def test_a_folder_whose_export_was_killed_midway_names_its_set_aside_files(tmp_p
     live = f"{host}-{os.getppid()}-0123456789abcdef"
     for name in ("config.json", "encoder.safetensors"):
         os.replace(run / f".{name}.old-{tag}", run / f".{name}.old-{live}")  # a live export's: mid-swap
-    with pytest.raises(ValueError, match=r"without config.json; an export into it is under way, or one on another "
-                                         r"machine was interrupted: its previous files are set aside as "
-                                         r"\.config\.json\.old-.*; pass its checkpoint"):
+    with pytest.raises(ValueError, match=rf"without config.json; an export into it is under way \(pid {os.getppid()} "
+                                         r"on this machine\): its previous files are set aside as "
+                                         r"\.config\.json\.old-.*\(read it once that export ends\); "
+                                         r"pass its checkpoint"):
         formats.read(run)
 
 

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from lomar.checkpoints.file_lock import flock_in_place, holding_file_lock
+from lomar.checkpoints.file_lock import flock_in_place, holding_file_lock, lock_owner
 from lomar.checkpoints.file_names import CONFIG_NAME
 from lomar.checkpoints.io import open_in_place
 from lomar.checkpoints.own_names import TEMPORARY_SUFFIX
@@ -107,11 +107,18 @@ def export_lock(folder: Path, wait_s: float | None = None) -> Iterator[bool]:
 
 def _lock_state(folder: Path) -> bool | None:
     """Whether an export holds ``folder``'s lock now; None where that cannot be told (no lock file, no flock)."""
+    return None if (holder := _lock_holder(folder)) is None else bool(holder)
+
+
+def _lock_holder(folder: Path) -> str | None:
+    """What the export holding ``folder``'s lock wrote in it ("pid N on HOST"); '' where none holds it; None where
+    that cannot be told (no lock file, no flock)."""
     try:
         with open_in_place(folder / EXPORT_LOCK) as handle:
-            return False if flock_in_place(handle, folder / EXPORT_LOCK, shared=True) else None
-    except BlockingIOError:
-        return True
+            try:
+                return "" if flock_in_place(handle, folder / EXPORT_LOCK, shared=True) else None
+            except BlockingIOError:
+                return lock_owner(handle)
     except (OSError, UsageError):
         return None
 
@@ -163,16 +170,27 @@ def _set_aside(folder: Path) -> list[Path]:
 
 
 def export_set_aside(folder: Path) -> str:
-    """Words for a folder without config.json whose export is set aside: :func:`interrupted_export`'s for a dead
-    writer's, others for an export under way (or one of another machine, whose writer cannot be told dead here);
-    '' where none is."""
+    """Words for a folder without config.json whose export is set aside, saying what to do: :func:`interrupted_export`'s
+    for a dead writer's; to wait for one known to run (its lock held, or its PID alive here), whose files must not be
+    renamed under it; to wait, or rename them back if it was interrupted, for another machine's that no lock judges.
+    '' where none is set aside."""
     if words := interrupted_export(folder):
         return words
     if not (aside := _set_aside(folder)):
         return ""
-    names = ", ".join(_LEFTOVER.fullmatch(path.name)["name"] for path in aside)
-    return (f"an export into it is under way, or one on another machine was interrupted: its previous files are set "
-            f"aside as {', '.join(path.name for path in aside)} (read it once that export ends, or rename them back "
+    files = ", ".join(path.name for path in aside)
+    tags = [_LEFTOVER.fullmatch(path.name) for path in aside]
+    if holder := _lock_holder(folder):
+        return (f"an export into it is under way ({holder}, holding its lock {folder / EXPORT_LOCK}): its previous "
+                f"files are set aside as {files} (read it once that export ends); ")
+    hosts = sorted({tag["host"] for tag in tags if tag["host"] and tag["host"] != _host()})
+    if not hosts:  # no lock tells, and each writer's PID lives here (a dead one's are interrupted_export's)
+        pids = ", ".join(sorted({tag["pid"] or tag["pid_only"] for tag in tags}))
+        return (f"an export into it is under way (pid {pids} on this machine): its previous files are set aside as "
+                f"{files} (read it once that export ends); ")
+    names = ", ".join(tag["name"] for tag in tags)
+    return (f"an export into it from {', '.join(hosts)} set its previous files aside as {files}, and no lock tells "
+            f"here whether it still runs (read it once that export ends, or, if it was interrupted, rename them back "
             f"to {names}); ")
 
 

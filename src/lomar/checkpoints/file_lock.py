@@ -24,7 +24,7 @@ try:
 except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LockHeld", "take_file_lock", "flock_in_place", "holding_file_lock"]
+__all__ = ["LockHeld", "take_file_lock", "flock_in_place", "holding_file_lock", "lock_owner"]
 
 # The folders found without flock, each told once in a process: a run's export into its folder, unlocked as the
 # run is, would say it again
@@ -73,7 +73,7 @@ def take_file_lock(path: Path, wait_s: float = 0.0, on_wait: Callable[[str], Non
         try:
             got = flock_in_place(handle, path)
         except BlockingIOError:
-            owner = _owner(handle)
+            owner = lock_owner(handle)
             if time.monotonic() > deadline:
                 raise LockHeld(owner) from None
             if not said and on_wait is not None:
@@ -126,7 +126,7 @@ def holding_file_lock(path: Path, wait_s: float, refusal: Callable[[str], Except
             handle.close()
 
 
-def _owner(handle: IO) -> str:
+def lock_owner(handle: IO) -> str:
     """What the lock's holder wrote (a bare PID as "pid N"), else "pid unknown"; closes ``handle``."""
     with handle:
         handle.seek(0)
