@@ -233,3 +233,22 @@ def test_a_pattern_the_shell_expanded_is_named_with_its_fix(tmp_path, monkeypatc
         assert main([*command, "S0.TAR", "S1.TAR"]) == 2
         assert capsys.readouterr().err.endswith("(an unquoted pattern): give one (see lomar "
                                                 f"{command[0]} --help)\n")
+
+
+def test_a_path_with_spaces_the_shell_split_is_named_quoted(tmp_path, monkeypatch, capsys):
+    """`--data My Photos` unquoted reached lomar as --data 'My' and a stray 'Photos': the line said only
+    'unrecognized arguments: Photos'."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "My Photos").mkdir()
+    (tmp_path / "exports" / "my vit 448").mkdir(parents=True)
+    assert main(["pretrain", "--data", "My", "Photos", "--seed", "1"]) == 2
+    assert capsys.readouterr().err == ("lomar pretrain: error: unrecognized arguments: Photos; quote a path with "
+                                       "spaces, which the shell splits at them: --data 'My Photos' (see lomar "
+                                       "pretrain --help)\n")
+    assert main(["pretrain", "--data=My", "Photos"]) == 2
+    assert capsys.readouterr().err.endswith(": --data 'My Photos' (see lomar pretrain --help)\n")
+    assert main(["knn", "exports/my", "vit", "448", "--data", "d"]) == 2  # an operand
+    assert capsys.readouterr().err.endswith("unrecognized arguments: vit 448; quote a path with spaces, which the "
+                                            "shell splits at them: 'exports/my vit 448' (see lomar knn --help)\n")
+    assert main(["pretrain", "--data", "My Photos", "extra"]) == 2  # no path it continues: nothing said
+    assert capsys.readouterr().err.endswith("unrecognized arguments: extra (see lomar pretrain --help)\n")

@@ -22,7 +22,7 @@ from time import monotonic
 from lomar import __version__
 from lomar.cli.command_lines import prefix_warnings
 from lomar.cli.stop_signals import command_running, handle_stop_signals
-from lomar.cli.suggest import command_action, command_parser, expanded_by_shell, suggest_flags
+from lomar.cli.suggest import command_action, command_parser, expanded_by_shell, split_at_spaces, suggest_flags
 from lomar.errors import (
     FULL_DISK,
     LomarError,
@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             if unknown := _operands_after_flags(own, args, unknown):
                 # every command's parser, built on this error's path only: `lomar knn --accum-steps` is told whose
                 own.error(f"unrecognized arguments: {' '.join(unknown)}{suggest_flags(own, unknown, build_parser)}"
-                          f"{expanded_by_shell(argv, unknown, shards=own.prog == 'lomar pretrain')}")
+                          f"{expanded_by_shell(argv, unknown, shards=own.prog == 'lomar pretrain')}"
+                          f"{split_at_spaces(argv, unknown)}")
     except SystemExit as exc:  # --help, --version, a usage error: already printed
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if getattr(args, "_run", None) is None:

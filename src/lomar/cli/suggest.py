@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 from collections.abc import Callable
 
 from lomar.train.setting_names import did_you_mean, flag_of, other_commands
 
-__all__ = ["suggest_flags", "command_parser", "command_action", "command_flags", "expanded_by_shell"]
+__all__ = ["suggest_flags", "command_parser", "command_action", "command_flags", "expanded_by_shell",
+           "split_at_spaces"]
 
 
 def _own_flags(parser: argparse.ArgumentParser) -> list[str]:
@@ -102,6 +104,32 @@ def expanded_by_shell(argv: list[str], unknown: list[str], shards: bool) -> str:
         return ""
     _, at, end = min(places)
     return _one_path_each(argv[at - 2], argv[at - 1:end], shards)
+
+
+def split_at_spaces(argv: list[str], unknown: list[str]) -> str:
+    """The quoted flag when the first operand argparse left over continues a flag's value into a path that exists
+    or operand into a path that exists only with the spaces between them, as an unquoted path with spaces becomes
+    (`--pretrained exports/my vit`: the flag took 'exports/my', 'vit' was left over). '' otherwise."""
+    operands = [token for token in unknown if not token.startswith("-")]
+    if not operands:
+        return ""
+    for at, token in enumerate(argv):
+        if token != operands[0] or at < 1:
+            continue
+        before = argv[at - 1]
+        if before.startswith("--") and "=" in before:  # --data=My Photos
+            flag, first = before.split("=", 1)
+        elif before.startswith("-"):
+            continue
+        else:  # a flag's value, or an operand (`lomar knn exports/my vit`)
+            flag = argv[at - 2] if at >= 2 and argv[at - 2].startswith("--") and "=" not in argv[at - 2] else ""
+            first = before
+        end = next((i for i in range(at, len(argv)) if argv[i].startswith("-")), len(argv))
+        for stop in range(end, at, -1):  # the longest run of words that names a path
+            if os.path.lexists(joined := " ".join([first, *argv[at:stop]])):
+                return (f"; quote a path with spaces, which the shell splits at them: "
+                        f"{flag + ' ' if flag else ''}{shlex.quote(joined)}")
+    return ""
 
 
 def _one_path_each(flag: str, paths: list[str], shards: bool) -> str:
