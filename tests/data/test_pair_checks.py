@@ -219,3 +219,11 @@ def test_attributes_cached_by_path_do_not_hide_a_change(tmp_path, decodes, monke
     with pytest.raises(ValueError, match=r"b\.png holds class id 9"):
         _build(root)
     assert decodes == ["b.png"]
+
+
+def test_the_classes_an_annotation_holds_are_kept_with_its_check(tmp_path, decodes):
+    root = _folder(tmp_path, tops=(1, 3, 1))  # ids 1 in every annotation, 3 in b's
+    assert _build(root, num_classes=3).classes_held == {0, 2}  # id 0 ignored: ids 1..N are classes 0..N-1
+    decodes.clear()
+    whole = SegmentationFolder(root, "training", num_classes=4, crop=16, workers=1, reduce_zero_label=False)
+    assert decodes == [] and whole.classes_held == {1, 3}  # from the kept check, read under --zero-label class

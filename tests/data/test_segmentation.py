@@ -246,7 +246,7 @@ def test_forked_workers_do_not_copy_the_pair_lists(tmp_path, monkeypatch):
     count = 20_000
     monkeypatch.setattr("lomar.data.segmentation._pairs", lambda root, split: [
         (root / "images" / f"ADE_{i:08d}.jpg", root / "annotations" / f"ADE_{i:08d}.png") for i in range(count)])
-    monkeypatch.setattr("lomar.data.segmentation._check_pair", lambda image, annotation: 1)
+    monkeypatch.setattr("lomar.data.segmentation._check_pair", lambda image, annotation: (1, 2))
     data = SegmentationFolder(tmp_path, "validation", num_classes=2, crop=8, train=False, workers=1)
     monkeypatch.setattr("lomar.data.segmentation.read_labels", lambda path: np.ones((8, 8), np.uint8))
     monkeypatch.setattr("lomar.data.segmentation.load_image", lambda path: torch.zeros(3, 8, 8, dtype=torch.uint8))

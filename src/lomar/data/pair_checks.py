@@ -5,9 +5,10 @@ Decoding every annotation PNG is nearly all of the check's cost, at every start,
 cell: 3,000 ADE-sized pairs (683x512 JPEGs, 8-bit PNGs of 150 classes) took 13.5 s on a loaded 2-core host, so
 ADE20K's 22,210 nearly two minutes. A pair found in the cache costs opening its two files for their identity instead:
 the same split was built in 0.27-0.43 s, listing its folders included. What is kept of a pair is what its check found,
-not a verdict: the highest class id of its annotation (the ignored 255 aside), for a pair whose files read and agree in
-size; ``--num-classes`` and ``--zero-label`` are judged against those ids at every start, so changing either decodes
-nothing again.
+not a verdict: the highest class id of its annotation (the ignored 255 aside) and the ids it holds (bit i set for id
+i), for a pair whose files read and agree in size; ``--num-classes`` and ``--zero-label`` are judged against those ids
+at every start, so changing either decodes nothing again, and a class in the validation masks that no training mask
+holds is told from them without a second read.
 
 An entry is used only while both files are as they were when checked: the same names, size, mtime_ns, ctime_ns and
 inode, taken from the opened files before they are read. A write or a rename changes a file's ctime and no tool sets
@@ -49,14 +50,14 @@ from lomar.data.decode import max_image_bytes, max_image_pixels
 from lomar.data.user_cache import cache_folder, code_digest, ours_alone
 from lomar.errors import exception_line
 
-__all__ = ["RACY_S", "UNUSED_S", "cache_file", "pair_tops"]
+__all__ = ["RACY_S", "UNUSED_S", "cache_file", "pair_results"]
 
 log = logging.getLogger("lomar.data")
 # above FAT's 2 s mtime tick, the coarsest a dataset sits on: a time rounded down to it reads up to 2 s early
 RACY_S = 3.0
-_FORMAT = 1
+_FORMAT = 2  # 1: entries without the ids held
 # a kept file that no start has used for this long is removed when another is written: a dataset copied to a folder of
-# its own for each job (a node's local disk) leaves a file behind at every job, 170 bytes a pair (ADE20K's: 4 MB)
+# its own for each job (a node's local disk) leaves a file behind at every job, about 220 bytes a pair (ADE20K's: 5 MB)
 UNUSED_S = 30 * 86400.0
 # the modules whose code decides a pair's result: reading, decoding and checking the two files
 _CHECK_MODULES = tuple(f"lomar.data.{name}" for name in ("segmentation", "decode", "headers", "jpeg_cut", "png_cut",
@@ -91,10 +92,10 @@ def _identity(path: Path) -> Identity | None:
 
 
 def _valid(entry) -> bool:
-    """Whether ``entry`` is [annotation name, image identity, annotation identity, highest class id]."""
-    return (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str)
+    """Whether ``entry`` is [annotation name, image identity, annotation identity, highest class id, ids held]."""
+    return (isinstance(entry, list) and len(entry) == 5 and isinstance(entry[0], str)
             and all(isinstance(ids, list) and len(ids) == 4 and all(type(v) is int for v in ids) for ids in entry[1:3])
-            and type(entry[3]) is int and entry[3] >= 0)
+            and all(type(v) is int and v >= 0 for v in entry[3:]))
 
 
 def _read_text(path: Path) -> str | None:
@@ -153,11 +154,12 @@ def _write(path: Path, header: dict, pairs: dict[str, list]) -> None:
                 other.unlink()
 
 
-def pair_tops(root: Path, split: str, pairs: list[tuple[Path, Path]], check: Callable[[Path, Path], int],
-              workers: int) -> list[int]:
-    """``check(image, annotation)`` of each pair, in order (its highest class id; a failing pair's ValueError
-    propagates, the first in order), taken from the cache for a pair whose files are unchanged since they passed;
-    the others are checked on ``workers`` threads. The pairs that passed are kept, also when one fails."""
+def pair_results(root: Path, split: str, pairs: list[tuple[Path, Path]],
+                 check: Callable[[Path, Path], tuple[int, int]], workers: int) -> list[tuple[int, int]]:
+    """``check(image, annotation)`` of each pair, in order (its highest class id and the ids it holds, bit i for id
+    i; a failing pair's ValueError propagates, the first in order), taken from the cache for a pair whose files are
+    unchanged since they passed; the others are checked on ``workers`` threads. The pairs that passed are kept, also
+    when one fails."""
     root = Path(root).resolve()
     header = _header(root, split)
     try:
@@ -169,27 +171,27 @@ def pair_tops(root: Path, split: str, pairs: list[tuple[Path, Path]], check: Cal
     known = _read(path, header) if path else {}
     settled = time.time_ns() - int(RACY_S * 1e9)  # taken before the stats: a file changed after them is not settled
     identities = [(_identity(image), _identity(annotation)) for image, annotation in pairs]
-    tops: list[int | None] = [None] * len(pairs)
+    results: list[tuple[int, int] | None] = [None] * len(pairs)
     for k, ((image, annotation), (seen_image, seen_annotation)) in enumerate(zip(pairs, identities)):
         entry = known.get(image.name)
         if entry is not None and seen_image and seen_annotation and entry[:3] == [annotation.name, seen_image,
                                                                                     seen_annotation]:
-            tops[k] = entry[3]
-    todo = [k for k, top in enumerate(tops) if top is None]
+            results[k] = (entry[3], entry[4])
+    todo = [k for k, result in enumerate(results) if result is None]
     if len(todo) < len(pairs):
         log.info("%s (split %s): %d of %d pairs unchanged since checked (%s); checking %d", root, split,
                  len(pairs) - len(todo), len(pairs), path, len(todo))
     try:
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            for k, top in zip(todo, pool.map(lambda k: check(*pairs[k]), todo)):
-                tops[k] = top
+            for k, result in zip(todo, pool.map(lambda k: check(*pairs[k]), todo)):
+                results[k] = result
     finally:
-        kept = {image.name: [annotation.name, *ids, top]
-                for (image, annotation), ids, top in zip(pairs, identities, tops)
-                if top is not None and all(i and max(i[1], i[2]) <= settled for i in ids)}
+        kept = {image.name: [annotation.name, *ids, *result]
+                for (image, annotation), ids, result in zip(pairs, identities, results)
+                if result is not None and all(i and max(i[1], i[2]) <= settled for i in ids)}
         if path and kept != known:
             _write(path, header, kept)
         elif path and known:
             with contextlib.suppress(OSError):  # a read-only cache folder: it is pruned by no one either
                 os.utime(path)  # used: not another's to prune
-    return tops
+    return results

@@ -93,6 +93,8 @@ class SegmentTask(Task):
                                           train=False, workers=max(1, workers), reduce_zero_label=reduce_zero_label)
         self.val_folder = self.val_set.root / "images" / "validation"  # the folder a skipped image's note names
         self.class_labels = _class_labels(config)
+        if info.is_main and not config.eval_only and (unseen := _untrained_classes(self)):
+            print(f"lomar segment: warning: {unseen}", file=sys.stderr, flush=True)
         self.scored: dict = {}  # the last evaluation's metrics, which finish tabulates
         self.source: dict = {}  # --eval-only's segmenter: its file and step, which its record names
         layout = dict(img_size=config.img_size, drop_path=config.drop_path)
@@ -232,6 +234,20 @@ class SegmentTask(Task):
         return {"task": SEGMENT_TASK, "settings": self.config.to_dict(),
                 "encoder_config": self.model.encoder.config.to_dict(),  # what --eval-only rebuilds
                 "model_spec": model_spec(self.model)}  # what lomar.load_model rebuilds
+
+
+def _untrained_classes(task) -> str | None:
+    """Words on the classes some validation annotation holds but no training one (read by the splits' start-up
+    check): never trained on, each scores 0 IoU in the mean; None where there are none."""
+    unseen = sorted(task.val_set.classes_held - task.train_set.classes_held)
+    if not unseen:
+        return None
+    shown = ", ".join(task.class_labels[c] for c in unseen[:5]) + (f" and {len(unseen) - 5} more" if len(unseen) > 5
+                                                                  else "")
+    many = f"{len(unseen)} class{'' if len(unseen) == 1 else 'es'}"
+    return (f"{many} in the validation annotations but in no training one (never trained on, each scores 0 IoU in "
+            f"the mean), as the annotations number them: {shown}; add training images of them, or check "
+            f"--num-classes and --zero-label")
 
 
 def _class_labels(config: SegmentConfig) -> list[str]:
