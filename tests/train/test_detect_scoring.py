@@ -209,3 +209,25 @@ def test_the_ap_is_cocoevals_on_the_file_as_written_not_on_the_boxes_clipped_for
         assert (metrics[key] is None) == (value is None), key
         assert value is None or math.isclose(metrics[key], value), (key, metrics[key], value)  # the targets: 100
     assert by_hand["box_AP"] < 95 and by_hand["mask_AP"] < 95
+
+
+class _Killed(BaseException):
+    """A SIGKILL's stand-in: nothing after it runs, no handler catches it."""
+
+
+def test_an_eval_only_killed_before_its_predictions_are_written_logs_no_record(ten_val, tmp_path, monkeypatch,
+                                                                                  oracle_masks):
+    # the record is the scoring's last write: one left without its predictions.json, the rerun would log again
+    from lomar.train import detect
+
+    def killed(path, text):
+        raise _Killed
+
+    split, ids = ten_val, [image["id"] for image in ten_val.data["images"][1:]]
+    monkeypatch.setattr(detect, "DetectTask", lambda *args: _evaluated(split, _Oracle(split, ids), score=False)[1])
+    monkeypatch.setattr(detect, "atomic_write_text", killed)
+    config = SimpleNamespace(out=str(tmp_path / "ev"), pretrained="detector.pt", img_size=64, seed=0, device="cpu",
+                             threads=torch.get_num_threads())
+    with pytest.raises(_Killed):
+        detect.evaluate_only(config)
+    assert not (tmp_path / "ev" / "metrics.jsonl").exists()

@@ -282,7 +282,7 @@ class DetectTask(Task):
             atomic_write_text(Path(self.config.out) / "predictions.json", json.dumps(self.predictions))
 
     def finish(self, out: Path) -> None:
-        """``--eval-only``'s ``OUT/predictions.json``: its detections, a COCO results file, after its metrics record
+        """``--eval-only``'s ``OUT/predictions.json``: its detections, a COCO results file, before its metrics record
         (a run's evaluations write their own: :meth:`_keep_predictions`)."""
         if self.config.eval_only:
             atomic_write_text(Path(out) / "predictions.json", json.dumps(self.predictions))

@@ -29,8 +29,9 @@ __all__ = ["score_only", "scored_split", "images_record", "over_note"]
 def score_only(config, make_task: type[Task]) -> tuple[Task, dict, Path]:
     """``--eval-only``: the evaluation of ``config.pretrained``, a trained model, in this process without a training
     run: one ``metrics.jsonl`` record (``eval_only``, the file and step scored as ``task.source`` names them, the
-    input size, the metrics) and ``task.finish``'s files in ``--out``, locked meanwhile. (The task, its metrics,
-    the folder.)"""
+    input size, the metrics) and ``task.finish``'s files in ``--out``, locked meanwhile; the record last, so that a
+    kill never leaves one without the files of its scoring, which a rerun would log a second time. (The task, its
+    metrics, the folder.)"""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("--eval-only runs in one process; run it without torchrun")
     _, device = join_group(config.device)  # a device that cannot be used: a one-line error, as a run's
@@ -41,10 +42,10 @@ def score_only(config, make_task: type[Task]) -> tuple[Task, dict, Path]:
         # a killed --eval-only's: segment's predictions/ is written an image at a time
         clear_stale_temporaries(lock.out, task.name, task.outputs)
         metrics = task.evaluate()
+        task.finish(lock.out)
         with open_in_place(lock.out / METRICS, "a") as log:
             log.write(json.dumps({"eval_only": True, "pretrained": config.pretrained, **task.source,
                                   "img_size": config.img_size, **metrics}) + "\n")
-        task.finish(lock.out)
     return task, metrics, lock.out
 
 
