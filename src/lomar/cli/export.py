@@ -17,7 +17,8 @@ from lomar.values import command_line, counted
 
 __all__ = ["add_arguments", "run", "load_original_add_arguments", "load_original_run", "CHECKPOINT"]
 
-CHECKPOINT = Setting(None, "checkpoint file (or an exported folder)", kind=str, flag="", metavar="CKPT", path=True)
+CHECKPOINT = Setting(None, "checkpoint file, exported folder or run folder", kind=str, flag="", metavar="CKPT",
+                     path=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
