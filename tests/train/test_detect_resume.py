@@ -13,7 +13,6 @@ from coco_tiny import edited_coco
 from lomar.cli.app import main
 from lomar.data.coco import read_coco
 from lomar.errors import UsageError
-from lomar.train import lifecycle
 from lomar.train.detect import DetectTask
 
 
@@ -76,32 +75,3 @@ def test_a_resume_of_other_categories_is_refused_before_the_images_are_checked_a
                                                                            r"2\] in the checkpoint but \[3, 7\]"):
         DetectTask(config, DistInfo(), torch.device("cpu"))
 
-
-class _Killed(BaseException):
-    """A SIGKILL's stand-in: nothing after it runs, no handler catches it."""
-
-
-def test_a_run_killed_after_its_last_checkpoint_keeps_its_last_evaluations_predictions(tiny, one_val, tmp_path,
-                                                                                      monkeypatch, few_eval_proposals):
-    # the end's evaluation comes after the last checkpoint: its detections are on disk before a kill can cut what
-    # follows, as a resume that finds the step scored (the log says so) has nothing to evaluate again
-    (train_ann, train_images), _ = tiny
-    val_ann, val_images = one_val
-    args = ["detect", "--train-ann", str(train_ann), "--train-images", str(train_images), "--val-ann", str(val_ann),
-            "--val-images", str(val_images), "--model", "vit_mini_patch16", "--img-size", "64", "--batch-size", "2",
-            "--max-steps", "1", "--warmup-steps", "1", "--rois-per-image", "16", "--workers", "0", "--threads", "1",
-            "--device", "cpu", "--out", str(tmp_path / "run")]
-    scored = []
-
-    def killed(trainer, path, preempted):
-        scored.append(trainer.task.predictions)
-        raise _Killed
-
-    own = lifecycle.report_end
-    monkeypatch.setattr(lifecycle, "report_end", killed)
-    with pytest.raises(_Killed):
-        main(args)
-    monkeypatch.setattr(lifecycle, "report_end", own)
-    assert scored[0], "the evaluation detected nothing: no predictions to compare"
-    assert main([*args, "--resume", "auto"]) == 0
-    assert json.loads((tmp_path / "run" / "predictions.json").read_text()) == scored[0]

@@ -231,3 +231,13 @@ def test_an_eval_only_killed_before_its_predictions_are_written_logs_no_record(t
     with pytest.raises(_Killed):
         detect.evaluate_only(config)
     assert not (tmp_path / "ev" / "metrics.jsonl").exists()
+
+
+def test_a_runs_evaluation_writes_its_predictions_before_the_checkpoint_that_follows(ten_val, tmp_path,
+                                                                                     oracle_masks):
+    # the end's evaluation comes after the run's last checkpoint: written there, by the end's finish, a kill between
+    # left them missing for good, a resume finding the step scored (the log says so) with nothing to evaluate again
+    split, ids = ten_val, [image["id"] for image in ten_val.data["images"][1:]]
+    _, task = _evaluated(split, _Oracle(split, ids), score=False, run=tmp_path)
+    task.evaluate()
+    assert task.predictions and json.loads((tmp_path / "predictions.json").read_text()) == task.predictions
