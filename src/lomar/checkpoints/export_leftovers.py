@@ -139,12 +139,21 @@ def stale_leftovers(folder: Path, locked: bool = False) -> list[tuple[Path, str]
     no lock tells, only those whose tag names this machine and a PID that is no live process."""
     held = False if locked else _lock_state(folder)
     found = []
-    for path in sorted(folder.iterdir()) if folder.is_dir() and not held else ():
+    for path, match in _leftovers(folder) if not held else ():
+        here, pid = (match["host"] or _host()) == _host(), int(match["pid"] or match["pid_only"])
+        if held is False or here and not _alive(pid):
+            found.append((path, match["kind"]))
+    return found
+
+
+def _leftovers(folder: Path) -> list[tuple[Path, re.Match]]:
+    """Each file a write_export leaves in ``folder`` (of config.json or a safetensors file, its writer alive or not),
+    with its name's parts (:data:`_LEFTOVER`)."""
+    found = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else ():
         match = _LEFTOVER.fullmatch(path.name)
         if match and (match["name"] == CONFIG_NAME or match["name"].endswith(".safetensors")) and path.is_file():
-            here, pid = (match["host"] or _host()) == _host(), int(match["pid"] or match["pid_only"])
-            if held is False or here and not _alive(pid):
-                found.append((path, match["kind"]))
+            found.append((path, match))
     return found
 
 
@@ -161,12 +170,7 @@ def interrupted_export(folder: Path) -> str:
 def _set_aside(folder: Path) -> list[Path]:
     """The export files (config.json, a safetensors file) a write_export set aside in ``folder``, ``.NAME.old-TAG``,
     whether their writer lives or not."""
-    found = []
-    for path in sorted(folder.iterdir()) if folder.is_dir() else ():
-        match = _LEFTOVER.fullmatch(path.name)
-        if match and match["kind"] == "old" and is_export_file(match["name"]) and path.is_file():
-            found.append(path)
-    return found
+    return [path for path, match in _leftovers(folder) if match["kind"] == "old"]
 
 
 def export_set_aside(folder: Path) -> str:
