@@ -97,6 +97,21 @@ def test_read_export_accepts_a_new_head(tmp_path):
     assert create_encoder(folder, num_classes=4).head.out_features == 4
 
 
+def test_settings_given_that_do_not_fit_a_sound_export_are_named_as_the_callers(tmp_path):
+    """create_encoder(DIR, depth=4) said 'model.safetensors does not match DIR/config.json', and img_size=36
+    'DIR/config.json: img_size 36 is not a multiple', of a file that holds neither: the caller's settings broke it."""
+    folder = _export(tmp_path)
+    with pytest.raises(UsageError, match=r"^\S+model.safetensors does not match the settings given \(depth=4; "
+                                         r"config.json's own fit the weights: drop them\): missing \['blocks.2"):
+        create_encoder(folder, depth=4)
+    with pytest.raises(UsageError, match=r"^the settings given \(img_size=36; config.json's own fit the weights: drop "
+                                         r"them\): img_size 36 is not a multiple of patch_size 8$"):
+        read_export(folder, img_size=36)
+    (folder / "config.json").write_text(json.dumps({**json.loads((folder / "config.json").read_text()), "depth": 3}))
+    with pytest.raises(UsageError, match=r"does not match \S+config.json: missing \['blocks.2"):  # the file's own
+        create_encoder(folder, img_size=40)
+
+
 def test_export_files_are_0644_and_an_unrelated_config_is_kept(tmp_path):
     folder = _export(tmp_path)
     for name in ("model.safetensors", "config.json"):

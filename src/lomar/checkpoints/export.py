@@ -7,7 +7,9 @@ bounds and the weights file's format, names and shapes (from its header, against
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -323,7 +325,15 @@ def read_export(path: str | Path, **overrides) -> Export:
         raise UsageError(f"{config_path} describes {data['architecture']!r}, not a lomar encoder (a timm or Hugging "
                          f"Face folder?); lomar reads folders written by `lomar export` / `lomar pretrain`, and "
                          f"original LoMaR / MAE / BEiT checkpoints; load this one with timm")
-    config, num_classes, pool = _check_config(config_path, data, overrides)
+    # what the caller's settings break is named as theirs, where config.json alone is sound
+    settings = ", ".join(f"{key}={value!r}" for key, value in overrides.items())
+    given = f"the settings given ({settings}; config.json's own fit the weights: drop them)"
+    try:
+        config, num_classes, pool = _check_config(config_path, data, overrides)
+    except UsageError:
+        if overrides and _sound(lambda: _check_config(config_path, data, {})):
+            _check_config(given, data, overrides)
+        raise
     weights = weights_path(path, data)
     shapes = header_shapes(weights)
     expected = expected_shapes(config, num_classes, pool)
@@ -336,11 +346,28 @@ def read_export(path: str | Path, **overrides) -> Export:
     new_head = num_classes != data.get("num_classes", 0) or pool != data.get("global_pool", "avg")
     head = ("head.", "fc_norm.") if new_head else ()
     _check_model_args_pool(config_path, data)
-    check_fits(weights, config_path, expected, shapes, absent_ok=(*head, "norm.") if new_head else (), reshaped_ok=head)
+    fits = functools.partial(check_fits, weights, expected=expected, shapes=shapes,
+                             absent_ok=(*head, "norm.") if new_head else (), reshaped_ok=head)
+    try:
+        fits(config_path)
+    except UsageError:
+        if overrides and _sound(lambda: check_fits(weights, config_path, expected_shapes(*_check_config(
+                config_path, data, {})), shapes)):
+            fits(given)
+        raise
     _check_model_args(config_path, data)  # after the shapes: a weights file that does not fit is the first problem
     if (names := data.get("label_names")) is not None and (bad := names_problem(names, data.get("num_classes", 0))):
         raise UsageError(f"{config_path}: label_names {bad}; re-export the classifier")
     return Export(config, num_classes, weights, pool, new_head, table_grid, None if new_head or not names else names)
+
+
+def _sound(check: Callable[[], object]) -> bool:
+    """Whether ``check`` passes (raises no UsageError)."""
+    try:
+        check()
+    except UsageError:
+        return False
+    return True
 
 
 def create_encoder(path: str | Path, **overrides) -> VisionTransformer:
