@@ -299,6 +299,7 @@ def test_reduce_overhead_trains_as_eager_with_accumulation(data, tmp_path, devic
     The gradients stay allocated between steps (a None .grad would adopt the graphs' output memory,
     pytorch/pytorch#169545): checked on every device, since only CUDA shows the failure."""
     torch._dynamo.reset()
+    monkeypatch.setattr(pretrain.PretrainTask, "figure", lambda self, model=None: None)  # no assertion reads one
     kept = []
     step = lifecycle._Run._optimizer_step
 
