@@ -385,8 +385,9 @@ def load_model(path: str | Path, **overrides) -> nn.Module:
     what an original checkpoint cannot tell; a classifier is rebuilt as it saved itself, at another ``img_size`` or
     ``attention`` where given; one its reader has no use for (LoMaR's windows for a classifier or an export) is
     refused. A run folder without an export is read through its best.pt, else last.pt, as every reader reads one
-    (:func:`~lomar.checkpoints.export_leftovers.readable_file`); one whose export was interrupted is refused, naming the
-    set-aside export. Raises ValueError or FileNotFoundError with a message that names the problem.
+    (:func:`~lomar.checkpoints.export_leftovers.readable_file`); one whose export is set aside (interrupted, or under
+    way) is refused, naming the set-aside export. Raises ValueError or FileNotFoundError with a message that names
+    the problem.
     """
     reader, src = read(path)
     return reader.model(src, {k: v for k, v in overrides.items() if v is not None})
