@@ -227,3 +227,20 @@ def test_the_classes_an_annotation_holds_are_kept_with_its_check(tmp_path, decod
     decodes.clear()
     whole = SegmentationFolder(root, "training", num_classes=4, crop=16, workers=1, reduce_zero_label=False)
     assert decodes == [] and whole.classes_held == {1, 3}  # from the kept check, read under --zero-label class
+
+
+def test_a_cache_file_of_the_format_without_the_ids_held_is_checked_again_without_a_warning(tmp_path, decodes, caplog):
+    root = _folder(tmp_path)
+    _build(root)
+    path = _kept(root)
+    kept = json.loads(path.read_text())
+    kept["header"]["format"] = 1  # its entries end at the highest class id
+    kept["pairs"] = {name: entry[:4] for name, entry in kept["pairs"].items()}
+    path.write_text(json.dumps(kept))
+    decodes.clear()
+    with caplog.at_level("INFO", logger="lomar.data"):
+        assert _build(root).classes_held == {0}
+    assert sorted(decodes) == ["a.png", "b.png", "c.png"]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+    assert f"{path}: checked with another format" in caplog.text
+    assert len(json.loads(path.read_text())["pairs"]["a.jpg"]) == 5  # rewritten in the format read

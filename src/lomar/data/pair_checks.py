@@ -124,17 +124,20 @@ def _read(path: Path, header: dict) -> dict[str, list]:
         return {}
     head = found.get("header") if isinstance(found, dict) else None
     pairs = found.get("pairs") if isinstance(found, dict) else None
-    if not isinstance(head, dict) or not isinstance(pairs, dict) or not all(map(_valid, pairs.values())):
-        log.warning("%s is not a segmentation pair check (a malformed header or entry): every pair is checked again",
-                    path)
+    if not isinstance(head, dict) or not isinstance(pairs, dict):
+        log.warning("%s is not a segmentation pair check (a malformed header): every pair is checked again", path)
         return {}
     if (head.get("root"), head.get("split")) != (header["root"], header["split"]):
         log.warning("%s holds the check of %s (%s), not of %s (%s): every pair is checked again", path,
                     head.get("root"), head.get("split"), header["root"], header["split"])
         return {}
+    # before the entries: those of another format (another lomar's) have another shape and are not damaged
     if head != header:  # another lomar, Pillow or size limit: its results may not be this one's
         changed = sorted(key for key in header if head.get(key) != header[key])
         log.info("%s: checked with another %s; every pair is checked again", path, ", ".join(changed))
+        return {}
+    if not all(map(_valid, pairs.values())):
+        log.warning("%s is not a segmentation pair check (a malformed entry): every pair is checked again", path)
         return {}
     return pairs
 
