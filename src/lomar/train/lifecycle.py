@@ -334,7 +334,8 @@ class _Run:
 
 def run(config, make_task: type[Task]) -> int:
     """Run (or resume) the training ``make_task(config, info, device)`` builds; the process exit code."""
-    stop = StopFlag(getattr(config, "time_limit", None))  # from the lomar command's start, or this call's
+    # from the lomar command's start, or this call's
+    stop = StopFlag(getattr(config, "time_limit", None), command=config.COMMAND)
     info, device = join_group(config.device)  # what fails before the first step: a one-line error, exit 2
     out, name = Path(main_rank_out(config)), config.COMMAND  # one run folder: a default's time is rank 0's
     lock, task, trainer = RunLock(out, source_of(config, "out")), None, None

@@ -15,6 +15,7 @@ import time
 from collections import deque
 from time import monotonic
 
+from lomar.errors import first_on_machine
 from lomar.values import duration_text  # no torch here, nor typing: `lomar --help` imports this module
 
 __all__ = ["StopFlag", "Terminated", "TIME_LIMIT_EXIT", "signals_to_take", "ignore_stop_signals", "any_rank_stopping",
@@ -107,8 +108,9 @@ class StopFlag:
     and the final save: finish the step, checkpoint, exit (see exit_code). The limit counts from ``started`` (a
     :func:`monotonic` reading): by default the lomar command's start (:func:`mark_command_start`), else now."""
 
-    def __init__(self, time_limit: float | None = None, started: float | None = None):
+    def __init__(self, time_limit: float | None = None, started: float | None = None, command: str = ""):
         self.signal: int | None = None
+        self.command = command  # the lomar command whose run this is, for the line a Ctrl-C gets at once
         self.previous: dict = {}
         self.time_limit, self.timed_out = time_limit, False  # timed_out: what the ranks agreed (any_rank_stopping)
         started = started if started is not None else take_command_start()
@@ -216,6 +218,12 @@ class StopFlag:
         if self.signal is None:  # the first signal is the reason reported
             self.signal = signum
         if signum == signal.SIGINT:  # the next Ctrl-C is not deferred: it interrupts
+            if first_on_machine():
+                # said now: the step, the save and the figures take seconds to minutes, in which a silent terminal
+                # invites a second Ctrl-C. os.write: a print here could land inside a write to the same stream
+                said = " ".join(filter(None, ("lomar", self.command)))
+                os.write(2, f"{said}: Ctrl-C: saving a checkpoint at the end of this step, then stopping (Ctrl-C "
+                            f"again stops at once, without it)\n".encode())
             previous = self.previous.get(signal.SIGINT)
             signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
