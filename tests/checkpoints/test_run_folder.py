@@ -94,3 +94,30 @@ def test_an_encoder_reader_refuses_a_run_folder_whose_export_was_interrupted(tmp
                                          rf"\.config\.json\.old-{tag}, ") as refused:
         load_pretrained_encoder(run)
     assert "not finished" not in str(refused.value) and peek_encoder(run) is None
+
+
+def test_a_stopped_fsdp_pretraining_run_folder_is_read_as_its_newest_sharded_checkpoint(tmp_path):
+    """An --fsdp run keeps checkpoint-N.dcp folders and last.json naming the newest, and no last.pt until its end:
+    its folder reads as that checkpoint, as a stopped run's folder reads as its last.pt, not refused as 'a folder
+    without config.json; pass ... a folder written by lomar pretrain'. A last.json naming no checkpoint-N.dcp there
+    is not followed."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+
+    torch.manual_seed(0)
+    run, model = tmp_path / "run", LoMaR(VIT, window_size=2, num_windows=1)
+    checkpoint = {**pretrain_checkpoint(model), "format": PRETRAIN_FORMAT, "step": 10, "epoch": 0, "batches_done": 10}
+    for step in (5, 10):
+        folder = run / f"checkpoint-{step:06d}.dcp"
+        dcp.save({"model": checkpoint["model"]}, checkpoint_id=str(folder), no_dist=True)
+        atomic_save({**{k: v for k, v in checkpoint.items() if k != "model"}, "step": step}, folder / "meta.pt")
+    (run / "last.json").write_text(json.dumps({"checkpoint": "checkpoint-000010.dcp", "step": 10}))
+    encoder = load_pretrained_encoder(run)
+    assert encoder.load_report.notes == [f"{run} holds no export, so its run has not finished: loaded its last "
+                                         f"checkpoint, saved at step 10"]
+    torch.testing.assert_close(encoder.state_dict(), load_pretrained_encoder(folder).state_dict())
+    assert type(lomar.load_model(run)) is LoMaR
+    (run / "last.json").write_text(json.dumps({"checkpoint": "../checkpoint-000010.dcp"}))
+    with pytest.raises(ValueError, match="is a folder without config.json"):
+        lomar.load_model(run)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
-from lomar.checkpoints.file_names import BEST, CONFIG_NAME, LAST
+from lomar.checkpoints.file_names import BEST, CONFIG_NAME, LAST, LAST_POINTER
 
-__all__ = ["run_checkpoints", "run_checkpoint", "model_file"]
+__all__ = ["run_checkpoints", "run_checkpoint", "sharded_checkpoint", "model_file"]
+
+_SHARDED = re.compile(r"checkpoint-\d+\.dcp")  # the folder name only: last.json leads nowhere outside its run
 
 
 def run_checkpoints(folder: Path) -> list[Path]:
@@ -20,12 +24,24 @@ def run_checkpoint(folder: Path) -> Path | None:
     return next(iter(run_checkpoints(folder)), None)
 
 
+def sharded_checkpoint(folder: Path) -> Path | None:
+    """The newest sharded checkpoint of a ``lomar pretrain --fsdp`` run folder, the ``checkpoint-N.dcp`` its
+    ``last.json`` names (whether it is there or not); None where it names none."""
+    try:
+        name = str(json.loads((folder / LAST_POINTER).read_text())["checkpoint"])
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # none, or not one lomar wrote
+        return None
+    return folder / name if _SHARDED.fullmatch(name) else None
+
+
 def model_file(path: Path) -> Path:
     """What a reader reads of ``path``: a run folder without an export (finetune's, detect's, segment's, a pretraining
-    stopped before its end) through :func:`run_checkpoint`; anything else as it is (an export folder, which a finished
-    pretraining run's folder is, gives its encoder). Readers take it through
+    stopped before its end) through :func:`run_checkpoint`, else (an ``--fsdp`` pretraining stopped before its end
+    consolidated it into last.pt) its newest sharded checkpoint; anything else as it is (an export folder, which a
+    finished pretraining run's folder is, gives its encoder). Readers take it through
     :func:`~lomar.checkpoints.export_leftovers.readable_file`, which also refuses a folder whose export was set aside,
     as only a torch-side look at its leftovers tells."""
     if path.is_dir() and not (path / CONFIG_NAME).exists():
-        return run_checkpoint(path) or path
+        sharded = sharded_checkpoint(path)
+        return run_checkpoint(path) or (sharded if sharded is not None and sharded.is_dir() else path)
     return path

@@ -11,7 +11,6 @@ consolidated model (no optimizer) for export.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -36,6 +35,7 @@ from lomar.checkpoints.io import (
     safe_load,
 )
 from lomar.checkpoints.own_names import TEMPORARY_SUFFIX
+from lomar.checkpoints.run_folder import sharded_checkpoint
 from lomar.checkpoints.sharded import check_metadata
 from lomar.errors import FULL_DISK, UNWRITABLE, LomarError, UsageError, full_disk_words
 from lomar.train.run_lock import RunLock, holds_run_lock
@@ -180,11 +180,7 @@ def checkpoint_step(path: Path) -> int | None:
 def newest_state(out: Path) -> Path:
     """Where a run's newest resumable state is said to be: the folder ``last.json`` names (a sharded run), else
     ``last.pt``."""
-    try:
-        name = str(json.loads((out / LAST_POINTER).read_text())["checkpoint"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return out / LAST
-    return out / name if name.endswith(".dcp") and _CHECKPOINT.match(name) else out / LAST
+    return sharded_checkpoint(out) or out / LAST
 
 
 def holds_run(out: Path) -> bool:
